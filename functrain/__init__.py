@@ -1,0 +1,38 @@
+"""functrain: train PyTorch models through a functional core."""
+
+from functrain.errors import (
+    BatchError,
+    CheckpointCorruptError,
+    CheckpointError,
+    ConfigError,
+    FunctrainError,
+    LossError,
+    NonFiniteError,
+    StateMismatchError,
+)
+from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
+from functrain.transform import (
+    EmptyState,
+    ParamStep,
+    Ratio,
+    Transform,
+    apply_updates,
+    as_tensors,
+    chain,
+    identity,
+    transform_metrics,
+)
+from functrain.transforms import (
+    add_decayed_weights,
+    clip_by_global_norm,
+    clip_by_value,
+    scale_by_adagrad,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_radam,
+    scale_by_rms,
+    trace,
+)
+
+__version__ = "0.1.0"

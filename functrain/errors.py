@@ -1,0 +1,56 @@
+"""The one error hierarchy: every error functrain raises on purpose is a `FunctrainError`.
+
+Messages follow one shape: what was expected, what was got, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FunctrainError",
+    "ConfigError",
+    "StateMismatchError",
+    "BatchError",
+    "LossError",
+    "NonFiniteError",
+    "CheckpointError",
+    "CheckpointCorruptError",
+]
+
+
+class FunctrainError(Exception):
+    """Base class of every error functrain raises on purpose."""
+
+
+class ConfigError(FunctrainError, ValueError):
+    """A hyperparameter or option is invalid; raised at construction, naming the argument."""
+
+
+class StateMismatchError(FunctrainError):
+    """Two trees (a state and a template, grads and params) do not have the same structure."""
+
+
+class BatchError(FunctrainError, TypeError):
+    """The loss function could not use the batch it was given."""
+
+
+class LossError(FunctrainError, TypeError):
+    """The loss function returned something other than a scalar loss and tensor metrics."""
+
+
+class NonFiniteError(FunctrainError, FloatingPointError):
+    """Non-finite gradients were seen more often than the configured cap allows."""
+
+
+class CheckpointError(FunctrainError):
+    """A checkpoint could not be written or read."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint's files do not match their recorded digests or are malformed."""
+
+
+def config_check(problems: list[str], where: str) -> None:
+    """Raise one `ConfigError` listing every problem found while validating `where`."""
+    if problems:
+        lines = "\n  - ".join(problems)
+        raise ConfigError(f"invalid arguments to {where}:\n  - {lines}")

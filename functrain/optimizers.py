@@ -1,0 +1,306 @@
+"""Optimizer presets: each one a short chain of primitives, the numerics written once in `transforms`.
+
+With a constant learning rate, `sgd`, `adam`, `adamw`, `rmsprop` and `adagrad` reproduce the
+parameters of the matching `torch.optim` class (foreach implementation, float32) bit for bit.
+"""
+
+from __future__ import annotations
+
+from functrain.transform import Transform, chain, identity
+from functrain.transforms import (
+    Mask,
+    Schedule,
+    add_decayed_weights,
+    scale_by_adagrad,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_radam,
+    scale_by_rms,
+    trace,
+)
+
+__all__ = ["sgd", "adam", "adamw", "radam", "rmsprop", "adagrad", "lion"]
+
+LearningRate = float | Schedule
+
+
+def _maybe(condition: object, transform: Transform) -> Transform:
+    return transform if condition else identity()
+
+
+def sgd(
+    lr: LearningRate,
+    momentum: float = 0.0,
+    *,
+    nesterov: bool = False,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+) -> Transform:
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
+
+    Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)``.
+
+    Args:
+        lr: learning rate, a float or a schedule.
+        momentum: momentum factor, in [0, 1); 0 disables it.
+        nesterov: Nesterov momentum.
+        dampening: dampening of the momentum buffer.
+        weight_decay: L2 coefficient added to the gradient.
+        mask: which parameters get weight decay (see `add_decayed_weights`).
+
+    Returns:
+        A `Transform`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.sgd(lr=0.1, momentum=0.9)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    return chain(
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
+        scale_by_learning_rate(lr),
+    )
+
+
+def adam(
+    lr: LearningRate = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    mask: Mask = None,
+) -> Transform:
+    """Adam (Kingma & Ba, 2015) with optional L2 weight decay added to the gradient.
+
+    Matches ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay, amsgrad)``.
+
+    Args:
+        lr: learning rate, a float or a schedule.
+        b1: first-moment decay.
+        b2: second-moment decay.
+        eps: denominator epsilon.
+        weight_decay: L2 coefficient added to the gradient (see `adamw` for the decoupled kind).
+        amsgrad: AMSGrad variant.
+        mask: which parameters get weight decay.
+
+    Returns:
+        A `Transform`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adam(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    return chain(
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        scale_by_learning_rate(lr),
+    )
+
+
+def adamw(
+    lr: LearningRate = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    mask: Mask = None,
+) -> Transform:
+    """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
+
+    Matches ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay, amsgrad)``; the decay is applied
+    to the parameters as ``p * (1 - lr * weight_decay)``.
+
+    Args:
+        lr: learning rate, a float or a schedule.
+        b1: first-moment decay.
+        b2: second-moment decay.
+        eps: denominator epsilon.
+        weight_decay: decoupled decay coefficient.
+        amsgrad: AMSGrad variant.
+        mask: which parameters decay, e.g. ``lambda name, p: p.ndim > 1`` to spare biases and norms.
+
+    Returns:
+        A `Transform`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adamw(lr=0.1, weight_decay=0.0)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_learning_rate(lr),
+    )
+
+
+def radam(
+    lr: LearningRate = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+) -> Transform:
+    """RAdam (Liu et al., 2020): Adam with a rectified variance estimate, plain momentum early on.
+
+    Matches ``torch.optim.RAdam(lr, betas=(b1, b2), eps, weight_decay)`` to float rounding.
+
+    Args:
+        lr: learning rate, a float or a schedule.
+        b1: first-moment decay.
+        b2: second-moment decay.
+        eps: denominator epsilon.
+        weight_decay: L2 coefficient added to the gradient.
+        mask: which parameters get weight decay.
+
+    Returns:
+        A `Transform`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.radam(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    return chain(
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_radam(b1, b2, eps),
+        scale_by_learning_rate(lr),
+    )
+
+
+def rmsprop(
+    lr: LearningRate = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    *,
+    momentum: float = 0.0,
+    centered: bool = False,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+) -> Transform:
+    """RMSprop (Hinton, 2012), optionally centered and with momentum.
+
+    Matches ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered)``.
+
+    Args:
+        lr: learning rate, a float or a schedule.
+        alpha: smoothing constant.
+        eps: denominator epsilon.
+        momentum: momentum factor; 0 disables it.
+        centered: normalize by the estimated variance instead of the raw second moment.
+        weight_decay: L2 coefficient added to the gradient.
+        mask: which parameters get weight decay.
+
+    Returns:
+        A `Transform`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.rmsprop(lr=0.01, alpha=0.0, eps=1e-12)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9900])
+    """
+    return chain(
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_rms(alpha, eps, centered=centered),
+        _maybe(momentum, trace(momentum)),
+        scale_by_learning_rate(lr),
+    )
+
+
+def adagrad(
+    lr: LearningRate = 1e-2,
+    eps: float = 1e-10,
+    *,
+    lr_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+) -> Transform:
+    """Adagrad (Duchi et al., 2011).
+
+    Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)``.
+
+    Args:
+        lr: learning rate, a float or a schedule.
+        eps: denominator epsilon.
+        lr_decay: learning-rate decay per step.
+        initial_accumulator_value: starting value of the squared-gradient sum.
+        weight_decay: L2 coefficient added to the gradient.
+        mask: which parameters get weight decay.
+
+    Returns:
+        A `Transform`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adagrad(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    return chain(
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_adagrad(eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay),
+        scale_by_learning_rate(lr),
+    )
+
+
+def lion(
+    lr: LearningRate = 1e-4,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    *,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+) -> Transform:
+    """Lion (Chen et al., 2023): sign updates from interpolated momentum, decoupled weight decay.
+
+    Args:
+        lr: learning rate, a float or a schedule (typically 3-10x smaller than AdamW's).
+        b1: interpolation rate for the update.
+        b2: momentum decay.
+        weight_decay: decoupled decay coefficient (multiplied by the learning rate).
+        mask: which parameters decay.
+
+    Returns:
+        A `Transform`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.lion(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.tensor([5.0])}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    return chain(
+        scale_by_lion(b1, b2),
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_learning_rate(lr),
+    )

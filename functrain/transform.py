@@ -1,0 +1,304 @@
+"""The transform contract: a pair of pure functions, and the updates they pass along.
+
+A `Transform` is ``(init, update)``:
+
+* ``init(params) -> state`` builds the transform's state (a tree of tensors) for a parameter tree;
+* ``update(updates, state, params) -> (updates, new_state)`` maps incoming updates (gradients at
+  the head of a chain) to outgoing ones, returning a new state. It never writes into any tensor it
+  was given, and counters in its state are 0-d tensors, so the same call gives the same answer and a
+  compiled step does not recompile as they change.
+
+`apply_updates(params, updates)` returns the new parameters.
+
+Updates are usually a tree of tensors shaped like the parameters, added to them. Two lazy forms
+exist so that the last rounding matches `torch.optim` exactly (its final op reads the parameters:
+``p.mul_(1 - lr * wd)`` then ``p.addcdiv_(m, d, value=-lr / bc)``, or ``p.add_(d, alpha=-lr)``, and no
+float32 tensor ``u`` makes ``p + u`` equal those in every element):
+
+* `Ratio`: ``num / den`` divided by a scalar, with optional decoupled weight decay, as emitted by
+  `scale_by_adam` and friends; `scale_by_learning_rate` folds the learning rate in exactly as torch does;
+* `ParamStep`: ``new = p * decay + alpha * direction`` kept only where ``keep`` holds, emitted by
+  `scale_by_learning_rate` and applied by `apply_updates`.
+
+Any transform that needs plain tensors calls `as_tensors`, which materializes either form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import attrs
+import torch
+
+from functrain.errors import ConfigError, StateMismatchError
+from functrain.tree import Tree, check_same_structure, tree_flatten, tree_leaves, tree_unflatten
+
+__all__ = [
+    "Transform",
+    "InitFn",
+    "UpdateFn",
+    "EmptyState",
+    "Ratio",
+    "ParamStep",
+    "chain",
+    "identity",
+    "apply_updates",
+    "as_tensors",
+    "is_transform",
+    "transform_metrics",
+]
+
+Params = Tree
+Updates = Any  # a tree of tensors, a `Ratio` or a `ParamStep`
+Scalar = float | torch.Tensor
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> Tree: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(self, updates: Updates, state: Tree, params: Params | None = None) -> tuple[Updates, Tree]: ...
+
+
+class Transform(NamedTuple):
+    """A pure gradient transformation: ``init(params) -> state`` and ``update(updates, state, params)``.
+
+    Example:
+        >>> import functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = ft.sgd(lr=0.5)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> ft.apply_updates(params, updates)["w"]
+        tensor([0.5000, 0.5000])
+    """
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform."""
+
+
+@attrs.frozen
+class Ratio:
+    """Lazy updates ``(num / divisor) / den`` (+ ``weight_decay * p`` where ``decay_mask`` holds).
+
+    `scale_by_learning_rate` turns it into ``p * (1 - lr * wd) + ((-lr / divisor) * num) / den``,
+    torch.optim's exact sequence of roundings for Adam, AdamW, RMSprop and Adagrad.
+    """
+
+    num: list[torch.Tensor]
+    den: list[torch.Tensor]
+    divisor: torch.Tensor | None  # a float64 0-d tensor, or None for 1
+    spec: Any
+    weight_decay: float | None = None
+    decay_mask: tuple[bool, ...] | None = None
+    params: list[torch.Tensor] | None = None
+
+
+@attrs.frozen
+class ParamStep:
+    """Lazy updates applied as ``where(keep, p * decay + alpha * direction, p)``.
+
+    `alpha` of None means 1 (plain addition); a Python float uses torch's fused ``add(alpha=)``;
+    a tensor multiplies first. `decay` applies only where `decay_mask` holds (all leaves when None).
+    """
+
+    direction: list[torch.Tensor]
+    spec: Any
+    alpha: Scalar | None = None
+    decay: Scalar | None = None
+    decay_mask: tuple[bool, ...] | None = None
+    keep: torch.Tensor | None = None
+
+
+def is_transform(obj: object) -> bool:
+    """True when `obj` has callable `init` and `update`, i.e. can be used as a transform."""
+    return callable(getattr(obj, "init", None)) and callable(getattr(obj, "update", None))
+
+
+def flat_updates(updates: Updates, params: Params | None) -> tuple[list[torch.Tensor], Any]:
+    """Flatten updates of any form into a list of tensors and the tree spec."""
+    if isinstance(updates, (Ratio, ParamStep)):
+        return as_tensors(updates, params), updates.spec
+    leaves, spec = tree_flatten(updates)
+    return leaves, spec
+
+
+def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Tensor]:
+    """Materialize updates of any form as a flat list of tensors (the additive update)."""
+    if isinstance(updates, Ratio):
+        num = updates.num
+        if updates.divisor is not None:
+            num = torch._foreach_div(num, updates.divisor.to(num[0].dtype))
+        out = torch._foreach_div(num, updates.den)
+        if updates.weight_decay:
+            p = updates.params if updates.params is not None else tree_leaves(params)
+            mask = updates.decay_mask or (True,) * len(out)
+            out = [o + updates.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
+        return out
+    if isinstance(updates, ParamStep):
+        p = tree_leaves(params) if params is not None else None
+        if p is None and updates.decay is not None:
+            raise ConfigError("materializing a decayed ParamStep needs the parameters; pass params=")
+        new = _apply_step(p if p is not None else [torch.zeros_like(d) for d in updates.direction], updates)
+        base = p if p is not None else [torch.zeros_like(d) for d in updates.direction]
+        return torch._foreach_sub(new, base)
+    return tree_leaves(updates)
+
+
+def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
+    out = p
+    if step.decay is not None:
+        mask = step.decay_mask or (True,) * len(p)
+        idx = [i for i, m in enumerate(mask) if m]
+        decay = step.decay
+        if isinstance(decay, torch.Tensor):
+            decay = decay.to(p[idx[0]].dtype) if idx else decay
+        decayed = torch._foreach_mul([p[i] for i in idx], decay) if idx else []
+        out = list(p)
+        for i, d in zip(idx, decayed, strict=True):
+            out[i] = d
+    direction = [d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, out, strict=True)]
+    if step.alpha is None:
+        new = torch._foreach_add(out, direction)
+    elif isinstance(step.alpha, torch.Tensor):
+        new = torch._foreach_add(out, torch._foreach_mul(direction, step.alpha.to(direction[0].dtype)))
+    else:
+        new = torch._foreach_add(out, direction, alpha=step.alpha)
+    if step.keep is not None:
+        new = [torch.where(step.keep, n, old) for n, old in zip(new, p, strict=True)]
+    return new
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Return new parameters: `params` moved by `updates`; neither input is modified.
+
+    Args:
+        params: the parameter tree.
+        updates: a tree of tensors shaped like `params` (added, cast to each parameter's dtype), or a
+            lazy `Ratio` / `ParamStep` from a transform.
+
+    Returns:
+        A new tree with the structure of `params`.
+
+    Raises:
+        StateMismatchError: the updates do not have the structure of the parameters.
+
+    Example:
+        >>> apply_updates({"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])})
+        {'w': tensor([1.5000])}
+    """
+    p, spec = tree_flatten(params)
+    if isinstance(updates, ParamStep):
+        _check_spec(spec, updates.spec)
+        return tree_unflatten(_apply_step(p, updates), spec)
+    if isinstance(updates, Ratio):
+        _check_spec(spec, updates.spec)
+        u = as_tensors(updates, params)
+    else:
+        check_same_structure(params, updates, "updates")
+        u = tree_leaves(updates)
+    u = [x if x.dtype == y.dtype else x.to(y.dtype) for x, y in zip(u, p, strict=True)]
+    return tree_unflatten(torch._foreach_add(p, u), spec)
+
+
+def _check_spec(expected: Any, got: Any) -> None:
+    if expected != got:
+        raise StateMismatchError(f"updates do not have the structure of the parameters: expected {expected}, got {got}")
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Compose transforms: each one's output updates are the next one's input.
+
+    Args:
+        *transforms: the transforms, applied first to last.
+
+    Returns:
+        A `Transform` whose state is a tuple of the inner states.
+
+    Raises:
+        ConfigError: an argument is not a transform.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.scale_by_learning_rate(0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> u, _ = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> ft.apply_updates(params, u)["w"]
+        tensor([-0.0600, -0.0800])
+    """
+    bad = [f"argument {i}: {type(t).__name__}" for i, t in enumerate(transforms) if not is_transform(t)]
+    if bad:
+        raise ConfigError(f"chain() expects transforms (objects with init and update); got {', '.join(bad)}")
+
+    def init_fn(params: Params) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    def update_fn(updates: Updates, state: tuple, params: Params | None = None) -> tuple[Updates, tuple]:
+        new_states = []
+        for t, s in zip(transforms, state, strict=True):
+            updates, s = t.update(updates, s, params)
+            new_states.append(s)
+        return updates, tuple(new_states)
+
+    return Transform(init_fn, update_fn)
+
+
+def identity() -> Transform:
+    """The transform that passes updates through unchanged.
+
+    Example:
+        >>> u, _ = identity().update({"w": torch.ones(1)}, EmptyState())
+        >>> u["w"]
+        tensor([1.])
+    """
+    return Transform(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
+
+
+def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
+    """Collect the metrics that transform states expose (e.g. ``grad_norm``, ``lr``, ``loss_scale``).
+
+    A state class exposes metrics by defining ``metrics(self) -> dict[str, Tensor]``; nested states
+    are searched depth first and the outermost one wins for a repeated name.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.adamw(lr=1e-3)
+        >>> sorted(transform_metrics(tx.init({"w": torch.zeros(1)})))
+        ['lr']
+    """
+    found: dict[str, torch.Tensor] = {}
+    _collect(state, found)
+    return found
+
+
+def _collect(node: Any, found: dict[str, torch.Tensor]) -> None:
+    if isinstance(node, torch.Tensor):
+        return
+    metrics = getattr(node, "metrics", None)
+    if callable(metrics) and isinstance(node, tuple):
+        for k, v in metrics().items():
+            found.setdefault(k, v)
+    if isinstance(node, dict):
+        children: Sequence[Any] = list(node.values())
+    elif isinstance(node, (tuple, list)):
+        children = node
+    else:
+        return
+    for child in children:
+        _collect(child, found)
+
+
+def counter(params: Params) -> torch.Tensor:
+    """A 0-d int64 zero on the parameters' device, for step counters in transform states."""
+    leaves = tree_leaves(params)
+    device = leaves[0].device if leaves else torch.device("cpu")
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+ScheduleFn = Callable[[torch.Tensor], torch.Tensor]
