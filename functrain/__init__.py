@@ -10,6 +10,7 @@ from functrain.errors import (
     NonFiniteError,
     StateMismatchError,
 )
+from functrain.averaging import EmaState, ema
 from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
 from functrain.transform import (
     EmptyState,
@@ -33,6 +34,15 @@ from functrain.transforms import (
     scale_by_radam,
     scale_by_rms,
     trace,
+)
+from functrain.wrappers import (
+    accumulate,
+    all_finite,
+    check_skip_limits,
+    dynamic_loss_scale,
+    find_loss_scale,
+    masked,
+    skip_nonfinite,
 )
 
 __version__ = "0.1.0"

@@ -140,14 +140,14 @@ def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Ten
             p = updates.params if updates.params is not None else tree_leaves(params)
             mask = updates.decay_mask or (True,) * len(out)
             out = [o + updates.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
-        return out
+        return list(out)
     if isinstance(updates, ParamStep):
         p = tree_leaves(params) if params is not None else None
         if p is None and updates.decay is not None:
             raise ConfigError("materializing a decayed ParamStep needs the parameters; pass params=")
         new = _apply_step(p if p is not None else [torch.zeros_like(d) for d in updates.direction], updates)
         base = p if p is not None else [torch.zeros_like(d) for d in updates.direction]
-        return torch._foreach_sub(new, base)
+        return list(torch._foreach_sub(new, base))
     return tree_leaves(updates)
 
 

@@ -49,8 +49,9 @@ Schedule = Callable[[torch.Tensor], torch.Tensor]
 Mask = Callable[[str, torch.Tensor], bool] | Tree | None
 
 
-def _zeros(params: Tree) -> list[torch.Tensor]:
-    return [torch.zeros_like(p) for p in tree_leaves(params)]
+def _zeros(params: Tree) -> tuple[torch.Tensor, ...]:
+    # states hold tuples, the type torch._foreach_* returns, so their tree structure never changes
+    return tuple(torch.zeros_like(p) for p in tree_leaves(params))
 
 
 def _f64(count: torch.Tensor) -> torch.Tensor:
@@ -105,9 +106,9 @@ def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
 
 class ScaleByAdamState(NamedTuple):
     count: torch.Tensor
-    mu: list[torch.Tensor]
-    nu: list[torch.Tensor]
-    nu_max: list[torch.Tensor] | None
+    mu: tuple[torch.Tensor, ...]
+    nu: tuple[torch.Tensor, ...]
+    nu_max: tuple[torch.Tensor, ...] | None
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False) -> Transform:
@@ -160,8 +161,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsg
 
 class ScaleByRadamState(NamedTuple):
     count: torch.Tensor
-    mu: list[torch.Tensor]
-    nu: list[torch.Tensor]
+    mu: tuple[torch.Tensor, ...]
+    nu: tuple[torch.Tensor, ...]
 
 
 def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5.0) -> Transform:
@@ -217,8 +218,8 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
 
 
 class ScaleByRmsState(NamedTuple):
-    nu: list[torch.Tensor]
-    mu: list[torch.Tensor] | None
+    nu: tuple[torch.Tensor, ...]
+    mu: tuple[torch.Tensor, ...] | None
 
 
 def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = False) -> Transform:
@@ -267,7 +268,7 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
 
 class ScaleByAdagradState(NamedTuple):
     count: torch.Tensor
-    sum_of_squares: list[torch.Tensor]
+    sum_of_squares: tuple[torch.Tensor, ...]
 
 
 def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0.0, lr_decay: float = 0.0) -> Transform:
@@ -298,7 +299,7 @@ def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0
     config_check(problems, "scale_by_adagrad")
 
     def init_fn(params: Tree) -> ScaleByAdagradState:
-        sums = [torch.full_like(p, initial_accumulator_value) for p in tree_leaves(params)]
+        sums = tuple(torch.full_like(p, initial_accumulator_value) for p in tree_leaves(params))
         return ScaleByAdagradState(counter(params), sums)
 
     def update_fn(updates: Any, state: ScaleByAdagradState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdagradState]:
@@ -313,7 +314,7 @@ def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0
 
 
 class ScaleByLionState(NamedTuple):
-    mu: list[torch.Tensor]
+    mu: tuple[torch.Tensor, ...]
 
 
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
@@ -353,7 +354,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
 
 class TraceState(NamedTuple):
     count: torch.Tensor
-    trace: list[torch.Tensor]
+    trace: tuple[torch.Tensor, ...]
 
 
 def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Transform:
@@ -396,7 +397,7 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
         buf = torch._foreach_add(torch._foreach_mul(state.trace, decay), g, alpha=1 - dampening)
         if dampening:
             first = state.count == 0
-            buf = [torch.where(first, x, b) for x, b in zip(g, buf, strict=True)]
+            buf = tuple(torch.where(first, x, b) for x, b in zip(g, buf, strict=True))
         out = torch._foreach_add(g, buf, alpha=decay) if nesterov else buf
         return tree_unflatten(out, spec), TraceState(state.count + 1, buf)
 

@@ -1,0 +1,33 @@
+# Set up a virtualenv and run the demo or the tests. torch is pinned here only, to the CPU build
+# that the project is developed against; the package itself declares torch>=2.4.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-long bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,demo]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python -m functrain.demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-long: setup
+	FUNCTRAIN_LONG_TESTS=1 HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/optim_update.py
+	$(BIN)/python benchmarks/step_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

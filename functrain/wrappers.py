@@ -1,0 +1,373 @@
+"""Wrappers: transforms that run another transform on a subset, conditionally, or every k-th call.
+
+Each wrapper nests the inner transform's state in its own (optax `apply_if_finite` / `MultiSteps`
+style). Conditions never reach the host: the inner update always runs and `torch.where` chooses
+between its result and the previous state, so a step costs the same whether or not it is taken.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import ConfigError, NonFiniteError, config_check
+from functrain.transform import ParamStep, Transform, as_tensors, counter, flat_updates, is_transform
+from functrain.transforms import Mask, resolve_mask
+from functrain.tree import Tree, tree_leaves, tree_map, tree_unflatten
+
+__all__ = [
+    "masked",
+    "skip_nonfinite",
+    "accumulate",
+    "dynamic_loss_scale",
+    "all_finite",
+    "check_skip_limits",
+    "find_loss_scale",
+    "MaskedState",
+    "SkipNonfiniteState",
+    "AccumulateState",
+    "DynamicLossScaleState",
+]
+
+
+def _require_transform(inner: object, where: str) -> None:
+    if not is_transform(inner):
+        raise ConfigError(f"{where} expects a transform (with init and update) as `inner`, got {type(inner).__name__}")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: True when no element of `tensors` is NaN or infinite (no host sync).
+
+    Uses the max-norm per tensor, which is NaN or Inf exactly when an element is (a sum of squares
+    could overflow on large finite values).
+
+    Example:
+        >>> all_finite([torch.tensor([1.0, 2.0]), torch.tensor([float("nan")])])
+        tensor(False)
+    """
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm(tensors, float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+def _select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
+    return tree_map(lambda n, o: torch.where(keep, n, o), new, old)
+
+
+def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
+    """Updates that take effect only where `keep` holds (zero updates, or an untouched parameter)."""
+    if isinstance(updates, ParamStep):
+        gate = keep if updates.keep is None else keep & updates.keep
+        return ParamStep(updates.direction, updates.spec, updates.alpha, updates.decay, updates.decay_mask, gate)
+    u, spec = flat_updates(updates, params)
+    return tree_unflatten([torch.where(keep, x, torch.zeros_like(x)) for x in u], spec)
+
+
+class MaskedState(NamedTuple):
+    inner: Tree
+
+
+def masked(inner: Transform, mask: Mask) -> Transform:
+    """Run `inner` only on the parameters `mask` selects; the others' updates pass through unchanged.
+
+    Args:
+        inner: a transform that comes before the learning rate (its updates must be tensors or a
+            `Ratio`, not a final `ParamStep`).
+        mask: a predicate ``(name, param) -> bool`` on parameter paths, or a tree of bools.
+
+    Returns:
+        A `Transform` whose state nests the inner state (built over the selected leaves only).
+
+    Raises:
+        ConfigError: `inner` is not a transform, or it emits final parameter steps.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = masked(ft.add_decayed_weights(1.0), lambda name, p: name != "b")
+        >>> p = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.zeros(1), "b": torch.zeros(1)}, tx.init(p), p)
+        >>> u["w"], u["b"]
+        (tensor([1.]), tensor([0.]))
+    """
+    _require_transform(inner, "masked")
+
+    def pick(tree: Tree, flags: tuple[bool, ...]) -> list[torch.Tensor]:
+        return [x for x, f in zip(tree_leaves(tree), flags, strict=True) if f]
+
+    def init_fn(params: Tree) -> MaskedState:
+        return MaskedState(inner.init(pick(params, resolve_mask(mask, params))))
+
+    def update_fn(updates: Any, state: MaskedState, params: Tree | None = None) -> tuple[Tree, MaskedState]:
+        u, spec = flat_updates(updates, params)
+        flags = resolve_mask(mask, params if params is not None else tree_unflatten(u, spec))
+        sub_params = pick(params, flags) if params is not None else None
+        sub_updates, inner_state = inner.update([x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params)
+        if isinstance(sub_updates, ParamStep):
+            raise ConfigError(
+                "masked() wraps transforms that come before the learning rate, got one that ends in "
+                "scale_by_learning_rate; mask the weight decay or scaling instead (e.g. adamw(mask=...))"
+            )
+        done = iter(as_tensors(sub_updates, sub_params))
+        out = [next(done) if f else x for x, f in zip(u, flags, strict=True)]
+        return tree_unflatten(out, spec), MaskedState(inner_state)
+
+    return Transform(init_fn, update_fn)
+
+
+class SkipNonfiniteState(NamedTuple):
+    inner: Tree
+    skipped: torch.Tensor  # 0-d bool: this step was skipped
+    total_skipped: torch.Tensor
+    consecutive: torch.Tensor
+    max_consecutive: torch.Tensor  # -1 means no limit
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"skipped": self.skipped, "total_skipped": self.total_skipped}
+
+
+def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> Transform:
+    """Make a step whose incoming updates hold NaN or Inf a no-op, and count it.
+
+    The inner update always runs; `torch.where` keeps the previous inner state and leaves the
+    parameters untouched when any element is non-finite. No value is read back to the host.
+
+    Args:
+        inner: the transform to protect (usually the whole optimizer).
+        max_consecutive: raise `NonFiniteError` after more than this many skipped steps in a row.
+            The count is checked at once when it can be read without a device sync (CPU tensors,
+            outside torch.compile); otherwise by `check_skip_limits`, which `fit` calls at each log.
+
+    Returns:
+        A `Transform`; its state exposes the metrics ``skipped`` and ``total_skipped``.
+
+    Raises:
+        ConfigError: `inner` is not a transform or `max_consecutive` is negative.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = skip_nonfinite(ft.sgd(lr=1.0))
+        >>> p = {"w": torch.ones(1)}
+        >>> u, s = tx.update({"w": torch.tensor([float("nan")])}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"], s.total_skipped
+        (tensor([1.]), tensor(1))
+    """
+    _require_transform(inner, "skip_nonfinite")
+    if max_consecutive is not None and max_consecutive < 0:
+        config_check([f"max_consecutive must be >= 0 or None, got max_consecutive={max_consecutive!r}"], "skip_nonfinite")
+    cap = -1 if max_consecutive is None else max_consecutive
+
+    def init_fn(params: Tree) -> SkipNonfiniteState:
+        zero = counter(params)
+        return SkipNonfiniteState(inner.init(params), zero.bool(), zero, zero, torch.full_like(zero, cap))
+
+    def update_fn(updates: Any, state: SkipNonfiniteState, params: Tree | None = None) -> tuple[Any, SkipNonfiniteState]:
+        finite = all_finite(flat_updates(updates, params)[0])
+        new_updates, inner_state = inner.update(updates, state.inner, params)
+        skipped = ~finite
+        consecutive = torch.where(finite, torch.zeros_like(state.consecutive), state.consecutive + 1)
+        new_state = SkipNonfiniteState(
+            _select(finite, inner_state, state.inner), skipped, state.total_skipped + skipped.long(), consecutive, state.max_consecutive
+        )
+        if _host_readable(consecutive):
+            check_skip_limits(new_state)
+        return _gate(new_updates, finite, params), new_state
+
+    return Transform(init_fn, update_fn)
+
+
+def _host_readable(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_skip_limits(state: Tree) -> None:
+    """Raise `NonFiniteError` if any `skip_nonfinite` in `state` skipped more steps in a row than allowed.
+
+    Reads counters back to the host: call it where a sync is acceptable (the driver does, at log
+    intervals).
+
+    Example:
+        >>> check_skip_limits(())  # nothing to check
+    """
+    for node in _walk(state):
+        if isinstance(node, SkipNonfiniteState):
+            cap, run = int(node.max_consecutive), int(node.consecutive)  # host read, by design
+            if 0 <= cap < run:
+                raise NonFiniteError(
+                    f"{run} consecutive steps had non-finite gradients (limit max_consecutive={cap}); "
+                    "lower the learning rate, enable gradient clipping, or check the data for NaN/Inf"
+                )
+
+
+def _walk(node: Any):
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, (tuple, list)):
+        for v in node:
+            yield from _walk(v)
+
+
+class AccumulateState(NamedTuple):
+    inner: Tree
+    micro_step: torch.Tensor
+    grad_sum: tuple[torch.Tensor, ...]
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"micro_step": self.micro_step}
+
+
+def accumulate(inner: Transform, every: int) -> Transform:
+    """Sum incoming updates over `every` calls and apply `inner` to their mean on the last one.
+
+    For a mean loss over equal-sized micro-batches this equals one step on the whole batch. Sums of
+    bfloat16/float16 gradients are kept in float32.
+
+    Args:
+        inner: the transform to run every `every`-th call (usually the optimizer).
+        every: number of micro-steps per update; >= 1.
+
+    Returns:
+        A `Transform`; between updates the parameters do not move and the inner state is unchanged.
+
+    Raises:
+        ConfigError: `every` < 1 or `inner` is not a transform.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = accumulate(ft.sgd(lr=1.0), every=2)
+        >>> p = {"w": torch.zeros(1)}
+        >>> s = tx.init(p)
+        >>> u, s = tx.update({"w": torch.tensor([1.0])}, s, p)
+        >>> p = ft.apply_updates(p, u); p["w"]
+        tensor([0.])
+        >>> u, s = tx.update({"w": torch.tensor([3.0])}, s, p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([-2.])
+    """
+    _require_transform(inner, "accumulate")
+    if not isinstance(every, int) or every < 1:
+        config_check([f"every must be an int >= 1, got every={every!r}"], "accumulate")
+
+    def acc_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+
+    def init_fn(params: Tree) -> AccumulateState:
+        sums = tuple(torch.zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params))
+        return AccumulateState(inner.init(params), counter(params), sums)
+
+    def update_fn(updates: Any, state: AccumulateState, params: Tree | None = None) -> tuple[Any, AccumulateState]:
+        u, spec = flat_updates(updates, params)
+        sums = torch._foreach_add(state.grad_sum, [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)])
+        last = state.micro_step == every - 1
+        mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
+        new_updates, inner_state = inner.update(tree_unflatten(mean, spec), state.inner, params)
+        new_state = AccumulateState(
+            _select(last, inner_state, state.inner),
+            torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
+            tuple(torch.where(last, torch.zeros_like(s), s) for s in sums),
+        )
+        return _gate(new_updates, last, params), new_state
+
+    return Transform(init_fn, update_fn)
+
+
+class DynamicLossScaleState(NamedTuple):
+    inner: Tree
+    scale: torch.Tensor
+    growth_tracker: torch.Tensor
+    skipped: torch.Tensor
+    total_skipped: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"loss_scale": self.scale, "skipped": self.skipped, "total_skipped": self.total_skipped}
+
+
+def dynamic_loss_scale(
+    inner: Transform,
+    *,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+) -> Transform:
+    """Dynamic loss scaling for float16 training, as `torch.amp.GradScaler` does it, without host syncs.
+
+    The train step multiplies the loss by the current scale (see `find_loss_scale`); this wrapper
+    divides the incoming gradients by it, skips the step (no-op, counted) when they are not finite
+    and then multiplies the scale by `backoff_factor`, and multiplies it by `growth_factor` after
+    `growth_interval` finite steps in a row.
+
+    Args:
+        inner: the optimizer to run on the unscaled gradients.
+        init_scale: the starting scale; > 0.
+        growth_factor: > 1.
+        backoff_factor: in (0, 1).
+        growth_interval: finite steps between growths; >= 1.
+
+    Returns:
+        A `Transform`; its state exposes ``loss_scale``, ``skipped`` and ``total_skipped``.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = dynamic_loss_scale(ft.sgd(lr=1.0), init_scale=4.0)
+        >>> p = {"w": torch.zeros(1)}
+        >>> u, s = tx.update({"w": torch.tensor([8.0])}, tx.init(p), p)  # scaled gradient
+        >>> ft.apply_updates(p, u)["w"], s.scale
+        (tensor([-2.]), tensor(4.))
+    """
+    _require_transform(inner, "dynamic_loss_scale")
+    problems: list[str] = []
+    if not init_scale > 0:
+        problems.append(f"init_scale must be > 0, got init_scale={init_scale!r}")
+    if not growth_factor > 1:
+        problems.append(f"growth_factor must be > 1, got growth_factor={growth_factor!r}")
+    if not 0 < backoff_factor < 1:
+        problems.append(f"backoff_factor must lie in (0, 1), got backoff_factor={backoff_factor!r}")
+    if not isinstance(growth_interval, int) or growth_interval < 1:
+        problems.append(f"growth_interval must be an int >= 1, got growth_interval={growth_interval!r}")
+    config_check(problems, "dynamic_loss_scale")
+
+    def init_fn(params: Tree) -> DynamicLossScaleState:
+        zero = counter(params)
+        scale = torch.full((), init_scale, dtype=torch.float32, device=zero.device)
+        return DynamicLossScaleState(inner.init(params), scale, zero, zero.bool(), zero)
+
+    def update_fn(updates: Any, state: DynamicLossScaleState, params: Tree | None = None) -> tuple[Any, DynamicLossScaleState]:
+        u, spec = flat_updates(updates, params)
+        inv = state.scale.double().reciprocal().float()
+        unscaled = [x.float().mul(inv).to(x.dtype) for x in u]
+        finite = all_finite(unscaled)
+        new_updates, inner_state = inner.update(tree_unflatten(unscaled, spec), state.inner, params)
+        tracker = torch.where(finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker))
+        grow = tracker >= growth_interval
+        scale = torch.where(finite, torch.where(grow, state.scale * growth_factor, state.scale), state.scale * backoff_factor)
+        tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
+        new_state = DynamicLossScaleState(
+            _select(finite, inner_state, state.inner), scale, tracker, ~finite, state.total_skipped + (~finite).long()
+        )
+        return _gate(new_updates, finite, params), new_state
+
+    return Transform(init_fn, update_fn)
+
+
+def find_loss_scale(state: Tree) -> torch.Tensor | None:
+    """The current loss scale of the first `dynamic_loss_scale` in a transform state, or None.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = dynamic_loss_scale(ft.sgd(lr=0.1), init_scale=8.0)
+        >>> find_loss_scale(tx.init({"w": torch.zeros(1)}))
+        tensor(8.)
+    """
+    for node in _walk(state):
+        if isinstance(node, DynamicLossScaleState):
+            return node.scale
+    return None
+
+
