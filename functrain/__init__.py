@@ -12,6 +12,8 @@ from functrain.errors import (
 )
 from functrain.averaging import EmaState, ema
 from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
+from functrain.state import StepOptions, TrainState
+from functrain.step import BoundModel, eval_step, train_step
 from functrain.transform import (
     EmptyState,
     ParamStep,

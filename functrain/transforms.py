@@ -108,7 +108,7 @@ class ScaleByAdamState(NamedTuple):
     count: torch.Tensor
     mu: tuple[torch.Tensor, ...]
     nu: tuple[torch.Tensor, ...]
-    nu_max: tuple[torch.Tensor, ...] | None
+    nu_max: tuple[torch.Tensor, ...]  # empty without amsgrad
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False) -> Transform:
@@ -142,14 +142,14 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsg
     config_check(problems, "scale_by_adam")
 
     def init_fn(params: Tree) -> ScaleByAdamState:
-        return ScaleByAdamState(counter(params), _zeros(params), _zeros(params), _zeros(params) if amsgrad else None)
+        return ScaleByAdamState(counter(params), _zeros(params), _zeros(params), _zeros(params) if amsgrad else ())
 
     def update_fn(updates: Any, state: ScaleByAdamState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdamState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu = torch._foreach_lerp(state.mu, g, 1 - b1)
         nu = torch._foreach_addcmul(torch._foreach_mul(state.nu, b2), g, g, value=1 - b2)
-        nu_max = torch._foreach_maximum(state.nu_max, nu) if amsgrad else None
+        nu_max = torch._foreach_maximum(state.nu_max, nu) if amsgrad else ()
         step = _f64(count)
         bc1 = 1 - _pow(b1, step)
         bc2_sqrt = torch.sqrt(1 - _pow(b2, step))
@@ -219,7 +219,7 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
 
 class ScaleByRmsState(NamedTuple):
     nu: tuple[torch.Tensor, ...]
-    mu: tuple[torch.Tensor, ...] | None
+    mu: tuple[torch.Tensor, ...]  # empty unless centered
 
 
 def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = False) -> Transform:
@@ -250,12 +250,12 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
     config_check(problems, "scale_by_rms")
 
     def init_fn(params: Tree) -> ScaleByRmsState:
-        return ScaleByRmsState(_zeros(params), _zeros(params) if centered else None)
+        return ScaleByRmsState(_zeros(params), _zeros(params) if centered else ())
 
     def update_fn(updates: Any, state: ScaleByRmsState, params: Tree | None = None) -> tuple[Ratio, ScaleByRmsState]:
         g, spec = flat_updates(updates, params)
         nu = torch._foreach_addcmul(torch._foreach_mul(state.nu, alpha), g, g, value=1 - alpha)
-        mu = None
+        mu: tuple[torch.Tensor, ...] = ()
         if centered:
             mu = torch._foreach_lerp(state.mu, g, 1 - alpha)
             avg = torch._foreach_sqrt(torch._foreach_addcmul(nu, mu, mu, value=-1))

@@ -53,7 +53,7 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
-    return tree_map(lambda n, o: torch.where(keep, n, o), new, old)
+    return tree_map(lambda n, o: torch.where(keep, n, o) if isinstance(n, torch.Tensor) else n, new, old)
 
 
 def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:

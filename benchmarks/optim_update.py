@@ -1,0 +1,514 @@
+"""Time one AdamW update: functrain (pure, out-of-place) against torch.optim.AdamW.
+
+One run prints a table of median milliseconds per update, and the ratio to
+``torch.optim.AdamW(foreach=True).step()`` in eager mode, for:
+
+* torch AdamW foreach, eager (the baseline: 1.00)
+* torch AdamW fused, eager (for reference)
+* functrain adamw, eager: ``tx.update`` + ``apply_updates``, new params and new state from grads
+* torch AdamW foreach, ``opt.step`` under ``torch.compile`` (as in torch's "compiling the optimizer" recipe)
+* functrain adamw, the whole functional update under ``torch.compile``
+
+The parameter tree is shaped like a GPT-style transformer (embeddings, then per layer two LayerNorms,
+a fused QKV projection, an output projection and a 4x MLP, all with biases): about ``--params``
+parameters in about ``--tensors`` float32 tensors (25M in 100 by default).
+
+Method: every implementation owns its own copy of the same parameters and reads the same gradients.
+After ``--warmup`` untimed rounds (which also compile), ``--reps`` timed rounds run every implementation
+once per round, in ABBA order (the order reverses every round), so drift hits all of them alike. The
+timed region of the functional update includes rebinding ``params, state`` to the new trees, i.e. also
+freeing the old ones, as a training loop does. Also reported per implementation: minor page faults per
+update (``getrusage``, whole process), and at the end a check that functrain's parameters equal torch's.
+
+``--memory`` adds peak extra memory of the eager implementations, each measured in a fresh subprocess:
+peak RSS (VmHWM, reset through /proc/self/clear_refs) while creating the optimizer state and running a
+few updates, over the RSS with the parameters and gradients alone, in multiples of the parameter bytes.
+
+``--sweep`` reruns the timing in subprocesses under allocator settings (glibc malloc tunables, torch's
+2 MB-page allocation, the same glibc settings applied from Python with ``mallopt``) and prints one line
+per setting. Absolute times differ between subprocesses on a noisy machine; compare the ratios, which
+are measured inside each process.
+
+Usage:
+    python benchmarks/optim_update.py                        # 25M params, 100 tensors, 25 reps
+    python benchmarks/optim_update.py --params 25e6 --tensors 100 --reps 20 --memory
+    python benchmarks/optim_update.py --quick                # smoke test (small, few reps)
+    python benchmarks/optim_update.py --sweep --no-compile   # allocator settings, eager only
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Nothing from torch may be imported before --mallopt is applied (see main()).
+
+LR = 1e-3
+WEIGHT_DECAY = 1e-2
+MiB = 1024 * 1024
+
+# glibc mallopt parameter numbers (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; larger values are refused
+HUGE_TRIM = 1 << 40
+
+# Allocator settings compared by --sweep: (label, extra environment, extra command-line flags).
+SWEEP = [
+    ("default", {}, []),
+    ("MALLOC_TRIM_THRESHOLD_ only", {"MALLOC_TRIM_THRESHOLD_": str(HUGE_TRIM)}, []),
+    (
+        "MALLOC_MMAP_THRESHOLD_=32M + MALLOC_TRIM_THRESHOLD_=1T",
+        {"MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD_MAX), "MALLOC_TRIM_THRESHOLD_": str(HUGE_TRIM)},
+        [],
+    ),
+    ("mallopt() from Python, same values", {}, ["--mallopt"]),
+    ("THP_MEM_ALLOC_ENABLE=1 (torch 2 MB pages)", {"THP_MEM_ALLOC_ENABLE": "1"}, []),
+    (
+        "THP_MEM_ALLOC_ENABLE=1 + glibc env above",
+        {
+            "THP_MEM_ALLOC_ENABLE": "1",
+            "MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD_MAX),
+            "MALLOC_TRIM_THRESHOLD_": str(HUGE_TRIM),
+        },
+        [],
+    ),
+]
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
+                 "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+
+
+def apply_mallopt() -> None:
+    """Keep freed tensor buffers in the process: no mmap per tensor (up to 32 MiB), no trimming of the heap."""
+    libc = ctypes.CDLL("libc.so.6")
+    ok1 = libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
+    ok2 = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))  # an int parameter: ~2 GiB is the most
+    if not (ok1 and ok2):
+        print(f"warning: mallopt failed ({ok1}, {ok2})", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+def transformer_shapes(n_params: float, n_tensors: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of a GPT-like model with about `n_params` parameters in about `n_tensors` tensors."""
+    layers = max(1, (n_tensors - 4) // 12)
+    d = max(16, int(round(math.sqrt(0.85 * n_params / (12 * layers)) / 16)) * 16)
+    per_layer = 12 * d * d + 13 * d
+    rest = max(2 * d, int(n_params) - layers * per_layer - 2 * d)  # for the two embeddings
+    ctx = max(1, min(1024, rest // (4 * d)))
+    vocab = max(1, (rest - ctx * d) // d)
+    shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, d), "wpe": (ctx, d)}
+    for i in range(layers):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,),
+            h + "attn.c_attn.weight": (3 * d, d), h + "attn.c_attn.bias": (3 * d,),
+            h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
+            h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
+            h + "mlp.c_fc.weight": (4 * d, d), h + "mlp.c_fc.bias": (4 * d,),
+            h + "mlp.c_proj.weight": (d, 4 * d), h + "mlp.c_proj.bias": (d,),
+        })
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
+    return shapes
+
+
+def make_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    grads = {k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
+    return params, grads
+
+
+# -------------------------------------------------------------------------------------- implementations
+
+
+class Impl:
+    def __init__(self, name: str, step: Callable[[], None], get_params: Callable[[], list]):
+        self.name, self.step, self.get_params = name, step, get_params
+        self.times: list[float] = []
+        self.faults: list[int] = []
+
+
+class FunctionalRunner:
+    """Holds params and state; step() replaces them with the trees returned by `fn` (old ones are freed)."""
+
+    def __init__(self, fn: Callable, params: dict, state: Any, grads: dict):
+        self.fn, self.params, self.state, self.grads = fn, params, state, grads
+
+    def step(self) -> None:
+        self.params, self.state = self.fn(self.params, self.state, self.grads)
+
+
+def torch_impl(name: str, base: dict, grads: dict, *, fused: bool = False, compiled: bool = False) -> Impl:
+    import torch
+
+    params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+    for k, p in params.items():
+        p.grad = grads[k]
+    kw = {"fused": True} if fused else {"foreach": True}
+    opt = torch.optim.AdamW(list(params.values()), lr=LR, weight_decay=WEIGHT_DECAY, **kw)
+    step = opt.step
+    if compiled:
+        # torch's recipe ("Compiling the optimizer with torch.compile"): compile a function calling step()
+        @torch.compile(fullgraph=False)
+        def compiled_step() -> None:
+            opt.step()
+
+        step = compiled_step
+    return Impl(name, step, lambda: [p.detach() for p in params.values()])
+
+
+def functrain_fn():
+    import functrain
+
+    tx = functrain.adamw(LR, weight_decay=WEIGHT_DECAY)
+
+    def update(params: dict, state: Any, grads: dict) -> tuple[dict, Any]:
+        updates, state = tx.update(grads, state, params)
+        return functrain.apply_updates(params, updates), state
+
+    return tx, update
+
+
+def functrain_impl(name: str, base: dict, grads: dict, *, compiled: bool = False) -> Impl:
+    import torch
+
+    tx, update = functrain_fn()
+    params = {k: v.clone() for k, v in base.items()}
+    fn = torch.compile(update) if compiled else update
+    runner = FunctionalRunner(fn, params, tx.init(params), grads)
+    return Impl(name, runner.step, lambda: list(runner.params.values()))
+
+
+def prototype_fn():
+    """functrain's AdamW numerics, still pure, but computing into the buffers it has just allocated.
+
+    Not part of functrain: a measurement of what reusing the update's own temporaries would buy. 4
+    parameter-sized allocations per update (new mu, nu, params and one temporary) instead of 8.
+    """
+    import torch
+
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    def update(params: dict, state: tuple, grads: dict) -> tuple[dict, tuple]:
+        count, mu, nu = state
+        p, g = list(params.values()), list(grads.values())
+        count = count + 1
+        mu = torch._foreach_lerp(mu, g, 1 - b1)
+        nu = torch._foreach_mul(nu, b2)
+        torch._foreach_addcmul_(nu, g, g, value=1 - b2)  # nu is ours: written in place
+        step = count.to(torch.float64)
+        bc1 = 1 - torch.pow(torch.full_like(step, b1), step)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(torch.full_like(step, b2), step))
+        tmp = torch._foreach_sqrt(nu)
+        torch._foreach_div_(tmp, bc2_sqrt.to(torch.float32))
+        torch._foreach_add_(tmp, eps)
+        step_size = (torch.div(torch.tensor(LR, dtype=torch.float64), bc1) * -1).to(torch.float32)
+        direction = torch._foreach_mul(mu, step_size)
+        torch._foreach_div_(direction, tmp)
+        del tmp
+        new = torch._foreach_mul(p, 1 - LR * WEIGHT_DECAY)
+        torch._foreach_add_(new, direction)
+        return dict(zip(params, new, strict=True)), (count, mu, nu)
+
+    return update
+
+
+def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False) -> Impl:
+    import torch
+
+    params = {k: v.clone() for k, v in base.items()}
+    state = (torch.zeros((), dtype=torch.int64), [torch.zeros_like(v) for v in params.values()],
+             [torch.zeros_like(v) for v in params.values()])
+    fn = torch.compile(prototype_fn()) if compiled else prototype_fn()
+    runner = FunctionalRunner(fn, params, state, grads)
+    return Impl(name, runner.step, lambda: list(runner.params.values()))
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def run_timing(args: argparse.Namespace) -> dict:
+    import torch
+
+    shapes = transformer_shapes(args.params, args.tensors)
+    base, grads = make_tensors(shapes)
+    n = sum(v.numel() for v in base.values())
+
+    impls = [
+        torch_impl("torch AdamW foreach, eager", base, grads),
+        torch_impl("torch AdamW fused, eager", base, grads, fused=True),
+        functrain_impl("functrain adamw, eager", base, grads),
+    ]
+    if args.prototype:
+        impls.append(prototype_impl("prototype: pure, own temporaries in place", base, grads))
+    compile_errors: dict[str, str] = {}
+    compile_seconds: dict[str, float] = {}
+    if args.compile:
+        compiled = [
+            ("torch AdamW foreach, compiled step", lambda nm: torch_impl(nm, base, grads, compiled=True)),
+            ("functrain adamw, compiled", lambda nm: functrain_impl(nm, base, grads, compiled=True)),
+        ]
+        if args.prototype:
+            compiled.append(("prototype, compiled", lambda nm: prototype_impl(nm, base, grads, compiled=True)))
+        for name, make in compiled:
+            impl = make(name)
+            t0 = time.perf_counter()
+            try:
+                impl.step()  # first call compiles
+            except Exception as exc:  # report verbatim, keep going without it
+                compile_errors[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            compile_seconds[name] = time.perf_counter() - t0
+            impl.warm_steps = 1  # type: ignore[attr-defined]
+            impls.append(impl)
+
+    # warmup: every implementation gets the same number of updates in total (for the equality check)
+    for impl in impls:
+        for _ in range(args.warmup - getattr(impl, "warm_steps", 0)):
+            impl.step()
+
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(args.reps):
+            order = impls if r % 2 == 0 else impls[::-1]
+            for impl in order:
+                f0 = minflt()
+                t0 = time.perf_counter()
+                impl.step()
+                t1 = time.perf_counter()
+                impl.times.append(t1 - t0)
+                impl.faults.append(minflt() - f0)
+    finally:
+        gc.enable()
+
+    base_impl = impls[0]
+    ref = base_impl.get_params()
+    rows = []
+    for impl in impls:
+        med = statistics.median(impl.times)
+        paired = statistics.median(t / b for t, b in zip(impl.times, base_impl.times, strict=True))
+        got = impl.get_params()
+        diff = max(float((a - b).abs().max()) for a, b in zip(got, ref, strict=True))
+        rows.append({
+            "name": impl.name,
+            "median_ms": med * 1e3,
+            "min_ms": min(impl.times) * 1e3,
+            "ratio": med / statistics.median(base_impl.times),
+            "paired_ratio": paired,
+            "faults": statistics.median(impl.faults),
+            "max_abs_diff": diff,
+            "bit_identical": all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)),
+        })
+    return {
+        "n_params": n,
+        "n_tensors": len(base),
+        "largest_mib": max(v.numel() for v in base.values()) * 4 / MiB,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "compile_errors": compile_errors,
+        "compile_seconds": compile_seconds,
+    }
+
+
+def print_timing(res: dict, args: argparse.Namespace) -> None:
+    print(f"AdamW update: {res['n_params'] / 1e6:.2f}M float32 parameters in {res['n_tensors']} tensors "
+          f"(largest {res['largest_mib']:.1f} MiB), torch {res['torch']}, {res['threads']} threads, "
+          f"{args.reps} reps ABBA after {args.warmup} warmup")
+    env = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
+    print(f"allocator settings: {env or 'none'}{' + mallopt()' if args.mallopt else ''}")
+    w = max(len(r["name"]) for r in res["rows"])
+    print(f"{'implementation':<{w}}  {'median ms':>9}  {'min ms':>8}  {'ratio':>6}  {'paired':>6}  "
+          f"{'faults/upd':>10}  vs torch foreach params")
+    for r in res["rows"]:
+        same = "bit-identical" if r["bit_identical"] else f"max |diff| {r['max_abs_diff']:.2e}"
+        print(f"{r['name']:<{w}}  {r['median_ms']:9.2f}  {r['min_ms']:8.2f}  {r['ratio']:6.3f}  "
+              f"{r['paired_ratio']:6.3f}  {r['faults']:10.0f}  {same}")
+    print("ratio = median / median of 'torch AdamW foreach, eager'; paired = median over reps of the "
+          "per-round ratio. Targets: functrain eager <= 1.15, compiled <= 1.00.")
+    for name, secs in res["compile_seconds"].items():
+        print(f"first call (compile) of {name}: {secs:.1f} s")
+    for name, err in res["compile_errors"].items():
+        print(f"COMPILE FAILED for {name}:\n{err}")
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """In a fresh process: peak RSS over (params + grads) while creating state and running updates."""
+    import torch  # noqa: F401
+
+    shapes = transformer_shapes(args.params, args.tensors)
+    base, grads = make_tensors(shapes)
+    param_bytes = sum(v.numel() * v.element_size() for v in base.values())
+    name = args.memory_child
+    if name == "torch foreach":
+        makers = lambda: torch_impl(name, base, grads)  # noqa: E731
+    elif name == "torch fused":
+        makers = lambda: torch_impl(name, base, grads, fused=True)  # noqa: E731
+    elif name == "prototype":
+        makers = lambda: prototype_impl(name, base, grads)  # noqa: E731
+    else:
+        makers = lambda: functrain_impl(name, base, grads)  # noqa: E731
+    # the implementations clone the parameters: count them in the baseline, then drop the source copy
+    gc.collect()
+    rss0 = _proc_status_kib("VmRSS")  # params (base) + grads
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    impl = makers()  # + a second copy of the params
+    for _ in range(args.memory_steps):
+        impl.step()
+    peak = _proc_status_kib("VmHWM")
+    extra = (peak - rss0) * 1024 - param_bytes  # the clone replaces the model's own params
+    print(json.dumps({"name": name, "extra_bytes": extra, "param_bytes": param_bytes}))
+
+
+def run_memory(args: argparse.Namespace) -> list[dict]:
+    out = []
+    for name in ["torch foreach", "torch fused", "functrain", "prototype"][: 4 if args.prototype else 3]:
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--params", str(args.params),
+               "--tensors", str(args.tensors)] + (["--mallopt"] if args.mallopt else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            out.append({"name": name, "error": proc.stderr.strip().splitlines()[-1:]})
+            continue
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def print_memory(rows: list[dict], steps: int) -> None:
+    print(f"\npeak extra memory, eager, fresh process each, over params + grads, during state creation + "
+          f"{steps} updates:")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['name']:<14} failed: {r['error']}")
+            continue
+        print(f"  {r['name']:<14} {r['extra_bytes'] / MiB:8.0f} MiB = {r['extra_bytes'] / r['param_bytes']:.2f}x "
+              "the parameter bytes")
+
+
+# ------------------------------------------------------------------------------------------------- sweep
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    passthrough = ["--params", str(args.params), "--tensors", str(args.tensors), "--reps", str(args.reps),
+                   "--warmup", str(args.warmup)]
+    if not args.compile:
+        passthrough.append("--no-compile")
+    if args.prototype:
+        passthrough.append("--prototype")
+    if args.memory:
+        passthrough.append("--memory")
+    print(f"allocator sweep: {args.sweep_rounds} round(s) of {len(SWEEP)} settings, each a fresh subprocess")
+    results: list[tuple[str, dict]] = []
+    for rnd in range(args.sweep_rounds):
+        settings = SWEEP if rnd % 2 == 0 else SWEEP[::-1]
+        for label, env_extra, flags in settings:
+            env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+            env.update(env_extra)
+            cmd = [sys.executable, os.path.abspath(__file__), "--json", *passthrough, *flags]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                print(f"[{label}] failed:\n{proc.stderr}")
+                continue
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append((label, res))
+            print_sweep_line(label, res, rnd)
+            sys.stdout.flush()
+
+
+def print_sweep_line(label: str, res: dict, rnd: int) -> None:
+    parts = [f"round {rnd}", f"{label}:"]
+    for r in res["rows"]:
+        short = r["name"].replace("torch AdamW ", "torch ").replace("functrain adamw", "ft")
+        parts.append(f"{short} {r['median_ms']:.1f} ms ({r['ratio']:.3f}, {r['faults']:.0f} flt)")
+    print("  " + " | ".join(parts))
+    for m in res.get("memory", []):
+        if "extra_bytes" in m:
+            print(f"      memory {m['name']}: {m['extra_bytes'] / m['param_bytes']:.2f}x params")
+    for name, err in res["compile_errors"].items():
+        print(f"      COMPILE FAILED for {name}: {err}")
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=float, default=25e6, help="about this many parameters (default 25e6)")
+    ap.add_argument("--tensors", type=int, default=100, help="about this many tensors (default 100)")
+    ap.add_argument("--reps", type=int, default=25, help="timed rounds (default 25)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2e6 params, 28 tensors, 5 reps, 2 warmup")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    ap.add_argument("--prototype", action="store_true",
+                    help="add a row for a pure update that reuses its own temporaries (not functrain code)")
+    ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
+    ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
+    ap.add_argument("--mallopt", action="store_true",
+                    help="call glibc mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2GiB) before importing torch")
+    ap.add_argument("--sweep", action="store_true", help="compare allocator settings in subprocesses")
+    ap.add_argument("--sweep-rounds", type=int, default=2, help="rounds of the sweep, order reversed each (2)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.params, args.tensors, args.reps, args.warmup = 2e6, 28, 5, 2
+    if args.warmup < 1:
+        ap.error("--warmup must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.mallopt:
+        apply_mallopt()  # before torch allocates anything
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.memory_child:
+        memory_child(args)
+        return
+    if args.sweep:
+        run_sweep(args)
+        return
+    res = run_timing(args)
+    if args.memory:
+        res["memory"] = run_memory(args)
+    if args.json:
+        print(json.dumps(res))
+        return
+    print_timing(res, args)
+    if args.memory:
+        print_memory(res["memory"], args.memory_steps)
+
+
+if __name__ == "__main__":
+    main()

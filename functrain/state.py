@@ -1,0 +1,360 @@
+"""`TrainState`: the one immutable value that holds everything a run needs to continue.
+
+The tree fields (parameters, buffers, optimizer state, EMA, counters, RNG, driver state) are what a
+checkpoint holds; the static fields (module, loss function, transform, options) are not saved, and a
+checkpoint is loaded against them. `TrainState.create` is the only place that calls `init`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, Literal
+
+import attrs
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from functrain.averaging import EmaState, ema
+from functrain.errors import ConfigError
+from functrain.transform import Transform, chain, is_transform
+from functrain.transforms import clip_by_global_norm
+from functrain.tree import Tree, tree_unflatten
+from functrain.wrappers import accumulate, dynamic_loss_scale, skip_nonfinite
+
+__all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy"]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+NonFinitePolicy = Literal["skip", "halt", "none"]
+LossFn = Callable[..., Any]
+Trainable = Callable[[str, torch.Tensor], bool]
+
+_COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped")
+
+
+def _static(**kwargs: Any) -> Any:
+    return attrs.field(metadata={"static": True}, **kwargs)
+
+
+@attrs.frozen
+class StepOptions:
+    """The static options of a state (they shape the step; they are not saved as tensors)."""
+
+    precision: Precision = "fp32"
+    accumulate_steps: int = 1
+    clip_grad_norm: float | None = None
+    nonfinite: NonFinitePolicy = "skip"
+    max_consecutive_nonfinite: int | None = None
+    ema_decay: float | None = None
+    ema_warmup: bool = False
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def initial_rng(seed: int, device: torch.device) -> torch.Tensor:
+    """The generator state of `device`'s kind seeded with `seed`, as a uint8 tensor (caller's RNG untouched)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen.get_state()
+
+
+@attrs.frozen(repr=False)
+class TrainState:
+    """Everything a training run needs to continue, as one immutable value.
+
+    Tree fields (saved in checkpoints): `params` (trainable, by name), `frozen` (non-trainable
+    parameters), `buffers` (e.g. BatchNorm statistics), `opt_state`, `ema_state` (or None), the
+    0-d int64 counters `step` (optimizer updates taken, skipped ones included), `micro_step`
+    (position in the accumulation window), `epoch`, `epoch_step` (batches into the epoch),
+    `samples_seen`, `skipped` (updates skipped as non-finite), the RNG `rng` (the generator state
+    that dropout and other random ops inside the model draw from), and `driver` (a dict the driver
+    uses for best metrics and early stopping).
+
+    Static fields (not saved): `module`, `loss_fn`, `optimizer` (as given), `tx` (the optimizer
+    wrapped with clipping, accumulation, non-finite skipping and loss scaling per `options`),
+    `options`.
+
+    Build one with `TrainState.create`; step it with `functrain.train_step`.
+    """
+
+    params: dict[str, torch.Tensor]
+    frozen: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    opt_state: Tree
+    ema_state: EmaState | None
+    step: torch.Tensor
+    micro_step: torch.Tensor
+    epoch: torch.Tensor
+    epoch_step: torch.Tensor
+    samples_seen: torch.Tensor
+    skipped: torch.Tensor
+    rng: torch.Tensor
+    driver: dict[str, Any]
+    module: nn.Module = _static()
+    loss_fn: LossFn = _static()
+    optimizer: Transform = _static()
+    tx: Transform = _static()
+    options: StepOptions = _static(factory=StepOptions)
+
+    @classmethod
+    def create(
+        cls,
+        module: nn.Module,
+        optimizer: Transform,
+        loss_fn: LossFn,
+        *,
+        seed: int = 0,
+        precision: Precision = "fp32",
+        accumulate_steps: int = 1,
+        clip_grad_norm: float | None = None,
+        nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_nonfinite: int | None = None,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
+        trainable: Trainable | None = None,
+    ) -> TrainState:
+        """Build the initial state of a run from a module, an optimizer and a loss function.
+
+        The module's current parameters and buffers are copied into the state (the module itself is
+        only used as the structure to run them through, and is not modified).
+
+        Args:
+            module: the model. Parameters with ``requires_grad=False``, and those `trainable`
+                rejects, are frozen: carried in the state, never updated.
+            optimizer: a transform such as ``functrain.adamw(1e-3)``.
+            loss_fn: ``loss_fn(model, batch) -> loss`` or ``-> (loss, {name: tensor})``, where
+                ``model(*args, **kwargs)`` runs `module` on the state's weights.
+            seed: seeds the state's RNG (dropout masks and other random ops in the model).
+            precision: ``"fp32"``; ``"bf16"`` runs the forward under bfloat16 autocast;
+                ``"fp16"`` under float16 autocast with dynamic loss scaling.
+            accumulate_steps: micro-batches per optimizer update (mean of their gradients).
+            clip_grad_norm: clip the (accumulated) gradient to this global L2 norm.
+            nonfinite: ``"skip"`` makes a step with NaN/Inf gradients a counted no-op; ``"halt"``
+                also raises `NonFiniteError` (at once on CPU, else at the driver's next log);
+                ``"none"`` applies whatever the gradients give.
+            max_consecutive_nonfinite: with ``"skip"``, raise after this many skips in a row.
+            ema_decay: keep an exponential moving average of the parameters with this decay.
+            ema_warmup: ramp the EMA decay up over the first steps (see `functrain.ema`).
+            trainable: predicate ``(name, param) -> bool`` choosing the trained parameters.
+
+        Returns:
+            The initial `TrainState`, counters at zero.
+
+        Raises:
+            ConfigError: listing every invalid option at once.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> model = torch.nn.Linear(3, 1)
+            >>> def loss_fn(m, batch):
+            ...     x, y = batch
+            ...     return torch.nn.functional.mse_loss(m(x), y)
+            >>> state = ft.TrainState.create(model, ft.adamw(1e-3), loss_fn, seed=0)
+            >>> int(state.step), sorted(state.params)
+            (0, ['bias', 'weight'])
+        """
+        problems = _validate(module, optimizer, loss_fn, precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay)
+        params, frozen = _split_parameters(module, trainable)
+        if not problems and not params:
+            problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
+        if problems:
+            raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
+        options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
+        tx = build_transform(optimizer, options)
+        device = next(iter(params.values())).device
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        zero = _zero(device)
+        return cls(
+            params=params,
+            frozen=frozen,
+            buffers=buffers,
+            opt_state=tx.init(params),
+            ema_state=ema(ema_decay, warmup=ema_warmup).init(params) if ema_decay is not None else None,
+            step=zero,
+            micro_step=zero,
+            epoch=zero,
+            epoch_step=zero,
+            samples_seen=zero,
+            skipped=zero,
+            rng=initial_rng(seed, device),
+            driver={},
+            module=module,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            tx=tx,
+            options=options,
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy of this state with some fields replaced.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+            >>> int(s.replace(epoch=torch.tensor(3)).epoch)
+            3
+        """
+        return attrs.evolve(self, **changes)
+
+    @property
+    def ema_params(self) -> dict[str, torch.Tensor] | None:
+        """The EMA of the trainable parameters, by name, or None without EMA."""
+        if self.ema_state is None:
+            return None
+        return dict(zip(self.params, self.ema_state.average, strict=True))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def num_params(self) -> int:
+        """Number of trainable parameter elements."""
+        return sum(p.numel() for p in self.params.values())
+
+    def export_module(self, *, use_ema: bool = False) -> nn.Module:
+        """A fresh copy of the module holding this state's weights (or their EMA), in eval mode.
+
+        Use it for inference, `torch.save(module.state_dict())` or ONNX export; the state is not
+        tied to it.
+
+        Raises:
+            ConfigError: `use_ema` without EMA in the state.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+            >>> m = s.export_module()
+            >>> torch.equal(m.weight, s.params["weight"])
+            True
+        """
+        if use_ema and self.ema_state is None:
+            raise ConfigError("export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
+        weights = self.ema_params if use_ema else self.params
+        module = copy.deepcopy(self.module)
+        state_dict = {**weights, **self.frozen, **self.buffers}
+        module.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=False)
+        return module.eval()
+
+    def tree(self) -> dict[str, Any]:
+        """The saved part of the state, as a plain dict of trees (what checkpoints hold)."""
+        return {name: getattr(self, name) for name in TREE_FIELDS}
+
+    def with_tree(self, tree: dict[str, Any]) -> TrainState:
+        """This state with its tree fields replaced by `tree` (as produced by `tree()`)."""
+        return attrs.evolve(self, **tree)
+
+    def __repr__(self) -> str:
+        n = self.num_params()
+        nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
+        ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
+        opt = getattr(self.optimizer, "name", None) or type(self.optimizer).__name__
+        return (
+            f"TrainState(step={int(self.step)}, epoch={int(self.epoch)}, params={n:,} ({_human_bytes(nbytes)}), "
+            f"optimizer={opt}, {ema_part}, precision={self.options.precision})"
+        )
+
+
+TREE_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if not f.metadata.get("static"))
+STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _flatten_state(state: TrainState) -> tuple[list[Any], tuple]:
+    return [getattr(state, f) for f in TREE_FIELDS], tuple(getattr(state, f) for f in STATIC_FIELDS)
+
+
+def _unflatten_state(values: list[Any], context: tuple) -> TrainState:
+    return TrainState(**dict(zip(TREE_FIELDS, values, strict=True)), **dict(zip(STATIC_FIELDS, context, strict=True)))
+
+
+def _flatten_state_with_keys(state: TrainState) -> tuple[list[tuple[Any, Any]], tuple]:
+    values, context = _flatten_state(state)
+    return [(pytree.GetAttrKey(f), v) for f, v in zip(TREE_FIELDS, values, strict=True)], context
+
+
+pytree.register_pytree_node(
+    TrainState,
+    _flatten_state,
+    _unflatten_state,
+    serialized_type_name="functrain.TrainState",
+    flatten_with_keys_fn=_flatten_state_with_keys,
+)
+
+
+def _split_parameters(module: nn.Module, trainable: Trainable | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    params: dict[str, torch.Tensor] = {}
+    frozen: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        keep = p.requires_grad and (trainable is None or trainable(name, p))
+        (params if keep else frozen)[name] = p.detach().clone()
+    return params, frozen
+
+
+def _validate(module: Any, optimizer: Any, loss_fn: Any, precision: Any, accumulate_steps: Any, clip: Any, nonfinite: Any, max_consecutive: Any, ema_decay: Any) -> list[str]:
+    problems = []
+    if not isinstance(module, nn.Module):
+        problems.append(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not is_transform(optimizer):
+        problems.append(f"optimizer must be a functrain transform (e.g. functrain.adamw(1e-3)), got {type(optimizer).__name__}; torch.optim optimizers are not transforms")
+    if not callable(loss_fn):
+        problems.append(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        problems.append(f"precision must be 'fp32', 'bf16' or 'fp16', got precision={precision!r}")
+    if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+        problems.append(f"accumulate_steps must be an int >= 1, got accumulate_steps={accumulate_steps!r}")
+    if clip is not None and not clip > 0:
+        problems.append(f"clip_grad_norm must be > 0 or None, got clip_grad_norm={clip!r}")
+    if nonfinite not in ("skip", "halt", "none"):
+        problems.append(f"nonfinite must be 'skip', 'halt' or 'none', got nonfinite={nonfinite!r}")
+    if precision == "fp16" and nonfinite == "halt":
+        problems.append("nonfinite='halt' does not combine with precision='fp16' (loss scaling skips overflows by design); use max_consecutive_nonfinite=N to stop after N overflows in a row")
+    if max_consecutive is not None and (not isinstance(max_consecutive, int) or max_consecutive < 0):
+        problems.append(f"max_consecutive_nonfinite must be an int >= 0 or None, got {max_consecutive!r}")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        problems.append(f"ema_decay must lie in [0, 1) or be None, got ema_decay={ema_decay!r}")
+    return problems
+
+
+def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
+    """Wrap the user's optimizer as `options` ask: clip, then accumulate, then skip or loss-scale.
+
+    Clipping applies to the accumulated mean gradient; the non-finite check runs on every
+    micro-batch, so one bad micro-batch is dropped from the window rather than poisoning it.
+    """
+    tx = optimizer
+    if options.clip_grad_norm is not None:
+        tx = chain(clip_by_global_norm(options.clip_grad_norm), tx)
+    if options.accumulate_steps > 1:
+        tx = accumulate(tx, options.accumulate_steps)
+    if options.precision == "fp16":
+        # overflows are part of loss scaling: the scaler skips them; only a cap on runs raises
+        tx = dynamic_loss_scale(tx)
+        if options.max_consecutive_nonfinite is not None:
+            tx = skip_nonfinite(tx, max_consecutive=options.max_consecutive_nonfinite)
+    elif options.nonfinite in ("skip", "halt"):
+        cap = 0 if options.nonfinite == "halt" else options.max_consecutive_nonfinite
+        tx = skip_nonfinite(tx, max_consecutive=cap)
+    return tx
+
+
+def unflatten_like(values: list[Any], like: Tree) -> Tree:
+    """Rebuild a tree with the structure of `like` from its leaves."""
+    return tree_unflatten(values, pytree.tree_structure(like))
+
+

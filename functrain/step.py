@@ -1,0 +1,252 @@
+"""The pure steps: `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`.
+
+Neither writes into any tensor of the state it is given, and neither reads a tensor back to the
+host: metrics are 0-d tensors. Randomness inside the model draws from the state's own generator
+state, which the step swaps in and out around the computation, so the same state and batch give
+bit-identical results and the caller's global RNG is left as it was.
+
+Gradients come from `torch.autograd.grad` in eager mode (about half the overhead of
+`torch.func.grad` on small models) and from `torch.func.grad` under `torch.compile`, which traces it
+into one graph; both run the module through `torch.func.functional_call` on the state's tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
+from functrain.state import TrainState, _generator
+from functrain.transform import apply_updates, transform_metrics
+from functrain.tree import global_norm, tree_leaves, tree_map
+from functrain.wrappers import find_loss_scale
+
+__all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BoundModel:
+    """The user's module bound to a state's tensors: calling it runs `torch.func.functional_call`."""
+
+    def __init__(self, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.module = module
+        self._tensors = tensors
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.module, self._tensors, args, kwargs)
+
+
+def describe_batch(batch: Any) -> str:
+    """A short description of a batch's structure, e.g. ``(Tensor[64, 784] float32, Tensor[64] int64)``."""
+
+    def leaf(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"Tensor{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+        return type(x).__name__
+
+    return repr(tree_map(leaf, batch)).replace("'", "")
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    if module.training == training:
+        yield
+        return
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(not training)
+
+
+@contextlib.contextmanager
+def _rng_scope(rng: torch.Tensor, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    """Run with the device generator set to `rng`; yield a box holding its state afterwards."""
+    gen = _generator(device)
+    saved = gen.get_state()
+    gen.set_state(rng)
+    box: list[torch.Tensor] = []
+    try:
+        yield box
+        box.append(gen.get_state())
+    finally:
+        gen.set_state(saved)
+
+
+def _split_loss(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, {}))
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
+        got = f"Tensor{list(loss.shape)} {loss.dtype}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise LossError(f"loss_fn must return a scalar floating-point tensor (or (loss, metrics)), got {got}; reduce the loss with .mean() or .sum()")
+    if not isinstance(aux, Mapping) or not all(isinstance(v, torch.Tensor) for v in aux.values()):
+        bad = {k: type(v).__name__ for k, v in aux.items() if not isinstance(v, torch.Tensor)} if isinstance(aux, Mapping) else type(aux).__name__
+        raise LossError(f"loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call .item()), got {bad}")
+    return loss, dict(aux)
+
+
+def _call_loss(state: TrainState, tensors: Mapping[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model = BoundModel(state.module, tensors)
+    dtype = _AUTOCAST.get(state.options.precision)
+    autocast = torch.autocast(state.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    try:
+        with autocast:
+            out = state.loss_fn(model, batch)
+    except FunctrainError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+        raise BatchError(
+            f"loss_fn failed on a batch of structure {describe_batch(batch)}: {type(e).__name__}: {e}\n"
+            "loss_fn(model, batch) receives the batch exactly as the data yields it; unpack it there and call model(...)"
+        ) from e
+    return _split_loss(out, batch)
+
+
+def _batch_size(batch: Any) -> int:
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
+            return int(leaf.shape[0])  # a static shape, not a tensor read
+    return 1
+
+
+def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
+        scaled = loss * scale.to(loss.dtype) if scale is not None else loss
+        return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
+
+    if torch.compiler.is_compiling():
+        grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params)
+        return grads, loss, aux
+    leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
+    scaled, (loss, aux) = objective(leaves)
+    if not scaled.requires_grad:
+        raise LossError("the loss does not depend on any trainable parameter; check that loss_fn calls the model it is given")
+    grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
+    return {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, grads, strict=True)}, loss, aux
+
+
+def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The step itself, on tensors only: what torch.compile traces."""
+    # forward writes running statistics into the buffers: give it copies, never the state's own
+    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    scale = find_loss_scale(state.opt_state)
+    grads, loss, aux = _gradients(state, batch, buffers, scale)
+    grad_norm = global_norm(list(grads.values()))
+    if scale is not None:
+        grad_norm = grad_norm / scale
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = apply_updates(state.params, updates)
+    k = state.options.accumulate_steps
+    micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
+    completed = micro == 0
+    tx_metrics = transform_metrics(opt_state)
+    skipped = tx_metrics.get("skipped", torch.zeros((), dtype=torch.bool, device=loss.device))
+    ema_state = state.ema_state
+    if ema_state is not None:
+        from functrain.averaging import ema
+
+        _, new_ema = ema(state.options.ema_decay, warmup=state.options.ema_warmup).update(params, ema_state)
+        ema_state = tree_map(lambda n, o: torch.where(completed, n, o), new_ema, ema_state) if k > 1 else new_ema
+    new = {
+        "params": params,
+        "buffers": buffers,
+        "opt_state": opt_state,
+        "ema_state": ema_state,
+        "step": state.step + completed.long(),
+        "micro_step": micro,
+        "epoch_step": state.epoch_step + 1,
+        "samples_seen": state.samples_seen + _batch_size(batch),
+        "skipped": state.skipped + (skipped & completed).long(),
+    }
+    metrics = {
+        "loss": loss.float(),
+        "grad_norm": grad_norm,
+        "lr": tx_metrics.get("lr", torch.full((), float("nan"), dtype=torch.float64)).float(),
+        "skipped": skipped.float(),
+        **{k: v for k, v in tx_metrics.items() if k in ("loss_scale",)},
+        **aux,
+    }
+    return new, metrics
+
+
+@torch.compiler.disable(recursive=False)
+def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """One training step: forward, loss, gradients, optimizer update, EMA and counters.
+
+    Pure: `state` is not modified, the same state and batch give bit-identical results, and the
+    caller's global RNG is unchanged. No tensor is read back to the host. Works under
+    ``torch.compile(functrain.train_step)``: the RNG swap runs eagerly around the compiled body.
+
+    Args:
+        state: the current `TrainState`.
+        batch: whatever `state.loss_fn` accepts (tensors, tuples, dicts, ...).
+
+    Returns:
+        ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``grad_norm`` (before
+        clipping), ``lr``, ``skipped`` (1.0 when the update was skipped as non-finite), the loss
+        function's own metrics and, with fp16, ``loss_scale``.
+
+    Raises:
+        BatchError: the loss function could not use the batch (the message shows its structure).
+        LossError: the loss is not a scalar tensor or the metrics are not tensors.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> model = torch.nn.Linear(2, 1)
+        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+        >>> batch = (torch.ones(4, 2), torch.zeros(4, 1))
+        >>> new_state, metrics = ft.train_step(state, batch)
+        >>> int(new_state.step), sorted(metrics)
+        (1, ['grad_norm', 'loss', 'lr', 'skipped'])
+    """
+    if not isinstance(state, TrainState):
+        raise ConfigError(f"train_step expects a functrain.TrainState as its first argument, got {type(state).__name__}; build one with TrainState.create(...)")
+    with _mode(state.module, True), _rng_scope(state.rng, state.device) as rng_after:
+        new, metrics = _train_core(state, batch)
+    return state.replace(rng=rng_after[0], **new), metrics
+
+
+def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
+    weights = state.ema_params if use_ema else state.params
+    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    with torch.no_grad():
+        loss, aux = _call_loss(state, {**weights, **state.frozen, **buffers}, batch)
+    return {"loss": loss.float(), **aux}
+
+
+@torch.compiler.disable(recursive=False)
+def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Evaluate the loss function on a batch in eval mode (dropout off, BatchNorm on running stats).
+
+    Runs without gradients and changes nothing: not the state, not the caller's RNG.
+
+    Args:
+        state: the `TrainState` to evaluate.
+        batch: whatever `state.loss_fn` accepts.
+        use_ema: evaluate the EMA weights instead of the raw parameters.
+
+    Returns:
+        A dict of 0-d tensors: ``loss`` and the loss function's own metrics.
+
+    Raises:
+        ConfigError: `use_ema` on a state without EMA.
+        BatchError: the loss function could not use the batch.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> model = torch.nn.Linear(2, 1)
+        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+        >>> sorted(ft.eval_step(state, (torch.ones(4, 2), torch.zeros(4, 1))))
+        ['loss']
+    """
+    if use_ema and state.ema_state is None:
+        raise ConfigError("eval_step(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
+    with _mode(state.module, False), _rng_scope(state.rng, state.device):
+        return _eval_core(state, batch, use_ema)
