@@ -6,6 +6,7 @@ parameters of the matching `torch.optim` class (foreach implementation, float32)
 
 from __future__ import annotations
 
+from functrain.errors import config_check
 from functrain.transform import Transform, chain, identity
 from functrain.transforms import (
     Mask,
@@ -27,6 +28,18 @@ LearningRate = float | Schedule
 
 def _maybe(condition: object, transform: Transform) -> Transform:
     return transform if condition else identity()
+
+
+def _check_renamed(where: str, lr: LearningRate, momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0) -> None:
+    # the primitives call these `learning_rate` and `decay`; report them under the names the user typed
+    problems: list[str] = []
+    if not callable(lr) and not lr >= 0:
+        problems.append(f"lr must be >= 0, got lr={lr!r}")
+    if not 0.0 <= momentum < 1.0:
+        problems.append(f"momentum must lie in [0, 1), got momentum={momentum!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        problems.append(f"nesterov needs momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}")
+    config_check(problems, where)
 
 
 def sgd(
@@ -61,6 +74,7 @@ def sgd(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    _check_renamed("sgd", lr, momentum, nesterov, dampening)
     return chain(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
@@ -102,6 +116,7 @@ def adam(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    _check_renamed("adam", lr)
     return chain(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
@@ -144,6 +159,7 @@ def adamw(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    _check_renamed("adamw", lr)
     return chain(
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
@@ -183,6 +199,7 @@ def radam(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    _check_renamed("radam", lr)
     return chain(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_radam(b1, b2, eps),
@@ -224,6 +241,7 @@ def rmsprop(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9900])
     """
+    _check_renamed("rmsprop", lr, momentum)
     return chain(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_rms(alpha, eps, centered=centered),
@@ -264,6 +282,7 @@ def adagrad(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    _check_renamed("adagrad", lr)
     return chain(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adagrad(eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay),
@@ -299,6 +318,7 @@ def lion(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    _check_renamed("lion", lr)
     return chain(
         scale_by_lion(b1, b2),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),

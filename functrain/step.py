@@ -13,7 +13,7 @@ into one graph; both run the module through `torch.func.functional_call` on the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -52,30 +52,43 @@ def describe_batch(batch: Any) -> str:
     return repr(tree_map(leaf, batch)).replace("'", "")
 
 
-@contextlib.contextmanager
-def _mode(module: nn.Module, training: bool) -> Iterator[None]:
-    if module.training == training:
-        yield
-        return
-    module.train(training)
-    try:
-        yield
-    finally:
-        module.train(not training)
+class _Scope:
+    """What a step changes outside the state while it runs: the module's mode and the device RNG."""
+
+    __slots__ = ("module", "was_training", "generator", "saved_rng")
+
+    def __init__(self, module: nn.Module, was_training: bool, generator: torch.Generator, saved_rng: torch.Tensor) -> None:
+        self.module = module
+        self.was_training = was_training
+        self.generator = generator
+        self.saved_rng = saved_rng
 
 
-@contextlib.contextmanager
-def _rng_scope(rng: torch.Tensor, device: torch.device) -> Iterator[list[torch.Tensor]]:
-    """Run with the device generator set to `rng`; yield a box holding its state afterwards."""
-    gen = _generator(device)
-    saved = gen.get_state()
-    gen.set_state(rng)
-    box: list[torch.Tensor] = []
-    try:
-        yield box
-        box.append(gen.get_state())
-    finally:
-        gen.set_state(saved)
+# The scope is entered and left outside any compiled graph: generator state cannot be traced, so
+# under torch.compile these are the graph's boundaries and the step body is one graph between them.
+@torch.compiler.disable
+def _enter(state: TrainState, training: bool) -> _Scope:
+    gen = _generator(state.device)
+    scope = _Scope(state.module, state.module.training, gen, gen.get_state())
+    if state.module.training != training:
+        state.module.train(training)
+    gen.set_state(state.rng)
+    return scope
+
+
+@torch.compiler.disable
+def _leave(scope: _Scope) -> torch.Tensor:
+    """Restore the caller's RNG and module mode; return the step's generator state."""
+    after = scope.generator.get_state()
+    scope.generator.set_state(scope.saved_rng)
+    if scope.module.training != scope.was_training:
+        scope.module.train(scope.was_training)
+    return after
+
+
+@torch.compiler.disable
+def _assemble(state: TrainState, rng: torch.Tensor, new: dict[str, Any]) -> TrainState:
+    return state.replace(rng=rng, **new)
 
 
 def _split_loss(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -114,16 +127,17 @@ def _batch_size(batch: Any) -> int:
 
 
 def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    def objective(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
 
     if torch.compiler.is_compiling():
-        grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params)
+        # buffers are an argument, not a capture: BatchNorm writes its statistics into them
+        grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
         return grads, loss, aux
     leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
-    scaled, (loss, aux) = objective(leaves)
+    scaled, (loss, aux) = objective(leaves, buffers)
     if not scaled.requires_grad:
         raise LossError("the loss does not depend on any trainable parameter; check that loss_fn calls the model it is given")
     grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
@@ -174,7 +188,6 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     return new, metrics
 
 
-@torch.compiler.disable(recursive=False)
 def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """One training step: forward, loss, gradients, optimizer update, EMA and counters.
 
@@ -207,9 +220,13 @@ def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, tor
     """
     if not isinstance(state, TrainState):
         raise ConfigError(f"train_step expects a functrain.TrainState as its first argument, got {type(state).__name__}; build one with TrainState.create(...)")
-    with _mode(state.module, True), _rng_scope(state.rng, state.device) as rng_after:
+    scope = _enter(state, True)
+    try:
         new, metrics = _train_core(state, batch)
-    return state.replace(rng=rng_after[0], **new), metrics
+    except BaseException:
+        _leave(scope)
+        raise
+    return _assemble(state, _leave(scope), new), metrics
 
 
 def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -220,7 +237,6 @@ def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.
     return {"loss": loss.float(), **aux}
 
 
-@torch.compiler.disable(recursive=False)
 def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Evaluate the loss function on a batch in eval mode (dropout off, BatchNorm on running stats).
 
@@ -248,5 +264,9 @@ def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[s
     """
     if use_ema and state.ema_state is None:
         raise ConfigError("eval_step(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
-    with _mode(state.module, False), _rng_scope(state.rng, state.device):
-        return _eval_core(state, batch, use_ema)
+    scope = _enter(state, False)
+    try:
+        metrics = _eval_core(state, batch, use_ema)
+    finally:
+        _leave(scope)
+    return metrics

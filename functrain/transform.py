@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-import attrs
 import torch
 
 from functrain.errors import ConfigError, StateMismatchError
@@ -83,24 +82,35 @@ class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
-@attrs.frozen
 class Ratio:
     """Lazy updates ``(num / divisor) / den`` (+ ``weight_decay * p`` where ``decay_mask`` holds).
 
     `scale_by_learning_rate` turns it into ``p * (1 - lr * wd) + ((-lr / divisor) * num) / den``,
-    torch.optim's exact sequence of roundings for Adam, AdamW, RMSprop and Adagrad.
+    torch.optim's exact sequence of roundings for Adam, AdamW, RMSprop and Adagrad. (A plain class,
+    not attrs, so that torch.compile traces its construction.)
     """
 
-    num: list[torch.Tensor]
-    den: list[torch.Tensor]
-    divisor: torch.Tensor | None  # a float64 0-d tensor, or None for 1
-    spec: Any
-    weight_decay: float | None = None
-    decay_mask: tuple[bool, ...] | None = None
-    params: list[torch.Tensor] | None = None
+    __slots__ = ("num", "den", "divisor", "spec", "weight_decay", "decay_mask", "params")
+
+    def __init__(
+        self,
+        num: Sequence[torch.Tensor],
+        den: Sequence[torch.Tensor],
+        divisor: torch.Tensor | None,
+        spec: Any,
+        weight_decay: float | None = None,
+        decay_mask: tuple[bool, ...] | None = None,
+        params: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        self.num = num
+        self.den = den
+        self.divisor = divisor  # a float64 0-d tensor, or None for 1
+        self.spec = spec
+        self.weight_decay = weight_decay
+        self.decay_mask = decay_mask
+        self.params = params
 
 
-@attrs.frozen
 class ParamStep:
     """Lazy updates applied as ``where(keep, p * decay + alpha * direction, p)``.
 
@@ -108,12 +118,23 @@ class ParamStep:
     a tensor multiplies first. `decay` applies only where `decay_mask` holds (all leaves when None).
     """
 
-    direction: list[torch.Tensor]
-    spec: Any
-    alpha: Scalar | None = None
-    decay: Scalar | None = None
-    decay_mask: tuple[bool, ...] | None = None
-    keep: torch.Tensor | None = None
+    __slots__ = ("direction", "spec", "alpha", "decay", "decay_mask", "keep")
+
+    def __init__(
+        self,
+        direction: Sequence[torch.Tensor],
+        spec: Any,
+        alpha: Scalar | None = None,
+        decay: Scalar | None = None,
+        decay_mask: tuple[bool, ...] | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> None:
+        self.direction = direction
+        self.spec = spec
+        self.alpha = alpha
+        self.decay = decay
+        self.decay_mask = decay_mask
+        self.keep = keep
 
 
 def is_transform(obj: object) -> bool:
@@ -204,7 +225,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         check_same_structure(params, updates, "updates")
         u = tree_leaves(updates)
     u = [x if x.dtype == y.dtype else x.to(y.dtype) for x, y in zip(u, p, strict=True)]
-    return tree_unflatten(torch._foreach_add(p, u), spec)
+    # torch._foreach_add rejects empty lists; a tree without leaves is returned as is
+    return tree_unflatten(torch._foreach_add(p, u) if p else [], spec)
 
 
 def _check_spec(expected: Any, got: Any) -> None:

@@ -102,6 +102,8 @@ def masked(inner: Transform, mask: Mask) -> Transform:
     def update_fn(updates: Any, state: MaskedState, params: Tree | None = None) -> tuple[Tree, MaskedState]:
         u, spec = flat_updates(updates, params)
         flags = resolve_mask(mask, params if params is not None else tree_unflatten(u, spec))
+        if not any(flags):  # nothing selected; torch._foreach_* would reject the empty lists
+            return tree_unflatten(u, spec), state
         sub_params = pick(params, flags) if params is not None else None
         sub_updates, inner_state = inner.update([x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params)
         if isinstance(sub_updates, ParamStep):

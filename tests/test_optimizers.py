@@ -281,3 +281,22 @@ def test_gradients_cover_several_orders_of_magnitude() -> None:
     # guards the fixture: the equivalence is only meaningful if scales vary widely
     norms = torch.stack([torch.linalg.vector_norm(torch.cat([g.flatten() for g in tree_leaves(gs)])) for gs in GRADS])
     assert norms.max() / norms.min() > 1e4
+
+
+def test_lion_step_is_sign_of_interpolation_plus_decoupled_decay() -> None:
+    # no torch.optim reference: two steps by hand (b1=0.5, b2=0.75, lr=0.25, weight_decay=0.5)
+    tx = ft.lion(lr=0.25, b1=0.5, b2=0.75, weight_decay=0.5)
+    params = {"w": torch.tensor([2.0, -4.0, 1.0])}
+    state = tx.init(params)
+    g1, g2 = torch.tensor([3.0, 1.0, -2.0]), torch.tensor([-1.0, -1.0, 8.0])
+    u, state = tx.update({"w": g1}, state, params)
+    params = ft.apply_updates(params, u)
+    # m = 0: direction sign(0.5 * g1); p - 0.25 * (sign + 0.5 * p)
+    assert torch.equal(params["w"], torch.tensor([2.0 - 0.25 * (1 + 1.0), -4.0 - 0.25 * (1 - 2.0), 1.0 - 0.25 * (-1 + 0.5)]))
+    assert torch.equal(state[0].mu[0], 0.25 * g1)
+    u, state = tx.update({"w": g2}, state, params)
+    new = ft.apply_updates(params, u)
+    # direction sign(0.5 * m + 0.5 * g2) = sign([0.375 - 0.5, 0.125 - 0.5, -0.25 + 4]) = [-1, -1, 1]
+    expected = params["w"] - 0.25 * (torch.tensor([-1.0, -1.0, 1.0]) + 0.5 * params["w"])
+    assert torch.equal(new["w"], expected)
+    assert torch.equal(state[0].mu[0], 0.75 * (0.25 * g1) + 0.25 * g2)
