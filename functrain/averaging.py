@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.transform import Transform, counter
+from functrain.transform import named, Transform, counter
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["ema", "EmaState"]
@@ -18,6 +18,7 @@ class EmaState(NamedTuple):
     average: tuple[torch.Tensor, ...]
 
 
+@named
 def ema(decay: float, *, warmup: bool = False) -> Transform:
     """Exponential moving average of the parameters: ``avg = decay * avg + (1 - decay) * params``.
 

@@ -7,7 +7,7 @@ parameters of the matching `torch.optim` class (foreach implementation, float32)
 from __future__ import annotations
 
 from functrain.errors import config_check
-from functrain.transform import Transform, chain, identity
+from functrain.transform import named, Transform, chain, identity
 from functrain.transforms import (
     Mask,
     Schedule,
@@ -42,6 +42,7 @@ def _check_renamed(where: str, lr: LearningRate, momentum: float = 0.0, nesterov
     config_check(problems, where)
 
 
+@named
 def sgd(
     lr: LearningRate,
     momentum: float = 0.0,
@@ -82,6 +83,7 @@ def sgd(
     )
 
 
+@named
 def adam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -124,6 +126,7 @@ def adam(
     )
 
 
+@named
 def adamw(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -167,6 +170,7 @@ def adamw(
     )
 
 
+@named
 def radam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -207,6 +211,7 @@ def radam(
     )
 
 
+@named
 def rmsprop(
     lr: LearningRate = 1e-2,
     alpha: float = 0.99,
@@ -250,6 +255,7 @@ def rmsprop(
     )
 
 
+@named
 def adagrad(
     lr: LearningRate = 1e-2,
     eps: float = 1e-10,
@@ -290,6 +296,7 @@ def adagrad(
     )
 
 
+@named
 def lion(
     lr: LearningRate = 1e-4,
     b1: float = 0.9,

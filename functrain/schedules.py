@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, cast, overload
 import torch
 from torch.optim import lr_scheduler
 
-from functrain.errors import ConfigError, config_check
+from functrain.errors import config_check
 
 __all__ = [
     "Schedule",
@@ -631,7 +631,7 @@ def _lambda_lr(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:
 _IGNORED = ("optimizer", "last_epoch")
 
 
-def _torch_args(cls: type, lr: Any, kwargs: Mapping[str, Any], needs_lr: bool) -> dict[str, Any]:
+def _torch_args(cls: type, lr: Any, kwargs: Mapping[str, Any], needs_lr: bool, where: str) -> dict[str, Any]:
     """The scheduler's arguments (torch's defaults filled in), or a ConfigError naming the bad ones."""
     params = {n: p for n, p in inspect.signature(cls).parameters.items() if n not in _IGNORED}
     problems: list[str] = []
@@ -643,21 +643,21 @@ def _torch_args(cls: type, lr: Any, kwargs: Mapping[str, Any], needs_lr: bool) -
         problems.append(f"{cls.__name__} needs {', '.join(missing)}")
     if needs_lr:
         _check_number(problems, "lr", lr)
-    config_check(problems, f"from_torch({cls.__name__})")
+    config_check(problems, where)
     return {n: kwargs.get(n, p.default) for n, p in params.items()}
 
 
-def _from_step_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.StepLR, lr, kwargs, needs_lr=True)
+def _from_step_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.StepLR, lr, kwargs, needs_lr=True, where=where)
     problems: list[str] = []
     _check_steps(problems, "step_size", a["step_size"], minimum=1)
     _check_number(problems, "gamma", a["gamma"])
-    config_check(problems, "from_torch(StepLR)")
+    config_check(problems, where)
     return exponential_decay(lr, a["gamma"], a["step_size"], staircase=True)
 
 
-def _from_multistep_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.MultiStepLR, lr, kwargs, needs_lr=True)
+def _from_multistep_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.MultiStepLR, lr, kwargs, needs_lr=True, where=where)
     problems: list[str] = []
     milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence | set) else None
     if milestones is None:
@@ -665,40 +665,40 @@ def _from_multistep_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Sched
     for i, milestone in enumerate(milestones or []):
         _check_steps(problems, f"milestones[{i}]", milestone)
     _check_number(problems, "gamma", a["gamma"])
-    config_check(problems, "from_torch(MultiStepLR)")
+    config_check(problems, where)
     gamma = a["gamma"]
     return multistep(lr, {m: gamma**count for m, count in Counter(milestones).items()})
 
 
-def _from_exponential_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.ExponentialLR, lr, kwargs, needs_lr=True)
+def _from_exponential_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.ExponentialLR, lr, kwargs, needs_lr=True, where=where)
     problems: list[str] = []
     _check_number(problems, "gamma", a["gamma"])
-    config_check(problems, "from_torch(ExponentialLR)")
+    config_check(problems, where)
     return exponential_decay(lr, a["gamma"])
 
 
-def _from_cosine_annealing_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.CosineAnnealingLR, lr, kwargs, needs_lr=True)
+def _from_cosine_annealing_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.CosineAnnealingLR, lr, kwargs, needs_lr=True, where=where)
     problems: list[str] = []
     _check_steps(problems, "T_max", a["T_max"], minimum=1)
     _check_number(problems, "eta_min", a["eta_min"])
-    config_check(problems, "from_torch(CosineAnnealingLR)")
+    config_check(problems, where)
     return _cosine_annealing(float(lr), a["T_max"], float(a["eta_min"]), first)
 
 
-def _from_linear_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.LinearLR, lr, kwargs, needs_lr=True)
+def _from_linear_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.LinearLR, lr, kwargs, needs_lr=True, where=where)
     problems: list[str] = []
     _check_interval(problems, "start_factor", a["start_factor"], 0.0, 1.0, closed="high")
     _check_interval(problems, "end_factor", a["end_factor"], 0.0, 1.0, closed="both")
     _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
-    config_check(problems, "from_torch(LinearLR)")
+    config_check(problems, where)
     return linear(lr * a["start_factor"], lr * a["end_factor"], a["total_iters"])
 
 
-def _from_one_cycle_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.OneCycleLR, lr, kwargs, needs_lr=False)
+def _from_one_cycle_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.OneCycleLR, lr, kwargs, needs_lr=False, where=where)
     problems: list[str] = []
     _check_number(problems, "max_lr", a["max_lr"])
     if a["total_steps"] is not None:
@@ -713,27 +713,27 @@ def _from_one_cycle_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Sched
         problems.append(f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={a['anneal_strategy']!r}")
     _check_number(problems, "div_factor", a["div_factor"], need="> 0")
     _check_number(problems, "final_div_factor", a["final_div_factor"], need="> 0")
-    config_check(problems, "from_torch(OneCycleLR)")
+    config_check(problems, where)
     phases = _one_cycle_phases(
         total, a["max_lr"], a["pct_start"], a["div_factor"], a["final_div_factor"], bool(a["three_phase"])
     )
     empty = _empty_phases(phases)
     if empty:
         problem = f"phase {empty[0]} of the cycle has zero steps (torch divides by zero there)"
-        config_check([f"{problem}, got pct_start={a['pct_start']!r}, total_steps={total!r}"], "from_torch(OneCycleLR)")
+        config_check([f"{problem}, got pct_start={a['pct_start']!r}, total_steps={total!r}"], where)
     return _phased(phases, a["anneal_strategy"], total)
 
 
-def _from_lambda_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.LambdaLR, lr, kwargs, needs_lr=True)
+def _from_lambda_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.LambdaLR, lr, kwargs, needs_lr=True, where=where)
     if not callable(a["lr_lambda"]):
         problem = f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"
-        config_check([problem], "from_torch(LambdaLR)")
+        config_check([problem], where)
     return _lambda_lr(float(lr), a["lr_lambda"])
 
 
-def _from_sequential_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Schedule:
-    a = _torch_args(lr_scheduler.SequentialLR, lr, kwargs, needs_lr=True)
+def _from_sequential_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
+    a = _torch_args(lr_scheduler.SequentialLR, lr, kwargs, needs_lr=True, where=where)
     problems: list[str] = []
     entries = list(a["schedulers"]) if isinstance(a["schedulers"], Sequence) else []
     milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence) else [None]
@@ -745,27 +745,26 @@ def _from_sequential_lr(lr: Any, kwargs: Mapping[str, Any], first: bool) -> Sche
         _check_steps(problems, f"milestones[{i}]", milestone)
     if not problems and any(m >= n for m, n in zip(milestones, milestones[1:])):
         problems.append(f"milestones must be strictly increasing, got milestones={milestones!r}")
-    # torch starts, with its initial step, the scheduler that the milestones select at step 0
-    active_at_zero = bisect_right(milestones, 0) if not problems else 0
-    pieces = []
+    nestable = [cls for cls in _TORCH_BUILDERS if cls not in _NOT_IN_SEQUENCE]
     for i, entry in enumerate(entries):
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Mapping)):
             problems.append(f"schedulers[{i}] must be a pair (cls, kwargs), got schedulers[{i}]={entry!r}")
-        elif not isinstance(entry[0], type) or entry[0] in _NOT_IN_SEQUENCE or entry[0] not in _TORCH_BUILDERS:
-            names = ", ".join(c.__name__ for c in _TORCH_BUILDERS if c not in _NOT_IN_SEQUENCE)
+        elif entry[0] not in nestable:
+            names = ", ".join(cls.__name__ for cls in nestable)
             problems.append(f"schedulers[{i}] must be one of {names}, got schedulers[{i}][0]={entry[0]!r}")
         elif "lr" in entry[1]:
             problems.append(f"schedulers[{i}] shares the optimizer's lr: pass lr= to from_torch only")
-        else:
-            try:
-                pieces.append(_TORCH_BUILDERS[entry[0]](lr, entry[1], i == active_at_zero))
-            except ConfigError as error:
-                problems.append(f"schedulers[{i}]: {error}")
-    config_check(problems, "from_torch(SequentialLR)")
+    config_check(problems, where)
+    # torch starts, with its initial step, the scheduler that the milestones select at step 0
+    active_at_zero = bisect_right(milestones, 0)
+    pieces = [
+        _TORCH_BUILDERS[cls](lr, kw, i == active_at_zero, f"{where}, schedulers[{i}] ({cls.__name__})")
+        for i, (cls, kw) in enumerate(entries)
+    ]
     return join(pieces, milestones)
 
 
-_TORCH_BUILDERS: dict[type, Callable[[Any, Mapping[str, Any], bool], Schedule]] = {
+_TORCH_BUILDERS: dict[type, Callable[[Any, Mapping[str, Any], bool, str], Schedule]] = {
     lr_scheduler.StepLR: _from_step_lr,
     lr_scheduler.MultiStepLR: _from_multistep_lr,
     lr_scheduler.ExponentialLR: _from_exponential_lr,
@@ -846,4 +845,4 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
     if build is None:
         names = ", ".join(c.__name__ for c in _TORCH_BUILDERS)
         config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")
-    return build(lr, kwargs, True)
+    return build(lr, kwargs, True, f"from_torch({cls.__name__})")

@@ -25,6 +25,8 @@ Any transform that needs plain tensors calls `as_tensors`, which materializes ei
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -76,6 +78,40 @@ class Transform(NamedTuple):
 
     init: InitFn
     update: UpdateFn
+    name: str = "transform"
+
+
+def named(factory: Callable[..., Transform]) -> Callable[..., Transform]:
+    """Decorate a transform factory so its transforms carry their call, e.g. ``adamw(lr=0.001, ...)``.
+
+    The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
+    optimizer or hyperparameter is reported on load.
+    """
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> Transform:
+        transform = factory(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        parts = []
+        for key, value in bound.arguments.items():
+            kind = signature.parameters[key].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                parts.extend(_describe(v) for v in value)
+            else:
+                parts.append(f"{key}={_describe(value)}")
+        return transform._replace(name=f"{factory.__name__}({', '.join(parts)})")
+
+    return wrapper
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Transform):
+        return value.name
+    if callable(value):
+        return getattr(value, "name", None) or getattr(value, "__name__", type(value).__name__)
+    return repr(value)
 
 
 class EmptyState(NamedTuple):
@@ -234,6 +270,7 @@ def _check_spec(expected: Any, got: Any) -> None:
         raise StateMismatchError(f"updates do not have the structure of the parameters: expected {expected}, got {got}")
 
 
+@named
 def chain(*transforms: Transform) -> Transform:
     """Compose transforms: each one's output updates are the next one's input.
 
@@ -271,6 +308,7 @@ def chain(*transforms: Transform) -> Transform:
     return Transform(init_fn, update_fn)
 
 
+@named
 def identity() -> Transform:
     """The transform that passes updates through unchanged.
 

@@ -14,6 +14,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.transform import (
+    named,
     EmptyState,
     ParamStep,
     Ratio,
@@ -111,6 +112,7 @@ class ScaleByAdamState(NamedTuple):
     nu_max: tuple[torch.Tensor, ...]  # empty without amsgrad
 
 
+@named
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False) -> Transform:
     """Rescale updates by Adam's bias-corrected moment estimates (Kingma & Ba, 2015).
 
@@ -165,6 +167,7 @@ class ScaleByRadamState(NamedTuple):
     nu: tuple[torch.Tensor, ...]
 
 
+@named
 def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5.0) -> Transform:
     """Rescale updates by rectified Adam (Liu et al., 2020): plain momentum until the variance is tractable.
 
@@ -222,6 +225,7 @@ class ScaleByRmsState(NamedTuple):
     mu: tuple[torch.Tensor, ...]  # empty unless centered
 
 
+@named
 def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = False) -> Transform:
     """Divide updates by the root of a running mean of their squares (RMSprop, Hinton 2012).
 
@@ -271,6 +275,7 @@ class ScaleByAdagradState(NamedTuple):
     sum_of_squares: tuple[torch.Tensor, ...]
 
 
+@named
 def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0.0, lr_decay: float = 0.0) -> Transform:
     """Divide updates by the root of the running sum of their squares (Adagrad, Duchi et al., 2011).
 
@@ -317,6 +322,7 @@ class ScaleByLionState(NamedTuple):
     mu: tuple[torch.Tensor, ...]
 
 
+@named
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
     """The sign of an interpolation of momentum and gradient (Lion, Chen et al., 2023).
 
@@ -357,6 +363,7 @@ class TraceState(NamedTuple):
     trace: tuple[torch.Tensor, ...]
 
 
+@named
 def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Transform:
     """Momentum: keep a decaying sum of past updates (torch.optim.SGD's momentum buffer).
 
@@ -404,6 +411,7 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
     return Transform(init_fn, update_fn)
 
 
+@named
 def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
     """Add ``weight_decay * param`` to the updates (L2 before a scaling rule, decoupled after it).
 
@@ -458,6 +466,7 @@ class ScaleByLearningRateState(NamedTuple):
         return {"lr": self.lr}
 
 
+@named
 def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool = True) -> Transform:
     """Scale updates by ``-learning_rate`` (a constant or a schedule of the step) and prepare the step.
 
@@ -528,6 +537,7 @@ class ClipByGlobalNormState(NamedTuple):
         return {"grad_norm": self.grad_norm}
 
 
+@named
 def clip_by_global_norm(max_norm: float) -> Transform:
     """Scale updates down so their global L2 norm is at most `max_norm` (as `clip_grad_norm_`).
 
@@ -565,6 +575,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
     return Transform(init_fn, update_fn)
 
 
+@named
 def clip_by_value(min_value: float, max_value: float) -> Transform:
     """Clamp every update element into ``[min_value, max_value]``.
 

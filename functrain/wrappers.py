@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
-from functrain.transform import ParamStep, Transform, as_tensors, counter, flat_updates, is_transform
+from functrain.transform import named, ParamStep, Transform, as_tensors, counter, flat_updates, is_transform
 from functrain.transforms import Mask, resolve_mask
 from functrain.tree import Tree, tree_leaves, tree_map, tree_unflatten
 
@@ -69,6 +69,7 @@ class MaskedState(NamedTuple):
     inner: Tree
 
 
+@named
 def masked(inner: Transform, mask: Mask) -> Transform:
     """Run `inner` only on the parameters `mask` selects; the others' updates pass through unchanged.
 
@@ -129,6 +130,7 @@ class SkipNonfiniteState(NamedTuple):
         return {"skipped": self.skipped, "total_skipped": self.total_skipped}
 
 
+@named
 def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> Transform:
     """Make a step whose incoming updates hold NaN or Inf a no-op, and count it.
 
@@ -221,6 +223,7 @@ class AccumulateState(NamedTuple):
         return {"micro_step": self.micro_step}
 
 
+@named
 def accumulate(inner: Transform, every: int) -> Transform:
     """Sum incoming updates over `every` calls and apply `inner` to their mean on the last one.
 
@@ -287,6 +290,7 @@ class DynamicLossScaleState(NamedTuple):
         return {"loss_scale": self.scale, "skipped": self.skipped, "total_skipped": self.total_skipped}
 
 
+@named
 def dynamic_loss_scale(
     inner: Transform,
     *,

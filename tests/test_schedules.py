@@ -50,13 +50,13 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
     "cosine_periodic_eta": (L.CosineAnnealingLR, 0.1, {"T_max": 100, "eta_min": 1e-3}, 2e-12),
     # the documented worst case: long rising halves with eta_min close to lr
     "cosine_rising_eta": (L.CosineAnnealingLR, 0.1, {"T_max": 400, "eta_min": 0.09}, 2e-12),
-    "one_cycle_cos": (L.OneCycleLR, 0.1, {"max_lr": 0.5, "total_steps": STEPS}, 3e-16),
+    "one_cycle_cos": (L.OneCycleLR, 0.1, {"max_lr": 0.5, "total_steps": STEPS}, 1e-13),
     "one_cycle_linear": (L.OneCycleLR, 0.1, {"max_lr": 0.5, "total_steps": STEPS, "anneal_strategy": "linear"}, 0.0),
     "one_cycle_three_phase": (
         L.OneCycleLR,
         0.1,
         {"max_lr": 0.5, "epochs": 10, "steps_per_epoch": 100, "pct_start": 0.25, "three_phase": True},
-        3e-16,
+        1e-13,
     ),
     "lambda_staircase": (L.LambdaLR, 0.1, {"lr_lambda": lambda t: 0.97 ** (t // 10)}, 0.0),
     "lambda_ramp": (L.LambdaLR, 0.1, {"lr_lambda": lambda t: (t + 1) / 1000}, 0.0),
@@ -221,7 +221,7 @@ def test_polynomial_known_values() -> None:
 
 def test_warmup_cosine_peaks_after_warmup_and_ends_at_end_value() -> None:
     s = S.warmup_cosine(1.0, warmup_steps=10, decay_steps=110, init_value=0.2, end_value=0.1)
-    assert [s(t) for t in (0, 5, 10, 110, 500)] == [0.2, 0.6, 1.0, 0.1, 0.1]
+    assert [s(t) for t in (0, 5, 10, 110, 500)] == [0.2, 0.2 + (1.0 - 0.2) * 0.5, 1.0, 0.1, 0.1]
     assert s(60) == pytest.approx(0.55, rel=1e-15)
     no_warmup = S.warmup_cosine(1.0, warmup_steps=0, decay_steps=100)
     assert no_warmup(0) == 1.0 and no_warmup(100) == 0.0
@@ -248,8 +248,8 @@ def test_join_restarts_each_schedule_at_its_boundary() -> None:
 
 def test_join_accepts_plain_tensor_functions() -> None:
     s = S.join([S.constant(1.0), lambda t: 0.5 ** (t / 10)], [10])
-    assert s(30) == 0.125
-    assert s(torch.tensor(30)).item() == 0.125
+    assert s(30) == 0.25  # restarted at 10: 0.5 ** (20 / 10)
+    assert s(torch.tensor(30)).item() == 0.25
 
 
 def test_from_torch_lambda_gets_the_int_step_or_a_float64_tensor() -> None:
@@ -357,7 +357,7 @@ def test_from_torch_rejects_an_unsupported_class_listing_the_supported() -> None
         (
             L.SequentialLR,
             {"lr": 0.1, "schedulers": [(L.StepLR, {}), (L.StepLR, {"step_size": 2})], "milestones": [3]},
-            r"schedulers\[0\]: .*StepLR needs step_size",
+            r"from_torch\(SequentialLR\), schedulers\[0\] \(StepLR\):\n  - StepLR needs step_size",
         ),
     ],
 )

@@ -111,7 +111,7 @@ def cast(tree: Any, dtype: torch.dtype | None) -> Any:
     return tree if dtype is None else torch.utils._pytree.tree_map(lambda x: x.to(dtype), tree)
 
 
-def setup(tree_name: str, dtype: torch.dtype | None) -> tuple[Any, list[Any]]:
+def make_case(tree_name: str, dtype: torch.dtype | None) -> tuple[Any, list[Any]]:
     gen = torch.Generator().manual_seed(7)
     params = cast(TREES[tree_name](gen), dtype)
     grads = [cast(TREES[tree_name](gen), dtype) for _ in range(STEPS)]
@@ -171,7 +171,7 @@ BY_NAME = pytest.mark.parametrize("name", list(TRANSFORMS))
 @ALL
 def test_update_never_writes_its_inputs(name: str, tree_name: str, dtype_name: str) -> None:
     tx = TRANSFORMS[name]()
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     state = tx.init(params)
     for g in grads:
         snaps = {"params": snapshot(params), "grads": snapshot(g), "state": snapshot(state)}
@@ -185,7 +185,7 @@ def test_update_never_writes_its_inputs(name: str, tree_name: str, dtype_name: s
 @ALL
 def test_update_is_deterministic(name: str, tree_name: str, dtype_name: str) -> None:
     tx = TRANSFORMS[name]()
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     state = tx.init(params)
     for g in grads:
         u1, s1 = tx.update(g, state, params)
@@ -199,7 +199,7 @@ def test_update_is_deterministic(name: str, tree_name: str, dtype_name: str) -> 
 @ALL
 def test_later_steps_do_not_overwrite_earlier_results(name: str, tree_name: str, dtype_name: str) -> None:
     tx = TRANSFORMS[name]()
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     init_state = tx.init(params)
     updates, state = tx.update(grads[0], init_state, params)
     kept = {
@@ -220,7 +220,7 @@ def test_later_steps_do_not_overwrite_earlier_results(name: str, tree_name: str,
 @ALL
 def test_dtypes_and_state_structure_are_stable(name: str, tree_name: str, dtype_name: str) -> None:
     tx = TRANSFORMS[name]()
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     param_dtypes = [t.dtype for t in tree_leaves(params)]
     param_spec = tree_structure(params)
     outs, states = run(tx, params, grads)
@@ -243,7 +243,7 @@ def test_dtypes_and_state_structure_are_stable(name: str, tree_name: str, dtype_
 @ALL
 def test_state_leaves_are_tensors_with_0d_scalars(name: str, tree_name: str, dtype_name: str) -> None:
     tx = TRANSFORMS[name]()
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     param_shapes = {t.shape for t in tree_leaves(params)}
     _, states = run(tx, params, grads[:2])
     for state in states:
@@ -255,7 +255,7 @@ def test_state_leaves_are_tensors_with_0d_scalars(name: str, tree_name: str, dty
 
 @ALL
 def test_chained_after_identity_gives_the_same_results(name: str, tree_name: str, dtype_name: str) -> None:
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     outs, states = run(TRANSFORMS[name](), params, grads)
     outs_c, states_c = run(ft.chain(ft.identity(), TRANSFORMS[name]()), params, grads)
     for step, (a, b) in enumerate(zip(outs, outs_c, strict=True)):
@@ -268,7 +268,7 @@ def test_chained_after_identity_gives_the_same_results(name: str, tree_name: str
 
 @ALL
 def test_accumulate_every_1_gives_the_same_results(name: str, tree_name: str, dtype_name: str) -> None:
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     outs, states = run(TRANSFORMS[name](), params, grads)
     outs_a, states_a = run(ft.accumulate(TRANSFORMS[name](), 1), params, grads)
     for step, (a, b) in enumerate(zip(outs, outs_a, strict=True)):
@@ -283,7 +283,7 @@ def test_accumulate_every_1_gives_the_same_results(name: str, tree_name: str, dt
 def test_transform_changes_something(name: str) -> None:
     # guards the suite against vacuous passes: every case produces updates that move the
     # parameters (or, for ema, an average that differs from the parameters)
-    params, grads = setup("dict", torch.float32)
+    params, grads = make_case("dict", torch.float32)
     outs, _ = run(TRANSFORMS[name](), params, grads)
     first = tree_leaves(params)
     assert any(not torch.equal(a, b) for out in outs for a, b in zip(out, first, strict=True))
@@ -294,7 +294,7 @@ def test_state_shares_no_storage_with_params_or_grads(name: str, tree_name: str,
     # a training loop may write into its gradients (zero_grad) or parameters afterwards; a state
     # that aliased them would change behind the transform's back
     tx = TRANSFORMS[name]()
-    params, grads = setup(tree_name, DTYPES[dtype_name])
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
     state = tx.init(params)
     for g in grads:
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((params, g))}
