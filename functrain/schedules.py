@@ -174,7 +174,7 @@ def linear(init_value: float, end_value: float, transition_steps: int, transitio
     init, delta = float(init_value), float(end_value) - float(init_value)
 
     def value_fn(t: torch.Tensor) -> torch.Tensor:
-        return init + delta * (torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps)
+        return init + delta * (torch.clamp(t - transition_begin, 0, transition_steps + 1) / transition_steps)
 
     return _lift(value_fn)
 
@@ -215,7 +215,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, expone
     init, alpha, exponent = float(init_value), float(alpha), float(exponent)
 
     def value_fn(t: torch.Tensor) -> torch.Tensor:
-        c = 0.5 * (1 + torch.cos(math.pi * torch.clamp(t, 0, decay_steps) / decay_steps))
+        c = 0.5 * (1 + torch.cos(math.pi * torch.clamp(t, 0, 2 * decay_steps) / decay_steps))
         return init * ((1 - alpha) * c**exponent + alpha)
 
     return _lift(value_fn)
@@ -793,7 +793,8 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
     * `MultiStepLR`, `LambdaLR`, `OneCycleLR` with ``anneal_strategy="linear"``: bit for bit (for
       `LambdaLR`, when the lambda's tensor ops round as its Python ones do; ``+ - * / ** //`` do).
     * `OneCycleLR` with ``anneal_strategy="cos"``: torch's formula op for op, but ``torch.cos`` and
-      ``math.cos`` differ in the last bit for a few arguments in a thousand: within 3e-16 relative.
+      ``math.cos`` differ in the last bit for about one argument in a thousand, which moves the lr by
+      at most ~1e-16 * max_lr: within 1e-13 relative (5e-14 measured, where the lr is 1e-5 max_lr).
       `lr` is ignored (torch starts from ``max_lr / div_factor``), as are the momentum arguments;
       past ``total_steps``, where torch raises, the value at ``total_steps`` is held.
     * `StepLR`, `ExponentialLR`, `LinearLR`: torch updates the lr recursively (``lr = lr * gamma``),

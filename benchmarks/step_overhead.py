@@ -1,0 +1,451 @@
+"""Time one training step: functrain's `train_step` (eager and compiled) against a hand-written loop.
+
+One run prints a table of median milliseconds per step and the ratio to the hand-written loop
+
+    loss = loss_fn(model, batch); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+with ``opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)`` (the baseline: 1.00), for:
+
+* ``hand-written``: the loop above;
+* ``functrain eager``: ``functrain.train_step`` with ``TrainState.create(..., functrain.adamw(1e-3))``
+  (default options: ``nonfinite="skip"``, i.e. a finite check and a ``torch.where`` selection);
+* ``functrain eager, nonfinite=none``: the same without the non-finite guard (what the guard costs);
+* ``functrain compiled``: ``torch.compile(functrain.train_step, dynamic=False)``, warmed up (compiled)
+  before timing.
+
+Workloads (float32, CPU, cross-entropy over 10 classes, both AdamW weight decays 1e-2):
+
+* ``mlp``: 784-128-10 with ReLU, batch 64;
+* ``cnn``: the PyTorch MNIST example (conv 1->32 3x3, conv 32->64 3x3, max-pool 2, dropout 0.25,
+  fc 9216->128, dropout 0.5, fc 128->10), input 1x28x28, batch 128;
+* ``transformer``: ``nn.TransformerEncoder`` of 2 layers (d=128, 4 heads, feed-forward 512, dropout
+  0.1, batch_first), input (32, 64, 128) float features, classification head on the mean over the
+  sequence.
+
+Method: every implementation starts from the same initial weights (its own copy) and steps on the same
+batch. After untimed warm-up steps (which also compile), ``--reps`` timed rounds run every
+implementation once per round, interleaved, in ABBA order (A,B,C,D then D,C,B,A, ...), so drift hits
+all of them alike; one sample times a block of steps (more for the small MLP, so that the timer's
+resolution and per-sample noise do not matter) and is reported per step; the table shows the median of
+the samples. At the end the parameters of every implementation are compared with the hand-written
+loop's (the same number of steps ran on each; eager functrain matches torch.optim bit for bit where
+the model has no dropout).
+
+Memory (unless ``--no-memory``): each (implementation, workload) runs in a fresh process
+(``--memory-worker IMPL WORKLOAD``) that builds the model and the batch, resets the peak-RSS mark
+(VmHWM through /proc/self/clear_refs) and reads ``base`` = VmRSS, creates the state or optimizer,
+runs ``--memory-warmup`` steps (the first one compiles), reads VmRSS again and resets the peak mark,
+runs ``--memory-steps`` more steps and reads VmHWM. Reported in MiB: ``persistent`` = RSS before the
+measured steps minus ``base`` (weights copy, optimizer state; for the compiled step also the compiler's
+own resident memory), ``step`` = peak during the measured steps minus the RSS before them (gradients,
+activations, fresh out-of-place tensors), and ``peak`` = their sum, with its ratio to the
+hand-written loop's. The compiled row's peak is therefore dominated by the compiler and is shown for
+completeness; compare its ``step`` column. The first call's compile peak is printed separately.
+
+Usage:
+    python benchmarks/step_overhead.py                         # full run: 3 workloads, compile, memory
+    python benchmarks/step_overhead.py --quick                 # smoke test: few reps
+    python benchmarks/step_overhead.py --workloads mlp --reps 60 --no-compile --no-memory
+
+Progress goes to stderr; the tables to stdout. The transformer takes about 50 s to compile with a
+cold cache on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functrain
+
+LR = 1e-3
+WEIGHT_DECAY = 1e-2
+MiB = 1024 * 1024
+
+WORKLOADS = ("mlp", "cnn", "transformer")
+# steps per timed sample, per workload: about 10-80 ms per sample
+BLOCK = {"mlp": 20, "cnn": 2, "transformer": 1}
+WARMUP = {"mlp": 20, "cnn": 3, "transformer": 3}
+
+IMPLS = ("hand", "eager", "eager_none", "compiled")
+LABELS = {
+    "hand": "hand-written (foreach AdamW)",
+    "eager": "functrain eager",
+    "eager_none": "functrain eager, nonfinite=none",
+    "compiled": "functrain compiled",
+}
+# (implementation, workload) -> the highest acceptable ratio to the hand-written loop
+TARGETS = {
+    ("eager", "mlp"): 1.25,
+    ("eager", "cnn"): 1.10,
+    ("eager", "transformer"): 1.10,
+    ("compiled", "mlp"): 0.80,
+    ("compiled", "transformer"): 0.95,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[step_overhead {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class CNN(nn.Module):
+    """The network of the PyTorch MNIST example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return self.fc2(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, d: int = 128, heads: int = 4, ff: int = 512, layers: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def build(workload: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The model (in train mode) and one fixed batch, deterministic."""
+    torch.manual_seed(0)
+    if workload == "mlp":
+        model, x = MLP(), torch.randn(64, 784)
+    elif workload == "cnn":
+        model, x = CNN(), torch.randn(128, 1, 28, 28)
+    elif workload == "transformer":
+        model, x = Transformer(), torch.randn(32, 64, 128)
+    else:
+        raise SystemExit(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    y = torch.randint(0, 10, (x.shape[0],))
+    return model.train(), (x, y)
+
+
+def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations: each owns its weights and exposes step() and params()
+
+
+class Hand:
+    def __init__(self, module: nn.Module, batch: Any) -> None:
+        self.model = module
+        self.batch = batch
+        self.opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
+
+    def step(self) -> None:
+        loss = loss_fn(self.model, self.batch)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.model.named_parameters()}
+
+
+class Functrain:
+    def __init__(self, module: nn.Module, batch: Any, *, nonfinite: str = "skip", step_fn: Callable = functrain.train_step) -> None:
+        self.state = functrain.TrainState.create(module, functrain.adamw(LR, weight_decay=WEIGHT_DECAY), loss_fn, seed=0, nonfinite=nonfinite)
+        self.batch = batch
+        self.step_fn = step_fn
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def step(self) -> None:
+        self.state, self.metrics = self.step_fn(self.state, self.batch)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.state.params)
+
+
+def make(impl: str, module: nn.Module, batch: Any) -> Hand | Functrain:
+    if impl == "hand":
+        return Hand(module, batch)
+    if impl == "eager":
+        return Functrain(module, batch)
+    if impl == "eager_none":
+        return Functrain(module, batch, nonfinite="none")
+    if impl == "compiled":
+        return Functrain(module, batch, step_fn=torch.compile(functrain.train_step, dynamic=False))
+    raise SystemExit(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def time_workload(workload: str, impls: list[str], reps: int, block: int, warmup: int) -> dict[str, Any]:
+    module, batch = build(workload)
+    runners = {}
+    for impl in impls:
+        runners[impl] = make(impl, copy.deepcopy(module), batch)
+    n_params = sum(p.numel() for p in module.parameters())
+    log(f"{workload}: {n_params:,} parameters; warm-up ({warmup} steps each)")
+    compile_s = None
+    for impl, r in runners.items():
+        t0 = time.perf_counter()
+        r.step()
+        first = time.perf_counter() - t0
+        if impl == "compiled":
+            compile_s = first
+            log(f"{workload}: compiled the step in {first:.1f} s")
+        for _ in range(warmup - 1):
+            r.step()
+    samples: dict[str, list[float]] = {impl: [] for impl in impls}
+    log(f"{workload}: timing {reps} rounds x {len(impls)} implementations x {block} steps")
+    gc.collect()
+    t_start = time.perf_counter()
+    for rep in range(reps):
+        order = impls if rep % 2 == 0 else impls[::-1]
+        for impl in order:
+            r = runners[impl]
+            t0 = time.perf_counter_ns()
+            for _ in range(block):
+                r.step()
+            samples[impl].append((time.perf_counter_ns() - t0) / 1e6 / block)
+        if (rep + 1) % max(1, reps // 5) == 0:
+            log(f"{workload}: round {rep + 1}/{reps} ({time.perf_counter() - t_start:.0f} s)")
+    ref = runners["hand"].params() if "hand" in runners else None
+    diffs = {}
+    for impl, r in runners.items():
+        if ref is not None and impl != "hand":
+            p = r.params()
+            diffs[impl] = max(float((p[k] - ref[k]).abs().max()) for k in ref)
+    return {
+        "workload": workload,
+        "median_ms": {impl: statistics.median(s) for impl, s in samples.items()},
+        "spread": {impl: _iqr(s) for impl, s in samples.items()},
+        "compile_s": compile_s,
+        "max_param_diff": diffs,
+        "steps": warmup + reps * block,
+    }
+
+
+def _iqr(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 4:
+        return (min(xs), max(xs))
+    q = statistics.quantiles(xs, n=4)
+    return (q[0], q[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# memory (one fresh process per implementation and workload)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_worker(impl: str, workload: str, warmup: int, steps: int) -> None:
+    if impl == "compiled":
+        import torch._inductor.compile_fx  # noqa: F401  (the compiler's modules count as imports, not as the step)
+    module, batch = build(workload)
+    gc.collect()
+    base = _proc_status_kib("VmRSS")
+    resettable = _reset_hwm()
+    r = make(impl, module, batch)
+    for _ in range(warmup):
+        r.step()
+    gc.collect()
+    first_peak = _proc_status_kib("VmHWM")
+    before = _proc_status_kib("VmRSS")
+    _reset_hwm()
+    for _ in range(steps):
+        r.step()
+    peak = _proc_status_kib("VmHWM")
+    print(json.dumps({
+        "impl": impl,
+        "workload": workload,
+        "base_kib": base,
+        "persistent_kib": before - base,
+        "step_kib": peak - before,
+        "warmup_peak_kib": first_peak - base,
+        "hwm_resettable": resettable,
+    }))
+
+
+def run_memory(impls: list[str], workloads: list[str], warmup: int, steps: int) -> dict[tuple[str, str], dict]:
+    out = {}
+    for workload in workloads:
+        for impl in impls:
+            log(f"memory: {impl} on {workload} (fresh process)")
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", impl, workload,
+                   "--memory-warmup", str(warmup), "--memory-steps", str(steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                log(f"memory worker {impl} {workload} failed:\n{proc.stderr[-2000:]}")
+                continue
+            out[(impl, workload)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def print_speed(results: list[dict], impls: list[str]) -> list[str]:
+    workloads = [r["workload"] for r in results]
+    head = "| implementation | " + " | ".join(f"{w} ms/step (ratio)" for w in workloads) + " |"
+    print("\nMedian ms/step, ratio to the hand-written loop (interleaved, one process)\n")
+    print(head)
+    print("|" + "---|" * (len(workloads) + 1))
+    for impl in impls:
+        cells = []
+        for r in results:
+            ms = r["median_ms"][impl]
+            ratio = ms / r["median_ms"]["hand"]
+            cells.append(f"{ms:.3f} ({ratio:.2f})" if ms < 10 else f"{ms:.1f} ({ratio:.2f})")
+        print(f"| {LABELS[impl]} | " + " | ".join(cells) + " |")
+    print("\nInterquartile range of the samples, ms/step:")
+    for r in results:
+        parts = [f"{impl} {lo:.3f}-{hi:.3f}" for impl, (lo, hi) in r["spread"].items()]
+        print(f"  {r['workload']}: " + ", ".join(parts))
+    print("Max |param - hand-written param| after the same steps (0 = bit-identical):")
+    for r in results:
+        parts = [f"{impl} {d:.2e}" for impl, d in r["max_param_diff"].items()]
+        print(f"  {r['workload']} ({r['steps']} steps): " + ", ".join(parts))
+    for r in results:
+        if r["compile_s"] is not None:
+            print(f"First (compiling) call, {r['workload']}: {r['compile_s']:.1f} s")
+    failures = []
+    print("\nTargets (ratio to hand-written):")
+    for r in results:
+        for impl in impls:
+            target = TARGETS.get((impl, r["workload"]))
+            if target is None:
+                continue
+            ratio = r["median_ms"][impl] / r["median_ms"]["hand"]
+            ok = ratio <= target
+            print(f"  {LABELS[impl]}, {r['workload']}: {ratio:.2f} <= {target:.2f}  {'ok' if ok else 'MISSED'}")
+            if not ok:
+                failures.append(f"{impl}/{r['workload']}")
+    return failures
+
+
+def print_memory(mem: dict[tuple[str, str], dict], impls: list[str], workloads: list[str]) -> None:
+    if not mem:
+        return
+    print("\nPeak memory over model+batch, MiB: persistent + step = peak (peak ratio to hand-written); one fresh process each\n")
+    print("| implementation | " + " | ".join(workloads) + " |")
+    print("|" + "---|" * (len(workloads) + 1))
+    for impl in impls:
+        cells = []
+        for w in workloads:
+            m = mem.get((impl, w))
+            h = mem.get(("hand", w))
+            if m is None:
+                cells.append("failed")
+                continue
+            peak = m["persistent_kib"] + m["step_kib"]
+            ratio = f"{peak / (h['persistent_kib'] + h['step_kib']):.2f}" if h and (h["persistent_kib"] + h["step_kib"]) > 0 else "n/a"
+            cells.append(f"{m['persistent_kib'] / 1024:.1f} + {m['step_kib'] / 1024:.1f} = {peak / 1024:.1f} ({ratio})")
+        print(f"| {LABELS[impl]} | " + " | ".join(cells) + " |")
+    for w in workloads:
+        m = mem.get(("compiled", w))
+        if m is not None:
+            print(f"Compiled, {w}: peak during the warm-up (compiling) steps {m['warmup_peak_kib'] / 1024:.0f} MiB over model+batch")
+    if not all(m.get("hwm_resettable") for m in mem.values()):
+        print("WARNING: /proc/self/clear_refs could not reset VmHWM; peaks include earlier high-water marks")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per workload (default 40; 3 with --quick)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of mlp,cnn,transformer")
+    ap.add_argument("--quick", action="store_true", help="smoke test: few reps, short blocks, few memory steps")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    ap.add_argument("--memory-warmup", type=int, default=3, help="steps before the measured ones (the first compiles)")
+    ap.add_argument("--memory-steps", type=int, default=10, help="measured steps in each memory process")
+    ap.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.memory_worker:
+        memory_worker(*args.memory_worker, args.memory_warmup, args.memory_steps)
+        return
+
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for w in workloads:
+        if w not in WORKLOADS:
+            ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    reps = args.reps if args.reps is not None else (3 if args.quick else 40)
+    impls = [i for i in IMPLS if not (args.no_compile and i == "compiled")]
+    mem_steps = min(args.memory_steps, 3) if args.quick else args.memory_steps
+    mem_warmup = min(args.memory_warmup, 2) if args.quick else args.memory_warmup
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"reps={reps}; workloads={','.join(workloads)}")
+    print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
+    results = []
+    for w in workloads:
+        block = max(1, BLOCK[w] // 4) if args.quick else BLOCK[w]
+        warmup = min(WARMUP[w], 3) if args.quick else WARMUP[w]
+        results.append(time_workload(w, impls, reps, block, warmup))
+    failures = print_speed(results, impls)
+    if not args.no_memory:
+        mem = run_memory(impls, workloads, mem_warmup, mem_steps)
+        print_memory(mem, impls, workloads)
+    if failures:
+        print(f"\nTargets missed: {', '.join(failures)}")
+
+
+if __name__ == "__main__":
+    main()
