@@ -11,6 +11,7 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.averaging import EmaState, ema
+from functrain.checkpoint import fingerprint, load, save
 from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
 from functrain.state import StepOptions, TrainState
 from functrain.step import BoundModel, eval_step, train_step

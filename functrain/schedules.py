@@ -174,7 +174,7 @@ def linear(init_value: float, end_value: float, transition_steps: int, transitio
     init, delta = float(init_value), float(end_value) - float(init_value)
 
     def value_fn(t: torch.Tensor) -> torch.Tensor:
-        return init + delta * (torch.clamp(t - transition_begin, 0, transition_steps + 1) / transition_steps)
+        return init + delta * (torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps)
 
     return _lift(value_fn)
 
@@ -215,7 +215,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, expone
     init, alpha, exponent = float(init_value), float(alpha), float(exponent)
 
     def value_fn(t: torch.Tensor) -> torch.Tensor:
-        c = 0.5 * (1 + torch.cos(math.pi * torch.clamp(t, 0, 2 * decay_steps) / decay_steps))
+        c = 0.5 * (1 + torch.cos(math.pi * torch.clamp(t, 0, decay_steps) / decay_steps))
         return init * ((1 - alpha) * c**exponent + alpha)
 
     return _lift(value_fn)

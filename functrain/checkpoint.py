@@ -1,0 +1,129 @@
+"""Saving and loading a `TrainState` (or any tree): `save(state, path)`, `load(path, like=state)`.
+
+The file format lives in `functrain.serialization`; this module adds what a state needs on top: a
+fingerprint of its static parts (parameter names, shapes and dtypes, the transform and its
+hyperparameters, precision and step options), and a load that checks every leaf against a template
+and reports all problems at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.utils._pytree as pytree
+
+from functrain.errors import StateMismatchError
+from functrain.serialization import compare_to_template, leaves_by_path, read_tree, write_tree
+from functrain.state import TrainState
+
+__all__ = ["save", "load", "fingerprint"]
+
+
+def fingerprint(state: TrainState) -> dict[str, Any]:
+    """A JSON-able description of a state's static parts, recorded in its checkpoints.
+
+    Example:
+        >>> import functrain as ft
+        >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+        >>> fingerprint(s)["params"]
+        {'weight': [[1, 2], 'float32'], 'bias': [[1], 'float32']}
+    """
+
+    def shapes(tensors: dict[str, torch.Tensor]) -> dict[str, list[Any]]:
+        return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()}
+
+    return {
+        "params": shapes(state.params),
+        "frozen": shapes(state.frozen),
+        "buffers": shapes(state.buffers),
+        "transform": state.tx.name,
+        "options": attrs.asdict(state.options),
+    }
+
+
+def save(state: TrainState | Any, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None) -> Path:
+    """Save a state (or any tree of tensors) as a checkpoint directory, atomically.
+
+    Args:
+        state: a `TrainState`, or a tree of tensors and plain values.
+        path: the checkpoint directory to create (replaced atomically if it exists).
+        metadata: JSON-able user data stored in the manifest (e.g. metrics, config).
+
+    Returns:
+        The checkpoint's path.
+
+    Raises:
+        CheckpointError: the write failed; any previous checkpoint at `path` is intact.
+
+    Example:
+        >>> import tempfile, functrain as ft
+        >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+        >>> p = ft.save(s, Path(tempfile.mkdtemp()) / "ckpt", metadata={"note": "init"})
+        >>> restored = ft.load(p, like=s)
+        >>> torch.equal(restored.params["weight"], s.params["weight"])
+        True
+    """
+    from functrain import __version__
+
+    if isinstance(state, TrainState):
+        return write_tree(path, state.tree(), fingerprint=fingerprint(state), metadata=metadata, library_version=__version__)
+    return write_tree(path, state, metadata=metadata, library_version=__version__)
+
+
+def load(
+    path: str | os.PathLike[str],
+    like: TrainState | Any = None,
+    *,
+    map_location: str | torch.device | None = None,
+) -> Any:
+    """Load a checkpoint, verifying every file; against a template, check every leaf.
+
+    Args:
+        path: the checkpoint directory.
+        like: a `TrainState` (or tree) the checkpoint must fit; its static parts (module, loss,
+            transform) are kept and its tree fields replaced. None returns the raw tree.
+        map_location: device for the loaded tensors; by default each goes to the device of the
+            template's leaf (CPU without a template).
+
+    Returns:
+        With `like`: a state (or tree) of the template's structure holding the checkpoint's values.
+        Without: ``(tree, manifest)``, NamedTuples as dicts, for inspection.
+
+    Raises:
+        CheckpointError: no checkpoint there, or a newer format version.
+        CheckpointCorruptError: a file is missing, truncated or altered (named in the message).
+        StateMismatchError: listing every missing or extra path, shape or dtype mismatch, and a
+            different optimizer, hyperparameters or options.
+    """
+    tree, manifest = read_tree(path, map_location=map_location)
+    if like is None:
+        return tree, manifest
+    template = like.tree() if isinstance(like, TrainState) else like
+    problems = compare_to_template(tree, template)
+    if isinstance(like, TrainState):
+        problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
+    if problems:
+        raise StateMismatchError(f"checkpoint {str(path)!r} does not fit the template:\n  - " + "\n  - ".join(problems))
+    got = leaves_by_path(tree)
+    flat, spec = pytree.tree_flatten_with_path(template)
+    values = []
+    for (key_path, expected), (path_key, _) in zip(flat, leaves_by_path(template).items(), strict=True):
+        value = got[path_key]
+        if isinstance(value, torch.Tensor) and map_location is None and isinstance(expected, torch.Tensor):
+            value = value.to(expected.device)
+        values.append(value)
+    restored = pytree.tree_unflatten(values, spec)
+    return like.with_tree(restored) if isinstance(like, TrainState) else restored
+
+
+def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    problems = []
+    if saved.get("transform") != current["transform"]:
+        problems.append(f"optimizer differs: checkpoint has {saved.get('transform')!r}, template has {current['transform']!r}")
+    if saved.get("options") != current["options"]:
+        problems.append(f"step options differ: checkpoint has {saved.get('options')!r}, template has {current['options']!r}")
+    return problems
