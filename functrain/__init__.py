@@ -12,6 +12,7 @@ from functrain.errors import (
 )
 from functrain.averaging import EmaState, ema
 from functrain.checkpoint import fingerprint, load, save
+from functrain.manager import CheckpointManager
 from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
 from functrain.state import StepOptions, TrainState
 from functrain.step import BoundModel, eval_step, train_step
