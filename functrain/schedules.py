@@ -478,15 +478,15 @@ def one_cycle(
     and ``peak_value / div_factor / final_div_factor`` at step ``transition_steps - 1``, then holds.
     Up to that step the values are op for op those of torch's two-phase `OneCycleLR`.
 
-    Not monotone: non-decreasing up to the peak step, non-increasing after; bounds the smallest and
-    largest of the initial, peak and final values.
+    Not monotone: non-decreasing up to the peak step, non-increasing after; bounds
+    ``[peak_value / div_factor / final_div_factor, peak_value]``.
 
     Args:
         transition_steps: the length of the cycle; > 0.
         peak_value: the largest value; >= 0.
         pct_start: the fraction of the cycle spent rising; in (0, 1).
-        div_factor: the initial value is ``peak_value / div_factor``; > 0.
-        final_div_factor: the final value is the initial one divided by this; > 0.
+        div_factor: the initial value is ``peak_value / div_factor``; >= 1.
+        final_div_factor: the final value is the initial one divided by this; >= 1.
         anneal: ``"cos"`` (half-cosine ramps) or ``"linear"``.
 
     Returns:
@@ -505,8 +505,10 @@ def one_cycle(
     _check_steps(problems, "transition_steps", transition_steps, minimum=1)
     _check_number(problems, "peak_value", peak_value)
     _check_interval(problems, "pct_start", pct_start, 0.0, 1.0, closed="")
-    _check_number(problems, "div_factor", div_factor, need="> 0")
-    _check_number(problems, "final_div_factor", final_div_factor, need="> 0")
+    for name, value in (("div_factor", div_factor), ("final_div_factor", final_div_factor)):
+        _check_number(problems, name, value, need="")
+        if _is_number(value) and value < 1:  # below 1 the start or the end would pass the peak
+            problems.append(f"{name} must be >= 1, got {name}={value!r}")
     if anneal not in ("cos", "linear"):
         problems.append(f"anneal must be 'cos' or 'linear', got anneal={anneal!r}")
     config_check(problems, "one_cycle")
@@ -813,8 +815,11 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
       that the other schedulers start from): ``schedulers=[(cls, kwargs), ...]``, ``milestones=[...]``.
       torch restarts each scheduler at its milestone from its closed form, which is `join`.
 
-    Bounds and monotonicity are those of the torch scheduler (e.g. `CosineAnnealingLR` stays in
-    ``[eta_min, lr]`` and is not monotone past ``T_max``).
+    Bounds and monotonicity are those of the torch scheduler. `CosineAnnealingLR` falls on
+    ``[2k T_max, (2k + 1) T_max]`` and rises on ``[(2k + 1) T_max, (2k + 2) T_max]``, within
+    ``[eta_min, lr]`` except that past the first trough torch's peaks (and these) can pass `lr` by
+    ~``5e-16 * step + 5e-17 * T_max**2`` relative: torch's restart constant carries the rounding of
+    ``pi * step / T_max``.
 
     Args:
         cls: the scheduler class, e.g. ``torch.optim.lr_scheduler.StepLR``.

@@ -172,19 +172,14 @@ class TrainState:
         tx = build_transform(optimizer, options)
         device = next(iter(params.values())).device
         buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-        zero = _zero(device)
-        return cls(
+        counters = {name: _zero(device) for name in _COUNTERS}
+        return _unaliased(cls(
             params=params,
             frozen=frozen,
             buffers=buffers,
             opt_state=tx.init(params),
             ema_state=ema(ema_decay, warmup=ema_warmup).init(params) if ema_decay is not None else None,
-            step=zero,
-            micro_step=zero,
-            epoch=zero,
-            epoch_step=zero,
-            samples_seen=zero,
-            skipped=zero,
+            **counters,
             rng=initial_rng(seed, device),
             driver={},
             module=module,
@@ -192,7 +187,7 @@ class TrainState:
             optimizer=optimizer,
             tx=tx,
             options=options,
-        )
+        ))
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy of this state with some fields replaced.
@@ -295,6 +290,21 @@ pytree.register_pytree_node(
     serialized_type_name="functrain.TrainState",
     flatten_with_keys_fn=_flatten_state_with_keys,
 )
+
+
+def _unaliased(state: TrainState) -> TrainState:
+    # torch.compile guards on aliasing between input tensors (`state.step is state.micro_step`); a
+    # step's outputs never alias, so an initial state whose leaves share tensors recompiles at step 2
+    seen: set[int] = set()
+
+    def fresh(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if id(x) in seen:
+                return x.clone()
+            seen.add(id(x))
+        return x
+
+    return pytree.tree_map(fresh, state)
 
 
 def _split_parameters(module: nn.Module, trainable: Trainable | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

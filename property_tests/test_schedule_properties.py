@@ -122,16 +122,15 @@ def test_warmup_cosine_rises_to_its_peak_then_falls(a, b, c, warmup, decay, at):
     horizons,
     values,
     st.floats(0.01, 0.99),
-    st.floats(0.5, 100.0),
-    st.floats(0.5, 1e4),
+    st.floats(1.0, 100.0),
+    st.floats(1.0, 1e4),
     st.sampled_from(["cos", "linear"]),
     sorted_steps,
 )
 def test_one_cycle_stays_in_bounds_rising_then_falling(steps, peak, pct_start, div, final_div, anneal, at):
     assume(pct_start * steps != 1)
     s = S.one_cycle(steps, peak, pct_start, div, final_div, anneal)
-    corners = [peak / div, peak, peak / div / final_div]
-    assert within([s(t) for t in at], min(corners), max(corners))
+    assert within([s(t) for t in at], peak / div / final_div, peak)
     peak_step = pct_start * steps - 1
     assert non_decreasing([s(t) for t in at if t <= peak_step])
     assert non_increasing([s(t) for t in at if t > peak_step])
@@ -142,9 +141,9 @@ def test_one_cycle_stays_in_bounds_rising_then_falling(steps, peak, pct_start, d
 def test_torch_cosine_annealing_falls_then_rises_within_eta_min_and_lr(lr, eta_fraction, T_max, at):
     eta_min = eta_fraction * lr
     s = S.from_torch(L.CosineAnnealingLR, lr=lr, T_max=T_max, eta_min=eta_min)
-    # past the first trough torch's recursion restarts from a constant that carries the last bits of
-    # two cosines of tiny results, so its peaks may pass lr by ~1e-16 * T_max**2 (relative)
-    assert within([s(t) for t in at], eta_min, lr, rel=1e-16 * T_max**2)
+    # past the first trough torch's recursion restarts from a constant that carries the rounding of
+    # pi * step / T_max, so its peaks (and from_torch's) may pass lr slightly, as documented
+    assert within([s(t) for t in at], eta_min, lr, rel=5e-16 * at[-1] + 5e-17 * T_max**2)
     assert non_increasing([s(t) for t in at if t <= T_max])
     assert non_decreasing([s(t) for t in at if T_max <= t <= 2 * T_max])
 

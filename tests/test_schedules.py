@@ -307,6 +307,7 @@ def test_schedule_output_follows_the_step_device() -> None:
         (lambda: S.one_cycle(100, 1.0, pct_start=0.0), r"pct_start must lie in \(0.0, 1.0\), got pct_start=0.0"),
         (lambda: S.one_cycle(10, 1.0, pct_start=0.1), r"pct_start \* transition_steps must not be 1"),
         (lambda: S.one_cycle(100, 1.0, anneal="exp"), r"anneal must be 'cos' or 'linear', got anneal='exp'"),
+        (lambda: S.one_cycle(100, 1.0, div_factor=0.5), r"div_factor must be >= 1, got div_factor=0.5"),
         (lambda: S.join([S.constant(1.0), S.constant(2.0)], [5, 6]), r"boundaries must hold len\(schedules\) - 1 = 1"),
         (
             lambda: S.join([S.constant(1.0)] * 3, [5, 5]),

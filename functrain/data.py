@@ -1,0 +1,200 @@
+"""Batches whose order is a pure function of (seed, epoch), so a run resumes at the exact next batch.
+
+`Batcher` wraps a map-style dataset (anything with `__len__` and `__getitem__`, `TensorDataset`
+included). The order of epoch ``e`` is ``randperm(len, generator seeded from (seed, e))``, and the
+position inside the epoch lives in the `TrainState` (`epoch`, `epoch_step`): resuming starts from the
+next unseen batch without reading the consumed ones. `num_workers > 0` loads through a
+`torch.utils.data.DataLoader` over the same index batches.
+
+Any other iterable (a `DataLoader`, a generator factory) is wrapped by `IterableSource`: resuming
+replays it and skips the consumed batches, with a warning saying so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from functrain.errors import ConfigError, config_check
+
+__all__ = ["Batcher", "IterableSource", "as_source", "epoch_order"]
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The sample order of `epoch`: a permutation of ``range(n)`` determined by (seed, epoch).
+
+    Example:
+        >>> torch.equal(epoch_order(10, 0, 3), epoch_order(10, 0, 3))
+        True
+        >>> torch.equal(epoch_order(10, 0, 3), epoch_order(10, 0, 4))
+        False
+    """
+    if not shuffle:
+        return torch.arange(n)
+    gen = torch.Generator()
+    gen.manual_seed((seed * _MIX + epoch * 0x632BE59BD9B4E019 + 1) % (2**63))
+    return torch.randperm(n, generator=gen)
+
+
+class _IndexBatches(torch.utils.data.Sampler[list[int]]):
+    def __init__(self, batches: Sequence[torch.Tensor]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (b.tolist() for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Batcher:
+    """Resumable batches over a map-style dataset.
+
+    Args:
+        dataset: supports `len()` and indexing (a `TensorDataset` is sliced directly, fast).
+        batch_size: samples per batch; >= 1.
+        shuffle: shuffle each epoch (the order depends only on `seed` and the epoch).
+        drop_last: drop the last, smaller batch of each epoch.
+        seed: the order's seed.
+        num_workers: worker processes for loading (a `DataLoader` over the same index batches).
+        collate_fn: turns a list of samples into a batch (torch's default collate by default).
+        pin_memory: as in `DataLoader`.
+        shard: ``(rank, world_size)``: every rank reads its own slice of each global batch.
+
+    Raises:
+        ConfigError: invalid arguments, listed together.
+
+    Example:
+        >>> ds = TensorDataset(torch.arange(10.0))
+        >>> b = Batcher(ds, batch_size=4, shuffle=False)
+        >>> [x[0].tolist() for x in b.epoch(0, start=1)]
+        [[4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+    """
+
+    resumable = True
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
+        problems = []
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            problems.append(f"dataset must support len() and indexing, got {type(dataset).__name__}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            problems.append(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            problems.append(f"num_workers must be an int >= 0, got num_workers={num_workers!r}")
+        rank, world = shard
+        if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
+            problems.append(f"shard must be (rank, world_size) with 0 <= rank < world_size, got shard={shard!r}")
+        elif isinstance(batch_size, int) and batch_size % world:
+            problems.append(f"batch_size={batch_size} (global) must be divisible by world_size={world}")
+        config_check(problems, "Batcher")
+        self.dataset, self.batch_size, self.shuffle, self.drop_last, self.seed = dataset, batch_size, shuffle, drop_last, seed
+        self.num_workers, self.collate_fn, self.pin_memory, self.shard = num_workers, collate_fn or default_collate, pin_memory, shard
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def index_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The global index batches of `epoch`, this rank's slice of each."""
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+        batches = list(torch.split(order, self.batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        rank, world = self.shard
+        if world > 1:
+            batches = [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in batches]
+        return batches
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """Yield the batches of `epoch` from position `start` (batches already consumed are not read)."""
+        batches = self.index_batches(epoch)[start:]
+        if isinstance(self.dataset, TensorDataset) and self.num_workers == 0 and self.collate_fn is default_collate:
+            # slice the tensors directly: one gather per tensor instead of per-sample collation
+            for idx in batches:
+                yield tuple(t[idx] for t in self.dataset.tensors)
+            return
+        if self.num_workers == 0:
+            for idx in batches:
+                yield self.collate_fn([self.dataset[i] for i in idx.tolist()])
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=_IndexBatches(batches),
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.pin_memory,
+        )
+        yield from loader
+
+
+class IterableSource:
+    """Any re-iterable source of batches (a `DataLoader`, a list): resumption replays and skips.
+
+    Each epoch calls ``iter(source)`` again. Resuming mid-epoch iterates from the epoch's start and
+    drops the batches already consumed, warning that their loading is repeated (and that the
+    order must be reproducible for the resumed run to match, e.g. a DataLoader with a seeded
+    generator).
+    """
+
+    resumable = False
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        if not isinstance(source, Iterable) or isinstance(source, Iterator):
+            raise ConfigError(
+                f"training data must be re-iterable each epoch (a Dataset, DataLoader or list), got a one-shot "
+                f"{type(source).__name__}; wrap a generator function in a class with __iter__"
+            )
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def has_len(self) -> bool:
+        try:
+            len(self.source)  # type: ignore[arg-type]
+        except TypeError:
+            return False
+        return True
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        it = iter(self.source)
+        if start:
+            warnings.warn(
+                f"resuming mid-epoch on a {type(self.source).__name__}: replaying and skipping {start} consumed batches "
+                "(use a map-style dataset for exact resumption without replay)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            for _ in range(start):
+                next(it, None)
+        yield from it
+
+
+def as_source(data: Any, *, batch_size: int | None, shuffle: bool, drop_last: bool, seed: int, num_workers: int, shard: tuple[int, int] = (0, 1)) -> Batcher | IterableSource:
+    """A `Batcher` for map-style datasets (needs `batch_size`), an `IterableSource` for the rest."""
+    if isinstance(data, (Batcher, IterableSource)):
+        return data
+    if isinstance(data, DataLoader) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or isinstance(data, (list, tuple)):
+        return IterableSource(data)
+    if batch_size is None:
+        raise ConfigError(f"batch_size is required to batch a map-style dataset ({type(data).__name__}); pass batch_size=... or a DataLoader")
+    return Batcher(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, num_workers=num_workers, shard=shard)
