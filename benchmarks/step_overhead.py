@@ -76,8 +76,8 @@ WEIGHT_DECAY = 1e-2
 MiB = 1024 * 1024
 
 WORKLOADS = ("mlp", "cnn", "transformer")
-# steps per timed sample, per workload: about 10-80 ms per sample
-BLOCK = {"mlp": 20, "cnn": 2, "transformer": 1}
+# steps per timed sample, per workload: about 8-80 ms per sample
+BLOCK = {"mlp": 10, "cnn": 1, "transformer": 1}
 WARMUP = {"mlp": 20, "cnn": 3, "transformer": 3}
 
 IMPLS = ("hand", "eager", "eager_none", "compiled")
@@ -219,7 +219,7 @@ def make(impl: str, module: nn.Module, batch: Any) -> Hand | Functrain:
 # timing
 
 
-def time_workload(workload: str, impls: list[str], reps: int, block: int, warmup: int) -> dict[str, Any]:
+def time_workload(workload: str, impls: list[str], reps: int, block: int, warmup: int, clock: Callable[[], int]) -> dict[str, Any]:
     module, batch = build(workload)
     runners = {}
     for impl in impls:
@@ -244,10 +244,10 @@ def time_workload(workload: str, impls: list[str], reps: int, block: int, warmup
         order = impls if rep % 2 == 0 else impls[::-1]
         for impl in order:
             r = runners[impl]
-            t0 = time.perf_counter_ns()
+            t0 = clock()
             for _ in range(block):
                 r.step()
-            samples[impl].append((time.perf_counter_ns() - t0) / 1e6 / block)
+            samples[impl].append((clock() - t0) / 1e6 / block)
         if (rep + 1) % max(1, reps // 5) == 0:
             log(f"{workload}: round {rep + 1}/{reps} ({time.perf_counter() - t_start:.0f} s)")
     ref = runners["hand"].params() if "hand" in runners else None
@@ -264,6 +264,10 @@ def time_workload(workload: str, impls: list[str], reps: int, block: int, warmup
         "max_param_diff": diffs,
         "steps": warmup + reps * block,
     }
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _iqr(xs: list[float]) -> tuple[float, float]:
@@ -295,41 +299,44 @@ def _reset_hwm() -> bool:
 
 
 def memory_worker(impl: str, workload: str, warmup: int, steps: int) -> None:
-    if impl == "compiled":
-        import torch._inductor.compile_fx  # noqa: F401  (the compiler's modules count as imports, not as the step)
     module, batch = build(workload)
+    # warm the runtime up on a throwaway copy (first-touch library pages, thread pools, autograd
+    # engine; for the compiled step the compilation itself), so that only the step's memory is measured
+    throwaway = make(impl, module if impl != "hand" else copy.deepcopy(module), batch)
+    for _ in range(warmup):
+        throwaway.step()
+    del throwaway
     gc.collect()
     base = _proc_status_kib("VmRSS")
     resettable = _reset_hwm()
     r = make(impl, module, batch)
-    for _ in range(warmup):
-        r.step()
-    gc.collect()
-    first_peak = _proc_status_kib("VmHWM")
-    before = _proc_status_kib("VmRSS")
-    _reset_hwm()
     for _ in range(steps):
         r.step()
     peak = _proc_status_kib("VmHWM")
+    gc.collect()
+    end = _proc_status_kib("VmRSS")
     print(json.dumps({
         "impl": impl,
         "workload": workload,
         "base_kib": base,
-        "persistent_kib": before - base,
-        "step_kib": peak - before,
-        "warmup_peak_kib": first_peak - base,
+        "peak_kib": peak - base,
+        "persistent_kib": end - base,
         "hwm_resettable": resettable,
+        "param_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
     }))
 
 
 def run_memory(impls: list[str], workloads: list[str], warmup: int, steps: int) -> dict[tuple[str, str], dict]:
+    # a fixed mmap threshold (which also turns off glibc's dynamic one) hands every tensor over
+    # 64 KiB to mmap, so freed tensors leave the RSS at once and the RSS follows the live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     out = {}
     for workload in workloads:
         for impl in impls:
             log(f"memory: {impl} on {workload} (fresh process)")
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", impl, workload,
                    "--memory-warmup", str(warmup), "--memory-steps", str(steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
                 log(f"memory worker {impl} {workload} failed:\n{proc.stderr[-2000:]}")
                 continue
@@ -363,6 +370,9 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
         parts = [f"{impl} {d:.2e}" for impl, d in r["max_param_diff"].items()]
         print(f"  {r['workload']} ({r['steps']} steps): " + ", ".join(parts))
     for r in results:
+        if r.get("busy"):
+            print(f"WARNING: {r['workload']}: the load average exceeded the CPU count (other processes ran); times are skewed")
+    for r in results:
         if r["compile_s"] is not None:
             print(f"First (compiling) call, {r['workload']}: {r['compile_s']:.1f} s")
     failures = []
@@ -380,40 +390,41 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
     return failures
 
 
-def print_memory(mem: dict[tuple[str, str], dict], impls: list[str], workloads: list[str]) -> None:
+def print_memory(mem: dict[tuple[str, str], dict], impls: list[str], workloads: list[str], steps: int) -> None:
     if not mem:
         return
-    print("\nPeak memory over model+batch, MiB: persistent + step = peak (peak ratio to hand-written); one fresh process each\n")
+    print(f"\nPeak RSS over model+batch during state creation + {steps} steps, MiB (ratio to hand-written) "
+          "[still held after them, MiB]; one fresh process each\n")
     print("| implementation | " + " | ".join(workloads) + " |")
     print("|" + "---|" * (len(workloads) + 1))
     for impl in impls:
         cells = []
         for w in workloads:
-            m = mem.get((impl, w))
-            h = mem.get(("hand", w))
+            m, h = mem.get((impl, w)), mem.get(("hand", w))
             if m is None:
                 cells.append("failed")
                 continue
-            peak = m["persistent_kib"] + m["step_kib"]
-            ratio = f"{peak / (h['persistent_kib'] + h['step_kib']):.2f}" if h and (h["persistent_kib"] + h["step_kib"]) > 0 else "n/a"
-            cells.append(f"{m['persistent_kib'] / 1024:.1f} + {m['step_kib'] / 1024:.1f} = {peak / 1024:.1f} ({ratio})")
+            ratio = f"{m['peak_kib'] / h['peak_kib']:.2f}" if h and h["peak_kib"] > 0 else "n/a"
+            cells.append(f"{m['peak_kib'] / 1024:.1f} ({ratio}) [{m['persistent_kib'] / 1024:.1f}]")
         print(f"| {LABELS[impl]} | " + " | ".join(cells) + " |")
-    for w in workloads:
-        m = mem.get(("compiled", w))
-        if m is not None:
-            print(f"Compiled, {w}: peak during the warm-up (compiling) steps {m['warmup_peak_kib'] / 1024:.0f} MiB over model+batch")
+    sizes = {w: m["param_bytes"] for (_, w), m in mem.items()}
+    print("Parameter bytes: " + ", ".join(f"{w} {sizes[w] / MiB:.2f} MiB" for w in workloads if w in sizes))
     if not all(m.get("hwm_resettable") for m in mem.values()):
         print("WARNING: /proc/self/clear_refs could not reset VmHWM; peaks include earlier high-water marks")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds per workload (default 40; 3 with --quick)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per workload (default 60; 3 with --quick)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of mlp,cnn,transformer")
     ap.add_argument("--quick", action="store_true", help="smoke test: few reps, short blocks, few memory steps")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
-    ap.add_argument("--memory-warmup", type=int, default=3, help="steps before the measured ones (the first compiles)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter (default); cpu: this process's CPU time, robust to other processes "
+                    "taking the CPU (use with --threads 1: with more threads it also counts their spinning)")
+    ap.add_argument("--memory-warmup", type=int, default=3, help="throwaway steps before the measured ones (the first compiles)")
     ap.add_argument("--memory-steps", type=int, default=10, help="measured steps in each memory process")
     ap.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -426,23 +437,32 @@ def main() -> None:
     for w in workloads:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
-    reps = args.reps if args.reps is not None else (3 if args.quick else 40)
+    reps = args.reps if args.reps is not None else (3 if args.quick else 60)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter_ns if args.clock == "wall" else time.process_time_ns
     impls = [i for i in IMPLS if not (args.no_compile and i == "compiled")]
     mem_steps = min(args.memory_steps, 3) if args.quick else args.memory_steps
     mem_warmup = min(args.memory_warmup, 2) if args.quick else args.memory_warmup
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"reps={reps}; workloads={','.join(workloads)}")
+          f"reps={reps}; clock={args.clock}; workloads={','.join(workloads)}; load average at start {_loadavg()}")
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
     results = []
     for w in workloads:
         block = max(1, BLOCK[w] // 4) if args.quick else BLOCK[w]
         warmup = min(WARMUP[w], 3) if args.quick else WARMUP[w]
-        results.append(time_workload(w, impls, reps, block, warmup))
+        results.append(time_workload(w, impls, reps, block, warmup, clock))
+        log(f"{w}: done; load average {_loadavg()}")
+        busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
+        if busy:
+            log("WARNING: the machine is busier than its CPU count: other processes share the CPU and skew times "
+                "(consider --threads 1 --clock cpu)")
+            results[-1]["busy"] = True
     failures = print_speed(results, impls)
     if not args.no_memory:
         mem = run_memory(impls, workloads, mem_warmup, mem_steps)
-        print_memory(mem, impls, workloads)
+        print_memory(mem, impls, workloads, mem_steps)
     if failures:
         print(f"\nTargets missed: {', '.join(failures)}")
 

@@ -11,9 +11,24 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.averaging import EmaState, ema
+from functrain.callbacks import (
+    Callback,
+    ConsoleLogger,
+    JsonlLogger,
+    LRMonitor,
+    ProgressBar,
+    Profiler,
+    Run,
+    TensorBoardLogger,
+    on,
+)
 from functrain.checkpoint import fingerprint, load, save
+from functrain.data import Batcher, IterableSource
+from functrain.driver import FitResult, evaluate, fit
+from functrain.history import History
 from functrain.manager import CheckpointManager
 from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
+from functrain.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
 from functrain.state import StepOptions, TrainState
 from functrain.step import BoundModel, eval_step, train_step
 from functrain.transform import (

@@ -103,6 +103,12 @@ def load(
     if like is None:
         return tree, manifest
     template = like.tree() if isinstance(like, TrainState) else like
+    driver = None
+    if isinstance(like, TrainState):
+        # the driver's bookkeeping (history, early-stopping counts) grows as a run goes: it is taken
+        # as saved, not checked against the template's
+        template = {k: v for k, v in template.items() if k != "driver"}
+        driver = tree.pop("driver", {}) if isinstance(tree, dict) else {}
     problems = compare_to_template(tree, template)
     if isinstance(like, TrainState):
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
@@ -117,7 +123,13 @@ def load(
             value = value.to(expected.device)
         values.append(value)
     restored = pytree.tree_unflatten(values, spec)
-    return like.with_tree(restored) if isinstance(like, TrainState) else restored
+    if isinstance(like, TrainState):
+        return like.with_tree({**restored, "driver": _to_device(driver, like.device)})
+    return restored
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -1,0 +1,381 @@
+"""Events and callbacks of `fit`, and the built-in ones (progress bar, logs, profiler, ...).
+
+A callback is an object with any of the hook methods below, each taking the `Run` (what the
+driver knows at that moment). Hooks are checked when the callback is given to `fit`, not when they
+first fire. A plain function becomes a callback with `on`::
+
+    @functrain.on("batch_end", every=100)
+    def report(run):
+        print(run.step, run.logs)
+
+Callbacks see metrics as host numbers (`Run.logs`) only at log intervals; in between, `Run.logs`
+is None and nothing is read back from the device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import orjson
+
+from functrain.errors import ConfigError
+
+__all__ = [
+    "HOOKS",
+    "Callback",
+    "Run",
+    "on",
+    "check_callback",
+    "ProgressBar",
+    "JsonlLogger",
+    "ConsoleLogger",
+    "TensorBoardLogger",
+    "Profiler",
+    "LRMonitor",
+]
+
+HOOKS = (
+    "on_train_begin",
+    "on_epoch_begin",
+    "on_batch_begin",
+    "on_batch_end",
+    "on_eval_end",
+    "on_save",
+    "on_epoch_end",
+    "on_train_end",
+)
+
+
+class Run:
+    """What the driver knows, as hooks see it.
+
+    Attributes:
+        state: the current `TrainState`.
+        epoch: the current epoch (0-based).
+        step: optimizer updates taken.
+        batch: batches consumed in this epoch.
+        batches: batches consumed in the run (this process and before a resume).
+        total_steps: the run's planned number of updates, if known.
+        batches_per_epoch: if known.
+        logs: host metrics of the log interval that just ended, else None.
+        eval_metrics: the latest evaluation's metrics (``val_loss``, ...), else None.
+        saved: the path of the checkpoint just written (in ``on_save``).
+        history: the run's `History`.
+        config: the `fit` arguments.
+    """
+
+    def __init__(self, state: Any, history: Any, config: dict[str, Any]) -> None:
+        self.state = state
+        self.history = history
+        self.config = config
+        self.epoch = 0
+        self.step = 0
+        self.batch = 0
+        self.batches = 0
+        self.total_steps: int | None = None
+        self.batches_per_epoch: int | None = None
+        self.logs: dict[str, float] | None = None
+        self.eval_metrics: dict[str, float] | None = None
+        self.saved: Path | None = None
+        self.stop_reason: str | None = None
+
+    def request_stop(self, reason: str = "stopped by a callback") -> None:
+        """Ask the driver to stop after the current batch (the state so far is kept and saved)."""
+        self.stop_reason = reason
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+
+class Callback:
+    """Base class for callbacks: override any of the hooks; each receives the `Run`."""
+
+    def on_train_begin(self, run: Run) -> None: ...
+    def on_epoch_begin(self, run: Run) -> None: ...
+    def on_batch_begin(self, run: Run) -> None: ...
+    def on_batch_end(self, run: Run) -> None: ...
+    def on_eval_end(self, run: Run) -> None: ...
+    def on_save(self, run: Run) -> None: ...
+    def on_epoch_end(self, run: Run) -> None: ...
+    def on_train_end(self, run: Run) -> None: ...
+
+
+def check_callback(callback: Any) -> list[str]:
+    """The hooks `callback` implements, after checking each accepts exactly one argument (the run).
+
+    Raises:
+        ConfigError: a hook has the wrong signature, or the object implements no hook.
+    """
+    hooks = [h for h in HOOKS if callable(getattr(callback, h, None)) and getattr(type(callback), h, None) is not getattr(Callback, h)]
+    if not hooks:
+        raise ConfigError(f"{type(callback).__name__} is not a callback: expected one of the methods {', '.join(HOOKS)}")
+    for hook in hooks:
+        try:
+            inspect.signature(getattr(callback, hook)).bind(object())
+        except TypeError:
+            sig = inspect.signature(getattr(callback, hook))
+            raise ConfigError(f"{type(callback).__name__}.{hook}{sig} must accept one argument, the run: def {hook}(self, run)") from None
+    return hooks
+
+
+class _FunctionCallback(Callback):
+    def __init__(self, event: str, fn: Callable[[Run], Any], every: int) -> None:
+        self.event, self.fn, self.every = event, fn, every
+        setattr(self, f"on_{event}", self._fire)
+
+    def _fire(self, run: Run) -> None:
+        count = run.step if self.event in ("batch_begin", "batch_end") else run.epoch + 1
+        if self.every == 1 or count % self.every == 0:
+            self.fn(run)
+
+    def __repr__(self) -> str:
+        return f"on({self.event!r}, every={self.every})({getattr(self.fn, '__name__', self.fn)})"
+
+
+def on(event: str, *, every: int = 1) -> Callable[[Callable[[Run], Any]], Callback]:
+    """Turn a function ``fn(run)`` into a callback for one event, optionally every N steps or epochs.
+
+    Args:
+        event: a hook name without ``on_``: ``"batch_end"``, ``"epoch_end"``, ``"eval_end"``, ...
+        every: fire when the step (batch events) or the epoch count (others) is a multiple of this.
+
+    Raises:
+        ConfigError: unknown event, `every` < 1, or a function that does not take one argument.
+
+    Example:
+        >>> @on("epoch_end")
+        ... def announce(run):
+        ...     print("epoch", run.epoch)
+        >>> announce
+        on('epoch_end', every=1)(announce)
+    """
+    if f"on_{event}" not in HOOKS:
+        raise ConfigError(f"unknown event {event!r}: expected one of {[h[3:] for h in HOOKS]}")
+    if not isinstance(every, int) or every < 1:
+        raise ConfigError(f"every must be an int >= 1, got every={every!r}")
+
+    def wrap(fn: Callable[[Run], Any]) -> Callback:
+        try:
+            inspect.signature(fn).bind(object())
+        except TypeError:
+            raise ConfigError(f"{getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept one argument, the run") from None
+        return _FunctionCallback(event, fn, every)
+
+    return wrap
+
+
+def _fmt(metrics: dict[str, Any], keys: list[str] | None = None) -> str:
+    items = [(k, metrics[k]) for k in (keys or metrics) if k in metrics]
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
+class ProgressBar(Callback):
+    """A tqdm progress bar (widget in notebooks, text elsewhere) with ETA and the live loss.
+
+    One bar per epoch in epoch mode, one bar for the run in step mode; its postfix is refreshed at
+    log intervals only.
+    """
+
+    def __init__(self, *, leave: bool = True, file: IO[str] | None = None) -> None:
+        self.leave, self.file, self.bar = leave, file, None
+
+    def _open(self, run: Run, total: int | None, initial: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=self.leave, file=self.file or sys.stderr, dynamic_ncols=True, unit="batch")
+
+    def on_train_begin(self, run: Run) -> None:
+        if run.config["run_mode"] == "step":
+            total = run.total_steps * run.config["accumulate_steps"] if run.total_steps else None
+            self._open(run, total, run.batches, "train")
+
+    def on_epoch_begin(self, run: Run) -> None:
+        if run.config["run_mode"] == "epoch":
+            self._open(run, run.batches_per_epoch, run.batch, f"epoch {run.epoch}")
+
+    def on_batch_end(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if run.logs is not None:
+                self.bar.set_postfix_str(_fmt(run.logs, ["loss", "lr"]), refresh=False)
+
+    def on_eval_end(self, run: Run) -> None:
+        if self.bar is not None and run.eval_metrics:
+            self.bar.set_postfix_str(_fmt({**(run.logs or {}), **run.eval_metrics}, ["loss", "val_loss"]), refresh=False)
+
+    def on_epoch_end(self, run: Run) -> None:
+        if run.config["run_mode"] == "epoch":
+            self._close()
+
+    def on_train_end(self, run: Run) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class JsonlLogger(Callback):
+    """Append one JSON line per log interval, per evaluation and per epoch to `path` (flushed).
+
+    Each line has ``kind`` (``"train"``, ``"eval"``, ``"epoch"``) and the row's metrics; NaN and
+    Inf are written as strings (``"nan"``, ``"inf"``) so they are not lost as ``null``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: IO[bytes] | None = None
+        self._seen = {"train": 0, "eval": 0, "epoch": 0}
+
+    def on_train_begin(self, run: Run) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")
+        # rows restored from a checkpoint were written by the interrupted run
+        self._seen = {k: len(v) for k, v in run.history.rows.items()}
+
+    def _flush_new(self, run: Run) -> None:
+        if self._file is None:
+            return
+        for kind, rows in run.history.rows.items():
+            for row in rows[self._seen[kind] :]:
+                clean = {k: (str(v) if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v) for k, v in row.items()}
+                self._file.write(orjson.dumps({"kind": kind, **clean}) + b"\n")
+            self._seen[kind] = len(rows)
+        self._file.flush()
+
+    def on_batch_end(self, run: Run) -> None:
+        if run.logs is not None:
+            self._flush_new(run)
+
+    def on_eval_end(self, run: Run) -> None:
+        self._flush_new(run)
+
+    def on_epoch_end(self, run: Run) -> None:
+        self._flush_new(run)
+
+    def on_train_end(self, run: Run) -> None:
+        self._flush_new(run)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class ConsoleLogger(Callback):
+    """Print progress lines.
+
+    Levels: ``"minimal"`` (one line per epoch and evaluation), ``"standard"`` (also every log
+    interval), ``"verbose"`` (adds gradient norm, timings and memory).
+    """
+
+    def __init__(self, level: Literal["minimal", "standard", "verbose"] = "standard", *, file: IO[str] | None = None) -> None:
+        if level not in ("minimal", "standard", "verbose"):
+            raise ConfigError(f"level must be 'minimal', 'standard' or 'verbose', got level={level!r}")
+        self.level, self.file = level, file
+
+    def _print(self, text: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=self.file or sys.stdout)
+
+    def on_batch_end(self, run: Run) -> None:
+        if run.logs is not None and self.level != "minimal":
+            keys = ["loss", "lr"] + (["grad_norm", "samples_per_s", "step_time_ms", "memory_mib"] if self.level == "verbose" else [])
+            self._print(f"step {run.step} epoch {run.epoch}: {_fmt(run.logs, keys)}")
+
+    def on_eval_end(self, run: Run) -> None:
+        if run.eval_metrics:
+            self._print(f"eval @ step {run.step}: {_fmt(run.eval_metrics)}")
+
+    def on_epoch_end(self, run: Run) -> None:
+        row = run.history.last("epoch")
+        if row:
+            self._print(f"epoch {row['epoch']} done: {_fmt({k: v for k, v in row.items() if k != 'epoch'})}")
+
+
+class TensorBoardLogger(Callback):
+    """Write scalars to TensorBoard (needs ``pip install functrain[tensorboard]``)."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir, self.writer = Path(log_dir), None
+
+    def on_train_begin(self, run: Run) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("TensorBoardLogger needs tensorboard: pip install 'functrain[tensorboard]'") from e
+        self.writer = SummaryWriter(str(self.log_dir))
+
+    def _scalars(self, prefix: str, metrics: dict[str, Any], step: int) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def on_batch_end(self, run: Run) -> None:
+        if self.writer is not None and run.logs is not None:
+            self._scalars("train", run.logs, run.step)
+
+    def on_eval_end(self, run: Run) -> None:
+        if self.writer is not None and run.eval_metrics:
+            self._scalars("eval", run.eval_metrics, run.step)
+
+    def on_train_end(self, run: Run) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Profiler(Callback):
+    """Profile a window of steps with `torch.profiler` and write a trace (Perfetto / TensorBoard).
+
+    Args:
+        trace_dir: where the trace files go (``*.pt.trace.json``, open in ui.perfetto.dev).
+        wait: steps to skip first; warmup: steps recorded but discarded; active: steps recorded.
+        record_shapes / profile_memory / with_stack: as `torch.profiler.profile`.
+    """
+
+    def __init__(self, trace_dir: str | Path, *, wait: int = 1, warmup: int = 1, active: int = 3, record_shapes: bool = False, profile_memory: bool = False, with_stack: bool = False) -> None:
+        self.trace_dir = Path(trace_dir)
+        self.kwargs = dict(record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack)
+        self.window = dict(wait=wait, warmup=warmup, active=active, repeat=1)
+        self.prof: Any = None
+        self.traces: list[Path] = []
+
+    def on_train_begin(self, run: Run) -> None:
+        import torch.profiler as tp
+
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
+
+        def handler(prof: Any) -> None:
+            path = self.trace_dir / f"trace-step{run.step}-{int(time.time())}.pt.trace.json"
+            prof.export_chrome_trace(str(path))
+            self.traces.append(path)
+
+        self.prof = tp.profile(schedule=tp.schedule(**self.window), on_trace_ready=handler, **self.kwargs)
+        self.prof.__enter__()
+
+    def on_batch_end(self, run: Run) -> None:
+        if self.prof is not None:
+            self.prof.step()
+
+    def on_train_end(self, run: Run) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.prof = None
+
+
+class LRMonitor(Callback):
+    """Record the learning rate (and plateau scale, if any) at each log interval in `self.values`."""
+
+    def __init__(self) -> None:
+        self.values: list[tuple[int, float]] = []
+
+    def on_batch_end(self, run: Run) -> None:
+        if run.logs is not None and "lr" in run.logs:
+            lr = run.logs["lr"] * run.logs.get("lr_scale", 1.0)
+            self.values.append((run.step, lr))
