@@ -141,6 +141,8 @@ class Impl:
         self.name, self.step, self.get_params = name, step, get_params
         self.times: list[float] = []
         self.faults: list[int] = []
+        self.cpu: list[float] = []
+        self.sys: list[float] = []
 
 
 class FunctionalRunner:
@@ -194,11 +196,15 @@ def functrain_impl(name: str, base: dict, grads: dict, *, compiled: bool = False
     return Impl(name, runner.step, lambda: list(runner.params.values()))
 
 
-def prototype_fn():
-    """functrain's AdamW numerics, still pure, but computing into the buffers it has just allocated.
+def prototype_fn(addcdiv: bool = False):
+    """functrain's AdamW numerics, still pure, but computing into buffers the update has just allocated.
 
-    Not part of functrain: a measurement of what reusing the update's own temporaries would buy. 4
-    parameter-sized allocations per update (new mu, nu, params and one temporary) instead of 8.
+    Not part of functrain: a measurement of what reusing the update's own temporaries would buy. Inputs
+    (params, state, grads) are never written. Allocations per update, in parameter-sized sets: 5 (new mu,
+    nu, params, the denominator and the scaled numerator) instead of functrain's 8; with ``addcdiv=True``
+    the new parameters are finished with torch.optim's own ``addcdiv_`` (same roundings), so 4 sets and
+    the same number of passes over memory as torch's foreach AdamW, plus one write to a fresh buffer for
+    each of mu, nu and params.
     """
     import torch
 
@@ -214,27 +220,31 @@ def prototype_fn():
         step = count.to(torch.float64)
         bc1 = 1 - torch.pow(torch.full_like(step, b1), step)
         bc2_sqrt = torch.sqrt(1 - torch.pow(torch.full_like(step, b2), step))
-        tmp = torch._foreach_sqrt(nu)
-        torch._foreach_div_(tmp, bc2_sqrt.to(torch.float32))
-        torch._foreach_add_(tmp, eps)
-        step_size = (torch.div(torch.tensor(LR, dtype=torch.float64), bc1) * -1).to(torch.float32)
-        direction = torch._foreach_mul(mu, step_size)
-        torch._foreach_div_(direction, tmp)
-        del tmp
+        den = torch._foreach_sqrt(nu)
+        torch._foreach_div_(den, bc2_sqrt.to(torch.float32))
+        torch._foreach_add_(den, eps)
+        step_size = torch.div(torch.tensor(LR, dtype=torch.float64), bc1) * -1
         new = torch._foreach_mul(p, 1 - LR * WEIGHT_DECAY)
-        torch._foreach_add_(new, direction)
+        if addcdiv:
+            # a CPU tensor of scalars (read on the host by the kernel, as torch.optim reads its step)
+            torch._foreach_addcdiv_(new, mu, den, step_size.reshape(1).repeat(len(p)))
+        else:
+            direction = torch._foreach_mul(mu, step_size.to(torch.float32))
+            torch._foreach_div_(direction, den)
+            del den
+            torch._foreach_add_(new, direction)
         return dict(zip(params, new, strict=True)), (count, mu, nu)
 
     return update
 
 
-def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False) -> Impl:
+def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False, addcdiv: bool = False) -> Impl:
     import torch
 
     params = {k: v.clone() for k, v in base.items()}
     state = (torch.zeros((), dtype=torch.int64), [torch.zeros_like(v) for v in params.values()],
              [torch.zeros_like(v) for v in params.values()])
-    fn = torch.compile(prototype_fn()) if compiled else prototype_fn()
+    fn = torch.compile(prototype_fn(addcdiv)) if compiled else prototype_fn(addcdiv)
     runner = FunctionalRunner(fn, params, state, grads)
     return Impl(name, runner.step, lambda: list(runner.params.values()))
 
@@ -242,13 +252,17 @@ def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def minflt() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def usage() -> tuple[int, float, float]:
+    """Minor page faults, user and system CPU seconds of the whole process (all threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_minflt, ru.ru_utime, ru.ru_stime
 
 
 def run_timing(args: argparse.Namespace) -> dict:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = transformer_shapes(args.params, args.tensors)
     base, grads = make_tensors(shapes)
     n = sum(v.numel() for v in base.values())
@@ -259,7 +273,8 @@ def run_timing(args: argparse.Namespace) -> dict:
         functrain_impl("functrain adamw, eager", base, grads),
     ]
     if args.prototype:
-        impls.append(prototype_impl("prototype: pure, own temporaries in place", base, grads))
+        impls.append(prototype_impl("prototype A: pure, in place on own buffers", base, grads))
+        impls.append(prototype_impl("prototype B: A + addcdiv_ like torch", base, grads, addcdiv=True))
     compile_errors: dict[str, str] = {}
     compile_seconds: dict[str, float] = {}
     if args.compile:
@@ -268,7 +283,7 @@ def run_timing(args: argparse.Namespace) -> dict:
             ("functrain adamw, compiled", lambda nm: functrain_impl(nm, base, grads, compiled=True)),
         ]
         if args.prototype:
-            compiled.append(("prototype, compiled", lambda nm: prototype_impl(nm, base, grads, compiled=True)))
+            compiled.append(("prototype A, compiled", lambda nm: prototype_impl(nm, base, grads, compiled=True)))
         for name, make in compiled:
             impl = make(name)
             t0 = time.perf_counter()
@@ -292,12 +307,15 @@ def run_timing(args: argparse.Namespace) -> dict:
         for r in range(args.reps):
             order = impls if r % 2 == 0 else impls[::-1]
             for impl in order:
-                f0 = minflt()
+                f0, u0, s0 = usage()
                 t0 = time.perf_counter()
                 impl.step()
                 t1 = time.perf_counter()
+                f1, u1, s1 = usage()
                 impl.times.append(t1 - t0)
-                impl.faults.append(minflt() - f0)
+                impl.faults.append(f1 - f0)
+                impl.cpu.append((u1 - u0) + (s1 - s0))
+                impl.sys.append(s1 - s0)
     finally:
         gc.enable()
 
@@ -314,7 +332,11 @@ def run_timing(args: argparse.Namespace) -> dict:
             "median_ms": med * 1e3,
             "min_ms": min(impl.times) * 1e3,
             "ratio": med / statistics.median(base_impl.times),
+            "min_ratio": min(impl.times) / min(base_impl.times),
             "paired_ratio": paired,
+            "cpu_ms": statistics.median(impl.cpu) * 1e3,
+            "cpu_ratio": statistics.median(impl.cpu) / max(statistics.median(base_impl.cpu), 1e-9),
+            "sys_ms": statistics.median(impl.sys) * 1e3,
             "faults": statistics.median(impl.faults),
             "max_abs_diff": diff,
             "bit_identical": all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)),
@@ -338,14 +360,17 @@ def print_timing(res: dict, args: argparse.Namespace) -> None:
     env = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
     print(f"allocator settings: {env or 'none'}{' + mallopt()' if args.mallopt else ''}")
     w = max(len(r["name"]) for r in res["rows"])
-    print(f"{'implementation':<{w}}  {'median ms':>9}  {'min ms':>8}  {'ratio':>6}  {'paired':>6}  "
-          f"{'faults/upd':>10}  vs torch foreach params")
+    print(f"{'implementation':<{w}}  {'median ms':>9}  {'ratio':>6}  {'min ms':>8}  {'ratio':>6}  {'paired':>6}  "
+          f"{'cpu ms':>7}  {'ratio':>6}  {'sys ms':>6}  {'faults':>6}  params vs torch foreach")
     for r in res["rows"]:
-        same = "bit-identical" if r["bit_identical"] else f"max |diff| {r['max_abs_diff']:.2e}"
-        print(f"{r['name']:<{w}}  {r['median_ms']:9.2f}  {r['min_ms']:8.2f}  {r['ratio']:6.3f}  "
-              f"{r['paired_ratio']:6.3f}  {r['faults']:10.0f}  {same}")
-    print("ratio = median / median of 'torch AdamW foreach, eager'; paired = median over reps of the "
-          "per-round ratio. Targets: functrain eager <= 1.15, compiled <= 1.00.")
+        same = "bit-identical" if r["bit_identical"] else f"max |diff| {r['max_abs_diff']:.1e}"
+        print(f"{r['name']:<{w}}  {r['median_ms']:9.2f}  {r['ratio']:6.3f}  {r['min_ms']:8.2f}  {r['min_ratio']:6.3f}  "
+              f"{r['paired_ratio']:6.3f}  {r['cpu_ms']:7.1f}  {r['cpu_ratio']:6.3f}  {r['sys_ms']:6.1f}  "
+              f"{r['faults']:6.0f}  {same}")
+    print("ratios are to 'torch AdamW foreach, eager': of medians, of minima, paired (median over rounds of the "
+          "round's ratio), of median CPU time\n(user+sys, all threads: less sensitive to other load on the "
+          "machine). sys ms and faults (minor page faults): medians per update.\n"
+          "Targets: functrain eager <= 1.15, compiled <= 1.00.")
     for name, secs in res["compile_seconds"].items():
         print(f"first call (compile) of {name}: {secs:.1f} s")
     for name, err in res["compile_errors"].items():
@@ -365,8 +390,10 @@ def _proc_status_kib(field: str) -> int:
 
 def memory_child(args: argparse.Namespace) -> None:
     """In a fresh process: peak RSS over (params + grads) while creating state and running updates."""
-    import torch  # noqa: F401
+    import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = transformer_shapes(args.params, args.tensors)
     base, grads = make_tensors(shapes)
     param_bytes = sum(v.numel() * v.element_size() for v in base.values())
@@ -375,8 +402,8 @@ def memory_child(args: argparse.Namespace) -> None:
         makers = lambda: torch_impl(name, base, grads)  # noqa: E731
     elif name == "torch fused":
         makers = lambda: torch_impl(name, base, grads, fused=True)  # noqa: E731
-    elif name == "prototype":
-        makers = lambda: prototype_impl(name, base, grads)  # noqa: E731
+    elif name.startswith("prototype"):
+        makers = lambda: prototype_impl(name, base, grads, addcdiv=name.endswith("B"))  # noqa: E731
     else:
         makers = lambda: functrain_impl(name, base, grads)  # noqa: E731
     # the implementations clone the parameters: count them in the baseline, then drop the source copy
@@ -394,9 +421,9 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def run_memory(args: argparse.Namespace) -> list[dict]:
     out = []
-    for name in ["torch foreach", "torch fused", "functrain", "prototype"][: 4 if args.prototype else 3]:
+    for name in ["torch foreach", "torch fused", "functrain", "prototype A", "prototype B"][: 5 if args.prototype else 3]:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--params", str(args.params),
-               "--tensors", str(args.tensors)] + (["--mallopt"] if args.mallopt else [])
+               "--tensors", str(args.tensors), "--threads", str(args.threads)] + (["--mallopt"] if args.mallopt else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             out.append({"name": name, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -421,7 +448,7 @@ def print_memory(rows: list[dict], steps: int) -> None:
 
 def run_sweep(args: argparse.Namespace) -> None:
     passthrough = ["--params", str(args.params), "--tensors", str(args.tensors), "--reps", str(args.reps),
-                   "--warmup", str(args.warmup)]
+                   "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if not args.compile:
         passthrough.append("--no-compile")
     if args.prototype:
@@ -447,11 +474,12 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 
 def print_sweep_line(label: str, res: dict, rnd: int) -> None:
-    parts = [f"round {rnd}", f"{label}:"]
+    parts = [f"[round {rnd}] {label}:"]
     for r in res["rows"]:
         short = r["name"].replace("torch AdamW ", "torch ").replace("functrain adamw", "ft")
-        parts.append(f"{short} {r['median_ms']:.1f} ms ({r['ratio']:.3f}, {r['faults']:.0f} flt)")
-    print("  " + " | ".join(parts))
+        parts.append(f"{short} {r['median_ms']:.0f}/{r['min_ms']:.0f} ms ratio {r['ratio']:.2f}/{r['min_ratio']:.2f}"
+                     f" cpu {r['cpu_ratio']:.2f} sys {r['sys_ms']:.0f} ms {r['faults']:.0f} flt")
+    print("  " + "\n      ".join(parts))
     for m in res.get("memory", []):
         if "extra_bytes" in m:
             print(f"      memory {m['name']}: {m['extra_bytes'] / m['param_bytes']:.2f}x params")
@@ -476,6 +504,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--mallopt", action="store_true",
                     help="call glibc mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2GiB) before importing torch")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads (default: torch's choice); 1 is steadier on a loaded machine")
     ap.add_argument("--sweep", action="store_true", help="compare allocator settings in subprocesses")
     ap.add_argument("--sweep-rounds", type=int, default=2, help="rounds of the sweep, order reversed each (2)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)

@@ -32,20 +32,28 @@ loop's (the same number of steps ran on each; eager functrain matches torch.opti
 the model has no dropout).
 
 Memory (unless ``--no-memory``): each (implementation, workload) runs in a fresh process
-(``--memory-worker IMPL WORKLOAD``) that builds the model and the batch, resets the peak-RSS mark
-(VmHWM through /proc/self/clear_refs) and reads ``base`` = VmRSS, creates the state or optimizer,
-runs ``--memory-warmup`` steps (the first one compiles), reads VmRSS again and resets the peak mark,
-runs ``--memory-steps`` more steps and reads VmHWM. Reported in MiB: ``persistent`` = RSS before the
-measured steps minus ``base`` (weights copy, optimizer state; for the compiled step also the compiler's
-own resident memory), ``step`` = peak during the measured steps minus the RSS before them (gradients,
-activations, fresh out-of-place tensors), and ``peak`` = their sum, with its ratio to the
-hand-written loop's. The compiled row's peak is therefore dominated by the compiler and is shown for
-completeness; compare its ``step`` column. The first call's compile peak is printed separately.
+(``--memory-worker IMPL WORKLOAD``) with glibc's mmap threshold fixed at 64 KiB, so that every tensor
+is its own mapping and the RSS follows the live tensors. The worker builds the model and the batch,
+runs ``--memory-warmup`` steps of the same implementation on a throwaway copy (first touches of library
+code, thread pools, the autograd engine, and for the compiled step the compilation itself, whose code
+and caches stay resident and so fall in the baseline), frees it, reads ``base`` = VmRSS and resets the
+peak-RSS mark (VmHWM, through /proc/self/clear_refs), then creates the state (or the torch optimizer)
+and runs ``--memory-steps`` steps. Reported: peak = VmHWM - base in MiB, its ratio to the hand-written
+loop's, and in brackets what is still held after the steps (VmRSS - base: the state's copy of the
+weights and the optimizer state; the hand-written loop updates the module's own weights, which are in
+``base``).
+
+Busy machine: with other processes on the CPU, wall-clock times of a multi-threaded torch swing wildly
+(a thread waits for a descheduled sibling). The script prints the load average and warns when it exceeds
+the CPU count; ``--threads 1 --clock cpu`` then times this process's CPU time on one thread, which other
+processes barely disturb (the ratios are for one thread: compute-bound workloads show smaller ratios
+than with two).
 
 Usage:
     python benchmarks/step_overhead.py                         # full run: 3 workloads, compile, memory
     python benchmarks/step_overhead.py --quick                 # smoke test: few reps
-    python benchmarks/step_overhead.py --workloads mlp --reps 60 --no-compile --no-memory
+    python benchmarks/step_overhead.py --workloads mlp --reps 200 --no-compile --no-memory
+    python benchmarks/step_overhead.py --threads 1 --clock cpu     # on a machine shared with other jobs
 
 Progress goes to stderr; the tables to stdout. The transformer takes about 50 s to compile with a
 cold cache on a 2-core machine.

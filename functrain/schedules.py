@@ -272,6 +272,8 @@ def exponential_decay(
             )
     config_check(problems, "exponential_decay")
     init, rate = float(init_value), float(decay_rate)
+    if init == 0:  # 0 * rate ** p would be nan once a growing rate ** p overflows
+        return constant(0.0)
 
     def value_fn(t: torch.Tensor) -> torch.Tensor:
         elapsed = t - transition_begin
@@ -847,7 +849,7 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
         >>> [warm(t) for t in range(5)]
         [0.5, 0.75, 1.0, 0.1, 0.1]
     """
-    build = _TORCH_BUILDERS.get(cls)
+    build = _TORCH_BUILDERS.get(cls) if isinstance(cls, type) else None
     if build is None:
         names = ", ".join(c.__name__ for c in _TORCH_BUILDERS)
         config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")

@@ -91,6 +91,7 @@ def train(state: ft.TrainState, spec: Spec, start: int, stop: int) -> tuple[ft.T
 def main(argv: list[str]) -> int:
     spec_path, checkpoint, output = argv
     spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])  # as many as the process that saved
     # different weights and seed from the run that saved: only the checkpoint can make them right
     template = build_state(spec, init_seed=spec["seed"] + 1)
     state = ft.load(checkpoint, like=template)

@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ Resume = Callable[[Spec, Path, Path], tuple[Any, list[dict[str, torch.Tensor]]]]
 
 OPTIMIZERS = ["adamw", "sgd_momentum"] + (["adam_schedule"] if importlib.util.find_spec("functrain.schedules") else [])
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # the models are tiny: intra-op threads only add synchronisation, which costs dearly on a
+    # loaded CI machine (the worker process uses the same count)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- comparing bit for bit
@@ -83,7 +93,7 @@ def resume_in_process(spec: Spec, checkpoint: Path, workdir: Path) -> tuple[Any,
 
 def resume_in_fresh_process(spec: Spec, checkpoint: Path, workdir: Path) -> tuple[Any, list[dict[str, torch.Tensor]]]:
     spec_file, output = workdir / "spec.json", workdir / "resumed"
-    spec_file.write_text(json.dumps(spec))
+    spec_file.write_text(json.dumps({**spec, "threads": torch.get_num_threads()}))
     done = subprocess.run(
         [sys.executable, str(WORKER), str(spec_file), str(checkpoint), str(output)],
         capture_output=True,
@@ -188,7 +198,7 @@ def save_without(spec: Spec, lost: Callable[[str], bool]) -> Save:
 MUTATIONS = {
     "rng": (_spec(dropout=True), lambda p: p == "rng"),
     "step": (_spec(), lambda p: p == "step"),
-    "micro_step": (_spec(accumulate_steps=3, ema_decay=0.9), lambda p: p == "micro_step"),
+    "micro_step": (_spec(n=6, accumulate_steps=3, ema_decay=0.9), lambda p: p == "micro_step"),
     "accumulator_micro_step": (_spec(accumulate_steps=3), lambda p: p.startswith("opt_state/") and p.endswith("/micro_step")),
     "grad_sum": (_spec(accumulate_steps=3), lambda p: "/grad_sum/" in p),
     "ema_state": (_spec(ema_decay=0.9), lambda p: p.startswith("ema_state/")),

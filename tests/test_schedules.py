@@ -15,6 +15,7 @@ from torch.optim import lr_scheduler as L
 
 from functrain import schedules as S
 from functrain.errors import ConfigError
+from functrain.transforms import scale_by_learning_rate
 
 STEPS = 1000
 
@@ -209,6 +210,12 @@ def test_exponential_decay_clips_at_end_value_on_both_sides() -> None:
     assert S.exponential_decay(1.0, 10.0, end_value=50.0)(2) == 50.0
 
 
+def test_exponential_growth_from_zero_stays_zero_after_the_power_overflows() -> None:
+    s = S.exponential_decay(0.0, 3.0)
+    assert s(647) == 0.0 and s(torch.tensor(647)).item() == 0.0  # not 0 * inf = nan
+    assert S.exponential_decay(1.0, 3.0)(647) == float("inf")
+
+
 def test_multistep_multiplies_the_previous_piece_at_each_boundary() -> None:
     s = S.multistep(1.0, {30: 2.0, 10: 0.1})  # order of the dict does not matter
     assert [s(t) for t in (0, 9, 10, 29, 30, 1000)] == [1.0, 1.0, 0.1, 0.1, 0.2, 0.2]
@@ -269,6 +276,18 @@ def test_from_torch_lambda_gets_the_int_step_or_a_float64_tensor() -> None:
 def test_from_torch_one_cycle_holds_its_last_value_past_total_steps() -> None:
     s = S.from_torch(L.OneCycleLR, max_lr=0.5, total_steps=100)
     assert s(100) == s(101) == s(10_000)
+
+
+def test_scale_by_learning_rate_calls_the_schedule_from_step_zero() -> None:
+    schedule = S.from_torch(L.StepLR, lr=0.5, step_size=2, gamma=0.1)
+    tx = scale_by_learning_rate(schedule)
+    params = {"w": torch.zeros(1)}
+    state = tx.init(params)
+    used = []
+    for _ in range(5):
+        _, state = tx.update({"w": torch.ones(1)}, state, params)
+        used.append(state.lr.item())
+    assert used == [schedule(t) for t in range(5)] == [0.5, 0.5, 0.05, 0.05, 0.005000000000000001]
 
 
 def test_schedule_output_follows_the_step_device() -> None:

@@ -1,0 +1,225 @@
+"""Checkpoint throughput against the disk: functrain's save and load next to plain file I/O.
+
+One run prints, for a state of about ``--mb`` megabytes (a `TrainState` of an MLP with AdamW state:
+the parameters are a third of the bytes, the two moment buffers the rest), the median seconds of:
+
+* plain write: the checkpoint's bytes written to one file with ``os.write``, then ``os.fsync``
+  (the baseline of a save: 1.00);
+* save: ``functrain.save(state, path)`` (safetensors + manifest, SHA-256 of every file, fsync of
+  every file and directory, atomic rename);
+* plain read: the same bytes read back with one ``f.read()`` (the baseline of a load: 1.00);
+* load: ``functrain.load(path, like=state)`` (size and SHA-256 checked, tensors built, every leaf
+  checked against the template);
+* manager save, synchronous: ``CheckpointManager(...).save(state)``;
+* manager save, async: the time ``CheckpointManager(async_save=True).save(state)`` blocks the
+  caller (the snapshot copy), as a fraction of the synchronous manager save.
+
+Ratios are throughput ratios (baseline time / functrain time: 1.0 means as fast as plain I/O).
+The disk of a VM swings several-fold between runs, so only ratios measured in one run mean anything:
+every repetition runs every case once, in an order that reverses each repetition (ABBA), and the
+ratio is taken per repetition before the median. Every file is read back while it is still in the
+page cache, for the baseline and for functrain alike.
+
+``--profile`` adds the time of each stage of a save and a load done by hand (safetensors
+serialization, SHA-256, write, fsync, read, safetensors parse), to show where the time goes.
+
+Usage:
+    python benchmarks/checkpoint_io.py                # ~200 MB, 5 repetitions
+    python benchmarks/checkpoint_io.py --mb 200 --reps 7 --profile
+    python benchmarks/checkpoint_io.py --quick        # smoke test: 16 MB, 2 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain import serialization
+
+TARGETS = {"save": 0.8, "load": 0.8, "async": 0.15}
+
+
+def build_state(mb: float) -> ft.TrainState:
+    """An MLP 1024-h-h-h-1024 whose parameters plus AdamW moments take about `mb` megabytes."""
+    target_params = mb * 1e6 / 12  # float32 params, exp_avg, exp_avg_sq
+    # 2*1024*h + 2*h*h ~ target_params
+    h = int((-2048 + (2048**2 + 8 * target_params) ** 0.5) / 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1024))
+
+    def loss_fn(m: ft.BoundModel, batch: torch.Tensor) -> torch.Tensor:
+        return m(batch).square().mean()
+
+    state = ft.TrainState.create(model, ft.adamw(1e-3), loss_fn)
+    # one step, so the moments hold real numbers (as incompressible as the weights)
+    state, _ = ft.train_step(state, torch.randn(8, 1024))
+    return state
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+def plain_write(path: Path, data: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = data
+        while view:
+            view = view[os.write(fd, view[: 16 << 20]) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def plain_read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
+    state = build_state(mb)
+    probe = ft.save(state, directory / "probe")
+    nbytes = checkpoint_bytes(probe)
+    shutil.rmtree(probe)
+    payload = memoryview(bytearray(os.urandom(1 << 20)) * (nbytes >> 20) + bytearray(nbytes & ((1 << 20) - 1)))
+    print(f"state: {state!r}; checkpoint {nbytes / 1e6:.1f} MB; {reps} repetitions; directory {directory}")
+
+    sync_mgr = ft.CheckpointManager(directory / "mgr-sync", keep_last=1, keep_best=0)
+    async_mgr = ft.CheckpointManager(directory / "mgr-async", keep_last=1, keep_best=0, async_save=True)
+    times: dict[str, list[float]] = {k: [] for k in ("plain write", "save", "plain read", "load", "manager save", "async blocked")}
+
+    def case_plain_write() -> None:
+        times["plain write"].append(timed(lambda: plain_write(directory / "plain.bin", payload)))
+
+    def case_save() -> None:
+        times["save"].append(timed(lambda: ft.save(state, directory / "ckpt")))
+
+    def case_plain_read() -> None:
+        times["plain read"].append(timed(lambda: plain_read(directory / "plain.bin")))
+
+    def case_load() -> None:
+        times["load"].append(timed(lambda: ft.load(directory / "ckpt", like=state)))
+
+    def case_manager() -> None:
+        times["manager save"].append(timed(lambda: sync_mgr.save(state.replace(step=state.step + len(times["manager save"])))))
+
+    def case_async() -> None:
+        s = state.replace(step=state.step + len(times["async blocked"]))
+        times["async blocked"].append(timed(lambda: async_mgr.save(s)))
+        async_mgr.wait()  # outside the timed region: a training loop runs steps meanwhile
+
+    # writes come before the reads of what they wrote, in both orders
+    order = [case_plain_write, case_save, case_plain_read, case_load, case_manager, case_async]
+    reverse = [case_async, case_manager, case_save, case_plain_write, case_load, case_plain_read]
+    for rep in range(reps):
+        for case in order if rep % 2 == 0 else reverse:
+            case()
+    async_mgr.close()
+
+    def ratios(num: str, den: str) -> list[float]:
+        return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
+    rows = [
+        ("plain write + fsync", "plain write", None, None),
+        ("functrain.save", "save", statistics.median(ratios("plain write", "save")), ("save", ">=", TARGETS["save"])),
+        ("plain read", "plain read", None, None),
+        ("functrain.load(like=)", "load", statistics.median(ratios("plain read", "load")), ("load", ">=", TARGETS["load"])),
+        ("CheckpointManager.save (sync)", "manager save", None, None),
+        ("CheckpointManager.save (async): caller blocked", "async blocked", statistics.median(ratios("async blocked", "manager save")), ("async", "<=", TARGETS["async"])),
+    ]
+    print(f"\n| {'case':48s} | median s | MB/s   | ratio | target |")
+    print(f"|{'-' * 50}|----------|--------|-------|--------|")
+    for label, key, ratio, target in rows:
+        med = statistics.median(times[key])
+        ratio_s = f"{ratio:5.2f}" if ratio is not None else "     "
+        if target is None:
+            target_s = "      "
+        else:
+            met = ratio >= target[2] if target[1] == ">=" else ratio <= target[2]
+            target_s = f"{target[1]}{target[2]:<4} {'ok' if met else 'MISS'}"
+        print(f"| {label:48s} | {med:8.3f} | {nbytes / 1e6 / med:6.0f} | {ratio_s} | {target_s} |")
+    print("\nratios: save and load = plain time / functrain time (throughput ratio, per repetition, median);")
+    print("async = time the caller is blocked / synchronous manager save time (per repetition, median).")
+    if profile:
+        profile_stages(state, directory, reps)
+
+
+def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
+    """Time each stage of a save and a load by hand, the way `functrain.serialization` does them."""
+    tree = state.tree()
+    writer = serialization._Writer()
+    writer.node(tree, "", 0)
+    tensors = writer.tensors
+    stages: dict[str, list[float]] = {}
+
+    def stage(name: str, fn: Callable[[], object]) -> object:
+        start = time.perf_counter()
+        out = fn()
+        stages.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    import safetensors.torch
+
+    path = directory / "profile.safetensors"
+    for _ in range(reps):
+        snapshot = stage("snapshot copy (async save)", lambda: {k: v.to("cpu", copy=True) for k, v in tensors.items()})
+        del snapshot
+        data = stage("safetensors.torch.save (one bytes object)", lambda: safetensors.torch.save(tensors))
+        stage("sha256 of the bytes", lambda: hashlib.sha256(data).hexdigest())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        stage("os.write to the page cache", lambda: plain_write_nofsync(fd, memoryview(data)))
+        stage("os.fsync of the file", lambda: os.fsync(fd))
+        os.close(fd)
+        stage("os.fsync of a directory", lambda: serialization._fsync_dir(directory))
+        del data
+        raw = stage("read the file (one f.read)", lambda: plain_read(path))
+        stage("sha256 on load", lambda: hashlib.sha256(raw).hexdigest())
+        stage("safetensors.torch.load(bytes)", lambda: safetensors.torch.load(raw))
+        del raw
+    print("\nstages (median seconds over the repetitions):")
+    for name, values in stages.items():
+        print(f"  {name:45s} {statistics.median(values):7.3f}")
+
+
+def plain_write_nofsync(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view[: 16 << 20]) :]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=200.0, help="state size in megabytes (default 200)")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 16 MB, 2 repetitions")
+    parser.add_argument("--profile", action="store_true", help="also time each stage of a save and a load")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory under the current one)")
+    args = parser.parse_args(argv)
+    mb, reps = (16.0, 2) if args.quick else (args.mb, args.reps)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    directory = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or Path.cwd()))
+    try:
+        run(mb, reps, directory, args.profile)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
