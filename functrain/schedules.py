@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import functools
 import operator
 from bisect import bisect_right
 from collections import Counter
@@ -57,6 +58,38 @@ class Schedule(Protocol):
 
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+
+def _described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
+    """Give the schedules a factory returns a `name` recording the call (shown in checkpoint fingerprints)."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> Schedule:
+        schedule = factory(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        parts = []
+        for key, value in bound.arguments.items():
+            if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+                parts.extend(f"{k}={_describe(v)}" for k, v in value.items())
+            else:
+                parts.append(f"{key}={_describe(value)}")
+        schedule.name = f"{factory.__name__}({', '.join(parts)})"  # type: ignore[attr-defined]
+        return schedule
+
+    return wrapper
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_describe(v) for v in value) + "]"
+    if callable(value):
+        return getattr(value, "name", None) or getattr(value, "__name__", type(value).__name__)
+    return repr(value)
 
 
 def _lift(value_fn: ValueFn) -> Schedule:
@@ -114,6 +147,7 @@ def _check_interval(problems: list[str], name: str, value: Any, low: float, high
 # -- the catalogue ----------------------------------------------------------------------------------
 
 
+@_described
 def constant(value: float) -> Schedule:
     """The same value at every step.
 
@@ -140,6 +174,7 @@ def constant(value: float) -> Schedule:
     return _lift(lambda t: torch.full_like(t, value))
 
 
+@_described
 def linear(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
     """Hold `init_value` until `transition_begin`, move linearly to `end_value` over `transition_steps`, hold.
 
@@ -179,6 +214,7 @@ def linear(init_value: float, end_value: float, transition_steps: int, transitio
     return _lift(value_fn)
 
 
+@_described
 def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
     """Decay along half a cosine from `init_value` to ``alpha * init_value`` over `decay_steps`, then hold.
 
@@ -221,6 +257,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, expone
     return _lift(value_fn)
 
 
+@_described
 def exponential_decay(
     init_value: float,
     decay_rate: float,
@@ -286,6 +323,7 @@ def exponential_decay(
     return _lift(value_fn)
 
 
+@_described
 def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> Schedule:
     """Piecewise constant: from each boundary step on, the value is multiplied by that boundary's scale.
 
@@ -332,6 +370,7 @@ def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> 
     return _lift(value_fn)
 
 
+@_described
 def polynomial(
     init_value: float, end_value: float, power: float, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
@@ -376,6 +415,7 @@ def polynomial(
     return _lift(value_fn)
 
 
+@_described
 def warmup_cosine(
     peak_value: float, warmup_steps: int, decay_steps: int, init_value: float = 0.0, end_value: float = 0.0
 ) -> Schedule:
@@ -466,6 +506,7 @@ def _empty_phases(phases: Sequence[_Phase]) -> list[int]:
     return [i for i, (start, (end, _, _)) in enumerate(zip(starts, phases, strict=True)) if end == start]
 
 
+@_described
 def one_cycle(
     transition_steps: int,
     peak_value: float,
@@ -542,6 +583,7 @@ def _one_cycle_phases(
     return [(rise_end, initial, max_lr), (total_steps - 1, max_lr, final)]
 
 
+@_described
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """Run `schedules` one after the other: schedule ``i`` from ``boundaries[i - 1]`` on, restarted there.
 
@@ -782,6 +824,7 @@ _TORCH_BUILDERS: dict[type, Callable[[Any, Mapping[str, Any], bool, str], Schedu
 _NOT_IN_SEQUENCE = (lr_scheduler.SequentialLR, lr_scheduler.OneCycleLR)
 
 
+@_described
 def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
     """The schedule of a `torch.optim.lr_scheduler` class: the lr torch's optimizer has after `step` calls.
 
