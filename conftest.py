@@ -2,7 +2,11 @@
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# the tests use tiny models: one thread avoids contention overhead that dwarfs the work
+torch.set_num_threads(1)
 
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -137,8 +137,9 @@ def make_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
 
 
 class Impl:
-    def __init__(self, name: str, step: Callable[[], None], get_params: Callable[[], list]):
-        self.name, self.step, self.get_params = name, step, get_params
+    def __init__(self, name: str, step: Callable[[], None], get_params: Callable[[], list],
+                 set_grads: Callable[[dict], None]):
+        self.name, self.step, self.get_params, self.set_grads = name, step, get_params, set_grads
         self.times: list[float] = []
         self.faults: list[int] = []
         self.cpu: list[float] = []
@@ -171,7 +172,11 @@ def torch_impl(name: str, base: dict, grads: dict, *, fused: bool = False, compi
             opt.step()
 
         step = compiled_step
-    return Impl(name, step, lambda: [p.detach() for p in params.values()])
+    def set_grads(new: dict) -> None:
+        for k, p in params.items():
+            p.grad = new[k]
+
+    return Impl(name, step, lambda: [p.detach() for p in params.values()], set_grads)
 
 
 def functrain_fn():
@@ -193,7 +198,7 @@ def functrain_impl(name: str, base: dict, grads: dict, *, compiled: bool = False
     params = {k: v.clone() for k, v in base.items()}
     fn = torch.compile(update) if compiled else update
     runner = FunctionalRunner(fn, params, tx.init(params), grads)
-    return Impl(name, runner.step, lambda: list(runner.params.values()))
+    return Impl(name, runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
 
 
 def prototype_fn(addcdiv: bool = False):
@@ -238,15 +243,39 @@ def prototype_fn(addcdiv: bool = False):
     return update
 
 
-def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False, addcdiv: bool = False) -> Impl:
+def fused_prototype_fn():
+    """Pure AdamW from torch's fused CPU kernel: clone params, mu and nu, then ``torch._fused_adamw_`` on the clones.
+
+    Not part of functrain. The grads are read, not written (no maximize, no grad scaler). Matches
+    ``torch.optim.AdamW(fused=True)``, which rounds differently from the foreach implementation.
+    """
+    import torch
+
+    def update(params: dict, state: tuple, grads: dict) -> tuple[dict, tuple]:
+        count, mu, nu = state
+        count = count + 1
+        new = [t.clone() for t in params.values()]
+        mu = [t.clone() for t in mu]
+        nu = [t.clone() for t in nu]
+        step = count.to(torch.float32)
+        torch._fused_adamw_(new, list(grads.values()), mu, nu, [], [step] * len(new), lr=LR, beta1=0.9,
+                            beta2=0.999, weight_decay=WEIGHT_DECAY, eps=1e-8, amsgrad=False, maximize=False)
+        return dict(zip(params, new, strict=True)), (count, mu, nu)
+
+    return update
+
+
+def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False, addcdiv: bool = False,
+                   fused: bool = False) -> Impl:
     import torch
 
     params = {k: v.clone() for k, v in base.items()}
     state = (torch.zeros((), dtype=torch.int64), [torch.zeros_like(v) for v in params.values()],
              [torch.zeros_like(v) for v in params.values()])
-    fn = torch.compile(prototype_fn(addcdiv)) if compiled else prototype_fn(addcdiv)
+    fn = fused_prototype_fn() if fused else prototype_fn(addcdiv)
+    fn = torch.compile(fn) if compiled else fn
     runner = FunctionalRunner(fn, params, state, grads)
-    return Impl(name, runner.step, lambda: list(runner.params.values()))
+    return Impl(name, runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -275,6 +304,7 @@ def run_timing(args: argparse.Namespace) -> dict:
     if args.prototype:
         impls.append(prototype_impl("prototype A: pure, in place on own buffers", base, grads))
         impls.append(prototype_impl("prototype B: A + addcdiv_ like torch", base, grads, addcdiv=True))
+        impls.append(prototype_impl("prototype C: clones + torch._fused_adamw_", base, grads, fused=True))
     compile_errors: dict[str, str] = {}
     compile_seconds: dict[str, float] = {}
     if args.compile:
@@ -307,6 +337,8 @@ def run_timing(args: argparse.Namespace) -> dict:
         for r in range(args.reps):
             order = impls if r % 2 == 0 else impls[::-1]
             for impl in order:
+                if args.fresh_grads:  # untimed: new gradient buffers, the old ones freed, as after a backward
+                    impl.set_grads({k: g.clone() for k, g in grads.items()})
                 f0, u0, s0 = usage()
                 t0 = time.perf_counter()
                 impl.step()
@@ -358,7 +390,8 @@ def print_timing(res: dict, args: argparse.Namespace) -> None:
           f"(largest {res['largest_mib']:.1f} MiB), torch {res['torch']}, {res['threads']} threads, "
           f"{args.reps} reps ABBA after {args.warmup} warmup")
     env = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
-    print(f"allocator settings: {env or 'none'}{' + mallopt()' if args.mallopt else ''}")
+    print(f"allocator settings: {env or 'none'}{' + mallopt()' if args.mallopt else ''}"
+          f"{'; fresh gradients every update' if args.fresh_grads else ''}")
     w = max(len(r["name"]) for r in res["rows"])
     print(f"{'implementation':<{w}}  {'median ms':>9}  {'ratio':>6}  {'min ms':>8}  {'ratio':>6}  {'paired':>6}  "
           f"{'cpu ms':>7}  {'ratio':>6}  {'sys ms':>6}  {'faults':>6}  params vs torch foreach")
@@ -403,7 +436,7 @@ def memory_child(args: argparse.Namespace) -> None:
     elif name == "torch fused":
         makers = lambda: torch_impl(name, base, grads, fused=True)  # noqa: E731
     elif name.startswith("prototype"):
-        makers = lambda: prototype_impl(name, base, grads, addcdiv=name.endswith("B"))  # noqa: E731
+        makers = lambda: prototype_impl(name, base, grads, addcdiv=name.endswith("B"), fused=name.endswith("C"))  # noqa: E731
     else:
         makers = lambda: functrain_impl(name, base, grads)  # noqa: E731
     # the implementations clone the parameters: count them in the baseline, then drop the source copy
@@ -421,7 +454,8 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def run_memory(args: argparse.Namespace) -> list[dict]:
     out = []
-    for name in ["torch foreach", "torch fused", "functrain", "prototype A", "prototype B"][: 5 if args.prototype else 3]:
+    for name in ["torch foreach", "torch fused", "functrain", "prototype A", "prototype B", "prototype C"][
+            : 6 if args.prototype else 3]:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--params", str(args.params),
                "--tensors", str(args.tensors), "--threads", str(args.threads)] + (["--mallopt"] if args.mallopt else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -449,6 +483,8 @@ def print_memory(rows: list[dict], steps: int) -> None:
 def run_sweep(args: argparse.Namespace) -> None:
     passthrough = ["--params", str(args.params), "--tensors", str(args.tensors), "--reps", str(args.reps),
                    "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.fresh_grads:
+        passthrough.append("--fresh-grads")
     if not args.compile:
         passthrough.append("--no-compile")
     if args.prototype:
@@ -504,6 +540,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--mallopt", action="store_true",
                     help="call glibc mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2GiB) before importing torch")
+    ap.add_argument("--fresh-grads", action="store_true",
+                    help="give every update newly allocated gradients (untimed), as a backward pass would")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads (default: torch's choice); 1 is steadier on a loaded machine")
     ap.add_argument("--sweep", action="store_true", help="compare allocator settings in subprocesses")

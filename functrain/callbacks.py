@@ -112,7 +112,8 @@ def check_callback(callback: Any) -> list[str]:
     Raises:
         ConfigError: a hook has the wrong signature, or the object implements no hook.
     """
-    hooks = [h for h in HOOKS if callable(getattr(callback, h, None)) and getattr(type(callback), h, None) is not getattr(Callback, h)]
+    # a hook counts unless it is `Callback`'s no-op; `on()` sets its hook on the instance, not the class
+    hooks = [h for h in HOOKS if callable(getattr(callback, h, None)) and getattr(getattr(callback, h), "__func__", None) is not getattr(Callback, h)]
     if not hooks:
         raise ConfigError(f"{type(callback).__name__} is not a callback: expected one of the methods {', '.join(HOOKS)}")
     for hook in hooks:
@@ -127,12 +128,29 @@ def check_callback(callback: Any) -> list[str]:
 class _FunctionCallback(Callback):
     def __init__(self, event: str, fn: Callable[[Run], Any], every: int) -> None:
         self.event, self.fn, self.every = event, fn, every
+        self._last: int | None = None
         setattr(self, f"on_{event}", self._fire)
 
+    def _count(self, run: Run) -> int:
+        """The 1-based number of the update, evaluation or epoch this firing belongs to."""
+        if self.event == "batch_end":
+            return run.step  # the driver has already counted the update this batch completed
+        if self.event == "batch_begin":
+            return run.step + 1
+        if self.event == "eval_end":
+            return len(run.history.rows["eval"])
+        if self.event == "epoch_end":
+            return run.epoch  # the driver has already advanced to the next epoch
+        return run.epoch + 1
+
     def _fire(self, run: Run) -> None:
-        count = run.step if self.event in ("batch_begin", "batch_end") else run.epoch + 1
-        if self.every == 1 or count % self.every == 0:
-            self.fn(run)
+        if self.every > 1:
+            count = self._count(run)
+            # under gradient accumulation several batches share an update: fire once for it
+            if count < 1 or count % self.every or (self.event.startswith("batch") and count == self._last):
+                return
+            self._last = count
+        self.fn(run)
 
     def __repr__(self) -> str:
         return f"on({self.event!r}, every={self.every})({getattr(self.fn, '__name__', self.fn)})"
@@ -143,7 +161,8 @@ def on(event: str, *, every: int = 1) -> Callable[[Callable[[Run], Any]], Callba
 
     Args:
         event: a hook name without ``on_``: ``"batch_end"``, ``"epoch_end"``, ``"eval_end"``, ...
-        every: fire when the step (batch events) or the epoch count (others) is a multiple of this.
+        every: fire on every N-th update (batch events, once per update under accumulation),
+            evaluation (``"eval_end"``) or epoch (the others).
 
     Raises:
         ConfigError: unknown event, `every` < 1, or a function that does not take one argument.
@@ -377,5 +396,9 @@ class LRMonitor(Callback):
 
     def on_batch_end(self, run: Run) -> None:
         if run.logs is not None and "lr" in run.logs:
-            lr = run.logs["lr"] * run.logs.get("lr_scale", 1.0)
+            from functrain.transform import transform_metrics
+
+            # the step's metrics do not carry the plateau scale: read it from the state (a log interval)
+            scale = transform_metrics(run.state.opt_state).get("lr_scale")
+            lr = run.logs["lr"] * (float(scale) if scale is not None else 1.0)
             self.values.append((run.step, lr))

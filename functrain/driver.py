@@ -203,8 +203,9 @@ def fit(
         batch_size / eval_batch_size: for map-style datasets.
         shuffle / drop_last / data_seed / num_workers: batching of map-style training data.
         checkpoint_dir: where checkpoints go; None disables them.
-        save_every: save a regular checkpoint every this many updates; None saves at each
-            evaluation and epoch end. The run's final state is always saved.
+        save_every: save a regular checkpoint every this many updates, and at each evaluation
+            that improves `best_metric`; None saves at each evaluation and epoch end. The run's
+            final state is always saved.
         keep_last: regular checkpoints to keep (None keeps all). keep_best: best ones to keep.
         best_metric / mode: the evaluation metric deciding "best" (and watched by plateau schedules).
         async_save: write checkpoints in a background thread.
@@ -303,7 +304,7 @@ class _Loop:
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.history, self.cfg)
         self.stop_reason: str | None = d.get("stop_reason")
-        self._saved_at: int | None = None
+        self._saved_at: tuple[int, int, int] | None = None
 
     # -- events -------------------------------------------------------------------------------
 
@@ -328,6 +329,13 @@ class _Loop:
         while self.stop_reason is None:
             if self.cfg["max_epochs"] is not None and self.epoch >= self.cfg["max_epochs"]:
                 self.stop_reason = "max_epochs"
+                break
+            # a resumed run that had already finished takes no further step
+            if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
+                self.stop_reason = "max_steps"
+                break
+            if self.early is not None and self.early.should_stop:
+                self.stop_reason = "early_stopping"
                 break
             self.fire("on_epoch_begin")
             if self._train_epoch():
@@ -405,6 +413,7 @@ class _Loop:
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
+        new_best = False
         metrics = evaluate(self.state, self.evals)
         if self.state.ema_state is not None:
             metrics.update(evaluate(self.state, self.evals, use_ema=True, prefix="val_ema_"))
@@ -415,13 +424,15 @@ class _Loop:
             self.state = self.state.replace(opt_state=observe_plateau(self.state.opt_state, target))
             from functrain.plateau import improved
 
-            if improved(target, None if self.best is None else self.best[self.cfg["best_metric"]], self.cfg["mode"], 0.0):
+            new_best = improved(target, None if self.best is None else self.best[self.cfg["best_metric"]], self.cfg["mode"], 0.0)
+            if new_best:
                 self.best = {"step": self.step, **metrics}
         if self.early is not None:
             self.early = self.early.update(metrics)
             if self.early.should_stop:
                 self.stop_reason = self.stop_reason or "early_stopping"
-        if self.manager is not None and self.cfg["save_every"] is None:
+        # with save_every, an improving evaluation still saves: that is what keeps the best weights
+        if self.manager is not None and (self.cfg["save_every"] is None or new_best):
             self._save(metrics)
         self.fire("on_eval_end")
 
@@ -441,11 +452,13 @@ class _Loop:
         self.state = self.state.replace(driver=driver)
 
     def _save(self, metrics: dict[str, float] | None = None) -> None:
-        if self.manager is None or self._saved_at == self.run_ctx.batches:
+        # skip only when nothing changed since the last save (an epoch end after a step's save changes the state)
+        position = (self.epoch, self.pos, len(self.history))
+        if self.manager is None or self._saved_at == position:
             return
         self._sync_driver()
         self.run_ctx.saved = self.manager.save(self.state, metrics=metrics)
-        self._saved_at = self.run_ctx.batches
+        self._saved_at = position
         self.fire("on_save")
 
     def _finish(self) -> None:

@@ -183,8 +183,12 @@ class CheckpointManager:
     def _improves(self, value: Any) -> bool:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
             return False
-        best = self.best_value()
-        return best is None or (value < best if self.mode == "min" else value > best)
+        # a place among the `keep_best` best, not only a new record: keep_best=2 keeps the two best
+        ranked = self._ranked_bests()
+        if len(ranked) < self.keep_best:
+            return True
+        threshold = self._score(ranked[self.keep_best - 1])
+        return value < threshold if self.mode == "min" else value > threshold
 
     def _save_best(self, source: Path, name: str) -> None:
         tmp = self.directory / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
@@ -258,7 +262,8 @@ class CheckpointManager:
                 or optimizer is a configuration error, not a reason to fall back to older files).
         """
         self.wait()
-        candidates = self.all()
+        # committed or not: a newest checkpoint that lost its manifest is reported, not passed over
+        candidates = sorted((p for p in self.directory.iterdir() if _REGULAR.match(p.name) and p.is_dir()), key=lambda p: p.name)
         latest = self.latest()
         if latest is not None and latest not in candidates:
             candidates.append(latest)

@@ -2,37 +2,46 @@
 
 A checkpoint is a directory::
 
-    manifest.json              written last; orjson; describes everything below
+    manifest.json              written last; describes everything below, and seals itself
     tensors-00000.safetensors  the tree's tensors, keyed by their tree path
 
 The manifest holds the format version, the library versions, the tree's structure with every
 non-tensor leaf encoded exactly (NaN, Inf and integers of any size round-trip), a SHA-256 digest
-and size per file, a fingerprint of the static parts, and the user's metadata.
+and size per file, a fingerprint of the static parts, and the user's metadata. Its first field,
+``manifest_sha256``, is the SHA-256 of the manifest's own bytes with that field's 64 hex digits
+written as zeros (format version 2; version 1 manifests have no such field and still load).
 
 A save writes into a temporary directory beside the target, fsyncs each file, writes and fsyncs
-the manifest, fsyncs the directory, renames it into place and fsyncs the parent: a process killed
-at any instant leaves the previous checkpoint or the new one, complete. Readers ignore temporary
-directories (names starting with ``.tmp-``).
+the manifest, fsyncs the directory, swaps it into place (one atomic ``renameat2`` exchange where
+the OS has it) and fsyncs the parent: a process killed at any instant leaves the previous
+checkpoint or the new one, complete. Readers ignore temporary directories (names starting with
+``.tmp-``).
 
 Loading never calls pickle or `torch.load`; every size read from a file is bounded before use.
+Tensor files are written straight from the tensors' memory and read into one buffer per file that
+the loaded tensors are views of, each file hashed in a second thread while it is written or read.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
+import struct
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import orjson
-import safetensors
-import safetensors.torch
 import torch
 import torch.utils._pytree as pytree
 
@@ -49,16 +58,31 @@ __all__ = [
     "MANIFEST",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_DEPTH = 64
 MAX_FILES = 4096
 MAX_TENSORS = 1_000_000
 SHARD_BYTES = 2 << 30
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_CHUNK = 16 << 20
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_SEAL = b'{\n  "manifest_sha256": "'
+_CHUNK = 8 << 20
+_OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more than it saves
+
+# safetensors dtype codes, in the order of the library's Dtype enum: it lays tensors out by
+# descending code, then by name, and so must we for the files to be the very bytes it writes
+_CODES = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+_RANK = {code: i for i, code in enumerate(_CODES)}
+_TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
+}  # fmt: skip
+_DTYPE_OF = {code: getattr(torch, name) for code, name in _TORCH_NAMES.items() if hasattr(torch, name)}
+_CODE_OF = {dtype: code for code, dtype in _DTYPE_OF.items()}
 
 Tree = Any
 
@@ -68,7 +92,9 @@ Tree = Any
 
 
 def _escape(key: str) -> str:
-    return key.replace("%", "%25").replace("/", "%2F")
+    # "" becomes "%", which no escaped key can be: else a root key "" joined to nothing and
+    # {"": {"a": x}} and {"a": y} both stored their tensor under "a"
+    return key.replace("%", "%25").replace("/", "%2F") if key else "%"
 
 
 def _encode_leaf(value: Any, path: str) -> dict[str, Any]:
@@ -78,15 +104,28 @@ def _encode_leaf(value: Any, path: str) -> dict[str, Any]:
         return {"bool": value}
     if isinstance(value, int):
         # as a decimal string: exact at any size, and no JSON reader can round it
-        return {"int": str(value)}
+        try:
+            return {"int": int.__repr__(value)}
+        except ValueError:
+            raise CheckpointError(f"cannot save the int at {path!r}: it has over 4300 digits; store it as a str") from None
     if isinstance(value, float):
-        return {"float": value.hex()}
+        # float.hex() spells every NaN "nan"; the sign at least can be kept
+        negative_nan = math.isnan(value) and math.copysign(1.0, value) < 0
+        return {"float": "-nan" if negative_nan else float.hex(value)}
     if isinstance(value, str):
+        _check_utf8(value, path)
         return {"str": value}
     raise CheckpointError(
         f"cannot save the leaf at {path!r}: expected a tensor, None, bool, int, float or str, got {type(value).__name__}; "
         "store it as a tensor or in `metadata`"
     )
+
+
+def _check_utf8(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"cannot save {text[:50]!r} at {path!r}: not valid UTF-8 (a lone surrogate)") from None
 
 
 def _decode_leaf(node: Mapping[str, Any], path: str) -> Any:
@@ -95,7 +134,7 @@ def _decode_leaf(node: Mapping[str, Any], path: str) -> Any:
             return None
         if "bool" in node and isinstance(node["bool"], bool):
             return node["bool"]
-        if "int" in node and isinstance(node["int"], str) and len(node["int"]) <= 4300:
+        if "int" in node and isinstance(node["int"], str) and len(node["int"]) <= 4301:
             return int(node["int"])
         if "float" in node and isinstance(node["float"], str) and len(node["float"]) <= 64:
             return float.fromhex(node["float"])
@@ -103,7 +142,7 @@ def _decode_leaf(node: Mapping[str, Any], path: str) -> Any:
             return node["str"]
     except ValueError:
         pass
-    raise CheckpointCorruptError(f"manifest: malformed leaf at {path!r}: {str(node)[:200]}")
+    raise CheckpointCorruptError(f"{MANIFEST}: malformed leaf at {path!r}: {str(node)[:200]}")
 
 
 class _Writer:
@@ -117,12 +156,14 @@ class _Writer:
         if depth > MAX_DEPTH:
             raise CheckpointError(f"the tree is nested deeper than {MAX_DEPTH} levels at {path!r}")
         if isinstance(tree, torch.Tensor):
-            self.tensors[path] = self._detached(tree)
+            self.tensors[path] = self._detached(tree, path)
             return {"tensor": path}
         if isinstance(tree, dict):
             bad = [k for k in tree if not isinstance(k, str)]
             if bad:
                 raise CheckpointError(f"dict keys must be str to be saved, got {bad[:5]} at {path!r}")
+            for k in tree:
+                _check_utf8(k, path)
             return {"dict": {k: self.node(v, _join(path, _escape(k)), depth + 1) for k, v in tree.items()}}
         if isinstance(tree, tuple) and hasattr(tree, "_fields"):
             cls = type(tree)
@@ -133,12 +174,18 @@ class _Writer:
             return {kind: [self.node(v, _join(path, str(i)), depth + 1) for i, v in enumerate(tree)]}
         return {"leaf": _encode_leaf(tree, path)}
 
-    def _detached(self, t: torch.Tensor) -> torch.Tensor:
+    def _detached(self, t: torch.Tensor, path: str) -> torch.Tensor:
+        if t.dtype not in _CODE_OF or t.layout != torch.strided or t.device.type == "meta":
+            raise CheckpointError(
+                f"cannot save the tensor at {path!r}: {t.dtype} {t.layout} on {t.device}; "
+                f"dense tensors on a real device of these dtypes can be saved: {sorted(str(d) for d in _CODE_OF)}"
+            )
         t = t.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
+        t = t.resolve_conj().resolve_neg()
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        # safetensors refuses tensors that share memory; a counter reused across fields is one
+        # tensors that share memory are written once each; a counter reused across fields is one
         shared = key in self._storages and t.numel() > 0
         self._storages.add(key)
         if shared or not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
@@ -158,27 +205,175 @@ class _Reader:
 
     def node(self, node: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
-            raise CheckpointCorruptError(f"manifest: structure nested deeper than {MAX_DEPTH} levels at {path!r}")
+            raise CheckpointCorruptError(f"{MANIFEST}: structure nested deeper than {MAX_DEPTH} levels at {path!r}")
         if not isinstance(node, dict) or len(node) not in (1, 2):
-            raise CheckpointCorruptError(f"manifest: malformed structure node at {path!r}")
+            raise CheckpointCorruptError(f"{MANIFEST}: malformed structure node at {path!r}")
         if "tensor" in node:
             key = node["tensor"]
-            if key not in self.tensors:
-                raise CheckpointCorruptError(f"manifest: tensor {key!r} at {path!r} is in no tensor file")
+            if not isinstance(key, str) or key not in self.tensors:
+                raise CheckpointCorruptError(f"{MANIFEST}: tensor {str(key)[:100]!r} at {path!r} is in no tensor file")
             self.used.add(key)
             return self.tensors[key]
         if "dict" in node and isinstance(node["dict"], dict):
             return {k: self.node(v, _join(path, _escape(k)), depth + 1) for k, v in node["dict"].items()}
-        if "namedtuple" in node and isinstance(node.get("fields"), dict):
+        if "namedtuple" in node and isinstance(node["namedtuple"], str) and isinstance(node.get("fields"), dict):
             fields = {k: self.node(v, _join(path, k), depth + 1) for k, v in node["fields"].items()}
             cls = self.named_types.get(node["namedtuple"])
-            return cls(**fields) if cls is not None else fields
+            try:
+                return cls(**fields) if cls is not None else fields
+            except TypeError as e:
+                raise CheckpointCorruptError(f"{MANIFEST}: the fields at {path!r} do not fit {node['namedtuple']}: {e}") from None
         for kind, make in (("tuple", tuple), ("list", list)):
             if kind in node and isinstance(node[kind], list):
                 return make(self.node(v, _join(path, str(i)), depth + 1) for i, v in enumerate(node[kind]))
         if "leaf" in node and isinstance(node["leaf"], dict):
             return _decode_leaf(node["leaf"], path)
-        raise CheckpointCorruptError(f"manifest: unknown structure node at {path!r}: {str(node)[:200]}")
+        raise CheckpointCorruptError(f"{MANIFEST}: unknown structure node at {path!r}: {str(node)[:200]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, written and read without intermediate copies
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The memory of a CPU tensor that fills its storage in row-major order, as bytes, without a copy."""
+    if not t.numel():
+        return memoryview(b"")
+    # not reshape(-1): a one-element view may keep any stride, and view(uint8) wants stride 1
+    return memoryview(t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy())
+
+
+def _safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
+    """A safetensors file as the buffers to write in order: the header, then the tensors' memory.
+
+    The bytes are exactly those of ``safetensors.torch.save(tensors)``: tensors by descending
+    dtype code then by name, offsets back to back, the JSON header padded with spaces to 8 bytes.
+    """
+    ordered = sorted(tensors.items(), key=lambda kv: (-_RANK[_CODE_OF[kv[1].dtype]], kv[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in ordered:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _CODE_OF[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    chunks, small = [], bytearray(struct.pack("<Q", len(text)) + text)
+    for _, t in ordered:
+        view = _bytes_of(t)
+        if len(view) < _CHUNK // 8:
+            small += view  # many small tensors: one write and one hash update for them all
+            continue
+        if small:
+            chunks.append(memoryview(small))
+            small = bytearray()
+        chunks += [view[i : i + _CHUNK] for i in range(0, len(view), _CHUNK)]
+    if small:
+        chunks.append(memoryview(small))
+    return chunks
+
+
+def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Validate a safetensors file (bytes in a uint8 tensor) as strictly as the safetensors library does.
+
+    The tensors are views of `data`'s memory, each with a storage of its own extent.
+    """
+    array = data.numpy()
+    buf = memoryview(array)
+    if len(buf) < 8:
+        raise CheckpointCorruptError(f"{name}: {len(buf)} bytes, too short for a safetensors file")
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    if n > min(len(buf) - 8, MAX_HEADER_BYTES):
+        raise CheckpointCorruptError(f"{name}: header length {n} exceeds the file ({len(buf)} bytes) or the limit")
+    text = bytes(buf[8 : 8 + n])
+    try:
+        if not text.startswith(b"{"):
+            raise ValueError("the header does not start with '{'")
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys(name), parse_constant=_no_constants(name))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ is not an object of strings")
+        entries = sorted(_entry(key, info) for key, info in header.items())
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, CheckpointCorruptError):
+            raise
+        raise CheckpointCorruptError(f"{name}: not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+    start, data_len = 8 + n, len(buf) - 8 - n
+    end = 0
+    for begin, stop, key, _, _ in entries:
+        if begin != end:
+            raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} starts at byte {begin} of the data, expected {end} (gap or overlap)")
+        end = stop
+    if end != data_len:
+        raise CheckpointCorruptError(f"{name}: the tensors cover {end} bytes of data, the file holds {data_len}")
+    tensors = {}
+    for begin, stop, key, dtype, shape in entries:
+        size = dtype.itemsize
+        if stop == begin:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif (start + begin) % size == 0:
+            tensors[key] = torch.frombuffer(array, dtype=dtype, count=(stop - begin) // size, offset=start + begin).view(shape)
+        else:  # misaligned (never written so, but valid): copy rather than hand kernels a misaligned view
+            tensors[key] = torch.frombuffer(bytearray(buf[start + begin : start + stop]), dtype=dtype).view(shape)
+    return tensors
+
+
+def _entry(key: str, info: Any) -> tuple[int, int, str, torch.dtype, list[int]]:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"tensor {key[:100]!r}: expected dtype, shape and data_offsets, got {str(info)[:100]}")
+    dtype, shape, offsets = _DTYPE_OF.get(info["dtype"]) if isinstance(info["dtype"], str) else None, info["shape"], info["data_offsets"]
+    if dtype is None:
+        raise ValueError(f"tensor {key[:100]!r}: unsupported dtype {str(info['dtype'])[:20]!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"tensor {key[:100]!r}: invalid shape {str(shape)[:100]}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        raise ValueError(f"tensor {key[:100]!r}: invalid data_offsets {str(offsets)[:100]}")
+    if _nbytes(shape, dtype.itemsize, limit=offsets[1] - offsets[0]) != offsets[1] - offsets[0]:
+        raise ValueError(f"tensor {key[:100]!r}: shape {str(shape)[:100]} does not fit {offsets[1] - offsets[0]} bytes")
+    return offsets[0], offsets[1], key, dtype, shape
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
+    """Bytes of a tensor of `shape`, or `limit` + 1 once that is exceeded (no huge products)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > limit:
+            return limit + 1
+    return n
+
+
+def _unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise CheckpointCorruptError(f"{name}: duplicate key {k[:100]!r}")
+            out[k] = v
+        return out
+
+    return hook
+
+
+def _no_constants(name: str) -> Callable[[str], Any]:
+    def hook(constant: str) -> Any:
+        raise CheckpointCorruptError(f"{name}: non-standard JSON constant {constant}")
+
+    return hook
+
+
+def _finite_float(name: str) -> Callable[[str], float]:
+    def hook(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise CheckpointCorruptError(f"{name}: number {text[:50]} is out of range")
+        return value
+
+    return hook
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,19 +388,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes | memoryview) -> str:
-    """Write, fsync and return the SHA-256 hex digest of `data`."""
-    digest = hashlib.sha256(data).hexdigest()
+def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> str:
+    """Write `data` (bytes, or buffers in order), fsync, and return the SHA-256 hex digest.
+
+    Each buffer is hashed in a second thread while it is written (both release the GIL).
+    """
+    chunks = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    digest = hashlib.sha256()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view[:_CHUNK])
-            view = view[written:]
+        if sum(len(c) for c in chunks) < _OVERLAP_BYTES:
+            for chunk in chunks:
+                digest.update(chunk)
+                _write_all(fd, chunk)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="functrain-sha256") as pool:
+                for chunk in chunks:
+                    hashing = pool.submit(digest.update, chunk)
+                    _write_all(fd, chunk)
+                    hashing.result()
         os.fsync(fd)
     finally:
         os.close(fd)
-    return digest
+    return digest.hexdigest()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    view = view.cast("B")
+    while view:
+        written = os.write(fd, view[:_CHUNK])
+        view = view[written:]
 
 
 def _shards(tensors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -219,6 +431,31 @@ def _shards(tensors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
         shards[-1][key] = t
         size += nbytes
     return shards
+
+
+def _sealed(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest's bytes, its first field the SHA-256 of those bytes with that field zeroed."""
+    raw = orjson.dumps({"manifest_sha256": "0" * 64, **manifest}, option=orjson.OPT_INDENT_2)
+    assert raw.startswith(_SEAL)
+    return raw[: len(_SEAL)] + hashlib.sha256(raw).hexdigest().encode() + raw[len(_SEAL) + 64 :]
+
+
+def _json_extras(fingerprint: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    extras = {"fingerprint": fingerprint or {}, "metadata": metadata or {}}
+    try:
+        encoded = orjson.dumps(extras)
+        _refuse_nonfinite(extras, "")  # orjson would write them as null
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"fingerprint and metadata must be JSON-able (str keys; str, finite numbers, bool, None, lists, dicts): {e}") from e
+    return json.loads(encoded)
+
+
+def _refuse_nonfinite(value: Any, path: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} is {value}; keep non-finite numbers in the tree, or as str")
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        _refuse_nonfinite(v, f"{path}/{k}" if path else str(k))
 
 
 def write_tree(
@@ -257,21 +494,17 @@ def write_tree(
     target = Path(directory)
     writer = _Writer()
     structure = writer.node(tree, "", 0)
-    try:
-        extra = orjson.dumps({"fingerprint": fingerprint or {}, "metadata": metadata or {}})
-    except TypeError as e:
-        raise CheckpointError(f"fingerprint and metadata must be JSON-able (str keys; str, numbers, bool, None, lists, dicts): {e}") from e
-    extras = json.loads(extra)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    extras = _json_extras(fingerprint, metadata)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
         for i, shard in enumerate(_shards(writer.tensors)):
             name = f"tensors-{i:05d}.safetensors"
-            data = safetensors.torch.save(shard)
-            files[name] = {"sha256": _write_file(tmp / name, data), "bytes": len(data)}
+            chunks = _safetensors_chunks(shard)
+            files[name] = {"sha256": _write_file(tmp / name, chunks), "bytes": sum(len(c) for c in chunks)}
             for key, t in shard.items():
                 index[key] = {"file": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         manifest = {
@@ -286,133 +519,230 @@ def write_tree(
             "fingerprint": extras["fingerprint"],
             "metadata": extras["metadata"],
         }
-        _write_file(tmp / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        _write_file(tmp / MANIFEST, _sealed(manifest))
         _fsync_dir(tmp)
-        _commit(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact") from e
         raise
+    try:
+        _commit(tmp, target)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact") from e
     return target
 
 
 def _commit(tmp: Path, target: Path) -> None:
-    if target.exists() or target.is_symlink():
-        # two renames: a crash between them leaves the old copy complete under `.tmp-old-`,
-        # and no half-written directory at `target`
-        old = target.parent / f"{TMP_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(tmp, target)
+    """Put the complete checkpoint `tmp` at `target`; on any failure leave `target` as it was."""
+    try:
+        if target.exists() or target.is_symlink():
+            displaced: Path | None = _replace(tmp, target)
+        else:
+            os.rename(tmp, target)
+            displaced = None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
+    except BaseException:
+        # the caller is told the save failed, so `target` must hold what it held before
+        if displaced is None:
+            os.rename(target, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(_replace(displaced, target), ignore_errors=True)
+        raise
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+
+
+def _replace(new: Path, target: Path) -> Path:
+    """Move directory `new` to `target`, atomically where the OS can; return where the old `target` went."""
+    try:
+        _exchange(new, target)
+        return new
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    # two renames: a crash between them leaves no checkpoint at `target`, the old one complete
+    # under `.tmp-old-`; a failure of the second puts the old one back
+    old = target.parent / f"{TMP_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    return old
+
+
+_renameat2: Any = None
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ENOSYS elsewhere."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        except (OSError, AttributeError, TypeError):
+            _renameat2 = False
+    if _renameat2 is False:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd, rename_exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointCorruptError(f"manifest: duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> None:
-    raise CheckpointCorruptError(f"manifest: non-standard JSON constant {name}")
-
-
 def _safe_file(directory: Path, name: Any) -> Path:
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or ".." in name:
-        raise CheckpointCorruptError(f"manifest: refused file name {str(name)[:100]!r} (expected ^[A-Za-z0-9._-]+$, no '..')")
-    path = directory / name
-    if path.is_symlink():
-        raise CheckpointCorruptError(f"{name}: is a symbolic link; checkpoint files must be regular files in the directory")
-    return path
+        raise CheckpointCorruptError(f"{MANIFEST}: refused file name {str(name)[:100]!r} (expected ^[A-Za-z0-9._-]{{1,200}}$, no '..')")
+    return directory / name
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a checkpoint's manifest (no tensor is loaded).
 
     Raises:
-        CheckpointError: no checkpoint at `directory`.
-        CheckpointCorruptError: the manifest is too large, malformed, or of a newer format.
+        CheckpointError: no checkpoint at `directory`, or one of a newer format version.
+        CheckpointCorruptError: the manifest is too large, malformed, or does not match its own digest.
     """
     root = Path(directory)
     path = root / MANIFEST
-    if not root.is_dir() or not path.is_file():
-        raise CheckpointError(f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}")
-    if path.is_symlink():
-        raise CheckpointCorruptError(f"{MANIFEST}: is a symbolic link")
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise CheckpointCorruptError(f"{MANIFEST}: {size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
-    raw = path.read_bytes()
     try:
-        manifest = json.loads(raw, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        if not root.is_dir() or not path.is_file():
+            raise CheckpointError(f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}")
+        if path.is_symlink():
+            raise CheckpointCorruptError(f"{MANIFEST}: is a symbolic link; checkpoint files must be regular files in the directory")
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CheckpointCorruptError(f"{MANIFEST}: {size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"could not read {str(path)!r}: {e}") from None
+    sealed = _check_seal(raw)
+    try:
+        hooks = {"object_pairs_hook": _unique_keys(MANIFEST), "parse_constant": _no_constants(MANIFEST), "parse_float": _finite_float(MANIFEST)}
+        manifest = json.loads(raw, **hooks)
     except (ValueError, RecursionError) as e:
         if isinstance(e, CheckpointCorruptError):
             raise
         raise CheckpointCorruptError(f"{MANIFEST}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    _check_manifest(manifest)
+    _check_manifest(manifest, sealed)
     return manifest
 
 
-def _check_manifest(m: Any) -> None:
+def _check_seal(raw: bytes) -> bool:
+    """Whether the manifest seals itself; raise if its seal does not match its bytes."""
+    if not raw.startswith(_SEAL):
+        return False
+    start, end = len(_SEAL), len(_SEAL) + 64
+    zeroed = raw[:start] + b"0" * 64 + raw[end:]
+    if hashlib.sha256(zeroed).hexdigest().encode() != raw[start:end]:
+        raise CheckpointCorruptError(f"{MANIFEST}: its SHA-256 does not match the manifest_sha256 it records (the file is corrupt)")
+    return True
+
+
+def _check_manifest(m: Any, sealed: bool) -> None:
     if not isinstance(m, dict) or m.get("format") != "functrain.checkpoint":
         raise CheckpointCorruptError(f"{MANIFEST}: not a functrain checkpoint manifest")
     version = m.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointCorruptError(f"{MANIFEST}: invalid format_version {version!r}")
+        raise CheckpointCorruptError(f"{MANIFEST}: invalid format_version {str(version)[:50]}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint format version {version} is newer than this functrain reads (up to {FORMAT_VERSION}); "
             f"it was written by functrain {m.get('functrain_version')!r}: upgrade functrain to load it"
         )
+    if version >= 2 and not sealed:
+        raise CheckpointCorruptError(f"{MANIFEST}: format version {version} starts with its own digest, manifest_sha256; it is missing or damaged")
     for key, kind in (("structure", dict), ("tensors", dict), ("files", dict), ("fingerprint", dict), ("metadata", dict)):
         if not isinstance(m.get(key), kind):
             raise CheckpointCorruptError(f"{MANIFEST}: field {key!r} missing or not a {kind.__name__}")
     if len(m["files"]) > MAX_FILES or len(m["tensors"]) > MAX_TENSORS:
         raise CheckpointCorruptError(f"{MANIFEST}: too many files or tensors")
     for name, info in m["files"].items():
-        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or not isinstance(info.get("bytes"), int):
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or type(info.get("bytes")) is not int:
             raise CheckpointCorruptError(f"{MANIFEST}: malformed entry for file {str(name)[:100]!r}")
 
 
-def _read_verified(path: Path, info: Mapping[str, Any]) -> bytes:
+def _read_verified(path: Path, info: Mapping[str, Any]) -> torch.Tensor:
+    """The file's bytes, in a uint8 tensor, after checking its size and SHA-256 against `info`."""
     name = path.name
     expected = info["bytes"]
     try:
-        size = path.stat().st_size
+        st = path.lstat()
     except FileNotFoundError:
         raise CheckpointCorruptError(f"{name}: missing from the checkpoint") from None
-    if size != expected:
-        raise CheckpointCorruptError(f"{name}: {size} bytes, the manifest records {expected} (truncated or replaced)")
-    with open(path, "rb") as f:
-        data = f.read(expected + 1)
-    if len(data) != expected or hashlib.sha256(data).hexdigest() != info["sha256"]:
+    except OSError as e:
+        raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise CheckpointCorruptError(f"{name}: is {kind}; checkpoint files must be regular files in the directory")
+    if st.st_size != expected:
+        raise CheckpointCorruptError(f"{name}: {st.st_size} bytes, the manifest records {expected} (truncated or replaced)")
+    data = torch.empty(expected, dtype=torch.uint8)  # not zeroed first, unlike a bytearray
+    try:
+        digest = _read_hashing(path, memoryview(data.numpy()))
+    except OSError as e:
+        raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
+    if digest is None:
+        raise CheckpointCorruptError(f"{name}: changed size while it was read")
+    if digest != info["sha256"]:
         raise CheckpointCorruptError(f"{name}: SHA-256 digest does not match the manifest (the file is corrupt)")
     return data
 
 
+def _read_hashing(path: Path, out: memoryview) -> str | None:
+    """Fill `out` from `path`, hashing each chunk in a second thread while the next one is read.
+
+    Returns the SHA-256 hex digest, or None when the file does not hold exactly ``len(out)`` bytes.
+    """
+    digest = hashlib.sha256()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-sha256") if len(out) >= _OVERLAP_BYTES else None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        pos, hashing = 0, None
+        while pos < len(out):
+            n = os.readv(fd, [out[pos : pos + _CHUNK]])
+            if not n:
+                return None
+            if hashing is not None:
+                hashing.result()
+            if pool is None:
+                digest.update(out[pos : pos + n])
+            else:
+                hashing = pool.submit(digest.update, out[pos : pos + n])
+            pos += n
+        if hashing is not None:
+            hashing.result()
+        if os.read(fd, 1):
+            return None
+    finally:
+        os.close(fd)
+        if pool is not None:
+            pool.shutdown()
+    return digest.hexdigest()
+
+
 def verify(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check a checkpoint's manifest and every file's size and digest; return the manifest.
+    """Check a checkpoint completely (manifest, every file's size, digest and contents); return the manifest.
+
+    A checkpoint that verifies loads: this reads it as `read_tree` does, then drops the tensors.
 
     Raises:
-        CheckpointError: no checkpoint there.
+        CheckpointError: no checkpoint there, or one of a newer format version.
         CheckpointCorruptError: naming the first file that does not verify.
     """
-    root = Path(directory)
-    manifest = read_manifest(root)
-    for name, info in manifest["files"].items():
-        _read_verified(_safe_file(root, name), info)
-    return manifest
+    return read_tree(directory)[1]
 
 
 def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
@@ -432,6 +762,9 @@ def read_tree(
 ) -> tuple[Tree, dict[str, Any]]:
     """Load a checkpoint's tree and manifest, verifying every file first.
 
+    The tensors of one file are views of the one buffer it was read into (each with a storage of
+    its own size, writable); nothing is copied after the read.
+
     Args:
         directory: the checkpoint's path.
         map_location: a device to move tensors to, or a function applied to each tensor.
@@ -442,19 +775,19 @@ def read_tree(
 
     Raises:
         CheckpointError: no checkpoint there, or a newer format.
-        CheckpointCorruptError: a file is missing, truncated, altered or malformed.
+        CheckpointCorruptError: a file is missing, truncated, altered or malformed (named in the message).
     """
     root = Path(directory)
     manifest = read_manifest(root)
     tensors: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
     for name, info in manifest["files"].items():
         data = _read_verified(_safe_file(root, name), info)
-        try:
-            loaded = safetensors.torch.load(data)
-        except (safetensors.SafetensorError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
-            raise CheckpointCorruptError(f"{name}: not a valid safetensors file ({str(e)[:200]})") from None
-        tensors.update(loaded)
-    _check_index(manifest["tensors"], tensors)
+        for key, t in _parse_safetensors(name, data).items():
+            if key in tensors:
+                raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} is also stored in {source[key]}")
+            tensors[key], source[key] = t, name
+    _check_index(manifest["tensors"], tensors, source)
     if map_location is not None:
         move = map_location if callable(map_location) else (lambda t: t.to(map_location))
         tensors = {k: move(v) for k, v in tensors.items()}
@@ -462,18 +795,21 @@ def read_tree(
     tree = reader.node(manifest["structure"], "", 0)
     unused = sorted(set(tensors) - reader.used)
     if unused:
-        raise CheckpointCorruptError(f"manifest: tensors {unused[:10]} are stored but not in the structure")
+        raise CheckpointCorruptError(f"{MANIFEST}: tensors {unused[:10]} are stored but not in the structure")
     return tree, manifest
 
 
-def _check_index(index: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    missing = sorted(set(index) - set(tensors))
-    if missing:
-        raise CheckpointCorruptError(f"manifest lists tensors not found in any file: {missing[:10]}")
+def _check_index(index: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: Mapping[str, str]) -> None:
     for key, info in index.items():
+        where = info.get("file") if isinstance(info, dict) and isinstance(info.get("file"), str) else MANIFEST
+        if key not in tensors:
+            raise CheckpointCorruptError(f"{where[:100]}: does not hold tensor {key[:100]!r}, which the manifest lists")
         t = tensors[key]
         if not isinstance(info, dict) or info.get("shape") != list(t.shape) or info.get("dtype") != str(t.dtype).removeprefix("torch."):
-            raise CheckpointCorruptError(f"tensor {key!r}: the manifest records {info}, the file holds {list(t.shape)} {t.dtype}")
+            raise CheckpointCorruptError(f"{source[key]}: tensor {key[:100]!r} is {list(t.shape)} {t.dtype}, the manifest records {str(info)[:200]}")
+    extra = sorted(set(tensors) - set(index))
+    if extra:
+        raise CheckpointCorruptError(f"{source[extra[0]]}: holds tensors the manifest does not list: {extra[:10]}")
 
 
 def leaves_by_path(tree: Tree) -> dict[str, Any]:
@@ -509,5 +845,3 @@ def compare_to_template(loaded: Tree, like: Tree) -> list[str]:
 
 def _kind(x: Any) -> str:
     return f"Tensor{list(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-

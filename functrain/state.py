@@ -163,7 +163,7 @@ class TrainState:
             (0, ['bias', 'weight'])
         """
         problems = _validate(module, optimizer, loss_fn, precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay)
-        params, frozen = _split_parameters(module, trainable)
+        params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) else ({}, {})
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
         if problems:
@@ -342,16 +342,15 @@ def _validate(module: Any, optimizer: Any, loss_fn: Any, precision: Any, accumul
 
 
 def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
-    """Wrap the user's optimizer as `options` ask: clip, then accumulate, then skip or loss-scale.
+    """Wrap the user's optimizer as `options` ask: clip, skip non-finite (or loss-scale), accumulate.
 
-    Clipping applies to the accumulated mean gradient; the non-finite check runs on every
-    micro-batch, so one bad micro-batch is dropped from the window rather than poisoning it.
+    Accumulation is outermost, so the checks see the window's mean gradient: a non-finite
+    micro-batch makes the whole window's update a counted no-op, and the counters advance with
+    every batch whatever happens (the driver can count on the host without reading them back).
     """
     tx = optimizer
     if options.clip_grad_norm is not None:
         tx = chain(clip_by_global_norm(options.clip_grad_norm), tx)
-    if options.accumulate_steps > 1:
-        tx = accumulate(tx, options.accumulate_steps)
     if options.precision == "fp16":
         # overflows are part of loss scaling: the scaler skips them; only a cap on runs raises
         tx = dynamic_loss_scale(tx)
@@ -360,6 +359,8 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
     elif options.nonfinite in ("skip", "halt"):
         cap = 0 if options.nonfinite == "halt" else options.max_consecutive_nonfinite
         tx = skip_nonfinite(tx, max_consecutive=cap)
+    if options.accumulate_steps > 1:
+        tx = accumulate(tx, options.accumulate_steps)
     return tx
 
 

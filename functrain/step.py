@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
+from functrain.averaging import ema
 from functrain.state import TrainState, _generator
 from functrain.transform import apply_updates, transform_metrics
 from functrain.tree import global_norm, tree_leaves, tree_map
@@ -159,13 +160,17 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
     completed = micro == 0
     tx_metrics = transform_metrics(opt_state)
-    skipped = tx_metrics.get("skipped", torch.zeros((), dtype=torch.bool, device=loss.device))
+    # the skip flag of the window that ends here (between window ends it is the previous one's)
+    skipped = tx_metrics.get("skipped", torch.zeros((), dtype=torch.bool, device=loss.device)) & completed
+    applied = completed & ~skipped
+    if state.options.nonfinite != "none" or state.options.precision == "fp16":
+        # a batch with non-finite statistics must not enter the running averages either
+        buffers = {n: torch.where(torch.isfinite(b).all(), b, state.buffers[n]) if b.is_floating_point() else b for n, b in buffers.items()}
     ema_state = state.ema_state
     if ema_state is not None:
-        from functrain.averaging import ema
-
         _, new_ema = ema(state.options.ema_decay, warmup=state.options.ema_warmup).update(params, ema_state)
-        ema_state = tree_map(lambda n, o: torch.where(completed, n, o), new_ema, ema_state) if k > 1 else new_ema
+        gated = k > 1 or "skipped" in tx_metrics
+        ema_state = tree_map(lambda n, o: torch.where(applied, n, o), new_ema, ema_state) if gated else new_ema
     new = {
         "params": params,
         "buffers": buffers,
@@ -175,7 +180,7 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
         "samples_seen": state.samples_seen + _batch_size(batch),
-        "skipped": state.skipped + (skipped & completed).long(),
+        "skipped": state.skipped + skipped.long(),
     }
     metrics = {
         "loss": loss.float(),

@@ -174,7 +174,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         new_state = SkipNonfiniteState(
             _select(finite, inner_state, state.inner), skipped, state.total_skipped + skipped.long(), consecutive, state.max_consecutive
         )
-        if _host_readable(consecutive):
+        if cap >= 0 and _host_readable(consecutive):
             check_skip_limits(new_state)
         return _gate(new_updates, finite, params), new_state
 

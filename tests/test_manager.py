@@ -159,10 +159,12 @@ def test_a_nan_metric_never_becomes_best(tmp_path: Path, states: list[ft.TrainSt
     mgr = ft.CheckpointManager(tmp_path, best_metric="val", mode=mode)
     mgr.save(states[0], metrics={"val": math.nan})
     assert mgr.best() is None
+    assert mgr.bests() == []
     second = mgr.save(states[1], metrics={"val": 0.5})
     mgr.save(states[2], metrics={"val": torch.tensor(math.nan)})
     mgr.save(states[3], metrics={"val": math.nan})
-    assert mgr.best() == tmp_path / second.name.replace("ckpt", "best")
+    assert mgr.bests() == [tmp_path / second.name.replace("ckpt", "best")]
+    assert mgr.best() == mgr.bests()[0]
     assert mgr.best_value() == 0.5
 
 

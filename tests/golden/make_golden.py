@@ -55,9 +55,9 @@ def trained_state() -> ft.TrainState:
 def describe(value: Any) -> Any:
     """What the test compares a loaded leaf against: exact, JSON-able."""
     if isinstance(value, torch.Tensor):
-        flat = value.detach().reshape(-1)
+        flat = value.detach().clone(memory_format=torch.contiguous_format).reshape(-1)
         first = [float(x).hex() if value.is_floating_point() else int(x) for x in flat[:4].tolist()]
-        raw = flat.contiguous().view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
         return {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape), "sha256": hashlib.sha256(raw).hexdigest(), "first": first}
     return {"value": repr(value)}
 

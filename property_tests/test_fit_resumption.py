@@ -1,0 +1,134 @@
+"""`fit` killed at any point and resumed in a fresh process ends exactly where the straight run ends.
+
+The run (`fit_worker.py`) has dropout, EMA, gradient accumulation over 2 batches, a plateau
+schedule, early stopping, evaluation every 3 updates in step mode and a regular save every 2, so a
+kill can land inside an accumulation window, at an epoch boundary, right after an evaluation or
+right after a save. Each process is SIGKILLed from a callback (no cleanup runs); the next one calls
+``fit(resume=True)``. The final state tree (every tensor, bit for bit), the best checkpoint's tensors
+and ``history.metrics_only()`` must equal those of the run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given, note, settings
+from hypothesis import strategies as st
+
+import functrain as ft
+from functrain.history import TIMING_KEYS
+from functrain.serialization import leaves_by_path
+
+WORKER = Path(__file__).with_name("fit_worker.py")
+
+# how often each event fires in the straight run (checked against the reference run below)
+EVENTS = {"on_batch_end": 26, "on_epoch_end": 4, "on_eval_end": 4, "on_save": 9}
+
+Kill = tuple[str, int]
+
+
+def _import_worker() -> Any:
+    spec = importlib.util.spec_from_file_location("fit_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+worker = _import_worker()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # the worker runs with one thread too: the same kernels in both processes
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted run, in this process (the same code the workers run)."""
+    root = tmp_path_factory.mktemp("straight")
+    worker.run(root / "checkpoints", root / "out")
+    result = load_result(root / "out")
+    assert {k: result["summary"]["counts"][k] for k in EVENTS} == EVENTS, "fit_worker's run changed: update EVENTS"
+    return result
+
+
+def load_result(out: Path) -> dict[str, Any]:
+    summary = json.loads((out / "result.json").read_text())
+    final, _ = ft.load(out / "final")
+    best, _ = ft.load(summary["best"])
+    return {"summary": summary, "final": final, "best": best}
+
+
+def run_worker(checkpoints: Path, out: Path, *, resume: bool, kill: Kill | None) -> int:
+    cmd = [sys.executable, str(WORKER), str(checkpoints), str(out)]
+    cmd += ["--resume"] if resume else []
+    cmd += ["--kill", f"{kill[0]}:{kill[1]}"] if kill else []
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, -signal.SIGKILL), f"fit worker failed ({done.returncode}):\n{done.stderr}"
+    return done.returncode
+
+
+def tensor_mismatches(expected: Any, got: Any) -> list[str]:
+    """Paths of leaves that differ (tensors by dtype and bits, other leaves by value; timings ignored)."""
+    want, have = leaves_by_path(expected), leaves_by_path(got)
+    problems = [f"missing {p}" for p in want if p not in have] + [f"extra {p}" for p in have if p not in want]
+    for path, a in want.items():
+        b = have.get(path)
+        if path not in have or path.rsplit("/", 1)[-1] in TIMING_KEYS:
+            continue
+        if isinstance(a, torch.Tensor):
+            same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        else:
+            same = type(a) is type(b) and a == b
+        if not same:
+            problems.append(f"differs {path}")
+    return problems
+
+
+def interrupted_run(kills: list[Kill]) -> tuple[dict[str, Any], int]:
+    """Run fit, killing each process at the next point of `kills`, until one finishes.
+
+    Returns the finished run's result and the number of processes killed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints, killed = Path(tmp) / "checkpoints", 0
+        for i, kill in enumerate([*kills, None]):
+            out = Path(tmp) / f"out{i}"
+            if run_worker(checkpoints, out, resume=i > 0, kill=kill) == 0:
+                return load_result(out), killed
+            killed += 1
+    raise AssertionError("unreachable: the last process runs without a kill point")
+
+
+kill_points = st.sampled_from(sorted(EVENTS)).flatmap(lambda hook: st.tuples(st.just(hook), st.integers(1, EVENTS[hook])))
+
+
+# every worker process costs seconds (the torch import): a few examples in CI, the explicit ones
+# chaining the kinds of interruption
+@settings(deadline=None, max_examples=3 if settings.default.max_examples <= 25 else 40)
+@given(kills=st.lists(kill_points, min_size=1, max_size=2))
+@example(kills=[("on_batch_end", 5), ("on_eval_end", 2), ("on_epoch_end", 1)])  # inside a window, after an eval, at an epoch end
+@example(kills=[("on_save", 9)])  # after the final save: the resumed run must take no further step
+def test_fit_killed_and_resumed_ends_bit_identical_to_the_straight_run(kills: list[Kill], reference: dict[str, Any]) -> None:
+    note(f"kills={kills}")
+    got, killed = interrupted_run(kills)
+    assert killed >= 1  # the first process runs the straight run's events, so its kill point comes
+    assert tensor_mismatches(reference["final"], got["final"]) == []
+    assert got["summary"]["history"] == reference["summary"]["history"]
+    assert got["summary"]["stop_reason"] == reference["summary"]["stop_reason"] == "max_steps"
+    assert Path(got["summary"]["best"]).name == Path(reference["summary"]["best"]).name
+    assert tensor_mismatches(reference["best"], got["best"]) == []
