@@ -20,8 +20,9 @@ every repetition runs every case once, in an order that reverses each repetition
 ratio is taken per repetition before the median. Every file is read back while it is still in the
 page cache, for the baseline and for functrain alike.
 
-``--profile`` adds the time of each stage of a save and a load done by hand (safetensors
-serialization, SHA-256, write, fsync, read, safetensors parse), to show where the time goes.
+``--profile`` adds the time of each stage of a save and a load done by hand (building the
+safetensors buffers, SHA-256, write, fsync, read, parse; each alone and overlapped as functrain
+does them), and the old path through ``safetensors.torch.save``/``load``, to show where the time goes.
 
 Usage:
     python benchmarks/checkpoint_io.py                # ~200 MB, 5 repetitions
@@ -163,10 +164,11 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
 
 
 def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
-    """Time each stage of a save and a load by hand, the way `functrain.serialization` does them."""
-    tree = state.tree()
+    """Time each stage of a save and a load, done by hand the way `functrain.serialization` does them."""
+    import safetensors.torch
+
     writer = serialization._Writer()
-    writer.node(tree, "", 0)
+    writer.node(state.tree(), "", 0)
     tensors = writer.tensors
     stages: dict[str, list[float]] = {}
 
@@ -176,32 +178,47 @@ def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
         stages.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
-    import safetensors.torch
-
     path = directory / "profile.safetensors"
     for _ in range(reps):
-        snapshot = stage("snapshot copy (async save)", lambda: {k: v.to("cpu", copy=True) for k, v in tensors.items()})
-        del snapshot
-        data = stage("safetensors.torch.save (one bytes object)", lambda: safetensors.torch.save(tensors))
-        stage("sha256 of the bytes", lambda: hashlib.sha256(data).hexdigest())
+        stage("save: snapshot copy of every tensor (async save)", lambda: {k: v.to("cpu", copy=True) for k, v in tensors.items()})
+        chunks = stage("save: safetensors header + views of the tensors", lambda: serialization._safetensors_chunks(tensors))
+        stage("save: sha256 of all bytes, alone", lambda: [hashlib.sha256(c) for c in chunks])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        stage("os.write to the page cache", lambda: plain_write_nofsync(fd, memoryview(data)))
-        stage("os.fsync of the file", lambda: os.fsync(fd))
+        stage("save: os.write of all bytes, alone (page cache)", lambda: [serialization._write_all(fd, c) for c in chunks])
+        stage("save: os.fsync of the file", lambda: os.fsync(fd))
         os.close(fd)
-        stage("os.fsync of a directory", lambda: serialization._fsync_dir(directory))
+        path.unlink()
+        stage("save: write + sha256 overlapped + fsync (_write_file)", lambda: serialization._write_file(path, chunks))
+        stage("save: os.fsync of a directory", lambda: serialization._fsync_dir(directory))
+        del chunks
+        info = {"bytes": path.stat().st_size, "sha256": ""}
+        buf = torch.empty(info["bytes"], dtype=torch.uint8)
+        stage("load: read into a fresh buffer, alone", lambda: _readinto(path, memoryview(buf.numpy())))
+        stage("load: sha256 of all bytes, alone", lambda: hashlib.sha256(buf.numpy()))
+        del buf
+        data = stage("load: read + sha256 overlapped (_read_hashing)", lambda: _read_fresh(path, info["bytes"]))
+        stage("load: parse header, tensors as views of the buffer", lambda: serialization._parse_safetensors(path.name, data))
         del data
-        raw = stage("read the file (one f.read)", lambda: plain_read(path))
-        stage("sha256 on load", lambda: hashlib.sha256(raw).hexdigest())
-        stage("safetensors.torch.load(bytes)", lambda: safetensors.torch.load(raw))
+        raw = stage("old save: safetensors.torch.save (one bytes object)", lambda: safetensors.torch.save(tensors))
+        stage("old load: safetensors.torch.load(bytes)", lambda: safetensors.torch.load(raw))
         del raw
-    print("\nstages (median seconds over the repetitions):")
+        path.unlink()
+    print("\nstages (median seconds over the repetitions; 'alone' = not overlapped with anything):")
     for name, values in stages.items():
-        print(f"  {name:45s} {statistics.median(values):7.3f}")
+        print(f"  {name:58s} {statistics.median(values):7.3f}")
 
 
-def plain_write_nofsync(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view[: 16 << 20]) :]
+def _readinto(path: Path, out: memoryview) -> None:
+    with open(path, "rb", buffering=0) as f:
+        pos = 0
+        while pos < len(out):
+            pos += f.readinto(out[pos : pos + (8 << 20)])
+
+
+def _read_fresh(path: Path, nbytes: int) -> torch.Tensor:
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    serialization._read_hashing(path, memoryview(data.numpy()))
+    return data
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -491,10 +491,11 @@ def run_sweep(args: argparse.Namespace) -> None:
         passthrough.append("--prototype")
     if args.memory:
         passthrough.append("--memory")
-    print(f"allocator sweep: {args.sweep_rounds} round(s) of {len(SWEEP)} settings, each a fresh subprocess")
+    chosen = [SWEEP[int(i)] for i in args.sweep_settings.split(",")] if args.sweep_settings else SWEEP
+    print(f"allocator sweep: {args.sweep_rounds} round(s) of {len(chosen)} settings, each a fresh subprocess")
     results: list[tuple[str, dict]] = []
     for rnd in range(args.sweep_rounds):
-        settings = SWEEP if rnd % 2 == 0 else SWEEP[::-1]
+        settings = chosen if rnd % 2 == 0 else chosen[::-1]
         for label, env_extra, flags in settings:
             env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
             env.update(env_extra)
@@ -535,7 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test: 2e6 params, 28 tensors, 5 reps, 2 warmup")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--prototype", action="store_true",
-                    help="add a row for a pure update that reuses its own temporaries (not functrain code)")
+                    help="add rows for pure AdamW prototypes A, B, C (not functrain code; see prototype_fn)")
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--mallopt", action="store_true",
@@ -545,6 +546,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads (default: torch's choice); 1 is steadier on a loaded machine")
     ap.add_argument("--sweep", action="store_true", help="compare allocator settings in subprocesses")
+    ap.add_argument("--sweep-settings", default="",
+                    help="comma-separated indices into the sweep's settings (default: all): " +
+                    "; ".join(f"{i}={label}" for i, (label, _, _) in enumerate(SWEEP)))
     ap.add_argument("--sweep-rounds", type=int, default=2, help="rounds of the sweep, order reversed each (2)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)

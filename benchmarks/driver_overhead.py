@@ -1,0 +1,168 @@
+"""What `functrain.fit` costs per step over calling `train_step` in a bare Python loop; and the demo's time.
+
+Workload: MLP 784-128-10 (ReLU), cross-entropy, ``functrain.adamw(1e-3)``, batch 64, a random
+``TensorDataset`` of 64 x 200 samples (one epoch = 200 steps), float32 on the CPU.
+
+* ``bare``: ``for batch in Batcher(ds, 64, seed=0).epoch(0): state, _ = train_step(state, batch)``:
+  the same batches, gathered the same way, as `fit` draws them, so the difference is the driver alone;
+* ``bare, pre-gathered``: the same loop over a list of ready batches (what the gathering costs);
+* ``fit``: ``fit(state, ds, batch_size=64, max_epochs=1, log_every=50, progress bar on (writing to
+  os.devnull), verbosity="silent")``: no evaluation, no checkpoints. Its time includes the per-call
+  work (validation, the bar, the result), spread over the 200 steps.
+
+Method: every repetition runs each variant once from the same initial state (states are values: no
+copy needed), interleaved in ABBA order so that drift on a shared machine hits all alike, after one
+untimed warm-up of each. Each sample is one epoch; the table shows the median per step, for the wall
+clock and for this process's CPU time (use ``--threads 1``, the default, for CPU time to mean one
+core's work). Target: fit / bare <= 1.05.
+
+Then the whole demo (``python -m functrain.demo --no-progress --out <tmp>``) is timed as a process:
+interpreter start, imports, data, 15 epochs with evaluation, checkpoints and logs.
+
+Usage:
+    python benchmarks/driver_overhead.py                  # 15 repetitions, then the demo
+    python benchmarks/driver_overhead.py --reps 5 --no-demo
+    python benchmarks/driver_overhead.py --profile        # also: cProfile of one fit, driver functions first
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import functrain as ft
+
+BATCH, STEPS = 64, 200
+
+
+def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def workload() -> tuple[ft.TrainState, TensorDataset]:
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(BATCH * STEPS, 784, generator=gen), torch.randint(0, 10, (BATCH * STEPS,), generator=gen))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    return ft.TrainState.create(model, ft.adamw(1e-3), loss_fn), data
+
+
+def variants(state: ft.TrainState, data: TensorDataset, devnull: Any) -> dict[str, Callable[[], ft.TrainState]]:
+    batcher = ft.Batcher(data, BATCH, seed=0)
+    ready = list(batcher.epoch(0))
+
+    def bare() -> ft.TrainState:
+        s = state
+        for batch in batcher.epoch(0):
+            s, _ = ft.train_step(s, batch)
+        return s
+
+    def bare_ready() -> ft.TrainState:
+        s = state
+        for batch in ready:
+            s, _ = ft.train_step(s, batch)
+        return s
+
+    def fit() -> ft.TrainState:
+        bar = ft.ProgressBar(file=devnull)
+        return ft.fit(state, data, batch_size=BATCH, max_epochs=1, log_every=50, progress=False, callbacks=[bar], verbosity="silent").state
+
+    return {"bare": bare, "bare, pre-gathered": bare_ready, "fit": fit}
+
+
+def measure(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, dict[str, list[float]]]:
+    names = list(runs)
+    samples = {n: {"wall": [], "cpu": []} for n in names}
+    for run in runs.values():  # warm-up: first touches, allocator, the tqdm import
+        run()
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            runs[name]()
+            samples[name]["wall"].append((time.perf_counter() - w0) / STEPS)
+            samples[name]["cpu"].append((time.process_time() - c0) / STEPS)
+        print(f"  repetition {rep + 1}/{reps}", file=sys.stderr)
+    return samples
+
+
+def report(samples: dict[str, dict[str, list[float]]]) -> float:
+    print("\n| variant | wall ms/step (ratio) | CPU ms/step (ratio) |")
+    print("|---|---|---|")
+    med = {n: {c: statistics.median(v) for c, v in s.items()} for n, s in samples.items()}
+    for name, m in med.items():
+        cells = [f"{1e3 * m[c]:.3f} ({m[c] / med['bare'][c]:.3f})" for c in ("wall", "cpu")]
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+    for name, s in samples.items():
+        lo, hi = min(s["wall"]), max(s["wall"])
+        print(f"  {name}: wall per step over the repetitions {1e3 * lo:.3f}-{1e3 * hi:.3f} ms")
+    ratio = med["fit"]["cpu"] / med["bare"]["cpu"]
+    wall_ratio = med["fit"]["wall"] / med["bare"]["wall"]
+    print(f"\nfit / bare: {wall_ratio:.3f}x wall, {ratio:.3f}x CPU (target <= 1.05): {'ok' if max(ratio, wall_ratio) <= 1.05 else 'MISSED'}")
+    return ratio
+
+
+def profile_fit(run: Callable[[], Any]) -> None:
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    print("\ncProfile of one fit (200 steps), functions of functrain's driver, callbacks, data and tqdm:")
+    stats.sort_stats("tottime").print_stats(r"functrain/(driver|callbacks|data|history|plateau)\.py|tqdm", 15)
+    print("Top 12 by cumulative time:")
+    stats.sort_stats("cumulative").print_stats(12)
+
+
+def time_demo() -> tuple[float, str]:
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "functrain.demo", "--no-progress", "--out", out], capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+    if done.returncode not in (0, 1):  # 1: ran, but the test accuracy missed its bar
+        raise SystemExit(f"the demo failed:\n{done.stderr[-2000:]}")
+    return elapsed, done.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=15, help="interleaved repetitions (one epoch of 200 steps each)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: CPU time is one core's)")
+    ap.add_argument("--no-demo", action="store_true", help="skip timing the demo process")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one fit")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
+    state, data = workload()
+    with open(os.devnull, "w") as devnull:
+        runs = variants(state, data, devnull)
+        report(measure(runs, args.reps))
+        if args.profile:
+            profile_fit(runs["fit"])
+    if not args.no_demo:
+        elapsed, stdout = time_demo()
+        inner = [line for line in stdout.splitlines() if line.startswith(("total time", "stopped", "test accuracy"))]
+        print(f"\ndemo process (python -m functrain.demo --no-progress): {elapsed:.1f} s wall")
+        for line in inner:
+            print(f"  demo: {line}")
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
