@@ -20,6 +20,11 @@ timed region of the functional update includes rebinding ``params, state`` to th
 freeing the old ones, as a training loop does. Also reported per implementation: minor page faults per
 update (``getrusage``, whole process), and at the end a check that functrain's parameters equal torch's.
 
+``--prototype`` adds pure AdamW variants that are not functrain code (see `prototype_fn` and
+`fused_prototype_fn`), to show where the eager gap comes from. ``--threads 1`` keeps timings steady when
+other work shares the machine (with 2 OpenMP threads every per-tensor kernel waits for both threads).
+``--fresh-grads`` gives every update newly allocated gradients, untimed, as a backward pass would.
+
 ``--memory`` adds peak extra memory of the eager implementations, each measured in a fresh subprocess:
 peak RSS (VmHWM, reset through /proc/self/clear_refs) while creating the optimizer state and running a
 few updates, over the RSS with the parameters and gradients alone, in multiples of the parameter bytes.
@@ -33,7 +38,8 @@ Usage:
     python benchmarks/optim_update.py                        # 25M params, 100 tensors, 25 reps
     python benchmarks/optim_update.py --params 25e6 --tensors 100 --reps 20 --memory
     python benchmarks/optim_update.py --quick                # smoke test (small, few reps)
-    python benchmarks/optim_update.py --sweep --no-compile   # allocator settings, eager only
+    python benchmarks/optim_update.py --threads 1 --prototype --memory
+    python benchmarks/optim_update.py --sweep --no-compile --fresh-grads --threads 1   # allocator settings
 """
 
 from __future__ import annotations
@@ -128,8 +134,8 @@ def make_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    params = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
-    grads = {k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
+    params = {k: torch.randn(s, generator=g).mul_(0.02) for k, s in shapes.items()}  # in place: no freed
+    grads = {k: torch.randn(s, generator=g).mul_(1e-3) for k, s in shapes.items()}  # temporaries to reuse
     return params, grads
 
 
@@ -431,20 +437,26 @@ def memory_child(args: argparse.Namespace) -> None:
     base, grads = make_tensors(shapes)
     param_bytes = sum(v.numel() * v.element_size() for v in base.values())
     name = args.memory_child
-    if name == "torch foreach":
-        makers = lambda: torch_impl(name, base, grads)  # noqa: E731
-    elif name == "torch fused":
-        makers = lambda: torch_impl(name, base, grads, fused=True)  # noqa: E731
-    elif name.startswith("prototype"):
-        makers = lambda: prototype_impl(name, base, grads, addcdiv=name.endswith("B"), fused=name.endswith("C"))  # noqa: E731
-    else:
-        makers = lambda: functrain_impl(name, base, grads)  # noqa: E731
-    # the implementations clone the parameters: count them in the baseline, then drop the source copy
+
+    def make(b: dict, g: dict) -> Impl:
+        if name == "torch foreach":
+            return torch_impl(name, b, g)
+        if name == "torch fused":
+            return torch_impl(name, b, g, fused=True)
+        if name.startswith("prototype"):
+            return prototype_impl(name, b, g, addcdiv=name.endswith("B"), fused=name.endswith("C"))
+        return functrain_impl(name, b, g)
+
+    # first use of each kernel loads code and buffers (tens of MiB): do that on a tiny tree, outside the count
+    tiny = make(*make_tensors(transformer_shapes(2e4, args.tensors)))
+    for _ in range(2):
+        tiny.step()
+    del tiny
     gc.collect()
     rss0 = _proc_status_kib("VmRSS")  # params (base) + grads
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    impl = makers()  # + a second copy of the params
+    impl = make(base, grads)  # clones the params: that copy stands for the model's own, subtracted below
     for _ in range(args.memory_steps):
         impl.step()
     peak = _proc_status_kib("VmHWM")

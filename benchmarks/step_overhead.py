@@ -373,7 +373,8 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
     for r in results:
         parts = [f"{impl} {lo:.3f}-{hi:.3f}" for impl, (lo, hi) in r["spread"].items()]
         print(f"  {r['workload']}: " + ", ".join(parts))
-    print("Max |param - hand-written param| after the same steps (0 = bit-identical):")
+    print("Max |param - hand-written param| after the same steps (0 = bit-identical; with dropout (cnn, transformer)\n"
+          "functrain draws its masks from its own generator state, so only the MLP is comparable):")
     for r in results:
         parts = [f"{impl} {d:.2e}" for impl, d in r["max_param_diff"].items()]
         print(f"  {r['workload']} ({r['steps']} steps): " + ", ".join(parts))
@@ -449,6 +450,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter_ns if args.clock == "wall" else time.process_time_ns
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        log("WARNING: --clock cpu with more than one thread also counts the threads' spinning; use --threads 1")
     impls = [i for i in IMPLS if not (args.no_compile and i == "compiled")]
     mem_steps = min(args.memory_steps, 3) if args.quick else args.memory_steps
     mem_warmup = min(args.memory_warmup, 2) if args.quick else args.memory_warmup

@@ -163,10 +163,14 @@ def reduce_on_plateau(
     def update_fn(updates: Any, state: ReduceOnPlateauState, params: Tree | None = None) -> tuple[Any, ReduceOnPlateauState]:
         scale = state.scale
         if isinstance(updates, ParamStep):
-            direction = torch._foreach_mul(list(updates.direction), scale.to(updates.direction[0].dtype)) if updates.alpha is None else updates.direction
-            alpha = updates.alpha * scale if updates.alpha is not None else None
             decay = 1 - (1 - updates.decay) * scale if updates.decay is not None else None
-            return ParamStep(direction, updates.spec, alpha, decay, updates.decay_mask, updates.keep), state
+            if updates.alpha is not None:
+                return updates.replace(alpha=updates.alpha * scale, decay=decay), state
+            if updates.quotient is not None:
+                num, den, step_size = updates.quotient
+                return updates.replace(quotient=(num, den, step_size * scale), decay=decay), state
+            direction = torch._foreach_mul(list(updates.direction), scale.to(updates.direction[0].dtype))
+            return updates.replace(direction=direction, decay=decay), state
         u, spec = flat_updates(updates, params) if not isinstance(updates, Ratio) else (as_tensors(updates, params), updates.spec)
         return tree_unflatten(list(torch._foreach_mul(u, scale.to(u[0].dtype))), spec), state
 

@@ -152,25 +152,52 @@ class ParamStep:
 
     `alpha` of None means 1 (plain addition); a Python float uses torch's fused ``add(alpha=)``;
     a tensor multiplies first. `decay` applies only where `decay_mask` holds (all leaves when None).
+    Instead of a `direction`, a step may hold a `quotient` ``(num, den, step_size)`` meaning
+    ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch does.
     """
 
-    __slots__ = ("direction", "spec", "alpha", "decay", "decay_mask", "keep")
+    __slots__ = ("_direction", "quotient", "spec", "alpha", "decay", "decay_mask", "keep")
 
     def __init__(
         self,
-        direction: Sequence[torch.Tensor],
+        direction: Sequence[torch.Tensor] | None,
         spec: Any,
         alpha: Scalar | None = None,
         decay: Scalar | None = None,
         decay_mask: tuple[bool, ...] | None = None,
         keep: torch.Tensor | None = None,
+        quotient: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        self.direction = direction
+        self._direction = direction
+        self.quotient = quotient
         self.spec = spec
         self.alpha = alpha
         self.decay = decay
         self.decay_mask = decay_mask
         self.keep = keep
+
+    @property
+    def direction(self) -> Sequence[torch.Tensor]:
+        if self._direction is not None:
+            return self._direction
+        num, den, step_size = self.quotient  # type: ignore[misc]
+        out = [n * step_size.to(n.dtype) for n in num]
+        torch._foreach_div_(out, list(den))
+        return out
+
+    def replace(self, **changes: Any) -> ParamStep:
+        """A copy with some fields changed (``direction``, ``alpha``, ``decay``, ``keep``, ...)."""
+        fields = {
+            "direction": self._direction,
+            "spec": self.spec,
+            "alpha": self.alpha,
+            "decay": self.decay,
+            "decay_mask": self.decay_mask,
+            "keep": self.keep,
+            "quotient": self.quotient,
+        }
+        fields.update(changes)
+        return ParamStep(**fields)
 
 
 def is_transform(obj: object) -> bool:
@@ -209,27 +236,60 @@ def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Ten
 
 
 def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
-    out = p
-    if step.decay is not None:
-        mask = step.decay_mask or (True,) * len(p)
-        idx = [i for i, m in enumerate(mask) if m]
-        decay = step.decay
-        if isinstance(decay, torch.Tensor):
-            decay = decay.to(p[idx[0]].dtype) if idx else decay
-        decayed = torch._foreach_mul([p[i] for i in idx], decay) if idx else []
-        out = list(p)
-        for i, d in zip(idx, decayed, strict=True):
-            out[i] = d
-    direction = [d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, out, strict=True)]
-    if step.alpha is None:
-        new = torch._foreach_add(out, direction)
-    elif isinstance(step.alpha, torch.Tensor):
-        new = torch._foreach_add(out, torch._foreach_mul(direction, step.alpha.to(direction[0].dtype)))
-    else:
-        new = torch._foreach_add(out, direction, alpha=step.alpha)
+    mask = step.decay_mask or (True,) * len(p)
+    decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
+    plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
+    new: list[torch.Tensor] = list(p)
+    if decayed:
+        decay = step.decay.to(p[decayed[0]].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
+        # torch.optim's order: p * (1 - lr * wd) first, then the update, in place on that fresh buffer
+        out = list(torch._foreach_mul([p[i] for i in decayed], decay))
+        _add_step_(out, decayed, step)
+        for i, t in zip(decayed, out, strict=True):
+            new[i] = t
+    if plain:
+        out = [p[i].clone() for i in plain] if _fused_quotient(step, p) else None
+        if out is None:
+            dirs = _directions(step, p, plain)
+            src = [p[i] for i in plain]
+            fused_alpha = step.alpha is not None and not isinstance(step.alpha, torch.Tensor)
+            out = list(torch._foreach_add(src, dirs, alpha=step.alpha) if fused_alpha else torch._foreach_add(src, dirs))
+        else:
+            _add_step_(out, plain, step)
+        for i, t in zip(plain, out, strict=True):
+            new[i] = t
     if step.keep is not None:
         new = [torch.where(step.keep, n, old) for n, old in zip(new, p, strict=True)]
     return new
+
+
+def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
+    """Whether the quotient can go through one foreach addcdiv (it takes its scalars from a CPU tensor)."""
+    if step.quotient is None or step.alpha is not None or torch.compiler.is_compiling():
+        return False  # compiled graphs fuse the three ops themselves
+    return step.quotient[2].device.type == "cpu" and len({t.dtype for t in p}) == 1
+
+
+def _directions(step: ParamStep, p: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+    direction = step.direction
+    dirs = [direction[i] if direction[i].dtype == p[i].dtype else direction[i].to(p[i].dtype) for i in idx]
+    if isinstance(step.alpha, torch.Tensor):
+        dirs = list(torch._foreach_mul(dirs, step.alpha.to(dirs[0].dtype)))
+    return dirs
+
+
+def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep) -> None:
+    """Add the step to `out` (fresh buffers this call owns), in place."""
+    if _fused_quotient(step, out):
+        num, den, step_size = step.quotient  # type: ignore[misc]
+        scalars = step_size.to(torch.float64).reshape(1).expand(len(idx)).contiguous()
+        torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
+        return
+    dirs = _directions(step, out, idx) if step.quotient is None else [d for d in (step.direction[i] for i in idx)]
+    if step.alpha is None or isinstance(step.alpha, torch.Tensor):
+        torch._foreach_add_(out, dirs)
+    else:
+        torch._foreach_add_(out, dirs, alpha=step.alpha)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -7,7 +7,7 @@ torch bit for bit in float32 (see `functrain.transform` for how the last roundin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -77,6 +77,15 @@ def _by_dtype_div(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[tor
     if len(dtypes) == 1:
         return torch._foreach_div(tensors, scalar.to(tensors[0].dtype))
     return [t / scalar.to(t.dtype) for t in tensors]
+
+
+def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
+    """In place, on tensors the caller owns: `tensors /= scalar` (cast to each dtype)."""
+    if len({t.dtype for t in tensors}) == 1:
+        torch._foreach_div_(tensors, scalar.to(tensors[0].dtype))
+        return
+    for t in tensors:
+        t.div_(scalar.to(t.dtype))
 
 
 def _check_unit(problems: list[str], name: str, value: float, closed_low: bool = True) -> None:
@@ -150,12 +159,15 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsg
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        nu = torch._foreach_addcmul(torch._foreach_mul(state.nu, b2), g, g, value=1 - b2)
+        nu = torch._foreach_mul(state.nu, b2)
+        torch._foreach_addcmul_(nu, g, g, value=1 - b2)  # in place on a buffer this call owns
         nu_max = torch._foreach_maximum(state.nu_max, nu) if amsgrad else ()
         step = _f64(count)
         bc1 = 1 - _pow(b1, step)
         bc2_sqrt = torch.sqrt(1 - _pow(b2, step))
-        den = torch._foreach_add(_by_dtype_div(torch._foreach_sqrt(nu_max if amsgrad else nu), bc2_sqrt), eps)
+        den = torch._foreach_sqrt(nu_max if amsgrad else nu)
+        _by_dtype_div_(den, bc2_sqrt)
+        torch._foreach_add_(den, eps)
         return Ratio(mu, den, bc1, spec), ScaleByAdamState(count, mu, nu, nu_max)
 
     return Transform(init_fn, update_fn)
@@ -204,7 +216,8 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        nu = torch._foreach_addcmul(torch._foreach_mul(state.nu, b2), g, g, value=1 - b2)
+        nu = torch._foreach_mul(state.nu, b2)
+        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
         step = _f64(count)
         bc1 = 1 - _pow(b1, step)
         bc2 = 1 - _pow(b2, step)
@@ -258,14 +271,17 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
 
     def update_fn(updates: Any, state: ScaleByRmsState, params: Tree | None = None) -> tuple[Ratio, ScaleByRmsState]:
         g, spec = flat_updates(updates, params)
-        nu = torch._foreach_addcmul(torch._foreach_mul(state.nu, alpha), g, g, value=1 - alpha)
+        nu = torch._foreach_mul(state.nu, alpha)
+        torch._foreach_addcmul_(nu, g, g, value=1 - alpha)
         mu: tuple[torch.Tensor, ...] = ()
         if centered:
             mu = torch._foreach_lerp(state.mu, g, 1 - alpha)
-            avg = torch._foreach_sqrt(torch._foreach_addcmul(nu, mu, mu, value=-1))
+            avg = torch._foreach_addcmul(nu, mu, mu, value=-1)
+            torch._foreach_sqrt_(avg)
         else:
             avg = torch._foreach_sqrt(nu)
-        return Ratio(g, torch._foreach_add(avg, eps), None, spec), ScaleByRmsState(nu, mu)
+        torch._foreach_add_(avg, eps)
+        return Ratio(g, avg, None, spec), ScaleByRmsState(nu, mu)
 
     return Transform(init_fn, update_fn)
 
@@ -311,7 +327,8 @@ def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         sums = torch._foreach_addcmul(state.sum_of_squares, g, g, value=1)
-        den = torch._foreach_add(torch._foreach_sqrt(sums), eps)
+        den = torch._foreach_sqrt(sums)
+        torch._foreach_add_(den, eps)
         divisor = 1 + (_f64(count) - 1) * lr_decay if lr_decay else None
         return Ratio(g, den, divisor, spec), ScaleByAdagradState(count, sums)
 
@@ -401,7 +418,8 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
     def update_fn(updates: Any, state: TraceState, params: Tree | None = None) -> tuple[Tree, TraceState]:
         g, spec = flat_updates(updates, params)
         # buffer * decay + g: exactly g on the first step when the buffer starts at zero
-        buf = torch._foreach_add(torch._foreach_mul(state.trace, decay), g, alpha=1 - dampening)
+        buf = torch._foreach_mul(state.trace, decay)
+        torch._foreach_add_(buf, g, alpha=1 - dampening)
         if dampening:
             first = state.count == 0
             buf = tuple(torch.where(first, x, b) for x, b in zip(g, buf, strict=True))
@@ -518,11 +536,11 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
             else:
                 # torch.optim: (lr / bias_correction) * -1, in float64
                 step_size = torch.div(lr_t, updates.divisor) * sign
-            direction = torch._foreach_div(_by_dtype_mul(updates.num, step_size), updates.den)
+            quotient = (updates.num, updates.den, step_size)
             decay = None
             if updates.weight_decay:
                 decay = 1 - lr * updates.weight_decay
-            return ParamStep(direction, updates.spec, None, decay, updates.decay_mask), new_state
+            return ParamStep(None, updates.spec, None, decay, updates.decay_mask, quotient=quotient), new_state
         u, spec = flat_updates(updates, params)
         alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
         return ParamStep(u, spec, alpha), new_state

@@ -60,7 +60,7 @@ def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
     """Updates that take effect only where `keep` holds (zero updates, or an untouched parameter)."""
     if isinstance(updates, ParamStep):
         gate = keep if updates.keep is None else keep & updates.keep
-        return ParamStep(updates.direction, updates.spec, updates.alpha, updates.decay, updates.decay_mask, gate)
+        return updates.replace(keep=gate)
     u, spec = flat_updates(updates, params)
     return tree_unflatten([torch.where(keep, x, torch.zeros_like(x)) for x in u], spec)
 

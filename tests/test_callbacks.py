@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from collections.abc import Iterator
@@ -301,3 +302,16 @@ def test_lr_monitor_includes_the_plateau_scale(monkeypatch: pytest.MonkeyPatch) 
     quiet_fit(state, data, eval_data=data, max_epochs=3, log_every=3, callbacks=[monitor])
     # the second evaluation (after update 6) is worse: the third epoch runs at half the rate
     assert monitor.values == [(3, 0.5), (6, 0.5), (9, 0.25)]
+
+
+def test_the_default_progress_bar_writes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    ft.fit(make_state(), dataset(), batch_size=BATCH, max_epochs=1, verbosity="silent")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "epoch 0" in captured.err and "3/3" in captured.err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_logger_without_tensorboard_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"TensorBoardLogger needs tensorboard: pip install 'functrain\[tensorboard\]'"):
+        quiet_fit(make_state(), dataset(), max_epochs=1, callbacks=[ft.TensorBoardLogger(tmp_path)])

@@ -201,6 +201,14 @@ def test_resuming_an_early_stopped_run_trains_no_further(monkeypatch: pytest.Mon
     assert_same_tensors(done.state.tree(), again.state.tree())
 
 
+def test_resuming_a_run_that_reached_max_epochs_trains_no_further(tmp_path: Path) -> None:
+    data = dataset()
+    done = quiet_fit(make_state(), data, eval_data=data, max_epochs=2, checkpoint_dir=tmp_path)
+    again = quiet_fit(make_state(), data, eval_data=data, max_epochs=2, checkpoint_dir=tmp_path, resume=True)
+    assert (again.stop_reason, counters(again.state)) == ("max_epochs", (6, 2, 0, 0))
+    assert again.history.metrics_only() == done.history.metrics_only()
+
+
 def test_resuming_a_run_that_reached_max_steps_takes_no_step(tmp_path: Path) -> None:
     data = dataset()
     state = make_state(accumulate_steps=2)
@@ -209,6 +217,21 @@ def test_resuming_a_run_that_reached_max_steps_takes_no_step(tmp_path: Path) -> 
     assert counters(again.state) == counters(done.state) == (4, 2, 2, 0)
     assert again.stop_reason == "max_steps"
     assert_same_tensors(done.state.tree(), again.state.tree())
+
+
+def test_early_stopping_lists_its_invalid_arguments() -> None:
+    with pytest.raises(ConfigError) as err:
+        ft.EarlyStopping("val_loss", patience=0, mode="up", min_delta=-0.1)  # type: ignore[arg-type]
+    message = str(err.value)
+    assert "patience must be an int >= 1, got patience=0" in message
+    assert "mode must be 'min' or 'max', got mode='up'" in message
+    assert "min_delta must be >= 0, got min_delta=-0.1" in message
+
+
+def test_early_stopping_on_a_metric_the_evaluation_lacks_is_an_error() -> None:
+    data = dataset()
+    with pytest.raises(ConfigError, match=r"early stopping watches 'val_acc', which the evaluation did not produce \(got \['val_loss'\]\)"):
+        quiet_fit(make_state(), data, eval_data=data, max_epochs=2, early_stopping=ft.EarlyStopping("val_acc"))
 
 
 def test_reduce_on_plateau_scales_updates_down_after_patience_evals(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,13 +358,19 @@ def test_nonfinite_halt_names_the_update_and_keeps_the_checkpoint_before(tmp_pat
 
 
 def test_ema_evaluation_is_logged_and_equals_evaluate_with_use_ema() -> None:
-    data = dataset()
-    result = quiet_fit(make_state(ema_decay=0.9), data, eval_data=data, max_epochs=2)
+    data, test = dataset(), dataset(1, n=30)
+    result = quiet_fit(make_state(ema_decay=0.9), data, eval_data=data, test_data=test, max_epochs=2)
     row = result.history.rows["eval"][-1]
     batches = list(ft.Batcher(data, BATCH, shuffle=False).epoch(0))
     assert row["val_ema_loss"] == ft.evaluate(result.state, batches, use_ema=True)["val_loss"]
     assert row["val_loss"] == ft.evaluate(result.state, batches)["val_loss"]
     assert row["val_ema_loss"] != row["val_loss"]
+    # without checkpoints the test set sees the final weights, raw and averaged
+    test_batches = list(ft.Batcher(test, BATCH, shuffle=False).epoch(0))
+    assert result.test == {
+        "test_loss": ft.evaluate(result.state, test_batches)["val_loss"],
+        "test_ema_loss": ft.evaluate(result.state, test_batches, use_ema=True)["val_loss"],
+    }
 
 
 def test_evaluate_weights_batches_by_their_size() -> None:
@@ -371,13 +400,37 @@ def test_invalid_fit_arguments_are_listed_together() -> None:
 
     state = ft.TrainState.create(nn.Linear(3, 1), ft.sgd(0.1), counting_loss)
     with pytest.raises(ConfigError) as err:
-        ft.fit(state, dataset(), batch_size=BATCH, run_mode="x", log_every=0, max_epochs=1, resume=True, mode="low", progress=False)
+        ft.fit(
+            state,
+            dataset(),
+            batch_size=BATCH,
+            run_mode="x",
+            log_every=0,
+            max_epochs=0,
+            eval_every=2.5,
+            save_every=3,
+            resume=True,
+            mode="low",
+            verbosity="loud",
+            progress=False,
+        )
     message = str(err.value)
+    assert message.startswith("invalid arguments to fit:\n  - ")
+    assert message.count("\n  - ") == 8
     assert "run_mode must be 'epoch' or 'step', got run_mode='x'" in message
     assert "log_every must be an int >= 1, got log_every=0" in message
+    assert "max_epochs must be an int >= 1 or None, got max_epochs=0" in message
+    assert "eval_every must be an int >= 1, got eval_every=2.5" in message
     assert "resume=True needs checkpoint_dir" in message
+    assert "save_every needs checkpoint_dir" in message
     assert "mode must be 'min' or 'max', got mode='low'" in message
+    assert "verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity='loud'" in message
     assert calls == []
+
+
+def test_fit_needs_a_train_state() -> None:
+    with pytest.raises(ConfigError, match="state must be a functrain.TrainState, got Linear"):
+        quiet_fit(nn.Linear(3, 1), dataset(), max_epochs=1)  # type: ignore[arg-type]
 
 
 def test_fit_without_an_end_is_rejected() -> None:
@@ -409,3 +462,19 @@ def test_fit_resumed_after_a_requested_stop_equals_the_straight_fit(tmp_path: Pa
     resumed = quiet_fit(state, data, checkpoint_dir=tmp_path / "cut", resume=True, **kwargs)
     assert resumed.history.metrics_only() == straight.history.metrics_only()
     assert_same_tensors(straight.state.tree(), resumed.state.tree())
+
+
+# ---------------------------------------------------------------- the result
+
+
+def test_fit_result_repr_and_history_plot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    script_val_loss(monkeypatch, [0.5, 0.25])
+    data = dataset()
+    result = quiet_fit(make_state(), data, eval_data=data, test_data=data, max_epochs=2, log_every=2)
+    test_loss = result.test["test_loss"]
+    assert repr(result) == f"FitResult(step=6, epoch=2, stop_reason='max_epochs', best={{val_loss: 0.25}}, test={{test_loss: {test_loss:.4g}}})"
+    assert result.history.column("val_loss") == [0.5, 0.25]
+    assert result.history.column("step", "train") == [2, 4, 6]
+    assert result.history.last("epoch")["step"] == 6
+    png = result.history.plot(tmp_path / "curves.png")
+    assert png == tmp_path / "curves.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

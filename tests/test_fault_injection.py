@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import functrain as ft
 from functrain import serialization as ser

@@ -611,7 +611,7 @@ def test_oversized_manifest_is_rejected_before_reading(reference: Path) -> None:
 
 @FUZZ
 @given(data=st.data())
-def test_random_manifest_edits_are_rejected_or_load_consistently(reference: Path, data: st.DataObject) -> None:
+def test_random_manifest_edits_raise_only_functrain_errors(reference: Path, data: st.DataObject) -> None:
     """Any value of the manifest replaced by an arbitrary JSON value, re-sealed: a clean result either way."""
     with damaged(reference) as d:
         m = read_manifest_json(d)
@@ -875,12 +875,6 @@ def test_format_1_golden_checkpoint_loads_exactly_into_a_fresh_template() -> Non
     got = {path: golden.describe(leaf) for path, leaf in ser.leaves_by_path(state.tree()).items()}
     assert got == expected
     assert int(state.step) == 3 and float(state.params["0.weight"][0, 0]) == float.fromhex(expected["params/0.weight"]["first"][0])
-
-
-def test_format_1_golden_checkpoint_resumes_like_the_uninterrupted_run() -> None:
-    golden = load_golden_module()
-    state = ft.load(GOLDEN / "v1", like=golden.build_state())
-    assert_same(golden.trained_state().tree(), state.tree())
 
 
 # ---------------------------------------------------------------------------------------------
