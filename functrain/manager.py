@@ -202,7 +202,7 @@ class CheckpointManager:
         os.rename(tmp, self.directory / name)
         _fsync_dir(self.directory)
         for old in self._ranked_bests()[self.keep_best :]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
 
     def _ranked_bests(self) -> list[Path]:
         scored = [(v, p) for p in self.bests() if (v := self._score(p)) is not None]
@@ -222,7 +222,7 @@ class CheckpointManager:
         if self.keep_last is None:
             return
         for old in self.all()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
 
     def wait(self) -> None:
         """Block until a pending async save is committed; raise its error if it failed."""
@@ -269,14 +269,9 @@ class CheckpointManager:
             candidates.append(latest)
         for path in reversed(candidates):
             try:
-                verify(path)
+                return load(path, like=like)  # verifies every file while reading it once
             except CheckpointError as e:
                 warnings.warn(f"skipping checkpoint {path.name}: {e}", RuntimeWarning, stacklevel=2)
-                continue
-            try:
-                return load(path, like=like)
-            except StateMismatchError:
-                raise
         return None
 
     def cleanup(self) -> None:
@@ -287,6 +282,20 @@ class CheckpointManager:
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that an interruption leaves nothing that looks like one.
+
+    The rename to a temporary name is atomic; a process killed during the deletion leaves a
+    `.tmp-` directory that readers ignore and `cleanup` removes.
+    """
+    doomed = path.parent / f"{TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _host(value: Any) -> Any:

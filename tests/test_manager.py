@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import functrain as ft
+import functrain.manager as manager_module
 from functrain import serialization
 from functrain.serialization import MANIFEST, leaves_by_path
 
@@ -99,15 +100,15 @@ def test_rotation_removes_old_checkpoints_only_after_the_new_one_is_committed(
     mgr = ft.CheckpointManager(tmp_path, keep_last=1)
     first = mgr.save(states[0])
     seen_at_removal = []
-    real_rmtree = shutil.rmtree
+    real_remove = manager_module._remove
 
-    def spying_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+    def spying_remove(path: Any) -> None:
         if Path(path).name.startswith("ckpt-"):
             committed = sorted(p.name for p in tmp_path.glob("ckpt-*") if (p / MANIFEST).is_file())
             seen_at_removal.append((Path(path).name, committed, (tmp_path / "latest").read_text().strip()))
-        real_rmtree(path, *args, **kwargs)
+        real_remove(path)
 
-    monkeypatch.setattr(shutil, "rmtree", spying_rmtree)
+    monkeypatch.setattr(manager_module, "_remove", spying_remove)
     second = mgr.save(states[1])
     assert seen_at_removal == [(first.name, [first.name, second.name], second.name)]
     assert mgr.all() == [second]
@@ -344,3 +345,23 @@ def test_invalid_options_raise_config_error(tmp_path: Path, options: dict[str, A
     with pytest.raises(ft.ConfigError, match=message):
         ft.CheckpointManager(tmp_path / "never", **options)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_rotation_interrupted_mid_delete_leaves_no_checkpoint_lookalike(
+    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mgr = ft.CheckpointManager(tmp_path, keep_last=1)
+    first = mgr.save(states[0])
+
+    def killed_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # the process dies while deleting
+
+    monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(states[1])
+    monkeypatch.undo()
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert first.name not in leftovers  # renamed away before deletion began
+    assert [n for n in leftovers if n.startswith("ckpt-")] == [mgr.all()[0].name]
+    ft.CheckpointManager(tmp_path, keep_last=1)  # a new manager cleans up
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
