@@ -245,7 +245,9 @@ class JsonlLogger(Callback):
     """Append one JSON line per log interval, per evaluation and per epoch to `path` (flushed).
 
     Each line has ``kind`` (``"train"``, ``"eval"``, ``"epoch"``) and the row's metrics; NaN and
-    Inf are written as strings (``"nan"``, ``"inf"``) so they are not lost as ``null``.
+    Inf are written as strings (``"nan"``, ``"inf"``) so they are not lost as ``null``. When training
+    begins the file is rewritten from the run's history (empty for a new run, restored for a
+    resumed one), so rows an interrupted process logged after its last checkpoint appear once.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -255,9 +257,9 @@ class JsonlLogger(Callback):
 
     def on_train_begin(self, run: Run) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")
-        # rows restored from a checkpoint were written by the interrupted run
-        self._seen = {k: len(v) for k, v in run.history.rows.items()}
+        self._file = open(self.path, "wb")
+        self._seen = {k: 0 for k in run.history.rows}
+        self._flush_new(run)
 
     def _flush_new(self, run: Run) -> None:
         if self._file is None:

@@ -149,7 +149,7 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     """The step itself, on tensors only: what torch.compile traces."""
     # forward writes running statistics into the buffers: give it copies, never the state's own
     buffers = {k: b.clone() for k, b in state.buffers.items()}
-    scale = find_loss_scale(state.opt_state)
+    scale = find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
     grads, loss, aux = _gradients(state, batch, buffers, scale)
     grad_norm = global_norm(list(grads.values()))
     if scale is not None:
@@ -161,7 +161,7 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     completed = micro == 0
     tx_metrics = transform_metrics(opt_state)
     # the skip flag of the window that ends here (between window ends it is the previous one's)
-    skipped = tx_metrics.get("skipped", torch.zeros((), dtype=torch.bool, device=loss.device)) & completed
+    skipped = tx_metrics["skipped"] & completed if "skipped" in tx_metrics else torch.zeros((), dtype=torch.bool, device=loss.device)
     applied = completed & ~skipped
     if state.options.nonfinite != "none" or state.options.precision == "fp16":
         # a batch with non-finite statistics must not enter the running averages either
@@ -185,9 +185,9 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     metrics = {
         "loss": loss.float(),
         "grad_norm": grad_norm,
-        "lr": tx_metrics.get("lr", torch.full((), float("nan"), dtype=torch.float64)).float(),
+        "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
         "skipped": skipped.float(),
-        **{k: v for k, v in tx_metrics.items() if k in ("loss_scale",)},
+        **{k: v.float() for k, v in tx_metrics.items() if k in ("loss_scale", "lr_scale")},
         **aux,
     }
     return new, metrics

@@ -315,3 +315,21 @@ def test_the_default_progress_bar_writes_to_stderr(capsys: pytest.CaptureFixture
 def test_tensorboard_logger_without_tensorboard_says_how_to_install(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"TensorBoardLogger needs tensorboard: pip install 'functrain\[tensorboard\]'"):
         quiet_fit(make_state(), dataset(), max_epochs=1, callbacks=[ft.TensorBoardLogger(tmp_path)])
+
+
+def test_jsonl_log_of_a_resumed_run_holds_each_row_once(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+
+    class StopAt7(ft.Callback):
+        def on_batch_end(self, run: ft.Run) -> None:
+            if run.batches == 7:
+                run.request_stop("interrupted")
+
+    common = dict(max_epochs=2, log_every=2, checkpoint_dir=tmp_path / "ckpt", save_every=3, log_file=log)
+    straight = quiet_fit(make_state(), dataset(), **{**common, "log_file": tmp_path / "straight.jsonl", "checkpoint_dir": tmp_path / "s"})
+    quiet_fit(make_state(), dataset(), callbacks=[StopAt7()], **common)
+    resumed = quiet_fit(make_state(), dataset(), resume=True, **common)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps == sorted(set(steps))  # no row twice
+    assert steps == [r["step"] for r in resumed.history.rows["train"]] == [r["step"] for r in straight.history.rows["train"]]
