@@ -10,7 +10,7 @@ from functrain.errors import (
     NonFiniteError,
     StateMismatchError,
 )
-from functrain import schedules
+from functrain import distributed, schedules
 from functrain.averaging import EmaState, ema
 from functrain.callbacks import (
     Callback,

@@ -22,6 +22,7 @@ import torch
 
 from functrain.callbacks import Callback, ConsoleLogger, JsonlLogger, ProgressBar, Run, check_callback
 from functrain.data import Batcher, IterableSource, as_source
+from functrain.distributed import reduce_sums
 from functrain.errors import ConfigError, NonFiniteError
 from functrain.history import History
 from functrain.manager import CheckpointManager
@@ -95,9 +96,13 @@ def evaluate(state: TrainState, data: Iterable[Any], *, use_ema: bool = False, p
         for k, v in eval_step(state, batch, use_ema=use_ema).items():
             sums[k] = sums[k] + v.double() * n if k in sums else v.double() * n
         count += n
+    keys = list(sums)
+    if state.dist is not None:
+        # every rank evaluated its shard: add up sums and counts (ranks must produce the same metric names)
+        totals = reduce_sums(torch.stack([*(sums[k] for k in keys), torch.tensor(float(count), dtype=torch.float64, device=state.device)]), state.dist)
+        sums, count = dict(zip(keys, totals[:-1], strict=True)), int(totals[-1])
     if not count:
         raise ConfigError("the evaluation data yielded no batch with samples")
-    keys = list(sums)
     values = (torch.stack([sums[k] for k in keys]) / count).tolist()  # one host read per evaluation
     return {f"{prefix}{k}": float(v) for k, v in zip(keys, values, strict=True)}
 
@@ -238,11 +243,16 @@ def fit(
     problems = _validate(**locals())
     if problems:
         raise ConfigError("invalid arguments to fit:\n  - " + "\n  - ".join(problems))
-    hooks = _callbacks(callbacks, progress, verbosity, log_file)
-    train = as_source(train_data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=data_seed, num_workers=num_workers)
-    evals = _eval_source(eval_data, eval_batch_size or batch_size)
-    tests = _eval_source(test_data, eval_batch_size or batch_size)
-    manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save) if checkpoint_dir else None
+    # with several ranks: each reads its shard of every global batch; rank 0 alone writes
+    shard = (state.dist.rank, state.dist.world_size) if state.dist is not None else (0, 1)
+    main = shard[0] == 0
+    hooks = _callbacks(callbacks, progress and main, verbosity if main else "silent", log_file if main else None)
+    train = as_source(train_data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=data_seed, num_workers=num_workers, shard=shard)
+    evals = _eval_source(eval_data, eval_batch_size or batch_size, shard)
+    tests = _eval_source(test_data, eval_batch_size or batch_size, shard)
+    manager = None
+    if checkpoint_dir:
+        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, remove_temporary=main)
     if resume and manager is not None:
         state = manager.restore_latest(like=state) or state
     loop = _Loop(state, train, evals, manager, hooks, early_stopping, compile, locals())
@@ -251,13 +261,17 @@ def fit(
     finally:
         if manager is not None:
             manager.close()
+    if state.dist is not None:
+        torch.distributed.barrier(group=state.dist.group)  # rank 0's last checkpoint is committed
     return loop.result(tests)
 
 
-def _eval_source(data: Any, batch_size: int | None) -> Any:
+def _eval_source(data: Any, batch_size: int | None, shard: tuple[int, int] = (0, 1)) -> Any:
     if data is None:
         return None
-    source = as_source(data, batch_size=batch_size, shuffle=False, drop_last=False, seed=0, num_workers=0)
+    if shard[1] > 1 and batch_size is not None and batch_size % shard[1]:
+        batch_size += shard[1] - batch_size % shard[1]  # evaluation batches only need to split evenly
+    source = as_source(data, batch_size=batch_size, shuffle=False, drop_last=False, seed=0, num_workers=0, shard=shard)
     return _EpochView(source)
 
 
@@ -299,6 +313,7 @@ class _Loop:
         self.best: dict[str, float] | None = d.get("best")
         self.empty = int(d.get("empty_batches", 0))
         self.state = state
+        self.main = state.dist is None or state.dist.rank == 0
         # the one read of the counters; from here on the driver counts on the host
         self.step, self.micro, self.epoch, self.pos = (int(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
         self.k = state.options.accumulate_steps
@@ -457,6 +472,9 @@ class _Loop:
         if self.manager is None or self._saved_at == position:
             return
         self._sync_driver()
+        if not self.main:  # rank 0 writes; the state is the same on every rank
+            self._saved_at = position
+            return
         self.run_ctx.saved = self.manager.save(self.state, metrics=metrics)
         self._saved_at = position
         self.fire("on_save")

@@ -55,6 +55,8 @@ class CheckpointManager:
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.
         async_save: snapshot the state synchronously and write in a background thread; a failure
             surfaces on the next `save`, `wait` or `close`.
+        remove_temporary: remove leftovers of interrupted saves now (`cleanup`); off for readers
+            that share the directory with a writer (the other ranks of a distributed run).
 
     Raises:
         ConfigError: invalid options, listed together.
@@ -78,6 +80,7 @@ class CheckpointManager:
         best_metric: str | None = None,
         mode: Literal["min", "max"] = "min",
         async_save: bool = False,
+        remove_temporary: bool = True,
     ) -> None:
         problems = []
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
@@ -94,7 +97,8 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-ckpt") if async_save else None
         self._pending: Future[Path] | None = None
         self._lock = threading.Lock()
-        self.cleanup()
+        if remove_temporary:
+            self.cleanup()
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from functrain.averaging import EmaState, ema
+from functrain.distributed import DistConfig, broadcast_tensors, check_same_model, current_config
 from functrain.errors import ConfigError
 from functrain.transform import Transform, chain, is_transform
 from functrain.transforms import clip_by_global_norm
@@ -104,6 +105,7 @@ class TrainState:
     optimizer: Transform = _static()
     tx: Transform = _static()
     options: StepOptions = _static(factory=StepOptions)
+    dist: DistConfig | None = _static(default=None)
 
     @classmethod
     def create(
@@ -121,6 +123,7 @@ class TrainState:
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         trainable: Trainable | None = None,
+        distributed: bool | None = None,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
 
@@ -145,6 +148,9 @@ class TrainState:
             ema_decay: keep an exponential moving average of the parameters with this decay.
             ema_warmup: ramp the EMA decay up over the first steps (see `functrain.ema`).
             trainable: predicate ``(name, param) -> bool`` choosing the trained parameters.
+            distributed: average gradients across the ranks of the active `torch.distributed`
+                process group (None: whenever one with more than one rank is initialized). Rank 0's
+                weights are broadcast to all ranks, and all ranks must build the same model.
 
         Returns:
             The initial `TrainState`, counters at zero.
@@ -170,8 +176,16 @@ class TrainState:
             raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
         options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
         tx = build_transform(optimizer, options)
+        dist_config = current_config(distributed)
+        if dist_config is not None:
+            shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
+            check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}", dist_config)
+            # every rank starts from rank 0's weights and statistics
+            params, frozen = broadcast_tensors(params, dist_config), broadcast_tensors(frozen, dist_config)
         device = next(iter(params.values())).device
         buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        if dist_config is not None:
+            buffers = broadcast_tensors(buffers, dist_config)
         counters = {name: _zero(device) for name in _COUNTERS}
         return _unaliased(cls(
             params=params,
@@ -187,6 +201,7 @@ class TrainState:
             optimizer=optimizer,
             tx=tx,
             options=options,
+            dist=dist_config,
         ))
 
     def replace(self, **changes: Any) -> TrainState:

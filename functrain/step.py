@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from functrain.distributed import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.averaging import ema
 from functrain.state import TrainState, _generator
@@ -56,13 +57,14 @@ def describe_batch(batch: Any) -> str:
 class _Scope:
     """What a step changes outside the state while it runs: the module's mode and the device RNG."""
 
-    __slots__ = ("module", "was_training", "generator", "saved_rng")
+    __slots__ = ("module", "was_training", "generator", "saved_rng", "next_rng")
 
     def __init__(self, module: nn.Module, was_training: bool, generator: torch.Generator, saved_rng: torch.Tensor) -> None:
         self.module = module
         self.was_training = was_training
         self.generator = generator
         self.saved_rng = saved_rng
+        self.next_rng: torch.Tensor | None = None
 
 
 # The scope is entered and left outside any compiled graph: generator state cannot be traced, so
@@ -74,13 +76,19 @@ def _enter(state: TrainState, training: bool) -> _Scope:
     if state.module.training != training:
         state.module.train(training)
     gen.set_state(state.rng)
+    if state.dist is not None and training and gen.device.type == "cpu":
+        # one draw from the shared stream seeds this rank's own stream for the step; the state
+        # carries the shared stream after the draw, the same on every rank
+        draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
+        scope.next_rng = gen.get_state()
+        gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
     return scope
 
 
 @torch.compiler.disable
 def _leave(scope: _Scope) -> torch.Tensor:
     """Restore the caller's RNG and module mode; return the step's generator state."""
-    after = scope.generator.get_state()
+    after = scope.next_rng if scope.next_rng is not None else scope.generator.get_state()
     scope.generator.set_state(scope.saved_rng)
     if scope.module.training != scope.was_training:
         scope.module.train(scope.was_training)
@@ -152,6 +160,10 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
     grads, loss, aux = _gradients(state, batch, buffers, scale)
+    if state.dist is not None:
+        # before clipping and the optimizer: every rank then computes the same update
+        grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, state.dist)
+        loss, aux = scalars.pop("loss"), scalars
     grad_norm = global_norm(list(grads.values()))
     if scale is not None:
         grad_norm = grad_norm / scale
@@ -180,7 +192,7 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         "step": state.step + completed.long(),
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
-        "samples_seen": state.samples_seen + _batch_size(batch),
+        "samples_seen": state.samples_seen + _batch_size(batch) * (state.dist.world_size if state.dist is not None else 1),
         "skipped": state.skipped + skipped.long(),
     }
     metrics = {

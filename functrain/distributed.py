@@ -1,0 +1,149 @@
+"""Data parallelism on `torch.distributed` (launched with ``torchrun``).
+
+When a process group is active, `TrainState.create` records it (`DistConfig`, a static field that
+is not saved), makes every rank start from rank 0's weights and checks that all ranks built the
+same model. `train_step` then averages gradients, buffers (BatchNorm statistics) and metrics
+across ranks in one functional all-reduce per dtype, before clipping and the optimizer, so every
+rank computes the same update and holds the same state. The driver shards map-style data by rank
+(`Batcher(shard=...)`), evaluates shards and reduces the sums, and lets rank 0 alone write
+checkpoints, logs and the progress bar.
+
+Dropout masks differ between ranks: each step, every rank seeds its generator from one draw of the
+state's RNG and its rank, and the state carries the generator state after that draw, the same on
+all ranks. A checkpoint written by N ranks resumes on M ranks: the state is rank-independent and the
+data order is a function of the global sample index.
+
+Launch: ``torchrun --nproc_per_node=2 -m functrain.demo`` (one machine), or
+``torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=G script.py``
+(several). Backend ``gloo`` on CPU, ``nccl`` on GPU (`init_from_env` picks it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from functrain.errors import ConfigError
+
+__all__ = ["DistConfig", "init_from_env", "rank_and_world", "is_main_process", "all_reduce_mean", "broadcast_tensors", "check_same_model", "reduce_sums"]
+
+
+@attrs.frozen
+class DistConfig:
+    """The process group a state trains across (static: not saved in checkpoints)."""
+
+    world_size: int
+    rank: int
+    group: Any = attrs.field(default=None, eq=False, repr=False)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without an initialized process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return rank_and_world()[0] == 0
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Initialize the default process group from torchrun's environment, if launched by it.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; by default nccl when CUDA is available, else gloo.
+
+    Returns:
+        True when a process group is active afterwards.
+    """
+    if not dist.is_available() or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+        return dist.is_available() and dist.is_initialized()
+    if not dist.is_initialized():
+        chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if chosen == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(chosen)
+    return True
+
+
+def current_config(distributed: bool | None) -> DistConfig | None:
+    """The `DistConfig` for `TrainState.create(distributed=...)`: None means auto-detect."""
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and not active:
+        raise ConfigError("distributed=True but no torch.distributed process group is initialized; launch with torchrun and call functrain.distributed.init_from_env()")
+    if not active or distributed is False:
+        return None
+    return DistConfig(dist.get_world_size(), dist.get_rank(), dist.group.WORLD)
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
+def all_reduce_mean(tensors: Sequence[torch.Tensor], config: DistConfig) -> list[torch.Tensor]:
+    """The mean over ranks of each tensor, in one all-reduce per dtype (flattened buckets).
+
+    Uses functional collectives, so the step stays traceable by torch.compile.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    out: list[torch.Tensor] = list(tensors)
+    for _, idx in _buckets(tensors).items():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        summed = funcol.all_reduce(flat, "sum", config.group)
+        mean = summed / config.world_size
+        for i, piece in zip(idx, torch.split(mean, [tensors[i].numel() for i in idx]), strict=True):
+            out[i] = piece.view(tensors[i].shape)
+    return out
+
+
+def average_step(grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], config: DistConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Average gradients, floating buffers and scalar metrics across ranks, one bucket per dtype."""
+    float_buffers = [k for k, b in buffers.items() if b.is_floating_point()]
+    items = list(grads.values()) + [buffers[k] for k in float_buffers] + [v.float() for v in scalars.values()]
+    mean = all_reduce_mean(items, config)
+    n_g, n_b = len(grads), len(float_buffers)
+    new_grads = dict(zip(grads, mean[:n_g], strict=True))
+    new_buffers = {**buffers, **dict(zip(float_buffers, mean[n_g : n_g + n_b], strict=True))}
+    new_scalars = {k: v.to(scalars[k].dtype) for k, v in zip(scalars, mean[n_g + n_b :], strict=True)}
+    return new_grads, new_buffers, new_scalars
+
+
+def broadcast_tensors(tensors: Mapping[str, torch.Tensor], config: DistConfig, src: int = 0) -> dict[str, torch.Tensor]:
+    """Copies of `tensors` holding rank `src`'s values on every rank (the inputs are not written)."""
+    out = {k: v.detach().clone() for k, v in tensors.items()}
+    for t in out.values():
+        dist.broadcast(t, src, group=config.group)
+    return out
+
+
+def check_same_model(description: str, config: DistConfig) -> None:
+    """Raise `ConfigError` if the ranks built different models (names, shapes, dtypes, optimizer)."""
+    digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "big")
+    mine = torch.tensor([digest, -digest], dtype=torch.int64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=config.group)
+    if int(mine[0]) != digest or int(-mine[1]) != digest:
+        raise ConfigError(
+            f"rank {config.rank}: the ranks disagree on the model structure or optimizer (digest {digest:x} here); "
+            "every rank must build the same module, optimizer and options"
+        )
+
+
+def reduce_sums(values: torch.Tensor, config: DistConfig | None) -> torch.Tensor:
+    """Sum a tensor across ranks (a copy; evaluation sums and counts)."""
+    if config is None:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, group=config.group)
+    return out

@@ -1,0 +1,100 @@
+"""Run by tests/test_distributed.py under `torch.distributed.run`: one scenario per launch.
+
+Usage: python -m torch.distributed.run --nproc_per_node=N worker.py SCENARIO OUT_DIR
+Each rank writes its results with functrain.save (no pickle) under OUT_DIR/rank<r>.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import functrain as ft
+
+torch.set_num_threads(1)
+
+
+def mlp(seed: int = 0, width: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(96, 6, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+def shard(batch, rank: int, world: int):
+    n = batch[0].shape[0] // world
+    return tuple(t[rank * n : (rank + 1) * n] for t in batch)
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    ft.distributed.init_from_env()
+    rank, world = ft.distributed.rank_and_world()
+    mine = out / f"rank{rank}"
+    if scenario == "steps":
+        # rank 1 starts from other weights: create() must broadcast rank 0's
+        state = ft.TrainState.create(mlp(seed=rank), ft.adamw(1e-2), loss_fn)
+        metrics = []
+        for i, b in enumerate(batches(20)):
+            x, y = shard(b, rank, world)
+            if i == 5 and rank == world - 1:
+                x = x.clone()
+                x[0, 0] = float("nan")  # one rank only
+            state, m = ft.train_step(state, (x, y))
+            metrics.append(m)
+        ft.save({"params": state.params, "metrics": metrics}, mine)
+    elif scenario == "fit":
+        stop_at = int(sys.argv[3])
+
+        class Stop(ft.Callback):
+            def on_batch_end(self, run):
+                if stop_at and run.batches == stop_at:
+                    run.request_stop("interrupted")
+
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+        result = ft.fit(
+            state, dataset(), eval_data=dataset(), batch_size=16, max_epochs=3, log_every=2,
+            checkpoint_dir=out / "ckpt", save_every=4, log_file=out / "log.jsonl",
+            callbacks=[Stop()], resume=bool(int(sys.argv[4])), progress=False, verbosity="silent",
+        )
+        ft.save({"params": result.state.params, "val": torch.tensor(result.history.column("val_loss"))}, mine)
+    elif scenario == "mismatch":
+        try:
+            ft.TrainState.create(mlp(width=16 + rank), ft.adamw(1e-2), loss_fn)
+        except ft.ConfigError as e:
+            mine.mkdir(parents=True)
+            (mine / "error.txt").write_text(str(e))
+    elif scenario == "indivisible":
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+        try:
+            ft.fit(state, dataset(), batch_size=15, max_epochs=1, progress=False, verbosity="silent")
+        except ft.ConfigError as e:
+            mine.mkdir(parents=True)
+            (mine / "error.txt").write_text(str(e))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Data parallelism on torch.distributed (gloo, 2 processes on CPU), launched like torchrun does."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import functrain as ft
+
+WORKER = Path(__file__).parent / "distributed" / "worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import worker  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(WORKER), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_ranks_with_half_batches_match_one_process_and_each_other(tmp_path: Path) -> None:
+    launch(2, "steps", str(tmp_path))
+    rank0, _ = ft.load(tmp_path / "rank0")
+    rank1, _ = ft.load(tmp_path / "rank1")
+    for name in rank0["params"]:
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), name  # bit-identical ranks
+    # one process on the whole batch, with the NaN rank 1 saw (its first sample is row 8 of the batch)
+    state = ft.TrainState.create(worker.mlp(0), ft.adamw(1e-2), worker.loss_fn)
+    for i, (x, y) in enumerate(worker.batches(20)):
+        if i == 5:
+            x = x.clone()
+            x[8, 0] = float("nan")
+        state, _ = ft.train_step(state, (x, y))
+    for name, p in state.params.items():
+        torch.testing.assert_close(rank0["params"][name], p, rtol=1e-6, atol=1e-7)
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip_that_step(tmp_path: Path) -> None:
+    launch(2, "steps", str(tmp_path))
+    for rank in (0, 1):
+        tree, _ = ft.load(tmp_path / f"rank{rank}")
+        skipped = [float(m["skipped"]) for m in tree["metrics"]]
+        assert skipped == [1.0 if i == 5 else 0.0 for i in range(20)]
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_a_run_checkpointed_on_n_ranks_resumes_on_m_ranks(tmp_path: Path, first: int, then: int) -> None:
+    straight = tmp_path / "straight"
+    launch(1, "fit", str(straight), "0", "0")
+    resumed = tmp_path / "resumed"
+    launch(first, "fit", str(resumed), "9", "0")  # stopped mid-epoch 1 (6 batches per epoch)
+    launch(then, "fit", str(resumed), "0", "1")
+    want, _ = ft.load(straight / "rank0")
+    got, _ = ft.load(resumed / "rank0")
+    for name, p in want["params"].items():
+        torch.testing.assert_close(got["params"][name], p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["val"], want["val"], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_on_two_ranks_writes_one_set_of_checkpoints_and_one_log(tmp_path: Path) -> None:
+    launch(2, "fit", str(tmp_path), "0", "0")
+    checkpoints = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert [n for n in checkpoints if n.startswith(".tmp-")] == []
+    regular = [n for n in checkpoints if n.startswith("ckpt-")]
+    assert len(regular) == len(set(regular)) > 0
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # written once, by rank 0
+    a, _ = ft.load(tmp_path / "rank0")
+    b, _ = ft.load(tmp_path / "rank1")
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+def test_ranks_that_build_different_models_get_a_clear_error(tmp_path: Path) -> None:
+    launch(2, "mismatch", str(tmp_path))
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}" / "error.txt").read_text()
+        assert "disagree on the model structure" in text
+
+
+def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path) -> None:
+    launch(2, "indivisible", str(tmp_path))
+    text = (tmp_path / "rank0" / "error.txt").read_text()
+    assert "batch_size=15 (global) must be divisible by world_size=2" in text
