@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m functrain.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoints, log and plot go here")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="global: split across ranks under torchrun")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
+    ft.distributed.init_from_env()  # under torchrun: one process per rank, gloo on CPU, nccl on GPU
+    main_rank = ft.distributed.is_main_process()
+    say = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     train, val, test = load_digits_splits(args.seed)
     steps_per_epoch = -(-len(train) // args.batch_size)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = warmup_cosine(peak_value=args.lr, warmup_steps=steps_per_epoch, decay_steps=total, end_value=args.lr * 0.01)
     optimizer = ft.adamw(schedule, weight_decay=1e-4, mask=lambda name, p: p.ndim > 1)
     state = ft.TrainState.create(DigitsCNN(), optimizer, loss_fn, seed=args.seed, ema_decay=0.99, clip_grad_norm=1.0)
-    print(state)
+    say(state)
     result = ft.fit(
         state,
         train,
@@ -104,18 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         data_seed=args.seed,
     )
-    plot = args.out / "curves.png"
+    plot = args.out / "curves.png" if main_rank else None
     try:
-        result.history.plot(plot, metrics=["loss", "val_loss", "val_acc"])
+        if plot is not None:
+            result.history.plot(plot, metrics=["loss", "val_loss", "val_acc"])
     except ft.ConfigError as e:
         plot = None
-        print(f"(no plot: {e})")
+        say(f"(no plot: {e})")
     test_acc = result.test["test_acc"] if result.test else float("nan")
-    print(f"\nstopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs")
-    print(f"best checkpoint: {result.checkpoints['best']}  (val_loss {result.best['val_loss']:.4f})")
-    print(f"test accuracy of the best checkpoint: {test_acc:.4f}  (EMA weights: {result.test.get('test_ema_acc', float('nan')):.4f})")
-    print(f"log: {args.out / 'metrics.jsonl'}" + (f"  curves: {plot}" if plot else ""))
-    print(f"total time: {time.perf_counter() - t0:.1f} s")
+    say(f"\nstopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs")
+    say(f"best checkpoint: {result.checkpoints['best']}  (val_loss {result.best['val_loss']:.4f})")
+    say(f"test accuracy of the best checkpoint: {test_acc:.4f}  (EMA weights: {result.test.get('test_ema_acc', float('nan')):.4f})")
+    say(f"log: {args.out / 'metrics.jsonl'}" + (f"  curves: {plot}" if plot else ""))
+    say(f"total time: {time.perf_counter() - t0:.1f} s")
     return 0 if test_acc >= 0.95 else 1
 
 
