@@ -21,8 +21,8 @@ from typing import Any, Literal
 import torch
 
 from functrain.checkpoint import fingerprint, load
-from functrain.errors import CheckpointError, ConfigError, StateMismatchError
-from functrain.serialization import MANIFEST, TMP_PREFIX, _fsync_dir, read_manifest, verify, write_tree
+from functrain.errors import CheckpointError, ConfigError
+from functrain.serialization import MANIFEST, TMP_PREFIX, _fsync_dir, read_manifest, write_tree
 from functrain.state import TrainState
 from functrain.tree import tree_map
 

@@ -67,6 +67,9 @@ def sgd(
     Returns:
         A `Transform`.
 
+    Raises:
+        ConfigError: a hyperparameter is out of range, named as in this call.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.sgd(lr=0.1, momentum=0.9)
@@ -109,6 +112,9 @@ def adam(
 
     Returns:
         A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range, named as in this call.
 
     Example:
         >>> import torch, functrain as ft
@@ -154,6 +160,9 @@ def adamw(
     Returns:
         A `Transform`.
 
+    Raises:
+        ConfigError: a hyperparameter is out of range, named as in this call.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.adamw(lr=0.1, weight_decay=0.0)
@@ -194,6 +203,9 @@ def radam(
 
     Returns:
         A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range, named as in this call.
 
     Example:
         >>> import torch, functrain as ft
@@ -238,6 +250,9 @@ def rmsprop(
     Returns:
         A `Transform`.
 
+    Raises:
+        ConfigError: a hyperparameter is out of range, named as in this call.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.rmsprop(lr=0.01, alpha=0.0, eps=1e-12)
@@ -280,6 +295,9 @@ def adagrad(
     Returns:
         A `Transform`.
 
+    Raises:
+        ConfigError: a hyperparameter is out of range, named as in this call.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.adagrad(lr=0.1)
@@ -316,6 +334,9 @@ def lion(
 
     Returns:
         A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range, named as in this call.
 
     Example:
         >>> import torch, functrain as ft

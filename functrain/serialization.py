@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import stat
-import struct
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -46,6 +45,15 @@ import torch
 import torch.utils._pytree as pytree
 
 from functrain.errors import CheckpointCorruptError, CheckpointError
+from functrain.tensorfile import (
+    _CHUNK,
+    _CODE_OF,
+    _finite_float,
+    _no_constants,
+    _parse_safetensors,
+    _safetensors_chunks,
+    _unique_keys,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -62,27 +70,14 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_DEPTH = 64
 MAX_FILES = 4096
 MAX_TENSORS = 1_000_000
 SHARD_BYTES = 2 << 30
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _SEAL = b'{\n  "manifest_sha256": "'
-_CHUNK = 8 << 20
 _OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more than it saves
 
-# safetensors dtype codes, in the order of the library's Dtype enum: it lays tensors out by
-# descending code, then by name, and so must we for the files to be the very bytes it writes
-_CODES = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
-_RANK = {code: i for i, code in enumerate(_CODES)}
-_TORCH_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16", "U16": "uint16", "F16": "float16",
-    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
-}  # fmt: skip
-_DTYPE_OF = {code: getattr(torch, name) for code, name in _TORCH_NAMES.items() if hasattr(torch, name)}
-_CODE_OF = {dtype: code for code, dtype in _DTYPE_OF.items()}
 
 Tree = Any
 
@@ -229,151 +224,6 @@ class _Reader:
         if "leaf" in node and isinstance(node["leaf"], dict):
             return _decode_leaf(node["leaf"], path)
         raise CheckpointCorruptError(f"{MANIFEST}: unknown structure node at {path!r}: {str(node)[:200]}")
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors, written and read without intermediate copies
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The memory of a CPU tensor that fills its storage in row-major order, as bytes, without a copy."""
-    if not t.numel():
-        return memoryview(b"")
-    # not reshape(-1): a one-element view may keep any stride, and view(uint8) wants stride 1
-    return memoryview(t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy())
-
-
-def _safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
-    """A safetensors file as the buffers to write in order: the header, then the tensors' memory.
-
-    The bytes are exactly those of ``safetensors.torch.save(tensors)``: tensors by descending
-    dtype code then by name, offsets back to back, the JSON header padded with spaces to 8 bytes.
-    """
-    ordered = sorted(tensors.items(), key=lambda kv: (-_RANK[_CODE_OF[kv[1].dtype]], kv[0]))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, t in ordered:
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _CODE_OF[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    chunks, small = [], bytearray(struct.pack("<Q", len(text)) + text)
-    for _, t in ordered:
-        view = _bytes_of(t)
-        if len(view) < _CHUNK // 8:
-            small += view  # many small tensors: one write and one hash update for them all
-            continue
-        if small:
-            chunks.append(memoryview(small))
-            small = bytearray()
-        chunks += [view[i : i + _CHUNK] for i in range(0, len(view), _CHUNK)]
-    if small:
-        chunks.append(memoryview(small))
-    return chunks
-
-
-def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Validate a safetensors file (bytes in a uint8 tensor) as strictly as the safetensors library does.
-
-    The tensors are views of `data`'s memory, each with a storage of its own extent.
-    """
-    array = data.numpy()
-    buf = memoryview(array)
-    if len(buf) < 8:
-        raise CheckpointCorruptError(f"{name}: {len(buf)} bytes, too short for a safetensors file")
-    (n,) = struct.unpack_from("<Q", buf, 0)
-    if n > min(len(buf) - 8, MAX_HEADER_BYTES):
-        raise CheckpointCorruptError(f"{name}: header length {n} exceeds the file ({len(buf)} bytes) or the limit")
-    text = bytes(buf[8 : 8 + n])
-    try:
-        if not text.startswith(b"{"):
-            raise ValueError("the header does not start with '{'")
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys(name), parse_constant=_no_constants(name))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        meta = header.pop("__metadata__", {})
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise ValueError("__metadata__ is not an object of strings")
-        entries = sorted(_entry(key, info) for key, info in header.items())
-    except (ValueError, RecursionError) as e:
-        if isinstance(e, CheckpointCorruptError):
-            raise
-        raise CheckpointCorruptError(f"{name}: not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
-    start, data_len = 8 + n, len(buf) - 8 - n
-    end = 0
-    for begin, stop, key, _, _ in entries:
-        if begin != end:
-            raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} starts at byte {begin} of the data, expected {end} (gap or overlap)")
-        end = stop
-    if end != data_len:
-        raise CheckpointCorruptError(f"{name}: the tensors cover {end} bytes of data, the file holds {data_len}")
-    tensors = {}
-    for begin, stop, key, dtype, shape in entries:
-        size = dtype.itemsize
-        if stop == begin:
-            tensors[key] = torch.empty(shape, dtype=dtype)
-        elif (start + begin) % size == 0:
-            tensors[key] = torch.frombuffer(array, dtype=dtype, count=(stop - begin) // size, offset=start + begin).view(shape)
-        else:  # misaligned (never written so, but valid): copy rather than hand kernels a misaligned view
-            tensors[key] = torch.frombuffer(bytearray(buf[start + begin : start + stop]), dtype=dtype).view(shape)
-    return tensors
-
-
-def _entry(key: str, info: Any) -> tuple[int, int, str, torch.dtype, list[int]]:
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise ValueError(f"tensor {key[:100]!r}: expected dtype, shape and data_offsets, got {str(info)[:100]}")
-    dtype, shape, offsets = _DTYPE_OF.get(info["dtype"]) if isinstance(info["dtype"], str) else None, info["shape"], info["data_offsets"]
-    if dtype is None:
-        raise ValueError(f"tensor {key[:100]!r}: unsupported dtype {str(info['dtype'])[:20]!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ValueError(f"tensor {key[:100]!r}: invalid shape {str(shape)[:100]}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
-        raise ValueError(f"tensor {key[:100]!r}: invalid data_offsets {str(offsets)[:100]}")
-    if _nbytes(shape, dtype.itemsize, limit=offsets[1] - offsets[0]) != offsets[1] - offsets[0]:
-        raise ValueError(f"tensor {key[:100]!r}: shape {str(shape)[:100]} does not fit {offsets[1] - offsets[0]} bytes")
-    return offsets[0], offsets[1], key, dtype, shape
-
-
-def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
-    """Bytes of a tensor of `shape`, or `limit` + 1 once that is exceeded (no huge products)."""
-    if 0 in shape:
-        return 0
-    n = itemsize
-    for d in shape:
-        n *= d
-        if n > limit:
-            return limit + 1
-    return n
-
-
-def _unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise CheckpointCorruptError(f"{name}: duplicate key {k[:100]!r}")
-            out[k] = v
-        return out
-
-    return hook
-
-
-def _no_constants(name: str) -> Callable[[str], Any]:
-    def hook(constant: str) -> Any:
-        raise CheckpointCorruptError(f"{name}: non-standard JSON constant {constant}")
-
-    return hook
-
-
-def _finite_float(name: str) -> Callable[[str], float]:
-    def hook(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value):
-            raise CheckpointCorruptError(f"{name}: number {text[:50]} is out of range")
-        return value
-
-    return hook
 
 
 # ---------------------------------------------------------------------------------------------
