@@ -28,6 +28,9 @@ test-long: setup
 bench: setup
 	$(BIN)/python benchmarks/optim_update.py
 	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/checkpoint_io.py
+	$(BIN)/python benchmarks/driver_overhead.py
+	$(BIN)/python benchmarks/distributed_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
