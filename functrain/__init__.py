@@ -10,7 +10,7 @@ from functrain.errors import (
     NonFiniteError,
     StateMismatchError,
 )
-from functrain import distributed, schedules
+from functrain import distributed, schedules, testing
 from functrain.averaging import EmaState, ema
 from functrain.callbacks import (
     Callback,
@@ -26,12 +26,14 @@ from functrain.callbacks import (
 from functrain.checkpoint import fingerprint, load, save
 from functrain.data import Batcher, IterableSource
 from functrain.driver import FitResult, evaluate, fit
+from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
 from functrain.history import History
 from functrain.manager import CheckpointManager
 from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
 from functrain.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
 from functrain.state import StepOptions, TrainState
 from functrain.step import BoundModel, eval_step, train_step
+from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
 from functrain.transform import (
     EmptyState,
     ParamStep,
@@ -66,6 +68,16 @@ from functrain.wrappers import (
 )
 
 __all__ = [
+    "SampleText",
+    "generate",
+    "sample_logits",
+    "top_k_filter",
+    "top_p_filter",
+    "LeafDiff",
+    "assert_states_equal",
+    "check_resumption",
+    "diff_states",
+    "testing",
     "Batcher",
     "BatchError",
     "BoundModel",

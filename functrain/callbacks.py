@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -205,9 +206,12 @@ class ProgressBar(Callback):
         self.leave, self.file, self.bar = leave, file, None
 
     def _open(self, run: Run, total: int | None, initial: int, desc: str) -> None:
-        from tqdm.auto import tqdm
+        with warnings.catch_warnings():
+            # in a notebook without ipywidgets tqdm.auto falls back to a text bar: that is the plan
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=self.leave, file=self.file or sys.stderr, dynamic_ncols=True, unit="batch")
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=self.leave, file=self.file or sys.stderr, dynamic_ncols=True, unit="batch")
 
     def on_train_begin(self, run: Run) -> None:
         if run.config["run_mode"] == "step":
@@ -301,7 +305,7 @@ class ConsoleLogger(Callback):
         self.level, self.file = level, file
 
     def _print(self, text: str) -> None:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         tqdm.write(text, file=self.file or sys.stdout)
 

@@ -1,0 +1,322 @@
+"""Tools for testing training code: bit-exact state comparison and the resumption property.
+
+`diff_states` names every leaf in which two states (or trees) differ, by their bits, so a
+nondeterministic kernel or a checkpoint that loses a value shows up as a path, a count and a size.
+`check_resumption` runs functrain's flagship property on your own model: training ``n`` steps
+straight equals training ``k``, saving, loading and training ``n - k``. `resumption_cases` is a
+hypothesis strategy for its ``(n, k, options)``; hypothesis is imported only when it is called.
+"""
+
+from __future__ import annotations
+
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import attrs
+import torch
+
+from functrain import checkpoint
+from functrain.errors import ConfigError
+from functrain.serialization import leaves_by_path
+from functrain.state import TrainState
+from functrain.step import train_step
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
+
+__all__ = ["LeafDiff", "ResumptionCase", "assert_states_equal", "check_resumption", "diff_states", "resumption_cases"]
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@attrs.frozen
+class LeafDiff:
+    """One leaf in which two trees differ.
+
+    Attributes:
+        path: the leaf's path, as checkpoints name it (``"params/0.weight"``, ``"opt_state/0/mu/0"``).
+        kind: ``"values"`` (same dtype and shape, different bits), ``"dtype"``, ``"shape"``,
+            ``"type"`` (tensor against non-tensor, or two Python types), ``"missing"`` (only in
+            the first tree) or ``"extra"`` (only in the second).
+        detail: what each side holds, for the message.
+        num_different: elements whose bits differ (None unless `kind` is ``"values"``).
+        numel: elements in the leaf (1 for a Python value).
+        max_abs_diff: the largest ``|a - b|`` over the differing elements: NaN when a NaN
+            meets a number or NaNs of other bit patterns, 0.0 when only the sign of a zero differs
+            (None unless `kind` is ``"values"`` and the values are numbers).
+    """
+
+    path: str
+    kind: str
+    detail: str = ""
+    num_different: int | None = None
+    numel: int = 1
+    max_abs_diff: float | None = None
+
+    def __str__(self) -> str:
+        if self.kind != "values":
+            return f"{self.path}: {self.kind} differs ({self.detail})" if self.detail else f"{self.path}: {self.kind}"
+        size = "" if self.max_abs_diff is None else f", max |a - b| = {self.max_abs_diff:.6g}"
+        return f"{self.path}: {self.num_different} of {self.numel} elements differ{size}"
+
+
+def _as_tree(x: Any) -> Any:
+    return x.tree() if isinstance(x, TrainState) else x
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().contiguous()
+    if t.is_floating_point() or t.is_complex():
+        return t.view(_INT_OF_SIZE[t.element_size()]) if t.element_size() in _INT_OF_SIZE else t.view(torch.uint8)
+    return t
+
+
+def _tensor_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None:
+    if a.dtype != b.dtype:
+        return LeafDiff(path, "dtype", f"{a.dtype} vs {b.dtype}", numel=a.numel())
+    if a.shape != b.shape:
+        return LeafDiff(path, "shape", f"{list(a.shape)} vs {list(b.shape)}", numel=a.numel())
+    a_bits, b_bits = _bits(a), _bits(b)
+    if a_bits.shape != a.shape:  # complex or exotic widths: compare byte rows per element
+        differ = (a_bits.reshape(*a.shape, -1) != b_bits.reshape(*a.shape, -1)).any(-1)
+    else:
+        differ = a_bits != b_bits
+    count = int(differ.sum())  # a host read: this is a test helper, not a step
+    if count == 0:
+        return None
+    a_cpu, b_cpu = a.detach().cpu()[differ], b.detach().cpu()[differ]
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    gaps = (a_cpu.to(wide) - b_cpu.to(wide)).abs()
+    return LeafDiff(path, "values", num_different=count, numel=a.numel(), max_abs_diff=float(gaps.max()))
+
+
+def _same_python_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)  # NaN equals NaN, -0.0 differs from 0.0
+    return bool(a == b)
+
+
+def _value_diff(path: str, a: Any, b: Any) -> LeafDiff | None:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return _tensor_diff(path, a, b)
+    if type(a) is not type(b):
+        return LeafDiff(path, "type", f"{type(a).__name__} vs {type(b).__name__}")
+    if _same_python_value(a, b):
+        return None
+    gap = abs(a - b) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+    return LeafDiff(path, "values", f"{a!r} vs {b!r}", num_different=1, max_abs_diff=None if gap is None else float(gap))
+
+
+def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]:
+    """Every leaf in which two states (or trees) differ, compared by dtype, shape and bits.
+
+    Floating-point tensors are compared as the integers of their bit patterns, so a NaN equals the
+    same NaN and ``-0.0`` differs from ``0.0``; Python floats likewise. For a `TrainState` the
+    saved part (`TrainState.tree`) is compared; its static fields (module, loss, transform) are not.
+
+    Args:
+        a: the expected `TrainState` or tree of tensors and plain values.
+        b: the state or tree to compare with it.
+        ignore: path prefixes to leave out, e.g. ``["driver/history"]`` (whose wall-clock timings
+            differ between any two runs).
+
+    Returns:
+        One `LeafDiff` per differing, missing or extra leaf, in path order of `a` (then extras);
+        empty when the two are bit-identical.
+
+    Example:
+        >>> import torch
+        >>> a = {"w": torch.tensor([1.0, float("nan"), 3.0]), "step": torch.tensor(4)}
+        >>> b = {"w": torch.tensor([1.0, float("nan"), 3.5]), "step": torch.tensor(4)}
+        >>> [str(d) for d in diff_states(a, b)]
+        ['w: 1 of 3 elements differ, max |a - b| = 0.5']
+        >>> diff_states(a, a)
+        []
+    """
+    prefixes = tuple(ignore)
+
+    def kept(tree: Any) -> dict[str, Any]:
+        return {p: v for p, v in leaves_by_path(_as_tree(tree)).items() if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in prefixes)}
+
+    want, have = kept(a), kept(b)
+    diffs = [LeafDiff(p, "missing", "only in the first") if p not in have else _value_diff(p, want[p], have[p]) for p in want]
+    diffs += [LeafDiff(p, "extra", "only in the second") for p in have if p not in want]
+    return [d for d in diffs if d is not None]
+
+
+def assert_states_equal(a: Any, b: Any, *, ignore: Iterable[str] = (), max_listed: int = 20) -> None:
+    """Assert that two states (or trees) are bit-identical, listing every leaf that is not.
+
+    Args:
+        a: the expected state or tree.
+        b: the state or tree to check.
+        ignore: path prefixes to leave out (see `diff_states`).
+        max_listed: list at most this many differing leaves in the message.
+
+    Raises:
+        AssertionError: naming each differing leaf with its count and largest difference.
+
+    Example:
+        >>> import torch
+        >>> assert_states_equal({"w": torch.zeros(2)}, {"w": torch.zeros(2)})
+        >>> assert_states_equal({"w": torch.zeros(2)}, {"w": torch.tensor([0.0, 1.0])})
+        Traceback (most recent call last):
+        ...
+        AssertionError: the states differ in 1 leaf:
+          w: 1 of 2 elements differ, max |a - b| = 1
+    """
+    diffs = diff_states(a, b, ignore=ignore)
+    if not diffs:
+        return
+    lines = [str(d) for d in diffs[:max_listed]]
+    if len(diffs) > max_listed:
+        lines.append(f"... and {len(diffs) - max_listed} more")
+    noun = "leaf" if len(diffs) == 1 else "leaves"
+    raise AssertionError(f"the states differ in {len(diffs)} {noun}:\n  " + "\n  ".join(lines))
+
+
+# ---------------------------------------------------------------- the resumption property
+
+
+class ResumptionCase(NamedTuple):
+    """One example of the resumption property: train `n` steps, cut (save and load) after `k`."""
+
+    n: int
+    k: int
+    options: dict[str, Any]
+
+
+# `TrainState.create` keywords the default cases vary (an accumulation window that a cut can split,
+# the EMA, clipping and bfloat16 each carry state a checkpoint must restore)
+DEFAULT_OPTIONS: dict[str, Sequence[Any]] = {
+    "accumulate_steps": (1, 2, 3),
+    "ema_decay": (None, 0.9),
+    "clip_grad_norm": (None, 0.5),
+    "precision": ("fp32", "bf16"),
+}
+
+
+def resumption_cases(n: int | tuple[int, int] = (2, 12), *, options: Mapping[str, Any] | None = None, seed: bool = True) -> SearchStrategy[ResumptionCase]:
+    """A hypothesis strategy of `ResumptionCase` ``(n, k, options)`` for `check_resumption`.
+
+    `k` lies in ``1 .. n - 1``; when ``options["accumulate_steps"] > 1``, half the cases cut inside
+    an accumulation window, where the partial gradient sum and the window position must survive.
+    Needs hypothesis (``pip install hypothesis``); ``import functrain`` does not import it.
+
+    Args:
+        n: the run length, or an inclusive ``(low, high)`` range to draw it from (``low >= 2``).
+        options: name -> a sequence of choices or a hypothesis strategy, drawn into the case's
+            ``options`` dict (typically keywords for `TrainState.create`). None uses
+            `DEFAULT_OPTIONS`: ``accumulate_steps``, ``ema_decay``, ``clip_grad_norm``, ``precision``.
+        seed: also draw ``options["seed"]`` (the state's RNG seed) from ``0 .. 2**20``.
+
+    Returns:
+        A strategy of `ResumptionCase`.
+
+    Raises:
+        ConfigError: `n` allows a run shorter than 2 steps.
+
+    Example:
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=5, deadline=None, database=None)
+        ... @given(resumption_cases(n=(2, 6)))
+        ... def cut_is_inside_the_run(case):
+        ...     assert 1 <= case.k < case.n <= 6 and "accumulate_steps" in case.options
+        >>> cut_is_inside_the_run()
+    """
+    from hypothesis import strategies as st
+
+    low, high = (n, n) if isinstance(n, int) else n
+    if low < 2 or high < low:
+        raise ConfigError(f"resumption_cases needs runs of at least 2 steps (so a cut fits inside), got n={n!r}")
+    choices = dict(DEFAULT_OPTIONS if options is None else options)
+    if seed:
+        choices.setdefault("seed", st.integers(0, 2**20))
+    drawn = {name: c if isinstance(c, st.SearchStrategy) else st.sampled_from(list(c)) for name, c in choices.items()}
+
+    @st.composite
+    def cases(draw: Any) -> ResumptionCase:
+        opts = {name: draw(strategy) for name, strategy in drawn.items()}
+        length = draw(st.integers(low, high))
+        window = opts.get("accumulate_steps", 1)
+        inside = [j for j in range(1, length) if j % window]
+        if window > 1 and inside and draw(st.booleans()):
+            k = draw(st.sampled_from(inside))
+        else:
+            k = draw(st.integers(1, length - 1))
+        return ResumptionCase(length, k, opts)
+
+    return cases()
+
+
+SaveFn = Callable[[TrainState, Path], Any]
+LoadFn = Callable[..., TrainState]
+
+
+def _train(state: TrainState, batches_fn: Callable[[int], Any], start: int, stop: int) -> tuple[TrainState, list[dict[str, torch.Tensor]]]:
+    metrics = []
+    for i in range(start, stop):
+        state, m = train_step(state, batches_fn(i))
+        metrics.append(m)
+    return state, metrics
+
+
+def check_resumption(
+    make_state: Callable[[], TrainState],
+    batches_fn: Callable[[int], Any],
+    n: int,
+    k: int,
+    *,
+    save: SaveFn | None = None,
+    load: LoadFn | None = None,
+) -> list[str]:
+    """Train `n` steps straight and `k` + save + load + ``n - k``; return where the two differ.
+
+    The comparison covers every leaf of the final state tree (driver bookkeeping included) and
+    every per-step metric after the cut, bit for bit. Loading happens in this process, against a
+    template freshly built by `make_state`. An empty list means the resumed run is the straight run.
+
+    Args:
+        make_state: builds the initial `TrainState`; called twice (the run, then the template to
+            load into). The two need not hold the same values: the checkpoint must overwrite them all.
+        batches_fn: ``batches_fn(i)`` is batch `i` of the run; it must depend on `i` alone.
+        n: steps in the run.
+        k: steps before the cut, ``0 <= k <= n``.
+        save: ``save(state, path)``; default `functrain.save`.
+        load: ``load(path, like=template)``; default `functrain.load`.
+
+    Returns:
+        One line per difference, as `LeafDiff` prints it, with ``state/`` and ``metrics/<i>/``
+        path prefixes (``metrics/0`` is step ``k``).
+
+    Raises:
+        ConfigError: `k` outside ``0 .. n``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> def make_state():
+        ...     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+        ...     loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        ...     return ft.TrainState.create(model, ft.adamw(1e-2), loss_fn, ema_decay=0.9)
+        >>> def batch(i):
+        ...     g = torch.Generator().manual_seed(i)
+        ...     return torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+        >>> check_resumption(make_state, batch, n=6, k=2)
+        []
+    """
+    if not (isinstance(n, int) and isinstance(k, int) and 0 <= k <= n):
+        raise ConfigError(f"check_resumption needs integers 0 <= k <= n, got n={n!r}, k={k!r}")
+    save = save or checkpoint.save
+    load = load or checkpoint.load
+    at_k, _ = _train(make_state(), batches_fn, 0, k)
+    straight, straight_metrics = _train(at_k, batches_fn, k, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint"
+        save(at_k, path)
+        restored = load(path, like=make_state())
+    resumed, resumed_metrics = _train(restored, batches_fn, k, n)
+    expected = {"state": straight.tree(), "metrics": straight_metrics}
+    return [str(d) for d in diff_states(expected, {"state": resumed.tree(), "metrics": resumed_metrics})]

@@ -1,0 +1,175 @@
+"""`functrain.testing`: bit-exact state diffs and the resumption property pointed at a user's model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+import functrain as ft
+from functrain.testing import (
+    LeafDiff,
+    assert_states_equal,
+    check_resumption,
+    diff_states,
+    resumption_cases,
+)
+
+
+def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def make_state(**options: Any) -> ft.TrainState:
+    # dropout: the state's RNG advances every step, so a checkpoint without it resumes differently
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 2))
+    return ft.TrainState.create(model, ft.adamw(0.05), loss_fn, **options)
+
+
+def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(i)
+    return torch.randn(6, 4, generator=gen), torch.randn(6, 2, generator=gen)
+
+
+def trained(steps: int = 3) -> ft.TrainState:
+    torch.manual_seed(0)
+    state = make_state(ema_decay=0.9)
+    for i in range(steps):
+        state, _ = ft.train_step(state, batch(i))
+    return state
+
+
+def flip_lowest_bit(t: torch.Tensor, index: int) -> torch.Tensor:
+    bits = t.clone().view(torch.int32)
+    bits.view(-1)[index] ^= 1
+    return bits.view(t.dtype)
+
+
+# ---------------------------------------------------------------- diff_states
+
+
+def test_diff_states_names_the_one_leaf_with_a_flipped_bit() -> None:
+    state = trained()
+    weight = state.params["0.weight"]
+    flipped = flip_lowest_bit(weight, 5)
+    other = state.replace(params={**state.params, "0.weight": flipped})
+    diffs = diff_states(state, other)
+    gap = abs(weight.view(-1)[5].double() - flipped.view(-1)[5].double()).item()
+    assert gap > 0
+    assert diffs == [LeafDiff("params/0.weight", "values", num_different=1, numel=32, max_abs_diff=gap)]
+
+
+def test_diff_states_of_a_state_and_its_reloaded_checkpoint_is_empty(tmp_path: Path) -> None:
+    state = trained()
+    restored = ft.load(ft.save(state, tmp_path / "ckpt"), like=make_state(ema_decay=0.9, seed=5))
+    assert diff_states(state, restored) == []
+    assert diff_states(make_state(seed=1), restored) != []
+
+
+def test_diff_states_counts_every_differing_element_and_the_largest_gap() -> None:
+    a = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    b = {"w": torch.tensor([1.0, 2.5, 3.0, 1.0])}
+    (d,) = diff_states(a, b)
+    assert (d.path, d.num_different, d.numel, d.max_abs_diff) == ("w", 2, 4, 3.0)
+    assert str(d) == "w: 2 of 4 elements differ, max |a - b| = 3"
+
+
+def test_nan_equals_the_same_nan_but_not_another_bit_pattern() -> None:
+    nan = torch.tensor([float("nan"), 1.0])
+    assert diff_states({"x": nan}, {"x": nan.clone()}) == []
+    other_nan = flip_lowest_bit(nan, 0)
+    assert torch.isnan(other_nan[0])
+    (d,) = diff_states({"x": nan}, {"x": other_nan})
+    assert d.num_different == 1 and d.max_abs_diff != d.max_abs_diff  # NaN: no size to give
+
+
+def test_signed_zeros_differ_by_bits_with_zero_gap() -> None:
+    (d,) = diff_states({"x": torch.tensor([0.0])}, {"x": torch.tensor([-0.0])})
+    assert (d.num_different, d.max_abs_diff) == (1, 0.0)
+    assert diff_states({"f": float("nan")}, {"f": float("nan")}) == []
+    assert [x.kind for x in diff_states({"f": 0.0}, {"f": -0.0})] == ["values"]
+
+
+def test_dtype_shape_type_missing_and_extra_leaves_are_each_named() -> None:
+    a = {"d": torch.zeros(2), "s": torch.zeros(2), "t": torch.zeros(()), "m": torch.ones(1), "i": 3}
+    b = {"d": torch.zeros(2, dtype=torch.float64), "s": torch.zeros(3), "t": 0, "e": torch.ones(1), "i": 4}
+    found = {d.path: d.kind for d in diff_states(a, b)}
+    assert found == {"d": "dtype", "s": "shape", "t": "type", "m": "missing", "e": "extra", "i": "values"}
+
+
+def test_integer_and_bfloat16_leaves_compare_by_value_bits() -> None:
+    a = {"step": torch.tensor(7), "h": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
+    b = {"step": torch.tensor(9), "h": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
+    assert [str(d) for d in diff_states(a, b)] == ["step: 1 of 1 elements differ, max |a - b| = 2"]
+
+
+def test_ignore_leaves_out_whole_subtrees_by_prefix() -> None:
+    a = {"driver": {"history": {"t": 1.0}}, "driverx": torch.zeros(1)}
+    b = {"driver": {"history": {"t": 2.0}}, "driverx": torch.ones(1)}
+    assert [d.path for d in diff_states(a, b, ignore=["driver/"])] == ["driverx"]
+
+
+def test_assert_states_equal_lists_the_differing_leaves() -> None:
+    state = trained()
+    assert_states_equal(state, state.replace())
+    broken = state.replace(step=state.step + 1, rng=flip_lowest_bit(state.rng.view(torch.float32), 0).view(torch.uint8))
+    with pytest.raises(AssertionError, match=r"(?s)differ in 2 leaves:\n  step: 1 of 1 elements differ, max \|a - b\| = 1\n  rng: 1 of \d+ elements differ"):
+        assert_states_equal(state, broken)
+
+
+# ---------------------------------------------------------------- check_resumption
+
+
+def test_check_resumption_of_a_real_run_finds_no_difference() -> None:
+    assert check_resumption(lambda: make_state(ema_decay=0.9, accumulate_steps=2, clip_grad_norm=0.5), batch, n=7, k=3) == []
+
+
+def test_check_resumption_finds_a_load_that_drops_the_rng() -> None:
+    def load_without_rng(path: Path, like: ft.TrainState) -> ft.TrainState:
+        return ft.load(path, like=like).replace(rng=like.rng)
+
+    problems = check_resumption(lambda: make_state(seed=0), batch, n=6, k=3, load=load_without_rng)
+    assert problems[0].startswith("state/params/")
+    assert any(p.startswith("state/rng: ") for p in problems)
+    assert any(p.startswith("metrics/0/loss: 1 of 1 elements differ") for p in problems)
+
+
+def test_check_resumption_finds_a_save_that_loses_the_accumulated_gradients() -> None:
+    def save_fresh_window(state: ft.TrainState, path: Path) -> Any:
+        initial = make_state(accumulate_steps=3)
+        return ft.save(state.replace(opt_state=initial.opt_state), path)
+
+    # k = 4 is one batch into the second window: its gradient sum is the only thing lost
+    problems = check_resumption(lambda: make_state(accumulate_steps=3), batch, n=6, k=4, save=save_fresh_window)
+    assert any("/grad_sum/" in p for p in problems)
+
+
+def test_check_resumption_rejects_a_cut_outside_the_run() -> None:
+    with pytest.raises(ft.ConfigError, match=r"0 <= k <= n, got n=3, k=4"):
+        check_resumption(make_state, batch, n=3, k=4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=resumption_cases(n=(2, 6)))
+def test_resumption_holds_for_drawn_cases(case: Any) -> None:
+    assert 1 <= case.k < case.n <= 6
+    assert check_resumption(lambda: make_state(**case.options), batch, case.n, case.k) == []
+
+
+def test_resumption_cases_rejects_runs_too_short_to_cut() -> None:
+    with pytest.raises(ft.ConfigError, match=r"at least 2 steps.*got n=1"):
+        resumption_cases(n=1)
+
+
+def test_importing_functrain_testing_does_not_import_hypothesis() -> None:
+    code = "import sys, functrain, functrain.testing; print('hypothesis' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
