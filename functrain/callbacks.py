@@ -95,7 +95,15 @@ class Run:
 
 
 class Callback:
-    """Base class for callbacks: override any of the hooks; each receives the `Run`."""
+    """Base class for callbacks: override any of the hooks; each receives the `Run`.
+
+    Example:
+        >>> class EpochPrinter(Callback):
+        ...     def on_epoch_end(self, run):
+        ...         print("epoch", run.epoch, "step", run.step)
+        >>> check_callback(EpochPrinter())
+        ['on_epoch_end']
+    """
 
     def on_train_begin(self, run: Run) -> None: ...
     def on_epoch_begin(self, run: Run) -> None: ...

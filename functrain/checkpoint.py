@@ -98,6 +98,13 @@ def load(
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message).
         StateMismatchError: listing every missing or extra path, shape or dtype mismatch, and a
             different optimizer, hyperparameters or options.
+
+    Example:
+        >>> import tempfile, functrain as ft
+        >>> path = ft.save({"w": torch.arange(3.0), "step": 7}, Path(tempfile.mkdtemp()) / "ckpt")
+        >>> tree, manifest = ft.load(path)
+        >>> tree["w"], tree["step"], manifest["format_version"]
+        (tensor([0., 1., 2.]), 7, 2)
     """
     tree, manifest = read_tree(path, map_location=map_location)
     if like is None:

@@ -18,7 +18,16 @@ __all__ = [
 
 
 class FunctrainError(Exception):
-    """Base class of every error functrain raises on purpose."""
+    """Base class of every error functrain raises on purpose.
+
+    Example:
+        >>> import functrain as ft
+        >>> try:
+        ...     ft.adamw(lr=-1.0)
+        ... except ft.FunctrainError as e:
+        ...     print(type(e).__name__, "-", str(e).splitlines()[1].strip())
+        ConfigError - - lr must be >= 0, got lr=-1.0
+    """
 
 
 class ConfigError(FunctrainError, ValueError):

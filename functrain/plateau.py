@@ -181,6 +181,13 @@ def observe_plateau(state: Tree, value: float) -> Tree:
     """Feed one evaluation's metric to every `reduce_on_plateau` state inside `state` (a pure function).
 
     Runs on the host, between steps. Returns a new tree; `state` is unchanged.
+
+    Example:
+        >>> s = reduce_on_plateau(factor=0.5, patience=1).init({"w": torch.zeros(1)})
+        >>> for value in [1.0, 1.0, 1.0]:
+        ...     s = observe_plateau(s, value)
+        >>> float(s.scale)
+        0.5
     """
     if isinstance(state, ReduceOnPlateauState):
         return _observe(state, value)

@@ -85,6 +85,12 @@ class TrainState:
     `options`.
 
     Build one with `TrainState.create`; step it with `functrain.train_step`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.adamw(1e-3), lambda m, b: m(b).sum())
+        >>> state
+        TrainState(step=0, epoch=0, params=8 (32 B), optimizer=adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None), ema=off, precision=fp32)
     """
 
     params: dict[str, torch.Tensor]

@@ -214,7 +214,16 @@ def flat_updates(updates: Updates, params: Params | None) -> tuple[list[torch.Te
 
 
 def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Tensor]:
-    """Materialize updates of any form as a flat list of tensors (the additive update)."""
+    """Materialize updates of any form as a flat list of tensors (the additive update).
+
+    Example:
+        >>> import functrain as ft
+        >>> p = {"w": torch.ones(2)}
+        >>> tx = ft.sgd(lr=0.5)
+        >>> u, _ = tx.update({"w": torch.ones(2)}, tx.init(p), p)
+        >>> ft.as_tensors(u, p)
+        [tensor([-0.5000, -0.5000])]
+    """
     if isinstance(updates, Ratio):
         num = updates.num
         if updates.divisor is not None:
