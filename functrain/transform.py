@@ -248,23 +248,24 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     mask = step.decay_mask or (True,) * len(p)
     decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
+    # the whole direction, materialized once (None: added by one fused addcdiv instead)
+    direction = None if _fused_quotient(step, p) else _directions(step, p)
     new: list[torch.Tensor] = list(p)
     if decayed:
         decay = step.decay.to(p[decayed[0]].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
         # torch.optim's order: p * (1 - lr * wd) first, then the update, in place on that fresh buffer
         out = list(torch._foreach_mul([p[i] for i in decayed], decay))
-        _add_step_(out, decayed, step)
+        _add_step_(out, decayed, step, direction)
         for i, t in zip(decayed, out, strict=True):
             new[i] = t
     if plain:
-        out = [p[i].clone() for i in plain] if _fused_quotient(step, p) else None
-        if out is None:
-            dirs = _directions(step, p, plain)
-            src = [p[i] for i in plain]
-            fused_alpha = step.alpha is not None and not isinstance(step.alpha, torch.Tensor)
-            out = list(torch._foreach_add(src, dirs, alpha=step.alpha) if fused_alpha else torch._foreach_add(src, dirs))
+        src = [p[i] for i in plain]
+        if direction is None:
+            out = [x.clone() for x in src]
+            _add_step_(out, plain, step, None)
         else:
-            _add_step_(out, plain, step)
+            dirs = [direction[i] for i in plain]
+            out = list(torch._foreach_add(src, dirs, alpha=step.alpha) if _float_alpha(step) else torch._foreach_add(src, dirs))
         for i, t in zip(plain, out, strict=True):
             new[i] = t
     if step.keep is not None:
@@ -279,26 +280,29 @@ def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
     return step.quotient[2].device.type == "cpu" and len({t.dtype for t in p}) == 1
 
 
-def _directions(step: ParamStep, p: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
-    direction = step.direction
-    dirs = [direction[i] if direction[i].dtype == p[i].dtype else direction[i].to(p[i].dtype) for i in idx]
+def _float_alpha(step: ParamStep) -> bool:
+    """A Python-float alpha goes into torch's fused ``add(alpha=)``; a tensor one was multiplied in."""
+    return step.alpha is not None and not isinstance(step.alpha, torch.Tensor)
+
+
+def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The step's direction per leaf, in each parameter's dtype, times a tensor `alpha` if there is one."""
+    dirs = [d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, p, strict=True)]
     if isinstance(step.alpha, torch.Tensor):
         dirs = list(torch._foreach_mul(dirs, step.alpha.to(dirs[0].dtype)))
     return dirs
 
 
-def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep) -> None:
-    """Add the step to `out` (fresh buffers this call owns), in place."""
-    if _fused_quotient(step, out):
+def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None) -> None:
+    """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
+    if direction is None:
         num, den, step_size = step.quotient  # type: ignore[misc]
         scalars = step_size.to(torch.float64).reshape(1).expand(len(idx)).contiguous()
         torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
-        return
-    dirs = _directions(step, out, idx) if step.quotient is None else [d for d in (step.direction[i] for i in idx)]
-    if step.alpha is None or isinstance(step.alpha, torch.Tensor):
-        torch._foreach_add_(out, dirs)
+    elif _float_alpha(step):
+        torch._foreach_add_(out, [direction[i] for i in idx], alpha=step.alpha)
     else:
-        torch._foreach_add_(out, dirs, alpha=step.alpha)
+        torch._foreach_add_(out, [direction[i] for i in idx])
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
