@@ -17,8 +17,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from functrain.errors import StateMismatchError
-from functrain.serialization import compare_to_template, leaves_by_path, read_tree, write_tree
+from functrain.serialization import compare_to_template, read_tree, write_tree
 from functrain.state import TrainState
+from functrain.tree import leaves_by_path
 
 __all__ = ["save", "load", "fingerprint"]
 

@@ -42,7 +42,6 @@ from typing import Any
 
 import orjson
 import torch
-import torch.utils._pytree as pytree
 
 from functrain.errors import CheckpointCorruptError, CheckpointError
 from functrain.tensorfile import (
@@ -54,6 +53,8 @@ from functrain.tensorfile import (
     _safetensors_chunks,
     _unique_keys,
 )
+from functrain.tree import escape_key as _escape
+from functrain.tree import leaves_by_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -84,12 +85,6 @@ Tree = Any
 
 # ---------------------------------------------------------------------------------------------
 # encoding the structure
-
-
-def _escape(key: str) -> str:
-    # "" becomes "%", which no escaped key can be: else a root key "" joined to nothing and
-    # {"": {"a": x}} and {"a": y} both stored their tensor under "a"
-    return key.replace("%", "%25").replace("/", "%2F") if key else "%"
 
 
 def _encode_leaf(value: Any, path: str) -> dict[str, Any]:
@@ -660,19 +655,6 @@ def _check_index(index: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], 
     extra = sorted(set(tensors) - set(index))
     if extra:
         raise CheckpointCorruptError(f"{source[extra[0]]}: holds tensors the manifest does not list: {extra[:10]}")
-
-
-def leaves_by_path(tree: Tree) -> dict[str, Any]:
-    """The leaves of `tree` keyed by the same paths a checkpoint uses."""
-    flat, _ = pytree.tree_flatten_with_path(tree)
-    return {"/".join(_escape(str(_key(k))) for k in path): leaf for path, leaf in flat}
-
-
-def _key(entry: Any) -> Any:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return entry
 
 
 def compare_to_template(loaded: Tree, like: Tree) -> list[str]:

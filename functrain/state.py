@@ -17,11 +17,16 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from functrain.averaging import EmaState, ema
-from functrain.distributed import DistConfig, broadcast_tensors, check_same_model, current_config
+from functrain.distributed import (
+    DistConfig,
+    broadcast_tensors,
+    check_same_model,
+    current_config,
+)
 from functrain.errors import ConfigError
 from functrain.transform import Transform, chain, is_transform
 from functrain.transforms import clip_by_global_norm
-from functrain.tree import Tree, tree_unflatten
+from functrain.tree import Tree
 from functrain.wrappers import accumulate, dynamic_loss_scale, skip_nonfinite
 
 __all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy"]
@@ -383,10 +388,3 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
     if options.accumulate_steps > 1:
         tx = accumulate(tx, options.accumulate_steps)
     return tx
-
-
-def unflatten_like(values: list[Any], like: Tree) -> Tree:
-    """Rebuild a tree with the structure of `like` from its leaves."""
-    return tree_unflatten(values, pytree.tree_structure(like))
-
-

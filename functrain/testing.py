@@ -20,9 +20,9 @@ import torch
 
 from functrain import checkpoint
 from functrain.errors import ConfigError
-from functrain.serialization import leaves_by_path
 from functrain.state import TrainState
 from functrain.step import train_step
+from functrain.tree import leaves_by_path
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy

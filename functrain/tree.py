@@ -6,7 +6,7 @@ themselves) whose leaves are tensors. Everything here is pure: it reads trees an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ __all__ = [
     "tree_flatten",
     "tree_unflatten",
     "tree_paths",
+    "leaves_by_path",
+    "escape_key",
     "tree_structure",
     "check_same_structure",
     "global_norm",
@@ -34,22 +36,41 @@ tree_unflatten = pytree.tree_unflatten
 tree_structure = pytree.tree_structure
 
 
+def escape_key(key: str) -> str:
+    """One component of a leaf path: ``%`` and ``/`` escaped, and ``""`` as ``%`` (which no escaped key is).
+
+    Without the last rule a root key ``""`` would join to nothing, and ``{"": {"a": x}}`` and
+    ``{"a": y}`` would both name their leaf ``a``.
+    """
+    return key.replace("%", "%25").replace("/", "%2F") if key else "%"
+
+
+def leaves_by_path(tree: Tree) -> dict[str, Any]:
+    """The leaves of `tree` keyed by their path (the keys a checkpoint stores them under).
+
+    Example:
+        >>> list(leaves_by_path({"w": torch.zeros(2), "b": (torch.zeros(1),)}))
+        ['w', 'b/0']
+    """
+    flat, _ = pytree.tree_flatten_with_path(tree)
+    return {"/".join(escape_key(str(_key(k))) for k in path): leaf for path, leaf in flat}
+
+
 def tree_paths(tree: Tree) -> list[str]:
-    """Names of the leaves of `tree`, in flattening order, as readable key paths.
+    """Names of the leaves of `tree`, in flattening order (as `leaves_by_path`; a bare leaf is ``<root>``).
 
     Example:
         >>> tree_paths({"w": torch.zeros(2), "b": (torch.zeros(1),)})
         ['w', 'b/0']
     """
-    flat, _ = pytree.tree_flatten_with_path(tree)
-    return ["/".join(_key_name(k) for k in path) or "<root>" for path, _ in flat]
+    return [path or "<root>" for path in leaves_by_path(tree)]
 
 
-def _key_name(key: Any) -> str:
+def _key(entry: Any) -> Any:
     for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
 
 
 def check_same_structure(expected: Tree, got: Tree, what: str) -> None:
@@ -74,8 +95,3 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     norms = torch._foreach_norm(list(tensors))
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-
-
-def map_leaves(fn: Callable[..., torch.Tensor], *trees: Tree) -> Tree:
-    """`tree_map` over several trees of the same structure."""
-    return tree_map(fn, *trees)
