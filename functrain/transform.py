@@ -27,13 +27,19 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from functrain.errors import ConfigError, StateMismatchError
-from functrain.tree import Tree, check_same_structure, tree_flatten, tree_leaves, tree_unflatten
+from functrain.tree import (
+    Tree,
+    check_same_structure,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
 
 __all__ = [
     "Transform",
@@ -48,6 +54,7 @@ __all__ = [
     "as_tensors",
     "is_transform",
     "transform_metrics",
+    "walk_states",
 ]
 
 Params = Tree
@@ -406,25 +413,22 @@ def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
         ['lr']
     """
     found: dict[str, torch.Tensor] = {}
-    _collect(state, found)
+    for node in walk_states(state):
+        metrics = getattr(node, "metrics", None)
+        if callable(metrics) and isinstance(node, tuple):
+            for k, v in metrics().items():
+                found.setdefault(k, v)
     return found
 
 
-def _collect(node: Any, found: dict[str, torch.Tensor]) -> None:
-    if isinstance(node, torch.Tensor):
+def walk_states(state: Tree) -> Iterator[Any]:
+    """Every container node of a transform state (NamedTuples, tuples, lists, dicts), outermost first."""
+    if isinstance(state, torch.Tensor):
         return
-    metrics = getattr(node, "metrics", None)
-    if callable(metrics) and isinstance(node, tuple):
-        for k, v in metrics().items():
-            found.setdefault(k, v)
-    if isinstance(node, dict):
-        children: Sequence[Any] = list(node.values())
-    elif isinstance(node, (tuple, list)):
-        children = node
-    else:
-        return
+    yield state
+    children = state.values() if isinstance(state, dict) else state if isinstance(state, (tuple, list)) else ()
     for child in children:
-        _collect(child, found)
+        yield from walk_states(child)
 
 
 def counter(params: Params) -> torch.Tensor:

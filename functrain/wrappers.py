@@ -12,7 +12,16 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
-from functrain.transform import named, ParamStep, Transform, as_tensors, counter, flat_updates, is_transform
+from functrain.transform import (
+    ParamStep,
+    Transform,
+    as_tensors,
+    counter,
+    flat_updates,
+    is_transform,
+    named,
+    walk_states,
+)
 from functrain.transforms import Mask, resolve_mask
 from functrain.tree import Tree, tree_leaves, tree_map, tree_unflatten
 
@@ -195,7 +204,7 @@ def check_skip_limits(state: Tree) -> None:
     Example:
         >>> check_skip_limits(())  # nothing to check
     """
-    for node in _walk(state):
+    for node in walk_states(state):
         if isinstance(node, SkipNonfiniteState):
             cap, run = int(node.max_consecutive), int(node.consecutive)  # host read, by design
             if 0 <= cap < run:
@@ -203,16 +212,6 @@ def check_skip_limits(state: Tree) -> None:
                     f"{run} consecutive steps had non-finite gradients (limit max_consecutive={cap}); "
                     "lower the learning rate, enable gradient clipping, or check the data for NaN/Inf"
                 )
-
-
-def _walk(node: Any):
-    yield node
-    if isinstance(node, dict):
-        for v in node.values():
-            yield from _walk(v)
-    elif isinstance(node, (tuple, list)):
-        for v in node:
-            yield from _walk(v)
 
 
 class AccumulateState(NamedTuple):
@@ -372,7 +371,7 @@ def find_loss_scale(state: Tree) -> torch.Tensor | None:
         >>> find_loss_scale(tx.init({"w": torch.zeros(1)}))
         tensor(8.)
     """
-    for node in _walk(state):
+    for node in walk_states(state):
         if isinstance(node, DynamicLossScaleState):
             return node.scale
     return None
