@@ -31,6 +31,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from functrain.errors import config_check
+from functrain.transform import describe_call
 
 __all__ = [
     "Schedule",
@@ -68,28 +69,10 @@ def _described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Schedule:
         schedule = factory(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        parts = []
-        for key, value in bound.arguments.items():
-            if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
-                parts.extend(f"{k}={_describe(v)}" for k, v in value.items())
-            else:
-                parts.append(f"{key}={_describe(value)}")
-        schedule.name = f"{factory.__name__}({', '.join(parts)})"  # type: ignore[attr-defined]
+        schedule.name = describe_call(factory, signature, args, kwargs)  # type: ignore[attr-defined]
         return schedule
 
     return wrapper
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, type):
-        return value.__name__
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_describe(v) for v in value) + "]"
-    if callable(value):
-        return getattr(value, "name", None) or getattr(value, "__name__", type(value).__name__)
-    return repr(value)
 
 
 def _lift(value_fn: ValueFn) -> Schedule:

@@ -98,24 +98,35 @@ def named(factory: Callable[..., Transform]) -> Callable[..., Transform]:
 
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Transform:
-        transform = factory(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        parts = []
-        for key, value in bound.arguments.items():
-            kind = signature.parameters[key].kind
-            if kind is inspect.Parameter.VAR_POSITIONAL:
-                parts.extend(_describe(v) for v in value)
-            else:
-                parts.append(f"{key}={_describe(value)}")
-        return transform._replace(name=f"{factory.__name__}({', '.join(parts)})")
+        return factory(*args, **kwargs)._replace(name=describe_call(factory, signature, args, kwargs))
 
     return wrapper
 
 
-def _describe(value: Any) -> str:
+def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> str:
+    """``factory(name=value, ...)`` with every argument, defaults included (names of transforms, schedules)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    parts = []
+    for key, value in bound.arguments.items():
+        kind = signature.parameters[key].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            parts.extend(describe_value(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            parts.extend(f"{k}={describe_value(v)}" for k, v in value.items())
+        else:
+            parts.append(f"{key}={describe_value(value)}")
+    return f"{factory.__name__}({', '.join(parts)})"
+
+
+def describe_value(value: Any) -> str:
+    """A stable text for an argument: a transform's or schedule's name, a class name, else its repr."""
     if isinstance(value, Transform):
         return value.name
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, (list, tuple)) and any(callable(v) or isinstance(v, (list, tuple)) for v in value):
+        return "[" + ", ".join(describe_value(v) for v in value) + "]"
     if callable(value):
         return getattr(value, "name", None) or getattr(value, "__name__", type(value).__name__)
     return repr(value)
