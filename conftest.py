@@ -5,7 +5,8 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
-# the tests use tiny models: one thread avoids contention overhead that dwarfs the work
+# the tests use tiny models: one thread avoids contention overhead that dwarfs the work, and the
+# subprocess workers of the resumption properties use one thread too (the same kernels both sides)
 torch.set_num_threads(1)
 
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

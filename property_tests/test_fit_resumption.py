@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from hypothesis import strategies as st
 
 import functrain as ft
 from functrain.history import TIMING_KEYS
-from functrain.serialization import leaves_by_path
+from functrain.tree import leaves_by_path
 
 WORKER = Path(__file__).with_name("fit_worker.py")
 
@@ -45,15 +44,6 @@ def _import_worker() -> Any:
 
 
 worker = _import_worker()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # the worker runs with one thread too: the same kernels in both processes
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

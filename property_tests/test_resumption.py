@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 
 import functrain as ft
-from functrain.serialization import leaves_by_path
+from functrain.tree import leaves_by_path
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 
@@ -47,16 +47,6 @@ Resume = Callable[[Spec, Path, Path], tuple[Any, list[dict[str, torch.Tensor]]]]
 
 OPTIMIZERS = ["adamw", "sgd_momentum"] + (["adam_schedule"] if importlib.util.find_spec("functrain.schedules") else [])
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # the models are tiny: intra-op threads only add synchronisation, which costs dearly on a
-    # loaded CI machine (the worker process uses the same count)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- comparing bit for bit

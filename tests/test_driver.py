@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +15,9 @@ import functrain as ft
 from functrain import driver
 from functrain.errors import ConfigError, NonFiniteError
 from functrain.plateau import ReduceOnPlateauState
-from functrain.serialization import leaves_by_path
+from functrain.tree import leaves_by_path
 
 N_SAMPLES, BATCH = 60, 20  # 3 batches an epoch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # tiny models: intra-op threads only add synchronisation on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -63,7 +63,7 @@ def describe(value: Any) -> Any:
 
 
 def main() -> None:
-    from functrain.serialization import leaves_by_path
+    from functrain.tree import leaves_by_path
 
     state = trained_state()
     target = HERE / "v1"
