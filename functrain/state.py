@@ -87,7 +87,7 @@ class TrainState:
 
     Static fields (not saved): `module`, `loss_fn`, `optimizer` (as given), `tx` (the optimizer
     wrapped with clipping, accumulation, non-finite skipping and loss scaling per `options`),
-    `options`.
+    `options`, `dist` (the process group, if any) and `averager` (the EMA transform, if any).
 
     Build one with `TrainState.create`; step it with `functrain.train_step`.
 
@@ -117,6 +117,7 @@ class TrainState:
     tx: Transform = _static()
     options: StepOptions = _static(factory=StepOptions)
     dist: DistConfig | None = _static(default=None)
+    averager: Transform | None = _static(default=None)
 
     @classmethod
     def create(
@@ -187,6 +188,7 @@ class TrainState:
             raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
         options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
         tx = build_transform(optimizer, options)
+        averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
         dist_config = current_config(distributed)
         if dist_config is not None:
             shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
@@ -203,7 +205,7 @@ class TrainState:
             frozen=frozen,
             buffers=buffers,
             opt_state=tx.init(params),
-            ema_state=ema(ema_decay, warmup=ema_warmup).init(params) if ema_decay is not None else None,
+            ema_state=averager.init(params) if averager is not None else None,
             **counters,
             rng=initial_rng(seed, device),
             driver={},
@@ -213,6 +215,7 @@ class TrainState:
             tx=tx,
             options=options,
             dist=dist_config,
+            averager=averager,
         ))
 
     def replace(self, **changes: Any) -> TrainState:

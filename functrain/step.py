@@ -23,7 +23,6 @@ from torch import nn
 
 from functrain.distributed import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
-from functrain.averaging import ema
 from functrain.state import TrainState, _generator
 from functrain.transform import apply_updates, transform_metrics
 from functrain.tree import global_norm, tree_leaves, tree_map
@@ -200,7 +199,7 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         buffers = {n: torch.where(torch.isfinite(b).all(), b, state.buffers[n]) if b.is_floating_point() else b for n, b in buffers.items()}
     ema_state = state.ema_state
     if ema_state is not None:
-        _, new_ema = ema(state.options.ema_decay, warmup=state.options.ema_warmup).update(params, ema_state)
+        _, new_ema = state.averager.update(params, ema_state)
         gated = k > 1 or "skipped" in tx_metrics
         ema_state = tree_map(lambda n, o: torch.where(applied, n, o), new_ema, ema_state) if gated else new_ema
     new = {
