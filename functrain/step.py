@@ -7,7 +7,8 @@ bit-identical results and the caller's global RNG is left as it was.
 
 Gradients come from `torch.autograd.grad` in eager mode (about half the overhead of
 `torch.func.grad` on small models) and from `torch.func.grad` under `torch.compile`, which traces it
-into one graph; both run the module through `torch.func.functional_call` on the state's tensors.
+into one graph; both run the module on the state's tensors (`functrain.binding.call_with`:
+`torch.func.functional_call`, with a faster eager path).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from functrain.binding import call_with
 from functrain.distributed import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.state import TrainState, _generator
@@ -34,14 +36,18 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BoundModel:
-    """The user's module bound to a state's tensors: calling it runs `torch.func.functional_call`."""
+    """The user's module bound to a state's tensors: calling it runs the module on them.
+
+    Equivalent to `torch.func.functional_call` (which it is under ``torch.compile``); eagerly it
+    swaps the tensors in from a plan made once per module (`functrain.binding`).
+    """
 
     def __init__(self, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         self.module = module
         self._tensors = tensors
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.module, self._tensors, args, kwargs)
+        return call_with(self.module, self._tensors, args, kwargs)
 
 
 def describe_batch(batch: Any) -> str:
