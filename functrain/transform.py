@@ -439,7 +439,8 @@ def walk_states(state: Tree) -> Iterator[Any]:
     yield state
     children = state.values() if isinstance(state, dict) else state if isinstance(state, (tuple, list)) else ()
     for child in children:
-        yield from walk_states(child)
+        if not isinstance(child, torch.Tensor):  # tuples of many tensors: no generator per leaf
+            yield from walk_states(child)
 
 
 def counter(params: Params) -> torch.Tensor:

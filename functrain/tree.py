@@ -6,6 +6,7 @@ themselves) whose leaves are tensors. Everything here is pure: it reads trees an
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,15 +26,58 @@ __all__ = [
     "tree_structure",
     "check_same_structure",
     "global_norm",
+    "share_norm",
+    "unshare_norm",
+    "tree_select",
 ]
 
 Tree = Any
 
 tree_map = pytree.tree_map
-tree_leaves = pytree.tree_leaves
-tree_flatten = pytree.tree_flatten
-tree_unflatten = pytree.tree_unflatten
 tree_structure = pytree.tree_structure
+
+# Parameters, gradients and updates are dicts of tensors, flattened several times a step: their
+# specs are made once per key tuple (torch's generic flattening costs tens of microseconds).
+_DICT_SPECS: dict[tuple, pytree.TreeSpec] = {}
+_DICT_KEYS: dict[int, tuple] = {}  # id of a cached spec -> its keys
+_MAX_DICT_SPECS = 256
+
+
+def _is_tensor_dict(tree: Any) -> bool:
+    # compiled code takes torch's own path: dynamo traces it without guarding on these caches
+    return type(tree) is dict and not torch.compiler.is_compiling() and all(isinstance(v, torch.Tensor) for v in tree.values())
+
+
+def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
+    """The leaves of `tree` and its structure (`torch.utils._pytree.tree_flatten`, faster for dicts of tensors)."""
+    if not _is_tensor_dict(tree):
+        return pytree.tree_flatten(tree)
+    keys = tuple(tree)
+    spec = _DICT_SPECS.get(keys)
+    if spec is None:
+        if len(_DICT_SPECS) >= _MAX_DICT_SPECS:
+            _DICT_SPECS.clear()
+            _DICT_KEYS.clear()
+        spec = _DICT_SPECS[keys] = pytree.tree_flatten(tree)[1]
+        _DICT_KEYS[id(spec)] = keys
+    return list(tree.values()), spec
+
+
+def tree_unflatten(leaves: Sequence[Any], spec: pytree.TreeSpec) -> Tree:
+    """The tree of structure `spec` holding `leaves` (the inverse of `tree_flatten`)."""
+    keys = _DICT_KEYS.get(id(spec)) if not torch.compiler.is_compiling() else None
+    if keys is not None and _DICT_SPECS.get(keys) is spec:
+        if len(leaves) != len(keys):
+            raise ValueError(f"tree_unflatten: {len(keys)} leaves expected for {spec}, got {len(leaves)}")
+        return dict(zip(keys, leaves))
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def tree_leaves(tree: Tree) -> list[Any]:
+    """The leaves of `tree` in flattening order."""
+    if _is_tensor_dict(tree):
+        return list(tree.values())
+    return pytree.tree_leaves(tree)
 
 
 def escape_key(key: str) -> str:
@@ -87,11 +131,63 @@ def check_same_structure(expected: Tree, got: Tree, what: str) -> None:
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all `tensors` taken together, as a float32 0-d tensor (no host sync).
 
+    Inside `share_norm` for the same tensors, the shared norm is returned instead of computed again.
+
     Example:
         >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
     if not tensors:
         return torch.zeros(())
+    shared = _SHARED_NORM.get() if not torch.compiler.is_compiling() else None
+    if shared is not None and _same_tensors(shared[0], shared[1], tensors):
+        return shared[2]
     norms = torch._foreach_norm(list(tensors))
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
+    """`new` where the 0-d bool `keep` holds, else `old`, leaf by leaf (non-tensor leaves come from `new`).
+
+    Example:
+        >>> tree_select(torch.tensor(False), {"w": torch.ones(2)}, {"w": torch.zeros(2)})
+        {'w': tensor([0., 0.])}
+    """
+    leaves, spec = tree_flatten(new)
+    previous = tree_leaves(old)
+    if len(previous) != len(leaves):
+        raise StateMismatchError(f"tree_select needs trees of one structure, got {len(leaves)} and {len(previous)} leaves")
+    return tree_unflatten([torch.where(keep, n, o) if isinstance(n, torch.Tensor) else n for n, o in zip(leaves, previous)], spec)
+
+
+# (tensors, their version counters, their global norm) while a step shares the norm it computed
+_SHARED_NORM: contextvars.ContextVar[tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor] | None] = contextvars.ContextVar("functrain_shared_norm", default=None)
+
+
+def share_norm(tensors: Sequence[torch.Tensor], norm: torch.Tensor) -> contextvars.Token:
+    """Let `global_norm` of exactly these tensors (same objects, unmodified) return `norm` until `unshare_norm`.
+
+    The step computes the gradient norm once for its metrics; non-finite checks and clipping inside
+    the optimizer ask for the same norm and get it without another pass over the gradients.
+    Eager only: under ``torch.compile`` the graph computes each norm once anyway.
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0])]
+        >>> token = share_norm(g, torch.tensor(5.0))
+        >>> global_norm(g), global_norm([g[0].clone()])
+        (tensor(5.), tensor(5.))
+        >>> unshare_norm(token)
+    """
+    items = tuple(tensors)
+    return _SHARED_NORM.set((items, tuple(t._version for t in items), norm))
+
+
+def unshare_norm(token: contextvars.Token) -> None:
+    """End the sharing that `share_norm` began."""
+    _SHARED_NORM.reset(token)
+
+
+def _same_tensors(items: tuple[torch.Tensor, ...], versions: tuple[int, ...], tensors: Sequence[torch.Tensor]) -> bool:
+    if len(items) != len(tensors):
+        return False
+    return all(a is b and a._version == v for a, b, v in zip(items, tensors, versions))

@@ -23,7 +23,7 @@ from functrain.transform import (
     walk_states,
 )
 from functrain.transforms import Mask, resolve_mask
-from functrain.tree import Tree, tree_leaves, tree_map, tree_unflatten
+from functrain.tree import Tree, global_norm, tree_leaves, tree_select, tree_unflatten
 
 __all__ = [
     "masked",
@@ -48,9 +48,9 @@ def _require_transform(inner: object, where: str) -> None:
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor: True when no element of `tensors` is NaN or infinite (no host sync).
 
-    Uses the L2 norm per tensor (one cheap foreach pass; the max-norm costs 20x more on CPU), so a
-    tensor whose norm overflows float32 (above ~1.8e19) also counts as non-finite, as it does for
-    ``torch.nn.utils.clip_grad_norm_(error_if_nonfinite=True)``.
+    Tests the global L2 norm (the one `global_norm` computes, shared with the step's ``grad_norm``
+    metric), so tensors whose norm overflows float32 (above ~1.8e19 in all) also count as
+    non-finite, as they do for ``torch.nn.utils.clip_grad_norm_(error_if_nonfinite=True)``.
 
     Example:
         >>> all_finite([torch.tensor([1.0, 2.0]), torch.tensor([float("nan")])])
@@ -58,12 +58,7 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    norms = torch._foreach_norm(tensors)
-    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
-
-
-def _select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
-    return tree_map(lambda n, o: torch.where(keep, n, o) if isinstance(n, torch.Tensor) else n, new, old)
+    return torch.isfinite(global_norm(tensors))
 
 
 def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
@@ -182,7 +177,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         skipped = ~finite
         consecutive = torch.where(finite, torch.zeros_like(state.consecutive), state.consecutive + 1)
         new_state = SkipNonfiniteState(
-            _select(finite, inner_state, state.inner), skipped, state.total_skipped + skipped.long(), consecutive, state.max_consecutive
+            tree_select(finite, inner_state, state.inner), skipped, state.total_skipped + skipped.long(), consecutive, state.max_consecutive
         )
         if cap >= 0 and _host_readable(consecutive):
             check_skip_limits(new_state)
@@ -270,7 +265,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
         mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
         new_updates, inner_state = inner.update(tree_unflatten(mean, spec), state.inner, params)
         new_state = AccumulateState(
-            _select(last, inner_state, state.inner),
+            tree_select(last, inner_state, state.inner),
             torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
             tuple(torch.where(last, torch.zeros_like(s), s) for s in sums),
         )
@@ -355,7 +350,7 @@ def dynamic_loss_scale(
         scale = torch.where(finite, torch.where(grow, state.scale * growth_factor, state.scale), state.scale * backoff_factor)
         tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
         new_state = DynamicLossScaleState(
-            _select(finite, inner_state, state.inner), scale, tracker, ~finite, state.total_skipped + (~finite).long()
+            tree_select(finite, inner_state, state.inner), scale, tracker, ~finite, state.total_skipped + (~finite).long()
         )
         return _gate(new_updates, finite, params), new_state
 
