@@ -202,39 +202,47 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     params = apply_updates(state.params, updates)
     k = state.options.accumulate_steps
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
-    completed = micro == 0
+    completed = micro == 0 if k > 1 else None  # None: every batch completes an update
     tx_metrics = transform_metrics(opt_state)
     # the skip flag of the window that ends here (between window ends it is the previous one's)
-    skipped = tx_metrics["skipped"] & completed if "skipped" in tx_metrics else torch.zeros((), dtype=torch.bool, device=loss.device)
-    applied = completed & ~skipped
-    if state.options.nonfinite != "none" or state.options.precision == "fp16":
+    skipped = tx_metrics.get("skipped")
+    if skipped is not None and completed is not None:
+        skipped = skipped & completed
+    if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
         # a batch with non-finite statistics must not enter the running averages either
         buffers = {n: torch.where(torch.isfinite(b).all(), b, state.buffers[n]) if b.is_floating_point() else b for n, b in buffers.items()}
     ema_state = state.ema_state
     if ema_state is not None:
         _, new_ema = state.averager.update(params, ema_state)
-        gated = k > 1 or "skipped" in tx_metrics
-        ema_state = tree_select(applied, new_ema, ema_state) if gated else new_ema
+        applied = _and(completed, ~skipped if skipped is not None else None)
+        ema_state = tree_select(applied, new_ema, ema_state) if applied is not None else new_ema
     new = {
         "params": params,
         "buffers": buffers,
         "opt_state": opt_state,
         "ema_state": ema_state,
-        "step": state.step + completed.long(),
+        "step": state.step + (completed.long() if completed is not None else 1),
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
         "samples_seen": state.samples_seen + _batch_size(batch) * (state.dist.world_size if state.dist is not None else 1),
-        "skipped": state.skipped + skipped.long(),
+        "skipped": state.skipped + skipped.long() if skipped is not None else state.skipped,
     }
     metrics = {
         "loss": loss.float(),
         "grad_norm": grad_norm,
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
-        "skipped": skipped.float(),
+        "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
         **{k: v.float() for k, v in tx_metrics.items() if k in ("loss_scale", "lr_scale")},
         **aux,
     }
     return new, metrics
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Conjunction of 0-d bool conditions, None meaning "always" (no tensor op for a static truth)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a & b
 
 
 def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:

@@ -18,7 +18,9 @@ float32 tensor ``u`` makes ``p + u`` equal those in every element):
 * `Ratio`: ``num / den`` divided by a scalar, with optional decoupled weight decay, as emitted by
   `scale_by_adam` and friends; `scale_by_learning_rate` folds the learning rate in exactly as torch does;
 * `ParamStep`: ``new = p * decay + alpha * direction`` kept only where ``keep`` holds, emitted by
-  `scale_by_learning_rate` and applied by `apply_updates`.
+  `scale_by_learning_rate` and applied by `apply_updates`;
+* `NewParams`: the new parameters themselves, from transforms that compute them in one fused
+  kernel (``adamw(fused=True)``).
 
 Any transform that needs plain tensors calls `as_tensors`, which materializes either form.
 """
@@ -48,6 +50,7 @@ __all__ = [
     "EmptyState",
     "Ratio",
     "ParamStep",
+    "NewParams",
     "chain",
     "identity",
     "apply_updates",
@@ -58,7 +61,7 @@ __all__ = [
 ]
 
 Params = Tree
-Updates = Any  # a tree of tensors, a `Ratio` or a `ParamStep`
+Updates = Any  # a tree of tensors, a `Ratio`, a `ParamStep` or `NewParams`
 Scalar = float | torch.Tensor
 
 
@@ -86,29 +89,43 @@ class Transform(NamedTuple):
     init: InitFn
     update: UpdateFn
     name: str = "transform"
+    gated: bool = False
+    """True when ``update`` also takes ``keep=`` (a 0-d bool tensor) and makes the step a no-op by
+    itself where it is False: the state it returns is then bit for bit the one it was given and its
+    updates leave the parameters as they are. `skip_nonfinite` and `dynamic_loss_scale` pass their
+    finiteness flag this way instead of selecting the previous state with `torch.where`."""
 
 
-def named(factory: Callable[..., Transform]) -> Callable[..., Transform]:
+def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, ...] = ()) -> Any:
     """Decorate a transform factory so its transforms carry their call, e.g. ``adamw(lr=0.001, ...)``.
 
     The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
-    optimizer or hyperparameter is reported on load.
+    optimizer or hyperparameter is reported on load. Arguments listed in `added` (ones a later
+    version introduced, as ``@named(added=("fused",))``) are left out of the name while at their
+    default, so checkpoints written before they existed still load.
     """
+    if factory is None:
+        return functools.partial(named, added=added)
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Transform:
-        return factory(*args, **kwargs)._replace(name=describe_call(factory, signature, args, kwargs))
+        return factory(*args, **kwargs)._replace(name=describe_call(factory, signature, args, kwargs, added))
 
     return wrapper
 
 
-def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> str:
-    """``factory(name=value, ...)`` with every argument, defaults included (names of transforms, schedules)."""
+def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any], added: tuple[str, ...] = ()) -> str:
+    """``factory(name=value, ...)`` with every argument, defaults included (names of transforms, schedules).
+
+    Arguments in `added` are left out while they equal their default.
+    """
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     parts = []
     for key, value in bound.arguments.items():
+        if key in added and value == signature.parameters[key].default:
+            continue
         kind = signature.parameters[key].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
             parts.extend(describe_value(v) for v in value)
@@ -218,6 +235,20 @@ class ParamStep:
         return ParamStep(**fields)
 
 
+class NewParams:
+    """The parameters after the step, as a flat list in tree order (``apply_updates`` returns them).
+
+    Emitted by transforms that compute the new parameters directly, e.g. with torch's fused Adam
+    kernel; the list holds fresh tensors that the transform owns.
+    """
+
+    __slots__ = ("values", "spec")
+
+    def __init__(self, values: Sequence[torch.Tensor], spec: Any) -> None:
+        self.values = values
+        self.spec = spec
+
+
 def is_transform(obj: object) -> bool:
     """True when `obj` has callable `init` and `update`, i.e. can be used as a transform."""
     return callable(getattr(obj, "init", None)) and callable(getattr(obj, "update", None))
@@ -225,7 +256,7 @@ def is_transform(obj: object) -> bool:
 
 def flat_updates(updates: Updates, params: Params | None) -> tuple[list[torch.Tensor], Any]:
     """Flatten updates of any form into a list of tensors and the tree spec."""
-    if isinstance(updates, (Ratio, ParamStep)):
+    if isinstance(updates, (Ratio, ParamStep, NewParams)):
         return as_tensors(updates, params), updates.spec
     leaves, spec = tree_flatten(updates)
     return leaves, spec
@@ -252,6 +283,10 @@ def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Ten
             mask = updates.decay_mask or (True,) * len(out)
             out = [o + updates.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
         return list(out)
+    if isinstance(updates, NewParams):
+        if params is None:
+            raise ConfigError("materializing NewParams as additive updates needs the parameters; pass params=")
+        return list(torch._foreach_sub(list(updates.values), tree_leaves(params)))
     if isinstance(updates, ParamStep):
         p = tree_leaves(params) if params is not None else None
         if p is None and updates.decay is not None:
@@ -315,7 +350,7 @@ def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep, directi
     """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
     if direction is None:
         num, den, step_size = step.quotient  # type: ignore[misc]
-        scalars = step_size.to(torch.float64).reshape(1).expand(len(idx)).contiguous()
+        scalars = step_size.to(torch.float64).repeat(len(idx))  # one CPU float64 scalar per tensor
         torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
     elif _float_alpha(step):
         torch._foreach_add_(out, [direction[i] for i in idx], alpha=step.alpha)
@@ -329,7 +364,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     Args:
         params: the parameter tree.
         updates: a tree of tensors shaped like `params` (added, cast to each parameter's dtype), or a
-            lazy `Ratio` / `ParamStep` from a transform.
+            lazy `Ratio` / `ParamStep` / `NewParams` from a transform.
 
     Returns:
         A new tree with the structure of `params`.
@@ -342,6 +377,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         {'w': tensor([1.5000])}
     """
     p, spec = tree_flatten(params)
+    if isinstance(updates, NewParams):
+        _check_spec(spec, updates.spec)
+        return tree_unflatten(list(updates.values), spec)
     if isinstance(updates, ParamStep):
         _check_spec(spec, updates.spec)
         return tree_unflatten(_apply_step(p, updates), spec)
@@ -369,7 +407,8 @@ def chain(*transforms: Transform) -> Transform:
         *transforms: the transforms, applied first to last.
 
     Returns:
-        A `Transform` whose state is a tuple of the inner states.
+        A `Transform` whose state is a tuple of the inner states; gated (see `Transform.gated`) when
+        every one of them is.
 
     Raises:
         ConfigError: an argument is not a transform.
@@ -389,14 +428,16 @@ def chain(*transforms: Transform) -> Transform:
     def init_fn(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
-    def update_fn(updates: Updates, state: tuple, params: Params | None = None) -> tuple[Updates, tuple]:
+    gated = bool(transforms) and all(getattr(t, "gated", False) for t in transforms)
+
+    def update_fn(updates: Updates, state: tuple, params: Params | None = None, keep: torch.Tensor | None = None) -> tuple[Updates, tuple]:
         new_states = []
         for t, s in zip(transforms, state, strict=True):
-            updates, s = t.update(updates, s, params)
+            updates, s = t.update(updates, s, params) if keep is None else t.update(updates, s, params, keep=keep)
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, update_fn, gated=gated)
 
 
 @named
@@ -408,7 +449,7 @@ def identity() -> Transform:
         >>> u["w"]
         tensor([1.])
     """
-    return Transform(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
+    return Transform(lambda params: EmptyState(), lambda updates, state, params=None, keep=None: (updates, state), gated=True)
 
 
 def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
@@ -434,13 +475,14 @@ def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
 
 def walk_states(state: Tree) -> Iterator[Any]:
     """Every container node of a transform state (NamedTuples, tuples, lists, dicts), outermost first."""
-    if isinstance(state, torch.Tensor):
-        return
-    yield state
-    children = state.values() if isinstance(state, dict) else state if isinstance(state, (tuple, list)) else ()
-    for child in children:
-        if not isinstance(child, torch.Tensor):  # tuples of many tensors: no generator per leaf
-            yield from walk_states(child)
+    stack = [state]
+    while stack:  # depth first, outermost first, without a generator per node
+        node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            continue
+        yield node
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, (tuple, list)) else ()
+        stack.extend(child for child in reversed(tuple(children)) if not isinstance(child, torch.Tensor))
 
 
 def counter(params: Params) -> torch.Tensor:

@@ -526,16 +526,27 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         count = counter(params)
         return ScaleByLearningRateState(count, torch.as_tensor(current(count), dtype=torch.float64, device=count.device))
 
+    constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rate_tensors(lr: torch.Tensor | float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr`` and ``sign * lr`` as float64 tensors; for a constant rate made once per device (never written)."""
+        if isinstance(lr, torch.Tensor) or torch.compiler.is_compiling():
+            lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
+            return lr_t, lr_t * sign
+        if device not in constants:
+            constants[device] = (torch.tensor(lr, dtype=torch.float64, device=device), torch.tensor(lr * sign, dtype=torch.float64, device=device))
+        return constants[device]
+
     def update_fn(updates: Any, state: ScaleByLearningRateState, params: Tree | None = None) -> tuple[ParamStep, ScaleByLearningRateState]:
         lr = current(state.count)
-        lr_t = torch.as_tensor(lr, dtype=torch.float64, device=state.count.device)
+        lr_t, signed_lr = rate_tensors(lr, state.count.device)
         new_state = ScaleByLearningRateState(state.count + 1, lr_t)
         if isinstance(updates, Ratio):
             if updates.divisor is None:
-                step_size = lr_t * sign if isinstance(lr, torch.Tensor) else torch.tensor(lr * sign, dtype=torch.float64)
+                step_size = signed_lr
             else:
-                # torch.optim: (lr / bias_correction) * -1, in float64
-                step_size = torch.div(lr_t, updates.divisor) * sign
+                # torch.optim: (lr / bias_correction) * -1 in float64; the sign flip is exact either side
+                step_size = torch.div(signed_lr, updates.divisor)
             quotient = (updates.num, updates.den, step_size)
             decay = None
             if updates.weight_decay:

@@ -13,6 +13,7 @@ import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
 from functrain.transform import (
+    NewParams,
     ParamStep,
     Transform,
     as_tensors,
@@ -66,8 +67,22 @@ def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
     if isinstance(updates, ParamStep):
         gate = keep if updates.keep is None else keep & updates.keep
         return updates.replace(keep=gate)
+    if isinstance(updates, NewParams) and params is not None:
+        return NewParams([torch.where(keep, n, p) for n, p in zip(updates.values, tree_leaves(params), strict=True)], updates.spec)
     u, spec = flat_updates(updates, params)
     return tree_unflatten([torch.where(keep, x, torch.zeros_like(x)) for x in u], spec)
+
+
+def _update_where(inner: Transform, keep: torch.Tensor, updates: Any, state: Tree, params: Tree | None) -> tuple[Any, Tree]:
+    """`inner`'s update where `keep` holds, a no-op (the same state, parameters untouched) elsewhere.
+
+    A gated transform does this itself (torch's fused kernels skip on a flag); for any other the
+    update runs and `torch.where` picks the previous state and parameters.
+    """
+    if getattr(inner, "gated", False):
+        return inner.update(updates, state, params, keep=keep)
+    new_updates, new_state = inner.update(updates, state, params)
+    return _gate(new_updates, keep, params), tree_select(keep, new_state, state)
 
 
 class MaskedState(NamedTuple):
@@ -173,15 +188,13 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     def update_fn(updates: Any, state: SkipNonfiniteState, params: Tree | None = None) -> tuple[Any, SkipNonfiniteState]:
         finite = all_finite(flat_updates(updates, params)[0])
-        new_updates, inner_state = inner.update(updates, state.inner, params)
+        new_updates, inner_state = _update_where(inner, finite, updates, state.inner, params)
         skipped = ~finite
         consecutive = torch.where(finite, torch.zeros_like(state.consecutive), state.consecutive + 1)
-        new_state = SkipNonfiniteState(
-            tree_select(finite, inner_state, state.inner), skipped, state.total_skipped + skipped.long(), consecutive, state.max_consecutive
-        )
+        new_state = SkipNonfiniteState(inner_state, skipped, state.total_skipped + skipped.long(), consecutive, state.max_consecutive)
         if cap >= 0 and _host_readable(consecutive):
             check_skip_limits(new_state)
-        return _gate(new_updates, finite, params), new_state
+        return new_updates, new_state
 
     return Transform(init_fn, update_fn)
 
@@ -344,15 +357,13 @@ def dynamic_loss_scale(
         inv = state.scale.double().reciprocal().float()
         unscaled = [x.float().mul(inv).to(x.dtype) for x in u]
         finite = all_finite(unscaled)
-        new_updates, inner_state = inner.update(tree_unflatten(unscaled, spec), state.inner, params)
+        new_updates, inner_state = _update_where(inner, finite, tree_unflatten(unscaled, spec), state.inner, params)
         tracker = torch.where(finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker))
         grow = tracker >= growth_interval
         scale = torch.where(finite, torch.where(grow, state.scale * growth_factor, state.scale), state.scale * backoff_factor)
         tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
-        new_state = DynamicLossScaleState(
-            tree_select(finite, inner_state, state.inner), scale, tracker, ~finite, state.total_skipped + (~finite).long()
-        )
-        return _gate(new_updates, finite, params), new_state
+        new_state = DynamicLossScaleState(inner_state, scale, tracker, ~finite, state.total_skipped + (~finite).long())
+        return new_updates, new_state
 
     return Transform(init_fn, update_fn)
 

@@ -1,0 +1,106 @@
+"""Adam and AdamW through torch's fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_``).
+
+One kernel pass reads the parameters, gradients and both moments and writes the new ones, instead
+of the eight passes of the foreach implementation. The kernel works in place, so the step copies the
+parameters and moments first and runs it on the copies: the state it was given is never written.
+The results match ``torch.optim.Adam/AdamW(fused=True)`` bit for bit (the same kernel on the same
+scalars); they differ from the foreach implementation in the last bits, because the kernel rounds
+differently.
+
+The transform is gated (`Transform.gated`): given ``keep=``, it passes ``found_inf = ~keep`` to
+the kernel, which then leaves the copies untouched, so a skipped step costs no `torch.where` pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import ConfigError
+from functrain.transform import NewParams, Transform, counter, flat_updates
+from functrain.transforms import Mask, Schedule, _zeros, resolve_mask
+from functrain.tree import Tree, tree_leaves
+
+__all__ = ["FusedAdamState", "fused_adam"]
+
+
+class FusedAdamState(NamedTuple):
+    count: torch.Tensor  # 0-d int64: updates applied
+    mu: tuple[torch.Tensor, ...]
+    nu: tuple[torch.Tensor, ...]
+    nu_max: tuple[torch.Tensor, ...]  # empty without amsgrad
+    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+def fused_adam(
+    lr: float | Schedule,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    *,
+    decoupled: bool,
+    amsgrad: bool,
+    mask: Mask,
+) -> Transform:
+    """The fused Adam (L2 decay) or AdamW (`decoupled` decay) transform behind ``adam/adamw(fused=True)``.
+
+    Hyperparameters are checked by the presets. A schedule is called with the count of updates
+    applied so far, as `scale_by_learning_rate` calls it.
+    """
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+
+    def init_fn(params: Tree) -> FusedAdamState:
+        leaves = tree_leaves(params)
+        bad = sorted({str(p.dtype) for p in leaves if not p.is_floating_point()})
+        if bad:
+            raise ConfigError(f"the fused Adam kernels take floating-point parameters, got {', '.join(bad)}; use fused=False")
+        count = counter(params)
+        first_lr = lr(count) if callable(lr) else lr
+        return FusedAdamState(
+            count, _zeros(params), _zeros(params), _zeros(params) if amsgrad else (), torch.as_tensor(first_lr, dtype=torch.float64, device=count.device)
+        )
+
+    def update_fn(updates: Any, state: FusedAdamState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdamState]:
+        if params is None:
+            raise ConfigError("the fused Adam kernels update the parameters themselves; pass params= to update")
+        g, spec = flat_updates(updates, params)
+        p = tree_leaves(params)
+        rate = lr(state.count) if callable(lr) else lr
+        rate_t = torch.as_tensor(rate, dtype=torch.float64, device=state.count.device)
+        count = state.count + 1 if keep is None else state.count + keep.long()
+        # fresh copies that the kernel updates in place
+        new_p, mu, nu = [x.clone() for x in p], [x.clone() for x in state.mu], [x.clone() for x in state.nu]
+        nu_max = [x.clone() for x in state.nu_max]
+        found_inf = None if keep is None else (~keep).float()
+        decays = resolve_mask(mask, params) or (True,) * len(p)
+        groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
+        for i, x in enumerate(p):
+            groups[(x.device, x.dtype, decays[i])].append(i)
+        for (_, dtype, decay), idx in groups.items():
+            kernel(
+                [new_p[i] for i in idx],
+                [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
+                [mu[i] for i in idx],
+                [nu[i] for i in idx],
+                [nu_max[i] for i in idx] if amsgrad else [],
+                [count] * len(idx),  # read only: the step number for the bias corrections
+                lr=rate_t if isinstance(rate, torch.Tensor) else rate,
+                beta1=b1,
+                beta2=b2,
+                weight_decay=weight_decay if decay else 0.0,
+                eps=eps,
+                amsgrad=amsgrad,
+                maximize=False,
+                grad_scale=None,
+                found_inf=found_inf,
+            )
+        new_state = FusedAdamState(count, tuple(mu), tuple(nu), tuple(nu_max), rate_t if keep is None else torch.where(keep, rate_t, state.lr))
+        return NewParams(new_p, spec), new_state
+
+    return Transform(init_fn, update_fn, gated=True)
