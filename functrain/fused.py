@@ -74,21 +74,20 @@ def fused_adam(
         rate = lr(state.count) if callable(lr) else lr
         rate_t = torch.as_tensor(rate, dtype=torch.float64, device=state.count.device)
         count = state.count + 1 if keep is None else state.count + keep.long()
-        # fresh copies that the kernel updates in place
-        new_p, mu, nu = [x.clone() for x in p], [x.clone() for x in state.mu], [x.clone() for x in state.nu]
-        nu_max = [x.clone() for x in state.nu_max]
         found_inf = None if keep is None else (~keep).float()
         decays = resolve_mask(mask, params) or (True,) * len(p)
         groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
         for i, x in enumerate(p):
             groups[(x.device, x.dtype, decays[i])].append(i)
+        new_p, mu, nu, nu_max = list(p), list(state.mu), list(state.nu), list(state.nu_max)
         for (_, dtype, decay), idx in groups.items():
-            kernel(
-                [new_p[i] for i in idx],
+            outs = _run_kernel(
+                kernel,
+                [p[i] for i in idx],
                 [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
-                [mu[i] for i in idx],
-                [nu[i] for i in idx],
-                [nu_max[i] for i in idx] if amsgrad else [],
+                [state.mu[i] for i in idx],
+                [state.nu[i] for i in idx],
+                [state.nu_max[i] for i in idx] if amsgrad else [],
                 [count] * len(idx),  # read only: the step number for the bias corrections
                 lr=rate_t if isinstance(rate, torch.Tensor) else rate,
                 beta1=b1,
@@ -100,7 +99,26 @@ def fused_adam(
                 grad_scale=None,
                 found_inf=found_inf,
             )
+            for target, values in zip((new_p, mu, nu, nu_max), outs, strict=True):
+                for i, v in zip(idx, values):
+                    target[i] = v
         new_state = FusedAdamState(count, tuple(mu), tuple(nu), tuple(nu_max), rate_t if keep is None else torch.where(keep, rate_t, state.lr))
         return NewParams(new_p, spec), new_state
 
     return Transform(init_fn, update_fn, gated=True)
+
+
+def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_max: list, steps: list, **options: Any) -> tuple[list, list, list, list]:
+    """New (params, mu, nu, nu_max) from one fused kernel call; the given tensors are not written.
+
+    Eagerly the in-place kernel runs on fresh copies (it reads the gradients only). Under
+    ``torch.compile`` the functional form of the op is traced instead: functionalization rejects
+    the in-place one on graph intermediates.
+    """
+    if torch.compiler.is_compiling():
+        functional = torch.ops.aten._fused_adamw if kernel is torch._fused_adamw_ else torch.ops.aten._fused_adam
+        new_p, _, new_mu, new_nu, new_max = functional(params, grads, mu, nu, nu_max, steps, **options)
+        return list(new_p), list(new_mu), list(new_nu), list(new_max)
+    new_p, new_mu, new_nu, new_max = ([x.clone() for x in xs] for xs in (params, mu, nu, nu_max))
+    kernel(new_p, grads, new_mu, new_nu, new_max, steps, **options)
+    return new_p, new_mu, new_nu, new_max

@@ -90,10 +90,10 @@ class Transform(NamedTuple):
     update: UpdateFn
     name: str = "transform"
     gated: bool = False
-    """True when ``update`` also takes ``keep=`` (a 0-d bool tensor) and makes the step a no-op by
-    itself where it is False: the state it returns is then bit for bit the one it was given and its
-    updates leave the parameters as they are. `skip_nonfinite` and `dynamic_loss_scale` pass their
-    finiteness flag this way instead of selecting the previous state with `torch.where`."""
+    """True when ``update`` also takes ``keep=`` (a 0-d bool tensor) and, where it is False, returns
+    bit for bit the state it was given, and `NewParams` (if it emits them) equal to the parameters.
+    `skip_nonfinite` and `dynamic_loss_scale` pass their finiteness flag this way instead of
+    selecting the previous state with `torch.where` (they still zero updates of the other forms)."""
 
 
 def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, ...] = ()) -> Any:

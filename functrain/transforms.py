@@ -595,13 +595,15 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         leaves = tree_leaves(params)
         return ClipByGlobalNormState(torch.zeros((), device=leaves[0].device if leaves else None))
 
-    def update_fn(updates: Any, state: ClipByGlobalNormState, params: Tree | None = None) -> tuple[Tree, ClipByGlobalNormState]:
+    def update_fn(updates: Any, state: ClipByGlobalNormState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[Tree, ClipByGlobalNormState]:
         g, spec = flat_updates(updates, params)
         norm = global_norm(g)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(norm)
+        # gated: the updates only feed the next transform, which skips too; the metric stays put
+        kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
+        return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, update_fn, gated=True)
 
 
 @named

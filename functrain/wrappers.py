@@ -80,7 +80,9 @@ def _update_where(inner: Transform, keep: torch.Tensor, updates: Any, state: Tre
     update runs and `torch.where` picks the previous state and parameters.
     """
     if getattr(inner, "gated", False):
-        return inner.update(updates, state, params, keep=keep)
+        new_updates, new_state = inner.update(updates, state, params, keep=keep)
+        # new parameters come gated from the kernel; updates of any other form are gated here
+        return (new_updates if isinstance(new_updates, NewParams) else _gate(new_updates, keep, params)), new_state
     new_updates, new_state = inner.update(updates, state, params)
     return _gate(new_updates, keep, params), tree_select(keep, new_state, state)
 

@@ -116,6 +116,32 @@ def test_compiled_mlp_step_matches_eager_and_never_recompiles() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@needs_cxx
+def test_compiled_fused_adamw_step_matches_eager_skips_nonfinite_and_never_recompiles() -> None:
+    # the fused kernel is traced in its functional form; found_inf carries the skip into the graph
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    state = ft.TrainState.create(model, ft.adamw(1e-2, fused=True), classification_loss, clip_grad_norm=1.0)
+    step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
+    batches = classification_batches((8, 6), 12)
+    batches[5][0][0, 0] = float("nan")  # one non-finite batch: a counted no-op in both
+    compiled = eager = state
+    for i, batch in enumerate(batches):
+        snap = snapshot(compiled)
+        if i == 0:
+            compiled, metrics = step(compiled, batch)
+            first = compiled_so_far()
+        else:
+            with no_recompile():
+                compiled, metrics = step(compiled, batch)
+        assert_unchanged(snap)
+        eager, expected = ft.train_step(eager, batch)
+        assert torch.equal(metrics["skipped"], expected["skipped"])
+    assert compiled_so_far() == first
+    assert int(compiled.skipped) == int(eager.skipped) == 1
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- CNN with BatchNorm, partial batches
 
 

@@ -20,6 +20,7 @@ from functrain.transforms import (
     ScaleByRmsState,
     TraceState,
 )
+from functrain.fused import FusedAdamState
 from functrain.tree import tree_leaves
 
 STEPS = 200
@@ -300,3 +301,75 @@ def test_lion_step_is_sign_of_interpolation_plus_decoupled_decay() -> None:
     expected = params["w"] - 0.25 * (torch.tensor([-1.0, -1.0, 1.0]) + 0.5 * params["w"])
     assert torch.equal(new["w"], expected)
     assert torch.equal(state[0].mu[0], 0.75 * (0.25 * g1) + 0.25 * g2)
+
+
+# ---------------------------------------------------------------- fused=True: torch's fused kernels
+
+FUSED_STATE = [(FusedAdamState, "mu", "exp_avg"), (FusedAdamState, "nu", "exp_avg_sq")]
+
+FUSED_CASES = {
+    "adamw": (
+        ft.adamw(lr=1e-2, weight_decay=0.1, fused=True),
+        lambda p: torch.optim.AdamW(p.values(), lr=1e-2, weight_decay=0.1, fused=True),
+        FUSED_STATE,
+    ),
+    "adamw_mask_spares_biases": (
+        ft.adamw(lr=1e-2, weight_decay=0.1, mask=is_weight, fused=True),
+        lambda p: torch.optim.AdamW(split_groups(p, 0.1), lr=1e-2, fused=True),
+        FUSED_STATE,
+    ),
+    "adamw_amsgrad_betas": (
+        ft.adamw(lr=3e-3, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.05, amsgrad=True, fused=True),
+        lambda p: torch.optim.AdamW(p.values(), lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, amsgrad=True, fused=True),
+        [*FUSED_STATE, (FusedAdamState, "nu_max", "max_exp_avg_sq")],
+    ),
+    "adam_l2": (
+        ft.adam(lr=1e-2, weight_decay=1e-2, fused=True),
+        lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=1e-2, fused=True),
+        FUSED_STATE,
+    ),
+    "adamw_constant_schedule": (
+        ft.adamw(lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=0.1, fused=True),
+        lambda p: torch.optim.AdamW(p.values(), lr=1e-2, weight_decay=0.1, fused=True),
+        FUSED_STATE,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_preset_matches_torch_optim_fused_bitwise(name: str) -> None:
+    tx, make_opt, state_fields = FUSED_CASES[name]
+    ft_params, ft_state = run_functrain(tx)
+    torch_params, opt = run_torch(make_opt)
+
+    assert opt.defaults["fused"] is True
+    assert_bitwise(list(ft_params.values()), list(torch_params.values()), "params")
+    assert not torch.equal(ft_params["w1"], PARAMS["w1"])
+    for cls, field, key in state_fields:
+        ours = getattr(find(ft_state, cls), field)
+        assert_bitwise(list(ours), torch_state(opt, torch_params, key), f"{cls.__name__}.{field} vs {key}")
+    assert int(find(ft_state, FusedAdamState).count) == STEPS
+
+
+def test_fused_and_foreach_adamw_agree_to_rounding_but_not_bitwise() -> None:
+    # the kernels round differently: fused=True is a different trajectory, not the foreach one
+    fused, _ = run_functrain(ft.adamw(lr=1e-2, weight_decay=0.1, fused=True))
+    foreach, _ = run_functrain(ft.adamw(lr=1e-2, weight_decay=0.1))
+    for name in SHAPES:
+        torch.testing.assert_close(fused[name], foreach[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(fused[n], foreach[n]) for n in SHAPES)
+
+
+def test_fused_rejects_integer_parameters_and_needs_params() -> None:
+    tx = ft.adamw(lr=1e-2, fused=True)
+    with pytest.raises(ft.ConfigError, match="floating-point parameters"):
+        tx.init({"w": torch.zeros(2, dtype=torch.int64)})
+    params = {"w": torch.zeros(2)}
+    with pytest.raises(ft.ConfigError, match="pass params="):
+        tx.update({"w": torch.ones(2)}, tx.init(params))
+
+
+def test_fused_name_appears_only_when_set() -> None:
+    # checkpoints written before `fused` existed carry names without it and must still load
+    assert "fused" not in ft.adamw(lr=1e-3).name and "fused" not in ft.adam(lr=1e-3).name
+    assert ft.adamw(lr=1e-3, fused=True).name.endswith("fused=True)")

@@ -98,17 +98,21 @@ def assert_unchanged(snap: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None
 def reference_optimizer(name: str, params) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-2, foreach=True)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-2, fused=True)
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=True)
 
 
 def functrain_optimizer(name: str) -> ft.Transform:
-    return ft.adamw(1e-2) if name == "adamw" else ft.sgd(0.05, momentum=0.9)
+    if name.startswith("adamw"):
+        return ft.adamw(1e-2, fused=name == "adamw_fused")
+    return ft.sgd(0.05, momentum=0.9)
 
 
 # ---------------------------------------------------------------- equivalence with the hand-written loop
 
 
-@pytest.mark.parametrize("opt", ["adamw", "sgd_momentum"])
+@pytest.mark.parametrize("opt", ["adamw", "adamw_fused", "sgd_momentum"])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_fifty_steps_equal_the_torch_loop_bit_for_bit(arch: str, opt: str) -> None:
     model = MODELS[arch]()
@@ -158,15 +162,22 @@ PURITY_CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     "cnn-dropout-ema-clip": (make_cnn_dropout, {"ema_decay": 0.9, "clip_grad_norm": 0.5}),
     "mlp-accumulate": (make_mlp, {"accumulate_steps": 2, "max_consecutive_nonfinite": 3}),
     "mlp-fp16": (make_mlp, {"precision": "fp16"}),
+    "cnn-dropout-fused-clip": (make_cnn_dropout, {"fused": True, "clip_grad_norm": 0.5}),
+    "mlp-fused-fp16": (make_mlp, {"fused": True, "precision": "fp16"}),
 }
+
+
+def purity_state(case: str, loss: Callable) -> tuple[nn.Module, ft.TrainState]:
+    make, options = PURITY_CASES[case]
+    options = dict(options)
+    model = make()
+    return model, ft.TrainState.create(model, ft.adamw(1e-2, fused=options.pop("fused", False)), loss, **options)
 
 
 @pytest.mark.parametrize("case", list(PURITY_CASES))
 def test_train_step_never_modifies_its_input_state(case: str) -> None:
-    make, options = PURITY_CASES[case]
-    model = make()
+    model, state = purity_state(case, loss_fn)
     module_before = {k: v.clone() for k, v in model.state_dict().items()}
-    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_fn, **options)
     for batch in batches(model, 3):
         snap = snapshot(state)
         new, _ = ft.train_step(state, batch)
@@ -178,9 +189,7 @@ def test_train_step_never_modifies_its_input_state(case: str) -> None:
 
 @pytest.mark.parametrize("case", list(PURITY_CASES))
 def test_same_state_and_batch_give_bit_identical_results(case: str) -> None:
-    make, options = PURITY_CASES[case]
-    model = make()
-    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_with_acc, **options)
+    model, state = purity_state(case, loss_with_acc)
     for batch in batches(model, 3):
         torch.manual_seed(1)  # the caller's RNG plays no part
         first, m1 = ft.train_step(state, batch)
@@ -410,10 +419,11 @@ def nan_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "adamw_fused"])
 def test_nonfinite_step_is_skipped_as_a_counted_no_op(opt: str) -> None:
     model = make_mlp()
-    state = ft.TrainState.create(model, ft.adamw(1e-2) if opt == "adamw" else ft.sgd(0.1, momentum=0.9), loss_fn)
+    tx = {"sgd": ft.sgd(0.1, momentum=0.9), "adamw": ft.adamw(1e-2), "adamw_fused": ft.adamw(1e-2, fused=True)}[opt]
+    state = ft.TrainState.create(model, tx, loss_fn)
     good, bad = batches(model, 2)
     state, _ = ft.train_step(state, good)
     skipped, metrics = ft.train_step(state, nan_batch(model))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import functrain as ft
+from functrain.transform import NewParams
 from functrain.tree import tree_leaves
 
 NAN = float("nan")
@@ -110,6 +111,58 @@ def test_skip_nonfinite_finite_step_resets_the_consecutive_count() -> None:
     assert int(state.total_skipped) == 3
     assert int(state.consecutive) == 1
     ft.check_skip_limits(state)  # one in a row is within the limit
+
+
+GATED = {
+    "identity": ft.identity,
+    "clip_by_global_norm": lambda: ft.clip_by_global_norm(0.5),
+    "adamw_fused": lambda: ft.adamw(lr=1e-2, weight_decay=0.1, fused=True),
+    "adam_fused_amsgrad": lambda: ft.adam(lr=1e-2, weight_decay=1e-2, amsgrad=True, fused=True),
+    "chain_clip_adamw_fused": lambda: ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(GATED))
+def test_gated_update_is_the_plain_update_when_kept_and_a_bitwise_no_op_when_not(name: str) -> None:
+    tx = GATED[name]()
+    assert tx.gated
+    params = make_params()
+    state = tx.init(params)
+    for seed in (1, 2):  # a second step, so the state is not all zeros
+        updates, state = tx.update(make_grads(seed), state, params)
+        params = ft.apply_updates(params, updates)
+    grads = make_grads(3)
+    plain_u, plain_s = tx.update(grads, state, params)
+    kept_u, kept_s = tx.update(grads, state, params, keep=torch.tensor(True))
+    assert_trees_equal(ft.apply_updates(params, kept_u), ft.apply_updates(params, plain_u))
+    assert_trees_equal(kept_s, plain_s)
+    skip_u, skip_s = tx.update(with_value(grads, NAN), state, params, keep=torch.tensor(False))
+    assert_trees_equal(skip_s, state)
+    if isinstance(skip_u, NewParams):  # updates of other forms are zeroed by the wrapper
+        assert_trees_equal(ft.apply_updates(params, skip_u), params)
+
+
+@pytest.mark.parametrize("name", list(GATED))
+def test_skip_nonfinite_over_a_gated_transform_equals_skipping_with_where(name: str) -> None:
+    gated = ft.skip_nonfinite(GATED[name]())
+    selected = ft.skip_nonfinite(GATED[name]()._replace(gated=False))  # the torch.where path
+    params_g = params_s = make_params()
+    state_g, state_s = gated.init(params_g), selected.init(params_s)
+    for seed, bad in enumerate([None, NAN, None, INF, -INF, None], start=1):
+        grads = make_grads(seed) if bad is None else with_value(make_grads(seed), bad)
+        u, state_g = gated.update(grads, state_g, params_g)
+        params_g = ft.apply_updates(params_g, u)
+        u, state_s = selected.update(grads, state_s, params_s)
+        params_s = ft.apply_updates(params_s, u)
+        assert_trees_equal(params_g, params_s)
+        assert_trees_equal(state_g, state_s)
+    assert int(state_g.total_skipped) == 3
+
+
+def test_a_chain_is_gated_only_when_every_member_is() -> None:
+    assert ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True)).gated
+    assert not ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2)).gated
+    assert not ft.chain().gated
 
 
 def test_check_skip_limits_finds_nested_skip_states() -> None:
