@@ -6,8 +6,10 @@ One run prints a table of median milliseconds per update, and the ratio to
 * torch AdamW foreach, eager (the baseline: 1.00)
 * torch AdamW fused, eager (for reference)
 * functrain adamw, eager: ``tx.update`` + ``apply_updates``, new params and new state from grads
+* functrain adamw(fused=True), eager: the same through torch's fused kernel on fresh copies (its
+  parameters match torch's fused AdamW, not the foreach one, bit for bit)
 * torch AdamW foreach, ``opt.step`` under ``torch.compile`` (as in torch's "compiling the optimizer" recipe)
-* functrain adamw, the whole functional update under ``torch.compile``
+* functrain adamw and adamw(fused=True), the whole functional update under ``torch.compile``
 
 The parameter tree is shaped like a GPT-style transformer (embeddings, then per layer two LayerNorms,
 a fused QKV projection, an output projection and a 4x MLP, all with biases): about ``--params``
@@ -185,10 +187,10 @@ def torch_impl(name: str, base: dict, grads: dict, *, fused: bool = False, compi
     return Impl(name, step, lambda: [p.detach() for p in params.values()], set_grads)
 
 
-def functrain_fn():
+def functrain_fn(fused: bool = False):
     import functrain
 
-    tx = functrain.adamw(LR, weight_decay=WEIGHT_DECAY)
+    tx = functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=fused)
 
     def update(params: dict, state: Any, grads: dict) -> tuple[dict, Any]:
         updates, state = tx.update(grads, state, params)
@@ -197,10 +199,10 @@ def functrain_fn():
     return tx, update
 
 
-def functrain_impl(name: str, base: dict, grads: dict, *, compiled: bool = False) -> Impl:
+def functrain_impl(name: str, base: dict, grads: dict, *, compiled: bool = False, fused: bool = False) -> Impl:
     import torch
 
-    tx, update = functrain_fn()
+    tx, update = functrain_fn(fused)
     params = {k: v.clone() for k, v in base.items()}
     fn = torch.compile(update) if compiled else update
     runner = FunctionalRunner(fn, params, tx.init(params), grads)
@@ -306,6 +308,7 @@ def run_timing(args: argparse.Namespace) -> dict:
         torch_impl("torch AdamW foreach, eager", base, grads),
         torch_impl("torch AdamW fused, eager", base, grads, fused=True),
         functrain_impl("functrain adamw, eager", base, grads),
+        functrain_impl("functrain adamw(fused=True), eager", base, grads, fused=True),
     ]
     if args.prototype:
         impls.append(prototype_impl("prototype A: pure, in place on own buffers", base, grads))
@@ -317,6 +320,7 @@ def run_timing(args: argparse.Namespace) -> dict:
         compiled = [
             ("torch AdamW foreach, compiled step", lambda nm: torch_impl(nm, base, grads, compiled=True)),
             ("functrain adamw, compiled", lambda nm: functrain_impl(nm, base, grads, compiled=True)),
+            ("functrain adamw(fused=True), compiled", lambda nm: functrain_impl(nm, base, grads, compiled=True, fused=True)),
         ]
         if args.prototype:
             compiled.append(("prototype A, compiled", lambda nm: prototype_impl(nm, base, grads, compiled=True)))
@@ -409,7 +413,7 @@ def print_timing(res: dict, args: argparse.Namespace) -> None:
     print("ratios are to 'torch AdamW foreach, eager': of medians, of minima, paired (median over rounds of the "
           "round's ratio), of median CPU time\n(user+sys, all threads: less sensitive to other load on the "
           "machine). sys ms and faults (minor page faults): medians per update.\n"
-          "Targets: functrain eager <= 1.15, compiled <= 1.00.")
+          "Targets: functrain eager <= 1.15, compiled <= 1.00 (both adamw and adamw(fused=True)).")
     for name, secs in res["compile_seconds"].items():
         print(f"first call (compile) of {name}: {secs:.1f} s")
     for name, err in res["compile_errors"].items():
@@ -445,7 +449,7 @@ def memory_child(args: argparse.Namespace) -> None:
             return torch_impl(name, b, g, fused=True)
         if name.startswith("prototype"):
             return prototype_impl(name, b, g, addcdiv=name.endswith("B"), fused=name.endswith("C"))
-        return functrain_impl(name, b, g)
+        return functrain_impl(name, b, g, fused=name == "functrain fused")
 
     # first use of each kernel loads code and buffers (tens of MiB): do that on a tiny tree, outside the count
     tiny = make(*make_tensors(transformer_shapes(2e4, args.tensors)))
@@ -466,8 +470,8 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def run_memory(args: argparse.Namespace) -> list[dict]:
     out = []
-    for name in ["torch foreach", "torch fused", "functrain", "prototype A", "prototype B", "prototype C"][
-            : 6 if args.prototype else 3]:
+    for name in ["torch foreach", "torch fused", "functrain", "functrain fused", "prototype A", "prototype B", "prototype C"][
+            : 7 if args.prototype else 4]:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--params", str(args.params),
                "--tensors", str(args.tensors), "--threads", str(args.threads)] + (["--mallopt"] if args.mallopt else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -139,7 +139,11 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.zeros(())
-    shared = _SHARED_NORM.get() if not torch.compiler.is_compiling() else None
+    if torch.compiler.is_compiling():
+        # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
+        # the foreach op would run as an opaque call each time it appears
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).float() for t in tensors]))
+    shared = _SHARED_NORM.get()
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
     norms = torch._foreach_norm(list(tensors))

@@ -237,3 +237,60 @@ def test_compiled_transformer_with_dropout_matches_eager_masks_and_never_recompi
     # the masks are real: dropout changes the training loss against the eval-mode loss
     assert not torch.equal(ft.train_step(state, tokens)[1]["loss"], ft.eval_step(state, tokens)["loss"])
     assert not torch.equal(compiled.rng, state.rng)
+
+
+# ---------------------------------------------------------------- functrain.compile_step
+
+
+def make_mlp_state(tx: ft.Transform, **options: Any) -> ft.TrainState:
+    torch.manual_seed(0)
+    return ft.TrainState.create(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), tx, classification_loss, **options)
+
+
+@needs_cxx
+def test_compile_step_matches_eager_compiles_once_per_batch_size_and_leaves_inputs_alone() -> None:
+    state = make_mlp_state(ft.adamw(1e-2), ema_decay=0.9)
+    step = ft.compile_step()
+    batches = classification_batches((8, 6), 10) + classification_batches((5, 6), 2, seed=2)  # a last partial batch
+    batches[3][0][0, 0] = float("nan")  # skipped in both
+    compiled = eager = state
+    graphs_after: list[int] = []
+    for batch in batches:
+        snap = snapshot(compiled)
+        rng = torch.get_rng_state()
+        compiled, metrics = step(compiled, batch)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert_unchanged(snap)
+        eager, expected = ft.train_step(eager, batch)
+        assert set(metrics) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
+        graphs_after.append(compiled_so_far()[1])
+    assert graphs_after[0] == graphs_after[9] == 1  # no recompilation while the batch shape holds
+    assert graphs_after[-1] == 2  # one more for the partial batch
+    assert int(compiled.skipped) == int(eager.skipped) == 1
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_step_compiles_again_for_other_static_parts_never_reusing_a_stale_graph() -> None:
+    # the compiled body keeps no guards on the transform or the module: the cache key must tell them apart
+    step = ft.compile_step(backend="eager")
+    fast, slow = make_mlp_state(ft.sgd(0.5)), make_mlp_state(ft.sgd(0.01))
+    batch = classification_batches((8, 6), 1)[0]
+    for state in (fast, slow, fast):
+        compiled, _ = step(state, batch)
+        eager, _ = ft.train_step(state, batch)
+        for name in state.params:
+            torch.testing.assert_close(compiled.params[name], eager.params[name], rtol=0, atol=0)
+    assert compiled_so_far()[1] == 2  # one graph per transform, the first reused on the third call
+    frozen = ft.TrainState.create(fast.module, fast.optimizer, classification_loss, trainable=lambda name, p: name.startswith("2."))
+    compiled, _ = step(frozen, batch)
+    assert set(compiled.params) == {"2.weight", "2.bias"}
+    assert compiled_so_far()[1] == 3
+
+
+def test_compile_step_rejects_bad_arguments() -> None:
+    with pytest.raises(ft.ConfigError, match="guard_filter_fn"):
+        ft.compile_step(options={"guard_filter_fn": lambda entries: [True] * len(entries)})
+    with pytest.raises(ft.ConfigError, match="TrainState"):
+        ft.compile_step(backend="eager")({"params": {}}, None)

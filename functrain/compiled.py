@@ -1,0 +1,136 @@
+"""`compile_step`: `train_step` under torch.compile, with less work around the compiled graph per call.
+
+``torch.compile(functrain.train_step)`` works, but on a small model a good part of each call goes to
+torch.compile's bookkeeping rather than to the graph: dynamo evaluates guards on everything the
+step reads (the state's structure, every transform's closure, the module's attributes) in four
+frames, because the RNG swap around the graph breaks the step into pieces.
+
+`compile_step` compiles only the step body, once per static configuration of the state (module,
+loss function, transform, options, parameter names). The RNG swap and the state's rebuilding run
+as plain Python around it, and the compiled body keeps only the guards that can change between
+calls of one configuration: the tensors' shapes, dtypes and devices, everything about the batch,
+and torch's global state (grad mode, autocast, ...). The static parts are checked by identity in
+Python before the call instead.
+
+The price of dropping those guards: the module must not be changed in place after its first
+compiled step (say, a dropout probability or an attribute its forward reads); build a new state
+(`TrainState.create`) if it is.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from functrain.errors import ConfigError
+from functrain.state import TrainState
+from functrain.step import _enter, _leave, _leave_with, _train_core
+
+__all__ = ["compile_step"]
+
+_STATIC = ("module", "loss_fn", "tx", "options", "dist", "averager")
+_serial = itertools.count()
+
+
+class _View:
+    """What `_train_core` reads of a state, assembled inside the compiled body (an attrs state is not traceable)."""
+
+    def __init__(self, statics: dict[str, Any], params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple) -> None:
+        self.module = statics["module"]
+        self.loss_fn = statics["loss_fn"]
+        self.tx = statics["tx"]
+        self.options = statics["options"]
+        self.dist = statics["dist"]
+        self.averager = statics["averager"]
+        self.device = statics["device"]
+        self.params = params
+        self.frozen = frozen
+        self.buffers = buffers
+        self.opt_state = opt_state
+        self.ema_state = ema_state
+        self.step, self.micro_step, self.epoch_step, self.samples_seen, self.skipped = counters
+
+
+def _keep_guard(entry: Any) -> bool:
+    # torch's global state (empty name), anything about the batch, and the tensors' metadata
+    return not entry.name or entry.name.startswith("batch") or entry.guard_type == "TENSOR_MATCH"
+
+
+def _guard_filter(entries: list[Any]) -> list[bool]:
+    return [_keep_guard(e) for e in entries]
+
+
+def compile_step(*, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
+    """A compiled `train_step`: ``step(state, batch) -> (state, metrics)``, the same results as
+    ``torch.compile(functrain.train_step, dynamic=False)`` with less overhead per call.
+
+    One graph is compiled per static configuration of the state and per batch shape (static
+    shapes: a last partial batch compiles once more). Keep the returned function and call it in
+    the loop; each `compile_step()` call starts its own cache.
+
+    Args:
+        backend: the torch.compile backend.
+        mode: the torch.compile mode (e.g. ``"max-autotune-no-cudagraphs"``).
+        options: backend options for torch.compile.
+
+    Returns:
+        A function with `train_step`'s signature and contract (pure, no host sync, the caller's
+        RNG untouched).
+
+    Raises:
+        ConfigError: the first argument is not a `TrainState`, or `options` sets its own
+            ``guard_filter_fn``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> model = torch.nn.Linear(2, 1)
+        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+        >>> step = ft.compile_step(backend="eager")  # "inductor" (the default) generates kernels
+        >>> state, metrics = step(state, (torch.ones(4, 2), torch.zeros(4, 1)))
+        >>> int(state.step)
+        1
+    """
+    if options and "guard_filter_fn" in options:
+        raise ConfigError("compile_step sets options['guard_filter_fn'] itself; leave it out, or use torch.compile(functrain.train_step)")
+    compile_options = {**(options or {}), "guard_filter_fn": _guard_filter}
+    cores: dict[tuple, tuple[tuple, Callable[..., Any]]] = {}
+
+    def core_for(state: TrainState) -> Callable[..., Any]:
+        statics = tuple(getattr(state, name) for name in _STATIC)
+        key = (*(id(s) for s in statics), tuple(state.params), tuple(state.frozen), tuple(state.buffers))
+        found = cores.get(key)
+        if found is not None and all(a is b for a, b in zip(found[0], statics)):
+            return found[1]
+        fields = dict(zip(_STATIC, statics, strict=True), device=state.device)
+
+        def body(params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            return _train_core(_View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch)
+
+        # dynamo caches compiled code on the code object, and the guards that would tell two
+        # configurations' closures apart are filtered out: give every configuration its own code
+        name = f"train_core_{next(_serial)}"
+        code = body.__code__.replace(co_name=name, co_qualname=name)
+        body = types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
+        compiled = torch.compile(body, dynamic=False, backend=backend, mode=mode, options=compile_options)
+        cores[key] = (statics, compiled)  # the statics are held, so their ids stay theirs
+        return compiled
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        if not isinstance(state, TrainState):
+            raise ConfigError(f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}")
+        core = core_for(state)
+        counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
+        scope = _enter(state, True)
+        try:
+            new, metrics = core(state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters, batch)
+        except BaseException:
+            _leave(scope)
+            raise
+        return _leave_with(scope, state, new), metrics
+
+    return step
