@@ -19,6 +19,7 @@ compiled step (say, a dropout probability or an attribute its forward reads); bu
 
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from functrain.errors import ConfigError
 from functrain.state import TrainState
 from functrain.step import _enter, _leave, _leave_with, _train_core
 
-__all__ = ["compile_step"]
+__all__ = ["compile_step", "CompiledStep"]
 
 _STATIC = ("module", "loss_fn", "tx", "options", "dist", "averager")
 _serial = itertools.count()
@@ -64,7 +65,54 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
     return [_keep_guard(e) for e in entries]
 
 
-def compile_step(*, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
+class CompiledStep:
+    """The function `compile_step` returns: ``step(state, batch) -> (state, metrics)``.
+
+    Holds one compiled body per static configuration seen so far: the module, loss function and
+    optimizer (the same objects), the options and the parameter names.
+    """
+
+    def __init__(self, backend: str, mode: str | None, options: dict[str, Any]) -> None:
+        self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode, options={**options, "guard_filter_fn": _guard_filter})
+        self._cores: dict[tuple, tuple[tuple, Callable[..., Any]]] = {}
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        if not isinstance(state, TrainState):
+            raise ConfigError(f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}")
+        core = self._core_for(state)
+        counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
+        scope = _enter(state, True)
+        try:
+            new, metrics = core(state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters, batch)
+        except BaseException:
+            _leave(scope)
+            raise
+        return _leave_with(scope, state, new), metrics
+
+    def _core_for(self, state: TrainState) -> Callable[..., Any]:
+        # the user's objects by identity, the options by value: the wrapped transform and the
+        # EMA that `TrainState.create` builds anew each time are functions of these
+        owners = (state.module, state.loss_fn, state.optimizer)
+        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers))
+        found = self._cores.get(key)
+        if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
+            return found[1]
+        fields = {name: getattr(state, name) for name in _STATIC}
+        fields["device"] = state.device
+
+        def body(params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            return _train_core(_View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch)
+
+        # dynamo caches compiled code on the code object, and the guards that would tell two
+        # configurations' closures apart are filtered out: give every configuration its own code
+        name = f"train_core_{next(_serial)}"
+        code = body.__code__.replace(co_name=name, co_qualname=name)
+        compiled = self._compile(types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__))
+        self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
+        return compiled
+
+
+def compile_step(*, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None) -> CompiledStep:
     """A compiled `train_step`: ``step(state, batch) -> (state, metrics)``, the same results as
     ``torch.compile(functrain.train_step, dynamic=False)`` with less overhead per call.
 
@@ -78,12 +126,12 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
         options: backend options for torch.compile.
 
     Returns:
-        A function with `train_step`'s signature and contract (pure, no host sync, the caller's
-        RNG untouched).
+        A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the
+        caller's RNG untouched).
 
     Raises:
-        ConfigError: the first argument is not a `TrainState`, or `options` sets its own
-            ``guard_filter_fn``.
+        ConfigError: `options` sets its own ``guard_filter_fn``; calling the step with something
+            other than a `TrainState`.
 
     Example:
         >>> import torch, functrain as ft
@@ -97,40 +145,4 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
     """
     if options and "guard_filter_fn" in options:
         raise ConfigError("compile_step sets options['guard_filter_fn'] itself; leave it out, or use torch.compile(functrain.train_step)")
-    compile_options = {**(options or {}), "guard_filter_fn": _guard_filter}
-    cores: dict[tuple, tuple[tuple, Callable[..., Any]]] = {}
-
-    def core_for(state: TrainState) -> Callable[..., Any]:
-        statics = tuple(getattr(state, name) for name in _STATIC)
-        key = (*(id(s) for s in statics), tuple(state.params), tuple(state.frozen), tuple(state.buffers))
-        found = cores.get(key)
-        if found is not None and all(a is b for a, b in zip(found[0], statics)):
-            return found[1]
-        fields = dict(zip(_STATIC, statics, strict=True), device=state.device)
-
-        def body(params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-            return _train_core(_View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch)
-
-        # dynamo caches compiled code on the code object, and the guards that would tell two
-        # configurations' closures apart are filtered out: give every configuration its own code
-        name = f"train_core_{next(_serial)}"
-        code = body.__code__.replace(co_name=name, co_qualname=name)
-        body = types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
-        compiled = torch.compile(body, dynamic=False, backend=backend, mode=mode, options=compile_options)
-        cores[key] = (statics, compiled)  # the statics are held, so their ids stay theirs
-        return compiled
-
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        if not isinstance(state, TrainState):
-            raise ConfigError(f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}")
-        core = core_for(state)
-        counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
-        scope = _enter(state, True)
-        try:
-            new, metrics = core(state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters, batch)
-        except BaseException:
-            _leave(scope)
-            raise
-        return _leave_with(scope, state, new), metrics
-
-    return step
+    return CompiledStep(backend, mode, options or {})

@@ -75,37 +75,38 @@ def fused_adam(
         rate_t = torch.as_tensor(rate, dtype=torch.float64, device=state.count.device)
         count = state.count + 1 if keep is None else state.count + keep.long()
         found_inf = None if keep is None else (~keep).float()
+        hyper = {"lr": rate_t if isinstance(rate, torch.Tensor) else rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": found_inf}
         decays = resolve_mask(mask, params) or (True,) * len(p)
-        groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
-        for i, x in enumerate(p):
-            groups[(x.device, x.dtype, decays[i])].append(i)
-        new_p, mu, nu, nu_max = list(p), list(state.mu), list(state.nu), list(state.nu_max)
-        for (_, dtype, decay), idx in groups.items():
-            outs = _run_kernel(
-                kernel,
-                [p[i] for i in idx],
-                [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
-                [state.mu[i] for i in idx],
-                [state.nu[i] for i in idx],
-                [state.nu_max[i] for i in idx] if amsgrad else [],
-                [count] * len(idx),  # read only: the step number for the bias corrections
-                lr=rate_t if isinstance(rate, torch.Tensor) else rate,
-                beta1=b1,
-                beta2=b2,
-                weight_decay=weight_decay if decay else 0.0,
-                eps=eps,
-                amsgrad=amsgrad,
-                maximize=False,
-                grad_scale=None,
-                found_inf=found_inf,
-            )
-            for target, values in zip((new_p, mu, nu, nu_max), outs, strict=True):
-                for i, v in zip(idx, values):
-                    target[i] = v
+        new_p, mu, nu, nu_max = _by_groups(kernel, p, g, state, count, decays, weight_decay, hyper)
         new_state = FusedAdamState(count, tuple(mu), tuple(nu), tuple(nu_max), rate_t if keep is None else torch.where(keep, rate_t, state.lr))
         return NewParams(new_p, spec), new_state
 
     return Transform(init_fn, update_fn, gated=True)
+
+
+def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torch.Tensor, decays: tuple[bool, ...], weight_decay: float, hyper: dict[str, Any]) -> tuple[list, list, list, list]:
+    """One kernel call per (device, dtype, decays or not) group of leaves; new lists in leaf order."""
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
+    for i, x in enumerate(p):
+        groups[(x.device, x.dtype, decays[i])].append(i)
+    out = [list(p), list(state.mu), list(state.nu), list(state.nu_max)]
+    amsgrad = hyper["amsgrad"]
+    for (_, dtype, decay), idx in groups.items():
+        results = _run_kernel(
+            kernel,
+            [p[i] for i in idx],
+            [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
+            [state.mu[i] for i in idx],
+            [state.nu[i] for i in idx],
+            [state.nu_max[i] for i in idx] if amsgrad else [],
+            [count] * len(idx),  # read only: the step number for the bias corrections
+            weight_decay=weight_decay if decay else 0.0,
+            **hyper,
+        )
+        for target, values in zip(out, results, strict=True):
+            for i, v in zip(idx, values):
+                target[i] = v
+    return out[0], out[1], out[2], out[3]
 
 
 def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_max: list, steps: list, **options: Any) -> tuple[list, list, list, list]:

@@ -36,6 +36,8 @@ def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tenso
 def build_optimizer(name: str) -> ft.Transform:
     if name == "adamw":
         return ft.adamw(0.05, weight_decay=0.1)
+    if name == "adamw_fused":
+        return ft.adamw(0.05, weight_decay=0.1, fused=True)
     if name == "sgd_momentum":
         return ft.sgd(0.05, momentum=0.9)
     if name == "adam_schedule":

@@ -22,6 +22,8 @@ OPTIMIZERS = {
     "sgd_nesterov": lambda: ft.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda: ft.adam(1e-2),
     "adamw": lambda: ft.adamw(1e-2, weight_decay=0.1),
+    "adamw_fused": lambda: ft.adamw(1e-2, weight_decay=0.1, fused=True),
+    "adam_fused_amsgrad": lambda: ft.adam(1e-2, amsgrad=True, fused=True),
     "rmsprop": lambda: ft.rmsprop(1e-2),
     "lion": lambda: ft.lion(1e-3),
 }

@@ -283,6 +283,10 @@ def test_compile_step_compiles_again_for_other_static_parts_never_reusing_a_stal
         for name in state.params:
             torch.testing.assert_close(compiled.params[name], eager.params[name], rtol=0, atol=0)
     assert compiled_so_far()[1] == 2  # one graph per transform, the first reused on the third call
+    # a state made again from the same module, loss and optimizer (as when resuming) reuses its graph
+    again = ft.TrainState.create(fast.module, fast.optimizer, classification_loss)
+    step(again, batch)
+    assert compiled_so_far()[1] == 2
     frozen = ft.TrainState.create(fast.module, fast.optimizer, classification_loss, trainable=lambda name, p: name.startswith("2."))
     compiled, _ = step(frozen, batch)
     assert set(compiled.params) == {"2.weight", "2.bias"}
