@@ -28,6 +28,7 @@ from functrain.history import History
 from functrain.manager import CheckpointManager
 from functrain.plateau import EarlyStopping, observe_plateau
 from functrain.state import TrainState
+from functrain.compiled import compile_step
 from functrain.step import _batch_size, eval_step, train_step
 from functrain.wrappers import check_skip_limits
 
@@ -251,7 +252,8 @@ def fit(
             ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings, memory).
         log_file: append a JSONL line per log interval, evaluation and epoch.
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any).
-        compile: step with ``torch.compile(train_step, dynamic=False)``.
+        compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
+            batch shape).
 
     Returns:
         A `FitResult`.
@@ -334,7 +336,7 @@ class _Loop:
         self.cfg = {k: cfg[k] for k in ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode")}
         self.cfg["accumulate_steps"] = state.options.accumulate_steps
         self.train, self.evals, self.manager, self.hooks = train, evals, manager, hooks
-        self.step_fn = torch.compile(train_step, dynamic=False) if compile else train_step
+        self.step_fn = compile_step() if compile else train_step
         d = state.driver
         self.history = History.from_tree(d.get("history"))
         self.early = early.with_tree(d.get("early_stopping")) if early is not None else None

@@ -298,3 +298,16 @@ def test_compile_step_rejects_bad_arguments() -> None:
         ft.compile_step(options={"guard_filter_fn": lambda entries: [True] * len(entries)})
     with pytest.raises(ft.ConfigError, match="TrainState"):
         ft.compile_step(backend="eager")({"params": {}}, None)
+
+
+@needs_cxx
+def test_fit_with_compile_trains_like_eager_fit() -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(40, 6, generator=torch.Generator().manual_seed(3)), torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(4)))
+    results = [
+        ft.fit(make_mlp_state(ft.adamw(1e-2)), data, batch_size=8, max_epochs=2, progress=False, verbosity="silent", compile=compile_)
+        for compile_ in (True, False)
+    ]
+    compiled, eager = (r.state for r in results)
+    assert int(compiled.step) == int(eager.step) == 10
+    assert compiled_so_far()[1] == 1  # one graph: every batch has 8 rows
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
