@@ -90,6 +90,7 @@ def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torc
     for i, x in enumerate(p):
         groups[(x.device, x.dtype, decays[i])].append(i)
     out = [list(p), list(state.mu), list(state.nu), list(state.nu_max)]
+    step = count.to(torch.float32)  # the kernels read float32 step counts, as torch.optim keeps them
     amsgrad = hyper["amsgrad"]
     for (_, dtype, decay), idx in groups.items():
         results = _run_kernel(
@@ -99,7 +100,7 @@ def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torc
             [state.mu[i] for i in idx],
             [state.nu[i] for i in idx],
             [state.nu_max[i] for i in idx] if amsgrad else [],
-            [count] * len(idx),  # read only: the step number for the bias corrections
+            [step] * len(idx),  # read only: the step number for the bias corrections
             weight_decay=weight_decay if decay else 0.0,
             **hyper,
         )
