@@ -202,19 +202,25 @@ def assert_bitwise(got: list[torch.Tensor], expected: list[torch.Tensor], what: 
             raise AssertionError(f"{what}[{i}] differs from torch.optim (max abs diff {diff:.3e})")
 
 
-@pytest.mark.parametrize("name", list(EXACT_CASES))
-def test_preset_matches_torch_optim_foreach_bitwise(name: str) -> None:
-    tx, make_opt, state_fields = EXACT_CASES[name]
+def assert_matches_torch(case: tuple, implementation: str) -> Any:
+    """Parameters and optimizer state bit for bit equal to torch's `implementation` ("foreach", "fused"); our final state."""
+    tx, make_opt, state_fields = case
     ft_params, ft_state = run_functrain(tx)
     torch_params, opt = run_torch(make_opt)
 
-    assert opt.defaults["foreach"] is True
+    assert opt.defaults[implementation] is True
     assert_bitwise(list(ft_params.values()), list(torch_params.values()), "params")
     # the parameters really moved: equality is not two untouched copies
     assert not torch.equal(ft_params["w1"], PARAMS["w1"])
     for cls, field, key in state_fields:
         ours = getattr(find(ft_state, cls), field)
         assert_bitwise(list(ours), torch_state(opt, torch_params, key), f"{cls.__name__}.{field} vs {key}")
+    return ft_state
+
+
+@pytest.mark.parametrize("name", list(EXACT_CASES))
+def test_preset_matches_torch_optim_foreach_bitwise(name: str) -> None:
+    assert_matches_torch(EXACT_CASES[name], "foreach")
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam_amsgrad", "adagrad_lr_decay"])
@@ -338,16 +344,7 @@ FUSED_CASES = {
 
 @pytest.mark.parametrize("name", list(FUSED_CASES))
 def test_fused_preset_matches_torch_optim_fused_bitwise(name: str) -> None:
-    tx, make_opt, state_fields = FUSED_CASES[name]
-    ft_params, ft_state = run_functrain(tx)
-    torch_params, opt = run_torch(make_opt)
-
-    assert opt.defaults["fused"] is True
-    assert_bitwise(list(ft_params.values()), list(torch_params.values()), "params")
-    assert not torch.equal(ft_params["w1"], PARAMS["w1"])
-    for cls, field, key in state_fields:
-        ours = getattr(find(ft_state, cls), field)
-        assert_bitwise(list(ours), torch_state(opt, torch_params, key), f"{cls.__name__}.{field} vs {key}")
+    ft_state = assert_matches_torch(FUSED_CASES[name], "fused")
     assert int(find(ft_state, FusedAdamState).count) == STEPS
 
 
