@@ -86,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     steps_per_epoch = -(-len(train) // args.batch_size)
     total = args.epochs * steps_per_epoch
     schedule = warmup_cosine(peak_value=args.lr, warmup_steps=steps_per_epoch, decay_steps=total, end_value=args.lr * 0.01)
-    optimizer = ft.adamw(schedule, weight_decay=1e-4, mask=lambda name, p: p.ndim > 1)
+    optimizer = ft.adamw(schedule, weight_decay=1e-4, mask=lambda name, p: p.ndim > 1, fused=True)
     state = ft.TrainState.create(DigitsCNN(), optimizer, loss_fn, seed=args.seed, ema_decay=0.99, clip_grad_norm=1.0)
     say(state)
+    checkpoints = args.out / "checkpoints"
+    resume = args.resume or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+    if resume and not args.resume:
+        say(f"continuing the run whose checkpoints are in {checkpoints} (another --out trains from scratch)")
     result = ft.fit(
         state,
         train,
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         log_file=args.out / "metrics.jsonl",
         progress=not args.no_progress,
         verbosity="minimal",
-        resume=args.resume,
+        resume=resume,
         data_seed=args.seed,
     )
     plot = args.out / "curves.png" if main_rank else None

@@ -251,7 +251,8 @@ def fit(
         verbosity: console lines: ``"silent"``, ``"minimal"`` (epochs, evaluations),
             ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings, memory).
         log_file: append a JSONL line per log interval, evaluation and epoch.
-        resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any).
+        resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any). Without
+            it, a `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
         compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
             batch shape).
 
@@ -259,7 +260,8 @@ def fit(
         A `FitResult`.
 
     Raises:
-        ConfigError: invalid arguments, listed together, or a callback with a wrong signature.
+        ConfigError: invalid arguments, listed together, a callback with a wrong signature, or a
+            `checkpoint_dir` holding another run's checkpoints without ``resume=True``.
         NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
 
     Example:
@@ -285,6 +287,12 @@ def fit(
     manager = None
     if checkpoint_dir:
         manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, remove_temporary=main)
+    if manager is not None and not resume and (manager.all() or manager.bests()):
+        # a fresh run would rotate, and pick its best among, another run's checkpoints
+        raise ConfigError(
+            f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints of a run; pass resume=True to continue "
+            "that run, or give this run a directory of its own (nothing was changed there)"
+        )
     if resume and manager is not None:
         state = manager.restore_latest(like=state) or state
     loop = _Loop(state, train, evals, manager, hooks, early_stopping, compile, locals())

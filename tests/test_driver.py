@@ -469,3 +469,14 @@ def test_fit_result_repr_and_history_plot(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert result.history.last("epoch")["step"] == 6
     png = result.history.plot(tmp_path / "curves.png")
     assert png == tmp_path / "curves.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_fresh_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_path: Path) -> None:
+    data = dataset()
+    quiet_fit(make_state(), data, max_epochs=1, checkpoint_dir=tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith("ckpt-") for name in before)
+    with pytest.raises(ft.ConfigError, match="resume=True"):
+        quiet_fit(make_state(), data, max_epochs=1, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing touched
+    quiet_fit(make_state(), data, max_epochs=2, checkpoint_dir=tmp_path, resume=True)  # continuing is fine
