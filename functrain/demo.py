@@ -1,8 +1,9 @@
 """The demo: a small CNN on scikit-learn's handwritten digits, trained with `functrain.fit`.
 
-Warm-up + cosine AdamW, EMA of the weights, gradient clipping, checkpoints (regular, best,
-latest), early stopping, a progress bar, a JSONL log and a PNG of the curves. Prints the test
-accuracy of the best checkpoint. ``--resume`` continues an interrupted run bit for bit.
+Warm-up + cosine AdamW (the fused kernel), EMA of the weights, gradient clipping, checkpoints
+(regular, best, latest), early stopping, a progress bar, a JSONL log and a PNG of the curves.
+Prints the test accuracy of the best checkpoint. Run again on the same ``--out``, it continues
+the interrupted run bit for bit.
 
 Run it with ``python -m functrain.demo`` (needs ``pip install functrain[demo]``).
 """
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="global: split across ranks under torchrun")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (the default when --out holds checkpoints)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
