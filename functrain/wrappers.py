@@ -129,7 +129,7 @@ def masked(inner: Transform, mask: Mask) -> Transform:
             return tree_unflatten(u, spec), state
         sub_params = pick(params, flags) if params is not None else None
         sub_updates, inner_state = inner.update([x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params)
-        if isinstance(sub_updates, ParamStep):
+        if isinstance(sub_updates, (ParamStep, NewParams)):
             raise ConfigError(
                 "masked() wraps transforms that come before the learning rate, got one that ends in "
                 "scale_by_learning_rate; mask the weight decay or scaling instead (e.g. adamw(mask=...))"

@@ -73,6 +73,7 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "skip_nonfinite_clip_adamw_fused": lambda: ft.skip_nonfinite(ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True))),
     "dynamic_loss_scale_adam_fused": lambda: ft.dynamic_loss_scale(ft.adam(lr=1e-2, fused=True), init_scale=8.0, growth_interval=2),
     "accumulate_adamw": lambda: ft.accumulate(ft.adamw(lr=1e-2), 2),
+    "accumulate_adamw_fused": lambda: ft.accumulate(ft.adamw(lr=1e-2, fused=True), 2),
     "accumulate_sgd_momentum": lambda: ft.accumulate(ft.sgd(lr=0.1, momentum=0.9), 3),
     "dynamic_loss_scale_adam": lambda: ft.dynamic_loss_scale(ft.adam(lr=1e-2), init_scale=8.0, growth_interval=2),
     "nested_wrappers": lambda: ft.skip_nonfinite(ft.accumulate(ft.dynamic_loss_scale(ft.sgd(lr=0.1), init_scale=4.0), 2)),

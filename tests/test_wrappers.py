@@ -314,8 +314,9 @@ def test_masked_with_a_tree_of_bools_runs_the_inner_state_on_the_selection() -> 
     assert_trees_equal(state.inner, ref_state)
 
 
-def test_masked_rejects_an_inner_transform_that_ends_in_a_learning_rate() -> None:
-    tx = ft.masked(ft.sgd(lr=0.1), lambda name, p: True)
+@pytest.mark.parametrize("inner", [ft.sgd(lr=0.1), ft.adamw(lr=0.1, fused=True)], ids=["parameter_steps", "new_parameters"])
+def test_masked_rejects_an_inner_transform_that_ends_in_a_learning_rate(inner: ft.Transform) -> None:
+    tx = ft.masked(inner, lambda name, p: True)
     params = make_params()
     with pytest.raises(ft.ConfigError, match=r"masked\(\) wraps transforms that come before the learning rate"):
         tx.update(make_grads(1), tx.init(params), params)
