@@ -75,13 +75,18 @@ def fused_adam(
         rate_t = torch.as_tensor(rate, dtype=torch.float64, device=state.count.device)
         count = state.count + 1 if keep is None else state.count + keep.long()
         found_inf = None if keep is None else (~keep).float()
-        hyper = {"lr": rate_t if isinstance(rate, torch.Tensor) else rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": found_inf}
+        hyper = {"lr": _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": found_inf}
         decays = resolve_mask(mask, params) or (True,) * len(p)
         new_p, mu, nu, nu_max = _by_groups(kernel, p, g, state, count, decays, weight_decay, hyper)
         new_state = FusedAdamState(count, tuple(mu), tuple(nu), tuple(nu_max), rate_t if keep is None else torch.where(keep, rate_t, state.lr))
         return NewParams(new_p, spec), new_state
 
     return Transform(init_fn, update_fn, gated=True)
+
+
+def _kernel_lr(rate: torch.Tensor) -> torch.Tensor:
+    # the CPU kernels read a tensor learning rate as a double; the device kernels read float32
+    return rate if rate.device.type == "cpu" else rate.to(torch.float32)
 
 
 def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torch.Tensor, decays: tuple[bool, ...], weight_decay: float, hyper: dict[str, Any]) -> tuple[list, list, list, list]:
