@@ -188,17 +188,19 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         zero = counter(params)
         return SkipNonfiniteState(inner.init(params), zero.bool(), zero, zero, torch.full_like(zero, cap))
 
-    def update_fn(updates: Any, state: SkipNonfiniteState, params: Tree | None = None) -> tuple[Any, SkipNonfiniteState]:
+    def update_fn(updates: Any, state: SkipNonfiniteState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[Any, SkipNonfiniteState]:
         finite = all_finite(flat_updates(updates, params)[0])
-        new_updates, inner_state = _update_where(inner, finite, updates, state.inner, params)
+        new_updates, inner_state = _update_where(inner, finite if keep is None else finite & keep, updates, state.inner, params)
         skipped = ~finite
-        consecutive = torch.where(finite, torch.zeros_like(state.consecutive), state.consecutive + 1)
-        new_state = SkipNonfiniteState(inner_state, skipped, state.total_skipped + skipped.long(), consecutive, state.max_consecutive)
-        if cap >= 0 and _host_readable(consecutive):
+        counts = (skipped, state.total_skipped + skipped.long(), torch.where(finite, torch.zeros_like(state.consecutive), state.consecutive + 1))
+        if keep is not None:  # gated (under `accumulate`): between window ends the counts stay put too
+            counts = tuple(torch.where(keep, new, old) for new, old in zip(counts, (state.skipped, state.total_skipped, state.consecutive), strict=True))
+        new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)
+        if cap >= 0 and _host_readable(new_state.consecutive):
             check_skip_limits(new_state)
         return new_updates, new_state
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, update_fn, gated=True)
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -278,13 +280,13 @@ def accumulate(inner: Transform, every: int) -> Transform:
         sums = torch._foreach_add(state.grad_sum, [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)])
         last = state.micro_step == every - 1
         mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
-        new_updates, inner_state = inner.update(tree_unflatten(mean, spec), state.inner, params)
+        new_updates, inner_state = _update_where(inner, last, tree_unflatten(mean, spec), state.inner, params)
         new_state = AccumulateState(
-            tree_select(last, inner_state, state.inner),
+            inner_state,
             torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
             tuple(torch.where(last, torch.zeros_like(s), s) for s in sums),
         )
-        return _gate(new_updates, last, params), new_state
+        return new_updates, new_state
 
     return Transform(init_fn, update_fn)
 

@@ -27,11 +27,17 @@ def make_grads(seed: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
 
 
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
 def assert_trees_equal(a: Any, b: Any) -> None:
+    """Equal bit for bit (NaNs included: a NaN in the same place with the same bits is equal)."""
     la, lb = tree_leaves(a), tree_leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb, strict=True):
         assert x.dtype == y.dtype
+        if x.dtype in BITS:
+            x, y = x.contiguous().view(BITS[x.dtype]), y.contiguous().view(BITS[y.dtype])
         assert torch.equal(x, y)
 
 
@@ -119,7 +125,29 @@ GATED = {
     "adamw_fused": lambda: ft.adamw(lr=1e-2, weight_decay=0.1, fused=True),
     "adam_fused_amsgrad": lambda: ft.adam(lr=1e-2, weight_decay=1e-2, amsgrad=True, fused=True),
     "chain_clip_adamw_fused": lambda: ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True)),
+    "skip_nonfinite_adamw": lambda: ft.skip_nonfinite(ft.adamw(lr=1e-2)),
+    "skip_nonfinite_adamw_fused": lambda: ft.skip_nonfinite(ft.adamw(lr=1e-2, fused=True), max_consecutive=5),
 }
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_accumulate_over_a_gated_skip_equals_selecting_with_where(fused: bool) -> None:
+    def build(gated: bool) -> ft.Transform:
+        skip = ft.skip_nonfinite(ft.adamw(lr=1e-2, fused=fused))
+        return ft.accumulate(skip if gated else skip._replace(gated=False), 2)
+
+    gated, selected = build(True), build(False)
+    params_g = params_s = make_params()
+    state_g, state_s = gated.init(params_g), selected.init(params_s)
+    for seed, bad in enumerate([None, None, NAN, None, None, INF, None, None], start=1):
+        grads = make_grads(seed) if bad is None else with_value(make_grads(seed), bad)
+        u, state_g = gated.update(grads, state_g, params_g)
+        params_g = ft.apply_updates(params_g, u)
+        u, state_s = selected.update(grads, state_s, params_s)
+        params_s = ft.apply_updates(params_s, u)
+        assert_trees_equal(params_g, params_s)
+        assert_trees_equal(state_g, state_s)
+    assert int(state_g.inner.total_skipped) == 2  # two windows held a non-finite micro-batch
 
 
 @pytest.mark.parametrize("name", list(GATED))
