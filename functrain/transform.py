@@ -92,7 +92,7 @@ class Transform(NamedTuple):
     gated: bool = False
     """True when ``update`` also takes ``keep=`` (a 0-d bool tensor) and, where it is False, returns
     bit for bit the state it was given, and `NewParams` (if it emits them) equal to the parameters.
-    `skip_nonfinite` and `dynamic_loss_scale` pass their finiteness flag this way instead of
+    `skip_nonfinite`, `dynamic_loss_scale` and `accumulate` pass their flag this way instead of
     selecting the previous state with `torch.where` (they still zero updates of the other forms)."""
 
 

@@ -2,7 +2,9 @@
 
 Each wrapper nests the inner transform's state in its own (optax `apply_if_finite` / `MultiSteps`
 style). Conditions never reach the host: the inner update always runs and `torch.where` chooses
-between its result and the previous state, so a step costs the same whether or not it is taken.
+between its result and the previous state, or, for a gated inner transform (`Transform.gated`),
+the condition goes in as ``keep=`` and the transform makes the no-op itself. A step costs the
+same whether or not it is taken.
 """
 
 from __future__ import annotations
