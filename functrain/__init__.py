@@ -33,7 +33,7 @@ from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
 from functrain.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
 from functrain.state import StepOptions, TrainState
 from functrain.step import BoundModel, eval_step, train_step
-from functrain.compiled import compile_step
+from functrain.compiled import CompiledStep, compile_step
 from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
 from functrain.transform import (
     EmptyState,
@@ -151,6 +151,7 @@ __all__ = [
     "trace",
     "train_step",
     "compile_step",
+    "CompiledStep",
     "transform_metrics",
 ]
 
