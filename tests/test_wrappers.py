@@ -130,24 +130,30 @@ GATED = {
 }
 
 
+def assert_same_runs(a: ft.Transform, b: ft.Transform, bad_values: list[float | None]) -> Any:
+    """Step `a` and `b` side by side (a bad value poisons that step's gradients): the same bits after
+    every step, parameters and states. Returns `a`'s final state."""
+    params_a = params_b = make_params()
+    state_a, state_b = a.init(params_a), b.init(params_b)
+    for seed, bad in enumerate(bad_values, start=1):
+        grads = make_grads(seed) if bad is None else with_value(make_grads(seed), bad)
+        u, state_a = a.update(grads, state_a, params_a)
+        params_a = ft.apply_updates(params_a, u)
+        u, state_b = b.update(grads, state_b, params_b)
+        params_b = ft.apply_updates(params_b, u)
+        assert_trees_equal(params_a, params_b)
+        assert_trees_equal(state_a, state_b)
+    return state_a
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_accumulate_over_a_gated_skip_equals_selecting_with_where(fused: bool) -> None:
     def build(gated: bool) -> ft.Transform:
         skip = ft.skip_nonfinite(ft.adamw(lr=1e-2, fused=fused))
         return ft.accumulate(skip if gated else skip._replace(gated=False), 2)
 
-    gated, selected = build(True), build(False)
-    params_g = params_s = make_params()
-    state_g, state_s = gated.init(params_g), selected.init(params_s)
-    for seed, bad in enumerate([None, None, NAN, None, None, INF, None, None], start=1):
-        grads = make_grads(seed) if bad is None else with_value(make_grads(seed), bad)
-        u, state_g = gated.update(grads, state_g, params_g)
-        params_g = ft.apply_updates(params_g, u)
-        u, state_s = selected.update(grads, state_s, params_s)
-        params_s = ft.apply_updates(params_s, u)
-        assert_trees_equal(params_g, params_s)
-        assert_trees_equal(state_g, state_s)
-    assert int(state_g.inner.total_skipped) == 2  # two windows held a non-finite micro-batch
+    state = assert_same_runs(build(True), build(False), [None, None, NAN, None, None, INF, None, None])
+    assert int(state.inner.total_skipped) == 2  # two windows held a non-finite micro-batch
 
 
 @pytest.mark.parametrize("name", list(GATED))
@@ -174,17 +180,8 @@ def test_gated_update_is_the_plain_update_when_kept_and_a_bitwise_no_op_when_not
 def test_skip_nonfinite_over_a_gated_transform_equals_skipping_with_where(name: str) -> None:
     gated = ft.skip_nonfinite(GATED[name]())
     selected = ft.skip_nonfinite(GATED[name]()._replace(gated=False))  # the torch.where path
-    params_g = params_s = make_params()
-    state_g, state_s = gated.init(params_g), selected.init(params_s)
-    for seed, bad in enumerate([None, NAN, None, INF, -INF, None], start=1):
-        grads = make_grads(seed) if bad is None else with_value(make_grads(seed), bad)
-        u, state_g = gated.update(grads, state_g, params_g)
-        params_g = ft.apply_updates(params_g, u)
-        u, state_s = selected.update(grads, state_s, params_s)
-        params_s = ft.apply_updates(params_s, u)
-        assert_trees_equal(params_g, params_s)
-        assert_trees_equal(state_g, state_s)
-    assert int(state_g.total_skipped) == 3
+    state = assert_same_runs(gated, selected, [None, NAN, None, INF, -INF, None])
+    assert int(state.total_skipped) == 3
 
 
 def test_a_chain_is_gated_only_when_every_member_is() -> None:
