@@ -11,6 +11,8 @@ from functrain.errors import config_check
 from functrain.fused import fused_adam
 from functrain.transform import named, Transform, chain, identity
 from functrain.transforms import (
+    _check_positive,
+    _check_unit,
     Mask,
     Schedule,
     add_decayed_weights,
@@ -45,15 +47,12 @@ def _check_renamed(where: str, lr: LearningRate, momentum: float = 0.0, nesterov
 
 
 def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: float) -> None:
-    # what scale_by_adam and add_decayed_weights check on the foreach path
+    # the checks scale_by_adam and add_decayed_weights make on the foreach path
     problems: list[str] = []
-    for name, value in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= value < 1.0:
-            problems.append(f"{name} must lie in [0, 1), got {name}={value!r}")
-    if not eps > 0.0:
-        problems.append(f"eps must be > 0, got eps={eps!r}")
-    if not weight_decay >= 0.0:
-        problems.append(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
+    _check_unit(problems, "b1", b1)
+    _check_unit(problems, "b2", b2)
+    _check_positive(problems, "eps", eps)
+    _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, where)
 
 

@@ -370,3 +370,11 @@ def test_fused_name_appears_only_when_set() -> None:
     # checkpoints written before `fused` existed carry names without it and must still load
     assert "fused" not in ft.adamw(lr=1e-3).name and "fused" not in ft.adam(lr=1e-3).name
     assert ft.adamw(lr=1e-3, fused=True).name.endswith("fused=True)")
+
+
+@pytest.mark.parametrize("factory", [ft.adam, ft.adamw])
+def test_fused_presets_check_hyperparameters_like_the_foreach_ones(factory: Callable) -> None:
+    with pytest.raises(ft.ConfigError) as fused_error:
+        factory(lr=1e-3, b1=1.5, eps=0.0, weight_decay=-1.0, fused=True)
+    for fragment in ("b1=1.5", "eps=0.0", "weight_decay=-1.0"):
+        assert fragment in str(fused_error.value)
