@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import functrain as ft
-from functrain import serialization
+from functrain.checkpoint import format as serialization
 
 TARGETS = {"save": 0.8, "load": 0.8, "async": 0.15}
 
@@ -170,7 +170,7 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
 
 
 def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
-    """Time each stage of a save and a load, done by hand the way `functrain.serialization` does them."""
+    """Time each stage of a save and a load, done by hand the way `functrain.checkpoint.format` does them."""
     import safetensors.torch
 
     writer = serialization._Writer()

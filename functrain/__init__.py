@@ -1,5 +1,12 @@
-"""functrain: train PyTorch models through a functional core."""
+"""functrain: train PyTorch models through a functional core.
 
+This module is the one public surface: every public name is importable from `functrain`. The code
+lives in subpackages by layer (`docs/architecture.md`): `optim` (transforms, presets, schedules),
+`core` (the state and the pure steps), `checkpoint` (format, then policy), `driver` (`fit`),
+`distributed`.
+"""
+
+from functrain import _moved
 from functrain.errors import (
     BatchError,
     CheckpointCorruptError,
@@ -10,9 +17,10 @@ from functrain.errors import (
     NonFiniteError,
     StateMismatchError,
 )
-from functrain import distributed, schedules, testing
-from functrain.averaging import EmaState, ema
-from functrain.callbacks import (
+from functrain import distributed, testing
+from functrain.optim import schedules
+from functrain.optim.averaging import EmaState, ema
+from functrain.driver.callbacks import (
     Callback,
     ConsoleLogger,
     JsonlLogger,
@@ -23,19 +31,21 @@ from functrain.callbacks import (
     TensorBoardLogger,
     on,
 )
-from functrain.checkpoint import fingerprint, load, save
-from functrain.data import Batcher, IterableSource
-from functrain.driver import FitResult, evaluate, fit
+from functrain.checkpoint.manager import CheckpointManager
+from functrain.checkpoint.state_io import fingerprint, load, save
+from functrain.driver.data import Batcher, IterableSource
+from functrain.driver.evaluation import evaluate
+from functrain.driver.fit import FitResult, fit
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
-from functrain.history import History
-from functrain.manager import CheckpointManager
-from functrain.optimizers import adagrad, adam, adamw, lion, radam, rmsprop, sgd
-from functrain.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
-from functrain.state import StepOptions, TrainState
-from functrain.step import BoundModel, eval_step, train_step
-from functrain.compiled import CompiledStep, compile_step
+from functrain.driver.history import History
+from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
+from functrain.optim.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
+from functrain.core.options import StepOptions
+from functrain.core.state import TrainState
+from functrain.core.step import BoundModel, eval_step, train_step
+from functrain.core.compiled import CompiledStep, compile_step
 from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
-from functrain.transform import (
+from functrain.optim.transform import (
     EmptyState,
     ParamStep,
     Ratio,
@@ -46,7 +56,7 @@ from functrain.transform import (
     identity,
     transform_metrics,
 )
-from functrain.transforms import (
+from functrain.optim.primitives import (
     add_decayed_weights,
     clip_by_global_norm,
     clip_by_value,
@@ -58,7 +68,7 @@ from functrain.transforms import (
     scale_by_rms,
     trace,
 )
-from functrain.wrappers import (
+from functrain.optim.wrappers import (
     accumulate,
     all_finite,
     check_skip_limits,
@@ -67,6 +77,10 @@ from functrain.wrappers import (
     masked,
     skip_nonfinite,
 )
+
+# the module paths of before the layout keep working (imports and attributes), with a DeprecationWarning
+_moved.install()
+__getattr__ = _moved.package_getattr
 
 __all__ = [
     "SampleText",

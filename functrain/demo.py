@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
-from functrain.schedules import warmup_cosine
+from functrain.optim.schedules import warmup_cosine
 
 
 class DigitsCNN(nn.Module):

@@ -14,10 +14,10 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from functrain.callbacks import Callback, Run, on
+from functrain.driver.callbacks import Callback, Run, on
 from functrain.errors import ConfigError, config_check
-from functrain.state import TrainState
-from functrain.step import BoundModel
+from functrain.core.state import TrainState
+from functrain.core.step import BoundModel
 
 __all__ = ["Forward", "SampleText", "generate", "sample_logits", "top_k_filter", "top_p_filter"]
 

@@ -20,8 +20,8 @@ import torch
 
 from functrain import checkpoint
 from functrain.errors import ConfigError
-from functrain.state import TrainState
-from functrain.step import train_step
+from functrain.core.state import TrainState
+from functrain.core.step import train_step
 from functrain.tree import leaves_by_path
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
-from functrain.callbacks import HOOKS
+from functrain.driver.callbacks import HOOKS
 
 SAMPLES, BATCH, D_IN, D_HIDDEN, D_OUT = 48, 8, 4, 8, 2  # 6 batches an epoch, 3 updates
 

@@ -41,7 +41,7 @@ def build_optimizer(name: str) -> ft.Transform:
     if name == "sgd_momentum":
         return ft.sgd(0.05, momentum=0.9)
     if name == "adam_schedule":
-        from functrain.schedules import warmup_cosine
+        from functrain.optim.schedules import warmup_cosine
 
         return ft.adam(warmup_cosine(0.05, warmup_steps=2, decay_steps=10))
     raise ValueError(f"unknown optimizer {name!r}")

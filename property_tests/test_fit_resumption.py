@@ -25,7 +25,7 @@ from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 
 import functrain as ft
-from functrain.history import TIMING_KEYS
+from functrain.driver.history import TIMING_KEYS
 from functrain.tree import leaves_by_path
 
 WORKER = Path(__file__).with_name("fit_worker.py")

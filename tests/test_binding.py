@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from functrain.binding import call_with
+from functrain.core.binding import call_with
 
 
 def _fresh(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
-from functrain.callbacks import HOOKS
+from functrain.driver.callbacks import HOOKS
 from functrain.errors import ConfigError
 
 N_SAMPLES, BATCH = 60, 20  # 3 batches an epoch
@@ -283,10 +283,10 @@ def test_progress_bar_writes_to_the_given_file(run_mode: str) -> None:
 
 
 def test_lr_monitor_includes_the_plateau_scale(monkeypatch: pytest.MonkeyPatch) -> None:
-    from functrain import driver
+    from functrain.driver import loop as loop_module
 
     pending = [1.0, 2.0, 3.0]
-    monkeypatch.setattr(driver, "evaluate", lambda state, data, **kw: {"val_loss": pending.pop(0)})
+    monkeypatch.setattr(loop_module, "evaluate", lambda state, data, **kw: {"val_loss": pending.pop(0)})
     monitor = ft.LRMonitor()
     data = dataset()
     state = make_state(ft.chain(ft.sgd(0.5), ft.reduce_on_plateau(factor=0.5, patience=0)))

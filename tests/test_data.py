@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import functrain as ft
-from functrain.data import Batcher, IterableSource, as_source, epoch_order
+from functrain.driver.data import Batcher, IterableSource, as_source, epoch_order
 from functrain.errors import ConfigError
 
 

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
-from functrain import driver
+from functrain.driver import loop as loop_module
 from functrain.errors import ConfigError, NonFiniteError
-from functrain.plateau import ReduceOnPlateauState
+from functrain.optim.plateau import ReduceOnPlateauState
 from functrain.tree import leaves_by_path
 
 N_SAMPLES, BATCH = 60, 20  # 3 batches an epoch
@@ -49,7 +49,7 @@ def script_val_loss(monkeypatch: pytest.MonkeyPatch, values: Sequence[float]) ->
 
     Returns the list of values handed out so far.
     """
-    real, pending, given = driver.evaluate, list(values), []
+    real, pending, given = loop_module.evaluate, list(values), []
 
     def scripted(state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_") -> dict[str, float]:
         if prefix != "val_":
@@ -58,7 +58,7 @@ def script_val_loss(monkeypatch: pytest.MonkeyPatch, values: Sequence[float]) ->
         given.append(pending.pop(0))
         return {"val_loss": given[-1]}
 
-    monkeypatch.setattr(driver, "evaluate", scripted)
+    monkeypatch.setattr(loop_module, "evaluate", scripted)
     return given
 
 

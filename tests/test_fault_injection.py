@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 import functrain as ft
-from functrain import serialization as ser
+from functrain.checkpoint import format as ser
 from functrain.errors import CheckpointError
 
 TRIALS = 500 if os.environ.get("FUNCTRAIN_LONG_TESTS") == "1" else 50

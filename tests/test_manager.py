@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import functrain as ft
-import functrain.manager as manager_module
-from functrain import serialization
-from functrain.serialization import MANIFEST, leaves_by_path
+import functrain.checkpoint.directory as layout_module
+from functrain.checkpoint import format as serialization
+from functrain.checkpoint.format import MANIFEST, leaves_by_path
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -100,7 +100,7 @@ def test_rotation_removes_old_checkpoints_only_after_the_new_one_is_committed(
     mgr = ft.CheckpointManager(tmp_path, keep_last=1)
     first = mgr.save(states[0])
     seen_at_removal = []
-    real_remove = manager_module._remove
+    real_remove = layout_module.remove
 
     def spying_remove(path: Any) -> None:
         if Path(path).name.startswith("ckpt-"):
@@ -108,7 +108,7 @@ def test_rotation_removes_old_checkpoints_only_after_the_new_one_is_committed(
             seen_at_removal.append((Path(path).name, committed, (tmp_path / "latest").read_text().strip()))
         real_remove(path)
 
-    monkeypatch.setattr(manager_module, "_remove", spying_remove)
+    monkeypatch.setattr(layout_module, "remove", spying_remove)
     second = mgr.save(states[1])
     assert seen_at_removal == [(first.name, [first.name, second.name], second.name)]
     assert mgr.all() == [second]

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.transforms import (
+from functrain.optim.primitives import (
     ScaleByAdagradState,
     ScaleByAdamState,
     ScaleByRadamState,
     ScaleByRmsState,
     TraceState,
 )
-from functrain.fused import FusedAdamState
+from functrain.optim.fused import FusedAdamState
 from functrain.tree import tree_leaves
 
 STEPS = 200

@@ -15,7 +15,7 @@ from torch.optim import lr_scheduler as L
 
 from functrain import schedules as S
 from functrain.errors import ConfigError
-from functrain.transforms import scale_by_learning_rate
+from functrain.optim.primitives import scale_by_learning_rate
 
 STEPS = 1000
 

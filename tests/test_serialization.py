@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import functrain as ft
-from functrain import serialization as ser
+from functrain.checkpoint import format as ser
 from functrain.errors import CheckpointCorruptError, CheckpointError, FunctrainError, StateMismatchError
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -758,6 +758,10 @@ HEADER_EDITS: dict[str, Callable[[bytes], bytes]] = {
     "metadata-not-str": _edit_header(lambda h: h.update(__metadata__={"a": 1})),
     "renamed-tensor": _edit_header(lambda h: h.update(ghost=h.pop("step"))),
     "extra-empty-tensor": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [0], "data_offsets": [0, 0]})),
+    "empty-tensor-dim-2**63": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]})),
+    "empty-tensor-dim-2**64": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]})),
+    "empty-tensor-strides-overflow": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]})),
+    "empty-tensor-rank-65": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [0] * 65, "data_offsets": [0, 0]})),
     "data-truncated": lambda raw: raw[:-3],
     "data-extended": lambda raw: raw + b"\x00" * 8,
 }

@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import functrain as ft
-from functrain.wrappers import SkipNonfiniteState
+from functrain.optim.wrappers import SkipNonfiniteState
 
 F = nn.functional
 

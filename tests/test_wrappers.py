@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.transform import NewParams
+from functrain.optim.transform import NewParams
 from functrain.tree import tree_leaves
 
 NAN = float("nan")

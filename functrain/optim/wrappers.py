@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
-from functrain.transform import (
+from functrain.optim.transform import (
     NewParams,
     ParamStep,
     Transform,
@@ -25,7 +25,7 @@ from functrain.transform import (
     named,
     walk_states,
 )
-from functrain.transforms import Mask, resolve_mask
+from functrain.optim.primitives import Mask, resolve_mask
 from functrain.tree import Tree, global_norm, tree_leaves, tree_select, tree_unflatten
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Saving and loading a `TrainState` (or any tree): `save(state, path)`, `load(path, like=state)`.
 
-The file format lives in `functrain.serialization`; this module adds what a state needs on top: a
+The file format lives in `functrain.checkpoint.format`; this module adds what a state needs on top: a
 fingerprint of its static parts (parameter names, shapes and dtypes, the transform and its
 hyperparameters, precision and step options), and a load that checks every leaf against a template
 and reports all problems at once.
@@ -17,8 +17,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from functrain.errors import StateMismatchError
-from functrain.serialization import compare_to_template, read_tree, write_tree
-from functrain.state import TrainState
+from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
+from functrain.core.state import TrainState
 from functrain.tree import leaves_by_path
 
 __all__ = ["save", "load", "fingerprint"]

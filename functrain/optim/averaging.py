@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.transform import named, Transform, counter
+from functrain.optim.transform import named, Transform, counter
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["ema", "EmaState"]

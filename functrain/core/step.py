@@ -7,7 +7,7 @@ bit-identical results and the caller's global RNG is left as it was.
 
 Gradients come from `torch.autograd.grad` in eager mode (about half the overhead of
 `torch.func.grad` on small models) and from `torch.func.grad` under `torch.compile`, which traces it
-into one graph; both run the module on the state's tensors (`functrain.binding.call_with`:
+into one graph; both run the module on the state's tensors (`functrain.core.binding.call_with`:
 `torch.func.functional_call`, with a faster eager path).
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from functrain.binding import call_with
-from functrain.distributed import average_step
+from functrain.core.binding import call_with
+from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
-from functrain.state import TrainState, _generator
-from functrain.transform import apply_updates, transform_metrics
+from functrain.core.state import TrainState, _generator
+from functrain.optim.transform import apply_updates, transform_metrics
 from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, tree_select, unshare_norm
-from functrain.wrappers import find_loss_scale
+from functrain.optim.wrappers import find_loss_scale
 
 __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
 
@@ -38,7 +38,7 @@ class BoundModel:
     """The user's module bound to a state's tensors: calling it runs the module on them.
 
     Equivalent to `torch.func.functional_call` (which it is under ``torch.compile``); eagerly it
-    swaps the tensors in from a plan made once per module (`functrain.binding`).
+    swaps the tensors in from a plan made once per module (`functrain.core.binding`).
     """
 
     def __init__(self, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -2,17 +2,14 @@
 
 `CheckpointManager` writes regular checkpoints (all kept, or the last N), keeps the best ones apart
 from that rotation, maintains a `latest` pointer replaced atomically, and restores the newest
-checkpoint that verifies. The file format is `functrain.serialization`'s.
+checkpoint that verifies. The file format is `functrain.checkpoint.format`'s.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import shutil
 import threading
-import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,23 +17,15 @@ from typing import Any, Literal
 
 import torch
 
-from functrain.checkpoint import fingerprint, load
+from functrain.checkpoint.state_io import fingerprint, load
 from functrain.errors import CheckpointError, ConfigError
-from functrain.serialization import MANIFEST, TMP_PREFIX, _fsync_dir, read_manifest, write_tree
-from functrain.state import TrainState
+from functrain.checkpoint import directory as layout
+from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, link_copy, listed, point_latest, read_latest, remove_temporary
+from functrain.checkpoint.format import read_manifest, write_tree
+from functrain.core.state import TrainState
 from functrain.tree import tree_map
 
 __all__ = ["CheckpointManager"]
-
-_REGULAR = re.compile(r"^ckpt-(\d{9})-(\d{9})$")
-_BEST = re.compile(r"^best-(\d{9})-(\d{9})$")
-LATEST = "latest"
-
-
-def _name(prefix: str, state: TrainState) -> str:
-    # updates taken, then batches seen: unique even when saving mid-way through an accumulation window
-    return f"{prefix}-{int(state.step):09d}-{int(state.epoch_step) + 1_000_000 * int(state.epoch):09d}"
-
 
 class CheckpointManager:
     """Keeps a directory of checkpoints: regular ones, the best ones, and a `latest` pointer.
@@ -104,23 +93,17 @@ class CheckpointManager:
 
     def all(self) -> list[Path]:
         """Regular checkpoints, oldest first (committed ones only)."""
-        return self._list(_REGULAR)
+        return listed(self.directory, REGULAR)
 
     def bests(self) -> list[Path]:
         """Best checkpoints, oldest first."""
-        return self._list(_BEST)
-
-    def _list(self, pattern: re.Pattern[str]) -> list[Path]:
-        found = [p for p in self.directory.iterdir() if pattern.match(p.name) and (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return listed(self.directory, BEST)
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint (the `latest` pointer, else the newest by name)."""
-        pointer = self.directory / LATEST
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            if (_REGULAR.match(name) or _BEST.match(name)) and (self.directory / name / MANIFEST).is_file():
-                return self.directory / name
+        pointed = read_latest(self.directory)
+        if pointed is not None:
+            return pointed
         regular = self.all()
         return regular[-1] if regular else None
 
@@ -163,7 +146,7 @@ class CheckpointManager:
         """
         self.wait()
         host_metrics = {k: _host(v) for k, v in (metrics or {}).items()}
-        name = _name("ckpt", state)
+        name = checkpoint_name("ckpt", state)
         meta = {**(metadata or {}), "metrics": host_metrics, "step": int(state.step), "epoch": int(state.epoch)}
         tree, fp = state.tree(), fingerprint(state)
         if self._pool is None:
@@ -178,7 +161,7 @@ class CheckpointManager:
 
         with self._lock:
             path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__)
-            self._point_latest(name)
+            point_latest(self.directory, name)
             if self.keep_best and self.best_metric is not None and self._improves(meta["metrics"].get(self.best_metric)):
                 self._save_best(path, name.replace("ckpt", "best", 1))
             self._rotate()
@@ -195,38 +178,20 @@ class CheckpointManager:
         return value < threshold if self.mode == "min" else value > threshold
 
     def _save_best(self, source: Path, name: str) -> None:
-        tmp = self.directory / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        for f in source.iterdir():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-        _fsync_dir(tmp)
-        os.rename(tmp, self.directory / name)
-        _fsync_dir(self.directory)
+        link_copy(source, self.directory / name)
         for old in self._ranked_bests()[self.keep_best :]:
-            _remove(old)
+            layout.remove(old)
 
     def _ranked_bests(self) -> list[Path]:
         scored = [(v, p) for p in self.bests() if (v := self._score(p)) is not None]
         scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
         return [p for _, p in scored]
 
-    def _point_latest(self, name: str) -> None:
-        tmp = self.directory / f"{TMP_PREFIX}latest-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / LATEST)
-        _fsync_dir(self.directory)
-
     def _rotate(self) -> None:
         if self.keep_last is None:
             return
         for old in self.all()[: -self.keep_last]:
-            _remove(old)
+            layout.remove(old)
 
     def wait(self) -> None:
         """Block until a pending async save is committed; raise its error if it failed."""
@@ -267,7 +232,7 @@ class CheckpointManager:
         """
         self.wait()
         # committed or not: a newest checkpoint that lost its manifest is reported, not passed over
-        candidates = sorted((p for p in self.directory.iterdir() if _REGULAR.match(p.name) and p.is_dir()), key=lambda p: p.name)
+        candidates = listed(self.directory, REGULAR, committed=False)
         latest = self.latest()
         if latest is not None and latest not in candidates:
             candidates.append(latest)
@@ -280,26 +245,7 @@ class CheckpointManager:
 
     def cleanup(self) -> None:
         """Remove temporary directories and files left by interrupted saves."""
-        for p in self.directory.iterdir():
-            if p.name.startswith(TMP_PREFIX):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-
-
-def _remove(path: Path) -> None:
-    """Delete a checkpoint so that an interruption leaves nothing that looks like one.
-
-    The rename to a temporary name is atomic; a process killed during the deletion leaves a
-    `.tmp-` directory that readers ignore and `cleanup` removes.
-    """
-    doomed = path.parent / f"{TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(path, doomed)
-    except OSError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
+        remove_temporary(self.directory)
 
 
 def _host(value: Any) -> Any:

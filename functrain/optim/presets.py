@@ -1,4 +1,4 @@
-"""Optimizer presets: each one a short chain of primitives, the numerics written once in `transforms`.
+"""Optimizer presets: each one a short chain of primitives, the numerics written once in `primitives`.
 
 With a constant learning rate, `sgd`, `adam`, `adamw`, `rmsprop` and `adagrad` reproduce the
 parameters of the matching `torch.optim` class (foreach implementation, float32) bit for bit;
@@ -8,9 +8,9 @@ parameters of the matching `torch.optim` class (foreach implementation, float32)
 from __future__ import annotations
 
 from functrain.errors import config_check
-from functrain.fused import fused_adam
-from functrain.transform import named, Transform, chain, identity
-from functrain.transforms import (
+from functrain.optim.fused import fused_adam
+from functrain.optim.transform import named, Transform, chain, identity
+from functrain.optim.primitives import (
     _check_positive,
     _check_unit,
     Mask,
@@ -126,7 +126,7 @@ def adam(
         amsgrad: AMSGrad variant.
         mask: which parameters get weight decay.
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
-            and moments instead of eight; see `functrain.fused`). Much faster, most of all on
+            and moments instead of eight; see `functrain.optim.fused`). Much faster, most of all on
             small models; the results differ from the foreach ones in the last bits.
 
     Returns:
@@ -181,7 +181,7 @@ def adamw(
         amsgrad: AMSGrad variant.
         mask: which parameters decay, e.g. ``lambda name, p: p.ndim > 1`` to spare biases and norms.
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
-            and moments instead of eight; see `functrain.fused`). Much faster, most of all on
+            and moments instead of eight; see `functrain.optim.fused`). Much faster, most of all on
             small models; the results differ from the foreach ones in the last bits.
 
     Returns:

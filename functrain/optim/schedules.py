@@ -31,7 +31,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from functrain.errors import config_check
-from functrain.transform import describe_call
+from functrain.optim.transform import describe_call
 
 __all__ = [
     "Schedule",

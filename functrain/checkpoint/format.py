@@ -44,7 +44,7 @@ import orjson
 import torch
 
 from functrain.errors import CheckpointCorruptError, CheckpointError
-from functrain.tensorfile import (
+from functrain.checkpoint.tensorfile import (
     _CHUNK,
     _CODE_OF,
     _finite_float,

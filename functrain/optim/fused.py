@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError
-from functrain.transform import NewParams, Transform, counter, flat_updates
-from functrain.transforms import Mask, Schedule, _zeros, resolve_mask
+from functrain.optim.transform import NewParams, Transform, counter, flat_updates
+from functrain.optim.primitives import Mask, Schedule, _zeros, resolve_mask
 from functrain.tree import Tree, tree_leaves
 
 __all__ = ["FusedAdamState", "fused_adam"]

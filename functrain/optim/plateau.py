@@ -14,7 +14,7 @@ import attrs
 import torch
 
 from functrain.errors import config_check
-from functrain.transform import ParamStep, Ratio, Transform, as_tensors, counter, flat_updates, named
+from functrain.optim.transform import ParamStep, Ratio, Transform, as_tensors, counter, flat_updates, named
 from functrain.tree import Tree, tree_unflatten
 
 __all__ = ["EarlyStopping", "reduce_on_plateau", "ReduceOnPlateauState", "observe_plateau", "improved"]

@@ -9,30 +9,27 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from functrain.averaging import EmaState, ema
-from functrain.distributed import (
+from functrain.optim.averaging import EmaState, ema
+from functrain.distributed.data_parallel import (
     DistConfig,
     broadcast_tensors,
     check_same_model,
     current_config,
 )
+from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
 from functrain.errors import ConfigError
-from functrain.transform import Transform, chain, is_transform
-from functrain.transforms import clip_by_global_norm
+from functrain.optim.transform import Transform, is_transform
 from functrain.tree import Tree
-from functrain.wrappers import accumulate, dynamic_loss_scale, skip_nonfinite
 
 __all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy"]
 
-Precision = Literal["fp32", "bf16", "fp16"]
-NonFinitePolicy = Literal["skip", "halt", "none"]
 LossFn = Callable[..., Any]
 Trainable = Callable[[str, torch.Tensor], bool]
 
@@ -41,19 +38,6 @@ _COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipp
 
 def _static(**kwargs: Any) -> Any:
     return attrs.field(metadata={"static": True}, **kwargs)
-
-
-@attrs.frozen
-class StepOptions:
-    """The static options of a state (they shape the step; they are not saved as tensors)."""
-
-    precision: Precision = "fp32"
-    accumulate_steps: int = 1
-    clip_grad_norm: float | None = None
-    nonfinite: NonFinitePolicy = "skip"
-    max_consecutive_nonfinite: int | None = None
-    ema_decay: float | None = None
-    ema_warmup: bool = False
 
 
 def _zero(device: torch.device) -> torch.Tensor:
@@ -180,13 +164,13 @@ class TrainState:
             >>> int(state.step), sorted(state.params)
             (0, ['bias', 'weight'])
         """
-        problems = _validate(module, optimizer, loss_fn, precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay)
+        options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
+        problems = _validate(module, optimizer, loss_fn) + options.problems()
         params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) else ({}, {})
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
         if problems:
             raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
-        options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
         tx = build_transform(optimizer, options)
         averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
         dist_config = current_config(distributed)
@@ -345,7 +329,7 @@ def _split_parameters(module: nn.Module, trainable: Trainable | None) -> tuple[d
     return params, frozen
 
 
-def _validate(module: Any, optimizer: Any, loss_fn: Any, precision: Any, accumulate_steps: Any, clip: Any, nonfinite: Any, max_consecutive: Any, ema_decay: Any) -> list[str]:
+def _validate(module: Any, optimizer: Any, loss_fn: Any) -> list[str]:
     problems = []
     if not isinstance(module, nn.Module):
         problems.append(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -353,41 +337,4 @@ def _validate(module: Any, optimizer: Any, loss_fn: Any, precision: Any, accumul
         problems.append(f"optimizer must be a functrain transform (e.g. functrain.adamw(1e-3)), got {type(optimizer).__name__}; torch.optim optimizers are not transforms")
     if not callable(loss_fn):
         problems.append(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        problems.append(f"precision must be 'fp32', 'bf16' or 'fp16', got precision={precision!r}")
-    if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
-        problems.append(f"accumulate_steps must be an int >= 1, got accumulate_steps={accumulate_steps!r}")
-    if clip is not None and not clip > 0:
-        problems.append(f"clip_grad_norm must be > 0 or None, got clip_grad_norm={clip!r}")
-    if nonfinite not in ("skip", "halt", "none"):
-        problems.append(f"nonfinite must be 'skip', 'halt' or 'none', got nonfinite={nonfinite!r}")
-    if precision == "fp16" and nonfinite == "halt":
-        problems.append("nonfinite='halt' does not combine with precision='fp16' (loss scaling skips overflows by design); use max_consecutive_nonfinite=N to stop after N overflows in a row")
-    if max_consecutive is not None and (not isinstance(max_consecutive, int) or max_consecutive < 0):
-        problems.append(f"max_consecutive_nonfinite must be an int >= 0 or None, got {max_consecutive!r}")
-    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        problems.append(f"ema_decay must lie in [0, 1) or be None, got ema_decay={ema_decay!r}")
     return problems
-
-
-def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
-    """Wrap the user's optimizer as `options` ask: clip, skip non-finite (or loss-scale), accumulate.
-
-    Accumulation is outermost, so the checks see the window's mean gradient: a non-finite
-    micro-batch makes the whole window's update a counted no-op, and the counters advance with
-    every batch whatever happens (the driver can count on the host without reading them back).
-    """
-    tx = optimizer
-    if options.clip_grad_norm is not None:
-        tx = chain(clip_by_global_norm(options.clip_grad_norm), tx)
-    if options.precision == "fp16":
-        # overflows are part of loss scaling: the scaler skips them; only a cap on runs raises
-        tx = dynamic_loss_scale(tx)
-        if options.max_consecutive_nonfinite is not None:
-            tx = skip_nonfinite(tx, max_consecutive=options.max_consecutive_nonfinite)
-    elif options.nonfinite in ("skip", "halt"):
-        cap = 0 if options.nonfinite == "halt" else options.max_consecutive_nonfinite
-        tx = skip_nonfinite(tx, max_consecutive=cap)
-    if options.accumulate_steps > 1:
-        tx = accumulate(tx, options.accumulate_steps)
-    return tx

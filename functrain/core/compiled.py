@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from functrain.errors import ConfigError
-from functrain.state import TrainState
-from functrain.step import _enter, _leave, _leave_with, _train_core
+from functrain.core.state import TrainState
+from functrain.core.step import _enter, _leave, _leave_with, _train_core
 
 __all__ = ["compile_step", "CompiledStep"]
 

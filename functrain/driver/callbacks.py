@@ -410,7 +410,7 @@ class LRMonitor(Callback):
 
     def on_batch_end(self, run: Run) -> None:
         if run.logs is not None and "lr" in run.logs:
-            from functrain.transform import transform_metrics
+            from functrain.optim.transform import transform_metrics
 
             # the step's metrics do not carry the plateau scale: read it from the state (a log interval)
             scale = transform_metrics(run.state.opt_state).get("lr_scale")

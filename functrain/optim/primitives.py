@@ -2,7 +2,7 @@
 
 Each factory validates its hyperparameters, then returns a `Transform`. The numerics follow
 `torch.optim`'s foreach implementations op for op, so that presets built from these primitives match
-torch bit for bit in float32 (see `functrain.transform` for how the last rounding is kept exact).
+torch bit for bit in float32 (see `functrain.optim.transform` for how the last rounding is kept exact).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.transform import (
+from functrain.optim.transform import (
     named,
     EmptyState,
     ParamStep,
@@ -309,7 +309,7 @@ def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0
     Example:
         >>> tx = scale_by_adagrad()
         >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init({"w": torch.zeros(1)}))
-        >>> from functrain.transform import as_tensors
+        >>> from functrain.optim.transform import as_tensors
         >>> as_tensors(u)
         [tensor([1.])]
     """

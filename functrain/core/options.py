@@ -1,0 +1,87 @@
+"""The step's static options (`StepOptions`) and the transform they make of the user's optimizer.
+
+`TrainState.create` gathers its keyword options into a `StepOptions`, checks them (`problems`),
+and wraps the user's optimizer with `build_transform`: clipping, skipping non-finite updates (or
+dynamic loss scaling for fp16), and accumulation, in the one order that keeps their meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from functrain.optim.primitives import clip_by_global_norm
+from functrain.optim.transform import Transform, chain
+from functrain.optim.wrappers import accumulate, dynamic_loss_scale, skip_nonfinite
+
+__all__ = ["StepOptions", "Precision", "NonFinitePolicy", "build_transform"]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+NonFinitePolicy = Literal["skip", "halt", "none"]
+
+
+@attrs.frozen
+class StepOptions:
+    """The static options of a state (they shape the step; they are not saved as tensors)."""
+
+    precision: Precision = "fp32"
+    accumulate_steps: int = 1
+    clip_grad_norm: float | None = None
+    nonfinite: NonFinitePolicy = "skip"
+    max_consecutive_nonfinite: int | None = None
+    ema_decay: float | None = None
+    ema_warmup: bool = False
+
+    def problems(self) -> list[str]:
+        """Every invalid option, each with the value given (empty when all are valid).
+
+        Example:
+            >>> StepOptions(precision="fp64", accumulate_steps=0).problems()
+            ["precision must be 'fp32', 'bf16' or 'fp16', got precision='fp64'", 'accumulate_steps must be an int >= 1, got accumulate_steps=0']
+        """
+        problems = []
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            problems.append(f"precision must be 'fp32', 'bf16' or 'fp16', got precision={self.precision!r}")
+        if not isinstance(self.accumulate_steps, int) or self.accumulate_steps < 1:
+            problems.append(f"accumulate_steps must be an int >= 1, got accumulate_steps={self.accumulate_steps!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            problems.append(f"clip_grad_norm must be > 0 or None, got clip_grad_norm={self.clip_grad_norm!r}")
+        if self.nonfinite not in ("skip", "halt", "none"):
+            problems.append(f"nonfinite must be 'skip', 'halt' or 'none', got nonfinite={self.nonfinite!r}")
+        if self.precision == "fp16" and self.nonfinite == "halt":
+            problems.append("nonfinite='halt' does not combine with precision='fp16' (loss scaling skips overflows by design); use max_consecutive_nonfinite=N to stop after N overflows in a row")
+        cap = self.max_consecutive_nonfinite
+        if cap is not None and (not isinstance(cap, int) or cap < 0):
+            problems.append(f"max_consecutive_nonfinite must be an int >= 0 or None, got {cap!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}")
+        return problems
+
+
+def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
+    """Wrap the user's optimizer as `options` ask: clip, skip non-finite (or loss-scale), accumulate.
+
+    Accumulation is outermost, so the checks see the window's mean gradient: a non-finite
+    micro-batch makes the whole window's update a counted no-op, and the counters advance with
+    every batch whatever happens (the driver can count on the host without reading them back).
+
+    Example:
+        >>> import functrain as ft
+        >>> build_transform(ft.sgd(0.1), StepOptions(accumulate_steps=4, clip_grad_norm=1.0)).name
+        'accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0), sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None)), max_consecutive=None), every=4)'
+    """
+    tx = optimizer
+    if options.clip_grad_norm is not None:
+        tx = chain(clip_by_global_norm(options.clip_grad_norm), tx)
+    if options.precision == "fp16":
+        # overflows are part of loss scaling: the scaler skips them; only a cap on runs raises
+        tx = dynamic_loss_scale(tx)
+        if options.max_consecutive_nonfinite is not None:
+            tx = skip_nonfinite(tx, max_consecutive=options.max_consecutive_nonfinite)
+    elif options.nonfinite in ("skip", "halt"):
+        cap = 0 if options.nonfinite == "halt" else options.max_consecutive_nonfinite
+        tx = skip_nonfinite(tx, max_consecutive=cap)
+    if options.accumulate_steps > 1:
+        tx = accumulate(tx, options.accumulate_steps)
+    return tx

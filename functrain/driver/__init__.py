@@ -1,0 +1,29 @@
+"""The driver: `fit` and `evaluate`, the loop they run, its callbacks, history and data sources.
+
+Modules: `fit` (the entry point and its arguments), `loop` (the plain loop), `ledger` (what the loop
+records, saved in ``state.driver``), `evaluation`, `callbacks`, `history`, `data`.
+"""
+
+from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, LRMonitor, ProgressBar, Profiler, Run, TensorBoardLogger, on
+from functrain.driver.data import Batcher, IterableSource
+from functrain.driver.evaluation import evaluate
+from functrain.driver.fit import FitResult, fit
+from functrain.driver.history import History
+
+__all__ = [
+    "Batcher",
+    "Callback",
+    "ConsoleLogger",
+    "FitResult",
+    "History",
+    "IterableSource",
+    "JsonlLogger",
+    "LRMonitor",
+    "ProgressBar",
+    "Profiler",
+    "Run",
+    "TensorBoardLogger",
+    "evaluate",
+    "fit",
+    "on",
+]

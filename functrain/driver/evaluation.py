@@ -1,0 +1,56 @@
+"""`evaluate`: `eval_step` metrics averaged over a data set, summed on the device and read once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from functrain.core.state import TrainState
+from functrain.core.step import _batch_size, eval_step
+from functrain.distributed.data_parallel import reduce_sums
+from functrain.errors import ConfigError
+
+__all__ = ["evaluate"]
+
+
+def evaluate(state: TrainState, data: Iterable[Any], *, use_ema: bool = False, prefix: str = "val_") -> dict[str, float]:
+    """Average `eval_step` metrics over `data` (weighted by batch size, summed on the device).
+
+    Args:
+        state: the state to evaluate.
+        data: an iterable of batches.
+        use_ema: evaluate the EMA weights.
+        prefix: prepended to metric names (``"val_"`` gives ``val_loss``).
+
+    Returns:
+        Host floats, one read back at the end.
+
+    Raises:
+        ConfigError: `data` yielded no batch with samples.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> s = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.1), lambda m, b: (m(b) ** 2).mean())
+        >>> sorted(evaluate(s, [torch.ones(4, 1), torch.zeros(2, 1)]))
+        ['val_loss']
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for batch in data:
+        n = _batch_size(batch)
+        if n == 0:
+            continue
+        for k, v in eval_step(state, batch, use_ema=use_ema).items():
+            sums[k] = sums[k] + v.double() * n if k in sums else v.double() * n
+        count += n
+    keys = list(sums)
+    if state.dist is not None:
+        # every rank evaluated its shard: add up sums and counts (ranks must produce the same metric names)
+        totals = reduce_sums(torch.stack([*(sums[k] for k in keys), torch.tensor(float(count), dtype=torch.float64, device=state.device)]), state.dist)
+        sums, count = dict(zip(keys, totals[:-1], strict=True)), int(totals[-1])
+    if not count:
+        raise ConfigError("the evaluation data yielded no batch with samples")
+    values = (torch.stack([sums[k] for k in keys]) / count).tolist()  # one host read per evaluation
+    return {f"{prefix}{k}": float(v) for k, v in zip(keys, values, strict=True)}

@@ -1,0 +1,253 @@
+"""`fit`: what users expect of a trainer, around the pure steps.
+
+`fit` checks its arguments (all problems at once), turns the data into sources that resume exactly,
+opens the checkpoint directory, restores the newest checkpoint on ``resume=True``, and runs the
+plain loop (`functrain.driver.loop`). Everything a resumed run needs (position in the data, history, early-stopping counts, the
+metrics of the unfinished log window) is written into ``state.driver`` before each save, so
+``fit(..., resume=True)`` continues bit for bit where the interrupted run's last checkpoint left it.
+Host syncs happen at log intervals, evaluations and saves only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from functrain.checkpoint.manager import CheckpointManager
+from functrain.checkpoint.state_io import load
+from functrain.core.state import TrainState
+from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, ProgressBar, check_callback
+from functrain.driver.data import Batcher, IterableSource, as_source
+from functrain.driver.evaluation import evaluate
+from functrain.driver.history import History
+from functrain.driver.loop import Loop
+from functrain.errors import ConfigError
+from functrain.optim.plateau import EarlyStopping
+
+__all__ = ["fit", "FitResult"]
+
+
+@attrs.frozen(repr=False)
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+        state: the final `TrainState`.
+        history: metrics per log interval, evaluation and epoch (`History`).
+        best: the evaluation metrics of the best checkpoint (or of the best evaluation), if any.
+        test: test-set metrics computed with the best weights, if `test_data` was given.
+        checkpoints: ``{"best": path, "latest": path, "all": [paths]}`` (None / [] without a directory).
+        stop_reason: why the run ended (``"max_epochs"``, ``"max_steps"``, ``"early_stopping"``, ...).
+        empty_batches: batches skipped because they held no samples.
+    """
+
+    state: TrainState
+    history: History
+    best: dict[str, float] | None
+    test: dict[str, float] | None
+    checkpoints: dict[str, Any]
+    stop_reason: str
+    empty_batches: int = 0
+
+    def __repr__(self) -> str:
+        best = f", best={_short(self.best)}" if self.best else ""
+        test = f", test={_short(self.test)}" if self.test else ""
+        return f"FitResult(step={int(self.state.step)}, epoch={int(self.state.epoch)}, stop_reason={self.stop_reason!r}{best}{test})"
+
+
+def _short(metrics: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, float)) + "}"
+
+
+def _validate(**kw: Any) -> list[str]:
+    p: list[str] = []
+    if kw["run_mode"] not in ("epoch", "step"):
+        p.append(f"run_mode must be 'epoch' or 'step', got run_mode={kw['run_mode']!r}")
+    if kw["max_epochs"] is None and kw["max_steps"] is None:
+        p.append("give max_epochs or max_steps (or both) so the run ends")
+    for name in ("max_epochs", "max_steps", "save_every", "keep_last"):
+        v = kw[name]
+        if v is not None and (not isinstance(v, int) or v < 1):
+            p.append(f"{name} must be an int >= 1 or None, got {name}={v!r}")
+    for name in ("eval_every", "log_every"):
+        v = kw[name]
+        if not isinstance(v, int) or v < 1:
+            p.append(f"{name} must be an int >= 1, got {name}={v!r}")
+    if kw["mode"] not in ("min", "max"):
+        p.append(f"mode must be 'min' or 'max', got mode={kw['mode']!r}")
+    if kw["verbosity"] not in ("silent", "minimal", "standard", "verbose"):
+        p.append(f"verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity={kw['verbosity']!r}")
+    if kw["resume"] and kw["checkpoint_dir"] is None:
+        p.append("resume=True needs checkpoint_dir=... (where the interrupted run saved)")
+    if kw["save_every"] is not None and kw["checkpoint_dir"] is None:
+        p.append("save_every needs checkpoint_dir=...")
+    if not isinstance(kw["state"], TrainState):
+        p.append(f"state must be a functrain.TrainState, got {type(kw['state']).__name__}")
+    return p
+
+
+def fit(
+    state: TrainState,
+    train_data: Any,
+    *,
+    eval_data: Any = None,
+    test_data: Any = None,
+    run_mode: Literal["epoch", "step"] = "epoch",
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
+    eval_every: int = 1,
+    log_every: int = 50,
+    batch_size: int | None = None,
+    eval_batch_size: int | None = None,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    data_seed: int = 0,
+    num_workers: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    save_every: int | None = None,
+    keep_last: int | None = None,
+    keep_best: int = 1,
+    best_metric: str = "val_loss",
+    mode: Literal["min", "max"] = "min",
+    async_save: bool = False,
+    early_stopping: EarlyStopping | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    verbosity: Literal["silent", "minimal", "standard", "verbose"] = "minimal",
+    log_file: str | Path | None = None,
+    resume: bool = False,
+    compile: bool = False,
+) -> FitResult:
+    """Train `state` on `train_data`: evaluate, checkpoint, stop early, log, and resume exactly.
+
+    Args:
+        state: the initial `TrainState` (with ``resume=True``, the template to restore into).
+        train_data: a map-style dataset (batched here: pass `batch_size`; order depends only on
+            `data_seed` and the epoch, so resumption is exact) or any re-iterable of batches
+            (a `DataLoader`, a list; resumption replays it with a warning).
+        eval_data: validation data, evaluated every `eval_every` epochs (epoch mode) or updates
+            (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
+        test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
+        run_mode: ``"epoch"`` or ``"step"``: the unit of `eval_every`.
+        max_epochs: stop after this many epochs. max_steps: stop after this many updates.
+        eval_every: evaluation interval, in epochs or updates per `run_mode`.
+        log_every: updates per log interval: the only time step metrics are read back.
+        batch_size / eval_batch_size: for map-style datasets.
+        shuffle / drop_last / data_seed / num_workers: batching of map-style training data.
+        checkpoint_dir: where checkpoints go; None disables them.
+        save_every: save a regular checkpoint every this many updates, and at each evaluation
+            that improves `best_metric`; None saves at each evaluation and epoch end. The run's
+            final state is always saved.
+        keep_last: regular checkpoints to keep (None keeps all). keep_best: best ones to keep.
+        best_metric / mode: the evaluation metric deciding "best" (and watched by plateau schedules).
+        async_save: write checkpoints in a background thread.
+        early_stopping: an `EarlyStopping`; its counters live in the state.
+        callbacks: extra callbacks (see `functrain.driver.callbacks`).
+        progress: show a progress bar.
+        verbosity: console lines: ``"silent"``, ``"minimal"`` (epochs, evaluations),
+            ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings, memory).
+        log_file: append a JSONL line per log interval, evaluation and epoch.
+        resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any). Without
+            it, a `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
+        compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
+            batch shape).
+
+    Returns:
+        A `FitResult`.
+
+    Raises:
+        ConfigError: invalid arguments, listed together, a callback with a wrong signature, or a
+            `checkpoint_dir` holding another run's checkpoints without ``resume=True``.
+        NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.randn(64, 3), torch.randn(64, 1))
+        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.adamw(1e-2), loss_fn)
+        >>> result = ft.fit(state, data, eval_data=data, batch_size=16, max_epochs=2, progress=False, verbosity="silent")
+        >>> int(result.state.step), result.stop_reason
+        (8, 'max_epochs')
+    """
+    problems = _validate(**locals())
+    if problems:
+        raise ConfigError("invalid arguments to fit:\n  - " + "\n  - ".join(problems))
+    # with several ranks: each reads its shard of every global batch; rank 0 alone writes
+    shard = (state.dist.rank, state.dist.world_size) if state.dist is not None else (0, 1)
+    main = shard[0] == 0
+    hooks = _callbacks(callbacks, progress and main, verbosity if main else "silent", log_file if main else None)
+    train = as_source(train_data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=data_seed, num_workers=num_workers, shard=shard)
+    evals = _eval_source(eval_data, eval_batch_size or batch_size, shard)
+    tests = _eval_source(test_data, eval_batch_size or batch_size, shard)
+    manager = None
+    if checkpoint_dir:
+        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, remove_temporary=main)
+    if manager is not None and not resume and (manager.all() or manager.bests()):
+        # a fresh run would rotate, and pick its best among, another run's checkpoints
+        raise ConfigError(
+            f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints of a run; pass resume=True to continue "
+            "that run, or give this run a directory of its own (nothing was changed there)"
+        )
+    if resume and manager is not None:
+        state = manager.restore_latest(like=state) or state
+    loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals())
+    try:
+        loop.run()
+    finally:
+        if manager is not None:
+            manager.close()
+    if state.dist is not None:
+        torch.distributed.barrier(group=state.dist.group)  # rank 0's last checkpoint is committed
+    return _result(loop, manager, tests)
+
+
+def _eval_source(data: Any, batch_size: int | None, shard: tuple[int, int] = (0, 1)) -> Any:
+    if data is None:
+        return None
+    if shard[1] > 1 and batch_size is not None and batch_size % shard[1]:
+        batch_size += shard[1] - batch_size % shard[1]  # evaluation batches only need to split evenly
+    source = as_source(data, batch_size=batch_size, shuffle=False, drop_last=False, seed=0, num_workers=0, shard=shard)
+    return _EpochView(source)
+
+
+class _EpochView:
+    def __init__(self, source: Batcher | IterableSource) -> None:
+        self.source = source
+
+    def __iter__(self) -> Any:
+        return self.source.epoch(0)
+
+
+def _callbacks(extra: Sequence[Any], progress: bool, verbosity: str, log_file: str | Path | None) -> list[Any]:
+    hooks: list[Any] = []
+    if progress:
+        hooks.append(ProgressBar())
+    if verbosity != "silent":
+        hooks.append(ConsoleLogger(verbosity))  # type: ignore[arg-type]
+    if log_file is not None:
+        hooks.append(JsonlLogger(log_file))
+    for cb in extra:
+        check_callback(cb)
+        hooks.append(cb)
+    return hooks
+
+
+def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitResult:
+    test = None
+    if tests is not None:
+        final = loop.state
+        if manager is not None and (best := manager.best()) is not None:
+            final = load(best, like=loop.state)
+        test = evaluate(final, tests, prefix="test_")
+        if final.ema_state is not None:
+            test.update(evaluate(final, tests, use_ema=True, prefix="test_ema_"))
+    paths: dict[str, Any] = {"best": None, "latest": None, "all": []}
+    if manager is not None:
+        paths = {"best": manager.best(), "latest": manager.latest(), "all": manager.all()}
+    ledger = loop.ledger
+    return FitResult(loop.state, ledger.history, ledger.best, test, paths, loop.stop_reason or "finished", ledger.empty_batches)

@@ -1,0 +1,188 @@
+"""The driver's loop: fetch a batch, step, maybe log, maybe evaluate, maybe save, fire events.
+
+`fit` builds a `Loop` and runs it. The loop counts on the host (steps, epochs, position in the
+epoch: read from the state once, at the start) so that nothing in it waits on the device except
+at log intervals, evaluations and saves. What it records lives in a `Ledger`, which is written
+into ``state.driver`` before every save.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from functrain.checkpoint.manager import CheckpointManager
+from functrain.core.compiled import compile_step
+from functrain.core.state import TrainState
+from functrain.core.step import _batch_size, train_step
+from functrain.driver.callbacks import Run
+from functrain.driver.data import IterableSource
+from functrain.driver.evaluation import evaluate
+from functrain.driver.ledger import Ledger
+from functrain.errors import NonFiniteError
+from functrain.optim.plateau import EarlyStopping, observe_plateau
+from functrain.optim.wrappers import check_skip_limits
+
+__all__ = ["Loop", "LOOP_OPTIONS"]
+
+# the arguments of `fit` the loop reads (callbacks see them as `run.config`)
+LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode")
+
+
+class Loop:
+    """One run of `fit` over its data, from the state's position to a stop reason."""
+
+    def __init__(self, state: TrainState, train: Any, evals: Any, manager: CheckpointManager | None, hooks: list[Any], early: EarlyStopping | None, compile: bool, cfg: dict[str, Any]) -> None:
+        self.cfg = {k: cfg[k] for k in LOOP_OPTIONS}
+        self.cfg["accumulate_steps"] = state.options.accumulate_steps
+        self.train, self.evals, self.manager, self.hooks = train, evals, manager, hooks
+        self.step_fn = compile_step() if compile else train_step
+        self.ledger = Ledger.from_tree(state.driver, early)
+        self.state = state
+        self.main = state.dist is None or state.dist.rank == 0
+        # the one read of the counters; from here on the driver counts on the host
+        self.step, self.micro, self.epoch, self.pos = (int(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
+        self.k = state.options.accumulate_steps
+        self.run_ctx = Run(state, self.ledger.history, self.cfg)
+        self.stop_reason: str | None = state.driver.get("stop_reason")
+        self._saved_at: tuple[int, int, int] | None = None
+        self._epoch_t0 = time.perf_counter()
+
+    def fire(self, hook: str) -> None:
+        """Call `hook` on every callback, with the run as it stands."""
+        ctx = self.run_ctx
+        ctx.state, ctx.epoch, ctx.step, ctx.batch = self.state, self.epoch, self.step, self.pos
+        for cb in self.hooks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(ctx)
+        if ctx.should_stop and self.stop_reason is None:
+            self.stop_reason = ctx.stop_reason
+
+    def run(self) -> None:
+        """Train epoch after epoch until a limit, early stopping or a callback ends the run."""
+        ctx = self.run_ctx
+        ctx.batches_per_epoch = len(self.train) if not isinstance(self.train, IterableSource) or self.train.has_len() else None
+        ctx.total_steps = self.cfg["max_steps"] or (ctx.batches_per_epoch * self.cfg["max_epochs"] // self.k if ctx.batches_per_epoch else None)
+        ctx.batches = self.epoch * (ctx.batches_per_epoch or 0) + self.pos
+        self.fire("on_train_begin")
+        while self.stop_reason is None:
+            self.stop_reason = self._limit_reached()
+            if self.stop_reason is not None:
+                break
+            self.fire("on_epoch_begin")
+            if self._train_epoch():
+                self._end_epoch()
+        self._finish()
+
+    def _limit_reached(self) -> str | None:
+        # checked before each epoch: a resumed run that had already finished takes no further step
+        if self.cfg["max_epochs"] is not None and self.epoch >= self.cfg["max_epochs"]:
+            return "max_epochs"
+        if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
+            return "max_steps"
+        if self.ledger.early is not None and self.ledger.early.should_stop:
+            return "early_stopping"
+        return None
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False if the run stopped inside it."""
+        self._epoch_t0 = time.perf_counter()
+        for batch in self.train.epoch(self.epoch, start=self.pos):
+            n = _batch_size(batch)
+            if n == 0:
+                warnings.warn(f"skipping an empty batch at epoch {self.epoch}, position {self.pos}", RuntimeWarning, stacklevel=4)
+                self.ledger.empty_batches += 1
+                self.pos += 1
+                self.state = self.state.replace(epoch_step=self.state.epoch_step + 1)
+                continue
+            self.fire("on_batch_begin")
+            self._step(batch, n)
+            if self.stop_reason is not None:
+                return False
+        return True
+
+    def _step(self, batch: Any, n: int) -> None:
+        try:
+            self.state, metrics = self.step_fn(self.state, batch)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}") from e
+        self.pos += 1
+        self.run_ctx.batches += 1
+        self.micro = (self.micro + 1) % self.k
+        self.ledger.add_step(metrics, n)
+        self.run_ctx.logs = None
+        update_done = self.micro == 0
+        if update_done:
+            self.step += 1
+            if self.step % self.cfg["log_every"] == 0:
+                self._log()
+        self.fire("on_batch_end")
+        self.run_ctx.logs = None
+        if not update_done:
+            return
+        if self.cfg["run_mode"] == "step" and self.evals is not None and self.step % self.cfg["eval_every"] == 0:
+            self._evaluate()
+        if self.cfg["save_every"] and self.step % self.cfg["save_every"] == 0:
+            self._save()
+        if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
+            self.stop_reason = self.stop_reason or "max_steps"
+
+    def _log(self) -> None:
+        check_skip_limits(self.state.opt_state)
+        row = {"step": self.step, "epoch": self.epoch, **self.ledger.window.flush()}
+        self.ledger.history.add("train", row)
+        self.run_ctx.logs = row
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.pos = 0
+        self.state = self.state.replace(epoch=self.state.epoch + 1, epoch_step=torch.zeros_like(self.state.epoch_step))
+        self.ledger.end_epoch(self.epoch - 1, self.step, time.perf_counter() - self._epoch_t0)
+        if self.cfg["run_mode"] == "epoch" and self.evals is not None and self.epoch % self.cfg["eval_every"] == 0:
+            self._evaluate()
+        elif self.manager is not None and self.cfg["save_every"] is None:
+            self._save()
+        if self.cfg["max_epochs"] is not None and self.epoch >= self.cfg["max_epochs"]:
+            self.stop_reason = self.stop_reason or "max_epochs"
+        self.fire("on_epoch_end")
+
+    def _evaluate(self) -> None:
+        t0 = time.perf_counter()
+        metrics = evaluate(self.state, self.evals)
+        if self.state.ema_state is not None:
+            metrics.update(evaluate(self.state, self.evals, use_ema=True, prefix="val_ema_"))
+        self.ledger.history.add("eval", {"step": self.step, "epoch": self.epoch, **metrics, "eval_time_s": time.perf_counter() - t0})
+        self.run_ctx.eval_metrics = metrics
+        target = metrics.get(self.cfg["best_metric"])
+        if target is not None:
+            self.state = self.state.replace(opt_state=observe_plateau(self.state.opt_state, target))
+        new_best = self.ledger.record_eval(metrics, self.step, self.cfg["best_metric"], self.cfg["mode"])
+        if self.ledger.early is not None and self.ledger.early.should_stop:
+            self.stop_reason = self.stop_reason or "early_stopping"
+        # with save_every, an improving evaluation still saves: that is what keeps the best weights
+        if self.manager is not None and (self.cfg["save_every"] is None or new_best):
+            self._save(metrics)
+        self.fire("on_eval_end")
+
+    def _save(self, metrics: dict[str, float] | None = None) -> None:
+        # skip only when nothing changed since the last save (an epoch end after a step's save changes the state)
+        position = (self.epoch, self.pos, len(self.ledger.history))
+        if self.manager is None or self._saved_at == position:
+            return
+        self.state = self.state.replace(driver=self.ledger.to_tree())
+        if not self.main:  # rank 0 writes; the state is the same on every rank
+            self._saved_at = position
+            return
+        self.run_ctx.saved = self.manager.save(self.state, metrics=metrics)
+        self._saved_at = position
+        self.fire("on_save")
+
+    def _finish(self) -> None:
+        self.state = self.state.replace(driver=self.ledger.to_tree())
+        if self.manager is not None:
+            self._save()
+        self.fire("on_train_end")

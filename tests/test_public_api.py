@@ -1,0 +1,141 @@
+"""The public surface: every public name is importable from `functrain`, and old module paths still work."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+import functrain as ft
+from functrain._moved import ALIASES, MOVED
+
+# the public names as they stood before the package was grouped by layer: none may be lost
+PUBLIC_BEFORE_LAYOUT = """
+BatchError Batcher BoundModel Callback CheckpointCorruptError CheckpointError CheckpointManager CompiledStep
+ConfigError ConsoleLogger EarlyStopping EmaState EmptyState FitResult FunctrainError History IterableSource
+JsonlLogger LRMonitor LeafDiff LossError NonFiniteError ParamStep Profiler ProgressBar Ratio Run SampleText
+StateMismatchError StepOptions TensorBoardLogger TrainState Transform accumulate adagrad adam adamw
+add_decayed_weights all_finite apply_updates as_tensors assert_states_equal chain check_resumption
+check_skip_limits clip_by_global_norm clip_by_value compile_step diff_states distributed dynamic_loss_scale ema
+eval_step evaluate find_loss_scale fingerprint fit generate identity lion load masked observe_plateau on radam
+reduce_on_plateau rmsprop sample_logits save scale_by_adagrad scale_by_adam scale_by_learning_rate scale_by_lion
+scale_by_radam scale_by_rms schedules sgd skip_nonfinite testing top_k_filter top_p_filter trace train_step
+transform_metrics
+""".split()
+
+
+def test_all_lists_every_public_name_once_and_each_imports() -> None:
+    assert len(ft.__all__) == len(set(ft.__all__))
+    for name in ft.__all__:
+        assert getattr(ft, name) is not None, name
+    namespace: dict[str, object] = {}
+    exec("from functrain import *", namespace)
+    assert set(ft.__all__) <= set(namespace)
+
+
+def test_no_public_name_of_before_the_layout_is_lost() -> None:
+    assert sorted(set(PUBLIC_BEFORE_LAYOUT) - set(ft.__all__)) == []
+
+
+def test_public_classes_and_functions_are_listed_in_all() -> None:
+    # anything public that `functrain` holds, other than its subpackages, is in __all__
+    listed = set(ft.__all__)
+    unlisted = [
+        name
+        for name, value in vars(ft).items()
+        if not name.startswith("_") and name not in listed and not isinstance(value, types.ModuleType)
+    ]
+    assert unlisted == []
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_module_paths_import_the_moved_module_with_a_deprecation_warning(old: str) -> None:
+    # in a fresh interpreter: the warning fires on the first import of a name only
+    code = (
+        "import warnings, importlib\n"
+        "warnings.simplefilter('error')\n"
+        f"try:\n    importlib.import_module({old!r})\n"
+        "except DeprecationWarning as w:\n    print('warned:', w)\n"
+        "warnings.simplefilter('ignore')\n"
+        f"m = importlib.import_module({old!r})\n"
+        f"print(m is importlib.import_module({MOVED[old]!r}), m.__spec__.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == f"warned: {old} moved to {MOVED[old]}; import from there (or the public names from functrain itself)"
+    assert out[1] == f"True {MOVED[old]}"
+
+
+def test_old_module_as_an_attribute_warns_and_is_the_moved_module() -> None:
+    with pytest.warns(DeprecationWarning, match="functrain.serialization moved to functrain.checkpoint.format"):
+        module = ft.serialization  # type: ignore[attr-defined]
+    assert module is importlib.import_module("functrain.checkpoint.format")
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        ft.nonexistent  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_from_old_module_import_name_gives_the_same_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "functrain.manager", raising=False)
+    with pytest.warns(DeprecationWarning):
+        from functrain.manager import CheckpointManager  # type: ignore[import-not-found]
+    assert CheckpointManager is ft.CheckpointManager
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_public_module_aliases_import_without_warning(alias: str) -> None:
+    module = importlib.import_module(alias)
+    assert module is importlib.import_module(ALIASES[alias])
+    assert ft.schedules is module
+
+
+def test_subpackages_name_what_they_offer() -> None:
+    for package in ("optim", "core", "checkpoint", "driver", "distributed"):
+        module = importlib.import_module(f"functrain.{package}")
+        assert module.__all__, package
+        for name in module.__all__:
+            assert getattr(module, name) is not None
+
+
+# the layers, bottom up (docs/architecture.md): a module imports only from its own layer or below
+LAYERS = {
+    "errors": 0, "tree": 0,
+    "distributed": 1,
+    "optim": 2,
+    "core": 3,
+    "checkpoint": 4,
+    "driver": 5,
+    "generation": 6, "testing": 6, "demo": 6,
+}  # fmt: skip
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 and parts[0] == "functrain" else None
+
+
+def test_imports_run_down_the_layers() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(ft.__file__).parent
+    upward = []
+    for path in sorted(root.rglob("*.py")):
+        name = ".".join(("functrain", *path.relative_to(root).with_suffix("").parts))
+        own = _layer(name)
+        if own is None:  # the package itself and _moved.py sit above every layer
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] if node.module != "functrain" else [f"functrain.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for target in targets:
+                if target == "functrain.__version__":  # read when writing a manifest
+                    continue
+                layer = _layer(target)
+                if layer is not None and layer > own:
+                    upward.append(f"{name} imports {target}")
+    assert upward == []
