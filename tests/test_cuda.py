@@ -1,0 +1,139 @@
+"""The CUDA paths: presets bit-identical to torch.optim on the GPU, steps, compile, checkpoints, fit.
+
+Skipped without a CUDA device (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+
+
+def _optimizer_cases() -> Any:
+    spec = importlib.util.spec_from_file_location("functrain_optimizer_cases", Path(__file__).with_name("test_optimizers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CASES = _optimizer_cases()
+
+
+def _run_functrain(tx: ft.Transform) -> dict[str, torch.Tensor]:
+    params = {k: v.to(CUDA) for k, v in CASES.PARAMS.items()}
+    state = tx.init(params)
+    for grads in CASES.GRADS:
+        updates, state = tx.update({k: g.to(CUDA) for k, g in grads.items()}, state, params)
+        params = ft.apply_updates(params, updates)
+    return params
+
+
+def _run_torch(make_opt: Any) -> dict[str, torch.Tensor]:
+    params = {k: v.to(CUDA).requires_grad_() for k, v in CASES.PARAMS.items()}
+    opt = make_opt(params)
+    for grads in CASES.GRADS:
+        for k, p in params.items():
+            p.grad = grads[k].to(CUDA)
+        opt.step()
+    return {k: p.detach() for k, p in params.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES.EXACT_CASES))
+def test_preset_matches_torch_optim_foreach_on_cuda_bitwise(name: str) -> None:
+    tx, make_opt, _ = CASES.EXACT_CASES[name]
+    got, expected = _run_functrain(tx), _run_torch(make_opt)
+    assert not torch.equal(got["w1"].cpu(), CASES.PARAMS["w1"])
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES.FUSED_CASES))
+def test_fused_preset_matches_torch_optim_fused_on_cuda_bitwise(name: str) -> None:
+    tx, make_opt, _ = CASES.FUSED_CASES[name]
+    got, expected = _run_functrain(tx), _run_torch(make_opt)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2)).to(CUDA)
+
+
+def _loss(model: ft.BoundModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 8, generator=gen).to(CUDA), torch.randint(0, 2, (16,), generator=gen).to(CUDA)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("optimizer", [ft.adamw(1e-2), ft.adamw(1e-2, fused=True), ft.sgd(0.1, momentum=0.9)], ids=["adamw", "adamw_fused", "sgd"])
+@pytest.mark.parametrize("options", [{}, {"accumulate_steps": 2, "clip_grad_norm": 1.0, "ema_decay": 0.9}, {"precision": "bf16"}, {"precision": "fp16"}], ids=["plain", "accum-clip-ema", "bf16", "fp16"])
+def test_train_step_on_cuda_resumes_bit_identically_through_a_checkpoint(tmp_path: Path, optimizer: ft.Transform, options: dict[str, Any]) -> None:
+    batches = _batches(6)
+    state = ft.TrainState.create(_model(), optimizer, _loss, seed=3, **options)
+    assert state.device.type == "cuda"
+    straight = state
+    for batch in batches:
+        straight, metrics = ft.train_step(straight, batch)
+    assert metrics["loss"].device.type == "cuda"
+    resumed = state
+    for batch in batches[:3]:
+        resumed, _ = ft.train_step(resumed, batch)
+    path = ft.save(resumed, tmp_path / "ckpt")
+    resumed = ft.load(path, like=state)
+    assert resumed.params["0.weight"].device.type == "cuda"
+    for batch in batches[3:]:
+        resumed, _ = ft.train_step(resumed, batch)
+    ft.assert_states_equal(straight, resumed)
+    assert not torch.equal(straight.params["0.weight"], state.params["0.weight"])
+
+
+def test_train_step_leaves_its_cuda_input_state_untouched() -> None:
+    state = ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, seed=0)
+    before = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, state.tree())
+    new, _ = ft.train_step(state, _batches(1)[0])
+    ft.assert_states_equal(before, state.tree())
+    assert not torch.equal(new.params["0.weight"], state.params["0.weight"])
+
+
+@pytest.mark.parametrize("optimizer", [ft.adamw(1e-2), ft.adamw(1e-2, fused=True)], ids=["adamw", "adamw_fused"])
+def test_compile_step_on_cuda_follows_eager_steps(optimizer: ft.Transform) -> None:
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)).to(CUDA)
+    state = ft.TrainState.create(model, optimizer, _loss, seed=0)
+    step = ft.compile_step()
+    eager, compiled = state, state
+    for batch in _batches(5):
+        eager, m_eager = ft.train_step(eager, batch)
+        compiled, m_compiled = step(compiled, batch)
+    torch.testing.assert_close(compiled.params, eager.params, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m_compiled["loss"], m_eager["loss"], rtol=1e-4, atol=1e-5)
+    assert int(compiled.step) == 5
+
+
+def test_fit_on_cuda_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(96, 8).to(CUDA), torch.randint(0, 2, (96,)).to(CUDA))
+    kw: dict[str, Any] = {"batch_size": 16, "eval_data": data, "progress": False, "verbosity": "silent"}
+
+    def fresh() -> ft.TrainState:
+        return ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, seed=0, ema_decay=0.9)
+
+    whole = ft.fit(fresh(), data, max_epochs=4, checkpoint_dir=tmp_path / "whole", **kw)
+    ft.fit(fresh(), data, max_epochs=2, checkpoint_dir=tmp_path / "split", **kw)
+    resumed = ft.fit(fresh(), data, max_epochs=4, checkpoint_dir=tmp_path / "split", resume=True, **kw)
+    ft.assert_states_equal(whole.state, resumed.state, ignore=["driver"])
+    assert whole.history.metrics_only() == resumed.history.metrics_only()
