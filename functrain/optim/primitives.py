@@ -330,7 +330,7 @@ def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0
         den = torch._foreach_sqrt(sums)
         torch._foreach_add_(den, eps)
         divisor = 1 + (_f64(count) - 1) * lr_decay if lr_decay else None
-        return Ratio(g, den, divisor, spec), ScaleByAdagradState(count, sums)
+        return Ratio(g, den, divisor, spec, scaled_numerator=True), ScaleByAdagradState(count, sums)
 
     return Transform(init_fn, update_fn)
 
@@ -463,7 +463,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
             config_check(["add_decayed_weights needs the parameters: call update(updates, state, params)"], "update")
         flags = resolve_mask(mask, params)
         if isinstance(updates, Ratio) and updates.weight_decay is None:
-            return Ratio(updates.num, updates.den, updates.divisor, updates.spec, weight_decay, flags, tree_leaves(params)), state
+            return Ratio(updates.num, updates.den, updates.divisor, updates.spec, weight_decay, flags, tree_leaves(params), scaled_numerator=updates.scaled_numerator), state
         u, spec = flat_updates(updates, params)
         p = tree_leaves(params)
         idx = [i for i in range(len(u)) if flags is None or flags[i]]
@@ -551,7 +551,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
             decay = None
             if updates.weight_decay:
                 decay = 1 - lr * updates.weight_decay
-            return ParamStep(None, updates.spec, None, decay, updates.decay_mask, quotient=quotient), new_state
+            return ParamStep(None, updates.spec, None, decay, updates.decay_mask, quotient=quotient, scaled_numerator=updates.scaled_numerator), new_state
         u, spec = flat_updates(updates, params)
         alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
         return ParamStep(u, spec, alpha), new_state

@@ -161,7 +161,7 @@ class Ratio:
     not attrs, so that torch.compile traces its construction.)
     """
 
-    __slots__ = ("num", "den", "divisor", "spec", "weight_decay", "decay_mask", "params")
+    __slots__ = ("num", "den", "divisor", "spec", "weight_decay", "decay_mask", "params", "scaled_numerator")
 
     def __init__(
         self,
@@ -172,6 +172,8 @@ class Ratio:
         weight_decay: float | None = None,
         decay_mask: tuple[bool, ...] | None = None,
         params: Sequence[torch.Tensor] | None = None,
+        *,
+        scaled_numerator: bool = False,
     ) -> None:
         self.num = num
         self.den = den
@@ -180,6 +182,9 @@ class Ratio:
         self.weight_decay = weight_decay
         self.decay_mask = decay_mask
         self.params = params
+        # torch scales the numerator by the step size before dividing (Adagrad), rather than
+        # passing the step size to addcdiv (Adam, RMSprop): the same rounding on CPU, not on CUDA
+        self.scaled_numerator = scaled_numerator
 
 
 class ParamStep:
@@ -191,7 +196,7 @@ class ParamStep:
     ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch does.
     """
 
-    __slots__ = ("_direction", "quotient", "spec", "alpha", "decay", "decay_mask", "keep")
+    __slots__ = ("_direction", "quotient", "spec", "alpha", "decay", "decay_mask", "keep", "scaled_numerator")
 
     def __init__(
         self,
@@ -202,9 +207,11 @@ class ParamStep:
         decay_mask: tuple[bool, ...] | None = None,
         keep: torch.Tensor | None = None,
         quotient: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
+        scaled_numerator: bool = False,
     ) -> None:
         self._direction = direction
         self.quotient = quotient
+        self.scaled_numerator = scaled_numerator  # see Ratio
         self.spec = spec
         self.alpha = alpha
         self.decay = decay
@@ -230,6 +237,7 @@ class ParamStep:
             "decay_mask": self.decay_mask,
             "keep": self.keep,
             "quotient": self.quotient,
+            "scaled_numerator": self.scaled_numerator,
         }
         fields.update(changes)
         return ParamStep(**fields)
@@ -298,6 +306,7 @@ def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Ten
 
 
 def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
+    step = _as_fma_step(step, p)
     mask = step.decay_mask or (True,) * len(p)
     decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
@@ -318,12 +327,28 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
             _add_step_(out, plain, step, None)
         else:
             dirs = [direction[i] for i in plain]
-            out = list(torch._foreach_add(src, dirs, alpha=step.alpha) if _float_alpha(step) else torch._foreach_add(src, dirs))
+            if _fma_alpha(step, p):
+                out = [torch.addcmul(x, d, step.alpha.to(d.dtype)) for x, d in zip(src, dirs, strict=True)]
+            else:
+                out = list(torch._foreach_add(src, dirs, alpha=step.alpha) if _float_alpha(step) else torch._foreach_add(src, dirs))
         for i, t in zip(plain, out, strict=True):
             new[i] = t
     if step.keep is not None:
         new = [torch.where(step.keep, n, old) for n, old in zip(new, p, strict=True)]
     return new
+
+
+def _as_fma_step(step: ParamStep, p: list[torch.Tensor]) -> ParamStep:
+    """Off the CPU, a quotient step as torch applies it there: ``p + step_size * (num / den)``, one rounding for the add.
+
+    The step size is a device tensor (reading it back would be a host sync), so it cannot go through
+    ``addcdiv(value=)``; ``num / den`` then `addcmul` with the 0-d step size is the same fused
+    multiply-add (see `_fma_alpha`).
+    """
+    if step.quotient is None or step.scaled_numerator or step.alpha is not None or not _off_cpu_eager(p):
+        return step
+    num, den, step_size = step.quotient
+    return step.replace(direction=list(torch._foreach_div(list(num), list(den))), alpha=step_size, quotient=None)
 
 
 def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
@@ -341,9 +366,24 @@ def _float_alpha(step: ParamStep) -> bool:
 def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
     """The step's direction per leaf, in each parameter's dtype, times a tensor `alpha` if there is one."""
     dirs = [d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, p, strict=True)]
-    if isinstance(step.alpha, torch.Tensor):
+    if isinstance(step.alpha, torch.Tensor) and not _fma_alpha(step, p):
         dirs = list(torch._foreach_mul(dirs, step.alpha.to(dirs[0].dtype)))
     return dirs
+
+
+def _fma_alpha(step: ParamStep, p: list[torch.Tensor]) -> bool:
+    """Whether a tensor `alpha` is applied as ``p + alpha * d`` in one op (`addcmul`) rather than multiplied in first.
+
+    Off the CPU, torch's ``add(alpha=)`` and ``addcdiv(value=)`` kernels compute ``p + alpha * d`` as one
+    fused multiply-add; multiplying ``alpha * d`` first rounds twice, one ulp off torch.optim on CUDA in
+    about one element in ten. `addcmul` with a 0-d alpha is that fused multiply-add, without a host read.
+    """
+    return isinstance(step.alpha, torch.Tensor) and _off_cpu_eager(p)
+
+
+def _off_cpu_eager(p: list[torch.Tensor]) -> bool:
+    # compiled graphs make their own fusions (they are not bit-identical to torch.optim in any case)
+    return bool(p) and p[0].device.type != "cpu" and not torch.compiler.is_compiling()
 
 
 def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None) -> None:
@@ -352,6 +392,9 @@ def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep, directi
         num, den, step_size = step.quotient  # type: ignore[misc]
         scalars = step_size.to(torch.float64).repeat(len(idx))  # one CPU float64 scalar per tensor
         torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
+    elif _fma_alpha(step, out):
+        for o, i in zip(out, idx, strict=True):
+            o.addcmul_(direction[i], step.alpha.to(o.dtype))
     elif _float_alpha(step):
         torch._foreach_add_(out, [direction[i] for i in idx], alpha=step.alpha)
     else:
