@@ -18,6 +18,7 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.core.compiled import compile_step
 from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, train_step
+from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
 from functrain.driver.data import IterableSource
 from functrain.driver.evaluation import evaluate
@@ -45,6 +46,7 @@ class Loop:
         self.main = state.dist is None or state.dist.rank == 0
         # the one read of the counters; from here on the driver counts on the host
         self.step, self.micro, self.epoch, self.pos = (int(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
+        self.ledger.use_data(train.setup(), at_epoch_start=self.pos == 0, checkpoint=manager.latest() if manager is not None else None)
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
         self.stop_reason: str | None = state.driver.get("stop_reason")
@@ -91,8 +93,10 @@ class Loop:
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False if the run stopped inside it."""
         self._epoch_t0 = time.perf_counter()
+        start, trained = self.pos, False
         for batch in self.train.epoch(self.epoch, start=self.pos):
             n = _batch_size(batch)
+            trained = trained or n > 0
             if n == 0:
                 warnings.warn(f"skipping an empty batch at epoch {self.epoch}, position {self.pos}", RuntimeWarning, stacklevel=4)
                 self.ledger.empty_batches += 1
@@ -103,6 +107,8 @@ class Loop:
             self._step(batch, n)
             if self.stop_reason is not None:
                 return False
+        if start == 0 and not trained:
+            raise_empty_epoch(self.epoch)  # else a run bounded by max_steps alone would loop for ever
         return True
 
     def _step(self, batch: Any, n: int) -> None:
