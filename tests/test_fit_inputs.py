@@ -238,3 +238,39 @@ def test_early_stopping_of_another_type_is_a_config_error() -> None:
     data = dataset()
     with pytest.raises(ConfigError, match=r"early_stopping must be an EarlyStopping, a dict with keys \['target', 'patience', 'mode', 'min_delta'\] or None, got int"):
         quiet_fit(make_state(), data, eval_data=data, batch_size=8, max_epochs=1, early_stopping=5)
+
+
+# ------------------------------------------------------------------ found at run time
+
+
+def test_a_best_metric_no_evaluation_produces_is_refused_at_the_first_one_naming_those_it_has() -> None:
+    data = dataset()
+    with pytest.raises(ConfigError, match=r"best_metric='val_acc' is not among the evaluation's metrics \['val_loss'\]: pass one of them") as info:
+        quiet_fit(make_state(), data, eval_data=data, batch_size=8, max_epochs=3, best_metric="val_acc", mode="max")
+    assert "step 8" not in str(info.value)
+
+
+def nan_from_step(bad: int) -> Any:
+    def schedule(step: Any) -> Any:
+        return torch.where(torch.as_tensor(step) < bad, 0.05, float("nan")).double()
+
+    return schedule
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "found_at", "saved"),
+    [
+        ({"log_every": 2, "save_every": 4}, 6, [4]),  # read at the log interval of update 6
+        ({"log_every": 100, "save_every": 3}, 6, [3]),  # read at the save of update 6
+        ({"log_every": 100}, 8, []),  # read at the epoch's end, before its save
+    ],
+)
+def test_a_schedule_turning_nan_during_the_run_stops_it_and_keeps_the_last_good_checkpoint(tmp_path: Path, kwargs: dict[str, int], found_at: int, saved: list[int]) -> None:
+    state = make_state(ft.sgd(nan_from_step(5)))  # the rate of update 6 is NaN
+    message = rf"the learning rate was nan in an update up to step {found_at} \(epoch 0\): the schedule gives a non-finite value there; fix the schedule"
+    with pytest.raises(ConfigError, match=message):
+        quiet_fit(state, dataset(), batch_size=8, max_epochs=2, checkpoint_dir=tmp_path, **kwargs)
+    paths = sorted(tmp_path.glob("ckpt-*"))
+    assert [int(ft.load(p, like=state).step) for p in paths] == saved
+    for path in paths:
+        assert all(bool(torch.isfinite(p).all()) for p in ft.load(path, like=state).params.values()), path
