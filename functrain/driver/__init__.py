@@ -1,6 +1,6 @@
 """The driver: `fit` and `evaluate`, the loop they run, its callbacks, history and data sources.
 
-Modules: `fit` (the entry point and its arguments), `loop` (the plain loop), `ledger` (what the loop
+Modules: `fit` (the entry point), `arguments` (the checks of its arguments), `loop` (the plain loop), `ledger` (what the loop
 records, saved in ``state.driver``), `evaluation`, `callbacks`, `history`, `data`.
 """
 
