@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
-from functrain.driver.callbacks import HOOKS
+from functrain.driver.callbacks import HOOKS, check_callback
 from functrain.errors import ConfigError
 
 N_SAMPLES, BATCH = 60, 20  # 3 batches an epoch
@@ -324,3 +324,86 @@ def test_jsonl_log_of_a_resumed_run_holds_each_row_once(tmp_path: Path) -> None:
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == sorted(set(steps))  # no row twice
     assert steps == [r["step"] for r in resumed.history.rows["train"]] == [r["step"] for r in straight.history.rows["train"]]
+
+
+# ---------------------------------------------------------------- a run ended by an exception
+
+
+class Boom(Exception):
+    """An error the step passes through as it is (it wraps the usual ones in `BatchError`)."""
+
+
+class FailAt:
+    """A loss function that raises `error` at its `at`-th call (1-based)."""
+
+    def __init__(self, at: int, error: BaseException) -> None:
+        self.at, self.error, self.calls = at, error, 0
+
+    def __call__(self, model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return loss_fn(model, batch)
+
+
+def failing_state(error: BaseException, at: int = 5) -> ft.TrainState:
+    return ft.TrainState.create(nn.Linear(3, 1), ft.sgd(0.05), FailAt(at, error))
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), Boom("boom")], ids=["KeyboardInterrupt", "Boom"])
+def test_an_exception_fires_on_exception_instead_of_on_train_end_and_propagates_unchanged(error: BaseException) -> None:
+    rec = Recorder()
+    with pytest.raises(type(error)) as info:
+        quiet_fit(failing_state(error), dataset(), max_epochs=3, callbacks=[rec])
+    assert info.value is error
+    assert rec.events[-2:] == [("batch_begin", 1, 4, 1), ("exception", 1, 4, 1)]
+    assert "train_end" not in [e[0] for e in rec.events]
+
+
+def test_on_exception_sees_the_exception_and_on_accepts_the_event() -> None:
+    seen: list[BaseException | None] = []
+
+    @ft.on("exception")
+    def keep(run: ft.Run) -> None:
+        seen.append(run.exception)
+
+    error = Boom("boom")
+    with pytest.raises(Boom, match="boom"):
+        quiet_fit(failing_state(error), dataset(), max_epochs=3, callbacks=[keep])
+    assert seen == [error]
+
+
+def test_a_failing_on_exception_hook_leaves_the_original_error_with_a_note() -> None:
+    class Broken(ft.Callback):
+        def on_exception(self, run: ft.Run) -> None:
+            raise ValueError("hook broke")
+
+    error = Boom("boom")
+    with pytest.raises(Boom, match="boom") as info:
+        quiet_fit(failing_state(error), dataset(), max_epochs=3, callbacks=[Broken()])
+    assert info.value is error
+    assert getattr(error, "__notes__", None) == ["Broken.on_exception also failed: ValueError: hook broke"]
+
+
+def test_built_in_callbacks_close_what_they_opened_when_a_run_fails(tmp_path: Path) -> None:
+    bar, log = ft.ProgressBar(file=io.StringIO()), ft.JsonlLogger(tmp_path / "log.jsonl")
+    profiler = ft.Profiler(tmp_path / "traces", wait=1, warmup=1, active=5)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_fit(failing_state(KeyboardInterrupt(), at=5), dataset(), max_epochs=3, log_every=1, callbacks=[bar, log, profiler])
+    assert bar.bar is None and log._file is None and profiler.prof is None
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert kinds == ["train", "train", "train", "epoch", "train"]
+    # a fresh profiler can start: the failed run's one was stopped
+    quiet_fit(make_state(), dataset(), max_epochs=1, callbacks=[ft.Profiler(tmp_path / "again")])
+
+
+def test_check_callback_accepts_on_exception_alone_and_checks_its_signature() -> None:
+    class OnlyException:
+        def on_exception(self, run: ft.Run) -> None: ...
+
+    class WrongSignature:
+        def on_exception(self) -> None: ...
+
+    assert check_callback(OnlyException()) == ["on_exception"]
+    with pytest.raises(ConfigError, match=r"WrongSignature\.on_exception\(\).* must accept one argument, the run: def on_exception\(self, run\)"):
+        check_callback(WrongSignature())

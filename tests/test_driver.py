@@ -407,13 +407,15 @@ def test_invalid_fit_arguments_are_listed_together() -> None:
         )
     message = str(err.value)
     assert message.startswith("invalid arguments to fit:\n  - ")
-    assert message.count("\n  - ") == 8
+    assert message.count("\n  - ") == 10
     assert "run_mode must be 'epoch' or 'step', got run_mode='x'" in message
     assert "log_every must be an int >= 1, got log_every=0" in message
     assert "max_epochs must be an int >= 1 or None, got max_epochs=0" in message
     assert "eval_every must be an int >= 1, got eval_every=2.5" in message
     assert "resume=True needs checkpoint_dir" in message
-    assert "save_every needs checkpoint_dir" in message
+    assert "save_every=3 needs checkpoint_dir=..." in message
+    assert "eval_every=2.5 needs eval_data=..." in message
+    assert "mode='low' needs eval_data=..." in message
     assert "mode must be 'min' or 'max', got mode='low'" in message
     assert "verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity='loud'" in message
     assert calls == []

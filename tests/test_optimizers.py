@@ -378,3 +378,51 @@ def test_fused_presets_check_hyperparameters_like_the_foreach_ones(factory: Call
         factory(lr=1e-3, b1=1.5, eps=0.0, weight_decay=-1.0, fused=True)
     for fragment in ("b1=1.5", "eps=0.0", "weight_decay=-1.0"):
         assert fragment in str(fused_error.value)
+
+
+PRESETS = [ft.sgd, ft.adam, ft.adamw, ft.radam, ft.rmsprop, ft.adagrad, ft.lion]
+
+
+@pytest.mark.parametrize("factory", PRESETS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        (float("inf"), r"lr must be a finite number >= 0, got lr=inf"),
+        (float("nan"), r"lr must be a finite number >= 0, got lr=nan"),
+        (-0.1, r"lr must be >= 0, got lr=-0.1"),
+        ("0.1", r"lr must be a finite number >= 0, got lr='0.1'"),
+        (True, r"lr must be a finite number >= 0, got lr=True"),
+    ],
+)
+def test_every_preset_rejects_a_learning_rate_that_is_not_a_finite_number(factory: Callable, lr: Any, message: str) -> None:
+    with pytest.raises(ft.ConfigError, match=message):
+        factory(lr)
+
+
+@pytest.mark.parametrize("factory", PRESETS, ids=lambda f: f.__name__)
+def test_every_preset_rejects_a_schedule_that_is_not_finite_at_step_0(factory: Callable) -> None:
+    with pytest.raises(ft.ConfigError, match=r"lr must be >= 0 and finite at every step, but the schedule gives nan at step 0"):
+        factory(lambda step: step * float("nan"))
+
+
+def test_a_schedule_that_cannot_run_on_a_cpu_counter_is_left_to_the_first_step() -> None:
+    def device_only(step: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("needs the GPU's table")
+
+    assert ft.sgd(device_only).name.startswith("sgd(")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ft.adam(1e-3, eps=float("inf")), r"eps must be a finite number > 0, got eps=inf"),
+        (lambda: ft.adamw(1e-3, weight_decay=float("inf")), r"weight_decay must be a finite number >= 0, got weight_decay=inf"),
+        (lambda: ft.adam(1e-3, b1="0.9"), r"b1 must lie in \[0, 1\), got b1='0.9'"),
+        (lambda: ft.sgd(0.1, momentum=None), r"momentum must lie in \[0, 1\), got momentum=None"),
+        (lambda: ft.clip_by_global_norm(float("inf")), r"max_norm must be a finite number > 0, got max_norm=inf"),
+        (lambda: ft.adagrad(0.1, lr_decay=float("nan")), r"lr_decay must be a finite number >= 0, got lr_decay=nan"),
+    ],
+)
+def test_hyperparameters_of_the_wrong_type_or_not_finite_are_config_errors(make: Callable, message: str) -> None:
+    with pytest.raises(ft.ConfigError, match=message):
+        make()

@@ -260,6 +260,30 @@ def test_all_bad_options_are_listed_in_one_config_error() -> None:
     assert message.count("\n  - ") == len(expected)
 
 
+@pytest.mark.parametrize("seed", ["1", 1.5, True, 2**64, -(2**63) - 1, None])
+def test_a_seed_that_is_not_an_int_in_torchs_range_is_a_config_error(seed: object) -> None:
+    with pytest.raises(ft.ConfigError, match=re.escape(f"seed must be an int in [-2**63, 2**64), got seed={seed!r}")):
+        ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, seed=seed)  # type: ignore[arg-type]
+
+
+def test_the_extreme_seeds_torch_accepts_are_accepted() -> None:
+    for seed in (-(2**63), 2**64 - 1):
+        ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, seed=seed)
+
+
+def test_a_module_on_the_meta_device_is_a_config_error_naming_how_to_materialize_it() -> None:
+    with torch.device("meta"):
+        model = make_mlp()
+    pattern = r"got 4 on the meta device \(0\.weight, 0\.bias, 2\.weight, 2\.bias\); materialize them first: module\.to_empty"
+    with pytest.raises(ft.ConfigError, match=pattern):
+        ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+
+
+def test_a_trainable_that_is_not_callable_is_a_config_error() -> None:
+    with pytest.raises(ft.ConfigError, match=r"trainable must be a predicate \(name, param\) -> bool or None, got list"):
+        ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, trainable=["0.weight"])  # type: ignore[arg-type]
+
+
 def test_fp16_with_halt_is_a_config_error() -> None:
     with pytest.raises(ft.ConfigError, match="nonfinite='halt' does not combine with precision='fp16'"):
         ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, precision="fp16", nonfinite="halt")

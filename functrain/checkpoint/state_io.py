@@ -16,7 +16,7 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.errors import StateMismatchError
+from functrain.errors import ConfigError, StateMismatchError
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
 from functrain.core.state import TrainState
 from functrain.tree import leaves_by_path
@@ -95,10 +95,14 @@ def load(
         Without: ``(tree, manifest)``, NamedTuples as dicts, for inspection.
 
     Raises:
+        ConfigError: `like` is a plain value where the checkpoint holds a tree, or `map_location`
+            is not a device (or one this machine lacks).
         CheckpointError: no checkpoint there, or a newer format version.
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message).
         StateMismatchError: listing every missing or extra path, shape or dtype mismatch, and a
-            different optimizer, hyperparameters or options.
+            different optimizer, hyperparameters or options; then the fix: for other weights,
+            that they cannot load into this model; else the code that starts a new state from
+            the checkpoint's weights.
 
     Example:
         >>> import tempfile, functrain as ft
@@ -107,9 +111,15 @@ def load(
         >>> tree["w"], tree["step"], manifest["format_version"]
         (tensor([0., 1., 2.]), 7, 2)
     """
+    _check_map_location(map_location)
     tree, manifest = read_tree(path, map_location=map_location)
     if like is None:
         return tree, manifest
+    if isinstance(tree, dict) and not isinstance(like, (TrainState, torch.Tensor)) and pytree.tree_is_leaf(like):
+        raise ConfigError(
+            f"like={like!r} is a plain value, but checkpoint {str(path)!r} holds a tree with keys {sorted(tree)[:8]}: "
+            "pass like=state (a TrainState built as the saved one was), a tree of the same structure, or like=None for the raw tree"
+        )
     template = like.tree() if isinstance(like, TrainState) else like
     driver = None
     if isinstance(like, TrainState):
@@ -121,7 +131,8 @@ def load(
     if isinstance(like, TrainState):
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
-        raise StateMismatchError(f"checkpoint {str(path)!r} does not fit the template:\n  - " + "\n  - ".join(problems))
+        fix = _mismatch_fix(tree, like, path) if isinstance(like, TrainState) else ""
+        raise StateMismatchError(f"checkpoint {str(path)!r} does not fit the template:\n  - " + "\n  - ".join(problems) + fix)
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
     values = []
@@ -147,3 +158,43 @@ def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> lis
     if saved.get("options") != current["options"]:
         problems.append(f"step options differ: checkpoint has {saved.get('options')!r}, template has {current['options']!r}")
     return problems
+
+
+def _check_map_location(map_location: Any) -> None:
+    if map_location is None:
+        return
+    try:
+        device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    except RuntimeError:
+        device = None
+    if device is None:
+        raise ConfigError(f"map_location must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got {map_location!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"map_location={map_location!r} names a CUDA device, but CUDA is not available here: pass map_location='cpu'")
+
+
+_MODEL_FIELDS = ("params", "frozen", "buffers")
+
+# a new state holding the checkpoint's weights, its optimizer state and EMA started from them
+_WARM_START = """
+    tree, _ = functrain.load({path}, map_location=state.device)
+    weights = {{**tree["params"], **tree["frozen"]}}
+    params = {{k: weights[k] for k in state.params}}
+    state = state.replace(params=params, frozen={{k: weights[k] for k in state.frozen}}, buffers=tree["buffers"], opt_state=state.tx.init(params), ema_state=state.averager.init(params) if state.averager else None)"""
+
+
+def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
+    """How to go on: other weights cannot load; other hyperparameters or options can warm-start."""
+    if not isinstance(tree, dict) or any(not isinstance(tree.get(k), dict) for k in _MODEL_FIELDS):
+        return ""
+    saved = {**tree["params"], **tree["frozen"], **{f"buffer {k}": v for k, v in tree["buffers"].items()}}
+    wanted = {**like.params, **like.frozen, **{f"buffer {k}": v for k, v in like.buffers.items()}}
+    if compare_to_template(saved, wanted):
+        return (
+            "\nthe model's weights differ (names, shapes or dtypes): this checkpoint cannot be loaded into this model; "
+            "build the model the checkpoint was saved from"
+        )
+    return (
+        "\nthe weights fit: to train them with this state's optimizer, hyperparameters and options, start a new state "
+        "(step 0, fresh optimizer state) from them, with `state` the template passed as like=:" + _WARM_START.format(path=repr(str(path)))
+    )

@@ -8,6 +8,7 @@ checkpoint is loaded against them. `TrainState.create` is the only place that ca
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -152,7 +153,8 @@ class TrainState:
             The initial `TrainState`, counters at zero.
 
         Raises:
-            ConfigError: listing every invalid option at once.
+            ConfigError: listing every invalid option at once (a `seed` that is not an int in
+                torch's seed range, a module whose tensors are on the meta device, ...).
 
         Example:
             >>> import torch, functrain as ft
@@ -165,10 +167,12 @@ class TrainState:
             (0, ['bias', 'weight'])
         """
         options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
-        problems = _validate(module, optimizer, loss_fn) + options.problems()
-        params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) else ({}, {})
+        problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
+        params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) and (trainable is None or callable(trainable)) else ({}, {})
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
+        if not problems:
+            problems += _meta_problems(module)
         if problems:
             raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
         tx = build_transform(optimizer, options)
@@ -338,3 +342,27 @@ def _validate(module: Any, optimizer: Any, loss_fn: Any) -> list[str]:
     if not callable(loss_fn):
         problems.append(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
     return problems
+
+
+# torch.Generator.manual_seed accepts this range (negative seeds wrap around)
+_SEED_RANGE = (-(2**63), 2**64)
+
+
+def _check_seed_and_trainable(seed: Any, trainable: Any) -> list[str]:
+    problems = []
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not _SEED_RANGE[0] <= seed < _SEED_RANGE[1]:
+        problems.append(f"seed must be an int in [-2**63, 2**64), got seed={seed!r}")
+    if trainable is not None and not callable(trainable):
+        problems.append(f"trainable must be a predicate (name, param) -> bool or None, got {type(trainable).__name__}")
+    return problems
+
+
+def _meta_problems(module: nn.Module) -> list[str]:
+    meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if not meta:
+        return []
+    shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
+    return [
+        f"the module's tensors must hold values, got {len(meta)} on the meta device ({shown}); materialize them first: "
+        "module.to_empty(device='cpu') then initialize them (e.g. each submodule's reset_parameters()), or load weights"
+    ]

@@ -1,7 +1,8 @@
 """The driver: `fit` and `evaluate`, the loop they run, its callbacks, history and data sources.
 
-Modules: `fit` (the entry point and its arguments), `loop` (the plain loop), `ledger` (what the loop
-records, saved in ``state.driver``), `evaluation`, `callbacks`, `history`, `data`.
+Modules: `fit` (the entry point), `arguments` (the checks of its arguments), `loop` (the plain
+loop), `ledger` (what the loop records, saved in ``state.driver``), `evaluation`, `callbacks`,
+`history`, `data`.
 """
 
 from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, LRMonitor, ProgressBar, Profiler, Run, TensorBoardLogger, on

@@ -10,6 +10,12 @@ first fire. A plain function becomes a callback with `on`::
 
 Callbacks see metrics as host numbers (`Run.logs`) only at log intervals; in between, `Run.logs`
 is None and nothing is read back from the device.
+
+A run ends with ``on_train_end``, or, when an exception ends it (a `KeyboardInterrupt` included),
+with ``on_exception`` (the exception is `Run.exception`). Either is the place to close what
+``on_train_begin`` opened; the built-in callbacks close their files, bars and profilers in both.
+The exception propagates from `fit` unchanged after the hooks ran; one a hook raises is added
+to it as a note.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ HOOKS = (
     "on_save",
     "on_epoch_end",
     "on_train_end",
+    "on_exception",
 )
 
 
@@ -66,6 +73,7 @@ class Run:
         logs: host metrics of the log interval that just ended, else None.
         eval_metrics: the latest evaluation's metrics (``val_loss``, ...), else None.
         saved: the path of the checkpoint just written (in ``on_save``).
+        exception: the exception ending the run (in ``on_exception``), else None.
         history: the run's `History`.
         config: the `fit` arguments.
     """
@@ -84,6 +92,7 @@ class Run:
         self.eval_metrics: dict[str, float] | None = None
         self.saved: Path | None = None
         self.stop_reason: str | None = None
+        self.exception: BaseException | None = None
 
     def request_stop(self, reason: str = "stopped by a callback") -> None:
         """Ask the driver to stop after the current batch (the state so far is kept and saved)."""
@@ -113,6 +122,7 @@ class Callback:
     def on_save(self, run: Run) -> None: ...
     def on_epoch_end(self, run: Run) -> None: ...
     def on_train_end(self, run: Run) -> None: ...
+    def on_exception(self, run: Run) -> None: ...
 
 
 def check_callback(callback: Any) -> list[str]:
@@ -247,6 +257,9 @@ class ProgressBar(Callback):
     def on_train_end(self, run: Run) -> None:
         self._close()
 
+    def on_exception(self, run: Run) -> None:
+        self._close()
+
     def _close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -298,6 +311,9 @@ class JsonlLogger(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def on_exception(self, run: Run) -> None:
+        self.on_train_end(run)  # the rows logged before the error are kept
 
 
 class ConsoleLogger(Callback):
@@ -361,6 +377,10 @@ class TensorBoardLogger(Callback):
     def on_train_end(self, run: Run) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+    def on_exception(self, run: Run) -> None:
+        self.on_train_end(run)
 
 
 class Profiler(Callback):
@@ -400,6 +420,9 @@ class Profiler(Callback):
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             self.prof = None
+
+    def on_exception(self, run: Run) -> None:
+        self.on_train_end(run)
 
 
 class LRMonitor(Callback):

@@ -113,6 +113,10 @@ class Batcher:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def setup(self) -> dict[str, Any]:
+        """What fixes which samples each position of an epoch holds (recorded in checkpoints)."""
+        return {"samples": len(self.dataset), "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last, "seed": self.seed}
+
     def index_batches(self, epoch: int) -> list[torch.Tensor]:
         """The global index batches of `epoch`, this rank's slice of each."""
         order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
@@ -174,6 +178,16 @@ class IterableSource:
         except TypeError:
             return False
         return True
+
+    def setup(self) -> dict[str, Any]:
+        """What is known of the batches each epoch holds (recorded in checkpoints): their number,
+        and for a `DataLoader` its batch size, dataset size and ``drop_last``."""
+        setup: dict[str, Any] = {"batches": len(self) if self.has_len() else None}
+        if isinstance(self.source, DataLoader):
+            dataset = self.source.dataset
+            sized = hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset)
+            setup.update(samples=len(dataset) if sized else None, batch_size=self.source.batch_size, drop_last=self.source.drop_last)
+        return setup
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         it = iter(self.source)

@@ -10,7 +10,7 @@ Host syncs happen at log intervals, evaluations and saves only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,12 +20,13 @@ import torch
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.state_io import load
 from functrain.core.state import TrainState
+from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
 from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, ProgressBar, check_callback
 from functrain.driver.data import Batcher, IterableSource, as_source
 from functrain.driver.evaluation import evaluate
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, config_check
 from functrain.optim.plateau import EarlyStopping
 
 __all__ = ["fit", "FitResult"]
@@ -63,33 +64,6 @@ def _short(metrics: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, float)) + "}"
 
 
-def _validate(**kw: Any) -> list[str]:
-    p: list[str] = []
-    if kw["run_mode"] not in ("epoch", "step"):
-        p.append(f"run_mode must be 'epoch' or 'step', got run_mode={kw['run_mode']!r}")
-    if kw["max_epochs"] is None and kw["max_steps"] is None:
-        p.append("give max_epochs or max_steps (or both) so the run ends")
-    for name in ("max_epochs", "max_steps", "save_every", "keep_last"):
-        v = kw[name]
-        if v is not None and (not isinstance(v, int) or v < 1):
-            p.append(f"{name} must be an int >= 1 or None, got {name}={v!r}")
-    for name in ("eval_every", "log_every"):
-        v = kw[name]
-        if not isinstance(v, int) or v < 1:
-            p.append(f"{name} must be an int >= 1, got {name}={v!r}")
-    if kw["mode"] not in ("min", "max"):
-        p.append(f"mode must be 'min' or 'max', got mode={kw['mode']!r}")
-    if kw["verbosity"] not in ("silent", "minimal", "standard", "verbose"):
-        p.append(f"verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity={kw['verbosity']!r}")
-    if kw["resume"] and kw["checkpoint_dir"] is None:
-        p.append("resume=True needs checkpoint_dir=... (where the interrupted run saved)")
-    if kw["save_every"] is not None and kw["checkpoint_dir"] is None:
-        p.append("save_every needs checkpoint_dir=...")
-    if not isinstance(kw["state"], TrainState):
-        p.append(f"state must be a functrain.TrainState, got {type(kw['state']).__name__}")
-    return p
-
-
 def fit(
     state: TrainState,
     train_data: Any,
@@ -114,7 +88,7 @@ def fit(
     best_metric: str = "val_loss",
     mode: Literal["min", "max"] = "min",
     async_save: bool = False,
-    early_stopping: EarlyStopping | None = None,
+    early_stopping: EarlyStopping | Mapping[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     verbosity: Literal["silent", "minimal", "standard", "verbose"] = "minimal",
@@ -145,7 +119,9 @@ def fit(
         keep_last: regular checkpoints to keep (None keeps all). keep_best: best ones to keep.
         best_metric / mode: the evaluation metric deciding "best" (and watched by plateau schedules).
         async_save: write checkpoints in a background thread.
-        early_stopping: an `EarlyStopping`; its counters live in the state.
+        early_stopping: an `EarlyStopping`, or the dict of its arguments (``{"target": "val_loss",
+            "patience": 3, "mode": "min", "min_delta": 0.0}``, every key optional); its counters
+            live in the state. Needs `eval_data`.
         callbacks: extra callbacks (see `functrain.driver.callbacks`).
         progress: show a progress bar.
         verbosity: console lines: ``"silent"``, ``"minimal"`` (epochs, evaluations),
@@ -160,8 +136,11 @@ def fit(
         A `FitResult`.
 
     Raises:
-        ConfigError: invalid arguments, listed together, a callback with a wrong signature, or a
-            `checkpoint_dir` holding another run's checkpoints without ``resume=True``.
+        ConfigError: invalid arguments, listed together (options without the data or directory
+            they act on included), training data that yields no batch, a callback with a wrong
+            signature, a `checkpoint_dir` holding another run's checkpoints without
+            ``resume=True``, a resume whose data setup differs from the checkpoint's, or a
+            `best_metric` the first evaluation does not produce.
         NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
 
     Example:
@@ -174,9 +153,8 @@ def fit(
         >>> int(result.state.step), result.stop_reason
         (8, 'max_epochs')
     """
-    problems = _validate(**locals())
-    if problems:
-        raise ConfigError("invalid arguments to fit:\n  - " + "\n  - ".join(problems))
+    config_check(fit_problems(locals()), "fit")
+    early_stopping, _ = early_stopping_of(early_stopping)
     # with several ranks: each reads its shard of every global batch; rank 0 alone writes
     shard = (state.dist.rank, state.dist.world_size) if state.dist is not None else (0, 1)
     main = shard[0] == 0
@@ -184,6 +162,8 @@ def fit(
     train = as_source(train_data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=data_seed, num_workers=num_workers, shard=shard)
     evals = _eval_source(eval_data, eval_batch_size or batch_size, shard)
     tests = _eval_source(test_data, eval_batch_size or batch_size, shard)
+    if (empty := empty_data_problem(train)) is not None:
+        raise ConfigError(empty)
     manager = None
     if checkpoint_dir:
         manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, remove_temporary=main)
@@ -195,8 +175,8 @@ def fit(
         )
     if resume and manager is not None:
         state = manager.restore_latest(like=state) or state
-    loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals())
     try:
+        loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals())
         loop.run()
     finally:
         if manager is not None:

@@ -22,6 +22,17 @@ from functrain.optim.plateau import EarlyStopping, improved
 
 __all__ = ["Ledger", "MetricWindow"]
 
+# the `fit` argument behind each entry of a data setup
+_DATA_ARGUMENTS = {
+    "samples": "the dataset's size (len(train_data))",
+    "batches": "batches per epoch (len(train_data))",
+    "batch_size": "batch_size",
+    "shuffle": "shuffle",
+    "drop_last": "drop_last",
+    "seed": "data_seed",
+}
+_DATA_FIT_NAMES = ("batch_size", "shuffle", "drop_last", "seed")
+
 
 class MetricWindow:
     """Running sums of the per-step metrics since the last flush, kept on the device until read.
@@ -90,6 +101,7 @@ class Ledger:
     best: dict[str, float] | None = None
     empty_batches: int = 0
     early: EarlyStopping | None = None
+    data: dict[str, Any] | None = None  # the data setup of the run (`Batcher.setup`), None before it is known
 
     @classmethod
     def from_tree(cls, driver: dict[str, Any], early: EarlyStopping | None) -> Ledger:
@@ -101,6 +113,7 @@ class Ledger:
             best=driver.get("best"),
             empty_batches=int(driver.get("empty_batches", 0)),
             early=early.with_tree(driver.get("early_stopping")) if early is not None else None,
+            data=driver.get("data"),
         )
 
     def to_tree(self) -> dict[str, Any]:
@@ -112,10 +125,34 @@ class Ledger:
             "best": self.best,
             "empty_batches": self.empty_batches,
             "stop_reason": None,
+            "data": self.data,
         }
         if self.early is not None:
             driver["early_stopping"] = self.early.to_tree()
         return driver
+
+    def use_data(self, setup: dict[str, Any], *, at_epoch_start: bool, checkpoint: Any = None) -> None:
+        """Record the run's data setup; a resumed run must use the one it was saved with.
+
+        The one change allowed is a map-style dataset's batch size at the start of an epoch: the
+        epoch's order of samples depends only on the seed and the epoch, so regrouping it in
+        batches of another size skips and repeats nothing.
+
+        Args:
+            setup: the data setup of this call (`Batcher.setup`, `IterableSource.setup`).
+            at_epoch_start: whether the run goes on from the start of an epoch.
+            checkpoint: the checkpoint resumed from, named in the error.
+
+        Raises:
+            ConfigError: the setup differs from the recorded one (a resumed position would then
+                point at other samples: some skipped, some repeated), naming each change and the fix.
+        """
+        if self.data is not None:
+            regroup = at_epoch_start and "samples" in setup and "samples" in self.data
+            changed = [k for k in sorted({*self.data, *setup}) if self.data.get(k) != setup.get(k) and not (regroup and k == "batch_size")]
+            if changed:
+                raise ConfigError(_data_change_message(self.data, setup, changed, checkpoint))
+        self.data = setup
 
     def add_step(self, metrics: dict[str, torch.Tensor], samples: int) -> None:
         """Add one step's metrics to the log window and the epoch's sums (no host read)."""
@@ -138,3 +175,19 @@ class Ledger:
             return False
         self.best = {"step": step, **metrics}
         return True
+
+
+def _data_change_message(saved: dict[str, Any], given: dict[str, Any], changed: list[str], checkpoint: Any) -> str:
+    lines = "\n  - ".join(f"{_DATA_ARGUMENTS.get(k, k)}: the checkpoint's run used {saved.get(k)!r}, this call gives {given.get(k)!r}" for k in changed)
+    same = ", ".join(f"{_DATA_ARGUMENTS[k]}={saved[k]!r}" for k in changed if k in _DATA_FIT_NAMES and k in saved)
+    path = repr(str(checkpoint)) if checkpoint is not None else "path"
+    return (
+        "resuming with another data setup would skip or repeat samples (the saved position counts batches):\n  - "
+        + lines
+        + "\nto resume, give the data and arguments the interrupted run used"
+        + (f" ({same})" if same else "")
+        + "; batch_size alone may change where an epoch starts (a checkpoint saved at an epoch's end)"
+        + "; to go on with the new setup, start a new run from the checkpoint in another checkpoint_dir: "
+        f"state = functrain.load({path}, like=state).replace(driver={{}}, epoch_step=torch.zeros((), dtype=torch.int64)), "
+        "then fit(state, ...) (the epoch starts over in the new order)"
+    )

@@ -8,6 +8,8 @@ into ``state.driver`` before every save.
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 import warnings
 from typing import Any
@@ -18,11 +20,12 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.core.compiled import compile_step
 from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, train_step
+from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
 from functrain.driver.data import IterableSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger
-from functrain.errors import NonFiniteError
+from functrain.errors import ConfigError, NonFiniteError
 from functrain.optim.plateau import EarlyStopping, observe_plateau
 from functrain.optim.wrappers import check_skip_limits
 
@@ -45,6 +48,7 @@ class Loop:
         self.main = state.dist is None or state.dist.rank == 0
         # the one read of the counters; from here on the driver counts on the host
         self.step, self.micro, self.epoch, self.pos = (int(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
+        self.ledger.use_data(train.setup(), at_epoch_start=self.pos == 0, checkpoint=manager.latest() if manager is not None else None)
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
         self.stop_reason: str | None = state.driver.get("stop_reason")
@@ -63,7 +67,34 @@ class Loop:
             self.stop_reason = ctx.stop_reason
 
     def run(self) -> None:
-        """Train epoch after epoch until a limit, early stopping or a callback ends the run."""
+        """Train epoch after epoch until a limit, early stopping or a callback ends the run.
+
+        A run ended by an exception (a `KeyboardInterrupt` too) fires ``on_exception`` instead of
+        ``on_train_end``, so callbacks close what they opened; the exception then propagates as it was.
+        """
+        try:
+            self._run()
+        except BaseException as error:
+            self._fire_exception(error)
+            raise
+
+    def _fire_exception(self, error: BaseException) -> None:
+        ctx = self.run_ctx
+        ctx.state, ctx.epoch, ctx.step, ctx.batch, ctx.exception = self.state, self.epoch, self.step, self.pos, error
+        for cb in self.hooks:
+            fn = getattr(cb, "on_exception", None)
+            if fn is None:
+                continue
+            try:
+                fn(ctx)
+            except Exception as hook_error:  # noqa: BLE001 - the run's own error is the one to propagate
+                note = f"{type(cb).__name__}.on_exception also failed: {type(hook_error).__name__}: {hook_error}"
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(note)
+                else:
+                    print(note, file=sys.stderr)
+
+    def _run(self) -> None:
         ctx = self.run_ctx
         ctx.batches_per_epoch = len(self.train) if not isinstance(self.train, IterableSource) or self.train.has_len() else None
         ctx.total_steps = self.cfg["max_steps"] or (ctx.batches_per_epoch * self.cfg["max_epochs"] // self.k if ctx.batches_per_epoch else None)
@@ -91,8 +122,10 @@ class Loop:
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False if the run stopped inside it."""
         self._epoch_t0 = time.perf_counter()
+        start, trained = self.pos, False
         for batch in self.train.epoch(self.epoch, start=self.pos):
             n = _batch_size(batch)
+            trained = trained or n > 0
             if n == 0:
                 warnings.warn(f"skipping an empty batch at epoch {self.epoch}, position {self.pos}", RuntimeWarning, stacklevel=4)
                 self.ledger.empty_batches += 1
@@ -103,6 +136,8 @@ class Loop:
             self._step(batch, n)
             if self.stop_reason is not None:
                 return False
+        if start == 0 and not trained:
+            raise_empty_epoch(self.epoch)  # else a run bounded by max_steps alone would loop for ever
         return True
 
     def _step(self, batch: Any, n: int) -> None:
@@ -134,10 +169,28 @@ class Loop:
     def _log(self) -> None:
         check_skip_limits(self.state.opt_state)
         row = {"step": self.step, "epoch": self.epoch, **self.ledger.window.flush()}
+        self._check_lr(row.get("lr", 0.0))
         self.ledger.history.add("train", row)
         self.run_ctx.logs = row
 
+    def _check_lr(self, lr: float) -> None:
+        """Raise if a learning rate read at a log interval, epoch end or save is not finite.
+
+        The step never reads it back; a NaN or Inf rate makes every parameter NaN in the next
+        update, and the last checkpoint written before it is kept.
+        """
+        if not math.isfinite(lr):
+            raise ConfigError(
+                f"the learning rate was {lr} in an update up to step {self.step} (epoch {self.epoch}): the schedule gives a "
+                "non-finite value there; fix the schedule (e.g. guard its divisions) and resume from the last checkpoint"
+            )
+
+    def _window_lr(self, window: Any) -> float:
+        # the sum of the window's rates is finite exactly when each of them is (they are >= 0)
+        return window.totals()["lr"] if window.count and "lr" in window.keys else 0.0
+
     def _end_epoch(self) -> None:
+        self._check_lr(self._window_lr(self.ledger.epoch_sums))
         self.epoch += 1
         self.pos = 0
         self.state = self.state.replace(epoch=self.state.epoch + 1, epoch_step=torch.zeros_like(self.state.epoch_step))
@@ -155,11 +208,14 @@ class Loop:
         metrics = evaluate(self.state, self.evals)
         if self.state.ema_state is not None:
             metrics.update(evaluate(self.state, self.evals, use_ema=True, prefix="val_ema_"))
+        if self.cfg["best_metric"] not in metrics:
+            raise ConfigError(
+                f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics {sorted(metrics)}: "
+                "pass one of them as best_metric, or return it from loss_fn as a metric (prefixed 'val_' in evaluations)"
+            )
         self.ledger.history.add("eval", {"step": self.step, "epoch": self.epoch, **metrics, "eval_time_s": time.perf_counter() - t0})
         self.run_ctx.eval_metrics = metrics
-        target = metrics.get(self.cfg["best_metric"])
-        if target is not None:
-            self.state = self.state.replace(opt_state=observe_plateau(self.state.opt_state, target))
+        self.state = self.state.replace(opt_state=observe_plateau(self.state.opt_state, metrics[self.cfg["best_metric"]]))
         new_best = self.ledger.record_eval(metrics, self.step, self.cfg["best_metric"], self.cfg["mode"])
         if self.ledger.early is not None and self.ledger.early.should_stop:
             self.stop_reason = self.stop_reason or "early_stopping"
@@ -173,6 +229,7 @@ class Loop:
         position = (self.epoch, self.pos, len(self.ledger.history))
         if self.manager is None or self._saved_at == position:
             return
+        self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self.ledger.to_tree())
         if not self.main:  # rank 0 writes; the state is the same on every rank
             self._saved_at = position

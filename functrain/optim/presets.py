@@ -13,6 +13,7 @@ from functrain.optim.transform import named, Transform, chain, identity
 from functrain.optim.primitives import (
     _check_positive,
     _check_unit,
+    check_learning_rate,
     Mask,
     Schedule,
     add_decayed_weights,
@@ -37,11 +38,9 @@ def _maybe(condition: object, transform: Transform) -> Transform:
 def _check_renamed(where: str, lr: LearningRate, momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0) -> None:
     # the primitives call these `learning_rate` and `decay`; report them under the names the user typed
     problems: list[str] = []
-    if not callable(lr) and not lr >= 0:
-        problems.append(f"lr must be >= 0, got lr={lr!r}")
-    if not 0.0 <= momentum < 1.0:
-        problems.append(f"momentum must lie in [0, 1), got momentum={momentum!r}")
-    if nesterov and (momentum <= 0 or dampening != 0):
+    check_learning_rate(problems, "lr", lr)
+    _check_unit(problems, "momentum", momentum)
+    if nesterov and not problems and (momentum <= 0 or dampening != 0):
         problems.append(f"nesterov needs momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}")
     config_check(problems, where)
 

@@ -7,6 +7,8 @@ torch bit for bit in float32 (see `functrain.optim.transform` for how the last r
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -88,17 +90,43 @@ def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> Non
         t.div_(scalar.to(t.dtype))
 
 
+def _is_real(value: Any) -> bool:
+    # bools are ints to Python, but `lr=True` is a slip, not a rate
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_unit(problems: list[str], name: str, value: float, closed_low: bool = True) -> None:
-    ok = (0.0 <= value < 1.0) if closed_low else (0.0 < value < 1.0)
+    ok = _is_real(value) and ((0.0 <= value < 1.0) if closed_low else (0.0 < value < 1.0))
     if not ok:
         interval = "[0, 1)" if closed_low else "(0, 1)"
         problems.append(f"{name} must lie in {interval}, got {name}={value!r}")
 
 
 def _check_positive(problems: list[str], name: str, value: float, allow_zero: bool = False) -> None:
-    if not (value >= 0.0 if allow_zero else value > 0.0):
-        need = ">= 0" if allow_zero else "> 0"
+    # an infinite eps, decay or norm bound turns every update into 0 or NaN: never what was meant
+    need = ">= 0" if allow_zero else "> 0"
+    if not (_is_real(value) and math.isfinite(value)):
+        problems.append(f"{name} must be a finite number {need}, got {name}={value!r}")
+    elif not (value >= 0.0 if allow_zero else value > 0.0):
         problems.append(f"{name} must be {need}, got {name}={value!r}")
+
+
+def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
+    """A learning rate: a finite number >= 0, or a schedule whose value at step 0 is one.
+
+    The schedule is called once here, on a CPU step counter as the step calls it; one that cannot
+    run there (it needs another device's tensors) is left to show itself at the first step.
+    """
+    if not callable(value):
+        _check_positive(problems, name, value, allow_zero=True)
+        return
+    try:
+        first = value(torch.zeros((), dtype=torch.int64))
+        first = float(first)
+    except Exception:  # noqa: BLE001 - see the docstring: the first step reports it
+        return
+    if not (math.isfinite(first) and first >= 0):
+        problems.append(f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at step 0")
 
 
 def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
@@ -501,7 +529,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         A `Transform`.
 
     Raises:
-        ConfigError: a negative learning rate.
+        ConfigError: a learning rate that is negative, infinite or NaN (for a schedule: at step 0).
 
     Example:
         >>> import functrain as ft
@@ -511,10 +539,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         >>> ft.apply_updates(p, u)["w"], s.lr
         (tensor([0.9000]), tensor(0.1000, dtype=torch.float64))
     """
-    if not callable(learning_rate):
-        problems: list[str] = []
-        _check_positive(problems, "learning_rate", learning_rate, allow_zero=True)
-        config_check(problems, "scale_by_learning_rate")
+    problems: list[str] = []
+    check_learning_rate(problems, "learning_rate", learning_rate)
+    config_check(problems, "scale_by_learning_rate")
     sign = -1.0 if flip_sign else 1.0
 
     def current(count: torch.Tensor) -> torch.Tensor | float:
