@@ -870,12 +870,18 @@ def load_golden_module() -> Any:
     return module
 
 
-def test_format_1_golden_checkpoint_loads_exactly_into_a_fresh_template() -> None:
+@pytest.mark.parametrize(
+    ("version", "seal"),
+    [(1, None), (2, "manifest_sha256")],
+    ids=["v1-unsealed", "v2-sha256"],
+)
+def test_golden_checkpoint_of_each_format_version_loads_exactly_into_a_fresh_template(version: int, seal: str | None) -> None:
     golden = load_golden_module()
-    manifest = ser.verify(GOLDEN / "v1")
-    assert manifest["format_version"] == 1 and "manifest_sha256" not in manifest
-    state = ft.load(GOLDEN / "v1", like=golden.build_state())
-    expected = json.loads((GOLDEN / "v1_expected.json").read_text())
+    manifest = ser.verify(GOLDEN / f"v{version}")
+    assert manifest["format_version"] == version
+    assert [k for k in manifest if k.startswith("manifest_")] == ([seal] if seal else [])
+    state = ft.load(GOLDEN / f"v{version}", like=golden.build_state())
+    expected = json.loads((GOLDEN / f"v{version}_expected.json").read_text())
     got = {path: golden.describe(leaf) for path, leaf in ser.leaves_by_path(state.tree()).items()}
     assert got == expected
     assert int(state.step) == 3 and float(state.params["0.weight"][0, 0]) == float.fromhex(expected["params/0.weight"]["first"][0])
