@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import blake3
 import pytest
 import safetensors.torch
 import torch
@@ -40,7 +41,9 @@ from functrain.errors import CheckpointCorruptError, CheckpointError, FunctrainE
 GOLDEN = Path(__file__).resolve().parent / "golden"
 TENSORS = "tensors-00000.safetensors"
 MANIFEST = "manifest.json"
-SEAL = b'{\n  "manifest_sha256": "'
+ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3"}  # each format version's digest
+SEALS = {algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")}
+SEAL = SEALS["blake3"]
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -139,18 +142,27 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def digest(data: bytes, algorithm: str = "blake3") -> str:
+    return blake3.blake3(data).hexdigest() if algorithm == "blake3" else sha256(data)
+
+
+def algorithm_of(m: dict[str, Any]) -> str:
+    """The digest a manifest's format version uses (BLAKE3 for an edited, unknown version)."""
+    return ALGORITHM.get(m.get("format_version"), "blake3") if isinstance(m.get("format_version"), int) else "blake3"
+
+
 def seal(raw: bytes) -> bytes:
-    """Recompute a manifest's own digest: SHA-256 of its bytes with the digest's 64 hex digits zeroed."""
-    assert raw.startswith(SEAL), raw[:40]
-    start, end = len(SEAL), len(SEAL) + 64
-    return raw[:start] + sha256(raw[:start] + b"0" * 64 + raw[end:]).encode() + raw[end:]
+    """Recompute a manifest's own digest: the digest of its bytes with the digest's 64 hex digits zeroed."""
+    algorithm = next(a for a, prefix in SEALS.items() if raw.startswith(prefix))
+    start, end = len(SEALS[algorithm]), len(SEALS[algorithm]) + 64
+    return raw[:start] + digest(raw[:start] + b"0" * 64 + raw[end:], algorithm).encode() + raw[end:]
 
 
 def dump_manifest(m: dict[str, Any], *, text_edit: Callable[[str], str] = lambda s: s, sealed: bool = True) -> bytes:
     """Serialize an (edited) manifest the way the format lays it out, optionally editing the text."""
-    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    body = {k: v for k, v in m.items() if not k.startswith("manifest_")}
     if sealed:
-        body = {"manifest_sha256": "0" * 64, **body}
+        body = {f"manifest_{algorithm_of(m)}": "0" * 64, **body}
     raw = text_edit(json.dumps(body, indent=2, allow_nan=True)).encode("utf-8", "surrogatepass")
     return seal(raw) if sealed else raw
 
@@ -163,18 +175,21 @@ def write_manifest(directory: Path, m: dict[str, Any], **kwargs: Any) -> None:
     (directory / MANIFEST).write_bytes(dump_manifest(m, **kwargs))
 
 
-def as_legacy_v1(directory: Path) -> None:
-    """Rewrite a checkpoint's manifest as format version 1 wrote it: no digest of its own."""
+def as_format(directory: Path, version: int) -> None:
+    """Rewrite a checkpoint's manifest as format `version` wrote it: SHA-256 digests before 3, unsealed in 1."""
     m = read_manifest_json(directory)
-    m["format_version"] = 1
-    write_manifest(directory, m, sealed=False)
+    m["format_version"] = version
+    algorithm = ALGORITHM[version]
+    for name, info in m["files"].items():
+        m["files"][name] = {algorithm: digest((directory / name).read_bytes(), algorithm), "bytes": info["bytes"]}
+    write_manifest(directory, m, sealed=version >= 2)
 
 
 def replace_file(directory: Path, name: str, raw: bytes, *, sealed: bool = True) -> None:
     """Replace a checkpoint file and record its new size and digest, so only its content is judged."""
     (directory / name).write_bytes(raw)
     m = read_manifest_json(directory)
-    m["files"][name] = {"sha256": sha256(raw), "bytes": len(raw)}
+    m["files"][name] = {algorithm_of(m): digest(raw, algorithm_of(m)), "bytes": len(raw)}
     write_manifest(directory, m, sealed=sealed)
 
 
@@ -383,12 +398,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def damaged(reference: Path, *, legacy: bool = False) -> Iterator[Path]:
-    """A private copy of the reference checkpoint to damage (optionally rewritten as format 1)."""
+def damaged(reference: Path, *, version: int = 3) -> Iterator[Path]:
+    """A private copy of the reference checkpoint to damage (optionally rewritten as an older format)."""
     with scratch() as d:
         copy = Path(shutil.copytree(reference, d / "ckpt"))
-        if legacy:
-            as_legacy_v1(copy)
+        if version != 3:
+            as_format(copy, version)
         yield copy
 
 
@@ -467,14 +482,15 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "size-float": lambda m: m["files"][TENSORS].update(bytes=float(m["files"][TENSORS]["bytes"])),
     "size-bool": lambda m: m["files"][TENSORS].update(bytes=True),
     "size-missing": lambda m: m["files"][TENSORS].pop("bytes"),
-    "digest-other": lambda m: m["files"][TENSORS].update(sha256="0" * 64),
-    "digest-upper": lambda m: m["files"][TENSORS].update(sha256=m["files"][TENSORS]["sha256"].upper()),
-    "digest-empty": lambda m: m["files"][TENSORS].update(sha256=""),
-    "digest-int": lambda m: m["files"][TENSORS].update(sha256=12),
+    "digest-other": lambda m: m["files"][TENSORS].update({algorithm_of(m): "0" * 64}),
+    "digest-upper": lambda m: m["files"][TENSORS].update({algorithm_of(m): m["files"][TENSORS][algorithm_of(m)].upper()}),
+    "digest-empty": lambda m: m["files"][TENSORS].update({algorithm_of(m): ""}),
+    "digest-int": lambda m: m["files"][TENSORS].update({algorithm_of(m): 12}),
+    "digest-of-the-other-format": lambda m: m["files"].update({TENSORS: {("sha256" if algorithm_of(m) == "blake3" else "blake3"): m["files"][TENSORS][algorithm_of(m)], "bytes": m["files"][TENSORS]["bytes"]}}),
     "file-entry-list": lambda m: m["files"].update({TENSORS: [1, 2]}),
     "file-dropped": lambda m: m["files"].clear(),
-    "file-missing-on-disk": lambda m: m["files"].update({"tensors-00001.safetensors": {"sha256": "0" * 64, "bytes": 0}}),
-    "file-is-manifest": lambda m: m["files"].update({MANIFEST: {"sha256": "0" * 64, "bytes": 10}}),
+    "file-missing-on-disk": lambda m: m["files"].update({"tensors-00001.safetensors": {algorithm_of(m): "0" * 64, "bytes": 0}}),
+    "file-is-manifest": lambda m: m["files"].update({MANIFEST: {algorithm_of(m): "0" * 64, "bytes": 10}}),
     "dtype-other": lambda m: m["tensors"][_first_tensor(m)].update(dtype="float64"),
     "dtype-bogus": lambda m: m["tensors"][_first_tensor(m)].update(dtype="quaternion"),
     "dtype-int": lambda m: m["tensors"][_first_tensor(m)].update(dtype=3),
@@ -519,7 +535,7 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "tensors-list": lambda m: m.update(tensors=[]),
     "fingerprint-str": lambda m: m.update(fingerprint="x"),
     "metadata-list": lambda m: m.update(metadata=[]),
-    "too-many-files": lambda m: m["files"].update({f"f{i}": {"sha256": "0" * 64, "bytes": 0} for i in range(5000)}),
+    "too-many-files": lambda m: m["files"].update({f"f{i}": {algorithm_of(m): "0" * 64, "bytes": 0} for i in range(5000)}),
 }
 
 
@@ -529,13 +545,13 @@ def _nest(node: dict[str, Any], depth: int) -> dict[str, Any]:
     return node
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["v2-sealed", "v1-legacy"])
+@pytest.mark.parametrize("version", [3, 2, 1], ids=["v3", "v2", "v1"])
 @pytest.mark.parametrize("edit", sorted(MANIFEST_EDITS))
-def test_edited_manifest_is_rejected(reference: Path, edit: str, legacy: bool) -> None:
-    with damaged(reference, legacy=legacy) as d:
+def test_edited_manifest_is_rejected(reference: Path, edit: str, version: int) -> None:
+    with damaged(reference, version=version) as d:
         m = read_manifest_json(d)
         MANIFEST_EDITS[edit](m)
-        write_manifest(d, m, sealed=not legacy)
+        write_manifest(d, m, sealed=version >= 2)
         assert_rejected(d)
 
 
@@ -553,7 +569,7 @@ def test_edited_manifest_without_resealing_is_rejected_as_corrupt(reference: Pat
     with damaged(reference) as d:
         raw = (d / MANIFEST).read_bytes()
         (d / MANIFEST).write_bytes(raw.replace(b'"lr"', b'"LR"'))
-        assert_rejected(d, CheckpointCorruptError, match="manifest.json: its SHA-256")
+        assert_rejected(d, CheckpointCorruptError, match="manifest.json: its BLAKE3 digest does not match")
 
 
 def _text_edit(old: str, new: str) -> Callable[[str], str]:
@@ -570,7 +586,7 @@ RAW_EDITS: dict[str, Callable[[str], str]] = {
     "minus-infinity-literal": _text_edit('"note": "reference"', '"note": -Infinity'),
     "huge-float": _text_edit('"note": "reference"', '"note": 1e999999'),
     "huge-int-digits": _text_edit('"note": "reference"', '"note": ' + "9" * 100_000),
-    "huge-version": _text_edit('"format_version": 2', '"format_version": 1e400'),
+    "huge-version": _text_edit('"format_version": 3', '"format_version": 1e400'),
     "duplicate-top-key": _text_edit('"format": "functrain.checkpoint"', '"format": "functrain.checkpoint", "format": "functrain.checkpoint"'),
     "duplicate-nested-key": _text_edit('"note": "reference"', '"note": "reference", "note": "again"'),
     "deep-lists-10k": _text_edit('"note": "reference"', '"note": ' + "[" * 10_000 + "]" * 10_000),
@@ -618,7 +634,7 @@ def test_random_manifest_edits_raise_only_functrain_errors(reference: Path, data
         node, parent, key = m, None, None
         for _ in range(data.draw(st.integers(1, 6))):
             children = list(node.items()) if isinstance(node, dict) else list(enumerate(node)) if isinstance(node, list) else []
-            children = [(k, v) for k, v in children if k != "manifest_sha256"]
+            children = [(k, v) for k, v in children if not str(k).startswith("manifest_")]
             if not children:
                 break
             parent, (key, child) = node, data.draw(st.sampled_from(children))
@@ -670,7 +686,7 @@ def test_fifo_or_directory_in_place_of_a_file_is_refused_without_blocking(refere
             (d / TENSORS).unlink()
             make(d / TENSORS)
             m = read_manifest_json(d)
-            m["files"][TENSORS] = {"sha256": sha256(b""), "bytes": os.lstat(d / TENSORS).st_size}
+            m["files"][TENSORS] = {"blake3": digest(b""), "bytes": os.lstat(d / TENSORS).st_size}
             write_manifest(d, m)
             assert_rejected(d, CheckpointCorruptError, match=TENSORS)
 
@@ -767,11 +783,11 @@ HEADER_EDITS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["v2-sealed", "v1-legacy"])
+@pytest.mark.parametrize("version", [3, 2, 1], ids=["v3", "v2", "v1"])
 @pytest.mark.parametrize("edit", sorted(HEADER_EDITS))
-def test_bogus_safetensors_header_is_rejected_as_corrupt_naming_the_file(reference: Path, edit: str, legacy: bool) -> None:
-    with damaged(reference, legacy=legacy) as d:
-        replace_file(d, TENSORS, HEADER_EDITS[edit]((d / TENSORS).read_bytes()), sealed=not legacy)
+def test_bogus_safetensors_header_is_rejected_as_corrupt_naming_the_file(reference: Path, edit: str, version: int) -> None:
+    with damaged(reference, version=version) as d:
+        replace_file(d, TENSORS, HEADER_EDITS[edit]((d / TENSORS).read_bytes()), sealed=version >= 2)
         assert_rejected(d, CheckpointCorruptError, match=re.escape(TENSORS))
 
 
@@ -857,7 +873,7 @@ def test_newer_format_version_asks_to_upgrade(reference: Path) -> None:
         m["format_version"] = ser.FORMAT_VERSION + 1
         m["some_future_field"] = {"x": 1}
         write_manifest(d, m)
-        with pytest.raises(CheckpointError, match=r"format version 3 is newer than this functrain reads \(up to 2\).*upgrade functrain") as info:
+        with pytest.raises(CheckpointError, match=r"format version 4 is newer than this functrain reads \(up to 3\).*upgrade functrain") as info:
             ft.load(d)
         assert not isinstance(info.value, CheckpointCorruptError)
 
@@ -872,8 +888,8 @@ def load_golden_module() -> Any:
 
 @pytest.mark.parametrize(
     ("version", "seal"),
-    [(1, None), (2, "manifest_sha256")],
-    ids=["v1-unsealed", "v2-sha256"],
+    [(1, None), (2, "manifest_sha256"), (3, "manifest_blake3")],
+    ids=["v1-unsealed", "v2-sha256", "v3-blake3"],
 )
 def test_golden_checkpoint_of_each_format_version_loads_exactly_into_a_fresh_template(version: int, seal: str | None) -> None:
     golden = load_golden_module()
@@ -885,6 +901,28 @@ def test_golden_checkpoint_of_each_format_version_loads_exactly_into_a_fresh_tem
     got = {path: golden.describe(leaf) for path, leaf in ser.leaves_by_path(state.tree()).items()}
     assert got == expected
     assert int(state.step) == 3 and float(state.params["0.weight"][0, 0]) == float.fromhex(expected["params/0.weight"]["first"][0])
+
+
+def test_golden_files_of_format_3_carry_blake3_digests_of_their_bytes() -> None:
+    manifest = ser.read_manifest(GOLDEN / "v3")
+    for name, info in manifest["files"].items():
+        assert info == {"blake3": digest((GOLDEN / "v3" / name).read_bytes()), "bytes": (GOLDEN / "v3" / name).stat().st_size}
+    raw = (GOLDEN / "v3" / MANIFEST).read_bytes()
+    zeroed = raw[: len(SEAL)] + b"0" * 64 + raw[len(SEAL) + 64 :]
+    assert manifest["manifest_blake3"] == digest(zeroed) != sha256(zeroed)[:64]
+
+
+def test_a_checkpoint_pinned_by_its_manifest_digest_refuses_a_resealed_manifest(reference: Path) -> None:
+    pinned = ser.verify(reference)["manifest_blake3"]
+    with damaged(reference) as d:
+        assert ser.read_tree(d, digest=pinned)[1]["manifest_blake3"] == pinned
+        m = read_manifest_json(d)
+        m["metadata"]["note"] = "swapped"
+        write_manifest(d, m)  # re-sealed: consistent, and no longer what was pinned
+        assert ser.verify(d)["metadata"]["note"] == "swapped"
+        for read in (lambda: ser.verify(d, digest=pinned), lambda: ft.load(d, digest=pinned), lambda: ser.read_manifest(d, digest=pinned)):
+            with pytest.raises(CheckpointCorruptError, match=f"expected the pinned {pinned}"):
+                read()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ def load(
     like: TrainState | Any = None,
     *,
     map_location: str | torch.device | None = None,
+    digest: str | None = None,
 ) -> Any:
     """Load a checkpoint, verifying every file; against a template, check every leaf.
 
@@ -89,6 +90,8 @@ def load(
             transform) are kept and its tree fields replaced. None returns the raw tree.
         map_location: device for the loaded tensors; by default each goes to the device of the
             template's leaf (CPU without a template).
+        digest: the manifest digest to insist on (``manifest["manifest_blake3"]`` of a checkpoint
+            you trust): pins the checkpoint, so one re-sealed since is refused.
 
     Returns:
         With `like`: a state (or tree) of the template's structure holding the checkpoint's values.
@@ -105,9 +108,9 @@ def load(
         >>> path = ft.save({"w": torch.arange(3.0), "step": 7}, Path(tempfile.mkdtemp()) / "ckpt")
         >>> tree, manifest = ft.load(path)
         >>> tree["w"], tree["step"], manifest["format_version"]
-        (tensor([0., 1., 2.]), 7, 2)
+        (tensor([0., 1., 2.]), 7, 3)
     """
-    tree, manifest = read_tree(path, map_location=map_location)
+    tree, manifest = read_tree(path, map_location=map_location, digest=digest)
     if like is None:
         return tree, manifest
     template = like.tree() if isinstance(like, TrainState) else like
