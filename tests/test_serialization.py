@@ -18,10 +18,14 @@ import math
 import os
 import pickle
 import re
+import resource
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import tempfile
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -824,6 +828,174 @@ def test_fuzzed_safetensors_header_is_rejected_or_read_as_the_safetensors_librar
 
 
 # ---------------------------------------------------------------------------------------------
+# crafted files: a checksum is not a signature, so every edit here is re-sealed
+
+
+def crafted(directory: Path, shapes: dict[str, list[int]], *, in_header: bool = True, file_bytes: int | None = None) -> Path:
+    """A checkpoint of tensors w (2 float32) and z (empty) whose index, and header, declare `shapes`.
+
+    With `file_bytes` the tensor file is extended (sparse) to that size and its digest left wrong:
+    what is judged is whether anything that size is allocated or read before the refusal.
+    """
+    d = ft.save({"w": torch.ones(2), "z": torch.empty(0)}, directory / "ckpt")
+    header, data = split_safetensors((d / TENSORS).read_bytes())
+    m = read_manifest_json(d)
+    for key, shape in shapes.items():
+        m["tensors"][key]["shape"] = shape
+        if in_header:
+            header[key]["shape"] = shape
+    raw = join_safetensors(header, data)
+    (d / TENSORS).write_bytes(raw)
+    m["files"][TENSORS] = {"blake3": digest(raw), "bytes": len(raw)}
+    if file_bytes is not None:
+        os.truncate(d / TENSORS, file_bytes)
+        m["files"][TENSORS]["bytes"] = file_bytes
+    write_manifest(d, m)
+    return d
+
+
+@pytest.mark.parametrize("in_header", [True, False], ids=["header-and-index", "index-only"])
+@pytest.mark.parametrize("shape", [[0, 2**63], [2**40, 2**40, 0], [0] * 65], ids=["0x2^63", "2^40x2^40x0", "rank-65"])
+def test_zero_byte_tensor_with_huge_dimensions_is_corrupt_for_load_verify_and_is_checkpoint(tmp_path: Path, shape: list[int], in_header: bool) -> None:
+    d = crafted(tmp_path, {"z": shape}, in_header=in_header)
+    where = "invalid shape|spans more than" if in_header else "index entry for tensor 'z': invalid shape"
+    assert_rejected(d, CheckpointCorruptError, match=where)  # read_tree, verify, is_checkpoint
+    with pytest.raises(CheckpointCorruptError, match=where):
+        ft.load(d)
+
+
+def test_sparse_terabyte_tensor_file_is_refused_as_more_than_the_machine_has_before_reading(tmp_path: Path) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    d = crafted(tmp_path, {}, file_bytes=1 << 40)
+    assert_rejected(d, CheckpointCorruptError, match=r"manifest.json: the files declare 1099511627776 bytes, more than this machine's memory")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 << 10  # KiB: nothing near a TiB touched
+
+
+def test_sparse_terabyte_tensor_file_is_refused_by_its_header_before_its_data_is_allocated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ser, "_check_memory", lambda files: None)  # as on a machine with more than a TiB
+    allocated: list[int] = []
+    real_allocate = ser._allocate
+    monkeypatch.setattr(ser, "_allocate", lambda nbytes, name: allocated.append(nbytes) or real_allocate(nbytes, name))
+    d = crafted(tmp_path, {}, file_bytes=1 << 40)  # the header still declares 8 bytes of data
+    assert_rejected(d, CheckpointCorruptError, match=rf"{TENSORS}: the tensors cover 8 bytes of data, the file holds \d+")
+    assert allocated == []
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: not enough memory"), MemoryError()], ids=repr)
+def test_allocation_failure_while_loading_is_a_corrupt_checkpoint(reference: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+    real_empty = torch.empty
+
+    def failing_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if args and isinstance(args[0], int) and args[0] > 0 and kwargs.get("dtype") is torch.uint8:
+            raise failure
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", failing_empty)
+    with pytest.raises(CheckpointCorruptError, match=f"{TENSORS}: cannot allocate the .* bytes of its tensors \\({type(failure).__name__}"):
+        ser.read_tree(reference)
+    assert not ser.is_checkpoint(reference)
+
+
+PATHOLOGICAL_JSON = {
+    "empty-dicts": b"[" + b",".join([b"{}"] * 50_000) + b"]",
+    "one-key-dicts": b"[" + b",".join([b'{"a":1}'] * 50_000) + b"]",
+    "empty-lists": b"[" + b",".join([b"[]"] * 50_000) + b"]",
+    "unique-keys": b"{" + b",".join(b'"%d":0' % i for i in range(50_000)) + b"}",
+    "floats": b"[" + b",".join([b"1.5"] * 50_000) + b"]",
+    "big-ints": b"[" + b",".join([b"123456789012345678901234567890"] * 20_000) + b"]",
+    "astral-string": b'["\xf0\x9f\x98\x80' + b"a" * 200_000 + b'"]',
+    "nested": b"[" * 60 + b"]" * 60,
+    "long-keys": b"{" + b",".join(b'"%s":null' % (b"k%d" % i * 20) for i in range(5_000)) + b"}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL_JSON))
+def test_json_cost_estimate_bounds_what_parsing_really_takes(name: str) -> None:
+    from functrain.checkpoint.tensorfile import _finite_float, _no_constants, _unique_keys, json_cost
+
+    text = PATHOLOGICAL_JSON[name]
+    tracemalloc.start()
+    try:
+        json.loads(text, object_pairs_hook=_unique_keys("x"), parse_constant=_no_constants("x"), parse_float=_finite_float("x"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert json_cost(text) >= peak, f"estimated {json_cost(text)}, took {peak}"
+
+
+PEAK_SCRIPT = """
+import json, sys, time
+import functrain as ft
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS: the import's own peak is not counted
+start_rss, start = status("VmRSS"), time.perf_counter()
+try:
+    ft.load(sys.argv[1])
+    error = None
+except Exception as e:
+    error = f"{type(e).__name__}: {str(e)[:300]}"
+print(json.dumps({"error": error, "seconds": time.perf_counter() - start, "peak_bytes": status("VmHWM") - start_rss}))
+"""
+
+
+def peak_of_loading(path: Path) -> dict[str, Any]:
+    """Load `path` in a fresh process: its error, seconds, and peak memory over the start."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ft.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_crafted_95_mib_header_and_63_mib_manifest_cost_a_small_multiple_of_their_size(tmp_path: Path) -> None:
+    # a header of 95 MiB of tiny objects: `{"k0":{},...}` (was 1.9 GiB and 16 s to refuse)
+    header = b"{" + b",".join(b'"k%07d":{}' % i for i in range(95 * 2**20 // 14)) + b"}"
+    header_ckpt = crafted(tmp_path / "h", {})
+    raw = join_safetensors(header, (header_ckpt / TENSORS).read_bytes()[-8:])
+    replace_file(header_ckpt, TENSORS, raw)
+    # a manifest of 63 MiB of empty dicts (was 1.8 GiB)
+    manifest_ckpt = crafted(tmp_path / "m", {})
+    (manifest_ckpt / MANIFEST).write_bytes(b'{"metadata": [' + b"{}," * (63 * 2**20 // 3) + b"{}]}")
+    for path, size, why in [(header_ckpt, len(raw), "header length .* exceeds the file .* or the limit"), (manifest_ckpt, 63 << 20, "could take .* MiB of memory, over the limit")]:
+        got = peak_of_loading(path)
+        assert got["error"] is not None and re.match(f"CheckpointCorruptError: .*{why}", got["error"]), got
+        assert got["peak_bytes"] < 3 * size and got["seconds"] < 10, got
+
+
+def test_safetensors_header_is_refused_before_parsing_when_its_parse_would_cost_too_much() -> None:
+    from functrain.checkpoint import tensorfile
+
+    text = b"{" + b",".join(b'"k%d":{}' % i for i in range(2_000_000)) + b"}"  # 21 MiB, about 500 MiB to parse
+    with time_limit(5.0), pytest.raises(CheckpointCorruptError, match=r"t\.safetensors: parsing its \d+ bytes of JSON could take \d+ MiB"):
+        tensorfile._parse_header("t.safetensors", text, 0)
+
+
+def test_saving_a_tree_whose_manifest_a_load_would_refuse_is_a_checkpoint_error(tmp_path: Path) -> None:
+    tree = {"w": torch.ones(1), "many": [None] * 1_500_000}  # about 70 MiB of manifest
+    with pytest.raises(CheckpointError, match="cannot save this tree: manifest.json: .* keep large data in tensors"):
+        ft.save(tree, tmp_path / "c")
+    assert not (tmp_path / "c").exists() and os.listdir(tmp_path) == []
+
+
+def test_manifest_swapped_for_a_fifo_after_the_check_is_refused_without_blocking(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with damaged(reference) as d:
+        real_lexists = os.path.lexists
+
+        def swap_then_check(path: Any) -> bool:
+            if Path(path) == d / MANIFEST:  # between the check and the open, as another process could
+                (d / MANIFEST).unlink()
+                os.mkfifo(d / MANIFEST)
+            return real_lexists(path)
+
+        monkeypatch.setattr(os.path, "lexists", swap_then_check)
+        with time_limit(5.0), pytest.raises(CheckpointCorruptError, match="manifest.json: is not a regular file"):
+            ser.read_manifest(d)
+
+
+# ---------------------------------------------------------------------------------------------
 # no pickle, ever
 
 
@@ -993,3 +1165,59 @@ def test_load_into_a_template_keeps_its_static_parts_and_devices(tmp_path: Path)
     assert_same(state.tree(), restored.tree())
     more, _ = ft.train_step(restored, load_golden_module().batches()[2])
     assert int(more.step) == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("step", torch.tensor([1, 2]), "step: expected [] torch.int64, got [2] torch.int64"),
+        ("epoch", torch.tensor(1.0), "epoch: expected [] torch.int64, got [] torch.float32"),
+        ("samples_seen", 3, "samples_seen: expected Tensor[] torch.int64, got int"),
+        ("rng", torch.zeros(3, dtype=torch.uint8), "rng: expected [5056] torch.uint8, got [3] torch.uint8"),
+        ("rng", None, "rng: expected Tensor[5056] torch.uint8, got NoneType"),
+    ],
+    ids=["step-shape", "epoch-dtype", "counter-int", "rng-short", "rng-none"],
+)
+def test_counters_and_rng_must_be_what_the_template_holds(tmp_path: Path, field: str, value: Any, expected: str) -> None:
+    state = ft.TrainState.create(nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+    path = ft.save(state.replace(**{field: value}), tmp_path / "c")
+    with pytest.raises(StateMismatchError, match=re.escape(expected)):
+        ft.load(path, like=state)
+
+
+@pytest.mark.parametrize(
+    ("driver", "expected"),
+    [
+        ({"history": {"train": "rows"}}, "driver/history/train: expected a list of rows"),
+        ({"history": {"train": [{"loss": [0.5]}]}}, "driver/history/train: expected a list of rows"),
+        ({"window": {"keys": ["loss"], "sums": torch.zeros(3, dtype=torch.float64), "count": 2}}, r"driver/window/sums: expected a float64 tensor of shape \[1\]"),
+        ({"epoch_sums": {"keys": ["loss"], "sums": None, "count": 1}}, "driver/epoch_sums/sums: expected a float64 tensor"),
+        ({"window": {"keys": "loss", "count": -1}}, "driver/window/keys: expected a list of metric names(.|\n)*driver/window/count: expected an int >= 0"),
+        ({"empty_batches": "many"}, "driver/empty_batches: expected an int >= 0, got str many"),
+        ({"early_stopping": {"best": "low", "bad_evals": 1}}, "driver/early_stopping: expected None or a dict with best"),
+        ({"best": {"val_loss": {"x": 1}}}, "driver/best: expected None or a dict of metric names to numbers"),
+        ({"stop_reason": 3}, "driver/stop_reason: expected None or a str, got int 3"),
+        ({"runs": 2}, r"driver: unknown keys \['runs'\]"),
+    ],
+    ids=["history-not-rows", "history-row-list", "sums-shape", "sums-missing", "window-keys-count", "empty-batches", "early-stopping", "best", "stop-reason", "unknown-key"],
+)
+def test_driver_records_fit_could_not_resume_from_are_corrupt_naming_the_path(tmp_path: Path, driver: dict[str, Any], expected: str) -> None:
+    state = ft.TrainState.create(nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+    path = ft.save(state.replace(driver=driver), tmp_path / "c")
+    with pytest.raises(CheckpointCorruptError, match=f"holds driver records \\(state.driver\\) that fit cannot resume from:(.|\n)*{expected}"):
+        ft.load(path, like=state)
+    assert ft.load(path)[0]["driver"].keys() == driver.keys()  # without a template: the raw tree, for inspection
+
+
+def test_driver_records_of_a_real_run_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = ft.TrainState.create(nn.Linear(4, 1), ft.adamw(1e-2), lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
+    result = ft.fit(
+        state, data, max_epochs=2, eval_data=data[:2], eval_every=3, log_every=2,
+        early_stopping=ft.EarlyStopping("val_loss", patience=5), progress=False, verbosity="silent",
+    )  # fmt: skip
+    assert {"history", "window", "early_stopping"} <= set(result.state.driver)
+    restored = ft.load(ft.save(result.state, tmp_path / "c"), like=state)
+    assert restored.driver["history"] == result.state.driver["history"]
+

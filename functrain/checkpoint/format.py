@@ -528,12 +528,12 @@ def _open_regular(path: Path, name: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _read_exactly(fd: int, nbytes: int, name: str, digest: Any = None) -> bytes:
+def _read_exactly(fd: int, nbytes: int, name: str, digest: Any = None) -> bytearray:
     """The next `nbytes` of a small part of a file (a manifest, a header), fed to `digest` if given."""
     out = bytearray(nbytes)
     if not _read_hashing(fd, memoryview(out), digest):
         raise CheckpointCorruptError(f"{name}: ends before the {nbytes} bytes its size promised (it changed while it was read)")
-    return bytes(out)
+    return out
 
 
 def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:

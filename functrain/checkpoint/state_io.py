@@ -16,7 +16,7 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.errors import StateMismatchError
+from functrain.errors import CheckpointCorruptError, StateMismatchError
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
 from functrain.core.state import TrainState
 from functrain.tree import leaves_by_path
@@ -100,8 +100,11 @@ def load(
     Raises:
         CheckpointError: no checkpoint there, or a newer format version.
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message).
-        StateMismatchError: listing every missing or extra path, shape or dtype mismatch, and a
-            different optimizer, hyperparameters or options.
+        StateMismatchError: listing every missing or extra path, shape or dtype mismatch (the
+            counters must be 0-d int64 and `rng` the template's generator state), and a different
+            optimizer, hyperparameters or options.
+        CheckpointCorruptError: also when loading into a `TrainState`, for driver records
+            (``state.driver``) that `fit` could not resume from, naming each malformed path.
 
     Example:
         >>> import tempfile, functrain as ft
@@ -125,6 +128,8 @@ def load(
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
         raise StateMismatchError(f"checkpoint {str(path)!r} does not fit the template:\n  - " + "\n  - ".join(problems))
+    if isinstance(like, TrainState):
+        _check_driver(path, driver)
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
     values = []
@@ -137,6 +142,19 @@ def load(
     if isinstance(like, TrainState):
         return like.with_tree({**restored, "driver": _to_device(driver, like.device)})
     return restored
+
+
+def _check_driver(path: str | os.PathLike[str], driver: Any) -> None:
+    """Refuse driver records that `fit` could not resume from, naming each malformed path."""
+    # the records are the driver layer's format, so it alone can say what they must hold; imported
+    # here, when a state is loaded, so that importing the checkpoint layer does not import the driver
+    from functrain.driver.ledger import tree_problems
+
+    problems = tree_problems(driver)
+    if problems:
+        raise CheckpointCorruptError(
+            f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot resume from:\n  - " + "\n  - ".join(problems)
+        )
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:
