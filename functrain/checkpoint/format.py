@@ -3,13 +3,23 @@
 A checkpoint is a directory::
 
     manifest.json              written last; describes everything below, and seals itself
-    tensors-00000.safetensors  the tree's tensors, keyed by their tree path
+    tensors-00000.safetensors  the tree's tensors, keyed by their tree path (a new file every
+                               2 GiB or 50,000 tensors)
 
 The manifest holds the format version, the library versions, the tree's structure with every
-non-tensor leaf encoded exactly (NaN, Inf and integers of any size round-trip), a SHA-256 digest
-and size per file, a fingerprint of the static parts, and the user's metadata. Its first field,
-``manifest_sha256``, is the SHA-256 of the manifest's own bytes with that field's 64 hex digits
-written as zeros (format version 2; version 1 manifests have no such field and still load).
+non-tensor leaf encoded exactly (NaN, Inf and integers of any size round-trip), the index of the
+tensors (file, dtype, shape of each), a digest and size per file, a fingerprint of the static parts,
+and the user's metadata. Its first field seals it: the digest of the manifest's own bytes with that
+field's 64 hex digits written as zeros.
+
+Format versions, all still read:
+
+* 3 (written now): BLAKE3 digests, ``"blake3"`` per file and ``manifest_blake3`` as the seal.
+  BLAKE3 is a cryptographic hash, so a checkpoint can be pinned by its manifest digest
+  (``read_tree(path, digest=...)``, `verify`, ``functrain.load``): the manifest's digest covers
+  every file's digest, so nothing of a pinned checkpoint can change.
+* 2: SHA-256 digests, ``"sha256"`` per file and ``manifest_sha256`` as the seal.
+* 1: SHA-256 digests per file; the manifest has no seal.
 
 A save writes into a temporary directory beside the target, fsyncs each file, writes and fsyncs
 the manifest, fsyncs the directory, swaps it into place (one atomic ``renameat2`` exchange where
@@ -17,9 +27,19 @@ the OS has it) and fsyncs the parent: a process killed at any instant leaves the
 checkpoint or the new one, complete. Readers ignore temporary directories (names starting with
 ``.tmp-``).
 
-Loading never calls pickle or `torch.load`; every size read from a file is bounded before use.
-Tensor files are written straight from the tensors' memory and read into one buffer per file that
-the loaded tensors are views of, each file hashed in a second thread while it is written or read.
+Speed: every byte is hashed in the one pass that writes or reads it, in a second thread. A save
+writes straight from the tensors' memory and has the disk start writing back each chunk at once
+(``sync_file_range``), so the hash and the copy hide behind the disk. A load reads each file
+straight into one buffer that its tensors are views of: no intermediate copy, no second pass.
+
+A checksum is not a signature: a load assumes the manifest may have been re-sealed by whoever
+wrote the files, and bounds what any file can cost before trusting it. Loading never calls pickle
+or `torch.load`; every file is opened without following links or blocking and must be a regular
+file (checked on what was opened); the manifest is at most 64 MiB, and JSON (the manifest, a
+header) is refused before parsing when its parse could take over 512 MiB; the index's dtypes,
+ranks and dimensions are bounded; a tensor file's header is read and checked against the index
+before its data is allocated, the files together must fit in the machine's memory, and an
+allocation that fails is a `CheckpointCorruptError` like any other malformed file.
 """
 
 from __future__ import annotations
