@@ -1209,6 +1209,13 @@ def test_driver_records_fit_could_not_resume_from_are_corrupt_naming_the_path(tm
     assert ft.load(path)[0]["driver"].keys() == driver.keys()  # without a template: the raw tree, for inspection
 
 
+def test_the_driver_registers_its_records_check_on_import() -> None:
+    from functrain.checkpoint import state_io
+    from functrain.driver.ledger import tree_problems
+
+    assert state_io._driver_checks == [tree_problems]
+
+
 def test_driver_records_of_a_real_run_load(tmp_path: Path) -> None:
     torch.manual_seed(0)
     state = ft.TrainState.create(nn.Linear(4, 1), ft.adamw(1e-2), lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))

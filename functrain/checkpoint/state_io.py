@@ -9,6 +9,7 @@ and reports all problems at once.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +145,20 @@ def load(
     return restored
 
 
+# The driver's records are the driver layer's format, and imports run down the layers: the driver
+# registers the check that tells whether a loaded `state.driver` holds records it can resume from.
+_driver_checks: list[Callable[[Any], list[str]]] = []
+
+
+def register_driver_check(check: Callable[[Any], list[str]]) -> None:
+    """Have `load` (into a `TrainState`) refuse a ``state.driver`` for which `check` lists problems."""
+    if check not in _driver_checks:
+        _driver_checks.append(check)
+
+
 def _check_driver(path: str | os.PathLike[str], driver: Any) -> None:
     """Refuse driver records that `fit` could not resume from, naming each malformed path."""
-    # the records are the driver layer's format, so it alone can say what they must hold; imported
-    # here, when a state is loaded, so that importing the checkpoint layer does not import the driver
-    from functrain.driver.ledger import tree_problems
-
-    problems = tree_problems(driver)
+    problems = [problem for check in _driver_checks for problem in check(driver)]
     if problems:
         raise CheckpointCorruptError(
             f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot resume from:\n  - " + "\n  - ".join(problems)

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import torch
 
+from functrain.checkpoint.state_io import register_driver_check
 from functrain.driver.history import KINDS, History
 from functrain.errors import ConfigError
 from functrain.optim.plateau import EarlyStopping, improved
@@ -224,3 +225,6 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"Tensor{list(value.shape)} {value.dtype}"
     return f"{type(value).__name__} {str(value)[:80]}"
+
+
+register_driver_check(tree_problems)
