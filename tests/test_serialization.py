@@ -874,8 +874,8 @@ def test_sparse_terabyte_tensor_file_is_refused_as_more_than_the_machine_has_bef
 def test_sparse_terabyte_tensor_file_is_refused_by_its_header_before_its_data_is_allocated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ser, "_check_memory", lambda files: None)  # as on a machine with more than a TiB
     allocated: list[int] = []
-    real_allocate = ser._allocate
-    monkeypatch.setattr(ser, "_allocate", lambda nbytes, name: allocated.append(nbytes) or real_allocate(nbytes, name))
+    real_map = ser._map
+    monkeypatch.setattr(ser, "_map", lambda fd, nbytes, name: allocated.append(nbytes) or real_map(fd, nbytes, name))
     d = crafted(tmp_path, {}, file_bytes=1 << 40)  # the header still declares 8 bytes of data
     assert_rejected(d, CheckpointCorruptError, match=rf"{TENSORS}: the tensors cover 8 bytes of data, the file holds \d+")
     assert allocated == []
@@ -883,6 +883,7 @@ def test_sparse_terabyte_tensor_file_is_refused_by_its_header_before_its_data_is
 
 @pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: not enough memory"), MemoryError()], ids=repr)
 def test_allocation_failure_while_loading_is_a_corrupt_checkpoint(reference: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+    no_mapping(monkeypatch)  # where files cannot be mapped, a load allocates a buffer to read into
     real_empty = torch.empty
 
     def failing_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -894,6 +895,36 @@ def test_allocation_failure_while_loading_is_a_corrupt_checkpoint(reference: Pat
     with pytest.raises(CheckpointCorruptError, match=f"{TENSORS}: cannot allocate the .* bytes of its tensors \\({type(failure).__name__}"):
         ser.read_tree(reference)
     assert not ser.is_checkpoint(reference)
+
+
+def no_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every mmap fail, as on a filesystem that cannot map files."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(ser.mmap, "mmap", refuse)
+
+
+def test_loaded_tensors_are_writable_copy_on_write_views_that_never_change_the_file(reference: Path) -> None:
+    with damaged(reference) as d:
+        before = (d / TENSORS).read_bytes()
+        tree, _ = ser.read_tree(d, named_types=NAMED)
+        tree["params"]["w"].add_(1.0)  # no warning about a read-only buffer, and the file is untouched
+        tree["bytes"].zero_()
+        assert (d / TENSORS).read_bytes() == before
+        assert_same(reference_tree(), ser.read_tree(d, named_types=NAMED)[0])
+
+
+def test_without_mmap_a_load_reads_the_same_bits(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_mapping(monkeypatch)
+    loaded, _ = ser.read_tree(reference, named_types=NAMED)
+    assert_same(reference_tree(), loaded)
+    with damaged(reference) as d:
+        raw = bytearray((d / TENSORS).read_bytes())
+        raw[-1] ^= 1
+        (d / TENSORS).write_bytes(bytes(raw))
+        assert_rejected(d, CheckpointCorruptError, match=f"{TENSORS}: BLAKE3 digest does not match")
 
 
 PATHOLOGICAL_JSON = {

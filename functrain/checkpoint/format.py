@@ -27,10 +27,14 @@ the OS has it) and fsyncs the parent: a process killed at any instant leaves the
 checkpoint or the new one, complete. Readers ignore temporary directories (names starting with
 ``.tmp-``).
 
-Speed: every byte is hashed in the one pass that writes or reads it, in a second thread. A save
-writes straight from the tensors' memory and has the disk start writing back each chunk at once
-(``sync_file_range``), so the hash and the copy hide behind the disk. A load reads each file
-straight into one buffer that its tensors are views of: no intermediate copy, no second pass.
+Speed: every byte is hashed in the one pass that writes or reads it. A save writes straight from
+the tensors' memory, hashes in a second thread, and has the disk start writing back each chunk
+at once (``sync_file_range``), so the hash and the copy hide behind the disk. A load maps each
+tensor file (private, copy-on-write) and hashes it where it lies, on every core: the hash is the
+read, with no copy at all, and the tensors are writable views of the mapping whose writes never
+reach the file. Where a file cannot be mapped it is read into one buffer instead. As with any
+mapped file, a tensor file truncated by another process while its tensors live makes the next
+access to them fail (SIGBUS); functrain never rewrites a checkpoint file in place.
 
 A checksum is not a signature: a load assumes the manifest may have been re-sealed by whoever
 wrote the files, and bounds what any file can cost before trusting it. Loading never calls pickle
@@ -49,6 +53,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -267,10 +272,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _hasher(algorithm: str) -> Any:
-    # one thread per hasher: the caller overlaps it with the I/O in a second thread, and BLAKE3's
-    # own threads would compete with that I/O for this machine's cores
-    return blake3.blake3() if algorithm == "blake3" else hashlib.sha256()
+def _hasher(algorithm: str, threads: bool = False) -> Any:
+    """A new digest; with `threads`, BLAKE3 hashes large buffers on every core.
+
+    Without: a save overlaps the hash with its writes in a second thread, and BLAKE3's own threads
+    would compete with those writes for the cores.
+    """
+    if algorithm == "blake3":
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
+    return hashlib.sha256()
 
 
 def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> str:
@@ -719,11 +729,12 @@ def _allocate(nbytes: int, name: str) -> torch.Tensor:
 
 
 def _read_tensor_file(path: Path, info: Mapping[str, Any], algorithm: str, index: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A tensor file's tensors, read in one pass that hashes every byte, checked against the manifest.
+    """A tensor file's tensors, checked against the manifest, every byte hashed once.
 
     The header is read and checked against the manifest's `index` (this file's entries) before
-    anything the size of the data is allocated; the data is read straight into the buffer the
-    tensors are views of.
+    anything the size of the data is mapped or allocated. Then the whole file is mapped (private,
+    copy-on-write: the tensors are writable views whose writes never reach the file) and hashed
+    where it lies, with no copy; where mapping fails, it is read into one buffer instead.
     """
     name = path.name
     fd, size = _open_regular(path, name)
@@ -732,20 +743,38 @@ def _read_tensor_file(path: Path, info: Mapping[str, Any], algorithm: str, index
             raise CheckpointCorruptError(f"{name}: {size} bytes, the manifest records {info['bytes']} (truncated or replaced)")
         if size < 8:
             raise CheckpointCorruptError(f"{name}: {size} bytes, too short for a safetensors file")
-        digest = _hasher(algorithm)
-        n = _header_length(name, _read_exactly(fd, 8, name, digest), size, _header_bound(index))
-        entries = _parse_header(name, _read_exactly(fd, n, name, digest), size - 8 - n)
+        head = _read_exactly(fd, 8, name)
+        n = _header_length(name, bytes(head), size, _header_bound(index))
+        head += _read_exactly(fd, n, name)
+        entries = _parse_header(name, bytes(head[8:]), size - 8 - n)
         _check_entries(name, entries, index)
-        data = _allocate(size - 8 - n, name)
-        if not _read_hashing(fd, memoryview(data.numpy()), digest) or os.read(fd, 1):
-            raise CheckpointCorruptError(f"{name}: changed size while it was read")
+        whole = _map(fd, size, name)
     except OSError as e:
         raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
     finally:
         os.close(fd)
+    digest = _hasher(algorithm, threads=True)
+    digest.update(whole.numpy())
     if digest.hexdigest() != info[algorithm]:
         raise CheckpointCorruptError(f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is corrupt)")
-    return _tensors_of(entries, data)
+    if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one hashed
+        raise CheckpointCorruptError(f"{name}: changed while it was read")
+    return _tensors_of(entries, whole[len(head) :])
+
+
+def _map(fd: int, size: int, name: str) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor: a private mapping, or a buffer read where mapping fails."""
+    try:
+        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        data = _allocate(size, name)
+        os.lseek(fd, 0, os.SEEK_SET)
+        if not _read_hashing(fd, memoryview(data.numpy()), None) or os.read(fd, 1):
+            raise CheckpointCorruptError(f"{name}: changed size while it was read") from None
+        return data
+    if hasattr(mmap, "MADV_WILLNEED"):
+        mapping.madvise(mmap.MADV_WILLNEED)  # read ahead of the hash's threads when not cached
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[str, Any]]) -> None:
@@ -795,8 +824,8 @@ def read_tree(
 ) -> tuple[Tree, dict[str, Any]]:
     """Load a checkpoint's tree and manifest, verifying every file while it is read.
 
-    The tensors of one file are views of the one buffer it was read into (each with a storage of
-    its own size, writable); nothing is copied after the read.
+    The tensors of one file are views of its private mapping (each with a storage of its own
+    size, writable, copy-on-write); nothing is copied.
 
     Args:
         directory: the checkpoint's path.

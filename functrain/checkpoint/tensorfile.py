@@ -4,11 +4,11 @@ The writer lays tensors out exactly as the safetensors library does (the files a
 parser is strict and bounded (header size, offsets, rank, every dimension and the shape's
 products), raising `CheckpointCorruptError` on anything malformed instead of trusting the input.
 
-Why not the ``safetensors`` package's own parser: a checkpoint read must hash every byte in the same
-pass that reads it into memory, and hand the tensors out as views of that one buffer. The package
-offers either `safe_open` (it maps the file and reads lazily: verifying would be a second pass over
-the bytes, and a file changed between the hash and the use goes unseen) or `load(bytes)` (a copy of
-the whole file into a `bytes` object, then a copy of every tensor out of it). Nor does it bound what
+Why not the ``safetensors`` package's own parser: a checkpoint read must check the header against
+the manifest before touching the data, hash every byte once, and hand the tensors out as views of
+the bytes it hashed. The package offers either `safe_open` (it maps the file and reads lazily:
+verifying would be a second pass over the bytes) or `load(bytes)` (a copy of the whole file into a
+`bytes` object, then a copy of every tensor out of it). Nor does it bound what
 a crafted file costs or turn every malformed shape into its own error. Measured here (torch 2.13,
 safetensors 0.7, one process each, a crafted 81 MiB header of 1.4 million zero-size entries): peak
 memory over the start, `safe_open` 1.2 GiB, `load_file` 2.0 GiB (87 s); a zero-size tensor of shape
