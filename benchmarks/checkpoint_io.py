@@ -8,8 +8,8 @@ the parameters are a third of the bytes, the two moment buffers the rest), the m
 * save: ``functrain.save(state, path)`` (safetensors + manifest, BLAKE3 of every file hashed in
   the pass that writes it, fsync of every file and directory, atomic exchange);
 * plain read: the same bytes read back with one ``f.read()`` (the baseline of a load: 1.00);
-* load: ``functrain.load(path, like=state)`` (size and BLAKE3 checked in the pass that reads the
-  file into the tensors' buffer, every leaf checked against the template);
+* load: ``functrain.load(path, like=state)`` (size checked, the file mapped and its BLAKE3 computed
+  where it lies, the tensors views of the mapping, every leaf checked against the template);
 * manager save, synchronous: ``CheckpointManager(...).save(state)``;
 * manager save, async: the time ``CheckpointManager(async_save=True).save(state)`` blocks the
   caller (the snapshot copy), as a fraction of the synchronous manager save.
@@ -168,8 +168,8 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
     print("\nratios: save and load = plain time / functrain time (throughput ratio, per repetition, median);")
     print("async = time the caller is blocked / synchronous manager save time (per repetition, median).")
     bound = statistics.median(ratios("plain read", "blake3"))
-    print(f"every byte loaded is hashed: without a free core for the hash, load ratio <= plain read / (plain read + BLAKE3) = {bound / (1 + bound):.2f};")
-    print(f"with one, <= min(1, plain read / BLAKE3 = {bound:.2f}). Load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores.")
+    print(f"a load maps each file and hashes it where it lies (the hash is the read): on one core its ratio is about plain read / BLAKE3 = {bound:.2f},")
+    print(f"more where BLAKE3's threads find free cores. Load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores.")
     if profile:
         profile_stages(state, directory, reps)
 
@@ -211,7 +211,7 @@ def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
         stage("load: read into a fresh buffer, alone", lambda: _readinto(path, memoryview(buf.numpy())))
         stage("load: BLAKE3 of all bytes, alone", lambda: blake3.blake3(buf.numpy()))
         del buf
-        data = stage("load: read + BLAKE3 overlapped (_read_hashing)", lambda: _read_fresh(path, nbytes))
+        data = stage("load: read + BLAKE3 overlapped (the fallback where mmap fails)", lambda: _read_fresh(path, nbytes))
         stage("load: parse header, tensors as views of the buffer", lambda: _parse_safetensors(path.name, data))
         del data
         raw = stage("old save: safetensors.torch.save (one bytes object)", lambda: safetensors.torch.save(tensors))

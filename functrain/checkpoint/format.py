@@ -295,11 +295,7 @@ def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> 
     digest = _hasher("blake3")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        if sum(len(c) for c in chunks) < _OVERLAP_BYTES:
-            for chunk in chunks:
-                digest.update(chunk)
-                _write_all(fd, chunk)
-        else:
+        if sum(len(c) for c in chunks) >= _OVERLAP_BYTES:
             with ThreadPoolExecutor(1, thread_name_prefix="functrain-hash") as pool:
                 hashing = [pool.submit(digest.update, chunk) for chunk in chunks]  # in order: one thread
                 written = 0
@@ -307,9 +303,14 @@ def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> 
                     _write_all(fd, chunk)
                     _start_writeback(fd, written, len(chunk))
                     written += len(chunk)
+                os.fsync(fd)  # waits for the disk, not a core: the hash catches up meanwhile
                 for done in hashing:
                     done.result()
-        os.fsync(fd)
+        else:
+            for chunk in chunks:
+                digest.update(chunk)
+                _write_all(fd, chunk)
+            os.fsync(fd)
     finally:
         os.close(fd)
     return digest.hexdigest()
