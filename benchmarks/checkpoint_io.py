@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 import functrain as ft
+from functrain.checkpoint import files
 from functrain.checkpoint import format as serialization
 from functrain.checkpoint.tensorfile import _parse_safetensors
 
@@ -199,12 +200,12 @@ def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
         chunks = stage("save: safetensors header + views of the tensors", lambda: serialization._safetensors_chunks(tensors))
         stage("save: BLAKE3 of all bytes, alone", lambda: [blake3.blake3(c) for c in chunks])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        stage("save: os.write of all bytes, alone (page cache)", lambda: [serialization._write_all(fd, c) for c in chunks])
+        stage("save: os.write of all bytes, alone (page cache)", lambda: [files._write_all(fd, c) for c in chunks])
         stage("save: os.fsync of the file", lambda: os.fsync(fd))
         os.close(fd)
         path.unlink()
-        stage("save: write + BLAKE3 overlapped + fsync (_write_file)", lambda: serialization._write_file(path, chunks))
-        stage("save: os.fsync of a directory", lambda: serialization._fsync_dir(directory))
+        stage("save: write + BLAKE3 overlapped + fsync (_write_file)", lambda: files._write_file(path, chunks))
+        stage("save: os.fsync of a directory", lambda: files._fsync_dir(directory))
         del chunks
         nbytes = path.stat().st_size
         buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -234,7 +235,7 @@ def _read_fresh(path: Path, nbytes: int) -> torch.Tensor:
     data = torch.empty(nbytes, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
-        serialization._read_hashing(fd, memoryview(data.numpy()), blake3.blake3())
+        files._read_hashing(fd, memoryview(data.numpy()), blake3.blake3())
     finally:
         os.close(fd)
     return data

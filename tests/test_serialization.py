@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -903,7 +904,7 @@ def no_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise OSError(19, "No such device")
 
-    monkeypatch.setattr(ser.mmap, "mmap", refuse)
+    monkeypatch.setattr(mmap, "mmap", refuse)
 
 
 def test_loaded_tensors_are_writable_copy_on_write_views_that_never_change_the_file(reference: Path) -> None:
