@@ -15,17 +15,23 @@ import hashlib
 import importlib.util
 import json
 import math
+import mmap
 import os
 import pickle
 import re
+import resource
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import tempfile
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import blake3
 import pytest
 import safetensors.torch
 import torch
@@ -40,7 +46,9 @@ from functrain.errors import CheckpointCorruptError, CheckpointError, FunctrainE
 GOLDEN = Path(__file__).resolve().parent / "golden"
 TENSORS = "tensors-00000.safetensors"
 MANIFEST = "manifest.json"
-SEAL = b'{\n  "manifest_sha256": "'
+ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3"}  # each format version's digest
+SEALS = {algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")}
+SEAL = SEALS["blake3"]
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -139,18 +147,27 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def digest(data: bytes, algorithm: str = "blake3") -> str:
+    return blake3.blake3(data).hexdigest() if algorithm == "blake3" else sha256(data)
+
+
+def algorithm_of(m: dict[str, Any]) -> str:
+    """The digest a manifest's format version uses (BLAKE3 for an edited, unknown version)."""
+    return ALGORITHM.get(m.get("format_version"), "blake3") if isinstance(m.get("format_version"), int) else "blake3"
+
+
 def seal(raw: bytes) -> bytes:
-    """Recompute a manifest's own digest: SHA-256 of its bytes with the digest's 64 hex digits zeroed."""
-    assert raw.startswith(SEAL), raw[:40]
-    start, end = len(SEAL), len(SEAL) + 64
-    return raw[:start] + sha256(raw[:start] + b"0" * 64 + raw[end:]).encode() + raw[end:]
+    """Recompute a manifest's own digest: the digest of its bytes with the digest's 64 hex digits zeroed."""
+    algorithm = next(a for a, prefix in SEALS.items() if raw.startswith(prefix))
+    start, end = len(SEALS[algorithm]), len(SEALS[algorithm]) + 64
+    return raw[:start] + digest(raw[:start] + b"0" * 64 + raw[end:], algorithm).encode() + raw[end:]
 
 
 def dump_manifest(m: dict[str, Any], *, text_edit: Callable[[str], str] = lambda s: s, sealed: bool = True) -> bytes:
     """Serialize an (edited) manifest the way the format lays it out, optionally editing the text."""
-    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    body = {k: v for k, v in m.items() if not k.startswith("manifest_")}
     if sealed:
-        body = {"manifest_sha256": "0" * 64, **body}
+        body = {f"manifest_{algorithm_of(m)}": "0" * 64, **body}
     raw = text_edit(json.dumps(body, indent=2, allow_nan=True)).encode("utf-8", "surrogatepass")
     return seal(raw) if sealed else raw
 
@@ -163,18 +180,21 @@ def write_manifest(directory: Path, m: dict[str, Any], **kwargs: Any) -> None:
     (directory / MANIFEST).write_bytes(dump_manifest(m, **kwargs))
 
 
-def as_legacy_v1(directory: Path) -> None:
-    """Rewrite a checkpoint's manifest as format version 1 wrote it: no digest of its own."""
+def as_format(directory: Path, version: int) -> None:
+    """Rewrite a checkpoint's manifest as format `version` wrote it: SHA-256 digests before 3, unsealed in 1."""
     m = read_manifest_json(directory)
-    m["format_version"] = 1
-    write_manifest(directory, m, sealed=False)
+    m["format_version"] = version
+    algorithm = ALGORITHM[version]
+    for name, info in m["files"].items():
+        m["files"][name] = {algorithm: digest((directory / name).read_bytes(), algorithm), "bytes": info["bytes"]}
+    write_manifest(directory, m, sealed=version >= 2)
 
 
 def replace_file(directory: Path, name: str, raw: bytes, *, sealed: bool = True) -> None:
     """Replace a checkpoint file and record its new size and digest, so only its content is judged."""
     (directory / name).write_bytes(raw)
     m = read_manifest_json(directory)
-    m["files"][name] = {"sha256": sha256(raw), "bytes": len(raw)}
+    m["files"][name] = {algorithm_of(m): digest(raw, algorithm_of(m)), "bytes": len(raw)}
     write_manifest(directory, m, sealed=sealed)
 
 
@@ -383,12 +403,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def damaged(reference: Path, *, legacy: bool = False) -> Iterator[Path]:
-    """A private copy of the reference checkpoint to damage (optionally rewritten as format 1)."""
+def damaged(reference: Path, *, version: int = 3) -> Iterator[Path]:
+    """A private copy of the reference checkpoint to damage (optionally rewritten as an older format)."""
     with scratch() as d:
         copy = Path(shutil.copytree(reference, d / "ckpt"))
-        if legacy:
-            as_legacy_v1(copy)
+        if version != 3:
+            as_format(copy, version)
         yield copy
 
 
@@ -467,14 +487,15 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "size-float": lambda m: m["files"][TENSORS].update(bytes=float(m["files"][TENSORS]["bytes"])),
     "size-bool": lambda m: m["files"][TENSORS].update(bytes=True),
     "size-missing": lambda m: m["files"][TENSORS].pop("bytes"),
-    "digest-other": lambda m: m["files"][TENSORS].update(sha256="0" * 64),
-    "digest-upper": lambda m: m["files"][TENSORS].update(sha256=m["files"][TENSORS]["sha256"].upper()),
-    "digest-empty": lambda m: m["files"][TENSORS].update(sha256=""),
-    "digest-int": lambda m: m["files"][TENSORS].update(sha256=12),
+    "digest-other": lambda m: m["files"][TENSORS].update({algorithm_of(m): "0" * 64}),
+    "digest-upper": lambda m: m["files"][TENSORS].update({algorithm_of(m): m["files"][TENSORS][algorithm_of(m)].upper()}),
+    "digest-empty": lambda m: m["files"][TENSORS].update({algorithm_of(m): ""}),
+    "digest-int": lambda m: m["files"][TENSORS].update({algorithm_of(m): 12}),
+    "digest-of-the-other-format": lambda m: m["files"].update({TENSORS: {("sha256" if algorithm_of(m) == "blake3" else "blake3"): m["files"][TENSORS][algorithm_of(m)], "bytes": m["files"][TENSORS]["bytes"]}}),
     "file-entry-list": lambda m: m["files"].update({TENSORS: [1, 2]}),
     "file-dropped": lambda m: m["files"].clear(),
-    "file-missing-on-disk": lambda m: m["files"].update({"tensors-00001.safetensors": {"sha256": "0" * 64, "bytes": 0}}),
-    "file-is-manifest": lambda m: m["files"].update({MANIFEST: {"sha256": "0" * 64, "bytes": 10}}),
+    "file-missing-on-disk": lambda m: m["files"].update({"tensors-00001.safetensors": {algorithm_of(m): "0" * 64, "bytes": 0}}),
+    "file-is-manifest": lambda m: m["files"].update({MANIFEST: {algorithm_of(m): "0" * 64, "bytes": 10}}),
     "dtype-other": lambda m: m["tensors"][_first_tensor(m)].update(dtype="float64"),
     "dtype-bogus": lambda m: m["tensors"][_first_tensor(m)].update(dtype="quaternion"),
     "dtype-int": lambda m: m["tensors"][_first_tensor(m)].update(dtype=3),
@@ -519,7 +540,7 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "tensors-list": lambda m: m.update(tensors=[]),
     "fingerprint-str": lambda m: m.update(fingerprint="x"),
     "metadata-list": lambda m: m.update(metadata=[]),
-    "too-many-files": lambda m: m["files"].update({f"f{i}": {"sha256": "0" * 64, "bytes": 0} for i in range(5000)}),
+    "too-many-files": lambda m: m["files"].update({f"f{i}": {algorithm_of(m): "0" * 64, "bytes": 0} for i in range(5000)}),
 }
 
 
@@ -529,13 +550,13 @@ def _nest(node: dict[str, Any], depth: int) -> dict[str, Any]:
     return node
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["v2-sealed", "v1-legacy"])
+@pytest.mark.parametrize("version", [3, 2, 1], ids=["v3", "v2", "v1"])
 @pytest.mark.parametrize("edit", sorted(MANIFEST_EDITS))
-def test_edited_manifest_is_rejected(reference: Path, edit: str, legacy: bool) -> None:
-    with damaged(reference, legacy=legacy) as d:
+def test_edited_manifest_is_rejected(reference: Path, edit: str, version: int) -> None:
+    with damaged(reference, version=version) as d:
         m = read_manifest_json(d)
         MANIFEST_EDITS[edit](m)
-        write_manifest(d, m, sealed=not legacy)
+        write_manifest(d, m, sealed=version >= 2)
         assert_rejected(d)
 
 
@@ -553,7 +574,7 @@ def test_edited_manifest_without_resealing_is_rejected_as_corrupt(reference: Pat
     with damaged(reference) as d:
         raw = (d / MANIFEST).read_bytes()
         (d / MANIFEST).write_bytes(raw.replace(b'"lr"', b'"LR"'))
-        assert_rejected(d, CheckpointCorruptError, match="manifest.json: its SHA-256")
+        assert_rejected(d, CheckpointCorruptError, match="manifest.json: its BLAKE3 digest does not match")
 
 
 def _text_edit(old: str, new: str) -> Callable[[str], str]:
@@ -570,7 +591,7 @@ RAW_EDITS: dict[str, Callable[[str], str]] = {
     "minus-infinity-literal": _text_edit('"note": "reference"', '"note": -Infinity'),
     "huge-float": _text_edit('"note": "reference"', '"note": 1e999999'),
     "huge-int-digits": _text_edit('"note": "reference"', '"note": ' + "9" * 100_000),
-    "huge-version": _text_edit('"format_version": 2', '"format_version": 1e400'),
+    "huge-version": _text_edit('"format_version": 3', '"format_version": 1e400'),
     "duplicate-top-key": _text_edit('"format": "functrain.checkpoint"', '"format": "functrain.checkpoint", "format": "functrain.checkpoint"'),
     "duplicate-nested-key": _text_edit('"note": "reference"', '"note": "reference", "note": "again"'),
     "deep-lists-10k": _text_edit('"note": "reference"', '"note": ' + "[" * 10_000 + "]" * 10_000),
@@ -618,7 +639,7 @@ def test_random_manifest_edits_raise_only_functrain_errors(reference: Path, data
         node, parent, key = m, None, None
         for _ in range(data.draw(st.integers(1, 6))):
             children = list(node.items()) if isinstance(node, dict) else list(enumerate(node)) if isinstance(node, list) else []
-            children = [(k, v) for k, v in children if k != "manifest_sha256"]
+            children = [(k, v) for k, v in children if not str(k).startswith("manifest_")]
             if not children:
                 break
             parent, (key, child) = node, data.draw(st.sampled_from(children))
@@ -670,7 +691,7 @@ def test_fifo_or_directory_in_place_of_a_file_is_refused_without_blocking(refere
             (d / TENSORS).unlink()
             make(d / TENSORS)
             m = read_manifest_json(d)
-            m["files"][TENSORS] = {"sha256": sha256(b""), "bytes": os.lstat(d / TENSORS).st_size}
+            m["files"][TENSORS] = {"blake3": digest(b""), "bytes": os.lstat(d / TENSORS).st_size}
             write_manifest(d, m)
             assert_rejected(d, CheckpointCorruptError, match=TENSORS)
 
@@ -767,11 +788,11 @@ HEADER_EDITS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["v2-sealed", "v1-legacy"])
+@pytest.mark.parametrize("version", [3, 2, 1], ids=["v3", "v2", "v1"])
 @pytest.mark.parametrize("edit", sorted(HEADER_EDITS))
-def test_bogus_safetensors_header_is_rejected_as_corrupt_naming_the_file(reference: Path, edit: str, legacy: bool) -> None:
-    with damaged(reference, legacy=legacy) as d:
-        replace_file(d, TENSORS, HEADER_EDITS[edit]((d / TENSORS).read_bytes()), sealed=not legacy)
+def test_bogus_safetensors_header_is_rejected_as_corrupt_naming_the_file(reference: Path, edit: str, version: int) -> None:
+    with damaged(reference, version=version) as d:
+        replace_file(d, TENSORS, HEADER_EDITS[edit]((d / TENSORS).read_bytes()), sealed=version >= 2)
         assert_rejected(d, CheckpointCorruptError, match=re.escape(TENSORS))
 
 
@@ -805,6 +826,205 @@ def test_fuzzed_safetensors_header_is_rejected_or_read_as_the_safetensors_librar
         ours = ser.leaves_by_path(tree)
         for key, t in theirs.items():
             assert raw_bytes(t) == raw_bytes(ours[key]) and t.dtype == ours[key].dtype and t.shape == ours[key].shape
+
+
+# ---------------------------------------------------------------------------------------------
+# crafted files: a checksum is not a signature, so every edit here is re-sealed
+
+
+def crafted(directory: Path, shapes: dict[str, list[int]], *, in_header: bool = True, file_bytes: int | None = None) -> Path:
+    """A checkpoint of tensors w (2 float32) and z (empty) whose index, and header, declare `shapes`.
+
+    With `file_bytes` the tensor file is extended (sparse) to that size and its digest left wrong:
+    what is judged is whether anything that size is allocated or read before the refusal.
+    """
+    d = ft.save({"w": torch.ones(2), "z": torch.empty(0)}, directory / "ckpt")
+    header, data = split_safetensors((d / TENSORS).read_bytes())
+    m = read_manifest_json(d)
+    for key, shape in shapes.items():
+        m["tensors"][key]["shape"] = shape
+        if in_header:
+            header[key]["shape"] = shape
+    raw = join_safetensors(header, data)
+    (d / TENSORS).write_bytes(raw)
+    m["files"][TENSORS] = {"blake3": digest(raw), "bytes": len(raw)}
+    if file_bytes is not None:
+        os.truncate(d / TENSORS, file_bytes)
+        m["files"][TENSORS]["bytes"] = file_bytes
+    write_manifest(d, m)
+    return d
+
+
+@pytest.mark.parametrize("in_header", [True, False], ids=["header-and-index", "index-only"])
+@pytest.mark.parametrize("shape", [[0, 2**63], [2**40, 2**40, 0], [0] * 65], ids=["0x2^63", "2^40x2^40x0", "rank-65"])
+def test_zero_byte_tensor_with_huge_dimensions_is_corrupt_for_load_verify_and_is_checkpoint(tmp_path: Path, shape: list[int], in_header: bool) -> None:
+    d = crafted(tmp_path, {"z": shape}, in_header=in_header)
+    where = "invalid shape|spans more than" if in_header else "index entry for tensor 'z': invalid shape"
+    assert_rejected(d, CheckpointCorruptError, match=where)  # read_tree, verify, is_checkpoint
+    with pytest.raises(CheckpointCorruptError, match=where):
+        ft.load(d)
+
+
+def test_sparse_terabyte_tensor_file_is_refused_as_more_than_the_machine_has_before_reading(tmp_path: Path) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    d = crafted(tmp_path, {}, file_bytes=1 << 40)
+    assert_rejected(d, CheckpointCorruptError, match=r"manifest.json: the files declare 1099511627776 bytes, more than this machine's memory")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 << 10  # KiB: nothing near a TiB touched
+
+
+def test_sparse_terabyte_tensor_file_is_refused_by_its_header_before_its_data_is_allocated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ser, "_check_memory", lambda files: None)  # as on a machine with more than a TiB
+    allocated: list[int] = []
+    real_map = ser._map
+    monkeypatch.setattr(ser, "_map", lambda fd, nbytes, name: allocated.append(nbytes) or real_map(fd, nbytes, name))
+    d = crafted(tmp_path, {}, file_bytes=1 << 40)  # the header still declares 8 bytes of data
+    assert_rejected(d, CheckpointCorruptError, match=rf"{TENSORS}: the tensors cover 8 bytes of data, the file holds \d+")
+    assert allocated == []
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: not enough memory"), MemoryError()], ids=repr)
+def test_allocation_failure_while_loading_is_a_corrupt_checkpoint(reference: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+    no_mapping(monkeypatch)  # where files cannot be mapped, a load allocates a buffer to read into
+    real_empty = torch.empty
+
+    def failing_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if args and isinstance(args[0], int) and args[0] > 0 and kwargs.get("dtype") is torch.uint8:
+            raise failure
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", failing_empty)
+    with pytest.raises(CheckpointCorruptError, match=f"{TENSORS}: cannot allocate the .* bytes of its tensors \\({type(failure).__name__}"):
+        ser.read_tree(reference)
+    assert not ser.is_checkpoint(reference)
+
+
+def no_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every mmap fail, as on a filesystem that cannot map files."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+
+
+def test_loaded_tensors_are_writable_copy_on_write_views_that_never_change_the_file(reference: Path) -> None:
+    with damaged(reference) as d:
+        before = (d / TENSORS).read_bytes()
+        tree, _ = ser.read_tree(d, named_types=NAMED)
+        tree["params"]["w"].add_(1.0)  # no warning about a read-only buffer, and the file is untouched
+        tree["bytes"].zero_()
+        assert (d / TENSORS).read_bytes() == before
+        assert_same(reference_tree(), ser.read_tree(d, named_types=NAMED)[0])
+
+
+def test_without_mmap_a_load_reads_the_same_bits(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_mapping(monkeypatch)
+    loaded, _ = ser.read_tree(reference, named_types=NAMED)
+    assert_same(reference_tree(), loaded)
+    with damaged(reference) as d:
+        raw = bytearray((d / TENSORS).read_bytes())
+        raw[-1] ^= 1
+        (d / TENSORS).write_bytes(bytes(raw))
+        assert_rejected(d, CheckpointCorruptError, match=f"{TENSORS}: BLAKE3 digest does not match")
+
+
+PATHOLOGICAL_JSON = {
+    "empty-dicts": b"[" + b",".join([b"{}"] * 50_000) + b"]",
+    "one-key-dicts": b"[" + b",".join([b'{"a":1}'] * 50_000) + b"]",
+    "empty-lists": b"[" + b",".join([b"[]"] * 50_000) + b"]",
+    "unique-keys": b"{" + b",".join(b'"%d":0' % i for i in range(50_000)) + b"}",
+    "floats": b"[" + b",".join([b"1.5"] * 50_000) + b"]",
+    "big-ints": b"[" + b",".join([b"123456789012345678901234567890"] * 20_000) + b"]",
+    "astral-string": b'["\xf0\x9f\x98\x80' + b"a" * 200_000 + b'"]',
+    "nested": b"[" * 60 + b"]" * 60,
+    "long-keys": b"{" + b",".join(b'"%s":null' % (b"k%d" % i * 20) for i in range(5_000)) + b"}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL_JSON))
+def test_json_cost_estimate_bounds_what_parsing_really_takes(name: str) -> None:
+    from functrain.checkpoint.tensorfile import _finite_float, _no_constants, _unique_keys, json_cost
+
+    text = PATHOLOGICAL_JSON[name]
+    tracemalloc.start()
+    try:
+        json.loads(text, object_pairs_hook=_unique_keys("x"), parse_constant=_no_constants("x"), parse_float=_finite_float("x"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert json_cost(text) >= peak, f"estimated {json_cost(text)}, took {peak}"
+
+
+PEAK_SCRIPT = """
+import json, sys, time
+import functrain as ft
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS: the import's own peak is not counted
+start_rss, start = status("VmRSS"), time.perf_counter()
+try:
+    ft.load(sys.argv[1])
+    error = None
+except Exception as e:
+    error = f"{type(e).__name__}: {str(e)[:300]}"
+print(json.dumps({"error": error, "seconds": time.perf_counter() - start, "peak_bytes": status("VmHWM") - start_rss}))
+"""
+
+
+def peak_of_loading(path: Path) -> dict[str, Any]:
+    """Load `path` in a fresh process: its error, seconds, and peak memory over the start."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ft.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_crafted_95_mib_header_and_63_mib_manifest_cost_a_small_multiple_of_their_size(tmp_path: Path) -> None:
+    # a header of 95 MiB of tiny objects: `{"k0":{},...}` (was 1.9 GiB and 16 s to refuse)
+    header = b"{" + b",".join(b'"k%07d":{}' % i for i in range(95 * 2**20 // 14)) + b"}"
+    header_ckpt = crafted(tmp_path / "h", {})
+    raw = join_safetensors(header, (header_ckpt / TENSORS).read_bytes()[-8:])
+    replace_file(header_ckpt, TENSORS, raw)
+    # a manifest of 63 MiB of empty dicts (was 1.8 GiB)
+    manifest_ckpt = crafted(tmp_path / "m", {})
+    (manifest_ckpt / MANIFEST).write_bytes(b'{"metadata": [' + b"{}," * (63 * 2**20 // 3) + b"{}]}")
+    for path, size, why in [(header_ckpt, len(raw), "header length .* exceeds the file .* or the limit"), (manifest_ckpt, 63 << 20, "could take .* MiB of memory, over the limit")]:
+        got = peak_of_loading(path)
+        assert got["error"] is not None and re.match(f"CheckpointCorruptError: .*{why}", got["error"]), got
+        assert got["peak_bytes"] < 3 * size and got["seconds"] < 10, got
+
+
+def test_safetensors_header_is_refused_before_parsing_when_its_parse_would_cost_too_much() -> None:
+    from functrain.checkpoint import tensorfile
+
+    text = b"{" + b",".join(b'"k%d":{}' % i for i in range(2_000_000)) + b"}"  # 21 MiB, about 500 MiB to parse
+    with time_limit(5.0), pytest.raises(CheckpointCorruptError, match=r"t\.safetensors: parsing its \d+ bytes of JSON could take \d+ MiB"):
+        tensorfile._parse_header("t.safetensors", text, 0)
+
+
+def test_saving_a_tree_whose_manifest_a_load_would_refuse_is_a_checkpoint_error(tmp_path: Path) -> None:
+    tree = {"w": torch.ones(1), "many": [None] * 1_500_000}  # about 70 MiB of manifest
+    with pytest.raises(CheckpointError, match="cannot save this tree: manifest.json: .* keep large data in tensors"):
+        ft.save(tree, tmp_path / "c")
+    assert not (tmp_path / "c").exists() and os.listdir(tmp_path) == []
+
+
+def test_manifest_swapped_for_a_fifo_after_the_check_is_refused_without_blocking(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with damaged(reference) as d:
+        real_lexists = os.path.lexists
+
+        def swap_then_check(path: Any) -> bool:
+            if Path(path) == d / MANIFEST:  # between the check and the open, as another process could
+                (d / MANIFEST).unlink()
+                os.mkfifo(d / MANIFEST)
+            return real_lexists(path)
+
+        monkeypatch.setattr(os.path, "lexists", swap_then_check)
+        with time_limit(5.0), pytest.raises(CheckpointCorruptError, match="manifest.json: is not a regular file"):
+            ser.read_manifest(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,7 +1077,7 @@ def test_newer_format_version_asks_to_upgrade(reference: Path) -> None:
         m["format_version"] = ser.FORMAT_VERSION + 1
         m["some_future_field"] = {"x": 1}
         write_manifest(d, m)
-        with pytest.raises(CheckpointError, match=r"format version 3 is newer than this functrain reads \(up to 2\).*upgrade functrain") as info:
+        with pytest.raises(CheckpointError, match=r"format version 4 is newer than this functrain reads \(up to 3\).*upgrade functrain") as info:
             ft.load(d)
         assert not isinstance(info.value, CheckpointCorruptError)
 
@@ -870,15 +1090,43 @@ def load_golden_module() -> Any:
     return module
 
 
-def test_format_1_golden_checkpoint_loads_exactly_into_a_fresh_template() -> None:
+@pytest.mark.parametrize(
+    ("version", "seal"),
+    [(1, None), (2, "manifest_sha256"), (3, "manifest_blake3")],
+    ids=["v1-unsealed", "v2-sha256", "v3-blake3"],
+)
+def test_golden_checkpoint_of_each_format_version_loads_exactly_into_a_fresh_template(version: int, seal: str | None) -> None:
     golden = load_golden_module()
-    manifest = ser.verify(GOLDEN / "v1")
-    assert manifest["format_version"] == 1 and "manifest_sha256" not in manifest
-    state = ft.load(GOLDEN / "v1", like=golden.build_state())
-    expected = json.loads((GOLDEN / "v1_expected.json").read_text())
+    manifest = ser.verify(GOLDEN / f"v{version}")
+    assert manifest["format_version"] == version
+    assert [k for k in manifest if k.startswith("manifest_")] == ([seal] if seal else [])
+    state = ft.load(GOLDEN / f"v{version}", like=golden.build_state())
+    expected = json.loads((GOLDEN / f"v{version}_expected.json").read_text())
     got = {path: golden.describe(leaf) for path, leaf in ser.leaves_by_path(state.tree()).items()}
     assert got == expected
     assert int(state.step) == 3 and float(state.params["0.weight"][0, 0]) == float.fromhex(expected["params/0.weight"]["first"][0])
+
+
+def test_golden_files_of_format_3_carry_blake3_digests_of_their_bytes() -> None:
+    manifest = ser.read_manifest(GOLDEN / "v3")
+    for name, info in manifest["files"].items():
+        assert info == {"blake3": digest((GOLDEN / "v3" / name).read_bytes()), "bytes": (GOLDEN / "v3" / name).stat().st_size}
+    raw = (GOLDEN / "v3" / MANIFEST).read_bytes()
+    zeroed = raw[: len(SEAL)] + b"0" * 64 + raw[len(SEAL) + 64 :]
+    assert manifest["manifest_blake3"] == digest(zeroed) != sha256(zeroed)[:64]
+
+
+def test_a_checkpoint_pinned_by_its_manifest_digest_refuses_a_resealed_manifest(reference: Path) -> None:
+    pinned = ser.verify(reference)["manifest_blake3"]
+    with damaged(reference) as d:
+        assert ser.read_tree(d, digest=pinned)[1]["manifest_blake3"] == pinned
+        m = read_manifest_json(d)
+        m["metadata"]["note"] = "swapped"
+        write_manifest(d, m)  # re-sealed: consistent, and no longer what was pinned
+        assert ser.verify(d)["metadata"]["note"] == "swapped"
+        for read in (lambda: ser.verify(d, digest=pinned), lambda: ft.load(d, digest=pinned), lambda: ser.read_manifest(d, digest=pinned)):
+            with pytest.raises(CheckpointCorruptError, match=f"expected the pinned {pinned}"):
+                read()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -949,3 +1197,66 @@ def test_load_into_a_template_keeps_its_static_parts_and_devices(tmp_path: Path)
     assert_same(state.tree(), restored.tree())
     more, _ = ft.train_step(restored, load_golden_module().batches()[2])
     assert int(more.step) == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("step", torch.tensor([1, 2]), "step: expected [] torch.int64, got [2] torch.int64"),
+        ("epoch", torch.tensor(1.0), "epoch: expected [] torch.int64, got [] torch.float32"),
+        ("samples_seen", 3, "samples_seen: expected Tensor[] torch.int64, got int"),
+        ("rng", torch.zeros(3, dtype=torch.uint8), "rng: expected [5056] torch.uint8, got [3] torch.uint8"),
+        ("rng", None, "rng: expected Tensor[5056] torch.uint8, got NoneType"),
+    ],
+    ids=["step-shape", "epoch-dtype", "counter-int", "rng-short", "rng-none"],
+)
+def test_counters_and_rng_must_be_what_the_template_holds(tmp_path: Path, field: str, value: Any, expected: str) -> None:
+    state = ft.TrainState.create(nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+    path = ft.save(state.replace(**{field: value}), tmp_path / "c")
+    with pytest.raises(StateMismatchError, match=re.escape(expected)):
+        ft.load(path, like=state)
+
+
+@pytest.mark.parametrize(
+    ("driver", "expected"),
+    [
+        ({"history": {"train": "rows"}}, "driver/history/train: expected a list of rows"),
+        ({"history": {"train": [{"loss": [0.5]}]}}, "driver/history/train: expected a list of rows"),
+        ({"window": {"keys": ["loss"], "sums": torch.zeros(3, dtype=torch.float64), "count": 2}}, r"driver/window/sums: expected a float64 tensor of shape \[1\]"),
+        ({"epoch_sums": {"keys": ["loss"], "sums": None, "count": 1}}, "driver/epoch_sums/sums: expected a float64 tensor"),
+        ({"window": {"keys": "loss", "count": -1}}, "driver/window/keys: expected a list of metric names(.|\n)*driver/window/count: expected an int >= 0"),
+        ({"empty_batches": "many"}, "driver/empty_batches: expected an int >= 0, got str many"),
+        ({"early_stopping": {"best": "low", "bad_evals": 1}}, "driver/early_stopping: expected None or a dict with best"),
+        ({"best": {"val_loss": {"x": 1}}}, "driver/best: expected None or a dict of metric names to numbers"),
+        ({"stop_reason": 3}, "driver/stop_reason: expected None or a str, got int 3"),
+        ({"runs": 2}, r"driver: unknown keys \['runs'\]"),
+    ],
+    ids=["history-not-rows", "history-row-list", "sums-shape", "sums-missing", "window-keys-count", "empty-batches", "early-stopping", "best", "stop-reason", "unknown-key"],
+)
+def test_driver_records_fit_could_not_resume_from_are_corrupt_naming_the_path(tmp_path: Path, driver: dict[str, Any], expected: str) -> None:
+    state = ft.TrainState.create(nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+    path = ft.save(state.replace(driver=driver), tmp_path / "c")
+    with pytest.raises(CheckpointCorruptError, match=f"holds driver records \\(state.driver\\) that fit cannot resume from:(.|\n)*{expected}"):
+        ft.load(path, like=state)
+    assert ft.load(path)[0]["driver"].keys() == driver.keys()  # without a template: the raw tree, for inspection
+
+
+def test_the_driver_registers_its_records_check_on_import() -> None:
+    from functrain.checkpoint import state_io
+    from functrain.driver.ledger import tree_problems
+
+    assert state_io._driver_checks == [tree_problems]
+
+
+def test_driver_records_of_a_real_run_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = ft.TrainState.create(nn.Linear(4, 1), ft.adamw(1e-2), lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
+    result = ft.fit(
+        state, data, max_epochs=2, eval_data=data[:2], eval_every=3, log_every=2,
+        early_stopping=ft.EarlyStopping("val_loss", patience=5), progress=False, verbosity="silent",
+    )  # fmt: skip
+    assert {"history", "window", "early_stopping"} <= set(result.state.driver)
+    restored = ft.load(ft.save(result.state, tmp_path / "c"), like=state)
+    assert restored.driver["history"] == result.state.driver["history"]
+

@@ -3,13 +3,23 @@
 A checkpoint is a directory::
 
     manifest.json              written last; describes everything below, and seals itself
-    tensors-00000.safetensors  the tree's tensors, keyed by their tree path
+    tensors-00000.safetensors  the tree's tensors, keyed by their tree path (a new file every
+                               2 GiB or 50,000 tensors)
 
 The manifest holds the format version, the library versions, the tree's structure with every
-non-tensor leaf encoded exactly (NaN, Inf and integers of any size round-trip), a SHA-256 digest
-and size per file, a fingerprint of the static parts, and the user's metadata. Its first field,
-``manifest_sha256``, is the SHA-256 of the manifest's own bytes with that field's 64 hex digits
-written as zeros (format version 2; version 1 manifests have no such field and still load).
+non-tensor leaf encoded exactly (NaN, Inf and integers of any size round-trip), the index of the
+tensors (file, dtype, shape of each), a digest and size per file, a fingerprint of the static parts,
+and the user's metadata. Its first field seals it: the digest of the manifest's own bytes with that
+field's 64 hex digits written as zeros.
+
+Format versions, all still read:
+
+* 3 (written now): BLAKE3 digests, ``"blake3"`` per file and ``manifest_blake3`` as the seal.
+  BLAKE3 is a cryptographic hash, so a checkpoint can be pinned by its manifest digest
+  (``read_tree(path, digest=...)``, `verify`, ``functrain.load``): the manifest's digest covers
+  every file's digest, so nothing of a pinned checkpoint can change.
+* 2: SHA-256 digests, ``"sha256"`` per file and ``manifest_sha256`` as the seal.
+* 1: SHA-256 digests per file; the manifest has no seal.
 
 A save writes into a temporary directory beside the target, fsyncs each file, writes and fsyncs
 the manifest, fsyncs the directory, swaps it into place (one atomic ``renameat2`` exchange where
@@ -17,41 +27,61 @@ the OS has it) and fsyncs the parent: a process killed at any instant leaves the
 checkpoint or the new one, complete. Readers ignore temporary directories (names starting with
 ``.tmp-``).
 
-Loading never calls pickle or `torch.load`; every size read from a file is bounded before use.
-Tensor files are written straight from the tensors' memory and read into one buffer per file that
-the loaded tensors are views of, each file hashed in a second thread while it is written or read.
+Speed: every byte is hashed in the one pass that writes or reads it. A save writes straight from
+the tensors' memory, hashes in a second thread, and has the disk start writing back each chunk
+at once (``sync_file_range``), so the hash and the copy hide behind the disk. A load maps each
+tensor file (private, copy-on-write) and hashes it where it lies, on every core: the hash is the
+read, with no copy at all, and the tensors are writable views of the mapping whose writes never
+reach the file. Where a file cannot be mapped it is read into one buffer instead. As with any
+mapped file, a tensor file truncated by another process while its tensors live makes the next
+access to them fail (SIGBUS); functrain never rewrites a checkpoint file in place.
+
+A checksum is not a signature: a load assumes the manifest may have been re-sealed by whoever
+wrote the files, and bounds what any file can cost before trusting it. Loading never calls pickle
+or `torch.load`; every file is opened without following links or blocking and must be a regular
+file (checked on what was opened); the manifest is at most 64 MiB, and JSON (the manifest, a
+header) is refused before parsing when its parse could take over 512 MiB; the index's dtypes,
+ranks and dimensions are bounded; a tensor file's header is read and checked against the index
+before its data is allocated, the files together must fit in the machine's memory, and an
+allocation that fails is a `CheckpointCorruptError` like any other malformed file.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import stat
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import blake3
 import orjson
 import torch
 
 from functrain.errors import CheckpointCorruptError, CheckpointError
+from functrain.checkpoint.files import _digest_of, _fsync_dir, _hasher, _map, _open_regular, _read_exactly, _write_file
 from functrain.checkpoint.tensorfile import (
-    _CHUNK,
     _CODE_OF,
+    _DTYPE_OF,
+    MAX_HEADER_BYTES,
+    MAX_RANK,
+    MAX_SPAN,
     _finite_float,
+    _header_length,
     _no_constants,
-    _parse_safetensors,
+    _parse_header,
     _safetensors_chunks,
+    _span,
+    _tensors_of,
     _unique_keys,
+    check_json_cost,
 )
 from functrain.tree import escape_key as _escape
 from functrain.tree import leaves_by_path
@@ -67,7 +97,7 @@ __all__ = [
     "MANIFEST",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 MAX_MANIFEST_BYTES = 64 << 20
@@ -75,9 +105,13 @@ MAX_DEPTH = 64
 MAX_FILES = 4096
 MAX_TENSORS = 1_000_000
 SHARD_BYTES = 2 << 30
+SHARD_TENSORS = 50_000  # keeps a file's header far under what its parse may cost (MAX_JSON_MEMORY)
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-_SEAL = b'{\n  "manifest_sha256": "'
-_OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more than it saves
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# the digest of each format version's files and manifest: SHA-256 up to 2, BLAKE3 from 3 on
+_ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3"}
+_SEALS = {algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")}
+_SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
 
 Tree = Any
@@ -225,52 +259,12 @@ class _Reader:
 # writing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> str:
-    """Write `data` (bytes, or buffers in order), fsync, and return the SHA-256 hex digest.
-
-    Each buffer is hashed in a second thread while it is written (both release the GIL).
-    """
-    chunks = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        if sum(len(c) for c in chunks) < _OVERLAP_BYTES:
-            for chunk in chunks:
-                digest.update(chunk)
-                _write_all(fd, chunk)
-        else:
-            with ThreadPoolExecutor(1, thread_name_prefix="functrain-sha256") as pool:
-                for chunk in chunks:
-                    hashing = pool.submit(digest.update, chunk)
-                    _write_all(fd, chunk)
-                    hashing.result()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    view = view.cast("B")
-    while view:
-        written = os.write(fd, view[:_CHUNK])
-        view = view[written:]
-
-
 def _shards(tensors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and (size + nbytes > SHARD_BYTES or len(shards[-1]) >= SHARD_TENSORS):
             shards.append({})
             size = 0
         shards[-1][key] = t
@@ -279,10 +273,17 @@ def _shards(tensors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
 
 
 def _sealed(manifest: Mapping[str, Any]) -> bytes:
-    """The manifest's bytes, its first field the SHA-256 of those bytes with that field zeroed."""
-    raw = orjson.dumps({"manifest_sha256": "0" * 64, **manifest}, option=orjson.OPT_INDENT_2)
-    assert raw.startswith(_SEAL)
-    return raw[: len(_SEAL)] + hashlib.sha256(raw).hexdigest().encode() + raw[len(_SEAL) + 64 :]
+    """The manifest's bytes, its first field the BLAKE3 of those bytes with that field zeroed."""
+    raw = orjson.dumps({"manifest_blake3": "0" * 64, **manifest}, option=orjson.OPT_INDENT_2)
+    seal = _SEALS["blake3"]
+    assert raw.startswith(seal)
+    try:  # never write what a load would refuse
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CheckpointCorruptError(f"{MANIFEST}: {len(raw)} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+        check_json_cost(MANIFEST, raw)
+    except CheckpointCorruptError as e:
+        raise CheckpointError(f"cannot save this tree: {e}; keep large data in tensors rather than in plain leaves or metadata") from None
+    return raw[: len(seal)] + blake3.blake3(raw).hexdigest().encode() + raw[len(seal) + 64 :]
 
 
 def _json_extras(fingerprint: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -349,7 +350,7 @@ def write_tree(
         for i, shard in enumerate(_shards(writer.tensors)):
             name = f"tensors-{i:05d}.safetensors"
             chunks = _safetensors_chunks(shard)
-            files[name] = {"sha256": _write_file(tmp / name, chunks), "bytes": sum(len(c) for c in chunks)}
+            files[name] = {"blake3": _write_file(tmp / name, chunks), "bytes": sum(len(c) for c in chunks)}
             for key, t in shard.items():
                 index[key] = {"file": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         manifest = {
@@ -453,27 +454,37 @@ def _safe_file(directory: Path, name: Any) -> Path:
     return directory / name
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(directory: str | os.PathLike[str], *, digest: str | None = None) -> dict[str, Any]:
     """Read and validate a checkpoint's manifest (no tensor is loaded).
+
+    Args:
+        directory: the checkpoint's path.
+        digest: the manifest digest to insist on (its ``manifest_blake3``, or ``manifest_sha256`` in
+            format 2), recorded when the checkpoint was trusted: a manifest re-sealed since, with
+            files swapped under it, is refused.
 
     Raises:
         CheckpointError: no checkpoint at `directory`, or one of a newer format version.
-        CheckpointCorruptError: the manifest is too large, malformed, or does not match its own digest.
+        CheckpointCorruptError: the manifest is too large, malformed, does not match its own digest,
+            or not the `digest` asked for.
     """
     root = Path(directory)
     path = root / MANIFEST
+    if not root.is_dir() or not os.path.lexists(path):
+        raise CheckpointError(f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}")
+    fd, size = _open_regular(path, MANIFEST)
     try:
-        if not root.is_dir() or not path.is_file():
-            raise CheckpointError(f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}")
-        if path.is_symlink():
-            raise CheckpointCorruptError(f"{MANIFEST}: is a symbolic link; checkpoint files must be regular files in the directory")
-        size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
             raise CheckpointCorruptError(f"{MANIFEST}: {size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
-        raw = path.read_bytes()
+        raw = _read_exactly(fd, size, MANIFEST)
     except OSError as e:
         raise CheckpointError(f"could not read {str(path)!r}: {e}") from None
-    sealed = _check_seal(raw)
+    finally:
+        os.close(fd)
+    check_json_cost(MANIFEST, raw)
+    algorithm, seal = _check_seal(raw)
+    if digest is not None and seal != digest:
+        raise CheckpointCorruptError(f"{MANIFEST}: its digest is {seal}, expected the pinned {str(digest)[:100]} (the checkpoint was replaced or re-sealed)")
     try:
         hooks = {"object_pairs_hook": _unique_keys(MANIFEST), "parse_constant": _no_constants(MANIFEST), "parse_float": _finite_float(MANIFEST)}
         manifest = json.loads(raw, **hooks)
@@ -481,22 +492,23 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if isinstance(e, CheckpointCorruptError):
             raise
         raise CheckpointCorruptError(f"{MANIFEST}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    _check_manifest(manifest, sealed)
+    _check_manifest(manifest, algorithm)
     return manifest
 
 
-def _check_seal(raw: bytes) -> bool:
-    """Whether the manifest seals itself; raise if its seal does not match its bytes."""
-    if not raw.startswith(_SEAL):
-        return False
-    start, end = len(_SEAL), len(_SEAL) + 64
-    zeroed = raw[:start] + b"0" * 64 + raw[end:]
-    if hashlib.sha256(zeroed).hexdigest().encode() != raw[start:end]:
-        raise CheckpointCorruptError(f"{MANIFEST}: its SHA-256 does not match the manifest_sha256 it records (the file is corrupt)")
-    return True
+def _check_seal(raw: bytes) -> tuple[str | None, str | None]:
+    """``(algorithm, digest)`` of the manifest's seal, ``(None, None)`` without one; raise if it does not match."""
+    for algorithm, prefix in _SEALS.items():
+        if raw.startswith(prefix):
+            start, end = len(prefix), len(prefix) + 64
+            recorded = raw[start:end].decode("ascii", "replace")
+            if _digest_of(algorithm, raw[:start] + b"0" * 64 + raw[end:]) != recorded:
+                raise CheckpointCorruptError(f"{MANIFEST}: its {_SPELLED[algorithm]} digest does not match the manifest_{algorithm} it records (the file is corrupt)")
+            return algorithm, recorded
+    return None, None
 
 
-def _check_manifest(m: Any, sealed: bool) -> None:
+def _check_manifest(m: Any, sealed: str | None) -> None:
     if not isinstance(m, dict) or m.get("format") != "functrain.checkpoint":
         raise CheckpointCorruptError(f"{MANIFEST}: not a functrain checkpoint manifest")
     version = m.get("format_version")
@@ -507,87 +519,124 @@ def _check_manifest(m: Any, sealed: bool) -> None:
             f"checkpoint format version {version} is newer than this functrain reads (up to {FORMAT_VERSION}); "
             f"it was written by functrain {m.get('functrain_version')!r}: upgrade functrain to load it"
         )
-    if version >= 2 and not sealed:
-        raise CheckpointCorruptError(f"{MANIFEST}: format version {version} starts with its own digest, manifest_sha256; it is missing or damaged")
+    algorithm = _ALGORITHM[version]
+    if version >= 2 and sealed != algorithm:
+        raise CheckpointCorruptError(f"{MANIFEST}: format version {version} starts with its own digest, manifest_{algorithm}; it is missing or damaged")
     for key, kind in (("structure", dict), ("tensors", dict), ("files", dict), ("fingerprint", dict), ("metadata", dict)):
         if not isinstance(m.get(key), kind):
             raise CheckpointCorruptError(f"{MANIFEST}: field {key!r} missing or not a {kind.__name__}")
     if len(m["files"]) > MAX_FILES or len(m["tensors"]) > MAX_TENSORS:
         raise CheckpointCorruptError(f"{MANIFEST}: too many files or tensors")
     for name, info in m["files"].items():
-        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or type(info.get("bytes")) is not int:
-            raise CheckpointCorruptError(f"{MANIFEST}: malformed entry for file {str(name)[:100]!r}")
+        digest = info.get(algorithm) if isinstance(info, dict) else None
+        if not isinstance(digest, str) or not _HEX64.match(digest) or type(info.get("bytes")) is not int or info["bytes"] < 0:
+            raise CheckpointCorruptError(f"{MANIFEST}: malformed entry for file {str(name)[:100]!r} (expected {algorithm} as 64 hex digits and bytes)")
+    for key, info in m["tensors"].items():
+        _check_index_entry(key, info, m["files"])
 
 
-def _read_verified(path: Path, info: Mapping[str, Any]) -> torch.Tensor:
-    """The file's bytes, in a uint8 tensor, after checking its size and SHA-256 against `info`."""
-    name = path.name
-    expected = info["bytes"]
+_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in _DTYPE_OF.values()}
+
+
+def _check_index_entry(key: str, info: Any, files: Mapping[str, Any]) -> None:
+    """An entry of the manifest's tensor index: its file is listed, its dtype known, its shape bounded."""
+    where = f"{MANIFEST}: index entry for tensor {key[:100]!r}"
+    if not isinstance(info, dict) or set(info) != {"file", "dtype", "shape"}:
+        raise CheckpointCorruptError(f"{where}: expected file, dtype and shape, got {str(info)[:200]}")
+    if not isinstance(info["file"], str) or info["file"] not in files:
+        raise CheckpointCorruptError(f"{where}: names file {str(info['file'])[:100]!r}, which the manifest does not list")
+    if info["dtype"] not in _DTYPE_NAMES:
+        raise CheckpointCorruptError(f"{where}: unknown dtype {str(info['dtype'])[:50]!r}")
+    shape = info["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(type(d) is int and 0 <= d <= MAX_SPAN for d in shape) or _span(shape) > MAX_SPAN:
+        raise CheckpointCorruptError(f"{where}: invalid shape {str(shape)[:100]} (at most {MAX_RANK} dimensions, ints whose product is at most 2**62)")
+
+
+def _index_by_file(index: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:
+    by_file: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for key, info in index.items():
+        by_file.setdefault(info["file"], {})[key] = info
+    return by_file
+
+
+def _header_bound(index: Mapping[str, Any]) -> int:
+    """The longest safetensors header the tensors listed for a file can justify (every key escaped)."""
+    justified = sum(6 * len(key.encode("utf-8", "surrogatepass")) + 128 + 21 * len(info["shape"]) for key, info in index.items())
+    return min(MAX_HEADER_BYTES, 4096 + 2 * justified)
+
+
+def _check_memory(files: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse before reading anything when the files could not fit in this machine's memory."""
+    total = sum(info["bytes"] for info in files.values())
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        raise CheckpointCorruptError(f"{name}: missing from the checkpoint") from None
-    except OSError as e:
-        raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-        raise CheckpointCorruptError(f"{name}: is {kind}; checkpoint files must be regular files in the directory")
-    if st.st_size != expected:
-        raise CheckpointCorruptError(f"{name}: {st.st_size} bytes, the manifest records {expected} (truncated or replaced)")
-    data = torch.empty(expected, dtype=torch.uint8)  # not zeroed first, unlike a bytearray
-    try:
-        digest = _read_hashing(path, memoryview(data.numpy()))
-    except OSError as e:
-        raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
-    if digest is None:
-        raise CheckpointCorruptError(f"{name}: changed size while it was read")
-    if digest != info["sha256"]:
-        raise CheckpointCorruptError(f"{name}: SHA-256 digest does not match the manifest (the file is corrupt)")
-    return data
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if total > memory:
+        raise CheckpointCorruptError(f"{MANIFEST}: the files declare {total} bytes, more than this machine's memory ({memory} bytes)")
 
 
-def _read_hashing(path: Path, out: memoryview) -> str | None:
-    """Fill `out` from `path`, hashing each chunk in a second thread while the next one is read.
+def _read_tensor_file(path: Path, info: Mapping[str, Any], algorithm: str, index: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A tensor file's tensors, checked against the manifest, every byte hashed once.
 
-    Returns the SHA-256 hex digest, or None when the file does not hold exactly ``len(out)`` bytes.
+    The header is read and checked against the manifest's `index` (this file's entries) before
+    anything the size of the data is mapped or allocated. Then the whole file is mapped (private,
+    copy-on-write: the tensors are writable views whose writes never reach the file) and hashed
+    where it lies, with no copy; where mapping fails, it is read into one buffer instead.
     """
-    digest = hashlib.sha256()
-    pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-sha256") if len(out) >= _OVERLAP_BYTES else None
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    name = path.name
+    fd, size = _open_regular(path, name)
     try:
-        pos, hashing = 0, None
-        while pos < len(out):
-            n = os.readv(fd, [out[pos : pos + _CHUNK]])
-            if not n:
-                return None
-            if hashing is not None:
-                hashing.result()
-            if pool is None:
-                digest.update(out[pos : pos + n])
-            else:
-                hashing = pool.submit(digest.update, out[pos : pos + n])
-            pos += n
-        if hashing is not None:
-            hashing.result()
-        if os.read(fd, 1):
-            return None
+        if size != info["bytes"]:
+            raise CheckpointCorruptError(f"{name}: {size} bytes, the manifest records {info['bytes']} (truncated or replaced)")
+        if size < 8:
+            raise CheckpointCorruptError(f"{name}: {size} bytes, too short for a safetensors file")
+        head = _read_exactly(fd, 8, name)
+        n = _header_length(name, bytes(head), size, _header_bound(index))
+        head += _read_exactly(fd, n, name)
+        entries = _parse_header(name, bytes(head[8:]), size - 8 - n)
+        _check_entries(name, entries, index)
+        whole = _map(fd, size, name)
+    except OSError as e:
+        raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
     finally:
         os.close(fd)
-        if pool is not None:
-            pool.shutdown()
-    return digest.hexdigest()
+    digest = _hasher(algorithm, threads=True)
+    digest.update(whole.numpy())
+    if digest.hexdigest() != info[algorithm]:
+        raise CheckpointCorruptError(f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is corrupt)")
+    if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one hashed
+        raise CheckpointCorruptError(f"{name}: changed while it was read")
+    return _tensors_of(entries, whole[len(head) :])
 
 
-def verify(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[str, Any]]) -> None:
+    """A file's header lists exactly the tensors the manifest's index places in it, as it records them."""
+    held = {key: (str(dtype).removeprefix("torch."), shape) for _, _, key, dtype, shape in entries}
+    missing, extra = sorted(set(index) - set(held)), sorted(set(held) - set(index))
+    if missing:
+        raise CheckpointCorruptError(f"{name}: does not hold tensors {missing[:10]}, which the manifest lists in it")
+    if extra:
+        raise CheckpointCorruptError(f"{name}: holds tensors the manifest does not list in it: {extra[:10]}")
+    for key, (dtype, shape) in held.items():
+        if [index[key]["dtype"], index[key]["shape"]] != [dtype, shape]:
+            raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} is {shape} {dtype}, the manifest records {str(index[key])[:200]}")
+
+
+def verify(directory: str | os.PathLike[str], *, digest: str | None = None) -> dict[str, Any]:
     """Check a checkpoint completely (manifest, every file's size, digest and contents); return the manifest.
 
     A checkpoint that verifies loads: this reads it as `read_tree` does, then drops the tensors.
+
+    Args:
+        directory: the checkpoint's path.
+        digest: the manifest digest to insist on (see `read_manifest`).
 
     Raises:
         CheckpointError: no checkpoint there, or one of a newer format version.
         CheckpointCorruptError: naming the first file that does not verify.
     """
-    return read_tree(directory)[1]
+    return read_tree(directory, digest=digest)[1]
 
 
 def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
@@ -604,16 +653,18 @@ def read_tree(
     *,
     map_location: str | torch.device | Callable[[torch.Tensor], torch.Tensor] | None = None,
     named_types: Mapping[str, type] | None = None,
+    digest: str | None = None,
 ) -> tuple[Tree, dict[str, Any]]:
-    """Load a checkpoint's tree and manifest, verifying every file first.
+    """Load a checkpoint's tree and manifest, verifying every file while it is read.
 
-    The tensors of one file are views of the one buffer it was read into (each with a storage of
-    its own size, writable); nothing is copied after the read.
+    The tensors of one file are views of its private mapping (each with a storage of its own
+    size, writable, copy-on-write); nothing is copied.
 
     Args:
         directory: the checkpoint's path.
         map_location: a device to move tensors to, or a function applied to each tensor.
         named_types: ``"module.QualName" -> class`` to rebuild NamedTuples; others come back as dicts.
+        digest: the manifest digest to insist on (see `read_manifest`).
 
     Returns:
         ``(tree, manifest)``.
@@ -623,16 +674,13 @@ def read_tree(
         CheckpointCorruptError: a file is missing, truncated, altered or malformed (named in the message).
     """
     root = Path(directory)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, digest=digest)
+    algorithm = _ALGORITHM[manifest["format_version"]]
+    _check_memory(manifest["files"])
+    by_file = _index_by_file(manifest["tensors"])
     tensors: dict[str, torch.Tensor] = {}
-    source: dict[str, str] = {}
     for name, info in manifest["files"].items():
-        data = _read_verified(_safe_file(root, name), info)
-        for key, t in _parse_safetensors(name, data).items():
-            if key in tensors:
-                raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} is also stored in {source[key]}")
-            tensors[key], source[key] = t, name
-    _check_index(manifest["tensors"], tensors, source)
+        tensors.update(_read_tensor_file(_safe_file(root, name), info, algorithm, by_file.get(name, {})))
     if map_location is not None:
         move = map_location if callable(map_location) else (lambda t: t.to(map_location))
         tensors = {k: move(v) for k, v in tensors.items()}
@@ -642,19 +690,6 @@ def read_tree(
     if unused:
         raise CheckpointCorruptError(f"{MANIFEST}: tensors {unused[:10]} are stored but not in the structure")
     return tree, manifest
-
-
-def _check_index(index: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: Mapping[str, str]) -> None:
-    for key, info in index.items():
-        where = info.get("file") if isinstance(info, dict) and isinstance(info.get("file"), str) else MANIFEST
-        if key not in tensors:
-            raise CheckpointCorruptError(f"{where[:100]}: does not hold tensor {key[:100]!r}, which the manifest lists")
-        t = tensors[key]
-        if not isinstance(info, dict) or info.get("shape") != list(t.shape) or info.get("dtype") != str(t.dtype).removeprefix("torch."):
-            raise CheckpointCorruptError(f"{source[key]}: tensor {key[:100]!r} is {list(t.shape)} {t.dtype}, the manifest records {str(info)[:200]}")
-    extra = sorted(set(tensors) - set(index))
-    if extra:
-        raise CheckpointCorruptError(f"{source[extra[0]]}: holds tensors the manifest does not list: {extra[:10]}")
 
 
 def compare_to_template(loaded: Tree, like: Tree) -> list[str]:

@@ -9,6 +9,7 @@ and reports all problems at once.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.errors import ConfigError, StateMismatchError
+from functrain.errors import CheckpointCorruptError, ConfigError, StateMismatchError
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
 from functrain.core.state import TrainState
 from functrain.tree import leaves_by_path
@@ -80,6 +81,7 @@ def load(
     like: TrainState | Any = None,
     *,
     map_location: str | torch.device | None = None,
+    digest: str | None = None,
 ) -> Any:
     """Load a checkpoint, verifying every file; against a template, check every leaf.
 
@@ -89,6 +91,8 @@ def load(
             transform) are kept and its tree fields replaced. None returns the raw tree.
         map_location: device for the loaded tensors; by default each goes to the device of the
             template's leaf (CPU without a template).
+        digest: the manifest digest to insist on (``manifest["manifest_blake3"]`` of a checkpoint
+            you trust): pins the checkpoint, so one re-sealed since is refused.
 
     Returns:
         With `like`: a state (or tree) of the template's structure holding the checkpoint's values.
@@ -99,20 +103,23 @@ def load(
             is not a device (or one this machine lacks).
         CheckpointError: no checkpoint there, or a newer format version.
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message).
-        StateMismatchError: listing every missing or extra path, shape or dtype mismatch, and a
-            different optimizer, hyperparameters or options; then the fix: for other weights,
-            that they cannot load into this model; else the code that starts a new state from
-            the checkpoint's weights.
+        StateMismatchError: listing every missing or extra path, shape or dtype mismatch (the
+            counters must be 0-d int64 and `rng` the template's generator state), and a different
+            optimizer, hyperparameters or options; then the fix: for other weights, that they
+            cannot load into this model; else the code that starts a new state from the
+            checkpoint's weights.
+        CheckpointCorruptError: also when loading into a `TrainState`, for driver records
+            (``state.driver``) that `fit` could not resume from, naming each malformed path.
 
     Example:
         >>> import tempfile, functrain as ft
         >>> path = ft.save({"w": torch.arange(3.0), "step": 7}, Path(tempfile.mkdtemp()) / "ckpt")
         >>> tree, manifest = ft.load(path)
         >>> tree["w"], tree["step"], manifest["format_version"]
-        (tensor([0., 1., 2.]), 7, 2)
+        (tensor([0., 1., 2.]), 7, 3)
     """
     _check_map_location(map_location)
-    tree, manifest = read_tree(path, map_location=map_location)
+    tree, manifest = read_tree(path, map_location=map_location, digest=digest)
     if like is None:
         return tree, manifest
     if isinstance(tree, dict) and not isinstance(like, (TrainState, torch.Tensor)) and pytree.tree_is_leaf(like):
@@ -133,6 +140,8 @@ def load(
     if problems:
         fix = _mismatch_fix(tree, like, path) if isinstance(like, TrainState) else ""
         raise StateMismatchError(f"checkpoint {str(path)!r} does not fit the template:\n  - " + "\n  - ".join(problems) + fix)
+    if isinstance(like, TrainState):
+        _check_driver(path, driver)
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
     values = []
@@ -145,6 +154,26 @@ def load(
     if isinstance(like, TrainState):
         return like.with_tree({**restored, "driver": _to_device(driver, like.device)})
     return restored
+
+
+# The driver's records are the driver layer's format, and imports run down the layers: the driver
+# registers the check that tells whether a loaded `state.driver` holds records it can resume from.
+_driver_checks: list[Callable[[Any], list[str]]] = []
+
+
+def register_driver_check(check: Callable[[Any], list[str]]) -> None:
+    """Have `load` (into a `TrainState`) refuse a ``state.driver`` for which `check` lists problems."""
+    if check not in _driver_checks:
+        _driver_checks.append(check)
+
+
+def _check_driver(path: str | os.PathLike[str], driver: Any) -> None:
+    """Refuse driver records that `fit` could not resume from, naming each malformed path."""
+    problems = [problem for check in _driver_checks for problem in check(driver)]
+    if problems:
+        raise CheckpointCorruptError(
+            f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot resume from:\n  - " + "\n  - ".join(problems)
+        )
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:

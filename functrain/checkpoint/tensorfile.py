@@ -4,11 +4,11 @@ The writer lays tensors out exactly as the safetensors library does (the files a
 parser is strict and bounded (header size, offsets, rank, every dimension and the shape's
 products), raising `CheckpointCorruptError` on anything malformed instead of trusting the input.
 
-Why not the ``safetensors`` package's own parser: a checkpoint read must hash every byte in the same
-pass that reads it into memory, and hand the tensors out as views of that one buffer. The package
-offers either `safe_open` (it maps the file and reads lazily: verifying would be a second pass over
-the bytes, and a file changed between the hash and the use goes unseen) or `load(bytes)` (a copy of
-the whole file into a `bytes` object, then a copy of every tensor out of it). Nor does it bound what
+Why not the ``safetensors`` package's own parser: a checkpoint read must check the header against
+the manifest before touching the data, hash every byte once, and hand the tensors out as views of
+the bytes it hashed. The package offers either `safe_open` (it maps the file and reads lazily:
+verifying would be a second pass over the bytes) or `load(bytes)` (a copy of the whole file into a
+`bytes` object, then a copy of every tensor out of it). Nor does it bound what
 a crafted file costs or turn every malformed shape into its own error. Measured here (torch 2.13,
 safetensors 0.7, one process each, a crafted 81 MiB header of 1.4 million zero-size entries): peak
 memory over the start, `safe_open` 1.2 GiB, `load_file` 2.0 GiB (87 s); a zero-size tensor of shape
@@ -35,6 +35,11 @@ MAX_RANK = 64
 # storage size from it in int64, so a zero-size tensor of shape [2**40, 2**40, 0] must be refused too
 MAX_SPAN = 1 << 62
 _CHUNK = 8 << 20
+# What parsing a JSON text (a header, a manifest) may cost in memory, estimated before parsing it:
+# Python objects cost up to 25 times their text ("{}" is 2 bytes, an empty dict 64 plus its slot).
+# Real files estimate at 4 to 10 times their size; 512 MiB admits a manifest of a state with a
+# million tensors and refuses crafted files of a few MiB made of tiny containers.
+MAX_JSON_MEMORY = 512 << 20
 
 # safetensors dtype codes, in the order of the library's Dtype enum: it lays tensors out by
 # descending code, then by name, and so must we for the files to be the very bytes it writes
@@ -90,18 +95,33 @@ def _safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]
 
 
 def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Validate a safetensors file (bytes in a uint8 tensor) as strictly as the safetensors library does.
-
-    The tensors are views of `data`'s memory, each with a storage of its own extent.
-    """
-    array = data.numpy()
-    buf = memoryview(array)
+    """Validate a whole safetensors file (bytes in a uint8 tensor); the tensors are views of `data`."""
+    buf = memoryview(data.numpy())
     if len(buf) < 8:
         raise CheckpointCorruptError(f"{name}: {len(buf)} bytes, too short for a safetensors file")
-    (n,) = struct.unpack_from("<Q", buf, 0)
-    if n > min(len(buf) - 8, MAX_HEADER_BYTES):
-        raise CheckpointCorruptError(f"{name}: header length {n} exceeds the file ({len(buf)} bytes) or the limit")
-    text = bytes(buf[8 : 8 + n])
+    n = _header_length(name, bytes(buf[:8]), len(buf), MAX_HEADER_BYTES)
+    entries = _parse_header(name, bytes(buf[8 : 8 + n]), len(buf) - 8 - n)
+    return _tensors_of(entries, data[8 + n :])
+
+
+def _header_length(name: str, prefix: bytes, file_bytes: int, limit: int) -> int:
+    """The header length the file's first 8 bytes declare, checked against the file and `limit`."""
+    (n,) = struct.unpack("<Q", prefix)
+    if n > min(file_bytes - 8, limit):
+        raise CheckpointCorruptError(f"{name}: header length {n} exceeds the file ({file_bytes} bytes) or the limit of {limit}")
+    return n
+
+
+Entry = tuple[int, int, str, torch.dtype, list[int]]
+
+
+def _parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
+    """Validate a safetensors header as strictly as the safetensors library does.
+
+    Returns the entries ``(begin, end, key, dtype, shape)`` sorted by offset, which tile the
+    `data_len` bytes of data after the header exactly.
+    """
+    check_json_cost(name, text)
     try:
         if not text.startswith(b"{"):
             raise ValueError("the header does not start with '{'")
@@ -116,7 +136,6 @@ def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]
         if isinstance(e, CheckpointCorruptError):
             raise
         raise CheckpointCorruptError(f"{name}: not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
-    start, data_len = 8 + n, len(buf) - 8 - n
     end = 0
     for begin, stop, key, _, _ in entries:
         if begin != end:
@@ -124,15 +143,21 @@ def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]
         end = stop
     if end != data_len:
         raise CheckpointCorruptError(f"{name}: the tensors cover {end} bytes of data, the file holds {data_len}")
+    return entries
+
+
+def _tensors_of(entries: list[Entry], data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of a parsed header as views of `data` (the bytes after the header, uint8)."""
+    array = data.numpy()
     tensors = {}
     for begin, stop, key, dtype, shape in entries:
         size = dtype.itemsize
         if stop == begin:
             tensors[key] = torch.empty(shape, dtype=dtype)
-        elif (start + begin) % size == 0:
-            tensors[key] = torch.frombuffer(array, dtype=dtype, count=(stop - begin) // size, offset=start + begin).view(shape)
+        elif (data.data_ptr() + begin) % size == 0:
+            tensors[key] = torch.frombuffer(array, dtype=dtype, count=(stop - begin) // size, offset=begin).view(shape)
         else:  # misaligned (never written so, but valid): copy rather than hand kernels a misaligned view
-            tensors[key] = torch.frombuffer(bytearray(buf[start + begin : start + stop]), dtype=dtype).view(shape)
+            tensors[key] = torch.frombuffer(bytearray(array[begin:stop]), dtype=dtype).view(shape)
     return tensors
 
 
@@ -173,6 +198,29 @@ def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
         if n > limit:
             return limit + 1
     return n
+
+
+def json_cost(text: bytes) -> int:
+    """An upper bound on the memory `json.loads` takes to parse `text` (with the hooks used here).
+
+    Counted from the structural characters, which bound how many Python objects the parse makes:
+    an object per ``{`` (a dict and its list of pairs), ``[`` (a list), ``,`` (a value and its
+    slot) and ``:`` (a key string and its dict entry); and 8 bytes a character: the decoded text and
+    the strings parsed from it each store every character in 4 bytes when one of them is astral.
+    """
+    count = text.count
+    return 8 * len(text) + 88 * count(b"{") + 80 * count(b"[") + 72 * count(b",") + 168 * count(b":") + 4096
+
+
+def check_json_cost(name: str, text: bytes, limit: int | None = None) -> None:
+    """Refuse `text` before parsing when parsing it could take more than `limit` bytes of memory."""
+    limit = MAX_JSON_MEMORY if limit is None else limit
+    cost = json_cost(text)
+    if cost > limit:
+        raise CheckpointCorruptError(
+            f"{name}: parsing its {len(text)} bytes of JSON could take {cost >> 20} MiB of memory, over the limit of {limit >> 20} MiB "
+            "(a real checkpoint's JSON takes 4 to 10 times its size; this one is made of tiny containers)"
+        )
 
 
 def _unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:

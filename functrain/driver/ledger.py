@@ -16,11 +16,14 @@ from typing import Any
 import attrs
 import torch
 
-from functrain.driver.history import History
+from functrain.checkpoint.state_io import register_driver_check
+from functrain.driver.history import KINDS, History
 from functrain.errors import ConfigError
 from functrain.optim.plateau import EarlyStopping, improved
 
-__all__ = ["Ledger", "MetricWindow"]
+__all__ = ["Ledger", "MetricWindow", "tree_problems"]
+
+_SCALARS = (int, float, str, bool, type(None))
 
 # the `fit` argument behind each entry of a data setup
 _DATA_ARGUMENTS = {
@@ -89,7 +92,6 @@ class MetricWindow:
 
     def to_tree(self) -> dict[str, Any]:
         return {"keys": list(self.keys), "sums": self.sums, "count": self.count}
-
 
 @attrs.define
 class Ledger:
@@ -191,3 +193,94 @@ def _data_change_message(saved: dict[str, Any], given: dict[str, Any], changed: 
         f"state = functrain.load({path}, like=state).replace(driver={{}}, epoch_step=torch.zeros((), dtype=torch.int64)), "
         "then fit(state, ...) (the epoch starts over in the new order)"
     )
+
+
+_DRIVER_KEYS = ("history", "window", "epoch_sums", "best", "empty_batches", "stop_reason", "early_stopping", "data")
+
+
+def tree_problems(driver: Any, path: str = "driver") -> list[str]:
+    """Everything that keeps `driver` from being what `Ledger.to_tree` writes and `Ledger.from_tree` reads.
+
+    A loaded checkpoint's ``state.driver`` is checked with this before a run resumes from it, so
+    that a malformed one is refused by the load, naming the path, instead of crashing `fit` later
+    or resuming into another run's records.
+
+    Example:
+        >>> tree_problems({"empty_batches": -1, "epochs": 3})
+        ["driver: unknown keys ['epochs'] (expected some of history, window, epoch_sums, best, empty_batches, stop_reason, early_stopping, data)", 'driver/empty_batches: expected an int >= 0, got int -1']
+    """
+    if not isinstance(driver, dict):
+        return [f"{path}: expected a dict, got {_describe(driver)}"]
+    problems = []
+    unknown = sorted(set(driver) - set(_DRIVER_KEYS))
+    if unknown:
+        problems.append(f"{path}: unknown keys {unknown[:10]} (expected some of {', '.join(_DRIVER_KEYS)})")
+    problems += _history_problems(driver.get("history"), f"{path}/history")
+    for name in ("window", "epoch_sums"):
+        problems += _window_problems(driver.get(name), f"{path}/{name}")
+    best = driver.get("best")
+    if best is not None and not _is_row(best):
+        problems.append(f"{path}/best: expected None or a dict of metric names to numbers, got {_describe(best)}")
+    if not _is_count(driver.get("empty_batches", 0)):
+        problems.append(f"{path}/empty_batches: expected an int >= 0, got {_describe(driver.get('empty_batches'))}")
+    if not isinstance(driver.get("stop_reason"), (str, type(None))):
+        problems.append(f"{path}/stop_reason: expected None or a str, got {_describe(driver.get('stop_reason'))}")
+    data = driver.get("data")
+    if data is not None and not _is_row(data):
+        problems.append(f"{path}/data: expected None or the data setup (a dict of names to numbers, str or None), got {_describe(data)}")
+    early = driver.get("early_stopping")
+    if early is not None and not (
+        isinstance(early, dict)
+        and set(early) <= {"best", "bad_evals"}
+        and isinstance(early.get("best"), (int, float, type(None)))
+        and not isinstance(early.get("best"), bool)
+        and _is_count(early.get("bad_evals", 0))
+    ):
+        problems.append(f"{path}/early_stopping: expected None or a dict with best (a number or None) and bad_evals (an int >= 0), got {_describe(early)}")
+    return problems
+
+
+def _window_problems(tree: Any, path: str) -> list[str]:
+    """What keeps `tree` from being a `MetricWindow`'s saved sums (empty when it is one)."""
+    if tree is None:
+        return []
+    if not isinstance(tree, dict) or not set(tree) <= {"keys", "sums", "count"}:
+        return [f"{path}: expected a dict of keys, sums and count, got {_describe(tree)}"]
+    keys, sums, count = tree.get("keys", []), tree.get("sums"), tree.get("count", 0)
+    problems = []
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        problems.append(f"{path}/keys: expected a list of metric names, got {_describe(keys)}")
+    if not _is_count(count):
+        problems.append(f"{path}/count: expected an int >= 0, got {_describe(count)}")
+    elif count and not (isinstance(sums, torch.Tensor) and sums.dtype == torch.float64 and list(sums.shape) == [len(keys)]):
+        problems.append(f"{path}/sums: expected a float64 tensor of shape [{len(keys)}] (one sum per key), got {_describe(sums)}")
+    return problems
+
+
+def _history_problems(history: Any, path: str) -> list[str]:
+    if history is None:
+        return []
+    if not isinstance(history, dict) or not set(history) <= set(KINDS):
+        return [f"{path}: expected a dict with some of {list(KINDS)}, got {_describe(history)}"]
+    return [
+        f"{path}/{kind}: expected a list of rows (dicts of names to numbers, str or None), got {_describe(rows)}"
+        for kind, rows in history.items()
+        if not isinstance(rows, list) or not all(_is_row(r) for r in rows)
+    ]
+
+
+def _is_row(row: Any) -> bool:
+    return isinstance(row, dict) and all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in row.items())
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{list(value.shape)} {value.dtype}"
+    return f"{type(value).__name__} {str(value)[:80]}"
+
+
+register_driver_check(tree_problems)
