@@ -364,5 +364,6 @@ def test_a_rotation_interrupted_mid_delete_leaves_no_checkpoint_lookalike(
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert first.name not in leftovers  # renamed away before deletion began
     assert [n for n in leftovers if n.startswith("ckpt-")] == [mgr.all()[0].name]
-    ft.CheckpointManager(tmp_path, keep_last=1)  # a new manager cleans up
+    mgr.close()
+    ft.CheckpointManager(tmp_path, keep_last=1).close()  # the next writer cleans up
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
