@@ -107,6 +107,7 @@ class CheckpointManager:
         self.readonly = readonly
         self._writer = None if readonly else _open_writer(self.directory, remove_temporary)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-ckpt") if async_save else None
+        self._pending: Future[Path] | None = None
         self._unwaited = _Unwaited()
         self._commit_lock = threading.Lock()
         # runs on close(), when the manager is collected, or at interpreter exit, whichever is first
@@ -191,8 +192,7 @@ class CheckpointManager:
             return self._commit(name, tree, fp, meta)
         # copy out now, so the steps that follow cannot change what is written
         snapshot = tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
-        self._unwaited.name = name
-        self._unwaited.future = self._pool.submit(self._commit, name, snapshot, fp, meta)
+        self._pending = self._pool.submit(self._commit_in_background, name, snapshot, fp, meta)
         return self.directory / name
 
     def _require_writer(self, action: str) -> None:
@@ -208,6 +208,14 @@ class CheckpointManager:
             path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__)
             self._keep_books(path, meta["metrics"].get(self.best_metric) if self.best_metric is not None else None)
             return path
+
+    def _commit_in_background(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any]) -> Path:
+        try:
+            return self._commit(name, tree, fp, meta)
+        except BaseException as e:
+            # kept as text, before the future holds the error: an exit without wait() still reports it
+            self._unwaited.failure = f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
+            raise
 
     def _keep_books(self, path: Path, value: Any) -> None:
         """After `path` committed: point `latest` at it, keep it as a best, rotate; say what failed."""
@@ -255,20 +263,25 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until a pending async save is committed; raise its error if it failed."""
-        pending, self._unwaited.future = self._unwaited.future, None
-        if pending is not None:
-            try:
-                pending.result()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"background save of checkpoint {self._unwaited.name} failed: {type(e).__name__}: {e}") from e
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except CheckpointError:
+            self._unwaited.failure = None  # told to the caller now
+            raise
+        except Exception as e:
+            self._unwaited.failure = None
+            raise CheckpointError(f"background checkpoint save failed: {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
         """Finish pending work (raising its error), stop the background thread, release the lock."""
         try:
             self.wait()
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             self._finalizer()
 
     def __enter__(self) -> CheckpointManager:
@@ -332,27 +345,25 @@ def _open_writer(directory: Path, remove_temporary: bool) -> WriterLock:
 
 
 class _Unwaited:
-    """The async save nobody has waited for yet: what an exit without `wait()` must not lose."""
+    """The failure of an async save that nobody has waited for: what an exit without `wait()` must not lose.
+
+    Text, not the exception: a traceback would hold the manager alive from its own finalizer.
+    """
 
     def __init__(self) -> None:
-        self.future: Future[Path] | None = None
-        self.name = ""
+        self.failure: str | None = None
 
 
 def _finish(unwaited: _Unwaited, pool: ThreadPoolExecutor | None, writer: WriterLock | None) -> None:
-    future, unwaited.future = unwaited.future, None
     try:
-        if future is not None and future.exception() is not None:
-            e = future.exception()
-            warnings.warn(
-                f"checkpoint {unwaited.name} was NOT saved: its background save failed ({type(e).__name__}: {e}), "
-                "and nothing called wait() or close() on its CheckpointManager to raise it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    finally:
         if pool is not None:
-            pool.shutdown(wait=True)
+            # no waiting: the pending save has run (at exit, the pool's thread was joined first;
+            # when collected, the save held the manager) and this may run in the pool's own thread
+            pool.shutdown(wait=False)
+        failure, unwaited.failure = unwaited.failure, None
+        if failure is not None:
+            warnings.warn(f"{failure}, and nothing called wait() or close() on its CheckpointManager to raise it", RuntimeWarning, stacklevel=2)
+    finally:
         if writer is not None:
             writer.release()
 
