@@ -2,8 +2,9 @@
 
 Modules: `tensorfile` (safetensors files, written and parsed), `format` (a tree as a directory of
 tensor files and a sealed manifest: atomic, verified, no pickle), `state_io` (`save` / `load` of a
-`TrainState` against a template), `directory` (the layout of a managed directory), `manager`
-(`CheckpointManager`: what to keep, the best ones, `latest`, async saves, restoring).
+`TrainState` against a template), `directory` (the layout of a managed directory), `lock` (one
+writer per directory), `manager` (`CheckpointManager`: what to keep, the best ones, `latest`,
+async saves, restoring).
 """
 
 from functrain.checkpoint.manager import CheckpointManager
