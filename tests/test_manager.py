@@ -557,9 +557,10 @@ def test_a_full_disk_at_the_latest_pointer_says_the_checkpoint_is_saved(
         rf"checkpoint {second.name} is saved, but the bookkeeping after it failed \(OSError: .*No space left on device\): "
         rf"the latest pointer still names {first.name}; the best checkpoints are as they were; no older checkpoint was removed"
     )
-    with pytest.raises(ft.CheckpointError, match=expected):
+    with pytest.raises(ft.CheckpointError, match=expected) as raised:
         mgr.save(states[1], metrics={"val": 0.1})
         mgr.wait()
+    assert raised.value.saved_as == second  # type: ignore[attr-defined]
     mgr.close()
     assert names(mgr.all()) == [first.name, second.name]  # nothing rotated away
     assert (tmp_path / "latest").read_text() == first.name + "\n" and leftovers(tmp_path) == []

@@ -161,7 +161,10 @@ def test_an_async_save_failing_at_exit_without_wait_warns_naming_the_checkpoint(
     )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and out == "exiting without wait()\n", err[-3000:]
-    assert "RuntimeWarning: checkpoint ckpt-000000000-000000000 was NOT saved: its background save failed (CheckpointError:" in err
+    assert (
+        "RuntimeWarning: an async save failed and nothing called wait() or close() on its CheckpointManager to raise it: "
+        "checkpoint ckpt-000000000-000000000 was NOT saved: its background save failed (CheckpointError:"
+    ) in err
     assert "No space left on device" in err
 
 

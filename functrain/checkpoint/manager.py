@@ -179,8 +179,9 @@ class CheckpointManager:
 
         Raises:
             CheckpointError: this save failed (nothing was committed), or it committed but the
-                bookkeeping after it failed (the message says what was and was not done), or (with
-                `async_save`) the previous save did; or the manager is a reader or closed.
+                bookkeeping after it failed (the message says what was and was not done, and the
+                error's ``saved_as`` is the committed path), or (with `async_save`) the previous
+                save did; or the manager is a reader or closed.
         """
         self._require_writer("save")
         self.wait()
@@ -214,7 +215,8 @@ class CheckpointManager:
             return self._commit(name, tree, fp, meta)
         except BaseException as e:
             # kept as text, before the future holds the error: an exit without wait() still reports it
-            self._unwaited.failure = f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
+            saved = getattr(e, "saved_as", None) is not None
+            self._unwaited.failure = str(e) if saved else f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
             raise
 
     def _keep_books(self, path: Path, value: Any) -> None:
@@ -230,10 +232,12 @@ class CheckpointManager:
                 step()
             except Exception as e:
                 undone = "; ".join(consequence for consequence, _ in steps[i:])
-                raise CheckpointError(
+                error = CheckpointError(
                     f"checkpoint {path.name} is saved, but the bookkeeping after it failed ({type(e).__name__}: {e}): {undone}. "
                     f"Nothing committed was lost; restore_latest() loads the newest checkpoint by name"
-                ) from e
+                )
+                error.saved_as = path  # type: ignore[attr-defined]  # for callers that can go on
+                raise error from e
 
     def _pointed(self) -> str:
         try:
@@ -362,7 +366,7 @@ def _finish(unwaited: _Unwaited, pool: ThreadPoolExecutor | None, writer: Writer
             pool.shutdown(wait=False)
         failure, unwaited.failure = unwaited.failure, None
         if failure is not None:
-            warnings.warn(f"{failure}, and nothing called wait() or close() on its CheckpointManager to raise it", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"an async save failed and nothing called wait() or close() on its CheckpointManager to raise it: {failure}", RuntimeWarning, stacklevel=2)
     finally:
         if writer is not None:
             writer.release()
