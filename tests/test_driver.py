@@ -249,7 +249,7 @@ def test_keep_last_keeps_n_regular_checkpoints_and_the_best_apart(monkeypatch: p
     data = dataset()
     result = quiet_fit(make_state(), data, eval_data=data, max_epochs=4, keep_last=2, checkpoint_dir=tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["best-000000003-001000000", "ckpt-000000009-003000000", "ckpt-000000012-004000000", "latest"]
+    assert names == ["best-000000003-001000000", "ckpt-000000009-003000000", "ckpt-000000012-004000000", "latest", "writer.lock"]
     assert [p.name for p in result.checkpoints["all"]] == ["ckpt-000000009-003000000", "ckpt-000000012-004000000"]
     assert result.checkpoints["best"] == tmp_path / "best-000000003-001000000"
     assert result.checkpoints["latest"] == tmp_path / "ckpt-000000012-004000000"

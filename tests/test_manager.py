@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import gc
 import math
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -364,5 +367,332 @@ def test_a_rotation_interrupted_mid_delete_leaves_no_checkpoint_lookalike(
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert first.name not in leftovers  # renamed away before deletion began
     assert [n for n in leftovers if n.startswith("ckpt-")] == [mgr.all()[0].name]
-    ft.CheckpointManager(tmp_path, keep_last=1)  # a new manager cleans up
+    mgr.close()
+    ft.CheckpointManager(tmp_path, keep_last=1).close()  # the next writer cleans up
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------- one writer, many readers
+
+
+def test_a_second_writer_in_the_same_process_is_refused_naming_the_holder(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    with ft.CheckpointManager(tmp_path) as writer:
+        writer.save(states[0])
+        with pytest.raises(ft.CheckpointError, match=rf"already has a writer: process {os.getpid()} on host '.+' \(since .+\) holds writer\.lock"):
+            ft.CheckpointManager(tmp_path)
+        assert writer.save(states[1]) == writer.all()[-1]  # the refusal cost the holder nothing
+    ft.CheckpointManager(tmp_path).close()
+
+
+@pytest.mark.parametrize("release", ["close", "with", "collected"])
+def test_the_writer_lock_is_released_by_close_context_exit_and_collection(tmp_path: Path, states: list[ft.TrainState], release: str) -> None:
+    if release == "close":
+        ft.CheckpointManager(tmp_path).close()
+    elif release == "with":
+        with ft.CheckpointManager(tmp_path) as mgr:
+            mgr.save(states[0])
+    else:
+        mgr = ft.CheckpointManager(tmp_path)
+        del mgr
+        gc.collect()
+    with ft.CheckpointManager(tmp_path) as again:
+        again.save(states[1])
+
+
+def test_a_closed_writer_refuses_to_save(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    mgr = ft.CheckpointManager(tmp_path)
+    mgr.close()
+    with pytest.raises(ft.CheckpointError, match="cannot save: .* is closed"):
+        mgr.save(states[0])
+    assert mgr.all() == []
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Every entry under `directory`: inode, mode, size, mtime (ns)."""
+    entries = {}
+    for root, dirs, files in os.walk(directory):
+        for name in [".", *dirs, *files]:
+            st = os.lstat(os.path.join(root, name))
+            entries[os.path.relpath(os.path.join(root, name), directory)] = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns)
+    return entries
+
+
+def forbid_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test at any call that could change a directory (root writes through `chmod -w`)."""
+
+    def refuse(name: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError(f"a reader called {name}{args}")
+
+        return refused
+
+    for name in ("rename", "replace", "unlink", "remove", "rmdir", "mkdir", "makedirs", "link", "symlink", "truncate", "ftruncate"):
+        monkeypatch.setattr(os, name, refuse(f"os.{name}"))
+    monkeypatch.setattr(shutil, "rmtree", refuse("shutil.rmtree"))
+    real_open = os.open
+
+    def read_only_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+            raise AssertionError(f"a reader opened {path} for writing")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+
+
+def test_readers_change_nothing_in_a_read_only_directory(tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch) -> None:
+    with ft.CheckpointManager(tmp_path, best_metric="val") as writer:
+        saved = [writer.save(s, metrics={"val": v}) for s, v in zip(states[:3], [0.3, 0.2, 0.4])]
+    (saved[-1] / "tensors-00000.safetensors").write_bytes(b"broken")  # restoring must skip it
+    in_progress = tmp_path / ".tmp-ckpt-000000009-000000009-4242-0123abcd"
+    in_progress.mkdir()
+    displaced = tmp_path / f".tmp-old-{saved[0].name}-0123abcd"
+    shutil.copytree(saved[0], displaced)
+    os.utime(tmp_path, ns=(1, 1))  # so that any change to the listing would show in the mtime
+    before, mode = snapshot(tmp_path), tmp_path.stat().st_mode
+    tmp_path.chmod(0o555)
+    try:
+        with monkeypatch.context() as m:
+            forbid_writes(m)
+            reader = ft.CheckpointManager(tmp_path, readonly=True, best_metric="val")
+            assert (reader.all(), reader.latest(), reader.best(), reader.best_value()) == (saved, saved[-1], tmp_path / saved[1].name.replace("ckpt", "best"), 0.2)
+            with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {saved[-1].name}"):
+                assert_bitwise_equal(states[1], reader.restore_latest(like=initial_state(seed=1)))
+            with pytest.raises(ft.CheckpointError, match="cannot save: .*readonly=True"):
+                reader.save(states[3])
+            with pytest.raises(ft.CheckpointError, match="cannot clean up: .*readonly=True"):
+                reader.cleanup()
+            reader.close()
+    finally:
+        tmp_path.chmod(mode)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_reader_of_a_directory_that_does_not_exist_sees_nothing_and_creates_nothing(tmp_path: Path) -> None:
+    reader = ft.CheckpointManager(tmp_path / "not-yet", readonly=True, best_metric="val")
+    assert (reader.all(), reader.bests(), reader.latest(), reader.best()) == ([], [], None, None)
+    assert reader.restore_latest(like=initial_state()) is None
+    assert not (tmp_path / "not-yet").exists()
+
+
+def test_a_refused_writer_leaves_the_holders_saves_in_progress_alone(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    with ft.CheckpointManager(tmp_path) as writer:
+        writer.save(states[0])
+        in_progress = tmp_path / f".tmp-ckpt-000000002-000000002-{os.getpid()}-0123abcd"
+        in_progress.mkdir()
+        with pytest.raises(ft.CheckpointError, match="already has a writer"):
+            ft.CheckpointManager(tmp_path)
+        ft.CheckpointManager(tmp_path, readonly=True).all()
+        assert in_progress.is_dir()
+
+
+def test_readonly_with_async_save_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ft.ConfigError, match="async_save=True writes checkpoints: a manager opened with readonly=True never does"):
+        ft.CheckpointManager(tmp_path, readonly=True, async_save=True)
+
+
+# ---------------------------------------------------------------- recovery when a writer opens
+
+
+@pytest.mark.parametrize("prefix", ["ckpt", "best"])
+def test_a_checkpoint_left_only_under_tmp_old_is_put_back_when_a_writer_opens(tmp_path: Path, states: list[ft.TrainState], prefix: str) -> None:
+    with ft.CheckpointManager(tmp_path, best_metric="val") as mgr:
+        mgr.save(states[0], metrics={"val": 0.5})
+        newest = mgr.save(states[1], metrics={"val": 0.4})
+    target = tmp_path / newest.name.replace("ckpt", prefix)
+    # what `format._replace` leaves when killed between its two renames (no atomic exchange):
+    # the old copy aside, the new one complete but never renamed into place
+    os.rename(target, tmp_path / f".tmp-old-{target.name}-0123abcd")
+    unrenamed = tmp_path / f".tmp-{target.name}-4242-89abcdef"
+    shutil.copytree(tmp_path / f".tmp-old-{target.name}-0123abcd", unrenamed)
+    with pytest.warns(RuntimeWarning, match=f"put back checkpoint {target.name}, displaced by a save that was killed"):
+        mgr = ft.CheckpointManager(tmp_path, best_metric="val")
+    assert leftovers(tmp_path) == []
+    assert_bitwise_equal(states[1], ft.load(target, like=initial_state(seed=1)))
+    assert (mgr.latest(), mgr.best()) == (newest, tmp_path / newest.name.replace("ckpt", "best"))
+    mgr.close()
+
+
+def test_a_displaced_copy_is_removed_once_its_replacement_is_in_place(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    with ft.CheckpointManager(tmp_path) as mgr:
+        path = mgr.save(states[0])
+    shutil.copytree(path, tmp_path / f".tmp-old-{path.name}-0123abcd")  # killed after the second rename
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to put back
+        ft.CheckpointManager(tmp_path).close()
+    assert leftovers(tmp_path) == [] and names(ft.CheckpointManager(tmp_path, readonly=True).all()) == [path.name]
+
+
+def test_a_displaced_copy_is_kept_when_its_name_holds_something_uncommitted(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    with ft.CheckpointManager(tmp_path) as mgr:
+        path = mgr.save(states[0])
+    displaced = tmp_path / f".tmp-old-{path.name}-0123abcd"
+    os.rename(path, displaced)
+    path.mkdir()  # not ours to judge: neither is removed
+    ft.CheckpointManager(tmp_path).close()
+    assert leftovers(tmp_path) == [displaced.name] and path.is_dir()
+
+
+# ---------------------------------------------------------------- bookkeeping failures
+
+
+def failing_for(name: str, code: int, real: Any) -> Any:
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(dst).name == name:
+            raise OSError(code, os.strerror(code))
+        real(src, dst, *args, **kwargs)
+
+    return replace
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_at_the_latest_pointer_says_the_checkpoint_is_saved(
+    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch, async_save: bool
+) -> None:
+    mgr = ft.CheckpointManager(tmp_path, keep_last=1, best_metric="val", async_save=async_save)
+    first = mgr.save(states[0], metrics={"val": 0.5})
+    mgr.wait()
+    monkeypatch.setattr(os, "replace", failing_for("latest", errno.ENOSPC, os.replace))
+    second = tmp_path / layout_module.checkpoint_name("ckpt", states[1])
+    expected = (
+        rf"checkpoint {second.name} is saved, but the bookkeeping after it failed \(OSError: .*No space left on device\): "
+        rf"the latest pointer still names {first.name}; the best checkpoints are as they were; no older checkpoint was removed"
+    )
+    with pytest.raises(ft.CheckpointError, match=expected) as raised:
+        mgr.save(states[1], metrics={"val": 0.1})
+        mgr.wait()
+    assert raised.value.saved_as == second  # type: ignore[attr-defined]
+    mgr.close()
+    assert names(mgr.all()) == [first.name, second.name]  # nothing rotated away
+    assert (tmp_path / "latest").read_text() == first.name + "\n" and leftovers(tmp_path) == []
+    assert_bitwise_equal(states[1], mgr.restore_latest(like=initial_state(seed=1)))
+
+
+def test_saving_one_step_twice_with_a_better_metric_replaces_its_best_copy(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    changed = states[1].replace(params={k: v + 1 for k, v in states[1].params.items()})  # same step, other weights
+    with ft.CheckpointManager(tmp_path, best_metric="val") as mgr:
+        mgr.save(states[0], metrics={"val": 0.6})
+        first = mgr.save(states[1], metrics={"val": 0.5})
+        again = mgr.save(changed, metrics={"val": 0.3})
+        assert again == first and names(mgr.bests()) == [first.name.replace("ckpt", "best")]
+        assert mgr.best_value() == 0.3
+        assert_bitwise_equal(changed, ft.load(mgr.best(), like=initial_state(seed=1)))
+        assert leftovers(tmp_path) == []
+
+
+def test_a_best_checkpoint_removed_while_it_is_ranked_costs_the_save_nothing(
+    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functrain.checkpoint.manager as manager_module
+
+    mgr = ft.CheckpointManager(tmp_path, keep_best=2, best_metric="val")
+    doomed = mgr.save(states[0], metrics={"val": 0.5}).name.replace("ckpt", "best")  # the threshold of the two best
+    mgr.save(states[1], metrics={"val": 0.4})
+    real_read = manager_module.read_manifest
+
+    def read_then_vanish(path: Any) -> dict[str, Any]:
+        manifest = real_read(path)
+        if Path(path).name == doomed:  # gone right after it was scored (someone else's rm)
+            shutil.rmtree(path)
+        return manifest
+
+    monkeypatch.setattr(manager_module, "read_manifest", read_then_vanish)
+    saved = mgr.save(states[2], metrics={"val": 0.45})
+    monkeypatch.undo()
+    assert mgr.latest() == saved
+    assert names(mgr.bests()) == [f"best-{i:09d}-{i:09d}" for i in (2, 3)]
+    assert mgr.best_value() == 0.4
+    mgr.close()
+
+
+def test_an_older_step_saved_after_newer_ones_is_not_rotated_away_at_once(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    with ft.CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(states[3])
+        older = mgr.save(states[1])
+        assert older in mgr.all() and mgr.latest() == older
+
+
+# ---------------------------------------------------------------- the latest pointer
+
+
+def crafted_pointer(directory: Path, kind: str) -> None:
+    pointer = directory / "latest"
+    pointer.unlink()
+    if kind == "fifo":
+        os.mkfifo(pointer)
+    elif kind == "directory":
+        pointer.mkdir()
+    elif kind == "symlink":
+        (directory / "elsewhere").write_text("ckpt-000000001-000000001\n")
+        pointer.symlink_to(directory / "elsewhere")
+    else:
+        pointer.write_bytes(POINTERS[kind])
+
+
+POINTERS = {
+    "not-utf8": b"\xff\xfe\x00ckpt-000000001-000000001",
+    "oversized": b"ckpt-000000001-000000001\n" * 400_000,
+    "padded-name": b"ckpt-000000001-000000001" + b" " * 300,
+    "traversal": b"../../etc/passwd\n",
+    "not-a-name": b"ckpt-1\n",
+    "nul": b"ckpt-000000001-000000001\x00\n",
+}
+
+
+@pytest.mark.parametrize("kind", [*POINTERS, "fifo", "directory", "symlink"])
+def test_a_crafted_latest_pointer_is_ignored_with_a_warning(tmp_path: Path, states: list[ft.TrainState], kind: str) -> None:
+    with ft.CheckpointManager(tmp_path) as mgr:
+        mgr.save(states[0])
+        newest = mgr.save(states[1])
+    crafted_pointer(tmp_path, kind)
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    with pytest.warns(RuntimeWarning, match=f"ignoring the latest pointer of {tmp_path}: latest: .*; using the newest checkpoint by name"):
+        assert reader.latest() == newest
+    with pytest.warns(RuntimeWarning, match="ignoring the latest pointer"):
+        assert_bitwise_equal(states[1], reader.restore_latest(like=initial_state(seed=1)))
+
+
+def test_a_pointer_naming_a_removed_checkpoint_falls_back_silently(tmp_path: Path, states: list[ft.TrainState]) -> None:
+    with ft.CheckpointManager(tmp_path) as mgr:
+        older = mgr.save(states[0])
+        newest = mgr.save(states[1])
+    shutil.rmtree(newest)
+    assert ft.CheckpointManager(tmp_path, readonly=True).latest() == older
+
+
+def test_fit_resumes_past_a_crafted_latest_pointer(tmp_path: Path) -> None:
+    data = [batch(i) for i in range(4)]
+    run = {"max_epochs": 1, "checkpoint_dir": tmp_path, "progress": False, "verbosity": "silent", "save_every": 1}
+    first = ft.fit(initial_state(), data[:2], **run)
+    (tmp_path / "latest").write_bytes(b"\x80" * 10_000)
+    with pytest.warns(RuntimeWarning, match="ignoring the latest pointer"):
+        resumed = ft.fit(initial_state(seed=1), data[:2], **{**run, "max_epochs": 2}, resume=True)
+    assert int(resumed.state.step) == int(first.state.step) + 2
+
+
+# ---------------------------------------------------------------- restore_latest falls back on any error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("shape '[0, 9223372036854775808]' is invalid"), MemoryError(), ValueError("bad"), OSError(5, "Input/output error"), TypeError("x"), RecursionError()],
+    ids=lambda e: type(e).__name__,
+)
+def test_restore_latest_skips_a_newest_checkpoint_raising_anything(
+    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    import functrain.checkpoint.manager as manager_module
+
+    with ft.CheckpointManager(tmp_path) as mgr:
+        mgr.save(states[0])
+        newest = mgr.save(states[1])
+    real_load = manager_module.load
+
+    def crafted_load(path: Path, like: Any) -> Any:
+        if path == newest:
+            raise error
+        return real_load(path, like=like)
+
+    monkeypatch.setattr(manager_module, "load", crafted_load)
+    with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {newest.name}: {type(error).__name__}"):
+        restored = ft.CheckpointManager(tmp_path, readonly=True).restore_latest(like=initial_state(seed=1))
+    assert_bitwise_equal(states[0], restored)

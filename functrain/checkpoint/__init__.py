@@ -3,8 +3,8 @@
 Modules: `tensorfile` (safetensors files, written and parsed), `files` (their bytes written and
 read, hashed in one pass), `format` (a tree as a directory of tensor files and a sealed manifest:
 atomic, verified, no pickle), `state_io` (`save` / `load` of a `TrainState` against a template),
-`directory` (the layout of a managed directory), `manager` (`CheckpointManager`: what to keep, the
-best ones, `latest`, async saves, restoring).
+`directory` (the layout of a managed directory), `lock` (one writer per directory), `manager`
+(`CheckpointManager`: what to keep, the best ones, `latest`, async saves, restoring).
 """
 
 from functrain.checkpoint.manager import CheckpointManager

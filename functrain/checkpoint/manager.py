@@ -2,7 +2,9 @@
 
 `CheckpointManager` writes regular checkpoints (all kept, or the last N), keeps the best ones apart
 from that rotation, maintains a `latest` pointer replaced atomically, and restores the newest
-checkpoint that verifies. The file format is `functrain.checkpoint.format`'s.
+checkpoint that verifies. One process writes a directory at a time (an advisory lock,
+`functrain.checkpoint.lock`); any number read it, writing nothing. The file format is
+`functrain.checkpoint.format`'s; the layout and its recovery are `functrain.checkpoint.directory`'s.
 """
 
 from __future__ import annotations
@@ -11,53 +13,70 @@ import math
 import os
 import threading
 import warnings
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from functrain.checkpoint.state_io import fingerprint, load
-from functrain.errors import CheckpointError, ConfigError
 from functrain.checkpoint import directory as layout
-from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, link_copy, listed, point_latest, read_latest, remove_temporary
+from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, is_committed, link_copy, listed, point_latest, read_pointer, recover
 from functrain.checkpoint.format import read_manifest, write_tree
+from functrain.checkpoint.lock import WriterLock
+from functrain.checkpoint.state_io import fingerprint, load
 from functrain.core.state import TrainState
+from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
 from functrain.tree import tree_map
 
 __all__ = ["CheckpointManager"]
+
 
 class CheckpointManager:
     """Keeps a directory of checkpoints: regular ones, the best ones, and a `latest` pointer.
 
     Layout: ``ckpt-<step>-<position>/`` for regular checkpoints, ``best-<step>-<position>/`` for the
     best ones (hard links to the regular checkpoint's files where possible: no second write),
-    ``latest`` (a file naming the newest checkpoint). Temporary directories left by a killed
-    process start with ``.tmp-`` and are removed when a manager opens the directory.
+    ``latest`` (a file naming the newest checkpoint), ``writer.lock``. Temporary entries of
+    interrupted saves start with ``.tmp-``.
+
+    One writer per directory: a writing manager holds the directory's lock from its creation
+    until `close` (or the end of a ``with`` block, or of the process); a second writer, in this
+    process or another, is refused. When it opens, the writer finishes what killed processes
+    left: a checkpoint displaced by an interrupted replace is put back, other ``.tmp-`` entries
+    are removed. A reader (``readonly=True``) lists, points and restores without the lock and
+    never creates, renames or deletes anything: it works on a read-only directory and beside a
+    live writer (the other ranks of a distributed run, a monitoring process).
 
     Args:
-        directory: where checkpoints live (created if missing).
+        directory: where checkpoints live (a writer creates it if missing).
         keep_last: number of regular checkpoints to keep (oldest removed once a new one is
             committed); None keeps all.
         keep_best: number of best checkpoints to keep (0 disables them).
         best_metric: name of the metric in ``save(..., metrics=)`` that decides "best".
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.
         async_save: snapshot the state synchronously and write in a background thread; a failure
-            surfaces on the next `save`, `wait` or `close`.
-        remove_temporary: remove leftovers of interrupted saves now (`cleanup`); off for readers
-            that share the directory with a writer (the other ranks of a distributed run).
+            surfaces on the next `save`, `wait` or `close`, or as a warning naming the checkpoint
+            if the program ends (or drops the manager) without calling either.
+        remove_temporary: finish interrupted saves when the writer opens (`cleanup`).
+        readonly: open as a reader: no lock, no cleanup; `save` and `cleanup` raise.
 
     Raises:
         ConfigError: invalid options, listed together.
+        CheckpointError: (a writer) another writer holds the directory, naming it; or the
+            directory or its lock cannot be created.
 
     Example:
         >>> import tempfile, torch, functrain as ft
         >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
-        >>> mgr = ft.CheckpointManager(tempfile.mkdtemp(), keep_last=2, best_metric="val_loss")
-        >>> p = mgr.save(s, metrics={"val_loss": 0.5})
-        >>> mgr.latest() == p, mgr.best() is not None
+        >>> d = tempfile.mkdtemp()
+        >>> with ft.CheckpointManager(d, keep_last=2, best_metric="val_loss") as mgr:
+        ...     p = mgr.save(s, metrics={"val_loss": 0.5})
+        >>> reader = ft.CheckpointManager(d, readonly=True, best_metric="val_loss")
+        >>> reader.latest() == p, reader.best() is not None
         (True, True)
-        >>> restored = mgr.restore_latest(like=s)
+        >>> restored = reader.restore_latest(like=s)
     """
 
     def __init__(
@@ -70,6 +89,7 @@ class CheckpointManager:
         mode: Literal["min", "max"] = "min",
         async_save: bool = False,
         remove_temporary: bool = True,
+        readonly: bool = False,
     ) -> None:
         problems = []
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
@@ -78,18 +98,22 @@ class CheckpointManager:
             problems.append(f"keep_best must be an int >= 0, got keep_best={keep_best!r}")
         if mode not in ("min", "max"):
             problems.append(f"mode must be 'min' or 'max', got mode={mode!r}")
+        if readonly and async_save:
+            problems.append("async_save=True writes checkpoints: a manager opened with readonly=True never does")
         if problems:
             raise ConfigError("invalid arguments to CheckpointManager:\n  - " + "\n  - ".join(problems))
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last, self.keep_best, self.best_metric, self.mode = keep_last, keep_best, best_metric, mode
+        self.readonly = readonly
+        self._writer = None if readonly else _open_writer(self.directory, remove_temporary)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-ckpt") if async_save else None
         self._pending: Future[Path] | None = None
-        self._lock = threading.Lock()
-        if remove_temporary:
-            self.cleanup()
+        self._unwaited = _Unwaited()
+        self._commit_lock = threading.Lock()
+        # runs on close(), when the manager is collected, or at interpreter exit, whichever is first
+        self._finalizer = weakref.finalize(self, _finish, self._unwaited, self._pool, self._writer)
 
-    # -- queries ------------------------------------------------------------------------------
+    # -- queries (readers and writers alike; they never change the directory) -----------------
 
     def all(self) -> list[Path]:
         """Regular checkpoints, oldest first (committed ones only)."""
@@ -100,34 +124,46 @@ class CheckpointManager:
         return listed(self.directory, BEST)
 
     def latest(self) -> Path | None:
-        """The newest committed checkpoint (the `latest` pointer, else the newest by name)."""
-        pointed = read_latest(self.directory)
-        if pointed is not None:
-            return pointed
+        """The newest committed checkpoint: the one the `latest` pointer names, else the newest by name.
+
+        A pointer that is not a checkpoint's name (damaged, crafted, oversized) is ignored with a
+        warning; one naming a checkpoint that is gone is ignored silently.
+        """
+        try:
+            name = read_pointer(self.directory)
+        except CheckpointCorruptError as e:
+            warnings.warn(f"ignoring the latest pointer of {self.directory}: {e}; using the newest checkpoint by name", RuntimeWarning, stacklevel=2)
+            name = None
+        if name is not None and is_committed(self.directory / name):
+            return self.directory / name
         regular = self.all()
         return regular[-1] if regular else None
 
     def best(self) -> Path | None:
         """The best checkpoint so far by `best_metric`, or None."""
-        scored = [(v, p) for p in self.bests() if (v := self._score(p)) is not None]
-        if not scored:
-            return None
-        pick = min if self.mode == "min" else max
-        return pick(scored, key=lambda vp: vp[0])[1]
-
-    def _score(self, path: Path) -> float | None:
-        try:
-            value = read_manifest(path)["metadata"].get("metrics", {}).get(self.best_metric)
-        except CheckpointError:
-            return None
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        ranked = self._ranked_bests()
+        return ranked[0][1] if ranked else None
 
     def best_value(self) -> float | None:
         """The best recorded value of `best_metric`, or None."""
-        path = self.best()
-        return self._score(path) if path is not None else None
+        ranked = self._ranked_bests()
+        return ranked[0][0] if ranked else None
 
-    # -- saving -------------------------------------------------------------------------------
+    def _ranked_bests(self) -> list[tuple[float, Path]]:
+        """``(value, path)`` of the best checkpoints, best first, each scored once."""
+        scored = [(v, p) for p in self.bests() if (v := self._score(p)) is not None]
+        scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
+        return scored
+
+    def _score(self, path: Path) -> float | None:
+        try:
+            metrics = read_manifest(path)["metadata"].get("metrics", {})
+            value = metrics.get(self.best_metric) if isinstance(metrics, dict) else None
+        except Exception:  # removed meanwhile, damaged or crafted: a best that cannot be read ranks nowhere
+            return None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) else None
+
+    # -- saving (the writer only) -----------------------------------------------------------------
 
     def save(self, state: TrainState, metrics: dict[str, Any] | None = None, *, metadata: dict[str, Any] | None = None) -> Path:
         """Save a regular checkpoint (and a best one if `best_metric` improved), then rotate.
@@ -142,8 +178,12 @@ class CheckpointManager:
             The path the regular checkpoint has (or will have, with `async_save`) once committed.
 
         Raises:
-            CheckpointError: this save failed, or (with `async_save`) the previous one did.
+            CheckpointError: this save failed (nothing was committed), or it committed but the
+                bookkeeping after it failed (the message says what was and was not done, and the
+                error's ``saved_as`` is the committed path), or (with `async_save`) the previous
+                save did; or the manager is a reader or closed.
         """
+        self._require_writer("save")
         self.wait()
         host_metrics = {k: _host(v) for k, v in (metrics or {}).items()}
         name = checkpoint_name("ckpt", state)
@@ -153,64 +193,100 @@ class CheckpointManager:
             return self._commit(name, tree, fp, meta)
         # copy out now, so the steps that follow cannot change what is written
         snapshot = tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
-        self._pending = self._pool.submit(self._commit, name, snapshot, fp, meta)
+        self._pending = self._pool.submit(self._commit_in_background, name, snapshot, fp, meta)
         return self.directory / name
+
+    def _require_writer(self, action: str) -> None:
+        if self.readonly:
+            raise CheckpointError(f"cannot {action}: this CheckpointManager of {str(self.directory)!r} was opened with readonly=True; open it without readonly in the one process that writes")
+        if self._writer is None or not self._writer.held:
+            raise CheckpointError(f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed (its writer lock was released)")
 
     def _commit(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any]) -> Path:
         from functrain import __version__
 
-        with self._lock:
+        with self._commit_lock:
             path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__)
-            point_latest(self.directory, name)
-            if self.keep_best and self.best_metric is not None and self._improves(meta["metrics"].get(self.best_metric)):
-                self._save_best(path, name.replace("ckpt", "best", 1))
-            self._rotate()
+            self._keep_books(path, meta["metrics"].get(self.best_metric) if self.best_metric is not None else None)
             return path
 
-    def _improves(self, value: Any) -> bool:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-            return False
+    def _commit_in_background(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any]) -> Path:
+        try:
+            return self._commit(name, tree, fp, meta)
+        except BaseException as e:
+            # kept as text, before the future holds the error: an exit without wait() still reports it
+            saved = getattr(e, "saved_as", None) is not None
+            self._unwaited.failure = str(e) if saved else f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
+            raise
+
+    def _keep_books(self, path: Path, value: Any) -> None:
+        """After `path` committed: point `latest` at it, keep it as a best, rotate; say what failed."""
+        pointed = self._pointed()
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (f"the latest pointer still names {pointed}", lambda: point_latest(self.directory, path.name)),
+            ("the best checkpoints are as they were", lambda: self._keep_if_best(path, value)),
+            ("no older checkpoint was removed", lambda: self._rotate(path)),
+        ]
+        for i, (_, step) in enumerate(steps):
+            try:
+                step()
+            except Exception as e:
+                undone = "; ".join(consequence for consequence, _ in steps[i:])
+                error = CheckpointError(
+                    f"checkpoint {path.name} is saved, but the bookkeeping after it failed ({type(e).__name__}: {e}): {undone}. "
+                    f"Nothing committed was lost; restore_latest() loads the newest checkpoint by name"
+                )
+                error.saved_as = path  # type: ignore[attr-defined]  # for callers that can go on
+                raise error from e
+
+    def _pointed(self) -> str:
+        try:
+            return read_pointer(self.directory) or "no checkpoint"
+        except CheckpointCorruptError:
+            return "no checkpoint (it was unreadable)"
+
+    def _keep_if_best(self, path: Path, value: Any) -> None:
+        if not self.keep_best or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            return
         # a place among the `keep_best` best, not only a new record: keep_best=2 keeps the two best
         ranked = self._ranked_bests()
-        if len(ranked) < self.keep_best:
-            return True
-        threshold = self._score(ranked[self.keep_best - 1])
-        return value < threshold if self.mode == "min" else value > threshold
-
-    def _save_best(self, source: Path, name: str) -> None:
-        link_copy(source, self.directory / name)
-        for old in self._ranked_bests()[self.keep_best :]:
+        if len(ranked) >= self.keep_best:
+            threshold = ranked[self.keep_best - 1][0]
+            if not (value < threshold if self.mode == "min" else value > threshold):
+                return
+        link_copy(path, self.directory / path.name.replace("ckpt", "best", 1))  # replaces a best of the same step
+        for _, old in self._ranked_bests()[self.keep_best :]:
             layout.remove(old)
 
-    def _ranked_bests(self) -> list[Path]:
-        scored = [(v, p) for p in self.bests() if (v := self._score(p)) is not None]
-        scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
-        return [p for _, p in scored]
-
-    def _rotate(self) -> None:
+    def _rotate(self, just_saved: Path) -> None:
         if self.keep_last is None:
             return
         for old in self.all()[: -self.keep_last]:
-            layout.remove(old)
+            if old != just_saved:  # an older step saved after newer ones is still the one just asked for
+                layout.remove(old)
 
     def wait(self) -> None:
         """Block until a pending async save is committed; raise its error if it failed."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                pending.result()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"background checkpoint save failed: {type(e).__name__}: {e}") from e
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except CheckpointError:
+            self._unwaited.failure = None  # told to the caller now
+            raise
+        except Exception as e:
+            self._unwaited.failure = None
+            raise CheckpointError(f"background checkpoint save failed: {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
-        """Finish pending work (raising its error) and stop the background thread."""
+        """Finish pending work (raising its error), stop the background thread, release the lock."""
         try:
             self.wait()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            self._finalizer()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -223,8 +299,12 @@ class CheckpointManager:
     def restore_latest(self, like: TrainState) -> TrainState | None:
         """Load the newest checkpoint that verifies, skipping broken ones with a warning.
 
+        Any problem with a checkpoint (missing or corrupt files, a crafted manifest, an error of
+        any kind while reading it) skips it with a warning naming it and the error, and the next
+        older one is tried.
+
         Returns:
-            The restored state, or None when the directory holds no checkpoint.
+            The restored state, or None when the directory holds no checkpoint that loads.
 
         Raises:
             StateMismatchError: the newest valid checkpoint does not fit `like` (a different model
@@ -239,13 +319,57 @@ class CheckpointManager:
         for path in reversed(candidates):
             try:
                 return load(path, like=like)  # verifies every file while reading it once
-            except CheckpointError as e:
-                warnings.warn(f"skipping checkpoint {path.name}: {e}", RuntimeWarning, stacklevel=2)
+            except StateMismatchError:
+                raise
+            except Exception as e:
+                warnings.warn(f"skipping checkpoint {path.name}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
         return None
 
     def cleanup(self) -> None:
-        """Remove temporary directories and files left by interrupted saves."""
-        remove_temporary(self.directory)
+        """Put back displaced checkpoints and remove the leftovers of interrupted saves (the writer only)."""
+        self._require_writer("clean up")
+        for name in recover(self.directory):
+            warnings.warn(f"{self.directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=2)
+
+
+def _open_writer(directory: Path, remove_temporary: bool) -> WriterLock:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the checkpoint directory {str(directory)!r}: {e}") from None
+    lock = WriterLock.acquire(directory)
+    try:
+        if remove_temporary:
+            for name in recover(directory):
+                warnings.warn(f"{directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=3)
+    except OSError as e:
+        lock.release()
+        raise CheckpointError(f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; nothing committed was removed") from None
+    return lock
+
+
+class _Unwaited:
+    """The failure of an async save that nobody has waited for: what an exit without `wait()` must not lose.
+
+    Text, not the exception: a traceback would hold the manager alive from its own finalizer.
+    """
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+
+def _finish(unwaited: _Unwaited, pool: ThreadPoolExecutor | None, writer: WriterLock | None) -> None:
+    try:
+        if pool is not None:
+            # no waiting: the pending save has run (at exit, the pool's thread was joined first;
+            # when collected, the save held the manager) and this may run in the pool's own thread
+            pool.shutdown(wait=False)
+        failure, unwaited.failure = unwaited.failure, None
+        if failure is not None:
+            warnings.warn(f"an async save failed and nothing called wait() or close() on its CheckpointManager to raise it: {failure}", RuntimeWarning, stacklevel=2)
+    finally:
+        if writer is not None:
+            writer.release()
 
 
 def _host(value: Any) -> Any:

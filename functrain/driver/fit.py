@@ -129,6 +129,7 @@ def fit(
         log_file: append a JSONL line per log interval, evaluation and epoch.
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any). Without
             it, a `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
+            With several ranks, rank 0 writes the directory and the others only read it.
         compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
             batch shape).
 
@@ -141,6 +142,8 @@ def fit(
             signature, a `checkpoint_dir` holding another run's checkpoints without
             ``resume=True``, a resume whose data setup differs from the checkpoint's, or a
             `best_metric` the first evaluation does not produce.
+        CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
+            run writes a directory at a time.
         NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
 
     Example:
@@ -166,16 +169,17 @@ def fit(
         raise ConfigError(empty)
     manager = None
     if checkpoint_dir:
-        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, remove_temporary=main)
-    if manager is not None and not resume and (manager.all() or manager.bests()):
-        # a fresh run would rotate, and pick its best among, another run's checkpoints
-        raise ConfigError(
-            f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints of a run; pass resume=True to continue "
-            "that run, or give this run a directory of its own (nothing was changed there)"
-        )
-    if resume and manager is not None:
-        state = manager.restore_latest(like=state) or state
+        # rank 0 writes and holds the directory's lock; the other ranks only read what it wrote
+        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, readonly=not main)
     try:
+        if manager is not None and not resume and (manager.all() or manager.bests()):
+            # a fresh run would rotate, and pick its best among, another run's checkpoints
+            raise ConfigError(
+                f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints of a run; pass resume=True to continue "
+                "that run, or give this run a directory of its own (nothing was changed there)"
+            )
+        if resume and manager is not None:
+            state = manager.restore_latest(like=state) or state
         loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals())
         loop.run()
     finally:

@@ -1,0 +1,125 @@
+"""One writer per checkpoint directory: an advisory lock held while a writing manager lives.
+
+The lock is ``flock`` on ``<directory>/writer.lock``, taken without waiting. The kernel releases it
+when the holder closes it or dies, however it dies, so a killed run never leaves a stale lock
+behind. The file records who holds it (pid, host, start time) so that a refused writer can name
+the holder; the record is only ever read to write that message, never to decide anything.
+Advisory: a process that does not ask (a plain `functrain.save` into the directory, a shell)
+is not stopped. On Linux NFS clients ``flock`` is carried by the server's byte-range locks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import weakref
+from pathlib import Path
+
+from functrain.errors import CheckpointError
+
+__all__ = ["LOCK_NAME", "WriterLock"]
+
+LOCK_NAME = "writer.lock"
+_MAX_RECORD_BYTES = 512
+_held: weakref.WeakSet[WriterLock] = weakref.WeakSet()
+
+
+class WriterLock:
+    """The lock of one directory, held from `acquire` until `release` or the process ends.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> lock = WriterLock.acquire(d)
+        >>> try:
+        ...     WriterLock.acquire(d)
+        ... except CheckpointError as e:
+        ...     print("refused:", "already has a writer" in str(e))
+        refused: True
+        >>> lock.release()
+        >>> WriterLock.acquire(d).release()
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd, self.path = fd, path
+        _held.add(self)
+
+    @classmethod
+    def acquire(cls, directory: Path) -> WriterLock:
+        """Take the lock of `directory` now, or raise.
+
+        Raises:
+            CheckpointError: another writer holds it (named), or the lock file cannot be opened or
+                locked (a read-only directory: open the manager with ``readonly=True``).
+        """
+        path = directory / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot open the writer lock {str(path)!r}: {e}; a process that only reads checkpoints "
+                "should open CheckpointManager(..., readonly=True), which needs no lock"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CheckpointError(
+                    f"checkpoint directory {str(directory)!r} already has a writer: {holder} holds {LOCK_NAME}. "
+                    "One process writes a directory at a time: stop that run, give this one another "
+                    "directory, or open CheckpointManager(..., readonly=True) to only read"
+                ) from None
+            raise CheckpointError(f"cannot lock {str(path)!r}: {e} (this filesystem may not support locks)") from None
+        _record(fd)
+        return cls(fd, path)
+
+    @property
+    def held(self) -> bool:
+        """Whether this process still holds the lock through this object."""
+        return self._fd >= 0
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases it); a second call does nothing."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+            _held.discard(self)
+
+
+def _record(fd: int) -> None:
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record + b"\n", 0)
+    except OSError:
+        pass  # the record only names the holder in an error message; the lock itself is held
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its record says (bounded read; any content is tolerated)."""
+    try:
+        record = json.loads(os.pread(fd, _MAX_RECORD_BYTES, 0))
+        pid, host, started = int(record["pid"]), str(record["host"])[:100], str(record["started"])[:40]
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return "another process (its record in the lock file is unreadable)"
+    return f"process {pid} on host {host!r} (since {started})"
+
+
+def _forget_in_child() -> None:
+    # a forked child shares the parent's lock; dropping its copy (without unlocking) lets the lock
+    # end with the process that took it, not with the last of its children
+    for lock in list(_held):
+        fd, lock._fd = lock._fd, -1
+        if fd >= 0:
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
