@@ -121,12 +121,13 @@ def load(
             "pass like=state (a TrainState built as the saved one was), a tree of the same structure, or like=None for the raw tree"
         )
     template = like.tree() if isinstance(like, TrainState) else like
-    driver = None
+    grown: dict[str, Any] = {}
     if isinstance(like, TrainState):
-        # the driver's bookkeeping (history, early-stopping counts) grows as a run goes: it is taken
-        # as saved, not checked against the template's
-        template = {k: v for k, v in template.items() if k != "driver"}
-        driver = tree.pop("driver", {}) if isinstance(tree, dict) else {}
+        # the driver's bookkeeping (history, early-stopping counts) and the user's own state grow as
+        # a run goes: they are taken as saved, not checked against the template's (a checkpoint
+        # written before states had `user` keeps the template's)
+        template = {k: v for k, v in template.items() if k not in _GROWN}
+        grown = {k: tree.pop(k, getattr(like, k) if k == "user" else {}) if isinstance(tree, dict) else {} for k in _GROWN}
     problems = compare_to_template(tree, template)
     if isinstance(like, TrainState):
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
@@ -143,8 +144,12 @@ def load(
         values.append(value)
     restored = pytree.tree_unflatten(values, spec)
     if isinstance(like, TrainState):
-        return like.with_tree({**restored, "driver": _to_device(driver, like.device)})
+        return like.with_tree({**restored, **{k: _to_device(v, like.device) for k, v in grown.items()}})
     return restored
+
+
+# tree fields of a state that are not checked against the template's
+_GROWN = ("driver", "user")
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:

@@ -67,8 +67,10 @@ class TrainState:
     0-d int64 counters `step` (optimizer updates taken, skipped ones included), `micro_step`
     (position in the accumulation window), `epoch`, `epoch_step` (batches into the epoch),
     `samples_seen`, `skipped` (updates skipped as non-finite), the RNG `rng` (the generator state
-    that dropout and other random ops inside the model draw from), and `driver` (a dict the driver
-    uses for best metrics and early stopping).
+    that dropout and other random ops inside the model draw from), `driver` (a dict the driver
+    uses for best metrics and early stopping), and `user`: your own state, a dict of any tree of
+    tensors and JSON values (``state.replace(user={...})``, or ``run.user = {...}`` in a `fit`
+    callback), saved and restored with the rest; the step never reads or changes it.
 
     Static fields (not saved): `module`, `loss_fn`, `optimizer` (as given), `tx` (the optimizer
     wrapped with clipping, accumulation, non-finite skipping and loss scaling per `options`),
@@ -96,6 +98,7 @@ class TrainState:
     skipped: torch.Tensor
     rng: torch.Tensor
     driver: dict[str, Any]
+    user: dict[str, Any]
     module: nn.Module = _static()
     loss_fn: LossFn = _static()
     optimizer: Transform = _static()
@@ -197,6 +200,7 @@ class TrainState:
             **counters,
             rng=initial_rng(seed, device),
             driver={},
+            user={},
             module=module,
             loss_fn=loss_fn,
             optimizer=optimizer,

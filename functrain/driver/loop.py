@@ -52,7 +52,7 @@ class Loop:
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
         self.stop_reason: str | None = state.driver.get("stop_reason")
-        self._saved_at: tuple[int, int, int] | None = None
+        self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
 
     def fire(self, hook: str) -> None:
@@ -63,6 +63,8 @@ class Loop:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(ctx)
+        if ctx.state.user is not self.state.user:  # a hook assigned run.user
+            self.state = self.state.replace(user=ctx.state.user)
         if ctx.should_stop and self.stop_reason is None:
             self.stop_reason = ctx.stop_reason
 
@@ -225,9 +227,10 @@ class Loop:
         self.fire("on_eval_end")
 
     def _save(self, metrics: dict[str, float] | None = None) -> None:
-        # skip only when nothing changed since the last save (an epoch end after a step's save changes the state)
-        position = (self.epoch, self.pos, len(self.ledger.history))
-        if self.manager is None or self._saved_at == position:
+        # skip only when nothing changed since the last save (an epoch end after a step's save changes
+        # the state; so does a hook that assigns run.user after a save)
+        position = (self.epoch, self.pos, len(self.ledger.history), self.state.user)
+        if self.manager is None or self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]:
             return
         self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self.ledger.to_tree())
