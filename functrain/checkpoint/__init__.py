@@ -7,6 +7,6 @@ tensor files and a sealed manifest: atomic, verified, no pickle), `state_io` (`s
 """
 
 from functrain.checkpoint.manager import CheckpointManager
-from functrain.checkpoint.state_io import fingerprint, load, save
+from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
 
-__all__ = ["CheckpointManager", "fingerprint", "load", "save"]
+__all__ = ["CheckpointManager", "VersionWarning", "fingerprint", "load", "load_weights", "save"]
