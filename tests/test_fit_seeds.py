@@ -5,7 +5,7 @@ gradient statistics, memory, versions and schedules in epochs."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
+from functrain.driver import loop as loop_module
+from functrain.driver.data import to_device
 from functrain.errors import ConfigError
 
 N_SAMPLES, BATCH = 60, 20  # 3 batches an epoch
@@ -173,3 +175,223 @@ def test_a_build_label_or_a_functrain_patch_release_loads_without_a_warning(tmp_
     if functrain_version:
         monkeypatch.setattr(ft, "__version__", functrain_version)
     ft.load(path, like=make_state())  # warnings are errors here
+
+
+# ---------------------------------------------------------------- stopping on non-finite values
+
+
+def script_val_loss(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    """fit's validation returns `values` in turn as ``val_loss`` (other prefixes stay real)."""
+    real, pending = loop_module.evaluate, list(values)
+
+    def scripted(state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_") -> dict[str, float]:
+        return real(state, data, use_ema=use_ema, prefix=prefix) if prefix != "val_" else {"val_loss": pending.pop(0)}
+
+    monkeypatch.setattr(loop_module, "evaluate", scripted)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_validation_loss_stops_the_run_and_keeps_the_last_finite_checkpoints(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bad: float) -> None:
+    script_val_loss(monkeypatch, [0.5, 0.4, bad, 0.3, 0.2])
+    data = dataset()
+    result = quiet_fit(make_state(), data, eval_data=data, max_epochs=4, checkpoint_dir=tmp_path)
+    assert result.stop_reason == "nonfinite_val_loss" and int(result.state.step) == 9
+    last = result.history.rows["eval"][-1]["val_loss"]
+    assert last == bad or (last != last and bad != bad)
+    for which in ("latest", "best"):
+        assert int(ft.load(result.checkpoints[which], like=make_state()).step) == 6, which
+    assert result.best == {"step": 6, "val_loss": 0.4}
+    resumed = quiet_fit(make_state(), data, eval_data=data, max_epochs=4, checkpoint_dir=tmp_path, resume=True, stop_on_nonfinite="none")
+    assert int(resumed.state.step) == 12  # the run goes on from the last finite checkpoint
+
+
+def test_stop_on_nonfinite_none_trains_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    script_val_loss(monkeypatch, [0.5, float("nan"), 0.3])
+    result = quiet_fit(make_state(), dataset(), eval_data=dataset(), max_epochs=3, stop_on_nonfinite="none")
+    assert result.stop_reason == "max_epochs"
+
+
+def nan_at_epoch_one(data: TensorDataset) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    batches = [tuple(t[i : i + BATCH] for t in data.tensors) for i in range(0, len(data), BATCH)]
+    x, y = batches[1]
+    return batches[:1] + [(torch.full_like(x, float("nan")), y)] + batches[2:]
+
+
+class Epochs:
+    """Batches for each epoch in turn (a re-iterable source)."""
+
+    def __init__(self, epochs: list[list[Any]]) -> None:
+        self.epochs, self.i = epochs, 0
+
+    def __iter__(self) -> Any:
+        self.i += 1
+        return iter(self.epochs[min(self.i - 1, len(self.epochs) - 1)])
+
+
+def test_stop_on_nonfinite_train_stops_at_the_log_interval_of_a_nonfinite_loss(tmp_path: Path) -> None:
+    good = [tuple(t[i : i + BATCH] for t in dataset().tensors) for i in range(0, N_SAMPLES, BATCH)]
+    data = [good, nan_at_epoch_one(dataset()), good]
+    result = quiet_fit(make_state(), Epochs(data), max_epochs=3, log_every=1, stop_on_nonfinite="train", checkpoint_dir=tmp_path)
+    assert result.stop_reason == "nonfinite_loss" and int(result.state.step) == 5
+    assert int(ft.load(result.checkpoints["latest"], like=make_state()).step) == 3  # the epoch's end before
+    assert all(torch.isfinite(p).all() for p in result.state.params.values())  # the update was skipped
+    by_default = quiet_fit(make_state(), Epochs(data), max_epochs=3, log_every=1)
+    assert by_default.stop_reason == "max_epochs" and int(by_default.state.skipped) == 1
+
+
+# ---------------------------------------------------------------- test set at each evaluation
+
+
+def test_test_every_eval_adds_the_test_metrics_to_each_eval_row() -> None:
+    data, test = dataset(0), dataset(1, n=30)
+    state = make_state(ema_decay=0.5)
+    result = quiet_fit(state, data, eval_data=data, test_data=test, max_epochs=2, test_every_eval=True)
+    rows = result.history.rows["eval"]
+    assert [sorted(k for k in r if k.startswith("test_")) for r in rows] == [["test_ema_loss", "test_loss"]] * 2
+    batches = list(ft.Batcher(test, BATCH, shuffle=False).epoch(0))
+    assert rows[-1]["test_loss"] == ft.evaluate(result.state, batches, prefix="test_")["test_loss"]
+    assert result.test is not None  # the final test of the best weights is still there
+    plain = quiet_fit(state, data, eval_data=data, test_data=test, max_epochs=2)
+    assert all(not any(k.startswith("test_") for k in r) for r in plain.history.rows["eval"])
+
+
+def test_test_every_eval_needs_test_and_eval_data() -> None:
+    with pytest.raises(ConfigError, match=r"test_every_eval=True needs test_data=\.\.\. and eval_data=\.\.\."):
+        quiet_fit(make_state(), dataset(), eval_data=dataset(), max_epochs=1, test_every_eval=True)
+
+
+# ---------------------------------------------------------------- epoch rows and the last window
+
+
+def test_epoch_rows_carry_the_epochs_mean_of_every_training_metric() -> None:
+    def with_metric(model: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = loss_fn(model, batch)
+        return loss, {"twice": 2 * loss}
+
+    state = ft.TrainState.create(make_module(), ft.sgd(0.05), with_metric)
+    result = quiet_fit(state, dataset(), max_epochs=2, log_every=1)
+    train, epochs = result.history.rows["train"], result.history.rows["epoch"]
+    for e, row in enumerate(epochs):
+        rows = train[3 * e : 3 * e + 3]
+        for key in ("loss", "grad_norm", "lr", "twice"):
+            assert row[key] == pytest.approx(sum(r[key] for r in rows) / 3, rel=1e-12), key
+        assert row["skipped"] == 0.0
+    assert epochs[0]["lr"] == pytest.approx(0.05)
+
+
+def test_the_last_partial_log_window_becomes_a_train_row_and_resumes_exactly(tmp_path: Path) -> None:
+    straight = quiet_fit(make_state(), dataset(), max_steps=8, log_every=3)
+    train = straight.history.rows["train"]
+    assert [(r["step"], r.get("partial", False)) for r in train] == [(3, False), (6, False), (8, True)]
+    cut = quiet_fit(make_state(), dataset(), max_steps=7, log_every=3, checkpoint_dir=tmp_path)
+    assert cut.history.rows["train"][-1]["step"] == 7 and cut.history.rows["train"][-1]["partial"]
+    resumed = quiet_fit(make_state(), dataset(), max_steps=8, log_every=3, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.history.metrics_only() == straight.history.metrics_only()
+
+
+# ---------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize(("memory", "columns"), [("host", {"memory_mib"}), ("device", {"memory_mib"}), ("none", set())])
+def test_memory_columns_follow_the_memory_option(memory: str, columns: set[str]) -> None:
+    result = quiet_fit(make_state(), dataset(), max_epochs=1, log_every=1, memory=memory)
+    row = result.history.rows["train"][0]
+    assert {k for k in row if "memory" in k} == columns  # no CUDA columns on a CPU state
+    assert all(row[k] > 0 for k in columns)
+
+
+def test_invalid_options_of_the_seeds_bullets_are_listed_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        quiet_fit(make_state(), dataset(), max_epochs=1, stop_on_nonfinite="always", memory="gpu", grad_stats="layers", test_every_eval=1)
+    message = str(info.value)
+    assert "stop_on_nonfinite must be one of ['eval', 'train', 'none'], got stop_on_nonfinite='always'" in message
+    assert "memory must be one of ['host', 'device', 'none'], got memory='gpu'" in message
+    assert "grad_stats must be one of [None, 'layer', 'param'], got grad_stats='layers'" in message
+    assert "test_every_eval must be True or False, got test_every_eval=1" in message
+
+
+# ---------------------------------------------------------------- device
+
+
+def test_to_device_keeps_tensors_already_there_and_other_leaves() -> None:
+    x, y = torch.ones(2, 3), torch.zeros(2, dtype=torch.int64)
+    batch = {"x": x, "pair": (y, "label"), "n": 3}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["x"] is x and moved["pair"][0] is y and moved["pair"][1] == "label" and moved["n"] == 3
+
+
+def test_fit_on_the_states_device_trains_as_without_the_option() -> None:
+    a = quiet_fit(make_state(), dataset(), max_epochs=1, device="cpu")
+    b = quiet_fit(make_state(), dataset(), max_epochs=1)
+    assert torch.equal(a.state.params["0.weight"], b.state.params["0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("meta", r"device='meta', but the state's tensors are on cpu: create the state from the module on that device \(TrainState\.create\(module\.to\('meta'\)"),
+        ("gpu7", r"device must be a device such as 'cpu' or 'cuda:0' \(a str or torch\.device\), got 'gpu7'"),
+        (3, r"device must be a device such as 'cpu' or 'cuda:0' \(a str or torch\.device\), got 3"),
+        pytest.param("cuda", r"device='cuda' names a CUDA device, but CUDA is not available here", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
+    ],
+)
+def test_fit_refuses_a_device_the_state_is_not_on(device: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        quiet_fit(make_state(), dataset(), max_epochs=1, device=device)
+
+
+# ---------------------------------------------------------------- gradient statistics and transform metrics
+
+
+def test_grad_stats_by_layer_are_the_norms_of_each_layers_gradients_and_updates() -> None:
+    state = make_state(ft.sgd(0.1), grad_stats="layer")
+    batch = next(iter(ft.Batcher(dataset(), BATCH, shuffle=False).epoch(0)))
+    new, metrics = ft.train_step(state, batch)
+    params = {k: p.detach().requires_grad_() for k, p in state.params.items()}
+    grads = dict(zip(params, torch.autograd.grad(loss_fn(lambda x: torch.func.functional_call(state.module, params, (x,)), batch), list(params.values())), strict=True))
+    for layer in ("0", "2"):
+        names = [f"{layer}.weight", f"{layer}.bias"]
+        expected = torch.linalg.vector_norm(torch.cat([grads[n].flatten() for n in names]))
+        assert torch.allclose(metrics[f"grad_norm/{layer}"], expected, rtol=1e-6)
+        step = torch.cat([(new.params[n] - state.params[n]).flatten() for n in names])
+        weights = torch.cat([state.params[n].flatten() for n in names])
+        assert torch.allclose(metrics[f"update_ratio/{layer}"], step.norm() / weights.norm(), rtol=1e-5)
+    assert "grad_norm/0" not in ft.train_step(make_state(ft.sgd(0.1)), batch)[1]
+
+
+def test_grad_stats_by_param_reach_the_history_through_fit() -> None:
+    result = quiet_fit(make_state(), dataset(), max_epochs=1, log_every=3, grad_stats="param")
+    row = result.history.rows["train"][0]
+    assert {k for k in row if "/" in k} == {f"{m}/{n}" for m in ("grad_norm", "update_ratio") for n in ("0.weight", "0.bias", "2.weight", "2.bias")}
+    assert result.history.rows["epoch"][0]["grad_norm/0.weight"] == row["grad_norm/0.weight"]
+
+
+def test_grad_stats_are_refused_with_compile() -> None:
+    with pytest.raises(ConfigError, match=r"grad_stats needs compile=False"):
+        quiet_fit(make_state(), dataset(), max_epochs=1, grad_stats="layer", compile=True)
+
+
+class CountState(NamedTuple):
+    calls: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"calls": self.calls}
+
+
+def count_calls() -> ft.Transform:
+    """A custom transform: passes updates through and counts its calls, exposed as a metric."""
+
+    def init_fn(params: Any) -> CountState:
+        return CountState(torch.zeros((), dtype=torch.int64))
+
+    def update_fn(updates: Any, state: CountState, params: Any = None) -> tuple[Any, CountState]:
+        return updates, CountState(state.calls + 1)
+
+    return ft.Transform(init_fn, update_fn)
+
+
+def test_a_custom_transforms_metrics_reach_the_logs() -> None:
+    state = make_state(ft.chain(count_calls(), ft.sgd(0.05)))
+    result = quiet_fit(state, dataset(), max_epochs=2, log_every=3)
+    assert [r["calls"] for r in result.history.rows["train"]] == [2.0, 5.0]  # means of 1..3 and 4..6
+    assert "total_skipped" not in result.history.rows["train"][0]  # the built-in wrappers' counters stay out

@@ -22,9 +22,9 @@ from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, train_step
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
-from functrain.driver.data import IterableSource
+from functrain.driver.data import IterableSource, to_device
 from functrain.driver.evaluation import evaluate
-from functrain.driver.ledger import Ledger
+from functrain.driver.ledger import Ledger, memory_columns
 from functrain.errors import ConfigError, NonFiniteError
 from functrain.optim.plateau import EarlyStopping, observe_plateau
 from functrain.optim.wrappers import check_skip_limits
@@ -32,14 +32,22 @@ from functrain.optim.wrappers import check_skip_limits
 __all__ = ["Loop", "LOOP_OPTIONS"]
 
 # the arguments of `fit` the loop reads (callbacks see them as `run.config`)
-LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode")
+LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode", "stop_on_nonfinite", "memory")
+
+# the stop reasons of a run ended by a non-finite value: nothing is saved after them
+NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")
 
 
 class Loop:
     """One run of `fit` over its data, from the state's position to a stop reason."""
 
-    def __init__(self, state: TrainState, train: Any, evals: Any, manager: CheckpointManager | None, hooks: list[Any], early: EarlyStopping | None, compile: bool, cfg: dict[str, Any]) -> None:
+    def __init__(
+        self, state: TrainState, train: Any, evals: Any, manager: CheckpointManager | None, hooks: list[Any], early: EarlyStopping | None, compile: bool, cfg: dict[str, Any],
+        *, tests: Any = None, device: torch.device | None = None,
+    ) -> None:
         self.cfg = {k: cfg[k] for k in LOOP_OPTIONS}
+        self.tests = tests  # evaluated with each evaluation (fit's test_every_eval)
+        self.device = device or state.device
         self.cfg["accumulate_steps"] = state.options.accumulate_steps
         self.train, self.evals, self.manager, self.hooks = train, evals, manager, hooks
         self.step_fn = compile_step() if compile else train_step
@@ -126,6 +134,7 @@ class Loop:
         self._epoch_t0 = time.perf_counter()
         start, trained = self.pos, False
         for batch in self.train.epoch(self.epoch, start=self.pos):
+            batch = to_device(batch, self.device)
             n = _batch_size(batch)
             trained = trained or n > 0
             if n == 0:
@@ -168,12 +177,16 @@ class Loop:
         if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
             self.stop_reason = self.stop_reason or "max_steps"
 
-    def _log(self) -> None:
+    def _log(self, partial: bool = False) -> None:
         check_skip_limits(self.state.opt_state)
-        row = {"step": self.step, "epoch": self.epoch, **self.ledger.window.flush()}
+        row = {"step": self.step, "epoch": self.epoch, **self.ledger.window.flush(reset=not partial), **memory_columns(self.cfg["memory"], self.device)}
+        if partial:
+            row["partial"] = True
         self._check_lr(row.get("lr", 0.0))
         self.ledger.history.add("train", row)
         self.run_ctx.logs = row
+        if self.cfg["stop_on_nonfinite"] == "train" and not math.isfinite(row["loss"]):
+            self.stop_reason = self.stop_reason or "nonfinite_loss"
 
     def _check_lr(self, lr: float) -> None:
         """Raise if a learning rate read at a log interval, epoch end or save is not finite.
@@ -210,6 +223,8 @@ class Loop:
         metrics = evaluate(self.state, self.evals)
         if self.state.ema_state is not None:
             metrics.update(evaluate(self.state, self.evals, use_ema=True, prefix="val_ema_"))
+        if self.tests is not None:
+            metrics.update(self._test())
         if self.cfg["best_metric"] not in metrics:
             raise ConfigError(
                 f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics {sorted(metrics)}: "
@@ -217,6 +232,11 @@ class Loop:
             )
         self.ledger.history.add("eval", {"step": self.step, "epoch": self.epoch, **metrics, "eval_time_s": time.perf_counter() - t0})
         self.run_ctx.eval_metrics = metrics
+        if self.cfg["stop_on_nonfinite"] != "none" and not all(math.isfinite(metrics[k]) for k in {"val_loss", self.cfg["best_metric"]} & set(metrics)):
+            # neither best, plateau nor early stopping can use it; the checkpoints keep the last finite state
+            self.stop_reason = self.stop_reason or "nonfinite_val_loss"
+            self.fire("on_eval_end")
+            return
         self.state = self.state.replace(opt_state=observe_plateau(self.state.opt_state, metrics[self.cfg["best_metric"]]))
         new_best = self.ledger.record_eval(metrics, self.step, self.cfg["best_metric"], self.cfg["mode"])
         if self.ledger.early is not None and self.ledger.early.should_stop:
@@ -226,11 +246,19 @@ class Loop:
             self._save(metrics)
         self.fire("on_eval_end")
 
+    def _test(self) -> dict[str, float]:
+        metrics = evaluate(self.state, self.tests, prefix="test_")
+        if self.state.ema_state is not None:
+            metrics.update(evaluate(self.state, self.tests, use_ema=True, prefix="test_ema_"))
+        return metrics
+
     def _save(self, metrics: dict[str, float] | None = None) -> None:
         # skip only when nothing changed since the last save (an epoch end after a step's save changes
         # the state; so does a hook that assigns run.user after a save)
-        position = (self.epoch, self.pos, len(self.ledger.history), self.state.user)
-        if self.manager is None or self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]:
+        # (the final partial train row alone is no change: its sums are in the last checkpoint)
+        last = self.ledger.history.last("train")
+        position = (self.epoch, self.pos, len(self.ledger.history) - bool(last and last.get("partial")), self.state.user)
+        if self.manager is None or self.stop_reason in NONFINITE_STOPS or self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]:
             return
         self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self.ledger.to_tree())
@@ -242,6 +270,10 @@ class Loop:
         self.fire("on_save")
 
     def _finish(self) -> None:
+        if self.ledger.window.count:
+            # the run's last, partial log interval becomes a train row marked "partial"; the window
+            # keeps its sums, so a run resumed from the final checkpoint drops that row and goes on
+            self._log(partial=True)
         self.state = self.state.replace(driver=self.ledger.to_tree())
         if self.manager is not None:
             self._save()
