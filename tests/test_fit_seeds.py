@@ -395,3 +395,27 @@ def test_a_custom_transforms_metrics_reach_the_logs() -> None:
     result = quiet_fit(state, dataset(), max_epochs=2, log_every=3)
     assert [r["calls"] for r in result.history.rows["train"]] == [2.0, 5.0]  # means of 1..3 and 4..6
     assert "total_skipped" not in result.history.rows["train"][0]  # the built-in wrappers' counters stay out
+
+
+# ---------------------------------------------------------------- schedules in epochs
+
+
+def test_a_per_epoch_schedule_gives_the_lr_of_a_torch_scheduler_stepped_each_epoch() -> None:
+    from torch.optim.lr_scheduler import StepLR
+
+    epochs, per_epoch = 5, N_SAMPLES // BATCH
+    schedule = ft.schedules.per_epoch(ft.schedules.from_torch(StepLR, lr=0.1, step_size=2, gamma=0.5), steps_per_epoch=per_epoch)
+    result = quiet_fit(make_state(ft.sgd(schedule)), dataset(), max_epochs=epochs, log_every=1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler, expected = StepLR(opt, step_size=2, gamma=0.5), []
+    for _ in range(epochs):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert [r["lr"] for r in result.history.rows["epoch"]] == pytest.approx(expected, rel=1e-7)
+    assert [r["lr"] for r in result.history.rows["train"]] == pytest.approx([lr for lr in expected for _ in range(per_epoch)], rel=1e-7)
+
+
+def test_per_epoch_checks_its_arguments() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)schedule must be a schedule \(callable\), got schedule=0\.1.*steps_per_epoch must be > 0, got steps_per_epoch=0"):
+        ft.schedules.per_epoch(0.1, 0)
