@@ -2,8 +2,9 @@
 
 `fit` checks its arguments (all problems at once), turns the data into sources that resume exactly,
 opens the checkpoint directory, restores the newest checkpoint on ``resume=True``, and runs the
-plain loop (`functrain.driver.loop`). Everything a resumed run needs (position in the data, history, early-stopping counts, the
-metrics of the unfinished log window) is written into ``state.driver`` before each save, so
+plain loop (`functrain.driver.loop`). Everything a resumed run needs (position in the data,
+history, early-stopping counts, the metrics of the unfinished log window) is written into
+``state.driver`` before each save, the user's own state is in ``state.user``, so
 ``fit(..., resume=True)`` continues bit for bit where the interrupted run's last checkpoint left it.
 Host syncs happen at log intervals, evaluations and saves only.
 """
