@@ -42,8 +42,18 @@ class Loop:
     """One run of `fit` over its data, from the state's position to a stop reason."""
 
     def __init__(
-        self, state: TrainState, train: Any, evals: Any, manager: CheckpointManager | None, hooks: list[Any], early: EarlyStopping | None, compile: bool, cfg: dict[str, Any],
-        *, tests: Any = None, device: torch.device | None = None,
+        self,
+        state: TrainState,
+        train: Any,
+        evals: Any,
+        manager: CheckpointManager | None,
+        hooks: list[Any],
+        early: EarlyStopping | None,
+        compile: bool,
+        cfg: dict[str, Any],
+        *,
+        tests: Any = None,
+        device: torch.device | None = None,
     ) -> None:
         self.cfg = {k: cfg[k] for k in LOOP_OPTIONS}
         self.tests = tests  # evaluated with each evaluation (fit's test_every_eval)
@@ -252,13 +262,21 @@ class Loop:
             metrics.update(evaluate(self.state, self.tests, use_ema=True, prefix="test_ema_"))
         return metrics
 
-    def _save(self, metrics: dict[str, float] | None = None) -> None:
-        # skip only when nothing changed since the last save (an epoch end after a step's save changes
-        # the state; so does a hook that assigns run.user after a save)
-        # (the final partial train row alone is no change: its sums are in the last checkpoint)
+    def _position(self) -> tuple[int, int, int, dict[str, Any]]:
+        """What tells two saves apart: the place in the data, the rows of the history (the final
+        partial train row aside: its sums are in the window) and the user state, which a hook may
+        assign after a save."""
         last = self.ledger.history.last("train")
-        position = (self.epoch, self.pos, len(self.ledger.history) - bool(last and last.get("partial")), self.state.user)
-        if self.manager is None or self.stop_reason in NONFINITE_STOPS or self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]:
+        return (self.epoch, self.pos, len(self.ledger.history) - bool(last and last.get("partial")), self.state.user)
+
+    def _saved_here(self, position: tuple[int, int, int, dict[str, Any]]) -> bool:
+        return self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]
+
+    def _save(self, metrics: dict[str, float] | None = None) -> None:
+        # skip when nothing changed since the last save (an epoch end after a step's save changes the
+        # state), and after a non-finite value: the checkpoints keep the last finite state
+        position = self._position()
+        if self.manager is None or self.stop_reason in NONFINITE_STOPS or self._saved_here(position):
             return
         self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self.ledger.to_tree())
