@@ -419,3 +419,8 @@ def test_a_per_epoch_schedule_gives_the_lr_of_a_torch_scheduler_stepped_each_epo
 def test_per_epoch_checks_its_arguments() -> None:
     with pytest.raises(ConfigError, match=r"(?s)schedule must be a schedule \(callable\), got schedule=0\.1.*steps_per_epoch must be > 0, got steps_per_epoch=0"):
         ft.schedules.per_epoch(0.1, 0)
+
+
+def test_create_rejects_an_unknown_grad_stats_grouping() -> None:
+    with pytest.raises(ConfigError, match=r"grad_stats must be 'layer', 'param' or None, got grad_stats='module'"):
+        make_state(grad_stats="module")
