@@ -32,7 +32,7 @@ from functrain.driver.callbacks import (
     on,
 )
 from functrain.checkpoint.manager import CheckpointManager
-from functrain.checkpoint.state_io import fingerprint, load, save
+from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
 from functrain.driver.data import Batcher, IterableSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
@@ -122,6 +122,7 @@ __all__ = [
     "StepOptions",
     "TensorBoardLogger",
     "TrainState",
+    "VersionWarning",
     "Transform",
     "accumulate",
     "adagrad",
@@ -146,6 +147,7 @@ __all__ = [
     "identity",
     "lion",
     "load",
+    "load_weights",
     "masked",
     "observe_plateau",
     "on",

@@ -3,7 +3,8 @@
 
 Usage: ``python fit_worker.py CHECKPOINT_DIR OUTPUT_DIR [--resume] [--kill HOOK:N]``. The run is
 fixed (a tiny MLP with dropout, EMA, gradient accumulation, a plateau schedule, early stopping,
-evaluation in step mode and regular saves), so every process trains exactly the same run.
+evaluation in step mode with the test set at each evaluation, regular saves, gradient statistics by
+layer, and user state a callback keeps), so every process trains exactly the same run.
 ``--kill on_save:3`` sends SIGKILL to this process from a callback the third time ``on_save``
 fires: nothing is flushed or closed, as when a machine dies. A run that finishes writes its final
 state with `functrain.save` (``OUTPUT_DIR/final``) and ``OUTPUT_DIR/result.json`` (history without
@@ -44,11 +45,23 @@ def build_state() -> ft.TrainState:
     return ft.TrainState.create(module, optimizer, loss_fn, seed=3, accumulate_steps=2, ema_decay=0.8)
 
 
-def datasets() -> tuple[TensorDataset, TensorDataset]:
+def datasets() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(SAMPLES + 16, D_IN, generator=gen)
-    y = x[:, :D_OUT] - 0.5 * x[:, D_OUT:] + 0.1 * torch.randn(SAMPLES + 16, D_OUT, generator=gen)
-    return TensorDataset(x[:SAMPLES], y[:SAMPLES]), TensorDataset(x[SAMPLES:], y[SAMPLES:])
+    x = torch.randn(SAMPLES + 28, D_IN, generator=gen)
+    y = x[:, :D_OUT] - 0.5 * x[:, D_OUT:] + 0.1 * torch.randn(SAMPLES + 28, D_OUT, generator=gen)
+    end = SAMPLES + 16
+    return TensorDataset(x[:SAMPLES], y[:SAMPLES]), TensorDataset(x[SAMPLES:end], y[SAMPLES:end]), TensorDataset(x[end:], y[end:])
+
+
+class KeepUserState(ft.Callback):
+    """User state: a tensor count of batches and a JSON list of the logged losses."""
+
+    def on_batch_end(self, run: ft.Run) -> None:
+        user = run.user
+        logged = list(user.get("logged", []))
+        if run.logs is not None:
+            logged.append(run.logs["loss"])
+        run.user = {"batches": user.get("batches", torch.zeros((), dtype=torch.int64)) + 1, "logged": logged}
 
 
 class Killer(ft.Callback):
@@ -71,12 +84,15 @@ class Killer(ft.Callback):
 
 def run(checkpoint_dir: Path, output: Path, *, resume: bool = False, kill: tuple[str, int] | None = None) -> None:
     """Fit the fixed run; unless killed, write its final state and result.json under `output`."""
-    train, val = datasets()
+    train, val, test = datasets()
     killer = Killer(*(kill or (None, 0)))
     result = ft.fit(
         build_state(),
         train,
         eval_data=val,
+        test_data=test,
+        test_every_eval=True,
+        grad_stats="layer",
         batch_size=BATCH,
         run_mode="step",
         max_steps=13,  # 26 batches: 4 epochs and 2 batches
@@ -86,7 +102,7 @@ def run(checkpoint_dir: Path, output: Path, *, resume: bool = False, kill: tuple
         keep_last=2,
         early_stopping=ft.EarlyStopping("val_loss", patience=50),
         checkpoint_dir=checkpoint_dir,
-        callbacks=[killer],
+        callbacks=[KeepUserState(), killer],
         progress=False,
         verbosity="silent",
         resume=resume,

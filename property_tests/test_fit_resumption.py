@@ -1,9 +1,10 @@
 """`fit` killed at any point and resumed in a fresh process ends exactly where the straight run ends.
 
 The run (`fit_worker.py`) has dropout, EMA, gradient accumulation over 2 batches, a plateau
-schedule, early stopping, evaluation every 3 updates in step mode and a regular save every 2, so a
-kill can land inside an accumulation window, at an epoch boundary, right after an evaluation or
-right after a save. Each process is SIGKILLed from a callback (no cleanup runs); the next one calls
+schedule, early stopping, evaluation every 3 updates in step mode (with the test set), a regular
+save every 2, gradient statistics by layer and user state kept by a callback, so a kill can land
+inside an accumulation window, at an epoch boundary, right after an evaluation or right after a
+save. Each process is SIGKILLed from a callback (no cleanup runs); the next one calls
 ``fit(resume=True)``. The final state tree (every tensor, bit for bit), the best checkpoint's tensors
 and ``history.metrics_only()`` must equal those of the run that was never interrupted.
 """
@@ -118,7 +119,10 @@ def test_fit_killed_and_resumed_ends_bit_identical_to_the_straight_run(kills: li
     got, killed = interrupted_run(kills)
     assert killed >= 1  # the first process runs the straight run's events, so its kill point comes
     assert tensor_mismatches(reference["final"], got["final"]) == []
+    assert int(got["final"]["user"]["batches"]) == 26 and len(got["final"]["user"]["logged"]) == 6
     assert got["summary"]["history"] == reference["summary"]["history"]
+    assert all("test_loss" in row and "grad_norm/0" not in row for row in got["summary"]["history"]["eval"])
+    assert all("grad_norm/0" in row for row in got["summary"]["history"]["train"])
     assert got["summary"]["stop_reason"] == reference["summary"]["stop_reason"] == "max_steps"
     assert Path(got["summary"]["best"]).name == Path(reference["summary"]["best"]).name
     assert tensor_mismatches(reference["best"], got["best"]) == []

@@ -77,7 +77,7 @@ def test_a_changed_learning_rate_names_the_warm_start_that_works(trained: tuple[
         ft.load(path, like=template)
     message = str(info.value)
     assert "the weights fit: to train them with this state's optimizer, hyperparameters and options, start a new state" in message
-    code = message.split("with `state` the template passed as like=:\n", 1)[1]
+    code = message.split("`state` being the template passed as like=:\n", 1)[1]
     scope = {"functrain": ft, "state": template}
     exec(re.sub(r"^    ", "", code, flags=re.M), scope)  # noqa: S102 - the message's own code
     warm: ft.TrainState = scope["state"]

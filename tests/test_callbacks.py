@@ -240,7 +240,7 @@ def test_jsonl_log_has_a_line_per_log_interval_evaluation_and_epoch(tmp_path: Pa
     assert evals[0]["val_undefined"] == "nan"
     epochs = [line for line in lines if line["kind"] == "epoch"]
     assert [(line["epoch"], line["step"]) for line in epochs] == [(0, 3), (1, 6)]
-    assert set(epochs[0]) == {"kind", "epoch", "step", "loss", "epoch_time_s"}
+    assert set(epochs[0]) == {"kind", "epoch", "step", "loss", "mae", "undefined", "grad_norm", "lr", "skipped", "epoch_time_s"}
 
 
 @pytest.mark.parametrize(

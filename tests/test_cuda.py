@@ -141,3 +141,29 @@ def test_fit_on_cuda_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     resumed = ft.fit(fresh(), data, max_epochs=4, checkpoint_dir=tmp_path / "split", resume=True, **kw)
     ft.assert_states_equal(whole.state, resumed.state, ignore=["driver"])
     assert whole.history.metrics_only() == resumed.history.metrics_only()
+
+
+def test_to_device_pins_cpu_tensors_and_copies_them_to_cuda() -> None:
+    from functrain.driver.data import to_device
+
+    x, on_gpu = torch.randn(16, 8), torch.ones(2, device=CUDA)
+    moved = to_device({"x": x, "g": on_gpu, "n": 3}, torch.device("cuda", torch.cuda.current_device()))
+    torch.cuda.synchronize()
+    assert moved["x"].is_cuda and torch.equal(moved["x"].cpu(), x) and moved["g"] is on_gpu and moved["n"] == 3
+
+
+def test_fit_moves_cpu_batches_to_the_states_cuda_device_and_reports_cuda_memory() -> None:
+    gen = torch.Generator().manual_seed(1)
+    cpu_data = torch.utils.data.TensorDataset(torch.randn(96, 8, generator=gen), torch.randint(0, 2, (96,), generator=gen))
+    gpu_data = torch.utils.data.TensorDataset(*(t.to(CUDA) for t in cpu_data.tensors))
+    kw: dict[str, Any] = {"batch_size": 16, "max_epochs": 2, "progress": False, "verbosity": "silent", "log_every": 3}
+
+    def fresh() -> ft.TrainState:
+        return ft.TrainState.create(_model(), ft.adamw(1e-2), _loss, seed=0)
+
+    moved = ft.fit(fresh(), cpu_data, eval_data=cpu_data, device="cuda", memory="device", grad_stats="layer", **kw)
+    direct = ft.fit(fresh(), gpu_data, eval_data=gpu_data, **kw)
+    ft.assert_states_equal(moved.state, direct.state, ignore=["driver"])
+    row = moved.history.rows["train"][0]
+    assert row["cuda_max_allocated_mib"] > 0 and row["cuda_max_reserved_mib"] >= row["cuda_max_allocated_mib"]
+    assert {"grad_norm/0", "update_ratio/4"} <= set(row)

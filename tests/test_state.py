@@ -94,7 +94,7 @@ def test_state_is_a_pytree_of_its_saved_fields() -> None:
     assert all(x is y for x, y in zip(pytree.tree_leaves(rebuilt), leaves, strict=True))
     assert set(state.tree()) == {
         "params", "frozen", "buffers", "opt_state", "ema_state", "step", "micro_step",
-        "epoch", "epoch_step", "samples_seen", "skipped", "rng", "driver",
+        "epoch", "epoch_step", "samples_seen", "skipped", "rng", "driver", "user",
     }
 
 

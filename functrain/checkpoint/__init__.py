@@ -8,6 +8,6 @@ atomic, verified, no pickle), `state_io` (`save` / `load` of a `TrainState` agai
 """
 
 from functrain.checkpoint.manager import CheckpointManager
-from functrain.checkpoint.state_io import fingerprint, load, save
+from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
 
-__all__ = ["CheckpointManager", "fingerprint", "load", "save"]
+__all__ = ["CheckpointManager", "VersionWarning", "fingerprint", "load", "load_weights", "save"]

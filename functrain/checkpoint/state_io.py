@@ -9,6 +9,8 @@ and reports all problems at once.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,45 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.errors import CheckpointCorruptError, ConfigError, StateMismatchError
+from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
-from functrain.core.state import TrainState
+from functrain.core.state import TrainState, _unaliased
 from functrain.tree import leaves_by_path
 
-__all__ = ["save", "load", "fingerprint"]
+__all__ = ["save", "load", "load_weights", "fingerprint", "VersionWarning"]
+
+
+class VersionWarning(UserWarning):
+    """A checkpoint written by a functrain or torch release other than the running one.
+
+    Loading still works; what may differ is how training goes on from it (kernels, defaults,
+    numerics), so a continued run need not match bit for bit the one the old versions would run.
+    """
+
+
+def _warn_versions(manifest: dict[str, Any], path: Any) -> None:
+    """Warn when the checkpoint's versions differ from these where that can change results.
+
+    torch: any other release (kernels change between patch releases too; a build label such as
+    ``+cpu`` does not count). functrain: another major or minor version (patch releases keep numerics).
+    """
+    from functrain import __version__
+
+    def key(name: str, version: str) -> tuple[str, ...]:
+        release = re.split(r"[+]", version)[0].split(".")
+        return tuple(release[:2] if name == "functrain" else release)
+
+    written = {"torch": manifest.get("torch_version"), "functrain": manifest.get("functrain_version")}
+    running = {"torch": torch.__version__, "functrain": __version__}
+    differ = [name for name, v in written.items() if isinstance(v, str) and v and key(name, v) != key(name, running[name])]
+    if differ:
+        warnings.warn(
+            f"checkpoint {str(path)!r} was written by {' and '.join(f'{n} {written[n]}' for n in differ)}; this is "
+            f"{' and '.join(f'{n} {running[n]}' for n in differ)}: it loads, but kernels and defaults may differ, so training "
+            "on from it need not match bit for bit what the old versions would compute",
+            VersionWarning,
+            stacklevel=3,
+        )
 
 
 def fingerprint(state: TrainState) -> dict[str, Any]:
@@ -107,9 +142,13 @@ def load(
             counters must be 0-d int64 and `rng` the template's generator state), and a different
             optimizer, hyperparameters or options; then the fix: for other weights, that they
             cannot load into this model; else the code that starts a new state from the
-            checkpoint's weights.
+            checkpoint's weights (`load_weights`).
         CheckpointCorruptError: also when loading into a `TrainState`, for driver records
             (``state.driver``) that `fit` could not resume from, naming each malformed path.
+
+    Warns:
+        VersionWarning: the checkpoint was written by another torch release or another functrain
+            minor version (both versions named).
 
     Example:
         >>> import tempfile, functrain as ft
@@ -120,6 +159,7 @@ def load(
     """
     _check_map_location(map_location)
     tree, manifest = read_tree(path, map_location=map_location, digest=digest)
+    _warn_versions(manifest, path)
     if like is None:
         return tree, manifest
     if isinstance(tree, dict) and not isinstance(like, (TrainState, torch.Tensor)) and pytree.tree_is_leaf(like):
@@ -128,12 +168,13 @@ def load(
             "pass like=state (a TrainState built as the saved one was), a tree of the same structure, or like=None for the raw tree"
         )
     template = like.tree() if isinstance(like, TrainState) else like
-    driver = None
+    grown: dict[str, Any] = {}
     if isinstance(like, TrainState):
-        # the driver's bookkeeping (history, early-stopping counts) grows as a run goes: it is taken
-        # as saved, not checked against the template's
-        template = {k: v for k, v in template.items() if k != "driver"}
-        driver = tree.pop("driver", {}) if isinstance(tree, dict) else {}
+        # the driver's bookkeeping (history, early-stopping counts) and the user's own state grow as
+        # a run goes: they are taken as saved, not checked against the template's (a checkpoint
+        # written before states had `user` keeps the template's)
+        template = {k: v for k, v in template.items() if k not in _GROWN}
+        grown = {k: tree.pop(k, getattr(like, k) if k == "user" else {}) if isinstance(tree, dict) else {} for k in _GROWN}
     problems = compare_to_template(tree, template)
     if isinstance(like, TrainState):
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
@@ -141,7 +182,7 @@ def load(
         fix = _mismatch_fix(tree, like, path) if isinstance(like, TrainState) else ""
         raise StateMismatchError(f"checkpoint {str(path)!r} does not fit the template:\n  - " + "\n  - ".join(problems) + fix)
     if isinstance(like, TrainState):
-        _check_driver(path, driver)
+        _check_driver(path, grown["driver"])
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
     values = []
@@ -152,7 +193,7 @@ def load(
         values.append(value)
     restored = pytree.tree_unflatten(values, spec)
     if isinstance(like, TrainState):
-        return like.with_tree({**restored, "driver": _to_device(driver, like.device)})
+        return like.with_tree({**restored, **{k: _to_device(v, like.device) for k, v in grown.items()}})
     return restored
 
 
@@ -174,6 +215,10 @@ def _check_driver(path: str | os.PathLike[str], driver: Any) -> None:
         raise CheckpointCorruptError(
             f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot resume from:\n  - " + "\n  - ".join(problems)
         )
+
+
+# tree fields of a state that are not checked against the template's
+_GROWN = ("driver", "user")
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:
@@ -206,10 +251,67 @@ _MODEL_FIELDS = ("params", "frozen", "buffers")
 
 # a new state holding the checkpoint's weights, its optimizer state and EMA started from them
 _WARM_START = """
-    tree, _ = functrain.load({path}, map_location=state.device)
-    weights = {{**tree["params"], **tree["frozen"]}}
-    params = {{k: weights[k] for k in state.params}}
-    state = state.replace(params=params, frozen={{k: weights[k] for k in state.frozen}}, buffers=tree["buffers"], opt_state=state.tx.init(params), ema_state=state.averager.init(params) if state.averager else None)"""
+    state = functrain.load_weights({path}, into=state)"""
+
+
+def load_weights(path: str | os.PathLike[str], into: TrainState, *, strict: bool = True) -> TrainState:
+    """Warm-start or fine-tune: `into` with the model's tensors of a checkpoint, ready to train.
+
+    The parameters (trainable or frozen when saved, matched by name) and buffers come from the
+    checkpoint; everything else is `into`'s: its optimizer, learning rate, step options and
+    trainable set, a fresh optimizer state, an EMA started at the loaded weights, counters at
+    zero, its RNG, driver and user state. Use it where `load` refuses a checkpoint because the
+    optimizer, its hyperparameters, the options or the trainable set changed.
+
+    Args:
+        path: a checkpoint of a `TrainState` (`save`, or one a `CheckpointManager` wrote).
+        into: the new run's initial state (`TrainState.create` with the new optimizer and options).
+        strict: every tensor of `into`'s model must be in the checkpoint and the other way round;
+            with False, tensors the checkpoint lacks keep `into`'s values (a new head) and tensors
+            `into` lacks are ignored. Shapes and dtypes must match either way.
+
+    Returns:
+        The new state, at step 0.
+
+    Raises:
+        StateMismatchError: names, shapes or dtypes that do not fit, all listed.
+        CheckpointError: no checkpoint at `path`, or it is not a `TrainState`'s.
+
+    Example:
+        >>> import tempfile, functrain as ft
+        >>> loss = lambda m, b: m(b).sum()
+        >>> old = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss)
+        >>> path = ft.save(ft.train_step(old, torch.ones(4, 2))[0], Path(tempfile.mkdtemp()) / "ckpt")
+        >>> new = ft.load_weights(path, into=ft.TrainState.create(torch.nn.Linear(2, 1), ft.adamw(1e-4), loss))
+        >>> int(new.step), new.optimizer.name.split("(")[0], torch.equal(new.params["bias"], ft.load(path)[0]["params"]["bias"])
+        (0, 'adamw', True)
+    """
+    tree, manifest = read_tree(path)
+    if not isinstance(tree, dict) or any(not isinstance(tree.get(k), dict) for k in _MODEL_FIELDS):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a TrainState (params, frozen, buffers): save one with functrain.save(state, path)")
+    _warn_versions(manifest, path)
+    saved = {"params": {**tree["params"], **tree["frozen"]}, "buffers": tree["buffers"]}
+    wanted = {"params": {**into.params, **into.frozen}, "buffers": into.buffers}
+    if not strict:
+        saved, wanted = ({f: {k: v for k, v in a[f].items() if k in b[f]} for f in a} for a, b in ((saved, wanted), (wanted, saved)))
+    problems = compare_to_template(saved, wanted)
+    if problems:
+        raise StateMismatchError(f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - " + "\n  - ".join(problems) + _STRICT_HINT * strict)
+
+    def take(field: str, source: str) -> dict[str, torch.Tensor]:
+        return {k: saved[source][k].to(v.device) if k in saved[source] else v for k, v in getattr(into, field).items()}
+
+    params = take("params", "params")
+    return _unaliased(into.replace(
+        params=params,
+        frozen=take("frozen", "params"),
+        buffers=take("buffers", "buffers"),
+        opt_state=into.tx.init(params),
+        ema_state=into.averager.init(params) if into.averager is not None else None,
+    ))
+
+
+_STRICT_HINT = "\n(with strict=False, tensors missing from the checkpoint keep the state's values and extra ones are ignored)"
 
 
 def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
@@ -225,5 +327,5 @@ def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
         )
     return (
         "\nthe weights fit: to train them with this state's optimizer, hyperparameters and options, start a new state "
-        "(step 0, fresh optimizer state) from them, with `state` the template passed as like=:" + _WARM_START.format(path=repr(str(path)))
+        "(step 0, fresh optimizer state) from them with functrain.load_weights, `state` being the template passed as like=:" + _WARM_START.format(path=repr(str(path)))
     )

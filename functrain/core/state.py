@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -33,6 +33,7 @@ __all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy"
 
 LossFn = Callable[..., Any]
 Trainable = Callable[[str, torch.Tensor], bool]
+GradStats = Literal["layer", "param"]
 
 _COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped")
 
@@ -67,12 +68,15 @@ class TrainState:
     0-d int64 counters `step` (optimizer updates taken, skipped ones included), `micro_step`
     (position in the accumulation window), `epoch`, `epoch_step` (batches into the epoch),
     `samples_seen`, `skipped` (updates skipped as non-finite), the RNG `rng` (the generator state
-    that dropout and other random ops inside the model draw from), and `driver` (a dict the driver
-    uses for best metrics and early stopping).
+    that dropout and other random ops inside the model draw from), `driver` (a dict the driver
+    uses for best metrics and early stopping), and `user`: your own state, a dict of any tree of
+    tensors and JSON values (``state.replace(user={...})``, or ``run.user = {...}`` in a `fit`
+    callback), saved and restored with the rest; the step never reads or changes it.
 
     Static fields (not saved): `module`, `loss_fn`, `optimizer` (as given), `tx` (the optimizer
     wrapped with clipping, accumulation, non-finite skipping and loss scaling per `options`),
-    `options`, `dist` (the process group, if any) and `averager` (the EMA transform, if any).
+    `options`, `dist` (the process group, if any), `averager` (the EMA transform, if any) and
+    `grad_stats` (per-layer or per-parameter gradient statistics among the step's metrics, or None).
 
     Build one with `TrainState.create`; step it with `functrain.train_step`.
 
@@ -96,6 +100,7 @@ class TrainState:
     skipped: torch.Tensor
     rng: torch.Tensor
     driver: dict[str, Any]
+    user: dict[str, Any]
     module: nn.Module = _static()
     loss_fn: LossFn = _static()
     optimizer: Transform = _static()
@@ -103,6 +108,7 @@ class TrainState:
     options: StepOptions = _static(factory=StepOptions)
     dist: DistConfig | None = _static(default=None)
     averager: Transform | None = _static(default=None)
+    grad_stats: GradStats | None = _static(default=None)
 
     @classmethod
     def create(
@@ -121,6 +127,7 @@ class TrainState:
         ema_warmup: bool = False,
         trainable: Trainable | None = None,
         distributed: bool | None = None,
+        grad_stats: GradStats | None = None,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
 
@@ -148,6 +155,11 @@ class TrainState:
             distributed: average gradients across the ranks of the active `torch.distributed`
                 process group (None: whenever one with more than one rank is initialized). Rank 0's
                 weights are broadcast to all ranks, and all ranks must build the same model.
+            grad_stats: add gradient statistics to the step's metrics, grouped by ``"layer"`` (the
+                module owning the parameters) or ``"param"``: ``grad_norm/<group>`` (before
+                clipping) and ``update_ratio/<group>`` (the update's norm over the weights' norm,
+                inf for weights at zero). Computed on the device; the driver reads them at log
+                intervals. Not computed by `compile_step`. Not part of checkpoints.
 
         Returns:
             The initial `TrainState`, counters at zero.
@@ -168,6 +180,8 @@ class TrainState:
         """
         options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
         problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
+        if grad_stats not in (None, "layer", "param"):
+            problems.append(f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}")
         params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) and (trainable is None or callable(trainable)) else ({}, {})
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
@@ -197,6 +211,7 @@ class TrainState:
             **counters,
             rng=initial_rng(seed, device),
             driver={},
+            user={},
             module=module,
             loss_fn=loss_fn,
             optimizer=optimizer,
@@ -204,6 +219,7 @@ class TrainState:
             options=options,
             dist=dist_config,
             averager=averager,
+            grad_stats=grad_stats,
         ))
 
     def replace(self, **changes: Any) -> TrainState:

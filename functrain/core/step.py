@@ -33,6 +33,10 @@ __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# metrics of the built-in transforms that the step reports itself, or not at all (counters); any
+# other metric a transform's state exposes (a custom transform's `metrics()`) joins the step's
+_OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
+
 
 class BoundModel:
     """The user's module bound to a state's tensors: calling it runs the module on them.
@@ -232,10 +236,37 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         "grad_norm": grad_norm,
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
         "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
-        **{k: v.float() for k, v in tx_metrics.items() if k in ("loss_scale", "lr_scale")},
+        **{k: v.float() for k, v in tx_metrics.items() if k not in _OWN_TX_METRICS},
         **aux,
     }
+    by = getattr(state, "grad_stats", None)  # the compiled body's view of a state has none
+    if by is not None:
+        metrics.update(_grad_statistics(by, grads, state.params, params, scale))
     return new, metrics
+
+
+@functools.lru_cache(maxsize=64)
+def _groups(names: tuple[str, ...], by: str) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name.rsplit(".", 1)[0] if by == "layer" else name, []).append(i)
+    return groups
+
+
+def _grad_statistics(by: str, grads: dict[str, torch.Tensor], old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per-group gradient norms and update/weight norm ratios, as 0-d tensors on the device."""
+    names = list(old)
+    before, after = [old[n] for n in names], [new[n] for n in names]
+    # one foreach kernel per quantity, then a few small ops per group
+    g = [n.float() for n in torch._foreach_norm([grads[n] for n in names])]
+    d = [n.float() for n in torch._foreach_norm(torch._foreach_sub(after, before))]
+    w = [n.float() for n in torch._foreach_norm(before)]
+    out: dict[str, torch.Tensor] = {}
+    for group, idx in _groups(tuple(names), by).items():
+        norm = torch.linalg.vector_norm(torch.stack([g[i] for i in idx]))
+        out[f"grad_norm/{group}"] = norm / scale if scale is not None else norm
+        out[f"update_ratio/{group}"] = torch.linalg.vector_norm(torch.stack([d[i] for i in idx])) / torch.linalg.vector_norm(torch.stack([w[i] for i in idx]))
+    return out
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -259,7 +290,9 @@ def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, tor
     Returns:
         ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``grad_norm`` (before
         clipping), ``lr``, ``skipped`` (1.0 when the update was skipped as non-finite), the loss
-        function's own metrics and, with fp16, ``loss_scale``.
+        function's own metrics, with fp16 ``loss_scale``, the metrics of custom transforms
+        (their state's ``metrics()``), and with ``grad_stats`` ``grad_norm/<group>`` and
+        ``update_ratio/<group>`` (`TrainState.create`).
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).

@@ -43,7 +43,7 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
         p.append(f"state must be a functrain.TrainState, got {type(kw['state']).__name__}")
     if kw["train_data"] is None:
         p.append("train_data must be a dataset or a re-iterable of batches, got None")
-    for name in ("shuffle", "drop_last", "async_save", "progress", "resume", "compile"):
+    for name in ("shuffle", "drop_last", "async_save", "progress", "resume", "compile", "test_every_eval"):
         if not isinstance(kw[name], bool):
             p.append(f"{name} must be True or False, got {name}={kw[name]!r}")
     seed = kw["data_seed"]
@@ -53,6 +53,13 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
         p.append(f"callbacks must be a list of callbacks, got {type(kw['callbacks']).__name__}: pass callbacks=[...]")
     if kw["verbosity"] not in ("silent", "minimal", "standard", "verbose"):
         p.append(f"verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity={kw['verbosity']!r}")
+    for name, allowed in (("stop_on_nonfinite", ("eval", "train", "none")), ("memory", ("host", "device", "none")), ("grad_stats", (None, "layer", "param"))):
+        if kw[name] not in allowed:
+            p.append(f"{name} must be one of {list(allowed)}, got {name}={kw[name]!r}")
+    if kw["grad_stats"] is not None and kw["compile"] is True:
+        p.append("grad_stats needs compile=False: the compiled step body does not compute them")
+    if kw["test_every_eval"] is True and (kw["test_data"] is None or kw["eval_data"] is None):
+        p.append("test_every_eval=True needs test_data=... and eval_data=... (it adds the test set to each evaluation)")
     return p
 
 

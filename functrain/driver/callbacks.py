@@ -76,6 +76,8 @@ class Run:
         exception: the exception ending the run (in ``on_exception``), else None.
         history: the run's `History`.
         config: the `fit` arguments.
+        user: your own state (`TrainState.user`): assign a new dict to change it; it is saved in
+            the checkpoints with the rest of the state and restored on resume.
     """
 
     def __init__(self, state: Any, history: Any, config: dict[str, Any]) -> None:
@@ -93,6 +95,16 @@ class Run:
         self.saved: Path | None = None
         self.stop_reason: str | None = None
         self.exception: BaseException | None = None
+
+    @property
+    def user(self) -> dict[str, Any]:
+        return self.state.user
+
+    @user.setter
+    def user(self, value: dict[str, Any]) -> None:
+        if not isinstance(value, dict):
+            raise ConfigError(f"run.user must be a dict (a tree of tensors and JSON values), got {type(value).__name__}: assign run.user = {{...}}")
+        self.state = self.state.replace(user=value)
 
     def request_stop(self, reason: str = "stopped by a callback") -> None:
         """Ask the driver to stop after the current batch (the state so far is kept and saved)."""

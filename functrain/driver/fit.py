@@ -2,8 +2,9 @@
 
 `fit` checks its arguments (all problems at once), turns the data into sources that resume exactly,
 opens the checkpoint directory, restores the newest checkpoint on ``resume=True``, and runs the
-plain loop (`functrain.driver.loop`). Everything a resumed run needs (position in the data, history, early-stopping counts, the
-metrics of the unfinished log window) is written into ``state.driver`` before each save, so
+plain loop (`functrain.driver.loop`). Everything a resumed run needs (position in the data,
+history, early-stopping counts, the metrics of the unfinished log window) is written into
+``state.driver`` before each save, the user's own state is in ``state.user``, so
 ``fit(..., resume=True)`` continues bit for bit where the interrupted run's last checkpoint left it.
 Host syncs happen at log intervals, evaluations and saves only.
 """
@@ -22,7 +23,7 @@ from functrain.checkpoint.state_io import load
 from functrain.core.state import TrainState
 from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
 from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, ProgressBar, check_callback
-from functrain.driver.data import Batcher, IterableSource, as_source
+from functrain.driver.data import Batcher, IterableSource, as_source, batch_device, to_device
 from functrain.driver.evaluation import evaluate
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
@@ -95,6 +96,11 @@ def fit(
     log_file: str | Path | None = None,
     resume: bool = False,
     compile: bool = False,
+    device: str | torch.device | None = None,
+    stop_on_nonfinite: Literal["eval", "train", "none"] = "eval",
+    test_every_eval: bool = False,
+    grad_stats: Literal["layer", "param"] | None = None,
+    memory: Literal["host", "device", "none"] = "host",
 ) -> FitResult:
     """Train `state` on `train_data`: evaluate, checkpoint, stop early, log, and resume exactly.
 
@@ -132,9 +138,26 @@ def fit(
             With several ranks, rank 0 writes the directory and the others only read it.
         compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
             batch shape).
+        device: where the batches go (None: the state's device, which it must be: build the
+            state from ``module.to(device)``). Tensors elsewhere are moved there, asynchronously
+            from pinned memory for a CUDA target, so `loss_fn` needs no ``.to(device)``.
+        stop_on_nonfinite: ``"eval"`` ends the run when an evaluation's ``val_loss`` (or
+            `best_metric`) is NaN or Inf, ``"train"`` also when a log interval's mean training
+            loss is (read at log intervals only), ``"none"`` never. The run then returns with
+            `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the non-finite state in
+            the result, and the checkpoints as the last finite state left them (nothing is saved after).
+        test_every_eval: evaluate `test_data` at each evaluation too (``test_loss`` in the eval rows).
+        grad_stats: ``"layer"`` or ``"param"``: add per-group gradient norms and update/weight
+            ratios to the metrics (``grad_norm/<group>``, ``update_ratio/<group>``; computed on the
+            device, read at log intervals; see `TrainState.create`). Not with `compile`.
+        memory: memory columns of the train rows: ``"host"`` the process's peak resident memory
+            (``memory_mib``), ``"device"`` also, on CUDA, the peak allocated and reserved memory
+            of each log interval (``cuda_max_allocated_mib``, ``cuda_max_reserved_mib``), ``"none"``.
 
     Returns:
-        A `FitResult`.
+        A `FitResult`. Its history has a train row per log interval (and one for the run's last,
+        partial interval), an eval row per evaluation and an epoch row per epoch with the epoch's
+        mean of every training metric.
 
     Raises:
         ConfigError: invalid arguments, listed together (options without the data or directory
@@ -158,13 +181,16 @@ def fit(
     """
     config_check(fit_problems(locals()), "fit")
     early_stopping, _ = early_stopping_of(early_stopping)
+    target = batch_device(device, state)
+    if grad_stats is not None:
+        state = state.replace(grad_stats=grad_stats)
     # with several ranks: each reads its shard of every global batch; rank 0 alone writes
     shard = (state.dist.rank, state.dist.world_size) if state.dist is not None else (0, 1)
     main = shard[0] == 0
     hooks = _callbacks(callbacks, progress and main, verbosity if main else "silent", log_file if main else None)
     train = as_source(train_data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=data_seed, num_workers=num_workers, shard=shard)
-    evals = _eval_source(eval_data, eval_batch_size or batch_size, shard)
-    tests = _eval_source(test_data, eval_batch_size or batch_size, shard)
+    evals = _eval_source(eval_data, eval_batch_size or batch_size, shard, target)
+    tests = _eval_source(test_data, eval_batch_size or batch_size, shard, target)
     if (empty := empty_data_problem(train)) is not None:
         raise ConfigError(empty)
     manager = None
@@ -180,7 +206,7 @@ def fit(
             )
         if resume and manager is not None:
             state = manager.restore_latest(like=state) or state
-        loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals())
+        loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals(), tests=tests if test_every_eval else None, device=target)
         loop.run()
     finally:
         if manager is not None:
@@ -190,21 +216,22 @@ def fit(
     return _result(loop, manager, tests)
 
 
-def _eval_source(data: Any, batch_size: int | None, shard: tuple[int, int] = (0, 1)) -> Any:
+def _eval_source(data: Any, batch_size: int | None, shard: tuple[int, int] = (0, 1), device: torch.device | None = None) -> Any:
     if data is None:
         return None
     if shard[1] > 1 and batch_size is not None and batch_size % shard[1]:
         batch_size += shard[1] - batch_size % shard[1]  # evaluation batches only need to split evenly
     source = as_source(data, batch_size=batch_size, shuffle=False, drop_last=False, seed=0, num_workers=0, shard=shard)
-    return _EpochView(source)
+    return _EpochView(source, device)
 
 
 class _EpochView:
-    def __init__(self, source: Batcher | IterableSource) -> None:
-        self.source = source
+    def __init__(self, source: Batcher | IterableSource, device: torch.device | None) -> None:
+        self.source, self.device = source, device
 
     def __iter__(self) -> Any:
-        return self.source.epoch(0)
+        for batch in self.source.epoch(0):
+            yield to_device(batch, self.device) if self.device is not None else batch
 
 
 def _callbacks(extra: Sequence[Any], progress: bool, verbosity: str, log_file: str | Path | None) -> list[Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["History", "TIMING_KEYS"]
 
-TIMING_KEYS = frozenset({"samples_per_s", "step_time_ms", "epoch_time_s", "eval_time_s", "memory_mib"})
+TIMING_KEYS = frozenset({"samples_per_s", "step_time_ms", "epoch_time_s", "eval_time_s", "memory_mib", "cuda_max_allocated_mib", "cuda_max_reserved_mib"})
 KINDS = ("train", "eval", "epoch")
 
 

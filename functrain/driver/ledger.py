@@ -21,7 +21,7 @@ from functrain.driver.history import KINDS, History
 from functrain.errors import ConfigError
 from functrain.optim.plateau import EarlyStopping, improved
 
-__all__ = ["Ledger", "MetricWindow", "tree_problems"]
+__all__ = ["Ledger", "MetricWindow", "memory_columns", "tree_problems"]
 
 _SCALARS = (int, float, str, bool, type(None))
 
@@ -73,17 +73,22 @@ class MetricWindow:
     def totals(self) -> dict[str, float]:
         return dict(zip(self.keys, self.sums.tolist(), strict=True))  # one host read
 
-    def flush(self) -> dict[str, float]:
-        """The window's means (``skipped`` as a total) and its speed and memory; then start anew."""
+    def means(self) -> dict[str, float]:
+        """The window's mean of each metric (``skipped`` as a total): one host read."""
         totals = self.totals()
         out = {k: v / self.count for k, v in totals.items()}
         if "skipped" in out:
             out["skipped"] = totals["skipped"]
+        return out
+
+    def flush(self, reset: bool = True) -> dict[str, float]:
+        """The window's means and its speed; then start anew (unless `reset` is False)."""
+        out = self.means()
         elapsed = time.perf_counter() - self.t0
         out["samples_per_s"] = self.samples / elapsed if elapsed > 0 else math.nan
         out["step_time_ms"] = 1e3 * elapsed / self.count
-        out["memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.reset()
+        if reset:
+            self.reset()
         return out
 
     def reset(self) -> None:
@@ -108,8 +113,12 @@ class Ledger:
     @classmethod
     def from_tree(cls, driver: dict[str, Any], early: EarlyStopping | None) -> Ledger:
         """The records saved in `driver` (empty for a fresh run); `early` takes its saved counts."""
+        history = History.from_tree(driver.get("history"))
+        last = history.last("train")
+        if last is not None and last.get("partial"):
+            history.rows["train"].pop()  # its window's sums are restored: the run goes on with them
         return cls(
-            history=History.from_tree(driver.get("history")),
+            history=history,
             window=MetricWindow(driver.get("window")),
             epoch_sums=MetricWindow(driver.get("epoch_sums")),
             best=driver.get("best"),
@@ -161,10 +170,10 @@ class Ledger:
         self.epoch_sums.add_vector(self.window.add(metrics, samples), self.window.keys)
 
     def end_epoch(self, epoch: int, step: int, elapsed: float) -> None:
-        """Record the finished `epoch`'s row (its mean loss: one host read per epoch)."""
+        """Record the finished `epoch`'s row: the epoch's mean of every training metric (one host read)."""
         row: dict[str, Any] = {"epoch": epoch, "step": step}
         if self.epoch_sums.count:
-            row["loss"] = self.epoch_sums.totals()["loss"] / self.epoch_sums.count
+            row.update(self.epoch_sums.means())
         row["epoch_time_s"] = elapsed
         self.epoch_sums.reset()
         self.history.add("epoch", row)
@@ -177,6 +186,23 @@ class Ledger:
             return False
         self.best = {"step": step, **metrics}
         return True
+
+
+def memory_columns(kind: str, device: torch.device) -> dict[str, float]:
+    """The memory columns of a train row (`fit`'s ``memory=``), in MiB.
+
+    ``"host"``: the process's peak resident memory. ``"device"``: also, on CUDA, the peak memory
+    allocated and reserved by torch since the previous row (the peaks are reset after each read).
+    ``"none"``: nothing.
+    """
+    if kind == "none":
+        return {}
+    row = {"memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if kind == "device" and device.type == "cuda":
+        row["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
 
 
 def _data_change_message(saved: dict[str, Any], given: dict[str, Any], changed: list[str], checkpoint: Any) -> str:

@@ -22,9 +22,9 @@ from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, train_step
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
-from functrain.driver.data import IterableSource
+from functrain.driver.data import IterableSource, to_device
 from functrain.driver.evaluation import evaluate
-from functrain.driver.ledger import Ledger
+from functrain.driver.ledger import Ledger, memory_columns
 from functrain.errors import ConfigError, NonFiniteError
 from functrain.optim.plateau import EarlyStopping, observe_plateau
 from functrain.optim.wrappers import check_skip_limits
@@ -32,14 +32,32 @@ from functrain.optim.wrappers import check_skip_limits
 __all__ = ["Loop", "LOOP_OPTIONS"]
 
 # the arguments of `fit` the loop reads (callbacks see them as `run.config`)
-LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode")
+LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode", "stop_on_nonfinite", "memory")
+
+# the stop reasons of a run ended by a non-finite value: nothing is saved after them
+NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")
 
 
 class Loop:
     """One run of `fit` over its data, from the state's position to a stop reason."""
 
-    def __init__(self, state: TrainState, train: Any, evals: Any, manager: CheckpointManager | None, hooks: list[Any], early: EarlyStopping | None, compile: bool, cfg: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        state: TrainState,
+        train: Any,
+        evals: Any,
+        manager: CheckpointManager | None,
+        hooks: list[Any],
+        early: EarlyStopping | None,
+        compile: bool,
+        cfg: dict[str, Any],
+        *,
+        tests: Any = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.cfg = {k: cfg[k] for k in LOOP_OPTIONS}
+        self.tests = tests  # evaluated with each evaluation (fit's test_every_eval)
+        self.device = device or state.device
         self.cfg["accumulate_steps"] = state.options.accumulate_steps
         self.train, self.evals, self.manager, self.hooks = train, evals, manager, hooks
         self.step_fn = compile_step() if compile else train_step
@@ -52,7 +70,7 @@ class Loop:
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
         self.stop_reason: str | None = state.driver.get("stop_reason")
-        self._saved_at: tuple[int, int, int] | None = None
+        self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
 
     def fire(self, hook: str) -> None:
@@ -63,6 +81,8 @@ class Loop:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(ctx)
+        if ctx.state.user is not self.state.user:  # a hook assigned run.user
+            self.state = self.state.replace(user=ctx.state.user)
         if ctx.should_stop and self.stop_reason is None:
             self.stop_reason = ctx.stop_reason
 
@@ -124,6 +144,7 @@ class Loop:
         self._epoch_t0 = time.perf_counter()
         start, trained = self.pos, False
         for batch in self.train.epoch(self.epoch, start=self.pos):
+            batch = to_device(batch, self.device)
             n = _batch_size(batch)
             trained = trained or n > 0
             if n == 0:
@@ -166,12 +187,16 @@ class Loop:
         if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
             self.stop_reason = self.stop_reason or "max_steps"
 
-    def _log(self) -> None:
+    def _log(self, partial: bool = False) -> None:
         check_skip_limits(self.state.opt_state)
-        row = {"step": self.step, "epoch": self.epoch, **self.ledger.window.flush()}
+        row = {"step": self.step, "epoch": self.epoch, **self.ledger.window.flush(reset=not partial), **memory_columns(self.cfg["memory"], self.device)}
+        if partial:
+            row["partial"] = True
         self._check_lr(row.get("lr", 0.0))
         self.ledger.history.add("train", row)
         self.run_ctx.logs = row
+        if self.cfg["stop_on_nonfinite"] == "train" and not math.isfinite(row["loss"]):
+            self.stop_reason = self.stop_reason or "nonfinite_loss"
 
     def _check_lr(self, lr: float) -> None:
         """Raise if a learning rate read at a log interval, epoch end or save is not finite.
@@ -208,6 +233,8 @@ class Loop:
         metrics = evaluate(self.state, self.evals)
         if self.state.ema_state is not None:
             metrics.update(evaluate(self.state, self.evals, use_ema=True, prefix="val_ema_"))
+        if self.tests is not None:
+            metrics.update(self._test())
         if self.cfg["best_metric"] not in metrics:
             raise ConfigError(
                 f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics {sorted(metrics)}: "
@@ -215,6 +242,11 @@ class Loop:
             )
         self.ledger.history.add("eval", {"step": self.step, "epoch": self.epoch, **metrics, "eval_time_s": time.perf_counter() - t0})
         self.run_ctx.eval_metrics = metrics
+        if self.cfg["stop_on_nonfinite"] != "none" and not all(math.isfinite(metrics[k]) for k in {"val_loss", self.cfg["best_metric"]} & set(metrics)):
+            # neither best, plateau nor early stopping can use it; the checkpoints keep the last finite state
+            self.stop_reason = self.stop_reason or "nonfinite_val_loss"
+            self.fire("on_eval_end")
+            return
         self.state = self.state.replace(opt_state=observe_plateau(self.state.opt_state, metrics[self.cfg["best_metric"]]))
         new_best = self.ledger.record_eval(metrics, self.step, self.cfg["best_metric"], self.cfg["mode"])
         if self.ledger.early is not None and self.ledger.early.should_stop:
@@ -224,10 +256,27 @@ class Loop:
             self._save(metrics)
         self.fire("on_eval_end")
 
+    def _test(self) -> dict[str, float]:
+        metrics = evaluate(self.state, self.tests, prefix="test_")
+        if self.state.ema_state is not None:
+            metrics.update(evaluate(self.state, self.tests, use_ema=True, prefix="test_ema_"))
+        return metrics
+
+    def _position(self) -> tuple[int, int, int, dict[str, Any]]:
+        """What tells two saves apart: the place in the data, the rows of the history (the final
+        partial train row aside: its sums are in the window) and the user state, which a hook may
+        assign after a save."""
+        last = self.ledger.history.last("train")
+        return (self.epoch, self.pos, len(self.ledger.history) - bool(last and last.get("partial")), self.state.user)
+
+    def _saved_here(self, position: tuple[int, int, int, dict[str, Any]]) -> bool:
+        return self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]
+
     def _save(self, metrics: dict[str, float] | None = None) -> None:
-        # skip only when nothing changed since the last save (an epoch end after a step's save changes the state)
-        position = (self.epoch, self.pos, len(self.ledger.history))
-        if self.manager is None or self._saved_at == position:
+        # skip when nothing changed since the last save (an epoch end after a step's save changes the
+        # state), and after a non-finite value: the checkpoints keep the last finite state
+        position = self._position()
+        if self.manager is None or self.stop_reason in NONFINITE_STOPS or self._saved_here(position):
             return
         self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self.ledger.to_tree())
@@ -239,6 +288,10 @@ class Loop:
         self.fire("on_save")
 
     def _finish(self) -> None:
+        if self.ledger.window.count:
+            # the run's last, partial log interval becomes a train row marked "partial"; the window
+            # keeps its sums, so a run resumed from the final checkpoint drops that row and goes on
+            self._log(partial=True)
         self.state = self.state.replace(driver=self.ledger.to_tree())
         if self.manager is not None:
             self._save()

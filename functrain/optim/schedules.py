@@ -44,6 +44,7 @@ __all__ = [
     "warmup_cosine",
     "one_cycle",
     "join",
+    "per_epoch",
     "from_torch",
 ]
 
@@ -623,6 +624,48 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         return float(schedules[i](step - starts[i]))
 
     return cast(Schedule, schedule)
+
+
+@_described
+def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
+    """A schedule written in epochs, run on the step counter: the value at step ``t`` is
+    ``schedule(t // steps_per_epoch)``.
+
+    This is what a torch scheduler stepped once an epoch gives (``scheduler.step()`` after each
+    epoch): the value holds for a whole epoch and moves at its end. Monotone and bounded as
+    `schedule` is.
+
+    Args:
+        schedule: a schedule whose step is the epoch (e.g. ``from_torch(StepLR, lr=0.1,
+            step_size=30)`` for 30 epochs).
+        steps_per_epoch: the run's optimizer updates per epoch: its batches per epoch (``len`` of
+            the `DataLoader`, or ``ceil(len(dataset) / batch_size)``, floor with ``drop_last``)
+            divided by ``accumulate_steps``.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: `schedule` is not callable or `steps_per_epoch` is not an int >= 1.
+
+    Example:
+        >>> from torch.optim.lr_scheduler import StepLR
+        >>> s = per_epoch(from_torch(StepLR, lr=1.0, step_size=2, gamma=0.1), steps_per_epoch=3)
+        >>> [round(s(t), 6) for t in range(0, 15, 3)], s(5), s(torch.tensor(6))
+        ([1.0, 1.0, 0.1, 0.1, 0.01], 1.0, tensor(0.1000, dtype=torch.float64))
+    """
+    problems: list[str] = []
+    if not callable(schedule):
+        problems.append(f"schedule must be a schedule (callable), got schedule={schedule!r}")
+    _check_steps(problems, "steps_per_epoch", steps_per_epoch, minimum=1)
+    config_check(problems, "per_epoch")
+
+    def epochs(step: int | torch.Tensor) -> float | torch.Tensor:
+        if isinstance(step, torch.Tensor):
+            return _as_f64(schedule(torch.div(step, steps_per_epoch, rounding_mode="floor")), step)
+        return float(schedule(operator.index(step) // steps_per_epoch))
+
+    return cast(Schedule, epochs)
 
 
 # -- torch.optim.lr_scheduler -----------------------------------------------------------------------
