@@ -25,7 +25,7 @@ from functrain.distributed.data_parallel import (
     current_config,
 )
 from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, DonatedStateError
 from functrain.optim.transform import Transform, is_transform
 from functrain.tree import Tree
 
@@ -103,6 +103,8 @@ class TrainState:
     options: StepOptions = _static(factory=StepOptions)
     dist: DistConfig | None = _static(default=None)
     averager: Transform | None = _static(default=None)
+    # set once, by `retire`, when a step took this state with donate=True (neither tree nor static)
+    _donated_to: str | None = attrs.field(default=None, init=False, eq=False, metadata={"donation": True})
 
     @classmethod
     def create(
@@ -240,6 +242,7 @@ class TrainState:
 
         Raises:
             ConfigError: `use_ema` without EMA in the state.
+            DonatedStateError: the state was donated to a step.
 
         Example:
             >>> import torch, functrain as ft
@@ -248,6 +251,7 @@ class TrainState:
             >>> torch.equal(m.weight, s.params["weight"])
             True
         """
+        self.check_live("export_module")
         if use_ema and self.ema_state is None:
             raise ConfigError("export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
         weights = self.ema_params if use_ema else self.params
@@ -257,14 +261,67 @@ class TrainState:
         return module.eval()
 
     def tree(self) -> dict[str, Any]:
-        """The saved part of the state, as a plain dict of trees (what checkpoints hold)."""
+        """The saved part of the state, as a plain dict of trees (what checkpoints hold).
+
+        Raises:
+            DonatedStateError: the state was donated to a step (so `save` and the manager refuse it).
+        """
+        self.check_live("saving or reading the state's tree")
         return {name: getattr(self, name) for name in TREE_FIELDS}
+
+    def clone(self) -> TrainState:
+        """This state with every tensor copied: a copy that a donated step cannot touch.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+            >>> c = s.clone()
+            >>> torch.equal(c.params["weight"], s.params["weight"]), c.params["weight"] is s.params["weight"]
+            (True, False)
+        """
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x), self)
+
+    def check_live(self, call: str) -> None:
+        """Raise `DonatedStateError` if a step took this state with ``donate=True``.
+
+        Also when this state shares its step counter with a donated one (say, it was made from it by
+        `replace`): the donated step may have written into the tensors they share.
+
+        Args:
+            call: what was attempted, for the message.
+
+        Raises:
+            DonatedStateError: naming the call that donated the state and how to keep a copy.
+        """
+        donated_to = self._donated_to or getattr(self.step, _DONATED_TAG, None)
+        if donated_to is not None:
+            raise DonatedStateError(
+                f"{call} got a TrainState that was donated to {donated_to}: its tensors now hold the next state. "
+                "Use the state that call returned; to keep this one as well, copy it first with state.clone(), "
+                "or call the step without donate=True"
+            )
+
+    def retire(self, call: str) -> None:
+        """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
+
+        Steps call it on the state they were given with ``donate=True``. Its tree fields are
+        replaced by a placeholder that raises when read, and its step counter is tagged so that
+        states sharing it (made by `replace`) are refused as well.
+        """
+        if self._donated_to is not None:
+            return
+        setattr(self.step, _DONATED_TAG, call)
+        object.__setattr__(self, "_donated_to", call)
+        for name in TREE_FIELDS:
+            object.__setattr__(self, name, _Donated(name, call))
 
     def with_tree(self, tree: dict[str, Any]) -> TrainState:
         """This state with its tree fields replaced by `tree` (as produced by `tree()`)."""
         return attrs.evolve(self, **tree)
 
     def __repr__(self) -> str:
+        if self._donated_to is not None:
+            return f"TrainState(<donated to {self._donated_to}>)"
         n = self.num_params()
         nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
         ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
@@ -275,8 +332,34 @@ class TrainState:
         )
 
 
-TREE_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if not f.metadata.get("static"))
+TREE_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if not f.metadata.get("static") and not f.metadata.get("donation"))
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
+
+
+_DONATED_TAG = "_functrain_donated_to"
+
+
+class _Donated:
+    """What a donated state's tree fields become: any use raises `DonatedStateError`."""
+
+    __slots__ = ("_field", "_call")
+
+    def __init__(self, field: str, call: str) -> None:
+        self._field, self._call = field, call
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise DonatedStateError(
+            f"state.{self._field} belongs to a TrainState that was donated to {self._call}: its tensors now hold "
+            "the next state. Use the state that call returned; to keep this one as well, copy it first with "
+            "state.clone(), or call the step without donate=True"
+        )
+
+    __getattr__ = __getitem__ = __iter__ = __len__ = __contains__ = __int__ = __float__ = __bool__ = __index__ = _refuse
+    __add__ = __radd__ = __sub__ = __mul__ = __eq__ = __lt__ = __gt__ = __le__ = __ge__ = _refuse
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<donated to {self._call}>"
 
 
 def _human_bytes(n: int) -> str:
@@ -288,6 +371,7 @@ def _human_bytes(n: int) -> str:
 
 
 def _flatten_state(state: TrainState) -> tuple[list[Any], tuple]:
+    state.check_live("a tree operation (torch.utils._pytree)")
     return [getattr(state, f) for f in TREE_FIELDS], tuple(getattr(state, f) for f in STATIC_FIELDS)
 
 
