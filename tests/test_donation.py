@@ -190,3 +190,66 @@ def test_a_compiled_donated_step_gives_the_compiled_pure_steps_bits() -> None:
     with pytest.raises(ft.DonatedStateError, match="compile_step"):
         step(previous, batches(1)[0])
 
+
+
+# ---------------------------------------------------------------- fit donates the states it owns
+
+
+def pure_run(count: int) -> list[ft.TrainState]:
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9)
+    states = []
+    for batch in batches(count):
+        state, _ = ft.train_step(state, batch)
+        states.append(state)
+    return states
+
+
+def fit_run(**kwargs: Any) -> tuple[ft.TrainState, ft.FitResult]:
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9)
+    result = ft.fit(state, batches(4), **{"max_epochs": 1, "progress": False, "verbosity": "silent", **kwargs})
+    return state, result
+
+
+def test_fit_donates_every_state_but_the_callers_and_ends_where_pure_steps_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    original = ft.train_step
+
+    def recording_step(state: ft.TrainState, batch: Any, *, donate: bool = False) -> Any:
+        seen.append(donate)
+        return original(state, batch, donate=donate)
+
+    monkeypatch.setattr("functrain.driver.loop.train_step", recording_step)
+    given, result = fit_run()
+    assert seen == [False, True, True, True]
+    assert_same_training(result.state, pure_run(4)[-1])
+    assert int(ft.train_step(given, batches(1)[0])[0].step) == 1  # the caller's state is alive and untouched
+
+
+class Keeper(ft.Callback):
+    def __init__(self) -> None:
+        self.kept: list[ft.TrainState] = []
+
+    def on_batch_end(self, run: ft.Run) -> None:
+        self.kept.append(run.state)
+
+
+def test_states_a_callback_keeps_from_fit_stay_valid() -> None:
+    keeper = Keeper()
+    _, result = fit_run(callbacks=[keeper])
+    assert len(keeper.kept) == 4
+    for kept, expected in zip(keeper.kept, pure_run(4), strict=True):
+        assert_same_training(kept, expected)
+    assert_same_training(result.state, keeper.kept[-1])
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoints_fit_writes_while_donating_hold_the_states_of_their_steps(tmp_path: Any, async_save: bool) -> None:
+    _, result = fit_run(checkpoint_dir=tmp_path / "run", save_every=1, keep_last=10, run_mode="step", max_steps=4, async_save=async_save)
+    expected = pure_run(4)
+    template = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9)
+    paths = ft.CheckpointManager(tmp_path / "run").all()
+    assert len(paths) == 4
+    for path in paths:
+        restored = ft.load(path, like=template)
+        assert_same_training(restored, expected[int(restored.step) - 1])
+    assert_same_training(result.state, expected[-1])
