@@ -67,7 +67,11 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
 
 
 class CompiledStep:
-    """The function `compile_step` returns: ``step(state, batch) -> (state, metrics)``.
+    """The function `compile_step` returns: ``step(state, batch, *, donate=False) -> (state, metrics)``.
+
+    ``donate=True`` is `train_step`'s: the caller gives `state` up, the step's results are written
+    into its tensors (a graph of its own, whose outputs are copies into its inputs, which inductor
+    writes in place), and `state` raises `DonatedStateError` on any later use.
 
     Holds one compiled body per static configuration seen so far: the module, loss function and
     optimizer (the same objects), the options and the parameter names.
@@ -152,7 +156,8 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
 
     Returns:
         A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the
-        caller's RNG untouched).
+        caller's RNG untouched), ``donate=True`` included: donation is per call, so one compiled
+        step serves a first pure call and donated ones after it (one graph each).
 
     Raises:
         ConfigError: `options` sets its own ``guard_filter_fn``; calling the step with something

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,7 @@ class TrainState:
         >>> import torch, functrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.adamw(1e-3), lambda m, b: m(b).sum())
         >>> state
-        TrainState(step=0, epoch=0, params=8 (32 B), optimizer=adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None), ema=off, precision=fp32)
+        TrainState(step=0, epoch=0, params=8 (32 B), optimizer=adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None, fused=True), ema=off, precision=fp32)
     """
 
     params: dict[str, torch.Tensor]
@@ -126,8 +127,12 @@ class TrainState:
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
 
-        The module's current parameters and buffers are copied into the state (the module itself is
-        only used as the structure to run them through, and is not modified).
+        The state owns its weights: the module's current parameters and buffers are copied into it,
+        and it keeps the module's structure as a weightless copy on the meta device (the module
+        itself is never modified, nor kept). After ``del model`` only the state's copy of the
+        weights stays alive; `export_module` builds a module holding them again. The structure is
+        copied once per module object: attributes changed on the module afterwards (say, a dropout
+        probability) do not reach states created from it; build a new module instead.
 
         Args:
             module: the model. Parameters with ``requires_grad=False``, and those `trainable`
@@ -199,7 +204,7 @@ class TrainState:
             **counters,
             rng=initial_rng(seed, device),
             driver={},
-            module=module,
+            module=_weightless(module),
             loss_fn=loss_fn,
             optimizer=optimizer,
             tx=tx,
@@ -255,9 +260,15 @@ class TrainState:
         if use_ema and self.ema_state is None:
             raise ConfigError("export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
         weights = self.ema_params if use_ema else self.params
-        module = copy.deepcopy(self.module)
-        state_dict = {**weights, **self.frozen, **self.buffers}
-        module.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=False)
+        values = {**weights, **self.frozen, **self.buffers}
+        # the structure's (meta) tensors map to copies of the state's: tied weights stay tied
+        memo: dict[int, Any] = {}
+        for name, p in self.module.named_parameters():
+            memo[id(p)] = nn.Parameter(values[name].detach().clone(), requires_grad=p.requires_grad)
+        for name, b in self.module.named_buffers():
+            memo[id(b)] = values[name].detach().clone()
+        module = copy.deepcopy(self.module, memo)
+        module.__dict__.pop(_WEIGHTLESS, None)  # it holds weights: a state made from it copies them
         return module.eval()
 
     def tree(self) -> dict[str, Any]:
@@ -406,6 +417,48 @@ def _unaliased(state: TrainState) -> TrainState:
         return x
 
     return pytree.tree_map(fresh, state)
+
+
+# one structure per module object, so states created again from it (a resume) share compiled graphs;
+# made again when the module's submodules, parameters or buffers changed since
+_structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+_WEIGHTLESS = "_functrain_weightless"
+
+
+def _layout(module: nn.Module) -> tuple:
+    modules = tuple((name, id(m)) for name, m in module.named_modules(remove_duplicate=False))
+    tensors = tuple((name, id(t), t.shape, t.dtype) for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)))
+    return modules + tensors
+
+
+def _weightless(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are on the meta device: its structure, no weights.
+
+    The step runs it on the state's tensors; the user's module is left alone, and nothing keeps
+    its weights alive. The copy is made once per module object (and a copy is its own); a module
+    that cannot be deep-copied is kept as it is.
+    """
+    if getattr(module, _WEIGHTLESS, False):
+        return module
+    layout = _layout(module)
+    found = _structures.get(module)
+    if found is None or found[0] != layout:
+        found = _structures[module] = (layout, _copy_structure(module))
+    return found[1]
+
+
+def _copy_structure(module: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for t in module.parameters():
+        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    for t in module.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    try:
+        structure = copy.deepcopy(module, memo)
+    except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
+        return module
+    object.__setattr__(structure, _WEIGHTLESS, True)
+    return structure
 
 
 def _split_parameters(module: nn.Module, trainable: Trainable | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

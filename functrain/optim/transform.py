@@ -109,6 +109,9 @@ def writing_in_place(allowed: bool) -> Iterator[None]:
         ...     may_write_in_place()
         True
     """
+    if torch.compiler.is_compiling():  # traced steps never write in place; leave the flag alone
+        yield
+        return
     before, used = _permission.in_place, _permission.used
     _permission.in_place = allowed
     if allowed and not before:
@@ -151,13 +154,15 @@ class Transform(NamedTuple):
     selecting the previous state with `torch.where` (they still zero updates of the other forms)."""
 
 
-def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, ...] = ()) -> Any:
+def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, ...] | dict[str, Any] = ()) -> Any:
     """Decorate a transform factory so its transforms carry their call, e.g. ``adamw(lr=0.001, ...)``.
 
     The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
     optimizer or hyperparameter is reported on load. Arguments listed in `added` (ones a later
     version introduced, as ``@named(added=("fused",))``) are left out of the name while at their
-    default, so checkpoints written before they existed still load.
+    default, so checkpoints written before they existed still load; a dict names the value to
+    leave out instead (``added={"fused": False}``: what the name meant before the argument existed,
+    whatever its default is now).
     """
     if factory is None:
         return functools.partial(named, added=added)
@@ -170,16 +175,17 @@ def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, 
     return wrapper
 
 
-def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any], added: tuple[str, ...] = ()) -> str:
+def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any], added: tuple[str, ...] | dict[str, Any] = ()) -> str:
     """``factory(name=value, ...)`` with every argument, defaults included (names of transforms, schedules).
 
-    Arguments in `added` are left out while they equal their default.
+    Arguments in `added` are left out while they equal their default (or, `added` a dict, the value it gives).
     """
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
+    silent = added if isinstance(added, dict) else {key: signature.parameters[key].default for key in added}
     parts = []
     for key, value in bound.arguments.items():
-        if key in added and value == signature.parameters[key].default:
+        if key in silent and value == silent[key]:
             continue
         kind = signature.parameters[key].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
