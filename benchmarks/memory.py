@@ -1,14 +1,15 @@
 """Peak memory of a training step over the built model, in parameter sizes P, one fresh process per row.
 
 The workload is parameter-heavy on purpose: an MLP 1024-4096-4096-1024 (25M parameters, P = 96 MiB
-in float32), batch 64, AdamW, 5 steps over pre-made batches. Each row runs in a process started for it
+in float32), batch 64, AdamW, 5 steps over pre-made batches. `train_step` is the default (fused)
+`adamw`; `_foreach` rows use `adamw(fused=False)`; `_donate` rows call `train_step(..., donate=True)`. Each row runs in a process started for it
 alone (a forked child would inherit its parent's peak). On the CPU the peak is the process's high-water
 mark of resident memory (`VmHWM`) over its resident size once the model is built; on CUDA it is
 `torch.cuda.max_memory_allocated()` over the memory allocated once the model is built.
 
     python benchmarks/memory.py                 # CPU
     python benchmarks/memory.py --device cuda   # GPU
-    python benchmarks/memory.py --rows handwritten_fused,train_step_fused
+    python benchmarks/memory.py --rows handwritten_fused,train_step_donate
 """
 
 from __future__ import annotations
@@ -62,15 +63,14 @@ def _handwritten(fused: bool) -> Callable[[nn.Module, list[Any]], None]:
     return run
 
 
-def _train_step(**options: Any) -> Callable[[nn.Module, list[Any]], None]:
+def _train_step(fused: bool = True, donate: bool = False, **options: Any) -> Callable[[nn.Module, list[Any]], None]:
     def run(model: nn.Module, batches: list[Any]) -> None:
         import functrain as ft
 
-        fused = options.pop("fused", False)
         state = ft.TrainState.create(model, ft.adamw(1e-3, fused=fused), _loss, **options)
         del model  # what a user may do: the state holds the weights now
         for batch in batches:
-            state, _ = ft.train_step(state, batch)
+            state, _ = ft.train_step(state, batch, donate=donate)
 
     return run
 
@@ -83,12 +83,15 @@ def _fit(model: nn.Module, batches: list[Any]) -> None:
     ft.fit(state, batches, max_epochs=1, progress=False, verbosity="silent")
 
 
+
 ROWS: dict[str, Callable[[nn.Module, list[Any]], None]] = {
     "handwritten_foreach": _handwritten(fused=False),
     "handwritten_fused": _handwritten(fused=True),
+    "train_step_foreach": _train_step(fused=False),
+    "train_step_foreach_nonfinite_none": _train_step(fused=False, nonfinite="none"),
     "train_step": _train_step(),
-    "train_step_nonfinite_none": _train_step(nonfinite="none"),
-    "train_step_fused": _train_step(fused=True),
+    "train_step_donate": _train_step(donate=True),
+    "train_step_foreach_donate": _train_step(fused=False, donate=True),
     "fit": _fit,
 }
 
@@ -103,7 +106,9 @@ def measure(row: str, device: torch.device) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _status_kib("VmRSS") * 1024
-    ROWS[row](model, batches)
+    owned = [model]
+    del model  # the row owns the model (a functrain row deletes it once the state holds the weights)
+    ROWS[row](owned.pop(), batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()

@@ -92,17 +92,19 @@ WORKLOADS = ("mlp", "cnn", "transformer")
 BLOCK = {"mlp": 10, "cnn": 1, "transformer": 1}
 WARMUP = {"mlp": 20, "cnn": 3, "transformer": 3}
 
-IMPLS = ("hand", "hand_fused", "eager", "eager_none", "eager_fused", "compiled", "compile_step", "compile_step_fused")
-COMPILED = ("compiled", "compile_step", "compile_step_fused")
+IMPLS = ("hand", "hand_fused", "eager", "eager_none", "eager_fused", "eager_donate", "compiled", "compile_step", "compile_step_fused", "compile_step_donate")
+COMPILED = ("compiled", "compile_step", "compile_step_fused", "compile_step_donate")
 LABELS = {
     "hand": "hand-written (foreach AdamW)",
     "hand_fused": "hand-written, AdamW(fused=True)",
-    "eager": "functrain eager",
-    "eager_none": "functrain eager, nonfinite=none",
-    "eager_fused": "functrain eager, adamw(fused=True)",
+    "eager": "functrain eager, adamw(fused=False)",
+    "eager_none": "functrain eager, adamw(fused=False), nonfinite=none",
+    "eager_fused": "functrain eager, adamw() (fused)",
+    "eager_donate": "functrain eager, adamw(), donate=True",
     "compiled": "torch.compile(functrain.train_step)",
     "compile_step": "functrain.compile_step()",
-    "compile_step_fused": "functrain.compile_step(), adamw(fused=True)",
+    "compile_step_fused": "functrain.compile_step(), adamw() (fused)",
+    "compile_step_donate": "functrain.compile_step(), adamw(), donate=True",
 }
 # (implementation, workload) -> the highest acceptable ratio to the hand-written foreach loop
 TARGETS = {
@@ -207,15 +209,16 @@ class Hand:
 
 
 class Functrain:
-    def __init__(self, module: nn.Module, batch: Any, *, nonfinite: str = "skip", fused: bool = False, step_fn: Callable = functrain.train_step) -> None:
+    def __init__(self, module: nn.Module, batch: Any, *, nonfinite: str = "skip", fused: bool = False, step_fn: Callable = functrain.train_step, donate: bool = False) -> None:
         tx = functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=fused)
         self.state = functrain.TrainState.create(module, tx, loss_fn, seed=0, nonfinite=nonfinite)
         self.batch = batch
         self.step_fn = step_fn
+        self.donate = donate  # train_step(..., donate=True): the fused kernel in place, one state held
         self.metrics: dict[str, torch.Tensor] = {}
 
     def step(self) -> None:
-        self.state, self.metrics = self.step_fn(self.state, self.batch)
+        self.state, self.metrics = self.step_fn(self.state, self.batch, donate=self.donate) if self.donate else self.step_fn(self.state, self.batch)
 
     def params(self) -> dict[str, torch.Tensor]:
         return dict(self.state.params)
@@ -229,15 +232,17 @@ def make(impl: str, module: nn.Module, batch: Any) -> Hand | Functrain:
         return Hand(module, batch, fused=impl == "hand_fused")
     if impl in ("eager", "eager_fused"):
         return Functrain(module, batch, fused=impl == "eager_fused")
+    if impl == "eager_donate":
+        return Functrain(module, batch, fused=True, donate=True)
     if impl == "eager_none":
-        return Functrain(module, batch, nonfinite="none")
+        return Functrain(module, batch, nonfinite="none", fused=False)
     if impl == "compiled":
         return Functrain(module, batch, step_fn=torch.compile(functrain.train_step, dynamic=False))
-    if impl in ("compile_step", "compile_step_fused"):
+    if impl in ("compile_step", "compile_step_fused", "compile_step_donate"):
         # one compiled step per process, as a training loop keeps it: the memory worker's warm-up
         # copy then compiles it, not the measured one
         step_fn = _COMPILED_STEPS.setdefault(impl, functrain.compile_step())
-        runner = Functrain(module, batch, fused=impl == "compile_step_fused", step_fn=step_fn)
+        runner = Functrain(module, batch, fused=impl != "compile_step", step_fn=step_fn, donate=impl == "compile_step_donate")
         # the same optimizer object too: compile_step compiles once per (module, loss, optimizer)
         tx = _COMPILED_STEPS.setdefault(f"{impl}/tx", runner.state.optimizer)
         runner.state = functrain.TrainState.create(module, tx, loss_fn, seed=0)

@@ -14,6 +14,7 @@ __all__ = [
     "NonFiniteError",
     "CheckpointError",
     "CheckpointCorruptError",
+    "DonatedStateError",
 ]
 
 
@@ -56,6 +57,14 @@ class CheckpointError(FunctrainError):
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint's files do not match their recorded digests or are malformed."""
+
+
+class DonatedStateError(FunctrainError):
+    """A state was used after a step took it with ``donate=True``: its storage now holds the next state.
+
+    The message names the call that donated it and how to keep a copy (``state.clone()`` before
+    the call, or the call without ``donate=True``).
+    """
 
 
 def config_check(problems: list[str], where: str) -> None:

@@ -256,10 +256,10 @@ SaveFn = Callable[[TrainState, Path], Any]
 LoadFn = Callable[..., TrainState]
 
 
-def _train(state: TrainState, batches_fn: Callable[[int], Any], start: int, stop: int) -> tuple[TrainState, list[dict[str, torch.Tensor]]]:
+def _train(state: TrainState, batches_fn: Callable[[int], Any], start: int, stop: int, donate: bool = False) -> tuple[TrainState, list[dict[str, torch.Tensor]]]:
     metrics = []
     for i in range(start, stop):
-        state, m = train_step(state, batches_fn(i))
+        state, m = train_step(state, batches_fn(i), donate=donate)
         metrics.append(m)
     return state, metrics
 
@@ -272,6 +272,7 @@ def check_resumption(
     *,
     save: SaveFn | None = None,
     load: LoadFn | None = None,
+    donate: bool = False,
 ) -> list[str]:
     """Train `n` steps straight and `k` + save + load + ``n - k``; return where the two differ.
 
@@ -287,6 +288,8 @@ def check_resumption(
         k: steps before the cut, ``0 <= k <= n``.
         save: ``save(state, path)``; default `functrain.save`.
         load: ``load(path, like=template)``; default `functrain.load`.
+        donate: train both runs with ``train_step(..., donate=True)``, as `fit` does (the
+            checkpoint at `k` is written before the straight run takes that state).
 
     Returns:
         One line per difference, as `LeafDiff` prints it, with ``state/`` and ``metrics/<i>/``
@@ -311,12 +314,12 @@ def check_resumption(
         raise ConfigError(f"check_resumption needs integers 0 <= k <= n, got n={n!r}, k={k!r}")
     save = save or checkpoint.save
     load = load or checkpoint.load
-    at_k, _ = _train(make_state(), batches_fn, 0, k)
-    straight, straight_metrics = _train(at_k, batches_fn, k, n)
+    at_k, _ = _train(make_state(), batches_fn, 0, k, donate)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint"
         save(at_k, path)
         restored = load(path, like=make_state())
-    resumed, resumed_metrics = _train(restored, batches_fn, k, n)
+    straight, straight_metrics = _train(at_k, batches_fn, k, n, donate)
+    resumed, resumed_metrics = _train(restored, batches_fn, k, n, donate)
     expected = {"state": straight.tree(), "metrics": straight_metrics}
     return [str(d) for d in diff_states(expected, {"state": resumed.tree(), "metrics": resumed_metrics})]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 import torch.utils._pytree as pytree
 from hypothesis import given, settings
@@ -146,3 +147,28 @@ def test_eval_step_is_pure_and_repeatable(setup: dict[str, Any]) -> None:
         assert t._version == version and torch.equal(bits(t), bits(copy_))
     assert_bitwise(first, second)
     assert model.training
+
+
+@settings(deadline=None, max_examples=30)
+@given(setup=setups(), compiled=st.booleans())
+def test_a_donated_step_gives_the_pure_steps_bits_and_leaves_the_module_alone(setup: dict[str, Any], compiled: bool) -> None:
+    model = build_mlp(setup["d_in"], setup["widths"], setup["dropout"], setup["batchnorm"], setup["seed"])
+    module_before = {k: v.clone() for k, v in model.state_dict().items()}
+    pure = ft.TrainState.create(model, OPTIMIZERS[setup["optimizer"]](), loss_fn, seed=setup["seed"], **setup["options"])
+    donated = pure.clone()
+    step = ft.compile_step(backend="eager") if compiled else ft.train_step
+    gen = torch.Generator().manual_seed(setup["seed"])
+    for i in range(setup["steps"]):
+        x = torch.randn(setup["batch_size"], setup["d_in"], generator=gen)
+        if setup["nan_at"] == i:
+            x[0, 0] = float("nan")
+        y = torch.randint(0, 2, (setup["batch_size"],), generator=gen)
+        pure, metrics = step(pure, (x, y))
+        previous = donated
+        donated, donated_metrics = step(donated, (x, y), donate=True)
+        assert_bitwise(pure, donated)
+        assert_bitwise(metrics, donated_metrics)
+        with pytest.raises(ft.DonatedStateError, match="donate=True"):
+            step(previous, (x, y))
+    for name, value in model.state_dict().items():
+        assert torch.equal(bits(value), bits(module_before[name])), name

@@ -167,3 +167,67 @@ def test_fit_moves_cpu_batches_to_the_states_cuda_device_and_reports_cuda_memory
     row = moved.history.rows["train"][0]
     assert row["cuda_max_allocated_mib"] > 0 and row["cuda_max_reserved_mib"] >= row["cuda_max_allocated_mib"]
     assert {"grad_norm/0", "update_ratio/4"} <= set(row)
+
+
+def _tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+
+def _assert_same_state(a: ft.TrainState, b: ft.TrainState) -> None:
+    for x, y in zip(torch.utils._pytree.tree_leaves(a.tree()), torch.utils._pytree.tree_leaves(b.tree()), strict=True):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(_tensor_bits(x), _tensor_bits(y))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        (lambda: ft.adamw(1e-2, fused=True), {"ema_decay": 0.9}),
+        (lambda: ft.adam(1e-2, fused=True), {"accumulate_steps": 2, "clip_grad_norm": 0.5}),
+        (lambda: ft.adamw(1e-2, fused=False), {"nonfinite": "none", "ema_decay": 0.9, "ema_warmup": True}),
+        (lambda: ft.adamw(1e-2, fused=True), {"precision": "fp16"}),
+        (lambda: ft.adamw(1e-2, fused=True), {"precision": "bf16"}),
+    ],
+)
+def test_donated_steps_on_cuda_give_the_pure_steps_bits(optimizer: Any, options: dict[str, Any]) -> None:
+    pure = ft.TrainState.create(_model(), optimizer(), _loss, **options)
+    donated = pure.clone()
+    batches = _batches(5)
+    batches[1][0][0, 0] = float("nan")
+    for batch in batches:
+        pure, _ = ft.train_step(pure, batch)
+        donated, _ = ft.train_step(donated, batch, donate=True)
+        _assert_same_state(pure, donated)
+
+
+def test_a_fused_donated_step_on_cuda_holds_one_state() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 1024)).to(CUDA)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch = (torch.randn(16, 1024, device=CUDA), torch.randint(0, 1024, (16,), device=CUDA))
+    peaks = {}
+    for donate in (False, True):
+        state = ft.TrainState.create(model, ft.adamw(1e-3, fused=True), _loss)
+        state, _ = ft.train_step(state, batch, donate=donate)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            state, _ = ft.train_step(state, batch, donate=donate)
+        torch.cuda.synchronize()
+        peaks[donate] = (torch.cuda.max_memory_allocated() - base) / param_bytes
+        del state
+    # pure: a second state (3 P) and the gradients; donated: the gradients and small temporaries
+    assert peaks[True] < 1.5 < peaks[False], peaks
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compile_step_donated_on_cuda_gives_the_compiled_pure_steps_bits() -> None:
+    step = ft.compile_step()
+    pure = ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, ema_decay=0.9)
+    donated = pure.clone()
+    for batch in _batches(3):
+        pure, _ = step(pure, batch)
+        donated, _ = step(donated, batch, donate=True)
+        _assert_same_state(pure, donated)

@@ -102,37 +102,37 @@ ADAGRAD_STATE = [(ScaleByAdagradState, "sum_of_squares", "sum")]
 
 EXACT_CASES = {
     "adamw": (
-        ft.adamw(lr=1e-2, weight_decay=0.1),
+        ft.adamw(lr=1e-2, weight_decay=0.1, fused=False),
         lambda p: torch.optim.AdamW(p.values(), lr=1e-2, weight_decay=0.1, foreach=True),
         ADAM_STATE,
     ),
     "adamw_betas_eps": (
-        ft.adamw(lr=3e-3, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.05),
+        ft.adamw(lr=3e-3, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.05, fused=False),
         lambda p: torch.optim.AdamW(p.values(), lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, foreach=True),
         ADAM_STATE,
     ),
     "adamw_mask_spares_biases": (
-        ft.adamw(lr=1e-2, weight_decay=0.1, mask=is_weight),
+        ft.adamw(lr=1e-2, weight_decay=0.1, mask=is_weight, fused=False),
         lambda p: torch.optim.AdamW(split_groups(p, 0.1), lr=1e-2, foreach=True),
         ADAM_STATE,
     ),
     "adamw_amsgrad": (
-        ft.adamw(lr=1e-2, weight_decay=0.1, amsgrad=True),
+        ft.adamw(lr=1e-2, weight_decay=0.1, amsgrad=True, fused=False),
         lambda p: torch.optim.AdamW(p.values(), lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=True),
         AMSGRAD_STATE,
     ),
     "adam": (
-        ft.adam(lr=1e-2),
+        ft.adam(lr=1e-2, fused=False),
         lambda p: torch.optim.Adam(p.values(), lr=1e-2, foreach=True),
         ADAM_STATE,
     ),
     "adam_l2": (
-        ft.adam(lr=1e-2, weight_decay=1e-2),
+        ft.adam(lr=1e-2, weight_decay=1e-2, fused=False),
         lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=1e-2, foreach=True),
         ADAM_STATE,
     ),
     "adam_amsgrad": (
-        ft.adam(lr=1e-2, amsgrad=True),
+        ft.adam(lr=1e-2, amsgrad=True, fused=False),
         lambda p: torch.optim.Adam(p.values(), lr=1e-2, amsgrad=True, foreach=True),
         AMSGRAD_STATE,
     ),
@@ -268,7 +268,7 @@ def test_radam_first_steps_are_bias_corrected_momentum() -> None:
 def test_adamw_with_constant_schedule_matches_torch_optim_bitwise() -> None:
     # a schedule takes the tensor learning-rate path of scale_by_learning_rate; after a Ratio it
     # still folds into torch's addcdiv sequence exactly
-    tx = ft.adamw(lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=0.1)
+    tx = ft.adamw(lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=0.1, fused=False)
     ft_params, _ = run_functrain(tx)
     torch_params, _ = run_torch(lambda p: torch.optim.AdamW(p.values(), lr=1e-2, weight_decay=0.1, foreach=True))
     assert_bitwise(list(ft_params.values()), list(torch_params.values()), "params")
@@ -351,7 +351,7 @@ def test_fused_preset_matches_torch_optim_fused_bitwise(name: str) -> None:
 def test_fused_and_foreach_adamw_agree_to_rounding_but_not_bitwise() -> None:
     # the kernels round differently: fused=True is a different trajectory, not the foreach one
     fused, _ = run_functrain(ft.adamw(lr=1e-2, weight_decay=0.1, fused=True))
-    foreach, _ = run_functrain(ft.adamw(lr=1e-2, weight_decay=0.1))
+    foreach, _ = run_functrain(ft.adamw(lr=1e-2, weight_decay=0.1, fused=False))
     for name in SHAPES:
         torch.testing.assert_close(fused[name], foreach[name], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(fused[n], foreach[n]) for n in SHAPES)
@@ -366,10 +366,11 @@ def test_fused_rejects_integer_parameters_and_needs_params() -> None:
         tx.update({"w": torch.ones(2)}, tx.init(params))
 
 
-def test_fused_name_appears_only_when_set() -> None:
-    # checkpoints written before `fused` existed carry names without it and must still load
-    assert "fused" not in ft.adamw(lr=1e-3).name and "fused" not in ft.adam(lr=1e-3).name
-    assert ft.adamw(lr=1e-3, fused=True).name.endswith("fused=True)")
+def test_fused_name_appears_only_when_true() -> None:
+    # checkpoints written before `fused` existed (foreach) carry names without it and must still load
+    # into fused=False; the default (fused) names itself, so those checkpoints say what differs
+    assert "fused" not in ft.adamw(lr=1e-3, fused=False).name and "fused" not in ft.adam(lr=1e-3, fused=False).name
+    assert ft.adamw(lr=1e-3).name.endswith("fused=True)") and ft.adam(lr=1e-3, fused=True).name.endswith("fused=True)")
 
 
 @pytest.mark.parametrize("factory", [ft.adam, ft.adamw])

@@ -287,3 +287,51 @@ def test_a_trainable_that_is_not_callable_is_a_config_error() -> None:
 def test_fp16_with_halt_is_a_config_error() -> None:
     with pytest.raises(ft.ConfigError, match="nonfinite='halt' does not combine with precision='fp16'"):
         ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, precision="fp16", nonfinite="halt")
+
+
+# ---------------------------------------------------------------- what create owns
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x))
+
+
+def test_create_keeps_no_second_copy_of_the_weights_and_leaves_the_module_alone() -> None:
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    before = {k: (v, v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    state = ft.TrainState.create(model, ft.adamw(1e-2), lambda m, b: m(b).pow(2).mean())
+    assert all(v is model.state_dict(keep_vars=True)[k] and torch.equal(v, copy_) for k, (v, copy_) in before.items())
+    assert {t.device.type for t in state.module.parameters()} == {"meta"}
+    weights = [weakref.ref(p) for p in model.parameters()]
+    del model, before
+    gc.collect()
+    assert all(w() is None for w in weights)
+
+
+def test_export_module_rebuilds_tied_weights_from_the_state() -> None:
+    state = ft.TrainState.create(_Tied(), ft.adamw(1e-1), lambda m, b: m(b).pow(2).mean())
+    state, _ = ft.train_step(state, torch.arange(5))
+    module = state.export_module()
+    assert module.out.weight is module.emb.weight
+    assert torch.equal(module.emb.weight, state.params["emb.weight"])
+    assert module.emb.weight.data_ptr() != state.params["emb.weight"].data_ptr()
+
+
+def test_states_created_from_one_module_share_its_structure_and_an_exported_module_is_its_own() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    first = ft.TrainState.create(model, ft.adamw(1e-2), lambda m, b: m(b).sum())
+    again = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b).sum())
+    assert again.module is first.module and first.module is not model
+    exported = first.export_module()
+    from_export = ft.TrainState.create(exported, ft.sgd(0.1), lambda m, b: m(b).sum())
+    assert from_export.module is not exported and from_export.module[0].weight.device.type == "meta"

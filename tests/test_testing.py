@@ -27,10 +27,10 @@ def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tenso
     return nn.functional.mse_loss(model(x), y)
 
 
-def make_state(**options: Any) -> ft.TrainState:
+def make_state(optimizer: ft.Transform | None = None, **options: Any) -> ft.TrainState:
     # dropout: the state's RNG advances every step, so a checkpoint without it resumes differently
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 2))
-    return ft.TrainState.create(model, ft.adamw(0.05), loss_fn, **options)
+    return ft.TrainState.create(model, optimizer or ft.adamw(0.05), loss_fn, **options)
 
 
 def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +129,16 @@ def test_assert_states_equal_lists_the_differing_leaves() -> None:
 
 def test_check_resumption_of_a_real_run_finds_no_difference() -> None:
     assert check_resumption(lambda: make_state(ema_decay=0.9, accumulate_steps=2, clip_grad_norm=0.5), batch, n=7, k=3) == []
+
+
+def test_check_resumption_of_a_donating_run_finds_no_difference_and_still_finds_a_lost_window() -> None:
+    make = lambda: make_state(ema_decay=0.9, accumulate_steps=3, clip_grad_norm=0.5, optimizer=ft.adamw(0.05, fused=True))  # noqa: E731
+    assert check_resumption(make, batch, n=7, k=4, donate=True) == []
+
+    def save_fresh_window(state: ft.TrainState, path: Path) -> Any:
+        return ft.save(state.replace(opt_state=make().opt_state), path)
+
+    assert any("/grad_sum/" in p for p in check_resumption(make, batch, n=6, k=4, save=save_fresh_window, donate=True))
 
 
 def test_check_resumption_finds_a_load_that_drops_the_rng() -> None:

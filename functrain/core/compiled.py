@@ -30,6 +30,7 @@ import torch
 from functrain.errors import ConfigError
 from functrain.core.state import TrainState
 from functrain.core.step import _enter, _leave, _leave_with, _train_core
+from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep"]
 
@@ -66,7 +67,11 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
 
 
 class CompiledStep:
-    """The function `compile_step` returns: ``step(state, batch) -> (state, metrics)``.
+    """The function `compile_step` returns: ``step(state, batch, *, donate=False) -> (state, metrics)``.
+
+    ``donate=True`` is `train_step`'s: the caller gives `state` up, the step's results are written
+    into its tensors (a graph of its own, whose outputs are copies into its inputs, which inductor
+    writes in place), and `state` raises `DonatedStateError` on any later use.
 
     Holds one compiled body per static configuration seen so far: the module, loss function and
     optimizer (the same objects), the options and the parameter names.
@@ -76,10 +81,11 @@ class CompiledStep:
         self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode, options={**options, "guard_filter_fn": _guard_filter})
         self._cores: dict[tuple, tuple[tuple, Callable[..., Any]]] = {}
 
-    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def __call__(self, state: TrainState, batch: Any, *, donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         if not isinstance(state, TrainState):
             raise ConfigError(f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}")
-        core = self._core_for(state)
+        state.check_live("a compiled step")
+        core = self._core_for(state, donate)
         counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
         scope = _enter(state, True)
         try:
@@ -87,13 +93,16 @@ class CompiledStep:
         except BaseException:
             _leave(scope)
             raise
-        return _leave_with(scope, state, new), metrics
+        new_state = _leave_with(scope, state, new)
+        if donate:
+            state.retire("a compiled step (compile_step) with donate=True")
+        return new_state, metrics
 
-    def _core_for(self, state: TrainState) -> Callable[..., Any]:
+    def _core_for(self, state: TrainState, donate: bool) -> Callable[..., Any]:
         # the user's objects by identity, the options by value: the wrapped transform and the
         # EMA that `TrainState.create` builds anew each time are functions of these
         owners = (state.module, state.loss_fn, state.optimizer)
-        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers))
+        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers), donate)
         found = self._cores.get(key)
         if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
             return found[1]
@@ -101,7 +110,10 @@ class CompiledStep:
         fields["device"] = state.device
 
         def body(params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-            return _train_core(_View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch)
+            new, metrics = _train_core(_View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch)
+            if donate:
+                new = _written_back(new, {"params": params, "buffers": buffers, "opt_state": opt_state, "ema_state": ema_state})
+            return new, metrics
 
         # dynamo caches compiled code on the code object, and the guards that would tell two
         # configurations' closures apart are filtered out: give every configuration its own code
@@ -110,6 +122,23 @@ class CompiledStep:
         compiled = self._compile(types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__))
         self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
         return compiled
+
+
+def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The donated step's new tensors copied into the given ones (graph inputs), which it then returns.
+
+    Inside the compiled graph these copies are input mutations: inductor writes each result
+    straight into the input's storage where it can, instead of into a fresh buffer.
+    """
+    out = dict(new)
+    for name, before in old.items():
+        after, spec = tree_flatten(new[name])
+        given = tree_leaves(before)
+        for a, b in zip(after, given, strict=True):
+            if isinstance(a, torch.Tensor) and a is not b:
+                b.copy_(a)
+        out[name] = tree_unflatten([b if isinstance(b, torch.Tensor) else a for a, b in zip(after, given, strict=True)], spec)
+    return out
 
 
 def compile_step(*, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None) -> CompiledStep:
@@ -127,7 +156,8 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
 
     Returns:
         A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the
-        caller's RNG untouched).
+        caller's RNG untouched), ``donate=True`` included: donation is per call, so one compiled
+        step serves a first pure call and donated ones after it (one graph each).
 
     Raises:
         ConfigError: `options` sets its own ``guard_filter_fn``; calling the step with something

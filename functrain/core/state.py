@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from functrain.distributed.data_parallel import (
     current_config,
 )
 from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, DonatedStateError
 from functrain.optim.transform import Transform, is_transform
 from functrain.tree import Tree
 
@@ -84,7 +85,7 @@ class TrainState:
         >>> import torch, functrain as ft
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.adamw(1e-3), lambda m, b: m(b).sum())
         >>> state
-        TrainState(step=0, epoch=0, params=8 (32 B), optimizer=adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None), ema=off, precision=fp32)
+        TrainState(step=0, epoch=0, params=8 (32 B), optimizer=adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None, fused=True), ema=off, precision=fp32)
     """
 
     params: dict[str, torch.Tensor]
@@ -109,6 +110,8 @@ class TrainState:
     dist: DistConfig | None = _static(default=None)
     averager: Transform | None = _static(default=None)
     grad_stats: GradStats | None = _static(default=None)
+    # set once, by `retire`, when a step took this state with donate=True (neither tree nor static)
+    _donated_to: str | None = attrs.field(default=None, init=False, eq=False, metadata={"donation": True})
 
     @classmethod
     def create(
@@ -131,8 +134,12 @@ class TrainState:
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
 
-        The module's current parameters and buffers are copied into the state (the module itself is
-        only used as the structure to run them through, and is not modified).
+        The state owns its weights: the module's current parameters and buffers are copied into it,
+        and it keeps the module's structure as a weightless copy on the meta device (the module
+        itself is never modified, nor kept). After ``del model`` only the state's copy of the
+        weights stays alive; `export_module` builds a module holding them again. The structure is
+        copied once per module object: attributes changed on the module afterwards (say, a dropout
+        probability) do not reach states created from it; build a new module instead.
 
         Args:
             module: the model. Parameters with ``requires_grad=False``, and those `trainable`
@@ -212,7 +219,7 @@ class TrainState:
             rng=initial_rng(seed, device),
             driver={},
             user={},
-            module=module,
+            module=_weightless(module),
             loss_fn=loss_fn,
             optimizer=optimizer,
             tx=tx,
@@ -256,6 +263,7 @@ class TrainState:
 
         Raises:
             ConfigError: `use_ema` without EMA in the state.
+            DonatedStateError: the state was donated to a step.
 
         Example:
             >>> import torch, functrain as ft
@@ -264,23 +272,83 @@ class TrainState:
             >>> torch.equal(m.weight, s.params["weight"])
             True
         """
+        self.check_live("export_module")
         if use_ema and self.ema_state is None:
             raise ConfigError("export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
         weights = self.ema_params if use_ema else self.params
-        module = copy.deepcopy(self.module)
-        state_dict = {**weights, **self.frozen, **self.buffers}
-        module.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=False)
+        values = {**weights, **self.frozen, **self.buffers}
+        # the structure's (meta) tensors map to copies of the state's: tied weights stay tied
+        memo: dict[int, Any] = {}
+        for name, p in self.module.named_parameters():
+            memo[id(p)] = nn.Parameter(values[name].detach().clone(), requires_grad=p.requires_grad)
+        for name, b in self.module.named_buffers():
+            memo[id(b)] = values[name].detach().clone()
+        module = copy.deepcopy(self.module, memo)
+        module.__dict__.pop(_WEIGHTLESS, None)  # it holds weights: a state made from it copies them
         return module.eval()
 
     def tree(self) -> dict[str, Any]:
-        """The saved part of the state, as a plain dict of trees (what checkpoints hold)."""
+        """The saved part of the state, as a plain dict of trees (what checkpoints hold).
+
+        Raises:
+            DonatedStateError: the state was donated to a step (so `save` and the manager refuse it).
+        """
+        self.check_live("saving or reading the state's tree")
         return {name: getattr(self, name) for name in TREE_FIELDS}
+
+    def clone(self) -> TrainState:
+        """This state with every tensor copied: a copy that a donated step cannot touch.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+            >>> c = s.clone()
+            >>> torch.equal(c.params["weight"], s.params["weight"]), c.params["weight"] is s.params["weight"]
+            (True, False)
+        """
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x), self)
+
+    def check_live(self, call: str) -> None:
+        """Raise `DonatedStateError` if a step took this state with ``donate=True``.
+
+        Also when this state shares its step counter with a donated one (say, it was made from it by
+        `replace`): the donated step may have written into the tensors they share.
+
+        Args:
+            call: what was attempted, for the message.
+
+        Raises:
+            DonatedStateError: naming the call that donated the state and how to keep a copy.
+        """
+        donated_to = self._donated_to or getattr(self.step, _DONATED_TAG, None)
+        if donated_to is not None:
+            raise DonatedStateError(
+                f"{call} got a TrainState that was donated to {donated_to}: its tensors now hold the next state. "
+                "Use the state that call returned; to keep this one as well, copy it first with state.clone(), "
+                "or call the step without donate=True"
+            )
+
+    def retire(self, call: str) -> None:
+        """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
+
+        Steps call it on the state they were given with ``donate=True``. Its tree fields are
+        replaced by a placeholder that raises when read, and its step counter is tagged so that
+        states sharing it (made by `replace`) are refused as well.
+        """
+        if self._donated_to is not None:
+            return
+        setattr(self.step, _DONATED_TAG, call)
+        object.__setattr__(self, "_donated_to", call)
+        for name in TREE_FIELDS:
+            object.__setattr__(self, name, _Donated(name, call))
 
     def with_tree(self, tree: dict[str, Any]) -> TrainState:
         """This state with its tree fields replaced by `tree` (as produced by `tree()`)."""
         return attrs.evolve(self, **tree)
 
     def __repr__(self) -> str:
+        if self._donated_to is not None:
+            return f"TrainState(<donated to {self._donated_to}>)"
         n = self.num_params()
         nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
         ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
@@ -291,8 +359,34 @@ class TrainState:
         )
 
 
-TREE_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if not f.metadata.get("static"))
+TREE_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if not f.metadata.get("static") and not f.metadata.get("donation"))
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
+
+
+_DONATED_TAG = "_functrain_donated_to"
+
+
+class _Donated:
+    """What a donated state's tree fields become: any use raises `DonatedStateError`."""
+
+    __slots__ = ("_field", "_call")
+
+    def __init__(self, field: str, call: str) -> None:
+        self._field, self._call = field, call
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise DonatedStateError(
+            f"state.{self._field} belongs to a TrainState that was donated to {self._call}: its tensors now hold "
+            "the next state. Use the state that call returned; to keep this one as well, copy it first with "
+            "state.clone(), or call the step without donate=True"
+        )
+
+    __getattr__ = __getitem__ = __iter__ = __len__ = __contains__ = __int__ = __float__ = __bool__ = __index__ = _refuse
+    __add__ = __radd__ = __sub__ = __mul__ = __eq__ = __lt__ = __gt__ = __le__ = __ge__ = _refuse
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<donated to {self._call}>"
 
 
 def _human_bytes(n: int) -> str:
@@ -304,6 +398,7 @@ def _human_bytes(n: int) -> str:
 
 
 def _flatten_state(state: TrainState) -> tuple[list[Any], tuple]:
+    state.check_live("a tree operation (torch.utils._pytree)")
     return [getattr(state, f) for f in TREE_FIELDS], tuple(getattr(state, f) for f in STATIC_FIELDS)
 
 
@@ -338,6 +433,48 @@ def _unaliased(state: TrainState) -> TrainState:
         return x
 
     return pytree.tree_map(fresh, state)
+
+
+# one structure per module object, so states created again from it (a resume) share compiled graphs;
+# made again when the module's submodules, parameters or buffers changed since
+_structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+_WEIGHTLESS = "_functrain_weightless"
+
+
+def _layout(module: nn.Module) -> tuple:
+    modules = tuple((name, id(m)) for name, m in module.named_modules(remove_duplicate=False))
+    tensors = tuple((name, id(t), t.shape, t.dtype) for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)))
+    return modules + tensors
+
+
+def _weightless(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are on the meta device: its structure, no weights.
+
+    The step runs it on the state's tensors; the user's module is left alone, and nothing keeps
+    its weights alive. The copy is made once per module object (and a copy is its own); a module
+    that cannot be deep-copied is kept as it is.
+    """
+    if getattr(module, _WEIGHTLESS, False):
+        return module
+    layout = _layout(module)
+    found = _structures.get(module)
+    if found is None or found[0] != layout:
+        found = _structures[module] = (layout, _copy_structure(module))
+    return found[1]
+
+
+def _copy_structure(module: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for t in module.parameters():
+        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    for t in module.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    try:
+        structure = copy.deepcopy(module, memo)
+    except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
+        return module
+    object.__setattr__(structure, _WEIGHTLESS, True)
+    return structure
 
 
 def _split_parameters(module: nn.Module, trainable: Trainable | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -25,8 +25,8 @@ from functrain.core.binding import call_with
 from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
-from functrain.optim.transform import apply_updates, transform_metrics
-from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, tree_select, unshare_norm
+from functrain.optim.transform import apply_updates, transform_metrics, writing_in_place, wrote_in_place
+from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, unshare_norm
 from functrain.optim.wrappers import find_loss_scale
 
 __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
@@ -129,6 +129,22 @@ def _leave_with(scope: _Scope, state: TrainState, new: dict[str, Any]) -> TrainS
     return state.replace(rng=_leave(scope), **new)
 
 
+def _donated_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`_train_core`, allowed to write into `state`'s tensors; if it fails after writing, `state` is dead."""
+    with writing_in_place(True):
+        try:
+            return _train_core(state, batch)
+        except BaseException as error:
+            if wrote_in_place():
+                _retire(state, f"functrain.train_step(..., donate=True), which then raised {type(error).__name__}")
+            raise
+
+
+@_outside_graph
+def _retire(state: TrainState, call: str) -> None:
+    state.retire(call)
+
+
 def _split_loss(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, {}))
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
@@ -217,9 +233,8 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         buffers = {n: torch.where(torch.isfinite(b).all(), b, state.buffers[n]) if b.is_floating_point() else b for n, b in buffers.items()}
     ema_state = state.ema_state
     if ema_state is not None:
-        _, new_ema = state.averager.update(params, ema_state)
         applied = _and(completed, ~skipped if skipped is not None else None)
-        ema_state = tree_select(applied, new_ema, ema_state) if applied is not None else new_ema
+        _, ema_state = state.averager.update(params, ema_state, keep=applied)
     new = {
         "params": params,
         "buffers": buffers,
@@ -276,16 +291,24 @@ def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a & b
 
 
-def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """One training step: forward, loss, gradients, optimizer update, EMA and counters.
 
     Pure: `state` is not modified, the same state and batch give bit-identical results, and the
     caller's global RNG is unchanged. No tensor is read back to the host. Works under
     ``torch.compile(functrain.train_step)``: the RNG swap runs eagerly around the compiled body.
 
+    With ``donate=True`` the caller gives `state` up (JAX's ``donate_argnums``): the step may write
+    the new parameters, optimizer state and EMA into its tensors (torch's fused kernels and
+    in-place foreach ops, as torch.optim runs them), so a step holds one state instead of two. The
+    results are bit for bit those of the pure step. `state` is then dead: any later use raises
+    `DonatedStateError` (keep a copy with ``state.clone()`` first if you need one). A state with
+    ``grad_stats`` still writes fresh buffers (its update ratios need the old weights).
+
     Args:
         state: the current `TrainState`.
         batch: whatever `state.loss_fn` accepts (tensors, tuples, dicts, ...).
+        donate: let the step reuse `state`'s storage (see above).
 
     Returns:
         ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``grad_norm`` (before
@@ -297,6 +320,7 @@ def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, tor
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
         LossError: the loss is not a scalar tensor or the metrics are not tensors.
+        DonatedStateError: `state` was donated to an earlier step.
 
     Example:
         >>> import torch, functrain as ft
@@ -310,13 +334,21 @@ def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, tor
     """
     if not isinstance(state, TrainState):
         raise ConfigError(f"train_step expects a functrain.TrainState as its first argument, got {type(state).__name__}; build one with TrainState.create(...)")
+    state.check_live("train_step")
     scope = _enter(state, True)
     try:
-        new, metrics = _train_core(state, batch)
+        # the update/weight ratios of grad_stats need the old weights: such a step writes fresh buffers
+        if donate and getattr(state, "grad_stats", None) is None:
+            new, metrics = _donated_core(state, batch)
+        else:
+            new, metrics = _train_core(state, batch)
     except BaseException:
         _leave(scope)
         raise
-    return _leave_with(scope, state, new), metrics
+    new_state = _leave_with(scope, state, new)
+    if donate:
+        _retire(state, "functrain.train_step(..., donate=True)")
+    return new_state, metrics
 
 
 def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -343,6 +375,7 @@ def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[s
     Raises:
         ConfigError: `use_ema` on a state without EMA.
         BatchError: the loss function could not use the batch.
+        DonatedStateError: `state` was donated to a step.
 
     Example:
         >>> import torch, functrain as ft
@@ -352,6 +385,7 @@ def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[s
         >>> sorted(ft.eval_step(state, (torch.ones(4, 2), torch.zeros(4, 1))))
         ['loss']
     """
+    state.check_live("eval_step")
     if use_ema and state.ema_state is None:
         raise ConfigError("eval_step(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
     scope = _enter(state, False)

@@ -129,6 +129,15 @@ class Loop:
                 self._end_epoch()
         self._finish()
 
+    def _owns_state(self) -> bool:
+        """Whether the loop alone holds its state, so the step may take it (``donate=True``).
+
+        Not the state `fit` was given (the caller holds it), nor one a callback kept from
+        ``run.state``: those stay valid, and that step runs pure.
+        """
+        held = 1 + (self.run_ctx.state is self.state)  # self.state, and the run as hooks last saw it
+        return sys.getrefcount(self.state) - 1 <= held  # getrefcount counts its own argument too
+
     def _limit_reached(self) -> str | None:
         # checked before each epoch: a resumed run that had already finished takes no further step
         if self.cfg["max_epochs"] is not None and self.epoch >= self.cfg["max_epochs"]:
@@ -163,7 +172,8 @@ class Loop:
 
     def _step(self, batch: Any, n: int) -> None:
         try:
-            self.state, metrics = self.step_fn(self.state, batch)
+            donate = self._owns_state()  # asked first: an argument being passed is a reference too
+            self.state, metrics = self.step_fn(self.state, batch, donate=donate)
         except NonFiniteError as e:
             raise NonFiniteError(f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}") from e
         self.pos += 1

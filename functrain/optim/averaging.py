@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.transform import named, Transform, counter
+from functrain.optim.transform import named, Transform, counter, may_write_in_place
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["ema", "EmaState"]
@@ -25,7 +25,9 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
     Unlike gradient transforms, its `update` takes the *new parameters* as its first argument and
     returns the averaged parameters: ``average, state = tx.update(new_params, state)``. The average
     starts as a copy of the initial parameters. The arithmetic is `torch.optim.swa_utils`'
-    (``lerp(avg, params, 1 - decay)``).
+    (``lerp(avg, params, 1 - decay)``). Given ``keep=`` (a 0-d bool tensor), the average moves only
+    where it holds (the step passes whether the update was applied); in a donated step it is
+    written into the given average's storage.
 
     Args:
         decay: in [0, 1); 0.999 averages over roughly the last 1,000 steps.
@@ -51,15 +53,31 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
     def init_fn(params: Tree) -> EmaState:
         return EmaState(counter(params), tuple(p.detach().clone() for p in tree_leaves(params)))
 
-    def update_fn(new_params: Any, state: EmaState, params: Tree | None = None) -> tuple[Tree, EmaState]:
-        p, spec = tree_flatten(new_params)
+    def lerp(avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:
         if warmup:
-            t = state.count.to(torch.float64)
-            rate = torch.clamp((1 + t) / (10 + t), max=decay)
-            weight = 1 - rate
-            average = tuple(torch.lerp(a, x, weight.to(a.dtype)) for a, x in zip(state.average, p, strict=True))
-        else:
-            average = torch._foreach_lerp(state.average, p, 1 - decay)
-        return tree_unflatten(list(average), spec), EmaState(state.count + 1, tuple(average))
+            weight = 1 - torch.clamp((1 + count.to(torch.float64)) / (10 + count.to(torch.float64)), max=decay)
+            return [torch.lerp(a, x, weight.to(a.dtype)) for a, x in zip(avg, p, strict=True)]
+        return list(torch._foreach_lerp(avg, p, 1 - decay))
 
-    return Transform(init_fn, update_fn)
+    def _lerp_(avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """`lerp` written into `avg` (a donated step): the same kernels, in place."""
+        if keep is None and not warmup:
+            torch._foreach_lerp_(avg, p, 1 - decay)
+            return
+        for a, x in zip(avg, p, strict=True):  # leaf by leaf: one leaf's new average at a time
+            new = lerp([a], [x], count)[0]
+            torch.where(keep, new, a, out=a) if keep is not None else a.copy_(new)
+
+    def update_fn(new_params: Any, state: EmaState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[Tree, EmaState]:
+        p, spec = tree_flatten(new_params)
+        count = state.count + 1 if keep is None else torch.where(keep, state.count + 1, state.count)
+        if may_write_in_place():
+            _lerp_(list(state.average), p, state.count, keep)
+            average = list(state.average)
+        else:
+            average = lerp(list(state.average), p, state.count)
+            if keep is not None:
+                average = [torch.where(keep, n, a) for n, a in zip(average, state.average, strict=True)]
+        return tree_unflatten(average, spec), EmaState(count, tuple(average))
+
+    return Transform(init_fn, update_fn, gated=True)

@@ -9,6 +9,10 @@ differently.
 
 The transform is gated (`Transform.gated`): given ``keep=``, it passes ``found_inf = ~keep`` to
 the kernel, which then leaves the copies untouched, so a skipped step costs no `torch.where` pass.
+
+In a donated step (`functrain.optim.transform.may_write_in_place`) the kernel runs on the given
+parameters and moments themselves, as torch.optim runs it: no copies, and a skipped step (the
+kernel's ``found_inf``) leaves them as they were, so nothing needs restoring.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError
-from functrain.optim.transform import NewParams, Transform, counter, flat_updates
+from functrain.optim.transform import NewParams, Transform, counter, flat_updates, may_write_in_place
 from functrain.optim.primitives import Mask, Schedule, _zeros, resolve_mask
 from functrain.tree import Tree, tree_leaves
 
@@ -118,7 +122,8 @@ def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torc
 def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_max: list, steps: list, **options: Any) -> tuple[list, list, list, list]:
     """New (params, mu, nu, nu_max) from one fused kernel call; the given tensors are not written.
 
-    Eagerly the in-place kernel runs on fresh copies (it reads the gradients only). Under
+    Eagerly the in-place kernel runs on fresh copies (it reads the gradients only), or on the given
+    tensors themselves in a donated step. Under
     ``torch.compile`` the functional form of the op is traced instead: functionalization rejects
     the in-place one on graph intermediates.
     """
@@ -126,6 +131,9 @@ def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_m
         functional = torch.ops.aten._fused_adamw if kernel is torch._fused_adamw_ else torch.ops.aten._fused_adam
         new_p, _, new_mu, new_nu, new_max = functional(params, grads, mu, nu, nu_max, steps, **options)
         return list(new_p), list(new_mu), list(new_nu), list(new_max)
+    if may_write_in_place():
+        kernel(params, grads, mu, nu, nu_max, steps, **options)
+        return params, mu, nu, nu_max
     new_p, new_mu, new_nu, new_max = ([x.clone() for x in xs] for xs in (params, mu, nu, nu_max))
     kernel(new_p, grads, new_mu, new_nu, new_max, steps, **options)
     return new_p, new_mu, new_nu, new_max

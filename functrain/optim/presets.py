@@ -1,8 +1,9 @@
 """Optimizer presets: each one a short chain of primitives, the numerics written once in `primitives`.
 
-With a constant learning rate, `sgd`, `adam`, `adamw`, `rmsprop` and `adagrad` reproduce the
-parameters of the matching `torch.optim` class (foreach implementation, float32) bit for bit;
-``adam/adamw(fused=True)`` run torch's fused kernel instead and match ``fused=True`` in torch.
+With a constant learning rate, `adam` and `adamw` run torch's fused kernel by default and reproduce
+``torch.optim.Adam/AdamW(fused=True)`` bit for bit; with ``fused=False`` they, like `sgd`,
+`rmsprop` and `adagrad`, reproduce the matching `torch.optim` class's foreach implementation
+(``foreach=True``, float32) bit for bit.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def sgd(
     )
 
 
-@named(added=("fused",))
+@named(added={"fused": False})
 def adam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -109,12 +110,12 @@ def adam(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     mask: Mask = None,
-    fused: bool = False,
+    fused: bool = True,
 ) -> Transform:
     """Adam (Kingma & Ba, 2015) with optional L2 weight decay added to the gradient.
 
     Matches ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay, amsgrad)`` bit for bit: its
-    foreach implementation by default, its fused one with ``fused=True``.
+    fused implementation (``fused=True``) by default, its foreach one with ``fused=False``.
 
     Args:
         lr: learning rate, a float or a schedule.
@@ -125,8 +126,9 @@ def adam(
         amsgrad: AMSGrad variant.
         mask: which parameters get weight decay.
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
-            and moments instead of eight; see `functrain.optim.fused`). Much faster, most of all on
-            small models; the results differ from the foreach ones in the last bits.
+            and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
+            ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
+            differ in the last bits, as torch's do).
 
     Returns:
         A `Transform`.
@@ -153,7 +155,7 @@ def adam(
     )
 
 
-@named(added=("fused",))
+@named(added={"fused": False})
 def adamw(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -163,12 +165,12 @@ def adamw(
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
     mask: Mask = None,
-    fused: bool = False,
+    fused: bool = True,
 ) -> Transform:
     """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
 
     Matches ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay, amsgrad)`` bit for bit: its
-    foreach implementation by default, its fused one with ``fused=True``. The decay is applied to
+    fused implementation (``fused=True``) by default, its foreach one with ``fused=False``. The decay is applied to
     the parameters as ``p * (1 - lr * weight_decay)``.
 
     Args:
@@ -180,8 +182,9 @@ def adamw(
         amsgrad: AMSGrad variant.
         mask: which parameters decay, e.g. ``lambda name, p: p.ndim > 1`` to spare biases and norms.
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
-            and moments instead of eight; see `functrain.optim.fused`). Much faster, most of all on
-            small models; the results differ from the foreach ones in the last bits.
+            and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
+            ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
+            differ in the last bits, as torch's do).
 
     Returns:
         A `Transform`.
@@ -196,7 +199,7 @@ def adamw(
         >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
-        >>> tx = ft.adamw(lr=0.1, weight_decay=0.0, fused=True)
+        >>> tx = ft.adamw(lr=0.1, weight_decay=0.0, fused=False)
         >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])

@@ -23,12 +23,20 @@ float32 tensor ``u`` makes ``p + u`` equal those in every element):
   kernel (``adamw(fused=True)``).
 
 Any transform that needs plain tensors calls `as_tensors`, which materializes either form.
+
+**Donated steps.** Inside `writing_in_place` (entered by ``train_step(..., donate=True)``) a transform
+may write its new state into the tensors of the state it was given, and `apply_updates` into the
+parameters, as long as the result is bit for bit what the pure update returns: the same kernels,
+in place. `may_write_in_place` says whether it may; a wrapper that would select the previous state
+with `torch.where` runs its inner transform outside this permission (`writing_in_place(False)`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -58,11 +66,61 @@ __all__ = [
     "is_transform",
     "transform_metrics",
     "walk_states",
+    "may_write_in_place",
+    "writing_in_place",
+    "wrote_in_place",
 ]
 
 Params = Tree
 Updates = Any  # a tree of tensors, a `Ratio`, a `ParamStep` or `NewParams`
 Scalar = float | torch.Tensor
+
+
+class _Permission(threading.local):
+    in_place = False
+    used = False  # a transform took the permission: the given tensors may have been written
+
+
+_permission = _Permission()
+
+
+def may_write_in_place() -> bool:
+    """Whether a transform may write its new state into the tensors it was given (a donated step, eagerly).
+
+    Never under ``torch.compile``: a compiled step is traced functionally.
+    """
+    if torch.compiler.is_compiling() or not _permission.in_place:
+        return False
+    _permission.used = True
+    return True
+
+
+def wrote_in_place() -> bool:
+    """Whether a transform took the permission since the outermost `writing_in_place(True)` began."""
+    return _permission.used
+
+
+@contextlib.contextmanager
+def writing_in_place(allowed: bool) -> Iterator[None]:
+    """Allow (or, nested, forbid) in-place updates of the states and parameters passed to transforms.
+
+    Example:
+        >>> with writing_in_place(True):
+        ...     may_write_in_place()
+        True
+    """
+    if torch.compiler.is_compiling():  # traced steps never write in place; leave the flag alone
+        yield
+        return
+    before, used = _permission.in_place, _permission.used
+    _permission.in_place = allowed
+    if allowed and not before:
+        _permission.used = False
+    try:
+        yield
+    finally:
+        _permission.in_place = before
+        _permission.used = used or _permission.used
 
 
 class InitFn(Protocol):
@@ -96,13 +154,15 @@ class Transform(NamedTuple):
     selecting the previous state with `torch.where` (they still zero updates of the other forms)."""
 
 
-def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, ...] = ()) -> Any:
+def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, ...] | dict[str, Any] = ()) -> Any:
     """Decorate a transform factory so its transforms carry their call, e.g. ``adamw(lr=0.001, ...)``.
 
     The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
     optimizer or hyperparameter is reported on load. Arguments listed in `added` (ones a later
     version introduced, as ``@named(added=("fused",))``) are left out of the name while at their
-    default, so checkpoints written before they existed still load.
+    default, so checkpoints written before they existed still load; a dict names the value to
+    leave out instead (``added={"fused": False}``: what the name meant before the argument existed,
+    whatever its default is now).
     """
     if factory is None:
         return functools.partial(named, added=added)
@@ -115,16 +175,17 @@ def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, 
     return wrapper
 
 
-def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any], added: tuple[str, ...] = ()) -> str:
+def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any], added: tuple[str, ...] | dict[str, Any] = ()) -> str:
     """``factory(name=value, ...)`` with every argument, defaults included (names of transforms, schedules).
 
-    Arguments in `added` are left out while they equal their default.
+    Arguments in `added` are left out while they equal their default (or, `added` a dict, the value it gives).
     """
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
+    silent = added if isinstance(added, dict) else {key: signature.parameters[key].default for key in added}
     parts = []
     for key, value in bound.arguments.items():
-        if key in added and value == signature.parameters[key].default:
+        if key in silent and value == silent[key]:
             continue
         kind = signature.parameters[key].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
@@ -338,6 +399,31 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     return new
 
 
+def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
+    """`_apply_step` without a `keep`, written into `p` itself: torch.optim's own in-place ops, the same roundings."""
+    step = _as_fma_step(step, p)
+    mask = step.decay_mask or (True,) * len(p)
+    decayed = [p[i] for i, m in enumerate(mask) if m] if step.decay is not None else []
+    plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
+    direction = None if _fused_quotient(step, p) else _directions(step, p)
+    if decayed:
+        decay = step.decay.to(decayed[0].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
+        torch._foreach_mul_(decayed, decay)
+        _add_step_(decayed, [i for i, m in enumerate(mask) if m], step, direction)
+    if plain:
+        src = [p[i] for i in plain]
+        if direction is None:
+            _add_step_(src, plain, step, None)
+        elif _fma_alpha(step, p):
+            for x, i in zip(src, plain, strict=True):
+                x.addcmul_(direction[i], step.alpha.to(x.dtype))
+        elif _float_alpha(step):
+            torch._foreach_add_(src, [direction[i] for i in plain], alpha=step.alpha)
+        else:
+            torch._foreach_add_(src, [direction[i] for i in plain])
+    return p
+
+
 def _as_fma_step(step: ParamStep, p: list[torch.Tensor]) -> ParamStep:
     """Off the CPU, a quotient step as torch applies it there: ``p + step_size * (num / den)``, one rounding for the add.
 
@@ -425,6 +511,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         return tree_unflatten(list(updates.values), spec)
     if isinstance(updates, ParamStep):
         _check_spec(spec, updates.spec)
+        if updates.keep is None and may_write_in_place():
+            return tree_unflatten(_apply_step_(p, updates), spec)
         return tree_unflatten(_apply_step(p, updates), spec)
     if isinstance(updates, Ratio):
         _check_spec(spec, updates.spec)

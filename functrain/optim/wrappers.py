@@ -22,8 +22,10 @@ from functrain.optim.transform import (
     counter,
     flat_updates,
     is_transform,
+    may_write_in_place,
     named,
     walk_states,
+    writing_in_place,
 )
 from functrain.optim.primitives import Mask, resolve_mask
 from functrain.tree import Tree, global_norm, tree_leaves, tree_select, tree_unflatten
@@ -85,7 +87,8 @@ def _update_where(inner: Transform, keep: torch.Tensor, updates: Any, state: Tre
         new_updates, new_state = inner.update(updates, state, params, keep=keep)
         # new parameters come gated from the kernel; updates of any other form are gated here
         return (new_updates if isinstance(new_updates, NewParams) else _gate(new_updates, keep, params)), new_state
-    new_updates, new_state = inner.update(updates, state, params)
+    with writing_in_place(False):  # the previous state and parameters are selected below: keep them
+        new_updates, new_state = inner.update(updates, state, params)
     return _gate(new_updates, keep, params), tree_select(keep, new_state, state)
 
 
@@ -279,15 +282,20 @@ def accumulate(inner: Transform, every: int) -> Transform:
 
     def update_fn(updates: Any, state: AccumulateState, params: Tree | None = None) -> tuple[Any, AccumulateState]:
         u, spec = flat_updates(updates, params)
-        sums = torch._foreach_add(state.grad_sum, [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)])
+        in_place = may_write_in_place()
+        addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
+        sums = state.grad_sum if in_place else torch._foreach_add(state.grad_sum, addends)
+        if in_place:  # a donated step: the sums accumulate in their own storage
+            torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1
         mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
         new_updates, inner_state = _update_where(inner, last, tree_unflatten(mean, spec), state.inner, params)
-        new_state = AccumulateState(
-            inner_state,
-            torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
-            tuple(torch.where(last, torch.zeros_like(s), s) for s in sums),
-        )
+        if in_place:
+            for s in sums:
+                s.masked_fill_(last, 0)  # exactly `where(last, 0, s)`, without a second buffer
+        else:
+            sums = [torch.where(last, torch.zeros_like(s), s) for s in sums]
+        new_state = AccumulateState(inner_state, torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1), tuple(sums))
         return new_updates, new_state
 
     return Transform(init_fn, update_fn)
