@@ -411,16 +411,7 @@ def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
         torch._foreach_mul_(decayed, decay)
         _add_step_(decayed, [i for i, m in enumerate(mask) if m], step, direction)
     if plain:
-        src = [p[i] for i in plain]
-        if direction is None:
-            _add_step_(src, plain, step, None)
-        elif _fma_alpha(step, p):
-            for x, i in zip(src, plain, strict=True):
-                x.addcmul_(direction[i], step.alpha.to(x.dtype))
-        elif _float_alpha(step):
-            torch._foreach_add_(src, [direction[i] for i in plain], alpha=step.alpha)
-        else:
-            torch._foreach_add_(src, [direction[i] for i in plain])
+        _add_step_([p[i] for i in plain], plain, step, direction)
     return p
 
 
