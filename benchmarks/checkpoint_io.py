@@ -12,7 +12,8 @@ the parameters are a third of the bytes, the two moment buffers the rest), the m
   where it lies, the tensors views of the mapping, every leaf checked against the template);
 * manager save, synchronous: ``CheckpointManager(...).save(state)``;
 * manager save, async: the time ``CheckpointManager(async_save=True).save(state)`` blocks the
-  caller (the snapshot copy), as a fraction of the synchronous manager save.
+  caller (walking the tree; the state's CPU tensors are written where they lie, held until written),
+  as a fraction of the synchronous manager save.
 
 Ratios are throughput ratios (baseline time / functrain time: 1.0 means as fast as plain I/O).
 The disk of a VM swings several-fold between runs, so only ratios measured in one run mean anything:

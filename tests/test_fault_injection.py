@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 import functrain as ft
+from functrain.checkpoint import files
 from functrain.checkpoint import format as ser
 from functrain.errors import CheckpointError
 
@@ -113,6 +114,8 @@ def hashes(directory: Path) -> dict[str, str]:
 
 
 def leftovers(directory: Path) -> list[str]:
+    """`.tmp-` entries, once the deletions running in the background (a save returns before them) are done."""
+    files.wait_for_removals()
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(ser.TMP_PREFIX))
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 import functrain as ft
 import functrain.checkpoint.directory as layout_module
+from functrain.core import holds
+from functrain.checkpoint import files
 from functrain.checkpoint import format as serialization
 from functrain.checkpoint.format import MANIFEST, leaves_by_path
 
@@ -70,6 +72,8 @@ def names(paths: list[Path]) -> list[str]:
 
 
 def leftovers(directory: Path) -> list[str]:
+    """`.tmp-` entries, once the deletions running in the background (a save returns before them) are done."""
+    files.wait_for_removals()
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(serialization.TMP_PREFIX))
 
 
@@ -299,15 +303,38 @@ def test_async_save_writes_the_state_as_it_was_at_save_time(tmp_path: Path, held
         assert_bitwise_equal(at_save, ft.load(path, like=initial_state(seed=1)))
 
 
-def test_async_save_snapshots_tensors_written_in_place_after_save(tmp_path: Path, held_writes: threading.Event) -> None:
+def test_async_save_copies_nothing_and_a_donated_step_waits_for_it(tmp_path: Path, held_writes: threading.Event) -> None:
     state = trained(1)[0]
     at_save = tree_copy(state)
     with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
         path = mgr.save(state)
-        for t in state.params.values():
-            t.add_(1.0)  # as a donated buffer would be overwritten by the next step
+        assert holds.is_held(state.params.values())  # the state's own tensors, not copies
+        donated = threading.Thread(target=lambda: ft.train_step(state, batch(9), donate=True))
+        donated.start()
+        donated.join(timeout=0.5)
+        assert donated.is_alive(), "a donated step wrote into tensors an async save was still writing"
         held_writes.set()
+        donated.join(timeout=30)
+        assert not donated.is_alive()
+    assert not holds.is_held(at_save.values())
     assert_bitwise_equal(at_save, ft.load(path, like=initial_state(seed=1)))
+
+
+def test_async_save_of_tensors_changed_in_place_by_other_code_commits_nothing(tmp_path: Path, states: list[ft.TrainState], held_writes: threading.Event) -> None:
+    state = trained(2)[1]
+    with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
+        held_writes.set()
+        first = mgr.save(states[0])
+        mgr.wait()
+        held_writes.clear()
+        path = mgr.save(state)
+        for t in state.params.values():
+            t.add_(1.0)  # outside functrain: no step writes into a state being saved
+        held_writes.set()
+        with pytest.raises(ft.CheckpointError, match="changed in place while the async save was writing"):
+            mgr.wait()
+        assert not path.exists() and mgr.latest() == first
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("surfaces_on", ["save", "wait", "close"])
@@ -358,11 +385,11 @@ def test_a_rotation_interrupted_mid_delete_leaves_no_checkpoint_lookalike(
     first = mgr.save(states[0])
 
     def killed_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt  # the process dies while deleting
+        (Path(path) / MANIFEST).unlink()  # the process dies while deleting (in the background)
 
     monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
-    with pytest.raises(KeyboardInterrupt):
-        mgr.save(states[1])
+    mgr.save(states[1])
+    files.wait_for_removals()
     monkeypatch.undo()
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert first.name not in leftovers  # renamed away before deletion began
@@ -696,3 +723,56 @@ def test_restore_latest_skips_a_newest_checkpoint_raising_anything(
     with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {newest.name}: {type(error).__name__}"):
         restored = ft.CheckpointManager(tmp_path, readonly=True).restore_latest(like=initial_state(seed=1))
     assert_bitwise_equal(states[0], restored)
+
+
+def test_old_checkpoints_go_in_the_background_and_the_next_save_waits_for_them(
+    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deleting, finish = threading.Event(), threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        deleting.set()
+        assert finish.wait(timeout=30)
+        real_rmtree(path, *args, **kwargs)
+
+    mgr = ft.CheckpointManager(tmp_path, keep_last=1)
+    first = mgr.save(states[0])
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    second = mgr.save(states[1])  # returns while `first` is being deleted
+    assert deleting.wait(timeout=30) and not first.exists() and mgr.all() == [second]
+    third = threading.Thread(target=mgr.save, args=(states[2],))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive() and not (tmp_path / checkpoint_name_of(states[2])).exists()  # waits before writing
+    finish.set()
+    third.join(timeout=30)
+    mgr.close()
+    assert [p.name for p in mgr.all()] == [checkpoint_name_of(states[2])] and leftovers(tmp_path) == []
+
+
+def checkpoint_name_of(state: ft.TrainState) -> str:
+    return layout_module.checkpoint_name("ckpt", state)
+
+
+def test_save_over_a_checkpoint_removes_the_old_one_in_the_background(tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch) -> None:
+    deleting, finish = threading.Event(), threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        deleting.set()
+        assert finish.wait(timeout=30)
+        real_rmtree(path, *args, **kwargs)
+
+    ft.save(states[0], tmp_path / "ckpt")
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    ft.save(states[1], tmp_path / "ckpt")  # returns once the new one is in place
+    assert deleting.wait(timeout=30)
+    assert_bitwise_equal(tree_copy(states[1]), ft.load(tmp_path / "ckpt", like=states[0]))
+    other = threading.Thread(target=ft.save, args=(states[2], tmp_path / "other"))
+    other.start()
+    other.join(timeout=0.5)
+    assert other.is_alive() and not (tmp_path / "other").exists()  # the old one's space comes back first
+    finish.set()
+    other.join(timeout=30)
+    assert (tmp_path / "other").exists() and leftovers(tmp_path) == []

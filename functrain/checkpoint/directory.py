@@ -19,6 +19,7 @@ import stat
 import uuid
 from pathlib import Path
 
+from functrain.checkpoint.files import remove_later
 from functrain.checkpoint.format import MANIFEST, TMP_PREFIX, _commit, _fsync_dir
 from functrain.core.state import TrainState
 from functrain.errors import CheckpointCorruptError, CheckpointError
@@ -153,15 +154,16 @@ def link_copy(source: Path, target: Path) -> None:
 def remove(path: Path) -> None:
     """Delete a checkpoint so that an interruption leaves nothing that looks like one.
 
-    The rename to a temporary name is atomic; a process killed during the deletion leaves a
-    `.tmp-` directory that readers ignore and `recover` removes.
+    The rename to a temporary name is atomic; the deletion itself runs in the background
+    (`functrain.checkpoint.files.remove_later`). A process killed during it leaves a `.tmp-`
+    directory that readers ignore and `recover` removes.
     """
     doomed = path.parent / f"{TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex[:8]}"
     try:
         os.rename(path, doomed)
     except OSError:
         return
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_later(doomed)
 
 
 def recover(directory: Path) -> list[str]:

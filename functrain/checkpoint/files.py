@@ -14,7 +14,9 @@ import errno
 import hashlib
 import mmap
 import os
+import shutil
 import stat
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,6 +109,38 @@ def _write_all(fd: int, view: memoryview) -> None:
     while view:
         written = os.write(fd, view[:_CHUNK])
         view = view[written:]
+
+
+_removals: list[threading.Thread] = []
+_removals_lock = threading.Lock()
+
+
+def remove_later(path: Path) -> None:
+    """Delete the directory `path`, already renamed out of sight (``.tmp-``), in a background thread.
+
+    Deleting a checkpoint gives its pages back to the kernel: measured here, 0.15 to 0.2 s for
+    200 MB, a third of what writing them costs. A save is complete once its own checkpoint is
+    durable, so the one it displaced (or rotated out) goes while training goes on. The thread is
+    not a daemon: the interpreter waits for it at exit. A process killed first leaves a ``.tmp-``
+    directory, which readers ignore and a writing `CheckpointManager` removes when it opens.
+    """
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="functrain-remove")
+    with _removals_lock:
+        _removals[:] = [t for t in _removals if t.is_alive()]
+        _removals.append(thread)
+    thread.start()
+
+
+def wait_for_removals() -> None:
+    """Block until every deletion started by `remove_later` in this process has finished.
+
+    Saves call it before they write, so that a run never holds more checkpoints on disk than it
+    keeps plus the one being written, as when deletions were synchronous.
+    """
+    with _removals_lock:
+        pending = list(_removals)
+    for thread in pending:
+        thread.join()
 
 
 def _open_regular(path: Path, name: str) -> tuple[int, int]:

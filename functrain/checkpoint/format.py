@@ -66,7 +66,7 @@ import orjson
 import torch
 
 from functrain.errors import CheckpointCorruptError, CheckpointError
-from functrain.checkpoint.files import _digest_of, _fsync_dir, _hasher, _map, _open_regular, _read_exactly, _write_file
+from functrain.checkpoint.files import _digest_of, _fsync_dir, _hasher, _map, _open_regular, _read_exactly, _write_file, remove_later, wait_for_removals
 from functrain.checkpoint.tensorfile import (
     _CODE_OF,
     _DTYPE_OF,
@@ -311,6 +311,7 @@ def write_tree(
     fingerprint: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     library_version: str = "",
+    before_commit: Callable[[], None] | None = None,
 ) -> Path:
     """Write `tree` as a checkpoint directory at `directory`, atomically.
 
@@ -322,6 +323,8 @@ def write_tree(
         fingerprint: JSON-able description of the static parts, compared when loading.
         metadata: JSON-able user data (floats NaN/Inf are refused here; keep those in the tree).
         library_version: recorded in the manifest.
+        before_commit: called once every file is written and durable, before the checkpoint is
+            put in place; what it raises aborts the save (nothing is committed).
 
     Returns:
         The checkpoint's path.
@@ -338,6 +341,7 @@ def write_tree(
         {'w': tensor([1., 1.]), 'step': 3}
     """
     target = Path(directory)
+    wait_for_removals()  # the space of checkpoints deleted in the background comes back first
     writer = _Writer()
     structure = writer.node(tree, "", 0)
     extras = _json_extras(fingerprint, metadata)
@@ -367,6 +371,8 @@ def write_tree(
         }
         _write_file(tmp / MANIFEST, _sealed(manifest))
         _fsync_dir(tmp)
+        if before_commit is not None:
+            before_commit()
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -401,7 +407,7 @@ def _commit(tmp: Path, target: Path) -> None:
             shutil.rmtree(_replace(displaced, target), ignore_errors=True)
         raise
     if displaced is not None:
-        shutil.rmtree(displaced, ignore_errors=True)
+        remove_later(displaced)  # the new checkpoint is durable: the old one goes in the background
 
 
 def _replace(new: Path, target: Path) -> Path:

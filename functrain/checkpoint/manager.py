@@ -23,12 +23,13 @@ import torch
 
 from functrain.checkpoint import directory as layout
 from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, is_committed, link_copy, listed, point_latest, read_pointer, recover
+from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import read_manifest, write_tree
 from functrain.checkpoint.lock import WriterLock
+from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import fingerprint, load
 from functrain.core.state import TrainState
 from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
-from functrain.tree import tree_map
 
 __all__ = ["CheckpointManager"]
 
@@ -56,7 +57,8 @@ class CheckpointManager:
         keep_best: number of best checkpoints to keep (0 disables them).
         best_metric: name of the metric in ``save(..., metrics=)`` that decides "best".
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.
-        async_save: snapshot the state synchronously and write in a background thread; a failure
+        async_save: write in a background thread: the state's own tensors, held until written (no
+            copy; a donated step on that state waits for them), copies of tensors off the CPU; a failure
             surfaces on the next `save`, `wait` or `close`, or as a warning naming the checkpoint
             if the program ends (or drops the manager) without calling either.
         remove_temporary: finish interrupted saves when the writer opens (`cleanup`).
@@ -191,9 +193,13 @@ class CheckpointManager:
         tree, fp = state.tree(), fingerprint(state)
         if self._pool is None:
             return self._commit(name, tree, fp, meta)
-        # copy out now, so the steps that follow cannot change what is written
-        snapshot = tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
-        self._pending = self._pool.submit(self._commit_in_background, name, snapshot, fp, meta)
+        # the state's own tensors, held until written (see functrain.checkpoint.snapshot): no copy
+        snapshot = Snapshot(tree)
+        try:
+            self._pending = self._pool.submit(self._commit_in_background, name, snapshot, fp, meta, state)
+        except BaseException:
+            snapshot.release()
+            raise
         return self.directory / name
 
     def _require_writer(self, action: str) -> None:
@@ -202,22 +208,25 @@ class CheckpointManager:
         if self._writer is None or not self._writer.held:
             raise CheckpointError(f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed (its writer lock was released)")
 
-    def _commit(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def _commit(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any], before_commit: Callable[[], None] | None = None) -> Path:
         from functrain import __version__
 
         with self._commit_lock:
-            path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__)
+            path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__, before_commit=before_commit)
             self._keep_books(path, meta["metrics"].get(self.best_metric) if self.best_metric is not None else None)
             return path
 
-    def _commit_in_background(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def _commit_in_background(self, name: str, snapshot: Snapshot, fp: dict[str, Any], meta: dict[str, Any], state: TrainState) -> Path:
+        # `state` is only held: while this runs, fit sees a second holder and does not donate it
         try:
-            return self._commit(name, tree, fp, meta)
+            return self._commit(name, snapshot.tree, fp, meta, before_commit=snapshot.check_unchanged)
         except BaseException as e:
             # kept as text, before the future holds the error: an exit without wait() still reports it
             saved = getattr(e, "saved_as", None) is not None
             self._unwaited.failure = str(e) if saved else f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
             raise
+        finally:
+            snapshot.release()
 
     def _keep_books(self, path: Path, value: Any) -> None:
         """After `path` committed: point `latest` at it, keep it as a best, rotate; say what failed."""
@@ -266,12 +275,18 @@ class CheckpointManager:
                 layout.remove(old)
 
     def wait(self) -> None:
-        """Block until a pending async save is committed; raise its error if it failed."""
+        """Block until a pending async save is committed, and old checkpoints' deletions are done.
+
+        Raises:
+            CheckpointError: the pending save failed (saying what was and was not saved).
+        """
         pending, self._pending = self._pending, None
         if pending is None:
+            wait_for_removals()
             return
         try:
             pending.result()
+            wait_for_removals()
         except CheckpointError:
             self._unwaited.failure = None  # told to the caller now
             raise

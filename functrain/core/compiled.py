@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from functrain.errors import ConfigError
+from functrain.core.holds import wait_until_unheld
 from functrain.core.state import TrainState
 from functrain.core.step import _enter, _leave, _leave_with, _train_core
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
@@ -86,6 +87,8 @@ class CompiledStep:
             raise ConfigError(f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}")
         state.check_live("a compiled step")
         core = self._core_for(state, donate)
+        if donate:
+            wait_until_unheld(state.tree())  # an async save still reading these tensors
         counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
         scope = _enter(state, True)
         try:

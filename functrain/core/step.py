@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from functrain.core.binding import call_with
+from functrain.core.holds import wait_until_unheld
 from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
@@ -130,7 +131,12 @@ def _leave_with(scope: _Scope, state: TrainState, new: dict[str, Any]) -> TrainS
 
 
 def _donated_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """`_train_core`, allowed to write into `state`'s tensors; if it fails after writing, `state` is dead."""
+    """`_train_core`, allowed to write into `state`'s tensors; if it fails after writing, `state` is dead.
+
+    First it waits for any background reader of those tensors (an async checkpoint save of this
+    state) to finish reading them.
+    """
+    wait_until_unheld(state.tree())
     with writing_in_place(True):
         try:
             return _train_core(state, batch)
