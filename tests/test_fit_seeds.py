@@ -366,9 +366,15 @@ def test_grad_stats_by_param_reach_the_history_through_fit() -> None:
     assert result.history.rows["epoch"][0]["grad_norm/0.weight"] == row["grad_norm/0.weight"]
 
 
-def test_grad_stats_are_refused_with_compile() -> None:
-    with pytest.raises(ConfigError, match=r"grad_stats needs compile=False"):
-        quiet_fit(make_state(), dataset(), max_epochs=1, grad_stats="layer", compile=True)
+def test_grad_stats_are_computed_by_the_compiled_step_as_by_the_eager_one() -> None:
+    state = make_state(grad_stats="layer")
+    step = ft.compile_step()
+    for donate in (False, True):
+        batch = tuple(t[:BATCH] for t in dataset().tensors)
+        (_, eager), (_, compiled) = ft.train_step(state, batch), step(state.clone() if donate else state, batch, donate=donate)
+        assert {k for k in compiled if "/" in k} == {f"{m}/{n}" for m in ("grad_norm", "update_ratio") for n in ("0", "2")}
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=0, msg=k)
 
 
 class CountState(NamedTuple):

@@ -35,7 +35,7 @@ from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep"]
 
-_STATIC = ("module", "loss_fn", "tx", "options", "dist", "averager")
+_STATIC = ("module", "loss_fn", "tx", "options", "dist", "averager", "grad_stats")
 _serial = itertools.count()
 
 
@@ -49,6 +49,7 @@ class _View:
         self.options = statics["options"]
         self.dist = statics["dist"]
         self.averager = statics["averager"]
+        self.grad_stats = statics["grad_stats"]
         self.device = statics["device"]
         self.params = params
         self.frozen = frozen

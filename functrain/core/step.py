@@ -260,13 +260,12 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         **{k: v.float() for k, v in tx_metrics.items() if k not in _OWN_TX_METRICS},
         **aux,
     }
-    by = getattr(state, "grad_stats", None)  # the compiled body's view of a state has none
+    by = state.grad_stats
     if by is not None:
         metrics.update(_grad_statistics(by, grads, state.params, params, scale))
     return new, metrics
 
 
-@functools.lru_cache(maxsize=64)
 def _groups(names: tuple[str, ...], by: str) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):

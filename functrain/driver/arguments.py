@@ -56,8 +56,6 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
     for name, allowed in (("stop_on_nonfinite", ("eval", "train", "none")), ("memory", ("host", "device", "none")), ("grad_stats", (None, "layer", "param"))):
         if kw[name] not in allowed:
             p.append(f"{name} must be one of {list(allowed)}, got {name}={kw[name]!r}")
-    if kw["grad_stats"] is not None and kw["compile"] is True:
-        p.append("grad_stats needs compile=False: the compiled step body does not compute them")
     if kw["test_every_eval"] is True and (kw["test_data"] is None or kw["eval_data"] is None):
         p.append("test_every_eval=True needs test_data=... and eval_data=... (it adds the test set to each evaluation)")
     return p

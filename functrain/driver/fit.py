@@ -149,7 +149,7 @@ def fit(
         test_every_eval: evaluate `test_data` at each evaluation too (``test_loss`` in the eval rows).
         grad_stats: ``"layer"`` or ``"param"``: add per-group gradient norms and update/weight
             ratios to the metrics (``grad_norm/<group>``, ``update_ratio/<group>``; computed on the
-            device, read at log intervals; see `TrainState.create`). Not with `compile`.
+            device, read at log intervals; see `TrainState.create`), also under `compile`.
         memory: memory columns of the train rows: ``"host"`` the process's peak resident memory
             (``memory_mib``), ``"device"`` also, on CUDA, the peak allocated and reserved memory
             of each log interval (``cuda_max_allocated_mib``, ``cuda_max_reserved_mib``), ``"none"``.
