@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
+from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import (
     named,
     EmptyState,
@@ -37,6 +38,7 @@ __all__ = [
     "scale_by_learning_rate",
     "clip_by_global_norm",
     "clip_by_value",
+    "scale",
     "ScaleByAdamState",
     "ScaleByRadamState",
     "ScaleByRmsState",
@@ -112,11 +114,18 @@ def _check_positive(problems: list[str], name: str, value: float, allow_zero: bo
 
 
 def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
-    """A learning rate: a finite number >= 0, or a schedule whose value at step 0 is one.
+    """A learning rate: a finite number >= 0 (or a tensor holding one), or a schedule whose value at step 0 is one.
 
     The schedule is called once here, on a CPU step counter as the step calls it; one that cannot
     run there (it needs another device's tensors) is left to show itself at the first step.
     """
+    hint = torch_object_hint(value, name)
+    if hint is not None:
+        problems.append(hint)
+        return
+    if isinstance(value, torch.Tensor):
+        _check_rate_tensor(problems, name, value)
+        return
     if not callable(value):
         _check_positive(problems, name, value, allow_zero=True)
         return
@@ -127,6 +136,14 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
         return
     if not (math.isfinite(first) and first >= 0):
         problems.append(f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at step 0")
+
+
+def _check_rate_tensor(problems: list[str], name: str, value: torch.Tensor) -> None:
+    # torch.optim takes a 1-element tensor lr; its value is read here, once, at construction
+    if value.numel() != 1 or not value.is_floating_point():
+        problems.append(f"{name} as a tensor must hold one floating-point value, got shape {tuple(value.shape)} and dtype {value.dtype}")
+    else:
+        _check_positive(problems, name, float(value), allow_zero=True)
 
 
 def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
@@ -522,7 +539,8 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
 
     Args:
         learning_rate: a float >= 0, or a schedule ``step -> value`` (see `functrain.schedules`),
-            called with this transform's own 0-d step counter (starting at 0).
+            called with this transform's own 0-d step counter (starting at 0), or a 1-element
+            tensor (as torch.optim takes one), read once here: its value is the constant rate.
         flip_sign: descend (the default); False ascends.
 
     Returns:
@@ -543,6 +561,11 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     check_learning_rate(problems, "learning_rate", learning_rate)
     config_check(problems, "scale_by_learning_rate")
     sign = -1.0 if flip_sign else 1.0
+    # a tensor rate is taken by its value now (a schedule is how a rate changes); torch.optim divides
+    # it by a step's divisor in the tensor's own dtype (Adagrad's lr_decay), so that is kept
+    rate_dtype = learning_rate.dtype if isinstance(learning_rate, torch.Tensor) else None
+    if rate_dtype is not None:
+        learning_rate = float(learning_rate)
 
     def current(count: torch.Tensor) -> torch.Tensor | float:
         if callable(learning_rate):
@@ -571,6 +594,8 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         if isinstance(updates, Ratio):
             if updates.divisor is None:
                 step_size = signed_lr
+            elif rate_dtype is not None:
+                step_size = torch.div(signed_lr.to(rate_dtype), updates.divisor.to(rate_dtype)).to(torch.float64)
             else:
                 # torch.optim: (lr / bias_correction) * -1 in float64; the sign flip is exact either side
                 step_size = torch.div(signed_lr, updates.divisor)
@@ -661,3 +686,33 @@ def clip_by_value(min_value: float, max_value: float) -> Transform:
 
     return Transform(lambda params: EmptyState(), update_fn)
 
+
+
+@named
+def scale(step_size: float) -> Transform:
+    """Multiply updates by a constant; ``scale(-1.0)`` first is torch.optim's ``maximize=True``.
+
+    Args:
+        step_size: the factor, a finite number.
+
+    Returns:
+        A stateless `Transform` emitting plain tensor updates.
+
+    Raises:
+        ConfigError: `step_size` is not a finite number.
+
+    Example:
+        >>> tx = scale(-1.0)
+        >>> tx.update({"w": torch.tensor([2.0, -3.0])}, tx.init(None))[0]["w"]
+        tensor([-2.,  3.])
+    """
+    if not (_is_real(step_size) and math.isfinite(step_size)):
+        config_check([f"step_size must be a finite number, got step_size={step_size!r}"], "scale")
+
+    def update_fn(updates: Any, state: EmptyState, params: Tree | None = None) -> tuple[Tree, EmptyState]:
+        g, spec = flat_updates(updates, params)
+        # torch.optim's maximize negates (exact); any other factor is one rounding per element
+        out = torch._foreach_neg(g) if step_size == -1.0 else torch._foreach_mul(g, step_size)
+        return tree_unflatten(out, spec), state
+
+    return Transform(lambda params: EmptyState(), update_fn)

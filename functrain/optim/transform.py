@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim.porting import torch_object_hint
 from functrain.tree import (
     Tree,
     check_same_structure,
@@ -543,6 +544,9 @@ def chain(*transforms: Transform) -> Transform:
         >>> ft.apply_updates(params, u)["w"]
         tensor([-0.0600, -0.0800])
     """
+    hints = [torch_object_hint(t, f"chain() argument {i}") for i, t in enumerate(transforms)]
+    if any(hints):
+        raise ConfigError("; ".join(h for h in hints if h))
     bad = [f"argument {i}: {type(t).__name__}" for i, t in enumerate(transforms) if not is_transform(t)]
     if bad:
         raise ConfigError(f"chain() expects transforms (objects with init and update); got {', '.join(bad)}")
