@@ -99,6 +99,7 @@ MOMENTUM_STATE = [(TraceState, "trace", "momentum_buffer")]
 RMS_STATE = [(ScaleByRmsState, "nu", "square_avg")]
 CENTERED_STATE = [*RMS_STATE, (ScaleByRmsState, "mu", "grad_avg"), *MOMENTUM_STATE]
 ADAGRAD_STATE = [(ScaleByAdagradState, "sum_of_squares", "sum")]
+RADAM_STATE = [(ScaleByRadamState, "mu", "exp_avg"), (ScaleByRadamState, "nu", "exp_avg_sq")]
 
 EXACT_CASES = {
     "adamw": (
@@ -190,6 +191,100 @@ EXACT_CASES = {
         ),
         ADAGRAD_STATE,
     ),
+    # every argument torch's constructors take, each at a non-default value, with weight decay and maximize
+    "sgd_torch_default_lr": (ft.sgd(), lambda p: torch.optim.SGD(p.values(), foreach=True), []),
+    "sgd_maximize": (
+        ft.sgd(lr=0.05, maximize=True),
+        lambda p: torch.optim.SGD(p.values(), lr=0.05, maximize=True, foreach=True),
+        [],
+    ),
+    "sgd_nesterov_weight_decay_maximize": (
+        ft.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.SGD(p.values(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True, foreach=True),
+        MOMENTUM_STATE,
+    ),
+    "sgd_dampening_weight_decay_mask_maximize_tensor_lr": (
+        ft.sgd(lr=torch.tensor(0.05), momentum=0.9, dampening=0.3, weight_decay=1e-2, mask=is_weight, maximize=True),
+        lambda p: torch.optim.SGD(split_groups(p, 1e-2), lr=torch.tensor(0.05), momentum=0.9, dampening=0.3, maximize=True, foreach=True),
+        MOMENTUM_STATE,
+    ),
+    "adam_weight_decay_maximize": (
+        ft.adam(lr=1e-2, weight_decay=1e-2, maximize=True, fused=False),
+        lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=1e-2, maximize=True, foreach=True),
+        ADAM_STATE,
+    ),
+    "adam_decoupled_weight_decay": (
+        ft.adam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, fused=False),
+        lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, foreach=True),
+        ADAM_STATE,
+    ),
+    "adam_decoupled_weight_decay_amsgrad_maximize_betas": (
+        ft.adam(lr=3e-3, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True, maximize=True, fused=False),
+        lambda p: torch.optim.Adam(
+            p.values(), lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True, maximize=True, foreach=True
+        ),
+        AMSGRAD_STATE,
+    ),
+    "adamw_amsgrad_mask_maximize": (
+        ft.adamw(lr=1e-2, weight_decay=0.1, amsgrad=True, mask=is_weight, maximize=True, fused=False),
+        lambda p: torch.optim.AdamW(split_groups(p, 0.1), lr=1e-2, amsgrad=True, maximize=True, foreach=True),
+        AMSGRAD_STATE,
+    ),
+    "rmsprop_weight_decay_maximize_tensor_lr": (
+        ft.rmsprop(lr=torch.tensor(1e-3), eps=1e-6, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.RMSprop(p.values(), lr=torch.tensor(1e-3), eps=1e-6, weight_decay=1e-3, maximize=True, foreach=True),
+        RMS_STATE,
+    ),
+    "rmsprop_centered_momentum_maximize": (
+        ft.rmsprop(lr=1e-3, alpha=0.9, centered=True, momentum=0.8, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.RMSprop(
+            p.values(), lr=1e-3, alpha=0.9, centered=True, momentum=0.8, weight_decay=1e-3, maximize=True, foreach=True
+        ),
+        CENTERED_STATE,
+    ),
+    "adagrad_initial_accumulator_value_eps": (
+        ft.adagrad(lr=0.1, eps=1e-6, initial_accumulator_value=0.5),
+        lambda p: torch.optim.Adagrad(p.values(), lr=0.1, eps=1e-6, initial_accumulator_value=0.5, foreach=True),
+        ADAGRAD_STATE,
+    ),
+    "adagrad_lr_decay_weight_decay_maximize": (
+        ft.adagrad(lr=0.1, lr_decay=0.01, weight_decay=1e-3, mask=is_weight, maximize=True),
+        lambda p: torch.optim.Adagrad(split_groups(p, 1e-3), lr=0.1, lr_decay=0.01, maximize=True, foreach=True),
+        ADAGRAD_STATE,
+    ),
+    "radam": (ft.radam(lr=1e-2), lambda p: torch.optim.RAdam(p.values(), lr=1e-2, foreach=True), RADAM_STATE),
+    "radam_l2_betas": (
+        ft.radam(lr=1e-2, b1=0.8, b2=0.99, weight_decay=1e-2),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, foreach=True),
+        RADAM_STATE,
+    ),
+    "radam_l2_maximize": (
+        ft.radam(lr=1e-2, eps=1e-6, weight_decay=1e-2, maximize=True),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, eps=1e-6, weight_decay=1e-2, maximize=True, foreach=True),
+        RADAM_STATE,
+    ),
+    "radam_decoupled_weight_decay": (
+        ft.radam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, foreach=True),
+        RADAM_STATE,
+    ),
+    "radam_constant_schedule": (
+        ft.radam(lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=1e-2),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, weight_decay=1e-2, foreach=True),
+        RADAM_STATE,
+    ),
+    # torch's RAdam does its scalar arithmetic on a tensor lr in float32
+    "radam_decoupled_mask_maximize_tensor_lr": (
+        ft.radam(lr=torch.tensor(1e-2), weight_decay=0.1, mask=is_weight, decoupled_weight_decay=True, maximize=True),
+        lambda p: torch.optim.RAdam(split_groups(p, 0.1), lr=torch.tensor(1e-2), decoupled_weight_decay=True, maximize=True, foreach=True),
+        RADAM_STATE,
+    ),
+    # torch divides a tensor lr by the lr_decay divisor in the tensor's float32, not in float64
+    "adagrad_lr_decay_maximize_tensor_lr": (
+        ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.Adagrad(p.values(), lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True, foreach=True),
+        ADAGRAD_STATE,
+    ),
 }
 
 
@@ -223,38 +318,16 @@ def test_preset_matches_torch_optim_foreach_bitwise(name: str) -> None:
     assert_matches_torch(EXACT_CASES[name], "foreach")
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam_amsgrad", "adagrad_lr_decay"])
+@pytest.mark.parametrize("name", ["adamw", "adam_amsgrad", "adagrad_lr_decay", "radam"])
 def test_step_counter_matches_torch_step(name: str) -> None:
     tx, make_opt, _ = EXACT_CASES[name]
     _, ft_state = run_functrain(tx)
     torch_params, opt = run_torch(make_opt)
-    cls = ScaleByAdagradState if name.startswith("adagrad") else ScaleByAdamState
+    cls = {"adagrad": ScaleByAdagradState, "radam": ScaleByRadamState}.get(name.split("_")[0], ScaleByAdamState)
     count = find(ft_state, cls).count
     assert count.dtype == torch.int64 and count.ndim == 0
     assert int(count) == STEPS
     assert [float(opt.state[p]["step"]) for p in torch_params.values()] == [float(STEPS)] * len(SHAPES)
-
-
-@pytest.mark.parametrize(
-    ("tx", "make_opt"),
-    [
-        pytest.param(ft.radam(lr=1e-2), lambda p: torch.optim.RAdam(p.values(), lr=1e-2, foreach=True), id="radam"),
-        pytest.param(
-            ft.radam(lr=1e-2, b1=0.8, b2=0.99, weight_decay=1e-2),
-            lambda p: torch.optim.RAdam(p.values(), lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, foreach=True),
-            id="radam_l2",
-        ),
-    ],
-)
-def test_radam_matches_torch_optim_to_rounding(tx: ft.Transform, make_opt: Callable) -> None:
-    ft_params, ft_state = run_functrain(tx)
-    torch_params, opt = run_torch(make_opt)
-    for name in SHAPES:
-        torch.testing.assert_close(ft_params[name], torch_params[name], rtol=1e-6, atol=1e-7)
-    radam_state = find(ft_state, ScaleByRadamState)
-    torch.testing.assert_close(list(radam_state.mu), torch_state(opt, torch_params, "exp_avg"), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(list(radam_state.nu), torch_state(opt, torch_params, "exp_avg_sq"), rtol=1e-6, atol=1e-12)
-    assert int(radam_state.count) == STEPS
 
 
 def test_radam_first_steps_are_bias_corrected_momentum() -> None:
@@ -337,6 +410,26 @@ FUSED_CASES = {
     "adamw_constant_schedule": (
         ft.adamw(lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=0.1, fused=True),
         lambda p: torch.optim.AdamW(p.values(), lr=1e-2, weight_decay=0.1, fused=True),
+        FUSED_STATE,
+    ),
+    "adam_weight_decay_maximize": (
+        ft.adam(lr=1e-2, weight_decay=1e-2, maximize=True),
+        lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=1e-2, maximize=True, fused=True),
+        FUSED_STATE,
+    ),
+    "adam_decoupled_weight_decay_amsgrad_maximize_mask": (
+        ft.adam(lr=1e-2, weight_decay=0.1, amsgrad=True, mask=is_weight, decoupled_weight_decay=True, maximize=True),
+        lambda p: torch.optim.Adam(split_groups(p, 0.1), lr=1e-2, amsgrad=True, decoupled_weight_decay=True, maximize=True, fused=True),
+        [*FUSED_STATE, (FusedAdamState, "nu_max", "max_exp_avg_sq")],
+    ),
+    "adamw_maximize_tensor_lr": (
+        ft.adamw(lr=torch.tensor(1e-2), weight_decay=0.1, maximize=True),
+        lambda p: torch.optim.AdamW(p.values(), lr=torch.tensor(1e-2), weight_decay=0.1, maximize=True, fused=True),
+        FUSED_STATE,
+    ),
+    "adam_tensor_lr": (
+        ft.adam(lr=torch.tensor(3e-3)),
+        lambda p: torch.optim.Adam(p.values(), lr=torch.tensor(3e-3), fused=True),
         FUSED_STATE,
     ),
 }
