@@ -6,6 +6,7 @@ of different shapes; the parameters and the optimizer states are compared after 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -520,3 +521,94 @@ def test_a_schedule_that_cannot_run_on_a_cpu_counter_is_left_to_the_first_step()
 def test_hyperparameters_of_the_wrong_type_or_not_finite_are_config_errors(make: Callable, message: str) -> None:
     with pytest.raises(ft.ConfigError, match=message):
         make()
+
+
+# ---------------------------------------------------------------- arguments added after checkpoints were written
+
+# the names (a checkpoint's fingerprint) and chain lengths before maximize, decoupled_weight_decay and fused existed
+NAMES_BEFORE = {
+    "sgd": (lambda: ft.sgd(0.1), "sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None)", 3),
+    "adam": (lambda: ft.adam(fused=False), "adam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, amsgrad=False, mask=None)", 3),
+    "adamw": (lambda: ft.adamw(fused=False), "adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None)", 3),
+    "radam": (lambda: ft.radam(), "radam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, mask=None)", 3),
+    "rmsprop": (lambda: ft.rmsprop(), "rmsprop(lr=0.01, alpha=0.99, eps=1e-08, momentum=0.0, centered=False, weight_decay=0.0, mask=None)", 4),
+    "adagrad": (lambda: ft.adagrad(), "adagrad(lr=0.01, eps=1e-10, lr_decay=0.0, initial_accumulator_value=0.0, weight_decay=0.0, mask=None)", 3),
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES_BEFORE))
+def test_new_arguments_at_their_defaults_keep_the_name_and_state_of_before(name: str) -> None:
+    make, before, length = NAMES_BEFORE[name]
+    tx = make()
+    assert tx.name == before
+    assert len(tx.init(make_params())) == length
+
+
+@pytest.mark.parametrize("name", list(NAMES_BEFORE))
+def test_maximize_names_itself_and_adds_one_negation_in_front(name: str) -> None:
+    make, before, length = NAMES_BEFORE[name]
+    tx = getattr(ft, name)(**({"lr": 0.1} if name == "sgd" else {}), **({"fused": False} if name.startswith("adam") else {}), maximize=True)
+    assert tx.name == before[:-1] + ", maximize=True)"
+    state = tx.init(make_params())
+    assert len(state) == length + 1 and state[0] == ft.EmptyState()
+
+
+def test_fused_adam_names_its_new_arguments_only_when_set() -> None:
+    assert ft.adam().name == "adam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, amsgrad=False, mask=None, fused=True)"
+    assert ft.adam(maximize=True, decoupled_weight_decay=True).name.endswith("fused=True, maximize=True, decoupled_weight_decay=True)")
+    assert ft.radam(decoupled_weight_decay=True).name.endswith("mask=None, decoupled_weight_decay=True)")
+
+
+@pytest.mark.parametrize("factory", [ft.sgd, ft.adagrad], ids=lambda f: f.__name__)
+def test_fused_is_refused_where_functrain_has_no_fused_path(factory: Callable) -> None:
+    with pytest.raises(ft.ConfigError, match=rf"functrain has no fused {factory.__name__}, got fused=True; leave fused out"):
+        factory(0.1, fused=True)
+    assert "fused" not in factory(0.1, fused=None).name  # torch's default, left out of the name
+    factory(0.1, fused=False)
+
+
+def test_sgd_defaults_to_torchs_learning_rate() -> None:
+    assert ft.sgd().name.startswith("sgd(lr=0.001,")
+    assert inspect.signature(torch.optim.SGD).parameters["lr"].default == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        (torch.tensor([0.1, 0.2]), r"lr as a tensor must hold one floating-point value, got shape \(2,\) and dtype torch.float32"),
+        (torch.tensor(1), r"lr as a tensor must hold one floating-point value, got shape \(\) and dtype torch.int64"),
+        (torch.tensor(-0.5), r"lr must be >= 0, got lr=-0.5"),
+        (torch.tensor(float("nan")), r"lr must be a finite number >= 0, got lr=nan"),
+    ],
+)
+def test_a_tensor_lr_holds_one_finite_nonnegative_float(lr: torch.Tensor, message: str) -> None:
+    for factory in PRESETS:
+        with pytest.raises(ft.ConfigError, match=message):
+            factory(lr)
+
+
+def test_a_tensor_lr_is_read_once_when_the_transform_is_made() -> None:
+    # a schedule is how a rate changes: writing into the tensor afterwards changes nothing
+    lr = torch.tensor(0.5)
+    for tx in (ft.sgd(lr), ft.adamw(lr, weight_decay=0.0)):
+        params = {"w": torch.ones(1)}
+        state = tx.init(params)
+        lr.fill_(100.0)
+        u, _ = tx.update({"w": torch.ones(1)}, state, params)
+        torch.testing.assert_close(ft.apply_updates(params, u)["w"], torch.tensor([0.5]))
+        lr.fill_(0.5)
+
+
+def test_every_torch_constructor_argument_has_a_functrain_counterpart() -> None:
+    # torch's names, except its implementation choices and the betas pair (b1, b2 here)
+    implementation = {"self", "params", "foreach", "capturable", "differentiable", "fused"}
+    for cls, factory in [(torch.optim.SGD, ft.sgd), (torch.optim.Adam, ft.adam), (torch.optim.AdamW, ft.adamw), (torch.optim.RAdam, ft.radam), (torch.optim.RMSprop, ft.rmsprop), (torch.optim.Adagrad, ft.adagrad)]:
+        ours = set(inspect.signature(factory).parameters)
+        for name, param in inspect.signature(cls).parameters.items():
+            if name in implementation:
+                continue
+            if name == "betas":
+                assert {"b1", "b2"} <= ours and (inspect.signature(factory).parameters["b1"].default, inspect.signature(factory).parameters["b2"].default) == param.default
+                continue
+            assert name in ours, f"{factory.__name__} lacks {name}"
+            assert inspect.signature(factory).parameters[name].default == param.default, f"{factory.__name__}({name}=) defaults differ from torch"
