@@ -587,6 +587,12 @@ def test_a_tensor_lr_holds_one_finite_nonnegative_float(lr: torch.Tensor, messag
             factory(lr)
 
 
+def test_a_tensor_lr_names_its_exact_value_and_dtype() -> None:
+    # torch computes in the tensor's dtype where it takes one, so a float lr is another optimizer
+    assert ft.adagrad(torch.tensor(0.1)).name.startswith("adagrad(lr=tensor(0.10000000149011612, dtype=torch.float32), eps=")
+    assert ft.adagrad(torch.tensor(0.1)).name != ft.adagrad(torch.tensor(0.10000001)).name
+
+
 def test_a_tensor_lr_is_read_once_when_the_transform_is_made() -> None:
     # a schedule is how a rate changes: writing into the tensor afterwards changes nothing
     lr = torch.tensor(0.5)

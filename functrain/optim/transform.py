@@ -204,6 +204,9 @@ def describe_value(value: Any) -> str:
         return value.name
     if isinstance(value, type):
         return value.__name__
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        # a tensor lr: its exact value (a tensor's repr rounds to 4 digits) and dtype, which torch computes in
+        return f"tensor({value.item()!r}, dtype={value.dtype})"
     if isinstance(value, (list, tuple)) and any(callable(v) or isinstance(v, (list, tuple)) for v in value):
         return "[" + ", ".join(describe_value(v) for v in value) + "]"
     if callable(value):
