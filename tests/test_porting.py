@@ -122,3 +122,19 @@ def test_other_objects_keep_their_plain_errors() -> None:
         ft.chain(1)
     with pytest.raises(ft.ConfigError, match=r"lr must be a finite number >= 0, got lr='0.1'"):
         ft.adamw(lr="0.1")
+
+
+@pytest.mark.parametrize(
+    ("where", "prefix"),
+    [
+        (lambda obj: ft.schedules.join([obj, ft.schedules.constant(0.1)], [5]), ""),
+        (lambda obj: ft.schedules.per_epoch(obj, 10), "schedule="),
+        (lambda obj: ft.schedules.from_torch(obj), ""),
+    ],
+    ids=["join", "per_epoch", "from_torch"],
+)
+def test_a_live_scheduler_where_a_schedule_belongs_shows_from_torch(where: Callable[[Any], Any], prefix: str) -> None:
+    scheduler = lr_scheduler.ExponentialLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), gamma=0.9)
+    code = suggested_call(where, scheduler)
+    assert code == prefix + "ft.schedules.from_torch(torch.optim.lr_scheduler.ExponentialLR, lr=0.1, gamma=0.9)"
+    assert run(code.removeprefix(prefix))(2) == pytest.approx(0.1 * 0.9**2, rel=1e-12)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler
 
-__all__ = ["torch_object_hint"]
+__all__ = ["torch_object_hint", "schedule_call"]
 
 # torch.optim's implementation choices: no functrain argument says them
 _IMPLEMENTATION = {"foreach", "capturable", "differentiable", "fused"}
@@ -24,8 +24,11 @@ _IMPLEMENTATION = {"foreach", "capturable", "differentiable", "fused"}
 _SCHEDULER_OWN = {"self", "optimizer", "last_epoch", "verbose"}
 
 
-def torch_object_hint(value: Any, name: str) -> str | None:
+def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) -> str | None:
     """The error text for a live torch.optim optimizer or scheduler passed as `name`, else None.
+
+    `schedule`: whether a learning rate or schedule belongs there (by default: `name` is ``lr`` or
+    ``learning_rate``), rather than a transform.
 
     Example:
         >>> import torch
@@ -33,7 +36,7 @@ def torch_object_hint(value: Any, name: str) -> str | None:
         >>> print(torch_object_hint(opt, "optimizer"))
         optimizer must be a functrain transform, got a live torch.optim.SGD; write ft.sgd(lr=0.1, momentum=0.9) instead
     """
-    rate = name in ("lr", "learning_rate")
+    rate = name in ("lr", "learning_rate") if schedule is None else schedule
     if isinstance(value, torch.optim.Optimizer):
         if rate:
             return f"{name} must be a number or a schedule, got a live torch.optim.{type(value).__name__} optimizer; for the optimizer itself, {_optimizer_call(value)}"
@@ -45,12 +48,13 @@ def torch_object_hint(value: Any, name: str) -> str | None:
             f"write the optimizer as ft.chain({optimizer}, {_plateau_call(value)}) instead"
         )
     if isinstance(value, lr_scheduler.LRScheduler):
-        schedule = _schedule_call(value)
+        call = schedule_call(value)
         if rate:
-            return f"{name} must be a number or a schedule, got a live torch.optim.lr_scheduler.{type(value).__name__}; write {name}={schedule} instead"
+            keyword = f"{name}=" if name.isidentifier() else ""
+            return f"{name} must be a {'number or a ' if name in ('lr', 'learning_rate') else ''}schedule, got a live torch.optim.lr_scheduler.{type(value).__name__}; write {keyword}{call} instead"
         return (
             f"{name} must be a functrain transform, got a live torch.optim.lr_scheduler.{type(value).__name__}; "
-            f"{_optimizer_call(value.optimizer, lr=schedule)}"
+            f"{_optimizer_call(value.optimizer, lr=call)}"
         )
     return None
 
@@ -76,7 +80,7 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
     return f"write ft.{preset.__name__}({', '.join(args)}) instead{more}"
 
 
-def _schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
+def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
     """``ft.schedules.from_torch(StepLR, lr=0.1, step_size=30, gamma=0.1)``, the arguments read from the scheduler."""
     cls = type(scheduler)
     args = [f"torch.optim.lr_scheduler.{cls.__name__}"]
