@@ -618,3 +618,85 @@ def test_every_torch_constructor_argument_has_a_functrain_counterpart() -> None:
                 continue
             assert name in ours, f"{factory.__name__} lacks {name}"
             assert inspect.signature(factory).parameters[name].default == param.default, f"{factory.__name__}({name}=) defaults differ from torch"
+
+
+# ---------------------------------------------------------------- torch's own optimizer test configurations
+
+# the hyperparameters of torch 2.13's optimizer tests (torch/testing/_internal/common_optimizers.py,
+# optim_inputs_func_*, CPU and CUDA lists, implementation flags dropped), each run as torch runs it by
+# default for that preset: fused Adam/AdamW, foreach for the others (and for adam/adamw fused=False)
+TORCH_TEST_CONFIGS = [
+    ("adam", {}),
+    ("adam", {"lr": 0.01}),
+    ("adam", {"weight_decay": 0.1}),
+    ("adam", {"weight_decay": 0.1, "maximize": True}),
+    ("adam", {"weight_decay": 0.1, "amsgrad": True}),
+    ("adam", {"lr": torch.tensor(1e-3), "amsgrad": True}),
+    ("adam", {"lr": torch.tensor(1e-3), "betas": (torch.tensor([[[0.9]]]), torch.tensor([[0.99]])), "amsgrad": True}),
+    ("adam", {"lr": torch.tensor(1e-3), "betas": (torch.tensor(0.9), torch.tensor(0.99)), "amsgrad": False}),
+    ("adamw", {}),
+    ("adamw", {"lr": 0.01}),
+    ("adamw", {"weight_decay": 0.1}),
+    ("adamw", {"weight_decay": 0.1, "maximize": True}),
+    ("adamw", {"weight_decay": 0.1, "amsgrad": True}),
+    ("adamw", {"lr": torch.tensor(1e-3), "amsgrad": True}),
+    ("adamw", {"lr": torch.tensor(1e-3), "betas": (torch.tensor([[[0.9]]]), torch.tensor([[0.99]])), "amsgrad": True}),
+    ("adamw", {"lr": torch.tensor(1e-3), "betas": (torch.tensor(0.9), torch.tensor(0.99)), "amsgrad": False}),
+    ("sgd", {}),
+    ("sgd", {"lr": 0.01}),
+    ("sgd", {"lr": torch.tensor(1e-3)}),
+    ("sgd", {"weight_decay": 0.5}),
+    ("sgd", {"momentum": 0.9}),
+    ("sgd", {"weight_decay": 0.1, "maximize": True}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.5}),
+    ("sgd", {"momentum": 0.9, "weight_decay": 0.1}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    ("radam", {}),
+    ("radam", {"lr": 0.002}),
+    ("radam", {"eps": 1e-06}),
+    ("radam", {"weight_decay": 0.1}),
+    ("radam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("radam", {"weight_decay": 0.1, "maximize": True}),
+    ("radam", {"lr": torch.tensor(1e-3), "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("rmsprop", {}),
+    ("rmsprop", {"lr": 0.001}),
+    ("rmsprop", {"lr": torch.tensor(1e-3)}),
+    ("rmsprop", {"weight_decay": 0.1}),
+    ("rmsprop", {"maximize": True}),
+    ("rmsprop", {"weight_decay": 0.1, "centered": True}),
+    ("rmsprop", {"maximize": True, "weight_decay": 0.1}),
+    ("rmsprop", {"weight_decay": 0.1, "centered": True, "momentum": 0.1}),
+    ("rmsprop", {"weight_decay": 0.1, "centered": True, "momentum": 0.1, "maximize": True}),
+    ("adagrad", {}),
+    ("adagrad", {"weight_decay": 0.1}),
+    ("adagrad", {"weight_decay": 0.1, "maximize": True}),
+    ("adagrad", {"lr": 0.1}),
+    ("adagrad", {"initial_accumulator_value": 0.1, "weight_decay": 0.1}),
+    ("adagrad", {"lr": 0.1, "lr_decay": 0.5, "weight_decay": 0.1}),
+    ("adagrad", {"lr": torch.tensor(1e-3)}),
+]
+TORCH_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "radam": torch.optim.RAdam, "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+
+
+def torch_config_cases() -> list[Any]:
+    cases = []
+    for i, (name, kwargs) in enumerate(TORCH_TEST_CONFIGS):
+        implementations = [("fused", {}), ("foreach", {"fused": False})] if name in ("adam", "adamw") else [("foreach", {})]
+        for implementation, ours in implementations:
+            tensors = any(isinstance(v, (torch.Tensor, tuple)) for v in kwargs.values())
+            if implementation == "foreach" and name in ("adam", "adamw") and tensors:
+                continue  # torch refuses a tensor lr or betas with foreach=True unless capturable
+            cases.append(pytest.param(name, kwargs, implementation, ours, id=f"{name}-{i}-{implementation}"))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "kwargs", "implementation", "ours"), torch_config_cases())
+def test_torchs_own_test_configurations_match_bitwise(name: str, kwargs: dict[str, Any], implementation: str, ours: dict[str, Any]) -> None:
+    args = dict(kwargs)
+    if "betas" in args:
+        args["b1"], args["b2"] = args.pop("betas")
+    tx = getattr(ft, name)(**args, **ours)
+    ft_params, _ = run_functrain(tx)
+    torch_params, opt = run_torch(lambda p: TORCH_CLASSES[name](p.values(), **kwargs, **{implementation: True}))
+    assert opt.defaults[implementation] is True
+    assert_bitwise(list(ft_params.values()), list(torch_params.values()), "params")

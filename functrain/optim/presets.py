@@ -45,6 +45,11 @@ def _ascent(maximize: bool) -> tuple[Transform, ...]:
     return (scale(-1.0),) if maximize else ()
 
 
+def _value(beta: float | torch.Tensor) -> float:
+    # torch's Adam takes 1-element tensor betas and its kernels read their value
+    return float(beta) if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point() else beta
+
+
 def _check_no_fused(where: str, fused: bool | None) -> None:
     if fused:
         problem = f"functrain has no fused {where}, got fused={fused!r}; leave fused out: the {where} chain matches torch.optim's foreach implementation bit for bit"
@@ -144,8 +149,8 @@ def adam(
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
-        b1: first-moment decay.
-        b2: second-moment decay.
+        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value).
+        b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: L2 coefficient added to the gradient (see `adamw` for the decoupled kind).
         amsgrad: AMSGrad variant.
@@ -172,6 +177,7 @@ def adam(
         tensor([0.9000])
     """
     _check_renamed("adam", lr)
+    b1, b2 = _value(b1), _value(b2)
     if fused:
         _check_adam("adam", b1, b2, eps, weight_decay)
         return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=decoupled_weight_decay, amsgrad=amsgrad, mask=mask, maximize=maximize)
@@ -206,8 +212,8 @@ def adamw(
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
-        b1: first-moment decay.
-        b2: second-moment decay.
+        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value).
+        b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: decoupled decay coefficient.
         amsgrad: AMSGrad variant.
@@ -237,6 +243,7 @@ def adamw(
         tensor([0.9000])
     """
     _check_renamed("adamw", lr)
+    b1, b2 = _value(b1), _value(b2)
     if fused:
         _check_adam("adamw", b1, b2, eps, weight_decay)
         return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=True, amsgrad=amsgrad, mask=mask, maximize=maximize)
