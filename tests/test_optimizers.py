@@ -700,3 +700,9 @@ def test_torchs_own_test_configurations_match_bitwise(name: str, kwargs: dict[st
     torch_params, opt = run_torch(lambda p: TORCH_CLASSES[name](p.values(), **kwargs, **{implementation: True}))
     assert opt.defaults[implementation] is True
     assert_bitwise(list(ft_params.values()), list(torch_params.values()), "params")
+
+
+@pytest.mark.parametrize("factory", [ft.adam, ft.adamw], ids=lambda f: f.__name__)
+def test_fused_none_is_torchs_default_and_picks_the_fused_kernel(factory: Callable) -> None:
+    assert isinstance(factory(fused=None).init(make_params()), FusedAdamState)
+    assert not isinstance(factory(fused=False).init(make_params()), FusedAdamState)

@@ -137,7 +137,7 @@ def adam(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     mask: Mask = None,
-    fused: bool = True,
+    fused: bool | None = True,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
 ) -> Transform:
@@ -158,7 +158,7 @@ def adam(
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
             ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
-            differ in the last bits, as torch's do).
+            differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals ``AdamW``).
 
@@ -178,7 +178,7 @@ def adam(
     """
     _check_renamed("adam", lr)
     b1, b2 = _value(b1), _value(b2)
-    if fused:
+    if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
         _check_adam("adam", b1, b2, eps, weight_decay)
         return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=decoupled_weight_decay, amsgrad=amsgrad, mask=mask, maximize=maximize)
     if decoupled_weight_decay:
@@ -201,7 +201,7 @@ def adamw(
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
     mask: Mask = None,
-    fused: bool = True,
+    fused: bool | None = True,
     maximize: bool = False,
 ) -> Transform:
     """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
@@ -221,7 +221,7 @@ def adamw(
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
             ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
-            differ in the last bits, as torch's do).
+            differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
 
     Returns:
@@ -244,7 +244,7 @@ def adamw(
     """
     _check_renamed("adamw", lr)
     b1, b2 = _value(b1), _value(b2)
-    if fused:
+    if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
         _check_adam("adamw", b1, b2, eps, weight_decay)
         return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=True, amsgrad=amsgrad, mask=mask, maximize=maximize)
     return _adamw_chain(lr, b1, b2, eps, weight_decay, amsgrad, mask, maximize)
