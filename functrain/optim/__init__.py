@@ -4,7 +4,8 @@ Modules, bottom up: `transform` (the contract: ``Transform(init, update)``, `cha
 `apply_updates`), `primitives` (scaling rules, momentum, decay, learning rate, clipping),
 `wrappers` (masked, skip non-finite, accumulate, loss scaling), `averaging` (EMA), `fused`
 (torch's fused Adam kernels), `presets` (sgd, adam, adamw, ...: short chains of primitives),
-`schedules` (``step -> value``), `plateau` (early stopping and reduce-on-plateau).
+`schedules` (``step -> value``), `plateau` (early stopping and reduce-on-plateau), `porting` (the
+errors that meet a live torch.optim object, with the functrain call to write instead).
 """
 
 from functrain.optim import schedules

@@ -39,6 +39,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_value",
     "scale",
+    "RectifiedRatio",
     "ScaleByAdamState",
     "ScaleByRadamState",
     "ScaleByRmsState",
