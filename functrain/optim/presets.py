@@ -2,8 +2,10 @@
 
 With a constant learning rate, `adam` and `adamw` run torch's fused kernel by default and reproduce
 ``torch.optim.Adam/AdamW(fused=True)`` bit for bit; with ``fused=False`` they, like `sgd`,
-`rmsprop` and `adagrad`, reproduce the matching `torch.optim` class's foreach implementation
-(``foreach=True``, float32) bit for bit.
+`radam`, `rmsprop` and `adagrad`, reproduce the matching `torch.optim` class's foreach implementation
+(``foreach=True``, float32) bit for bit. Each takes the arguments of its torch constructor under
+torch's names and defaults (``betas`` as `b1`, `b2`), except torch's implementation choices
+(``foreach``, ``capturable``, ``differentiable``; ``fused`` where functrain has no fused path).
 """
 
 from __future__ import annotations
@@ -275,7 +277,7 @@ def radam(
     """RAdam (Liu et al., 2020): Adam with a rectified variance estimate, plain momentum early on.
 
     Matches ``torch.optim.RAdam(lr, betas=(b1, b2), eps, weight_decay, decoupled_weight_decay,
-    maximize=)`` to float rounding.
+    maximize=)`` with ``foreach=True`` bit for bit.
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
