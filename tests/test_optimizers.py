@@ -6,6 +6,7 @@ of different shapes; the parameters and the optimizer states are compared after 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +100,7 @@ MOMENTUM_STATE = [(TraceState, "trace", "momentum_buffer")]
 RMS_STATE = [(ScaleByRmsState, "nu", "square_avg")]
 CENTERED_STATE = [*RMS_STATE, (ScaleByRmsState, "mu", "grad_avg"), *MOMENTUM_STATE]
 ADAGRAD_STATE = [(ScaleByAdagradState, "sum_of_squares", "sum")]
+RADAM_STATE = [(ScaleByRadamState, "mu", "exp_avg"), (ScaleByRadamState, "nu", "exp_avg_sq")]
 
 EXACT_CASES = {
     "adamw": (
@@ -190,6 +192,100 @@ EXACT_CASES = {
         ),
         ADAGRAD_STATE,
     ),
+    # every argument torch's constructors take, each at a non-default value, with weight decay and maximize
+    "sgd_torch_default_lr": (ft.sgd(), lambda p: torch.optim.SGD(p.values(), foreach=True), []),
+    "sgd_maximize": (
+        ft.sgd(lr=0.05, maximize=True),
+        lambda p: torch.optim.SGD(p.values(), lr=0.05, maximize=True, foreach=True),
+        [],
+    ),
+    "sgd_nesterov_weight_decay_maximize": (
+        ft.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.SGD(p.values(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True, foreach=True),
+        MOMENTUM_STATE,
+    ),
+    "sgd_dampening_weight_decay_mask_maximize_tensor_lr": (
+        ft.sgd(lr=torch.tensor(0.05), momentum=0.9, dampening=0.3, weight_decay=1e-2, mask=is_weight, maximize=True),
+        lambda p: torch.optim.SGD(split_groups(p, 1e-2), lr=torch.tensor(0.05), momentum=0.9, dampening=0.3, maximize=True, foreach=True),
+        MOMENTUM_STATE,
+    ),
+    "adam_weight_decay_maximize": (
+        ft.adam(lr=1e-2, weight_decay=1e-2, maximize=True, fused=False),
+        lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=1e-2, maximize=True, foreach=True),
+        ADAM_STATE,
+    ),
+    "adam_decoupled_weight_decay": (
+        ft.adam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, fused=False),
+        lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, foreach=True),
+        ADAM_STATE,
+    ),
+    "adam_decoupled_weight_decay_amsgrad_maximize_betas": (
+        ft.adam(lr=3e-3, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True, maximize=True, fused=False),
+        lambda p: torch.optim.Adam(
+            p.values(), lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True, maximize=True, foreach=True
+        ),
+        AMSGRAD_STATE,
+    ),
+    "adamw_amsgrad_mask_maximize": (
+        ft.adamw(lr=1e-2, weight_decay=0.1, amsgrad=True, mask=is_weight, maximize=True, fused=False),
+        lambda p: torch.optim.AdamW(split_groups(p, 0.1), lr=1e-2, amsgrad=True, maximize=True, foreach=True),
+        AMSGRAD_STATE,
+    ),
+    "rmsprop_weight_decay_maximize_tensor_lr": (
+        ft.rmsprop(lr=torch.tensor(1e-3), eps=1e-6, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.RMSprop(p.values(), lr=torch.tensor(1e-3), eps=1e-6, weight_decay=1e-3, maximize=True, foreach=True),
+        RMS_STATE,
+    ),
+    "rmsprop_centered_momentum_maximize": (
+        ft.rmsprop(lr=1e-3, alpha=0.9, centered=True, momentum=0.8, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.RMSprop(
+            p.values(), lr=1e-3, alpha=0.9, centered=True, momentum=0.8, weight_decay=1e-3, maximize=True, foreach=True
+        ),
+        CENTERED_STATE,
+    ),
+    "adagrad_initial_accumulator_value_eps": (
+        ft.adagrad(lr=0.1, eps=1e-6, initial_accumulator_value=0.5),
+        lambda p: torch.optim.Adagrad(p.values(), lr=0.1, eps=1e-6, initial_accumulator_value=0.5, foreach=True),
+        ADAGRAD_STATE,
+    ),
+    "adagrad_lr_decay_weight_decay_maximize": (
+        ft.adagrad(lr=0.1, lr_decay=0.01, weight_decay=1e-3, mask=is_weight, maximize=True),
+        lambda p: torch.optim.Adagrad(split_groups(p, 1e-3), lr=0.1, lr_decay=0.01, maximize=True, foreach=True),
+        ADAGRAD_STATE,
+    ),
+    "radam": (ft.radam(lr=1e-2), lambda p: torch.optim.RAdam(p.values(), lr=1e-2, foreach=True), RADAM_STATE),
+    "radam_l2_betas": (
+        ft.radam(lr=1e-2, b1=0.8, b2=0.99, weight_decay=1e-2),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, foreach=True),
+        RADAM_STATE,
+    ),
+    "radam_l2_maximize": (
+        ft.radam(lr=1e-2, eps=1e-6, weight_decay=1e-2, maximize=True),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, eps=1e-6, weight_decay=1e-2, maximize=True, foreach=True),
+        RADAM_STATE,
+    ),
+    "radam_decoupled_weight_decay": (
+        ft.radam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, foreach=True),
+        RADAM_STATE,
+    ),
+    "radam_constant_schedule": (
+        ft.radam(lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=1e-2),
+        lambda p: torch.optim.RAdam(p.values(), lr=1e-2, weight_decay=1e-2, foreach=True),
+        RADAM_STATE,
+    ),
+    # torch's RAdam does its scalar arithmetic on a tensor lr in float32
+    "radam_decoupled_mask_maximize_tensor_lr": (
+        ft.radam(lr=torch.tensor(1e-2), weight_decay=0.1, mask=is_weight, decoupled_weight_decay=True, maximize=True),
+        lambda p: torch.optim.RAdam(split_groups(p, 0.1), lr=torch.tensor(1e-2), decoupled_weight_decay=True, maximize=True, foreach=True),
+        RADAM_STATE,
+    ),
+    # torch divides a tensor lr by the lr_decay divisor in the tensor's float32, not in float64
+    "adagrad_lr_decay_maximize_tensor_lr": (
+        ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True),
+        lambda p: torch.optim.Adagrad(p.values(), lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True, foreach=True),
+        ADAGRAD_STATE,
+    ),
 }
 
 
@@ -223,38 +319,16 @@ def test_preset_matches_torch_optim_foreach_bitwise(name: str) -> None:
     assert_matches_torch(EXACT_CASES[name], "foreach")
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam_amsgrad", "adagrad_lr_decay"])
+@pytest.mark.parametrize("name", ["adamw", "adam_amsgrad", "adagrad_lr_decay", "radam"])
 def test_step_counter_matches_torch_step(name: str) -> None:
     tx, make_opt, _ = EXACT_CASES[name]
     _, ft_state = run_functrain(tx)
     torch_params, opt = run_torch(make_opt)
-    cls = ScaleByAdagradState if name.startswith("adagrad") else ScaleByAdamState
+    cls = {"adagrad": ScaleByAdagradState, "radam": ScaleByRadamState}.get(name.split("_")[0], ScaleByAdamState)
     count = find(ft_state, cls).count
     assert count.dtype == torch.int64 and count.ndim == 0
     assert int(count) == STEPS
     assert [float(opt.state[p]["step"]) for p in torch_params.values()] == [float(STEPS)] * len(SHAPES)
-
-
-@pytest.mark.parametrize(
-    ("tx", "make_opt"),
-    [
-        pytest.param(ft.radam(lr=1e-2), lambda p: torch.optim.RAdam(p.values(), lr=1e-2, foreach=True), id="radam"),
-        pytest.param(
-            ft.radam(lr=1e-2, b1=0.8, b2=0.99, weight_decay=1e-2),
-            lambda p: torch.optim.RAdam(p.values(), lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, foreach=True),
-            id="radam_l2",
-        ),
-    ],
-)
-def test_radam_matches_torch_optim_to_rounding(tx: ft.Transform, make_opt: Callable) -> None:
-    ft_params, ft_state = run_functrain(tx)
-    torch_params, opt = run_torch(make_opt)
-    for name in SHAPES:
-        torch.testing.assert_close(ft_params[name], torch_params[name], rtol=1e-6, atol=1e-7)
-    radam_state = find(ft_state, ScaleByRadamState)
-    torch.testing.assert_close(list(radam_state.mu), torch_state(opt, torch_params, "exp_avg"), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(list(radam_state.nu), torch_state(opt, torch_params, "exp_avg_sq"), rtol=1e-6, atol=1e-12)
-    assert int(radam_state.count) == STEPS
 
 
 def test_radam_first_steps_are_bias_corrected_momentum() -> None:
@@ -337,6 +411,26 @@ FUSED_CASES = {
     "adamw_constant_schedule": (
         ft.adamw(lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=0.1, fused=True),
         lambda p: torch.optim.AdamW(p.values(), lr=1e-2, weight_decay=0.1, fused=True),
+        FUSED_STATE,
+    ),
+    "adam_weight_decay_maximize": (
+        ft.adam(lr=1e-2, weight_decay=1e-2, maximize=True),
+        lambda p: torch.optim.Adam(p.values(), lr=1e-2, weight_decay=1e-2, maximize=True, fused=True),
+        FUSED_STATE,
+    ),
+    "adam_decoupled_weight_decay_amsgrad_maximize_mask": (
+        ft.adam(lr=1e-2, weight_decay=0.1, amsgrad=True, mask=is_weight, decoupled_weight_decay=True, maximize=True),
+        lambda p: torch.optim.Adam(split_groups(p, 0.1), lr=1e-2, amsgrad=True, decoupled_weight_decay=True, maximize=True, fused=True),
+        [*FUSED_STATE, (FusedAdamState, "nu_max", "max_exp_avg_sq")],
+    ),
+    "adamw_maximize_tensor_lr": (
+        ft.adamw(lr=torch.tensor(1e-2), weight_decay=0.1, maximize=True),
+        lambda p: torch.optim.AdamW(p.values(), lr=torch.tensor(1e-2), weight_decay=0.1, maximize=True, fused=True),
+        FUSED_STATE,
+    ),
+    "adam_tensor_lr": (
+        ft.adam(lr=torch.tensor(3e-3)),
+        lambda p: torch.optim.Adam(p.values(), lr=torch.tensor(3e-3), fused=True),
         FUSED_STATE,
     ),
 }
@@ -427,3 +521,188 @@ def test_a_schedule_that_cannot_run_on_a_cpu_counter_is_left_to_the_first_step()
 def test_hyperparameters_of_the_wrong_type_or_not_finite_are_config_errors(make: Callable, message: str) -> None:
     with pytest.raises(ft.ConfigError, match=message):
         make()
+
+
+# ---------------------------------------------------------------- arguments added after checkpoints were written
+
+# the names (a checkpoint's fingerprint) and chain lengths before maximize, decoupled_weight_decay and fused existed
+NAMES_BEFORE = {
+    "sgd": (lambda: ft.sgd(0.1), "sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None)", 3),
+    "adam": (lambda: ft.adam(fused=False), "adam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, amsgrad=False, mask=None)", 3),
+    "adamw": (lambda: ft.adamw(fused=False), "adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None)", 3),
+    "radam": (lambda: ft.radam(), "radam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, mask=None)", 3),
+    "rmsprop": (lambda: ft.rmsprop(), "rmsprop(lr=0.01, alpha=0.99, eps=1e-08, momentum=0.0, centered=False, weight_decay=0.0, mask=None)", 4),
+    "adagrad": (lambda: ft.adagrad(), "adagrad(lr=0.01, eps=1e-10, lr_decay=0.0, initial_accumulator_value=0.0, weight_decay=0.0, mask=None)", 3),
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES_BEFORE))
+def test_new_arguments_at_their_defaults_keep_the_name_and_state_of_before(name: str) -> None:
+    make, before, length = NAMES_BEFORE[name]
+    tx = make()
+    assert tx.name == before
+    assert len(tx.init(make_params())) == length
+
+
+@pytest.mark.parametrize("name", list(NAMES_BEFORE))
+def test_maximize_names_itself_and_adds_one_negation_in_front(name: str) -> None:
+    make, before, length = NAMES_BEFORE[name]
+    tx = getattr(ft, name)(**({"lr": 0.1} if name == "sgd" else {}), **({"fused": False} if name.startswith("adam") else {}), maximize=True)
+    assert tx.name == before[:-1] + ", maximize=True)"
+    state = tx.init(make_params())
+    assert len(state) == length + 1 and state[0] == ft.EmptyState()
+
+
+def test_fused_adam_names_its_new_arguments_only_when_set() -> None:
+    assert ft.adam().name == "adam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, amsgrad=False, mask=None, fused=True)"
+    assert ft.adam(maximize=True, decoupled_weight_decay=True).name.endswith("fused=True, maximize=True, decoupled_weight_decay=True)")
+    assert ft.radam(decoupled_weight_decay=True).name.endswith("mask=None, decoupled_weight_decay=True)")
+
+
+@pytest.mark.parametrize("factory", [ft.sgd, ft.adagrad], ids=lambda f: f.__name__)
+def test_fused_is_refused_where_functrain_has_no_fused_path(factory: Callable) -> None:
+    with pytest.raises(ft.ConfigError, match=rf"functrain has no fused {factory.__name__}, got fused=True; leave fused out"):
+        factory(0.1, fused=True)
+    assert "fused" not in factory(0.1, fused=None).name  # torch's default, left out of the name
+    factory(0.1, fused=False)
+
+
+def test_sgd_defaults_to_torchs_learning_rate() -> None:
+    assert ft.sgd().name.startswith("sgd(lr=0.001,")
+    assert inspect.signature(torch.optim.SGD).parameters["lr"].default == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        (torch.tensor([0.1, 0.2]), r"lr as a tensor must hold one floating-point value, got shape \(2,\) and dtype torch.float32"),
+        (torch.tensor(1), r"lr as a tensor must hold one floating-point value, got shape \(\) and dtype torch.int64"),
+        (torch.tensor(-0.5), r"lr must be >= 0, got lr=-0.5"),
+        (torch.tensor(float("nan")), r"lr must be a finite number >= 0, got lr=nan"),
+    ],
+)
+def test_a_tensor_lr_holds_one_finite_nonnegative_float(lr: torch.Tensor, message: str) -> None:
+    for factory in PRESETS:
+        with pytest.raises(ft.ConfigError, match=message):
+            factory(lr)
+
+
+def test_a_tensor_lr_names_its_exact_value_and_dtype() -> None:
+    # torch computes in the tensor's dtype where it takes one, so a float lr is another optimizer
+    assert ft.adagrad(torch.tensor(0.1)).name.startswith("adagrad(lr=tensor(0.10000000149011612, dtype=torch.float32), eps=")
+    assert ft.adagrad(torch.tensor(0.1)).name != ft.adagrad(torch.tensor(0.10000001)).name
+
+
+def test_a_tensor_lr_is_read_once_when_the_transform_is_made() -> None:
+    # a schedule is how a rate changes: writing into the tensor afterwards changes nothing
+    lr = torch.tensor(0.5)
+    for tx in (ft.sgd(lr), ft.adamw(lr, weight_decay=0.0)):
+        params = {"w": torch.ones(1)}
+        state = tx.init(params)
+        lr.fill_(100.0)
+        u, _ = tx.update({"w": torch.ones(1)}, state, params)
+        torch.testing.assert_close(ft.apply_updates(params, u)["w"], torch.tensor([0.5]))
+        lr.fill_(0.5)
+
+
+def test_every_torch_constructor_argument_has_a_functrain_counterpart() -> None:
+    # torch's names, except its implementation choices and the betas pair (b1, b2 here)
+    implementation = {"self", "params", "foreach", "capturable", "differentiable", "fused"}
+    for cls, factory in [(torch.optim.SGD, ft.sgd), (torch.optim.Adam, ft.adam), (torch.optim.AdamW, ft.adamw), (torch.optim.RAdam, ft.radam), (torch.optim.RMSprop, ft.rmsprop), (torch.optim.Adagrad, ft.adagrad)]:
+        ours = set(inspect.signature(factory).parameters)
+        for name, param in inspect.signature(cls).parameters.items():
+            if name in implementation:
+                continue
+            if name == "betas":
+                assert {"b1", "b2"} <= ours and (inspect.signature(factory).parameters["b1"].default, inspect.signature(factory).parameters["b2"].default) == param.default
+                continue
+            assert name in ours, f"{factory.__name__} lacks {name}"
+            assert inspect.signature(factory).parameters[name].default == param.default, f"{factory.__name__}({name}=) defaults differ from torch"
+
+
+# ---------------------------------------------------------------- torch's own optimizer test configurations
+
+# the hyperparameters of torch 2.13's optimizer tests (torch/testing/_internal/common_optimizers.py,
+# optim_inputs_func_*, CPU and CUDA lists, implementation flags dropped), each run as torch runs it by
+# default for that preset: fused Adam/AdamW, foreach for the others (and for adam/adamw fused=False)
+TORCH_TEST_CONFIGS = [
+    ("adam", {}),
+    ("adam", {"lr": 0.01}),
+    ("adam", {"weight_decay": 0.1}),
+    ("adam", {"weight_decay": 0.1, "maximize": True}),
+    ("adam", {"weight_decay": 0.1, "amsgrad": True}),
+    ("adam", {"lr": torch.tensor(1e-3), "amsgrad": True}),
+    ("adam", {"lr": torch.tensor(1e-3), "betas": (torch.tensor([[[0.9]]]), torch.tensor([[0.99]])), "amsgrad": True}),
+    ("adam", {"lr": torch.tensor(1e-3), "betas": (torch.tensor(0.9), torch.tensor(0.99)), "amsgrad": False}),
+    ("adamw", {}),
+    ("adamw", {"lr": 0.01}),
+    ("adamw", {"weight_decay": 0.1}),
+    ("adamw", {"weight_decay": 0.1, "maximize": True}),
+    ("adamw", {"weight_decay": 0.1, "amsgrad": True}),
+    ("adamw", {"lr": torch.tensor(1e-3), "amsgrad": True}),
+    ("adamw", {"lr": torch.tensor(1e-3), "betas": (torch.tensor([[[0.9]]]), torch.tensor([[0.99]])), "amsgrad": True}),
+    ("adamw", {"lr": torch.tensor(1e-3), "betas": (torch.tensor(0.9), torch.tensor(0.99)), "amsgrad": False}),
+    ("sgd", {}),
+    ("sgd", {"lr": 0.01}),
+    ("sgd", {"lr": torch.tensor(1e-3)}),
+    ("sgd", {"weight_decay": 0.5}),
+    ("sgd", {"momentum": 0.9}),
+    ("sgd", {"weight_decay": 0.1, "maximize": True}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.5}),
+    ("sgd", {"momentum": 0.9, "weight_decay": 0.1}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    ("radam", {}),
+    ("radam", {"lr": 0.002}),
+    ("radam", {"eps": 1e-06}),
+    ("radam", {"weight_decay": 0.1}),
+    ("radam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("radam", {"weight_decay": 0.1, "maximize": True}),
+    ("radam", {"lr": torch.tensor(1e-3), "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("rmsprop", {}),
+    ("rmsprop", {"lr": 0.001}),
+    ("rmsprop", {"lr": torch.tensor(1e-3)}),
+    ("rmsprop", {"weight_decay": 0.1}),
+    ("rmsprop", {"maximize": True}),
+    ("rmsprop", {"weight_decay": 0.1, "centered": True}),
+    ("rmsprop", {"maximize": True, "weight_decay": 0.1}),
+    ("rmsprop", {"weight_decay": 0.1, "centered": True, "momentum": 0.1}),
+    ("rmsprop", {"weight_decay": 0.1, "centered": True, "momentum": 0.1, "maximize": True}),
+    ("adagrad", {}),
+    ("adagrad", {"weight_decay": 0.1}),
+    ("adagrad", {"weight_decay": 0.1, "maximize": True}),
+    ("adagrad", {"lr": 0.1}),
+    ("adagrad", {"initial_accumulator_value": 0.1, "weight_decay": 0.1}),
+    ("adagrad", {"lr": 0.1, "lr_decay": 0.5, "weight_decay": 0.1}),
+    ("adagrad", {"lr": torch.tensor(1e-3)}),
+]
+TORCH_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "radam": torch.optim.RAdam, "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+
+
+def torch_config_cases() -> list[Any]:
+    cases = []
+    for i, (name, kwargs) in enumerate(TORCH_TEST_CONFIGS):
+        implementations = [("fused", {}), ("foreach", {"fused": False})] if name in ("adam", "adamw") else [("foreach", {})]
+        for implementation, ours in implementations:
+            tensors = any(isinstance(v, (torch.Tensor, tuple)) for v in kwargs.values())
+            if implementation == "foreach" and name in ("adam", "adamw") and tensors:
+                continue  # torch refuses a tensor lr or betas with foreach=True unless capturable
+            cases.append(pytest.param(name, kwargs, implementation, ours, id=f"{name}-{i}-{implementation}"))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "kwargs", "implementation", "ours"), torch_config_cases())
+def test_torchs_own_test_configurations_match_bitwise(name: str, kwargs: dict[str, Any], implementation: str, ours: dict[str, Any]) -> None:
+    args = dict(kwargs)
+    if "betas" in args:
+        args["b1"], args["b2"] = args.pop("betas")
+    tx = getattr(ft, name)(**args, **ours)
+    ft_params, _ = run_functrain(tx)
+    torch_params, opt = run_torch(lambda p: TORCH_CLASSES[name](p.values(), **kwargs, **{implementation: True}))
+    assert opt.defaults[implementation] is True
+    assert_bitwise(list(ft_params.values()), list(torch_params.values()), "params")
+
+
+@pytest.mark.parametrize("factory", [ft.adam, ft.adamw], ids=lambda f: f.__name__)
+def test_fused_none_is_torchs_default_and_picks_the_fused_kernel(factory: Callable) -> None:
+    assert isinstance(factory(fused=None).init(make_params()), FusedAdamState)
+    assert not isinstance(factory(fused=False).init(make_params()), FusedAdamState)

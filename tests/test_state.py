@@ -226,7 +226,7 @@ def test_module_without_trainable_parameters_is_a_config_error() -> None:
 
 def test_torch_optimizer_is_a_config_error() -> None:
     model = make_mlp()
-    with pytest.raises(ft.ConfigError, match=r"optimizer must be a functrain transform \(e\.g\. functrain\.adamw\(1e-3\)\), got SGD"):
+    with pytest.raises(ft.ConfigError, match=r"optimizer must be a functrain transform, got a live torch.optim.SGD; write ft.sgd\(lr=0.1\) instead"):
         ft.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
 
 

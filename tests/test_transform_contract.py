@@ -51,6 +51,7 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "scale_by_learning_rate_schedule": lambda: ft.scale_by_learning_rate(halving),
     "clip_by_global_norm": lambda: ft.clip_by_global_norm(0.5),
     "clip_by_value": lambda: ft.clip_by_value(-0.2, 0.2),
+    "scale": lambda: ft.scale(-1.0),
     # presets
     "sgd": lambda: ft.sgd(lr=0.1),
     "sgd_nesterov_wd": lambda: ft.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
@@ -66,6 +67,12 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "rmsprop_centered_momentum": lambda: ft.rmsprop(lr=1e-2, centered=True, momentum=0.9, weight_decay=1e-3),
     "adagrad": lambda: ft.adagrad(lr=0.1, lr_decay=0.01),
     "lion": lambda: ft.lion(lr=1e-3, weight_decay=0.1),
+    # torch's other arguments, with weight decay and maximize
+    "sgd_torch_default_lr_maximize": lambda: ft.sgd(momentum=0.9, weight_decay=1e-2, maximize=True),
+    "adam_decoupled_maximize": lambda: ft.adam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, fused=False),
+    "adamw_fused_maximize_tensor_lr": lambda: ft.adamw(lr=torch.tensor(1e-2), maximize=True),
+    "radam_decoupled_maximize_masked": lambda: ft.radam(lr=1e-2, b2=0.9, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, mask=is_matrix),
+    "adagrad_maximize_tensor_lr": lambda: ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True),
     # wrappers around presets (masked wraps what comes before the learning rate)
     "masked_scale_by_adam": lambda: ft.masked(ft.scale_by_adam(), is_matrix),
     "masked_in_chain": lambda: ft.chain(ft.masked(ft.add_decayed_weights(0.1), is_matrix), ft.sgd(lr=0.1, momentum=0.9)),

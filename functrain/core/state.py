@@ -27,6 +27,7 @@ from functrain.distributed.data_parallel import (
 )
 from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
 from functrain.errors import ConfigError, DonatedStateError
+from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import Transform, is_transform
 from functrain.tree import Tree
 
@@ -490,7 +491,9 @@ def _validate(module: Any, optimizer: Any, loss_fn: Any) -> list[str]:
     problems = []
     if not isinstance(module, nn.Module):
         problems.append(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    if not is_transform(optimizer):
+    if not is_transform(optimizer) and torch_object_hint(optimizer, "optimizer") is not None:
+        problems.append(torch_object_hint(optimizer, "optimizer"))
+    elif not is_transform(optimizer):
         problems.append(f"optimizer must be a functrain transform (e.g. functrain.adamw(1e-3)), got {type(optimizer).__name__}; torch.optim optimizers are not transforms")
     if not callable(loss_fn):
         problems.append(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")

@@ -4,7 +4,8 @@ Modules, bottom up: `transform` (the contract: ``Transform(init, update)``, `cha
 `apply_updates`), `primitives` (scaling rules, momentum, decay, learning rate, clipping),
 `wrappers` (masked, skip non-finite, accumulate, loss scaling), `averaging` (EMA), `fused`
 (torch's fused Adam kernels), `presets` (sgd, adam, adamw, ...: short chains of primitives),
-`schedules` (``step -> value``), `plateau` (early stopping and reduce-on-plateau).
+`schedules` (``step -> value``), `plateau` (early stopping and reduce-on-plateau), `porting` (the
+errors that meet a live torch.optim object, with the functrain call to write instead).
 """
 
 from functrain.optim import schedules
@@ -15,6 +16,7 @@ from functrain.optim.primitives import (
     add_decayed_weights,
     clip_by_global_norm,
     clip_by_value,
+    scale,
     scale_by_adagrad,
     scale_by_adam,
     scale_by_learning_rate,
@@ -55,6 +57,7 @@ __all__ = [
     "radam",
     "reduce_on_plateau",
     "rmsprop",
+    "scale",
     "scale_by_adagrad",
     "scale_by_adam",
     "scale_by_learning_rate",

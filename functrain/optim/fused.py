@@ -51,13 +51,18 @@ def fused_adam(
     decoupled: bool,
     amsgrad: bool,
     mask: Mask,
+    maximize: bool = False,
 ) -> Transform:
     """The fused Adam (L2 decay) or AdamW (`decoupled` decay) transform behind ``adam/adamw(fused=True)``.
 
     Hyperparameters are checked by the presets. A schedule is called with the count of updates
-    applied so far, as `scale_by_learning_rate` calls it.
+    applied so far, as `scale_by_learning_rate` calls it; a tensor `lr` is read once, here (the
+    kernels read a CPU one as the float64 of its value, as this passes it). `maximize` is the
+    kernel's own flag, as torch.optim passes it.
     """
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    if isinstance(lr, torch.Tensor):
+        lr = float(lr)
 
     def init_fn(params: Tree) -> FusedAdamState:
         leaves = tree_leaves(params)
@@ -79,7 +84,7 @@ def fused_adam(
         rate_t = torch.as_tensor(rate, dtype=torch.float64, device=state.count.device)
         count = state.count + 1 if keep is None else state.count + keep.long()
         found_inf = None if keep is None else (~keep).float()
-        hyper = {"lr": _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": found_inf}
+        hyper = {"lr": _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize, "grad_scale": None, "found_inf": found_inf}
         decays = resolve_mask(mask, params) or (True,) * len(p)
         new_p, mu, nu, nu_max = _by_groups(kernel, p, g, state, count, decays, weight_decay, hyper)
         new_state = FusedAdamState(count, tuple(mu), tuple(nu), tuple(nu_max), rate_t if keep is None else torch.where(keep, rate_t, state.lr))

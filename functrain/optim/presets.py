@@ -2,11 +2,15 @@
 
 With a constant learning rate, `adam` and `adamw` run torch's fused kernel by default and reproduce
 ``torch.optim.Adam/AdamW(fused=True)`` bit for bit; with ``fused=False`` they, like `sgd`,
-`rmsprop` and `adagrad`, reproduce the matching `torch.optim` class's foreach implementation
-(``foreach=True``, float32) bit for bit.
+`radam`, `rmsprop` and `adagrad`, reproduce the matching `torch.optim` class's foreach implementation
+(``foreach=True``, float32) bit for bit. Each takes the arguments of its torch constructor under
+torch's names and defaults (``betas`` as `b1`, `b2`), except torch's implementation choices
+(``foreach``, ``capturable``, ``differentiable``; ``fused`` where functrain has no fused path).
 """
 
 from __future__ import annotations
+
+import torch
 
 from functrain.errors import config_check
 from functrain.optim.fused import fused_adam
@@ -16,6 +20,7 @@ from functrain.optim.primitives import (
     _check_unit,
     check_learning_rate,
     Mask,
+    scale,
     Schedule,
     add_decayed_weights,
     scale_by_adagrad,
@@ -29,11 +34,28 @@ from functrain.optim.primitives import (
 
 __all__ = ["sgd", "adam", "adamw", "radam", "rmsprop", "adagrad", "lion"]
 
-LearningRate = float | Schedule
+LearningRate = float | torch.Tensor | Schedule
 
 
 def _maybe(condition: object, transform: Transform) -> Transform:
     return transform if condition else identity()
+
+
+def _ascent(maximize: bool) -> tuple[Transform, ...]:
+    # torch.optim's maximize negates the gradients before anything else; the chain gains the step
+    # only when asked, so the default chain's state (and old checkpoints of it) keeps its structure
+    return (scale(-1.0),) if maximize else ()
+
+
+def _value(beta: float | torch.Tensor) -> float:
+    # torch's Adam takes 1-element tensor betas and its kernels read their value
+    return float(beta) if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point() else beta
+
+
+def _check_no_fused(where: str, fused: bool | None) -> None:
+    if fused:
+        problem = f"functrain has no fused {where}, got fused={fused!r}; leave fused out: the {where} chain matches torch.optim's foreach implementation bit for bit"
+        config_check([problem], where)
 
 
 def _check_renamed(where: str, lr: LearningRate, momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0) -> None:
@@ -56,27 +78,32 @@ def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: floa
     config_check(problems, where)
 
 
-@named
+@named(added=("maximize", "fused"))
 def sgd(
-    lr: LearningRate,
+    lr: LearningRate = 1e-3,
     momentum: float = 0.0,
     *,
     nesterov: bool = False,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     mask: Mask = None,
+    maximize: bool = False,
+    fused: bool | None = None,
 ) -> Transform:
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
 
-    Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)``.
+    Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov, maximize=)`` with
+    ``foreach=True`` bit for bit, torch's defaults included (``lr=1e-3``).
 
     Args:
-        lr: learning rate, a float or a schedule.
+        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
         momentum: momentum factor, in [0, 1); 0 disables it.
         nesterov: Nesterov momentum.
         dampening: dampening of the momentum buffer.
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay (see `add_decayed_weights`).
+        maximize: ascend the objective (the gradients are negated first).
+        fused: functrain has no fused SGD: True is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -93,14 +120,16 @@ def sgd(
         tensor([0.9000])
     """
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
+    _check_no_fused("sgd", fused)
     return chain(
+        *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
         scale_by_learning_rate(lr),
     )
 
 
-@named(added={"fused": False})
+@named(added={"fused": False, "maximize": False, "decoupled_weight_decay": False})
 def adam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -110,17 +139,20 @@ def adam(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     mask: Mask = None,
-    fused: bool = True,
+    fused: bool | None = True,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
 ) -> Transform:
     """Adam (Kingma & Ba, 2015) with optional L2 weight decay added to the gradient.
 
-    Matches ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay, amsgrad)`` bit for bit: its
-    fused implementation (``fused=True``) by default, its foreach one with ``fused=False``.
+    Matches ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay, amsgrad, maximize=,
+    decoupled_weight_decay=)`` bit for bit: its fused implementation (``fused=True``) by default,
+    its foreach one with ``fused=False``.
 
     Args:
-        lr: learning rate, a float or a schedule.
-        b1: first-moment decay.
-        b2: second-moment decay.
+        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
+        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value).
+        b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: L2 coefficient added to the gradient (see `adamw` for the decoupled kind).
         amsgrad: AMSGrad variant.
@@ -128,7 +160,9 @@ def adam(
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
             ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
-            differ in the last bits, as torch's do).
+            differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
+        maximize: ascend the objective (the gradients are negated first).
+        decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals ``AdamW``).
 
     Returns:
         A `Transform`.
@@ -145,17 +179,21 @@ def adam(
         tensor([0.9000])
     """
     _check_renamed("adam", lr)
-    if fused:
+    b1, b2 = _value(b1), _value(b2)
+    if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
         _check_adam("adam", b1, b2, eps, weight_decay)
-        return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=False, amsgrad=amsgrad, mask=mask)
+        return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=decoupled_weight_decay, amsgrad=amsgrad, mask=mask, maximize=maximize)
+    if decoupled_weight_decay:
+        return _adamw_chain(lr, b1, b2, eps, weight_decay, amsgrad, mask, maximize)
     return chain(
+        *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         scale_by_learning_rate(lr),
     )
 
 
-@named(added={"fused": False})
+@named(added={"fused": False, "maximize": False})
 def adamw(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -165,18 +203,19 @@ def adamw(
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
     mask: Mask = None,
-    fused: bool = True,
+    fused: bool | None = True,
+    maximize: bool = False,
 ) -> Transform:
     """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
 
-    Matches ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay, amsgrad)`` bit for bit: its
-    fused implementation (``fused=True``) by default, its foreach one with ``fused=False``. The decay is applied to
-    the parameters as ``p * (1 - lr * weight_decay)``.
+    Matches ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay, amsgrad, maximize=)`` bit for
+    bit: its fused implementation (``fused=True``) by default, its foreach one with ``fused=False``.
+    The decay is applied to the parameters as ``p * (1 - lr * weight_decay)``.
 
     Args:
-        lr: learning rate, a float or a schedule.
-        b1: first-moment decay.
-        b2: second-moment decay.
+        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
+        b1: first-moment decay (torch's ``betas[0]``; a 1-element tensor is read as its value).
+        b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: decoupled decay coefficient.
         amsgrad: AMSGrad variant.
@@ -184,7 +223,8 @@ def adamw(
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
             ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
-            differ in the last bits, as torch's do).
+            differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
+        maximize: ascend the objective (the gradients are negated first).
 
     Returns:
         A `Transform`.
@@ -205,17 +245,24 @@ def adamw(
         tensor([0.9000])
     """
     _check_renamed("adamw", lr)
-    if fused:
+    b1, b2 = _value(b1), _value(b2)
+    if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
         _check_adam("adamw", b1, b2, eps, weight_decay)
-        return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=True, amsgrad=amsgrad, mask=mask)
+        return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=True, amsgrad=amsgrad, mask=mask, maximize=maximize)
+    return _adamw_chain(lr, b1, b2, eps, weight_decay, amsgrad, mask, maximize)
+
+
+def _adamw_chain(lr: LearningRate, b1: float, b2: float, eps: float, weight_decay: float, amsgrad: bool, mask: Mask, maximize: bool) -> Transform:
+    # the decay after the scaling rule: scale_by_learning_rate applies it as p * (1 - lr * wd)
     return chain(
+        *_ascent(maximize),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_learning_rate(lr),
     )
 
 
-@named
+@named(added=("maximize", "decoupled_weight_decay"))
 def radam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -224,18 +271,24 @@ def radam(
     *,
     weight_decay: float = 0.0,
     mask: Mask = None,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
 ) -> Transform:
     """RAdam (Liu et al., 2020): Adam with a rectified variance estimate, plain momentum early on.
 
-    Matches ``torch.optim.RAdam(lr, betas=(b1, b2), eps, weight_decay)`` to float rounding.
+    Matches ``torch.optim.RAdam(lr, betas=(b1, b2), eps, weight_decay, decoupled_weight_decay,
+    maximize=)`` with ``foreach=True`` bit for bit.
 
     Args:
-        lr: learning rate, a float or a schedule.
+        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
         b1: first-moment decay.
         b2: second-moment decay.
         eps: denominator epsilon.
-        weight_decay: L2 coefficient added to the gradient.
+        weight_decay: L2 coefficient added to the gradient, or with `decoupled_weight_decay` the
+            parameters' decay per step, ``p * (1 - lr * weight_decay)`` (RAdamW).
         mask: which parameters get weight decay.
+        maximize: ascend the objective (the gradients are negated first).
+        decoupled_weight_decay: decay the parameters rather than add to the gradient.
 
     Returns:
         A `Transform`.
@@ -252,14 +305,15 @@ def radam(
         tensor([0.9000])
     """
     _check_renamed("radam", lr)
+    decay = _maybe(weight_decay, add_decayed_weights(weight_decay, mask))
     return chain(
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_radam(b1, b2, eps),
+        *_ascent(maximize),
+        *((scale_by_radam(b1, b2, eps), decay) if decoupled_weight_decay else (decay, scale_by_radam(b1, b2, eps))),
         scale_by_learning_rate(lr),
     )
 
 
-@named
+@named(added=("maximize",))
 def rmsprop(
     lr: LearningRate = 1e-2,
     alpha: float = 0.99,
@@ -269,19 +323,22 @@ def rmsprop(
     centered: bool = False,
     weight_decay: float = 0.0,
     mask: Mask = None,
+    maximize: bool = False,
 ) -> Transform:
     """RMSprop (Hinton, 2012), optionally centered and with momentum.
 
-    Matches ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered)``.
+    Matches ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered, maximize=)``
+    with ``foreach=True`` bit for bit.
 
     Args:
-        lr: learning rate, a float or a schedule.
+        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
         alpha: smoothing constant.
         eps: denominator epsilon.
         momentum: momentum factor; 0 disables it.
         centered: normalize by the estimated variance instead of the raw second moment.
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay.
+        maximize: ascend the objective (the gradients are negated first).
 
     Returns:
         A `Transform`.
@@ -299,6 +356,7 @@ def rmsprop(
     """
     _check_renamed("rmsprop", lr, momentum)
     return chain(
+        *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_rms(alpha, eps, centered=centered),
         _maybe(momentum, trace(momentum)),
@@ -306,7 +364,7 @@ def rmsprop(
     )
 
 
-@named
+@named(added=("maximize", "fused"))
 def adagrad(
     lr: LearningRate = 1e-2,
     eps: float = 1e-10,
@@ -315,18 +373,23 @@ def adagrad(
     initial_accumulator_value: float = 0.0,
     weight_decay: float = 0.0,
     mask: Mask = None,
+    maximize: bool = False,
+    fused: bool | None = None,
 ) -> Transform:
     """Adagrad (Duchi et al., 2011).
 
-    Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)``.
+    Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+    maximize=)`` with ``foreach=True`` bit for bit.
 
     Args:
-        lr: learning rate, a float or a schedule.
+        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
         eps: denominator epsilon.
         lr_decay: learning-rate decay per step.
         initial_accumulator_value: starting value of the squared-gradient sum.
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay.
+        maximize: ascend the objective (the gradients are negated first).
+        fused: functrain has no fused Adagrad: True is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -343,7 +406,9 @@ def adagrad(
         tensor([0.9000])
     """
     _check_renamed("adagrad", lr)
+    _check_no_fused("adagrad", fused)
     return chain(
+        *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adagrad(eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay),
         scale_by_learning_rate(lr),
@@ -362,7 +427,8 @@ def lion(
     """Lion (Chen et al., 2023): sign updates from interpolated momentum, decoupled weight decay.
 
     Args:
-        lr: learning rate, a float or a schedule (typically 3-10x smaller than AdamW's).
+        lr: learning rate: a float, a 1-element tensor (its value) or a schedule (typically 3-10x
+            smaller than AdamW's).
         b1: interpolation rate for the update.
         b2: momentum decay.
         weight_decay: decoupled decay coefficient (multiplied by the learning rate).

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
+from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import (
     named,
     EmptyState,
@@ -37,6 +38,8 @@ __all__ = [
     "scale_by_learning_rate",
     "clip_by_global_norm",
     "clip_by_value",
+    "scale",
+    "RectifiedRatio",
     "ScaleByAdamState",
     "ScaleByRadamState",
     "ScaleByRmsState",
@@ -66,6 +69,11 @@ def _pow(base: float, exponent: torch.Tensor) -> torch.Tensor:
     return torch.pow(torch.full_like(exponent, base), exponent)
 
 
+def _pow_half(x: torch.Tensor) -> torch.Tensor:
+    # Python's `x ** 0.5` (C pow), which differs from sqrt in the last bit for about 1 value in 1000
+    return torch.pow(x, torch.full_like(x, 0.5))
+
+
 def _by_dtype_mul(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[torch.Tensor]:
     """`tensors * scalar`, the scalar cast to each tensor's dtype first (as torch casts a Python scalar)."""
     dtypes = {t.dtype for t in tensors}
@@ -79,6 +87,15 @@ def _by_dtype_div(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[tor
     if len(dtypes) == 1:
         return torch._foreach_div(tensors, scalar.to(tensors[0].dtype))
     return [t / scalar.to(t.dtype) for t in tensors]
+
+
+def _by_dtype_add_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
+    """In place, on tensors the caller owns: `tensors += scalar` (cast to each dtype)."""
+    if len({t.dtype for t in tensors}) == 1:
+        torch._foreach_add_(tensors, scalar.to(tensors[0].dtype))
+        return
+    for t in tensors:
+        t.add_(scalar.to(t.dtype))
 
 
 def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
@@ -112,11 +129,18 @@ def _check_positive(problems: list[str], name: str, value: float, allow_zero: bo
 
 
 def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
-    """A learning rate: a finite number >= 0, or a schedule whose value at step 0 is one.
+    """A learning rate: a finite number >= 0 (or a tensor holding one), or a schedule whose value at step 0 is one.
 
     The schedule is called once here, on a CPU step counter as the step calls it; one that cannot
     run there (it needs another device's tensors) is left to show itself at the first step.
     """
+    hint = torch_object_hint(value, name)
+    if hint is not None:
+        problems.append(hint)
+        return
+    if isinstance(value, torch.Tensor):
+        _check_rate_tensor(problems, name, value)
+        return
     if not callable(value):
         _check_positive(problems, name, value, allow_zero=True)
         return
@@ -127,6 +151,14 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
         return
     if not (math.isfinite(first) and first >= 0):
         problems.append(f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at step 0")
+
+
+def _check_rate_tensor(problems: list[str], name: str, value: torch.Tensor) -> None:
+    # torch.optim takes a 1-element tensor lr; its value is read here, once, at construction
+    if value.numel() != 1 or not value.is_floating_point():
+        problems.append(f"{name} as a tensor must hold one floating-point value, got shape {tuple(value.shape)} and dtype {value.dtype}")
+    else:
+        _check_positive(problems, name, float(value), allow_zero=True)
 
 
 def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
@@ -201,6 +233,41 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsg
     return Transform(init_fn, update_fn)
 
 
+class RectifiedRatio(Ratio):
+    """RAdam's lazy updates: ``num * (1 / (den / s2) + s1)``, with ``s2`` and ``s1`` from the learning rate.
+
+    ``s2 = sqrt_bc2 * (lr * rect / bc1) * -1`` and ``s1 = (lr * unrect / bc1) * -1``, scalars computed
+    as torch.optim's foreach RAdam computes them (in the learning rate's own dtype when it is a
+    tensor); `scale_by_learning_rate` applies the result with torch's ``addcmul``. Materialized
+    without a learning rate (`as_tensors`), the update is the same with ``lr = 1`` and no sign.
+    """
+
+    __slots__ = ("sqrt_bc2", "rect", "unrect")
+
+    def __init__(self, num: Any, den: Any, bc1: torch.Tensor, sqrt_bc2: torch.Tensor, rect: torch.Tensor, unrect: torch.Tensor, spec: Any, *decay: Any) -> None:
+        super().__init__(num, den, bc1, spec, *decay)
+        self.sqrt_bc2 = sqrt_bc2
+        self.rect = rect  # 0 until the variance is tractable
+        self.unrect = unrect  # 1 until then, 0 after
+
+    def with_decay(self, weight_decay: float, decay_mask: tuple[bool, ...] | None, params: Any) -> RectifiedRatio:
+        return RectifiedRatio(self.num, self.den, self.divisor, self.sqrt_bc2, self.rect, self.unrect, self.spec, weight_decay, decay_mask, params)
+
+    def additive(self, params: Tree | None) -> list[torch.Tensor]:
+        return self._decayed(list(torch._foreach_mul(self.buffer(1.0, 1.0), list(self.num))), params)
+
+    def buffer(self, lr: float | torch.Tensor, sign: float) -> list[torch.Tensor]:
+        """``1 / (den / s2) + s1`` for this learning rate (a tensor one keeps its dtype), per leaf."""
+        bc1 = self.divisor if not isinstance(lr, torch.Tensor) else self.divisor.to(lr.dtype)
+        s1 = (lr * self.unrect.to(bc1.dtype) / bc1) * sign
+        s2 = self.sqrt_bc2.to(bc1.dtype) * (lr * self.rect.to(bc1.dtype) / bc1) * sign
+        # rectified: s1 is -0.0; not yet: s2 is -0.0, the quotient -inf, its reciprocal -0.0, and s1 remains
+        out = _by_dtype_div(list(self.den), s2)
+        torch._foreach_reciprocal_(out)
+        _by_dtype_add_(out, s1)
+        return out
+
+
 class ScaleByRadamState(NamedTuple):
     count: torch.Tensor
     mu: tuple[torch.Tensor, ...]
@@ -218,7 +285,8 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
         threshold: the rectification applies once the SMA length exceeds this (torch uses 5).
 
     Returns:
-        A `Transform` emitting plain tensor updates.
+        A `Transform` whose updates are a lazy `RectifiedRatio` (fold in a learning rate with
+        `scale_by_learning_rate`: the two reproduce torch.optim's foreach RAdam bit for bit).
 
     Raises:
         ConfigError: a hyperparameter is out of range.
@@ -227,8 +295,8 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
         >>> import functrain as ft
         >>> tx = scale_by_radam()
         >>> u, _ = tx.update({"w": torch.tensor([2.0])}, tx.init({"w": torch.zeros(1)}))
-        >>> u["w"]  # the first steps are bias-corrected momentum
-        tensor([2.])
+        >>> ft.as_tensors(u)  # the first steps are bias-corrected momentum
+        [tensor([2.])]
     """
     problems: list[str] = []
     _check_unit(problems, "b1", b1)
@@ -236,27 +304,27 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
     _check_positive(problems, "eps", eps)
     config_check(problems, "scale_by_radam")
     rho_inf = 2 / (1 - b2) - 1
+    rho_inf_factor = (rho_inf - 4) * (rho_inf - 2)
 
     def init_fn(params: Tree) -> ScaleByRadamState:
         return ScaleByRadamState(counter(params), _zeros(params), _zeros(params))
 
-    def update_fn(updates: Any, state: ScaleByRadamState, params: Tree | None = None) -> tuple[Tree, ScaleByRadamState]:
+    def update_fn(updates: Any, state: ScaleByRadamState, params: Tree | None = None) -> tuple[RectifiedRatio, ScaleByRadamState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu = torch._foreach_lerp(state.mu, g, 1 - b1)
         nu = torch._foreach_mul(state.nu, b2)
         torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+        # torch.optim's Python scalars, op for op in float64 (x ** 0.5 is C's pow, not sqrt)
         step = _f64(count)
-        bc1 = 1 - _pow(b1, step)
-        bc2 = 1 - _pow(b2, step)
-        rho_t = rho_inf - 2 * step * _pow(b2, step) / bc2
-        rectified = rho_t > threshold
-        rect = torch.sqrt(((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp(min=0))
-        adaptive_scale = torch.where(rectified, rect * torch.sqrt(bc2), torch.ones_like(rect)) / bc1
-        den = torch._foreach_add(torch._foreach_sqrt(nu), eps)
-        den = [torch.where(rectified, d, torch.ones_like(d)) for d in den]
-        out = torch._foreach_div(_by_dtype_mul(mu, adaptive_scale), den)
-        return tree_unflatten(out, spec), ScaleByRadamState(count, mu, nu)
+        b2_t = _pow(b2, step)
+        rho_t = rho_inf - 2 * step * b2_t / (1 - b2_t)
+        rect = torch.where(rho_t > threshold, _pow_half((rho_t - 4) * (rho_t - 2) * rho_inf / (rho_inf_factor * rho_t)), torch.zeros_like(rho_t))
+        unrect = torch.where(rect > 0, torch.zeros_like(rect), torch.ones_like(rect))
+        den = torch._foreach_sqrt(nu)
+        torch._foreach_add_(den, eps)
+        ratio = RectifiedRatio(mu, den, 1 - _pow(b1, step), _pow_half(1 - b2_t), rect, unrect, spec)
+        return ratio, ScaleByRadamState(count, mu, nu)
 
     return Transform(init_fn, update_fn)
 
@@ -491,7 +559,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
             config_check(["add_decayed_weights needs the parameters: call update(updates, state, params)"], "update")
         flags = resolve_mask(mask, params)
         if isinstance(updates, Ratio) and updates.weight_decay is None:
-            return Ratio(updates.num, updates.den, updates.divisor, updates.spec, weight_decay, flags, tree_leaves(params), scaled_numerator=updates.scaled_numerator), state
+            return updates.with_decay(weight_decay, flags, tree_leaves(params)), state
         u, spec = flat_updates(updates, params)
         p = tree_leaves(params)
         idx = [i for i in range(len(u)) if flags is None or flags[i]]
@@ -522,7 +590,8 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
 
     Args:
         learning_rate: a float >= 0, or a schedule ``step -> value`` (see `functrain.schedules`),
-            called with this transform's own 0-d step counter (starting at 0).
+            called with this transform's own 0-d step counter (starting at 0), or a 1-element
+            tensor (as torch.optim takes one), read once here: its value is the constant rate.
         flip_sign: descend (the default); False ascends.
 
     Returns:
@@ -543,6 +612,11 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     check_learning_rate(problems, "learning_rate", learning_rate)
     config_check(problems, "scale_by_learning_rate")
     sign = -1.0 if flip_sign else 1.0
+    # a tensor rate is taken by its value now (a schedule is how a rate changes); torch.optim divides
+    # it by a step's divisor in the tensor's own dtype (Adagrad's lr_decay), so that is kept
+    rate_dtype = learning_rate.dtype if isinstance(learning_rate, torch.Tensor) else None
+    if rate_dtype is not None:
+        learning_rate = float(learning_rate)
 
     def current(count: torch.Tensor) -> torch.Tensor | float:
         if callable(learning_rate):
@@ -568,9 +642,13 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         lr = current(state.count)
         lr_t, signed_lr = rate_tensors(lr, state.count.device)
         new_state = ScaleByLearningRateState(state.count + 1, lr_t)
+        if isinstance(updates, RectifiedRatio):
+            return _rectified_step(updates, lr, rate_dtype, sign), new_state
         if isinstance(updates, Ratio):
             if updates.divisor is None:
                 step_size = signed_lr
+            elif rate_dtype is not None:
+                step_size = torch.div(signed_lr.to(rate_dtype), updates.divisor.to(rate_dtype)).to(torch.float64)
             else:
                 # torch.optim: (lr / bias_correction) * -1 in float64; the sign flip is exact either side
                 step_size = torch.div(signed_lr, updates.divisor)
@@ -584,6 +662,14 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         return ParamStep(u, spec, alpha), new_state
 
     return Transform(init_fn, update_fn)
+
+
+def _rectified_step(updates: RectifiedRatio, lr: float | torch.Tensor, rate_dtype: torch.dtype | None, sign: float) -> ParamStep:
+    """RAdam's step: ``p * (1 - lr * wd) + num * buffer`` (torch's ``addcmul``: the same two roundings)."""
+    if rate_dtype is not None:  # torch's scalar arithmetic then runs on the tensor lr, in its dtype
+        lr = torch.tensor(lr, dtype=rate_dtype, device=updates.divisor.device)
+    decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
+    return ParamStep(None, updates.spec, None, decay, updates.decay_mask, product=(updates.num, updates.buffer(lr, sign)))
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -661,3 +747,33 @@ def clip_by_value(min_value: float, max_value: float) -> Transform:
 
     return Transform(lambda params: EmptyState(), update_fn)
 
+
+
+@named
+def scale(step_size: float) -> Transform:
+    """Multiply updates by a constant; ``scale(-1.0)`` first is torch.optim's ``maximize=True``.
+
+    Args:
+        step_size: the factor, a finite number.
+
+    Returns:
+        A stateless `Transform` emitting plain tensor updates.
+
+    Raises:
+        ConfigError: `step_size` is not a finite number.
+
+    Example:
+        >>> tx = scale(-1.0)
+        >>> tx.update({"w": torch.tensor([2.0, -3.0])}, tx.init(None))[0]["w"]
+        tensor([-2.,  3.])
+    """
+    if not (_is_real(step_size) and math.isfinite(step_size)):
+        config_check([f"step_size must be a finite number, got step_size={step_size!r}"], "scale")
+
+    def update_fn(updates: Any, state: EmptyState, params: Tree | None = None) -> tuple[Tree, EmptyState]:
+        g, spec = flat_updates(updates, params)
+        # torch.optim's maximize negates (exact); any other factor is one rounding per element
+        out = torch._foreach_neg(g) if step_size == -1.0 else torch._foreach_mul(g, step_size)
+        return tree_unflatten(out, spec), state
+
+    return Transform(lambda params: EmptyState(), update_fn)

@@ -31,6 +31,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from functrain.errors import config_check
+from functrain.optim.porting import schedule_call, torch_object_hint
 from functrain.optim.transform import describe_call
 
 __all__ = [
@@ -600,7 +601,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         problems.append("schedules must hold at least one schedule, got schedules=[]")
     for i, schedule in enumerate(schedules):
         if not callable(schedule):
-            problems.append(f"schedules[{i}] must be a schedule (callable), got schedules[{i}]={schedule!r}")
+            problems.append(torch_object_hint(schedule, f"schedules[{i}]", schedule=True) or f"schedules[{i}] must be a schedule (callable), got schedules[{i}]={schedule!r}")
     if schedules and len(boundaries) != len(schedules) - 1:
         problems.append(
             f"boundaries must hold len(schedules) - 1 = {len(schedules) - 1} steps, got boundaries={boundaries!r}"
@@ -656,7 +657,7 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
     """
     problems: list[str] = []
     if not callable(schedule):
-        problems.append(f"schedule must be a schedule (callable), got schedule={schedule!r}")
+        problems.append(torch_object_hint(schedule, "schedule", schedule=True) or f"schedule must be a schedule (callable), got schedule={schedule!r}")
     _check_steps(problems, "steps_per_epoch", steps_per_epoch, minimum=1)
     config_check(problems, "per_epoch")
 
@@ -919,6 +920,8 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
         [0.5, 0.75, 1.0, 0.1, 0.1]
     """
     build = _TORCH_BUILDERS.get(cls) if isinstance(cls, type) else None
+    if isinstance(cls, lr_scheduler.LRScheduler):  # the live scheduler rather than its class
+        config_check([f"cls must be a scheduler class, got a live {type(cls).__name__}; write {schedule_call(cls)} instead"], "from_torch")
     if build is None:
         names = ", ".join(c.__name__ for c in _TORCH_BUILDERS)
         config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")

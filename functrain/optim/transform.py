@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim.porting import torch_object_hint
 from functrain.tree import (
     Tree,
     check_same_structure,
@@ -203,6 +204,9 @@ def describe_value(value: Any) -> str:
         return value.name
     if isinstance(value, type):
         return value.__name__
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        # a tensor lr: its exact value (a tensor's repr rounds to 4 digits) and dtype, which torch computes in
+        return f"tensor({value.item()!r}, dtype={value.dtype})"
     if isinstance(value, (list, tuple)) and any(callable(v) or isinstance(v, (list, tuple)) for v in value):
         return "[" + ", ".join(describe_value(v) for v in value) + "]"
     if callable(value):
@@ -247,6 +251,24 @@ class Ratio:
         # passing the step size to addcdiv (Adam, RMSprop): the same rounding on CPU, not on CUDA
         self.scaled_numerator = scaled_numerator
 
+    def with_decay(self, weight_decay: float, decay_mask: tuple[bool, ...] | None, params: Sequence[torch.Tensor]) -> Ratio:
+        """This ratio with decoupled weight decay (`add_decayed_weights` after the scaling rule)."""
+        return Ratio(self.num, self.den, self.divisor, self.spec, weight_decay, decay_mask, params, scaled_numerator=self.scaled_numerator)
+
+    def additive(self, params: Params | None) -> list[torch.Tensor]:
+        """The updates as plain tensors, one per leaf (see `as_tensors`)."""
+        num = self.num
+        if self.divisor is not None:
+            num = torch._foreach_div(num, self.divisor.to(num[0].dtype))
+        return self._decayed(list(torch._foreach_div(num, self.den)), params)
+
+    def _decayed(self, out: list[torch.Tensor], params: Params | None) -> list[torch.Tensor]:
+        if not self.weight_decay:
+            return out
+        p = self.params if self.params is not None else tree_leaves(params)
+        mask = self.decay_mask or (True,) * len(out)
+        return [o + self.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
+
 
 class ParamStep:
     """Lazy updates applied as ``where(keep, p * decay + alpha * direction, p)``.
@@ -254,10 +276,12 @@ class ParamStep:
     `alpha` of None means 1 (plain addition); a Python float uses torch's fused ``add(alpha=)``;
     a tensor multiplies first. `decay` applies only where `decay_mask` holds (all leaves when None).
     Instead of a `direction`, a step may hold a `quotient` ``(num, den, step_size)`` meaning
-    ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch does.
+    ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch does;
+    or a `product` ``(a, b)`` meaning ``direction = a * b``, applied with one ``addcmul`` (one
+    rounding for the product and the sum, as torch.optim's RAdam applies its step).
     """
 
-    __slots__ = ("_direction", "quotient", "spec", "alpha", "decay", "decay_mask", "keep", "scaled_numerator")
+    __slots__ = ("_direction", "quotient", "spec", "alpha", "decay", "decay_mask", "keep", "scaled_numerator", "product")
 
     def __init__(
         self,
@@ -269,9 +293,11 @@ class ParamStep:
         keep: torch.Tensor | None = None,
         quotient: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
         scaled_numerator: bool = False,
+        product: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     ) -> None:
         self._direction = direction
         self.quotient = quotient
+        self.product = product
         self.scaled_numerator = scaled_numerator  # see Ratio
         self.spec = spec
         self.alpha = alpha
@@ -283,6 +309,8 @@ class ParamStep:
     def direction(self) -> Sequence[torch.Tensor]:
         if self._direction is not None:
             return self._direction
+        if self.product is not None:
+            return list(torch._foreach_mul(list(self.product[0]), list(self.product[1])))
         num, den, step_size = self.quotient  # type: ignore[misc]
         out = [n * step_size.to(n.dtype) for n in num]
         torch._foreach_div_(out, list(den))
@@ -299,6 +327,7 @@ class ParamStep:
             "keep": self.keep,
             "quotient": self.quotient,
             "scaled_numerator": self.scaled_numerator,
+            "product": self.product,
         }
         fields.update(changes)
         return ParamStep(**fields)
@@ -343,15 +372,7 @@ def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Ten
         [tensor([-0.5000, -0.5000])]
     """
     if isinstance(updates, Ratio):
-        num = updates.num
-        if updates.divisor is not None:
-            num = torch._foreach_div(num, updates.divisor.to(num[0].dtype))
-        out = torch._foreach_div(num, updates.den)
-        if updates.weight_decay:
-            p = updates.params if updates.params is not None else tree_leaves(params)
-            mask = updates.decay_mask or (True,) * len(out)
-            out = [o + updates.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
-        return list(out)
+        return updates.additive(params)
     if isinstance(updates, NewParams):
         if params is None:
             raise ConfigError("materializing NewParams as additive updates needs the parameters; pass params=")
@@ -372,7 +393,7 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
     # the whole direction, materialized once (None: added by one fused addcdiv instead)
-    direction = None if _fused_quotient(step, p) else _directions(step, p)
+    direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
     new: list[torch.Tensor] = list(p)
     if decayed:
         decay = step.decay.to(p[decayed[0]].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
@@ -405,7 +426,7 @@ def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     mask = step.decay_mask or (True,) * len(p)
     decayed = [p[i] for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
-    direction = None if _fused_quotient(step, p) else _directions(step, p)
+    direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
     if decayed:
         decay = step.decay.to(decayed[0].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
         torch._foreach_mul_(decayed, decay)
@@ -433,6 +454,11 @@ def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
     if step.quotient is None or step.alpha is not None or torch.compiler.is_compiling():
         return False  # compiled graphs fuse the three ops themselves
     return step.quotient[2].device.type == "cpu" and len({t.dtype for t in p}) == 1
+
+
+def _fused_product(step: ParamStep) -> bool:
+    """Whether the step is a product added by one addcmul (a direction set later takes its place)."""
+    return step.product is not None and step._direction is None and step.alpha is None
 
 
 def _float_alpha(step: ParamStep) -> bool:
@@ -465,7 +491,10 @@ def _off_cpu_eager(p: list[torch.Tensor]) -> bool:
 
 def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None) -> None:
     """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
-    if direction is None:
+    if direction is None and _fused_product(step):
+        a, b = step.product  # type: ignore[misc]
+        torch._foreach_addcmul_(out, [a[i] for i in idx], [b[i] for i in idx])
+    elif direction is None:
         num, den, step_size = step.quotient  # type: ignore[misc]
         scalars = step_size.to(torch.float64).repeat(len(idx))  # one CPU float64 scalar per tensor
         torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
@@ -543,6 +572,9 @@ def chain(*transforms: Transform) -> Transform:
         >>> ft.apply_updates(params, u)["w"]
         tensor([-0.0600, -0.0800])
     """
+    hints = [torch_object_hint(t, f"chain() argument {i}") for i, t in enumerate(transforms)]
+    if any(hints):
+        raise ConfigError("; ".join(h for h in hints if h))
     bad = [f"argument {i}: {type(t).__name__}" for i, t in enumerate(transforms) if not is_transform(t)]
     if bad:
         raise ConfigError(f"chain() expects transforms (objects with init and update); got {', '.join(bad)}")

@@ -27,6 +27,7 @@ from functrain.optim.transform import (
     walk_states,
     writing_in_place,
 )
+from functrain.optim.porting import torch_object_hint
 from functrain.optim.primitives import Mask, resolve_mask
 from functrain.tree import Tree, global_norm, tree_leaves, tree_select, tree_unflatten
 
@@ -47,7 +48,8 @@ __all__ = [
 
 def _require_transform(inner: object, where: str) -> None:
     if not is_transform(inner):
-        raise ConfigError(f"{where} expects a transform (with init and update) as `inner`, got {type(inner).__name__}")
+        hint = torch_object_hint(inner, f"the inner optimizer of {where}")
+        raise ConfigError(hint or f"{where} expects a transform (with init and update) as `inner`, got {type(inner).__name__}")
 
 
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
