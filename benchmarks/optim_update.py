@@ -27,6 +27,11 @@ update (``getrusage``, whole process), and at the end a check that functrain's p
 other work shares the machine (with 2 OpenMP threads every per-tensor kernel waits for both threads).
 ``--fresh-grads`` gives every update newly allocated gradients, untimed, as a backward pass would.
 
+``--more`` times the other presets instead (nadam, adamax, adadelta, asgd, rprop, adafactor, muon), each
+against its torch.optim class with the implementation torch picks on the CPU (the single-tensor one; Muon
+takes the matrices, and AdamW with ``foreach=True`` the rest, against ``functrain.muon(others=adamw(...))``),
+in one run: the pairs interleaved in ABBA order, a ratio per pair and a check that both ended bit-identical.
+
 ``--memory`` adds peak extra memory of the eager implementations, each measured in a fresh subprocess:
 peak RSS (VmHWM, reset through /proc/self/clear_refs) while creating the optimizer state and running a
 few updates, over the RSS with the parameters and gradients alone, in multiples of the parameter bytes.
@@ -42,6 +47,7 @@ Usage:
     python benchmarks/optim_update.py --quick                # smoke test (small, few reps)
     python benchmarks/optim_update.py --threads 1 --prototype --memory
     python benchmarks/optim_update.py --sweep --no-compile --fresh-grads --threads 1   # allocator settings
+    python benchmarks/optim_update.py --more --params 2e6 --tensors 28 --threads 1   # the other presets
 """
 
 from __future__ import annotations
@@ -284,6 +290,97 @@ def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False
     fn = torch.compile(fn) if compiled else fn
     runner = FunctionalRunner(fn, params, state, grads)
     return Impl(name, runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
+
+
+# ----------------------------------------------------------------------------------- the other presets
+
+# name: (torch class and keyword arguments, functrain preset keyword arguments); defaults otherwise
+MORE = {
+    "nadam": ("NAdam", {"lr": 2e-3, "weight_decay": WEIGHT_DECAY, "decoupled_weight_decay": True}),
+    "adamax": ("Adamax", {"lr": 2e-3}),
+    "adadelta": ("Adadelta", {"lr": 1.0}),
+    "asgd": ("ASGD", {"lr": 1e-2}),
+    "rprop": ("Rprop", {"lr": 1e-2}),
+    "adafactor": ("Adafactor", {"lr": 1e-2, "weight_decay": WEIGHT_DECAY}),
+    "muon": ("Muon", {"lr": 2e-2}),
+}
+
+
+def more_torch_impl(name: str, base: dict, grads: dict) -> Impl:
+    import torch
+
+    params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+    for k, p in params.items():
+        p.grad = grads[k]
+    cls, kwargs = MORE[name]
+    if name == "muon":
+        matrices = [p for p in params.values() if p.ndim == 2]
+        rest = [p for p in params.values() if p.ndim != 2]
+        opts = [torch.optim.Muon(matrices, **kwargs), torch.optim.AdamW(rest, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)]
+    else:
+        opts = [getattr(torch.optim, cls)(list(params.values()), **kwargs)]
+
+    def step() -> None:
+        for opt in opts:
+            opt.step()
+
+    def set_grads(new: dict) -> None:
+        for k, p in params.items():
+            p.grad = new[k]
+
+    return Impl(f"torch {cls}", step, lambda: [p.detach() for p in params.values()], set_grads)
+
+
+def more_functrain_impl(name: str, base: dict, grads: dict) -> Impl:
+    import functrain
+
+    kwargs = dict(MORE[name][1])
+    if name == "muon":
+        kwargs["others"] = functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=False)
+    tx = getattr(functrain, name)(**kwargs)
+
+    def update(params: dict, state: Any, grads: dict) -> tuple[dict, Any]:
+        updates, state = tx.update(grads, state, params)
+        return functrain.apply_updates(params, updates), state
+
+    params = {k: v.clone() for k, v in base.items()}
+    runner = FunctionalRunner(update, params, tx.init(params), grads)
+    return Impl(f"functrain {name}", runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
+
+
+def run_more(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, grads = make_tensors(transformer_shapes(args.params, args.tensors))
+    pairs = [(more_torch_impl(n, base, grads), more_functrain_impl(n, base, grads)) for n in MORE]
+    for pair in pairs:
+        for impl in pair:
+            for _ in range(args.warmup):
+                impl.step()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(args.reps):
+            for pair in pairs:
+                for impl in pair if r % 2 == 0 else pair[::-1]:
+                    t0 = time.perf_counter()
+                    impl.step()
+                    impl.times.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    n = sum(v.numel() for v in base.values())
+    print(f"one update, eager: {n / 1e6:.2f}M float32 parameters in {len(base)} tensors, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.reps} reps ABBA per pair after {args.warmup} warmup")
+    print(f"{'optimizer':<10}  {'torch ms':>9}  {'functrain ms':>12}  {'ratio':>6}  {'paired':>6}  params")
+    for theirs, ours in pairs:
+        med_t, med_o = statistics.median(theirs.times), statistics.median(ours.times)
+        paired = statistics.median(o / t for o, t in zip(ours.times, theirs.times, strict=True))
+        same = all(torch.equal(a, b) for a, b in zip(ours.get_params(), theirs.get_params(), strict=True))
+        print(f"{ours.name.split()[-1]:<10}  {med_t * 1e3:9.2f}  {med_o * 1e3:12.2f}  {med_o / med_t:6.3f}  {paired:6.3f}  "
+              f"{'bit-identical' if same else 'DIFFERENT'}")
+    print("ratio: of medians, functrain / torch; paired: median over rounds of the round's ratio. Target: <= 1.2.")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -553,6 +650,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--prototype", action="store_true",
                     help="add rows for pure AdamW prototypes A, B, C (not functrain code; see prototype_fn)")
+    ap.add_argument("--more", action="store_true",
+                    help="time the other presets (nadam ... muon) against their torch.optim classes instead")
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--mallopt", action="store_true",
@@ -586,6 +685,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.sweep:
         run_sweep(args)
+        return
+    if args.more:
+        run_more(args)
         return
     res = run_timing(args)
     if args.memory:
