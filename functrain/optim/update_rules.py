@@ -195,7 +195,8 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
         mu = torch._foreach_lerp(state.mu, g, 1 - b1)
         magnitude = torch._foreach_abs(g)
         torch._foreach_add_(magnitude, eps)
-        nu_inf = torch._foreach_maximum(torch._foreach_mul(state.nu_inf, b2), magnitude)
+        nu_inf = torch._foreach_mul(state.nu_inf, b2)
+        torch._foreach_maximum_(nu_inf, magnitude)
         bc1 = 1 - _pow(b1, _f64(count))
         return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, mu, tuple(nu_inf))
 
@@ -318,14 +319,15 @@ def scale_by_rprop(
 
     def update_fn(updates: Any, state: ScaleByRpropState, params: Tree | None = None) -> tuple[Tree, ScaleByRpropState]:
         g, spec = flat_updates(updates, params)
-        signs = torch._foreach_sign(torch._foreach_mul(g, state.prev))
+        signs = torch._foreach_mul(g, state.prev)
+        torch._foreach_sign_(signs)
         sizes, directions, kept = [], [], []
         for sign, grad, size in zip(signs, g, state.step_size, strict=True):
             flipped = sign < 0
-            # torch assigns etaplus, etaminus, then 1 where the sign is 0 (a NaN sign stays NaN)
-            factor = torch.where(sign > 0, etaplus, torch.where(flipped, etaminus, torch.where(sign == 0, 1.0, sign))).to(size.dtype)
-            sizes.append(torch.clamp(size * factor, low, high))
-            grad = torch.where(flipped, torch.zeros_like(grad), grad)
+            # torch's order: etaplus where > 0, etaminus where < 0, 1 where 0 (a NaN sign stays NaN)
+            factor = sign.masked_fill(sign > 0, etaplus).masked_fill_(flipped, etaminus).masked_fill_(sign == 0, 1.0)
+            sizes.append(torch.mul(size, factor).clamp_(low, high))
+            grad = grad.masked_fill(flipped, 0.0)
             kept.append(grad)
             directions.append(torch.sign(grad))
         # torch's addcmul_(sign, step_size, value=-1): the product is exact, so adding it rounds once
@@ -637,26 +639,41 @@ def adafactor_step(
         _need_params(params, "adafactor_step")
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
-        flags = resolve_mask(mask, params)
         lr = _rate(learning_rate, state.count)
         count = state.count + 1
         step = _f64(count)
         weight = torch.pow(step, torch.full_like(step, beta2_decay))
         rho = torch.minimum(lr, 1 / torch.pow(step, torch.full_like(step, 0.5)))
-        decay = 1 - lr * weight_decay if weight_decay else None
-        new, moments = [], []
-        for i, (x, grad, m) in enumerate(zip(p, g, state.moments, strict=True)):
-            floor = torch.finfo(x.dtype).eps if eps1 is None else eps1
-            rate = torch.clamp(x.norm(2).double() / (x.numel() ** 0.5), min=eps2) * rho
-            update, m = _adafactor_direction(grad, m, weight, floor)
-            clip = torch.clamp(update.norm(2).double() / ((update.numel() ** 0.5) * d), min=1.0)
-            out = _decayed([x], decay, None if flags is None else (flags[i],))[0]
-            _add_scaled_(out, update, -rate / clip)
-            new.append(out)
+        moments, directions = [], []
+        for x, grad, m in zip(p, g, state.moments, strict=True):
+            direction, m = _adafactor_direction(grad, m, weight, torch.finfo(x.dtype).eps if eps1 is None else eps1)
+            directions.append(direction)
             moments.append(m)
+        # torch reads each norm back and computes the step size in Python floats; the same float64 ops, for all at once
+        roots = torch.tensor([x.numel() ** 0.5 for x in p], dtype=torch.float64, device=step.device)
+        rates = torch.clamp(_norms(p) / roots, min=eps2) * rho
+        clips = torch.clamp(_norms(directions) / (roots * d), min=1.0)
+        new = _decayed(p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params))
+        for out, direction, alpha in zip(new, directions, _per_leaf(-rates / clips), strict=True):
+            _add_scaled_(out, direction, alpha)
         return NewParams(new, spec), AdafactorStepState(count, lr, tuple(moments))
 
     return Transform(init_fn, update_fn)
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each tensor (as ``t.norm(2)`` in its dtype), as one float64 vector."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    norms = torch._foreach_norm(tensors)
+    if len({n.dtype for n in norms}) == 1:
+        return torch.stack(norms).double()
+    return torch.stack([n.double() for n in norms])
+
+
+def _per_leaf(values: torch.Tensor) -> list[float] | list[torch.Tensor]:
+    """One scalar per leaf: Python floats from a CPU vector (one load), 0-d tensors elsewhere (no sync)."""
+    return values.tolist() if _host_scalars(values) else list(values.unbind())
 
 
 # ----------------------------------------------------------------------------- Muon
