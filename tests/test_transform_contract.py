@@ -80,9 +80,7 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "adafactor_step_masked_schedule": lambda: ft.adafactor_step(halving, weight_decay=0.1, mask=is_matrix),
     "masked_scale_by_muon": lambda: ft.masked(ft.scale_by_muon(ns_steps=3), is_matrix),
     "nadam": lambda: ft.nadam(lr=1e-2, weight_decay=1e-2, maximize=True),
-    "nadamw_masked": lambda: ft.nadam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, mask=is_matrix),
     "adamax": lambda: ft.adamax(lr=1e-2, weight_decay=1e-2, maximize=True),
-    "adamax_schedule": lambda: ft.adamax(lr=halving),
     "adadelta": lambda: ft.adadelta(lr=0.5, weight_decay=1e-2, maximize=True),
     "asgd": lambda: ft.asgd(lr=0.1, lambd=1e-2, t0=2, weight_decay=1e-2),
     "rprop": lambda: ft.rprop(lr=0.05, maximize=True),
@@ -93,7 +91,6 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
         ft.partition(is_matrix_label, m=ft.scale_by_adam(), v=ft.scale_by_rms()), ft.scale_by_learning_rate(0.1)
     ),
     "skip_nonfinite_muon": lambda: ft.skip_nonfinite(ft.muon(lr=0.02, others=ft.sgd(lr=0.1, momentum=0.9))),
-    "accumulate_nadam": lambda: ft.accumulate(ft.nadam(lr=1e-2), 2),
     # wrappers around presets (masked wraps what comes before the learning rate)
     "masked_scale_by_adam": lambda: ft.masked(ft.scale_by_adam(), is_matrix),
     "masked_in_chain": lambda: ft.chain(ft.masked(ft.add_decayed_weights(0.1), is_matrix), ft.sgd(lr=0.1, momentum=0.9)),
