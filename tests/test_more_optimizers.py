@@ -378,3 +378,21 @@ def test_partition_takes_a_tree_of_labels_and_keeps_paths_for_inner_masks() -> N
     new = ft.apply_updates(params, u)
     assert torch.equal(new["w"], torch.full((2,), -0.5)) and torch.equal(new["b"], torch.full((2,), 0.5))
     assert seen == ["w"]
+
+
+PRESETS = [ft.nadam, ft.adamax, ft.adadelta, ft.asgd, ft.rprop, ft.adafactor, ft.muon]
+
+
+@pytest.mark.parametrize("factory", PRESETS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        (float("inf"), r"lr must be a finite number >= 0, got lr=inf"),
+        (-0.1, r"lr must be >= 0, got lr=-0.1"),
+        (True, r"lr must be a finite number >= 0, got lr=True"),
+        (lambda step: step * float("nan"), r"lr must be >= 0 and finite at every step, but the schedule gives nan at step 0"),
+    ],
+)
+def test_every_new_preset_rejects_a_learning_rate_that_is_not_a_finite_number(factory: Callable, lr: Any, message: str) -> None:
+    with pytest.raises(ft.ConfigError, match=message):
+        factory(lr)

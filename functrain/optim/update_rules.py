@@ -23,7 +23,7 @@ scalar is a load, not a device sync), elsewhere it is one fused multiply-add thr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -41,7 +41,7 @@ from functrain.optim.primitives import (
     resolve_mask,
 )
 from functrain.optim.transform import EmptyState, NewParams, Ratio, Transform, counter, flat_updates, named
-from functrain.tree import Tree, tree_leaves, tree_unflatten
+from functrain.tree import Tree, tree_leaves, tree_paths, tree_unflatten
 
 __all__ = [
     "negate",
@@ -503,7 +503,8 @@ def asgd_step(learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: fl
 
     def init_fn(params: Tree) -> AsgdStepState:
         count, lr = _learning_rate_state(learning_rate, params)
-        return AsgdStepState(count, lr, lr.to(torch.float32), torch.ones((), device=count.device), _zeros(params))
+        one = torch.ones((), dtype=torch.float32, device=count.device)
+        return AsgdStepState(count, lr, lr.to(torch.float32), one, _zeros(params))
 
     def update_fn(updates: Any, state: AsgdStepState, params: Tree | None = None) -> tuple[NewParams, AsgdStepState]:
         _need_params(params, "asgd_step")
@@ -700,8 +701,6 @@ def _newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float
 
 
 def _check_matrices(params: Tree, where: str) -> None:
-    from functrain.tree import tree_paths
-
     bad = [f"{name} {tuple(p.shape)}" for name, p in zip(tree_paths(params), tree_leaves(params), strict=True) if p.ndim != 2]
     if bad:
         config_check(
