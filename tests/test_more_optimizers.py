@@ -396,3 +396,22 @@ PRESETS = [ft.nadam, ft.adamax, ft.adadelta, ft.asgd, ft.rprop, ft.adafactor, ft
 def test_every_new_preset_rejects_a_learning_rate_that_is_not_a_finite_number(factory: Callable, lr: Any, message: str) -> None:
     with pytest.raises(ft.ConfigError, match=message):
         factory(lr)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: ft.muon(lr=0.02, others=ft.adamw(1e-3)), lambda: ft.adafactor(weight_decay=0.1), lambda: ft.asgd(t0=1)],
+    ids=["muon_partition", "adafactor", "asgd"],
+)
+def test_a_checkpoint_resumes_the_same_run(make: Callable, tmp_path: Any) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    def loss_fn(m: Any, b: Any) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    batch = (torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(16, 2))
+    state = ft.TrainState.create(model, make(), loss_fn)
+    for _ in range(3):
+        state, _ = ft.train_step(state, batch)
+    ft.save(state, tmp_path / "ck")
+    back = ft.load(tmp_path / "ck", ft.TrainState.create(model, make(), loss_fn))
+    ft.assert_states_equal(ft.train_step(back, batch)[0], ft.train_step(state, batch)[0])
