@@ -27,6 +27,11 @@ update (``getrusage``, whole process), and at the end a check that functrain's p
 other work shares the machine (with 2 OpenMP threads every per-tensor kernel waits for both threads).
 ``--fresh-grads`` gives every update newly allocated gradients, untimed, as a backward pass would.
 
+``--more`` times the other presets instead (nadam, adamax, adadelta, asgd, rprop, adafactor, muon), each
+against its torch.optim class with the implementation torch picks on the CPU (the single-tensor one; Muon
+takes the matrices, and AdamW with ``foreach=True`` the rest, against ``functrain.partition`` of the same),
+(embeddings to AdamW, as torch's Muon documentation advises), in one run: the pairs interleaved in ABBA order, a ratio per pair and a check that both ended bit-identical.
+
 ``--memory`` adds peak extra memory of the eager implementations, each measured in a fresh subprocess:
 peak RSS (VmHWM, reset through /proc/self/clear_refs) while creating the optimizer state and running a
 few updates, over the RSS with the parameters and gradients alone, in multiples of the parameter bytes.
@@ -42,6 +47,7 @@ Usage:
     python benchmarks/optim_update.py --quick                # smoke test (small, few reps)
     python benchmarks/optim_update.py --threads 1 --prototype --memory
     python benchmarks/optim_update.py --sweep --no-compile --fresh-grads --threads 1   # allocator settings
+    python benchmarks/optim_update.py --more --params 2e6 --tensors 28 --threads 1   # the other presets
 """
 
 from __future__ import annotations
@@ -284,6 +290,115 @@ def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False
     fn = torch.compile(fn) if compiled else fn
     runner = FunctionalRunner(fn, params, state, grads)
     return Impl(name, runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
+
+
+# ----------------------------------------------------------------------------------- the other presets
+
+# name: (torch class and keyword arguments, functrain preset keyword arguments); defaults otherwise
+MORE = {
+    "nadam": ("NAdam", {"lr": 2e-3, "weight_decay": WEIGHT_DECAY, "decoupled_weight_decay": True}),
+    "adamax": ("Adamax", {"lr": 2e-3}),
+    "adadelta": ("Adadelta", {"lr": 1.0}),
+    "asgd": ("ASGD", {"lr": 1e-2}),
+    "rprop": ("Rprop", {"lr": 1e-2}),
+    "adafactor": ("Adafactor", {"lr": 1e-2, "weight_decay": WEIGHT_DECAY}),
+    "muon": ("Muon", {"lr": 2e-2}),
+}
+
+
+def muon_label(name: str, p: Any) -> str:
+    # the embeddings go to AdamW, as torch's Muon documentation advises (and Newton-Schulz on a
+    # vocabulary-sized matrix would take seconds per step on a CPU)
+    return "muon" if p.ndim == 2 and not name.startswith(("wte", "wpe")) else "others"
+
+
+def more_torch_impl(name: str, base: dict, grads: dict, foreach: bool = False) -> Impl:
+    import torch
+
+    params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+    for k, p in params.items():
+        p.grad = grads[k]
+    cls, kwargs = MORE[name]
+    if name == "muon":
+        matrices = [p for k, p in params.items() if muon_label(k, p) == "muon"]
+        rest = [p for k, p in params.items() if muon_label(k, p) == "others"]
+        opts = [torch.optim.Muon(matrices, **kwargs), torch.optim.AdamW(rest, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)]
+    else:
+        opts = [getattr(torch.optim, cls)(list(params.values()), **kwargs, **({"foreach": True} if foreach else {}))]
+
+    def step() -> None:
+        for opt in opts:
+            opt.step()
+
+    def set_grads(new: dict) -> None:
+        for k, p in params.items():
+            p.grad = new[k]
+
+    return Impl(f"torch {cls}{' foreach' if foreach else ''}", step, lambda: [p.detach() for p in params.values()], set_grads)
+
+
+def more_functrain_impl(name: str, base: dict, grads: dict) -> Impl:
+    import functrain
+
+    tx = getattr(functrain, name)(**MORE[name][1])
+    if name == "muon":
+        tx = functrain.partition(muon_label, muon=tx, others=functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=False))
+
+    def update(params: dict, state: Any, grads: dict) -> tuple[dict, Any]:
+        updates, state = tx.update(grads, state, params)
+        return functrain.apply_updates(params, updates), state
+
+    params = {k: v.clone() for k, v in base.items()}
+    runner = FunctionalRunner(update, params, tx.init(params), grads)
+    return Impl(f"functrain {name}", runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
+
+
+def run_more(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, grads = make_tensors(transformer_shapes(args.params, args.tensors))
+    # per optimizer: torch's default on the CPU (single-tensor), torch foreach (Muon has none), functrain
+    groups = [
+        [more_torch_impl(n, base, grads), *([more_torch_impl(n, base, grads, foreach=True)] if n != "muon" else []),
+         more_functrain_impl(n, base, grads)]
+        for n in MORE
+    ]
+    for group in groups:
+        for impl in group:
+            for _ in range(args.warmup):
+                impl.step()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(args.reps):
+            for group in groups:
+                for impl in group if r % 2 == 0 else group[::-1]:
+                    c0 = usage()
+                    t0 = time.perf_counter()
+                    impl.step()
+                    impl.times.append(time.perf_counter() - t0)
+                    c1 = usage()
+                    impl.cpu.append((c1[1] - c0[1]) + (c1[2] - c0[2]))
+    finally:
+        gc.enable()
+    n = sum(v.numel() for v in base.values())
+    print(f"one update, eager: {n / 1e6:.2f}M float32 parameters in {len(base)} tensors, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.reps} reps ABBA per optimizer after {args.warmup} warmup")
+    print(f"{'optimizer':<10}  {'torch ms':>8}  {'foreach ms':>10}  {'functrain ms':>12}  {'ratio':>6}  {'cpu ratio':>9}  "
+          f"{'vs foreach':>10}  params vs torch's default")
+    for group in groups:
+        theirs, ours = group[0], group[-1]
+        med = {impl.name: statistics.median(impl.times) for impl in group}
+        cpu = statistics.median(ours.cpu) / max(statistics.median(theirs.cpu), 1e-9)
+        foreach = f"{med[ours.name] / med[group[1].name]:10.3f}" if len(group) == 3 else f"{'-':>10}"
+        foreach_ms = f"{med[group[1].name] * 1e3:10.2f}" if len(group) == 3 else f"{'-':>10}"
+        same = all(torch.equal(a, b) for a, b in zip(ours.get_params(), theirs.get_params(), strict=True))
+        print(f"{ours.name.split()[-1]:<10}  {med[theirs.name] * 1e3:8.2f}  {foreach_ms}  {med[ours.name] * 1e3:12.2f}  "
+              f"{med[ours.name] / med[theirs.name]:6.3f}  {cpu:9.3f}  {foreach}  {'bit-identical' if same else 'DIFFERENT'}")
+    print("ratio: functrain / torch's default (single-tensor), of median wall times; cpu ratio: of median CPU times "
+          "(user+sys,\nless sensitive to other load); vs foreach: functrain / torch foreach. Target: <= 1.2.")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -553,6 +668,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--prototype", action="store_true",
                     help="add rows for pure AdamW prototypes A, B, C (not functrain code; see prototype_fn)")
+    ap.add_argument("--more", action="store_true",
+                    help="time the other presets (nadam ... muon) against their torch.optim classes instead")
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--mallopt", action="store_true",
@@ -586,6 +703,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.sweep:
         run_sweep(args)
+        return
+    if args.more:
+        run_more(args)
         return
     res = run_timing(args)
     if args.memory:

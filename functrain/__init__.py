@@ -40,6 +40,7 @@ from functrain.driver.fit import FitResult, fit
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
 from functrain.driver.history import History
 from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
+from functrain.optim.more_presets import adadelta, adafactor, adamax, asgd, muon, nadam, rprop
 from functrain.optim.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
 from functrain.core.options import StepOptions
 from functrain.core.state import TrainState
@@ -77,7 +78,19 @@ from functrain.optim.wrappers import (
     dynamic_loss_scale,
     find_loss_scale,
     masked,
+    partition,
     skip_nonfinite,
+)
+from functrain.optim.update_rules import (
+    adafactor_step,
+    asgd_step,
+    nadam_step,
+    negate,
+    scale_by_adadelta,
+    scale_by_adamax,
+    scale_by_adjusted_learning_rate,
+    scale_by_muon,
+    scale_by_rprop,
 )
 
 # the module paths of before the layout keep working (imports and attributes), with a DeprecationWarning
@@ -173,6 +186,23 @@ __all__ = [
     "compile_step",
     "CompiledStep",
     "transform_metrics",
+    "adadelta",
+    "adafactor",
+    "adamax",
+    "asgd",
+    "muon",
+    "nadam",
+    "rprop",
+    "partition",
+    "adafactor_step",
+    "asgd_step",
+    "nadam_step",
+    "negate",
+    "scale_by_adadelta",
+    "scale_by_adamax",
+    "scale_by_adjusted_learning_rate",
+    "scale_by_muon",
+    "scale_by_rprop",
 ]
 
 __version__ = "0.1.0"

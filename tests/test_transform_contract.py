@@ -28,6 +28,10 @@ def is_matrix(name: str, p: torch.Tensor) -> bool:
     return p.ndim > 1
 
 
+def is_matrix_label(name: str, p: torch.Tensor) -> str:
+    return "m" if p.ndim > 1 else "v"
+
+
 def halving(step: torch.Tensor) -> torch.Tensor:
     return 0.1 * torch.pow(torch.full_like(step, 0.5, dtype=torch.float64), step)
 
@@ -73,6 +77,27 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "adamw_fused_maximize_tensor_lr": lambda: ft.adamw(lr=torch.tensor(1e-2), maximize=True),
     "radam_decoupled_maximize_masked": lambda: ft.radam(lr=1e-2, b2=0.9, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, mask=is_matrix),
     "adagrad_maximize_tensor_lr": lambda: ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True),
+    # the rest of torch.optim: rules, then presets
+    "negate": lambda: ft.negate(),
+    "scale_by_adamax": lambda: ft.scale_by_adamax(b1=0.8, eps=1e-6),
+    "scale_by_adadelta": lambda: ft.scale_by_adadelta(rho=0.8),
+    "scale_by_rprop": lambda: ft.scale_by_rprop(0.05, etas=(0.3, 1.5)),
+    "nadam_step_decoupled_masked_schedule": lambda: ft.nadam_step(halving, weight_decay=0.1, mask=is_matrix),
+    "asgd_step_averaging": lambda: ft.asgd_step(0.1, lambd=1e-2, t0=1),
+    "adafactor_step_masked_schedule": lambda: ft.adafactor_step(halving, weight_decay=0.1, mask=is_matrix),
+    "masked_scale_by_muon": lambda: ft.masked(ft.scale_by_muon(ns_steps=3), is_matrix),
+    "nadam": lambda: ft.nadam(lr=1e-2, weight_decay=1e-2, maximize=True),
+    "adamax": lambda: ft.adamax(lr=1e-2, weight_decay=1e-2, maximize=True),
+    "adadelta": lambda: ft.adadelta(lr=0.5, weight_decay=1e-2, maximize=True),
+    "asgd": lambda: ft.asgd(lr=0.1, lambd=1e-2, t0=2, weight_decay=1e-2),
+    "rprop": lambda: ft.rprop(lr=0.05, maximize=True),
+    "adafactor": lambda: ft.adafactor(lr=0.1, weight_decay=1e-2),
+    "muon_with_adamw": lambda: ft.muon(lr=0.02, others=ft.adamw(lr=1e-2, fused=False)),
+    "muon_with_fused_adamw_schedule": lambda: ft.muon(lr=halving, adjust_lr_fn="match_rms_adamw", others=ft.adamw(lr=halving)),
+    "partition_before_learning_rate": lambda: ft.chain(
+        ft.partition(is_matrix_label, m=ft.scale_by_adam(), v=ft.scale_by_rms()), ft.scale_by_learning_rate(0.1)
+    ),
+    "skip_nonfinite_muon": lambda: ft.skip_nonfinite(ft.muon(lr=0.02, others=ft.sgd(lr=0.1, momentum=0.9))),
     # wrappers around presets (masked wraps what comes before the learning rate)
     "masked_scale_by_adam": lambda: ft.masked(ft.scale_by_adam(), is_matrix),
     "masked_in_chain": lambda: ft.chain(ft.masked(ft.add_decayed_weights(0.1), is_matrix), ft.sgd(lr=0.1, momentum=0.9)),
@@ -257,12 +282,14 @@ def test_state_leaves_are_tensors_with_0d_scalars(name: str, tree_name: str, dty
     tx = TRANSFORMS[name]()
     params, grads = make_case(tree_name, DTYPES[dtype_name])
     param_shapes = {t.shape for t in tree_leaves(params)}
+    factors = {torch.Size((*s[:-1], 1)) for s in param_shapes if len(s) > 1} | {torch.Size((*s[:-2], 1, s[-1])) for s in param_shapes if len(s) > 1}
     _, states = run(tx, params, grads[:2])
     for state in states:
         for leaf in tree_leaves(state):
             assert isinstance(leaf, torch.Tensor), f"{name}: state leaf {leaf!r} is not a tensor"
-            # a leaf is either per-parameter or a 0-d scalar (counters, scales, norms, flags)
-            assert leaf.ndim == 0 or leaf.shape in param_shapes, f"{name}: state leaf of shape {leaf.shape}"
+            # a leaf is either per-parameter or a 0-d scalar (counters, scales, norms, flags), or
+            # the row or column factor of a matrix parameter (adafactor)
+            assert leaf.ndim == 0 or leaf.shape in param_shapes or leaf.shape in factors, f"{name}: state leaf of shape {leaf.shape}"
 
 
 @ALL

@@ -4,6 +4,8 @@ Modules, bottom up: `transform` (the contract: ``Transform(init, update)``, `cha
 `apply_updates`), `primitives` (scaling rules, momentum, decay, learning rate, clipping),
 `wrappers` (masked, skip non-finite, accumulate, loss scaling), `averaging` (EMA), `fused`
 (torch's fused Adam kernels), `presets` (sgd, adam, adamw, ...: short chains of primitives),
+`update_rules` and `more_presets` (the rest of torch.optim: nadam, adamax, adadelta, asgd, rprop,
+adafactor, muon),
 `schedules` (``step -> value``), `plateau` (early stopping and reduce-on-plateau), `porting` (the
 errors that meet a live torch.optim object, with the functrain call to write instead).
 """
@@ -12,6 +14,7 @@ from functrain.optim import schedules
 from functrain.optim.averaging import EmaState, ema
 from functrain.optim.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
 from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
+from functrain.optim.more_presets import adadelta, adafactor, adamax, asgd, muon, nadam, rprop
 from functrain.optim.primitives import (
     add_decayed_weights,
     clip_by_global_norm,
@@ -26,7 +29,18 @@ from functrain.optim.primitives import (
     trace,
 )
 from functrain.optim.transform import EmptyState, ParamStep, Ratio, Transform, apply_updates, as_tensors, chain, identity, transform_metrics
-from functrain.optim.wrappers import accumulate, all_finite, check_skip_limits, dynamic_loss_scale, find_loss_scale, masked, skip_nonfinite
+from functrain.optim.wrappers import accumulate, all_finite, check_skip_limits, dynamic_loss_scale, find_loss_scale, masked, partition, skip_nonfinite
+from functrain.optim.update_rules import (
+    adafactor_step,
+    asgd_step,
+    nadam_step,
+    negate,
+    scale_by_adadelta,
+    scale_by_adamax,
+    scale_by_adjusted_learning_rate,
+    scale_by_muon,
+    scale_by_rprop,
+)
 
 __all__ = [
     "EarlyStopping",
@@ -69,4 +83,21 @@ __all__ = [
     "skip_nonfinite",
     "trace",
     "transform_metrics",
+    "adadelta",
+    "adafactor",
+    "adamax",
+    "asgd",
+    "muon",
+    "nadam",
+    "rprop",
+    "partition",
+    "adafactor_step",
+    "asgd_step",
+    "nadam_step",
+    "negate",
+    "scale_by_adadelta",
+    "scale_by_adamax",
+    "scale_by_adjusted_learning_rate",
+    "scale_by_muon",
+    "scale_by_rprop",
 ]

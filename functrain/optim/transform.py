@@ -405,8 +405,10 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     if plain:
         src = [p[i] for i in plain]
         if direction is None:
-            out = [x.clone() for x in src]
-            _add_step_(out, plain, step, None)
+            # the same kernel as the in-place addcdiv_, out of place: no pass to copy the parameters first
+            num, den, step_size = step.quotient  # type: ignore[misc]
+            scalars = step_size.to(torch.float64).repeat(len(plain))
+            out = list(torch._foreach_addcdiv(src, [num[i] for i in plain], [den[i] for i in plain], scalars))
         else:
             dirs = [direction[i] for i in plain]
             if _fma_alpha(step, p):
