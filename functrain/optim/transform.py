@@ -404,7 +404,10 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
             new[i] = t
     if plain:
         src = [p[i] for i in plain]
-        if direction is None:
+        if direction is None and _fused_product(step):
+            a, b = step.product  # type: ignore[misc]
+            out = list(torch._foreach_addcmul(src, [a[i] for i in plain], [b[i] for i in plain]))
+        elif direction is None:
             # the same kernel as the in-place addcdiv_, out of place: no pass to copy the parameters first
             num, den, step_size = step.quotient  # type: ignore[misc]
             scalars = step_size.to(torch.float64).repeat(len(plain))
