@@ -9,6 +9,7 @@ same whether or not it is taken.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -18,6 +19,7 @@ from functrain.optim.transform import (
     NewParams,
     ParamStep,
     Transform,
+    apply_updates,
     as_tensors,
     counter,
     flat_updates,
@@ -28,10 +30,11 @@ from functrain.optim.transform import (
     writing_in_place,
 )
 from functrain.optim.primitives import Mask, resolve_mask
-from functrain.tree import Tree, global_norm, tree_leaves, tree_select, tree_unflatten
+from functrain.tree import Tree, global_norm, tree_leaves, tree_paths, tree_select, tree_unflatten
 
 __all__ = [
     "masked",
+    "partition",
     "skip_nonfinite",
     "accumulate",
     "dynamic_loss_scale",
@@ -39,6 +42,7 @@ __all__ = [
     "check_skip_limits",
     "find_loss_scale",
     "MaskedState",
+    "PartitionState",
     "SkipNonfiniteState",
     "AccumulateState",
     "DynamicLossScaleState",
@@ -142,6 +146,93 @@ def masked(inner: Transform, mask: Mask) -> Transform:
         done = iter(as_tensors(sub_updates, sub_params))
         out = [next(done) if f else x for x, f in zip(u, flags, strict=True)]
         return tree_unflatten(out, spec), MaskedState(inner_state)
+
+    return Transform(init_fn, update_fn)
+
+
+class PartitionState(NamedTuple):
+    inner: tuple[Tree, ...]  # one state per group, in the order the transforms were given
+
+
+Labels = Callable[[str, torch.Tensor], str] | Tree
+
+
+def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str]:
+    """The group of every leaf: `labels` called on each ``(path, param)``, or read from a tree of labels."""
+    leaves = tree_leaves(params)
+    if callable(labels):
+        found = [labels(name, p) for name, p in zip(tree_paths(params), leaves, strict=True)]
+    else:
+        found = tree_leaves(labels)
+        if len(found) != len(leaves):
+            config_check([f"labels must name one group per parameter ({len(leaves)}), got {len(found)}"], "partition")
+    unknown = sorted({f"{name}: {label!r}" for name, label in zip(tree_paths(params), found, strict=True) if label not in known})
+    if unknown:
+        config_check([f"every label must be one of {list(known)}, got {', '.join(unknown)}; add a transform for it"], "partition")
+    return found
+
+
+@named
+def partition(labels: Labels, /, **transforms: Transform) -> Transform:
+    """Give each group of parameters its own transform (optax's ``partition``), e.g. Muon for matrices, AdamW for the rest.
+
+    Each transform sees only its group, as a dict from the parameters' paths (so masks by name
+    still work) to the leaves, and keeps its own state. Whole optimizers can be grouped: when any
+    group's updates are final (a learning rate was applied), the groups' new parameters are
+    computed apart, with each optimizer's own final ops, and emitted as `NewParams`.
+
+    Args:
+        labels: a function ``(path, param) -> group name``, or a tree of group names shaped like
+            the parameters.
+        **transforms: one transform per group name.
+
+    Returns:
+        A `Transform` whose state nests one state per group.
+
+    Raises:
+        ConfigError: a label names no transform, or an argument is not a transform.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = partition(lambda name, p: "fast" if name == "w" else "slow", fast=ft.sgd(lr=1.0), slow=ft.sgd(lr=0.1))
+        >>> p = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1), "b": torch.ones(1)}, tx.init(p), p)
+        >>> new = ft.apply_updates(p, u)
+        >>> new["w"], new["b"]
+        (tensor([0.]), tensor([0.9000]))
+    """
+    for name, inner in transforms.items():
+        _require_transform(inner, f"partition (group {name!r})")
+    known = tuple(transforms)
+
+    def split(leaves: list[torch.Tensor], names: list[str], found: list[str], label: str) -> dict[str, torch.Tensor]:
+        return {n: x for n, x, lab in zip(names, leaves, found, strict=True) if lab == label}
+
+    def init_fn(params: Tree) -> PartitionState:
+        found, names, leaves = _labels_of(labels, params, known), tree_paths(params), tree_leaves(params)
+        return PartitionState(tuple(inner.init(split(leaves, names, found, label)) for label, inner in transforms.items()))
+
+    def update_fn(updates: Any, state: PartitionState, params: Tree | None = None) -> tuple[Any, PartitionState]:
+        u, spec = flat_updates(updates, params)
+        shape = params if params is not None else tree_unflatten(u, spec)
+        found, names = _labels_of(labels, shape, known), tree_paths(shape)
+        p = tree_leaves(params) if params is not None else None
+        results, states = [], []
+        with writing_in_place(False):  # each group's results are gathered into fresh trees below
+            for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
+                sub_params = split(p, names, found, label) if p is not None else None
+                out, inner_state = inner.update(split(u, names, found, label), inner_state, sub_params)
+                results.append((label, out, sub_params))
+                states.append(inner_state)
+            final = any(isinstance(out, (ParamStep, NewParams)) for _, out, _ in results)
+            if final and p is None:
+                config_check(["partition of whole optimizers computes the new parameters: call update(updates, state, params)"], "update")
+            merged: dict[str, torch.Tensor] = {}
+            for label, out, sub_params in results:
+                values = tree_leaves(apply_updates(sub_params, out)) if final else as_tensors(out, sub_params)
+                merged.update(zip([n for n, lab in zip(names, found, strict=True) if lab == label], values, strict=True))
+        leaves = [merged[n] for n in names]
+        return (NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)), PartitionState(tuple(states))
 
     return Transform(init_fn, update_fn)
 

@@ -1,0 +1,376 @@
+"""Moving a run between `torch.optim` and functrain, bit for bit.
+
+`from_torch_optimizer` reads a live `torch.optim` optimizer (its parameter groups and per-parameter
+state) and gives the matching functrain transform, one per group (joined by `partition`), with the
+state torch reached; `ConvertedOptimizer.create_state` builds the `TrainState` that continues the
+run. `to_torch_state_dict` goes the other way: a functrain state as the ``state_dict`` that the
+matching torch optimizer loads and continues from.
+
+Which torch implementation a functrain transform continues bit for bit (float32, CPU, measured):
+
+* `torch.optim.Adam` / `AdamW` with ``fused=True``: functrain's ``adam/adamw(fused=True)``.
+* with ``foreach=True``, or torch's CPU default (the single-tensor loop, which gives the same bits
+  as foreach for Adam, AdamW and SGD): ``adam/adamw(fused=False)``, `sgd`.
+
+`from_torch_optimizer` picks that configuration from the group's ``fused`` flag. Supported:
+`torch.optim.SGD`, `Adam`, `AdamW`; other optimizers raise a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import attrs
+import torch
+from torch import nn
+
+from functrain.core.state import TrainState
+from functrain.errors import ConfigError, config_check
+from functrain.optim.fused import FusedAdamState
+from functrain.optim.presets import adam, adamw, sgd
+from functrain.optim.primitives import ScaleByAdamState, ScaleByLearningRateState, TraceState
+from functrain.optim.schedules import Schedule
+from functrain.optim.transform import Transform, walk_states
+from functrain.optim.wrappers import PartitionState, partition
+
+__all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
+
+LearningRates = float | Schedule | Sequence[float | Schedule] | None
+_KINDS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+class _Group(NamedTuple):
+    """One torch parameter group as functrain sees it."""
+
+    names: tuple[str, ...]  # its parameters, in the order torch lists them
+    state: tuple[dict[str, Any], ...]  # torch's per-parameter state, the same order
+    count: int  # the updates its parameters have taken
+    lr: float  # the group's current lr
+
+
+@attrs.frozen
+class ConvertedOptimizer:
+    """A torch optimizer's run as functrain takes it over (made by `from_torch_optimizer`).
+
+    Attributes:
+        optimizer: the functrain transform matching the torch optimizer, one preset per parameter
+            group (joined by `partition`, labels ``"group0"``, ``"group1"``, ...).
+        step: the updates torch took (its state's ``step``; for `SGD`, which keeps none, the
+            ``step`` given to `from_torch_optimizer`).
+        names: the parameters the torch optimizer updates, by their names in the module.
+    """
+
+    optimizer: Transform
+    step: int
+    names: tuple[str, ...]
+    groups: tuple[_Group, ...] = attrs.field(repr=False)
+
+    def create_state(self, module: nn.Module, loss_fn: Callable[..., Any], **options: Any) -> TrainState:
+        """`TrainState.create` for `module` with this optimizer, then `load_into`.
+
+        Parameters the torch optimizer does not hold are frozen (``trainable=``), and the state's
+        ``step`` counter starts at `step`. `options` are `TrainState.create`'s other arguments.
+
+        Raises:
+            ConfigError: as `TrainState.create`, or `module` is not the torch optimizer's.
+        """
+        held = frozenset(self.names)
+        if "trainable" in options:
+            config_check(["trainable is set by the torch optimizer's parameters; leave it out"], "create_state")
+        state = TrainState.create(module, self.optimizer, loss_fn, trainable=lambda name, p: name in held, **options)
+        return self.load_into(state)
+
+    def load_into(self, state: TrainState) -> TrainState:
+        """`state` with torch's optimizer state (moments, momentum buffers, counts) in place of its own.
+
+        Args:
+            state: a state created with `optimizer` (and any `TrainState.create` options).
+
+        Raises:
+            ConfigError: `state` was not created with this `optimizer`, or a parameter differs in
+                shape from torch's state.
+        """
+        if state.optimizer is not self.optimizer:
+            config_check(["the state was not created with this converted optimizer: use create_state(module, loss_fn)"], "load_into")
+        missing = sorted(set(self.names) - set(state.params))
+        if missing:
+            config_check([f"the state trains none of {', '.join(missing)}, which the torch optimizer holds"], "load_into")
+        opt_state = _map_groups(state.opt_state, len(self.groups), lambda k, node: _filled(node, self.groups[k], state.params))
+        step = torch.full_like(state.step, self.step)
+        return state.replace(opt_state=opt_state, step=step)
+
+
+def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *, lr: LearningRates = None, step: int | None = None) -> ConvertedOptimizer:
+    """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
+
+    Each parameter group becomes the matching preset with the group's hyperparameters (``lr``,
+    ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``momentum``, ``dampening``, ``nesterov``),
+    ``fused`` as the group has it (see the module docstring for which torch implementation each
+    functrain configuration reproduces); several groups are joined by `partition`. The state (moments,
+    momentum buffers, step counts) is read when the `TrainState` is built
+    (`ConvertedOptimizer.create_state`), so build it right after converting.
+
+    The step counter of the transform starts at torch's count, so a schedule given as `lr`
+    continues where torch's scheduler is, when the scheduler steps once per optimizer step: pass
+    ``lr=functrain.schedules.from_torch(<the scheduler's class>, lr=<initial lr>, ...)``.
+
+    Args:
+        optimizer: a live `torch.optim.SGD`, `Adam` or `AdamW`.
+        module: the module whose parameters it updates (their names key the functrain state).
+        lr: None: each group's current ``lr``, held constant; a float or schedule for every group;
+            or one per group.
+        step: the updates taken, for `SGD`, whose state keeps no count (None: 0 without momentum
+            buffers, else 1, enough for a constant lr); checked against the count of the others.
+
+    Returns:
+        A `ConvertedOptimizer`.
+
+    Raises:
+        ConfigError: the optimizer is of another class, a setting has no functrain equivalent
+            (``maximize``, ``fused`` SGD where functrain has no fused SGD), a parameter is not the
+            module's, or parameters of one group took different numbers of steps.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        >>> model(torch.ones(2, 3)).sum().backward(); opt.step()
+        >>> run = ft.from_torch_optimizer(opt, model)
+        >>> state = run.create_state(model, lambda m, b: m(b).sum())
+        >>> run.step, run.names, int(state.step)
+        (1, ('weight', 'bias'), 1)
+        >>> run.optimizer.name
+        'adamw(lr=0.01, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None)'
+    """
+    where = "from_torch_optimizer"
+    if not isinstance(optimizer, _KINDS) or not isinstance(module, nn.Module):
+        names = ", ".join(f"torch.optim.{k.__name__}" for k in _KINDS)
+        config_check([f"optimizer must be a live {names} and module an nn.Module, got {type(optimizer).__name__}, {type(module).__name__}"], where)
+    rates = _rates(lr, len(optimizer.param_groups), where)
+    groups = [_read_group(optimizer, k, module, where) for k in range(len(optimizer.param_groups))]
+    counts = _counts(optimizer, groups, step, where)
+    groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
+    transforms = [_transform(optimizer, group, g, rate, f"{where}, param_groups[{k}]") for k, (group, g, rate) in enumerate(zip(optimizer.param_groups, groups, rates, strict=True))]
+    if len(transforms) == 1:
+        tx = transforms[0]
+    else:
+        label = {name: f"group{k}" for k, g in enumerate(groups) for name in g.names}
+        tx = partition(lambda name, p: label.get(name, "unheld"), **{f"group{k}": t for k, t in enumerate(transforms)})
+    return ConvertedOptimizer(tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups))
+
+
+def _rates(lr: LearningRates, n: int, where: str) -> list[float | Schedule | None]:
+    if lr is None or callable(lr) or isinstance(lr, int | float):
+        return [lr] * n
+    if isinstance(lr, Sequence) and len(lr) == n:
+        return list(lr)
+    config_check([f"lr must be None, a float, a schedule or one per parameter group ({n}), got lr={lr!r}"], where)
+    raise AssertionError  # unreachable: config_check raised
+
+
+def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, where: str) -> _Group:
+    by_id = {id(p): name for name, p in module.named_parameters()}
+    group = optimizer.param_groups[k]
+    unknown = [i for i, p in enumerate(group["params"]) if id(p) not in by_id]
+    if unknown:
+        config_check([f"param_groups[{k}]['params'][{unknown[0]}] is not a parameter of the module given"], where)
+    names = tuple(by_id[id(p)] for p in group["params"])
+    state = tuple(dict(optimizer.state.get(p, {})) for p in group["params"])
+    return _Group(names, state, 0, float(group["lr"]))
+
+
+def _counts(optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str) -> list[int]:
+    """Each group's count of updates: Adam's ``step`` (one value per group), SGD's from `step`."""
+    counts = []
+    for k, g in enumerate(groups):
+        if isinstance(optimizer, torch.optim.Adam):
+            seen = {int(s["step"]) if "step" in s else None for s in g.state}
+            if len(seen) > 1:
+                shown = sorted(str(s) for s in seen)
+                config_check([f"param_groups[{k}]: its parameters took different numbers of steps ({', '.join(shown)}: some had no gradient); functrain updates a group together"], where)
+            count = seen.pop() or 0
+            if step is not None and step != count:
+                config_check([f"step={step!r} disagrees with param_groups[{k}]'s state, which took {count} steps"], where)
+        else:
+            buffers = [s.get("momentum_buffer") is not None for s in g.state]
+            if any(buffers) and not all(buffers):
+                config_check([f"param_groups[{k}]: some parameters have a momentum buffer and others not (some had no gradient); functrain updates a group together"], where)
+            count = step if step is not None else int(any(buffers))
+        counts.append(count)
+    return counts
+
+
+def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str) -> Transform:
+    """The preset that matches one parameter group."""
+    rate = g.lr if rate is None else rate
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is Adam with decoupled_weight_decay
+        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+        preset: Callable[..., Transform] = adamw if decoupled else adam
+        b1, b2 = group["betas"]
+        kwargs = dict(lr=rate, b1=float(b1), b2=float(b2), eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"])
+    else:
+        preset = sgd
+        kwargs = dict(lr=rate, momentum=group["momentum"], nesterov=group["nesterov"], dampening=group["dampening"], weight_decay=group["weight_decay"])
+    accepted = inspect.signature(preset).parameters
+    problems = []
+    for flag in ("fused", "maximize"):
+        value = bool(group.get(flag))
+        if flag in accepted:
+            kwargs[flag] = value
+        elif value:
+            fix = "build the torch optimizer without it (foreach=True or the default)" if flag == "fused" else "minimize the negated loss instead"
+            problems.append(f"functrain's {preset.__name__} has no {flag}=True; {fix}")
+    config_check(problems, where)
+    return preset(**kwargs)
+
+
+def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
+    """`opt_state` with ``fn(k, node)`` applied to every node of group ``k``'s state (one group without a partition)."""
+
+    def walk(node: Any, k: int | None) -> Any:
+        if isinstance(node, PartitionState) and k is None:
+            if len(node.inner) != n:
+                raise ConfigError(f"the state's optimizer has {len(node.inner)} parameter groups, the torch optimizer {n}")
+            return PartitionState(tuple(walk(inner, i) for i, inner in enumerate(node.inner)))
+        if isinstance(node, torch.Tensor):
+            return node
+        node = fn(k or 0, node) if (k is not None or n == 1) else node
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(walk(child, k) for child in node))
+        if isinstance(node, tuple | list):
+            return type(node)(walk(child, k) for child in node)
+        if isinstance(node, dict):
+            return {key: walk(child, k) for key, child in node.items()}
+        return node
+
+    out = walk(opt_state, None)
+    if n > 1 and not any(isinstance(node, PartitionState) for node in _nodes(opt_state)):
+        raise ConfigError(f"the torch optimizer has {n} parameter groups, the state's optimizer one: convert that optimizer with from_torch_optimizer")
+    return out
+
+
+def _nodes(tree: Any) -> list[Any]:
+    return list(walk_states(tree))
+
+
+def _order(group: _Group, params: dict[str, torch.Tensor]) -> list[str]:
+    """The group's parameters in the order functrain's state holds them (the state's own)."""
+    held = set(group.names)
+    return [name for name in params if name in held]
+
+
+def _torch_tensors(group: _Group, names: Sequence[str], key: str, like: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    by_name = dict(zip(group.names, group.state, strict=True))
+    out = []
+    for name, target in zip(names, like, strict=True):
+        value = by_name[name][key]
+        if value.shape != target.shape:
+            raise ConfigError(f"torch's {key} of {name} has shape {tuple(value.shape)}, the state's parameter {tuple(target.shape)}")
+        out.append(value.detach().to(dtype=target.dtype, device=target.device, copy=True))
+    return tuple(out)
+
+
+def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
+    """A node of a group's state with torch's values in it (nodes of other kinds as they are)."""
+    if group.count == 0 or not isinstance(node, (FusedAdamState, ScaleByAdamState, TraceState, ScaleByLearningRateState)):
+        return node
+    names = _order(group, params)
+    count = torch.full_like(node.count, group.count)
+    if isinstance(node, ScaleByLearningRateState):
+        return node._replace(count=count)
+    if isinstance(node, TraceState):
+        return node._replace(count=count, trace=_torch_tensors(group, names, "momentum_buffer", node.trace))
+    moments = {
+        "mu": _torch_tensors(group, names, "exp_avg", node.mu),
+        "nu": _torch_tensors(group, names, "exp_avg_sq", node.nu),
+        "nu_max": _torch_tensors(group, names, "max_exp_avg_sq", node.nu_max) if node.nu_max else (),
+    }
+    return node._replace(count=count, **moments)
+
+
+def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+    """A functrain state's optimizer state as the ``state_dict`` of `optimizer`, to load and continue in torch.
+
+    `optimizer` is the torch optimizer that matches the state's transform: the same class and
+    hyperparameters, one parameter group per `partition` group (one group for a plain preset), built
+    over `module`'s parameters (e.g. ``state.export_module()``). Its own state is not read or
+    changed: ``optimizer.load_state_dict(to_torch_state_dict(state, optimizer, module))`` then
+    continues the run, bit for bit when `optimizer`'s implementation is the one the transform
+    reproduces (``fused=True`` for functrain's fused Adam, the default or ``foreach=True`` otherwise;
+    see the module docstring). The group settings (lr, ...) are `optimizer`'s.
+
+    Args:
+        state: a `TrainState` whose optimizer is `sgd`, `adam` or `adamw` (or a `partition` of them).
+        optimizer: a `torch.optim.SGD`, `Adam` or `AdamW` over `module`'s parameters.
+        module: the module holding `optimizer`'s parameters, named as in ``state.params``.
+
+    Returns:
+        ``{"state": {index: {...}}, "param_groups": [...]}`` as `optimizer.state_dict` lays it out
+        (tensors are copies).
+
+    Raises:
+        ConfigError: the optimizer's class or groups do not match the state's transform, or a
+            parameter is not in the state.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.adamw(1e-2), lambda m, b: m(b).sum())
+        >>> state, _ = ft.train_step(state, torch.ones(2, 3))
+        >>> model = state.export_module().train()
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        >>> opt.load_state_dict(ft.to_torch_state_dict(state, opt, model))
+        >>> opt.state[model.weight]["step"]
+        tensor(1.)
+    """
+    where = "to_torch_state_dict"
+    if not isinstance(optimizer, _KINDS) or not isinstance(module, nn.Module):
+        names = ", ".join(f"torch.optim.{k.__name__}" for k in _KINDS)
+        config_check([f"optimizer must be a live {names} and module an nn.Module, got {type(optimizer).__name__}, {type(module).__name__}"], where)
+    n = len(optimizer.param_groups)
+    found: list[dict[type, Any]] = [{} for _ in range(n)]
+
+    def record(k: int, node: Any) -> Any:
+        if isinstance(node, (FusedAdamState, ScaleByAdamState, TraceState, ScaleByLearningRateState)):
+            found[k].setdefault(type(node), node)
+        return node
+
+    _map_groups(state.opt_state, n, record)
+    layout = optimizer.state_dict()
+    out: dict[int, dict[str, Any]] = {}
+    for k in range(n):
+        group = _read_group(optimizer, k, module, where)
+        missing = [name for name in group.names if name not in state.params]
+        if missing:
+            config_check([f"param_groups[{k}] holds {', '.join(missing)}, which the state does not train"], where)
+        held = set(group.names)
+        order = [name for name in state.params if name in held]
+        values = _group_values(optimizer, optimizer.param_groups[k], found[k], f"{where}, param_groups[{k}]")
+        indices = dict(zip(group.names, layout["param_groups"][k]["params"], strict=True))
+        for i, name in enumerate(order):
+            entry = {key: (v[i].detach().clone() if isinstance(v, tuple) else v.clone()) for key, v in values.items()}
+            if entry:
+                out[indices[name]] = entry
+    return {"state": out, "param_groups": layout["param_groups"]}
+
+
+def _group_values(optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str) -> dict[str, Any]:
+    """torch's per-parameter state of one group (a tuple over its parameters, or one tensor for all)."""
+    moments = nodes.get(FusedAdamState) or nodes.get(ScaleByAdamState)
+    trace = nodes.get(TraceState)
+    rate = nodes.get(ScaleByLearningRateState)
+    if isinstance(optimizer, torch.optim.Adam):
+        if moments is None:
+            config_check([f"torch's {type(optimizer).__name__} needs Adam moments; the state's optimizer has none (it is not adam or adamw)"], where)
+        if bool(group["amsgrad"]) != bool(moments.nu_max):
+            config_check([f"amsgrad={group['amsgrad']!r} in torch, but the state's optimizer has amsgrad={bool(moments.nu_max)!r}"], where)
+        if int(moments.count) == 0:
+            return {}
+        values = {"step": moments.count.to(device="cpu", dtype=torch.float32), "exp_avg": moments.mu, "exp_avg_sq": moments.nu}
+        return values | ({"max_exp_avg_sq": moments.nu_max} if moments.nu_max else {})
+    if moments is not None or (group["momentum"] != 0) != (trace is not None):
+        config_check([f"torch's SGD with momentum={group['momentum']!r} does not match the state's optimizer (momentum {'on' if trace is not None else 'off'}, Adam moments {'present' if moments is not None else 'absent'})"], where)
+    if trace is None or int(trace.count) == 0:
+        return {}
+    return {"momentum_buffer": trace.trace}
