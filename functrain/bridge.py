@@ -13,7 +13,9 @@ Which torch implementation a functrain transform continues bit for bit (float32,
   as foreach for Adam, AdamW and SGD): ``adam/adamw(fused=False)``, `sgd`.
 
 `from_torch_optimizer` picks that configuration from the group's ``fused`` flag. Supported:
-`torch.optim.SGD`, `Adam`, `AdamW`; other optimizers raise a `ConfigError`.
+`torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad` (their single-tensor and foreach
+implementations agree bit for bit, and functrain's presets reproduce them); other optimizers (for
+`RAdam` the single-tensor loop and foreach differ in the last bits) raise a `ConfigError`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from torch import nn
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError, config_check
 from functrain.optim.fused import FusedAdamState
-from functrain.optim.presets import adam, adamw, sgd
-from functrain.optim.primitives import ScaleByAdamState, ScaleByLearningRateState, TraceState
+from functrain.optim.presets import adagrad, adam, adamw, rmsprop, sgd
+from functrain.optim.primitives import ScaleByAdagradState, ScaleByAdamState, ScaleByLearningRateState, ScaleByRmsState, TraceState
 from functrain.optim.schedules import Schedule
 from functrain.optim.transform import Transform, walk_states
 from functrain.optim.wrappers import PartitionState, partition
@@ -38,7 +40,23 @@ from functrain.optim.wrappers import PartitionState, partition
 __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
 
 LearningRates = float | Schedule | Sequence[float | Schedule] | None
-_KINDS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_KINDS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad)
+# where torch keeps what each functrain state holds: {state class: {field: torch's per-parameter key}}
+_KEYS: dict[type, dict[str, str]] = {
+    FusedAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    ScaleByRmsState: {"nu": "square_avg", "mu": "grad_avg"},
+    ScaleByAdagradState: {"sum_of_squares": "sum"},
+    TraceState: {"trace": "momentum_buffer"},
+    ScaleByLearningRateState: {},
+}
+# the state each torch class needs in the functrain transform (one of them)
+_NEEDS: dict[type, tuple[type, ...]] = {
+    torch.optim.Adam: (FusedAdamState, ScaleByAdamState),
+    torch.optim.RMSprop: (ScaleByRmsState,),
+    torch.optim.Adagrad: (ScaleByAdagradState,),
+    torch.optim.SGD: (),
+}
 
 
 class _Group(NamedTuple):
@@ -106,7 +124,8 @@ def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *,
     """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
 
     Each parameter group becomes the matching preset with the group's hyperparameters (``lr``,
-    ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``momentum``, ``dampening``, ``nesterov``),
+    ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``momentum``, ``dampening``, ``nesterov``,
+    ``alpha``, ``centered``, ``lr_decay``, ``initial_accumulator_value``),
     ``fused`` as the group has it (see the module docstring for which torch implementation each
     functrain configuration reproduces); several groups are joined by `partition`. The state (moments,
     momentum buffers, step counts) is read when the `TrainState` is built
@@ -117,7 +136,7 @@ def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *,
     ``lr=functrain.schedules.from_torch(<the scheduler's class>, lr=<initial lr>, ...)``.
 
     Args:
-        optimizer: a live `torch.optim.SGD`, `Adam` or `AdamW`.
+        optimizer: a live `torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop` or `Adagrad`.
         module: the module whose parameters it updates (their names key the functrain state).
         lr: None: each group's current ``lr``, held constant; a float or schedule for every group;
             or one per group.
@@ -185,7 +204,7 @@ def _counts(optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: in
     """Each group's count of updates: Adam's ``step`` (one value per group), SGD's from `step`."""
     counts = []
     for k, g in enumerate(groups):
-        if isinstance(optimizer, torch.optim.Adam):
+        if not isinstance(optimizer, torch.optim.SGD):  # the others count steps per parameter
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
             if len(seen) > 1:
                 shown = sorted(str(s) for s in seen)
@@ -204,15 +223,8 @@ def _counts(optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: in
 
 def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str) -> Transform:
     """The preset that matches one parameter group."""
-    rate = g.lr if rate is None else rate
-    if isinstance(optimizer, torch.optim.Adam):  # AdamW is Adam with decoupled_weight_decay
-        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-        preset: Callable[..., Transform] = adamw if decoupled else adam
-        b1, b2 = group["betas"]
-        kwargs = dict(lr=rate, b1=float(b1), b2=float(b2), eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"])
-    else:
-        preset = sgd
-        kwargs = dict(lr=rate, momentum=group["momentum"], nesterov=group["nesterov"], dampening=group["dampening"], weight_decay=group["weight_decay"])
+    preset, kwargs = _preset(optimizer, group)
+    kwargs["lr"] = g.lr if rate is None else rate
     accepted = inspect.signature(preset).parameters
     problems = []
     for flag in ("fused", "maximize"):
@@ -224,6 +236,20 @@ def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Grou
             problems.append(f"functrain's {preset.__name__} has no {flag}=True; {fix}")
     config_check(problems, where)
     return preset(**kwargs)
+
+
+def _preset(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[Callable[..., Transform], dict[str, Any]]:
+    """The functrain preset for the optimizer's class, and the group's settings under its names."""
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is Adam with decoupled_weight_decay
+        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+        b1, b2 = group["betas"]
+        settings = dict(b1=float(b1), b2=float(b2), eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"])
+        return (adamw if decoupled else adam), settings
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return rmsprop, dict(alpha=group["alpha"], eps=group["eps"], momentum=group["momentum"], centered=group["centered"], weight_decay=group["weight_decay"])
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return adagrad, dict(eps=group["eps"], lr_decay=group["lr_decay"], initial_accumulator_value=group["initial_accumulator_value"], weight_decay=group["weight_decay"])
+    return sgd, dict(momentum=group["momentum"], nesterov=group["nesterov"], dampening=group["dampening"], weight_decay=group["weight_decay"])
 
 
 def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
@@ -274,20 +300,13 @@ def _torch_tensors(group: _Group, names: Sequence[str], key: str, like: Sequence
 
 def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     """A node of a group's state with torch's values in it (nodes of other kinds as they are)."""
-    if group.count == 0 or not isinstance(node, (FusedAdamState, ScaleByAdamState, TraceState, ScaleByLearningRateState)):
+    if group.count == 0 or type(node) not in _KEYS:
         return node
     names = _order(group, params)
-    count = torch.full_like(node.count, group.count)
-    if isinstance(node, ScaleByLearningRateState):
-        return node._replace(count=count)
-    if isinstance(node, TraceState):
-        return node._replace(count=count, trace=_torch_tensors(group, names, "momentum_buffer", node.trace))
-    moments = {
-        "mu": _torch_tensors(group, names, "exp_avg", node.mu),
-        "nu": _torch_tensors(group, names, "exp_avg_sq", node.nu),
-        "nu_max": _torch_tensors(group, names, "max_exp_avg_sq", node.nu_max) if node.nu_max else (),
-    }
-    return node._replace(count=count, **moments)
+    values = {field: _torch_tensors(group, names, key, getattr(node, field)) for field, key in _KEYS[type(node)].items() if getattr(node, field)}
+    if "count" in node._fields:
+        values["count"] = torch.full_like(node.count, group.count)
+    return node._replace(**values)
 
 
 def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
@@ -302,8 +321,9 @@ def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, mod
     see the module docstring). The group settings (lr, ...) are `optimizer`'s.
 
     Args:
-        state: a `TrainState` whose optimizer is `sgd`, `adam` or `adamw` (or a `partition` of them).
-        optimizer: a `torch.optim.SGD`, `Adam` or `AdamW` over `module`'s parameters.
+        state: a `TrainState` whose optimizer is `sgd`, `adam`, `adamw`, `rmsprop` or `adagrad` (or a
+            `partition` of them).
+        optimizer: a `torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop` or `Adagrad` over `module`'s parameters.
         module: the module holding `optimizer`'s parameters, named as in ``state.params``.
 
     Returns:
@@ -332,7 +352,7 @@ def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, mod
     found: list[dict[type, Any]] = [{} for _ in range(n)]
 
     def record(k: int, node: Any) -> Any:
-        if isinstance(node, (FusedAdamState, ScaleByAdamState, TraceState, ScaleByLearningRateState)):
+        if type(node) in _KEYS:
             found[k].setdefault(type(node), node)
         return node
 
@@ -357,20 +377,24 @@ def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, mod
 
 def _group_values(optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str) -> dict[str, Any]:
     """torch's per-parameter state of one group (a tuple over its parameters, or one tensor for all)."""
-    moments = nodes.get(FusedAdamState) or nodes.get(ScaleByAdamState)
-    trace = nodes.get(TraceState)
-    rate = nodes.get(ScaleByLearningRateState)
-    if isinstance(optimizer, torch.optim.Adam):
-        if moments is None:
-            config_check([f"torch's {type(optimizer).__name__} needs Adam moments; the state's optimizer has none (it is not adam or adamw)"], where)
-        if bool(group["amsgrad"]) != bool(moments.nu_max):
-            config_check([f"amsgrad={group['amsgrad']!r} in torch, but the state's optimizer has amsgrad={bool(moments.nu_max)!r}"], where)
-        if int(moments.count) == 0:
-            return {}
-        values = {"step": moments.count.to(device="cpu", dtype=torch.float32), "exp_avg": moments.mu, "exp_avg_sq": moments.nu}
-        return values | ({"max_exp_avg_sq": moments.nu_max} if moments.nu_max else {})
-    if moments is not None or (group["momentum"] != 0) != (trace is not None):
-        config_check([f"torch's SGD with momentum={group['momentum']!r} does not match the state's optimizer (momentum {'on' if trace is not None else 'off'}, Adam moments {'present' if moments is not None else 'absent'})"], where)
-    if trace is None or int(trace.count) == 0:
+    kind = next(k for k in _NEEDS if isinstance(optimizer, k))
+    own = [cls for cls in nodes if cls in _NEEDS[kind]]
+    foreign = sorted({cls.__name__ for need in _NEEDS.values() for cls in need if cls in nodes and cls not in _NEEDS[kind]})
+    momentum = group.get("momentum", 0) != 0
+    problems = []
+    if _NEEDS[kind] and not own or foreign:
+        problems.append(f"torch's {type(optimizer).__name__} does not match the state's optimizer (which holds {', '.join(foreign) or 'no ' + _NEEDS[kind][0].__name__})")
+    if "momentum" in group and momentum != (TraceState in nodes):
+        problems.append(f"momentum={group['momentum']!r} in torch, but the state's optimizer has {'a' if TraceState in nodes else 'no'} momentum buffer")
+    for flag, cls, field in (("amsgrad", own[0] if own else None, "nu_max"), ("centered", ScaleByRmsState, "mu")):
+        if flag in group and cls in nodes and bool(group[flag]) != bool(getattr(nodes[cls], field)):
+            problems.append(f"{flag}={group[flag]!r} in torch, but not in the state's optimizer")
+    config_check(problems, where)
+    counted = [node for node in nodes.values() if "count" in node._fields]
+    count = int(counted[0].count) if counted else 0
+    if count == 0 and kind is not torch.optim.Adagrad:  # torch makes the state at the first step (Adagrad at construction)
         return {}
-    return {"momentum_buffer": trace.trace}
+    values: dict[str, Any] = {} if kind is torch.optim.SGD else {"step": counted[0].count.to(device="cpu", dtype=torch.float32)}
+    for node in nodes.values():
+        values.update({key: getattr(node, field) for field, key in _KEYS[type(node)].items() if getattr(node, field)})
+    return values

@@ -6,7 +6,7 @@ compares the weights with 20 steps of plain torch (which are bit-identical to 20
 
 from __future__ import annotations
 
-import copy
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +72,12 @@ OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     ),
     "adam_amsgrad": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, amsgrad=True, weight_decay=1e-3),
     "adam_amsgrad_fused": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, amsgrad=True, fused=True),
+    "rmsprop_two_groups_momentum_centered": lambda m: two_groups(
+        m, torch.optim.RMSprop, {"momentum": 0.9, "weight_decay": 1e-3}, {"centered": True, "alpha": 0.9}, lr=1e-3
+    ),
+    "adagrad_lr_decay_initial_accumulator": lambda m: torch.optim.Adagrad(
+        m.parameters(), lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-3
+    ),
 }
 
 
@@ -95,7 +101,7 @@ def test_a_torch_run_continues_in_functrain_bit_for_bit(name: str) -> None:
     torch_steps(model, optimizer, DATA[:STEPS])
     run = ft.from_torch_optimizer(optimizer, model)
     state = run.create_state(model, loss_fn)
-    assert int(state.step) == run.step == (STEPS if "sgd" not in name else 1)
+    assert int(state.step) == run.step == (1 if name.startswith("sgd") else STEPS)
     state = functrain_steps(state, DATA[STEPS:])
     assert_same_weights(state.params, reference(make))
 
@@ -161,7 +167,7 @@ def test_parameters_outside_the_optimizer_stay_frozen() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda m: torch.optim.RMSprop(m.parameters()), r"optimizer must be a live torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW .*got RMSprop"),
+        (lambda m: torch.optim.RAdam(m.parameters()), r"optimizer must be a live torch.optim.SGD, torch.optim.Adam, .*torch.optim.Adagrad and module an nn.Module, got RAdam"),
         (lambda m: torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), r"param_groups\[0\]\['params'\]\[0\] is not a parameter of the module"),
         (lambda m: torch.optim.Adam(m.parameters(), lr=0.1), r"lr must be None, a float, a schedule or one per parameter group \(1\), got lr=\[0.1, 0.2\]"),
     ],
@@ -171,6 +177,25 @@ def test_unconvertible_optimizers_raise_config_error(make: Callable[[torch.nn.Mo
     lr = [0.1, 0.2] if "lr must" in message else None
     with pytest.raises(ConfigError, match=message):
         ft.from_torch_optimizer(make(model), model, lr=lr)
+
+
+@pytest.mark.parametrize(
+    ("preset", "flag", "make", "message"),
+    [
+        (ft.adagrad, "fused", lambda m: torch.optim.Adagrad(m.parameters(), fused=True), r"functrain's adagrad has no fused=True; build the torch optimizer without it"),
+        (ft.sgd, "maximize", lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5, maximize=True), r"functrain's sgd has no maximize=True; minimize the negated loss"),
+    ],
+)
+def test_a_setting_is_converted_where_the_preset_takes_it_else_refused(preset: Any, flag: str, make: Any, message: str) -> None:
+    model = make_model()
+    optimizer = make(model)
+    torch_steps(model, optimizer, DATA[:STEPS])
+    if flag not in inspect.signature(preset).parameters:
+        with pytest.raises(ConfigError, match=message):
+            ft.from_torch_optimizer(optimizer, model)
+        return
+    state = functrain_steps(ft.from_torch_optimizer(optimizer, model, step=STEPS).create_state(model, loss_fn), DATA[STEPS:])
+    assert_same_weights(state.params, reference(make))
 
 
 def test_a_group_whose_parameters_took_different_steps_is_refused() -> None:
@@ -189,7 +214,7 @@ def test_a_group_whose_parameters_took_different_steps_is_refused() -> None:
 def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
     state = functrain_steps(ft.TrainState.create(make_model(), ft.sgd(0.1, momentum=0.9), loss_fn), DATA[:2])
     model = state.export_module()
-    with pytest.raises(ConfigError, match=r"torch's Adam needs Adam moments"):
+    with pytest.raises(ConfigError, match=r"torch's Adam does not match the state's optimizer \(which holds no FusedAdamState\)"):
         optimizer = torch.optim.Adam(model.parameters())
         ft.to_torch_state_dict(state, optimizer, model)
     with pytest.raises(ConfigError, match=r"the torch optimizer has 2 parameter groups, the state's optimizer one"):
