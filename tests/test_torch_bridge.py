@@ -156,6 +156,21 @@ def test_a_schedule_continues_from_the_torch_schedulers_position() -> None:
     assert_same_weights(state.params, dict(expected.named_parameters()))
 
 
+@pytest.mark.parametrize("options", [{"nonfinite": "none"}, {"clip_grad_norm": 1e9, "ema_decay": 0.9}, {"donate": True}])
+def test_the_state_is_found_under_any_step_options(options: dict[str, Any]) -> None:
+    make = OPTIMIZERS["adamw_two_groups_fused"]
+    model = make_model()
+    optimizer = make(model)
+    torch_steps(model, optimizer, DATA[:STEPS])
+    donate = options.pop("donate", False)
+    moments = optimizer.state[model[0].weight]["exp_avg"].clone()
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn, **options)
+    for batch in DATA[STEPS:]:
+        state, _ = ft.train_step(state, batch, donate=donate)
+    assert_same_weights(state.params, reference(make))
+    assert torch.equal(optimizer.state[model[0].weight]["exp_avg"], moments)  # torch's own state untouched
+
+
 def test_parameters_outside_the_optimizer_stay_frozen() -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
