@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import random
+import re
 import warnings
 
 import pytest
@@ -291,6 +293,62 @@ def worst_relative_error(got: list[float], expected: list[float]) -> float:
     return max(abs(g - e) / abs(e) if e else abs(g) for g, e in zip(got, expected, strict=True))
 
 
+def random_leaf(r: random.Random, in_chain: bool, steps: int) -> tuple[type, dict[str, Any]]:
+    """A scheduler of a random class with random arguments (cosines in chains with eta_min=0 mostly)."""
+    kind = r.randrange(11)
+    gamma = r.uniform(0.98, 1.0)
+    if kind == 0:
+        return L.StepLR, {"step_size": r.randint(1, 50), "gamma": r.uniform(0.5, 1)}
+    if kind == 1:
+        return L.MultiStepLR, {"milestones": sorted(r.randint(0, steps) for _ in range(r.randint(1, 4))), "gamma": r.uniform(0.3, 1)}
+    if kind == 2:
+        return L.ExponentialLR, {"gamma": gamma}
+    if kind == 3:
+        return L.CosineAnnealingLR, {"T_max": r.randint(1, 200), "eta_min": r.choice([0.0, 0.0, 0.0 if in_chain else 0.01])}
+    if kind == 4:
+        return L.LinearLR, {"start_factor": r.uniform(0.05, 1), "end_factor": r.uniform(0, 1), "total_iters": r.randint(1, 100)}
+    if kind == 5:
+        return L.ConstantLR, {"factor": r.uniform(0.1, 1), "total_iters": r.randint(1, 60)}
+    if kind == 6:
+        return L.PolynomialLR, {"total_iters": r.randint(1, 400), "power": r.uniform(0.5, 3)}
+    if kind == 7:
+        return L.LambdaLR, {"lr_lambda": lambda t, c=r.randint(10, 200): 1 / (1 + t / c)}
+    if kind == 8:
+        return L.MultiplicativeLR, {"lr_lambda": lambda t, g=gamma: g, "total_steps": steps}
+    if kind == 9:
+        low = r.uniform(0.001, 0.05)
+        mode = r.choice(["triangular", "triangular2", "exp_range"])
+        return L.CyclicLR, {"base_lr": low, "max_lr": low * r.uniform(1, 10), "step_size_up": r.randint(1, 60), "mode": mode, "gamma": gamma}
+    return L.CosineAnnealingWarmRestarts, {"T_0": r.randint(1, 80), "T_mult": r.choice([1, 2, 3]), "eta_min": r.choice([0.0, 0.005])}
+
+
+def random_scheduler(r: random.Random, steps: int, depth: int = 0, where: str = "top") -> tuple[type, dict[str, Any]]:
+    """A random (nested) composite that torch can run: no composite at a later milestone, no SequentialLR first in one."""
+    draw = r.random()
+    if depth < 2 and draw < 0.4:
+        inner = "chain_stepped" if where in ("chain_stepped", "sequence_first") else "chain"
+        return L.ChainedScheduler, {"schedulers": [random_scheduler(r, steps, depth + 1, inner) for _ in range(r.randint(1, 3))]}
+    if depth < 2 and draw < 0.65 and where in ("top", "chain"):
+        n = r.randint(1, 3)
+        members = [random_scheduler(r, steps, depth + 1, "sequence_first")] + [random_leaf(r, False, steps) for _ in range(n - 1)]
+        return L.SequentialLR, {"schedulers": members, "milestones": sorted(r.sample(range(steps), n - 1))}
+    return random_leaf(r, where.startswith("chain"), steps)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_nested_composites_match_torch_or_are_refused_for_a_stated_reason(seed: int) -> None:
+    steps = 300
+    cls, kwargs = random_scheduler(random.Random(seed), steps)
+    expected = torch_lrs(cls, 0.1, kwargs, steps=steps)
+    try:
+        schedule = S.from_torch(cls, lr=0.1, **kwargs)
+    except ConfigError as error:  # the two documented: a cosine that adds to another's lr, or one with eta_min
+        assert re.search(r"CosineAnnealingLR (\(eta_min=0\)|with eta_min != 0) in a ChainedScheduler", str(error))
+        return
+    assert worst_relative_error(schedule(torch.arange(steps + 1)).tolist(), expected) <= 1e-12
+    assert worst_relative_error([schedule(t) for t in range(0, steps + 1, 50)], expected[::50]) <= 1e-12
+
+
 def halving(t: Any) -> Any:
     return 0.5 ** (t // 100)
 
@@ -320,8 +378,18 @@ SCHEDULES: dict[str, Callable[[], S.Schedule]] = {
         schedulers=[
             (L.LinearLR, {"start_factor": 0.1, "total_iters": 100}),
             (L.CosineAnnealingLR, {"T_max": 200}),
-            (L.CyclicLR, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 500}),
+            (L.MultiStepLR, {"milestones": [300, 800]}),
             (L.PolynomialLR, {"total_iters": 950}),
+        ],
+    ),
+    "from_torch_chained_setters": lambda: S.from_torch(
+        L.ChainedScheduler,
+        lr=0.1,
+        schedulers=[
+            (L.ExponentialLR, {"gamma": 0.999}),
+            (L.CyclicLR, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 500}),
+            (L.CosineAnnealingWarmRestarts, {"T_0": 300}),
+            (L.ConstantLR, {"factor": 0.5, "total_iters": 400}),
         ],
     ),
     "from_torch_sequential": lambda: S.from_torch(
@@ -610,6 +678,11 @@ def test_from_torch_multiplicative_reads_a_table_and_holds_past_total_steps() ->
             L.ChainedScheduler,
             {"lr": 0.1, "schedulers": [(L.StepLR, {"step_size": 2}), (L.CosineAnnealingLR, {"T_max": 10, "eta_min": 0.01})]},
             r"schedulers\[1\] \(CosineAnnealingLR\):\n  - a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler",
+        ),
+        (
+            L.ChainedScheduler,
+            {"lr": 0.1, "schedulers": [(L.LambdaLR, {"lr_lambda": abs}), (L.CosineAnnealingLR, {"T_max": 10})]},
+            r"a CosineAnnealingLR \(eta_min=0\) in a ChainedScheduler with other members that set the lr outright",
         ),
         (L.ConstantLR, {"lr": 0.1, "factor": 0.0}, r"factor must lie in \(0.0, 1.0\], got factor=0.0"),
         (L.MultiplicativeLR, {"lr": 0.1, "lr_lambda": abs}, r"MultiplicativeLR needs total_steps"),

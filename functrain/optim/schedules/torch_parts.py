@@ -52,6 +52,8 @@ class Part:
     value: ValueFn
     sets: ValueFn | None = None
     factor: Window | None = None
+    adds: bool = False  # a CosineAnnealingLR in it restarts by adding to the lr it finds
+    affine: bool = False  # a CosineAnnealingLR with eta_min != 0 in it: no factor, no set, at some steps
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,12 @@ def every_step(t: torch.Tensor) -> torch.Tensor:
 
 def relative(value: ValueFn, factor: Window, mode: Mode, restarts: ValueFn | None = None) -> Part:
     """A part that multiplies the lr it finds; entered at a milestone it sets the lr (closed form) first."""
+    adds = restarts is not None
     if mode != "entered":
-        return Part(value, restarts, factor)
+        return Part(value, restarts, factor, adds)
     if restarts is None:
         return Part(value, lambda t: torch.zeros_like(t), factor)
-    return Part(value, lambda t: torch.clamp(restarts(t), min=0), factor)
+    return Part(value, lambda t: torch.clamp(restarts(t), min=0), factor, adds)
 
 
 def _counted(a: torch.Tensor, t: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
@@ -171,7 +174,7 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
     """Chainable (as a factor) only with ``eta_min == 0``: otherwise each step is affine in the lr."""
     value = cosine_annealing(s.base, T_max, eta_min, first=s.mode == "initial")
     if eta_min != 0:  # neither sets the lr nor multiplies it: affine in it at every step
-        return Part(value, (lambda t: torch.zeros_like(t)) if s.mode == "entered" else None)
+        return Part(value, (lambda t: torch.zeros_like(t)) if s.mode == "entered" else None, affine=True)
     first = -1 if s.mode == "stepped" else 0
 
     def level(t: torch.Tensor) -> torch.Tensor:
@@ -246,6 +249,7 @@ def lambda_lr(s: Setting, lr_lambda: Callable[[Any], Any]) -> Part:
 
 
 def cyclic_lr(
+    s: Setting,
     base_lr: float,
     max_lr: float,
     step_size_up: int,
@@ -255,7 +259,8 @@ def cyclic_lr(
     scale_fn: Callable[[Any], Any] | None,
     scale_mode: str,
 ) -> Part:
-    """`CyclicLR.get_lr` op for op (its own ``base_lr``: the optimizer's lr plays no part)."""
+    """`CyclicLR.get_lr` op for op, from its own ``base_lr`` (the group's ``initial_lr`` at its initial step)."""
+    initial = s.base
     up = float(step_size_up)
     total = up + (float(step_size_down) if step_size_down is not None else up)
     ratio = up / total
@@ -273,7 +278,10 @@ def cyclic_lr(
         scale = torch.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
         height = (max_lr - base_lr) * scale
         scaled = scale_fn(cycle if scale_mode == "cycle" else t)
-        return base_lr + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device)
+        lr = base_lr + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device)
+        if s.mode == "initial":  # torch's initial step runs before it replaces base_lrs: from initial_lr
+            lr = torch.where(t == 0, initial + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device), lr)
+        return lr
 
     return Part(value, every_step)
 

@@ -163,6 +163,7 @@ def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
     _check_number(problems, "gamma", a["gamma"])
     config_check(problems, s.where)
     return P.cyclic_lr(
+        s,
         float(a["base_lr"]), float(a["max_lr"]), a["step_size_up"], a["step_size_down"],
         a["mode"], float(a["gamma"]), a["scale_fn"], a["scale_mode"],
     )  # fmt: skip
@@ -236,7 +237,10 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
             config_check([_NESTED_SEQUENCE if i == first else _LATE_COMPOSITE.format(i=i, cls=cls.__name__)], s.where)
     parts = []
     for i, (cls, kw) in enumerate(entries):
-        mode = ("stepped" if cls is lr_scheduler.ChainedScheduler else "initial") if i <= first else "entered"
+        # the member started at step 0 takes torch's initial step again, after every scheduler was built:
+        # a CyclicLR then runs from its own base_lr (as in a plain step), a ChainedScheduler steps its members
+        restarted = cls in (lr_scheduler.ChainedScheduler, lr_scheduler.CyclicLR)
+        mode = ("stepped" if restarted else "initial") if i <= first else "entered"
         parts.append(_build(cls, kw, Setting(s.base, mode, f"{s.where}, schedulers[{i}] ({cls.__name__})")))
     return _sequence(parts[first:], [0, *milestones[first:]])
 
@@ -266,8 +270,9 @@ def _sequence(parts: Sequence[Part], starts: Sequence[int]) -> Part:
             value_fns.append(part.value)
             floor = 0.0
         sets_fns.append(_shifted_sets(part, start, floor))
-    factor = None if any(p.factor is None and p.sets is None for p in parts) else _sequence_factor(parts, starts)
-    return Part(_sequence_value(value_fns, starts), _sequence_value(sets_fns, starts), factor)
+    affine = any(p.affine for p in parts)
+    factor = None if affine else _sequence_factor(parts, starts)
+    return Part(_sequence_value(value_fns, starts), _sequence_value(sets_fns, starts), factor, any(p.adds for p in parts), affine)
 
 
 def _host(fn: Callable[[torch.Tensor], torch.Tensor], step: int) -> float:
@@ -320,16 +325,25 @@ def _chained(kwargs: Mapping[str, Any], s: Setting) -> Part:
         if cls is lr_scheduler.SequentialLR and s.mode == "stepped":
             config_check([_NESTED_SEQUENCE], where)
         part = _build(cls, kw, Setting(s.base, s.mode, where))
-        if part.sets is None and part.factor is None:
+        if part.affine:
             config_check([_AFFINE], where)
         parts.append(part)
+    if any(part.adds for part in parts) and sum(part.sets is not None for part in parts) > 1:
+        config_check([_ADDS], s.where)
     return _chain(s.base, parts)
 
 
 _AFFINE = (
-    "a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler: torch's step then mixes eta_min into "
-    "the other members' factors at every step, which no function of the step alone reproduces; "
-    "use eta_min=0 there, or a SequentialLR"
+    "a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler (alone or in a SequentialLR there): "
+    "torch's step then mixes eta_min into the other members' factors at every step, which no function "
+    "of the step alone reproduces; use eta_min=0 there, or a SequentialLR"
+)
+_ADDS = (
+    "a CosineAnnealingLR (eta_min=0) in a ChainedScheduler with other members that set the lr outright "
+    "(LambdaLR, OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts, SequentialLR, another "
+    "CosineAnnealingLR): past T_max torch restarts the cosine by adding to the lr it finds, which then "
+    "may be another member's; chain it only with schedulers that multiply the lr (StepLR, MultiStepLR, "
+    "ExponentialLR, LinearLR, ConstantLR, PolynomialLR, MultiplicativeLR)"
 )
 
 
@@ -363,7 +377,7 @@ def _chain(base: float, parts: Sequence[Part]) -> Part:
 
     setters = [part.sets for part in parts if part.sets is not None]
     sets = None if not setters else lambda t: torch.stack([fn(t) for fn in setters]).amax(0)
-    return Part(value, sets, factor)
+    return Part(value, sets, factor, any(part.adds for part in parts), any(part.affine for part in parts))
 
 
 _BUILDERS: dict[type, Callable[[Mapping[str, Any], Setting], Part]] = {
@@ -456,7 +470,8 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
     * `CyclicLR`: the lr cycle only. ``cycle_momentum`` and the momentum bounds are ignored, as
       `OneCycleLR`'s are: functrain's momentum and ``b1`` are constants, so a torch run whose momentum
       cycles is reproduced only with ``cycle_momentum=False``. `lr` is ignored (it starts from
-      ``base_lr``). A ``scale_fn`` is called as `LambdaLR`'s lambda is.
+      ``base_lr``; built after another scheduler, its first value is torch's: the ``initial_lr``
+      the others started from). A ``scale_fn`` is called as `LambdaLR`'s lambda is.
     * `SequentialLR` and `ChainedScheduler`, nested: ``schedulers=[(cls, kwargs), ...]`` (and
       ``milestones=[...]``), each member as precise as alone. The members are taken to be built in
       list order, depth first, as torch builds them (that order decides the lr they start from).
@@ -469,10 +484,13 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
 
     Refused with a `ConfigError` that says why: what torch itself cannot run (a composite as a later
     member of a `SequentialLR`: torch raises `NotImplementedError`), a `SequentialLR` first in a
-    `SequentialLR` (torch runs it one step ahead of its milestones), a `CosineAnnealingLR` with
-    ``eta_min != 0`` in a `ChainedScheduler` (torch's step is then affine in the lr: no closed form),
-    a `OneCycleLR` not built first (it rewrites the ``initial_lr`` others started from),
-    `ConstantLR` with ``factor=0`` or ``total_iters=0`` (torch divides by zero or never restores).
+    `SequentialLR` (torch runs it one step ahead of its milestones), in a `ChainedScheduler` a
+    `CosineAnnealingLR` with ``eta_min != 0`` (torch's step is then affine in the lr: no closed form)
+    or one beside another member that sets the lr outright (past ``T_max`` torch restarts the cosine
+    by adding to whatever lr it finds), a `OneCycleLR` not built first (it rewrites the
+    ``initial_lr`` others started from), `ConstantLR` with ``factor=0`` or ``total_iters=0`` (torch
+    divides by zero or never restores). ``tests/test_schedules.py`` also draws random nested
+    composites and checks each against torch, or that it is refused for one of these reasons.
 
     Bounds and monotonicity are those of the torch scheduler. `CosineAnnealingLR` falls on
     ``[2k T_max, (2k + 1) T_max]`` and rises on ``[(2k + 1) T_max, (2k + 2) T_max]``, within
