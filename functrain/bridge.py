@@ -77,7 +77,10 @@ class ConvertedOptimizer:
             group (joined by `partition`, labels ``"group0"``, ``"group1"``, ...).
         step: the updates torch took (its state's ``step``; for `SGD`, which keeps none, the
             ``step`` given to `from_torch_optimizer`).
-        names: the parameters the torch optimizer updates, by their names in the module.
+        names: the parameters the torch optimizer updates (those with ``requires_grad``), by their
+            names in the module.
+        groups: torch's groups as read: names, per-parameter state (torch's own tensors, copied
+            only by `load_into`), count and lr.
     """
 
     optimizer: Transform
@@ -195,8 +198,9 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
     unknown = [i for i, p in enumerate(group["params"]) if id(p) not in by_id]
     if unknown:
         config_check([f"param_groups[{k}]['params'][{unknown[0]}] is not a parameter of the module given"], where)
-    names = tuple(by_id[id(p)] for p in group["params"])
-    state = tuple(dict(optimizer.state.get(p, {})) for p in group["params"])
+    held = [p for p in group["params"] if p.requires_grad]  # torch never steps a frozen one: nor does functrain
+    names = tuple(by_id[id(p)] for p in held)
+    state = tuple(dict(optimizer.state.get(p, {})) for p in held)
     return _Group(names, state, 0, float(group["lr"]))
 
 
@@ -318,7 +322,9 @@ def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, mod
     changed: ``optimizer.load_state_dict(to_torch_state_dict(state, optimizer, module))`` then
     continues the run, bit for bit when `optimizer`'s implementation is the one the transform
     reproduces (``fused=True`` for functrain's fused Adam, the default or ``foreach=True`` otherwise;
-    see the module docstring). The group settings (lr, ...) are `optimizer`'s.
+    see the module docstring). The group settings (lr, ...) are `optimizer`'s: to continue a schedule
+    with a torch scheduler, bring the scheduler (and so the groups' lr) to the state's count before
+    exporting.
 
     Args:
         state: a `TrainState` whose optimizer is `sgd`, `adam`, `adamw`, `rmsprop` or `adagrad` (or a
@@ -367,7 +373,9 @@ def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, mod
         held = set(group.names)
         order = [name for name in state.params if name in held]
         values = _group_values(optimizer, optimizer.param_groups[k], found[k], f"{where}, param_groups[{k}]")
-        indices = dict(zip(group.names, layout["param_groups"][k]["params"], strict=True))
+        by_id = {id(p): i for p, i in zip(optimizer.param_groups[k]["params"], layout["param_groups"][k]["params"], strict=True)}
+        params = dict(module.named_parameters())
+        indices = {name: by_id[id(params[name])] for name in group.names}
         for i, name in enumerate(order):
             entry = {key: (v[i].detach().clone() if isinstance(v, tuple) else v.clone()) for key, v in values.items()}
             if entry:

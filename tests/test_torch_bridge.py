@@ -171,12 +171,18 @@ def test_the_state_is_found_under_any_step_options(options: dict[str, Any]) -> N
     assert torch.equal(optimizer.state[model[0].weight]["exp_avg"], moments)  # torch's own state untouched
 
 
-def test_parameters_outside_the_optimizer_stay_frozen() -> None:
+def test_parameters_outside_the_optimizer_or_without_grad_stay_frozen() -> None:
     model = make_model()
+    model[0].bias.requires_grad_(False)
     optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
     torch_steps(model, optimizer, DATA[:3])
     state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
-    assert sorted(state.params) == ["0.bias", "0.weight"] and sorted(state.frozen) == ["2.bias", "2.weight"]
+    assert sorted(state.params) == ["0.weight"] and sorted(state.frozen) == ["0.bias", "2.bias", "2.weight"]
+    state = functrain_steps(state, DATA[3:6])
+    torch_steps(model, optimizer, DATA[3:6])
+    assert torch.equal(state.params["0.weight"], model[0].weight) and torch.equal(state.frozen["2.weight"], model[2].weight)
+    exported = ft.to_torch_state_dict(state, optimizer, model)
+    assert sorted(exported["state"]) == [0] and torch.equal(exported["state"][0]["momentum_buffer"], optimizer.state[model[0].weight]["momentum_buffer"])
 
 
 @pytest.mark.parametrize(
