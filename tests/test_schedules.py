@@ -73,6 +73,12 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         {"max_lr": 0.5, "epochs": 10, "steps_per_epoch": 100, "pct_start": 0.25, "three_phase": True},
         1e-13,
     ),
+    "one_cycle_divisors_no_momentum": (
+        L.OneCycleLR,
+        0.1,
+        {"max_lr": 0.3, "total_steps": STEPS, "div_factor": 10.0, "final_div_factor": 100.0, "cycle_momentum": False},
+        1e-13,
+    ),
     "lambda_staircase": (L.LambdaLR, 0.1, {"lr_lambda": lambda t: 0.97 ** (t // 10)}, 0.0),
     "lambda_ramp": (L.LambdaLR, 0.1, {"lr_lambda": lambda t: (t + 1) / 1000}, 0.0),
     "sequential_warmup_cosine_exponential": (
@@ -131,6 +137,9 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         0.1,
         {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 30, "scale_fn": lambda x: 1 / (1 + x / 500), "scale_mode": "iterations"},
         0.0,
+    ),
+    "cyclic_momentum_bounds_leave_the_lr_alone": (
+        L.CyclicLR, 0.1, {"base_lr": 0.02, "max_lr": 0.2, "step_size_up": 40, "base_momentum": 0.5, "max_momentum": 0.95}, 0.0,
     ),
     "cyclic_no_momentum": (
         L.CyclicLR, 0.1, {"base_lr": 0.02, "max_lr": 0.2, "step_size_up": 7, "step_size_down": 3, "cycle_momentum": False}, 0.0,
