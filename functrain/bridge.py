@@ -10,7 +10,7 @@ Which torch implementation a functrain transform continues bit for bit (float32,
 
 * `torch.optim.Adam` / `AdamW` with ``fused=True``: functrain's ``adam/adamw(fused=True)``.
 * with ``foreach=True``, or torch's CPU default (the single-tensor loop, which gives the same bits
-  as foreach for Adam, AdamW and SGD): ``adam/adamw(fused=False)``, `sgd`.
+  as foreach for these five classes): ``adam/adamw(fused=False)``, `sgd`, `rmsprop`, `adagrad`.
 
 `from_torch_optimizer` picks that configuration from the group's ``fused`` flag. Supported:
 `torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad` (their single-tensor and foreach
