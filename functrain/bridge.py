@@ -27,13 +27,14 @@ from typing import Any, NamedTuple
 import attrs
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError, config_check
 from functrain.optim.fused import FusedAdamState
 from functrain.optim.presets import adagrad, adam, adamw, rmsprop, sgd
 from functrain.optim.primitives import ScaleByAdagradState, ScaleByAdamState, ScaleByLearningRateState, ScaleByRmsState, TraceState
-from functrain.optim.schedules import Schedule
+from functrain.optim.schedules import Schedule, from_torch
 from functrain.optim.transform import Transform, walk_states
 from functrain.optim.wrappers import PartitionState, partition
 
@@ -123,7 +124,9 @@ class ConvertedOptimizer:
         return state.replace(opt_state=opt_state, step=step)
 
 
-def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *, lr: LearningRates = None, step: int | None = None) -> ConvertedOptimizer:
+def from_torch_optimizer(
+    optimizer: torch.optim.Optimizer, module: nn.Module, *, lr: LearningRates = None, step: int | None = None, scheduler: Any = None
+) -> ConvertedOptimizer:
     """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
 
     Each parameter group becomes the matching preset with the group's hyperparameters (``lr``,
@@ -145,6 +148,12 @@ def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *,
             or one per group.
         step: the updates taken, for `SGD`, whose state keeps no count (None: 0 without momentum
             buffers, else 1, enough for a constant lr); checked against the count of the others.
+        scheduler: instead of `lr`, the live torch scheduler of `optimizer` (stepped once per
+            optimizer step): its class and arguments are read back and rebuilt with
+            `functrain.schedules.from_torch` from each group's ``initial_lr`` (`StepLR`,
+            `MultiStepLR`, `ExponentialLR`, `CosineAnnealingLR`, `LinearLR`, `ConstantLR`,
+            `PolynomialLR`, `CosineAnnealingWarmRestarts`, `LambdaLR`, and `SequentialLR` and
+            `ChainedScheduler` of them, members taken as built in list order; others: pass `lr`).
 
     Returns:
         A `ConvertedOptimizer`.
@@ -152,7 +161,8 @@ def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *,
     Raises:
         ConfigError: the optimizer is of another class, a setting has no functrain equivalent
             (``maximize``, ``fused`` SGD where functrain has no fused SGD), a parameter is not the
-            module's, or parameters of one group took different numbers of steps.
+            module's, parameters of one group took different numbers of steps, or the scheduler
+            cannot be read back or stepped a different number of times.
 
     Example:
         >>> import torch, functrain as ft
@@ -170,9 +180,13 @@ def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *,
     if not isinstance(optimizer, _KINDS) or not isinstance(module, nn.Module):
         names = ", ".join(f"torch.optim.{k.__name__}" for k in _KINDS)
         config_check([f"optimizer must be a live {names} and module an nn.Module, got {type(optimizer).__name__}, {type(module).__name__}"], where)
+    if scheduler is not None and lr is not None:
+        config_check(["pass lr= or scheduler=, not both"], where)
     rates = _rates(lr, len(optimizer.param_groups), where)
     groups = [_read_group(optimizer, k, module, where) for k in range(len(optimizer.param_groups))]
     counts = _counts(optimizer, groups, step, where)
+    if scheduler is not None:
+        rates = _scheduled(scheduler, optimizer, counts, where)
     groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
     transforms = [_transform(optimizer, group, g, rate, f"{where}, param_groups[{k}]") for k, (group, g, rate) in enumerate(zip(optimizer.param_groups, groups, rates, strict=True))]
     if len(transforms) == 1:
@@ -181,6 +195,51 @@ def from_torch_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, *,
         label = {name: f"group{k}" for k, g in enumerate(groups) for name in g.names}
         tx = partition(lambda name, p: label.get(name, "unheld"), **{f"group{k}": t for k, t in enumerate(transforms)})
     return ConvertedOptimizer(tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups))
+
+
+_LIVE_ARGS: dict[type, tuple[str, ...]] = {
+    lr_scheduler.StepLR: ("step_size", "gamma"),
+    lr_scheduler.ExponentialLR: ("gamma",),
+    lr_scheduler.CosineAnnealingLR: ("T_max", "eta_min"),
+    lr_scheduler.LinearLR: ("start_factor", "end_factor", "total_iters"),
+    lr_scheduler.ConstantLR: ("factor", "total_iters"),
+    lr_scheduler.PolynomialLR: ("total_iters", "power"),
+    lr_scheduler.CosineAnnealingWarmRestarts: ("T_0", "T_mult", "eta_min"),
+}
+
+
+def _described_scheduler(scheduler: Any, k: int, where: str) -> tuple[type, dict[str, Any]]:
+    """``(cls, kwargs)`` for `from_torch`, read from a live scheduler, for parameter group `k`."""
+    cls = type(scheduler)
+    if cls in _LIVE_ARGS:
+        return cls, {name: getattr(scheduler, name) for name in _LIVE_ARGS[cls]}
+    if cls is lr_scheduler.MultiStepLR:
+        return cls, {"milestones": sorted(scheduler.milestones.elements()), "gamma": scheduler.gamma}
+    if cls is lr_scheduler.LambdaLR:
+        return cls, {"lr_lambda": scheduler.lr_lambdas[k]}
+    if cls is lr_scheduler.SequentialLR:
+        members = [_described_scheduler(s, k, where) for s in scheduler._schedulers]
+        return cls, {"schedulers": members, "milestones": list(scheduler._milestones)}
+    if cls is lr_scheduler.ChainedScheduler:
+        return cls, {"schedulers": [_described_scheduler(s, k, where) for s in scheduler._schedulers]}
+    fix = f"pass lr=functrain.schedules.from_torch({cls.__name__}, lr=..., <its arguments>) instead"
+    config_check([f"a live {cls.__name__} cannot be read back into its arguments; {fix}"], where)
+    raise AssertionError  # unreachable: config_check raised
+
+
+def _scheduled(scheduler: Any, optimizer: torch.optim.Optimizer, counts: Sequence[int], where: str) -> list[Schedule]:
+    """One schedule per group: the live scheduler's class and arguments from its base lrs, at the optimizer's count."""
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        config_check(["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where)
+    steps = getattr(scheduler, "last_epoch", None)
+    if steps is not None and any(steps != count for count in counts):
+        problem = f"the scheduler stepped {steps} times, the optimizer {max(counts)}: functrain runs a schedule on the update count"
+        config_check([f"{problem}; step the scheduler once per optimizer step, or pass lr= yourself"], where)
+    schedules = []
+    for k, group in enumerate(optimizer.param_groups):
+        cls, kwargs = _described_scheduler(scheduler, k, where)
+        schedules.append(from_torch(cls, lr=group["initial_lr"], **kwargs))
+    return schedules
 
 
 def _rates(lr: LearningRates, n: int, where: str) -> list[float | Schedule | None]:

@@ -171,6 +171,37 @@ def test_the_state_is_found_under_any_step_options(options: dict[str, Any]) -> N
     assert torch.equal(optimizer.state[model[0].weight]["exp_avg"], moments)  # torch's own state untouched
 
 
+def sequential_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+    warmup = L.LambdaLR(optimizer, [lambda t: (t + 1) / 4, lambda t: 1.0])  # one lambda per group
+    return L.SequentialLR(optimizer, [warmup, L.MultiStepLR(optimizer, milestones=[3, 7], gamma=0.5)], milestones=[4])
+
+
+def test_a_live_scheduler_continues_from_its_position_bit_for_bit() -> None:
+    make = OPTIMIZERS["adamw_two_groups_fused"]
+    model = make_model()
+    optimizer = make(model)
+    scheduler = sequential_scheduler(optimizer)
+    torch_steps(model, optimizer, DATA[:STEPS], scheduler)
+    state = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler).create_state(model, loss_fn)
+    state = functrain_steps(state, DATA[STEPS:])
+    expected = make_model()
+    expected_opt = make(expected)
+    torch_steps(expected, expected_opt, DATA, sequential_scheduler(expected_opt))
+    assert_same_weights(state.params, dict(expected.named_parameters()))
+
+
+def test_a_live_scheduler_that_cannot_be_read_back_or_is_out_of_step_is_refused() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cyclic = L.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1)
+    with pytest.raises(ConfigError, match=r"a live CyclicLR cannot be read back .*pass lr=functrain.schedules.from_torch\(CyclicLR"):
+        ft.from_torch_optimizer(optimizer, model, scheduler=cyclic, step=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    torch_steps(model, optimizer, DATA[:2])
+    with pytest.raises(ConfigError, match=r"the scheduler stepped 0 times, the optimizer 2"):
+        ft.from_torch_optimizer(optimizer, model, scheduler=L.StepLR(optimizer, step_size=3))
+
+
 def test_parameters_outside_the_optimizer_or_without_grad_stay_frozen() -> None:
     model = make_model()
     model[0].bias.requires_grad_(False)
