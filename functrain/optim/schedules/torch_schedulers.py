@@ -200,7 +200,7 @@ SUPPORTED = (*_LEAVES, *_COMPOSITES)
 # -- the composites ---------------------------------------------------------------------------------
 
 
-def _members(a: Mapping[str, Any], name: str, where: str) -> list[tuple[type, Mapping[str, Any]]]:
+def _members(a: Mapping[str, Any], where: str) -> list[tuple[type, Mapping[str, Any]]]:
     """The ``schedulers=[(cls, kwargs), ...]`` of a composite, checked."""
     problems: list[str] = []
     entries = list(a["schedulers"]) if isinstance(a["schedulers"], Sequence) else []
@@ -220,7 +220,7 @@ def _members(a: Mapping[str, Any], name: str, where: str) -> list[tuple[type, Ma
 
 def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.SequentialLR, kwargs, s.where)
-    entries = _members(a, "SequentialLR", s.where)
+    entries = _members(a, s.where)
     problems: list[str] = []
     milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence) else [None]
     if len(milestones) != len(entries) - 1:
@@ -318,7 +318,7 @@ def _sequence_factor(parts: Sequence[Part], starts: Sequence[int]) -> P.Window:
 
 def _chained(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.ChainedScheduler, kwargs, s.where)
-    entries = _members(a, "ChainedScheduler", s.where)
+    entries = _members(a, s.where)
     parts = []
     for i, (cls, kw) in enumerate(entries):
         where = f"{s.where}, schedulers[{i}] ({cls.__name__})"
