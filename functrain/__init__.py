@@ -19,6 +19,7 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain import distributed, testing
+from functrain.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
 from functrain.optim import schedules
 from functrain.optim.averaging import EmaState, ema
 from functrain.driver.callbacks import (
@@ -98,6 +99,9 @@ _moved.install()
 __getattr__ = _moved.package_getattr
 
 __all__ = [
+    "ConvertedOptimizer",
+    "from_torch_optimizer",
+    "to_torch_state_dict",
     "SampleText",
     "generate",
     "sample_logits",

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import random
+import re
+import warnings
+
 import pytest
 import torch
 from torch.optim import lr_scheduler as L
@@ -20,15 +24,25 @@ from functrain.optim.primitives import scale_by_learning_rate
 STEPS = 1000
 
 
+def build_torch(cls: type, kwargs: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
+    """The torch scheduler, its members built first, in list order (depth first), as from_torch assumes."""
+    kwargs = {k: v for k, v in kwargs.items() if not (cls is L.MultiplicativeLR and k == "total_steps")}
+    if cls is L.SequentialLR:
+        parts = [build_torch(part, kw, optimizer) for part, kw in kwargs["schedulers"]]
+        return L.SequentialLR(optimizer, parts, milestones=kwargs["milestones"])
+    if cls is L.ChainedScheduler:
+        return L.ChainedScheduler([build_torch(part, kw, optimizer) for part, kw in kwargs["schedulers"]])
+    return cls(optimizer, **kwargs)
+
+
 def torch_lrs(cls: type, lr: float, kwargs: dict[str, Any], steps: int = STEPS) -> list[float]:
     """The lr of a real SGD optimizer under `cls` after 0, 1, ..., `steps` scheduler steps."""
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=lr, momentum=0.9)  # momentum: OneCycleLR cycles it
-    if cls is L.SequentialLR:
-        parts = [part(optimizer, **kw) for part, kw in kwargs["schedulers"]]
-        scheduler = L.SequentialLR(optimizer, parts, milestones=kwargs["milestones"])
-    else:
-        scheduler = cls(optimizer, **kwargs)
+    with warnings.catch_warnings():
+        # a composite steps its members while torch builds it, before any optimizer step: torch warns
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler = build_torch(cls, kwargs, optimizer)
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -57,6 +71,12 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         L.OneCycleLR,
         0.1,
         {"max_lr": 0.5, "epochs": 10, "steps_per_epoch": 100, "pct_start": 0.25, "three_phase": True},
+        1e-13,
+    ),
+    "one_cycle_divisors_no_momentum": (
+        L.OneCycleLR,
+        0.1,
+        {"max_lr": 0.3, "total_steps": STEPS, "div_factor": 10.0, "final_div_factor": 100.0, "cycle_momentum": False},
         1e-13,
     ),
     "lambda_staircase": (L.LambdaLR, 0.1, {"lr_lambda": lambda t: 0.97 ** (t // 10)}, 0.0),
@@ -95,6 +115,169 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         },
         0.0,
     ),
+    # the classes added since, then composites of every kind, nested
+    "constant_default": (L.ConstantLR, 0.1, {}, 5e-14),
+    "constant": (L.ConstantLR, 0.1, {"factor": 0.3, "total_iters": 40}, 5e-14),
+    "polynomial_default": (L.PolynomialLR, 0.1, {}, 5e-14),
+    "polynomial_square": (L.PolynomialLR, 0.1, {"total_iters": 700, "power": 2.0}, 5e-14),
+    "polynomial_root_to_the_end": (L.PolynomialLR, 0.1, {"total_iters": 1000, "power": 0.5}, 5e-14),
+    "multiplicative_constant": (L.MultiplicativeLR, 0.1, {"lr_lambda": lambda t: 0.997, "total_steps": 1000}, 0.0),
+    "multiplicative_stairs": (
+        L.MultiplicativeLR, 0.1, {"lr_lambda": lambda t: 0.9 if t % 50 == 0 else 1.001, "total_steps": 2000}, 0.0,
+    ),
+    "cyclic_triangular": (L.CyclicLR, 0.1, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 200}, 0.0),
+    "cyclic_triangular2": (
+        L.CyclicLR, 0.1, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 100, "step_size_down": 50, "mode": "triangular2"}, 0.0,
+    ),
+    "cyclic_exp_range": (
+        L.CyclicLR, 0.1, {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 64, "mode": "exp_range", "gamma": 0.998}, 0.0,
+    ),
+    "cyclic_scale_fn_iterations": (
+        L.CyclicLR,
+        0.1,
+        {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 30, "scale_fn": lambda x: 1 / (1 + x / 500), "scale_mode": "iterations"},
+        0.0,
+    ),
+    "cyclic_momentum_bounds_leave_the_lr_alone": (
+        L.CyclicLR, 0.1, {"base_lr": 0.02, "max_lr": 0.2, "step_size_up": 40, "base_momentum": 0.5, "max_momentum": 0.95}, 0.0,
+    ),
+    "cyclic_no_momentum": (
+        L.CyclicLR, 0.1, {"base_lr": 0.02, "max_lr": 0.2, "step_size_up": 7, "step_size_down": 3, "cycle_momentum": False}, 0.0,
+    ),
+    "warm_restarts": (L.CosineAnnealingWarmRestarts, 0.1, {"T_0": 100}, 1e-12),
+    "warm_restarts_doubling": (L.CosineAnnealingWarmRestarts, 0.1, {"T_0": 30, "T_mult": 2, "eta_min": 1e-3}, 1e-12),
+    "warm_restarts_tripling_from_one": (L.CosineAnnealingWarmRestarts, 0.1, {"T_0": 1, "T_mult": 3}, 1e-12),
+    "chained_constant_exponential": (
+        L.ChainedScheduler, 0.1, {"schedulers": [(L.ConstantLR, {"factor": 0.1, "total_iters": 20}), (L.ExponentialLR, {"gamma": 0.999})]}, 1e-12,
+    ),
+    "chained_warmup_cosine_restarting": (
+        L.ChainedScheduler,
+        0.1,
+        {"schedulers": [(L.LinearLR, {"start_factor": 0.01, "total_iters": 50}), (L.CosineAnnealingLR, {"T_max": 300})]},
+        1e-12,
+    ),
+    "chained_step_multistep_polynomial": (
+        L.ChainedScheduler,
+        0.1,
+        {
+            "schedulers": [
+                (L.StepLR, {"step_size": 90, "gamma": 0.7}),
+                (L.MultiStepLR, {"milestones": [0, 300, 300], "gamma": 0.5}),
+                (L.PolynomialLR, {"total_iters": 800, "power": 1.5}),
+            ]
+        },
+        1e-12,
+    ),
+    "chained_setters_and_factors": (
+        L.ChainedScheduler,
+        0.1,
+        {
+            "schedulers": [
+                (L.ExponentialLR, {"gamma": 0.99}),
+                (L.CyclicLR, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 100}),
+                (L.MultiplicativeLR, {"lr_lambda": lambda t: 0.999, "total_steps": 1000}),
+                (L.LambdaLR, {"lr_lambda": lambda t: 1 / (1 + t / 100)}),
+                (L.ConstantLR, {"factor": 0.5, "total_iters": 300}),
+                (L.CosineAnnealingWarmRestarts, {"T_0": 70}),
+                (L.StepLR, {"step_size": 40, "gamma": 0.9}),
+            ]
+        },
+        1e-12,
+    ),
+    "chained_one_cycle_first": (
+        L.ChainedScheduler,
+        0.1,
+        {"schedulers": [(L.OneCycleLR, {"max_lr": 0.5, "total_steps": 1200}), (L.StepLR, {"step_size": 100, "gamma": 0.8})]},
+        1e-12,
+    ),
+    "chained_in_chained_with_sequential": (
+        L.ChainedScheduler,
+        0.1,
+        {
+            "schedulers": [
+                (L.ChainedScheduler, {"schedulers": [(L.ConstantLR, {"factor": 0.5, "total_iters": 10}), (L.ExponentialLR, {"gamma": 0.998})]}),
+                (
+                    L.SequentialLR,
+                    {
+                        "schedulers": [(L.LinearLR, {"start_factor": 0.1, "total_iters": 100}), (L.CosineAnnealingLR, {"T_max": 500})],
+                        "milestones": [100],
+                    },
+                ),
+                (L.MultiStepLR, {"milestones": [50, 700], "gamma": 0.5}),
+            ]
+        },
+        1e-12,
+    ),
+    "sequential_new_classes": (
+        L.SequentialLR,
+        0.1,
+        {
+            "schedulers": [
+                (L.ConstantLR, {"factor": 0.2, "total_iters": 30}),
+                (L.PolynomialLR, {"total_iters": 200, "power": 2.0}),
+                (L.CosineAnnealingWarmRestarts, {"T_0": 50, "T_mult": 2}),
+                (L.CyclicLR, {"base_lr": 0.01, "max_lr": 0.05, "step_size_up": 20}),
+            ],
+            "milestones": [100, 250, 600],
+        },
+        1e-12,
+    ),
+    "sequential_multiplicative_continues": (
+        L.SequentialLR,
+        0.1,
+        {
+            "schedulers": [(L.ExponentialLR, {"gamma": 0.99}), (L.MultiplicativeLR, {"lr_lambda": lambda t: 0.995, "total_steps": 1000})],
+            "milestones": [300],
+        },
+        1e-12,
+    ),
+    "sequential_one_cycle_then_cosine": (
+        L.SequentialLR,
+        0.1,
+        {"schedulers": [(L.OneCycleLR, {"max_lr": 0.5, "total_steps": 400}), (L.CosineAnnealingLR, {"T_max": 600})], "milestones": [400]},
+        1e-12,
+    ),
+    "sequential_cyclic_first_sets_the_base": (
+        L.SequentialLR,
+        0.1,
+        {"schedulers": [(L.CyclicLR, {"base_lr": 0.03, "max_lr": 0.3, "step_size_up": 25}), (L.StepLR, {"step_size": 100})], "milestones": [500]},
+        1e-12,
+    ),
+    "sequential_starting_a_chain": (
+        L.SequentialLR,
+        0.1,
+        {
+            "schedulers": [
+                (
+                    L.ChainedScheduler,
+                    {
+                        "schedulers": [
+                            (L.ExponentialLR, {"gamma": 0.99}),
+                            (L.PolynomialLR, {"total_iters": 300, "power": 0.5}),
+                            (L.ConstantLR, {"factor": 0.5, "total_iters": 30}),
+                            (L.MultiplicativeLR, {"lr_lambda": lambda t: 0.999, "total_steps": 1000}),
+                            (L.CosineAnnealingLR, {"T_max": 250}),
+                        ]
+                    },
+                ),
+                (L.LinearLR, {"start_factor": 0.5, "total_iters": 100}),
+            ],
+            "milestones": [400],
+        },
+        1e-12,
+    ),
+    "sequential_chain_from_milestone_zero": (
+        L.SequentialLR,
+        0.1,
+        {
+            "schedulers": [
+                (L.StepLR, {"step_size": 5}),
+                (L.ChainedScheduler, {"schedulers": [(L.ExponentialLR, {"gamma": 0.995}), (L.StepLR, {"step_size": 100})]}),
+            ],
+            "milestones": [0],
+        },
+        1e-12,
+    ),
 }
 
 
@@ -103,14 +286,76 @@ def test_from_torch_matches_the_torch_scheduler_for_1000_steps(name: str) -> Non
     cls, lr, kwargs, rtol = TORCH_CASES[name]
     expected = torch_lrs(cls, lr, kwargs)
     schedule = S.from_torch(cls, lr=lr, **kwargs)
-    got = [schedule(t) for t in range(len(expected))]
+    # every 7th step through the int path (a Python call per step is slow for the composites) ...
+    got = [schedule(t) for t in range(0, len(expected), 7)]
     if rtol == 0:
-        assert got == expected
+        assert got == expected[::7]
     else:
-        worst = max(abs(g - e) / abs(e) if e else abs(g) for g, e in zip(got, expected, strict=True))
-        assert worst <= rtol
-    # the tensor path (the one scale_by_learning_rate takes) gives the same floats
-    assert [schedule(torch.tensor(t)).item() for t in range(0, len(expected), 37)] == got[::37]
+        assert worst_relative_error(got, expected[::7]) <= rtol
+    # ... which the 0-d tensor path (the one scale_by_learning_rate takes) gives bit for bit
+    assert [schedule(torch.tensor(t)).item() for t in range(0, len(expected), 35)] == got[::5]
+    # and every step at once, as a vector of steps (elementwise ops: ``pow`` may round its last bit apart)
+    assert worst_relative_error(schedule(torch.arange(len(expected))).tolist(), expected) <= max(rtol, 5e-16)
+
+
+def worst_relative_error(got: list[float], expected: list[float]) -> float:
+    return max(abs(g - e) / abs(e) if e else abs(g) for g, e in zip(got, expected, strict=True))
+
+
+def random_leaf(r: random.Random, in_chain: bool, steps: int) -> tuple[type, dict[str, Any]]:
+    """A scheduler of a random class with random arguments (cosines in chains with eta_min=0 mostly)."""
+    kind = r.randrange(11)
+    gamma = r.uniform(0.98, 1.0)
+    if kind == 0:
+        return L.StepLR, {"step_size": r.randint(1, 50), "gamma": r.uniform(0.5, 1)}
+    if kind == 1:
+        return L.MultiStepLR, {"milestones": sorted(r.randint(0, steps) for _ in range(r.randint(1, 4))), "gamma": r.uniform(0.3, 1)}
+    if kind == 2:
+        return L.ExponentialLR, {"gamma": gamma}
+    if kind == 3:
+        return L.CosineAnnealingLR, {"T_max": r.randint(1, 200), "eta_min": r.choice([0.0, 0.0, 0.0 if in_chain else 0.01])}
+    if kind == 4:
+        return L.LinearLR, {"start_factor": r.uniform(0.05, 1), "end_factor": r.uniform(0, 1), "total_iters": r.randint(1, 100)}
+    if kind == 5:
+        return L.ConstantLR, {"factor": r.uniform(0.1, 1), "total_iters": r.randint(1, 60)}
+    if kind == 6:
+        return L.PolynomialLR, {"total_iters": r.randint(1, 400), "power": r.uniform(0.5, 3)}
+    if kind == 7:
+        return L.LambdaLR, {"lr_lambda": lambda t, c=r.randint(10, 200): 1 / (1 + t / c)}
+    if kind == 8:
+        return L.MultiplicativeLR, {"lr_lambda": lambda t, g=gamma: g, "total_steps": steps}
+    if kind == 9:
+        low = r.uniform(0.001, 0.05)
+        mode = r.choice(["triangular", "triangular2", "exp_range"])
+        return L.CyclicLR, {"base_lr": low, "max_lr": low * r.uniform(1, 10), "step_size_up": r.randint(1, 60), "mode": mode, "gamma": gamma}
+    return L.CosineAnnealingWarmRestarts, {"T_0": r.randint(1, 80), "T_mult": r.choice([1, 2, 3]), "eta_min": r.choice([0.0, 0.005])}
+
+
+def random_scheduler(r: random.Random, steps: int, depth: int = 0, where: str = "top") -> tuple[type, dict[str, Any]]:
+    """A random (nested) composite that torch can run: no composite at a later milestone, no SequentialLR first in one."""
+    draw = r.random()
+    if depth < 2 and draw < 0.4:
+        inner = "chain_stepped" if where in ("chain_stepped", "sequence_first") else "chain"
+        return L.ChainedScheduler, {"schedulers": [random_scheduler(r, steps, depth + 1, inner) for _ in range(r.randint(1, 3))]}
+    if depth < 2 and draw < 0.65 and where in ("top", "chain"):
+        n = r.randint(1, 3)
+        members = [random_scheduler(r, steps, depth + 1, "sequence_first")] + [random_leaf(r, False, steps) for _ in range(n - 1)]
+        return L.SequentialLR, {"schedulers": members, "milestones": sorted(r.sample(range(steps), n - 1))}
+    return random_leaf(r, where.startswith("chain"), steps)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_nested_composites_match_torch_or_are_refused_for_a_stated_reason(seed: int) -> None:
+    steps = 300
+    cls, kwargs = random_scheduler(random.Random(seed), steps)
+    expected = torch_lrs(cls, 0.1, kwargs, steps=steps)
+    try:
+        schedule = S.from_torch(cls, lr=0.1, **kwargs)
+    except ConfigError as error:  # the two documented: a cosine that adds to another's lr, or one with eta_min
+        assert re.search(r"CosineAnnealingLR (\(eta_min=0\)|with eta_min != 0) in a ChainedScheduler", str(error))
+        return
+    assert worst_relative_error(schedule(torch.arange(steps + 1)).tolist(), expected) <= 1e-12
+    assert worst_relative_error([schedule(t) for t in range(0, steps + 1, 50)], expected[::50]) <= 1e-12
 
 
 def halving(t: Any) -> Any:
@@ -134,6 +379,28 @@ SCHEDULES: dict[str, Callable[[], S.Schedule]] = {
     "from_torch_cosine": lambda: S.from_torch(L.CosineAnnealingLR, lr=0.1, T_max=300, eta_min=0.01),
     "from_torch_one_cycle": lambda: S.from_torch(L.OneCycleLR, max_lr=0.1, total_steps=900, three_phase=True),
     "from_torch_lambda": lambda: S.from_torch(L.LambdaLR, lr=0.1, lr_lambda=halving),
+    "from_torch_multiplicative": lambda: S.from_torch(L.MultiplicativeLR, lr=0.1, lr_lambda=lambda t: 0.999, total_steps=1000),
+    "from_torch_warm_restarts": lambda: S.from_torch(L.CosineAnnealingWarmRestarts, lr=0.1, T_0=30, T_mult=2),
+    "from_torch_chained": lambda: S.from_torch(
+        L.ChainedScheduler,
+        lr=0.1,
+        schedulers=[
+            (L.LinearLR, {"start_factor": 0.1, "total_iters": 100}),
+            (L.CosineAnnealingLR, {"T_max": 200}),
+            (L.MultiStepLR, {"milestones": [300, 800]}),
+            (L.PolynomialLR, {"total_iters": 950}),
+        ],
+    ),
+    "from_torch_chained_setters": lambda: S.from_torch(
+        L.ChainedScheduler,
+        lr=0.1,
+        schedulers=[
+            (L.ExponentialLR, {"gamma": 0.999}),
+            (L.CyclicLR, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 500}),
+            (L.CosineAnnealingWarmRestarts, {"T_0": 300}),
+            (L.ConstantLR, {"factor": 0.5, "total_iters": 400}),
+        ],
+    ),
     "from_torch_sequential": lambda: S.from_torch(
         L.SequentialLR,
         lr=0.1,
@@ -346,8 +613,27 @@ def test_every_problem_is_listed_in_one_error() -> None:
 
 
 def test_from_torch_rejects_an_unsupported_class_listing_the_supported() -> None:
-    with pytest.raises(ConfigError, match=r"cls must be one of StepLR, MultiStepLR, .*SequentialLR, got cls=.*CyclicLR"):
-        S.from_torch(L.CyclicLR, lr=0.1, base_lr=0.01, max_lr=0.1)
+    with pytest.raises(ConfigError, match=r"cls must be one of StepLR, MultiStepLR, .*ChainedScheduler, got cls=.*ReduceLROnPlateau"):
+        S.from_torch(L.ReduceLROnPlateau, lr=0.1)
+
+
+def test_from_torch_given_a_live_scheduler_shows_the_call_to_write() -> None:
+    scheduler = L.StepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), step_size=3)
+    with pytest.raises(ConfigError, match=r"a class, not a live scheduler: from_torch\(StepLR, lr=\.\.\., <its arguments>\)"):
+        S.from_torch(scheduler, lr=0.1)
+
+
+def test_from_torch_multiplicative_reads_a_table_and_holds_past_total_steps() -> None:
+    calls: list[Any] = []
+
+    def record(t: Any) -> float:
+        calls.append(t)
+        return 0.5
+
+    s = S.from_torch(L.MultiplicativeLR, lr=1.0, lr_lambda=record, total_steps=3)
+    assert calls == [1, 2, 3]  # once each, with torch's int steps, when the schedule is built
+    assert [s(t) for t in range(6)] == [1.0, 0.5, 0.25, 0.125, 0.125, 0.125]
+    assert s(torch.tensor(2)).item() == 0.25 and len(calls) == 3
 
 
 @pytest.mark.parametrize(
@@ -371,9 +657,47 @@ def test_from_torch_rejects_an_unsupported_class_listing_the_supported() -> None
         ),
         (
             L.SequentialLR,
-            {"lr": 0.1, "schedulers": [(L.OneCycleLR, {"max_lr": 0.1, "total_steps": 10})], "milestones": []},
-            r"schedulers\[0\] must be one of StepLR, .*LambdaLR, got schedulers\[0\]\[0\]=.*OneCycleLR",
+            {"lr": 0.1, "schedulers": [(L.ReduceLROnPlateau, {})], "milestones": []},
+            r"schedulers\[0\] must be one of StepLR, .*ChainedScheduler, got schedulers\[0\]\[0\]=.*ReduceLROnPlateau",
         ),
+        (
+            L.SequentialLR,
+            {"lr": 0.1, "schedulers": [(L.StepLR, {"step_size": 2}), (L.OneCycleLR, {"max_lr": 0.1, "total_steps": 10})], "milestones": [3]},
+            r"OneCycleLR must be the first scheduler built",
+        ),
+        (
+            L.SequentialLR,
+            {
+                "lr": 0.1,
+                "schedulers": [(L.StepLR, {"step_size": 2}), (L.ChainedScheduler, {"schedulers": [(L.StepLR, {"step_size": 2})]})],
+                "milestones": [3],
+            },
+            r"schedulers\[1\] is a ChainedScheduler, which torch cannot start at a milestone .*NotImplementedError",
+        ),
+        (
+            L.SequentialLR,
+            {
+                "lr": 0.1,
+                "schedulers": [(L.SequentialLR, {"schedulers": [(L.StepLR, {"step_size": 2})], "milestones": []}), (L.StepLR, {"step_size": 2})],
+                "milestones": [3],
+            },
+            r"a SequentialLR first in a SequentialLR runs one step ahead of its own milestones",
+        ),
+        (
+            L.ChainedScheduler,
+            {"lr": 0.1, "schedulers": [(L.StepLR, {"step_size": 2}), (L.CosineAnnealingLR, {"T_max": 10, "eta_min": 0.01})]},
+            r"schedulers\[1\] \(CosineAnnealingLR\):\n  - a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler",
+        ),
+        (
+            L.ChainedScheduler,
+            {"lr": 0.1, "schedulers": [(L.LambdaLR, {"lr_lambda": abs}), (L.CosineAnnealingLR, {"T_max": 10})]},
+            r"a CosineAnnealingLR \(eta_min=0\) in a ChainedScheduler with other members that set the lr outright",
+        ),
+        (L.ConstantLR, {"lr": 0.1, "factor": 0.0}, r"factor must lie in \(0.0, 1.0\], got factor=0.0"),
+        (L.MultiplicativeLR, {"lr": 0.1, "lr_lambda": abs}, r"MultiplicativeLR needs total_steps"),
+        (L.MultiplicativeLR, {"lr": 0.1, "lr_lambda": lambda t: 1.0 - (t == 4), "total_steps": 9}, r"lr_lambda\(4\) must be a finite number != 0"),
+        (L.CyclicLR, {"base_lr": 0.1, "max_lr": 0.2, "mode": "sine"}, r"mode must be 'triangular', 'triangular2' or 'exp_range', got mode='sine'"),
+        (L.CosineAnnealingWarmRestarts, {"lr": 0.1, "T_0": 5, "T_mult": 0}, r"T_mult must be > 0, got T_mult=0"),
         (
             L.SequentialLR,
             {"lr": 0.1, "schedulers": [(L.StepLR, {}), (L.StepLR, {"step_size": 2})], "milestones": [3]},

@@ -12,7 +12,7 @@ Every factory validates its arguments, raising one `ConfigError` that names each
 in its docstring the schedule's bounds and whether it is monotone. Bounds hold up to the rounding of
 the last bit at the end points (a `linear` schedule may end one ulp past ``end_value``).
 
-`from_torch` rebuilds the closed-form `torch.optim.lr_scheduler` classes as schedules.
+`functrain.optim.schedules.torch_schedulers` rebuilds `torch.optim.lr_scheduler`'s classes on these.
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ import numbers
 import functools
 import operator
 from bisect import bisect_right
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, cast, overload
 
 import torch
-from torch.optim import lr_scheduler
 
 from functrain.errors import config_check
-from functrain.optim.porting import schedule_call, torch_object_hint
+from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import describe_call
 
 __all__ = [
@@ -46,7 +44,6 @@ __all__ = [
     "one_cycle",
     "join",
     "per_epoch",
-    "from_torch",
 ]
 
 
@@ -468,6 +465,11 @@ def _anneal_linear(start: float, end: float, pct: torch.Tensor) -> torch.Tensor:
 
 def _phased(phases: Sequence[_Phase], anneal: str, last_step: float) -> Schedule:
     """torch's `OneCycleLR.get_lr`: the first phase whose last step is >= step (or the last phase) anneals."""
+    return _lift(phased_value(phases, anneal, last_step))
+
+
+def phased_value(phases: Sequence[_Phase], anneal: str, last_step: float) -> ValueFn:
+    """`_phased` as a function of a float64 step tensor."""
     anneal_fn = _anneal_cos if anneal == "cos" else _anneal_linear
     starts = [0.0, *(end for end, _, _ in phases[:-1])]
 
@@ -482,7 +484,7 @@ def _phased(phases: Sequence[_Phase], anneal: str, last_step: float) -> Schedule
             value = torch.where(t <= end, piece, value)
         return value
 
-    return _lift(value_fn)
+    return value_fn
 
 
 def _empty_phases(phases: Sequence[_Phase]) -> list[int]:
@@ -651,6 +653,7 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
 
     Example:
         >>> from torch.optim.lr_scheduler import StepLR
+        >>> from functrain.schedules import from_torch
         >>> s = per_epoch(from_torch(StepLR, lr=1.0, step_size=2, gamma=0.1), steps_per_epoch=3)
         >>> [round(s(t), 6) for t in range(0, 15, 3)], s(5), s(torch.tensor(6))
         ([1.0, 1.0, 0.1, 0.1, 0.01], 1.0, tensor(0.1000, dtype=torch.float64))
@@ -667,262 +670,3 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
         return float(schedule(operator.index(step) // steps_per_epoch))
 
     return cast(Schedule, epochs)
-
-
-# -- torch.optim.lr_scheduler -----------------------------------------------------------------------
-
-
-def _cosine_annealing(base_lr: float, T_max: int, eta_min: float, first: bool) -> Schedule:
-    """torch's `CosineAnnealingLR`, its recursion summed in closed form (see `from_torch`)."""
-    # the step after each trough (T_max, 3 T_max, ...) restarts torch's recursion from this increment
-    restart = eta_min + (base_lr - eta_min) * (1 - math.cos(math.pi / T_max)) / 2
-    carried = restart - eta_min  # what the recursion multiplies from there on: lr - eta_min
-
-    def value_fn(t: torch.Tensor) -> torch.Tensor:
-        level = 1 + torch.cos(math.pi * t / T_max)
-        falling = eta_min + (base_lr - eta_min) * level / 2
-        if first:  # torch's initial step keeps the optimizer's lr; a milestone uses the closed form
-            falling = torch.where(t == 0, base_lr, falling)
-        cycles = torch.clamp(torch.div(t - (T_max + 1), 2 * T_max, rounding_mode="floor"), min=0)
-        after_trough = T_max + 1 + 2 * T_max * cycles
-        rising = eta_min + carried * (level / (1 + torch.cos(math.pi * after_trough / T_max)))
-        rising = torch.where(t == after_trough, restart, rising)
-        return torch.where(t <= T_max, falling, rising)
-
-    return _lift(value_fn)
-
-
-def _lambda_lr(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:
-    def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(step, torch.Tensor):
-            return base_lr * _as_f64(lr_lambda(step.to(torch.float64)), step)
-        return float(base_lr * lr_lambda(operator.index(step)))
-
-    return cast(Schedule, schedule)
-
-
-_IGNORED = ("optimizer", "last_epoch")
-
-
-def _torch_args(cls: type, lr: Any, kwargs: Mapping[str, Any], needs_lr: bool, where: str) -> dict[str, Any]:
-    """The scheduler's arguments (torch's defaults filled in), or a ConfigError naming the bad ones."""
-    params = {n: p for n, p in inspect.signature(cls).parameters.items() if n not in _IGNORED}
-    problems: list[str] = []
-    unknown = [name for name in kwargs if name not in params]
-    if unknown:
-        problems.append(f"{cls.__name__} takes no argument {', '.join(unknown)}; it takes {', '.join(params)}")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
-    if missing:
-        problems.append(f"{cls.__name__} needs {', '.join(missing)}")
-    if needs_lr:
-        _check_number(problems, "lr", lr)
-    config_check(problems, where)
-    return {n: kwargs.get(n, p.default) for n, p in params.items()}
-
-
-def _from_step_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.StepLR, lr, kwargs, needs_lr=True, where=where)
-    problems: list[str] = []
-    _check_steps(problems, "step_size", a["step_size"], minimum=1)
-    _check_number(problems, "gamma", a["gamma"])
-    config_check(problems, where)
-    return exponential_decay(lr, a["gamma"], a["step_size"], staircase=True)
-
-
-def _from_multistep_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.MultiStepLR, lr, kwargs, needs_lr=True, where=where)
-    problems: list[str] = []
-    milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence | set) else None
-    if milestones is None:
-        problems.append(f"milestones must be a list of steps, got milestones={a['milestones']!r}")
-    for i, milestone in enumerate(milestones or []):
-        _check_steps(problems, f"milestones[{i}]", milestone)
-    _check_number(problems, "gamma", a["gamma"])
-    config_check(problems, where)
-    gamma = a["gamma"]
-    return multistep(lr, {m: gamma**count for m, count in Counter(milestones).items()})
-
-
-def _from_exponential_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.ExponentialLR, lr, kwargs, needs_lr=True, where=where)
-    problems: list[str] = []
-    _check_number(problems, "gamma", a["gamma"])
-    config_check(problems, where)
-    return exponential_decay(lr, a["gamma"])
-
-
-def _from_cosine_annealing_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.CosineAnnealingLR, lr, kwargs, needs_lr=True, where=where)
-    problems: list[str] = []
-    _check_steps(problems, "T_max", a["T_max"], minimum=1)
-    _check_number(problems, "eta_min", a["eta_min"])
-    config_check(problems, where)
-    return _cosine_annealing(float(lr), a["T_max"], float(a["eta_min"]), first)
-
-
-def _from_linear_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.LinearLR, lr, kwargs, needs_lr=True, where=where)
-    problems: list[str] = []
-    _check_interval(problems, "start_factor", a["start_factor"], 0.0, 1.0, closed="high")
-    _check_interval(problems, "end_factor", a["end_factor"], 0.0, 1.0, closed="both")
-    _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
-    config_check(problems, where)
-    return linear(lr * a["start_factor"], lr * a["end_factor"], a["total_iters"])
-
-
-def _from_one_cycle_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.OneCycleLR, lr, kwargs, needs_lr=False, where=where)
-    problems: list[str] = []
-    _check_number(problems, "max_lr", a["max_lr"])
-    if a["total_steps"] is not None:
-        _check_steps(problems, "total_steps", a["total_steps"], minimum=1)
-        total = a["total_steps"]
-    else:
-        _check_steps(problems, "epochs", a["epochs"], minimum=1)
-        _check_steps(problems, "steps_per_epoch", a["steps_per_epoch"], minimum=1)
-        total = a["epochs"] * a["steps_per_epoch"] if not problems else 1
-    _check_interval(problems, "pct_start", a["pct_start"], 0.0, 1.0, closed="")
-    if a["anneal_strategy"] not in ("cos", "linear"):
-        problems.append(f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={a['anneal_strategy']!r}")
-    _check_number(problems, "div_factor", a["div_factor"], need="> 0")
-    _check_number(problems, "final_div_factor", a["final_div_factor"], need="> 0")
-    config_check(problems, where)
-    phases = _one_cycle_phases(
-        total, a["max_lr"], a["pct_start"], a["div_factor"], a["final_div_factor"], bool(a["three_phase"])
-    )
-    empty = _empty_phases(phases)
-    if empty:
-        problem = f"phase {empty[0]} of the cycle has zero steps (torch divides by zero there)"
-        config_check([f"{problem}, got pct_start={a['pct_start']!r}, total_steps={total!r}"], where)
-    return _phased(phases, a["anneal_strategy"], total)
-
-
-def _from_lambda_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.LambdaLR, lr, kwargs, needs_lr=True, where=where)
-    if not callable(a["lr_lambda"]):
-        problem = f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"
-        config_check([problem], where)
-    return _lambda_lr(float(lr), a["lr_lambda"])
-
-
-def _from_sequential_lr(lr: Any, kwargs: Mapping[str, Any], first: bool, where: str) -> Schedule:
-    a = _torch_args(lr_scheduler.SequentialLR, lr, kwargs, needs_lr=True, where=where)
-    problems: list[str] = []
-    entries = list(a["schedulers"]) if isinstance(a["schedulers"], Sequence) else []
-    milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence) else [None]
-    if not entries:
-        problems.append(f"schedulers must be a non-empty list of (cls, kwargs) pairs, got schedulers={a['schedulers']!r}")
-    if len(milestones) != max(len(entries) - 1, 0):
-        problems.append(f"milestones must hold len(schedulers) - 1 steps, got milestones={a['milestones']!r}")
-    for i, milestone in enumerate(milestones):
-        _check_steps(problems, f"milestones[{i}]", milestone)
-    if not problems and any(m >= n for m, n in zip(milestones, milestones[1:])):
-        problems.append(f"milestones must be strictly increasing, got milestones={milestones!r}")
-    nestable = [cls for cls in _TORCH_BUILDERS if cls not in _NOT_IN_SEQUENCE]
-    for i, entry in enumerate(entries):
-        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Mapping)):
-            problems.append(f"schedulers[{i}] must be a pair (cls, kwargs), got schedulers[{i}]={entry!r}")
-        elif entry[0] not in nestable:
-            names = ", ".join(cls.__name__ for cls in nestable)
-            problems.append(f"schedulers[{i}] must be one of {names}, got schedulers[{i}][0]={entry[0]!r}")
-        elif "lr" in entry[1]:
-            problems.append(f"schedulers[{i}] shares the optimizer's lr: pass lr= to from_torch only")
-    config_check(problems, where)
-    # torch starts, with its initial step, the scheduler that the milestones select at step 0
-    active_at_zero = bisect_right(milestones, 0)
-    pieces = [
-        _TORCH_BUILDERS[cls](lr, kw, i == active_at_zero, f"{where}, schedulers[{i}] ({cls.__name__})")
-        for i, (cls, kw) in enumerate(entries)
-    ]
-    return join(pieces, milestones)
-
-
-_TORCH_BUILDERS: dict[type, Callable[[Any, Mapping[str, Any], bool, str], Schedule]] = {
-    lr_scheduler.StepLR: _from_step_lr,
-    lr_scheduler.MultiStepLR: _from_multistep_lr,
-    lr_scheduler.ExponentialLR: _from_exponential_lr,
-    lr_scheduler.CosineAnnealingLR: _from_cosine_annealing_lr,
-    lr_scheduler.LinearLR: _from_linear_lr,
-    lr_scheduler.OneCycleLR: _from_one_cycle_lr,
-    lr_scheduler.LambdaLR: _from_lambda_lr,
-    lr_scheduler.SequentialLR: _from_sequential_lr,
-}
-# OneCycleLR rewrites the optimizer's initial_lr, which the other schedulers in a sequence start from
-_NOT_IN_SEQUENCE = (lr_scheduler.SequentialLR, lr_scheduler.OneCycleLR)
-
-
-@_described
-def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
-    """The schedule of a `torch.optim.lr_scheduler` class: the lr torch's optimizer has after `step` calls.
-
-    ``from_torch(StepLR, lr=0.1, step_size=30)`` is the learning rate that
-    ``StepLR(SGD(params, lr=0.1), step_size=30)`` gives the optimizer after ``step`` calls of
-    ``scheduler.step()``, i.e. the lr of the ``(step + 1)``-th optimizer step, as
-    `scale_by_learning_rate` counts. Pass the scheduler's own arguments by name (not ``optimizer`` or
-    ``last_epoch``) and the optimizer's base learning rate as `lr`. One parameter group.
-
-    Supported, and how close the values are to torch's (measured in float64 on CPU over 1,000 steps;
-    ``tests/test_schedules.py`` checks each):
-
-    * `MultiStepLR`, `LambdaLR`, `OneCycleLR` with ``anneal_strategy="linear"``: bit for bit (for
-      `LambdaLR`, when the lambda's tensor ops round as its Python ones do; ``+ - * / ** //`` do).
-    * `OneCycleLR` with ``anneal_strategy="cos"``: torch's formula op for op, but ``torch.cos`` and
-      ``math.cos`` differ in the last bit for about one argument in a thousand, which moves the lr by
-      at most ~1e-16 * max_lr: within 1e-13 relative (5e-14 measured, where the lr is 1e-5 max_lr).
-      `lr` is ignored (torch starts from ``max_lr / div_factor``), as are the momentum arguments;
-      past ``total_steps``, where torch raises, the value at ``total_steps`` is held.
-    * `StepLR`, `ExponentialLR`, `LinearLR`: torch updates the lr recursively (``lr = lr * gamma``),
-      so its last bits depend on the whole history and no function of the step alone reproduces
-      them; this closed form is within 5e-14 relative (one rounding per step, accumulated).
-    * `CosineAnnealingLR`: torch's recursion
-      ``lr_t = eta_min + (lr_{t-1} - eta_min) * (1 + cos(pi t / T)) / (1 + cos(pi (t - 1) / T))``
-      telescopes to the cosine, so up to ``T_max`` this is within 2e-14 relative. Past ``T_max`` torch's
-      schedule rises again (period ``2 * T_max``), restarting its recursion one step after each trough
-      from ``(lr - eta_min) * (1 - cos(pi / T)) / 2``; this is reproduced, with the bits that torch's
-      ``lr_t - eta_min`` keeps at that restart. When ``eta_min > 0``, torch then rounds the tiny
-      ``lr - eta_min`` to the bits of ``lr`` at every step, and the rise multiplies that noise up:
-      the rising half-periods are within 2e-12 relative (worst measured: 1.2e-12, T_max=400,
-      eta_min=0.9 lr); with ``eta_min=0``, within 2e-14.
-    * `SequentialLR` of the above except `OneCycleLR` (which rewrites the optimizer's ``initial_lr``
-      that the other schedulers start from): ``schedulers=[(cls, kwargs), ...]``, ``milestones=[...]``.
-      torch restarts each scheduler at its milestone from its closed form, which is `join`.
-
-    Bounds and monotonicity are those of the torch scheduler. `CosineAnnealingLR` falls on
-    ``[2k T_max, (2k + 1) T_max]`` and rises on ``[(2k + 1) T_max, (2k + 2) T_max]``, within
-    ``[eta_min, lr]`` except that past the first trough torch's peaks (and these) can pass `lr` by
-    ~``5e-16 * step + 5e-17 * T_max**2`` relative: torch's restart constant carries the rounding of
-    ``pi * step / T_max``.
-
-    Args:
-        cls: the scheduler class, e.g. ``torch.optim.lr_scheduler.StepLR``.
-        lr: the optimizer's learning rate, ``>= 0`` (not needed for `OneCycleLR`).
-        **kwargs: the scheduler's arguments. `LambdaLR`'s ``lr_lambda`` is called with the int step,
-            or, for a tensor step, with the step as a 0-d float64 tensor (so that Python-scalar
-            arithmetic stays float64): it must then use tensor ops (``torch.minimum``, ``torch.where``,
-            ``**``), not ``min``, ``if`` or ``math`` functions, to run under ``torch.compile``.
-
-    Returns:
-        A `Schedule`.
-
-    Raises:
-        ConfigError: `cls` is not supported (the message lists those that are), an argument is
-            unknown, missing or out of range.
-
-    Example:
-        >>> from torch.optim.lr_scheduler import LinearLR, MultiStepLR, SequentialLR
-        >>> s = from_torch(MultiStepLR, lr=1.0, milestones=[2, 4], gamma=0.5)
-        >>> [s(t) for t in range(6)]
-        [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
-        >>> warm = from_torch(SequentialLR, lr=1.0, milestones=[2],
-        ...                   schedulers=[(LinearLR, {"start_factor": 0.5, "total_iters": 2}),
-        ...                               (MultiStepLR, {"milestones": [1], "gamma": 0.1})])
-        >>> [warm(t) for t in range(5)]
-        [0.5, 0.75, 1.0, 0.1, 0.1]
-    """
-    build = _TORCH_BUILDERS.get(cls) if isinstance(cls, type) else None
-    if isinstance(cls, lr_scheduler.LRScheduler):  # the live scheduler rather than its class
-        config_check([f"cls must be a scheduler class, got a live {type(cls).__name__}; write {schedule_call(cls)} instead"], "from_torch")
-    if build is None:
-        names = ", ".join(c.__name__ for c in _TORCH_BUILDERS)
-        config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")
-    return build(lr, kwargs, True, f"from_torch({cls.__name__})")

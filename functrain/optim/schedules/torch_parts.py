@@ -1,0 +1,346 @@
+"""The parts `from_torch` assembles: each `torch.optim.lr_scheduler` class as a pure function of the step.
+
+A torch scheduler changes the optimizer's lr once a step, either outright (``lr = f(step)``: `LambdaLR`,
+`OneCycleLR`, `CyclicLR`, `CosineAnnealingWarmRestarts`) or by a factor of the lr it finds
+(``lr = lr * m(step)``: `StepLR`, `ExponentialLR`, ...). Alone, either is a closed form of the step.
+Chained (`ChainedScheduler`), the lr at a step is the value of the member that last set it outright,
+times the factors every other member applied since; so each class is described here by a `Part`:
+
+* ``value(t)``: the lr after ``t`` steps when it drives the optimizer alone;
+* ``sets(t)``: the last step ``<= t`` at which it sets the lr outright (-1: not yet), or ``None``;
+* ``factor(a, t)``: the product of its factors over steps ``a + 1 .. t`` (a window in which it sets
+  nothing), or ``None`` for a class that sets the lr at every step.
+
+Every function takes float64 step tensors (the int path of a schedule goes through a CPU tensor), so
+the schedules built on parts run under ``torch.compile(fullgraph=True)``.
+
+A part is built in one of three modes, the three ways torch starts a scheduler: ``"initial"`` (its
+constructor's initial step: `_initial_step`), ``"entered"`` (a `SequentialLR` reaching its milestone:
+``_update_lr(0)``, the closed form at 0) and ``"stepped"`` (a plain ``step()`` into epoch 0, which torch
+does to the members of a `ChainedScheduler` that a `SequentialLR` starts: there `ExponentialLR`,
+`PolynomialLR`, `CosineAnnealingLR` and `MultiplicativeLR` apply their step-0 factor once more).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from functrain.optim.schedules.catalogue import (
+    ValueFn,
+    _check_interval,
+    _check_number,
+    _check_steps,
+    _empty_phases,
+    _one_cycle_phases,
+    phased_value,
+)
+from functrain.errors import config_check
+
+Mode = Literal["initial", "entered", "stepped"]
+Window = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One torch scheduler as functions of float64 step tensors (see the module docstring)."""
+
+    value: ValueFn
+    sets: ValueFn | None = None
+    factor: Window | None = None
+    adds: bool = False  # a CosineAnnealingLR in it restarts by adding to the lr it finds
+    affine: bool = False  # a CosineAnnealingLR with eta_min != 0 in it: no factor, no set, at some steps
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a scheduler finds when torch builds it: the group's ``initial_lr`` (its ``base_lrs``) and how it starts."""
+
+    base: float
+    mode: Mode
+    where: str
+
+
+def every_step(t: torch.Tensor) -> torch.Tensor:
+    """`sets` of a class that sets the lr at every step."""
+    return t
+
+
+def relative(value: ValueFn, factor: Window, mode: Mode, restarts: ValueFn | None = None) -> Part:
+    """A part that multiplies the lr it finds; entered at a milestone it sets the lr (closed form) first."""
+    adds = restarts is not None
+    if mode != "entered":
+        return Part(value, restarts, factor, adds)
+    if restarts is None:
+        return Part(value, lambda t: torch.zeros_like(t), factor)
+    return Part(value, lambda t: torch.clamp(restarts(t), min=0), factor, adds)
+
+
+def _counted(a: torch.Tensor, t: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+    """How many of `steps` (repeats counted) lie in ``(a, t]``."""
+    count = torch.zeros_like(t)
+    for step in steps:
+        count = count + ((a < step) & (step <= t)).to(t.dtype)
+    return count
+
+
+# -- the classes that multiply the lr they find -----------------------------------------------------------
+
+
+def step_lr(s: Setting, step_size: int, gamma: float) -> Part:
+    def value(t: torch.Tensor) -> torch.Tensor:
+        return s.base * torch.pow(gamma, torch.div(t, step_size, rounding_mode="floor"))
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = torch.clamp(a, min=0)
+        done = torch.div(t, step_size, rounding_mode="floor") - torch.div(a, step_size, rounding_mode="floor")
+        return torch.pow(gamma, done)
+
+    return relative(value, factor, s.mode)
+
+
+def multistep_lr(s: Setting, milestones: Sequence[int], gamma: float) -> Part:
+    ordered = sorted(milestones)
+    distinct = sorted(set(ordered))
+    pieces = [s.base]  # as torch's recursion: at a milestone met n times, lr * gamma ** n
+    for milestone in distinct:
+        pieces.append(pieces[-1] * gamma ** ordered.count(milestone))
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(t, pieces[0])
+        for i, milestone in enumerate(distinct):
+            out = torch.where(t >= milestone, pieces[i + 1], out)
+        return out
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.pow(gamma, _counted(a, t, ordered))
+
+    return relative(value, factor, s.mode)
+
+
+def exponential_lr(s: Setting, gamma: float) -> Part:
+    first = -1 if s.mode == "stepped" else 0  # the step before the first factor
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.pow(gamma, t - torch.clamp(a, min=first))
+
+    return relative(lambda t: s.base * torch.pow(gamma, t - first), factor, s.mode)
+
+
+def linear_lr(s: Setting, start_factor: float, end_factor: float, total_iters: int) -> Part:
+    span = end_factor - start_factor
+
+    def level(t: torch.Tensor) -> torch.Tensor:  # torch's closed form, over base
+        return start_factor + span * torch.clamp(t, max=total_iters) / total_iters
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ratio = level(t) / torch.where(a < 0, 1.0, level(a))
+        return torch.where(a >= total_iters, 1.0, ratio)  # past total_iters the factors are 1 (level may be 0)
+
+    return relative(lambda t: s.base * level(t), factor, s.mode)
+
+
+def constant_lr(s: Setting, factor: float, total_iters: int) -> Part:
+    lowered, restored = s.base * factor, s.base * factor * (1.0 / factor)  # torch's two roundings
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t >= total_iters, restored, torch.full_like(t, lowered))
+
+    def window(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        lower = torch.where((a < 0) & (t >= 0), factor, torch.ones_like(t))
+        return lower * torch.where((a < total_iters) & (total_iters <= t), 1.0 / factor, torch.ones_like(t))
+
+    return relative(value, window, s.mode)
+
+
+def polynomial_lr(s: Setting, total_iters: int, power: float) -> Part:
+    def level(t: torch.Tensor) -> torch.Tensor:  # torch's closed form, over base
+        return (1.0 - torch.clamp(t, max=total_iters) / total_iters) ** power
+
+    first = -1 if s.mode == "stepped" else 0
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ratio = level(t) / level(torch.clamp(a, min=first))
+        return torch.where(a >= total_iters, 1.0, ratio)
+
+    return relative(lambda t: s.base * factor(torch.full_like(t, -1.0), t), factor, s.mode)
+
+
+def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
+    """Chainable (as a factor) only with ``eta_min == 0``: otherwise each step is affine in the lr."""
+    value = cosine_annealing(s.base, T_max, eta_min, first=s.mode == "initial")
+    if eta_min != 0:  # neither sets the lr nor multiplies it: affine in it at every step
+        return Part(value, (lambda t: torch.zeros_like(t)) if s.mode == "entered" else None, affine=True)
+    first = -1 if s.mode == "stepped" else 0
+
+    def level(t: torch.Tensor) -> torch.Tensor:
+        return 1 + torch.cos(math.pi * t / T_max)
+
+    def restarts(t: torch.Tensor) -> torch.Tensor:
+        # torch adds (base - eta_min) * (1 - cos(pi / T)) / 2 at T + 1, 3 T + 1, ...: there it sets the lr
+        cycles = torch.div(t - (T_max + 1), 2 * T_max, rounding_mode="floor")
+        return torch.where(t > T_max, T_max + 1 + 2 * T_max * cycles, -1.0)
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return level(t) / level(torch.clamp(a, min=first))
+
+    return relative(value, factor, s.mode, restarts)
+
+
+def cosine_annealing(base_lr: float, T_max: int, eta_min: float, first: bool) -> ValueFn:
+    """torch's `CosineAnnealingLR`, its recursion summed in closed form (see `from_torch`)."""
+    # the step after each trough (T_max, 3 T_max, ...) restarts torch's recursion from this increment
+    restart = eta_min + (base_lr - eta_min) * (1 - math.cos(math.pi / T_max)) / 2
+    carried = restart - eta_min  # what the recursion multiplies from there on: lr - eta_min
+
+    def value_fn(t: torch.Tensor) -> torch.Tensor:
+        level = 1 + torch.cos(math.pi * t / T_max)
+        falling = eta_min + (base_lr - eta_min) * level / 2
+        if first:  # torch's initial step keeps the optimizer's lr; a milestone uses the closed form
+            falling = torch.where(t == 0, base_lr, falling)
+        cycles = torch.clamp(torch.div(t - (T_max + 1), 2 * T_max, rounding_mode="floor"), min=0)
+        after_trough = T_max + 1 + 2 * T_max * cycles
+        rising = eta_min + carried * (level / (1 + torch.cos(math.pi * after_trough / T_max)))
+        rising = torch.where(t == after_trough, restart, rising)
+        return torch.where(t <= T_max, falling, rising)
+
+    return value_fn
+
+
+def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps: int) -> Part:
+    """The product of ``lr_lambda(1), ..., lr_lambda(t)``, computed once on the host as torch does, and read by index."""
+    with_zero = s.mode != "initial"  # entered or stepped, torch multiplies by lr_lambda(0) too
+    factors = [float(lr_lambda(0)) if with_zero else 1.0] + [float(lr_lambda(i)) for i in range(1, total_steps + 1)]
+    zero = next((i for i, f in enumerate(factors) if f == 0 or not math.isfinite(f)), None)
+    if zero is not None:
+        problem = f"lr_lambda({zero}) must be a finite number != 0 (the lr would stay there), got {factors[zero]!r}"
+        config_check([problem], s.where)
+    values, products = [s.base * factors[0]], [factors[0]]
+    for f in factors[1:]:  # torch's order of roundings: lr = lr * lr_lambda(t)
+        values.append(values[-1] * f)
+        products.append(products[-1] * f)
+    value_table = torch.tensor(values, dtype=torch.float64)
+    product_table = torch.tensor(products, dtype=torch.float64)
+
+    def read(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        index = torch.clamp(t, 0, total_steps).to(torch.int64)
+        return torch.take(table.to(t.device), index)
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return read(product_table, t) / torch.where(a < 0, 1.0, read(product_table, a))
+
+    if s.mode == "entered":  # from the lr the previous scheduler left: a factor, never set
+        return Part(lambda t: s.base * factor(torch.full_like(t, -1.0), t), None, factor)
+    return Part(lambda t: read(value_table, t), None, factor)
+
+
+# -- the classes that set the lr outright -------------------------------------------------------------------
+
+
+def lambda_lr(s: Setting, lr_lambda: Callable[[Any], Any]) -> Part:
+    def value(t: torch.Tensor) -> torch.Tensor:
+        return s.base * torch.as_tensor(lr_lambda(t), dtype=torch.float64, device=t.device)
+
+    return Part(value, every_step)
+
+
+def cyclic_lr(
+    s: Setting,
+    base_lr: float,
+    max_lr: float,
+    step_size_up: int,
+    step_size_down: int | None,
+    mode: str,
+    gamma: float,
+    scale_fn: Callable[[Any], Any] | None,
+    scale_mode: str,
+) -> Part:
+    """`CyclicLR.get_lr` op for op, from its own ``base_lr`` (the group's ``initial_lr`` at its initial step)."""
+    initial = s.base
+    up = float(step_size_up)
+    total = up + (float(step_size_down) if step_size_down is not None else up)
+    ratio = up / total
+    if scale_fn is None:  # torch's built-in modes fix the scale mode
+        scale_mode = "iterations" if mode == "exp_range" else "cycle"
+        scale_fn = {
+            "triangular": lambda x: torch.ones_like(x),
+            "triangular2": lambda x: 1 / (2.0 ** (x - 1)),
+            "exp_range": lambda x: gamma**x,
+        }[mode]
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        cycle = torch.floor(1 + t / total)
+        x = 1.0 + t / total - cycle
+        scale = torch.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
+        height = (max_lr - base_lr) * scale
+        scaled = scale_fn(cycle if scale_mode == "cycle" else t)
+        lr = base_lr + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device)
+        if s.mode == "initial":  # torch's initial step runs before it replaces base_lrs: from initial_lr
+            lr = torch.where(t == 0, initial + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device), lr)
+        return lr
+
+    return Part(value, every_step)
+
+
+def warm_restarts_lr(s: Setting, T_0: int, T_mult: int, eta_min: float) -> Part:
+    """`CosineAnnealingWarmRestarts`: cycles of ``T_0, T_0 T_mult, ...`` steps, op for op as its `get_lr`."""
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        if T_mult == 1:
+            t_cur, t_i = torch.remainder(t, T_0), torch.full_like(t, float(T_0))
+        else:
+            t_cur, t_i = _warm_restart_position(t, T_0, T_mult)
+        return eta_min + (s.base - eta_min) * (1 + torch.cos(math.pi * t_cur / t_i)) / 2
+
+    return Part(value, every_step)
+
+
+def _warm_restart_position(t: torch.Tensor, T_0: int, T_mult: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T_cur, T_i)`` at step `t`: cycle ``n`` starts at ``T_0 (T_mult^n - 1) / (T_mult - 1)``."""
+
+    def start(n: torch.Tensor) -> torch.Tensor:  # integers, exact in float64
+        return T_0 * (torch.pow(float(T_mult), n) - 1) / (T_mult - 1)
+
+    # the logarithm is a guess within one of the cycle; integer comparisons settle it
+    n = torch.floor(torch.log(t / T_0 * (T_mult - 1) + 1) / math.log(T_mult))
+    n = torch.where(start(n) > t, n - 1, n)
+    n = torch.where(start(n + 1) <= t, n + 1, n)
+    return t - start(n), T_0 * torch.pow(float(T_mult), n)
+
+
+def one_cycle_lr(total: int, a: Mapping[str, Any]) -> Part:
+    phases = _one_cycle_phases(
+        total, a["max_lr"], a["pct_start"], a["div_factor"], a["final_div_factor"], bool(a["three_phase"])
+    )
+    return Part(phased_value(phases, a["anneal_strategy"], total), every_step)
+
+
+def one_cycle_total(a: Mapping[str, Any], where: str) -> int:
+    """`OneCycleLR`'s total steps, its arguments checked."""
+    problems: list[str] = []
+    _check_number(problems, "max_lr", a["max_lr"])
+    if a["total_steps"] is not None:
+        _check_steps(problems, "total_steps", a["total_steps"], minimum=1)
+        total = a["total_steps"]
+    else:
+        _check_steps(problems, "epochs", a["epochs"], minimum=1)
+        _check_steps(problems, "steps_per_epoch", a["steps_per_epoch"], minimum=1)
+        total = a["epochs"] * a["steps_per_epoch"] if not problems else 1
+    _check_interval(problems, "pct_start", a["pct_start"], 0.0, 1.0, closed="")
+    if a["anneal_strategy"] not in ("cos", "linear"):
+        problems.append(f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={a['anneal_strategy']!r}")
+    _check_number(problems, "div_factor", a["div_factor"], need="> 0")
+    _check_number(problems, "final_div_factor", a["final_div_factor"], need="> 0")
+    config_check(problems, where)
+    phases = _one_cycle_phases(
+        total, a["max_lr"], a["pct_start"], a["div_factor"], a["final_div_factor"], bool(a["three_phase"])
+    )
+    empty = _empty_phases(phases)
+    if empty:
+        problem = f"phase {empty[0]} of the cycle has zero steps (torch divides by zero there)"
+        config_check([f"{problem}, got pct_start={a['pct_start']!r}, total_steps={total!r}"], where)
+    return total

@@ -1,0 +1,556 @@
+"""`from_torch`: every `torch.optim.lr_scheduler` class but `ReduceLROnPlateau`, as a pure schedule.
+
+The classes are described one by one in `torch_parts`; this module checks their arguments, builds the
+parts in the order torch builds the schedulers (a composite's members first, depth first), and joins
+them as `SequentialLR` (one member after another) and `ChainedScheduler` (every member at every step)
+join them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+from torch.optim import lr_scheduler
+
+from functrain.errors import config_check
+from functrain.optim.porting import schedule_call
+from functrain.optim.schedules import torch_parts as P
+from functrain.optim.schedules.catalogue import (
+    Schedule,
+    _check_interval,
+    _check_number,
+    _check_steps,
+    _described,
+    _lift,
+)
+from functrain.optim.schedules.torch_parts import Part, Setting
+
+__all__ = ["from_torch"]
+
+_IGNORED = ("optimizer", "last_epoch")
+# arguments of torch's that only change momentum, which functrain's optimizers hold constant
+_MOMENTUM_ARGS = ("cycle_momentum", "base_momentum", "max_momentum")
+
+
+def _torch_args(cls: type, kwargs: Mapping[str, Any], where: str, extra: Mapping[str, Any] = {}) -> dict[str, Any]:
+    """The scheduler's arguments (torch's defaults filled in), or a ConfigError naming the bad ones."""
+    params = {n: p.default for n, p in inspect.signature(cls).parameters.items() if n not in _IGNORED}
+    params.update(extra)
+    problems: list[str] = []
+    unknown = [name for name in kwargs if name not in params]
+    if unknown:
+        problems.append(f"{cls.__name__} takes no argument {', '.join(unknown)}; it takes {', '.join(params)}")
+    missing = [n for n, default in params.items() if default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        problems.append(f"{cls.__name__} needs {', '.join(missing)}")
+    config_check(problems, where)
+    return {n: kwargs.get(n, default) for n, default in params.items()}
+
+
+# -- one builder per class: (kwargs, setting) -> Part ---------------------------------------------------
+
+
+def _step(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.StepLR, kwargs, s.where)
+    problems: list[str] = []
+    _check_steps(problems, "step_size", a["step_size"], minimum=1)
+    _check_number(problems, "gamma", a["gamma"])
+    config_check(problems, s.where)
+    return P.step_lr(s, a["step_size"], float(a["gamma"]))
+
+
+def _multistep(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.MultiStepLR, kwargs, s.where)
+    problems: list[str] = []
+    milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence | set) else None
+    if milestones is None:
+        problems.append(f"milestones must be a list of steps, got milestones={a['milestones']!r}")
+    for i, milestone in enumerate(milestones or []):
+        _check_steps(problems, f"milestones[{i}]", milestone)
+    _check_number(problems, "gamma", a["gamma"])
+    config_check(problems, s.where)
+    return P.multistep_lr(s, list(Counter(milestones).elements()), float(a["gamma"]))
+
+
+def _exponential(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.ExponentialLR, kwargs, s.where)
+    problems: list[str] = []
+    _check_number(problems, "gamma", a["gamma"])
+    config_check(problems, s.where)
+    return P.exponential_lr(s, float(a["gamma"]))
+
+
+def _cosine(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.CosineAnnealingLR, kwargs, s.where)
+    problems: list[str] = []
+    _check_steps(problems, "T_max", a["T_max"], minimum=1)
+    _check_number(problems, "eta_min", a["eta_min"])
+    config_check(problems, s.where)
+    return P.cosine_annealing_lr(s, a["T_max"], float(a["eta_min"]))
+
+
+def _linear(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.LinearLR, kwargs, s.where)
+    problems: list[str] = []
+    _check_interval(problems, "start_factor", a["start_factor"], 0.0, 1.0, closed="high")
+    _check_interval(problems, "end_factor", a["end_factor"], 0.0, 1.0, closed="both")
+    _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
+    config_check(problems, s.where)
+    return P.linear_lr(s, float(a["start_factor"]), float(a["end_factor"]), a["total_iters"])
+
+
+def _constant(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.ConstantLR, kwargs, s.where)
+    problems: list[str] = []
+    # torch accepts factor=0 and total_iters=0 but then divides by zero, or never restores the lr
+    _check_interval(problems, "factor", a["factor"], 0.0, 1.0, closed="high")
+    _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
+    config_check(problems, s.where)
+    return P.constant_lr(s, float(a["factor"]), a["total_iters"])
+
+
+def _polynomial(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.PolynomialLR, kwargs, s.where)
+    problems: list[str] = []
+    _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
+    _check_number(problems, "power", a["power"])
+    config_check(problems, s.where)
+    return P.polynomial_lr(s, a["total_iters"], float(a["power"]))
+
+
+def _lambda(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.LambdaLR, kwargs, s.where)
+    if not callable(a["lr_lambda"]):
+        config_check([f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"], s.where)
+    return P.lambda_lr(s, a["lr_lambda"])
+
+
+def _multiplicative(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    empty = inspect.Parameter.empty
+    a = _torch_args(lr_scheduler.MultiplicativeLR, kwargs, s.where, extra={"total_steps": empty})
+    problems: list[str] = []
+    if not callable(a["lr_lambda"]):
+        problems.append(f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}")
+    _check_steps(problems, "total_steps", a["total_steps"], minimum=1)
+    config_check(problems, s.where)
+    return P.multiplicative_lr(s, a["lr_lambda"], a["total_steps"])
+
+
+def _one_cycle(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.OneCycleLR, kwargs, s.where)
+    return P.one_cycle_lr(P.one_cycle_total(a, s.where), a)
+
+
+def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.CyclicLR, kwargs, s.where)
+    problems: list[str] = []
+    _check_number(problems, "base_lr", a["base_lr"])
+    _check_number(problems, "max_lr", a["max_lr"])
+    _check_steps(problems, "step_size_up", a["step_size_up"], minimum=1)
+    if a["step_size_down"] is not None:
+        _check_steps(problems, "step_size_down", a["step_size_down"])
+    if a["scale_fn"] is None and a["mode"] not in ("triangular", "triangular2", "exp_range"):
+        problems.append(f"mode must be 'triangular', 'triangular2' or 'exp_range', got mode={a['mode']!r}")
+    if a["scale_fn"] is not None and not callable(a["scale_fn"]):
+        problems.append(f"scale_fn must be a function of the cycle or step, got scale_fn={a['scale_fn']!r}")
+    if a["scale_mode"] not in ("cycle", "iterations"):
+        problems.append(f"scale_mode must be 'cycle' or 'iterations', got scale_mode={a['scale_mode']!r}")
+    _check_number(problems, "gamma", a["gamma"])
+    config_check(problems, s.where)
+    return P.cyclic_lr(
+        s,
+        float(a["base_lr"]), float(a["max_lr"]), a["step_size_up"], a["step_size_down"],
+        a["mode"], float(a["gamma"]), a["scale_fn"], a["scale_mode"],
+    )  # fmt: skip
+
+
+def _warm_restarts(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.CosineAnnealingWarmRestarts, kwargs, s.where)
+    problems: list[str] = []
+    _check_steps(problems, "T_0", a["T_0"], minimum=1)
+    _check_steps(problems, "T_mult", a["T_mult"], minimum=1)
+    _check_number(problems, "eta_min", a["eta_min"])
+    config_check(problems, s.where)
+    return P.warm_restarts_lr(s, a["T_0"], a["T_mult"], float(a["eta_min"]))
+
+
+_LEAVES: dict[type, Callable[[Mapping[str, Any], Setting], Part]] = {
+    lr_scheduler.StepLR: _step,
+    lr_scheduler.MultiStepLR: _multistep,
+    lr_scheduler.ExponentialLR: _exponential,
+    lr_scheduler.CosineAnnealingLR: _cosine,
+    lr_scheduler.LinearLR: _linear,
+    lr_scheduler.ConstantLR: _constant,
+    lr_scheduler.PolynomialLR: _polynomial,
+    lr_scheduler.LambdaLR: _lambda,
+    lr_scheduler.MultiplicativeLR: _multiplicative,
+    lr_scheduler.OneCycleLR: _one_cycle,
+    lr_scheduler.CyclicLR: _cyclic,
+    lr_scheduler.CosineAnnealingWarmRestarts: _warm_restarts,
+}
+_COMPOSITES = (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)
+SUPPORTED = (*_LEAVES, *_COMPOSITES)
+
+
+# -- the composites ---------------------------------------------------------------------------------
+
+
+def _members(a: Mapping[str, Any], where: str) -> list[tuple[type, Mapping[str, Any]]]:
+    """The ``schedulers=[(cls, kwargs), ...]`` of a composite, checked."""
+    problems: list[str] = []
+    entries = list(a["schedulers"]) if isinstance(a["schedulers"], Sequence) else []
+    if not entries:
+        problems.append(f"schedulers must be a non-empty list of (cls, kwargs) pairs, got schedulers={a['schedulers']!r}")
+    names = ", ".join(cls.__name__ for cls in SUPPORTED)
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Mapping)):
+            problems.append(f"schedulers[{i}] must be a pair (cls, kwargs), got schedulers[{i}]={entry!r}")
+        elif entry[0] not in SUPPORTED:
+            problems.append(f"schedulers[{i}] must be one of {names}, got schedulers[{i}][0]={entry[0]!r}")
+        elif "lr" in entry[1]:
+            problems.append(f"schedulers[{i}] shares the optimizer's lr: pass lr= to from_torch only")
+    config_check(problems, where)
+    return entries
+
+
+def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.SequentialLR, kwargs, s.where)
+    entries = _members(a, s.where)
+    problems: list[str] = []
+    milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence) else [None]
+    if len(milestones) != len(entries) - 1:
+        problems.append(f"milestones must hold len(schedulers) - 1 steps, got milestones={a['milestones']!r}")
+    for i, milestone in enumerate(milestones):
+        _check_steps(problems, f"milestones[{i}]", milestone)
+    if not problems and any(m >= n for m, n in zip(milestones, milestones[1:])):
+        problems.append(f"milestones must be strictly increasing, got milestones={milestones!r}")
+    config_check(problems, s.where)
+    # torch starts, with its initial step, the member that the milestones select at step 0
+    first = bisect_right(milestones, 0)
+    for i, (cls, _) in enumerate(entries):
+        if cls in _COMPOSITES and (i > first or cls is lr_scheduler.SequentialLR):
+            config_check([_NESTED_SEQUENCE if i == first else _LATE_COMPOSITE.format(i=i, cls=cls.__name__)], s.where)
+    parts = []
+    for i, (cls, kw) in enumerate(entries):
+        # the member started at step 0 takes torch's initial step again, after every scheduler was built:
+        # a CyclicLR then runs from its own base_lr (as in a plain step), a ChainedScheduler steps its members
+        restarted = cls in (lr_scheduler.ChainedScheduler, lr_scheduler.CyclicLR)
+        mode = ("stepped" if restarted else "initial") if i <= first else "entered"
+        parts.append(_build(cls, kw, Setting(s.base, mode, f"{s.where}, schedulers[{i}] ({cls.__name__})")))
+    return _sequence(parts[first:], [0, *milestones[first:]])
+
+
+_LATE_COMPOSITE = (
+    "schedulers[{i}] is a {cls}, which torch cannot start at a milestone (SequentialLR starts a member "
+    "there through its closed form, which {cls} lacks: torch raises NotImplementedError); "
+    "put its members in this SequentialLR instead"
+)
+_NESTED_SEQUENCE = (
+    "a SequentialLR first in a SequentialLR runs one step ahead of its own milestones in torch (the outer "
+    "one steps it at its start); write the milestones of both in one SequentialLR instead"
+)
+
+
+def _sequence(parts: Sequence[Part], starts: Sequence[int]) -> Part:
+    """`parts` one after the other, part ``k`` from step ``starts[k]`` on, at its own step ``t - starts[k]``."""
+    value_fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    sets_fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    for k, part in enumerate(parts):
+        start, so_far = starts[k], _sequence_value(value_fns, starts[:k])
+        if k and part.sets is None and part.factor is not None:  # entered from the lr it finds (MultiplicativeLR)
+            entry = _host(so_far, start - 1)
+            floor = _host(_sequence_value(sets_fns, starts[:k]), start - 1)
+            value_fns.append(lambda u, part=part, entry=entry: entry * part.factor(torch.full_like(u, -1.0), u))
+        else:
+            value_fns.append(part.value)
+            floor = 0.0
+        sets_fns.append(_shifted_sets(part, start, floor))
+    affine = any(p.affine for p in parts)
+    factor = None if affine else _sequence_factor(parts, starts)
+    return Part(_sequence_value(value_fns, starts), _sequence_value(sets_fns, starts), factor, any(p.adds for p in parts), affine)
+
+
+def _host(fn: Callable[[torch.Tensor], torch.Tensor], step: int) -> float:
+    return float(fn(torch.tensor(float(step), dtype=torch.float64)))
+
+
+def _shifted_sets(part: Part, start: int, floor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A member's `sets` in the sequence's steps: its own last set, else the last set before it began."""
+    if part.sets is None:
+        return lambda u: torch.full_like(u, floor)
+    return lambda u: torch.where(part.sets(u) >= 0, start + part.sets(u), floor)
+
+
+def _sequence_value(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], starts: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function of member ``k`` (at its own step) from ``starts[k]`` on."""
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        out = fns[0](t)
+        for fn, start in zip(fns[1:], starts[1:]):
+            out = torch.where(t >= start, fn(torch.clamp(t - start, min=0)), out)
+        return out
+
+    return value
+
+
+def _sequence_factor(parts: Sequence[Part], starts: Sequence[int]) -> P.Window:
+    """The product of the members' factors over the part of ``(a, t]`` each one covers."""
+    ends = [*starts[1:], None]
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = torch.ones_like(t)
+        for part, start, end in zip(parts, starts, ends):
+            if part.factor is None:  # sets the lr at every step: no window without a set reaches it
+                continue
+            low = torch.clamp(a, min=start - 1) if start else a
+            high = t if end is None else torch.clamp(t, max=end - 1)
+            covered = part.factor(low - start, torch.clamp(high, min=low) - start)
+            out = out * torch.where(high > low, covered, 1.0)
+        return out
+
+    return factor
+
+
+def _chained(kwargs: Mapping[str, Any], s: Setting) -> Part:
+    a = _torch_args(lr_scheduler.ChainedScheduler, kwargs, s.where)
+    entries = _members(a, s.where)
+    parts = []
+    for i, (cls, kw) in enumerate(entries):
+        where = f"{s.where}, schedulers[{i}] ({cls.__name__})"
+        if cls is lr_scheduler.SequentialLR and s.mode == "stepped":
+            config_check([_NESTED_SEQUENCE], where)
+        part = _build(cls, kw, Setting(s.base, s.mode, where))
+        if part.affine:
+            config_check([_AFFINE], where)
+        parts.append(part)
+    if any(part.adds for part in parts) and sum(part.sets is not None for part in parts) > 1:
+        config_check([_ADDS], s.where)
+    return _chain(s.base, parts)
+
+
+_AFFINE = (
+    "a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler (alone or in a SequentialLR there): "
+    "torch's step then mixes eta_min into the other members' factors at every step, which no function "
+    "of the step alone reproduces; use eta_min=0 there, or a SequentialLR"
+)
+_ADDS = (
+    "a CosineAnnealingLR (eta_min=0) in a ChainedScheduler with other members that set the lr outright "
+    "(LambdaLR, OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts, SequentialLR, another "
+    "CosineAnnealingLR): past T_max torch restarts the cosine by adding to the lr it finds, which then "
+    "may be another member's; chain it only with schedulers that multiply the lr (StepLR, MultiStepLR, "
+    "ExponentialLR, LinearLR, ConstantLR, PolynomialLR, MultiplicativeLR)"
+)
+
+
+def _chain(base: float, parts: Sequence[Part]) -> Part:
+    """Every part at every step, in order: the last part to set the lr, times the others' factors since."""
+
+    def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = torch.ones_like(t)
+        for part in parts:
+            if part.factor is not None:
+                out = out * part.factor(a, t)
+        return out
+
+    def window(parts: Sequence[Part], a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = torch.ones_like(t)
+        for part in parts:
+            if part.factor is not None:  # an empty window is 1 (a factor at a trough would read 0 / 0)
+                out = out * torch.where(a < t, part.factor(torch.clamp(a, max=t), t), 1.0)
+        return out
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        out, latest = base * factor(torch.full_like(t, -1.0), t), torch.full_like(t, -1.0)
+        for j, part in enumerate(parts):
+            if part.sets is None:
+                continue
+            at = part.sets(t)  # ties go to the later member: it set the lr after the earlier one
+            since = part.value(t) * window(parts[:j], at, t) * window(parts[j + 1 :], at - 1, t)
+            out = torch.where((at >= 0) & (at >= latest), since, out)
+            latest = torch.maximum(latest, at)
+        return out
+
+    setters = [part.sets for part in parts if part.sets is not None]
+    sets = None if not setters else lambda t: torch.stack([fn(t) for fn in setters]).amax(0)
+    return Part(value, sets, factor, any(part.adds for part in parts), any(part.affine for part in parts))
+
+
+_BUILDERS: dict[type, Callable[[Mapping[str, Any], Setting], Part]] = {
+    **_LEAVES,
+    lr_scheduler.SequentialLR: _sequential,
+    lr_scheduler.ChainedScheduler: _chained,
+}
+
+
+def _build(cls: type, kwargs: Mapping[str, Any], s: Setting) -> Part:
+    return _BUILDERS[cls](kwargs, s)
+
+
+def _leaves(cls: type, kwargs: Mapping[str, Any]) -> list[tuple[type, Mapping[str, Any]]]:
+    """The plain schedulers of a (nested) composite, in the order torch builds them."""
+    if cls not in _COMPOSITES:
+        return [(cls, kwargs)]
+    entries = kwargs.get("schedulers")
+    if not isinstance(entries, Sequence):
+        return []
+    found = []
+    for entry in entries:
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in SUPPORTED and isinstance(entry[1], Mapping):
+            found.extend(_leaves(*entry))
+    return found
+
+
+def _base(cls: type, lr: Any, kwargs: Mapping[str, Any], where: str) -> float:
+    """The optimizer's ``initial_lr`` that torch's schedulers start from (their ``base_lrs``)."""
+    leaves = _leaves(cls, kwargs)
+    problems: list[str] = []
+    cycles = [i for i, (leaf, _) in enumerate(leaves) if leaf is lr_scheduler.OneCycleLR]
+    if cycles and cycles != [0]:
+        problems.append(
+            "OneCycleLR must be the first scheduler built (and the only one): it rewrites the optimizer's "
+            "initial_lr, which the schedulers built before it took as their base"
+        )
+    config_check(problems, where)
+    first, first_kwargs = leaves[0] if leaves else (None, {})
+    if first is lr_scheduler.OneCycleLR:
+        max_lr, div = first_kwargs.get("max_lr"), first_kwargs.get("div_factor", 25.0)
+        return max_lr / div if _is_number(max_lr) and _is_number(div) and div else 0.0
+    if first is lr_scheduler.CyclicLR:  # it sets the lr before torch records initial_lr
+        base = first_kwargs.get("base_lr")
+        return float(base) if _is_number(base) else 0.0
+    _check_number(problems, "lr", lr)
+    config_check(problems, where)
+    return float(lr)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@_described
+def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
+    """The schedule of a `torch.optim.lr_scheduler` class: the lr torch's optimizer has after `step` calls.
+
+    ``from_torch(StepLR, lr=0.1, step_size=30)`` is the learning rate that
+    ``StepLR(SGD(params, lr=0.1), step_size=30)`` gives the optimizer after ``step`` calls of
+    ``scheduler.step()``, i.e. the lr of the ``(step + 1)``-th optimizer step, as
+    `scale_by_learning_rate` counts. Pass the scheduler's own arguments by name (not ``optimizer`` or
+    ``last_epoch``) and the optimizer's base learning rate as `lr`. One parameter group.
+
+    Every class but `ReduceLROnPlateau` (see `reduce_on_plateau`). **Within 1e-12 relative of torch's
+    lr at every one of the first 1,000 steps** (``tests/test_schedules.py`` checks each class over its
+    arguments, measured in float64 on CPU); bit for bit where this says so:
+
+    * `MultiStepLR`, `LambdaLR`, `MultiplicativeLR`, `CyclicLR`, `OneCycleLR` with
+      ``anneal_strategy="linear"``: bit for bit (`LambdaLR`: when its lambda's tensor ops round as its
+      Python ones do; ``+ - * / ** //`` do).
+    * `OneCycleLR` (cos), `CosineAnnealingWarmRestarts`: torch's formula op for op, but ``torch.cos``
+      and ``math.cos`` differ in the last bit for about one argument in a thousand: within 1e-13
+      relative where the lr is not close to 0 (a trough with ``eta_min=0`` loses the relative bits
+      of ``1 + cos``; absolute error ~1e-16 lr). `OneCycleLR` ignores `lr` (it starts from
+      ``max_lr / div_factor``); past ``total_steps``, where torch raises, the last value is held.
+    * `StepLR`, `ExponentialLR`, `LinearLR`, `ConstantLR`, `PolynomialLR`: torch multiplies the lr
+      by a factor every step, so its last bits depend on the whole history; the closed form is within
+      5e-14 relative (one rounding a step, accumulated).
+    * `CosineAnnealingLR`: torch's recursion telescopes to the cosine (within 2e-14 up to ``T_max``);
+      past ``T_max`` it rises again (period ``2 * T_max``), restarting its recursion one step after
+      each trough, which is reproduced; with ``eta_min > 0`` the rising halves carry torch's rounding
+      of ``lr - eta_min`` (within 2e-12 relative, the one case above 1e-12; worst measured 1.2e-12,
+      ``T_max=400, eta_min=0.9 lr``).
+    * `MultiplicativeLR`: the lr is ``lr * lr_lambda(1) * ... * lr_lambda(t)``, which no formula gives
+      for any lambda: the lambda is called once per step on the host, with ints as torch calls it, up
+      to ``total_steps`` (an extra argument, required), and the products (as torch rounds them) kept in
+      a float64 table (8 bytes a step) that the schedule reads by index; past ``total_steps`` the last
+      value is held. A lambda must not return 0 (the lr would stay 0).
+    * `CyclicLR`: the lr cycle only. ``cycle_momentum`` and the momentum bounds are ignored, as
+      `OneCycleLR`'s are: functrain's momentum and ``b1`` are constants, so a torch run whose momentum
+      cycles is reproduced only with ``cycle_momentum=False``. `lr` is ignored (it starts from
+      ``base_lr``; built after another scheduler, its first value is torch's: the ``initial_lr``
+      the others started from). A ``scale_fn`` is called as `LambdaLR`'s lambda is.
+    * `SequentialLR` and `ChainedScheduler`, nested: ``schedulers=[(cls, kwargs), ...]`` (and
+      ``milestones=[...]``), each member as precise as alone. The members are taken to be built in
+      list order, depth first, as torch builds them (that order decides the lr they start from).
+      `SequentialLR` restarts each member at its milestone from its closed form (a `MultiplicativeLR`
+      continues from the lr it finds); in a `ChainedScheduler` the lr is the value of the member that
+      last set it outright (`LambdaLR`, `OneCycleLR`, `CyclicLR`, `CosineAnnealingWarmRestarts`, a
+      `CosineAnnealingLR` after its trough, a `SequentialLR` at a milestone) times every other
+      member's factors since, and a `ChainedScheduler` that starts a `SequentialLR` gets torch's extra
+      step-0 factor of `ExponentialLR`, `PolynomialLR`, `CosineAnnealingLR` and `MultiplicativeLR`.
+
+    Refused with a `ConfigError` that says why: what torch itself cannot run (a composite as a later
+    member of a `SequentialLR`: torch raises `NotImplementedError`), a `SequentialLR` first in a
+    `SequentialLR` (torch runs it one step ahead of its milestones), in a `ChainedScheduler` a
+    `CosineAnnealingLR` with ``eta_min != 0`` (torch's step is then affine in the lr: no closed form)
+    or one beside another member that sets the lr outright (past ``T_max`` torch restarts the cosine
+    by adding to whatever lr it finds), a `OneCycleLR` not built first (it rewrites the
+    ``initial_lr`` others started from), `ConstantLR` with ``factor=0`` or ``total_iters=0`` (torch
+    divides by zero or never restores). ``tests/test_schedules.py`` also draws random nested
+    composites and checks each against torch, or that it is refused for one of these reasons.
+
+    Bounds and monotonicity are those of the torch scheduler. `CosineAnnealingLR` falls on
+    ``[2k T_max, (2k + 1) T_max]`` and rises on ``[(2k + 1) T_max, (2k + 2) T_max]``, within
+    ``[eta_min, lr]`` except that past the first trough torch's peaks (and these) can pass `lr` by
+    ~``5e-16 * step + 5e-17 * T_max**2`` relative: torch's restart constant carries the rounding of
+    ``pi * step / T_max``.
+
+    Args:
+        cls: the scheduler class, e.g. ``torch.optim.lr_scheduler.StepLR``.
+        lr: the optimizer's learning rate, ``>= 0`` (not needed when the first scheduler built is a
+            `OneCycleLR` or a `CyclicLR`).
+        **kwargs: the scheduler's arguments. `LambdaLR`'s ``lr_lambda`` (and `CyclicLR`'s
+            ``scale_fn``) is called with the int step, or, for a tensor step, with the step as a 0-d
+            float64 tensor (so that Python-scalar arithmetic stays float64): it must then use tensor
+            ops (``torch.minimum``, ``torch.where``, ``**``), not ``min``, ``if`` or ``math``
+            functions, to run under ``torch.compile``.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: `cls` is not supported (the message lists those that are), an argument is
+            unknown, missing or out of range, or the combination is one of the refused above.
+
+    Example:
+        >>> from torch.optim.lr_scheduler import ChainedScheduler, ConstantLR, ExponentialLR
+        >>> from torch.optim.lr_scheduler import LinearLR, MultiStepLR, SequentialLR
+        >>> s = from_torch(MultiStepLR, lr=1.0, milestones=[2, 4], gamma=0.5)
+        >>> [s(t) for t in range(6)]
+        [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+        >>> warm = from_torch(SequentialLR, lr=1.0, milestones=[2],
+        ...                   schedulers=[(LinearLR, {"start_factor": 0.5, "total_iters": 2}),
+        ...                               (MultiStepLR, {"milestones": [1], "gamma": 0.1})])
+        >>> [warm(t) for t in range(5)]
+        [0.5, 0.75, 1.0, 0.1, 0.1]
+        >>> both = from_torch(ChainedScheduler, lr=1.0,
+        ...                   schedulers=[(ConstantLR, {"factor": 0.5, "total_iters": 2}),
+        ...                               (ExponentialLR, {"gamma": 0.5})])
+        >>> [both(t) for t in range(4)]
+        [0.5, 0.25, 0.25, 0.125]
+    """
+    build = _BUILDERS.get(cls) if isinstance(cls, type) else None
+    if build is None:
+        names = ", ".join(c.__name__ for c in SUPPORTED)
+        if isinstance(cls, lr_scheduler.LRScheduler):  # the live scheduler rather than its class
+            config_check([f"cls must be a scheduler class, got a live {type(cls).__name__}; write {schedule_call(cls)} instead"], "from_torch")
+        config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")
+    where = f"from_torch({cls.__name__})"
+    base = _base(cls, lr, kwargs, where)
+    part = build(kwargs, Setting(base, "initial", where))
+    if cls is lr_scheduler.LambdaLR:  # alone, the lambda gets the int step, as torch calls it
+        return _lambda_schedule(base, kwargs["lr_lambda"])
+    return _lift(part.value)
+
+
+def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:
+    def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
+        if isinstance(step, torch.Tensor):
+            return base_lr * torch.as_tensor(lr_lambda(step.to(torch.float64)), dtype=torch.float64, device=step.device)
+        return float(base_lr * lr_lambda(operator.index(step)))
+
+    return cast(Schedule, schedule)
