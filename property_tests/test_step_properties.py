@@ -28,8 +28,6 @@ OPTIMIZERS = {
     "rmsprop": lambda: ft.rmsprop(1e-2),
     "lion": lambda: ft.lion(1e-3),
     "nadamw": lambda: ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=True),
-    "asgd": lambda: ft.asgd(1e-2, t0=2),
-    "adafactor": lambda: ft.adafactor(1e-2),
     "muon_adamw": lambda: ft.muon(2e-2, others=ft.adamw(1e-2)),
 }
 
