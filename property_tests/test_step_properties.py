@@ -27,6 +27,8 @@ OPTIMIZERS = {
     "adam_fused_amsgrad": lambda: ft.adam(1e-2, amsgrad=True, fused=True),
     "rmsprop": lambda: ft.rmsprop(1e-2),
     "lion": lambda: ft.lion(1e-3),
+    "nadamw": lambda: ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "muon_adamw": lambda: ft.muon(2e-2, others=ft.adamw(1e-2)),
 }
 
 

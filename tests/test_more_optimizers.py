@@ -415,3 +415,19 @@ def test_a_checkpoint_resumes_the_same_run(make: Callable, tmp_path: Any) -> Non
     ft.save(state, tmp_path / "ck")
     back = ft.load(tmp_path / "ck", ft.TrainState.create(model, make(), loss_fn))
     ft.assert_states_equal(ft.train_step(back, batch)[0], ft.train_step(state, batch)[0])
+
+
+def test_a_skipped_step_leaves_the_parameters_and_every_group_state_untouched() -> None:
+    tx = ft.skip_nonfinite(ft.muon(lr=0.02, others=ft.nadam(lr=1e-2)))
+    params = make_params(SHAPES)
+    state = tx.init(params)
+    updates, state = tx.update(GRADS["all"][0], state, params)
+    params = ft.apply_updates(params, updates)
+    bad = {name: g.clone() for name, g in GRADS["all"][1].items()}
+    bad["b1"][0] = float("nan")
+    updates, skipped = tx.update(bad, state, params)
+    for a, b in zip(torch.utils._pytree.tree_leaves(skipped.inner), torch.utils._pytree.tree_leaves(state.inner), strict=True):
+        assert torch.equal(a, b)
+    after = ft.apply_updates(params, updates)
+    assert all(torch.equal(after[n], params[n]) for n in params)
+    assert int(skipped.total_skipped) == 1
