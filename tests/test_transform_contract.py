@@ -78,7 +78,6 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "radam_decoupled_maximize_masked": lambda: ft.radam(lr=1e-2, b2=0.9, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, mask=is_matrix),
     "adagrad_maximize_tensor_lr": lambda: ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True),
     # the rest of torch.optim: rules, then presets
-    "negate": lambda: ft.negate(),
     "scale_by_adamax": lambda: ft.scale_by_adamax(b1=0.8, eps=1e-6),
     "scale_by_adadelta": lambda: ft.scale_by_adadelta(rho=0.8),
     "scale_by_rprop": lambda: ft.scale_by_rprop(0.05, etas=(0.3, 1.5)),

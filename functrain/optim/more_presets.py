@@ -24,6 +24,7 @@ from functrain.optim.primitives import (
     _check_unit,
     add_decayed_weights,
     check_learning_rate,
+    scale,
     scale_by_learning_rate,
 )
 from functrain.optim.transform import Transform, chain, identity, named
@@ -31,7 +32,6 @@ from functrain.optim.update_rules import (
     adafactor_step,
     asgd_step,
     nadam_step,
-    negate,
     scale_by_adadelta,
     scale_by_adamax,
     scale_by_adjusted_learning_rate,
@@ -125,7 +125,7 @@ def nadam(
     rate, (b1, b2) = _checked("nadam", lr, betas)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     return chain(
-        _maybe(maximize, negate()),
+        _maybe(maximize, scale(-1.0)),
         _maybe(coupled, add_decayed_weights(coupled, mask)),
         nadam_step(rate, b1, b2, eps, momentum_decay=momentum_decay, weight_decay=weight_decay if decoupled_weight_decay else 0.0, mask=mask),
     )
@@ -170,7 +170,7 @@ def adamax(
     """
     rate, (b1, b2) = _checked("adamax", lr, betas)
     return chain(
-        _maybe(maximize, negate()),
+        _maybe(maximize, scale(-1.0)),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adamax(b1, b2, eps),
         scale_by_learning_rate(rate),
@@ -217,7 +217,7 @@ def adadelta(
     """
     rate, _ = _checked("adadelta", lr)
     return chain(
-        _maybe(maximize, negate()),
+        _maybe(maximize, scale(-1.0)),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adadelta(rho, eps),
         scale_by_learning_rate(rate),
@@ -265,7 +265,7 @@ def asgd(
     """
     rate, _ = _checked("asgd", lr)
     return chain(
-        _maybe(maximize, negate()),
+        _maybe(maximize, scale(-1.0)),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         asgd_step(rate, lambd, alpha, t0),
     )
@@ -305,7 +305,7 @@ def rprop(
         tensor([0.9000])
     """
     rate, _ = _checked("rprop", lr)
-    return chain(_maybe(maximize, negate()), scale_by_rprop(rate, etas, step_sizes))
+    return chain(_maybe(maximize, scale(-1.0)), scale_by_rprop(rate, etas, step_sizes))
 
 
 @named
@@ -353,7 +353,7 @@ def adafactor(
     """
     rate, _ = _checked("adafactor", lr)
     return chain(
-        _maybe(maximize, negate()),
+        _maybe(maximize, scale(-1.0)),
         adafactor_step(rate, beta2_decay, eps, d, weight_decay=weight_decay, mask=mask),
     )
 

@@ -44,7 +44,6 @@ from functrain.optim.transform import EmptyState, NewParams, Ratio, Transform, c
 from functrain.tree import Tree, tree_leaves, tree_paths, tree_unflatten
 
 __all__ = [
-    "negate",
     "scale_by_adamax",
     "scale_by_adadelta",
     "scale_by_rprop",
@@ -125,26 +124,6 @@ def _need_params(params: Tree | None, where: str) -> None:
 
 def _check_rate(problems: list[str], learning_rate: LearningRate) -> None:
     check_learning_rate(problems, "learning_rate", learning_rate)
-
-
-# ----------------------------------------------------------------------------- sign
-
-
-@named
-def negate() -> Transform:
-    """Flip the sign of the updates: ascend instead of descend (torch's ``maximize=True``).
-
-    Example:
-        >>> u, _ = negate().update({"w": torch.tensor([1.0, -2.0])}, EmptyState())
-        >>> u["w"]
-        tensor([-1.,  2.])
-    """
-
-    def update_fn(updates: Any, state: EmptyState, params: Tree | None = None) -> tuple[Tree, EmptyState]:
-        g, spec = flat_updates(updates, params)
-        return tree_unflatten(list(torch._foreach_neg(g)), spec), state
-
-    return Transform(lambda params: EmptyState(), update_fn)
 
 
 # ----------------------------------------------------------------------------- Adamax
