@@ -10,6 +10,11 @@ differently.
 The transform is gated (`Transform.gated`): given ``keep=``, it passes ``found_inf = ~keep`` to
 the kernel, which then leaves the copies untouched, so a skipped step costs no `torch.where` pass.
 
+Under `torch.func.vmap` (a stacked state, `functrain.stack`) the kernel runs through the custom op
+``functrain::fused_adam``, whose vmap rule calls the kernel once per member on that member's slice of
+the stacked tensors, with the member's own step count, learning rate and skip flag: each member's
+results are bit for bit those of the member trained alone.
+
 In a donated step (`functrain.optim.transform.may_write_in_place`) the kernel runs on the given
 parameters and moments themselves, as torch.optim runs it: no copies, and a skipped step (the
 kernel's ``found_inf``) leaves them as they were, so nothing needs restoring.
@@ -23,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError
+from functrain.optim.batching import under_vmap
 from functrain.optim.transform import NewParams, Transform, counter, flat_updates, may_write_in_place
 from functrain.optim.primitives import Mask, Schedule, _zeros, resolve_mask
 from functrain.tree import Tree, tree_leaves
@@ -127,6 +133,8 @@ def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_m
     ``torch.compile`` the functional form of the op is traced instead: functionalization rejects
     the in-place one on graph intermediates.
     """
+    if under_vmap():
+        return _stacked_kernel(kernel, params, grads, mu, nu, nu_max, steps, **options)
     if torch.compiler.is_compiling():
         functional = torch.ops.aten._fused_adamw if kernel is torch._fused_adamw_ else torch.ops.aten._fused_adam
         new_p, _, new_mu, new_nu, new_max = functional(params, grads, mu, nu, nu_max, steps, **options)
@@ -137,3 +145,65 @@ def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_m
     new_p, new_mu, new_nu, new_max = ([x.clone() for x in xs] for xs in (params, mu, nu, nu_max))
     kernel(new_p, grads, new_mu, new_nu, new_max, steps, **options)
     return new_p, new_mu, new_nu, new_max
+
+
+def _stacked_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_max: list, steps: list, **options: Any) -> tuple[list, list, list, list]:
+    """`_run_kernel` under vmap: the custom op, whose batching rule runs the kernel member by member."""
+    lr = options["lr"]
+    lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+    out = torch.ops.functrain.fused_adam(
+        params, grads, mu, nu, nu_max, steps[0], lr_t, options["found_inf"],
+        options["weight_decay"], options["beta1"], options["beta2"], options["eps"], options["amsgrad"], kernel is torch._fused_adamw_,
+    )
+    return [list(x) for x in out]  # type: ignore[return-value]
+
+
+_FusedOut = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+@torch.library.custom_op("functrain::fused_adam", mutates_args=())
+def _fused_adam_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tensor], nu_max: list[torch.Tensor],
+    step: torch.Tensor, lr: torch.Tensor, found_inf: torch.Tensor | None,
+    weight_decay: float, beta1: float, beta2: float, eps: float, amsgrad: bool, decoupled: bool,
+) -> _FusedOut:
+    """One member's fused Adam(W) update on fresh copies (the op vmap batches member by member)."""
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    new = [[x.clone() for x in xs] for xs in (params, mu, nu, nu_max)]
+    kernel(new[0], grads, new[1], new[2], new[3], [step] * len(params), lr=_kernel_lr(lr), beta1=beta1, beta2=beta2,
+           weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=False, grad_scale=None, found_inf=found_inf)
+    return new[0], new[1], new[2], new[3]
+
+
+@_fused_adam_op.register_fake
+def _(params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled):  # type: ignore[no-untyped-def]
+    return [torch.empty_like(x) for x in params], [torch.empty_like(x) for x in mu], [torch.empty_like(x) for x in nu], [torch.empty_like(x) for x in nu_max]
+
+
+def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | None:
+    return x if x is None or dim is None else x.select(dim, k)
+
+
+@_fused_adam_op.register_vmap
+def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled):  # type: ignore[no-untyped-def]
+    # the outputs are the stacked inputs copied once (member first); the kernel then updates each
+    # member's slice in place with that member's own step, learning rate and skip flag
+    members = info.batch_size
+    d_p, d_g, d_mu, d_nu, d_max, d_step, d_lr, d_inf = in_dims[:8]
+
+    def stacked(xs: list, dims: Any) -> list:
+        dims = dims if isinstance(dims, (list, tuple)) else [dims] * len(xs)
+        return [x.movedim(d, 0).clone() if d is not None else x.expand(members, *x.shape).clone() for x, d in zip(xs, dims)]
+
+    new = [stacked(xs, d) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
+    g_dims = d_g if isinstance(d_g, (list, tuple)) else [d_g] * len(grads)
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    for k in range(members):
+        step_k = _member(step, d_step, k)
+        kernel(
+            [x[k] for x in new[0]], [_member(g, d, k) for g, d in zip(grads, g_dims)], [x[k] for x in new[1]], [x[k] for x in new[2]], [x[k] for x in new[3]],
+            [step_k] * len(params), lr=_kernel_lr(_member(lr, d_lr, k)), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+            amsgrad=amsgrad, maximize=False, grad_scale=None, found_inf=_member(found_inf, d_inf, k),
+        )
+    dims = [0] * len(params), [0] * len(mu), [0] * len(nu), [0] * len(nu_max)
+    return (new[0], new[1], new[2], new[3]), dims
