@@ -35,6 +35,7 @@ from functrain.core.state import TrainState, _generator
 from functrain.core.step import _eval_core, _train_core
 from functrain.errors import ConfigError
 from functrain.optim.batching import register
+from functrain.optim.sweep import member_index
 from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = ["stack", "unstack", "num_members", "stacked_train_step", "stacked_eval_step"]
@@ -176,32 +177,48 @@ def _parts(state: TrainState) -> tuple:
     return (state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters)
 
 
-def member_function(statics: dict[str, Any], parts: tuple, body: Callable[..., Any]) -> tuple[Callable[..., Any], list[torch.Tensor], dict[str, Any]]:
-    """`body(view, batch)` as a function of the members' tensors only, for `torch.func.vmap`.
+_SLOT = object()  # where a tensor goes when a tree is rebuilt from its tensor leaves
 
-    Returns ``(fn, tensors, out)``: ``fn(tensors, batch)`` rebuilds one member's view of the state
-    from its slices and returns the tensor leaves of ``body``'s result; ``out["rebuild"](leaves)``
-    puts them back into the result's structure (vmap takes and gives tensors only).
+
+def member_function(statics: dict[str, Any], parts: tuple, body: Callable[..., Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """`body(view, batch)` as a function of one member's tensors only, for `torch.func.vmap`.
+
+    Returns ``(fn, out)``: ``fn(tensors, batch)``, `tensors` the tensor leaves of `parts` in order
+    (`_tensors`), rebuilds one member's view of the state from its slices and returns the tensor
+    leaves of `body`'s result; ``out["rebuild"](leaves)`` (set by the first call, a trace under
+    torch.compile) puts them back into the result's structure: vmap takes and gives tensors only.
+    The function depends only on the configuration (statics and tree structure), so a compiled
+    form of it serves every state of that configuration.
     """
     leaves, spec = tree_flatten(parts)
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    fixed_in = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
     out: dict[str, Any] = {}
 
     def fn(member: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
-        it = iter(member)
-        view = _View(statics, *tree_unflatten([next(it) if isinstance(x, torch.Tensor) else x for x in leaves], spec))
-        result = body(view, batch)
-        res_leaves, res_spec = tree_flatten(result)
-        fixed = [x for x in res_leaves if not isinstance(x, torch.Tensor)]
+        it = iter(member[:-1])  # the last tensor is the member's index, for sweeps
+        view = _View(statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec))
+        with member_index(member[-1]):
+            res_leaves, res_spec = tree_flatten(body(view, batch))
+        fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in res_leaves]
 
         def rebuild(values: list[torch.Tensor]) -> Any:
-            vals, rest = iter(values), iter(fixed)
-            return tree_unflatten([next(vals) if isinstance(x, torch.Tensor) else next(rest) for x in res_leaves], res_spec)
+            vals = iter(values)
+            return tree_unflatten([next(vals) if x is _SLOT else x for x in fixed], res_spec)
 
         out["rebuild"] = rebuild
         return [x for x in res_leaves if isinstance(x, torch.Tensor)]
 
-    return fn, tensors, out
+    return fn, out
+
+
+def _tensors(parts: tuple, members: int, device: torch.device) -> list[torch.Tensor]:
+    """The tensor leaves of `parts`, then the members' indices (what `member_function`'s function takes)."""
+    return [*(x for x in tree_flatten(parts)[0] if isinstance(x, torch.Tensor)), torch.arange(members, device=device)]
+
+
+def vmapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` over the members: the state's tensors batched on dimension 0, the batch shared."""
+    return torch.func.vmap(fn, in_dims=(0, None), randomness="different")
 
 
 def _draw(generator: torch.Generator, rng: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -240,17 +257,21 @@ class _StackedScope:
             self.module.train(self.was_training)
 
 
-def stacked_train_step(state: TrainState, batch: Any, core: Callable[..., Any] | None = None) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def stacked_train_step(state: TrainState, batch: Any, compiled: tuple[Callable[..., Any], dict[str, Any]] | None = None) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` for a stacked state: the step body under ``vmap`` over the members.
 
-    `core`, when given, replaces ``torch.func.vmap(fn, randomness="different")`` (`compile_step`
-    passes its compiled form). Called by `train_step` and `compile_step`; not public on its own.
+    `compiled`, when given, is ``(run, out)``: a compiled ``vmapped(fn)`` and the `out` of its
+    `member_function` (`compile_step` passes them). Called by `train_step` and `compile_step`.
     """
-    fn, tensors, out = member_function(_statics(state), _parts(state), _train_core)
+    parts = _parts(state)
+    if compiled is None:
+        fn, out = member_function(_statics(state), parts, _train_core)
+        run = vmapped(fn)
+    else:
+        run, out = compiled
     scope = _StackedScope(state, training=True, advance=True)
     try:
-        run = core(fn) if core is not None else torch.func.vmap(fn, in_dims=(0, None), randomness="different")
-        leaves = run(tensors, batch)
+        leaves = run(_tensors(parts, state.rng.shape[0], state.device), batch)
     finally:
         scope.close()
     new, metrics = out["rebuild"](leaves)
@@ -264,10 +285,11 @@ def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str,
         view.ema_params = dict(zip(view.params, view.ema_state.average, strict=True)) if use_ema else None
         return _eval_core(view, batch, use_ema)
 
-    fn, tensors, out = member_function(_statics(state), _parts(state), body)
+    parts = _parts(state)
+    fn, out = member_function(_statics(state), parts, body)
     scope = _StackedScope(state, training=False, advance=False)
     try:
-        leaves = torch.func.vmap(fn, in_dims=(0, None), randomness="different")(tensors, batch)
+        leaves = vmapped(fn)(_tensors(parts, state.rng.shape[0], state.device), batch)
     finally:
         scope.close()
     return out["rebuild"](leaves)

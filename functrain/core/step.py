@@ -27,6 +27,7 @@ from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
 from functrain.optim.transform import apply_updates, transform_metrics, writing_in_place, wrote_in_place
 from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, unshare_norm
+from functrain.optim.sweep import holds_sweep
 from functrain.optim.wrappers import find_loss_scale
 
 __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
@@ -346,6 +347,8 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
     state.check_live("train_step")
     if state.step.ndim:
         return _stacked("train", state, batch, donate)
+    if holds_sweep(state.tx):
+        raise ConfigError(_SWEEP_ALONE)
     scope = _enter(state, True)
     try:
         # the update/weight ratios of grad_stats need the old weights: such a step writes fresh buffers
@@ -360,6 +363,12 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
     if donate:
         _retire(state, "functrain.train_step(..., donate=True)")
     return new_state, metrics
+
+
+_SWEEP_ALONE = (
+    "this state's optimizer holds a sweep (functrain.sweep: one learning rate per member), but the state is not stacked; "
+    "stack the members with functrain.stack(states), or create the state with the member's own learning rate"
+)
 
 
 def _stacked(kind: str, state: TrainState, batch: Any, flag: bool) -> Any:

@@ -23,6 +23,7 @@ from functrain.optim.primitives import (
     scale_by_rms,
     trace,
 )
+from functrain.optim.sweep import Sweep, sweep
 from functrain.optim.transform import EmptyState, ParamStep, Ratio, Transform, apply_updates, as_tensors, chain, identity, transform_metrics
 from functrain.optim.wrappers import accumulate, all_finite, check_skip_limits, dynamic_loss_scale, find_loss_scale, masked, skip_nonfinite
 
@@ -32,6 +33,7 @@ __all__ = [
     "EmptyState",
     "ParamStep",
     "Ratio",
+    "Sweep",
     "Transform",
     "accumulate",
     "adagrad",
@@ -64,6 +66,7 @@ __all__ = [
     "schedules",
     "sgd",
     "skip_nonfinite",
+    "sweep",
     "trace",
     "transform_metrics",
 ]
