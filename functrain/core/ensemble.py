@@ -151,8 +151,9 @@ def _differences(a: TrainState, b: TrainState) -> list[str]:
     if la != lb:
         diff = sorted(set(la.items()) ^ set(lb.items()), key=str)[:4]
         out.append(f"tensors differ (name, shape, dtype): {diff}")
-    if a.tx.name != b.tx.name:
-        out.append(f"optimizer {b.tx.name}, expected {a.tx.name}")
+    name_a, name_b = getattr(a.optimizer, "name", None), getattr(b.optimizer, "name", None)
+    if name_a != name_b or (name_a is None and a.optimizer is not b.optimizer):
+        out.append(f"optimizer {name_b}, expected {name_a}")
     if a.options != b.options:
         out.append(f"options {b.options}, expected {a.options}")
     if not out:
