@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from functrain.core.compiled import _STATIC, _View
 from functrain.core.state import TrainState, _generator
@@ -128,6 +129,11 @@ def _check_members(states: list[TrainState]) -> None:
         s.check_live("stack")
         if s.step.ndim != 0:
             problems.append(f"member {i} is already stacked ({int(s.step.shape[0])} members); unstack it first or stack ordinary states")
+        if s.options.precision != "fp32" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.module.modules()):
+            problems.append(
+                f"member {i} has BatchNorm layers and precision={s.options.precision!r}: torch's vmap rule for batch_norm "
+                "fails under autocast; stack fp32 members, or use LayerNorm/GroupNorm"
+            )
         if s.dist is not None:
             problems.append(f"member {i} is distributed; stacked states run on one process (create the members with distributed=False)")
     if problems:
