@@ -132,3 +132,34 @@ def test_compile_step_runs_a_stacked_state_like_train_step():
     compiled, _ = run(stacked, batches(3), step)
     eager, _ = run(stacked, batches(3))
     ft.testing.assert_states_equal(compiled, eager)
+
+
+def _fit(state, directory, **kwargs):
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, D_IN, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return ft.fit(state, TensorDataset(x[:64], y[:64]), eval_data=TensorDataset(x[64:], y[64:]), batch_size=16, log_every=2,
+                  checkpoint_dir=directory, progress=False, verbosity="silent", **kwargs)
+
+
+def test_fit_logs_each_member_and_the_mean_and_resumes_a_stacked_run(tmp_path):
+    def members(offset):
+        return ft.stack([make_state(seed + offset, ft.adamw(ft.sweep([1e-3, 1e-2])), dropout=0.2) for seed in range(2)])
+
+    straight = _fit(members(0), tmp_path / "straight", max_epochs=3)
+    evals = straight.history.column("val_loss", "eval")
+    per_member = [straight.history.column(f"val_loss[{k}]", "eval") for k in range(2)]
+    assert len(evals) == 3 and all(len(col) == 3 for col in per_member)
+    assert evals == pytest.approx([(a + b) / 2 for a, b in zip(*per_member)])
+    assert straight.best["val_loss"] == min(evals)  # best and early stopping follow the mean over members
+    _fit(members(0), tmp_path / "cut", max_epochs=1)
+    resumed = _fit(members(7), tmp_path / "cut", max_epochs=3, resume=True)
+    ft.testing.assert_states_equal(resumed.state, straight.state, ignore=["driver"])
+    assert resumed.history.metrics_only() == straight.history.metrics_only()
+
+
+def test_member_columns_take_the_mean_over_finite_members():
+    columns = ft.core.ensemble.member_columns({"loss": torch.tensor([1.0, float("nan"), 3.0])})
+    assert columns["loss"].item() == 2.0 and columns["loss[1]"].isnan()

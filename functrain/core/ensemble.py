@@ -39,7 +39,7 @@ from functrain.optim.batching import register
 from functrain.optim.sweep import member_index
 from functrain.tree import tree_flatten, tree_unflatten
 
-__all__ = ["stack", "unstack", "num_members", "stacked_train_step", "stacked_eval_step"]
+__all__ = ["stack", "unstack", "num_members", "member_columns", "host_count", "stacked_train_step", "stacked_eval_step"]
 
 register()
 
@@ -64,8 +64,10 @@ def stack(states: Sequence[TrainState]) -> TrainState:
 
     The members must come from `TrainState.create` with modules of the same structure (same class,
     parameter names, shapes and dtypes), the same optimizer (equal names: ``adamw(lr=0.001, ...)``)
-    and the same options. Seeds, initial weights, driver records and user state may differ. The
-    stacked state's static parts (module, loss function, optimizer) are the first member's.
+    and the same options. Seeds, initial weights and user state (with the same keys) may differ. The
+    stacked state's static parts (module, loss function, optimizer) and its driver records (`fit`'s
+    history, best evaluation, early stopping: those of the stacked run, not of a member) are the
+    first member's.
 
     Args:
         states: the members, K >= 1 ordinary (not stacked, not donated) states.
@@ -90,11 +92,11 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     """
     states = list(states)
     _check_members(states)
-    trees = [s.tree() for s in states]
+    trees = [{k: v for k, v in s.tree().items() if k != "driver"} for s in states]
     leaves, spec = tree_flatten(trees[0])
     columns = list(zip(*(tree_flatten(t)[0] for t in trees), strict=True))
     stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else col[0] for col in columns]
-    return states[0].with_tree(tree_unflatten(stacked, spec))
+    return states[0].with_tree({**tree_unflatten(stacked, spec), "driver": states[0].driver})
 
 
 def unstack(state: TrainState) -> list[TrainState]:
@@ -114,8 +116,41 @@ def unstack(state: TrainState) -> list[TrainState]:
     k = num_members(state)
     if k is None:
         raise ConfigError("unstack expects a stacked state (from functrain.stack), got an ordinary state (its counters are 0-d)")
-    leaves, spec = tree_flatten(state.tree())
-    return [state.with_tree(tree_unflatten([x[i].clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)) for i in range(k)]
+    tree = {name: v for name, v in state.tree().items() if name != "driver"}
+    leaves, spec = tree_flatten(tree)
+    members = [tree_unflatten([x[i].clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec) for i in range(k)]
+    return [state.with_tree({**member, "driver": state.driver}) for member in members]
+
+
+def host_count(counter: torch.Tensor) -> int:
+    """A counter read to the host: a stacked state's members share it (every batch advances them all).
+
+    Example:
+        >>> host_count(torch.tensor(3)), host_count(torch.tensor([3, 3]))
+        (3, 3)
+    """
+    return int(counter) if counter.ndim == 0 else int(counter[0])
+
+
+def member_columns(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stacked step's ``[K]`` metrics as 0-d columns: ``name`` the mean over members, ``name[k]`` member k's.
+
+    The mean ignores members whose value is NaN (``nanmean``): one diverged member does not make
+    the aggregate, and so early stopping or a ``nonfinite_loss`` stop, follow it; its own column
+    shows it. 0-d metrics pass through. This is what `fit` logs for a stacked state.
+
+    Example:
+        >>> member_columns({"loss": torch.tensor([1.0, 3.0]), "lr": torch.tensor(0.1)})
+        {'loss': tensor(2.), 'loss[0]': tensor(1.), 'loss[1]': tensor(3.), 'lr': tensor(0.1000)}
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, value in metrics.items():
+        if value.ndim != 1:
+            out[name] = value
+            continue
+        out[name] = value.float().nanmean() if value.is_floating_point() else value.double().mean()
+        out.update((f"{name}[{k}]", v) for k, v in enumerate(value.unbind(0)))
+    return out
 
 
 def _check_members(states: list[TrainState]) -> None:
@@ -163,9 +198,9 @@ def _differences(a: TrainState, b: TrainState) -> list[str]:
     if a.options != b.options:
         out.append(f"options {b.options}, expected {a.options}")
     if not out:
-        sa, sb = tree_flatten(a.tree())[1], tree_flatten(b.tree())[1]
+        sa, sb = (tree_flatten({k: v for k, v in s.tree().items() if k != "driver"})[1] for s in (a, b))
         if sa != sb:
-            out.append("the state trees differ in structure (driver records or user state?); give every member the same keys")
+            out.append("the state trees differ in structure (the user state?); give every member the same keys")
     return out
 
 
