@@ -110,7 +110,12 @@ class CompiledStep:
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
             fn, out = member_function(_statics(state), _parts(state), _train_core)
-            found = self._cores[key] = (owners, (self._compile(vmapped(fn)), out))
+            run = vmapped(fn)
+
+            def body(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+                return run(tensors, batch)  # vmap inside the compiled function: dynamo traces through it
+
+            found = self._cores[key] = (owners, (self._compile(_own_code(body, "stacked_core")), out))
         result = stacked_train_step(state, batch, compiled=found[1])
         if donate:
             state.retire("a compiled step (compile_step) with donate=True")
@@ -135,13 +140,20 @@ class CompiledStep:
                 new = _written_back(new, {"params": params, "buffers": buffers, "opt_state": opt_state, "ema_state": ema_state})
             return new, metrics
 
-        # dynamo caches compiled code on the code object, and the guards that would tell two
-        # configurations' closures apart are filtered out: give every configuration its own code
-        name = f"train_core_{next(_serial)}"
-        code = body.__code__.replace(co_name=name, co_qualname=name)
-        compiled = self._compile(types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__))
+        compiled = self._compile(_own_code(body, "train_core"))
         self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
         return compiled
+
+
+def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
+    """`body` with a code object of its own.
+
+    dynamo caches compiled code on the code object, and the guards that would tell two
+    configurations' closures apart are filtered out: every configuration gets its own code.
+    """
+    name = f"{prefix}_{next(_serial)}"
+    code = body.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
 
 
 def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:

@@ -35,8 +35,8 @@ from functrain.core.compiled import _STATIC, _View
 from functrain.core.state import TrainState, _generator
 from functrain.core.step import _eval_core, _train_core
 from functrain.errors import ConfigError
-from functrain.optim.batching import register
-from functrain.optim.sweep import member_index
+from functrain.optim.batching import STACKED, register
+from functrain.optim.sweep import enter_member, leave_member
 from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = ["stack", "unstack", "num_members", "member_columns", "host_count", "stacked_train_step", "stacked_eval_step"]
@@ -239,8 +239,13 @@ def member_function(statics: dict[str, Any], parts: tuple, body: Callable[..., A
     def fn(member: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
         it = iter(member[:-1])  # the last tensor is the member's index, for sweeps
         view = _View(statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec))
-        with member_index(member[-1]):
+        previous, was_stacked = enter_member(member[-1]), STACKED.active
+        STACKED.active = True
+        try:
             res_leaves, res_spec = tree_flatten(body(view, batch))
+        finally:
+            leave_member(previous)
+            STACKED.active = was_stacked
         fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in res_leaves]
 
         def rebuild(values: list[torch.Tensor]) -> Any:

@@ -27,6 +27,7 @@ from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
 from functrain.optim.transform import apply_updates, transform_metrics, writing_in_place, wrote_in_place
 from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, unshare_norm
+from functrain.optim.batching import under_vmap
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.wrappers import find_loss_scale
 
@@ -187,7 +188,7 @@ def _functional() -> bool:
     Either way gradients come from `torch.func.grad`: `torch.autograd.grad` cannot run inside
     torch.func transforms, and dynamo traces the functional form into one graph.
     """
-    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+    return torch.compiler.is_compiling() or under_vmap()
 
 
 def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:

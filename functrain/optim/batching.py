@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["register"]
+__all__ = ["register", "under_vmap", "STACKED"]
 
 # foreach op -> its per-tensor function; keyword names are the per-tensor op's
 _PER_TENSOR: dict[str, Callable[..., Any]] = {
@@ -87,6 +87,21 @@ def register() -> None:
     _registered.append(lib)
 
 
+class _Stacked:
+    """Set by a stacked state's step body while it runs (a plain attribute torch.compile can trace)."""
+
+    active = False
+
+
+STACKED = _Stacked()
+
+
 def under_vmap() -> bool:
-    """Whether the caller runs inside a torch.func transform (a stacked state's step runs under `vmap`)."""
+    """Whether the caller runs inside a torch.func transform (a stacked state's step runs under `vmap`).
+
+    While torch.compile traces, the functorch level cannot be asked (dynamo cannot trace the call):
+    the stacked step's own flag answers instead.
+    """
+    if torch.compiler.is_compiling():
+        return STACKED.active
     return torch._C._functorch.maybe_current_level() is not None

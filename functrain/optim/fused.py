@@ -180,6 +180,10 @@ def _(params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, b
     return [torch.empty_like(x) for x in params], [torch.empty_like(x) for x in mu], [torch.empty_like(x) for x in nu], [torch.empty_like(x) for x in nu_max]
 
 
+def _dims(dims: Any, n: int) -> list:
+    return list(dims) if isinstance(dims, (list, tuple)) else [dims] * n
+
+
 def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | None:
     return x if x is None or dim is None else x.select(dim, k)
 
@@ -192,18 +196,32 @@ def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_
     d_p, d_g, d_mu, d_nu, d_max, d_step, d_lr, d_inf = in_dims[:8]
 
     def stacked(xs: list, dims: Any) -> list:
-        dims = dims if isinstance(dims, (list, tuple)) else [dims] * len(xs)
+        dims = _dims(dims, len(xs))
         return [x.movedim(d, 0).clone() if d is not None else x.expand(members, *x.shape).clone() for x, d in zip(xs, dims)]
 
-    new = [stacked(xs, d) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
     g_dims = d_g if isinstance(d_g, (list, tuple)) else [d_g] * len(grads)
+    grads_of = [[_member(g, d, k) for g, d in zip(grads, g_dims)] for k in range(members)]
+    options = [
+        {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay, "eps": eps,
+         "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)}
+        for k in range(members)
+    ]
+    dims = [0] * len(params), [0] * len(mu), [0] * len(nu), [0] * len(nu_max)
+    if any(type(x) is not torch.Tensor for x in params):
+        # traced by torch.compile (fake or functional tensors): the functional op, which has a fake
+        # kernel, member by member; inductor fuses the stacking
+        functional = torch.ops.aten._fused_adamw if decoupled else torch.ops.aten._fused_adam
+        results = []
+        for k in range(members):
+            sliced = [[_member(x, d, k) for x, d in zip(xs, _dims(ds, len(xs)))] for xs, ds in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
+            new_p, _, new_mu, new_nu, new_max = functional(sliced[0], grads_of[k], sliced[1], sliced[2], sliced[3], [_member(step, d_step, k)] * len(params), **options[k])
+            results.append((new_p, new_mu, new_nu, new_max))
+        return tuple([torch.stack([r[i][j] for r in results]) for j in range(len(results[0][i]))] for i in range(4)), dims
+    new = [stacked(xs, d) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     for k in range(members):
-        step_k = _member(step, d_step, k)
         kernel(
-            [x[k] for x in new[0]], [_member(g, d, k) for g, d in zip(grads, g_dims)], [x[k] for x in new[1]], [x[k] for x in new[2]], [x[k] for x in new[3]],
-            [step_k] * len(params), lr=_kernel_lr(_member(lr, d_lr, k)), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-            amsgrad=amsgrad, maximize=False, grad_scale=None, found_inf=_member(found_inf, d_inf, k),
+            [x[k] for x in new[0]], grads_of[k], [x[k] for x in new[1]], [x[k] for x in new[2]], [x[k] for x in new[3]],
+            [_member(step, d_step, k)] * len(params), **options[k],
         )
-    dims = [0] * len(params), [0] * len(mu), [0] * len(nu), [0] * len(nu_max)
     return (new[0], new[1], new[2], new[3]), dims

@@ -12,9 +12,7 @@ value; stepping an ordinary state whose optimizer holds a sweep raises `ConfigEr
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,19 +20,30 @@ import torch
 from functrain.errors import ConfigError
 from functrain.optim.primitives import Schedule, check_learning_rate
 
-__all__ = ["Sweep", "sweep", "member_index"]
+__all__ = ["Sweep", "sweep", "enter_member", "leave_member"]
 
-_MEMBER: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("functrain_member", default=None)
+class _Member:
+    """The member a stacked step is evaluating (a batched 0-d index under vmap), or None.
+
+    A plain attribute rather than a context variable: torch.compile traces attribute writes, not
+    `ContextVar.set`. Steps run on one thread; the stacked step sets and clears it around the body.
+    """
+
+    index: torch.Tensor | None = None
 
 
-@contextlib.contextmanager
-def member_index(index: torch.Tensor) -> Iterator[None]:
-    """Within this block, sweeps evaluate for member `index` (a 0-d int64 tensor, batched under vmap)."""
-    token = _MEMBER.set(index)
-    try:
-        yield
-    finally:
-        _MEMBER.reset(token)
+_MEMBER = _Member()
+
+
+def enter_member(index: torch.Tensor) -> torch.Tensor | None:
+    """Make sweeps evaluate for member `index` until `leave_member`; returns the index it replaces."""
+    previous, _MEMBER.index = _MEMBER.index, index
+    return previous
+
+
+def leave_member(previous: torch.Tensor | None) -> None:
+    """Undo `enter_member`."""
+    _MEMBER.index = previous
 
 
 class Sweep:
@@ -51,7 +60,7 @@ class Sweep:
         return len(self.values)
 
     def __call__(self, count: torch.Tensor) -> torch.Tensor:
-        member = _MEMBER.get()
+        member = _MEMBER.index
         column = [torch.as_tensor(v(count) if callable(v) else v, dtype=torch.float64, device=count.device) for v in self.values]
         if member is None:
             return column[0]
