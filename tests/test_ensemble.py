@@ -65,6 +65,15 @@ def test_a_learning_rate_sweep_equals_training_alone_at_each_rate():
             assert_member_close(member, run(make_state(0, make(lr)), batches())[0])
 
 
+def test_a_weight_decay_sweep_equals_training_alone_with_each_decay():
+    lrs, decays = [1e-2, 3e-2], [0.0, 0.5]
+    stacked, _ = run(ft.stack([make_state(0, ft.adamw(ft.sweep(lrs), weight_decay=ft.sweep(decays)))] * 2), batches())
+    for member, lr, decay in zip(ft.unstack(stacked), lrs, decays):
+        assert_member_close(member, run(make_state(0, ft.adamw(lr, weight_decay=decay)), batches())[0])
+    with pytest.raises(ft.ConfigError, match="weight-decay sweep .* runs only through the fused kernels"):
+        ft.adamw(1e-3, weight_decay=ft.sweep([0.1, 0.2]), fused=False)
+
+
 def test_a_sweep_of_schedules_gives_each_member_its_schedule():
     schedules = [ft.schedules.linear(peak, 0.0, STEPS) for peak in (1e-2, 5e-2)]
     stacked, _ = run(ft.stack([make_state(0, ft.adamw(ft.sweep(schedules))) for _ in schedules]), batches())

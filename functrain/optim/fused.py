@@ -31,6 +31,7 @@ from functrain.errors import ConfigError
 from functrain.optim.batching import under_vmap
 from functrain.optim.transform import NewParams, Transform, counter, flat_updates, may_write_in_place
 from functrain.optim.primitives import Mask, Schedule, _zeros, resolve_mask
+from functrain.optim.sweep import Sweep
 from functrain.tree import Tree, tree_leaves
 
 __all__ = ["FusedAdamState", "fused_adam"]
@@ -52,7 +53,7 @@ def fused_adam(
     b1: float,
     b2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: float | Sweep,
     *,
     decoupled: bool,
     amsgrad: bool,
@@ -94,6 +95,11 @@ def fused_adam(
     return Transform(init_fn, update_fn, gated=True)
 
 
+def _decays(weight_decay: Any) -> list[float]:
+    """The kernel's weight decay: one value, or one per member for a sweep (`functrain.sweep`)."""
+    return [float(v) for v in weight_decay.values] if isinstance(weight_decay, Sweep) else [float(weight_decay)]
+
+
 def _kernel_lr(rate: torch.Tensor) -> torch.Tensor:
     # the CPU kernels read a tensor learning rate as a double; the device kernels read float32
     return rate if rate.device.type == "cpu" else rate.to(torch.float32)
@@ -116,7 +122,7 @@ def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torc
             [state.nu[i] for i in idx],
             [state.nu_max[i] for i in idx] if amsgrad else [],
             [step] * len(idx),  # read only: the step number for the bias corrections
-            weight_decay=weight_decay if decay else 0.0,
+            weight_decay=_decays(weight_decay) if decay else [0.0],
             **hyper,
         )
         for target, values in zip(out, results, strict=True):
@@ -135,6 +141,7 @@ def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_m
     """
     if under_vmap():
         return _stacked_kernel(kernel, params, grads, mu, nu, nu_max, steps, **options)
+    options = {**options, "weight_decay": options["weight_decay"][0]}  # one value outside a stacked step
     if torch.compiler.is_compiling():
         functional = torch.ops.aten._fused_adamw if kernel is torch._fused_adamw_ else torch.ops.aten._fused_adam
         new_p, _, new_mu, new_nu, new_max = functional(params, grads, mu, nu, nu_max, steps, **options)
@@ -153,7 +160,7 @@ def _stacked_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, 
     lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
     out = torch.ops.functrain.fused_adam(
         params, grads, mu, nu, nu_max, steps[0], lr_t, options["found_inf"],
-        options["weight_decay"], options["beta1"], options["beta2"], options["eps"], options["amsgrad"], kernel is torch._fused_adamw_,
+        list(options["weight_decay"]), options["beta1"], options["beta2"], options["eps"], options["amsgrad"], kernel is torch._fused_adamw_,
     )
     return [list(x) for x in out]  # type: ignore[return-value]
 
@@ -165,13 +172,16 @@ _FusedOut = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], li
 def _fused_adam_op(
     params: list[torch.Tensor], grads: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tensor], nu_max: list[torch.Tensor],
     step: torch.Tensor, lr: torch.Tensor, found_inf: torch.Tensor | None,
-    weight_decay: float, beta1: float, beta2: float, eps: float, amsgrad: bool, decoupled: bool,
+    weight_decay: list[float], beta1: float, beta2: float, eps: float, amsgrad: bool, decoupled: bool,
 ) -> _FusedOut:
-    """One member's fused Adam(W) update on fresh copies (the op vmap batches member by member)."""
+    """One member's fused Adam(W) update on fresh copies (the op vmap batches member by member).
+
+    `weight_decay` holds one value, or one per member (a sweep) for the batched form.
+    """
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     new = [[x.clone() for x in xs] for xs in (params, mu, nu, nu_max)]
     kernel(new[0], grads, new[1], new[2], new[3], [step] * len(params), lr=_kernel_lr(lr), beta1=beta1, beta2=beta2,
-           weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=False, grad_scale=None, found_inf=found_inf)
+           weight_decay=weight_decay[0], eps=eps, amsgrad=amsgrad, maximize=False, grad_scale=None, found_inf=found_inf)
     return new[0], new[1], new[2], new[3]
 
 
@@ -202,7 +212,7 @@ def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_
     g_dims = d_g if isinstance(d_g, (list, tuple)) else [d_g] * len(grads)
     grads_of = [[_member(g, d, k) for g, d in zip(grads, g_dims)] for k in range(members)]
     options = [
-        {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay, "eps": eps,
+        {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay[k if len(weight_decay) > 1 else 0], "eps": eps,
          "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)}
         for k in range(members)
     ]

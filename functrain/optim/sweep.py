@@ -1,7 +1,10 @@
-"""`sweep`: a learning rate with one value (or one schedule) per member of a stacked state.
+"""`sweep`: a hyperparameter with one value per member of a stacked state.
 
-A sweep is a schedule (``step -> value``) that a stacked step (`functrain.stack`) evaluates for
-each member: member ``k`` gets ``values[k]``, a float or a schedule of its own. Under the stacked
+For ``lr=`` of any optimizer, a sweep is a schedule (``step -> value``) that a stacked step
+(`functrain.stack`) evaluates for each member: member ``k`` gets ``values[k]``, a float or a
+schedule of its own. For ``weight_decay=`` of the fused `adam`/`adamw` (the default), member ``k``
+gets the float ``values[k]``: the kernel runs member by member and takes each member's value (the
+foreach chains, ``fused=False`` and the other presets, take one weight decay and refuse a sweep). Under the stacked
 step's ``vmap`` the member's index is a batched tensor, so one traced step serves every value: no
 recompilation per value, and a sweep composes with schedules (give each member a schedule, e.g. the
 same warmup-cosine shape at different peaks).
@@ -72,11 +75,11 @@ class Sweep:
 
 
 def sweep(values: Sequence[float | Schedule]) -> Sweep:
-    """A learning rate with one value per member of a stacked state, for ``lr=`` of any optimizer.
+    """One value per member of a stacked state: ``lr=`` of any optimizer, ``weight_decay=`` of fused adam/adamw.
 
     Args:
-        values: member ``k``'s learning rate: a float >= 0 or a schedule (``step -> value``).
-            The stacked state must have ``len(values)`` members.
+        values: member ``k``'s value: a float >= 0, or for a learning rate also a schedule
+            (``step -> value``). The stacked state must have ``len(values)`` members.
 
     Returns:
         A `Sweep`, a schedule evaluated per member by the stacked step.
@@ -92,6 +95,7 @@ def sweep(values: Sequence[float | Schedule]) -> Sweep:
         >>> ens, metrics = ft.train_step(ens, torch.ones(4, 2))
         >>> metrics["lr"]
         tensor([0.0010, 0.0100, 0.1000])
+        >>> tx = ft.adamw(lr=1e-3, weight_decay=ft.sweep([0.0, 0.1]))  # fused adamw: per-member decay
     """
     problems: list[str] = []
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
