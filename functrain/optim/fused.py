@@ -200,38 +200,41 @@ def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | N
 
 @_fused_adam_op.register_vmap
 def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled):  # type: ignore[no-untyped-def]
-    # the outputs are the stacked inputs copied once (member first); the kernel then updates each
-    # member's slice in place with that member's own step, learning rate and skip flag
     members = info.batch_size
     d_p, d_g, d_mu, d_nu, d_max, d_step, d_lr, d_inf = in_dims[:8]
-
-    def stacked(xs: list, dims: Any) -> list:
-        dims = _dims(dims, len(xs))
-        return [x.movedim(d, 0).clone() if d is not None else x.expand(members, *x.shape).clone() for x, d in zip(xs, dims)]
-
-    g_dims = d_g if isinstance(d_g, (list, tuple)) else [d_g] * len(grads)
-    grads_of = [[_member(g, d, k) for g, d in zip(grads, g_dims)] for k in range(members)]
-    options = [
-        {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay[k if len(weight_decay) > 1 else 0], "eps": eps,
-         "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)}
+    tensors = [(xs, _dims(d, len(xs))) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
+    g_dims = _dims(d_g, len(grads))
+    calls = [
+        (
+            [_member(g, d, k) for g, d in zip(grads, g_dims)],
+            [_member(step, d_step, k)] * len(params),
+            {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay[k if len(weight_decay) > 1 else 0],
+             "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)},
+        )
         for k in range(members)
     ]
-    dims = [0] * len(params), [0] * len(mu), [0] * len(nu), [0] * len(nu_max)
-    if any(type(x) is not torch.Tensor for x in params):
-        # traced by torch.compile (fake or functional tensors): the functional op, which has a fake
-        # kernel, member by member; inductor fuses the stacking
-        functional = torch.ops.aten._fused_adamw if decoupled else torch.ops.aten._fused_adam
-        results = []
-        for k in range(members):
-            sliced = [[_member(x, d, k) for x, d in zip(xs, _dims(ds, len(xs)))] for xs, ds in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
-            new_p, _, new_mu, new_nu, new_max = functional(sliced[0], grads_of[k], sliced[1], sliced[2], sliced[3], [_member(step, d_step, k)] * len(params), **options[k])
-            results.append((new_p, new_mu, new_nu, new_max))
-        return tuple([torch.stack([r[i][j] for r in results]) for j in range(len(results[0][i]))] for i in range(4)), dims
-    new = [stacked(xs, d) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
+    out_dims = tuple([0] * len(xs) for xs, _ in tensors)
+    if any(type(x) is not torch.Tensor for x in params):  # traced by torch.compile: fake or functional tensors
+        return _traced_members(tensors, calls, decoupled), out_dims
+    return _eager_members(tensors, calls, members, decoupled), out_dims
+
+
+def _eager_members(tensors: list, calls: list, members: int, decoupled: bool) -> tuple:
+    """The stacked inputs copied once (member first), then the kernel on each member's slice in place."""
+    new = [[x.movedim(d, 0).clone() if d is not None else x.expand(members, *x.shape).clone() for x, d in zip(xs, ds)] for xs, ds in tensors]
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    for k in range(members):
-        kernel(
-            [x[k] for x in new[0]], grads_of[k], [x[k] for x in new[1]], [x[k] for x in new[2]], [x[k] for x in new[3]],
-            [_member(step, d_step, k)] * len(params), **options[k],
-        )
-    return (new[0], new[1], new[2], new[3]), dims
+    for k, (grads, steps, options) in enumerate(calls):
+        p, m, v, vmax = ([x[k] for x in xs] for xs in new)
+        kernel(p, grads, m, v, vmax, steps, **options)
+    return tuple(new)
+
+
+def _traced_members(tensors: list, calls: list, decoupled: bool) -> tuple:
+    """The functional op (it has a fake kernel, the in-place one with a tensor lr has none) member by member, stacked."""
+    functional = torch.ops.aten._fused_adamw if decoupled else torch.ops.aten._fused_adam
+    results = []
+    for k, (grads, steps, options) in enumerate(calls):
+        p, m, v, vmax = ([_member(x, d, k) for x, d in zip(xs, ds)] for xs, ds in tensors)
+        new_p, _, new_m, new_v, new_max = functional(p, grads, m, v, vmax, steps, **options)
+        results.append((new_p, new_m, new_v, new_max))
+    return tuple([torch.stack([r[i][j] for r in results]) for j in range(len(xs))] for i, (xs, _) in enumerate(tensors))
