@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/checkpoint_io.py
 	$(BIN)/python benchmarks/driver_overhead.py
 	$(BIN)/python benchmarks/distributed_step.py
+	$(BIN)/python benchmarks/ensemble.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

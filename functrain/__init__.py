@@ -47,6 +47,8 @@ from functrain.core.options import StepOptions
 from functrain.core.state import TrainState
 from functrain.core.step import BoundModel, eval_step, train_step
 from functrain.core.compiled import CompiledStep, compile_step
+from functrain.optim.sweep import Sweep, sweep
+from functrain.core.ensemble import num_members, stack, unstack
 from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
 from functrain.optim.transform import (
     EmptyState,
@@ -205,6 +207,11 @@ __all__ = [
     "scale_by_adjusted_learning_rate",
     "scale_by_muon",
     "scale_by_rprop",
+    "stack",
+    "unstack",
+    "num_members",
+    "Sweep",
+    "sweep",
 ]
 
 __version__ = "0.1.0"

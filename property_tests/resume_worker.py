@@ -48,7 +48,18 @@ def build_optimizer(name: str) -> ft.Transform:
 
 
 def build_state(spec: Spec, *, init_seed: int) -> ft.TrainState:
-    """The initial state SPEC describes; `init_seed` picks the weights and the state's RNG seed."""
+    """The initial state SPEC describes; `init_seed` picks the weights and the state's RNG seed.
+
+    With ``spec["members"]`` (K > 0), a stacked state (`functrain.stack`) of K members, member j
+    built from ``init_seed + 1000 * j``.
+    """
+    members = spec.get("members", 0)
+    if members:
+        return ft.stack([build_member(spec, init_seed=init_seed + 1000 * j) for j in range(members)])
+    return build_member(spec, init_seed=init_seed)
+
+
+def build_member(spec: Spec, *, init_seed: int) -> ft.TrainState:
     layers: list[nn.Module] = [nn.Linear(D_IN, D_HIDDEN)]
     if spec["batchnorm"]:
         layers.append(nn.BatchNorm1d(D_HIDDEN))

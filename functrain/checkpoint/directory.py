@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from functrain.checkpoint.files import remove_later
+from functrain.core.ensemble import host_count
 from functrain.checkpoint.format import MANIFEST, TMP_PREFIX, _commit, _fsync_dir
 from functrain.core.state import TrainState
 from functrain.errors import CheckpointCorruptError, CheckpointError
@@ -56,7 +57,8 @@ def checkpoint_name(prefix: str, state: TrainState) -> str:
         'ckpt-000000007-001000000'
     """
     # updates taken, then batches seen
-    return f"{prefix}-{int(state.step):09d}-{int(state.epoch_step) + 1_000_000 * int(state.epoch):09d}"
+    step, epoch_step, epoch = (host_count(x) for x in (state.step, state.epoch_step, state.epoch))
+    return f"{prefix}-{step:09d}-{epoch_step + 1_000_000 * epoch:09d}"
 
 
 def listed(directory: Path, pattern: re.Pattern[str], *, committed: bool = True) -> list[Path]:

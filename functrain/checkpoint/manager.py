@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from functrain.core.ensemble import host_count
 from functrain.checkpoint import directory as layout
 from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, is_committed, link_copy, listed, point_latest, read_pointer, recover
 from functrain.checkpoint.files import wait_for_removals
@@ -189,7 +190,7 @@ class CheckpointManager:
         self.wait()
         host_metrics = {k: _host(v) for k, v in (metrics or {}).items()}
         name = checkpoint_name("ckpt", state)
-        meta = {**(metadata or {}), "metrics": host_metrics, "step": int(state.step), "epoch": int(state.epoch)}
+        meta = {**(metadata or {}), "metrics": host_metrics, "step": host_count(state.step), "epoch": host_count(state.epoch)}
         tree, fp = state.tree(), fingerprint(state)
         if self._pool is None:
             return self._commit(name, tree, fp, meta)

@@ -30,7 +30,8 @@ import torch
 from functrain.errors import ConfigError
 from functrain.core.holds import wait_until_unheld
 from functrain.core.state import TrainState
-from functrain.core.step import _enter, _leave, _leave_with, _train_core
+from functrain.optim.sweep import holds_sweep
+from functrain.core.step import _SWEEP_ALONE, _enter, _leave, _leave_with, _train_core
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep"]
@@ -87,6 +88,8 @@ class CompiledStep:
         if not isinstance(state, TrainState):
             raise ConfigError(f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}")
         state.check_live("a compiled step")
+        if state.step.ndim:
+            return self._stacked(state, batch, donate)
         core = self._core_for(state, donate)
         if donate:
             wait_until_unheld(state.tree())  # an async save still reading these tensors
@@ -102,6 +105,26 @@ class CompiledStep:
             state.retire("a compiled step (compile_step) with donate=True")
         return new_state, metrics
 
+    def _stacked(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """A stacked state (`functrain.stack`): the vmapped step body compiled, once per configuration and member count."""
+        from functrain.core.ensemble import _parts, _statics, member_function, stacked_train_step, vmapped
+
+        owners = (state.module, state.loss_fn, state.optimizer)
+        key = (*map(id, owners), state.options, tuple(state.params), tuple(state.frozen), tuple(state.buffers), "stacked", int(state.step.shape[0]))
+        found = self._cores.get(key)
+        if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
+            fn, out = member_function(_statics(state), _parts(state), _train_core)
+            run = vmapped(fn)
+
+            def body(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+                return run(tensors, batch)  # vmap inside the compiled function: dynamo traces through it
+
+            found = self._cores[key] = (owners, (self._compile(_own_code(body, "stacked_core")), out))
+        result = stacked_train_step(state, batch, compiled=found[1])
+        if donate:
+            state.retire("a compiled step (compile_step) with donate=True")
+        return result
+
     def _core_for(self, state: TrainState, donate: bool) -> Callable[..., Any]:
         # the user's objects by identity, the options by value: the wrapped transform and the
         # EMA that `TrainState.create` builds anew each time are functions of these
@@ -110,6 +133,8 @@ class CompiledStep:
         found = self._cores.get(key)
         if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
             return found[1]
+        if holds_sweep(state.tx):
+            raise ConfigError(_SWEEP_ALONE)
         fields = {name: getattr(state, name) for name in _STATIC}
         fields["device"] = state.device
 
@@ -119,13 +144,20 @@ class CompiledStep:
                 new = _written_back(new, {"params": params, "buffers": buffers, "opt_state": opt_state, "ema_state": ema_state})
             return new, metrics
 
-        # dynamo caches compiled code on the code object, and the guards that would tell two
-        # configurations' closures apart are filtered out: give every configuration its own code
-        name = f"train_core_{next(_serial)}"
-        code = body.__code__.replace(co_name=name, co_qualname=name)
-        compiled = self._compile(types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__))
+        compiled = self._compile(_own_code(body, "train_core"))
         self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
         return compiled
+
+
+def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
+    """`body` with a code object of its own.
+
+    dynamo caches compiled code on the code object, and the guards that would tell two
+    configurations' closures apart are filtered out: every configuration gets its own code.
+    """
+    name = f"{prefix}_{next(_serial)}"
+    code = body.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
 
 
 def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:

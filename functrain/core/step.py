@@ -28,6 +28,8 @@ from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
 from functrain.optim.transform import apply_updates, transform_metrics, writing_in_place, wrote_in_place
 from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, unshare_norm
+from functrain.optim.batching import under_vmap
+from functrain.optim.sweep import holds_sweep
 from functrain.optim.wrappers import find_loss_scale
 
 __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
@@ -186,13 +188,22 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
+def _functional() -> bool:
+    """Whether the step runs traced (torch.compile) or under a torch.func transform (an ensemble's vmap).
+
+    Either way gradients come from `torch.func.grad`: `torch.autograd.grad` cannot run inside
+    torch.func transforms, and dynamo traces the functional form into one graph.
+    """
+    return torch.compiler.is_compiling() or under_vmap()
+
+
 def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
 
-    if torch.compiler.is_compiling():
+    if _functional():
         # buffers are an argument, not a capture: BatchNorm writes its statistics into them
         grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
         return grads, loss, aux
@@ -217,7 +228,7 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     grad_list = list(grads.values())
     grad_norm = global_norm(grad_list)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it again
-    token = share_norm(grad_list, grad_norm) if not torch.compiler.is_compiling() else None
+    token = share_norm(grad_list, grad_norm) if not _functional() else None
     try:
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     finally:
@@ -340,6 +351,10 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
     if not isinstance(state, TrainState):
         raise ConfigError(f"train_step expects a functrain.TrainState as its first argument, got {type(state).__name__}; build one with TrainState.create(...)")
     state.check_live("train_step")
+    if state.step.ndim:
+        return _stacked("train", state, batch, donate)
+    if holds_sweep(state.tx):
+        raise ConfigError(_SWEEP_ALONE)
     scope = _enter(state, True)
     try:
         # the update/weight ratios of grad_stats need the old weights: such a step writes fresh buffers
@@ -354,6 +369,24 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
     if donate:
         _retire(state, "functrain.train_step(..., donate=True)")
     return new_state, metrics
+
+
+_SWEEP_ALONE = (
+    "this state's optimizer holds a sweep (functrain.sweep: one learning rate per member), but the state is not stacked; "
+    "stack the members with functrain.stack(states), or create the state with the member's own learning rate"
+)
+
+
+def _stacked(kind: str, state: TrainState, batch: Any, flag: bool) -> Any:
+    """A stacked state's step (`functrain.core.ensemble`, imported here: it builds on this module)."""
+    from functrain.core.ensemble import stacked_eval_step, stacked_train_step
+
+    if kind == "eval":
+        return stacked_eval_step(state, batch, flag)
+    result = stacked_train_step(state, batch)
+    if flag:  # donated: nothing is written in place, but the caller gave the state up all the same
+        _retire(state, "functrain.train_step(..., donate=True)")
+    return result
 
 
 def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -393,6 +426,8 @@ def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[s
     state.check_live("eval_step")
     if use_ema and state.ema_state is None:
         raise ConfigError("eval_step(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
+    if state.step.ndim:
+        return _stacked("eval", state, batch, use_ema)
     scope = _enter(state, False)
     try:
         metrics = _eval_core(state, batch, use_ema)

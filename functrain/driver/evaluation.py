@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from functrain.core.ensemble import member_columns
 from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, eval_step
 from functrain.distributed.data_parallel import reduce_sums
@@ -45,7 +46,8 @@ def evaluate(state: TrainState, data: Iterable[Any], *, use_ema: bool = False, p
         n = _batch_size(batch)
         if n == 0:
             continue
-        for k, v in eval_step(state, batch, use_ema=use_ema).items():
+        metrics = eval_step(state, batch, use_ema=use_ema)
+        for k, v in (member_columns(metrics) if state.step.ndim else metrics).items():
             sums[k] = sums[k] + v.double() * n if k in sums else v.double() * n
         count += n
     keys = list(sums)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
+from functrain.core.ensemble import host_count
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.state_io import load
 from functrain.core.state import TrainState
@@ -58,7 +59,7 @@ class FitResult:
     def __repr__(self) -> str:
         best = f", best={_short(self.best)}" if self.best else ""
         test = f", test={_short(self.test)}" if self.test else ""
-        return f"FitResult(step={int(self.state.step)}, epoch={int(self.state.epoch)}, stop_reason={self.stop_reason!r}{best}{test})"
+        return f"FitResult(step={host_count(self.state.step)}, epoch={host_count(self.state.epoch)}, stop_reason={self.stop_reason!r}{best}{test})"
 
 
 def _short(metrics: dict[str, float]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from functrain.core.ensemble import host_count, member_columns
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.core.compiled import compile_step
 from functrain.core.state import TrainState
@@ -65,7 +66,8 @@ class Loop:
         self.state = state
         self.main = state.dist is None or state.dist.rank == 0
         # the one read of the counters; from here on the driver counts on the host
-        self.step, self.micro, self.epoch, self.pos = (int(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
+        self.step, self.micro, self.epoch, self.pos = (host_count(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
+        self.stacked = state.step.ndim == 1  # a stacked state (functrain.stack): its metrics are logged per member
         self.ledger.use_data(train.setup(), at_epoch_start=self.pos == 0, checkpoint=manager.latest() if manager is not None else None)
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
@@ -179,7 +181,7 @@ class Loop:
         self.pos += 1
         self.run_ctx.batches += 1
         self.micro = (self.micro + 1) % self.k
-        self.ledger.add_step(metrics, n)
+        self.ledger.add_step(member_columns(metrics) if self.stacked else metrics, n)
         self.run_ctx.logs = None
         update_done = self.micro == 0
         if update_done:

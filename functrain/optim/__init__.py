@@ -28,6 +28,7 @@ from functrain.optim.primitives import (
     scale_by_rms,
     trace,
 )
+from functrain.optim.sweep import Sweep, sweep
 from functrain.optim.transform import EmptyState, ParamStep, Ratio, Transform, apply_updates, as_tensors, chain, identity, transform_metrics
 from functrain.optim.wrappers import accumulate, all_finite, check_skip_limits, dynamic_loss_scale, find_loss_scale, masked, partition, skip_nonfinite
 from functrain.optim.update_rules import (
@@ -47,6 +48,7 @@ __all__ = [
     "EmptyState",
     "ParamStep",
     "Ratio",
+    "Sweep",
     "Transform",
     "accumulate",
     "adagrad",
@@ -80,6 +82,7 @@ __all__ = [
     "schedules",
     "sgd",
     "skip_nonfinite",
+    "sweep",
     "trace",
     "transform_metrics",
     "adadelta",

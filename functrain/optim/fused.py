@@ -10,6 +10,11 @@ differently.
 The transform is gated (`Transform.gated`): given ``keep=``, it passes ``found_inf = ~keep`` to
 the kernel, which then leaves the copies untouched, so a skipped step costs no `torch.where` pass.
 
+Under `torch.func.vmap` (a stacked state, `functrain.stack`) the kernel runs through the custom op
+``functrain::fused_adam``, whose vmap rule calls the kernel once per member on that member's slice of
+the stacked tensors, with the member's own step count, learning rate and skip flag: each member's
+results are bit for bit those of the member trained alone.
+
 In a donated step (`functrain.optim.transform.may_write_in_place`) the kernel runs on the given
 parameters and moments themselves, as torch.optim runs it: no copies, and a skipped step (the
 kernel's ``found_inf``) leaves them as they were, so nothing needs restoring.
@@ -23,8 +28,10 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError
+from functrain.optim.batching import under_vmap
 from functrain.optim.transform import NewParams, Transform, counter, flat_updates, may_write_in_place
 from functrain.optim.primitives import Mask, Schedule, _zeros, resolve_mask
+from functrain.optim.sweep import Sweep
 from functrain.tree import Tree, tree_leaves
 
 __all__ = ["FusedAdamState", "fused_adam"]
@@ -46,7 +53,7 @@ def fused_adam(
     b1: float,
     b2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: float | Sweep,
     *,
     decoupled: bool,
     amsgrad: bool,
@@ -93,6 +100,11 @@ def fused_adam(
     return Transform(init_fn, update_fn, gated=True)
 
 
+def _decays(weight_decay: Any) -> list[float]:
+    """The kernel's weight decay: one value, or one per member for a sweep (`functrain.sweep`)."""
+    return [float(v) for v in weight_decay.values] if isinstance(weight_decay, Sweep) else [float(weight_decay)]
+
+
 def _kernel_lr(rate: torch.Tensor) -> torch.Tensor:
     # the CPU kernels read a tensor learning rate as a double; the device kernels read float32
     return rate if rate.device.type == "cpu" else rate.to(torch.float32)
@@ -115,7 +127,7 @@ def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torc
             [state.nu[i] for i in idx],
             [state.nu_max[i] for i in idx] if amsgrad else [],
             [step] * len(idx),  # read only: the step number for the bias corrections
-            weight_decay=weight_decay if decay else 0.0,
+            weight_decay=_decays(weight_decay) if decay else [0.0],
             **hyper,
         )
         for target, values in zip(out, results, strict=True):
@@ -132,6 +144,9 @@ def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_m
     ``torch.compile`` the functional form of the op is traced instead: functionalization rejects
     the in-place one on graph intermediates.
     """
+    if under_vmap():
+        return _stacked_kernel(kernel, params, grads, mu, nu, nu_max, steps, **options)
+    options = {**options, "weight_decay": options["weight_decay"][0]}  # one value outside a stacked step
     if torch.compiler.is_compiling():
         functional = torch.ops.aten._fused_adamw if kernel is torch._fused_adamw_ else torch.ops.aten._fused_adam
         new_p, _, new_mu, new_nu, new_max = functional(params, grads, mu, nu, nu_max, steps, **options)
@@ -142,3 +157,89 @@ def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_m
     new_p, new_mu, new_nu, new_max = ([x.clone() for x in xs] for xs in (params, mu, nu, nu_max))
     kernel(new_p, grads, new_mu, new_nu, new_max, steps, **options)
     return new_p, new_mu, new_nu, new_max
+
+
+def _stacked_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_max: list, steps: list, **options: Any) -> tuple[list, list, list, list]:
+    """`_run_kernel` under vmap: the custom op, whose batching rule runs the kernel member by member."""
+    lr = options["lr"]
+    lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+    out = torch.ops.functrain.fused_adam(
+        params, grads, mu, nu, nu_max, steps[0], lr_t, options["found_inf"],
+        list(options["weight_decay"]), options["beta1"], options["beta2"], options["eps"], options["amsgrad"], kernel is torch._fused_adamw_,
+    )
+    return [list(x) for x in out]  # type: ignore[return-value]
+
+
+_FusedOut = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+@torch.library.custom_op("functrain::fused_adam", mutates_args=())
+def _fused_adam_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tensor], nu_max: list[torch.Tensor],
+    step: torch.Tensor, lr: torch.Tensor, found_inf: torch.Tensor | None,
+    weight_decay: list[float], beta1: float, beta2: float, eps: float, amsgrad: bool, decoupled: bool,
+) -> _FusedOut:
+    """One member's fused Adam(W) update on fresh copies (the op vmap batches member by member).
+
+    `weight_decay` holds one value, or one per member (a sweep) for the batched form.
+    """
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    new = [[x.clone() for x in xs] for xs in (params, mu, nu, nu_max)]
+    kernel(new[0], grads, new[1], new[2], new[3], [step] * len(params), lr=_kernel_lr(lr), beta1=beta1, beta2=beta2,
+           weight_decay=weight_decay[0], eps=eps, amsgrad=amsgrad, maximize=False, grad_scale=None, found_inf=found_inf)
+    return new[0], new[1], new[2], new[3]
+
+
+@_fused_adam_op.register_fake
+def _(params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled):  # type: ignore[no-untyped-def]
+    return [torch.empty_like(x) for x in params], [torch.empty_like(x) for x in mu], [torch.empty_like(x) for x in nu], [torch.empty_like(x) for x in nu_max]
+
+
+def _dims(dims: Any, n: int) -> list:
+    return list(dims) if isinstance(dims, (list, tuple)) else [dims] * n
+
+
+def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | None:
+    return x if x is None or dim is None else x.select(dim, k)
+
+
+@_fused_adam_op.register_vmap
+def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled):  # type: ignore[no-untyped-def]
+    members = info.batch_size
+    d_p, d_g, d_mu, d_nu, d_max, d_step, d_lr, d_inf = in_dims[:8]
+    tensors = [(xs, _dims(d, len(xs))) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
+    g_dims = _dims(d_g, len(grads))
+    calls = [
+        (
+            [_member(g, d, k) for g, d in zip(grads, g_dims)],
+            [_member(step, d_step, k)] * len(params),
+            {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay[k if len(weight_decay) > 1 else 0],
+             "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)},
+        )
+        for k in range(members)
+    ]
+    out_dims = tuple([0] * len(xs) for xs, _ in tensors)
+    if any(type(x) is not torch.Tensor for x in params):  # traced by torch.compile: fake or functional tensors
+        return _traced_members(tensors, calls, decoupled), out_dims
+    return _eager_members(tensors, calls, members, decoupled), out_dims
+
+
+def _eager_members(tensors: list, calls: list, members: int, decoupled: bool) -> tuple:
+    """The stacked inputs copied once (member first), then the kernel on each member's slice in place."""
+    new = [[x.movedim(d, 0).clone() if d is not None else x.expand(members, *x.shape).clone() for x, d in zip(xs, ds)] for xs, ds in tensors]
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    for k, (grads, steps, options) in enumerate(calls):
+        p, m, v, vmax = ([x[k] for x in xs] for xs in new)
+        kernel(p, grads, m, v, vmax, steps, **options)
+    return tuple(new)
+
+
+def _traced_members(tensors: list, calls: list, decoupled: bool) -> tuple:
+    """The functional op (it has a fake kernel, the in-place one with a tensor lr has none) member by member, stacked."""
+    functional = torch.ops.aten._fused_adamw if decoupled else torch.ops.aten._fused_adam
+    results = []
+    for k, (grads, steps, options) in enumerate(calls):
+        p, m, v, vmax = ([_member(x, d, k) for x, d in zip(xs, ds)] for xs, ds in tensors)
+        new_p, _, new_m, new_v, new_max = functional(p, grads, m, v, vmax, steps, **options)
+        results.append((new_p, new_m, new_v, new_max))
+    return tuple([torch.stack([r[i][j] for r in results]) for j in range(len(xs))] for i, (xs, _) in enumerate(tensors))

@@ -14,6 +14,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.fused import fused_adam
+from functrain.optim.sweep import Sweep
 from functrain.optim.transform import named, Transform, chain, identity
 from functrain.optim.primitives import (
     _check_positive,
@@ -74,7 +75,11 @@ def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: floa
     _check_unit(problems, "b1", b1)
     _check_unit(problems, "b2", b2)
     _check_positive(problems, "eps", eps)
-    _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    if isinstance(weight_decay, Sweep):  # one value per member of a stacked state
+        for i, value in enumerate(weight_decay.values):
+            _check_positive(problems, f"weight_decay.values[{i}]", value, allow_zero=True)
+    else:
+        _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, where)
 
 

@@ -551,7 +551,13 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
         tensor([0.2000])
     """
     problems: list[str] = []
-    _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    if str(getattr(weight_decay, "name", "")).startswith("sweep("):
+        problems.append(
+            f"a weight-decay sweep ({weight_decay.name}) runs only through the fused kernels: use adam or adamw "
+            "with fused=True (the default); the foreach chain takes one weight decay"
+        )
+    else:
+        _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, "add_decayed_weights")
 
     def update_fn(updates: Any, state: EmptyState, params: Tree | None = None) -> tuple[Any, EmptyState]:

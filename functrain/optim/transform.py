@@ -42,6 +42,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from functrain.optim.batching import under_vmap
 from functrain.errors import ConfigError, StateMismatchError
 from functrain.optim.porting import torch_object_hint
 from functrain.tree import (
@@ -458,6 +459,8 @@ def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
     """Whether the quotient can go through one foreach addcdiv (it takes its scalars from a CPU tensor)."""
     if step.quotient is None or step.alpha is not None or torch.compiler.is_compiling():
         return False  # compiled graphs fuse the three ops themselves
+    if under_vmap():
+        return False  # under vmap (a stacked state) the step size is per member: no host-side scalars
     return step.quotient[2].device.type == "cpu" and len({t.dtype for t in p}) == 1
 
 

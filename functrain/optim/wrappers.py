@@ -316,7 +316,8 @@ def check_skip_limits(state: Tree) -> None:
     """
     for node in walk_states(state):
         if isinstance(node, SkipNonfiniteState):
-            cap, run = int(node.max_consecutive), int(node.consecutive)  # host read, by design
+            # host read, by design; a stacked state's (functrain.stack) longest run among its members
+            cap, run = int(node.max_consecutive.max()), int(node.consecutive.max())
             if 0 <= cap < run:
                 raise NonFiniteError(
                     f"{run} consecutive steps had non-finite gradients (limit max_consecutive={cap}); "

@@ -1,0 +1,112 @@
+"""`sweep`: a hyperparameter with one value per member of a stacked state.
+
+For ``lr=`` of any optimizer, a sweep is a schedule (``step -> value``) that a stacked step
+(`functrain.stack`) evaluates for each member: member ``k`` gets ``values[k]``, a float or a
+schedule of its own. For ``weight_decay=`` of the fused `adam`/`adamw` (the default), member ``k``
+gets the float ``values[k]``: the kernel runs member by member and takes each member's value (the
+foreach chains, ``fused=False`` and the other presets, take one weight decay and refuse a sweep). Under the stacked
+step's ``vmap`` the member's index is a batched tensor, so one traced step serves every value: no
+recompilation per value, and a sweep composes with schedules (give each member a schedule, e.g. the
+same warmup-cosine shape at different peaks).
+
+Outside a stacked step (when `TrainState.create` initializes the optimizer) a sweep gives member 0's
+value; stepping an ordinary state whose optimizer holds a sweep raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from functrain.errors import ConfigError
+from functrain.optim.primitives import Schedule, check_learning_rate
+
+__all__ = ["Sweep", "sweep", "enter_member", "leave_member"]
+
+class _Member:
+    """The member a stacked step is evaluating (a batched 0-d index under vmap), or None.
+
+    A plain attribute rather than a context variable: torch.compile traces attribute writes, not
+    `ContextVar.set`. Steps run on one thread; the stacked step sets and clears it around the body.
+    """
+
+    index: torch.Tensor | None = None
+
+
+_MEMBER = _Member()
+
+
+def enter_member(index: torch.Tensor) -> torch.Tensor | None:
+    """Make sweeps evaluate for member `index` until `leave_member`; returns the index it replaces."""
+    previous, _MEMBER.index = _MEMBER.index, index
+    return previous
+
+
+def leave_member(previous: torch.Tensor | None) -> None:
+    """Undo `enter_member`."""
+    _MEMBER.index = previous
+
+
+class Sweep:
+    """One learning rate per member: a schedule whose value depends on the member evaluating it.
+
+    Build it with `sweep`.
+    """
+
+    def __init__(self, values: Sequence[float | Schedule]) -> None:
+        self.values = tuple(values)
+        self.name = "sweep([" + ", ".join(getattr(v, "name", None) or repr(v) for v in self.values) + "])"
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __call__(self, count: torch.Tensor) -> torch.Tensor:
+        member = _MEMBER.index
+        column = [torch.as_tensor(v(count) if callable(v) else v, dtype=torch.float64, device=count.device) for v in self.values]
+        if member is None:
+            return column[0]
+        # one value per member, picked by the (batched) member index: a gather, not a host read
+        return torch.stack(column).gather(0, member.reshape(1)).reshape(())
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def sweep(values: Sequence[float | Schedule]) -> Sweep:
+    """One value per member of a stacked state: ``lr=`` of any optimizer, ``weight_decay=`` of fused adam/adamw.
+
+    Args:
+        values: member ``k``'s value: a float >= 0, or for a learning rate also a schedule
+            (``step -> value``). The stacked state must have ``len(values)`` members.
+
+    Returns:
+        A `Sweep`, a schedule evaluated per member by the stacked step.
+
+    Raises:
+        ConfigError: no values, or a value that is not a valid learning rate.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adamw(lr=ft.sweep([1e-3, 1e-2, 1e-1]))
+        >>> loss_fn = lambda m, b: m(b).pow(2).mean()
+        >>> ens = ft.stack([ft.TrainState.create(torch.nn.Linear(2, 1), tx, loss_fn, seed=0) for _ in range(3)])
+        >>> ens, metrics = ft.train_step(ens, torch.ones(4, 2))
+        >>> metrics["lr"]
+        tensor([0.0010, 0.0100, 0.1000])
+        >>> tx = ft.adamw(lr=1e-3, weight_decay=ft.sweep([0.0, 0.1]))  # fused adamw: per-member decay
+    """
+    problems: list[str] = []
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ConfigError(f"sweep needs a non-empty list of learning rates or schedules, got {values!r}")
+    for i, v in enumerate(values):
+        check_learning_rate(problems, f"values[{i}]", v)
+    if problems:
+        raise ConfigError("invalid sweep:\n  - " + "\n  - ".join(problems))
+    return Sweep(values)
+
+
+def holds_sweep(value: Any) -> bool:
+    """Whether a transform's name shows a sweep among its hyperparameters."""
+    return "sweep([" in getattr(value, "name", "")
