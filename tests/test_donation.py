@@ -88,6 +88,8 @@ def test_donated_steps_give_the_pure_steps_bits_skipped_steps_included(optimizer
 
 def test_a_fused_donated_step_writes_into_the_given_tensors() -> None:
     state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9, accumulate_steps=2)
+    for batch in batches(2):  # a fresh state's zeros get their storage at the update that first writes them
+        state, _ = ft.train_step(state, batch, donate=True)
     weight, ema = state.params["0.weight"], state.ema_state.average[0]
     mu = next(x for x in leaves(state.opt_state) if x.shape == weight.shape and x is not weight)
     storages = {t.untyped_storage().data_ptr() for t in (weight, ema, mu)}

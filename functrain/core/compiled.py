@@ -30,6 +30,7 @@ import torch
 from functrain.errors import ConfigError
 from functrain.core.state import TrainState
 from functrain.core.step import _enter, _leave, _leave_with, _train_core
+from functrain.optim.zeros import stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep"]
@@ -89,7 +90,8 @@ class CompiledStep:
         counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
         scope = _enter(state, True)
         try:
-            new, metrics = core(state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters, batch)
+            # zeros a fresh state holds without storage get it here: one graph for every call's layout
+            new, metrics = core(state.params, state.frozen, state.buffers, stored(state.opt_state), state.ema_state, counters, batch)
         except BaseException:
             _leave(scope)
             raise

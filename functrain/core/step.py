@@ -28,6 +28,7 @@ from functrain.core.state import TrainState, _generator
 from functrain.optim.transform import apply_updates, transform_metrics, writing_in_place, wrote_in_place
 from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, unshare_norm
 from functrain.optim.wrappers import find_loss_scale
+from functrain.optim.zeros import stored
 
 __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
 
@@ -143,6 +144,17 @@ def _donated_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[s
 @_outside_graph
 def _retire(state: TrainState, call: str) -> None:
     state.retire(call)
+
+
+@_outside_graph
+def _with_storage(state: TrainState) -> TrainState:
+    """`state` with the optimizer tensors a fresh state holds without storage given theirs (`functrain.optim.zeros`).
+
+    Under ``torch.compile(train_step)``: the graph is specialized to its inputs' strides, so the
+    first step of a fresh state and the steps after it then run the same graph.
+    """
+    opt_state = stored(state.opt_state)
+    return state if opt_state is state.opt_state else state.replace(opt_state=opt_state)
 
 
 def _split_loss(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -335,6 +347,9 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
     if not isinstance(state, TrainState):
         raise ConfigError(f"train_step expects a functrain.TrainState as its first argument, got {type(state).__name__}; build one with TrainState.create(...)")
     state.check_live("train_step")
+    given = state
+    if torch.compiler.is_compiling():
+        state = _with_storage(state)
     scope = _enter(state, True)
     try:
         # the update/weight ratios of grad_stats need the old weights: such a step writes fresh buffers
@@ -347,7 +362,7 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
         raise
     new_state = _leave_with(scope, state, new)
     if donate:
-        _retire(state, "functrain.train_step(..., donate=True)")
+        _retire(given, "functrain.train_step(..., donate=True)")
     return new_state, metrics
 
 

@@ -1,15 +1,15 @@
 """Optimizer presets: each one a short chain of primitives, the numerics written once in `primitives`.
 
-With a constant learning rate, `adam` and `adamw` run torch's fused kernel by default and reproduce
-``torch.optim.Adam/AdamW(fused=True)`` bit for bit; with ``fused=False`` they, like `sgd`,
-`rmsprop` and `adagrad`, reproduce the matching `torch.optim` class's foreach implementation
-(``foreach=True``, float32) bit for bit.
+With a constant learning rate, `sgd`, `adam`, `adamw` and `adagrad` run torch's fused kernel by
+default and reproduce ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
+``fused=False`` they, like `rmsprop`, reproduce the matching `torch.optim` class's foreach
+implementation (``foreach=True``, float32) bit for bit.
 """
 
 from __future__ import annotations
 
 from functrain.errors import config_check
-from functrain.optim.fused import fused_adam
+from functrain.optim.fused import fused_adagrad, fused_adam, fused_sgd
 from functrain.optim.transform import named, Transform, chain, identity
 from functrain.optim.primitives import (
     _check_positive,
@@ -56,7 +56,7 @@ def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: floa
     config_check(problems, where)
 
 
-@named
+@named(added={"fused": False})
 def sgd(
     lr: LearningRate,
     momentum: float = 0.0,
@@ -65,10 +65,13 @@ def sgd(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     mask: Mask = None,
+    fused: bool = True,
 ) -> Transform:
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
 
-    Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)``.
+    Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`` bit for bit: its
+    fused implementation (``fused=True``) by default, its foreach one with ``fused=False`` or a
+    nonzero `dampening`.
 
     Args:
         lr: learning rate, a float or a schedule.
@@ -77,6 +80,10 @@ def sgd(
         dampening: dampening of the momentum buffer.
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay (see `add_decayed_weights`).
+        fused: update through torch's fused SGD kernel (one pass over parameters, gradients and
+            momentum buffers, in place in a donated step; see `functrain.optim.fused.fused_sgd`).
+            It runs without dampening only: torch's kernel takes the first step from a host-side
+            flag. ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch.
 
     Returns:
         A `Transform`.
@@ -93,6 +100,8 @@ def sgd(
         tensor([0.9000])
     """
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
+    if fused and not dampening:
+        return fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask)
     return chain(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
@@ -306,7 +315,7 @@ def rmsprop(
     )
 
 
-@named
+@named(added={"fused": False})
 def adagrad(
     lr: LearningRate = 1e-2,
     eps: float = 1e-10,
@@ -315,10 +324,12 @@ def adagrad(
     initial_accumulator_value: float = 0.0,
     weight_decay: float = 0.0,
     mask: Mask = None,
+    fused: bool = True,
 ) -> Transform:
     """Adagrad (Duchi et al., 2011).
 
-    Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)``.
+    Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)`` bit
+    for bit: its fused implementation (``fused=True``) by default, its foreach one with ``fused=False``.
 
     Args:
         lr: learning rate, a float or a schedule.
@@ -327,6 +338,9 @@ def adagrad(
         initial_accumulator_value: starting value of the squared-gradient sum.
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay.
+        fused: update through torch's fused Adagrad kernel (one pass over parameters, gradients
+            and sums, in place in a donated step; see `functrain.optim.fused`). ``False``: the
+            foreach chain of primitives, exact to ``foreach=True`` in torch.
 
     Returns:
         A `Transform`.
@@ -343,6 +357,8 @@ def adagrad(
         tensor([0.9000])
     """
     _check_renamed("adagrad", lr)
+    if fused:
+        return fused_adagrad(lr, eps, lr_decay, initial_accumulator_value, weight_decay, mask=mask)
     return chain(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adagrad(eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay),

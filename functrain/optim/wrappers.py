@@ -28,6 +28,7 @@ from functrain.optim.transform import (
     writing_in_place,
 )
 from functrain.optim.primitives import Mask, resolve_mask
+from functrain.optim.zeros import writable, zeros_like
 from functrain.tree import Tree, global_norm, tree_leaves, tree_select, tree_unflatten
 
 __all__ = [
@@ -277,14 +278,14 @@ def accumulate(inner: Transform, every: int) -> Transform:
         return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
 
     def init_fn(params: Tree) -> AccumulateState:
-        sums = tuple(torch.zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params))
+        sums = tuple(zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params))  # no storage until written
         return AccumulateState(inner.init(params), counter(params), sums)
 
     def update_fn(updates: Any, state: AccumulateState, params: Tree | None = None) -> tuple[Any, AccumulateState]:
         u, spec = flat_updates(updates, params)
         in_place = may_write_in_place()
         addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
-        sums = state.grad_sum if in_place else torch._foreach_add(state.grad_sum, addends)
+        sums = [writable(s, x) for s, x in zip(state.grad_sum, addends, strict=True)] if in_place else torch._foreach_add(state.grad_sum, addends)
         if in_place:  # a donated step: the sums accumulate in their own storage
             torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1
