@@ -256,10 +256,10 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
         "samples_seen": state.samples_seen + _batch_size(batch) * (state.dist.world_size if state.dist is not None else 1),
-        "skipped": state.skipped + skipped.long() if skipped is not None else state.skipped,
+        "skipped": state.skipped + skipped if skipped is not None else state.skipped,  # a bool adds as 0 or 1
     }
     metrics = {
-        "loss": loss.float(),
+        "loss": loss if loss.dtype == torch.float32 else loss.float(),
         "grad_norm": grad_norm,
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
         "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),

@@ -85,25 +85,33 @@ class _Step(NamedTuple):
     found_inf: torch.Tensor | None
 
 
-def _begin(updates: Any, count: torch.Tensor, params: Tree | None, keep: torch.Tensor | None, lr: float | Schedule, what: str) -> _Step:
+def _begin(updates: Any, count: torch.Tensor, params: Tree | None, keep: torch.Tensor | None, lr: float | Schedule, what: str, last_lr: torch.Tensor) -> _Step:
     if params is None:
         raise ConfigError(f"the fused {what} kernels update the parameters themselves; pass params= to update")
     g, spec = flat_updates(updates, params)
-    rate = lr(count) if callable(lr) else lr
-    rate_t = torch.as_tensor(rate, dtype=torch.float64, device=count.device)
+    if callable(lr):
+        rate = lr(count)
+        rate_t = torch.as_tensor(rate, dtype=torch.float64, device=count.device)
+    else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
+        rate, rate_t = lr, last_lr
     return _Step(
         g,
         tree_leaves(params),
         spec,
         _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate,
         rate_t,
-        count + 1 if keep is None else count + keep.long(),
-        None if keep is None else (~keep).float(),
+        count + 1 if keep is None else count + keep,  # a bool adds as 0 or 1
+        None if keep is None else _found_inf(keep),
     )
 
 
+def _found_inf(keep: torch.Tensor) -> torch.Tensor:
+    # the kernels read found_inf as float32: one op where the default dtype gives it, two elsewhere
+    return torch.where(keep, 0.0, 1.0) if torch.get_default_dtype() == torch.float32 else (~keep).float()
+
+
 def _last_lr(step: _Step, previous: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    return step.rate_t if keep is None else torch.where(keep, step.rate_t, previous)
+    return step.rate_t if keep is None or step.rate_t is previous else torch.where(keep, step.rate_t, previous)
 
 
 def fused_adam(
@@ -130,7 +138,7 @@ def fused_adam(
         return FusedAdamState(count, zeros(params), zeros(params), zeros(params) if amsgrad else (), _first_lr(lr, count))
 
     def update_fn(updates: Any, state: FusedAdamState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdamState]:
-        step = _begin(updates, state.count, params, keep, lr, "Adam")
+        step = _begin(updates, state.count, params, keep, lr, "Adam", state.lr)
         hyper = {"lr": step.rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": step.found_inf}
         moments = (state.mu, state.nu, state.nu_max)
         new_p, (mu, nu, nu_max) = _by_groups(kernel, step, moments, _decays(mask, params, step.p), weight_decay, hyper, steps=True)
@@ -160,7 +168,7 @@ def fused_sgd(lr: float | Schedule, momentum: float, weight_decay: float, *, nes
         return FusedSgdState(count, buffers, _first_lr(lr, count))
 
     def update_fn(updates: Any, state: FusedSgdState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedSgdState]:
-        step = _begin(updates, state.count, params, keep, lr, "SGD")
+        step = _begin(updates, state.count, params, keep, lr, "SGD", state.lr)
         hyper = {"lr": step.rate, "momentum": momentum, "dampening": 0.0, "nesterov": nesterov, "maximize": maximize, "is_first_step": False, "grad_scale": None, "found_inf": step.found_inf}
         new_p, (buffers,) = _by_groups(_SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper)
         return NewParams(new_p, step.spec), FusedSgdState(step.count, tuple(buffers), _last_lr(step, state.lr, keep))
@@ -196,7 +204,7 @@ def fused_adagrad(
         return FusedAdagradState(count, sums, _first_lr(lr, count))
 
     def update_fn(updates: Any, state: FusedAdagradState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdagradState]:
-        step = _begin(updates, state.count, params, keep, lr, "Adagrad")
+        step = _begin(updates, state.count, params, keep, lr, "Adagrad", state.lr)
         hyper = {"lr": step.rate, "lr_decay": lr_decay, "eps": eps, "maximize": maximize, "grad_scale": None, "found_inf": step.found_inf}
         new_p, (sums,) = _by_groups(_ADAGRAD, step, (state.sum_of_squares,), _decays(mask, params, step.p), weight_decay, hyper, steps=True)
         return NewParams(new_p, step.spec), FusedAdagradState(step.count, tuple(sums), _last_lr(step, state.lr, keep))

@@ -198,7 +198,8 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         finite = all_finite(flat_updates(updates, params)[0])
         new_updates, inner_state = _update_where(inner, finite if keep is None else finite & keep, updates, state.inner, params)
         skipped = ~finite
-        counts = (skipped, state.total_skipped + skipped.long(), torch.where(finite, torch.zeros_like(state.consecutive), state.consecutive + 1))
+        # a bool adds as 0 or 1; a Python 0 takes the tensor's dtype: fewer small ops per step
+        counts = (skipped, state.total_skipped + skipped, torch.where(finite, 0, state.consecutive + 1))
         if keep is not None:  # gated (under `accumulate`): between window ends the counts stay put too
             counts = tuple(torch.where(keep, new, old) for new, old in zip(counts, (state.skipped, state.total_skipped, state.consecutive), strict=True))
         new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)

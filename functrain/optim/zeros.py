@@ -52,7 +52,8 @@ def zeros(params: Tree) -> tuple[torch.Tensor, ...]:
 
 def is_shared(t: torch.Tensor) -> bool:
     """Whether some elements of `t` are the same memory (a stride 0 over a dimension of size > 1)."""
-    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True))
+    strides = t.stride()
+    return 0 in strides and any(stride == 0 and size > 1 for size, stride in zip(t.shape, strides, strict=True))
 
 
 def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
