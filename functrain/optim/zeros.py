@@ -63,7 +63,7 @@ def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A copy of `t` with a storage of its own, for an in-place kernel to write (laid out like `like` if `t` is shared)."""
-    return writable(t, like) if is_shared(t) else t.clone()
+    return torch.empty_like(like, dtype=t.dtype).copy_(t) if is_shared(t) else t.clone()
 
 
 def light_copy(t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,6 @@ def stored(tree: Tree) -> Tree:
     into its inputs, so the first call of a fresh state and the calls after it take the same layout.
     """
     leaves, spec = tree_flatten(tree)
-    if not any(isinstance(x, torch.Tensor) and 0 in x.stride() and is_shared(x) for x in leaves):
+    if not any(isinstance(x, torch.Tensor) and is_shared(x) for x in leaves):
         return tree
     return tree_unflatten([writable(x, x) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
