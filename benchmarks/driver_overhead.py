@@ -8,7 +8,17 @@ Workload: MLP 784-128-10 (ReLU), cross-entropy, ``functrain.adamw(1e-3)``, batch
 * ``bare, pre-gathered``: the same loop over a list of ready batches (what the gathering costs);
 * ``fit``: ``fit(state, ds, batch_size=64, max_epochs=1, log_every=50, progress bar on (writing to
   os.devnull), verbosity="silent")``: no evaluation, no checkpoints. Its time includes the per-call
-  work (validation, the bar, the result), spread over the 200 steps.
+  work (validation, the bar, the result), spread over the 200 steps;
+* ``fit, pre-made``: the same `fit` over the list of ready batches;
+* ``hand-written, pre-made``: ``loss.backward(); opt.step(); opt.zero_grad()`` over the ready
+  batches, ``opt = torch.optim.AdamW(lr=1e-3, weight_decay=1e-2, fused=True)`` (the kernel and
+  hyperparameters of ``functrain.adamw(1e-3)``);
+* ``Lightning Trainer.fit, pre-made``: ``lightning.Trainer(max_epochs=1, accelerator="cpu",
+  devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+  enable_model_summary=False, log_every_n_steps=50).fit(module, ready)``, a ``LightningModule``
+  whose ``training_step`` returns the loss and whose ``configure_optimizers`` is the hand-written
+  loop's optimizer. A benchmark-only dependency: ``pip install -e '.[bench]'`` (or ``pip install
+  lightning``); without it the row is skipped. Target: ``fit, pre-made`` at least 1.5x as fast.
 
 Method: every repetition runs each variant once from the same initial state (states are values: no
 copy needed), interleaved in ABBA order so that drift on a shared machine hits all alike, after one
@@ -29,11 +39,14 @@ Usage:
     python benchmarks/driver_overhead.py                  # 15 repetitions, then the demo
     python benchmarks/driver_overhead.py --reps 5 --no-demo
     python benchmarks/driver_overhead.py --profile        # also: cProfile of one fit with the no-op step
+
+The Lightning row needs ``pip install -e '.[bench]'`` (or ``pip install lightning``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import os
 import pstats
@@ -68,7 +81,8 @@ def workload() -> tuple[ft.TrainState, TensorDataset]:
     return ft.TrainState.create(model, ft.adamw(1e-3), loss_fn), data
 
 
-def variants(state: ft.TrainState, data: TensorDataset, devnull: Any) -> dict[str, Callable[[], ft.TrainState]]:
+def variants(state: ft.TrainState, data: TensorDataset, devnull: Any, *, others: bool = True) -> dict[str, Callable[[], Any]]:
+    """The timed runs; `others`: also the pre-made-batch rows (the hand-written loop, Lightning)."""
     batcher = ft.Batcher(data, BATCH, seed=0)
     ready = list(batcher.epoch(0))
 
@@ -88,7 +102,84 @@ def variants(state: ft.TrainState, data: TensorDataset, devnull: Any) -> dict[st
         bar = ft.ProgressBar(file=devnull)
         return ft.fit(state, data, batch_size=BATCH, max_epochs=1, log_every=50, progress=False, callbacks=[bar], verbosity="silent").state
 
-    return {"bare": bare, "bare, pre-gathered": bare_ready, "fit": fit}
+    def fit_ready() -> ft.TrainState:
+        bar = ft.ProgressBar(file=devnull)
+        return ft.fit(state, ready, max_epochs=1, log_every=50, progress=False, callbacks=[bar], verbosity="silent").state
+
+    runs = {"bare": bare, "bare, pre-gathered": bare_ready, "fit": fit}
+    if not others:
+        return runs
+    runs.update({"fit, pre-made": fit_ready, "hand-written, pre-made": _hand_written(state, ready)})
+    lightning_fit = _lightning(state, ready)
+    if lightning_fit is not None:
+        runs["Lightning Trainer.fit, pre-made"] = lightning_fit
+    return runs
+
+
+def _torch_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    # what functrain.adamw(1e-3) runs: torch's fused AdamW kernel, weight decay 1e-2
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, fused=True)
+
+
+def _hand_written(state: ft.TrainState, ready: list[Any]) -> Callable[[], nn.Module]:
+    initial = state.export_module().train()
+
+    def run() -> nn.Module:
+        model = copy.deepcopy(initial)
+        opt = _torch_optimizer(model)
+        for batch in ready:
+            loss_fn(model, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model
+
+    return run
+
+
+def _lightning(state: ft.TrainState, ready: list[Any]) -> Callable[[], Any] | None:
+    """Lightning's ``Trainer.fit`` over the ready batches, or None (with a note) when it is not installed."""
+    try:
+        import lightning
+    except ImportError:
+        print("Lightning is not installed, so its row is skipped: pip install -e '.[bench]' (or pip install lightning)")
+        return None
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")  # "no workers", "no validation", ...
+    initial = state.export_module().train()
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = copy.deepcopy(initial)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return loss_fn(self.model, batch)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _torch_optimizer(self.model)
+
+    class Batches:
+        """The ready batches as one iterable (Lightning reads a list as a list of data loaders)."""
+
+        def __iter__(self) -> Any:
+            return iter(ready)
+
+        def __len__(self) -> int:
+            return len(ready)
+
+    def run() -> Any:
+        module = Module()
+        trainer = lightning.Trainer(
+            max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
+        )
+        trainer.fit(module, Batches())
+        return module
+
+    return run
 
 
 class no_op_step:
@@ -97,19 +188,19 @@ class no_op_step:
     def __init__(self, state: ft.TrainState, data: TensorDataset) -> None:
         _, self.metrics = ft.train_step(state, data[:BATCH])
 
-    def step(self, state: ft.TrainState, batch: Any) -> tuple[ft.TrainState, dict[str, torch.Tensor]]:
+    def step(self, state: ft.TrainState, batch: Any, *, donate: bool = False) -> tuple[ft.TrainState, dict[str, torch.Tensor]]:
         return state, self.metrics
 
     def __enter__(self) -> None:
-        from functrain import driver
+        from functrain.driver import loop  # the loop's own name for the step
 
-        self.saved = driver.train_step, ft.train_step
-        driver.train_step = ft.train_step = self.step
+        self.saved = loop.train_step, ft.train_step
+        loop.train_step = ft.train_step = self.step
 
     def __exit__(self, *exc: Any) -> None:
-        from functrain import driver
+        from functrain.driver import loop
 
-        driver.train_step, ft.train_step = self.saved
+        loop.train_step, ft.train_step = self.saved
 
 
 def measure(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, dict[str, list[float]]]:
@@ -139,12 +230,29 @@ def report(samples: dict[str, dict[str, list[float]]], alone: dict[str, dict[str
         print(f"  {name}: wall per step over the repetitions {1e3 * lo:.3f}-{1e3 * hi:.3f} ms")
     paired = {c: statistics.median(f / b for f, b in zip(samples["fit"][c], samples["bare"][c], strict=True)) for c in ("wall", "cpu")}
     print(f"\nfit / bare, median of the per-repetition ratios: {paired['wall']:.3f}x wall, {paired['cpu']:.3f}x CPU")
+    report_premade(samples)
     own = {c: statistics.median(alone["fit"][c]) - statistics.median(alone["bare"][c]) for c in ("wall", "cpu")}
     print(f"driver alone (no-op step): bare loop {1e6 * statistics.median(alone['bare']['cpu']):.1f} us/step, "
           f"fit {1e6 * statistics.median(alone['fit']['cpu']):.1f} us/step (CPU): the driver's own time "
           f"{1e6 * own['cpu']:.1f} us/step CPU, {1e6 * own['wall']:.1f} us/step wall")
     estimate = 1 + own["cpu"] / med["bare"]["cpu"]
     print(f"estimated fit / bare from the driver's own time: {estimate:.3f}x (target <= 1.05): {'ok' if estimate <= 1.05 else 'MISSED'}")
+
+
+def report_premade(samples: dict[str, dict[str, list[float]]]) -> None:
+    """The pre-made-batch rows against each other: fit and Lightning over the hand-written loop."""
+    hand, light = samples.get("hand-written, pre-made"), samples.get("Lightning Trainer.fit, pre-made")
+    if hand is None:
+        return
+    for name in ("fit, pre-made", "Lightning Trainer.fit, pre-made"):
+        if name in samples:
+            ratio = {c: statistics.median(x / h for x, h in zip(samples[name][c], hand[c], strict=True)) for c in ("wall", "cpu")}
+            print(f"{name} / hand-written, pre-made: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x CPU")
+    if light is not None:
+        speedup = {c: statistics.median(lt / f for lt, f in zip(light[c], samples["fit, pre-made"][c], strict=True)) for c in ("wall", "cpu")}
+        verdict = "ok" if speedup["cpu"] >= 1.5 else "MISSED"
+        print(f"Trainer.fit / fit over the same pre-made batches: {speedup['wall']:.2f}x wall, {speedup['cpu']:.2f}x CPU "
+              f"(target: fit at least 1.5x as fast): {verdict}")
 
 
 def profile_fit(run: Callable[[], Any]) -> None:
@@ -183,7 +291,7 @@ def main() -> None:
         runs = variants(state, data, devnull)
         samples = measure(runs, args.reps)
         with no_op_step(state, data):
-            runs = variants(state, data, devnull)
+            runs = variants(state, data, devnull, others=False)
             del runs["bare, pre-gathered"]
             print("  driver alone:", file=sys.stderr)
             alone = measure(runs, 3 * args.reps)

@@ -7,6 +7,11 @@ alone (a forked child would inherit its parent's peak). On the CPU the peak is t
 mark of resident memory (`VmHWM`) over its resident size once the model is built; on CUDA it is
 `torch.cuda.max_memory_allocated()` over the memory allocated once the model is built.
 
+Where `fit` stands: the caller keeps the state it passed (fit never invalidates it), so its weights
+(1 P) stay alive next to the run's, and fit's first step is a pure one (the next ones are donated).
+A fresh state's optimizer moments are held without storage until written (`functrain.optim.zeros`),
+so the caller's state costs its weights alone: fit's floor is the donated row plus 1 P.
+
     python benchmarks/memory.py                 # CPU
     python benchmarks/memory.py --device cuda   # GPU
     python benchmarks/memory.py --rows handwritten_fused,train_step_donate

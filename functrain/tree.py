@@ -147,7 +147,8 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
     norms = torch._foreach_norm(list(tensors))
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
+    return torch.linalg.vector_norm(torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms]))
 
 
 def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:

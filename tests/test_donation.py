@@ -69,10 +69,18 @@ def donated_state() -> tuple[ft.TrainState, ft.TrainState]:
         (lambda: ft.adam(1e-2, amsgrad=True, fused=True), {"nonfinite": "none", "ema_decay": 0.5, "ema_warmup": True}),
         (lambda: ft.adamw(1e-2, fused=False), {"nonfinite": "none", "ema_decay": 0.9}),
         (lambda: ft.sgd(0.1, momentum=0.9, weight_decay=1e-2), {"accumulate_steps": 2}),
+        (lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), {"ema_decay": 0.9, "clip_grad_norm": 0.5}),
+        (lambda: ft.sgd(0.1), {"nonfinite": "none"}),
+        (lambda: ft.sgd(0.1, momentum=0.9, fused=False), {"accumulate_steps": 2}),
+        (lambda: ft.adagrad(0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-2), {"accumulate_steps": 2, "ema_decay": 0.9}),
+        (lambda: ft.adagrad(0.1, fused=False), {}),
         (lambda: ft.adamw(1e-2, fused=True), {"precision": "fp16"}),
         (lambda: ft.adamw(1e-2, fused=True), {"precision": "bf16", "accumulate_steps": 2}),
     ],
-    ids=["fused", "fused-accumulate-ema-clip", "amsgrad-warmup-ema", "foreach-none", "sgd-accumulate", "fp16", "bf16"],
+    ids=[
+        "fused", "fused-accumulate-ema-clip", "amsgrad-warmup-ema", "foreach-none", "sgd-accumulate", "sgd-nesterov-ema-clip",
+        "sgd-plain-none", "sgd-foreach-accumulate", "adagrad-accumulate-ema", "adagrad-foreach", "fp16", "bf16",
+    ],
 )
 def test_donated_steps_give_the_pure_steps_bits_skipped_steps_included(optimizer: Callable[[], ft.Transform], options: dict[str, Any]) -> None:
     pure = ft.TrainState.create(make_model(), optimizer(), loss_fn, **options)
@@ -86,8 +94,11 @@ def test_donated_steps_give_the_pure_steps_bits_skipped_steps_included(optimizer
     assert int(pure.skipped) == int(donated.skipped) >= (1 if counts_skips else 0)
 
 
-def test_a_fused_donated_step_writes_into_the_given_tensors() -> None:
-    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9, accumulate_steps=2)
+@pytest.mark.parametrize("optimizer", [lambda: ft.adamw(1e-2), lambda: ft.sgd(0.1, momentum=0.9), lambda: ft.adagrad(0.1)], ids=["adamw", "sgd", "adagrad"])
+def test_a_fused_donated_step_writes_into_the_given_tensors(optimizer: Callable[[], ft.Transform]) -> None:
+    state = ft.TrainState.create(make_model(), optimizer(), loss_fn, ema_decay=0.9, accumulate_steps=2)
+    for batch in batches(2):  # a fresh state's zeros get their storage at the update that first writes them
+        state, _ = ft.train_step(state, batch, donate=True)
     weight, ema = state.params["0.weight"], state.ema_state.average[0]
     mu = next(x for x in leaves(state.opt_state) if x.shape == weight.shape and x is not weight)
     storages = {t.untyped_storage().data_ptr() for t in (weight, ema, mu)}
@@ -267,3 +278,65 @@ def test_donated_step_with_grad_stats_reports_the_pure_steps_update_ratios() -> 
     assert {k: float(v) for k, v in donated.items()} == {k: float(v) for k, v in pure.items()}
     with pytest.raises(ft.DonatedStateError):
         ft.train_step(state, batch)
+
+
+# ---------------------------------------------------------------- a fresh state's zeros cost nothing
+
+
+def storage_bytes(tree: Any) -> int:
+    return sum(x.untyped_storage().nbytes() for x in leaves(tree))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options", "value"),
+    [
+        (lambda: ft.adamw(1e-2), {}, 0.0),
+        (lambda: ft.adam(1e-2, amsgrad=True), {"accumulate_steps": 3}, 0.0),
+        (lambda: ft.adamw(1e-2, fused=False), {}, 0.0),
+        (lambda: ft.sgd(0.1, momentum=0.9), {}, -0.0),
+        (lambda: ft.sgd(0.1, momentum=0.9, fused=False), {}, 0.0),
+        (lambda: ft.adagrad(0.1, initial_accumulator_value=0.25), {}, 0.25),
+        (lambda: ft.rmsprop(1e-2, centered=True, momentum=0.5), {}, 0.0),
+    ],
+    ids=["adamw", "amsgrad-accumulate", "adamw-foreach", "sgd", "sgd-foreach", "adagrad", "rmsprop"],
+)
+def test_a_fresh_states_optimizer_buffers_read_as_their_constant_and_hold_no_storage(optimizer: Callable[[], ft.Transform], options: dict[str, Any], value: float) -> None:
+    big = nn.Linear(256, 256)
+    state = ft.TrainState.create(big, optimizer(), lambda m, b: m(b).sum(), **options)
+    shaped = [x for x in leaves(state.opt_state) if x.shape == big.weight.shape]
+    assert shaped and all(torch.equal(x, torch.full_like(big.weight, value)) for x in shaped)
+    assert all(torch.equal(x.view(torch.int32), torch.full(x.shape, value).view(torch.int32)) for x in shaped)  # -0.0 too
+    assert storage_bytes(state.opt_state) < 1024 < storage_bytes(state.params)
+    assert storage_bytes(state.clone().opt_state) < 1024  # a copy of a fresh state is as light
+
+
+def test_a_fresh_state_saves_and_loads_as_its_zeros_and_trains_the_same(tmp_path: Any) -> None:
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2), loss_fn, accumulate_steps=2, ema_decay=0.9)
+    restored = ft.load(ft.save(state, tmp_path / "fresh"), like=state)
+    ft.testing.assert_states_equal(restored, state)
+    a, b = state, restored
+    for batch in batches(3):
+        a, _ = ft.train_step(a, batch)
+        b, _ = ft.train_step(b, batch, donate=True)
+    assert_same_bits(a, b)
+
+
+def test_a_compiled_step_from_a_fresh_state_compiles_once_per_donation() -> None:
+    import torch._dynamo
+
+    step = ft.compile_step(backend="eager")
+    state = ft.TrainState.create(make_model(), ft.sgd(0.1, momentum=0.9), loss_fn)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pure = state
+        for batch in batches(3):
+            pure, _ = step(pure, batch)
+        donated = state.clone()
+        for batch in batches(3):
+            donated, _ = step(donated, batch, donate=True)
+    assert_same_bits(pure, donated)
+
+
+def test_fit_leaves_the_callers_fresh_state_as_light_as_it_was() -> None:
+    state, result = fit_run()
+    assert storage_bytes(state.opt_state) < 1024 < storage_bytes(result.state.opt_state)
+    assert int(result.state.step) == 4 and int(state.step) == 0

@@ -100,19 +100,19 @@ def reference_optimizer(name: str, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-2, foreach=True)
     if name == "adamw_fused":
         return torch.optim.AdamW(params, lr=1e-2, fused=True)
-    return torch.optim.SGD(params, lr=0.05, momentum=0.9, foreach=True)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, **({"fused": True} if name == "sgd_momentum_fused" else {"foreach": True}))
 
 
 def functrain_optimizer(name: str) -> ft.Transform:
     if name.startswith("adamw"):
         return ft.adamw(1e-2, fused=name == "adamw_fused")
-    return ft.sgd(0.05, momentum=0.9)
+    return ft.sgd(0.05, momentum=0.9, fused=name == "sgd_momentum_fused")
 
 
 # ---------------------------------------------------------------- equivalence with the hand-written loop
 
 
-@pytest.mark.parametrize("opt", ["adamw", "adamw_fused", "sgd_momentum"])
+@pytest.mark.parametrize("opt", ["adamw", "adamw_fused", "sgd_momentum", "sgd_momentum_fused"])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_fifty_steps_equal_the_torch_loop_bit_for_bit(arch: str, opt: str) -> None:
     model = MODELS[arch]()

@@ -515,7 +515,8 @@ BAD_CONFIGS = [
     bad("sgd", lambda: ft.sgd(lr=0.1, momentum=-0.5), "momentum=-0.5"),
     bad("sgd", lambda: ft.sgd(lr=0.1, nesterov=True), "nesterov", "momentum=0.0"),
     bad("sgd", lambda: ft.sgd(lr=0.1, momentum=0.9, dampening=1.0), "dampening=1.0", via="trace"),
-    bad("sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0), "weight_decay=-1.0", via="add_decayed_weights"),
+    bad("sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0, fused=False), "weight_decay=-1.0", via="add_decayed_weights"),
+    bad("sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0), "weight_decay=-1.0"),  # the fused default checks it itself
     bad("adam", lambda: ft.adam(lr=-1e-3), "lr=-0.001"),
     bad("adam", lambda: ft.adam(b1=1.0, fused=False), "b1=1.0", via="scale_by_adam"),
     bad("adamw", lambda: ft.adamw(b2=1.0, fused=False), "b2=1.0", via="scale_by_adam"),
@@ -525,7 +526,8 @@ BAD_CONFIGS = [
     bad("rmsprop", lambda: ft.rmsprop(alpha=1.0), "alpha=1.0", via="scale_by_rms"),
     bad("rmsprop", lambda: ft.rmsprop(momentum=1.5), "momentum=1.5"),
     bad("adagrad", lambda: ft.adagrad(lr=-0.1), "lr=-0.1"),
-    bad("adagrad", lambda: ft.adagrad(lr_decay=-0.1), "lr_decay=-0.1", via="scale_by_adagrad"),
+    bad("adagrad", lambda: ft.adagrad(lr_decay=-0.1, fused=False), "lr_decay=-0.1", via="scale_by_adagrad"),
+    bad("adagrad", lambda: ft.adagrad(lr_decay=-0.1, eps=0.0, weight_decay=-1.0), "lr_decay=-0.1", "eps=0.0", "weight_decay=-1.0"),
     bad("lion", lambda: ft.lion(lr=-1e-4), "lr=-0.0001"),
     bad("lion", lambda: ft.lion(b1=1.0), "b1=1.0", via="scale_by_lion"),
 ]

@@ -32,6 +32,7 @@ from functrain.core.holds import wait_until_unheld
 from functrain.core.state import TrainState
 from functrain.optim.sweep import holds_sweep
 from functrain.core.step import _SWEEP_ALONE, _enter, _leave, _leave_with, _train_core
+from functrain.optim.zeros import stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep"]
@@ -96,7 +97,8 @@ class CompiledStep:
         counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
         scope = _enter(state, True)
         try:
-            new, metrics = core(state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters, batch)
+            # zeros a fresh state holds without storage get it here: one graph for every call's layout
+            new, metrics = core(state.params, state.frozen, state.buffers, stored(state.opt_state), state.ema_state, counters, batch)
         except BaseException:
             _leave(scope)
             raise

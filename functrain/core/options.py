@@ -69,7 +69,7 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
     Example:
         >>> import functrain as ft
         >>> build_transform(ft.sgd(0.1), StepOptions(accumulate_steps=4, clip_grad_norm=1.0)).name
-        'accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0), sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None)), max_consecutive=None), every=4)'
+        'accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0), sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None, fused=True)), max_consecutive=None), every=4)'
     """
     tx = optimizer
     if options.clip_grad_norm is not None:

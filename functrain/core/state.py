@@ -29,6 +29,7 @@ from functrain.core.options import NonFinitePolicy, Precision, StepOptions, buil
 from functrain.errors import ConfigError, DonatedStateError
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import Transform, is_transform
+from functrain.optim.zeros import light_copy
 from functrain.tree import Tree
 
 __all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy"]
@@ -307,7 +308,8 @@ class TrainState:
             >>> torch.equal(c.params["weight"], s.params["weight"]), c.params["weight"] is s.params["weight"]
             (True, False)
         """
-        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x), self)
+        # zeros held without storage (a fresh state's moments, `functrain.optim.zeros`) stay so
+        return pytree.tree_map(lambda x: light_copy(x) if isinstance(x, torch.Tensor) else copy.deepcopy(x), self)
 
     def check_live(self, call: str) -> None:
         """Raise `DonatedStateError` if a step took this state with ``donate=True``.

@@ -31,6 +31,7 @@ from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, unsha
 from functrain.optim.batching import under_vmap
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.wrappers import find_loss_scale
+from functrain.optim.zeros import stored
 
 __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
 
@@ -153,6 +154,17 @@ def _retire(state: TrainState, call: str) -> None:
     state.retire(call)
 
 
+@_outside_graph
+def _with_storage(state: TrainState) -> TrainState:
+    """`state` with the optimizer tensors a fresh state holds without storage given theirs (`functrain.optim.zeros`).
+
+    Under ``torch.compile(train_step)``: the graph is specialized to its inputs' strides, so the
+    first step of a fresh state and the steps after it then run the same graph.
+    """
+    opt_state = stored(state.opt_state)
+    return state if opt_state is state.opt_state else state.replace(opt_state=opt_state)
+
+
 def _split_loss(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, {}))
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
@@ -261,10 +273,10 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
         "samples_seen": state.samples_seen + _batch_size(batch) * (state.dist.world_size if state.dist is not None else 1),
-        "skipped": state.skipped + skipped.long() if skipped is not None else state.skipped,
+        "skipped": state.skipped + skipped if skipped is not None else state.skipped,  # a bool adds as 0 or 1
     }
     metrics = {
-        "loss": loss.float(),
+        "loss": loss if loss.dtype == torch.float32 else loss.float(),
         "grad_norm": grad_norm,
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
         "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
@@ -355,6 +367,9 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
         return _stacked("train", state, batch, donate)
     if holds_sweep(state.tx):
         raise ConfigError(_SWEEP_ALONE)
+    given = state
+    if torch.compiler.is_compiling():
+        state = _with_storage(state)
     scope = _enter(state, True)
     try:
         # the update/weight ratios of grad_stats need the old weights: such a step writes fresh buffers
@@ -367,7 +382,7 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
         raise
     new_state = _leave_with(scope, state, new)
     if donate:
-        _retire(state, "functrain.train_step(..., donate=True)")
+        _retire(given, "functrain.train_step(..., donate=True)")
     return new_state, metrics
 
 

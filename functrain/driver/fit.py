@@ -105,6 +105,10 @@ def fit(
 ) -> FitResult:
     """Train `state` on `train_data`: evaluate, checkpoint, stop early, log, and resume exactly.
 
+    `state` is never modified nor invalidated: the first step is pure, and every later step
+    donates the state only the loop holds (``train_step(..., donate=True)``), so a run holds the
+    given state's weights and one training state (not a callback's kept ``run.state``).
+
     Args:
         state: the initial `TrainState` (with ``resume=True``, the template to restore into).
         train_data: a map-style dataset (batched here: pass `batch_size`; order depends only on

@@ -1,9 +1,9 @@
 """Gradient transforms: the contract, primitives, wrappers, presets, schedules, averaging.
 
-Modules, bottom up: `transform` (the contract: ``Transform(init, update)``, `chain`,
-`apply_updates`), `primitives` (scaling rules, momentum, decay, learning rate, clipping),
+Modules, bottom up: `zeros` (constant state held without storage until written), `transform`
+(the contract: ``Transform(init, update)``, `chain`, `apply_updates`), `primitives` (scaling rules, momentum, decay, learning rate, clipping),
 `wrappers` (masked, skip non-finite, accumulate, loss scaling), `averaging` (EMA), `fused`
-(torch's fused Adam kernels), `presets` (sgd, adam, adamw, ...: short chains of primitives),
+(torch's fused SGD, Adam and Adagrad kernels), `presets` (sgd, adam, adamw, ...: short chains of primitives),
 `update_rules` and `more_presets` (the rest of torch.optim: nadam, adamax, adadelta, asgd, rprop,
 adafactor, muon),
 `schedules` (``step -> value``), `plateau` (early stopping and reduce-on-plateau), `porting` (the

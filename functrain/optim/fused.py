@@ -1,23 +1,27 @@
-"""Adam and AdamW through torch's fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_``).
+"""SGD, Adam, AdamW and Adagrad through torch's fused kernels (``torch._fused_sgd_``, ``_fused_adam_``, ...).
 
-One kernel pass reads the parameters, gradients and both moments and writes the new ones, instead
-of the eight passes of the foreach implementation. The kernel works in place, so the step copies the
-parameters and moments first and runs it on the copies: the state it was given is never written.
-The results match ``torch.optim.Adam/AdamW(fused=True)`` bit for bit (the same kernel on the same
-scalars); they differ from the foreach implementation in the last bits, because the kernel rounds
-differently.
+One kernel pass reads the parameters, gradients and optimizer state and writes the new ones,
+instead of the several passes of the foreach implementation. The kernels work in place, so the
+step copies the parameters and state first and runs them on the copies: the state it was given is
+never written. The results match ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit
+(the same kernels on the same scalars); they differ from the foreach implementations in the last
+bits, because the kernels round differently.
 
-The transform is gated (`Transform.gated`): given ``keep=``, it passes ``found_inf = ~keep`` to
+The transforms are gated (`Transform.gated`): given ``keep=``, they pass ``found_inf = ~keep`` to
 the kernel, which then leaves the copies untouched, so a skipped step costs no `torch.where` pass.
 
-Under `torch.func.vmap` (a stacked state, `functrain.stack`) the kernel runs through the custom op
-``functrain::fused_adam``, whose vmap rule calls the kernel once per member on that member's slice of
-the stacked tensors, with the member's own step count, learning rate and skip flag: each member's
-results are bit for bit those of the member trained alone.
+Under `torch.func.vmap` (a stacked state, `functrain.stack`) the Adam kernels run through the custom
+op ``functrain::fused_adam``, whose vmap rule calls the kernel once per member on that member's slice
+of the stacked tensors, with the member's own step count, learning rate and skip flag: each member's
+results are bit for bit those of the member trained alone. The SGD and Adagrad kernels have no such
+rule yet: a stacked state takes ``sgd/adagrad(fused=False)``.
 
-In a donated step (`functrain.optim.transform.may_write_in_place`) the kernel runs on the given
-parameters and moments themselves, as torch.optim runs it: no copies, and a skipped step (the
+In a donated step (`functrain.optim.transform.may_write_in_place`) the kernels run on the given
+parameters and state themselves, as torch.optim runs them: no copies, and a skipped step (the
 kernel's ``found_inf``) leaves them as they were, so nothing needs restoring.
+
+A fresh state's moments and sums are held without storage (`functrain.optim.zeros`) until the
+first update writes them.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, config_check
 from functrain.optim.batching import under_vmap
 from functrain.optim.transform import NewParams, Transform, counter, flat_updates, may_write_in_place
-from functrain.optim.primitives import Mask, Schedule, _zeros, resolve_mask
+from functrain.optim.primitives import Mask, Schedule, _check_positive, resolve_mask
 from functrain.optim.sweep import Sweep
+from functrain.optim.zeros import constant_like, owned_copy, writable, zeros
 from functrain.tree import Tree, tree_leaves
 
-__all__ = ["FusedAdamState", "fused_adam"]
+__all__ = ["FusedAdamState", "FusedSgdState", "FusedAdagradState", "fused_adam", "fused_sgd", "fused_adagrad"]
 
 
 class FusedAdamState(NamedTuple):
@@ -46,6 +51,75 @@ class FusedAdamState(NamedTuple):
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"lr": self.lr}
+
+
+class FusedSgdState(NamedTuple):
+    count: torch.Tensor  # 0-d int64: updates applied
+    momentum: tuple[torch.Tensor, ...]  # empty without momentum
+    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+class FusedAdagradState(NamedTuple):
+    count: torch.Tensor  # 0-d int64: updates applied
+    sum_of_squares: tuple[torch.Tensor, ...]
+    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+def _check_floating(params: Tree, what: str) -> None:
+    bad = sorted({str(p.dtype) for p in tree_leaves(params) if not p.is_floating_point()})
+    if bad:
+        raise ConfigError(f"the fused {what} kernels take floating-point parameters, got {', '.join(bad)}; use fused=False")
+
+
+def _first_lr(lr: float | Schedule, count: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(lr(count) if callable(lr) else lr, dtype=torch.float64, device=count.device)
+
+
+class _Step(NamedTuple):
+    """What every fused update starts from: flat gradients and parameters, the rate, the new count."""
+
+    g: list
+    p: list
+    spec: Any
+    rate: Any  # what the kernel takes: a float, or a tensor for a schedule
+    rate_t: torch.Tensor  # 0-d float64, for the state
+    count: torch.Tensor
+    found_inf: torch.Tensor | None
+
+
+def _begin(updates: Any, count: torch.Tensor, params: Tree | None, keep: torch.Tensor | None, lr: float | Schedule, what: str, last_lr: torch.Tensor) -> _Step:
+    if params is None:
+        raise ConfigError(f"the fused {what} kernels update the parameters themselves; pass params= to update")
+    g, spec = flat_updates(updates, params)
+    if callable(lr):
+        rate = lr(count)
+        rate_t = torch.as_tensor(rate, dtype=torch.float64, device=count.device)
+    else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
+        rate, rate_t = lr, last_lr
+    return _Step(
+        g,
+        tree_leaves(params),
+        spec,
+        _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate,
+        rate_t,
+        count + 1 if keep is None else count + keep,  # a bool adds as 0 or 1
+        None if keep is None else _found_inf(keep),
+    )
+
+
+def _found_inf(keep: torch.Tensor) -> torch.Tensor:
+    # the kernels read found_inf as float32: one op where the default dtype gives it, two elsewhere
+    return torch.where(keep, 0.0, 1.0) if torch.get_default_dtype() == torch.float32 else (~keep).float()
+
+
+def _last_lr(step: _Step, previous: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return step.rate_t if keep is None or step.rate_t is previous else torch.where(keep, step.rate_t, previous)
 
 
 def fused_adam(
@@ -65,42 +139,125 @@ def fused_adam(
     Hyperparameters are checked by the presets. A schedule is called with the count of updates
     applied so far, as `scale_by_learning_rate` calls it; a tensor `lr` is read once, here (the
     kernels read a CPU one as the float64 of its value, as this passes it). `maximize` is the
-    kernel's own flag, as torch.optim passes it.
+    kernel's own flag, as torch.optim passes it. `weight_decay` may be a `functrain.sweep` (one value
+    per member of a stacked state).
     """
-    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    if isinstance(lr, torch.Tensor):
-        lr = float(lr)
+    kernel = _ADAMW if decoupled else _ADAM
+    lr = _read_once(lr)
 
     def init_fn(params: Tree) -> FusedAdamState:
-        leaves = tree_leaves(params)
-        bad = sorted({str(p.dtype) for p in leaves if not p.is_floating_point()})
-        if bad:
-            raise ConfigError(f"the fused Adam kernels take floating-point parameters, got {', '.join(bad)}; use fused=False")
+        _check_floating(params, "Adam")
         count = counter(params)
-        first_lr = lr(count) if callable(lr) else lr
-        return FusedAdamState(
-            count, _zeros(params), _zeros(params), _zeros(params) if amsgrad else (), torch.as_tensor(first_lr, dtype=torch.float64, device=count.device)
-        )
+        return FusedAdamState(count, zeros(params), zeros(params), zeros(params) if amsgrad else (), _first_lr(lr, count))
 
     def update_fn(updates: Any, state: FusedAdamState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdamState]:
-        if params is None:
-            raise ConfigError("the fused Adam kernels update the parameters themselves; pass params= to update")
-        g, spec = flat_updates(updates, params)
-        p = tree_leaves(params)
-        rate = lr(state.count) if callable(lr) else lr
-        rate_t = torch.as_tensor(rate, dtype=torch.float64, device=state.count.device)
-        count = state.count + 1 if keep is None else state.count + keep.long()
-        found_inf = None if keep is None else (~keep).float()
-        hyper = {"lr": _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize, "grad_scale": None, "found_inf": found_inf}
-        decays = resolve_mask(mask, params) or (True,) * len(p)
-        new_p, mu, nu, nu_max = _by_groups(kernel, p, g, state, count, decays, weight_decay, hyper)
-        new_state = FusedAdamState(count, tuple(mu), tuple(nu), tuple(nu_max), rate_t if keep is None else torch.where(keep, rate_t, state.lr))
-        return NewParams(new_p, spec), new_state
+        step = _begin(updates, state.count, params, keep, lr, "Adam", state.lr)
+        hyper = {"lr": step.rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize, "grad_scale": None, "found_inf": step.found_inf}
+        moments = (state.mu, state.nu, state.nu_max)
+        new_p, (mu, nu, nu_max) = _by_groups(kernel, step, moments, _decays(mask, params, step.p), weight_decay, hyper, steps=True)
+        return NewParams(new_p, step.spec), FusedAdamState(step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep))
 
     return Transform(init_fn, update_fn, gated=True)
 
 
-def _decays(weight_decay: Any) -> list[float]:
+def fused_sgd(lr: float | Schedule, momentum: float, weight_decay: float, *, nesterov: bool, mask: Mask, maximize: bool = False) -> Transform:
+    """The fused SGD transform behind ``sgd(fused=True)``: ``torch.optim.SGD(fused=True)`` without dampening.
+
+    torch's kernel takes the first step (``buffer = gradient``) from a flag, which a pure step
+    cannot set without reading its count back to the host. The momentum buffers start at -0.0
+    instead, the one zero that adds nothing: the kernel's later-step formula ``buffer * momentum +
+    gradient`` then gives exactly the gradient, sign of zero included. With dampening the first
+    step would differ (``(1 - dampening) * gradient``): the preset runs the foreach chain then.
+    The preset checks the learning rate and momentum; the weight decay is checked here, under its name.
+    """
+    problems: list[str] = []
+    _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "sgd")
+
+    lr = _read_once(lr)
+
+    def init_fn(params: Tree) -> FusedSgdState:
+        _check_floating(params, "SGD")
+        count = counter(params)
+        buffers = tuple(constant_like(p, -0.0) for p in tree_leaves(params)) if momentum else ()
+        return FusedSgdState(count, buffers, _first_lr(lr, count))
+
+    def update_fn(updates: Any, state: FusedSgdState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedSgdState]:
+        _refuse_stacked("sgd")
+        step = _begin(updates, state.count, params, keep, lr, "SGD", state.lr)
+        hyper = {"lr": step.rate, "momentum": momentum, "dampening": 0.0, "nesterov": nesterov, "maximize": maximize, "is_first_step": False, "grad_scale": None, "found_inf": step.found_inf}
+        new_p, (buffers,) = _by_groups(_SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper)
+        return NewParams(new_p, step.spec), FusedSgdState(step.count, tuple(buffers), _last_lr(step, state.lr, keep))
+
+    return Transform(init_fn, update_fn, gated=True)
+
+
+def fused_adagrad(
+    lr: float | Schedule,
+    eps: float,
+    lr_decay: float,
+    initial_accumulator_value: float,
+    weight_decay: float,
+    *,
+    mask: Mask,
+    maximize: bool = False,
+) -> Transform:
+    """The fused Adagrad transform behind ``adagrad(fused=True)``: ``torch.optim.Adagrad(fused=True)``.
+
+    The preset checks the learning rate; the other hyperparameters are checked here, under their names.
+    """
+    problems: list[str] = []
+    _check_positive(problems, "eps", eps)
+    _check_positive(problems, "initial_accumulator_value", initial_accumulator_value, allow_zero=True)
+    _check_positive(problems, "lr_decay", lr_decay, allow_zero=True)
+    _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "adagrad")
+
+    lr = _read_once(lr)
+
+    def init_fn(params: Tree) -> FusedAdagradState:
+        _check_floating(params, "Adagrad")
+        count = counter(params)
+        sums = tuple(constant_like(p, initial_accumulator_value) for p in tree_leaves(params))
+        return FusedAdagradState(count, sums, _first_lr(lr, count))
+
+    def update_fn(updates: Any, state: FusedAdagradState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdagradState]:
+        _refuse_stacked("adagrad")
+        step = _begin(updates, state.count, params, keep, lr, "Adagrad", state.lr)
+        hyper = {"lr": step.rate, "lr_decay": lr_decay, "eps": eps, "maximize": maximize, "grad_scale": None, "found_inf": step.found_inf}
+        new_p, (sums,) = _by_groups(_ADAGRAD, step, (state.sum_of_squares,), _decays(mask, params, step.p), weight_decay, hyper, steps=True)
+        return NewParams(new_p, step.spec), FusedAdagradState(step.count, tuple(sums), _last_lr(step, state.lr, keep))
+
+    return Transform(init_fn, update_fn, gated=True)
+
+
+class _Kernel(NamedTuple):
+    """A fused kernel: the in-place op torch.optim calls, and its functional form for torch.compile."""
+
+    in_place: Any
+    functional: Any  # returns (params, grads, *buffers, ...)
+
+
+_ADAM = _Kernel(torch._fused_adam_, torch.ops.aten._fused_adam)
+_ADAMW = _Kernel(torch._fused_adamw_, torch.ops.aten._fused_adamw)
+_SGD = _Kernel(torch._fused_sgd_, torch.ops.aten._fused_sgd)
+_ADAGRAD = _Kernel(torch._fused_adagrad_, torch.ops.aten._fused_adagrad)
+
+
+def _read_once(lr: Any) -> Any:
+    """A tensor learning rate as the float it holds (read once, when the transform is made)."""
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
+def _refuse_stacked(preset: str) -> None:
+    if under_vmap():
+        raise ConfigError(
+            f"{preset}(fused=True) cannot update a stacked state (functrain.stack): torch's fused {preset} kernel has no vmap rule; "
+            f"build the members with ft.{preset}(..., fused=False)"
+        )
+
+
+def _decay_values(weight_decay: Any) -> list[float]:
     """The kernel's weight decay: one value, or one per member for a sweep (`functrain.sweep`)."""
     return [float(v) for v in weight_decay.values] if isinstance(weight_decay, Sweep) else [float(weight_decay)]
 
@@ -110,64 +267,74 @@ def _kernel_lr(rate: torch.Tensor) -> torch.Tensor:
     return rate if rate.device.type == "cpu" else rate.to(torch.float32)
 
 
-def _by_groups(kernel: Any, p: list, g: list, state: FusedAdamState, count: torch.Tensor, decays: tuple[bool, ...], weight_decay: float, hyper: dict[str, Any]) -> tuple[list, list, list, list]:
-    """One kernel call per (device, dtype, decays or not) group of leaves; new lists in leaf order."""
+def _decays(mask: Mask, params: Tree, p: list) -> tuple[bool, ...]:
+    return resolve_mask(mask, params) or (True,) * len(p)
+
+
+def _by_groups(kernel: _Kernel, step: _Step, buffers: tuple[tuple, ...], decays: tuple[bool, ...], weight_decay: float, hyper: dict[str, Any], *, steps: bool = False) -> tuple[list, tuple[list, ...]]:
+    """One kernel call per (device, dtype, decays or not) group of leaves; the new parameters and buffers in leaf order.
+
+    `steps`: the kernel reads the new step count (float32, as torch.optim keeps it) for its bias
+    corrections or learning-rate decay.
+    """
+    p, g = step.p, step.g
     groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
     for i, x in enumerate(p):
         groups[(x.device, x.dtype, decays[i])].append(i)
-    out = [list(p), list(state.mu), list(state.nu), list(state.nu_max)]
-    step = count.to(torch.float32)  # the kernels read float32 step counts, as torch.optim keeps them
-    amsgrad = hyper["amsgrad"]
+    new_p, new_b = list(p), [list(b) for b in buffers]
+    count = step.count.to(torch.float32) if steps else None
     for (_, dtype, decay), idx in groups.items():
-        results = _run_kernel(
+        out_p, out_b = _run_kernel(
             kernel,
             [p[i] for i in idx],
             [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
-            [state.mu[i] for i in idx],
-            [state.nu[i] for i in idx],
-            [state.nu_max[i] for i in idx] if amsgrad else [],
-            [step] * len(idx),  # read only: the step number for the bias corrections
-            weight_decay=_decays(weight_decay) if decay else [0.0],
+            [[b[i] for i in idx] if b else [] for b in buffers],  # an empty buffer list stays empty (no amsgrad, no momentum)
+            [[count] * len(idx)] if steps else [],  # read only
+            weight_decay=_decay_values(weight_decay) if decay else [0.0],
             **hyper,
         )
-        for target, values in zip(out, results, strict=True):
-            for i, v in zip(idx, values):
-                target[i] = v
-    return out[0], out[1], out[2], out[3]
+        for i, value in zip(idx, out_p):
+            new_p[i] = value
+        for target, values in zip(new_b, out_b, strict=True):
+            for i, value in zip(idx, values):
+                target[i] = value
+    return new_p, tuple(new_b)
 
 
-def _run_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_max: list, steps: list, **options: Any) -> tuple[list, list, list, list]:
-    """New (params, mu, nu, nu_max) from one fused kernel call; the given tensors are not written.
+def _run_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], **options: Any) -> tuple[list, list[list]]:
+    """New (params, buffers) from one fused kernel call; the given tensors are not written.
 
     Eagerly the in-place kernel runs on fresh copies (it reads the gradients only), or on the given
-    tensors themselves in a donated step. Under
-    ``torch.compile`` the functional form of the op is traced instead: functionalization rejects
-    the in-place one on graph intermediates.
+    tensors themselves in a donated step. Under ``torch.compile`` the functional form of the op is
+    traced instead: functionalization rejects the in-place one on graph intermediates. Buffers a
+    fresh state holds without storage (`functrain.optim.zeros`) get their own here.
     """
     if under_vmap():
-        return _stacked_kernel(kernel, params, grads, mu, nu, nu_max, steps, **options)
+        return _stacked_kernel(kernel, params, grads, buffers, steps, **options)
     options = {**options, "weight_decay": options["weight_decay"][0]}  # one value outside a stacked step
     if torch.compiler.is_compiling():
-        functional = torch.ops.aten._fused_adamw if kernel is torch._fused_adamw_ else torch.ops.aten._fused_adam
-        new_p, _, new_mu, new_nu, new_max = functional(params, grads, mu, nu, nu_max, steps, **options)
-        return list(new_p), list(new_mu), list(new_nu), list(new_max)
+        out = kernel.functional(params, grads, *buffers, *steps, **options)
+        return list(out[0]), [list(x) for x in out[2 : 2 + len(buffers)]]
     if may_write_in_place():
-        kernel(params, grads, mu, nu, nu_max, steps, **options)
-        return params, mu, nu, nu_max
-    new_p, new_mu, new_nu, new_max = ([x.clone() for x in xs] for xs in (params, mu, nu, nu_max))
-    kernel(new_p, grads, new_mu, new_nu, new_max, steps, **options)
-    return new_p, new_mu, new_nu, new_max
+        buffers = [[writable(x, p) for x, p in zip(xs, params)] for xs in buffers]
+        kernel.in_place(params, grads, *buffers, *steps, **options)
+        return params, buffers
+    new_p = [p.clone() for p in params]
+    new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
+    kernel.in_place(new_p, grads, *new_b, *steps, **options)
+    return new_p, new_b
 
 
-def _stacked_kernel(kernel: Any, params: list, grads: list, mu: list, nu: list, nu_max: list, steps: list, **options: Any) -> tuple[list, list, list, list]:
-    """`_run_kernel` under vmap: the custom op, whose batching rule runs the kernel member by member."""
+def _stacked_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], **options: Any) -> tuple[list, list[list]]:
+    """`_run_kernel` under vmap (Adam only): the custom op, whose batching rule runs the kernel member by member."""
+    mu, nu, nu_max = buffers
     lr = options["lr"]
     lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
     out = torch.ops.functrain.fused_adam(
-        params, grads, mu, nu, nu_max, steps[0], lr_t, options["found_inf"],
-        list(options["weight_decay"]), options["beta1"], options["beta2"], options["eps"], options["amsgrad"], kernel is torch._fused_adamw_,
+        params, grads, mu, nu, nu_max, steps[0][0], lr_t, options["found_inf"],
+        list(options["weight_decay"]), options["beta1"], options["beta2"], options["eps"], options["amsgrad"], kernel is _ADAMW, options["maximize"],
     )
-    return [list(x) for x in out]  # type: ignore[return-value]
+    return list(out[0]), [list(x) for x in out[1:]]
 
 
 _FusedOut = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
@@ -177,7 +344,7 @@ _FusedOut = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], li
 def _fused_adam_op(
     params: list[torch.Tensor], grads: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tensor], nu_max: list[torch.Tensor],
     step: torch.Tensor, lr: torch.Tensor, found_inf: torch.Tensor | None,
-    weight_decay: list[float], beta1: float, beta2: float, eps: float, amsgrad: bool, decoupled: bool,
+    weight_decay: list[float], beta1: float, beta2: float, eps: float, amsgrad: bool, decoupled: bool, maximize: bool,
 ) -> _FusedOut:
     """One member's fused Adam(W) update on fresh copies (the op vmap batches member by member).
 
@@ -186,12 +353,12 @@ def _fused_adam_op(
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     new = [[x.clone() for x in xs] for xs in (params, mu, nu, nu_max)]
     kernel(new[0], grads, new[1], new[2], new[3], [step] * len(params), lr=_kernel_lr(lr), beta1=beta1, beta2=beta2,
-           weight_decay=weight_decay[0], eps=eps, amsgrad=amsgrad, maximize=False, grad_scale=None, found_inf=found_inf)
+           weight_decay=weight_decay[0], eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=None, found_inf=found_inf)
     return new[0], new[1], new[2], new[3]
 
 
 @_fused_adam_op.register_fake
-def _(params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled):  # type: ignore[no-untyped-def]
+def _(params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled, maximize):  # type: ignore[no-untyped-def]
     return [torch.empty_like(x) for x in params], [torch.empty_like(x) for x in mu], [torch.empty_like(x) for x in nu], [torch.empty_like(x) for x in nu_max]
 
 
@@ -204,7 +371,7 @@ def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | N
 
 
 @_fused_adam_op.register_vmap
-def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled):  # type: ignore[no-untyped-def]
+def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled, maximize):  # type: ignore[no-untyped-def]
     members = info.batch_size
     d_p, d_g, d_mu, d_nu, d_max, d_step, d_lr, d_inf = in_dims[:8]
     tensors = [(xs, _dims(d, len(xs))) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
@@ -214,7 +381,7 @@ def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_
             [_member(g, d, k) for g, d in zip(grads, g_dims)],
             [_member(step, d_step, k)] * len(params),
             {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay[k if len(weight_decay) > 1 else 0],
-             "eps": eps, "amsgrad": amsgrad, "maximize": False, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)},
+             "eps": eps, "amsgrad": amsgrad, "maximize": maximize, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)},
         )
         for k in range(members)
     ]

@@ -1,11 +1,12 @@
 """Optimizer presets: each one a short chain of primitives, the numerics written once in `primitives`.
 
-With a constant learning rate, `adam` and `adamw` run torch's fused kernel by default and reproduce
-``torch.optim.Adam/AdamW(fused=True)`` bit for bit; with ``fused=False`` they, like `sgd`,
-`radam`, `rmsprop` and `adagrad`, reproduce the matching `torch.optim` class's foreach implementation
-(``foreach=True``, float32) bit for bit. Each takes the arguments of its torch constructor under
-torch's names and defaults (``betas`` as `b1`, `b2`), except torch's implementation choices
-(``foreach``, ``capturable``, ``differentiable``; ``fused`` where functrain has no fused path).
+With a constant learning rate, `sgd`, `adam`, `adamw` and `adagrad` run torch's fused kernel by
+default and reproduce ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
+``fused=False`` they, like `radam` and `rmsprop`, reproduce the matching `torch.optim` class's
+foreach implementation (``foreach=True``, float32) bit for bit. Each takes the arguments of its
+torch constructor under torch's names and defaults (``betas`` as `b1`, `b2`), except torch's
+implementation choices (``foreach``, ``capturable``, ``differentiable``; ``fused`` where functrain
+has no fused path).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.fused import fused_adam
+from functrain.optim.fused import fused_adagrad, fused_adam, fused_sgd
 from functrain.optim.sweep import Sweep
 from functrain.optim.transform import named, Transform, chain, identity
 from functrain.optim.primitives import (
@@ -53,12 +54,6 @@ def _value(beta: float | torch.Tensor) -> float:
     return float(beta) if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point() else beta
 
 
-def _check_no_fused(where: str, fused: bool | None) -> None:
-    if fused:
-        problem = f"functrain has no fused {where}, got fused={fused!r}; leave fused out: the {where} chain matches torch.optim's foreach implementation bit for bit"
-        config_check([problem], where)
-
-
 def _check_renamed(where: str, lr: LearningRate, momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0) -> None:
     # the primitives call these `learning_rate` and `decay`; report them under the names the user typed
     problems: list[str] = []
@@ -83,7 +78,7 @@ def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: floa
     config_check(problems, where)
 
 
-@named(added=("maximize", "fused"))
+@named(added={"fused": False, "maximize": False})
 def sgd(
     lr: LearningRate = 1e-3,
     momentum: float = 0.0,
@@ -93,12 +88,13 @@ def sgd(
     weight_decay: float = 0.0,
     mask: Mask = None,
     maximize: bool = False,
-    fused: bool | None = None,
+    fused: bool | None = True,
 ) -> Transform:
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
 
-    Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov, maximize=)`` with
-    ``foreach=True`` bit for bit, torch's defaults included (``lr=1e-3``).
+    Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov, maximize=)`` bit for
+    bit, torch's defaults included (``lr=1e-3``): its fused implementation (``fused=True``) by
+    default, its foreach one with ``fused=False`` or a nonzero `dampening`.
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
@@ -108,7 +104,11 @@ def sgd(
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay (see `add_decayed_weights`).
         maximize: ascend the objective (the gradients are negated first).
-        fused: functrain has no fused SGD: True is a `ConfigError`.
+        fused: update through torch's fused SGD kernel (one pass over parameters, gradients and
+            momentum buffers, in place in a donated step; see `functrain.optim.fused.fused_sgd`).
+            It runs without dampening only: torch's kernel takes the first step from a host-side
+            flag. ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch.
+            ``None`` (torch's default) chooses the kernel.
 
     Returns:
         A `Transform`.
@@ -125,7 +125,8 @@ def sgd(
         tensor([0.9000])
     """
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
-    _check_no_fused("sgd", fused)
+    if (fused or fused is None) and not dampening:
+        return fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize)
     return chain(
         *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
@@ -369,7 +370,7 @@ def rmsprop(
     )
 
 
-@named(added=("maximize", "fused"))
+@named(added={"fused": False, "maximize": False})
 def adagrad(
     lr: LearningRate = 1e-2,
     eps: float = 1e-10,
@@ -379,12 +380,13 @@ def adagrad(
     weight_decay: float = 0.0,
     mask: Mask = None,
     maximize: bool = False,
-    fused: bool | None = None,
+    fused: bool | None = True,
 ) -> Transform:
     """Adagrad (Duchi et al., 2011).
 
     Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps,
-    maximize=)`` with ``foreach=True`` bit for bit.
+    maximize=)`` bit for bit: its fused implementation (``fused=True``) by default, its foreach one
+    with ``fused=False``.
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
@@ -394,7 +396,10 @@ def adagrad(
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
-        fused: functrain has no fused Adagrad: True is a `ConfigError`.
+        fused: update through torch's fused Adagrad kernel (one pass over parameters, gradients
+            and sums, in place in a donated step; see `functrain.optim.fused`). ``False``: the
+            foreach chain of primitives, exact to ``foreach=True`` in torch. ``None`` (torch's
+            default) chooses the kernel.
 
     Returns:
         A `Transform`.
@@ -411,7 +416,8 @@ def adagrad(
         tensor([0.9000])
     """
     _check_renamed("adagrad", lr)
-    _check_no_fused("adagrad", fused)
+    if fused or fused is None:
+        return fused_adagrad(lr, eps, lr_decay, initial_accumulator_value, weight_decay, mask=mask, maximize=maximize)
     return chain(
         *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),

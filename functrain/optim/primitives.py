@@ -25,6 +25,7 @@ from functrain.optim.transform import (
     counter,
     flat_updates,
 )
+from functrain.optim.zeros import zeros
 from functrain.tree import Tree, global_norm, tree_leaves, tree_paths, tree_unflatten
 
 __all__ = [
@@ -56,8 +57,9 @@ Mask = Callable[[str, torch.Tensor], bool] | Tree | None
 
 
 def _zeros(params: Tree) -> tuple[torch.Tensor, ...]:
-    # states hold tuples, the type torch._foreach_* returns, so their tree structure never changes
-    return tuple(torch.zeros_like(p) for p in tree_leaves(params))
+    # states hold tuples, the type torch._foreach_* returns, so their tree structure never changes;
+    # without storage until the first update writes them (`functrain.optim.zeros`)
+    return zeros(params)
 
 
 def _f64(count: torch.Tensor) -> torch.Tensor:

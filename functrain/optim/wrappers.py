@@ -31,6 +31,7 @@ from functrain.optim.transform import (
 )
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.primitives import Mask, resolve_mask
+from functrain.optim.zeros import writable, zeros_like
 from functrain.tree import Tree, global_norm, tree_leaves, tree_paths, tree_select, tree_unflatten
 
 __all__ = [
@@ -290,7 +291,8 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         finite = all_finite(flat_updates(updates, params)[0])
         new_updates, inner_state = _update_where(inner, finite if keep is None else finite & keep, updates, state.inner, params)
         skipped = ~finite
-        counts = (skipped, state.total_skipped + skipped.long(), torch.where(finite, torch.zeros_like(state.consecutive), state.consecutive + 1))
+        # a bool adds as 0 or 1; a Python 0 takes the tensor's dtype: fewer small ops per step
+        counts = (skipped, state.total_skipped + skipped, torch.where(finite, 0, state.consecutive + 1))
         if keep is not None:  # gated (under `accumulate`): between window ends the counts stay put too
             counts = tuple(torch.where(keep, new, old) for new, old in zip(counts, (state.skipped, state.total_skipped, state.consecutive), strict=True))
         new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)
@@ -371,14 +373,14 @@ def accumulate(inner: Transform, every: int) -> Transform:
         return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
 
     def init_fn(params: Tree) -> AccumulateState:
-        sums = tuple(torch.zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params))
+        sums = tuple(zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params))  # no storage until written
         return AccumulateState(inner.init(params), counter(params), sums)
 
     def update_fn(updates: Any, state: AccumulateState, params: Tree | None = None) -> tuple[Any, AccumulateState]:
         u, spec = flat_updates(updates, params)
         in_place = may_write_in_place()
         addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
-        sums = state.grad_sum if in_place else torch._foreach_add(state.grad_sum, addends)
+        sums = [writable(s, x) for s, x in zip(state.grad_sum, addends, strict=True)] if in_place else torch._foreach_add(state.grad_sum, addends)
         if in_place:  # a donated step: the sums accumulate in their own storage
             torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1

@@ -1,0 +1,91 @@
+"""Optimizer state that starts at zero, held without storage until an update writes it.
+
+A fresh state's moments, momentum buffers and gradient sums are zeros (or another constant, as
+Adagrad's initial accumulator) the size of the parameters:
+two parameter-sized buffers for Adam, which stay alive as long as the initial state does (the
+state `fit` was given, say, which the caller keeps). `zeros` makes them stride-0 views of one
+zero each: they read, compare, save and load as zeros, and any out-of-place op on them gives what
+it gives on stored zeros, bit for bit (an op per element sees the same values), but they cost
+nothing until the first update writes its results into fresh buffers.
+
+What cannot take them is an in-place write (a donated step's fused kernel, ``_foreach_add_``):
+every element of such a view is the same memory. `writable` gives those a buffer of their own
+first, laid out like the parameter (as ``torch.zeros_like(param)`` would have been), and leaves any
+other tensor as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
+
+__all__ = ["zeros", "zeros_like", "constant_like", "is_shared", "writable", "owned_copy", "light_copy", "stored"]
+
+
+def zeros_like(p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeros of `p`'s shape (and dtype, or `dtype`) on its device, backed by one element.
+
+    Example:
+        >>> z = zeros_like(torch.ones(1000, 1000))
+        >>> z.shape, z.stride(), bool(z.eq(0).all())
+        (torch.Size([1000, 1000]), (0, 0), True)
+    """
+    return torch.zeros((), dtype=dtype or p.dtype, device=p.device).expand(p.shape)
+
+
+def constant_like(p: torch.Tensor, value: float) -> torch.Tensor:
+    """`value` in `p`'s shape, dtype and device, backed by one element (as `zeros_like`).
+
+    Example:
+        >>> constant_like(torch.ones(2, 2), -0.0)
+        tensor([[-0., -0.],
+                [-0., -0.]])
+    """
+    return torch.full((), value, dtype=p.dtype, device=p.device).expand(p.shape)
+
+
+def zeros(params: Tree) -> tuple[torch.Tensor, ...]:
+    """`zeros_like` of each leaf of `params`, as a tuple (the type ``torch._foreach_*`` returns)."""
+    return tuple(zeros_like(p) for p in tree_leaves(params))
+
+
+def is_shared(t: torch.Tensor) -> bool:
+    """Whether some elements of `t` are the same memory (a stride 0 over a dimension of size > 1)."""
+    strides = t.stride()
+    return 0 in strides and any(stride == 0 and size > 1 for size, stride in zip(t.shape, strides, strict=True))
+
+
+def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t`, or, if an in-place write cannot take it (`is_shared`), a copy of it laid out like `like`."""
+    return torch.empty_like(like, dtype=t.dtype).copy_(t) if is_shared(t) else t
+
+
+def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` with a storage of its own, for an in-place kernel to write (laid out like `like` if `t` is shared)."""
+    return torch.empty_like(like, dtype=t.dtype).copy_(t) if is_shared(t) else t.clone()
+
+
+def light_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` that costs what `t` costs: a stride-0 view copies its one element, not its shape.
+
+    Example:
+        >>> c = light_copy(zeros_like(torch.ones(3, 4)))
+        >>> c.stride(), c.untyped_storage().nbytes()
+        ((0, 0), 4)
+    """
+    if t.numel() > 1 and all(stride == 0 for stride in t.stride()):
+        return t.as_strided((), (), t.storage_offset()).clone().expand(t.shape)
+    return t.clone()
+
+
+def stored(tree: Tree) -> Tree:
+    """`tree` with its shared tensors (`is_shared`) given storage of their own; `tree` itself if it has none.
+
+    For a compiled step: its graph is specialized to its inputs' strides, and a donated one writes
+    into its inputs, so the first call of a fresh state and the calls after it take the same layout.
+    """
+    leaves, spec = tree_flatten(tree)
+    if not any(isinstance(x, torch.Tensor) and is_shared(x) for x in leaves):
+        return tree
+    return tree_unflatten([writable(x, x) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
