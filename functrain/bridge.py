@@ -292,11 +292,15 @@ def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Grou
     problems = []
     for flag in ("fused", "maximize"):
         value = bool(group.get(flag))
-        if flag in accepted:
+        # functrain's fused SGD and Adagrad keep their state in their own form: runs convert to the foreach chains
+        foreach_only = flag == "fused" and preset.__name__ in ("sgd", "adagrad")
+        if foreach_only and not value:
+            kwargs[flag] = False
+        elif flag in accepted and not foreach_only:
             kwargs[flag] = value
         elif value:
             fix = "build the torch optimizer without it (foreach=True or the default)" if flag == "fused" else "minimize the negated loss instead"
-            problems.append(f"functrain's {preset.__name__} has no {flag}=True; {fix}")
+            problems.append(f"functrain converts no {flag}=True {preset.__name__}; {fix}")
     config_check(problems, where)
     return preset(**kwargs)
 

@@ -200,7 +200,7 @@ EXACT_CASES = {
         [],
     ),
     "sgd_nesterov_weight_decay_maximize": (
-        ft.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True),
+        ft.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True, fused=False),
         lambda p: torch.optim.SGD(p.values(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True, foreach=True),
         MOMENTUM_STATE,
     ),
@@ -244,12 +244,12 @@ EXACT_CASES = {
         CENTERED_STATE,
     ),
     "adagrad_initial_accumulator_value_eps": (
-        ft.adagrad(lr=0.1, eps=1e-6, initial_accumulator_value=0.5),
+        ft.adagrad(lr=0.1, eps=1e-6, initial_accumulator_value=0.5, fused=False),
         lambda p: torch.optim.Adagrad(p.values(), lr=0.1, eps=1e-6, initial_accumulator_value=0.5, foreach=True),
         ADAGRAD_STATE,
     ),
     "adagrad_lr_decay_weight_decay_maximize": (
-        ft.adagrad(lr=0.1, lr_decay=0.01, weight_decay=1e-3, mask=is_weight, maximize=True),
+        ft.adagrad(lr=0.1, lr_decay=0.01, weight_decay=1e-3, mask=is_weight, maximize=True, fused=False),
         lambda p: torch.optim.Adagrad(split_groups(p, 1e-3), lr=0.1, lr_decay=0.01, maximize=True, foreach=True),
         ADAGRAD_STATE,
     ),
@@ -282,7 +282,7 @@ EXACT_CASES = {
     ),
     # torch divides a tensor lr by the lr_decay divisor in the tensor's float32, not in float64
     "adagrad_lr_decay_maximize_tensor_lr": (
-        ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True),
+        ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True, fused=False),
         lambda p: torch.optim.Adagrad(p.values(), lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True, foreach=True),
         ADAGRAD_STATE,
     ),
@@ -434,6 +434,7 @@ FUSED_CASES = {
         ft.adam(lr=torch.tensor(3e-3)),
         lambda p: torch.optim.Adam(p.values(), lr=torch.tensor(3e-3), fused=True),
         FUSED_STATE,
+    ),
     "sgd": (
         ft.sgd(lr=0.05),
         lambda p: torch.optim.SGD(p.values(), lr=0.05, fused=True),
@@ -592,12 +593,12 @@ def test_hyperparameters_of_the_wrong_type_or_not_finite_are_config_errors(make:
 
 # the names (a checkpoint's fingerprint) and chain lengths before maximize, decoupled_weight_decay and fused existed
 NAMES_BEFORE = {
-    "sgd": (lambda: ft.sgd(0.1), "sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None)", 3),
+    "sgd": (lambda: ft.sgd(0.1, fused=False), "sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None)", 3),
     "adam": (lambda: ft.adam(fused=False), "adam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, amsgrad=False, mask=None)", 3),
     "adamw": (lambda: ft.adamw(fused=False), "adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None)", 3),
     "radam": (lambda: ft.radam(), "radam(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.0, mask=None)", 3),
     "rmsprop": (lambda: ft.rmsprop(), "rmsprop(lr=0.01, alpha=0.99, eps=1e-08, momentum=0.0, centered=False, weight_decay=0.0, mask=None)", 4),
-    "adagrad": (lambda: ft.adagrad(), "adagrad(lr=0.01, eps=1e-10, lr_decay=0.0, initial_accumulator_value=0.0, weight_decay=0.0, mask=None)", 3),
+    "adagrad": (lambda: ft.adagrad(fused=False), "adagrad(lr=0.01, eps=1e-10, lr_decay=0.0, initial_accumulator_value=0.0, weight_decay=0.0, mask=None)", 3),
 }
 
 
@@ -612,7 +613,7 @@ def test_new_arguments_at_their_defaults_keep_the_name_and_state_of_before(name:
 @pytest.mark.parametrize("name", list(NAMES_BEFORE))
 def test_maximize_names_itself_and_adds_one_negation_in_front(name: str) -> None:
     make, before, length = NAMES_BEFORE[name]
-    tx = getattr(ft, name)(**({"lr": 0.1} if name == "sgd" else {}), **({"fused": False} if name.startswith("adam") else {}), maximize=True)
+    tx = getattr(ft, name)(**({"lr": 0.1} if name == "sgd" else {}), **({"fused": False} if name in ("adam", "adamw", "sgd", "adagrad") else {}), maximize=True)
     assert tx.name == before[:-1] + ", maximize=True)"
     state = tx.init(make_params())
     assert len(state) == length + 1 and state[0] == ft.EmptyState()
@@ -624,12 +625,12 @@ def test_fused_adam_names_its_new_arguments_only_when_set() -> None:
     assert ft.radam(decoupled_weight_decay=True).name.endswith("mask=None, decoupled_weight_decay=True)")
 
 
-@pytest.mark.parametrize("factory", [ft.sgd, ft.adagrad], ids=lambda f: f.__name__)
-def test_fused_is_refused_where_functrain_has_no_fused_path(factory: Callable) -> None:
-    with pytest.raises(ft.ConfigError, match=rf"functrain has no fused {factory.__name__}, got fused=True; leave fused out"):
-        factory(0.1, fused=True)
-    assert "fused" not in factory(0.1, fused=None).name  # torch's default, left out of the name
-    factory(0.1, fused=False)
+@pytest.mark.parametrize(("factory", "state"), [(ft.sgd, FusedSgdState), (ft.adagrad, FusedAdagradState)], ids=["sgd", "adagrad"])
+def test_fused_sgd_and_adagrad_are_the_default_and_none_picks_them_too(factory: Callable, state: type) -> None:
+    for fused in (True, None):
+        assert isinstance(factory(0.1, fused=fused).init(make_params()), state)
+    assert not isinstance(factory(0.1, fused=False).init(make_params()), state)
+    assert "fused" not in factory(0.1, fused=False).name  # the name of before fused existed
 
 
 def test_sgd_defaults_to_torchs_learning_rate() -> None:
@@ -746,7 +747,8 @@ TORCH_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": to
 def torch_config_cases() -> list[Any]:
     cases = []
     for i, (name, kwargs) in enumerate(TORCH_TEST_CONFIGS):
-        implementations = [("fused", {}), ("foreach", {"fused": False})] if name in ("adam", "adamw") else [("foreach", {})]
+        fused = name in ("adam", "adamw", "adagrad") or (name == "sgd" and not kwargs.get("dampening"))
+        implementations = [("fused", {}), ("foreach", {"fused": False})] if fused else [("foreach", {"fused": False} if name in ("sgd", "adagrad") else {})]
         for implementation, ours in implementations:
             tensors = any(isinstance(v, (torch.Tensor, tuple)) for v in kwargs.values())
             if implementation == "foreach" and name in ("adam", "adamw") and tensors:
