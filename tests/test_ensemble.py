@@ -43,7 +43,7 @@ def assert_member_close(member: ft.TrainState, alone: ft.TrainState) -> None:
     assert torch.equal(member.step, alone.step) and torch.equal(member.skipped, alone.skipped)
 
 
-@pytest.mark.parametrize("optimizer", [ft.adamw(1e-2), ft.adam(1e-2, fused=False, weight_decay=0.1), ft.sgd(0.1, momentum=0.9)], ids=["adamw_fused", "adam_foreach", "sgd"])
+@pytest.mark.parametrize("optimizer", [ft.adamw(1e-2), ft.adam(1e-2, fused=False, weight_decay=0.1), ft.sgd(0.1, momentum=0.9, fused=False)], ids=["adamw_fused", "adam_foreach", "sgd"])
 def test_each_member_of_a_stacked_run_equals_the_member_trained_alone(optimizer):
     states = [make_state(seed, optimizer, clip_grad_norm=1.0) for seed in range(3)]
     data = batches()
@@ -57,7 +57,7 @@ def test_each_member_of_a_stacked_run_equals_the_member_trained_alone(optimizer)
 
 def test_a_learning_rate_sweep_equals_training_alone_at_each_rate():
     lrs = [1e-3, 1e-2, 5e-2]
-    for make in (lambda lr: ft.adamw(lr), lambda lr: ft.sgd(lr, momentum=0.9)):
+    for make in (lambda lr: ft.adamw(lr), lambda lr: ft.sgd(lr, momentum=0.9, fused=False)):
         swept = make(ft.sweep(lrs))
         stacked, metrics = run(ft.stack([make_state(0, swept) for _ in lrs]), batches())
         assert torch.equal(metrics[-1]["lr"], torch.tensor(lrs))
@@ -100,7 +100,7 @@ def test_a_nonfinite_member_skips_only_its_own_update():
 
 
 def test_stacked_dropout_is_deterministic_and_differs_between_members():
-    stacked = ft.stack([make_state(0, ft.sgd(0.1), dropout=0.5)] * 3)  # same weights, same seed
+    stacked = ft.stack([make_state(0, ft.sgd(0.1, fused=False), dropout=0.5)] * 3)  # same weights, same seed
     b = batches(1)[0]
     (_, m1), (_, m2) = ft.train_step(stacked, b), ft.train_step(stacked, b)
     assert torch.equal(m1["loss"], m2["loss"])
@@ -172,3 +172,9 @@ def test_fit_logs_each_member_and_the_mean_and_resumes_a_stacked_run(tmp_path):
 def test_member_columns_take_the_mean_over_finite_members():
     columns = ft.core.ensemble.member_columns({"loss": torch.tensor([1.0, float("nan"), 3.0])})
     assert columns["loss"].item() == 2.0 and columns["loss[1]"].isnan()
+
+
+def test_a_fused_sgd_member_is_refused_with_the_call_to_write() -> None:
+    stacked = ft.stack([make_state(seed, ft.sgd(0.1)) for seed in range(2)])
+    with pytest.raises(ft.ConfigError, match=r"sgd\(fused=True\) cannot update a stacked state .* ft\.sgd\(\.\.\., fused=False\)"):
+        ft.train_step(stacked, batches(1)[0])

@@ -349,7 +349,7 @@ def test_hyperparameters_out_of_range_are_config_errors_naming_them(make: Callab
 
 def test_names_record_every_argument_for_checkpoints() -> None:
     assert ft.adamax(lr=1e-2).name == "adamax(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, maximize=False, mask=None)"
-    assert ft.muon(others=ft.sgd(lr=0.1)).name.endswith("others=sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None))")
+    assert ft.muon(others=ft.sgd(lr=0.1)).name.endswith("others=sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None, fused=True))")
 
 
 def test_final_steps_expose_the_learning_rate_metric() -> None:
