@@ -31,7 +31,7 @@ from torch.optim import lr_scheduler
 
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError, config_check
-from functrain.optim.fused import FusedAdamState
+from functrain.optim.fused import FusedAdagradState, FusedAdamState, FusedSgdState
 from functrain.optim.presets import adagrad, adam, adamw, rmsprop, sgd
 from functrain.optim.primitives import ScaleByAdagradState, ScaleByAdamState, ScaleByLearningRateState, ScaleByRmsState, TraceState
 from functrain.optim.schedules import Schedule, from_torch
@@ -48,14 +48,16 @@ _KEYS: dict[type, dict[str, str]] = {
     ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
     ScaleByRmsState: {"nu": "square_avg", "mu": "grad_avg"},
     ScaleByAdagradState: {"sum_of_squares": "sum"},
+    FusedAdagradState: {"sum_of_squares": "sum"},
     TraceState: {"trace": "momentum_buffer"},
+    FusedSgdState: {"momentum": "momentum_buffer"},
     ScaleByLearningRateState: {},
 }
 # the state each torch class needs in the functrain transform (one of them)
 _NEEDS: dict[type, tuple[type, ...]] = {
     torch.optim.Adam: (FusedAdamState, ScaleByAdamState),
     torch.optim.RMSprop: (ScaleByRmsState,),
-    torch.optim.Adagrad: (ScaleByAdagradState,),
+    torch.optim.Adagrad: (FusedAdagradState, ScaleByAdagradState),
     torch.optim.SGD: (),
 }
 
@@ -384,7 +386,8 @@ def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, mod
     over `module`'s parameters (e.g. ``state.export_module()``). Its own state is not read or
     changed: ``optimizer.load_state_dict(to_torch_state_dict(state, optimizer, module))`` then
     continues the run, bit for bit when `optimizer`'s implementation is the one the transform
-    reproduces (``fused=True`` for functrain's fused Adam, the default or ``foreach=True`` otherwise;
+    reproduces (``fused=True`` for functrain's fused SGD, Adam and Adagrad, the defaults; the default or
+    ``foreach=True`` for ``fused=False``;
     see the module docstring). The group settings (lr, ...) are `optimizer`'s: to continue a schedule
     with a torch scheduler, bring the scheduler (and so the groups' lr) to the state's count before
     exporting.
@@ -455,8 +458,9 @@ def _group_values(optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes
     problems = []
     if _NEEDS[kind] and not own or foreign:
         problems.append(f"torch's {type(optimizer).__name__} does not match the state's optimizer (which holds {', '.join(foreign) or 'no ' + _NEEDS[kind][0].__name__})")
-    if "momentum" in group and momentum != (TraceState in nodes):
-        problems.append(f"momentum={group['momentum']!r} in torch, but the state's optimizer has {'a' if TraceState in nodes else 'no'} momentum buffer")
+    has_buffer = TraceState in nodes or bool(getattr(nodes.get(FusedSgdState), "momentum", ()))
+    if "momentum" in group and momentum != has_buffer:
+        problems.append(f"momentum={group['momentum']!r} in torch, but the state's optimizer has {'a' if has_buffer else 'no'} momentum buffer")
     for flag, cls, field in (("amsgrad", own[0] if own else None, "nu_max"), ("centered", ScaleByRmsState, "mu")):
         if flag in group and cls in nodes and bool(group[flag]) != bool(getattr(nodes[cls], field)):
             problems.append(f"{flag}={group[flag]!r} in torch, but not in the state's optimizer")

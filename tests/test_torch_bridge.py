@@ -272,3 +272,35 @@ def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"the torch optimizer has 2 parameter groups, the state's optimizer one"):
         optimizer = two_groups(model, torch.optim.SGD, {}, {}, lr=0.1, momentum=0.9)
         ft.to_torch_state_dict(state, optimizer, model)
+
+
+@pytest.mark.parametrize(
+    ("tx", "make"),
+    [
+        (lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.01), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, fused=True)),
+        (lambda: ft.adagrad(0.1, lr_decay=0.01), lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, fused=True)),
+    ],
+    ids=["sgd", "adagrad"],
+)
+def test_a_default_fused_sgd_or_adagrad_run_continues_in_torchs_fused_class(tx: Callable[[], Any], make: Callable[[Any], Any]) -> None:
+    def loss(m: Any, b: torch.Tensor) -> torch.Tensor:
+        return m(b).square().mean()
+
+    data = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        start = ft.TrainState.create(torch.nn.Linear(3, 2), tx(), loss)
+    full, half = start, start
+    for b in data:
+        full, _ = ft.train_step(full, b)
+    for b in data[:3]:
+        half, _ = ft.train_step(half, b)
+    model = half.export_module().train()
+    optimizer = make(model.parameters())
+    optimizer.load_state_dict(ft.to_torch_state_dict(half, optimizer, model))
+    for b in data[3:]:
+        optimizer.zero_grad()
+        loss(model, b).backward()
+        optimizer.step()
+    for name, value in full.params.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), name
