@@ -8,9 +8,10 @@ matching torch optimizer loads and continues from.
 
 Which torch implementation a functrain transform continues bit for bit (float32, CPU, measured):
 
-* `torch.optim.Adam` / `AdamW` with ``fused=True``: functrain's ``adam/adamw(fused=True)``.
+* `torch.optim.SGD` / `Adam` / `AdamW` / `Adagrad` with ``fused=True``: functrain's
+  ``sgd/adam/adamw/adagrad(fused=True)`` (the defaults; SGD with dampening runs its foreach form).
 * with ``foreach=True``, or torch's CPU default (the single-tensor loop, which gives the same bits
-  as foreach for these five classes): ``adam/adamw(fused=False)``, `sgd`, `rmsprop`, `adagrad`.
+  as foreach for these five classes): ``sgd/adam/adamw/adagrad(fused=False)``, `rmsprop`.
 
 `from_torch_optimizer` picks that configuration from the group's ``fused`` flag. Supported:
 `torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad` (their single-tensor and foreach
@@ -162,7 +163,7 @@ def from_torch_optimizer(
 
     Raises:
         ConfigError: the optimizer is of another class, a setting has no functrain equivalent
-            (``maximize``, ``fused`` SGD where functrain has no fused SGD), a parameter is not the
+            (a flag the preset does not take), a parameter is not the
             module's, parameters of one group took different numbers of steps, or the scheduler
             cannot be read back or stepped a different number of times.
 
@@ -294,12 +295,8 @@ def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Grou
     problems = []
     for flag in ("fused", "maximize"):
         value = bool(group.get(flag))
-        # functrain's fused SGD and Adagrad keep their state in their own form: runs convert to the foreach chains
-        foreach_only = flag == "fused" and preset.__name__ in ("sgd", "adagrad")
-        if foreach_only and not value:
-            kwargs[flag] = False
-        elif flag in accepted and not foreach_only:
-            kwargs[flag] = value
+        if flag in accepted:
+            kwargs[flag] = value  # fused=False for torch's default: the foreach chain its single-tensor code matches
         elif value:
             fix = "build the torch optimizer without it (foreach=True or the default)" if flag == "fused" else "minimize the negated loss instead"
             problems.append(f"functrain converts no {flag}=True {preset.__name__}; {fix}")
