@@ -93,7 +93,7 @@ class CompiledStep:
             return self._stacked(state, batch, donate)
         core = self._core_for(state, donate)
         if donate:
-            wait_until_unheld(state.tree())  # an async save still reading these tensors
+            wait_until_unheld(state)  # an async save still reading these tensors
         counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
         scope = _enter(state, True)
         try:

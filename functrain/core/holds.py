@@ -15,10 +15,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from functrain.tree import tree_leaves
+
+if TYPE_CHECKING:
+    from functrain.core.state import TrainState
 
 _held: Counter[int] = Counter()
 _released = threading.Condition()
@@ -67,10 +71,10 @@ def is_held(tensors: Iterable[torch.Tensor]) -> bool:
         return any(key in _held for key in _storages(tensors))
 
 
-def wait_until_unheld(tree: object) -> None:
-    """Block until no reader holds a tensor of `tree` (what a step that writes in place calls first)."""
+def wait_until_unheld(state: TrainState) -> None:
+    """Block until no reader holds a tensor of `state` (what a step that writes in place calls first)."""
     if not _held:
-        return
-    tensors = [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
+        return  # no save in flight: the tree is not even built
+    tensors = [x for x in tree_leaves(state.tree()) if isinstance(x, torch.Tensor)]
     with _released:
         _released.wait_for(lambda: not any(key in _held for key in _storages(tensors)))

@@ -139,7 +139,7 @@ def _donated_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[s
     First it waits for any background reader of those tensors (an async checkpoint save of this
     state) to finish reading them.
     """
-    wait_until_unheld(state.tree())
+    wait_until_unheld(state)
     with writing_in_place(True):
         try:
             return _train_core(state, batch)
@@ -373,7 +373,7 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
     scope = _enter(state, True)
     try:
         # the update/weight ratios of grad_stats need the old weights: such a step writes fresh buffers
-        if donate and getattr(state, "grad_stats", None) is None:
+        if donate and state.grad_stats is None:
             new, metrics = _donated_core(state, batch)
         else:
             new, metrics = _train_core(state, batch)

@@ -56,12 +56,6 @@ Schedule = Callable[[torch.Tensor], torch.Tensor]
 Mask = Callable[[str, torch.Tensor], bool] | Tree | None
 
 
-def _zeros(params: Tree) -> tuple[torch.Tensor, ...]:
-    # states hold tuples, the type torch._foreach_* returns, so their tree structure never changes;
-    # without storage until the first update writes them (`functrain.optim.zeros`)
-    return zeros(params)
-
-
 def _f64(count: torch.Tensor) -> torch.Tensor:
     return count.to(torch.float64)
 
@@ -215,7 +209,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsg
     config_check(problems, "scale_by_adam")
 
     def init_fn(params: Tree) -> ScaleByAdamState:
-        return ScaleByAdamState(counter(params), _zeros(params), _zeros(params), _zeros(params) if amsgrad else ())
+        return ScaleByAdamState(counter(params), zeros(params), zeros(params), zeros(params) if amsgrad else ())
 
     def update_fn(updates: Any, state: ScaleByAdamState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdamState]:
         g, spec = flat_updates(updates, params)
@@ -309,7 +303,7 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
     rho_inf_factor = (rho_inf - 4) * (rho_inf - 2)
 
     def init_fn(params: Tree) -> ScaleByRadamState:
-        return ScaleByRadamState(counter(params), _zeros(params), _zeros(params))
+        return ScaleByRadamState(counter(params), zeros(params), zeros(params))
 
     def update_fn(updates: Any, state: ScaleByRadamState, params: Tree | None = None) -> tuple[RectifiedRatio, ScaleByRadamState]:
         g, spec = flat_updates(updates, params)
@@ -365,7 +359,7 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
     config_check(problems, "scale_by_rms")
 
     def init_fn(params: Tree) -> ScaleByRmsState:
-        return ScaleByRmsState(_zeros(params), _zeros(params) if centered else ())
+        return ScaleByRmsState(zeros(params), zeros(params) if centered else ())
 
     def update_fn(updates: Any, state: ScaleByRmsState, params: Tree | None = None) -> tuple[Ratio, ScaleByRmsState]:
         g, spec = flat_updates(updates, params)
@@ -463,7 +457,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
     config_check(problems, "scale_by_lion")
 
     def init_fn(params: Tree) -> ScaleByLionState:
-        return ScaleByLionState(_zeros(params))
+        return ScaleByLionState(zeros(params))
 
     def update_fn(updates: Any, state: ScaleByLionState, params: Tree | None = None) -> tuple[Tree, ScaleByLionState]:
         g, spec = flat_updates(updates, params)
@@ -511,7 +505,7 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
     config_check(problems, "trace")
 
     def init_fn(params: Tree) -> TraceState:
-        return TraceState(counter(params), _zeros(params))
+        return TraceState(counter(params), zeros(params))
 
     def update_fn(updates: Any, state: TraceState, params: Tree | None = None) -> tuple[Tree, TraceState]:
         g, spec = flat_updates(updates, params)

@@ -36,10 +36,10 @@ from functrain.optim.primitives import (
     _check_unit,
     _f64,
     _pow,
-    _zeros,
     check_learning_rate,
     resolve_mask,
 )
+from functrain.optim.zeros import zeros
 from functrain.optim.transform import EmptyState, NewParams, Ratio, Transform, counter, flat_updates, named
 from functrain.tree import Tree, tree_leaves, tree_paths, tree_unflatten
 
@@ -166,7 +166,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
     config_check(problems, "scale_by_adamax")
 
     def init_fn(params: Tree) -> ScaleByAdamaxState:
-        return ScaleByAdamaxState(counter(params), _zeros(params), _zeros(params))
+        return ScaleByAdamaxState(counter(params), zeros(params), zeros(params))
 
     def update_fn(updates: Any, state: ScaleByAdamaxState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdamaxState]:
         g, spec = flat_updates(updates, params)
@@ -219,7 +219,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
     config_check(problems, "scale_by_adadelta")
 
     def init_fn(params: Tree) -> ScaleByAdadeltaState:
-        return ScaleByAdadeltaState(counter(params), _zeros(params), _zeros(params))
+        return ScaleByAdadeltaState(counter(params), zeros(params), zeros(params))
 
     def update_fn(updates: Any, state: ScaleByAdadeltaState, params: Tree | None = None) -> tuple[Tree, ScaleByAdadeltaState]:
         g, spec = flat_updates(updates, params)
@@ -295,7 +295,7 @@ def scale_by_rprop(
         count = counter(params)
         first = _rate(learning_rate, count)
         sizes = tuple(torch.zeros_like(p).add_(first.to(p.dtype)) for p in tree_leaves(params))
-        return ScaleByRpropState(count, _zeros(params), sizes)
+        return ScaleByRpropState(count, zeros(params), sizes)
 
     def update_fn(updates: Any, state: ScaleByRpropState, params: Tree | None = None) -> tuple[Tree, ScaleByRpropState]:
         g, spec = flat_updates(updates, params)
@@ -395,7 +395,7 @@ def nadam_step(
     def init_fn(params: Tree) -> NadamStepState:
         count, lr = _learning_rate_state(learning_rate, params)
         one = torch.ones((), dtype=torch.float32, device=count.device)
-        return NadamStepState(count, lr, one, _zeros(params), _zeros(params))
+        return NadamStepState(count, lr, one, zeros(params), zeros(params))
 
     def update_fn(updates: Any, state: NadamStepState, params: Tree | None = None) -> tuple[NewParams, NadamStepState]:
         _need_params(params, "nadam_step")
@@ -483,7 +483,7 @@ def asgd_step(learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: fl
     def init_fn(params: Tree) -> AsgdStepState:
         count, lr = _learning_rate_state(learning_rate, params)
         one = torch.ones((), dtype=torch.float32, device=count.device)
-        return AsgdStepState(count, lr, lr.to(torch.float32), one, _zeros(params))
+        return AsgdStepState(count, lr, lr.to(torch.float32), one, zeros(params))
 
     def update_fn(updates: Any, state: AsgdStepState, params: Tree | None = None) -> tuple[NewParams, AsgdStepState]:
         _need_params(params, "asgd_step")
@@ -733,7 +733,7 @@ def scale_by_muon(
 
     def init_fn(params: Tree) -> ScaleByMuonState:
         _check_matrices(params, "scale_by_muon")
-        return ScaleByMuonState(counter(params), _zeros(params))
+        return ScaleByMuonState(counter(params), zeros(params))
 
     def update_fn(updates: Any, state: ScaleByMuonState, params: Tree | None = None) -> tuple[Tree, ScaleByMuonState]:
         g, spec = flat_updates(updates, params)
