@@ -776,3 +776,16 @@ def test_save_over_a_checkpoint_removes_the_old_one_in_the_background(tmp_path: 
     finish.set()
     other.join(timeout=30)
     assert (tmp_path / "other").exists() and leftovers(tmp_path) == []
+
+
+def test_a_forked_child_does_not_inherit_the_holds_of_the_parents_saves() -> None:
+    t = torch.ones(3)
+    release = holds.hold([t])
+    try:
+        pid = os.fork()
+        if pid == 0:  # the parent's save thread does not exist here: a donated step must not wait for it
+            os._exit(0 if not holds.is_held([t]) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0 and holds.is_held([t])
+    finally:
+        release()

@@ -12,6 +12,7 @@ then pays one truth test.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
 
 _held: Counter[int] = Counter()
 _released = threading.Condition()
+
+
+def _forget_after_fork() -> None:
+    # a forked child has no thread of the parent's saves to release their holds: it starts empty
+    global _released
+    _held.clear()
+    _released = threading.Condition()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _storages(tensors: Iterable[torch.Tensor]) -> list[int]:
