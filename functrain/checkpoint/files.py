@@ -115,6 +115,16 @@ _removals: list[threading.Thread] = []
 _removals_lock = threading.Lock()
 
 
+def _forget_after_fork() -> None:
+    # a forked child has none of the parent's deletion threads (nor a lock one of them held)
+    global _removals_lock
+    _removals.clear()
+    _removals_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def remove_later(path: Path) -> None:
     """Delete the directory `path`, already renamed out of sight (``.tmp-``), in a background thread.
 
