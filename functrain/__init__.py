@@ -35,7 +35,7 @@ from functrain.driver.callbacks import (
 )
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
-from functrain.driver.data import Batcher, IterableSource
+from functrain.driver.data import Batcher, IterableSource, StatefulSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
@@ -140,6 +140,7 @@ __all__ = [
     "Ratio",
     "Run",
     "StateMismatchError",
+    "StatefulSource",
     "StepOptions",
     "TensorBoardLogger",
     "TrainState",

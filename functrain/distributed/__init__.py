@@ -9,10 +9,11 @@ from functrain.distributed.data_parallel import (
     all_reduce_mean,
     broadcast_tensors,
     check_same_model,
+    gather_objects,
     init_from_env,
     is_main_process,
     rank_and_world,
     reduce_sums,
 )
 
-__all__ = ["DistConfig", "all_reduce_mean", "broadcast_tensors", "check_same_model", "init_from_env", "is_main_process", "rank_and_world", "reduce_sums"]
+__all__ = ["DistConfig", "all_reduce_mean", "broadcast_tensors", "check_same_model", "gather_objects", "init_from_env", "is_main_process", "rank_and_world", "reduce_sums"]

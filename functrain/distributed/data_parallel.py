@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from functrain.errors import ConfigError
 
-__all__ = ["DistConfig", "init_from_env", "rank_and_world", "is_main_process", "all_reduce_mean", "broadcast_tensors", "check_same_model", "reduce_sums"]
+__all__ = ["DistConfig", "init_from_env", "rank_and_world", "is_main_process", "all_reduce_mean", "broadcast_tensors", "check_same_model", "gather_objects", "reduce_sums"]
 
 
 @attrs.frozen
@@ -146,4 +146,21 @@ def reduce_sums(values: torch.Tensor, config: DistConfig | None) -> torch.Tensor
         return values
     out = values.clone()
     dist.all_reduce(out, group=config.group)
+    return out
+
+
+def gather_objects(value: Any, config: DistConfig | None) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (``[value]`` in one process).
+
+    A collective: every rank of the group must call it. The values travel pickled between the
+    ranks of one job; what the caller stores of them is its own choice.
+
+    Example:
+        >>> gather_objects({"pos": 3}, None)
+        [{'pos': 3}]
+    """
+    if config is None:
+        return [value]
+    out: list[Any] = [None] * config.world_size
+    dist.all_gather_object(out, value, group=config.group)
     return out

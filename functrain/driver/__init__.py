@@ -6,7 +6,7 @@ loop), `ledger` (what the loop records, saved in ``state.driver``), `evaluation`
 """
 
 from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, LRMonitor, ProgressBar, Profiler, Run, TensorBoardLogger, on
-from functrain.driver.data import Batcher, IterableSource
+from functrain.driver.data import Batcher, IterableSource, StatefulSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
@@ -23,6 +23,7 @@ __all__ = [
     "ProgressBar",
     "Profiler",
     "Run",
+    "StatefulSource",
     "TensorBoardLogger",
     "evaluate",
     "fit",

@@ -6,6 +6,11 @@ position inside the epoch lives in the `TrainState` (`epoch`, `epoch_step`): res
 next unseen batch without reading the consumed ones. `num_workers > 0` loads through a
 `torch.utils.data.DataLoader` over the same index batches.
 
+An iterable with ``state_dict()`` / ``load_state_dict()`` (torchdata's `StatefulDataLoader`, a
+Hugging Face `datasets.IterableDataset`, a class of one's own) is wrapped by `StatefulSource`: its
+state, taken after the last batch a saved step consumed, is stored in the checkpoint (as tensors
+and JSON values) and loaded back on resume, so no consumed batch is read again.
+
 Any other iterable (a `DataLoader`, a generator factory) is wrapped by `IterableSource`: resuming
 replays it and skips the consumed batches, with a warning saying so.
 """
@@ -21,9 +26,10 @@ import torch.utils._pytree as pytree
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from functrain.distributed.data_parallel import gather_objects
 from functrain.errors import ConfigError, config_check
 
-__all__ = ["Batcher", "IterableSource", "as_source", "batch_device", "epoch_order", "to_device"]
+__all__ = ["Batcher", "IterableSource", "StatefulSource", "as_source", "batch_device", "epoch_order", "is_stateful", "storable_state", "to_device"]
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -191,25 +197,199 @@ class IterableSource:
         return setup
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """Yield the batches of a pass from position `start`: the consumed ones are read and dropped."""
+        yield from self._replay(start, "use a map-style dataset, or data with state_dict()/load_state_dict(), to resume without replay")
+
+    def _replay(self, start: int, hint: str) -> Iterator[Any]:
         it = iter(self.source)
         if start:
             warnings.warn(
-                f"resuming mid-epoch on a {type(self.source).__name__}: replaying and skipping {start} consumed batches "
-                "(use a map-style dataset for exact resumption without replay)",
+                f"resuming mid-epoch on a {type(self.source).__name__}: replaying and skipping {start} consumed batches ({hint})",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             for _ in range(start):
                 next(it, None)
         yield from it
 
 
+class StatefulSource(IterableSource):
+    """A re-iterable source with ``state_dict()`` / ``load_state_dict()``: resuming loads its state.
+
+    `fit` stores `state_tree` in ``state.driver["source"]`` at every checkpoint and, on resume,
+    `restore` loads it back before the first pass: iteration goes on from the first batch no saved
+    step consumed. The state is taken when the loop has drawn exactly the batches the saved step
+    consumed (batches are drawn one at a time, as the loop needs them), so batches that prefetching
+    workers loaded but the loader has not yielded are not counted as consumed: torchdata's
+    `StatefulDataLoader` accounts for them in its own state.
+
+    A mid-epoch position with no saved state (a checkpoint written while the data had no
+    ``state_dict``) falls back to replaying, with `IterableSource`'s warning.
+
+    Example:
+        >>> class Counter:
+        ...     def __init__(self):
+        ...         self.next = 0
+        ...     def __iter__(self):
+        ...         while self.next < 4:
+        ...             self.next += 1
+        ...             yield torch.tensor([self.next - 1])
+        ...         self.next = 0
+        ...     def state_dict(self):
+        ...         return {"next": self.next}
+        ...     def load_state_dict(self, state):
+        ...         self.next = state["next"]
+        >>> source = StatefulSource(Counter())
+        >>> batches = source.epoch(0)
+        >>> first = next(batches)
+        >>> saved = source.state_tree()  # after the one consumed batch
+        >>> resumed = StatefulSource(Counter())
+        >>> resumed.restore(saved)
+        >>> [b.item() for b in resumed.epoch(0, start=1)]
+        [1, 2, 3]
+    """
+
+    resumable = True
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        super().__init__(source)
+        self._pending: Any = None  # a restored state no pass has started from yet
+
+    def state_tree(self) -> Any:
+        """The source's state now, as a checkpoint stores it (`storable_state`).
+
+        Raises:
+            ConfigError: the state holds a value that is not a tensor or a JSON value, naming it.
+        """
+        # restored and not iterated since: the restored state itself, whatever the source reports
+        # before a pass starts
+        state = self._pending if self._pending is not None else self.source.state_dict()  # type: ignore[attr-defined]
+        return storable_state(state, f"train_data.state_dict() ({type(self.source).__name__})")
+
+    def restore(self, tree: Any) -> None:
+        """Load a saved `state_tree` (its tensors back on the CPU); the next pass goes on from it."""
+        tree = pytree.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, tree)
+        self.source.load_state_dict(tree)  # type: ignore[attr-defined]
+        self._pending = tree
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """Yield the batches of a pass: after `restore`, the rest of the saved pass; else a new pass
+        (mid-epoch without a restored state: a replay that skips `start` batches, with a warning)."""
+        if start and self._pending is None:
+            yield from self._replay(start, "the checkpoint holds no state of this data: it was saved by a run whose data had no state_dict()")
+            return
+        self._pending = None
+        yield from iter(self.source)
+
+    def saved_states(self, dist: Any) -> dict[str, Any]:
+        """What ``state.driver["source"]`` holds: ``{"ranks": [state of rank 0, rank 1, ...]}``.
+
+        Under torch.distributed every rank's source reads its own stream, so each rank's state is
+        gathered (a collective: every rank calls this at the same save) and every rank holds them all.
+        """
+        mine = self.state_tree()
+        return {"ranks": gather_objects(mine, dist)}
+
+    def resume(self, saved: Any, dist: Any) -> None:
+        """Restore this rank's state from ``state.driver["source"]`` (`saved_states`); None: nothing saved.
+
+        Raises:
+            ConfigError: the checkpoint holds the states of another number of ranks than this run's.
+        """
+        if saved is None:
+            return
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        ranks = saved["ranks"]
+        if len(ranks) != world:
+            raise ConfigError(
+                f"the checkpoint holds the training data's position on {len(ranks)} rank(s), this run has {world}: each rank's "
+                f"stream (train_data.state_dict()) resumes on the rank that read it; resume on {len(ranks)} rank(s), or start "
+                "a new run from the checkpoint's weights (functrain.load_weights) with the data started over"
+            )
+        self.restore(ranks[rank])
+
+
+_JSON_LEAVES = (type(None), bool, int, float, str)
+
+
+def storable_state(value: Any, path: str = "state") -> Any:
+    """A copy of `value` as a checkpoint stores it: tensors and JSON values, never pickle.
+
+    Tensors are copied to the CPU; None, bool, int, float and str are kept; dicts with str keys,
+    lists and tuples are copied with their items. The copy is taken now, so what the source does
+    next (or an async save writing later) cannot change what is saved.
+
+    Args:
+        value: a data source's ``state_dict()``.
+        path: how the error names `value`.
+
+    Raises:
+        ConfigError: a value that is none of these, naming its path and type.
+
+    Example:
+        >>> storable_state({"pos": 3, "order": [2, 0, 1], "seed": (7, None)})
+        {'pos': 3, 'order': [2, 0, 1], 'seed': (7, None)}
+        >>> storable_state({"pos": 3, "seen": {1, 2}}, "loader.state_dict()")
+        Traceback (most recent call last):
+        ...
+        functrain.errors.ConfigError: loader.state_dict()['seen'] is a set: ...
+    """
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized or value.device.type == "meta":
+            raise ConfigError(_unstorable(path, f"a {value.layout} {value.dtype} tensor on {value.device}", "a dense tensor"))
+        return value.detach().to("cpu", copy=True)
+    if type(value) in _JSON_LEAVES:
+        return value
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError(_unstorable(f"{path}[{key!r}]", f"under a key of type {type(key).__name__}", "str keys"))
+        return {k: storable_state(v, f"{path}[{k!r}]") for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(storable_state(v, f"{path}[{i}]") for i, v in enumerate(value))
+    return _raise_unstorable(path, value)
+
+
+def _raise_unstorable(path: str, value: Any) -> Any:
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise ConfigError(_unstorable(path, f"a {name}", "a tensor, None, bool, int, float or str"))
+
+
+def _unstorable(path: str, got: str, expected: str) -> str:
+    return (
+        f"{path} is {got}: a checkpoint stores the data's state as tensors and JSON values (expected {expected}, in dicts "
+        "with str keys, lists and tuples; never pickle, so that a checkpoint is safe to load); have state_dict() return "
+        "such values (a numpy array as torch.from_numpy(a), a set as a sorted list, a key as a str), or give fit data "
+        "without state_dict() to resume by replaying the consumed batches"
+    )
+
+
+def source_problems(saved: Any, path: str) -> list[str]:
+    """What keeps `saved` from being what `StatefulSource.saved_states` writes (empty when it is)."""
+    if saved is None or (isinstance(saved, dict) and set(saved) == {"ranks"} and isinstance(saved["ranks"], list) and saved["ranks"]):
+        return []
+    return [f"{path}: expected None or a dict {{'ranks': [one data state per rank]}}, got {type(saved).__name__} {str(saved)[:80]}"]
+
+
+def is_stateful(data: Any) -> bool:
+    """Whether `data` exposes ``state_dict()`` and ``load_state_dict()`` (a module's weights do not count).
+
+    Example:
+        >>> is_stateful([1, 2]), is_stateful(torch.nn.Linear(1, 1))
+        (False, False)
+    """
+    has = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
+    return has and not isinstance(data, torch.nn.Module)
+
+
 def as_source(data: Any, *, batch_size: int | None, shuffle: bool, drop_last: bool, seed: int, num_workers: int, shard: tuple[int, int] = (0, 1)) -> Batcher | IterableSource:
-    """A `Batcher` for map-style datasets (needs `batch_size`), an `IterableSource` for the rest."""
+    """A `Batcher` for map-style datasets (needs `batch_size`); for the rest, a `StatefulSource` when
+    they have ``state_dict()`` / ``load_state_dict()``, else an `IterableSource`."""
     if isinstance(data, (Batcher, IterableSource)):
         return data
     if isinstance(data, DataLoader) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or isinstance(data, (list, tuple)):
-        return IterableSource(data)
+        return StatefulSource(data) if is_stateful(data) else IterableSource(data)
     if batch_size is None:
         raise ConfigError(f"batch_size is required to batch a map-style dataset ({type(data).__name__}); pass batch_size=... or a DataLoader")
     return Batcher(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, num_workers=num_workers, shard=shard)

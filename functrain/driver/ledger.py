@@ -17,6 +17,7 @@ import attrs
 import torch
 
 from functrain.checkpoint.state_io import register_driver_check
+from functrain.driver.data import source_problems
 from functrain.driver.history import KINDS, History
 from functrain.errors import ConfigError
 from functrain.optim.plateau import EarlyStopping, improved
@@ -221,7 +222,7 @@ def _data_change_message(saved: dict[str, Any], given: dict[str, Any], changed: 
     )
 
 
-_DRIVER_KEYS = ("history", "window", "epoch_sums", "best", "empty_batches", "stop_reason", "early_stopping", "data")
+_DRIVER_KEYS = ("history", "window", "epoch_sums", "best", "empty_batches", "stop_reason", "early_stopping", "data", "source")
 
 
 def tree_problems(driver: Any, path: str = "driver") -> list[str]:
@@ -233,7 +234,7 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
 
     Example:
         >>> tree_problems({"empty_batches": -1, "epochs": 3})
-        ["driver: unknown keys ['epochs'] (expected some of history, window, epoch_sums, best, empty_batches, stop_reason, early_stopping, data)", 'driver/empty_batches: expected an int >= 0, got int -1']
+        ["driver: unknown keys ['epochs'] (expected some of history, window, epoch_sums, best, empty_batches, stop_reason, early_stopping, data, source)", 'driver/empty_batches: expected an int >= 0, got int -1']
     """
     if not isinstance(driver, dict):
         return [f"{path}: expected a dict, got {_describe(driver)}"]
@@ -254,6 +255,7 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
     data = driver.get("data")
     if data is not None and not _is_row(data):
         problems.append(f"{path}/data: expected None or the data setup (a dict of names to numbers, str or None), got {_describe(data)}")
+    problems += source_problems(driver.get("source"), f"{path}/source")
     early = driver.get("early_stopping")
     if early is not None and not (
         isinstance(early, dict)

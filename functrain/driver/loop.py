@@ -23,7 +23,7 @@ from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, train_step
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
-from functrain.driver.data import IterableSource, to_device
+from functrain.driver.data import IterableSource, StatefulSource, to_device
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.errors import ConfigError, NonFiniteError
@@ -69,6 +69,12 @@ class Loop:
         self.step, self.micro, self.epoch, self.pos = (host_count(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
         self.stacked = state.step.ndim == 1  # a stacked state (functrain.stack): its metrics are logged per member
         self.ledger.use_data(train.setup(), at_epoch_start=self.pos == 0, checkpoint=manager.latest() if manager is not None else None)
+        if isinstance(train, StatefulSource):
+            train.resume(state.driver.get("source"), state.dist)
+            if manager is not None:
+                # a state a checkpoint cannot store is refused now, not at the first save; after the
+                # resume, as asking a StatefulDataLoader before it starts its workers (and prefetching)
+                train.state_tree()
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
         self.stop_reason: str | None = state.driver.get("stop_reason")
@@ -284,6 +290,15 @@ class Loop:
     def _saved_here(self, position: tuple[int, int, int, dict[str, Any]]) -> bool:
         return self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]
 
+    def _driver_tree(self) -> dict[str, Any]:
+        """What ``state.driver`` holds: the ledger's records and, for training data with a
+        ``state_dict()`` saved in checkpoints, its state now: after the last batch a step consumed
+        (the loop draws batches one at a time), each rank's own under torch.distributed."""
+        driver = self.ledger.to_tree()
+        if self.manager is not None and isinstance(self.train, StatefulSource):
+            driver["source"] = self.train.saved_states(self.state.dist)  # on every rank: a collective
+        return driver
+
     def _save(self, metrics: dict[str, float] | None = None) -> None:
         # skip when nothing changed since the last save (an epoch end after a step's save changes the
         # state), and after a non-finite value: the checkpoints keep the last finite state
@@ -291,7 +306,7 @@ class Loop:
         if self.manager is None or self.stop_reason in NONFINITE_STOPS or self._saved_here(position):
             return
         self._check_lr(self._window_lr(self.ledger.window))
-        self.state = self.state.replace(driver=self.ledger.to_tree())
+        self.state = self.state.replace(driver=self._driver_tree())
         if not self.main:  # rank 0 writes; the state is the same on every rank
             self._saved_at = position
             return
@@ -304,7 +319,7 @@ class Loop:
             # the run's last, partial log interval becomes a train row marked "partial"; the window
             # keeps its sums, so a run resumed from the final checkpoint drops that row and goes on
             self._log(partial=True)
-        self.state = self.state.replace(driver=self.ledger.to_tree())
+        self.state = self.state.replace(driver=self._driver_tree())
         if self.manager is not None:
             self._save()
         self.fire("on_train_end")
