@@ -101,3 +101,14 @@ def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path
     launch(2, "indivisible", str(tmp_path))
     text = (tmp_path / "rank0" / "error.txt").read_text()
     assert "batch_size=15 (global) must be divisible by world_size=2" in text
+
+
+def test_each_rank_stores_and_resumes_its_own_streams_state(tmp_path: Path) -> None:
+    launch(2, "stream", str(tmp_path))
+    for rank in (0, 1):
+        got, _ = ft.load(tmp_path / f"rank{rank}")
+        # every rank holds both ranks' states, each naming its rank (a mixed-up load would fail)
+        assert got["saved"] == [{"rank": 0, "next": 16}, {"rank": 1, "next": 16}]
+        assert got["reads"] == [16, 20, 0, 4, 8, 12]  # from the 5th batch of its own stream: none read again
+        for name, p in got["straight"].items():
+            assert torch.equal(got["resumed"][name], p), name

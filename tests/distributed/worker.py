@@ -46,6 +46,40 @@ def shard(batch, rank: int, world: int):
     return tuple(t[rank * n : (rank + 1) * n] for t in batch)
 
 
+class RankStream:
+    """Rank `rank`'s own stream: batches of 4 samples of its half of `dataset()`, 6 a pass; every
+    batch read is recorded in `reads` by its start. Its state names the rank, so a state loaded
+    on another rank fails."""
+
+    def __init__(self, rank: int, reads: list[int]) -> None:
+        self.rank, self.reads, self.next = rank, reads, 0
+        x, y = dataset().tensors
+        self.x, self.y = x[rank * 48 : (rank + 1) * 48], y[rank * 48 : (rank + 1) * 48]
+
+    def __iter__(self):
+        while self.next < 24:
+            i = self.next
+            self.next += 4
+            self.reads.append(i)
+            yield self.x[i : i + 4], self.y[i : i + 4]
+        self.next = 0
+
+    def state_dict(self):
+        return {"rank": self.rank, "next": self.next}
+
+    def load_state_dict(self, state):
+        assert state["rank"] == self.rank, f"rank {self.rank} given rank {state['rank']}'s data state"
+        self.next = state["next"]
+
+
+def stream_fit(rank: int, directory: Path, max_steps: int, reads: list[int], resume: bool = False):
+    state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+    return ft.fit(
+        state, RankStream(rank, reads), max_steps=max_steps, checkpoint_dir=directory, save_every=3, resume=resume,
+        progress=False, verbosity="silent",
+    )
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     ft.distributed.init_from_env()
@@ -78,6 +112,14 @@ def main() -> None:
             callbacks=[Stop()], resume=bool(int(sys.argv[4])), progress=False, verbosity="silent",
         )
         ft.save({"params": result.state.params, "val": torch.tensor(result.history.column("val_loss"))}, mine)
+    elif scenario == "stream":
+        # each rank streams its own half; stopped after 4 updates, then resumed in this process
+        straight = stream_fit(rank, out / "straight", 10, [])
+        stream_fit(rank, out / "ckpt", 4, [])
+        reads: list[int] = []
+        resumed = stream_fit(rank, out / "ckpt", 10, reads, resume=True)
+        saved = resumed.state.driver["source"]["ranks"]
+        ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": reads, "saved": saved}, mine)
     elif scenario == "mismatch":
         try:
             ft.TrainState.create(mlp(width=16 + rank), ft.adamw(1e-2), loss_fn)
