@@ -18,8 +18,6 @@ from functrain.distributed import DistConfig
 from functrain.driver.data import StatefulSource, storable_state
 from functrain.driver.ledger import tree_problems
 
-pytest.importorskip("torchdata")  # the [data] extra, installed with dev by `make test`
-
 WORKER = Path(__file__).parent / "streaming" / "worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import worker  # noqa: E402
@@ -65,6 +63,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_run_resumed_in_a_new_process_reads_no_consumed_sample_again_and_ends_bit_identical(tmp_path: Path, case: str) -> None:
+    pytest.importorskip("torchdata")  # the [data] extra; `make test` installs it
     num_workers, accumulate, save_every, async_save, first_end = CASES[case]
     max_steps = 18 // accumulate  # 3 epochs of 6 batches
     spec = {"num_workers": num_workers, "accumulate": accumulate, "save_every": save_every, "async_save": async_save, "max_steps": max_steps}
