@@ -112,8 +112,12 @@ def fit(
     Args:
         state: the initial `TrainState` (with ``resume=True``, the template to restore into).
         train_data: a map-style dataset (batched here: pass `batch_size`; order depends only on
-            `data_seed` and the epoch, so resumption is exact) or any re-iterable of batches
-            (a `DataLoader`, a list; resumption replays it with a warning).
+            `data_seed` and the epoch, so resumption is exact) or any re-iterable of batches. One
+            with ``state_dict()`` / ``load_state_dict()`` (torchdata's `StatefulDataLoader`, a
+            Hugging Face `IterableDataset`, a class of your own) has its state saved in every
+            checkpoint (tensors and JSON values; after the last batch the saved step consumed;
+            each rank's own) and loaded on resume, so nothing consumed is read again; any other
+            (a `DataLoader`, a list) is replayed on resume, with a warning.
         eval_data: validation data, evaluated every `eval_every` epochs (epoch mode) or updates
             (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
         test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
@@ -168,8 +172,10 @@ def fit(
         ConfigError: invalid arguments, listed together (options without the data or directory
             they act on included), training data that yields no batch, a callback with a wrong
             signature, a `checkpoint_dir` holding another run's checkpoints without
-            ``resume=True``, a resume whose data setup differs from the checkpoint's, or a
-            `best_metric` the first evaluation does not produce.
+            ``resume=True``, a resume whose data setup differs from the checkpoint's, training
+            data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path
+            and type), a resume on another number of ranks than the one that saved such data's
+            state, or a `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time.
         NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
