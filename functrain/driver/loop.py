@@ -72,8 +72,9 @@ class Loop:
         if isinstance(train, StatefulSource):
             train.resume(state.driver.get("source"), state.dist)
             if manager is not None:
-                # a state a checkpoint cannot store is refused now, not at the first save; after the
-                # resume, as asking a StatefulDataLoader before it starts its workers (and prefetching)
+                # a state a checkpoint cannot store is refused now, not at the first save. After the
+                # resume: asked before it, a StatefulDataLoader starts its workers, and the load would
+                # throw away the batches they prefetched (samples read for nothing)
                 train.state_tree()
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
