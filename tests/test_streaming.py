@@ -18,9 +18,9 @@ from functrain.distributed import DistConfig
 from functrain.driver.data import StatefulSource, storable_state
 from functrain.driver.ledger import tree_problems
 
-WORKER = Path(__file__).parent / "streaming" / "worker.py"
+WORKER = Path(__file__).parent / "streaming" / "stream_worker.py"
 sys.path.insert(0, str(WORKER.parent))
-import worker  # noqa: E402
+import stream_worker as worker  # noqa: E402  (not `worker`: tests/distributed has one)
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
 

@@ -1,6 +1,6 @@
 """Train on a stream that logs every sample it reads, in a process of its own, for `test_streaming.py`.
 
-Usage: ``python worker.py SPEC_JSON``. SPEC names the read log, the checkpoint directory, the
+Usage: ``python stream_worker.py SPEC_JSON``. SPEC names the read log, the checkpoint directory, the
 loader's ``num_workers``, the run's limits and options, and optionally ``interrupt_at``: the update
 after which the run is interrupted (`Interrupted` raised from a callback, as a Ctrl-C would). A run
 that finishes saves its final state with `functrain.save` at ``SPEC["out"]``.
