@@ -143,6 +143,19 @@ def test_a_resume_at_an_epoch_end_starts_the_next_pass_from_the_saved_state(tmp_
     assert second == list(range(6))
 
 
+def test_an_early_stopped_run_saves_the_state_after_its_last_consumed_batch(tmp_path: Path) -> None:
+    reads_: list[int] = []
+    val = [(torch.tensor([[3.0]]), torch.tensor([[1.0]]))]
+    early = {"target": "val_loss", "patience": 2, "mode": "max"}  # stops once the loss stops rising
+    result = fit_stream(Stream(reads_), tmp_path, 50, eval_data=val, run_mode="step", early_stopping=early, best_metric="val_loss", mode="max")
+    step = int(result.state.step)
+    assert result.stop_reason == "early_stopping" and step % 6  # mid-epoch
+    assert len(reads_) == 2 * step  # read in this process: exactly the consumed batches
+    latest = ft.CheckpointManager(tmp_path / "ckpt", readonly=True).latest()
+    saved = ft.load(latest, like=linear_state()).driver["source"]
+    assert saved == {"ranks": [{"next": 2 * step % 12, "tag": ("stream", None)}]}
+
+
 class Unstorable(Stream):
     def __init__(self, reads: list[int], bad: Any) -> None:
         super().__init__(reads)
