@@ -180,6 +180,14 @@ def test_a_state_a_checkpoint_cannot_store_is_refused_before_the_first_step_nami
     assert reads_ == []
 
 
+def test_an_iterable_source_given_explicitly_resumes_by_replay_despite_a_state_dict(tmp_path: Path) -> None:
+    fit_stream(ft.IterableSource(Unstorable([], {1})), tmp_path, 2)  # the state is never asked for
+    again: list[int] = []
+    with pytest.warns(RuntimeWarning, match="replaying and skipping 2 consumed batches"):
+        fit_stream(ft.IterableSource(Unstorable(again, {1})), tmp_path, 3, resume=True)
+    assert again == list(range(6))
+
+
 def test_without_a_checkpoint_dir_the_state_is_neither_checked_nor_stored() -> None:
     result = ft.fit(linear_state(), Unstorable([], {1}), max_steps=2, progress=False, verbosity="silent")
     assert "source" not in result.state.driver

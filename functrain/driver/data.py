@@ -360,8 +360,8 @@ def _unstorable(path: str, got: str, expected: str) -> str:
     return (
         f"{path} is {got}: a checkpoint stores the data's state as tensors and JSON values (expected {expected}, in dicts "
         "with str keys, lists and tuples; never pickle, so that a checkpoint is safe to load); have state_dict() return "
-        "such values (a numpy array as torch.from_numpy(a), a set as a sorted list, a key as a str), or give fit data "
-        "without state_dict() to resume by replaying the consumed batches"
+        "such values (a numpy array as torch.from_numpy(a), a set as a sorted list, a key as a str), or pass "
+        "functrain.IterableSource(train_data) to fit, which resumes by replaying the consumed batches"
     )
 
 
