@@ -139,3 +139,19 @@ def test_imports_run_down_the_layers() -> None:
                 if layer is not None and layer > own:
                     upward.append(f"{name} imports {target}")
     assert upward == []
+
+
+def test_the_integrations_import_their_packages_only_when_a_callback_is_built() -> None:
+    code = (
+        "import sys, functrain as ft\n"
+        "loaded = lambda: sorted(m for m in ('wandb', 'optuna', 'functrain.integrations.wandb', 'functrain.integrations.optuna') if m in sys.modules)\n"
+        "print(loaded())\n"
+        "classes = ft.WandbLogger, ft.OptunaPruning\n"
+        "print(loaded(), [c.__module__ for c in classes])\n"
+        "ft.OptunaPruning(None)\n"
+        "print(loaded())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "[]"
+    assert out[1] == "['functrain.integrations.optuna', 'functrain.integrations.wandb'] ['functrain.integrations.wandb', 'functrain.integrations.optuna']"
+    assert out[2] == "['functrain.integrations.optuna', 'functrain.integrations.wandb', 'optuna']"
