@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import optuna
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 import functrain as ft
+
+optuna = pytest.importorskip("optuna")  # the `optuna` extra, which `make test` installs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

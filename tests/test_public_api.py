@@ -142,6 +142,7 @@ def test_imports_run_down_the_layers() -> None:
 
 
 def test_the_integrations_import_their_packages_only_when_a_callback_is_built() -> None:
+    pytest.importorskip("optuna")
     code = (
         "import sys, functrain as ft\n"
         "loaded = lambda: sorted(m for m in ('wandb', 'optuna', 'functrain.integrations.wandb', 'functrain.integrations.optuna') if m in sys.modules)\n"

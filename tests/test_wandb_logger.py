@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-import wandb
 from torch.utils.data import TensorDataset
-from wandb.proto import wandb_internal_pb2
 
 import functrain as ft
 from functrain.distributed import DistConfig
+
+wandb = pytest.importorskip("wandb")  # the `wandb` extra, which `make test` installs
+wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 SILENT = wandb.Settings(silent=True)
 
