@@ -109,7 +109,8 @@ def test_logs_every_train_eval_and_epoch_row_with_its_step_config_and_checkpoint
     assert logger.logged == {"train": 3, "eval": 2, "epoch": 2}
     config = logged["config"]
     assert (config["lr"], config["model"]) == (1e-2, "linear")
-    assert config["fit"]["max_epochs"] == 2 and config["fit"]["log_every"] == 3 and config["fit"]["best_metric"] == "val_loss"
+    assert {"max_epochs": 2, "log_every": 3, "best_metric": "val_loss", "batch_size": 16, "data_seed": 0, "keep_best": 1}.items() <= config["fit"].items()
+    assert config["fit"]["checkpoint_dir"] == str(tmp_path / "ckpt")
     assert config["optimizer"] == state.optimizer.name and config["trainable_parameters"] == 4
     saved = [str(Path(p).resolve()) for p in result.checkpoints["all"]]
     assert len(saved) == 2

@@ -155,4 +155,5 @@ def _row(kind: str, row: Mapping[str, Any]) -> dict[str, Any]:
 def _fit_config(run: Run) -> dict[str, Any]:
     state = run.state
     trainable = sum(p.numel() for p in state.params.values())
-    return {"fit": dict(run.config), "optimizer": state.optimizer.name, "trainable_parameters": trainable}
+    settings = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in run.config.items()}
+    return {"fit": settings, "optimizer": state.optimizer.name, "trainable_parameters": trainable}
