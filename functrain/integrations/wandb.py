@@ -2,7 +2,7 @@
 
 Needs ``pip install 'functrain[wandb]'``; `wandb` is imported when the logger is built, never by
 ``import functrain``. Every row is logged against the run's update count, ``trainer/step`` (a
-metric the logger declares as the x-axis of all others), so rows that a resumed run logs again
+metric the logger declares as the x-axis of its columns), so rows that a resumed run logs again
 after its checkpoint draw over the interrupted run's instead of being dropped as steps going back.
 """
 
@@ -21,6 +21,7 @@ __all__ = ["WandbLogger"]
 
 STEP = "trainer/step"
 EPOCH = "trainer/epoch"
+PREFIXES = ("trainer", "train", "eval", "epoch", "checkpoint")  # the sections of the logger's columns
 
 
 class WandbLogger(Callback):
@@ -92,7 +93,8 @@ class WandbLogger(Callback):
             self.run.config.update(self.config, allow_val_change=True)
         self.run.config.update(_fit_config(run), allow_val_change=True)
         self.run.define_metric(STEP)
-        self.run.define_metric("*", step_metric=STEP)
+        for prefix in PREFIXES:  # only these: a run the user gave may log other metrics on its own axis
+            self.run.define_metric(f"{prefix}/*", step_metric=STEP)
         # a resumed run's history holds the rows logged before its checkpoint: log only new ones
         self._seen = {kind: len(rows) for kind, rows in run.history.rows.items()}
 
