@@ -41,7 +41,7 @@ def parse(data: bytes) -> dict[str, Any]:
     """The records of a `.wandb` file: a 7-byte header, then a LevelDB log of 32 KiB blocks of chunks
     (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last), each record a protobuf `Record`."""
     assert data[:4] == b":W&B"
-    out: dict[str, Any] = {"history": [], "config": {}, "summary": {}, "exit_code": None}
+    out: dict[str, Any] = {"history": [], "config": {}, "summary": {}, "exit_code": None, "artifacts": []}
     pos, pending = 7, b""
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
@@ -70,6 +70,9 @@ def _collect(record: Any, out: dict[str, Any]) -> None:
         out["summary"].update({item.key: json.loads(item.value_json) for item in record.summary.update})
     elif kind == "exit":
         out["exit_code"] = record.exit.exit_code
+    elif kind == "artifact":
+        a = record.artifact
+        out["artifacts"].append({"name": a.name, "type": a.type, "aliases": list(a.aliases), "refs": sorted(e.ref for e in a.manifest.contents)})
 
 
 def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -118,6 +121,18 @@ def test_logs_every_train_eval_and_epoch_row_with_its_step_config_and_checkpoint
     assert [r["trainer/step"] for r in logged["history"] if "checkpoint/path" in r] == [4, 8]
     assert logged["summary"]["checkpoint/latest"] == saved[-1] and logged["summary"]["checkpoint/all"] == saved
     assert logged["exit_code"] == 0 and logger.run is None and wandb.run is None  # finished
+
+
+def test_checkpoints_become_versions_of_a_model_artifact_by_reference(tmp_path: Path) -> None:
+    state, data = setup()
+    logger = ft.WandbLogger(checkpoint_artifacts=True, mode="offline", dir=str(tmp_path), settings=SILENT)
+    result = fit(state, data, tmp_path, [logger])
+    logged = read_run(tmp_path)
+    saved = [Path(p).resolve() for p in result.checkpoints["all"]]
+    assert [(a["type"], sorted(a["aliases"])) for a in logged["artifacts"]] == [("model", ["latest", "step-4"]), ("model", ["latest", "step-8"])]
+    assert {a["name"] for a in logged["artifacts"]} == {f"checkpoints-{Path(next(tmp_path.glob('wandb/offline-run-*'))).name.split('-')[-1]}"}
+    for artifact, path in zip(logged["artifacts"], saved):
+        assert artifact["refs"] == sorted(f.as_uri() for f in path.iterdir() if f.is_file())
 
 
 def test_an_exception_logs_the_rows_before_it_and_finishes_the_run_as_failed(tmp_path: Path) -> None:

@@ -46,6 +46,10 @@ class WandbLogger(Callback):
         run: an existing W&B run to log into (from your own ``wandb.init``) instead of starting one.
         finish: finish the W&B run when training ends; None (default) finishes only a run the
             logger started, never one given as `run`.
+        checkpoint_artifacts: also log each checkpoint as a version of the run's model artifact
+            ``checkpoints-<run id>`` (aliases ``latest`` and ``step-<N>``), by reference to its
+            files (``file://``: nothing is copied or uploaded; rotation by ``keep_last`` deletes
+            the files older versions refer to).
         **init_kwargs: passed to ``wandb.init`` (``project``, ``name``, ``dir``, ``mode``,
             ``tags``, ``group``, ``resume``, ``id``, ...) when the run starts, i.e. when training
             begins on rank 0.
@@ -66,7 +70,9 @@ class WandbLogger(Callback):
         {'train': 4, 'eval': 0, 'epoch': 2}
     """
 
-    def __init__(self, *, config: Mapping[str, Any] | None = None, run: Any = None, finish: bool | None = None, **init_kwargs: Any) -> None:
+    def __init__(
+        self, *, config: Mapping[str, Any] | None = None, run: Any = None, finish: bool | None = None, checkpoint_artifacts: bool = False, **init_kwargs: Any
+    ) -> None:
         self._wandb = require("wandb", "WandbLogger")
         if run is not None and init_kwargs:
             raise ConfigError(
@@ -79,6 +85,7 @@ class WandbLogger(Callback):
         self.init_kwargs = init_kwargs
         self.run = run
         self.finish = run is None if finish is None else finish
+        self.checkpoint_artifacts = checkpoint_artifacts
         self.logged = {"train": 0, "eval": 0, "epoch": 0}  # rows logged by this logger, per kind
         self.checkpoints: list[str] = []
         self._seen: dict[str, int] | None = None  # history rows already logged; None: not logging (rank > 0)
@@ -116,6 +123,13 @@ class WandbLogger(Callback):
         self.run.log({STEP: run.step, EPOCH: run.epoch, "checkpoint/path": path})
         self.run.summary["checkpoint/latest"] = path
         self.run.summary["checkpoint/all"] = list(self.checkpoints)
+        if self.checkpoint_artifacts:
+            self._log_artifact(run, Path(path))
+
+    def _log_artifact(self, run: Run, path: Path) -> None:
+        artifact = self._wandb.Artifact(f"checkpoints-{self.run.id}", type="model", metadata={"step": run.step, "epoch": run.epoch, "path": str(path)})
+        artifact.add_reference(path.as_uri(), name=path.name)  # referenced, not copied: W&B records each file's checksum
+        self.run.log_artifact(artifact, aliases=["latest", f"step-{run.step}"])
 
     def on_train_end(self, run: Run) -> None:
         self._close(run, exit_code=0)
