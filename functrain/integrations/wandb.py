@@ -86,14 +86,15 @@ class WandbLogger(Callback):
         self.run = run
         self.finish = run is None if finish is None else finish
         self.checkpoint_artifacts = checkpoint_artifacts
-        self.logged = {"train": 0, "eval": 0, "epoch": 0}  # rows logged by this logger, per kind
-        self.checkpoints: list[str] = []
+        self.logged = {"train": 0, "eval": 0, "epoch": 0}  # rows logged in the last fit, per kind
+        self.checkpoints: list[str] = []  # the paths of the checkpoints saved in the last fit
         self._seen: dict[str, int] | None = None  # history rows already logged; None: not logging (rank > 0)
 
     def on_train_begin(self, run: Run) -> None:
         rank = run.state.dist.rank if run.state.dist is not None else rank_and_world()[0]
         if rank != 0:
             return
+        self.logged, self.checkpoints = {"train": 0, "eval": 0, "epoch": 0}, []
         if self.run is None:
             self.run = self._wandb.init(config=self.config, **self.init_kwargs)
         elif self.config:
