@@ -10,17 +10,19 @@ import json
 import sys
 from pathlib import Path
 
-import optuna
 import torch
-import wandb
 
 import functrain as ft
-from worker import dataset, loss_fn, mlp
 
 torch.set_num_threads(1)
 
 
 def main() -> None:
+    # imported here: pytest's doctest collection imports this file, where these may be absent
+    import optuna
+    import wandb
+    from worker import dataset, loss_fn, mlp
+
     out = Path(sys.argv[1])
     ft.distributed.init_from_env()
     rank, _ = ft.distributed.rank_and_world()
