@@ -119,6 +119,9 @@ class OptunaPruning(Callback):
 
         Call it in the objective right after `fit`: Optuna marks the trial pruned only when the
         objective raises this.
+
+        Raises:
+            optuna.TrialPruned: the run was pruned, naming the step and the last reported value.
         """
         if result.stop_reason == "pruned":
             last = self.reports[-1][1] if self.reports else None
