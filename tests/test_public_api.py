@@ -91,7 +91,7 @@ def test_public_module_aliases_import_without_warning(alias: str) -> None:
 
 
 def test_subpackages_name_what_they_offer() -> None:
-    for package in ("optim", "core", "checkpoint", "driver", "distributed"):
+    for package in ("optim", "core", "checkpoint", "driver", "distributed", "integrations"):
         module = importlib.import_module(f"functrain.{package}")
         assert module.__all__, package
         for name in module.__all__:
@@ -106,7 +106,7 @@ LAYERS = {
     "core": 3,
     "checkpoint": 4,
     "driver": 5,
-    "generation": 6, "testing": 6, "demo": 6,
+    "generation": 6, "testing": 6, "demo": 6, "integrations": 6,
 }  # fmt: skip
 
 
