@@ -3,7 +3,8 @@
 This module is the one public surface: every public name is importable from `functrain`. The code
 lives in subpackages by layer (`docs/architecture.md`): `optim` (transforms, presets, schedules),
 `core` (the state and the pure steps), `checkpoint` (format, then policy), `driver` (`fit`),
-`distributed`.
+`distributed`, and `integrations` (W&B, Optuna: optional extras whose names, `WandbLogger` and
+`OptunaPruning`, resolve on first use, so importing functrain imports neither package).
 """
 
 from functrain import _moved
@@ -95,7 +96,8 @@ from functrain.optim.update_rules import (
     scale_by_rprop,
 )
 
-# the module paths of before the layout keep working (imports and attributes), with a DeprecationWarning
+# the module paths of before the layout keep working (imports and attributes), with a DeprecationWarning;
+# the integrations' names load their modules on first use
 _moved.install()
 __getattr__ = _moved.package_getattr
 
@@ -143,6 +145,8 @@ __all__ = [
     "StatefulSource",
     "StepOptions",
     "TensorBoardLogger",
+    "WandbLogger",
+    "OptunaPruning",
     "TrainState",
     "VersionWarning",
     "Transform",

@@ -74,8 +74,15 @@ def install() -> None:
         sys.meta_path.insert(0, _MovedFinder())
 
 
-def package_getattr(name: str) -> ModuleType:
-    """``functrain.<old module>`` as an attribute (``ft.serialization.verify``), with the same warning."""
+def package_getattr(name: str) -> object:
+    """``functrain.<old module>`` as an attribute (``ft.serialization.verify``), with the same warning.
+
+    The integrations' names (``ft.WandbLogger``, ...) resolve here too, on first use: their modules
+    are not imported with the package.
+    """
+    integrations = importlib.import_module("functrain.integrations")
+    if name in integrations.MODULES:
+        return getattr(integrations, name)
     old = f"functrain.{name}"
     if old not in MOVED:
         raise AttributeError(f"module 'functrain' has no attribute {name!r}")

@@ -91,7 +91,7 @@ def test_public_module_aliases_import_without_warning(alias: str) -> None:
 
 
 def test_subpackages_name_what_they_offer() -> None:
-    for package in ("optim", "core", "checkpoint", "driver", "distributed"):
+    for package in ("optim", "core", "checkpoint", "driver", "distributed", "integrations"):
         module = importlib.import_module(f"functrain.{package}")
         assert module.__all__, package
         for name in module.__all__:
@@ -106,7 +106,7 @@ LAYERS = {
     "core": 3,
     "checkpoint": 4,
     "driver": 5,
-    "generation": 6, "testing": 6, "demo": 6,
+    "generation": 6, "testing": 6, "demo": 6, "integrations": 6,
 }  # fmt: skip
 
 
@@ -139,3 +139,20 @@ def test_imports_run_down_the_layers() -> None:
                 if layer is not None and layer > own:
                     upward.append(f"{name} imports {target}")
     assert upward == []
+
+
+def test_the_integrations_import_their_packages_only_when_a_callback_is_built() -> None:
+    pytest.importorskip("optuna")
+    code = (
+        "import sys, functrain as ft\n"
+        "loaded = lambda: sorted(m for m in ('wandb', 'optuna', 'functrain.integrations.wandb', 'functrain.integrations.optuna') if m in sys.modules)\n"
+        "print(loaded())\n"
+        "classes = ft.WandbLogger, ft.OptunaPruning\n"
+        "print(loaded(), [c.__module__ for c in classes])\n"
+        "ft.OptunaPruning(None)\n"
+        "print(loaded())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "[]"
+    assert out[1] == "['functrain.integrations.optuna', 'functrain.integrations.wandb'] ['functrain.integrations.wandb', 'functrain.integrations.optuna']"
+    assert out[2] == "['functrain.integrations.optuna', 'functrain.integrations.wandb', 'optuna']"

@@ -75,7 +75,8 @@ class Run:
         saved: the path of the checkpoint just written (in ``on_save``).
         exception: the exception ending the run (in ``on_exception``), else None.
         history: the run's `History`.
-        config: the `fit` arguments.
+        config: the `fit` arguments with plain values (limits, intervals, batching, checkpoint
+            settings, ``accumulate_steps``), by name.
         user: your own state (`TrainState.user`): assign a new dict to change it; it is saved in
             the checkpoints with the rest of the state and restored on resume.
     """

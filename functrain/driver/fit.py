@@ -44,7 +44,10 @@ class FitResult:
         best: the evaluation metrics of the best checkpoint (or of the best evaluation), if any.
         test: test-set metrics computed with the best weights, if `test_data` was given.
         checkpoints: ``{"best": path, "latest": path, "all": [paths]}`` (None / [] without a directory).
-        stop_reason: why the run ended (``"max_epochs"``, ``"max_steps"``, ``"early_stopping"``, ...).
+        stop_reason: why the run ended: ``"max_epochs"``, ``"max_steps"``, ``"early_stopping"``,
+            ``"nonfinite_val_loss"`` / ``"nonfinite_loss"``, ``"pruned"`` (an Optuna pruner stopped
+            the trial through `OptunaPruning`: raise ``optuna.TrialPruned`` after `fit`), or the
+            reason a callback gave ``run.request_stop``.
         empty_batches: batches skipped because they held no samples.
     """
 

@@ -30,10 +30,13 @@ from functrain.errors import ConfigError, NonFiniteError
 from functrain.optim.plateau import EarlyStopping, observe_plateau
 from functrain.optim.wrappers import check_skip_limits
 
-__all__ = ["Loop", "LOOP_OPTIONS"]
+__all__ = ["Loop", "LOOP_OPTIONS", "FIT_SETTINGS"]
 
 # the arguments of `fit` the loop reads (callbacks see them as `run.config`)
 LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode", "stop_on_nonfinite", "memory")
+# the other plain-valued arguments of `fit`, which the loop does not read: callbacks see them in
+# `run.config` too (a tracker logs them as the run's settings)
+FIT_SETTINGS = ("batch_size", "eval_batch_size", "shuffle", "drop_last", "data_seed", "num_workers", "checkpoint_dir", "keep_last", "keep_best", "async_save", "resume", "compile", "grad_stats", "test_every_eval")
 
 # the stop reasons of a run ended by a non-finite value: nothing is saved after them
 NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")
@@ -56,7 +59,7 @@ class Loop:
         tests: Any = None,
         device: torch.device | None = None,
     ) -> None:
-        self.cfg = {k: cfg[k] for k in LOOP_OPTIONS}
+        self.cfg = {k: cfg[k] for k in LOOP_OPTIONS} | {k: cfg.get(k) for k in FIT_SETTINGS}
         self.tests = tests  # evaluated with each evaluation (fit's test_every_eval)
         self.device = device or state.device
         self.cfg["accumulate_steps"] = state.options.accumulate_steps
