@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -216,10 +217,14 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
     if not isinstance(path, str):
         return [f"{key}._target_: expected the dotted path of a class or function, got {path!r}"]
     hydra, _ = hydra_modules()
+    quiet = logging.getLogger("hydra.utils")  # it logs the failure it raises: the problem is reported once, here
+    was, quiet.disabled = quiet.disabled, True
     try:
         target = hydra.utils.get_object(path)
     except Exception as e:  # noqa: BLE001 - any import failure is the config's problem to report
         return [f"{key}._target_: expected an importable class or function, got {path!r} ({_cause(e)})"]
+    finally:
+        quiet.disabled = was
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
@@ -234,7 +239,8 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
     try:
         (signature.bind_partial if node.get("_partial_") else signature.bind)(*args, **kwargs)
     except TypeError as e:
-        return [f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes {', '.join(names) or 'no arguments'}"]
+        hint = "; a function passed uncalled (a loss, a mask) needs _partial_: true" if "missing" in str(e) and not node.get("_partial_") else ""
+        return [f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes {', '.join(names) or 'no arguments'}{hint}"]
     return []
 
 

@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``functrain`` command with `argv` (default: ``sys.argv[1:]``); return its exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)  # overrides after a flag come back here
+    unknown = [r for r in rest if r.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *rest]
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:

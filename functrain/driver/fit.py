@@ -31,7 +31,7 @@ from functrain.driver.evaluation import evaluate
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
 from functrain.driver.run_config import ConfigChangeWarning, config_changes, config_option_problems, json_config
-from functrain.errors import ConfigError, config_check
+from functrain.errors import CheckpointError, ConfigError, config_check
 from functrain.optim.plateau import EarlyStopping
 
 __all__ = ["fit", "FitResult"]
@@ -170,7 +170,10 @@ def fit(
             `functrain.driver.run_config`: dotted keys, and the keys exempt by design).
         on_config_change: a resumed run whose config differs: ``"error"`` refuses it (a
             `ConfigError` naming each changed key, ``old -> new``), ``"warn"`` continues with the
-            new config after a `ConfigChangeWarning` naming them.
+            new config after a `ConfigChangeWarning` naming them, where the checkpoint can take
+            the change: a changed model or optimizer (their names are in the checkpoint's
+            fingerprint) still fails to restore (`StateMismatchError`, which shows how to start
+            a new state from the weights with `load_weights`).
         config_exempt: dotted keys or `fnmatch` patterns also left out of that comparison (besides
             ``resume``, ``progress``, ``verbosity``, ``log_file``, ``checkpoint_dir``,
             ``max_epochs``, ``max_steps`` and these two options, exempt by design).
@@ -237,8 +240,10 @@ def fit(
                 "that run, or give this run a directory of its own (nothing was changed there)"
             )
         if resume and manager is not None:
+            # compared before loading: a changed optimizer would otherwise fail as a fingerprint mismatch
+            compared = _compare_config(manager.latest(), config, on_config_change, config_exempt)
             restored = manager.restore_latest(like=state)
-            if restored is not None and manager.restored is not None:
+            if restored is not None and manager.restored != compared:  # the latest did not load: an older one did
                 _compare_config(manager.restored, config, on_config_change, config_exempt)
             state = restored or state
         loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals(), tests=tests if test_every_eval else None, device=target)
@@ -251,24 +256,27 @@ def fit(
     return _result(loop, manager, tests)
 
 
-def _compare_config(checkpoint: Path, config: dict[str, Any] | None, on_change: str, exempt: Sequence[str]) -> None:
-    """Refuse (or warn about) a resume whose config differs from the restored checkpoint's."""
-    if config is None:
-        return  # nothing to compare: the run states no config
-    recorded = read_manifest(checkpoint)["metadata"].get("config")
+def _compare_config(checkpoint: Path | None, config: dict[str, Any] | None, on_change: str, exempt: Sequence[str]) -> Path | None:
+    """Refuse (or warn about) a resume whose config differs from `checkpoint`'s; the path compared with, if any."""
+    if config is None or checkpoint is None:
+        return None  # nothing to compare: the run states no config, or there is no checkpoint
+    try:
+        recorded = read_manifest(checkpoint)["metadata"].get("config")
+    except CheckpointError:
+        return None  # restoring skips it with a warning; the checkpoint restored instead is compared then
     if not isinstance(recorded, dict):
         warnings.warn(f"checkpoint {checkpoint.name} records no config: the resumed run's config could not be compared", ConfigChangeWarning, stacklevel=3)
-        return
+        return checkpoint
     changes = config_changes(recorded, config, exempt)
     if not changes:
-        return
+        return checkpoint
     listing = "\n  - ".join(changes)
     if on_change == "warn":
         warnings.warn(f"resuming from {checkpoint.name} with a changed config (old -> new):\n  - {listing}", ConfigChangeWarning, stacklevel=3)
-        return
+        return checkpoint
     raise ConfigError(
         f"the run in {str(checkpoint.parent)!r} was saved with another config; changed keys (checkpoint -> now):\n  - {listing}\n"
-        "resume with the checkpoint's values, pass on_config_change='warn' (fit.on_config_change=warn on the command line) "
+        "resume with the checkpoint's values, pass on_config_change='warn' (++fit.on_config_change=warn on the command line) "
         "to continue with the new ones, or add the keys to config_exempt"
     )
 
