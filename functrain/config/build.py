@@ -239,7 +239,7 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
     try:
         (signature.bind_partial if node.get("_partial_") else signature.bind)(*args, **kwargs)
     except TypeError as e:
-        hint = "; a function passed uncalled (a loss, a mask) needs _partial_: true" if "missing" in str(e) and not node.get("_partial_") else ""
+        hint = "; a function passed uncalled (a loss, a mask) needs _partial_: true" if "missing" in str(e) and not (node.get("_partial_") or args or kwargs) else ""
         return [f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes {', '.join(names) or 'no arguments'}{hint}"]
     return []
 

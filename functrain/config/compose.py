@@ -80,7 +80,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         try:
             composed = hydra.compose(config_name=file.stem, overrides=list(overrides))
         except (hydra.errors.HydraException, omegaconf.errors.OmegaConfBaseException) as e:
-            raise ConfigError(f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: {_one_line(e)}") from None
+            cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
+            raise ConfigError(f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: {_one_line(e)}{cause}") from None
     try:
         resolved = omegaconf.OmegaConf.to_container(composed, resolve=True)
     except omegaconf.errors.OmegaConfBaseException as e:
