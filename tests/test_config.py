@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -119,6 +118,9 @@ def test_bad_configs_are_config_errors_naming_each_key(tmp_path: Path) -> None:
     # what a target raises when called (after every key was checked) is reported with its key
     with pytest.raises(ft.ConfigError, match=r"optimizer: functrain.adamw failed: ConfigError: .*weight_decay must be >= 0"):
         ft.build_run({**good, "optimizer": {**good["optimizer"], "weight_decay": -1.0}})
+    # fit's own checks, before any training, keyed by the argument
+    with pytest.raises(ft.ConfigError, match=r"(?s)fit.batch_size: batch_size must be an int >= 1 or None, got batch_size=0.*fit.on_config_change: on_config_change must be"):
+        ft.build_run({**good, "fit": {**good["fit"], "batch_size": 0, "on_config_change": "ignore"}})
     with pytest.raises(ft.ConfigError, match="optimizer: expected a functrain optimizer"):
         ft.build_run({**good, "optimizer": {"_target_": "torch.nn.Identity"}})
 
@@ -158,6 +160,7 @@ def test_schedules_optimizers_callbacks_and_torch_class_paths_instantiate(tmp_pa
 
 
 def test_the_functrain_command_runs_in_a_process_of_its_own(tmp_path: Path) -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"functrain": "functrain.config.cli:main"}
     # `python -m functrain` is runpy running functrain.__main__: here after a look at what `import functrain` loaded

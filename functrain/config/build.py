@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,7 +38,8 @@ from torch import nn
 from functrain.config.compose import dotted, hydra_modules
 from functrain.core.state import TrainState
 from functrain.driver.fit import FitResult, fit
-from functrain.driver.run_config import json_config
+from functrain.driver.arguments import fit_problems
+from functrain.driver.run_config import config_option_problems, json_config
 from functrain.errors import ConfigError
 from functrain.optim.transform import Transform
 
@@ -132,6 +134,9 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
         _refuse([f"state: {e}"])
     fit_kwargs = {**built.get("fit", {}), "callbacks": built.get("callbacks", [])}
     data = {k: built.get(f"data.{k}") for k in _DATA}
+    problems = _fit_problems(state, data, fit_kwargs)  # fit's own checks, now rather than when it runs
+    if problems:
+        _refuse(problems)
     return ConfiguredRun(state, data["train"], data["eval"], data["test"], fit_kwargs, plain)
 
 
@@ -281,6 +286,19 @@ def _cause(error: BaseException) -> str:
     cause = error.__cause__ or error
     text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip() and not line.strip().startswith("full_key:"))
     return f"{type(cause).__name__}: {text}"
+
+
+def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str, Any]) -> list[str]:
+    """`fit`'s argument checks on what the config gives it, each problem keyed by the argument it names."""
+    kw = {n: p.default for n, p in inspect.signature(fit).parameters.items() if p.default is not p.empty}
+    kw.update(fit_kwargs, state=state, train_data=data["train"], eval_data=data["eval"], test_data=data["test"])
+    found = [*fit_problems(kw), *config_option_problems(None, kw["on_config_change"], kw["config_exempt"])]
+    keyed = []
+    for problem in found:
+        head = re.match(r"[a-z_]+", problem)
+        name = head.group(0) if head else ""
+        keyed.append(f"fit.{name}: {problem}" if name in kw and name not in _SET_ELSEWHERE else f"fit: {problem}")
+    return keyed
 
 
 def _kind_problems(built: dict[str, Any]) -> list[str]:
