@@ -170,3 +170,14 @@ def test_the_functrain_command_runs_in_a_process_of_its_own(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("light: True\n")  # import functrain never imports Hydra
     assert "decay_steps: 60\n" in done.stdout and "save_every: 5\n" in done.stdout and "callbacks" not in done.stdout
+
+
+def test_defaults_lists_and_config_groups_compose_as_in_hydra(tmp_path: Path) -> None:
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "sgd.yaml").write_text("_target_: functrain.sgd\nlr: ${lr}\nmomentum: 0.9\n")
+    (tmp_path / "optimizer" / "adamw.yaml").write_text("_target_: functrain.adamw\nlr: ${lr}\n")
+    (tmp_path / "run.yaml").write_text("defaults:\n  - optimizer: sgd\n  - _self_\nlr: 0.1\n")
+    assert ft.load_config(tmp_path / "run.yaml")["optimizer"] == {"_target_": "functrain.sgd", "lr": 0.1, "momentum": 0.9}
+    assert ft.load_config(tmp_path / "run.yaml", ["optimizer=adamw", "lr=0.01"])["optimizer"] == {"_target_": "functrain.adamw", "lr": 0.01}
+    with pytest.raises(ft.ConfigError, match="Could not find 'optimizer/lion'"):
+        ft.load_config(tmp_path / "run.yaml", ["optimizer=lion"])
