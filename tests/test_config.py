@@ -181,3 +181,13 @@ def test_defaults_lists_and_config_groups_compose_as_in_hydra(tmp_path: Path) ->
     assert ft.load_config(tmp_path / "run.yaml", ["optimizer=adamw", "lr=0.01"])["optimizer"] == {"_target_": "functrain.adamw", "lr": 0.01}
     with pytest.raises(ft.ConfigError, match="Could not find 'optimizer/lion'"):
         ft.load_config(tmp_path / "run.yaml", ["optimizer=lion"])
+
+
+def test_a_hydra_apps_own_dictconfig_builds_and_is_saved_resolved(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf  # what a @hydra.main function is given
+
+    config = ft.load_config(DEMO, short(tmp_path))
+    cfg = OmegaConf.create({**config, "lr": 0.002, "optimizer": {**config["optimizer"], "lr": {**config["optimizer"]["lr"], "peak_value": "${lr}"}}})
+    result = ft.build_run(cfg).fit()
+    saved = read_manifest(result.checkpoints["latest"])["metadata"]["config"]
+    assert saved["optimizer"]["lr"]["peak_value"] == 0.002 and saved["model"]["width"] == 4

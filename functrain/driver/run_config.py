@@ -46,7 +46,10 @@ class ConfigChangeWarning(UserWarning):
 
 
 def json_config(config: Mapping[str, Any], where: str = "config") -> tuple[dict[str, Any] | None, list[str]]:
-    """The config as plain JSON values (tuples become lists), and every value that is not one, by key.
+    """The config as plain JSON values, and every value that is not one, by key.
+
+    Mappings become dicts and sequences lists (an OmegaConf ``DictConfig`` too, its interpolations
+    resolved as they are read).
 
     Example:
         >>> json_config({"fit": {"max_epochs": 2, "betas": (0.9, 0.99)}})
@@ -66,7 +69,7 @@ def _plain(value: Any, key: str, problems: list[str]) -> Any:
         bad = [k for k in value if not isinstance(k, str)]
         problems.extend(f"{key}: expected str keys, got {k!r}" for k in bad)
         return {k: _plain(v, f"{key}.{k}", problems) for k, v in value.items() if isinstance(k, str)}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # lists, tuples, OmegaConf's ListConfig
         return [_plain(v, f"{key}.{i}", problems) for i, v in enumerate(value)]
     if isinstance(value, float) and not math.isfinite(value):
         problems.append(f"{key}: expected a finite number (the manifest is JSON), got {value!r}")
