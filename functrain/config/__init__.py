@@ -13,6 +13,6 @@ which a ``Schedule | float`` or a ``Callable`` loss cannot drive.
 """
 
 from functrain.config.build import ConfiguredRun, build_run
-from functrain.config.compose import load_config
+from functrain.config.compose import load_config, register_resolvers
 
-__all__ = ["ConfiguredRun", "build_run", "load_config"]
+__all__ = ["ConfiguredRun", "build_run", "load_config", "register_resolvers"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from functrain.errors import ConfigError
 
-__all__ = ["load_config", "hydra_modules"]
+__all__ = ["load_config", "hydra_modules", "register_resolvers"]
 
 INSTALL_HINT = "pip install 'functrain[config]'"
 
@@ -35,11 +35,22 @@ def hydra_modules() -> tuple[Any, Any]:
         import omegaconf
     except ImportError as e:
         raise ConfigError(f"runs from a config file need Hydra: {INSTALL_HINT} (got: {e})") from None
-    _register_resolvers(omegaconf.OmegaConf)
+    register_resolvers()
     return hydra, omegaconf
 
 
-def _register_resolvers(OmegaConf: Any) -> None:
+def register_resolvers() -> None:
+    """Register ``ft.mul`` and ``ft.ceil_div`` with OmegaConf (done by `load_config`; call it
+    yourself before a ``@hydra.main`` app composes a config that uses them).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> register_resolvers()
+        >>> OmegaConf.create({"steps": "${ft.ceil_div:1257,64}", "total": "${ft.mul:${steps},15}"}).total
+        300
+    """
+    from omegaconf import OmegaConf
+
     if not OmegaConf.has_resolver("ft.mul"):
         OmegaConf.register_new_resolver("ft.mul", lambda a, b: a * b)
     if not OmegaConf.has_resolver("ft.ceil_div"):
