@@ -129,10 +129,10 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
     if problems:
         _refuse(problems)
     try:
-        state = TrainState.create(built["model"], built["optimizer"], built["loss"], **built.get("state", {}))
+        state = TrainState.create(built["model"], built["optimizer"], built["loss"], **(built.get("state") or {}))
     except ConfigError as e:
         _refuse([f"state: {e}"])
-    fit_kwargs = {**built.get("fit", {}), "callbacks": built.get("callbacks", [])}
+    fit_kwargs = {**(built.get("fit") or {}), "callbacks": built.get("callbacks") or []}
     data = {k: built.get(f"data.{k}") for k in _DATA}
     problems = _fit_problems(state, data, fit_kwargs)  # fit's own checks, now rather than when it runs
     if problems:
@@ -173,7 +173,7 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     seed = config.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         p.append(f"seed: expected an int (or null: no seeding), got {seed!r}")
-    if not isinstance(config.get("callbacks", []), list):
+    if not isinstance(config.get("callbacks") or [], list):
         p.append(f"callbacks: expected a list of callbacks, got {_got(config['callbacks'])}")
     p.extend(_keyword_problems(config, "state", TrainState.create, ("module", "optimizer", "loss_fn")))
     p.extend(_keyword_problems(config, "fit", fit, tuple(_SET_ELSEWHERE)))
