@@ -222,16 +222,8 @@ def fit(
     manager = None
     if checkpoint_dir:
         # rank 0 writes and holds the directory's lock; the other ranks only read what it wrote
-        manager = CheckpointManager(
-            checkpoint_dir,
-            keep_last=keep_last,
-            keep_best=keep_best,
-            best_metric=best_metric,
-            mode=mode,
-            async_save=async_save and main,
-            readonly=not main,
-            metadata={"config": config} if config is not None else None,
-        )
+        saved_with = {"config": config} if config is not None else None  # in every checkpoint's manifest
+        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, readonly=not main, metadata=saved_with)
     try:
         if manager is not None and not resume and (manager.all() or manager.bests()):
             # a fresh run would rotate, and pick its best among, another run's checkpoints
