@@ -191,3 +191,18 @@ def test_a_hydra_apps_own_dictconfig_builds_and_is_saved_resolved(tmp_path: Path
     result = ft.build_run(cfg).fit()
     saved = read_manifest(result.checkpoints["latest"])["metadata"]["config"]
     assert saved["optimizer"]["lr"]["peak_value"] == 0.002 and saved["model"]["width"] == 4
+
+
+def test_a_resume_that_falls_back_to_an_older_checkpoint_compares_that_ones_config(tmp_path: Path) -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randint(0, 10, (16,)))
+
+    def run(config: dict, steps: int) -> ft.FitResult:
+        state = ft.TrainState.create(torch.nn.Linear(3, 10), ft.sgd(0.1), demo.loss_fn)
+        return ft.fit(state, data, batch_size=8, max_steps=steps, save_every=1, progress=False, verbosity="silent", checkpoint_dir=tmp_path, resume=True, config=config)
+
+    run({"tag": "a"}, 2)
+    latest = ft.CheckpointManager(tmp_path, readonly=True).latest()
+    (latest / "manifest.json").write_bytes(b"{}")  # the newest checkpoint is damaged: the one before it is restored
+    with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {latest.name}"):
+        with pytest.raises(ft.ConfigError, match="tag: 'a' -> 'b'"):
+            run({"tag": "b"}, 3)
