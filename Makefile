@@ -11,13 +11,13 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,demo,data,wandb,optuna]' $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,demo,config,data,wandb,optuna]' $(TORCH)
 	touch $@
 
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python -m functrain.demo
+	$(BIN)/functrain run configs/demo.yaml $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

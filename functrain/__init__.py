@@ -3,8 +3,9 @@
 This module is the one public surface: every public name is importable from `functrain`. The code
 lives in subpackages by layer (`docs/architecture.md`): `optim` (transforms, presets, schedules),
 `core` (the state and the pure steps), `checkpoint` (format, then policy), `driver` (`fit`),
-`distributed`, and `integrations` (W&B, Optuna: optional extras whose names, `WandbLogger` and
-`OptunaPruning`, resolve on first use, so importing functrain imports neither package).
+`distributed`, `config` (runs from a config file, on Hydra, imported on first use), and
+`integrations` (W&B, Optuna: optional extras whose names, `WandbLogger` and `OptunaPruning`,
+resolve on first use, so importing functrain imports neither package).
 """
 
 from functrain import _moved
@@ -39,6 +40,8 @@ from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, loa
 from functrain.driver.data import Batcher, IterableSource, StatefulSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
+from functrain.driver.run_config import ConfigChangeWarning
+from functrain.config import ConfiguredRun, build_run, load_config
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
 from functrain.driver.history import History
 from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
@@ -102,6 +105,10 @@ _moved.install()
 __getattr__ = _moved.package_getattr
 
 __all__ = [
+    "ConfigChangeWarning",
+    "ConfiguredRun",
+    "build_run",
+    "load_config",
     "ConvertedOptimizer",
     "from_torch_optimizer",
     "to_torch_state_dict",

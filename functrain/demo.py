@@ -5,7 +5,9 @@ Warm-up + cosine AdamW (the fused kernel), EMA of the weights, gradient clipping
 Prints the test accuracy of the best checkpoint. Run again on the same ``--out``, it continues
 the interrupted run bit for bit.
 
-Run it with ``python -m functrain.demo`` (needs ``pip install functrain[demo]``).
+Run it with ``python -m functrain.demo`` (needs ``pip install functrain[demo]``), or the same run
+from its config file, ``functrain run configs/demo.yaml`` (also ``functrain[config]``), which
+builds it from the pieces here: `DigitsCNN`, `loss_fn`, `digits`, `decay_mask`, `PlotCurves`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,58 @@ def load_digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, Ten
     return tuple(TensorDataset(x[i], y[i]) for i in parts)  # type: ignore[return-value]
 
 
+def digits(split: str, seed: int = 0) -> TensorDataset:
+    """One split of `load_digits_splits`: ``"train"``, ``"val"`` or ``"test"`` (a config's data entries)."""
+    names = ("train", "val", "test")
+    if split not in names:
+        raise ft.ConfigError(f"split must be one of {', '.join(names)}, got split={split!r}")
+    return load_digits_splits(seed)[names.index(split)]
+
+
+def decay_mask(name: str, param: torch.Tensor) -> bool:
+    """Weight decay on weight matrices and kernels only: biases and norm scales are spared."""
+    return param.ndim > 1
+
+
+class PlotCurves(ft.Callback):
+    """Save the run's curves as a PNG when it ends (rank 0; a note instead without matplotlib)."""
+
+    def __init__(self, path: str | Path, metrics: list[str] | None = None) -> None:
+        self.path, self.metrics = Path(path), metrics
+
+    def on_train_end(self, run: ft.Run) -> None:
+        if not ft.distributed.is_main_process():
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            run.history.plot(self.path, metrics=self.metrics)
+        except ft.ConfigError as e:
+            print(f"(no plot: {e})")
+
+
+def build(epochs: int, batch_size: int, lr: float, seed: int, out: Path) -> tuple[ft.TrainState, tuple[TensorDataset, ...], dict[str, Any]]:
+    """The demo's state, its train/val/test splits and `fit`'s options (``configs/demo.yaml`` says the same)."""
+    torch.manual_seed(seed)
+    splits = load_digits_splits(seed)
+    steps_per_epoch = -(-len(splits[0]) // batch_size)
+    schedule = warmup_cosine(peak_value=lr, warmup_steps=steps_per_epoch, decay_steps=epochs * steps_per_epoch, end_value=lr * 0.01)
+    optimizer = ft.adamw(schedule, weight_decay=1e-4, mask=decay_mask, fused=True)
+    state = ft.TrainState.create(DigitsCNN(), optimizer, loss_fn, seed=seed, ema_decay=0.99, clip_grad_norm=1.0)
+    options = {
+        "batch_size": batch_size,
+        "max_epochs": epochs,
+        "log_every": 10,
+        "checkpoint_dir": out / "checkpoints",
+        "keep_last": 2,
+        "best_metric": "val_loss",
+        "early_stopping": ft.EarlyStopping("val_loss", patience=4, min_delta=1e-4),
+        "log_file": out / "metrics.jsonl",
+        "verbosity": "minimal",
+        "data_seed": seed,
+    }
+    return state, splits, options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m functrain.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoints, log and plot go here")
@@ -82,36 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     ft.distributed.init_from_env()  # under torchrun: one process per rank, gloo on CPU, nccl on GPU
     main_rank = ft.distributed.is_main_process()
     say = print if main_rank else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    train, val, test = load_digits_splits(args.seed)
-    steps_per_epoch = -(-len(train) // args.batch_size)
-    total = args.epochs * steps_per_epoch
-    schedule = warmup_cosine(peak_value=args.lr, warmup_steps=steps_per_epoch, decay_steps=total, end_value=args.lr * 0.01)
-    optimizer = ft.adamw(schedule, weight_decay=1e-4, mask=lambda name, p: p.ndim > 1, fused=True)
-    state = ft.TrainState.create(DigitsCNN(), optimizer, loss_fn, seed=args.seed, ema_decay=0.99, clip_grad_norm=1.0)
+    state, (train, val, test), options = build(args.epochs, args.batch_size, args.lr, args.seed, args.out)
     say(state)
     checkpoints = args.out / "checkpoints"
     resume = args.resume or (checkpoints.is_dir() and any(checkpoints.iterdir()))
     if resume and not args.resume:
         say(f"continuing the run whose checkpoints are in {checkpoints} (another --out trains from scratch)")
-    result = ft.fit(
-        state,
-        train,
-        eval_data=val,
-        test_data=test,
-        batch_size=args.batch_size,
-        max_epochs=args.epochs,
-        log_every=10,
-        checkpoint_dir=args.out / "checkpoints",
-        keep_last=2,
-        best_metric="val_loss",
-        early_stopping=ft.EarlyStopping("val_loss", patience=4, min_delta=1e-4),
-        log_file=args.out / "metrics.jsonl",
-        progress=not args.no_progress,
-        verbosity="minimal",
-        resume=resume,
-        data_seed=args.seed,
-    )
+    result = ft.fit(state, train, eval_data=val, test_data=test, **options, progress=not args.no_progress, resume=resume)
     plot = args.out / "curves.png" if main_rank else None
     try:
         if plot is not None:

@@ -64,6 +64,11 @@ class CheckpointManager:
             if the program ends (or drops the manager) without calling either.
         remove_temporary: finish interrupted saves when the writer opens (`cleanup`).
         readonly: open as a reader: no lock, no cleanup; `save` and `cleanup` raise.
+        metadata: JSON-able data written into every checkpoint's manifest (`fit` puts the run's
+            config there); a `save`'s own `metadata` adds to it.
+
+    Attributes:
+        restored: the checkpoint `restore_latest` last loaded, or None.
 
     Raises:
         ConfigError: invalid options, listed together.
@@ -93,6 +98,7 @@ class CheckpointManager:
         async_save: bool = False,
         remove_temporary: bool = True,
         readonly: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         problems = []
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
@@ -107,7 +113,8 @@ class CheckpointManager:
             raise ConfigError("invalid arguments to CheckpointManager:\n  - " + "\n  - ".join(problems))
         self.directory = Path(directory)
         self.keep_last, self.keep_best, self.best_metric, self.mode = keep_last, keep_best, best_metric, mode
-        self.readonly = readonly
+        self.readonly, self.metadata = readonly, dict(metadata or {})
+        self.restored: Path | None = None
         self._writer = None if readonly else _open_writer(self.directory, remove_temporary)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-ckpt") if async_save else None
         self._pending: Future[Path] | None = None
@@ -190,7 +197,7 @@ class CheckpointManager:
         self.wait()
         host_metrics = {k: _host(v) for k, v in (metrics or {}).items()}
         name = checkpoint_name("ckpt", state)
-        meta = {**(metadata or {}), "metrics": host_metrics, "step": host_count(state.step), "epoch": host_count(state.epoch)}
+        meta = {**self.metadata, **(metadata or {}), "metrics": host_metrics, "step": host_count(state.step), "epoch": host_count(state.epoch)}
         tree, fp = state.tree(), fingerprint(state)
         if self._pool is None:
             return self._commit(name, tree, fp, meta)
@@ -334,7 +341,9 @@ class CheckpointManager:
             candidates.append(latest)
         for path in reversed(candidates):
             try:
-                return load(path, like=like)  # verifies every file while reading it once
+                restored = load(path, like=like)  # verifies every file while reading it once
+                self.restored = path
+                return restored
             except StateMismatchError:
                 raise
             except Exception as e:

@@ -2,7 +2,7 @@
 
 Modules: `fit` (the entry point), `arguments` (the checks of its arguments), `loop` (the plain
 loop), `ledger` (what the loop records, saved in ``state.driver``), `evaluation`, `callbacks`,
-`history`, `data`.
+`history`, `data`, `run_config` (the run's config saved with its checkpoints, compared on resume).
 """
 
 from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, LRMonitor, ProgressBar, Profiler, Run, TensorBoardLogger, on
@@ -10,10 +10,12 @@ from functrain.driver.data import Batcher, IterableSource, StatefulSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
+from functrain.driver.run_config import ConfigChangeWarning
 
 __all__ = [
     "Batcher",
     "Callback",
+    "ConfigChangeWarning",
     "ConsoleLogger",
     "FitResult",
     "History",

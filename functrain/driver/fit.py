@@ -11,6 +11,7 @@ Host syncs happen at log intervals, evaluations and saves only.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ import torch
 
 from functrain.core.ensemble import host_count
 from functrain.checkpoint.manager import CheckpointManager
+from functrain.checkpoint.format import read_manifest
 from functrain.checkpoint.state_io import load
 from functrain.core.state import TrainState
 from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
@@ -28,7 +30,8 @@ from functrain.driver.data import Batcher, IterableSource, as_source, batch_devi
 from functrain.driver.evaluation import evaluate
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
-from functrain.errors import ConfigError, config_check
+from functrain.driver.run_config import ConfigChangeWarning, config_changes, config_option_problems, json_config
+from functrain.errors import CheckpointError, ConfigError, config_check
 from functrain.optim.plateau import EarlyStopping
 
 __all__ = ["fit", "FitResult"]
@@ -105,6 +108,9 @@ def fit(
     test_every_eval: bool = False,
     grad_stats: Literal["layer", "param"] | None = None,
     memory: Literal["host", "device", "none"] = "host",
+    config: Mapping[str, Any] | None = None,
+    on_config_change: Literal["error", "warn"] = "error",
+    config_exempt: Sequence[str] = (),
 ) -> FitResult:
     """Train `state` on `train_data`: evaluate, checkpoint, stop early, log, and resume exactly.
 
@@ -165,6 +171,19 @@ def fit(
         memory: memory columns of the train rows: ``"host"`` the process's peak resident memory
             (``memory_mib``), ``"device"`` also, on CUDA, the peak allocated and reserved memory
             of each log interval (``cuda_max_allocated_mib``, ``cuda_max_reserved_mib``), ``"none"``.
+        config: the run's resolved config (JSON-able; ``functrain run`` passes the one it built),
+            saved in every checkpoint's manifest (``metadata["config"]``). On ``resume=True`` it
+            is compared with the config of the checkpoint restored (see
+            `functrain.driver.run_config`: dotted keys, and the keys exempt by design).
+        on_config_change: a resumed run whose config differs: ``"error"`` refuses it (a
+            `ConfigError` naming each changed key, ``old -> new``), ``"warn"`` continues with the
+            new config after a `ConfigChangeWarning` naming them, where the checkpoint can take
+            the change: a changed model or optimizer (their names are in the checkpoint's
+            fingerprint) still fails to restore (`StateMismatchError`, which shows how to start
+            a new state from the weights with `load_weights`).
+        config_exempt: dotted keys or `fnmatch` patterns also left out of that comparison (besides
+            ``resume``, ``progress``, ``verbosity``, ``log_file``, ``checkpoint_dir``,
+            ``max_epochs``, ``max_steps`` and these two options, exempt by design).
 
     Returns:
         A `FitResult`. Its history has a train row per log interval (and one for the run's last,
@@ -178,7 +197,8 @@ def fit(
             ``resume=True``, a resume whose data setup differs from the checkpoint's, training
             data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path
             and type), a resume on another number of ranks than the one that saved such data's
-            state, or a `best_metric` the first evaluation does not produce.
+            state, a resume whose `config` differs from the checkpoint's
+            (``on_config_change="error"``), or a `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time.
         NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
@@ -193,7 +213,8 @@ def fit(
         >>> int(result.state.step), result.stop_reason
         (8, 'max_epochs')
     """
-    config_check(fit_problems(locals()), "fit")
+    config_check([*fit_problems(locals()), *config_option_problems(config, on_config_change, config_exempt)], "fit")
+    config = json_config(config)[0] if config is not None else None
     early_stopping, _ = early_stopping_of(early_stopping)
     target = batch_device(device, state)
     if grad_stats is not None:
@@ -210,7 +231,8 @@ def fit(
     manager = None
     if checkpoint_dir:
         # rank 0 writes and holds the directory's lock; the other ranks only read what it wrote
-        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, readonly=not main)
+        saved_with = {"config": config} if config is not None else None  # in every checkpoint's manifest
+        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, readonly=not main, metadata=saved_with)
     try:
         if manager is not None and not resume and (manager.all() or manager.bests()):
             # a fresh run would rotate, and pick its best among, another run's checkpoints
@@ -219,7 +241,12 @@ def fit(
                 "that run, or give this run a directory of its own (nothing was changed there)"
             )
         if resume and manager is not None:
-            state = manager.restore_latest(like=state) or state
+            # compared before loading: a changed optimizer would otherwise fail as a fingerprint mismatch
+            compared = _compare_config(manager.latest(), config, on_config_change, config_exempt)
+            restored = manager.restore_latest(like=state)
+            if restored is not None and manager.restored != compared:  # the latest did not load: an older one did
+                _compare_config(manager.restored, config, on_config_change, config_exempt)
+            state = restored or state
         loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals(), tests=tests if test_every_eval else None, device=target)
         loop.run()
     finally:
@@ -228,6 +255,31 @@ def fit(
     if state.dist is not None:
         torch.distributed.barrier(group=state.dist.group)  # rank 0's last checkpoint is committed
     return _result(loop, manager, tests)
+
+
+def _compare_config(checkpoint: Path | None, config: dict[str, Any] | None, on_change: str, exempt: Sequence[str]) -> Path | None:
+    """Refuse (or warn about) a resume whose config differs from `checkpoint`'s; the path compared with, if any."""
+    if config is None or checkpoint is None:
+        return None  # nothing to compare: the run states no config, or there is no checkpoint
+    try:
+        recorded = read_manifest(checkpoint)["metadata"].get("config")
+    except CheckpointError:
+        return None  # restoring skips it with a warning; the checkpoint restored instead is compared then
+    if not isinstance(recorded, dict):
+        warnings.warn(f"checkpoint {checkpoint.name} records no config: the resumed run's config could not be compared", ConfigChangeWarning, stacklevel=3)
+        return checkpoint
+    changes = config_changes(recorded, config, exempt)
+    if not changes:
+        return checkpoint
+    listing = "\n  - ".join(changes)
+    if on_change == "warn":
+        warnings.warn(f"resuming from {checkpoint.name} with a changed config (old -> new):\n  - {listing}", ConfigChangeWarning, stacklevel=3)
+        return checkpoint
+    raise ConfigError(
+        f"the run in {str(checkpoint.parent)!r} was saved with another config; changed keys (checkpoint -> now):\n  - {listing}\n"
+        "resume with the checkpoint's values, pass on_config_change='warn' (++fit.on_config_change=warn on the command line) "
+        "to continue with the new ones, or add the keys to config_exempt"
+    )
 
 
 def _eval_source(data: Any, batch_size: int | None, shard: tuple[int, int] = (0, 1), device: torch.device | None = None) -> Any:

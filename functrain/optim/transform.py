@@ -210,6 +210,9 @@ def describe_value(value: Any) -> str:
         return f"tensor({value.item()!r}, dtype={value.dtype})"
     if isinstance(value, (list, tuple)) and any(callable(v) or isinstance(v, (list, tuple)) for v in value):
         return "[" + ", ".join(describe_value(v) for v in value) + "]"
+    if isinstance(value, functools.partial):  # a config's `_partial_: true` callable: named by what it calls
+        bound = [describe_value(v) for v in value.args] + [f"{k}={describe_value(v)}" for k, v in value.keywords.items()]
+        return describe_value(value.func) + (f"({', '.join(bound)})" if bound else "")
     if callable(value):
         return getattr(value, "name", None) or getattr(value, "__name__", type(value).__name__)
     return repr(value)

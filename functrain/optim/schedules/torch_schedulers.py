@@ -8,6 +8,7 @@ join them.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import operator
 from bisect import bisect_right
@@ -433,8 +434,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-@_described
-def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
+def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
     """The schedule of a `torch.optim.lr_scheduler` class: the lr torch's optimizer has after `step` calls.
 
     ``from_torch(StepLR, lr=0.1, step_size=30)`` is the learning rate that
@@ -499,8 +499,21 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
     ~``5e-16 * step + 5e-17 * T_max**2`` relative: torch's restart constant carries the rounding of
     ``pi * step / T_max``.
 
+    In a config file (``functrain run``), the class is its dotted path, as Hydra writes classes,
+    and a composite's members are ``[path, {kwargs}]`` lists::
+
+        lr:
+          _target_: functrain.schedules.from_torch
+          _args_: [torch.optim.lr_scheduler.SequentialLR]
+          lr: 0.1
+          milestones: [5]
+          schedulers:
+            - [torch.optim.lr_scheduler.LinearLR, {start_factor: 0.1, total_iters: 5}]
+            - [torch.optim.lr_scheduler.StepLR, {step_size: 30}]
+
     Args:
-        cls: the scheduler class, e.g. ``torch.optim.lr_scheduler.StepLR``.
+        cls: the scheduler class, e.g. ``torch.optim.lr_scheduler.StepLR``, or its dotted path
+            (``"torch.optim.lr_scheduler.StepLR"``; the class name alone also works).
         lr: the optimizer's learning rate, ``>= 0`` (not needed when the first scheduler built is a
             `OneCycleLR` or a `CyclicLR`).
         **kwargs: the scheduler's arguments. `LambdaLR`'s ``lr_lambda`` (and `CyclicLR`'s
@@ -532,7 +545,41 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
         ...                               (ExponentialLR, {"gamma": 0.5})])
         >>> [both(t) for t in range(4)]
         [0.5, 0.25, 0.25, 0.125]
+        >>> from_torch("torch.optim.lr_scheduler.MultiStepLR", lr=1.0, milestones=[2], gamma=0.5).name
+        'from_torch(cls=MultiStepLR, lr=1.0, milestones=[2], gamma=0.5)'
     """
+    cls, kwargs = _classes(cls, kwargs)
+    return _from_torch_classes(cls, lr=lr, **kwargs)
+
+
+def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Class paths as classes and ``[path, {kwargs}]`` members as pairs: a config file's spelling."""
+    cls = _scheduler_class(cls)
+    if cls in _COMPOSITES and isinstance(kwargs.get("schedulers"), Sequence) and not isinstance(kwargs["schedulers"], str):
+        members = []
+        for entry in kwargs["schedulers"]:
+            if isinstance(entry, Sequence) and not isinstance(entry, str) and len(entry) == 2 and isinstance(entry[1], Mapping):
+                entry = _classes(entry[0], dict(entry[1]))
+            members.append(entry)
+        kwargs = {**kwargs, "schedulers": members}
+    return cls, kwargs
+
+
+def _scheduler_class(cls: Any) -> Any:
+    """The class a path names (``torch.optim.lr_scheduler.StepLR`` or ``StepLR``), else `cls` as given."""
+    if not isinstance(cls, str):
+        return cls
+    module, _, name = cls.rpartition(".")
+    if module in ("", "torch.optim.lr_scheduler"):
+        return getattr(lr_scheduler, name, cls)
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return cls  # refused below with the supported classes listed
+    return found
+
+
+def _from_torch_classes(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
     build = _BUILDERS.get(cls) if isinstance(cls, type) else None
     if build is None:
         names = ", ".join(c.__name__ for c in SUPPORTED)
@@ -545,6 +592,10 @@ def from_torch(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Sched
     if cls is lr_scheduler.LambdaLR:  # alone, the lambda gets the int step, as torch calls it
         return _lambda_schedule(base, kwargs["lr_lambda"])
     return _lift(part.value)
+
+
+_from_torch_classes.__name__ = "from_torch"  # the schedule's recorded name, whichever spelling built it
+_from_torch_classes = _described(_from_torch_classes)
 
 
 def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:

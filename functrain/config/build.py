@@ -1,0 +1,314 @@
+"""A resolved config built into a run: the model, loss, optimizer, data, callbacks and `fit` arguments.
+
+The layout (every section but ``model``, ``loss``, ``optimizer`` and ``data.train`` optional; other
+top-level keys are free, for interpolation: ``lr``, ``epochs``)::
+
+    seed: 0                    # torch.manual_seed(seed) before anything is built
+    model:     {_target_: ...}                    # an nn.Module
+    loss:      {_target_: ..., _partial_: true}   # loss_fn(model, batch)
+    optimizer: {_target_: functrain.adamw, lr: {_target_: functrain.schedules.warmup_cosine, ...}}
+    state:     {seed: 0, ema_decay: 0.99}         # TrainState.create's keywords
+    data:      {train: {_target_: ...}, eval: ..., test: ...}
+    callbacks: [{_target_: functrain.LRMonitor}]
+    fit:       {max_epochs: 15, early_stopping: {_target_: functrain.EarlyStopping, target: val_loss}}
+
+Each section is built with ``hydra.utils.instantiate(..., _convert_="all")``: the objects it makes
+stay objects (an attrs `EarlyStopping` is not turned into a ``DictConfig``) and the containers
+around them are plain dicts and lists. A function is passed uncalled with ``_partial_: true``; a
+class where functrain wants one is its dotted path (``functrain.schedules.from_torch`` takes it).
+
+Before anything is built, every ``_target_`` is imported and its keys are bound to its signature,
+and every section is checked, so a bad config is one `ConfigError` listing each problem by dotted
+key (``optimizer.lr.peak``: what the target takes instead).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from functrain.config.compose import dotted, hydra_modules
+from functrain.core.state import TrainState
+from functrain.driver.fit import FitResult, fit
+from functrain.driver.arguments import fit_problems
+from functrain.driver.run_config import config_option_problems, json_config
+from functrain.errors import ConfigError
+from functrain.optim.transform import Transform
+
+__all__ = ["ConfiguredRun", "build_run", "SECTIONS"]
+
+SECTIONS = ("seed", "model", "loss", "optimizer", "state", "data", "callbacks", "fit")
+_SPECIAL = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
+# fit's arguments the other sections give
+_SET_ELSEWHERE = {"state": "model/loss/optimizer/state", "train_data": "data.train", "eval_data": "data.eval", "test_data": "data.test", "callbacks": "callbacks", "config": "the config itself"}
+_DATA = {"train": "train_data", "eval": "eval_data", "test": "test_data"}
+
+
+@attrs.frozen
+class ConfiguredRun:
+    """A run built from a config: call `fit` to train it (``functrain run`` does).
+
+    Attributes:
+        state: the `TrainState` (model, loss, optimizer and the ``state`` section's options).
+        train_data / eval_data / test_data: the ``data`` section's datasets (None when not given).
+        fit_kwargs: the ``fit`` section's arguments, callbacks included.
+        config: the resolved config, saved with every checkpoint.
+    """
+
+    state: TrainState
+    train_data: Any
+    eval_data: Any
+    test_data: Any
+    fit_kwargs: dict[str, Any]
+    config: dict[str, Any]
+
+    def fit(self, **overrides: Any) -> FitResult:
+        """`functrain.fit` with this run's data, arguments and config; `overrides` replace arguments."""
+        kwargs = {"eval_data": self.eval_data, "test_data": self.test_data, **self.fit_kwargs, **overrides}
+        return fit(self.state, self.train_data, config=self.config, **kwargs)
+
+
+def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
+    """Build the run a resolved config describes (see the module docstring for its layout).
+
+    Args:
+        config: a resolved config (`load_config`'s result, or a dict of your own).
+
+    Returns:
+        A `ConfiguredRun`; ``build_run(cfg).fit()`` trains it. Under torchrun, call
+        `functrain.distributed.init_from_env` first (``functrain run`` does).
+
+    Raises:
+        ConfigError: every problem found, each naming its dotted key and what was expected: a
+            missing or malformed section, a ``_target_`` that does not import, a key its target
+            does not take, a required one missing, a target that failed, or a built object of
+            the wrong kind.
+
+    Example:
+        >>> cfg = {
+        ...     "seed": 0,
+        ...     "model": {"_target_": "torch.nn.Linear", "in_features": 3, "out_features": 10},
+        ...     "loss": {"_target_": "functrain.demo.loss_fn", "_partial_": True},
+        ...     "optimizer": {"_target_": "functrain.sgd", "lr": 0.1},
+        ...     "data": {"train": {"_target_": "torch.utils.data.TensorDataset", "_args_": [
+        ...         {"_target_": "torch.randn", "_args_": [32, 3]},
+        ...         {"_target_": "torch.randint", "_args_": [0, 10, [32]]}]}},
+        ...     "fit": {"batch_size": 8, "max_epochs": 1, "progress": False, "verbosity": "silent"},
+        ... }
+        >>> run = build_run(cfg)
+        >>> int(run.fit().state.step)
+        4
+        >>> build_run({**cfg, "optimizer": {"_target_": "functrain.sgd", "lr": 0.1, "momentun": 0.9}})
+        Traceback (most recent call last):
+        ...
+        functrain.errors.ConfigError: invalid run config:
+          - optimizer.momentun: functrain.sgd takes no argument 'momentun' (did you mean 'momentum'?); it takes lr, momentum, ...
+    """
+    plain, problems = json_config(config, "config")
+    if plain is None:
+        _refuse(problems)
+    problems = [*_layout_problems(plain), *_target_problems(plain, "")]
+    if problems:
+        _refuse(problems)
+    if plain.get("seed") is not None:
+        torch.manual_seed(plain["seed"])
+    built: dict[str, Any] = {}
+    for key in ("model", "loss", "optimizer", "state", *(f"data.{k}" for k in _DATA), "callbacks", "fit"):
+        node = _select(plain, key)
+        if node is not _MISSING:
+            built[key] = _instantiate(key, node, problems)
+    problems.extend(_kind_problems(built))
+    if problems:
+        _refuse(problems)
+    try:
+        state = TrainState.create(built["model"], built["optimizer"], built["loss"], **(built.get("state") or {}))
+    except ConfigError as e:
+        _refuse([f"state: {e}"])
+    fit_kwargs = {**(built.get("fit") or {}), "callbacks": built.get("callbacks") or []}
+    data = {k: built.get(f"data.{k}") for k in _DATA}
+    problems = _fit_problems(state, data, fit_kwargs)  # fit's own checks, now rather than when it runs
+    if problems:
+        _refuse(problems)
+    return ConfiguredRun(state, data["train"], data["eval"], data["test"], fit_kwargs, plain)
+
+
+def _refuse(problems: list[str]) -> Any:
+    raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+
+_MISSING = object()
+
+
+def _select(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+# -- the checks before anything is built ------------------------------------------------------------
+
+
+def _layout_problems(config: dict[str, Any]) -> list[str]:
+    """Missing and malformed sections, and `state`/`fit` keys their function does not take."""
+    p = []
+    for key in ("model", "loss", "optimizer"):
+        if not (isinstance(config.get(key), dict) and "_target_" in config[key]):
+            p.append(f"{key}: expected a mapping with a _target_ (the {_ROLE[key]}), got {_got(config.get(key, _MISSING))}")
+    data = config.get("data", _MISSING)
+    if not isinstance(data, dict) or data.get("train") is None:
+        p.append(f"data: expected a mapping with train (and optionally eval, test), got {_got(data)}")
+    else:
+        p.extend(f"data.{k}: expected one of train, eval, test" for k in data if k not in _DATA)
+    seed = config.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        p.append(f"seed: expected an int (or null: no seeding), got {seed!r}")
+    if not isinstance(config.get("callbacks") or [], list):
+        p.append(f"callbacks: expected a list of callbacks, got {_got(config['callbacks'])}")
+    p.extend(_keyword_problems(config, "state", TrainState.create, ("module", "optimizer", "loss_fn")))
+    p.extend(_keyword_problems(config, "fit", fit, tuple(_SET_ELSEWHERE)))
+    return p
+
+
+_ROLE = {"model": "nn.Module", "loss": "loss_fn(model, batch), with _partial_: true", "optimizer": "functrain optimizer"}
+
+
+def _keyword_problems(config: dict[str, Any], section: str, fn: Callable[..., Any], reserved: tuple[str, ...]) -> list[str]:
+    node = config.get(section, {})
+    if node is None:
+        return []
+    if not isinstance(node, dict) or "_target_" in node:
+        return [f"{section}: expected a mapping of {fn.__name__}'s arguments, got {_got(node)}"]
+    names = [n for n in inspect.signature(fn).parameters if n not in reserved]
+    p = []
+    for key in node:
+        if key in reserved:
+            where = _SET_ELSEWHERE.get(key, "the other sections")
+            p.append(f"{section}.{key}: set by {where}, not here")
+        elif key not in names:
+            p.append(f"{section}.{key}: {fn.__qualname__} takes no argument {key!r}{_suggest(key, names)}")
+    return p
+
+
+def _target_problems(node: Any, key: str) -> list[str]:
+    """Every ``_target_`` under `node` imported and bound to its keys (nested ones too)."""
+    problems: list[str] = []
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            problems.extend(_target_problems(item, f"{key}.{i}".lstrip(".")))
+        return problems
+    if not isinstance(node, dict):
+        return problems
+    if "_target_" in node:
+        problems.extend(_binding_problems(node, key))
+    for name, value in node.items():
+        if name not in _SPECIAL or name == "_args_":
+            problems.extend(_target_problems(value, f"{key}.{name}".lstrip(".")))
+    return problems
+
+
+def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
+    path = node["_target_"]
+    if not isinstance(path, str):
+        return [f"{key}._target_: expected the dotted path of a class or function, got {path!r}"]
+    hydra, _ = hydra_modules()
+    quiet = logging.getLogger("hydra.utils")  # it logs the failure it raises: the problem is reported once, here
+    was, quiet.disabled = quiet.disabled, True
+    try:
+        target = hydra.utils.get_object(path)
+    except Exception as e:  # noqa: BLE001 - any import failure is the config's problem to report
+        return [f"{key}._target_: expected an importable class or function, got {path!r} ({_cause(e)})"]
+    finally:
+        quiet.disabled = was
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return []  # a builtin without a signature: its own call reports bad arguments
+    args = node.get("_args_", [])
+    kwargs = {k: v for k, v in node.items() if k not in _SPECIAL}
+    names = [n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            return [f"{key}.{k}: {path} takes no argument {k!r}{_suggest(k, names)}; it takes {', '.join(names)}" for k in unknown]
+    try:
+        (signature.bind_partial if node.get("_partial_") else signature.bind)(*args, **kwargs)
+    except TypeError as e:
+        hint = "; a function passed uncalled (a loss, a mask) needs _partial_: true" if "missing" in str(e) and not (node.get("_partial_") or args or kwargs) else ""
+        return [f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes {', '.join(names) or 'no arguments'}{hint}"]
+    return []
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _got(value: Any) -> str:
+    return "nothing" if value is _MISSING else f"{type(value).__name__} {value!r}"[:120]
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+def _instantiate(key: str, node: Any, problems: list[str]) -> Any:
+    """Hydra's instantiate on one section, its failure a problem naming the dotted key."""
+    hydra, _ = hydra_modules()
+    try:
+        return hydra.utils.instantiate(node, _convert_="all")
+    except Exception as e:  # noqa: BLE001 - whatever a target raised, reported with its key
+        inner = _full_key(e)
+        where = f"{key}.{inner}" if inner else key
+        target = _select({"_": node}, f"_.{inner}" if inner else "_")
+        path = target.get("_target_", "?") if isinstance(target, dict) else "?"
+        problems.append(f"{where}: {path} failed: {_cause(e)}")
+        return None
+
+
+def _full_key(error: BaseException) -> str:
+    for line in reversed(str(error).splitlines()):
+        if line.strip().startswith("full_key:"):
+            return dotted(line.split(":", 1)[1].strip())
+    return ""
+
+
+def _cause(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip() and not line.strip().startswith("full_key:"))
+    return f"{type(cause).__name__}: {text}"
+
+
+def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str, Any]) -> list[str]:
+    """`fit`'s argument checks on what the config gives it, each problem keyed by the argument it names."""
+    kw = {n: p.default for n, p in inspect.signature(fit).parameters.items() if p.default is not p.empty}
+    kw.update(fit_kwargs, state=state, train_data=data["train"], eval_data=data["eval"], test_data=data["test"])
+    found = [*fit_problems(kw), *config_option_problems(None, kw["on_config_change"], kw["config_exempt"])]
+    keyed = []
+    for problem in found:
+        head = re.match(r"[a-z_]+", problem)
+        name = head.group(0) if head else ""
+        keyed.append(f"fit.{name}: {problem}" if name in kw and name not in _SET_ELSEWHERE else f"fit: {problem}")
+    return keyed
+
+
+def _kind_problems(built: dict[str, Any]) -> list[str]:
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("model", lambda v: isinstance(v, nn.Module), "an nn.Module"),
+        ("loss", callable, "a callable loss_fn(model, batch) (a function: add _partial_: true)"),
+        ("optimizer", lambda v: isinstance(v, Transform), "a functrain optimizer (a Transform, e.g. functrain.adamw)"),
+    ]
+    p = []
+    for key, ok, expected in checks:
+        if built.get(key) is not None and not ok(built[key]):
+            p.append(f"{key}: expected {expected}, got {type(built[key]).__name__}")
+    return p

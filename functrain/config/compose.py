@@ -1,0 +1,116 @@
+"""A config file and its command-line overrides, composed by Hydra into one resolved config.
+
+`load_config` runs Hydra's compose API on a YAML file: its defaults list, then the overrides in
+Hydra's own grammar (``key=value`` sets, ``+key=value`` adds, ``++key=value`` sets or adds,
+``~key`` removes, ``group=option`` picks a config group's file), then OmegaConf resolves the
+interpolations (``${lr}``). The result is plain dicts and lists: what `build_run` instantiates and
+what `fit` saves with every checkpoint, so the saved config is exactly the one that was built.
+
+Two resolvers for the arithmetic a run's numbers need (OmegaConf has none, on purpose):
+``${ft.mul:a,b}`` and ``${ft.ceil_div:a,b}``, e.g. the steps of an epoch,
+``${ft.ceil_div:${train_size},${batch_size}}``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from functrain.errors import ConfigError
+
+__all__ = ["load_config", "hydra_modules", "register_resolvers"]
+
+INSTALL_HINT = "pip install 'functrain[config]'"
+
+
+def hydra_modules() -> tuple[Any, Any]:
+    """``(hydra, omegaconf)``, imported on first use (``import functrain`` never imports them)."""
+    try:
+        import hydra
+        import hydra.utils  # noqa: F401
+        import omegaconf
+    except ImportError as e:
+        raise ConfigError(f"runs from a config file need Hydra: {INSTALL_HINT} (got: {e})") from None
+    register_resolvers()
+    return hydra, omegaconf
+
+
+def register_resolvers() -> None:
+    """Register ``ft.mul`` and ``ft.ceil_div`` with OmegaConf (done by `load_config`; call it
+    yourself before a ``@hydra.main`` app composes a config that uses them).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> register_resolvers()
+        >>> OmegaConf.create({"steps": "${ft.ceil_div:1257,64}", "total": "${ft.mul:${steps},15}"}).total
+        300
+    """
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("ft.mul"):
+        OmegaConf.register_new_resolver("ft.mul", lambda a, b: a * b)
+    if not OmegaConf.has_resolver("ft.ceil_div"):
+        OmegaConf.register_new_resolver("ft.ceil_div", lambda a, b: math.ceil(a / b) if isinstance(a, float) or isinstance(b, float) else -(-a // b))
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Compose the YAML file at `path` with Hydra overrides and resolve it into plain dicts and lists.
+
+    Args:
+        path: a ``.yaml`` file; its folder is Hydra's config directory (config groups and the
+            defaults list are looked up there).
+        overrides: Hydra overrides, e.g. ``["fit.max_epochs=1", "+fit.save_every=10", "~data.test"]``.
+
+    Returns:
+        The resolved config.
+
+    Raises:
+        ConfigError: Hydra is not installed, the file is missing or not YAML, an override does not
+            parse or names a key that is not there (``+key=`` adds one), or an interpolation does
+            not resolve; each names the key or override.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "run.yaml"
+        >>> _ = f.write_text("lr: 0.1\\nsteps: 10\\nfit: {max_steps: '${steps}'}\\n")
+        >>> load_config(f, ["steps=${ft.mul:2,3}", "+fit.log_every=2", "~lr"])
+        {'steps': 6, 'fit': {'max_steps': 6, 'log_every': 2}}
+    """
+    hydra, omegaconf = hydra_modules()
+    file = Path(path)
+    if file.suffix != ".yaml" or not file.is_file():
+        raise ConfigError(f"expected a .yaml config file, got {str(file)!r}" + ("" if file.is_file() else " (no such file)"))
+    bad = [o for o in overrides if not isinstance(o, str)]
+    if bad:
+        raise ConfigError(f"overrides must be strings in Hydra's grammar (key=value, +key=value, ~key), got {bad!r}")
+    with hydra.initialize_config_dir(config_dir=str(file.parent.resolve()), version_base="1.3", job_name="functrain"):
+        try:
+            composed = hydra.compose(config_name=file.stem, overrides=list(overrides))
+        except (hydra.errors.HydraException, omegaconf.errors.OmegaConfBaseException) as e:
+            cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
+            raise ConfigError(f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: {_one_line(e)}{cause}") from None
+    try:
+        resolved = omegaconf.OmegaConf.to_container(composed, resolve=True)
+    except omegaconf.errors.OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key {dotted(key)}: cannot resolve its value: {_one_line(e)}") from None
+    return resolved  # type: ignore[return-value]
+
+
+def dotted(key: str) -> str:
+    """OmegaConf's ``callbacks[0].patience`` as the dotted ``callbacks.0.patience`` overrides use.
+
+    Example:
+        >>> dotted("callbacks[0].kwargs[12]")
+        'callbacks.0.kwargs.12'
+    """
+    return re.sub(r"\[(\d+)\]", r".\1", key).lstrip(".")
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(("full_key:", "object_type="))]
+    return " ".join(lines) or type(error).__name__
