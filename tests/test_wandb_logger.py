@@ -123,6 +123,15 @@ def test_logs_every_train_eval_and_epoch_row_with_its_step_config_and_checkpoint
     assert logged["exit_code"] == 0 and logger.run is None and wandb.run is None  # finished
 
 
+def test_fits_config_is_the_runs_config_and_the_loggers_own_keys_win(tmp_path: Path) -> None:
+    state, data = setup()
+    logger = ft.WandbLogger(config={"lr": 0.5}, project="functrain-test", mode="offline", dir=str(tmp_path), settings=SILENT)
+    fit(state, data, tmp_path, [logger], max_epochs=1, config={"lr": 1e-2, "model": {"width": 3}})
+    config = read_run(tmp_path)["config"]
+    assert config["model"] == {"width": 3} and config["lr"] == 0.5  # fit's config=, then the logger's own
+    assert "config" not in config["fit"]  # logged as the config itself, not as a string among fit's settings
+
+
 def test_checkpoints_become_versions_of_a_model_artifact_by_reference(tmp_path: Path) -> None:
     state, data = setup()
     logger = ft.WandbLogger(checkpoint_artifacts=True, mode="offline", dir=str(tmp_path), settings=SILENT)

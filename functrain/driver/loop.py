@@ -36,7 +36,7 @@ __all__ = ["Loop", "LOOP_OPTIONS", "FIT_SETTINGS"]
 LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode", "stop_on_nonfinite", "memory")
 # the other plain-valued arguments of `fit`, which the loop does not read: callbacks see them in
 # `run.config` too (a tracker logs them as the run's settings)
-FIT_SETTINGS = ("batch_size", "eval_batch_size", "shuffle", "drop_last", "data_seed", "num_workers", "checkpoint_dir", "keep_last", "keep_best", "async_save", "resume", "compile", "grad_stats", "test_every_eval")
+FIT_SETTINGS = ("batch_size", "eval_batch_size", "shuffle", "drop_last", "data_seed", "num_workers", "checkpoint_dir", "keep_last", "keep_best", "async_save", "resume", "compile", "grad_stats", "test_every_eval", "config")
 
 # the stop reasons of a run ended by a non-finite value: nothing is saved after them
 NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")

@@ -30,7 +30,8 @@ class WandbLogger(Callback):
     At each log interval the new train rows are logged (``train/loss``, ``train/lr``, ...), at each
     evaluation the eval row (``eval/val_loss``, ...), at each epoch end the epoch row
     (``epoch/loss``, the epoch's means), every row with ``trainer/step`` (updates) and
-    ``trainer/epoch``. The config holds `config` and, when training begins, `fit`'s settings
+    ``trainer/epoch``. The config holds `fit`'s ``config=`` (the resolved file of ``functrain run``),
+    `config` and, when training begins, `fit`'s settings
     (``fit``), the optimizer's name and the number of trainable parameters. Each checkpoint's path
     is logged as it is saved (``checkpoint/path`` in its step's row; ``checkpoint/latest`` and
     ``checkpoint/all`` in the summary).
@@ -95,10 +96,12 @@ class WandbLogger(Callback):
         if rank != 0:
             return
         self.logged, self.checkpoints = {"train": 0, "eval": 0, "epoch": 0}, []
+        # fit's `config` (the resolved config file of `functrain run`) first; the logger's own wins
+        config = {**(run.config.get("config") or {}), **self.config}
         if self.run is None:
-            self.run = self._wandb.init(config=self.config, **self.init_kwargs)
-        elif self.config:
-            self.run.config.update(self.config, allow_val_change=True)
+            self.run = self._wandb.init(config=config, **self.init_kwargs)
+        elif config:
+            self.run.config.update(config, allow_val_change=True)
         self.run.config.update(_fit_config(run), allow_val_change=True)
         self.run.define_metric(STEP)
         for prefix in PREFIXES:  # only these: a run the user gave may log other metrics on its own axis
@@ -172,5 +175,6 @@ def _row(kind: str, row: Mapping[str, Any]) -> dict[str, Any]:
 def _fit_config(run: Run) -> dict[str, Any]:
     state = run.state
     trainable = sum(p.numel() for p in state.params.values())
-    settings = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in run.config.items()}
+    plain = {k: v for k, v in run.config.items() if k != "config"}  # fit's `config` is logged as the W&B config itself
+    settings = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in plain.items()}
     return {"fit": settings, "optimizer": state.optimizer.name, "trainable_parameters": trainable}
