@@ -15,6 +15,11 @@ Two kinds live here:
   `scale_by_adjusted_learning_rate`: a rate per matrix shape). They emit `NewParams`, computed with
   torch's own final ops; their state exposes the metric ``lr``.
 
+Adamax, Adadelta and NAdam run tensor by tensor, as torch's single-tensor loops do, with one private
+scratch buffer for the temporaries torch allocates per parameter (`Scratch`): an update that
+allocates every temporary of every tensor at once makes the allocator hand fresh pages back and forth
+(page faults each step, measured on the CPU); the roundings are torch's either way.
+
 A step size that torch reads back to the host (``tensor.item()``) stays a 0-d tensor here; on the
 CPU the final ``add(alpha=)`` takes it as torch's kernel takes a Python number (reading a CPU
 scalar is a load, not a device sync), elsewhere it is one fused multiply-add through `addcmul`.
@@ -102,6 +107,26 @@ def _decayed(params: Sequence[torch.Tensor], decay: torch.Tensor | None, flags: 
     return [p * decay.to(torch.float32) if flags is None or flags[i] else p.clone() for i, p in enumerate(params)]
 
 
+class Scratch:
+    """One private buffer for an update's per-tensor temporaries, reused tensor after tensor.
+
+    torch's single-tensor loops allocate a temporary per parameter and run every op on it while it is
+    in cache; a pure update that allocates all temporaries at once (the foreach ops) streams each op
+    through all of them. Only the update that made it writes here: never the state, never a result.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        largest = max(tensors, key=lambda t: t.numel(), default=None)
+        self._buffer = None if largest is None else torch.empty(largest.numel(), dtype=largest.dtype, device=largest.device)
+        self._dtype = None if largest is None else largest.dtype
+
+    def like(self, t: torch.Tensor) -> torch.Tensor:
+        """A view of the buffer shaped as `t` (a fresh tensor where `t`'s dtype or device differs)."""
+        if self._buffer is None or t.dtype != self._dtype or t.device != self._buffer.device:
+            return torch.empty_like(t)
+        return self._buffer[: t.numel()].view(t.shape)
+
+
 class LearningRateState(NamedTuple):
     """The state a final step keeps for its learning rate: its step counter and the rate last used."""
 
@@ -171,14 +196,15 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
     def update_fn(updates: Any, state: ScaleByAdamaxState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdamaxState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
-        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        magnitude = torch._foreach_abs(g)
-        torch._foreach_add_(magnitude, eps)
-        nu_inf = torch._foreach_mul(state.nu_inf, b2)
-        for nu, m in zip(nu_inf, magnitude, strict=True):
-            torch.maximum(nu, m, out=nu)  # torch's kernel; _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
+        scratch = Scratch(g)
+        mu, nu_inf = [], []
+        for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch: each stays in cache
+            mu.append(torch.lerp(m, grad, 1 - b1))
+            magnitude = torch.abs(grad, out=scratch.like(grad)).add_(eps)
+            nu = torch.mul(n, b2)
+            nu_inf.append(torch.maximum(nu, magnitude, out=nu))  # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
         bc1 = 1 - _pow(b1, _f64(count))
-        return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, mu, tuple(nu_inf))
+        return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
 
     return Transform(init_fn, update_fn)
 
@@ -223,18 +249,17 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
 
     def update_fn(updates: Any, state: ScaleByAdadeltaState, params: Tree | None = None) -> tuple[Tree, ScaleByAdadeltaState]:
         g, spec = flat_updates(updates, params)
-        square_avg = torch._foreach_mul(state.square_avg, rho)
-        torch._foreach_addcmul_(square_avg, g, g, value=1 - rho)
-        std = torch._foreach_add(square_avg, eps)
-        torch._foreach_sqrt_(std)
-        delta = torch._foreach_add(state.acc_delta, eps)
-        torch._foreach_sqrt_(delta)
-        torch._foreach_div_(delta, std)
-        torch._foreach_mul_(delta, g)
-        acc_delta = torch._foreach_mul(state.acc_delta, rho)
-        torch._foreach_addcmul_(acc_delta, delta, delta, value=1 - rho)
+        scratch = Scratch(g)
+        square_avg, acc_delta, deltas = [], [], []
+        for sq, acc, grad in zip(state.square_avg, state.acc_delta, g, strict=True):  # tensor by tensor, as torch
+            sq = torch.mul(sq, rho).addcmul_(grad, grad, value=1 - rho)
+            std = torch.add(sq, eps, out=scratch.like(grad)).sqrt_()
+            delta = torch.add(acc, eps).sqrt_().div_(std).mul_(grad)
+            acc_delta.append(torch.mul(acc, rho).addcmul_(delta, delta, value=1 - rho))
+            square_avg.append(sq)
+            deltas.append(delta)
         new_state = ScaleByAdadeltaState(state.count + 1, tuple(square_avg), tuple(acc_delta))
-        return tree_unflatten(list(delta), spec), new_state
+        return tree_unflatten(deltas, spec), new_state
     return Transform(init_fn, update_fn)
 
 
@@ -408,14 +433,15 @@ def nadam_step(
         mu_t = b1 * (1.0 - 0.5 * _pow(0.96, step * momentum_decay))
         mu_next = b1 * (1.0 - 0.5 * _pow(0.96, (step + 1) * momentum_decay))
         mu_product = state.mu_product * mu_t.to(torch.float32)
-        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        nu = torch._foreach_mul(state.nu, b2)
-        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
-        den = [torch.div(v, bc2.to(v.dtype)).sqrt_().add_(eps) for v in nu]
         product = mu_product.double()
         grad_step = (-lr * (1.0 - mu_t)) / (1.0 - product)
         momentum_step = (-lr * mu_next) / (1.0 - product * mu_next)
         new = _decayed(p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params))
+        mu, nu, den = [], [], []
+        for m, v, grad in zip(state.mu, state.nu, g, strict=True):  # tensor by tensor, as torch
+            mu.append(torch.lerp(m, grad, 1 - b1))
+            nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
+            den.append(torch.div(nu[-1], bc2.to(v.dtype)).sqrt_().add_(eps))
         _addcdiv_all_(new, g, den, grad_step)
         _addcdiv_all_(new, mu, den, momentum_step)
         return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
