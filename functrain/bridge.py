@@ -330,11 +330,11 @@ def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, 
     used = implementation(group)
     if used not in kind.exact:
         exact = " or ".join(_IMPLEMENTATIONS[i] for i in sorted(kind.exact))
-        flag, value = ("foreach", True) if "foreach" in kind.exact else ("foreach", False)
+        value = "foreach" in kind.exact
         problems.append(
-            f"torch's {type(optimizer).__name__} ran its {_IMPLEMENTATIONS[used]} implementation, which rounds differently from its {exact} one, "
-            f"the one functrain's {kind.preset.__name__} continues bit for bit; build the torch optimizer with {flag}={value} "
-            f"(or set the group's '{flag}' to {value} before converting: the state moves exactly, the steps after it round as that implementation does)"
+            f"torch's {type(optimizer).__name__} runs its {_IMPLEMENTATIONS[used]} implementation, which rounds differently from its {exact} one, "
+            f"the one functrain's {kind.preset.__name__} continues bit for bit; build the torch optimizer with foreach={value} "
+            f"(or set the group's 'foreach' to {value} before converting: the state moves exactly, the steps after it round as that implementation does)"
         )
     return problems
 

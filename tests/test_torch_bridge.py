@@ -340,10 +340,10 @@ def test_a_default_fused_sgd_or_adagrad_run_continues_in_torchs_fused_class(tx: 
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda m: torch.optim.RAdam(m.parameters()), r"torch's RAdam ran its single-tensor \(foreach=False, the CPU default\) implementation, which rounds differently .*build the torch optimizer with foreach=True"),
-        (lambda m: torch.optim.NAdam(m.parameters(), foreach=True), r"torch's NAdam ran its foreach \(foreach=True\) implementation.*functrain's nadam continues bit for bit; build the torch optimizer with foreach=False"),
-        (lambda m: torch.optim.ASGD(m.parameters(), foreach=True), r"torch's ASGD ran its foreach"),
-        (lambda m: torch.optim.Adafactor(m.parameters(), foreach=True), r"torch's Adafactor ran its foreach"),
+        (lambda m: torch.optim.RAdam(m.parameters()), r"torch's RAdam runs its single-tensor \(foreach=False, the CPU default\) implementation, which rounds differently .*build the torch optimizer with foreach=True"),
+        (lambda m: torch.optim.NAdam(m.parameters(), foreach=True), r"torch's NAdam runs its foreach \(foreach=True\) implementation.*functrain's nadam continues bit for bit; build the torch optimizer with foreach=False"),
+        (lambda m: torch.optim.ASGD(m.parameters(), foreach=True), r"torch's ASGD runs its foreach"),
+        (lambda m: torch.optim.Adafactor(m.parameters(), foreach=True), r"torch's Adafactor runs its foreach"),
         (lambda m: torch.optim.Adam(m.parameters(), differentiable=True), r"differentiable=True: functrain's updates are pure functions of tensors"),
         (lambda m: torch.optim.Adadelta(m.parameters(), capturable=True), r"capturable=True: functrain's steps never read a count or a step size back to the host"),
     ],
