@@ -384,3 +384,30 @@ def test_a_muon_run_exports_to_its_two_torch_optimizers_from_a_plain_preset() ->
         o.load_state_dict(exported)
     torch_steps(back, optimizers, DATA[STEPS:])
     assert_same_weights(dict(back.named_parameters()), reference(pair))
+
+
+def test_a_muon_run_with_its_schedulers_continues_with_one_per_optimizer() -> None:
+    def make(m: torch.nn.Module) -> list[torch.optim.Optimizer]:
+        return OPTIMIZERS["muon_with_adamw"](m)
+
+    def run(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], batches: list[Any], scheduler: Any) -> None:
+        for batch in batches:
+            for o in optimizers:
+                o.zero_grad()
+            loss_fn(model, batch).backward()
+            for o in optimizers:
+                o.step()
+            scheduler.step()
+
+    model = make_model()
+    optimizers = make(model)
+    scheduler = L.StepLR(optimizers[1], step_size=4, gamma=0.5)  # AdamW's rate decays, Muon's stays
+    run(model, optimizers, DATA[:STEPS], scheduler)
+    state = ft.from_torch_optimizer(optimizers, model, scheduler=[None, scheduler], step=STEPS).create_state(model, loss_fn)
+    state = functrain_steps(state, DATA[STEPS:])
+    expected = make_model()
+    expected_opts = make(expected)
+    run(expected, expected_opts, DATA, L.StepLR(expected_opts[1], step_size=4, gamma=0.5))
+    assert_same_weights(state.params, dict(expected.named_parameters()))
+    with pytest.raises(ConfigError, match=r"scheduler must be one live scheduler per optimizer \(2\), got 1"):
+        ft.from_torch_optimizer(optimizers, model, scheduler=scheduler)
