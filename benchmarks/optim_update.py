@@ -360,10 +360,11 @@ def run_more(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     base, grads = make_tensors(transformer_shapes(args.params, args.tensors))
     # per optimizer: torch's default on the CPU (single-tensor), torch foreach (Muon has none), functrain
+    names = [n for n in MORE if not args.only or n in args.only.split(",")]
     groups = [
         [more_torch_impl(n, base, grads), *([more_torch_impl(n, base, grads, foreach=True)] if n != "muon" else []),
          more_functrain_impl(n, base, grads)]
-        for n in MORE
+        for n in names
     ]
     for group in groups:
         for impl in group:
@@ -381,13 +382,14 @@ def run_more(args: argparse.Namespace) -> None:
                     impl.times.append(time.perf_counter() - t0)
                     c1 = usage()
                     impl.cpu.append((c1[1] - c0[1]) + (c1[2] - c0[2]))
+                    impl.faults.append(c1[0] - c0[0])
     finally:
         gc.enable()
     n = sum(v.numel() for v in base.values())
     print(f"one update, eager: {n / 1e6:.2f}M float32 parameters in {len(base)} tensors, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.reps} reps ABBA per optimizer after {args.warmup} warmup")
     print(f"{'optimizer':<10}  {'torch ms':>8}  {'foreach ms':>10}  {'functrain ms':>12}  {'ratio':>6}  {'cpu ratio':>9}  "
-          f"{'vs foreach':>10}  params vs torch's default")
+          f"{'vs foreach':>10}  {'faults':>13}  params vs torch's default")
     for group in groups:
         theirs, ours = group[0], group[-1]
         med = {impl.name: statistics.median(impl.times) for impl in group}
@@ -396,9 +398,11 @@ def run_more(args: argparse.Namespace) -> None:
         foreach_ms = f"{med[group[1].name] * 1e3:10.2f}" if len(group) == 3 else f"{'-':>10}"
         same = all(torch.equal(a, b) for a, b in zip(ours.get_params(), theirs.get_params(), strict=True))
         print(f"{ours.name.split()[-1]:<10}  {med[theirs.name] * 1e3:8.2f}  {foreach_ms}  {med[ours.name] * 1e3:12.2f}  "
-              f"{med[ours.name] / med[theirs.name]:6.3f}  {cpu:9.3f}  {foreach}  {'bit-identical' if same else 'DIFFERENT'}")
+              f"{med[ours.name] / med[theirs.name]:6.3f}  {cpu:9.3f}  {foreach}  "
+              f"{statistics.median(theirs.faults):>6.0f}/{statistics.median(ours.faults):<6.0f}  {'bit-identical' if same else 'DIFFERENT'}")
     print("ratio: functrain / torch's default (single-tensor), of median wall times; cpu ratio: of median CPU times "
-          "(user+sys,\nless sensitive to other load); vs foreach: functrain / torch foreach. Target: <= 1.2.")
+          "(user+sys,\nless sensitive to other load); vs foreach: functrain / torch foreach; faults: minor page faults per update, "
+          "torch's default/functrain. Target: <= 1.2.")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -670,6 +674,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="add rows for pure AdamW prototypes A, B, C (not functrain code; see prototype_fn)")
     ap.add_argument("--more", action="store_true",
                     help="time the other presets (nadam ... muon) against their torch.optim classes instead")
+    ap.add_argument("--only", default="", help="with --more: a comma-separated subset of " + ",".join(MORE))
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--mallopt", action="store_true",

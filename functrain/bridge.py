@@ -6,17 +6,24 @@ state torch reached; `ConvertedOptimizer.create_state` builds the `TrainState` t
 run. `to_torch_state_dict` goes the other way: a functrain state as the ``state_dict`` that the
 matching torch optimizer loads and continues from.
 
-Which torch implementation a functrain transform continues bit for bit (float32, CPU, measured):
+Supported: every gradient optimizer of `torch.optim` but `LBFGS` and `SparseAdam`; a `Muon` run,
+whose optimizer takes matrices only, as the list of its optimizers over disjoint parameters
+(``[muon, adamw]``: one `partition` group per torch group, in list order). Which torch
+implementation a functrain transform continues bit for bit (float32, measured; the table is
+`functrain.optim.torch_classes`):
 
-* `torch.optim.SGD` / `Adam` / `AdamW` / `Adagrad` with ``fused=True``: functrain's
-  ``sgd/adam/adamw/adagrad(fused=True)`` (the defaults; SGD with dampening runs its foreach form).
-* with ``foreach=True``, or torch's CPU default (the single-tensor loop, which gives the same bits
-  as foreach for these five classes): ``sgd/adam/adamw/adagrad(fused=False)``, `rmsprop`.
+* `SGD` / `Adam` / `AdamW` / `Adagrad` with ``fused=True``: functrain's fused presets (their
+  defaults; SGD with dampening runs its foreach form).
+* the single-tensor loop (torch's CPU default) or ``foreach=True``, which give the same bits for
+  `SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad`, `Adamax`, `Adadelta` and `Rprop`: the presets with
+  ``fused=False``, and the others.
+* `RAdam`: ``foreach=True`` only (its single-tensor loop rounds the step differently); `NAdam`,
+  `ASGD`, `Adafactor`: the single-tensor loop only (their foreach forms round differently); `Muon`:
+  its one implementation.
 
-`from_torch_optimizer` picks that configuration from the group's ``fused`` flag. Supported:
-`torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad` (their single-tensor and foreach
-implementations agree bit for bit, and functrain's presets reproduce them); other optimizers (for
-`RAdam` the single-tensor loop and foreach differ in the last bits) raise a `ConfigError`.
+`from_torch_optimizer` picks the configuration from the group's flags; an implementation that
+functrain does not continue, ``capturable=True`` or ``differentiable=True`` is a `ConfigError`
+that says so and what to set.
 """
 
 from __future__ import annotations
@@ -32,34 +39,21 @@ from torch.optim import lr_scheduler
 
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError, config_check
-from functrain.optim.fused import FusedAdagradState, FusedAdamState, FusedSgdState
-from functrain.optim.presets import adagrad, adam, adamw, rmsprop, sgd
-from functrain.optim.primitives import ScaleByAdagradState, ScaleByAdamState, ScaleByLearningRateState, ScaleByRmsState, TraceState
+from functrain.optim.fused import FusedSgdState
+from functrain.optim.primitives import TraceState
 from functrain.optim.schedules import Schedule, from_torch
+from functrain.optim.torch_classes import KEYS, TORCH_CLASSES, implementation, torch_class
 from functrain.optim.transform import Transform, walk_states
 from functrain.optim.wrappers import PartitionState, partition
 
 __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
 
 LearningRates = float | Schedule | Sequence[float | Schedule] | None
-_KINDS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad)
-# where torch keeps what each functrain state holds: {state class: {field: torch's per-parameter key}}
-_KEYS: dict[type, dict[str, str]] = {
-    FusedAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
-    ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
-    ScaleByRmsState: {"nu": "square_avg", "mu": "grad_avg"},
-    ScaleByAdagradState: {"sum_of_squares": "sum"},
-    FusedAdagradState: {"sum_of_squares": "sum"},
-    TraceState: {"trace": "momentum_buffer"},
-    FusedSgdState: {"momentum": "momentum_buffer"},
-    ScaleByLearningRateState: {},
-}
-# the state each torch class needs in the functrain transform (one of them)
-_NEEDS: dict[type, tuple[type, ...]] = {
-    torch.optim.Adam: (FusedAdamState, ScaleByAdamState),
-    torch.optim.RMSprop: (ScaleByRmsState,),
-    torch.optim.Adagrad: (FusedAdagradState, ScaleByAdagradState),
-    torch.optim.SGD: (),
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+_IMPLEMENTATIONS = {"fused": "fused (fused=True)", "foreach": "foreach (foreach=True)", "single": "single-tensor (foreach=False, the CPU default)"}
+_REFUSED = {
+    "capturable": "functrain's steps never read a count or a step size back to the host: a run compiles or graphs without it",
+    "differentiable": "functrain's updates are pure functions of tensors, not built to be differentiated through",
 }
 
 
@@ -128,15 +122,15 @@ class ConvertedOptimizer:
 
 
 def from_torch_optimizer(
-    optimizer: torch.optim.Optimizer, module: nn.Module, *, lr: LearningRates = None, step: int | None = None, scheduler: Any = None
+    optimizer: Optimizers, module: nn.Module, *, lr: LearningRates = None, step: int | None = None, scheduler: Any = None
 ) -> ConvertedOptimizer:
     """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
 
-    Each parameter group becomes the matching preset with the group's hyperparameters (``lr``,
-    ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``momentum``, ``dampening``, ``nesterov``,
-    ``alpha``, ``centered``, ``lr_decay``, ``initial_accumulator_value``),
-    ``fused`` as the group has it (see the module docstring for which torch implementation each
-    functrain configuration reproduces); several groups are joined by `partition`. The state (moments,
+    Each parameter group becomes the matching preset with every hyperparameter of the group (``lr``,
+    ``betas``, ``eps``, ``weight_decay``, ``maximize``, ``momentum_decay``, ``etas``, ...), ``fused``
+    as the group has it (see the module docstring for which torch implementation each functrain
+    configuration reproduces); several groups, of one optimizer or of a list of them, are joined by
+    `partition`. The state (moments,
     momentum buffers, step counts) is read when the `TrainState` is built
     (`ConvertedOptimizer.create_state`), so build it right after converting.
 
@@ -145,13 +139,15 @@ def from_torch_optimizer(
     ``lr=functrain.schedules.from_torch(<the scheduler's class>, lr=<initial lr>, ...)``.
 
     Args:
-        optimizer: a live `torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop` or `Adagrad`.
+        optimizer: a live `torch.optim` optimizer (any but `LBFGS` and `SparseAdam`), or a list of
+            them over disjoint parameters (a `Muon` and the `AdamW` for the rest).
         module: the module whose parameters it updates (their names key the functrain state).
         lr: None: each group's current ``lr``, held constant; a float or schedule for every group;
             or one per group.
-        step: the updates taken, for `SGD`, whose state keeps no count (None: 0 without momentum
-            buffers, else 1, enough for a constant lr); checked against the count of the others.
-        scheduler: instead of `lr`, the live torch scheduler of `optimizer` (stepped once per
+        step: the updates taken, for `SGD` and `Muon`, whose states keep no count (None: 0 without
+            momentum buffers, else 1, enough for a constant lr); checked against the count of the others.
+        scheduler: instead of `lr`, the live torch scheduler of `optimizer` (one per optimizer of a
+            list, None for one that keeps its lr), stepped once per
             optimizer step): its class and arguments are read back and rebuilt with
             `functrain.schedules.from_torch` from each group's ``initial_lr`` (`StepLR`,
             `MultiStepLR`, `ExponentialLR`, `CosineAnnealingLR`, `LinearLR`, `ConstantLR`,
@@ -162,9 +158,9 @@ def from_torch_optimizer(
         A `ConvertedOptimizer`.
 
     Raises:
-        ConfigError: the optimizer is of another class, a setting has no functrain equivalent
-            (a flag the preset does not take), a parameter is not the
-            module's, parameters of one group took different numbers of steps, or the scheduler
+        ConfigError: the optimizer is of another class, two optimizers share a parameter, torch's
+            implementation is not one functrain continues bit for bit (or ``capturable`` or
+            ``differentiable`` is set), a parameter is not the module's, parameters of one group took different numbers of steps, or the scheduler
             cannot be read back or stepped a different number of times.
 
     Example:
@@ -180,24 +176,63 @@ def from_torch_optimizer(
         'adamw(lr=0.01, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None)'
     """
     where = "from_torch_optimizer"
-    if not isinstance(optimizer, _KINDS) or not isinstance(module, nn.Module):
-        names = ", ".join(f"torch.optim.{k.__name__}" for k in _KINDS)
-        config_check([f"optimizer must be a live {names} and module an nn.Module, got {type(optimizer).__name__}, {type(module).__name__}"], where)
+    optimizers = _optimizers(optimizer, module, where)
     if scheduler is not None and lr is not None:
         config_check(["pass lr= or scheduler=, not both"], where)
-    rates = _rates(lr, len(optimizer.param_groups), where)
-    groups = [_read_group(optimizer, k, module, where) for k in range(len(optimizer.param_groups))]
-    counts = _counts(optimizer, groups, step, where)
+    slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
+    places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
+    rates = _rates(lr, len(slots), where)
+    groups, counts = [], []
+    for i, o in enumerate(optimizers):
+        read = [_read_group(o, k, module, _place(where, len(optimizers), i, None)) for k in range(len(o.param_groups))]
+        groups += read
+        counts += _counts(o, read, step, _place(where, len(optimizers), i, None))
     if scheduler is not None:
-        rates = _scheduled(scheduler, optimizer, counts, where)
+        rates = _schedules(scheduler, optimizers, counts, where)
     groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
-    transforms = [_transform(optimizer, group, g, rate, f"{where}, param_groups[{k}]") for k, (group, g, rate) in enumerate(zip(optimizer.param_groups, groups, rates, strict=True))]
+    transforms = [_transform(o, o.param_groups[k], g, rate, place) for (_, o, k), g, rate, place in zip(slots, groups, rates, places, strict=True)]
     if len(transforms) == 1:
         tx = transforms[0]
     else:
         label = {name: f"group{k}" for k, g in enumerate(groups) for name in g.names}
         tx = partition(lambda name, p: label.get(name, "unheld"), **{f"group{k}": t for k, t in enumerate(transforms)})
     return ConvertedOptimizer(tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups))
+
+
+def _place(where: str, n: int, i: int, k: int | None) -> str:
+    """Where a group sits, for messages: ``param_groups[k]``, or ``optimizer[i].param_groups[k]`` among several."""
+    own = "" if n == 1 else f"optimizer[{i}]"
+    group = "" if k is None else f"param_groups[{k}]"
+    return ", ".join(part for part in (where, ".".join(p for p in (own, group) if p)) if part)
+
+
+def _optimizers(optimizer: Optimizers, module: nn.Module, where: str) -> list[torch.optim.Optimizer]:
+    """The live torch optimizers given (one, or several over disjoint parameters, as Muon with AdamW)."""
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    unknown = [type(o).__name__ for o in optimizers if torch_class(o) is None]
+    if not optimizers or unknown or not isinstance(module, nn.Module):
+        names = ", ".join(f"torch.optim.{k.__name__}" for k in TORCH_CLASSES)
+        got = ", ".join(unknown) or ("no optimizer" if not optimizers else "")
+        config_check([f"optimizer must be a live {names} (or a list of them over disjoint parameters) and module an nn.Module, got {got or type(module).__name__}"], where)
+    seen: set[int] = set()
+    for i, o in enumerate(optimizers):
+        ids = {id(p) for group in o.param_groups for p in group["params"]}
+        if ids & seen:
+            config_check([f"optimizer[{i}] updates parameters an earlier optimizer also updates: give each parameter to one optimizer"], where)
+        seen |= ids
+    return optimizers
+
+
+def _schedules(scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], counts: Sequence[int], where: str) -> list[Any]:
+    """One rate per group from the live schedulers (one per optimizer; None keeps that optimizer's lr)."""
+    schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
+    if len(schedulers) != len(optimizers):
+        config_check([f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got {len(schedulers)}"], where)
+    rates: list[Any] = []
+    for s, o in zip(schedulers, optimizers, strict=True):
+        own = counts[len(rates):len(rates) + len(o.param_groups)]
+        rates += [None] * len(own) if s is None else _scheduled(s, o, own, where)
+    return rates
 
 
 _LIVE_ARGS: dict[type, tuple[str, ...]] = {
@@ -267,10 +302,10 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
 
 
 def _counts(optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str) -> list[int]:
-    """Each group's count of updates: Adam's ``step`` (one value per group), SGD's from `step`."""
+    """Each group's count of updates: torch's ``step`` (one value per group), SGD's and Muon's from `step`."""
     counts = []
     for k, g in enumerate(groups):
-        if not isinstance(optimizer, torch.optim.SGD):  # the others count steps per parameter
+        if torch_class(optimizer).counted:  # type: ignore[union-attr]
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
             if len(seen) > 1:
                 shown = sorted(str(s) for s in seen)
@@ -287,35 +322,36 @@ def _counts(optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: in
     return counts
 
 
+def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[str]:
+    """What keeps a group's torch implementation from continuing (or being continued by) functrain bit for bit."""
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    problems = [f"{flag}=True: {why}; build the torch optimizer without it" for flag, why in _REFUSED.items() if group.get(flag)]
+    used = implementation(group)
+    if used not in kind.exact:
+        exact = " or ".join(_IMPLEMENTATIONS[i] for i in sorted(kind.exact))
+        value = "foreach" in kind.exact
+        problems.append(
+            f"torch's {type(optimizer).__name__} runs its {_IMPLEMENTATIONS[used]} implementation, which rounds differently from its {exact} one, "
+            f"the one functrain's {kind.preset.__name__} continues bit for bit; build the torch optimizer with foreach={value} "
+            f"(or set the group's 'foreach' to {value} before converting: the state moves exactly, the steps after it round as that implementation does)"
+        )
+    return problems
+
+
 def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str) -> Transform:
-    """The preset that matches one parameter group."""
-    preset, kwargs = _preset(optimizer, group)
+    """The preset that matches one parameter group, refused where torch's implementation is not the one it continues."""
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    kwargs = kind.settings(group)
     kwargs["lr"] = g.lr if rate is None else rate
-    accepted = inspect.signature(preset).parameters
-    problems = []
-    for flag in ("fused", "maximize"):
-        value = bool(group.get(flag))
-        if flag in accepted:
-            kwargs[flag] = value  # fused=False for torch's default: the foreach chain its single-tensor code matches
-        elif value:
-            fix = "build the torch optimizer without it (foreach=True or the default)" if flag == "fused" else "minimize the negated loss instead"
-            problems.append(f"functrain converts no {flag}=True {preset.__name__}; {fix}")
+    problems = _implementation_problems(optimizer, group)
     config_check(problems, where)
-    return preset(**kwargs)
-
-
-def _preset(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[Callable[..., Transform], dict[str, Any]]:
-    """The functrain preset for the optimizer's class, and the group's settings under its names."""
-    if isinstance(optimizer, torch.optim.Adam):  # AdamW is Adam with decoupled_weight_decay
-        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-        b1, b2 = group["betas"]
-        settings = dict(b1=float(b1), b2=float(b2), eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"])
-        return (adamw if decoupled else adam), settings
-    if isinstance(optimizer, torch.optim.RMSprop):
-        return rmsprop, dict(alpha=group["alpha"], eps=group["eps"], momentum=group["momentum"], centered=group["centered"], weight_decay=group["weight_decay"])
-    if isinstance(optimizer, torch.optim.Adagrad):
-        return adagrad, dict(eps=group["eps"], lr_decay=group["lr_decay"], initial_accumulator_value=group["initial_accumulator_value"], weight_decay=group["weight_decay"])
-    return sgd, dict(momentum=group["momentum"], nesterov=group["nesterov"], dampening=group["dampening"], weight_decay=group["weight_decay"])
+    if "fused" in inspect.signature(kind.preset).parameters:
+        kwargs["fused"] = implementation(group) == "fused"  # fused=False for the others: the foreach chain, whose bits the single-tensor loop shares
+    if group.get("maximize"):
+        kwargs["maximize"] = True
+    return kind.preset(**kwargs)
 
 
 def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
@@ -353,55 +389,74 @@ def _order(group: _Group, params: dict[str, torch.Tensor]) -> list[str]:
     return [name for name in params if name in held]
 
 
-def _torch_tensors(group: _Group, names: Sequence[str], key: str, like: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _torch_value(name: str, key: str, value: Any, target: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError(f"torch's {key} of {name} has shape {shape}, the state's {tuple(target.shape)}")
+    return value.detach().to(dtype=target.dtype, device=target.device, copy=True)
+
+
+def _torch_tensors(group: _Group, names: Sequence[str], key: str, like: Sequence[Any]) -> tuple[Any, ...]:
+    """torch's `key` of each parameter, shaped and typed as the state's (Adafactor's factors as pairs)."""
     by_name = dict(zip(group.names, group.state, strict=True))
-    out = []
-    for name, target in zip(names, like, strict=True):
-        value = by_name[name][key]
-        if value.shape != target.shape:
-            raise ConfigError(f"torch's {key} of {name} has shape {tuple(value.shape)}, the state's parameter {tuple(target.shape)}")
-        out.append(value.detach().to(dtype=target.dtype, device=target.device, copy=True))
-    return tuple(out)
+    if key == "moments":  # Adafactor: (row_var, col_var) for a matrix, (variance,) for the rest
+        keys = lambda target: ("row_var", "col_var") if len(target) == 2 else ("variance",)  # noqa: E731
+        return tuple(tuple(_torch_value(name, k, by_name[name].get(k), t) for k, t in zip(keys(target), target, strict=True)) for name, target in zip(names, like, strict=True))
+    return tuple(_torch_value(name, key, by_name[name].get(key), target) for name, target in zip(names, like, strict=True))
+
+
+def _torch_scalar(group: _Group, names: Sequence[str], key: str, like: torch.Tensor) -> torch.Tensor:
+    """A value torch keeps per parameter and functrain once per group (NAdam's ``mu_product``, ASGD's ``eta``, ``mu``)."""
+    values = [torch.as_tensor(state[key]) for state in group.state]
+    if any(not torch.equal(v, values[0]) for v in values):
+        raise ConfigError(f"torch's {key} differs between the parameters of one group; functrain keeps one per group (their steps must agree)")
+    return _torch_value(names[0], key, values[0].reshape(like.shape), like)
 
 
 def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     """A node of a group's state with torch's values in it (nodes of other kinds as they are)."""
-    if group.count == 0 or type(node) not in _KEYS:
+    if group.count == 0 or type(node) not in KEYS:
         return node
     names = _order(group, params)
-    values = {field: _torch_tensors(group, names, key, getattr(node, field)) for field, key in _KEYS[type(node)].items() if getattr(node, field)}
+    values = {}
+    for field, key in KEYS[type(node)].items():
+        current = getattr(node, field)
+        if isinstance(current, torch.Tensor):
+            values[field] = _torch_scalar(group, names, key, current)
+        elif current:
+            values[field] = _torch_tensors(group, names, key, current)
     if "count" in node._fields:
         values["count"] = torch.full_like(node.count, group.count)
     return node._replace(**values)
 
 
-def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+def to_torch_state_dict(state: TrainState, optimizer: Optimizers, module: nn.Module) -> dict[str, Any] | list[dict[str, Any]]:
     """A functrain state's optimizer state as the ``state_dict`` of `optimizer`, to load and continue in torch.
 
-    `optimizer` is the torch optimizer that matches the state's transform: the same class and
-    hyperparameters, one parameter group per `partition` group (one group for a plain preset), built
-    over `module`'s parameters (e.g. ``state.export_module()``). Its own state is not read or
+    `optimizer` is the torch optimizer that matches the state's transform (or a list of them, as
+    ``[Muon, AdamW]`` for ``ft.muon(others=ft.adamw(...))``): the same class and hyperparameters,
+    one parameter group per `partition` group (one group for a plain preset), built over
+    `module`'s parameters (e.g. ``state.export_module()``). Its own state is not read or
     changed: ``optimizer.load_state_dict(to_torch_state_dict(state, optimizer, module))`` then
-    continues the run, bit for bit when `optimizer`'s implementation is the one the transform
-    reproduces (``fused=True`` for functrain's fused SGD, Adam and Adagrad, the defaults; the default or
-    ``foreach=True`` for ``fused=False``;
-    see the module docstring). The group settings (lr, ...) are `optimizer`'s: to continue a schedule
+    continues the run bit for bit (`optimizer`'s implementation must be one the transform reproduces:
+    ``fused=True`` for functrain's fused SGD, Adam and Adagrad, the defaults; the module docstring
+    has the rest; another one is a `ConfigError`). The group settings (lr, ...) are `optimizer`'s: to continue a schedule
     with a torch scheduler, bring the scheduler (and so the groups' lr) to the state's count before
     exporting.
 
     Args:
-        state: a `TrainState` whose optimizer is `sgd`, `adam`, `adamw`, `rmsprop` or `adagrad` (or a
-            `partition` of them).
-        optimizer: a `torch.optim.SGD`, `Adam`, `AdamW`, `RMSprop` or `Adagrad` over `module`'s parameters.
+        state: a `TrainState` whose optimizer is a preset of a torch class (or a `partition` of them).
+        optimizer: the matching `torch.optim` optimizer over `module`'s parameters, or a list of
+            them (one or more groups each, in the order of the partition's groups).
         module: the module holding `optimizer`'s parameters, named as in ``state.params``.
 
     Returns:
         ``{"state": {index: {...}}, "param_groups": [...]}`` as `optimizer.state_dict` lays it out
-        (tensors are copies).
+        (tensors are copies); for a list of optimizers, a list of them.
 
     Raises:
-        ConfigError: the optimizer's class or groups do not match the state's transform, or a
-            parameter is not in the state.
+        ConfigError: the optimizer's class, groups or implementation do not match the state's
+            transform, or a parameter is not in the state.
 
     Example:
         >>> import torch, functrain as ft
@@ -414,59 +469,72 @@ def to_torch_state_dict(state: TrainState, optimizer: torch.optim.Optimizer, mod
         tensor(1.)
     """
     where = "to_torch_state_dict"
-    if not isinstance(optimizer, _KINDS) or not isinstance(module, nn.Module):
-        names = ", ".join(f"torch.optim.{k.__name__}" for k in _KINDS)
-        config_check([f"optimizer must be a live {names} and module an nn.Module, got {type(optimizer).__name__}, {type(module).__name__}"], where)
-    n = len(optimizer.param_groups)
-    found: list[dict[type, Any]] = [{} for _ in range(n)]
+    optimizers = _optimizers(optimizer, module, where)
+    slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
+    found: list[dict[type, Any]] = [{} for _ in slots]
 
     def record(k: int, node: Any) -> Any:
-        if type(node) in _KEYS:
+        if type(node) in KEYS:
             found[k].setdefault(type(node), node)
         return node
 
-    _map_groups(state.opt_state, n, record)
-    layout = optimizer.state_dict()
-    out: dict[int, dict[str, Any]] = {}
-    for k in range(n):
-        group = _read_group(optimizer, k, module, where)
+    _map_groups(state.opt_state, len(slots), record)
+    dicts = [{"state": {}, "param_groups": o.state_dict()["param_groups"]} for o in optimizers]
+    params = dict(module.named_parameters())
+    for (i, o, k), nodes in zip(slots, found, strict=True):
+        place = _place(where, len(optimizers), i, k)
+        group = _read_group(o, k, module, place)
         missing = [name for name in group.names if name not in state.params]
         if missing:
-            config_check([f"param_groups[{k}] holds {', '.join(missing)}, which the state does not train"], where)
+            config_check([f"{place.split(', ')[-1]} holds {', '.join(missing)}, which the state does not train"], where)
         held = set(group.names)
         order = [name for name in state.params if name in held]
-        values = _group_values(optimizer, optimizer.param_groups[k], found[k], f"{where}, param_groups[{k}]")
-        by_id = {id(p): i for p, i in zip(optimizer.param_groups[k]["params"], layout["param_groups"][k]["params"], strict=True)}
-        params = dict(module.named_parameters())
-        indices = {name: by_id[id(params[name])] for name in group.names}
-        for i, name in enumerate(order):
-            entry = {key: (v[i].detach().clone() if isinstance(v, tuple) else v.clone()) for key, v in values.items()}
+        values = _group_values(o, o.param_groups[k], nodes, place)
+        indices = dict(zip((id(p) for p in o.param_groups[k]["params"]), dicts[i]["param_groups"][k]["params"], strict=True))
+        for j, name in enumerate(order):
+            entry = {key: copy for key, copy in (_entry(key, value, j) for key, value in values.items()) if copy is not None}
             if entry:
-                out[indices[name]] = entry
-    return {"state": out, "param_groups": layout["param_groups"]}
+                dicts[i]["state"][indices[id(params[name])]] = entry
+    return dicts if isinstance(optimizer, (list, tuple)) else dicts[0]
+
+
+def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:
+    """Parameter `j`'s copy of one state value: its own tensor (None: it has none), or the group's one value repeated."""
+    own = value[j] if isinstance(value, tuple) else value
+    return key, None if own is None else own.detach().clone()
 
 
 def _group_values(optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str) -> dict[str, Any]:
     """torch's per-parameter state of one group (a tuple over its parameters, or one tensor for all)."""
-    kind = next(k for k in _NEEDS if isinstance(optimizer, k))
-    own = [cls for cls in nodes if cls in _NEEDS[kind]]
-    foreign = sorted({cls.__name__ for need in _NEEDS.values() for cls in need if cls in nodes and cls not in _NEEDS[kind]})
-    momentum = group.get("momentum", 0) != 0
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    own = [cls for cls in nodes if cls in kind.needs]
+    foreign = sorted({cls.__name__ for other in TORCH_CLASSES.values() for cls in other.needs if cls in nodes and cls not in kind.needs})
     problems = []
-    if _NEEDS[kind] and not own or foreign:
-        problems.append(f"torch's {type(optimizer).__name__} does not match the state's optimizer (which holds {', '.join(foreign) or 'no ' + _NEEDS[kind][0].__name__})")
-    has_buffer = TraceState in nodes or bool(getattr(nodes.get(FusedSgdState), "momentum", ()))
-    if "momentum" in group and momentum != has_buffer:
-        problems.append(f"momentum={group['momentum']!r} in torch, but the state's optimizer has {'a' if has_buffer else 'no'} momentum buffer")
-    for flag, cls, field in (("amsgrad", own[0] if own else None, "nu_max"), ("centered", ScaleByRmsState, "mu")):
-        if flag in group and cls in nodes and bool(group[flag]) != bool(getattr(nodes[cls], field)):
+    if kind.needs and not own or foreign:
+        problems.append(f"torch's {type(optimizer).__name__} does not match the state's optimizer (which holds {', '.join(foreign) or 'no ' + kind.needs[0].__name__})")
+    if type(optimizer) in (torch.optim.SGD, torch.optim.RMSprop):
+        momentum = group.get("momentum", 0) != 0
+        has_buffer = TraceState in nodes or bool(getattr(nodes.get(FusedSgdState), "momentum", ()))
+        if momentum != has_buffer:
+            problems.append(f"momentum={group['momentum']!r} in torch, but the state's optimizer has {'a' if has_buffer else 'no'} momentum buffer")
+    for flag, field in (("amsgrad", "nu_max"), ("centered", "mu")):
+        node = next((n for c, n in nodes.items() if c in kind.needs and field in n._fields), None)
+        if flag in group and node is not None and bool(group[flag]) != bool(getattr(node, field)):
             problems.append(f"{flag}={group[flag]!r} in torch, but not in the state's optimizer")
-    config_check(problems, where)
+    config_check(problems + _implementation_problems(optimizer, group), where)
     counted = [node for node in nodes.values() if "count" in node._fields]
     count = int(counted[0].count) if counted else 0
-    if count == 0 and kind is not torch.optim.Adagrad:  # torch makes the state at the first step (Adagrad at construction)
+    if count == 0 and not kind.built:  # torch makes the state at the first step (Adagrad at construction)
         return {}
-    values: dict[str, Any] = {} if kind is torch.optim.SGD else {"step": counted[0].count.to(device="cpu", dtype=torch.float32)}
+    values: dict[str, Any] = {"step": counted[0].count.to(device="cpu", dtype=torch.float32)} if kind.counted else {}
     for node in nodes.values():
-        values.update({key: getattr(node, field) for field, key in _KEYS[type(node)].items() if getattr(node, field)})
+        for field, key in KEYS[type(node)].items():
+            value = getattr(node, field)
+            if key == "moments":  # Adafactor's factors: torch's keys by the parameter's kind
+                values["row_var"] = tuple(m[0] if len(m) == 2 else None for m in value)
+                values["col_var"] = tuple(m[1] if len(m) == 2 else None for m in value)
+                values["variance"] = tuple(m[0] if len(m) == 1 else None for m in value)
+            elif isinstance(value, torch.Tensor) or value:
+                values[key] = value
     return values

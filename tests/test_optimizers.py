@@ -672,14 +672,17 @@ def test_a_tensor_lr_is_read_once_when_the_transform_is_made() -> None:
 
 
 def test_every_torch_constructor_argument_has_a_functrain_counterpart() -> None:
-    # torch's names, except its implementation choices and the betas pair (b1, b2 here)
-    implementation = {"self", "params", "foreach", "capturable", "differentiable", "fused"}
-    for cls, factory in [(torch.optim.SGD, ft.sgd), (torch.optim.Adam, ft.adam), (torch.optim.AdamW, ft.adamw), (torch.optim.RAdam, ft.radam), (torch.optim.RMSprop, ft.rmsprop), (torch.optim.Adagrad, ft.adagrad)]:
+    # torch's names and defaults, the implementation choices too (fused: functrain's default is the kernel), betas as (b1, b2) in the first presets
+    implementation = {"self", "params", "fused"}
+    O = torch.optim
+    pairs = [(O.SGD, ft.sgd), (O.Adam, ft.adam), (O.AdamW, ft.adamw), (O.RAdam, ft.radam), (O.RMSprop, ft.rmsprop), (O.Adagrad, ft.adagrad)]
+    pairs += [(O.NAdam, ft.nadam), (O.Adamax, ft.adamax), (O.Adadelta, ft.adadelta), (O.ASGD, ft.asgd), (O.Rprop, ft.rprop), (O.Adafactor, ft.adafactor), (O.Muon, ft.muon)]
+    for cls, factory in pairs:
         ours = set(inspect.signature(factory).parameters)
         for name, param in inspect.signature(cls).parameters.items():
             if name in implementation:
                 continue
-            if name == "betas":
+            if name == "betas" and "betas" not in ours:
                 assert {"b1", "b2"} <= ours and (inspect.signature(factory).parameters["b1"].default, inspect.signature(factory).parameters["b2"].default) == param.default
                 continue
             assert name in ours, f"{factory.__name__} lacks {name}"

@@ -40,11 +40,14 @@ def two_groups(model: torch.nn.Module, cls: type, first: dict[str, Any], second:
     return cls([{"params": weights, **first}, {"params": biases, **second}], **common)
 
 
-def torch_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Any], scheduler: Any = None) -> None:
+def torch_steps(model: torch.nn.Module, optimizer: Any, batches: list[Any], scheduler: Any = None) -> None:
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]  # Muon's run: Muon and AdamW
     for batch in batches:
-        optimizer.zero_grad()
+        for o in optimizers:
+            o.zero_grad()
         loss_fn(model, batch).backward()
-        optimizer.step()
+        for o in optimizers:
+            o.step()
         if scheduler is not None:
             scheduler.step()
 
@@ -78,6 +81,30 @@ OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "adagrad_lr_decay_initial_accumulator": lambda m: torch.optim.Adagrad(
         m.parameters(), lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-3
     ),
+    # the rest of torch.optim, each group with non-default settings, in the implementation functrain continues
+    "radam_two_groups_foreach": lambda m: two_groups(
+        m, torch.optim.RAdam, {"weight_decay": 0.01, "decoupled_weight_decay": True}, {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6}, lr=1e-2, foreach=True
+    ),
+    "nadam_two_groups": lambda m: two_groups(
+        m, torch.optim.NAdam, {"weight_decay": 0.01, "momentum_decay": 8e-3}, {"lr": 3e-3, "decoupled_weight_decay": True, "weight_decay": 0.1, "betas": (0.8, 0.99)}, lr=1e-2
+    ),
+    "adamax_two_groups_foreach_maximize": lambda m: two_groups(
+        m, torch.optim.Adamax, {"weight_decay": 1e-3, "eps": 1e-6}, {"betas": (0.8, 0.99), "lr": 1e-3, "maximize": True}, lr=1e-2, foreach=True
+    ),
+    "adadelta_two_groups": lambda m: two_groups(m, torch.optim.Adadelta, {"rho": 0.8, "weight_decay": 1e-3}, {"eps": 1e-5, "lr": 0.5}),
+    "asgd_two_groups_averaging": lambda m: two_groups(
+        m, torch.optim.ASGD, {"lambd": 1e-3, "alpha": 0.6, "t0": 5, "weight_decay": 1e-3}, {"lr": 0.02, "t0": 12}, lr=0.05
+    ),
+    "rprop_two_groups_foreach": lambda m: two_groups(
+        m, torch.optim.Rprop, {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)}, {"lr": 3e-3, "maximize": True}, lr=1e-2, foreach=True
+    ),
+    "adafactor_two_groups": lambda m: two_groups(
+        m, torch.optim.Adafactor, {"beta2_decay": -0.7, "d": 1.5, "weight_decay": 0.01}, {"lr": 3e-3, "eps": (1e-30, 1e-2)}, lr=1e-2
+    ),
+    "muon_with_adamw": lambda m: [
+        torch.optim.Muon([p for n, p in m.named_parameters() if p.ndim == 2], lr=0.02, weight_decay=0.05, nesterov=False, ns_steps=3, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW([p for n, p in m.named_parameters() if p.ndim != 2], lr=3e-3, betas=(0.8, 0.99)),
+    ],
 }
 
 
@@ -114,7 +141,9 @@ def test_a_functrain_run_continues_in_torch_bit_for_bit(name: str) -> None:
     state = functrain_steps(state, DATA[:STEPS])
     back = state.export_module().train()
     optimizer = make(back)
-    optimizer.load_state_dict(ft.to_torch_state_dict(state, optimizer, back))
+    exported = ft.to_torch_state_dict(state, optimizer, back)
+    for o, state_dict in zip(*((optimizer, exported) if isinstance(optimizer, list) else ([optimizer], [exported])), strict=True):
+        o.load_state_dict(state_dict)
     torch_steps(back, optimizer, DATA[STEPS:])
     assert_same_weights(dict(back.named_parameters()), reference(make))
 
@@ -219,7 +248,8 @@ def test_parameters_outside_the_optimizer_or_without_grad_stay_frozen() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda m: torch.optim.RAdam(m.parameters()), r"optimizer must be a live torch.optim.SGD, torch.optim.Adam, .*torch.optim.Adagrad and module an nn.Module, got RAdam"),
+        (lambda m: torch.optim.LBFGS(m.parameters()), r"optimizer must be a live torch.optim.SGD, .*torch.optim.Muon \(or a list of them over disjoint parameters\) and module an nn.Module, got LBFGS"),
+        (lambda m: [torch.optim.SGD(m.parameters()), torch.optim.Adam(m[0].parameters())], r"optimizer\[1\] updates parameters an earlier optimizer also updates"),
         (lambda m: torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), r"param_groups\[0\]\['params'\]\[0\] is not a parameter of the module"),
         (lambda m: torch.optim.Adam(m.parameters(), lr=0.1), r"lr must be None, a float, a schedule or one per parameter group \(1\), got lr=\[0.1, 0.2\]"),
     ],
@@ -305,3 +335,79 @@ def test_a_default_fused_sgd_or_adagrad_run_continues_in_torchs_fused_class(tx: 
         optimizer.step()
     for name, value in full.params.items():
         assert torch.equal(dict(model.named_parameters())[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda m: torch.optim.RAdam(m.parameters()), r"torch's RAdam runs its single-tensor \(foreach=False, the CPU default\) implementation, which rounds differently .*build the torch optimizer with foreach=True"),
+        (lambda m: torch.optim.NAdam(m.parameters(), foreach=True), r"torch's NAdam runs its foreach \(foreach=True\) implementation.*functrain's nadam continues bit for bit; build the torch optimizer with foreach=False"),
+        (lambda m: torch.optim.ASGD(m.parameters(), foreach=True), r"torch's ASGD runs its foreach"),
+        (lambda m: torch.optim.Adafactor(m.parameters(), foreach=True), r"torch's Adafactor runs its foreach"),
+        (lambda m: torch.optim.Adam(m.parameters(), differentiable=True), r"differentiable=True: functrain's updates are pure functions of tensors"),
+        (lambda m: torch.optim.Adadelta(m.parameters(), capturable=True), r"capturable=True: functrain's steps never read a count or a step size back to the host"),
+    ],
+    ids=["radam_single", "nadam_foreach", "asgd_foreach", "adafactor_foreach", "differentiable", "capturable"],
+)
+def test_an_implementation_functrain_does_not_continue_is_refused_with_the_fix(make: Callable[[torch.nn.Module], Any], message: str) -> None:
+    model = make_model()
+    with pytest.raises(ConfigError, match=message):
+        ft.from_torch_optimizer(make(model), model)
+    state = ft.TrainState.create(make_model(), ft.sgd(0.1), loss_fn)
+    with pytest.raises(ConfigError, match=message):  # nor exported to it
+        ft.to_torch_state_dict(state, make(model), model)
+
+
+def test_a_default_radam_run_moves_once_its_group_switches_to_foreach() -> None:
+    model = make_model()
+    optimizer = torch.optim.RAdam(model.parameters(), lr=1e-2)
+    torch_steps(model, optimizer, DATA[:STEPS])  # the single-tensor loop, torch's CPU default
+    optimizer.param_groups[0]["foreach"] = True
+    state = functrain_steps(ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn), DATA[STEPS:])
+    torch_steps(model, optimizer, DATA[STEPS:])  # torch's own foreach steps from the same state
+    assert_same_weights(state.params, dict(model.named_parameters()))
+
+
+def test_a_muon_run_exports_to_its_two_torch_optimizers_from_a_plain_preset() -> None:
+    tx = ft.muon(lr=0.02, ns_steps=4, others=ft.adamw(lr=3e-3, fused=False))
+    state = functrain_steps(ft.TrainState.create(make_model(), tx, loss_fn), DATA[:STEPS])
+    back = state.export_module().train()
+
+    def pair(m: torch.nn.Module) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Muon([p for p in m.parameters() if p.ndim == 2], lr=0.02, ns_steps=4),
+            torch.optim.AdamW([p for p in m.parameters() if p.ndim != 2], lr=3e-3),
+        ]
+
+    optimizers = pair(back)
+    for o, exported in zip(optimizers, ft.to_torch_state_dict(state, optimizers, back), strict=True):
+        o.load_state_dict(exported)
+    torch_steps(back, optimizers, DATA[STEPS:])
+    assert_same_weights(dict(back.named_parameters()), reference(pair))
+
+
+def test_a_muon_run_with_its_schedulers_continues_with_one_per_optimizer() -> None:
+    def make(m: torch.nn.Module) -> list[torch.optim.Optimizer]:
+        return OPTIMIZERS["muon_with_adamw"](m)
+
+    def run(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], batches: list[Any], scheduler: Any) -> None:
+        for batch in batches:
+            for o in optimizers:
+                o.zero_grad()
+            loss_fn(model, batch).backward()
+            for o in optimizers:
+                o.step()
+            scheduler.step()
+
+    model = make_model()
+    optimizers = make(model)
+    scheduler = L.StepLR(optimizers[1], step_size=4, gamma=0.5)  # AdamW's rate decays, Muon's stays
+    run(model, optimizers, DATA[:STEPS], scheduler)
+    state = ft.from_torch_optimizer(optimizers, model, scheduler=[None, scheduler], step=STEPS).create_state(model, loss_fn)
+    state = functrain_steps(state, DATA[STEPS:])
+    expected = make_model()
+    expected_opts = make(expected)
+    run(expected, expected_opts, DATA, L.StepLR(expected_opts[1], step_size=4, gamma=0.5))
+    assert_same_weights(state.params, dict(expected.named_parameters()))
+    with pytest.raises(ConfigError, match=r"scheduler must be one live scheduler per optimizer \(2\), got 1"):
+        ft.from_torch_optimizer(optimizers, model, scheduler=scheduler)

@@ -1,7 +1,8 @@
 """The rest of torch.optim as presets: `nadam`, `adamax`, `adadelta`, `asgd`, `rprop`, `adafactor`, `muon`.
 
-Each takes the arguments of the torch.optim class of its name (the same names and defaults, less
-the implementation choices ``foreach``, ``capturable`` and ``differentiable``) and is a short chain
+Each takes the arguments of the torch.optim class of its name (the same names and defaults; the
+implementation choices ``foreach``, ``capturable`` and ``differentiable`` as
+`functrain.optim.choices` says) and is a short chain
 of the rules in `functrain.optim.update_rules` and `functrain.optim.primitives`. With a constant
 learning rate each reproduces torch's single-tensor implementation (torch's default on the CPU)
 bit for bit in float32; the README's optimizer table says where the foreach one differs.
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from functrain.errors import config_check
+from functrain.optim.choices import SINGLE_ONLY, check_choices, without_choices
 from functrain.optim.primitives import (
     Mask,
     Schedule,
@@ -81,7 +83,7 @@ def _checked(where: str, lr: LearningRate, betas: Any = (0.9, 0.999)) -> tuple[f
     return rate, pair
 
 
-@named
+@named(resolve=without_choices)
 def nadam(
     lr: LearningRate = 2e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -92,6 +94,9 @@ def nadam(
     *,
     maximize: bool = False,
     mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """NAdam (Dozat, 2016): Adam with Nesterov momentum; ``decoupled_weight_decay=True`` is NAdamW.
 
@@ -107,6 +112,11 @@ def nadam(
         decoupled_weight_decay: decay the parameters as AdamW does instead.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
+        foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
+            this preset's; ``True`` (torch's foreach form, which rounds differently) is a `ConfigError`.
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -122,6 +132,7 @@ def nadam(
         >>> ft.apply_updates(p, u)["w"]  # the first step's momentum is already Nesterov's
         tensor([0.8944])
     """
+    check_choices("nadam", foreach=foreach, capturable=capturable, differentiable=differentiable, exact=SINGLE_ONLY)
     rate, (b1, b2) = _checked("nadam", lr, betas)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     return chain(
@@ -131,7 +142,7 @@ def nadam(
     )
 
 
-@named
+@named(resolve=without_choices)
 def adamax(
     lr: LearningRate = 2e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -140,6 +151,9 @@ def adamax(
     *,
     maximize: bool = False,
     mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """Adamax (Kingma & Ba, 2015): Adam with the infinity norm in place of the second moment.
 
@@ -153,6 +167,11 @@ def adamax(
         weight_decay: L2 coefficient added to the gradient.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
+        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
+            single-tensor implementations agree).
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -168,6 +187,7 @@ def adamax(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("adamax", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, (b1, b2) = _checked("adamax", lr, betas)
     return chain(
         _maybe(maximize, scale(-1.0)),
@@ -177,7 +197,7 @@ def adamax(
     )
 
 
-@named
+@named(resolve=without_choices)
 def adadelta(
     lr: LearningRate = 1.0,
     rho: float = 0.9,
@@ -186,6 +206,9 @@ def adadelta(
     *,
     maximize: bool = False,
     mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """Adadelta (Zeiler, 2012): steps scaled by the RMS of past steps over the RMS of gradients.
 
@@ -200,6 +223,11 @@ def adadelta(
         weight_decay: L2 coefficient added to the gradient.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
+        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
+            single-tensor implementations agree).
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -215,6 +243,7 @@ def adadelta(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.0513])
     """
+    check_choices("adadelta", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, _ = _checked("adadelta", lr)
     return chain(
         _maybe(maximize, scale(-1.0)),
@@ -224,7 +253,7 @@ def adadelta(
     )
 
 
-@named
+@named(resolve=without_choices)
 def asgd(
     lr: LearningRate = 1e-2,
     lambd: float = 1e-4,
@@ -234,6 +263,9 @@ def asgd(
     *,
     maximize: bool = False,
     mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """Averaged SGD (Polyak & Juditsky, 1992); the average of the parameters is the state's ``ax``.
 
@@ -248,6 +280,11 @@ def asgd(
         weight_decay: L2 coefficient added to the gradient.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
+        foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
+            this preset's; ``True`` (torch's foreach form, which rounds differently) is a `ConfigError`.
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -263,6 +300,7 @@ def asgd(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("asgd", foreach=foreach, capturable=capturable, differentiable=differentiable, exact=SINGLE_ONLY)
     rate, _ = _checked("asgd", lr)
     return chain(
         _maybe(maximize, scale(-1.0)),
@@ -271,13 +309,16 @@ def asgd(
     )
 
 
-@named
+@named(resolve=without_choices)
 def rprop(
     lr: LearningRate = 1e-2,
     etas: tuple[float, float] = (0.5, 1.2),
     step_sizes: tuple[float, float] = (1e-6, 50.0),
     *,
     maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """Rprop (Riedmiller & Braun, 1993): per-element step sizes adapted by the sign of the gradient.
 
@@ -289,6 +330,11 @@ def rprop(
         etas: ``(etaminus, etaplus)``, the multiplicative decrease and increase factors.
         step_sizes: ``(min, max)`` allowed step sizes.
         maximize: ascend the objective.
+        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
+            single-tensor implementations agree).
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -304,11 +350,12 @@ def rprop(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("rprop", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, _ = _checked("rprop", lr)
     return chain(_maybe(maximize, scale(-1.0)), scale_by_rprop(rate, etas, step_sizes))
 
 
-@named
+@named(resolve=without_choices)
 def adafactor(
     lr: LearningRate = 1e-2,
     beta2_decay: float = -0.8,
@@ -318,6 +365,7 @@ def adafactor(
     *,
     maximize: bool = False,
     mask: Mask = None,
+    foreach: bool | None = None,
 ) -> Transform:
     """Adafactor (Shazeer & Stern, 2018) as ``torch.optim.Adafactor``: factored second moments, relative steps.
 
@@ -335,6 +383,8 @@ def adafactor(
         weight_decay: decoupled decay coefficient.
         maximize: ascend the objective.
         mask: which parameters decay.
+        foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
+            this preset's; ``True`` (torch's foreach form, which rounds differently) is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -351,6 +401,7 @@ def adafactor(
         tensor([[0.9000, 0.9000],
                 [0.9000, 0.9000]])
     """
+    check_choices("adafactor", foreach=foreach, exact=SINGLE_ONLY)
     rate, _ = _checked("adafactor", lr)
     return chain(
         _maybe(maximize, scale(-1.0)),

@@ -4,9 +4,9 @@ With a constant learning rate, `sgd`, `adam`, `adamw` and `adagrad` run torch's 
 default and reproduce ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
 ``fused=False`` they, like `radam` and `rmsprop`, reproduce the matching `torch.optim` class's
 foreach implementation (``foreach=True``, float32) bit for bit. Each takes the arguments of its
-torch constructor under torch's names and defaults (``betas`` as `b1`, `b2`), except torch's
-implementation choices (``foreach``, ``capturable``, ``differentiable``; ``fused`` where functrain
-has no fused path).
+torch constructor under torch's names and defaults (``betas`` as `b1`, `b2`); torch's
+implementation choices (``foreach``, ``capturable``, ``differentiable``) select the matching path
+or raise a `ConfigError` that says why there is none (`functrain.optim.choices`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from functrain.errors import config_check
+from functrain.optim.choices import EXACT_BOTH, FOREACH_ONLY, check_choices, without_choices
 from functrain.optim.fused import fused_adagrad, fused_adam, fused_sgd
 from functrain.optim.sweep import Sweep
 from functrain.optim.transform import named, Transform, chain, identity
@@ -78,7 +79,7 @@ def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: floa
     config_check(problems, where)
 
 
-@named(added={"fused": False, "maximize": False})
+@named(added={"fused": False, "maximize": False}, resolve=without_choices)
 def sgd(
     lr: LearningRate = 1e-3,
     momentum: float = 0.0,
@@ -89,6 +90,8 @@ def sgd(
     mask: Mask = None,
     maximize: bool = False,
     fused: bool | None = True,
+    foreach: bool | None = None,
+    differentiable: bool = False,
 ) -> Transform:
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
 
@@ -109,6 +112,9 @@ def sgd(
             It runs without dampening only: torch's kernel takes the first step from a host-side
             flag. ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch.
             ``None`` (torch's default) chooses the kernel.
+        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
+            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -124,6 +130,8 @@ def sgd(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("sgd", foreach=foreach, differentiable=differentiable)
+    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
     if (fused or fused is None) and not dampening:
         return fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize)
@@ -135,7 +143,7 @@ def sgd(
     )
 
 
-@named(added={"fused": False, "maximize": False, "decoupled_weight_decay": False})
+@named(added={"fused": False, "maximize": False, "decoupled_weight_decay": False}, resolve=without_choices)
 def adam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -148,6 +156,9 @@ def adam(
     fused: bool | None = True,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """Adam (Kingma & Ba, 2015) with optional L2 weight decay added to the gradient.
 
@@ -169,6 +180,11 @@ def adam(
             differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals ``AdamW``).
+        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
+            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -184,6 +200,8 @@ def adam(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("adam", foreach=foreach, capturable=capturable, differentiable=differentiable)
+    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adam", lr)
     b1, b2 = _value(b1), _value(b2)
     if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
@@ -199,7 +217,7 @@ def adam(
     )
 
 
-@named(added={"fused": False, "maximize": False})
+@named(added={"fused": False, "maximize": False}, resolve=without_choices)
 def adamw(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -211,6 +229,9 @@ def adamw(
     mask: Mask = None,
     fused: bool | None = True,
     maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
 
@@ -231,6 +252,11 @@ def adamw(
             ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
             differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
+        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
+            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -250,6 +276,8 @@ def adamw(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("adamw", foreach=foreach, capturable=capturable, differentiable=differentiable)
+    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adamw", lr)
     b1, b2 = _value(b1), _value(b2)
     if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
@@ -268,7 +296,7 @@ def _adamw_chain(lr: LearningRate, b1: float, b2: float, eps: float, weight_deca
     )
 
 
-@named(added=("maximize", "decoupled_weight_decay"))
+@named(added=("maximize", "decoupled_weight_decay"), resolve=without_choices)
 def radam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -279,6 +307,9 @@ def radam(
     mask: Mask = None,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """RAdam (Liu et al., 2020): Adam with a rectified variance estimate, plain momentum early on.
 
@@ -295,6 +326,11 @@ def radam(
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters rather than add to the gradient.
+        foreach: torch's implementation choice; ``True`` (or None) is this preset's;
+            ``False`` (torch's single-tensor loop, which rounds the step differently) is a `ConfigError`.
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -310,6 +346,7 @@ def radam(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("radam", foreach=foreach, capturable=capturable, differentiable=differentiable, exact=FOREACH_ONLY)
     _check_renamed("radam", lr)
     decay = _maybe(weight_decay, add_decayed_weights(weight_decay, mask))
     return chain(
@@ -319,7 +356,7 @@ def radam(
     )
 
 
-@named(added=("maximize",))
+@named(added=("maximize",), resolve=without_choices)
 def rmsprop(
     lr: LearningRate = 1e-2,
     alpha: float = 0.99,
@@ -330,6 +367,9 @@ def rmsprop(
     weight_decay: float = 0.0,
     mask: Mask = None,
     maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Transform:
     """RMSprop (Hinton, 2012), optionally centered and with momentum.
 
@@ -345,6 +385,11 @@ def rmsprop(
         weight_decay: L2 coefficient added to the gradient.
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
+        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
+            single-tensor implementations agree).
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -360,6 +405,7 @@ def rmsprop(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9900])
     """
+    check_choices("rmsprop", foreach=foreach, capturable=capturable, differentiable=differentiable)
     _check_renamed("rmsprop", lr, momentum)
     return chain(
         *_ascent(maximize),
@@ -370,7 +416,7 @@ def rmsprop(
     )
 
 
-@named(added={"fused": False, "maximize": False})
+@named(added={"fused": False, "maximize": False}, resolve=without_choices)
 def adagrad(
     lr: LearningRate = 1e-2,
     eps: float = 1e-10,
@@ -381,6 +427,8 @@ def adagrad(
     mask: Mask = None,
     maximize: bool = False,
     fused: bool | None = True,
+    foreach: bool | None = None,
+    differentiable: bool = False,
 ) -> Transform:
     """Adagrad (Duchi et al., 2011).
 
@@ -400,6 +448,9 @@ def adagrad(
             and sums, in place in a donated step; see `functrain.optim.fused`). ``False``: the
             foreach chain of primitives, exact to ``foreach=True`` in torch. ``None`` (torch's
             default) chooses the kernel.
+        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
+            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
         A `Transform`.
@@ -415,6 +466,8 @@ def adagrad(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
+    check_choices("adagrad", foreach=foreach, differentiable=differentiable)
+    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adagrad", lr)
     if fused or fused is None:
         return fused_adagrad(lr, eps, lr_decay, initial_accumulator_value, weight_decay, mask=mask, maximize=maximize)

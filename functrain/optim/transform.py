@@ -156,7 +156,12 @@ class Transform(NamedTuple):
     selecting the previous state with `torch.where` (they still zero updates of the other forms)."""
 
 
-def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, ...] | dict[str, Any] = ()) -> Any:
+def named(
+    factory: Callable[..., Transform] | None = None,
+    *,
+    added: tuple[str, ...] | dict[str, Any] = (),
+    resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Any:
     """Decorate a transform factory so its transforms carry their call, e.g. ``adamw(lr=0.001, ...)``.
 
     The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
@@ -164,29 +169,40 @@ def named(factory: Callable[..., Transform] | None = None, *, added: tuple[str, 
     version introduced, as ``@named(added=("fused",))``) are left out of the name while at their
     default, so checkpoints written before they existed still load; a dict names the value to
     leave out instead (``added={"fused": False}``: what the name meant before the argument existed,
-    whatever its default is now).
+    whatever its default is now). `resolve` rewrites the bound arguments before they are named
+    (`functrain.optim.choices.without_choices`: torch's implementation choices, which change no
+    number, leave the name as the configuration they select).
     """
     if factory is None:
-        return functools.partial(named, added=added)
+        return functools.partial(named, added=added, resolve=resolve)
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Transform:
-        return factory(*args, **kwargs)._replace(name=describe_call(factory, signature, args, kwargs, added))
+        return factory(*args, **kwargs)._replace(name=describe_call(factory, signature, args, kwargs, added, resolve))
 
     return wrapper
 
 
-def describe_call(factory: Callable[..., Any], signature: inspect.Signature, args: tuple, kwargs: dict[str, Any], added: tuple[str, ...] | dict[str, Any] = ()) -> str:
+def describe_call(
+    factory: Callable[..., Any],
+    signature: inspect.Signature,
+    args: tuple,
+    kwargs: dict[str, Any],
+    added: tuple[str, ...] | dict[str, Any] = (),
+    resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> str:
     """``factory(name=value, ...)`` with every argument, defaults included (names of transforms, schedules).
 
-    Arguments in `added` are left out while they equal their default (or, `added` a dict, the value it gives).
+    Arguments in `added` are left out while they equal their default (or, `added` a dict, the value
+    it gives); `resolve`, if given, rewrites the bound arguments first.
     """
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
+    arguments = dict(bound.arguments) if resolve is None else resolve(dict(bound.arguments))
     silent = added if isinstance(added, dict) else {key: signature.parameters[key].default for key in added}
     parts = []
-    for key, value in bound.arguments.items():
+    for key, value in arguments.items():
         if key in silent and value == silent[key]:
             continue
         kind = signature.parameters[key].kind

@@ -15,6 +15,12 @@ Two kinds live here:
   `scale_by_adjusted_learning_rate`: a rate per matrix shape). They emit `NewParams`, computed with
   torch's own final ops; their state exposes the metric ``lr``.
 
+Adamax, Adadelta and NAdam run tensor by tensor, as torch's single-tensor loops do, and keep the
+temporaries torch allocates per parameter in memory the update owns: a new state tensor's own buffer
+before its value is written (Adamax, Adadelta), or one freed before the next tensor's (NAdam). An
+update that allocates every temporary of every tensor at once makes the allocator hand fresh pages
+back and forth (page faults each step, measured on the CPU); the roundings are torch's either way.
+
 A step size that torch reads back to the host (``tensor.item()``) stays a 0-d tensor here; on the
 CPU the final ``add(alpha=)`` takes it as torch's kernel takes a Python number (reading a CPU
 scalar is a load, not a device sync), elsewhere it is one fused multiply-add through `addcmul`.
@@ -87,8 +93,11 @@ def _add_scaled_(out: torch.Tensor, direction: torch.Tensor, alpha: float | torc
     out.add_(direction, alpha=alpha)
 
 
-def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: torch.Tensor) -> None:
+def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: float | torch.Tensor) -> None:
     """``out += (value * num) / den``, as torch's ``addcdiv_(num, den, value=...)`` rounds it."""
+    if not isinstance(value, torch.Tensor):
+        out.addcdiv_(num, den, value=value)
+        return
     if _host_scalars(value):
         torch._foreach_addcdiv_([out], [num], [den], value.to(torch.float64).reshape(1))
         return
@@ -171,14 +180,15 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
     def update_fn(updates: Any, state: ScaleByAdamaxState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdamaxState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
-        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        magnitude = torch._foreach_abs(g)
-        torch._foreach_add_(magnitude, eps)
-        nu_inf = torch._foreach_mul(state.nu_inf, b2)
-        for nu, m in zip(nu_inf, magnitude, strict=True):
-            torch.maximum(nu, m, out=nu)  # torch's kernel; _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
+        mu, nu_inf = [], []
+        for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
+            new_mu = torch.empty_like(grad)
+            magnitude = torch.abs(grad, out=new_mu).add_(eps)  # the new moment's buffer holds torch's temporary first
+            nu = torch.mul(n, b2)
+            nu_inf.append(torch.maximum(nu, magnitude, out=nu))  # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
+            mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
         bc1 = 1 - _pow(b1, _f64(count))
-        return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, mu, tuple(nu_inf))
+        return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
 
     return Transform(init_fn, update_fn)
 
@@ -223,18 +233,17 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
 
     def update_fn(updates: Any, state: ScaleByAdadeltaState, params: Tree | None = None) -> tuple[Tree, ScaleByAdadeltaState]:
         g, spec = flat_updates(updates, params)
-        square_avg = torch._foreach_mul(state.square_avg, rho)
-        torch._foreach_addcmul_(square_avg, g, g, value=1 - rho)
-        std = torch._foreach_add(square_avg, eps)
-        torch._foreach_sqrt_(std)
-        delta = torch._foreach_add(state.acc_delta, eps)
-        torch._foreach_sqrt_(delta)
-        torch._foreach_div_(delta, std)
-        torch._foreach_mul_(delta, g)
-        acc_delta = torch._foreach_mul(state.acc_delta, rho)
-        torch._foreach_addcmul_(acc_delta, delta, delta, value=1 - rho)
+        square_avg, acc_delta, deltas = [], [], []
+        for sq, acc, grad in zip(state.square_avg, state.acc_delta, g, strict=True):  # tensor by tensor, as torch
+            sq = torch.mul(sq, rho).addcmul_(grad, grad, value=1 - rho)
+            new_acc = torch.empty_like(grad)
+            std = torch.add(sq, eps, out=new_acc).sqrt_()  # the new average's buffer holds torch's temporary first
+            delta = torch.add(acc, eps).sqrt_().div_(std).mul_(grad)
+            acc_delta.append(torch.mul(acc, rho, out=new_acc).addcmul_(delta, delta, value=1 - rho))
+            square_avg.append(sq)
+            deltas.append(delta)
         new_state = ScaleByAdadeltaState(state.count + 1, tuple(square_avg), tuple(acc_delta))
-        return tree_unflatten(list(delta), spec), new_state
+        return tree_unflatten(deltas, spec), new_state
     return Transform(init_fn, update_fn)
 
 
@@ -332,17 +341,6 @@ class NadamStepState(NamedTuple):
         return {"lr": self.lr}
 
 
-def _addcdiv_all_(outs: list[torch.Tensor], nums: Sequence[torch.Tensor], dens: Sequence[torch.Tensor], value: torch.Tensor) -> None:
-    """Each ``out += (value * num) / den``, as torch's ``addcdiv_(num, den, value=...)`` rounds it."""
-    if not outs:
-        return
-    if _host_scalars(value):
-        torch._foreach_addcdiv_(outs, list(nums), list(dens), value.to(torch.float64).reshape(1).repeat(len(outs)))
-        return
-    for out, num, den in zip(outs, nums, dens, strict=True):
-        _addcdiv_(out, num, den, value)
-
-
 @named
 def nadam_step(
     learning_rate: LearningRate = 2e-3,
@@ -408,16 +406,18 @@ def nadam_step(
         mu_t = b1 * (1.0 - 0.5 * _pow(0.96, step * momentum_decay))
         mu_next = b1 * (1.0 - 0.5 * _pow(0.96, (step + 1) * momentum_decay))
         mu_product = state.mu_product * mu_t.to(torch.float32)
-        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        nu = torch._foreach_mul(state.nu, b2)
-        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
-        den = [torch.div(v, bc2.to(v.dtype)).sqrt_().add_(eps) for v in nu]
         product = mu_product.double()
         grad_step = (-lr * (1.0 - mu_t)) / (1.0 - product)
         momentum_step = (-lr * mu_next) / (1.0 - product * mu_next)
         new = _decayed(p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params))
-        _addcdiv_all_(new, g, den, grad_step)
-        _addcdiv_all_(new, mu, den, momentum_step)
+        steps = _per_leaf(torch.stack([grad_step, momentum_step]))  # Python floats on the CPU (one load), as torch's
+        mu, nu = [], []
+        for m, v, grad, out in zip(state.mu, state.nu, g, new, strict=True):  # tensor by tensor, as torch
+            mu.append(torch.lerp(m, grad, 1 - b1))
+            nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
+            den = torch.div(nu[-1], bc2.to(v.dtype)).sqrt_().add_(eps)  # freed before the next tensor's, as torch's
+            _addcdiv_(out, grad, den, steps[0])
+            _addcdiv_(out, mu[-1], den, steps[1])
         return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
 
     return Transform(init_fn, update_fn)

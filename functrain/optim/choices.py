@@ -1,0 +1,79 @@
+"""torch's implementation choices (``foreach``, ``capturable``, ``differentiable``) as the presets meet them.
+
+They choose how torch computes an update, not what it computes, so a preset takes each under
+torch's name and default and either picks the path that gives torch's bits for it or says, in a
+`ConfigError`, why there is none and what to write:
+
+* ``foreach``: on the CPU torch's foreach and single-tensor implementations give the same bits for
+  SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta and Rprop, and so does functrain's
+  ``fused=False`` chain: either value selects it (for the presets with a fused default too).
+  RAdam's single-tensor loop and NAdam's, ASGD's and Adafactor's foreach forms round differently
+  from the one functrain follows: that value is refused. ``None`` is functrain's default.
+* ``capturable=True``: torch's mode for CUDA graphs, where counts and step sizes stay on the device.
+  functrain's steps never read them back to the host anyway; the flag has nothing to switch on.
+* ``differentiable=True``: torch's autograd through the optimizer step. functrain's updates run
+  outside the step's autograd graph; there is no differentiable mode to select.
+
+Neither value changes the numbers, so none of them is part of a transform's name (`without_choices`):
+``adamw(foreach=True)`` is named, and checkpoints, as ``adamw(fused=False)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from functrain.errors import config_check
+
+__all__ = ["check_choices", "without_choices", "EXACT_BOTH", "FOREACH_ONLY", "SINGLE_ONLY"]
+
+EXACT_BOTH = frozenset({True, False})  # foreach values whose torch bits functrain gives
+FOREACH_ONLY = frozenset({True})
+SINGLE_ONLY = frozenset({False})
+
+_WHY = {
+    "capturable": "functrain's steps keep counts and step sizes as tensors and never read them back to the host, "
+    "so a step runs under torch.compile or a CUDA graph as it is; leave capturable out",
+    "differentiable": "functrain's updates run outside the step's autograd graph and offer no mode that "
+    "differentiates through them; leave differentiable out",
+}
+
+
+def check_choices(where: str, *, foreach: bool | None = None, capturable: bool = False, differentiable: bool = False, exact: frozenset[bool] = EXACT_BOTH) -> None:
+    """Raise a `ConfigError` for each choice the preset `where` has no path for.
+
+    Args:
+        where: the preset's name, as torch names its class in lower case.
+        foreach: torch's ``foreach`` as the user passed it.
+        capturable: torch's ``capturable``.
+        differentiable: torch's ``differentiable``.
+        exact: the ``foreach`` values whose torch implementation the preset reproduces bit for bit.
+
+    Raises:
+        ConfigError: ``capturable`` or ``differentiable`` is set, or ``foreach`` names an
+            implementation that rounds differently from the one the preset follows.
+
+    Example:
+        >>> check_choices("nadam", foreach=False, exact=SINGLE_ONLY)  # torch's single-tensor loop: nadam's own
+        >>> check_choices("adam", capturable=True)
+        Traceback (most recent call last):
+        ...
+        functrain.errors.ConfigError: invalid arguments to adam:
+          - capturable=True: functrain's steps keep counts and step sizes as tensors and never read them back to the host, so a step runs under torch.compile or a CUDA graph as it is; leave capturable out
+    """
+    problems = [f"{flag}=True: {why}" for flag, why in _WHY.items() if {"capturable": capturable, "differentiable": differentiable}[flag]]
+    if foreach is not None and foreach not in exact:
+        follows = "foreach (foreach=True)" if True in exact else "single-tensor loop (foreach=False, torch's CPU default)"
+        other = "foreach" if foreach else "single-tensor"
+        problems.append(
+            f"foreach={foreach!r}: torch's {other} {where} rounds differently from its {follows}, which {where} follows bit for bit; "
+            f"pass foreach={not foreach!r} or leave it out"
+        )
+    config_check(problems, where)
+
+
+def without_choices(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A preset's arguments as its name records them: the choices dropped, ``foreach`` as ``fused=False``."""
+    out = {key: value for key, value in arguments.items() if key not in ("foreach", "capturable", "differentiable")}
+    if arguments.get("foreach") is not None and "fused" in out:
+        out["fused"] = False
+    return out
