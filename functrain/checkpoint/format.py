@@ -591,7 +591,7 @@ def _check_sharded_entry(key: str, info: dict[str, Any], files: Mapping[str, Any
     where = f"{MANIFEST}: index entry for sharded tensor {key[:100]!r}"
     if set(info) != {"dtype", "shape", "shards"} or not isinstance(info["shards"], list) or len(info["shards"]) > MAX_FILES:
         raise CheckpointCorruptError(f"{where}: expected dtype, shape and a list of at most {MAX_FILES} shards, got {str(info)[:200]}")
-    _check_index_entry(key, {"file": None, "dtype": info["dtype"], "shape": info["shape"]}, {None: {}})
+    _check_index_entry(key, {"file": "", "dtype": info["dtype"], "shape": info["shape"]}, {"": {}})
     shape, end, seen = info["shape"], 0, set()
     for shard in info["shards"]:
         if not isinstance(shard, dict) or set(shard) != {"file", "offset", "extent", "blake3"}:

@@ -1,0 +1,138 @@
+"""Run by tests/test_sharded_checkpoints.py under `torch.distributed.run`: one scenario per launch.
+
+Usage: python -m torch.distributed.run --nproc_per_node=N shard_worker.py SCENARIO DIR
+Trees of hand-built DTensors (torch.chunk's uneven split along dim 0) are saved and loaded; every
+check runs on every rank, and a rank whose check fails exits non-zero. What a test reads back (the
+errors each rank saw) is written as JSON under DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+import functrain as ft
+from functrain.checkpoint.sharded import chunk_rows
+
+torch.set_num_threads(1)
+
+
+def sharded(full: torch.Tensor, mesh) -> DTensor:
+    start, stop = chunk_rows(full.shape[0], mesh.size(), mesh.get_local_rank())
+    return DTensor.from_local(full[start:stop].clone(), mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+
+
+def full_tree(version: int) -> dict:
+    """The global values of the tree every scenario saves (version tells two saves apart)."""
+    return {
+        "params": {"w": torch.arange(30.0).view(10, 3) + version, "e": torch.arange(3.0) * (version + 1), "h": (torch.arange(14.0).view(7, 2) / 3).to(torch.bfloat16)},
+        "moments": [torch.linspace(0, 1, 5) * version, torch.zeros(0, 4)],
+        "plain": torch.full((4,), float(version)),
+        "replicated": torch.ones(2) * version,
+        "count": torch.tensor(version),
+        "note": f"v{version}",
+    }
+
+
+def as_sharded(tree: dict, mesh, plain_params: bool = False) -> dict:
+    """Params and moments sharded (params plain with `plain_params`), "replicated" a replicated DTensor."""
+    shard = lambda t: sharded(t, mesh)  # noqa: E731
+    return {
+        "params": {k: v.clone() if plain_params else shard(v) for k, v in tree["params"].items()},
+        "moments": [shard(t) for t in tree["moments"]],
+        "plain": tree["plain"].clone(),
+        "replicated": DTensor.from_local(tree["replicated"].clone(), mesh, [Replicate()], run_check=False),
+        "count": tree["count"].clone(),
+        "note": tree["note"],
+    }
+
+
+def check_equal(got, want, where: str = "") -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
+        for k in want:
+            check_equal(got[k], want[k], f"{where}/{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            check_equal(g, w, f"{where}/{i}")
+    elif isinstance(want, DTensor):
+        assert isinstance(got, DTensor), (where, type(got))
+        assert got.placements == want.placements and got.shape == want.shape, (where, got.placements, got.shape)
+        assert got._local_tensor.dtype == want._local_tensor.dtype and torch.equal(got._local_tensor, want._local_tensor), (where, got._local_tensor, want._local_tensor)
+    elif isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and not isinstance(got, DTensor), (where, type(got))
+        assert got.dtype == want.dtype and torch.equal(got, want), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+def outcome(fn) -> dict:
+    try:
+        fn()
+    except ft.FunctrainError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": None}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    ft.distributed.init_from_env()
+    rank, world = ft.distributed.rank_and_world()
+    mesh = init_device_mesh("cpu", (world,))
+    report: dict = {}
+    if scenario == "write":
+        # two saves at one path; the second replaces the first atomically
+        path = out / f"w{world}"
+        for version in (1, 2):
+            ft.save(as_sharded(full_tree(version), mesh), path)
+            check_equal(ft.load(path, like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(version), mesh))
+        # a plain template on every rank reads every shard: the global tensors
+        check_equal(ft.load(path, like=full_tree(0)), full_tree(2))
+        # a failure on one rank (before the commit) fails the save on every rank; v2 stays
+        def failing():
+            if rank == world - 1:
+                raise OSError("disk full (simulated)")
+        from functrain.checkpoint.sharded import write_sharded
+        report["failed_save"] = outcome(lambda: write_sharded(path, as_sharded(full_tree(3), mesh), before_commit=failing))
+        check_equal(ft.load(path, like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(2), mesh))
+        report["leftovers"] = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".tmp-"))
+        # params plain (mode "optimizer"): only the moments are sharded
+        ft.save(as_sharded(full_tree(4), mesh, plain_params=True), out / f"w{world}-optimizer")
+    elif scenario == "read":
+        # checkpoints of other world sizes and modes, and a single process's, into this world's templates
+        for name in sorted(os.listdir(out)):
+            if name.startswith("w") or name == "single":
+                version = 4 if name.endswith("-optimizer") else 2
+                for plain_params in (False, True):
+                    got = ft.load(out / name, like=as_sharded(full_tree(0), mesh, plain_params=plain_params))
+                    check_equal(got, as_sharded(full_tree(version), mesh, plain_params=plain_params))
+        for name in sorted(os.listdir(out)):
+            if name.startswith("attack-"):
+                report[name] = outcome(lambda: ft.load(out / name, like=as_sharded(full_tree(0), mesh)))
+        ft.save(as_sharded(full_tree(2), mesh), out / f"w{world}")
+    elif scenario == "kill":
+        path = out / "ckpt"
+        ft.save(as_sharded(full_tree(1), mesh), path)
+        from functrain.checkpoint.sharded import write_sharded
+
+        def die():
+            if rank == world - 1:
+                os._exit(17)  # killed after writing its shards, before the manifest
+
+        write_sharded(path, as_sharded(full_tree(2), mesh), before_commit=die)
+        raise AssertionError("the save went on without the killed rank")
+    (out / f"report-{scenario}-{world}-rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
