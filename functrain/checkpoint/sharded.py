@@ -57,6 +57,7 @@ from functrain.checkpoint.format import (
     read_tree,
 )
 from functrain.checkpoint.tensorfile import _bytes_of
+from functrain.core.holds import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import leaves_by_path
 
@@ -67,20 +68,6 @@ Tree = Any
 
 # ---------------------------------------------------------------------------------------------
 # sharded leaves
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without distributed
-        return None
-    return DTensor
-
-
-def is_sharded(x: Any) -> bool:
-    """Whether `x` is a `DTensor` (sharded or replicated over a mesh)."""
-    cls = _dtensor_type()
-    return cls is not None and isinstance(x, cls)
 
 
 def has_dtensors(tree: Tree) -> bool:

@@ -54,6 +54,29 @@ def as_sharded(tree: dict, mesh, plain_params: bool = False) -> dict:
     }
 
 
+def model_state(mesh, step: int) -> ft.TrainState:
+    """A TrainState whose parameters are sharded by hand (the step's own sharding aside), at `step`."""
+    torch.manual_seed(0)
+    state = ft.TrainState.create(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)), ft.sgd(0.1), lambda m, b: m(b).sum())
+    params = {k: sharded(v + step, mesh) for k, v in state.params.items()}
+    return state.replace(params=params, step=torch.tensor(step), epoch_step=torch.tensor(step))
+
+
+def check_managed(out, mesh, rank: int, report: dict) -> None:
+    """CheckpointManager(sharded=True), async: rotation, best, latest, restore; one writer per directory."""
+    directory = out / "managed"
+    with ft.CheckpointManager(directory, keep_last=2, best_metric="loss", async_save=True, sharded=True) as manager:
+        for step, loss in zip((1, 2, 3, 4), (3.0, 1.0, 2.0, 4.0)):
+            manager.save(model_state(mesh, step), metrics={"loss": loss})
+        report["second_writer"] = outcome(lambda: ft.CheckpointManager(directory, sharded=True))
+    reader = ft.CheckpointManager(directory, readonly=True, best_metric="loss")
+    report["kept"] = [p.name for p in reader.all()]
+    report["best"], report["latest"] = reader.best().name, reader.latest().name
+    template = model_state(mesh, 0)
+    check_equal(reader.restore_latest(like=template).params, model_state(mesh, 4).params)
+    check_equal(ft.load(reader.best(), like=template).params, model_state(mesh, 2).params)
+
+
 def check_equal(got, want, where: str = "") -> None:
     if isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
@@ -103,9 +126,16 @@ def main() -> None:
         from functrain.checkpoint.sharded import write_sharded
         report["failed_save"] = outcome(lambda: write_sharded(path, as_sharded(full_tree(3), mesh), before_commit=failing))
         check_equal(ft.load(path, like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(2), mesh))
+        from functrain.checkpoint.files import wait_for_removals
+
+        wait_for_removals()  # rank 0 deletes the checkpoint v2 displaced in the background
+        dist.barrier()
         report["leftovers"] = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".tmp-"))
         # params plain (mode "optimizer"): only the moments are sharded
         ft.save(as_sharded(full_tree(4), mesh, plain_params=True), out / f"w{world}-optimizer")
+        if (out / "single").exists():  # one process's checkpoint, on these ranks
+            check_equal(ft.load(out / "single", like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(2), mesh))
+        check_managed(out, mesh, rank, report)
     elif scenario == "read":
         # checkpoints of other world sizes and modes, and a single process's, into this world's templates
         for name in sorted(os.listdir(out)):
