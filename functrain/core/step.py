@@ -23,6 +23,7 @@ from torch import nn
 
 from functrain.core.binding import call_with
 from functrain.core.holds import wait_until_unheld
+from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
@@ -210,7 +211,12 @@ def _functional() -> bool:
 
 
 def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    gather = state.dist is not None and state.dist.sharding == "full"
+
     def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        if gather:
+            # "full" sharding: each parameter is all-gathered where it is used; its gradient comes back reduce-scattered
+            params = {k: sharding_.for_compute(p) for k, p in params.items()}
         loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
@@ -233,10 +239,45 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
     grads, loss, aux = _gradients(state, batch, buffers, scale)
-    if state.dist is not None:
-        # before clipping and the optimizer: every rank then computes the same update
-        grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, state.dist)
+    config = state.dist
+    sharding = config.sharding if config is not None else None
+    if sharding is not None:
+        # from here on this rank works on its slices only (`functrain.distributed.sharding`)
+        grads, whole = sharding_.split_gradients(grads, sharding, config.mesh)
+        whole, buffers, scalars = average_step(whole, buffers, {"loss": loss, **aux}, config)
+        grads = {k: grads[k] if k in grads else whole[k] for k in state.params}
         loss, aux = scalars.pop("loss"), scalars
+        with sharding_.norms_over_shards(config.group):
+            new, metrics = _update(_local_view(state), grads, buffers, loss, aux, scale, batch)
+        new["params"] = sharding_.placed_params(new["params"], state.params, sharding, config.mesh)
+        new["opt_state"] = sharding_.like_tree(new["opt_state"], state.opt_state)
+    else:
+        if config is not None:
+            # before clipping and the optimizer: every rank then computes the same update
+            grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, config)
+            loss, aux = scalars.pop("loss"), scalars
+        new, metrics = _update(state, grads, buffers, loss, aux, scale, batch)
+    new["ema_state"] = _ema(state, new["params"], new.pop("applied"))
+    return new, metrics
+
+
+def _local_view(state: TrainState) -> TrainState:
+    """`state` with the parameters and optimizer state this rank updates, as plain tensors."""
+    config = state.dist
+    return state.replace(params=sharding_.local_params(state.params, config.sharding, config.mesh), opt_state=sharding_.local_tree(state.opt_state))
+
+
+def _ema(state: TrainState, params: dict[str, torch.Tensor], applied: torch.Tensor | None) -> Any:
+    """The EMA after the update, on the slices where it is sharded (``"full"``), else whole."""
+    if state.ema_state is None:
+        return None
+    local = sharding_.local_tree
+    _, ema_state = state.averager.update(local(params), local(state.ema_state), keep=applied)
+    return sharding_.like_tree(ema_state, state.ema_state)
+
+
+def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor], scale: torch.Tensor | None, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Clipping, the optimizer and the counters, from the (averaged) gradients; the EMA's gate as ``"applied"``."""
     grad_list = list(grads.values())
     grad_norm = global_norm(grad_list)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it again
@@ -260,15 +301,11 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
         # a batch with non-finite statistics must not enter the running averages either
         buffers = {n: torch.where(torch.isfinite(b).all(), b, state.buffers[n]) if b.is_floating_point() else b for n, b in buffers.items()}
-    ema_state = state.ema_state
-    if ema_state is not None:
-        applied = _and(completed, ~skipped if skipped is not None else None)
-        _, ema_state = state.averager.update(params, ema_state, keep=applied)
     new = {
         "params": params,
         "buffers": buffers,
         "opt_state": opt_state,
-        "ema_state": ema_state,
+        "applied": _and(completed, ~skipped if skipped is not None else None),
         "step": state.step + (completed.long() if completed is not None else 1),
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
@@ -408,6 +445,7 @@ def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.
     weights = state.ema_params if use_ema else state.params
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     with torch.no_grad():
+        weights = {k: sharding_.for_compute(w) for k, w in weights.items()}  # sharded weights gathered
         loss, aux = _call_loss(state, {**weights, **state.frozen, **buffers}, batch)
     return {"loss": loss.float(), **aux}
 
