@@ -22,6 +22,7 @@ import torch
 
 import functrain as ft
 from functrain.checkpoint.format import read_manifest, verify
+from functrain.tree import leaves_by_path
 
 WORKER = Path(__file__).parent / "distributed" / "shard_worker.py"
 ROOT = Path(__file__).parent.parent
@@ -56,10 +57,10 @@ def assert_tree_equal(got, want) -> None:
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint of 4 ranks (w4) and one of 4 ranks with plain params (w4-optimizer)."""
+    """4 ranks: hand-built checkpoints (w4, w4-optimizer), a sharded manager; fit "full", interrupted and resumed."""
     out = tmp_path_factory.mktemp("sharded")
     ft.save(shard_worker.full_tree(2), out / "single")  # read on 4 ranks
-    launch(4, "write", str(out))
+    launch(4, "write+fit", str(out))
     return out
 
 
@@ -133,12 +134,12 @@ ATTACKS = ("deleted", "truncated", "altered", "swapped")
 def resharded(written: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 ranks read the 4-rank checkpoints, a single process's, and damaged copies; then save their own."""
     out = tmp_path_factory.mktemp("resharded")
-    for name in ("w4", "w4-optimizer"):
+    for name in ("w4", "w4-optimizer", "other-ranks-from-4"):
         shutil.copytree(written / name, out / name)
     ft.save(shard_worker.full_tree(2), out / "single")
     for how in ATTACKS:
         damage(written / "w4", out / f"attack-{how}", how)
-    launch(2, "read", str(out))
+    launch(2, "read+resume", str(out))
     return out
 
 
@@ -172,3 +173,44 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_and_nothing_that_
     with ft.CheckpointManager(tmp_path):  # the next writer clears what the killed save left
         pass
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: fit on sharded states, interrupted, resumed on other ranks, modes, one process
+
+
+def assert_close_outcomes(got: dict, want: dict) -> None:
+    """Final params, EMA and optimizer state (gathered), and the validation losses, allclose."""
+    want_leaves, got_leaves = leaves_by_path(want), leaves_by_path(got)
+    assert set(got_leaves) == set(want_leaves)
+    for path, w in want_leaves.items():
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            torch.testing.assert_close(got_leaves[path], w, rtol=1e-5, atol=1e-6, msg=path)
+        elif isinstance(w, torch.Tensor):
+            assert torch.equal(got_leaves[path], w), path
+        else:
+            assert got_leaves[path] == w, path
+
+
+def test_fit_full_on_four_ranks_interrupted_and_resumed_is_bit_identical_and_checkpoints_by_shard(written: Path) -> None:
+    # the ranks compared the resumed run with the uninterrupted one, bit for bit (shard_worker "fit")
+    assert len(reports(written, "fit", 4)) == 4
+    manifest = read_manifest(ft.CheckpointManager(written / "other-ranks-from-4", readonly=True).latest())
+    assert manifest["format_version"] == 4
+    assert len(manifest["tensors"]["params/0.weight"]["shards"]) == 4 and manifest["tensors"]["params/0.weight"]["shape"] == [10, 6]
+    sharded = {key for key, info in manifest["tensors"].items() if "shards" in info}
+    assert {"params/0.weight", "params/2.bias"} <= sharded and any(key.startswith("ema_state") for key in sharded)
+    assert any(key.startswith("opt_state") for key in sharded) and "step" not in sharded and "rng" not in sharded
+
+
+def test_fit_full_checkpoint_of_four_ranks_resumes_on_two_ranks_optimizer_like_the_uninterrupted_run(written: Path, resharded: Path) -> None:
+    want, _ = ft.load(written / "straight-4-full")
+    got, _ = ft.load(resharded / "other-ranks-from-4-resumed-2-optimizer")
+    assert_close_outcomes(got, want)
+
+
+def test_fit_full_checkpoint_of_four_ranks_resumes_in_one_process_like_the_uninterrupted_run(written: Path, tmp_path: Path) -> None:
+    shutil.copytree(written / "one-process-from-4", tmp_path / "ckpt")
+    got = shard_worker.outcome_of(shard_worker.fit(tmp_path / "ckpt", None, resume=True))
+    want, _ = ft.load(written / "straight-4-full")
+    assert_close_outcomes(ft.load(ft.save(got, tmp_path / "got"))[0], want)  # NamedTuples as dicts, as saved

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -77,6 +79,48 @@ def check_managed(out, mesh, rank: int, report: dict) -> None:
     check_equal(ft.load(reader.best(), like=template).params, model_state(mesh, 2).params)
 
 
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def dataset() -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(96, 6, generator=g)
+    return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+def fit(directory: Path, sharding: str | None, stop_at: int = 0, resume: bool = False) -> ft.FitResult:
+    """3 epochs of 6 batches of adamw with EMA, a checkpoint every 4 steps, stopped after `stop_at` batches."""
+
+    class Stop(ft.Callback):
+        def on_batch_end(self, run):
+            if stop_at and run.batches == stop_at:
+                run.request_stop("interrupted")
+
+    state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, ema_decay=0.9, sharding=sharding)
+    return ft.fit(
+        state, dataset(), eval_data=dataset(), batch_size=16, max_epochs=3, log_every=2, checkpoint_dir=directory,
+        save_every=4, callbacks=[Stop()], resume=resume, progress=False, verbosity="silent", async_save=True,
+    )
+
+
+def gathered(tree):
+    """Plain tensors of a tree of DTensors (collective)."""
+    return torch.utils._pytree.tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+
+
+def outcome_of(result: ft.FitResult) -> dict:
+    """What two runs must agree on: the final params, optimizer state and EMA, and the validation losses."""
+    state = result.state
+    return {"params": gathered(state.params), "opt": gathered(state.opt_state), "ema": gathered(state.ema_state), "val": torch.tensor(result.history.column("val_loss"))}
+
+
 def check_equal(got, want, where: str = "") -> None:
     if isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
@@ -106,10 +150,18 @@ def outcome(fn) -> dict:
 
 
 def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
+    scenarios, out = sys.argv[1], Path(sys.argv[2])
     ft.distributed.init_from_env()
     rank, world = ft.distributed.rank_and_world()
     mesh = init_device_mesh("cpu", (world,))
+    for scenario in scenarios.split("+"):  # several per launch: a launch costs more than its checks
+        report = run(scenario, out, mesh, rank, world)
+        (out / f"report-{scenario}-{world}-rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(scenario: str, out: Path, mesh, rank: int, world: int) -> dict:
     report: dict = {}
     if scenario == "write":
         # two saves at one path; the second replaces the first atomically
@@ -130,7 +182,7 @@ def main() -> None:
 
         wait_for_removals()  # rank 0 deletes the checkpoint v2 displaced in the background
         dist.barrier()
-        report["leftovers"] = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".tmp-"))
+        report["leftovers"] = sorted(p.name for p in path.parent.iterdir() if re.match(rf"\.tmp-{path.name}-\d+-", p.name))
         # params plain (mode "optimizer"): only the moments are sharded
         ft.save(as_sharded(full_tree(4), mesh, plain_params=True), out / f"w{world}-optimizer")
         if (out / "single").exists():  # one process's checkpoint, on these ranks
@@ -148,6 +200,24 @@ def main() -> None:
             if name.startswith("attack-"):
                 report[name] = outcome(lambda: ft.load(out / name, like=as_sharded(full_tree(0), mesh)))
         ft.save(as_sharded(full_tree(2), mesh), out / f"w{world}")
+    elif scenario == "fit":
+        # uninterrupted; interrupted after 9 batches then resumed: bit-identical on the same ranks and mode
+        mode = "full"
+        straight = outcome_of(fit(out / f"straight-{world}", mode))
+        fit(out / f"resumed-{world}", mode, stop_at=9)
+        if rank == 0:
+            ft.save(straight, out / f"straight-{world}-{mode}")
+            for copy in ("other-ranks", "one-process"):
+                shutil.copytree(out / f"resumed-{world}", out / f"{copy}-from-{world}")
+        dist.barrier()
+        resumed = outcome_of(fit(out / f"resumed-{world}", mode, resume=True))
+        check_equal(resumed, straight)
+    elif scenario == "resume":
+        # a checkpoint of other ranks and mode, resumed here
+        source, mode = "other-ranks-from-4", "optimizer"
+        result = outcome_of(fit(out / source, mode, resume=True))
+        if rank == 0:
+            ft.save(result, out / f"{source}-resumed-{world}-{mode}")
     elif scenario == "kill":
         path = out / "ckpt"
         ft.save(as_sharded(full_tree(1), mesh), path)
@@ -159,9 +229,7 @@ def main() -> None:
 
         write_sharded(path, as_sharded(full_tree(2), mesh), before_commit=die)
         raise AssertionError("the save went on without the killed rank")
-    (out / f"report-{scenario}-{world}-rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    return report
 
 
 if __name__ == "__main__":
