@@ -61,7 +61,7 @@ from functrain.core.holds import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import leaves_by_path
 
-__all__ = ["is_sharded", "has_dtensors", "chunk_rows", "exchange_group", "all_gather_json", "agree", "write_sharded", "rows_wanted", "place", "read_for"]
+__all__ = ["is_sharded", "has_dtensors", "chunk_rows", "exchange_group", "all_gather_json", "agree", "write_sharded", "rows_wanted", "place", "placed_like", "read_for"]
 
 Tree = Any
 
@@ -339,17 +339,36 @@ def place(tree: Tree, template: Mapping[str, Any], rows: Mapping[str, tuple[int,
     A leaf read by rows (`rows`) is this rank's shard already; one the template replicates is the
     whole tensor. Other leaves stay as loaded (a mismatch the template comparison then reports).
     """
-    from torch.distributed.tensor import DTensor
 
     def placed(path: str, value: Any) -> Any:
         like = template.get(path)
-        if not is_sharded(like) or not isinstance(value, torch.Tensor) or (path not in rows and list(value.shape) != list(like.shape)):
+        if not is_sharded(like) or not isinstance(value, torch.Tensor):
             return value
-        local = value.to(like._local_tensor.device)
-        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+        if path in rows:
+            return _wrapped(value, like)
+        return value if _layout(like, path) is not None or list(value.shape) != list(like.shape) else _wrapped(value, like)
 
     flat, spec = pytree.tree_flatten(tree)
     return pytree.tree_unflatten([placed(path, leaf) for path, leaf in zip(leaves_by_path(tree), flat, strict=True)], spec)
+
+
+def _wrapped(local: torch.Tensor, like: Any) -> Any:
+    """`local` (this rank's part) as a DTensor placed as `like` is."""
+    local = local.to(like._local_tensor.device)
+    return type(like).from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+
+
+def placed_like(value: torch.Tensor, like: Any, path: str) -> Any:
+    """A whole tensor as `like` holds it: a DTensor of this rank's rows where `like` is one, else as is.
+
+    Example:
+        >>> placed_like(torch.ones(2), torch.zeros(2), "w")
+        tensor([1., 1.])
+    """
+    if not is_sharded(like):
+        return value
+    span = _layout(like, path)
+    return _wrapped(value if span is None else value[span[0] : span[1]].clone(), like)
 
 
 def read_for(path: str | os.PathLike[str], template: Mapping[str, Any], **read_args: Any) -> tuple[Tree, dict[str, Any]]:

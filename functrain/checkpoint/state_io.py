@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 
 from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
-from functrain.checkpoint.sharded import agree, exchange_group, has_dtensors, is_sharded, read_for, write_sharded
+from functrain.checkpoint.sharded import agree, exchange_group, has_dtensors, is_sharded, placed_like, read_for, write_sharded
 from functrain.core.state import TrainState, _unaliased
 from functrain.tree import leaves_by_path
 
@@ -293,7 +293,8 @@ def load_weights(path: str | os.PathLike[str], into: TrainState, *, strict: bool
     checkpoint; everything else is `into`'s: its optimizer, learning rate, step options and
     trainable set, a fresh optimizer state, an EMA started at the loaded weights, counters at
     zero, its RNG, driver and user state. Use it where `load` refuses a checkpoint because the
-    optimizer, its hyperparameters, the options or the trainable set changed.
+    optimizer, its hyperparameters, the options or the trainable set changed. A sharded `into`
+    takes each rank's rows of the checkpoint's tensors (a checkpoint of any world size or mode).
 
     Args:
         path: a checkpoint of a `TrainState` (`save`, or one a `CheckpointManager` wrote).
@@ -331,7 +332,8 @@ def load_weights(path: str | os.PathLike[str], into: TrainState, *, strict: bool
         raise StateMismatchError(f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - " + "\n  - ".join(problems) + _STRICT_HINT * strict)
 
     def take(field: str, source: str) -> dict[str, torch.Tensor]:
-        return {k: saved[source][k].to(v.device) if k in saved[source] else v for k, v in getattr(into, field).items()}
+        # a sharded state's parameters: this rank's rows of the checkpoint's whole tensors
+        return {k: placed_like(saved[source][k].to(v.device), v, f"{field}/{k}") if k in saved[source] else v for k, v in getattr(into, field).items()}
 
     params = take("params", "params")
     return _unaliased(into.replace(

@@ -215,9 +215,16 @@ def run(scenario: str, out: Path, mesh, rank: int, world: int) -> dict:
     elif scenario == "resume":
         # a checkpoint of other ranks and mode, resumed here
         source, mode = "other-ranks-from-4", "optimizer"
+        latest = ft.CheckpointManager(out / source, readonly=True).latest()
         result = outcome_of(fit(out / source, mode, resume=True))
         if rank == 0:
             ft.save(result, out / f"{source}-resumed-{world}-{mode}")
+        # a warm start of a "full" state here from the 4-rank checkpoint's weights
+        into = ft.TrainState.create(mlp(), ft.sgd(0.1), loss_fn, sharding="full")
+        warm = ft.load_weights(latest, into=into)
+        saved, _ = ft.load(latest)
+        check_equal(gathered(warm.params), saved["params"])
+        assert all(isinstance(p, DTensor) for p in warm.params.values()) and int(warm.step) == 0
     elif scenario == "kill":
         path = out / "ckpt"
         ft.save(as_sharded(full_tree(1), mesh), path)
