@@ -100,7 +100,7 @@ def sharded_runs(rank: int, world: int) -> dict:
 def feature_runs(rank: int, world: int) -> dict:
     """Accumulation, clipping, EMA, bf16, fp16 on the Features model in each mode, plus eval_step."""
     cases = {
-        "accumulate-clip-ema": dict(accumulate_steps=2, clip_grad_norm=0.3, ema_decay=0.9),
+        "accumulate-clip-ema": dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9),
         "bf16": dict(precision="bf16", clip_grad_norm=1.0),
         "fp16": dict(precision="fp16", ema_decay=0.8),
     }
