@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -109,13 +110,36 @@ def _enter(state: TrainState, training: bool) -> _Scope:
     if state.module.training != training:
         state.module.train(training)
     gen.set_state(state.rng)
-    if state.dist is not None and training and gen.device.type == "cpu":
-        # one draw from the shared stream seeds this rank's own stream for the step; the state
-        # carries the shared stream after the draw, the same on every rank
-        draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
-        scope.next_rng = gen.get_state()
-        gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
+    if state.dist is not None and training:
+        # each rank draws its dropout masks from its own stream; the state carries the shared one
+        if gen.device.type == "cpu":
+            # one draw from the shared stream seeds this rank's stream for the step
+            draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
+            scope.next_rng = gen.get_state()
+            gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
+        else:
+            scope.next_rng, seed = rank_stream(state.rng, state.dist.rank)
+            gen.manual_seed(seed)
     return scope
+
+
+def rank_stream(rng: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
+    """For a CUDA generator state: the shared state after one step, and this rank's seed for the step.
+
+    A CUDA (Philox) generator's state is its seed and offset, 16 bytes held on the host: both are
+    read without a device sync. The rank's seed hashes them with the rank; the shared stream moves
+    on by one Philox round (offsets advance in fours), so every step seeds new rank streams.
+
+    Example:
+        >>> state = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+        >>> after, seed0 = rank_stream(state, 0)
+        >>> after.view(torch.int64).tolist(), seed0 != rank_stream(state, 1)[1]
+        ([7, 12], True)
+    """
+    seed, offset = rng.view(torch.int64).tolist()
+    digest = hashlib.blake2b(f"{seed}:{offset}:{rank}".encode(), digest_size=8).digest()
+    after = torch.tensor([seed, offset + 4], dtype=torch.int64).view(torch.uint8)
+    return after, int.from_bytes(digest, "big") >> 1
 
 
 @_outside_graph
