@@ -97,6 +97,8 @@ def test_a_failed_rank_fails_the_save_on_every_rank_and_leaves_the_previous_chec
         assert report["failed_save"]["error"] == "CheckpointError"
         assert "failed on rank 3" in report["failed_save"]["message"] and "disk full (simulated)" in report["failed_save"]["message"]
         assert report["leftovers"] == []
+        assert report["paths_per_rank"]["error"] == "CheckpointError" and "to one path" in report["paths_per_rank"]["message"]
+    assert not [p for p in written.iterdir() if "per-rank" in p.name]
     tree, _ = ft.load(written / "w4")
     assert tree["note"] == "v2"
 

@@ -247,7 +247,10 @@ def write_sharded(
         error = e
     what = f"saving checkpoint {str(target)!r}"
     try:
-        reports = _agree_reports({"error": _described(error), "tmp": tmp.name if tmp is not None else None}, error, group, what)
+        reports = _agree_reports({"error": _described(error), "tmp": tmp.name if tmp is not None else None, "path": str(target.absolute())}, error, group, what)
+        paths = sorted({report["path"] for report in reports})
+        if len(paths) > 1:
+            raise CheckpointError(f"{what}: the ranks save a sharded state together, to one path on a file system they share; they passed {paths[:4]}")
         tmp = target.parent / reports[0]["tmp"]
         reports = _agree_reports(_write_part(tmp, writer, rank, before_commit), None, group, what)
     except BaseException:

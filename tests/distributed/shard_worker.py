@@ -183,6 +183,8 @@ def run(scenario: str, out: Path, mesh, rank: int, world: int) -> dict:
         wait_for_removals()  # rank 0 deletes the checkpoint v2 displaced in the background
         dist.barrier()
         report["leftovers"] = sorted(p.name for p in path.parent.iterdir() if re.match(rf"\.tmp-{path.name}-\d+-", p.name))
+        # a path per rank: refused on every rank, nothing written
+        report["paths_per_rank"] = outcome(lambda: ft.save(as_sharded(full_tree(5), mesh), out / f"per-rank-{rank}"))
         # params plain (mode "optimizer"): only the moments are sharded
         ft.save(as_sharded(full_tree(4), mesh, plain_params=True), out / f"w{world}-optimizer")
         if (out / "single").exists():  # one process's checkpoint, on these ranks
