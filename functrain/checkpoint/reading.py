@@ -18,7 +18,7 @@ from typing import Any
 import blake3
 import torch
 
-from functrain.checkpoint.files import _allocate, _hasher, _map, _open_regular, _read_exactly, _read_hashing
+from functrain.checkpoint.files import _hasher, _map, _open_regular, _read_exactly
 from functrain.checkpoint.tensorfile import MAX_HEADER_BYTES, Entry, _bytes_of, _header_length, _parse_header, _tensors_of
 from functrain.errors import CheckpointCorruptError
 
@@ -72,11 +72,13 @@ def _read_header(fd: int, size: int, name: str, info: Mapping[str, Any], index: 
 
 
 def read_tensors(path: Path, info: Mapping[str, Any], index: Mapping[str, Any], wanted: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """Some tensors of a tensor file, each read alone and checked against its own BLAKE3 digest.
+    """Some tensors of a tensor file, each checked against its own BLAKE3 digest.
 
     What a rank of a sharded load reads: the file's size and header are checked against the
-    manifest (`info`, `index`: this file's entries) as for a whole read, then only the bytes of the
-    tensors in `wanted` (key -> the digest the manifest records for it) are read, one buffer each.
+    manifest (`info`, `index`: this file's entries) as for a whole read, then the file is mapped
+    (private, copy-on-write) and only the bytes of the tensors in `wanted` (key -> the digest the
+    manifest records for it) are hashed where they lie: only their pages are read from the disk,
+    and the tensors are views of the mapping, as a whole read's are.
 
     Raises:
         CheckpointCorruptError: the file is missing, of another size, its header does not match
@@ -86,26 +88,21 @@ def read_tensors(path: Path, info: Mapping[str, Any], index: Mapping[str, Any], 
     fd, size = _open_regular(path, name)
     try:
         head, entries = _read_header(fd, size, name, info, index)
-        tensors = {}
-        for begin, stop, key, dtype, shape in entries:
-            if key in wanted:
-                tensors[key] = _read_one(fd, name, len(head) + begin, stop - begin, key, wanted[key]).view(dtype).view(shape)
+        whole = _map(fd, size, name, read_ahead=False)
     except OSError as e:
         raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
     finally:
         os.close(fd)
-    return tensors
-
-
-def _read_one(fd: int, name: str, offset: int, nbytes: int, key: str, expected: str) -> torch.Tensor:
-    data = _allocate(nbytes, name)
-    os.lseek(fd, offset, os.SEEK_SET)
-    digest = _hasher("blake3")
-    if not _read_hashing(fd, memoryview(data.numpy()), digest):
-        raise CheckpointCorruptError(f"{name}: ends inside tensor {key[:100]!r} (it changed while it was read)")
-    if digest.hexdigest() != expected:
-        raise CheckpointCorruptError(f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)")
-    return data
+    if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one mapped
+        raise CheckpointCorruptError(f"{name}: changed while it was read")
+    data = whole[len(head) :]
+    picked = [entry for entry in entries if entry[2] in wanted]
+    for begin, stop, key, _, _ in picked:
+        digest = _hasher("blake3", threads=True)
+        digest.update(data[begin:stop].numpy())
+        if digest.hexdigest() != wanted[key]:
+            raise CheckpointCorruptError(f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)")
+    return _tensors_of(picked, data)
 
 
 def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[str, Any]]) -> None:
