@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.checkpoint.format import read_manifest, verify
+from functrain.checkpoint.format import read_manifest, read_tree, verify
 from functrain.tree import leaves_by_path
 
 WORKER = Path(__file__).parent / "distributed" / "shard_worker.py"
@@ -216,3 +216,49 @@ def test_fit_full_checkpoint_of_four_ranks_resumes_in_one_process_like_the_unint
     got = shard_worker.outcome_of(shard_worker.fit(tmp_path / "ckpt", None, resume=True))
     want, _ = ft.load(written / "straight-4-full")
     assert_close_outcomes(ft.load(ft.save(got, tmp_path / "got"))[0], want)  # NamedTuples as dicts, as saved
+
+
+# ---------------------------------------------------------------------------------------------
+# crafted manifests (re-sealed, so only the checks of the sharded entries can refuse them)
+
+
+def resealed(source: Path, target: Path, edit) -> Path:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_bytes())
+    manifest.pop("manifest_blake3")
+    edit(manifest)
+    (target / "manifest.json").write_bytes(sealed(manifest))
+    return target
+
+
+def sealed(manifest: dict) -> bytes:
+    from functrain.checkpoint.format import _sealed
+
+    return _sealed(manifest)
+
+
+def w_shards(m: dict) -> list:
+    return m["tensors"]["params/w"]["shards"]
+
+
+CRAFTED = {
+    "gap": (lambda m: w_shards(m)[1]["offset"].__setitem__(0, 4), "does not continue the shards before it"),
+    "out-of-order": (lambda m: w_shards(m).reverse(), "does not continue the shards before it"),
+    "short": (lambda m: w_shards(m).pop(), r"its shards cover rows 0:9, its shape \[10, 3\] has 10"),
+    "extent": (lambda m: w_shards(m)[0]["extent"].__setitem__(1, 4), "does not continue"),
+    "file-twice": (lambda m: w_shards(m)[1].update(file=w_shards(m)[0]["file"]), "names twice"),
+    "unlisted-file": (lambda m: w_shards(m)[1].update(file="elsewhere.safetensors"), "does not list"),
+    "0-d": (lambda m: m["tensors"]["params/w"].update(shape=[]), "0-d tensor is never sharded|does not continue"),
+    "digest": (lambda m: w_shards(m)[2].update(blake3="0" * 64), r"shards-00002-00000.safetensors: the BLAKE3 digest of tensor 'params/w'"),
+    "format-3": (lambda m: m.update(format_version=3), "expected file, dtype and shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_crafted_sharded_index_is_refused_whole_and_by_rows(written: Path, tmp_path: Path, case: str) -> None:
+    edit, match = CRAFTED[case]
+    path = resealed(written / "w4", tmp_path / "ckpt", edit)
+    with pytest.raises(ft.CheckpointCorruptError, match=match):
+        verify(path)
+    with pytest.raises(ft.CheckpointCorruptError, match=match):  # rows of a shard that is fine, or not
+        read_tree(path, rows=lambda m: {"params/w": (6, 9)})
