@@ -375,8 +375,13 @@ class CheckpointManager:
         return None
 
     def cleanup(self) -> None:
-        """Put back displaced checkpoints and remove the leftovers of interrupted saves (the writer only)."""
+        """Put back displaced checkpoints and remove the leftovers of interrupted saves (the writer only).
+
+        Of a sharded manager, rank 0 (the lock's holder) does it; the other ranks do nothing.
+        """
         self._require_writer("clean up")
+        if self._rank:
+            return
         for name in recover(self.directory):
             warnings.warn(f"{self.directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=2)
 
