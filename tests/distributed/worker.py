@@ -55,7 +55,7 @@ class Features(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.inp = nn.Linear(6, 15)
+        self.inp = nn.Linear(6, 15, bias=False)  # a bias before BatchNorm has a zero gradient: Adam would amplify its rounding
         self.bn = nn.BatchNorm1d(15)
         self.drop = nn.Dropout(0.2)
         self.a = nn.Linear(15, 15)
