@@ -122,9 +122,20 @@ def assert_trees_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
         torch.testing.assert_close(got[name], value, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
+@pytest.fixture(scope="module")
+def sharded_on_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One launch of the "sharded" scenario on 2 ranks, read by several tests."""
+    out = tmp_path_factory.mktemp("sharded2")
+    launch(2, "sharded", str(out))
+    return out
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_sharded_modes_match_one_process_and_the_replicated_mode_and_skip_a_nan_together(tmp_path: Path, nproc: int) -> None:
-    launch(nproc, "sharded", str(tmp_path))
+def test_sharded_modes_match_one_process_and_the_replicated_mode_and_skip_a_nan_together(tmp_path: Path, nproc: int, request: pytest.FixtureRequest) -> None:
+    if nproc == 2:
+        tmp_path = request.getfixturevalue("sharded_on_two")
+    else:
+        launch(nproc, "sharded", str(tmp_path))
     ranks = [ft.load(tmp_path / f"rank{r}")[0] for r in range(nproc)]
     for name, optimizer in (("adamw", ft.adamw(1e-2)), ("sgd", ft.sgd(0.05, momentum=0.9))):
         alone = {f"params/{k}": v for k, v in reference_run(optimizer, nproc).items()}
@@ -148,8 +159,8 @@ def test_sharded_modes_match_one_process_and_the_replicated_mode_and_skip_a_nan_
                 torch.testing.assert_close(got["eval"], want["eval"], rtol=rtol, atol=atol)
 
 
-def test_sharded_states_fit_generate_export_and_refuse_what_they_cannot_do(tmp_path: Path) -> None:
-    launch(2, "sharded-extras", str(tmp_path))
+def test_sharded_states_fit_generate_export_and_refuse_what_they_cannot_do(sharded_on_two: Path) -> None:
+    tmp_path = sharded_on_two / "extras"
     for r in (0, 1):
         got, _ = ft.load(tmp_path / f"rank{r}")
         for mode in ("optimizer", "full"):

@@ -75,7 +75,12 @@ def make_mesh(device_type: str, world_size: int) -> Any:
 
 
 def is_sharded(t: Any) -> bool:
-    """Whether `t` is a sharded leaf (a `DTensor`)."""
+    """Whether `t` is a sharded leaf (a `DTensor`).
+
+    Example:
+        >>> is_sharded(torch.zeros(3))
+        False
+    """
     return isinstance(t, _dtensor())
 
 
@@ -120,7 +125,21 @@ def gathered(t: Any) -> Any:
 
 
 def gather_tree(tree: Tree) -> Tree:
-    """`tree` with every sharded leaf gathered whole (`gathered`)."""
+    """`tree` with every sharded leaf gathered whole (`gathered`); plain leaves are returned as they are.
+
+    A collective when the tree holds sharded leaves: every rank must call it. For instance
+    ``gather_tree(state.params)`` gives every rank the whole parameters of a ``sharding="full"`` state.
+
+    Args:
+        tree: any tree of tensors, such as ``state.params`` or ``state.opt_state``.
+
+    Returns:
+        The same structure with plain tensors of the global shapes.
+
+    Example:
+        >>> gather_tree({"w": torch.ones(2)})
+        {'w': tensor([1., 1.])}
+    """
     return pytree.tree_map(gathered, tree)
 
 
