@@ -5,7 +5,13 @@ fc 128->10) on 1x28x28 inputs, global batch 128, AdamW. The single process uses 
 (torch's default threads); each of the 2 ranks uses one thread (gloo backend, launched like
 torchrun). Also counts the collective calls one step makes.
 
-Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5]
+With ``--modes``: the sharding modes instead, on 2 ranks (gloo, one thread each) on the
+25M-parameter MLP 1024-4096-4096-1024, AdamW, global batch 64, donated steps. Per mode: the median
+step time, the bytes of parameters + optimizer state each rank holds (its local slices), the
+process's peak resident memory (a process per mode), and the collective calls of one step by kind (torch's
+`CommDebugMode`, which sees every functional collective and DTensor redistribution).
+
+Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes]
 """
 
 from __future__ import annotations
@@ -76,20 +82,110 @@ def run(steps: int, warmup: int) -> None:
         torch.distributed.destroy_process_group()
 
 
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+
+
+def mse(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def held_bytes(tree) -> int:
+    """Bytes of the distinct storages behind a tree's tensors (a sharded leaf: its local slice)."""
+    import torch.utils._pytree as pytree
+    from torch.distributed.tensor import DTensor
+
+    seen: dict[int, int] = {}
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, DTensor):
+            leaf = leaf.to_local()
+        if isinstance(leaf, torch.Tensor):
+            storage = leaf.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def run_mode(mode: str, steps: int, warmup: int) -> None:
+    import resource
+
+    import functrain as ft
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    ft.distributed.init_from_env()
+    rank, world = ft.distributed.rank_and_world()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1024, generator=g), torch.randn(64, 1024, generator=g)
+    n = 64 // world
+    batch = (x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
+    for mode in [None if mode == "None" else mode]:  # one mode per process: its peak RSS is its own
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-4), mse, distributed=True, sharding=mode)
+        times = []
+        for i in range(warmup + steps):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            if i == warmup - 1:
+                with CommDebugMode() as comm:  # one step counted: the state holds its storage by then
+                    state, m = ft.train_step(state, batch, donate=True)
+            else:
+                state, m = ft.train_step(state, batch, donate=True)
+            float(m["loss"])  # wait for the step
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        held = held_bytes((state.params, state.opt_state)) / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        kinds = ",".join(f"{str(k).rsplit('.', 1)[-1]}:{v}" for k, v in sorted(comm.get_comm_counts().items(), key=str))
+        if rank == 0:
+            print(f"RESULT mode={mode} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} peak_rss_mib={peak:.0f} collectives={comm.get_total_counts()} kinds={kinds}", flush=True)
+        del state, m
+    torch.distributed.destroy_process_group()
+
+
+def modes_table(args: argparse.Namespace, port: int) -> None:
+    me = str(Path(__file__).resolve())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = []
+    for mode in ("None", "optimizer", "full"):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", me,
+             "--worker", "--modes", mode, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+            capture_output=True, text=True, env=env,
+        )
+        found = [dict(kv.split("=", 1) for kv in ln.split()[1:]) for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
+        if not found:
+            print(f"sharding={mode} failed\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+            return
+        rows += found
+    base = rows[0]
+    print(f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'sharding':<10} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind")
+    for r in rows:
+        t, held = float(r["median_ms"]), float(r["held_mib"])
+        print(f"{r['mode']:<10} {t:>8.1f} {t / float(base['median_ms']):>6.2f} {held:>20.0f} {held / float(base['held_mib']):>6.2f} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--modes", nargs="?", const="all", help="the sharding modes on the 25M-parameter MLP")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run(args.steps, args.warmup)
+        if args.modes:
+            run_mode(args.modes, args.steps, args.warmup)
+        else:
+            run(args.steps, args.warmup)
         return
     me = str(Path(__file__).resolve())
     common = ["--worker", "--steps", str(args.steps), "--warmup", str(args.warmup)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if args.modes:
+        modes_table(args, port)
+        return
     env = dict(os.environ)
     single = subprocess.run([sys.executable, me, *common], capture_output=True, text=True, env=env)
     env["OMP_NUM_THREADS"] = "1"

@@ -18,6 +18,7 @@ from functrain.driver.callbacks import Callback, Run, on
 from functrain.errors import ConfigError, config_check
 from functrain.core.state import TrainState
 from functrain.core.step import BoundModel
+from functrain.distributed.sharding import gathered
 
 __all__ = ["Forward", "SampleText", "generate", "sample_logits", "top_k_filter", "top_p_filter"]
 
@@ -224,6 +225,8 @@ def generate(
     squeeze = ids.ndim == 1
     ids = ids.unsqueeze(0) if squeeze else ids
     weights = state.ema_params if use_ema else state.params
+    # a sharded state's weights gathered whole once (every rank must call), not at every token
+    weights = {k: gathered(w) for k, w in weights.items()}
     # a copy of the buffers: eval mode should not write them, but a module may, and the state must not change
     tensors = {**weights, **state.frozen, **{k: b.clone() for k, b in state.buffers.items()}}
     model = BoundModel(state.module, tensors)

@@ -6,8 +6,9 @@ themselves) whose leaves are tensors. Everything here is pure: it reads trees an
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "global_norm",
     "share_norm",
     "unshare_norm",
+    "summing_norms",
     "tree_select",
 ]
 
@@ -141,14 +143,56 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     if torch.compiler.is_compiling():
         # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
-        # the foreach op would run as an opaque call each time it appears
+        # the foreach op would run as an opaque call each time it appears. (Sharded states are
+        # not compiled: the sum over ranks below is eager only.)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).float() for t in tensors]))
+    across = _NORM_SUM.get()
+    if across is not None:
+        return _norm_across(tensors, across)
     shared = _SHARED_NORM.get()
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
     norms = torch._foreach_norm(list(tensors))
     # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
     return torch.linalg.vector_norm(torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms]))
+
+
+def _norm_across(tensors: Sequence[torch.Tensor], across: Any) -> torch.Tensor:
+    shared = _SHARED_NORM.get()
+    if shared is not None and _same_tensors(shared[0], shared[1], tensors):
+        return shared[2]
+    sliced = [t for t in tensors if t.ndim > 0]
+    whole = [t for t in tensors if t.ndim == 0]
+    # the slices' squares summed over ranks (one all-reduce); whole (0-d) tensors count once
+    total = across(_squares(sliced, tensors[0].device))
+    if whole:
+        total = total + _squares(whole, tensors[0].device)
+    return total.sqrt()
+
+
+def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).square().sum()
+
+
+@contextlib.contextmanager
+def summing_norms(across: Any) -> Iterator[None]:
+    """Within: `global_norm` adds the squares of non-0-d tensors with `across` (a sum over ranks of sharded slices).
+
+    `functrain.distributed.sharding.norms_over_shards` gives it an all-reduce; 0-d tensors are
+    whole on every rank and count once.
+
+    Example:
+        >>> with summing_norms(lambda s: 2 * s):  # as if a second rank held the same slice
+        ...     global_norm([torch.tensor([3.0]), torch.tensor(4.0)])
+        tensor(5.8310)
+    """
+    token = _NORM_SUM.set(across)
+    try:
+        yield
+    finally:
+        _NORM_SUM.reset(token)
 
 
 def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
@@ -164,6 +208,9 @@ def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
         raise StateMismatchError(f"tree_select needs trees of one structure, got {len(leaves)} and {len(previous)} leaves")
     return tree_unflatten([torch.where(keep, n, o) if isinstance(n, torch.Tensor) else n for n, o in zip(leaves, previous)], spec)
 
+
+# how `global_norm` adds squares over ranks while a sharded step runs (None: not sharded)
+_NORM_SUM: contextvars.ContextVar[Any] = contextvars.ContextVar("functrain_norm_sum", default=None)
 
 # (tensors, their version counters, their global norm) while a step shares the norm it computed
 _SHARED_NORM: contextvars.ContextVar[tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor] | None] = contextvars.ContextVar("functrain_shared_norm", default=None)

@@ -231,3 +231,51 @@ def test_compile_step_donated_on_cuda_gives_the_compiled_pure_steps_bits() -> No
         pure, _ = step(pure, batch)
         donated, _ = step(donated, batch, donate=True)
         _assert_same_state(pure, donated)
+
+
+def test_ranks_draw_their_own_dropout_streams_on_cuda_and_carry_one_shared_stream() -> None:
+    from functrain.core.step import _enter, _leave
+    from functrain.distributed import DistConfig
+
+    state = ft.TrainState.create(nn.Linear(2, 2).to(CUDA), ft.sgd(0.1), lambda m, b: m(b).sum(), seed=3)
+    caller = torch.cuda.get_rng_state()
+    draws, after = {}, {}
+    for rank in (0, 1, 0):
+        scope = _enter(state.replace(dist=DistConfig(2, rank)), True)
+        draws.setdefault(rank, []).append(torch.rand(1000, device=CUDA))
+        after.setdefault(rank, []).append(_leave(scope))
+    assert not torch.equal(draws[0][0], draws[1][0])  # each rank its own masks
+    assert torch.equal(draws[0][0], draws[0][1])  # the same rank again: the same masks
+    assert torch.equal(after[0][0], after[1][0]) and not torch.equal(after[0][0], state.rng)  # one shared stream, advanced
+    assert torch.equal(torch.cuda.get_rng_state(), caller)
+
+
+@pytest.mark.parametrize("sharding", ["optimizer", "full"])
+def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(tmp_path: Path, sharding: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("needs NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def build() -> nn.Module:
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).to(CUDA)
+
+        loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+        options = {"ema_decay": 0.9, "clip_grad_norm": 0.5}
+        plain = ft.TrainState.create(build(), ft.adamw(1e-2), loss_fn, distributed=False, **options)
+        placed = ft.TrainState.create(build(), ft.adamw(1e-2), loss_fn, sharding=sharding, **options)
+        assert placed.dist.sharding == sharding and placed.dist.world_size == 1
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            batch = (torch.randn(16, 8, generator=g).to(CUDA), torch.randint(0, 3, (16,), generator=g).to(CUDA))
+            plain, _ = ft.train_step(plain, batch)
+            placed, _ = ft.train_step(placed, batch, donate=True)
+        for use_ema in (False, True):
+            want = plain.export_module(use_ema=use_ema).state_dict()
+            got = placed.export_module(use_ema=use_ema).state_dict()
+            for name, p in want.items():
+                torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

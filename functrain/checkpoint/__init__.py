@@ -1,8 +1,9 @@
 """Checkpoints: the format apart from the policy.
 
 Modules: `tensorfile` (safetensors files, written and parsed), `files` (their bytes written and
-read, hashed in one pass), `format` (a tree as a directory of tensor files and a sealed manifest:
-atomic, verified, no pickle), `state_io` (`save` / `load` of a `TrainState` against a template),
+read, hashed in one pass), `reading` (tensor files read whole or by shard), `format` (a tree as a
+directory of tensor files and a sealed manifest: atomic, verified, no pickle), `sharded` (a sharded
+tree: every rank writes its shards, one manifest; loads that reshard), `state_io` (`save` / `load` of a `TrainState` against a template),
 `directory` (the layout of a managed directory), `lock` (one writer per directory), `manager`
 (`CheckpointManager`: what to keep, the best ones, `latest`, async saves, restoring).
 """

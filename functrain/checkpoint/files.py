@@ -221,8 +221,12 @@ def _allocate(nbytes: int, name: str) -> torch.Tensor:
         raise CheckpointCorruptError(f"{name}: cannot allocate the {nbytes} bytes of its tensors ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def _map(fd: int, size: int, name: str) -> torch.Tensor:
-    """The file's bytes as a uint8 tensor: a private mapping, or a buffer read where mapping fails."""
+def _map(fd: int, size: int, name: str, read_ahead: bool = True) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor: a private mapping, or a buffer read where mapping fails.
+
+    With `read_ahead`, the kernel is asked to read the whole file at once (it is all hashed next);
+    without, only the pages touched are read (a rank reading a few shards of the file).
+    """
     try:
         mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):
@@ -231,6 +235,6 @@ def _map(fd: int, size: int, name: str) -> torch.Tensor:
         if not _read_hashing(fd, memoryview(data.numpy()), None) or os.read(fd, 1):
             raise CheckpointCorruptError(f"{name}: changed size while it was read") from None
         return data
-    if hasattr(mmap, "MADV_WILLNEED"):
+    if read_ahead and hasattr(mmap, "MADV_WILLNEED"):
         mapping.madvise(mmap.MADV_WILLNEED)  # read ahead of the hash's threads when not cached
     return torch.frombuffer(mapping, dtype=torch.uint8)

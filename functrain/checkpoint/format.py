@@ -14,7 +14,10 @@ field's 64 hex digits written as zeros.
 
 Format versions, all still read:
 
-* 3 (written now): BLAKE3 digests, ``"blake3"`` per file and ``manifest_blake3`` as the seal.
+* 4 (written for sharded states, `functrain.checkpoint.sharded`): format 3, and tensors kept as
+  shards, each rank's in files of its own: a sharded tensor's index entry lists each shard's file,
+  offset, extent and BLAKE3 digest, so a reader can read and verify only the shards it needs.
+* 3 (written for every other tree): BLAKE3 digests, ``"blake3"`` per file and ``manifest_blake3`` as the seal.
   BLAKE3 is a cryptographic hash, so a checkpoint can be pinned by its manifest digest
   (``read_tree(path, digest=...)``, `verify`, ``functrain.load``): the manifest's digest covers
   every file's digest, so nothing of a pinned checkpoint can change.
@@ -67,6 +70,7 @@ import torch
 
 from functrain.errors import CheckpointCorruptError, CheckpointError
 from functrain.checkpoint.files import _digest_of, _fsync_dir, _hasher, _map, _open_regular, _read_exactly, _write_file, remove_later, wait_for_removals
+from functrain.checkpoint.reading import read_all
 from functrain.checkpoint.tensorfile import (
     _CODE_OF,
     _DTYPE_OF,
@@ -88,6 +92,7 @@ from functrain.tree import leaves_by_path
 
 __all__ = [
     "FORMAT_VERSION",
+    "PLAIN_FORMAT_VERSION",
     "write_tree",
     "read_tree",
     "read_manifest",
@@ -97,7 +102,8 @@ __all__ = [
     "MANIFEST",
 ]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # the newest this functrain reads; plain trees are written as PLAIN_FORMAT_VERSION
+PLAIN_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 MAX_MANIFEST_BYTES = 64 << 20
@@ -109,7 +115,7 @@ SHARD_TENSORS = 50_000  # keeps a file's header far under what its parse may cos
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # the digest of each format version's files and manifest: SHA-256 up to 2, BLAKE3 from 3 on
-_ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3"}
+_ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3", 4: "blake3"}
 _SEALS = {algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")}
 _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
@@ -304,6 +310,43 @@ def _refuse_nonfinite(value: Any, path: str) -> None:
         _refuse_nonfinite(v, f"{path}/{k}" if path else str(k))
 
 
+def _write_tensor_files(tmp: Path, prefix: str, tensors: Mapping[str, torch.Tensor], files: dict[str, Any], index: dict[str, Any], *, empty: bool = True) -> None:
+    """Write `tensors` as ``<prefix>-NNNNN.safetensors`` files in `tmp`, recording each in `files` and `index`.
+
+    With no tensors, one empty file is written where `empty` (a plain tree's checkpoint always has a
+    tensor file), none otherwise.
+    """
+    for i, shard in enumerate(_shards(tensors)):
+        if not shard and not empty:
+            continue
+        name = f"{prefix}-{i:05d}.safetensors"
+        chunks = _safetensors_chunks(shard)
+        files[name] = {"blake3": _write_file(tmp / name, chunks), "bytes": sum(len(c) for c in chunks)}
+        for key, t in shard.items():
+            index[key] = {"file": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+
+
+def _manifest(version: int, structure: Any, index: Mapping[str, Any], files: Mapping[str, Any], extras: Mapping[str, Any], library_version: str) -> dict[str, Any]:
+    return {
+        "format": "functrain.checkpoint",
+        "format_version": version,
+        "functrain_version": library_version,
+        "torch_version": torch.__version__,
+        "created_unix": time.time(),
+        "structure": structure,
+        "tensors": index,
+        "files": files,
+        "fingerprint": extras["fingerprint"],
+        "metadata": extras["metadata"],
+    }
+
+
+def _write_manifest(tmp: Path, manifest: Mapping[str, Any]) -> None:
+    """Seal and write the manifest, then make the directory's entries durable: the files are complete."""
+    _write_file(tmp / MANIFEST, _sealed(manifest))
+    _fsync_dir(tmp)
+
+
 def write_tree(
     directory: str | os.PathLike[str],
     tree: Tree,
@@ -351,26 +394,8 @@ def write_tree(
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
-        for i, shard in enumerate(_shards(writer.tensors)):
-            name = f"tensors-{i:05d}.safetensors"
-            chunks = _safetensors_chunks(shard)
-            files[name] = {"blake3": _write_file(tmp / name, chunks), "bytes": sum(len(c) for c in chunks)}
-            for key, t in shard.items():
-                index[key] = {"file": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        manifest = {
-            "format": "functrain.checkpoint",
-            "format_version": FORMAT_VERSION,
-            "functrain_version": library_version,
-            "torch_version": torch.__version__,
-            "created_unix": time.time(),
-            "structure": structure,
-            "tensors": index,
-            "files": files,
-            "fingerprint": extras["fingerprint"],
-            "metadata": extras["metadata"],
-        }
-        _write_file(tmp / MANIFEST, _sealed(manifest))
-        _fsync_dir(tmp)
+        _write_tensor_files(tmp, "tensors", writer.tensors, files, index)
+        _write_manifest(tmp, _manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version))
         if before_commit is not None:
             before_commit()
     except BaseException as e:
@@ -538,7 +563,10 @@ def _check_manifest(m: Any, sealed: str | None) -> None:
         if not isinstance(digest, str) or not _HEX64.match(digest) or type(info.get("bytes")) is not int or info["bytes"] < 0:
             raise CheckpointCorruptError(f"{MANIFEST}: malformed entry for file {str(name)[:100]!r} (expected {algorithm} as 64 hex digits and bytes)")
     for key, info in m["tensors"].items():
-        _check_index_entry(key, info, m["files"])
+        if version >= 4 and isinstance(info, dict) and "shards" in info:
+            _check_sharded_entry(key, info, m["files"])
+        else:
+            _check_index_entry(key, info, m["files"])
 
 
 _DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in _DTYPE_OF.values()}
@@ -558,22 +586,44 @@ def _check_index_entry(key: str, info: Any, files: Mapping[str, Any]) -> None:
         raise CheckpointCorruptError(f"{where}: invalid shape {str(shape)[:100]} (at most {MAX_RANK} dimensions, ints whose product is at most 2**62)")
 
 
-def _index_by_file(index: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:
-    by_file: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for key, info in index.items():
-        by_file.setdefault(info["file"], {})[key] = info
-    return by_file
+def _check_sharded_entry(key: str, info: dict[str, Any], files: Mapping[str, Any]) -> None:
+    """A sharded tensor's entry (format 4): its shards, in order, tile its first dimension exactly."""
+    where = f"{MANIFEST}: index entry for sharded tensor {key[:100]!r}"
+    if set(info) != {"dtype", "shape", "shards"} or not isinstance(info["shards"], list) or len(info["shards"]) > MAX_FILES:
+        raise CheckpointCorruptError(f"{where}: expected dtype, shape and a list of at most {MAX_FILES} shards, got {str(info)[:200]}")
+    _check_index_entry(key, {"file": "", "dtype": info["dtype"], "shape": info["shape"]}, {"": {}})
+    shape, end, seen = info["shape"], 0, set()
+    for shard in info["shards"]:
+        if not isinstance(shard, dict) or set(shard) != {"file", "offset", "extent", "blake3"}:
+            raise CheckpointCorruptError(f"{where}: a shard must have file, offset, extent and blake3, got {str(shard)[:200]}")
+        if not isinstance(shard["file"], str) or shard["file"] not in files or shard["file"] in seen:
+            raise CheckpointCorruptError(f"{where}: a shard names file {str(shard['file'])[:100]!r}, which the manifest does not list or names twice")
+        seen.add(shard["file"])
+        offset, extent = shard["offset"], shard["extent"]
+        rest = [0] * (len(shape) - 1)
+        if not shape or offset != [end, *rest] or type(end) is not int or not isinstance(extent, list) or extent[1:] != shape[1:] or not extent or type(extent[0]) is not int or extent[0] < 1:
+            raise CheckpointCorruptError(f"{where}: shard of {str(shard['file'])[:100]!r} at offset {str(offset)[:100]}, extent {str(extent)[:100]} does not continue the shards before it (rows from {end}) within shape {shape}")
+        if not isinstance(shard["blake3"], str) or not _HEX64.match(shard["blake3"]):
+            raise CheckpointCorruptError(f"{where}: a shard's blake3 must be 64 hex digits")
+        end += extent[0]
+    if shape and end != shape[0]:
+        raise CheckpointCorruptError(f"{where}: its shards cover rows 0:{end}, its shape {shape} has {shape[0]}")
+    if not shape:
+        raise CheckpointCorruptError(f"{where}: a 0-d tensor is never sharded")
 
 
-def _header_bound(index: Mapping[str, Any]) -> int:
-    """The longest safetensors header the tensors listed for a file can justify (every key escaped)."""
-    justified = sum(6 * len(key.encode("utf-8", "surrogatepass")) + 128 + 21 * len(info["shape"]) for key, info in index.items())
-    return min(MAX_HEADER_BYTES, 4096 + 2 * justified)
+def _checked_rows(manifest: Mapping[str, Any], rows: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The rows asked for, each of a tensor the checkpoint holds and within its first dimension."""
+    index = manifest["tensors"]
+    for key, (start, stop) in rows.items():
+        shape = index[key]["shape"] if key in index else []
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise CheckpointError(f"rows {start}:{stop} of tensor {key[:100]!r} were asked for; the checkpoint holds it with shape {shape}")
+    return dict(rows)
 
 
-def _check_memory(files: Mapping[str, Mapping[str, Any]]) -> None:
-    """Refuse before reading anything when the files could not fit in this machine's memory."""
-    total = sum(info["bytes"] for info in files.values())
+def _check_memory(total: int) -> None:
+    """Refuse before reading anything when the `total` bytes to read could not fit in this machine's memory."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -581,52 +631,6 @@ def _check_memory(files: Mapping[str, Mapping[str, Any]]) -> None:
     if total > memory:
         raise CheckpointCorruptError(f"{MANIFEST}: the files declare {total} bytes, more than this machine's memory ({memory} bytes)")
 
-
-def _read_tensor_file(path: Path, info: Mapping[str, Any], algorithm: str, index: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A tensor file's tensors, checked against the manifest, every byte hashed once.
-
-    The header is read and checked against the manifest's `index` (this file's entries) before
-    anything the size of the data is mapped or allocated. Then the whole file is mapped (private,
-    copy-on-write: the tensors are writable views whose writes never reach the file) and hashed
-    where it lies, with no copy; where mapping fails, it is read into one buffer instead.
-    """
-    name = path.name
-    fd, size = _open_regular(path, name)
-    try:
-        if size != info["bytes"]:
-            raise CheckpointCorruptError(f"{name}: {size} bytes, the manifest records {info['bytes']} (truncated or replaced)")
-        if size < 8:
-            raise CheckpointCorruptError(f"{name}: {size} bytes, too short for a safetensors file")
-        head = _read_exactly(fd, 8, name)
-        n = _header_length(name, bytes(head), size, _header_bound(index))
-        head += _read_exactly(fd, n, name)
-        entries = _parse_header(name, bytes(head[8:]), size - 8 - n)
-        _check_entries(name, entries, index)
-        whole = _map(fd, size, name)
-    except OSError as e:
-        raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
-    finally:
-        os.close(fd)
-    digest = _hasher(algorithm, threads=True)
-    digest.update(whole.numpy())
-    if digest.hexdigest() != info[algorithm]:
-        raise CheckpointCorruptError(f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is corrupt)")
-    if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one hashed
-        raise CheckpointCorruptError(f"{name}: changed while it was read")
-    return _tensors_of(entries, whole[len(head) :])
-
-
-def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[str, Any]]) -> None:
-    """A file's header lists exactly the tensors the manifest's index places in it, as it records them."""
-    held = {key: (str(dtype).removeprefix("torch."), shape) for _, _, key, dtype, shape in entries}
-    missing, extra = sorted(set(index) - set(held)), sorted(set(held) - set(index))
-    if missing:
-        raise CheckpointCorruptError(f"{name}: does not hold tensors {missing[:10]}, which the manifest lists in it")
-    if extra:
-        raise CheckpointCorruptError(f"{name}: holds tensors the manifest does not list in it: {extra[:10]}")
-    for key, (dtype, shape) in held.items():
-        if [index[key]["dtype"], index[key]["shape"]] != [dtype, shape]:
-            raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} is {shape} {dtype}, the manifest records {str(index[key])[:200]}")
 
 
 def verify(directory: str | os.PathLike[str], *, digest: str | None = None) -> dict[str, Any]:
@@ -660,6 +664,7 @@ def read_tree(
     map_location: str | torch.device | Callable[[torch.Tensor], torch.Tensor] | None = None,
     named_types: Mapping[str, type] | None = None,
     digest: str | None = None,
+    rows: Callable[[Mapping[str, Any]], Mapping[str, tuple[int, int]]] | None = None,
 ) -> tuple[Tree, dict[str, Any]]:
     """Load a checkpoint's tree and manifest, verifying every file while it is read.
 
@@ -671,6 +676,10 @@ def read_tree(
         map_location: a device to move tensors to, or a function applied to each tensor.
         named_types: ``"module.QualName" -> class`` to rebuild NamedTuples; others come back as dicts.
         digest: the manifest digest to insist on (see `read_manifest`).
+        rows: for a sharded load (`functrain.checkpoint.sharded`): given the manifest, the rows
+            ``(start, stop)`` along the first dimension that this process needs of some tensors
+            (by key). Those come back as these rows only, read from the shards that overlap them,
+            each shard verified by its own digest; the other tensors come back whole.
 
     Returns:
         ``(tree, manifest)``.
@@ -682,11 +691,8 @@ def read_tree(
     root = Path(directory)
     manifest = read_manifest(root, digest=digest)
     algorithm = _ALGORITHM[manifest["format_version"]]
-    _check_memory(manifest["files"])
-    by_file = _index_by_file(manifest["tensors"])
-    tensors: dict[str, torch.Tensor] = {}
-    for name, info in manifest["files"].items():
-        tensors.update(_read_tensor_file(_safe_file(root, name), info, algorithm, by_file.get(name, {})))
+    wanted = _checked_rows(manifest, rows(manifest) if rows is not None else {})
+    tensors = read_all(lambda name: _safe_file(root, name), manifest, algorithm, wanted, _check_memory)
     if map_location is not None:
         move = map_location if callable(map_location) else (lambda t: t.to(map_location))
         tensors = {k: move(v) for k, v in tensors.items()}

@@ -3,7 +3,9 @@
 `CheckpointManager` writes regular checkpoints (all kept, or the last N), keeps the best ones apart
 from that rotation, maintains a `latest` pointer replaced atomically, and restores the newest
 checkpoint that verifies. One process writes a directory at a time (an advisory lock,
-`functrain.checkpoint.lock`); any number read it, writing nothing. The file format is
+`functrain.checkpoint.lock`); any number read it, writing nothing. With ``sharded=True`` every rank
+of a distributed run saves together: each writes its own shards, rank 0 (the lock's holder) the
+manifest, the `latest` pointer and the rotation. The file format is
 `functrain.checkpoint.format`'s; the layout and its recovery are `functrain.checkpoint.directory`'s.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from functrain.core.ensemble import host_count
 from functrain.checkpoint import directory as layout
@@ -27,6 +30,7 @@ from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, is_co
 from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import read_manifest, write_tree
 from functrain.checkpoint.lock import WriterLock
+from functrain.checkpoint.sharded import agree, all_gather_json, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import fingerprint, load
 from functrain.core.state import TrainState
@@ -66,6 +70,12 @@ class CheckpointManager:
         readonly: open as a reader: no lock, no cleanup; `save` and `cleanup` raise.
         metadata: JSON-able data written into every checkpoint's manifest (`fit` puts the run's
             config there); a `save`'s own `metadata` adds to it.
+        sharded: for sharded states (`DTensor` leaves) on torch.distributed: every rank opens the
+            manager with the same call and calls `save` together. Rank 0 holds the lock, writes
+            the manifest and the `latest` pointer, keeps the best ones and rotates; every rank
+            writes its own shards (`functrain.checkpoint.sharded`). The ranks exchange what they
+            wrote on a gloo group the manager makes for itself, so an async save's exchanges run
+            in its background thread beside the training's collectives. Restoring is collective.
 
     Attributes:
         restored: the checkpoint `restore_latest` last loaded, or None.
@@ -73,7 +83,7 @@ class CheckpointManager:
     Raises:
         ConfigError: invalid options, listed together.
         CheckpointError: (a writer) another writer holds the directory, naming it; or the
-            directory or its lock cannot be created.
+            directory or its lock cannot be created (with `sharded`, on every rank).
 
     Example:
         >>> import tempfile, torch, functrain as ft
@@ -99,6 +109,7 @@ class CheckpointManager:
         remove_temporary: bool = True,
         readonly: bool = False,
         metadata: dict[str, Any] | None = None,
+        sharded: bool = False,
     ) -> None:
         problems = []
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
@@ -109,13 +120,20 @@ class CheckpointManager:
             problems.append(f"mode must be 'min' or 'max', got mode={mode!r}")
         if readonly and async_save:
             problems.append("async_save=True writes checkpoints: a manager opened with readonly=True never does")
+        if sharded and readonly:
+            problems.append("sharded=True opens the manager that saves on every rank; to only read, open readonly=True without sharded (loading into a sharded template is collective anyway)")
+        if sharded and not (dist.is_available() and dist.is_initialized()):
+            problems.append("sharded=True needs an initialized torch.distributed process group: call functrain.distributed.init_from_env() first")
         if problems:
             raise ConfigError("invalid arguments to CheckpointManager:\n  - " + "\n  - ".join(problems))
         self.directory = Path(directory)
         self.keep_last, self.keep_best, self.best_metric, self.mode = keep_last, keep_best, best_metric, mode
-        self.readonly, self.metadata = readonly, dict(metadata or {})
+        self.readonly, self.sharded, self.metadata = readonly, sharded, dict(metadata or {})
         self.restored: Path | None = None
-        self._writer = None if readonly else _open_writer(self.directory, remove_temporary)
+        self._group, self._rank, self._open = None, 0, True
+        if sharded:
+            self._group, self._rank = dist.new_group(backend="gloo"), dist.get_rank()
+        self._writer = None if readonly else _open_writer(self.directory, remove_temporary, self._group, self._rank)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-ckpt") if async_save else None
         self._pending: Future[Path] | None = None
         self._unwaited = _Unwaited()
@@ -213,15 +231,29 @@ class CheckpointManager:
     def _require_writer(self, action: str) -> None:
         if self.readonly:
             raise CheckpointError(f"cannot {action}: this CheckpointManager of {str(self.directory)!r} was opened with readonly=True; open it without readonly in the one process that writes")
-        if self._writer is None or not self._writer.held:
+        # rank 0 holds the lock; the other ranks of a sharded manager write their shards under it
+        closed = not self._open if self._rank else self._writer is None or not self._writer.held
+        if closed:
             raise CheckpointError(f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed (its writer lock was released)")
 
     def _commit(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any], before_commit: Callable[[], None] | None = None) -> Path:
         from functrain import __version__
 
         with self._commit_lock:
-            path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__, before_commit=before_commit)
-            self._keep_books(path, meta["metrics"].get(self.best_metric) if self.best_metric is not None else None)
+            if self.sharded:  # every rank its shards; rank 0 the manifest, then the books
+                path = write_sharded(self.directory / name, tree, group=self._group, fingerprint=fp, metadata=meta, library_version=__version__, before_commit=before_commit)
+            else:
+                path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__, before_commit=before_commit)
+            books: CheckpointError | None = None
+            if self._rank == 0:
+                try:
+                    self._keep_books(path, meta["metrics"].get(self.best_metric) if self.best_metric is not None else None)
+                except CheckpointError as e:
+                    books = e
+            if self.sharded:  # the other ranks go on once `latest`, the best ones and the rotation are done
+                all_gather_json(None, self._group)
+            if books is not None:
+                raise books
             return path
 
     def _commit_in_background(self, name: str, snapshot: Snapshot, fp: dict[str, Any], meta: dict[str, Any], state: TrainState) -> Path:
@@ -309,6 +341,7 @@ class CheckpointManager:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            self._open = False
             self._finalizer()
 
     def __enter__(self) -> CheckpointManager:
@@ -351,13 +384,37 @@ class CheckpointManager:
         return None
 
     def cleanup(self) -> None:
-        """Put back displaced checkpoints and remove the leftovers of interrupted saves (the writer only)."""
+        """Put back displaced checkpoints and remove the leftovers of interrupted saves (the writer only).
+
+        Of a sharded manager, rank 0 (the lock's holder) does it; the other ranks do nothing.
+        """
         self._require_writer("clean up")
+        if self._rank:
+            return
         for name in recover(self.directory):
             warnings.warn(f"{self.directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=2)
 
 
-def _open_writer(directory: Path, remove_temporary: bool) -> WriterLock:
+def _open_writer(directory: Path, remove_temporary: bool, group: Any = None, rank: int = 0) -> WriterLock | None:
+    """Rank 0's lock on `directory`, its leftovers recovered; with a `group`, every rank learns whether that worked."""
+    if group is None:
+        return _lock_and_recover(directory, remove_temporary)
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = _lock_and_recover(directory, remove_temporary)
+        except Exception as e:
+            error = e
+    try:
+        agree(error, group, f"opening the checkpoint directory {str(directory)!r}")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -366,7 +423,7 @@ def _open_writer(directory: Path, remove_temporary: bool) -> WriterLock:
     try:
         if remove_temporary:
             for name in recover(directory):
-                warnings.warn(f"{directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"{directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=4)
     except OSError as e:
         lock.release()
         raise CheckpointError(f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; nothing committed was removed") from None

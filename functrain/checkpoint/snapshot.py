@@ -14,6 +14,7 @@ Three things keep that exactly as safe as a copy:
 
 Tensors that are not on the CPU are copied to it at once, as before (the copy off the device is
 needed to write them anyway), and so are tensors without a version counter (inference tensors).
+Of a sharded leaf (a `DTensor`), this rank's shard is what is held or copied.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from functrain.core.holds import hold
+from functrain.core.holds import hold, is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import tree_map
 
@@ -38,6 +39,9 @@ class Snapshot:
     def _take(self, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
+        if is_sharded(x):  # this rank's shard is what its save writes: that is what is held
+            local = self._take(x._local_tensor)
+            return type(x).from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
         x = x.detach()
         version = _version(x) if x.device.type == "cpu" else None
         if version is None:

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 
 from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
+from functrain.checkpoint.sharded import agree, exchange_group, has_dtensors, is_sharded, placed_like, read_for, write_sharded
 from functrain.core.state import TrainState, _unaliased
 from functrain.tree import leaves_by_path
 
@@ -90,11 +91,16 @@ def save(state: TrainState | Any, path: str | os.PathLike[str], *, metadata: dic
         path: the checkpoint directory to create (replaced atomically if it exists).
         metadata: JSON-able user data stored in the manifest (e.g. metrics, config).
 
+    A sharded state (`DTensor` leaves) is saved by every rank together, each writing its own
+    shards in parallel (`functrain.checkpoint.sharded`): call `save` on every rank, with the
+    same `path` on a file system they share.
+
     Returns:
         The checkpoint's path.
 
     Raises:
-        CheckpointError: the write failed; any previous checkpoint at `path` is intact.
+        CheckpointError: the write failed (for a sharded state: on any rank, raised on every rank);
+            any previous checkpoint at `path` is intact.
 
     Example:
         >>> import tempfile, functrain as ft
@@ -106,9 +112,10 @@ def save(state: TrainState | Any, path: str | os.PathLike[str], *, metadata: dic
     """
     from functrain import __version__
 
-    if isinstance(state, TrainState):
-        return write_tree(path, state.tree(), fingerprint=fingerprint(state), metadata=metadata, library_version=__version__)
-    return write_tree(path, state, metadata=metadata, library_version=__version__)
+    tree, fp = (state.tree(), fingerprint(state)) if isinstance(state, TrainState) else (state, None)
+    if has_dtensors(tree):
+        return write_sharded(path, tree, fingerprint=fp, metadata=metadata, library_version=__version__)
+    return write_tree(path, tree, fingerprint=fp, metadata=metadata, library_version=__version__)
 
 
 def load(
@@ -129,15 +136,22 @@ def load(
         digest: the manifest digest to insist on (``manifest["manifest_blake3"]`` of a checkpoint
             you trust): pins the checkpoint, so one re-sealed since is refused.
 
+    Resharding: a checkpoint holds global tensors, whatever the world size and sharding mode that
+    wrote it, so it loads into any template: a sharded one (`DTensor` leaves; every rank calls
+    `load`, and each reads and verifies only the shards that overlap its part) or a plain one in
+    a single process (the shards joined).
+
     Returns:
-        With `like`: a state (or tree) of the template's structure holding the checkpoint's values.
+        With `like`: a state (or tree) of the template's structure holding the checkpoint's values,
+        placed as the template's leaves are (its DTensors' shards on each rank).
         Without: ``(tree, manifest)``, NamedTuples as dicts, for inspection.
 
     Raises:
         ConfigError: `like` is a plain value where the checkpoint holds a tree, or `map_location`
             is not a device (or one this machine lacks).
         CheckpointError: no checkpoint there, or a newer format version.
-        CheckpointCorruptError: a file is missing, truncated or altered (named in the message).
+        CheckpointCorruptError: a file is missing, truncated or altered (named in the message;
+            loading into a sharded template, raised on every rank, naming the rank that found it).
         StateMismatchError: listing every missing or extra path, shape or dtype mismatch (the
             counters must be 0-d int64 and `rng` the template's generator state), and a different
             optimizer, hyperparameters or options; then the fix: for other weights, that they
@@ -158,7 +172,25 @@ def load(
         (tensor([0., 1., 2.]), 7, 3)
     """
     _check_map_location(map_location)
-    tree, manifest = read_tree(path, map_location=map_location, digest=digest)
+    if like is None or not has_dtensors(like.tree() if isinstance(like, TrainState) else like):
+        return _load(path, like, map_location, digest, sharded=False)
+    # collective: the ranks read different shards, so they agree on the outcome, and a shard that
+    # fails on one rank fails the load on all of them rather than leave them waiting for each other
+    result, error = None, None
+    try:
+        result = _load(path, like, map_location, digest, sharded=True)
+    except Exception as e:
+        error = e
+    agree(error, exchange_group(), f"loading checkpoint {str(path)!r}")
+    return result
+
+
+def _load(path: str | os.PathLike[str], like: Any, map_location: str | torch.device | None, digest: str | None, *, sharded: bool) -> Any:
+    if sharded:
+        template_leaves = leaves_by_path(like.tree() if isinstance(like, TrainState) else like)
+        tree, manifest = read_for(path, template_leaves, map_location=map_location, digest=digest)
+    else:
+        tree, manifest = read_tree(path, map_location=map_location, digest=digest)
     _warn_versions(manifest, path)
     if like is None:
         return tree, manifest
@@ -188,7 +220,7 @@ def load(
     values = []
     for (key_path, expected), (path_key, _) in zip(flat, leaves_by_path(template).items(), strict=True):
         value = got[path_key]
-        if isinstance(value, torch.Tensor) and map_location is None and isinstance(expected, torch.Tensor):
+        if isinstance(value, torch.Tensor) and map_location is None and isinstance(expected, torch.Tensor) and not is_sharded(value):
             value = value.to(expected.device)
         values.append(value)
     restored = pytree.tree_unflatten(values, spec)
@@ -261,7 +293,8 @@ def load_weights(path: str | os.PathLike[str], into: TrainState, *, strict: bool
     checkpoint; everything else is `into`'s: its optimizer, learning rate, step options and
     trainable set, a fresh optimizer state, an EMA started at the loaded weights, counters at
     zero, its RNG, driver and user state. Use it where `load` refuses a checkpoint because the
-    optimizer, its hyperparameters, the options or the trainable set changed.
+    optimizer, its hyperparameters, the options or the trainable set changed. A sharded `into`
+    takes each rank's rows of the checkpoint's tensors (a checkpoint of any world size or mode).
 
     Args:
         path: a checkpoint of a `TrainState` (`save`, or one a `CheckpointManager` wrote).
@@ -299,7 +332,8 @@ def load_weights(path: str | os.PathLike[str], into: TrainState, *, strict: bool
         raise StateMismatchError(f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - " + "\n  - ".join(problems) + _STRICT_HINT * strict)
 
     def take(field: str, source: str) -> dict[str, torch.Tensor]:
-        return {k: saved[source][k].to(v.device) if k in saved[source] else v for k, v in getattr(into, field).items()}
+        # a sharded state's parameters: this rank's rows of the checkpoint's whole tensors
+        return {k: placed_like(saved[source][k].to(v.device), v, f"{field}/{k}") if k in saved[source] else v for k, v in getattr(into, field).items()}
 
     params = take("params", "params")
     return _unaliased(into.replace(

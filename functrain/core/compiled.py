@@ -137,6 +137,8 @@ class CompiledStep:
             return found[1]
         if holds_sweep(state.tx):
             raise ConfigError(_SWEEP_ALONE)
+        if state.dist is not None and state.dist.sharding is not None:
+            raise ConfigError(_SHARDED_NOT_COMPILED.format(state.dist.sharding))
         fields = {name: getattr(state, name) for name in _STATIC}
         fields["device"] = state.device
 
@@ -149,6 +151,16 @@ class CompiledStep:
         compiled = self._compile(_own_code(body, "train_core"))
         self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
         return compiled
+
+
+# measured on torch 2.13: torch.func.grad (what the compiled body takes gradients with) unwraps
+# DTensors, and the gather then fails on a plain tensor; torch.autograd.grad cannot be traced
+_SHARDED_NOT_COMPILED = (
+    "compile_step cannot compile a sharded state (sharding={0!r}): the compiled step takes gradients with "
+    "torch.func.grad, which unwraps the DTensor parameters into plain tensors, so their gather fails "
+    "(\"'Tensor' object has no attribute 'redistribute'\"), and torch.autograd.grad cannot be traced into the graph; "
+    "use functrain.train_step (eager) for sharded states, or compile_step with sharding=None"
+)
 
 
 def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
@@ -199,7 +211,9 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
 
     Raises:
         ConfigError: `options` sets its own ``guard_filter_fn``; calling the step with something
-            other than a `TrainState`.
+            other than a `TrainState`, or with a sharded state (``sharding="optimizer"`` or
+            ``"full"``: torch.func.grad, which the compiled body differentiates with, does not
+            take DTensors).
 
     Example:
         >>> import torch, functrain as ft

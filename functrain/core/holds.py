@@ -39,8 +39,18 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+def is_sharded(x: object) -> bool:
+    """Whether `x` is a `DTensor`: its memory is its local tensor's (`x._local_tensor`)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def _storages(tensors: Iterable[torch.Tensor]) -> list[int]:
-    return [t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0]
+    local = (t._local_tensor if is_sharded(t) else t for t in tensors)  # type: ignore[attr-defined]
+    return [t.untyped_storage().data_ptr() for t in local if t.numel() > 0]
 
 
 def hold(tensors: Iterable[torch.Tensor]) -> Callable[[], None]:

@@ -25,6 +25,7 @@ from functrain.distributed.data_parallel import (
     check_same_model,
     current_config,
 )
+from functrain.distributed.sharding import SHARDINGS, Sharding, check_elementwise, gathered, shard, sharded_init
 from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
 from functrain.errors import ConfigError, DonatedStateError
 from functrain.optim.porting import torch_object_hint
@@ -132,6 +133,7 @@ class TrainState:
         ema_warmup: bool = False,
         trainable: Trainable | None = None,
         distributed: bool | None = None,
+        sharding: Sharding | None = None,
         grad_stats: GradStats | None = None,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
@@ -164,6 +166,15 @@ class TrainState:
             distributed: average gradients across the ranks of the active `torch.distributed`
                 process group (None: whenever one with more than one rank is initialized). Rank 0's
                 weights are broadcast to all ranks, and all ranks must build the same model.
+            sharding: what each rank holds of the state across the process group (which must be
+                initialized, of any size): None, every rank holds everything (data parallelism);
+                ``"optimizer"`` (ZeRO-1/2), each rank holds and updates one slice of rows of the
+                optimizer state, the parameters whole; ``"full"`` (FSDP/ZeRO-3), the trainable
+                parameters, their optimizer state and the EMA are sliced, and each parameter is
+                gathered only while the forward and backward use it. Sliced leaves are `DTensor`s
+                (``Shard(0)``); buffers, frozen parameters, counters and RNG stay whole. The results
+                equal those of ``sharding=None`` up to float rounding. See
+                `functrain.distributed.sharding`.
             grad_stats: add gradient statistics to the step's metrics, grouped by ``"layer"`` (the
                 module owning the parameters) or ``"param"``: ``grad_norm/<group>`` (before
                 clipping) and ``update_ratio/<group>`` (the update's norm over the weights' norm,
@@ -191,6 +202,7 @@ class TrainState:
         problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
         if grad_stats not in (None, "layer", "param"):
             problems.append(f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}")
+        problems += _sharding_problems(sharding, grad_stats, optimizer)
         params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) and (trainable is None or callable(trainable)) else ({}, {})
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
@@ -200,10 +212,10 @@ class TrainState:
             raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
         tx = build_transform(optimizer, options)
         averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
-        dist_config = current_config(distributed)
+        dist_config = current_config(distributed, sharding, next(iter(params.values())).device.type)
         if dist_config is not None:
             shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
-            check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}", dist_config)
+            check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}", dist_config)
             # every rank starts from rank 0's weights and statistics
             params, frozen = broadcast_tensors(params, dist_config), broadcast_tensors(frozen, dist_config)
         device = next(iter(params.values())).device
@@ -211,12 +223,15 @@ class TrainState:
         if dist_config is not None:
             buffers = broadcast_tensors(buffers, dist_config)
         counters = {name: _zero(device) for name in _COUNTERS}
+        opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
+        if sharding == "full":
+            params = {k: shard(p, dist_config.mesh) for k, p in params.items()}
         return _unaliased(cls(
             params=params,
             frozen=frozen,
             buffers=buffers,
-            opt_state=tx.init(params),
-            ema_state=averager.init(params) if averager is not None else None,
+            opt_state=opt_state,
+            ema_state=ema_state,
             **counters,
             rng=initial_rng(seed, device),
             driver={},
@@ -257,11 +272,17 @@ class TrainState:
         """Number of trainable parameter elements."""
         return sum(p.numel() for p in self.params.values())
 
-    def export_module(self, *, use_ema: bool = False) -> nn.Module:
+    def export_module(self, *, use_ema: bool = False, rank0_only: bool = False) -> nn.Module | None:
         """A fresh copy of the module holding this state's weights (or their EMA), in eval mode.
 
         Use it for inference, `torch.save(module.state_dict())` or ONNX export; the state is not
-        tied to it.
+        tied to it. A sharded state's weights are gathered whole into plain tensors (a collective:
+        every rank must call it).
+
+        Args:
+            use_ema: the EMA of the weights instead of the weights.
+            rank0_only: build the module on rank 0 alone and return None on the other ranks
+                (they still take part in gathering sharded weights, one tensor at a time).
 
         Raises:
             ConfigError: `use_ema` without EMA in the state.
@@ -278,6 +299,11 @@ class TrainState:
         if use_ema and self.ema_state is None:
             raise ConfigError("export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
         weights = self.ema_params if use_ema else self.params
+        keep = not rank0_only or self.dist is None or self.dist.rank == 0
+        # one sharded tensor gathered at a time; ranks that build no module drop each at once
+        weights = {k: w for k, w in ((k, gathered(v)) for k, v in weights.items()) if keep}
+        if not keep:
+            return None
         values = {**weights, **self.frozen, **self.buffers}
         # the structure's (meta) tensors map to copies of the state's: tied weights stay tied
         memo: dict[int, Any] = {}
@@ -478,6 +504,30 @@ def _copy_structure(module: nn.Module) -> nn.Module:
         return module
     object.__setattr__(structure, _WEIGHTLESS, True)
     return structure
+
+
+def _sharding_problems(sharding: Any, grad_stats: Any, optimizer: Any) -> list[str]:
+    if sharding not in SHARDINGS:
+        return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
+    if sharding is None:
+        return []
+    problems = []
+    if grad_stats is not None:
+        problems.append(f"grad_stats={grad_stats!r} is computed on whole gradients; with sharding={sharding!r} pass grad_stats=None (the step's grad_norm is the global one)")
+    try:
+        check_elementwise(getattr(optimizer, "name", "") or "")
+    except ConfigError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _initial_states(tx: Transform, averager: Transform | None, params: dict[str, torch.Tensor], config: DistConfig | None) -> tuple[Tree, Any]:
+    """The optimizer state and EMA of `params`, their parameter-shaped leaves sharded as `config` asks."""
+    sharding = config.sharding if config is not None else None
+    opt_state = sharded_init(tx.init, params, config.mesh) if sharding is not None else tx.init(params)
+    if averager is None:
+        return opt_state, None
+    return opt_state, sharded_init(averager.init, params, config.mesh) if sharding == "full" else averager.init(params)
 
 
 def _split_parameters(module: nn.Module, trainable: Trainable | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from functrain.core.binding import call_with
 from functrain.core.holds import wait_until_unheld
+from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
@@ -108,13 +110,36 @@ def _enter(state: TrainState, training: bool) -> _Scope:
     if state.module.training != training:
         state.module.train(training)
     gen.set_state(state.rng)
-    if state.dist is not None and training and gen.device.type == "cpu":
-        # one draw from the shared stream seeds this rank's own stream for the step; the state
-        # carries the shared stream after the draw, the same on every rank
-        draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
-        scope.next_rng = gen.get_state()
-        gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
+    if state.dist is not None and training:
+        # each rank draws its dropout masks from its own stream; the state carries the shared one
+        if gen.device.type == "cpu":
+            # one draw from the shared stream seeds this rank's stream for the step
+            draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
+            scope.next_rng = gen.get_state()
+            gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
+        else:
+            scope.next_rng, seed = rank_stream(state.rng, state.dist.rank)
+            gen.manual_seed(seed)
     return scope
+
+
+def rank_stream(rng: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
+    """For a CUDA generator state: the shared state after one step, and this rank's seed for the step.
+
+    A CUDA (Philox) generator's state is its seed and offset, 16 bytes held on the host: both are
+    read without a device sync. The rank's seed hashes them with the rank; the shared stream moves
+    on by one Philox round (offsets advance in fours), so every step seeds new rank streams.
+
+    Example:
+        >>> state = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+        >>> after, seed0 = rank_stream(state, 0)
+        >>> after.view(torch.int64).tolist(), seed0 != rank_stream(state, 1)[1]
+        ([7, 12], True)
+    """
+    seed, offset = rng.view(torch.int64).tolist()
+    digest = hashlib.blake2b(f"{seed}:{offset}:{rank}".encode(), digest_size=8).digest()
+    after = torch.tensor([seed, offset + 4], dtype=torch.int64).view(torch.uint8)
+    return after, int.from_bytes(digest, "big") >> 1
 
 
 @_outside_graph
@@ -210,7 +235,12 @@ def _functional() -> bool:
 
 
 def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    gather = state.dist is not None and state.dist.sharding == "full"
+
     def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        if gather:
+            # "full" sharding: each parameter is all-gathered where it is used; its gradient comes back reduce-scattered
+            params = {k: sharding_.for_compute(p) for k, p in params.items()}
         loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
@@ -233,10 +263,45 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
     grads, loss, aux = _gradients(state, batch, buffers, scale)
-    if state.dist is not None:
-        # before clipping and the optimizer: every rank then computes the same update
-        grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, state.dist)
+    config = state.dist
+    sharding = config.sharding if config is not None else None
+    if sharding is not None:
+        # from here on this rank works on its slices only (`functrain.distributed.sharding`)
+        grads, whole = sharding_.split_gradients(grads, sharding, config.mesh)
+        whole, buffers, scalars = average_step(whole, buffers, {"loss": loss, **aux}, config)
+        grads = {k: grads[k] if k in grads else whole[k] for k in state.params}
         loss, aux = scalars.pop("loss"), scalars
+        with sharding_.norms_over_shards(config.group):
+            new, metrics = _update(_local_view(state), grads, buffers, loss, aux, scale, batch)
+        new["params"] = sharding_.placed_params(new["params"], state.params, sharding, config.mesh)
+        new["opt_state"] = sharding_.like_tree(new["opt_state"], state.opt_state)
+    else:
+        if config is not None:
+            # before clipping and the optimizer: every rank then computes the same update
+            grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, config)
+            loss, aux = scalars.pop("loss"), scalars
+        new, metrics = _update(state, grads, buffers, loss, aux, scale, batch)
+    new["ema_state"] = _ema(state, new["params"], new.pop("applied"))
+    return new, metrics
+
+
+def _local_view(state: TrainState) -> TrainState:
+    """`state` with the parameters and optimizer state this rank updates, as plain tensors."""
+    config = state.dist
+    return state.replace(params=sharding_.local_params(state.params, config.sharding, config.mesh), opt_state=sharding_.local_tree(state.opt_state))
+
+
+def _ema(state: TrainState, params: dict[str, torch.Tensor], applied: torch.Tensor | None) -> Any:
+    """The EMA after the update, on the slices where it is sharded (``"full"``), else whole."""
+    if state.ema_state is None:
+        return None
+    local = sharding_.local_tree
+    _, ema_state = state.averager.update(local(params), local(state.ema_state), keep=applied)
+    return sharding_.like_tree(ema_state, state.ema_state)
+
+
+def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor], scale: torch.Tensor | None, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Clipping, the optimizer and the counters, from the (averaged) gradients; the EMA's gate as ``"applied"``."""
     grad_list = list(grads.values())
     grad_norm = global_norm(grad_list)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it again
@@ -260,15 +325,11 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
         # a batch with non-finite statistics must not enter the running averages either
         buffers = {n: torch.where(torch.isfinite(b).all(), b, state.buffers[n]) if b.is_floating_point() else b for n, b in buffers.items()}
-    ema_state = state.ema_state
-    if ema_state is not None:
-        applied = _and(completed, ~skipped if skipped is not None else None)
-        _, ema_state = state.averager.update(params, ema_state, keep=applied)
     new = {
         "params": params,
         "buffers": buffers,
         "opt_state": opt_state,
-        "ema_state": ema_state,
+        "applied": _and(completed, ~skipped if skipped is not None else None),
         "step": state.step + (completed.long() if completed is not None else 1),
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
@@ -408,6 +469,7 @@ def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.
     weights = state.ema_params if use_ema else state.params
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     with torch.no_grad():
+        weights = {k: sharding_.for_compute(w) for k, w in weights.items()}  # sharded weights gathered
         loss, aux = _call_loss(state, {**weights, **state.frozen, **buffers}, batch)
     return {"loss": loss.float(), **aux}
 

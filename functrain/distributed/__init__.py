@@ -1,7 +1,9 @@
-"""torch.distributed: data parallelism (`data_parallel`), launched with ``torchrun``.
+"""torch.distributed: data parallelism (`data_parallel`) and sharded states (`sharding`), launched with ``torchrun``.
 
 ``functrain.distributed.init_from_env()`` starts the process group from torchrun's environment;
-`TrainState.create` then records it, and the step averages across ranks.
+`TrainState.create` then records it, and the step averages across ranks. With
+``TrainState.create(..., sharding="optimizer" | "full")`` each rank holds slices of the state
+(`DTensor`s); `gather_tree` gathers such a tree whole.
 """
 
 from functrain.distributed.data_parallel import (
@@ -15,5 +17,19 @@ from functrain.distributed.data_parallel import (
     rank_and_world,
     reduce_sums,
 )
+from functrain.distributed.sharding import Sharding, gather_tree, is_sharded
 
-__all__ = ["DistConfig", "all_reduce_mean", "broadcast_tensors", "check_same_model", "gather_objects", "init_from_env", "is_main_process", "rank_and_world", "reduce_sums"]
+__all__ = [
+    "DistConfig",
+    "Sharding",
+    "all_reduce_mean",
+    "broadcast_tensors",
+    "check_same_model",
+    "gather_objects",
+    "gather_tree",
+    "init_from_env",
+    "is_main_process",
+    "is_sharded",
+    "rank_and_world",
+    "reduce_sums",
+]

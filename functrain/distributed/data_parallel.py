@@ -36,11 +36,17 @@ __all__ = ["DistConfig", "init_from_env", "rank_and_world", "is_main_process", "
 
 @attrs.frozen
 class DistConfig:
-    """The process group a state trains across (static: not saved in checkpoints)."""
+    """The process group a state trains across (static: not saved in checkpoints).
+
+    `sharding` is None (every rank holds the whole state), ``"optimizer"`` or ``"full"``
+    (`functrain.distributed.sharding`); `mesh` is the 1-D `DeviceMesh` its sharded leaves live on.
+    """
 
     world_size: int
     rank: int
     group: Any = attrs.field(default=None, eq=False, repr=False)
+    sharding: str | None = None
+    mesh: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -74,9 +80,24 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def current_config(distributed: bool | None) -> DistConfig | None:
-    """The `DistConfig` for `TrainState.create(distributed=...)`: None means auto-detect."""
-    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def current_config(distributed: bool | None, sharding: str | None = None, device_type: str = "cpu") -> DistConfig | None:
+    """The `DistConfig` for `TrainState.create(distributed=..., sharding=...)`: None means auto-detect.
+
+    A sharded state needs an initialized process group, of any size (one rank included).
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    if sharding is not None:
+        if not initialized or distributed is False:
+            raise ConfigError(
+                f"sharding={sharding!r} needs an initialized torch.distributed process group, got "
+                + ("distributed=False" if initialized else "none")
+                + "; launch with torchrun and call functrain.distributed.init_from_env() first, or pass sharding=None"
+            )
+        from functrain.distributed.sharding import make_mesh
+
+        world = dist.get_world_size()
+        return DistConfig(world, dist.get_rank(), dist.group.WORLD, sharding, make_mesh(device_type, world))
+    active = initialized and dist.get_world_size() > 1
     if distributed and not active:
         raise ConfigError("distributed=True but no torch.distributed process group is initialized; launch with torchrun and call functrain.distributed.init_from_env()")
     if not active or distributed is False:

@@ -22,6 +22,7 @@ import torch
 from functrain.core.ensemble import host_count
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.format import read_manifest
+from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
 from functrain.core.state import TrainState
 from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
@@ -153,7 +154,9 @@ def fit(
         log_file: append a JSONL line per log interval, evaluation and epoch.
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any). Without
             it, a `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
-            With several ranks, rank 0 writes the directory and the others only read it.
+            With several ranks, rank 0 writes the directory and the others only read it; of a
+            sharded state (`TrainState.create(..., sharding=...)`), every rank writes its own shards
+            and rank 0 the manifest, and every rank restores its own part.
         compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
             batch shape).
         device: where the batches go (None: the state's device, which it must be: build the
@@ -230,9 +233,22 @@ def fit(
         raise ConfigError(empty)
     manager = None
     if checkpoint_dir:
-        # rank 0 writes and holds the directory's lock; the other ranks only read what it wrote
+        # rank 0 holds the directory's lock; of a replicated state it writes everything and the other
+        # ranks only read, of a sharded one every rank writes its own shards
+        sharded = state.dist is not None and has_dtensors(state.tree())
+        writes = main or sharded
         saved_with = {"config": config} if config is not None else None  # in every checkpoint's manifest
-        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, mode=mode, async_save=async_save and main, readonly=not main, metadata=saved_with)
+        manager = CheckpointManager(
+            checkpoint_dir,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            best_metric=best_metric,
+            mode=mode,
+            async_save=async_save and writes,
+            readonly=not writes,
+            sharded=sharded,
+            metadata=saved_with,
+        )
     try:
         if manager is not None and not resume and (manager.all() or manager.bests()):
             # a fresh run would rotate, and pick its best among, another run's checkpoints

@@ -311,12 +311,14 @@ class Loop:
             return
         self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self._driver_tree())
-        if not self.main:  # rank 0 writes; the state is the same on every rank
+        if not self.main and not self.manager.sharded:  # rank 0 writes; the state is the same on every rank
             self._saved_at = position
             return
-        self.run_ctx.saved = self.manager.save(self.state, metrics=metrics)
+        saved = self.manager.save(self.state, metrics=metrics)  # a sharded state: every rank its shards
         self._saved_at = position
-        self.fire("on_save")
+        if self.main:
+            self.run_ctx.saved = saved
+            self.fire("on_save")
 
     def _finish(self) -> None:
         if self.ledger.window.count:

@@ -80,6 +80,106 @@ def stream_fit(rank: int, directory: Path, max_steps: int, reads: list[int], res
     )
 
 
+MODES = (None, "optimizer", "full")
+
+
+class Features(nn.Module):
+    """BatchNorm, dropout, a frozen bias, tied weights, a 0-d parameter and a row count no world size divides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 15, bias=False)  # a bias before BatchNorm has a zero gradient: Adam would amplify its rounding
+        self.bn = nn.BatchNorm1d(15)
+        self.drop = nn.Dropout(0.2)
+        self.a = nn.Linear(15, 15)
+        self.b = nn.Linear(15, 15)
+        self.b.weight = self.a.weight  # tied
+        self.a.bias.requires_grad_(False)  # frozen
+        self.out = nn.Linear(15, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.bn(self.inp(x))))
+        return self.out(torch.relu(self.b(torch.relu(self.a(h))))) / self.temperature
+
+
+def gathered_tree(state) -> dict:
+    """What a sharded state holds, gathered whole on every rank (plain tensors, comparable across modes)."""
+    module = state.export_module()
+    out = {f"params/{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    if state.ema_state is not None:
+        out |= {f"ema/{k}": v.detach().clone() for k, v in state.export_module(use_ema=True).state_dict().items()}
+    return out
+
+
+def sharded_runs(rank: int, world: int) -> dict:
+    """Each mode x optimizer for 20 steps on this rank's part of the batches, a NaN on the last rank at step 5."""
+    out = {}
+    for mode in MODES:
+        for name, opt in (("adamw", ft.adamw(1e-2)), ("sgd", ft.sgd(0.05, momentum=0.9))):
+            state = ft.TrainState.create(mlp(seed=rank), opt, loss_fn, sharding=mode)
+            skipped = []
+            for i, b in enumerate(batches(20)):
+                x, y = shard(b, rank, world)
+                if i == 5 and rank == world - 1:
+                    x = x.clone()
+                    x[0, 0] = float("nan")
+                state, m = ft.train_step(state, (x, y), donate=(mode == "full"))
+                skipped.append(m["skipped"])
+            out[f"{name}/{mode}"] = {"tree": gathered_tree(state), "skipped": torch.stack(skipped)}
+    return out
+
+
+def feature_runs(rank: int, world: int) -> dict:
+    """Accumulation, clipping, EMA, bf16, fp16 on the Features model in each mode, plus eval_step."""
+    cases = {
+        "accumulate-clip-ema": dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9),
+        "bf16": dict(precision="bf16", clip_grad_norm=1.0),
+        "fp16": dict(precision="fp16", ema_decay=0.8),
+    }
+    out = {}
+    for case, options in cases.items():
+        for mode in MODES:
+            # SGD in half precision: Adam's normalization would blow rounding differences of near-zero gradients up to lr
+            optimizer = ft.adamw(1e-2) if "precision" not in options else ft.sgd(0.05, momentum=0.9)
+            state = ft.TrainState.create(Features(), optimizer, loss_fn, sharding=mode, seed=5, **options)
+            for b in batches(6):
+                state, _ = ft.train_step(state, shard(b, rank, world))
+            evaluated = ft.eval_step(state, batches(1)[0], use_ema=state.ema_state is not None)
+            out[f"{case}/{mode}"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}, "eval": evaluated["loss"]}
+    return out
+
+
+def sharded_extras(out: Path, rank: int, world: int) -> None:
+    """fit, generate, export on rank 0 alone, and the errors of what sharding refuses."""
+    results, errors = {}, {}
+    for mode in MODES:
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, sharding=mode, ema_decay=0.9)
+        result = ft.fit(state, dataset(), eval_data=dataset(), batch_size=16, max_epochs=1, log_every=2, progress=False, verbosity="silent")
+        results[f"fit/{mode}"] = {"tree": gathered_tree(result.state), "val": torch.tensor(result.history.column("val_loss"))}
+        lm = ft.TrainState.create(nn.Sequential(nn.Embedding(5, 8), nn.Linear(8, 5)), ft.sgd(0.1), lambda m, b: m(b).mean(), sharding=mode)
+        lm, _ = ft.train_step(lm, torch.tensor([[1, 2, 3]]))
+        results[f"generate/{mode}"] = ft.generate(lm, [1, 2], 6, seed=rank)  # the same seed on every rank in the test's eyes: compared per rank
+        only = state.export_module(rank0_only=True)
+        results[f"rank0_only/{mode}"] = torch.tensor(only is None if rank else isinstance(only, nn.Module))
+    sharded = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, sharding="full")
+    for name, attempt in {
+        "compile": lambda: ft.compile_step(backend="eager")(sharded, shard(batches(1)[0], rank, world)),
+        "muon": lambda: ft.TrainState.create(mlp(), ft.muon(0.02, others=ft.adamw(1e-3)), loss_fn, sharding="optimizer"),
+        "grad_stats": lambda: ft.TrainState.create(mlp(), ft.adamw(1e-3), loss_fn, sharding="full", grad_stats="layer"),
+    }.items():
+        try:
+            attempt()
+            errors[name] = "no error"
+        except ft.ConfigError as e:
+            errors[name] = str(e)
+    mine = out / f"rank{rank}"
+    ft.save(results, mine)
+    for name, text in errors.items():
+        (mine / f"{name}.txt").write_text(text)
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     ft.distributed.init_from_env()
@@ -120,6 +220,11 @@ def main() -> None:
         resumed = stream_fit(rank, out / "ckpt", 10, reads, resume=True)
         saved = resumed.state.driver["source"]["ranks"]
         ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": reads, "saved": saved}, mine)
+    elif scenario == "sharded":
+        # one launch for everything (a process start costs seconds): the rest on 2 ranks only
+        ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) if world == 2 else {})}, mine)
+        if world == 2:
+            sharded_extras(out / "extras", rank, world)
     elif scenario == "mismatch":
         try:
             ft.TrainState.create(mlp(width=16 + rank), ft.adamw(1e-2), loss_fn)
