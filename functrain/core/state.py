@@ -170,8 +170,8 @@ class TrainState:
                 initialized, of any size): None, every rank holds everything (data parallelism);
                 ``"optimizer"`` (ZeRO-1/2), each rank holds and updates one slice of rows of the
                 optimizer state, the parameters whole; ``"full"`` (FSDP/ZeRO-3), the trainable
-                parameters, their optimizer state and the EMA are sliced, and each parameter is
-                gathered only while the forward and backward use it. Sliced leaves are `DTensor`s
+                parameters, their optimizer state and the EMA are sliced, and the parameters are
+                gathered whole for the step's forward and backward only (freed after it). Sliced leaves are `DTensor`s
                 (``Shard(0)``); buffers, frozen parameters, counters and RNG stay whole. The results
                 equal those of ``sharding=None`` up to float rounding. See
                 `functrain.distributed.sharding`.
