@@ -168,6 +168,7 @@ def test_sharded_states_fit_generate_export_and_refuse_what_they_cannot_do(shard
             torch.testing.assert_close(got[f"fit/{mode}"]["val"], got["fit/None"]["val"], rtol=1e-5, atol=1e-6)
             assert torch.equal(got[f"generate/{mode}"], got["generate/None"])
         assert all(bool(got[f"rank0_only/{mode}"]) for mode in worker.MODES)
+        assert all(bool(got[f"pure/{mode}"]) for mode in worker.MODES)
         text = {name: (tmp_path / f"rank{r}" / f"{name}.txt").read_text() for name in ("compile", "muon", "grad_stats")}
         assert "compile_step cannot compile a sharded state (sharding='full')" in text["compile"]
         assert "the optimizer muon updates whole matrices" in text["muon"]
