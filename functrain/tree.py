@@ -30,6 +30,7 @@ __all__ = [
     "share_norm",
     "unshare_norm",
     "summing_norms",
+    "norm_sum",
     "tree_select",
 ]
 
@@ -174,6 +175,11 @@ def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), device=device)
     return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).square().sum()
+
+
+def norm_sum() -> Any:
+    """The sum over ranks that `summing_norms` set for this step, or None outside a sharded step."""
+    return _NORM_SUM.get()
 
 
 @contextlib.contextmanager

@@ -178,11 +178,13 @@ def test_sharded_states_fit_generate_export_and_refuse_what_they_cannot_do(shard
             assert_trees_close(got[f"fit/{mode}"]["tree"], got["fit/None"]["tree"], f"fit/{mode}")
             torch.testing.assert_close(got[f"fit/{mode}"]["val"], got["fit/None"]["val"], rtol=1e-5, atol=1e-6)
             assert torch.equal(got[f"generate/{mode}"], got["generate/None"])
+            assert_trees_close(got[f"grad_stats/{mode}"], got["grad_stats/None"], f"grad_stats/{mode}")
         assert all(bool(got[f"rank0_only/{mode}"]) for mode in worker.MODES)
-        text = {name: (tmp_path / f"rank{r}" / f"{name}.txt").read_text() for name in ("compile", "muon", "grad_stats")}
+        assert all(bool(got[f"pure/{mode}"]) for mode in worker.MODES)
+        assert len(got["grad_stats/None"]) == 13  # grad_norm, and grad_norm/ and update_ratio/ for inp, bn, a, b, out, temperature
+        text = {name: (tmp_path / f"rank{r}" / f"{name}.txt").read_text() for name in ("compile", "muon")}
         assert "compile_step cannot compile a sharded state (sharding='full')" in text["compile"]
         assert "the optimizer muon updates whole matrices" in text["muon"]
-        assert "grad_stats='layer' is computed on whole gradients" in text["grad_stats"]
 
 
 def test_sharding_without_a_process_group_or_with_an_unknown_mode_is_refused() -> None:

@@ -170,8 +170,8 @@ class TrainState:
                 initialized, of any size): None, every rank holds everything (data parallelism);
                 ``"optimizer"`` (ZeRO-1/2), each rank holds and updates one slice of rows of the
                 optimizer state, the parameters whole; ``"full"`` (FSDP/ZeRO-3), the trainable
-                parameters, their optimizer state and the EMA are sliced, and each parameter is
-                gathered only while the forward and backward use it. Sliced leaves are `DTensor`s
+                parameters, their optimizer state and the EMA are sliced, and the parameters are
+                gathered whole for the step's forward and backward only (freed after it). Sliced leaves are `DTensor`s
                 (``Shard(0)``); buffers, frozen parameters, counters and RNG stay whole. The results
                 equal those of ``sharding=None`` up to float rounding. See
                 `functrain.distributed.sharding`.
@@ -179,7 +179,8 @@ class TrainState:
                 module owning the parameters) or ``"param"``: ``grad_norm/<group>`` (before
                 clipping) and ``update_ratio/<group>`` (the update's norm over the weights' norm,
                 inf for weights at zero). Computed on the device; the driver reads them at log
-                intervals. Not computed by `compile_step`. Not part of checkpoints.
+                intervals (sharded: norms of the whole tensors, one all-reduce more per step).
+                Not computed by `compile_step`. Not part of checkpoints.
 
         Returns:
             The initial `TrainState`, counters at zero.
@@ -202,7 +203,7 @@ class TrainState:
         problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
         if grad_stats not in (None, "layer", "param"):
             problems.append(f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}")
-        problems += _sharding_problems(sharding, grad_stats, optimizer)
+        problems += _sharding_problems(sharding, optimizer)
         params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) and (trainable is None or callable(trainable)) else ({}, {})
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
@@ -506,14 +507,12 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     return structure
 
 
-def _sharding_problems(sharding: Any, grad_stats: Any, optimizer: Any) -> list[str]:
+def _sharding_problems(sharding: Any, optimizer: Any) -> list[str]:
     if sharding not in SHARDINGS:
         return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
     if sharding is None:
         return []
     problems = []
-    if grad_stats is not None:
-        problems.append(f"grad_stats={grad_stats!r} is computed on whole gradients; with sharding={sharding!r} pass grad_stats=None (the step's grad_norm is the global one)")
     try:
         check_elementwise(getattr(optimizer, "name", "") or "")
     except ConfigError as e:

@@ -29,7 +29,7 @@ from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
 from functrain.optim.transform import apply_updates, transform_metrics, writing_in_place, wrote_in_place
-from functrain.tree import global_norm, share_norm, tree_leaves, tree_map, unshare_norm
+from functrain.tree import global_norm, norm_sum, share_norm, tree_leaves, tree_map, unshare_norm
 from functrain.optim.batching import under_vmap
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.wrappers import find_loss_scale
@@ -365,12 +365,23 @@ def _grad_statistics(by: str, grads: dict[str, torch.Tensor], old: dict[str, tor
     g = [n.float() for n in torch._foreach_norm([grads[n] for n in names])]
     d = [n.float() for n in torch._foreach_norm(torch._foreach_sub(after, before))]
     w = [n.float() for n in torch._foreach_norm(before)]
+    across = norm_sum()
+    if across is not None:  # a sharded step: these are norms of slices
+        g, d, w = _over_shards(across, (g, d, w), before)
     out: dict[str, torch.Tensor] = {}
     for group, idx in _groups(tuple(names), by).items():
         norm = torch.linalg.vector_norm(torch.stack([g[i] for i in idx]))
         out[f"grad_norm/{group}"] = norm / scale if scale is not None else norm
         out[f"update_ratio/{group}"] = torch.linalg.vector_norm(torch.stack([d[i] for i in idx])) / torch.linalg.vector_norm(torch.stack([w[i] for i in idx]))
     return out
+
+
+def _over_shards(across: Any, norms: tuple[list[torch.Tensor], ...], tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Norms of slices made norms of the whole tensors: their squares summed over ranks in one all-reduce (0-d tensors are whole)."""
+    squares = torch.stack([torch.stack(n) for n in norms]).square()
+    sliced = torch.tensor([t.ndim > 0 for t in tensors], device=squares.device)
+    whole = (across(torch.where(sliced, squares, 0.0)) + torch.where(sliced, 0.0, squares)).sqrt()
+    return [list(row.unbind()) for row in whole]
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -125,7 +125,7 @@ def sharded_runs(rank: int, world: int) -> dict:
                 if i == 5 and rank == world - 1:
                     x = x.clone()
                     x[0, 0] = float("nan")
-                state, m = ft.train_step(state, (x, y), donate=(mode == "full"))
+                state, m = ft.train_step(state, (x, y), donate=mode is not None)
                 skipped.append(m["skipped"])
             out[f"{name}/{mode}"] = {"tree": gathered_tree(state), "skipped": torch.stack(skipped)}
     return out
@@ -161,13 +161,19 @@ def sharded_extras(out: Path, rank: int, world: int) -> None:
         lm = ft.TrainState.create(nn.Sequential(nn.Embedding(5, 8), nn.Linear(8, 5)), ft.sgd(0.1), lambda m, b: m(b).mean(), sharding=mode)
         lm, _ = ft.train_step(lm, torch.tensor([[1, 2, 3]]))
         results[f"generate/{mode}"] = ft.generate(lm, [1, 2], 6, seed=rank)  # the same seed on every rank in the test's eyes: compared per rank
+        before = [ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)]
+        ft.train_step(state, shard(batches(1)[0], rank, world))  # pure: the state it was given is left as it was
+        after = [ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)]
+        results[f"pure/{mode}"] = torch.tensor(all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(before), torch.utils._pytree.tree_leaves(after), strict=True)))
+        stats = ft.TrainState.create(Features(), ft.adamw(1e-2), loss_fn, sharding=mode, grad_stats="layer")
+        stats, m = ft.train_step(stats, shard(batches(1)[0], rank, world))
+        results[f"grad_stats/{mode}"] = {k: v for k, v in m.items() if "/" in k or k == "grad_norm"}
         only = state.export_module(rank0_only=True)
         results[f"rank0_only/{mode}"] = torch.tensor(only is None if rank else isinstance(only, nn.Module))
     sharded = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, sharding="full")
     for name, attempt in {
         "compile": lambda: ft.compile_step(backend="eager")(sharded, shard(batches(1)[0], rank, world)),
         "muon": lambda: ft.TrainState.create(mlp(), ft.muon(0.02, others=ft.adamw(1e-3)), loss_fn, sharding="optimizer"),
-        "grad_stats": lambda: ft.TrainState.create(mlp(), ft.adamw(1e-3), loss_fn, sharding="full", grad_stats="layer"),
     }.items():
         try:
             attempt()
