@@ -262,3 +262,22 @@ def test_a_crafted_sharded_index_is_refused_whole_and_by_rows(written: Path, tmp
         verify(path)
     with pytest.raises(ft.CheckpointCorruptError, match=match):  # rows of a shard that is fine, or not
         read_tree(path, rows=lambda m: {"params/w": (6, 9)})
+
+
+def test_a_process_that_never_shards_never_imports_dtensor() -> None:
+    # importing torch.distributed.tensor costs about a second: a plain step, save, async save and
+    # load must not pay it (a killed-save test once found every first save a second late)
+    code = """
+import sys, tempfile, pathlib, torch, functrain as ft
+s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.adamw(1e-2), lambda m, b: m(b).sum())
+s, _ = ft.train_step(s, torch.randn(4, 2))
+p = pathlib.Path(tempfile.mkdtemp()) / "c"
+ft.save(s, p)
+ft.load(p, like=s)
+m = ft.CheckpointManager(pathlib.Path(tempfile.mkdtemp()) / "m", async_save=True)
+m.save(s)
+m.close()
+print("torch.distributed.tensor" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -57,7 +57,7 @@ from functrain.checkpoint.format import (
     read_tree,
 )
 from functrain.checkpoint.tensorfile import _bytes_of
-from functrain.core.holds import is_sharded
+from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import leaves_by_path
 

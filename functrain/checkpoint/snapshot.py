@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from functrain.core.holds import hold, is_sharded
+from functrain.core.holds import hold
+from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import tree_map
 

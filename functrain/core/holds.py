@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from functrain.distributed.sharding import is_sharded
 from functrain.tree import tree_leaves
 
 if TYPE_CHECKING:
@@ -37,15 +38,6 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-def is_sharded(x: object) -> bool:
-    """Whether `x` is a `DTensor`: its memory is its local tensor's (`x._local_tensor`)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without distributed
-        return False
-    return isinstance(x, DTensor)
 
 
 def _storages(tensors: Iterable[torch.Tensor]) -> list[int]:

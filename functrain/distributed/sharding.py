@@ -24,6 +24,7 @@ Every collective here is torch's: DTensor redistributions and functional collect
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -81,7 +82,10 @@ def is_sharded(t: Any) -> bool:
         >>> is_sharded(torch.zeros(3))
         False
     """
-    return isinstance(t, _dtensor())
+    # no DTensor exists before its module is imported: a process that never shards never pays for
+    # that import (about a second) in a save, a load or a step
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def shard(t: torch.Tensor, mesh: Any) -> torch.Tensor:
