@@ -192,3 +192,15 @@ def test_sharding_without_a_process_group_or_with_an_unknown_mode_is_refused() -
         ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn, sharding="full")
     with pytest.raises(ft.ConfigError, match=r"sharding must be None, 'optimizer' or 'full', got sharding='zero3'"):
         ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn, sharding="zero3")
+
+
+def test_what_ranks_exchange_is_data_and_round_trips_tensors_and_json_values() -> None:
+    from functrain.distributed import data_parallel as dp
+
+    value = {"t": ["d", 1], "pos": 3, "seen": torch.arange(3), "nested": ({"x": torch.ones(2, 2, dtype=torch.bfloat16)}, None, "s", 1.5)}
+    blob = dp._encode(value)
+    assert b"pickle" not in blob and not blob[8:].startswith(b"\x80")  # orjson head, safetensors tail
+    back = dp._decode(blob)
+    assert back["t"] == ["d", 1] and back["pos"] == 3 and torch.equal(back["seen"], torch.arange(3))
+    assert torch.equal(back["nested"][0]["x"], torch.ones(2, 2, dtype=torch.bfloat16)) and back["nested"][1:] == [None, "s", 1.5]
+    assert dp._decode(dp._encode({"only": "json"})) == {"only": "json"}

@@ -30,9 +30,10 @@ from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, is_co
 from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import read_manifest, write_tree
 from functrain.checkpoint.lock import WriterLock
-from functrain.checkpoint.sharded import agree, all_gather_json, write_sharded
+from functrain.checkpoint.sharded import agree, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import fingerprint, load
+from functrain.distributed.data_parallel import all_gather_json
 from functrain.core.state import TrainState
 from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
 

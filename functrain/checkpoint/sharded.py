@@ -57,11 +57,12 @@ from functrain.checkpoint.format import (
     read_tree,
 )
 from functrain.checkpoint.tensorfile import _bytes_of
+from functrain.distributed.data_parallel import all_gather_json
 from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import leaves_by_path
 
-__all__ = ["is_sharded", "has_dtensors", "chunk_rows", "exchange_group", "all_gather_json", "agree", "write_sharded", "rows_wanted", "place", "placed_like", "read_for"]
+__all__ = ["is_sharded", "has_dtensors", "chunk_rows", "exchange_group", "agree", "write_sharded", "rows_wanted", "place", "placed_like", "read_for"]
 
 Tree = Any
 
@@ -151,20 +152,6 @@ def exchange_group() -> Any:
         _groups.clear()  # a destroyed default group's exchanges go with it
         _groups[key] = dist.new_group(backend="gloo")
     return _groups[key]
-
-
-def all_gather_json(value: Any, group: Any) -> list[Any]:
-    """Every rank's `value`, in rank order, as JSON through uint8 tensors (no pickle)."""
-    data = orjson.dumps(value)
-    world = dist.get_world_size(group)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=group)
-    longest = max(int(s) for s in sizes)
-    mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
-    received = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(received, mine, group=group)
-    return [orjson.loads(r[: int(s)].numpy().tobytes()) for r, s in zip(received, sizes, strict=True)]
 
 
 _ERRORS = {cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.FunctrainError)}

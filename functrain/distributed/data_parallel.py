@@ -26,12 +26,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+import orjson
+import safetensors.torch
 import torch
 import torch.distributed as dist
 
 from functrain.errors import ConfigError
 
-__all__ = ["DistConfig", "init_from_env", "rank_and_world", "is_main_process", "all_reduce_mean", "broadcast_tensors", "check_same_model", "gather_objects", "reduce_sums"]
+__all__ = ["DistConfig", "init_from_env", "rank_and_world", "is_main_process", "all_reduce_mean", "broadcast_tensors", "check_same_model", "all_gather_bytes", "all_gather_json", "gather_objects", "reduce_sums"]
 
 
 @attrs.frozen
@@ -170,18 +172,72 @@ def reduce_sums(values: torch.Tensor, config: DistConfig | None) -> torch.Tensor
     return out
 
 
-def gather_objects(value: Any, config: DistConfig | None) -> list[Any]:
-    """Every rank's `value`, in rank order, on every rank (``[value]`` in one process).
+def all_gather_bytes(data: bytes, group: Any) -> list[bytes]:
+    """Every rank's `data`, in rank order, through uint8 tensors (on the GPU for an NCCL group)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device), group=group)
+    lengths = [int(n) for n in sizes]
+    mine = torch.zeros(max(lengths), dtype=torch.uint8)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    received = [torch.empty(max(lengths), dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(received, mine.to(device), group=group)
+    return [r[:n].cpu().numpy().tobytes() for r, n in zip(received, lengths, strict=True)]
 
-    A collective: every rank of the group must call it. The values travel pickled between the
-    ranks of one job; what the caller stores of them is its own choice.
+
+def all_gather_json(value: Any, group: Any) -> list[Any]:
+    """Every rank's JSON-able `value`, in rank order, as orjson bytes (no pickle)."""
+    return [orjson.loads(b) for b in all_gather_bytes(orjson.dumps(value), group)]
+
+
+def gather_objects(value: Any, config: DistConfig | None) -> list[Any]:
+    """Every rank's `value` (a tree of dicts with str keys, lists, JSON scalars and tensors), in
+    rank order, on every rank (``[value]`` in one process). Tuples arrive as lists.
+
+    A collective: every rank of the group must call it. Nothing is pickled: the tree travels as
+    orjson with its tensors in one safetensors blob, so a rank only ever parses data.
 
     Example:
-        >>> gather_objects({"pos": 3}, None)
-        [{'pos': 3}]
+        >>> gather_objects({"pos": 3, "seen": torch.arange(2)}, None)
+        [{'pos': 3, 'seen': tensor([0, 1])}]
     """
     if config is None:
         return [value]
-    out: list[Any] = [None] * config.world_size
-    dist.all_gather_object(out, value, group=config.group)
-    return out
+    return [_decode(blob) for blob in all_gather_bytes(_encode(value), config.group)]
+
+
+def _encode(value: Any) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+
+    def skeleton(v: Any) -> Any:  # a tensor becomes ["t", its key]; everything else ["v", ...]
+        if isinstance(v, torch.Tensor):
+            tensors[str(len(tensors))] = v.detach().cpu().contiguous()
+            return ["t", str(len(tensors) - 1)]
+        if isinstance(v, Mapping):
+            return ["d", {k: skeleton(x) for k, x in v.items()}]
+        if isinstance(v, (list, tuple)):
+            return ["l", [skeleton(x) for x in v]]
+        return ["v", v]
+
+    head = orjson.dumps(skeleton(value))
+    blob = safetensors.torch.save(tensors) if tensors else b""
+    return len(head).to_bytes(8, "little") + head + blob
+
+
+def _decode(data: bytes) -> Any:
+    n = int.from_bytes(data[:8], "little")
+    tensors = safetensors.torch.load(data[8 + n :]) if len(data) > 8 + n else {}
+
+    def build(node: list[Any]) -> Any:
+        kind, v = node
+        if kind == "t":
+            return tensors[v]
+        if kind == "d":
+            return {k: build(x) for k, x in v.items()}
+        if kind == "l":
+            return [build(x) for x in v]
+        return v
+
+    return build(orjson.loads(data[8 : 8 + n]))
