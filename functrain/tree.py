@@ -147,21 +147,18 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         # the foreach op would run as an opaque call each time it appears. (Sharded states are
         # not compiled: the sum over ranks below is eager only.)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).float() for t in tensors]))
-    across = _NORM_SUM.get()
-    if across is not None:
-        return _norm_across(tensors, across)
     shared = _SHARED_NORM.get()
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
+    across = _NORM_SUM.get()
+    if across is not None:
+        return _norm_across(tensors, across)
     norms = torch._foreach_norm(list(tensors))
     # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
     return torch.linalg.vector_norm(torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms]))
 
 
 def _norm_across(tensors: Sequence[torch.Tensor], across: Any) -> torch.Tensor:
-    shared = _SHARED_NORM.get()
-    if shared is not None and _same_tensors(shared[0], shared[1], tensors):
-        return shared[2]
     sliced = [t for t in tensors if t.ndim > 0]
     whole = [t for t in tensors if t.ndim == 0]
     # the slices' squares summed over ranks (one all-reduce); whole (0-d) tensors count once

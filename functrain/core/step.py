@@ -234,8 +234,13 @@ def _functional() -> bool:
     return torch.compiler.is_compiling() or under_vmap()
 
 
+def _gathers(state: TrainState) -> bool:
+    """Whether the state's parameters are sharded (``"full"``): gathered where the forward uses them."""
+    return state.dist is not None and state.dist.sharding == "full"
+
+
 def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    gather = state.dist is not None and state.dist.sharding == "full"
+    gather = _gathers(state)
 
     def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         if gather:
@@ -480,7 +485,8 @@ def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.
     weights = state.ema_params if use_ema else state.params
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     with torch.no_grad():
-        weights = {k: sharding_.for_compute(w) for k, w in weights.items()}  # sharded weights gathered
+        if _gathers(state):
+            weights = {k: sharding_.for_compute(w) for k, w in weights.items()}  # sharded weights gathered
         loss, aux = _call_loss(state, {**weights, **state.frozen, **buffers}, batch)
     return {"loss": loss.float(), **aux}
 
