@@ -8,7 +8,8 @@ torchrun). Also counts the collective calls one step makes.
 With ``--modes``: the sharding modes instead, on 2 ranks (gloo, one thread each) on the
 25M-parameter MLP 1024-4096-4096-1024, AdamW, global batch 64, donated steps. Per mode: the median
 step time, the bytes of parameters + optimizer state each rank holds (its local slices), the
-process's peak resident memory (a process per mode), and the collective calls of one step by kind (torch's
+most bytes of tensors one step allocates beyond them that are alive at once (its transient peak:
+gradients, gathered parameters, activations, buffers of collectives), the process's peak resident memory (a process per mode), and the collective calls of one step by kind (torch's
 `CommDebugMode`, which sees every functional collective and DTensor redistribution).
 
 Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes]
@@ -107,6 +108,40 @@ def held_bytes(tree) -> int:
     return sum(seen.values())
 
 
+class StepPeak:
+    """The most bytes of tensors a step allocates that are alive at once (its transient peak), by storage.
+
+    A `TorchDispatchMode` that sees every tensor an operation returns (DTensors as their local
+    tensors), on any device; the storages the state already held before the step do not count.
+    """
+
+    def __init__(self, before) -> None:
+        import torch.utils._pytree as pytree
+        from torch.distributed.tensor import DTensor
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        held = {(leaf.to_local() if isinstance(leaf, DTensor) else leaf).untyped_storage().data_ptr() for leaf in pytree.tree_leaves(before) if isinstance(leaf, torch.Tensor)}
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.saw(pytree.tree_leaves(out), held)
+                return out
+
+        self.mode, self.live, self.peak = Mode(), {}, 0
+
+    def saw(self, outputs, held) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        for t in outputs:
+            if type(t) is torch.Tensor and t.untyped_storage().data_ptr() not in held:
+                storage = t.untyped_storage()
+                self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+
+
 def run_mode(mode: str, steps: int, warmup: int) -> None:
     import resource
 
@@ -134,10 +169,14 @@ def run_mode(mode: str, steps: int, warmup: int) -> None:
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         held = held_bytes((state.params, state.opt_state)) / 2**20
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        peak = StepPeak((state.params, state.buffers, state.opt_state, state.ema_state))
+        with peak.mode:  # one more step, not timed: what it allocates beyond the state
+            state, m = ft.train_step(state, batch, donate=True)
+        transient = peak.peak / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         kinds = ",".join(f"{str(k).rsplit('.', 1)[-1]}:{v}" for k, v in sorted(comm.get_comm_counts().items(), key=str))
         if rank == 0:
-            print(f"RESULT mode={mode} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} peak_rss_mib={peak:.0f} collectives={comm.get_total_counts()} kinds={kinds}", flush=True)
+            print(f"RESULT mode={mode} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} step_peak_mib={transient:.0f} peak_rss_mib={rss:.0f} collectives={comm.get_total_counts()} kinds={kinds}", flush=True)
         del state, m
     torch.distributed.destroy_process_group()
 
@@ -159,10 +198,10 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
         rows += found
     base = rows[0]
     print(f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'sharding':<10} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind")
+    print(f"{'sharding':<10} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind")
     for r in rows:
         t, held = float(r["median_ms"]), float(r["held_mib"])
-        print(f"{r['mode']:<10} {t:>8.1f} {t / float(base['median_ms']):>6.2f} {held:>20.0f} {held / float(base['held_mib']):>6.2f} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
+        print(f"{r['mode']:<10} {t:>8.1f} {t / float(base['median_ms']):>6.2f} {held:>20.0f} {held / float(base['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
 
 
 def main() -> None:

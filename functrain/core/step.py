@@ -243,10 +243,9 @@ def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], 
     gather = _gathers(state)
 
     def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        if gather:
-            # "full" sharding: each parameter is all-gathered where it is used; its gradient comes back reduce-scattered
-            params = {k: sharding_.for_compute(p) for k, p in params.items()}
-        loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
+        # "full" sharding: each operation all-gathers the parameters it uses; their gradients come back reduce-scattered
+        with sharding_.gathering_on_use(params) if gather else contextlib.nullcontext():
+            loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
 
@@ -484,9 +483,7 @@ def _stacked(kind: str, state: TrainState, batch: Any, flag: bool) -> Any:
 def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
     weights = state.ema_params if use_ema else state.params
     buffers = {k: b.clone() for k, b in state.buffers.items()}
-    with torch.no_grad():
-        if _gathers(state):
-            weights = {k: sharding_.for_compute(w) for k, w in weights.items()}  # sharded weights gathered
+    with torch.no_grad(), sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext():
         loss, aux = _call_loss(state, {**weights, **state.frozen, **buffers}, batch)
     return {"loss": loss.float(), **aux}
 

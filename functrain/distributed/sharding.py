@@ -7,9 +7,11 @@ Two modes, chosen by ``TrainState.create(..., sharding=...)`` and kept in the st
   reduce-scattered, each rank updates its slice of the parameters and of the optimizer state, and
   the new slices are all-gathered into whole parameters again.
 - ``"full"`` (FSDP/ZeRO-3): the parameters, their optimizer state and the EMA stay sharded. Inside
-  the loss each parameter is all-gathered where it is used (torchtitan's SimpleFSDP: a
-  ``Shard(0) -> Replicate()`` redistribution whose gradient is marked as an average over ranks),
-  so `torch.autograd.grad` returns its gradient already reduce-scattered into ``Shard(0)``.
+  the loss each parameter is all-gathered by each operation that uses it (torchtitan's SimpleFSDP:
+  a ``Shard(0) -> Replicate()`` redistribution whose gradient is marked as an average over ranks),
+  so `torch.autograd.grad` returns its gradient already reduce-scattered into ``Shard(0)``. The
+  whole tensor lives only as long as that operation: what autograd keeps of it for the backward is
+  gathered again there (`gathering_on_use`), so at no time are all parameters whole at once.
 
 A sharded leaf is a `torch.distributed.tensor.DTensor` on a 1-D `DeviceMesh` over the default
 process group, placed ``(Shard(0),)`` with torch's own uneven chunking (``torch.chunk`` along dim 0:
@@ -24,13 +26,16 @@ Every collective here is torch's: DTensor redistributions and functional collect
 
 from __future__ import annotations
 
+import itertools
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
 
 from functrain.errors import ConfigError
 from functrain.tree import Tree, summing_norms
@@ -47,6 +52,7 @@ __all__ = [
     "gathered",
     "gather_tree",
     "for_compute",
+    "gathering_on_use",
     "reduce_scatter",
     "all_gather",
     "sharded_init",
@@ -158,6 +164,143 @@ def for_compute(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import Partial, Replicate
 
     return t.redistribute(t.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("avg")])
+
+
+# what a parameter's metadata reads: answered by the sharded tensor itself (global shape, dtype,
+# device), without a gather
+_METADATA = frozenset(
+    {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.nelement, torch.Tensor.ndimension,
+     torch.Tensor.__len__, torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
+     torch.Tensor.get_device, torch.Tensor.__hash__}
+)
+# tensor properties computed from the values (``w.T``); the others (``w.shape``, and ``w.data``, which
+# hooks such as CommDebugMode's read) stay the sharded tensor's own
+_VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
+class _GatherOnUse(TorchFunctionMode):
+    """Each torch function given one of `sharded` runs on its gathered whole instead (`for_compute`).
+
+    The gathered tensors are registered by storage while they live, so the pack hook recognizes
+    what autograd saves of them, views included. The most recently gathered ones stay held, up to
+    the most bytes one operation gathered so far (`kept`): when the forward ends they are
+    the first the backward needs, and it takes them as they are instead of gathering them again
+    (FSDP2 keeps its root module's parameters gathered for the same reason). Which ones are kept
+    depends only on the parameters' global shapes and the order of use, so every rank makes the
+    same collectives.
+    """
+
+    def __init__(self, sharded: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.sharded = {id(t): t for t in sharded}
+        # storage address -> (gathered, its shard, its serial): only while it lives, since the
+        # allocator gives the address to another tensor once it is freed
+        self.live: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
+        self.kept: dict[int, torch.Tensor] = {}  # serial -> gathered, oldest first
+        self.serials = itertools.count()
+        self.budget = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _METADATA or (getattr(func, "__name__", "") == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") not in _VALUE_PROPERTIES):
+            return func(*args, **kwargs)
+        if not any(id(a) in self.sharded for a in _arguments(args, kwargs)):
+            return func(*args, **kwargs)
+        gathered: dict[int, torch.Tensor] = {}
+        args, kwargs = pytree.tree_map(lambda a: self._gather(a, gathered), (args, dict(kwargs)))
+        self._keep(gathered)
+        return func(*args, **kwargs)
+
+    def _gather(self, a: Any, gathered: dict[int, torch.Tensor]) -> Any:
+        if id(a) not in self.sharded or self.sharded[id(a)] is not a:
+            return a
+        whole = for_compute(a)
+        if whole.numel():
+            address, serial = whole.untyped_storage().data_ptr(), next(self.serials)
+            self.live[address] = (weakref.ref(whole, lambda _, k=address: self._forget(k)), a, serial)
+            gathered[serial] = whole
+        return whole
+
+    def _keep(self, gathered: dict[int, torch.Tensor]) -> None:
+        """Hold this operation's gathers, and drop the oldest held beyond the most one operation gathered."""
+        self.budget = max(self.budget, sum(t.untyped_storage().nbytes() for t in gathered.values()))
+        self.kept.update(gathered)
+        total = sum(t.untyped_storage().nbytes() for t in self.kept.values())
+        while total > self.budget:
+            total -= self.kept.pop(next(iter(self.kept))).untyped_storage().nbytes()
+
+    def _forget(self, address: int) -> None:
+        entry = self.live.get(address)
+        if entry is not None and entry[0]() is None:
+            del self.live[address]
+
+    def pack(self, t: torch.Tensor) -> Any:
+        """What autograd keeps of a saved tensor: how to have it again if it is (a view of) a gathered parameter."""
+        if type(t) is not torch.Tensor or not t.numel():
+            return t
+        address = t.untyped_storage().data_ptr()
+        entry = self.live.get(address)
+        whole = entry[0]() if entry is not None else None
+        if whole is None or whole.dtype != t.dtype:
+            return t
+        return _Regather(self, entry[2], entry[1], t.shape, t.stride(), t.storage_offset() - whole.storage_offset())
+
+    @staticmethod
+    def unpack(saved: Any) -> torch.Tensor:
+        return saved.get() if isinstance(saved, _Regather) else saved
+
+
+def _arguments(args: tuple, kwargs: Mapping[str, Any]) -> Iterator[Any]:
+    """The arguments of a torch function call, and the items of its list and tuple arguments (``torch.cat([w, v])``)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+class _Regather:
+    """A saved view of a gathered parameter: its shard and the view's geometry, or the whole while it is kept."""
+
+    __slots__ = ("mode", "serial", "shard", "shape", "stride", "offset")
+
+    def __init__(self, mode: _GatherOnUse, serial: int, shard: torch.Tensor, shape: torch.Size, stride: tuple[int, ...], offset: int) -> None:
+        self.mode, self.serial, self.shard = mode, serial, shard
+        self.shape, self.stride, self.offset = shape, stride, offset
+
+    def get(self) -> torch.Tensor:
+        whole = self.mode.kept.pop(self.serial, None)  # the backward's first use takes it; the graph holds it no longer
+        if whole is None:
+            with torch.no_grad():
+                whole = self.shard.detach().full_tensor()  # an all-gather, in the backward: every rank runs the same graph
+        return whole.as_strided(self.shape, self.stride, self.offset)
+
+
+@contextmanager
+def gathering_on_use(params: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within: each sharded tensor of `params` is gathered by every torch operation that uses it, and only there.
+
+    An operation given a sharded parameter (``F.linear(x, w)``, ``w.T``, ``torch.cat([w, v])``)
+    runs on its all-gathered whole (`for_compute`: the gradient comes back reduce-scattered), and
+    that whole is dropped when the operation returns. What autograd saves of it for the backward
+    is kept as the shard and gathered again when the backward needs it, so the step's peak holds
+    the whole of a few operations' parameters at a time rather than of the model's. The most
+    recent gathers, up to the most bytes one operation gathers, stay whole from the forward's end to
+    their use in the backward, which comes first (the last layers, a tied output embedding): they
+    are not gathered again. A parameter used by two operations (a tied weight) is gathered by each. Metadata (``w.shape``, ``w.dtype``,
+    ``w.size()``) is read without a gather.
+
+    A collective per use: every rank must run the same operations on the parameters in the same
+    order, as the same loss function on any batch does. Under autocast a half-precision copy of a
+    gathered weight is saved as it is (half the bytes of the whole).
+    """
+    sharded = [p for p in params.values() if is_sharded(p)]
+    if not sharded:
+        yield
+        return
+    mode = _GatherOnUse(sharded)
+    with mode, torch.autograd.graph.saved_tensors_hooks(mode.pack, mode.unpack):
+        yield
 
 
 def reduce_scatter(g: torch.Tensor, mesh: Any) -> torch.Tensor:

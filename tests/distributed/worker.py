@@ -151,6 +151,54 @@ def feature_runs(rank: int, world: int) -> dict:
     return out
 
 
+class Deep(nn.Module):
+    """A projection used through a transposed view, then four equal layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(16, 6) / 4)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        h = x @ self.proj.T
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return h[:, :3]
+
+
+def whole_weights_alive() -> int:
+    """Plain tensors of a layer's weight shape alive now (the state's slices are DTensors, the module's Parameters)."""
+    import gc
+
+    return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.shape == (16, 16))
+
+
+def per_use_runs(rank: int, world: int) -> dict:
+    """"full" gathers each weight where it is used: how many are whole after the forward, the gathers of a step, the results."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    alive = []
+
+    def counting_loss(model, batch):
+        before = whole_weights_alive()
+        loss = loss_fn(model, batch)
+        alive.append(whole_weights_alive() - before)
+        return loss
+
+    out = {}
+    for mode in (None, "full"):
+        state = ft.TrainState.create(Deep(), ft.adamw(1e-2), counting_loss, sharding=mode)
+        for i, b in enumerate(batches(5)):
+            with CommDebugMode() as comm:
+                state, _ = ft.train_step(state, shard(b, rank, world))
+        out[f"per_use/{mode}"] = {"tree": gathered_tree(state), "eval": ft.eval_step(state, batches(1)[0])["loss"]}
+        counts = {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
+        out[f"per_use/{mode}/gathers"] = torch.tensor(counts.get("all_gather_into_tensor", 0))
+        out[f"per_use/{mode}/alive"] = torch.tensor(alive[-1])
+    return out
+
+
 def sharded_extras(out: Path, rank: int, world: int) -> None:
     """fit, generate, export on rank 0 alone, and the errors of what sharding refuses."""
     results, errors = {}, {}
@@ -228,7 +276,7 @@ def main() -> None:
         ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": reads, "saved": saved}, mine)
     elif scenario == "sharded":
         # one launch for everything (a process start costs seconds): the rest on 2 ranks only
-        ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) if world == 2 else {})}, mine)
+        ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) | per_use_runs(rank, world) if world == 2 else {})}, mine)
         if world == 2:
             sharded_extras(out / "extras", rank, world)
     elif scenario == "mismatch":
