@@ -15,6 +15,12 @@ Python before the call instead.
 The price of dropping those guards: the module must not be changed in place after its first
 compiled step (say, a dropout probability or an attribute its forward reads); build a new state
 (`TrainState.create`) if it is.
+
+A sharded state (``sharding="optimizer"`` or ``"full"``) compiles less: only its loss function,
+whose backward AOTAutograd compiles with it. `torch.func.grad`, which the whole compiled body
+differentiates with, unwraps DTensor parameters into plain tensors (their gather then fails), and
+`torch.autograd.grad` cannot be traced; so the gradients are taken eagerly through the compiled
+loss, and the collectives and the update run as in the eager step (`_sharded_core`).
 """
 
 from __future__ import annotations
@@ -78,7 +84,8 @@ class CompiledStep:
     writes in place), and `state` raises `DonatedStateError` on any later use.
 
     Holds one compiled body per static configuration seen so far: the module, loss function and
-    optimizer (the same objects), the options and the parameter names.
+    optimizer (the same objects), the options, the process group and sharding, and the parameter
+    names. Of a sharded state, the compiled part is the loss function (see the module's docstring).
     """
 
     def __init__(self, backend: str, mode: str | None, options: dict[str, Any]) -> None:
@@ -241,13 +248,14 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
     Returns:
         A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the
         caller's RNG untouched), ``donate=True`` included: donation is per call, so one compiled
-        step serves a first pure call and donated ones after it (one graph each).
+        step serves a first pure call and donated ones after it (one graph each). Of a sharded
+        state (``sharding="optimizer"`` or ``"full"``), the loss function and its backward are
+        compiled (one graph, whatever `donate`), and the gradients' collectives and the update of
+        this rank's slices run eagerly, as in `train_step`.
 
     Raises:
         ConfigError: `options` sets its own ``guard_filter_fn``; calling the step with something
-            other than a `TrainState`, or with a sharded state (``sharding="optimizer"`` or
-            ``"full"``: torch.func.grad, which the compiled body differentiates with, does not
-            take DTensors).
+            other than a `TrainState`, or with an unstacked state whose optimizer holds a sweep.
 
     Example:
         >>> import torch, functrain as ft

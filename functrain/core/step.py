@@ -8,7 +8,9 @@ bit-identical results and the caller's global RNG is left as it was.
 Gradients come from `torch.autograd.grad` in eager mode (about half the overhead of
 `torch.func.grad` on small models) and from `torch.func.grad` under `torch.compile`, which traces it
 into one graph; both run the module on the state's tensors (`functrain.core.binding.call_with`:
-`torch.func.functional_call`, with a faster eager path).
+`torch.func.functional_call`, with a faster eager path). The step is two parts, `_gradients` and
+`_apply` (collectives, optimizer, counters, EMA): a compiled step of a sharded state
+(`functrain.core.compiled`) runs them eagerly around its compiled loss function.
 """
 
 from __future__ import annotations
