@@ -184,7 +184,10 @@ def test_compiled_steps_on_sharded_states_match_the_eager_ones_and_one_process(s
             features = got[f"compiled-features/{mode}"]["tree"]
             assert_trees_close(features, got[f"accumulate-clip-ema/{mode}"]["tree"], f"compiled features {mode}, rank {r}")
             assert bool(got[f"compiled-pure/{mode}"]), f"compiled {mode}: the given state or the caller's RNG changed"
-    assert [got["compiled-graphs"].tolist() for got in ranks] == [[4, 0], [4, 0]]  # graphs, graph breaks
+            assert "donate=True" in got[f"compiled-donated/{mode}"], got[f"compiled-donated/{mode}"]
+    for r, got in enumerate(ranks):  # autocast, the loss scale, a sharded EMA
+        assert_trees_close(got["compiled-fp16/full"]["tree"], got["fp16/full"]["tree"], f"compiled fp16 full, rank {r}")
+    assert [got["compiled-graphs"].tolist() for got in ranks] == [[5, 0], [5, 0]]  # graphs, graph breaks
 
 
 def test_sharded_states_fit_generate_export_and_refuse_what_they_cannot_do(sharded_on_two: Path) -> None:

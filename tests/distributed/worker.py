@@ -159,7 +159,7 @@ def state_tree(state) -> list[torch.Tensor]:
 
 def compiled_runs(rank: int, world: int) -> dict:
     """compile_step on sharded states (aot_eager): the runs of `sharded_runs` (adamw) and of `feature_runs`
-    ("accumulate-clip-ema"), the first call pure (checked), the rest donated."""
+    ("accumulate-clip-ema", and "fp16" fully sharded), the first call pure (checked), the rest donated."""
     out = {}
     for mode in ("optimizer", "full"):
         step = ft.compile_step(backend="aot_eager")
@@ -177,12 +177,22 @@ def compiled_runs(rank: int, world: int) -> dict:
                 same = all(torch.equal(a, b) for a, b in zip(before, state_tree(given), strict=True))
                 out[f"compiled-pure/{mode}"] = torch.tensor(same and torch.equal(rng, torch.get_rng_state()))
             skipped.append(m["skipped"])
+        try:  # the last state given up
+            step(given, (x, y))
+            out[f"compiled-donated/{mode}"] = "no error"
+        except ft.DonatedStateError as e:
+            out[f"compiled-donated/{mode}"] = str(e)
         out[f"compiled-adamw/{mode}"] = {"tree": gathered_tree(state), "skipped": torch.stack(skipped)}
         options = dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9)
         state = ft.TrainState.create(Features(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=5, **options)
         for i, b in enumerate(batches(6)):
             state, _ = step(state, shard(b, rank, world), donate=True)
         out[f"compiled-features/{mode}"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}}
+    # fp16 under autocast, its loss scale and a sharded EMA: feature_runs' "fp16" case, "full"
+    state = ft.TrainState.create(Features(), ft.sgd(0.05, momentum=0.9), loss_fn, sharding="full", seed=5, precision="fp16", ema_decay=0.8)
+    for b in batches(6):
+        state, _ = step(state, shard(b, rank, world), donate=True)
+    out["compiled-fp16/full"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}}
     from torch._dynamo.utils import counters
 
     # one graph per model and mode (the loss, its backward through AOTAutograd), none broken
