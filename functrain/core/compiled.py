@@ -140,16 +140,17 @@ class CompiledStep:
         """A sharded state: the loss compiled (forward and, through AOTAutograd, backward), the gradients
         taken eagerly through it with `torch.autograd.grad`, the collectives and the update eager."""
         core = functools.partial(_sharded_core, self._forward_for(state))
+        call = "a compiled step (compile_step) with donate=True"
         scope = _enter(state, True)
         try:
             # donated as `train_step(donate=True)` is: the update writes into the state's local slices
-            new, metrics = _donated_core(state, batch, core) if donate and state.grad_stats is None else core(state, batch)
+            new, metrics = _donated_core(state, batch, core, call) if donate and state.grad_stats is None else core(state, batch)
         except BaseException:
             _leave(scope)
             raise
         new_state = _leave_with(scope, state, new)
         if donate:
-            _retire(state, "a compiled step (compile_step) with donate=True")
+            _retire(state, call)
         return new_state, metrics
 
     def _forward_for(self, state: TrainState) -> Callable[..., Any]:

@@ -160,8 +160,8 @@ def _leave_with(scope: _Scope, state: TrainState, new: dict[str, Any]) -> TrainS
     return state.replace(rng=_leave(scope), **new)
 
 
-def _donated_core(state: TrainState, batch: Any, core: Callable[[TrainState, Any], Any] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """`_train_core` (or `core`), allowed to write into `state`'s tensors; if it fails after writing, `state` is dead.
+def _donated_core(state: TrainState, batch: Any, core: Callable[[TrainState, Any], Any] | None = None, call: str = "functrain.train_step(..., donate=True)") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`_train_core` (or `core`), allowed to write into `state`'s tensors; if it fails after writing, `state` is dead (donated to `call`).
 
     First it waits for any background reader of those tensors (an async checkpoint save of this
     state) to finish reading them.
@@ -172,7 +172,7 @@ def _donated_core(state: TrainState, batch: Any, core: Callable[[TrainState, Any
             return (core or _train_core)(state, batch)
         except BaseException as error:
             if wrote_in_place():
-                _retire(state, f"functrain.train_step(..., donate=True), which then raised {type(error).__name__}")
+                _retire(state, f"{call}, which then raised {type(error).__name__}")
             raise
 
 
