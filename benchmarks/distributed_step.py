@@ -10,9 +10,12 @@ With ``--modes``: the sharding modes instead, on 2 ranks (gloo, one thread each)
 step time, the bytes of parameters + optimizer state each rank holds (its local slices), the
 most bytes of tensors one step allocates beyond them that are alive at once (its transient peak:
 gradients, gathered parameters, activations, buffers of collectives), the process's peak resident memory (a process per mode), and the collective calls of one step by kind (torch's
-`CommDebugMode`, which sees every functional collective and DTensor redistribution).
+`CommDebugMode`, which sees every functional collective and DTensor redistribution). With
+``--compile`` as well, each mode also runs under ``functrain.compile_step()`` (inductor, the first
+warm-up step compiles): the whole step compiled without sharding, the loss and its backward compiled
+with it (the collectives and the update eager).
 
-Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes]
+Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes [--compile]]
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ class StepPeak:
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
 
 
-def run_mode(mode: str, steps: int, warmup: int) -> None:
+def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None:
     import resource
 
     import functrain as ft
@@ -156,27 +159,30 @@ def run_mode(mode: str, steps: int, warmup: int) -> None:
     batch = (x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
     for mode in [None if mode == "None" else mode]:  # one mode per process: its peak RSS is its own
         state = ft.TrainState.create(mlp(), ft.adamw(1e-4), mse, distributed=True, sharding=mode)
+        step = ft.compile_step() if compiled else ft.train_step
         times = []
         for i in range(warmup + steps):
             torch.distributed.barrier()
             t0 = time.perf_counter()
             if i == warmup - 1:
                 with CommDebugMode() as comm:  # one step counted: the state holds its storage by then
-                    state, m = ft.train_step(state, batch, donate=True)
+                    state, m = step(state, batch, donate=True)
             else:
-                state, m = ft.train_step(state, batch, donate=True)
+                state, m = step(state, batch, donate=True)
             float(m["loss"])  # wait for the step
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         held = held_bytes((state.params, state.opt_state)) / 2**20
-        peak = StepPeak((state.params, state.buffers, state.opt_state, state.ema_state))
-        with peak.mode:  # one more step, not timed: what it allocates beyond the state
-            state, m = ft.train_step(state, batch, donate=True)
-        transient = peak.peak / 2**20
+        transient = "-"
+        if not compiled:  # a dispatch mode would make the compiled step compile again
+            peak = StepPeak((state.params, state.buffers, state.opt_state, state.ema_state))
+            with peak.mode:  # one more step, not timed: what it allocates beyond the state
+                state, m = step(state, batch, donate=True)
+            transient = f"{peak.peak / 2**20:.0f}"
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         kinds = ",".join(f"{str(k).rsplit('.', 1)[-1]}:{v}" for k, v in sorted(comm.get_comm_counts().items(), key=str))
         if rank == 0:
-            print(f"RESULT mode={mode} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} step_peak_mib={transient:.0f} peak_rss_mib={rss:.0f} collectives={comm.get_total_counts()} kinds={kinds}", flush=True)
+            print(f"RESULT mode={mode}{'+compile' if compiled else ''} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} step_peak_mib={transient} peak_rss_mib={rss:.0f} collectives={comm.get_total_counts()} kinds={kinds}", flush=True)
         del state, m
     torch.distributed.destroy_process_group()
 
@@ -185,10 +191,11 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
     me = str(Path(__file__).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
-    for mode in ("None", "optimizer", "full"):
+    runs = [(mode, flag) for mode in ("None", "optimizer", "full") for flag in ([], ["--compile"])[: 2 if args.compile else 1]]
+    for mode, flag in runs:
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", me,
-             "--worker", "--modes", mode, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+             "--worker", "--modes", mode, *flag, "--steps", str(args.steps), "--warmup", str(args.warmup)],
             capture_output=True, text=True, env=env,
         )
         found = [dict(kv.split("=", 1) for kv in ln.split()[1:]) for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
@@ -198,10 +205,10 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
         rows += found
     base = rows[0]
     print(f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'sharding':<10} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind")
+    print(f"{'sharding':<17} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind")
     for r in rows:
         t, held = float(r["median_ms"]), float(r["held_mib"])
-        print(f"{r['mode']:<10} {t:>8.1f} {t / float(base['median_ms']):>6.2f} {held:>20.0f} {held / float(base['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
+        print(f"{r['mode']:<17} {t:>8.1f} {t / float(base['median_ms']):>6.2f} {held:>20.0f} {held / float(base['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
 
 
 def main() -> None:
@@ -209,11 +216,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--modes", nargs="?", const="all", help="the sharding modes on the 25M-parameter MLP")
+    parser.add_argument("--compile", action="store_true", help="with --modes: each mode compiled too (functrain.compile_step)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         if args.modes:
-            run_mode(args.modes, args.steps, args.warmup)
+            run_mode(args.modes, args.steps, args.warmup, args.compile)
         else:
             run(args.steps, args.warmup)
         return

@@ -144,8 +144,9 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     if torch.compiler.is_compiling():
         # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
-        # the foreach op would run as an opaque call each time it appears. (Sharded states are
-        # not compiled: the sum over ranks below is eager only.)
+        # the foreach op would run as an opaque call each time it appears. (A sharded step's
+        # update always runs eagerly, compiled steps' included: the sum over ranks below is
+        # read from a context variable, which dynamo cannot trace.)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).float() for t in tensors]))
     shared = _SHARED_NORM.get()
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):

@@ -15,6 +15,12 @@ Python before the call instead.
 The price of dropping those guards: the module must not be changed in place after its first
 compiled step (say, a dropout probability or an attribute its forward reads); build a new state
 (`TrainState.create`) if it is.
+
+A sharded state (``sharding="optimizer"`` or ``"full"``) compiles less: only its loss function,
+whose backward AOTAutograd compiles with it. `torch.func.grad`, which the whole compiled body
+differentiates with, unwraps DTensor parameters into plain tensors (their gather then fails), and
+`torch.autograd.grad` cannot be traced; so the gradients are taken eagerly through the compiled
+loss, and the collectives and the update run as in the eager step (`_sharded_core`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from functrain.errors import ConfigError
 from functrain.core.holds import wait_until_unheld
 from functrain.core.state import TrainState
 from functrain.optim.sweep import holds_sweep
-from functrain.core.step import _SWEEP_ALONE, _enter, _leave, _leave_with, _train_core
+from functrain.core.step import _SWEEP_ALONE, _apply, _call_loss, _donated_core, _enter, _gradients, _leave, _leave_with, _loss_scale, _retire, _train_core
 from functrain.optim.zeros import stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
@@ -78,7 +84,8 @@ class CompiledStep:
     writes in place), and `state` raises `DonatedStateError` on any later use.
 
     Holds one compiled body per static configuration seen so far: the module, loss function and
-    optimizer (the same objects), the options and the parameter names.
+    optimizer (the same objects), the options, the process group and sharding, and the parameter
+    names. Of a sharded state, the compiled part is the loss function (see the module's docstring).
     """
 
     def __init__(self, backend: str, mode: str | None, options: dict[str, Any]) -> None:
@@ -91,6 +98,8 @@ class CompiledStep:
         state.check_live("a compiled step")
         if state.step.ndim:
             return self._stacked(state, batch, donate)
+        if state.dist is not None and state.dist.sharding is not None:
+            return self._sharded(state, batch, donate)
         core = self._core_for(state, donate)
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
@@ -127,6 +136,43 @@ class CompiledStep:
             state.retire("a compiled step (compile_step) with donate=True")
         return result
 
+    def _sharded(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """A sharded state: the loss compiled (forward and, through AOTAutograd, backward), the gradients
+        taken eagerly through it with `torch.autograd.grad`, the collectives and the update eager."""
+        core = functools.partial(_sharded_core, self._forward_for(state))
+        call = "a compiled step (compile_step) with donate=True"
+        scope = _enter(state, True)
+        try:
+            # donated as `train_step(donate=True)` is: the update writes into the state's local slices
+            new, metrics = _donated_core(state, batch, core, call) if donate and state.grad_stats is None else core(state, batch)
+        except BaseException:
+            _leave(scope)
+            raise
+        new_state = _leave_with(scope, state, new)
+        if donate:
+            _retire(state, call)
+        return new_state, metrics
+
+    def _forward_for(self, state: TrainState) -> Callable[..., Any]:
+        """The loss function on the module, compiled once per static configuration of a sharded state."""
+        owners = (state.module, state.loss_fn, state.optimizer)
+        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers), "sharded")
+        found = self._cores.get(key)
+        if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
+            return found[1]
+        if holds_sweep(state.tx):
+            raise ConfigError(_SWEEP_ALONE)
+        fields = {name: getattr(state, name) for name in _STATIC}
+        fields["device"] = state.device
+        view = _View(fields, None, None, None, None, None, (None,) * 5)
+
+        def body(tensors: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return _call_loss(view, tensors, batch)
+
+        compiled = self._compile(_own_code(body, "sharded_loss"))
+        self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
+        return compiled
+
     def _core_for(self, state: TrainState, donate: bool) -> Callable[..., Any]:
         # the user's objects by identity, the options by value: the wrapped transform and the
         # EMA that `TrainState.create` builds anew each time are functions of these
@@ -137,8 +183,6 @@ class CompiledStep:
             return found[1]
         if holds_sweep(state.tx):
             raise ConfigError(_SWEEP_ALONE)
-        if state.dist is not None and state.dist.sharding is not None:
-            raise ConfigError(_SHARDED_NOT_COMPILED.format(state.dist.sharding))
         fields = {name: getattr(state, name) for name in _STATIC}
         fields["device"] = state.device
 
@@ -153,14 +197,12 @@ class CompiledStep:
         return compiled
 
 
-# measured on torch 2.13: torch.func.grad (what the compiled body takes gradients with) unwraps
-# DTensors, and the gather then fails on a plain tensor; torch.autograd.grad cannot be traced
-_SHARDED_NOT_COMPILED = (
-    "compile_step cannot compile a sharded state (sharding={0!r}): the compiled step takes gradients with "
-    "torch.func.grad, which unwraps the DTensor parameters into plain tensors, so their gather fails "
-    "(\"'Tensor' object has no attribute 'redistribute'\"), and torch.autograd.grad cannot be traced into the graph; "
-    "use functrain.train_step (eager) for sharded states, or compile_step with sharding=None"
-)
+def _sharded_core(forward: Callable[..., Any], state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`_train_core` of a sharded state with its loss function compiled: `_gradients` and `_apply`, as the eager step runs them."""
+    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    scale = _loss_scale(state)
+    grads, loss, aux = _gradients(state, batch, buffers, scale, call_loss=lambda _, tensors, b: forward(tensors, b))
+    return _apply(state, batch, grads, buffers, loss, aux, scale)
 
 
 def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
@@ -207,13 +249,14 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
     Returns:
         A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the
         caller's RNG untouched), ``donate=True`` included: donation is per call, so one compiled
-        step serves a first pure call and donated ones after it (one graph each).
+        step serves a first pure call and donated ones after it (one graph each). Of a sharded
+        state (``sharding="optimizer"`` or ``"full"``), the loss function and its backward are
+        compiled (one graph, whatever `donate`), and the gradients' collectives and the update of
+        this rank's slices run eagerly, as in `train_step`.
 
     Raises:
         ConfigError: `options` sets its own ``guard_filter_fn``; calling the step with something
-            other than a `TrainState`, or with a sharded state (``sharding="optimizer"`` or
-            ``"full"``: torch.func.grad, which the compiled body differentiates with, does not
-            take DTensors).
+            other than a `TrainState`, or with an unstacked state whose optimizer holds a sweep.
 
     Example:
         >>> import torch, functrain as ft

@@ -8,7 +8,9 @@ bit-identical results and the caller's global RNG is left as it was.
 Gradients come from `torch.autograd.grad` in eager mode (about half the overhead of
 `torch.func.grad` on small models) and from `torch.func.grad` under `torch.compile`, which traces it
 into one graph; both run the module on the state's tensors (`functrain.core.binding.call_with`:
-`torch.func.functional_call`, with a faster eager path).
+`torch.func.functional_call`, with a faster eager path). The step is two parts, `_gradients` and
+`_apply` (collectives, optimizer, counters, EMA): a compiled step of a sharded state
+(`functrain.core.compiled`) runs them eagerly around its compiled loss function.
 """
 
 from __future__ import annotations
@@ -158,8 +160,8 @@ def _leave_with(scope: _Scope, state: TrainState, new: dict[str, Any]) -> TrainS
     return state.replace(rng=_leave(scope), **new)
 
 
-def _donated_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """`_train_core`, allowed to write into `state`'s tensors; if it fails after writing, `state` is dead.
+def _donated_core(state: TrainState, batch: Any, core: Callable[[TrainState, Any], Any] | None = None, call: str = "functrain.train_step(..., donate=True)") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`_train_core` (or `core`), allowed to write into `state`'s tensors; if it fails after writing, `state` is dead (donated to `call`).
 
     First it waits for any background reader of those tensors (an async checkpoint save of this
     state) to finish reading them.
@@ -167,10 +169,10 @@ def _donated_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[s
     wait_until_unheld(state)
     with writing_in_place(True):
         try:
-            return _train_core(state, batch)
+            return (core or _train_core)(state, batch)
         except BaseException as error:
             if wrote_in_place():
-                _retire(state, f"functrain.train_step(..., donate=True), which then raised {type(error).__name__}")
+                _retire(state, f"{call}, which then raised {type(error).__name__}")
             raise
 
 
@@ -239,13 +241,17 @@ def _gathers(state: TrainState) -> bool:
     return state.dist is not None and state.dist.sharding == "full"
 
 
-def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None, call_loss: Callable[..., Any] = _call_loss) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's gradients, loss and metrics; `call_loss` runs the loss function (a compiled sharded step's is compiled)."""
     gather = _gathers(state)
 
     def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        if gather and call_loss is not _call_loss:
+            # a compiled loss takes plain tensors: every parameter gathered before it, kept until the backward
+            params = {k: sharding_.for_compute(p) for k, p in params.items()}
         # "full" sharding: each operation all-gathers the parameters it uses; their gradients come back reduce-scattered
         with sharding_.gathering_on_use(params) if gather else contextlib.nullcontext():
-            loss, aux = _call_loss(state, {**params, **state.frozen, **buffers}, batch)
+            loss, aux = call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
 
@@ -265,20 +271,25 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
     """The step itself, on tensors only: what torch.compile traces."""
     # forward writes running statistics into the buffers: give it copies, never the state's own
     buffers = {k: b.clone() for k, b in state.buffers.items()}
-    scale = find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
+    scale = _loss_scale(state)
     grads, loss, aux = _gradients(state, batch, buffers, scale)
+    return _apply(state, batch, grads, buffers, loss, aux, scale)
+
+
+def _loss_scale(state: TrainState) -> torch.Tensor | None:
+    """The dynamic loss scale (fp16), None otherwise."""
+    return find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
+
+
+def _apply(state: TrainState, batch: Any, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """From this rank's gradients (and buffers, loss, metrics) to the new state's parts and the metrics."""
     config = state.dist
-    sharding = config.sharding if config is not None else None
-    if sharding is not None:
+    if config is not None and config.sharding is not None:
         # from here on this rank works on its slices only (`functrain.distributed.sharding`)
-        grads, whole = sharding_.split_gradients(grads, sharding, config.mesh)
-        whole, buffers, scalars = average_step(whole, buffers, {"loss": loss, **aux}, config)
-        grads = {k: grads[k] if k in grads else whole[k] for k in state.params}
-        loss, aux = scalars.pop("loss"), scalars
+        grads, buffers, loss, aux = _shared_gradients(state, grads, buffers, loss, aux)
         with sharding_.norms_over_shards(config.group):
             new, metrics = _update(_local_view(state), grads, buffers, loss, aux, scale, batch)
-        new["params"] = sharding_.placed_params(new["params"], state.params, sharding, config.mesh)
-        new["opt_state"] = sharding_.like_tree(new["opt_state"], state.opt_state)
+        new = _placed(state, new)
     else:
         if config is not None:
             # before clipping and the optimizer: every rank then computes the same update
@@ -287,6 +298,24 @@ def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str
         new, metrics = _update(state, grads, buffers, loss, aux, scale, batch)
     new["ema_state"] = _ema(state, new["params"], new.pop("applied"))
     return new, metrics
+
+
+def _shared_gradients(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """A sharded step's collectives before the update: this rank's slices of the mean gradients (plain
+    tensors), and the 0-d gradients, floating buffers and metrics averaged over ranks."""
+    config = state.dist
+    grads, whole = sharding_.split_gradients(grads, config.sharding, config.mesh)
+    whole, buffers, scalars = average_step(whole, buffers, {"loss": loss, **aux}, config)
+    grads = {k: grads[k] if k in grads else whole[k] for k in state.params}
+    return grads, buffers, scalars.pop("loss"), scalars
+
+
+def _placed(state: TrainState, new: dict[str, Any]) -> dict[str, Any]:
+    """A sharded step's new local slices placed as `state` holds them (sharded again, or gathered whole)."""
+    config = state.dist
+    new["params"] = sharding_.placed_params(new["params"], state.params, config.sharding, config.mesh)
+    new["opt_state"] = sharding_.like_tree(new["opt_state"], state.opt_state)
+    return new
 
 
 def _local_view(state: TrainState) -> TrainState:

@@ -158,7 +158,7 @@ def fit(
             sharded state (`TrainState.create(..., sharding=...)`), every rank writes its own shards
             and rank 0 the manifest, and every rank restores its own part.
         compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
-            batch shape).
+            batch shape; of a sharded state, its loss function and backward).
         device: where the batches go (None: the state's device, which it must be: build the
             state from ``module.to(device)``). Tensors elsewhere are moved there, asynchronously
             from pinned memory for a CUDA target, so `loss_fn` needs no ``.to(device)``.

@@ -199,8 +199,57 @@ def per_use_runs(rank: int, world: int) -> dict:
     return out
 
 
+def state_tree(state) -> list[torch.Tensor]:
+    """Every tensor a state holds, sharded leaves gathered whole (a collective)."""
+    parts = (state.params, state.buffers, state.opt_state, state.ema_state, state.rng, state.step)
+    return [t for t in torch.utils._pytree.tree_leaves([ft.distributed.gather_tree(x) for x in parts]) if isinstance(t, torch.Tensor)]
+
+
+def compiled_runs(rank: int, world: int) -> dict:
+    """compile_step on sharded states (aot_eager): the runs of `sharded_runs` (adamw) and of `feature_runs`
+    ("accumulate-clip-ema", and "fp16" fully sharded), the first call pure (checked), the rest donated."""
+    out = {}
+    for mode in ("optimizer", "full"):
+        step = ft.compile_step(backend="aot_eager")
+        state = ft.TrainState.create(mlp(seed=rank), ft.adamw(1e-2), loss_fn, sharding=mode)
+        before, rng = state_tree(state), torch.get_rng_state()
+        skipped = []
+        for i, b in enumerate(batches(20)):
+            x, y = shard(b, rank, world)
+            if i == 5 and rank == world - 1:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            given = state
+            state, m = step(given, (x, y), donate=i > 0)
+            if i == 0:  # pure: the state it was given and the caller's RNG are left as they were
+                same = all(torch.equal(a, b) for a, b in zip(before, state_tree(given), strict=True))
+                out[f"compiled-pure/{mode}"] = torch.tensor(same and torch.equal(rng, torch.get_rng_state()))
+            skipped.append(m["skipped"])
+        try:  # the last state given up
+            step(given, (x, y))
+            out[f"compiled-donated/{mode}"] = "no error"
+        except ft.DonatedStateError as e:
+            out[f"compiled-donated/{mode}"] = str(e)
+        out[f"compiled-adamw/{mode}"] = {"tree": gathered_tree(state), "skipped": torch.stack(skipped)}
+        options = dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9)
+        state = ft.TrainState.create(Features(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=5, **options)
+        for i, b in enumerate(batches(6)):
+            state, _ = step(state, shard(b, rank, world), donate=True)
+        out[f"compiled-features/{mode}"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}}
+    # fp16 under autocast, its loss scale and a sharded EMA: feature_runs' "fp16" case, "full"
+    state = ft.TrainState.create(Features(), ft.sgd(0.05, momentum=0.9), loss_fn, sharding="full", seed=5, precision="fp16", ema_decay=0.8)
+    for b in batches(6):
+        state, _ = step(state, shard(b, rank, world), donate=True)
+    out["compiled-fp16/full"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}}
+    from torch._dynamo.utils import counters
+
+    # one graph per model and mode (the loss, its backward through AOTAutograd), none broken
+    out["compiled-graphs"] = torch.tensor([counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())])
+    return out
+
+
 def sharded_extras(out: Path, rank: int, world: int) -> None:
-    """fit, generate, export on rank 0 alone, and the errors of what sharding refuses."""
+    """fit, generate, export on rank 0 alone, and the error of what sharding refuses."""
     results, errors = {}, {}
     for mode in MODES:
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, sharding=mode, ema_decay=0.9)
@@ -218,9 +267,7 @@ def sharded_extras(out: Path, rank: int, world: int) -> None:
         results[f"grad_stats/{mode}"] = {k: v for k, v in m.items() if "/" in k or k == "grad_norm"}
         only = state.export_module(rank0_only=True)
         results[f"rank0_only/{mode}"] = torch.tensor(only is None if rank else isinstance(only, nn.Module))
-    sharded = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, sharding="full")
     for name, attempt in {
-        "compile": lambda: ft.compile_step(backend="eager")(sharded, shard(batches(1)[0], rank, world)),
         "muon": lambda: ft.TrainState.create(mlp(), ft.muon(0.02, others=ft.adamw(1e-3)), loss_fn, sharding="optimizer"),
     }.items():
         try:
@@ -276,7 +323,7 @@ def main() -> None:
         ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": reads, "saved": saved}, mine)
     elif scenario == "sharded":
         # one launch for everything (a process start costs seconds): the rest on 2 ranks only
-        ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) | per_use_runs(rank, world) if world == 2 else {})}, mine)
+        ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) | per_use_runs(rank, world) | compiled_runs(rank, world) if world == 2 else {})}, mine)
         if world == 2:
             sharded_extras(out / "extras", rank, world)
     elif scenario == "mismatch":
