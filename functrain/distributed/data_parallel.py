@@ -117,15 +117,21 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
 def all_reduce_mean(tensors: Sequence[torch.Tensor], config: DistConfig) -> list[torch.Tensor]:
     """The mean over ranks of each tensor, in one all-reduce per dtype (flattened buckets).
 
-    Uses functional collectives, so the step stays traceable by torch.compile.
+    Eagerly the bucket is reduced and divided in place: the step holds the gradients and one
+    bucket of them at most, as DDP does (a functional all-reduce and its division would add two
+    more buckets). Under torch.compile the functional collective keeps the step traceable, and
+    inductor places the result.
     """
     import torch.distributed._functional_collectives as funcol
 
     out: list[torch.Tensor] = list(tensors)
     for _, idx in _buckets(tensors).items():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-        summed = funcol.all_reduce(flat, "sum", config.group)
-        mean = summed / config.world_size
+        if torch.compiler.is_compiling():
+            mean = funcol.all_reduce(flat, "sum", config.group) / config.world_size
+        else:
+            dist.all_reduce(flat, group=config.group)  # a bucket of this step's own: nobody else holds it
+            mean = flat.div_(config.world_size)
         for i, piece in zip(idx, torch.split(mean, [tensors[i].numel() for i in idx]), strict=True):
             out[i] = piece.view(tensors[i].shape)
     return out
