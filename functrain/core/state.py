@@ -25,7 +25,8 @@ from functrain.distributed.data_parallel import (
     check_same_model,
     current_config,
 )
-from functrain.distributed.sharding import SHARDINGS, Sharding, check_elementwise, gathered, shard, sharded_init
+from functrain.distributed.materialize import InitFn, has_meta_tensors, init_problems, materialize
+from functrain.distributed.sharding import SHARDINGS, Sharding, check_elementwise, gathered, is_sharded, shard, sharded_init
 from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
 from functrain.errors import ConfigError, DonatedStateError
 from functrain.optim.porting import torch_object_hint
@@ -134,6 +135,7 @@ class TrainState:
         trainable: Trainable | None = None,
         distributed: bool | None = None,
         sharding: Sharding | None = None,
+        init: InitFn | None = None,
         grad_stats: GradStats | None = None,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
@@ -208,25 +210,22 @@ class TrainState:
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
         if not problems:
-            problems += _meta_problems(module)
+            problems += _meta_problems(module, sharding, init)
         if problems:
             raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
         tx = build_transform(optimizer, options)
         averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
-        dist_config = current_config(distributed, sharding, next(iter(params.values())).device.type)
+        meta = has_meta_tensors(module)
+        device = torch.get_default_device() if meta else next(iter(params.values())).device
+        dist_config = current_config(distributed, sharding, device.type)
         if dist_config is not None:
             shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
             check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}", dist_config)
-            # every rank starts from rank 0's weights and statistics
-            params, frozen = broadcast_tensors(params, dist_config), broadcast_tensors(frozen, dist_config)
-        device = next(iter(params.values())).device
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-        if dist_config is not None:
-            buffers = broadcast_tensors(buffers, dist_config)
+        params, frozen, buffers = _initial_tensors(module, params, frozen, init, seed, device, dist_config) if meta else _given_tensors(module, params, frozen, dist_config)
         counters = {name: _zero(device) for name in _COUNTERS}
         opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
         if sharding == "full":
-            params = {k: shard(p, dist_config.mesh) for k, p in params.items()}
+            params = {k: p if is_sharded(p) else shard(p, dist_config.mesh) for k, p in params.items()}
         return _unaliased(cls(
             params=params,
             frozen=frozen,
@@ -507,6 +506,25 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     return structure
 
 
+Tensors = dict[str, torch.Tensor]
+
+
+def _given_tensors(module: nn.Module, params: Tensors, frozen: Tensors, config: DistConfig | None) -> tuple[Tensors, Tensors, Tensors]:
+    """The module's own values (copies), rank 0's on every rank."""
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    if config is None:
+        return params, frozen, buffers
+    # every rank starts from rank 0's weights and statistics
+    return broadcast_tensors(params, config), broadcast_tensors(frozen, config), broadcast_tensors(buffers, config)
+
+
+def _initial_tensors(module: nn.Module, params: Tensors, frozen: Tensors, init: InitFn | None, seed: int, device: torch.device, config: DistConfig) -> tuple[Tensors, Tensors, Tensors]:
+    """A meta module's values, submodule by submodule; with ``"full"`` its trainable parameters as this rank's rows."""
+    values = materialize(module, set(params) if config.sharding == "full" else set(), init=init, seed=seed, device=device, config=config)
+    buffers = {name: values[name] for name, _ in module.named_buffers()}
+    return {k: values[k] for k in params}, {k: values[k] for k in frozen}, buffers
+
+
 def _sharding_problems(sharding: Any, optimizer: Any) -> list[str]:
     if sharding not in SHARDINGS:
         return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
@@ -564,12 +582,16 @@ def _check_seed_and_trainable(seed: Any, trainable: Any) -> list[str]:
     return problems
 
 
-def _meta_problems(module: nn.Module) -> list[str]:
+def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
     meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if not meta:
-        return []
+        return [] if init is None else [f"init= initializes tensors on the meta device, but the module has none (got init={getattr(init, '__name__', init)!r}); initialize the module's tensors yourself, or build it under torch.device('meta')"]
+    if sharding is not None:
+        return init_problems(module, init)
     shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
     return [
         f"the module's tensors must hold values, got {len(meta)} on the meta device ({shown}); materialize them first: "
-        "module.to_empty(device='cpu') then initialize them (e.g. each submodule's reset_parameters()), or load weights"
+        "module.to_empty(device='cpu') then initialize them (e.g. each submodule's reset_parameters()), or load weights; "
+        "or, with a process group, pass sharding='full' (or 'optimizer') to have each rank materialize and initialize "
+        "only its own rows, one submodule at a time (init= for submodules without reset_parameters())"
     ]
