@@ -176,7 +176,29 @@ class TrainState:
                 gathered whole for the step's forward and backward only (freed after it). Sliced leaves are `DTensor`s
                 (``Shard(0)``); buffers, frozen parameters, counters and RNG stay whole. The results
                 equal those of ``sharding=None`` up to float rounding. See
-                `functrain.distributed.sharding`.
+                `functrain.distributed.sharding`. A sharded state can start from a module built on
+                the meta device (``with torch.device("meta"): model = Net()``): see `init`.
+            init: how to initialize a module built on the meta device (sharded states only). Each
+                submodule that owns meta tensors is materialized in turn, in ``named_modules()``
+                order, on the default device (``torch.get_default_device()``: set it, or create the
+                state under ``with torch.device("cuda"):``, to materialize on a GPU), initialized
+                under ``torch.no_grad()``, and with ``"full"`` its trainable parameters are cut to
+                this rank's rows before the next submodule is materialized: one submodule's tensors
+                are whole at a time (``"optimizer"`` keeps the parameters whole, its optimizer
+                state is still made on this rank's rows only). None: each such submodule's
+                ``reset_parameters()``, as torch's layers define it. A function: called as
+                ``init(submodule)`` on each of them instead (like FSDP's ``param_init_fn``); it sees
+                a copy of the submodule whose own tensors are materialized but hold no values yet,
+                and must set every one of them (buffers included) in place; call
+                ``submodule.reset_parameters()`` in it for the layers it leaves to torch. The
+                initialization draws from generators seeded with `seed` (the caller's are left
+                alone), so every rank gets the same values without a broadcast, the same for a
+                seed on every run. On CPU they equal those of the module built normally after
+                ``torch.manual_seed(seed)`` whenever each submodule's initialization draws what its
+                constructor drew, in the order the submodules are registered (stacks of torch's
+                layers, and a weight tied after construction: initialized once more and dropped,
+                as its constructor drew it). Tied tensors are materialized once; tensors that
+                already hold values keep rank 0's; buffers and frozen parameters are held whole.
             grad_stats: add gradient statistics to the step's metrics, grouped by ``"layer"`` (the
                 module owning the parameters) or ``"param"``: ``grad_norm/<group>`` (before
                 clipping) and ``update_ratio/<group>`` (the update's norm over the weights' norm,
@@ -189,7 +211,10 @@ class TrainState:
 
         Raises:
             ConfigError: listing every invalid option at once (a `seed` that is not an int in
-                torch's seed range, a module whose tensors are on the meta device, ...).
+                torch's seed range, a module whose tensors are on the meta device without
+                `sharding`, a submodule owning meta tensors with no ``reset_parameters()`` and no
+                `init`, `init` for a module without meta tensors, ...); ranks that built different
+                models.
 
         Example:
             >>> import torch, functrain as ft
@@ -200,6 +225,20 @@ class TrainState:
             >>> state = ft.TrainState.create(model, ft.adamw(1e-3), loss_fn, seed=0)
             >>> int(state.step), sorted(state.params)
             (0, ['bias', 'weight'])
+
+            A model built on the meta device, on a process group (here of one rank):
+
+            >>> import tempfile, torch.distributed as dist
+            >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+            >>> with torch.device("meta"):
+            ...     big = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 1))
+            >>> state = ft.TrainState.create(big, ft.adamw(1e-3), loss_fn, sharding="full", seed=0)
+            >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+            <torch._C.Generator object at ...>
+            >>> normal = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 1))
+            >>> torch.equal(state.params["0.weight"].full_tensor(), normal[0].weight)
+            True
+            >>> dist.destroy_process_group()
         """
         options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
         problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
