@@ -72,6 +72,11 @@ def test_a_meta_submodule_without_reset_parameters_or_init_is_refused_naming_it(
         ft.TrainState.create(meta_net(), ft.adamw(1e-2), loss_fn, sharding="full")
 
 
+def test_a_meta_module_is_not_materialized_on_the_meta_device(group: None) -> None:
+    with torch.device("meta"), pytest.raises(ft.ConfigError, match=r"call TrainState.create outside `with torch.device\('meta'\):`"):
+        ft.TrainState.create(Net(), ft.adamw(1e-2), loss_fn, sharding="full", init=lambda m: None)
+
+
 def test_init_is_refused_for_a_module_without_meta_tensors_or_when_not_callable(group: None) -> None:
     with pytest.raises(ft.ConfigError, match=r"init= initializes tensors on the meta device, but the module has none"):
         ft.TrainState.create(Net(), ft.adamw(1e-2), loss_fn, sharding="full", init=lambda m: None)

@@ -625,6 +625,8 @@ def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
     meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if not meta:
         return [] if init is None else [f"init= initializes tensors on the meta device, but the module has none (got init={getattr(init, '__name__', init)!r}); initialize the module's tensors yourself, or build it under torch.device('meta')"]
+    if sharding is not None and torch.get_default_device().type == "meta":
+        return ["a module on the meta device is materialized on the default device, which is the meta device here; call TrainState.create outside `with torch.device('meta'):`"]
     if sharding is not None:
         return init_problems(module, init)
     shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
