@@ -78,17 +78,45 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _shell(sub: nn.Module, device: torch.device) -> nn.Module:
-    """A shallow copy of `sub` owning new uninitialized tensors on `device` (the same children, its own dicts)."""
-    shell = copy.copy(sub)
-    shell._parameters = {n: None if p is None else nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad) for n, p in sub._parameters.items()}
-    shell._buffers = {n: None if b is None else torch.empty_like(b, device=device) for n, b in sub._buffers.items()}
-    return shell
+_ALIGN = 64  # bytes: every dtype's views of the scratch buffer start aligned
 
 
-def _initialized(sub: nn.Module, init: InitFn | None, device: torch.device) -> dict[str, torch.Tensor]:
-    """`sub`'s own tensors, by their local names, materialized on `device` and initialized whole."""
-    shell = _shell(sub, device)
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+class _Scratch:
+    """One buffer that each submodule's tensors are materialized in, in turn, sized for the largest submodule.
+
+    Reusing it keeps the peak at one submodule whole plus what is kept: a whole freed between the
+    slices kept after it leaves a hole in the allocator that the next, different, sizes do not
+    fill (measured: ``benchmarks/meta_init.py``).
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        sizes = [sum(_aligned(t.numel() * t.element_size()) for _, t in _own_tensors(sub)) for sub in module.modules()]
+        self.buffer = torch.empty(max(sizes, default=0), dtype=torch.uint8, device=device)
+
+    def shell(self, sub: nn.Module) -> nn.Module:
+        """A shallow copy of `sub` owning new uninitialized tensors in the buffer (the same children, its own dicts)."""
+        offset = 0
+
+        def carve(t: torch.Tensor) -> torch.Tensor:
+            nonlocal offset
+            n = t.numel() * t.element_size()
+            view = self.buffer.narrow(0, offset, n).view(t.dtype).view(t.shape) if n else torch.empty(t.shape, dtype=t.dtype, device=self.buffer.device)
+            offset += _aligned(n)
+            return view
+
+        shell = copy.copy(sub)
+        shell._parameters = {n: None if p is None else nn.Parameter(carve(p), requires_grad=p.requires_grad) for n, p in sub._parameters.items()}
+        shell._buffers = {n: None if b is None else carve(b) for n, b in sub._buffers.items()}
+        return shell
+
+
+def _initialized(sub: nn.Module, init: InitFn | None, scratch: _Scratch) -> dict[str, torch.Tensor]:
+    """`sub`'s own tensors, by their local names, materialized in `scratch` and initialized whole."""
+    shell = scratch.shell(sub)
     if init is not None:
         init(shell)
     else:
@@ -96,10 +124,10 @@ def _initialized(sub: nn.Module, init: InitFn | None, device: torch.device) -> d
     return dict(_own_tensors(shell))
 
 
-def _submodule_values(sub: nn.Module, prefix: str, placed: Callable[[str, torch.Tensor], torch.Tensor], init: InitFn | None, device: torch.device, done: dict[int, str]) -> dict[str, torch.Tensor]:
+def _submodule_values(sub: nn.Module, prefix: str, placed: Callable[[str, torch.Tensor], torch.Tensor], init: InitFn | None, scratch: _Scratch, done: dict[int, str]) -> dict[str, torch.Tensor]:
     """The values of the tensors `sub` owns and no earlier submodule did (tied ones are materialized once)."""
     own = _own_tensors(sub)
-    fresh = _initialized(sub, init, device) if any(t.is_meta for _, t in own) else {}
+    fresh = _initialized(sub, init, scratch) if any(t.is_meta for _, t in own) else {}
     out = {}
     for local_name, t in own:
         if id(t) in done:
@@ -113,7 +141,8 @@ def _submodule_values(sub: nn.Module, prefix: str, placed: Callable[[str, torch.
 def materialize(module: nn.Module, sliced: set[str], *, init: InitFn | None, seed: int, device: torch.device, config: DistConfig) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of `module` (built on the meta device), by name, given its values submodule by submodule.
 
-    Each submodule owning meta tensors is materialized on `device` and initialized (``init(sub)``,
+    Each submodule owning meta tensors is materialized on `device` (in one buffer that every
+    submodule reuses in turn, of the largest submodule's size) and initialized (``init(sub)``,
     or its ``reset_parameters()``) under torch.no_grad, from generators seeded with `seed` (the
     caller's are untouched), and the tensors named in `sliced` are cut to this rank's rows
     (``Shard(0)`` DTensors) before the next submodule is materialized. Tensors that already hold
@@ -134,13 +163,14 @@ def materialize(module: nn.Module, sliced: set[str], *, init: InitFn | None, see
         if name in given:  # a value the user set: every rank takes rank 0's, as create does for a whole module
             value = broadcast_tensors({name: value.to(device)}, config)[name]
         if name in sliced and value.ndim:
-            return from_rows(local_rows(value, config.mesh).clone(), value.shape, config.mesh)  # the whole dies here
-        return value
+            return from_rows(local_rows(value, config.mesh).clone(), value.shape, config.mesh)
+        return value if name in given else value.clone()  # out of the scratch buffer, which the next submodule reuses
 
     given = {n for n, t in (*module.named_parameters(), *module.named_buffers()) if not t.is_meta}
     values: dict[str, torch.Tensor] = {}
     done: dict[int, str] = {}
+    scratch = _Scratch(module, device)
     with _seeded(seed, device), torch.no_grad():
         for prefix, sub in module.named_modules():
-            values |= _submodule_values(sub, prefix, placed, init, device, done)
+            values |= _submodule_values(sub, prefix, placed, init, scratch, done)
     return values

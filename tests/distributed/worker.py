@@ -299,19 +299,30 @@ class TiedNet(nn.Module):
 
 
 class WholeCounter:
-    """An `init` that records, at each submodule, how many trainable tensors of earlier submodules are still whole."""
+    """An `init` that records the most whole weights alive at once while submodules are initialized.
 
-    def __init__(self) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
+    At each submodule it finds every live tensor (the garbage collector tracks them all) that is
+    not a meta or sharded one and has the shape of one of `shapes` (the 2-D trainable weights of
+    the model) or a storage of one's bytes (a view that keeps a whole alive), and counts their
+    storages, those alive before the counter was made left out.
+    """
 
-        self.weak, self.refs, self.most_alive, self.most_bytes = StorageWeakRef, [], 0, 0
+    def __init__(self, shapes: set[tuple[int, ...]]) -> None:
+        self.shapes, self.most = shapes, 0
+        self.sizes = {4 * torch.Size(s).numel() for s in shapes}
+        self.before = self.wholes()
+
+    def wholes(self) -> set[int]:
+        import gc
+
+        return {
+            t.untyped_storage().data_ptr() for t in gc.get_objects()
+            if isinstance(t, torch.Tensor) and not t.is_meta and not ft.distributed.is_sharded(t)
+            and (tuple(t.shape) in self.shapes or t.untyped_storage().nbytes() in self.sizes)
+        }
 
     def __call__(self, module: nn.Module) -> None:
-        alive = [(r, n) for r, n in self.refs if not r.expired()]
-        mine = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        self.most_alive = max(self.most_alive, len(alive))
-        self.most_bytes = max(self.most_bytes, sum(n for _, n in alive) + sum(p.untyped_storage().nbytes() for p in mine))
-        self.refs += [(self.weak(p.untyped_storage()), p.untyped_storage().nbytes()) for p in mine]
+        self.most = max(self.most, len(self.wholes() - self.before))
         module.reset_parameters()
 
 
@@ -321,14 +332,14 @@ def meta_runs(rank: int, world: int) -> dict:
     for mode in ("full", "optimizer"):
         with torch.device("meta"):
             meta = TiedNet()
-        counter = WholeCounter()
+        counter = WholeCounter({tuple(p.shape) for p in meta.parameters() if p.ndim == 2})
         state = ft.TrainState.create(meta, ft.adamw(1e-2), loss_fn, sharding=mode, seed=11, init=counter)
         torch.manual_seed(11)
         normal = ft.TrainState.create(TiedNet(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=11)
         out[f"{mode}/initial"] = gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}
         exp_avg = [x for x in torch.utils._pytree.tree_leaves(state.opt_state) if isinstance(x, torch.Tensor) and x.ndim == 2]
         out[f"{mode}/opt_rows"] = torch.tensor([[ft.distributed.sharding.local(x).shape[0], x.shape[0]] for x in exp_avg])
-        out[f"{mode}/whole"] = torch.tensor([counter.most_alive, counter.most_bytes])
+        out[f"{mode}/whole"] = torch.tensor(counter.most)
         for b in batches(5):
             state, _ = ft.train_step(state, shard(b, rank, world))
             normal, _ = ft.train_step(normal, shard(b, rank, world))
