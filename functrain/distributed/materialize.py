@@ -6,7 +6,7 @@ here, as FSDP2 and torchtitan do: each submodule that owns tensors gets them mat
 target device, initialized (its ``reset_parameters()``, or the ``init`` function given), and with
 ``"full"`` its trainable parameters sliced to this rank's rows (``Shard(0)``) before the next
 submodule is materialized. The whole model never exists on one rank: the peak is one submodule's
-tensors whole plus the slices kept so far.
+tensors whole (in one buffer that each submodule reuses) plus the slices kept so far.
 
 Every rank runs the same initializations in the same order from a generator seeded with create's
 `seed`, so all ranks get the same values without broadcasting the model. On CPU these are the
