@@ -258,7 +258,8 @@ class TrainState:
         device = torch.get_default_device() if meta else next(iter(params.values())).device
         dist_config = current_config(distributed, sharding, device.type)
         if dist_config is not None:
-            shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
+            # the meta tensors too: those that hold values are broadcast one by one, and every rank must take part
+            shapes = {k: (tuple(v.shape), str(v.dtype), v.is_meta) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
             check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}", dist_config)
         params, frozen, buffers = _initial_tensors(module, params, frozen, init, seed, device, dist_config) if meta else _given_tensors(module, params, frozen, dist_config)
         counters = {name: _zero(device) for name in _COUNTERS}

@@ -94,7 +94,7 @@ class _Scratch:
     """
 
     def __init__(self, module: nn.Module, device: torch.device) -> None:
-        sizes = [sum(_aligned(t.numel() * t.element_size()) for _, t in _own_tensors(sub)) for sub in module.modules()]
+        sizes = [sum(_aligned(t.numel() * t.element_size()) for _, t in _own_tensors(sub)) for _, sub in _owners_of_meta(module)]
         self.buffer = torch.empty(max(sizes, default=0), dtype=torch.uint8, device=device)
 
     def shell(self, sub: nn.Module) -> nn.Module:
@@ -134,7 +134,7 @@ def _submodule_values(sub: nn.Module, prefix: str, placed: Callable[[str, torch.
             continue  # tied: initialized again above (the same draws as its constructor made) and dropped
         name = f"{prefix}.{local_name}" if prefix else local_name
         done[id(t)] = name
-        out[name] = placed(name, fresh[local_name].detach() if t.is_meta else t.detach().clone())
+        out[name] = placed(name, fresh[local_name].detach() if t.is_meta else t.detach())
     return out
 
 
