@@ -189,7 +189,8 @@ class TrainState:
                 ``reset_parameters()``, as torch's layers define it. A function: called as
                 ``init(submodule)`` on each of them instead (like FSDP's ``param_init_fn``); it sees
                 a copy of the submodule whose own tensors are materialized but hold no values yet,
-                and must set every one of them (buffers included) in place; call
+                and must set every one of them (buffers included) in place (its children's tensors
+                are still meta there: each child is initialized on its own); call
                 ``submodule.reset_parameters()`` in it for the layers it leaves to torch. The
                 initialization draws from generators seeded with `seed` (the caller's are left
                 alone), so every rank gets the same values without a broadcast, the same for a
