@@ -236,3 +236,27 @@ def test_what_ranks_exchange_is_data_and_round_trips_tensors_and_json_values() -
     assert back["t"] == ["d", 1] and back["pos"] == 3 and torch.equal(back["seen"], torch.arange(3))
     assert torch.equal(back["nested"][0]["x"], torch.ones(2, 2, dtype=torch.bfloat16)) and back["nested"][1:] == [None, "s", 1.5]
     assert dp._decode(dp._encode({"only": "json"})) == {"only": "json"}
+
+
+def test_a_model_built_on_the_meta_device_is_materialized_a_submodule_at_a_time_as_if_built_normally(tmp_path: Path) -> None:
+    launch(2, "meta", str(tmp_path))
+    ranks = [ft.load(tmp_path / f"rank{r}")[0] for r in range(2)]
+    torch.manual_seed(11)
+    reference = worker.TiedNet()  # the same net built normally after torch.manual_seed(create's seed)
+    want = {f"params/{k}": v for k, v in reference.state_dict().items() if "bn.running" not in k and "num_batches" not in k}
+    want |= {f"buffers/{k}": v for k, v in reference.named_buffers()}
+    for mode in ("full", "optimizer"):
+        for r, got in enumerate(ranks):
+            initial = {k: v for k, v in got[f"{mode}/initial"].items() if k in want}
+            assert sorted(initial) == sorted(want), mode
+            assert all(torch.equal(initial[k], v) for k, v in want.items()), f"{mode} rank {r}: other initial values"
+            assert_trees_close(got[f"{mode}/trained"], got[f"{mode}/normal"], f"{mode} rank {r}, 5 steps from meta vs normal")
+            assert all(torch.equal(v, ranks[0][f"{mode}/trained"][k]) for k, v in got[f"{mode}/trained"].items()), f"{mode}: ranks differ"
+            # the optimizer state is made on this rank's rows (15 rows chunk into 8 and 7, 3 into 2 and 1)
+            rows = got[f"{mode}/opt_rows"].tolist()
+            assert len(rows) == 6 and all(mine == (n + 1) // 2 - r * (n % 2) for mine, n in rows), f"{mode} rank {r}: {rows}"
+        assert "the ranks disagree on the model structure" in got["mismatch"]
+    # "full": one submodule's weight at most is whole at a time, while it is initialized (the
+    # buffer every submodule reuses); "optimizer" keeps each whole, so they add up
+    for got in ranks:
+        assert int(got["full/whole"]) == 1 and int(got["optimizer/whole"]) == 3

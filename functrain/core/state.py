@@ -25,7 +25,8 @@ from functrain.distributed.data_parallel import (
     check_same_model,
     current_config,
 )
-from functrain.distributed.sharding import SHARDINGS, Sharding, check_elementwise, gathered, shard, sharded_init
+from functrain.distributed.materialize import InitFn, has_meta_tensors, init_problems, materialize
+from functrain.distributed.sharding import SHARDINGS, Sharding, check_elementwise, gathered, is_sharded, shard, sharded_init
 from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
 from functrain.errors import ConfigError, DonatedStateError
 from functrain.optim.porting import torch_object_hint
@@ -134,6 +135,7 @@ class TrainState:
         trainable: Trainable | None = None,
         distributed: bool | None = None,
         sharding: Sharding | None = None,
+        init: InitFn | None = None,
         grad_stats: GradStats | None = None,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
@@ -174,7 +176,30 @@ class TrainState:
                 gathered whole for the step's forward and backward only (freed after it). Sliced leaves are `DTensor`s
                 (``Shard(0)``); buffers, frozen parameters, counters and RNG stay whole. The results
                 equal those of ``sharding=None`` up to float rounding. See
-                `functrain.distributed.sharding`.
+                `functrain.distributed.sharding`. A sharded state can start from a module built on
+                the meta device (``with torch.device("meta"): model = Net()``): see `init`.
+            init: how to initialize a module built on the meta device (sharded states only). Each
+                submodule that owns meta tensors is materialized in turn, in ``named_modules()``
+                order, on the default device (``torch.get_default_device()``: set it, or create the
+                state under ``with torch.device("cuda"):``, to materialize on a GPU), initialized
+                under ``torch.no_grad()``, and with ``"full"`` its trainable parameters are cut to
+                this rank's rows before the next submodule is materialized: one submodule's tensors
+                are whole at a time (``"optimizer"`` keeps the parameters whole, its optimizer
+                state is still made on this rank's rows only). None: each such submodule's
+                ``reset_parameters()``, as torch's layers define it. A function: called as
+                ``init(submodule)`` on each of them instead (like FSDP's ``param_init_fn``); it sees
+                a copy of the submodule whose own tensors are materialized but hold no values yet,
+                and must set every one of them (buffers included) in place (its children's tensors
+                are still meta there: each child is initialized on its own); call
+                ``submodule.reset_parameters()`` in it for the layers it leaves to torch. The
+                initialization draws from generators seeded with `seed` (the caller's are left
+                alone), so every rank gets the same values without a broadcast, the same for a
+                seed on every run. On CPU they equal those of the module built normally after
+                ``torch.manual_seed(seed)`` whenever each submodule's initialization draws what its
+                constructor drew, in the order the submodules are registered (stacks of torch's
+                layers, and a weight tied after construction: initialized once more and dropped,
+                as its constructor drew it). Tied tensors are materialized once; tensors that
+                already hold values keep rank 0's; buffers and frozen parameters are held whole.
             grad_stats: add gradient statistics to the step's metrics, grouped by ``"layer"`` (the
                 module owning the parameters) or ``"param"``: ``grad_norm/<group>`` (before
                 clipping) and ``update_ratio/<group>`` (the update's norm over the weights' norm,
@@ -187,7 +212,10 @@ class TrainState:
 
         Raises:
             ConfigError: listing every invalid option at once (a `seed` that is not an int in
-                torch's seed range, a module whose tensors are on the meta device, ...).
+                torch's seed range, a module whose tensors are on the meta device without
+                `sharding`, a submodule owning meta tensors with no ``reset_parameters()`` and no
+                `init`, `init` for a module without meta tensors, ...); ranks that built different
+                models.
 
         Example:
             >>> import torch, functrain as ft
@@ -198,6 +226,20 @@ class TrainState:
             >>> state = ft.TrainState.create(model, ft.adamw(1e-3), loss_fn, seed=0)
             >>> int(state.step), sorted(state.params)
             (0, ['bias', 'weight'])
+
+            A model built on the meta device, on a process group (here of one rank):
+
+            >>> import tempfile, torch.distributed as dist
+            >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+            >>> with torch.device("meta"):
+            ...     big = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 1))
+            >>> state = ft.TrainState.create(big, ft.adamw(1e-3), loss_fn, sharding="full", seed=0)
+            >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+            <torch._C.Generator object at ...>
+            >>> normal = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 1))
+            >>> torch.equal(state.params["0.weight"].full_tensor(), normal[0].weight)
+            True
+            >>> dist.destroy_process_group()
         """
         options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
         problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
@@ -208,25 +250,23 @@ class TrainState:
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
         if not problems:
-            problems += _meta_problems(module)
+            problems += _meta_problems(module, sharding, init)
         if problems:
             raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
         tx = build_transform(optimizer, options)
         averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
-        dist_config = current_config(distributed, sharding, next(iter(params.values())).device.type)
+        meta = has_meta_tensors(module)
+        device = torch.get_default_device() if meta else next(iter(params.values())).device
+        dist_config = current_config(distributed, sharding, device.type)
         if dist_config is not None:
-            shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
+            # the meta tensors too: those that hold values are broadcast one by one, and every rank must take part
+            shapes = {k: (tuple(v.shape), str(v.dtype), v.is_meta) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
             check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}", dist_config)
-            # every rank starts from rank 0's weights and statistics
-            params, frozen = broadcast_tensors(params, dist_config), broadcast_tensors(frozen, dist_config)
-        device = next(iter(params.values())).device
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-        if dist_config is not None:
-            buffers = broadcast_tensors(buffers, dist_config)
+        params, frozen, buffers = _initial_tensors(module, params, frozen, init, seed, device, dist_config) if meta else _given_tensors(module, params, frozen, dist_config)
         counters = {name: _zero(device) for name in _COUNTERS}
         opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
         if sharding == "full":
-            params = {k: shard(p, dist_config.mesh) for k, p in params.items()}
+            params = {k: p if is_sharded(p) else shard(p, dist_config.mesh) for k, p in params.items()}
         return _unaliased(cls(
             params=params,
             frozen=frozen,
@@ -507,6 +547,25 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     return structure
 
 
+Tensors = dict[str, torch.Tensor]
+
+
+def _given_tensors(module: nn.Module, params: Tensors, frozen: Tensors, config: DistConfig | None) -> tuple[Tensors, Tensors, Tensors]:
+    """The module's own values (copies), rank 0's on every rank."""
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    if config is None:
+        return params, frozen, buffers
+    # every rank starts from rank 0's weights and statistics
+    return broadcast_tensors(params, config), broadcast_tensors(frozen, config), broadcast_tensors(buffers, config)
+
+
+def _initial_tensors(module: nn.Module, params: Tensors, frozen: Tensors, init: InitFn | None, seed: int, device: torch.device, config: DistConfig) -> tuple[Tensors, Tensors, Tensors]:
+    """A meta module's values, submodule by submodule; with ``"full"`` its trainable parameters as this rank's rows."""
+    values = materialize(module, set(params) if config.sharding == "full" else set(), init=init, seed=seed, device=device, config=config)
+    buffers = {name: values[name] for name, _ in module.named_buffers()}
+    return {k: values[k] for k in params}, {k: values[k] for k in frozen}, buffers
+
+
 def _sharding_problems(sharding: Any, optimizer: Any) -> list[str]:
     if sharding not in SHARDINGS:
         return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
@@ -564,12 +623,18 @@ def _check_seed_and_trainable(seed: Any, trainable: Any) -> list[str]:
     return problems
 
 
-def _meta_problems(module: nn.Module) -> list[str]:
+def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
     meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if not meta:
-        return []
+        return [] if init is None else [f"init= initializes tensors on the meta device, but the module has none (got init={getattr(init, '__name__', init)!r}); initialize the module's tensors yourself, or build it under torch.device('meta')"]
+    if sharding is not None and torch.get_default_device().type == "meta":
+        return ["a module on the meta device is materialized on the default device, which is the meta device here; call TrainState.create outside `with torch.device('meta'):`"]
+    if sharding is not None:
+        return init_problems(module, init)
     shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
     return [
         f"the module's tensors must hold values, got {len(meta)} on the meta device ({shown}); materialize them first: "
-        "module.to_empty(device='cpu') then initialize them (e.g. each submodule's reset_parameters()), or load weights"
+        "module.to_empty(device='cpu') then initialize them (e.g. each submodule's reset_parameters()), or load weights; "
+        "or, with a process group, pass sharding='full' (or 'optimizer') to have each rank materialize and initialize "
+        "only its own rows, one submodule at a time (init= for submodules without reset_parameters())"
     ]

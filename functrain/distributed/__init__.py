@@ -3,7 +3,9 @@
 ``functrain.distributed.init_from_env()`` starts the process group from torchrun's environment;
 `TrainState.create` then records it, and the step averages across ranks. With
 ``TrainState.create(..., sharding="optimizer" | "full")`` each rank holds slices of the state
-(`DTensor`s); `gather_tree` gathers such a tree whole.
+(`DTensor`s); `gather_tree` gathers such a tree whole. A sharded state can start from a module
+built on the meta device (`materialize`: each rank gives values to its own rows, one submodule at
+a time).
 """
 
 from functrain.distributed.data_parallel import (

@@ -54,6 +54,7 @@ __all__ = [
     "local",
     "like",
     "local_rows",
+    "from_rows",
     "gathered",
     "gather_tree",
     "for_compute",
@@ -132,6 +133,16 @@ def local_rows(t: torch.Tensor, mesh: Any) -> torch.Tensor:
 
     shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, [Shard(0)])
     return t.narrow(0, offset[0], shape[0])
+
+
+def from_rows(rows: torch.Tensor, shape: Sequence[int], mesh: Any) -> torch.Tensor:
+    """This rank's rows (`local_rows`) of a tensor of global `shape`, as the ``Shard(0)`` DTensor they are a slice of.
+
+    No communication: every rank gives its own rows.
+    """
+    from torch.distributed.tensor import Shard
+
+    return _dtensor().from_local(rows, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape))
 
 
 def gathered(t: Any) -> Any:
@@ -453,11 +464,12 @@ def _row_leaves(tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor]
 def sharded_init(tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor], mesh: Any) -> Tree:
     """The optimizer state of whole `params`, its parameter-shaped leaves sharded, without building it whole.
 
-    The state is initialized on this rank's rows (`local_rows`); each leaf that follows the
-    parameters' rows becomes a DTensor of the global shape.
+    The state is initialized on this rank's rows (`local_rows` of a whole parameter, the local
+    slice of a sharded one); each leaf that follows the parameters' rows becomes a DTensor of the
+    global shape.
     """
     rows, globals_ = _row_leaves(tx_init, params)
-    leaves, spec = pytree.tree_flatten(tx_init({k: local_rows(p, mesh) for k, p in params.items()}))
+    leaves, spec = pytree.tree_flatten(tx_init({k: local(p) if is_sharded(p) else local_rows(p, mesh) for k, p in params.items()}))
     from torch.distributed.tensor import Shard
 
     out = [

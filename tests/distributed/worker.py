@@ -287,6 +287,80 @@ def sharded_extras(out: Path, rank: int, world: int) -> None:
         (mine / f"{name}.txt").write_text(text)
 
 
+class TiedNet(nn.Module):
+    """Built on the meta device by the "meta" scenario: a tied weight, BatchNorm buffers, a frozen bias, 15 rows (uneven on 2 ranks)."""
+
+    def __init__(self, width: int = 15) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, width)
+        self.inp.bias.requires_grad_(False)  # frozen
+        self.bn = nn.BatchNorm1d(width)
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+        self.b.weight = self.a.weight  # tied after construction, as models tie an output embedding
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(torch.relu(self.bn(self.inp(x))))))))
+
+
+class WholeCounter:
+    """An `init` that records the most whole weights alive at once while submodules are initialized.
+
+    At each submodule it finds every live tensor (the garbage collector tracks them all) that is
+    not a meta or sharded one and has the shape of one of `shapes` (the 2-D trainable weights of
+    the model) or a storage of one's bytes (a view that keeps a whole alive), and counts their
+    storages, those alive before the counter was made left out.
+    """
+
+    def __init__(self, shapes: set[tuple[int, ...]]) -> None:
+        self.shapes, self.most = shapes, 0
+        self.sizes = {4 * torch.Size(s).numel() for s in shapes}
+        self.before = self.wholes()
+
+    def wholes(self) -> set[int]:
+        import gc
+
+        return {
+            t.untyped_storage().data_ptr() for t in gc.get_objects()
+            if isinstance(t, torch.Tensor) and not t.is_meta and not ft.distributed.is_sharded(t)
+            and (tuple(t.shape) in self.shapes or t.untyped_storage().nbytes() in self.sizes)
+        }
+
+    def __call__(self, module: nn.Module) -> None:
+        self.most = max(self.most, len(self.wholes() - self.before))
+        module.reset_parameters()
+
+
+def meta_runs(rank: int, world: int) -> dict:
+    """TiedNet built on the meta device, sharded "full" and "optimizer", against the same net built normally."""
+    out = {}
+    for mode in ("full", "optimizer"):
+        with torch.device("meta"):
+            meta = TiedNet()
+        counter = WholeCounter({tuple(p.shape) for p in meta.parameters() if p.ndim == 2})
+        state = ft.TrainState.create(meta, ft.adamw(1e-2), loss_fn, sharding=mode, seed=11, init=counter)
+        torch.manual_seed(11)
+        normal = ft.TrainState.create(TiedNet(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=11)
+        out[f"{mode}/initial"] = gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}
+        exp_avg = [x for x in torch.utils._pytree.tree_leaves(state.opt_state) if isinstance(x, torch.Tensor) and x.ndim == 2]
+        out[f"{mode}/opt_rows"] = torch.tensor([[ft.distributed.sharding.local(x).shape[0], x.shape[0]] for x in exp_avg])
+        out[f"{mode}/whole"] = torch.tensor(counter.most)
+        for b in batches(5):
+            state, _ = ft.train_step(state, shard(b, rank, world))
+            normal, _ = ft.train_step(normal, shard(b, rank, world))
+        out[f"{mode}/trained"] = gathered_tree(state)
+        out[f"{mode}/normal"] = gathered_tree(normal)
+    with torch.device("meta"):
+        other = TiedNet(width=15 + rank)
+    try:
+        ft.TrainState.create(other, ft.adamw(1e-2), loss_fn, sharding="full")
+        out["mismatch"] = "created"
+    except ft.ConfigError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     ft.distributed.init_from_env()
@@ -332,6 +406,8 @@ def main() -> None:
         ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) | per_use_runs(rank, world) | compiled_runs(rank, world) if world == 2 else {})}, mine)
         if world == 2:
             sharded_extras(out / "extras", rank, world)
+    elif scenario == "meta":
+        ft.save(meta_runs(rank, world), mine)
     elif scenario == "mismatch":
         try:
             ft.TrainState.create(mlp(width=16 + rank), ft.adamw(1e-2), loss_fn)
