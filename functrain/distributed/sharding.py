@@ -213,9 +213,12 @@ def _whole_of_rows(rows: torch.Tensor, shape: torch.Size, mesh: Any) -> torch.Te
 
     Exact whatever the values (-0.0, NaN): every byte has one rank that is not zero there.
     """
-    whole = torch.empty(shape, dtype=rows.dtype, device=rows.device)
+    import torch.distributed as dist
+
+    whole = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
     local_rows(whole, mesh).copy_(rows)
-    return _fill_around_rows(whole, mesh)
+    dist.all_reduce(whole.view(torch.uint8), group=mesh.get_group())
+    return whole
 
 
 def _fill_around_rows(whole: torch.Tensor, mesh: Any) -> torch.Tensor:
