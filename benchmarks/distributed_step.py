@@ -15,10 +15,7 @@ gradients, gathered parameters, activations, buffers of collectives), the proces
 warm-up step compiles): the whole step compiled without sharding, the loss and its backward compiled
 with it (the collectives and the update eager).
 
-On gloo the sharded step makes its reduce-scatters and all-gathers as all-reduces
-(`functrain.distributed.sharding.ALL_REDUCE_BACKENDS`); ``--dtensor`` measures DTensor's own instead.
-
-Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes [--compile] [--dtensor]]
+Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes [--compile]]
 """
 
 from __future__ import annotations
@@ -148,13 +145,10 @@ class StepPeak:
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
 
 
-def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False, dtensor: bool = False) -> None:
+def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None:
     import resource
 
     import functrain as ft
-
-    if dtensor:  # DTensor's reduce-scatters and all-gathers on gloo too (what NCCL runs)
-        ft.distributed.sharding.ALL_REDUCE_BACKENDS.clear()
     from torch.distributed.tensor.debug import CommDebugMode
 
     ft.distributed.init_from_env()
@@ -198,8 +192,6 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
     runs = [(mode, flag) for mode in ("None", "optimizer", "full") for flag in ([], ["--compile"])[: 2 if args.compile else 1]]
-    if args.dtensor:
-        runs = [(mode, [*flag, "--dtensor"]) for mode, flag in runs]
     for mode, flag in runs:
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", me,
@@ -225,12 +217,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--modes", nargs="?", const="all", help="the sharding modes on the 25M-parameter MLP")
     parser.add_argument("--compile", action="store_true", help="with --modes: each mode compiled too (functrain.compile_step)")
-    parser.add_argument("--dtensor", action="store_true", help="with --modes: DTensor's reduce-scatters and all-gathers, not gloo's all-reduces")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         if args.modes:
-            run_mode(args.modes, args.steps, args.warmup, args.compile, args.dtensor)
+            run_mode(args.modes, args.steps, args.warmup, args.compile)
         else:
             run(args.steps, args.warmup)
         return

@@ -21,11 +21,7 @@ it runs on the local slices (`local`), and the step wraps its results back (`lik
 quantities (the gradient norm that clipping and the non-finite check read) take one all-reduce of
 the squared local norms (`norms_over_shards`).
 
-Every collective here is torch's: DTensor redistributions and functional collectives, except on
-the backends of `ALL_REDUCE_BACKENDS` (gloo), whose reduce-scatter and all-gather cost more than
-an all-reduce of the same bytes: there the step's reduce-scatters are all-reduces of which each
-rank keeps its rows, and its all-gathers are all-reduces of each rank's rows in zeros, summed as
-bytes (exact for any value).
+Every collective here is torch's: DTensor redistributions and functional collectives.
 """
 
 from __future__ import annotations
@@ -45,7 +41,6 @@ from functrain.errors import ConfigError
 from functrain.tree import Tree, summing_norms
 
 __all__ = [
-    "ALL_REDUCE_BACKENDS",
     "Sharding",
     "SHARDINGS",
     "make_mesh",
@@ -177,83 +172,9 @@ def for_compute(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_sharded(t):
         return t
-    if _by_all_reduce(t.device_mesh):
-        return _GatheredByAllReduce.apply(t)
     from torch.distributed.tensor import Partial, Replicate
 
     return t.redistribute(t.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("avg")])
-
-
-# backends on which the sharded step makes its reduce-scatters and all-gathers as all-reduces,
-# faster there (torch 2.13, gloo, 2 ranks, 64 MiB, measured: reduce-scatter 159 ms, all-gather
-# 109 ms, all-reduce 74 ms; ProcessGroupGloo copies every tensor around its reduce-scatter and
-# all-gather); NCCL's own reduce-scatter and all-gather are the cheaper ones. Empty it to use
-# DTensor's redistributions everywhere.
-ALL_REDUCE_BACKENDS = {"gloo"}
-
-
-def _by_all_reduce(mesh: Any) -> bool:
-    """Whether the step's collectives on `mesh` are all-reduces (`ALL_REDUCE_BACKENDS`); never when traced."""
-    import torch.distributed as dist
-
-    return not torch.compiler.is_compiling() and dist.get_backend(mesh.get_group()) in ALL_REDUCE_BACKENDS
-
-
-def _rows_of_mean(g: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's rows of the mean over ranks of `g`: an all-reduce of a copy (`g` may be autograd's, shared)."""
-    import torch.distributed as dist
-
-    summed = g.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(summed, group=mesh.get_group())
-    return local_rows(summed, mesh).div(mesh.size())  # a tensor of the rows alone: the whole is freed
-
-
-def _whole_of_rows(rows: torch.Tensor, shape: torch.Size, mesh: Any) -> torch.Tensor:
-    """The whole tensor from every rank's rows: each rank's rows in zeros elsewhere, summed as bytes.
-
-    Exact whatever the values (-0.0, NaN): every byte has one rank that is not zero there.
-    """
-    import torch.distributed as dist
-
-    whole = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
-    local_rows(whole, mesh).copy_(rows)
-    dist.all_reduce(whole.view(torch.uint8), group=mesh.get_group())
-    return whole
-
-
-def _fill_around_rows(whole: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """`whole`, whose rows of this rank are already the new ones, completed in place with every other rank's."""
-    import torch.distributed as dist
-
-    mine = local_rows(whole, mesh)
-    start = mine.storage_offset() - whole.storage_offset()
-    flat = whole.view(-1)
-    flat[:start].zero_()
-    flat[start + mine.numel() :].zero_()
-    dist.all_reduce(whole.view(torch.uint8), group=mesh.get_group())
-    return whole
-
-
-def _gather_whole(t: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor gathered whole, without autograd (`full_tensor`, or as bytes summed on `ALL_REDUCE_BACKENDS`)."""
-    if _by_all_reduce(t.device_mesh):
-        return _whole_of_rows(t.to_local(), t.shape, t.device_mesh)
-    return t.full_tensor()
-
-
-class _GatheredByAllReduce(torch.autograd.Function):
-    """`for_compute` on `ALL_REDUCE_BACKENDS`: gathered by `_whole_of_rows`; the gradient comes back as
-    this rank's rows of the mean (`_rows_of_mean`), a ``Shard(0)`` DTensor like the parameter."""
-
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
-        ctx.layout = (t.device_mesh, t.placements, t.shape, t.stride())
-        return _whole_of_rows(t.to_local(), t.shape, t.device_mesh)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        mesh, placements, shape, stride = ctx.layout
-        return _dtensor().from_local(_rows_of_mean(grad, mesh), mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 # what a parameter's metadata reads: answered by the sharded tensor itself (global shape, dtype,
@@ -362,8 +283,8 @@ class _Regather:
         whole = self.mode.kept.pop(self.serial, None)  # the backward's first use takes it; the graph holds it no longer
         if whole is None:
             with torch.no_grad():
-                whole = _gather_whole(self.shard.detach())  # in the backward: every rank runs the same graph
-        return whole.as_strided(self.shape, self.stride, whole.storage_offset() + self.offset)
+                whole = self.shard.detach().full_tensor()  # an all-gather, in the backward: every rank runs the same graph
+        return whole.as_strided(self.shape, self.stride, self.offset)
 
 
 @contextmanager
@@ -394,27 +315,14 @@ def gathering_on_use(params: Mapping[str, torch.Tensor]) -> Iterator[None]:
 
 
 def reduce_scatter(g: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's rows of the mean over ranks of `g` (each rank's whole gradient): one reduce-scatter
-    (an all-reduce on the backends of `ALL_REDUCE_BACKENDS`)."""
-    if _by_all_reduce(mesh):
-        return _rows_of_mean(g, mesh)
+    """This rank's rows of the mean over ranks of `g` (each rank's whole gradient): one reduce-scatter."""
     from torch.distributed.tensor import Partial, Shard
 
     return _dtensor().from_local(g, mesh, [Partial("avg")], run_check=False).redistribute(mesh, [Shard(0)]).to_local()
 
 
-def all_gather(rows: torch.Tensor, whole: torch.Tensor, mesh: Any, in_place: bool = False) -> torch.Tensor:
-    """The whole tensor (of `whole`'s shape) from every rank's `rows`: one all-gather.
-
-    On `ALL_REDUCE_BACKENDS` an all-reduce; there, with `in_place` (`whole` given up by the
-    caller) and `rows` being `whole`'s own rows (a donated update wrote them there), the result
-    is `whole` itself, completed in place: no new tensor.
-    """
-    if _by_all_reduce(mesh):
-        mine = local_rows(whole, mesh)
-        if in_place and whole.is_contiguous() and rows.data_ptr() == mine.data_ptr() and rows.shape == mine.shape and rows.stride() == mine.stride():
-            return _fill_around_rows(whole, mesh)
-        return _whole_of_rows(rows, whole.shape, mesh)
+def all_gather(rows: torch.Tensor, whole: torch.Tensor, mesh: Any) -> torch.Tensor:
+    """The whole tensor (of `whole`'s shape) from every rank's `rows`: one all-gather."""
     from torch.distributed.tensor import Shard
 
     return _dtensor().from_local(rows, mesh, [Shard(0)], run_check=False, shape=whole.shape, stride=_contiguous_stride(whole.shape)).full_tensor()
@@ -518,15 +426,11 @@ def local_params(params: dict[str, torch.Tensor], sharding: str, mesh: Any) -> d
     return {k: local_rows(p, mesh) for k, p in params.items()}
 
 
-def placed_params(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], sharding: str, mesh: Any, in_place: bool = False) -> dict[str, torch.Tensor]:
-    """The updated local parameters placed as the state holds them: sharded again, or all-gathered whole.
-
-    `in_place`: the step was donated, so ``"optimizer"``'s gathers may complete `old`'s own
-    tensors, whose rows a donated update has already written (`all_gather`).
-    """
+def placed_params(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], sharding: str, mesh: Any) -> dict[str, torch.Tensor]:
+    """The updated local parameters placed as the state holds them: sharded again, or all-gathered whole."""
     if sharding == "full":
         return {k: like(p, old[k]) for k, p in new.items()}
-    return {k: all_gather(p, old[k], mesh, in_place) if p.ndim else p for k, p in new.items()}
+    return {k: all_gather(p, old[k], mesh) if p.ndim else p for k, p in new.items()}
 
 
 def split_gradients(grads: dict[str, torch.Tensor], sharding: str, mesh: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -175,11 +175,8 @@ def whole_weights_alive() -> int:
 
 
 def per_use_runs(rank: int, world: int) -> dict:
-    """"full" gathers each weight where it is used: how many are whole after the forward, the gathers of a step,
-    the results; each sharded mode also with DTensor's own collectives (what NCCL runs), not gloo's all-reduces."""
+    """"full" gathers each weight where it is used: how many are whole after the forward, the gathers of a step, the results."""
     from torch.distributed.tensor.debug import CommDebugMode
-
-    from functrain.distributed import sharding
 
     alive = []
 
@@ -190,18 +187,15 @@ def per_use_runs(rank: int, world: int) -> dict:
         return loss
 
     out = {}
-    for mode, backends in ((None, {"gloo"}), ("full", {"gloo"}), ("optimizer", set()), ("full", set())):
-        sharding.ALL_REDUCE_BACKENDS = backends
+    for mode in (None, "full"):
         state = ft.TrainState.create(Deep(), ft.adamw(1e-2), counting_loss, sharding=mode)
         for i, b in enumerate(batches(5)):
             with CommDebugMode() as comm:
-                state, _ = ft.train_step(state, shard(b, rank, world), donate=i > 0)
-        key = f"per_use/{mode}" + ("" if backends else "/dtensor")
-        out[key] = {"tree": gathered_tree(state), "eval": ft.eval_step(state, batches(1)[0])["loss"]}
+                state, _ = ft.train_step(state, shard(b, rank, world))
+        out[f"per_use/{mode}"] = {"tree": gathered_tree(state), "eval": ft.eval_step(state, batches(1)[0])["loss"]}
         counts = {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
-        out[f"{key}/gathers"] = torch.tensor(counts.get("all_gather_into_tensor", 0))
-        out[f"{key}/alive"] = torch.tensor(alive[-1])
-    sharding.ALL_REDUCE_BACKENDS = {"gloo"}
+        out[f"per_use/{mode}/gathers"] = torch.tensor(counts.get("all_gather_into_tensor", 0))
+        out[f"per_use/{mode}/alive"] = torch.tensor(alive[-1])
     return out
 
 
