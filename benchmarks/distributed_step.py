@@ -15,7 +15,7 @@ gradients, gathered parameters, activations, buffers of collectives), the proces
 warm-up step compiles): the whole step compiled without sharding, the loss and its backward compiled
 with it (the collectives and the update eager).
 
-Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes [--compile]]
+Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes [--rounds 3] [--compile]]
 """
 
 from __future__ import annotations
@@ -190,25 +190,30 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
 def modes_table(args: argparse.Namespace, port: int) -> None:
     me = str(Path(__file__).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rows = []
     runs = [(mode, flag) for mode in ("None", "optimizer", "full") for flag in ([], ["--compile"])[: 2 if args.compile else 1]]
-    for mode, flag in runs:
-        done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", me,
-             "--worker", "--modes", mode, *flag, "--steps", str(args.steps), "--warmup", str(args.warmup)],
-            capture_output=True, text=True, env=env,
-        )
-        found = [dict(kv.split("=", 1) for kv in ln.split()[1:]) for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
-        if not found:
-            print(f"sharding={mode} failed\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-            return
-        rows += found
-    base = rows[0]
-    print(f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
+    rounds: list[list[dict]] = []
+    for _ in range(args.rounds):  # the modes in turn, round after round: a slow spell of the machine hits every mode
+        rows = []
+        for mode, flag in runs:
+            done = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", me,
+                 "--worker", "--modes", mode, *flag, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                capture_output=True, text=True, env=env,
+            )
+            found = [dict(kv.split("=", 1) for kv in ln.split()[1:]) for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
+            if not found:
+                print(f"sharding={mode} failed\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+                return
+            rows += found
+        rounds.append(rows)
+    print(f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up, "
+          f"{args.rounds} rounds (ms/step: the median over rounds; ratio: the median of each round's ratio); load average {os.getloadavg()[0]:.1f}")
     print(f"{'sharding':<17} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind")
-    for r in rows:
-        t, held = float(r["median_ms"]), float(r["held_mib"])
-        print(f"{r['mode']:<17} {t:>8.1f} {t / float(base['median_ms']):>6.2f} {held:>20.0f} {held / float(base['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
+    for i, r in enumerate(rounds[0]):
+        times = [float(rows[i]["median_ms"]) for rows in rounds]
+        ratio = statistics.median(float(rows[i]["median_ms"]) / float(rows[0]["median_ms"]) for rows in rounds)
+        held = float(r["held_mib"])
+        print(f"{r['mode']:<17} {statistics.median(times):>8.1f} {ratio:>6.2f} {held:>20.0f} {held / float(rounds[0][0]['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
 
 
 def main() -> None:
@@ -216,6 +221,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--modes", nargs="?", const="all", help="the sharding modes on the 25M-parameter MLP")
+    parser.add_argument("--rounds", type=int, default=3, help="with --modes: how many times every mode runs, in turn")
     parser.add_argument("--compile", action="store_true", help="with --modes: each mode compiled too (functrain.compile_step)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

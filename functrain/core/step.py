@@ -30,7 +30,7 @@ from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.core.state import TrainState, _generator
-from functrain.optim.transform import apply_updates, transform_metrics, writing_in_place, wrote_in_place
+from functrain.optim.transform import apply_updates, may_write_in_place, transform_metrics, writing_in_place, wrote_in_place
 from functrain.tree import global_norm, norm_sum, share_norm, tree_leaves, tree_map, unshare_norm
 from functrain.optim.batching import under_vmap
 from functrain.optim.sweep import holds_sweep
@@ -313,7 +313,7 @@ def _shared_gradients(state: TrainState, grads: dict[str, torch.Tensor], buffers
 def _placed(state: TrainState, new: dict[str, Any]) -> dict[str, Any]:
     """A sharded step's new local slices placed as `state` holds them (sharded again, or gathered whole)."""
     config = state.dist
-    new["params"] = sharding_.placed_params(new["params"], state.params, config.sharding, config.mesh)
+    new["params"] = sharding_.placed_params(new["params"], state.params, config.sharding, config.mesh, may_write_in_place())
     new["opt_state"] = sharding_.like_tree(new["opt_state"], state.opt_state)
     return new
 

@@ -284,7 +284,7 @@ class _Regather:
         if whole is None:
             with torch.no_grad():
                 whole = self.shard.detach().full_tensor()  # an all-gather, in the backward: every rank runs the same graph
-        return whole.as_strided(self.shape, self.stride, self.offset)
+        return whole.as_strided(self.shape, self.stride, whole.storage_offset() + self.offset)
 
 
 @contextmanager
@@ -321,11 +321,28 @@ def reduce_scatter(g: torch.Tensor, mesh: Any) -> torch.Tensor:
     return _dtensor().from_local(g, mesh, [Partial("avg")], run_check=False).redistribute(mesh, [Shard(0)]).to_local()
 
 
-def all_gather(rows: torch.Tensor, whole: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """The whole tensor (of `whole`'s shape) from every rank's `rows`: one all-gather."""
+def all_gather(rows: torch.Tensor, whole: torch.Tensor, mesh: Any, in_place: bool = False) -> torch.Tensor:
+    """The whole tensor (of `whole`'s shape) from every rank's `rows`: one all-gather.
+
+    With `in_place` (the caller gave `whole` up: a donated step) and `rows` being `whole`'s own
+    rows (the update wrote them there), the gather fills `whole` itself instead of a new tensor,
+    where the rows split evenly (torch's all-gather takes equal chunks).
+    """
+    if in_place and _own_rows(rows, whole, mesh) and whole.shape[0] % mesh.size() == 0 and not torch.compiler.is_compiling():
+        import torch.distributed as dist
+
+        # the rows are read while the others are written into the same tensor: they go from a copy
+        dist.all_gather_into_tensor(whole, rows.clone(), group=mesh.get_group())
+        return whole
     from torch.distributed.tensor import Shard
 
     return _dtensor().from_local(rows, mesh, [Shard(0)], run_check=False, shape=whole.shape, stride=_contiguous_stride(whole.shape)).full_tensor()
+
+
+def _own_rows(rows: torch.Tensor, whole: torch.Tensor, mesh: Any) -> bool:
+    """Whether `rows` is the view of `whole` that `local_rows` gives (the same memory, not equal values)."""
+    mine = local_rows(whole, mesh)
+    return whole.is_contiguous() and rows.data_ptr() == mine.data_ptr() and rows.shape == mine.shape and rows.stride() == mine.stride()
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
@@ -426,11 +443,12 @@ def local_params(params: dict[str, torch.Tensor], sharding: str, mesh: Any) -> d
     return {k: local_rows(p, mesh) for k, p in params.items()}
 
 
-def placed_params(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], sharding: str, mesh: Any) -> dict[str, torch.Tensor]:
-    """The updated local parameters placed as the state holds them: sharded again, or all-gathered whole."""
+def placed_params(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], sharding: str, mesh: Any, in_place: bool = False) -> dict[str, torch.Tensor]:
+    """The updated local parameters placed as the state holds them: sharded again, or all-gathered whole
+    (into `old`'s own tensors with `in_place`, a donated step: `all_gather`)."""
     if sharding == "full":
         return {k: like(p, old[k]) for k, p in new.items()}
-    return {k: all_gather(p, old[k], mesh) if p.ndim else p for k, p in new.items()}
+    return {k: all_gather(p, old[k], mesh, in_place) if p.ndim else p for k, p in new.items()}
 
 
 def split_gradients(grads: dict[str, torch.Tensor], sharding: str, mesh: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
