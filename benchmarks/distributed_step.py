@@ -6,7 +6,8 @@ fc 128->10) on 1x28x28 inputs, global batch 128, AdamW. The single process uses 
 torchrun). Also counts the collective calls one step makes.
 
 With ``--modes``: the sharding modes instead, on 2 ranks (gloo, one thread each) on the
-25M-parameter MLP 1024-4096-4096-1024, AdamW, global batch 64, donated steps. Per mode: the median
+25M-parameter MLP 1024-4096-4096-1024, AdamW, global batch 64, donated steps ("full-kept": "full"
+with ``reshard_after_forward=False``). Per mode: the median
 step time, the bytes of parameters + optimizer state each rank holds (its local slices), the
 most bytes of tensors one step allocates beyond them that are alive at once (its transient peak:
 gradients, gathered parameters, activations, buffers of collectives), the process's peak resident memory (a process per mode), and the collective calls of one step by kind (torch's
@@ -158,7 +159,8 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
     n = 64 // world
     batch = (x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
     for mode in [None if mode == "None" else mode]:  # one mode per process: its peak RSS is its own
-        state = ft.TrainState.create(mlp(), ft.adamw(1e-4), mse, distributed=True, sharding=mode)
+        # "full-kept": sharding="full" with reshard_after_forward=False
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-4), mse, distributed=True, sharding=mode and mode[:4], reshard_after_forward=mode != "full-kept")
         step = ft.compile_step() if compiled else ft.train_step
         times = []
         for i in range(warmup + steps):
@@ -190,7 +192,7 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
 def modes_table(args: argparse.Namespace, port: int) -> None:
     me = str(Path(__file__).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = [(mode, flag) for mode in ("None", "optimizer", "full") for flag in ([], ["--compile"])[: 2 if args.compile else 1]]
+    runs = [(mode, flag) for mode in ("None", "optimizer", "full", "full-kept") for flag in ([], ["--compile"])[: 2 if args.compile else 1]]
     rounds: list[list[dict]] = []
     for _ in range(args.rounds):  # the modes in turn, round after round: a slow spell of the machine hits every mode
         rows = []

@@ -180,6 +180,9 @@ def test_full_sharding_gathers_each_weight_where_it_is_used_and_again_in_the_bac
     # forward: proj (through .T) and 4 weights + 4 biases; backward: the saved weights of layers 1-3
     # again (layer 4's was kept, proj's is not needed: the batch takes no gradient)
     assert int(got["per_use/full/gathers"]) == 9 + 3
+    # reshard_after_forward=False: the backward uses what the forward gathered (layers 1-4 held whole)
+    assert_trees_close(got["per_use/full-kept"]["tree"], got["per_use/None"]["tree"], "per_use/full-kept")
+    assert int(got["per_use/full-kept/gathers"]) == 9 and int(got["per_use/full-kept/alive"]) == 4
 
 
 def test_compiled_steps_on_sharded_states_match_the_eager_ones_and_one_process(sharded_on_two: Path) -> None:
@@ -222,6 +225,8 @@ def test_sharding_without_a_process_group_or_with_an_unknown_mode_is_refused() -
         ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn, sharding="full")
     with pytest.raises(ft.ConfigError, match=r"sharding must be None, 'optimizer' or 'full', got sharding='zero3'"):
         ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn, sharding="zero3")
+    with pytest.raises(ft.ConfigError, match=r"reshard_after_forward=False applies to sharding='full' only .* got sharding='optimizer'"):
+        ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn, sharding="optimizer", reshard_after_forward=False)
 
 
 def test_what_ranks_exchange_is_data_and_round_trips_tensors_and_json_values() -> None:

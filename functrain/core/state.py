@@ -135,6 +135,7 @@ class TrainState:
         trainable: Trainable | None = None,
         distributed: bool | None = None,
         sharding: Sharding | None = None,
+        reshard_after_forward: bool = True,
         init: InitFn | None = None,
         grad_stats: GradStats | None = None,
     ) -> TrainState:
@@ -172,12 +173,20 @@ class TrainState:
                 initialized, of any size): None, every rank holds everything (data parallelism);
                 ``"optimizer"`` (ZeRO-1/2), each rank holds and updates one slice of rows of the
                 optimizer state, the parameters whole; ``"full"`` (FSDP/ZeRO-3), the trainable
-                parameters, their optimizer state and the EMA are sliced, and the parameters are
-                gathered whole for the step's forward and backward only (freed after it). Sliced leaves are `DTensor`s
+                parameters, their optimizer state and the EMA are sliced, and each operation of
+                the forward gathers the parameters it uses whole, dropping them when it returns
+                (see `reshard_after_forward`). Sliced leaves are `DTensor`s
                 (``Shard(0)``); buffers, frozen parameters, counters and RNG stay whole. The results
                 equal those of ``sharding=None`` up to float rounding. See
                 `functrain.distributed.sharding`. A sharded state can start from a module built on
                 the meta device (``with torch.device("meta"): model = Net()``): see `init`.
+            reshard_after_forward: with ``"full"``: True, what the backward needs of a gathered
+                parameter is gathered again there (one more all-gather per such weight, except
+                the last operations', kept whole for the backward, which needs them first), so
+                the step holds about one operation's weights whole at a time; False, the forward's
+                gathers are kept until the backward has used them (no more all-gathers, but the
+                whole model's weights are held at the end of the forward), as FSDP2's option of
+                that name.
             init: how to initialize a module built on the meta device (sharded states only). Each
                 submodule that owns meta tensors is materialized in turn, in ``named_modules()``
                 order, on the default device (``torch.get_default_device()``: set it, or create the
@@ -245,7 +254,7 @@ class TrainState:
         problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
         if grad_stats not in (None, "layer", "param"):
             problems.append(f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}")
-        problems += _sharding_problems(sharding, optimizer)
+        problems += _sharding_problems(sharding, optimizer, reshard_after_forward)
         params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) and (trainable is None or callable(trainable)) else ({}, {})
         if not problems and not params:
             problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
@@ -257,11 +266,11 @@ class TrainState:
         averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
         meta = has_meta_tensors(module)
         device = torch.get_default_device() if meta else next(iter(params.values())).device
-        dist_config = current_config(distributed, sharding, device.type)
+        dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
         if dist_config is not None:
             # the meta tensors too: those that hold values are broadcast one by one, and every rank must take part
             shapes = {k: (tuple(v.shape), str(v.dtype), v.is_meta) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
-            check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}", dist_config)
+            check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}|{reshard_after_forward}", dist_config)
         params, frozen, buffers = _initial_tensors(module, params, frozen, init, seed, device, dist_config) if meta else _given_tensors(module, params, frozen, dist_config)
         counters = {name: _zero(device) for name in _COUNTERS}
         opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
@@ -566,12 +575,16 @@ def _initial_tensors(module: nn.Module, params: Tensors, frozen: Tensors, init: 
     return {k: values[k] for k in params}, {k: values[k] for k in frozen}, buffers
 
 
-def _sharding_problems(sharding: Any, optimizer: Any) -> list[str]:
+def _sharding_problems(sharding: Any, optimizer: Any, reshard_after_forward: Any) -> list[str]:
     if sharding not in SHARDINGS:
         return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
-    if sharding is None:
-        return []
     problems = []
+    if not isinstance(reshard_after_forward, bool):
+        problems.append(f"reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+    elif not reshard_after_forward and sharding != "full":
+        problems.append(f"reshard_after_forward=False applies to sharding='full' only (the parameters that are gathered), got sharding={sharding!r}; leave it out")
+    if sharding is None:
+        return problems
     try:
         check_elementwise(getattr(optimizer, "name", "") or "")
     except ConfigError as e:

@@ -250,7 +250,7 @@ def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], 
             # a compiled loss takes plain tensors: every parameter gathered before it, kept until the backward
             params = {k: sharding_.for_compute(p) for k, p in params.items()}
         # "full" sharding: each operation all-gathers the parameters it uses; their gradients come back reduce-scattered
-        with sharding_.gathering_on_use(params) if gather else contextlib.nullcontext():
+        with sharding_.gathering_on_use(params, state.dist.reshard_after_forward) if gather else contextlib.nullcontext():
             loss, aux = call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})

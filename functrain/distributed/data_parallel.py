@@ -41,7 +41,8 @@ class DistConfig:
     """The process group a state trains across (static: not saved in checkpoints).
 
     `sharding` is None (every rank holds the whole state), ``"optimizer"`` or ``"full"``
-    (`functrain.distributed.sharding`); `mesh` is the 1-D `DeviceMesh` its sharded leaves live on.
+    (`functrain.distributed.sharding`); `mesh` is the 1-D `DeviceMesh` its sharded leaves live on;
+    `reshard_after_forward` (``"full"``): whether the backward gathers its parameters again.
     """
 
     world_size: int
@@ -49,6 +50,7 @@ class DistConfig:
     group: Any = attrs.field(default=None, eq=False, repr=False)
     sharding: str | None = None
     mesh: Any = attrs.field(default=None, eq=False, repr=False)
+    reshard_after_forward: bool = True
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -82,7 +84,7 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def current_config(distributed: bool | None, sharding: str | None = None, device_type: str = "cpu") -> DistConfig | None:
+def current_config(distributed: bool | None, sharding: str | None = None, device_type: str = "cpu", reshard_after_forward: bool = True) -> DistConfig | None:
     """The `DistConfig` for `TrainState.create(distributed=..., sharding=...)`: None means auto-detect.
 
     A sharded state needs an initialized process group, of any size (one rank included).
@@ -98,7 +100,7 @@ def current_config(distributed: bool | None, sharding: str | None = None, device
         from functrain.distributed.sharding import make_mesh
 
         world = dist.get_world_size()
-        return DistConfig(world, dist.get_rank(), dist.group.WORLD, sharding, make_mesh(device_type, world))
+        return DistConfig(world, dist.get_rank(), dist.group.WORLD, sharding, make_mesh(device_type, world), reshard_after_forward)
     active = initialized and dist.get_world_size() > 1
     if distributed and not active:
         raise ConfigError("distributed=True but no torch.distributed process group is initialized; launch with torchrun and call functrain.distributed.init_from_env()")

@@ -288,7 +288,7 @@ class _Regather:
 
 
 @contextmanager
-def gathering_on_use(params: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def gathering_on_use(params: Mapping[str, torch.Tensor], regather: bool = True) -> Iterator[None]:
     """Within: each sharded tensor of `params` is gathered by every torch operation that uses it, and only there.
 
     An operation given a sharded parameter (``F.linear(x, w)``, ``w.T``, ``torch.cat([w, v])``)
@@ -301,6 +301,10 @@ def gathering_on_use(params: Mapping[str, torch.Tensor]) -> Iterator[None]:
     are not gathered again. A parameter used by two operations (a tied weight) is gathered by each. Metadata (``w.shape``, ``w.dtype``,
     ``w.size()``) is read without a gather.
 
+    With ``regather=False`` (``reshard_after_forward=False``) autograd keeps what it saves of the
+    gathered tensors until the backward has used it: no gather in the backward, the whole
+    weights held at the end of the forward.
+
     A collective per use: every rank must run the same operations on the parameters in the same
     order, as the same loss function on any batch does. Under autocast a half-precision copy of a
     gathered weight is saved as it is (half the bytes of the whole).
@@ -310,6 +314,10 @@ def gathering_on_use(params: Mapping[str, torch.Tensor]) -> Iterator[None]:
         yield
         return
     mode = _GatherOnUse(sharded)
+    if not regather:  # autograd keeps what it saves of the gathered tensors, as it would any other
+        with mode:
+            yield
+        return
     with mode, torch.autograd.graph.saved_tensors_hooks(mode.pack, mode.unpack):
         yield
 

@@ -167,35 +167,40 @@ class Deep(nn.Module):
         return h[:, :3]
 
 
-def whole_weights_alive() -> int:
-    """Plain tensors of a layer's weight shape alive now (the state's slices are DTensors, the module's Parameters)."""
-    import gc
-
-    return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.shape == (16, 16))
-
-
 def per_use_runs(rank: int, world: int) -> dict:
     """"full" gathers each weight where it is used: how many are whole after the forward, the gathers of a step, the results."""
     from torch.distributed.tensor.debug import CommDebugMode
+    from torch.multiprocessing.reductions import StorageWeakRef
 
-    alive = []
+    from functrain.distributed import sharding
+
+    gathered, alive = [], []
+    real = sharding.for_compute
+
+    def recording(t):  # the memory of every weight gathered whole, watched without holding it
+        whole = real(t)
+        if whole.shape == (16, 16):
+            gathered.append(StorageWeakRef(whole.untyped_storage()))
+        return whole
 
     def counting_loss(model, batch):
-        before = whole_weights_alive()
+        gathered.clear()
         loss = loss_fn(model, batch)
-        alive.append(whole_weights_alive() - before)
+        alive.append(sum(not ref.expired() for ref in gathered))  # whole weights still in memory after the forward
         return loss
 
+    sharding.for_compute = recording
     out = {}
-    for mode in (None, "full"):
-        state = ft.TrainState.create(Deep(), ft.adamw(1e-2), counting_loss, sharding=mode)
+    for mode in (None, "full", "full-kept"):
+        state = ft.TrainState.create(Deep(), ft.adamw(1e-2), counting_loss, sharding=mode and "full", reshard_after_forward=mode != "full-kept")
         for i, b in enumerate(batches(5)):
             with CommDebugMode() as comm:
                 state, _ = ft.train_step(state, shard(b, rank, world))
+        out[f"per_use/{mode}/alive"] = torch.tensor(alive[-1])  # of the last step's forward
         out[f"per_use/{mode}"] = {"tree": gathered_tree(state), "eval": ft.eval_step(state, batches(1)[0])["loss"]}
         counts = {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
         out[f"per_use/{mode}/gathers"] = torch.tensor(counts.get("all_gather_into_tensor", 0))
-        out[f"per_use/{mode}/alive"] = torch.tensor(alive[-1])
+    sharding.for_compute = real
     return out
 
 
