@@ -160,7 +160,7 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
     batch = (x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
     for mode in [None if mode == "None" else mode]:  # one mode per process: its peak RSS is its own
         # "full-kept": sharding="full" with reshard_after_forward=False
-        state = ft.TrainState.create(mlp(), ft.adamw(1e-4), mse, distributed=True, sharding=mode and mode[:4], reshard_after_forward=mode != "full-kept")
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-4), mse, distributed=True, sharding={"full-kept": "full"}.get(mode, mode), reshard_after_forward=mode != "full-kept")
         step = ft.compile_step() if compiled else ft.train_step
         times = []
         for i in range(warmup + steps):

@@ -155,36 +155,38 @@ class CompiledStep:
 
     def _forward_for(self, state: TrainState) -> Callable[..., Any]:
         """The loss function on the module, compiled once per static configuration of a sharded state."""
-        owners = (state.module, state.loss_fn, state.optimizer)
-        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers), "sharded")
-        found = self._cores.get(key)
-        if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
-            return found[1]
-        if holds_sweep(state.tx):
-            raise ConfigError(_SWEEP_ALONE)
-        fields = {name: getattr(state, name) for name in _STATIC}
-        fields["device"] = state.device
-        view = _View(fields, None, None, None, None, None, (None,) * 5)
+        key, found = self._cached(state, "sharded")
+        if found is not None:
+            return found
+        view = _View(_statics_of(state), None, None, None, None, None, (None,) * 5)
 
         def body(tensors: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return _call_loss(view, tensors, batch)
 
         compiled = self._compile(_own_code(body, "sharded_loss"))
-        self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
+        self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)  # held, so their ids stay theirs
         return compiled
 
-    def _core_for(self, state: TrainState, donate: bool) -> Callable[..., Any]:
-        # the user's objects by identity, the options by value: the wrapped transform and the
-        # EMA that `TrainState.create` builds anew each time are functions of these
+    def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Callable[..., Any] | None]:
+        """The cache key of `state`'s static configuration (and `variant`), and what is compiled for it if anything.
+
+        The user's objects count by identity, the options by value: the wrapped transform and the
+        EMA that `TrainState.create` builds anew each time are functions of these.
+        """
         owners = (state.module, state.loss_fn, state.optimizer)
-        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers), donate)
+        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers), variant)
         found = self._cores.get(key)
         if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
-            return found[1]
+            return key, found[1]
         if holds_sweep(state.tx):
             raise ConfigError(_SWEEP_ALONE)
-        fields = {name: getattr(state, name) for name in _STATIC}
-        fields["device"] = state.device
+        return key, None
+
+    def _core_for(self, state: TrainState, donate: bool) -> Callable[..., Any]:
+        key, found = self._cached(state, donate)
+        if found is not None:
+            return found
+        fields = _statics_of(state)
 
         def body(params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             new, metrics = _train_core(_View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch)
@@ -193,8 +195,15 @@ class CompiledStep:
             return new, metrics
 
         compiled = self._compile(_own_code(body, "train_core"))
-        self._cores[key] = (owners, compiled)  # held, so their ids stay theirs
+        self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)  # held, so their ids stay theirs
         return compiled
+
+
+def _statics_of(state: TrainState) -> dict[str, Any]:
+    """What a compiled body reads of the state besides tensors (`_View`)."""
+    fields = {name: getattr(state, name) for name in _STATIC}
+    fields["device"] = state.device
+    return fields
 
 
 def _sharded_core(forward: Callable[..., Any], state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
