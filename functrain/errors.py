@@ -72,3 +72,13 @@ def config_check(problems: list[str], where: str) -> None:
     if problems:
         lines = "\n  - ".join(problems)
         raise ConfigError(f"invalid arguments to {where}:\n  - {lines}")
+
+
+def listed(names: list[str], most: int = 5) -> str:
+    """The first `most` of `names` for a message, and how many more there are.
+
+    Example:
+        >>> listed(["a", "b", "c"], most=2)
+        'a, b and 1 more'
+    """
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

@@ -28,7 +28,7 @@ from functrain.distributed.data_parallel import (
 from functrain.distributed.materialize import InitFn, has_meta_tensors, init_problems, materialize
 from functrain.distributed.sharding import SHARDINGS, Sharding, check_elementwise, gathered, is_sharded, shard, sharded_init
 from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
-from functrain.errors import ConfigError, DonatedStateError
+from functrain.errors import ConfigError, DonatedStateError, listed
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import Transform, is_transform
 from functrain.optim.zeros import light_copy
@@ -644,7 +644,7 @@ def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
         return ["a module on the meta device is materialized on the default device, which is the meta device here; call TrainState.create outside `with torch.device('meta'):`"]
     if sharding is not None:
         return init_problems(module, init)
-    shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
+    shown = listed(meta)
     return [
         f"the module's tensors must hold values, got {len(meta)} on the meta device ({shown}); materialize them first: "
         "module.to_empty(device='cpu') then initialize them (e.g. each submodule's reset_parameters()), or load weights; "

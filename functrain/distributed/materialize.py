@@ -29,6 +29,7 @@ from torch import nn
 
 from functrain.distributed.data_parallel import DistConfig, broadcast_tensors
 from functrain.distributed.sharding import from_rows, local_rows
+from functrain.errors import listed
 
 __all__ = ["InitFn", "has_meta_tensors", "init_problems", "materialize"]
 
@@ -58,7 +59,7 @@ def init_problems(module: nn.Module, init: object) -> list[str]:
     missing = [f"{name or '<root>'} ({type(sub).__name__})" for name, sub in _owners_of_meta(module) if not callable(getattr(sub, "reset_parameters", None))]
     if not missing:
         return []
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    shown = listed(missing)
     return [
         f"submodules own tensors on the meta device but have no reset_parameters() to initialize them: {shown}; "
         "pass init=fn to TrainState.create: fn(submodule) is called on each submodule that owns meta tensors, "

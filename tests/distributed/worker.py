@@ -46,6 +46,16 @@ def shard(batch, rank: int, world: int):
     return tuple(t[rank * n : (rank + 1) * n] for t in batch)
 
 
+def rank_batches(rank: int, world: int, n: int = 20):
+    """This rank's part of `batches(n)`, the last rank's first sample NaN at step 5 (one rank only)."""
+    for i, b in enumerate(batches(n)):
+        x, y = shard(b, rank, world)
+        if i == 5 and rank == world - 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        yield x, y
+
+
 class RankStream:
     """Rank `rank`'s own stream: batches of 4 samples of its half of `dataset()`, 6 a pass; every
     batch read is recorded in `reads` by its start. Its state names the rank, so a state loaded
@@ -120,12 +130,8 @@ def sharded_runs(rank: int, world: int) -> dict:
         for name, opt in (("adamw", ft.adamw(1e-2)), ("sgd", ft.sgd(0.05, momentum=0.9))):
             state = ft.TrainState.create(mlp(seed=rank), opt, loss_fn, sharding=mode)
             skipped = []
-            for i, b in enumerate(batches(20)):
-                x, y = shard(b, rank, world)
-                if i == 5 and rank == world - 1:
-                    x = x.clone()
-                    x[0, 0] = float("nan")
-                state, m = ft.train_step(state, (x, y), donate=mode is not None)
+            for batch in rank_batches(rank, world):
+                state, m = ft.train_step(state, batch, donate=mode is not None)
                 skipped.append(m["skipped"])
             out[f"{name}/{mode}"] = {"tree": gathered_tree(state), "skipped": torch.stack(skipped)}
     return out
@@ -219,19 +225,15 @@ def compiled_runs(rank: int, world: int) -> dict:
         state = ft.TrainState.create(mlp(seed=rank), ft.adamw(1e-2), loss_fn, sharding=mode)
         before, rng = state_tree(state), torch.get_rng_state()
         skipped = []
-        for i, b in enumerate(batches(20)):
-            x, y = shard(b, rank, world)
-            if i == 5 and rank == world - 1:
-                x = x.clone()
-                x[0, 0] = float("nan")
+        for i, batch in enumerate(rank_batches(rank, world)):
             given = state
-            state, m = step(given, (x, y), donate=i > 0)
+            state, m = step(given, batch, donate=i > 0)
             if i == 0:  # pure: the state it was given and the caller's RNG are left as they were
                 same = all(torch.equal(a, b) for a, b in zip(before, state_tree(given), strict=True))
                 out[f"compiled-pure/{mode}"] = torch.tensor(same and torch.equal(rng, torch.get_rng_state()))
             skipped.append(m["skipped"])
         try:  # the last state given up
-            step(given, (x, y))
+            step(given, batch)
             out[f"compiled-donated/{mode}"] = "no error"
         except ft.DonatedStateError as e:
             out[f"compiled-donated/{mode}"] = str(e)
@@ -369,12 +371,8 @@ def main() -> None:
         # rank 1 starts from other weights: create() must broadcast rank 0's
         state = ft.TrainState.create(mlp(seed=rank), ft.adamw(1e-2), loss_fn)
         metrics = []
-        for i, b in enumerate(batches(20)):
-            x, y = shard(b, rank, world)
-            if i == 5 and rank == world - 1:
-                x = x.clone()
-                x[0, 0] = float("nan")  # one rank only
-            state, m = ft.train_step(state, (x, y))
+        for batch in rank_batches(rank, world):
+            state, m = ft.train_step(state, batch)
             metrics.append(m)
         ft.save({"params": state.params, "metrics": metrics}, mine)
     elif scenario == "fit":
