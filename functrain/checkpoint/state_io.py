@@ -24,6 +24,7 @@ from functrain.checkpoint.format import compare_to_template, read_tree, write_tr
 from functrain.checkpoint.sharded import agree, exchange_group, has_dtensors, is_sharded, placed_like, read_for, write_sharded
 from functrain.core.state import TrainState, _unaliased
 from functrain.tree import leaves_by_path
+from functrain.layout import is_dense, with_strides_of
 
 __all__ = ["save", "load", "load_weights", "fingerprint", "VersionWarning"]
 
@@ -222,11 +223,25 @@ def _load(path: str | os.PathLike[str], like: Any, map_location: str | torch.dev
         value = got[path_key]
         if isinstance(value, torch.Tensor) and map_location is None and isinstance(expected, torch.Tensor) and not is_sharded(value):
             value = value.to(expected.device)
-        values.append(value)
+        values.append(_laid_out_as(value, expected))
     restored = pytree.tree_unflatten(values, spec)
     if isinstance(like, TrainState):
         return like.with_tree({**restored, **{k: _to_device(v, like.device) for k, v in grown.items()}})
     return restored
+
+
+def _laid_out_as(value: Any, expected: Any) -> Any:
+    """A loaded tensor in the strides of the template's (files hold tensors contiguous).
+
+    A channels_last weight, or a leaf stored transposed, resumes in the layout it trained in: its
+    convolution then runs the same kernels, and its optimizer state pairs with it element by element
+    (`functrain.layout`).
+    """
+    if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor) or is_sharded(value) or is_sharded(expected):
+        return value
+    if value.stride() == expected.stride() or value.shape != expected.shape or not is_dense(expected):
+        return value
+    return with_strides_of(value, expected)
 
 
 # The driver's records are the driver layer's format, and imports run down the layers: the driver

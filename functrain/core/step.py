@@ -29,6 +29,7 @@ from functrain.core.holds import wait_until_unheld
 from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
+from functrain.layout import in_layouts_of, with_strides_of
 from functrain.core.state import TrainState, _generator
 from functrain.optim.transform import apply_updates, may_write_in_place, transform_metrics, writing_in_place, wrote_in_place
 from functrain.tree import global_norm, norm_sum, share_norm, tree_leaves, tree_map, unshare_norm
@@ -335,6 +336,7 @@ def _ema(state: TrainState, params: dict[str, torch.Tensor], applied: torch.Tens
 
 def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor], scale: torch.Tensor | None, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Clipping, the optimizer and the counters, from the (averaged) gradients; the EMA's gate as ``"applied"``."""
+    grads = _in_param_layouts(grads, state.params)
     grad_list = list(grads.values())
     grad_norm = global_norm(grad_list)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it again
@@ -346,7 +348,7 @@ def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str
             unshare_norm(token)
     if scale is not None:
         grad_norm = grad_norm / scale
-    params = apply_updates(state.params, updates)
+    params = _in_param_strides(apply_updates(state.params, updates), state.params)
     k = state.options.accumulate_steps
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
     completed = micro == 0 if k > 1 else None  # None: every batch completes an update
@@ -381,6 +383,27 @@ def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str
     if by is not None:
         metrics.update(_grad_statistics(by, grads, state.params, params, scale))
     return new, metrics
+
+
+def _in_param_layouts(grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradients laid out as their parameters are (`functrain.layout`), before anything reads them.
+
+    The one place every step's gradients pass (eager, donated, compiled, sharded slices) before the
+    norm, clipping, accumulation and the optimizer: they then meet what ``.grad`` gives torch.optim.
+    Under vmap (a stacked state) a tensor's layout cannot be asked: the fused kernels' vmap rule
+    lays each member's gradient out as its parameter (`functrain.optim.fused`).
+    """
+    if under_vmap():
+        return grads
+    aligned = in_layouts_of(list(grads.values()), [params[k] for k in grads])
+    return dict(zip(grads, aligned, strict=True))
+
+
+def _in_param_strides(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The new parameters with the strides of the old, as torch.optim's in-place updates keep them (a view where only size-1 dimensions differ)."""
+    if under_vmap() or all(n.stride() == old[k].stride() for k, n in new.items()):
+        return new
+    return {k: with_strides_of(n, old[k]) for k, n in new.items()}
 
 
 def _groups(names: tuple[str, ...], by: str) -> dict[str, list[int]]:

@@ -37,6 +37,7 @@ from functrain.optim.transform import NewParams, Transform, counter, flat_update
 from functrain.optim.primitives import Mask, Schedule, _check_positive, resolve_mask
 from functrain.optim.sweep import Sweep
 from functrain.optim.zeros import constant_like, owned_copy, writable, zeros
+from functrain.layout import in_layouts_of
 from functrain.tree import Tree, tree_leaves
 
 __all__ = ["FusedAdamState", "FusedSgdState", "FusedAdagradState", "fused_adam", "fused_sgd", "fused_adagrad"]
@@ -232,16 +233,21 @@ def fused_adagrad(
 
 
 class _Kernel(NamedTuple):
-    """A fused kernel: the in-place op torch.optim calls, and its functional form for torch.compile."""
+    """A fused kernel: its name (for the custom op), the in-place op torch.optim calls, its own arguments."""
 
+    name: str
     in_place: Any
-    functional: Any  # returns (params, grads, *buffers, ...)
+    hyper: tuple[str, ...]  # keyword arguments besides lr, weight_decay, grad_scale and found_inf
+    steps: bool  # takes the step counts (state_steps)
 
 
-_ADAM = _Kernel(torch._fused_adam_, torch.ops.aten._fused_adam)
-_ADAMW = _Kernel(torch._fused_adamw_, torch.ops.aten._fused_adamw)
-_SGD = _Kernel(torch._fused_sgd_, torch.ops.aten._fused_sgd)
-_ADAGRAD = _Kernel(torch._fused_adagrad_, torch.ops.aten._fused_adagrad)
+_ADAM_HYPER = ("beta1", "beta2", "eps", "amsgrad", "maximize")
+_ADAM = _Kernel("adam", torch._fused_adam_, _ADAM_HYPER, steps=True)
+_ADAMW = _Kernel("adamw", torch._fused_adamw_, _ADAM_HYPER, steps=True)
+_SGD = _Kernel("sgd", torch._fused_sgd_, ("momentum", "dampening", "nesterov", "maximize", "is_first_step"), steps=False)
+_ADAGRAD = _Kernel("adagrad", torch._fused_adagrad_, ("lr_decay", "eps", "maximize"), steps=True)
+_KERNELS = {k.name: k for k in (_ADAM, _ADAMW, _SGD, _ADAGRAD)}
+_FLAGS = frozenset({"amsgrad", "maximize", "nesterov", "is_first_step"})
 
 
 def _read_once(lr: Any) -> Any:
@@ -304,17 +310,18 @@ def _by_groups(kernel: _Kernel, step: _Step, buffers: tuple[tuple, ...], decays:
 def _run_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], **options: Any) -> tuple[list, list[list]]:
     """New (params, buffers) from one fused kernel call; the given tensors are not written.
 
+    The kernels walk parameters, gradients and buffers in memory order: each gradient and buffer
+    is laid out as its parameter first (`functrain.layout`; no copy where they agree already).
     Eagerly the in-place kernel runs on fresh copies (it reads the gradients only), or on the given
-    tensors themselves in a donated step. Under ``torch.compile`` the functional form of the op is
-    traced instead: functionalization rejects the in-place one on graph intermediates. Buffers a
-    fresh state holds without storage (`functrain.optim.zeros`) get their own here.
+    tensors themselves in a donated step. Under ``torch.compile`` and vmap the custom op
+    ``functrain::fused_update`` runs instead: inductor may hand an op tensors in layouts of its
+    choosing, so the op lays them out at run time, on the real tensors. Buffers a fresh state holds
+    without storage (`functrain.optim.zeros`) get their own here.
     """
-    if under_vmap():
-        return _stacked_kernel(kernel, params, grads, buffers, steps, **options)
+    if under_vmap() or torch.compiler.is_compiling():
+        return _through_op(kernel, params, grads, buffers, steps, options)
     options = {**options, "weight_decay": options["weight_decay"][0]}  # one value outside a stacked step
-    if torch.compiler.is_compiling():
-        out = kernel.functional(params, grads, *buffers, *steps, **options)
-        return list(out[0]), [list(x) for x in out[2 : 2 + len(buffers)]]
+    grads = in_layouts_of(grads, params)
     if may_write_in_place():
         buffers = [[writable(x, p) for x, p in zip(xs, params)] for xs in buffers]
         kernel.in_place(params, grads, *buffers, *steps, **options)
@@ -325,41 +332,55 @@ def _run_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list],
     return new_p, new_b
 
 
-def _stacked_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], **options: Any) -> tuple[list, list[list]]:
-    """`_run_kernel` under vmap (Adam only): the custom op, whose batching rule runs the kernel member by member."""
-    mu, nu, nu_max = buffers
+def _through_op(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], options: dict[str, Any]) -> tuple[list, list[list]]:
+    """`_run_kernel` through the custom op: buffers flattened (with their lists' lengths), the rate a tensor or a float."""
     lr = options["lr"]
-    lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
-    out = torch.ops.functrain.fused_adam(
-        params, grads, mu, nu, nu_max, steps[0][0], lr_t, options["found_inf"],
-        list(options["weight_decay"]), options["beta1"], options["beta2"], options["eps"], options["amsgrad"], kernel is _ADAMW, options["maximize"],
+    out_p, out_b = torch.ops.functrain.fused_update(
+        kernel.name, params, grads, [x for xs in buffers for x in xs], [len(xs) for xs in buffers],
+        steps[0][0] if steps else None, lr if isinstance(lr, torch.Tensor) else None, 0.0 if isinstance(lr, torch.Tensor) else float(lr),
+        options["found_inf"], list(options["weight_decay"]), [float(options[name]) for name in kernel.hyper],
     )
-    return list(out[0]), [list(x) for x in out[1:]]
+    return list(out_p), _split(list(out_b), [len(xs) for xs in buffers])
 
 
-_FusedOut = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+def _split(flat: list, counts: list[int]) -> list[list]:
+    out, start = [], 0
+    for n in counts:
+        out.append(flat[start : start + n])
+        start += n
+    return out
 
 
-@torch.library.custom_op("functrain::fused_adam", mutates_args=())
-def _fused_adam_op(
-    params: list[torch.Tensor], grads: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tensor], nu_max: list[torch.Tensor],
-    step: torch.Tensor, lr: torch.Tensor, found_inf: torch.Tensor | None,
-    weight_decay: list[float], beta1: float, beta2: float, eps: float, amsgrad: bool, decoupled: bool, maximize: bool,
-) -> _FusedOut:
-    """One member's fused Adam(W) update on fresh copies (the op vmap batches member by member).
+def _kernel_kwargs(kernel: _Kernel, lr: torch.Tensor | float, weight_decay: float, hyper: list[float], found_inf: torch.Tensor | None) -> dict[str, Any]:
+    named = {name: bool(v) if name in _FLAGS else v for name, v in zip(kernel.hyper, hyper, strict=True)}
+    return {"lr": _kernel_lr(lr) if isinstance(lr, torch.Tensor) else lr, "weight_decay": weight_decay, "grad_scale": None, "found_inf": found_inf, **named}
 
-    `weight_decay` holds one value, or one per member (a sweep) for the batched form.
+
+@torch.library.custom_op("functrain::fused_update", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def _fused_update_op(
+    kernel: str, params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], counts: list[int],
+    step: torch.Tensor | None, lr: torch.Tensor | None, lr_value: float, found_inf: torch.Tensor | None, weight_decay: list[float], hyper: list[float],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One state's fused update (of kernel `kernel`) on fresh copies laid out as the parameters.
+
+    `buffers` holds the kernel's buffer lists one after the other (`counts` their lengths: each the
+    number of parameters, or 0 for one the kernel leaves empty); the rate is the tensor `lr`, or
+    `lr_value` without one; `weight_decay` one value, or one per member for the batched form
+    (`functrain.sweep`).
     """
-    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    new = [[x.clone() for x in xs] for xs in (params, mu, nu, nu_max)]
-    kernel(new[0], grads, new[1], new[2], new[3], [step] * len(params), lr=_kernel_lr(lr), beta1=beta1, beta2=beta2,
-           weight_decay=weight_decay[0], eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=None, found_inf=found_inf)
-    return new[0], new[1], new[2], new[3]
+    spec = _KERNELS[kernel]
+    n = len(params)
+    new_p = [p.clone() for p in params]
+    new_b = [owned_copy(x, params[j % n]) for j, x in enumerate(buffers)]
+    steps = [[step] * n] if spec.steps else []
+    spec.in_place(new_p, in_layouts_of(grads, params), *_split(new_b, counts), *steps, **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf))
+    return new_p, new_b
 
 
-@_fused_adam_op.register_fake
-def _(params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled, maximize):  # type: ignore[no-untyped-def]
-    return [torch.empty_like(x) for x in params], [torch.empty_like(x) for x in mu], [torch.empty_like(x) for x in nu], [torch.empty_like(x) for x in nu_max]
+@_fused_update_op.register_fake
+def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):  # type: ignore[no-untyped-def]
+    n = len(params)
+    return [torch.empty_like(p) for p in params], [torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)]
 
 
 def _dims(dims: Any, n: int) -> list:
@@ -370,43 +391,53 @@ def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | N
     return x if x is None or dim is None else x.select(dim, k)
 
 
-@_fused_adam_op.register_vmap
-def _(info, in_dims, params, grads, mu, nu, nu_max, step, lr, found_inf, weight_decay, beta1, beta2, eps, amsgrad, decoupled, maximize):  # type: ignore[no-untyped-def]
+@_fused_update_op.register_vmap
+def _(info, in_dims, kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):  # type: ignore[no-untyped-def]
     members = info.batch_size
-    d_p, d_g, d_mu, d_nu, d_max, d_step, d_lr, d_inf = in_dims[:8]
-    tensors = [(xs, _dims(d, len(xs))) for xs, d in ((params, d_p), (mu, d_mu), (nu, d_nu), (nu_max, d_max))]
+    _, d_p, d_g, d_b, _, d_step, d_lr, _, d_inf = in_dims[:9]
+    stacked = (list(zip(params, _dims(d_p, len(params)))), list(zip(buffers, _dims(d_b, len(buffers)))))
     g_dims = _dims(d_g, len(grads))
     calls = [
         (
             [_member(g, d, k) for g, d in zip(grads, g_dims)],
-            [_member(step, d_step, k)] * len(params),
-            {"lr": _kernel_lr(_member(lr, d_lr, k)), "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay[k if len(weight_decay) > 1 else 0],
-             "eps": eps, "amsgrad": amsgrad, "maximize": maximize, "grad_scale": None, "found_inf": _member(found_inf, d_inf, k)},
+            _member(step, d_step, k),
+            _member(lr, d_lr, k) if lr is not None else lr_value,
+            _member(found_inf, d_inf, k),
+            [weight_decay[k if len(weight_decay) > 1 else 0]],
         )
         for k in range(members)
     ]
-    out_dims = tuple([0] * len(xs) for xs, _ in tensors)
+    out_dims = ([0] * len(params), [0] * len(buffers))
     if any(type(x) is not torch.Tensor for x in params):  # traced by torch.compile: fake or functional tensors
-        return _traced_members(tensors, calls, decoupled), out_dims
-    return _eager_members(tensors, calls, members, decoupled), out_dims
+        return _traced_members(kernel, stacked, calls, counts, hyper), out_dims
+    return _eager_members(_KERNELS[kernel], stacked, calls, counts, hyper, members), out_dims
 
 
-def _eager_members(tensors: list, calls: list, members: int, decoupled: bool) -> tuple:
-    """The stacked inputs copied once (member first), then the kernel on each member's slice in place."""
-    new = [[x.movedim(d, 0).clone() if d is not None else x.expand(members, *x.shape).clone() for x, d in zip(xs, ds)] for xs, ds in tensors]
-    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    for k, (grads, steps, options) in enumerate(calls):
-        p, m, v, vmax = ([x[k] for x in xs] for xs in new)
-        kernel(p, grads, m, v, vmax, steps, **options)
-    return tuple(new)
+def _member_major(x: torch.Tensor, d: int | None, members: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A copy of stacked `x` with the members first (laid out as the stacked `like`, where given)."""
+    whole = x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
+    return torch.empty_like(like, dtype=x.dtype).copy_(whole) if like is not None else whole.clone()
 
 
-def _traced_members(tensors: list, calls: list, decoupled: bool) -> tuple:
-    """The functional op (it has a fake kernel, the in-place one with a tensor lr has none) member by member, stacked."""
-    functional = torch.ops.aten._fused_adamw if decoupled else torch.ops.aten._fused_adam
+def _eager_members(kernel: _Kernel, stacked: tuple, calls: list, counts: list[int], hyper: list[float], members: int) -> tuple:
+    """The stacked inputs copied once (member first, buffers laid out as their parameters), then the kernel on each member's slice in place."""
+    params, buffers = stacked
+    new_p = [_member_major(x, d, members) for x, d in params]
+    new_b = [_member_major(x, d, members, new_p[j % len(new_p)]) for j, (x, d) in enumerate(buffers)]
+    for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
+        p = [x[k] for x in new_p]
+        steps = [[step] * len(p)] if kernel.steps else []
+        kernel.in_place(p, in_layouts_of(grads, p), *_split([x[k] for x in new_b], counts), *steps, **_kernel_kwargs(kernel, lr, weight_decay[0], hyper, found_inf))
+    return new_p, new_b
+
+
+def _traced_members(kernel: str, stacked: tuple, calls: list, counts: list[int], hyper: list[float]) -> tuple:
+    """The op on each member's slices (traced: its fake kernel, and at run time its layouts checked), stacked."""
+    params, buffers = stacked
     results = []
-    for k, (grads, steps, options) in enumerate(calls):
-        p, m, v, vmax = ([_member(x, d, k) for x, d in zip(xs, ds)] for xs, ds in tensors)
-        new_p, _, new_m, new_v, new_max = functional(p, grads, m, v, vmax, steps, **options)
-        results.append((new_p, new_m, new_v, new_max))
-    return tuple([torch.stack([r[i][j] for r in results]) for j in range(len(xs))] for i, (xs, _) in enumerate(tensors))
+    for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
+        p = [_member(x, d, k) for x, d in params]
+        b = [_member(x, d, k) if d is not None else x for x, d in buffers]
+        rate = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, lr)
+        results.append(torch.ops.functrain.fused_update(kernel, p, grads, b, counts, step, *rate, found_inf, weight_decay, hyper))
+    return tuple([torch.stack([r[i][j] for r in results]) for j in range(len(xs))] for i, xs in enumerate(stacked))

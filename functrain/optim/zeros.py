@@ -11,13 +11,15 @@ nothing until the first update writes its results into fresh buffers.
 What cannot take them is an in-place write (a donated step's fused kernel, ``_foreach_add_``):
 every element of such a view is the same memory. `writable` gives those a buffer of their own
 first, laid out like the parameter (as ``torch.zeros_like(param)`` would have been), and leaves any
-other tensor as it is.
+other tensor laid out so as it is: torch's fused kernels walk a parameter and its state in memory
+order, so the two must share one layout (`functrain.layout`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from functrain.layout import obeys_layout
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["zeros", "zeros_like", "constant_like", "is_shared", "writable", "owned_copy", "light_copy", "stored"]
@@ -57,13 +59,23 @@ def is_shared(t: torch.Tensor) -> bool:
 
 
 def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`t`, or, if an in-place write cannot take it (`is_shared`), a copy of it laid out like `like`."""
-    return torch.empty_like(like, dtype=t.dtype).copy_(t) if is_shared(t) else t
+    """`t`, or, if an in-place write cannot take it (`is_shared`) or it is laid out otherwise than `like`, a copy laid out like `like`.
+
+    Example:
+        >>> w = torch.ones(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        >>> writable(zeros_like(w), w).stride() == w.stride(), writable(torch.ones(2, 3, 4, 5), w).stride() == w.stride()
+        (True, True)
+    """
+    return _laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t
 
 
 def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A copy of `t` with a storage of its own, for an in-place kernel to write (laid out like `like` if `t` is shared)."""
-    return torch.empty_like(like, dtype=t.dtype).copy_(t) if is_shared(t) else t.clone()
+    """A copy of `t` with a storage of its own, for an in-place kernel to write, laid out like `like`."""
+    return _laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t.clone()
+
+
+def _laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 def light_copy(t: torch.Tensor) -> torch.Tensor:

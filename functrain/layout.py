@@ -1,0 +1,105 @@
+"""Memory layouts: a gradient laid out as its parameter is, as torch's gradient layout contract gives it.
+
+`torch.autograd.grad` returns each gradient in the layout autograd produced it in: a convolution
+fed channels_last activations gives a channels_last weight gradient for a contiguous weight, and a
+loss that uses a parameter once, linearly, gives a stride-0 expanded gradient. Accumulating into
+``.grad`` applies torch's gradient layout contract (the gradient takes its parameter's strides), so
+`torch.optim` never meets such a gradient; functrain's step applies the same contract before
+anything reads the gradients. It matters twice:
+
+- torch's fused CPU kernels (``_fused_adamw_``, ``_fused_sgd_``, ``_fused_adagrad_``) walk the
+  parameter, gradient and optimizer state in memory order: tensors of different layouts pair the
+  wrong elements, silently (and a stride-0 gradient is read past its one element);
+- a reduction over a gradient (the global norm that clipping and the non-finite guard read) sums in
+  memory order: another layout rounds differently from torch's.
+
+The contract, as torch's ``obeys_layout_contract``: where the parameter is non-overlapping and
+dense, the gradient has its strides (dimensions of size 1 excepted, whose stride says nothing);
+otherwise it is contiguous. Tensors already laid out so are returned as they are, at the cost of a
+stride comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["is_dense", "obeys_layout", "in_layout_of", "in_layouts_of", "with_strides_of"]
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements tile its memory without gaps or overlaps, in some order of its dimensions.
+
+    Example:
+        >>> x = torch.zeros(2, 3, 4, 5)
+        >>> is_dense(x), is_dense(x.transpose(1, 3)), is_dense(x[:, :, ::2]), is_dense(torch.zeros(()).expand(2, 2))
+        (True, True, False, False)
+    """
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def obeys_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether `t` (a gradient of `like`, of its shape) is laid out as the gradient layout contract asks.
+
+    Example:
+        >>> w = torch.zeros(8, 4, 3, 3)
+        >>> obeys_layout(torch.ones(8, 4, 3, 3), w)
+        True
+        >>> obeys_layout(torch.ones(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), w)
+        False
+    """
+    strides, like_strides = t.stride(), like.stride()
+    if strides == like_strides:
+        return True
+    if not is_dense(like):
+        return t.is_contiguous()
+    return all(st == ls if size != 1 else st != 0 for size, st, ls in zip(t.shape, strides, like_strides, strict=True))
+
+
+def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` if it `obeys_layout` of `like`, else a copy of it that does (the values unchanged).
+
+    Example:
+        >>> w = torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+        >>> g = torch.randn(8, 4, 3, 3)
+        >>> out = in_layout_of(g, w)
+        >>> out.stride() == w.stride(), torch.equal(out, g), in_layout_of(out, w) is out
+        (True, True, True)
+    """
+    if obeys_layout(t, like):
+        return t
+    if not is_dense(like):
+        return t.contiguous()
+    return torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def in_layouts_of(tensors: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`in_layout_of` leaf by leaf: the list itself (as a list) where every tensor obeys already."""
+    return [t if t.stride() == p.stride() else in_layout_of(t, p) for t, p in zip(tensors, likes, strict=True)]
+
+
+def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` with exactly `like`'s strides: a view where only dimensions of size 1 differ, else a copy.
+
+    A parameter keeps its strides from step to step, as torch.optim's in-place updates keep them:
+    an out-of-place op may give a new tensor other strides on dimensions of size 1 (the same
+    memory order), which would still change what a convolution takes the weight's memory format for.
+
+    Example:
+        >>> w = torch.zeros(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 1, 3, 1))  # a depthwise weight, channels_last
+        >>> new = torch.add(w, torch.ones(6, 1, 3, 3))
+        >>> new.stride(), with_strides_of(new, w).stride()
+        ((9, 9, 3, 1), (9, 1, 3, 1))
+    """
+    strides = like.stride()
+    if t.stride() == strides:
+        return t
+    if obeys_layout(t, like) and is_dense(like):
+        return t.as_strided(like.shape, strides, t.storage_offset())
+    return torch.empty_strided(like.shape, strides, dtype=t.dtype, device=t.device).copy_(t) if is_dense(like) else t.contiguous()
