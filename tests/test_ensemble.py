@@ -174,7 +174,17 @@ def test_member_columns_take_the_mean_over_finite_members():
     assert columns["loss"].item() == 2.0 and columns["loss[1]"].isnan()
 
 
-def test_a_fused_sgd_member_is_refused_with_the_call_to_write() -> None:
-    stacked = ft.stack([make_state(seed, ft.sgd(0.1)) for seed in range(2)])
-    with pytest.raises(ft.ConfigError, match=r"sgd\(fused=True\) cannot update a stacked state .* ft\.sgd\(\.\.\., fused=False\)"):
-        ft.train_step(stacked, batches(1)[0])
+@pytest.mark.parametrize(
+    "optimizer",
+    [ft.sgd(0.1), ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), ft.adagrad(0.1, lr_decay=1e-3)],
+    ids=["sgd", "sgd-nesterov", "adagrad"],
+)
+def test_fused_sgd_and_adagrad_members_equal_the_members_trained_alone(optimizer: ft.Transform) -> None:
+    """torch's fused SGD and Adagrad kernels run member by member, as the fused Adam's do."""
+    data = batches(5)
+    alone = [run(make_state(seed, optimizer), data)[0] for seed in range(2)]
+    stacked, _ = run(ft.stack([make_state(seed, optimizer) for seed in range(2)]), data)
+    for member, expected in zip(ft.unstack(stacked), alone, strict=True):
+        assert int(member.step) == 5
+        for name, p in expected.params.items():
+            torch.testing.assert_close(member.params[name], p, rtol=1e-5, atol=1e-6)

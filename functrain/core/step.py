@@ -393,7 +393,7 @@ def _in_param_layouts(grads: dict[str, torch.Tensor], params: dict[str, torch.Te
     Under vmap (a stacked state) a tensor's layout cannot be asked: the fused kernels' vmap rule
     lays each member's gradient out as its parameter (`functrain.optim.fused`).
     """
-    if under_vmap():
+    if under_vmap() or all(g.stride() == params[k].stride() for k, g in grads.items()):
         return grads
     aligned = in_layouts_of(list(grads.values()), [params[k] for k in grads])
     return dict(zip(grads, aligned, strict=True))

@@ -10,11 +10,15 @@ bits, because the kernels round differently.
 The transforms are gated (`Transform.gated`): given ``keep=``, they pass ``found_inf = ~keep`` to
 the kernel, which then leaves the copies untouched, so a skipped step costs no `torch.where` pass.
 
-Under `torch.func.vmap` (a stacked state, `functrain.stack`) the Adam kernels run through the custom
-op ``functrain::fused_adam``, whose vmap rule calls the kernel once per member on that member's slice
-of the stacked tensors, with the member's own step count, learning rate and skip flag: each member's
-results are bit for bit those of the member trained alone. The SGD and Adagrad kernels have no such
-rule yet: a stacked state takes ``sgd/adagrad(fused=False)``.
+The kernels walk the parameters, gradients and state in memory order and pair the wrong elements
+of tensors laid out differently (a channels_last gradient of a contiguous weight): every gradient
+and buffer meets its kernel laid out as its parameter (`functrain.layout`), as ``.grad`` meets
+torch.optim's. Under ``torch.compile`` and `torch.func.vmap` (a stacked state, `functrain.stack`)
+the kernels run through the custom op ``functrain::fused_update``, which checks the layouts on the
+real tensors at run time (inductor may choose other layouts than the traced ones), and whose vmap
+rule calls the kernel once per member on that member's slice of the stacked tensors, with the
+member's own step count, learning rate, weight decay and skip flag: each member's update is bit for
+bit that of the member trained alone, given the same gradients.
 
 In a donated step (`functrain.optim.transform.may_write_in_place`) the kernels run on the given
 parameters and state themselves, as torch.optim runs them: no copies, and a skipped step (the
@@ -184,7 +188,6 @@ def fused_sgd(lr: float | Schedule, momentum: float, weight_decay: float, *, nes
         return FusedSgdState(count, buffers, _first_lr(lr, count))
 
     def update_fn(updates: Any, state: FusedSgdState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedSgdState]:
-        _refuse_stacked("sgd")
         step = _begin(updates, state.count, params, keep, lr, "SGD", state.lr)
         hyper = {"lr": step.rate, "momentum": momentum, "dampening": 0.0, "nesterov": nesterov, "maximize": maximize, "is_first_step": False, "grad_scale": None, "found_inf": step.found_inf}
         new_p, (buffers,) = _by_groups(_SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper)
@@ -223,7 +226,6 @@ def fused_adagrad(
         return FusedAdagradState(count, sums, _first_lr(lr, count))
 
     def update_fn(updates: Any, state: FusedAdagradState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdagradState]:
-        _refuse_stacked("adagrad")
         step = _begin(updates, state.count, params, keep, lr, "Adagrad", state.lr)
         hyper = {"lr": step.rate, "lr_decay": lr_decay, "eps": eps, "maximize": maximize, "grad_scale": None, "found_inf": step.found_inf}
         new_p, (sums,) = _by_groups(_ADAGRAD, step, (state.sum_of_squares,), _decays(mask, params, step.p), weight_decay, hyper, steps=True)
@@ -253,14 +255,6 @@ _FLAGS = frozenset({"amsgrad", "maximize", "nesterov", "is_first_step"})
 def _read_once(lr: Any) -> Any:
     """A tensor learning rate as the float it holds (read once, when the transform is made)."""
     return float(lr) if isinstance(lr, torch.Tensor) else lr
-
-
-def _refuse_stacked(preset: str) -> None:
-    if under_vmap():
-        raise ConfigError(
-            f"{preset}(fused=True) cannot update a stacked state (functrain.stack): torch's fused {preset} kernel has no vmap rule; "
-            f"build the members with ft.{preset}(..., fused=False)"
-        )
 
 
 def _decay_values(weight_decay: Any) -> list[float]:

@@ -1,0 +1,148 @@
+"""Gradients in their parameter's layout (`functrain.layout`): the step, the fused kernels, the norm.
+
+A convolution fed channels_last activations gives `torch.autograd.grad` a channels_last weight
+gradient, and a parameter used once, linearly, a stride-0 one; ``.grad`` would have them in the
+parameter's layout (torch's gradient layout contract). These tests hold functrain to torch.optim
+where the two used to part: torch's fused kernels pairing elements of different layouts, and the
+global norm summing in another order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain.layout import in_layout_of, in_layouts_of, is_dense, obeys_layout, with_strides_of
+
+CL = torch.channels_last
+
+
+def issue_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 2, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def channels_last_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(8, 3, 16, 16).contiguous(memory_format=CL), torch.randint(0, 10, (8,))
+
+
+@pytest.mark.parametrize(
+    ("tx", "make_opt"),
+    [
+        (ft.adamw(1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),
+        (ft.sgd(0.1, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True)),
+        (ft.adagrad(0.1), lambda p: torch.optim.Adagrad(p, lr=0.1, fused=True)),
+        (ft.adamw(1e-3, fused=False), lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)),
+    ],
+    ids=["adamw", "sgd-momentum", "adagrad", "adamw-foreach"],
+)
+def test_a_cnn_fed_channels_last_trains_as_torch_optim_bit_for_bit(tx: ft.Transform, make_opt: Callable[..., torch.optim.Optimizer]) -> None:
+    """The report's snippet: its fused presets ended up to 0.7 away from torch.optim after 5 steps."""
+    net, batch = issue_cnn(), channels_last_batch()
+    ref = copy.deepcopy(net)
+    opt = make_opt(ref.parameters())
+    state = ft.TrainState.create(copy.deepcopy(net), tx, loss_fn, seed=0)
+    for _ in range(5):
+        state, _ = ft.train_step(state, batch)
+        loss_fn(ref, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for name, p in ref.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), f"{name} differs by {(state.params[name] - p.detach()).abs().max().item():.3e}"
+
+
+def test_the_grad_norm_sums_in_the_order_clip_grad_norm_does() -> None:
+    """The norm that clipping and the non-finite guard read: of the gradients as ``.grad`` holds them."""
+    net = issue_cnn()
+    ref = copy.deepcopy(net)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, fused=True)
+    state = ft.TrainState.create(copy.deepcopy(net), ft.sgd(0.1, momentum=0.9), loss_fn, clip_grad_norm=0.5)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(8):
+        batch = torch.randn(8, 3, 16, 16, generator=gen).contiguous(memory_format=CL), torch.randint(0, 10, (8,), generator=gen)
+        state, metrics = ft.train_step(state, batch)
+        loss_fn(ref, batch).backward()
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert torch.equal(metrics["grad_norm"], expected), f"{metrics['grad_norm'].item()!r} != {expected.item()!r}"
+
+
+def _conv_grads() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A contiguous weight's gradient as autograd gives it for channels_last inputs, and as ``.grad`` holds it."""
+    conv = nn.Conv2d(16, 32, 2, stride=2)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=CL)
+    (grad,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
+    assert grad.stride() != conv.weight.stride()  # what this test is about
+    return {"w": conv.weight.detach().clone()}, {"w": grad}
+
+
+@pytest.mark.parametrize("tx", [ft.adamw(1e-2), ft.adam(1e-2, amsgrad=True), ft.sgd(0.1, momentum=0.9, nesterov=True), ft.adagrad(0.1)], ids=["adamw", "adam-amsgrad", "sgd", "adagrad"])
+def test_a_fused_transform_called_directly_takes_gradients_in_any_layout(tx: ft.Transform) -> None:
+    """An own loop that hands `torch.autograd.grad`'s output to `update` gets torch.optim's update."""
+    params, grads = _conv_grads()
+    contiguous = {"w": grads["w"].contiguous()}
+    results = []
+    for g in (grads, contiguous):
+        p, state = params, tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(g, state, p)
+            p = ft.apply_updates(p, updates)
+        results.append(p["w"])
+    assert torch.equal(results[0], results[1])
+    assert results[0].stride() == params["w"].stride()
+
+
+def test_a_stride_0_gradient_is_read_as_its_values() -> None:
+    """A parameter used once, linearly (``p.sum()``), gets an expanded gradient of one element: the
+    fused kernel walks numel elements of whatever it is given, so it must get them."""
+    p = nn.Parameter(torch.zeros(64, 64))
+    (grad,) = torch.autograd.grad(p.sum() * 3.0, [p])
+    assert grad.stride() == (0, 0)
+    tx = ft.adamw(1e-2)
+    updates, _ = tx.update({"p": grad}, tx.init({"p": p.detach()}), {"p": p.detach()})
+    expected, _ = tx.update({"p": torch.full((64, 64), 3.0)}, tx.init({"p": p.detach()}), {"p": p.detach()})
+    assert torch.equal(ft.apply_updates({"p": p.detach()}, updates)["p"], ft.apply_updates({"p": p.detach()}, expected)["p"])
+
+
+def test_channels_last_weights_keep_their_layout_through_steps_and_a_checkpoint(tmp_path: Any) -> None:
+    net = issue_cnn().to(memory_format=CL)
+    strides = {n: p.stride() for n, p in net.named_parameters()}
+    state = ft.TrainState.create(net, ft.adamw(1e-3), loss_fn, seed=0)
+    for donate in (False, True):
+        state, _ = ft.train_step(state, channels_last_batch(), donate=donate)
+    loaded = ft.load(ft.save(state, tmp_path / "ckpt"), like=state)
+    for held in (state, loaded, ft.TrainState.create(loaded.export_module(), ft.adamw(1e-3), loss_fn)):
+        assert {n: p.stride() for n, p in held.params.items()} == strides
+    assert [m.stride() for m in loaded.opt_state.inner.mu] == [state.params[n].stride() for n in state.params]
+
+
+def test_the_layout_contract_as_torch_states_it() -> None:
+    w = torch.zeros(8, 4, 3, 3)
+    cl = w.contiguous(memory_format=CL)
+    assert obeys_layout(w.clone(), w) and not obeys_layout(cl, w) and obeys_layout(cl.clone(), cl)
+    # dimensions of size 1 say nothing about the order, but a stride 0 is a view
+    depthwise = torch.zeros(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 1, 3, 1))
+    assert obeys_layout(torch.zeros(6, 1, 3, 3), depthwise)
+    assert not obeys_layout(torch.zeros(6, 3, 3).unsqueeze(1).expand(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 0, 3, 1)), depthwise)
+    # a non-dense parameter asks for a contiguous gradient
+    sliced = torch.zeros(4, 8)[:, ::2]
+    assert not is_dense(sliced) and obeys_layout(torch.zeros(4, 4), sliced) and not obeys_layout(torch.zeros(4, 4).t(), sliced)
+    g = torch.randn(8, 4, 3, 3)
+    out = in_layout_of(g, cl)
+    assert out.stride() == cl.stride() and torch.equal(out, g) and in_layout_of(out, cl) is out
+    assert in_layouts_of([g], [w])[0] is g
+    assert with_strides_of(torch.ones(6, 1, 3, 3), depthwise).stride() == depthwise.stride()
+    transposed = torch.zeros(5, 3).t()
+    assert with_strides_of(torch.ones(3, 5), transposed).stride() == transposed.stride()
