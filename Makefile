@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python benchmarks/driver_overhead.py
 	$(BIN)/python benchmarks/distributed_step.py
 	$(BIN)/python benchmarks/ensemble.py
+	$(BIN)/python benchmarks/layout_checks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

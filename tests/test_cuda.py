@@ -279,3 +279,36 @@ def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(tmp_path: Pat
                 torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("tx", "make_opt"),
+    [
+        (ft.adamw(1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),
+        (ft.sgd(0.1, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True)),
+        (ft.adamw(1e-3, fused=False), lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)),
+    ],
+    ids=["adamw", "sgd", "adamw-foreach"],
+)
+@pytest.mark.parametrize("weights_cl", [False, True], ids=["weights-contiguous", "weights-channels-last"])
+def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(tx: ft.Transform, make_opt: Any, weights_cl: bool) -> None:
+    """Gradients in another layout than their parameters (`functrain.layout`), on the GPU's kernels."""
+    import copy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 2, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).to(CUDA)
+    if weights_cl:
+        net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 16, 16, device=CUDA).contiguous(memory_format=torch.channels_last)
+    batch = (x, torch.randint(0, 10, (8,), device=CUDA))
+    ref = copy.deepcopy(net)
+    opt = make_opt(ref.parameters())
+    state = ft.TrainState.create(copy.deepcopy(net), tx, _loss, seed=0)
+    for _ in range(5):
+        state, _ = ft.train_step(state, batch)
+        _loss(ref, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for name, p in ref.named_parameters():
+        assert state.params[name].stride() == p.stride()
+        assert torch.equal(state.params[name], p.detach()), f"{name} differs by {(state.params[name] - p.detach()).abs().max().item():.3e}"
