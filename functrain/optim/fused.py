@@ -350,7 +350,11 @@ def _kernel_kwargs(kernel: _Kernel, lr: torch.Tensor | float, weight_decay: floa
     return {"lr": _kernel_lr(lr) if isinstance(lr, torch.Tensor) else lr, "weight_decay": weight_decay, "grad_scale": None, "found_inf": found_inf, **named}
 
 
-@torch.library.custom_op("functrain::fused_update", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+# inductor hands the op its inputs in the traced strides (torch before 2.7 knows only the fixed stride order)
+_EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
+
+
+@torch.library.custom_op("functrain::fused_update", mutates_args=(), tags=(_EXACT_STRIDES,))
 def _fused_update_op(
     kernel: str, params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], counts: list[int],
     step: torch.Tensor | None, lr: torch.Tensor | None, lr_value: float, found_inf: torch.Tensor | None, weight_decay: list[float], hyper: list[float],
