@@ -100,6 +100,8 @@ def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     strides = like.stride()
     if t.stride() == strides:
         return t
+    if t.shape != like.shape:
+        raise ValueError(f"with_strides_of needs tensors of one shape, got {list(t.shape)} and {list(like.shape)}")
     if obeys_layout(t, like) and is_dense(like):
         return t.as_strided(like.shape, strides, t.storage_offset())
     return torch.empty_strided(like.shape, strides, dtype=t.dtype, device=t.device).copy_(t) if is_dense(like) else t.contiguous()

@@ -146,3 +146,24 @@ def test_the_layout_contract_as_torch_states_it() -> None:
     assert with_strides_of(torch.ones(6, 1, 3, 3), depthwise).stride() == depthwise.stride()
     transposed = torch.zeros(5, 3).t()
     assert with_strides_of(torch.ones(3, 5), transposed).stride() == transposed.stride()
+
+
+@pytest.mark.parametrize("tx", [ft.adamw(1e-2), ft.sgd(0.1, momentum=0.9), ft.adagrad(0.1)], ids=["adamw", "sgd", "adagrad"])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "in-place"])
+def test_a_fused_transform_updates_a_parameter_with_gaps_in_memory(tx: ft.Transform, donate: bool) -> None:
+    """A slice of a leaf stored transposed (a sharded state's local rows) is not dense: the kernels,
+    which walk memory straight through, get a contiguous copy of it."""
+    from functrain.optim.transform import writing_in_place
+
+    torch.manual_seed(0)
+    whole = torch.randn(8, 6).t()[1:4]  # (3, 8), strides (1, 6): gaps between columns
+    assert not is_dense(whole)
+    grad = torch.randn(3, 8)
+    results = []
+    for p in (whole, whole.contiguous()):
+        params = {"w": p.clone() if p.is_contiguous() else p}
+        state = tx.init(params)
+        with writing_in_place(donate):
+            updates, state = tx.update({"w": grad}, state, params)
+            results.append(ft.apply_updates(params, updates)["w"].clone())
+    assert torch.equal(results[0], results[1])

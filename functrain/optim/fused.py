@@ -41,7 +41,7 @@ from functrain.optim.transform import NewParams, Transform, counter, flat_update
 from functrain.optim.primitives import Mask, Schedule, _check_positive, resolve_mask
 from functrain.optim.sweep import Sweep
 from functrain.optim.zeros import constant_like, owned_copy, writable, zeros
-from functrain.layout import in_layouts_of
+from functrain.layout import in_layouts_of, is_dense
 from functrain.tree import Tree, tree_leaves
 
 __all__ = ["FusedAdamState", "FusedSgdState", "FusedAdagradState", "fused_adam", "fused_sgd", "fused_adagrad"]
@@ -315,6 +315,7 @@ def _run_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list],
     if under_vmap() or torch.compiler.is_compiling():
         return _through_op(kernel, params, grads, buffers, steps, options)
     options = {**options, "weight_decay": options["weight_decay"][0]}  # one value outside a stacked step
+    params = [_walkable(p) for p in params]
     grads = in_layouts_of(grads, params)
     if may_write_in_place():
         buffers = [[writable(x, p) for x, p in zip(xs, params)] for xs in buffers]
@@ -324,6 +325,12 @@ def _run_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list],
     new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
     kernel.in_place(new_p, grads, *new_b, *steps, **options)
     return new_p, new_b
+
+
+def _walkable(p: torch.Tensor) -> torch.Tensor:
+    """`p`, or a contiguous copy of it if its elements have gaps in memory (a sharded slice of a
+    transposed leaf): the kernels walk a tensor's memory straight through."""
+    return p if p.is_contiguous() or is_dense(p) else p.contiguous()
 
 
 def _through_op(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], options: dict[str, Any]) -> tuple[list, list[list]]:
@@ -368,8 +375,10 @@ def _fused_update_op(
     """
     spec = _KERNELS[kernel]
     n = len(params)
+    params = [_walkable(p) for p in params]
     new_p = [p.clone() for p in params]
-    new_b = [owned_copy(x, params[j % n]) for j, x in enumerate(buffers)]
+    # laid out as the fake kernel says, whatever the buffers' own layouts
+    new_b = [torch.empty_like(params[j % n], dtype=x.dtype).copy_(x) for j, x in enumerate(buffers)]
     steps = [[step] * n] if spec.steps else []
     spec.in_place(new_p, in_layouts_of(grads, params), *_split(new_b, counts), *steps, **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf))
     return new_p, new_b
@@ -378,6 +387,7 @@ def _fused_update_op(
 @_fused_update_op.register_fake
 def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):  # type: ignore[no-untyped-def]
     n = len(params)
+    params = [_walkable(p) for p in params]
     return [torch.empty_like(p) for p in params], [torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)]
 
 
@@ -412,9 +422,13 @@ def _(info, in_dims, kernel, params, grads, buffers, counts, step, lr, lr_value,
 
 
 def _member_major(x: torch.Tensor, d: int | None, members: int, like: torch.Tensor | None = None) -> torch.Tensor:
-    """A copy of stacked `x` with the members first (laid out as the stacked `like`, where given)."""
+    """A copy of stacked `x`, each member's slice one dense block in memory (the kernel walks it
+    straight through), laid out as the member is (or as the member-major `like`, where given)."""
     whole = x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
-    return torch.empty_like(like, dtype=x.dtype).copy_(whole) if like is not None else whole.clone()
+    if like is not None:
+        return torch.empty_like(like, dtype=x.dtype).copy_(whole)
+    member = torch.empty_like(_walkable(whole[0]))
+    return torch.empty_strided(whole.shape, (member.numel(), *member.stride()), dtype=x.dtype, device=x.device).copy_(whole)
 
 
 def _eager_members(kernel: _Kernel, stacked: tuple, calls: list, counts: list[int], hyper: list[float], members: int) -> tuple:
