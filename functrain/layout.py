@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from functrain.errors import StateMismatchError
+
 __all__ = ["is_dense", "obeys_layout", "in_layout_of", "in_layouts_of", "with_strides_of"]
 
 
@@ -65,6 +67,9 @@ def obeys_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
 def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`t` if it `obeys_layout` of `like`, else a copy of it that does (the values unchanged).
 
+    Raises:
+        StateMismatchError: `t` and `like` differ in shape (a gradient must be its parameter's shape).
+
     Example:
         >>> w = torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
         >>> g = torch.randn(8, 4, 3, 3)
@@ -72,6 +77,11 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         >>> out.stride() == w.stride(), torch.equal(out, g), in_layout_of(out, w) is out
         (True, True, True)
     """
+    if t.stride() != like.stride() and t.shape != like.shape:
+        raise StateMismatchError(
+            f"a gradient must have its parameter's shape, got {list(t.shape)} for a parameter of shape {list(like.shape)}; "
+            "pass each parameter's own gradient"
+        )
     if obeys_layout(t, like):
         return t
     if not is_dense(like):
@@ -85,11 +95,15 @@ def in_layouts_of(tensors: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]
 
 
 def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`t` with exactly `like`'s strides: a view where only dimensions of size 1 differ, else a copy.
+    """`t` with exactly `like`'s strides (contiguous where `like` is not dense): a view where only
+    dimensions of size 1 differ, else a copy (`in_layout_of`).
 
     A parameter keeps its strides from step to step, as torch.optim's in-place updates keep them:
     an out-of-place op may give a new tensor other strides on dimensions of size 1 (the same
     memory order), which would still change what a convolution takes the weight's memory format for.
+
+    Raises:
+        StateMismatchError: `t` and `like` differ in shape.
 
     Example:
         >>> w = torch.zeros(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 1, 3, 1))  # a depthwise weight, channels_last
@@ -97,11 +111,7 @@ def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         >>> new.stride(), with_strides_of(new, w).stride()
         ((9, 9, 3, 1), (9, 1, 3, 1))
     """
-    strides = like.stride()
-    if t.stride() == strides:
-        return t
-    if t.shape != like.shape:
-        raise ValueError(f"with_strides_of needs tensors of one shape, got {list(t.shape)} and {list(like.shape)}")
-    if obeys_layout(t, like) and is_dense(like):
-        return t.as_strided(like.shape, strides, t.storage_offset())
-    return torch.empty_strided(like.shape, strides, dtype=t.dtype, device=t.device).copy_(t) if is_dense(like) else t.contiguous()
+    out = in_layout_of(t, like)
+    if out.stride() == like.stride() or not is_dense(like):
+        return out
+    return out.as_strided(like.shape, like.stride(), out.storage_offset())

@@ -20,14 +20,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def _optimizer_cases() -> Any:
-    spec = importlib.util.spec_from_file_location("functrain_optimizer_cases", Path(__file__).with_name("test_optimizers.py"))
+def _sibling(name: str) -> Any:
+    """A test module beside this one (the tests are not a package), for its cases and helpers."""
+    spec = importlib.util.spec_from_file_location(f"functrain_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-CASES = _optimizer_cases()
+CASES = _sibling("test_optimizers")
 
 
 def _run_functrain(tx: ft.Transform) -> dict[str, torch.Tensor]:
@@ -293,22 +294,9 @@ def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(tmp_path: Pat
 @pytest.mark.parametrize("weights_cl", [False, True], ids=["weights-contiguous", "weights-channels-last"])
 def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(tx: ft.Transform, make_opt: Any, weights_cl: bool) -> None:
     """Gradients in another layout than their parameters (`functrain.layout`), on the GPU's kernels."""
-    import copy
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 2, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).to(CUDA)
+    layout = _sibling("test_layout")
+    net = layout.issue_cnn().to(CUDA)
     if weights_cl:
         net = net.to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, 16, 16, device=CUDA).contiguous(memory_format=torch.channels_last)
-    batch = (x, torch.randint(0, 10, (8,), device=CUDA))
-    ref = copy.deepcopy(net)
-    opt = make_opt(ref.parameters())
-    state = ft.TrainState.create(copy.deepcopy(net), tx, _loss, seed=0)
-    for _ in range(5):
-        state, _ = ft.train_step(state, batch)
-        _loss(ref, batch).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for name, p in ref.named_parameters():
-        assert state.params[name].stride() == p.stride()
-        assert torch.equal(state.params[name], p.detach()), f"{name} differs by {(state.params[name] - p.detach()).abs().max().item():.3e}"
+    x, y = layout.channels_last_batch()
+    layout.assert_trains_as_torch_optim(net, tx, make_opt, (x.to(CUDA), y.to(CUDA)))

@@ -24,7 +24,7 @@ from functrain.checkpoint.format import compare_to_template, read_tree, write_tr
 from functrain.checkpoint.sharded import agree, exchange_group, has_dtensors, is_sharded, placed_like, read_for, write_sharded
 from functrain.core.state import TrainState, _unaliased
 from functrain.tree import leaves_by_path
-from functrain.layout import is_dense, with_strides_of
+from functrain.layout import with_strides_of
 
 __all__ = ["save", "load", "load_weights", "fingerprint", "VersionWarning"]
 
@@ -239,9 +239,7 @@ def _laid_out_as(value: Any, expected: Any) -> Any:
     """
     if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor) or is_sharded(value) or is_sharded(expected):
         return value
-    if value.stride() == expected.stride() or value.shape != expected.shape or not is_dense(expected):
-        return value
-    return with_strides_of(value, expected)
+    return with_strides_of(value, expected)  # shapes checked against the template above
 
 
 # The driver's records are the driver layer's format, and imports run down the layers: the driver
