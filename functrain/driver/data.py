@@ -18,18 +18,37 @@ replays it and skips the consumed batches, with a warning saying so.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import Any
 
+import blake3
+import orjson
 import torch
 import torch.utils._pytree as pytree
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from functrain.distributed.data_parallel import gather_objects
+from functrain.driver.seeding import EpochStream, IndexPlan, SeededDataset, SeededIndices, fetching_loader, host_generators_kept, loader_settings, mix
 from functrain.errors import ConfigError, config_check
 
-__all__ = ["Batcher", "IterableSource", "StatefulSource", "as_source", "batch_device", "epoch_order", "is_stateful", "storable_state", "to_device"]
+__all__ = [
+    "Batcher",
+    "DataLoaderSource",
+    "IterableSource",
+    "StatefulSource",
+    "announce_epoch",
+    "as_source",
+    "batch_device",
+    "epoch_order",
+    "generators_of",
+    "is_stateful",
+    "loader_problem",
+    "storable_state",
+    "to_device",
+]
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -48,17 +67,6 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     gen = torch.Generator()
     gen.manual_seed((seed * _MIX + epoch * 0x632BE59BD9B4E019 + 1) % (2**63))
     return torch.randperm(n, generator=gen)
-
-
-class _IndexBatches(torch.utils.data.Sampler[list[int]]):
-    def __init__(self, batches: Sequence[torch.Tensor]) -> None:
-        self.batches = batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (b.tolist() for b in self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 class Batcher:
@@ -86,6 +94,7 @@ class Batcher:
     """
 
     resumable = True
+    saves_position = False  # the state's counters are its position
 
     def __init__(
         self,
@@ -136,45 +145,65 @@ class Batcher:
         return batches
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
-        """Yield the batches of `epoch` from position `start` (batches already consumed are not read)."""
-        batches = self.index_batches(epoch)[start:]
+        """Yield the batches of `epoch` from position `start` (batches already consumed are not read).
+
+        Each batch loads with the global generators seeded from (seed, epoch, position, rank), in the
+        worker that loads it or in this process (the caller's states are put back after it), so
+        what a random augmentation draws does not depend on the number of workers or on where the
+        run was resumed.
+        """
+        batches = self.index_batches(epoch)
         if isinstance(self.dataset, TensorDataset) and self.num_workers == 0 and self.collate_fn is default_collate:
-            # slice the tensors directly: one gather per tensor instead of per-sample collation
-            for idx in batches:
+            # slice the tensors directly: one gather per tensor instead of per-sample collation (it draws nothing)
+            for idx in batches[start:]:
                 yield tuple(t[idx] for t in self.dataset.tensors)
             return
+        rank = self.shard[0]
+        seeded = (SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank)) for p in range(start, len(batches)))
         if self.num_workers == 0:
-            for idx in batches:
-                yield self.collate_fn([self.dataset[i] for i in idx.tolist()])
+            dataset = SeededDataset(self.dataset)
+            for idx in seeded:
+                with host_generators_kept():
+                    batch = self.collate_fn(dataset.__getitems__(idx))
+                yield batch
             return
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=_IndexBatches(batches),
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
-            pin_memory=self.pin_memory,
-        )
+        plan = IndexPlan()
+        plan.batches = seeded
+        loader = fetching_loader(self.dataset, plan, {"num_workers": self.num_workers, "collate_fn": self.collate_fn, "pin_memory": self.pin_memory})
+        loader.generator.manual_seed(mix(self.seed, epoch, rank))  # the workers' base seed
         yield from loader
 
 
 class IterableSource:
-    """Any re-iterable source of batches (a `DataLoader`, a list): resumption replays and skips.
+    """Any re-iterable source of batches (a list, a `DataLoader` subclass or one over an
+    `IterableDataset`): resumption replays and skips.
 
     Each epoch calls ``iter(source)`` again. Resuming mid-epoch iterates from the epoch's start and
-    drops the batches already consumed, warning that their loading is repeated (and that the
-    order must be reproducible for the resumed run to match, e.g. a DataLoader with a seeded
-    generator).
+    drops the batches already consumed, warning that their loading is repeated. So that the replayed
+    batches are those of the interrupted epoch, an epoch draws from generators seeded from (seed,
+    epoch) (`EpochStream`): torch's global CPU generator while the source runs in this process, and
+    the `torch.Generator` objects a `DataLoader` and its sampler hold (a `RandomSampler`'s order and
+    the workers' seeds come from them); a sampler or dataset with ``set_epoch`` (a
+    `DistributedSampler`) is told the epoch first. Lists and tuples are iterated as they are.
+
+    Args:
+        source: re-iterable batches.
+        seed: the seed each epoch's generators derive from (`fit`'s ``data_seed``).
+
+    Raises:
+        ConfigError: `source` is a one-shot iterator.
     """
 
     resumable = False
+    saves_position = False
 
-    def __init__(self, source: Iterable[Any]) -> None:
+    def __init__(self, source: Iterable[Any], *, seed: int = 0) -> None:
         if not isinstance(source, Iterable) or isinstance(source, Iterator):
             raise ConfigError(
                 f"training data must be re-iterable each epoch (a Dataset, DataLoader or list), got a one-shot "
                 f"{type(source).__name__}; wrap a generator function in a class with __iter__"
             )
-        self.source = source
+        self.source, self.seed = source, seed
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
@@ -198,19 +227,225 @@ class IterableSource:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """Yield the batches of a pass from position `start`: the consumed ones are read and dropped."""
-        yield from self._replay(start, "use a map-style dataset, or data with state_dict()/load_state_dict(), to resume without replay")
+        yield from self._replay(epoch, start, _REPLAY_HINT)
 
-    def _replay(self, start: int, hint: str) -> Iterator[Any]:
-        it = iter(self.source)
+    def _replay(self, epoch: int, start: int, hint: str, *, seeded: bool = True) -> Iterator[Any]:
         if start:
             warnings.warn(
                 f"resuming mid-epoch on a {type(self.source).__name__}: replaying and skipping {start} consumed batches ({hint})",
                 RuntimeWarning,
                 stacklevel=4,
             )
+        if not seeded or isinstance(self.source, (list, tuple)):
+            it = iter(self.source)
             for _ in range(start):
                 next(it, None)
-        yield from it
+            yield from it
+            return
+        announce_epoch(self.source, epoch)
+        stream = EpochStream(mix(self.seed, epoch), generators_of(self.source), python_and_numpy=False)
+        it = stream.draw(lambda: iter(self.source))
+        position = 0
+        while (batch := stream.draw(lambda: next(it, _END))) is not _END:
+            if position >= start:
+                yield batch
+            position += 1
+
+
+_END = object()
+
+_REPLAY_HINT = (
+    "the replayed batches are the interrupted epoch's when their order and randomness come from what fit seeds each "
+    "epoch: torch's global generator in this process, the generator= of the DataLoader and of its sampler, the "
+    "workers' seeds, set_epoch(); pass a DataLoader over a map-style dataset, a map-style dataset with batch_size=, "
+    "or data with state_dict()/load_state_dict(), to resume without replay"
+)
+
+
+def generators_of(source: Any) -> list[torch.Generator]:
+    """The `torch.Generator` objects a `DataLoader` and its samplers hold (each once).
+
+    Example:
+        >>> g = torch.Generator()
+        >>> generators_of(DataLoader(range(4), shuffle=True, generator=g)) == [g]
+        True
+    """
+    holders = [source, getattr(source, "sampler", None), getattr(source, "batch_sampler", None)]
+    holders.append(getattr(holders[2], "sampler", None))
+    found: list[torch.Generator] = []
+    for holder in holders:
+        g = getattr(holder, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+def announce_epoch(source: Any, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on the source, and for a `DataLoader` on its dataset and samplers,
+    where they have one (a `DistributedSampler` reshuffles by it)."""
+    holders = [source]
+    if isinstance(source, DataLoader):
+        holders += [source.dataset, source.sampler, source.batch_sampler, getattr(source.batch_sampler, "sampler", None)]
+    seen: list[Any] = []
+    for holder in holders:
+        set_epoch = getattr(holder, "set_epoch", None)
+        if callable(set_epoch) and all(holder is not h for h in seen):
+            seen.append(holder)
+            set_epoch(epoch)
+
+
+class DataLoaderSource(IterableSource):
+    """A torch `DataLoader` over a map-style dataset, resumed exactly without loading a consumed batch.
+
+    `fit` takes a plain `DataLoader` (with ``batch_size``, over a dataset with ``len`` and indexing)
+    through this. Each epoch, the loader's batch sampler draws the order (index batches, no data)
+    from generators seeded from (seed, epoch): the global ones and the `torch.Generator` objects the
+    loader and its sampler hold, whose own seeds count (`EpochStream`); ``set_epoch`` is called
+    where there is one. A loader with the same settings (workers, collation, pinning, persistent
+    workers) then loads the batches, each with the global generators seeded from (seed, epoch,
+    position, rank) in the process that loads it, so random augmentation does not depend on the
+    number of workers. Resuming mid-epoch draws the epoch's order again and skips the consumed index
+    batches without loading them.
+
+    Each checkpoint holds a digest of the indices consumed in the epoch (`state_tree`); a resumed
+    epoch whose skipped indices differ, from a sampler drawing on a generator nothing seeds, is
+    reported with a warning naming the fix.
+
+    Args:
+        loader: a `torch.utils.data.DataLoader` (not a subclass) with ``batch_size`` set, over a
+            map-style dataset.
+        seed: the run's data seed (`fit`'s ``data_seed``).
+        rank: this process's rank: its batches draw their own randomness.
+
+    Raises:
+        ConfigError: a loader this cannot take, with what to pass instead.
+
+    Example:
+        >>> ds = torch.utils.data.TensorDataset(torch.arange(10.0))
+        >>> source = DataLoaderSource(DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(7)))
+        >>> first = [b[0].tolist() for b in source.epoch(0)]
+        >>> [b[0].tolist() for b in source.epoch(0, start=1)] == first[1:]  # a resume skips, and loads nothing twice
+        True
+    """
+
+    resumable = True
+    saves_position = True
+    CHUNK = 64  # index batches drawn per swap of generators
+
+    def __init__(self, loader: DataLoader, *, seed: int = 0, rank: int = 0) -> None:
+        problem = loader_problem(loader)
+        if problem is not None:
+            raise ConfigError(f"DataLoaderSource takes {problem}; pass functrain.IterableSource(loader), which resumes by replay")
+        super().__init__(loader, seed=seed)
+        self.rank = rank
+        self.borrowed = generators_of(loader)
+        # the seed of an epoch: the run's and the generators' own (a changed generator seed changes the run)
+        self.base = mix(seed, *(g.initial_seed() for g in self.borrowed))
+        self.plan = IndexPlan()
+        self.fetcher = fetching_loader(loader.dataset, self.plan, loader_settings(loader))
+        self.restored: dict[str, Any] | None = None
+        self.consumed: dict[str, Any] = {"epoch": None, "batches": 0, "order": None}
+        self.hasher: Any = None
+
+    def setup(self) -> dict[str, Any]:
+        """The loader's batching (`IterableSource.setup`) and the seed its epochs derive from."""
+        return {**super().setup(), "loader_seed": self.base}
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """Yield the batches of `epoch` from position `start`: the first `start` are not loaded."""
+        loader = self.source
+        announce_epoch(loader, epoch)
+        stream = EpochStream(mix(self.base, epoch), self.borrowed)
+        order = stream.draw(lambda: iter(loader.batch_sampler))  # type: ignore[union-attr]
+        pending: deque[list[Any]] = deque()
+        self.hasher, self.consumed = blake3.blake3(), {"epoch": epoch, "batches": 0, "order": None}
+        self._skip(stream, order, start)
+        self.plan.batches = self._seeded(stream, order, epoch, start, pending)
+        self.fetcher.generator.manual_seed(mix(self.base, epoch, self.rank))  # the workers' base seed
+        main = self.fetcher.num_workers == 0
+        it = iter(self.fetcher)
+        while True:
+            if main:
+                with host_generators_kept():  # the dataset runs here: the caller's generators are put back
+                    batch = next(it, _END)
+            else:
+                batch = next(it, _END)
+            if batch is _END:
+                return
+            self._count(pending.popleft())
+            yield batch
+
+    def _skip(self, stream: EpochStream, order: Iterator[Any], start: int) -> None:
+        left = start
+        while left > 0:
+            chunk = stream.draw(lambda n=min(left, self.CHUNK): list(islice(order, n)))
+            if not chunk:
+                break
+            for indices in chunk:
+                self._count(indices)
+            left -= len(chunk)
+        saved = self.restored
+        if start and saved is not None and saved.get("epoch") == self.consumed["epoch"] and saved.get("batches") == start:
+            if saved.get("order") != self.consumed["order"]:
+                warnings.warn(_order_changed(type(self.source.batch_sampler).__name__, self.consumed["epoch"], start), RuntimeWarning, stacklevel=4)
+        self.restored = None
+
+    def _seeded(self, stream: EpochStream, order: Iterator[Any], epoch: int, start: int, pending: deque[list[Any]]) -> Iterator[SeededIndices]:
+        position = start
+        while chunk := stream.draw(lambda: list(islice(order, self.CHUNK))):
+            for indices in chunk:
+                pending.append(indices)
+                yield SeededIndices(indices, mix(self.base, epoch, position, self.rank))
+                position += 1
+
+    def _count(self, indices: Any) -> None:
+        try:
+            encoded = orjson.dumps(list(indices), option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # indices of a kind orjson does not write (a tensor): their repr
+            encoded = repr(list(indices)).encode()
+        self.hasher.update(encoded + b";")
+        self.consumed = {"epoch": self.consumed["epoch"], "batches": self.consumed["batches"] + 1, "order": self.hasher.hexdigest()}
+
+    def state_tree(self) -> dict[str, Any]:
+        """The epoch, the number of its batches consumed and their indices' digest (JSON values)."""
+        return dict(self.restored if self.restored is not None and self.consumed["epoch"] is None else self.consumed)
+
+    def restore(self, tree: Any) -> None:
+        """Take a saved `state_tree`: the next pass checks that it skips the same indices."""
+        self.restored = tree if isinstance(tree, dict) else None
+
+    def saved_states(self, dist: Any) -> dict[str, Any]:
+        """What ``state.driver["source"]`` holds: ``{"ranks": [position of rank 0, rank 1, ...]}``
+        (a collective under torch.distributed)."""
+        return {"ranks": gather_objects(self.state_tree(), dist)}
+
+    def resume(self, saved: Any, dist: Any) -> None:
+        """Take this rank's saved position from ``state.driver["source"]`` (None, or saved by a run
+        on another number of ranks: nothing to check)."""
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        if saved is not None and len(saved["ranks"]) == world:
+            self.restore(saved["ranks"][rank])
+
+
+def loader_problem(loader: Any) -> str | None:
+    """Why `DataLoaderSource` cannot take `loader` (None when it can)."""
+    if type(loader) is not DataLoader:
+        return f"a torch.utils.data.DataLoader, got {type(loader).__name__}"
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return "a DataLoader over a map-style dataset, got one over an IterableDataset"
+    if loader.batch_sampler is None:
+        return "a DataLoader that batches (batch_size=... or batch_sampler=...), got batch_size=None"
+    return None
+
+
+def _order_changed(sampler: str, epoch: int, start: int) -> str:
+    return (
+        f"resuming epoch {epoch} after {start} batches, but the {start} index batches its sampler ({sampler}) drew now differ "
+        "from those the checkpointed run consumed: this epoch goes on in another order, so some of its samples are seen twice "
+        "and others not at all. The sampler draws from a generator fit does not seed; make its order a function of the "
+        "epoch: draw from torch's global generator or the DataLoader's generator= (fit seeds both each epoch), or give it "
+        "set_epoch(epoch) as DistributedSampler has"
+    )
 
 
 class StatefulSource(IterableSource):
@@ -250,6 +485,7 @@ class StatefulSource(IterableSource):
     """
 
     resumable = True
+    saves_position = True
 
     def __init__(self, source: Iterable[Any]) -> None:
         super().__init__(source)
@@ -276,7 +512,7 @@ class StatefulSource(IterableSource):
         """Yield the batches of a pass: after `restore`, the rest of the saved pass; else a new pass
         (mid-epoch without a restored state: a replay that skips `start` batches, with a warning)."""
         if start and self._pending is None:
-            yield from self._replay(start, "the checkpoint holds no state of this data: it was saved by a run whose data had no state_dict()")
+            yield from self._replay(epoch, start, "the checkpoint holds no state of this data: it was saved by a run whose data had no state_dict()", seeded=False)
             return
         self._pending = None
         yield from iter(self.source)
@@ -384,12 +620,17 @@ def is_stateful(data: Any) -> bool:
 
 
 def as_source(data: Any, *, batch_size: int | None, shuffle: bool, drop_last: bool, seed: int, num_workers: int, shard: tuple[int, int] = (0, 1)) -> Batcher | IterableSource:
-    """A `Batcher` for map-style datasets (needs `batch_size`); for the rest, a `StatefulSource` when
-    they have ``state_dict()`` / ``load_state_dict()``, else an `IterableSource`."""
+    """The source `fit` reads `data` through: a `Batcher` for map-style datasets (needs
+    `batch_size`); a `StatefulSource` for data with ``state_dict()`` / ``load_state_dict()``; a
+    `DataLoaderSource` for a plain `DataLoader` over a map-style dataset; else an `IterableSource`."""
     if isinstance(data, (Batcher, IterableSource)):
         return data
     if isinstance(data, DataLoader) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or isinstance(data, (list, tuple)):
-        return StatefulSource(data) if is_stateful(data) else IterableSource(data)
+        if is_stateful(data):
+            return StatefulSource(data)
+        if loader_problem(data) is None:
+            return DataLoaderSource(data, seed=seed, rank=shard[0])
+        return IterableSource(data, seed=seed)
     if batch_size is None:
         raise ConfigError(f"batch_size is required to batch a map-style dataset ({type(data).__name__}); pass batch_size=... or a DataLoader")
     return Batcher(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, num_workers=num_workers, shard=shard)

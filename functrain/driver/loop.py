@@ -23,7 +23,7 @@ from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, train_step
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
-from functrain.driver.data import IterableSource, StatefulSource, to_device
+from functrain.driver.data import IterableSource, to_device
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.errors import ConfigError, NonFiniteError
@@ -72,7 +72,7 @@ class Loop:
         self.step, self.micro, self.epoch, self.pos = (host_count(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
         self.stacked = state.step.ndim == 1  # a stacked state (functrain.stack): its metrics are logged per member
         self.ledger.use_data(train.setup(), at_epoch_start=self.pos == 0, checkpoint=manager.latest() if manager is not None else None)
-        if isinstance(train, StatefulSource):
+        if train.saves_position:  # data whose position a checkpoint holds (its state, or its consumed indices)
             train.resume(state.driver.get("source"), state.dist)
             if manager is not None:
                 # a state a checkpoint cannot store is refused now, not at the first save. After the
@@ -295,11 +295,12 @@ class Loop:
         return self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]
 
     def _driver_tree(self) -> dict[str, Any]:
-        """What ``state.driver`` holds: the ledger's records and, for training data with a
-        ``state_dict()`` saved in checkpoints, its state now: after the last batch a step consumed
-        (the loop draws batches one at a time), each rank's own under torch.distributed."""
+        """What ``state.driver`` holds: the ledger's records and, for training data whose position
+        checkpoints hold (a ``state_dict()``, a DataLoader's consumed indices), that position now:
+        after the last batch a step consumed (the loop draws batches one at a time), each rank's
+        own under torch.distributed."""
         driver = self.ledger.to_tree()
-        if self.manager is not None and isinstance(self.train, StatefulSource):
+        if self.manager is not None and self.train.saves_position:
             driver["source"] = self.train.saved_states(self.state.dist)  # on every rank: a collective
         return driver
 

@@ -1,0 +1,258 @@
+"""The randomness of data loading, made part of the run: seeded from the batch's place, never the caller's.
+
+A dataset's ``__getitem__`` or a collate function that draws random numbers (an augmentation) draws
+from the process's global generators: torch's CPU generator, Python's `random` and numpy's, the
+three a `DataLoader` worker seeds. The sources of `functrain.driver.data` seed all three before they
+fetch a batch, from `mix` of the run's data seed, the epoch, the batch's position in the epoch and
+the rank, in whichever process loads it: a worker, or the main process, where the caller's states
+are put back afterwards. What a batch draws is then a function of its place in the run, so a
+resumed run draws what the uninterrupted one drew, with any number of workers, and no consumed
+batch has to be loaded again to get there.
+
+A sampler draws an epoch's order as it is iterated. `EpochStream` gives those draws generators of
+their own, seeded from (seed, epoch): the global ones, and the `torch.Generator` objects a loader
+and its sampler hold (borrowed for each draw and handed back as they were).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "EpochStream",
+    "IndexPlan",
+    "SeededDataset",
+    "SeededIndices",
+    "fetching_loader",
+    "host_generators_kept",
+    "host_states",
+    "loader_settings",
+    "mix",
+    "seed_host_generators",
+    "set_host_states",
+]
+
+T = TypeVar("T")
+
+_MASK = 2**64 - 1
+
+
+def mix(*parts: int) -> int:
+    """A 63-bit seed determined by `parts` (ints of any size, in order), well spread (splitmix64).
+
+    Example:
+        >>> mix(0, 1) == mix(0, 1), mix(0, 1) == mix(1, 0)
+        (True, False)
+    """
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (part & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 31) ^ ((part >> 64) & _MASK)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 29
+    return h >> 1
+
+
+def _numpy_random() -> Any:
+    numpy = sys.modules.get("numpy")  # seeded only when something imported it: never imported for this
+    return numpy.random if numpy is not None else None
+
+
+def host_states() -> tuple[torch.Tensor, Any, Any]:
+    """The states of torch's CPU generator, Python's `random` and numpy's global generator (None
+    when numpy is not imported)."""
+    return (torch.default_generator.get_state(), *_other_states())
+
+
+def set_host_states(states: tuple[torch.Tensor, Any, Any]) -> None:
+    """Put back states `host_states` returned."""
+    torch.default_generator.set_state(states[0])
+    _set_other_states(states[1:])
+
+
+def _other_states() -> tuple[Any, Any]:
+    np_random = _numpy_random()
+    return random.getstate(), np_random.get_state() if np_random is not None else None
+
+
+def _set_other_states(states: tuple[Any, Any]) -> None:
+    py_state, np_state = states
+    random.setstate(py_state)
+    np_random = _numpy_random()
+    if np_state is not None and np_random is not None:
+        np_random.set_state(np_state)
+
+
+def seed_host_generators(seed: int) -> None:
+    """Seed torch's CPU generator, Python's `random` and numpy's global generator from `seed`.
+
+    torch's CUDA generators are left alone: data loading runs on the host.
+    """
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np_random = _numpy_random()
+    if np_random is not None:
+        np_random.seed(seed & 0xFFFFFFFF)  # numpy takes 32-bit seeds
+
+
+@contextmanager
+def host_generators_kept() -> Iterator[None]:
+    """Run the block, then put the global generators back as they were before it.
+
+    Example:
+        >>> before = torch.rand(1); _ = torch.manual_seed(0); first = torch.rand(1); _ = torch.manual_seed(0)
+        >>> with host_generators_kept():
+        ...     seed_host_generators(5); _ = torch.rand(3)
+        >>> torch.equal(torch.rand(1), first)
+        True
+    """
+    saved = host_states()
+    try:
+        yield
+    finally:
+        set_host_states(saved)
+
+
+class EpochStream:
+    """Generators of one epoch, seeded from `seed`, put in place only while a draw runs.
+
+    Each `draw` swaps in the stream's states for torch's global CPU generator, for each of
+    `borrowed` (generators a loader and its samplers hold) and, with `python_and_numpy`, for
+    Python's `random` and numpy's global generator; runs the draw, keeps the states it left, and
+    puts back what was there. Draws of one epoch therefore continue one another, whatever ran
+    between them, and start from the same states in every process.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(1)
+        >>> draw = lambda: torch.randperm(5, generator=g).tolist() + torch.randint(9, (2,)).tolist()
+        >>> a, b = EpochStream(3, [g]), EpochStream(3, [g])
+        >>> a.draw(draw) == b.draw(draw), a.draw(draw) == b.draw(draw)
+        (True, True)
+    """
+
+    def __init__(self, seed: int, borrowed: Sequence[torch.Generator] = (), *, python_and_numpy: bool = True) -> None:
+        self.generators = [torch.default_generator, *(g for g in borrowed if g is not torch.default_generator)]
+        self.states = [torch.Generator(device=g.device).manual_seed(mix(seed, i)).get_state() for i, g in enumerate(self.generators)]
+        self.others: tuple[Any, Any] | None = None
+        if python_and_numpy:
+            with host_generators_kept():
+                seed_host_generators(seed)
+                self.others = _other_states()
+
+    def draw(self, fn: Callable[[], T]) -> T:
+        """`fn()` with the stream's generators in place."""
+        saved = [g.get_state() for g in self.generators]
+        saved_others = _other_states() if self.others is not None else None
+        for g, s in zip(self.generators, self.states, strict=True):
+            g.set_state(s)
+        if self.others is not None:
+            _set_other_states(self.others)
+        try:
+            return fn()
+        finally:
+            self.states = [g.get_state() for g in self.generators]
+            for g, s in zip(self.generators, saved, strict=True):
+                g.set_state(s)
+            if saved_others is not None:
+                self.others = _other_states()
+                _set_other_states(saved_others)
+
+
+class SeededIndices(list):  # type: ignore[type-arg]
+    """The indices of one batch, and the seed its loading draws from (travels to a worker with them)."""
+
+    def __init__(self, indices: Iterable[Any], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+    def __reduce__(self) -> Any:
+        return (SeededIndices, (list(self), self.seed))
+
+
+class SeededDataset(Dataset):  # type: ignore[type-arg]
+    """A map-style dataset whose batches load with the global generators seeded from their indices' seed.
+
+    A `DataLoader` with ``batch_sampler`` yielding `SeededIndices` calls ``__getitems__`` with them,
+    in a worker or in the main process; collation follows in the same seeded stream. Attributes
+    read or set on it (a ``worker_init_fn`` reaching ``get_worker_info().dataset``) are the
+    wrapped dataset's.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        object.__setattr__(self, "dataset", dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: SeededIndices) -> list[Any]:
+        seed_host_generators(indices.seed)
+        many = getattr(self.dataset, "__getitems__", None)
+        return many(list(indices)) if many else [self.dataset[i] for i in indices]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.dataset, name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"dataset": self.dataset}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "dataset", state["dataset"])
+
+
+class IndexPlan(torch.utils.data.Sampler[SeededIndices]):
+    """A batch sampler whose next pass is set from outside: a persistent loader iterates it every epoch."""
+
+    def __init__(self) -> None:
+        self.batches: Iterator[SeededIndices] = iter(())
+
+    def __iter__(self) -> Iterator[SeededIndices]:
+        return self.batches
+
+
+def fetching_loader(dataset: Any, plan: IndexPlan, settings: dict[str, Any]) -> DataLoader:
+    """A `DataLoader` that loads the batches `plan` yields from `dataset`, each in its seeded stream.
+
+    `settings` are `DataLoader` arguments (workers, collation, pinning...); the order is forced to
+    be the plan's (``in_order``), since positions count batches as they come, and the loader's own
+    generator (its workers' base seed) is a private one, so the caller's generators are not drawn.
+    """
+    settings = dict(settings, in_order=True) if "in_order" in _LOADER_ARGUMENTS else dict(settings)
+    return DataLoader(SeededDataset(dataset), batch_sampler=plan, generator=torch.Generator(), **settings)
+
+
+# the settings a rebuilt loader copies from the user's (those this torch accepts)
+_LOADER_ARGUMENTS = tuple(
+    name
+    for name in (
+        "num_workers",
+        "collate_fn",
+        "pin_memory",
+        "timeout",
+        "worker_init_fn",
+        "multiprocessing_context",
+        "prefetch_factor",
+        "persistent_workers",
+        "pin_memory_device",
+        "in_order",
+    )
+    if name in DataLoader.__init__.__code__.co_varnames
+)
+
+
+def loader_settings(loader: DataLoader) -> dict[str, Any]:
+    """The arguments of `loader` that say how it loads (not what or in which order)."""
+    return {name: getattr(loader, name) for name in _LOADER_ARGUMENTS if hasattr(loader, name)}
