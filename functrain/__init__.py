@@ -37,7 +37,7 @@ from functrain.driver.callbacks import (
 )
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
-from functrain.driver.data import Batcher, IterableSource, StatefulSource
+from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.run_config import ConfigChangeWarning
@@ -128,6 +128,7 @@ __all__ = [
     "Callback",
     "CheckpointCorruptError",
     "DonatedStateError",
+    "DataLoaderSource",
     "CheckpointError",
     "CheckpointManager",
     "ConfigError",

@@ -6,7 +6,7 @@ loop), `ledger` (what the loop records, saved in ``state.driver``), `evaluation`
 """
 
 from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, LRMonitor, ProgressBar, Profiler, Run, TensorBoardLogger, on
-from functrain.driver.data import Batcher, IterableSource, StatefulSource
+from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
@@ -17,6 +17,7 @@ __all__ = [
     "Callback",
     "ConfigChangeWarning",
     "ConsoleLogger",
+    "DataLoaderSource",
     "FitResult",
     "History",
     "IterableSource",
