@@ -1,10 +1,13 @@
 """Run `functrain.fit` in a fresh process, optionally killing itself at a chosen event, for
 `test_fit_resumption.py`.
 
-Usage: ``python fit_worker.py CHECKPOINT_DIR OUTPUT_DIR [--resume] [--kill HOOK:N]``. The run is
-fixed (a tiny MLP with dropout, EMA, gradient accumulation, a plateau schedule, early stopping,
-evaluation in step mode with the test set at each evaluation, regular saves, gradient statistics by
-layer, and user state a callback keeps), so every process trains exactly the same run.
+Usage: ``python fit_worker.py CHECKPOINT_DIR OUTPUT_DIR [--resume] [--kill HOOK:N] [--source S]``.
+The run is fixed (a tiny MLP with dropout, EMA, gradient accumulation, a plateau schedule, early
+stopping, evaluation in step mode with the test set at each evaluation, regular saves, gradient
+statistics by layer, and user state a callback keeps), so every process trains exactly the same run.
+Its training data (``--source``): ``dataset``, a `TensorDataset` that `fit` batches; ``loader``, a
+shuffled `DataLoader` with a seeded generator over the same rows, each read with random noise (an
+augmentation drawing from the global generators); ``loader_workers``, that loader with 2 workers.
 ``--kill on_save:3`` sends SIGKILL to this process from a callback the third time ``on_save``
 fires: nothing is flushed or closed, as when a machine dies. A run that finishes writes its final
 state with `functrain.save` (``OUTPUT_DIR/final``) and ``OUTPUT_DIR/result.json`` (history without
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import functrain as ft
 from functrain.driver.callbacks import HOOKS
@@ -51,6 +54,27 @@ def datasets() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     y = x[:, :D_OUT] - 0.5 * x[:, D_OUT:] + 0.1 * torch.randn(SAMPLES + 28, D_OUT, generator=gen)
     end = SAMPLES + 16
     return TensorDataset(x[:SAMPLES], y[:SAMPLES]), TensorDataset(x[SAMPLES:end], y[SAMPLES:end]), TensorDataset(x[end:], y[end:])
+
+
+class Jitter(Dataset):
+    """The rows of a `TensorDataset`, each read with noise from torch's global generator."""
+
+    def __init__(self, rows: TensorDataset) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.rows[i]
+        return x + 0.05 * torch.randn_like(x), y
+
+
+def train_data(rows: TensorDataset, source: str) -> Any:
+    if source == "dataset":
+        return rows
+    workers = 2 if source == "loader_workers" else 0
+    return DataLoader(Jitter(rows), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(13), num_workers=workers)
 
 
 class KeepUserState(ft.Callback):
@@ -82,18 +106,19 @@ class Killer(ft.Callback):
         return fire
 
 
-def run(checkpoint_dir: Path, output: Path, *, resume: bool = False, kill: tuple[str, int] | None = None) -> None:
+def run(checkpoint_dir: Path, output: Path, *, resume: bool = False, kill: tuple[str, int] | None = None, source: str = "dataset") -> None:
     """Fit the fixed run; unless killed, write its final state and result.json under `output`."""
     train, val, test = datasets()
     killer = Killer(*(kill or (None, 0)))
     result = ft.fit(
         build_state(),
-        train,
+        train_data(train, source),
         eval_data=val,
         test_data=test,
         test_every_eval=True,
         grad_stats="layer",
-        batch_size=BATCH,
+        batch_size=BATCH if source == "dataset" else None,
+        eval_batch_size=BATCH,
         run_mode="step",
         max_steps=13,  # 26 batches: 4 epochs and 2 batches
         eval_every=3,
@@ -126,13 +151,14 @@ def main() -> None:
     ap.add_argument("output", type=Path)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--kill", default=None, help="HOOK:N, e.g. on_save:3")
+    ap.add_argument("--source", default="dataset", choices=("dataset", "loader", "loader_workers"))
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the test process: tiny models, and the same kernels in both
     kill = None
     if args.kill:
         hook, n = args.kill.rsplit(":", 1)
         kill = (hook, int(n))
-    run(args.checkpoint_dir, args.output, resume=args.resume, kill=kill)
+    run(args.checkpoint_dir, args.output, resume=args.resume, kill=kill, source=args.source)
 
 
 if __name__ == "__main__":

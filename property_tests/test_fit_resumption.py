@@ -4,8 +4,9 @@ The run (`fit_worker.py`) has dropout, EMA, gradient accumulation over 2 batches
 schedule, early stopping, evaluation every 3 updates in step mode (with the test set), a regular
 save every 2, gradient statistics by layer and user state kept by a callback, so a kill can land
 inside an accumulation window, at an epoch boundary, right after an evaluation or right after a
-save. Each process is SIGKILLed from a callback (no cleanup runs); the next one calls
-``fit(resume=True)``. The final state tree (every tensor, bit for bit), the best checkpoint's tensors
+save. Its training data is a dataset `fit` batches, or a shuffled `DataLoader` whose samples are
+read with random noise, loaded in the main process or by 2 workers. Each process is SIGKILLed from
+a callback (no cleanup runs); the next one calls ``fit(resume=True)``. The final state tree (every tensor, bit for bit), the best checkpoint's tensors
 and ``history.metrics_only()`` must equal those of the run that was never interrupted.
 """
 
@@ -47,14 +48,19 @@ def _import_worker() -> Any:
 worker = _import_worker()
 
 
+SOURCES = ("dataset", "loader", "loader_workers")
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The uninterrupted run, in this process (the same code the workers run)."""
-    root = tmp_path_factory.mktemp("straight")
-    worker.run(root / "checkpoints", root / "out")
-    result = load_result(root / "out")
-    assert {k: result["summary"]["counts"][k] for k in EVENTS} == EVENTS, "fit_worker's run changed: update EVENTS"
-    return result
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """The uninterrupted run of each source, in this process (the same code the workers run)."""
+    out = {}
+    for source in SOURCES:
+        root = tmp_path_factory.mktemp(f"straight_{source}")
+        worker.run(root / "checkpoints", root / "out", source=source)
+        out[source] = load_result(root / "out")
+        assert {k: out[source]["summary"]["counts"][k] for k in EVENTS} == EVENTS, "fit_worker's run changed: update EVENTS"
+    return out
 
 
 def load_result(out: Path) -> dict[str, Any]:
@@ -64,8 +70,8 @@ def load_result(out: Path) -> dict[str, Any]:
     return {"summary": summary, "final": final, "best": best}
 
 
-def run_worker(checkpoints: Path, out: Path, *, resume: bool, kill: Kill | None) -> int:
-    cmd = [sys.executable, str(WORKER), str(checkpoints), str(out)]
+def run_worker(checkpoints: Path, out: Path, *, resume: bool, kill: Kill | None, source: str) -> int:
+    cmd = [sys.executable, str(WORKER), str(checkpoints), str(out), "--source", source]
     cmd += ["--resume"] if resume else []
     cmd += ["--kill", f"{kill[0]}:{kill[1]}"] if kill else []
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -90,7 +96,7 @@ def tensor_mismatches(expected: Any, got: Any) -> list[str]:
     return problems
 
 
-def interrupted_run(kills: list[Kill]) -> tuple[dict[str, Any], int]:
+def interrupted_run(kills: list[Kill], source: str) -> tuple[dict[str, Any], int]:
     """Run fit, killing each process at the next point of `kills`, until one finishes.
 
     Returns the finished run's result and the number of processes killed.
@@ -99,7 +105,7 @@ def interrupted_run(kills: list[Kill]) -> tuple[dict[str, Any], int]:
         checkpoints, killed = Path(tmp) / "checkpoints", 0
         for i, kill in enumerate([*kills, None]):
             out = Path(tmp) / f"out{i}"
-            if run_worker(checkpoints, out, resume=i > 0, kill=kill) == 0:
+            if run_worker(checkpoints, out, resume=i > 0, kill=kill, source=source) == 0:
                 return load_result(out), killed
             killed += 1
     raise AssertionError("unreachable: the last process runs without a kill point")
@@ -111,12 +117,14 @@ kill_points = st.sampled_from(sorted(EVENTS)).flatmap(lambda hook: st.tuples(st.
 # every worker process costs seconds (the torch import): a few examples in CI, the explicit ones
 # chaining the kinds of interruption
 @settings(deadline=None, max_examples=3 if settings.default.max_examples <= 25 else 40)
-@given(kills=st.lists(kill_points, min_size=1, max_size=2))
-@example(kills=[("on_batch_end", 5), ("on_eval_end", 2), ("on_epoch_end", 1)])  # inside a window, after an eval, at an epoch end
-@example(kills=[("on_save", 9)])  # after the final save: the resumed run must take no further step
-def test_fit_killed_and_resumed_ends_bit_identical_to_the_straight_run(kills: list[Kill], reference: dict[str, Any]) -> None:
-    note(f"kills={kills}")
-    got, killed = interrupted_run(kills)
+@given(kills=st.lists(kill_points, min_size=1, max_size=2), source=st.sampled_from(SOURCES))
+@example(kills=[("on_batch_end", 5), ("on_eval_end", 2), ("on_epoch_end", 1)], source="dataset")  # inside a window, after an eval, at an epoch end
+@example(kills=[("on_save", 9)], source="dataset")  # after the final save: the resumed run must take no further step
+@example(kills=[("on_batch_end", 9), ("on_epoch_end", 2)], source="loader_workers")  # mid-epoch, then at an epoch end
+def test_fit_killed_and_resumed_ends_bit_identical_to_the_straight_run(kills: list[Kill], source: str, references: dict[str, dict[str, Any]]) -> None:
+    note(f"kills={kills} source={source}")
+    reference = references[source]
+    got, killed = interrupted_run(kills, source)
     assert killed >= 1  # the first process runs the straight run's events, so its kill point comes
     assert tensor_mismatches(reference["final"], got["final"]) == []
     assert int(got["final"]["user"]["batches"]) == 26 and len(got["final"]["user"]["logged"]) == 6

@@ -27,7 +27,7 @@ import blake3
 import orjson
 import torch
 import torch.utils._pytree as pytree
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from functrain.distributed.data_parallel import gather_objects
@@ -387,7 +387,7 @@ class DataLoaderSource(IterableSource):
         saved = self.restored
         if start and saved is not None and saved.get("epoch") == self.consumed["epoch"] and saved.get("batches") == start:
             if saved.get("order") != self.consumed["order"]:
-                warnings.warn(_order_changed(type(self.source.batch_sampler).__name__, self.consumed["epoch"], start), RuntimeWarning, stacklevel=4)
+                warnings.warn(_order_changed(_sampler_name(self.source), self.consumed["epoch"], start), RuntimeWarning, stacklevel=4)
         self.restored = None
 
     def _seeded(self, stream: EpochStream, order: Iterator[Any], epoch: int, start: int, pending: deque[list[Any]]) -> Iterator[SeededIndices]:
@@ -436,6 +436,11 @@ def loader_problem(loader: Any) -> str | None:
     if loader.batch_sampler is None:
         return "a DataLoader that batches (batch_size=... or batch_sampler=...), got batch_size=None"
     return None
+
+
+def _sampler_name(loader: DataLoader) -> str:
+    batches = loader.batch_sampler
+    return type(batches.sampler if isinstance(batches, BatchSampler) else batches).__name__
 
 
 def _order_changed(sampler: str, epoch: int, start: int) -> str:
