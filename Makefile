@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/distributed_step.py
 	$(BIN)/python benchmarks/ensemble.py
 	$(BIN)/python benchmarks/layout_checks.py
+	$(BIN)/python benchmarks/data_resume.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

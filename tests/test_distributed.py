@@ -116,6 +116,16 @@ def test_each_rank_stores_and_resumes_its_own_streams_state(tmp_path: Path) -> N
             assert torch.equal(got["resumed"][name], p), name
 
 
+def test_each_rank_resumes_its_distributed_samplers_dataloader_exactly_loading_nothing_again(tmp_path: Path) -> None:
+    launch(2, "loader", str(tmp_path))
+    for rank in (0, 1):
+        got, _ = ft.load(tmp_path / f"rank{rank}")
+        assert got["reads"] == (14 - 9) * 8  # from the 4th batch of the second epoch: none read again
+        assert [r["epoch"] for r in got["saved"]] == [2, 2] and got["saved"][0]["order"] != got["saved"][1]["order"]  # each rank its own indices
+        for name, p in got["straight"].items():
+            assert torch.equal(got["resumed"][name], p), name
+
+
 def reference_run(optimizer: ft.Transform, world: int) -> dict[str, torch.Tensor]:
     """One process on the whole batches, with the NaN the last rank saw (its first sample)."""
     state = ft.TrainState.create(worker.mlp(0), optimizer, worker.loss_fn)

@@ -90,3 +90,32 @@ def test_the_augmentation_reaches_the_run_so_the_comparison_above_can_fail() -> 
     plain = worker.run({"source": "loader", "num_workers": 0, "augment": False, "max_steps": 3}).state
     noisy = worker.run({"source": "loader", "num_workers": 0, "augment": True, "max_steps": 3}).state
     assert mismatches(plain, noisy.tree()) != []
+
+
+def test_an_own_loop_resumes_a_dataloader_exactly_with_a_checkpoint_manager(tmp_path: Path) -> None:
+    """The README's recipe: `DataLoaderSource.epoch(epoch, start=state.epoch_step)` and nothing more saved."""
+    module = torch.nn.Linear(worker.FEATURES, 2)
+
+    def train(directory: Path, stop_at: int | None = None) -> tuple[ft.TrainState, int]:
+        log = directory.with_suffix(".reads")
+        log.unlink(missing_ok=True)
+        dataset = worker.Aug(augment=True, log=str(log))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(7))
+        source = ft.DataLoaderSource(loader)
+        state = ft.TrainState.create(module, ft.adamw(1e-2), worker.loss_fn)
+        with ft.CheckpointManager(directory, keep_last=1) as manager:
+            state = manager.restore_latest(like=state) or state
+            while int(state.epoch) < 2:
+                for batch in source.epoch(int(state.epoch), start=int(state.epoch_step)):
+                    state, _ = ft.train_step(state, batch)
+                    manager.save(state)
+                    if int(state.step) == stop_at:
+                        return state, len(log.read_text().split())
+                state = state.replace(epoch=state.epoch + 1, epoch_step=torch.zeros_like(state.epoch_step))
+        return state, len(log.read_text().split())
+
+    straight, _ = train(tmp_path / "straight")
+    train(tmp_path / "cut", stop_at=17)
+    torch.manual_seed(random.randrange(2**31))
+    resumed, reads = train(tmp_path / "cut")
+    assert mismatches(straight, resumed.tree()) == [] and reads == (24 - 17) * 8

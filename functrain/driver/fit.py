@@ -126,8 +126,15 @@ def fit(
             with ``state_dict()`` / ``load_state_dict()`` (torchdata's `StatefulDataLoader`, a
             Hugging Face `IterableDataset`, a class of your own) has its state saved in every
             checkpoint (tensors and JSON values; after the last batch the saved step consumed;
-            each rank's own) and loaded on resume, so nothing consumed is read again; any other
-            (a `DataLoader`, a list) is replayed on resume, with a warning.
+            each rank's own) and loaded on resume, so nothing consumed is read again. A plain
+            `DataLoader` over a map-style dataset draws each epoch's order from generators
+            seeded from `data_seed`, its generator's seed and the epoch, so a resume skips the
+            consumed index batches without loading them (`DataLoaderSource`); any other (a
+            `DataLoader` subclass or over an `IterableDataset`, a list) is replayed on resume,
+            with a warning. Every batch of a dataset or DataLoader loads with torch's, Python's and
+            numpy's global generators seeded from (`data_seed`, epoch, position, rank), in the
+            worker or the main process (the caller's states are put back): random augmentation
+            resumes exactly and does not depend on `num_workers`.
         eval_data: validation data, evaluated every `eval_every` epochs (epoch mode) or updates
             (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
         test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
@@ -136,7 +143,9 @@ def fit(
         eval_every: evaluation interval, in epochs or updates per `run_mode`.
         log_every: updates per log interval: the only time step metrics are read back.
         batch_size / eval_batch_size: for map-style datasets.
-        shuffle / drop_last / data_seed / num_workers: batching of map-style training data.
+        shuffle / drop_last / num_workers: batching of map-style training data.
+        data_seed: the seed of the data's order (map-style data, a DataLoader) and of the
+            randomness drawn while loading it.
         checkpoint_dir: where checkpoints go; None disables them.
         save_every: save a regular checkpoint every this many updates, and at each evaluation
             that improves `best_metric`; None saves at each evaluation and epoch end. The run's

@@ -34,6 +34,7 @@ _DATA_ARGUMENTS = {
     "shuffle": "shuffle",
     "drop_last": "drop_last",
     "seed": "data_seed",
+    "loader_seed": "the seed of a DataLoader's epochs (data_seed with the seed of its generator=)",
 }
 _DATA_FIT_NAMES = ("batch_size", "shuffle", "drop_last", "seed")
 

@@ -90,6 +90,32 @@ def stream_fit(rank: int, directory: Path, max_steps: int, reads: list[int], res
     )
 
 
+class Noisy(torch.utils.data.Dataset):
+    """`dataset()`'s rows, each read with noise from torch's global generator; reads recorded by index."""
+
+    def __init__(self, reads: list[int]) -> None:
+        self.x, self.y = dataset().tensors
+        self.reads = reads
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.reads.append(i)
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+def loader_fit(rank: int, world: int, directory: Path, max_steps: int, reads: list[int], resume: bool = False):
+    """A DataLoader with a DistributedSampler per rank (48 of the 96 rows each, 6 batches of 8)."""
+    data = Noisy(reads)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=3)
+    state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+    return ft.fit(
+        state, torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler), max_steps=max_steps, checkpoint_dir=directory,
+        save_every=3, resume=resume, progress=False, verbosity="silent",
+    )
+
+
 MODES = (None, "optimizer", "full")
 
 
@@ -398,6 +424,14 @@ def main() -> None:
         resumed = stream_fit(rank, out / "ckpt", 10, reads, resume=True)
         saved = resumed.state.driver["source"]["ranks"]
         ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": reads, "saved": saved}, mine)
+    elif scenario == "loader":
+        # each rank loads its DistributedSampler's part with noise; stopped after 9 updates, then resumed
+        straight = loader_fit(rank, world, out / "straight", 14, [])
+        loader_fit(rank, world, out / "ckpt", 9, [])
+        reads: list[int] = []
+        resumed = loader_fit(rank, world, out / "ckpt", 14, reads, resume=True)
+        saved = resumed.state.driver["source"]["ranks"]
+        ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": len(reads), "saved": saved}, mine)
     elif scenario == "sharded":
         # one launch for everything (a process start costs seconds): the rest on 2 ranks only
         ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) | per_use_runs(rank, world) | compiled_runs(rank, world) if world == 2 else {})}, mine)
