@@ -1,4 +1,4 @@
-"""Batches whose order is a pure function of (seed, epoch), so a run resumes at the exact next batch.
+"""Batches whose order and randomness are pure functions of the run, so a run resumes at the exact next batch.
 
 `Batcher` wraps a map-style dataset (anything with `__len__` and `__getitem__`, `TensorDataset`
 included). The order of epoch ``e`` is ``randperm(len, generator seeded from (seed, e))``, and the
@@ -6,13 +6,21 @@ position inside the epoch lives in the `TrainState` (`epoch`, `epoch_step`): res
 next unseen batch without reading the consumed ones. `num_workers > 0` loads through a
 `torch.utils.data.DataLoader` over the same index batches.
 
+`DataLoaderSource` takes a plain `DataLoader` over a map-style dataset: its sampler draws each
+epoch's order from generators seeded from (seed, epoch), so resuming draws the consumed index
+batches again and skips them without loading them.
+
+Both load every batch with the global generators seeded from its place in the run
+(`functrain.driver.seeding`): random augmentation resumes exactly, with any number of workers.
+
 An iterable with ``state_dict()`` / ``load_state_dict()`` (torchdata's `StatefulDataLoader`, a
 Hugging Face `datasets.IterableDataset`, a class of one's own) is wrapped by `StatefulSource`: its
 state, taken after the last batch a saved step consumed, is stored in the checkpoint (as tensors
 and JSON values) and loaded back on resume, so no consumed batch is read again.
 
-Any other iterable (a `DataLoader`, a generator factory) is wrapped by `IterableSource`: resuming
-replays it and skips the consumed batches, with a warning saying so.
+Any other iterable (a `DataLoader` subclass or one over an `IterableDataset`, a generator factory)
+is wrapped by `IterableSource`: resuming replays it and skips the consumed batches, with a warning
+saying so.
 """
 
 from __future__ import annotations
