@@ -326,3 +326,12 @@ def test_a_batcher_with_workers_leaves_the_callers_generator_alone_and_matches_n
     assert torch.equal(torch.get_rng_state(), state)
     alone = [torch.cat(list(Batcher(Noisy(), 4, seed=1).epoch(e))) for e in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(with_workers, alone, strict=True))
+
+
+def test_a_dataset_that_reads_a_batch_at_once_gets_the_indices_and_the_same_seeded_stream() -> None:
+    class Batched(Noisy):
+        def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+            assert type(indices) is list  # the user's dataset sees plain indices
+            return [self[i] for i in indices]
+
+    assert all(torch.equal(a, b) for a, b in zip(epochs(DataLoaderSource(shuffled(Batched()))), epochs(DataLoaderSource(shuffled())), strict=True))
