@@ -335,3 +335,21 @@ def test_a_dataset_that_reads_a_batch_at_once_gets_the_indices_and_the_same_seed
             return [self[i] for i in indices]
 
     assert all(torch.equal(a, b) for a, b in zip(epochs(DataLoaderSource(shuffled(Batched()))), epochs(DataLoaderSource(shuffled())), strict=True))
+
+
+def test_a_source_no_one_holds_is_freed_at_once_with_its_persistent_workers() -> None:
+    import gc
+    import multiprocessing
+
+    gc.collect()
+    before = set(multiprocessing.active_children())  # another test's workers, if any are left
+    gc.disable()
+    try:
+        source = DataLoaderSource(shuffled(num_workers=2, persistent_workers=True))
+        list(source.epoch(0))
+        abandoned = source.epoch(1)
+        next(abandoned)
+        del abandoned, source
+        assert set(multiprocessing.active_children()) <= before
+    finally:
+        gc.enable()

@@ -368,20 +368,23 @@ class DataLoaderSource(IterableSource):
         pending: deque[list[Any]] = deque()
         self.hasher, self.consumed = blake3.blake3(), {"epoch": epoch, "batches": 0, "order": None}
         self._skip(stream, order, start)
-        self.plan.batches = self._seeded(stream, order, epoch, start, pending)
+        self.plan.batches = _seeded(stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK)
         self.fetcher.generator.manual_seed(mix(self.base, epoch, self.rank))  # the workers' base seed
         main = self.fetcher.num_workers == 0
-        it = iter(self.fetcher)
-        while True:
-            if main:
-                with host_generators_kept():  # the dataset runs here: the caller's generators are put back
+        try:
+            it = iter(self.fetcher)
+            while True:
+                if main:
+                    with host_generators_kept():  # the dataset runs here: the caller's generators are put back
+                        batch = next(it, _END)
+                else:
                     batch = next(it, _END)
-            else:
-                batch = next(it, _END)
-            if batch is _END:
-                return
-            self._count(pending.popleft())
-            yield batch
+                if batch is _END:
+                    return
+                self._count(pending.popleft())
+                yield batch
+        finally:
+            self.plan.batches = iter(())  # the pass's index batches are not kept past it
 
     def _skip(self, stream: EpochStream, order: Iterator[Any], start: int) -> None:
         left = start
@@ -398,18 +401,13 @@ class DataLoaderSource(IterableSource):
                 warnings.warn(_order_changed(_sampler_name(self.source), self.consumed["epoch"], start), RuntimeWarning, stacklevel=4)
         self.restored = None
 
-    def _seeded(self, stream: EpochStream, order: Iterator[Any], epoch: int, start: int, pending: deque[list[Any]]) -> Iterator[SeededIndices]:
-        position = start
-        while chunk := stream.draw(lambda: list(islice(order, self.CHUNK))):
-            for indices in chunk:
-                pending.append(indices)
-                yield SeededIndices(indices, mix(self.base, epoch, position, self.rank))
-                position += 1
 
     def _count(self, indices: Any) -> None:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
         try:
             encoded = orjson.dumps(list(indices), option=orjson.OPT_SERIALIZE_NUMPY)
-        except TypeError:  # indices of a kind orjson does not write (a tensor): their repr
+        except TypeError:  # indices of a kind orjson does not write: their repr
             encoded = repr(list(indices)).encode()
         self.hasher.update(encoded + b";")
         self.consumed = {"epoch": self.consumed["epoch"], "batches": self.consumed["batches"] + 1, "order": self.hasher.hexdigest()}
@@ -433,6 +431,19 @@ class DataLoaderSource(IterableSource):
         rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         if saved is not None and len(saved["ranks"]) == world:
             self.restore(saved["ranks"][rank])
+
+
+def _seeded(stream: EpochStream, order: Iterator[Any], run: tuple[int, int, int], start: int, pending: deque[Any], chunk_size: int) -> Iterator[SeededIndices]:
+    """The index batches of `order` from `start`, drawn `chunk_size` at a time in `stream`, each with
+    the seed of (base, epoch, position, rank) and noted in `pending`. A function, not a method: the
+    loader holding it must not hold the source (persistent workers are freed with the source)."""
+    base, epoch, rank = run
+    position = start
+    while chunk := stream.draw(lambda: list(islice(order, chunk_size))):
+        for indices in chunk:
+            pending.append(indices)
+            yield SeededIndices(indices, mix(base, epoch, position, rank))
+            position += 1
 
 
 def loader_problem(loader: Any) -> str | None:
