@@ -352,8 +352,10 @@ class DataLoaderSource(IterableSource):
         self.plan = IndexPlan()
         self.fetcher = fetching_loader(loader.dataset, self.plan, loader_settings(loader))
         self.restored: dict[str, Any] | None = None
-        self.consumed: dict[str, Any] = {"epoch": None, "batches": 0, "order": None}
-        self.hasher: Any = None
+        # the pass under way: its epoch, the batches consumed and their indices' running digest
+        self.pass_epoch: int | None = None
+        self.consumed = 0
+        self.hasher = blake3.blake3()
 
     def setup(self) -> dict[str, Any]:
         """The loader's batching (`IterableSource.setup`) and the seed its epochs derive from."""
@@ -366,7 +368,7 @@ class DataLoaderSource(IterableSource):
         stream = EpochStream(mix(self.base, epoch), self.borrowed)
         order = stream.draw(lambda: iter(loader.batch_sampler))  # type: ignore[union-attr]
         pending: deque[list[Any]] = deque()
-        self.hasher, self.consumed = blake3.blake3(), {"epoch": epoch, "batches": 0, "order": None}
+        self.pass_epoch, self.consumed, self.hasher = epoch, 0, blake3.blake3()
         self._skip(stream, order, start)
         self.plan.batches = _seeded(stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK)
         self.fetcher.generator.manual_seed(mix(self.base, epoch, self.rank))  # the workers' base seed
@@ -396,11 +398,10 @@ class DataLoaderSource(IterableSource):
                 self._count(indices)
             left -= len(chunk)
         saved = self.restored
-        if start and saved is not None and saved.get("epoch") == self.consumed["epoch"] and saved.get("batches") == start:
-            if saved.get("order") != self.consumed["order"]:
-                warnings.warn(_order_changed(_sampler_name(self.source), self.consumed["epoch"], start), RuntimeWarning, stacklevel=4)
+        if start and saved is not None and saved.get("epoch") == self.pass_epoch and saved.get("batches") == start:
+            if saved.get("order") != self.hasher.hexdigest():
+                warnings.warn(_order_changed(_sampler_name(self.source), self.pass_epoch, start), RuntimeWarning, stacklevel=4)
         self.restored = None
-
 
     def _count(self, indices: Any) -> None:
         if isinstance(indices, torch.Tensor):
@@ -410,11 +411,14 @@ class DataLoaderSource(IterableSource):
         except TypeError:  # indices of a kind orjson does not write: their repr
             encoded = repr(list(indices)).encode()
         self.hasher.update(encoded + b";")
-        self.consumed = {"epoch": self.consumed["epoch"], "batches": self.consumed["batches"] + 1, "order": self.hasher.hexdigest()}
+        self.consumed += 1
 
     def state_tree(self) -> dict[str, Any]:
-        """The epoch, the number of its batches consumed and their indices' digest (JSON values)."""
-        return dict(self.restored if self.restored is not None and self.consumed["epoch"] is None else self.consumed)
+        """The epoch, the number of its batches consumed and their indices' digest (JSON values);
+        before any pass, the restored one."""
+        if self.pass_epoch is None:
+            return dict(self.restored) if self.restored is not None else {"epoch": None, "batches": 0, "order": None}
+        return {"epoch": self.pass_epoch, "batches": self.consumed, "order": self.hasher.hexdigest()}
 
     def restore(self, tree: Any) -> None:
         """Take a saved `state_tree`: the next pass checks that it skips the same indices."""
