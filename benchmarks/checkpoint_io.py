@@ -64,7 +64,15 @@ def build_state(mb: float) -> ft.TrainState:
     # 2*1024*h + 2*h*h ~ target_params
     h = int((-2048 + (2048**2 + 8 * target_params) ** 0.5) / 4)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1024))
+    model = nn.Sequential(
+        nn.Linear(1024, h),
+        nn.ReLU(),
+        nn.Linear(h, h),
+        nn.ReLU(),
+        nn.Linear(h, h),
+        nn.ReLU(),
+        nn.Linear(h, 1024),
+    )
 
     def loss_fn(m: ft.BoundModel, batch: torch.Tensor) -> torch.Tensor:
         return m(batch).square().mean()
@@ -106,12 +114,29 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
     probe = ft.save(state, directory / "probe")
     nbytes = checkpoint_bytes(probe)
     shutil.rmtree(probe)
-    payload = memoryview(bytearray(os.urandom(1 << 20)) * (nbytes >> 20) + bytearray(nbytes & ((1 << 20) - 1)))
-    print(f"state: {state!r}; checkpoint {nbytes / 1e6:.1f} MB; {reps} repetitions; directory {directory}")
+    payload = memoryview(
+        bytearray(os.urandom(1 << 20)) * (nbytes >> 20) + bytearray(nbytes & ((1 << 20) - 1))
+    )
+    print(
+        f"state: {state!r}; checkpoint {nbytes / 1e6:.1f} MB; {reps} repetitions; directory {directory}"
+    )
 
     sync_mgr = ft.CheckpointManager(directory / "mgr-sync", keep_last=1, keep_best=0)
-    async_mgr = ft.CheckpointManager(directory / "mgr-async", keep_last=1, keep_best=0, async_save=True)
-    times: dict[str, list[float]] = {k: [] for k in ("plain write", "save", "plain read", "load", "manager save", "async blocked", "blake3")}
+    async_mgr = ft.CheckpointManager(
+        directory / "mgr-async", keep_last=1, keep_best=0, async_save=True
+    )
+    times: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "plain write",
+            "save",
+            "plain read",
+            "load",
+            "manager save",
+            "async blocked",
+            "blake3",
+        )
+    }
 
     def case_plain_write() -> None:
         times["plain write"].append(timed(lambda: plain_write(directory / "plain.bin", payload)))
@@ -126,7 +151,11 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
         times["load"].append(timed(lambda: ft.load(directory / "ckpt", like=state)))
 
     def case_manager() -> None:
-        times["manager save"].append(timed(lambda: sync_mgr.save(state.replace(step=state.step + len(times["manager save"])))))
+        times["manager save"].append(
+            timed(
+                lambda: sync_mgr.save(state.replace(step=state.step + len(times["manager save"])))
+            )
+        )
 
     def case_async() -> None:
         s = state.replace(step=state.step + len(times["async blocked"]))
@@ -137,8 +166,24 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
         times["blake3"].append(timed(lambda: blake3.blake3(payload).hexdigest()))
 
     # writes come before the reads of what they wrote, in both orders
-    order = [case_plain_write, case_save, case_plain_read, case_load, case_manager, case_async, case_blake3]
-    reverse = [case_blake3, case_async, case_manager, case_save, case_plain_write, case_load, case_plain_read]
+    order = [
+        case_plain_write,
+        case_save,
+        case_plain_read,
+        case_load,
+        case_manager,
+        case_async,
+        case_blake3,
+    ]
+    reverse = [
+        case_blake3,
+        case_async,
+        case_manager,
+        case_save,
+        case_plain_write,
+        case_load,
+        case_plain_read,
+    ]
     for rep in range(reps):
         for case in order if rep % 2 == 0 else reverse:
             case()
@@ -149,11 +194,26 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
 
     rows = [
         ("plain write + fsync", "plain write", None, None),
-        ("functrain.save", "save", statistics.median(ratios("plain write", "save")), ("save", ">=", TARGETS["save"])),
+        (
+            "functrain.save",
+            "save",
+            statistics.median(ratios("plain write", "save")),
+            ("save", ">=", TARGETS["save"]),
+        ),
         ("plain read", "plain read", None, None),
-        ("functrain.load(like=)", "load", statistics.median(ratios("plain read", "load")), ("load", ">=", TARGETS["load"])),
+        (
+            "functrain.load(like=)",
+            "load",
+            statistics.median(ratios("plain read", "load")),
+            ("load", ">=", TARGETS["load"]),
+        ),
         ("CheckpointManager.save (sync)", "manager save", None, None),
-        ("CheckpointManager.save (async): caller blocked", "async blocked", statistics.median(ratios("async blocked", "manager save")), ("async", "<=", TARGETS["async"])),
+        (
+            "CheckpointManager.save (async): caller blocked",
+            "async blocked",
+            statistics.median(ratios("async blocked", "manager save")),
+            ("async", "<=", TARGETS["async"]),
+        ),
         ("BLAKE3 of the same bytes, one thread", "blake3", None, None),
     ]
     print(f"\n| {'case':48s} | median s | MB/s   | ratio | target |")
@@ -167,11 +227,19 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
             met = ratio >= target[2] if target[1] == ">=" else ratio <= target[2]
             target_s = f"{target[1]}{target[2]:<4} {'ok' if met else 'MISS'}"
         print(f"| {label:48s} | {med:8.3f} | {nbytes / 1e6 / med:6.0f} | {ratio_s} | {target_s} |")
-    print("\nratios: save and load = plain time / functrain time (throughput ratio, per repetition, median);")
-    print("async = time the caller is blocked / synchronous manager save time (per repetition, median).")
+    print(
+        "\nratios: save and load = plain time / functrain time (throughput ratio, per repetition, median);"
+    )
+    print(
+        "async = time the caller is blocked / synchronous manager save time (per repetition, median)."
+    )
     bound = statistics.median(ratios("plain read", "blake3"))
-    print(f"a load maps each file and hashes it where it lies (the hash is the read): on one core its ratio is about plain read / BLAKE3 = {bound:.2f},")
-    print(f"more where BLAKE3's threads find free cores. Load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores.")
+    print(
+        f"a load maps each file and hashes it where it lies (the hash is the read): on one core its ratio is about plain read / BLAKE3 = {bound:.2f},"
+    )
+    print(
+        f"more where BLAKE3's threads find free cores. Load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores."
+    )
     if profile:
         profile_stages(state, directory, reps)
 
@@ -196,27 +264,54 @@ def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
     for k, v in reused.items():
         v.copy_(tensors[k])  # touch every page once: a buffer kept from the last save
     for _ in range(reps):
-        stage("save: snapshot copy of every tensor (async save)", lambda: {k: v.to("cpu", copy=True) for k, v in tensors.items()})
-        stage("save: snapshot copy into buffers kept from the last save", lambda: [reused[k].copy_(v) for k, v in tensors.items()])
-        chunks = stage("save: safetensors header + views of the tensors", lambda: serialization._safetensors_chunks(tensors))
+        stage(
+            "save: snapshot copy of every tensor (async save)",
+            lambda: {k: v.to("cpu", copy=True) for k, v in tensors.items()},
+        )
+        stage(
+            "save: snapshot copy into buffers kept from the last save",
+            lambda: [reused[k].copy_(v) for k, v in tensors.items()],
+        )
+        chunks = stage(
+            "save: safetensors header + views of the tensors",
+            lambda: serialization._safetensors_chunks(tensors),
+        )
         stage("save: BLAKE3 of all bytes, alone", lambda: [blake3.blake3(c) for c in chunks])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        stage("save: os.write of all bytes, alone (page cache)", lambda: [files._write_all(fd, c) for c in chunks])
+        stage(
+            "save: os.write of all bytes, alone (page cache)",
+            lambda: [files._write_all(fd, c) for c in chunks],
+        )
         stage("save: os.fsync of the file", lambda: os.fsync(fd))
         os.close(fd)
         path.unlink()
-        stage("save: write + BLAKE3 overlapped + fsync (_write_file)", lambda: files._write_file(path, chunks))
+        stage(
+            "save: write + BLAKE3 overlapped + fsync (_write_file)",
+            lambda: files._write_file(path, chunks),
+        )
         stage("save: os.fsync of a directory", lambda: files._fsync_dir(directory))
         del chunks
         nbytes = path.stat().st_size
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        stage("load: read into a fresh buffer, alone", lambda: _readinto(path, memoryview(buf.numpy())))
+        stage(
+            "load: read into a fresh buffer, alone",
+            lambda: _readinto(path, memoryview(buf.numpy())),
+        )
         stage("load: BLAKE3 of all bytes, alone", lambda: blake3.blake3(buf.numpy()))
         del buf
-        data = stage("load: read + BLAKE3 overlapped (the fallback where mmap fails)", lambda: _read_fresh(path, nbytes))
-        stage("load: parse header, tensors as views of the buffer", lambda: _parse_safetensors(path.name, data))
+        data = stage(
+            "load: read + BLAKE3 overlapped (the fallback where mmap fails)",
+            lambda: _read_fresh(path, nbytes),
+        )
+        stage(
+            "load: parse header, tensors as views of the buffer",
+            lambda: _parse_safetensors(path.name, data),
+        )
         del data
-        raw = stage("old save: safetensors.torch.save (one bytes object)", lambda: safetensors.torch.save(tensors))
+        raw = stage(
+            "old save: safetensors.torch.save (one bytes object)",
+            lambda: safetensors.torch.save(tensors),
+        )
         stage("old load: safetensors.torch.load(bytes)", lambda: safetensors.torch.load(raw))
         del raw
         path.unlink()
@@ -243,12 +338,23 @@ def _read_fresh(path: Path, nbytes: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, default=200.0, help="state size in megabytes (default 200)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mb", type=float, default=200.0, help="state size in megabytes (default 200)"
+    )
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 16 MB, 2 repetitions")
-    parser.add_argument("--profile", action="store_true", help="also time each stage of a save and a load")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory under the current one)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also time each stage of a save and a load"
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to write (default: a temporary directory under the current one)",
+    )
     args = parser.parse_args(argv)
     mb, reps = (16.0, 2) if args.quick else (args.mb, args.reps)
     torch.set_num_threads(max(1, torch.get_num_threads()))

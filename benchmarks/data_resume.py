@@ -45,7 +45,9 @@ class Counted(Dataset):
 
 
 def loader(data: Dataset) -> DataLoader:
-    return DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(7))
+    return DataLoader(
+        data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
 
 
 def reads_before_first_new_batch(kind: type, consumed: int) -> int:
@@ -71,10 +73,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"replay on resume: samples loaded again before the first new batch ({SAMPLES} samples, batches of {BATCH})")
+    print(
+        f"replay on resume: samples loaded again before the first new batch ({SAMPLES} samples, batches of {BATCH})"
+    )
     print(f"{'consumed batches':>17} {'IterableSource':>15} {'DataLoaderSource':>17}")
     for consumed in (1, 8, 31):
-        print(f"{consumed:>17} {reads_before_first_new_batch(IterableSource, consumed):>15} {reads_before_first_new_batch(DataLoaderSource, consumed):>17}")
+        print(
+            f"{consumed:>17} {reads_before_first_new_batch(IterableSource, consumed):>15} {reads_before_first_new_batch(DataLoaderSource, consumed):>17}"
+        )
     data = Counted()
     plain, source = loader(data), DataLoaderSource(loader(data))
     # interleaved, so both see the same machine state
@@ -83,7 +89,9 @@ def main() -> None:
         direct.append(per_batch_us(lambda: iter(plain), args.reps))
         seeded.append(per_batch_us(lambda: source.epoch(0), args.reps))
     d, s = statistics.median(direct), statistics.median(seeded)
-    print(f"\nper batch, main process: DataLoader {d:.1f} us, DataLoaderSource {s:.1f} us, ratio {s / d:.2f} (+{s - d:.1f} us)")
+    print(
+        f"\nper batch, main process: DataLoader {d:.1f} us, DataLoaderSource {s:.1f} us, ratio {s / d:.2f} (+{s - d:.1f} us)"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def loss_fn(model, batch):
 
 
 def run(steps: int, warmup: int) -> None:
-    import functrain as ft
     import torch.distributed._functional_collectives as funcol
+
+    import functrain as ft
 
     ft.distributed.init_from_env()
     rank, world = ft.distributed.rank_and_world()
@@ -82,14 +83,19 @@ def run(steps: int, warmup: int) -> None:
             times.append(time.perf_counter() - t0)
     if rank == 0:
         per_step = calls["n"] / (warmup + steps)
-        print(f"RESULT world={world} threads={torch.get_num_threads()} median_ms={1e3 * statistics.median(times):.1f} collectives_per_step={per_step:g}", flush=True)
+        print(
+            f"RESULT world={world} threads={torch.get_num_threads()} median_ms={1e3 * statistics.median(times):.1f} collectives_per_step={per_step:g}",
+            flush=True,
+        )
     if world > 1:
         torch.distributed.destroy_process_group()
 
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    return nn.Sequential(
+        nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024)
+    )
 
 
 def mse(model, batch):
@@ -124,7 +130,11 @@ class StepPeak:
         from torch.distributed.tensor import DTensor
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        held = {(leaf.to_local() if isinstance(leaf, DTensor) else leaf).untyped_storage().data_ptr() for leaf in pytree.tree_leaves(before) if isinstance(leaf, torch.Tensor)}
+        held = {
+            (leaf.to_local() if isinstance(leaf, DTensor) else leaf).untyped_storage().data_ptr()
+            for leaf in pytree.tree_leaves(before)
+            if isinstance(leaf, torch.Tensor)
+        }
         tracker = self
 
         class Mode(TorchDispatchMode):
@@ -149,8 +159,9 @@ class StepPeak:
 def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None:
     import resource
 
-    import functrain as ft
     from torch.distributed.tensor.debug import CommDebugMode
+
+    import functrain as ft
 
     ft.distributed.init_from_env()
     rank, world = ft.distributed.rank_and_world()
@@ -160,14 +171,23 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
     batch = (x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
     for mode in [None if mode == "None" else mode]:  # one mode per process: its peak RSS is its own
         # "full-kept": sharding="full" with reshard_after_forward=False
-        state = ft.TrainState.create(mlp(), ft.adamw(1e-4), mse, distributed=True, sharding={"full-kept": "full"}.get(mode, mode), reshard_after_forward=mode != "full-kept")
+        state = ft.TrainState.create(
+            mlp(),
+            ft.adamw(1e-4),
+            mse,
+            distributed=True,
+            sharding={"full-kept": "full"}.get(mode, mode),
+            reshard_after_forward=mode != "full-kept",
+        )
         step = ft.compile_step() if compiled else ft.train_step
         times = []
         for i in range(warmup + steps):
             torch.distributed.barrier()
             t0 = time.perf_counter()
             if i == warmup - 1:
-                with CommDebugMode() as comm:  # one step counted: the state holds its storage by then
+                with (
+                    CommDebugMode() as comm
+                ):  # one step counted: the state holds its storage by then
                     state, m = step(state, batch, donate=True)
             else:
                 state, m = step(state, batch, donate=True)
@@ -182,9 +202,15 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
                 state, m = step(state, batch, donate=True)
             transient = f"{peak.peak / 2**20:.0f}"
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-        kinds = ",".join(f"{str(k).rsplit('.', 1)[-1]}:{v}" for k, v in sorted(comm.get_comm_counts().items(), key=str))
+        kinds = ",".join(
+            f"{str(k).rsplit('.', 1)[-1]}:{v}"
+            for k, v in sorted(comm.get_comm_counts().items(), key=str)
+        )
         if rank == 0:
-            print(f"RESULT mode={mode}{'+compile' if compiled else ''} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} step_peak_mib={transient} peak_rss_mib={rss:.0f} collectives={comm.get_total_counts()} kinds={kinds}", flush=True)
+            print(
+                f"RESULT mode={mode}{'+compile' if compiled else ''} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} step_peak_mib={transient} peak_rss_mib={rss:.0f} collectives={comm.get_total_counts()} kinds={kinds}",
+                flush=True,
+            )
         del state, m
     torch.distributed.destroy_process_group()
 
@@ -192,39 +218,85 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
 def modes_table(args: argparse.Namespace, port: int) -> None:
     me = str(Path(__file__).resolve())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = [(mode, flag) for mode in ("None", "optimizer", "full", "full-kept") for flag in ([], ["--compile"])[: 2 if args.compile else 1]]
+    runs = [
+        (mode, flag)
+        for mode in ("None", "optimizer", "full", "full-kept")
+        for flag in ([], ["--compile"])[: 2 if args.compile else 1]
+    ]
     rounds: list[list[dict]] = []
-    for _ in range(args.rounds):  # the modes in turn, round after round: a slow spell of the machine hits every mode
+    for _ in range(
+        args.rounds
+    ):  # the modes in turn, round after round: a slow spell of the machine hits every mode
         rows = []
         for mode, flag in runs:
             done = subprocess.run(
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", me,
-                 "--worker", "--modes", mode, *flag, "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                capture_output=True, text=True, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node=2",
+                    f"--master_port={port}",
+                    "--master_addr=127.0.0.1",
+                    me,
+                    "--worker",
+                    "--modes",
+                    mode,
+                    *flag,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
             )
-            found = [dict(kv.split("=", 1) for kv in ln.split()[1:]) for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
+            found = [
+                dict(kv.split("=", 1) for kv in ln.split()[1:])
+                for ln in done.stdout.splitlines()
+                if ln.startswith("RESULT")
+            ]
             if not found:
                 print(f"sharding={mode} failed\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
                 return
             rows += found
         rounds.append(rows)
-    print(f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up, "
-          f"{args.rounds} rounds (ms/step: the median over rounds; ratio: the median of each round's ratio); load average {os.getloadavg()[0]:.1f}")
-    print(f"{'sharding':<17} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind")
+    print(
+        f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up, "
+        f"{args.rounds} rounds (ms/step: the median over rounds; ratio: the median of each round's ratio); load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'sharding':<17} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind"
+    )
     for i, r in enumerate(rounds[0]):
         times = [float(rows[i]["median_ms"]) for rows in rounds]
-        ratio = statistics.median(float(rows[i]["median_ms"]) / float(rows[0]["median_ms"]) for rows in rounds)
+        ratio = statistics.median(
+            float(rows[i]["median_ms"]) / float(rows[0]["median_ms"]) for rows in rounds
+        )
         held = float(r["held_mib"])
-        print(f"{r['mode']:<17} {statistics.median(times):>8.1f} {ratio:>6.2f} {held:>20.0f} {held / float(rounds[0][0]['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}")
+        print(
+            f"{r['mode']:<17} {statistics.median(times):>8.1f} {ratio:>6.2f} {held:>20.0f} {held / float(rounds[0][0]['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--modes", nargs="?", const="all", help="the sharding modes on the 25M-parameter MLP")
-    parser.add_argument("--rounds", type=int, default=3, help="with --modes: how many times every mode runs, in turn")
-    parser.add_argument("--compile", action="store_true", help="with --modes: each mode compiled too (functrain.compile_step)")
+    parser.add_argument(
+        "--modes", nargs="?", const="all", help="the sharding modes on the 25M-parameter MLP"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="with --modes: how many times every mode runs, in turn",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --modes: each mode compiled too (functrain.compile_step)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -245,8 +317,19 @@ def main() -> None:
     single = subprocess.run([sys.executable, me, *common], capture_output=True, text=True, env=env)
     env["OMP_NUM_THREADS"] = "1"
     multi = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", me, *common],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "--master_addr=127.0.0.1",
+            me,
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     rows = {}
     for name, done in (("1 process x batch 128", single), ("2 ranks x batch 64", multi)):
@@ -256,10 +339,14 @@ def main() -> None:
             return
         rows[name] = dict(kv.split("=") for kv in line.split()[1:])
     base = float(rows["1 process x batch 128"]["median_ms"])
-    print(f"CNN, global batch 128, AdamW, {args.steps} steps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"CNN, global batch 128, AdamW, {args.steps} steps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'setup':<24} {'threads':>7} {'ms/step':>9} {'ratio':>6} {'collectives/step':>17}")
     for name, r in rows.items():
-        print(f"{name:<24} {r['threads']:>7} {float(r['median_ms']):>9.1f} {float(r['median_ms']) / base:>6.2f} {r['collectives_per_step']:>17}")
+        print(
+            f"{name:<24} {r['threads']:>7} {float(r['median_ms']):>9.1f} {float(r['median_ms']) / base:>6.2f} {r['collectives_per_step']:>17}"
+        )
 
 
 if __name__ == "__main__":

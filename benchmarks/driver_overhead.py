@@ -75,13 +75,18 @@ def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tenso
 
 def workload() -> tuple[ft.TrainState, TensorDataset]:
     gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(BATCH * STEPS, 784, generator=gen), torch.randint(0, 10, (BATCH * STEPS,), generator=gen))
+    data = TensorDataset(
+        torch.randn(BATCH * STEPS, 784, generator=gen),
+        torch.randint(0, 10, (BATCH * STEPS,), generator=gen),
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
     return ft.TrainState.create(model, ft.adamw(1e-3), loss_fn), data
 
 
-def variants(state: ft.TrainState, data: TensorDataset, devnull: Any, *, others: bool = True) -> dict[str, Callable[[], Any]]:
+def variants(
+    state: ft.TrainState, data: TensorDataset, devnull: Any, *, others: bool = True
+) -> dict[str, Callable[[], Any]]:
     """The timed runs; `others`: also the pre-made-batch rows (the hand-written loop, Lightning)."""
     batcher = ft.Batcher(data, BATCH, seed=0)
     ready = list(batcher.epoch(0))
@@ -100,11 +105,28 @@ def variants(state: ft.TrainState, data: TensorDataset, devnull: Any, *, others:
 
     def fit() -> ft.TrainState:
         bar = ft.ProgressBar(file=devnull)
-        return ft.fit(state, data, batch_size=BATCH, max_epochs=1, log_every=50, progress=False, callbacks=[bar], verbosity="silent").state
+        return ft.fit(
+            state,
+            data,
+            batch_size=BATCH,
+            max_epochs=1,
+            log_every=50,
+            progress=False,
+            callbacks=[bar],
+            verbosity="silent",
+        ).state
 
     def fit_ready() -> ft.TrainState:
         bar = ft.ProgressBar(file=devnull)
-        return ft.fit(state, ready, max_epochs=1, log_every=50, progress=False, callbacks=[bar], verbosity="silent").state
+        return ft.fit(
+            state,
+            ready,
+            max_epochs=1,
+            log_every=50,
+            progress=False,
+            callbacks=[bar],
+            verbosity="silent",
+        ).state
 
     runs = {"bare": bare, "bare, pre-gathered": bare_ready, "fit": fit}
     if not others:
@@ -141,7 +163,9 @@ def _lightning(state: ft.TrainState, ready: list[Any]) -> Callable[[], Any] | No
     try:
         import lightning
     except ImportError:
-        print("Lightning is not installed, so its row is skipped: pip install -e '.[bench]' (or pip install lightning)")
+        print(
+            "Lightning is not installed, so its row is skipped: pip install -e '.[bench]' (or pip install lightning)"
+        )
         return None
     import logging
     import warnings
@@ -173,8 +197,14 @@ def _lightning(state: ft.TrainState, ready: list[Any]) -> Callable[[], Any] | No
     def run() -> Any:
         module = Module()
         trainer = lightning.Trainer(
-            max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
+            max_epochs=1,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=50,
         )
         trainer.fit(module, Batches())
         return module
@@ -188,7 +218,9 @@ class no_op_step:
     def __init__(self, state: ft.TrainState, data: TensorDataset) -> None:
         _, self.metrics = ft.train_step(state, data[:BATCH])
 
-    def step(self, state: ft.TrainState, batch: Any, *, donate: bool = False) -> tuple[ft.TrainState, dict[str, torch.Tensor]]:
+    def step(
+        self, state: ft.TrainState, batch: Any, *, donate: bool = False
+    ) -> tuple[ft.TrainState, dict[str, torch.Tensor]]:
         return state, self.metrics
 
     def __enter__(self) -> None:
@@ -218,7 +250,9 @@ def measure(runs: dict[str, Callable[[], Any]], reps: int) -> dict[str, dict[str
     return samples
 
 
-def report(samples: dict[str, dict[str, list[float]]], alone: dict[str, dict[str, list[float]]]) -> None:
+def report(
+    samples: dict[str, dict[str, list[float]]], alone: dict[str, dict[str, list[float]]]
+) -> None:
     print("\n| variant | wall ms/step (ratio) | CPU ms/step (ratio) |")
     print("|---|---|---|")
     med = {n: {c: statistics.median(v) for c, v in s.items()} for n, s in samples.items()}
@@ -228,31 +262,60 @@ def report(samples: dict[str, dict[str, list[float]]], alone: dict[str, dict[str
     for name, s in samples.items():
         lo, hi = min(s["wall"]), max(s["wall"])
         print(f"  {name}: wall per step over the repetitions {1e3 * lo:.3f}-{1e3 * hi:.3f} ms")
-    paired = {c: statistics.median(f / b for f, b in zip(samples["fit"][c], samples["bare"][c], strict=True)) for c in ("wall", "cpu")}
-    print(f"\nfit / bare, median of the per-repetition ratios: {paired['wall']:.3f}x wall, {paired['cpu']:.3f}x CPU")
+    paired = {
+        c: statistics.median(
+            f / b for f, b in zip(samples["fit"][c], samples["bare"][c], strict=True)
+        )
+        for c in ("wall", "cpu")
+    }
+    print(
+        f"\nfit / bare, median of the per-repetition ratios: {paired['wall']:.3f}x wall, {paired['cpu']:.3f}x CPU"
+    )
     report_premade(samples)
-    own = {c: statistics.median(alone["fit"][c]) - statistics.median(alone["bare"][c]) for c in ("wall", "cpu")}
-    print(f"driver alone (no-op step): bare loop {1e6 * statistics.median(alone['bare']['cpu']):.1f} us/step, "
-          f"fit {1e6 * statistics.median(alone['fit']['cpu']):.1f} us/step (CPU): the driver's own time "
-          f"{1e6 * own['cpu']:.1f} us/step CPU, {1e6 * own['wall']:.1f} us/step wall")
+    own = {
+        c: statistics.median(alone["fit"][c]) - statistics.median(alone["bare"][c])
+        for c in ("wall", "cpu")
+    }
+    print(
+        f"driver alone (no-op step): bare loop {1e6 * statistics.median(alone['bare']['cpu']):.1f} us/step, "
+        f"fit {1e6 * statistics.median(alone['fit']['cpu']):.1f} us/step (CPU): the driver's own time "
+        f"{1e6 * own['cpu']:.1f} us/step CPU, {1e6 * own['wall']:.1f} us/step wall"
+    )
     estimate = 1 + own["cpu"] / med["bare"]["cpu"]
-    print(f"estimated fit / bare from the driver's own time: {estimate:.3f}x (target <= 1.05): {'ok' if estimate <= 1.05 else 'MISSED'}")
+    print(
+        f"estimated fit / bare from the driver's own time: {estimate:.3f}x (target <= 1.05): {'ok' if estimate <= 1.05 else 'MISSED'}"
+    )
 
 
 def report_premade(samples: dict[str, dict[str, list[float]]]) -> None:
     """The pre-made-batch rows against each other: fit and Lightning over the hand-written loop."""
-    hand, light = samples.get("hand-written, pre-made"), samples.get("Lightning Trainer.fit, pre-made")
+    hand, light = (
+        samples.get("hand-written, pre-made"),
+        samples.get("Lightning Trainer.fit, pre-made"),
+    )
     if hand is None:
         return
     for name in ("fit, pre-made", "Lightning Trainer.fit, pre-made"):
         if name in samples:
-            ratio = {c: statistics.median(x / h for x, h in zip(samples[name][c], hand[c], strict=True)) for c in ("wall", "cpu")}
-            print(f"{name} / hand-written, pre-made: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x CPU")
+            ratio = {
+                c: statistics.median(x / h for x, h in zip(samples[name][c], hand[c], strict=True))
+                for c in ("wall", "cpu")
+            }
+            print(
+                f"{name} / hand-written, pre-made: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x CPU"
+            )
     if light is not None:
-        speedup = {c: statistics.median(lt / f for lt, f in zip(light[c], samples["fit, pre-made"][c], strict=True)) for c in ("wall", "cpu")}
+        speedup = {
+            c: statistics.median(
+                lt / f for lt, f in zip(light[c], samples["fit, pre-made"][c], strict=True)
+            )
+            for c in ("wall", "cpu")
+        }
         verdict = "ok" if speedup["cpu"] >= 1.5 else "MISSED"
-        print(f"Trainer.fit / fit over the same pre-made batches: {speedup['wall']:.2f}x wall, {speedup['cpu']:.2f}x CPU "
-              f"(target: fit at least 1.5x as fast): {verdict}")
+        print(
+            f"Trainer.fit / fit over the same pre-made batches: {speedup['wall']:.2f}x wall, {speedup['cpu']:.2f}x CPU "
+            f"(target: fit at least 1.5x as fast): {verdict}"
+        )
 
 
 def profile_fit(run: Callable[[], Any]) -> None:
@@ -268,7 +331,11 @@ def profile_fit(run: Callable[[], Any]) -> None:
 def time_demo() -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "functrain.demo", "--no-progress", "--out", out], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "functrain.demo", "--no-progress", "--out", out],
+            capture_output=True,
+            text=True,
+        )
         elapsed = time.perf_counter() - t0
     if done.returncode not in (0, 1):  # 1: ran, but the test accuracy missed its bar
         raise SystemExit(f"the demo failed:\n{done.stderr[-2000:]}")
@@ -277,14 +344,23 @@ def time_demo() -> tuple[float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=15, help="interleaved repetitions (one epoch of 200 steps each)")
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: CPU time is one core's)")
+    ap.add_argument(
+        "--reps", type=int, default=15, help="interleaved repetitions (one epoch of 200 steps each)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (default 1: CPU time is one core's)",
+    )
     ap.add_argument("--no-demo", action="store_true", help="skip timing the demo process")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one fit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
     state, data = workload()
     with open(os.devnull, "w") as devnull:
@@ -300,7 +376,11 @@ def main() -> None:
                 profile_fit(runs["fit"])
     if not args.no_demo:
         elapsed, stdout = time_demo()
-        inner = [line for line in stdout.splitlines() if line.startswith(("total time", "stopped", "test accuracy"))]
+        inner = [
+            line
+            for line in stdout.splitlines()
+            if line.startswith(("total time", "stopped", "test accuracy"))
+        ]
         print(f"\ndemo process (python -m functrain.demo --no-progress): {elapsed:.1f} s wall")
         for line in inner:
             print(f"  demo: {line}")

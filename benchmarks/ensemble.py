@@ -84,10 +84,15 @@ def timed(fn: Callable[[], None], clock: Callable[[], float]) -> float:
     return clock() - t0
 
 
-def measure(workload: str, k: int, compiled: bool, reps: int, warmup: int, clock: Callable[[], float]) -> tuple[float, float]:
+def measure(
+    workload: str, k: int, compiled: bool, reps: int, warmup: int, clock: Callable[[], float]
+) -> tuple[float, float]:
     states, batch = members(workload, k)
     step = ft.compile_step() if compiled else ft.train_step
-    runs = {"sequential": Sequential([s.clone() for s in states], batch, step), "stacked": Stacked(states, batch, step)}
+    runs = {
+        "sequential": Sequential([s.clone() for s in states], batch, step),
+        "stacked": Stacked(states, batch, step),
+    }
     for run in runs.values():
         for _ in range(warmup):
             run.round()
@@ -96,7 +101,9 @@ def measure(workload: str, k: int, compiled: bool, reps: int, warmup: int, clock
     for r in range(reps):
         for name in order if r % 2 == 0 else reversed(order):  # ABBA: drift hits both alike
             samples[name].append(timed(runs[name].round, clock))
-    return statistics.median(samples["sequential"]) * 1e3, statistics.median(samples["stacked"]) * 1e3
+    return statistics.median(samples["sequential"]) * 1e3, statistics.median(
+        samples["stacked"]
+    ) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +120,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     load = os.getloadavg()[0]
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} CPUs")
+    log(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} CPUs"
+    )
     if load > (os.cpu_count() or 1):
-        log("warning: the machine is busy; wall-clock times are noisy (try --threads 1 --clock cpu)")
+        log(
+            "warning: the machine is busy; wall-clock times are noisy (try --threads 1 --clock cpu)"
+        )
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
-    print(f"| workload | mode | K | sequential ms/round | stacked ms/round | speedup |\n|---|---|---|---|---|---|")
+    print(
+        "| workload | mode | K | sequential ms/round | stacked ms/round | speedup |\n|---|---|---|---|---|---|"
+    )
     for workload in args.workloads:
         for mode in modes:
             for k in args.members:
                 log(f"{workload} {mode} K={k} ...")
-                seq, stacked = measure(workload, k, mode == "compiled", args.reps, args.warmup, clock)
-                print(f"| {workload} | {mode} | {k} | {seq:.2f} | {stacked:.2f} | {seq / stacked:.2f}x |", flush=True)
+                seq, stacked = measure(
+                    workload, k, mode == "compiled", args.reps, args.warmup, clock
+                )
+                print(
+                    f"| {workload} | {mode} | {k} | {seq:.2f} | {stacked:.2f} | {seq / stacked:.2f}x |",
+                    flush=True,
+                )
     return 0
 
 

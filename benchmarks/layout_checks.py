@@ -33,9 +33,19 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
 def workloads() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 2, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 2, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     images = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    return {"mlp": (mlp, (torch.randn(64, 784), torch.randint(0, 10, (64,)))), "cnn-cl": (cnn, (images, torch.randint(0, 10, (32,))))}
+    return {
+        "mlp": (mlp, (torch.randn(64, 784), torch.randint(0, 10, (64,)))),
+        "cnn-cl": (cnn, (images, torch.randint(0, 10, (32,)))),
+    }
 
 
 def median_us(fn: Callable[[], object], reps: int, inner: int) -> float:
@@ -53,7 +63,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print("| workload | donated train_step us | layout checks us | of the step | gradients copied |")
+    print(
+        "| workload | donated train_step us | layout checks us | of the step | gradients copied |"
+    )
     print("|---|---|---|---|---|")
     for name, (model, batch) in workloads().items():
         state = ft.TrainState.create(model, ft.adamw(1e-3), loss_fn)
@@ -67,19 +79,29 @@ def main() -> None:
         params = holder[0].params
         leaves = [p.detach().requires_grad_(True) for p in params.values()]
         out = torch.func.functional_call(model, dict(zip(params, leaves, strict=True)), (batch[0],))
-        grads = dict(zip(params, torch.autograd.grad(nn.functional.cross_entropy(out, batch[1]), leaves), strict=True))
+        grads = dict(
+            zip(
+                params,
+                torch.autograd.grad(nn.functional.cross_entropy(out, batch[1]), leaves),
+                strict=True,
+            )
+        )
         p_list = list(params.values())
 
         def checks() -> None:
             aligned = _in_param_layouts(grads, params)  # the step's, before the norm
             in_layouts_of(list(aligned.values()), p_list)  # the fused kernel's
-            [obeys_layout(b, p) for b, p in zip(p_list + p_list, p_list + p_list, strict=True)]  # its two moment buffers
+            [
+                obeys_layout(b, p) for b, p in zip(p_list + p_list, p_list + p_list, strict=True)
+            ]  # its two moment buffers
             _in_param_strides(params, params)  # the new parameters' strides
 
         step_us = median_us(step, args.reps // 4 or 1, 5)
         check_us = median_us(checks, args.reps, 50)
         copied = sum(not obeys_layout(g, params[k]) for k, g in grads.items())
-        print(f"| {name} | {step_us:.1f} | {check_us:.2f} | {check_us / step_us:.2%} | {copied} of {len(grads)} |")
+        print(
+            f"| {name} | {step_us:.1f} | {check_us:.2f} | {check_us / step_us:.2%} | {copied} of {len(grads)} |"
+        )
 
 
 if __name__ == "__main__":

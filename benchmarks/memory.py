@@ -48,7 +48,13 @@ def _build(device: torch.device) -> tuple[nn.Module, list[tuple[torch.Tensor, to
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = nn.Sequential(*layers[:-1]).to(device)
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(BATCH, WIDTHS[0], generator=gen).to(device), torch.randn(BATCH, WIDTHS[-1], generator=gen).to(device)) for _ in range(STEPS)]
+    batches = [
+        (
+            torch.randn(BATCH, WIDTHS[0], generator=gen).to(device),
+            torch.randn(BATCH, WIDTHS[-1], generator=gen).to(device),
+        )
+        for _ in range(STEPS)
+    ]
     return model, batches
 
 
@@ -68,7 +74,9 @@ def _handwritten(fused: bool) -> Callable[[nn.Module, list[Any]], None]:
     return run
 
 
-def _train_step(fused: bool = True, donate: bool = False, **options: Any) -> Callable[[nn.Module, list[Any]], None]:
+def _train_step(
+    fused: bool = True, donate: bool = False, **options: Any
+) -> Callable[[nn.Module, list[Any]], None]:
     def run(model: nn.Module, batches: list[Any]) -> None:
         import functrain as ft
 
@@ -86,7 +94,6 @@ def _fit(model: nn.Module, batches: list[Any]) -> None:
     state = ft.TrainState.create(model, ft.adamw(1e-3), _loss)
     del model
     ft.fit(state, batches, max_epochs=1, progress=False, verbosity="silent")
-
 
 
 ROWS: dict[str, Callable[[nn.Module, list[Any]], None]] = {
@@ -112,14 +119,21 @@ def measure(row: str, device: torch.device) -> dict[str, Any]:
     else:
         base = _status_kib("VmRSS") * 1024
     owned = [model]
-    del model  # the row owns the model (a functrain row deletes it once the state holds the weights)
+    del (
+        model
+    )  # the row owns the model (a functrain row deletes it once the state holds the weights)
     ROWS[row](owned.pop(), batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = _status_kib("VmHWM") * 1024
-    return {"row": row, "device": str(device), "P_MiB": param_bytes / 2**20, "peak_over_model_P": (peak - base) / param_bytes}
+    return {
+        "row": row,
+        "device": str(device),
+        "P_MiB": param_bytes / 2**20,
+        "peak_over_model_P": (peak - base) / param_bytes,
+    }
 
 
 def main() -> None:
@@ -133,12 +147,20 @@ def main() -> None:
         torch.set_num_threads(1)
         print(json.dumps(measure(args.row, device)))
         return
-    print(f"peak over the built model, MLP {'-'.join(map(str, WIDTHS))} batch {BATCH}, AdamW, {STEPS} steps, {device}")
+    print(
+        f"peak over the built model, MLP {'-'.join(map(str, WIDTHS))} batch {BATCH}, AdamW, {STEPS} steps, {device}"
+    )
     print(f"{'row':28s} {'peak / P':>9s}")
     for row in args.rows.split(","):
-        out = subprocess.run([sys.executable, __file__, "--device", args.device, "--row", row], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--device", args.device, "--row", row],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
-            print(f"{row:28s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            print(
+                f"{row:28s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+            )
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{row:28s} {result['peak_over_model_P']:9.2f}")

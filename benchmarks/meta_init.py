@@ -69,7 +69,10 @@ def run(way: str, layers: int, width: int) -> None:
     digest = hashlib.sha256()
     for p in state.params.values():  # one whole tensor at a time
         digest.update(ft.distributed.sharding.gathered(p).numpy().tobytes())
-    print(f"{way} rank {rank}: create {seconds:.2f} s, peak RSS above start {peak:.0f} MiB, params held {held:.0f} MiB, values {digest.hexdigest()[:12]}", flush=True)
+    print(
+        f"{way} rank {rank}: create {seconds:.2f} s, peak RSS above start {peak:.0f} MiB, params held {held:.0f} MiB, values {digest.hexdigest()[:12]}",
+        flush=True,
+    )
     torch.distributed.destroy_process_group()
 
 
@@ -82,20 +85,49 @@ def main() -> None:
     if args.worker:
         run(args.worker, args.layers, args.width)
         return
-    print(f"{args.layers} x Linear({args.width}, {args.width}): {args.layers * (args.width + 1) * args.width * 4 / 2**20:.0f} MiB of parameters")
+    print(
+        f"{args.layers} x Linear({args.width}, {args.width}): {args.layers * (args.width + 1) * args.width * 4 / 2**20:.0f} MiB of parameters"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
     for way in ("normal", "meta"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1",
-             os.path.abspath(__file__), "--worker", way, "--layers", str(args.layers), "--width", str(args.width)],
-            capture_output=True, text=True, env=env, check=False,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={port}",
+                "--master_addr=127.0.0.1",
+                os.path.abspath(__file__),
+                "--worker",
+                way,
+                "--layers",
+                str(args.layers),
+                "--width",
+                str(args.width),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         # the ranks share one stdout: a line may hold both
-        print("".join(sorted(m + "\n" for m in re.findall(rf"{way} rank \d: .*?values \w{{12}}", done.stdout))), end="")
+        print(
+            "".join(
+                sorted(
+                    m + "\n" for m in re.findall(rf"{way} rank \d: .*?values \w{{12}}", done.stdout)
+                )
+            ),
+            end="",
+        )
         if done.returncode:
             print(done.stderr[-3000:])
 

@@ -75,7 +75,9 @@ MiB = 1024 * 1024
 # glibc mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; larger values are refused
+GLIBC_MMAP_THRESHOLD_MAX = (
+    32 * MiB
+)  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; larger values are refused
 HUGE_TRIM = 1 << 40
 
 # Allocator settings compared by --sweep: (label, extra environment, extra command-line flags).
@@ -84,7 +86,10 @@ SWEEP = [
     ("MALLOC_TRIM_THRESHOLD_ only", {"MALLOC_TRIM_THRESHOLD_": str(HUGE_TRIM)}, []),
     (
         "MALLOC_MMAP_THRESHOLD_=32M + MALLOC_TRIM_THRESHOLD_=1T",
-        {"MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD_MAX), "MALLOC_TRIM_THRESHOLD_": str(HUGE_TRIM)},
+        {
+            "MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD_MAX),
+            "MALLOC_TRIM_THRESHOLD_": str(HUGE_TRIM),
+        },
         [],
     ),
     ("mallopt() from Python, same values", {}, ["--mallopt"]),
@@ -99,15 +104,24 @@ SWEEP = [
         [],
     ),
 ]
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
-                 "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+ALLOCATOR_ENV = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+    "GLIBC_TUNABLES",
+    "THP_MEM_ALLOC_ENABLE",
+    "LD_PRELOAD",
+)
 
 
 def apply_mallopt() -> None:
     """Keep freed tensor buffers in the process: no mmap per tensor (up to 32 MiB), no trimming of the heap."""
     libc = ctypes.CDLL("libc.so.6")
     ok1 = libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
-    ok2 = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))  # an int parameter: ~2 GiB is the most
+    ok2 = libc.mallopt(
+        M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)
+    )  # an int parameter: ~2 GiB is the most
     if not (ok1 and ok2):
         print(f"warning: mallopt failed ({ok1}, {ok2})", file=sys.stderr)
 
@@ -126,14 +140,22 @@ def transformer_shapes(n_params: float, n_tensors: int) -> dict[str, tuple[int, 
     shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, d), "wpe": (ctx, d)}
     for i in range(layers):
         h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,),
-            h + "attn.c_attn.weight": (3 * d, d), h + "attn.c_attn.bias": (3 * d,),
-            h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
-            h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
-            h + "mlp.c_fc.weight": (4 * d, d), h + "mlp.c_fc.bias": (4 * d,),
-            h + "mlp.c_proj.weight": (d, 4 * d), h + "mlp.c_proj.bias": (d,),
-        })
+        shapes.update(
+            {
+                h + "ln_1.weight": (d,),
+                h + "ln_1.bias": (d,),
+                h + "attn.c_attn.weight": (3 * d, d),
+                h + "attn.c_attn.bias": (3 * d,),
+                h + "attn.c_proj.weight": (d, d),
+                h + "attn.c_proj.bias": (d,),
+                h + "ln_2.weight": (d,),
+                h + "ln_2.bias": (d,),
+                h + "mlp.c_fc.weight": (4 * d, d),
+                h + "mlp.c_fc.bias": (4 * d,),
+                h + "mlp.c_proj.weight": (d, 4 * d),
+                h + "mlp.c_proj.bias": (d,),
+            }
+        )
     shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
     return shapes
 
@@ -142,8 +164,12 @@ def make_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    params = {k: torch.randn(s, generator=g).mul_(0.02) for k, s in shapes.items()}  # in place: no freed
-    grads = {k: torch.randn(s, generator=g).mul_(1e-3) for k, s in shapes.items()}  # temporaries to reuse
+    params = {
+        k: torch.randn(s, generator=g).mul_(0.02) for k, s in shapes.items()
+    }  # in place: no freed
+    grads = {
+        k: torch.randn(s, generator=g).mul_(1e-3) for k, s in shapes.items()
+    }  # temporaries to reuse
     return params, grads
 
 
@@ -151,8 +177,13 @@ def make_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
 
 
 class Impl:
-    def __init__(self, name: str, step: Callable[[], None], get_params: Callable[[], list],
-                 set_grads: Callable[[dict], None]):
+    def __init__(
+        self,
+        name: str,
+        step: Callable[[], None],
+        get_params: Callable[[], list],
+        set_grads: Callable[[dict], None],
+    ):
         self.name, self.step, self.get_params, self.set_grads = name, step, get_params, set_grads
         self.times: list[float] = []
         self.faults: list[int] = []
@@ -170,7 +201,9 @@ class FunctionalRunner:
         self.params, self.state = self.fn(self.params, self.state, self.grads)
 
 
-def torch_impl(name: str, base: dict, grads: dict, *, fused: bool = False, compiled: bool = False) -> Impl:
+def torch_impl(
+    name: str, base: dict, grads: dict, *, fused: bool = False, compiled: bool = False
+) -> Impl:
     import torch
 
     params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
@@ -186,6 +219,7 @@ def torch_impl(name: str, base: dict, grads: dict, *, fused: bool = False, compi
             opt.step()
 
         step = compiled_step
+
     def set_grads(new: dict) -> None:
         for k, p in params.items():
             p.grad = new[k]
@@ -205,14 +239,21 @@ def functrain_fn(fused: bool = False):
     return tx, update
 
 
-def functrain_impl(name: str, base: dict, grads: dict, *, compiled: bool = False, fused: bool = False) -> Impl:
+def functrain_impl(
+    name: str, base: dict, grads: dict, *, compiled: bool = False, fused: bool = False
+) -> Impl:
     import torch
 
     tx, update = functrain_fn(fused)
     params = {k: v.clone() for k, v in base.items()}
     fn = torch.compile(update) if compiled else update
     runner = FunctionalRunner(fn, params, tx.init(params), grads)
-    return Impl(name, runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
+    return Impl(
+        name,
+        runner.step,
+        lambda: list(runner.params.values()),
+        lambda g: setattr(runner, "grads", g),
+    )
 
 
 def prototype_fn(addcdiv: bool = False):
@@ -272,24 +313,52 @@ def fused_prototype_fn():
         mu = [t.clone() for t in mu]
         nu = [t.clone() for t in nu]
         step = count.to(torch.float32)
-        torch._fused_adamw_(new, list(grads.values()), mu, nu, [], [step] * len(new), lr=LR, beta1=0.9,
-                            beta2=0.999, weight_decay=WEIGHT_DECAY, eps=1e-8, amsgrad=False, maximize=False)
+        torch._fused_adamw_(
+            new,
+            list(grads.values()),
+            mu,
+            nu,
+            [],
+            [step] * len(new),
+            lr=LR,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=WEIGHT_DECAY,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        )
         return dict(zip(params, new, strict=True)), (count, mu, nu)
 
     return update
 
 
-def prototype_impl(name: str, base: dict, grads: dict, *, compiled: bool = False, addcdiv: bool = False,
-                   fused: bool = False) -> Impl:
+def prototype_impl(
+    name: str,
+    base: dict,
+    grads: dict,
+    *,
+    compiled: bool = False,
+    addcdiv: bool = False,
+    fused: bool = False,
+) -> Impl:
     import torch
 
     params = {k: v.clone() for k, v in base.items()}
-    state = (torch.zeros((), dtype=torch.int64), [torch.zeros_like(v) for v in params.values()],
-             [torch.zeros_like(v) for v in params.values()])
+    state = (
+        torch.zeros((), dtype=torch.int64),
+        [torch.zeros_like(v) for v in params.values()],
+        [torch.zeros_like(v) for v in params.values()],
+    )
     fn = fused_prototype_fn() if fused else prototype_fn(addcdiv)
     fn = torch.compile(fn) if compiled else fn
     runner = FunctionalRunner(fn, params, state, grads)
-    return Impl(name, runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
+    return Impl(
+        name,
+        runner.step,
+        lambda: list(runner.params.values()),
+        lambda g: setattr(runner, "grads", g),
+    )
 
 
 # ----------------------------------------------------------------------------------- the other presets
@@ -322,9 +391,16 @@ def more_torch_impl(name: str, base: dict, grads: dict, foreach: bool = False) -
     if name == "muon":
         matrices = [p for k, p in params.items() if muon_label(k, p) == "muon"]
         rest = [p for k, p in params.items() if muon_label(k, p) == "others"]
-        opts = [torch.optim.Muon(matrices, **kwargs), torch.optim.AdamW(rest, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)]
+        opts = [
+            torch.optim.Muon(matrices, **kwargs),
+            torch.optim.AdamW(rest, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True),
+        ]
     else:
-        opts = [getattr(torch.optim, cls)(list(params.values()), **kwargs, **({"foreach": True} if foreach else {}))]
+        opts = [
+            getattr(torch.optim, cls)(
+                list(params.values()), **kwargs, **({"foreach": True} if foreach else {})
+            )
+        ]
 
     def step() -> None:
         for opt in opts:
@@ -334,7 +410,12 @@ def more_torch_impl(name: str, base: dict, grads: dict, foreach: bool = False) -
         for k, p in params.items():
             p.grad = new[k]
 
-    return Impl(f"torch {cls}{' foreach' if foreach else ''}", step, lambda: [p.detach() for p in params.values()], set_grads)
+    return Impl(
+        f"torch {cls}{' foreach' if foreach else ''}",
+        step,
+        lambda: [p.detach() for p in params.values()],
+        set_grads,
+    )
 
 
 def more_functrain_impl(name: str, base: dict, grads: dict) -> Impl:
@@ -342,7 +423,9 @@ def more_functrain_impl(name: str, base: dict, grads: dict) -> Impl:
 
     tx = getattr(functrain, name)(**MORE[name][1])
     if name == "muon":
-        tx = functrain.partition(muon_label, muon=tx, others=functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=False))
+        tx = functrain.partition(
+            muon_label, muon=tx, others=functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=False)
+        )
 
     def update(params: dict, state: Any, grads: dict) -> tuple[dict, Any]:
         updates, state = tx.update(grads, state, params)
@@ -350,7 +433,12 @@ def more_functrain_impl(name: str, base: dict, grads: dict) -> Impl:
 
     params = {k: v.clone() for k, v in base.items()}
     runner = FunctionalRunner(update, params, tx.init(params), grads)
-    return Impl(f"functrain {name}", runner.step, lambda: list(runner.params.values()), lambda g: setattr(runner, "grads", g))
+    return Impl(
+        f"functrain {name}",
+        runner.step,
+        lambda: list(runner.params.values()),
+        lambda g: setattr(runner, "grads", g),
+    )
 
 
 def run_more(args: argparse.Namespace) -> None:
@@ -362,8 +450,11 @@ def run_more(args: argparse.Namespace) -> None:
     # per optimizer: torch's default on the CPU (single-tensor), torch foreach (Muon has none), functrain
     names = [n for n in MORE if not args.only or n in args.only.split(",")]
     groups = [
-        [more_torch_impl(n, base, grads), *([more_torch_impl(n, base, grads, foreach=True)] if n != "muon" else []),
-         more_functrain_impl(n, base, grads)]
+        [
+            more_torch_impl(n, base, grads),
+            *([more_torch_impl(n, base, grads, foreach=True)] if n != "muon" else []),
+            more_functrain_impl(n, base, grads),
+        ]
         for n in names
     ]
     for group in groups:
@@ -386,23 +477,35 @@ def run_more(args: argparse.Namespace) -> None:
     finally:
         gc.enable()
     n = sum(v.numel() for v in base.values())
-    print(f"one update, eager: {n / 1e6:.2f}M float32 parameters in {len(base)} tensors, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.reps} reps ABBA per optimizer after {args.warmup} warmup")
-    print(f"{'optimizer':<10}  {'torch ms':>8}  {'foreach ms':>10}  {'functrain ms':>12}  {'ratio':>6}  {'cpu ratio':>9}  "
-          f"{'vs foreach':>10}  {'faults':>13}  params vs torch's default")
+    print(
+        f"one update, eager: {n / 1e6:.2f}M float32 parameters in {len(base)} tensors, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.reps} reps ABBA per optimizer after {args.warmup} warmup"
+    )
+    print(
+        f"{'optimizer':<10}  {'torch ms':>8}  {'foreach ms':>10}  {'functrain ms':>12}  {'ratio':>6}  {'cpu ratio':>9}  "
+        f"{'vs foreach':>10}  {'faults':>13}  params vs torch's default"
+    )
     for group in groups:
         theirs, ours = group[0], group[-1]
         med = {impl.name: statistics.median(impl.times) for impl in group}
         cpu = statistics.median(ours.cpu) / max(statistics.median(theirs.cpu), 1e-9)
-        foreach = f"{med[ours.name] / med[group[1].name]:10.3f}" if len(group) == 3 else f"{'-':>10}"
+        foreach = (
+            f"{med[ours.name] / med[group[1].name]:10.3f}" if len(group) == 3 else f"{'-':>10}"
+        )
         foreach_ms = f"{med[group[1].name] * 1e3:10.2f}" if len(group) == 3 else f"{'-':>10}"
-        same = all(torch.equal(a, b) for a, b in zip(ours.get_params(), theirs.get_params(), strict=True))
-        print(f"{ours.name.split()[-1]:<10}  {med[theirs.name] * 1e3:8.2f}  {foreach_ms}  {med[ours.name] * 1e3:12.2f}  "
-              f"{med[ours.name] / med[theirs.name]:6.3f}  {cpu:9.3f}  {foreach}  "
-              f"{statistics.median(theirs.faults):>6.0f}/{statistics.median(ours.faults):<6.0f}  {'bit-identical' if same else 'DIFFERENT'}")
-    print("ratio: functrain / torch's default (single-tensor), of median wall times; cpu ratio: of median CPU times "
-          "(user+sys,\nless sensitive to other load); vs foreach: functrain / torch foreach; faults: minor page faults per update, "
-          "torch's default/functrain. Target: <= 1.2.")
+        same = all(
+            torch.equal(a, b) for a, b in zip(ours.get_params(), theirs.get_params(), strict=True)
+        )
+        print(
+            f"{ours.name.split()[-1]:<10}  {med[theirs.name] * 1e3:8.2f}  {foreach_ms}  {med[ours.name] * 1e3:12.2f}  "
+            f"{med[ours.name] / med[theirs.name]:6.3f}  {cpu:9.3f}  {foreach}  "
+            f"{statistics.median(theirs.faults):>6.0f}/{statistics.median(ours.faults):<6.0f}  {'bit-identical' if same else 'DIFFERENT'}"
+        )
+    print(
+        "ratio: functrain / torch's default (single-tensor), of median wall times; cpu ratio: of median CPU times "
+        "(user+sys,\nless sensitive to other load); vs foreach: functrain / torch foreach; faults: minor page faults per update, "
+        "torch's default/functrain. Target: <= 1.2."
+    )
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -431,18 +534,33 @@ def run_timing(args: argparse.Namespace) -> dict:
     ]
     if args.prototype:
         impls.append(prototype_impl("prototype A: pure, in place on own buffers", base, grads))
-        impls.append(prototype_impl("prototype B: A + addcdiv_ like torch", base, grads, addcdiv=True))
-        impls.append(prototype_impl("prototype C: clones + torch._fused_adamw_", base, grads, fused=True))
+        impls.append(
+            prototype_impl("prototype B: A + addcdiv_ like torch", base, grads, addcdiv=True)
+        )
+        impls.append(
+            prototype_impl("prototype C: clones + torch._fused_adamw_", base, grads, fused=True)
+        )
     compile_errors: dict[str, str] = {}
     compile_seconds: dict[str, float] = {}
     if args.compile:
         compiled = [
-            ("torch AdamW foreach, compiled step", lambda nm: torch_impl(nm, base, grads, compiled=True)),
-            ("functrain adamw, compiled", lambda nm: functrain_impl(nm, base, grads, compiled=True)),
-            ("functrain adamw(fused=True), compiled", lambda nm: functrain_impl(nm, base, grads, compiled=True, fused=True)),
+            (
+                "torch AdamW foreach, compiled step",
+                lambda nm: torch_impl(nm, base, grads, compiled=True),
+            ),
+            (
+                "functrain adamw, compiled",
+                lambda nm: functrain_impl(nm, base, grads, compiled=True),
+            ),
+            (
+                "functrain adamw(fused=True), compiled",
+                lambda nm: functrain_impl(nm, base, grads, compiled=True, fused=True),
+            ),
         ]
         if args.prototype:
-            compiled.append(("prototype A, compiled", lambda nm: prototype_impl(nm, base, grads, compiled=True)))
+            compiled.append(
+                ("prototype A, compiled", lambda nm: prototype_impl(nm, base, grads, compiled=True))
+            )
         for name, make in compiled:
             impl = make(name)
             t0 = time.perf_counter()
@@ -466,7 +584,9 @@ def run_timing(args: argparse.Namespace) -> dict:
         for r in range(args.reps):
             order = impls if r % 2 == 0 else impls[::-1]
             for impl in order:
-                if args.fresh_grads:  # untimed: new gradient buffers, the old ones freed, as after a backward
+                if (
+                    args.fresh_grads
+                ):  # untimed: new gradient buffers, the old ones freed, as after a backward
                     impl.set_grads({k: g.clone() for k, g in grads.items()})
                 f0, u0, s0 = usage()
                 t0 = time.perf_counter()
@@ -488,20 +608,23 @@ def run_timing(args: argparse.Namespace) -> dict:
         paired = statistics.median(t / b for t, b in zip(impl.times, base_impl.times, strict=True))
         got = impl.get_params()
         diff = max(float((a - b).abs().max()) for a, b in zip(got, ref, strict=True))
-        rows.append({
-            "name": impl.name,
-            "median_ms": med * 1e3,
-            "min_ms": min(impl.times) * 1e3,
-            "ratio": med / statistics.median(base_impl.times),
-            "min_ratio": min(impl.times) / min(base_impl.times),
-            "paired_ratio": paired,
-            "cpu_ms": statistics.median(impl.cpu) * 1e3,
-            "cpu_ratio": statistics.median(impl.cpu) / max(statistics.median(base_impl.cpu), 1e-9),
-            "sys_ms": statistics.median(impl.sys) * 1e3,
-            "faults": statistics.median(impl.faults),
-            "max_abs_diff": diff,
-            "bit_identical": all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)),
-        })
+        rows.append(
+            {
+                "name": impl.name,
+                "median_ms": med * 1e3,
+                "min_ms": min(impl.times) * 1e3,
+                "ratio": med / statistics.median(base_impl.times),
+                "min_ratio": min(impl.times) / min(base_impl.times),
+                "paired_ratio": paired,
+                "cpu_ms": statistics.median(impl.cpu) * 1e3,
+                "cpu_ratio": statistics.median(impl.cpu)
+                / max(statistics.median(base_impl.cpu), 1e-9),
+                "sys_ms": statistics.median(impl.sys) * 1e3,
+                "faults": statistics.median(impl.faults),
+                "max_abs_diff": diff,
+                "bit_identical": all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)),
+            }
+        )
     return {
         "n_params": n,
         "n_tensors": len(base),
@@ -515,24 +638,34 @@ def run_timing(args: argparse.Namespace) -> dict:
 
 
 def print_timing(res: dict, args: argparse.Namespace) -> None:
-    print(f"AdamW update: {res['n_params'] / 1e6:.2f}M float32 parameters in {res['n_tensors']} tensors "
-          f"(largest {res['largest_mib']:.1f} MiB), torch {res['torch']}, {res['threads']} threads, "
-          f"{args.reps} reps ABBA after {args.warmup} warmup")
+    print(
+        f"AdamW update: {res['n_params'] / 1e6:.2f}M float32 parameters in {res['n_tensors']} tensors "
+        f"(largest {res['largest_mib']:.1f} MiB), torch {res['torch']}, {res['threads']} threads, "
+        f"{args.reps} reps ABBA after {args.warmup} warmup"
+    )
     env = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
-    print(f"allocator settings: {env or 'none'}{' + mallopt()' if args.mallopt else ''}"
-          f"{'; fresh gradients every update' if args.fresh_grads else ''}")
+    print(
+        f"allocator settings: {env or 'none'}{' + mallopt()' if args.mallopt else ''}"
+        f"{'; fresh gradients every update' if args.fresh_grads else ''}"
+    )
     w = max(len(r["name"]) for r in res["rows"])
-    print(f"{'implementation':<{w}}  {'median ms':>9}  {'ratio':>6}  {'min ms':>8}  {'ratio':>6}  {'paired':>6}  "
-          f"{'cpu ms':>7}  {'ratio':>6}  {'sys ms':>6}  {'faults':>6}  params vs torch foreach")
+    print(
+        f"{'implementation':<{w}}  {'median ms':>9}  {'ratio':>6}  {'min ms':>8}  {'ratio':>6}  {'paired':>6}  "
+        f"{'cpu ms':>7}  {'ratio':>6}  {'sys ms':>6}  {'faults':>6}  params vs torch foreach"
+    )
     for r in res["rows"]:
         same = "bit-identical" if r["bit_identical"] else f"max |diff| {r['max_abs_diff']:.1e}"
-        print(f"{r['name']:<{w}}  {r['median_ms']:9.2f}  {r['ratio']:6.3f}  {r['min_ms']:8.2f}  {r['min_ratio']:6.3f}  "
-              f"{r['paired_ratio']:6.3f}  {r['cpu_ms']:7.1f}  {r['cpu_ratio']:6.3f}  {r['sys_ms']:6.1f}  "
-              f"{r['faults']:6.0f}  {same}")
-    print("ratios are to 'torch AdamW foreach, eager': of medians, of minima, paired (median over rounds of the "
-          "round's ratio), of median CPU time\n(user+sys, all threads: less sensitive to other load on the "
-          "machine). sys ms and faults (minor page faults): medians per update.\n"
-          "Targets: functrain eager <= 1.15, compiled <= 1.00 (both adamw and adamw(fused=True)).")
+        print(
+            f"{r['name']:<{w}}  {r['median_ms']:9.2f}  {r['ratio']:6.3f}  {r['min_ms']:8.2f}  {r['min_ratio']:6.3f}  "
+            f"{r['paired_ratio']:6.3f}  {r['cpu_ms']:7.1f}  {r['cpu_ratio']:6.3f}  {r['sys_ms']:6.1f}  "
+            f"{r['faults']:6.0f}  {same}"
+        )
+    print(
+        "ratios are to 'torch AdamW foreach, eager': of medians, of minima, paired (median over rounds of the "
+        "round's ratio), of median CPU time\n(user+sys, all threads: less sensitive to other load on the "
+        "machine). sys ms and faults (minor page faults): medians per update.\n"
+        "Targets: functrain eager <= 1.15, compiled <= 1.00 (both adamw and adamw(fused=True))."
+    )
     for name, secs in res["compile_seconds"].items():
         print(f"first call (compile) of {name}: {secs:.1f} s")
     for name, err in res["compile_errors"].items():
@@ -579,7 +712,9 @@ def memory_child(args: argparse.Namespace) -> None:
     rss0 = _proc_status_kib("VmRSS")  # params (base) + grads
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    impl = make(base, grads)  # clones the params: that copy stands for the model's own, subtracted below
+    impl = make(
+        base, grads
+    )  # clones the params: that copy stands for the model's own, subtracted below
     for _ in range(args.memory_steps):
         impl.step()
     peak = _proc_status_kib("VmHWM")
@@ -589,10 +724,27 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def run_memory(args: argparse.Namespace) -> list[dict]:
     out = []
-    for name in ["torch foreach", "torch fused", "functrain", "functrain fused", "prototype A", "prototype B", "prototype C"][
-            : 7 if args.prototype else 4]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--params", str(args.params),
-               "--tensors", str(args.tensors), "--threads", str(args.threads)] + (["--mallopt"] if args.mallopt else [])
+    for name in [
+        "torch foreach",
+        "torch fused",
+        "functrain",
+        "functrain fused",
+        "prototype A",
+        "prototype B",
+        "prototype C",
+    ][: 7 if args.prototype else 4]:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-child",
+            name,
+            "--params",
+            str(args.params),
+            "--tensors",
+            str(args.tensors),
+            "--threads",
+            str(args.threads),
+        ] + (["--mallopt"] if args.mallopt else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             out.append({"name": name, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -602,22 +754,36 @@ def run_memory(args: argparse.Namespace) -> list[dict]:
 
 
 def print_memory(rows: list[dict], steps: int) -> None:
-    print(f"\npeak extra memory, eager, fresh process each, over params + grads, during state creation + "
-          f"{steps} updates:")
+    print(
+        f"\npeak extra memory, eager, fresh process each, over params + grads, during state creation + "
+        f"{steps} updates:"
+    )
     for r in rows:
         if "error" in r:
             print(f"  {r['name']:<14} failed: {r['error']}")
             continue
-        print(f"  {r['name']:<14} {r['extra_bytes'] / MiB:8.0f} MiB = {r['extra_bytes'] / r['param_bytes']:.2f}x "
-              "the parameter bytes")
+        print(
+            f"  {r['name']:<14} {r['extra_bytes'] / MiB:8.0f} MiB = {r['extra_bytes'] / r['param_bytes']:.2f}x "
+            "the parameter bytes"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- sweep
 
 
 def run_sweep(args: argparse.Namespace) -> None:
-    passthrough = ["--params", str(args.params), "--tensors", str(args.tensors), "--reps", str(args.reps),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    passthrough = [
+        "--params",
+        str(args.params),
+        "--tensors",
+        str(args.tensors),
+        "--reps",
+        str(args.reps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+    ]
     if args.fresh_grads:
         passthrough.append("--fresh-grads")
     if not args.compile:
@@ -626,8 +792,12 @@ def run_sweep(args: argparse.Namespace) -> None:
         passthrough.append("--prototype")
     if args.memory:
         passthrough.append("--memory")
-    chosen = [SWEEP[int(i)] for i in args.sweep_settings.split(",")] if args.sweep_settings else SWEEP
-    print(f"allocator sweep: {args.sweep_rounds} round(s) of {len(chosen)} settings, each a fresh subprocess")
+    chosen = (
+        [SWEEP[int(i)] for i in args.sweep_settings.split(",")] if args.sweep_settings else SWEEP
+    )
+    print(
+        f"allocator sweep: {args.sweep_rounds} round(s) of {len(chosen)} settings, each a fresh subprocess"
+    )
     results: list[tuple[str, dict]] = []
     for rnd in range(args.sweep_rounds):
         settings = chosen if rnd % 2 == 0 else chosen[::-1]
@@ -649,8 +819,10 @@ def print_sweep_line(label: str, res: dict, rnd: int) -> None:
     parts = [f"[round {rnd}] {label}:"]
     for r in res["rows"]:
         short = r["name"].replace("torch AdamW ", "torch ").replace("functrain adamw", "ft")
-        parts.append(f"{short} {r['median_ms']:.0f}/{r['min_ms']:.0f} ms ratio {r['ratio']:.2f}/{r['min_ratio']:.2f}"
-                     f" cpu {r['cpu_ratio']:.2f} sys {r['sys_ms']:.0f} ms {r['faults']:.0f} flt")
+        parts.append(
+            f"{short} {r['median_ms']:.0f}/{r['min_ms']:.0f} ms ratio {r['ratio']:.2f}/{r['min_ratio']:.2f}"
+            f" cpu {r['cpu_ratio']:.2f} sys {r['sys_ms']:.0f} ms {r['faults']:.0f} flt"
+        )
     print("  " + "\n      ".join(parts))
     for m in res.get("memory", []):
         if "extra_bytes" in m:
@@ -664,30 +836,65 @@ def print_sweep_line(label: str, res: dict, rnd: int) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=float, default=25e6, help="about this many parameters (default 25e6)")
-    ap.add_argument("--tensors", type=int, default=100, help="about this many tensors (default 100)")
+    ap.add_argument(
+        "--params", type=float, default=25e6, help="about this many parameters (default 25e6)"
+    )
+    ap.add_argument(
+        "--tensors", type=int, default=100, help="about this many tensors (default 100)"
+    )
     ap.add_argument("--reps", type=int, default=25, help="timed rounds (default 25)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 2e6 params, 28 tensors, 5 reps, 2 warmup")
-    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
-    ap.add_argument("--prototype", action="store_true",
-                    help="add rows for pure AdamW prototypes A, B, C (not functrain code; see prototype_fn)")
-    ap.add_argument("--more", action="store_true",
-                    help="time the other presets (nadam ... muon) against their torch.optim classes instead")
-    ap.add_argument("--only", default="", help="with --more: a comma-separated subset of " + ",".join(MORE))
-    ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke test: 2e6 params, 28 tensors, 5 reps, 2 warmup"
+    )
+    ap.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows"
+    )
+    ap.add_argument(
+        "--prototype",
+        action="store_true",
+        help="add rows for pure AdamW prototypes A, B, C (not functrain code; see prototype_fn)",
+    )
+    ap.add_argument(
+        "--more",
+        action="store_true",
+        help="time the other presets (nadam ... muon) against their torch.optim classes instead",
+    )
+    ap.add_argument(
+        "--only", default="", help="with --more: a comma-separated subset of " + ",".join(MORE)
+    )
+    ap.add_argument(
+        "--memory", action="store_true", help="also measure peak extra memory (subprocesses)"
+    )
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
-    ap.add_argument("--mallopt", action="store_true",
-                    help="call glibc mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2GiB) before importing torch")
-    ap.add_argument("--fresh-grads", action="store_true",
-                    help="give every update newly allocated gradients (untimed), as a backward pass would")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch.set_num_threads (default: torch's choice); 1 is steadier on a loaded machine")
-    ap.add_argument("--sweep", action="store_true", help="compare allocator settings in subprocesses")
-    ap.add_argument("--sweep-settings", default="",
-                    help="comma-separated indices into the sweep's settings (default: all): " +
-                    "; ".join(f"{i}={label}" for i, (label, _, _) in enumerate(SWEEP)))
-    ap.add_argument("--sweep-rounds", type=int, default=2, help="rounds of the sweep, order reversed each (2)")
+    ap.add_argument(
+        "--mallopt",
+        action="store_true",
+        help="call glibc mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2GiB) before importing torch",
+    )
+    ap.add_argument(
+        "--fresh-grads",
+        action="store_true",
+        help="give every update newly allocated gradients (untimed), as a backward pass would",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads (default: torch's choice); 1 is steadier on a loaded machine",
+    )
+    ap.add_argument(
+        "--sweep", action="store_true", help="compare allocator settings in subprocesses"
+    )
+    ap.add_argument(
+        "--sweep-settings",
+        default="",
+        help="comma-separated indices into the sweep's settings (default: all): "
+        + "; ".join(f"{i}={label}" for i, (label, _, _) in enumerate(SWEEP)),
+    )
+    ap.add_argument(
+        "--sweep-rounds", type=int, default=2, help="rounds of the sweep, order reversed each (2)"
+    )
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

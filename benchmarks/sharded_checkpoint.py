@@ -36,7 +36,11 @@ from functrain.checkpoint.sharded import chunk_rows
 def state(mb: int) -> dict[str, torch.Tensor]:
     rows = max(8, int(mb * 2**20 / 4 / 4 / 1024))  # four float32 matrices of 1024 columns
     g = torch.Generator().manual_seed(0)
-    return {**{f"m{i}": torch.randn(rows, 1024, generator=g) for i in range(4)}, "step": torch.tensor(3), "scale": torch.ones(16)}
+    return {
+        **{f"m{i}": torch.randn(rows, 1024, generator=g) for i in range(4)},
+        "step": torch.tensor(3),
+        "scale": torch.ones(16),
+    }
 
 
 def sharded(tree: dict[str, torch.Tensor], mesh) -> dict:
@@ -46,7 +50,9 @@ def sharded(tree: dict[str, torch.Tensor], mesh) -> dict:
         if t.dim() == 2:
             a, b = chunk_rows(t.shape[0], mesh.size(), mesh.get_local_rank())
             local = t[a:b].clone()
-            out[k] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride())
+            out[k] = DTensor.from_local(
+                local, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride()
+            )
         else:
             out[k] = t.clone()
     return out
@@ -72,18 +78,33 @@ def main() -> None:
     mesh = init_device_mesh("cpu", (world,))
     whole = state(args.mb)
     mine = sharded(whole, mesh)
-    base = Path(args.dir or tempfile.gettempdir()) / f"sharded-bench-{os.environ.get('MASTER_PORT', '0')}"
-    times: dict[str, list[float]] = {k: [] for k in ("sharded save", "sharded load", "plain save", "plain load")}
+    base = (
+        Path(args.dir or tempfile.gettempdir())
+        / f"sharded-bench-{os.environ.get('MASTER_PORT', '0')}"
+    )
+    times: dict[str, list[float]] = {
+        k: [] for k in ("sharded save", "sharded load", "plain save", "plain load")
+    }
     for _ in range(args.reps):
         times["sharded save"].append(timed(lambda: ft.save(mine, base / "sharded")))
         times["sharded load"].append(timed(lambda: ft.load(base / "sharded", like=mine)))
-        times["plain save"].append(timed(lambda: ft.save(whole, base / "plain") if rank == 0 else None))
-        times["plain load"].append(timed(lambda: ft.load(base / "plain", like=whole) if rank == 0 else None))
+        times["plain save"].append(
+            timed(lambda: ft.save(whole, base / "plain") if rank == 0 else None)
+        )
+        times["plain load"].append(
+            timed(lambda: ft.load(base / "plain", like=whole) if rank == 0 else None)
+        )
     loaded = ft.load(base / "sharded", like=mine)
-    assert all(torch.equal(loaded[k]._local_tensor, mine[k]._local_tensor) for k in mine if isinstance(mine[k], DTensor))
+    assert all(
+        torch.equal(loaded[k]._local_tensor, mine[k]._local_tensor)
+        for k in mine
+        if isinstance(mine[k], DTensor)
+    )
     if rank == 0:
         nbytes = sum(t.numel() * t.element_size() for t in whole.values())
-        print(f"{world} ranks, state {nbytes / 2**20:.0f} MiB, median of {args.reps} (seconds, the slowest rank)")
+        print(
+            f"{world} ranks, state {nbytes / 2**20:.0f} MiB, median of {args.reps} (seconds, the slowest rank)"
+        )
         for name, values in times.items():
             median = statistics.median(values)
             print(f"  {name:<13} {median:7.3f} s  {nbytes / 2**20 / median:8.0f} MiB/s")

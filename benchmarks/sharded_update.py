@@ -42,7 +42,10 @@ def main() -> None:
     params = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SLICES)}
     grads = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
     runs = {}
-    for name, tx in (("adamw (fused)", ft.adamw(1e-4)), ("adamw(fused=False)", ft.adamw(1e-4, fused=False))):
+    for name, tx in (
+        ("adamw (fused)", ft.adamw(1e-4)),
+        ("adamw(fused=False)", ft.adamw(1e-4, fused=False)),
+    ):
         fn = updater(tx)
         for how, call in (("eager", fn), ("compiled", torch.compile(fn, dynamic=False))):
             runs[f"{name} {how}"] = {"call": call, "held": (params, tx.init(params)), "times": []}
@@ -54,7 +57,9 @@ def main() -> None:
             run["held"] = run["call"](run["held"][0], grads, run["held"][1])
             if rep >= args.warmup:
                 run["times"].append(time.perf_counter() - t0)
-    print(f"one rank's slices of the 25M MLP ({sum(p.numel() for p in params.values()) / 1e6:.1f}M parameters), 1 thread, {args.reps} reps")
+    print(
+        f"one rank's slices of the 25M MLP ({sum(p.numel() for p in params.values()) / 1e6:.1f}M parameters), 1 thread, {args.reps} reps"
+    )
     for key, run in runs.items():
         print(f"{key:<28} {1e3 * statistics.median(run['times']):8.1f} ms")
 

@@ -97,7 +97,18 @@ WORKLOADS = ("mlp", "cnn", "transformer", "mlp25m")
 BLOCK = {"mlp": 10, "cnn": 1, "transformer": 1, "mlp25m": 1}
 WARMUP = {"mlp": 20, "cnn": 3, "transformer": 3, "mlp25m": 3}
 
-IMPLS = ("hand", "hand_fused", "eager", "eager_none", "eager_fused", "eager_donate", "compiled", "compile_step", "compile_step_fused", "compile_step_donate")
+IMPLS = (
+    "hand",
+    "hand_fused",
+    "eager",
+    "eager_none",
+    "eager_fused",
+    "eager_donate",
+    "compiled",
+    "compile_step",
+    "compile_step_fused",
+    "compile_step_donate",
+)
 COMPILED = ("compiled", "compile_step", "compile_step_fused", "compile_step_donate")
 LABELS = {
     "hand": "hand-written (foreach AdamW)",
@@ -170,7 +181,9 @@ class CNN(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, d: int = 128, heads: int = 4, ff: int = 512, layers: int = 2, classes: int = 10) -> None:
+    def __init__(
+        self, d: int = 128, heads: int = 4, ff: int = 512, layers: int = 2, classes: int = 10
+    ) -> None:
         super().__init__()
         layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.1, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -190,7 +203,15 @@ def build(workload: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     elif workload == "transformer":
         model, x = Transformer(), torch.randn(32, 64, 128)
     elif workload == "mlp25m":
-        model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        model = nn.Sequential(
+            nn.Linear(1024, 4096),
+            nn.ReLU(),
+            nn.Linear(4096, 4096),
+            nn.ReLU(),
+            nn.Linear(4096, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 10),
+        )
         x = torch.randn(64, 1024)
     else:
         raise SystemExit(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
@@ -225,16 +246,31 @@ class Hand:
 
 
 class Functrain:
-    def __init__(self, module: nn.Module, batch: Any, *, nonfinite: str = "skip", fused: bool = False, step_fn: Callable = functrain.train_step, donate: bool = False) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        batch: Any,
+        *,
+        nonfinite: str = "skip",
+        fused: bool = False,
+        step_fn: Callable = functrain.train_step,
+        donate: bool = False,
+    ) -> None:
         tx = functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=fused)
         self.state = functrain.TrainState.create(module, tx, loss_fn, seed=0, nonfinite=nonfinite)
         self.batch = batch
         self.step_fn = step_fn
-        self.donate = donate  # train_step(..., donate=True): the fused kernel in place, one state held
+        self.donate = (
+            donate  # train_step(..., donate=True): the fused kernel in place, one state held
+        )
         self.metrics: dict[str, torch.Tensor] = {}
 
     def step(self) -> None:
-        self.state, self.metrics = self.step_fn(self.state, self.batch, donate=self.donate) if self.donate else self.step_fn(self.state, self.batch)
+        self.state, self.metrics = (
+            self.step_fn(self.state, self.batch, donate=self.donate)
+            if self.donate
+            else self.step_fn(self.state, self.batch)
+        )
 
     def params(self) -> dict[str, torch.Tensor]:
         return dict(self.state.params)
@@ -258,7 +294,13 @@ def make(impl: str, module: nn.Module, batch: Any) -> Hand | Functrain:
         # one compiled step per process, as a training loop keeps it: the memory worker's warm-up
         # copy then compiles it, not the measured one
         step_fn = _COMPILED_STEPS.setdefault(impl, functrain.compile_step())
-        runner = Functrain(module, batch, fused=impl != "compile_step", step_fn=step_fn, donate=impl == "compile_step_donate")
+        runner = Functrain(
+            module,
+            batch,
+            fused=impl != "compile_step",
+            step_fn=step_fn,
+            donate=impl == "compile_step_donate",
+        )
         # the same optimizer object too: compile_step compiles once per (module, loss, optimizer)
         tx = _COMPILED_STEPS.setdefault(f"{impl}/tx", runner.state.optimizer)
         runner.state = functrain.TrainState.create(module, tx, loss_fn, seed=0)
@@ -270,7 +312,9 @@ def make(impl: str, module: nn.Module, batch: Any) -> Hand | Functrain:
 # timing
 
 
-def time_workload(workload: str, impls: list[str], reps: int, block: int, warmup: int, clock: Callable[[], int]) -> dict[str, Any]:
+def time_workload(
+    workload: str, impls: list[str], reps: int, block: int, warmup: int, clock: Callable[[], int]
+) -> dict[str, Any]:
     module, batch = build(workload)
     runners = {}
     for impl in impls:
@@ -366,18 +410,24 @@ def memory_worker(impl: str, workload: str, warmup: int, steps: int) -> None:
     peak = _proc_status_kib("VmHWM")
     gc.collect()
     end = _proc_status_kib("VmRSS")
-    print(json.dumps({
-        "impl": impl,
-        "workload": workload,
-        "base_kib": base,
-        "peak_kib": peak - base,
-        "persistent_kib": end - base,
-        "hwm_resettable": resettable,
-        "param_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": impl,
+                "workload": workload,
+                "base_kib": base,
+                "peak_kib": peak - base,
+                "persistent_kib": end - base,
+                "hwm_resettable": resettable,
+                "param_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
+            }
+        )
+    )
 
 
-def run_memory(impls: list[str], workloads: list[str], warmup: int, steps: int) -> dict[tuple[str, str], dict]:
+def run_memory(
+    impls: list[str], workloads: list[str], warmup: int, steps: int
+) -> dict[tuple[str, str], dict]:
     # a fixed mmap threshold (which also turns off glibc's dynamic one) hands every tensor over
     # 64 KiB to mmap, so freed tensors leave the RSS at once and the RSS follows the live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
@@ -385,8 +435,17 @@ def run_memory(impls: list[str], workloads: list[str], warmup: int, steps: int) 
     for workload in workloads:
         for impl in impls:
             log(f"memory: {impl} on {workload} (fresh process)")
-            cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", impl, workload,
-                   "--memory-warmup", str(warmup), "--memory-steps", str(steps)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--memory-worker",
+                impl,
+                workload,
+                "--memory-warmup",
+                str(warmup),
+                "--memory-steps",
+                str(steps),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
                 log(f"memory worker {impl} {workload} failed:\n{proc.stderr[-2000:]}")
@@ -416,19 +475,25 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
     for r in results:
         parts = [f"{impl} {lo:.3f}-{hi:.3f}" for impl, (lo, hi) in r["spread"].items()]
         print(f"  {r['workload']}: " + ", ".join(parts))
-    print("Max |param - hand-written param| after the same steps (0 = bit-identical; with dropout (cnn, transformer)\n"
-          "functrain draws its masks from its own generator state, so only the MLP is comparable):")
+    print(
+        "Max |param - hand-written param| after the same steps (0 = bit-identical; with dropout (cnn, transformer)\n"
+        "functrain draws its masks from its own generator state, so only the MLP is comparable):"
+    )
     for r in results:
         parts = [f"{impl} {d:.2e}" for impl, d in r["max_param_diff"].items()]
         print(f"  {r['workload']} ({r['steps']} steps): " + ", ".join(parts))
     for r in results:
         if r.get("busy"):
-            print(f"WARNING: {r['workload']}: the load average exceeded the CPU count (other processes ran); times are skewed")
+            print(
+                f"WARNING: {r['workload']}: the load average exceeded the CPU count (other processes ran); times are skewed"
+            )
     for r in results:
         if r["compile_s"] is not None:
             print(f"First (compiling) call, {r['workload']}: {r['compile_s']:.1f} s")
     failures = []
-    print("\nTargets (ratio to the hand-written foreach loop; a target set by the fused loop is its ratio times the factor):")
+    print(
+        "\nTargets (ratio to the hand-written foreach loop; a target set by the fused loop is its ratio times the factor):"
+    )
     for r in results:
         for impl in impls:
             target = TARGETS.get((impl, r["workload"]))
@@ -439,17 +504,23 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
             bound = r["median_ms"][reference] / r["median_ms"]["hand"] * factor
             how = "" if reference == "hand" else f" (hand-written fused x {factor:.2f})"
             ok = ratio <= bound
-            print(f"  {LABELS[impl]}, {r['workload']}: {ratio:.2f} <= {bound:.2f}{how}  {'ok' if ok else 'MISSED'}")
+            print(
+                f"  {LABELS[impl]}, {r['workload']}: {ratio:.2f} <= {bound:.2f}{how}  {'ok' if ok else 'MISSED'}"
+            )
             if not ok:
                 failures.append(f"{impl}/{r['workload']}")
     return failures
 
 
-def print_memory(mem: dict[tuple[str, str], dict], impls: list[str], workloads: list[str], steps: int) -> None:
+def print_memory(
+    mem: dict[tuple[str, str], dict], impls: list[str], workloads: list[str], steps: int
+) -> None:
     if not mem:
         return
-    print(f"\nPeak RSS over model+batch during state creation + {steps} steps, MiB (ratio to hand-written) "
-          "[still held after them, MiB]; one fresh process each\n")
+    print(
+        f"\nPeak RSS over model+batch during state creation + {steps} steps, MiB (ratio to hand-written) "
+        "[still held after them, MiB]; one fresh process each\n"
+    )
     print("| implementation | " + " | ".join(workloads) + " |")
     print("|" + "---|" * (len(workloads) + 1))
     for impl in impls:
@@ -463,25 +534,61 @@ def print_memory(mem: dict[tuple[str, str], dict], impls: list[str], workloads: 
             cells.append(f"{m['peak_kib'] / 1024:.1f} ({ratio}) [{m['persistent_kib'] / 1024:.1f}]")
         print(f"| {LABELS[impl]} | " + " | ".join(cells) + " |")
     sizes = {w: m["param_bytes"] for (_, w), m in mem.items()}
-    print("Parameter bytes: " + ", ".join(f"{w} {sizes[w] / MiB:.2f} MiB" for w in workloads if w in sizes))
+    print(
+        "Parameter bytes: "
+        + ", ".join(f"{w} {sizes[w] / MiB:.2f} MiB" for w in workloads if w in sizes)
+    )
     if not all(m.get("hwm_resettable") for m in mem.values()):
-        print("WARNING: /proc/self/clear_refs could not reset VmHWM; peaks include earlier high-water marks")
+        print(
+            "WARNING: /proc/self/clear_refs could not reset VmHWM; peaks include earlier high-water marks"
+        )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds per workload (default 60; 3 with --quick)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
-    ap.add_argument("--quick", action="store_true", help="smoke test: few reps, short blocks, few memory steps")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed rounds per workload (default 60; 3 with --quick)",
+    )
+    ap.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated subset of " + ",".join(WORKLOADS),
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke test: few reps, short blocks, few memory steps"
+    )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: perf_counter (default); cpu: this process's CPU time, robust to other processes "
-                    "taking the CPU (use with --threads 1: with more threads it also counts their spinning)")
-    ap.add_argument("--memory-warmup", type=int, default=3, help="throwaway steps before the measured ones (the first compiles)")
-    ap.add_argument("--memory-steps", type=int, default=10, help="measured steps in each memory process")
-    ap.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own choice)",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter (default); cpu: this process's CPU time, robust to other processes "
+        "taking the CPU (use with --threads 1: with more threads it also counts their spinning)",
+    )
+    ap.add_argument(
+        "--memory-warmup",
+        type=int,
+        default=3,
+        help="throwaway steps before the measured ones (the first compiles)",
+    )
+    ap.add_argument(
+        "--memory-steps", type=int, default=10, help="measured steps in each memory process"
+    )
+    ap.add_argument(
+        "--memory-worker", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
 
     if args.memory_worker:
@@ -497,13 +604,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter_ns if args.clock == "wall" else time.process_time_ns
     if args.clock == "cpu" and torch.get_num_threads() > 1:
-        log("WARNING: --clock cpu with more than one thread also counts the threads' spinning; use --threads 1")
+        log(
+            "WARNING: --clock cpu with more than one thread also counts the threads' spinning; use --threads 1"
+        )
     impls = [i for i in IMPLS if not (args.no_compile and i in COMPILED)]
     mem_steps = min(args.memory_steps, 3) if args.quick else args.memory_steps
     mem_warmup = min(args.memory_warmup, 2) if args.quick else args.memory_warmup
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"reps={reps}; clock={args.clock}; workloads={','.join(workloads)}; load average at start {_loadavg()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"reps={reps}; clock={args.clock}; workloads={','.join(workloads)}; load average at start {_loadavg()}"
+    )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
     results = []
     for w in workloads:
@@ -513,8 +624,10 @@ def main() -> None:
         log(f"{w}: done; load average {_loadavg()}")
         busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
         if busy:
-            log("WARNING: the machine is busier than its CPU count: other processes share the CPU and skew times "
-                "(consider --threads 1 --clock cpu)")
+            log(
+                "WARNING: the machine is busier than its CPU count: other processes share the CPU and skew times "
+                "(consider --threads 1 --clock cpu)"
+            )
             results[-1]["busy"] = True
     failures = print_speed(results, impls)
     if not args.no_memory:

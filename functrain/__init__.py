@@ -8,7 +8,32 @@ lives in subpackages by layer (`docs/architecture.md`): `optim` (transforms, pre
 resolve on first use, so importing functrain imports neither package).
 """
 
-from functrain import _moved
+from functrain import _moved, distributed, testing
+from functrain.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
+from functrain.checkpoint.manager import CheckpointManager
+from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
+from functrain.config import ConfiguredRun, build_run, load_config
+from functrain.core.compiled import CompiledStep, compile_step
+from functrain.core.ensemble import num_members, stack, unstack
+from functrain.core.options import StepOptions
+from functrain.core.state import TrainState
+from functrain.core.step import BoundModel, eval_step, train_step
+from functrain.driver.callbacks import (
+    Callback,
+    ConsoleLogger,
+    JsonlLogger,
+    LRMonitor,
+    Profiler,
+    ProgressBar,
+    Run,
+    TensorBoardLogger,
+    on,
+)
+from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
+from functrain.driver.evaluation import evaluate
+from functrain.driver.fit import FitResult, fit
+from functrain.driver.history import History
+from functrain.driver.run_config import ConfigChangeWarning
 from functrain.errors import (
     BatchError,
     CheckpointCorruptError,
@@ -20,51 +45,12 @@ from functrain.errors import (
     NonFiniteError,
     StateMismatchError,
 )
-from functrain import distributed, testing
-from functrain.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
+from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
 from functrain.optim import schedules
 from functrain.optim.averaging import EmaState, ema
-from functrain.driver.callbacks import (
-    Callback,
-    ConsoleLogger,
-    JsonlLogger,
-    LRMonitor,
-    ProgressBar,
-    Profiler,
-    Run,
-    TensorBoardLogger,
-    on,
-)
-from functrain.checkpoint.manager import CheckpointManager
-from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
-from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
-from functrain.driver.evaluation import evaluate
-from functrain.driver.fit import FitResult, fit
-from functrain.driver.run_config import ConfigChangeWarning
-from functrain.config import ConfiguredRun, build_run, load_config
-from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
-from functrain.driver.history import History
-from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
 from functrain.optim.more_presets import adadelta, adafactor, adamax, asgd, muon, nadam, rprop
 from functrain.optim.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
-from functrain.core.options import StepOptions
-from functrain.core.state import TrainState
-from functrain.core.step import BoundModel, eval_step, train_step
-from functrain.core.compiled import CompiledStep, compile_step
-from functrain.optim.sweep import Sweep, sweep
-from functrain.core.ensemble import num_members, stack, unstack
-from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
-from functrain.optim.transform import (
-    EmptyState,
-    ParamStep,
-    Ratio,
-    Transform,
-    apply_updates,
-    as_tensors,
-    chain,
-    identity,
-    transform_metrics,
-)
+from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
 from functrain.optim.primitives import (
     add_decayed_weights,
     clip_by_global_norm,
@@ -78,15 +64,17 @@ from functrain.optim.primitives import (
     scale_by_rms,
     trace,
 )
-from functrain.optim.wrappers import (
-    accumulate,
-    all_finite,
-    check_skip_limits,
-    dynamic_loss_scale,
-    find_loss_scale,
-    masked,
-    partition,
-    skip_nonfinite,
+from functrain.optim.sweep import Sweep, sweep
+from functrain.optim.transform import (
+    EmptyState,
+    ParamStep,
+    Ratio,
+    Transform,
+    apply_updates,
+    as_tensors,
+    chain,
+    identity,
+    transform_metrics,
 )
 from functrain.optim.update_rules import (
     adafactor_step,
@@ -98,6 +86,17 @@ from functrain.optim.update_rules import (
     scale_by_muon,
     scale_by_rprop,
 )
+from functrain.optim.wrappers import (
+    accumulate,
+    all_finite,
+    check_skip_limits,
+    dynamic_loss_scale,
+    find_loss_scale,
+    masked,
+    partition,
+    skip_nonfinite,
+)
+from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
 
 # the module paths of before the layout keep working (imports and attributes), with a DeprecationWarning;
 # the integrations' names load their modules on first use

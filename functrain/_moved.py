@@ -45,7 +45,9 @@ MOVED = {
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Answers imports of the old paths with the modules that now hold their code."""
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MOVED and fullname not in ALIASES:
             return None
         return importlib.machinery.ModuleSpec(fullname, self)
@@ -86,5 +88,9 @@ def package_getattr(name: str) -> object:
     old = f"functrain.{name}"
     if old not in MOVED:
         raise AttributeError(f"module 'functrain' has no attribute {name!r}")
-    warnings.warn(f"{old} moved to {MOVED[old]}; import from there (or the public names from functrain itself)", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        f"{old} moved to {MOVED[old]}; import from there (or the public names from functrain itself)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return importlib.import_module(MOVED[old])

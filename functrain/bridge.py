@@ -50,7 +50,11 @@ __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
 
 LearningRates = float | Schedule | Sequence[float | Schedule] | None
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
-_IMPLEMENTATIONS = {"fused": "fused (fused=True)", "foreach": "foreach (foreach=True)", "single": "single-tensor (foreach=False, the CPU default)"}
+_IMPLEMENTATIONS = {
+    "fused": "fused (fused=True)",
+    "foreach": "foreach (foreach=True)",
+    "single": "single-tensor (foreach=False, the CPU default)",
+}
 _REFUSED = {
     "capturable": "functrain's steps never read a count or a step size back to the host: a run compiles or graphs without it",
     "differentiable": "functrain's updates are pure functions of tensors, not built to be differentiated through",
@@ -86,7 +90,9 @@ class ConvertedOptimizer:
     names: tuple[str, ...]
     groups: tuple[_Group, ...] = attrs.field(repr=False)
 
-    def create_state(self, module: nn.Module, loss_fn: Callable[..., Any], **options: Any) -> TrainState:
+    def create_state(
+        self, module: nn.Module, loss_fn: Callable[..., Any], **options: Any
+    ) -> TrainState:
         """`TrainState.create` for `module` with this optimizer, then `load_into`.
 
         Parameters the torch optimizer does not hold are frozen (``trainable=``), and the state's
@@ -97,8 +103,13 @@ class ConvertedOptimizer:
         """
         held = frozenset(self.names)
         if "trainable" in options:
-            config_check(["trainable is set by the torch optimizer's parameters; leave it out"], "create_state")
-        state = TrainState.create(module, self.optimizer, loss_fn, trainable=lambda name, p: name in held, **options)
+            config_check(
+                ["trainable is set by the torch optimizer's parameters; leave it out"],
+                "create_state",
+            )
+        state = TrainState.create(
+            module, self.optimizer, loss_fn, trainable=lambda name, p: name in held, **options
+        )
         return self.load_into(state)
 
     def load_into(self, state: TrainState) -> TrainState:
@@ -112,17 +123,34 @@ class ConvertedOptimizer:
                 shape from torch's state.
         """
         if state.optimizer is not self.optimizer:
-            config_check(["the state was not created with this converted optimizer: use create_state(module, loss_fn)"], "load_into")
+            config_check(
+                [
+                    "the state was not created with this converted optimizer: use create_state(module, loss_fn)"
+                ],
+                "load_into",
+            )
         missing = sorted(set(self.names) - set(state.params))
         if missing:
-            config_check([f"the state trains none of {', '.join(missing)}, which the torch optimizer holds"], "load_into")
-        opt_state = _map_groups(state.opt_state, len(self.groups), lambda k, node: _filled(node, self.groups[k], state.params))
+            config_check(
+                [f"the state trains none of {', '.join(missing)}, which the torch optimizer holds"],
+                "load_into",
+            )
+        opt_state = _map_groups(
+            state.opt_state,
+            len(self.groups),
+            lambda k, node: _filled(node, self.groups[k], state.params),
+        )
         step = torch.full_like(state.step, self.step)
         return state.replace(opt_state=opt_state, step=step)
 
 
 def from_torch_optimizer(
-    optimizer: Optimizers, module: nn.Module, *, lr: LearningRates = None, step: int | None = None, scheduler: Any = None
+    optimizer: Optimizers,
+    module: nn.Module,
+    *,
+    lr: LearningRates = None,
+    step: int | None = None,
+    scheduler: Any = None,
 ) -> ConvertedOptimizer:
     """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
 
@@ -184,19 +212,30 @@ def from_torch_optimizer(
     rates = _rates(lr, len(slots), where)
     groups, counts = [], []
     for i, o in enumerate(optimizers):
-        read = [_read_group(o, k, module, _place(where, len(optimizers), i, None)) for k in range(len(o.param_groups))]
+        read = [
+            _read_group(o, k, module, _place(where, len(optimizers), i, None))
+            for k in range(len(o.param_groups))
+        ]
         groups += read
         counts += _counts(o, read, step, _place(where, len(optimizers), i, None))
     if scheduler is not None:
         rates = _schedules(scheduler, optimizers, counts, where)
     groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
-    transforms = [_transform(o, o.param_groups[k], g, rate, place) for (_, o, k), g, rate, place in zip(slots, groups, rates, places, strict=True)]
+    transforms = [
+        _transform(o, o.param_groups[k], g, rate, place)
+        for (_, o, k), g, rate, place in zip(slots, groups, rates, places, strict=True)
+    ]
     if len(transforms) == 1:
         tx = transforms[0]
     else:
         label = {name: f"group{k}" for k, g in enumerate(groups) for name in g.names}
-        tx = partition(lambda name, p: label.get(name, "unheld"), **{f"group{k}": t for k, t in enumerate(transforms)})
-    return ConvertedOptimizer(tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups))
+        tx = partition(
+            lambda name, p: label.get(name, "unheld"),
+            **{f"group{k}": t for k, t in enumerate(transforms)},
+        )
+    return ConvertedOptimizer(
+        tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups)
+    )
 
 
 def _place(where: str, n: int, i: int, k: int | None) -> str:
@@ -206,31 +245,50 @@ def _place(where: str, n: int, i: int, k: int | None) -> str:
     return ", ".join(part for part in (where, ".".join(p for p in (own, group) if p)) if part)
 
 
-def _optimizers(optimizer: Optimizers, module: nn.Module, where: str) -> list[torch.optim.Optimizer]:
+def _optimizers(
+    optimizer: Optimizers, module: nn.Module, where: str
+) -> list[torch.optim.Optimizer]:
     """The live torch optimizers given (one, or several over disjoint parameters, as Muon with AdamW)."""
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     unknown = [type(o).__name__ for o in optimizers if torch_class(o) is None]
     if not optimizers or unknown or not isinstance(module, nn.Module):
         names = ", ".join(f"torch.optim.{k.__name__}" for k in TORCH_CLASSES)
         got = ", ".join(unknown) or ("no optimizer" if not optimizers else "")
-        config_check([f"optimizer must be a live {names} (or a list of them over disjoint parameters) and module an nn.Module, got {got or type(module).__name__}"], where)
+        config_check(
+            [
+                f"optimizer must be a live {names} (or a list of them over disjoint parameters) and module an nn.Module, got {got or type(module).__name__}"
+            ],
+            where,
+        )
     seen: set[int] = set()
     for i, o in enumerate(optimizers):
         ids = {id(p) for group in o.param_groups for p in group["params"]}
         if ids & seen:
-            config_check([f"optimizer[{i}] updates parameters an earlier optimizer also updates: give each parameter to one optimizer"], where)
+            config_check(
+                [
+                    f"optimizer[{i}] updates parameters an earlier optimizer also updates: give each parameter to one optimizer"
+                ],
+                where,
+            )
         seen |= ids
     return optimizers
 
 
-def _schedules(scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], counts: Sequence[int], where: str) -> list[Any]:
+def _schedules(
+    scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], counts: Sequence[int], where: str
+) -> list[Any]:
     """One rate per group from the live schedulers (one per optimizer; None keeps that optimizer's lr)."""
     schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
     if len(schedulers) != len(optimizers):
-        config_check([f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got {len(schedulers)}"], where)
+        config_check(
+            [
+                f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got {len(schedulers)}"
+            ],
+            where,
+        )
     rates: list[Any] = []
     for s, o in zip(schedulers, optimizers, strict=True):
-        own = counts[len(rates):len(rates) + len(o.param_groups)]
+        own = counts[len(rates) : len(rates) + len(o.param_groups)]
         rates += [None] * len(own) if s is None else _scheduled(s, o, own, where)
     return rates
 
@@ -252,27 +310,38 @@ def _described_scheduler(scheduler: Any, k: int, where: str) -> tuple[type, dict
     if cls in _LIVE_ARGS:
         return cls, {name: getattr(scheduler, name) for name in _LIVE_ARGS[cls]}
     if cls is lr_scheduler.MultiStepLR:
-        return cls, {"milestones": sorted(scheduler.milestones.elements()), "gamma": scheduler.gamma}
+        return cls, {
+            "milestones": sorted(scheduler.milestones.elements()),
+            "gamma": scheduler.gamma,
+        }
     if cls is lr_scheduler.LambdaLR:
         return cls, {"lr_lambda": scheduler.lr_lambdas[k]}
     if cls is lr_scheduler.SequentialLR:
         members = [_described_scheduler(s, k, where) for s in scheduler._schedulers]
         return cls, {"schedulers": members, "milestones": list(scheduler._milestones)}
     if cls is lr_scheduler.ChainedScheduler:
-        return cls, {"schedulers": [_described_scheduler(s, k, where) for s in scheduler._schedulers]}
+        return cls, {
+            "schedulers": [_described_scheduler(s, k, where) for s in scheduler._schedulers]
+        }
     fix = f"pass lr=functrain.schedules.from_torch({cls.__name__}, lr=..., <its arguments>) instead"
     config_check([f"a live {cls.__name__} cannot be read back into its arguments; {fix}"], where)
     raise AssertionError  # unreachable: config_check raised
 
 
-def _scheduled(scheduler: Any, optimizer: torch.optim.Optimizer, counts: Sequence[int], where: str) -> list[Schedule]:
+def _scheduled(
+    scheduler: Any, optimizer: torch.optim.Optimizer, counts: Sequence[int], where: str
+) -> list[Schedule]:
     """One schedule per group: the live scheduler's class and arguments from its base lrs, at the optimizer's count."""
     if getattr(scheduler, "optimizer", None) is not optimizer:
-        config_check(["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where)
+        config_check(
+            ["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where
+        )
     steps = getattr(scheduler, "last_epoch", None)
     if steps is not None and any(steps != count for count in counts):
         problem = f"the scheduler stepped {steps} times, the optimizer {max(counts)}: functrain runs a schedule on the update count"
-        config_check([f"{problem}; step the scheduler once per optimizer step, or pass lr= yourself"], where)
+        config_check(
+            [f"{problem}; step the scheduler once per optimizer step, or pass lr= yourself"], where
+        )
     schedules = []
     for k, group in enumerate(optimizer.param_groups):
         cls, kwargs = _described_scheduler(scheduler, k, where)
@@ -285,7 +354,10 @@ def _rates(lr: LearningRates, n: int, where: str) -> list[float | Schedule | Non
         return [lr] * n
     if isinstance(lr, Sequence) and len(lr) == n:
         return list(lr)
-    config_check([f"lr must be None, a float, a schedule or one per parameter group ({n}), got lr={lr!r}"], where)
+    config_check(
+        [f"lr must be None, a float, a schedule or one per parameter group ({n}), got lr={lr!r}"],
+        where,
+    )
     raise AssertionError  # unreachable: config_check raised
 
 
@@ -294,14 +366,21 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
     group = optimizer.param_groups[k]
     unknown = [i for i, p in enumerate(group["params"]) if id(p) not in by_id]
     if unknown:
-        config_check([f"param_groups[{k}]['params'][{unknown[0]}] is not a parameter of the module given"], where)
-    held = [p for p in group["params"] if p.requires_grad]  # torch never steps a frozen one: nor does functrain
+        config_check(
+            [f"param_groups[{k}]['params'][{unknown[0]}] is not a parameter of the module given"],
+            where,
+        )
+    held = [
+        p for p in group["params"] if p.requires_grad
+    ]  # torch never steps a frozen one: nor does functrain
     names = tuple(by_id[id(p)] for p in held)
     state = tuple(dict(optimizer.state.get(p, {})) for p in held)
     return _Group(names, state, 0, float(group["lr"]))
 
 
-def _counts(optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str) -> list[int]:
+def _counts(
+    optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str
+) -> list[int]:
     """Each group's count of updates: torch's ``step`` (one value per group), SGD's and Muon's from `step`."""
     counts = []
     for k, g in enumerate(groups):
@@ -309,14 +388,29 @@ def _counts(optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: in
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
             if len(seen) > 1:
                 shown = sorted(str(s) for s in seen)
-                config_check([f"param_groups[{k}]: its parameters took different numbers of steps ({', '.join(shown)}: some had no gradient); functrain updates a group together"], where)
+                config_check(
+                    [
+                        f"param_groups[{k}]: its parameters took different numbers of steps ({', '.join(shown)}: some had no gradient); functrain updates a group together"
+                    ],
+                    where,
+                )
             count = seen.pop() or 0
             if step is not None and step != count:
-                config_check([f"step={step!r} disagrees with param_groups[{k}]'s state, which took {count} steps"], where)
+                config_check(
+                    [
+                        f"step={step!r} disagrees with param_groups[{k}]'s state, which took {count} steps"
+                    ],
+                    where,
+                )
         else:
             buffers = [s.get("momentum_buffer") is not None for s in g.state]
             if any(buffers) and not all(buffers):
-                config_check([f"param_groups[{k}]: some parameters have a momentum buffer and others not (some had no gradient); functrain updates a group together"], where)
+                config_check(
+                    [
+                        f"param_groups[{k}]: some parameters have a momentum buffer and others not (some had no gradient); functrain updates a group together"
+                    ],
+                    where,
+                )
             count = step if step is not None else int(any(buffers))
         counts.append(count)
     return counts
@@ -326,7 +420,11 @@ def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, 
     """What keeps a group's torch implementation from continuing (or being continued by) functrain bit for bit."""
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
-    problems = [f"{flag}=True: {why}; build the torch optimizer without it" for flag, why in _REFUSED.items() if group.get(flag)]
+    problems = [
+        f"{flag}=True: {why}; build the torch optimizer without it"
+        for flag, why in _REFUSED.items()
+        if group.get(flag)
+    ]
     used = implementation(group)
     if used not in kind.exact:
         exact = " or ".join(_IMPLEMENTATIONS[i] for i in sorted(kind.exact))
@@ -339,7 +437,9 @@ def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, 
     return problems
 
 
-def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str) -> Transform:
+def _transform(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str
+) -> Transform:
     """The preset that matches one parameter group, refused where torch's implementation is not the one it continues."""
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
@@ -348,7 +448,9 @@ def _transform(optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Grou
     problems = _implementation_problems(optimizer, group)
     config_check(problems, where)
     if "fused" in inspect.signature(kind.preset).parameters:
-        kwargs["fused"] = implementation(group) == "fused"  # fused=False for the others: the foreach chain, whose bits the single-tensor loop shares
+        kwargs["fused"] = (
+            implementation(group) == "fused"
+        )  # fused=False for the others: the foreach chain, whose bits the single-tensor loop shares
     if group.get("maximize"):
         kwargs["maximize"] = True
     return kind.preset(**kwargs)
@@ -360,7 +462,9 @@ def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
     def walk(node: Any, k: int | None) -> Any:
         if isinstance(node, PartitionState) and k is None:
             if len(node.inner) != n:
-                raise ConfigError(f"the state's optimizer has {len(node.inner)} parameter groups, the torch optimizer {n}")
+                raise ConfigError(
+                    f"the state's optimizer has {len(node.inner)} parameter groups, the torch optimizer {n}"
+                )
             return PartitionState(tuple(walk(inner, i) for i, inner in enumerate(node.inner)))
         if isinstance(node, torch.Tensor):
             return node
@@ -375,7 +479,9 @@ def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
 
     out = walk(opt_state, None)
     if n > 1 and not any(isinstance(node, PartitionState) for node in _nodes(opt_state)):
-        raise ConfigError(f"the torch optimizer has {n} parameter groups, the state's optimizer one: convert that optimizer with from_torch_optimizer")
+        raise ConfigError(
+            f"the torch optimizer has {n} parameter groups, the state's optimizer one: convert that optimizer with from_torch_optimizer"
+        )
     return out
 
 
@@ -392,24 +498,41 @@ def _order(group: _Group, params: dict[str, torch.Tensor]) -> list[str]:
 def _torch_value(name: str, key: str, value: Any, target: torch.Tensor) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.shape != target.shape:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ConfigError(f"torch's {key} of {name} has shape {shape}, the state's {tuple(target.shape)}")
+        raise ConfigError(
+            f"torch's {key} of {name} has shape {shape}, the state's {tuple(target.shape)}"
+        )
     return value.detach().to(dtype=target.dtype, device=target.device, copy=True)
 
 
-def _torch_tensors(group: _Group, names: Sequence[str], key: str, like: Sequence[Any]) -> tuple[Any, ...]:
+def _torch_tensors(
+    group: _Group, names: Sequence[str], key: str, like: Sequence[Any]
+) -> tuple[Any, ...]:
     """torch's `key` of each parameter, shaped and typed as the state's (Adafactor's factors as pairs)."""
     by_name = dict(zip(group.names, group.state, strict=True))
     if key == "moments":  # Adafactor: (row_var, col_var) for a matrix, (variance,) for the rest
         keys = lambda target: ("row_var", "col_var") if len(target) == 2 else ("variance",)  # noqa: E731
-        return tuple(tuple(_torch_value(name, k, by_name[name].get(k), t) for k, t in zip(keys(target), target, strict=True)) for name, target in zip(names, like, strict=True))
-    return tuple(_torch_value(name, key, by_name[name].get(key), target) for name, target in zip(names, like, strict=True))
+        return tuple(
+            tuple(
+                _torch_value(name, k, by_name[name].get(k), t)
+                for k, t in zip(keys(target), target, strict=True)
+            )
+            for name, target in zip(names, like, strict=True)
+        )
+    return tuple(
+        _torch_value(name, key, by_name[name].get(key), target)
+        for name, target in zip(names, like, strict=True)
+    )
 
 
-def _torch_scalar(group: _Group, names: Sequence[str], key: str, like: torch.Tensor) -> torch.Tensor:
+def _torch_scalar(
+    group: _Group, names: Sequence[str], key: str, like: torch.Tensor
+) -> torch.Tensor:
     """A value torch keeps per parameter and functrain once per group (NAdam's ``mu_product``, ASGD's ``eta``, ``mu``)."""
     values = [torch.as_tensor(state[key]) for state in group.state]
     if any(not torch.equal(v, values[0]) for v in values):
-        raise ConfigError(f"torch's {key} differs between the parameters of one group; functrain keeps one per group (their steps must agree)")
+        raise ConfigError(
+            f"torch's {key} differs between the parameters of one group; functrain keeps one per group (their steps must agree)"
+        )
     return _torch_value(names[0], key, values[0].reshape(like.shape), like)
 
 
@@ -430,7 +553,9 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     return node._replace(**values)
 
 
-def to_torch_state_dict(state: TrainState, optimizer: Optimizers, module: nn.Module) -> dict[str, Any] | list[dict[str, Any]]:
+def to_torch_state_dict(
+    state: TrainState, optimizer: Optimizers, module: nn.Module
+) -> dict[str, Any] | list[dict[str, Any]]:
     """A functrain state's optimizer state as the ``state_dict`` of `optimizer`, to load and continue in torch.
 
     `optimizer` is the torch optimizer that matches the state's transform (or a list of them, as
@@ -486,13 +611,28 @@ def to_torch_state_dict(state: TrainState, optimizer: Optimizers, module: nn.Mod
         group = _read_group(o, k, module, place)
         missing = [name for name in group.names if name not in state.params]
         if missing:
-            config_check([f"{place.split(', ')[-1]} holds {', '.join(missing)}, which the state does not train"], where)
+            config_check(
+                [
+                    f"{place.split(', ')[-1]} holds {', '.join(missing)}, which the state does not train"
+                ],
+                where,
+            )
         held = set(group.names)
         order = [name for name in state.params if name in held]
         values = _group_values(o, o.param_groups[k], nodes, place)
-        indices = dict(zip((id(p) for p in o.param_groups[k]["params"]), dicts[i]["param_groups"][k]["params"], strict=True))
+        indices = dict(
+            zip(
+                (id(p) for p in o.param_groups[k]["params"]),
+                dicts[i]["param_groups"][k]["params"],
+                strict=True,
+            )
+        )
         for j, name in enumerate(order):
-            entry = {key: copy for key, copy in (_entry(key, value, j) for key, value in values.items()) if copy is not None}
+            entry = {
+                key: copy
+                for key, copy in (_entry(key, value, j) for key, value in values.items())
+                if copy is not None
+            }
             if entry:
                 dicts[i]["state"][indices[id(params[name])]] = entry
     return dicts if isinstance(optimizer, (list, tuple)) else dicts[0]
@@ -504,20 +644,33 @@ def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:
     return key, None if own is None else own.detach().clone()
 
 
-def _group_values(optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str) -> dict[str, Any]:
+def _group_values(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str
+) -> dict[str, Any]:
     """torch's per-parameter state of one group (a tuple over its parameters, or one tensor for all)."""
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
     own = [cls for cls in nodes if cls in kind.needs]
-    foreign = sorted({cls.__name__ for other in TORCH_CLASSES.values() for cls in other.needs if cls in nodes and cls not in kind.needs})
+    foreign = sorted(
+        {
+            cls.__name__
+            for other in TORCH_CLASSES.values()
+            for cls in other.needs
+            if cls in nodes and cls not in kind.needs
+        }
+    )
     problems = []
     if kind.needs and not own or foreign:
-        problems.append(f"torch's {type(optimizer).__name__} does not match the state's optimizer (which holds {', '.join(foreign) or 'no ' + kind.needs[0].__name__})")
+        problems.append(
+            f"torch's {type(optimizer).__name__} does not match the state's optimizer (which holds {', '.join(foreign) or 'no ' + kind.needs[0].__name__})"
+        )
     if type(optimizer) in (torch.optim.SGD, torch.optim.RMSprop):
         momentum = group.get("momentum", 0) != 0
         has_buffer = TraceState in nodes or bool(getattr(nodes.get(FusedSgdState), "momentum", ()))
         if momentum != has_buffer:
-            problems.append(f"momentum={group['momentum']!r} in torch, but the state's optimizer has {'a' if has_buffer else 'no'} momentum buffer")
+            problems.append(
+                f"momentum={group['momentum']!r} in torch, but the state's optimizer has {'a' if has_buffer else 'no'} momentum buffer"
+            )
     for flag, field in (("amsgrad", "nu_max"), ("centered", "mu")):
         node = next((n for c, n in nodes.items() if c in kind.needs and field in n._fields), None)
         if flag in group and node is not None and bool(group[flag]) != bool(getattr(node, field)):
@@ -525,9 +678,13 @@ def _group_values(optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes
     config_check(problems + _implementation_problems(optimizer, group), where)
     counted = [node for node in nodes.values() if "count" in node._fields]
     count = int(counted[0].count) if counted else 0
-    if count == 0 and not kind.built:  # torch makes the state at the first step (Adagrad at construction)
+    if (
+        count == 0 and not kind.built
+    ):  # torch makes the state at the first step (Adagrad at construction)
         return {}
-    values: dict[str, Any] = {"step": counted[0].count.to(device="cpu", dtype=torch.float32)} if kind.counted else {}
+    values: dict[str, Any] = (
+        {"step": counted[0].count.to(device="cpu", dtype=torch.float32)} if kind.counted else {}
+    )
     for node in nodes.values():
         for field, key in KEYS[type(node)].items():
             value = getattr(node, field)

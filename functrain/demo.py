@@ -41,13 +41,21 @@ class DigitsCNN(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width * 16, 128), nn.ReLU(), nn.Linear(128, 10))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * width * 16, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_fn(
+    model: Any, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy, and accuracy as a metric."""
     x, y = batch
     logits = model(x)
@@ -98,14 +106,23 @@ class PlotCurves(ft.Callback):
             print(f"(no plot: {e})")
 
 
-def build(epochs: int, batch_size: int, lr: float, seed: int, out: Path) -> tuple[ft.TrainState, tuple[TensorDataset, ...], dict[str, Any]]:
+def build(
+    epochs: int, batch_size: int, lr: float, seed: int, out: Path
+) -> tuple[ft.TrainState, tuple[TensorDataset, ...], dict[str, Any]]:
     """The demo's state, its train/val/test splits and `fit`'s options (``configs/demo.yaml`` says the same)."""
     torch.manual_seed(seed)
     splits = load_digits_splits(seed)
     steps_per_epoch = -(-len(splits[0]) // batch_size)
-    schedule = warmup_cosine(peak_value=lr, warmup_steps=steps_per_epoch, decay_steps=epochs * steps_per_epoch, end_value=lr * 0.01)
+    schedule = warmup_cosine(
+        peak_value=lr,
+        warmup_steps=steps_per_epoch,
+        decay_steps=epochs * steps_per_epoch,
+        end_value=lr * 0.01,
+    )
     optimizer = ft.adamw(schedule, weight_decay=1e-4, mask=decay_mask, fused=True)
-    state = ft.TrainState.create(DigitsCNN(), optimizer, loss_fn, seed=seed, ema_decay=0.99, clip_grad_norm=1.0)
+    state = ft.TrainState.create(
+        DigitsCNN(), optimizer, loss_fn, seed=seed, ema_decay=0.99, clip_grad_norm=1.0
+    )
     options = {
         "batch_size": batch_size,
         "max_epochs": epochs,
@@ -122,13 +139,23 @@ def build(epochs: int, batch_size: int, lr: float, seed: int, out: Path) -> tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m functrain.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoints, log and plot go here")
+    parser = argparse.ArgumentParser(
+        prog="python -m functrain.demo", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="checkpoints, log and plot go here"
+    )
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64, help="global: split across ranks under torchrun")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="global: split across ranks under torchrun"
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (the default when --out holds checkpoints)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out (the default when --out holds checkpoints)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -136,13 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     ft.distributed.init_from_env()  # under torchrun: one process per rank, gloo on CPU, nccl on GPU
     main_rank = ft.distributed.is_main_process()
     say = print if main_rank else (lambda *a, **k: None)
-    state, (train, val, test), options = build(args.epochs, args.batch_size, args.lr, args.seed, args.out)
+    state, (train, val, test), options = build(
+        args.epochs, args.batch_size, args.lr, args.seed, args.out
+    )
     say(state)
     checkpoints = args.out / "checkpoints"
     resume = args.resume or (checkpoints.is_dir() and any(checkpoints.iterdir()))
     if resume and not args.resume:
-        say(f"continuing the run whose checkpoints are in {checkpoints} (another --out trains from scratch)")
-    result = ft.fit(state, train, eval_data=val, test_data=test, **options, progress=not args.no_progress, resume=resume)
+        say(
+            f"continuing the run whose checkpoints are in {checkpoints} (another --out trains from scratch)"
+        )
+    result = ft.fit(
+        state,
+        train,
+        eval_data=val,
+        test_data=test,
+        **options,
+        progress=not args.no_progress,
+        resume=resume,
+    )
     plot = args.out / "curves.png" if main_rank else None
     try:
         if plot is not None:
@@ -151,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         plot = None
         say(f"(no plot: {e})")
     test_acc = result.test["test_acc"] if result.test else float("nan")
-    say(f"\nstopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs")
+    say(
+        f"\nstopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs"
+    )
     say(f"best checkpoint: {result.checkpoints['best']}  (val_loss {result.best['val_loss']:.4f})")
-    say(f"test accuracy of the best checkpoint: {test_acc:.4f}  (EMA weights: {result.test.get('test_ema_acc', float('nan')):.4f})")
+    say(
+        f"test accuracy of the best checkpoint: {test_acc:.4f}  (EMA weights: {result.test.get('test_ema_acc', float('nan')):.4f})"
+    )
     say(f"log: {args.out / 'metrics.jsonl'}" + (f"  curves: {plot}" if plot else ""))
     say(f"total time: {time.perf_counter() - t0:.1f} s")
     return 0 if test_acc >= 0.95 else 1

@@ -14,11 +14,11 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from functrain.driver.callbacks import Callback, Run, on
-from functrain.errors import ConfigError, config_check
 from functrain.core.state import TrainState
 from functrain.core.step import BoundModel
 from functrain.distributed.sharding import gathered
+from functrain.driver.callbacks import Callback, Run, on
+from functrain.errors import ConfigError, config_check
 
 __all__ = ["Forward", "SampleText", "generate", "sample_logits", "top_k_filter", "top_p_filter"]
 
@@ -31,12 +31,24 @@ class Forward(Protocol):
 
 def _sampling_problems(temperature: Any, top_k: Any, top_p: Any) -> list[str]:
     problems = []
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        problems.append(f"temperature must be a number >= 0 (0 is greedy decoding), got temperature={temperature!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature >= 0
+    ):
+        problems.append(
+            f"temperature must be a number >= 0 (0 is greedy decoding), got temperature={temperature!r}"
+        )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        problems.append(f"top_k must be an int >= 1 or None (no top-k filtering), got top_k={top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        problems.append(f"top_p must lie in (0, 1] or be None (no nucleus filtering), got top_p={top_p!r}")
+        problems.append(
+            f"top_k must be an int >= 1 or None (no top-k filtering), got top_k={top_k!r}"
+        )
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
+        problems.append(
+            f"top_p must lie in (0, 1] or be None (no nucleus filtering), got top_p={top_p!r}"
+        )
     return problems
 
 
@@ -132,7 +144,9 @@ def sample_logits(
     """
     problems = _sampling_problems(temperature, top_k, top_p)
     if generator is None and not problems and temperature > 0:
-        problems.append("sampling with temperature > 0 needs an explicit generator (e.g. torch.Generator().manual_seed(0)); pass temperature=0 for greedy decoding")
+        problems.append(
+            "sampling with temperature > 0 needs an explicit generator (e.g. torch.Generator().manual_seed(0)); pass temperature=0 for greedy decoding"
+        )
     config_check(problems, "sample_logits")
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -214,12 +228,24 @@ def generate(
         True
     """
     problems = _sampling_problems(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        problems.append(f"max_new_tokens must be an int >= 0, got max_new_tokens={max_new_tokens!r}")
-    if context_size is not None and (isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1):
-        problems.append(f"context_size must be an int >= 1 or None, got context_size={context_size!r}")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
+        problems.append(
+            f"max_new_tokens must be an int >= 0, got max_new_tokens={max_new_tokens!r}"
+        )
+    if context_size is not None and (
+        isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1
+    ):
+        problems.append(
+            f"context_size must be an int >= 1 or None, got context_size={context_size!r}"
+        )
     if use_ema and state.ema_state is None:
-        problems.append("use_ema=True needs a state created with ema_decay=...; this state has no EMA")
+        problems.append(
+            "use_ema=True needs a state created with ema_decay=...; this state has no EMA"
+        )
     config_check(problems, "generate")
     ids = _as_ids(prompt_ids, state.device)
     squeeze = ids.ndim == 1
@@ -239,7 +265,9 @@ def generate(
             for _ in range(max_new_tokens):
                 window = ids if context_size is None else ids[:, -context_size:]
                 logits = forward(model, window)[:, -1, :]
-                token = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                token = sample_logits(
+                    logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                )
                 ids = torch.cat([ids, token.unsqueeze(-1)], dim=-1)
     finally:
         state.module.train(was_training)
@@ -302,22 +330,38 @@ class SampleText(Callback):
         file: IO[str] | None = None,
     ) -> None:
         problems = _sampling_problems(temperature, top_k, top_p)
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            problems.append(f"every must be an int >= 1 (updates) or None (epoch ends), got every={every!r}")
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            problems.append(
+                f"every must be an int >= 1 (updates) or None (epoch ends), got every={every!r}"
+            )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be an int >= 1, got max_new_tokens={max_new_tokens!r}")
+            problems.append(
+                f"max_new_tokens must be an int >= 1, got max_new_tokens={max_new_tokens!r}"
+            )
         if not prompt:
-            problems.append("prompt must be a non-empty string: the model needs at least one token to continue")
+            problems.append(
+                "prompt must be a non-empty string: the model needs at least one token to continue"
+            )
         config_check(problems, "SampleText")
         self.every, self.prompt, self.decode, self.file = every, prompt, decode, file
         self.prompt_ids = list(encode(prompt))
         self.options = {
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "use_ema": use_ema, "context_size": context_size, "forward": forward
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+            "use_ema": use_ema,
+            "context_size": context_size,
+            "forward": forward,
         }
         self.max_new_tokens = max_new_tokens
         self.samples: list[tuple[int, str]] = []
         # `on` counts updates (once per update under accumulation) and epochs for us
-        self._trigger = on("epoch_end" if every is None else "batch_end", every=every or 1)(self._sample)
+        self._trigger = on("epoch_end" if every is None else "batch_end", every=every or 1)(
+            self._sample
+        )
 
     def _sample(self, run: Run) -> None:
         ids = generate(run.state, self.prompt_ids, self.max_new_tokens, **self.options)

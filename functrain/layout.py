@@ -39,7 +39,9 @@ def is_dense(t: torch.Tensor) -> bool:
         (True, True, False, False)
     """
     expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
+    for stride, size in sorted(
+        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
+    ):
         if stride != expected:
             return False
         expected *= size
@@ -61,7 +63,10 @@ def obeys_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
         return True
     if not is_dense(like):
         return t.is_contiguous()
-    return all(st == ls if size != 1 else st != 0 for size, st, ls in zip(t.shape, strides, like_strides, strict=True))
+    return all(
+        st == ls if size != 1 else st != 0
+        for size, st, ls in zip(t.shape, strides, like_strides, strict=True)
+    )
 
 
 def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,9 +94,14 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
-def in_layouts_of(tensors: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def in_layouts_of(
+    tensors: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """`in_layout_of` leaf by leaf: the list itself (as a list) where every tensor obeys already."""
-    return [t if t.stride() == p.stride() else in_layout_of(t, p) for t, p in zip(tensors, likes, strict=True)]
+    return [
+        t if t.stride() == p.stride() else in_layout_of(t, p)
+        for t, p in zip(tensors, likes, strict=True)
+    ]
 
 
 def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

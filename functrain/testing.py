@@ -19,15 +19,22 @@ import attrs
 import torch
 
 from functrain import checkpoint
-from functrain.errors import ConfigError
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
+from functrain.errors import ConfigError
 from functrain.tree import leaves_by_path
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-__all__ = ["LeafDiff", "ResumptionCase", "assert_states_equal", "check_resumption", "diff_states", "resumption_cases"]
+__all__ = [
+    "LeafDiff",
+    "ResumptionCase",
+    "assert_states_equal",
+    "check_resumption",
+    "diff_states",
+    "resumption_cases",
+]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -58,7 +65,11 @@ class LeafDiff:
 
     def __str__(self) -> str:
         if self.kind != "values":
-            return f"{self.path}: {self.kind} differs ({self.detail})" if self.detail else f"{self.path}: {self.kind}"
+            return (
+                f"{self.path}: {self.kind} differs ({self.detail})"
+                if self.detail
+                else f"{self.path}: {self.kind}"
+            )
         size = "" if self.max_abs_diff is None else f", max |a - b| = {self.max_abs_diff:.6g}"
         return f"{self.path}: {self.num_different} of {self.numel} elements differ{size}"
 
@@ -70,7 +81,11 @@ def _as_tree(x: Any) -> Any:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().cpu().contiguous()
     if t.is_floating_point() or t.is_complex():
-        return t.view(_INT_OF_SIZE[t.element_size()]) if t.element_size() in _INT_OF_SIZE else t.view(torch.uint8)
+        return (
+            t.view(_INT_OF_SIZE[t.element_size()])
+            if t.element_size() in _INT_OF_SIZE
+            else t.view(torch.uint8)
+        )
     return t
 
 
@@ -90,7 +105,9 @@ def _tensor_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None
     a_cpu, b_cpu = a.detach().cpu()[differ], b.detach().cpu()[differ]
     wide = torch.complex128 if a.is_complex() else torch.float64
     gaps = (a_cpu.to(wide) - b_cpu.to(wide)).abs()
-    return LeafDiff(path, "values", num_different=count, numel=a.numel(), max_abs_diff=float(gaps.max()))
+    return LeafDiff(
+        path, "values", num_different=count, numel=a.numel(), max_abs_diff=float(gaps.max())
+    )
 
 
 def _same_python_value(a: Any, b: Any) -> bool:
@@ -107,7 +124,13 @@ def _value_diff(path: str, a: Any, b: Any) -> LeafDiff | None:
     if _same_python_value(a, b):
         return None
     gap = abs(a - b) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
-    return LeafDiff(path, "values", f"{a!r} vs {b!r}", num_different=1, max_abs_diff=None if gap is None else float(gap))
+    return LeafDiff(
+        path,
+        "values",
+        f"{a!r} vs {b!r}",
+        num_different=1,
+        max_abs_diff=None if gap is None else float(gap),
+    )
 
 
 def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]:
@@ -139,15 +162,26 @@ def diff_states(a: Any, b: Any, *, ignore: Iterable[str] = ()) -> list[LeafDiff]
     prefixes = tuple(ignore)
 
     def kept(tree: Any) -> dict[str, Any]:
-        return {p: v for p, v in leaves_by_path(_as_tree(tree)).items() if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in prefixes)}
+        return {
+            p: v
+            for p, v in leaves_by_path(_as_tree(tree)).items()
+            if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in prefixes)
+        }
 
     want, have = kept(a), kept(b)
-    diffs = [LeafDiff(p, "missing", "only in the first") if p not in have else _value_diff(p, want[p], have[p]) for p in want]
+    diffs = [
+        LeafDiff(p, "missing", "only in the first")
+        if p not in have
+        else _value_diff(p, want[p], have[p])
+        for p in want
+    ]
     diffs += [LeafDiff(p, "extra", "only in the second") for p in have if p not in want]
     return [d for d in diffs if d is not None]
 
 
-def assert_states_equal(a: Any, b: Any, *, ignore: Iterable[str] = (), max_listed: int = 20) -> None:
+def assert_states_equal(
+    a: Any, b: Any, *, ignore: Iterable[str] = (), max_listed: int = 20
+) -> None:
     """Assert that two states (or trees) are bit-identical, listing every leaf that is not.
 
     Args:
@@ -199,7 +233,12 @@ DEFAULT_OPTIONS: dict[str, Sequence[Any]] = {
 }
 
 
-def resumption_cases(n: int | tuple[int, int] = (2, 12), *, options: Mapping[str, Any] | None = None, seed: bool = True) -> SearchStrategy[ResumptionCase]:
+def resumption_cases(
+    n: int | tuple[int, int] = (2, 12),
+    *,
+    options: Mapping[str, Any] | None = None,
+    seed: bool = True,
+) -> SearchStrategy[ResumptionCase]:
     """A hypothesis strategy of `ResumptionCase` ``(n, k, options)`` for `check_resumption`.
 
     `k` lies in ``1 .. n - 1``; when ``options["accumulate_steps"] > 1``, half the cases cut inside
@@ -231,11 +270,16 @@ def resumption_cases(n: int | tuple[int, int] = (2, 12), *, options: Mapping[str
 
     low, high = (n, n) if isinstance(n, int) else n
     if low < 2 or high < low:
-        raise ConfigError(f"resumption_cases needs runs of at least 2 steps (so a cut fits inside), got n={n!r}")
+        raise ConfigError(
+            f"resumption_cases needs runs of at least 2 steps (so a cut fits inside), got n={n!r}"
+        )
     choices = dict(DEFAULT_OPTIONS if options is None else options)
     if seed:
         choices.setdefault("seed", st.integers(0, 2**20))
-    drawn = {name: c if isinstance(c, st.SearchStrategy) else st.sampled_from(list(c)) for name, c in choices.items()}
+    drawn = {
+        name: c if isinstance(c, st.SearchStrategy) else st.sampled_from(list(c))
+        for name, c in choices.items()
+    }
 
     @st.composite
     def cases(draw: Any) -> ResumptionCase:
@@ -256,7 +300,9 @@ SaveFn = Callable[[TrainState, Path], Any]
 LoadFn = Callable[..., TrainState]
 
 
-def _train(state: TrainState, batches_fn: Callable[[int], Any], start: int, stop: int, donate: bool = False) -> tuple[TrainState, list[dict[str, torch.Tensor]]]:
+def _train(
+    state: TrainState, batches_fn: Callable[[int], Any], start: int, stop: int, donate: bool = False
+) -> tuple[TrainState, list[dict[str, torch.Tensor]]]:
     metrics = []
     for i in range(start, stop):
         state, m = train_step(state, batches_fn(i), donate=donate)
@@ -322,4 +368,6 @@ def check_resumption(
     straight, straight_metrics = _train(at_k, batches_fn, k, n, donate)
     resumed, resumed_metrics = _train(restored, batches_fn, k, n, donate)
     expected = {"state": straight.tree(), "metrics": straight_metrics}
-    return [str(d) for d in diff_states(expected, {"state": resumed.tree(), "metrics": resumed_metrics})]
+    return [
+        str(d) for d in diff_states(expected, {"state": resumed.tree(), "metrics": resumed_metrics})
+    ]

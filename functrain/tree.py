@@ -48,7 +48,11 @@ _MAX_DICT_SPECS = 256
 
 def _is_tensor_dict(tree: Any) -> bool:
     # compiled code takes torch's own path: dynamo traces it without guarding on these caches
-    return type(tree) is dict and not torch.compiler.is_compiling() and all(isinstance(v, torch.Tensor) for v in tree.values())
+    return (
+        type(tree) is dict
+        and not torch.compiler.is_compiling()
+        and all(isinstance(v, torch.Tensor) for v in tree.values())
+    )
 
 
 def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
@@ -71,7 +75,9 @@ def tree_unflatten(leaves: Sequence[Any], spec: pytree.TreeSpec) -> Tree:
     keys = _DICT_KEYS.get(id(spec)) if not torch.compiler.is_compiling() else None
     if keys is not None and _DICT_SPECS.get(keys) is spec:
         if len(leaves) != len(keys):
-            raise ValueError(f"tree_unflatten: {len(keys)} leaves expected for {spec}, got {len(leaves)}")
+            raise ValueError(
+                f"tree_unflatten: {len(keys)} leaves expected for {spec}, got {len(leaves)}"
+            )
         return dict(zip(keys, leaves))
     return pytree.tree_unflatten(leaves, spec)
 
@@ -127,7 +133,11 @@ def check_same_structure(expected: Tree, got: Tree, what: str) -> None:
         return
     paths_e, paths_g = set(tree_paths(expected)), set(tree_paths(got))
     missing, extra = sorted(paths_e - paths_g), sorted(paths_g - paths_e)
-    detail = f"missing {missing}, extra {extra}" if missing or extra else f"expected {spec_e}, got {spec_g}"
+    detail = (
+        f"missing {missing}, extra {extra}"
+        if missing or extra
+        else f"expected {spec_e}, got {spec_g}"
+    )
     raise StateMismatchError(f"{what} does not have the structure of the parameters: {detail}")
 
 
@@ -147,7 +157,9 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         # the foreach op would run as an opaque call each time it appears. (A sharded step's
         # update always runs eagerly, compiled steps' included: the sum over ranks below is
         # read from a context variable, which dynamo cannot trace.)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).float() for t in tensors]))
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(t).float() for t in tensors])
+        )
     shared = _SHARED_NORM.get()
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
@@ -156,7 +168,9 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return _norm_across(tensors, across)
     norms = torch._foreach_norm(list(tensors))
     # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
-    return torch.linalg.vector_norm(torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms]))
+    return torch.linalg.vector_norm(
+        torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms])
+    )
 
 
 def _norm_across(tensors: Sequence[torch.Tensor], across: Any) -> torch.Tensor:
@@ -209,15 +223,25 @@ def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
     leaves, spec = tree_flatten(new)
     previous = tree_leaves(old)
     if len(previous) != len(leaves):
-        raise StateMismatchError(f"tree_select needs trees of one structure, got {len(leaves)} and {len(previous)} leaves")
-    return tree_unflatten([torch.where(keep, n, o) if isinstance(n, torch.Tensor) else n for n, o in zip(leaves, previous)], spec)
+        raise StateMismatchError(
+            f"tree_select needs trees of one structure, got {len(leaves)} and {len(previous)} leaves"
+        )
+    return tree_unflatten(
+        [
+            torch.where(keep, n, o) if isinstance(n, torch.Tensor) else n
+            for n, o in zip(leaves, previous)
+        ],
+        spec,
+    )
 
 
 # how `global_norm` adds squares over ranks while a sharded step runs (None: not sharded)
 _NORM_SUM: contextvars.ContextVar[Any] = contextvars.ContextVar("functrain_norm_sum", default=None)
 
 # (tensors, their version counters, their global norm) while a step shares the norm it computed
-_SHARED_NORM: contextvars.ContextVar[tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor] | None] = contextvars.ContextVar("functrain_shared_norm", default=None)
+_SHARED_NORM: contextvars.ContextVar[
+    tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor] | None
+] = contextvars.ContextVar("functrain_shared_norm", default=None)
 
 
 def share_norm(tensors: Sequence[torch.Tensor], norm: torch.Tensor) -> contextvars.Token:
@@ -243,7 +267,9 @@ def unshare_norm(token: contextvars.Token) -> None:
     _SHARED_NORM.reset(token)
 
 
-def _same_tensors(items: tuple[torch.Tensor, ...], versions: tuple[int, ...], tensors: Sequence[torch.Tensor]) -> bool:
+def _same_tensors(
+    items: tuple[torch.Tensor, ...], versions: tuple[int, ...], tensors: Sequence[torch.Tensor]
+) -> bool:
     if len(items) != len(tensors):
         return False
     return all(a is b and a._version == v for a, b, v in zip(items, tensors, versions))

@@ -43,9 +43,13 @@ def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tenso
 def build_state() -> ft.TrainState:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        module = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Dropout(0.3), nn.Linear(D_HIDDEN, D_OUT))
+        module = nn.Sequential(
+            nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Dropout(0.3), nn.Linear(D_HIDDEN, D_OUT)
+        )
     optimizer = ft.chain(ft.adamw(0.02, weight_decay=0.1), ft.reduce_on_plateau(0.5, patience=0))
-    return ft.TrainState.create(module, optimizer, loss_fn, seed=3, accumulate_steps=2, ema_decay=0.8)
+    return ft.TrainState.create(
+        module, optimizer, loss_fn, seed=3, accumulate_steps=2, ema_decay=0.8
+    )
 
 
 def datasets() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
@@ -53,7 +57,11 @@ def datasets() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     x = torch.randn(SAMPLES + 28, D_IN, generator=gen)
     y = x[:, :D_OUT] - 0.5 * x[:, D_OUT:] + 0.1 * torch.randn(SAMPLES + 28, D_OUT, generator=gen)
     end = SAMPLES + 16
-    return TensorDataset(x[:SAMPLES], y[:SAMPLES]), TensorDataset(x[SAMPLES:end], y[SAMPLES:end]), TensorDataset(x[end:], y[end:])
+    return (
+        TensorDataset(x[:SAMPLES], y[:SAMPLES]),
+        TensorDataset(x[SAMPLES:end], y[SAMPLES:end]),
+        TensorDataset(x[end:], y[end:]),
+    )
 
 
 class Jitter(Dataset):
@@ -74,7 +82,13 @@ def train_data(rows: TensorDataset, source: str) -> Any:
     if source == "dataset":
         return rows
     workers = 2 if source == "loader_workers" else 0
-    return DataLoader(Jitter(rows), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(13), num_workers=workers)
+    return DataLoader(
+        Jitter(rows),
+        batch_size=BATCH,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(13),
+        num_workers=workers,
+    )
 
 
 class KeepUserState(ft.Callback):
@@ -85,7 +99,10 @@ class KeepUserState(ft.Callback):
         logged = list(user.get("logged", []))
         if run.logs is not None:
             logged.append(run.logs["loss"])
-        run.user = {"batches": user.get("batches", torch.zeros((), dtype=torch.int64)) + 1, "logged": logged}
+        run.user = {
+            "batches": user.get("batches", torch.zeros((), dtype=torch.int64)) + 1,
+            "logged": logged,
+        }
 
 
 class Killer(ft.Callback):
@@ -106,7 +123,14 @@ class Killer(ft.Callback):
         return fire
 
 
-def run(checkpoint_dir: Path, output: Path, *, resume: bool = False, kill: tuple[str, int] | None = None, source: str = "dataset") -> None:
+def run(
+    checkpoint_dir: Path,
+    output: Path,
+    *,
+    resume: bool = False,
+    kill: tuple[str, int] | None = None,
+    source: str = "dataset",
+) -> None:
     """Fit the fixed run; unless killed, write its final state and result.json under `output`."""
     train, val, test = datasets()
     killer = Killer(*(kill or (None, 0)))

@@ -55,7 +55,9 @@ def build_state(spec: Spec, *, init_seed: int) -> ft.TrainState:
     """
     members = spec.get("members", 0)
     if members:
-        return ft.stack([build_member(spec, init_seed=init_seed + 1000 * j) for j in range(members)])
+        return ft.stack(
+            [build_member(spec, init_seed=init_seed + 1000 * j) for j in range(members)]
+        )
     return build_member(spec, init_seed=init_seed)
 
 
@@ -92,7 +94,9 @@ def batch(spec: Spec, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(state: ft.TrainState, spec: Spec, start: int, stop: int) -> tuple[ft.TrainState, list[Metrics]]:
+def train(
+    state: ft.TrainState, spec: Spec, start: int, stop: int
+) -> tuple[ft.TrainState, list[Metrics]]:
     """Steps `start` .. `stop - 1` of the run, and their metrics."""
     metrics = []
     for i in range(start, stop):

@@ -36,7 +36,9 @@ from functrain.errors import FunctrainError
 
 EXAMPLES = 10_000 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 60
 SECONDS_PER_EXAMPLE = 10.0
-MIB_PER_EXAMPLE = 256  # the checkpoint is 10 KiB: a crafted one may cost some, never hundreds of MiB
+MIB_PER_EXAMPLE = (
+    256  # the checkpoint is 10 KiB: a crafted one may cost some, never hundreds of MiB
+)
 MANIFEST = "manifest.json"
 TENSORS = "tensors-00000.safetensors"
 SEAL = b'{\n  "manifest_blake3": "'
@@ -45,14 +47,20 @@ SEAL = b'{\n  "manifest_blake3": "'
 def template() -> ft.TrainState:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).to(torch.bfloat16)
-    return ft.TrainState.create(model, ft.adamw(1e-2), lambda m, b: m(b).float().square().mean(), ema_decay=0.9)
+    return ft.TrainState.create(
+        model, ft.adamw(1e-2), lambda m, b: m(b).float().square().mean(), ema_decay=0.9
+    )
 
 
 @pytest.fixture(scope="module")
 def reference() -> Iterator[Path]:
     state = template()
     state, _ = ft.train_step(state, torch.randn(16, 4, dtype=torch.bfloat16))
-    driver = {"history": {"train": [{"step": 1, "loss": 0.5}], "eval": [], "epoch": []}, "empty_batches": 0, "stop_reason": None}
+    driver = {
+        "history": {"train": [{"step": 1, "loss": 0.5}], "eval": [], "epoch": []},
+        "empty_batches": 0,
+        "stop_reason": None,
+    }
     with tempfile.TemporaryDirectory(prefix="ft-fuzz-") as d:
         yield ft.save(state.replace(driver=driver), Path(d) / "ckpt", metadata={"note": "fuzz"})
 
@@ -62,7 +70,11 @@ def reseal_manifest(raw: bytes) -> bytes:
     if not raw.startswith(SEAL) or len(raw) < len(SEAL) + 64:
         return raw
     start, end = len(SEAL), len(SEAL) + 64
-    return raw[:start] + blake3.blake3(raw[:start] + b"0" * 64 + raw[end:]).hexdigest().encode() + raw[end:]
+    return (
+        raw[:start]
+        + blake3.blake3(raw[:start] + b"0" * 64 + raw[end:]).hexdigest().encode()
+        + raw[end:]
+    )
 
 
 def record_tensor_file(directory: Path, raw: bytes) -> None:
@@ -82,7 +94,10 @@ def mutations(draw: st.DrawFn, size: int) -> list[tuple[str, int, bytes]]:
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(kinds)
         position = draw(st.integers(0, max(size - 1, 0)) | st.sampled_from([0, 8, 16, size // 2]))
-        payload = draw(st.binary(min_size=1, max_size=64) | st.sampled_from([b"\x00" * 8, b"\xff" * 8, b"{}", b'"', b"9" * 20, b"[" * 100]))
+        payload = draw(
+            st.binary(min_size=1, max_size=64)
+            | st.sampled_from([b"\x00" * 8, b"\xff" * 8, b"{}", b'"', b"9" * 20, b"[" * 100])
+        )
         edits.append((kind, position, payload))
     return edits
 
@@ -116,7 +131,9 @@ def bounded(seconds: float, mib: int) -> Iterator[None]:
     """Fail an example that runs over `seconds` or raises this process's peak memory by over `mib`."""
 
     def on_alarm(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"example ran over {seconds} s")  # not a FunctrainError: fails the example
+        raise TimeoutError(
+            f"example ran over {seconds} s"
+        )  # not a FunctrainError: fails the example
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from the current RSS
@@ -132,9 +149,15 @@ def bounded(seconds: float, mib: int) -> Iterator[None]:
     assert grown < mib << 20, f"the example raised peak memory by {grown >> 20} MiB"
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data(), name=st.sampled_from([MANIFEST, TENSORS]), reseal=st.booleans())
-def test_any_bytes_in_any_file_load_or_raise_a_functrain_error(reference: Path, data: st.DataObject, name: str, reseal: bool) -> None:
+def test_any_bytes_in_any_file_load_or_raise_a_functrain_error(
+    reference: Path, data: st.DataObject, name: str, reseal: bool
+) -> None:
     like = template()
     with tempfile.TemporaryDirectory(prefix="ft-fuzz-") as tmp:
         d = Path(shutil.copytree(reference, Path(tmp) / "ckpt"))
@@ -163,6 +186,8 @@ def test_the_fuzzer_reaches_the_checks_behind_the_digests(reference: Path) -> No
         with pytest.raises(ft.CheckpointCorruptError, match="the header does not start with"):
             ser.read_tree(d)
         raw = (d / MANIFEST).read_bytes()
-        (d / MANIFEST).write_bytes(reseal_manifest(raw.replace(b'"format_version": 3', b'"format_version": 9')))
+        (d / MANIFEST).write_bytes(
+            reseal_manifest(raw.replace(b'"format_version": 3', b'"format_version": 9'))
+        )
         with pytest.raises(ft.CheckpointError, match="format version 9 is newer"):
             ser.read_tree(d)

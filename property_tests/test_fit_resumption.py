@@ -59,7 +59,9 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
         root = tmp_path_factory.mktemp(f"straight_{source}")
         worker.run(root / "checkpoints", root / "out", source=source)
         out[source] = load_result(root / "out")
-        assert {k: out[source]["summary"]["counts"][k] for k in EVENTS} == EVENTS, "fit_worker's run changed: update EVENTS"
+        assert {k: out[source]["summary"]["counts"][k] for k in EVENTS} == EVENTS, (
+            "fit_worker's run changed: update EVENTS"
+        )
     return out
 
 
@@ -70,19 +72,25 @@ def load_result(out: Path) -> dict[str, Any]:
     return {"summary": summary, "final": final, "best": best}
 
 
-def run_worker(checkpoints: Path, out: Path, *, resume: bool, kill: Kill | None, source: str) -> int:
+def run_worker(
+    checkpoints: Path, out: Path, *, resume: bool, kill: Kill | None, source: str
+) -> int:
     cmd = [sys.executable, str(WORKER), str(checkpoints), str(out), "--source", source]
     cmd += ["--resume"] if resume else []
     cmd += ["--kill", f"{kill[0]}:{kill[1]}"] if kill else []
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode in (0, -signal.SIGKILL), f"fit worker failed ({done.returncode}):\n{done.stderr}"
+    assert done.returncode in (0, -signal.SIGKILL), (
+        f"fit worker failed ({done.returncode}):\n{done.stderr}"
+    )
     return done.returncode
 
 
 def tensor_mismatches(expected: Any, got: Any) -> list[str]:
     """Paths of leaves that differ (tensors by dtype and bits, other leaves by value; timings ignored)."""
     want, have = leaves_by_path(expected), leaves_by_path(got)
-    problems = [f"missing {p}" for p in want if p not in have] + [f"extra {p}" for p in have if p not in want]
+    problems = [f"missing {p}" for p in want if p not in have] + [
+        f"extra {p}" for p in have if p not in want
+    ]
     for path, a in want.items():
         b = have.get(path)
         if path not in have or path.rsplit("/", 1)[-1] in TIMING_KEYS:
@@ -111,17 +119,27 @@ def interrupted_run(kills: list[Kill], source: str) -> tuple[dict[str, Any], int
     raise AssertionError("unreachable: the last process runs without a kill point")
 
 
-kill_points = st.sampled_from(sorted(EVENTS)).flatmap(lambda hook: st.tuples(st.just(hook), st.integers(1, EVENTS[hook])))
+kill_points = st.sampled_from(sorted(EVENTS)).flatmap(
+    lambda hook: st.tuples(st.just(hook), st.integers(1, EVENTS[hook]))
+)
 
 
 # every worker process costs seconds (the torch import): a few examples in CI, the explicit ones
 # chaining the kinds of interruption
 @settings(deadline=None, max_examples=3 if settings.default.max_examples <= 25 else 40)
 @given(kills=st.lists(kill_points, min_size=1, max_size=2), source=st.sampled_from(SOURCES))
-@example(kills=[("on_batch_end", 5), ("on_eval_end", 2), ("on_epoch_end", 1)], source="dataset")  # inside a window, after an eval, at an epoch end
-@example(kills=[("on_save", 9)], source="dataset")  # after the final save: the resumed run must take no further step
-@example(kills=[("on_batch_end", 9), ("on_epoch_end", 2)], source="loader_workers")  # mid-epoch, then at an epoch end
-def test_fit_killed_and_resumed_ends_bit_identical_to_the_straight_run(kills: list[Kill], source: str, references: dict[str, dict[str, Any]]) -> None:
+@example(
+    kills=[("on_batch_end", 5), ("on_eval_end", 2), ("on_epoch_end", 1)], source="dataset"
+)  # inside a window, after an eval, at an epoch end
+@example(
+    kills=[("on_save", 9)], source="dataset"
+)  # after the final save: the resumed run must take no further step
+@example(
+    kills=[("on_batch_end", 9), ("on_epoch_end", 2)], source="loader_workers"
+)  # mid-epoch, then at an epoch end
+def test_fit_killed_and_resumed_ends_bit_identical_to_the_straight_run(
+    kills: list[Kill], source: str, references: dict[str, dict[str, Any]]
+) -> None:
     note(f"kills={kills} source={source}")
     reference = references[source]
     got, killed = interrupted_run(kills, source)
@@ -129,7 +147,9 @@ def test_fit_killed_and_resumed_ends_bit_identical_to_the_straight_run(kills: li
     assert tensor_mismatches(reference["final"], got["final"]) == []
     assert int(got["final"]["user"]["batches"]) == 26 and len(got["final"]["user"]["logged"]) == 6
     assert got["summary"]["history"] == reference["summary"]["history"]
-    assert all("test_loss" in row and "grad_norm/0" not in row for row in got["summary"]["history"]["eval"])
+    assert all(
+        "test_loss" in row and "grad_norm/0" not in row for row in got["summary"]["history"]["eval"]
+    )
     assert all("grad_norm/0" in row for row in got["summary"]["history"]["train"])
     assert got["summary"]["stop_reason"] == reference["summary"]["stop_reason"] == "max_steps"
     assert Path(got["summary"]["best"]).name == Path(reference["summary"]["best"]).name

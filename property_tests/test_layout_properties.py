@@ -50,21 +50,36 @@ class TiedLM(nn.Module):
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 2, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 2, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
 
 
 def depthwise() -> nn.Module:
     """A MobileNet-style block: depthwise 3x3, pointwise 1x1, then a classifier."""
     return nn.Sequential(
-        nn.Conv2d(3, 6, 1), nn.ReLU6(), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU6(), nn.Conv2d(6, 4, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+        nn.Conv2d(3, 6, 1),
+        nn.ReLU6(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6),
+        nn.ReLU6(),
+        nn.Conv2d(6, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
     )
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": cnn, "depthwise": depthwise, "tied_lm": TiedLM}
 
 # functrain preset and the torch.optim class with the same arguments
-PRESETS: dict[str, tuple[Callable[..., ft.Transform], Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+PRESETS: dict[
+    str, tuple[Callable[..., ft.Transform], Callable[..., torch.optim.Optimizer], dict[str, Any]]
+] = {
     "adamw": (ft.adamw, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
     "adam_amsgrad": (ft.adam, torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}),
     "sgd_momentum": (ft.sgd, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
@@ -72,18 +87,34 @@ PRESETS: dict[str, tuple[Callable[..., ft.Transform], Callable[..., torch.optim.
     "adagrad": (ft.adagrad, torch.optim.Adagrad, {"lr": 0.1}),
 }
 # functrain's implementation choice and torch's
-IMPLEMENTATIONS = {"fused": ({"fused": True}, {"fused": True}), "foreach": ({"fused": False}, {"foreach": True}), "single": ({"fused": False, "foreach": False}, {"foreach": False})}
+IMPLEMENTATIONS = {
+    "fused": ({"fused": True}, {"fused": True}),
+    "foreach": ({"fused": False}, {"foreach": True}),
+    "single": ({"fused": False, "foreach": False}, {"foreach": False}),
+}
 
 
-def batches(model: str, input_cl: bool, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    model: str, input_cl: bool, n: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         if model == "tied_lm":
-            out.append((torch.randint(0, 11, (4, 5), generator=gen), torch.randint(0, 11, (4, 5), generator=gen)))
+            out.append(
+                (
+                    torch.randint(0, 11, (4, 5), generator=gen),
+                    torch.randint(0, 11, (4, 5), generator=gen),
+                )
+            )
             continue
         x = torch.randn(6, 3, 8, 8, generator=gen)
-        out.append((x.contiguous(memory_format=CL) if input_cl else x, torch.randint(0, 5, (6,), generator=gen)))
+        out.append(
+            (
+                x.contiguous(memory_format=CL) if input_cl else x,
+                torch.randint(0, 5, (6,), generator=gen),
+            )
+        )
     return out
 
 
@@ -99,7 +130,14 @@ def build(model: str, params_cl: bool, seed: int) -> nn.Module:
     return net.to(memory_format=CL) if params_cl else net
 
 
-def torch_loop(net: nn.Module, make_opt: Callable[[Any], torch.optim.Optimizer], data: list, *, accumulate: int, clip: float | None) -> nn.Module:
+def torch_loop(
+    net: nn.Module,
+    make_opt: Callable[[Any], torch.optim.Optimizer],
+    data: list,
+    *,
+    accumulate: int,
+    clip: float | None,
+) -> nn.Module:
     """The hand-written loop: ``.grad`` accumulation of ``loss / accumulate``, clipping, ``opt.step()``."""
     ref = copy.deepcopy(net)
     opt = make_opt([p for p in ref.parameters() if p.requires_grad])
@@ -114,27 +152,43 @@ def torch_loop(net: nn.Module, make_opt: Callable[[Any], torch.optim.Optimizer],
     return ref
 
 
-def functrain_run(net: nn.Module, tx: ft.Transform, data: list, *, accumulate: int, clip: float | None, kind: str) -> ft.TrainState:
-    state = ft.TrainState.create(copy.deepcopy(net), tx, loss_fn, seed=0, accumulate_steps=accumulate, clip_grad_norm=clip)
+def functrain_run(
+    net: nn.Module, tx: ft.Transform, data: list, *, accumulate: int, clip: float | None, kind: str
+) -> ft.TrainState:
+    state = ft.TrainState.create(
+        copy.deepcopy(net), tx, loss_fn, seed=0, accumulate_steps=accumulate, clip_grad_norm=clip
+    )
     step = ft.compile_step() if kind == "compiled" else ft.train_step
     for batch in data:
         state, _ = step(state, batch, donate=kind in ("donated", "compiled"))
     return state
 
 
-def assert_matches(state_params: dict[str, torch.Tensor], ref: nn.Module, *, atol: float | None = None) -> None:
+def assert_matches(
+    state_params: dict[str, torch.Tensor], ref: nn.Module, *, atol: float | None = None
+) -> None:
     for name, p in ref.named_parameters():
         if not p.requires_grad:
             continue
         got = state_params[name]
-        assert got.stride() == p.stride(), f"{name}: laid out as {got.stride()}, torch keeps {p.stride()}"
+        assert got.stride() == p.stride(), (
+            f"{name}: laid out as {got.stride()}, torch keeps {p.stride()}"
+        )
         if atol is None:
-            assert torch.equal(got, p.detach()), f"{name} differs by {(got - p.detach()).abs().max().item():.3e}"
+            assert torch.equal(got, p.detach()), (
+                f"{name} differs by {(got - p.detach()).abs().max().item():.3e}"
+            )
         else:
-            torch.testing.assert_close(got, p.detach(), rtol=atol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                got, p.detach(), rtol=atol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+            )
 
 
-def configs(models: list[str] = sorted(MODELS), presets: list[str] = sorted(PRESETS), impls: list[str] = sorted(IMPLEMENTATIONS)) -> st.SearchStrategy[dict[str, Any]]:
+def configs(
+    models: list[str] = sorted(MODELS),
+    presets: list[str] = sorted(PRESETS),
+    impls: list[str] = sorted(IMPLEMENTATIONS),
+) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {
             "model": st.sampled_from(models),
@@ -151,12 +205,18 @@ def configs(models: list[str] = sorted(MODELS), presets: list[str] = sorted(PRES
 def _optimizers(cfg: dict[str, Any]) -> tuple[ft.Transform, Callable[[Any], torch.optim.Optimizer]]:
     make_ft, torch_class, kwargs = PRESETS[cfg["preset"]]
     ft_choice, torch_choice = IMPLEMENTATIONS[cfg["impl"]]
-    return make_ft(**kwargs, **ft_choice), lambda params: torch_class(params, **kwargs, **torch_choice)
+    return make_ft(**kwargs, **ft_choice), lambda params: torch_class(
+        params, **kwargs, **torch_choice
+    )
 
 
 @settings(max_examples=60)
-@given(cfg=configs(), kind=st.sampled_from(["pure", "donated", "accumulated"]), steps=st.integers(2, 4))
-def test_steps_equal_the_torch_loop_bit_for_bit_over_layouts(cfg: dict[str, Any], kind: str, steps: int) -> None:
+@given(
+    cfg=configs(), kind=st.sampled_from(["pure", "donated", "accumulated"]), steps=st.integers(2, 4)
+)
+def test_steps_equal_the_torch_loop_bit_for_bit_over_layouts(
+    cfg: dict[str, Any], kind: str, steps: int
+) -> None:
     net = build(cfg["model"], cfg["params_cl"], cfg["seed"])
     accumulate = 2 if kind == "accumulated" else 1
     data = batches(cfg["model"], cfg["input_cl"], steps * accumulate, cfg["seed"])
@@ -179,7 +239,9 @@ def test_compiled_steps_follow_the_torch_loop_over_layouts(cfg: dict[str, Any]) 
 
 
 # torch warns that vmap has no batching rule for the as_strided_ its channels_last pooling takes
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.filterwarnings(
+    "ignore:There is a performance drop because we have not yet implemented the batching rule"
+)
 @settings(max_examples=12)
 @given(cfg=configs(models=["cnn", "depthwise"], presets=["adamw", "adam_amsgrad"]))
 def test_stacked_members_follow_their_torch_loops_over_layouts(cfg: dict[str, Any]) -> None:
@@ -187,7 +249,10 @@ def test_stacked_members_follow_their_torch_loops_over_layouts(cfg: dict[str, An
     nets = [build(cfg["model"], cfg["params_cl"], cfg["seed"] + k) for k in range(2)]
     data = batches(cfg["model"], cfg["input_cl"], 3, cfg["seed"])
     tx, make_opt = _optimizers(cfg)
-    states = [ft.TrainState.create(copy.deepcopy(net), tx, loss_fn, seed=0, clip_grad_norm=cfg["clip"]) for net in nets]
+    states = [
+        ft.TrainState.create(copy.deepcopy(net), tx, loss_fn, seed=0, clip_grad_norm=cfg["clip"])
+        for net in nets
+    ]
     stacked = ft.stack(states)
     for batch in data:
         stacked, _ = ft.train_step(stacked, batch)

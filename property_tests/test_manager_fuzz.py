@@ -25,7 +25,15 @@ import functrain as ft
 REGULAR = [f"ckpt-{i:09d}-{i:09d}" for i in (1, 2, 3)]
 BESTS = ["best-000000001-000000001"]
 UNCOMMITTED = "ckpt-000000099-000000099"  # a directory without a manifest: never committed
-NAMES = [*REGULAR, *BESTS, UNCOMMITTED, "ckpt-000000004-000000004", "best-000000003-000000003", "latest", "writer.lock"]
+NAMES = [
+    *REGULAR,
+    *BESTS,
+    UNCOMMITTED,
+    "ckpt-000000004-000000004",
+    "best-000000003-000000003",
+    "latest",
+    "writer.lock",
+]
 
 
 def loss_fn(model: Any, batch: Any) -> torch.Tensor:
@@ -63,8 +71,12 @@ POINTERS = st.one_of(
     st.binary(max_size=600),
     st.sampled_from(NAMES).map(str.encode),
     st.sampled_from(NAMES).map(lambda n: n.encode() + b"\n"),
-    st.tuples(st.sampled_from(NAMES), st.binary(min_size=1, max_size=40), st.integers(0, 40)).map(spliced),
-    st.tuples(st.sampled_from(NAMES), st.integers(1, 8_000_000)).map(lambda t: t[0].encode() + b"\n" * t[1]),
+    st.tuples(st.sampled_from(NAMES), st.binary(min_size=1, max_size=40), st.integers(0, 40)).map(
+        spliced
+    ),
+    st.tuples(st.sampled_from(NAMES), st.integers(1, 8_000_000)).map(
+        lambda t: t[0].encode() + b"\n" * t[1]
+    ),
     st.builds(lambda n: b"\x80" * n, st.integers(200, 8_000_000)),
 )
 

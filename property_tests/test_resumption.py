@@ -45,7 +45,9 @@ Spec = dict[str, Any]
 Save = Callable[[ft.TrainState, Path], Any]
 Resume = Callable[[Spec, Path, Path], tuple[Any, list[dict[str, torch.Tensor]]]]
 
-OPTIMIZERS = ["adamw", "adamw_fused", "sgd_momentum"] + (["adam_schedule"] if importlib.util.find_spec("functrain.optim.schedules") else [])
+OPTIMIZERS = ["adamw", "adamw_fused", "sgd_momentum"] + (
+    ["adam_schedule"] if importlib.util.find_spec("functrain.optim.schedules") else []
+)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -67,7 +69,9 @@ def same_bits(a: Any, b: Any) -> bool:
 def leaf_mismatches(expected: Any, got: Any) -> list[str]:
     """Paths of every leaf that differs, is missing or is extra (NamedTuples and dicts alike)."""
     want, have = leaves_by_path(expected), leaves_by_path(got)
-    problems = [f"missing {p}" for p in want if p not in have] + [f"extra {p}" for p in have if p not in want]
+    problems = [f"missing {p}" for p in want if p not in have] + [
+        f"extra {p}" for p in have if p not in want
+    ]
     problems += [f"differs {p}" for p in want if p in have and not same_bits(want[p], have[p])]
     return problems
 
@@ -75,13 +79,17 @@ def leaf_mismatches(expected: Any, got: Any) -> list[str]:
 # ---------------------------------------------------------------- the runs
 
 
-def resume_in_process(spec: Spec, checkpoint: Path, workdir: Path) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+def resume_in_process(
+    spec: Spec, checkpoint: Path, workdir: Path
+) -> tuple[Any, list[dict[str, torch.Tensor]]]:
     template = worker.build_state(spec, init_seed=spec["seed"] + 1)
     state, metrics = worker.train(ft.load(checkpoint, like=template), spec, spec["k"], spec["n"])
     return state.tree(), metrics
 
 
-def resume_in_fresh_process(spec: Spec, checkpoint: Path, workdir: Path) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+def resume_in_fresh_process(
+    spec: Spec, checkpoint: Path, workdir: Path
+) -> tuple[Any, list[dict[str, torch.Tensor]]]:
     spec_file, output = workdir / "spec.json", workdir / "resumed"
     spec_file.write_text(json.dumps({**spec, "threads": torch.get_num_threads()}))
     done = subprocess.run(
@@ -104,11 +112,15 @@ def resumption_mismatches(spec: Spec, resume: Resume, save: Save = ft.save) -> l
     for i in spec["nan_steps"]:  # the injected batches really skip the update of their window
         end = (i // window + 1) * window - 1
         if end < spec["n"]:
-            assert bool(((first + rest)[end]["skipped"] == 1.0).all()), f"the window ending at batch {end} has a NaN batch ({i}) but was not skipped"
+            assert bool(((first + rest)[end]["skipped"] == 1.0).all()), (
+                f"the window ending at batch {end} has a NaN batch ({i}) but was not skipped"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         save(at_k, Path(tmp) / "ckpt")
         got_state, got_metrics = resume(spec, Path(tmp) / "ckpt", Path(tmp))
-    return leaf_mismatches({"state": final.tree(), "metrics": rest}, {"state": got_state, "metrics": got_metrics})
+    return leaf_mismatches(
+        {"state": final.tree(), "metrics": rest}, {"state": got_state, "metrics": got_metrics}
+    )
 
 
 # ---------------------------------------------------------------- the property
@@ -189,7 +201,9 @@ def test_resumed_stacked_run_equals_straight_stacked_run_in_fresh_process(spec: 
 def test_stacked_resumption_check_detects_a_checkpoint_that_loses_the_rng() -> None:
     spec = _spec(dropout=True, members=2)
     assert resumption_mismatches(spec, resume_in_process) == []
-    assert "differs state/rng" in resumption_mismatches(spec, resume_in_process, save=save_without(spec, lambda p: p == "rng"))
+    assert "differs state/rng" in resumption_mismatches(
+        spec, resume_in_process, save=save_without(spec, lambda p: p == "rng")
+    )
 
 
 # ---------------------------------------------------------------- the check is not vacuous
@@ -232,7 +246,10 @@ MUTATIONS = {
     "rng": (_spec(dropout=True), lambda p: p == "rng"),
     "step": (_spec(), lambda p: p == "step"),
     "micro_step": (_spec(n=6, accumulate_steps=3, ema_decay=0.9), lambda p: p == "micro_step"),
-    "accumulator_micro_step": (_spec(accumulate_steps=3), lambda p: p.startswith("opt_state/") and p.endswith("/micro_step")),
+    "accumulator_micro_step": (
+        _spec(accumulate_steps=3),
+        lambda p: p.startswith("opt_state/") and p.endswith("/micro_step"),
+    ),
     "grad_sum": (_spec(accumulate_steps=3), lambda p: "/grad_sum/" in p),
     "ema_state": (_spec(ema_decay=0.9), lambda p: p.startswith("ema_state/")),
 }
@@ -247,6 +264,8 @@ def test_resumption_check_detects_a_checkpoint_that_loses(lost: str) -> None:
 
 def test_resumption_check_in_fresh_process_detects_a_checkpoint_that_loses_the_rng() -> None:
     spec, selects = MUTATIONS["rng"]
-    problems = resumption_mismatches(spec, resume_in_fresh_process, save=save_without(spec, selects))
+    problems = resumption_mismatches(
+        spec, resume_in_fresh_process, save=save_without(spec, selects)
+    )
     assert "differs state/rng" in problems
     assert any(p.startswith("differs metrics/") for p in problems)

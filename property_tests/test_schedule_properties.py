@@ -27,7 +27,9 @@ sorted_steps = st.lists(st.integers(0, 20_000), min_size=2, max_size=12).map(sor
 
 
 def within(found: Sequence[float], low: float, high: float, rel: float = 0.0) -> bool:
-    slack = 4 * math.ulp(max(abs(low), abs(high) if math.isfinite(high) else 0.0)) + (rel * high if rel else 0.0)
+    slack = 4 * math.ulp(max(abs(low), abs(high) if math.isfinite(high) else 0.0)) + (
+        rel * high if rel else 0.0
+    )
     return all(low - slack <= v <= high + slack for v in found)
 
 
@@ -69,7 +71,9 @@ def test_cosine_decay_stays_in_bounds_and_never_increases(init, steps, alpha, ex
     begins,
     sorted_steps,
 )
-def test_exponential_decay_stays_in_bounds_and_is_monotone(init, rate, steps, staircase, end, begin, at):
+def test_exponential_decay_stays_in_bounds_and_is_monotone(
+    init, rate, steps, staircase, end, begin, at
+):
     decaying = rate < 1
     if end is not None:
         end = min(end, init) if decaying else max(end, init)
@@ -83,7 +87,9 @@ def test_exponential_decay_stays_in_bounds_and_is_monotone(init, rate, steps, st
 
 
 @SETTINGS
-@given(values, st.dictionaries(st.integers(0, 20_000), st.floats(0.0, 3.0), max_size=6), sorted_steps)
+@given(
+    values, st.dictionaries(st.integers(0, 20_000), st.floats(0.0, 3.0), max_size=6), sorted_steps
+)
 def test_multistep_stays_between_its_pieces(init, boundaries_and_scales, at):
     pieces = [init]
     for boundary in sorted(boundaries_and_scales):
@@ -93,7 +99,9 @@ def test_multistep_stays_between_its_pieces(init, boundaries_and_scales, at):
 
 
 @SETTINGS
-@given(values, st.dictionaries(st.integers(0, 20_000), st.floats(0.0, 1.0), max_size=6), sorted_steps)
+@given(
+    values, st.dictionaries(st.integers(0, 20_000), st.floats(0.0, 1.0), max_size=6), sorted_steps
+)
 def test_multistep_with_scales_at_most_one_never_increases(init, boundaries_and_scales, at):
     assert non_increasing([S.multistep(init, boundaries_and_scales)(t) for t in at])
 
@@ -127,7 +135,9 @@ def test_warmup_cosine_rises_to_its_peak_then_falls(a, b, c, warmup, decay, at):
     st.sampled_from(["cos", "linear"]),
     sorted_steps,
 )
-def test_one_cycle_stays_in_bounds_rising_then_falling(steps, peak, pct_start, div, final_div, anneal, at):
+def test_one_cycle_stays_in_bounds_rising_then_falling(
+    steps, peak, pct_start, div, final_div, anneal, at
+):
     assume(pct_start * steps != 1)
     s = S.one_cycle(steps, peak, pct_start, div, final_div, anneal)
     assert within([s(t) for t in at], peak / div / final_div, peak)
@@ -159,5 +169,9 @@ def test_join_is_the_active_piece_at_the_local_step(a, b, steps, boundary, t):
 @SETTINGS
 @given(values, horizons, st.floats(0.0, 1.0), st.floats(0.0, 0.999), st.integers(0, 20_000))
 def test_int_and_tensor_steps_agree(init, steps, alpha, rate, t):
-    for s in (S.cosine_decay(init, steps, alpha), S.exponential_decay(init, rate, steps), S.one_cycle(steps + 1, init)):
+    for s in (
+        S.cosine_decay(init, steps, alpha),
+        S.exponential_decay(init, rate, steps),
+        S.one_cycle(steps + 1, init),
+    ):
         assert s(torch.tensor(t)).item() == s(t)

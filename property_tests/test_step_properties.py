@@ -34,7 +34,12 @@ OPTIMIZERS = {
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Equal bits, NaNs included, mean the same value."""
-    views = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    views = {
+        torch.float32: torch.int32,
+        torch.float64: torch.int64,
+        torch.bfloat16: torch.int16,
+        torch.float16: torch.int16,
+    }
     return t.contiguous().view(views[t.dtype]) if t.dtype in views else t
 
 
@@ -50,7 +55,9 @@ def assert_bitwise(a: Any, b: Any) -> None:
         assert torch.equal(bits(x), bits(y))
 
 
-def build_mlp(d_in: int, widths: list[int], dropout: float, batchnorm: bool, seed: int) -> nn.Module:
+def build_mlp(
+    d_in: int, widths: list[int], dropout: float, batchnorm: bool, seed: int
+) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     width = d_in
@@ -93,8 +100,14 @@ def setups(draw: st.DrawFn) -> dict[str, Any]:
             "clip_grad_norm": draw(st.none() | st.sampled_from([0.01, 1.0])),
             "ema_decay": draw(st.none() | st.sampled_from([0.0, 0.9])),
             "nonfinite": nonfinite,
-            "max_consecutive_nonfinite": draw(st.none() | st.just(10)) if nonfinite == "skip" else None,
-            "precision": draw(st.sampled_from(["fp32", "fp32", "bf16"] + (["fp16"] if nonfinite != "halt" else []))),
+            "max_consecutive_nonfinite": draw(st.none() | st.just(10))
+            if nonfinite == "skip"
+            else None,
+            "precision": draw(
+                st.sampled_from(
+                    ["fp32", "fp32", "bf16"] + (["fp16"] if nonfinite != "halt" else [])
+                )
+            ),
         },
     }
 
@@ -102,8 +115,12 @@ def setups(draw: st.DrawFn) -> dict[str, Any]:
 @settings(deadline=None, max_examples=30)
 @given(setup=setups())
 def test_train_step_is_pure_repeatable_and_keeps_the_tree_structure(setup: dict[str, Any]) -> None:
-    model = build_mlp(setup["d_in"], setup["widths"], setup["dropout"], setup["batchnorm"], setup["seed"])
-    state = ft.TrainState.create(model, OPTIMIZERS[setup["optimizer"]](), loss_fn, seed=setup["seed"], **setup["options"])
+    model = build_mlp(
+        setup["d_in"], setup["widths"], setup["dropout"], setup["batchnorm"], setup["seed"]
+    )
+    state = ft.TrainState.create(
+        model, OPTIMIZERS[setup["optimizer"]](), loss_fn, seed=setup["seed"], **setup["options"]
+    )
     structure = pytree.tree_structure(state)
     gen = torch.Generator().manual_seed(setup["seed"])
     for i in range(setup["steps"]):
@@ -133,9 +150,13 @@ def test_train_step_is_pure_repeatable_and_keeps_the_tree_structure(setup: dict[
 @settings(deadline=None, max_examples=15)
 @given(setup=setups())
 def test_eval_step_is_pure_and_repeatable(setup: dict[str, Any]) -> None:
-    model = build_mlp(setup["d_in"], setup["widths"], setup["dropout"], setup["batchnorm"], setup["seed"])
+    model = build_mlp(
+        setup["d_in"], setup["widths"], setup["dropout"], setup["batchnorm"], setup["seed"]
+    )
     options = {**setup["options"], "nonfinite": "none", "max_consecutive_nonfinite": None}
-    state = ft.TrainState.create(model, OPTIMIZERS[setup["optimizer"]](), loss_fn, seed=setup["seed"], **options)
+    state = ft.TrainState.create(
+        model, OPTIMIZERS[setup["optimizer"]](), loss_fn, seed=setup["seed"], **options
+    )
     gen = torch.Generator().manual_seed(setup["seed"])
     x = torch.randn(setup["batch_size"], setup["d_in"], generator=gen)
     y = torch.randint(0, 2, (setup["batch_size"],), generator=gen)
@@ -157,10 +178,16 @@ DONATION_EXAMPLES = 12 if settings.default.max_examples <= 25 else 60
 
 @settings(deadline=None, max_examples=DONATION_EXAMPLES)
 @given(setup=setups(), compiled=st.booleans())
-def test_a_donated_step_gives_the_pure_steps_bits_and_leaves_the_module_alone(setup: dict[str, Any], compiled: bool) -> None:
-    model = build_mlp(setup["d_in"], setup["widths"], setup["dropout"], setup["batchnorm"], setup["seed"])
+def test_a_donated_step_gives_the_pure_steps_bits_and_leaves_the_module_alone(
+    setup: dict[str, Any], compiled: bool
+) -> None:
+    model = build_mlp(
+        setup["d_in"], setup["widths"], setup["dropout"], setup["batchnorm"], setup["seed"]
+    )
     module_before = {k: v.clone() for k, v in model.state_dict().items()}
-    pure = ft.TrainState.create(model, OPTIMIZERS[setup["optimizer"]](), loss_fn, seed=setup["seed"], **setup["options"])
+    pure = ft.TrainState.create(
+        model, OPTIMIZERS[setup["optimizer"]](), loss_fn, seed=setup["seed"], **setup["options"]
+    )
     donated = pure.clone()
     step = ft.compile_step(backend="eager") if compiled else ft.train_step
     gen = torch.Generator().manual_seed(setup["seed"])

@@ -29,7 +29,9 @@ def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 # ---------------------------------------------------------------- accumulate == full batch
 
 
-def mse_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def mse_grads(
+    params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
     w = params["w"].detach().requires_grad_()
     b = params["b"].detach().requires_grad_()
     loss = ((x @ w + b - y) ** 2).mean()
@@ -46,7 +48,9 @@ def mse_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor)
     updates=st.integers(1, 3),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_accumulated_adamw_equals_full_batch_adamw(k: int, micro: int, d_in: int, d_out: int, updates: int, seed: int) -> None:
+def test_accumulated_adamw_equals_full_batch_adamw(
+    k: int, micro: int, d_in: int, d_out: int, updates: int, seed: int
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     params = {"w": torch.randn(d_in, d_out, generator=gen), "b": torch.randn(d_out, generator=gen)}
     full = ft.adamw(lr=0.05, weight_decay=0.1)
@@ -63,7 +67,9 @@ def test_accumulated_adamw_equals_full_batch_adamw(k: int, micro: int, d_in: int
             p_acc = ft.apply_updates(p_acc, u)
     for name in params:
         torch.testing.assert_close(p_acc[name], p_full[name], rtol=1e-5, atol=1e-6)
-    assert int(s_acc.inner.count) == updates  # the fused default's state counts the updates it applied
+    assert (
+        int(s_acc.inner.count) == updates
+    )  # the fused default's state counts the updates it applied
 
 
 # ---------------------------------------------------------------- chain is associative
@@ -86,7 +92,9 @@ POOL: list[Callable[[], ft.Transform]] = [
 ]
 
 
-def run(tx: ft.Transform, params: Any, grads: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def run(
+    tx: ft.Transform, params: Any, grads: list[Any]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     state = tx.init(params)
     for g in grads:
         updates, state = tx.update(g, state, params)
@@ -100,7 +108,9 @@ def run(tx: ft.Transform, params: Any, grads: list[Any]) -> tuple[list[torch.Ten
     cut=st.data(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_nested_chains_equal_the_flat_chain(picks: list[int], cut: st.DataObject, seed: int) -> None:
+def test_nested_chains_equal_the_flat_chain(
+    picks: list[int], cut: st.DataObject, seed: int
+) -> None:
     i = cut.draw(st.integers(1, len(picks) - 1), label="first cut")
     j = cut.draw(st.integers(i, len(picks)), label="second cut")
     gen = torch.Generator().manual_seed(seed)
@@ -111,7 +121,9 @@ def test_nested_chains_equal_the_flat_chain(picks: list[int], cut: st.DataObject
         return POOL[k]()
 
     flat = ft.chain(*map(make, picks))
-    nested = ft.chain(ft.chain(*map(make, picks[:i])), *map(make, picks[i:j]), ft.chain(*map(make, picks[j:])))
+    nested = ft.chain(
+        ft.chain(*map(make, picks[:i])), *map(make, picks[i:j]), ft.chain(*map(make, picks[j:]))
+    )
     flat_params, flat_state = run(flat, params, grads)
     nested_params, nested_state = run(nested, params, grads)
     assert_bitwise(nested_params, flat_params)
@@ -119,7 +131,10 @@ def test_nested_chains_equal_the_flat_chain(picks: list[int], cut: st.DataObject
 
 
 @settings(deadline=None, max_examples=50)
-@given(picks=st.lists(st.integers(0, len(POOL) - 1), min_size=3, max_size=3), seed=st.integers(0, 2**31 - 1))
+@given(
+    picks=st.lists(st.integers(0, len(POOL) - 1), min_size=3, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_chain_of_chain_ab_c_equals_chain_abc(picks: list[int], seed: int) -> None:
     a, b, c = (POOL[k] for k in picks)
     gen = torch.Generator().manual_seed(seed)
@@ -137,7 +152,9 @@ def test_chain_of_chain_ab_c_equals_chain_abc(picks: list[int], seed: int) -> No
 finite32 = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 leaf = st.one_of(
     finite32.map(lambda v: torch.tensor(v)),
-    st.lists(finite32, min_size=0, max_size=5).map(lambda vs: torch.tensor(vs, dtype=torch.float32)),
+    st.lists(finite32, min_size=0, max_size=5).map(
+        lambda vs: torch.tensor(vs, dtype=torch.float32)
+    ),
 )
 trees = st.recursive(
     leaf,
@@ -151,11 +168,19 @@ trees = st.recursive(
 
 
 @settings(deadline=None, max_examples=100)
-@given(params=trees, seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_apply_updates_with_a_plain_tree_is_leafwise_addition(params: Any, seed: int, dtype: torch.dtype) -> None:
+@given(
+    params=trees,
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_apply_updates_with_a_plain_tree_is_leafwise_addition(
+    params: Any, seed: int, dtype: torch.dtype
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     params = tree_map(lambda p: p.to(dtype), params)
-    updates = tree_map(lambda p: torch.randn(p.shape, generator=gen) * 100, params)  # float32 updates
+    updates = tree_map(
+        lambda p: torch.randn(p.shape, generator=gen) * 100, params
+    )  # float32 updates
     new = ft.apply_updates(params, updates)
     assert tree_structure(new) == tree_structure(params)
     for n, p, u in zip(tree_leaves(new), tree_leaves(params), tree_leaves(updates), strict=True):

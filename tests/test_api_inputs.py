@@ -20,7 +20,9 @@ def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tenso
     return nn.functional.mse_loss(model(x), y)
 
 
-def make_state(optimizer: ft.Transform | None = None, width: int = 3, **options: Any) -> ft.TrainState:
+def make_state(
+    optimizer: ft.Transform | None = None, width: int = 3, **options: Any
+) -> ft.TrainState:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = nn.Sequential(nn.Linear(width, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
@@ -46,20 +48,34 @@ def trained(tmp_path: Path) -> tuple[ft.TrainState, Path]:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"like": 3}, r"like=3 is a plain value, but checkpoint '.*' holds a tree with keys \['buffers', 'driver', 'ema_state', .*\]: pass like=state"),
+        (
+            {"like": 3},
+            r"like=3 is a plain value, but checkpoint '.*' holds a tree with keys \['buffers', 'driver', 'ema_state', .*\]: pass like=state",
+        ),
         ({"like": "state"}, r"like='state' is a plain value, but checkpoint"),
-        ({"map_location": "gpu9"}, r"map_location must be a device such as 'cpu' or 'cuda:0' \(a str or torch\.device\), got 'gpu9'"),
-        ({"map_location": 3.5}, r"map_location must be a device such as 'cpu' or 'cuda:0' \(a str or torch\.device\), got 3\.5"),
+        (
+            {"map_location": "gpu9"},
+            r"map_location must be a device such as 'cpu' or 'cuda:0' \(a str or torch\.device\), got 'gpu9'",
+        ),
+        (
+            {"map_location": 3.5},
+            r"map_location must be a device such as 'cpu' or 'cuda:0' \(a str or torch\.device\), got 3\.5",
+        ),
     ],
 )
-def test_load_rejects_arguments_that_are_not_a_template_or_a_device(trained: tuple[ft.TrainState, Path], kwargs: dict[str, Any], message: str) -> None:
+def test_load_rejects_arguments_that_are_not_a_template_or_a_device(
+    trained: tuple[ft.TrainState, Path], kwargs: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         ft.load(trained[1], **kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_load_onto_cuda_without_cuda_says_so() -> None:
-    with pytest.raises(ConfigError, match=r"map_location='cuda:0' names a CUDA device, but CUDA is not available here: pass map_location='cpu'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"map_location='cuda:0' names a CUDA device, but CUDA is not available here: pass map_location='cpu'",
+    ):
         ft.load("unused", map_location="cuda:0")
 
 
@@ -70,13 +86,18 @@ def test_a_plain_value_saved_loads_against_a_plain_template(tmp_path: Path) -> N
 # ------------------------------------------------------------------ the fix in a StateMismatchError
 
 
-def test_a_changed_learning_rate_names_the_warm_start_that_works(trained: tuple[ft.TrainState, Path]) -> None:
+def test_a_changed_learning_rate_names_the_warm_start_that_works(
+    trained: tuple[ft.TrainState, Path],
+) -> None:
     saved, path = trained
     template = make_state(ft.adamw(3e-3), ema_decay=0.9)
     with pytest.raises(StateMismatchError, match=r"optimizer differs") as info:
         ft.load(path, like=template)
     message = str(info.value)
-    assert "the weights fit: to train them with this state's optimizer, hyperparameters and options, start a new state" in message
+    assert (
+        "the weights fit: to train them with this state's optimizer, hyperparameters and options, start a new state"
+        in message
+    )
     code = message.split("`state` being the template passed as like=:\n", 1)[1]
     scope = {"functrain": ft, "state": template}
     exec(re.sub(r"^    ", "", code, flags=re.M), scope)  # noqa: S102 - the message's own code
@@ -91,10 +112,15 @@ def test_a_changed_learning_rate_names_the_warm_start_that_works(trained: tuple[
 
 
 def test_other_weights_are_said_not_to_load(trained: tuple[ft.TrainState, Path]) -> None:
-    with pytest.raises(StateMismatchError, match=r"params/0\.weight: expected \[4, 5\] torch\.float32, got \[4, 3\] torch\.float32") as info:
+    with pytest.raises(
+        StateMismatchError,
+        match=r"params/0\.weight: expected \[4, 5\] torch\.float32, got \[4, 3\] torch\.float32",
+    ) as info:
         ft.load(trained[1], like=make_state(width=5))
     message = str(info.value)
-    assert message.endswith("this checkpoint cannot be loaded into this model; build the model the checkpoint was saved from")
+    assert message.endswith(
+        "this checkpoint cannot be loaded into this model; build the model the checkpoint was saved from"
+    )
     assert "functrain.load(" not in message
 
 
@@ -111,10 +137,19 @@ def test_a_changed_trainable_set_can_warm_start(trained: tuple[ft.TrainState, Pa
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (None, r"data must be an iterable of batches \(a DataLoader, a list of batches\), got NoneType"),
-        (TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), r"got a map-style TensorDataset: pass DataLoader\(data, batch_size=\.\.\.\)"),
+        (
+            None,
+            r"data must be an iterable of batches \(a DataLoader, a list of batches\), got NoneType",
+        ),
+        (
+            TensorDataset(torch.randn(8, 3), torch.randn(8, 1)),
+            r"got a map-style TensorDataset: pass DataLoader\(data, batch_size=\.\.\.\)",
+        ),
         ([], r"the evaluation data yielded no batch with samples: pass batches holding samples"),
-        (DataLoader(TensorDataset(torch.randn(0, 3), torch.randn(0, 1)), batch_size=4), r"the evaluation data yielded no batch with samples"),
+        (
+            DataLoader(TensorDataset(torch.randn(0, 3), torch.randn(0, 1)), batch_size=4),
+            r"the evaluation data yielded no batch with samples",
+        ),
     ],
 )
 def test_evaluate_rejects_data_that_is_not_batches_with_samples(data: Any, message: str) -> None:
@@ -125,5 +160,7 @@ def test_evaluate_rejects_data_that_is_not_batches_with_samples(data: Any, messa
 def test_evaluate_rejects_a_state_that_is_not_a_train_state_and_ema_without_ema() -> None:
     with pytest.raises(ConfigError, match=r"state must be a functrain\.TrainState, got dict"):
         ft.evaluate({}, batches())  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"use_ema=True needs a state created with ema_decay=\.\.\."):
+    with pytest.raises(
+        ConfigError, match=r"use_ema=True needs a state created with ema_decay=\.\.\."
+    ):
         ft.evaluate(make_state(), batches(), use_ema=True)

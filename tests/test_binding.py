@@ -14,11 +14,19 @@ from functrain.core.binding import call_with
 def _fresh(module: nn.Module) -> dict[str, torch.Tensor]:
     """Other tensors for every named parameter and buffer (deduplicated, as a TrainState holds them)."""
     named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return {k: (torch.randn_like(v) if v.is_floating_point() else v.clone()) for k, v in named.items()}
+    return {
+        k: (torch.randn_like(v) if v.is_floating_point() else v.clone()) for k, v in named.items()
+    }
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}.items()}
+    return {
+        k: v
+        for k, v in {
+            **dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False)),
+        }.items()
+    }
 
 
 def _assert_untouched(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
@@ -52,7 +60,10 @@ class Shared(nn.Module):
     "make, x",
     [
         (lambda: nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(3, 5)),
-        (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten()), torch.randn(2, 1, 5, 5)),
+        (
+            lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten()),
+            torch.randn(2, 1, 5, 5),
+        ),
         (Tied, torch.tensor([[1, 2, 3]])),
         (Shared, torch.randn(2, 3)),
         (lambda: torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)), torch.randn(4, 3)),
@@ -62,7 +73,9 @@ class Shared(nn.Module):
 def test_same_as_functional_call_and_module_restored(make, x):
     torch.manual_seed(0)
     module = make()
-    reference = copy.deepcopy(module)  # functional_call does not restore a shared submodule's own tensors
+    reference = copy.deepcopy(
+        module
+    )  # functional_call does not restore a shared submodule's own tensors
     tensors = _fresh(module)
     ours_buffers = {k: v.clone() for k, v in tensors.items()}
     theirs_buffers = {k: v.clone() for k, v in tensors.items()}
@@ -99,7 +112,9 @@ def test_a_structure_change_after_the_first_call_is_planned_anew():
     module[0] = nn.Linear(3, 3)  # same names, new submodule: the old plan's slots are stale
     tensors = _fresh(module)
     x = torch.randn(2, 3)
-    assert torch.equal(call_with(module, tensors, (x,), {}), torch.func.functional_call(module, tensors, (x,)))
+    assert torch.equal(
+        call_with(module, tensors, (x,), {}), torch.func.functional_call(module, tensors, (x,))
+    )
 
 
 def test_other_names_fall_back_to_functional_call():

@@ -20,7 +20,9 @@ from functrain.errors import ConfigError
 N_SAMPLES, BATCH = 60, 20  # 3 batches an epoch
 
 
-def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_fn(
+    model: Any, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     x, y = batch
     out = model(x)
     return nn.functional.mse_loss(out, y), {"mae": (out - y).abs().mean()}
@@ -66,12 +68,22 @@ class Recorder(ft.Callback):
 def test_hooks_fire_in_order_for_two_epochs_with_evaluation_and_checkpoints(tmp_path: Path) -> None:
     rec = Recorder()
     data = dataset()
-    quiet_fit(make_state(), data, eval_data=data, max_epochs=2, checkpoint_dir=tmp_path, callbacks=[rec])
+    quiet_fit(
+        make_state(), data, eval_data=data, max_epochs=2, checkpoint_dir=tmp_path, callbacks=[rec]
+    )
 
     def epoch(e: int) -> list[tuple[str, int, int, int]]:
-        batches = [ev for i in range(3) for ev in (("batch_begin", e, 3 * e + i, i), ("batch_end", e, 3 * e + i + 1, i + 1))]
+        batches = [
+            ev
+            for i in range(3)
+            for ev in (("batch_begin", e, 3 * e + i, i), ("batch_end", e, 3 * e + i + 1, i + 1))
+        ]
         # the epoch's end advances the counters first; its evaluation saves (best and regular)
-        end = [("save", e + 1, 3 * e + 3, 0), ("eval_end", e + 1, 3 * e + 3, 0), ("epoch_end", e + 1, 3 * e + 3, 0)]
+        end = [
+            ("save", e + 1, 3 * e + 3, 0),
+            ("eval_end", e + 1, 3 * e + 3, 0),
+            ("epoch_end", e + 1, 3 * e + 3, 0),
+        ]
         return [("epoch_begin", e, 3 * e, 0), *batches, *end]
 
     assert rec.events == [("train_begin", 0, 0, 0), *epoch(0), *epoch(1), ("train_end", 2, 6, 0)]
@@ -82,7 +94,10 @@ def test_a_hook_with_a_wrong_signature_is_rejected_before_training() -> None:
         def on_epoch_end(self) -> None: ...
 
     rec = Recorder()
-    with pytest.raises(ConfigError, match=r"Bad\.on_epoch_end\(\).* must accept one argument, the run: def on_epoch_end\(self, run\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Bad\.on_epoch_end\(\).* must accept one argument, the run: def on_epoch_end\(self, run\)",
+    ):
         quiet_fit(make_state(), dataset(), max_epochs=1, callbacks=[rec, Bad()])
     assert rec.events == []
 
@@ -148,7 +163,15 @@ def test_on_eval_end_counts_evaluations() -> None:
         steps.append(run.step)
 
     data = dataset()
-    quiet_fit(make_state(), data, eval_data=data, run_mode="step", eval_every=2, max_steps=9, callbacks=[record])
+    quiet_fit(
+        make_state(),
+        data,
+        eval_data=data,
+        run_mode="step",
+        eval_every=2,
+        max_steps=9,
+        callbacks=[record],
+    )
     assert steps == [4, 8]
 
 
@@ -174,9 +197,15 @@ def test_request_stop_ends_the_run_after_the_current_batch_and_saves_it(tmp_path
         if run.step == 4:
             run.request_stop("enough")
 
-    result = quiet_fit(make_state(), dataset(), max_epochs=5, checkpoint_dir=tmp_path, callbacks=[stop])
+    result = quiet_fit(
+        make_state(), dataset(), max_epochs=5, checkpoint_dir=tmp_path, callbacks=[stop]
+    )
     assert result.stop_reason == "enough"
-    assert (int(result.state.step), int(result.state.epoch), int(result.state.epoch_step)) == (5, 1, 2)
+    assert (int(result.state.step), int(result.state.epoch), int(result.state.epoch_step)) == (
+        5,
+        1,
+        2,
+    )
     saved = ft.load(result.checkpoints["latest"], like=make_state())
     assert int(saved.step) == 5
 
@@ -195,7 +224,9 @@ def test_callbacks_see_host_logs_only_at_log_intervals() -> None:
         evals.append(run.logs)
 
     data = dataset()
-    quiet_fit(make_state(), data, eval_data=data, max_epochs=2, log_every=2, callbacks=[record, at_eval])
+    quiet_fit(
+        make_state(), data, eval_data=data, max_epochs=2, log_every=2, callbacks=[record, at_eval]
+    )
     assert [step for step, logs in seen if logs is not None] == [2, 4, 6]
     assert evals == [None, None]
     for step, logs in seen:
@@ -230,32 +261,84 @@ def test_jsonl_log_has_a_line_per_log_interval_evaluation_and_epoch(tmp_path: Pa
     quiet_fit(state, data, eval_data=data, max_epochs=2, log_every=2, log_file=log)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     # written as they happen: an epoch's end adds its epoch row and its evaluation together
-    assert [line["kind"] for line in lines] == ["train", "eval", "epoch", "train", "train", "eval", "epoch"]
+    assert [line["kind"] for line in lines] == [
+        "train",
+        "eval",
+        "epoch",
+        "train",
+        "train",
+        "eval",
+        "epoch",
+    ]
     train = [line for line in lines if line["kind"] == "train"]
     assert [line["step"] for line in train] == [2, 4, 6]
-    assert set(train[0]) == {"kind", "step", "epoch", "loss", "mae", "undefined", "grad_norm", "lr", "skipped", "samples_per_s", "step_time_ms", "memory_mib"}
+    assert set(train[0]) == {
+        "kind",
+        "step",
+        "epoch",
+        "loss",
+        "mae",
+        "undefined",
+        "grad_norm",
+        "lr",
+        "skipped",
+        "samples_per_s",
+        "step_time_ms",
+        "memory_mib",
+    }
     assert all(line["undefined"] == "nan" for line in train)
     evals = [line for line in lines if line["kind"] == "eval"]
-    assert set(evals[0]) == {"kind", "step", "epoch", "val_loss", "val_mae", "val_undefined", "eval_time_s"}
+    assert set(evals[0]) == {
+        "kind",
+        "step",
+        "epoch",
+        "val_loss",
+        "val_mae",
+        "val_undefined",
+        "eval_time_s",
+    }
     assert evals[0]["val_undefined"] == "nan"
     epochs = [line for line in lines if line["kind"] == "epoch"]
     assert [(line["epoch"], line["step"]) for line in epochs] == [(0, 3), (1, 6)]
-    assert set(epochs[0]) == {"kind", "epoch", "step", "loss", "mae", "undefined", "grad_norm", "lr", "skipped", "epoch_time_s"}
+    assert set(epochs[0]) == {
+        "kind",
+        "epoch",
+        "step",
+        "loss",
+        "mae",
+        "undefined",
+        "grad_norm",
+        "lr",
+        "skipped",
+        "epoch_time_s",
+    }
 
 
 @pytest.mark.parametrize(
     ("verbosity", "steps", "verbose_keys"),
     [("minimal", False, False), ("standard", True, False), ("verbose", True, True)],
 )
-def test_console_logger_levels(capsys: pytest.CaptureFixture[str], verbosity: str, steps: bool, verbose_keys: bool) -> None:
+def test_console_logger_levels(
+    capsys: pytest.CaptureFixture[str], verbosity: str, steps: bool, verbose_keys: bool
+) -> None:
     data = dataset()
     quiet_fit(make_state(), data, eval_data=data, max_epochs=2, log_every=3, verbosity=verbosity)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines if line.startswith("epoch")] == ["epoch 0 done", "epoch 1 done"]
-    assert [line.split(":")[0] for line in lines if line.startswith("eval")] == ["eval @ step 3", "eval @ step 6"]
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch")] == [
+        "epoch 0 done",
+        "epoch 1 done",
+    ]
+    assert [line.split(":")[0] for line in lines if line.startswith("eval")] == [
+        "eval @ step 3",
+        "eval @ step 6",
+    ]
     step_lines = [line for line in lines if line.startswith("step")]
-    assert [line.split(":")[0] for line in step_lines] == (["step 3 epoch 0", "step 6 epoch 1"] if steps else [])
-    assert all(("grad_norm=" in line and "step_time_ms=" in line) == verbose_keys for line in step_lines)
+    assert [line.split(":")[0] for line in step_lines] == (
+        ["step 3 epoch 0", "step 6 epoch 1"] if steps else []
+    )
+    assert all(
+        ("grad_norm=" in line and "step_time_ms=" in line) == verbose_keys for line in step_lines
+    )
     assert all(line.startswith(("epoch", "eval", "step")) for line in lines)
 
 
@@ -265,7 +348,9 @@ def test_silent_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_logger_rejects_an_unknown_level() -> None:
-    with pytest.raises(ConfigError, match="level must be 'minimal', 'standard' or 'verbose', got level='loud'"):
+    with pytest.raises(
+        ConfigError, match="level must be 'minimal', 'standard' or 'verbose', got level='loud'"
+    ):
         ft.ConsoleLogger("loud")  # type: ignore[arg-type]
 
 
@@ -273,7 +358,14 @@ def test_console_logger_rejects_an_unknown_level() -> None:
 def test_progress_bar_writes_to_the_given_file(run_mode: str) -> None:
     out = io.StringIO()
     limits = {"max_epochs": 2} if run_mode == "epoch" else {"max_steps": 5}
-    quiet_fit(make_state(), dataset(), run_mode=run_mode, log_every=1, callbacks=[ft.ProgressBar(file=out)], **limits)
+    quiet_fit(
+        make_state(),
+        dataset(),
+        run_mode=run_mode,
+        log_every=1,
+        callbacks=[ft.ProgressBar(file=out)],
+        **limits,
+    )
     text = out.getvalue()
     if run_mode == "epoch":
         assert "epoch 0" in text and "epoch 1" in text and "3/3" in text
@@ -286,7 +378,9 @@ def test_lr_monitor_includes_the_plateau_scale(monkeypatch: pytest.MonkeyPatch) 
     from functrain.driver import loop as loop_module
 
     pending = [1.0, 2.0, 3.0]
-    monkeypatch.setattr(loop_module, "evaluate", lambda state, data, **kw: {"val_loss": pending.pop(0)})
+    monkeypatch.setattr(
+        loop_module, "evaluate", lambda state, data, **kw: {"val_loss": pending.pop(0)}
+    )
     monitor = ft.LRMonitor()
     data = dataset()
     state = make_state(ft.chain(ft.sgd(0.5), ft.reduce_on_plateau(factor=0.5, patience=0)))
@@ -302,9 +396,14 @@ def test_the_default_progress_bar_writes_to_stderr(capsys: pytest.CaptureFixture
     assert "epoch 0" in captured.err and "3/3" in captured.err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed"
+)
 def test_tensorboard_logger_without_tensorboard_says_how_to_install(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"TensorBoardLogger needs tensorboard: pip install 'functrain\[tensorboard\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"TensorBoardLogger needs tensorboard: pip install 'functrain\[tensorboard\]'",
+    ):
         quiet_fit(make_state(), dataset(), max_epochs=1, callbacks=[ft.TensorBoardLogger(tmp_path)])
 
 
@@ -316,14 +415,24 @@ def test_jsonl_log_of_a_resumed_run_holds_each_row_once(tmp_path: Path) -> None:
             if run.batches == 7:
                 run.request_stop("interrupted")
 
-    common = dict(max_epochs=2, log_every=2, checkpoint_dir=tmp_path / "ckpt", save_every=3, log_file=log)
-    straight = quiet_fit(make_state(), dataset(), **{**common, "log_file": tmp_path / "straight.jsonl", "checkpoint_dir": tmp_path / "s"})
+    common = dict(
+        max_epochs=2, log_every=2, checkpoint_dir=tmp_path / "ckpt", save_every=3, log_file=log
+    )
+    straight = quiet_fit(
+        make_state(),
+        dataset(),
+        **{**common, "log_file": tmp_path / "straight.jsonl", "checkpoint_dir": tmp_path / "s"},
+    )
     quiet_fit(make_state(), dataset(), callbacks=[StopAt7()], **common)
     resumed = quiet_fit(make_state(), dataset(), resume=True, **common)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == sorted(set(steps))  # no row twice
-    assert steps == [r["step"] for r in resumed.history.rows["train"]] == [r["step"] for r in straight.history.rows["train"]]
+    assert (
+        steps
+        == [r["step"] for r in resumed.history.rows["train"]]
+        == [r["step"] for r in straight.history.rows["train"]]
+    )
 
 
 # ---------------------------------------------------------------- a run ended by an exception
@@ -350,8 +459,12 @@ def failing_state(error: BaseException, at: int = 5) -> ft.TrainState:
     return ft.TrainState.create(nn.Linear(3, 1), ft.sgd(0.05), FailAt(at, error))
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt(), Boom("boom")], ids=["KeyboardInterrupt", "Boom"])
-def test_an_exception_fires_on_exception_instead_of_on_train_end_and_propagates_unchanged(error: BaseException) -> None:
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt(), Boom("boom")], ids=["KeyboardInterrupt", "Boom"]
+)
+def test_an_exception_fires_on_exception_instead_of_on_train_end_and_propagates_unchanged(
+    error: BaseException,
+) -> None:
     rec = Recorder()
     with pytest.raises(type(error)) as info:
         quiet_fit(failing_state(error), dataset(), max_epochs=3, callbacks=[rec])
@@ -382,14 +495,22 @@ def test_a_failing_on_exception_hook_leaves_the_original_error_with_a_note() -> 
     with pytest.raises(Boom, match="boom") as info:
         quiet_fit(failing_state(error), dataset(), max_epochs=3, callbacks=[Broken()])
     assert info.value is error
-    assert getattr(error, "__notes__", None) == ["Broken.on_exception also failed: ValueError: hook broke"]
+    assert getattr(error, "__notes__", None) == [
+        "Broken.on_exception also failed: ValueError: hook broke"
+    ]
 
 
 def test_built_in_callbacks_close_what_they_opened_when_a_run_fails(tmp_path: Path) -> None:
     bar, log = ft.ProgressBar(file=io.StringIO()), ft.JsonlLogger(tmp_path / "log.jsonl")
     profiler = ft.Profiler(tmp_path / "traces", wait=1, warmup=1, active=5)
     with pytest.raises(KeyboardInterrupt):
-        quiet_fit(failing_state(KeyboardInterrupt(), at=5), dataset(), max_epochs=3, log_every=1, callbacks=[bar, log, profiler])
+        quiet_fit(
+            failing_state(KeyboardInterrupt(), at=5),
+            dataset(),
+            max_epochs=3,
+            log_every=1,
+            callbacks=[bar, log, profiler],
+        )
     assert bar.bar is None and log._file is None and profiler.prof is None
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert kinds == ["train", "train", "train", "epoch", "train"]
@@ -405,5 +526,8 @@ def test_check_callback_accepts_on_exception_alone_and_checks_its_signature() ->
         def on_exception(self) -> None: ...
 
     assert check_callback(OnlyException()) == ["on_exception"]
-    with pytest.raises(ConfigError, match=r"WrongSignature\.on_exception\(\).* must accept one argument, the run: def on_exception\(self, run\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"WrongSignature\.on_exception\(\).* must accept one argument, the run: def on_exception\(self, run\)",
+    ):
         check_callback(WrongSignature())

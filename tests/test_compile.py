@@ -25,7 +25,9 @@ import functrain as ft
 
 with warnings.catch_warnings():
     # torch.utils.mkldnn, imported by inductor, still uses the deprecated torch.jit.script_method
-    warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning
+    )
     import torch._inductor.compile_fx  # noqa: F401
 
 F = nn.functional
@@ -55,7 +57,9 @@ def no_recompile() -> Any:
 
 
 def snapshot(state: ft.TrainState) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    return [(t, t.clone(), t._version) for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor)]
+    return [
+        (t, t.clone(), t._version) for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor)
+    ]
 
 
 def assert_unchanged(snap: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
@@ -80,12 +84,19 @@ def classification_loss(model, batch):
     return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
 
 
-def classification_batches(shape: tuple[int, ...], count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def classification_batches(
+    shape: tuple[int, ...], count: int, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=gen), torch.randint(0, 3, (shape[0],), generator=gen)) for _ in range(count)]
+    return [
+        (torch.randn(shape, generator=gen), torch.randint(0, 3, (shape[0],), generator=gen))
+        for _ in range(count)
+    ]
 
 
-def step_alongside_eager(step: Any, state: ft.TrainState, batches: list[Any]) -> tuple[ft.TrainState, ft.TrainState]:
+def step_alongside_eager(
+    step: Any, state: ft.TrainState, batches: list[Any]
+) -> tuple[ft.TrainState, ft.TrainState]:
     """Run `step` and eager `train_step` side by side: inputs untouched, no recompilation after the
     first call, the same metrics (to float tolerance); the final (compiled, eager) states."""
     compiled = eager = state
@@ -114,10 +125,18 @@ def step_alongside_eager(step: Any, state: ft.TrainState, batches: list[Any]) ->
 def test_compiled_mlp_step_matches_eager_and_never_recompiles() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    state = ft.TrainState.create(model, ft.sgd(0.1, momentum=0.9), classification_loss, ema_decay=0.9)
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1, momentum=0.9), classification_loss, ema_decay=0.9
+    )
     step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
     compiled, eager = step_alongside_eager(step, state, classification_batches((8, 6), 20))
-    assert set(ft.train_step(state, classification_batches((8, 6), 1)[0])[1]) == {"loss", "grad_norm", "lr", "skipped", "acc"}
+    assert set(ft.train_step(state, classification_batches((8, 6), 1)[0])[1]) == {
+        "loss",
+        "grad_norm",
+        "lr",
+        "skipped",
+        "acc",
+    }
     assert int(compiled.step) == 20
     assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(compiled.ema_state.average, eager.ema_state.average, strict=True):
@@ -129,7 +148,9 @@ def test_compiled_fused_adamw_step_matches_eager_skips_nonfinite_and_never_recom
     # the fused kernel is traced in its functional form; found_inf carries the skip into the graph
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    state = ft.TrainState.create(model, ft.adamw(1e-2, fused=True), classification_loss, clip_grad_norm=1.0)
+    state = ft.TrainState.create(
+        model, ft.adamw(1e-2, fused=True), classification_loss, clip_grad_norm=1.0
+    )
     step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
     batches = classification_batches((8, 6), 12)
     batches[5][0][0, 0] = float("nan")  # one non-finite batch: a counted no-op in both
@@ -143,7 +164,13 @@ def test_compiled_fused_adamw_step_matches_eager_skips_nonfinite_and_never_recom
 
 def test_compiled_cnn_with_batchnorm_matches_eager_and_compiles_once_per_batch_size() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )
     # Adam would amplify the rounding noise in the conv bias's gradient (pure noise before BatchNorm)
     state = ft.TrainState.create(model, ft.sgd(0.05, momentum=0.9), classification_loss)
     step = torch.compile(ft.train_step, dynamic=False, backend="aot_eager")
@@ -167,7 +194,9 @@ def test_compiled_cnn_with_batchnorm_matches_eager_and_compiles_once_per_batch_s
                 compiled, _ = step(compiled, batch)
         assert_unchanged(snap)
         eager, _ = ft.train_step(eager, batch)
-    assert compiled_so_far() == after_partial  # full batches after the partial one reuse the first graph
+    assert (
+        compiled_so_far() == after_partial
+    )  # full batches after the partial one reuse the first graph
     assert int(compiled.samples_seen) == 8 * 12 + 3
     assert int(compiled.buffers["1.num_batches_tracked"]) == 13
     assert_states_close(compiled, eager, rtol=1e-4, atol=1e-5)
@@ -231,7 +260,9 @@ def test_compiled_transformer_with_dropout_matches_eager_masks_and_never_recompi
     assert compiled_so_far() == first
     assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
     # the masks are real: dropout changes the training loss against the eval-mode loss
-    assert not torch.equal(ft.train_step(state, tokens)[1]["loss"], ft.eval_step(state, tokens)["loss"])
+    assert not torch.equal(
+        ft.train_step(state, tokens)[1]["loss"], ft.eval_step(state, tokens)["loss"]
+    )
     assert not torch.equal(compiled.rng, state.rng)
 
 
@@ -240,14 +271,21 @@ def test_compiled_transformer_with_dropout_matches_eager_masks_and_never_recompi
 
 def make_mlp_state(tx: ft.Transform, **options: Any) -> ft.TrainState:
     torch.manual_seed(0)
-    return ft.TrainState.create(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), tx, classification_loss, **options)
+    return ft.TrainState.create(
+        nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)),
+        tx,
+        classification_loss,
+        **options,
+    )
 
 
 @needs_cxx
 def test_compile_step_matches_eager_compiles_once_per_batch_size_and_leaves_inputs_alone() -> None:
     state = make_mlp_state(ft.adamw(1e-2), ema_decay=0.9)
     step = ft.compile_step()
-    batches = classification_batches((8, 6), 10) + classification_batches((5, 6), 2, seed=2)  # a last partial batch
+    batches = classification_batches((8, 6), 10) + classification_batches(
+        (5, 6), 2, seed=2
+    )  # a last partial batch
     batches[3][0][0, 0] = float("nan")  # skipped in both
     compiled = eager = state
     graphs_after: list[int] = []
@@ -273,7 +311,10 @@ def test_compile_step_compiles_again_for_other_static_parts_never_reusing_a_stal
     step = ft.compile_step(backend="eager")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    fast, slow = ft.TrainState.create(model, ft.sgd(0.5), classification_loss), make_mlp_state(ft.sgd(0.01))
+    fast, slow = (
+        ft.TrainState.create(model, ft.sgd(0.5), classification_loss),
+        make_mlp_state(ft.sgd(0.01)),
+    )
     batch = classification_batches((8, 6), 1)[0]
     for state in (fast, slow, fast):
         compiled, _ = step(state, batch)
@@ -285,7 +326,9 @@ def test_compile_step_compiles_again_for_other_static_parts_never_reusing_a_stal
     again = ft.TrainState.create(model, fast.optimizer, classification_loss)
     step(again, batch)
     assert compiled_so_far()[1] == 2
-    frozen = ft.TrainState.create(model, fast.optimizer, classification_loss, trainable=lambda name, p: name.startswith("2."))
+    frozen = ft.TrainState.create(
+        model, fast.optimizer, classification_loss, trainable=lambda name, p: name.startswith("2.")
+    )
     compiled, _ = step(frozen, batch)
     assert set(compiled.params) == {"2.weight", "2.bias"}
     assert compiled_so_far()[1] == 3
@@ -300,9 +343,20 @@ def test_compile_step_rejects_bad_arguments() -> None:
 
 @needs_cxx
 def test_fit_with_compile_trains_like_eager_fit() -> None:
-    data = torch.utils.data.TensorDataset(torch.randn(40, 6, generator=torch.Generator().manual_seed(3)), torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(4)))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(40, 6, generator=torch.Generator().manual_seed(3)),
+        torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(4)),
+    )
     results = [
-        ft.fit(make_mlp_state(ft.adamw(1e-2)), data, batch_size=8, max_epochs=2, progress=False, verbosity="silent", compile=compile_)
+        ft.fit(
+            make_mlp_state(ft.adamw(1e-2)),
+            data,
+            batch_size=8,
+            max_epochs=2,
+            progress=False,
+            verbosity="silent",
+            compile=compile_,
+        )
         for compile_ in (True, False)
     ]
     compiled, eager = (r.state for r in results)

@@ -22,7 +22,9 @@ CUDA = torch.device("cuda")
 
 def _sibling(name: str) -> Any:
     """A test module beside this one (the tests are not a package), for its cases and helpers."""
-    spec = importlib.util.spec_from_file_location(f"functrain_{name}", Path(__file__).with_name(f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"functrain_{name}", Path(__file__).with_name(f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,7 +58,9 @@ def test_preset_matches_torch_optim_foreach_on_cuda_bitwise(name: str) -> None:
     got, expected = _run_functrain(tx), _run_torch(make_opt)
     assert not torch.equal(got["w1"].cpu(), CASES.PARAMS["w1"])
     for k in expected:
-        assert torch.equal(got[k], expected[k]), f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
+        assert torch.equal(got[k], expected[k]), (
+            f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(CASES.FUSED_CASES))
@@ -64,12 +68,16 @@ def test_fused_preset_matches_torch_optim_fused_on_cuda_bitwise(name: str) -> No
     tx, make_opt, _ = CASES.FUSED_CASES[name]
     got, expected = _run_functrain(tx), _run_torch(make_opt)
     for k in expected:
-        assert torch.equal(got[k], expected[k]), f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
+        assert torch.equal(got[k], expected[k]), (
+            f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
+        )
 
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2)).to(CUDA)
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2)
+    ).to(CUDA)
 
 
 def _loss(model: ft.BoundModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -79,12 +87,33 @@ def _loss(model: ft.BoundModel, batch: tuple[torch.Tensor, torch.Tensor]) -> tor
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 8, generator=gen).to(CUDA), torch.randint(0, 2, (16,), generator=gen).to(CUDA)) for _ in range(n)]
+    return [
+        (
+            torch.randn(16, 8, generator=gen).to(CUDA),
+            torch.randint(0, 2, (16,), generator=gen).to(CUDA),
+        )
+        for _ in range(n)
+    ]
 
 
-@pytest.mark.parametrize("optimizer", [ft.adamw(1e-2), ft.adamw(1e-2, fused=True), ft.sgd(0.1, momentum=0.9)], ids=["adamw", "adamw_fused", "sgd"])
-@pytest.mark.parametrize("options", [{}, {"accumulate_steps": 2, "clip_grad_norm": 1.0, "ema_decay": 0.9}, {"precision": "bf16"}, {"precision": "fp16"}], ids=["plain", "accum-clip-ema", "bf16", "fp16"])
-def test_train_step_on_cuda_resumes_bit_identically_through_a_checkpoint(tmp_path: Path, optimizer: ft.Transform, options: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "optimizer",
+    [ft.adamw(1e-2), ft.adamw(1e-2, fused=True), ft.sgd(0.1, momentum=0.9)],
+    ids=["adamw", "adamw_fused", "sgd"],
+)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"accumulate_steps": 2, "clip_grad_norm": 1.0, "ema_decay": 0.9},
+        {"precision": "bf16"},
+        {"precision": "fp16"},
+    ],
+    ids=["plain", "accum-clip-ema", "bf16", "fp16"],
+)
+def test_train_step_on_cuda_resumes_bit_identically_through_a_checkpoint(
+    tmp_path: Path, optimizer: ft.Transform, options: dict[str, Any]
+) -> None:
     batches = _batches(6)
     state = ft.TrainState.create(_model(), optimizer, _loss, seed=3, **options)
     assert state.device.type == "cuda"
@@ -106,7 +135,9 @@ def test_train_step_on_cuda_resumes_bit_identically_through_a_checkpoint(tmp_pat
 
 def test_train_step_leaves_its_cuda_input_state_untouched() -> None:
     state = ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, seed=0)
-    before = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, state.tree())
+    before = torch.utils._pytree.tree_map(
+        lambda t: t.clone() if isinstance(t, torch.Tensor) else t, state.tree()
+    )
     new, _ = ft.train_step(state, _batches(1)[0])
     ft.assert_states_equal(before, state.tree())
     assert not torch.equal(new.params["0.weight"], state.params["0.weight"])
@@ -116,7 +147,9 @@ def test_train_step_leaves_its_cuda_input_state_untouched() -> None:
 # torch 2.11): advice to torch users, not defects of the step
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("optimizer", [ft.adamw(1e-2), ft.adamw(1e-2, fused=True)], ids=["adamw", "adamw_fused"])
+@pytest.mark.parametrize(
+    "optimizer", [ft.adamw(1e-2), ft.adamw(1e-2, fused=True)], ids=["adamw", "adamw_fused"]
+)
 def test_compile_step_on_cuda_follows_eager_steps(optimizer: ft.Transform) -> None:
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)).to(CUDA)
     state = ft.TrainState.create(model, optimizer, _loss, seed=0)
@@ -131,15 +164,26 @@ def test_compile_step_on_cuda_follows_eager_steps(optimizer: ft.Transform) -> No
 
 
 def test_fit_on_cuda_resumed_equals_uninterrupted(tmp_path: Path) -> None:
-    data = torch.utils.data.TensorDataset(torch.randn(96, 8).to(CUDA), torch.randint(0, 2, (96,)).to(CUDA))
-    kw: dict[str, Any] = {"batch_size": 16, "eval_data": data, "progress": False, "verbosity": "silent"}
+    data = torch.utils.data.TensorDataset(
+        torch.randn(96, 8).to(CUDA), torch.randint(0, 2, (96,)).to(CUDA)
+    )
+    kw: dict[str, Any] = {
+        "batch_size": 16,
+        "eval_data": data,
+        "progress": False,
+        "verbosity": "silent",
+    }
 
     def fresh() -> ft.TrainState:
-        return ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, seed=0, ema_decay=0.9)
+        return ft.TrainState.create(
+            _model(), ft.adamw(1e-2, fused=True), _loss, seed=0, ema_decay=0.9
+        )
 
     whole = ft.fit(fresh(), data, max_epochs=4, checkpoint_dir=tmp_path / "whole", **kw)
     ft.fit(fresh(), data, max_epochs=2, checkpoint_dir=tmp_path / "split", **kw)
-    resumed = ft.fit(fresh(), data, max_epochs=4, checkpoint_dir=tmp_path / "split", resume=True, **kw)
+    resumed = ft.fit(
+        fresh(), data, max_epochs=4, checkpoint_dir=tmp_path / "split", resume=True, **kw
+    )
     ft.assert_states_equal(whole.state, resumed.state, ignore=["driver"])
     assert whole.history.metrics_only() == resumed.history.metrics_only()
 
@@ -148,25 +192,51 @@ def test_to_device_pins_cpu_tensors_and_copies_them_to_cuda() -> None:
     from functrain.driver.data import to_device
 
     x, on_gpu = torch.randn(16, 8), torch.ones(2, device=CUDA)
-    moved = to_device({"x": x, "g": on_gpu, "n": 3}, torch.device("cuda", torch.cuda.current_device()))
+    moved = to_device(
+        {"x": x, "g": on_gpu, "n": 3}, torch.device("cuda", torch.cuda.current_device())
+    )
     torch.cuda.synchronize()
-    assert moved["x"].is_cuda and torch.equal(moved["x"].cpu(), x) and moved["g"] is on_gpu and moved["n"] == 3
+    assert (
+        moved["x"].is_cuda
+        and torch.equal(moved["x"].cpu(), x)
+        and moved["g"] is on_gpu
+        and moved["n"] == 3
+    )
 
 
 def test_fit_moves_cpu_batches_to_the_states_cuda_device_and_reports_cuda_memory() -> None:
     gen = torch.Generator().manual_seed(1)
-    cpu_data = torch.utils.data.TensorDataset(torch.randn(96, 8, generator=gen), torch.randint(0, 2, (96,), generator=gen))
+    cpu_data = torch.utils.data.TensorDataset(
+        torch.randn(96, 8, generator=gen), torch.randint(0, 2, (96,), generator=gen)
+    )
     gpu_data = torch.utils.data.TensorDataset(*(t.to(CUDA) for t in cpu_data.tensors))
-    kw: dict[str, Any] = {"batch_size": 16, "max_epochs": 2, "progress": False, "verbosity": "silent", "log_every": 3}
+    kw: dict[str, Any] = {
+        "batch_size": 16,
+        "max_epochs": 2,
+        "progress": False,
+        "verbosity": "silent",
+        "log_every": 3,
+    }
 
     def fresh() -> ft.TrainState:
         return ft.TrainState.create(_model(), ft.adamw(1e-2), _loss, seed=0)
 
-    moved = ft.fit(fresh(), cpu_data, eval_data=cpu_data, device="cuda", memory="device", grad_stats="layer", **kw)
+    moved = ft.fit(
+        fresh(),
+        cpu_data,
+        eval_data=cpu_data,
+        device="cuda",
+        memory="device",
+        grad_stats="layer",
+        **kw,
+    )
     direct = ft.fit(fresh(), gpu_data, eval_data=gpu_data, **kw)
     ft.assert_states_equal(moved.state, direct.state, ignore=["driver"])
     row = moved.history.rows["train"][0]
-    assert row["cuda_max_allocated_mib"] > 0 and row["cuda_max_reserved_mib"] >= row["cuda_max_allocated_mib"]
+    assert (
+        row["cuda_max_allocated_mib"] > 0
+        and row["cuda_max_reserved_mib"] >= row["cuda_max_allocated_mib"]
+    )
     assert {"grad_norm/0", "update_ratio/4"} <= set(row)
 
 
@@ -175,7 +245,11 @@ def _tensor_bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_same_state(a: ft.TrainState, b: ft.TrainState) -> None:
-    for x, y in zip(torch.utils._pytree.tree_leaves(a.tree()), torch.utils._pytree.tree_leaves(b.tree()), strict=True):
+    for x, y in zip(
+        torch.utils._pytree.tree_leaves(a.tree()),
+        torch.utils._pytree.tree_leaves(b.tree()),
+        strict=True,
+    ):
         if isinstance(x, torch.Tensor):
             assert torch.equal(_tensor_bits(x), _tensor_bits(y))
 
@@ -185,12 +259,17 @@ def _assert_same_state(a: ft.TrainState, b: ft.TrainState) -> None:
     [
         (lambda: ft.adamw(1e-2, fused=True), {"ema_decay": 0.9}),
         (lambda: ft.adam(1e-2, fused=True), {"accumulate_steps": 2, "clip_grad_norm": 0.5}),
-        (lambda: ft.adamw(1e-2, fused=False), {"nonfinite": "none", "ema_decay": 0.9, "ema_warmup": True}),
+        (
+            lambda: ft.adamw(1e-2, fused=False),
+            {"nonfinite": "none", "ema_decay": 0.9, "ema_warmup": True},
+        ),
         (lambda: ft.adamw(1e-2, fused=True), {"precision": "fp16"}),
         (lambda: ft.adamw(1e-2, fused=True), {"precision": "bf16"}),
     ],
 )
-def test_donated_steps_on_cuda_give_the_pure_steps_bits(optimizer: Any, options: dict[str, Any]) -> None:
+def test_donated_steps_on_cuda_give_the_pure_steps_bits(
+    optimizer: Any, options: dict[str, Any]
+) -> None:
     pure = ft.TrainState.create(_model(), optimizer(), _loss, **options)
     donated = pure.clone()
     batches = _batches(5)
@@ -238,7 +317,9 @@ def test_ranks_draw_their_own_dropout_streams_on_cuda_and_carry_one_shared_strea
     from functrain.core.step import _enter, _leave
     from functrain.distributed import DistConfig
 
-    state = ft.TrainState.create(nn.Linear(2, 2).to(CUDA), ft.sgd(0.1), lambda m, b: m(b).sum(), seed=3)
+    state = ft.TrainState.create(
+        nn.Linear(2, 2).to(CUDA), ft.sgd(0.1), lambda m, b: m(b).sum(), seed=3
+    )
     caller = torch.cuda.get_rng_state()
     draws, after = {}, {}
     for rank in (0, 1, 0):
@@ -247,18 +328,25 @@ def test_ranks_draw_their_own_dropout_streams_on_cuda_and_carry_one_shared_strea
         after.setdefault(rank, []).append(_leave(scope))
     assert not torch.equal(draws[0][0], draws[1][0])  # each rank its own masks
     assert torch.equal(draws[0][0], draws[0][1])  # the same rank again: the same masks
-    assert torch.equal(after[0][0], after[1][0]) and not torch.equal(after[0][0], state.rng)  # one shared stream, advanced
+    assert torch.equal(after[0][0], after[1][0]) and not torch.equal(
+        after[0][0], state.rng
+    )  # one shared stream, advanced
     assert torch.equal(torch.cuda.get_rng_state(), caller)
 
 
 @pytest.mark.parametrize("sharding", ["optimizer", "full"])
-def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(tmp_path: Path, sharding: str) -> None:
+def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(
+    tmp_path: Path, sharding: str
+) -> None:
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
         pytest.skip("needs NCCL")
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     try:
+
         def build() -> nn.Module:
             torch.manual_seed(0)
             return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).to(CUDA)
@@ -266,11 +354,16 @@ def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(tmp_path: Pat
         loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
         options = {"ema_decay": 0.9, "clip_grad_norm": 0.5}
         plain = ft.TrainState.create(build(), ft.adamw(1e-2), loss_fn, distributed=False, **options)
-        placed = ft.TrainState.create(build(), ft.adamw(1e-2), loss_fn, sharding=sharding, **options)
+        placed = ft.TrainState.create(
+            build(), ft.adamw(1e-2), loss_fn, sharding=sharding, **options
+        )
         assert placed.dist.sharding == sharding and placed.dist.world_size == 1
         g = torch.Generator().manual_seed(1)
         for _ in range(5):
-            batch = (torch.randn(16, 8, generator=g).to(CUDA), torch.randint(0, 3, (16,), generator=g).to(CUDA))
+            batch = (
+                torch.randn(16, 8, generator=g).to(CUDA),
+                torch.randint(0, 3, (16,), generator=g).to(CUDA),
+            )
             plain, _ = ft.train_step(plain, batch)
             placed, _ = ft.train_step(placed, batch, donate=True)
         for use_ema in (False, True):
@@ -291,8 +384,12 @@ def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(tmp_path: Pat
     ],
     ids=["adamw", "sgd", "adamw-foreach"],
 )
-@pytest.mark.parametrize("weights_cl", [False, True], ids=["weights-contiguous", "weights-channels-last"])
-def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(tx: ft.Transform, make_opt: Any, weights_cl: bool) -> None:
+@pytest.mark.parametrize(
+    "weights_cl", [False, True], ids=["weights-contiguous", "weights-channels-last"]
+)
+def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(
+    tx: ft.Transform, make_opt: Any, weights_cl: bool
+) -> None:
     """Gradients in another layout than their parameters (`functrain.layout`), on the GPU's kernels."""
     layout = _sibling("test_layout")
     net = layout.issue_cnn().to(CUDA)

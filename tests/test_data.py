@@ -46,7 +46,9 @@ def test_order_is_a_pure_function_of_seed_and_epoch() -> None:
     assert ids(a.epoch(0)) != ids(a.epoch(1))
     assert ids(a.epoch(0)) != ids(Batcher(data, 5, seed=4).epoch(0))
     assert sorted(sum(ids(a.epoch(1)), [])) == list(range(23))  # a permutation
-    assert ids(Batcher(data, 5, shuffle=False).epoch(7)) == [list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)]
+    assert ids(Batcher(data, 5, shuffle=False).epoch(7)) == [
+        list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)
+    ]
     assert torch.equal(epoch_order(23, 3, 2), epoch_order(23, 3, 2))
 
 
@@ -97,12 +99,19 @@ def test_batcher_lists_every_invalid_argument() -> None:
     with pytest.raises(ConfigError) as err:
         Batcher(object(), 0, num_workers=-1, shard=(2, 2))
     message = str(err.value)
-    for part in ("dataset must support len() and indexing", "batch_size must be an int >= 1, got batch_size=0", "num_workers must be an int >= 0", "shard must be (rank, world_size)"):
+    for part in (
+        "dataset must support len() and indexing",
+        "batch_size must be an int >= 1, got batch_size=0",
+        "num_workers must be an int >= 0",
+        "shard must be (rank, world_size)",
+    ):
         assert part in message
 
 
 def test_shard_needs_a_divisible_batch_size() -> None:
-    with pytest.raises(ConfigError, match="batch_size=6 .global. must be divisible by world_size=4"):
+    with pytest.raises(
+        ConfigError, match="batch_size=6 .global. must be divisible by world_size=4"
+    ):
         Batcher(TensorDataset(torch.arange(8.0)), 6, shard=(0, 4))
 
 
@@ -121,8 +130,15 @@ def test_a_one_shot_iterator_is_rejected() -> None:
 
 def test_as_source_picks_the_batching() -> None:
     data = TensorDataset(torch.arange(4.0))
-    assert isinstance(as_source(data, batch_size=2, shuffle=True, drop_last=False, seed=0, num_workers=0), Batcher)
-    assert isinstance(as_source([data.tensors], batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0), IterableSource)
+    assert isinstance(
+        as_source(data, batch_size=2, shuffle=True, drop_last=False, seed=0, num_workers=0), Batcher
+    )
+    assert isinstance(
+        as_source(
+            [data.tensors], batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0
+        ),
+        IterableSource,
+    )
     with pytest.raises(ConfigError, match="batch_size is required"):
         as_source(data, batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0)
 
@@ -140,7 +156,9 @@ def test_fit_resumed_mid_epoch_on_a_list_of_batches_warns_and_matches(tmp_path: 
             torch.manual_seed(0)
             return ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
 
-    kwargs = dict(max_epochs=2, save_every=1, checkpoint_dir=tmp_path, progress=False, verbosity="silent")
+    kwargs = dict(
+        max_epochs=2, save_every=1, checkpoint_dir=tmp_path, progress=False, verbosity="silent"
+    )
 
     @ft.on("batch_end")
     def stop(run: ft.Run) -> None:
@@ -148,7 +166,10 @@ def test_fit_resumed_mid_epoch_on_a_list_of_batches_warns_and_matches(tmp_path: 
             run.request_stop("cut")
 
     assert ft.fit(state(), batches, callbacks=[stop], **kwargs).stop_reason == "cut"
-    with pytest.warns(RuntimeWarning, match="resuming mid-epoch on a list: replaying and skipping 2 consumed batches"):
+    with pytest.warns(
+        RuntimeWarning,
+        match="resuming mid-epoch on a list: replaying and skipping 2 consumed batches",
+    ):
         resumed = ft.fit(state(), batches, resume=True, **kwargs)
     straight = ft.fit(state(), batches, max_epochs=2, progress=False, verbosity="silent")
     assert int(resumed.state.step) == 8
@@ -170,19 +191,31 @@ class Noisy(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         self.reads += 1
-        return torch.tensor([float(i), torch.rand(()).item(), random.random(), float(np.random.rand())])
+        return torch.tensor(
+            [float(i), torch.rand(()).item(), random.random(), float(np.random.rand())]
+        )
 
 
 def shuffled(dataset: Any = None, seed: int = 7, **kw: Any) -> DataLoader:
-    return DataLoader(dataset if dataset is not None else Noisy(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed), **kw)
+    return DataLoader(
+        dataset if dataset is not None else Noisy(),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
 
 
 def epochs(source: Any, n: int = 2) -> list[torch.Tensor]:
     return [torch.cat(list(source.epoch(e))) for e in range(n)]
 
 
-def test_fit_takes_a_plain_dataloader_over_a_map_style_dataset_through_a_dataloader_source() -> None:
-    source = as_source(shuffled(), batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0)
+def test_fit_takes_a_plain_dataloader_over_a_map_style_dataset_through_a_dataloader_source() -> (
+    None
+):
+    source = as_source(
+        shuffled(), batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0
+    )
     assert isinstance(source, DataLoaderSource) and source.saves_position
 
     class Custom(DataLoader):
@@ -192,14 +225,25 @@ def test_fit_takes_a_plain_dataloader_over_a_map_style_dataset_through_a_dataloa
         def __iter__(self) -> Any:
             return iter(range(4))
 
-    for other in (Custom(Noisy(), batch_size=4), DataLoader(Noisy(), batch_size=None), DataLoader(Stream(), batch_size=2)):
-        picked = as_source(other, batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0)
+    for other in (
+        Custom(Noisy(), batch_size=4),
+        DataLoader(Noisy(), batch_size=None),
+        DataLoader(Stream(), batch_size=2),
+    ):
+        picked = as_source(
+            other, batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0
+        )
         assert type(picked) is IterableSource
-    with pytest.raises(ConfigError, match=r"DataLoaderSource takes a torch.utils.data.DataLoader, got Custom; pass functrain.IterableSource\(loader\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"DataLoaderSource takes a torch.utils.data.DataLoader, got Custom; pass functrain.IterableSource\(loader\)",
+    ):
         DataLoaderSource(Custom(Noisy(), batch_size=4))
 
 
-def test_each_epoch_is_a_function_of_the_seeds_and_the_epoch_and_draws_nothing_from_the_caller() -> None:
+def test_each_epoch_is_a_function_of_the_seeds_and_the_epoch_and_draws_nothing_from_the_caller() -> (
+    None
+):
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     a = epochs(DataLoaderSource(shuffled()))
@@ -208,15 +252,23 @@ def test_each_epoch_is_a_function_of_the_seeds_and_the_epoch_and_draws_nothing_f
     torch.manual_seed(2), random.seed(2), np.random.seed(2)  # elsewhere: the same epochs
     b = epochs(DataLoaderSource(shuffled()))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert a[0][:, 0].tolist() != a[1][:, 0].tolist() and sorted(a[0][:, 0].tolist()) == list(map(float, range(20)))
-    for other in (DataLoaderSource(shuffled(seed=8)), DataLoaderSource(shuffled(), seed=1)):  # the loader's seed and data_seed count
+    assert a[0][:, 0].tolist() != a[1][:, 0].tolist() and sorted(a[0][:, 0].tolist()) == list(
+        map(float, range(20))
+    )
+    for other in (
+        DataLoaderSource(shuffled(seed=8)),
+        DataLoaderSource(shuffled(), seed=1),
+    ):  # the loader's seed and data_seed count
         assert not torch.equal(epochs(other, 1)[0], a[0])
 
 
 def test_the_batches_do_not_depend_on_the_number_of_workers_or_on_persistent_workers() -> None:
     alone = epochs(DataLoaderSource(shuffled()))
     for kw in ({"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}):
-        assert all(torch.equal(x, y) for x, y in zip(alone, epochs(DataLoaderSource(shuffled(**kw))), strict=True))
+        assert all(
+            torch.equal(x, y)
+            for x, y in zip(alone, epochs(DataLoaderSource(shuffled(**kw))), strict=True)
+        )
 
 
 def test_a_resume_skips_the_consumed_batches_without_loading_them() -> None:
@@ -244,7 +296,9 @@ class Epochs(torch.utils.data.Sampler):
         self.told.append(epoch)
 
     def __iter__(self) -> Any:
-        return iter(torch.randperm(20, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+        return iter(
+            torch.randperm(20, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        )
 
     def __len__(self) -> int:
         return 20
@@ -254,7 +308,10 @@ def test_a_sampler_with_set_epoch_is_told_each_epoch() -> None:
     sampler = Epochs()
     out = epochs(DataLoaderSource(DataLoader(Noisy(), batch_size=4, sampler=sampler)), 3)
     assert sampler.told == [0, 1, 2]
-    assert out[2][:, 0].long().tolist() == torch.randperm(20, generator=torch.Generator().manual_seed(2)).tolist()
+    assert (
+        out[2][:, 0].long().tolist()
+        == torch.randperm(20, generator=torch.Generator().manual_seed(2)).tolist()
+    )
 
 
 class Private(torch.utils.data.Sampler):
@@ -281,7 +338,10 @@ def test_a_resume_whose_sampler_draws_another_order_warns_and_a_reproducible_one
     assert saved["epoch"] == 1 and saved["batches"] == 2 and len(saved["order"]) == 64
     again = DataLoaderSource(DataLoader(Noisy(), batch_size=4, sampler=Private()))
     again.restore(saved)
-    with pytest.warns(RuntimeWarning, match=r"resuming epoch 1 after 2 batches, but the 2 index batches its sampler \(Private\) drew now differ.*set_epoch"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"resuming epoch 1 after 2 batches, but the 2 index batches its sampler \(Private\) drew now differ.*set_epoch",
+    ):
         list(again.epoch(1, start=2))
     same = DataLoaderSource(shuffled())
     it = same.epoch(1)
@@ -301,7 +361,13 @@ def test_a_worker_init_fn_reaches_the_users_dataset_through_get_worker_info() ->
         def __getitem__(self, i: int) -> torch.Tensor:
             return torch.tensor([float(self.tag)])
 
-    out = torch.cat(list(DataLoaderSource(DataLoader(Tagged(), batch_size=4, num_workers=2, worker_init_fn=init)).epoch(0)))
+    out = torch.cat(
+        list(
+            DataLoaderSource(
+                DataLoader(Tagged(), batch_size=4, num_workers=2, worker_init_fn=init)
+            ).epoch(0)
+        )
+    )
     assert set(out.flatten().tolist()) == {10.0, 11.0}
 
 
@@ -310,10 +376,14 @@ def test_a_dataloader_subclass_replays_in_an_order_fit_seeds() -> None:
         pass
 
     def replayed(start: int) -> torch.Tensor:
-        source = IterableSource(Custom(Noisy(), batch_size=4, shuffle=True))  # no generator: fit's stream
+        source = IterableSource(
+            Custom(Noisy(), batch_size=4, shuffle=True)
+        )  # no generator: fit's stream
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if start else "error")
-            return torch.cat(list(source.epoch(1, start=start)))[:, :2]  # the order and torch's draws
+            return torch.cat(list(source.epoch(1, start=start)))[
+                :, :2
+            ]  # the order and torch's draws
 
     whole = replayed(0)
     torch.manual_seed(5)
@@ -322,7 +392,9 @@ def test_a_dataloader_subclass_replays_in_an_order_fit_seeds() -> None:
 
 def test_a_batcher_with_workers_leaves_the_callers_generator_alone_and_matches_no_workers() -> None:
     state = torch.get_rng_state()
-    with_workers = [torch.cat(list(Batcher(Noisy(), 4, seed=1, num_workers=2).epoch(e))) for e in range(2)]
+    with_workers = [
+        torch.cat(list(Batcher(Noisy(), 4, seed=1, num_workers=2).epoch(e))) for e in range(2)
+    ]
     assert torch.equal(torch.get_rng_state(), state)
     alone = [torch.cat(list(Batcher(Noisy(), 4, seed=1).epoch(e))) for e in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(with_workers, alone, strict=True))
@@ -334,7 +406,14 @@ def test_a_dataset_that_reads_a_batch_at_once_gets_the_indices_and_the_same_seed
             assert type(indices) is list  # the user's dataset sees plain indices
             return [self[i] for i in indices]
 
-    assert all(torch.equal(a, b) for a, b in zip(epochs(DataLoaderSource(shuffled(Batched()))), epochs(DataLoaderSource(shuffled())), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            epochs(DataLoaderSource(shuffled(Batched()))),
+            epochs(DataLoaderSource(shuffled())),
+            strict=True,
+        )
+    )
 
 
 def test_a_source_no_one_holds_is_freed_at_once_with_its_persistent_workers() -> None:

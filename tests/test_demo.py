@@ -13,7 +13,9 @@ pytest.importorskip("matplotlib")
 from functrain import demo  # noqa: E402
 
 
-def test_demo_trains_saves_logs_plots_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_trains_saves_logs_plots_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     demo.main(["--out", str(tmp_path), "--epochs", "3", "--no-progress"])
     out = capsys.readouterr().out
     accuracy = float(re.search(r"test accuracy of the best checkpoint: ([0-9.]+)", out).group(1))
@@ -24,4 +26,7 @@ def test_demo_trains_saves_logs_plots_and_resumes(tmp_path: Path, capsys: pytest
     # resuming a finished run trains no further and reports the same result
     demo.main(["--out", str(tmp_path), "--epochs", "3", "--no-progress", "--resume"])
     again = capsys.readouterr().out
-    assert re.search(r"test accuracy of the best checkpoint: ([0-9.]+)", again).group(1) == f"{accuracy:.4f}"
+    assert (
+        re.search(r"test accuracy of the best checkpoint: ([0-9.]+)", again).group(1)
+        == f"{accuracy:.4f}"
+    )

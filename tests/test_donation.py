@@ -27,7 +27,10 @@ def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tenso
 
 def batches(count: int, nan_at: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    out = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(count)]
+    out = [
+        (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(count)
+    ]
     if nan_at is not None:
         out[nan_at][0][0, 0] = float("nan")
     return out
@@ -65,39 +68,77 @@ def donated_state() -> tuple[ft.TrainState, ft.TrainState]:
     ("optimizer", "options"),
     [
         (lambda: ft.adamw(1e-2, fused=True), {}),
-        (lambda: ft.adamw(1e-2, fused=True), {"accumulate_steps": 3, "ema_decay": 0.9, "clip_grad_norm": 0.5}),
-        (lambda: ft.adam(1e-2, amsgrad=True, fused=True), {"nonfinite": "none", "ema_decay": 0.5, "ema_warmup": True}),
+        (
+            lambda: ft.adamw(1e-2, fused=True),
+            {"accumulate_steps": 3, "ema_decay": 0.9, "clip_grad_norm": 0.5},
+        ),
+        (
+            lambda: ft.adam(1e-2, amsgrad=True, fused=True),
+            {"nonfinite": "none", "ema_decay": 0.5, "ema_warmup": True},
+        ),
         (lambda: ft.adamw(1e-2, fused=False), {"nonfinite": "none", "ema_decay": 0.9}),
         (lambda: ft.sgd(0.1, momentum=0.9, weight_decay=1e-2), {"accumulate_steps": 2}),
-        (lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), {"ema_decay": 0.9, "clip_grad_norm": 0.5}),
+        (
+            lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+            {"ema_decay": 0.9, "clip_grad_norm": 0.5},
+        ),
         (lambda: ft.sgd(0.1), {"nonfinite": "none"}),
         (lambda: ft.sgd(0.1, momentum=0.9, fused=False), {"accumulate_steps": 2}),
-        (lambda: ft.adagrad(0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-2), {"accumulate_steps": 2, "ema_decay": 0.9}),
+        (
+            lambda: ft.adagrad(
+                0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-2
+            ),
+            {"accumulate_steps": 2, "ema_decay": 0.9},
+        ),
         (lambda: ft.adagrad(0.1, fused=False), {}),
         (lambda: ft.adamw(1e-2, fused=True), {"precision": "fp16"}),
         (lambda: ft.adamw(1e-2, fused=True), {"precision": "bf16", "accumulate_steps": 2}),
     ],
     ids=[
-        "fused", "fused-accumulate-ema-clip", "amsgrad-warmup-ema", "foreach-none", "sgd-accumulate", "sgd-nesterov-ema-clip",
-        "sgd-plain-none", "sgd-foreach-accumulate", "adagrad-accumulate-ema", "adagrad-foreach", "fp16", "bf16",
+        "fused",
+        "fused-accumulate-ema-clip",
+        "amsgrad-warmup-ema",
+        "foreach-none",
+        "sgd-accumulate",
+        "sgd-nesterov-ema-clip",
+        "sgd-plain-none",
+        "sgd-foreach-accumulate",
+        "adagrad-accumulate-ema",
+        "adagrad-foreach",
+        "fp16",
+        "bf16",
     ],
 )
-def test_donated_steps_give_the_pure_steps_bits_skipped_steps_included(optimizer: Callable[[], ft.Transform], options: dict[str, Any]) -> None:
+def test_donated_steps_give_the_pure_steps_bits_skipped_steps_included(
+    optimizer: Callable[[], ft.Transform], options: dict[str, Any]
+) -> None:
     pure = ft.TrainState.create(make_model(), optimizer(), loss_fn, **options)
     donated = pure.clone()
     for batch in batches(7, nan_at=2):
         pure, metrics = ft.train_step(pure, batch)
         donated, donated_metrics = ft.train_step(donated, batch, donate=True)
         assert_same_bits(pure, donated)
-        assert all(torch.equal(metrics[k], donated_metrics[k]) or metrics[k].isnan().all() for k in metrics)
+        assert all(
+            torch.equal(metrics[k], donated_metrics[k]) or metrics[k].isnan().all() for k in metrics
+        )
     counts_skips = options.get("nonfinite") != "none" and options.get("precision") != "fp16"
     assert int(pure.skipped) == int(donated.skipped) >= (1 if counts_skips else 0)
 
 
-@pytest.mark.parametrize("optimizer", [lambda: ft.adamw(1e-2), lambda: ft.sgd(0.1, momentum=0.9), lambda: ft.adagrad(0.1)], ids=["adamw", "sgd", "adagrad"])
-def test_a_fused_donated_step_writes_into_the_given_tensors(optimizer: Callable[[], ft.Transform]) -> None:
-    state = ft.TrainState.create(make_model(), optimizer(), loss_fn, ema_decay=0.9, accumulate_steps=2)
-    for batch in batches(2):  # a fresh state's zeros get their storage at the update that first writes them
+@pytest.mark.parametrize(
+    "optimizer",
+    [lambda: ft.adamw(1e-2), lambda: ft.sgd(0.1, momentum=0.9), lambda: ft.adagrad(0.1)],
+    ids=["adamw", "sgd", "adagrad"],
+)
+def test_a_fused_donated_step_writes_into_the_given_tensors(
+    optimizer: Callable[[], ft.Transform],
+) -> None:
+    state = ft.TrainState.create(
+        make_model(), optimizer(), loss_fn, ema_decay=0.9, accumulate_steps=2
+    )
+    for batch in batches(
+        2
+    ):  # a fresh state's zeros get their storage at the update that first writes them
         state, _ = ft.train_step(state, batch, donate=True)
     weight, ema = state.params["0.weight"], state.ema_state.average[0]
     mu = next(x for x in leaves(state.opt_state) if x.shape == weight.shape and x is not weight)
@@ -106,7 +147,10 @@ def test_a_fused_donated_step_writes_into_the_given_tensors(optimizer: Callable[
         state, _ = ft.train_step(state, batch, donate=True)
     assert state.params["0.weight"].untyped_storage().data_ptr() in storages
     assert state.ema_state.average[0].untyped_storage().data_ptr() in storages
-    assert any(x.untyped_storage().data_ptr() == mu.untyped_storage().data_ptr() for x in leaves(state.opt_state))
+    assert any(
+        x.untyped_storage().data_ptr() == mu.untyped_storage().data_ptr()
+        for x in leaves(state.opt_state)
+    )
 
 
 def test_a_donated_step_never_writes_into_the_users_module() -> None:
@@ -131,18 +175,45 @@ def test_a_donated_step_never_writes_into_the_users_module() -> None:
         lambda s: ft.save(s, "/nonexistent/never-written"),
         lambda s: ft.testing.diff_states(s, s),
     ],
-    ids=["train_step", "train_step-donate", "eval_step", "compiled", "export_module", "tree", "clone", "save", "diff_states"],
+    ids=[
+        "train_step",
+        "train_step-donate",
+        "eval_step",
+        "compiled",
+        "export_module",
+        "tree",
+        "clone",
+        "save",
+        "diff_states",
+    ],
 )
-def test_every_use_of_a_donated_state_raises_naming_the_call(use: Callable[[ft.TrainState], Any]) -> None:
+def test_every_use_of_a_donated_state_raises_naming_the_call(
+    use: Callable[[ft.TrainState], Any],
+) -> None:
     state, _ = donated_state()
-    with pytest.raises(ft.DonatedStateError, match=r"donated to functrain\.train_step\(\.\.\., donate=True\).*state\.clone\(\)"):
+    with pytest.raises(
+        ft.DonatedStateError,
+        match=r"donated to functrain\.train_step\(\.\.\., donate=True\).*state\.clone\(\)",
+    ):
         use(state)
 
 
-@pytest.mark.parametrize("read", [lambda s: s.params["0.weight"], lambda s: int(s.step), lambda s: list(s.buffers), lambda s: s.opt_state[0], lambda s: s.ema_params, lambda s: s.device])
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda s: s.params["0.weight"],
+        lambda s: int(s.step),
+        lambda s: list(s.buffers),
+        lambda s: s.opt_state[0],
+        lambda s: s.ema_params,
+        lambda s: s.device,
+    ],
+)
 def test_reading_a_donated_states_tensors_raises(read: Callable[[ft.TrainState], Any]) -> None:
     state, _ = donated_state()
-    with pytest.raises(ft.DonatedStateError, match=r"state\.\w+ belongs to a TrainState that was donated"):
+    with pytest.raises(
+        ft.DonatedStateError, match=r"state\.\w+ belongs to a TrainState that was donated"
+    ):
         read(state)
 
 
@@ -181,8 +252,12 @@ def test_a_donated_step_that_fails_before_writing_leaves_the_state_usable() -> N
 
 
 def test_a_donated_step_that_halts_after_writing_retires_the_state() -> None:
-    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, nonfinite="halt", accumulate_steps=2)
-    state, _ = ft.train_step(state, batches(1, nan_at=0)[0], donate=True)  # mid-window: no check yet
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2, fused=True), loss_fn, nonfinite="halt", accumulate_steps=2
+    )
+    state, _ = ft.train_step(
+        state, batches(1, nan_at=0)[0], donate=True
+    )  # mid-window: no check yet
     with pytest.raises(ft.NonFiniteError):
         ft.train_step(state, batches(1)[0], donate=True)  # the window's sums were written in place
     with pytest.raises(ft.DonatedStateError, match="which then raised NonFiniteError"):
@@ -191,7 +266,9 @@ def test_a_donated_step_that_halts_after_writing_retires_the_state() -> None:
 
 def test_a_compiled_donated_step_gives_the_compiled_pure_steps_bits() -> None:
     step = ft.compile_step(backend="eager")
-    pure = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9, accumulate_steps=2)
+    pure = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9, accumulate_steps=2
+    )
     donated = pure.clone()
     for batch in batches(4, nan_at=1):
         pure, _ = step(pure, batch)
@@ -200,7 +277,6 @@ def test_a_compiled_donated_step_gives_the_compiled_pure_steps_bits() -> None:
         assert_same_bits(pure, donated)
     with pytest.raises(ft.DonatedStateError, match="compile_step"):
         step(previous, batches(1)[0])
-
 
 
 # ---------------------------------------------------------------- fit donates the states it owns
@@ -217,11 +293,15 @@ def pure_run(count: int) -> list[ft.TrainState]:
 
 def fit_run(**kwargs: Any) -> tuple[ft.TrainState, ft.FitResult]:
     state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9)
-    result = ft.fit(state, batches(4), **{"max_epochs": 1, "progress": False, "verbosity": "silent", **kwargs})
+    result = ft.fit(
+        state, batches(4), **{"max_epochs": 1, "progress": False, "verbosity": "silent", **kwargs}
+    )
     return state, result
 
 
-def test_fit_donates_every_state_but_the_callers_and_ends_where_pure_steps_end(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_donates_every_state_but_the_callers_and_ends_where_pure_steps_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     seen: list[bool] = []
     original = ft.train_step
 
@@ -233,7 +313,9 @@ def test_fit_donates_every_state_but_the_callers_and_ends_where_pure_steps_end(m
     given, result = fit_run()
     assert seen == [False, True, True, True]
     assert_same_training(result.state, pure_run(4)[-1])
-    assert int(ft.train_step(given, batches(1)[0])[0].step) == 1  # the caller's state is alive and untouched
+    assert (
+        int(ft.train_step(given, batches(1)[0])[0].step) == 1
+    )  # the caller's state is alive and untouched
 
 
 class Keeper(ft.Callback):
@@ -254,10 +336,21 @@ def test_states_a_callback_keeps_from_fit_stay_valid() -> None:
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_checkpoints_fit_writes_while_donating_hold_the_states_of_their_steps(tmp_path: Any, async_save: bool) -> None:
-    _, result = fit_run(checkpoint_dir=tmp_path / "run", save_every=1, keep_last=10, run_mode="step", max_steps=4, async_save=async_save)
+def test_checkpoints_fit_writes_while_donating_hold_the_states_of_their_steps(
+    tmp_path: Any, async_save: bool
+) -> None:
+    _, result = fit_run(
+        checkpoint_dir=tmp_path / "run",
+        save_every=1,
+        keep_last=10,
+        run_mode="step",
+        max_steps=4,
+        async_save=async_save,
+    )
     expected = pure_run(4)
-    template = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9)
+    template = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2, fused=True), loss_fn, ema_decay=0.9
+    )
     paths = ft.CheckpointManager(tmp_path / "run").all()
     assert len(paths) == 4
     for path in paths:
@@ -298,20 +391,35 @@ def storage_bytes(tree: Any) -> int:
         (lambda: ft.adagrad(0.1, initial_accumulator_value=0.25), {}, 0.25),
         (lambda: ft.rmsprop(1e-2, centered=True, momentum=0.5), {}, 0.0),
     ],
-    ids=["adamw", "amsgrad-accumulate", "adamw-foreach", "sgd", "sgd-foreach", "adagrad", "rmsprop"],
+    ids=[
+        "adamw",
+        "amsgrad-accumulate",
+        "adamw-foreach",
+        "sgd",
+        "sgd-foreach",
+        "adagrad",
+        "rmsprop",
+    ],
 )
-def test_a_fresh_states_optimizer_buffers_read_as_their_constant_and_hold_no_storage(optimizer: Callable[[], ft.Transform], options: dict[str, Any], value: float) -> None:
+def test_a_fresh_states_optimizer_buffers_read_as_their_constant_and_hold_no_storage(
+    optimizer: Callable[[], ft.Transform], options: dict[str, Any], value: float
+) -> None:
     big = nn.Linear(256, 256)
     state = ft.TrainState.create(big, optimizer(), lambda m, b: m(b).sum(), **options)
     shaped = [x for x in leaves(state.opt_state) if x.shape == big.weight.shape]
     assert shaped and all(torch.equal(x, torch.full_like(big.weight, value)) for x in shaped)
-    assert all(torch.equal(x.view(torch.int32), torch.full(x.shape, value).view(torch.int32)) for x in shaped)  # -0.0 too
+    assert all(
+        torch.equal(x.view(torch.int32), torch.full(x.shape, value).view(torch.int32))
+        for x in shaped
+    )  # -0.0 too
     assert storage_bytes(state.opt_state) < 1024 < storage_bytes(state.params)
     assert storage_bytes(state.clone().opt_state) < 1024  # a copy of a fresh state is as light
 
 
 def test_a_fresh_state_saves_and_loads_as_its_zeros_and_trains_the_same(tmp_path: Any) -> None:
-    state = ft.TrainState.create(make_model(), ft.adamw(1e-2), loss_fn, accumulate_steps=2, ema_decay=0.9)
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2), loss_fn, accumulate_steps=2, ema_decay=0.9
+    )
     restored = ft.load(ft.save(state, tmp_path / "fresh"), like=state)
     ft.testing.assert_states_equal(restored, state)
     a, b = state, restored

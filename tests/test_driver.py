@@ -31,10 +31,16 @@ def dataset(seed: int = 0, n: int = N_SAMPLES) -> TensorDataset:
     return TensorDataset(x, x.sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=gen))
 
 
-def make_state(optimizer: ft.Transform | None = None, *, dropout: bool = False, **options: Any) -> ft.TrainState:
+def make_state(
+    optimizer: ft.Transform | None = None, *, dropout: bool = False, **options: Any
+) -> ft.TrainState:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        layers = [nn.Linear(3, 8), nn.Tanh()] + ([nn.Dropout(0.2)] if dropout else []) + [nn.Linear(8, 1)]
+        layers = (
+            [nn.Linear(3, 8), nn.Tanh()]
+            + ([nn.Dropout(0.2)] if dropout else [])
+            + [nn.Linear(8, 1)]
+        )
         module = nn.Sequential(*layers)
     return ft.TrainState.create(module, optimizer or ft.sgd(0.05), loss_fn, **options)
 
@@ -51,7 +57,9 @@ def script_val_loss(monkeypatch: pytest.MonkeyPatch, values: Sequence[float]) ->
     """
     real, pending, given = loop_module.evaluate, list(values), []
 
-    def scripted(state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_") -> dict[str, float]:
+    def scripted(
+        state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_"
+    ) -> dict[str, float]:
         if prefix != "val_":
             return real(state, data, use_ema=use_ema, prefix=prefix)
         assert pending, f"more evaluations than the {len(values)} scripted"
@@ -106,7 +114,9 @@ def test_step_mode_max_steps_rolls_over_epochs() -> None:
     ("max_epochs", "max_steps", "expected", "reason"),
     [(5, 7, (7, 2, 1, 0), "max_steps"), (2, 70, (6, 2, 0, 0), "max_epochs")],
 )
-def test_max_epochs_and_max_steps_stop_at_whichever_comes_first(max_epochs: int, max_steps: int, expected: tuple, reason: str) -> None:
+def test_max_epochs_and_max_steps_stop_at_whichever_comes_first(
+    max_epochs: int, max_steps: int, expected: tuple, reason: str
+) -> None:
     result = quiet_fit(make_state(), dataset(), max_epochs=max_epochs, max_steps=max_steps)
     assert counters(result.state) == expected
     assert result.stop_reason == reason
@@ -120,7 +130,9 @@ def test_eval_every_counts_epochs_in_epoch_mode() -> None:
 
 def test_eval_every_counts_updates_in_step_mode() -> None:
     data = dataset()
-    result = quiet_fit(make_state(), data, eval_data=data, run_mode="step", max_steps=10, eval_every=4)
+    result = quiet_fit(
+        make_state(), data, eval_data=data, run_mode="step", max_steps=10, eval_every=4
+    )
     assert [(r["step"], r["epoch"]) for r in result.history.rows["eval"]] == [(4, 1), (8, 2)]
 
 
@@ -134,14 +146,23 @@ def test_accumulation_counts_updates_not_batches_in_epoch_mode() -> None:
 
 def test_accumulation_in_step_mode_stops_after_max_steps_updates() -> None:
     data = dataset()
-    result = quiet_fit(make_state(accumulate_steps=2), data, eval_data=data, run_mode="step", max_steps=4, eval_every=2)
+    result = quiet_fit(
+        make_state(accumulate_steps=2),
+        data,
+        eval_data=data,
+        run_mode="step",
+        max_steps=4,
+        eval_every=2,
+    )
     assert counters(result.state) == (4, 2, 2, 0)  # 8 batches: 2 epochs and 2
     assert [r["step"] for r in result.history.rows["eval"]] == [2, 4]
 
 
 def test_accumulated_fit_equals_fit_on_double_batches() -> None:
     data = dataset()
-    accumulated = quiet_fit(make_state(accumulate_steps=2), data, max_epochs=2, batch_size=10, shuffle=False)
+    accumulated = quiet_fit(
+        make_state(accumulate_steps=2), data, max_epochs=2, batch_size=10, shuffle=False
+    )
     whole = quiet_fit(make_state(), data, max_epochs=2, batch_size=20, shuffle=False)
     assert int(accumulated.state.step) == int(whole.state.step) == 6
     for k, p in whole.state.params.items():
@@ -151,7 +172,9 @@ def test_accumulated_fit_equals_fit_on_double_batches() -> None:
 # ---------------------------------------------------------------- early stopping and plateaus
 
 
-def test_early_stopping_stops_after_patience_evals_without_improvement_beyond_min_delta(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_early_stopping_stops_after_patience_evals_without_improvement_beyond_min_delta(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # 1.0 best; 0.9 improves; 0.89 (by 0.01 < min_delta), 0.95, 0.885 do not: 3 bad evaluations
     given = script_val_loss(monkeypatch, [1.0, 0.9, 0.89, 0.95, 0.885, 0.1, 0.1])
     data = dataset()
@@ -164,30 +187,59 @@ def test_early_stopping_stops_after_patience_evals_without_improvement_beyond_mi
     assert result.state.driver["early_stopping"] == {"best": 0.9, "bad_evals": 3}
 
 
-def test_early_stopping_counts_survive_resume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_early_stopping_counts_survive_resume(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     data = dataset()
     es = ft.EarlyStopping("val_loss", patience=3, min_delta=0.02)
     script_val_loss(monkeypatch, [1.0, 0.9, 0.89])
-    first = quiet_fit(make_state(), data, eval_data=data, max_epochs=3, early_stopping=es, checkpoint_dir=tmp_path)
+    first = quiet_fit(
+        make_state(), data, eval_data=data, max_epochs=3, early_stopping=es, checkpoint_dir=tmp_path
+    )
     assert first.stop_reason == "max_epochs"
     assert first.state.driver["early_stopping"] == {"best": 0.9, "bad_evals": 1}
     # two more bad evaluations reach the patience: the resumed run counts on from 1, not from 0
     given = script_val_loss(monkeypatch, [0.95, 0.885, 0.1])
-    resumed = quiet_fit(make_state(), data, eval_data=data, max_epochs=20, early_stopping=es, checkpoint_dir=tmp_path, resume=True)
+    resumed = quiet_fit(
+        make_state(),
+        data,
+        eval_data=data,
+        max_epochs=20,
+        early_stopping=es,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
     assert resumed.stop_reason == "early_stopping"
     assert given == [0.95, 0.885]
     assert counters(resumed.state) == (15, 5, 0, 0)
     assert [r["val_loss"] for r in resumed.history.rows["eval"]] == [1.0, 0.9, 0.89, 0.95, 0.885]
 
 
-def test_resuming_an_early_stopped_run_trains_no_further(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_resuming_an_early_stopped_run_trains_no_further(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     data = dataset()
     es = ft.EarlyStopping("val_loss", patience=1)
     script_val_loss(monkeypatch, [1.0, 2.0])
-    done = quiet_fit(make_state(), data, eval_data=data, max_epochs=20, early_stopping=es, checkpoint_dir=tmp_path)
+    done = quiet_fit(
+        make_state(),
+        data,
+        eval_data=data,
+        max_epochs=20,
+        early_stopping=es,
+        checkpoint_dir=tmp_path,
+    )
     assert (done.stop_reason, int(done.state.step)) == ("early_stopping", 6)
     given = script_val_loss(monkeypatch, [])
-    again = quiet_fit(make_state(), data, eval_data=data, max_epochs=20, early_stopping=es, checkpoint_dir=tmp_path, resume=True)
+    again = quiet_fit(
+        make_state(),
+        data,
+        eval_data=data,
+        max_epochs=20,
+        early_stopping=es,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
     assert (again.stop_reason, given) == ("early_stopping", [])
     assert_same_tensors(done.state.tree(), again.state.tree())
 
@@ -195,7 +247,9 @@ def test_resuming_an_early_stopped_run_trains_no_further(monkeypatch: pytest.Mon
 def test_resuming_a_run_that_reached_max_epochs_trains_no_further(tmp_path: Path) -> None:
     data = dataset()
     done = quiet_fit(make_state(), data, eval_data=data, max_epochs=2, checkpoint_dir=tmp_path)
-    again = quiet_fit(make_state(), data, eval_data=data, max_epochs=2, checkpoint_dir=tmp_path, resume=True)
+    again = quiet_fit(
+        make_state(), data, eval_data=data, max_epochs=2, checkpoint_dir=tmp_path, resume=True
+    )
     assert (again.stop_reason, counters(again.state)) == ("max_epochs", (6, 2, 0, 0))
     assert again.history.metrics_only() == done.history.metrics_only()
 
@@ -204,7 +258,9 @@ def test_resuming_a_run_that_reached_max_steps_takes_no_step(tmp_path: Path) -> 
     data = dataset()
     state = make_state(accumulate_steps=2)
     done = quiet_fit(state, data, run_mode="step", max_steps=4, checkpoint_dir=tmp_path)
-    again = quiet_fit(state, data, run_mode="step", max_steps=4, checkpoint_dir=tmp_path, resume=True)
+    again = quiet_fit(
+        state, data, run_mode="step", max_steps=4, checkpoint_dir=tmp_path, resume=True
+    )
     assert counters(again.state) == counters(done.state) == (4, 2, 2, 0)
     assert again.stop_reason == "max_steps"
     assert_same_tensors(done.state.tree(), again.state.tree())
@@ -221,11 +277,22 @@ def test_early_stopping_lists_its_invalid_arguments() -> None:
 
 def test_early_stopping_on_a_metric_the_evaluation_lacks_is_an_error() -> None:
     data = dataset()
-    with pytest.raises(ConfigError, match=r"early stopping watches 'val_acc', which the evaluation did not produce \(got \['val_loss'\]\)"):
-        quiet_fit(make_state(), data, eval_data=data, max_epochs=2, early_stopping=ft.EarlyStopping("val_acc"))
+    with pytest.raises(
+        ConfigError,
+        match=r"early stopping watches 'val_acc', which the evaluation did not produce \(got \['val_loss'\]\)",
+    ):
+        quiet_fit(
+            make_state(),
+            data,
+            eval_data=data,
+            max_epochs=2,
+            early_stopping=ft.EarlyStopping("val_acc"),
+        )
 
 
-def test_reduce_on_plateau_scales_updates_down_after_patience_evals(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reduce_on_plateau_scales_updates_down_after_patience_evals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     script_val_loss(monkeypatch, [1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
     scales: list[float] = []
 
@@ -244,13 +311,26 @@ def test_reduce_on_plateau_scales_updates_down_after_patience_evals(monkeypatch:
 # ---------------------------------------------------------------- checkpoints
 
 
-def test_keep_last_keeps_n_regular_checkpoints_and_the_best_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_keep_last_keeps_n_regular_checkpoints_and_the_best_apart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     script_val_loss(monkeypatch, [0.5, 0.9, 0.8, 0.7])
     data = dataset()
-    result = quiet_fit(make_state(), data, eval_data=data, max_epochs=4, keep_last=2, checkpoint_dir=tmp_path)
+    result = quiet_fit(
+        make_state(), data, eval_data=data, max_epochs=4, keep_last=2, checkpoint_dir=tmp_path
+    )
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["best-000000003-001000000", "ckpt-000000009-003000000", "ckpt-000000012-004000000", "latest", "writer.lock"]
-    assert [p.name for p in result.checkpoints["all"]] == ["ckpt-000000009-003000000", "ckpt-000000012-004000000"]
+    assert names == [
+        "best-000000003-001000000",
+        "ckpt-000000009-003000000",
+        "ckpt-000000012-004000000",
+        "latest",
+        "writer.lock",
+    ]
+    assert [p.name for p in result.checkpoints["all"]] == [
+        "ckpt-000000009-003000000",
+        "ckpt-000000012-004000000",
+    ]
     assert result.checkpoints["best"] == tmp_path / "best-000000003-001000000"
     assert result.checkpoints["latest"] == tmp_path / "ckpt-000000012-004000000"
     assert all(p.is_dir() for p in [result.checkpoints["best"], *result.checkpoints["all"]])
@@ -259,14 +339,18 @@ def test_keep_last_keeps_n_regular_checkpoints_and_the_best_apart(monkeypatch: p
 
 
 def test_save_every_saves_every_n_updates_and_the_final_state(tmp_path: Path) -> None:
-    result = quiet_fit(make_state(), dataset(), run_mode="step", max_steps=7, save_every=2, checkpoint_dir=tmp_path)
+    result = quiet_fit(
+        make_state(), dataset(), run_mode="step", max_steps=7, save_every=2, checkpoint_dir=tmp_path
+    )
     assert [p.name for p in result.checkpoints["all"]] == [
         "ckpt-000000002-000000002",
         "ckpt-000000004-001000001",
         "ckpt-000000006-001000003",
         "ckpt-000000007-002000001",
     ]
-    assert_same_tensors(result.state.tree(), ft.load(result.checkpoints["latest"], like=make_state()).tree())
+    assert_same_tensors(
+        result.state.tree(), ft.load(result.checkpoints["latest"], like=make_state()).tree()
+    )
 
 
 def test_final_state_is_saved_when_an_epoch_ends_after_a_regular_save(tmp_path: Path) -> None:
@@ -277,10 +361,21 @@ def test_final_state_is_saved_when_an_epoch_ends_after_a_regular_save(tmp_path: 
     assert latest.driver["history"] == result.history.to_tree()
 
 
-def test_save_every_still_keeps_the_best_evaluation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_save_every_still_keeps_the_best_evaluation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     script_val_loss(monkeypatch, [0.9, 0.4, 0.6])
     data = dataset()
-    result = quiet_fit(make_state(), data, eval_data=data, run_mode="step", eval_every=3, max_steps=9, save_every=4, checkpoint_dir=tmp_path)
+    result = quiet_fit(
+        make_state(),
+        data,
+        eval_data=data,
+        run_mode="step",
+        eval_every=3,
+        max_steps=9,
+        save_every=4,
+        checkpoint_dir=tmp_path,
+    )
     assert result.checkpoints["best"] == tmp_path / "best-000000006-001000003"
     assert [p.name for p in result.checkpoints["all"]] == [
         "ckpt-000000003-000000003",  # improving evaluations
@@ -291,10 +386,14 @@ def test_save_every_still_keeps_the_best_evaluation(monkeypatch: pytest.MonkeyPa
     ]
 
 
-def test_test_data_is_evaluated_with_the_best_checkpoints_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_test_data_is_evaluated_with_the_best_checkpoints_weights(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     script_val_loss(monkeypatch, [0.9, 0.4, 0.6, 0.7])
     data, test = dataset(0), dataset(1, n=30)
-    result = quiet_fit(make_state(), data, eval_data=data, test_data=test, max_epochs=4, checkpoint_dir=tmp_path)
+    result = quiet_fit(
+        make_state(), data, eval_data=data, test_data=test, max_epochs=4, checkpoint_dir=tmp_path
+    )
     best = ft.load(result.checkpoints["best"], like=make_state())
     assert int(best.step) == 6
     batches = list(ft.Batcher(test, BATCH, shuffle=False).epoch(0))
@@ -315,7 +414,9 @@ def test_empty_batches_are_skipped_with_a_warning_and_counted() -> None:
     batches.insert(1, (x[:0], y[:0]))
     with pytest.warns(RuntimeWarning, match="skipping an empty batch") as caught:
         result = quiet_fit(make_state(), batches, max_epochs=2)
-    assert [str(w.message) for w in caught] == [f"skipping an empty batch at epoch {e}, position 1" for e in (0, 1)]
+    assert [str(w.message) for w in caught] == [
+        f"skipping an empty batch at epoch {e}, position 1" for e in (0, 1)
+    ]
     assert result.empty_batches == 2
     assert counters(result.state) == (6, 2, 0, 0)
 
@@ -335,8 +436,16 @@ def test_nonfinite_halt_names_the_update_and_keeps_the_checkpoint_before(tmp_pat
     batches = batch_list(dataset())
     x, y = batches[1]
     batches[1] = (x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y)
-    with pytest.raises(NonFiniteError, match=r"halted at update 2 \(epoch 0, batch 1\): 1 consecutive steps"):
-        quiet_fit(make_state(nonfinite="halt"), batches, max_epochs=3, save_every=1, checkpoint_dir=tmp_path)
+    with pytest.raises(
+        NonFiniteError, match=r"halted at update 2 \(epoch 0, batch 1\): 1 consecutive steps"
+    ):
+        quiet_fit(
+            make_state(nonfinite="halt"),
+            batches,
+            max_epochs=3,
+            save_every=1,
+            checkpoint_dir=tmp_path,
+        )
     manager = ft.CheckpointManager(tmp_path)
     assert [p.name for p in manager.all()] == ["ckpt-000000001-000000001"]
     assert manager.latest() == tmp_path / "ckpt-000000001-000000001"
@@ -350,7 +459,9 @@ def test_nonfinite_halt_names_the_update_and_keeps_the_checkpoint_before(tmp_pat
 
 def test_ema_evaluation_is_logged_and_equals_evaluate_with_use_ema() -> None:
     data, test = dataset(), dataset(1, n=30)
-    result = quiet_fit(make_state(ema_decay=0.9), data, eval_data=data, test_data=test, max_epochs=2)
+    result = quiet_fit(
+        make_state(ema_decay=0.9), data, eval_data=data, test_data=test, max_epochs=2
+    )
     row = result.history.rows["eval"][-1]
     batches = list(ft.Batcher(data, BATCH, shuffle=False).epoch(0))
     assert row["val_ema_loss"] == ft.evaluate(result.state, batches, use_ema=True)["val_loss"]
@@ -417,7 +528,10 @@ def test_invalid_fit_arguments_are_listed_together() -> None:
     assert "eval_every=2.5 needs eval_data=..." in message
     assert "mode='low' needs eval_data=..." in message
     assert "mode must be 'min' or 'max', got mode='low'" in message
-    assert "verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity='loud'" in message
+    assert (
+        "verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity='loud'"
+        in message
+    )
     assert calls == []
 
 
@@ -441,7 +555,15 @@ def test_map_style_data_without_batch_size_is_rejected() -> None:
 
 def test_fit_resumed_after_a_requested_stop_equals_the_straight_fit(tmp_path: Path) -> None:
     data = dataset()
-    kwargs = dict(eval_data=data, run_mode="step", max_steps=8, eval_every=3, save_every=2, log_every=2, data_seed=4)
+    kwargs = dict(
+        eval_data=data,
+        run_mode="step",
+        max_steps=8,
+        eval_every=3,
+        save_every=2,
+        log_every=2,
+        data_seed=4,
+    )
     state = make_state(ft.adamw(0.02), dropout=True, accumulate_steps=2, ema_decay=0.8)
     straight = quiet_fit(state, data, checkpoint_dir=tmp_path / "straight", **kwargs)
 
@@ -463,9 +585,14 @@ def test_fit_resumed_after_a_requested_stop_equals_the_straight_fit(tmp_path: Pa
 def test_fit_result_repr_and_history_plot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     script_val_loss(monkeypatch, [0.5, 0.25])
     data = dataset()
-    result = quiet_fit(make_state(), data, eval_data=data, test_data=data, max_epochs=2, log_every=2)
+    result = quiet_fit(
+        make_state(), data, eval_data=data, test_data=data, max_epochs=2, log_every=2
+    )
     test_loss = result.test["test_loss"]
-    assert repr(result) == f"FitResult(step=6, epoch=2, stop_reason='max_epochs', best={{val_loss: 0.25}}, test={{test_loss: {test_loss:.4g}}})"
+    assert (
+        repr(result)
+        == f"FitResult(step=6, epoch=2, stop_reason='max_epochs', best={{val_loss: 0.25}}, test={{test_loss: {test_loss:.4g}}})"
+    )
     assert result.history.column("val_loss") == [0.5, 0.25]
     assert result.history.column("step", "train") == [2, 4, 6]
     assert result.history.last("epoch")["step"] == 6
@@ -481,4 +608,6 @@ def test_a_fresh_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_pa
     with pytest.raises(ft.ConfigError, match="resume=True"):
         quiet_fit(make_state(), data, max_epochs=1, checkpoint_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing touched
-    quiet_fit(make_state(), data, max_epochs=2, checkpoint_dir=tmp_path, resume=True)  # continuing is fine
+    quiet_fit(
+        make_state(), data, max_epochs=2, checkpoint_dir=tmp_path, resume=True
+    )  # continuing is fine

@@ -17,15 +17,22 @@ def loss_fn(model, batch):
     return nn.functional.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
 
 
-def make_state(seed: int, optimizer: ft.Transform, *, dropout: float = 0.0, **options) -> ft.TrainState:
+def make_state(
+    seed: int, optimizer: ft.Transform, *, dropout: float = 0.0, **options
+) -> ft.TrainState:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.ReLU(), nn.Dropout(dropout), nn.Linear(D_HIDDEN, D_OUT))
+    model = nn.Sequential(
+        nn.Linear(D_IN, D_HIDDEN), nn.ReLU(), nn.Dropout(dropout), nn.Linear(D_HIDDEN, D_OUT)
+    )
     return ft.TrainState.create(model, optimizer, loss_fn, seed=seed, **options)
 
 
 def batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(123)
-    return [(torch.randn(BATCH, D_IN, generator=g), torch.randint(0, D_OUT, (BATCH,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(BATCH, D_IN, generator=g), torch.randint(0, D_OUT, (BATCH,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def run(state, data, step=ft.train_step):
@@ -39,11 +46,21 @@ def run(state, data, step=ft.train_step):
 def assert_member_close(member: ft.TrainState, alone: ft.TrainState) -> None:
     for field in ("params", "buffers"):
         for name, value in getattr(alone, field).items():
-            torch.testing.assert_close(getattr(member, field)[name], value, rtol=1e-5, atol=1e-6, msg=f"{field}.{name}")
+            torch.testing.assert_close(
+                getattr(member, field)[name], value, rtol=1e-5, atol=1e-6, msg=f"{field}.{name}"
+            )
     assert torch.equal(member.step, alone.step) and torch.equal(member.skipped, alone.skipped)
 
 
-@pytest.mark.parametrize("optimizer", [ft.adamw(1e-2), ft.adam(1e-2, fused=False, weight_decay=0.1), ft.sgd(0.1, momentum=0.9, fused=False)], ids=["adamw_fused", "adam_foreach", "sgd"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ft.adamw(1e-2),
+        ft.adam(1e-2, fused=False, weight_decay=0.1),
+        ft.sgd(0.1, momentum=0.9, fused=False),
+    ],
+    ids=["adamw_fused", "adam_foreach", "sgd"],
+)
 def test_each_member_of_a_stacked_run_equals_the_member_trained_alone(optimizer):
     states = [make_state(seed, optimizer, clip_grad_norm=1.0) for seed in range(3)]
     data = batches()
@@ -52,7 +69,12 @@ def test_each_member_of_a_stacked_run_equals_the_member_trained_alone(optimizer)
     for k, (member, state) in enumerate(zip(ft.unstack(stacked), states)):
         alone, alone_metrics = run(state, data)
         assert_member_close(member, alone)
-        torch.testing.assert_close(torch.stack([m["loss"][k] for m in metrics]), torch.stack([m["loss"] for m in alone_metrics]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.stack([m["loss"][k] for m in metrics]),
+            torch.stack([m["loss"] for m in alone_metrics]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_a_learning_rate_sweep_equals_training_alone_at_each_rate():
@@ -67,16 +89,25 @@ def test_a_learning_rate_sweep_equals_training_alone_at_each_rate():
 
 def test_a_weight_decay_sweep_equals_training_alone_with_each_decay():
     lrs, decays = [1e-2, 3e-2], [0.0, 0.5]
-    stacked, _ = run(ft.stack([make_state(0, ft.adamw(ft.sweep(lrs), weight_decay=ft.sweep(decays)))] * 2), batches())
+    stacked, _ = run(
+        ft.stack([make_state(0, ft.adamw(ft.sweep(lrs), weight_decay=ft.sweep(decays)))] * 2),
+        batches(),
+    )
     for member, lr, decay in zip(ft.unstack(stacked), lrs, decays):
-        assert_member_close(member, run(make_state(0, ft.adamw(lr, weight_decay=decay)), batches())[0])
-    with pytest.raises(ft.ConfigError, match="weight-decay sweep .* runs only through the fused kernels"):
+        assert_member_close(
+            member, run(make_state(0, ft.adamw(lr, weight_decay=decay)), batches())[0]
+        )
+    with pytest.raises(
+        ft.ConfigError, match="weight-decay sweep .* runs only through the fused kernels"
+    ):
         ft.adamw(1e-3, weight_decay=ft.sweep([0.1, 0.2]), fused=False)
 
 
 def test_a_sweep_of_schedules_gives_each_member_its_schedule():
     schedules = [ft.schedules.linear(peak, 0.0, STEPS) for peak in (1e-2, 5e-2)]
-    stacked, _ = run(ft.stack([make_state(0, ft.adamw(ft.sweep(schedules))) for _ in schedules]), batches())
+    stacked, _ = run(
+        ft.stack([make_state(0, ft.adamw(ft.sweep(schedules))) for _ in schedules]), batches()
+    )
     for member, schedule in zip(ft.unstack(stacked), schedules):
         assert_member_close(member, run(make_state(0, ft.adamw(schedule)), batches())[0])
 
@@ -88,19 +119,28 @@ def test_stepping_an_unstacked_state_holding_a_sweep_raises():
 
 def test_a_nonfinite_member_skips_only_its_own_update():
     states = [make_state(seed, ft.adamw(1e-2)) for seed in range(3)]
-    poisoned = states[1].replace(params={**states[1].params, "0.weight": states[1].params["0.weight"].clone().fill_(float("nan"))})
+    poisoned = states[1].replace(
+        params={
+            **states[1].params,
+            "0.weight": states[1].params["0.weight"].clone().fill_(float("nan")),
+        }
+    )
     stacked = ft.stack([states[0], poisoned, states[2]])
     new, metrics = ft.train_step(stacked, batches(1)[0])
     assert metrics["skipped"].tolist() == [0.0, 1.0, 0.0]
     assert new.skipped.tolist() == [0, 1, 0] and new.step.tolist() == [1, 1, 1]
     members = ft.unstack(new)
-    assert torch.equal(members[1].params["3.weight"], states[1].params["3.weight"])  # member 1 kept its weights
+    assert torch.equal(
+        members[1].params["3.weight"], states[1].params["3.weight"]
+    )  # member 1 kept its weights
     for k in (0, 2):
         assert_member_close(members[k], ft.train_step(states[k], batches(1)[0])[0])
 
 
 def test_stacked_dropout_is_deterministic_and_differs_between_members():
-    stacked = ft.stack([make_state(0, ft.sgd(0.1, fused=False), dropout=0.5)] * 3)  # same weights, same seed
+    stacked = ft.stack(
+        [make_state(0, ft.sgd(0.1, fused=False), dropout=0.5)] * 3
+    )  # same weights, same seed
     b = batches(1)[0]
     (_, m1), (_, m2) = ft.train_step(stacked, b), ft.train_step(stacked, b)
     assert torch.equal(m1["loss"], m2["loss"])
@@ -114,13 +154,18 @@ def test_eval_step_gives_per_member_metrics_and_changes_nothing():
     metrics = ft.eval_step(stacked, batches(1)[0])
     assert torch.equal(torch.get_rng_state(), rng)
     for k, state in enumerate(states):
-        torch.testing.assert_close(metrics["loss"][k], ft.eval_step(state, batches(1)[0])["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            metrics["loss"][k], ft.eval_step(state, batches(1)[0])["loss"], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_stack_lists_every_mismatch():
     a = make_state(0, ft.adamw(1e-2))
     b = ft.TrainState.create(nn.Linear(3, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
-    with pytest.raises(ft.ConfigError, match=r"(?s)member 1: module class Linear.*member 1: tensors differ.*member 1: optimizer sgd"):
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"(?s)member 1: module class Linear.*member 1: tensors differ.*member 1: optimizer sgd",
+    ):
         ft.stack([a, b])
     with pytest.raises(ft.ConfigError, match="already stacked"):
         ft.stack([ft.stack([a])])
@@ -149,20 +194,36 @@ def _fit(state, directory, **kwargs):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, D_IN, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    return ft.fit(state, TensorDataset(x[:64], y[:64]), eval_data=TensorDataset(x[64:], y[64:]), batch_size=16, log_every=2,
-                  checkpoint_dir=directory, progress=False, verbosity="silent", **kwargs)
+    return ft.fit(
+        state,
+        TensorDataset(x[:64], y[:64]),
+        eval_data=TensorDataset(x[64:], y[64:]),
+        batch_size=16,
+        log_every=2,
+        checkpoint_dir=directory,
+        progress=False,
+        verbosity="silent",
+        **kwargs,
+    )
 
 
 def test_fit_logs_each_member_and_the_mean_and_resumes_a_stacked_run(tmp_path):
     def members(offset):
-        return ft.stack([make_state(seed + offset, ft.adamw(ft.sweep([1e-3, 1e-2])), dropout=0.2) for seed in range(2)])
+        return ft.stack(
+            [
+                make_state(seed + offset, ft.adamw(ft.sweep([1e-3, 1e-2])), dropout=0.2)
+                for seed in range(2)
+            ]
+        )
 
     straight = _fit(members(0), tmp_path / "straight", max_epochs=3)
     evals = straight.history.column("val_loss", "eval")
     per_member = [straight.history.column(f"val_loss[{k}]", "eval") for k in range(2)]
     assert len(evals) == 3 and all(len(col) == 3 for col in per_member)
     assert evals == pytest.approx([(a + b) / 2 for a, b in zip(*per_member)])
-    assert straight.best["val_loss"] == min(evals)  # best and early stopping follow the mean over members
+    assert straight.best["val_loss"] == min(
+        evals
+    )  # best and early stopping follow the mean over members
     _fit(members(0), tmp_path / "cut", max_epochs=1)
     resumed = _fit(members(7), tmp_path / "cut", max_epochs=3, resume=True)
     ft.testing.assert_states_equal(resumed.state, straight.state, ignore=["driver"])
@@ -176,10 +237,16 @@ def test_member_columns_take_the_mean_over_finite_members():
 
 @pytest.mark.parametrize(
     "optimizer",
-    [ft.sgd(0.1), ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), ft.adagrad(0.1, lr_decay=1e-3)],
+    [
+        ft.sgd(0.1),
+        ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        ft.adagrad(0.1, lr_decay=1e-3),
+    ],
     ids=["sgd", "sgd-nesterov", "adagrad"],
 )
-def test_fused_sgd_and_adagrad_members_equal_the_members_trained_alone(optimizer: ft.Transform) -> None:
+def test_fused_sgd_and_adagrad_members_equal_the_members_trained_alone(
+    optimizer: ft.Transform,
+) -> None:
     """torch's fused SGD and Adagrad kernels run member by member, as the fused Adam's do."""
     data = batches(5)
     alone = [run(make_state(seed, optimizer), data)[0] for seed in range(2)]

@@ -131,7 +131,13 @@ class ForkServer:
         script.write_text(SERVER)
         self.stderr_path = directory / "fork_server.stderr"
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            bufsize=0,
+        )
         self._buffer = b""
         assert self.line(timeout=300) == "ready", self.diagnostics()
 
@@ -155,7 +161,9 @@ class ForkServer:
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         status = int(self.line())  # reaped: whatever it wrote is on disk now
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the saving process ended by itself\n{self.diagnostics()}"
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+            f"the saving process ended by itself\n{self.diagnostics()}"
+        )
 
     def diagnostics(self) -> str:
         self._stderr.flush()
@@ -177,7 +185,9 @@ def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer
     server.close()
 
 
-def test_killed_save_to_one_path_leaves_a_whole_checkpoint_there(tmp_path: Path, fork_server: ForkServer) -> None:
+def test_killed_save_to_one_path_leaves_a_whole_checkpoint_there(
+    tmp_path: Path, fork_server: ForkServer
+) -> None:
     base = STATES["template"]()
     path = tmp_path / "ckpt"
     ft.save(STATES["state_at"](base, 0), path)
@@ -200,10 +210,14 @@ def test_killed_save_to_one_path_leaves_a_whole_checkpoint_there(tmp_path: Path,
     assert advanced >= 1 and with_leftovers >= 1, (advanced, with_leftovers)
 
 
-def test_killed_manager_saves_restore_the_newest_whole_checkpoint(tmp_path: Path, fork_server: ForkServer) -> None:
+def test_killed_manager_saves_restore_the_newest_whole_checkpoint(
+    tmp_path: Path, fork_server: ForkServer
+) -> None:
     base = STATES["template"]()
     directory = tmp_path / "run"
-    ft.CheckpointManager(directory, keep_last=2, keep_best=1, best_metric="loss").save(STATES["state_at"](base, 0), metrics={"loss": 0.0})
+    ft.CheckpointManager(directory, keep_last=2, keep_best=1, best_metric="loss").save(
+        STATES["state_at"](base, 0), metrics={"loss": 0.0}
+    )
     reader = ft.CheckpointManager(directory, readonly=True)  # opened once, beside every writer
     rng = random.Random(1)
     newest, advanced, with_leftovers = 0, 0, 0
@@ -229,7 +243,9 @@ def test_killed_manager_saves_restore_the_newest_whole_checkpoint(tmp_path: Path
             except CheckpointError:
                 assert path != reader.all()[-1], f"{context}: the newest checkpoint does not load"
         assert loaded[reader.latest()] <= i, context
-        ft.CheckpointManager(directory).close()  # the next writer (the killed one's lock is free) cleans up
+        ft.CheckpointManager(
+            directory
+        ).close()  # the next writer (the killed one's lock is free) cleans up
         assert leftovers(directory) == [], context
     assert advanced >= 1 and with_leftovers >= 1, (advanced, with_leftovers)
 
@@ -260,7 +276,9 @@ def no_exchange(a: Path, b: Path) -> None:
 OPS = [(os, "write"), (os, "fsync"), (os, "rename"), (os, "open"), (ser, "_exchange")]
 
 
-def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, save: Callable[[], object]) -> int:
+def count_calls(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, save: Callable[[], object]
+) -> int:
     counter = FailNth(owner, name, 0, errno.EIO)
     with monkeypatch.context() as m:
         m.setattr(owner, name, counter)
@@ -269,11 +287,18 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, save: Ca
 
 
 # "two-renames": a filesystem without RENAME_EXCHANGE, where the old checkpoint steps aside first
-COMMITS = [(owner, name, commit) for owner, name in OPS for commit in ("exchange", "two-renames") if (name, commit) != ("_exchange", "two-renames")]
+COMMITS = [
+    (owner, name, commit)
+    for owner, name in OPS
+    for commit in ("exchange", "two-renames")
+    if (name, commit) != ("_exchange", "two-renames")
+]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
-@pytest.mark.parametrize(("owner", "name", "commit"), COMMITS, ids=[f"{name}-{commit}" for _, name, commit in COMMITS])
+@pytest.mark.parametrize(
+    ("owner", "name", "commit"), COMMITS, ids=[f"{name}-{commit}" for _, name, commit in COMMITS]
+)
 def test_os_error_at_any_call_of_a_save_leaves_the_previous_checkpoint_byte_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, code: int, commit: str
 ) -> None:
@@ -295,7 +320,9 @@ def test_os_error_at_any_call_of_a_save_leaves_the_previous_checkpoint_byte_iden
                 ft.save(new, path)
             except CheckpointError as e:
                 failures += 1
-                assert f"could not write checkpoint {str(path)!r}" in str(e) and os.strerror(code) in str(e)
+                assert f"could not write checkpoint {str(path)!r}" in str(e) and os.strerror(
+                    code
+                ) in str(e)
                 assert hashes(path) == before, f"call {n} of {name}"
                 assert STATES["check_consistent"](ft.load(path, like=base)) == 1
                 assert leftovers(tmp_path) == [], f"call {n} of {name}"
@@ -310,7 +337,9 @@ def test_os_error_at_any_call_of_a_save_leaves_the_previous_checkpoint_byte_iden
 
 
 @pytest.mark.parametrize(("owner", "name"), OPS[:4], ids=[name for _, name in OPS[:4]])
-def test_os_error_at_any_call_of_a_first_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+def test_os_error_at_any_call_of_a_first_save_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str
+) -> None:
     state = STATES["state_at"](STATES["template"](), 1)
     calls = count_calls(monkeypatch, owner, name, lambda: ft.save(state, tmp_path / "probe"))
     assert calls >= 1
@@ -323,7 +352,9 @@ def test_os_error_at_any_call_of_a_first_save_leaves_nothing(tmp_path: Path, mon
         assert not path.exists() and leftovers(tmp_path) == [], f"call {n} of {name}"
 
 
-def test_read_only_parent_directory_is_a_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_only_parent_directory_is_a_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = STATES["template"]()
     parent = tmp_path / "read-only"
     path = ft.save(STATES["state_at"](base, 1), parent / "ckpt")
@@ -346,8 +377,14 @@ def test_read_only_parent_directory_is_a_checkpoint_error(tmp_path: Path, monkey
         with pytest.raises(CheckpointError, match="Permission denied"):
             ft.save(STATES["state_at"](base, 2), parent / "other")
         with pytest.raises(CheckpointError, match="Permission denied"):
-            ft.save(STATES["state_at"](base, 2), parent / "sub" / "ckpt")  # the missing parent cannot be made
+            ft.save(
+                STATES["state_at"](base, 2), parent / "sub" / "ckpt"
+            )  # the missing parent cannot be made
     finally:
         parent.chmod(0o755)
-    assert hashes(path) == before and leftovers(parent) == [] and sorted(os.listdir(parent)) == ["ckpt"]
+    assert (
+        hashes(path) == before
+        and leftovers(parent) == []
+        and sorted(os.listdir(parent)) == ["ckpt"]
+    )
     assert STATES["check_consistent"](ft.load(path, like=base)) == 1

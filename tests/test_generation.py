@@ -49,7 +49,10 @@ def test_top_k_keeps_exactly_k_largest(k: int) -> None:
     kept = top_k_filter(logits, k).isfinite()
     assert kept.sum(-1).tolist() == [k] * 16
     # every kept logit is at least every dropped one
-    assert (logits.masked_fill(~kept, float("inf")).amin(-1) >= logits.masked_fill(kept, float("-inf")).amax(-1)).all()
+    assert (
+        logits.masked_fill(~kept, float("inf")).amin(-1)
+        >= logits.masked_fill(kept, float("-inf")).amax(-1)
+    ).all()
 
 
 def test_top_k_keeps_exactly_k_among_ties() -> None:
@@ -61,9 +64,13 @@ def test_top_k_above_vocabulary_keeps_everything() -> None:
     assert torch.equal(top_k_filter(logits, 100), logits)
 
 
-@pytest.mark.parametrize("p, expected", [(0.45, [0]), (0.75, [0, 1]), (0.81, [0, 1, 2]), (1.0, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    "p, expected", [(0.45, [0]), (0.75, [0, 1]), (0.81, [0, 1, 2]), (1.0, [0, 1, 2, 3])]
+)
 def test_top_p_keeps_smallest_prefix_reaching_p(p: float, expected: list[int]) -> None:
-    logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log()[[1, 3, 0, 2]]  # probabilities 0.5, 0.3, 0.15, 0.05
+    logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log()[
+        [1, 3, 0, 2]
+    ]  # probabilities 0.5, 0.3, 0.15, 0.05
     assert top_p_filter(logits, p).isfinite().nonzero().flatten().tolist() == expected
 
 
@@ -94,7 +101,9 @@ def test_temperature_towards_zero_equals_greedy() -> None:
     logits = random_logits(2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
-        assert torch.equal(sample_logits(logits, temperature=1e-3, generator=gen), logits.argmax(-1))
+        assert torch.equal(
+            sample_logits(logits, temperature=1e-3, generator=gen), logits.argmax(-1)
+        )
 
 
 def test_sampling_never_picks_a_filtered_token() -> None:
@@ -214,10 +223,29 @@ def _alphabet_data() -> TensorDataset:
 
 
 @pytest.mark.parametrize("every, steps", [(None, [2, 4, 6]), (3, [3, 6])])
-def test_sample_text_prints_at_epoch_ends_or_every_n_updates(every: int | None, steps: list[int]) -> None:
+def test_sample_text_prints_at_epoch_ends_or_every_n_updates(
+    every: int | None, steps: list[int]
+) -> None:
     out = io.StringIO()
-    sampler = SampleText(every, "ab", decode=lambda t: "".join("abcdefg"[i] for i in t), encode=lambda s: ["abcdefg".index(c) for c in s], max_new_tokens=4, temperature=0, file=out)
-    ft.fit(make_state(), _alphabet_data(), batch_size=4, max_epochs=3, shuffle=False, callbacks=[sampler], progress=False, verbosity="silent")
+    sampler = SampleText(
+        every,
+        "ab",
+        decode=lambda t: "".join("abcdefg"[i] for i in t),
+        encode=lambda s: ["abcdefg".index(c) for c in s],
+        max_new_tokens=4,
+        temperature=0,
+        file=out,
+    )
+    ft.fit(
+        make_state(),
+        _alphabet_data(),
+        batch_size=4,
+        max_epochs=3,
+        shuffle=False,
+        callbacks=[sampler],
+        progress=False,
+        verbosity="silent",
+    )
     assert [step for step, _ in sampler.samples] == steps
     assert all(text.startswith("ab") and len(text) == 6 for _, text in sampler.samples)
     assert out.getvalue().count("--- sample @ step") == len(steps)

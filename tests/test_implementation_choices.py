@@ -29,29 +29,80 @@ def params() -> dict[str, torch.Tensor]:
 def grads() -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     scales = 10.0 ** (torch.rand(STEPS, generator=gen, dtype=torch.float64) * 4 - 3)
-    return [{name: torch.randn(shape, generator=gen) * float(s) for name, shape in SHAPES.items()} for s in scales]
+    return [
+        {name: torch.randn(shape, generator=gen) * float(s) for name, shape in SHAPES.items()}
+        for s in scales
+    ]
 
 
 GRADS = grads()
 
 # (functrain preset, torch optimizer over a list of tensors), each at a foreach value its torch class takes
 CASES: dict[str, tuple[Callable[[], ft.Transform], Callable[[list[torch.Tensor]], O.Optimizer]]] = {
-    "sgd_foreach": (lambda: ft.sgd(0.05, momentum=0.9, nesterov=True, foreach=True), lambda p: O.SGD(p, 0.05, momentum=0.9, nesterov=True, foreach=True)),
-    "sgd_single": (lambda: ft.sgd(0.05, momentum=0.9, weight_decay=0.01, foreach=False), lambda p: O.SGD(p, 0.05, momentum=0.9, weight_decay=0.01, foreach=False)),
-    "adam_foreach_amsgrad": (lambda: ft.adam(1e-2, amsgrad=True, foreach=True), lambda p: O.Adam(p, 1e-2, amsgrad=True, foreach=True)),
-    "adam_single": (lambda: ft.adam(1e-2, weight_decay=0.01, foreach=False), lambda p: O.Adam(p, 1e-2, weight_decay=0.01, foreach=False)),
-    "adamw_foreach": (lambda: ft.adamw(1e-2, weight_decay=0.1, foreach=True), lambda p: O.AdamW(p, 1e-2, weight_decay=0.1, foreach=True)),
-    "adamw_single_maximize": (lambda: ft.adamw(1e-2, maximize=True, foreach=False), lambda p: O.AdamW(p, 1e-2, maximize=True, foreach=False)),
-    "adagrad_single": (lambda: ft.adagrad(0.05, lr_decay=0.01, foreach=False), lambda p: O.Adagrad(p, 0.05, lr_decay=0.01, foreach=False)),
-    "rmsprop_single_centered": (lambda: ft.rmsprop(1e-3, centered=True, momentum=0.5, foreach=False), lambda p: O.RMSprop(p, 1e-3, centered=True, momentum=0.5, foreach=False)),
-    "radam_foreach": (lambda: ft.radam(1e-2, weight_decay=0.01, foreach=True), lambda p: O.RAdam(p, 1e-2, weight_decay=0.01, foreach=True)),
-    "nadam_single": (lambda: ft.nadam(1e-2, weight_decay=0.01, foreach=False), lambda p: O.NAdam(p, 1e-2, weight_decay=0.01, foreach=False)),
-    "adamax_foreach": (lambda: ft.adamax(1e-2, weight_decay=0.01, foreach=True), lambda p: O.Adamax(p, 1e-2, weight_decay=0.01, foreach=True)),
-    "adamax_single": (lambda: ft.adamax(1e-2, foreach=False), lambda p: O.Adamax(p, 1e-2, foreach=False)),
-    "adadelta_foreach": (lambda: ft.adadelta(0.5, rho=0.8, foreach=True), lambda p: O.Adadelta(p, 0.5, rho=0.8, foreach=True)),
-    "asgd_single": (lambda: ft.asgd(0.02, t0=50, foreach=False), lambda p: O.ASGD(p, 0.02, t0=50, foreach=False)),
-    "rprop_foreach": (lambda: ft.rprop(1e-2, etas=(0.4, 1.3), foreach=True), lambda p: O.Rprop(p, 1e-2, etas=(0.4, 1.3), foreach=True)),
-    "adafactor_single": (lambda: ft.adafactor(1e-2, foreach=False), lambda p: O.Adafactor(p, 1e-2, foreach=False)),
+    "sgd_foreach": (
+        lambda: ft.sgd(0.05, momentum=0.9, nesterov=True, foreach=True),
+        lambda p: O.SGD(p, 0.05, momentum=0.9, nesterov=True, foreach=True),
+    ),
+    "sgd_single": (
+        lambda: ft.sgd(0.05, momentum=0.9, weight_decay=0.01, foreach=False),
+        lambda p: O.SGD(p, 0.05, momentum=0.9, weight_decay=0.01, foreach=False),
+    ),
+    "adam_foreach_amsgrad": (
+        lambda: ft.adam(1e-2, amsgrad=True, foreach=True),
+        lambda p: O.Adam(p, 1e-2, amsgrad=True, foreach=True),
+    ),
+    "adam_single": (
+        lambda: ft.adam(1e-2, weight_decay=0.01, foreach=False),
+        lambda p: O.Adam(p, 1e-2, weight_decay=0.01, foreach=False),
+    ),
+    "adamw_foreach": (
+        lambda: ft.adamw(1e-2, weight_decay=0.1, foreach=True),
+        lambda p: O.AdamW(p, 1e-2, weight_decay=0.1, foreach=True),
+    ),
+    "adamw_single_maximize": (
+        lambda: ft.adamw(1e-2, maximize=True, foreach=False),
+        lambda p: O.AdamW(p, 1e-2, maximize=True, foreach=False),
+    ),
+    "adagrad_single": (
+        lambda: ft.adagrad(0.05, lr_decay=0.01, foreach=False),
+        lambda p: O.Adagrad(p, 0.05, lr_decay=0.01, foreach=False),
+    ),
+    "rmsprop_single_centered": (
+        lambda: ft.rmsprop(1e-3, centered=True, momentum=0.5, foreach=False),
+        lambda p: O.RMSprop(p, 1e-3, centered=True, momentum=0.5, foreach=False),
+    ),
+    "radam_foreach": (
+        lambda: ft.radam(1e-2, weight_decay=0.01, foreach=True),
+        lambda p: O.RAdam(p, 1e-2, weight_decay=0.01, foreach=True),
+    ),
+    "nadam_single": (
+        lambda: ft.nadam(1e-2, weight_decay=0.01, foreach=False),
+        lambda p: O.NAdam(p, 1e-2, weight_decay=0.01, foreach=False),
+    ),
+    "adamax_foreach": (
+        lambda: ft.adamax(1e-2, weight_decay=0.01, foreach=True),
+        lambda p: O.Adamax(p, 1e-2, weight_decay=0.01, foreach=True),
+    ),
+    "adamax_single": (
+        lambda: ft.adamax(1e-2, foreach=False),
+        lambda p: O.Adamax(p, 1e-2, foreach=False),
+    ),
+    "adadelta_foreach": (
+        lambda: ft.adadelta(0.5, rho=0.8, foreach=True),
+        lambda p: O.Adadelta(p, 0.5, rho=0.8, foreach=True),
+    ),
+    "asgd_single": (
+        lambda: ft.asgd(0.02, t0=50, foreach=False),
+        lambda p: O.ASGD(p, 0.02, t0=50, foreach=False),
+    ),
+    "rprop_foreach": (
+        lambda: ft.rprop(1e-2, etas=(0.4, 1.3), foreach=True),
+        lambda p: O.Rprop(p, 1e-2, etas=(0.4, 1.3), foreach=True),
+    ),
+    "adafactor_single": (
+        lambda: ft.adafactor(1e-2, foreach=False),
+        lambda p: O.Adafactor(p, 1e-2, foreach=False),
+    ),
 }
 
 
@@ -83,16 +134,30 @@ def test_foreach_is_named_as_the_configuration_it_selects() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: ft.radam(foreach=False), r"foreach=False: torch's single-tensor radam rounds differently from its foreach \(foreach=True\), which radam follows bit for bit; pass foreach=True or leave it out"),
-        (lambda: ft.nadam(foreach=True), r"foreach=True: torch's foreach nadam rounds differently .*; pass foreach=False or leave it out"),
+        (
+            lambda: ft.radam(foreach=False),
+            r"foreach=False: torch's single-tensor radam rounds differently from its foreach \(foreach=True\), which radam follows bit for bit; pass foreach=True or leave it out",
+        ),
+        (
+            lambda: ft.nadam(foreach=True),
+            r"foreach=True: torch's foreach nadam rounds differently .*; pass foreach=False or leave it out",
+        ),
         (lambda: ft.asgd(foreach=True), r"foreach=True: torch's foreach asgd"),
         (lambda: ft.adafactor(foreach=True), r"foreach=True: torch's foreach adafactor"),
-        (lambda: ft.adam(capturable=True), r"capturable=True: functrain's steps keep counts and step sizes as tensors and never read them back"),
-        (lambda: ft.rprop(differentiable=True), r"differentiable=True: functrain's updates run outside the step's autograd graph"),
+        (
+            lambda: ft.adam(capturable=True),
+            r"capturable=True: functrain's steps keep counts and step sizes as tensors and never read them back",
+        ),
+        (
+            lambda: ft.rprop(differentiable=True),
+            r"differentiable=True: functrain's updates run outside the step's autograd graph",
+        ),
         (lambda: ft.sgd(differentiable=True, foreach=True), r"invalid arguments to sgd"),
     ],
 )
-def test_a_choice_without_an_exact_path_is_a_config_error_with_the_fix(make: Callable[[], Any], message: str) -> None:
+def test_a_choice_without_an_exact_path_is_a_config_error_with_the_fix(
+    make: Callable[[], Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         make()
 

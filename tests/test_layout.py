@@ -25,7 +25,14 @@ CL = torch.channels_last
 
 def issue_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 2, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 2, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -47,12 +54,20 @@ def channels_last_batch() -> tuple[torch.Tensor, torch.Tensor]:
     ],
     ids=["adamw", "sgd-momentum", "adagrad", "adamw-foreach"],
 )
-def test_a_cnn_fed_channels_last_trains_as_torch_optim_bit_for_bit(tx: ft.Transform, make_opt: Callable[..., torch.optim.Optimizer]) -> None:
+def test_a_cnn_fed_channels_last_trains_as_torch_optim_bit_for_bit(
+    tx: ft.Transform, make_opt: Callable[..., torch.optim.Optimizer]
+) -> None:
     """The report's snippet: its fused presets ended up to 0.7 away from torch.optim after 5 steps."""
     assert_trains_as_torch_optim(issue_cnn(), tx, make_opt, channels_last_batch())
 
 
-def assert_trains_as_torch_optim(net: nn.Module, tx: ft.Transform, make_opt: Callable[..., torch.optim.Optimizer], batch: Any, steps: int = 5) -> None:
+def assert_trains_as_torch_optim(
+    net: nn.Module,
+    tx: ft.Transform,
+    make_opt: Callable[..., torch.optim.Optimizer],
+    batch: Any,
+    steps: int = 5,
+) -> None:
     """`steps` functrain steps equal as many steps of the hand-written torch.optim loop, bit for bit, each parameter in torch's strides."""
     ref = copy.deepcopy(net)
     opt = make_opt(ref.parameters())
@@ -63,8 +78,12 @@ def assert_trains_as_torch_optim(net: nn.Module, tx: ft.Transform, make_opt: Cal
         opt.step()
         opt.zero_grad(set_to_none=True)
     for name, p in ref.named_parameters():
-        assert state.params[name].stride() == p.stride(), f"{name}: laid out as {state.params[name].stride()}, torch keeps {p.stride()}"
-        assert torch.equal(state.params[name], p.detach()), f"{name} differs by {(state.params[name] - p.detach()).abs().max().item():.3e}"
+        assert state.params[name].stride() == p.stride(), (
+            f"{name}: laid out as {state.params[name].stride()}, torch keeps {p.stride()}"
+        )
+        assert torch.equal(state.params[name], p.detach()), (
+            f"{name} differs by {(state.params[name] - p.detach()).abs().max().item():.3e}"
+        )
 
 
 def test_the_grad_norm_sums_in_the_order_clip_grad_norm_does() -> None:
@@ -72,16 +91,23 @@ def test_the_grad_norm_sums_in_the_order_clip_grad_norm_does() -> None:
     net = issue_cnn()
     ref = copy.deepcopy(net)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, fused=True)
-    state = ft.TrainState.create(copy.deepcopy(net), ft.sgd(0.1, momentum=0.9), loss_fn, clip_grad_norm=0.5)
+    state = ft.TrainState.create(
+        copy.deepcopy(net), ft.sgd(0.1, momentum=0.9), loss_fn, clip_grad_norm=0.5
+    )
     gen = torch.Generator().manual_seed(2)
     for _ in range(8):
-        batch = torch.randn(8, 3, 16, 16, generator=gen).contiguous(memory_format=CL), torch.randint(0, 10, (8,), generator=gen)
+        batch = (
+            torch.randn(8, 3, 16, 16, generator=gen).contiguous(memory_format=CL),
+            torch.randint(0, 10, (8,), generator=gen),
+        )
         state, metrics = ft.train_step(state, batch)
         loss_fn(ref, batch).backward()
         expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        assert torch.equal(metrics["grad_norm"], expected), f"{metrics['grad_norm'].item()!r} != {expected.item()!r}"
+        assert torch.equal(metrics["grad_norm"], expected), (
+            f"{metrics['grad_norm'].item()!r} != {expected.item()!r}"
+        )
 
 
 def _conv_grads() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -93,7 +119,16 @@ def _conv_grads() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return {"w": conv.weight.detach().clone()}, {"w": grad}
 
 
-@pytest.mark.parametrize("tx", [ft.adamw(1e-2), ft.adam(1e-2, amsgrad=True), ft.sgd(0.1, momentum=0.9, nesterov=True), ft.adagrad(0.1)], ids=["adamw", "adam-amsgrad", "sgd", "adagrad"])
+@pytest.mark.parametrize(
+    "tx",
+    [
+        ft.adamw(1e-2),
+        ft.adam(1e-2, amsgrad=True),
+        ft.sgd(0.1, momentum=0.9, nesterov=True),
+        ft.adagrad(0.1),
+    ],
+    ids=["adamw", "adam-amsgrad", "sgd", "adagrad"],
+)
 def test_a_fused_transform_called_directly_takes_gradients_in_any_layout(tx: ft.Transform) -> None:
     """An own loop that hands `torch.autograd.grad`'s output to `update` gets torch.optim's update."""
     params, grads = _conv_grads()
@@ -117,20 +152,33 @@ def test_a_stride_0_gradient_is_read_as_its_values() -> None:
     assert grad.stride() == (0, 0)
     tx = ft.adamw(1e-2)
     updates, _ = tx.update({"p": grad}, tx.init({"p": p.detach()}), {"p": p.detach()})
-    expected, _ = tx.update({"p": torch.full((64, 64), 3.0)}, tx.init({"p": p.detach()}), {"p": p.detach()})
-    assert torch.equal(ft.apply_updates({"p": p.detach()}, updates)["p"], ft.apply_updates({"p": p.detach()}, expected)["p"])
+    expected, _ = tx.update(
+        {"p": torch.full((64, 64), 3.0)}, tx.init({"p": p.detach()}), {"p": p.detach()}
+    )
+    assert torch.equal(
+        ft.apply_updates({"p": p.detach()}, updates)["p"],
+        ft.apply_updates({"p": p.detach()}, expected)["p"],
+    )
 
 
-def test_channels_last_weights_keep_their_layout_through_steps_and_a_checkpoint(tmp_path: Any) -> None:
+def test_channels_last_weights_keep_their_layout_through_steps_and_a_checkpoint(
+    tmp_path: Any,
+) -> None:
     net = issue_cnn().to(memory_format=CL)
     strides = {n: p.stride() for n, p in net.named_parameters()}
     state = ft.TrainState.create(net, ft.adamw(1e-3), loss_fn, seed=0)
     for donate in (False, True):
         state, _ = ft.train_step(state, channels_last_batch(), donate=donate)
     loaded = ft.load(ft.save(state, tmp_path / "ckpt"), like=state)
-    for held in (state, loaded, ft.TrainState.create(loaded.export_module(), ft.adamw(1e-3), loss_fn)):
+    for held in (
+        state,
+        loaded,
+        ft.TrainState.create(loaded.export_module(), ft.adamw(1e-3), loss_fn),
+    ):
         assert {n: p.stride() for n, p in held.params.items()} == strides
-    assert [m.stride() for m in loaded.opt_state.inner.mu] == [state.params[n].stride() for n in state.params]
+    assert [m.stride() for m in loaded.opt_state.inner.mu] == [
+        state.params[n].stride() for n in state.params
+    ]
 
 
 def test_the_layout_contract_as_torch_states_it() -> None:
@@ -140,10 +188,17 @@ def test_the_layout_contract_as_torch_states_it() -> None:
     # dimensions of size 1 say nothing about the order, but a stride 0 is a view
     depthwise = torch.zeros(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 1, 3, 1))
     assert obeys_layout(torch.zeros(6, 1, 3, 3), depthwise)
-    assert not obeys_layout(torch.zeros(6, 3, 3).unsqueeze(1).expand(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 0, 3, 1)), depthwise)
+    assert not obeys_layout(
+        torch.zeros(6, 3, 3).unsqueeze(1).expand(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 0, 3, 1)),
+        depthwise,
+    )
     # a non-dense parameter asks for a contiguous gradient
     sliced = torch.zeros(4, 8)[:, ::2]
-    assert not is_dense(sliced) and obeys_layout(torch.zeros(4, 4), sliced) and not obeys_layout(torch.zeros(4, 4).t(), sliced)
+    assert (
+        not is_dense(sliced)
+        and obeys_layout(torch.zeros(4, 4), sliced)
+        and not obeys_layout(torch.zeros(4, 4).t(), sliced)
+    )
     g = torch.randn(8, 4, 3, 3)
     out = in_layout_of(g, cl)
     assert out.stride() == cl.stride() and torch.equal(out, g) and in_layout_of(out, cl) is out
@@ -153,9 +208,15 @@ def test_the_layout_contract_as_torch_states_it() -> None:
     assert with_strides_of(torch.ones(3, 5), transposed).stride() == transposed.stride()
 
 
-@pytest.mark.parametrize("tx", [ft.adamw(1e-2), ft.sgd(0.1, momentum=0.9), ft.adagrad(0.1)], ids=["adamw", "sgd", "adagrad"])
+@pytest.mark.parametrize(
+    "tx",
+    [ft.adamw(1e-2), ft.sgd(0.1, momentum=0.9), ft.adagrad(0.1)],
+    ids=["adamw", "sgd", "adagrad"],
+)
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "in-place"])
-def test_a_fused_transform_updates_a_parameter_with_gaps_in_memory(tx: ft.Transform, donate: bool) -> None:
+def test_a_fused_transform_updates_a_parameter_with_gaps_in_memory(
+    tx: ft.Transform, donate: bool
+) -> None:
     """A slice of a leaf stored transposed (a sharded state's local rows) is not dense: the kernels,
     which walk memory straight through, get a contiguous copy of it."""
     from functrain.optim.transform import writing_in_place
@@ -175,7 +236,12 @@ def test_a_fused_transform_updates_a_parameter_with_gaps_in_memory(tx: ft.Transf
 
 
 def test_a_gradient_of_another_shape_is_refused_with_both_shapes() -> None:
-    with pytest.raises(ft.StateMismatchError, match=r"got \[3\] for a parameter of shape \[3, 4\]; pass each parameter's own gradient"):
+    with pytest.raises(
+        ft.StateMismatchError,
+        match=r"got \[3\] for a parameter of shape \[3, 4\]; pass each parameter's own gradient",
+    ):
         in_layout_of(torch.randn(3), torch.zeros(4, 3).t())
-    with pytest.raises(ft.StateMismatchError, match=r"got \[2, 2\] for a parameter of shape \[3, 5\]"):
+    with pytest.raises(
+        ft.StateMismatchError, match=r"got \[2, 2\] for a parameter of shape \[3, 5\]"
+    ):
         with_strides_of(torch.randn(2, 2), torch.zeros(5, 3).t())

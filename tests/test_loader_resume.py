@@ -32,8 +32,18 @@ BATCHES = 24
 
 def launch(spec: dict[str, Any]) -> None:
     root = str(Path(ft.__file__).parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-W", "error", str(WORKER), json.dumps(spec)], capture_output=True, text=True, timeout=240, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(WORKER), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -70,25 +80,53 @@ def straight() -> dict[tuple[Any, ...], ft.TrainState]:
 @pytest.mark.parametrize("cut", list(CUTS))
 @pytest.mark.parametrize(("source", "workers", "augment", "accumulate"), RUNS)
 def test_a_run_resumed_in_a_fresh_process_is_bit_identical_and_loads_no_consumed_batch(
-    tmp_path: Path, straight: dict[tuple[Any, ...], ft.TrainState], source: str, workers: int, augment: bool, accumulate: int, cut: str
+    tmp_path: Path,
+    straight: dict[tuple[Any, ...], ft.TrainState],
+    source: str,
+    workers: int,
+    augment: bool,
+    accumulate: int,
+    cut: str,
 ) -> None:
     spec = {"source": source, "num_workers": workers, "augment": augment, "accumulate": accumulate}
     key = tuple(spec.values())
     if key not in straight:
         straight[key] = worker.run({**spec, "max_steps": BATCHES // accumulate}).state
     torch.manual_seed(random.randrange(2**31))  # this process's generators are wherever they are
-    first = worker.run({**spec, "max_steps": CUTS[cut] // accumulate, "save_every": CUTS[cut] // accumulate, "checkpoint_dir": str(tmp_path / "ck")})
+    first = worker.run(
+        {
+            **spec,
+            "max_steps": CUTS[cut] // accumulate,
+            "save_every": CUTS[cut] // accumulate,
+            "checkpoint_dir": str(tmp_path / "ck"),
+        }
+    )
     assert int(first.state.step) == CUTS[cut] // accumulate
     log = tmp_path / "reads"
-    launch({**spec, "max_steps": BATCHES // accumulate, "checkpoint_dir": str(tmp_path / "ck"), "resume": True, "out": str(tmp_path / "out"), "log": str(log)})
+    launch(
+        {
+            **spec,
+            "max_steps": BATCHES // accumulate,
+            "checkpoint_dir": str(tmp_path / "ck"),
+            "resume": True,
+            "out": str(tmp_path / "out"),
+            "log": str(log),
+        }
+    )
     resumed, _ = ft.load(tmp_path / "out")
     assert mismatches(straight[key], resumed) == []
-    assert len(log.read_text().split()) == (BATCHES - CUTS[cut]) * worker.BATCH  # nothing consumed is read again
+    assert (
+        len(log.read_text().split()) == (BATCHES - CUTS[cut]) * worker.BATCH
+    )  # nothing consumed is read again
 
 
 def test_the_augmentation_reaches_the_run_so_the_comparison_above_can_fail() -> None:
-    plain = worker.run({"source": "loader", "num_workers": 0, "augment": False, "max_steps": 3}).state
-    noisy = worker.run({"source": "loader", "num_workers": 0, "augment": True, "max_steps": 3}).state
+    plain = worker.run(
+        {"source": "loader", "num_workers": 0, "augment": False, "max_steps": 3}
+    ).state
+    noisy = worker.run(
+        {"source": "loader", "num_workers": 0, "augment": True, "max_steps": 3}
+    ).state
     assert mismatches(plain, noisy.tree()) != []
 
 
@@ -100,7 +138,9 @@ def test_an_own_loop_resumes_a_dataloader_exactly_with_a_checkpoint_manager(tmp_
         log = directory.with_suffix(".reads")
         log.unlink(missing_ok=True)
         dataset = worker.Aug(augment=True, log=str(log))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(7))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(7)
+        )
         source = ft.DataLoaderSource(loader)
         state = ft.TrainState.create(module, ft.adamw(1e-2), worker.loss_fn)
         with ft.CheckpointManager(directory, keep_last=1) as manager:
@@ -111,7 +151,9 @@ def test_an_own_loop_resumes_a_dataloader_exactly_with_a_checkpoint_manager(tmp_
                     manager.save(state)
                     if int(state.step) == stop_at:
                         return state, len(log.read_text().split())
-                state = state.replace(epoch=state.epoch + 1, epoch_step=torch.zeros_like(state.epoch_step))
+                state = state.replace(
+                    epoch=state.epoch + 1, epoch_step=torch.zeros_like(state.epoch_step)
+                )
         return state, len(log.read_text().split())
 
     straight, _ = train(tmp_path / "straight")

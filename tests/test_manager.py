@@ -18,10 +18,10 @@ from torch import nn
 
 import functrain as ft
 import functrain.checkpoint.directory as layout_module
-from functrain.core import holds
 from functrain.checkpoint import files
 from functrain.checkpoint import format as serialization
 from functrain.checkpoint.format import MANIFEST, leaves_by_path
+from functrain.core import holds
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -53,7 +53,10 @@ def trained(count: int) -> list[ft.TrainState]:
 
 
 def tree_copy(state: ft.TrainState) -> dict[str, Any]:
-    return {p: v.clone() if isinstance(v, torch.Tensor) else v for p, v in leaves_by_path(state.tree()).items()}
+    return {
+        p: v.clone() if isinstance(v, torch.Tensor) else v
+        for p, v in leaves_by_path(state.tree()).items()
+    }
 
 
 def assert_bitwise_equal(expected: ft.TrainState | dict[str, Any], got: ft.TrainState) -> None:
@@ -74,7 +77,9 @@ def names(paths: list[Path]) -> list[str]:
 def leftovers(directory: Path) -> list[str]:
     """`.tmp-` entries, once the deletions running in the background (a save returns before them) are done."""
     files.wait_for_removals()
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(serialization.TMP_PREFIX))
+    return sorted(
+        p.name for p in directory.iterdir() if p.name.startswith(serialization.TMP_PREFIX)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +90,9 @@ def states() -> list[ft.TrainState]:
 # ---------------------------------------------------------------- rotation
 
 
-def test_keep_last_keeps_the_n_newest_checkpoints(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_keep_last_keeps_the_n_newest_checkpoints(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path, keep_last=2)
     saved = []
     for state in states:
@@ -112,7 +119,9 @@ def test_rotation_removes_old_checkpoints_only_after_the_new_one_is_committed(
     def spying_remove(path: Any) -> None:
         if Path(path).name.startswith("ckpt-"):
             committed = sorted(p.name for p in tmp_path.glob("ckpt-*") if (p / MANIFEST).is_file())
-            seen_at_removal.append((Path(path).name, committed, (tmp_path / "latest").read_text().strip()))
+            seen_at_removal.append(
+                (Path(path).name, committed, (tmp_path / "latest").read_text().strip())
+            )
         real_remove(path)
 
     monkeypatch.setattr(layout_module, "remove", spying_remove)
@@ -131,7 +140,9 @@ def test_a_failed_save_removes_nothing_and_leaves_latest_alone(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(serialization, "_write_file", failing_write)
-    with pytest.raises(ft.CheckpointError, match="could not write checkpoint .*No space left on device"):
+    with pytest.raises(
+        ft.CheckpointError, match="could not write checkpoint .*No space left on device"
+    ):
         mgr.save(states[2])
     assert mgr.all() == saved
     assert mgr.latest() == saved[-1]
@@ -141,7 +152,9 @@ def test_a_failed_save_removes_nothing_and_leaves_latest_alone(
 # ---------------------------------------------------------------- best checkpoints
 
 
-@pytest.mark.parametrize(("mode", "values"), [("min", [0.5, 0.2, 0.7, 0.9]), ("max", [0.5, 0.9, 0.3, 0.1])])
+@pytest.mark.parametrize(
+    ("mode", "values"), [("min", [0.5, 0.2, 0.7, 0.9]), ("max", [0.5, 0.9, 0.3, 0.1])]
+)
 def test_best_checkpoint_survives_rotation_of_its_regular_twin(
     tmp_path: Path, states: list[ft.TrainState], mode: str, values: list[float]
 ) -> None:
@@ -154,16 +167,25 @@ def test_best_checkpoint_survives_rotation_of_its_regular_twin(
     assert_bitwise_equal(states[1], ft.load(mgr.best(), like=initial_state(seed=1)))
 
 
-@pytest.mark.parametrize(("mode", "values"), [("min", [0.5, 0.3, 0.4, 0.6, 0.35]), ("max", [0.5, 0.7, 0.6, 0.4, 0.65])])
-def test_keep_best_two_keeps_the_two_best(tmp_path: Path, states: list[ft.TrainState], mode: str, values: list[float]) -> None:
+@pytest.mark.parametrize(
+    ("mode", "values"), [("min", [0.5, 0.3, 0.4, 0.6, 0.35]), ("max", [0.5, 0.7, 0.6, 0.4, 0.65])]
+)
+def test_keep_best_two_keeps_the_two_best(
+    tmp_path: Path, states: list[ft.TrainState], mode: str, values: list[float]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path, keep_last=1, keep_best=2, best_metric="val", mode=mode)
     saved = [mgr.save(s, metrics={"val": v}) for s, v in zip(states, values)]
-    assert names(mgr.bests()) == [saved[1].name.replace("ckpt", "best"), saved[4].name.replace("ckpt", "best")]
+    assert names(mgr.bests()) == [
+        saved[1].name.replace("ckpt", "best"),
+        saved[4].name.replace("ckpt", "best"),
+    ]
     assert mgr.best_value() == values[1]
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
-def test_a_nan_metric_never_becomes_best(tmp_path: Path, states: list[ft.TrainState], mode: str) -> None:
+def test_a_nan_metric_never_becomes_best(
+    tmp_path: Path, states: list[ft.TrainState], mode: str
+) -> None:
     mgr = ft.CheckpointManager(tmp_path, best_metric="val", mode=mode)
     mgr.save(states[0], metrics={"val": math.nan})
     assert mgr.best() is None
@@ -186,7 +208,9 @@ def test_best_is_none_without_a_best_metric(tmp_path: Path, states: list[ft.Trai
 # ---------------------------------------------------------------- latest and all()
 
 
-def test_latest_pointer_names_the_newest_and_is_replaced_not_rewritten(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_latest_pointer_names_the_newest_and_is_replaced_not_rewritten(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path, keep_last=2)
     assert mgr.latest() is None
     inodes = []
@@ -202,7 +226,9 @@ def test_latest_pointer_names_the_newest_and_is_replaced_not_rewritten(tmp_path:
     assert all(a != b for a, b in zip(inodes, inodes[1:]))
 
 
-def test_all_lists_only_committed_regular_checkpoints_oldest_first(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_all_lists_only_committed_regular_checkpoints_oldest_first(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path, best_metric="val")
     saved = [mgr.save(s, metrics={"val": 1.0 - i / 10}) for i, s in enumerate(states[:3])]
     (tmp_path / "ckpt-000000099-000000099").mkdir()  # no manifest: never committed
@@ -215,7 +241,9 @@ def test_all_lists_only_committed_regular_checkpoints_oldest_first(tmp_path: Pat
 # ---------------------------------------------------------------- restoring
 
 
-def test_restore_latest_returns_the_newest_state_bit_identical(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_restore_latest_returns_the_newest_state_bit_identical(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path)
     for state in states[:3]:
         mgr.save(state)
@@ -229,7 +257,9 @@ def test_restore_latest_returns_none_on_an_empty_directory(tmp_path: Path) -> No
     assert ft.CheckpointManager(tmp_path).restore_latest(like=initial_state()) is None
 
 
-def test_restore_latest_skips_an_incomplete_newest_checkpoint_with_a_warning(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_restore_latest_skips_an_incomplete_newest_checkpoint_with_a_warning(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path)
     mgr.save(states[0])
     newest = mgr.save(states[1])
@@ -239,7 +269,9 @@ def test_restore_latest_skips_an_incomplete_newest_checkpoint_with_a_warning(tmp
     assert_bitwise_equal(states[0], restored)
 
 
-def test_restore_latest_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_restore_latest_skips_a_corrupt_newest_checkpoint_with_a_warning(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path)
     mgr.save(states[0])
     newest = mgr.save(states[1])
@@ -247,20 +279,29 @@ def test_restore_latest_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_pat
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 0x01  # one bit of the last tensor's data
     tensors.write_bytes(bytes(data))
-    with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {newest.name}: .*digest does not match"):
+    with pytest.warns(
+        RuntimeWarning, match=f"skipping checkpoint {newest.name}: .*digest does not match"
+    ):
         restored = mgr.restore_latest(like=initial_state(seed=1))
     assert_bitwise_equal(states[0], restored)
 
 
-def test_restore_latest_with_a_different_model_raises_state_mismatch(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_restore_latest_with_a_different_model_raises_state_mismatch(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     mgr = ft.CheckpointManager(tmp_path)
     mgr.save(states[0])
     mgr.save(states[1])
-    with pytest.raises(ft.StateMismatchError, match=r"params/0\.weight: expected \[4, 5\] torch\.float32, got \[4, 3\]"):
+    with pytest.raises(
+        ft.StateMismatchError,
+        match=r"params/0\.weight: expected \[4, 5\] torch\.float32, got \[4, 3\]",
+    ):
         mgr.restore_latest(like=initial_state(d_in=5))
 
 
-def test_manager_init_removes_leftover_temporary_files(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_manager_init_removes_leftover_temporary_files(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     saved = ft.CheckpointManager(tmp_path).save(states[0])
     half_written = tmp_path / f".tmp-ckpt-000000002-000000002-{os.getpid()}-0123abcd"
     half_written.mkdir()
@@ -289,7 +330,9 @@ def held_writes(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return release
 
 
-def test_async_save_writes_the_state_as_it_was_at_save_time(tmp_path: Path, held_writes: threading.Event) -> None:
+def test_async_save_writes_the_state_as_it_was_at_save_time(
+    tmp_path: Path, held_writes: threading.Event
+) -> None:
     state = trained(1)[0]
     at_save = tree_copy(state)
     with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
@@ -303,7 +346,9 @@ def test_async_save_writes_the_state_as_it_was_at_save_time(tmp_path: Path, held
         assert_bitwise_equal(at_save, ft.load(path, like=initial_state(seed=1)))
 
 
-def test_async_save_copies_nothing_and_a_donated_step_waits_for_it(tmp_path: Path, held_writes: threading.Event) -> None:
+def test_async_save_copies_nothing_and_a_donated_step_waits_for_it(
+    tmp_path: Path, held_writes: threading.Event
+) -> None:
     state = trained(1)[0]
     at_save = tree_copy(state)
     with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
@@ -312,7 +357,9 @@ def test_async_save_copies_nothing_and_a_donated_step_waits_for_it(tmp_path: Pat
         donated = threading.Thread(target=lambda: ft.train_step(state, batch(9), donate=True))
         donated.start()
         donated.join(timeout=0.5)
-        assert donated.is_alive(), "a donated step wrote into tensors an async save was still writing"
+        assert donated.is_alive(), (
+            "a donated step wrote into tensors an async save was still writing"
+        )
         held_writes.set()
         donated.join(timeout=30)
         assert not donated.is_alive()
@@ -320,7 +367,9 @@ def test_async_save_copies_nothing_and_a_donated_step_waits_for_it(tmp_path: Pat
     assert_bitwise_equal(at_save, ft.load(path, like=initial_state(seed=1)))
 
 
-def test_async_save_of_tensors_changed_in_place_by_other_code_commits_nothing(tmp_path: Path, states: list[ft.TrainState], held_writes: threading.Event) -> None:
+def test_async_save_of_tensors_changed_in_place_by_other_code_commits_nothing(
+    tmp_path: Path, states: list[ft.TrainState], held_writes: threading.Event
+) -> None:
     state = trained(2)[1]
     with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
         held_writes.set()
@@ -331,7 +380,9 @@ def test_async_save_of_tensors_changed_in_place_by_other_code_commits_nothing(tm
         for t in state.params.values():
             t.add_(1.0)  # outside functrain: no step writes into a state being saved
         held_writes.set()
-        with pytest.raises(ft.CheckpointError, match="changed in place while the async save was writing"):
+        with pytest.raises(
+            ft.CheckpointError, match="changed in place while the async save was writing"
+        ):
             mgr.wait()
         assert not path.exists() and mgr.latest() == first
     assert leftovers(tmp_path) == []
@@ -372,7 +423,9 @@ def test_async_save_failure_surfaces_as_checkpoint_error(
         ({"keep_last": 0, "mode": "avg"}, r"(?s)keep_last=0.*mode='avg'"),
     ],
 )
-def test_invalid_options_raise_config_error(tmp_path: Path, options: dict[str, Any], message: str) -> None:
+def test_invalid_options_raise_config_error(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ft.ConfigError, match=message):
         ft.CheckpointManager(tmp_path / "never", **options)
     assert not (tmp_path / "never").exists()
@@ -402,17 +455,24 @@ def test_a_rotation_interrupted_mid_delete_leaves_no_checkpoint_lookalike(
 # ---------------------------------------------------------------- one writer, many readers
 
 
-def test_a_second_writer_in_the_same_process_is_refused_naming_the_holder(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_a_second_writer_in_the_same_process_is_refused_naming_the_holder(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     with ft.CheckpointManager(tmp_path) as writer:
         writer.save(states[0])
-        with pytest.raises(ft.CheckpointError, match=rf"already has a writer: process {os.getpid()} on host '.+' \(since .+\) holds writer\.lock"):
+        with pytest.raises(
+            ft.CheckpointError,
+            match=rf"already has a writer: process {os.getpid()} on host '.+' \(since .+\) holds writer\.lock",
+        ):
             ft.CheckpointManager(tmp_path)
         assert writer.save(states[1]) == writer.all()[-1]  # the refusal cost the holder nothing
     ft.CheckpointManager(tmp_path).close()
 
 
 @pytest.mark.parametrize("release", ["close", "with", "collected"])
-def test_the_writer_lock_is_released_by_close_context_exit_and_collection(tmp_path: Path, states: list[ft.TrainState], release: str) -> None:
+def test_the_writer_lock_is_released_by_close_context_exit_and_collection(
+    tmp_path: Path, states: list[ft.TrainState], release: str
+) -> None:
     if release == "close":
         ft.CheckpointManager(tmp_path).close()
     elif release == "with":
@@ -440,7 +500,12 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, int, int]]:
     for root, dirs, files in os.walk(directory):
         for name in [".", *dirs, *files]:
             st = os.lstat(os.path.join(root, name))
-            entries[os.path.relpath(os.path.join(root, name), directory)] = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns)
+            entries[os.path.relpath(os.path.join(root, name), directory)] = (
+                st.st_ino,
+                st.st_mode,
+                st.st_size,
+                st.st_mtime_ns,
+            )
     return entries
 
 
@@ -453,7 +518,19 @@ def forbid_writes(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return refused
 
-    for name in ("rename", "replace", "unlink", "remove", "rmdir", "mkdir", "makedirs", "link", "symlink", "truncate", "ftruncate"):
+    for name in (
+        "rename",
+        "replace",
+        "unlink",
+        "remove",
+        "rmdir",
+        "mkdir",
+        "makedirs",
+        "link",
+        "symlink",
+        "truncate",
+        "ftruncate",
+    ):
         monkeypatch.setattr(os, name, refuse(f"os.{name}"))
     monkeypatch.setattr(shutil, "rmtree", refuse("shutil.rmtree"))
     real_open = os.open
@@ -466,7 +543,9 @@ def forbid_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "open", read_only_open)
 
 
-def test_readers_change_nothing_in_a_read_only_directory(tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readers_change_nothing_in_a_read_only_directory(
+    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch
+) -> None:
     with ft.CheckpointManager(tmp_path, best_metric="val") as writer:
         saved = [writer.save(s, metrics={"val": v}) for s, v in zip(states[:3], [0.3, 0.2, 0.4])]
     (saved[-1] / "tensors-00000.safetensors").write_bytes(b"broken")  # restoring must skip it
@@ -481,7 +560,12 @@ def test_readers_change_nothing_in_a_read_only_directory(tmp_path: Path, states:
         with monkeypatch.context() as m:
             forbid_writes(m)
             reader = ft.CheckpointManager(tmp_path, readonly=True, best_metric="val")
-            assert (reader.all(), reader.latest(), reader.best(), reader.best_value()) == (saved, saved[-1], tmp_path / saved[1].name.replace("ckpt", "best"), 0.2)
+            assert (reader.all(), reader.latest(), reader.best(), reader.best_value()) == (
+                saved,
+                saved[-1],
+                tmp_path / saved[1].name.replace("ckpt", "best"),
+                0.2,
+            )
             with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {saved[-1].name}"):
                 assert_bitwise_equal(states[1], reader.restore_latest(like=initial_state(seed=1)))
             with pytest.raises(ft.CheckpointError, match="cannot save: .*readonly=True"):
@@ -494,14 +578,18 @@ def test_readers_change_nothing_in_a_read_only_directory(tmp_path: Path, states:
     assert snapshot(tmp_path) == before
 
 
-def test_a_reader_of_a_directory_that_does_not_exist_sees_nothing_and_creates_nothing(tmp_path: Path) -> None:
+def test_a_reader_of_a_directory_that_does_not_exist_sees_nothing_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
     reader = ft.CheckpointManager(tmp_path / "not-yet", readonly=True, best_metric="val")
     assert (reader.all(), reader.bests(), reader.latest(), reader.best()) == ([], [], None, None)
     assert reader.restore_latest(like=initial_state()) is None
     assert not (tmp_path / "not-yet").exists()
 
 
-def test_a_refused_writer_leaves_the_holders_saves_in_progress_alone(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_a_refused_writer_leaves_the_holders_saves_in_progress_alone(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     with ft.CheckpointManager(tmp_path) as writer:
         writer.save(states[0])
         in_progress = tmp_path / f".tmp-ckpt-000000002-000000002-{os.getpid()}-0123abcd"
@@ -513,7 +601,10 @@ def test_a_refused_writer_leaves_the_holders_saves_in_progress_alone(tmp_path: P
 
 
 def test_readonly_with_async_save_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ft.ConfigError, match="async_save=True writes checkpoints: a manager opened with readonly=True never does"):
+    with pytest.raises(
+        ft.ConfigError,
+        match="async_save=True writes checkpoints: a manager opened with readonly=True never does",
+    ):
         ft.CheckpointManager(tmp_path, readonly=True, async_save=True)
 
 
@@ -521,7 +612,9 @@ def test_readonly_with_async_save_is_a_config_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("prefix", ["ckpt", "best"])
-def test_a_checkpoint_left_only_under_tmp_old_is_put_back_when_a_writer_opens(tmp_path: Path, states: list[ft.TrainState], prefix: str) -> None:
+def test_a_checkpoint_left_only_under_tmp_old_is_put_back_when_a_writer_opens(
+    tmp_path: Path, states: list[ft.TrainState], prefix: str
+) -> None:
     with ft.CheckpointManager(tmp_path, best_metric="val") as mgr:
         mgr.save(states[0], metrics={"val": 0.5})
         newest = mgr.save(states[1], metrics={"val": 0.4})
@@ -531,7 +624,10 @@ def test_a_checkpoint_left_only_under_tmp_old_is_put_back_when_a_writer_opens(tm
     os.rename(target, tmp_path / f".tmp-old-{target.name}-0123abcd")
     unrenamed = tmp_path / f".tmp-{target.name}-4242-89abcdef"
     shutil.copytree(tmp_path / f".tmp-old-{target.name}-0123abcd", unrenamed)
-    with pytest.warns(RuntimeWarning, match=f"put back checkpoint {target.name}, displaced by a save that was killed"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=f"put back checkpoint {target.name}, displaced by a save that was killed",
+    ):
         mgr = ft.CheckpointManager(tmp_path, best_metric="val")
     assert leftovers(tmp_path) == []
     assert_bitwise_equal(states[1], ft.load(target, like=initial_state(seed=1)))
@@ -539,17 +635,25 @@ def test_a_checkpoint_left_only_under_tmp_old_is_put_back_when_a_writer_opens(tm
     mgr.close()
 
 
-def test_a_displaced_copy_is_removed_once_its_replacement_is_in_place(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_a_displaced_copy_is_removed_once_its_replacement_is_in_place(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     with ft.CheckpointManager(tmp_path) as mgr:
         path = mgr.save(states[0])
-    shutil.copytree(path, tmp_path / f".tmp-old-{path.name}-0123abcd")  # killed after the second rename
+    shutil.copytree(
+        path, tmp_path / f".tmp-old-{path.name}-0123abcd"
+    )  # killed after the second rename
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to put back
         ft.CheckpointManager(tmp_path).close()
-    assert leftovers(tmp_path) == [] and names(ft.CheckpointManager(tmp_path, readonly=True).all()) == [path.name]
+    assert leftovers(tmp_path) == [] and names(
+        ft.CheckpointManager(tmp_path, readonly=True).all()
+    ) == [path.name]
 
 
-def test_a_displaced_copy_is_kept_when_its_name_holds_something_uncommitted(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_a_displaced_copy_is_kept_when_its_name_holds_something_uncommitted(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     with ft.CheckpointManager(tmp_path) as mgr:
         path = mgr.save(states[0])
     displaced = tmp_path / f".tmp-old-{path.name}-0123abcd"
@@ -594,8 +698,12 @@ def test_a_full_disk_at_the_latest_pointer_says_the_checkpoint_is_saved(
     assert_bitwise_equal(states[1], mgr.restore_latest(like=initial_state(seed=1)))
 
 
-def test_saving_one_step_twice_with_a_better_metric_replaces_its_best_copy(tmp_path: Path, states: list[ft.TrainState]) -> None:
-    changed = states[1].replace(params={k: v + 1 for k, v in states[1].params.items()})  # same step, other weights
+def test_saving_one_step_twice_with_a_better_metric_replaces_its_best_copy(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
+    changed = states[1].replace(
+        params={k: v + 1 for k, v in states[1].params.items()}
+    )  # same step, other weights
     with ft.CheckpointManager(tmp_path, best_metric="val") as mgr:
         mgr.save(states[0], metrics={"val": 0.6})
         first = mgr.save(states[1], metrics={"val": 0.5})
@@ -612,7 +720,9 @@ def test_a_best_checkpoint_removed_while_it_is_ranked_costs_the_save_nothing(
     import functrain.checkpoint.manager as manager_module
 
     mgr = ft.CheckpointManager(tmp_path, keep_best=2, best_metric="val")
-    doomed = mgr.save(states[0], metrics={"val": 0.5}).name.replace("ckpt", "best")  # the threshold of the two best
+    doomed = mgr.save(states[0], metrics={"val": 0.5}).name.replace(
+        "ckpt", "best"
+    )  # the threshold of the two best
     mgr.save(states[1], metrics={"val": 0.4})
     real_read = manager_module.read_manifest
 
@@ -631,7 +741,9 @@ def test_a_best_checkpoint_removed_while_it_is_ranked_costs_the_save_nothing(
     mgr.close()
 
 
-def test_an_older_step_saved_after_newer_ones_is_not_rotated_away_at_once(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_an_older_step_saved_after_newer_ones_is_not_rotated_away_at_once(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     with ft.CheckpointManager(tmp_path, keep_last=1) as mgr:
         mgr.save(states[3])
         older = mgr.save(states[1])
@@ -666,19 +778,26 @@ POINTERS = {
 
 
 @pytest.mark.parametrize("kind", [*POINTERS, "fifo", "directory", "symlink"])
-def test_a_crafted_latest_pointer_is_ignored_with_a_warning(tmp_path: Path, states: list[ft.TrainState], kind: str) -> None:
+def test_a_crafted_latest_pointer_is_ignored_with_a_warning(
+    tmp_path: Path, states: list[ft.TrainState], kind: str
+) -> None:
     with ft.CheckpointManager(tmp_path) as mgr:
         mgr.save(states[0])
         newest = mgr.save(states[1])
     crafted_pointer(tmp_path, kind)
     reader = ft.CheckpointManager(tmp_path, readonly=True)
-    with pytest.warns(RuntimeWarning, match=f"ignoring the latest pointer of {tmp_path}: latest: .*; using the newest checkpoint by name"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=f"ignoring the latest pointer of {tmp_path}: latest: .*; using the newest checkpoint by name",
+    ):
         assert reader.latest() == newest
     with pytest.warns(RuntimeWarning, match="ignoring the latest pointer"):
         assert_bitwise_equal(states[1], reader.restore_latest(like=initial_state(seed=1)))
 
 
-def test_a_pointer_naming_a_removed_checkpoint_falls_back_silently(tmp_path: Path, states: list[ft.TrainState]) -> None:
+def test_a_pointer_naming_a_removed_checkpoint_falls_back_silently(
+    tmp_path: Path, states: list[ft.TrainState]
+) -> None:
     with ft.CheckpointManager(tmp_path) as mgr:
         older = mgr.save(states[0])
         newest = mgr.save(states[1])
@@ -688,7 +807,13 @@ def test_a_pointer_naming_a_removed_checkpoint_falls_back_silently(tmp_path: Pat
 
 def test_fit_resumes_past_a_crafted_latest_pointer(tmp_path: Path) -> None:
     data = [batch(i) for i in range(4)]
-    run = {"max_epochs": 1, "checkpoint_dir": tmp_path, "progress": False, "verbosity": "silent", "save_every": 1}
+    run = {
+        "max_epochs": 1,
+        "checkpoint_dir": tmp_path,
+        "progress": False,
+        "verbosity": "silent",
+        "save_every": 1,
+    }
     first = ft.fit(initial_state(), data[:2], **run)
     (tmp_path / "latest").write_bytes(b"\x80" * 10_000)
     with pytest.warns(RuntimeWarning, match="ignoring the latest pointer"):
@@ -701,11 +826,21 @@ def test_fit_resumes_past_a_crafted_latest_pointer(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [RuntimeError("shape '[0, 9223372036854775808]' is invalid"), MemoryError(), ValueError("bad"), OSError(5, "Input/output error"), TypeError("x"), RecursionError()],
+    [
+        RuntimeError("shape '[0, 9223372036854775808]' is invalid"),
+        MemoryError(),
+        ValueError("bad"),
+        OSError(5, "Input/output error"),
+        TypeError("x"),
+        RecursionError(),
+    ],
     ids=lambda e: type(e).__name__,
 )
 def test_restore_latest_skips_a_newest_checkpoint_raising_anything(
-    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch, error: BaseException
+    tmp_path: Path,
+    states: list[ft.TrainState],
+    monkeypatch: pytest.MonkeyPatch,
+    error: BaseException,
 ) -> None:
     import functrain.checkpoint.manager as manager_module
 
@@ -720,8 +855,12 @@ def test_restore_latest_skips_a_newest_checkpoint_raising_anything(
         return real_load(path, like=like)
 
     monkeypatch.setattr(manager_module, "load", crafted_load)
-    with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {newest.name}: {type(error).__name__}"):
-        restored = ft.CheckpointManager(tmp_path, readonly=True).restore_latest(like=initial_state(seed=1))
+    with pytest.warns(
+        RuntimeWarning, match=f"skipping checkpoint {newest.name}: {type(error).__name__}"
+    ):
+        restored = ft.CheckpointManager(tmp_path, readonly=True).restore_latest(
+            like=initial_state(seed=1)
+        )
     assert_bitwise_equal(states[0], restored)
 
 
@@ -744,18 +883,24 @@ def test_old_checkpoints_go_in_the_background_and_the_next_save_waits_for_them(
     third = threading.Thread(target=mgr.save, args=(states[2],))
     third.start()
     third.join(timeout=0.5)
-    assert third.is_alive() and not (tmp_path / checkpoint_name_of(states[2])).exists()  # waits before writing
+    assert (
+        third.is_alive() and not (tmp_path / checkpoint_name_of(states[2])).exists()
+    )  # waits before writing
     finish.set()
     third.join(timeout=30)
     mgr.close()
-    assert [p.name for p in mgr.all()] == [checkpoint_name_of(states[2])] and leftovers(tmp_path) == []
+    assert [p.name for p in mgr.all()] == [checkpoint_name_of(states[2])] and leftovers(
+        tmp_path
+    ) == []
 
 
 def checkpoint_name_of(state: ft.TrainState) -> str:
     return layout_module.checkpoint_name("ckpt", state)
 
 
-def test_save_over_a_checkpoint_removes_the_old_one_in_the_background(tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_over_a_checkpoint_removes_the_old_one_in_the_background(
+    tmp_path: Path, states: list[ft.TrainState], monkeypatch: pytest.MonkeyPatch
+) -> None:
     deleting, finish = threading.Event(), threading.Event()
     real_rmtree = shutil.rmtree
 
@@ -772,7 +917,9 @@ def test_save_over_a_checkpoint_removes_the_old_one_in_the_background(tmp_path: 
     other = threading.Thread(target=ft.save, args=(states[2], tmp_path / "other"))
     other.start()
     other.join(timeout=0.5)
-    assert other.is_alive() and not (tmp_path / "other").exists()  # the old one's space comes back first
+    assert (
+        other.is_alive() and not (tmp_path / "other").exists()
+    )  # the old one's space comes back first
     finish.set()
     other.join(timeout=30)
     assert (tmp_path / "other").exists() and leftovers(tmp_path) == []
@@ -783,7 +930,9 @@ def test_a_forked_child_does_not_inherit_the_holds_of_the_parents_saves() -> Non
     release = holds.hold([t])
     try:
         pid = os.fork()
-        if pid == 0:  # the parent's save thread does not exist here: a donated step must not wait for it
+        if (
+            pid == 0
+        ):  # the parent's save thread does not exist here: a donated step must not wait for it
             os._exit(0 if not holds.is_held([t]) else 1)
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0 and holds.is_held([t])

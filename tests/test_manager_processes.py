@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import functrain as ft
 
@@ -49,7 +47,14 @@ exec(STATE_CODE, STATE)  # noqa: S102 - our own code, shared with the processes 
 def start(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     script = STATE_CODE + textwrap.dedent(code)
-    return subprocess.Popen([sys.executable, "-c", script, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def first_line(proc: subprocess.Popen[str], expected: str) -> None:
@@ -89,23 +94,38 @@ def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 QUIET = {"progress": False, "verbosity": "silent"}
 
 
-def test_a_writer_in_another_process_is_refused_by_name_until_that_process_dies(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
+def test_a_writer_in_another_process_is_refused_by_name_until_that_process_dies(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
     run = tmp_path / "run"
-    named = rf"already has a writer: process {holder.pid} on host '.+' \(since .+\) holds writer\.lock"
+    named = (
+        rf"already has a writer: process {holder.pid} on host '.+' \(since .+\) holds writer\.lock"
+    )
     with pytest.raises(ft.CheckpointError, match=named):
         ft.CheckpointManager(run)
     with pytest.raises(ft.CheckpointError, match=named):
-        ft.fit(STATE["initial_state"](), batches(2), max_epochs=1, checkpoint_dir=run, resume=True, **QUIET)
+        ft.fit(
+            STATE["initial_state"](),
+            batches(2),
+            max_epochs=1,
+            checkpoint_dir=run,
+            resume=True,
+            **QUIET,
+        )
     reader = ft.CheckpointManager(run, readonly=True)
     assert [p.name for p in reader.all()] == ["ckpt-000000000-000000000"]
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=60)
     # the kernel released the dead holder's lock: nothing stale to clear by hand
-    result = ft.fit(STATE["initial_state"](), batches(2), max_epochs=1, checkpoint_dir=run, resume=True, **QUIET)
+    result = ft.fit(
+        STATE["initial_state"](), batches(2), max_epochs=1, checkpoint_dir=run, resume=True, **QUIET
+    )
     assert int(result.state.step) == 2
 
 
-def test_a_save_killed_between_its_two_renames_is_put_back_by_the_next_writer(tmp_path: Path) -> None:
+def test_a_save_killed_between_its_two_renames_is_put_back_by_the_next_writer(
+    tmp_path: Path,
+) -> None:
     run = tmp_path / "run"
     proc = start(
         """
@@ -132,18 +152,24 @@ def test_a_save_killed_between_its_two_renames_is_put_back_by_the_next_writer(tm
     )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
-    aside = [p.name for p in run.iterdir() if p.name.startswith(".tmp-old-ckpt-000000000-000000000-")]
+    aside = [
+        p.name for p in run.iterdir() if p.name.startswith(".tmp-old-ckpt-000000000-000000000-")
+    ]
     assert len(aside) == 1 and not (run / "ckpt-000000000-000000000").exists()
     with pytest.warns(RuntimeWarning, match="put back checkpoint ckpt-000000000-000000000"):
         mgr = ft.CheckpointManager(run)
     assert [p.name for p in run.iterdir() if p.name.startswith(".tmp-")] == []
     manifest = ft.checkpoint.format.read_manifest(mgr.latest())
     assert manifest["metadata"]["copy"] == "first"
-    ft.testing.assert_states_equal(STATE["initial_state"](), mgr.restore_latest(like=STATE["initial_state"](seed=1)))
+    ft.testing.assert_states_equal(
+        STATE["initial_state"](), mgr.restore_latest(like=STATE["initial_state"](seed=1))
+    )
     mgr.close()
 
 
-def test_an_async_save_failing_at_exit_without_wait_warns_naming_the_checkpoint(tmp_path: Path) -> None:
+def test_an_async_save_failing_at_exit_without_wait_warns_naming_the_checkpoint(
+    tmp_path: Path,
+) -> None:
     proc = start(
         """
         import errno, sys
@@ -168,7 +194,9 @@ def test_an_async_save_failing_at_exit_without_wait_warns_naming_the_checkpoint(
     assert "No space left on device" in err
 
 
-def test_an_async_save_failing_in_a_dropped_manager_warns_when_it_is_collected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_async_save_failing_in_a_dropped_manager_warns_when_it_is_collected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from functrain.checkpoint import format
 
     def full_disk(path: Path, data: Any) -> str:
@@ -180,7 +208,10 @@ def test_an_async_save_failing_in_a_dropped_manager_warns_when_it_is_collected(t
         mgr = ft.CheckpointManager(tmp_path, async_save=True)
         mgr.save(STATE["initial_state"]())
         futures.wait([mgr._pending])  # done, and not waited for through the manager
-        with pytest.warns(RuntimeWarning, match="checkpoint ckpt-000000000-000000000 was NOT saved: .*No space left on device"):
+        with pytest.warns(
+            RuntimeWarning,
+            match="checkpoint ckpt-000000000-000000000 was NOT saved: .*No space left on device",
+        ):
             del mgr
             gc.collect()
     finally:
@@ -217,9 +248,18 @@ print(json.dumps(counts), flush=True)
 """
 
 
-def test_a_reader_polling_a_live_run_costs_it_nothing_and_a_second_writer_is_refused(tmp_path: Path) -> None:
+def test_a_reader_polling_a_live_run_costs_it_nothing_and_a_second_writer_is_refused(
+    tmp_path: Path,
+) -> None:
     data, evals = batches(24), batches(2)
-    run = {"max_epochs": 3, "save_every": 1, "keep_last": 2, "eval_data": evals, "shuffle": False, **QUIET}
+    run = {
+        "max_epochs": 3,
+        "save_every": 1,
+        "keep_last": 2,
+        "eval_data": evals,
+        "shuffle": False,
+        **QUIET,
+    }
     unpolled = ft.fit(STATE["initial_state"](), data, checkpoint_dir=tmp_path / "unpolled", **run)
 
     polled_dir, stop = tmp_path / "polled", tmp_path / "stop"
@@ -227,22 +267,34 @@ def test_a_reader_polling_a_live_run_costs_it_nothing_and_a_second_writer_is_ref
     first_line(poller, "ready")
 
     @ft.on("train_end")
-    def stop_polling(r: Any) -> None:  # still holding the lock: every writer the poller tried was refused
+    def stop_polling(
+        r: Any,
+    ) -> None:  # still holding the lock: every writer the poller tried was refused
         stop.touch()
         poller.wait(timeout=120)
 
     try:
-        polled = ft.fit(STATE["initial_state"](), data, checkpoint_dir=polled_dir, callbacks=[stop_polling], **run)
+        polled = ft.fit(
+            STATE["initial_state"](),
+            data,
+            checkpoint_dir=polled_dir,
+            callbacks=[stop_polling],
+            **run,
+        )
     finally:
         stop.touch()
         out, err = poller.communicate(timeout=120)
     assert poller.returncode == 0, err[-3000:]
     counts = json.loads(out.splitlines()[-1])
-    assert counts["polls"] >= 20 and counts["manifests"] >= 20 and counts["writer_refused"] >= 10, counts
+    assert counts["polls"] >= 20 and counts["manifests"] >= 20 and counts["writer_refused"] >= 10, (
+        counts
+    )
     assert counts["writer_opened"] == 0, counts
     # bit for bit, all but the wall-clock timings in the history
     ft.testing.assert_states_equal(unpolled.state, polled.state, ignore=["driver/history"])
     assert polled.history.metrics_only() == unpolled.history.metrics_only()
-    assert sorted(p.name for p in polled_dir.iterdir()) == sorted(p.name for p in (tmp_path / "unpolled").iterdir())
+    assert sorted(p.name for p in polled_dir.iterdir()) == sorted(
+        p.name for p in (tmp_path / "unpolled").iterdir()
+    )
     for path in polled.checkpoints["all"] + [polled.checkpoints["best"]]:
         ft.checkpoint.format.verify(path)

@@ -38,7 +38,10 @@ def make_params(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
 def make_grads(shapes: dict[str, tuple[int, ...]]) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     scales = 10.0 ** (torch.rand(STEPS, generator=gen, dtype=torch.float64) * 6 - 4)
-    return [{name: torch.randn(shape, generator=gen) * float(s) for name, shape in shapes.items()} for s in scales]
+    return [
+        {name: torch.randn(shape, generator=gen) * float(s) for name, shape in shapes.items()}
+        for s in scales
+    ]
 
 
 GRADS = {"all": make_grads(SHAPES), "matrices": make_grads(MATRICES)}
@@ -53,7 +56,11 @@ def run_functrain(tx: ft.Transform, shapes: dict) -> tuple[dict[str, torch.Tenso
     return params, state
 
 
-def run_torch(make_opt: Callable, shapes: dict, before_step: Callable[[torch.optim.Optimizer, int], None] | None = None) -> tuple[dict, torch.optim.Optimizer]:
+def run_torch(
+    make_opt: Callable,
+    shapes: dict,
+    before_step: Callable[[torch.optim.Optimizer, int], None] | None = None,
+) -> tuple[dict, torch.optim.Optimizer]:
     params = make_params(shapes)
     opt = make_opt(params)
     for k, grads in enumerate(GRADS["matrices" if shapes is MATRICES else "all"]):
@@ -92,24 +99,44 @@ def assert_bitwise(got: list[torch.Tensor], expected: list[torch.Tensor], what: 
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g.dtype == e.dtype, f"{what}[{i}]: dtype {g.dtype} != {e.dtype}"
         if not torch.equal(g, e):
-            raise AssertionError(f"{what}[{i}] differs from torch.optim (max abs diff {(g - e).abs().max().item():.3e})")
+            raise AssertionError(
+                f"{what}[{i}] differs from torch.optim (max abs diff {(g - e).abs().max().item():.3e})"
+            )
 
 
 def per_param(key: str) -> Callable[[torch.optim.Optimizer, dict], list[torch.Tensor]]:
     return lambda opt, params: [opt.state[p][key] for p in params.values()]
 
 
-def scalar(key: str, dtype: torch.dtype = torch.float32) -> Callable[[torch.optim.Optimizer, dict], list[torch.Tensor]]:
+def scalar(
+    key: str, dtype: torch.dtype = torch.float32
+) -> Callable[[torch.optim.Optimizer, dict], list[torch.Tensor]]:
     # torch keeps one per parameter, all equal; functrain keeps one
     return lambda opt, params: [next(iter(opt.state.values()))[key].to(dtype)]
 
 
-NADAM = [(NadamStepState, "mu", per_param("exp_avg")), (NadamStepState, "nu", per_param("exp_avg_sq")),
-         (NadamStepState, "mu_product", scalar("mu_product"))]
-ADAMAX = [(ScaleByAdamaxState, "mu", per_param("exp_avg")), (ScaleByAdamaxState, "nu_inf", per_param("exp_inf"))]
-ADADELTA = [(ScaleByAdadeltaState, "square_avg", per_param("square_avg")), (ScaleByAdadeltaState, "acc_delta", per_param("acc_delta"))]
-ASGD = [(AsgdStepState, "ax", per_param("ax")), (AsgdStepState, "eta", scalar("eta")), (AsgdStepState, "mu", scalar("mu"))]
-RPROP = [(ScaleByRpropState, "prev", per_param("prev")), (ScaleByRpropState, "step_size", per_param("step_size"))]
+NADAM = [
+    (NadamStepState, "mu", per_param("exp_avg")),
+    (NadamStepState, "nu", per_param("exp_avg_sq")),
+    (NadamStepState, "mu_product", scalar("mu_product")),
+]
+ADAMAX = [
+    (ScaleByAdamaxState, "mu", per_param("exp_avg")),
+    (ScaleByAdamaxState, "nu_inf", per_param("exp_inf")),
+]
+ADADELTA = [
+    (ScaleByAdadeltaState, "square_avg", per_param("square_avg")),
+    (ScaleByAdadeltaState, "acc_delta", per_param("acc_delta")),
+]
+ASGD = [
+    (AsgdStepState, "ax", per_param("ax")),
+    (AsgdStepState, "eta", scalar("eta")),
+    (AsgdStepState, "mu", scalar("mu")),
+]
+RPROP = [
+    (ScaleByRpropState, "prev", per_param("prev")),
+    (ScaleByRpropState, "step_size", per_param("step_size")),
+]
 MUON = [(ScaleByMuonState, "momentum_buffer", per_param("momentum_buffer"))]
 
 
@@ -129,65 +156,150 @@ O = torch.optim
 CASES: dict[str, tuple] = {
     "nadam_defaults": (ft.nadam(), lambda p: O.NAdam(p.values()), NADAM, SHAPES, False),
     "nadam_l2_maximize": (
-        ft.nadam(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, momentum_decay=1e-2, maximize=True),
-        lambda p: O.NAdam(p.values(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, momentum_decay=1e-2, maximize=True),
-        NADAM, SHAPES, False,
+        ft.nadam(
+            lr=1e-2,
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            weight_decay=0.05,
+            momentum_decay=1e-2,
+            maximize=True,
+        ),
+        lambda p: O.NAdam(
+            p.values(),
+            lr=1e-2,
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            weight_decay=0.05,
+            momentum_decay=1e-2,
+            maximize=True,
+        ),
+        NADAM,
+        SHAPES,
+        False,
     ),
     "nadamw_maximize": (
         ft.nadam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
-        lambda p: O.NAdam(p.values(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
-        NADAM, SHAPES, False,
+        lambda p: O.NAdam(
+            p.values(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True
+        ),
+        NADAM,
+        SHAPES,
+        False,
     ),
     "nadamw_mask_spares_biases": (
         ft.nadam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, mask=is_weight),
         lambda p: O.NAdam(split_groups(p, 0.1), lr=1e-2, decoupled_weight_decay=True),
-        NADAM, SHAPES, False,
+        NADAM,
+        SHAPES,
+        False,
     ),
     "adamax_defaults": (ft.adamax(), lambda p: O.Adamax(p.values()), ADAMAX, SHAPES, True),
     "adamax_l2_maximize": (
         ft.adamax(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, maximize=True),
-        lambda p: O.Adamax(p.values(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, maximize=True),
-        ADAMAX, SHAPES, True,
+        lambda p: O.Adamax(
+            p.values(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, maximize=True
+        ),
+        ADAMAX,
+        SHAPES,
+        True,
     ),
     "adadelta_defaults": (ft.adadelta(), lambda p: O.Adadelta(p.values()), ADADELTA, SHAPES, True),
     "adadelta_l2_maximize": (
         ft.adadelta(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.05, maximize=True),
-        lambda p: O.Adadelta(p.values(), lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.05, maximize=True),
-        ADADELTA, SHAPES, True,
+        lambda p: O.Adadelta(
+            p.values(), lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.05, maximize=True
+        ),
+        ADADELTA,
+        SHAPES,
+        True,
     ),
     "asgd_defaults": (ft.asgd(), lambda p: O.ASGD(p.values()), ASGD, SHAPES, False),
     "asgd_averaging_l2_maximize": (
         ft.asgd(lr=2e-2, lambd=1e-3, alpha=0.6, t0=50, weight_decay=0.05, maximize=True),
-        lambda p: O.ASGD(p.values(), lr=2e-2, lambd=1e-3, alpha=0.6, t0=50, weight_decay=0.05, maximize=True),
-        ASGD, SHAPES, False,
+        lambda p: O.ASGD(
+            p.values(), lr=2e-2, lambd=1e-3, alpha=0.6, t0=50, weight_decay=0.05, maximize=True
+        ),
+        ASGD,
+        SHAPES,
+        False,
     ),
     "rprop_defaults": (ft.rprop(), lambda p: O.Rprop(p.values()), RPROP, SHAPES, True),
     "rprop_maximize": (
         ft.rprop(lr=1e-3, etas=(0.3, 1.5), step_sizes=(1e-5, 0.1), maximize=True),
-        lambda p: O.Rprop(p.values(), lr=1e-3, etas=(0.3, 1.5), step_sizes=(1e-5, 0.1), maximize=True),
-        RPROP, SHAPES, True,
+        lambda p: O.Rprop(
+            p.values(), lr=1e-3, etas=(0.3, 1.5), step_sizes=(1e-5, 0.1), maximize=True
+        ),
+        RPROP,
+        SHAPES,
+        True,
     ),
-    "adafactor_defaults": (ft.adafactor(), lambda p: O.Adafactor(p.values()), ADAFACTOR, SHAPES, False),
+    "adafactor_defaults": (
+        ft.adafactor(),
+        lambda p: O.Adafactor(p.values()),
+        ADAFACTOR,
+        SHAPES,
+        False,
+    ),
     "adafactor_decay_maximize": (
-        ft.adafactor(lr=1e-3, beta2_decay=-0.6, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.05, maximize=True),
-        lambda p: O.Adafactor(p.values(), lr=1e-3, beta2_decay=-0.6, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.05, maximize=True),
-        ADAFACTOR, SHAPES, False,
+        ft.adafactor(
+            lr=1e-3, beta2_decay=-0.6, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.05, maximize=True
+        ),
+        lambda p: O.Adafactor(
+            p.values(),
+            lr=1e-3,
+            beta2_decay=-0.6,
+            eps=(1e-20, 1e-2),
+            d=2.0,
+            weight_decay=0.05,
+            maximize=True,
+        ),
+        ADAFACTOR,
+        SHAPES,
+        False,
     ),
     "muon_defaults": (ft.muon(), lambda p: O.Muon(p.values()), MUON, MATRICES, False),
     "muon_arguments": (
-        ft.muon(lr=2e-2, weight_decay=0.05, momentum=0.9, nesterov=False, ns_coefficients=(3.0, -3.2, 1.2), eps=1e-6, ns_steps=3, adjust_lr_fn="match_rms_adamw"),
-        lambda p: O.Muon(p.values(), lr=2e-2, weight_decay=0.05, momentum=0.9, nesterov=False, ns_coefficients=(3.0, -3.2, 1.2), eps=1e-6, ns_steps=3, adjust_lr_fn="match_rms_adamw"),
-        MUON, MATRICES, False,
+        ft.muon(
+            lr=2e-2,
+            weight_decay=0.05,
+            momentum=0.9,
+            nesterov=False,
+            ns_coefficients=(3.0, -3.2, 1.2),
+            eps=1e-6,
+            ns_steps=3,
+            adjust_lr_fn="match_rms_adamw",
+        ),
+        lambda p: O.Muon(
+            p.values(),
+            lr=2e-2,
+            weight_decay=0.05,
+            momentum=0.9,
+            nesterov=False,
+            ns_coefficients=(3.0, -3.2, 1.2),
+            eps=1e-6,
+            ns_steps=3,
+            adjust_lr_fn="match_rms_adamw",
+        ),
+        MUON,
+        MATRICES,
+        False,
     ),
     "muon_original_no_decay": (
         ft.muon(lr=2e-2, weight_decay=0.0, adjust_lr_fn="original"),
         lambda p: O.Muon(p.values(), lr=2e-2, weight_decay=0.0, adjust_lr_fn="original"),
-        MUON, MATRICES, False,
+        MUON,
+        MATRICES,
+        False,
     ),
 }
 
 
-def assert_matches(case: tuple, make_opt: Callable | None = None, before_step: Callable | None = None, tx: ft.Transform | None = None) -> Any:
+def assert_matches(
+    case: tuple,
+    make_opt: Callable | None = None,
+    before_step: Callable | None = None,
+    tx: ft.Transform | None = None,
+) -> Any:
     default_tx, default_opt, fields, shapes, _ = case
     ours, state = run_functrain(tx or default_tx, shapes)
     theirs, opt = run_torch(make_opt or default_opt, shapes, before_step)
@@ -195,7 +307,11 @@ def assert_matches(case: tuple, make_opt: Callable | None = None, before_step: C
     assert not torch.equal(ours["w1"], make_params(shapes)["w1"])  # they moved
     for cls, field, read in fields:
         value = getattr(find(state, cls), field)
-        got = [t for leaf in value for t in (leaf if isinstance(leaf, tuple) else (leaf,))] if isinstance(value, tuple) else [value]
+        got = (
+            [t for leaf in value for t in (leaf if isinstance(leaf, tuple) else (leaf,))]
+            if isinstance(value, tuple)
+            else [value]
+        )
         assert_bitwise(got, read(opt, theirs), f"{cls.__name__}.{field}")
     return state
 
@@ -215,12 +331,16 @@ def _foreach(make_opt: Callable) -> Callable:
     return make
 
 
-@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[4] and not n.endswith("defaults")])
+@pytest.mark.parametrize(
+    "name", [n for n, case in CASES.items() if case[4] and not n.endswith("defaults")]
+)
 def test_preset_matches_torch_foreach_implementation_bitwise(name: str) -> None:
     assert_matches(CASES[name], make_opt=_foreach(CASES[name][1]))
 
 
-@pytest.mark.parametrize("name", ["nadamw_maximize", "asgd_averaging_l2_maximize", "adafactor_decay_maximize"])
+@pytest.mark.parametrize(
+    "name", ["nadamw_maximize", "asgd_averaging_l2_maximize", "adafactor_decay_maximize"]
+)
 def test_torch_foreach_rounds_differently_for_nadam_asgd_adafactor(name: str) -> None:
     # documented in the README: these follow the single-tensor implementation (torch's CPU default)
     case = CASES[name]
@@ -241,11 +361,19 @@ def set_lr(opt: torch.optim.Optimizer, k: int) -> None:
 
 
 SCHEDULED = {
-    "nadam": (ft.nadam(lr=decaying, weight_decay=0.1, decoupled_weight_decay=True), "nadamw_maximize", lambda p: O.NAdam(p.values(), weight_decay=0.1, decoupled_weight_decay=True)),
+    "nadam": (
+        ft.nadam(lr=decaying, weight_decay=0.1, decoupled_weight_decay=True),
+        "nadamw_maximize",
+        lambda p: O.NAdam(p.values(), weight_decay=0.1, decoupled_weight_decay=True),
+    ),
     "adamax": (ft.adamax(lr=decaying), "adamax_defaults", None),
     "asgd": (ft.asgd(lr=decaying, t0=50), "asgd_defaults", lambda p: O.ASGD(p.values(), t0=50)),
     "rprop": (ft.rprop(lr=decaying), "rprop_defaults", None),
-    "adafactor": (ft.adafactor(lr=decaying, weight_decay=0.1), "adafactor_defaults", lambda p: O.Adafactor(p.values(), weight_decay=0.1)),
+    "adafactor": (
+        ft.adafactor(lr=decaying, weight_decay=0.1),
+        "adafactor_defaults",
+        lambda p: O.Adafactor(p.values(), weight_decay=0.1),
+    ),
     "muon": (ft.muon(lr=decaying), "muon_defaults", None),
 }
 
@@ -272,7 +400,9 @@ def test_tensor_lr_is_read_once_as_the_float_it_holds(name: str) -> None:
     factory = {"nadam": ft.nadam, "asgd": ft.asgd, "muon": ft.muon}[name.split("_")[0]]
     torch_class = {"nadam": O.NAdam, "asgd": O.ASGD, "muon": O.Muon}[name.split("_")[0]]
     lr = torch.tensor(0.015)
-    assert_matches(CASES[name], make_opt=lambda p: torch_class(p.values(), lr=float(lr)), tx=factory(lr=lr))
+    assert_matches(
+        CASES[name], make_opt=lambda p: torch_class(p.values(), lr=float(lr)), tx=factory(lr=lr)
+    )
     shapes = CASES[name][3]
     ours, _ = run_functrain(factory(lr=lr), shapes)
     theirs, _ = run_torch(lambda p: torch_class(p.values(), lr=lr), shapes)
@@ -301,7 +431,10 @@ def test_muon_gives_other_parameters_to_others_as_torch_users_pair_muon_and_adam
 
 
 def test_muon_without_others_refuses_parameters_that_are_not_matrices() -> None:
-    with pytest.raises(ft.ConfigError, match=r"2-D parameters only .*b1 \(12,\), conv \(2, 3, 4\), s \(\).*others=ft.adamw"):
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"2-D parameters only .*b1 \(12,\), conv \(2, 3, 4\), s \(\).*others=ft.adamw",
+    ):
         ft.muon().init(make_params(SHAPES))
 
 
@@ -328,28 +461,53 @@ def test_rprop_reads_a_schedule_only_at_step_0() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: ft.nadam(betas=(0.9, 1.0)), r"betas\[1\] must lie in \[0, 1\), got betas\[1\]=1.0"),
+        (
+            lambda: ft.nadam(betas=(0.9, 1.0)),
+            r"betas\[1\] must lie in \[0, 1\), got betas\[1\]=1.0",
+        ),
         (lambda: ft.adamax(lr=-1.0), r"lr must be >= 0, got lr=-1.0"),
-        (lambda: ft.nadam(lr=torch.tensor([0.1, 0.2])), r"a tensor lr must hold one floating-point value, got shape \(2,\)"),
+        (
+            lambda: ft.nadam(lr=torch.tensor([0.1, 0.2])),
+            r"a tensor lr must hold one floating-point value, got shape \(2,\)",
+        ),
         (lambda: ft.adadelta(rho=1.5), r"rho must lie in \[0, 1\], got rho=1.5"),
         (lambda: ft.asgd(lambd=-1.0), r"lambd must be >= 0, got lambd=-1.0"),
-        (lambda: ft.rprop(etas=(1.5, 1.2)), r"etas must satisfy 0 < etaminus < 1 < etaplus, got etas=\(1.5, 1.2\)"),
-        (lambda: ft.rprop(step_sizes=(1.0, 0.1)), r"step_sizes must be \(min, max\) with min <= max"),
+        (
+            lambda: ft.rprop(etas=(1.5, 1.2)),
+            r"etas must satisfy 0 < etaminus < 1 < etaplus, got etas=\(1.5, 1.2\)",
+        ),
+        (
+            lambda: ft.rprop(step_sizes=(1.0, 0.1)),
+            r"step_sizes must be \(min, max\) with min <= max",
+        ),
         (lambda: ft.adafactor(beta2_decay=0.5), r"beta2_decay must be <= 0, got beta2_decay=0.5"),
         (lambda: ft.adafactor(d=0.5), r"d must be >= 1, got d=0.5"),
-        (lambda: ft.muon(adjust_lr_fn="rms"), r"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got adjust_lr_fn='rms'"),
+        (
+            lambda: ft.muon(adjust_lr_fn="rms"),
+            r"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got adjust_lr_fn='rms'",
+        ),
         (lambda: ft.muon(ns_steps=100), r"ns_steps must be an int in \[0, 100\), got ns_steps=100"),
-        (lambda: ft.nadam(momentum_decay=-1.0), r"momentum_decay must be >= 0, got momentum_decay=-1.0"),
+        (
+            lambda: ft.nadam(momentum_decay=-1.0),
+            r"momentum_decay must be >= 0, got momentum_decay=-1.0",
+        ),
     ],
 )
-def test_hyperparameters_out_of_range_are_config_errors_naming_them(make: Callable, message: str) -> None:
+def test_hyperparameters_out_of_range_are_config_errors_naming_them(
+    make: Callable, message: str
+) -> None:
     with pytest.raises(ft.ConfigError, match=message):
         make()
 
 
 def test_names_record_every_argument_for_checkpoints() -> None:
-    assert ft.adamax(lr=1e-2).name == "adamax(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, maximize=False, mask=None)"
-    assert ft.muon(others=ft.sgd(lr=0.1)).name.endswith("others=sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None, fused=True))")
+    assert (
+        ft.adamax(lr=1e-2).name
+        == "adamax(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, maximize=False, mask=None)"
+    )
+    assert ft.muon(others=ft.sgd(lr=0.1)).name.endswith(
+        "others=sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None, fused=True))"
+    )
 
 
 def test_final_steps_expose_the_learning_rate_metric() -> None:
@@ -361,7 +519,9 @@ def test_final_steps_expose_the_learning_rate_metric() -> None:
 
 def test_partition_needs_a_transform_for_every_label() -> None:
     tx = ft.partition(lambda name, p: "matrix" if p.ndim == 2 else "vector", matrix=ft.sgd(lr=0.1))
-    with pytest.raises(ft.ConfigError, match=r"every label must be one of \['matrix'\], got b1: 'vector'"):
+    with pytest.raises(
+        ft.ConfigError, match=r"every label must be one of \['matrix'\], got b1: 'vector'"
+    ):
         tx.init(make_params(SHAPES))
 
 
@@ -373,10 +533,14 @@ def test_partition_takes_a_tree_of_labels_and_keeps_paths_for_inner_masks() -> N
         seen.append(name)
         return name == "w"
 
-    tx = ft.partition({"w": "a", "b": "b"}, a=ft.sgd(lr=1.0, weight_decay=0.5, mask=decay_w), b=ft.sgd(lr=0.5))
+    tx = ft.partition(
+        {"w": "a", "b": "b"}, a=ft.sgd(lr=1.0, weight_decay=0.5, mask=decay_w), b=ft.sgd(lr=0.5)
+    )
     u, _ = tx.update({"w": torch.ones(2), "b": torch.ones(2)}, tx.init(params), params)
     new = ft.apply_updates(params, u)
-    assert torch.equal(new["w"], torch.full((2,), -0.5)) and torch.equal(new["b"], torch.full((2,), 0.5))
+    assert torch.equal(new["w"], torch.full((2,), -0.5)) and torch.equal(
+        new["b"], torch.full((2,), 0.5)
+    )
     assert seen == ["w"]
 
 
@@ -390,16 +554,26 @@ PRESETS = [ft.nadam, ft.adamax, ft.adadelta, ft.asgd, ft.rprop, ft.adafactor, ft
         (float("inf"), r"lr must be a finite number >= 0, got lr=inf"),
         (-0.1, r"lr must be >= 0, got lr=-0.1"),
         (True, r"lr must be a finite number >= 0, got lr=True"),
-        (lambda step: step * float("nan"), r"lr must be >= 0 and finite at every step, but the schedule gives nan at step 0"),
+        (
+            lambda step: step * float("nan"),
+            r"lr must be >= 0 and finite at every step, but the schedule gives nan at step 0",
+        ),
     ],
 )
-def test_every_new_preset_rejects_a_learning_rate_that_is_not_a_finite_number(factory: Callable, lr: Any, message: str) -> None:
+def test_every_new_preset_rejects_a_learning_rate_that_is_not_a_finite_number(
+    factory: Callable, lr: Any, message: str
+) -> None:
     with pytest.raises(ft.ConfigError, match=message):
         factory(lr)
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: ft.muon(lr=0.02, others=ft.adamw(1e-3)), lambda: ft.adafactor(weight_decay=0.1), lambda: ft.asgd(t0=1)],
+    "make",
+    [
+        lambda: ft.muon(lr=0.02, others=ft.adamw(1e-3)),
+        lambda: ft.adafactor(weight_decay=0.1),
+        lambda: ft.asgd(t0=1),
+    ],
     ids=["muon_partition", "adafactor", "asgd"],
 )
 def test_a_checkpoint_resumes_the_same_run(make: Callable, tmp_path: Any) -> None:
@@ -426,7 +600,11 @@ def test_a_skipped_step_leaves_the_parameters_and_every_group_state_untouched() 
     bad = {name: g.clone() for name, g in GRADS["all"][1].items()}
     bad["b1"][0] = float("nan")
     updates, skipped = tx.update(bad, state, params)
-    for a, b in zip(torch.utils._pytree.tree_leaves(skipped.inner), torch.utils._pytree.tree_leaves(state.inner), strict=True):
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(skipped.inner),
+        torch.utils._pytree.tree_leaves(state.inner),
+        strict=True,
+    ):
         assert torch.equal(a, b)
     after = ft.apply_updates(params, updates)
     assert all(torch.equal(after[n], params[n]) for n in params)

@@ -46,7 +46,9 @@ def test_public_classes_and_functions_are_listed_in_all() -> None:
     unlisted = [
         name
         for name, value in vars(ft).items()
-        if not name.startswith("_") and name not in listed and not isinstance(value, types.ModuleType)
+        if not name.startswith("_")
+        and name not in listed
+        and not isinstance(value, types.ModuleType)
     ]
     assert unlisted == []
 
@@ -63,13 +65,20 @@ def test_old_module_paths_import_the_moved_module_with_a_deprecation_warning(old
         f"m = importlib.import_module({old!r})\n"
         f"print(m is importlib.import_module({MOVED[old]!r}), m.__spec__.name)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out[0] == f"warned: {old} moved to {MOVED[old]}; import from there (or the public names from functrain itself)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert (
+        out[0]
+        == f"warned: {old} moved to {MOVED[old]}; import from there (or the public names from functrain itself)"
+    )
     assert out[1] == f"True {MOVED[old]}"
 
 
 def test_old_module_as_an_attribute_warns_and_is_the_moved_module() -> None:
-    with pytest.warns(DeprecationWarning, match="functrain.serialization moved to functrain.checkpoint.format"):
+    with pytest.warns(
+        DeprecationWarning, match="functrain.serialization moved to functrain.checkpoint.format"
+    ):
         module = ft.serialization  # type: ignore[attr-defined]
     assert module is importlib.import_module("functrain.checkpoint.format")
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
@@ -129,7 +138,11 @@ def test_imports_run_down_the_layers() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             targets = []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] if node.module != "functrain" else [f"functrain.{a.name}" for a in node.names]
+                targets = (
+                    [node.module]
+                    if node.module != "functrain"
+                    else [f"functrain.{a.name}" for a in node.names]
+                )
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             for target in targets:
@@ -152,7 +165,12 @@ def test_the_integrations_import_their_packages_only_when_a_callback_is_built() 
         "ft.OptunaPruning(None)\n"
         "print(loaded())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[0] == "[]"
-    assert out[1] == "['functrain.integrations.optuna', 'functrain.integrations.wandb'] ['functrain.integrations.wandb', 'functrain.integrations.optuna']"
+    assert (
+        out[1]
+        == "['functrain.integrations.optuna', 'functrain.integrations.wandb'] ['functrain.integrations.wandb', 'functrain.integrations.optuna']"
+    )
     assert out[2] == "['functrain.integrations.optuna', 'functrain.integrations.wandb', 'optuna']"

@@ -6,12 +6,11 @@ lr before each step (and after the last), and compare it with ``from_torch``'s v
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import random
 import re
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -26,12 +25,16 @@ STEPS = 1000
 
 def build_torch(cls: type, kwargs: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
     """The torch scheduler, its members built first, in list order (depth first), as from_torch assumes."""
-    kwargs = {k: v for k, v in kwargs.items() if not (cls is L.MultiplicativeLR and k == "total_steps")}
+    kwargs = {
+        k: v for k, v in kwargs.items() if not (cls is L.MultiplicativeLR and k == "total_steps")
+    }
     if cls is L.SequentialLR:
         parts = [build_torch(part, kw, optimizer) for part, kw in kwargs["schedulers"]]
         return L.SequentialLR(optimizer, parts, milestones=kwargs["milestones"])
     if cls is L.ChainedScheduler:
-        return L.ChainedScheduler([build_torch(part, kw, optimizer) for part, kw in kwargs["schedulers"]])
+        return L.ChainedScheduler(
+            [build_torch(part, kw, optimizer) for part, kw in kwargs["schedulers"]]
+        )
     return cls(optimizer, **kwargs)
 
 
@@ -58,25 +61,52 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
     "step_gamma_0.7": (L.StepLR, 0.3, {"step_size": 7, "gamma": 0.7}, 5e-14),
     "multistep": (L.MultiStepLR, 0.1, {"milestones": [700, 10, 300, 300], "gamma": 0.3}, 0.0),
     "exponential": (L.ExponentialLR, 0.1, {"gamma": 0.995}, 5e-14),
-    "linear_warmup": (L.LinearLR, 0.1, {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 1000}, 5e-14),
-    "linear_to_zero": (L.LinearLR, 0.1, {"start_factor": 1.0, "end_factor": 0.0, "total_iters": 700}, 5e-14),
+    "linear_warmup": (
+        L.LinearLR,
+        0.1,
+        {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 1000},
+        5e-14,
+    ),
+    "linear_to_zero": (
+        L.LinearLR,
+        0.1,
+        {"start_factor": 1.0, "end_factor": 0.0, "total_iters": 700},
+        5e-14,
+    ),
     "cosine_one_half": (L.CosineAnnealingLR, 0.1, {"T_max": 1000}, 2e-14),
     "cosine_periodic": (L.CosineAnnealingLR, 0.1, {"T_max": 7}, 2e-14),
     "cosine_periodic_eta": (L.CosineAnnealingLR, 0.1, {"T_max": 100, "eta_min": 1e-3}, 2e-12),
     # the documented worst case: long rising halves with eta_min close to lr
     "cosine_rising_eta": (L.CosineAnnealingLR, 0.1, {"T_max": 400, "eta_min": 0.09}, 2e-12),
     "one_cycle_cos": (L.OneCycleLR, 0.1, {"max_lr": 0.5, "total_steps": STEPS}, 1e-13),
-    "one_cycle_linear": (L.OneCycleLR, 0.1, {"max_lr": 0.5, "total_steps": STEPS, "anneal_strategy": "linear"}, 0.0),
+    "one_cycle_linear": (
+        L.OneCycleLR,
+        0.1,
+        {"max_lr": 0.5, "total_steps": STEPS, "anneal_strategy": "linear"},
+        0.0,
+    ),
     "one_cycle_three_phase": (
         L.OneCycleLR,
         0.1,
-        {"max_lr": 0.5, "epochs": 10, "steps_per_epoch": 100, "pct_start": 0.25, "three_phase": True},
+        {
+            "max_lr": 0.5,
+            "epochs": 10,
+            "steps_per_epoch": 100,
+            "pct_start": 0.25,
+            "three_phase": True,
+        },
         1e-13,
     ),
     "one_cycle_divisors_no_momentum": (
         L.OneCycleLR,
         0.1,
-        {"max_lr": 0.3, "total_steps": STEPS, "div_factor": 10.0, "final_div_factor": 100.0, "cycle_momentum": False},
+        {
+            "max_lr": 0.3,
+            "total_steps": STEPS,
+            "div_factor": 10.0,
+            "final_div_factor": 100.0,
+            "cycle_momentum": False,
+        },
         1e-13,
     ),
     "lambda_staircase": (L.LambdaLR, 0.1, {"lr_lambda": lambda t: 0.97 ** (t // 10)}, 0.0),
@@ -98,7 +128,10 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         L.SequentialLR,
         0.1,
         {
-            "schedulers": [(L.StepLR, {"step_size": 3}), (L.CosineAnnealingLR, {"T_max": 100, "eta_min": 0.0123})],
+            "schedulers": [
+                (L.StepLR, {"step_size": 3}),
+                (L.CosineAnnealingLR, {"T_max": 100, "eta_min": 0.0123}),
+            ],
             "milestones": [0],
         },
         2e-12,
@@ -121,39 +154,111 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
     "polynomial_default": (L.PolynomialLR, 0.1, {}, 5e-14),
     "polynomial_square": (L.PolynomialLR, 0.1, {"total_iters": 700, "power": 2.0}, 5e-14),
     "polynomial_root_to_the_end": (L.PolynomialLR, 0.1, {"total_iters": 1000, "power": 0.5}, 5e-14),
-    "multiplicative_constant": (L.MultiplicativeLR, 0.1, {"lr_lambda": lambda t: 0.997, "total_steps": 1000}, 0.0),
-    "multiplicative_stairs": (
-        L.MultiplicativeLR, 0.1, {"lr_lambda": lambda t: 0.9 if t % 50 == 0 else 1.001, "total_steps": 2000}, 0.0,
+    "multiplicative_constant": (
+        L.MultiplicativeLR,
+        0.1,
+        {"lr_lambda": lambda t: 0.997, "total_steps": 1000},
+        0.0,
     ),
-    "cyclic_triangular": (L.CyclicLR, 0.1, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 200}, 0.0),
+    "multiplicative_stairs": (
+        L.MultiplicativeLR,
+        0.1,
+        {"lr_lambda": lambda t: 0.9 if t % 50 == 0 else 1.001, "total_steps": 2000},
+        0.0,
+    ),
+    "cyclic_triangular": (
+        L.CyclicLR,
+        0.1,
+        {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 200},
+        0.0,
+    ),
     "cyclic_triangular2": (
-        L.CyclicLR, 0.1, {"base_lr": 0.01, "max_lr": 0.1, "step_size_up": 100, "step_size_down": 50, "mode": "triangular2"}, 0.0,
+        L.CyclicLR,
+        0.1,
+        {
+            "base_lr": 0.01,
+            "max_lr": 0.1,
+            "step_size_up": 100,
+            "step_size_down": 50,
+            "mode": "triangular2",
+        },
+        0.0,
     ),
     "cyclic_exp_range": (
-        L.CyclicLR, 0.1, {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 64, "mode": "exp_range", "gamma": 0.998}, 0.0,
+        L.CyclicLR,
+        0.1,
+        {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 64, "mode": "exp_range", "gamma": 0.998},
+        0.0,
     ),
     "cyclic_scale_fn_iterations": (
         L.CyclicLR,
         0.1,
-        {"base_lr": 0.001, "max_lr": 0.1, "step_size_up": 30, "scale_fn": lambda x: 1 / (1 + x / 500), "scale_mode": "iterations"},
+        {
+            "base_lr": 0.001,
+            "max_lr": 0.1,
+            "step_size_up": 30,
+            "scale_fn": lambda x: 1 / (1 + x / 500),
+            "scale_mode": "iterations",
+        },
         0.0,
     ),
     "cyclic_momentum_bounds_leave_the_lr_alone": (
-        L.CyclicLR, 0.1, {"base_lr": 0.02, "max_lr": 0.2, "step_size_up": 40, "base_momentum": 0.5, "max_momentum": 0.95}, 0.0,
+        L.CyclicLR,
+        0.1,
+        {
+            "base_lr": 0.02,
+            "max_lr": 0.2,
+            "step_size_up": 40,
+            "base_momentum": 0.5,
+            "max_momentum": 0.95,
+        },
+        0.0,
     ),
     "cyclic_no_momentum": (
-        L.CyclicLR, 0.1, {"base_lr": 0.02, "max_lr": 0.2, "step_size_up": 7, "step_size_down": 3, "cycle_momentum": False}, 0.0,
+        L.CyclicLR,
+        0.1,
+        {
+            "base_lr": 0.02,
+            "max_lr": 0.2,
+            "step_size_up": 7,
+            "step_size_down": 3,
+            "cycle_momentum": False,
+        },
+        0.0,
     ),
     "warm_restarts": (L.CosineAnnealingWarmRestarts, 0.1, {"T_0": 100}, 1e-12),
-    "warm_restarts_doubling": (L.CosineAnnealingWarmRestarts, 0.1, {"T_0": 30, "T_mult": 2, "eta_min": 1e-3}, 1e-12),
-    "warm_restarts_tripling_from_one": (L.CosineAnnealingWarmRestarts, 0.1, {"T_0": 1, "T_mult": 3}, 1e-12),
+    "warm_restarts_doubling": (
+        L.CosineAnnealingWarmRestarts,
+        0.1,
+        {"T_0": 30, "T_mult": 2, "eta_min": 1e-3},
+        1e-12,
+    ),
+    "warm_restarts_tripling_from_one": (
+        L.CosineAnnealingWarmRestarts,
+        0.1,
+        {"T_0": 1, "T_mult": 3},
+        1e-12,
+    ),
     "chained_constant_exponential": (
-        L.ChainedScheduler, 0.1, {"schedulers": [(L.ConstantLR, {"factor": 0.1, "total_iters": 20}), (L.ExponentialLR, {"gamma": 0.999})]}, 1e-12,
+        L.ChainedScheduler,
+        0.1,
+        {
+            "schedulers": [
+                (L.ConstantLR, {"factor": 0.1, "total_iters": 20}),
+                (L.ExponentialLR, {"gamma": 0.999}),
+            ]
+        },
+        1e-12,
     ),
     "chained_warmup_cosine_restarting": (
         L.ChainedScheduler,
         0.1,
-        {"schedulers": [(L.LinearLR, {"start_factor": 0.01, "total_iters": 50}), (L.CosineAnnealingLR, {"T_max": 300})]},
+        {
+            "schedulers": [
+                (L.LinearLR, {"start_factor": 0.01, "total_iters": 50}),
+                (L.CosineAnnealingLR, {"T_max": 300}),
+            ]
+        },
         1e-12,
     ),
     "chained_step_multistep_polynomial": (
@@ -187,7 +292,12 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
     "chained_one_cycle_first": (
         L.ChainedScheduler,
         0.1,
-        {"schedulers": [(L.OneCycleLR, {"max_lr": 0.5, "total_steps": 1200}), (L.StepLR, {"step_size": 100, "gamma": 0.8})]},
+        {
+            "schedulers": [
+                (L.OneCycleLR, {"max_lr": 0.5, "total_steps": 1200}),
+                (L.StepLR, {"step_size": 100, "gamma": 0.8}),
+            ]
+        },
         1e-12,
     ),
     "chained_in_chained_with_sequential": (
@@ -195,11 +305,22 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         0.1,
         {
             "schedulers": [
-                (L.ChainedScheduler, {"schedulers": [(L.ConstantLR, {"factor": 0.5, "total_iters": 10}), (L.ExponentialLR, {"gamma": 0.998})]}),
+                (
+                    L.ChainedScheduler,
+                    {
+                        "schedulers": [
+                            (L.ConstantLR, {"factor": 0.5, "total_iters": 10}),
+                            (L.ExponentialLR, {"gamma": 0.998}),
+                        ]
+                    },
+                ),
                 (
                     L.SequentialLR,
                     {
-                        "schedulers": [(L.LinearLR, {"start_factor": 0.1, "total_iters": 100}), (L.CosineAnnealingLR, {"T_max": 500})],
+                        "schedulers": [
+                            (L.LinearLR, {"start_factor": 0.1, "total_iters": 100}),
+                            (L.CosineAnnealingLR, {"T_max": 500}),
+                        ],
                         "milestones": [100],
                     },
                 ),
@@ -226,7 +347,10 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         L.SequentialLR,
         0.1,
         {
-            "schedulers": [(L.ExponentialLR, {"gamma": 0.99}), (L.MultiplicativeLR, {"lr_lambda": lambda t: 0.995, "total_steps": 1000})],
+            "schedulers": [
+                (L.ExponentialLR, {"gamma": 0.99}),
+                (L.MultiplicativeLR, {"lr_lambda": lambda t: 0.995, "total_steps": 1000}),
+            ],
             "milestones": [300],
         },
         1e-12,
@@ -234,13 +358,25 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
     "sequential_one_cycle_then_cosine": (
         L.SequentialLR,
         0.1,
-        {"schedulers": [(L.OneCycleLR, {"max_lr": 0.5, "total_steps": 400}), (L.CosineAnnealingLR, {"T_max": 600})], "milestones": [400]},
+        {
+            "schedulers": [
+                (L.OneCycleLR, {"max_lr": 0.5, "total_steps": 400}),
+                (L.CosineAnnealingLR, {"T_max": 600}),
+            ],
+            "milestones": [400],
+        },
         1e-12,
     ),
     "sequential_cyclic_first_sets_the_base": (
         L.SequentialLR,
         0.1,
-        {"schedulers": [(L.CyclicLR, {"base_lr": 0.03, "max_lr": 0.3, "step_size_up": 25}), (L.StepLR, {"step_size": 100})], "milestones": [500]},
+        {
+            "schedulers": [
+                (L.CyclicLR, {"base_lr": 0.03, "max_lr": 0.3, "step_size_up": 25}),
+                (L.StepLR, {"step_size": 100}),
+            ],
+            "milestones": [500],
+        },
         1e-12,
     ),
     "sequential_starting_a_chain": (
@@ -255,7 +391,10 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
                             (L.ExponentialLR, {"gamma": 0.99}),
                             (L.PolynomialLR, {"total_iters": 300, "power": 0.5}),
                             (L.ConstantLR, {"factor": 0.5, "total_iters": 30}),
-                            (L.MultiplicativeLR, {"lr_lambda": lambda t: 0.999, "total_steps": 1000}),
+                            (
+                                L.MultiplicativeLR,
+                                {"lr_lambda": lambda t: 0.999, "total_steps": 1000},
+                            ),
                             (L.CosineAnnealingLR, {"T_max": 250}),
                         ]
                     },
@@ -272,7 +411,15 @@ TORCH_CASES: dict[str, tuple[type, float, dict[str, Any], float]] = {
         {
             "schedulers": [
                 (L.StepLR, {"step_size": 5}),
-                (L.ChainedScheduler, {"schedulers": [(L.ExponentialLR, {"gamma": 0.995}), (L.StepLR, {"step_size": 100})]}),
+                (
+                    L.ChainedScheduler,
+                    {
+                        "schedulers": [
+                            (L.ExponentialLR, {"gamma": 0.995}),
+                            (L.StepLR, {"step_size": 100}),
+                        ]
+                    },
+                ),
             ],
             "milestones": [0],
         },
@@ -295,7 +442,9 @@ def test_from_torch_matches_the_torch_scheduler_for_1000_steps(name: str) -> Non
     # ... which the 0-d tensor path (the one scale_by_learning_rate takes) gives bit for bit
     assert [schedule(torch.tensor(t)).item() for t in range(0, len(expected), 35)] == got[::5]
     # and every step at once, as a vector of steps (elementwise ops: ``pow`` may round its last bit apart)
-    assert worst_relative_error(schedule(torch.arange(len(expected))).tolist(), expected) <= max(rtol, 5e-16)
+    assert worst_relative_error(schedule(torch.arange(len(expected))).tolist(), expected) <= max(
+        rtol, 5e-16
+    )
 
 
 def worst_relative_error(got: list[float], expected: list[float]) -> float:
@@ -309,13 +458,23 @@ def random_leaf(r: random.Random, in_chain: bool, steps: int) -> tuple[type, dic
     if kind == 0:
         return L.StepLR, {"step_size": r.randint(1, 50), "gamma": r.uniform(0.5, 1)}
     if kind == 1:
-        return L.MultiStepLR, {"milestones": sorted(r.randint(0, steps) for _ in range(r.randint(1, 4))), "gamma": r.uniform(0.3, 1)}
+        return L.MultiStepLR, {
+            "milestones": sorted(r.randint(0, steps) for _ in range(r.randint(1, 4))),
+            "gamma": r.uniform(0.3, 1),
+        }
     if kind == 2:
         return L.ExponentialLR, {"gamma": gamma}
     if kind == 3:
-        return L.CosineAnnealingLR, {"T_max": r.randint(1, 200), "eta_min": r.choice([0.0, 0.0, 0.0 if in_chain else 0.01])}
+        return L.CosineAnnealingLR, {
+            "T_max": r.randint(1, 200),
+            "eta_min": r.choice([0.0, 0.0, 0.0 if in_chain else 0.01]),
+        }
     if kind == 4:
-        return L.LinearLR, {"start_factor": r.uniform(0.05, 1), "end_factor": r.uniform(0, 1), "total_iters": r.randint(1, 100)}
+        return L.LinearLR, {
+            "start_factor": r.uniform(0.05, 1),
+            "end_factor": r.uniform(0, 1),
+            "total_iters": r.randint(1, 100),
+        }
     if kind == 5:
         return L.ConstantLR, {"factor": r.uniform(0.1, 1), "total_iters": r.randint(1, 60)}
     if kind == 6:
@@ -327,20 +486,41 @@ def random_leaf(r: random.Random, in_chain: bool, steps: int) -> tuple[type, dic
     if kind == 9:
         low = r.uniform(0.001, 0.05)
         mode = r.choice(["triangular", "triangular2", "exp_range"])
-        return L.CyclicLR, {"base_lr": low, "max_lr": low * r.uniform(1, 10), "step_size_up": r.randint(1, 60), "mode": mode, "gamma": gamma}
-    return L.CosineAnnealingWarmRestarts, {"T_0": r.randint(1, 80), "T_mult": r.choice([1, 2, 3]), "eta_min": r.choice([0.0, 0.005])}
+        return L.CyclicLR, {
+            "base_lr": low,
+            "max_lr": low * r.uniform(1, 10),
+            "step_size_up": r.randint(1, 60),
+            "mode": mode,
+            "gamma": gamma,
+        }
+    return L.CosineAnnealingWarmRestarts, {
+        "T_0": r.randint(1, 80),
+        "T_mult": r.choice([1, 2, 3]),
+        "eta_min": r.choice([0.0, 0.005]),
+    }
 
 
-def random_scheduler(r: random.Random, steps: int, depth: int = 0, where: str = "top") -> tuple[type, dict[str, Any]]:
+def random_scheduler(
+    r: random.Random, steps: int, depth: int = 0, where: str = "top"
+) -> tuple[type, dict[str, Any]]:
     """A random (nested) composite that torch can run: no composite at a later milestone, no SequentialLR first in one."""
     draw = r.random()
     if depth < 2 and draw < 0.4:
         inner = "chain_stepped" if where in ("chain_stepped", "sequence_first") else "chain"
-        return L.ChainedScheduler, {"schedulers": [random_scheduler(r, steps, depth + 1, inner) for _ in range(r.randint(1, 3))]}
+        return L.ChainedScheduler, {
+            "schedulers": [
+                random_scheduler(r, steps, depth + 1, inner) for _ in range(r.randint(1, 3))
+            ]
+        }
     if depth < 2 and draw < 0.65 and where in ("top", "chain"):
         n = r.randint(1, 3)
-        members = [random_scheduler(r, steps, depth + 1, "sequence_first")] + [random_leaf(r, False, steps) for _ in range(n - 1)]
-        return L.SequentialLR, {"schedulers": members, "milestones": sorted(r.sample(range(steps), n - 1))}
+        members = [random_scheduler(r, steps, depth + 1, "sequence_first")] + [
+            random_leaf(r, False, steps) for _ in range(n - 1)
+        ]
+        return L.SequentialLR, {
+            "schedulers": members,
+            "milestones": sorted(r.sample(range(steps), n - 1)),
+        }
     return random_leaf(r, where.startswith("chain"), steps)
 
 
@@ -351,11 +531,18 @@ def test_random_nested_composites_match_torch_or_are_refused_for_a_stated_reason
     expected = torch_lrs(cls, 0.1, kwargs, steps=steps)
     try:
         schedule = S.from_torch(cls, lr=0.1, **kwargs)
-    except ConfigError as error:  # the two documented: a cosine that adds to another's lr, or one with eta_min
-        assert re.search(r"CosineAnnealingLR (\(eta_min=0\)|with eta_min != 0) in a ChainedScheduler", str(error))
+    except (
+        ConfigError
+    ) as error:  # the two documented: a cosine that adds to another's lr, or one with eta_min
+        assert re.search(
+            r"CosineAnnealingLR (\(eta_min=0\)|with eta_min != 0) in a ChainedScheduler", str(error)
+        )
         return
     assert worst_relative_error(schedule(torch.arange(steps + 1)).tolist(), expected) <= 1e-12
-    assert worst_relative_error([schedule(t) for t in range(0, steps + 1, 50)], expected[::50]) <= 1e-12
+    assert (
+        worst_relative_error([schedule(t) for t in range(0, steps + 1, 50)], expected[::50])
+        <= 1e-12
+    )
 
 
 def halving(t: Any) -> Any:
@@ -367,20 +554,34 @@ SCHEDULES: dict[str, Callable[[], S.Schedule]] = {
     "constant": lambda: S.constant(0.3),
     "linear": lambda: S.linear(0.1, 1.0, transition_steps=300, transition_begin=100),
     "cosine_decay": lambda: S.cosine_decay(0.5, decay_steps=700, alpha=0.1, exponent=2.0),
-    "exponential_decay": lambda: S.exponential_decay(1.0, 0.9, transition_steps=50, transition_begin=20),
-    "exponential_decay_staircase": lambda: S.exponential_decay(1.0, 0.5, 100, staircase=True, end_value=0.1),
+    "exponential_decay": lambda: S.exponential_decay(
+        1.0, 0.9, transition_steps=50, transition_begin=20
+    ),
+    "exponential_decay_staircase": lambda: S.exponential_decay(
+        1.0, 0.5, 100, staircase=True, end_value=0.1
+    ),
     "multistep": lambda: S.multistep(1.0, {100: 0.5, 400: 0.1, 800: 2.0}),
-    "polynomial": lambda: S.polynomial(1.0, 0.01, power=0.5, transition_steps=800, transition_begin=50),
-    "warmup_cosine": lambda: S.warmup_cosine(1.0, warmup_steps=100, decay_steps=900, init_value=0.1, end_value=0.05),
+    "polynomial": lambda: S.polynomial(
+        1.0, 0.01, power=0.5, transition_steps=800, transition_begin=50
+    ),
+    "warmup_cosine": lambda: S.warmup_cosine(
+        1.0, warmup_steps=100, decay_steps=900, init_value=0.1, end_value=0.05
+    ),
     "one_cycle": lambda: S.one_cycle(900, peak_value=0.4),
     "one_cycle_linear": lambda: S.one_cycle(900, peak_value=0.4, pct_start=0.1, anneal="linear"),
     "join": lambda: S.join([S.constant(1.0), S.linear(1.0, 0.0, 100), S.constant(0.2)], [100, 500]),
     "from_torch_step": lambda: S.from_torch(L.StepLR, lr=0.1, step_size=30),
     "from_torch_cosine": lambda: S.from_torch(L.CosineAnnealingLR, lr=0.1, T_max=300, eta_min=0.01),
-    "from_torch_one_cycle": lambda: S.from_torch(L.OneCycleLR, max_lr=0.1, total_steps=900, three_phase=True),
+    "from_torch_one_cycle": lambda: S.from_torch(
+        L.OneCycleLR, max_lr=0.1, total_steps=900, three_phase=True
+    ),
     "from_torch_lambda": lambda: S.from_torch(L.LambdaLR, lr=0.1, lr_lambda=halving),
-    "from_torch_multiplicative": lambda: S.from_torch(L.MultiplicativeLR, lr=0.1, lr_lambda=lambda t: 0.999, total_steps=1000),
-    "from_torch_warm_restarts": lambda: S.from_torch(L.CosineAnnealingWarmRestarts, lr=0.1, T_0=30, T_mult=2),
+    "from_torch_multiplicative": lambda: S.from_torch(
+        L.MultiplicativeLR, lr=0.1, lr_lambda=lambda t: 0.999, total_steps=1000
+    ),
+    "from_torch_warm_restarts": lambda: S.from_torch(
+        L.CosineAnnealingWarmRestarts, lr=0.1, T_0=30, T_mult=2
+    ),
     "from_torch_chained": lambda: S.from_torch(
         L.ChainedScheduler,
         lr=0.1,
@@ -505,12 +706,19 @@ def test_one_cycle_known_values() -> None:
     s = S.one_cycle(100, peak_value=1.0, pct_start=0.25, div_factor=4.0, final_div_factor=5.0)
     assert [s(t) for t in (0, 24, 99, 100, 10_000)] == [0.25, 1.0, 0.05, 0.05, 0.05]
     assert s(12) == pytest.approx(0.25 + 0.75 * 0.5, rel=1e-15)  # half way up the cosine
-    linear = S.one_cycle(100, peak_value=1.0, pct_start=0.25, div_factor=4.0, final_div_factor=5.0, anneal="linear")
+    linear = S.one_cycle(
+        100, peak_value=1.0, pct_start=0.25, div_factor=4.0, final_div_factor=5.0, anneal="linear"
+    )
     assert linear(12) == 0.25 + 0.75 * 0.5
 
 
 def test_one_cycle_is_torch_one_cycle_over_the_cycle() -> None:
-    expected = torch_lrs(L.OneCycleLR, 0.1, {"max_lr": 0.5, "total_steps": 300, "anneal_strategy": "linear"}, steps=299)
+    expected = torch_lrs(
+        L.OneCycleLR,
+        0.1,
+        {"max_lr": 0.5, "total_steps": 300, "anneal_strategy": "linear"},
+        steps=299,
+    )
     s = S.one_cycle(300, peak_value=0.5, anneal="linear")
     assert [s(t) for t in range(300)] == expected
 
@@ -571,10 +779,19 @@ def test_schedule_output_follows_the_step_device() -> None:
         (lambda: S.constant(-1.0), r"value must be >= 0, got value=-1.0"),
         (lambda: S.constant(float("nan")), r"value must be a finite number, got value=nan"),
         (lambda: S.linear(1.0, 0.0, 0), r"transition_steps must be > 0, got transition_steps=0"),
-        (lambda: S.linear(1.0, 0.0, 10, transition_begin=-1), r"transition_begin must be >= 0, got transition_begin=-1"),
-        (lambda: S.linear(1.0, 0.0, 2.5), r"transition_steps must be an int, got transition_steps=2.5"),
+        (
+            lambda: S.linear(1.0, 0.0, 10, transition_begin=-1),
+            r"transition_begin must be >= 0, got transition_begin=-1",
+        ),
+        (
+            lambda: S.linear(1.0, 0.0, 2.5),
+            r"transition_steps must be an int, got transition_steps=2.5",
+        ),
         (lambda: S.cosine_decay(1.0, 0), r"decay_steps must be > 0, got decay_steps=0"),
-        (lambda: S.cosine_decay(1.0, 10, alpha=1.5), r"alpha must lie in \[0.0, 1.0\], got alpha=1.5"),
+        (
+            lambda: S.cosine_decay(1.0, 10, alpha=1.5),
+            r"alpha must lie in \[0.0, 1.0\], got alpha=1.5",
+        ),
         (lambda: S.cosine_decay(1.0, 10, exponent=0.0), r"exponent must be > 0, got exponent=0.0"),
         (lambda: S.exponential_decay(1.0, -0.5), r"decay_rate must be >= 0, got decay_rate=-0.5"),
         (
@@ -583,43 +800,80 @@ def test_schedule_output_follows_the_step_device() -> None:
         ),
         (lambda: S.multistep(1.0, {-3: 0.5}), r"boundary must be >= 0, got boundary=-3"),
         (lambda: S.multistep(1.0, {3: -0.5}), r"boundaries_and_scales\[3\] must be >= 0, got"),
-        (lambda: S.polynomial(1.0, 0.0, power=-1.0, transition_steps=5), r"power must be > 0, got power=-1.0"),
+        (
+            lambda: S.polynomial(1.0, 0.0, power=-1.0, transition_steps=5),
+            r"power must be > 0, got power=-1.0",
+        ),
         (
             lambda: S.warmup_cosine(1.0, warmup_steps=10, decay_steps=10),
             r"decay_steps \(the whole length\) must be > warmup_steps, got decay_steps=10, warmup_steps=10",
         ),
-        (lambda: S.warmup_cosine(1.0, 5, 10, init_value=2.0), r"init_value must be <= peak_value=1.0, got init_value=2.0"),
-        (lambda: S.one_cycle(100, 1.0, pct_start=1.0), r"pct_start must lie in \(0.0, 1.0\), got pct_start=1.0"),
-        (lambda: S.one_cycle(100, 1.0, pct_start=0.0), r"pct_start must lie in \(0.0, 1.0\), got pct_start=0.0"),
-        (lambda: S.one_cycle(10, 1.0, pct_start=0.1), r"pct_start \* transition_steps must not be 1"),
-        (lambda: S.one_cycle(100, 1.0, anneal="exp"), r"anneal must be 'cos' or 'linear', got anneal='exp'"),
-        (lambda: S.one_cycle(100, 1.0, div_factor=0.5), r"div_factor must be >= 1, got div_factor=0.5"),
-        (lambda: S.join([S.constant(1.0), S.constant(2.0)], [5, 6]), r"boundaries must hold len\(schedules\) - 1 = 1"),
+        (
+            lambda: S.warmup_cosine(1.0, 5, 10, init_value=2.0),
+            r"init_value must be <= peak_value=1.0, got init_value=2.0",
+        ),
+        (
+            lambda: S.one_cycle(100, 1.0, pct_start=1.0),
+            r"pct_start must lie in \(0.0, 1.0\), got pct_start=1.0",
+        ),
+        (
+            lambda: S.one_cycle(100, 1.0, pct_start=0.0),
+            r"pct_start must lie in \(0.0, 1.0\), got pct_start=0.0",
+        ),
+        (
+            lambda: S.one_cycle(10, 1.0, pct_start=0.1),
+            r"pct_start \* transition_steps must not be 1",
+        ),
+        (
+            lambda: S.one_cycle(100, 1.0, anneal="exp"),
+            r"anneal must be 'cos' or 'linear', got anneal='exp'",
+        ),
+        (
+            lambda: S.one_cycle(100, 1.0, div_factor=0.5),
+            r"div_factor must be >= 1, got div_factor=0.5",
+        ),
+        (
+            lambda: S.join([S.constant(1.0), S.constant(2.0)], [5, 6]),
+            r"boundaries must hold len\(schedules\) - 1 = 1",
+        ),
         (
             lambda: S.join([S.constant(1.0)] * 3, [5, 5]),
             r"boundaries must be strictly increasing, got boundaries=\[5, 5\]",
         ),
-        (lambda: S.join([S.constant(1.0), 0.5], [5]), r"schedules\[1\] must be a schedule \(callable\), got"),
+        (
+            lambda: S.join([S.constant(1.0), 0.5], [5]),
+            r"schedules\[1\] must be a schedule \(callable\), got",
+        ),
     ],
 )
-def test_bad_arguments_raise_config_error_naming_them(build: Callable[[], Any], message: str) -> None:
+def test_bad_arguments_raise_config_error_naming_them(
+    build: Callable[[], Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         build()
 
 
 def test_every_problem_is_listed_in_one_error() -> None:
-    with pytest.raises(ConfigError, match=r"(?s)init_value must be >= 0.*decay_steps must be > 0.*alpha must lie"):
+    with pytest.raises(
+        ConfigError, match=r"(?s)init_value must be >= 0.*decay_steps must be > 0.*alpha must lie"
+    ):
         S.cosine_decay(-1.0, 0, alpha=2.0)
 
 
 def test_from_torch_rejects_an_unsupported_class_listing_the_supported() -> None:
-    with pytest.raises(ConfigError, match=r"cls must be one of StepLR, MultiStepLR, .*ChainedScheduler, got cls=.*ReduceLROnPlateau"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cls must be one of StepLR, MultiStepLR, .*ChainedScheduler, got cls=.*ReduceLROnPlateau",
+    ):
         S.from_torch(L.ReduceLROnPlateau, lr=0.1)
 
 
 def test_from_torch_given_a_live_scheduler_shows_the_call_to_write() -> None:
     scheduler = L.StepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), step_size=3)
-    with pytest.raises(ConfigError, match=r"got a live StepLR; write ft\.schedules\.from_torch\(torch\.optim\.lr_scheduler\.StepLR, lr=0\.1, step_size=3\) instead"):
+    with pytest.raises(
+        ConfigError,
+        match=r"got a live StepLR; write ft\.schedules\.from_torch\(torch\.optim\.lr_scheduler\.StepLR, lr=0\.1, step_size=3\) instead",
+    ):
         S.from_torch(scheduler, lr=0.1)
 
 
@@ -640,19 +894,43 @@ def test_from_torch_multiplicative_reads_a_table_and_holds_past_total_steps() ->
     ("cls", "kwargs", "message"),
     [
         (L.StepLR, {"lr": 0.1}, r"StepLR needs step_size"),
-        (L.StepLR, {"lr": 0.1, "step_size": 3, "last_epoch": 5}, r"StepLR takes no argument last_epoch; it takes step_size, gamma"),
+        (
+            L.StepLR,
+            {"lr": 0.1, "step_size": 3, "last_epoch": 5},
+            r"StepLR takes no argument last_epoch; it takes step_size, gamma",
+        ),
         (L.StepLR, {"step_size": 3}, r"lr must be a finite number, got lr=None"),
         (L.StepLR, {"lr": 0.1, "step_size": 0}, r"step_size must be > 0, got step_size=0"),
         (L.ExponentialLR, {"lr": 0.1, "gamma": -0.9}, r"gamma must be >= 0, got gamma=-0.9"),
-        (L.MultiStepLR, {"lr": 0.1, "milestones": 5}, r"milestones must be a list of steps, got milestones=5"),
+        (
+            L.MultiStepLR,
+            {"lr": 0.1, "milestones": 5},
+            r"milestones must be a list of steps, got milestones=5",
+        ),
         (L.CosineAnnealingLR, {"lr": 0.1, "T_max": 0}, r"T_max must be > 0, got T_max=0"),
-        (L.LinearLR, {"lr": 0.1, "start_factor": 0.0}, r"start_factor must lie in \(0.0, 1.0\], got start_factor=0.0"),
+        (
+            L.LinearLR,
+            {"lr": 0.1, "start_factor": 0.0},
+            r"start_factor must lie in \(0.0, 1.0\], got start_factor=0.0",
+        ),
         (L.OneCycleLR, {"max_lr": 0.1}, r"epochs must be an int, got epochs=None"),
-        (L.OneCycleLR, {"max_lr": 0.1, "total_steps": 10, "pct_start": 0.1}, r"phase 0 of the cycle has zero steps"),
-        (L.LambdaLR, {"lr": 0.1, "lr_lambda": [abs]}, r"lr_lambda must be one function of the step"),
+        (
+            L.OneCycleLR,
+            {"max_lr": 0.1, "total_steps": 10, "pct_start": 0.1},
+            r"phase 0 of the cycle has zero steps",
+        ),
+        (
+            L.LambdaLR,
+            {"lr": 0.1, "lr_lambda": [abs]},
+            r"lr_lambda must be one function of the step",
+        ),
         (
             L.SequentialLR,
-            {"lr": 0.1, "schedulers": [(L.StepLR, {"step_size": 2}), (L.ExponentialLR, {"gamma": 0.9})], "milestones": []},
+            {
+                "lr": 0.1,
+                "schedulers": [(L.StepLR, {"step_size": 2}), (L.ExponentialLR, {"gamma": 0.9})],
+                "milestones": [],
+            },
             r"milestones must hold len\(schedulers\) - 1 steps, got milestones=\[\]",
         ),
         (
@@ -662,14 +940,24 @@ def test_from_torch_multiplicative_reads_a_table_and_holds_past_total_steps() ->
         ),
         (
             L.SequentialLR,
-            {"lr": 0.1, "schedulers": [(L.StepLR, {"step_size": 2}), (L.OneCycleLR, {"max_lr": 0.1, "total_steps": 10})], "milestones": [3]},
+            {
+                "lr": 0.1,
+                "schedulers": [
+                    (L.StepLR, {"step_size": 2}),
+                    (L.OneCycleLR, {"max_lr": 0.1, "total_steps": 10}),
+                ],
+                "milestones": [3],
+            },
             r"OneCycleLR must be the first scheduler built",
         ),
         (
             L.SequentialLR,
             {
                 "lr": 0.1,
-                "schedulers": [(L.StepLR, {"step_size": 2}), (L.ChainedScheduler, {"schedulers": [(L.StepLR, {"step_size": 2})]})],
+                "schedulers": [
+                    (L.StepLR, {"step_size": 2}),
+                    (L.ChainedScheduler, {"schedulers": [(L.StepLR, {"step_size": 2})]}),
+                ],
                 "milestones": [3],
             },
             r"schedulers\[1\] is a ChainedScheduler, which torch cannot start at a milestone .*NotImplementedError",
@@ -678,33 +966,73 @@ def test_from_torch_multiplicative_reads_a_table_and_holds_past_total_steps() ->
             L.SequentialLR,
             {
                 "lr": 0.1,
-                "schedulers": [(L.SequentialLR, {"schedulers": [(L.StepLR, {"step_size": 2})], "milestones": []}), (L.StepLR, {"step_size": 2})],
+                "schedulers": [
+                    (
+                        L.SequentialLR,
+                        {"schedulers": [(L.StepLR, {"step_size": 2})], "milestones": []},
+                    ),
+                    (L.StepLR, {"step_size": 2}),
+                ],
                 "milestones": [3],
             },
             r"a SequentialLR first in a SequentialLR runs one step ahead of its own milestones",
         ),
         (
             L.ChainedScheduler,
-            {"lr": 0.1, "schedulers": [(L.StepLR, {"step_size": 2}), (L.CosineAnnealingLR, {"T_max": 10, "eta_min": 0.01})]},
+            {
+                "lr": 0.1,
+                "schedulers": [
+                    (L.StepLR, {"step_size": 2}),
+                    (L.CosineAnnealingLR, {"T_max": 10, "eta_min": 0.01}),
+                ],
+            },
             r"schedulers\[1\] \(CosineAnnealingLR\):\n  - a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler",
         ),
         (
             L.ChainedScheduler,
-            {"lr": 0.1, "schedulers": [(L.LambdaLR, {"lr_lambda": abs}), (L.CosineAnnealingLR, {"T_max": 10})]},
+            {
+                "lr": 0.1,
+                "schedulers": [
+                    (L.LambdaLR, {"lr_lambda": abs}),
+                    (L.CosineAnnealingLR, {"T_max": 10}),
+                ],
+            },
             r"a CosineAnnealingLR \(eta_min=0\) in a ChainedScheduler with other members that set the lr outright",
         ),
-        (L.ConstantLR, {"lr": 0.1, "factor": 0.0}, r"factor must lie in \(0.0, 1.0\], got factor=0.0"),
+        (
+            L.ConstantLR,
+            {"lr": 0.1, "factor": 0.0},
+            r"factor must lie in \(0.0, 1.0\], got factor=0.0",
+        ),
         (L.MultiplicativeLR, {"lr": 0.1, "lr_lambda": abs}, r"MultiplicativeLR needs total_steps"),
-        (L.MultiplicativeLR, {"lr": 0.1, "lr_lambda": lambda t: 1.0 - (t == 4), "total_steps": 9}, r"lr_lambda\(4\) must be a finite number != 0"),
-        (L.CyclicLR, {"base_lr": 0.1, "max_lr": 0.2, "mode": "sine"}, r"mode must be 'triangular', 'triangular2' or 'exp_range', got mode='sine'"),
-        (L.CosineAnnealingWarmRestarts, {"lr": 0.1, "T_0": 5, "T_mult": 0}, r"T_mult must be > 0, got T_mult=0"),
+        (
+            L.MultiplicativeLR,
+            {"lr": 0.1, "lr_lambda": lambda t: 1.0 - (t == 4), "total_steps": 9},
+            r"lr_lambda\(4\) must be a finite number != 0",
+        ),
+        (
+            L.CyclicLR,
+            {"base_lr": 0.1, "max_lr": 0.2, "mode": "sine"},
+            r"mode must be 'triangular', 'triangular2' or 'exp_range', got mode='sine'",
+        ),
+        (
+            L.CosineAnnealingWarmRestarts,
+            {"lr": 0.1, "T_0": 5, "T_mult": 0},
+            r"T_mult must be > 0, got T_mult=0",
+        ),
         (
             L.SequentialLR,
-            {"lr": 0.1, "schedulers": [(L.StepLR, {}), (L.StepLR, {"step_size": 2})], "milestones": [3]},
+            {
+                "lr": 0.1,
+                "schedulers": [(L.StepLR, {}), (L.StepLR, {"step_size": 2})],
+                "milestones": [3],
+            },
             r"from_torch\(SequentialLR\), schedulers\[0\] \(StepLR\):\n  - StepLR needs step_size",
         ),
     ],
 )
-def test_from_torch_bad_arguments_raise_config_error(cls: type, kwargs: dict[str, Any], message: str) -> None:
+def test_from_torch_bad_arguments_raise_config_error(
+    cls: type, kwargs: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         S.from_torch(cls, **kwargs)

@@ -41,13 +41,20 @@ from torch import nn
 
 import functrain as ft
 from functrain.checkpoint import format as ser
-from functrain.errors import CheckpointCorruptError, CheckpointError, FunctrainError, StateMismatchError
+from functrain.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    FunctrainError,
+    StateMismatchError,
+)
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 TENSORS = "tensors-00000.safetensors"
 MANIFEST = "manifest.json"
 ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3"}  # each format version's digest
-SEALS = {algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")}
+SEALS = {
+    algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
+}
 SEAL = SEALS["blake3"]
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -92,7 +99,9 @@ def time_limit(seconds: float = 20.0) -> Iterator[None]:
         faulthandler.cancel_dump_traceback_later()
 
 
-def assert_rejected(directory: Path, kind: type[FunctrainError] = FunctrainError, match: str | None = None) -> FunctrainError:
+def assert_rejected(
+    directory: Path, kind: type[FunctrainError] = FunctrainError, match: str | None = None
+) -> FunctrainError:
     """Loading `directory` raises `kind` (and nothing else), in bounded time; verify agrees."""
     with time_limit():
         with pytest.raises(kind, match=match) as info:
@@ -105,7 +114,9 @@ def assert_rejected(directory: Path, kind: type[FunctrainError] = FunctrainError
 
 def raw_bytes(t: torch.Tensor) -> bytes:
     """A tensor's bytes in row-major order: comparing them compares NaN payloads and -0.0 too."""
-    flat = t.detach().clone(memory_format=torch.contiguous_format).reshape(-1)  # stride 1, even for one element
+    flat = (
+        t.detach().clone(memory_format=torch.contiguous_format).reshape(-1)
+    )  # stride 1, even for one element
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
@@ -153,7 +164,11 @@ def digest(data: bytes, algorithm: str = "blake3") -> str:
 
 def algorithm_of(m: dict[str, Any]) -> str:
     """The digest a manifest's format version uses (BLAKE3 for an edited, unknown version)."""
-    return ALGORITHM.get(m.get("format_version"), "blake3") if isinstance(m.get("format_version"), int) else "blake3"
+    return (
+        ALGORITHM.get(m.get("format_version"), "blake3")
+        if isinstance(m.get("format_version"), int)
+        else "blake3"
+    )
 
 
 def seal(raw: bytes) -> bytes:
@@ -163,7 +178,9 @@ def seal(raw: bytes) -> bytes:
     return raw[:start] + digest(raw[:start] + b"0" * 64 + raw[end:], algorithm).encode() + raw[end:]
 
 
-def dump_manifest(m: dict[str, Any], *, text_edit: Callable[[str], str] = lambda s: s, sealed: bool = True) -> bytes:
+def dump_manifest(
+    m: dict[str, Any], *, text_edit: Callable[[str], str] = lambda s: s, sealed: bool = True
+) -> bytes:
     """Serialize an (edited) manifest the way the format lays it out, optionally editing the text."""
     body = {k: v for k, v in m.items() if not k.startswith("manifest_")}
     if sealed:
@@ -186,7 +203,10 @@ def as_format(directory: Path, version: int) -> None:
     m["format_version"] = version
     algorithm = ALGORITHM[version]
     for name, info in m["files"].items():
-        m["files"][name] = {algorithm: digest((directory / name).read_bytes(), algorithm), "bytes": info["bytes"]}
+        m["files"][name] = {
+            algorithm: digest((directory / name).read_bytes(), algorithm),
+            "bytes": info["bytes"],
+        }
     write_manifest(directory, m, sealed=version >= 2)
 
 
@@ -203,8 +223,12 @@ def split_safetensors(raw: bytes) -> tuple[dict[str, Any], bytes]:
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-def join_safetensors(header: dict[str, Any] | bytes, data: bytes, *, length: int | None = None) -> bytes:
-    text = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+def join_safetensors(
+    header: dict[str, Any] | bytes, data: bytes, *, length: int | None = None
+) -> bytes:
+    text = (
+        header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    )
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text) if length is None else length) + text + data
 
@@ -213,7 +237,15 @@ def join_safetensors(header: dict[str, Any] | bytes, data: bytes, *, length: int
 # random trees
 
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool, torch.uint8]
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+    torch.uint8,
+]
 LAYOUTS = ["contiguous", "transposed", "stepped", "offset", "expanded"]
 
 
@@ -223,7 +255,11 @@ def random_tensor(dtype: torch.dtype, shape: list[int], seed: int) -> torch.Tens
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=gen).bool()
     size = torch.empty((), dtype=dtype).element_size()
-    return torch.randint(0, 256, (math.prod(shape) * size,), dtype=torch.uint8, generator=gen).view(dtype).reshape(shape)
+    return (
+        torch.randint(0, 256, (math.prod(shape) * size,), dtype=torch.uint8, generator=gen)
+        .view(dtype)
+        .reshape(shape)
+    )
 
 
 def laid_out(dtype: torch.dtype, shape: list[int], layout: str, seed: int) -> torch.Tensor:
@@ -259,7 +295,9 @@ def views_of(t: torch.Tensor) -> list[torch.Tensor]:
 
 FLOATS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 5e-324, 1.7976931348623157e308]),
+    st.sampled_from(
+        [0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 5e-324, 1.7976931348623157e308]
+    ),
 )
 INTS = st.one_of(
     st.integers(),
@@ -289,8 +327,16 @@ def trees(draw: st.DrawFn) -> Any:
 
 
 JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8)),
-    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=5), c, max_size=3)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=8),
+    ),
+    lambda c: st.one_of(
+        st.lists(c, max_size=3), st.dictionaries(st.text(max_size=5), c, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -322,9 +368,18 @@ def test_tensor_files_are_exactly_what_safetensors_writes(tree: Any) -> None:
         assert safetensors.torch.save(safetensors.torch.load(raw)) == raw
 
 
-def test_shared_storage_and_repeated_objects_load_as_equal_independent_tensors(tmp_path: Path) -> None:
+def test_shared_storage_and_repeated_objects_load_as_equal_independent_tensors(
+    tmp_path: Path,
+) -> None:
     base = torch.arange(12, dtype=torch.float32)
-    tree = {"a": base, "again": base, "grid": base.view(3, 4), "t": base.view(3, 4).t(), "odd": base[1::2], "row": base.view(3, 4)[1]}
+    tree = {
+        "a": base,
+        "again": base,
+        "grid": base.view(3, 4),
+        "t": base.view(3, 4).t(),
+        "odd": base[1::2],
+        "row": base.view(3, 4)[1],
+    }
     loaded, _ = ser.read_tree(ft.save(tree, tmp_path / "c"))
     assert_same(tree, loaded)
     loaded["a"].add_(1)
@@ -349,7 +404,21 @@ def test_empty_dict_key_at_the_root_keeps_its_own_tensor(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     "value",
-    [2**64 + 1, -(2**200), 10**4299, -0.0, math.inf, -math.inf, 5e-324, -math.nan, math.nan, "", "a/b%2F\x00\u2028é", True, None],
+    [
+        2**64 + 1,
+        -(2**200),
+        10**4299,
+        -0.0,
+        math.inf,
+        -math.inf,
+        5e-324,
+        -math.nan,
+        math.nan,
+        "",
+        "a/b%2F\x00\u2028é",
+        True,
+        None,
+    ],
     ids=repr,
 )
 def test_scalar_leaf_round_trips_exactly(tmp_path: Path, value: Any) -> None:
@@ -368,13 +437,17 @@ def test_scalar_leaf_round_trips_exactly(tmp_path: Path, value: Any) -> None:
     ],
     ids=["object", "int-over-4300-digits", "int-key", "complex128", "lone-surrogate-key"],
 )
-def test_unsavable_trees_are_refused_with_checkpoint_error(tmp_path: Path, tree: Any, match: str) -> None:
+def test_unsavable_trees_are_refused_with_checkpoint_error(
+    tmp_path: Path, tree: Any, match: str
+) -> None:
     with pytest.raises(CheckpointError, match=match):
         ft.save(tree, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, 2**70, {1: 2}], ids=["nan", "inf", "int-over-64-bits", "int-key"])
+@pytest.mark.parametrize(
+    "bad", [math.nan, math.inf, 2**70, {1: 2}], ids=["nan", "inf", "int-over-64-bits", "int-key"]
+)
 def test_metadata_that_json_cannot_hold_exactly_is_refused(tmp_path: Path, bad: Any) -> None:
     # orjson would write NaN and Inf as null: refused instead of silently changed
     with pytest.raises(CheckpointError, match="JSON"):
@@ -389,17 +462,34 @@ def test_metadata_that_json_cannot_hold_exactly_is_refused(tmp_path: Path, bad: 
 def reference_tree() -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     return {
-        "params": {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen).to(torch.bfloat16)},
-        "opt": Pair(torch.arange(6), [torch.ones(2, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.float16)]),
+        "params": {
+            "w": torch.randn(3, 4, generator=gen),
+            "b": torch.randn(4, generator=gen).to(torch.bfloat16),
+        },
+        "opt": Pair(
+            torch.arange(6),
+            [torch.ones(2, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.float16)],
+        ),
         "step": torch.tensor(7, dtype=torch.int32),
         "bytes": torch.arange(5, dtype=torch.uint8),
-        "scalars": {"lr": 1e-3, "n": 2**70, "name": "run/1", "flag": True, "none": None, "nan": math.nan},
+        "scalars": {
+            "lr": 1e-3,
+            "n": 2**70,
+            "name": "run/1",
+            "flag": True,
+            "none": None,
+            "nan": math.nan,
+        },
     }
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ft.save(reference_tree(), tmp_path_factory.mktemp("reference") / "ckpt", metadata={"note": "reference"})
+    return ft.save(
+        reference_tree(),
+        tmp_path_factory.mktemp("reference") / "ckpt",
+        metadata={"note": "reference"},
+    )
 
 
 @contextlib.contextmanager
@@ -422,12 +512,16 @@ def test_reference_checkpoint_loads_and_its_manifest_seals_itself(reference: Pat
 
 def file_and_offset(reference: Path) -> st.SearchStrategy[tuple[str, int]]:
     sizes = {name: (reference / name).stat().st_size for name in sorted(os.listdir(reference))}
-    return st.sampled_from(sorted(sizes)).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, sizes[n] - 1)))
+    return st.sampled_from(sorted(sizes)).flatmap(
+        lambda n: st.tuples(st.just(n), st.integers(0, sizes[n] - 1))
+    )
 
 
 @FUZZ
 @given(data=st.data())
-def test_truncated_file_is_rejected_as_corrupt_naming_it(reference: Path, data: st.DataObject) -> None:
+def test_truncated_file_is_rejected_as_corrupt_naming_it(
+    reference: Path, data: st.DataObject
+) -> None:
     name, offset = data.draw(file_and_offset(reference))
     with damaged(reference) as d:
         with open(d / name, "r+b") as f:
@@ -437,7 +531,9 @@ def test_truncated_file_is_rejected_as_corrupt_naming_it(reference: Path, data: 
 
 @pytest.mark.parametrize("name", [MANIFEST, TENSORS])
 @pytest.mark.parametrize("offset", [0, 1, 7, 8, 9, -1])
-def test_truncated_at_the_edges_is_rejected_as_corrupt(reference: Path, name: str, offset: int) -> None:
+def test_truncated_at_the_edges_is_rejected_as_corrupt(
+    reference: Path, name: str, offset: int
+) -> None:
     with damaged(reference) as d:
         size = (d / name).stat().st_size
         with open(d / name, "r+b") as f:
@@ -447,7 +543,9 @@ def test_truncated_at_the_edges_is_rejected_as_corrupt(reference: Path, name: st
 
 @FUZZ
 @given(data=st.data(), bit=st.integers(0, 7))
-def test_bit_flip_anywhere_is_rejected_as_corrupt_naming_the_file(reference: Path, data: st.DataObject, bit: int) -> None:
+def test_bit_flip_anywhere_is_rejected_as_corrupt_naming_the_file(
+    reference: Path, data: st.DataObject, bit: int
+) -> None:
     name, offset = data.draw(file_and_offset(reference))
     with damaged(reference) as d:
         raw = bytearray((d / name).read_bytes())
@@ -488,14 +586,29 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "size-bool": lambda m: m["files"][TENSORS].update(bytes=True),
     "size-missing": lambda m: m["files"][TENSORS].pop("bytes"),
     "digest-other": lambda m: m["files"][TENSORS].update({algorithm_of(m): "0" * 64}),
-    "digest-upper": lambda m: m["files"][TENSORS].update({algorithm_of(m): m["files"][TENSORS][algorithm_of(m)].upper()}),
+    "digest-upper": lambda m: m["files"][TENSORS].update(
+        {algorithm_of(m): m["files"][TENSORS][algorithm_of(m)].upper()}
+    ),
     "digest-empty": lambda m: m["files"][TENSORS].update({algorithm_of(m): ""}),
     "digest-int": lambda m: m["files"][TENSORS].update({algorithm_of(m): 12}),
-    "digest-of-the-other-format": lambda m: m["files"].update({TENSORS: {("sha256" if algorithm_of(m) == "blake3" else "blake3"): m["files"][TENSORS][algorithm_of(m)], "bytes": m["files"][TENSORS]["bytes"]}}),
+    "digest-of-the-other-format": lambda m: m["files"].update(
+        {
+            TENSORS: {
+                ("sha256" if algorithm_of(m) == "blake3" else "blake3"): m["files"][TENSORS][
+                    algorithm_of(m)
+                ],
+                "bytes": m["files"][TENSORS]["bytes"],
+            }
+        }
+    ),
     "file-entry-list": lambda m: m["files"].update({TENSORS: [1, 2]}),
     "file-dropped": lambda m: m["files"].clear(),
-    "file-missing-on-disk": lambda m: m["files"].update({"tensors-00001.safetensors": {algorithm_of(m): "0" * 64, "bytes": 0}}),
-    "file-is-manifest": lambda m: m["files"].update({MANIFEST: {algorithm_of(m): "0" * 64, "bytes": 10}}),
+    "file-missing-on-disk": lambda m: m["files"].update(
+        {"tensors-00001.safetensors": {algorithm_of(m): "0" * 64, "bytes": 0}}
+    ),
+    "file-is-manifest": lambda m: m["files"].update(
+        {MANIFEST: {algorithm_of(m): "0" * 64, "bytes": 10}}
+    ),
     "dtype-other": lambda m: m["tensors"][_first_tensor(m)].update(dtype="float64"),
     "dtype-bogus": lambda m: m["tensors"][_first_tensor(m)].update(dtype="quaternion"),
     "dtype-int": lambda m: m["tensors"][_first_tensor(m)].update(dtype=3),
@@ -504,12 +617,22 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "shape-negative": lambda m: m["tensors"]["params/w"].update(shape=[-3, -4]),
     "shape-str": lambda m: m["tensors"]["params/w"].update(shape="3x4"),
     "index-entry-str": lambda m: m["tensors"].update({"params/w": "x"}),
-    "index-extra": lambda m: m["tensors"].update({"ghost": {"file": TENSORS, "dtype": "float32", "shape": [1]}}),
+    "index-extra": lambda m: m["tensors"].update(
+        {"ghost": {"file": TENSORS, "dtype": "float32", "shape": [1]}}
+    ),
     "index-dropped": lambda m: m["tensors"].pop("params/w"),
-    "structure-missing-tensor": lambda m: m["structure"]["dict"]["params"]["dict"].update(w={"tensor": "ghost"}),
-    "structure-tensor-list": lambda m: m["structure"]["dict"]["params"]["dict"].update(w={"tensor": ["params/w"]}),
-    "structure-tensor-dict": lambda m: m["structure"]["dict"]["params"]["dict"].update(w={"tensor": {"a": 1}}),
-    "structure-tensor-int": lambda m: m["structure"]["dict"]["params"]["dict"].update(w={"tensor": 5}),
+    "structure-missing-tensor": lambda m: m["structure"]["dict"]["params"]["dict"].update(
+        w={"tensor": "ghost"}
+    ),
+    "structure-tensor-list": lambda m: m["structure"]["dict"]["params"]["dict"].update(
+        w={"tensor": ["params/w"]}
+    ),
+    "structure-tensor-dict": lambda m: m["structure"]["dict"]["params"]["dict"].update(
+        w={"tensor": {"a": 1}}
+    ),
+    "structure-tensor-int": lambda m: m["structure"]["dict"]["params"]["dict"].update(
+        w={"tensor": 5}
+    ),
     "structure-tensor-dropped": lambda m: m["structure"]["dict"]["params"]["dict"].pop("w"),
     "structure-dict-list": lambda m: m["structure"].update(dict=[1]),
     "structure-list": lambda m: m.update(structure=[]),
@@ -517,15 +640,29 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "structure-node-empty": lambda m: m["structure"]["dict"].update(scalars={}),
     "structure-node-int": lambda m: m["structure"]["dict"].update(scalars=7),
     "structure-unknown-kind": lambda m: m["structure"]["dict"].update(scalars={"set": [1]}),
-    "structure-too-deep": lambda m: m["structure"]["dict"].update(deep=_nest({"leaf": {"none": True}}, 100)),
+    "structure-too-deep": lambda m: m["structure"]["dict"].update(
+        deep=_nest({"leaf": {"none": True}}, 100)
+    ),
     "namedtuple-name-list": lambda m: m["structure"]["dict"]["opt"].update(namedtuple=["x"]),
     "namedtuple-fields-list": lambda m: m["structure"]["dict"]["opt"].update(fields=[1]),
-    "leaf-int-garbage": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(n={"leaf": {"int": "12a"}}),
-    "leaf-int-huge": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(n={"leaf": {"int": "9" * 5000}}),
-    "leaf-int-number": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(n={"leaf": {"int": 12}}),
-    "leaf-float-garbage": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(lr={"leaf": {"float": "zz"}}),
-    "leaf-float-long": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(lr={"leaf": {"float": "1" * 100}}),
-    "leaf-bool-int": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(flag={"leaf": {"bool": 1}}),
+    "leaf-int-garbage": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
+        n={"leaf": {"int": "12a"}}
+    ),
+    "leaf-int-huge": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
+        n={"leaf": {"int": "9" * 5000}}
+    ),
+    "leaf-int-number": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
+        n={"leaf": {"int": 12}}
+    ),
+    "leaf-float-garbage": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
+        lr={"leaf": {"float": "zz"}}
+    ),
+    "leaf-float-long": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
+        lr={"leaf": {"float": "1" * 100}}
+    ),
+    "leaf-bool-int": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(
+        flag={"leaf": {"bool": 1}}
+    ),
     "leaf-empty": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(flag={"leaf": {}}),
     "leaf-list": lambda m: m["structure"]["dict"]["scalars"]["dict"].update(flag={"leaf": [1]}),
     "format-missing": lambda m: m.pop("format"),
@@ -540,7 +677,9 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "tensors-list": lambda m: m.update(tensors=[]),
     "fingerprint-str": lambda m: m.update(fingerprint="x"),
     "metadata-list": lambda m: m.update(metadata=[]),
-    "too-many-files": lambda m: m["files"].update({f"f{i}": {algorithm_of(m): "0" * 64, "bytes": 0} for i in range(5000)}),
+    "too-many-files": lambda m: m["files"].update(
+        {f"f{i}": {algorithm_of(m): "0" * 64, "bytes": 0} for i in range(5000)}
+    ),
 }
 
 
@@ -565,7 +704,9 @@ def test_namedtuple_fields_that_do_not_fit_the_class_are_rejected(reference: Pat
         m = read_manifest_json(d)
         m["structure"]["dict"]["opt"]["fields"]["third"] = {"leaf": {"none": True}}
         write_manifest(d, m)
-        with pytest.raises(CheckpointCorruptError, match=r"the fields at 'opt' do not fit .*Pair.*third"):
+        with pytest.raises(
+            CheckpointCorruptError, match=r"the fields at 'opt' do not fit .*Pair.*third"
+        ):
             ser.read_tree(d, named_types=NAMED)
         assert ser.read_tree(d)[0]["opt"]["third"] is None  # without the class: a plain dict
 
@@ -574,7 +715,9 @@ def test_edited_manifest_without_resealing_is_rejected_as_corrupt(reference: Pat
     with damaged(reference) as d:
         raw = (d / MANIFEST).read_bytes()
         (d / MANIFEST).write_bytes(raw.replace(b'"lr"', b'"LR"'))
-        assert_rejected(d, CheckpointCorruptError, match="manifest.json: its BLAKE3 digest does not match")
+        assert_rejected(
+            d, CheckpointCorruptError, match="manifest.json: its BLAKE3 digest does not match"
+        )
 
 
 def _text_edit(old: str, new: str) -> Callable[[str], str]:
@@ -592,10 +735,17 @@ RAW_EDITS: dict[str, Callable[[str], str]] = {
     "huge-float": _text_edit('"note": "reference"', '"note": 1e999999'),
     "huge-int-digits": _text_edit('"note": "reference"', '"note": ' + "9" * 100_000),
     "huge-version": _text_edit('"format_version": 3', '"format_version": 1e400'),
-    "duplicate-top-key": _text_edit('"format": "functrain.checkpoint"', '"format": "functrain.checkpoint", "format": "functrain.checkpoint"'),
-    "duplicate-nested-key": _text_edit('"note": "reference"', '"note": "reference", "note": "again"'),
+    "duplicate-top-key": _text_edit(
+        '"format": "functrain.checkpoint"',
+        '"format": "functrain.checkpoint", "format": "functrain.checkpoint"',
+    ),
+    "duplicate-nested-key": _text_edit(
+        '"note": "reference"', '"note": "reference", "note": "again"'
+    ),
     "deep-lists-10k": _text_edit('"note": "reference"', '"note": ' + "[" * 10_000 + "]" * 10_000),
-    "deep-dicts-10k": _text_edit('"note": "reference"', '"note": ' + '{"a": ' * 10_000 + "1" + "}" * 10_000),
+    "deep-dicts-10k": _text_edit(
+        '"note": "reference"', '"note": ' + '{"a": ' * 10_000 + "1" + "}" * 10_000
+    ),
     "deep-lists-unclosed": _text_edit('"note": "reference"', '"note": ' + "[" * 100_000),
     "trailing-garbage": lambda text: text + "}",
     "trailing-comma": _text_edit('"note": "reference"', '"note": "reference",'),
@@ -614,10 +764,34 @@ def test_malformed_manifest_text_is_rejected(reference: Path, edit: str) -> None
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe{}", b"\xef\xbb\xbf{}", b"{}", b"\x00" * 100, SEAL + b"0" * 64 + b'"}'],
-    ids=["empty", "open-brace", "list", "null", "string", "bad-utf8", "bom", "empty-object", "zeros", "seal-only"],
+    [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'"x"',
+        b"\xff\xfe{}",
+        b"\xef\xbb\xbf{}",
+        b"{}",
+        b"\x00" * 100,
+        SEAL + b"0" * 64 + b'"}',
+    ],
+    ids=[
+        "empty",
+        "open-brace",
+        "list",
+        "null",
+        "string",
+        "bad-utf8",
+        "bom",
+        "empty-object",
+        "zeros",
+        "seal-only",
+    ],
 )
-def test_manifest_that_is_not_a_manifest_is_rejected_as_corrupt(reference: Path, raw: bytes) -> None:
+def test_manifest_that_is_not_a_manifest_is_rejected_as_corrupt(
+    reference: Path, raw: bytes
+) -> None:
     with damaged(reference) as d:
         (d / MANIFEST).write_bytes(raw)
         assert_rejected(d, CheckpointCorruptError, match=MANIFEST)
@@ -632,13 +806,21 @@ def test_oversized_manifest_is_rejected_before_reading(reference: Path) -> None:
 
 @FUZZ
 @given(data=st.data())
-def test_random_manifest_edits_raise_only_functrain_errors(reference: Path, data: st.DataObject) -> None:
+def test_random_manifest_edits_raise_only_functrain_errors(
+    reference: Path, data: st.DataObject
+) -> None:
     """Any value of the manifest replaced by an arbitrary JSON value, re-sealed: a clean result either way."""
     with damaged(reference) as d:
         m = read_manifest_json(d)
         node, parent, key = m, None, None
         for _ in range(data.draw(st.integers(1, 6))):
-            children = list(node.items()) if isinstance(node, dict) else list(enumerate(node)) if isinstance(node, list) else []
+            children = (
+                list(node.items())
+                if isinstance(node, dict)
+                else list(enumerate(node))
+                if isinstance(node, list)
+                else []
+            )
             children = [(k, v) for k, v in children if not str(k).startswith("manifest_")]
             if not children:
                 break
@@ -647,7 +829,9 @@ def test_random_manifest_edits_raise_only_functrain_errors(reference: Path, data
                 break
             node = child
         assume(parent is not None)
-        parent[key] = data.draw(JSON_VALUES | st.sampled_from([[], {}, -1, 2**62, "../x", {"tensor": "params/w"}]))
+        parent[key] = data.draw(
+            JSON_VALUES | st.sampled_from([[], {}, -1, 2**62, "../x", {"tensor": "params/w"}])
+        )
         write_manifest(d, m)
         with time_limit():
             try:
@@ -662,7 +846,21 @@ def test_random_manifest_edits_raise_only_functrain_errors(reference: Path, data
 
 @pytest.mark.parametrize(
     "name",
-    ["../outside.safetensors", "/etc/passwd", "a/b", "", ".", "..", "x\x00y", "x y", "é.safetensors", "name\n", "..safetensors", "a" * 300, "~root"],
+    [
+        "../outside.safetensors",
+        "/etc/passwd",
+        "a/b",
+        "",
+        ".",
+        "..",
+        "x\x00y",
+        "x y",
+        "é.safetensors",
+        "name\n",
+        "..safetensors",
+        "a" * 300,
+        "~root",
+    ],
     ids=repr,
 )
 def test_file_names_outside_the_checkpoint_are_refused(reference: Path, name: str) -> None:
@@ -748,8 +946,14 @@ HEADER_EDITS: dict[str, Callable[[bytes], bytes]] = {
     "header-list": lambda raw: join_safetensors(b"[]", split_safetensors(raw)[1]),
     "header-not-utf8": lambda raw: join_safetensors(b'{"\xff": 1}', split_safetensors(raw)[1]),
     "header-not-json": lambda raw: join_safetensors(b"{{{{", split_safetensors(raw)[1]),
-    "header-leading-space": lambda raw: join_safetensors(b" " + json.dumps(split_safetensors(raw)[0]).encode(), split_safetensors(raw)[1]),
-    "header-duplicate-key": lambda raw: join_safetensors(b'{"step":{"dtype":"I32","shape":[],"data_offsets":[0,4]},' + json.dumps(split_safetensors(raw)[0])[1:].encode(), split_safetensors(raw)[1]),
+    "header-leading-space": lambda raw: join_safetensors(
+        b" " + json.dumps(split_safetensors(raw)[0]).encode(), split_safetensors(raw)[1]
+    ),
+    "header-duplicate-key": lambda raw: join_safetensors(
+        b'{"step":{"dtype":"I32","shape":[],"data_offsets":[0,4]},'
+        + json.dumps(split_safetensors(raw)[0])[1:].encode(),
+        split_safetensors(raw)[1],
+    ),
     "entry-not-object": _edit_header(lambda h: h.update(step=[1])),
     "entry-missing-dtype": _edit_header(lambda h: h["step"].pop("dtype")),
     "entry-missing-offsets": _edit_header(lambda h: h["step"].pop("data_offsets")),
@@ -765,24 +969,42 @@ HEADER_EDITS: dict[str, Callable[[bytes], bytes]] = {
     "shape-float": _edit_header(lambda h: h["params/w"].update(shape=[3.0, 4.0])),
     "shape-bool": _edit_header(lambda h: h["step"].update(shape=[True])),
     "shape-overflow": _edit_header(lambda h: h["params/w"].update(shape=[2**62, 2**62, 0])),
-    "shape-overflow-nonzero": _edit_header(lambda h: h["params/w"].update(shape=[2**32, 2**32, 2**32])),
+    "shape-overflow-nonzero": _edit_header(
+        lambda h: h["params/w"].update(shape=[2**32, 2**32, 2**32])
+    ),
     "shape-many-dims": _edit_header(lambda h: h["step"].update(shape=[1] * 100_000)),
-    "offsets-reversed": _edit_header(lambda h: h["step"].update(data_offsets=h["step"]["data_offsets"][::-1])),
+    "offsets-reversed": _edit_header(
+        lambda h: h["step"].update(data_offsets=h["step"]["data_offsets"][::-1])
+    ),
     "offsets-overlap": _edit_header(_shift("params/w", -4, 0)),
     "offsets-gap": _edit_header(_shift("params/w", 4, 4)),
     "offsets-beyond": _edit_header(_shift("params/w", 0, 10**6)),
     "offsets-huge": _edit_header(lambda h: h["params/w"].update(data_offsets=[0, 2**64 + 5])),
     "offsets-negative": _edit_header(lambda h: h["params/w"].update(data_offsets=[-48, 0])),
-    "offsets-three": _edit_header(lambda h: h["params/w"].update(data_offsets=[*h["params/w"]["data_offsets"], 0])),
+    "offsets-three": _edit_header(
+        lambda h: h["params/w"].update(data_offsets=[*h["params/w"]["data_offsets"], 0])
+    ),
     "offsets-str": _edit_header(lambda h: h["params/w"].update(data_offsets=["0", "48"])),
     "metadata-not-object": _edit_header(lambda h: h.update(__metadata__=[1])),
     "metadata-not-str": _edit_header(lambda h: h.update(__metadata__={"a": 1})),
     "renamed-tensor": _edit_header(lambda h: h.update(ghost=h.pop("step"))),
-    "extra-empty-tensor": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [0], "data_offsets": [0, 0]})),
-    "empty-tensor-dim-2**63": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]})),
-    "empty-tensor-dim-2**64": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]})),
-    "empty-tensor-strides-overflow": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]})),
-    "empty-tensor-rank-65": _edit_header(lambda h: h.update(ghost={"dtype": "F32", "shape": [0] * 65, "data_offsets": [0, 0]})),
+    "extra-empty-tensor": _edit_header(
+        lambda h: h.update(ghost={"dtype": "F32", "shape": [0], "data_offsets": [0, 0]})
+    ),
+    "empty-tensor-dim-2**63": _edit_header(
+        lambda h: h.update(ghost={"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]})
+    ),
+    "empty-tensor-dim-2**64": _edit_header(
+        lambda h: h.update(ghost={"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]})
+    ),
+    "empty-tensor-strides-overflow": _edit_header(
+        lambda h: h.update(
+            ghost={"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}
+        )
+    ),
+    "empty-tensor-rank-65": _edit_header(
+        lambda h: h.update(ghost={"dtype": "F32", "shape": [0] * 65, "data_offsets": [0, 0]})
+    ),
     "data-truncated": lambda raw: raw[:-3],
     "data-extended": lambda raw: raw + b"\x00" * 8,
 }
@@ -790,9 +1012,13 @@ HEADER_EDITS: dict[str, Callable[[bytes], bytes]] = {
 
 @pytest.mark.parametrize("version", [3, 2, 1], ids=["v3", "v2", "v1"])
 @pytest.mark.parametrize("edit", sorted(HEADER_EDITS))
-def test_bogus_safetensors_header_is_rejected_as_corrupt_naming_the_file(reference: Path, edit: str, version: int) -> None:
+def test_bogus_safetensors_header_is_rejected_as_corrupt_naming_the_file(
+    reference: Path, edit: str, version: int
+) -> None:
     with damaged(reference, version=version) as d:
-        replace_file(d, TENSORS, HEADER_EDITS[edit]((d / TENSORS).read_bytes()), sealed=version >= 2)
+        replace_file(
+            d, TENSORS, HEADER_EDITS[edit]((d / TENSORS).read_bytes()), sealed=version >= 2
+        )
         assert_rejected(d, CheckpointCorruptError, match=re.escape(TENSORS))
 
 
@@ -805,11 +1031,17 @@ def _safetensors_reference_load(raw: bytes) -> dict[str, torch.Tensor] | None:
 
 @FUZZ
 @given(data=st.data())
-def test_fuzzed_safetensors_header_is_rejected_or_read_as_the_safetensors_library_reads_it(reference: Path, data: st.DataObject) -> None:
+def test_fuzzed_safetensors_header_is_rejected_or_read_as_the_safetensors_library_reads_it(
+    reference: Path, data: st.DataObject
+) -> None:
     """Random byte edits in the length prefix and header; whatever loads, safetensors reads the same."""
     raw = (reference / TENSORS).read_bytes()
     header_end = 8 + struct.unpack("<Q", raw[:8])[0]
-    edits = data.draw(st.lists(st.tuples(st.integers(0, header_end - 1), st.integers(0, 255)), min_size=1, max_size=4))
+    edits = data.draw(
+        st.lists(
+            st.tuples(st.integers(0, header_end - 1), st.integers(0, 255)), min_size=1, max_size=4
+        )
+    )
     mutated = bytearray(raw)
     for offset, value in edits:
         mutated[offset] = value
@@ -825,14 +1057,24 @@ def test_fuzzed_safetensors_header_is_rejected_or_read_as_the_safetensors_librar
         assert theirs is not None, "functrain accepted a file the safetensors library refuses"
         ours = ser.leaves_by_path(tree)
         for key, t in theirs.items():
-            assert raw_bytes(t) == raw_bytes(ours[key]) and t.dtype == ours[key].dtype and t.shape == ours[key].shape
+            assert (
+                raw_bytes(t) == raw_bytes(ours[key])
+                and t.dtype == ours[key].dtype
+                and t.shape == ours[key].shape
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # crafted files: a checksum is not a signature, so every edit here is re-sealed
 
 
-def crafted(directory: Path, shapes: dict[str, list[int]], *, in_header: bool = True, file_bytes: int | None = None) -> Path:
+def crafted(
+    directory: Path,
+    shapes: dict[str, list[int]],
+    *,
+    in_header: bool = True,
+    file_bytes: int | None = None,
+) -> Path:
     """A checkpoint of tensors w (2 float32) and z (empty) whose index, and header, declare `shapes`.
 
     With `file_bytes` the tensor file is extended (sparse) to that size and its digest left wrong:
@@ -856,34 +1098,69 @@ def crafted(directory: Path, shapes: dict[str, list[int]], *, in_header: bool = 
 
 
 @pytest.mark.parametrize("in_header", [True, False], ids=["header-and-index", "index-only"])
-@pytest.mark.parametrize("shape", [[0, 2**63], [2**40, 2**40, 0], [0] * 65], ids=["0x2^63", "2^40x2^40x0", "rank-65"])
-def test_zero_byte_tensor_with_huge_dimensions_is_corrupt_for_load_verify_and_is_checkpoint(tmp_path: Path, shape: list[int], in_header: bool) -> None:
+@pytest.mark.parametrize(
+    "shape", [[0, 2**63], [2**40, 2**40, 0], [0] * 65], ids=["0x2^63", "2^40x2^40x0", "rank-65"]
+)
+def test_zero_byte_tensor_with_huge_dimensions_is_corrupt_for_load_verify_and_is_checkpoint(
+    tmp_path: Path, shape: list[int], in_header: bool
+) -> None:
     d = crafted(tmp_path, {"z": shape}, in_header=in_header)
-    where = "invalid shape|spans more than" if in_header else "index entry for tensor 'z': invalid shape"
+    where = (
+        "invalid shape|spans more than"
+        if in_header
+        else "index entry for tensor 'z': invalid shape"
+    )
     assert_rejected(d, CheckpointCorruptError, match=where)  # read_tree, verify, is_checkpoint
     with pytest.raises(CheckpointCorruptError, match=where):
         ft.load(d)
 
 
-def test_sparse_terabyte_tensor_file_is_refused_as_more_than_the_machine_has_before_reading(tmp_path: Path) -> None:
+def test_sparse_terabyte_tensor_file_is_refused_as_more_than_the_machine_has_before_reading(
+    tmp_path: Path,
+) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     d = crafted(tmp_path, {}, file_bytes=1 << 40)
-    assert_rejected(d, CheckpointCorruptError, match=r"manifest.json: the files declare 1099511627776 bytes, more than this machine's memory")
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 << 10  # KiB: nothing near a TiB touched
+    assert_rejected(
+        d,
+        CheckpointCorruptError,
+        match=r"manifest.json: the files declare 1099511627776 bytes, more than this machine's memory",
+    )
+    assert (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 << 10
+    )  # KiB: nothing near a TiB touched
 
 
-def test_sparse_terabyte_tensor_file_is_refused_by_its_header_before_its_data_is_allocated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ser, "_check_memory", lambda files: None)  # as on a machine with more than a TiB
+def test_sparse_terabyte_tensor_file_is_refused_by_its_header_before_its_data_is_allocated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        ser, "_check_memory", lambda files: None
+    )  # as on a machine with more than a TiB
     allocated: list[int] = []
     real_map = ser._map
-    monkeypatch.setattr(ser, "_map", lambda fd, nbytes, name: allocated.append(nbytes) or real_map(fd, nbytes, name))
+    monkeypatch.setattr(
+        ser, "_map", lambda fd, nbytes, name: allocated.append(nbytes) or real_map(fd, nbytes, name)
+    )
     d = crafted(tmp_path, {}, file_bytes=1 << 40)  # the header still declares 8 bytes of data
-    assert_rejected(d, CheckpointCorruptError, match=rf"{TENSORS}: the tensors cover 8 bytes of data, the file holds \d+")
+    assert_rejected(
+        d,
+        CheckpointCorruptError,
+        match=rf"{TENSORS}: the tensors cover 8 bytes of data, the file holds \d+",
+    )
     assert allocated == []
 
 
-@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: not enough memory"), MemoryError()], ids=repr)
-def test_allocation_failure_while_loading_is_a_corrupt_checkpoint(reference: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: not enough memory"),
+        MemoryError(),
+    ],
+    ids=repr,
+)
+def test_allocation_failure_while_loading_is_a_corrupt_checkpoint(
+    reference: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
     no_mapping(monkeypatch)  # where files cannot be mapped, a load allocates a buffer to read into
     real_empty = torch.empty
 
@@ -893,7 +1170,10 @@ def test_allocation_failure_while_loading_is_a_corrupt_checkpoint(reference: Pat
         return real_empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", failing_empty)
-    with pytest.raises(CheckpointCorruptError, match=f"{TENSORS}: cannot allocate the .* bytes of its tensors \\({type(failure).__name__}"):
+    with pytest.raises(
+        CheckpointCorruptError,
+        match=f"{TENSORS}: cannot allocate the .* bytes of its tensors \\({type(failure).__name__}",
+    ):
         ser.read_tree(reference)
     assert not ser.is_checkpoint(reference)
 
@@ -907,17 +1187,23 @@ def no_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mmap, "mmap", refuse)
 
 
-def test_loaded_tensors_are_writable_copy_on_write_views_that_never_change_the_file(reference: Path) -> None:
+def test_loaded_tensors_are_writable_copy_on_write_views_that_never_change_the_file(
+    reference: Path,
+) -> None:
     with damaged(reference) as d:
         before = (d / TENSORS).read_bytes()
         tree, _ = ser.read_tree(d, named_types=NAMED)
-        tree["params"]["w"].add_(1.0)  # no warning about a read-only buffer, and the file is untouched
+        tree["params"]["w"].add_(
+            1.0
+        )  # no warning about a read-only buffer, and the file is untouched
         tree["bytes"].zero_()
         assert (d / TENSORS).read_bytes() == before
         assert_same(reference_tree(), ser.read_tree(d, named_types=NAMED)[0])
 
 
-def test_without_mmap_a_load_reads_the_same_bits(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_mmap_a_load_reads_the_same_bits(
+    reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     no_mapping(monkeypatch)
     loaded, _ = ser.read_tree(reference, named_types=NAMED)
     assert_same(reference_tree(), loaded)
@@ -943,12 +1229,22 @@ PATHOLOGICAL_JSON = {
 
 @pytest.mark.parametrize("name", sorted(PATHOLOGICAL_JSON))
 def test_json_cost_estimate_bounds_what_parsing_really_takes(name: str) -> None:
-    from functrain.checkpoint.tensorfile import _finite_float, _no_constants, _unique_keys, json_cost
+    from functrain.checkpoint.tensorfile import (
+        _finite_float,
+        _no_constants,
+        _unique_keys,
+        json_cost,
+    )
 
     text = PATHOLOGICAL_JSON[name]
     tracemalloc.start()
     try:
-        json.loads(text, object_pairs_hook=_unique_keys("x"), parse_constant=_no_constants("x"), parse_float=_finite_float("x"))
+        json.loads(
+            text,
+            object_pairs_hook=_unique_keys("x"),
+            parse_constant=_no_constants("x"),
+            parse_float=_finite_float("x"),
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -977,12 +1273,26 @@ print(json.dumps({"error": error, "seconds": time.perf_counter() - start, "peak_
 
 def peak_of_loading(path: Path) -> dict[str, Any]:
     """Load `path` in a fresh process: its error, seconds, and peak memory over the start."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ft.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120, env=env, check=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(ft.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_crafted_95_mib_header_and_63_mib_manifest_cost_a_small_multiple_of_their_size(tmp_path: Path) -> None:
+def test_crafted_95_mib_header_and_63_mib_manifest_cost_a_small_multiple_of_their_size(
+    tmp_path: Path,
+) -> None:
     # a header of 95 MiB of tiny objects: `{"k0":{},...}` (was 1.9 GiB and 16 s to refuse)
     header = b"{" + b",".join(b'"k%07d":{}' % i for i in range(95 * 2**20 // 14)) + b"}"
     header_ckpt = crafted(tmp_path / "h", {})
@@ -991,39 +1301,63 @@ def test_crafted_95_mib_header_and_63_mib_manifest_cost_a_small_multiple_of_thei
     # a manifest of 63 MiB of empty dicts (was 1.8 GiB)
     manifest_ckpt = crafted(tmp_path / "m", {})
     (manifest_ckpt / MANIFEST).write_bytes(b'{"metadata": [' + b"{}," * (63 * 2**20 // 3) + b"{}]}")
-    for path, size, why in [(header_ckpt, len(raw), "header length .* exceeds the file .* or the limit"), (manifest_ckpt, 63 << 20, "could take .* MiB of memory, over the limit")]:
+    for path, size, why in [
+        (header_ckpt, len(raw), "header length .* exceeds the file .* or the limit"),
+        (manifest_ckpt, 63 << 20, "could take .* MiB of memory, over the limit"),
+    ]:
         got = peak_of_loading(path)
-        assert got["error"] is not None and re.match(f"CheckpointCorruptError: .*{why}", got["error"]), got
+        assert got["error"] is not None and re.match(
+            f"CheckpointCorruptError: .*{why}", got["error"]
+        ), got
         assert got["peak_bytes"] < 3 * size and got["seconds"] < 10, got
 
 
 def test_safetensors_header_is_refused_before_parsing_when_its_parse_would_cost_too_much() -> None:
     from functrain.checkpoint import tensorfile
 
-    text = b"{" + b",".join(b'"k%d":{}' % i for i in range(2_000_000)) + b"}"  # 21 MiB, about 500 MiB to parse
-    with time_limit(5.0), pytest.raises(CheckpointCorruptError, match=r"t\.safetensors: parsing its \d+ bytes of JSON could take \d+ MiB"):
+    text = (
+        b"{" + b",".join(b'"k%d":{}' % i for i in range(2_000_000)) + b"}"
+    )  # 21 MiB, about 500 MiB to parse
+    with (
+        time_limit(5.0),
+        pytest.raises(
+            CheckpointCorruptError,
+            match=r"t\.safetensors: parsing its \d+ bytes of JSON could take \d+ MiB",
+        ),
+    ):
         tensorfile._parse_header("t.safetensors", text, 0)
 
 
-def test_saving_a_tree_whose_manifest_a_load_would_refuse_is_a_checkpoint_error(tmp_path: Path) -> None:
+def test_saving_a_tree_whose_manifest_a_load_would_refuse_is_a_checkpoint_error(
+    tmp_path: Path,
+) -> None:
     tree = {"w": torch.ones(1), "many": [None] * 1_500_000}  # about 70 MiB of manifest
-    with pytest.raises(CheckpointError, match="cannot save this tree: manifest.json: .* keep large data in tensors"):
+    with pytest.raises(
+        CheckpointError, match="cannot save this tree: manifest.json: .* keep large data in tensors"
+    ):
         ft.save(tree, tmp_path / "c")
     assert not (tmp_path / "c").exists() and os.listdir(tmp_path) == []
 
 
-def test_manifest_swapped_for_a_fifo_after_the_check_is_refused_without_blocking(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_manifest_swapped_for_a_fifo_after_the_check_is_refused_without_blocking(
+    reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with damaged(reference) as d:
         real_lexists = os.path.lexists
 
         def swap_then_check(path: Any) -> bool:
-            if Path(path) == d / MANIFEST:  # between the check and the open, as another process could
+            if (
+                Path(path) == d / MANIFEST
+            ):  # between the check and the open, as another process could
                 (d / MANIFEST).unlink()
                 os.mkfifo(d / MANIFEST)
             return real_lexists(path)
 
         monkeypatch.setattr(os.path, "lexists", swap_then_check)
-        with time_limit(5.0), pytest.raises(CheckpointCorruptError, match="manifest.json: is not a regular file"):
+        with (
+            time_limit(5.0),
+            pytest.raises(CheckpointCorruptError, match="manifest.json: is not a regular file"),
+        ):
             ser.read_manifest(d)
 
 
@@ -1053,7 +1387,16 @@ def test_save_and_load_never_unpickle(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
         return refused
 
-    for module, attr in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (_pickle, "load"), (_pickle, "loads"), (_pickle, "Unpickler"), (torch, "load"), (torch.serialization, "load")]:
+    for module, attr in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (_pickle, "load"),
+        (_pickle, "loads"),
+        (_pickle, "Unpickler"),
+        (torch, "load"),
+        (torch.serialization, "load"),
+    ]:
         monkeypatch.setattr(module, attr, refuse(f"{module.__name__}.{attr}"))
 
     path = ft.save(state, tmp_path / "c")
@@ -1077,7 +1420,10 @@ def test_newer_format_version_asks_to_upgrade(reference: Path) -> None:
         m["format_version"] = ser.FORMAT_VERSION + 1
         m["some_future_field"] = {"x": 1}
         write_manifest(d, m)
-        with pytest.raises(CheckpointError, match=r"format version 5 is newer than this functrain reads \(up to 4\).*upgrade functrain") as info:
+        with pytest.raises(
+            CheckpointError,
+            match=r"format version 5 is newer than this functrain reads \(up to 4\).*upgrade functrain",
+        ) as info:
             ft.load(d)
         assert not isinstance(info.value, CheckpointCorruptError)
 
@@ -1095,7 +1441,9 @@ def load_golden_module() -> Any:
     [(1, None), (2, "manifest_sha256"), (3, "manifest_blake3")],
     ids=["v1-unsealed", "v2-sha256", "v3-blake3"],
 )
-def test_golden_checkpoint_of_each_format_version_loads_exactly_into_a_fresh_template(version: int, seal: str | None) -> None:
+def test_golden_checkpoint_of_each_format_version_loads_exactly_into_a_fresh_template(
+    version: int, seal: str | None
+) -> None:
     golden = load_golden_module()
     manifest = ser.verify(GOLDEN / f"v{version}")
     assert manifest["format_version"] == version
@@ -1104,19 +1452,26 @@ def test_golden_checkpoint_of_each_format_version_loads_exactly_into_a_fresh_tem
     expected = json.loads((GOLDEN / f"v{version}_expected.json").read_text())
     got = {path: golden.describe(leaf) for path, leaf in ser.leaves_by_path(state.tree()).items()}
     assert got == expected
-    assert int(state.step) == 3 and float(state.params["0.weight"][0, 0]) == float.fromhex(expected["params/0.weight"]["first"][0])
+    assert int(state.step) == 3 and float(state.params["0.weight"][0, 0]) == float.fromhex(
+        expected["params/0.weight"]["first"][0]
+    )
 
 
 def test_golden_files_of_format_3_carry_blake3_digests_of_their_bytes() -> None:
     manifest = ser.read_manifest(GOLDEN / "v3")
     for name, info in manifest["files"].items():
-        assert info == {"blake3": digest((GOLDEN / "v3" / name).read_bytes()), "bytes": (GOLDEN / "v3" / name).stat().st_size}
+        assert info == {
+            "blake3": digest((GOLDEN / "v3" / name).read_bytes()),
+            "bytes": (GOLDEN / "v3" / name).stat().st_size,
+        }
     raw = (GOLDEN / "v3" / MANIFEST).read_bytes()
     zeroed = raw[: len(SEAL)] + b"0" * 64 + raw[len(SEAL) + 64 :]
     assert manifest["manifest_blake3"] == digest(zeroed) != sha256(zeroed)[:64]
 
 
-def test_a_checkpoint_pinned_by_its_manifest_digest_refuses_a_resealed_manifest(reference: Path) -> None:
+def test_a_checkpoint_pinned_by_its_manifest_digest_refuses_a_resealed_manifest(
+    reference: Path,
+) -> None:
     pinned = ser.verify(reference)["manifest_blake3"]
     with damaged(reference) as d:
         assert ser.read_tree(d, digest=pinned)[1]["manifest_blake3"] == pinned
@@ -1124,7 +1479,11 @@ def test_a_checkpoint_pinned_by_its_manifest_digest_refuses_a_resealed_manifest(
         m["metadata"]["note"] = "swapped"
         write_manifest(d, m)  # re-sealed: consistent, and no longer what was pinned
         assert ser.verify(d)["metadata"]["note"] == "swapped"
-        for read in (lambda: ser.verify(d, digest=pinned), lambda: ft.load(d, digest=pinned), lambda: ser.read_manifest(d, digest=pinned)):
+        for read in (
+            lambda: ser.verify(d, digest=pinned),
+            lambda: ft.load(d, digest=pinned),
+            lambda: ser.read_manifest(d, digest=pinned),
+        ):
             with pytest.raises(CheckpointCorruptError, match=f"expected the pinned {pinned}"):
                 read()
 
@@ -1138,11 +1497,16 @@ def loss_fn(model: ft.BoundModel, batch: tuple[torch.Tensor, torch.Tensor]) -> t
 
 
 def test_template_mismatch_lists_every_problem_in_one_error(tmp_path: Path) -> None:
-    saved = ft.TrainState.create(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)), ft.adamw(1e-3), loss_fn)
+    saved = ft.TrainState.create(
+        nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)), ft.adamw(1e-3), loss_fn
+    )
     path = ft.save(saved, tmp_path / "c")
     # a wider first layer, no BatchNorm, a float64 last layer, another lr, clipping on
     template = ft.TrainState.create(
-        nn.Sequential(nn.Linear(4, 9), nn.Identity(), nn.Linear(9, 2).double()), ft.adamw(2e-3), loss_fn, clip_grad_norm=1.0
+        nn.Sequential(nn.Linear(4, 9), nn.Identity(), nn.Linear(9, 2).double()),
+        ft.adamw(2e-3),
+        loss_fn,
+        clip_grad_norm=1.0,
     )
     with pytest.raises(StateMismatchError) as info:
         ft.load(path, like=template)
@@ -1167,14 +1531,34 @@ def test_template_mismatch_lists_every_problem_in_one_error(tmp_path: Path) -> N
 def test_other_hyperparameters_alone_are_reported(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = ft.save(ft.TrainState.create(nn.Linear(2, 1), ft.adamw(1e-3), loss_fn), tmp_path / "c")
-    template = ft.TrainState.create(nn.Linear(2, 1), ft.adamw(1e-3, weight_decay=0.1), loss_fn, ema_decay=0.5)
-    with pytest.raises(StateMismatchError, match=r"weight_decay=0.01.*weight_decay=0.1(.|\n)*'ema_decay': None.*'ema_decay': 0.5"):
+    template = ft.TrainState.create(
+        nn.Linear(2, 1), ft.adamw(1e-3, weight_decay=0.1), loss_fn, ema_decay=0.5
+    )
+    with pytest.raises(
+        StateMismatchError,
+        match=r"weight_decay=0.01.*weight_decay=0.1(.|\n)*'ema_decay': None.*'ema_decay': 0.5",
+    ):
         ft.load(path, like=template)
 
 
 def test_plain_tree_mismatch_lists_missing_extra_shape_dtype_and_kind(tmp_path: Path) -> None:
-    path = ft.save({"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1), "d": 1, "old": torch.ones(1)}, tmp_path / "c")
-    template = {"a": torch.zeros(3), "b": torch.zeros(3, dtype=torch.int64), "c": 1.0, "d": torch.zeros(1), "new": torch.ones(1)}
+    path = ft.save(
+        {
+            "a": torch.zeros(2),
+            "b": torch.zeros(3),
+            "c": torch.zeros(1),
+            "d": 1,
+            "old": torch.ones(1),
+        },
+        tmp_path / "c",
+    )
+    template = {
+        "a": torch.zeros(3),
+        "b": torch.zeros(3, dtype=torch.int64),
+        "c": 1.0,
+        "d": torch.zeros(1),
+        "new": torch.ones(1),
+    }
     with pytest.raises(StateMismatchError) as info:
         ft.load(path, like=template)
     message = str(info.value)
@@ -1205,12 +1589,18 @@ def test_load_into_a_template_keeps_its_static_parts_and_devices(tmp_path: Path)
         ("step", torch.tensor([1, 2]), "step: expected [] torch.int64, got [2] torch.int64"),
         ("epoch", torch.tensor(1.0), "epoch: expected [] torch.int64, got [] torch.float32"),
         ("samples_seen", 3, "samples_seen: expected Tensor[] torch.int64, got int"),
-        ("rng", torch.zeros(3, dtype=torch.uint8), "rng: expected [5056] torch.uint8, got [3] torch.uint8"),
+        (
+            "rng",
+            torch.zeros(3, dtype=torch.uint8),
+            "rng: expected [5056] torch.uint8, got [3] torch.uint8",
+        ),
         ("rng", None, "rng: expected Tensor[5056] torch.uint8, got NoneType"),
     ],
     ids=["step-shape", "epoch-dtype", "counter-int", "rng-short", "rng-none"],
 )
-def test_counters_and_rng_must_be_what_the_template_holds(tmp_path: Path, field: str, value: Any, expected: str) -> None:
+def test_counters_and_rng_must_be_what_the_template_holds(
+    tmp_path: Path, field: str, value: Any, expected: str
+) -> None:
     state = ft.TrainState.create(nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
     path = ft.save(state.replace(**{field: value}), tmp_path / "c")
     with pytest.raises(StateMismatchError, match=re.escape(expected)):
@@ -1221,24 +1611,60 @@ def test_counters_and_rng_must_be_what_the_template_holds(tmp_path: Path, field:
     ("driver", "expected"),
     [
         ({"history": {"train": "rows"}}, "driver/history/train: expected a list of rows"),
-        ({"history": {"train": [{"loss": [0.5]}]}}, "driver/history/train: expected a list of rows"),
-        ({"window": {"keys": ["loss"], "sums": torch.zeros(3, dtype=torch.float64), "count": 2}}, r"driver/window/sums: expected a float64 tensor of shape \[1\]"),
-        ({"epoch_sums": {"keys": ["loss"], "sums": None, "count": 1}}, "driver/epoch_sums/sums: expected a float64 tensor"),
-        ({"window": {"keys": "loss", "count": -1}}, "driver/window/keys: expected a list of metric names(.|\n)*driver/window/count: expected an int >= 0"),
+        (
+            {"history": {"train": [{"loss": [0.5]}]}},
+            "driver/history/train: expected a list of rows",
+        ),
+        (
+            {"window": {"keys": ["loss"], "sums": torch.zeros(3, dtype=torch.float64), "count": 2}},
+            r"driver/window/sums: expected a float64 tensor of shape \[1\]",
+        ),
+        (
+            {"epoch_sums": {"keys": ["loss"], "sums": None, "count": 1}},
+            "driver/epoch_sums/sums: expected a float64 tensor",
+        ),
+        (
+            {"window": {"keys": "loss", "count": -1}},
+            "driver/window/keys: expected a list of metric names(.|\n)*driver/window/count: expected an int >= 0",
+        ),
         ({"empty_batches": "many"}, "driver/empty_batches: expected an int >= 0, got str many"),
-        ({"early_stopping": {"best": "low", "bad_evals": 1}}, "driver/early_stopping: expected None or a dict with best"),
-        ({"best": {"val_loss": {"x": 1}}}, "driver/best: expected None or a dict of metric names to numbers"),
+        (
+            {"early_stopping": {"best": "low", "bad_evals": 1}},
+            "driver/early_stopping: expected None or a dict with best",
+        ),
+        (
+            {"best": {"val_loss": {"x": 1}}},
+            "driver/best: expected None or a dict of metric names to numbers",
+        ),
         ({"stop_reason": 3}, "driver/stop_reason: expected None or a str, got int 3"),
         ({"runs": 2}, r"driver: unknown keys \['runs'\]"),
     ],
-    ids=["history-not-rows", "history-row-list", "sums-shape", "sums-missing", "window-keys-count", "empty-batches", "early-stopping", "best", "stop-reason", "unknown-key"],
+    ids=[
+        "history-not-rows",
+        "history-row-list",
+        "sums-shape",
+        "sums-missing",
+        "window-keys-count",
+        "empty-batches",
+        "early-stopping",
+        "best",
+        "stop-reason",
+        "unknown-key",
+    ],
 )
-def test_driver_records_fit_could_not_resume_from_are_corrupt_naming_the_path(tmp_path: Path, driver: dict[str, Any], expected: str) -> None:
+def test_driver_records_fit_could_not_resume_from_are_corrupt_naming_the_path(
+    tmp_path: Path, driver: dict[str, Any], expected: str
+) -> None:
     state = ft.TrainState.create(nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
     path = ft.save(state.replace(driver=driver), tmp_path / "c")
-    with pytest.raises(CheckpointCorruptError, match=f"holds driver records \\(state.driver\\) that fit cannot resume from:(.|\n)*{expected}"):
+    with pytest.raises(
+        CheckpointCorruptError,
+        match=f"holds driver records \\(state.driver\\) that fit cannot resume from:(.|\n)*{expected}",
+    ):
         ft.load(path, like=state)
-    assert ft.load(path)[0]["driver"].keys() == driver.keys()  # without a template: the raw tree, for inspection
+    assert (
+        ft.load(path)[0]["driver"].keys() == driver.keys()
+    )  # without a template: the raw tree, for inspection
 
 
 def test_the_driver_registers_its_records_check_on_import() -> None:
@@ -1250,7 +1676,9 @@ def test_the_driver_registers_its_records_check_on_import() -> None:
 
 def test_driver_records_of_a_real_run_load(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    state = ft.TrainState.create(nn.Linear(4, 1), ft.adamw(1e-2), lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    state = ft.TrainState.create(
+        nn.Linear(4, 1), ft.adamw(1e-2), lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])
+    )
     data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
     result = ft.fit(
         state, data, max_epochs=2, eval_data=data[:2], eval_every=3, log_every=2,
@@ -1259,4 +1687,3 @@ def test_driver_records_of_a_real_run_load(tmp_path: Path) -> None:
     assert {"history", "window", "early_stopping"} <= set(result.state.driver)
     restored = ft.load(ft.save(result.state, tmp_path / "c"), like=state)
     assert restored.driver["history"] == result.state.driver["history"]
-

@@ -20,7 +20,13 @@ def make_mlp() -> nn.Module:
 
 def make_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )
 
 
 def loss_fn(model, batch):
@@ -66,10 +72,19 @@ def test_create_starts_every_counter_at_zero_as_separate_int64_scalars() -> None
 
 def test_created_state_has_no_aliased_leaves() -> None:
     # torch.compile guards on `a is b` between inputs: shared leaves would recompile at step 2
-    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-3), loss_fn, clip_grad_norm=1.0, ema_decay=0.9, max_consecutive_nonfinite=3)
+    state = ft.TrainState.create(
+        make_mlp(),
+        ft.adamw(1e-3),
+        loss_fn,
+        clip_grad_norm=1.0,
+        ema_decay=0.9,
+        max_consecutive_nonfinite=3,
+    )
     leaves = [x for x in pytree.tree_leaves(state) if isinstance(x, torch.Tensor)]
     assert len({id(t) for t in leaves}) == len(leaves)
-    fp16 = ft.TrainState.create(make_mlp(), ft.adamw(1e-3), loss_fn, precision="fp16", max_consecutive_nonfinite=3)
+    fp16 = ft.TrainState.create(
+        make_mlp(), ft.adamw(1e-3), loss_fn, precision="fp16", max_consecutive_nonfinite=3
+    )
     leaves = [x for x in pytree.tree_leaves(fp16) if isinstance(x, torch.Tensor)]
     assert len({id(t) for t in leaves}) == len(leaves)
 
@@ -90,11 +105,27 @@ def test_state_is_a_pytree_of_its_saved_fields() -> None:
     leaves, spec = pytree.tree_flatten(state)
     rebuilt = pytree.tree_unflatten(leaves, spec)
     assert isinstance(rebuilt, ft.TrainState)
-    assert rebuilt.module is state.module and rebuilt.tx is state.tx and rebuilt.options == state.options
+    assert (
+        rebuilt.module is state.module
+        and rebuilt.tx is state.tx
+        and rebuilt.options == state.options
+    )
     assert all(x is y for x, y in zip(pytree.tree_leaves(rebuilt), leaves, strict=True))
     assert set(state.tree()) == {
-        "params", "frozen", "buffers", "opt_state", "ema_state", "step", "micro_step",
-        "epoch", "epoch_step", "samples_seen", "skipped", "rng", "driver", "user",
+        "params",
+        "frozen",
+        "buffers",
+        "opt_state",
+        "ema_state",
+        "step",
+        "micro_step",
+        "epoch",
+        "epoch_step",
+        "samples_seen",
+        "skipped",
+        "rng",
+        "driver",
+        "user",
     }
 
 
@@ -130,12 +161,19 @@ def test_repr_is_one_short_line_with_step_params_optimizer_ema_and_precision() -
     x, y = batch_for(make_mlp())
     stepped, _ = ft.train_step(state, (x, y))
     assert repr(stepped).startswith("TrainState(step=1, epoch=0, params=163 (652 B)")
-    with_ema = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, ema_decay=0.99, precision="bf16")
-    assert re.fullmatch(r"TrainState\(step=0, epoch=0, params=163 \(652 B\), optimizer=sgd\(.*\), ema=0\.99, precision=bf16\)", repr(with_ema))
+    with_ema = ft.TrainState.create(
+        make_mlp(), ft.sgd(0.1), loss_fn, ema_decay=0.99, precision="bf16"
+    )
+    assert re.fullmatch(
+        r"TrainState\(step=0, epoch=0, params=163 \(652 B\), optimizer=sgd\(.*\), ema=0\.99, precision=bf16\)",
+        repr(with_ema),
+    )
 
 
 def test_num_params_counts_trainable_elements_only() -> None:
-    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, trainable=lambda name, p: name.startswith("0."))
+    state = ft.TrainState.create(
+        make_mlp(), ft.sgd(0.1), loss_fn, trainable=lambda name, p: name.startswith("0.")
+    )
     assert state.num_params() == 6 * 16 + 16
     assert state.device == torch.device("cpu")
 
@@ -176,7 +214,9 @@ def test_export_module_with_ema_carries_the_average() -> None:
 def test_export_module_with_ema_requires_ema() -> None:
     state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
     assert state.ema_params is None
-    with pytest.raises(ft.ConfigError, match=r"export_module\(use_ema=True\) needs a state created with ema_decay"):
+    with pytest.raises(
+        ft.ConfigError, match=r"export_module\(use_ema=True\) needs a state created with ema_decay"
+    ):
         state.export_module(use_ema=True)
 
 
@@ -185,7 +225,9 @@ def test_export_module_with_ema_requires_ema() -> None:
 
 def test_trainable_predicate_freezes_parameters() -> None:
     model = make_mlp()
-    state = ft.TrainState.create(model, ft.adamw(1e-1), loss_fn, trainable=lambda name, p: not name.startswith("0."))
+    state = ft.TrainState.create(
+        model, ft.adamw(1e-1), loss_fn, trainable=lambda name, p: not name.startswith("0.")
+    )
     assert list(state.params) == ["2.weight", "2.bias"]
     assert list(state.frozen) == ["0.weight", "0.bias"]
     start = {k: v.clone() for k, v in state.frozen.items()}
@@ -226,7 +268,10 @@ def test_module_without_trainable_parameters_is_a_config_error() -> None:
 
 def test_torch_optimizer_is_a_config_error() -> None:
     model = make_mlp()
-    with pytest.raises(ft.ConfigError, match=r"optimizer must be a functrain transform, got a live torch.optim.SGD; write ft.sgd\(lr=0.1\) instead"):
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"optimizer must be a functrain transform, got a live torch.optim.SGD; write ft.sgd\(lr=0.1\) instead",
+    ):
         ft.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
 
 
@@ -262,7 +307,10 @@ def test_all_bad_options_are_listed_in_one_config_error() -> None:
 
 @pytest.mark.parametrize("seed", ["1", 1.5, True, 2**64, -(2**63) - 1, None])
 def test_a_seed_that_is_not_an_int_in_torchs_range_is_a_config_error(seed: object) -> None:
-    with pytest.raises(ft.ConfigError, match=re.escape(f"seed must be an int in [-2**63, 2**64), got seed={seed!r}")):
+    with pytest.raises(
+        ft.ConfigError,
+        match=re.escape(f"seed must be an int in [-2**63, 2**64), got seed={seed!r}"),
+    ):
         ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, seed=seed)  # type: ignore[arg-type]
 
 
@@ -280,12 +328,17 @@ def test_a_module_on_the_meta_device_is_a_config_error_naming_how_to_materialize
 
 
 def test_a_trainable_that_is_not_callable_is_a_config_error() -> None:
-    with pytest.raises(ft.ConfigError, match=r"trainable must be a predicate \(name, param\) -> bool or None, got list"):
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"trainable must be a predicate \(name, param\) -> bool or None, got list",
+    ):
         ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, trainable=["0.weight"])  # type: ignore[arg-type]
 
 
 def test_fp16_with_halt_is_a_config_error() -> None:
-    with pytest.raises(ft.ConfigError, match="nonfinite='halt' does not combine with precision='fp16'"):
+    with pytest.raises(
+        ft.ConfigError, match="nonfinite='halt' does not combine with precision='fp16'"
+    ):
         ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn, precision="fp16", nonfinite="halt")
 
 
@@ -310,7 +363,10 @@ def test_create_keeps_no_second_copy_of_the_weights_and_leaves_the_module_alone(
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     before = {k: (v, v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
     state = ft.TrainState.create(model, ft.adamw(1e-2), lambda m, b: m(b).pow(2).mean())
-    assert all(v is model.state_dict(keep_vars=True)[k] and torch.equal(v, copy_) for k, (v, copy_) in before.items())
+    assert all(
+        v is model.state_dict(keep_vars=True)[k] and torch.equal(v, copy_)
+        for k, (v, copy_) in before.items()
+    )
     assert {t.device.type for t in state.module.parameters()} == {"meta"}
     weights = [weakref.ref(p) for p in model.parameters()]
     del model, before
@@ -327,7 +383,9 @@ def test_export_module_rebuilds_tied_weights_from_the_state() -> None:
     assert module.emb.weight.data_ptr() != state.params["emb.weight"].data_ptr()
 
 
-def test_states_created_from_one_module_share_its_structure_and_an_exported_module_is_its_own() -> None:
+def test_states_created_from_one_module_share_its_structure_and_an_exported_module_is_its_own() -> (
+    None
+):
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     first = ft.TrainState.create(model, ft.adamw(1e-2), lambda m, b: m(b).sum())
     again = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b).sum())

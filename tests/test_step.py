@@ -31,13 +31,24 @@ def make_mlp(dropout: float = 0.0) -> nn.Module:
 
 def make_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )
 
 
 def make_cnn_dropout() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 5 * 5, 3)
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(4 * 5 * 5, 3),
     )
 
 
@@ -48,9 +59,17 @@ def input_shape(model: nn.Module, n: int) -> tuple[int, ...]:
     return (n, 2, 5, 5) if isinstance(model[0], nn.Conv2d) else (n, 6)
 
 
-def batches(model: nn.Module, count: int, n: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    model: nn.Module, count: int, n: int = 8, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(input_shape(model, n), generator=gen), torch.randint(0, 3, (n,), generator=gen)) for _ in range(count)]
+    return [
+        (
+            torch.randn(input_shape(model, n), generator=gen),
+            torch.randint(0, 3, (n,), generator=gen),
+        )
+        for _ in range(count)
+    ]
 
 
 def loss_fn(model, batch):
@@ -67,7 +86,12 @@ def loss_with_acc(model, batch):
 def bits(t: torch.Tensor) -> torch.Tensor:
     """A view of `t` whose equality is bitwise (NaNs with the same payload compare equal)."""
     if t.is_floating_point():
-        view = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+        view = {
+            torch.float32: torch.int32,
+            torch.float64: torch.int64,
+            torch.bfloat16: torch.int16,
+            torch.float16: torch.int16,
+        }
         return t.contiguous().view(view[t.dtype])
     return t
 
@@ -100,7 +124,12 @@ def reference_optimizer(name: str, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-2, foreach=True)
     if name == "adamw_fused":
         return torch.optim.AdamW(params, lr=1e-2, fused=True)
-    return torch.optim.SGD(params, lr=0.05, momentum=0.9, **({"fused": True} if name == "sgd_momentum_fused" else {"foreach": True}))
+    return torch.optim.SGD(
+        params,
+        lr=0.05,
+        momentum=0.9,
+        **({"fused": True} if name == "sgd_momentum_fused" else {"foreach": True}),
+    )
 
 
 def functrain_optimizer(name: str) -> ft.Transform:
@@ -171,7 +200,9 @@ def purity_state(case: str, loss: Callable) -> tuple[nn.Module, ft.TrainState]:
     make, options = PURITY_CASES[case]
     options = dict(options)
     model = make()
-    return model, ft.TrainState.create(model, ft.adamw(1e-2, fused=options.pop("fused", False)), loss, **options)
+    return model, ft.TrainState.create(
+        model, ft.adamw(1e-2, fused=options.pop("fused", False)), loss, **options
+    )
 
 
 @pytest.mark.parametrize("case", list(PURITY_CASES))
@@ -365,7 +396,9 @@ def test_eval_step_with_ema_uses_the_average() -> None:
 
 def test_eval_step_with_ema_requires_ema() -> None:
     state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
-    with pytest.raises(ft.ConfigError, match=r"eval_step\(use_ema=True\) needs a state created with ema_decay"):
+    with pytest.raises(
+        ft.ConfigError, match=r"eval_step\(use_ema=True\) needs a state created with ema_decay"
+    ):
         ft.eval_step(state, batches(make_mlp(), 1)[0], use_ema=True)
 
 
@@ -422,14 +455,20 @@ def nan_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("opt", ["sgd", "adamw", "adamw_fused"])
 def test_nonfinite_step_is_skipped_as_a_counted_no_op(opt: str) -> None:
     model = make_mlp()
-    tx = {"sgd": ft.sgd(0.1, momentum=0.9), "adamw": ft.adamw(1e-2), "adamw_fused": ft.adamw(1e-2, fused=True)}[opt]
+    tx = {
+        "sgd": ft.sgd(0.1, momentum=0.9),
+        "adamw": ft.adamw(1e-2),
+        "adamw_fused": ft.adamw(1e-2, fused=True),
+    }[opt]
     state = ft.TrainState.create(model, tx, loss_fn)
     good, bad = batches(model, 2)
     state, _ = ft.train_step(state, good)
     skipped, metrics = ft.train_step(state, nan_batch(model))
     assert_trees_bitwise_equal(skipped.params, state.params)
     assert isinstance(skipped.opt_state, SkipNonfiniteState)
-    assert_trees_bitwise_equal(skipped.opt_state.inner, state.opt_state.inner)  # the optimizer's own state
+    assert_trees_bitwise_equal(
+        skipped.opt_state.inner, state.opt_state.inner
+    )  # the optimizer's own state
     assert int(skipped.opt_state.total_skipped) == 1 and int(skipped.opt_state.consecutive) == 1
     assert int(skipped.skipped) == 1 and int(skipped.step) == 2
     assert torch.equal(metrics["skipped"], torch.tensor(1.0))
@@ -452,16 +491,23 @@ def test_a_nonfinite_micro_batch_skips_its_whole_window_and_counters_stay_on_the
         state, _ = ft.train_step(state, batch)
         if not torch.equal(state.params["0.weight"], before):
             moved_at.append(int(state.micro_step))
-    assert moved_at and set(moved_at) == {0}  # parameters move only where the state says a window ends
+    assert moved_at and set(moved_at) == {
+        0
+    }  # parameters move only where the state says a window ends
     assert int(state.skipped) == 1
-    assert int(state.ema_state.count) == len(moved_at)  # the average follows the updates actually applied
+    assert int(state.ema_state.count) == len(
+        moved_at
+    )  # the average follows the updates actually applied
 
 
 def test_nonfinite_halt_raises_on_cpu() -> None:
     model = make_mlp()
     state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn, nonfinite="halt")
     state, _ = ft.train_step(state, batches(model, 1)[0])
-    with pytest.raises(ft.NonFiniteError, match=r"1 consecutive steps had non-finite gradients \(limit max_consecutive=0\)"):
+    with pytest.raises(
+        ft.NonFiniteError,
+        match=r"1 consecutive steps had non-finite gradients \(limit max_consecutive=0\)",
+    ):
         ft.train_step(state, nan_batch(model))
 
 
@@ -471,7 +517,10 @@ def test_skip_raises_after_max_consecutive_nonfinite_steps() -> None:
     for _ in range(2):
         state, metrics = ft.train_step(state, nan_batch(model))
         assert torch.equal(metrics["skipped"], torch.tensor(1.0))
-    with pytest.raises(ft.NonFiniteError, match=r"3 consecutive steps had non-finite gradients \(limit max_consecutive=2\)"):
+    with pytest.raises(
+        ft.NonFiniteError,
+        match=r"3 consecutive steps had non-finite gradients \(limit max_consecutive=2\)",
+    ):
         ft.train_step(state, nan_batch(model))
     state, _ = ft.train_step(state, batches(model, 1)[0])  # a finite step resets the run
     state, _ = ft.train_step(state, nan_batch(model))
@@ -494,7 +543,9 @@ def test_clip_grad_norm_clips_like_torch_and_reports_the_norm_before_clipping() 
     reference = copy.deepcopy(model)
     torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, foreach=True)
     state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn, clip_grad_norm=0.1)
-    unclipped, _ = ft.train_step(ft.TrainState.create(model, ft.sgd(0.1), loss_fn), batches(model, 1)[0])
+    unclipped, _ = ft.train_step(
+        ft.TrainState.create(model, ft.sgd(0.1), loss_fn), batches(model, 1)[0]
+    )
     clipped, _ = ft.train_step(state, batches(model, 1)[0])
     assert not torch.equal(unclipped.params["0.weight"], clipped.params["0.weight"])
     for batch in batches(model, 5):
@@ -531,7 +582,9 @@ def test_bf16_runs_the_loss_under_autocast() -> None:
         x, y = batch
         logits = m(x)
         dtypes.append(logits.dtype)
-        return F.cross_entropy(logits, y), {"logits_are_bf16": torch.tensor(logits.dtype == torch.bfloat16)}
+        return F.cross_entropy(logits, y), {
+            "logits_are_bf16": torch.tensor(logits.dtype == torch.bfloat16)
+        }
 
     model = make_mlp()
     state = ft.TrainState.create(model, ft.adamw(1e-2), spy, precision="bf16")
@@ -577,13 +630,16 @@ class HostRead(AssertionError):
 
 def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in HOST_READS:
+
         def boom(*args: Any, _name: str = name, **kwargs: Any) -> Any:
             raise HostRead(f"Tensor.{_name} called inside a step")
 
         monkeypatch.setattr(torch.Tensor, name, boom)
 
 
-def run_without_host_reads(monkeypatch: pytest.MonkeyPatch, loss: Callable = loss_with_acc, **options: Any) -> dict[str, torch.Tensor]:
+def run_without_host_reads(
+    monkeypatch: pytest.MonkeyPatch, loss: Callable = loss_with_acc, **options: Any
+) -> dict[str, torch.Tensor]:
     model = make_cnn_dropout()
     state = ft.TrainState.create(model, ft.adamw(1e-2), loss, **options)
     batch = batches(model, 1)[0]
@@ -607,13 +663,17 @@ def run_without_host_reads(monkeypatch: pytest.MonkeyPatch, loss: Callable = los
     ],
     ids=["plain", "accumulate-clip-ema", "fp16", "bf16"],
 )
-def test_steps_read_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]) -> None:
+def test_steps_read_nothing_back_to_the_host(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
     metrics = run_without_host_reads(monkeypatch, **options)
     assert set(metrics) >= {"loss", "grad_norm", "lr", "skipped", "acc", "eval_loss", "eval_acc"}
     assert float(metrics["loss"]) > 0  # the patch is undone
 
 
-def test_default_skip_without_a_cap_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_skip_without_a_cap_reads_nothing_back_to_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     metrics = run_without_host_reads(monkeypatch, nonfinite="skip", max_consecutive_nonfinite=None)
     assert torch.equal(metrics["skipped"], torch.tensor(0.0))
 
@@ -637,20 +697,36 @@ def test_the_host_read_guard_catches_a_read(monkeypatch: pytest.MonkeyPatch, rea
 def test_loss_that_is_not_a_scalar_is_a_loss_error() -> None:
     model = make_mlp()
     state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b[0]))
-    with pytest.raises(ft.LossError, match=re.escape("loss_fn must return a scalar floating-point tensor (or (loss, metrics)), got Tensor[8, 3] torch.float32")):
+    with pytest.raises(
+        ft.LossError,
+        match=re.escape(
+            "loss_fn must return a scalar floating-point tensor (or (loss, metrics)), got Tensor[8, 3] torch.float32"
+        ),
+    ):
         ft.train_step(state, batches(model, 1)[0])
     state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: 1.0)
-    with pytest.raises(ft.LossError, match="scalar floating-point tensor .*, got float; reduce the loss"):
+    with pytest.raises(
+        ft.LossError, match="scalar floating-point tensor .*, got float; reduce the loss"
+    ):
         ft.train_step(state, batches(model, 1)[0])
-    state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: (m(b[0]).argmax(-1) == b[1]).sum())
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1), lambda m, b: (m(b[0]).argmax(-1) == b[1]).sum()
+    )
     with pytest.raises(ft.LossError, match=r"got Tensor\[\] torch\.int64"):
         ft.train_step(state, batches(model, 1)[0])
 
 
 def test_metrics_that_are_not_tensors_are_a_loss_error() -> None:
     model = make_mlp()
-    state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: (loss_fn(m, b), {"acc": 0.5, "n": torch.tensor(1)}))
-    with pytest.raises(ft.LossError, match=re.escape("loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call .item()), got {'acc': 'float'}")):
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1), lambda m, b: (loss_fn(m, b), {"acc": 0.5, "n": torch.tensor(1)})
+    )
+    with pytest.raises(
+        ft.LossError,
+        match=re.escape(
+            "loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call .item()), got {'acc': 'float'}"
+        ),
+    ):
         ft.train_step(state, batches(model, 1)[0])
     with pytest.raises(ft.LossError, match="metrics must be a dict of tensors"):
         ft.eval_step(state, batches(model, 1)[0])
@@ -660,14 +736,19 @@ def test_batch_the_loss_cannot_use_is_a_batch_error_showing_its_structure() -> N
     model = make_mlp()
     state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
     wrong_width = (torch.randn(4, 3), torch.zeros(4, dtype=torch.int64))
-    expected = re.escape("loss_fn failed on a batch of structure (Tensor[4, 3] float32, Tensor[4] int64): RuntimeError")
+    expected = re.escape(
+        "loss_fn failed on a batch of structure (Tensor[4, 3] float32, Tensor[4] int64): RuntimeError"
+    )
     with pytest.raises(ft.BatchError, match=expected) as info:
         ft.train_step(state, wrong_width)
     assert isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(ft.BatchError, match=expected):
         ft.eval_step(state, wrong_width)
     as_dict = {"x": torch.randn(4, 6), "y": torch.zeros(4, dtype=torch.int64)}
-    with pytest.raises(ft.BatchError, match=re.escape("structure {x: Tensor[4, 6] float32, y: Tensor[4] int64}: TypeError")):
+    with pytest.raises(
+        ft.BatchError,
+        match=re.escape("structure {x: Tensor[4, 6] float32, y: Tensor[4] int64}: TypeError"),
+    ):
         ft.train_step(state, as_dict)
 
 
@@ -678,7 +759,10 @@ def test_loss_that_ignores_the_parameters_is_a_loss_error() -> None:
 
 
 def test_train_step_on_something_else_than_a_state_is_a_config_error() -> None:
-    with pytest.raises(ft.ConfigError, match="train_step expects a functrain.TrainState as its first argument, got dict"):
+    with pytest.raises(
+        ft.ConfigError,
+        match="train_step expects a functrain.TrainState as its first argument, got dict",
+    ):
         ft.train_step({}, None)  # type: ignore[arg-type]
 
 

@@ -63,7 +63,9 @@ def test_diff_states_names_the_one_leaf_with_a_flipped_bit() -> None:
     diffs = diff_states(state, other)
     gap = abs(weight.view(-1)[5].double() - flipped.view(-1)[5].double()).item()
     assert gap > 0
-    assert diffs == [LeafDiff("params/0.weight", "values", num_different=1, numel=32, max_abs_diff=gap)]
+    assert diffs == [
+        LeafDiff("params/0.weight", "values", num_different=1, numel=32, max_abs_diff=gap)
+    ]
 
 
 def test_diff_states_of_a_state_and_its_reloaded_checkpoint_is_empty(tmp_path: Path) -> None:
@@ -99,9 +101,22 @@ def test_signed_zeros_differ_by_bits_with_zero_gap() -> None:
 
 def test_dtype_shape_type_missing_and_extra_leaves_are_each_named() -> None:
     a = {"d": torch.zeros(2), "s": torch.zeros(2), "t": torch.zeros(()), "m": torch.ones(1), "i": 3}
-    b = {"d": torch.zeros(2, dtype=torch.float64), "s": torch.zeros(3), "t": 0, "e": torch.ones(1), "i": 4}
+    b = {
+        "d": torch.zeros(2, dtype=torch.float64),
+        "s": torch.zeros(3),
+        "t": 0,
+        "e": torch.ones(1),
+        "i": 4,
+    }
     found = {d.path: d.kind for d in diff_states(a, b)}
-    assert found == {"d": "dtype", "s": "shape", "t": "type", "m": "missing", "e": "extra", "i": "values"}
+    assert found == {
+        "d": "dtype",
+        "s": "shape",
+        "t": "type",
+        "m": "missing",
+        "e": "extra",
+        "i": "values",
+    }
 
 
 def test_integer_and_bfloat16_leaves_compare_by_value_bits() -> None:
@@ -119,8 +134,13 @@ def test_ignore_leaves_out_whole_subtrees_by_prefix() -> None:
 def test_assert_states_equal_lists_the_differing_leaves() -> None:
     state = trained()
     assert_states_equal(state, state.replace())
-    broken = state.replace(step=state.step + 1, rng=flip_lowest_bit(state.rng.view(torch.float32), 0).view(torch.uint8))
-    with pytest.raises(AssertionError, match=r"(?s)differ in 2 leaves:\n  step: 1 of 1 elements differ, max \|a - b\| = 1\n  rng: 1 of \d+ elements differ"):
+    broken = state.replace(
+        step=state.step + 1, rng=flip_lowest_bit(state.rng.view(torch.float32), 0).view(torch.uint8)
+    )
+    with pytest.raises(
+        AssertionError,
+        match=r"(?s)differ in 2 leaves:\n  step: 1 of 1 elements differ, max \|a - b\| = 1\n  rng: 1 of \d+ elements differ",
+    ):
         assert_states_equal(state, broken)
 
 
@@ -128,17 +148,32 @@ def test_assert_states_equal_lists_the_differing_leaves() -> None:
 
 
 def test_check_resumption_of_a_real_run_finds_no_difference() -> None:
-    assert check_resumption(lambda: make_state(ema_decay=0.9, accumulate_steps=2, clip_grad_norm=0.5), batch, n=7, k=3) == []
+    assert (
+        check_resumption(
+            lambda: make_state(ema_decay=0.9, accumulate_steps=2, clip_grad_norm=0.5),
+            batch,
+            n=7,
+            k=3,
+        )
+        == []
+    )
 
 
-def test_check_resumption_of_a_donating_run_finds_no_difference_and_still_finds_a_lost_window() -> None:
-    make = lambda: make_state(ema_decay=0.9, accumulate_steps=3, clip_grad_norm=0.5, optimizer=ft.adamw(0.05, fused=True))  # noqa: E731
+def test_check_resumption_of_a_donating_run_finds_no_difference_and_still_finds_a_lost_window() -> (
+    None
+):
+    make = lambda: make_state(
+        ema_decay=0.9, accumulate_steps=3, clip_grad_norm=0.5, optimizer=ft.adamw(0.05, fused=True)
+    )  # noqa: E731
     assert check_resumption(make, batch, n=7, k=4, donate=True) == []
 
     def save_fresh_window(state: ft.TrainState, path: Path) -> Any:
         return ft.save(state.replace(opt_state=make().opt_state), path)
 
-    assert any("/grad_sum/" in p for p in check_resumption(make, batch, n=6, k=4, save=save_fresh_window, donate=True))
+    assert any(
+        "/grad_sum/" in p
+        for p in check_resumption(make, batch, n=6, k=4, save=save_fresh_window, donate=True)
+    )
 
 
 def test_check_resumption_finds_a_load_that_drops_the_rng() -> None:
@@ -157,7 +192,9 @@ def test_check_resumption_finds_a_save_that_loses_the_accumulated_gradients() ->
         return ft.save(state.replace(opt_state=initial.opt_state), path)
 
     # k = 4 is one batch into the second window: its gradient sum is the only thing lost
-    problems = check_resumption(lambda: make_state(accumulate_steps=3), batch, n=6, k=4, save=save_fresh_window)
+    problems = check_resumption(
+        lambda: make_state(accumulate_steps=3), batch, n=6, k=4, save=save_fresh_window
+    )
     assert any("/grad_sum/" in p for p in problems)
 
 
@@ -180,6 +217,8 @@ def test_resumption_cases_rejects_runs_too_short_to_cut() -> None:
 
 def test_importing_functrain_testing_does_not_import_hypothesis() -> None:
     code = "import sys, functrain, functrain.testing; print('hypothesis' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

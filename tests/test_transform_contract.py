@@ -65,25 +65,44 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "adamw": lambda: ft.adamw(lr=1e-2, weight_decay=0.1),
     "adamw_masked_schedule": lambda: ft.adamw(lr=halving, weight_decay=0.1, mask=is_matrix),
     "adamw_fused": lambda: ft.adamw(lr=1e-2, weight_decay=0.1, fused=True),
-    "adam_fused_amsgrad_masked_schedule": lambda: ft.adam(lr=halving, weight_decay=1e-3, amsgrad=True, mask=is_matrix, fused=True),
+    "adam_fused_amsgrad_masked_schedule": lambda: ft.adam(
+        lr=halving, weight_decay=1e-3, amsgrad=True, mask=is_matrix, fused=True
+    ),
     "radam": lambda: ft.radam(lr=1e-2, b2=0.9),
     "rmsprop": lambda: ft.rmsprop(lr=1e-2),
-    "rmsprop_centered_momentum": lambda: ft.rmsprop(lr=1e-2, centered=True, momentum=0.9, weight_decay=1e-3),
+    "rmsprop_centered_momentum": lambda: ft.rmsprop(
+        lr=1e-2, centered=True, momentum=0.9, weight_decay=1e-3
+    ),
     "adagrad": lambda: ft.adagrad(lr=0.1, lr_decay=0.01),
     "lion": lambda: ft.lion(lr=1e-3, weight_decay=0.1),
     # torch's other arguments, with weight decay and maximize
     "sgd_torch_default_lr_maximize": lambda: ft.sgd(momentum=0.9, weight_decay=1e-2, maximize=True),
-    "adam_decoupled_maximize": lambda: ft.adam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, fused=False),
+    "adam_decoupled_maximize": lambda: ft.adam(
+        lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, fused=False
+    ),
     "adamw_fused_maximize_tensor_lr": lambda: ft.adamw(lr=torch.tensor(1e-2), maximize=True),
-    "radam_decoupled_maximize_masked": lambda: ft.radam(lr=1e-2, b2=0.9, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, mask=is_matrix),
-    "adagrad_maximize_tensor_lr": lambda: ft.adagrad(lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True),
+    "radam_decoupled_maximize_masked": lambda: ft.radam(
+        lr=1e-2,
+        b2=0.9,
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        maximize=True,
+        mask=is_matrix,
+    ),
+    "adagrad_maximize_tensor_lr": lambda: ft.adagrad(
+        lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True
+    ),
     # the rest of torch.optim: rules, then presets
     "scale_by_adamax": lambda: ft.scale_by_adamax(b1=0.8, eps=1e-6),
     "scale_by_adadelta": lambda: ft.scale_by_adadelta(rho=0.8),
     "scale_by_rprop": lambda: ft.scale_by_rprop(0.05, etas=(0.3, 1.5)),
-    "nadam_step_decoupled_masked_schedule": lambda: ft.nadam_step(halving, weight_decay=0.1, mask=is_matrix),
+    "nadam_step_decoupled_masked_schedule": lambda: ft.nadam_step(
+        halving, weight_decay=0.1, mask=is_matrix
+    ),
     "asgd_step_averaging": lambda: ft.asgd_step(0.1, lambd=1e-2, t0=1),
-    "adafactor_step_masked_schedule": lambda: ft.adafactor_step(halving, weight_decay=0.1, mask=is_matrix),
+    "adafactor_step_masked_schedule": lambda: ft.adafactor_step(
+        halving, weight_decay=0.1, mask=is_matrix
+    ),
     "masked_scale_by_muon": lambda: ft.masked(ft.scale_by_muon(ns_steps=3), is_matrix),
     "nadam": lambda: ft.nadam(lr=1e-2, weight_decay=1e-2, maximize=True),
     "adamax": lambda: ft.adamax(lr=1e-2, weight_decay=1e-2, maximize=True),
@@ -92,26 +111,44 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     "rprop": lambda: ft.rprop(lr=0.05, maximize=True),
     "adafactor": lambda: ft.adafactor(lr=0.1, weight_decay=1e-2),
     "muon_with_adamw": lambda: ft.muon(lr=0.02, others=ft.adamw(lr=1e-2, fused=False)),
-    "muon_with_fused_adamw_schedule": lambda: ft.muon(lr=halving, adjust_lr_fn="match_rms_adamw", others=ft.adamw(lr=halving)),
-    "partition_before_learning_rate": lambda: ft.chain(
-        ft.partition(is_matrix_label, m=ft.scale_by_adam(), v=ft.scale_by_rms()), ft.scale_by_learning_rate(0.1)
+    "muon_with_fused_adamw_schedule": lambda: ft.muon(
+        lr=halving, adjust_lr_fn="match_rms_adamw", others=ft.adamw(lr=halving)
     ),
-    "skip_nonfinite_muon": lambda: ft.skip_nonfinite(ft.muon(lr=0.02, others=ft.sgd(lr=0.1, momentum=0.9))),
+    "partition_before_learning_rate": lambda: ft.chain(
+        ft.partition(is_matrix_label, m=ft.scale_by_adam(), v=ft.scale_by_rms()),
+        ft.scale_by_learning_rate(0.1),
+    ),
+    "skip_nonfinite_muon": lambda: ft.skip_nonfinite(
+        ft.muon(lr=0.02, others=ft.sgd(lr=0.1, momentum=0.9))
+    ),
     # wrappers around presets (masked wraps what comes before the learning rate)
     "masked_scale_by_adam": lambda: ft.masked(ft.scale_by_adam(), is_matrix),
-    "masked_in_chain": lambda: ft.chain(ft.masked(ft.add_decayed_weights(0.1), is_matrix), ft.sgd(lr=0.1, momentum=0.9)),
+    "masked_in_chain": lambda: ft.chain(
+        ft.masked(ft.add_decayed_weights(0.1), is_matrix), ft.sgd(lr=0.1, momentum=0.9)
+    ),
     "skip_nonfinite_adamw": lambda: ft.skip_nonfinite(ft.adamw(lr=1e-2), max_consecutive=3),
-    "skip_nonfinite_clip_adamw_fused": lambda: ft.skip_nonfinite(ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True))),
-    "dynamic_loss_scale_adam_fused": lambda: ft.dynamic_loss_scale(ft.adam(lr=1e-2, fused=True), init_scale=8.0, growth_interval=2),
+    "skip_nonfinite_clip_adamw_fused": lambda: ft.skip_nonfinite(
+        ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True))
+    ),
+    "dynamic_loss_scale_adam_fused": lambda: ft.dynamic_loss_scale(
+        ft.adam(lr=1e-2, fused=True), init_scale=8.0, growth_interval=2
+    ),
     "accumulate_adamw": lambda: ft.accumulate(ft.adamw(lr=1e-2), 2),
     "accumulate_adamw_fused": lambda: ft.accumulate(ft.adamw(lr=1e-2, fused=True), 2),
     "accumulate_sgd_momentum": lambda: ft.accumulate(ft.sgd(lr=0.1, momentum=0.9), 3),
-    "dynamic_loss_scale_adam": lambda: ft.dynamic_loss_scale(ft.adam(lr=1e-2), init_scale=8.0, growth_interval=2),
-    "nested_wrappers": lambda: ft.skip_nonfinite(ft.accumulate(ft.dynamic_loss_scale(ft.sgd(lr=0.1), init_scale=4.0), 2)),
+    "dynamic_loss_scale_adam": lambda: ft.dynamic_loss_scale(
+        ft.adam(lr=1e-2), init_scale=8.0, growth_interval=2
+    ),
+    "nested_wrappers": lambda: ft.skip_nonfinite(
+        ft.accumulate(ft.dynamic_loss_scale(ft.sgd(lr=0.1), init_scale=4.0), 2)
+    ),
     # combinators and averaging
     "chain_clip_adamw": lambda: ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2)),
     "chain_of_primitives": lambda: ft.chain(
-        ft.clip_by_value(-1.0, 1.0), ft.scale_by_adam(), ft.add_decayed_weights(0.1), ft.scale_by_learning_rate(0.1)
+        ft.clip_by_value(-1.0, 1.0),
+        ft.scale_by_adam(),
+        ft.add_decayed_weights(0.1),
+        ft.scale_by_learning_rate(0.1),
     ),
     "ema": lambda: ft.ema(0.9),
     "ema_warmup": lambda: ft.ema(0.99, warmup=True),
@@ -135,7 +172,11 @@ def list_tree(gen: torch.Generator) -> Any:
 
 def mixed_tree(gen: torch.Generator) -> Any:
     # float32 and bfloat16 leaves side by side, and a 0-d parameter
-    return {"w": torch.randn(4, 3, generator=gen), "h": torch.randn(5, generator=gen).bfloat16(), "s": torch.randn((), generator=gen)}
+    return {
+        "w": torch.randn(4, 3, generator=gen),
+        "h": torch.randn(5, generator=gen).bfloat16(),
+        "s": torch.randn((), generator=gen),
+    }
 
 
 TREES = {"dict": dict_tree, "namedtuple": namedtuple_tree, "list": list_tree, "mixed": mixed_tree}
@@ -177,7 +218,9 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None
         assert torch.equal(x, y), f"{what}[{i}] differs"
 
 
-def run(tx: ft.Transform, params: Any, grads: list[Any]) -> tuple[list[list[torch.Tensor]], list[Any]]:
+def run(
+    tx: ft.Transform, params: Any, grads: list[Any]
+) -> tuple[list[list[torch.Tensor]], list[Any]]:
     """Steps through `grads`; returns the new parameter leaves and the state after each step."""
     state = tx.init(params)
     outs, states = [], [state]
@@ -233,7 +276,9 @@ def test_update_is_deterministic(name: str, tree_name: str, dtype_name: str) -> 
 
 
 @ALL
-def test_later_steps_do_not_overwrite_earlier_results(name: str, tree_name: str, dtype_name: str) -> None:
+def test_later_steps_do_not_overwrite_earlier_results(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
     tx = TRANSFORMS[name]()
     params, grads = make_case(tree_name, DTYPES[dtype_name])
     init_state = tx.init(params)
@@ -265,8 +310,12 @@ def test_dtypes_and_state_structure_are_stable(name: str, tree_name: str, dtype_
     shapes0 = [t.shape for t in tree_leaves(states[0])]
     for i, state in enumerate(states[1:], start=1):
         assert tree_structure(state) == spec0, f"{name}: state structure changed at step {i}"
-        assert [t.dtype for t in tree_leaves(state)] == dtypes0, f"{name}: state dtypes changed at step {i}"
-        assert [t.shape for t in tree_leaves(state)] == shapes0, f"{name}: state shapes changed at step {i}"
+        assert [t.dtype for t in tree_leaves(state)] == dtypes0, (
+            f"{name}: state dtypes changed at step {i}"
+        )
+        assert [t.shape for t in tree_leaves(state)] == shapes0, (
+            f"{name}: state shapes changed at step {i}"
+        )
     for out in outs:
         assert [t.dtype for t in out] == param_dtypes
     # apply_updates keeps the tree of the parameters, NamedTuples included
@@ -277,22 +326,30 @@ def test_dtypes_and_state_structure_are_stable(name: str, tree_name: str, dtype_
 
 
 @ALL
-def test_state_leaves_are_tensors_with_0d_scalars(name: str, tree_name: str, dtype_name: str) -> None:
+def test_state_leaves_are_tensors_with_0d_scalars(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
     tx = TRANSFORMS[name]()
     params, grads = make_case(tree_name, DTYPES[dtype_name])
     param_shapes = {t.shape for t in tree_leaves(params)}
-    factors = {torch.Size((*s[:-1], 1)) for s in param_shapes if len(s) > 1} | {torch.Size((*s[:-2], 1, s[-1])) for s in param_shapes if len(s) > 1}
+    factors = {torch.Size((*s[:-1], 1)) for s in param_shapes if len(s) > 1} | {
+        torch.Size((*s[:-2], 1, s[-1])) for s in param_shapes if len(s) > 1
+    }
     _, states = run(tx, params, grads[:2])
     for state in states:
         for leaf in tree_leaves(state):
             assert isinstance(leaf, torch.Tensor), f"{name}: state leaf {leaf!r} is not a tensor"
             # a leaf is either per-parameter or a 0-d scalar (counters, scales, norms, flags), or
             # the row or column factor of a matrix parameter (adafactor)
-            assert leaf.ndim == 0 or leaf.shape in param_shapes or leaf.shape in factors, f"{name}: state leaf of shape {leaf.shape}"
+            assert leaf.ndim == 0 or leaf.shape in param_shapes or leaf.shape in factors, (
+                f"{name}: state leaf of shape {leaf.shape}"
+            )
 
 
 @ALL
-def test_chained_after_identity_gives_the_same_results(name: str, tree_name: str, dtype_name: str) -> None:
+def test_chained_after_identity_gives_the_same_results(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
     params, grads = make_case(tree_name, DTYPES[dtype_name])
     outs, states = run(TRANSFORMS[name](), params, grads)
     outs_c, states_c = run(ft.chain(ft.identity(), TRANSFORMS[name]()), params, grads)
@@ -305,7 +362,9 @@ def test_chained_after_identity_gives_the_same_results(name: str, tree_name: str
 
 
 @ALL
-def test_accumulate_every_1_gives_the_same_results(name: str, tree_name: str, dtype_name: str) -> None:
+def test_accumulate_every_1_gives_the_same_results(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
     params, grads = make_case(tree_name, DTYPES[dtype_name])
     outs, states = run(TRANSFORMS[name](), params, grads)
     outs_a, states_a = run(ft.accumulate(TRANSFORMS[name](), 1), params, grads)
@@ -328,7 +387,9 @@ def test_transform_changes_something(name: str) -> None:
 
 
 @ALL
-def test_state_shares_no_storage_with_params_or_grads(name: str, tree_name: str, dtype_name: str) -> None:
+def test_state_shares_no_storage_with_params_or_grads(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
     # a training loop may write into its gradients (zero_grad) or parameters afterwards; a state
     # that aliased them would change behind the transform's back
     tx = TRANSFORMS[name]()

@@ -27,7 +27,12 @@ def make_grads(seed: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
 
 
-BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+BITS = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
 
 
 def assert_trees_equal(a: Any, b: Any) -> None:
@@ -103,7 +108,10 @@ def test_skip_nonfinite_raises_after_max_consecutive_skips() -> None:
     _, state = tx.update(bad, state, params)
     _, state = tx.update(bad, state, params)
     assert int(state.consecutive) == 2
-    with pytest.raises(ft.NonFiniteError, match=r"3 consecutive steps had non-finite gradients \(limit max_consecutive=2\)"):
+    with pytest.raises(
+        ft.NonFiniteError,
+        match=r"3 consecutive steps had non-finite gradients \(limit max_consecutive=2\)",
+    ):
         tx.update(bad, state, params)
 
 
@@ -124,9 +132,13 @@ GATED = {
     "clip_by_global_norm": lambda: ft.clip_by_global_norm(0.5),
     "adamw_fused": lambda: ft.adamw(lr=1e-2, weight_decay=0.1, fused=True),
     "adam_fused_amsgrad": lambda: ft.adam(lr=1e-2, weight_decay=1e-2, amsgrad=True, fused=True),
-    "chain_clip_adamw_fused": lambda: ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True)),
+    "chain_clip_adamw_fused": lambda: ft.chain(
+        ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True)
+    ),
     "skip_nonfinite_adamw": lambda: ft.skip_nonfinite(ft.adamw(lr=1e-2)),
-    "skip_nonfinite_adamw_fused": lambda: ft.skip_nonfinite(ft.adamw(lr=1e-2, fused=True), max_consecutive=5),
+    "skip_nonfinite_adamw_fused": lambda: ft.skip_nonfinite(
+        ft.adamw(lr=1e-2, fused=True), max_consecutive=5
+    ),
 }
 
 
@@ -152,7 +164,9 @@ def test_accumulate_over_a_gated_skip_equals_selecting_with_where(fused: bool) -
         skip = ft.skip_nonfinite(ft.adamw(lr=1e-2, fused=fused))
         return ft.accumulate(skip if gated else skip._replace(gated=False), 2)
 
-    state = assert_same_runs(build(True), build(False), [None, None, NAN, None, None, INF, None, None])
+    state = assert_same_runs(
+        build(True), build(False), [None, None, NAN, None, None, INF, None, None]
+    )
     assert int(state.inner.total_skipped) == 2  # two windows held a non-finite micro-batch
 
 
@@ -202,7 +216,9 @@ def test_check_skip_limits_finds_nested_skip_states() -> None:
 # ---------------------------------------------------------------- accumulate
 
 
-def linear_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def linear_grads(
+    params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Gradients of the mean squared error of a linear model."""
     w = params["w"].detach().requires_grad_()
     b = params["b"].detach().requires_grad_()
@@ -215,8 +231,14 @@ def linear_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tens
 def test_accumulate_k_micro_batches_equals_one_full_batch_step(k: int) -> None:
     gen = torch.Generator().manual_seed(11)
     params = make_params()
-    batches = [(torch.randn(8 * k, 3, generator=gen), torch.randn(8 * k, 4, generator=gen)) for _ in range(3)]
-    full, acc = ft.adamw(lr=0.05, weight_decay=0.1, fused=False), ft.accumulate(ft.adamw(lr=0.05, weight_decay=0.1, fused=False), k)
+    batches = [
+        (torch.randn(8 * k, 3, generator=gen), torch.randn(8 * k, 4, generator=gen))
+        for _ in range(3)
+    ]
+    full, acc = (
+        ft.adamw(lr=0.05, weight_decay=0.1, fused=False),
+        ft.accumulate(ft.adamw(lr=0.05, weight_decay=0.1, fused=False), k),
+    )
 
     p_full, s_full = params, full.init(params)
     p_acc, s_acc = params, acc.init(params)
@@ -296,11 +318,20 @@ def test_dynamic_loss_scale_halves_and_skips_on_overflow() -> None:
 
 
 def test_dynamic_loss_scale_grows_after_growth_interval_finite_steps() -> None:
-    tx = ft.dynamic_loss_scale(ft.sgd(lr=0.01), init_scale=8.0, growth_factor=2.0, growth_interval=3)
+    tx = ft.dynamic_loss_scale(
+        ft.sgd(lr=0.01), init_scale=8.0, growth_factor=2.0, growth_interval=3
+    )
     params = make_params()
     state = tx.init(params)
     scales = []
-    grads = [make_grads(1), make_grads(2), make_grads(3), make_grads(4), with_value(make_grads(5), NAN), make_grads(6)]
+    grads = [
+        make_grads(1),
+        make_grads(2),
+        make_grads(3),
+        make_grads(4),
+        with_value(make_grads(5), NAN),
+        make_grads(6),
+    ]
     for g in grads:
         u, state = tx.update(g, state, params)
         params = ft.apply_updates(params, u)
@@ -339,11 +370,19 @@ def test_masked_with_a_tree_of_bools_runs_the_inner_state_on_the_selection() -> 
     assert_trees_equal(state.inner, ref_state)
 
 
-@pytest.mark.parametrize("inner", [ft.sgd(lr=0.1), ft.adamw(lr=0.1, fused=True)], ids=["parameter_steps", "new_parameters"])
-def test_masked_rejects_an_inner_transform_that_ends_in_a_learning_rate(inner: ft.Transform) -> None:
+@pytest.mark.parametrize(
+    "inner",
+    [ft.sgd(lr=0.1), ft.adamw(lr=0.1, fused=True)],
+    ids=["parameter_steps", "new_parameters"],
+)
+def test_masked_rejects_an_inner_transform_that_ends_in_a_learning_rate(
+    inner: ft.Transform,
+) -> None:
     tx = ft.masked(inner, lambda name, p: True)
     params = make_params()
-    with pytest.raises(ft.ConfigError, match=r"masked\(\) wraps transforms that come before the learning rate"):
+    with pytest.raises(
+        ft.ConfigError, match=r"masked\(\) wraps transforms that come before the learning rate"
+    ):
         tx.update(make_grads(1), tx.init(params), params)
 
 
@@ -354,7 +393,9 @@ def test_mask_tree_of_the_wrong_size_is_rejected() -> None:
         tx.update(make_grads(1), tx.init(params), params)
 
 
-@pytest.mark.parametrize("inner", [ft.scale_by_adam(), ft.trace(0.9)], ids=["scale_by_adam", "trace"])
+@pytest.mark.parametrize(
+    "inner", [ft.scale_by_adam(), ft.trace(0.9)], ids=["scale_by_adam", "trace"]
+)
 def test_masked_selecting_nothing_passes_updates_through(inner: ft.Transform) -> None:
     tx = ft.masked(inner, lambda name, p: p.ndim > 2)
     params = make_params()
@@ -380,7 +421,11 @@ def test_adamw_mask_spares_the_unselected_leaves_from_decay() -> None:
 
 def test_clip_by_global_norm_equals_clip_grad_norm_bitwise() -> None:
     gen = torch.Generator().manual_seed(4)
-    grads = {"a": torch.randn(5, 7, generator=gen) * 3, "b": torch.randn(11, generator=gen), "c": torch.randn(2, 3, 4, generator=gen)}
+    grads = {
+        "a": torch.randn(5, 7, generator=gen) * 3,
+        "b": torch.randn(11, generator=gen),
+        "c": torch.randn(2, 3, 4, generator=gen),
+    }
     tensors = [torch.zeros_like(g, requires_grad=True) for g in grads.values()]
     for t, g in zip(tensors, grads.values(), strict=True):
         t.grad = g.clone()
@@ -485,7 +530,11 @@ BAD_CONFIGS = [
     bad("scale_by_rms", lambda: ft.scale_by_rms(alpha=1.0), "alpha=1.0"),
     bad("scale_by_rms", lambda: ft.scale_by_rms(eps=0), "eps=0"),
     bad("scale_by_adagrad", lambda: ft.scale_by_adagrad(eps=0.0), "eps=0.0"),
-    bad("scale_by_adagrad", lambda: ft.scale_by_adagrad(initial_accumulator_value=-1.0), "initial_accumulator_value=-1.0"),
+    bad(
+        "scale_by_adagrad",
+        lambda: ft.scale_by_adagrad(initial_accumulator_value=-1.0),
+        "initial_accumulator_value=-1.0",
+    ),
     bad("scale_by_adagrad", lambda: ft.scale_by_adagrad(lr_decay=-0.5), "lr_decay=-0.5"),
     bad("scale_by_lion", lambda: ft.scale_by_lion(b1=1.0), "b1=1.0"),
     bad("scale_by_lion", lambda: ft.scale_by_lion(b2=-0.5), "b2=-0.5"),
@@ -501,40 +550,92 @@ BAD_CONFIGS = [
     bad("chain", lambda: ft.chain(SGD, 3), "argument 1: int"),
     bad("accumulate", lambda: ft.accumulate(SGD, 0), "every=0"),
     bad("accumulate", lambda: ft.accumulate(SGD, 2.0), "every=2.0"),
-    bad("accumulate", lambda: ft.accumulate(object(), 2), "accumulate expects a transform", "got object"),
+    bad(
+        "accumulate",
+        lambda: ft.accumulate(object(), 2),
+        "accumulate expects a transform",
+        "got object",
+    ),
     bad("skip_nonfinite", lambda: ft.skip_nonfinite(SGD, max_consecutive=-1), "max_consecutive=-1"),
-    bad("skip_nonfinite", lambda: ft.skip_nonfinite(None), "skip_nonfinite expects a transform", "got NoneType"),
-    bad("masked", lambda: ft.masked(object(), lambda n, p: True), "masked expects a transform", "got object"),
+    bad(
+        "skip_nonfinite",
+        lambda: ft.skip_nonfinite(None),
+        "skip_nonfinite expects a transform",
+        "got NoneType",
+    ),
+    bad(
+        "masked",
+        lambda: ft.masked(object(), lambda n, p: True),
+        "masked expects a transform",
+        "got object",
+    ),
     bad("dynamic_loss_scale", lambda: ft.dynamic_loss_scale(SGD, init_scale=0.0), "init_scale=0.0"),
-    bad("dynamic_loss_scale", lambda: ft.dynamic_loss_scale(SGD, growth_factor=1.0), "growth_factor=1.0"),
-    bad("dynamic_loss_scale", lambda: ft.dynamic_loss_scale(SGD, backoff_factor=1.0), "backoff_factor=1.0"),
-    bad("dynamic_loss_scale", lambda: ft.dynamic_loss_scale(SGD, growth_interval=0), "growth_interval=0"),
+    bad(
+        "dynamic_loss_scale",
+        lambda: ft.dynamic_loss_scale(SGD, growth_factor=1.0),
+        "growth_factor=1.0",
+    ),
+    bad(
+        "dynamic_loss_scale",
+        lambda: ft.dynamic_loss_scale(SGD, backoff_factor=1.0),
+        "backoff_factor=1.0",
+    ),
+    bad(
+        "dynamic_loss_scale",
+        lambda: ft.dynamic_loss_scale(SGD, growth_interval=0),
+        "growth_interval=0",
+    ),
     # presets report lr and momentum under their own names, the rest from the primitive that checks it
     bad("sgd", lambda: ft.sgd(lr=-0.1), "lr=-0.1"),
     bad("sgd", lambda: ft.sgd(lr=0.1, momentum=1.0), "momentum=1.0"),
     bad("sgd", lambda: ft.sgd(lr=0.1, momentum=-0.5), "momentum=-0.5"),
     bad("sgd", lambda: ft.sgd(lr=0.1, nesterov=True), "nesterov", "momentum=0.0"),
     bad("sgd", lambda: ft.sgd(lr=0.1, momentum=0.9, dampening=1.0), "dampening=1.0", via="trace"),
-    bad("sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0, fused=False), "weight_decay=-1.0", via="add_decayed_weights"),
-    bad("sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0), "weight_decay=-1.0"),  # the fused default checks it itself
+    bad(
+        "sgd",
+        lambda: ft.sgd(lr=0.1, weight_decay=-1.0, fused=False),
+        "weight_decay=-1.0",
+        via="add_decayed_weights",
+    ),
+    bad(
+        "sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0), "weight_decay=-1.0"
+    ),  # the fused default checks it itself
     bad("adam", lambda: ft.adam(lr=-1e-3), "lr=-0.001"),
     bad("adam", lambda: ft.adam(b1=1.0, fused=False), "b1=1.0", via="scale_by_adam"),
     bad("adamw", lambda: ft.adamw(b2=1.0, fused=False), "b2=1.0", via="scale_by_adam"),
-    bad("adamw", lambda: ft.adamw(weight_decay=-0.01, fused=False), "weight_decay=-0.01", via="add_decayed_weights"),
+    bad(
+        "adamw",
+        lambda: ft.adamw(weight_decay=-0.01, fused=False),
+        "weight_decay=-0.01",
+        via="add_decayed_weights",
+    ),
     bad("radam", lambda: ft.radam(lr=-1.0), "lr=-1.0"),
     bad("radam", lambda: ft.radam(eps=0.0), "eps=0.0", via="scale_by_radam"),
     bad("rmsprop", lambda: ft.rmsprop(alpha=1.0), "alpha=1.0", via="scale_by_rms"),
     bad("rmsprop", lambda: ft.rmsprop(momentum=1.5), "momentum=1.5"),
     bad("adagrad", lambda: ft.adagrad(lr=-0.1), "lr=-0.1"),
-    bad("adagrad", lambda: ft.adagrad(lr_decay=-0.1, fused=False), "lr_decay=-0.1", via="scale_by_adagrad"),
-    bad("adagrad", lambda: ft.adagrad(lr_decay=-0.1, eps=0.0, weight_decay=-1.0), "lr_decay=-0.1", "eps=0.0", "weight_decay=-1.0"),
+    bad(
+        "adagrad",
+        lambda: ft.adagrad(lr_decay=-0.1, fused=False),
+        "lr_decay=-0.1",
+        via="scale_by_adagrad",
+    ),
+    bad(
+        "adagrad",
+        lambda: ft.adagrad(lr_decay=-0.1, eps=0.0, weight_decay=-1.0),
+        "lr_decay=-0.1",
+        "eps=0.0",
+        "weight_decay=-1.0",
+    ),
     bad("lion", lambda: ft.lion(lr=-1e-4), "lr=-0.0001"),
     bad("lion", lambda: ft.lion(b1=1.0), "b1=1.0", via="scale_by_lion"),
 ]
 
 
 @pytest.mark.parametrize(("factory", "fragments"), BAD_CONFIGS)
-def test_bad_hyperparameters_raise_config_error_naming_argument_and_value(factory: Callable, fragments: tuple[str, ...]) -> None:
+def test_bad_hyperparameters_raise_config_error_naming_argument_and_value(
+    factory: Callable, fragments: tuple[str, ...]
+) -> None:
     where, value, *more = fragments
     with pytest.raises(ft.ConfigError, match=re.escape(value)) as info:
         factory()
@@ -544,9 +645,16 @@ def test_bad_hyperparameters_raise_config_error_naming_argument_and_value(factor
 
 def test_config_problems_are_reported_together() -> None:
     with pytest.raises(ft.ConfigError, match="invalid arguments to dynamic_loss_scale") as info:
-        ft.dynamic_loss_scale(SGD, init_scale=-1.0, growth_factor=0.5, backoff_factor=2.0, growth_interval=0)
+        ft.dynamic_loss_scale(
+            SGD, init_scale=-1.0, growth_factor=0.5, backoff_factor=2.0, growth_interval=0
+        )
     message = str(info.value)
-    for fragment in ("init_scale=-1.0", "growth_factor=0.5", "backoff_factor=2.0", "growth_interval=0"):
+    for fragment in (
+        "init_scale=-1.0",
+        "growth_factor=0.5",
+        "backoff_factor=2.0",
+        "growth_interval=0",
+    ):
         assert fragment in message
     with pytest.raises(ft.ConfigError, match=re.escape("b1=1.0")) as info:
         ft.scale_by_adam(b1=1.0, b2=2.0, eps=-1.0)
@@ -558,4 +666,3 @@ def test_config_error_is_a_value_error_and_a_functrain_error() -> None:
         ft.clip_by_global_norm(-1)
     assert issubclass(ft.ConfigError, ft.FunctrainError)
     assert issubclass(ft.NonFiniteError, ft.FunctrainError)
-

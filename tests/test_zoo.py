@@ -45,52 +45,97 @@ def tokens(gen: torch.Generator, vocab: int = 64) -> dict[str, torch.Tensor]:
 
 def classified(gen: torch.Generator, *, channels_last: bool = False) -> dict[str, torch.Tensor]:
     x = torch.randn(4, 3, 16, 16, generator=gen)
-    return {"pixel_values": x.contiguous(memory_format=CL) if channels_last else x, "labels": torch.randint(0, 3, (4,), generator=gen)}
+    return {
+        "pixel_values": x.contiguous(memory_format=CL) if channels_last else x,
+        "labels": torch.randint(0, 3, (4,), generator=gen),
+    }
 
 
 def sentences(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(0, 64, (4, 12), generator=gen), "labels": torch.randint(0, 3, (4,), generator=gen)}
+    return {
+        "input_ids": torch.randint(0, 64, (4, 12), generator=gen),
+        "labels": torch.randint(0, 3, (4,), generator=gen),
+    }
 
 
 def gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=64,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def bert() -> nn.Module:
     cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64, max_position_embeddings=32,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
     )
     return transformers.BertForSequenceClassification(cfg)
 
 
 def vit() -> nn.Module:
     cfg = transformers.ViTConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return transformers.ViTForImageClassification(cfg)
 
 
 def resnet() -> nn.Module:
-    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+    cfg = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
+    )
     return transformers.ResNetForImageClassification(cfg)
 
 
 def convnext() -> nn.Module:
-    cfg = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, drop_path_rate=0.0)
+    cfg = transformers.ConvNextConfig(
+        num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, drop_path_rate=0.0
+    )
     return transformers.ConvNextForImageClassification(cfg)
 
 
 def lora_gpt2() -> nn.Module:
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
-    with warnings.catch_warnings(action="ignore", category=FutureWarning):  # peft reads a property transformers deprecates
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True
+    )
+    with warnings.catch_warnings(
+        action="ignore", category=FutureWarning
+    ):  # peft reads a property transformers deprecates
         model = peft.get_peft_model(gpt2(), config)
     # peft starts B at zero: give it values, so that A's gradients are not zero from the start
     with torch.no_grad():
@@ -107,9 +152,14 @@ class MobileBlock(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
         self.block = nn.Sequential(
-            nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
-            nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
-            nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8),
+            nn.Conv2d(8, 24, 1, bias=False),
+            nn.BatchNorm2d(24),
+            nn.ReLU6(),
+            nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False),
+            nn.BatchNorm2d(24),
+            nn.ReLU6(),
+            nn.Conv2d(24, 8, 1, bias=False),
+            nn.BatchNorm2d(8),
         )
         self.head = nn.Linear(8, 3)
 
@@ -117,7 +167,9 @@ class MobileBlock(nn.Module):
         h = self.stem(pixel_values)
         h = h + self.block(h)
         logits = self.head(h.mean((2, 3)))
-        return transformers.modeling_outputs.SequenceClassifierOutput(loss=nn.functional.cross_entropy(logits, labels), logits=logits)
+        return transformers.modeling_outputs.SequenceClassifierOutput(
+            loss=nn.functional.cross_entropy(logits, labels), logits=logits
+        )
 
 
 def channels_last(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -125,7 +177,9 @@ def channels_last(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 
 # name: (the model's builder, its batches)
-ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], dict[str, torch.Tensor]]]] = {
+ZOO: dict[
+    str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], dict[str, torch.Tensor]]]
+] = {
     "gpt2": (gpt2, tokens),
     "llama": (llama, tokens),
     "bert": (bert, sentences),
@@ -166,7 +220,10 @@ class Run:
             if i + 1 == SAVE_AT:
                 saved = ft.save(state, tmp / f"{name}-step{SAVE_AT}")
         self.final = state
-        resumed = ft.load(saved, like=ft.TrainState.create(copy.deepcopy(self.net), ft.adamw(1e-3), loss_fn, seed=0))
+        resumed = ft.load(
+            saved,
+            like=ft.TrainState.create(copy.deepcopy(self.net), ft.adamw(1e-3), loss_fn, seed=0),
+        )
         for batch in self.batches[SAVE_AT:]:
             resumed, _ = ft.train_step(resumed, batch)
         self.resumed = resumed
@@ -174,7 +231,9 @@ class Run:
     def _torch_loop(self) -> nn.Module:
         ref = copy.deepcopy(self.net)
         ref.train()
-        opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3, fused=True)
+        opt = torch.optim.AdamW(
+            [p for p in ref.parameters() if p.requires_grad], lr=1e-3, fused=True
+        )
         for batch in self.batches:
             loss_fn(ref, batch).backward()
             opt.step()
@@ -196,19 +255,29 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Run]:
 
 
 @pytest.mark.parametrize("name", list(ZOO))
-def test_default_adamw_equals_the_fused_torch_loop_bit_for_bit(runs: Callable[[str], Run], name: str) -> None:
+def test_default_adamw_equals_the_fused_torch_loop_bit_for_bit(
+    runs: Callable[[str], Run], name: str
+) -> None:
     run = runs(name)
     trained = [(n, p) for n, p in run.reference.named_parameters() if p.requires_grad]
     assert trained and all(n in run.final.params for n, _ in trained)
     for n, p in trained:
         got = run.final.params[n]
-        assert got.stride() == p.stride(), f"{n}: laid out as {got.stride()}, torch keeps {p.stride()}"
-        assert torch.equal(got, p.detach()), f"{name}: {n} differs from torch.optim.AdamW(fused=True) by {(got - p.detach()).abs().max().item():.3e}"
+        assert got.stride() == p.stride(), (
+            f"{n}: laid out as {got.stride()}, torch keeps {p.stride()}"
+        )
+        assert torch.equal(got, p.detach()), (
+            f"{name}: {n} differs from torch.optim.AdamW(fused=True) by {(got - p.detach()).abs().max().item():.3e}"
+        )
     for n, b in run.reference.named_buffers():
         if n in run.final.buffers:
             assert torch.equal(run.final.buffers[n], b), f"{name}: buffer {n} differs"
-    moved = [n for n, p in trained if not torch.equal(p.detach(), dict(run.net.named_parameters())[n])]
-    assert len(moved) == len(trained), f"parameters that never moved: {sorted(set(n for n, _ in trained) - set(moved))}"
+    moved = [
+        n for n, p in trained if not torch.equal(p.detach(), dict(run.net.named_parameters())[n])
+    ]
+    assert len(moved) == len(trained), (
+        f"parameters that never moved: {sorted(set(n for n, _ in trained) - set(moved))}"
+    )
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -235,7 +304,9 @@ def test_export_module_gives_back_the_trained_module(runs: Callable[[str], Run],
     assert torch.equal(exported, ft.eval_step(run.final, batch)["loss"])
     for n, p in module.named_parameters():
         if n in run.final.params:
-            assert torch.equal(p, run.final.params[n]) and p.stride() == run.final.params[n].stride()
+            assert (
+                torch.equal(p, run.final.params[n]) and p.stride() == run.final.params[n].stride()
+            )
 
 
 def test_a_compiled_resnet_step_follows_the_eager_step() -> None:
@@ -251,4 +322,6 @@ def test_a_compiled_resnet_step_follows_the_eager_step() -> None:
         eager, _ = ft.train_step(eager, batch)
         compiled, _ = step(compiled, batch)
     for name, p in eager.params.items():
-        torch.testing.assert_close(compiled.params[name], p, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            compiled.params[name], p, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )

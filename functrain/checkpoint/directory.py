@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 
 from functrain.checkpoint.files import remove_later
-from functrain.core.ensemble import host_count
 from functrain.checkpoint.format import MANIFEST, TMP_PREFIX, _commit, _fsync_dir
+from functrain.core.ensemble import host_count
 from functrain.core.state import TrainState
 from functrain.errors import CheckpointCorruptError, CheckpointError
 
@@ -70,11 +70,17 @@ def listed(directory: Path, pattern: re.Pattern[str], *, committed: bool = True)
         CheckpointError: the directory cannot be listed.
     """
     try:
-        found = [p for p in directory.iterdir() if pattern.match(p.name) and (is_committed(p) if committed else p.is_dir())]
+        found = [
+            p
+            for p in directory.iterdir()
+            if pattern.match(p.name) and (is_committed(p) if committed else p.is_dir())
+        ]
     except FileNotFoundError:
         return []
     except OSError as e:
-        raise CheckpointError(f"cannot list the checkpoint directory {str(directory)!r}: {e}") from None
+        raise CheckpointError(
+            f"cannot list the checkpoint directory {str(directory)!r}: {e}"
+        ) from None
     return sorted(found, key=lambda p: p.name)
 
 
@@ -112,7 +118,9 @@ def read_pointer(directory: Path) -> str | None:
         os.close(fd)
     name = raw.removesuffix(b"\n").decode("ascii", errors="replace")
     if len(raw) > MAX_POINTER_BYTES or not (REGULAR.match(name) or BEST.match(name)):
-        raise CheckpointCorruptError(f"{LATEST}: expected a checkpoint name such as 'ckpt-000000007-000000007', got {raw[:60]!r}")
+        raise CheckpointCorruptError(
+            f"{LATEST}: expected a checkpoint name such as 'ckpt-000000007-000000007', got {raw[:60]!r}"
+        )
     return name
 
 

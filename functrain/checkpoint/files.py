@@ -64,7 +64,9 @@ def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> 
     try:
         if sum(len(c) for c in chunks) >= _OVERLAP_BYTES:
             with ThreadPoolExecutor(1, thread_name_prefix="functrain-hash") as pool:
-                hashing = [pool.submit(digest.update, chunk) for chunk in chunks]  # in order: one thread
+                hashing = [
+                    pool.submit(digest.update, chunk) for chunk in chunks
+                ]  # in order: one thread
                 written = 0
                 for chunk in chunks:
                     _write_all(fd, chunk)
@@ -96,12 +98,19 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     if _sync_file_range is None:
         try:
             _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-            _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _sync_file_range.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_uint,
+            ]
         except (OSError, AttributeError, TypeError):
             _sync_file_range = False
     if _sync_file_range is not False:
         sync_file_range_write = 2
-        _sync_file_range(fd, offset, nbytes, sync_file_range_write)  # errors ignored: the fsync decides
+        _sync_file_range(
+            fd, offset, nbytes, sync_file_range_write
+        )  # errors ignored: the fsync decides
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -134,7 +143,9 @@ def remove_later(path: Path) -> None:
     not a daemon: the interpreter waits for it at exit. A process killed first leaves a ``.tmp-``
     directory, which readers ignore and a writing `CheckpointManager` removes when it opens.
     """
-    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="functrain-remove")
+    thread = threading.Thread(
+        target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="functrain-remove"
+    )
     with _removals_lock:
         _removals[:] = [t for t in _removals if t.is_alive()]
         _removals.append(thread)
@@ -165,11 +176,15 @@ def _open_regular(path: Path, name: str) -> tuple[int, int]:
         raise CheckpointCorruptError(f"{name}: missing from the checkpoint") from None
     except OSError as e:
         kind = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened ({e})"
-        raise CheckpointCorruptError(f"{name}: {kind}; checkpoint files must be regular files in the directory") from None
+        raise CheckpointCorruptError(
+            f"{name}: {kind}; checkpoint files must be regular files in the directory"
+        ) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise CheckpointCorruptError(f"{name}: is not a regular file; checkpoint files must be regular files in the directory")
+        raise CheckpointCorruptError(
+            f"{name}: is not a regular file; checkpoint files must be regular files in the directory"
+        )
     return fd, st.st_size
 
 
@@ -177,7 +192,9 @@ def _read_exactly(fd: int, nbytes: int, name: str, digest: Any = None) -> bytear
     """The next `nbytes` of a small part of a file (a manifest, a header), fed to `digest` if given."""
     out = bytearray(nbytes)
     if not _read_hashing(fd, memoryview(out), digest):
-        raise CheckpointCorruptError(f"{name}: ends before the {nbytes} bytes its size promised (it changed while it was read)")
+        raise CheckpointCorruptError(
+            f"{name}: ends before the {nbytes} bytes its size promised (it changed while it was read)"
+        )
     return out
 
 
@@ -187,7 +204,11 @@ def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:
     The reads may run ahead of the hash: every chunk stays in `out`. Returns False when the file
     ends before `out` is full.
     """
-    pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-hash") if digest is not None and len(out) >= _OVERLAP_BYTES else None
+    pool = (
+        ThreadPoolExecutor(1, thread_name_prefix="functrain-hash")
+        if digest is not None and len(out) >= _OVERLAP_BYTES
+        else None
+    )
     hashing = []
     try:
         pos = 0
@@ -196,7 +217,9 @@ def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:
             if not n:
                 return False
             if pool is not None:
-                hashing.append(pool.submit(digest.update, out[pos : pos + n]))  # in order: one thread
+                hashing.append(
+                    pool.submit(digest.update, out[pos : pos + n])
+                )  # in order: one thread
             elif digest is not None:
                 digest.update(out[pos : pos + n])
             pos += n
@@ -218,7 +241,9 @@ def _allocate(nbytes: int, name: str) -> torch.Tensor:
     try:
         return torch.empty(nbytes, dtype=torch.uint8)  # not zeroed first, unlike a bytearray
     except (RuntimeError, MemoryError) as e:
-        raise CheckpointCorruptError(f"{name}: cannot allocate the {nbytes} bytes of its tensors ({type(e).__name__}: {str(e)[:100]})") from None
+        raise CheckpointCorruptError(
+            f"{name}: cannot allocate the {nbytes} bytes of its tensors ({type(e).__name__}: {str(e)[:100]})"
+        ) from None
 
 
 def _map(fd: int, size: int, name: str, read_ahead: bool = True) -> torch.Tensor:

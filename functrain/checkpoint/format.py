@@ -68,25 +68,36 @@ import blake3
 import orjson
 import torch
 
-from functrain.errors import CheckpointCorruptError, CheckpointError
-from functrain.checkpoint.files import _digest_of, _fsync_dir, _hasher, _map, _open_regular, _read_exactly, _write_file, remove_later, wait_for_removals
+from functrain.checkpoint.files import (
+    _digest_of,
+    _fsync_dir,
+    _open_regular,
+    _read_exactly,
+    _write_file,
+    remove_later,
+    wait_for_removals,
+)
 from functrain.checkpoint.reading import read_all
 from functrain.checkpoint.tensorfile import (
     _CODE_OF,
     _DTYPE_OF,
-    MAX_HEADER_BYTES,
     MAX_RANK,
     MAX_SPAN,
     _finite_float,
-    _header_length,
     _no_constants,
-    _parse_header,
     _safetensors_chunks,
     _span,
-    _tensors_of,
     _unique_keys,
     check_json_cost,
 )
+from functrain.checkpoint.files import _hasher, _map  # noqa: F401
+from functrain.checkpoint.tensorfile import (  # noqa: F401
+    MAX_HEADER_BYTES,
+    _header_length,
+    _parse_header,
+    _tensors_of,
+)
+from functrain.errors import CheckpointCorruptError, CheckpointError
 from functrain.tree import escape_key as _escape
 from functrain.tree import leaves_by_path
 
@@ -102,7 +113,9 @@ __all__ = [
     "MANIFEST",
 ]
 
-FORMAT_VERSION = 4  # the newest this functrain reads; plain trees are written as PLAIN_FORMAT_VERSION
+FORMAT_VERSION = (
+    4  # the newest this functrain reads; plain trees are written as PLAIN_FORMAT_VERSION
+)
 PLAIN_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -116,7 +129,9 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # the digest of each format version's files and manifest: SHA-256 up to 2, BLAKE3 from 3 on
 _ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3", 4: "blake3"}
-_SEALS = {algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")}
+_SEALS = {
+    algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
+}
 _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
 
@@ -137,7 +152,9 @@ def _encode_leaf(value: Any, path: str) -> dict[str, Any]:
         try:
             return {"int": int.__repr__(value)}
         except ValueError:
-            raise CheckpointError(f"cannot save the int at {path!r}: it has over 4300 digits; store it as a str") from None
+            raise CheckpointError(
+                f"cannot save the int at {path!r}: it has over 4300 digits; store it as a str"
+            ) from None
     if isinstance(value, float):
         # float.hex() spells every NaN "nan"; the sign at least can be kept
         negative_nan = math.isnan(value) and math.copysign(1.0, value) < 0
@@ -155,7 +172,9 @@ def _check_utf8(text: str, path: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise CheckpointError(f"cannot save {text[:50]!r} at {path!r}: not valid UTF-8 (a lone surrogate)") from None
+        raise CheckpointError(
+            f"cannot save {text[:50]!r} at {path!r}: not valid UTF-8 (a lone surrogate)"
+        ) from None
 
 
 def _decode_leaf(node: Mapping[str, Any], path: str) -> Any:
@@ -191,17 +210,27 @@ class _Writer:
         if isinstance(tree, dict):
             bad = [k for k in tree if not isinstance(k, str)]
             if bad:
-                raise CheckpointError(f"dict keys must be str to be saved, got {bad[:5]} at {path!r}")
+                raise CheckpointError(
+                    f"dict keys must be str to be saved, got {bad[:5]} at {path!r}"
+                )
             for k in tree:
                 _check_utf8(k, path)
-            return {"dict": {k: self.node(v, _join(path, _escape(k)), depth + 1) for k, v in tree.items()}}
+            return {
+                "dict": {
+                    k: self.node(v, _join(path, _escape(k)), depth + 1) for k, v in tree.items()
+                }
+            }
         if isinstance(tree, tuple) and hasattr(tree, "_fields"):
             cls = type(tree)
-            fields = {f: self.node(getattr(tree, f), _join(path, f), depth + 1) for f in tree._fields}
+            fields = {
+                f: self.node(getattr(tree, f), _join(path, f), depth + 1) for f in tree._fields
+            }
             return {"namedtuple": f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
         if isinstance(tree, (tuple, list)):
             kind = "tuple" if isinstance(tree, tuple) else "list"
-            return {kind: [self.node(v, _join(path, str(i)), depth + 1) for i, v in enumerate(tree)]}
+            return {
+                kind: [self.node(v, _join(path, str(i)), depth + 1) for i, v in enumerate(tree)]
+            }
         return {"leaf": _encode_leaf(tree, path)}
 
     def _detached(self, t: torch.Tensor, path: str) -> torch.Tensor:
@@ -218,7 +247,12 @@ class _Writer:
         # tensors that share memory are written once each; a counter reused across fields is one
         shared = key in self._storages and t.numel() > 0
         self._storages.add(key)
-        if shared or not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        if (
+            shared
+            or not t.is_contiguous()
+            or t.storage_offset() != 0
+            or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        ):
             t = t.clone(memory_format=torch.contiguous_format)
         return t
 
@@ -228,37 +262,55 @@ def _join(path: str, key: str) -> str:
 
 
 class _Reader:
-    def __init__(self, tensors: Mapping[str, torch.Tensor], named_types: Mapping[str, type] | None) -> None:
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], named_types: Mapping[str, type] | None
+    ) -> None:
         self.tensors = tensors
         self.named_types = named_types or {}
         self.used: set[str] = set()
 
     def node(self, node: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
-            raise CheckpointCorruptError(f"{MANIFEST}: structure nested deeper than {MAX_DEPTH} levels at {path!r}")
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: structure nested deeper than {MAX_DEPTH} levels at {path!r}"
+            )
         if not isinstance(node, dict) or len(node) not in (1, 2):
             raise CheckpointCorruptError(f"{MANIFEST}: malformed structure node at {path!r}")
         if "tensor" in node:
             key = node["tensor"]
             if not isinstance(key, str) or key not in self.tensors:
-                raise CheckpointCorruptError(f"{MANIFEST}: tensor {str(key)[:100]!r} at {path!r} is in no tensor file")
+                raise CheckpointCorruptError(
+                    f"{MANIFEST}: tensor {str(key)[:100]!r} at {path!r} is in no tensor file"
+                )
             self.used.add(key)
             return self.tensors[key]
         if "dict" in node and isinstance(node["dict"], dict):
-            return {k: self.node(v, _join(path, _escape(k)), depth + 1) for k, v in node["dict"].items()}
-        if "namedtuple" in node and isinstance(node["namedtuple"], str) and isinstance(node.get("fields"), dict):
+            return {
+                k: self.node(v, _join(path, _escape(k)), depth + 1) for k, v in node["dict"].items()
+            }
+        if (
+            "namedtuple" in node
+            and isinstance(node["namedtuple"], str)
+            and isinstance(node.get("fields"), dict)
+        ):
             fields = {k: self.node(v, _join(path, k), depth + 1) for k, v in node["fields"].items()}
             cls = self.named_types.get(node["namedtuple"])
             try:
                 return cls(**fields) if cls is not None else fields
             except TypeError as e:
-                raise CheckpointCorruptError(f"{MANIFEST}: the fields at {path!r} do not fit {node['namedtuple']}: {e}") from None
+                raise CheckpointCorruptError(
+                    f"{MANIFEST}: the fields at {path!r} do not fit {node['namedtuple']}: {e}"
+                ) from None
         for kind, make in (("tuple", tuple), ("list", list)):
             if kind in node and isinstance(node[kind], list):
-                return make(self.node(v, _join(path, str(i)), depth + 1) for i, v in enumerate(node[kind]))
+                return make(
+                    self.node(v, _join(path, str(i)), depth + 1) for i, v in enumerate(node[kind])
+                )
         if "leaf" in node and isinstance(node["leaf"], dict):
             return _decode_leaf(node["leaf"], path)
-        raise CheckpointCorruptError(f"{MANIFEST}: unknown structure node at {path!r}: {str(node)[:200]}")
+        raise CheckpointCorruptError(
+            f"{MANIFEST}: unknown structure node at {path!r}: {str(node)[:200]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,32 +337,54 @@ def _sealed(manifest: Mapping[str, Any]) -> bytes:
     assert raw.startswith(seal)
     try:  # never write what a load would refuse
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise CheckpointCorruptError(f"{MANIFEST}: {len(raw)} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: {len(raw)} bytes, over the limit of {MAX_MANIFEST_BYTES}"
+            )
         check_json_cost(MANIFEST, raw)
     except CheckpointCorruptError as e:
-        raise CheckpointError(f"cannot save this tree: {e}; keep large data in tensors rather than in plain leaves or metadata") from None
+        raise CheckpointError(
+            f"cannot save this tree: {e}; keep large data in tensors rather than in plain leaves or metadata"
+        ) from None
     return raw[: len(seal)] + blake3.blake3(raw).hexdigest().encode() + raw[len(seal) + 64 :]
 
 
-def _json_extras(fingerprint: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+def _json_extras(
+    fingerprint: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None
+) -> dict[str, Any]:
     extras = {"fingerprint": fingerprint or {}, "metadata": metadata or {}}
     try:
         encoded = orjson.dumps(extras)
         _refuse_nonfinite(extras, "")  # orjson would write them as null
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"fingerprint and metadata must be JSON-able (str keys; str, finite numbers, bool, None, lists, dicts): {e}") from e
+        raise CheckpointError(
+            f"fingerprint and metadata must be JSON-able (str keys; str, finite numbers, bool, None, lists, dicts): {e}"
+        ) from e
     return json.loads(encoded)
 
 
 def _refuse_nonfinite(value: Any, path: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{path} is {value}; keep non-finite numbers in the tree, or as str")
-    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    items = (
+        value.items()
+        if isinstance(value, Mapping)
+        else enumerate(value)
+        if isinstance(value, (list, tuple))
+        else ()
+    )
     for k, v in items:
         _refuse_nonfinite(v, f"{path}/{k}" if path else str(k))
 
 
-def _write_tensor_files(tmp: Path, prefix: str, tensors: Mapping[str, torch.Tensor], files: dict[str, Any], index: dict[str, Any], *, empty: bool = True) -> None:
+def _write_tensor_files(
+    tmp: Path,
+    prefix: str,
+    tensors: Mapping[str, torch.Tensor],
+    files: dict[str, Any],
+    index: dict[str, Any],
+    *,
+    empty: bool = True,
+) -> None:
     """Write `tensors` as ``<prefix>-NNNNN.safetensors`` files in `tmp`, recording each in `files` and `index`.
 
     With no tensors, one empty file is written where `empty` (a plain tree's checkpoint always has a
@@ -321,12 +395,26 @@ def _write_tensor_files(tmp: Path, prefix: str, tensors: Mapping[str, torch.Tens
             continue
         name = f"{prefix}-{i:05d}.safetensors"
         chunks = _safetensors_chunks(shard)
-        files[name] = {"blake3": _write_file(tmp / name, chunks), "bytes": sum(len(c) for c in chunks)}
+        files[name] = {
+            "blake3": _write_file(tmp / name, chunks),
+            "bytes": sum(len(c) for c in chunks),
+        }
         for key, t in shard.items():
-            index[key] = {"file": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            index[key] = {
+                "file": name,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+            }
 
 
-def _manifest(version: int, structure: Any, index: Mapping[str, Any], files: Mapping[str, Any], extras: Mapping[str, Any], library_version: str) -> dict[str, Any]:
+def _manifest(
+    version: int,
+    structure: Any,
+    index: Mapping[str, Any],
+    files: Mapping[str, Any],
+    extras: Mapping[str, Any],
+    library_version: str,
+) -> dict[str, Any]:
     return {
         "format": "functrain.checkpoint",
         "format_version": version,
@@ -395,18 +483,24 @@ def write_tree(
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
         _write_tensor_files(tmp, "tensors", writer.tensors, files, index)
-        _write_manifest(tmp, _manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version))
+        _write_manifest(
+            tmp, _manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version)
+        )
         if before_commit is not None:
             before_commit()
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact") from e
+            raise CheckpointError(
+                f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact"
+            ) from e
         raise
     try:
         _commit(tmp, target)
     except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact") from e
+        raise CheckpointError(
+            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact"
+        ) from e
     return target
 
 
@@ -464,7 +558,13 @@ def _exchange(a: Path, b: Path) -> None:
     if _renameat2 is None:
         try:
             _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _renameat2.argtypes = [
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_uint,
+            ]
         except (OSError, AttributeError, TypeError):
             _renameat2 = False
     if _renameat2 is False:
@@ -481,11 +581,15 @@ def _exchange(a: Path, b: Path) -> None:
 
 def _safe_file(directory: Path, name: Any) -> Path:
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or ".." in name:
-        raise CheckpointCorruptError(f"{MANIFEST}: refused file name {str(name)[:100]!r} (expected ^[A-Za-z0-9._-]{{1,200}}$, no '..')")
+        raise CheckpointCorruptError(
+            f"{MANIFEST}: refused file name {str(name)[:100]!r} (expected ^[A-Za-z0-9._-]{{1,200}}$, no '..')"
+        )
     return directory / name
 
 
-def read_manifest(directory: str | os.PathLike[str], *, digest: str | None = None) -> dict[str, Any]:
+def read_manifest(
+    directory: str | os.PathLike[str], *, digest: str | None = None
+) -> dict[str, Any]:
     """Read and validate a checkpoint's manifest (no tensor is loaded).
 
     Args:
@@ -502,11 +606,15 @@ def read_manifest(directory: str | os.PathLike[str], *, digest: str | None = Non
     root = Path(directory)
     path = root / MANIFEST
     if not root.is_dir() or not os.path.lexists(path):
-        raise CheckpointError(f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}")
+        raise CheckpointError(
+            f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}"
+        )
     fd, size = _open_regular(path, MANIFEST)
     try:
         if size > MAX_MANIFEST_BYTES:
-            raise CheckpointCorruptError(f"{MANIFEST}: {size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: {size} bytes, over the limit of {MAX_MANIFEST_BYTES}"
+            )
         raw = _read_exactly(fd, size, MANIFEST)
     except OSError as e:
         raise CheckpointError(f"could not read {str(path)!r}: {e}") from None
@@ -515,14 +623,22 @@ def read_manifest(directory: str | os.PathLike[str], *, digest: str | None = Non
     check_json_cost(MANIFEST, raw)
     algorithm, seal = _check_seal(raw)
     if digest is not None and seal != digest:
-        raise CheckpointCorruptError(f"{MANIFEST}: its digest is {seal}, expected the pinned {str(digest)[:100]} (the checkpoint was replaced or re-sealed)")
+        raise CheckpointCorruptError(
+            f"{MANIFEST}: its digest is {seal}, expected the pinned {str(digest)[:100]} (the checkpoint was replaced or re-sealed)"
+        )
     try:
-        hooks = {"object_pairs_hook": _unique_keys(MANIFEST), "parse_constant": _no_constants(MANIFEST), "parse_float": _finite_float(MANIFEST)}
+        hooks = {
+            "object_pairs_hook": _unique_keys(MANIFEST),
+            "parse_constant": _no_constants(MANIFEST),
+            "parse_float": _finite_float(MANIFEST),
+        }
         manifest = json.loads(raw, **hooks)
     except (ValueError, RecursionError) as e:
         if isinstance(e, CheckpointCorruptError):
             raise
-        raise CheckpointCorruptError(f"{MANIFEST}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointCorruptError(
+            f"{MANIFEST}: not valid JSON ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     _check_manifest(manifest, algorithm)
     return manifest
 
@@ -534,7 +650,9 @@ def _check_seal(raw: bytes) -> tuple[str | None, str | None]:
             start, end = len(prefix), len(prefix) + 64
             recorded = raw[start:end].decode("ascii", "replace")
             if _digest_of(algorithm, raw[:start] + b"0" * 64 + raw[end:]) != recorded:
-                raise CheckpointCorruptError(f"{MANIFEST}: its {_SPELLED[algorithm]} digest does not match the manifest_{algorithm} it records (the file is corrupt)")
+                raise CheckpointCorruptError(
+                    f"{MANIFEST}: its {_SPELLED[algorithm]} digest does not match the manifest_{algorithm} it records (the file is corrupt)"
+                )
             return algorithm, recorded
     return None, None
 
@@ -552,16 +670,33 @@ def _check_manifest(m: Any, sealed: str | None) -> None:
         )
     algorithm = _ALGORITHM[version]
     if version >= 2 and sealed != algorithm:
-        raise CheckpointCorruptError(f"{MANIFEST}: format version {version} starts with its own digest, manifest_{algorithm}; it is missing or damaged")
-    for key, kind in (("structure", dict), ("tensors", dict), ("files", dict), ("fingerprint", dict), ("metadata", dict)):
+        raise CheckpointCorruptError(
+            f"{MANIFEST}: format version {version} starts with its own digest, manifest_{algorithm}; it is missing or damaged"
+        )
+    for key, kind in (
+        ("structure", dict),
+        ("tensors", dict),
+        ("files", dict),
+        ("fingerprint", dict),
+        ("metadata", dict),
+    ):
         if not isinstance(m.get(key), kind):
-            raise CheckpointCorruptError(f"{MANIFEST}: field {key!r} missing or not a {kind.__name__}")
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: field {key!r} missing or not a {kind.__name__}"
+            )
     if len(m["files"]) > MAX_FILES or len(m["tensors"]) > MAX_TENSORS:
         raise CheckpointCorruptError(f"{MANIFEST}: too many files or tensors")
     for name, info in m["files"].items():
         digest = info.get(algorithm) if isinstance(info, dict) else None
-        if not isinstance(digest, str) or not _HEX64.match(digest) or type(info.get("bytes")) is not int or info["bytes"] < 0:
-            raise CheckpointCorruptError(f"{MANIFEST}: malformed entry for file {str(name)[:100]!r} (expected {algorithm} as 64 hex digits and bytes)")
+        if (
+            not isinstance(digest, str)
+            or not _HEX64.match(digest)
+            or type(info.get("bytes")) is not int
+            or info["bytes"] < 0
+        ):
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: malformed entry for file {str(name)[:100]!r} (expected {algorithm} as 64 hex digits and bytes)"
+            )
     for key, info in m["tensors"].items():
         if version >= 4 and isinstance(info, dict) and "shards" in info:
             _check_sharded_entry(key, info, m["files"])
@@ -576,49 +711,91 @@ def _check_index_entry(key: str, info: Any, files: Mapping[str, Any]) -> None:
     """An entry of the manifest's tensor index: its file is listed, its dtype known, its shape bounded."""
     where = f"{MANIFEST}: index entry for tensor {key[:100]!r}"
     if not isinstance(info, dict) or set(info) != {"file", "dtype", "shape"}:
-        raise CheckpointCorruptError(f"{where}: expected file, dtype and shape, got {str(info)[:200]}")
+        raise CheckpointCorruptError(
+            f"{where}: expected file, dtype and shape, got {str(info)[:200]}"
+        )
     if not isinstance(info["file"], str) or info["file"] not in files:
-        raise CheckpointCorruptError(f"{where}: names file {str(info['file'])[:100]!r}, which the manifest does not list")
+        raise CheckpointCorruptError(
+            f"{where}: names file {str(info['file'])[:100]!r}, which the manifest does not list"
+        )
     if info["dtype"] not in _DTYPE_NAMES:
         raise CheckpointCorruptError(f"{where}: unknown dtype {str(info['dtype'])[:50]!r}")
     shape = info["shape"]
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(type(d) is int and 0 <= d <= MAX_SPAN for d in shape) or _span(shape) > MAX_SPAN:
-        raise CheckpointCorruptError(f"{where}: invalid shape {str(shape)[:100]} (at most {MAX_RANK} dimensions, ints whose product is at most 2**62)")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(type(d) is int and 0 <= d <= MAX_SPAN for d in shape)
+        or _span(shape) > MAX_SPAN
+    ):
+        raise CheckpointCorruptError(
+            f"{where}: invalid shape {str(shape)[:100]} (at most {MAX_RANK} dimensions, ints whose product is at most 2**62)"
+        )
 
 
 def _check_sharded_entry(key: str, info: dict[str, Any], files: Mapping[str, Any]) -> None:
     """A sharded tensor's entry (format 4): its shards, in order, tile its first dimension exactly."""
     where = f"{MANIFEST}: index entry for sharded tensor {key[:100]!r}"
-    if set(info) != {"dtype", "shape", "shards"} or not isinstance(info["shards"], list) or len(info["shards"]) > MAX_FILES:
-        raise CheckpointCorruptError(f"{where}: expected dtype, shape and a list of at most {MAX_FILES} shards, got {str(info)[:200]}")
+    if (
+        set(info) != {"dtype", "shape", "shards"}
+        or not isinstance(info["shards"], list)
+        or len(info["shards"]) > MAX_FILES
+    ):
+        raise CheckpointCorruptError(
+            f"{where}: expected dtype, shape and a list of at most {MAX_FILES} shards, got {str(info)[:200]}"
+        )
     _check_index_entry(key, {"file": "", "dtype": info["dtype"], "shape": info["shape"]}, {"": {}})
     shape, end, seen = info["shape"], 0, set()
     for shard in info["shards"]:
         if not isinstance(shard, dict) or set(shard) != {"file", "offset", "extent", "blake3"}:
-            raise CheckpointCorruptError(f"{where}: a shard must have file, offset, extent and blake3, got {str(shard)[:200]}")
-        if not isinstance(shard["file"], str) or shard["file"] not in files or shard["file"] in seen:
-            raise CheckpointCorruptError(f"{where}: a shard names file {str(shard['file'])[:100]!r}, which the manifest does not list or names twice")
+            raise CheckpointCorruptError(
+                f"{where}: a shard must have file, offset, extent and blake3, got {str(shard)[:200]}"
+            )
+        if (
+            not isinstance(shard["file"], str)
+            or shard["file"] not in files
+            or shard["file"] in seen
+        ):
+            raise CheckpointCorruptError(
+                f"{where}: a shard names file {str(shard['file'])[:100]!r}, which the manifest does not list or names twice"
+            )
         seen.add(shard["file"])
         offset, extent = shard["offset"], shard["extent"]
         rest = [0] * (len(shape) - 1)
-        if not shape or offset != [end, *rest] or type(end) is not int or not isinstance(extent, list) or extent[1:] != shape[1:] or not extent or type(extent[0]) is not int or extent[0] < 1:
-            raise CheckpointCorruptError(f"{where}: shard of {str(shard['file'])[:100]!r} at offset {str(offset)[:100]}, extent {str(extent)[:100]} does not continue the shards before it (rows from {end}) within shape {shape}")
+        if (
+            not shape
+            or offset != [end, *rest]
+            or type(end) is not int
+            or not isinstance(extent, list)
+            or extent[1:] != shape[1:]
+            or not extent
+            or type(extent[0]) is not int
+            or extent[0] < 1
+        ):
+            raise CheckpointCorruptError(
+                f"{where}: shard of {str(shard['file'])[:100]!r} at offset {str(offset)[:100]}, extent {str(extent)[:100]} does not continue the shards before it (rows from {end}) within shape {shape}"
+            )
         if not isinstance(shard["blake3"], str) or not _HEX64.match(shard["blake3"]):
             raise CheckpointCorruptError(f"{where}: a shard's blake3 must be 64 hex digits")
         end += extent[0]
     if shape and end != shape[0]:
-        raise CheckpointCorruptError(f"{where}: its shards cover rows 0:{end}, its shape {shape} has {shape[0]}")
+        raise CheckpointCorruptError(
+            f"{where}: its shards cover rows 0:{end}, its shape {shape} has {shape[0]}"
+        )
     if not shape:
         raise CheckpointCorruptError(f"{where}: a 0-d tensor is never sharded")
 
 
-def _checked_rows(manifest: Mapping[str, Any], rows: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+def _checked_rows(
+    manifest: Mapping[str, Any], rows: Mapping[str, tuple[int, int]]
+) -> dict[str, tuple[int, int]]:
     """The rows asked for, each of a tensor the checkpoint holds and within its first dimension."""
     index = manifest["tensors"]
     for key, (start, stop) in rows.items():
         shape = index[key]["shape"] if key in index else []
         if not shape or not 0 <= start <= stop <= shape[0]:
-            raise CheckpointError(f"rows {start}:{stop} of tensor {key[:100]!r} were asked for; the checkpoint holds it with shape {shape}")
+            raise CheckpointError(
+                f"rows {start}:{stop} of tensor {key[:100]!r} were asked for; the checkpoint holds it with shape {shape}"
+            )
     return dict(rows)
 
 
@@ -629,8 +806,9 @@ def _check_memory(total: int) -> None:
     except (ValueError, OSError):
         return
     if total > memory:
-        raise CheckpointCorruptError(f"{MANIFEST}: the files declare {total} bytes, more than this machine's memory ({memory} bytes)")
-
+        raise CheckpointCorruptError(
+            f"{MANIFEST}: the files declare {total} bytes, more than this machine's memory ({memory} bytes)"
+        )
 
 
 def verify(directory: str | os.PathLike[str], *, digest: str | None = None) -> dict[str, Any]:
@@ -692,7 +870,9 @@ def read_tree(
     manifest = read_manifest(root, digest=digest)
     algorithm = _ALGORITHM[manifest["format_version"]]
     wanted = _checked_rows(manifest, rows(manifest) if rows is not None else {})
-    tensors = read_all(lambda name: _safe_file(root, name), manifest, algorithm, wanted, _check_memory)
+    tensors = read_all(
+        lambda name: _safe_file(root, name), manifest, algorithm, wanted, _check_memory
+    )
     if map_location is not None:
         move = map_location if callable(map_location) else (lambda t: t.to(map_location))
         tensors = {k: move(v) for k, v in tensors.items()}
@@ -700,7 +880,9 @@ def read_tree(
     tree = reader.node(manifest["structure"], "", 0)
     unused = sorted(set(tensors) - reader.used)
     if unused:
-        raise CheckpointCorruptError(f"{MANIFEST}: tensors {unused[:10]} are stored but not in the structure")
+        raise CheckpointCorruptError(
+            f"{MANIFEST}: tensors {unused[:10]} are stored but not in the structure"
+        )
     return tree, manifest
 
 
@@ -718,7 +900,9 @@ def compare_to_template(loaded: Tree, like: Tree) -> list[str]:
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
             problems.append(f"{path}: expected {_kind(a)}, got {_kind(b)}")
         elif isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
-            problems.append(f"{path}: expected {list(a.shape)} {a.dtype}, got {list(b.shape)} {b.dtype}")
+            problems.append(
+                f"{path}: expected {list(a.shape)} {a.dtype}, got {list(b.shape)} {b.dtype}"
+            )
     return problems
 
 

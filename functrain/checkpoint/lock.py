@@ -75,7 +75,9 @@ class WriterLock:
                     "One process writes a directory at a time: stop that run, give this one another "
                     "directory, or open CheckpointManager(..., readonly=True) to only read"
                 ) from None
-            raise CheckpointError(f"cannot lock {str(path)!r}: {e} (this filesystem may not support locks)") from None
+            raise CheckpointError(
+                f"cannot lock {str(path)!r}: {e} (this filesystem may not support locks)"
+            ) from None
         _record(fd)
         return cls(fd, path)
 
@@ -94,7 +96,9 @@ class WriterLock:
 
 def _record(fd: int) -> None:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+    record = json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+    ).encode()
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, record + b"\n", 0)
@@ -106,7 +110,11 @@ def _holder(fd: int) -> str:
     """Who holds the lock, as its record says (bounded read; any content is tolerated)."""
     try:
         record = json.loads(os.pread(fd, _MAX_RECORD_BYTES, 0))
-        pid, host, started = int(record["pid"]), str(record["host"])[:100], str(record["started"])[:40]
+        pid, host, started = (
+            int(record["pid"]),
+            str(record["host"])[:100],
+            str(record["started"])[:40],
+        )
     except (OSError, ValueError, TypeError, KeyError, RecursionError):
         return "another process (its record in the lock file is unreadable)"
     return f"process {pid} on host {host!r} (since {started})"

@@ -24,18 +24,33 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from functrain.core.ensemble import host_count
 from functrain.checkpoint import directory as layout
-from functrain.checkpoint.directory import BEST, REGULAR, checkpoint_name, is_committed, link_copy, listed, point_latest, read_pointer, recover
+from functrain.checkpoint.directory import (
+    BEST,
+    REGULAR,
+    checkpoint_name,
+    is_committed,
+    link_copy,
+    listed,
+    point_latest,
+    read_pointer,
+    recover,
+)
 from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import read_manifest, write_tree
 from functrain.checkpoint.lock import WriterLock
 from functrain.checkpoint.sharded import agree, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import fingerprint, load
-from functrain.distributed.data_parallel import all_gather_json
+from functrain.core.ensemble import host_count
 from functrain.core.state import TrainState
-from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
+from functrain.distributed.data_parallel import all_gather_json
+from functrain.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    ConfigError,
+    StateMismatchError,
+)
 
 __all__ = ["CheckpointManager"]
 
@@ -114,28 +129,49 @@ class CheckpointManager:
     ) -> None:
         problems = []
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            problems.append(f"keep_last must be an int >= 1 or None (keep all), got keep_last={keep_last!r}")
+            problems.append(
+                f"keep_last must be an int >= 1 or None (keep all), got keep_last={keep_last!r}"
+            )
         if not isinstance(keep_best, int) or keep_best < 0:
             problems.append(f"keep_best must be an int >= 0, got keep_best={keep_best!r}")
         if mode not in ("min", "max"):
             problems.append(f"mode must be 'min' or 'max', got mode={mode!r}")
         if readonly and async_save:
-            problems.append("async_save=True writes checkpoints: a manager opened with readonly=True never does")
+            problems.append(
+                "async_save=True writes checkpoints: a manager opened with readonly=True never does"
+            )
         if sharded and readonly:
-            problems.append("sharded=True opens the manager that saves on every rank; to only read, open readonly=True without sharded (loading into a sharded template is collective anyway)")
+            problems.append(
+                "sharded=True opens the manager that saves on every rank; to only read, open readonly=True without sharded (loading into a sharded template is collective anyway)"
+            )
         if sharded and not (dist.is_available() and dist.is_initialized()):
-            problems.append("sharded=True needs an initialized torch.distributed process group: call functrain.distributed.init_from_env() first")
+            problems.append(
+                "sharded=True needs an initialized torch.distributed process group: call functrain.distributed.init_from_env() first"
+            )
         if problems:
-            raise ConfigError("invalid arguments to CheckpointManager:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(
+                "invalid arguments to CheckpointManager:\n  - " + "\n  - ".join(problems)
+            )
         self.directory = Path(directory)
-        self.keep_last, self.keep_best, self.best_metric, self.mode = keep_last, keep_best, best_metric, mode
+        self.keep_last, self.keep_best, self.best_metric, self.mode = (
+            keep_last,
+            keep_best,
+            best_metric,
+            mode,
+        )
         self.readonly, self.sharded, self.metadata = readonly, sharded, dict(metadata or {})
         self.restored: Path | None = None
         self._group, self._rank, self._open = None, 0, True
         if sharded:
             self._group, self._rank = dist.new_group(backend="gloo"), dist.get_rank()
-        self._writer = None if readonly else _open_writer(self.directory, remove_temporary, self._group, self._rank)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-ckpt") if async_save else None
+        self._writer = (
+            None
+            if readonly
+            else _open_writer(self.directory, remove_temporary, self._group, self._rank)
+        )
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="functrain-ckpt") if async_save else None
+        )
         self._pending: Future[Path] | None = None
         self._unwaited = _Unwaited()
         self._commit_lock = threading.Lock()
@@ -161,7 +197,11 @@ class CheckpointManager:
         try:
             name = read_pointer(self.directory)
         except CheckpointCorruptError as e:
-            warnings.warn(f"ignoring the latest pointer of {self.directory}: {e}; using the newest checkpoint by name", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"ignoring the latest pointer of {self.directory}: {e}; using the newest checkpoint by name",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             name = None
         if name is not None and is_committed(self.directory / name):
             return self.directory / name
@@ -188,13 +228,27 @@ class CheckpointManager:
         try:
             metrics = read_manifest(path)["metadata"].get("metrics", {})
             value = metrics.get(self.best_metric) if isinstance(metrics, dict) else None
-        except Exception:  # removed meanwhile, damaged or crafted: a best that cannot be read ranks nowhere
+        except (
+            Exception
+        ):  # removed meanwhile, damaged or crafted: a best that cannot be read ranks nowhere
             return None
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) else None
+        return (
+            float(value)
+            if isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not math.isnan(value)
+            else None
+        )
 
     # -- saving (the writer only) -----------------------------------------------------------------
 
-    def save(self, state: TrainState, metrics: dict[str, Any] | None = None, *, metadata: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        state: TrainState,
+        metrics: dict[str, Any] | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
         """Save a regular checkpoint (and a best one if `best_metric` improved), then rotate.
 
         Args:
@@ -216,14 +270,22 @@ class CheckpointManager:
         self.wait()
         host_metrics = {k: _host(v) for k, v in (metrics or {}).items()}
         name = checkpoint_name("ckpt", state)
-        meta = {**self.metadata, **(metadata or {}), "metrics": host_metrics, "step": host_count(state.step), "epoch": host_count(state.epoch)}
+        meta = {
+            **self.metadata,
+            **(metadata or {}),
+            "metrics": host_metrics,
+            "step": host_count(state.step),
+            "epoch": host_count(state.epoch),
+        }
         tree, fp = state.tree(), fingerprint(state)
         if self._pool is None:
             return self._commit(name, tree, fp, meta)
         # the state's own tensors, held until written (see functrain.checkpoint.snapshot): no copy
         snapshot = Snapshot(tree)
         try:
-            self._pending = self._pool.submit(self._commit_in_background, name, snapshot, fp, meta, state)
+            self._pending = self._pool.submit(
+                self._commit_in_background, name, snapshot, fp, meta, state
+            )
         except BaseException:
             snapshot.release()
             raise
@@ -231,40 +293,86 @@ class CheckpointManager:
 
     def _require_writer(self, action: str) -> None:
         if self.readonly:
-            raise CheckpointError(f"cannot {action}: this CheckpointManager of {str(self.directory)!r} was opened with readonly=True; open it without readonly in the one process that writes")
+            raise CheckpointError(
+                f"cannot {action}: this CheckpointManager of {str(self.directory)!r} was opened with readonly=True; open it without readonly in the one process that writes"
+            )
         # rank 0 holds the lock; the other ranks of a sharded manager write their shards under it
         closed = not self._open if self._rank else self._writer is None or not self._writer.held
         if closed:
-            raise CheckpointError(f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed (its writer lock was released)")
+            raise CheckpointError(
+                f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed (its writer lock was released)"
+            )
 
-    def _commit(self, name: str, tree: Any, fp: dict[str, Any], meta: dict[str, Any], before_commit: Callable[[], None] | None = None) -> Path:
+    def _commit(
+        self,
+        name: str,
+        tree: Any,
+        fp: dict[str, Any],
+        meta: dict[str, Any],
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path:
         from functrain import __version__
 
         with self._commit_lock:
             if self.sharded:  # every rank its shards; rank 0 the manifest, then the books
-                path = write_sharded(self.directory / name, tree, group=self._group, fingerprint=fp, metadata=meta, library_version=__version__, before_commit=before_commit)
+                path = write_sharded(
+                    self.directory / name,
+                    tree,
+                    group=self._group,
+                    fingerprint=fp,
+                    metadata=meta,
+                    library_version=__version__,
+                    before_commit=before_commit,
+                )
             else:
-                path = write_tree(self.directory / name, tree, fingerprint=fp, metadata=meta, library_version=__version__, before_commit=before_commit)
+                path = write_tree(
+                    self.directory / name,
+                    tree,
+                    fingerprint=fp,
+                    metadata=meta,
+                    library_version=__version__,
+                    before_commit=before_commit,
+                )
             books: CheckpointError | None = None
             if self._rank == 0:
                 try:
-                    self._keep_books(path, meta["metrics"].get(self.best_metric) if self.best_metric is not None else None)
+                    self._keep_books(
+                        path,
+                        meta["metrics"].get(self.best_metric)
+                        if self.best_metric is not None
+                        else None,
+                    )
                 except CheckpointError as e:
                     books = e
-            if self.sharded:  # the other ranks go on once `latest`, the best ones and the rotation are done
+            if (
+                self.sharded
+            ):  # the other ranks go on once `latest`, the best ones and the rotation are done
                 all_gather_json(None, self._group)
             if books is not None:
                 raise books
             return path
 
-    def _commit_in_background(self, name: str, snapshot: Snapshot, fp: dict[str, Any], meta: dict[str, Any], state: TrainState) -> Path:
+    def _commit_in_background(
+        self,
+        name: str,
+        snapshot: Snapshot,
+        fp: dict[str, Any],
+        meta: dict[str, Any],
+        state: TrainState,
+    ) -> Path:
         # `state` is only held: while this runs, fit sees a second holder and does not donate it
         try:
-            return self._commit(name, snapshot.tree, fp, meta, before_commit=snapshot.check_unchanged)
+            return self._commit(
+                name, snapshot.tree, fp, meta, before_commit=snapshot.check_unchanged
+            )
         except BaseException as e:
             # kept as text, before the future holds the error: an exit without wait() still reports it
             saved = getattr(e, "saved_as", None) is not None
-            self._unwaited.failure = str(e) if saved else f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
+            self._unwaited.failure = (
+                str(e)
+                if saved
+                else f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
+            )
             raise
         finally:
             snapshot.release()
@@ -273,7 +381,10 @@ class CheckpointManager:
         """After `path` committed: point `latest` at it, keep it as a best, rotate; say what failed."""
         pointed = self._pointed()
         steps: list[tuple[str, Callable[[], None]]] = [
-            (f"the latest pointer still names {pointed}", lambda: point_latest(self.directory, path.name)),
+            (
+                f"the latest pointer still names {pointed}",
+                lambda: point_latest(self.directory, path.name),
+            ),
             ("the best checkpoints are as they were", lambda: self._keep_if_best(path, value)),
             ("no older checkpoint was removed", lambda: self._rotate(path)),
         ]
@@ -296,7 +407,12 @@ class CheckpointManager:
             return "no checkpoint (it was unreadable)"
 
     def _keep_if_best(self, path: Path, value: Any) -> None:
-        if not self.keep_best or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        if (
+            not self.keep_best
+            or not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or math.isnan(value)
+        ):
             return
         # a place among the `keep_best` best, not only a new record: keep_best=2 keeps the two best
         ranked = self._ranked_bests()
@@ -304,7 +420,9 @@ class CheckpointManager:
             threshold = ranked[self.keep_best - 1][0]
             if not (value < threshold if self.mode == "min" else value > threshold):
                 return
-        link_copy(path, self.directory / path.name.replace("ckpt", "best", 1))  # replaces a best of the same step
+        link_copy(
+            path, self.directory / path.name.replace("ckpt", "best", 1)
+        )  # replaces a best of the same step
         for _, old in self._ranked_bests()[self.keep_best :]:
             layout.remove(old)
 
@@ -312,7 +430,9 @@ class CheckpointManager:
         if self.keep_last is None:
             return
         for old in self.all()[: -self.keep_last]:
-            if old != just_saved:  # an older step saved after newer ones is still the one just asked for
+            if (
+                old != just_saved
+            ):  # an older step saved after newer ones is still the one just asked for
                 layout.remove(old)
 
     def wait(self) -> None:
@@ -333,7 +453,9 @@ class CheckpointManager:
             raise
         except Exception as e:
             self._unwaited.failure = None
-            raise CheckpointError(f"background checkpoint save failed: {type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"background checkpoint save failed: {type(e).__name__}: {e}"
+            ) from e
 
     def close(self) -> None:
         """Finish pending work (raising its error), stop the background thread, release the lock."""
@@ -381,7 +503,11 @@ class CheckpointManager:
             except StateMismatchError:
                 raise
             except Exception as e:
-                warnings.warn(f"skipping checkpoint {path.name}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipping checkpoint {path.name}: {type(e).__name__}: {e}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return None
 
     def cleanup(self) -> None:
@@ -393,10 +519,16 @@ class CheckpointManager:
         if self._rank:
             return
         for name in recover(self.directory):
-            warnings.warn(f"{self.directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
-def _open_writer(directory: Path, remove_temporary: bool, group: Any = None, rank: int = 0) -> WriterLock | None:
+def _open_writer(
+    directory: Path, remove_temporary: bool, group: Any = None, rank: int = 0
+) -> WriterLock | None:
     """Rank 0's lock on `directory`, its leftovers recovered; with a `group`, every rank learns whether that worked."""
     if group is None:
         return _lock_and_recover(directory, remove_temporary)
@@ -419,15 +551,23 @@ def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create the checkpoint directory {str(directory)!r}: {e}") from None
+        raise CheckpointError(
+            f"cannot create the checkpoint directory {str(directory)!r}: {e}"
+        ) from None
     lock = WriterLock.acquire(directory)
     try:
         if remove_temporary:
             for name in recover(directory):
-                warnings.warn(f"{directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"{directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
     except OSError as e:
         lock.release()
-        raise CheckpointError(f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; nothing committed was removed") from None
+        raise CheckpointError(
+            f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; nothing committed was removed"
+        ) from None
     return lock
 
 
@@ -441,7 +581,9 @@ class _Unwaited:
         self.failure: str | None = None
 
 
-def _finish(unwaited: _Unwaited, pool: ThreadPoolExecutor | None, writer: WriterLock | None) -> None:
+def _finish(
+    unwaited: _Unwaited, pool: ThreadPoolExecutor | None, writer: WriterLock | None
+) -> None:
     try:
         if pool is not None:
             # no waiting: the pending save has run (at exit, the pool's thread was joined first;
@@ -449,7 +591,11 @@ def _finish(unwaited: _Unwaited, pool: ThreadPoolExecutor | None, writer: Writer
             pool.shutdown(wait=False)
         failure, unwaited.failure = unwaited.failure, None
         if failure is not None:
-            warnings.warn(f"an async save failed and nothing called wait() or close() on its CheckpointManager to raise it: {failure}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"an async save failed and nothing called wait() or close() on its CheckpointManager to raise it: {failure}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     finally:
         if writer is not None:
             writer.release()

@@ -19,7 +19,14 @@ import blake3
 import torch
 
 from functrain.checkpoint.files import _hasher, _map, _open_regular, _read_exactly
-from functrain.checkpoint.tensorfile import MAX_HEADER_BYTES, Entry, _bytes_of, _header_length, _parse_header, _tensors_of
+from functrain.checkpoint.tensorfile import (
+    MAX_HEADER_BYTES,
+    Entry,
+    _bytes_of,
+    _header_length,
+    _parse_header,
+    _tensors_of,
+)
 from functrain.errors import CheckpointCorruptError
 
 _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
@@ -27,11 +34,16 @@ _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
 def _header_bound(index: Mapping[str, Any]) -> int:
     """The longest safetensors header the tensors listed for a file can justify (every key escaped)."""
-    justified = sum(6 * len(key.encode("utf-8", "surrogatepass")) + 128 + 21 * len(info["shape"]) for key, info in index.items())
+    justified = sum(
+        6 * len(key.encode("utf-8", "surrogatepass")) + 128 + 21 * len(info["shape"])
+        for key, info in index.items()
+    )
     return min(MAX_HEADER_BYTES, 4096 + 2 * justified)
 
 
-def _read_tensor_file(path: Path, info: Mapping[str, Any], algorithm: str, index: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _read_tensor_file(
+    path: Path, info: Mapping[str, Any], algorithm: str, index: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """A tensor file's tensors, checked against the manifest, every byte hashed once.
 
     The header is read and checked against the manifest's `index` (this file's entries) before
@@ -51,16 +63,22 @@ def _read_tensor_file(path: Path, info: Mapping[str, Any], algorithm: str, index
     digest = _hasher(algorithm, threads=True)
     digest.update(whole.numpy())
     if digest.hexdigest() != info[algorithm]:
-        raise CheckpointCorruptError(f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is corrupt)")
+        raise CheckpointCorruptError(
+            f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is corrupt)"
+        )
     if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one hashed
         raise CheckpointCorruptError(f"{name}: changed while it was read")
     return _tensors_of(entries, whole[len(head) :])
 
 
-def _read_header(fd: int, size: int, name: str, info: Mapping[str, Any], index: Mapping[str, Any]) -> tuple[bytearray, list[Entry]]:
+def _read_header(
+    fd: int, size: int, name: str, info: Mapping[str, Any], index: Mapping[str, Any]
+) -> tuple[bytearray, list[Entry]]:
     """The file's first bytes up to its data, and its entries, checked against the manifest's `info` and `index`."""
     if size != info["bytes"]:
-        raise CheckpointCorruptError(f"{name}: {size} bytes, the manifest records {info['bytes']} (truncated or replaced)")
+        raise CheckpointCorruptError(
+            f"{name}: {size} bytes, the manifest records {info['bytes']} (truncated or replaced)"
+        )
     if size < 8:
         raise CheckpointCorruptError(f"{name}: {size} bytes, too short for a safetensors file")
     head = _read_exactly(fd, 8, name)
@@ -71,7 +89,9 @@ def _read_header(fd: int, size: int, name: str, info: Mapping[str, Any], index: 
     return head, entries
 
 
-def read_tensors(path: Path, info: Mapping[str, Any], index: Mapping[str, Any], wanted: Mapping[str, str]) -> dict[str, torch.Tensor]:
+def read_tensors(
+    path: Path, info: Mapping[str, Any], index: Mapping[str, Any], wanted: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
     """Some tensors of a tensor file, each checked against its own BLAKE3 digest.
 
     What a rank of a sharded load reads: the file's size and header are checked against the
@@ -101,7 +121,9 @@ def read_tensors(path: Path, info: Mapping[str, Any], index: Mapping[str, Any], 
         digest = _hasher("blake3", threads=True)
         digest.update(data[begin:stop].numpy())
         if digest.hexdigest() != wanted[key]:
-            raise CheckpointCorruptError(f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)")
+            raise CheckpointCorruptError(
+                f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)"
+            )
     return _tensors_of(picked, data)
 
 
@@ -110,12 +132,18 @@ def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[st
     held = {key: (str(dtype).removeprefix("torch."), shape) for _, _, key, dtype, shape in entries}
     missing, extra = sorted(set(index) - set(held)), sorted(set(held) - set(index))
     if missing:
-        raise CheckpointCorruptError(f"{name}: does not hold tensors {missing[:10]}, which the manifest lists in it")
+        raise CheckpointCorruptError(
+            f"{name}: does not hold tensors {missing[:10]}, which the manifest lists in it"
+        )
     if extra:
-        raise CheckpointCorruptError(f"{name}: holds tensors the manifest does not list in it: {extra[:10]}")
+        raise CheckpointCorruptError(
+            f"{name}: holds tensors the manifest does not list in it: {extra[:10]}"
+        )
     for key, (dtype, shape) in held.items():
         if [index[key]["dtype"], index[key]["shape"]] != [dtype, shape]:
-            raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} is {shape} {dtype}, the manifest records {str(index[key])[:200]}")
+            raise CheckpointCorruptError(
+                f"{name}: tensor {key[:100]!r} is {shape} {dtype}, the manifest records {str(index[key])[:200]}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,13 +153,18 @@ def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[st
 Rows = Mapping[str, tuple[int, int]]
 
 
-def index_by_file(index: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Mapping[str, Any]]]:
+def index_by_file(
+    index: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, Mapping[str, Any]]]:
     """Each file's entries, key -> ``{"dtype", "shape"}``; a shard's shape is its extent."""
     by_file: dict[str, dict[str, Mapping[str, Any]]] = {}
     for key, info in index.items():
         if "shards" in info:
             for shard in info["shards"]:
-                by_file.setdefault(shard["file"], {})[key] = {"dtype": info["dtype"], "shape": shard["extent"]}
+                by_file.setdefault(shard["file"], {})[key] = {
+                    "dtype": info["dtype"],
+                    "shape": shard["extent"],
+                }
         else:
             by_file.setdefault(info["file"], {})[key] = info
     return by_file
@@ -142,7 +175,9 @@ def _overlaps(shard: Mapping[str, Any], span: tuple[int, int]) -> bool:
     return lo < span[1] and lo + shard["extent"][0] > span[0]
 
 
-def plan(index: Mapping[str, Mapping[str, Any]], files: Mapping[str, Any], rows: Rows) -> tuple[set[str], dict[str, dict[str, str]]]:
+def plan(
+    index: Mapping[str, Mapping[str, Any]], files: Mapping[str, Any], rows: Rows
+) -> tuple[set[str], dict[str, dict[str, str]]]:
     """What to read: the files to read whole, and ``file -> {key: digest}`` of the shards to read alone.
 
     A tensor without `rows` comes from whole files (every shard of it); one with `rows` from the
@@ -164,7 +199,13 @@ def plan(index: Mapping[str, Mapping[str, Any]], files: Mapping[str, Any], rows:
     return whole | (set(files) - referenced), some
 
 
-def read_all(file_at: Callable[[str], Path], manifest: Mapping[str, Any], algorithm: str, rows: Rows, check_memory: Callable[[int], None]) -> dict[str, torch.Tensor]:
+def read_all(
+    file_at: Callable[[str], Path],
+    manifest: Mapping[str, Any],
+    algorithm: str,
+    rows: Rows,
+    check_memory: Callable[[int], None],
+) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, keyed by its path: whole, or only the `rows` asked for.
 
     Each file is read once: whole (its digest over every byte, and each shard in it checked
@@ -174,14 +215,21 @@ def read_all(file_at: Callable[[str], Path], manifest: Mapping[str, Any], algori
     index, files = manifest["tensors"], manifest["files"]
     whole, some = plan(index, files, rows)
     by_file = index_by_file(index)
-    check_memory(sum(files[name]["bytes"] for name in whole) + sum(_shard_bytes(index[key], file) for file, keys in some.items() for key in keys))
+    check_memory(
+        sum(files[name]["bytes"] for name in whole)
+        + sum(_shard_bytes(index[key], file) for file, keys in some.items() for key in keys)
+    )
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     for name in files:
         if name in whole:
-            loaded[name] = _read_tensor_file(file_at(name), files[name], algorithm, by_file.get(name, {}))
+            loaded[name] = _read_tensor_file(
+                file_at(name), files[name], algorithm, by_file.get(name, {})
+            )
             _check_shard_digests(name, loaded[name], index)
         elif name in some:
-            loaded[name] = read_tensors(file_at(name), files[name], by_file.get(name, {}), some[name])
+            loaded[name] = read_tensors(
+                file_at(name), files[name], by_file.get(name, {}), some[name]
+            )
     return {key: _assemble(key, info, rows.get(key), loaded) for key, info in index.items()}
 
 
@@ -190,14 +238,30 @@ def _shard_bytes(info: Mapping[str, Any], file: str) -> int:
     return math.prod(extent) * getattr(torch, info["dtype"]).itemsize
 
 
-def _check_shard_digests(name: str, tensors: Mapping[str, torch.Tensor], index: Mapping[str, Mapping[str, Any]]) -> None:
+def _check_shard_digests(
+    name: str, tensors: Mapping[str, torch.Tensor], index: Mapping[str, Mapping[str, Any]]
+) -> None:
     for key, t in tensors.items():
-        digest = next((shard["blake3"] for shard in index[key].get("shards", ()) if shard["file"] == name), None)
-        if digest is not None and blake3.blake3(_bytes_of(t.contiguous()), max_threads=blake3.blake3.AUTO).hexdigest() != digest:
-            raise CheckpointCorruptError(f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)")
+        digest = next(
+            (shard["blake3"] for shard in index[key].get("shards", ()) if shard["file"] == name),
+            None,
+        )
+        if (
+            digest is not None
+            and blake3.blake3(_bytes_of(t.contiguous()), max_threads=blake3.blake3.AUTO).hexdigest()
+            != digest
+        ):
+            raise CheckpointCorruptError(
+                f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)"
+            )
 
 
-def _assemble(key: str, info: Mapping[str, Any], span: tuple[int, int] | None, loaded: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+def _assemble(
+    key: str,
+    info: Mapping[str, Any],
+    span: tuple[int, int] | None,
+    loaded: Mapping[str, Mapping[str, torch.Tensor]],
+) -> torch.Tensor:
     """The tensor at `key`, or its rows `span`, from the pieces read."""
     if "shards" not in info:
         t = loaded[info["file"]][key]

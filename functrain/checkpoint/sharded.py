@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-import orjson
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
@@ -62,7 +61,18 @@ from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import leaves_by_path
 
-__all__ = ["is_sharded", "has_dtensors", "chunk_rows", "exchange_group", "agree", "write_sharded", "rows_wanted", "place", "placed_like", "read_for"]
+__all__ = [
+    "is_sharded",
+    "has_dtensors",
+    "chunk_rows",
+    "exchange_group",
+    "agree",
+    "write_sharded",
+    "rows_wanted",
+    "place",
+    "placed_like",
+    "read_for",
+]
 
 Tree = Any
 
@@ -95,7 +105,13 @@ def _layout(t: Any, path: str) -> tuple[int, int] | None:
     placements, mesh = tuple(t.placements), t.device_mesh
     if all(isinstance(p, Replicate) for p in placements):
         return None
-    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0 or t.dim() == 0:
+    if (
+        mesh.ndim != 1
+        or len(placements) != 1
+        or not isinstance(placements[0], Shard)
+        or placements[0].dim != 0
+        or t.dim() == 0
+    ):
         raise CheckpointError(
             f"cannot save or load the DTensor at {path!r}: placements {placements} on a {mesh.ndim}-D mesh; "
             "sharded checkpoints hold tensors placed (Shard(0),) or replicated on a 1-D mesh"
@@ -124,12 +140,17 @@ class _ShardWriter(_Writer):
             local = tree._local_tensor
             if rows is None:
                 return super().node(local, path, depth)
-            self.sharded[path] = {"dtype": str(tree.dtype).removeprefix("torch."), "shape": list(tree.shape)}
+            self.sharded[path] = {
+                "dtype": str(tree.dtype).removeprefix("torch."),
+                "shape": list(tree.shape),
+            }
             if rows[1] > rows[0]:
                 self.shards[path] = (self._detached(local, path), rows[0])
             return {"tensor": path}
         if isinstance(tree, torch.Tensor) and not self.replicated:
-            self._detached(tree[:0] if tree.dim() else tree.reshape(1)[:0], path)  # the dtype checks only: rank 0 writes it
+            self._detached(
+                tree[:0] if tree.dim() else tree.reshape(1)[:0], path
+            )  # the dtype checks only: rank 0 writes it
             return {"tensor": path}
         return super().node(tree, path, depth)
 
@@ -154,14 +175,23 @@ def exchange_group() -> Any:
     return _groups[key]
 
 
-_ERRORS = {cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.FunctrainError)}
+_ERRORS = {
+    cls.__name__: cls
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, errors.FunctrainError)
+}
 
 
 def _described(error: BaseException | None) -> dict[str, str] | None:
     if error is None:
         return None
     kind = type(error).__name__ if type(error).__name__ in _ERRORS else "CheckpointError"
-    return {"kind": kind, "message": f"{type(error).__name__}: {error}" if kind == "CheckpointError" and not isinstance(error, CheckpointError) else str(error)}
+    return {
+        "kind": kind,
+        "message": f"{type(error).__name__}: {error}"
+        if kind == "CheckpointError" and not isinstance(error, CheckpointError)
+        else str(error),
+    }
 
 
 def agree(error: BaseException | None, group: Any, what: str) -> list[Any]:
@@ -174,14 +204,18 @@ def agree(error: BaseException | None, group: Any, what: str) -> list[Any]:
     return _agree_reports({"error": _described(error)}, error, group, what)
 
 
-def _agree_reports(report: dict[str, Any], error: BaseException | None, group: Any, what: str) -> list[dict[str, Any]]:
+def _agree_reports(
+    report: dict[str, Any], error: BaseException | None, group: Any, what: str
+) -> list[dict[str, Any]]:
     reports = all_gather_json(report, group)
     failed = [(rank, r["error"]) for rank, r in enumerate(reports) if r["error"] is not None]
     if not failed:
         return reports
     rank, first = failed[0]
     others = f" (and on ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
-    raise _ERRORS.get(first["kind"], CheckpointError)(f"{what} failed on rank {rank}{others}: {first['message']}") from error
+    raise _ERRORS.get(first["kind"], CheckpointError)(
+        f"{what} failed on rank {rank}{others}: {first['message']}"
+    ) from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,10 +268,21 @@ def write_sharded(
         error = e
     what = f"saving checkpoint {str(target)!r}"
     try:
-        reports = _agree_reports({"error": _described(error), "tmp": tmp.name if tmp is not None else None, "path": str(target.absolute())}, error, group, what)
+        reports = _agree_reports(
+            {
+                "error": _described(error),
+                "tmp": tmp.name if tmp is not None else None,
+                "path": str(target.absolute()),
+            },
+            error,
+            group,
+            what,
+        )
         paths = sorted({report["path"] for report in reports})
         if len(paths) > 1:
-            raise CheckpointError(f"{what}: the ranks save a sharded state together, to one path on a file system they share; they passed {paths[:4]}")
+            raise CheckpointError(
+                f"{what}: the ranks save a sharded state together, to one path on a file system they share; they passed {paths[:4]}"
+            )
         tmp = target.parent / reports[0]["tmp"]
         reports = _agree_reports(_write_part(tmp, writer, rank, before_commit), None, group, what)
     except BaseException:
@@ -255,7 +300,9 @@ def write_sharded(
     return target
 
 
-def _write_part(tmp: Path, writer: _ShardWriter, rank: int, before_commit: Callable[[], None] | None) -> dict[str, Any]:
+def _write_part(
+    tmp: Path, writer: _ShardWriter, rank: int, before_commit: Callable[[], None] | None
+) -> dict[str, Any]:
     """Write this rank's files into `tmp`; what they hold, or the error, as a JSON-able report."""
     files: dict[str, Any] = {}
     index: dict[str, Any] = {}
@@ -263,61 +310,113 @@ def _write_part(tmp: Path, writer: _ShardWriter, rank: int, before_commit: Calla
         if rank == 0:
             _write_tensor_files(tmp, "tensors", writer.tensors, files, index, empty=False)
         shard_index: dict[str, Any] = {}
-        _write_tensor_files(tmp, f"shards-{rank:05d}", {k: t for k, (t, _) in writer.shards.items()}, files, shard_index, empty=False)
+        _write_tensor_files(
+            tmp,
+            f"shards-{rank:05d}",
+            {k: t for k, (t, _) in writer.shards.items()},
+            files,
+            shard_index,
+            empty=False,
+        )
         shards = {
-            key: {"file": shard_index[key]["file"], "offset": [start] + [0] * (t.dim() - 1), "extent": list(t.shape), "blake3": _digest(t)}
+            key: {
+                "file": shard_index[key]["file"],
+                "offset": [start] + [0] * (t.dim() - 1),
+                "extent": list(t.shape),
+                "blake3": _digest(t),
+            }
             for key, (t, start) in writer.shards.items()
         }
         if before_commit is not None:
             before_commit()
     except Exception as e:
-        detail = f"{e}; the previous checkpoint there (if any) is intact" if isinstance(e, OSError) else e
-        return {"error": _described(CheckpointError(f"could not write its shards: {detail}") if isinstance(e, OSError) else e)}
-    return {"error": None, "files": files, "index": index, "shards": shards, "sharded": writer.sharded}
+        detail = (
+            f"{e}; the previous checkpoint there (if any) is intact"
+            if isinstance(e, OSError)
+            else e
+        )
+        return {
+            "error": _described(
+                CheckpointError(f"could not write its shards: {detail}")
+                if isinstance(e, OSError)
+                else e
+            )
+        }
+    return {
+        "error": None,
+        "files": files,
+        "index": index,
+        "shards": shards,
+        "sharded": writer.sharded,
+    }
 
 
 def _digest(t: torch.Tensor) -> str:
     return str(blake3.blake3(_bytes_of(t), max_threads=blake3.blake3.AUTO).hexdigest())
 
 
-def _seal_and_commit(tmp: Path, target: Path, structure: Any, writer: _ShardWriter, reports: list[dict[str, Any]], extras: Any, library_version: str) -> None:
+def _seal_and_commit(
+    tmp: Path,
+    target: Path,
+    structure: Any,
+    writer: _ShardWriter,
+    reports: list[dict[str, Any]],
+    extras: Any,
+    library_version: str,
+) -> None:
     """Rank 0, once every rank's files are durable: the manifest over them all, then the commit."""
     files: dict[str, Any] = {}
     index: dict[str, Any] = dict(reports[0]["index"])
     for rank, report in enumerate(reports):
         if report["sharded"] != writer.sharded:
             differ = sorted(set(report["sharded"]) ^ set(writer.sharded))
-            raise CheckpointError(f"rank {rank} shards other tensors than rank 0 (differing: {differ[:10] or 'shapes or dtypes'}): every rank must save the same state")
+            raise CheckpointError(
+                f"rank {rank} shards other tensors than rank 0 (differing: {differ[:10] or 'shapes or dtypes'}): every rank must save the same state"
+            )
         files.update(report["files"])
     for key, info in writer.sharded.items():
-        shards = sorted((report["shards"][key] for report in reports if key in report["shards"]), key=lambda s: s["offset"][0])
+        shards = sorted(
+            (report["shards"][key] for report in reports if key in report["shards"]),
+            key=lambda s: s["offset"][0],
+        )
         index[key] = {**info, "shards": shards}
     version = FORMAT_VERSION if writer.sharded else PLAIN_FORMAT_VERSION
     _write_manifest(tmp, _manifest(version, structure, index, files, extras, library_version))
     try:
         _commit(tmp, target)
     except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact") from e
+        raise CheckpointError(
+            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------
 # loading
 
 
-def rows_wanted(template: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, tuple[int, int]]]:
+def rows_wanted(
+    template: Mapping[str, Any],
+) -> Callable[[Mapping[str, Any]], dict[str, tuple[int, int]]]:
     """For `read_tree(rows=...)`: the rows this rank needs of each tensor the template shards.
 
     Only tensors the checkpoint holds with the template's global shape and dtype are read by rows;
     any other is read whole, so that the comparison with the template reports it as it is.
     """
-    layouts = {path: (list(leaf.shape), str(leaf.dtype).removeprefix("torch."), _layout(leaf, path)) for path, leaf in template.items() if is_sharded(leaf)}
+    layouts = {
+        path: (list(leaf.shape), str(leaf.dtype).removeprefix("torch."), _layout(leaf, path))
+        for path, leaf in template.items()
+        if is_sharded(leaf)
+    }
 
     def rows(manifest: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
         index = manifest["tensors"]
         return {
             path: span
             for path, (shape, dtype, span) in layouts.items()
-            if span is not None and path in index and index[path]["shape"] == shape and index[path]["dtype"] == dtype
+            if span is not None
+            and path in index
+            and index[path]["shape"] == shape
+            and index[path]["dtype"] == dtype
         }
 
     return rows
@@ -336,16 +435,29 @@ def place(tree: Tree, template: Mapping[str, Any], rows: Mapping[str, tuple[int,
             return value
         if path in rows:
             return _wrapped(value, like)
-        return value if _layout(like, path) is not None or list(value.shape) != list(like.shape) else _wrapped(value, like)
+        return (
+            value
+            if _layout(like, path) is not None or list(value.shape) != list(like.shape)
+            else _wrapped(value, like)
+        )
 
     flat, spec = pytree.tree_flatten(tree)
-    return pytree.tree_unflatten([placed(path, leaf) for path, leaf in zip(leaves_by_path(tree), flat, strict=True)], spec)
+    return pytree.tree_unflatten(
+        [placed(path, leaf) for path, leaf in zip(leaves_by_path(tree), flat, strict=True)], spec
+    )
 
 
 def _wrapped(local: torch.Tensor, like: Any) -> Any:
     """`local` (this rank's part) as a DTensor placed as `like` is."""
     local = local.to(like._local_tensor.device)
-    return type(like).from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+    return type(like).from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
 
 
 def placed_like(value: torch.Tensor, like: Any, path: str) -> Any:
@@ -361,7 +473,9 @@ def placed_like(value: torch.Tensor, like: Any, path: str) -> Any:
     return _wrapped(value if span is None else value[span[0] : span[1]].clone(), like)
 
 
-def read_for(path: str | os.PathLike[str], template: Mapping[str, Any], **read_args: Any) -> tuple[Tree, dict[str, Any]]:
+def read_for(
+    path: str | os.PathLike[str], template: Mapping[str, Any], **read_args: Any
+) -> tuple[Tree, dict[str, Any]]:
     """Read a checkpoint for a template's leaves (path -> leaf), each DTensor of it by this rank's rows.
 
     Returns ``(tree, manifest)`` as `read_tree` does, the leaves the template shards or replicates

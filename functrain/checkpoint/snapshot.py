@@ -34,7 +34,9 @@ class Snapshot:
 
     def __init__(self, tree: Any) -> None:
         self._kept: list[tuple[torch.Tensor, int]] = []
-        self.tree = tree_map(self._take, tree)  # containers rebuilt: later changes to them do not show
+        self.tree = tree_map(
+            self._take, tree
+        )  # containers rebuilt: later changes to them do not show
         self.release = hold(t for t, _ in self._kept)
 
     def _take(self, x: Any) -> Any:
@@ -42,7 +44,14 @@ class Snapshot:
             return x
         if is_sharded(x):  # this rank's shard is what its save writes: that is what is held
             local = self._take(x._local_tensor)
-            return type(x).from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
+            return type(x).from_local(
+                local,
+                x.device_mesh,
+                x.placements,
+                run_check=False,
+                shape=x.shape,
+                stride=x.stride(),
+            )
         x = x.detach()
         version = _version(x) if x.device.type == "cpu" else None
         if version is None:
@@ -67,4 +76,3 @@ def _version(t: torch.Tensor) -> int | None:
         return int(t._version)
     except RuntimeError:  # inference tensors keep no version counter
         return None
-

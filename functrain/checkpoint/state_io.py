@@ -19,12 +19,25 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.errors import CheckpointCorruptError, CheckpointError, ConfigError, StateMismatchError
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
-from functrain.checkpoint.sharded import agree, exchange_group, has_dtensors, is_sharded, placed_like, read_for, write_sharded
+from functrain.checkpoint.sharded import (
+    agree,
+    exchange_group,
+    has_dtensors,
+    is_sharded,
+    placed_like,
+    read_for,
+    write_sharded,
+)
 from functrain.core.state import TrainState, _unaliased
-from functrain.tree import leaves_by_path
+from functrain.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    ConfigError,
+    StateMismatchError,
+)
 from functrain.layout import with_strides_of
+from functrain.tree import leaves_by_path
 
 __all__ = ["save", "load", "load_weights", "fingerprint", "VersionWarning"]
 
@@ -49,9 +62,16 @@ def _warn_versions(manifest: dict[str, Any], path: Any) -> None:
         release = re.split(r"[+]", version)[0].split(".")
         return tuple(release[:2] if name == "functrain" else release)
 
-    written = {"torch": manifest.get("torch_version"), "functrain": manifest.get("functrain_version")}
+    written = {
+        "torch": manifest.get("torch_version"),
+        "functrain": manifest.get("functrain_version"),
+    }
     running = {"torch": torch.__version__, "functrain": __version__}
-    differ = [name for name, v in written.items() if isinstance(v, str) and v and key(name, v) != key(name, running[name])]
+    differ = [
+        name
+        for name, v in written.items()
+        if isinstance(v, str) and v and key(name, v) != key(name, running[name])
+    ]
     if differ:
         warnings.warn(
             f"checkpoint {str(path)!r} was written by {' and '.join(f'{n} {written[n]}' for n in differ)}; this is "
@@ -84,7 +104,9 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
     }
 
 
-def save(state: TrainState | Any, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None) -> Path:
+def save(
+    state: TrainState | Any, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+) -> Path:
     """Save a state (or any tree of tensors) as a checkpoint directory, atomically.
 
     Args:
@@ -113,9 +135,13 @@ def save(state: TrainState | Any, path: str | os.PathLike[str], *, metadata: dic
     """
     from functrain import __version__
 
-    tree, fp = (state.tree(), fingerprint(state)) if isinstance(state, TrainState) else (state, None)
+    tree, fp = (
+        (state.tree(), fingerprint(state)) if isinstance(state, TrainState) else (state, None)
+    )
     if has_dtensors(tree):
-        return write_sharded(path, tree, fingerprint=fp, metadata=metadata, library_version=__version__)
+        return write_sharded(
+            path, tree, fingerprint=fp, metadata=metadata, library_version=__version__
+        )
     return write_tree(path, tree, fingerprint=fp, metadata=metadata, library_version=__version__)
 
 
@@ -186,7 +212,14 @@ def load(
     return result
 
 
-def _load(path: str | os.PathLike[str], like: Any, map_location: str | torch.device | None, digest: str | None, *, sharded: bool) -> Any:
+def _load(
+    path: str | os.PathLike[str],
+    like: Any,
+    map_location: str | torch.device | None,
+    digest: str | None,
+    *,
+    sharded: bool,
+) -> Any:
     if sharded:
         template_leaves = leaves_by_path(like.tree() if isinstance(like, TrainState) else like)
         tree, manifest = read_for(path, template_leaves, map_location=map_location, digest=digest)
@@ -195,7 +228,11 @@ def _load(path: str | os.PathLike[str], like: Any, map_location: str | torch.dev
     _warn_versions(manifest, path)
     if like is None:
         return tree, manifest
-    if isinstance(tree, dict) and not isinstance(like, (TrainState, torch.Tensor)) and pytree.tree_is_leaf(like):
+    if (
+        isinstance(tree, dict)
+        and not isinstance(like, (TrainState, torch.Tensor))
+        and pytree.tree_is_leaf(like)
+    ):
         raise ConfigError(
             f"like={like!r} is a plain value, but checkpoint {str(path)!r} holds a tree with keys {sorted(tree)[:8]}: "
             "pass like=state (a TrainState built as the saved one was), a tree of the same structure, or like=None for the raw tree"
@@ -207,26 +244,44 @@ def _load(path: str | os.PathLike[str], like: Any, map_location: str | torch.dev
         # a run goes: they are taken as saved, not checked against the template's (a checkpoint
         # written before states had `user` keeps the template's)
         template = {k: v for k, v in template.items() if k not in _GROWN}
-        grown = {k: tree.pop(k, getattr(like, k) if k == "user" else {}) if isinstance(tree, dict) else {} for k in _GROWN}
+        grown = {
+            k: tree.pop(k, getattr(like, k) if k == "user" else {})
+            if isinstance(tree, dict)
+            else {}
+            for k in _GROWN
+        }
     problems = compare_to_template(tree, template)
     if isinstance(like, TrainState):
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
         fix = _mismatch_fix(tree, like, path) if isinstance(like, TrainState) else ""
-        raise StateMismatchError(f"checkpoint {str(path)!r} does not fit the template:\n  - " + "\n  - ".join(problems) + fix)
+        raise StateMismatchError(
+            f"checkpoint {str(path)!r} does not fit the template:\n  - "
+            + "\n  - ".join(problems)
+            + fix
+        )
     if isinstance(like, TrainState):
         _check_driver(path, grown["driver"])
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
     values = []
-    for (key_path, expected), (path_key, _) in zip(flat, leaves_by_path(template).items(), strict=True):
+    for (key_path, expected), (path_key, _) in zip(
+        flat, leaves_by_path(template).items(), strict=True
+    ):
         value = got[path_key]
-        if isinstance(value, torch.Tensor) and map_location is None and isinstance(expected, torch.Tensor) and not is_sharded(value):
+        if (
+            isinstance(value, torch.Tensor)
+            and map_location is None
+            and isinstance(expected, torch.Tensor)
+            and not is_sharded(value)
+        ):
             value = value.to(expected.device)
         values.append(_laid_out_as(value, expected))
     restored = pytree.tree_unflatten(values, spec)
     if isinstance(like, TrainState):
-        return like.with_tree({**restored, **{k: _to_device(v, like.device) for k, v in grown.items()}})
+        return like.with_tree(
+            {**restored, **{k: _to_device(v, like.device) for k, v in grown.items()}}
+        )
     return restored
 
 
@@ -237,7 +292,12 @@ def _laid_out_as(value: Any, expected: Any) -> Any:
     convolution then runs the same kernels, and its optimizer state pairs with it element by element
     (`functrain.layout`).
     """
-    if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor) or is_sharded(value) or is_sharded(expected):
+    if (
+        not isinstance(value, torch.Tensor)
+        or not isinstance(expected, torch.Tensor)
+        or is_sharded(value)
+        or is_sharded(expected)
+    ):
         return value
     return with_strides_of(value, expected)  # shapes checked against the template above
 
@@ -258,7 +318,8 @@ def _check_driver(path: str | os.PathLike[str], driver: Any) -> None:
     problems = [problem for check in _driver_checks for problem in check(driver)]
     if problems:
         raise CheckpointCorruptError(
-            f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot resume from:\n  - " + "\n  - ".join(problems)
+            f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot resume from:\n  - "
+            + "\n  - ".join(problems)
         )
 
 
@@ -273,9 +334,13 @@ def _to_device(tree: Any, device: torch.device) -> Any:
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     problems = []
     if saved.get("transform") != current["transform"]:
-        problems.append(f"optimizer differs: checkpoint has {saved.get('transform')!r}, template has {current['transform']!r}")
+        problems.append(
+            f"optimizer differs: checkpoint has {saved.get('transform')!r}, template has {current['transform']!r}"
+        )
     if saved.get("options") != current["options"]:
-        problems.append(f"step options differ: checkpoint has {saved.get('options')!r}, template has {current['options']!r}")
+        problems.append(
+            f"step options differ: checkpoint has {saved.get('options')!r}, template has {current['options']!r}"
+        )
     return problems
 
 
@@ -283,13 +348,19 @@ def _check_map_location(map_location: Any) -> None:
     if map_location is None:
         return
     try:
-        device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+        device = (
+            torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+        )
     except RuntimeError:
         device = None
     if device is None:
-        raise ConfigError(f"map_location must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got {map_location!r}")
+        raise ConfigError(
+            f"map_location must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got {map_location!r}"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"map_location={map_location!r} names a CUDA device, but CUDA is not available here: pass map_location='cpu'")
+        raise ConfigError(
+            f"map_location={map_location!r} names a CUDA device, but CUDA is not available here: pass map_location='cpu'"
+        )
 
 
 _MODEL_FIELDS = ("params", "frozen", "buffers")
@@ -299,7 +370,9 @@ _WARM_START = """
     state = functrain.load_weights({path}, into=state)"""
 
 
-def load_weights(path: str | os.PathLike[str], into: TrainState, *, strict: bool = True) -> TrainState:
+def load_weights(
+    path: str | os.PathLike[str], into: TrainState, *, strict: bool = True
+) -> TrainState:
     """Warm-start or fine-tune: `into` with the model's tensors of a checkpoint, ready to train.
 
     The parameters (trainable or frozen when saved, matched by name) and buffers come from the
@@ -334,28 +407,44 @@ def load_weights(path: str | os.PathLike[str], into: TrainState, *, strict: bool
     """
     tree, manifest = read_tree(path)
     if not isinstance(tree, dict) or any(not isinstance(tree.get(k), dict) for k in _MODEL_FIELDS):
-        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a TrainState (params, frozen, buffers): save one with functrain.save(state, path)")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not hold a TrainState (params, frozen, buffers): save one with functrain.save(state, path)"
+        )
     _warn_versions(manifest, path)
     saved = {"params": {**tree["params"], **tree["frozen"]}, "buffers": tree["buffers"]}
     wanted = {"params": {**into.params, **into.frozen}, "buffers": into.buffers}
     if not strict:
-        saved, wanted = ({f: {k: v for k, v in a[f].items() if k in b[f]} for f in a} for a, b in ((saved, wanted), (wanted, saved)))
+        saved, wanted = (
+            {f: {k: v for k, v in a[f].items() if k in b[f]} for f in a}
+            for a, b in ((saved, wanted), (wanted, saved))
+        )
     problems = compare_to_template(saved, wanted)
     if problems:
-        raise StateMismatchError(f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - " + "\n  - ".join(problems) + _STRICT_HINT * strict)
+        raise StateMismatchError(
+            f"checkpoint {str(path)!r} holds other weights than the state's model:\n  - "
+            + "\n  - ".join(problems)
+            + _STRICT_HINT * strict
+        )
 
     def take(field: str, source: str) -> dict[str, torch.Tensor]:
         # a sharded state's parameters: this rank's rows of the checkpoint's whole tensors
-        return {k: placed_like(saved[source][k].to(v.device), v, f"{field}/{k}") if k in saved[source] else v for k, v in getattr(into, field).items()}
+        return {
+            k: placed_like(saved[source][k].to(v.device), v, f"{field}/{k}")
+            if k in saved[source]
+            else v
+            for k, v in getattr(into, field).items()
+        }
 
     params = take("params", "params")
-    return _unaliased(into.replace(
-        params=params,
-        frozen=take("frozen", "params"),
-        buffers=take("buffers", "buffers"),
-        opt_state=into.tx.init(params),
-        ema_state=into.averager.init(params) if into.averager is not None else None,
-    ))
+    return _unaliased(
+        into.replace(
+            params=params,
+            frozen=take("frozen", "params"),
+            buffers=take("buffers", "buffers"),
+            opt_state=into.tx.init(params),
+            ema_state=into.averager.init(params) if into.averager is not None else None,
+        )
+    )
 
 
 _STRICT_HINT = "\n(with strict=False, tensors missing from the checkpoint keep the state's values and extra ones are ignored)"
@@ -365,7 +454,11 @@ def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
     """How to go on: other weights cannot load; other hyperparameters or options can warm-start."""
     if not isinstance(tree, dict) or any(not isinstance(tree.get(k), dict) for k in _MODEL_FIELDS):
         return ""
-    saved = {**tree["params"], **tree["frozen"], **{f"buffer {k}": v for k, v in tree["buffers"].items()}}
+    saved = {
+        **tree["params"],
+        **tree["frozen"],
+        **{f"buffer {k}": v for k, v in tree["buffers"].items()},
+    }
     wanted = {**like.params, **like.frozen, **{f"buffer {k}": v for k, v in like.buffers.items()}}
     if compare_to_template(saved, wanted):
         return (
@@ -374,5 +467,6 @@ def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
         )
     return (
         "\nthe weights fit: to train them with this state's optimizer, hyperparameters and options, start a new state "
-        "(step 0, fresh optimizer state) from them with functrain.load_weights, `state` being the template passed as like=:" + _WARM_START.format(path=repr(str(path)))
+        "(step 0, fresh optimizer state) from them with functrain.load_weights, `state` being the template passed as like=:"
+        + _WARM_START.format(path=repr(str(path)))
     )

@@ -43,17 +43,40 @@ MAX_JSON_MEMORY = 512 << 20
 
 # safetensors dtype codes, in the order of the library's Dtype enum: it lays tensors out by
 # descending code, then by name, and so must we for the files to be the very bytes it writes
-_CODES = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+_CODES = (
+    "BOOL",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
+)
 _RANK = {code: i for i, code in enumerate(_CODES)}
 _TORCH_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16", "U16": "uint16", "F16": "float16",
     "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
 }  # fmt: skip
-_DTYPE_OF = {code: getattr(torch, name) for code, name in _TORCH_NAMES.items() if hasattr(torch, name)}
+_DTYPE_OF = {
+    code: getattr(torch, name) for code, name in _TORCH_NAMES.items() if hasattr(torch, name)
+}
 _CODE_OF = {dtype: code for code, dtype in _DTYPE_OF.items()}
-
-
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -75,7 +98,11 @@ def _safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]
     offset = 0
     for name, t in ordered:
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _CODE_OF[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _CODE_OF[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
@@ -108,7 +135,9 @@ def _header_length(name: str, prefix: bytes, file_bytes: int, limit: int) -> int
     """The header length the file's first 8 bytes declare, checked against the file and `limit`."""
     (n,) = struct.unpack("<Q", prefix)
     if n > min(file_bytes - 8, limit):
-        raise CheckpointCorruptError(f"{name}: header length {n} exceeds the file ({file_bytes} bytes) or the limit of {limit}")
+        raise CheckpointCorruptError(
+            f"{name}: header length {n} exceeds the file ({file_bytes} bytes) or the limit of {limit}"
+        )
     return n
 
 
@@ -125,7 +154,11 @@ def _parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
     try:
         if not text.startswith(b"{"):
             raise ValueError("the header does not start with '{'")
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys(name), parse_constant=_no_constants(name))
+        header = json.loads(
+            text.decode("utf-8"),
+            object_pairs_hook=_unique_keys(name),
+            parse_constant=_no_constants(name),
+        )
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         meta = header.pop("__metadata__", {})
@@ -135,14 +168,20 @@ def _parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
     except (ValueError, RecursionError) as e:
         if isinstance(e, CheckpointCorruptError):
             raise
-        raise CheckpointCorruptError(f"{name}: not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointCorruptError(
+            f"{name}: not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     end = 0
     for begin, stop, key, _, _ in entries:
         if begin != end:
-            raise CheckpointCorruptError(f"{name}: tensor {key[:100]!r} starts at byte {begin} of the data, expected {end} (gap or overlap)")
+            raise CheckpointCorruptError(
+                f"{name}: tensor {key[:100]!r} starts at byte {begin} of the data, expected {end} (gap or overlap)"
+            )
         end = stop
     if end != data_len:
-        raise CheckpointCorruptError(f"{name}: the tensors cover {end} bytes of data, the file holds {data_len}")
+        raise CheckpointCorruptError(
+            f"{name}: the tensors cover {end} bytes of data, the file holds {data_len}"
+        )
     return entries
 
 
@@ -155,7 +194,9 @@ def _tensors_of(entries: list[Entry], data: torch.Tensor) -> dict[str, torch.Ten
         if stop == begin:
             tensors[key] = torch.empty(shape, dtype=dtype)
         elif (data.data_ptr() + begin) % size == 0:
-            tensors[key] = torch.frombuffer(array, dtype=dtype, count=(stop - begin) // size, offset=begin).view(shape)
+            tensors[key] = torch.frombuffer(
+                array, dtype=dtype, count=(stop - begin) // size, offset=begin
+            ).view(shape)
         else:  # misaligned (never written so, but valid): copy rather than hand kernels a misaligned view
             tensors[key] = torch.frombuffer(bytearray(array[begin:stop]), dtype=dtype).view(shape)
     return tensors
@@ -163,18 +204,39 @@ def _tensors_of(entries: list[Entry], data: torch.Tensor) -> dict[str, torch.Ten
 
 def _entry(key: str, info: Any) -> tuple[int, int, str, torch.dtype, list[int]]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise ValueError(f"tensor {key[:100]!r}: expected dtype, shape and data_offsets, got {str(info)[:100]}")
-    dtype, shape, offsets = _DTYPE_OF.get(info["dtype"]) if isinstance(info["dtype"], str) else None, info["shape"], info["data_offsets"]
+        raise ValueError(
+            f"tensor {key[:100]!r}: expected dtype, shape and data_offsets, got {str(info)[:100]}"
+        )
+    dtype, shape, offsets = (
+        _DTYPE_OF.get(info["dtype"]) if isinstance(info["dtype"], str) else None,
+        info["shape"],
+        info["data_offsets"],
+    )
     if dtype is None:
         raise ValueError(f"tensor {key[:100]!r}: unsupported dtype {str(info['dtype'])[:20]!r}")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(type(d) is int and 0 <= d <= MAX_SPAN for d in shape):
-        raise ValueError(f"tensor {key[:100]!r}: invalid shape {str(shape)[:100]} (dimensions are ints in [0, 2**62], at most {MAX_RANK} of them)")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(type(d) is int and 0 <= d <= MAX_SPAN for d in shape)
+    ):
+        raise ValueError(
+            f"tensor {key[:100]!r}: invalid shape {str(shape)[:100]} (dimensions are ints in [0, 2**62], at most {MAX_RANK} of them)"
+        )
     if _span(shape) > MAX_SPAN:
-        raise ValueError(f"tensor {key[:100]!r}: shape {str(shape)[:100]} spans more than 2**62 elements")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        raise ValueError(
+            f"tensor {key[:100]!r}: shape {str(shape)[:100]} spans more than 2**62 elements"
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise ValueError(f"tensor {key[:100]!r}: invalid data_offsets {str(offsets)[:100]}")
     if _nbytes(shape, dtype.itemsize, limit=offsets[1] - offsets[0]) != offsets[1] - offsets[0]:
-        raise ValueError(f"tensor {key[:100]!r}: shape {str(shape)[:100]} does not fit {offsets[1] - offsets[0]} bytes")
+        raise ValueError(
+            f"tensor {key[:100]!r}: shape {str(shape)[:100]} does not fit {offsets[1] - offsets[0]} bytes"
+        )
     return offsets[0], offsets[1], key, dtype, shape
 
 
@@ -209,7 +271,14 @@ def json_cost(text: bytes) -> int:
     the strings parsed from it each store every character in 4 bytes when one of them is astral.
     """
     count = text.count
-    return 8 * len(text) + 88 * count(b"{") + 80 * count(b"[") + 72 * count(b",") + 168 * count(b":") + 4096
+    return (
+        8 * len(text)
+        + 88 * count(b"{")
+        + 80 * count(b"[")
+        + 72 * count(b",")
+        + 168 * count(b":")
+        + 4096
+    )
 
 
 def check_json_cost(name: str, text: bytes, limit: int | None = None) -> None:
@@ -250,5 +319,3 @@ def _finite_float(name: str) -> Callable[[str], float]:
         return value
 
     return hook
-
-

@@ -37,8 +37,8 @@ from torch import nn
 
 from functrain.config.compose import dotted, hydra_modules
 from functrain.core.state import TrainState
-from functrain.driver.fit import FitResult, fit
 from functrain.driver.arguments import fit_problems
+from functrain.driver.fit import FitResult, fit
 from functrain.driver.run_config import config_option_problems, json_config
 from functrain.errors import ConfigError
 from functrain.optim.transform import Transform
@@ -48,7 +48,14 @@ __all__ = ["ConfiguredRun", "build_run", "SECTIONS"]
 SECTIONS = ("seed", "model", "loss", "optimizer", "state", "data", "callbacks", "fit")
 _SPECIAL = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
 # fit's arguments the other sections give
-_SET_ELSEWHERE = {"state": "model/loss/optimizer/state", "train_data": "data.train", "eval_data": "data.eval", "test_data": "data.test", "callbacks": "callbacks", "config": "the config itself"}
+_SET_ELSEWHERE = {
+    "state": "model/loss/optimizer/state",
+    "train_data": "data.train",
+    "eval_data": "data.eval",
+    "test_data": "data.test",
+    "callbacks": "callbacks",
+    "config": "the config itself",
+}
 _DATA = {"train": "train_data", "eval": "eval_data", "test": "test_data"}
 
 
@@ -72,7 +79,12 @@ class ConfiguredRun:
 
     def fit(self, **overrides: Any) -> FitResult:
         """`functrain.fit` with this run's data, arguments and config; `overrides` replace arguments."""
-        kwargs = {"eval_data": self.eval_data, "test_data": self.test_data, **self.fit_kwargs, **overrides}
+        kwargs = {
+            "eval_data": self.eval_data,
+            "test_data": self.test_data,
+            **self.fit_kwargs,
+            **overrides,
+        }
         return fit(self.state, self.train_data, config=self.config, **kwargs)
 
 
@@ -121,7 +133,15 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
     if plain.get("seed") is not None:
         torch.manual_seed(plain["seed"])
     built: dict[str, Any] = {}
-    for key in ("model", "loss", "optimizer", "state", *(f"data.{k}" for k in _DATA), "callbacks", "fit"):
+    for key in (
+        "model",
+        "loss",
+        "optimizer",
+        "state",
+        *(f"data.{k}" for k in _DATA),
+        "callbacks",
+        "fit",
+    ):
         node = _select(plain, key)
         if node is not _MISSING:
             built[key] = _instantiate(key, node, problems)
@@ -129,12 +149,16 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
     if problems:
         _refuse(problems)
     try:
-        state = TrainState.create(built["model"], built["optimizer"], built["loss"], **(built.get("state") or {}))
+        state = TrainState.create(
+            built["model"], built["optimizer"], built["loss"], **(built.get("state") or {})
+        )
     except ConfigError as e:
         _refuse([f"state: {e}"])
     fit_kwargs = {**(built.get("fit") or {}), "callbacks": built.get("callbacks") or []}
     data = {k: built.get(f"data.{k}") for k in _DATA}
-    problems = _fit_problems(state, data, fit_kwargs)  # fit's own checks, now rather than when it runs
+    problems = _fit_problems(
+        state, data, fit_kwargs
+    )  # fit's own checks, now rather than when it runs
     if problems:
         _refuse(problems)
     return ConfiguredRun(state, data["train"], data["eval"], data["test"], fit_kwargs, plain)
@@ -164,10 +188,14 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     p = []
     for key in ("model", "loss", "optimizer"):
         if not (isinstance(config.get(key), dict) and "_target_" in config[key]):
-            p.append(f"{key}: expected a mapping with a _target_ (the {_ROLE[key]}), got {_got(config.get(key, _MISSING))}")
+            p.append(
+                f"{key}: expected a mapping with a _target_ (the {_ROLE[key]}), got {_got(config.get(key, _MISSING))}"
+            )
     data = config.get("data", _MISSING)
     if not isinstance(data, dict) or data.get("train") is None:
-        p.append(f"data: expected a mapping with train (and optionally eval, test), got {_got(data)}")
+        p.append(
+            f"data: expected a mapping with train (and optionally eval, test), got {_got(data)}"
+        )
     else:
         p.extend(f"data.{k}: expected one of train, eval, test" for k in data if k not in _DATA)
     seed = config.get("seed")
@@ -175,15 +203,23 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
         p.append(f"seed: expected an int (or null: no seeding), got {seed!r}")
     if not isinstance(config.get("callbacks") or [], list):
         p.append(f"callbacks: expected a list of callbacks, got {_got(config['callbacks'])}")
-    p.extend(_keyword_problems(config, "state", TrainState.create, ("module", "optimizer", "loss_fn")))
+    p.extend(
+        _keyword_problems(config, "state", TrainState.create, ("module", "optimizer", "loss_fn"))
+    )
     p.extend(_keyword_problems(config, "fit", fit, tuple(_SET_ELSEWHERE)))
     return p
 
 
-_ROLE = {"model": "nn.Module", "loss": "loss_fn(model, batch), with _partial_: true", "optimizer": "functrain optimizer"}
+_ROLE = {
+    "model": "nn.Module",
+    "loss": "loss_fn(model, batch), with _partial_: true",
+    "optimizer": "functrain optimizer",
+}
 
 
-def _keyword_problems(config: dict[str, Any], section: str, fn: Callable[..., Any], reserved: tuple[str, ...]) -> list[str]:
+def _keyword_problems(
+    config: dict[str, Any], section: str, fn: Callable[..., Any], reserved: tuple[str, ...]
+) -> list[str]:
     node = config.get(section, {})
     if node is None:
         return []
@@ -196,7 +232,9 @@ def _keyword_problems(config: dict[str, Any], section: str, fn: Callable[..., An
             where = _SET_ELSEWHERE.get(key, "the other sections")
             p.append(f"{section}.{key}: set by {where}, not here")
         elif key not in names:
-            p.append(f"{section}.{key}: {fn.__qualname__} takes no argument {key!r}{_suggest(key, names)}")
+            p.append(
+                f"{section}.{key}: {fn.__qualname__} takes no argument {key!r}{_suggest(key, names)}"
+            )
     return p
 
 
@@ -222,12 +260,16 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
     if not isinstance(path, str):
         return [f"{key}._target_: expected the dotted path of a class or function, got {path!r}"]
     hydra, _ = hydra_modules()
-    quiet = logging.getLogger("hydra.utils")  # it logs the failure it raises: the problem is reported once, here
+    quiet = logging.getLogger(
+        "hydra.utils"
+    )  # it logs the failure it raises: the problem is reported once, here
     was, quiet.disabled = quiet.disabled, True
     try:
         target = hydra.utils.get_object(path)
     except Exception as e:  # noqa: BLE001 - any import failure is the config's problem to report
-        return [f"{key}._target_: expected an importable class or function, got {path!r} ({_cause(e)})"]
+        return [
+            f"{key}._target_: expected an importable class or function, got {path!r} ({_cause(e)})"
+        ]
     finally:
         quiet.disabled = was
     try:
@@ -236,16 +278,29 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
         return []  # a builtin without a signature: its own call reports bad arguments
     args = node.get("_args_", [])
     kwargs = {k: v for k, v in node.items() if k not in _SPECIAL}
-    names = [n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [
+        n
+        for n, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         unknown = [k for k in kwargs if k not in names]
         if unknown:
-            return [f"{key}.{k}: {path} takes no argument {k!r}{_suggest(k, names)}; it takes {', '.join(names)}" for k in unknown]
+            return [
+                f"{key}.{k}: {path} takes no argument {k!r}{_suggest(k, names)}; it takes {', '.join(names)}"
+                for k in unknown
+            ]
     try:
         (signature.bind_partial if node.get("_partial_") else signature.bind)(*args, **kwargs)
     except TypeError as e:
-        hint = "; a function passed uncalled (a loss, a mask) needs _partial_: true" if "missing" in str(e) and not (node.get("_partial_") or args or kwargs) else ""
-        return [f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes {', '.join(names) or 'no arguments'}{hint}"]
+        hint = (
+            "; a function passed uncalled (a loss, a mask) needs _partial_: true"
+            if "missing" in str(e) and not (node.get("_partial_") or args or kwargs)
+            else ""
+        )
+        return [
+            f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes {', '.join(names) or 'no arguments'}{hint}"
+        ]
     return []
 
 
@@ -284,20 +339,41 @@ def _full_key(error: BaseException) -> str:
 
 def _cause(error: BaseException) -> str:
     cause = error.__cause__ or error
-    text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip() and not line.strip().startswith("full_key:"))
+    text = " ".join(
+        line.strip()
+        for line in str(cause).splitlines()
+        if line.strip() and not line.strip().startswith("full_key:")
+    )
     return f"{type(cause).__name__}: {text}"
 
 
 def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str, Any]) -> list[str]:
     """`fit`'s argument checks on what the config gives it, each problem keyed by the argument it names."""
-    kw = {n: p.default for n, p in inspect.signature(fit).parameters.items() if p.default is not p.empty}
-    kw.update(fit_kwargs, state=state, train_data=data["train"], eval_data=data["eval"], test_data=data["test"])
-    found = [*fit_problems(kw), *config_option_problems(None, kw["on_config_change"], kw["config_exempt"])]
+    kw = {
+        n: p.default
+        for n, p in inspect.signature(fit).parameters.items()
+        if p.default is not p.empty
+    }
+    kw.update(
+        fit_kwargs,
+        state=state,
+        train_data=data["train"],
+        eval_data=data["eval"],
+        test_data=data["test"],
+    )
+    found = [
+        *fit_problems(kw),
+        *config_option_problems(None, kw["on_config_change"], kw["config_exempt"]),
+    ]
     keyed = []
     for problem in found:
         head = re.match(r"[a-z_]+", problem)
         name = head.group(0) if head else ""
-        keyed.append(f"fit.{name}: {problem}" if name in kw and name not in _SET_ELSEWHERE else f"fit: {problem}")
+        keyed.append(
+            f"fit.{name}: {problem}"
+            if name in kw and name not in _SET_ELSEWHERE
+            else f"fit: {problem}"
+        )
     return keyed
 
 
@@ -305,7 +381,11 @@ def _kind_problems(built: dict[str, Any]) -> list[str]:
     checks: list[tuple[str, Callable[[Any], bool], str]] = [
         ("model", lambda v: isinstance(v, nn.Module), "an nn.Module"),
         ("loss", callable, "a callable loss_fn(model, batch) (a function: add _partial_: true)"),
-        ("optimizer", lambda v: isinstance(v, Transform), "a functrain optimizer (a Transform, e.g. functrain.adamw)"),
+        (
+            "optimizer",
+            lambda v: isinstance(v, Transform),
+            "a functrain optimizer (a Transform, e.g. functrain.adamw)",
+        ),
     ]
     p = []
     for key, ok, expected in checks:

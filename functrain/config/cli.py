@@ -24,12 +24,22 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="functrain", description="Train a functrain run described by a config file.")
+    parser = argparse.ArgumentParser(
+        prog="functrain", description="Train a functrain run described by a config file."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="build and train the run a YAML config describes", description=__doc__.splitlines()[2].strip())
+    run = commands.add_parser(
+        "run",
+        help="build and train the run a YAML config describes",
+        description=__doc__.splitlines()[2].strip(),
+    )
     run.add_argument("config", type=Path, help="a .yaml file, e.g. configs/demo.yaml")
-    run.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, +key=value (add), ~key (remove)")
-    run.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    run.add_argument(
+        "overrides", nargs="*", help="Hydra overrides: key=value, +key=value (add), ~key (remove)"
+    )
+    run.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     return parser
 
 
@@ -61,13 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _summary(result: FitResult) -> str:
-    lines = [f"stopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs"]
+    lines = [
+        f"stopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs"
+    ]
     if result.checkpoints.get("best") is not None:
         lines.append(f"best checkpoint: {result.checkpoints['best']}")
     if result.checkpoints.get("latest") is not None:
         lines.append(f"latest checkpoint: {result.checkpoints['latest']}")
     for name, value in (result.best or {}).items():
-        lines.append(f"best {name}: {value:.6g}" if isinstance(value, float) else f"best {name}: {value}")
+        lines.append(
+            f"best {name}: {value:.6g}" if isinstance(value, float) else f"best {name}: {value}"
+        )
     for name, value in (result.test or {}).items():
         lines.append(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
     return "\n".join(lines)

@@ -34,7 +34,9 @@ def hydra_modules() -> tuple[Any, Any]:
         import hydra.utils  # noqa: F401
         import omegaconf
     except ImportError as e:
-        raise ConfigError(f"runs from a config file need Hydra: {INSTALL_HINT} (got: {e})") from None
+        raise ConfigError(
+            f"runs from a config file need Hydra: {INSTALL_HINT} (got: {e})"
+        ) from None
     register_resolvers()
     return hydra, omegaconf
 
@@ -54,7 +56,12 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ft.mul"):
         OmegaConf.register_new_resolver("ft.mul", lambda a, b: a * b)
     if not OmegaConf.has_resolver("ft.ceil_div"):
-        OmegaConf.register_new_resolver("ft.ceil_div", lambda a, b: math.ceil(a / b) if isinstance(a, float) or isinstance(b, float) else -(-a // b))
+        OmegaConf.register_new_resolver(
+            "ft.ceil_div",
+            lambda a, b: (
+                math.ceil(a / b) if isinstance(a, float) or isinstance(b, float) else -(-a // b)
+            ),
+        )
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -83,21 +90,32 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     hydra, omegaconf = hydra_modules()
     file = Path(path)
     if file.suffix != ".yaml" or not file.is_file():
-        raise ConfigError(f"expected a .yaml config file, got {str(file)!r}" + ("" if file.is_file() else " (no such file)"))
+        raise ConfigError(
+            f"expected a .yaml config file, got {str(file)!r}"
+            + ("" if file.is_file() else " (no such file)")
+        )
     bad = [o for o in overrides if not isinstance(o, str)]
     if bad:
-        raise ConfigError(f"overrides must be strings in Hydra's grammar (key=value, +key=value, ~key), got {bad!r}")
-    with hydra.initialize_config_dir(config_dir=str(file.parent.resolve()), version_base="1.3", job_name="functrain"):
+        raise ConfigError(
+            f"overrides must be strings in Hydra's grammar (key=value, +key=value, ~key), got {bad!r}"
+        )
+    with hydra.initialize_config_dir(
+        config_dir=str(file.parent.resolve()), version_base="1.3", job_name="functrain"
+    ):
         try:
             composed = hydra.compose(config_name=file.stem, overrides=list(overrides))
         except (hydra.errors.HydraException, omegaconf.errors.OmegaConfBaseException) as e:
             cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
-            raise ConfigError(f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: {_one_line(e)}{cause}") from None
+            raise ConfigError(
+                f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: {_one_line(e)}{cause}"
+            ) from None
     try:
         resolved = omegaconf.OmegaConf.to_container(composed, resolve=True)
     except omegaconf.errors.OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"config key {dotted(key)}: cannot resolve its value: {_one_line(e)}") from None
+        raise ConfigError(
+            f"config key {dotted(key)}: cannot resolve its value: {_one_line(e)}"
+        ) from None
     return resolved  # type: ignore[return-value]
 
 
@@ -112,5 +130,9 @@ def dotted(key: str) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(("full_key:", "object_type="))]
+    lines = [
+        line.strip()
+        for line in str(error).splitlines()
+        if line.strip() and not line.strip().startswith(("full_key:", "object_type="))
+    ]
     return " ".join(lines) or type(error).__name__

@@ -11,4 +11,15 @@ from functrain.core.options import StepOptions
 from functrain.core.state import TrainState
 from functrain.core.step import BoundModel, eval_step, train_step
 
-__all__ = ["BoundModel", "CompiledStep", "StepOptions", "TrainState", "compile_step", "eval_step", "num_members", "stack", "train_step", "unstack"]
+__all__ = [
+    "BoundModel",
+    "CompiledStep",
+    "StepOptions",
+    "TrainState",
+    "compile_step",
+    "eval_step",
+    "num_members",
+    "stack",
+    "train_step",
+    "unstack",
+]

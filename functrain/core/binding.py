@@ -45,7 +45,10 @@ def _make_plan(module: nn.Module) -> _Plan:
     owners = dict(module.named_modules(remove_duplicate=False))
     canonical: dict[int, str] = {}  # a tied tensor takes the name under which it first appears
     slots: dict[tuple[int, str], tuple[dict, str, str]] = {}
-    for kind, members in (("_parameters", module.named_parameters(remove_duplicate=False)), ("_buffers", module.named_buffers(remove_duplicate=False))):
+    for kind, members in (
+        ("_parameters", module.named_parameters(remove_duplicate=False)),
+        ("_buffers", module.named_buffers(remove_duplicate=False)),
+    ):
         for name, tensor in members:
             prefix, _, local = name.rpartition(".")
             table = getattr(owners[prefix], kind)
@@ -55,7 +58,9 @@ def _make_plan(module: nn.Module) -> _Plan:
     return plan, frozenset(key for _, _, key in plan)
 
 
-def call_with(module: nn.Module, tensors: Mapping[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]) -> Any:
+def call_with(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]
+) -> Any:
     """``module(*args, **kwargs)`` with its parameters and buffers replaced by `tensors` (by name).
 
     The module is left as it was, also when the call raises. Equivalent to

@@ -33,11 +33,23 @@ from typing import Any
 
 import torch
 
-from functrain.errors import ConfigError
 from functrain.core.holds import wait_until_unheld
 from functrain.core.state import TrainState
+from functrain.core.step import (
+    _SWEEP_ALONE,
+    _apply,
+    _call_loss,
+    _donated_core,
+    _enter,
+    _gradients,
+    _leave,
+    _leave_with,
+    _loss_scale,
+    _retire,
+    _train_core,
+)
+from functrain.errors import ConfigError
 from functrain.optim.sweep import holds_sweep
-from functrain.core.step import _SWEEP_ALONE, _apply, _call_loss, _donated_core, _enter, _gradients, _leave, _leave_with, _loss_scale, _retire, _train_core
 from functrain.optim.zeros import stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
@@ -50,7 +62,16 @@ _serial = itertools.count()
 class _View:
     """What `_train_core` reads of a state, assembled inside the compiled body (an attrs state is not traceable)."""
 
-    def __init__(self, statics: dict[str, Any], params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple) -> None:
+    def __init__(
+        self,
+        statics: dict[str, Any],
+        params: Any,
+        frozen: Any,
+        buffers: Any,
+        opt_state: Any,
+        ema_state: Any,
+        counters: tuple,
+    ) -> None:
         self.module = statics["module"]
         self.loss_fn = statics["loss_fn"]
         self.tx = statics["tx"]
@@ -89,12 +110,22 @@ class CompiledStep:
     """
 
     def __init__(self, backend: str, mode: str | None, options: dict[str, Any]) -> None:
-        self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode, options={**options, "guard_filter_fn": _guard_filter})
+        self._compile = functools.partial(
+            torch.compile,
+            dynamic=False,
+            backend=backend,
+            mode=mode,
+            options={**options, "guard_filter_fn": _guard_filter},
+        )
         self._cores: dict[tuple, tuple[tuple, Callable[..., Any]]] = {}
 
-    def __call__(self, state: TrainState, batch: Any, *, donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def __call__(
+        self, state: TrainState, batch: Any, *, donate: bool = False
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         if not isinstance(state, TrainState):
-            raise ConfigError(f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}")
+            raise ConfigError(
+                f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}"
+            )
         state.check_live("a compiled step")
         if state.step.ndim:
             return self._stacked(state, batch, donate)
@@ -103,11 +134,25 @@ class CompiledStep:
         core = self._core_for(state, donate)
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
-        counters = (state.step, state.micro_step, state.epoch_step, state.samples_seen, state.skipped)
+        counters = (
+            state.step,
+            state.micro_step,
+            state.epoch_step,
+            state.samples_seen,
+            state.skipped,
+        )
         scope = _enter(state, True)
         try:
             # zeros a fresh state holds without storage get it here: one graph for every call's layout
-            new, metrics = core(state.params, state.frozen, state.buffers, stored(state.opt_state), state.ema_state, counters, batch)
+            new, metrics = core(
+                state.params,
+                state.frozen,
+                state.buffers,
+                stored(state.opt_state),
+                state.ema_state,
+                counters,
+                batch,
+            )
         except BaseException:
             _leave(scope)
             raise
@@ -116,27 +161,50 @@ class CompiledStep:
             state.retire("a compiled step (compile_step) with donate=True")
         return new_state, metrics
 
-    def _stacked(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def _stacked(
+        self, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """A stacked state (`functrain.stack`): the vmapped step body compiled, once per configuration and member count."""
-        from functrain.core.ensemble import _parts, _statics, member_function, stacked_train_step, vmapped
+        from functrain.core.ensemble import (
+            _parts,
+            _statics,
+            member_function,
+            stacked_train_step,
+            vmapped,
+        )
 
         owners = (state.module, state.loss_fn, state.optimizer)
-        key = (*map(id, owners), state.options, tuple(state.params), tuple(state.frozen), tuple(state.buffers), "stacked", int(state.step.shape[0]))
+        key = (
+            *map(id, owners),
+            state.options,
+            tuple(state.params),
+            tuple(state.frozen),
+            tuple(state.buffers),
+            "stacked",
+            int(state.step.shape[0]),
+        )
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
             fn, out = member_function(_statics(state), _parts(state), _train_core)
             run = vmapped(fn)
 
             def body(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
-                return run(tensors, batch)  # vmap inside the compiled function: dynamo traces through it
+                return run(
+                    tensors, batch
+                )  # vmap inside the compiled function: dynamo traces through it
 
-            found = self._cores[key] = (owners, (self._compile(_own_code(body, "stacked_core")), out))
+            found = self._cores[key] = (
+                owners,
+                (self._compile(_own_code(body, "stacked_core")), out),
+            )
         result = stacked_train_step(state, batch, compiled=found[1])
         if donate:
             state.retire("a compiled step (compile_step) with donate=True")
         return result
 
-    def _sharded(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def _sharded(
+        self, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """A sharded state: the loss compiled (forward and, through AOTAutograd, backward), the gradients
         taken eagerly through it with `torch.autograd.grad`, the collectives and the update eager."""
         core = functools.partial(_sharded_core, self._forward_for(state))
@@ -144,7 +212,11 @@ class CompiledStep:
         scope = _enter(state, True)
         try:
             # donated as `train_step(donate=True)` is: the update writes into the state's local slices
-            new, metrics = _donated_core(state, batch, core, call) if donate and state.grad_stats is None else core(state, batch)
+            new, metrics = (
+                _donated_core(state, batch, core, call)
+                if donate and state.grad_stats is None
+                else core(state, batch)
+            )
         except BaseException:
             _leave(scope)
             raise
@@ -160,11 +232,16 @@ class CompiledStep:
             return found
         view = _View(_statics_of(state), None, None, None, None, None, (None,) * 5)
 
-        def body(tensors: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def body(
+            tensors: dict[str, torch.Tensor], batch: Any
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return _call_loss(view, tensors, batch)
 
         compiled = self._compile(_own_code(body, "sharded_loss"))
-        self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)  # held, so their ids stay theirs
+        self._cores[key] = (
+            (state.module, state.loss_fn, state.optimizer),
+            compiled,
+        )  # held, so their ids stay theirs
         return compiled
 
     def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Callable[..., Any] | None]:
@@ -174,7 +251,15 @@ class CompiledStep:
         EMA that `TrainState.create` builds anew each time are functions of these.
         """
         owners = (state.module, state.loss_fn, state.optimizer)
-        key = (*map(id, owners), state.options, id(state.dist), tuple(state.params), tuple(state.frozen), tuple(state.buffers), variant)
+        key = (
+            *map(id, owners),
+            state.options,
+            id(state.dist),
+            tuple(state.params),
+            tuple(state.frozen),
+            tuple(state.buffers),
+            variant,
+        )
         found = self._cores.get(key)
         if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
             return key, found[1]
@@ -188,14 +273,35 @@ class CompiledStep:
             return found
         fields = _statics_of(state)
 
-        def body(params: Any, frozen: Any, buffers: Any, opt_state: Any, ema_state: Any, counters: tuple, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-            new, metrics = _train_core(_View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch)
+        def body(
+            params: Any,
+            frozen: Any,
+            buffers: Any,
+            opt_state: Any,
+            ema_state: Any,
+            counters: tuple,
+            batch: Any,
+        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            new, metrics = _train_core(
+                _View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch
+            )
             if donate:
-                new = _written_back(new, {"params": params, "buffers": buffers, "opt_state": opt_state, "ema_state": ema_state})
+                new = _written_back(
+                    new,
+                    {
+                        "params": params,
+                        "buffers": buffers,
+                        "opt_state": opt_state,
+                        "ema_state": ema_state,
+                    },
+                )
             return new, metrics
 
         compiled = self._compile(_own_code(body, "train_core"))
-        self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)  # held, so their ids stay theirs
+        self._cores[key] = (
+            (state.module, state.loss_fn, state.optimizer),
+            compiled,
+        )  # held, so their ids stay theirs
         return compiled
 
 
@@ -206,11 +312,15 @@ def _statics_of(state: TrainState) -> dict[str, Any]:
     return fields
 
 
-def _sharded_core(forward: Callable[..., Any], state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _sharded_core(
+    forward: Callable[..., Any], state: TrainState, batch: Any
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """`_train_core` of a sharded state with its loss function compiled: `_gradients` and `_apply`, as the eager step runs them."""
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = _loss_scale(state)
-    grads, loss, aux = _gradients(state, batch, buffers, scale, call_loss=lambda _, tensors, b: forward(tensors, b))
+    grads, loss, aux = _gradients(
+        state, batch, buffers, scale, call_loss=lambda _, tensors, b: forward(tensors, b)
+    )
     return _apply(state, batch, grads, buffers, loss, aux, scale)
 
 
@@ -238,11 +348,16 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
         for a, b in zip(after, given, strict=True):
             if isinstance(a, torch.Tensor) and a is not b:
                 b.copy_(a)
-        out[name] = tree_unflatten([b if isinstance(b, torch.Tensor) else a for a, b in zip(after, given, strict=True)], spec)
+        out[name] = tree_unflatten(
+            [b if isinstance(b, torch.Tensor) else a for a, b in zip(after, given, strict=True)],
+            spec,
+        )
     return out
 
 
-def compile_step(*, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None) -> CompiledStep:
+def compile_step(
+    *, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None
+) -> CompiledStep:
     """A compiled `train_step`: ``step(state, batch) -> (state, metrics)``, the same results as
     ``torch.compile(functrain.train_step, dynamic=False)`` with less overhead per call.
 
@@ -278,5 +393,7 @@ def compile_step(*, backend: str = "inductor", mode: str | None = None, options:
         1
     """
     if options and "guard_filter_fn" in options:
-        raise ConfigError("compile_step sets options['guard_filter_fn'] itself; leave it out, or use torch.compile(functrain.train_step)")
+        raise ConfigError(
+            "compile_step sets options['guard_filter_fn'] itself; leave it out, or use torch.compile(functrain.train_step)"
+        )
     return CompiledStep(backend, mode, options or {})

@@ -50,7 +50,15 @@ from functrain.optim.batching import STACKED, register
 from functrain.optim.sweep import enter_member, leave_member
 from functrain.tree import tree_flatten, tree_unflatten
 
-__all__ = ["stack", "unstack", "num_members", "member_columns", "host_count", "stacked_train_step", "stacked_eval_step"]
+__all__ = [
+    "stack",
+    "unstack",
+    "num_members",
+    "member_columns",
+    "host_count",
+    "stacked_train_step",
+    "stacked_eval_step",
+]
 
 register()
 
@@ -126,10 +134,15 @@ def unstack(state: TrainState) -> list[TrainState]:
     """
     k = num_members(state)
     if k is None:
-        raise ConfigError("unstack expects a stacked state (from functrain.stack), got an ordinary state (its counters are 0-d)")
+        raise ConfigError(
+            "unstack expects a stacked state (from functrain.stack), got an ordinary state (its counters are 0-d)"
+        )
     tree = {name: v for name, v in state.tree().items() if name != "driver"}
     leaves, spec = tree_flatten(tree)
-    members = [tree_unflatten([x[i].clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec) for i in range(k)]
+    members = [
+        tree_unflatten([x[i].clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+        for i in range(k)
+    ]
     return [state.with_tree({**member, "driver": state.driver}) for member in members]
 
 
@@ -174,25 +187,38 @@ def _check_members(states: list[TrainState]) -> None:
             continue
         s.check_live("stack")
         if s.step.ndim != 0:
-            problems.append(f"member {i} is already stacked ({int(s.step.shape[0])} members); unstack it first or stack ordinary states")
-        if s.options.precision != "fp32" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.module.modules()):
+            problems.append(
+                f"member {i} is already stacked ({int(s.step.shape[0])} members); unstack it first or stack ordinary states"
+            )
+        if s.options.precision != "fp32" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.module.modules()
+        ):
             problems.append(
                 f"member {i} has BatchNorm layers and precision={s.options.precision!r}: torch's vmap rule for batch_norm "
                 "fails under autocast; stack fp32 members, or use LayerNorm/GroupNorm"
             )
         if s.dist is not None:
-            problems.append(f"member {i} is distributed; stacked states run on one process (create the members with distributed=False)")
+            problems.append(
+                f"member {i} is distributed; stacked states run on one process (create the members with distributed=False)"
+            )
     if problems:
         raise ConfigError("cannot stack these states:\n  - " + "\n  - ".join(problems))
     first = states[0]
     for i, s in enumerate(states[1:], start=1):
         problems += [f"member {i}: {p}" for p in _differences(first, s)]
     if problems:
-        raise ConfigError("cannot stack these states: every member must match member 0:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(
+            "cannot stack these states: every member must match member 0:\n  - "
+            + "\n  - ".join(problems)
+        )
 
 
 def _layout(state: TrainState) -> dict[str, tuple]:
-    return {f"{field}.{name}": (tuple(t.shape), t.dtype) for field in ("params", "frozen", "buffers") for name, t in getattr(state, field).items()}
+    return {
+        f"{field}.{name}": (tuple(t.shape), t.dtype)
+        for field in ("params", "frozen", "buffers")
+        for name, t in getattr(state, field).items()
+    }
 
 
 def _differences(a: TrainState, b: TrainState) -> list[str]:
@@ -209,9 +235,13 @@ def _differences(a: TrainState, b: TrainState) -> list[str]:
     if a.options != b.options:
         out.append(f"options {b.options}, expected {a.options}")
     if not out:
-        sa, sb = (tree_flatten({k: v for k, v in s.tree().items() if k != "driver"})[1] for s in (a, b))
+        sa, sb = (
+            tree_flatten({k: v for k, v in s.tree().items() if k != "driver"})[1] for s in (a, b)
+        )
         if sa != sb:
-            out.append("the state trees differ in structure (the user state?); give every member the same keys")
+            out.append(
+                "the state trees differ in structure (the user state?); give every member the same keys"
+            )
     return out
 
 
@@ -233,7 +263,9 @@ def _parts(state: TrainState) -> tuple:
 _SLOT = object()  # where a tensor goes when a tree is rebuilt from its tensor leaves
 
 
-def member_function(statics: dict[str, Any], parts: tuple, body: Callable[..., Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+def member_function(
+    statics: dict[str, Any], parts: tuple, body: Callable[..., Any]
+) -> tuple[Callable[..., Any], dict[str, Any]]:
     """`body(view, batch)` as a function of one member's tensors only, for `torch.func.vmap`.
 
     Returns ``(fn, out)``: ``fn(tensors, batch)``, `tensors` the tensor leaves of `parts` in order
@@ -249,7 +281,9 @@ def member_function(statics: dict[str, Any], parts: tuple, body: Callable[..., A
 
     def fn(member: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
         it = iter(member[:-1])  # the last tensor is the member's index, for sweeps
-        view = _View(statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec))
+        view = _View(
+            statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec)
+        )
         previous, was_stacked = enter_member(member[-1]), STACKED.active
         STACKED.active = True
         try:
@@ -271,7 +305,10 @@ def member_function(statics: dict[str, Any], parts: tuple, body: Callable[..., A
 
 def _tensors(parts: tuple, members: int, device: torch.device) -> list[torch.Tensor]:
     """The tensor leaves of `parts`, then the members' indices (what `member_function`'s function takes)."""
-    return [*(x for x in tree_flatten(parts)[0] if isinstance(x, torch.Tensor)), torch.arange(members, device=device)]
+    return [
+        *(x for x in tree_flatten(parts)[0] if isinstance(x, torch.Tensor)),
+        torch.arange(members, device=device),
+    ]
 
 
 def vmapped(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -292,7 +329,9 @@ def _draw(generator: torch.Generator, rng: torch.Tensor) -> tuple[int, torch.Ten
 
 
 def _step_seed(draws: list[int]) -> int:
-    digest = hashlib.blake2b(b"".join(d.to_bytes(8, "little") for d in draws), digest_size=8).digest()
+    digest = hashlib.blake2b(
+        b"".join(d.to_bytes(8, "little") for d in draws), digest_size=8
+    ).digest()
     return int.from_bytes(digest, "little") % 2**63
 
 
@@ -303,7 +342,9 @@ class _StackedScope:
         self.module, self.was_training = state.module, state.module.training
         self.generator = _generator(state.device)
         self.saved = self.generator.get_state()
-        draws, rngs = zip(*(_draw(self.generator, r) for r in state.rng.clone().unbind(0)), strict=True)
+        draws, rngs = zip(
+            *(_draw(self.generator, r) for r in state.rng.clone().unbind(0)), strict=True
+        )
         self.next_rng = torch.stack(rngs) if advance else state.rng
         self.generator.manual_seed(_step_seed(list(draws)))
         if self.module.training != training:
@@ -315,7 +356,9 @@ class _StackedScope:
             self.module.train(self.was_training)
 
 
-def stacked_train_step(state: TrainState, batch: Any, compiled: tuple[Callable[..., Any], dict[str, Any]] | None = None) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def stacked_train_step(
+    state: TrainState, batch: Any, compiled: tuple[Callable[..., Any], dict[str, Any]] | None = None
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` for a stacked state: the step body under ``vmap`` over the members.
 
     `compiled`, when given, is ``(run, out)``: a compiled ``vmapped(fn)`` and the `out` of its
@@ -340,7 +383,9 @@ def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str,
     """`eval_step` for a stacked state: ``[K]`` metrics, the state and the caller's RNG unchanged."""
 
     def body(view: _View, batch: Any) -> dict[str, torch.Tensor]:
-        view.ema_params = dict(zip(view.params, view.ema_state.average, strict=True)) if use_ema else None
+        view.ema_params = (
+            dict(zip(view.params, view.ema_state.average, strict=True)) if use_ema else None
+        )
         return _eval_core(view, batch, use_ema)
 
     parts = _parts(state)
@@ -351,4 +396,3 @@ def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str,
     finally:
         scope.close()
     return out["rebuild"](leaves)
-

@@ -42,20 +42,32 @@ class StepOptions:
         """
         problems = []
         if self.precision not in ("fp32", "bf16", "fp16"):
-            problems.append(f"precision must be 'fp32', 'bf16' or 'fp16', got precision={self.precision!r}")
+            problems.append(
+                f"precision must be 'fp32', 'bf16' or 'fp16', got precision={self.precision!r}"
+            )
         if not isinstance(self.accumulate_steps, int) or self.accumulate_steps < 1:
-            problems.append(f"accumulate_steps must be an int >= 1, got accumulate_steps={self.accumulate_steps!r}")
+            problems.append(
+                f"accumulate_steps must be an int >= 1, got accumulate_steps={self.accumulate_steps!r}"
+            )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            problems.append(f"clip_grad_norm must be > 0 or None, got clip_grad_norm={self.clip_grad_norm!r}")
+            problems.append(
+                f"clip_grad_norm must be > 0 or None, got clip_grad_norm={self.clip_grad_norm!r}"
+            )
         if self.nonfinite not in ("skip", "halt", "none"):
-            problems.append(f"nonfinite must be 'skip', 'halt' or 'none', got nonfinite={self.nonfinite!r}")
+            problems.append(
+                f"nonfinite must be 'skip', 'halt' or 'none', got nonfinite={self.nonfinite!r}"
+            )
         if self.precision == "fp16" and self.nonfinite == "halt":
-            problems.append("nonfinite='halt' does not combine with precision='fp16' (loss scaling skips overflows by design); use max_consecutive_nonfinite=N to stop after N overflows in a row")
+            problems.append(
+                "nonfinite='halt' does not combine with precision='fp16' (loss scaling skips overflows by design); use max_consecutive_nonfinite=N to stop after N overflows in a row"
+            )
         cap = self.max_consecutive_nonfinite
         if cap is not None and (not isinstance(cap, int) or cap < 0):
             problems.append(f"max_consecutive_nonfinite must be an int >= 0 or None, got {cap!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            problems.append(f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}")
+            problems.append(
+                f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}"
+            )
         return problems
 
 

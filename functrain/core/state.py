@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from functrain.optim.averaging import EmaState, ema
+from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
 from functrain.distributed.data_parallel import (
     DistConfig,
     broadcast_tensors,
@@ -26,9 +26,17 @@ from functrain.distributed.data_parallel import (
     current_config,
 )
 from functrain.distributed.materialize import InitFn, has_meta_tensors, init_problems, materialize
-from functrain.distributed.sharding import SHARDINGS, Sharding, check_elementwise, gathered, is_sharded, shard, sharded_init
-from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
+from functrain.distributed.sharding import (
+    SHARDINGS,
+    Sharding,
+    check_elementwise,
+    gathered,
+    is_sharded,
+    shard,
+    sharded_init,
+)
 from functrain.errors import ConfigError, DonatedStateError, listed
+from functrain.optim.averaging import EmaState, ema
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import Transform, is_transform
 from functrain.optim.zeros import light_copy
@@ -53,7 +61,9 @@ def _zero(device: torch.device) -> torch.Tensor:
 
 def _generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        return torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ]
     return torch.default_generator
 
 
@@ -115,7 +125,9 @@ class TrainState:
     averager: Transform | None = _static(default=None)
     grad_stats: GradStats | None = _static(default=None)
     # set once, by `retire`, when a step took this state with donate=True (neither tree nor static)
-    _donated_to: str | None = attrs.field(default=None, init=False, eq=False, metadata={"donation": True})
+    _donated_to: str | None = attrs.field(
+        default=None, init=False, eq=False, metadata={"donation": True}
+    )
 
     @classmethod
     def create(
@@ -250,18 +262,40 @@ class TrainState:
             True
             >>> dist.destroy_process_group()
         """
-        options = StepOptions(precision, accumulate_steps, clip_grad_norm, nonfinite, max_consecutive_nonfinite, ema_decay, ema_warmup)
-        problems = _validate(module, optimizer, loss_fn) + _check_seed_and_trainable(seed, trainable) + options.problems()
+        options = StepOptions(
+            precision,
+            accumulate_steps,
+            clip_grad_norm,
+            nonfinite,
+            max_consecutive_nonfinite,
+            ema_decay,
+            ema_warmup,
+        )
+        problems = (
+            _validate(module, optimizer, loss_fn)
+            + _check_seed_and_trainable(seed, trainable)
+            + options.problems()
+        )
         if grad_stats not in (None, "layer", "param"):
-            problems.append(f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}")
+            problems.append(
+                f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}"
+            )
         problems += _sharding_problems(sharding, optimizer, reshard_after_forward)
-        params, frozen = _split_parameters(module, trainable) if isinstance(module, nn.Module) and (trainable is None or callable(trainable)) else ({}, {})
+        params, frozen = (
+            _split_parameters(module, trainable)
+            if isinstance(module, nn.Module) and (trainable is None or callable(trainable))
+            else ({}, {})
+        )
         if not problems and not params:
-            problems.append("the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)")
+            problems.append(
+                "the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)"
+            )
         if not problems:
             problems += _meta_problems(module, sharding, init)
         if problems:
-            raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(
+                "invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems)
+            )
         tx = build_transform(optimizer, options)
         averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
         meta = has_meta_tensors(module)
@@ -269,32 +303,46 @@ class TrainState:
         dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
         if dist_config is not None:
             # the meta tensors too: those that hold values are broadcast one by one, and every rank must take part
-            shapes = {k: (tuple(v.shape), str(v.dtype), v.is_meta) for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()}
-            check_same_model(f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}|{reshard_after_forward}", dist_config)
-        params, frozen, buffers = _initial_tensors(module, params, frozen, init, seed, device, dist_config) if meta else _given_tensors(module, params, frozen, dist_config)
+            shapes = {
+                k: (tuple(v.shape), str(v.dtype), v.is_meta)
+                for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()
+            }
+            check_same_model(
+                f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}|{reshard_after_forward}",
+                dist_config,
+            )
+        params, frozen, buffers = (
+            _initial_tensors(module, params, frozen, init, seed, device, dist_config)
+            if meta
+            else _given_tensors(module, params, frozen, dist_config)
+        )
         counters = {name: _zero(device) for name in _COUNTERS}
         opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
         if sharding == "full":
-            params = {k: p if is_sharded(p) else shard(p, dist_config.mesh) for k, p in params.items()}
-        return _unaliased(cls(
-            params=params,
-            frozen=frozen,
-            buffers=buffers,
-            opt_state=opt_state,
-            ema_state=ema_state,
-            **counters,
-            rng=initial_rng(seed, device),
-            driver={},
-            user={},
-            module=_weightless(module),
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            tx=tx,
-            options=options,
-            dist=dist_config,
-            averager=averager,
-            grad_stats=grad_stats,
-        ))
+            params = {
+                k: p if is_sharded(p) else shard(p, dist_config.mesh) for k, p in params.items()
+            }
+        return _unaliased(
+            cls(
+                params=params,
+                frozen=frozen,
+                buffers=buffers,
+                opt_state=opt_state,
+                ema_state=ema_state,
+                **counters,
+                rng=initial_rng(seed, device),
+                driver={},
+                user={},
+                module=_weightless(module),
+                loss_fn=loss_fn,
+                optimizer=optimizer,
+                tx=tx,
+                options=options,
+                dist=dist_config,
+                averager=averager,
+                grad_stats=grad_stats,
+            )
+        )
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy of this state with some fields replaced.
@@ -347,7 +395,9 @@ class TrainState:
         """
         self.check_live("export_module")
         if use_ema and self.ema_state is None:
-            raise ConfigError("export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
+            raise ConfigError(
+                "export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA"
+            )
         weights = self.ema_params if use_ema else self.params
         keep = not rank0_only or self.dist is None or self.dist.rank == 0
         # one sharded tensor gathered at a time; ranks that build no module drop each at once
@@ -385,7 +435,9 @@ class TrainState:
             (True, False)
         """
         # zeros held without storage (a fresh state's moments, `functrain.optim.zeros`) stay so
-        return pytree.tree_map(lambda x: light_copy(x) if isinstance(x, torch.Tensor) else copy.deepcopy(x), self)
+        return pytree.tree_map(
+            lambda x: light_copy(x) if isinstance(x, torch.Tensor) else copy.deepcopy(x), self
+        )
 
     def check_live(self, call: str) -> None:
         """Raise `DonatedStateError` if a step took this state with ``donate=True``.
@@ -438,7 +490,11 @@ class TrainState:
         )
 
 
-TREE_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if not f.metadata.get("static") and not f.metadata.get("donation"))
+TREE_FIELDS = tuple(
+    f.name
+    for f in attrs.fields(TrainState)
+    if not f.metadata.get("static") and not f.metadata.get("donation")
+)
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
 
 
@@ -460,7 +516,9 @@ class _Donated:
             "state.clone(), or call the step without donate=True"
         )
 
-    __getattr__ = __getitem__ = __iter__ = __len__ = __contains__ = __int__ = __float__ = __bool__ = __index__ = _refuse
+    __getattr__ = __getitem__ = __iter__ = __len__ = __contains__ = __int__ = __float__ = (
+        __bool__
+    ) = __index__ = _refuse
     __add__ = __radd__ = __sub__ = __mul__ = __eq__ = __lt__ = __gt__ = __le__ = __ge__ = _refuse
     __hash__ = None  # type: ignore[assignment]
 
@@ -482,7 +540,10 @@ def _flatten_state(state: TrainState) -> tuple[list[Any], tuple]:
 
 
 def _unflatten_state(values: list[Any], context: tuple) -> TrainState:
-    return TrainState(**dict(zip(TREE_FIELDS, values, strict=True)), **dict(zip(STATIC_FIELDS, context, strict=True)))
+    return TrainState(
+        **dict(zip(TREE_FIELDS, values, strict=True)),
+        **dict(zip(STATIC_FIELDS, context, strict=True)),
+    )
 
 
 def _flatten_state_with_keys(state: TrainState) -> tuple[list[tuple[Any, Any]], tuple]:
@@ -516,13 +577,21 @@ def _unaliased(state: TrainState) -> TrainState:
 
 # one structure per module object, so states created again from it (a resume) share compiled graphs;
 # made again when the module's submodules, parameters or buffers changed since
-_structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+_structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
 _WEIGHTLESS = "_functrain_weightless"
 
 
 def _layout(module: nn.Module) -> tuple:
     modules = tuple((name, id(m)) for name, m in module.named_modules(remove_duplicate=False))
-    tensors = tuple((name, id(t), t.shape, t.dtype) for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)))
+    tensors = tuple(
+        (name, id(t), t.shape, t.dtype)
+        for name, t in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+    )
     return modules + tensors
 
 
@@ -545,7 +614,9 @@ def _weightless(module: nn.Module) -> nn.Module:
 def _copy_structure(module: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for t in module.parameters():
-        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+        memo[id(t)] = nn.Parameter(
+            torch.empty_like(t, device="meta"), requires_grad=t.requires_grad
+        )
     for t in module.buffers():
         memo[id(t)] = torch.empty_like(t, device="meta")
     try:
@@ -559,18 +630,39 @@ def _copy_structure(module: nn.Module) -> nn.Module:
 Tensors = dict[str, torch.Tensor]
 
 
-def _given_tensors(module: nn.Module, params: Tensors, frozen: Tensors, config: DistConfig | None) -> tuple[Tensors, Tensors, Tensors]:
+def _given_tensors(
+    module: nn.Module, params: Tensors, frozen: Tensors, config: DistConfig | None
+) -> tuple[Tensors, Tensors, Tensors]:
     """The module's own values (copies), rank 0's on every rank."""
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     if config is None:
         return params, frozen, buffers
     # every rank starts from rank 0's weights and statistics
-    return broadcast_tensors(params, config), broadcast_tensors(frozen, config), broadcast_tensors(buffers, config)
+    return (
+        broadcast_tensors(params, config),
+        broadcast_tensors(frozen, config),
+        broadcast_tensors(buffers, config),
+    )
 
 
-def _initial_tensors(module: nn.Module, params: Tensors, frozen: Tensors, init: InitFn | None, seed: int, device: torch.device, config: DistConfig) -> tuple[Tensors, Tensors, Tensors]:
+def _initial_tensors(
+    module: nn.Module,
+    params: Tensors,
+    frozen: Tensors,
+    init: InitFn | None,
+    seed: int,
+    device: torch.device,
+    config: DistConfig,
+) -> tuple[Tensors, Tensors, Tensors]:
     """A meta module's values, submodule by submodule; with ``"full"`` its trainable parameters as this rank's rows."""
-    values = materialize(module, set(params) if config.sharding == "full" else set(), init=init, seed=seed, device=device, config=config)
+    values = materialize(
+        module,
+        set(params) if config.sharding == "full" else set(),
+        init=init,
+        seed=seed,
+        device=device,
+        config=config,
+    )
     buffers = {name: values[name] for name, _ in module.named_buffers()}
     return {k: values[k] for k in params}, {k: values[k] for k in frozen}, buffers
 
@@ -580,9 +672,13 @@ def _sharding_problems(sharding: Any, optimizer: Any, reshard_after_forward: Any
         return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
     problems = []
     if not isinstance(reshard_after_forward, bool):
-        problems.append(f"reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+        problems.append(
+            f"reshard_after_forward must be True or False, got {reshard_after_forward!r}"
+        )
     elif not reshard_after_forward and sharding != "full":
-        problems.append(f"reshard_after_forward=False applies to sharding='full' only (the parameters that are gathered), got sharding={sharding!r}; leave it out")
+        problems.append(
+            f"reshard_after_forward=False applies to sharding='full' only (the parameters that are gathered), got sharding={sharding!r}; leave it out"
+        )
     if sharding is None:
         return problems
     try:
@@ -592,16 +688,27 @@ def _sharding_problems(sharding: Any, optimizer: Any, reshard_after_forward: Any
     return problems
 
 
-def _initial_states(tx: Transform, averager: Transform | None, params: dict[str, torch.Tensor], config: DistConfig | None) -> tuple[Tree, Any]:
+def _initial_states(
+    tx: Transform,
+    averager: Transform | None,
+    params: dict[str, torch.Tensor],
+    config: DistConfig | None,
+) -> tuple[Tree, Any]:
     """The optimizer state and EMA of `params`, their parameter-shaped leaves sharded as `config` asks."""
     sharding = config.sharding if config is not None else None
-    opt_state = sharded_init(tx.init, params, config.mesh) if sharding is not None else tx.init(params)
+    opt_state = (
+        sharded_init(tx.init, params, config.mesh) if sharding is not None else tx.init(params)
+    )
     if averager is None:
         return opt_state, None
-    return opt_state, sharded_init(averager.init, params, config.mesh) if sharding == "full" else averager.init(params)
+    return opt_state, sharded_init(
+        averager.init, params, config.mesh
+    ) if sharding == "full" else averager.init(params)
 
 
-def _split_parameters(module: nn.Module, trainable: Trainable | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _split_parameters(
+    module: nn.Module, trainable: Trainable | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     params: dict[str, torch.Tensor] = {}
     frozen: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
@@ -617,9 +724,13 @@ def _validate(module: Any, optimizer: Any, loss_fn: Any) -> list[str]:
     if not is_transform(optimizer) and torch_object_hint(optimizer, "optimizer") is not None:
         problems.append(torch_object_hint(optimizer, "optimizer"))
     elif not is_transform(optimizer):
-        problems.append(f"optimizer must be a functrain transform (e.g. functrain.adamw(1e-3)), got {type(optimizer).__name__}; torch.optim optimizers are not transforms")
+        problems.append(
+            f"optimizer must be a functrain transform (e.g. functrain.adamw(1e-3)), got {type(optimizer).__name__}; torch.optim optimizers are not transforms"
+        )
     if not callable(loss_fn):
-        problems.append(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        problems.append(
+            f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}"
+        )
     return problems
 
 
@@ -629,19 +740,33 @@ _SEED_RANGE = (-(2**63), 2**64)
 
 def _check_seed_and_trainable(seed: Any, trainable: Any) -> list[str]:
     problems = []
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not _SEED_RANGE[0] <= seed < _SEED_RANGE[1]:
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not _SEED_RANGE[0] <= seed < _SEED_RANGE[1]
+    ):
         problems.append(f"seed must be an int in [-2**63, 2**64), got seed={seed!r}")
     if trainable is not None and not callable(trainable):
-        problems.append(f"trainable must be a predicate (name, param) -> bool or None, got {type(trainable).__name__}")
+        problems.append(
+            f"trainable must be a predicate (name, param) -> bool or None, got {type(trainable).__name__}"
+        )
     return problems
 
 
 def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
     meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if not meta:
-        return [] if init is None else [f"init= initializes tensors on the meta device, but the module has none (got init={getattr(init, '__name__', init)!r}); initialize the module's tensors yourself, or build it under torch.device('meta')"]
+        return (
+            []
+            if init is None
+            else [
+                f"init= initializes tensors on the meta device, but the module has none (got init={getattr(init, '__name__', init)!r}); initialize the module's tensors yourself, or build it under torch.device('meta')"
+            ]
+        )
     if sharding is not None and torch.get_default_device().type == "meta":
-        return ["a module on the meta device is materialized on the default device, which is the meta device here; call TrainState.create outside `with torch.device('meta'):`"]
+        return [
+            "a module on the meta device is materialized on the default device, which is the meta device here; call TrainState.create outside `with torch.device('meta'):`"
+        ]
     if sharding is not None:
         return init_problems(module, init)
     shown = listed(meta)

@@ -26,17 +26,23 @@ from torch import nn
 
 from functrain.core.binding import call_with
 from functrain.core.holds import wait_until_unheld
+from functrain.core.state import TrainState, _generator
 from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import average_step
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.layout import in_layouts_of, with_strides_of
-from functrain.core.state import TrainState, _generator
-from functrain.optim.transform import apply_updates, may_write_in_place, transform_metrics, writing_in_place, wrote_in_place
-from functrain.tree import global_norm, norm_sum, share_norm, tree_leaves, tree_map, unshare_norm
 from functrain.optim.batching import under_vmap
 from functrain.optim.sweep import holds_sweep
+from functrain.optim.transform import (
+    apply_updates,
+    may_write_in_place,
+    transform_metrics,
+    writing_in_place,
+    wrote_in_place,
+)
 from functrain.optim.wrappers import find_loss_scale
 from functrain.optim.zeros import stored
+from functrain.tree import global_norm, norm_sum, share_norm, tree_leaves, tree_map, unshare_norm
 
 __all__ = ["train_step", "eval_step", "BoundModel", "describe_batch"]
 
@@ -78,7 +84,13 @@ class _Scope:
 
     __slots__ = ("module", "was_training", "generator", "saved_rng", "next_rng")
 
-    def __init__(self, module: nn.Module, was_training: bool, generator: torch.Generator, saved_rng: torch.Tensor) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        was_training: bool,
+        generator: torch.Generator,
+        saved_rng: torch.Tensor,
+    ) -> None:
         self.module = module
         self.was_training = was_training
         self.generator = generator
@@ -117,7 +129,9 @@ def _enter(state: TrainState, training: bool) -> _Scope:
         # each rank draws its dropout masks from its own stream; the state carries the shared one
         if gen.device.type == "cpu":
             # one draw from the shared stream seeds this rank's stream for the step
-            draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
+            draw = int(
+                torch.randint(0, 2**62, (1,), generator=gen)
+            )  # CPU generator: no device sync
             scope.next_rng = gen.get_state()
             gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
         else:
@@ -161,7 +175,12 @@ def _leave_with(scope: _Scope, state: TrainState, new: dict[str, Any]) -> TrainS
     return state.replace(rng=_leave(scope), **new)
 
 
-def _donated_core(state: TrainState, batch: Any, core: Callable[[TrainState, Any], Any] | None = None, call: str = "functrain.train_step(..., donate=True)") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _donated_core(
+    state: TrainState,
+    batch: Any,
+    core: Callable[[TrainState, Any], Any] | None = None,
+    call: str = "functrain.train_step(..., donate=True)",
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """`_train_core` (or `core`), allowed to write into `state`'s tensors; if it fails after writing, `state` is dead (donated to `call`).
 
     First it waits for any background reader of those tensors (an async checkpoint save of this
@@ -194,20 +213,38 @@ def _with_storage(state: TrainState) -> TrainState:
 
 
 def _split_loss(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, {}))
+    loss, aux = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
-        got = f"Tensor{list(loss.shape)} {loss.dtype}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise LossError(f"loss_fn must return a scalar floating-point tensor (or (loss, metrics)), got {got}; reduce the loss with .mean() or .sum()")
+        got = (
+            f"Tensor{list(loss.shape)} {loss.dtype}"
+            if isinstance(loss, torch.Tensor)
+            else type(loss).__name__
+        )
+        raise LossError(
+            f"loss_fn must return a scalar floating-point tensor (or (loss, metrics)), got {got}; reduce the loss with .mean() or .sum()"
+        )
     if not isinstance(aux, Mapping) or not all(isinstance(v, torch.Tensor) for v in aux.values()):
-        bad = {k: type(v).__name__ for k, v in aux.items() if not isinstance(v, torch.Tensor)} if isinstance(aux, Mapping) else type(aux).__name__
-        raise LossError(f"loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call .item()), got {bad}")
+        bad = (
+            {k: type(v).__name__ for k, v in aux.items() if not isinstance(v, torch.Tensor)}
+            if isinstance(aux, Mapping)
+            else type(aux).__name__
+        )
+        raise LossError(
+            f"loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call .item()), got {bad}"
+        )
     return loss, dict(aux)
 
 
-def _call_loss(state: TrainState, tensors: Mapping[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _call_loss(
+    state: TrainState, tensors: Mapping[str, torch.Tensor], batch: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model = BoundModel(state.module, tensors)
     dtype = _AUTOCAST.get(state.options.precision)
-    autocast = torch.autocast(state.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(state.device.type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
     try:
         with autocast:
             out = state.loss_fn(model, batch)
@@ -242,16 +279,28 @@ def _gathers(state: TrainState) -> bool:
     return state.dist is not None and state.dist.sharding == "full"
 
 
-def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: torch.Tensor | None, call_loss: Callable[..., Any] = _call_loss) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+def _gradients(
+    state: TrainState,
+    batch: Any,
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    call_loss: Callable[..., Any] = _call_loss,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's gradients, loss and metrics; `call_loss` runs the loss function (a compiled sharded step's is compiled)."""
     gather = _gathers(state)
 
-    def objective(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    def objective(
+        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         if gather and call_loss is not _call_loss:
             # a compiled loss takes plain tensors: every parameter gathered before it, kept until the backward
             params = {k: sharding_.for_compute(p) for k, p in params.items()}
         # "full" sharding: each operation all-gathers the parameters it uses; their gradients come back reduce-scattered
-        with sharding_.gathering_on_use(params, state.dist.reshard_after_forward) if gather else contextlib.nullcontext():
+        with (
+            sharding_.gathering_on_use(params, state.dist.reshard_after_forward)
+            if gather
+            else contextlib.nullcontext()
+        ):
             loss, aux = call_loss(state, {**params, **state.frozen, **buffers}, batch)
         scaled = loss * scale.to(loss.dtype) if scale is not None else loss
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
@@ -263,9 +312,18 @@ def _gradients(state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], 
     leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
     scaled, (loss, aux) = objective(leaves, buffers)
     if not scaled.requires_grad:
-        raise LossError("the loss does not depend on any trainable parameter; check that loss_fn calls the model it is given")
+        raise LossError(
+            "the loss does not depend on any trainable parameter; check that loss_fn calls the model it is given"
+        )
     grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
-    return {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, grads, strict=True)}, loss, aux
+    return (
+        {
+            k: g if g is not None else torch.zeros_like(leaves[k])
+            for k, g in zip(leaves, grads, strict=True)
+        },
+        loss,
+        aux,
+    )
 
 
 def _train_core(state: TrainState, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -282,7 +340,15 @@ def _loss_scale(state: TrainState) -> torch.Tensor | None:
     return find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
 
 
-def _apply(state: TrainState, batch: Any, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor], scale: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _apply(
+    state: TrainState,
+    batch: Any,
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """From this rank's gradients (and buffers, loss, metrics) to the new state's parts and the metrics."""
     config = state.dist
     if config is not None and config.sharding is not None:
@@ -301,7 +367,13 @@ def _apply(state: TrainState, batch: Any, grads: dict[str, torch.Tensor], buffer
     return new, metrics
 
 
-def _shared_gradients(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+def _shared_gradients(
+    state: TrainState,
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """A sharded step's collectives before the update: this rank's slices of the mean gradients (plain
     tensors), and the 0-d gradients, floating buffers and metrics averaged over ranks."""
     config = state.dist
@@ -314,7 +386,9 @@ def _shared_gradients(state: TrainState, grads: dict[str, torch.Tensor], buffers
 def _placed(state: TrainState, new: dict[str, Any]) -> dict[str, Any]:
     """A sharded step's new local slices placed as `state` holds them (sharded again, or gathered whole)."""
     config = state.dist
-    new["params"] = sharding_.placed_params(new["params"], state.params, config.sharding, config.mesh, may_write_in_place())
+    new["params"] = sharding_.placed_params(
+        new["params"], state.params, config.sharding, config.mesh, may_write_in_place()
+    )
     new["opt_state"] = sharding_.like_tree(new["opt_state"], state.opt_state)
     return new
 
@@ -322,7 +396,10 @@ def _placed(state: TrainState, new: dict[str, Any]) -> dict[str, Any]:
 def _local_view(state: TrainState) -> TrainState:
     """`state` with the parameters and optimizer state this rank updates, as plain tensors."""
     config = state.dist
-    return state.replace(params=sharding_.local_params(state.params, config.sharding, config.mesh), opt_state=sharding_.local_tree(state.opt_state))
+    return state.replace(
+        params=sharding_.local_params(state.params, config.sharding, config.mesh),
+        opt_state=sharding_.local_tree(state.opt_state),
+    )
 
 
 def _ema(state: TrainState, params: dict[str, torch.Tensor], applied: torch.Tensor | None) -> Any:
@@ -334,7 +411,15 @@ def _ema(state: TrainState, params: dict[str, torch.Tensor], applied: torch.Tens
     return sharding_.like_tree(ema_state, state.ema_state)
 
 
-def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], loss: torch.Tensor, aux: dict[str, torch.Tensor], scale: torch.Tensor | None, batch: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _update(
+    state: TrainState,
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    batch: Any,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Clipping, the optimizer and the counters, from the (averaged) gradients; the EMA's gate as ``"applied"``."""
     grads = _in_param_layouts(grads, state.params)
     grad_list = list(grads.values())
@@ -359,7 +444,12 @@ def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str
         skipped = skipped & completed
     if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
         # a batch with non-finite statistics must not enter the running averages either
-        buffers = {n: torch.where(torch.isfinite(b).all(), b, state.buffers[n]) if b.is_floating_point() else b for n, b in buffers.items()}
+        buffers = {
+            n: torch.where(torch.isfinite(b).all(), b, state.buffers[n])
+            if b.is_floating_point()
+            else b
+            for n, b in buffers.items()
+        }
     new = {
         "params": params,
         "buffers": buffers,
@@ -368,8 +458,11 @@ def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str
         "step": state.step + (completed.long() if completed is not None else 1),
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
-        "samples_seen": state.samples_seen + _batch_size(batch) * (state.dist.world_size if state.dist is not None else 1),
-        "skipped": state.skipped + skipped if skipped is not None else state.skipped,  # a bool adds as 0 or 1
+        "samples_seen": state.samples_seen
+        + _batch_size(batch) * (state.dist.world_size if state.dist is not None else 1),
+        "skipped": state.skipped + skipped
+        if skipped is not None
+        else state.skipped,  # a bool adds as 0 or 1
     }
     metrics = {
         "loss": loss if loss.dtype == torch.float32 else loss.float(),
@@ -385,7 +478,9 @@ def _update(state: TrainState, grads: dict[str, torch.Tensor], buffers: dict[str
     return new, metrics
 
 
-def _in_param_layouts(grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _in_param_layouts(
+    grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The gradients laid out as their parameters are (`functrain.layout`), before anything reads them.
 
     The one place every step's gradients pass (eager, donated, compiled, sharded slices) before the
@@ -399,7 +494,9 @@ def _in_param_layouts(grads: dict[str, torch.Tensor], params: dict[str, torch.Te
     return dict(zip(grads, aligned, strict=True))
 
 
-def _in_param_strides(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _in_param_strides(
+    new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The new parameters with the strides of the old, as torch.optim's in-place updates keep them (a view where only size-1 dimensions differ)."""
     if under_vmap() or all(n.stride() == old[k].stride() for k, n in new.items()):
         return new
@@ -413,7 +510,13 @@ def _groups(names: tuple[str, ...], by: str) -> dict[str, list[int]]:
     return groups
 
 
-def _grad_statistics(by: str, grads: dict[str, torch.Tensor], old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _grad_statistics(
+    by: str,
+    grads: dict[str, torch.Tensor],
+    old: dict[str, torch.Tensor],
+    new: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
     """Per-group gradient norms and update/weight norm ratios, as 0-d tensors on the device."""
     names = list(old)
     before, after = [old[n] for n in names], [new[n] for n in names]
@@ -428,11 +531,15 @@ def _grad_statistics(by: str, grads: dict[str, torch.Tensor], old: dict[str, tor
     for group, idx in _groups(tuple(names), by).items():
         norm = torch.linalg.vector_norm(torch.stack([g[i] for i in idx]))
         out[f"grad_norm/{group}"] = norm / scale if scale is not None else norm
-        out[f"update_ratio/{group}"] = torch.linalg.vector_norm(torch.stack([d[i] for i in idx])) / torch.linalg.vector_norm(torch.stack([w[i] for i in idx]))
+        out[f"update_ratio/{group}"] = torch.linalg.vector_norm(
+            torch.stack([d[i] for i in idx])
+        ) / torch.linalg.vector_norm(torch.stack([w[i] for i in idx]))
     return out
 
 
-def _over_shards(across: Any, norms: tuple[list[torch.Tensor], ...], tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def _over_shards(
+    across: Any, norms: tuple[list[torch.Tensor], ...], tensors: list[torch.Tensor]
+) -> list[list[torch.Tensor]]:
     """Norms of slices made norms of the whole tensors: their squares summed over ranks in one all-reduce (0-d tensors are whole)."""
     squares = torch.stack([torch.stack(n) for n in norms]).square()
     sliced = torch.tensor([t.ndim > 0 for t in tensors], device=squares.device)
@@ -447,7 +554,9 @@ def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a & b
 
 
-def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def train_step(
+    state: TrainState, batch: Any, *, donate: bool = False
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """One training step: forward, loss, gradients, optimizer update, EMA and counters.
 
     Pure: `state` is not modified, the same state and batch give bit-identical results, and the
@@ -489,7 +598,9 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False) -> tuple[
         (1, ['grad_norm', 'loss', 'lr', 'skipped'])
     """
     if not isinstance(state, TrainState):
-        raise ConfigError(f"train_step expects a functrain.TrainState as its first argument, got {type(state).__name__}; build one with TrainState.create(...)")
+        raise ConfigError(
+            f"train_step expects a functrain.TrainState as its first argument, got {type(state).__name__}; build one with TrainState.create(...)"
+        )
     state.check_live("train_step")
     if state.step.ndim:
         return _stacked("train", state, batch, donate)
@@ -535,7 +646,10 @@ def _stacked(kind: str, state: TrainState, batch: Any, flag: bool) -> Any:
 def _eval_core(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
     weights = state.ema_params if use_ema else state.params
     buffers = {k: b.clone() for k, b in state.buffers.items()}
-    with torch.no_grad(), sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext():
+    with (
+        torch.no_grad(),
+        sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext(),
+    ):
         loss, aux = _call_loss(state, {**weights, **state.frozen, **buffers}, batch)
     return {"loss": loss.float(), **aux}
 
@@ -568,7 +682,9 @@ def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[s
     """
     state.check_live("eval_step")
     if use_ema and state.ema_state is None:
-        raise ConfigError("eval_step(use_ema=True) needs a state created with ema_decay=...; this state has no EMA")
+        raise ConfigError(
+            "eval_step(use_ema=True) needs a state created with ema_decay=...; this state has no EMA"
+        )
     if state.step.ndim:
         return _stacked("eval", state, batch, use_ema)
     scope = _enter(state, False)

@@ -33,7 +33,19 @@ import torch.distributed as dist
 
 from functrain.errors import ConfigError
 
-__all__ = ["DistConfig", "init_from_env", "rank_and_world", "is_main_process", "all_reduce_mean", "broadcast_tensors", "check_same_model", "all_gather_bytes", "all_gather_json", "gather_objects", "reduce_sums"]
+__all__ = [
+    "DistConfig",
+    "init_from_env",
+    "rank_and_world",
+    "is_main_process",
+    "all_reduce_mean",
+    "broadcast_tensors",
+    "check_same_model",
+    "all_gather_bytes",
+    "all_gather_json",
+    "gather_objects",
+    "reduce_sums",
+]
 
 
 @attrs.frozen
@@ -74,7 +86,11 @@ def init_from_env(backend: str | None = None) -> bool:
     Returns:
         True when a process group is active afterwards.
     """
-    if not dist.is_available() or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+    if (
+        not dist.is_available()
+        or "WORLD_SIZE" not in os.environ
+        or int(os.environ["WORLD_SIZE"]) < 2
+    ):
         return dist.is_available() and dist.is_initialized()
     if not dist.is_initialized():
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -84,7 +100,12 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def current_config(distributed: bool | None, sharding: str | None = None, device_type: str = "cpu", reshard_after_forward: bool = True) -> DistConfig | None:
+def current_config(
+    distributed: bool | None,
+    sharding: str | None = None,
+    device_type: str = "cpu",
+    reshard_after_forward: bool = True,
+) -> DistConfig | None:
     """The `DistConfig` for `TrainState.create(distributed=..., sharding=...)`: None means auto-detect.
 
     A sharded state needs an initialized process group, of any size (one rank included).
@@ -100,10 +121,19 @@ def current_config(distributed: bool | None, sharding: str | None = None, device
         from functrain.distributed.sharding import make_mesh
 
         world = dist.get_world_size()
-        return DistConfig(world, dist.get_rank(), dist.group.WORLD, sharding, make_mesh(device_type, world), reshard_after_forward)
+        return DistConfig(
+            world,
+            dist.get_rank(),
+            dist.group.WORLD,
+            sharding,
+            make_mesh(device_type, world),
+            reshard_after_forward,
+        )
     active = initialized and dist.get_world_size() > 1
     if distributed and not active:
-        raise ConfigError("distributed=True but no torch.distributed process group is initialized; launch with torchrun and call functrain.distributed.init_from_env()")
+        raise ConfigError(
+            "distributed=True but no torch.distributed process group is initialized; launch with torchrun and call functrain.distributed.init_from_env()"
+        )
     if not active or distributed is False:
         return None
     return DistConfig(dist.get_world_size(), dist.get_rank(), dist.group.WORLD)
@@ -132,26 +162,41 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor], config: DistConfig) -> list
         if torch.compiler.is_compiling():
             mean = funcol.all_reduce(flat, "sum", config.group) / config.world_size
         else:
-            dist.all_reduce(flat, group=config.group)  # a bucket of this step's own: nobody else holds it
+            dist.all_reduce(
+                flat, group=config.group
+            )  # a bucket of this step's own: nobody else holds it
             mean = flat.div_(config.world_size)
         for i, piece in zip(idx, torch.split(mean, [tensors[i].numel() for i in idx]), strict=True):
             out[i] = piece.view(tensors[i].shape)
     return out
 
 
-def average_step(grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], config: DistConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def average_step(
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    scalars: dict[str, torch.Tensor],
+    config: DistConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Average gradients, floating buffers and scalar metrics across ranks, one bucket per dtype."""
     float_buffers = [k for k, b in buffers.items() if b.is_floating_point()]
-    items = list(grads.values()) + [buffers[k] for k in float_buffers] + [v.float() for v in scalars.values()]
+    items = (
+        list(grads.values())
+        + [buffers[k] for k in float_buffers]
+        + [v.float() for v in scalars.values()]
+    )
     mean = all_reduce_mean(items, config)
     n_g, n_b = len(grads), len(float_buffers)
     new_grads = dict(zip(grads, mean[:n_g], strict=True))
     new_buffers = {**buffers, **dict(zip(float_buffers, mean[n_g : n_g + n_b], strict=True))}
-    new_scalars = {k: v.to(scalars[k].dtype) for k, v in zip(scalars, mean[n_g + n_b :], strict=True)}
+    new_scalars = {
+        k: v.to(scalars[k].dtype) for k, v in zip(scalars, mean[n_g + n_b :], strict=True)
+    }
     return new_grads, new_buffers, new_scalars
 
 
-def broadcast_tensors(tensors: Mapping[str, torch.Tensor], config: DistConfig, src: int = 0) -> dict[str, torch.Tensor]:
+def broadcast_tensors(
+    tensors: Mapping[str, torch.Tensor], config: DistConfig, src: int = 0
+) -> dict[str, torch.Tensor]:
     """Copies of `tensors` holding rank `src`'s values on every rank (the inputs are not written)."""
     out = {k: v.detach().clone() for k, v in tensors.items()}
     for t in out.values():
@@ -182,7 +227,11 @@ def reduce_sums(values: torch.Tensor, config: DistConfig | None) -> torch.Tensor
 
 def all_gather_bytes(data: bytes, group: Any) -> list[bytes]:
     """Every rank's `data`, in rank order, through uint8 tensors (on the GPU for an NCCL group)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend(group) == "nccl"
+        else torch.device("cpu")
+    )
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device), group=group)

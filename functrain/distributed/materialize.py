@@ -55,8 +55,18 @@ def _owners_of_meta(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def init_problems(module: nn.Module, init: object) -> list[str]:
     """What keeps `module`'s meta tensors from being initialized: submodules with no way to, a bad `init`."""
     if init is not None:
-        return [] if callable(init) else [f"init must be a function init(submodule) -> None or None, got {type(init).__name__}"]
-    missing = [f"{name or '<root>'} ({type(sub).__name__})" for name, sub in _owners_of_meta(module) if not callable(getattr(sub, "reset_parameters", None))]
+        return (
+            []
+            if callable(init)
+            else [
+                f"init must be a function init(submodule) -> None or None, got {type(init).__name__}"
+            ]
+        )
+    missing = [
+        f"{name or '<root>'} ({type(sub).__name__})"
+        for name, sub in _owners_of_meta(module)
+        if not callable(getattr(sub, "reset_parameters", None))
+    ]
     if not missing:
         return []
     shown = listed(missing)
@@ -71,7 +81,11 @@ def init_problems(module: nn.Module, init: object) -> list[str]:
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """The generators of the CPU and of `device` seeded with `seed` within; the caller's states restored after."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)
         for index in cuda:
@@ -95,7 +109,10 @@ class _Scratch:
     """
 
     def __init__(self, module: nn.Module, device: torch.device) -> None:
-        sizes = [sum(_aligned(t.numel() * t.element_size()) for _, t in _own_tensors(sub)) for _, sub in _owners_of_meta(module)]
+        sizes = [
+            sum(_aligned(t.numel() * t.element_size()) for _, t in _own_tensors(sub))
+            for _, sub in _owners_of_meta(module)
+        ]
         self.buffer = torch.empty(max(sizes, default=0), dtype=torch.uint8, device=device)
 
     def shell(self, sub: nn.Module) -> nn.Module:
@@ -105,12 +122,19 @@ class _Scratch:
         def carve(t: torch.Tensor) -> torch.Tensor:
             nonlocal offset
             n = t.numel() * t.element_size()
-            view = self.buffer.narrow(0, offset, n).view(t.dtype).view(t.shape) if n else torch.empty(t.shape, dtype=t.dtype, device=self.buffer.device)
+            view = (
+                self.buffer.narrow(0, offset, n).view(t.dtype).view(t.shape)
+                if n
+                else torch.empty(t.shape, dtype=t.dtype, device=self.buffer.device)
+            )
             offset += _aligned(n)
             return view
 
         shell = copy.copy(sub)
-        shell._parameters = {n: None if p is None else nn.Parameter(carve(p), requires_grad=p.requires_grad) for n, p in sub._parameters.items()}
+        shell._parameters = {
+            n: None if p is None else nn.Parameter(carve(p), requires_grad=p.requires_grad)
+            for n, p in sub._parameters.items()
+        }
         shell._buffers = {n: None if b is None else carve(b) for n, b in sub._buffers.items()}
         return shell
 
@@ -125,7 +149,14 @@ def _initialized(sub: nn.Module, init: InitFn | None, scratch: _Scratch) -> dict
     return dict(_own_tensors(shell))
 
 
-def _submodule_values(sub: nn.Module, prefix: str, placed: Callable[[str, torch.Tensor], torch.Tensor], init: InitFn | None, scratch: _Scratch, done: dict[int, str]) -> dict[str, torch.Tensor]:
+def _submodule_values(
+    sub: nn.Module,
+    prefix: str,
+    placed: Callable[[str, torch.Tensor], torch.Tensor],
+    init: InitFn | None,
+    scratch: _Scratch,
+    done: dict[int, str],
+) -> dict[str, torch.Tensor]:
     """The values of the tensors `sub` owns and no earlier submodule did (tied ones are materialized once)."""
     own = _own_tensors(sub)
     fresh = _initialized(sub, init, scratch) if any(t.is_meta for _, t in own) else {}
@@ -139,7 +170,15 @@ def _submodule_values(sub: nn.Module, prefix: str, placed: Callable[[str, torch.
     return out
 
 
-def materialize(module: nn.Module, sliced: set[str], *, init: InitFn | None, seed: int, device: torch.device, config: DistConfig) -> dict[str, torch.Tensor]:
+def materialize(
+    module: nn.Module,
+    sliced: set[str],
+    *,
+    init: InitFn | None,
+    seed: int,
+    device: torch.device,
+    config: DistConfig,
+) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of `module` (built on the meta device), by name, given its values submodule by submodule.
 
     Each submodule owning meta tensors is materialized on `device` (in one buffer that every
@@ -160,12 +199,17 @@ def materialize(module: nn.Module, sliced: set[str], *, init: InitFn | None, see
     Returns:
         A dict of every tensor by its name in ``module.named_parameters()`` / ``named_buffers()``.
     """
+
     def placed(name: str, value: torch.Tensor) -> torch.Tensor:
-        if name in given:  # a value the user set: every rank takes rank 0's, as create does for a whole module
+        if (
+            name in given
+        ):  # a value the user set: every rank takes rank 0's, as create does for a whole module
             value = broadcast_tensors({name: value.to(device)}, config)[name]
         if name in sliced and value.ndim:
             return from_rows(local_rows(value, config.mesh).clone(), value.shape, config.mesh)
-        return value if name in given else value.clone()  # out of the scratch buffer, which the next submodule reuses
+        return (
+            value if name in given else value.clone()
+        )  # out of the scratch buffer, which the next submodule reuses
 
     given = {n for n, t in (*module.named_parameters(), *module.named_buffers()) if not t.is_meta}
     values: dict[str, torch.Tensor] = {}

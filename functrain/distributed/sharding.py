@@ -116,7 +116,14 @@ def like(new_local: Any, old: Any) -> Any:
     """`new_local` as a leaf placed like `old`: a DTensor of `old`'s global shape if `old` is one."""
     if not is_sharded(old) or not isinstance(new_local, torch.Tensor):
         return new_local
-    return _dtensor().from_local(new_local, old.device_mesh, old.placements, run_check=False, shape=old.shape, stride=old.stride())
+    return _dtensor().from_local(
+        new_local,
+        old.device_mesh,
+        old.placements,
+        run_check=False,
+        shape=old.shape,
+        stride=old.stride(),
+    )
 
 
 def local_rows(t: torch.Tensor, mesh: Any) -> torch.Tensor:
@@ -137,7 +144,14 @@ def from_rows(rows: torch.Tensor, shape: Sequence[int], mesh: Any) -> torch.Tens
     """
     from torch.distributed.tensor import Shard
 
-    return _dtensor().from_local(rows, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape))
+    return _dtensor().from_local(
+        rows,
+        mesh,
+        [Shard(0)],
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_stride(shape),
+    )
 
 
 def gathered(t: Any) -> Any:
@@ -180,9 +194,19 @@ def for_compute(t: torch.Tensor) -> torch.Tensor:
 # what a parameter's metadata reads: answered by the sharded tensor itself (global shape, dtype,
 # device), without a gather
 _METADATA = frozenset(
-    {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.nelement, torch.Tensor.ndimension,
-     torch.Tensor.__len__, torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
-     torch.Tensor.get_device, torch.Tensor.__hash__}
+    {
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.numel,
+        torch.Tensor.nelement,
+        torch.Tensor.ndimension,
+        torch.Tensor.__len__,
+        torch.Tensor.element_size,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.is_complex,
+        torch.Tensor.get_device,
+        torch.Tensor.__hash__,
+    }
 )
 # tensor properties computed from the values (``w.T``); the others (``w.shape``, and ``w.data``, which
 # hooks such as CommDebugMode's read) stay the sharded tensor's own
@@ -211,9 +235,14 @@ class _GatherOnUse(TorchFunctionMode):
         self.serials = itertools.count()
         self.budget = 0
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: Mapping[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
-        if func in _METADATA or (getattr(func, "__name__", "") == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") not in _VALUE_PROPERTIES):
+        if func in _METADATA or (
+            getattr(func, "__name__", "") == "__get__"
+            and getattr(getattr(func, "__self__", None), "__name__", "") not in _VALUE_PROPERTIES
+        ):
             return func(*args, **kwargs)
         if not any(id(a) in self.sharded for a in _arguments(args, kwargs)):
             return func(*args, **kwargs)
@@ -228,7 +257,11 @@ class _GatherOnUse(TorchFunctionMode):
         whole = for_compute(a)
         if whole.numel():
             address, serial = whole.untyped_storage().data_ptr(), next(self.serials)
-            self.live[address] = (weakref.ref(whole, lambda _, k=address: self._forget(k)), a, serial)
+            self.live[address] = (
+                weakref.ref(whole, lambda _, k=address: self._forget(k)),
+                a,
+                serial,
+            )
             gathered[serial] = whole
         return whole
 
@@ -254,7 +287,14 @@ class _GatherOnUse(TorchFunctionMode):
         whole = entry[0]() if entry is not None else None
         if whole is None or whole.dtype != t.dtype:
             return t
-        return _Regather(self, entry[2], entry[1], t.shape, t.stride(), t.storage_offset() - whole.storage_offset())
+        return _Regather(
+            self,
+            entry[2],
+            entry[1],
+            t.shape,
+            t.stride(),
+            t.storage_offset() - whole.storage_offset(),
+        )
 
     @staticmethod
     def unpack(saved: Any) -> torch.Tensor:
@@ -275,15 +315,27 @@ class _Regather:
 
     __slots__ = ("mode", "serial", "shard", "shape", "stride", "offset")
 
-    def __init__(self, mode: _GatherOnUse, serial: int, shard: torch.Tensor, shape: torch.Size, stride: tuple[int, ...], offset: int) -> None:
+    def __init__(
+        self,
+        mode: _GatherOnUse,
+        serial: int,
+        shard: torch.Tensor,
+        shape: torch.Size,
+        stride: tuple[int, ...],
+        offset: int,
+    ) -> None:
         self.mode, self.serial, self.shard = mode, serial, shard
         self.shape, self.stride, self.offset = shape, stride, offset
 
     def get(self) -> torch.Tensor:
-        whole = self.mode.kept.pop(self.serial, None)  # the backward's first use takes it; the graph holds it no longer
+        whole = self.mode.kept.pop(
+            self.serial, None
+        )  # the backward's first use takes it; the graph holds it no longer
         if whole is None:
             with torch.no_grad():
-                whole = self.shard.detach().full_tensor()  # an all-gather, in the backward: every rank runs the same graph
+                whole = (
+                    self.shard.detach().full_tensor()
+                )  # an all-gather, in the backward: every rank runs the same graph
         return whole.as_strided(self.shape, self.stride, whole.storage_offset() + self.offset)
 
 
@@ -326,17 +378,29 @@ def reduce_scatter(g: torch.Tensor, mesh: Any) -> torch.Tensor:
     """This rank's rows of the mean over ranks of `g` (each rank's whole gradient): one reduce-scatter."""
     from torch.distributed.tensor import Partial, Shard
 
-    return _dtensor().from_local(g, mesh, [Partial("avg")], run_check=False).redistribute(mesh, [Shard(0)]).to_local()
+    return (
+        _dtensor()
+        .from_local(g, mesh, [Partial("avg")], run_check=False)
+        .redistribute(mesh, [Shard(0)])
+        .to_local()
+    )
 
 
-def all_gather(rows: torch.Tensor, whole: torch.Tensor, mesh: Any, in_place: bool = False) -> torch.Tensor:
+def all_gather(
+    rows: torch.Tensor, whole: torch.Tensor, mesh: Any, in_place: bool = False
+) -> torch.Tensor:
     """The whole tensor (of `whole`'s shape) from every rank's `rows`: one all-gather.
 
     With `in_place` (the caller gave `whole` up: a donated step) and `rows` being `whole`'s own
     rows (the update wrote them there), the gather fills `whole` itself instead of a new tensor,
     where the rows split evenly (torch's all-gather takes equal chunks).
     """
-    if in_place and _own_rows(rows, whole, mesh) and whole.shape[0] % mesh.size() == 0 and not torch.compiler.is_compiling():
+    if (
+        in_place
+        and _own_rows(rows, whole, mesh)
+        and whole.shape[0] % mesh.size() == 0
+        and not torch.compiler.is_compiling()
+    ):
         import torch.distributed as dist
 
         # the rows are read while the others are written into the same tensor: they go from a copy
@@ -344,13 +408,29 @@ def all_gather(rows: torch.Tensor, whole: torch.Tensor, mesh: Any, in_place: boo
         return whole
     from torch.distributed.tensor import Shard
 
-    return _dtensor().from_local(rows, mesh, [Shard(0)], run_check=False, shape=whole.shape, stride=_contiguous_stride(whole.shape)).full_tensor()
+    return (
+        _dtensor()
+        .from_local(
+            rows,
+            mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=whole.shape,
+            stride=_contiguous_stride(whole.shape),
+        )
+        .full_tensor()
+    )
 
 
 def _own_rows(rows: torch.Tensor, whole: torch.Tensor, mesh: Any) -> bool:
     """Whether `rows` is the view of `whole` that `local_rows` gives (the same memory, not equal values)."""
     mine = local_rows(whole, mesh)
-    return whole.is_contiguous() and rows.data_ptr() == mine.data_ptr() and rows.shape == mine.shape and rows.stride() == mine.stride()
+    return (
+        whole.is_contiguous()
+        and rows.data_ptr() == mine.data_ptr()
+        and rows.shape == mine.shape
+        and rows.stride() == mine.stride()
+    )
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
@@ -371,7 +451,9 @@ def check_elementwise(name: str) -> None:
         )
 
 
-def _row_leaves(tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor]) -> tuple[list[bool], list[Any]]:
+def _row_leaves(
+    tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor]
+) -> tuple[list[bool], list[Any]]:
     """Which leaves of the optimizer state follow the parameters' rows, found on the meta device.
 
     The state is made twice without memory, once for the parameters' shapes and once with one row
@@ -379,13 +461,21 @@ def _row_leaves(tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor]
     change is replicated, and one that changes otherwise cannot be sliced by rows. Returns the
     flags and the (meta) leaves of the whole state.
     """
+
     def meta(extra: int) -> dict[str, torch.Tensor]:
-        return {k: torch.empty((p.shape[0] + extra, *p.shape[1:]) if p.ndim else (), dtype=p.dtype, device="meta") for k, p in params.items()}
+        return {
+            k: torch.empty(
+                (p.shape[0] + extra, *p.shape[1:]) if p.ndim else (), dtype=p.dtype, device="meta"
+            )
+            for k, p in params.items()
+        }
 
     try:
         base, grown = pytree.tree_leaves(tx_init(meta(0))), pytree.tree_leaves(tx_init(meta(1)))
     except Exception as e:  # noqa: BLE001 - the optimizer's init, whatever it raises
-        raise ConfigError(f"sharding needs the optimizer's init to run on meta tensors (to find its parameter-shaped state); it raised {type(e).__name__}: {e}") from e
+        raise ConfigError(
+            f"sharding needs the optimizer's init to run on meta tensors (to find its parameter-shaped state); it raised {type(e).__name__}: {e}"
+        ) from e
     rows = []
     for a, b in zip(base, grown, strict=True):
         if not isinstance(a, torch.Tensor) or a.shape == b.shape:
@@ -393,11 +483,15 @@ def _row_leaves(tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor]
         elif a.ndim and tuple(b.shape) == (a.shape[0] + 1, *a.shape[1:]):
             rows.append(True)
         else:
-            raise ConfigError(f"sharding needs optimizer state shaped like the parameters or replicated, got a leaf of shape {tuple(a.shape)} that changes as {tuple(b.shape)} with one more row")
+            raise ConfigError(
+                f"sharding needs optimizer state shaped like the parameters or replicated, got a leaf of shape {tuple(a.shape)} that changes as {tuple(b.shape)} with one more row"
+            )
     return rows, base
 
 
-def sharded_init(tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor], mesh: Any) -> Tree:
+def sharded_init(
+    tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor], mesh: Any
+) -> Tree:
     """The optimizer state of whole `params`, its parameter-shaped leaves sharded, without building it whole.
 
     The state is initialized on this rank's rows (`local_rows` of a whole parameter, the local
@@ -405,11 +499,17 @@ def sharded_init(tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor
     global shape.
     """
     rows, globals_ = _row_leaves(tx_init, params)
-    leaves, spec = pytree.tree_flatten(tx_init({k: local(p) if is_sharded(p) else local_rows(p, mesh) for k, p in params.items()}))
+    leaves, spec = pytree.tree_flatten(
+        tx_init({k: local(p) if is_sharded(p) else local_rows(p, mesh) for k, p in params.items()})
+    )
     from torch.distributed.tensor import Shard
 
     out = [
-        _dtensor().from_local(x, mesh, [Shard(0)], run_check=False, shape=g.shape, stride=_contiguous_stride(g.shape)) if row else x
+        _dtensor().from_local(
+            x, mesh, [Shard(0)], run_check=False, shape=g.shape, stride=_contiguous_stride(g.shape)
+        )
+        if row
+        else x
         for x, g, row in zip(leaves, globals_, rows, strict=True)
     ]
     return pytree.tree_unflatten(out, spec)
@@ -440,18 +540,28 @@ def like_tree(new_local: Tree, old: Tree) -> Tree:
     leaves, spec = pytree.tree_flatten(new_local)
     before = pytree.tree_leaves(old)
     if len(before) != len(leaves):
-        raise ConfigError(f"a sharded optimizer state must keep its structure across steps, got {len(before)} leaves before and {len(leaves)} after")
+        raise ConfigError(
+            f"a sharded optimizer state must keep its structure across steps, got {len(before)} leaves before and {len(leaves)} after"
+        )
     return pytree.tree_unflatten([like(n, o) for n, o in zip(leaves, before, strict=True)], spec)
 
 
-def local_params(params: dict[str, torch.Tensor], sharding: str, mesh: Any) -> dict[str, torch.Tensor]:
+def local_params(
+    params: dict[str, torch.Tensor], sharding: str, mesh: Any
+) -> dict[str, torch.Tensor]:
     """The parameters this rank updates: its slices (``"full"``) or its rows of the whole ones (``"optimizer"``)."""
     if sharding == "full":
         return {k: local(p) for k, p in params.items()}
     return {k: local_rows(p, mesh) for k, p in params.items()}
 
 
-def placed_params(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], sharding: str, mesh: Any, in_place: bool = False) -> dict[str, torch.Tensor]:
+def placed_params(
+    new: dict[str, torch.Tensor],
+    old: dict[str, torch.Tensor],
+    sharding: str,
+    mesh: Any,
+    in_place: bool = False,
+) -> dict[str, torch.Tensor]:
     """The updated local parameters placed as the state holds them: sharded again, or all-gathered whole
     (into `old`'s own tensors with `in_place`, a donated step: `all_gather`)."""
     if sharding == "full":
@@ -459,7 +569,9 @@ def placed_params(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], sh
     return {k: all_gather(p, old[k], mesh, in_place) if p.ndim else p for k, p in new.items()}
 
 
-def split_gradients(grads: dict[str, torch.Tensor], sharding: str, mesh: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_gradients(
+    grads: dict[str, torch.Tensor], sharding: str, mesh: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """This rank's slices of the mean gradients, and the 0-d gradients still to be averaged with the metrics.
 
     ``"full"``: autograd already reduce-scattered the sharded ones (`for_compute`). ``"optimizer"``:

@@ -5,7 +5,17 @@ loop), `ledger` (what the loop records, saved in ``state.driver``), `evaluation`
 `history`, `data`, `run_config` (the run's config saved with its checkpoints, compared on resume).
 """
 
-from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, LRMonitor, ProgressBar, Profiler, Run, TensorBoardLogger, on
+from functrain.driver.callbacks import (
+    Callback,
+    ConsoleLogger,
+    JsonlLogger,
+    LRMonitor,
+    Profiler,
+    ProgressBar,
+    Run,
+    TensorBoardLogger,
+    on,
+)
 from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
 from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit

@@ -34,7 +34,13 @@ def _is_int(value: Any, minimum: int) -> bool:
 
 def fit_problems(kw: Mapping[str, Any]) -> list[str]:
     """Every problem with `fit`'s arguments (`kw` is its ``locals()``), in the order of its signature."""
-    return [*_types(kw), *_limits(kw), *_evaluation(kw), *_checkpoints(kw), *early_stopping_of(kw["early_stopping"])[1]]
+    return [
+        *_types(kw),
+        *_limits(kw),
+        *_evaluation(kw),
+        *_checkpoints(kw),
+        *early_stopping_of(kw["early_stopping"])[1],
+    ]
 
 
 def _types(kw: Mapping[str, Any]) -> list[str]:
@@ -43,21 +49,43 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
         p.append(f"state must be a functrain.TrainState, got {type(kw['state']).__name__}")
     if kw["train_data"] is None:
         p.append("train_data must be a dataset or a re-iterable of batches, got None")
-    for name in ("shuffle", "drop_last", "async_save", "progress", "resume", "compile", "test_every_eval"):
+    for name in (
+        "shuffle",
+        "drop_last",
+        "async_save",
+        "progress",
+        "resume",
+        "compile",
+        "test_every_eval",
+    ):
         if not isinstance(kw[name], bool):
             p.append(f"{name} must be True or False, got {name}={kw[name]!r}")
     seed = kw["data_seed"]
-    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and _SEED_RANGE[0] <= seed < _SEED_RANGE[1]):
+    if not (
+        isinstance(seed, numbers.Integral)
+        and not isinstance(seed, bool)
+        and _SEED_RANGE[0] <= seed < _SEED_RANGE[1]
+    ):
         p.append(f"data_seed must be an int in [-2**63, 2**64), got data_seed={seed!r}")
     if not isinstance(kw["callbacks"], Sequence) or isinstance(kw["callbacks"], str):
-        p.append(f"callbacks must be a list of callbacks, got {type(kw['callbacks']).__name__}: pass callbacks=[...]")
+        p.append(
+            f"callbacks must be a list of callbacks, got {type(kw['callbacks']).__name__}: pass callbacks=[...]"
+        )
     if kw["verbosity"] not in ("silent", "minimal", "standard", "verbose"):
-        p.append(f"verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity={kw['verbosity']!r}")
-    for name, allowed in (("stop_on_nonfinite", ("eval", "train", "none")), ("memory", ("host", "device", "none")), ("grad_stats", (None, "layer", "param"))):
+        p.append(
+            f"verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity={kw['verbosity']!r}"
+        )
+    for name, allowed in (
+        ("stop_on_nonfinite", ("eval", "train", "none")),
+        ("memory", ("host", "device", "none")),
+        ("grad_stats", (None, "layer", "param")),
+    ):
         if kw[name] not in allowed:
             p.append(f"{name} must be one of {list(allowed)}, got {name}={kw[name]!r}")
     if kw["test_every_eval"] is True and (kw["test_data"] is None or kw["eval_data"] is None):
-        p.append("test_every_eval=True needs test_data=... and eval_data=... (it adds the test set to each evaluation)")
+        p.append(
+            "test_every_eval=True needs test_data=... and eval_data=... (it adds the test set to each evaluation)"
+        )
     return p
 
 
@@ -67,11 +95,23 @@ def _limits(kw: Mapping[str, Any]) -> list[str]:
         p.append(f"run_mode must be 'epoch' or 'step', got run_mode={kw['run_mode']!r}")
     if kw["max_epochs"] is None and kw["max_steps"] is None:
         p.append("give max_epochs or max_steps (or both) so the run ends")
-    for name in ("max_epochs", "max_steps", "save_every", "keep_last", "batch_size", "eval_batch_size"):
+    for name in (
+        "max_epochs",
+        "max_steps",
+        "save_every",
+        "keep_last",
+        "batch_size",
+        "eval_batch_size",
+    ):
         v = kw[name]
         if v is not None and not _is_int(v, 1):
             p.append(f"{name} must be an int >= 1 or None, got {name}={v!r}")
-    for name, minimum in (("eval_every", 1), ("log_every", 1), ("num_workers", 0), ("keep_best", 0)):
+    for name, minimum in (
+        ("eval_every", 1),
+        ("log_every", 1),
+        ("num_workers", 0),
+        ("keep_best", 0),
+    ):
         if not _is_int(kw[name], minimum):
             p.append(f"{name} must be an int >= {minimum}, got {name}={kw[name]!r}")
     return p
@@ -82,13 +122,23 @@ def _evaluation(kw: Mapping[str, Any]) -> list[str]:
     if kw["mode"] not in ("min", "max"):
         p.append(f"mode must be 'min' or 'max', got mode={kw['mode']!r}")
     if not isinstance(kw["best_metric"], str):
-        p.append(f"best_metric must be a metric name such as 'val_loss', got best_metric={kw['best_metric']!r}")
+        p.append(
+            f"best_metric must be a metric name such as 'val_loss', got best_metric={kw['best_metric']!r}"
+        )
     if kw["eval_data"] is not None:
         return p
     # each of these only acts on evaluations: without eval_data it would be ignored in silence
-    for name, unset in (("early_stopping", None), ("eval_every", 1), ("best_metric", "val_loss"), ("mode", "min"), ("eval_batch_size", None)):
+    for name, unset in (
+        ("early_stopping", None),
+        ("eval_every", 1),
+        ("best_metric", "val_loss"),
+        ("mode", "min"),
+        ("eval_batch_size", None),
+    ):
         if kw[name] != unset and not (name == "eval_batch_size" and kw["test_data"] is not None):
-            p.append(f"{name}={_short(kw[name])} needs eval_data=... (it acts on evaluations; without them it would be ignored)")
+            p.append(
+                f"{name}={_short(kw[name])} needs eval_data=... (it acts on evaluations; without them it would be ignored)"
+            )
     return p
 
 
@@ -98,9 +148,16 @@ def _checkpoints(kw: Mapping[str, Any]) -> list[str]:
     p = []
     if kw["resume"] is True:
         p.append("resume=True needs checkpoint_dir=... (where the interrupted run saved)")
-    for name, unset in (("save_every", None), ("keep_last", None), ("keep_best", 1), ("async_save", False)):
+    for name, unset in (
+        ("save_every", None),
+        ("keep_last", None),
+        ("keep_best", 1),
+        ("async_save", False),
+    ):
         if kw[name] != unset:
-            p.append(f"{name}={kw[name]!r} needs checkpoint_dir=... (it acts on checkpoints; without them it would be ignored)")
+            p.append(
+                f"{name}={kw[name]!r} needs checkpoint_dir=... (it acts on checkpoints; without them it would be ignored)"
+            )
     return p
 
 
@@ -115,19 +172,30 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
     if value is None or isinstance(value, EarlyStopping):
         return value, []
     if not isinstance(value, Mapping):
-        return None, [f"early_stopping must be an EarlyStopping, a dict with keys {list(EARLY_STOPPING_KEYS)} or None, got {type(value).__name__}"]
+        return None, [
+            f"early_stopping must be an EarlyStopping, a dict with keys {list(EARLY_STOPPING_KEYS)} or None, got {type(value).__name__}"
+        ]
     p = []
     unknown = sorted(set(map(str, value)) - set(EARLY_STOPPING_KEYS))
     if unknown:
-        p.append(f"early_stopping has unknown keys {unknown}: expected some of {list(EARLY_STOPPING_KEYS)}")
+        p.append(
+            f"early_stopping has unknown keys {unknown}: expected some of {list(EARLY_STOPPING_KEYS)}"
+        )
     if "target" in value and not isinstance(value["target"], str):
-        p.append(f"early_stopping['target'] must be a metric name such as 'val_loss', got {value['target']!r}")
+        p.append(
+            f"early_stopping['target'] must be a metric name such as 'val_loss', got {value['target']!r}"
+        )
     if "patience" in value and not _is_int(value["patience"], 1):
         p.append(f"early_stopping['patience'] must be an int >= 1, got {value['patience']!r}")
     if "mode" in value and value["mode"] not in ("min", "max"):
         p.append(f"early_stopping['mode'] must be 'min' or 'max', got {value['mode']!r}")
     delta = value.get("min_delta", 0.0)
-    if not (isinstance(delta, numbers.Real) and not isinstance(delta, bool) and math.isfinite(delta) and delta >= 0):
+    if not (
+        isinstance(delta, numbers.Real)
+        and not isinstance(delta, bool)
+        and math.isfinite(delta)
+        and delta >= 0
+    ):
         p.append(f"early_stopping['min_delta'] must be a finite number >= 0, got {delta!r}")
     if p:
         return None, p
@@ -160,4 +228,6 @@ def raise_empty_epoch(epoch: int) -> None:
         if epoch == 0
         else "earlier epochs had batches: a one-shot iterator is exhausted after one pass; wrap it in a class whose __iter__ starts a new pass"
     )
-    raise ConfigError(f"train_data yielded no batch with samples in epoch {epoch} ({hint}); give train_data that yields batches each epoch")
+    raise ConfigError(
+        f"train_data yielded no batch with samples in epoch {epoch} ({hint}); give train_data that yields batches each epoch"
+    )

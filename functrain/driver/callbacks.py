@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import inspect
 import sys
-import warnings
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -104,7 +104,9 @@ class Run:
     @user.setter
     def user(self, value: dict[str, Any]) -> None:
         if not isinstance(value, dict):
-            raise ConfigError(f"run.user must be a dict (a tree of tensors and JSON values), got {type(value).__name__}: assign run.user = {{...}}")
+            raise ConfigError(
+                f"run.user must be a dict (a tree of tensors and JSON values), got {type(value).__name__}: assign run.user = {{...}}"
+            )
         self.state = self.state.replace(user=value)
 
     def request_stop(self, reason: str = "stopped by a callback") -> None:
@@ -145,15 +147,24 @@ def check_callback(callback: Any) -> list[str]:
         ConfigError: a hook has the wrong signature, or the object implements no hook.
     """
     # a hook counts unless it is `Callback`'s no-op; `on()` sets its hook on the instance, not the class
-    hooks = [h for h in HOOKS if callable(getattr(callback, h, None)) and getattr(getattr(callback, h), "__func__", None) is not getattr(Callback, h)]
+    hooks = [
+        h
+        for h in HOOKS
+        if callable(getattr(callback, h, None))
+        and getattr(getattr(callback, h), "__func__", None) is not getattr(Callback, h)
+    ]
     if not hooks:
-        raise ConfigError(f"{type(callback).__name__} is not a callback: expected one of the methods {', '.join(HOOKS)}")
+        raise ConfigError(
+            f"{type(callback).__name__} is not a callback: expected one of the methods {', '.join(HOOKS)}"
+        )
     for hook in hooks:
         try:
             inspect.signature(getattr(callback, hook)).bind(object())
         except TypeError:
             sig = inspect.signature(getattr(callback, hook))
-            raise ConfigError(f"{type(callback).__name__}.{hook}{sig} must accept one argument, the run: def {hook}(self, run)") from None
+            raise ConfigError(
+                f"{type(callback).__name__}.{hook}{sig} must accept one argument, the run: def {hook}(self, run)"
+            ) from None
     return hooks
 
 
@@ -179,7 +190,11 @@ class _FunctionCallback(Callback):
         if self.every > 1:
             count = self._count(run)
             # under gradient accumulation several batches share an update: fire once for it
-            if count < 1 or count % self.every or (self.event.startswith("batch") and count == self._last):
+            if (
+                count < 1
+                or count % self.every
+                or (self.event.startswith("batch") and count == self._last)
+            ):
                 return
             self._last = count
         self.fn(run)
@@ -215,7 +230,9 @@ def on(event: str, *, every: int = 1) -> Callable[[Callable[[Run], Any]], Callba
         try:
             inspect.signature(fn).bind(object())
         except TypeError:
-            raise ConfigError(f"{getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept one argument, the run") from None
+            raise ConfigError(
+                f"{getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept one argument, the run"
+            ) from None
         return _FunctionCallback(event, fn, every)
 
     return wrap
@@ -242,7 +259,15 @@ class ProgressBar(Callback):
             warnings.filterwarnings("ignore", message="IProgress not found")
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=self.leave, file=self.file or sys.stderr, dynamic_ncols=True, unit="batch")
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                leave=self.leave,
+                file=self.file or sys.stderr,
+                dynamic_ncols=True,
+                unit="batch",
+            )
 
     def on_train_begin(self, run: Run) -> None:
         if run.config["run_mode"] == "step":
@@ -261,7 +286,9 @@ class ProgressBar(Callback):
 
     def on_eval_end(self, run: Run) -> None:
         if self.bar is not None and run.eval_metrics:
-            self.bar.set_postfix_str(_fmt({**(run.logs or {}), **run.eval_metrics}, ["loss", "val_loss"]), refresh=False)
+            self.bar.set_postfix_str(
+                _fmt({**(run.logs or {}), **run.eval_metrics}, ["loss", "val_loss"]), refresh=False
+            )
 
     def on_epoch_end(self, run: Run) -> None:
         if run.config["run_mode"] == "epoch":
@@ -304,7 +331,14 @@ class JsonlLogger(Callback):
             return
         for kind, rows in run.history.rows.items():
             for row in rows[self._seen[kind] :]:
-                clean = {k: (str(v) if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v) for k, v in row.items()}
+                clean = {
+                    k: (
+                        str(v)
+                        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf"))
+                        else v
+                    )
+                    for k, v in row.items()
+                }
                 self._file.write(orjson.dumps({"kind": kind, **clean}) + b"\n")
             self._seen[kind] = len(rows)
         self._file.flush()
@@ -336,9 +370,16 @@ class ConsoleLogger(Callback):
     interval), ``"verbose"`` (adds gradient norm, timings and memory).
     """
 
-    def __init__(self, level: Literal["minimal", "standard", "verbose"] = "standard", *, file: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        level: Literal["minimal", "standard", "verbose"] = "standard",
+        *,
+        file: IO[str] | None = None,
+    ) -> None:
         if level not in ("minimal", "standard", "verbose"):
-            raise ConfigError(f"level must be 'minimal', 'standard' or 'verbose', got level={level!r}")
+            raise ConfigError(
+                f"level must be 'minimal', 'standard' or 'verbose', got level={level!r}"
+            )
         self.level, self.file = level, file
 
     def _print(self, text: str) -> None:
@@ -348,7 +389,11 @@ class ConsoleLogger(Callback):
 
     def on_batch_end(self, run: Run) -> None:
         if run.logs is not None and self.level != "minimal":
-            keys = ["loss", "lr"] + (["grad_norm", "samples_per_s", "step_time_ms", "memory_mib"] if self.level == "verbose" else [])
+            keys = ["loss", "lr"] + (
+                ["grad_norm", "samples_per_s", "step_time_ms", "memory_mib"]
+                if self.level == "verbose"
+                else []
+            )
             self._print(f"step {run.step} epoch {run.epoch}: {_fmt(run.logs, keys)}")
 
     def on_eval_end(self, run: Run) -> None:
@@ -358,7 +403,9 @@ class ConsoleLogger(Callback):
     def on_epoch_end(self, run: Run) -> None:
         row = run.history.last("epoch")
         if row:
-            self._print(f"epoch {row['epoch']} done: {_fmt({k: v for k, v in row.items() if k != 'epoch'})}")
+            self._print(
+                f"epoch {row['epoch']} done: {_fmt({k: v for k, v in row.items() if k != 'epoch'})}"
+            )
 
 
 class TensorBoardLogger(Callback):
@@ -371,7 +418,9 @@ class TensorBoardLogger(Callback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ConfigError("TensorBoardLogger needs tensorboard: pip install 'functrain[tensorboard]'") from e
+            raise ConfigError(
+                "TensorBoardLogger needs tensorboard: pip install 'functrain[tensorboard]'"
+            ) from e
         self.writer = SummaryWriter(str(self.log_dir))
 
     def _scalars(self, prefix: str, metrics: dict[str, Any], step: int) -> None:
@@ -405,9 +454,21 @@ class Profiler(Callback):
         record_shapes / profile_memory / with_stack: as `torch.profiler.profile`.
     """
 
-    def __init__(self, trace_dir: str | Path, *, wait: int = 1, warmup: int = 1, active: int = 3, record_shapes: bool = False, profile_memory: bool = False, with_stack: bool = False) -> None:
+    def __init__(
+        self,
+        trace_dir: str | Path,
+        *,
+        wait: int = 1,
+        warmup: int = 1,
+        active: int = 3,
+        record_shapes: bool = False,
+        profile_memory: bool = False,
+        with_stack: bool = False,
+    ) -> None:
         self.trace_dir = Path(trace_dir)
-        self.kwargs = dict(record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack)
+        self.kwargs = dict(
+            record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack
+        )
         self.window = dict(wait=wait, warmup=warmup, active=active, repeat=1)
         self.prof: Any = None
         self.traces: list[Path] = []
@@ -422,7 +483,9 @@ class Profiler(Callback):
             prof.export_chrome_trace(str(path))
             self.traces.append(path)
 
-        self.prof = tp.profile(schedule=tp.schedule(**self.window), on_trace_ready=handler, **self.kwargs)
+        self.prof = tp.profile(
+            schedule=tp.schedule(**self.window), on_trace_ready=handler, **self.kwargs
+        )
         self.prof.__enter__()
 
     def on_batch_end(self, run: Run) -> None:

@@ -39,7 +39,16 @@ from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from functrain.distributed.data_parallel import gather_objects
-from functrain.driver.seeding import EpochStream, IndexPlan, SeededDataset, SeededIndices, fetching_loader, host_generators_kept, loader_settings, mix
+from functrain.driver.seeding import (
+    EpochStream,
+    IndexPlan,
+    SeededDataset,
+    SeededIndices,
+    fetching_loader,
+    host_generators_kept,
+    loader_settings,
+    mix,
+)
 from functrain.errors import ConfigError, config_check
 
 __all__ = [
@@ -119,19 +128,36 @@ class Batcher:
     ) -> None:
         problems = []
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-            problems.append(f"dataset must support len() and indexing, got {type(dataset).__name__}")
+            problems.append(
+                f"dataset must support len() and indexing, got {type(dataset).__name__}"
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             problems.append(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             problems.append(f"num_workers must be an int >= 0, got num_workers={num_workers!r}")
         rank, world = shard
         if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
-            problems.append(f"shard must be (rank, world_size) with 0 <= rank < world_size, got shard={shard!r}")
+            problems.append(
+                f"shard must be (rank, world_size) with 0 <= rank < world_size, got shard={shard!r}"
+            )
         elif isinstance(batch_size, int) and batch_size % world:
-            problems.append(f"batch_size={batch_size} (global) must be divisible by world_size={world}")
+            problems.append(
+                f"batch_size={batch_size} (global) must be divisible by world_size={world}"
+            )
         config_check(problems, "Batcher")
-        self.dataset, self.batch_size, self.shuffle, self.drop_last, self.seed = dataset, batch_size, shuffle, drop_last, seed
-        self.num_workers, self.collate_fn, self.pin_memory, self.shard = num_workers, collate_fn or default_collate, pin_memory, shard
+        self.dataset, self.batch_size, self.shuffle, self.drop_last, self.seed = (
+            dataset,
+            batch_size,
+            shuffle,
+            drop_last,
+            seed,
+        )
+        self.num_workers, self.collate_fn, self.pin_memory, self.shard = (
+            num_workers,
+            collate_fn or default_collate,
+            pin_memory,
+            shard,
+        )
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -139,7 +165,13 @@ class Batcher:
 
     def setup(self) -> dict[str, Any]:
         """What fixes which samples each position of an epoch holds (recorded in checkpoints)."""
-        return {"samples": len(self.dataset), "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last, "seed": self.seed}
+        return {
+            "samples": len(self.dataset),
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "seed": self.seed,
+        }
 
     def index_batches(self, epoch: int) -> list[torch.Tensor]:
         """The global index batches of `epoch`, this rank's slice of each."""
@@ -161,13 +193,20 @@ class Batcher:
         run was resumed.
         """
         batches = self.index_batches(epoch)
-        if isinstance(self.dataset, TensorDataset) and self.num_workers == 0 and self.collate_fn is default_collate:
+        if (
+            isinstance(self.dataset, TensorDataset)
+            and self.num_workers == 0
+            and self.collate_fn is default_collate
+        ):
             # slice the tensors directly: one gather per tensor instead of per-sample collation (it draws nothing)
             for idx in batches[start:]:
                 yield tuple(t[idx] for t in self.dataset.tensors)
             return
         rank = self.shard[0]
-        seeded = (SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank)) for p in range(start, len(batches)))
+        seeded = (
+            SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank))
+            for p in range(start, len(batches))
+        )
         if self.num_workers == 0:
             dataset = SeededDataset(self.dataset)
             for idx in seeded:
@@ -177,7 +216,15 @@ class Batcher:
             return
         plan = IndexPlan()
         plan.batches = seeded
-        loader = fetching_loader(self.dataset, plan, {"num_workers": self.num_workers, "collate_fn": self.collate_fn, "pin_memory": self.pin_memory})
+        loader = fetching_loader(
+            self.dataset,
+            plan,
+            {
+                "num_workers": self.num_workers,
+                "collate_fn": self.collate_fn,
+                "pin_memory": self.pin_memory,
+            },
+        )
         loader.generator.manual_seed(mix(self.seed, epoch, rank))  # the workers' base seed
         yield from loader
 
@@ -229,8 +276,14 @@ class IterableSource:
         setup: dict[str, Any] = {"batches": len(self) if self.has_len() else None}
         if isinstance(self.source, DataLoader):
             dataset = self.source.dataset
-            sized = hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset)
-            setup.update(samples=len(dataset) if sized else None, batch_size=self.source.batch_size, drop_last=self.source.drop_last)
+            sized = hasattr(dataset, "__len__") and not isinstance(
+                dataset, torch.utils.data.IterableDataset
+            )
+            setup.update(
+                samples=len(dataset) if sized else None,
+                batch_size=self.source.batch_size,
+                drop_last=self.source.drop_last,
+            )
         return setup
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
@@ -251,7 +304,9 @@ class IterableSource:
             yield from it
             return
         announce_epoch(self.source, epoch)
-        stream = EpochStream(mix(self.seed, epoch), generators_of(self.source), python_and_numpy=False)
+        stream = EpochStream(
+            mix(self.seed, epoch), generators_of(self.source), python_and_numpy=False
+        )
         it = stream.draw(lambda: iter(self.source))
         position = 0
         while (batch := stream.draw(lambda: next(it, _END))) is not _END:
@@ -293,7 +348,12 @@ def announce_epoch(source: Any, epoch: int) -> None:
     where they have one (a `DistributedSampler` reshuffles by it)."""
     holders = [source]
     if isinstance(source, DataLoader):
-        holders += [source.dataset, source.sampler, source.batch_sampler, getattr(source.batch_sampler, "sampler", None)]
+        holders += [
+            source.dataset,
+            source.sampler,
+            source.batch_sampler,
+            getattr(source.batch_sampler, "sampler", None),
+        ]
     seen: list[Any] = []
     for holder in holders:
         set_epoch = getattr(holder, "set_epoch", None)
@@ -343,7 +403,9 @@ class DataLoaderSource(IterableSource):
     def __init__(self, loader: DataLoader, *, seed: int = 0, rank: int = 0) -> None:
         problem = loader_problem(loader)
         if problem is not None:
-            raise ConfigError(f"DataLoaderSource takes {problem}; pass functrain.IterableSource(loader), which resumes by replay")
+            raise ConfigError(
+                f"DataLoaderSource takes {problem}; pass functrain.IterableSource(loader), which resumes by replay"
+            )
         super().__init__(loader, seed=seed)
         self.rank = rank
         self.borrowed = generators_of(loader)
@@ -370,14 +432,20 @@ class DataLoaderSource(IterableSource):
         pending: deque[list[Any]] = deque()
         self.pass_epoch, self.consumed, self.hasher = epoch, 0, blake3.blake3()
         self._skip(stream, order, start)
-        self.plan.batches = _seeded(stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK)
-        self.fetcher.generator.manual_seed(mix(self.base, epoch, self.rank))  # the workers' base seed
+        self.plan.batches = _seeded(
+            stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK
+        )
+        self.fetcher.generator.manual_seed(
+            mix(self.base, epoch, self.rank)
+        )  # the workers' base seed
         main = self.fetcher.num_workers == 0
         try:
             it = iter(self.fetcher)
             while True:
                 if main:
-                    with host_generators_kept():  # the dataset runs here: the caller's generators are put back
+                    with (
+                        host_generators_kept()
+                    ):  # the dataset runs here: the caller's generators are put back
                         batch = next(it, _END)
                 else:
                     batch = next(it, _END)
@@ -398,9 +466,18 @@ class DataLoaderSource(IterableSource):
                 self._count(indices)
             left -= len(chunk)
         saved = self.restored
-        if start and saved is not None and saved.get("epoch") == self.pass_epoch and saved.get("batches") == start:
+        if (
+            start
+            and saved is not None
+            and saved.get("epoch") == self.pass_epoch
+            and saved.get("batches") == start
+        ):
             if saved.get("order") != self.hasher.hexdigest():
-                warnings.warn(_order_changed(_sampler_name(self.source), self.pass_epoch, start), RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    _order_changed(_sampler_name(self.source), self.pass_epoch, start),
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         self.restored = None
 
     def _count(self, indices: Any) -> None:
@@ -417,8 +494,16 @@ class DataLoaderSource(IterableSource):
         """The epoch, the number of its batches consumed and their indices' digest (JSON values);
         before any pass, the restored one."""
         if self.pass_epoch is None:
-            return dict(self.restored) if self.restored is not None else {"epoch": None, "batches": 0, "order": None}
-        return {"epoch": self.pass_epoch, "batches": self.consumed, "order": self.hasher.hexdigest()}
+            return (
+                dict(self.restored)
+                if self.restored is not None
+                else {"epoch": None, "batches": 0, "order": None}
+            )
+        return {
+            "epoch": self.pass_epoch,
+            "batches": self.consumed,
+            "order": self.hasher.hexdigest(),
+        }
 
     def restore(self, tree: Any) -> None:
         """Take a saved `state_tree`: the next pass checks that it skips the same indices."""
@@ -437,7 +522,14 @@ class DataLoaderSource(IterableSource):
             self.restore(saved["ranks"][rank])
 
 
-def _seeded(stream: EpochStream, order: Iterator[Any], run: tuple[int, int, int], start: int, pending: deque[Any], chunk_size: int) -> Iterator[SeededIndices]:
+def _seeded(
+    stream: EpochStream,
+    order: Iterator[Any],
+    run: tuple[int, int, int],
+    start: int,
+    pending: deque[Any],
+    chunk_size: int,
+) -> Iterator[SeededIndices]:
     """The index batches of `order` from `start`, drawn `chunk_size` at a time in `stream`, each with
     the seed of (base, epoch, position, rank) and noted in `pending`. A function, not a method: the
     loader holding it must not hold the source (persistent workers are freed with the source)."""
@@ -457,7 +549,9 @@ def loader_problem(loader: Any) -> str | None:
     if isinstance(loader.dataset, torch.utils.data.IterableDataset):
         return "a DataLoader over a map-style dataset, got one over an IterableDataset"
     if loader.batch_sampler is None:
-        return "a DataLoader that batches (batch_size=... or batch_sampler=...), got batch_size=None"
+        return (
+            "a DataLoader that batches (batch_size=... or batch_sampler=...), got batch_size=None"
+        )
     return None
 
 
@@ -540,7 +634,12 @@ class StatefulSource(IterableSource):
         """Yield the batches of a pass: after `restore`, the rest of the saved pass; else a new pass
         (mid-epoch without a restored state: a replay that skips `start` batches, with a warning)."""
         if start and self._pending is None:
-            yield from self._replay(epoch, start, "the checkpoint holds no state of this data: it was saved by a run whose data had no state_dict()", seeded=False)
+            yield from self._replay(
+                epoch,
+                start,
+                "the checkpoint holds no state of this data: it was saved by a run whose data had no state_dict()",
+                seeded=False,
+            )
             return
         self._pending = None
         yield from iter(self.source)
@@ -600,14 +699,24 @@ def storable_state(value: Any, path: str = "state") -> Any:
     """
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_quantized or value.device.type == "meta":
-            raise ConfigError(_unstorable(path, f"a {value.layout} {value.dtype} tensor on {value.device}", "a dense tensor"))
+            raise ConfigError(
+                _unstorable(
+                    path,
+                    f"a {value.layout} {value.dtype} tensor on {value.device}",
+                    "a dense tensor",
+                )
+            )
         return value.detach().to("cpu", copy=True)
     if type(value) in _JSON_LEAVES:
         return value
     if isinstance(value, dict):
         for key in value:
             if not isinstance(key, str):
-                raise ConfigError(_unstorable(f"{path}[{key!r}]", f"under a key of type {type(key).__name__}", "str keys"))
+                raise ConfigError(
+                    _unstorable(
+                        f"{path}[{key!r}]", f"under a key of type {type(key).__name__}", "str keys"
+                    )
+                )
         return {k: storable_state(v, f"{path}[{k!r}]") for k, v in value.items()}
     if type(value) in (list, tuple):
         return type(value)(storable_state(v, f"{path}[{i}]") for i, v in enumerate(value))
@@ -616,7 +725,11 @@ def storable_state(value: Any, path: str = "state") -> Any:
 
 def _raise_unstorable(path: str, value: Any) -> Any:
     kind = type(value)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
     raise ConfigError(_unstorable(path, f"a {name}", "a tensor, None, bool, int, float or str"))
 
 
@@ -631,9 +744,16 @@ def _unstorable(path: str, got: str, expected: str) -> str:
 
 def source_problems(saved: Any, path: str) -> list[str]:
     """What keeps `saved` from being what `StatefulSource.saved_states` writes (empty when it is)."""
-    if saved is None or (isinstance(saved, dict) and set(saved) == {"ranks"} and isinstance(saved["ranks"], list) and saved["ranks"]):
+    if saved is None or (
+        isinstance(saved, dict)
+        and set(saved) == {"ranks"}
+        and isinstance(saved["ranks"], list)
+        and saved["ranks"]
+    ):
         return []
-    return [f"{path}: expected None or a dict {{'ranks': [one data state per rank]}}, got {type(saved).__name__} {str(saved)[:80]}"]
+    return [
+        f"{path}: expected None or a dict {{'ranks': [one data state per rank]}}, got {type(saved).__name__} {str(saved)[:80]}"
+    ]
 
 
 def is_stateful(data: Any) -> bool:
@@ -643,25 +763,50 @@ def is_stateful(data: Any) -> bool:
         >>> is_stateful([1, 2]), is_stateful(torch.nn.Linear(1, 1))
         (False, False)
     """
-    has = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
+    has = callable(getattr(data, "state_dict", None)) and callable(
+        getattr(data, "load_state_dict", None)
+    )
     return has and not isinstance(data, torch.nn.Module)
 
 
-def as_source(data: Any, *, batch_size: int | None, shuffle: bool, drop_last: bool, seed: int, num_workers: int, shard: tuple[int, int] = (0, 1)) -> Batcher | IterableSource:
+def as_source(
+    data: Any,
+    *,
+    batch_size: int | None,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    num_workers: int,
+    shard: tuple[int, int] = (0, 1),
+) -> Batcher | IterableSource:
     """The source `fit` reads `data` through: a `Batcher` for map-style datasets (needs
     `batch_size`); a `StatefulSource` for data with ``state_dict()`` / ``load_state_dict()``; a
     `DataLoaderSource` for a plain `DataLoader` over a map-style dataset; else an `IterableSource`."""
     if isinstance(data, (Batcher, IterableSource)):
         return data
-    if isinstance(data, DataLoader) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or isinstance(data, (list, tuple)):
+    if (
+        isinstance(data, DataLoader)
+        or not (hasattr(data, "__len__") and hasattr(data, "__getitem__"))
+        or isinstance(data, (list, tuple))
+    ):
         if is_stateful(data):
             return StatefulSource(data)
         if loader_problem(data) is None:
             return DataLoaderSource(data, seed=seed, rank=shard[0])
         return IterableSource(data, seed=seed)
     if batch_size is None:
-        raise ConfigError(f"batch_size is required to batch a map-style dataset ({type(data).__name__}); pass batch_size=... or a DataLoader")
-    return Batcher(data, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, num_workers=num_workers, shard=shard)
+        raise ConfigError(
+            f"batch_size is required to batch a map-style dataset ({type(data).__name__}); pass batch_size=... or a DataLoader"
+        )
+    return Batcher(
+        data,
+        batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        seed=seed,
+        num_workers=num_workers,
+        shard=shard,
+    )
 
 
 def batch_device(device: Any, state: Any) -> torch.device:
@@ -678,9 +823,13 @@ def batch_device(device: Any, state: Any) -> torch.device:
     except RuntimeError:
         target = None
     if target is None:
-        raise ConfigError(f"device must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got {device!r}")
+        raise ConfigError(
+            f"device must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got {device!r}"
+        )
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} names a CUDA device, but CUDA is not available here: pass device='cpu' or leave it None")
+        raise ConfigError(
+            f"device={device!r} names a CUDA device, but CUDA is not available here: pass device='cpu' or leave it None"
+        )
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     if target != state.device:

@@ -17,7 +17,9 @@ from functrain.errors import ConfigError, config_check
 __all__ = ["evaluate"]
 
 
-def evaluate(state: TrainState, data: Iterable[Any], *, use_ema: bool = False, prefix: str = "val_") -> dict[str, float]:
+def evaluate(
+    state: TrainState, data: Iterable[Any], *, use_ema: bool = False, prefix: str = "val_"
+) -> dict[str, float]:
     """Average `eval_step` metrics over `data` (weighted by batch size, summed on the device).
 
     Args:
@@ -53,10 +55,20 @@ def evaluate(state: TrainState, data: Iterable[Any], *, use_ema: bool = False, p
     keys = list(sums)
     if state.dist is not None:
         # every rank evaluated its shard: add up sums and counts (ranks must produce the same metric names)
-        totals = reduce_sums(torch.stack([*(sums[k] for k in keys), torch.tensor(float(count), dtype=torch.float64, device=state.device)]), state.dist)
+        totals = reduce_sums(
+            torch.stack(
+                [
+                    *(sums[k] for k in keys),
+                    torch.tensor(float(count), dtype=torch.float64, device=state.device),
+                ]
+            ),
+            state.dist,
+        )
         sums, count = dict(zip(keys, totals[:-1], strict=True)), int(totals[-1])
     if not count:
-        raise ConfigError("the evaluation data yielded no batch with samples: pass batches holding samples (e.g. a DataLoader over a non-empty dataset)")
+        raise ConfigError(
+            "the evaluation data yielded no batch with samples: pass batches holding samples (e.g. a DataLoader over a non-empty dataset)"
+        )
     values = (torch.stack([sums[k] for k in keys]) / count).tolist()  # one host read per evaluation
     return {f"{prefix}{k}": float(v) for k, v in zip(keys, values, strict=True)}
 
@@ -66,10 +78,16 @@ def _check_arguments(state: Any, data: Any, use_ema: bool) -> None:
     if not isinstance(state, TrainState):
         problems.append(f"state must be a functrain.TrainState, got {type(state).__name__}")
     elif use_ema and state.ema_state is None:
-        problems.append("use_ema=True needs a state created with ema_decay=...; this state has no EMA")
+        problems.append(
+            "use_ema=True needs a state created with ema_decay=...; this state has no EMA"
+        )
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         # iterating it would yield single samples, each taken for a batch
-        problems.append(f"data must be an iterable of batches, got a map-style {type(data).__name__}: pass DataLoader(data, batch_size=...)")
+        problems.append(
+            f"data must be an iterable of batches, got a map-style {type(data).__name__}: pass DataLoader(data, batch_size=...)"
+        )
     elif not isinstance(data, Iterable):
-        problems.append(f"data must be an iterable of batches (a DataLoader, a list of batches), got {type(data).__name__}")
+        problems.append(
+            f"data must be an iterable of batches (a DataLoader, a list of batches), got {type(data).__name__}"
+        )
     config_check(problems, "evaluate")

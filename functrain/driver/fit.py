@@ -19,19 +19,30 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from functrain.core.ensemble import host_count
-from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.format import read_manifest
+from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
+from functrain.core.ensemble import host_count
 from functrain.core.state import TrainState
 from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
-from functrain.driver.callbacks import Callback, ConsoleLogger, JsonlLogger, ProgressBar, check_callback
+from functrain.driver.callbacks import (
+    Callback,
+    ConsoleLogger,
+    JsonlLogger,
+    ProgressBar,
+    check_callback,
+)
 from functrain.driver.data import Batcher, IterableSource, as_source, batch_device, to_device
 from functrain.driver.evaluation import evaluate
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
-from functrain.driver.run_config import ConfigChangeWarning, config_changes, config_option_problems, json_config
+from functrain.driver.run_config import (
+    ConfigChangeWarning,
+    config_changes,
+    config_option_problems,
+    json_config,
+)
 from functrain.errors import CheckpointError, ConfigError, config_check
 from functrain.optim.plateau import EarlyStopping
 
@@ -70,7 +81,11 @@ class FitResult:
 
 
 def _short(metrics: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, float)) + "}"
+    return (
+        "{"
+        + ", ".join(f"{k}: {v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, float))
+        + "}"
+    )
 
 
 def fit(
@@ -225,7 +240,10 @@ def fit(
         >>> int(result.state.step), result.stop_reason
         (8, 'max_epochs')
     """
-    config_check([*fit_problems(locals()), *config_option_problems(config, on_config_change, config_exempt)], "fit")
+    config_check(
+        [*fit_problems(locals()), *config_option_problems(config, on_config_change, config_exempt)],
+        "fit",
+    )
     config = json_config(config)[0] if config is not None else None
     early_stopping, _ = early_stopping_of(early_stopping)
     target = batch_device(device, state)
@@ -234,8 +252,18 @@ def fit(
     # with several ranks: each reads its shard of every global batch; rank 0 alone writes
     shard = (state.dist.rank, state.dist.world_size) if state.dist is not None else (0, 1)
     main = shard[0] == 0
-    hooks = _callbacks(callbacks, progress and main, verbosity if main else "silent", log_file if main else None)
-    train = as_source(train_data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=data_seed, num_workers=num_workers, shard=shard)
+    hooks = _callbacks(
+        callbacks, progress and main, verbosity if main else "silent", log_file if main else None
+    )
+    train = as_source(
+        train_data,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        seed=data_seed,
+        num_workers=num_workers,
+        shard=shard,
+    )
     evals = _eval_source(eval_data, eval_batch_size or batch_size, shard, target)
     tests = _eval_source(test_data, eval_batch_size or batch_size, shard, target)
     if (empty := empty_data_problem(train)) is not None:
@@ -246,7 +274,9 @@ def fit(
         # ranks only read, of a sharded one every rank writes its own shards
         sharded = state.dist is not None and has_dtensors(state.tree())
         writes = main or sharded
-        saved_with = {"config": config} if config is not None else None  # in every checkpoint's manifest
+        saved_with = (
+            {"config": config} if config is not None else None
+        )  # in every checkpoint's manifest
         manager = CheckpointManager(
             checkpoint_dir,
             keep_last=keep_last,
@@ -269,10 +299,23 @@ def fit(
             # compared before loading: a changed optimizer would otherwise fail as a fingerprint mismatch
             compared = _compare_config(manager.latest(), config, on_config_change, config_exempt)
             restored = manager.restore_latest(like=state)
-            if restored is not None and manager.restored != compared:  # the latest did not load: an older one did
+            if (
+                restored is not None and manager.restored != compared
+            ):  # the latest did not load: an older one did
                 _compare_config(manager.restored, config, on_config_change, config_exempt)
             state = restored or state
-        loop = Loop(state, train, evals, manager, hooks, early_stopping, compile, locals(), tests=tests if test_every_eval else None, device=target)
+        loop = Loop(
+            state,
+            train,
+            evals,
+            manager,
+            hooks,
+            early_stopping,
+            compile,
+            locals(),
+            tests=tests if test_every_eval else None,
+            device=target,
+        )
         loop.run()
     finally:
         if manager is not None:
@@ -282,7 +325,9 @@ def fit(
     return _result(loop, manager, tests)
 
 
-def _compare_config(checkpoint: Path | None, config: dict[str, Any] | None, on_change: str, exempt: Sequence[str]) -> Path | None:
+def _compare_config(
+    checkpoint: Path | None, config: dict[str, Any] | None, on_change: str, exempt: Sequence[str]
+) -> Path | None:
     """Refuse (or warn about) a resume whose config differs from `checkpoint`'s; the path compared with, if any."""
     if config is None or checkpoint is None:
         return None  # nothing to compare: the run states no config, or there is no checkpoint
@@ -291,14 +336,22 @@ def _compare_config(checkpoint: Path | None, config: dict[str, Any] | None, on_c
     except CheckpointError:
         return None  # restoring skips it with a warning; the checkpoint restored instead is compared then
     if not isinstance(recorded, dict):
-        warnings.warn(f"checkpoint {checkpoint.name} records no config: the resumed run's config could not be compared", ConfigChangeWarning, stacklevel=3)
+        warnings.warn(
+            f"checkpoint {checkpoint.name} records no config: the resumed run's config could not be compared",
+            ConfigChangeWarning,
+            stacklevel=3,
+        )
         return checkpoint
     changes = config_changes(recorded, config, exempt)
     if not changes:
         return checkpoint
     listing = "\n  - ".join(changes)
     if on_change == "warn":
-        warnings.warn(f"resuming from {checkpoint.name} with a changed config (old -> new):\n  - {listing}", ConfigChangeWarning, stacklevel=3)
+        warnings.warn(
+            f"resuming from {checkpoint.name} with a changed config (old -> new):\n  - {listing}",
+            ConfigChangeWarning,
+            stacklevel=3,
+        )
         return checkpoint
     raise ConfigError(
         f"the run in {str(checkpoint.parent)!r} was saved with another config; changed keys (checkpoint -> now):\n  - {listing}\n"
@@ -307,12 +360,27 @@ def _compare_config(checkpoint: Path | None, config: dict[str, Any] | None, on_c
     )
 
 
-def _eval_source(data: Any, batch_size: int | None, shard: tuple[int, int] = (0, 1), device: torch.device | None = None) -> Any:
+def _eval_source(
+    data: Any,
+    batch_size: int | None,
+    shard: tuple[int, int] = (0, 1),
+    device: torch.device | None = None,
+) -> Any:
     if data is None:
         return None
     if shard[1] > 1 and batch_size is not None and batch_size % shard[1]:
-        batch_size += shard[1] - batch_size % shard[1]  # evaluation batches only need to split evenly
-    source = as_source(data, batch_size=batch_size, shuffle=False, drop_last=False, seed=0, num_workers=0, shard=shard)
+        batch_size += (
+            shard[1] - batch_size % shard[1]
+        )  # evaluation batches only need to split evenly
+    source = as_source(
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        seed=0,
+        num_workers=0,
+        shard=shard,
+    )
     return _EpochView(source, device)
 
 
@@ -325,7 +393,9 @@ class _EpochView:
             yield to_device(batch, self.device) if self.device is not None else batch
 
 
-def _callbacks(extra: Sequence[Any], progress: bool, verbosity: str, log_file: str | Path | None) -> list[Any]:
+def _callbacks(
+    extra: Sequence[Any], progress: bool, verbosity: str, log_file: str | Path | None
+) -> list[Any]:
     hooks: list[Any] = []
     if progress:
         hooks.append(ProgressBar())
@@ -352,4 +422,12 @@ def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitRes
     if manager is not None:
         paths = {"best": manager.best(), "latest": manager.latest(), "all": manager.all()}
     ledger = loop.ledger
-    return FitResult(loop.state, ledger.history, ledger.best, test, paths, loop.stop_reason or "finished", ledger.empty_batches)
+    return FitResult(
+        loop.state,
+        ledger.history,
+        ledger.best,
+        test,
+        paths,
+        loop.stop_reason or "finished",
+        ledger.empty_batches,
+    )

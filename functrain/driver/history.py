@@ -13,7 +13,17 @@ from typing import Any
 
 __all__ = ["History", "TIMING_KEYS"]
 
-TIMING_KEYS = frozenset({"samples_per_s", "step_time_ms", "epoch_time_s", "eval_time_s", "memory_mib", "cuda_max_allocated_mib", "cuda_max_reserved_mib"})
+TIMING_KEYS = frozenset(
+    {
+        "samples_per_s",
+        "step_time_ms",
+        "epoch_time_s",
+        "eval_time_s",
+        "memory_mib",
+        "cuda_max_allocated_mib",
+        "cuda_max_reserved_mib",
+    }
+)
 KINDS = ("train", "eval", "epoch")
 
 
@@ -29,7 +39,9 @@ class History:
     """
 
     def __init__(self, rows: dict[str, list[dict[str, Any]]] | None = None) -> None:
-        self.rows: dict[str, list[dict[str, Any]]] = {k: list((rows or {}).get(k, [])) for k in KINDS}
+        self.rows: dict[str, list[dict[str, Any]]] = {
+            k: list((rows or {}).get(k, [])) for k in KINDS
+        }
 
     def add(self, kind: str, row: dict[str, Any]) -> None:
         self.rows[kind].append(dict(row))
@@ -44,7 +56,10 @@ class History:
 
     def metrics_only(self) -> dict[str, list[dict[str, Any]]]:
         """The rows without wall-clock columns: what must match between a run and its resumption."""
-        return {k: [{c: v for c, v in r.items() if c not in TIMING_KEYS} for r in rows] for k, rows in self.rows.items()}
+        return {
+            k: [{c: v for c, v in r.items() if c not in TIMING_KEYS} for r in rows]
+            for k, rows in self.rows.items()
+        }
 
     def to_tree(self) -> dict[str, Any]:
         return {k: [dict(r) for r in rows] for k, rows in self.rows.items()}
@@ -78,10 +93,20 @@ class History:
         fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
             for kind in KINDS:
-                pts = [(r.get("step", i), r[name]) for i, r in enumerate(self.rows[kind]) if name in r and _finite(r[name])]
+                pts = [
+                    (r.get("step", i), r[name])
+                    for i, r in enumerate(self.rows[kind])
+                    if name in r and _finite(r[name])
+                ]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    ax.plot(xs, ys, marker="o" if kind != "train" else None, markersize=3, label=f"{kind}")
+                    ax.plot(
+                        xs,
+                        ys,
+                        marker="o" if kind != "train" else None,
+                        markersize=3,
+                        label=f"{kind}",
+                    )
             ax.set_title(name)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

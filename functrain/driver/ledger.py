@@ -67,7 +67,9 @@ class MetricWindow:
         if not self.count:
             self.keys, self.sums = keys, vec
         elif keys != self.keys:
-            raise ConfigError(f"loss_fn must return the same metrics at every step: got {keys}, before {self.keys}")
+            raise ConfigError(
+                f"loss_fn must return the same metrics at every step: got {keys}, before {self.keys}"
+            )
         else:
             self.sums = self.sums + vec
         self.count += 1
@@ -100,6 +102,7 @@ class MetricWindow:
     def to_tree(self) -> dict[str, Any]:
         return {"keys": list(self.keys), "sums": self.sums, "count": self.count}
 
+
 @attrs.define
 class Ledger:
     """The driver's records of a run (all of them saved in ``state.driver``)."""
@@ -110,7 +113,9 @@ class Ledger:
     best: dict[str, float] | None = None
     empty_batches: int = 0
     early: EarlyStopping | None = None
-    data: dict[str, Any] | None = None  # the data setup of the run (`Batcher.setup`), None before it is known
+    data: dict[str, Any] | None = (
+        None  # the data setup of the run (`Batcher.setup`), None before it is known
+    )
 
     @classmethod
     def from_tree(cls, driver: dict[str, Any], early: EarlyStopping | None) -> Ledger:
@@ -144,7 +149,9 @@ class Ledger:
             driver["early_stopping"] = self.early.to_tree()
         return driver
 
-    def use_data(self, setup: dict[str, Any], *, at_epoch_start: bool, checkpoint: Any = None) -> None:
+    def use_data(
+        self, setup: dict[str, Any], *, at_epoch_start: bool, checkpoint: Any = None
+    ) -> None:
         """Record the run's data setup; a resumed run must use the one it was saved with.
 
         The one change allowed is a map-style dataset's batch size at the start of an epoch: the
@@ -162,7 +169,11 @@ class Ledger:
         """
         if self.data is not None:
             regroup = at_epoch_start and "samples" in setup and "samples" in self.data
-            changed = [k for k in sorted({*self.data, *setup}) if self.data.get(k) != setup.get(k) and not (regroup and k == "batch_size")]
+            changed = [
+                k
+                for k in sorted({*self.data, *setup})
+                if self.data.get(k) != setup.get(k) and not (regroup and k == "batch_size")
+            ]
             if changed:
                 raise ConfigError(_data_change_message(self.data, setup, changed, checkpoint))
         self.data = setup
@@ -180,11 +191,15 @@ class Ledger:
         self.epoch_sums.reset()
         self.history.add("epoch", row)
 
-    def record_eval(self, metrics: dict[str, float], step: int, best_metric: str, mode: str) -> bool:
+    def record_eval(
+        self, metrics: dict[str, float], step: int, best_metric: str, mode: str
+    ) -> bool:
         """Count an evaluation toward best and early stopping; True when it is a new best."""
         self.early = self.early.update(metrics) if self.early is not None else None
         target = metrics.get(best_metric)
-        if target is None or not improved(target, None if self.best is None else self.best[best_metric], mode, 0.0):
+        if target is None or not improved(
+            target, None if self.best is None else self.best[best_metric], mode, 0.0
+        ):
             return False
         self.best = {"step": step, **metrics}
         return True
@@ -207,9 +222,16 @@ def memory_columns(kind: str, device: torch.device) -> dict[str, float]:
     return row
 
 
-def _data_change_message(saved: dict[str, Any], given: dict[str, Any], changed: list[str], checkpoint: Any) -> str:
-    lines = "\n  - ".join(f"{_DATA_ARGUMENTS.get(k, k)}: the checkpoint's run used {saved.get(k)!r}, this call gives {given.get(k)!r}" for k in changed)
-    same = ", ".join(f"{_DATA_ARGUMENTS[k]}={saved[k]!r}" for k in changed if k in _DATA_FIT_NAMES and k in saved)
+def _data_change_message(
+    saved: dict[str, Any], given: dict[str, Any], changed: list[str], checkpoint: Any
+) -> str:
+    lines = "\n  - ".join(
+        f"{_DATA_ARGUMENTS.get(k, k)}: the checkpoint's run used {saved.get(k)!r}, this call gives {given.get(k)!r}"
+        for k in changed
+    )
+    same = ", ".join(
+        f"{_DATA_ARGUMENTS[k]}={saved[k]!r}" for k in changed if k in _DATA_FIT_NAMES and k in saved
+    )
     path = repr(str(checkpoint)) if checkpoint is not None else "path"
     return (
         "resuming with another data setup would skip or repeat samples (the saved position counts batches):\n  - "
@@ -223,7 +245,17 @@ def _data_change_message(saved: dict[str, Any], given: dict[str, Any], changed: 
     )
 
 
-_DRIVER_KEYS = ("history", "window", "epoch_sums", "best", "empty_batches", "stop_reason", "early_stopping", "data", "source")
+_DRIVER_KEYS = (
+    "history",
+    "window",
+    "epoch_sums",
+    "best",
+    "empty_batches",
+    "stop_reason",
+    "early_stopping",
+    "data",
+    "source",
+)
 
 
 def tree_problems(driver: Any, path: str = "driver") -> list[str]:
@@ -242,20 +274,30 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
     problems = []
     unknown = sorted(set(driver) - set(_DRIVER_KEYS))
     if unknown:
-        problems.append(f"{path}: unknown keys {unknown[:10]} (expected some of {', '.join(_DRIVER_KEYS)})")
+        problems.append(
+            f"{path}: unknown keys {unknown[:10]} (expected some of {', '.join(_DRIVER_KEYS)})"
+        )
     problems += _history_problems(driver.get("history"), f"{path}/history")
     for name in ("window", "epoch_sums"):
         problems += _window_problems(driver.get(name), f"{path}/{name}")
     best = driver.get("best")
     if best is not None and not _is_row(best):
-        problems.append(f"{path}/best: expected None or a dict of metric names to numbers, got {_describe(best)}")
+        problems.append(
+            f"{path}/best: expected None or a dict of metric names to numbers, got {_describe(best)}"
+        )
     if not _is_count(driver.get("empty_batches", 0)):
-        problems.append(f"{path}/empty_batches: expected an int >= 0, got {_describe(driver.get('empty_batches'))}")
+        problems.append(
+            f"{path}/empty_batches: expected an int >= 0, got {_describe(driver.get('empty_batches'))}"
+        )
     if not isinstance(driver.get("stop_reason"), (str, type(None))):
-        problems.append(f"{path}/stop_reason: expected None or a str, got {_describe(driver.get('stop_reason'))}")
+        problems.append(
+            f"{path}/stop_reason: expected None or a str, got {_describe(driver.get('stop_reason'))}"
+        )
     data = driver.get("data")
     if data is not None and not _is_row(data):
-        problems.append(f"{path}/data: expected None or the data setup (a dict of names to numbers, str or None), got {_describe(data)}")
+        problems.append(
+            f"{path}/data: expected None or the data setup (a dict of names to numbers, str or None), got {_describe(data)}"
+        )
     problems += source_problems(driver.get("source"), f"{path}/source")
     early = driver.get("early_stopping")
     if early is not None and not (
@@ -265,7 +307,9 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
         and not isinstance(early.get("best"), bool)
         and _is_count(early.get("bad_evals", 0))
     ):
-        problems.append(f"{path}/early_stopping: expected None or a dict with best (a number or None) and bad_evals (an int >= 0), got {_describe(early)}")
+        problems.append(
+            f"{path}/early_stopping: expected None or a dict with best (a number or None) and bad_evals (an int >= 0), got {_describe(early)}"
+        )
     return problems
 
 
@@ -281,8 +325,14 @@ def _window_problems(tree: Any, path: str) -> list[str]:
         problems.append(f"{path}/keys: expected a list of metric names, got {_describe(keys)}")
     if not _is_count(count):
         problems.append(f"{path}/count: expected an int >= 0, got {_describe(count)}")
-    elif count and not (isinstance(sums, torch.Tensor) and sums.dtype == torch.float64 and list(sums.shape) == [len(keys)]):
-        problems.append(f"{path}/sums: expected a float64 tensor of shape [{len(keys)}] (one sum per key), got {_describe(sums)}")
+    elif count and not (
+        isinstance(sums, torch.Tensor)
+        and sums.dtype == torch.float64
+        and list(sums.shape) == [len(keys)]
+    ):
+        problems.append(
+            f"{path}/sums: expected a float64 tensor of shape [{len(keys)}] (one sum per key), got {_describe(sums)}"
+        )
     return problems
 
 
@@ -299,7 +349,9 @@ def _history_problems(history: Any, path: str) -> list[str]:
 
 
 def _is_row(row: Any) -> bool:
-    return isinstance(row, dict) and all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in row.items())
+    return isinstance(row, dict) and all(
+        isinstance(k, str) and isinstance(v, _SCALARS) for k, v in row.items()
+    )
 
 
 def _is_count(value: Any) -> bool:

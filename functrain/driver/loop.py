@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from functrain.core.ensemble import host_count, member_columns
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.core.compiled import compile_step
+from functrain.core.ensemble import host_count, member_columns
 from functrain.core.state import TrainState
 from functrain.core.step import _batch_size, train_step
 from functrain.driver.arguments import raise_empty_epoch
@@ -33,10 +33,37 @@ from functrain.optim.wrappers import check_skip_limits
 __all__ = ["Loop", "LOOP_OPTIONS", "FIT_SETTINGS"]
 
 # the arguments of `fit` the loop reads (callbacks see them as `run.config`)
-LOOP_OPTIONS = ("run_mode", "max_epochs", "max_steps", "eval_every", "log_every", "save_every", "best_metric", "mode", "stop_on_nonfinite", "memory")
+LOOP_OPTIONS = (
+    "run_mode",
+    "max_epochs",
+    "max_steps",
+    "eval_every",
+    "log_every",
+    "save_every",
+    "best_metric",
+    "mode",
+    "stop_on_nonfinite",
+    "memory",
+)
 # the other plain-valued arguments of `fit`, which the loop does not read: callbacks see them in
 # `run.config` too (a tracker logs them as the run's settings)
-FIT_SETTINGS = ("batch_size", "eval_batch_size", "shuffle", "drop_last", "data_seed", "num_workers", "checkpoint_dir", "keep_last", "keep_best", "async_save", "resume", "compile", "grad_stats", "test_every_eval", "config")
+FIT_SETTINGS = (
+    "batch_size",
+    "eval_batch_size",
+    "shuffle",
+    "drop_last",
+    "data_seed",
+    "num_workers",
+    "checkpoint_dir",
+    "keep_last",
+    "keep_best",
+    "async_save",
+    "resume",
+    "compile",
+    "grad_stats",
+    "test_every_eval",
+    "config",
+)
 
 # the stop reasons of a run ended by a non-finite value: nothing is saved after them
 NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")
@@ -69,10 +96,20 @@ class Loop:
         self.state = state
         self.main = state.dist is None or state.dist.rank == 0
         # the one read of the counters; from here on the driver counts on the host
-        self.step, self.micro, self.epoch, self.pos = (host_count(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step))
-        self.stacked = state.step.ndim == 1  # a stacked state (functrain.stack): its metrics are logged per member
-        self.ledger.use_data(train.setup(), at_epoch_start=self.pos == 0, checkpoint=manager.latest() if manager is not None else None)
-        if train.saves_position:  # data whose position a checkpoint holds (its state, or its consumed indices)
+        self.step, self.micro, self.epoch, self.pos = (
+            host_count(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step)
+        )
+        self.stacked = (
+            state.step.ndim == 1
+        )  # a stacked state (functrain.stack): its metrics are logged per member
+        self.ledger.use_data(
+            train.setup(),
+            at_epoch_start=self.pos == 0,
+            checkpoint=manager.latest() if manager is not None else None,
+        )
+        if (
+            train.saves_position
+        ):  # data whose position a checkpoint holds (its state, or its consumed indices)
             train.resume(state.driver.get("source"), state.dist)
             if manager is not None:
                 # a state a checkpoint cannot store is refused now, not at the first save. After the
@@ -112,7 +149,13 @@ class Loop:
 
     def _fire_exception(self, error: BaseException) -> None:
         ctx = self.run_ctx
-        ctx.state, ctx.epoch, ctx.step, ctx.batch, ctx.exception = self.state, self.epoch, self.step, self.pos, error
+        ctx.state, ctx.epoch, ctx.step, ctx.batch, ctx.exception = (
+            self.state,
+            self.epoch,
+            self.step,
+            self.pos,
+            error,
+        )
         for cb in self.hooks:
             fn = getattr(cb, "on_exception", None)
             if fn is None:
@@ -128,8 +171,16 @@ class Loop:
 
     def _run(self) -> None:
         ctx = self.run_ctx
-        ctx.batches_per_epoch = len(self.train) if not isinstance(self.train, IterableSource) or self.train.has_len() else None
-        ctx.total_steps = self.cfg["max_steps"] or (ctx.batches_per_epoch * self.cfg["max_epochs"] // self.k if ctx.batches_per_epoch else None)
+        ctx.batches_per_epoch = (
+            len(self.train)
+            if not isinstance(self.train, IterableSource) or self.train.has_len()
+            else None
+        )
+        ctx.total_steps = self.cfg["max_steps"] or (
+            ctx.batches_per_epoch * self.cfg["max_epochs"] // self.k
+            if ctx.batches_per_epoch
+            else None
+        )
         ctx.batches = self.epoch * (ctx.batches_per_epoch or 0) + self.pos
         self.fire("on_train_begin")
         while self.stop_reason is None:
@@ -147,7 +198,9 @@ class Loop:
         Not the state `fit` was given (the caller holds it), nor one a callback kept from
         ``run.state``: those stay valid, and that step runs pure.
         """
-        held = 1 + (self.run_ctx.state is self.state)  # self.state, and the run as hooks last saw it
+        held = 1 + (
+            self.run_ctx.state is self.state
+        )  # self.state, and the run as hooks last saw it
         return sys.getrefcount(self.state) - 1 <= held  # getrefcount counts its own argument too
 
     def _limit_reached(self) -> str | None:
@@ -169,7 +222,11 @@ class Loop:
             n = _batch_size(batch)
             trained = trained or n > 0
             if n == 0:
-                warnings.warn(f"skipping an empty batch at epoch {self.epoch}, position {self.pos}", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"skipping an empty batch at epoch {self.epoch}, position {self.pos}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
                 self.ledger.empty_batches += 1
                 self.pos += 1
                 self.state = self.state.replace(epoch_step=self.state.epoch_step + 1)
@@ -179,7 +236,9 @@ class Loop:
             if self.stop_reason is not None:
                 return False
         if start == 0 and not trained:
-            raise_empty_epoch(self.epoch)  # else a run bounded by max_steps alone would loop for ever
+            raise_empty_epoch(
+                self.epoch
+            )  # else a run bounded by max_steps alone would loop for ever
         return True
 
     def _step(self, batch: Any, n: int) -> None:
@@ -187,7 +246,9 @@ class Loop:
             donate = self._owns_state()  # asked first: an argument being passed is a reference too
             self.state, metrics = self.step_fn(self.state, batch, donate=donate)
         except NonFiniteError as e:
-            raise NonFiniteError(f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}") from e
+            raise NonFiniteError(
+                f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}"
+            ) from e
         self.pos += 1
         self.run_ctx.batches += 1
         self.micro = (self.micro + 1) % self.k
@@ -202,7 +263,11 @@ class Loop:
         self.run_ctx.logs = None
         if not update_done:
             return
-        if self.cfg["run_mode"] == "step" and self.evals is not None and self.step % self.cfg["eval_every"] == 0:
+        if (
+            self.cfg["run_mode"] == "step"
+            and self.evals is not None
+            and self.step % self.cfg["eval_every"] == 0
+        ):
             self._evaluate()
         if self.cfg["save_every"] and self.step % self.cfg["save_every"] == 0:
             self._save()
@@ -211,7 +276,12 @@ class Loop:
 
     def _log(self, partial: bool = False) -> None:
         check_skip_limits(self.state.opt_state)
-        row = {"step": self.step, "epoch": self.epoch, **self.ledger.window.flush(reset=not partial), **memory_columns(self.cfg["memory"], self.device)}
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            **self.ledger.window.flush(reset=not partial),
+            **memory_columns(self.cfg["memory"], self.device),
+        }
         if partial:
             row["partial"] = True
         self._check_lr(row.get("lr", 0.0))
@@ -240,9 +310,15 @@ class Loop:
         self._check_lr(self._window_lr(self.ledger.epoch_sums))
         self.epoch += 1
         self.pos = 0
-        self.state = self.state.replace(epoch=self.state.epoch + 1, epoch_step=torch.zeros_like(self.state.epoch_step))
+        self.state = self.state.replace(
+            epoch=self.state.epoch + 1, epoch_step=torch.zeros_like(self.state.epoch_step)
+        )
         self.ledger.end_epoch(self.epoch - 1, self.step, time.perf_counter() - self._epoch_t0)
-        if self.cfg["run_mode"] == "epoch" and self.evals is not None and self.epoch % self.cfg["eval_every"] == 0:
+        if (
+            self.cfg["run_mode"] == "epoch"
+            and self.evals is not None
+            and self.epoch % self.cfg["eval_every"] == 0
+        ):
             self._evaluate()
         elif self.manager is not None and self.cfg["save_every"] is None:
             self._save()
@@ -262,15 +338,29 @@ class Loop:
                 f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics {sorted(metrics)}: "
                 "pass one of them as best_metric, or return it from loss_fn as a metric (prefixed 'val_' in evaluations)"
             )
-        self.ledger.history.add("eval", {"step": self.step, "epoch": self.epoch, **metrics, "eval_time_s": time.perf_counter() - t0})
+        self.ledger.history.add(
+            "eval",
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                **metrics,
+                "eval_time_s": time.perf_counter() - t0,
+            },
+        )
         self.run_ctx.eval_metrics = metrics
-        if self.cfg["stop_on_nonfinite"] != "none" and not all(math.isfinite(metrics[k]) for k in {"val_loss", self.cfg["best_metric"]} & set(metrics)):
+        if self.cfg["stop_on_nonfinite"] != "none" and not all(
+            math.isfinite(metrics[k]) for k in {"val_loss", self.cfg["best_metric"]} & set(metrics)
+        ):
             # neither best, plateau nor early stopping can use it; the checkpoints keep the last finite state
             self.stop_reason = self.stop_reason or "nonfinite_val_loss"
             self.fire("on_eval_end")
             return
-        self.state = self.state.replace(opt_state=observe_plateau(self.state.opt_state, metrics[self.cfg["best_metric"]]))
-        new_best = self.ledger.record_eval(metrics, self.step, self.cfg["best_metric"], self.cfg["mode"])
+        self.state = self.state.replace(
+            opt_state=observe_plateau(self.state.opt_state, metrics[self.cfg["best_metric"]])
+        )
+        new_best = self.ledger.record_eval(
+            metrics, self.step, self.cfg["best_metric"], self.cfg["mode"]
+        )
         if self.ledger.early is not None and self.ledger.early.should_stop:
             self.stop_reason = self.stop_reason or "early_stopping"
         # with save_every, an improving evaluation still saves: that is what keeps the best weights
@@ -289,10 +379,19 @@ class Loop:
         partial train row aside: its sums are in the window) and the user state, which a hook may
         assign after a save."""
         last = self.ledger.history.last("train")
-        return (self.epoch, self.pos, len(self.ledger.history) - bool(last and last.get("partial")), self.state.user)
+        return (
+            self.epoch,
+            self.pos,
+            len(self.ledger.history) - bool(last and last.get("partial")),
+            self.state.user,
+        )
 
     def _saved_here(self, position: tuple[int, int, int, dict[str, Any]]) -> bool:
-        return self._saved_at is not None and self._saved_at[:3] == position[:3] and self._saved_at[3] is position[3]
+        return (
+            self._saved_at is not None
+            and self._saved_at[:3] == position[:3]
+            and self._saved_at[3] is position[3]
+        )
 
     def _driver_tree(self) -> dict[str, Any]:
         """What ``state.driver`` holds: the ledger's records and, for training data whose position
@@ -301,21 +400,31 @@ class Loop:
         own under torch.distributed."""
         driver = self.ledger.to_tree()
         if self.manager is not None and self.train.saves_position:
-            driver["source"] = self.train.saved_states(self.state.dist)  # on every rank: a collective
+            driver["source"] = self.train.saved_states(
+                self.state.dist
+            )  # on every rank: a collective
         return driver
 
     def _save(self, metrics: dict[str, float] | None = None) -> None:
         # skip when nothing changed since the last save (an epoch end after a step's save changes the
         # state), and after a non-finite value: the checkpoints keep the last finite state
         position = self._position()
-        if self.manager is None or self.stop_reason in NONFINITE_STOPS or self._saved_here(position):
+        if (
+            self.manager is None
+            or self.stop_reason in NONFINITE_STOPS
+            or self._saved_here(position)
+        ):
             return
         self._check_lr(self._window_lr(self.ledger.window))
         self.state = self.state.replace(driver=self._driver_tree())
-        if not self.main and not self.manager.sharded:  # rank 0 writes; the state is the same on every rank
+        if (
+            not self.main and not self.manager.sharded
+        ):  # rank 0 writes; the state is the same on every rank
             self._saved_at = position
             return
-        saved = self.manager.save(self.state, metrics=metrics)  # a sharded state: every rank its shards
+        saved = self.manager.save(
+            self.state, metrics=metrics
+        )  # a sharded state: every rank its shards
         self._saved_at = position
         if self.main:
             self.run_ctx.saved = saved

@@ -23,7 +23,14 @@ from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
-__all__ = ["ConfigChangeWarning", "EXEMPT_BY_DESIGN", "json_config", "config_option_problems", "config_changes", "flatten"]
+__all__ = [
+    "ConfigChangeWarning",
+    "EXEMPT_BY_DESIGN",
+    "json_config",
+    "config_option_problems",
+    "config_changes",
+    "flatten",
+]
 
 # keys that never change what a run computes; each also matches at any depth ("fit.resume")
 EXEMPT_BY_DESIGN = (
@@ -45,7 +52,9 @@ class ConfigChangeWarning(UserWarning):
     """A run was resumed with a config that differs from its checkpoint's (``on_config_change="warn"``)."""
 
 
-def json_config(config: Mapping[str, Any], where: str = "config") -> tuple[dict[str, Any] | None, list[str]]:
+def json_config(
+    config: Mapping[str, Any], where: str = "config"
+) -> tuple[dict[str, Any] | None, list[str]]:
     """The config as plain JSON values, and every value that is not one, by key.
 
     Mappings become dicts and sequences lists (an OmegaConf ``DictConfig`` too, its interpolations
@@ -58,7 +67,9 @@ def json_config(config: Mapping[str, Any], where: str = "config") -> tuple[dict[
         ['config.model.act: expected a str, finite number, bool, None, list or dict, got builtin_function_or_method']
     """
     if not isinstance(config, Mapping):
-        return None, [f"{where}: expected a mapping of str keys (the resolved config), got {type(config).__name__}"]
+        return None, [
+            f"{where}: expected a mapping of str keys (the resolved config), got {type(config).__name__}"
+        ]
     problems: list[str] = []
     plain = _plain(config, where, problems)
     return (plain if not problems else None), problems
@@ -68,13 +79,19 @@ def _plain(value: Any, key: str, problems: list[str]) -> Any:
     if isinstance(value, Mapping):
         bad = [k for k in value if not isinstance(k, str)]
         problems.extend(f"{key}: expected str keys, got {k!r}" for k in bad)
-        return {k: _plain(v, f"{key}.{k}", problems) for k, v in value.items() if isinstance(k, str)}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # lists, tuples, OmegaConf's ListConfig
+        return {
+            k: _plain(v, f"{key}.{k}", problems) for k, v in value.items() if isinstance(k, str)
+        }
+    if isinstance(value, Sequence) and not isinstance(
+        value, (str, bytes)
+    ):  # lists, tuples, OmegaConf's ListConfig
         return [_plain(v, f"{key}.{i}", problems) for i, v in enumerate(value)]
     if isinstance(value, float) and not math.isfinite(value):
         problems.append(f"{key}: expected a finite number (the manifest is JSON), got {value!r}")
     elif value is not None and not isinstance(value, (str, int, float, bool)):
-        problems.append(f"{key}: expected a str, finite number, bool, None, list or dict, got {type(value).__name__}")
+        problems.append(
+            f"{key}: expected a str, finite number, bool, None, list or dict, got {type(value).__name__}"
+        )
     return value
 
 
@@ -82,9 +99,17 @@ def config_option_problems(config: Any, on_config_change: Any, config_exempt: An
     """The problems with `fit`'s ``config``, ``on_config_change`` and ``config_exempt`` arguments."""
     problems = [] if config is None else json_config(config)[1]
     if on_config_change not in ("error", "warn"):
-        problems.append(f"on_config_change must be 'error' or 'warn', got on_config_change={on_config_change!r}")
-    if isinstance(config_exempt, str) or not isinstance(config_exempt, Sequence) or not all(isinstance(p, str) for p in config_exempt):
-        problems.append(f"config_exempt must be a list of dotted keys or patterns, got config_exempt={config_exempt!r}")
+        problems.append(
+            f"on_config_change must be 'error' or 'warn', got on_config_change={on_config_change!r}"
+        )
+    if (
+        isinstance(config_exempt, str)
+        or not isinstance(config_exempt, Sequence)
+        or not all(isinstance(p, str) for p in config_exempt)
+    ):
+        problems.append(
+            f"config_exempt must be a list of dotted keys or patterns, got config_exempt={config_exempt!r}"
+        )
     return problems
 
 
@@ -115,7 +140,9 @@ def exempt(key: str, patterns: Sequence[str] = ()) -> bool:
     return any(fnmatchcase(key, p) or key.startswith(p + ".") for p in patterns)
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], exempt_patterns: Sequence[str] = ()) -> list[str]:
+def config_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], exempt_patterns: Sequence[str] = ()
+) -> list[str]:
     """The keys whose values differ between two configs, as ``key: old -> new`` lines, exempt keys left out.
 
     Example:
@@ -139,7 +166,17 @@ def _order(before: dict[str, Any], after: dict[str, Any]) -> Any:
 
 def _same(a: Any, b: Any) -> bool:
     # 1 and 1.0 are one value in JSON; True and 1 are not
-    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+    return (
+        type(a) is type(b)
+        and a == b
+        or (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and not isinstance(a, bool)
+            and not isinstance(b, bool)
+            and a == b
+        )
+    )
 
 
 def _show(value: Any) -> str:

@@ -60,7 +60,9 @@ def mix(*parts: int) -> int:
 
 
 def _numpy_random() -> Any:
-    numpy = sys.modules.get("numpy")  # seeded only when something imported it: never imported for this
+    numpy = sys.modules.get(
+        "numpy"
+    )  # seeded only when something imported it: never imported for this
     return numpy.random if numpy is not None else None
 
 
@@ -136,9 +138,17 @@ class EpochStream:
         (True, True)
     """
 
-    def __init__(self, seed: int, borrowed: Sequence[torch.Generator] = (), *, python_and_numpy: bool = True) -> None:
-        self.generators = [torch.default_generator, *(g for g in borrowed if g is not torch.default_generator)]
-        self.states = [torch.Generator(device=g.device).manual_seed(mix(seed, i)).get_state() for i, g in enumerate(self.generators)]
+    def __init__(
+        self, seed: int, borrowed: Sequence[torch.Generator] = (), *, python_and_numpy: bool = True
+    ) -> None:
+        self.generators = [
+            torch.default_generator,
+            *(g for g in borrowed if g is not torch.default_generator),
+        ]
+        self.states = [
+            torch.Generator(device=g.device).manual_seed(mix(seed, i)).get_state()
+            for i, g in enumerate(self.generators)
+        ]
         self.others: tuple[Any, Any] | None = None
         if python_and_numpy:
             with host_generators_kept():
@@ -231,7 +241,9 @@ def fetching_loader(dataset: Any, plan: IndexPlan, settings: dict[str, Any]) -> 
     generator (its workers' base seed) is a private one, so the caller's generators are not drawn.
     """
     settings = dict(settings, in_order=True) if "in_order" in _LOADER_ARGUMENTS else dict(settings)
-    return DataLoader(SeededDataset(dataset), batch_sampler=plan, generator=torch.Generator(), **settings)
+    return DataLoader(
+        SeededDataset(dataset), batch_sampler=plan, generator=torch.Generator(), **settings
+    )
 
 
 # the settings a rebuilt loader copies from the user's (those this torch accepts)

@@ -15,7 +15,10 @@ from typing import Any
 __all__ = ["OptunaPruning", "WandbLogger"]
 
 # public name -> the module that defines it, imported on first use
-MODULES = {"OptunaPruning": "functrain.integrations.optuna", "WandbLogger": "functrain.integrations.wandb"}
+MODULES = {
+    "OptunaPruning": "functrain.integrations.optuna",
+    "WandbLogger": "functrain.integrations.wandb",
+}
 
 
 def __getattr__(name: str) -> Any:

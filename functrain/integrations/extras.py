@@ -23,4 +23,6 @@ def require(package: str, user: str) -> ModuleType:
     try:
         return importlib.import_module(package)
     except ImportError as e:
-        raise ConfigError(f"{user} needs the {package!r} package, which is not installed here: pip install 'functrain[{package}]'") from e
+        raise ConfigError(
+            f"{user} needs the {package!r} package, which is not installed here: pip install 'functrain[{package}]'"
+        ) from e

@@ -66,10 +66,18 @@ class OptunaPruning(Callback):
         3
     """
 
-    def __init__(self, trial: Any, monitor: str = "val_loss", *, report_at: Literal["epoch", "step"] | None = None) -> None:
+    def __init__(
+        self,
+        trial: Any,
+        monitor: str = "val_loss",
+        *,
+        report_at: Literal["epoch", "step"] | None = None,
+    ) -> None:
         self._optuna = require("optuna", "OptunaPruning")
         if report_at not in (None, "epoch", "step"):
-            raise ConfigError(f"report_at must be 'epoch', 'step' or None (fit's run_mode), got report_at={report_at!r}")
+            raise ConfigError(
+                f"report_at must be 'epoch', 'step' or None (fit's run_mode), got report_at={report_at!r}"
+            )
         self.trial, self.monitor, self.report_at = trial, monitor, report_at
         self.reports: list[tuple[int, float]] = []  # (step, value) as reported, this run
         self.pruned_at: int | None = None
@@ -82,7 +90,10 @@ class OptunaPruning(Callback):
 
     def _check_direction(self, mode: str) -> None:
         direction = getattr(getattr(self.trial, "study", None), "direction", None)
-        wanted = {"min": self._optuna.study.StudyDirection.MINIMIZE, "max": self._optuna.study.StudyDirection.MAXIMIZE}[mode]
+        wanted = {
+            "min": self._optuna.study.StudyDirection.MINIMIZE,
+            "max": self._optuna.study.StudyDirection.MAXIMIZE,
+        }[mode]
         if direction is not None and direction != wanted:
             raise ConfigError(
                 f"the study's direction is {direction.name} but fit's mode={mode!r} for {self.monitor!r}: the pruner would stop the "
@@ -125,12 +136,16 @@ class OptunaPruning(Callback):
         """
         if result.stop_reason == "pruned":
             last = self.reports[-1][1] if self.reports else None
-            raise self._optuna.TrialPruned(f"pruned at {self._unit} {self.pruned_at} ({self.monitor}={last})")
+            raise self._optuna.TrialPruned(
+                f"pruned at {self._unit} {self.pruned_at} ({self.monitor}={last})"
+            )
 
 
 def _agreed(run: Run, prune: bool) -> bool:
     """Rank 0's decision, on every rank (one broadcast of a flag); `prune` itself in one process."""
     if run.state.dist is None:
         return prune
-    flag = torch.tensor([int(prune)], device=run.state.device)  # the state's device: what the backend takes
+    flag = torch.tensor(
+        [int(prune)], device=run.state.device
+    )  # the state's device: what the backend takes
     return bool(broadcast_tensors({"prune": flag}, run.state.dist)["prune"].item())

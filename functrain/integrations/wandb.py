@@ -21,7 +21,13 @@ __all__ = ["WandbLogger"]
 
 STEP = "trainer/step"
 EPOCH = "trainer/epoch"
-PREFIXES = ("trainer", "train", "eval", "epoch", "checkpoint")  # the sections of the logger's columns
+PREFIXES = (
+    "trainer",
+    "train",
+    "eval",
+    "epoch",
+    "checkpoint",
+)  # the sections of the logger's columns
 
 
 class WandbLogger(Callback):
@@ -72,7 +78,13 @@ class WandbLogger(Callback):
     """
 
     def __init__(
-        self, *, config: Mapping[str, Any] | None = None, run: Any = None, finish: bool | None = None, checkpoint_artifacts: bool = False, **init_kwargs: Any
+        self,
+        *,
+        config: Mapping[str, Any] | None = None,
+        run: Any = None,
+        finish: bool | None = None,
+        checkpoint_artifacts: bool = False,
+        **init_kwargs: Any,
     ) -> None:
         self._wandb = require("wandb", "WandbLogger")
         if run is not None and init_kwargs:
@@ -81,7 +93,9 @@ class WandbLogger(Callback):
                 "pass either run= or the wandb.init arguments"
             )
         if config is not None and not isinstance(config, Mapping):
-            raise ConfigError(f"WandbLogger's config must be a mapping (a dict of settings), got {type(config).__name__}: pass config={{...}}")
+            raise ConfigError(
+                f"WandbLogger's config must be a mapping (a dict of settings), got {type(config).__name__}: pass config={{...}}"
+            )
         self.config = dict(config or {})
         self.init_kwargs = init_kwargs
         self.run = run
@@ -89,7 +103,9 @@ class WandbLogger(Callback):
         self.checkpoint_artifacts = checkpoint_artifacts
         self.logged = {"train": 0, "eval": 0, "epoch": 0}  # rows logged in the last fit, per kind
         self.checkpoints: list[str] = []  # the paths of the checkpoints saved in the last fit
-        self._seen: dict[str, int] | None = None  # history rows already logged; None: not logging (rank > 0)
+        self._seen: dict[str, int] | None = (
+            None  # history rows already logged; None: not logging (rank > 0)
+        )
 
     def on_train_begin(self, run: Run) -> None:
         rank = run.state.dist.rank if run.state.dist is not None else rank_and_world()[0]
@@ -104,7 +120,9 @@ class WandbLogger(Callback):
             self.run.config.update(config, allow_val_change=True)
         self.run.config.update(_fit_config(run), allow_val_change=True)
         self.run.define_metric(STEP)
-        for prefix in PREFIXES:  # only these: a run the user gave may log other metrics on its own axis
+        for (
+            prefix
+        ) in PREFIXES:  # only these: a run the user gave may log other metrics on its own axis
             self.run.define_metric(f"{prefix}/*", step_metric=STEP)
         # a resumed run's history holds the rows logged before its checkpoint: log only new ones
         self._seen = {kind: len(rows) for kind, rows in run.history.rows.items()}
@@ -131,8 +149,14 @@ class WandbLogger(Callback):
             self._log_artifact(run, Path(path))
 
     def _log_artifact(self, run: Run, path: Path) -> None:
-        artifact = self._wandb.Artifact(f"checkpoints-{self.run.id}", type="model", metadata={"step": run.step, "epoch": run.epoch, "path": str(path)})
-        artifact.add_reference(path.as_uri(), name=path.name)  # referenced, not copied: W&B records each file's checksum
+        artifact = self._wandb.Artifact(
+            f"checkpoints-{self.run.id}",
+            type="model",
+            metadata={"step": run.step, "epoch": run.epoch, "path": str(path)},
+        )
+        artifact.add_reference(
+            path.as_uri(), name=path.name
+        )  # referenced, not copied: W&B records each file's checksum
         self.run.log_artifact(artifact, aliases=["latest", f"step-{run.step}"])
 
     def on_train_end(self, run: Run) -> None:
@@ -154,7 +178,11 @@ class WandbLogger(Callback):
         if self._seen is None:
             return
         try:
-            for kind in ("train", "eval", "epoch"):  # the run's last, partial train row, or rows before an error
+            for kind in (
+                "train",
+                "eval",
+                "epoch",
+            ):  # the run's last, partial train row, or rows before an error
                 self._log_new(run, kind)
         finally:
             self._seen = None
@@ -167,7 +195,11 @@ def _row(kind: str, row: Mapping[str, Any]) -> dict[str, Any]:
     """A history row as W&B columns: its numbers under ``<kind>/``, its step and epoch as the axes."""
     out: dict[str, Any] = {STEP: row["step"], EPOCH: row["epoch"]}
     for key, value in row.items():
-        if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (
+            key not in ("step", "epoch")
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+        ):
             out[f"{kind}/{key}"] = value
     return out
 
@@ -175,6 +207,11 @@ def _row(kind: str, row: Mapping[str, Any]) -> dict[str, Any]:
 def _fit_config(run: Run) -> dict[str, Any]:
     state = run.state
     trainable = sum(p.numel() for p in state.params.values())
-    plain = {k: v for k, v in run.config.items() if k != "config"}  # fit's `config` is logged as the W&B config itself
-    settings = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in plain.items()}
+    plain = {
+        k: v for k, v in run.config.items() if k != "config"
+    }  # fit's `config` is logged as the W&B config itself
+    settings = {
+        k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+        for k, v in plain.items()
+    }
     return {"fit": settings, "optimizer": state.optimizer.name, "trainable_parameters": trainable}

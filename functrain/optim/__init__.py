@@ -12,9 +12,9 @@ errors that meet a live torch.optim object, with the functrain call to write ins
 
 from functrain.optim import schedules
 from functrain.optim.averaging import EmaState, ema
+from functrain.optim.more_presets import adadelta, adafactor, adamax, asgd, muon, nadam, rprop
 from functrain.optim.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
 from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
-from functrain.optim.more_presets import adadelta, adafactor, adamax, asgd, muon, nadam, rprop
 from functrain.optim.primitives import (
     add_decayed_weights,
     clip_by_global_norm,
@@ -29,8 +29,17 @@ from functrain.optim.primitives import (
     trace,
 )
 from functrain.optim.sweep import Sweep, sweep
-from functrain.optim.transform import EmptyState, ParamStep, Ratio, Transform, apply_updates, as_tensors, chain, identity, transform_metrics
-from functrain.optim.wrappers import accumulate, all_finite, check_skip_limits, dynamic_loss_scale, find_loss_scale, masked, partition, skip_nonfinite
+from functrain.optim.transform import (
+    EmptyState,
+    ParamStep,
+    Ratio,
+    Transform,
+    apply_updates,
+    as_tensors,
+    chain,
+    identity,
+    transform_metrics,
+)
 from functrain.optim.update_rules import (
     adafactor_step,
     asgd_step,
@@ -40,6 +49,16 @@ from functrain.optim.update_rules import (
     scale_by_adjusted_learning_rate,
     scale_by_muon,
     scale_by_rprop,
+)
+from functrain.optim.wrappers import (
+    accumulate,
+    all_finite,
+    check_skip_limits,
+    dynamic_loss_scale,
+    find_loss_scale,
+    masked,
+    partition,
+    skip_nonfinite,
 )
 
 __all__ = [

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.transform import named, Transform, counter, may_write_in_place
+from functrain.optim.transform import Transform, counter, may_write_in_place, named
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["ema", "EmaState"]
@@ -53,13 +53,22 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
     def init_fn(params: Tree) -> EmaState:
         return EmaState(counter(params), tuple(p.detach().clone() for p in tree_leaves(params)))
 
-    def lerp(avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:
+    def lerp(
+        avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor
+    ) -> list[torch.Tensor]:
         if warmup:
-            weight = 1 - torch.clamp((1 + count.to(torch.float64)) / (10 + count.to(torch.float64)), max=decay)
+            weight = 1 - torch.clamp(
+                (1 + count.to(torch.float64)) / (10 + count.to(torch.float64)), max=decay
+            )
             return [torch.lerp(a, x, weight.to(a.dtype)) for a, x in zip(avg, p, strict=True)]
         return list(torch._foreach_lerp(avg, p, 1 - decay))
 
-    def _lerp_(avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor, keep: torch.Tensor | None) -> None:
+    def _lerp_(
+        avg: list[torch.Tensor],
+        p: list[torch.Tensor],
+        count: torch.Tensor,
+        keep: torch.Tensor | None,
+    ) -> None:
         """`lerp` written into `avg` (a donated step): the same kernels, in place."""
         if keep is None and not warmup:
             torch._foreach_lerp_(avg, p, 1 - decay)
@@ -68,7 +77,12 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             new = lerp([a], [x], count)[0]
             torch.where(keep, new, a, out=a) if keep is not None else a.copy_(new)
 
-    def update_fn(new_params: Any, state: EmaState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[Tree, EmaState]:
+    def update_fn(
+        new_params: Any,
+        state: EmaState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[Tree, EmaState]:
         p, spec = tree_flatten(new_params)
         count = state.count + 1 if keep is None else torch.where(keep, state.count + 1, state.count)
         if may_write_in_place():
@@ -77,7 +91,9 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
         else:
             average = lerp(list(state.average), p, state.count)
             if keep is not None:
-                average = [torch.where(keep, n, a) for n, a in zip(average, state.average, strict=True)]
+                average = [
+                    torch.where(keep, n, a) for n, a in zip(average, state.average, strict=True)
+                ]
         return tree_unflatten(average, spec), EmaState(count, tuple(average))
 
     return Transform(init_fn, update_fn, gated=True)

@@ -27,7 +27,9 @@ _PER_TENSOR: dict[str, Callable[..., Any]] = {
     "mul": torch.mul,
     "div": torch.div,
     "lerp": torch.lerp,
-    "maximum": lambda x, y: torch.maximum(x, y) if isinstance(y, torch.Tensor) else torch.clamp_min(x, y),
+    "maximum": lambda x, y: (
+        torch.maximum(x, y) if isinstance(y, torch.Tensor) else torch.clamp_min(x, y)
+    ),
     "clamp_max": torch.clamp_max,
     "clamp_min": torch.clamp_min,
     "sqrt": torch.sqrt,
@@ -54,13 +56,18 @@ def _rule(name: str, inplace: bool) -> Callable[..., Any]:
     if name in ("addcmul", "addcdiv"):
         base = fn
 
-        def fn(x: Any, a: Any, b: Any, value: Any = 1) -> Any:  # the 4th foreach argument is `value`
+        def fn(
+            x: Any, a: Any, b: Any, value: Any = 1
+        ) -> Any:  # the 4th foreach argument is `value`
             return base(x, a, b, value=value)
 
     def rule(*args: Any, **kwargs: Any) -> Any:
         args = tuple(_scalars(a) for a in args)
         kwargs = {k: _scalars(v) for k, v in kwargs.items()}
-        out = [fn(*(_nth(a, i) for a in args), **{k: _nth(v, i) for k, v in kwargs.items()}) for i in range(len(args[0]))]
+        out = [
+            fn(*(_nth(a, i) for a in args), **{k: _nth(v, i) for k, v in kwargs.items()})
+            for i in range(len(args[0]))
+        ]
         if not inplace:
             return out
         for target, value in zip(args[0], out, strict=True):
@@ -81,9 +88,20 @@ def register() -> None:
             if packet is None:
                 continue
             for overload in packet.overloads():
-                if overload in ("out", "Scalar_out", "List_out", "ScalarList_out", "Tensor_out") or overload.endswith("_out"):
+                if overload in (
+                    "out",
+                    "Scalar_out",
+                    "List_out",
+                    "ScalarList_out",
+                    "Tensor_out",
+                ) or overload.endswith("_out"):
                     continue
-                lib.impl(f"_foreach_{name}{suffix}.{overload}" if overload != "default" else f"_foreach_{name}{suffix}", _rule(name, bool(suffix)))
+                lib.impl(
+                    f"_foreach_{name}{suffix}.{overload}"
+                    if overload != "default"
+                    else f"_foreach_{name}{suffix}",
+                    _rule(name, bool(suffix)),
+                )
     _registered.append(lib)
 
 

@@ -38,7 +38,14 @@ _WHY = {
 }
 
 
-def check_choices(where: str, *, foreach: bool | None = None, capturable: bool = False, differentiable: bool = False, exact: frozenset[bool] = EXACT_BOTH) -> None:
+def check_choices(
+    where: str,
+    *,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    exact: frozenset[bool] = EXACT_BOTH,
+) -> None:
     """Raise a `ConfigError` for each choice the preset `where` has no path for.
 
     Args:
@@ -60,9 +67,17 @@ def check_choices(where: str, *, foreach: bool | None = None, capturable: bool =
         functrain.errors.ConfigError: invalid arguments to adam:
           - capturable=True: functrain's steps keep counts and step sizes as tensors and never read them back to the host, so a step runs under torch.compile or a CUDA graph as it is; leave capturable out
     """
-    problems = [f"{flag}=True: {why}" for flag, why in _WHY.items() if {"capturable": capturable, "differentiable": differentiable}[flag]]
+    problems = [
+        f"{flag}=True: {why}"
+        for flag, why in _WHY.items()
+        if {"capturable": capturable, "differentiable": differentiable}[flag]
+    ]
     if foreach is not None and foreach not in exact:
-        follows = "foreach (foreach=True)" if True in exact else "single-tensor loop (foreach=False, torch's CPU default)"
+        follows = (
+            "foreach (foreach=True)"
+            if True in exact
+            else "single-tensor loop (foreach=False, torch's CPU default)"
+        )
         other = "foreach" if foreach else "single-tensor"
         problems.append(
             f"foreach={foreach!r}: torch's {other} {where} rounds differently from its {follows}, which {where} follows bit for bit; "
@@ -73,7 +88,11 @@ def check_choices(where: str, *, foreach: bool | None = None, capturable: bool =
 
 def without_choices(arguments: dict[str, Any]) -> dict[str, Any]:
     """A preset's arguments as its name records them: the choices dropped, ``foreach`` as ``fused=False``."""
-    out = {key: value for key, value in arguments.items() if key not in ("foreach", "capturable", "differentiable")}
+    out = {
+        key: value
+        for key, value in arguments.items()
+        if key not in ("foreach", "capturable", "differentiable")
+    }
     if arguments.get("foreach") is not None and "fused" in out:
         out["fused"] = False
     return out

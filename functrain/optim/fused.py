@@ -36,15 +36,28 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, config_check
+from functrain.layout import in_layouts_of, is_dense
 from functrain.optim.batching import under_vmap
-from functrain.optim.transform import NewParams, Transform, counter, flat_updates, may_write_in_place
 from functrain.optim.primitives import Mask, Schedule, _check_positive, resolve_mask
 from functrain.optim.sweep import Sweep
+from functrain.optim.transform import (
+    NewParams,
+    Transform,
+    counter,
+    flat_updates,
+    may_write_in_place,
+)
 from functrain.optim.zeros import constant_like, owned_copy, writable, zeros
-from functrain.layout import in_layouts_of, is_dense
 from functrain.tree import Tree, tree_leaves
 
-__all__ = ["FusedAdamState", "FusedSgdState", "FusedAdagradState", "fused_adam", "fused_sgd", "fused_adagrad"]
+__all__ = [
+    "FusedAdamState",
+    "FusedSgdState",
+    "FusedAdagradState",
+    "fused_adam",
+    "fused_sgd",
+    "fused_adagrad",
+]
 
 
 class FusedAdamState(NamedTuple):
@@ -79,11 +92,15 @@ class FusedAdagradState(NamedTuple):
 def _check_floating(params: Tree, what: str) -> None:
     bad = sorted({str(p.dtype) for p in tree_leaves(params) if not p.is_floating_point()})
     if bad:
-        raise ConfigError(f"the fused {what} kernels take floating-point parameters, got {', '.join(bad)}; use fused=False")
+        raise ConfigError(
+            f"the fused {what} kernels take floating-point parameters, got {', '.join(bad)}; use fused=False"
+        )
 
 
 def _first_lr(lr: float | Schedule, count: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(lr(count) if callable(lr) else lr, dtype=torch.float64, device=count.device)
+    return torch.as_tensor(
+        lr(count) if callable(lr) else lr, dtype=torch.float64, device=count.device
+    )
 
 
 class _Step(NamedTuple):
@@ -98,9 +115,19 @@ class _Step(NamedTuple):
     found_inf: torch.Tensor | None
 
 
-def _begin(updates: Any, count: torch.Tensor, params: Tree | None, keep: torch.Tensor | None, lr: float | Schedule, what: str, last_lr: torch.Tensor) -> _Step:
+def _begin(
+    updates: Any,
+    count: torch.Tensor,
+    params: Tree | None,
+    keep: torch.Tensor | None,
+    lr: float | Schedule,
+    what: str,
+    last_lr: torch.Tensor,
+) -> _Step:
     if params is None:
-        raise ConfigError(f"the fused {what} kernels update the parameters themselves; pass params= to update")
+        raise ConfigError(
+            f"the fused {what} kernels update the parameters themselves; pass params= to update"
+        )
     g, spec = flat_updates(updates, params)
     if callable(lr):
         rate = lr(count)
@@ -120,11 +147,19 @@ def _begin(updates: Any, count: torch.Tensor, params: Tree | None, keep: torch.T
 
 def _found_inf(keep: torch.Tensor) -> torch.Tensor:
     # the kernels read found_inf as float32: one op where the default dtype gives it, two elsewhere
-    return torch.where(keep, 0.0, 1.0) if torch.get_default_dtype() == torch.float32 else (~keep).float()
+    return (
+        torch.where(keep, 0.0, 1.0)
+        if torch.get_default_dtype() == torch.float32
+        else (~keep).float()
+    )
 
 
 def _last_lr(step: _Step, previous: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    return step.rate_t if keep is None or step.rate_t is previous else torch.where(keep, step.rate_t, previous)
+    return (
+        step.rate_t
+        if keep is None or step.rate_t is previous
+        else torch.where(keep, step.rate_t, previous)
+    )
 
 
 def fused_adam(
@@ -153,19 +188,51 @@ def fused_adam(
     def init_fn(params: Tree) -> FusedAdamState:
         _check_floating(params, "Adam")
         count = counter(params)
-        return FusedAdamState(count, zeros(params), zeros(params), zeros(params) if amsgrad else (), _first_lr(lr, count))
+        return FusedAdamState(
+            count,
+            zeros(params),
+            zeros(params),
+            zeros(params) if amsgrad else (),
+            _first_lr(lr, count),
+        )
 
-    def update_fn(updates: Any, state: FusedAdamState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdamState]:
+    def update_fn(
+        updates: Any,
+        state: FusedAdamState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[NewParams, FusedAdamState]:
         step = _begin(updates, state.count, params, keep, lr, "Adam", state.lr)
-        hyper = {"lr": step.rate, "beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize, "grad_scale": None, "found_inf": step.found_inf}
+        hyper = {
+            "lr": step.rate,
+            "beta1": b1,
+            "beta2": b2,
+            "eps": eps,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "grad_scale": None,
+            "found_inf": step.found_inf,
+        }
         moments = (state.mu, state.nu, state.nu_max)
-        new_p, (mu, nu, nu_max) = _by_groups(kernel, step, moments, _decays(mask, params, step.p), weight_decay, hyper, steps=True)
-        return NewParams(new_p, step.spec), FusedAdamState(step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep))
+        new_p, (mu, nu, nu_max) = _by_groups(
+            kernel, step, moments, _decays(mask, params, step.p), weight_decay, hyper, steps=True
+        )
+        return NewParams(new_p, step.spec), FusedAdamState(
+            step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep)
+        )
 
     return Transform(init_fn, update_fn, gated=True)
 
 
-def fused_sgd(lr: float | Schedule, momentum: float, weight_decay: float, *, nesterov: bool, mask: Mask, maximize: bool = False) -> Transform:
+def fused_sgd(
+    lr: float | Schedule,
+    momentum: float,
+    weight_decay: float,
+    *,
+    nesterov: bool,
+    mask: Mask,
+    maximize: bool = False,
+) -> Transform:
     """The fused SGD transform behind ``sgd(fused=True)``: ``torch.optim.SGD(fused=True)`` without dampening.
 
     torch's kernel takes the first step (``buffer = gradient``) from a flag, which a pure step
@@ -187,11 +254,29 @@ def fused_sgd(lr: float | Schedule, momentum: float, weight_decay: float, *, nes
         buffers = tuple(constant_like(p, -0.0) for p in tree_leaves(params)) if momentum else ()
         return FusedSgdState(count, buffers, _first_lr(lr, count))
 
-    def update_fn(updates: Any, state: FusedSgdState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedSgdState]:
+    def update_fn(
+        updates: Any,
+        state: FusedSgdState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[NewParams, FusedSgdState]:
         step = _begin(updates, state.count, params, keep, lr, "SGD", state.lr)
-        hyper = {"lr": step.rate, "momentum": momentum, "dampening": 0.0, "nesterov": nesterov, "maximize": maximize, "is_first_step": False, "grad_scale": None, "found_inf": step.found_inf}
-        new_p, (buffers,) = _by_groups(_SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper)
-        return NewParams(new_p, step.spec), FusedSgdState(step.count, tuple(buffers), _last_lr(step, state.lr, keep))
+        hyper = {
+            "lr": step.rate,
+            "momentum": momentum,
+            "dampening": 0.0,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "is_first_step": False,
+            "grad_scale": None,
+            "found_inf": step.found_inf,
+        }
+        new_p, (buffers,) = _by_groups(
+            _SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper
+        )
+        return NewParams(new_p, step.spec), FusedSgdState(
+            step.count, tuple(buffers), _last_lr(step, state.lr, keep)
+        )
 
     return Transform(init_fn, update_fn, gated=True)
 
@@ -212,7 +297,9 @@ def fused_adagrad(
     """
     problems: list[str] = []
     _check_positive(problems, "eps", eps)
-    _check_positive(problems, "initial_accumulator_value", initial_accumulator_value, allow_zero=True)
+    _check_positive(
+        problems, "initial_accumulator_value", initial_accumulator_value, allow_zero=True
+    )
     _check_positive(problems, "lr_decay", lr_decay, allow_zero=True)
     _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, "adagrad")
@@ -225,11 +312,33 @@ def fused_adagrad(
         sums = tuple(constant_like(p, initial_accumulator_value) for p in tree_leaves(params))
         return FusedAdagradState(count, sums, _first_lr(lr, count))
 
-    def update_fn(updates: Any, state: FusedAdagradState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[NewParams, FusedAdagradState]:
+    def update_fn(
+        updates: Any,
+        state: FusedAdagradState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[NewParams, FusedAdagradState]:
         step = _begin(updates, state.count, params, keep, lr, "Adagrad", state.lr)
-        hyper = {"lr": step.rate, "lr_decay": lr_decay, "eps": eps, "maximize": maximize, "grad_scale": None, "found_inf": step.found_inf}
-        new_p, (sums,) = _by_groups(_ADAGRAD, step, (state.sum_of_squares,), _decays(mask, params, step.p), weight_decay, hyper, steps=True)
-        return NewParams(new_p, step.spec), FusedAdagradState(step.count, tuple(sums), _last_lr(step, state.lr, keep))
+        hyper = {
+            "lr": step.rate,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "maximize": maximize,
+            "grad_scale": None,
+            "found_inf": step.found_inf,
+        }
+        new_p, (sums,) = _by_groups(
+            _ADAGRAD,
+            step,
+            (state.sum_of_squares,),
+            _decays(mask, params, step.p),
+            weight_decay,
+            hyper,
+            steps=True,
+        )
+        return NewParams(new_p, step.spec), FusedAdagradState(
+            step.count, tuple(sums), _last_lr(step, state.lr, keep)
+        )
 
     return Transform(init_fn, update_fn, gated=True)
 
@@ -246,7 +355,12 @@ class _Kernel(NamedTuple):
 _ADAM_HYPER = ("beta1", "beta2", "eps", "amsgrad", "maximize")
 _ADAM = _Kernel("adam", torch._fused_adam_, _ADAM_HYPER, steps=True)
 _ADAMW = _Kernel("adamw", torch._fused_adamw_, _ADAM_HYPER, steps=True)
-_SGD = _Kernel("sgd", torch._fused_sgd_, ("momentum", "dampening", "nesterov", "maximize", "is_first_step"), steps=False)
+_SGD = _Kernel(
+    "sgd",
+    torch._fused_sgd_,
+    ("momentum", "dampening", "nesterov", "maximize", "is_first_step"),
+    steps=False,
+)
 _ADAGRAD = _Kernel("adagrad", torch._fused_adagrad_, ("lr_decay", "eps", "maximize"), steps=True)
 _KERNELS = {k.name: k for k in (_ADAM, _ADAMW, _SGD, _ADAGRAD)}
 _FLAGS = frozenset({"amsgrad", "maximize", "nesterov", "is_first_step"})
@@ -259,7 +373,11 @@ def _read_once(lr: Any) -> Any:
 
 def _decay_values(weight_decay: Any) -> list[float]:
     """The kernel's weight decay: one value, or one per member for a sweep (`functrain.sweep`)."""
-    return [float(v) for v in weight_decay.values] if isinstance(weight_decay, Sweep) else [float(weight_decay)]
+    return (
+        [float(v) for v in weight_decay.values]
+        if isinstance(weight_decay, Sweep)
+        else [float(weight_decay)]
+    )
 
 
 def _kernel_lr(rate: torch.Tensor) -> torch.Tensor:
@@ -271,7 +389,16 @@ def _decays(mask: Mask, params: Tree, p: list) -> tuple[bool, ...]:
     return resolve_mask(mask, params) or (True,) * len(p)
 
 
-def _by_groups(kernel: _Kernel, step: _Step, buffers: tuple[tuple, ...], decays: tuple[bool, ...], weight_decay: float, hyper: dict[str, Any], *, steps: bool = False) -> tuple[list, tuple[list, ...]]:
+def _by_groups(
+    kernel: _Kernel,
+    step: _Step,
+    buffers: tuple[tuple, ...],
+    decays: tuple[bool, ...],
+    weight_decay: float,
+    hyper: dict[str, Any],
+    *,
+    steps: bool = False,
+) -> tuple[list, tuple[list, ...]]:
     """One kernel call per (device, dtype, decays or not) group of leaves; the new parameters and buffers in leaf order.
 
     `steps`: the kernel reads the new step count (float32, as torch.optim keeps it) for its bias
@@ -288,7 +415,9 @@ def _by_groups(kernel: _Kernel, step: _Step, buffers: tuple[tuple, ...], decays:
             kernel,
             [p[i] for i in idx],
             [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
-            [[b[i] for i in idx] if b else [] for b in buffers],  # an empty buffer list stays empty (no amsgrad, no momentum)
+            [
+                [b[i] for i in idx] if b else [] for b in buffers
+            ],  # an empty buffer list stays empty (no amsgrad, no momentum)
             [[count] * len(idx)] if steps else [],  # read only
             weight_decay=_decay_values(weight_decay) if decay else [0.0],
             **hyper,
@@ -301,7 +430,14 @@ def _by_groups(kernel: _Kernel, step: _Step, buffers: tuple[tuple, ...], decays:
     return new_p, tuple(new_b)
 
 
-def _run_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], **options: Any) -> tuple[list, list[list]]:
+def _run_kernel(
+    kernel: _Kernel,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    steps: list[list],
+    **options: Any,
+) -> tuple[list, list[list]]:
     """New (params, buffers) from one fused kernel call; the given tensors are not written.
 
     The kernels walk parameters, gradients and buffers in memory order: each gradient and buffer
@@ -314,7 +450,10 @@ def _run_kernel(kernel: _Kernel, params: list, grads: list, buffers: list[list],
     """
     if under_vmap() or torch.compiler.is_compiling():
         return _through_op(kernel, params, grads, buffers, steps, options)
-    options = {**options, "weight_decay": options["weight_decay"][0]}  # one value outside a stacked step
+    options = {
+        **options,
+        "weight_decay": options["weight_decay"][0],
+    }  # one value outside a stacked step
     params = [_walkable(p) for p in params]
     grads = in_layouts_of(grads, params)
     if may_write_in_place():
@@ -333,13 +472,28 @@ def _walkable(p: torch.Tensor) -> torch.Tensor:
     return p if p.is_contiguous() or is_dense(p) else p.contiguous()
 
 
-def _through_op(kernel: _Kernel, params: list, grads: list, buffers: list[list], steps: list[list], options: dict[str, Any]) -> tuple[list, list[list]]:
+def _through_op(
+    kernel: _Kernel,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    steps: list[list],
+    options: dict[str, Any],
+) -> tuple[list, list[list]]:
     """`_run_kernel` through the custom op: buffers flattened (with their lists' lengths), the rate a tensor or a float."""
     lr = options["lr"]
     out_p, out_b = torch.ops.functrain.fused_update(
-        kernel.name, params, grads, [x for xs in buffers for x in xs], [len(xs) for xs in buffers],
-        steps[0][0] if steps else None, lr if isinstance(lr, torch.Tensor) else None, 0.0 if isinstance(lr, torch.Tensor) else float(lr),
-        options["found_inf"], list(options["weight_decay"]), [float(options[name]) for name in kernel.hyper],
+        kernel.name,
+        params,
+        grads,
+        [x for xs in buffers for x in xs],
+        [len(xs) for xs in buffers],
+        steps[0][0] if steps else None,
+        lr if isinstance(lr, torch.Tensor) else None,
+        0.0 if isinstance(lr, torch.Tensor) else float(lr),
+        options["found_inf"],
+        list(options["weight_decay"]),
+        [float(options[name]) for name in kernel.hyper],
     )
     return list(out_p), _split(list(out_b), [len(xs) for xs in buffers])
 
@@ -352,9 +506,23 @@ def _split(flat: list, counts: list[int]) -> list[list]:
     return out
 
 
-def _kernel_kwargs(kernel: _Kernel, lr: torch.Tensor | float, weight_decay: float, hyper: list[float], found_inf: torch.Tensor | None) -> dict[str, Any]:
-    named = {name: bool(v) if name in _FLAGS else v for name, v in zip(kernel.hyper, hyper, strict=True)}
-    return {"lr": _kernel_lr(lr) if isinstance(lr, torch.Tensor) else lr, "weight_decay": weight_decay, "grad_scale": None, "found_inf": found_inf, **named}
+def _kernel_kwargs(
+    kernel: _Kernel,
+    lr: torch.Tensor | float,
+    weight_decay: float,
+    hyper: list[float],
+    found_inf: torch.Tensor | None,
+) -> dict[str, Any]:
+    named = {
+        name: bool(v) if name in _FLAGS else v for name, v in zip(kernel.hyper, hyper, strict=True)
+    }
+    return {
+        "lr": _kernel_lr(lr) if isinstance(lr, torch.Tensor) else lr,
+        "weight_decay": weight_decay,
+        "grad_scale": None,
+        "found_inf": found_inf,
+        **named,
+    }
 
 
 # inductor hands the op its inputs in the traced strides (torch before 2.7 knows only the fixed stride order)
@@ -363,8 +531,17 @@ _EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed
 
 @torch.library.custom_op("functrain::fused_update", mutates_args=(), tags=(_EXACT_STRIDES,))
 def _fused_update_op(
-    kernel: str, params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], counts: list[int],
-    step: torch.Tensor | None, lr: torch.Tensor | None, lr_value: float, found_inf: torch.Tensor | None, weight_decay: list[float], hyper: list[float],
+    kernel: str,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    counts: list[int],
+    step: torch.Tensor | None,
+    lr: torch.Tensor | None,
+    lr_value: float,
+    found_inf: torch.Tensor | None,
+    weight_decay: list[float],
+    hyper: list[float],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One state's fused update (of kernel `kernel`) on fresh copies laid out as the parameters.
 
@@ -380,7 +557,13 @@ def _fused_update_op(
     # laid out as the fake kernel says, whatever the buffers' own layouts
     new_b = [torch.empty_like(params[j % n], dtype=x.dtype).copy_(x) for j, x in enumerate(buffers)]
     steps = [[step] * n] if spec.steps else []
-    spec.in_place(new_p, in_layouts_of(grads, params), *_split(new_b, counts), *steps, **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf))
+    spec.in_place(
+        new_p,
+        in_layouts_of(grads, params),
+        *_split(new_b, counts),
+        *steps,
+        **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf),
+    )
     return new_p, new_b
 
 
@@ -388,7 +571,9 @@ def _fused_update_op(
 def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):  # type: ignore[no-untyped-def]
     n = len(params)
     params = [_walkable(p) for p in params]
-    return [torch.empty_like(p) for p in params], [torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)]
+    return [torch.empty_like(p) for p in params], [
+        torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)
+    ]
 
 
 def _dims(dims: Any, n: int) -> list:
@@ -400,10 +585,27 @@ def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | N
 
 
 @_fused_update_op.register_vmap
-def _(info, in_dims, kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):  # type: ignore[no-untyped-def]
+def _(
+    info,
+    in_dims,
+    kernel,
+    params,
+    grads,
+    buffers,
+    counts,
+    step,
+    lr,
+    lr_value,
+    found_inf,
+    weight_decay,
+    hyper,
+):  # type: ignore[no-untyped-def]
     members = info.batch_size
     _, d_p, d_g, d_b, _, d_step, d_lr, _, d_inf = in_dims[:9]
-    stacked = (list(zip(params, _dims(d_p, len(params)))), list(zip(buffers, _dims(d_b, len(buffers)))))
+    stacked = (
+        list(zip(params, _dims(d_p, len(params)))),
+        list(zip(buffers, _dims(d_b, len(buffers)))),
+    )
     g_dims = _dims(d_g, len(grads))
     calls = [
         (
@@ -416,34 +618,57 @@ def _(info, in_dims, kernel, params, grads, buffers, counts, step, lr, lr_value,
         for k in range(members)
     ]
     out_dims = ([0] * len(params), [0] * len(buffers))
-    if any(type(x) is not torch.Tensor for x in params):  # traced by torch.compile: fake or functional tensors
+    if any(
+        type(x) is not torch.Tensor for x in params
+    ):  # traced by torch.compile: fake or functional tensors
         return _traced_members(kernel, stacked, calls, counts, hyper), out_dims
     return _eager_members(_KERNELS[kernel], stacked, calls, counts, hyper, members), out_dims
 
 
-def _member_major(x: torch.Tensor, d: int | None, members: int, like: torch.Tensor | None = None) -> torch.Tensor:
+def _member_major(
+    x: torch.Tensor, d: int | None, members: int, like: torch.Tensor | None = None
+) -> torch.Tensor:
     """A copy of stacked `x`, each member's slice one dense block in memory (the kernel walks it
     straight through), laid out as the member is (or as the member-major `like`, where given)."""
     whole = x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
     if like is not None:
         return torch.empty_like(like, dtype=x.dtype).copy_(whole)
     member = torch.empty_like(_walkable(whole[0]))
-    return torch.empty_strided(whole.shape, (member.numel(), *member.stride()), dtype=x.dtype, device=x.device).copy_(whole)
+    return torch.empty_strided(
+        whole.shape, (member.numel(), *member.stride()), dtype=x.dtype, device=x.device
+    ).copy_(whole)
 
 
-def _eager_members(kernel: _Kernel, stacked: tuple, calls: list, counts: list[int], hyper: list[float], members: int) -> tuple:
+def _eager_members(
+    kernel: _Kernel,
+    stacked: tuple,
+    calls: list,
+    counts: list[int],
+    hyper: list[float],
+    members: int,
+) -> tuple:
     """The stacked inputs copied once (member first, buffers laid out as their parameters), then the kernel on each member's slice in place."""
     params, buffers = stacked
     new_p = [_member_major(x, d, members) for x, d in params]
-    new_b = [_member_major(x, d, members, new_p[j % len(new_p)]) for j, (x, d) in enumerate(buffers)]
+    new_b = [
+        _member_major(x, d, members, new_p[j % len(new_p)]) for j, (x, d) in enumerate(buffers)
+    ]
     for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
         p = [x[k] for x in new_p]
         steps = [[step] * len(p)] if kernel.steps else []
-        kernel.in_place(p, in_layouts_of(grads, p), *_split([x[k] for x in new_b], counts), *steps, **_kernel_kwargs(kernel, lr, weight_decay[0], hyper, found_inf))
+        kernel.in_place(
+            p,
+            in_layouts_of(grads, p),
+            *_split([x[k] for x in new_b], counts),
+            *steps,
+            **_kernel_kwargs(kernel, lr, weight_decay[0], hyper, found_inf),
+        )
     return new_p, new_b
 
 
-def _traced_members(kernel: str, stacked: tuple, calls: list, counts: list[int], hyper: list[float]) -> tuple:
+def _traced_members(
+    kernel: str, stacked: tuple, calls: list, counts: list[int], hyper: list[float]
+) -> tuple:
     """The op on each member's slices (traced: its fake kernel, and at run time its layouts checked), stacked."""
     params, buffers = stacked
     results = []
@@ -451,5 +676,12 @@ def _traced_members(kernel: str, stacked: tuple, calls: list, counts: list[int],
         p = [_member(x, d, k) for x, d in params]
         b = [_member(x, d, k) if d is not None else x for x, d in buffers]
         rate = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, lr)
-        results.append(torch.ops.functrain.fused_update(kernel, p, grads, b, counts, step, *rate, found_inf, weight_decay, hyper))
-    return tuple([torch.stack([r[i][j] for r in results]) for j in range(len(xs))] for i, xs in enumerate(stacked))
+        results.append(
+            torch.ops.functrain.fused_update(
+                kernel, p, grads, b, counts, step, *rate, found_inf, weight_decay, hyper
+            )
+        )
+    return tuple(
+        [torch.stack([r[i][j] for r in results]) for j in range(len(xs))]
+        for i, xs in enumerate(stacked)
+    )

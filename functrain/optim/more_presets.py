@@ -58,7 +58,9 @@ def _rate(lr: LearningRate, problems: list[str]) -> float | Schedule:
     """
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            problems.append(f"a tensor lr must hold one floating-point value, got shape {tuple(lr.shape)} and dtype {lr.dtype}")
+            problems.append(
+                f"a tensor lr must hold one floating-point value, got shape {tuple(lr.shape)} and dtype {lr.dtype}"
+            )
             return 0.0
         lr = float(lr)  # host read at construction, never in a step
     check_learning_rate(problems, "lr", lr)
@@ -74,7 +76,9 @@ def _check_betas(problems: list[str], betas: Any) -> tuple[float, float]:
     return betas[0], betas[1]
 
 
-def _checked(where: str, lr: LearningRate, betas: Any = (0.9, 0.999)) -> tuple[float | Schedule, tuple[float, float]]:
+def _checked(
+    where: str, lr: LearningRate, betas: Any = (0.9, 0.999)
+) -> tuple[float | Schedule, tuple[float, float]]:
     # the rules check the rest under their own argument names; these two are named as torch names them
     problems: list[str] = []
     rate = _rate(lr, problems)
@@ -132,13 +136,27 @@ def nadam(
         >>> ft.apply_updates(p, u)["w"]  # the first step's momentum is already Nesterov's
         tensor([0.8944])
     """
-    check_choices("nadam", foreach=foreach, capturable=capturable, differentiable=differentiable, exact=SINGLE_ONLY)
+    check_choices(
+        "nadam",
+        foreach=foreach,
+        capturable=capturable,
+        differentiable=differentiable,
+        exact=SINGLE_ONLY,
+    )
     rate, (b1, b2) = _checked("nadam", lr, betas)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     return chain(
         _maybe(maximize, scale(-1.0)),
         _maybe(coupled, add_decayed_weights(coupled, mask)),
-        nadam_step(rate, b1, b2, eps, momentum_decay=momentum_decay, weight_decay=weight_decay if decoupled_weight_decay else 0.0, mask=mask),
+        nadam_step(
+            rate,
+            b1,
+            b2,
+            eps,
+            momentum_decay=momentum_decay,
+            weight_decay=weight_decay if decoupled_weight_decay else 0.0,
+            mask=mask,
+        ),
     )
 
 
@@ -300,7 +318,13 @@ def asgd(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
-    check_choices("asgd", foreach=foreach, capturable=capturable, differentiable=differentiable, exact=SINGLE_ONLY)
+    check_choices(
+        "asgd",
+        foreach=foreach,
+        capturable=capturable,
+        differentiable=differentiable,
+        exact=SINGLE_ONLY,
+    )
     rate, _ = _checked("asgd", lr)
     return chain(
         _maybe(maximize, scale(-1.0)),
@@ -473,4 +497,3 @@ def muon(
         scale_by_adjusted_learning_rate(rate, adjust_lr_fn, weight_decay=weight_decay),
     )
     return matrices if others is None else partition(is_matrix, muon=matrices, others=others)
-

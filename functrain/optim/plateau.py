@@ -14,10 +14,24 @@ import attrs
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.transform import ParamStep, Ratio, Transform, as_tensors, counter, flat_updates, named
+from functrain.optim.transform import (
+    ParamStep,
+    Ratio,
+    Transform,
+    as_tensors,
+    counter,
+    flat_updates,
+    named,
+)
 from functrain.tree import Tree, tree_unflatten
 
-__all__ = ["EarlyStopping", "reduce_on_plateau", "ReduceOnPlateauState", "observe_plateau", "improved"]
+__all__ = [
+    "EarlyStopping",
+    "reduce_on_plateau",
+    "ReduceOnPlateauState",
+    "observe_plateau",
+    "improved",
+]
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -70,7 +84,12 @@ class EarlyStopping:
     def update(self, metrics: dict[str, float]) -> EarlyStopping:
         """The state after one evaluation with `metrics` (host numbers)."""
         if self.target not in metrics:
-            config_check([f"early stopping watches {self.target!r}, which the evaluation did not produce (got {sorted(metrics)})"], "EarlyStopping")
+            config_check(
+                [
+                    f"early stopping watches {self.target!r}, which the evaluation did not produce (got {sorted(metrics)})"
+                ],
+                "EarlyStopping",
+            )
         value = float(metrics[self.target])
         if improved(value, self.best, self.mode, self.min_delta):
             return attrs.evolve(self, best=value, bad_evals=0)
@@ -158,9 +177,13 @@ def reduce_on_plateau(
         zero = counter(params)
         f64 = dict(dtype=torch.float64, device=zero.device)
         config = torch.tensor([factor, patience, threshold, cooldown, min_scale, sign], **f64)
-        return ReduceOnPlateauState(torch.ones((), **f64), torch.full((), math.inf, **f64), zero, zero, config)
+        return ReduceOnPlateauState(
+            torch.ones((), **f64), torch.full((), math.inf, **f64), zero, zero, config
+        )
 
-    def update_fn(updates: Any, state: ReduceOnPlateauState, params: Tree | None = None) -> tuple[Any, ReduceOnPlateauState]:
+    def update_fn(
+        updates: Any, state: ReduceOnPlateauState, params: Tree | None = None
+    ) -> tuple[Any, ReduceOnPlateauState]:
         scale = state.scale
         if isinstance(updates, ParamStep):
             decay = 1 - (1 - updates.decay) * scale if updates.decay is not None else None
@@ -169,9 +192,15 @@ def reduce_on_plateau(
             if updates.quotient is not None:
                 num, den, step_size = updates.quotient
                 return updates.replace(quotient=(num, den, step_size * scale), decay=decay), state
-            direction = torch._foreach_mul(list(updates.direction), scale.to(updates.direction[0].dtype))
+            direction = torch._foreach_mul(
+                list(updates.direction), scale.to(updates.direction[0].dtype)
+            )
             return updates.replace(direction=direction, decay=decay), state
-        u, spec = flat_updates(updates, params) if not isinstance(updates, Ratio) else (as_tensors(updates, params), updates.spec)
+        u, spec = (
+            flat_updates(updates, params)
+            if not isinstance(updates, Ratio)
+            else (as_tensors(updates, params), updates.spec)
+        )
         return tree_unflatten(list(torch._foreach_mul(u, scale.to(u[0].dtype))), spec), state
 
     return Transform(init_fn, update_fn)
@@ -201,7 +230,9 @@ def observe_plateau(state: Tree, value: float) -> Tree:
 
 
 def _observe(s: ReduceOnPlateauState, value: float) -> ReduceOnPlateauState:
-    factor, patience, threshold, cooldown, min_scale, sign = s.config.tolist()  # host side, between steps
+    factor, patience, threshold, cooldown, min_scale, sign = (
+        s.config.tolist()
+    )  # host side, between steps
     best, bad, left, scale = float(s.best), int(s.bad_evals), int(s.cooldown_left), float(s.scale)
     signed = sign * value
     if math.isnan(value):

@@ -70,13 +70,25 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
     torch_defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
     args = [f"lr={lr if lr is not None else _number(group.get('initial_lr', group['lr']))}"]
     for key, value in group.items():
-        if key in ("params", "lr", "initial_lr") or key in _IMPLEMENTATION or value == torch_defaults.get(key, value):
+        if (
+            key in ("params", "lr", "initial_lr")
+            or key in _IMPLEMENTATION
+            or value == torch_defaults.get(key, value)
+        ):
             continue
         if key == "betas":
-            args += [f"b{i}={_number(b)}" for i, (b, default) in enumerate(zip(value, torch_defaults["betas"]), start=1) if b != default]
+            args += [
+                f"b{i}={_number(b)}"
+                for i, (b, default) in enumerate(zip(value, torch_defaults["betas"]), start=1)
+                if b != default
+            ]
         elif key in accepted:
             args.append(f"{key}={_number(value)}")
-    more = " (and mask= or ft.masked for the settings of its other param groups)" if len(optimizer.param_groups) > 1 else ""
+    more = (
+        " (and mask= or ft.masked for the settings of its other param groups)"
+        if len(optimizer.param_groups) > 1
+        else ""
+    )
     return f"write ft.{preset.__name__}({', '.join(args)}) instead{more}"
 
 
@@ -92,7 +104,9 @@ def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
         value = getattr(scheduler, key, None)
         if isinstance(value, Counter):  # MultiStepLR keeps its milestones as a Counter
             value = sorted(value.elements())
-        if isinstance(value, (bool, int, float, str)) or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)):
+        if isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
+        ):
             if value != param.default:
                 args.append(f"{key}={_number(value)}")
         elif param.default is inspect.Parameter.empty:
@@ -103,7 +117,11 @@ def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
 def _plateau_call(scheduler: lr_scheduler.ReduceLROnPlateau) -> str:
     plateau = importlib.import_module("functrain.optim.plateau").reduce_on_plateau
     defaults = {k: p.default for k, p in inspect.signature(plateau).parameters.items()}
-    args = [f"{key}={_number(getattr(scheduler, key))}" for key in ("factor", "patience", "threshold", "cooldown", "mode") if getattr(scheduler, key, defaults[key]) != defaults[key]]
+    args = [
+        f"{key}={_number(getattr(scheduler, key))}"
+        for key in ("factor", "patience", "threshold", "cooldown", "mode")
+        if getattr(scheduler, key, defaults[key]) != defaults[key]
+    ]
     return f"ft.reduce_on_plateau({', '.join(args)})"
 
 

@@ -14,18 +14,16 @@ from __future__ import annotations
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.choices import EXACT_BOTH, FOREACH_ONLY, check_choices, without_choices
+from functrain.optim.choices import FOREACH_ONLY, check_choices, without_choices
 from functrain.optim.fused import fused_adagrad, fused_adam, fused_sgd
-from functrain.optim.sweep import Sweep
-from functrain.optim.transform import named, Transform, chain, identity
 from functrain.optim.primitives import (
+    Mask,
+    Schedule,
     _check_positive,
     _check_unit,
-    check_learning_rate,
-    Mask,
-    scale,
-    Schedule,
     add_decayed_weights,
+    check_learning_rate,
+    scale,
     scale_by_adagrad,
     scale_by_adam,
     scale_by_learning_rate,
@@ -34,6 +32,8 @@ from functrain.optim.primitives import (
     scale_by_rms,
     trace,
 )
+from functrain.optim.sweep import Sweep
+from functrain.optim.transform import Transform, chain, identity, named
 
 __all__ = ["sgd", "adam", "adamw", "radam", "rmsprop", "adagrad", "lion"]
 
@@ -52,16 +52,28 @@ def _ascent(maximize: bool) -> tuple[Transform, ...]:
 
 def _value(beta: float | torch.Tensor) -> float:
     # torch's Adam takes 1-element tensor betas and its kernels read their value
-    return float(beta) if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point() else beta
+    return (
+        float(beta)
+        if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point()
+        else beta
+    )
 
 
-def _check_renamed(where: str, lr: LearningRate, momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0) -> None:
+def _check_renamed(
+    where: str,
+    lr: LearningRate,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    dampening: float = 0.0,
+) -> None:
     # the primitives call these `learning_rate` and `decay`; report them under the names the user typed
     problems: list[str] = []
     check_learning_rate(problems, "lr", lr)
     _check_unit(problems, "momentum", momentum)
     if nesterov and not problems and (momentum <= 0 or dampening != 0):
-        problems.append(f"nesterov needs momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}")
+        problems.append(
+            f"nesterov needs momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}"
+        )
     config_check(problems, where)
 
 
@@ -131,10 +143,14 @@ def sgd(
         tensor([0.9000])
     """
     check_choices("sgd", foreach=foreach, differentiable=differentiable)
-    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
+    fused = (
+        False if foreach is not None else fused
+    )  # torch's foreach and single-tensor bits: the chain
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
     if (fused or fused is None) and not dampening:
-        return fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize)
+        return fused_sgd(
+            lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize
+        )
     return chain(
         *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
@@ -143,7 +159,10 @@ def sgd(
     )
 
 
-@named(added={"fused": False, "maximize": False, "decoupled_weight_decay": False}, resolve=without_choices)
+@named(
+    added={"fused": False, "maximize": False, "decoupled_weight_decay": False},
+    resolve=without_choices,
+)
 def adam(
     lr: LearningRate = 1e-3,
     b1: float = 0.9,
@@ -201,12 +220,24 @@ def adam(
         tensor([0.9000])
     """
     check_choices("adam", foreach=foreach, capturable=capturable, differentiable=differentiable)
-    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
+    fused = (
+        False if foreach is not None else fused
+    )  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adam", lr)
     b1, b2 = _value(b1), _value(b2)
     if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
         _check_adam("adam", b1, b2, eps, weight_decay)
-        return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=decoupled_weight_decay, amsgrad=amsgrad, mask=mask, maximize=maximize)
+        return fused_adam(
+            lr,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            decoupled=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            mask=mask,
+            maximize=maximize,
+        )
     if decoupled_weight_decay:
         return _adamw_chain(lr, b1, b2, eps, weight_decay, amsgrad, mask, maximize)
     return chain(
@@ -277,16 +308,37 @@ def adamw(
         tensor([0.9000])
     """
     check_choices("adamw", foreach=foreach, capturable=capturable, differentiable=differentiable)
-    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
+    fused = (
+        False if foreach is not None else fused
+    )  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adamw", lr)
     b1, b2 = _value(b1), _value(b2)
     if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
         _check_adam("adamw", b1, b2, eps, weight_decay)
-        return fused_adam(lr, b1, b2, eps, weight_decay, decoupled=True, amsgrad=amsgrad, mask=mask, maximize=maximize)
+        return fused_adam(
+            lr,
+            b1,
+            b2,
+            eps,
+            weight_decay,
+            decoupled=True,
+            amsgrad=amsgrad,
+            mask=mask,
+            maximize=maximize,
+        )
     return _adamw_chain(lr, b1, b2, eps, weight_decay, amsgrad, mask, maximize)
 
 
-def _adamw_chain(lr: LearningRate, b1: float, b2: float, eps: float, weight_decay: float, amsgrad: bool, mask: Mask, maximize: bool) -> Transform:
+def _adamw_chain(
+    lr: LearningRate,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    mask: Mask,
+    maximize: bool,
+) -> Transform:
     # the decay after the scaling rule: scale_by_learning_rate applies it as p * (1 - lr * wd)
     return chain(
         *_ascent(maximize),
@@ -346,12 +398,22 @@ def radam(
         >>> ft.apply_updates(p, u)["w"]
         tensor([0.9000])
     """
-    check_choices("radam", foreach=foreach, capturable=capturable, differentiable=differentiable, exact=FOREACH_ONLY)
+    check_choices(
+        "radam",
+        foreach=foreach,
+        capturable=capturable,
+        differentiable=differentiable,
+        exact=FOREACH_ONLY,
+    )
     _check_renamed("radam", lr)
     decay = _maybe(weight_decay, add_decayed_weights(weight_decay, mask))
     return chain(
         *_ascent(maximize),
-        *((scale_by_radam(b1, b2, eps), decay) if decoupled_weight_decay else (decay, scale_by_radam(b1, b2, eps))),
+        *(
+            (scale_by_radam(b1, b2, eps), decay)
+            if decoupled_weight_decay
+            else (decay, scale_by_radam(b1, b2, eps))
+        ),
         scale_by_learning_rate(lr),
     )
 
@@ -467,14 +529,20 @@ def adagrad(
         tensor([0.9000])
     """
     check_choices("adagrad", foreach=foreach, differentiable=differentiable)
-    fused = False if foreach is not None else fused  # torch's foreach and single-tensor bits: the chain
+    fused = (
+        False if foreach is not None else fused
+    )  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adagrad", lr)
     if fused or fused is None:
-        return fused_adagrad(lr, eps, lr_decay, initial_accumulator_value, weight_decay, mask=mask, maximize=maximize)
+        return fused_adagrad(
+            lr, eps, lr_decay, initial_accumulator_value, weight_decay, mask=mask, maximize=maximize
+        )
     return chain(
         *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_adagrad(eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay),
+        scale_by_adagrad(
+            eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay
+        ),
         scale_by_learning_rate(lr),
     )
 

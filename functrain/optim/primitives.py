@@ -17,13 +17,13 @@ import torch
 from functrain.errors import config_check
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.transform import (
-    named,
     EmptyState,
     ParamStep,
     Ratio,
     Transform,
     counter,
     flat_updates,
+    named,
 )
 from functrain.optim.zeros import zeros
 from functrain.tree import Tree, global_norm, tree_leaves, tree_paths, tree_unflatten
@@ -146,13 +146,17 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
     except Exception:  # noqa: BLE001 - see the docstring: the first step reports it
         return
     if not (math.isfinite(first) and first >= 0):
-        problems.append(f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at step 0")
+        problems.append(
+            f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at step 0"
+        )
 
 
 def _check_rate_tensor(problems: list[str], name: str, value: torch.Tensor) -> None:
     # torch.optim takes a 1-element tensor lr; its value is read here, once, at construction
     if value.numel() != 1 or not value.is_floating_point():
-        problems.append(f"{name} as a tensor must hold one floating-point value, got shape {tuple(value.shape)} and dtype {value.dtype}")
+        problems.append(
+            f"{name} as a tensor must hold one floating-point value, got shape {tuple(value.shape)} and dtype {value.dtype}"
+        )
     else:
         _check_positive(problems, name, float(value), allow_zero=True)
 
@@ -163,10 +167,14 @@ def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
         return None
     leaves = tree_leaves(params)
     if callable(mask):
-        return tuple(bool(mask(name, p)) for name, p in zip(tree_paths(params), leaves, strict=True))
+        return tuple(
+            bool(mask(name, p)) for name, p in zip(tree_paths(params), leaves, strict=True)
+        )
     flags = tree_leaves(mask)
     if len(flags) != len(leaves):
-        config_check([f"mask must have one bool per parameter ({len(leaves)}), got {len(flags)}"], "mask")
+        config_check(
+            [f"mask must have one bool per parameter ({len(leaves)}), got {len(flags)}"], "mask"
+        )
     return tuple(bool(f) for f in flags)
 
 
@@ -178,7 +186,9 @@ class ScaleByAdamState(NamedTuple):
 
 
 @named
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False) -> Transform:
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False
+) -> Transform:
     """Rescale updates by Adam's bias-corrected moment estimates (Kingma & Ba, 2015).
 
     Args:
@@ -209,9 +219,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsg
     config_check(problems, "scale_by_adam")
 
     def init_fn(params: Tree) -> ScaleByAdamState:
-        return ScaleByAdamState(counter(params), zeros(params), zeros(params), zeros(params) if amsgrad else ())
+        return ScaleByAdamState(
+            counter(params), zeros(params), zeros(params), zeros(params) if amsgrad else ()
+        )
 
-    def update_fn(updates: Any, state: ScaleByAdamState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdamState]:
+    def update_fn(
+        updates: Any, state: ScaleByAdamState, params: Tree | None = None
+    ) -> tuple[Ratio, ScaleByAdamState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu = torch._foreach_lerp(state.mu, g, 1 - b1)
@@ -240,17 +254,42 @@ class RectifiedRatio(Ratio):
 
     __slots__ = ("sqrt_bc2", "rect", "unrect")
 
-    def __init__(self, num: Any, den: Any, bc1: torch.Tensor, sqrt_bc2: torch.Tensor, rect: torch.Tensor, unrect: torch.Tensor, spec: Any, *decay: Any) -> None:
+    def __init__(
+        self,
+        num: Any,
+        den: Any,
+        bc1: torch.Tensor,
+        sqrt_bc2: torch.Tensor,
+        rect: torch.Tensor,
+        unrect: torch.Tensor,
+        spec: Any,
+        *decay: Any,
+    ) -> None:
         super().__init__(num, den, bc1, spec, *decay)
         self.sqrt_bc2 = sqrt_bc2
         self.rect = rect  # 0 until the variance is tractable
         self.unrect = unrect  # 1 until then, 0 after
 
-    def with_decay(self, weight_decay: float, decay_mask: tuple[bool, ...] | None, params: Any) -> RectifiedRatio:
-        return RectifiedRatio(self.num, self.den, self.divisor, self.sqrt_bc2, self.rect, self.unrect, self.spec, weight_decay, decay_mask, params)
+    def with_decay(
+        self, weight_decay: float, decay_mask: tuple[bool, ...] | None, params: Any
+    ) -> RectifiedRatio:
+        return RectifiedRatio(
+            self.num,
+            self.den,
+            self.divisor,
+            self.sqrt_bc2,
+            self.rect,
+            self.unrect,
+            self.spec,
+            weight_decay,
+            decay_mask,
+            params,
+        )
 
     def additive(self, params: Tree | None) -> list[torch.Tensor]:
-        return self._decayed(list(torch._foreach_mul(self.buffer(1.0, 1.0), list(self.num))), params)
+        return self._decayed(
+            list(torch._foreach_mul(self.buffer(1.0, 1.0), list(self.num))), params
+        )
 
     def buffer(self, lr: float | torch.Tensor, sign: float) -> list[torch.Tensor]:
         """``1 / (den / s2) + s1`` for this learning rate (a tensor one keeps its dtype), per leaf."""
@@ -271,7 +310,9 @@ class ScaleByRadamState(NamedTuple):
 
 
 @named
-def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5.0) -> Transform:
+def scale_by_radam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5.0
+) -> Transform:
     """Rescale updates by rectified Adam (Liu et al., 2020): plain momentum until the variance is tractable.
 
     Args:
@@ -305,7 +346,9 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
     def init_fn(params: Tree) -> ScaleByRadamState:
         return ScaleByRadamState(counter(params), zeros(params), zeros(params))
 
-    def update_fn(updates: Any, state: ScaleByRadamState, params: Tree | None = None) -> tuple[RectifiedRatio, ScaleByRadamState]:
+    def update_fn(
+        updates: Any, state: ScaleByRadamState, params: Tree | None = None
+    ) -> tuple[RectifiedRatio, ScaleByRadamState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu = torch._foreach_lerp(state.mu, g, 1 - b1)
@@ -315,7 +358,11 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, thr
         step = _f64(count)
         b2_t = _pow(b2, step)
         rho_t = rho_inf - 2 * step * b2_t / (1 - b2_t)
-        rect = torch.where(rho_t > threshold, _pow_half((rho_t - 4) * (rho_t - 2) * rho_inf / (rho_inf_factor * rho_t)), torch.zeros_like(rho_t))
+        rect = torch.where(
+            rho_t > threshold,
+            _pow_half((rho_t - 4) * (rho_t - 2) * rho_inf / (rho_inf_factor * rho_t)),
+            torch.zeros_like(rho_t),
+        )
         unrect = torch.where(rect > 0, torch.zeros_like(rect), torch.ones_like(rect))
         den = torch._foreach_sqrt(nu)
         torch._foreach_add_(den, eps)
@@ -361,7 +408,9 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
     def init_fn(params: Tree) -> ScaleByRmsState:
         return ScaleByRmsState(zeros(params), zeros(params) if centered else ())
 
-    def update_fn(updates: Any, state: ScaleByRmsState, params: Tree | None = None) -> tuple[Ratio, ScaleByRmsState]:
+    def update_fn(
+        updates: Any, state: ScaleByRmsState, params: Tree | None = None
+    ) -> tuple[Ratio, ScaleByRmsState]:
         g, spec = flat_updates(updates, params)
         nu = torch._foreach_mul(state.nu, alpha)
         torch._foreach_addcmul_(nu, g, g, value=1 - alpha)
@@ -384,7 +433,9 @@ class ScaleByAdagradState(NamedTuple):
 
 
 @named
-def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0.0, lr_decay: float = 0.0) -> Transform:
+def scale_by_adagrad(
+    eps: float = 1e-10, *, initial_accumulator_value: float = 0.0, lr_decay: float = 0.0
+) -> Transform:
     """Divide updates by the root of the running sum of their squares (Adagrad, Duchi et al., 2011).
 
     Args:
@@ -407,7 +458,9 @@ def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0
     """
     problems: list[str] = []
     _check_positive(problems, "eps", eps)
-    _check_positive(problems, "initial_accumulator_value", initial_accumulator_value, allow_zero=True)
+    _check_positive(
+        problems, "initial_accumulator_value", initial_accumulator_value, allow_zero=True
+    )
     _check_positive(problems, "lr_decay", lr_decay, allow_zero=True)
     config_check(problems, "scale_by_adagrad")
 
@@ -415,7 +468,9 @@ def scale_by_adagrad(eps: float = 1e-10, *, initial_accumulator_value: float = 0
         sums = tuple(torch.full_like(p, initial_accumulator_value) for p in tree_leaves(params))
         return ScaleByAdagradState(counter(params), sums)
 
-    def update_fn(updates: Any, state: ScaleByAdagradState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdagradState]:
+    def update_fn(
+        updates: Any, state: ScaleByAdagradState, params: Tree | None = None
+    ) -> tuple[Ratio, ScaleByAdagradState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         sums = torch._foreach_addcmul(state.sum_of_squares, g, g, value=1)
@@ -459,10 +514,14 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
     def init_fn(params: Tree) -> ScaleByLionState:
         return ScaleByLionState(zeros(params))
 
-    def update_fn(updates: Any, state: ScaleByLionState, params: Tree | None = None) -> tuple[Tree, ScaleByLionState]:
+    def update_fn(
+        updates: Any, state: ScaleByLionState, params: Tree | None = None
+    ) -> tuple[Tree, ScaleByLionState]:
         g, spec = flat_updates(updates, params)
         direction = torch._foreach_sign(torch._foreach_lerp(state.mu, g, 1 - b1))
-        return tree_unflatten(direction, spec), ScaleByLionState(torch._foreach_lerp(state.mu, g, 1 - b2))
+        return tree_unflatten(direction, spec), ScaleByLionState(
+            torch._foreach_lerp(state.mu, g, 1 - b2)
+        )
 
     return Transform(init_fn, update_fn)
 
@@ -501,13 +560,17 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
     _check_unit(problems, "decay", decay)
     _check_unit(problems, "dampening", dampening)
     if nesterov and (decay <= 0 or dampening != 0):
-        problems.append(f"nesterov needs decay > 0 and dampening == 0, got decay={decay!r}, dampening={dampening!r}")
+        problems.append(
+            f"nesterov needs decay > 0 and dampening == 0, got decay={decay!r}, dampening={dampening!r}"
+        )
     config_check(problems, "trace")
 
     def init_fn(params: Tree) -> TraceState:
         return TraceState(counter(params), zeros(params))
 
-    def update_fn(updates: Any, state: TraceState, params: Tree | None = None) -> tuple[Tree, TraceState]:
+    def update_fn(
+        updates: Any, state: TraceState, params: Tree | None = None
+    ) -> tuple[Tree, TraceState]:
         g, spec = flat_updates(updates, params)
         # buffer * decay + g: exactly g on the first step when the buffer starts at zero
         buf = torch._foreach_mul(state.trace, decay)
@@ -556,16 +619,25 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
         _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, "add_decayed_weights")
 
-    def update_fn(updates: Any, state: EmptyState, params: Tree | None = None) -> tuple[Any, EmptyState]:
+    def update_fn(
+        updates: Any, state: EmptyState, params: Tree | None = None
+    ) -> tuple[Any, EmptyState]:
         if params is None:
-            config_check(["add_decayed_weights needs the parameters: call update(updates, state, params)"], "update")
+            config_check(
+                ["add_decayed_weights needs the parameters: call update(updates, state, params)"],
+                "update",
+            )
         flags = resolve_mask(mask, params)
         if isinstance(updates, Ratio) and updates.weight_decay is None:
             return updates.with_decay(weight_decay, flags, tree_leaves(params)), state
         u, spec = flat_updates(updates, params)
         p = tree_leaves(params)
         idx = [i for i in range(len(u)) if flags is None or flags[i]]
-        decayed = torch._foreach_add([u[i] for i in idx], [p[i] for i in idx], alpha=weight_decay) if idx else []
+        decayed = (
+            torch._foreach_add([u[i] for i in idx], [p[i] for i in idx], alpha=weight_decay)
+            if idx
+            else []
+        )
         out = list(u)
         for i, d in zip(idx, decayed, strict=True):
             out[i] = d
@@ -627,20 +699,29 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
 
     def init_fn(params: Tree) -> ScaleByLearningRateState:
         count = counter(params)
-        return ScaleByLearningRateState(count, torch.as_tensor(current(count), dtype=torch.float64, device=count.device))
+        return ScaleByLearningRateState(
+            count, torch.as_tensor(current(count), dtype=torch.float64, device=count.device)
+        )
 
     constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rate_tensors(lr: torch.Tensor | float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rate_tensors(
+        lr: torch.Tensor | float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr`` and ``sign * lr`` as float64 tensors; for a constant rate made once per device (never written)."""
         if isinstance(lr, torch.Tensor) or torch.compiler.is_compiling():
             lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
             return lr_t, lr_t * sign
         if device not in constants:
-            constants[device] = (torch.tensor(lr, dtype=torch.float64, device=device), torch.tensor(lr * sign, dtype=torch.float64, device=device))
+            constants[device] = (
+                torch.tensor(lr, dtype=torch.float64, device=device),
+                torch.tensor(lr * sign, dtype=torch.float64, device=device),
+            )
         return constants[device]
 
-    def update_fn(updates: Any, state: ScaleByLearningRateState, params: Tree | None = None) -> tuple[ParamStep, ScaleByLearningRateState]:
+    def update_fn(
+        updates: Any, state: ScaleByLearningRateState, params: Tree | None = None
+    ) -> tuple[ParamStep, ScaleByLearningRateState]:
         lr = current(state.count)
         lr_t, signed_lr = rate_tensors(lr, state.count.device)
         new_state = ScaleByLearningRateState(state.count + 1, lr_t)
@@ -650,7 +731,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
             if updates.divisor is None:
                 step_size = signed_lr
             elif rate_dtype is not None:
-                step_size = torch.div(signed_lr.to(rate_dtype), updates.divisor.to(rate_dtype)).to(torch.float64)
+                step_size = torch.div(signed_lr.to(rate_dtype), updates.divisor.to(rate_dtype)).to(
+                    torch.float64
+                )
             else:
                 # torch.optim: (lr / bias_correction) * -1 in float64; the sign flip is exact either side
                 step_size = torch.div(signed_lr, updates.divisor)
@@ -658,7 +741,15 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
             decay = None
             if updates.weight_decay:
                 decay = 1 - lr * updates.weight_decay
-            return ParamStep(None, updates.spec, None, decay, updates.decay_mask, quotient=quotient, scaled_numerator=updates.scaled_numerator), new_state
+            return ParamStep(
+                None,
+                updates.spec,
+                None,
+                decay,
+                updates.decay_mask,
+                quotient=quotient,
+                scaled_numerator=updates.scaled_numerator,
+            ), new_state
         u, spec = flat_updates(updates, params)
         alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
         return ParamStep(u, spec, alpha), new_state
@@ -666,12 +757,21 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     return Transform(init_fn, update_fn)
 
 
-def _rectified_step(updates: RectifiedRatio, lr: float | torch.Tensor, rate_dtype: torch.dtype | None, sign: float) -> ParamStep:
+def _rectified_step(
+    updates: RectifiedRatio, lr: float | torch.Tensor, rate_dtype: torch.dtype | None, sign: float
+) -> ParamStep:
     """RAdam's step: ``p * (1 - lr * wd) + num * buffer`` (torch's ``addcmul``: the same two roundings)."""
     if rate_dtype is not None:  # torch's scalar arithmetic then runs on the tensor lr, in its dtype
         lr = torch.tensor(lr, dtype=rate_dtype, device=updates.divisor.device)
     decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
-    return ParamStep(None, updates.spec, None, decay, updates.decay_mask, product=(updates.num, updates.buffer(lr, sign)))
+    return ParamStep(
+        None,
+        updates.spec,
+        None,
+        decay,
+        updates.decay_mask,
+        product=(updates.num, updates.buffer(lr, sign)),
+    )
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -710,7 +810,12 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         leaves = tree_leaves(params)
         return ClipByGlobalNormState(torch.zeros((), device=leaves[0].device if leaves else None))
 
-    def update_fn(updates: Any, state: ClipByGlobalNormState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[Tree, ClipByGlobalNormState]:
+    def update_fn(
+        updates: Any,
+        state: ClipByGlobalNormState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[Tree, ClipByGlobalNormState]:
         g, spec = flat_updates(updates, params)
         norm = global_norm(g)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -741,14 +846,22 @@ def clip_by_value(min_value: float, max_value: float) -> Transform:
         tensor([-1.0000,  0.5000,  1.0000])
     """
     if not min_value <= max_value:
-        config_check([f"min_value must be <= max_value, got min_value={min_value!r}, max_value={max_value!r}"], "clip_by_value")
+        config_check(
+            [
+                f"min_value must be <= max_value, got min_value={min_value!r}, max_value={max_value!r}"
+            ],
+            "clip_by_value",
+        )
 
-    def update_fn(updates: Any, state: EmptyState, params: Tree | None = None) -> tuple[Tree, EmptyState]:
+    def update_fn(
+        updates: Any, state: EmptyState, params: Tree | None = None
+    ) -> tuple[Tree, EmptyState]:
         g, spec = flat_updates(updates, params)
-        return tree_unflatten(torch._foreach_clamp_max(torch._foreach_clamp_min(g, min_value), max_value), spec), state
+        return tree_unflatten(
+            torch._foreach_clamp_max(torch._foreach_clamp_min(g, min_value), max_value), spec
+        ), state
 
     return Transform(lambda params: EmptyState(), update_fn)
-
 
 
 @named
@@ -772,7 +885,9 @@ def scale(step_size: float) -> Transform:
     if not (_is_real(step_size) and math.isfinite(step_size)):
         config_check([f"step_size must be a finite number, got step_size={step_size!r}"], "scale")
 
-    def update_fn(updates: Any, state: EmptyState, params: Tree | None = None) -> tuple[Tree, EmptyState]:
+    def update_fn(
+        updates: Any, state: EmptyState, params: Tree | None = None
+    ) -> tuple[Tree, EmptyState]:
         g, spec = flat_updates(updates, params)
         # torch.optim's maximize negates (exact); any other factor is one rounding per element
         out = torch._foreach_neg(g) if step_size == -1.0 else torch._foreach_mul(g, step_size)

@@ -25,6 +25,7 @@ from functrain.optim.primitives import Schedule, check_learning_rate
 
 __all__ = ["Sweep", "sweep", "enter_member", "leave_member"]
 
+
 class _Member:
     """The member a stacked step is evaluating (a batched 0-d index under vmap), or None.
 
@@ -57,14 +58,21 @@ class Sweep:
 
     def __init__(self, values: Sequence[float | Schedule]) -> None:
         self.values = tuple(values)
-        self.name = "sweep([" + ", ".join(getattr(v, "name", None) or repr(v) for v in self.values) + "])"
+        self.name = (
+            "sweep([" + ", ".join(getattr(v, "name", None) or repr(v) for v in self.values) + "])"
+        )
 
     def __len__(self) -> int:
         return len(self.values)
 
     def __call__(self, count: torch.Tensor) -> torch.Tensor:
         member = _MEMBER.index
-        column = [torch.as_tensor(v(count) if callable(v) else v, dtype=torch.float64, device=count.device) for v in self.values]
+        column = [
+            torch.as_tensor(
+                v(count) if callable(v) else v, dtype=torch.float64, device=count.device
+            )
+            for v in self.values
+        ]
         if member is None:
             return column[0]
         # one value per member, picked by the (batched) member index: a gather, not a host read
@@ -99,7 +107,9 @@ def sweep(values: Sequence[float | Schedule]) -> Sweep:
     """
     problems: list[str] = []
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ConfigError(f"sweep needs a non-empty list of learning rates or schedules, got {values!r}")
+        raise ConfigError(
+            f"sweep needs a non-empty list of learning rates or schedules, got {values!r}"
+        )
     for i, v in enumerate(values):
         check_learning_rate(problems, f"values[{i}]", v)
     if problems:

@@ -95,7 +95,12 @@ def _betas(group: dict[str, Any]) -> dict[str, float]:
 
 
 def _adam(group: dict[str, Any]) -> dict[str, Any]:
-    return dict(**_betas(group), eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"])
+    return dict(
+        **_betas(group),
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        amsgrad=group["amsgrad"],
+    )
 
 
 def _pick(*names: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -109,41 +114,103 @@ def _pair(name: str) -> Callable[[Any], tuple[float, float]]:
 _FUSED = frozenset({"fused", "foreach", "single"})
 
 TORCH_CLASSES: dict[type, TorchClass] = {
-    torch.optim.SGD: TorchClass(sgd, _pick("momentum", "nesterov", "dampening", "weight_decay"), (), counted=False, exact=_FUSED),
+    torch.optim.SGD: TorchClass(
+        sgd,
+        _pick("momentum", "nesterov", "dampening", "weight_decay"),
+        (),
+        counted=False,
+        exact=_FUSED,
+    ),
     torch.optim.AdamW: TorchClass(adamw, _adam, (FusedAdamState, ScaleByAdamState), exact=_FUSED),
     torch.optim.Adam: TorchClass(
-        adam, lambda g: dict(**_adam(g), decoupled_weight_decay=bool(g.get("decoupled_weight_decay"))), (FusedAdamState, ScaleByAdamState), exact=_FUSED
+        adam,
+        lambda g: dict(**_adam(g), decoupled_weight_decay=bool(g.get("decoupled_weight_decay"))),
+        (FusedAdamState, ScaleByAdamState),
+        exact=_FUSED,
     ),
-    torch.optim.RMSprop: TorchClass(rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (ScaleByRmsState,)),
+    torch.optim.RMSprop: TorchClass(
+        rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (ScaleByRmsState,)
+    ),
     torch.optim.Adagrad: TorchClass(
-        adagrad, _pick("eps", "lr_decay", "initial_accumulator_value", "weight_decay"), (FusedAdagradState, ScaleByAdagradState), exact=_FUSED, built=True
+        adagrad,
+        _pick("eps", "lr_decay", "initial_accumulator_value", "weight_decay"),
+        (FusedAdagradState, ScaleByAdagradState),
+        exact=_FUSED,
+        built=True,
     ),
     torch.optim.RAdam: TorchClass(
-        radam, lambda g: dict(**_betas(g), eps=g["eps"], weight_decay=g["weight_decay"], decoupled_weight_decay=g["decoupled_weight_decay"]),
-        (ScaleByRadamState,), exact=frozenset({"foreach"}),
+        radam,
+        lambda g: dict(
+            **_betas(g),
+            eps=g["eps"],
+            weight_decay=g["weight_decay"],
+            decoupled_weight_decay=g["decoupled_weight_decay"],
+        ),
+        (ScaleByRadamState,),
+        exact=frozenset({"foreach"}),
     ),
     torch.optim.NAdam: TorchClass(
-        nadam, lambda g: dict(betas=_pair("betas")(g), **_pick("eps", "weight_decay", "momentum_decay", "decoupled_weight_decay")(g)),
-        (NadamStepState,), exact=frozenset({"single"}),
+        nadam,
+        lambda g: dict(
+            betas=_pair("betas")(g),
+            **_pick("eps", "weight_decay", "momentum_decay", "decoupled_weight_decay")(g),
+        ),
+        (NadamStepState,),
+        exact=frozenset({"single"}),
     ),
-    torch.optim.Adamax: TorchClass(adamax, lambda g: dict(betas=_pair("betas")(g), eps=g["eps"], weight_decay=g["weight_decay"]), (ScaleByAdamaxState,)),
-    torch.optim.Adadelta: TorchClass(adadelta, _pick("rho", "eps", "weight_decay"), (ScaleByAdadeltaState,)),
-    torch.optim.ASGD: TorchClass(asgd, _pick("lambd", "alpha", "t0", "weight_decay"), (AsgdStepState,), exact=frozenset({"single"})),
-    torch.optim.Rprop: TorchClass(rprop, lambda g: dict(etas=_pair("etas")(g), step_sizes=_pair("step_sizes")(g)), (ScaleByRpropState,)),
+    torch.optim.Adamax: TorchClass(
+        adamax,
+        lambda g: dict(betas=_pair("betas")(g), eps=g["eps"], weight_decay=g["weight_decay"]),
+        (ScaleByAdamaxState,),
+    ),
+    torch.optim.Adadelta: TorchClass(
+        adadelta, _pick("rho", "eps", "weight_decay"), (ScaleByAdadeltaState,)
+    ),
+    torch.optim.ASGD: TorchClass(
+        asgd,
+        _pick("lambd", "alpha", "t0", "weight_decay"),
+        (AsgdStepState,),
+        exact=frozenset({"single"}),
+    ),
+    torch.optim.Rprop: TorchClass(
+        rprop,
+        lambda g: dict(etas=_pair("etas")(g), step_sizes=_pair("step_sizes")(g)),
+        (ScaleByRpropState,),
+    ),
     torch.optim.Adafactor: TorchClass(
-        adafactor, lambda g: dict(beta2_decay=g["beta2_decay"], eps=tuple(g["eps"]), d=g["d"], weight_decay=g["weight_decay"]),
-        (AdafactorStepState,), exact=frozenset({"single"}),
+        adafactor,
+        lambda g: dict(
+            beta2_decay=g["beta2_decay"],
+            eps=tuple(g["eps"]),
+            d=g["d"],
+            weight_decay=g["weight_decay"],
+        ),
+        (AdafactorStepState,),
+        exact=frozenset({"single"}),
     ),
     torch.optim.Muon: TorchClass(
-        muon, _pick("weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn"),
-        (ScaleByMuonState,), counted=False, exact=frozenset({"single"}),
+        muon,
+        _pick(
+            "weight_decay",
+            "momentum",
+            "nesterov",
+            "ns_coefficients",
+            "eps",
+            "ns_steps",
+            "adjust_lr_fn",
+        ),
+        (ScaleByMuonState,),
+        counted=False,
+        exact=frozenset({"single"}),
     ),
 }
 
 
 def torch_class(optimizer: Any) -> TorchClass | None:
     """The table's entry for a live optimizer (its exact class: AdamW before Adam), or None."""
-    return TORCH_CLASSES.get(type(optimizer)) or next((v for k, v in TORCH_CLASSES.items() if isinstance(optimizer, k)), None)
+    return TORCH_CLASSES.get(type(optimizer)) or next(
+        (v for k, v in TORCH_CLASSES.items() if isinstance(optimizer, k)), None
+    )
 
 
 def implementation(group: dict[str, Any]) -> str:
@@ -156,7 +223,11 @@ def implementation(group: dict[str, Any]) -> str:
         return "fused"
     if group.get("foreach") is not None:
         return "foreach" if group["foreach"] else "single"
-    from torch.optim.optimizer import _default_to_fused_or_foreach  # torch's own choice, private but stable since 2.0
+    from torch.optim.optimizer import (
+        _default_to_fused_or_foreach,
+    )  # torch's own choice, private but stable since 2.0
 
-    _, foreach = _default_to_fused_or_foreach(list(group["params"]), bool(group.get("differentiable")), use_fused=False)
+    _, foreach = _default_to_fused_or_foreach(
+        list(group["params"]), bool(group.get("differentiable")), use_fused=False
+    )
     return "foreach" if foreach else "single"

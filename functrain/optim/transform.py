@@ -42,8 +42,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from functrain.optim.batching import under_vmap
 from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim.batching import under_vmap
 from functrain.optim.porting import torch_object_hint
 from functrain.tree import (
     Tree,
@@ -130,7 +130,9 @@ class InitFn(Protocol):
 
 
 class UpdateFn(Protocol):
-    def __call__(self, updates: Updates, state: Tree, params: Params | None = None) -> tuple[Updates, Tree]: ...
+    def __call__(
+        self, updates: Updates, state: Tree, params: Params | None = None
+    ) -> tuple[Updates, Tree]: ...
 
 
 class Transform(NamedTuple):
@@ -179,7 +181,9 @@ def named(
 
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Transform:
-        return factory(*args, **kwargs)._replace(name=describe_call(factory, signature, args, kwargs, added, resolve))
+        return factory(*args, **kwargs)._replace(
+            name=describe_call(factory, signature, args, kwargs, added, resolve)
+        )
 
     return wrapper
 
@@ -200,7 +204,11 @@ def describe_call(
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments) if resolve is None else resolve(dict(bound.arguments))
-    silent = added if isinstance(added, dict) else {key: signature.parameters[key].default for key in added}
+    silent = (
+        added
+        if isinstance(added, dict)
+        else {key: signature.parameters[key].default for key in added}
+    )
     parts = []
     for key, value in arguments.items():
         if key in silent and value == silent[key]:
@@ -224,10 +232,16 @@ def describe_value(value: Any) -> str:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         # a tensor lr: its exact value (a tensor's repr rounds to 4 digits) and dtype, which torch computes in
         return f"tensor({value.item()!r}, dtype={value.dtype})"
-    if isinstance(value, (list, tuple)) and any(callable(v) or isinstance(v, (list, tuple)) for v in value):
+    if isinstance(value, (list, tuple)) and any(
+        callable(v) or isinstance(v, (list, tuple)) for v in value
+    ):
         return "[" + ", ".join(describe_value(v) for v in value) + "]"
-    if isinstance(value, functools.partial):  # a config's `_partial_: true` callable: named by what it calls
-        bound = [describe_value(v) for v in value.args] + [f"{k}={describe_value(v)}" for k, v in value.keywords.items()]
+    if isinstance(
+        value, functools.partial
+    ):  # a config's `_partial_: true` callable: named by what it calls
+        bound = [describe_value(v) for v in value.args] + [
+            f"{k}={describe_value(v)}" for k, v in value.keywords.items()
+        ]
         return describe_value(value.func) + (f"({', '.join(bound)})" if bound else "")
     if callable(value):
         return getattr(value, "name", None) or getattr(value, "__name__", type(value).__name__)
@@ -246,7 +260,16 @@ class Ratio:
     not attrs, so that torch.compile traces its construction.)
     """
 
-    __slots__ = ("num", "den", "divisor", "spec", "weight_decay", "decay_mask", "params", "scaled_numerator")
+    __slots__ = (
+        "num",
+        "den",
+        "divisor",
+        "spec",
+        "weight_decay",
+        "decay_mask",
+        "params",
+        "scaled_numerator",
+    )
 
     def __init__(
         self,
@@ -271,9 +294,23 @@ class Ratio:
         # passing the step size to addcdiv (Adam, RMSprop): the same rounding on CPU, not on CUDA
         self.scaled_numerator = scaled_numerator
 
-    def with_decay(self, weight_decay: float, decay_mask: tuple[bool, ...] | None, params: Sequence[torch.Tensor]) -> Ratio:
+    def with_decay(
+        self,
+        weight_decay: float,
+        decay_mask: tuple[bool, ...] | None,
+        params: Sequence[torch.Tensor],
+    ) -> Ratio:
         """This ratio with decoupled weight decay (`add_decayed_weights` after the scaling rule)."""
-        return Ratio(self.num, self.den, self.divisor, self.spec, weight_decay, decay_mask, params, scaled_numerator=self.scaled_numerator)
+        return Ratio(
+            self.num,
+            self.den,
+            self.divisor,
+            self.spec,
+            weight_decay,
+            decay_mask,
+            params,
+            scaled_numerator=self.scaled_numerator,
+        )
 
     def additive(self, params: Params | None) -> list[torch.Tensor]:
         """The updates as plain tensors, one per leaf (see `as_tensors`)."""
@@ -301,7 +338,17 @@ class ParamStep:
     rounding for the product and the sum, as torch.optim's RAdam applies its step).
     """
 
-    __slots__ = ("_direction", "quotient", "spec", "alpha", "decay", "decay_mask", "keep", "scaled_numerator", "product")
+    __slots__ = (
+        "_direction",
+        "quotient",
+        "spec",
+        "alpha",
+        "decay",
+        "decay_mask",
+        "keep",
+        "scaled_numerator",
+        "product",
+    )
 
     def __init__(
         self,
@@ -395,13 +442,19 @@ def as_tensors(updates: Updates, params: Params | None = None) -> list[torch.Ten
         return updates.additive(params)
     if isinstance(updates, NewParams):
         if params is None:
-            raise ConfigError("materializing NewParams as additive updates needs the parameters; pass params=")
+            raise ConfigError(
+                "materializing NewParams as additive updates needs the parameters; pass params="
+            )
         return list(torch._foreach_sub(list(updates.values), tree_leaves(params)))
     if isinstance(updates, ParamStep):
         p = tree_leaves(params) if params is not None else None
         if p is None and updates.decay is not None:
-            raise ConfigError("materializing a decayed ParamStep needs the parameters; pass params=")
-        new = _apply_step(p if p is not None else [torch.zeros_like(d) for d in updates.direction], updates)
+            raise ConfigError(
+                "materializing a decayed ParamStep needs the parameters; pass params="
+            )
+        new = _apply_step(
+            p if p is not None else [torch.zeros_like(d) for d in updates.direction], updates
+        )
         base = p if p is not None else [torch.zeros_like(d) for d in updates.direction]
         return list(torch._foreach_sub(new, base))
     return tree_leaves(updates)
@@ -416,7 +469,11 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
     new: list[torch.Tensor] = list(p)
     if decayed:
-        decay = step.decay.to(p[decayed[0]].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
+        decay = (
+            step.decay.to(p[decayed[0]].dtype)
+            if isinstance(step.decay, torch.Tensor)
+            else step.decay
+        )
         # torch.optim's order: p * (1 - lr * wd) first, then the update, in place on that fresh buffer
         out = list(torch._foreach_mul([p[i] for i in decayed], decay))
         _add_step_(out, decayed, step, direction)
@@ -431,13 +488,24 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
             # the same kernel as the in-place addcdiv_, out of place: no pass to copy the parameters first
             num, den, step_size = step.quotient  # type: ignore[misc]
             scalars = step_size.to(torch.float64).repeat(len(plain))
-            out = list(torch._foreach_addcdiv(src, [num[i] for i in plain], [den[i] for i in plain], scalars))
+            out = list(
+                torch._foreach_addcdiv(
+                    src, [num[i] for i in plain], [den[i] for i in plain], scalars
+                )
+            )
         else:
             dirs = [direction[i] for i in plain]
             if _fma_alpha(step, p):
-                out = [torch.addcmul(x, d, step.alpha.to(d.dtype)) for x, d in zip(src, dirs, strict=True)]
+                out = [
+                    torch.addcmul(x, d, step.alpha.to(d.dtype))
+                    for x, d in zip(src, dirs, strict=True)
+                ]
             else:
-                out = list(torch._foreach_add(src, dirs, alpha=step.alpha) if _float_alpha(step) else torch._foreach_add(src, dirs))
+                out = list(
+                    torch._foreach_add(src, dirs, alpha=step.alpha)
+                    if _float_alpha(step)
+                    else torch._foreach_add(src, dirs)
+                )
         for i, t in zip(plain, out, strict=True):
             new[i] = t
     if step.keep is not None:
@@ -453,7 +521,9 @@ def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
     direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
     if decayed:
-        decay = step.decay.to(decayed[0].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
+        decay = (
+            step.decay.to(decayed[0].dtype) if isinstance(step.decay, torch.Tensor) else step.decay
+        )
         torch._foreach_mul_(decayed, decay)
         _add_step_(decayed, [i for i, m in enumerate(mask) if m], step, direction)
     if plain:
@@ -468,10 +538,17 @@ def _as_fma_step(step: ParamStep, p: list[torch.Tensor]) -> ParamStep:
     ``addcdiv(value=)``; ``num / den`` then `addcmul` with the 0-d step size is the same fused
     multiply-add (see `_fma_alpha`).
     """
-    if step.quotient is None or step.scaled_numerator or step.alpha is not None or not _off_cpu_eager(p):
+    if (
+        step.quotient is None
+        or step.scaled_numerator
+        or step.alpha is not None
+        or not _off_cpu_eager(p)
+    ):
         return step
     num, den, step_size = step.quotient
-    return step.replace(direction=list(torch._foreach_div(list(num), list(den))), alpha=step_size, quotient=None)
+    return step.replace(
+        direction=list(torch._foreach_div(list(num), list(den))), alpha=step_size, quotient=None
+    )
 
 
 def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
@@ -479,7 +556,9 @@ def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
     if step.quotient is None or step.alpha is not None or torch.compiler.is_compiling():
         return False  # compiled graphs fuse the three ops themselves
     if under_vmap():
-        return False  # under vmap (a stacked state) the step size is per member: no host-side scalars
+        return (
+            False  # under vmap (a stacked state) the step size is per member: no host-side scalars
+        )
     return step.quotient[2].device.type == "cpu" and len({t.dtype for t in p}) == 1
 
 
@@ -495,7 +574,9 @@ def _float_alpha(step: ParamStep) -> bool:
 
 def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
     """The step's direction per leaf, in each parameter's dtype, times a tensor `alpha` if there is one."""
-    dirs = [d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, p, strict=True)]
+    dirs = [
+        d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, p, strict=True)
+    ]
     if isinstance(step.alpha, torch.Tensor) and not _fma_alpha(step, p):
         dirs = list(torch._foreach_mul(dirs, step.alpha.to(dirs[0].dtype)))
     return dirs
@@ -516,7 +597,9 @@ def _off_cpu_eager(p: list[torch.Tensor]) -> bool:
     return bool(p) and p[0].device.type != "cpu" and not torch.compiler.is_compiling()
 
 
-def _add_step_(out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None) -> None:
+def _add_step_(
+    out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None
+) -> None:
     """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
     if direction is None and _fused_product(step):
         a, b = step.product  # type: ignore[misc]
@@ -574,7 +657,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 def _check_spec(expected: Any, got: Any) -> None:
     if expected != got:
-        raise StateMismatchError(f"updates do not have the structure of the parameters: expected {expected}, got {got}")
+        raise StateMismatchError(
+            f"updates do not have the structure of the parameters: expected {expected}, got {got}"
+        )
 
 
 @named
@@ -602,19 +687,32 @@ def chain(*transforms: Transform) -> Transform:
     hints = [torch_object_hint(t, f"chain() argument {i}") for i, t in enumerate(transforms)]
     if any(hints):
         raise ConfigError("; ".join(h for h in hints if h))
-    bad = [f"argument {i}: {type(t).__name__}" for i, t in enumerate(transforms) if not is_transform(t)]
+    bad = [
+        f"argument {i}: {type(t).__name__}" for i, t in enumerate(transforms) if not is_transform(t)
+    ]
     if bad:
-        raise ConfigError(f"chain() expects transforms (objects with init and update); got {', '.join(bad)}")
+        raise ConfigError(
+            f"chain() expects transforms (objects with init and update); got {', '.join(bad)}"
+        )
 
     def init_fn(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
     gated = bool(transforms) and all(getattr(t, "gated", False) for t in transforms)
 
-    def update_fn(updates: Updates, state: tuple, params: Params | None = None, keep: torch.Tensor | None = None) -> tuple[Updates, tuple]:
+    def update_fn(
+        updates: Updates,
+        state: tuple,
+        params: Params | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[Updates, tuple]:
         new_states = []
         for t, s in zip(transforms, state, strict=True):
-            updates, s = t.update(updates, s, params) if keep is None else t.update(updates, s, params, keep=keep)
+            updates, s = (
+                t.update(updates, s, params)
+                if keep is None
+                else t.update(updates, s, params, keep=keep)
+            )
             new_states.append(s)
         return updates, tuple(new_states)
 
@@ -630,7 +728,11 @@ def identity() -> Transform:
         >>> u["w"]
         tensor([1.])
     """
-    return Transform(lambda params: EmptyState(), lambda updates, state, params=None, keep=None: (updates, state), gated=True)
+    return Transform(
+        lambda params: EmptyState(),
+        lambda updates, state, params=None, keep=None: (updates, state),
+        gated=True,
+    )
 
 
 def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
@@ -662,8 +764,16 @@ def walk_states(state: Tree) -> Iterator[Any]:
         if isinstance(node, torch.Tensor):
             continue
         yield node
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, (tuple, list)) else ()
-        stack.extend(child for child in reversed(tuple(children)) if not isinstance(child, torch.Tensor))
+        children = (
+            node.values()
+            if isinstance(node, dict)
+            else node
+            if isinstance(node, (tuple, list))
+            else ()
+        )
+        stack.extend(
+            child for child in reversed(tuple(children)) if not isinstance(child, torch.Tensor)
+        )
 
 
 def counter(params: Params) -> torch.Tensor:

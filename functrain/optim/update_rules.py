@@ -45,8 +45,15 @@ from functrain.optim.primitives import (
     check_learning_rate,
     resolve_mask,
 )
+from functrain.optim.transform import (
+    NewParams,
+    Ratio,
+    Transform,
+    counter,
+    flat_updates,
+    named,
+)
 from functrain.optim.zeros import zeros
-from functrain.optim.transform import EmptyState, NewParams, Ratio, Transform, counter, flat_updates, named
 from functrain.tree import Tree, tree_leaves, tree_paths, tree_unflatten
 
 __all__ = [
@@ -93,7 +100,9 @@ def _add_scaled_(out: torch.Tensor, direction: torch.Tensor, alpha: float | torc
     out.add_(direction, alpha=alpha)
 
 
-def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: float | torch.Tensor) -> None:
+def _addcdiv_(
+    out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: float | torch.Tensor
+) -> None:
     """``out += (value * num) / den``, as torch's ``addcdiv_(num, den, value=...)`` rounds it."""
     if not isinstance(value, torch.Tensor):
         out.addcdiv_(num, den, value=value)
@@ -104,11 +113,16 @@ def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: fl
     out.add_(num * value.to(num.dtype) / den)
 
 
-def _decayed(params: Sequence[torch.Tensor], decay: torch.Tensor | None, flags: tuple[bool, ...] | None) -> list[torch.Tensor]:
+def _decayed(
+    params: Sequence[torch.Tensor], decay: torch.Tensor | None, flags: tuple[bool, ...] | None
+) -> list[torch.Tensor]:
     """Fresh copies of the parameters, multiplied by `decay` where `flags` hold (torch's ``p.mul_(1 - lr * wd)``)."""
     if decay is None:
         return [p.clone() for p in params]
-    return [p * decay.to(torch.float32) if flags is None or flags[i] else p.clone() for i, p in enumerate(params)]
+    return [
+        p * decay.to(torch.float32) if flags is None or flags[i] else p.clone()
+        for i, p in enumerate(params)
+    ]
 
 
 class LearningRateState(NamedTuple):
@@ -128,7 +142,9 @@ def _learning_rate_state(learning_rate: LearningRate, params: Tree) -> LearningR
 
 def _need_params(params: Tree | None, where: str) -> None:
     if params is None:
-        config_check([f"{where} computes the new parameters: call update(updates, state, params)"], "update")
+        config_check(
+            [f"{where} computes the new parameters: call update(updates, state, params)"], "update"
+        )
 
 
 def _check_rate(problems: list[str], learning_rate: LearningRate) -> None:
@@ -177,15 +193,21 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
     def init_fn(params: Tree) -> ScaleByAdamaxState:
         return ScaleByAdamaxState(counter(params), zeros(params), zeros(params))
 
-    def update_fn(updates: Any, state: ScaleByAdamaxState, params: Tree | None = None) -> tuple[Ratio, ScaleByAdamaxState]:
+    def update_fn(
+        updates: Any, state: ScaleByAdamaxState, params: Tree | None = None
+    ) -> tuple[Ratio, ScaleByAdamaxState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu, nu_inf = [], []
         for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
             new_mu = torch.empty_like(grad)
-            magnitude = torch.abs(grad, out=new_mu).add_(eps)  # the new moment's buffer holds torch's temporary first
+            magnitude = torch.abs(grad, out=new_mu).add_(
+                eps
+            )  # the new moment's buffer holds torch's temporary first
             nu = torch.mul(n, b2)
-            nu_inf.append(torch.maximum(nu, magnitude, out=nu))  # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
+            nu_inf.append(
+                torch.maximum(nu, magnitude, out=nu)
+            )  # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
             mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
         bc1 = 1 - _pow(b1, _f64(count))
         return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
@@ -231,19 +253,26 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
     def init_fn(params: Tree) -> ScaleByAdadeltaState:
         return ScaleByAdadeltaState(counter(params), zeros(params), zeros(params))
 
-    def update_fn(updates: Any, state: ScaleByAdadeltaState, params: Tree | None = None) -> tuple[Tree, ScaleByAdadeltaState]:
+    def update_fn(
+        updates: Any, state: ScaleByAdadeltaState, params: Tree | None = None
+    ) -> tuple[Tree, ScaleByAdadeltaState]:
         g, spec = flat_updates(updates, params)
         square_avg, acc_delta, deltas = [], [], []
-        for sq, acc, grad in zip(state.square_avg, state.acc_delta, g, strict=True):  # tensor by tensor, as torch
+        for sq, acc, grad in zip(
+            state.square_avg, state.acc_delta, g, strict=True
+        ):  # tensor by tensor, as torch
             sq = torch.mul(sq, rho).addcmul_(grad, grad, value=1 - rho)
             new_acc = torch.empty_like(grad)
-            std = torch.add(sq, eps, out=new_acc).sqrt_()  # the new average's buffer holds torch's temporary first
+            std = torch.add(
+                sq, eps, out=new_acc
+            ).sqrt_()  # the new average's buffer holds torch's temporary first
             delta = torch.add(acc, eps).sqrt_().div_(std).mul_(grad)
             acc_delta.append(torch.mul(acc, rho, out=new_acc).addcmul_(delta, delta, value=1 - rho))
             square_avg.append(sq)
             deltas.append(delta)
         new_state = ScaleByAdadeltaState(state.count + 1, tuple(square_avg), tuple(acc_delta))
         return tree_unflatten(deltas, spec), new_state
+
     return Transform(init_fn, update_fn)
 
 
@@ -296,7 +325,9 @@ def scale_by_rprop(
     if not 0.0 < etaminus < 1.0 < etaplus:
         problems.append(f"etas must satisfy 0 < etaminus < 1 < etaplus, got etas={etas!r}")
     if not step_sizes[0] <= step_sizes[1]:
-        problems.append(f"step_sizes must be (min, max) with min <= max, got step_sizes={step_sizes!r}")
+        problems.append(
+            f"step_sizes must be (min, max) with min <= max, got step_sizes={step_sizes!r}"
+        )
     config_check(problems, "scale_by_rprop")
     low, high = step_sizes
 
@@ -306,7 +337,9 @@ def scale_by_rprop(
         sizes = tuple(torch.zeros_like(p).add_(first.to(p.dtype)) for p in tree_leaves(params))
         return ScaleByRpropState(count, zeros(params), sizes)
 
-    def update_fn(updates: Any, state: ScaleByRpropState, params: Tree | None = None) -> tuple[Tree, ScaleByRpropState]:
+    def update_fn(
+        updates: Any, state: ScaleByRpropState, params: Tree | None = None
+    ) -> tuple[Tree, ScaleByRpropState]:
         g, spec = flat_updates(updates, params)
         signs = torch._foreach_mul(g, state.prev)
         torch._foreach_sign_(signs)
@@ -314,7 +347,11 @@ def scale_by_rprop(
         for sign, grad, size in zip(signs, g, state.step_size, strict=True):
             flipped = sign < 0
             # torch's order: etaplus where > 0, etaminus where < 0, 1 where 0 (a NaN sign stays NaN)
-            factor = sign.masked_fill(sign > 0, etaplus).masked_fill_(flipped, etaminus).masked_fill_(sign == 0, 1.0)
+            factor = (
+                sign.masked_fill(sign > 0, etaplus)
+                .masked_fill_(flipped, etaminus)
+                .masked_fill_(sign == 0, 1.0)
+            )
             sizes.append(torch.mul(size, factor).clamp_(low, high))
             grad = grad.masked_fill(flipped, 0.0)
             kept.append(grad)
@@ -322,7 +359,9 @@ def scale_by_rprop(
         # torch's addcmul_(sign, step_size, value=-1): the product is exact, so adding it rounds once
         out = torch._foreach_mul(directions, sizes)
         torch._foreach_neg_(out)
-        return tree_unflatten(list(out), spec), ScaleByRpropState(state.count + 1, tuple(kept), tuple(sizes))
+        return tree_unflatten(list(out), spec), ScaleByRpropState(
+            state.count + 1, tuple(kept), tuple(sizes)
+        )
 
     return Transform(init_fn, update_fn)
 
@@ -395,7 +434,9 @@ def nadam_step(
         one = torch.ones((), dtype=torch.float32, device=count.device)
         return NadamStepState(count, lr, one, zeros(params), zeros(params))
 
-    def update_fn(updates: Any, state: NadamStepState, params: Tree | None = None) -> tuple[NewParams, NadamStepState]:
+    def update_fn(
+        updates: Any, state: NadamStepState, params: Tree | None = None
+    ) -> tuple[NewParams, NadamStepState]:
         _need_params(params, "nadam_step")
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
@@ -409,13 +450,21 @@ def nadam_step(
         product = mu_product.double()
         grad_step = (-lr * (1.0 - mu_t)) / (1.0 - product)
         momentum_step = (-lr * mu_next) / (1.0 - product * mu_next)
-        new = _decayed(p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params))
-        steps = _per_leaf(torch.stack([grad_step, momentum_step]))  # Python floats on the CPU (one load), as torch's
+        new = _decayed(
+            p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params)
+        )
+        steps = _per_leaf(
+            torch.stack([grad_step, momentum_step])
+        )  # Python floats on the CPU (one load), as torch's
         mu, nu = [], []
-        for m, v, grad, out in zip(state.mu, state.nu, g, new, strict=True):  # tensor by tensor, as torch
+        for m, v, grad, out in zip(
+            state.mu, state.nu, g, new, strict=True
+        ):  # tensor by tensor, as torch
             mu.append(torch.lerp(m, grad, 1 - b1))
             nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
-            den = torch.div(nu[-1], bc2.to(v.dtype)).sqrt_().add_(eps)  # freed before the next tensor's, as torch's
+            den = (
+                torch.div(nu[-1], bc2.to(v.dtype)).sqrt_().add_(eps)
+            )  # freed before the next tensor's, as torch's
             _addcdiv_(out, grad, den, steps[0])
             _addcdiv_(out, mu[-1], den, steps[1])
         return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
@@ -439,11 +488,15 @@ class AsgdStepState(NamedTuple):
 
 def _is_one(t: torch.Tensor) -> bool | None:
     """Whether a CPU 0-d tensor is 1 (a load, as torch's own ``mu.item() != 1``); None where that would sync."""
-    return bool(t == 1) if _host_scalars(t) else None  # host read of a CPU scalar, never a device sync
+    return (
+        bool(t == 1) if _host_scalars(t) else None
+    )  # host read of a CPU scalar, never a device sync
 
 
 @named
-def asgd_step(learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6) -> Transform:
+def asgd_step(
+    learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6
+) -> Transform:
     """Averaged SGD's step (Polyak & Juditsky, 1992), to the new parameters; keeps their running average.
 
     The step size ``eta`` decays as ``lr / (1 + lambd * lr * t) ** alpha`` and each step first shrinks
@@ -476,7 +529,9 @@ def asgd_step(learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: fl
     _check_rate(problems, learning_rate)
     _check_positive(problems, "lambd", lambd, allow_zero=True)
     for name, value in (("alpha", alpha), ("t0", t0)):
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        if not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
             problems.append(f"{name} must be a finite number, got {name}={value!r}")
     config_check(problems, "asgd_step")
 
@@ -485,7 +540,9 @@ def asgd_step(learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: fl
         one = torch.ones((), dtype=torch.float32, device=count.device)
         return AsgdStepState(count, lr, lr.to(torch.float32), one, zeros(params))
 
-    def update_fn(updates: Any, state: AsgdStepState, params: Tree | None = None) -> tuple[NewParams, AsgdStepState]:
+    def update_fn(
+        updates: Any, state: AsgdStepState, params: Tree | None = None
+    ) -> tuple[NewParams, AsgdStepState]:
         _need_params(params, "asgd_step")
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
@@ -510,7 +567,9 @@ def asgd_step(learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: fl
     return Transform(init_fn, update_fn)
 
 
-def _add_scaled_all_(outs: list[torch.Tensor], directions: Sequence[torch.Tensor], alpha: torch.Tensor) -> None:
+def _add_scaled_all_(
+    outs: list[torch.Tensor], directions: Sequence[torch.Tensor], alpha: torch.Tensor
+) -> None:
     """Each ``out += alpha * direction`` in one rounding (torch's ``add_(alpha=)``), `alpha` a 0-d tensor."""
     if not outs:
         return
@@ -541,13 +600,18 @@ def _adafactor_moments(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (torch.zeros_like(p),)
 
 
-def _adafactor_direction(g: torch.Tensor, moments: tuple[torch.Tensor, ...], weight: torch.Tensor, eps1: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def _adafactor_direction(
+    g: torch.Tensor, moments: tuple[torch.Tensor, ...], weight: torch.Tensor, eps1: float
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The normalized update of one parameter and its new second-moment factors (torch's ops, in its order)."""
     weight = weight.to(g.dtype)
     if g.dim() > 1:
         row_mean = torch.norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1))
         col_mean = torch.norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2))
-        row, col = torch.lerp(moments[0], row_mean, weight), torch.lerp(moments[1], col_mean, weight)
+        row, col = (
+            torch.lerp(moments[0], row_mean, weight),
+            torch.lerp(moments[1], col_mean, weight),
+        )
         estimate = row @ col
         estimate.div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1))
         new_moments: tuple[torch.Tensor, ...] = (row, col)
@@ -614,9 +678,13 @@ def adafactor_step(
 
     def init_fn(params: Tree) -> AdafactorStepState:
         count, lr = _learning_rate_state(learning_rate, params)
-        return AdafactorStepState(count, lr, tuple(_adafactor_moments(p) for p in tree_leaves(params)))
+        return AdafactorStepState(
+            count, lr, tuple(_adafactor_moments(p) for p in tree_leaves(params))
+        )
 
-    def update_fn(updates: Any, state: AdafactorStepState, params: Tree | None = None) -> tuple[NewParams, AdafactorStepState]:
+    def update_fn(
+        updates: Any, state: AdafactorStepState, params: Tree | None = None
+    ) -> tuple[NewParams, AdafactorStepState]:
         _need_params(params, "adafactor_step")
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
@@ -627,14 +695,18 @@ def adafactor_step(
         rho = torch.minimum(lr, 1 / torch.pow(step, torch.full_like(step, 0.5)))
         moments, directions = [], []
         for x, grad, m in zip(p, g, state.moments, strict=True):
-            direction, m = _adafactor_direction(grad, m, weight, torch.finfo(x.dtype).eps if eps1 is None else eps1)
+            direction, m = _adafactor_direction(
+                grad, m, weight, torch.finfo(x.dtype).eps if eps1 is None else eps1
+            )
             directions.append(direction)
             moments.append(m)
         # torch reads each norm back and computes the step size in Python floats; the same float64 ops, for all at once
         roots = torch.tensor([x.numel() ** 0.5 for x in p], dtype=torch.float64, device=step.device)
         rates = torch.clamp(_norms(p) / roots, min=eps2) * rho
         clips = torch.clamp(_norms(directions) / (roots * d), min=1.0)
-        new = _decayed(p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params))
+        new = _decayed(
+            p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params)
+        )
         for out, direction, alpha in zip(new, directions, _per_leaf(-rates / clips), strict=True):
             _add_scaled_(out, direction, alpha)
         return NewParams(new, spec), AdafactorStepState(count, lr, tuple(moments))
@@ -665,7 +737,9 @@ class ScaleByMuonState(NamedTuple):
     momentum_buffer: tuple[torch.Tensor, ...]
 
 
-def _newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+def _newton_schulz(
+    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
     """torch's quintic Newton-Schulz orthogonalization in bfloat16, on a fresh copy."""
     a, b, c = coefficients
     x = update.to(torch.bfloat16, copy=True)
@@ -680,11 +754,17 @@ def _newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float
 
 
 def _check_matrices(params: Tree, where: str) -> None:
-    bad = [f"{name} {tuple(p.shape)}" for name, p in zip(tree_paths(params), tree_leaves(params), strict=True) if p.ndim != 2]
+    bad = [
+        f"{name} {tuple(p.shape)}"
+        for name, p in zip(tree_paths(params), tree_leaves(params), strict=True)
+        if p.ndim != 2
+    ]
     if bad:
         config_check(
-            [f"{where} updates 2-D parameters only (as torch.optim.Muon), got {', '.join(bad)}; "
-             "give the others their own optimizer: ft.muon(..., others=ft.adamw(...))"],
+            [
+                f"{where} updates 2-D parameters only (as torch.optim.Muon), got {', '.join(bad)}; "
+                "give the others their own optimizer: ft.muon(..., others=ft.adamw(...))"
+            ],
             where,
         )
 
@@ -726,7 +806,9 @@ def scale_by_muon(
     if not (isinstance(ns_steps, int) and 0 <= ns_steps < 100):
         problems.append(f"ns_steps must be an int in [0, 100), got ns_steps={ns_steps!r}")
     if not (isinstance(ns_coefficients, Sequence) and len(ns_coefficients) == 3):
-        problems.append(f"ns_coefficients must be three numbers (a, b, c), got ns_coefficients={ns_coefficients!r}")
+        problems.append(
+            f"ns_coefficients must be three numbers (a, b, c), got ns_coefficients={ns_coefficients!r}"
+        )
     _check_positive(problems, "eps", eps, allow_zero=True)
     config_check(problems, "scale_by_muon")
     coefficients = tuple(ns_coefficients)
@@ -735,7 +817,9 @@ def scale_by_muon(
         _check_matrices(params, "scale_by_muon")
         return ScaleByMuonState(counter(params), zeros(params))
 
-    def update_fn(updates: Any, state: ScaleByMuonState, params: Tree | None = None) -> tuple[Tree, ScaleByMuonState]:
+    def update_fn(
+        updates: Any, state: ScaleByMuonState, params: Tree | None = None
+    ) -> tuple[Tree, ScaleByMuonState]:
         g, spec = flat_updates(updates, params)
         buffers = torch._foreach_lerp(state.momentum_buffer, g, 1 - momentum)
         inputs = torch._foreach_lerp(g, buffers, momentum) if nesterov else buffers
@@ -787,7 +871,9 @@ def scale_by_adjusted_learning_rate(
     problems: list[str] = []
     _check_rate(problems, learning_rate)
     if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
-        problems.append(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got adjust_lr_fn={adjust_lr_fn!r}")
+        problems.append(
+            f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got adjust_lr_fn={adjust_lr_fn!r}"
+        )
     _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, "scale_by_adjusted_learning_rate")
 
@@ -795,7 +881,9 @@ def scale_by_adjusted_learning_rate(
         _check_matrices(params, "scale_by_adjusted_learning_rate")
         return _learning_rate_state(learning_rate, params)
 
-    def update_fn(updates: Any, state: LearningRateState, params: Tree | None = None) -> tuple[NewParams, LearningRateState]:
+    def update_fn(
+        updates: Any, state: LearningRateState, params: Tree | None = None
+    ) -> tuple[NewParams, LearningRateState]:
         _need_params(params, "scale_by_adjusted_learning_rate")
         u, spec = flat_updates(updates, params)
         p = tree_leaves(params)

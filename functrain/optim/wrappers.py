@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
+from functrain.optim.porting import torch_object_hint
+from functrain.optim.primitives import Mask, resolve_mask
 from functrain.optim.transform import (
     NewParams,
     ParamStep,
@@ -29,8 +31,6 @@ from functrain.optim.transform import (
     walk_states,
     writing_in_place,
 )
-from functrain.optim.porting import torch_object_hint
-from functrain.optim.primitives import Mask, resolve_mask
 from functrain.optim.zeros import writable, zeros_like
 from functrain.tree import Tree, global_norm, tree_leaves, tree_paths, tree_select, tree_unflatten
 
@@ -54,7 +54,10 @@ __all__ = [
 def _require_transform(inner: object, where: str) -> None:
     if not is_transform(inner):
         hint = torch_object_hint(inner, f"the inner optimizer of {where}")
-        raise ConfigError(hint or f"{where} expects a transform (with init and update) as `inner`, got {type(inner).__name__}")
+        raise ConfigError(
+            hint
+            or f"{where} expects a transform (with init and update) as `inner`, got {type(inner).__name__}"
+        )
 
 
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -79,12 +82,20 @@ def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
         gate = keep if updates.keep is None else keep & updates.keep
         return updates.replace(keep=gate)
     if isinstance(updates, NewParams) and params is not None:
-        return NewParams([torch.where(keep, n, p) for n, p in zip(updates.values, tree_leaves(params), strict=True)], updates.spec)
+        return NewParams(
+            [
+                torch.where(keep, n, p)
+                for n, p in zip(updates.values, tree_leaves(params), strict=True)
+            ],
+            updates.spec,
+        )
     u, spec = flat_updates(updates, params)
     return tree_unflatten([torch.where(keep, x, torch.zeros_like(x)) for x in u], spec)
 
 
-def _update_where(inner: Transform, keep: torch.Tensor, updates: Any, state: Tree, params: Tree | None) -> tuple[Any, Tree]:
+def _update_where(
+    inner: Transform, keep: torch.Tensor, updates: Any, state: Tree, params: Tree | None
+) -> tuple[Any, Tree]:
     """`inner`'s update where `keep` holds, a no-op (the same state, parameters untouched) elsewhere.
 
     A gated transform does this itself (torch's fused kernels skip on a flag); for any other the
@@ -93,7 +104,9 @@ def _update_where(inner: Transform, keep: torch.Tensor, updates: Any, state: Tre
     if getattr(inner, "gated", False):
         new_updates, new_state = inner.update(updates, state, params, keep=keep)
         # new parameters come gated from the kernel; updates of any other form are gated here
-        return (new_updates if isinstance(new_updates, NewParams) else _gate(new_updates, keep, params)), new_state
+        return (
+            new_updates if isinstance(new_updates, NewParams) else _gate(new_updates, keep, params)
+        ), new_state
     with writing_in_place(False):  # the previous state and parameters are selected below: keep them
         new_updates, new_state = inner.update(updates, state, params)
     return _gate(new_updates, keep, params), tree_select(keep, new_state, state)
@@ -134,13 +147,17 @@ def masked(inner: Transform, mask: Mask) -> Transform:
     def init_fn(params: Tree) -> MaskedState:
         return MaskedState(inner.init(pick(params, resolve_mask(mask, params))))
 
-    def update_fn(updates: Any, state: MaskedState, params: Tree | None = None) -> tuple[Tree, MaskedState]:
+    def update_fn(
+        updates: Any, state: MaskedState, params: Tree | None = None
+    ) -> tuple[Tree, MaskedState]:
         u, spec = flat_updates(updates, params)
         flags = resolve_mask(mask, params if params is not None else tree_unflatten(u, spec))
         if not any(flags):  # nothing selected; torch._foreach_* would reject the empty lists
             return tree_unflatten(u, spec), state
         sub_params = pick(params, flags) if params is not None else None
-        sub_updates, inner_state = inner.update([x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params)
+        sub_updates, inner_state = inner.update(
+            [x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params
+        )
         if isinstance(sub_updates, (ParamStep, NewParams)):
             raise ConfigError(
                 "masked() wraps transforms that come before the learning rate, got one that ends in "
@@ -168,10 +185,24 @@ def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str
     else:
         found = tree_leaves(labels)
         if len(found) != len(leaves):
-            config_check([f"labels must name one group per parameter ({len(leaves)}), got {len(found)}"], "partition")
-    unknown = sorted({f"{name}: {label!r}" for name, label in zip(tree_paths(params), found, strict=True) if label not in known})
+            config_check(
+                [f"labels must name one group per parameter ({len(leaves)}), got {len(found)}"],
+                "partition",
+            )
+    unknown = sorted(
+        {
+            f"{name}: {label!r}"
+            for name, label in zip(tree_paths(params), found, strict=True)
+            if label not in known
+        }
+    )
     if unknown:
-        config_check([f"every label must be one of {list(known)}, got {', '.join(unknown)}; add a transform for it"], "partition")
+        config_check(
+            [
+                f"every label must be one of {list(known)}, got {', '.join(unknown)}; add a transform for it"
+            ],
+            "partition",
+        )
     return found
 
 
@@ -208,14 +239,27 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         _require_transform(inner, f"partition (group {name!r})")
     known = tuple(transforms)
 
-    def split(leaves: list[torch.Tensor], names: list[str], found: list[str], label: str) -> dict[str, torch.Tensor]:
+    def split(
+        leaves: list[torch.Tensor], names: list[str], found: list[str], label: str
+    ) -> dict[str, torch.Tensor]:
         return {n: x for n, x, lab in zip(names, leaves, found, strict=True) if lab == label}
 
     def init_fn(params: Tree) -> PartitionState:
-        found, names, leaves = _labels_of(labels, params, known), tree_paths(params), tree_leaves(params)
-        return PartitionState(tuple(inner.init(split(leaves, names, found, label)) for label, inner in transforms.items()))
+        found, names, leaves = (
+            _labels_of(labels, params, known),
+            tree_paths(params),
+            tree_leaves(params),
+        )
+        return PartitionState(
+            tuple(
+                inner.init(split(leaves, names, found, label))
+                for label, inner in transforms.items()
+            )
+        )
 
-    def update_fn(updates: Any, state: PartitionState, params: Tree | None = None) -> tuple[Any, PartitionState]:
+    def update_fn(
+        updates: Any, state: PartitionState, params: Tree | None = None
+    ) -> tuple[Any, PartitionState]:
         u, spec = flat_updates(updates, params)
         shape = params if params is not None else tree_unflatten(u, spec)
         found, names = _labels_of(labels, shape, known), tree_paths(shape)
@@ -224,18 +268,37 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         with writing_in_place(False):  # each group's results are gathered into fresh trees below
             for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
                 sub_params = split(p, names, found, label) if p is not None else None
-                out, inner_state = inner.update(split(u, names, found, label), inner_state, sub_params)
+                out, inner_state = inner.update(
+                    split(u, names, found, label), inner_state, sub_params
+                )
                 results.append((label, out, sub_params))
                 states.append(inner_state)
             final = any(isinstance(out, (ParamStep, NewParams)) for _, out, _ in results)
             if final and p is None:
-                config_check(["partition of whole optimizers computes the new parameters: call update(updates, state, params)"], "update")
+                config_check(
+                    [
+                        "partition of whole optimizers computes the new parameters: call update(updates, state, params)"
+                    ],
+                    "update",
+                )
             merged: dict[str, torch.Tensor] = {}
             for label, out, sub_params in results:
-                values = tree_leaves(apply_updates(sub_params, out)) if final else as_tensors(out, sub_params)
-                merged.update(zip([n for n, lab in zip(names, found, strict=True) if lab == label], values, strict=True))
+                values = (
+                    tree_leaves(apply_updates(sub_params, out))
+                    if final
+                    else as_tensors(out, sub_params)
+                )
+                merged.update(
+                    zip(
+                        [n for n, lab in zip(names, found, strict=True) if lab == label],
+                        values,
+                        strict=True,
+                    )
+                )
         leaves = [merged[n] for n in names]
-        return (NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)), PartitionState(tuple(states))
+        return (NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)), PartitionState(
+            tuple(states)
+        )
 
     return Transform(init_fn, update_fn)
 
@@ -280,21 +343,44 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
     """
     _require_transform(inner, "skip_nonfinite")
     if max_consecutive is not None and max_consecutive < 0:
-        config_check([f"max_consecutive must be >= 0 or None, got max_consecutive={max_consecutive!r}"], "skip_nonfinite")
+        config_check(
+            [f"max_consecutive must be >= 0 or None, got max_consecutive={max_consecutive!r}"],
+            "skip_nonfinite",
+        )
     cap = -1 if max_consecutive is None else max_consecutive
 
     def init_fn(params: Tree) -> SkipNonfiniteState:
         zero = counter(params)
-        return SkipNonfiniteState(inner.init(params), zero.bool(), zero, zero, torch.full_like(zero, cap))
+        return SkipNonfiniteState(
+            inner.init(params), zero.bool(), zero, zero, torch.full_like(zero, cap)
+        )
 
-    def update_fn(updates: Any, state: SkipNonfiniteState, params: Tree | None = None, keep: torch.Tensor | None = None) -> tuple[Any, SkipNonfiniteState]:
+    def update_fn(
+        updates: Any,
+        state: SkipNonfiniteState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[Any, SkipNonfiniteState]:
         finite = all_finite(flat_updates(updates, params)[0])
-        new_updates, inner_state = _update_where(inner, finite if keep is None else finite & keep, updates, state.inner, params)
+        new_updates, inner_state = _update_where(
+            inner, finite if keep is None else finite & keep, updates, state.inner, params
+        )
         skipped = ~finite
         # a bool adds as 0 or 1; a Python 0 takes the tensor's dtype: fewer small ops per step
-        counts = (skipped, state.total_skipped + skipped, torch.where(finite, 0, state.consecutive + 1))
-        if keep is not None:  # gated (under `accumulate`): between window ends the counts stay put too
-            counts = tuple(torch.where(keep, new, old) for new, old in zip(counts, (state.skipped, state.total_skipped, state.consecutive), strict=True))
+        counts = (
+            skipped,
+            state.total_skipped + skipped,
+            torch.where(finite, 0, state.consecutive + 1),
+        )
+        if (
+            keep is not None
+        ):  # gated (under `accumulate`): between window ends the counts stay put too
+            counts = tuple(
+                torch.where(keep, new, old)
+                for new, old in zip(
+                    counts, (state.skipped, state.total_skipped, state.consecutive), strict=True
+                )
+            )
         new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)
         if cap >= 0 and _host_readable(new_state.consecutive):
             check_skip_limits(new_state)
@@ -373,25 +459,39 @@ def accumulate(inner: Transform, every: int) -> Transform:
         return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
 
     def init_fn(params: Tree) -> AccumulateState:
-        sums = tuple(zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params))  # no storage until written
+        sums = tuple(
+            zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params)
+        )  # no storage until written
         return AccumulateState(inner.init(params), counter(params), sums)
 
-    def update_fn(updates: Any, state: AccumulateState, params: Tree | None = None) -> tuple[Any, AccumulateState]:
+    def update_fn(
+        updates: Any, state: AccumulateState, params: Tree | None = None
+    ) -> tuple[Any, AccumulateState]:
         u, spec = flat_updates(updates, params)
         in_place = may_write_in_place()
         addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
-        sums = [writable(s, x) for s, x in zip(state.grad_sum, addends, strict=True)] if in_place else torch._foreach_add(state.grad_sum, addends)
+        sums = (
+            [writable(s, x) for s, x in zip(state.grad_sum, addends, strict=True)]
+            if in_place
+            else torch._foreach_add(state.grad_sum, addends)
+        )
         if in_place:  # a donated step: the sums accumulate in their own storage
             torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1
         mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
-        new_updates, inner_state = _update_where(inner, last, tree_unflatten(mean, spec), state.inner, params)
+        new_updates, inner_state = _update_where(
+            inner, last, tree_unflatten(mean, spec), state.inner, params
+        )
         if in_place:
             for s in sums:
                 s.masked_fill_(last, 0)  # exactly `where(last, 0, s)`, without a second buffer
         else:
             sums = [torch.where(last, torch.zeros_like(s), s) for s in sums]
-        new_state = AccumulateState(inner_state, torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1), tuple(sums))
+        new_state = AccumulateState(
+            inner_state,
+            torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
+            tuple(sums),
+        )
         return new_updates, new_state
 
     return Transform(init_fn, update_fn)
@@ -405,7 +505,11 @@ class DynamicLossScaleState(NamedTuple):
     total_skipped: torch.Tensor
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        return {"loss_scale": self.scale, "skipped": self.skipped, "total_skipped": self.total_skipped}
+        return {
+            "loss_scale": self.scale,
+            "skipped": self.skipped,
+            "total_skipped": self.total_skipped,
+        }
 
 
 @named
@@ -454,7 +558,9 @@ def dynamic_loss_scale(
     if not 0 < backoff_factor < 1:
         problems.append(f"backoff_factor must lie in (0, 1), got backoff_factor={backoff_factor!r}")
     if not isinstance(growth_interval, int) or growth_interval < 1:
-        problems.append(f"growth_interval must be an int >= 1, got growth_interval={growth_interval!r}")
+        problems.append(
+            f"growth_interval must be an int >= 1, got growth_interval={growth_interval!r}"
+        )
     config_check(problems, "dynamic_loss_scale")
 
     def init_fn(params: Tree) -> DynamicLossScaleState:
@@ -462,17 +568,29 @@ def dynamic_loss_scale(
         scale = torch.full((), init_scale, dtype=torch.float32, device=zero.device)
         return DynamicLossScaleState(inner.init(params), scale, zero, zero.bool(), zero)
 
-    def update_fn(updates: Any, state: DynamicLossScaleState, params: Tree | None = None) -> tuple[Any, DynamicLossScaleState]:
+    def update_fn(
+        updates: Any, state: DynamicLossScaleState, params: Tree | None = None
+    ) -> tuple[Any, DynamicLossScaleState]:
         u, spec = flat_updates(updates, params)
         inv = state.scale.double().reciprocal().float()
         unscaled = [x.float().mul(inv).to(x.dtype) for x in u]
         finite = all_finite(unscaled)
-        new_updates, inner_state = _update_where(inner, finite, tree_unflatten(unscaled, spec), state.inner, params)
-        tracker = torch.where(finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker))
+        new_updates, inner_state = _update_where(
+            inner, finite, tree_unflatten(unscaled, spec), state.inner, params
+        )
+        tracker = torch.where(
+            finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker)
+        )
         grow = tracker >= growth_interval
-        scale = torch.where(finite, torch.where(grow, state.scale * growth_factor, state.scale), state.scale * backoff_factor)
+        scale = torch.where(
+            finite,
+            torch.where(grow, state.scale * growth_factor, state.scale),
+            state.scale * backoff_factor,
+        )
         tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
-        new_state = DynamicLossScaleState(inner_state, scale, tracker, ~finite, state.total_skipped + (~finite).long())
+        new_state = DynamicLossScaleState(
+            inner_state, scale, tracker, ~finite, state.total_skipped + (~finite).long()
+        )
         return new_updates, new_state
 
     return Transform(init_fn, update_fn)
@@ -491,5 +609,3 @@ def find_loss_scale(state: Tree) -> torch.Tensor | None:
         if isinstance(node, DynamicLossScaleState):
             return node.scale
     return None
-
-

@@ -22,7 +22,16 @@ import torch
 from functrain.layout import obeys_layout
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
-__all__ = ["zeros", "zeros_like", "constant_like", "is_shared", "writable", "owned_copy", "light_copy", "stored"]
+__all__ = [
+    "zeros",
+    "zeros_like",
+    "constant_like",
+    "is_shared",
+    "writable",
+    "owned_copy",
+    "light_copy",
+    "stored",
+]
 
 
 def zeros_like(p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -55,7 +64,9 @@ def zeros(params: Tree) -> tuple[torch.Tensor, ...]:
 def is_shared(t: torch.Tensor) -> bool:
     """Whether some elements of `t` are the same memory (a stride 0 over a dimension of size > 1)."""
     strides = t.stride()
-    return 0 in strides and any(stride == 0 and size > 1 for size, stride in zip(t.shape, strides, strict=True))
+    return 0 in strides and any(
+        stride == 0 and size > 1 for size, stride in zip(t.shape, strides, strict=True)
+    )
 
 
 def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,4 +111,6 @@ def stored(tree: Tree) -> Tree:
     leaves, spec = tree_flatten(tree)
     if not any(isinstance(x, torch.Tensor) and is_shared(x) for x in leaves):
         return tree
-    return tree_unflatten([writable(x, x) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+    return tree_unflatten(
+        [writable(x, x) if isinstance(x, torch.Tensor) else x for x in leaves], spec
+    )

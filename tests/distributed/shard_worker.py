@@ -28,13 +28,24 @@ torch.set_num_threads(1)
 
 def sharded(full: torch.Tensor, mesh) -> DTensor:
     start, stop = chunk_rows(full.shape[0], mesh.size(), mesh.get_local_rank())
-    return DTensor.from_local(full[start:stop].clone(), mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+    return DTensor.from_local(
+        full[start:stop].clone(),
+        mesh,
+        [Shard(0)],
+        run_check=False,
+        shape=full.shape,
+        stride=full.stride(),
+    )
 
 
 def full_tree(version: int) -> dict:
     """The global values of the tree every scenario saves (version tells two saves apart)."""
     return {
-        "params": {"w": torch.arange(30.0).view(10, 3) + version, "e": torch.arange(3.0) * (version + 1), "h": (torch.arange(14.0).view(7, 2) / 3).to(torch.bfloat16)},
+        "params": {
+            "w": torch.arange(30.0).view(10, 3) + version,
+            "e": torch.arange(3.0) * (version + 1),
+            "h": (torch.arange(14.0).view(7, 2) / 3).to(torch.bfloat16),
+        },
         "moments": [torch.linspace(0, 1, 5) * version, torch.zeros(0, 4)],
         "plain": torch.full((4,), float(version)),
         "replicated": torch.ones(2) * version,
@@ -50,7 +61,9 @@ def as_sharded(tree: dict, mesh, plain_params: bool = False) -> dict:
         "params": {k: v.clone() if plain_params else shard(v) for k, v in tree["params"].items()},
         "moments": [shard(t) for t in tree["moments"]],
         "plain": tree["plain"].clone(),
-        "replicated": DTensor.from_local(tree["replicated"].clone(), mesh, [Replicate()], run_check=False),
+        "replicated": DTensor.from_local(
+            tree["replicated"].clone(), mesh, [Replicate()], run_check=False
+        ),
         "count": tree["count"].clone(),
         "note": tree["note"],
     }
@@ -59,7 +72,11 @@ def as_sharded(tree: dict, mesh, plain_params: bool = False) -> dict:
 def model_state(mesh, step: int) -> ft.TrainState:
     """A TrainState whose parameters are sharded by hand (the step's own sharding aside), at `step`."""
     torch.manual_seed(0)
-    state = ft.TrainState.create(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)), ft.sgd(0.1), lambda m, b: m(b).sum())
+    state = ft.TrainState.create(
+        torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)),
+        ft.sgd(0.1),
+        lambda m, b: m(b).sum(),
+    )
     params = {k: sharded(v + step, mesh) for k, v in state.params.items()}
     return state.replace(params=params, step=torch.tensor(step), epoch_step=torch.tensor(step))
 
@@ -67,7 +84,9 @@ def model_state(mesh, step: int) -> ft.TrainState:
 def check_managed(out, mesh, rank: int, report: dict) -> None:
     """CheckpointManager(sharded=True), async: rotation, best, latest, restore; one writer per directory."""
     directory = out / "managed"
-    with ft.CheckpointManager(directory, keep_last=2, best_metric="loss", async_save=True, sharded=True) as manager:
+    with ft.CheckpointManager(
+        directory, keep_last=2, best_metric="loss", async_save=True, sharded=True
+    ) as manager:
         for step, loss in zip((1, 2, 3, 4), (3.0, 1.0, 2.0, 4.0)):
             manager.save(model_state(mesh, step), metrics={"loss": loss})
         report["second_writer"] = outcome(lambda: ft.CheckpointManager(directory, sharded=True))
@@ -95,7 +114,9 @@ def dataset() -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
-def fit(directory: Path, sharding: str | None, stop_at: int = 0, resume: bool = False) -> ft.FitResult:
+def fit(
+    directory: Path, sharding: str | None, stop_at: int = 0, resume: bool = False
+) -> ft.FitResult:
     """3 epochs of 6 batches of adamw with EMA, a checkpoint every 4 steps, stopped after `stop_at` batches."""
 
     class Stop(ft.Callback):
@@ -105,20 +126,38 @@ def fit(directory: Path, sharding: str | None, stop_at: int = 0, resume: bool = 
 
     state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, ema_decay=0.9, sharding=sharding)
     return ft.fit(
-        state, dataset(), eval_data=dataset(), batch_size=16, max_epochs=3, log_every=2, checkpoint_dir=directory,
-        save_every=4, callbacks=[Stop()], resume=resume, progress=False, verbosity="silent", async_save=True,
+        state,
+        dataset(),
+        eval_data=dataset(),
+        batch_size=16,
+        max_epochs=3,
+        log_every=2,
+        checkpoint_dir=directory,
+        save_every=4,
+        callbacks=[Stop()],
+        resume=resume,
+        progress=False,
+        verbosity="silent",
+        async_save=True,
     )
 
 
 def gathered(tree):
     """Plain tensors of a tree of DTensors (collective)."""
-    return torch.utils._pytree.tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+    return torch.utils._pytree.tree_map(
+        lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree
+    )
 
 
 def outcome_of(result: ft.FitResult) -> dict:
     """What two runs must agree on: the final params, optimizer state and EMA, and the validation losses."""
     state = result.state
-    return {"params": gathered(state.params), "opt": gathered(state.opt_state), "ema": gathered(state.ema_state), "val": torch.tensor(result.history.column("val_loss"))}
+    return {
+        "params": gathered(state.params),
+        "opt": gathered(state.opt_state),
+        "ema": gathered(state.ema_state),
+        "val": torch.tensor(result.history.column("val_loss")),
+    }
 
 
 def check_equal(got, want, where: str = "") -> None:
@@ -132,8 +171,14 @@ def check_equal(got, want, where: str = "") -> None:
             check_equal(g, w, f"{where}/{i}")
     elif isinstance(want, DTensor):
         assert isinstance(got, DTensor), (where, type(got))
-        assert got.placements == want.placements and got.shape == want.shape, (where, got.placements, got.shape)
-        assert got._local_tensor.dtype == want._local_tensor.dtype and torch.equal(got._local_tensor, want._local_tensor), (where, got._local_tensor, want._local_tensor)
+        assert got.placements == want.placements and got.shape == want.shape, (
+            where,
+            got.placements,
+            got.shape,
+        )
+        assert got._local_tensor.dtype == want._local_tensor.dtype and torch.equal(
+            got._local_tensor, want._local_tensor
+        ), (where, got._local_tensor, want._local_tensor)
     elif isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor) and not isinstance(got, DTensor), (where, type(got))
         assert got.dtype == want.dtype and torch.equal(got, want), (where, got, want)
@@ -168,27 +213,44 @@ def run(scenario: str, out: Path, mesh, rank: int, world: int) -> dict:
         path = out / f"w{world}"
         for version in (1, 2):
             ft.save(as_sharded(full_tree(version), mesh), path)
-            check_equal(ft.load(path, like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(version), mesh))
+            check_equal(
+                ft.load(path, like=as_sharded(full_tree(0), mesh)),
+                as_sharded(full_tree(version), mesh),
+            )
         # a plain template on every rank reads every shard: the global tensors
         check_equal(ft.load(path, like=full_tree(0)), full_tree(2))
+
         # a failure on one rank (before the commit) fails the save on every rank; v2 stays
         def failing():
             if rank == world - 1:
                 raise OSError("disk full (simulated)")
+
         from functrain.checkpoint.sharded import write_sharded
-        report["failed_save"] = outcome(lambda: write_sharded(path, as_sharded(full_tree(3), mesh), before_commit=failing))
-        check_equal(ft.load(path, like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(2), mesh))
+
+        report["failed_save"] = outcome(
+            lambda: write_sharded(path, as_sharded(full_tree(3), mesh), before_commit=failing)
+        )
+        check_equal(
+            ft.load(path, like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(2), mesh)
+        )
         from functrain.checkpoint.files import wait_for_removals
 
         wait_for_removals()  # rank 0 deletes the checkpoint v2 displaced in the background
         dist.barrier()
-        report["leftovers"] = sorted(p.name for p in path.parent.iterdir() if re.match(rf"\.tmp-{path.name}-\d+-", p.name))
+        report["leftovers"] = sorted(
+            p.name for p in path.parent.iterdir() if re.match(rf"\.tmp-{path.name}-\d+-", p.name)
+        )
         # a path per rank: refused on every rank, nothing written
-        report["paths_per_rank"] = outcome(lambda: ft.save(as_sharded(full_tree(5), mesh), out / f"per-rank-{rank}"))
+        report["paths_per_rank"] = outcome(
+            lambda: ft.save(as_sharded(full_tree(5), mesh), out / f"per-rank-{rank}")
+        )
         # params plain (mode "optimizer"): only the moments are sharded
         ft.save(as_sharded(full_tree(4), mesh, plain_params=True), out / f"w{world}-optimizer")
         if (out / "single").exists():  # one process's checkpoint, on these ranks
-            check_equal(ft.load(out / "single", like=as_sharded(full_tree(0), mesh)), as_sharded(full_tree(2), mesh))
+            check_equal(
+                ft.load(out / "single", like=as_sharded(full_tree(0), mesh)),
+                as_sharded(full_tree(2), mesh),
+            )
         check_managed(out, mesh, rank, report)
     elif scenario == "read":
         # checkpoints of other world sizes and modes, and a single process's, into this world's templates
@@ -196,11 +258,17 @@ def run(scenario: str, out: Path, mesh, rank: int, world: int) -> dict:
             if name.startswith("w") or name == "single":
                 version = 4 if name.endswith("-optimizer") else 2
                 for plain_params in (False, True):
-                    got = ft.load(out / name, like=as_sharded(full_tree(0), mesh, plain_params=plain_params))
-                    check_equal(got, as_sharded(full_tree(version), mesh, plain_params=plain_params))
+                    got = ft.load(
+                        out / name, like=as_sharded(full_tree(0), mesh, plain_params=plain_params)
+                    )
+                    check_equal(
+                        got, as_sharded(full_tree(version), mesh, plain_params=plain_params)
+                    )
         for name in sorted(os.listdir(out)):
             if name.startswith("attack-"):
-                report[name] = outcome(lambda: ft.load(out / name, like=as_sharded(full_tree(0), mesh)))
+                report[name] = outcome(
+                    lambda: ft.load(out / name, like=as_sharded(full_tree(0), mesh))
+                )
         ft.save(as_sharded(full_tree(2), mesh), out / f"w{world}")
     elif scenario == "fit":
         # uninterrupted; interrupted after 9 batches then resumed: bit-identical on the same ranks and mode

@@ -26,15 +26,34 @@ def main() -> None:
     out = Path(sys.argv[1])
     ft.distributed.init_from_env()
     rank, _ = ft.distributed.rank_and_world()
-    trial = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1e-6)).ask() if rank == 0 else None
+    trial = (
+        optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1e-6)).ask()
+        if rank == 0
+        else None
+    )
     pruning = ft.OptunaPruning(trial, monitor="val_loss", report_at="step")
     logger = ft.WandbLogger(mode="offline", dir=str(out), settings=wandb.Settings(silent=True))
     state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
     data = dataset()
-    result = ft.fit(state, data, eval_data=data, batch_size=16, run_mode="step", max_steps=12, eval_every=3,
-                    callbacks=[pruning, logger], progress=False, verbosity="silent")
+    result = ft.fit(
+        state,
+        data,
+        eval_data=data,
+        batch_size=16,
+        run_mode="step",
+        max_steps=12,
+        eval_every=3,
+        callbacks=[pruning, logger],
+        progress=False,
+        verbosity="silent",
+    )
     reports = [list(r) for r in pruning.reports]
-    summary = {"stop_reason": result.stop_reason, "step": int(result.state.step), "reports": reports, "logged": logger.logged}
+    summary = {
+        "stop_reason": result.stop_reason,
+        "step": int(result.state.step),
+        "reports": reports,
+        "logged": logger.logged,
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
 
 

@@ -32,7 +32,10 @@ def loss_fn(model, batch):
 
 def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(123)
-    return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def dataset() -> TensorDataset:
@@ -78,15 +81,23 @@ class RankStream:
         return {"rank": self.rank, "next": self.next}
 
     def load_state_dict(self, state):
-        assert state["rank"] == self.rank, f"rank {self.rank} given rank {state['rank']}'s data state"
+        assert state["rank"] == self.rank, (
+            f"rank {self.rank} given rank {state['rank']}'s data state"
+        )
         self.next = state["next"]
 
 
 def stream_fit(rank: int, directory: Path, max_steps: int, reads: list[int], resume: bool = False):
     state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
     return ft.fit(
-        state, RankStream(rank, reads), max_steps=max_steps, checkpoint_dir=directory, save_every=3, resume=resume,
-        progress=False, verbosity="silent",
+        state,
+        RankStream(rank, reads),
+        max_steps=max_steps,
+        checkpoint_dir=directory,
+        save_every=3,
+        resume=resume,
+        progress=False,
+        verbosity="silent",
     )
 
 
@@ -105,14 +116,24 @@ class Noisy(torch.utils.data.Dataset):
         return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
 
 
-def loader_fit(rank: int, world: int, directory: Path, max_steps: int, reads: list[int], resume: bool = False):
+def loader_fit(
+    rank: int, world: int, directory: Path, max_steps: int, reads: list[int], resume: bool = False
+):
     """A DataLoader with a DistributedSampler per rank (48 of the 96 rows each, 6 batches of 8)."""
     data = Noisy(reads)
-    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=3)
+    sampler = torch.utils.data.DistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=True, seed=3
+    )
     state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
     return ft.fit(
-        state, torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler), max_steps=max_steps, checkpoint_dir=directory,
-        save_every=3, resume=resume, progress=False, verbosity="silent",
+        state,
+        torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler),
+        max_steps=max_steps,
+        checkpoint_dir=directory,
+        save_every=3,
+        resume=resume,
+        progress=False,
+        verbosity="silent",
     )
 
 
@@ -125,7 +146,9 @@ class Features(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.inp = nn.Linear(6, 15, bias=False)  # a bias before BatchNorm has a zero gradient: Adam would amplify its rounding
+        self.inp = nn.Linear(
+            6, 15, bias=False
+        )  # a bias before BatchNorm has a zero gradient: Adam would amplify its rounding
         self.bn = nn.BatchNorm1d(15)
         self.drop = nn.Dropout(0.2)
         self.a = nn.Linear(15, 15)
@@ -145,7 +168,10 @@ def gathered_tree(state) -> dict:
     module = state.export_module()
     out = {f"params/{k}": v.detach().clone() for k, v in module.state_dict().items()}
     if state.ema_state is not None:
-        out |= {f"ema/{k}": v.detach().clone() for k, v in state.export_module(use_ema=True).state_dict().items()}
+        out |= {
+            f"ema/{k}": v.detach().clone()
+            for k, v in state.export_module(use_ema=True).state_dict().items()
+        }
     return out
 
 
@@ -175,11 +201,17 @@ def feature_runs(rank: int, world: int) -> dict:
         for mode in MODES:
             # SGD in half precision: Adam's normalization would blow rounding differences of near-zero gradients up to lr
             optimizer = ft.adamw(1e-2) if "precision" not in options else ft.sgd(0.05, momentum=0.9)
-            state = ft.TrainState.create(Features(), optimizer, loss_fn, sharding=mode, seed=5, **options)
+            state = ft.TrainState.create(
+                Features(), optimizer, loss_fn, sharding=mode, seed=5, **options
+            )
             for b in batches(6):
                 state, _ = ft.train_step(state, shard(b, rank, world))
             evaluated = ft.eval_step(state, batches(1)[0], use_ema=state.ema_state is not None)
-            out[f"{case}/{mode}"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}, "eval": evaluated["loss"]}
+            out[f"{case}/{mode}"] = {
+                "tree": gathered_tree(state)
+                | {"buffers/" + k: v for k, v in state.buffers.items()},
+                "eval": evaluated["loss"],
+            }
     return out
 
 
@@ -200,7 +232,7 @@ class Deep(nn.Module):
 
 
 def per_use_runs(rank: int, world: int) -> dict:
-    """"full" gathers each weight where it is used: how many are whole after the forward, the gathers of a step, the results."""
+    """ "full" gathers each weight where it is used: how many are whole after the forward, the gathers of a step, the results."""
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -218,18 +250,29 @@ def per_use_runs(rank: int, world: int) -> dict:
     def counting_loss(model, batch):
         gathered.clear()
         loss = loss_fn(model, batch)
-        alive.append(sum(not ref.expired() for ref in gathered))  # whole weights still in memory after the forward
+        alive.append(
+            sum(not ref.expired() for ref in gathered)
+        )  # whole weights still in memory after the forward
         return loss
 
     sharding.for_compute = recording
     out = {}
     for mode in (None, "full", "full-kept"):
-        state = ft.TrainState.create(Deep(), ft.adamw(1e-2), counting_loss, sharding=mode and "full", reshard_after_forward=mode != "full-kept")
+        state = ft.TrainState.create(
+            Deep(),
+            ft.adamw(1e-2),
+            counting_loss,
+            sharding=mode and "full",
+            reshard_after_forward=mode != "full-kept",
+        )
         for i, b in enumerate(batches(5)):
             with CommDebugMode() as comm:
                 state, _ = ft.train_step(state, shard(b, rank, world))
         out[f"per_use/{mode}/alive"] = torch.tensor(alive[-1])  # of the last step's forward
-        out[f"per_use/{mode}"] = {"tree": gathered_tree(state), "eval": ft.eval_step(state, batches(1)[0])["loss"]}
+        out[f"per_use/{mode}"] = {
+            "tree": gathered_tree(state),
+            "eval": ft.eval_step(state, batches(1)[0])["loss"],
+        }
         counts = {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
         out[f"per_use/{mode}/gathers"] = torch.tensor(counts.get("all_gather_into_tensor", 0))
     sharding.for_compute = real
@@ -239,7 +282,11 @@ def per_use_runs(rank: int, world: int) -> dict:
 def state_tree(state) -> list[torch.Tensor]:
     """Every tensor a state holds, sharded leaves gathered whole (a collective)."""
     parts = (state.params, state.buffers, state.opt_state, state.ema_state, state.rng, state.step)
-    return [t for t in torch.utils._pytree.tree_leaves([ft.distributed.gather_tree(x) for x in parts]) if isinstance(t, torch.Tensor)]
+    return [
+        t
+        for t in torch.utils._pytree.tree_leaves([ft.distributed.gather_tree(x) for x in parts])
+        if isinstance(t, torch.Tensor)
+    ]
 
 
 def compiled_runs(rank: int, world: int) -> dict:
@@ -255,29 +302,52 @@ def compiled_runs(rank: int, world: int) -> dict:
             given = state
             state, m = step(given, batch, donate=i > 0)
             if i == 0:  # pure: the state it was given and the caller's RNG are left as they were
-                same = all(torch.equal(a, b) for a, b in zip(before, state_tree(given), strict=True))
-                out[f"compiled-pure/{mode}"] = torch.tensor(same and torch.equal(rng, torch.get_rng_state()))
+                same = all(
+                    torch.equal(a, b) for a, b in zip(before, state_tree(given), strict=True)
+                )
+                out[f"compiled-pure/{mode}"] = torch.tensor(
+                    same and torch.equal(rng, torch.get_rng_state())
+                )
             skipped.append(m["skipped"])
         try:  # the last state given up
             step(given, batch)
             out[f"compiled-donated/{mode}"] = "no error"
         except ft.DonatedStateError as e:
             out[f"compiled-donated/{mode}"] = str(e)
-        out[f"compiled-adamw/{mode}"] = {"tree": gathered_tree(state), "skipped": torch.stack(skipped)}
+        out[f"compiled-adamw/{mode}"] = {
+            "tree": gathered_tree(state),
+            "skipped": torch.stack(skipped),
+        }
         options = dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9)
-        state = ft.TrainState.create(Features(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=5, **options)
+        state = ft.TrainState.create(
+            Features(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=5, **options
+        )
         for i, b in enumerate(batches(6)):
             state, _ = step(state, shard(b, rank, world), donate=True)
-        out[f"compiled-features/{mode}"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}}
+        out[f"compiled-features/{mode}"] = {
+            "tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}
+        }
     # fp16 under autocast, its loss scale and a sharded EMA: feature_runs' "fp16" case, "full"
-    state = ft.TrainState.create(Features(), ft.sgd(0.05, momentum=0.9), loss_fn, sharding="full", seed=5, precision="fp16", ema_decay=0.8)
+    state = ft.TrainState.create(
+        Features(),
+        ft.sgd(0.05, momentum=0.9),
+        loss_fn,
+        sharding="full",
+        seed=5,
+        precision="fp16",
+        ema_decay=0.8,
+    )
     for b in batches(6):
         state, _ = step(state, shard(b, rank, world), donate=True)
-    out["compiled-fp16/full"] = {"tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}}
+    out["compiled-fp16/full"] = {
+        "tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}
+    }
     from torch._dynamo.utils import counters
 
     # one graph per model and mode (the loss, its backward through AOTAutograd), none broken
-    out["compiled-graphs"] = torch.tensor([counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())])
+    out["compiled-graphs"] = torch.tensor(
+        [counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())]
+    )
     return out
 
 
@@ -286,22 +356,62 @@ def sharded_extras(out: Path, rank: int, world: int) -> None:
     results, errors = {}, {}
     for mode in MODES:
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, sharding=mode, ema_decay=0.9)
-        result = ft.fit(state, dataset(), eval_data=dataset(), batch_size=16, max_epochs=1, log_every=2, progress=False, verbosity="silent")
-        results[f"fit/{mode}"] = {"tree": gathered_tree(result.state), "val": torch.tensor(result.history.column("val_loss"))}
-        lm = ft.TrainState.create(nn.Sequential(nn.Embedding(5, 8), nn.Linear(8, 5)), ft.sgd(0.1), lambda m, b: m(b).mean(), sharding=mode)
+        result = ft.fit(
+            state,
+            dataset(),
+            eval_data=dataset(),
+            batch_size=16,
+            max_epochs=1,
+            log_every=2,
+            progress=False,
+            verbosity="silent",
+        )
+        results[f"fit/{mode}"] = {
+            "tree": gathered_tree(result.state),
+            "val": torch.tensor(result.history.column("val_loss")),
+        }
+        lm = ft.TrainState.create(
+            nn.Sequential(nn.Embedding(5, 8), nn.Linear(8, 5)),
+            ft.sgd(0.1),
+            lambda m, b: m(b).mean(),
+            sharding=mode,
+        )
         lm, _ = ft.train_step(lm, torch.tensor([[1, 2, 3]]))
-        results[f"generate/{mode}"] = ft.generate(lm, [1, 2], 6, seed=rank)  # the same seed on every rank in the test's eyes: compared per rank
-        before = [ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)]
-        ft.train_step(state, shard(batches(1)[0], rank, world))  # pure: the state it was given is left as it was
-        after = [ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)]
-        results[f"pure/{mode}"] = torch.tensor(all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(before), torch.utils._pytree.tree_leaves(after), strict=True)))
-        stats = ft.TrainState.create(Features(), ft.adamw(1e-2), loss_fn, sharding=mode, grad_stats="layer")
+        results[f"generate/{mode}"] = ft.generate(
+            lm, [1, 2], 6, seed=rank
+        )  # the same seed on every rank in the test's eyes: compared per rank
+        before = [
+            ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)
+        ]
+        ft.train_step(
+            state, shard(batches(1)[0], rank, world)
+        )  # pure: the state it was given is left as it was
+        after = [
+            ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)
+        ]
+        results[f"pure/{mode}"] = torch.tensor(
+            all(
+                torch.equal(a, b)
+                for a, b in zip(
+                    torch.utils._pytree.tree_leaves(before),
+                    torch.utils._pytree.tree_leaves(after),
+                    strict=True,
+                )
+            )
+        )
+        stats = ft.TrainState.create(
+            Features(), ft.adamw(1e-2), loss_fn, sharding=mode, grad_stats="layer"
+        )
         stats, m = ft.train_step(stats, shard(batches(1)[0], rank, world))
         results[f"grad_stats/{mode}"] = {k: v for k, v in m.items() if "/" in k or k == "grad_norm"}
         only = state.export_module(rank0_only=True)
-        results[f"rank0_only/{mode}"] = torch.tensor(only is None if rank else isinstance(only, nn.Module))
+        results[f"rank0_only/{mode}"] = torch.tensor(
+            only is None if rank else isinstance(only, nn.Module)
+        )
     for name, attempt in {
-        "muon": lambda: ft.TrainState.create(mlp(), ft.muon(0.02, others=ft.adamw(1e-3)), loss_fn, sharding="optimizer"),
+        "muon": lambda: ft.TrainState.create(
+            mlp(), ft.muon(0.02, others=ft.adamw(1e-3)), loss_fn, sharding="optimizer"
+        ),
     }.items():
         try:
             attempt()
@@ -349,8 +459,11 @@ class WholeCounter:
         import gc
 
         return {
-            t.untyped_storage().data_ptr() for t in gc.get_objects()
-            if isinstance(t, torch.Tensor) and not t.is_meta and not ft.distributed.is_sharded(t)
+            t.untyped_storage().data_ptr()
+            for t in gc.get_objects()
+            if isinstance(t, torch.Tensor)
+            and not t.is_meta
+            and not ft.distributed.is_sharded(t)
             and (tuple(t.shape) in self.shapes or t.untyped_storage().nbytes() in self.sizes)
         }
 
@@ -366,12 +479,22 @@ def meta_runs(rank: int, world: int) -> dict:
         with torch.device("meta"):
             meta = TiedNet()
         counter = WholeCounter({tuple(p.shape) for p in meta.parameters() if p.ndim == 2})
-        state = ft.TrainState.create(meta, ft.adamw(1e-2), loss_fn, sharding=mode, seed=11, init=counter)
+        state = ft.TrainState.create(
+            meta, ft.adamw(1e-2), loss_fn, sharding=mode, seed=11, init=counter
+        )
         torch.manual_seed(11)
         normal = ft.TrainState.create(TiedNet(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=11)
-        out[f"{mode}/initial"] = gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}
-        exp_avg = [x for x in torch.utils._pytree.tree_leaves(state.opt_state) if isinstance(x, torch.Tensor) and x.ndim == 2]
-        out[f"{mode}/opt_rows"] = torch.tensor([[ft.distributed.sharding.local(x).shape[0], x.shape[0]] for x in exp_avg])
+        out[f"{mode}/initial"] = gathered_tree(state) | {
+            "buffers/" + k: v for k, v in state.buffers.items()
+        }
+        exp_avg = [
+            x
+            for x in torch.utils._pytree.tree_leaves(state.opt_state)
+            if isinstance(x, torch.Tensor) and x.ndim == 2
+        ]
+        out[f"{mode}/opt_rows"] = torch.tensor(
+            [[ft.distributed.sharding.local(x).shape[0], x.shape[0]] for x in exp_avg]
+        )
         out[f"{mode}/whole"] = torch.tensor(counter.most)
         for b in batches(5):
             state, _ = ft.train_step(state, shard(b, rank, world))
@@ -411,11 +534,24 @@ def main() -> None:
 
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
         result = ft.fit(
-            state, dataset(), eval_data=dataset(), batch_size=16, max_epochs=3, log_every=2,
-            checkpoint_dir=out / "ckpt", save_every=4, log_file=out / "log.jsonl",
-            callbacks=[Stop()], resume=bool(int(sys.argv[4])), progress=False, verbosity="silent",
+            state,
+            dataset(),
+            eval_data=dataset(),
+            batch_size=16,
+            max_epochs=3,
+            log_every=2,
+            checkpoint_dir=out / "ckpt",
+            save_every=4,
+            log_file=out / "log.jsonl",
+            callbacks=[Stop()],
+            resume=bool(int(sys.argv[4])),
+            progress=False,
+            verbosity="silent",
         )
-        ft.save({"params": result.state.params, "val": torch.tensor(result.history.column("val_loss"))}, mine)
+        ft.save(
+            {"params": result.state.params, "val": torch.tensor(result.history.column("val_loss"))},
+            mine,
+        )
     elif scenario == "stream":
         # each rank streams its own half; stopped after 4 updates, then resumed in this process
         straight = stream_fit(rank, out / "straight", 10, [])
@@ -423,7 +559,15 @@ def main() -> None:
         reads: list[int] = []
         resumed = stream_fit(rank, out / "ckpt", 10, reads, resume=True)
         saved = resumed.state.driver["source"]["ranks"]
-        ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": reads, "saved": saved}, mine)
+        ft.save(
+            {
+                "straight": straight.state.params,
+                "resumed": resumed.state.params,
+                "reads": reads,
+                "saved": saved,
+            },
+            mine,
+        )
     elif scenario == "loader":
         # each rank loads its DistributedSampler's part with noise; stopped after 9 updates, then resumed
         straight = loader_fit(rank, world, out / "straight", 14, [])
@@ -431,10 +575,30 @@ def main() -> None:
         reads: list[int] = []
         resumed = loader_fit(rank, world, out / "ckpt", 14, reads, resume=True)
         saved = resumed.state.driver["source"]["ranks"]
-        ft.save({"straight": straight.state.params, "resumed": resumed.state.params, "reads": len(reads), "saved": saved}, mine)
+        ft.save(
+            {
+                "straight": straight.state.params,
+                "resumed": resumed.state.params,
+                "reads": len(reads),
+                "saved": saved,
+            },
+            mine,
+        )
     elif scenario == "sharded":
         # one launch for everything (a process start costs seconds): the rest on 2 ranks only
-        ft.save({**sharded_runs(rank, world), **(feature_runs(rank, world) | per_use_runs(rank, world) | compiled_runs(rank, world) if world == 2 else {})}, mine)
+        ft.save(
+            {
+                **sharded_runs(rank, world),
+                **(
+                    feature_runs(rank, world)
+                    | per_use_runs(rank, world)
+                    | compiled_runs(rank, world)
+                    if world == 2
+                    else {}
+                ),
+            },
+            mine,
+        )
         if world == 2:
             sharded_extras(out / "extras", rank, world)
     elif scenario == "meta":
@@ -448,7 +612,9 @@ def main() -> None:
     elif scenario == "indivisible":
         state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
         try:
-            ft.fit(state, dataset(), batch_size=15, max_epochs=1, progress=False, verbosity="silent")
+            ft.fit(
+                state, dataset(), batch_size=15, max_epochs=1, progress=False, verbosity="silent"
+            )
         except ft.ConfigError as e:
             mine.mkdir(parents=True)
             (mine / "error.txt").write_text(str(e))

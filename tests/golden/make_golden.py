@@ -40,12 +40,16 @@ def build_state() -> ft.TrainState:
     """The initial state: Linear-BatchNorm-Linear, AdamW, EMA; also the template to load against."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-    return ft.TrainState.create(model, ft.adamw(1e-2, fused=False), loss_fn, seed=0, ema_decay=0.9)  # foreach, as written
+    return ft.TrainState.create(
+        model, ft.adamw(1e-2, fused=False), loss_fn, seed=0, ema_decay=0.9
+    )  # foreach, as written
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)) for _ in range(3)]
+    return [
+        (torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)) for _ in range(3)
+    ]
 
 
 def trained_state() -> ft.TrainState:
@@ -61,7 +65,12 @@ def describe(value: Any) -> Any:
         flat = value.detach().clone(memory_format=torch.contiguous_format).reshape(-1)
         first = [float(x).hex() if value.is_floating_point() else int(x) for x in flat[:4].tolist()]
         raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-        return {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape), "sha256": hashlib.sha256(raw).hexdigest(), "first": first}
+        return {
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "first": first,
+        }
     return {"value": repr(value)}
 
 
@@ -75,8 +84,12 @@ def main() -> None:
     shutil.rmtree(target, ignore_errors=True)
     ft.save(state, target, metadata={"made_by": "tests/golden/make_golden.py"})
     expected = {path: describe(leaf) for path, leaf in leaves_by_path(state.tree()).items()}
-    (HERE / f"{name}_expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {target} ({sum(f.stat().st_size for f in target.iterdir())} bytes) and {name}_expected.json")
+    (HERE / f"{name}_expected.json").write_text(
+        json.dumps(expected, indent=1, sort_keys=True) + "\n"
+    )
+    print(
+        f"wrote {target} ({sum(f.stat().st_size for f in target.iterdir())} bytes) and {name}_expected.json"
+    )
 
 
 if __name__ == "__main__":

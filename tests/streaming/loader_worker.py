@@ -57,7 +57,13 @@ def train_data(spec: dict[str, Any]) -> Any:
     if spec["source"] == "map":
         return dataset
     generator = torch.Generator().manual_seed(7) if spec["source"] == "loader" else None
-    return DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=generator, num_workers=spec["num_workers"])
+    return DataLoader(
+        dataset,
+        batch_size=BATCH,
+        shuffle=True,
+        generator=generator,
+        num_workers=spec["num_workers"],
+    )
 
 
 def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -69,7 +75,9 @@ def build_state(accumulate: int) -> ft.TrainState:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 2))
-    return ft.TrainState.create(module, ft.adamw(0.02, weight_decay=0.1), loss_fn, seed=1, accumulate_steps=accumulate)
+    return ft.TrainState.create(
+        module, ft.adamw(0.02, weight_decay=0.1), loss_fn, seed=1, accumulate_steps=accumulate
+    )
 
 
 def run(spec: dict[str, Any]) -> ft.FitResult:

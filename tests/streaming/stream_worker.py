@@ -61,7 +61,9 @@ def loader(log: str | None, num_workers: int) -> Any:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "'set_vital' is deprecated")  # torchdata 0.11 on torch 2.13
+        warnings.filterwarnings(
+            "ignore", "'set_vital' is deprecated"
+        )  # torchdata 0.11 on torch 2.13
         return StatefulDataLoader(CountingStream(log), batch_size=BATCH, num_workers=num_workers)
 
 
@@ -74,7 +76,9 @@ def build_state(accumulate: int) -> ft.TrainState:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    return ft.TrainState.create(module, ft.adamw(0.02, weight_decay=0.1), loss_fn, seed=1, accumulate_steps=accumulate)
+    return ft.TrainState.create(
+        module, ft.adamw(0.02, weight_decay=0.1), loss_fn, seed=1, accumulate_steps=accumulate
+    )
 
 
 class Interrupted(Exception):

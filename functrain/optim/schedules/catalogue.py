@@ -17,10 +17,10 @@ the last bit at the end points (a `linear` schedule may end one ulp past ``end_v
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
-import functools
 import operator
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
@@ -58,7 +58,6 @@ class Schedule(Protocol):
 
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
-
 
 
 def _described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
@@ -113,7 +112,9 @@ def _check_number(problems: list[str], name: str, value: Any, need: str = ">= 0"
         problems.append(f"{name} must be {need}, got {name}={value!r}")
 
 
-def _check_interval(problems: list[str], name: str, value: Any, low: float, high: float, closed: str) -> None:
+def _check_interval(
+    problems: list[str], name: str, value: Any, low: float, high: float, closed: str
+) -> None:
     """`closed` names the closed ends: "" for (low, high), "low", "high" or "both"."""
     if not _is_number(value):
         problems.append(f"{name} must be a finite number, got {name}={value!r}")
@@ -157,7 +158,9 @@ def constant(value: float) -> Schedule:
 
 
 @_described
-def linear(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
+def linear(
+    init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
+) -> Schedule:
     """Hold `init_value` until `transition_begin`, move linearly to `end_value` over `transition_steps`, hold.
 
     The value is ``init_value + (end_value - init_value) * frac``, with ``frac`` the clipped fraction of
@@ -191,13 +194,17 @@ def linear(init_value: float, end_value: float, transition_steps: int, transitio
     init, delta = float(init_value), float(end_value) - float(init_value)
 
     def value_fn(t: torch.Tensor) -> torch.Tensor:
-        return init + delta * (torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps)
+        return init + delta * (
+            torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps
+        )
 
     return _lift(value_fn)
 
 
 @_described
-def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
+def cosine_decay(
+    init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0
+) -> Schedule:
     """Decay along half a cosine from `init_value` to ``alpha * init_value`` over `decay_steps`, then hold.
 
     The value is ``init_value * ((1 - alpha) * c ** exponent + alpha)`` with
@@ -296,7 +303,11 @@ def exponential_decay(
 
     def value_fn(t: torch.Tensor) -> torch.Tensor:
         elapsed = t - transition_begin
-        p = torch.div(elapsed, transition_steps, rounding_mode="floor") if staircase else elapsed / transition_steps
+        p = (
+            torch.div(elapsed, transition_steps, rounding_mode="floor")
+            if staircase
+            else elapsed / transition_steps
+        )
         value = torch.where(elapsed <= 0, init, init * torch.pow(rate, p))
         if end_value is None or rate == 1:
             return value
@@ -332,7 +343,9 @@ def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> 
     problems: list[str] = []
     _check_number(problems, "init_value", init_value)
     if not isinstance(boundaries_and_scales, Mapping):
-        problems.append(f"boundaries_and_scales must be a dict {{step: scale}}, got {boundaries_and_scales!r}")
+        problems.append(
+            f"boundaries_and_scales must be a dict {{step: scale}}, got {boundaries_and_scales!r}"
+        )
     else:
         for boundary, scale in boundaries_and_scales.items():
             _check_steps(problems, "boundary", boundary)
@@ -354,7 +367,11 @@ def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> 
 
 @_described
 def polynomial(
-    init_value: float, end_value: float, power: float, transition_steps: int, transition_begin: int = 0
+    init_value: float,
+    end_value: float,
+    power: float,
+    transition_steps: int,
+    transition_begin: int = 0,
 ) -> Schedule:
     """Move from `init_value` to `end_value` along ``(1 - frac) ** power`` over `transition_steps`, then hold.
 
@@ -399,7 +416,11 @@ def polynomial(
 
 @_described
 def warmup_cosine(
-    peak_value: float, warmup_steps: int, decay_steps: int, init_value: float = 0.0, end_value: float = 0.0
+    peak_value: float,
+    warmup_steps: int,
+    decay_steps: int,
+    init_value: float = 0.0,
+    end_value: float = 0.0,
 ) -> Schedule:
     """Warm up linearly from `init_value` to `peak_value`, then decay along half a cosine to `end_value`.
 
@@ -441,7 +462,9 @@ def warmup_cosine(
             )
         for name, value in (("init_value", init_value), ("end_value", end_value)):
             if value > peak_value:
-                problems.append(f"{name} must be <= peak_value={peak_value!r}, got {name}={value!r}")
+                problems.append(
+                    f"{name} must be <= peak_value={peak_value!r}, got {name}={value!r}"
+                )
     config_check(problems, "warmup_cosine")
     alpha = end_value / peak_value if peak_value > 0 else 0.0
     decay = cosine_decay(peak_value, decay_steps - warmup_steps, alpha=alpha)
@@ -490,7 +513,9 @@ def phased_value(phases: Sequence[_Phase], anneal: str, last_step: float) -> Val
 def _empty_phases(phases: Sequence[_Phase]) -> list[int]:
     """Indices of phases of zero length: torch's OneCycleLR divides by zero there."""
     starts = [0.0, *(end for end, _, _ in phases[:-1])]
-    return [i for i, (start, (end, _, _)) in enumerate(zip(starts, phases, strict=True)) if end == start]
+    return [
+        i for i, (start, (end, _, _)) in enumerate(zip(starts, phases, strict=True)) if end == start
+    ]
 
 
 @_described
@@ -542,7 +567,9 @@ def one_cycle(
     if anneal not in ("cos", "linear"):
         problems.append(f"anneal must be 'cos' or 'linear', got anneal={anneal!r}")
     config_check(problems, "one_cycle")
-    phases = _one_cycle_phases(transition_steps, peak_value, pct_start, div_factor, final_div_factor, False)
+    phases = _one_cycle_phases(
+        transition_steps, peak_value, pct_start, div_factor, final_div_factor, False
+    )
     if _empty_phases(phases):
         config_check(
             [
@@ -555,7 +582,12 @@ def one_cycle(
 
 
 def _one_cycle_phases(
-    total_steps: int, max_lr: float, pct_start: float, div_factor: float, final_div_factor: float, three_phase: bool
+    total_steps: int,
+    max_lr: float,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
+    three_phase: bool,
 ) -> list[_Phase]:
     # the group values and phase ends exactly as OneCycleLR.__init__ computes them
     initial = max_lr / div_factor
@@ -603,7 +635,10 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         problems.append("schedules must hold at least one schedule, got schedules=[]")
     for i, schedule in enumerate(schedules):
         if not callable(schedule):
-            problems.append(torch_object_hint(schedule, f"schedules[{i}]", schedule=True) or f"schedules[{i}] must be a schedule (callable), got schedules[{i}]={schedule!r}")
+            problems.append(
+                torch_object_hint(schedule, f"schedules[{i}]", schedule=True)
+                or f"schedules[{i}] must be a schedule (callable), got schedules[{i}]={schedule!r}"
+            )
     if schedules and len(boundaries) != len(schedules) - 1:
         problems.append(
             f"boundaries must hold len(schedules) - 1 = {len(schedules) - 1} steps, got boundaries={boundaries!r}"
@@ -660,7 +695,10 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
     """
     problems: list[str] = []
     if not callable(schedule):
-        problems.append(torch_object_hint(schedule, "schedule", schedule=True) or f"schedule must be a schedule (callable), got schedule={schedule!r}")
+        problems.append(
+            torch_object_hint(schedule, "schedule", schedule=True)
+            or f"schedule must be a schedule (callable), got schedule={schedule!r}"
+        )
     _check_steps(problems, "steps_per_epoch", steps_per_epoch, minimum=1)
     config_check(problems, "per_epoch")
 

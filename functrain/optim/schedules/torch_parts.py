@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from functrain.errors import config_check
 from functrain.optim.schedules.catalogue import (
     ValueFn,
     _check_interval,
@@ -39,7 +40,6 @@ from functrain.optim.schedules.catalogue import (
     _one_cycle_phases,
     phased_value,
 )
-from functrain.errors import config_check
 
 Mode = Literal["initial", "entered", "stepped"]
 Window = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,7 +53,9 @@ class Part:
     sets: ValueFn | None = None
     factor: Window | None = None
     adds: bool = False  # a CosineAnnealingLR in it restarts by adding to the lr it finds
-    affine: bool = False  # a CosineAnnealingLR with eta_min != 0 in it: no factor, no set, at some steps
+    affine: bool = (
+        False  # a CosineAnnealingLR with eta_min != 0 in it: no factor, no set, at some steps
+    )
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,9 @@ def step_lr(s: Setting, step_size: int, gamma: float) -> Part:
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = torch.clamp(a, min=0)
-        done = torch.div(t, step_size, rounding_mode="floor") - torch.div(a, step_size, rounding_mode="floor")
+        done = torch.div(t, step_size, rounding_mode="floor") - torch.div(
+            a, step_size, rounding_mode="floor"
+        )
         return torch.pow(gamma, done)
 
     return relative(value, factor, s.mode)
@@ -139,7 +143,9 @@ def linear_lr(s: Setting, start_factor: float, end_factor: float, total_iters: i
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ratio = level(t) / torch.where(a < 0, 1.0, level(a))
-        return torch.where(a >= total_iters, 1.0, ratio)  # past total_iters the factors are 1 (level may be 0)
+        return torch.where(
+            a >= total_iters, 1.0, ratio
+        )  # past total_iters the factors are 1 (level may be 0)
 
     return relative(lambda t: s.base * level(t), factor, s.mode)
 
@@ -152,7 +158,9 @@ def constant_lr(s: Setting, factor: float, total_iters: int) -> Part:
 
     def window(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         lower = torch.where((a < 0) & (t >= 0), factor, torch.ones_like(t))
-        return lower * torch.where((a < total_iters) & (total_iters <= t), 1.0 / factor, torch.ones_like(t))
+        return lower * torch.where(
+            (a < total_iters) & (total_iters <= t), 1.0 / factor, torch.ones_like(t)
+        )
 
     return relative(value, window, s.mode)
 
@@ -174,7 +182,9 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
     """Chainable (as a factor) only with ``eta_min == 0``: otherwise each step is affine in the lr."""
     value = cosine_annealing(s.base, T_max, eta_min, first=s.mode == "initial")
     if eta_min != 0:  # neither sets the lr nor multiplies it: affine in it at every step
-        return Part(value, (lambda t: torch.zeros_like(t)) if s.mode == "entered" else None, affine=True)
+        return Part(
+            value, (lambda t: torch.zeros_like(t)) if s.mode == "entered" else None, affine=True
+        )
     first = -1 if s.mode == "stepped" else 0
 
     def level(t: torch.Tensor) -> torch.Tensor:
@@ -214,7 +224,9 @@ def cosine_annealing(base_lr: float, T_max: int, eta_min: float, first: bool) ->
 def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps: int) -> Part:
     """The product of ``lr_lambda(1), ..., lr_lambda(t)``, computed once on the host as torch does, and read by index."""
     with_zero = s.mode != "initial"  # entered or stepped, torch multiplies by lr_lambda(0) too
-    factors = [float(lr_lambda(0)) if with_zero else 1.0] + [float(lr_lambda(i)) for i in range(1, total_steps + 1)]
+    factors = [float(lr_lambda(0)) if with_zero else 1.0] + [
+        float(lr_lambda(i)) for i in range(1, total_steps + 1)
+    ]
     zero = next((i for i, f in enumerate(factors) if f == 0 or not math.isfinite(f)), None)
     if zero is not None:
         problem = f"lr_lambda({zero}) must be a finite number != 0 (the lr would stay there), got {factors[zero]!r}"
@@ -279,8 +291,14 @@ def cyclic_lr(
         height = (max_lr - base_lr) * scale
         scaled = scale_fn(cycle if scale_mode == "cycle" else t)
         lr = base_lr + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device)
-        if s.mode == "initial":  # torch's initial step runs before it replaces base_lrs: from initial_lr
-            lr = torch.where(t == 0, initial + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device), lr)
+        if (
+            s.mode == "initial"
+        ):  # torch's initial step runs before it replaces base_lrs: from initial_lr
+            lr = torch.where(
+                t == 0,
+                initial + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device),
+                lr,
+            )
         return lr
 
     return Part(value, every_step)
@@ -299,7 +317,9 @@ def warm_restarts_lr(s: Setting, T_0: int, T_mult: int, eta_min: float) -> Part:
     return Part(value, every_step)
 
 
-def _warm_restart_position(t: torch.Tensor, T_0: int, T_mult: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _warm_restart_position(
+    t: torch.Tensor, T_0: int, T_mult: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T_cur, T_i)`` at step `t`: cycle ``n`` starts at ``T_0 (T_mult^n - 1) / (T_mult - 1)``."""
 
     def start(n: torch.Tensor) -> torch.Tensor:  # integers, exact in float64
@@ -314,7 +334,12 @@ def _warm_restart_position(t: torch.Tensor, T_0: int, T_mult: int) -> tuple[torc
 
 def one_cycle_lr(total: int, a: Mapping[str, Any]) -> Part:
     phases = _one_cycle_phases(
-        total, a["max_lr"], a["pct_start"], a["div_factor"], a["final_div_factor"], bool(a["three_phase"])
+        total,
+        a["max_lr"],
+        a["pct_start"],
+        a["div_factor"],
+        a["final_div_factor"],
+        bool(a["three_phase"]),
     )
     return Part(phased_value(phases, a["anneal_strategy"], total), every_step)
 
@@ -332,12 +357,19 @@ def one_cycle_total(a: Mapping[str, Any], where: str) -> int:
         total = a["epochs"] * a["steps_per_epoch"] if not problems else 1
     _check_interval(problems, "pct_start", a["pct_start"], 0.0, 1.0, closed="")
     if a["anneal_strategy"] not in ("cos", "linear"):
-        problems.append(f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={a['anneal_strategy']!r}")
+        problems.append(
+            f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={a['anneal_strategy']!r}"
+        )
     _check_number(problems, "div_factor", a["div_factor"], need="> 0")
     _check_number(problems, "final_div_factor", a["final_div_factor"], need="> 0")
     config_check(problems, where)
     phases = _one_cycle_phases(
-        total, a["max_lr"], a["pct_start"], a["div_factor"], a["final_div_factor"], bool(a["three_phase"])
+        total,
+        a["max_lr"],
+        a["pct_start"],
+        a["div_factor"],
+        a["final_div_factor"],
+        bool(a["three_phase"]),
     )
     empty = _empty_phases(phases)
     if empty:

@@ -39,15 +39,23 @@ _IGNORED = ("optimizer", "last_epoch")
 _MOMENTUM_ARGS = ("cycle_momentum", "base_momentum", "max_momentum")
 
 
-def _torch_args(cls: type, kwargs: Mapping[str, Any], where: str, extra: Mapping[str, Any] = {}) -> dict[str, Any]:
+def _torch_args(
+    cls: type, kwargs: Mapping[str, Any], where: str, extra: Mapping[str, Any] = {}
+) -> dict[str, Any]:
     """The scheduler's arguments (torch's defaults filled in), or a ConfigError naming the bad ones."""
-    params = {n: p.default for n, p in inspect.signature(cls).parameters.items() if n not in _IGNORED}
+    params = {
+        n: p.default for n, p in inspect.signature(cls).parameters.items() if n not in _IGNORED
+    }
     params.update(extra)
     problems: list[str] = []
     unknown = [name for name in kwargs if name not in params]
     if unknown:
-        problems.append(f"{cls.__name__} takes no argument {', '.join(unknown)}; it takes {', '.join(params)}")
-    missing = [n for n, default in params.items() if default is inspect.Parameter.empty and n not in kwargs]
+        problems.append(
+            f"{cls.__name__} takes no argument {', '.join(unknown)}; it takes {', '.join(params)}"
+        )
+    missing = [
+        n for n, default in params.items() if default is inspect.Parameter.empty and n not in kwargs
+    ]
     if missing:
         problems.append(f"{cls.__name__} needs {', '.join(missing)}")
     config_check(problems, where)
@@ -128,7 +136,10 @@ def _polynomial(kwargs: Mapping[str, Any], s: Setting) -> Part:
 def _lambda(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.LambdaLR, kwargs, s.where)
     if not callable(a["lr_lambda"]):
-        config_check([f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"], s.where)
+        config_check(
+            [f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"],
+            s.where,
+        )
     return P.lambda_lr(s, a["lr_lambda"])
 
 
@@ -137,7 +148,9 @@ def _multiplicative(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.MultiplicativeLR, kwargs, s.where, extra={"total_steps": empty})
     problems: list[str] = []
     if not callable(a["lr_lambda"]):
-        problems.append(f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}")
+        problems.append(
+            f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"
+        )
     _check_steps(problems, "total_steps", a["total_steps"], minimum=1)
     config_check(problems, s.where)
     return P.multiplicative_lr(s, a["lr_lambda"], a["total_steps"])
@@ -157,11 +170,17 @@ def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
     if a["step_size_down"] is not None:
         _check_steps(problems, "step_size_down", a["step_size_down"])
     if a["scale_fn"] is None and a["mode"] not in ("triangular", "triangular2", "exp_range"):
-        problems.append(f"mode must be 'triangular', 'triangular2' or 'exp_range', got mode={a['mode']!r}")
+        problems.append(
+            f"mode must be 'triangular', 'triangular2' or 'exp_range', got mode={a['mode']!r}"
+        )
     if a["scale_fn"] is not None and not callable(a["scale_fn"]):
-        problems.append(f"scale_fn must be a function of the cycle or step, got scale_fn={a['scale_fn']!r}")
+        problems.append(
+            f"scale_fn must be a function of the cycle or step, got scale_fn={a['scale_fn']!r}"
+        )
     if a["scale_mode"] not in ("cycle", "iterations"):
-        problems.append(f"scale_mode must be 'cycle' or 'iterations', got scale_mode={a['scale_mode']!r}")
+        problems.append(
+            f"scale_mode must be 'cycle' or 'iterations', got scale_mode={a['scale_mode']!r}"
+        )
     _check_number(problems, "gamma", a["gamma"])
     config_check(problems, s.where)
     return P.cyclic_lr(
@@ -207,15 +226,23 @@ def _members(a: Mapping[str, Any], where: str) -> list[tuple[type, Mapping[str, 
     problems: list[str] = []
     entries = list(a["schedulers"]) if isinstance(a["schedulers"], Sequence) else []
     if not entries:
-        problems.append(f"schedulers must be a non-empty list of (cls, kwargs) pairs, got schedulers={a['schedulers']!r}")
+        problems.append(
+            f"schedulers must be a non-empty list of (cls, kwargs) pairs, got schedulers={a['schedulers']!r}"
+        )
     names = ", ".join(cls.__name__ for cls in SUPPORTED)
     for i, entry in enumerate(entries):
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Mapping)):
-            problems.append(f"schedulers[{i}] must be a pair (cls, kwargs), got schedulers[{i}]={entry!r}")
+            problems.append(
+                f"schedulers[{i}] must be a pair (cls, kwargs), got schedulers[{i}]={entry!r}"
+            )
         elif entry[0] not in SUPPORTED:
-            problems.append(f"schedulers[{i}] must be one of {names}, got schedulers[{i}][0]={entry[0]!r}")
+            problems.append(
+                f"schedulers[{i}] must be one of {names}, got schedulers[{i}][0]={entry[0]!r}"
+            )
         elif "lr" in entry[1]:
-            problems.append(f"schedulers[{i}] shares the optimizer's lr: pass lr= to from_torch only")
+            problems.append(
+                f"schedulers[{i}] shares the optimizer's lr: pass lr= to from_torch only"
+            )
     config_check(problems, where)
     return entries
 
@@ -226,7 +253,9 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
     problems: list[str] = []
     milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence) else [None]
     if len(milestones) != len(entries) - 1:
-        problems.append(f"milestones must hold len(schedulers) - 1 steps, got milestones={a['milestones']!r}")
+        problems.append(
+            f"milestones must hold len(schedulers) - 1 steps, got milestones={a['milestones']!r}"
+        )
     for i, milestone in enumerate(milestones):
         _check_steps(problems, f"milestones[{i}]", milestone)
     if not problems and any(m >= n for m, n in zip(milestones, milestones[1:])):
@@ -236,14 +265,19 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
     first = bisect_right(milestones, 0)
     for i, (cls, _) in enumerate(entries):
         if cls in _COMPOSITES and (i > first or cls is lr_scheduler.SequentialLR):
-            config_check([_NESTED_SEQUENCE if i == first else _LATE_COMPOSITE.format(i=i, cls=cls.__name__)], s.where)
+            config_check(
+                [_NESTED_SEQUENCE if i == first else _LATE_COMPOSITE.format(i=i, cls=cls.__name__)],
+                s.where,
+            )
     parts = []
     for i, (cls, kw) in enumerate(entries):
         # the member started at step 0 takes torch's initial step again, after every scheduler was built:
         # a CyclicLR then runs from its own base_lr (as in a plain step), a ChainedScheduler steps its members
         restarted = cls in (lr_scheduler.ChainedScheduler, lr_scheduler.CyclicLR)
         mode = ("stepped" if restarted else "initial") if i <= first else "entered"
-        parts.append(_build(cls, kw, Setting(s.base, mode, f"{s.where}, schedulers[{i}] ({cls.__name__})")))
+        parts.append(
+            _build(cls, kw, Setting(s.base, mode, f"{s.where}, schedulers[{i}] ({cls.__name__})"))
+        )
     return _sequence(parts[first:], [0, *milestones[first:]])
 
 
@@ -264,17 +298,27 @@ def _sequence(parts: Sequence[Part], starts: Sequence[int]) -> Part:
     sets_fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
     for k, part in enumerate(parts):
         start, so_far = starts[k], _sequence_value(value_fns, starts[:k])
-        if k and part.sets is None and part.factor is not None:  # entered from the lr it finds (MultiplicativeLR)
+        if (
+            k and part.sets is None and part.factor is not None
+        ):  # entered from the lr it finds (MultiplicativeLR)
             entry = _host(so_far, start - 1)
             floor = _host(_sequence_value(sets_fns, starts[:k]), start - 1)
-            value_fns.append(lambda u, part=part, entry=entry: entry * part.factor(torch.full_like(u, -1.0), u))
+            value_fns.append(
+                lambda u, part=part, entry=entry: entry * part.factor(torch.full_like(u, -1.0), u)
+            )
         else:
             value_fns.append(part.value)
             floor = 0.0
         sets_fns.append(_shifted_sets(part, start, floor))
     affine = any(p.affine for p in parts)
     factor = None if affine else _sequence_factor(parts, starts)
-    return Part(_sequence_value(value_fns, starts), _sequence_value(sets_fns, starts), factor, any(p.adds for p in parts), affine)
+    return Part(
+        _sequence_value(value_fns, starts),
+        _sequence_value(sets_fns, starts),
+        factor,
+        any(p.adds for p in parts),
+        affine,
+    )
 
 
 def _host(fn: Callable[[torch.Tensor], torch.Tensor], step: int) -> float:
@@ -288,7 +332,9 @@ def _shifted_sets(part: Part, start: int, floor: float) -> Callable[[torch.Tenso
     return lambda u: torch.where(part.sets(u) >= 0, start + part.sets(u), floor)
 
 
-def _sequence_value(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], starts: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _sequence_value(
+    fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], starts: Sequence[int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function of member ``k`` (at its own step) from ``starts[k]`` on."""
 
     def value(t: torch.Tensor) -> torch.Tensor:
@@ -362,7 +408,9 @@ def _chain(base: float, parts: Sequence[Part]) -> Part:
     def window(parts: Sequence[Part], a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = torch.ones_like(t)
         for part in parts:
-            if part.factor is not None:  # an empty window is 1 (a factor at a trough would read 0 / 0)
+            if (
+                part.factor is not None
+            ):  # an empty window is 1 (a factor at a trough would read 0 / 0)
                 out = out * torch.where(a < t, part.factor(torch.clamp(a, max=t), t), 1.0)
         return out
 
@@ -379,7 +427,9 @@ def _chain(base: float, parts: Sequence[Part]) -> Part:
 
     setters = [part.sets for part in parts if part.sets is not None]
     sets = None if not setters else lambda t: torch.stack([fn(t) for fn in setters]).amax(0)
-    return Part(value, sets, factor, any(part.adds for part in parts), any(part.affine for part in parts))
+    return Part(
+        value, sets, factor, any(part.adds for part in parts), any(part.affine for part in parts)
+    )
 
 
 _BUILDERS: dict[type, Callable[[Mapping[str, Any], Setting], Part]] = {
@@ -402,7 +452,12 @@ def _leaves(cls: type, kwargs: Mapping[str, Any]) -> list[tuple[type, Mapping[st
         return []
     found = []
     for entry in entries:
-        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in SUPPORTED and isinstance(entry[1], Mapping):
+        if (
+            isinstance(entry, tuple)
+            and len(entry) == 2
+            and entry[0] in SUPPORTED
+            and isinstance(entry[1], Mapping)
+        ):
             found.extend(_leaves(*entry))
     return found
 
@@ -555,10 +610,19 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
 def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Class paths as classes and ``[path, {kwargs}]`` members as pairs: a config file's spelling."""
     cls = _scheduler_class(cls)
-    if cls in _COMPOSITES and isinstance(kwargs.get("schedulers"), Sequence) and not isinstance(kwargs["schedulers"], str):
+    if (
+        cls in _COMPOSITES
+        and isinstance(kwargs.get("schedulers"), Sequence)
+        and not isinstance(kwargs["schedulers"], str)
+    ):
         members = []
         for entry in kwargs["schedulers"]:
-            if isinstance(entry, Sequence) and not isinstance(entry, str) and len(entry) == 2 and isinstance(entry[1], Mapping):
+            if (
+                isinstance(entry, Sequence)
+                and not isinstance(entry, str)
+                and len(entry) == 2
+                and isinstance(entry[1], Mapping)
+            ):
                 entry = _classes(entry[0], dict(entry[1]))
             members.append(entry)
         kwargs = {**kwargs, "schedulers": members}
@@ -584,7 +648,12 @@ def _from_torch_classes(cls: type, /, *, lr: float | None = None, **kwargs: Any)
     if build is None:
         names = ", ".join(c.__name__ for c in SUPPORTED)
         if isinstance(cls, lr_scheduler.LRScheduler):  # the live scheduler rather than its class
-            config_check([f"cls must be a scheduler class, got a live {type(cls).__name__}; write {schedule_call(cls)} instead"], "from_torch")
+            config_check(
+                [
+                    f"cls must be a scheduler class, got a live {type(cls).__name__}; write {schedule_call(cls)} instead"
+                ],
+                "from_torch",
+            )
         config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")
     where = f"from_torch({cls.__name__})"
     base = _base(cls, lr, kwargs, where)
@@ -594,14 +663,18 @@ def _from_torch_classes(cls: type, /, *, lr: float | None = None, **kwargs: Any)
     return _lift(part.value)
 
 
-_from_torch_classes.__name__ = "from_torch"  # the schedule's recorded name, whichever spelling built it
+_from_torch_classes.__name__ = (
+    "from_torch"  # the schedule's recorded name, whichever spelling built it
+)
 _from_torch_classes = _described(_from_torch_classes)
 
 
 def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
         if isinstance(step, torch.Tensor):
-            return base_lr * torch.as_tensor(lr_lambda(step.to(torch.float64)), dtype=torch.float64, device=step.device)
+            return base_lr * torch.as_tensor(
+                lr_lambda(step.to(torch.float64)), dtype=torch.float64, device=step.device
+            )
         return float(base_lr * lr_lambda(operator.index(step)))
 
     return cast(Schedule, schedule)
