@@ -1,11 +1,11 @@
-# Set up a virtualenv and run the demo or the tests. torch is pinned here only, to the CPU build
-# that the project is developed against; the package itself declares torch>=2.4.
+# Set up a virtualenv and run the demo, the checks (lint) or the tests. torch is pinned here only,
+# to the CPU build that the project is developed against; the package itself declares torch>=2.4.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-long bench clean
+.PHONY: setup demo lint test test-long bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,14 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/functrain run configs/demo.yaml $(ARGS)
+
+# the checks CI runs before the tests: format, lint, types, the import contract (layers, no
+# cycles, no private names across modules: tools/import_contract.py)
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python tools/import_contract.py
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -22,7 +22,8 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# the integrations' doctests need their optional packages (`make test` installs them; `.[dev]` alone does not)
+# the integrations' doctests need their optional packages (`make test` installs them; `.[dev]` alone
+# does not)
 collect_ignore = [
     f"functrain/integrations/{name}.py"
     for name in ("wandb", "optuna")

@@ -22,8 +22,8 @@ ratio is taken per repetition before the median. Every file is read back while i
 page cache, for the baseline and for functrain alike.
 
 ``--profile`` adds the time of each stage of a save and a load done by hand (building the
-safetensors buffers, SHA-256, write, fsync, read, parse; each alone and overlapped as functrain
-does them), and the old path through ``safetensors.torch.save``/``load``, to show where the time goes.
+safetensors buffers, BLAKE3, write, fsync, read, parse; each alone and overlapped as functrain does
+them), and the old path through ``safetensors.torch.save``/``load``, to show where the time goes.
 
 A hash line (BLAKE3 of the same bytes in memory, one thread) shows what hashing costs alone.
 
@@ -45,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import blake3
 import torch
@@ -53,7 +54,7 @@ from torch import nn
 import functrain as ft
 from functrain.checkpoint import files
 from functrain.checkpoint import format as serialization
-from functrain.checkpoint.tensorfile import _parse_safetensors
+from functrain.checkpoint.tensorfile import _parse_safetensors, safetensors_chunks
 
 TARGETS = {"save": 0.9, "load": 0.9, "async": 0.1}
 
@@ -118,7 +119,8 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
         bytearray(os.urandom(1 << 20)) * (nbytes >> 20) + bytearray(nbytes & ((1 << 20) - 1))
     )
     print(
-        f"state: {state!r}; checkpoint {nbytes / 1e6:.1f} MB; {reps} repetitions; directory {directory}"
+        f"state: {state!r}; checkpoint {nbytes / 1e6:.1f} MB; {reps} repetitions; directory "
+        f"{directory}"
     )
 
     sync_mgr = ft.CheckpointManager(directory / "mgr-sync", keep_last=1, keep_best=0)
@@ -228,34 +230,38 @@ def run(mb: float, reps: int, directory: Path, profile: bool) -> None:
             target_s = f"{target[1]}{target[2]:<4} {'ok' if met else 'MISS'}"
         print(f"| {label:48s} | {med:8.3f} | {nbytes / 1e6 / med:6.0f} | {ratio_s} | {target_s} |")
     print(
-        "\nratios: save and load = plain time / functrain time (throughput ratio, per repetition, median);"
+        "\nratios: save and load = plain time / functrain time (throughput ratio, per repetition, "
+        "median);"
     )
     print(
-        "async = time the caller is blocked / synchronous manager save time (per repetition, median)."
+        "async = time the caller is blocked / synchronous manager save time (per repetition, "
+        "median)."
     )
     bound = statistics.median(ratios("plain read", "blake3"))
     print(
-        f"a load maps each file and hashes it where it lies (the hash is the read): on one core its ratio is about plain read / BLAKE3 = {bound:.2f},"
+        "a load maps each file and hashes it where it lies (the hash is the read): on one core "
+        f"its ratio is about plain read / BLAKE3 = {bound:.2f},"
     )
     print(
-        f"more where BLAKE3's threads find free cores. Load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores."
+        "more where BLAKE3's threads find free cores. Load average at the end: "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores."
     )
     if profile:
         profile_stages(state, directory, reps)
 
 
 def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
-    """Time each stage of a save and a load, done by hand the way `functrain.checkpoint.format` does them."""
+    """Time each stage of a save and a load, done by hand as `functrain.checkpoint.format` does."""
     import safetensors.torch
 
-    writer = serialization._Writer()
+    writer = serialization.TreeWriter()
     writer.node(state.tree(), "", 0)
     tensors = writer.tensors
     stages: dict[str, list[float]] = {}
 
-    def stage(name: str, fn: Callable[[], object]) -> object:
+    def stage(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
-        out = fn()
+        out = fn(*args)
         stages.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
@@ -273,51 +279,55 @@ def profile_stages(state: ft.TrainState, directory: Path, reps: int) -> None:
             lambda: [reused[k].copy_(v) for k, v in tensors.items()],
         )
         chunks = stage(
-            "save: safetensors header + views of the tensors",
-            lambda: serialization._safetensors_chunks(tensors),
+            "save: safetensors header + views of the tensors", safetensors_chunks, tensors
         )
-        stage("save: BLAKE3 of all bytes, alone", lambda: [blake3.blake3(c) for c in chunks])
+        stage("save: BLAKE3 of all bytes, alone", _hash_each, chunks)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        stage(
-            "save: os.write of all bytes, alone (page cache)",
-            lambda: [files._write_all(fd, c) for c in chunks],
-        )
-        stage("save: os.fsync of the file", lambda: os.fsync(fd))
+        stage("save: os.write of all bytes, alone (page cache)", _write_each, fd, chunks)
+        stage("save: os.fsync of the file", os.fsync, fd)
         os.close(fd)
         path.unlink()
         stage(
-            "save: write + BLAKE3 overlapped + fsync (_write_file)",
-            lambda: files._write_file(path, chunks),
+            "save: write + BLAKE3 overlapped + fsync (write_file)", files.write_file, path, chunks
         )
-        stage("save: os.fsync of a directory", lambda: files._fsync_dir(directory))
+        stage("save: os.fsync of a directory", files.fsync_dir, directory)
         del chunks
         nbytes = path.stat().st_size
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        stage(
-            "load: read into a fresh buffer, alone",
-            lambda: _readinto(path, memoryview(buf.numpy())),
-        )
-        stage("load: BLAKE3 of all bytes, alone", lambda: blake3.blake3(buf.numpy()))
+        stage("load: read into a fresh buffer, alone", _readinto, path, memoryview(buf.numpy()))
+        stage("load: BLAKE3 of all bytes, alone", blake3.blake3, buf.numpy())
         del buf
         data = stage(
             "load: read + BLAKE3 overlapped (the fallback where mmap fails)",
-            lambda: _read_fresh(path, nbytes),
+            _read_fresh,
+            path,
+            nbytes,
         )
         stage(
             "load: parse header, tensors as views of the buffer",
-            lambda: _parse_safetensors(path.name, data),
+            _parse_safetensors,
+            path.name,
+            data,
         )
         del data
         raw = stage(
-            "old save: safetensors.torch.save (one bytes object)",
-            lambda: safetensors.torch.save(tensors),
+            "old save: safetensors.torch.save (one bytes object)", safetensors.torch.save, tensors
         )
-        stage("old load: safetensors.torch.load(bytes)", lambda: safetensors.torch.load(raw))
+        stage("old load: safetensors.torch.load(bytes)", safetensors.torch.load, raw)
         del raw
         path.unlink()
     print("\nstages (median seconds over the repetitions; 'alone' = not overlapped with anything):")
     for name, values in stages.items():
         print(f"  {name:58s} {statistics.median(values):7.3f}")
+
+
+def _hash_each(chunks: list[memoryview]) -> list[blake3.blake3]:
+    return [blake3.blake3(c) for c in chunks]
+
+
+def _write_each(fd: int, chunks: list[memoryview]) -> None:
+    for c in chunks:
+        files._write_all(fd, c)
 
 
 def _readinto(path: Path, out: memoryview) -> None:

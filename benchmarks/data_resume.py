@@ -1,4 +1,4 @@
-"""What resuming a shuffled DataLoader costs, and what seeding each batch costs, measured in one run.
+"""What resuming a shuffled DataLoader costs, and what seeding each batch costs, in one run.
 
 Two tables:
 
@@ -74,12 +74,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(
-        f"replay on resume: samples loaded again before the first new batch ({SAMPLES} samples, batches of {BATCH})"
+        f"replay on resume: samples loaded again before the first new batch ({SAMPLES} samples, "
+        f"batches of {BATCH})"
     )
     print(f"{'consumed batches':>17} {'IterableSource':>15} {'DataLoaderSource':>17}")
     for consumed in (1, 8, 31):
         print(
-            f"{consumed:>17} {reads_before_first_new_batch(IterableSource, consumed):>15} {reads_before_first_new_batch(DataLoaderSource, consumed):>17}"
+            f"{consumed:>17} {reads_before_first_new_batch(IterableSource, consumed):>15} "
+            f"{reads_before_first_new_batch(DataLoaderSource, consumed):>17}"
         )
     data = Counted()
     plain, source = loader(data), DataLoaderSource(loader(data))
@@ -90,7 +92,8 @@ def main() -> None:
         seeded.append(per_batch_us(lambda: source.epoch(0), args.reps))
     d, s = statistics.median(direct), statistics.median(seeded)
     print(
-        f"\nper batch, main process: DataLoader {d:.1f} us, DataLoaderSource {s:.1f} us, ratio {s / d:.2f} (+{s - d:.1f} us)"
+        f"\nper batch, main process: DataLoader {d:.1f} us, DataLoaderSource {s:.1f} us, ratio "
+        f"{s / d:.2f} (+{s - d:.1f} us)"
     )
 
 

@@ -1,4 +1,4 @@
-"""Per-step time of data parallelism on this machine: 2 ranks x half batch vs 1 process x full batch.
+"""Per-step time of data parallelism here: 2 ranks x half batch vs 1 process x full batch.
 
 Workload: the CNN of benchmarks/step_overhead.py (conv 1->32, conv 32->64, max-pool, fc 9216->128,
 fc 128->10) on 1x28x28 inputs, global batch 128, AdamW. The single process uses every core
@@ -7,16 +7,18 @@ torchrun). Also counts the collective calls one step makes.
 
 With ``--modes``: the sharding modes instead, on 2 ranks (gloo, one thread each) on the
 25M-parameter MLP 1024-4096-4096-1024, AdamW, global batch 64, donated steps ("full-kept": "full"
-with ``reshard_after_forward=False``). Per mode: the median
-step time, the bytes of parameters + optimizer state each rank holds (its local slices), the
-most bytes of tensors one step allocates beyond them that are alive at once (its transient peak:
-gradients, gathered parameters, activations, buffers of collectives), the process's peak resident memory (a process per mode), and the collective calls of one step by kind (torch's
-`CommDebugMode`, which sees every functional collective and DTensor redistribution). With
-``--compile`` as well, each mode also runs under ``functrain.compile_step()`` (inductor, the first
-warm-up step compiles): the whole step compiled without sharding, the loss and its backward compiled
-with it (the collectives and the update eager).
+with ``reshard_after_forward=False``). Per mode: the median step time, the bytes of parameters +
+optimizer state each rank holds (its local slices), the most bytes of tensors one step allocates
+beyond them that are alive at once (its transient peak: gradients, gathered parameters, activations,
+buffers of collectives), the process's peak resident memory (a process per mode), and the collective
+calls of one step by kind (torch's `CommDebugMode`, which sees every functional collective and
+DTensor redistribution). With ``--compile`` as well, each mode also runs under
+``functrain.compile_step()`` (inductor, the first warm-up step compiles): the whole step compiled
+without sharding, the loss and its backward compiled with it (the collectives and the update eager).
 
-Usage: python benchmarks/distributed_step.py [--steps 30] [--warmup 5] [--modes [--rounds 3] [--compile]]
+Usage:
+    python benchmarks/distributed_step.py [--steps 30] [--warmup 5]
+    python benchmarks/distributed_step.py --modes [--rounds 3] [--compile]
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def run(steps: int, warmup: int) -> None:
     if rank == 0:
         per_step = calls["n"] / (warmup + steps)
         print(
-            f"RESULT world={world} threads={torch.get_num_threads()} median_ms={1e3 * statistics.median(times):.1f} collectives_per_step={per_step:g}",
+            f"RESULT world={world} threads={torch.get_num_threads()} "
+            f"median_ms={1e3 * statistics.median(times):.1f} collectives_per_step={per_step:g}",
             flush=True,
         )
     if world > 1:
@@ -119,7 +122,7 @@ def held_bytes(tree) -> int:
 
 
 class StepPeak:
-    """The most bytes of tensors a step allocates that are alive at once (its transient peak), by storage.
+    """The most bytes of tensors a step allocates alive at once (its transient peak), by storage.
 
     A `TorchDispatchMode` that sees every tensor an operation returns (DTensors as their local
     tensors), on any device; the storages the state already held before the step do not count.
@@ -169,49 +172,52 @@ def run_mode(mode: str, steps: int, warmup: int, compiled: bool = False) -> None
     x, y = torch.randn(64, 1024, generator=g), torch.randn(64, 1024, generator=g)
     n = 64 // world
     batch = (x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
-    for mode in [None if mode == "None" else mode]:  # one mode per process: its peak RSS is its own
-        # "full-kept": sharding="full" with reshard_after_forward=False
-        state = ft.TrainState.create(
-            mlp(),
-            ft.adamw(1e-4),
-            mse,
-            distributed=True,
-            sharding={"full-kept": "full"}.get(mode, mode),
-            reshard_after_forward=mode != "full-kept",
-        )
-        step = ft.compile_step() if compiled else ft.train_step
-        times = []
-        for i in range(warmup + steps):
-            torch.distributed.barrier()
-            t0 = time.perf_counter()
-            if i == warmup - 1:
-                with (
-                    CommDebugMode() as comm
-                ):  # one step counted: the state holds its storage by then
-                    state, m = step(state, batch, donate=True)
-            else:
+    # one mode per process: its peak RSS is its own
+    chosen = None if mode == "None" else mode
+    # "full-kept": sharding="full" with reshard_after_forward=False
+    state = ft.TrainState.create(
+        mlp(),
+        ft.adamw(1e-4),
+        mse,
+        distributed=True,
+        sharding={"full-kept": "full"}.get(chosen, chosen),
+        reshard_after_forward=chosen != "full-kept",
+    )
+    step = ft.compile_step() if compiled else ft.train_step
+    times = []
+    for i in range(warmup + steps):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        if i == warmup - 1:
+            # one step counted: the state holds its storage by then
+            with CommDebugMode() as comm:
                 state, m = step(state, batch, donate=True)
-            float(m["loss"])  # wait for the step
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        held = held_bytes((state.params, state.opt_state)) / 2**20
-        transient = "-"
-        if not compiled:  # a dispatch mode would make the compiled step compile again
-            peak = StepPeak((state.params, state.buffers, state.opt_state, state.ema_state))
-            with peak.mode:  # one more step, not timed: what it allocates beyond the state
-                state, m = step(state, batch, donate=True)
-            transient = f"{peak.peak / 2**20:.0f}"
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-        kinds = ",".join(
-            f"{str(k).rsplit('.', 1)[-1]}:{v}"
-            for k, v in sorted(comm.get_comm_counts().items(), key=str)
+        else:
+            state, m = step(state, batch, donate=True)
+        float(m["loss"])  # wait for the step
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    held = held_bytes((state.params, state.opt_state)) / 2**20
+    transient = "-"
+    if not compiled:  # a dispatch mode would make the compiled step compile again
+        peak = StepPeak((state.params, state.buffers, state.opt_state, state.ema_state))
+        with peak.mode:  # one more step, not timed: what it allocates beyond the state
+            state, m = step(state, batch, donate=True)
+        transient = f"{peak.peak / 2**20:.0f}"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    kinds = ",".join(
+        f"{str(k).rsplit('.', 1)[-1]}:{v}"
+        for k, v in sorted(comm.get_comm_counts().items(), key=str)
+    )
+    if rank == 0:
+        print(
+            f"RESULT mode={chosen}{'+compile' if compiled else ''} "
+            f"median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} "
+            f"step_peak_mib={transient} peak_rss_mib={rss:.0f} "
+            f"collectives={comm.get_total_counts()} kinds={kinds}",
+            flush=True,
         )
-        if rank == 0:
-            print(
-                f"RESULT mode={mode}{'+compile' if compiled else ''} median_ms={1e3 * statistics.median(times):.1f} held_mib={held:.0f} step_peak_mib={transient} peak_rss_mib={rss:.0f} collectives={comm.get_total_counts()} kinds={kinds}",
-                flush=True,
-            )
-        del state, m
+    del state, m
     torch.distributed.destroy_process_group()
 
 
@@ -224,9 +230,8 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
         for flag in ([], ["--compile"])[: 2 if args.compile else 1]
     ]
     rounds: list[list[dict]] = []
-    for _ in range(
-        args.rounds
-    ):  # the modes in turn, round after round: a slow spell of the machine hits every mode
+    # the modes in turn, round after round: a slow spell of the machine hits every mode
+    for _ in range(args.rounds):
         rows = []
         for mode, flag in runs:
             done = subprocess.run(
@@ -262,11 +267,14 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
             rows += found
         rounds.append(rows)
     print(
-        f"MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated steps, {args.steps} steps after {args.warmup} warm-up, "
-        f"{args.rounds} rounds (ms/step: the median over rounds; ratio: the median of each round's ratio); load average {os.getloadavg()[0]:.1f}"
+        "MLP 1024-4096-4096-1024 (25.2M parameters), AdamW, 2 gloo ranks x batch 32, donated "
+        f"steps, {args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds (ms/step: "
+        "the median over rounds; ratio: the median of each round's ratio); load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
     print(
-        f"{'sharding':<17} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} {'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind"
+        f"{'sharding':<17} {'ms/step':>8} {'ratio':>6} {'params+opt MiB/rank':>20} {'ratio':>6} "
+        f"{'step peak MiB':>14} {'peak RSS MiB':>13} {'collectives/step':>17}  by kind"
     )
     for i, r in enumerate(rounds[0]):
         times = [float(rows[i]["median_ms"]) for rows in rounds]
@@ -275,7 +283,9 @@ def modes_table(args: argparse.Namespace, port: int) -> None:
         )
         held = float(r["held_mib"])
         print(
-            f"{r['mode']:<17} {statistics.median(times):>8.1f} {ratio:>6.2f} {held:>20.0f} {held / float(rounds[0][0]['held_mib']):>6.2f} {r['step_peak_mib']:>14} {r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}"
+            f"{r['mode']:<17} {statistics.median(times):>8.1f} {ratio:>6.2f} {held:>20.0f} "
+            f"{held / float(rounds[0][0]['held_mib']):>6.2f} {r['step_peak_mib']:>14} "
+            f"{r['peak_rss_mib']:>13} {r['collectives']:>17}  {r['kinds']}"
         )
 
 
@@ -340,12 +350,14 @@ def main() -> None:
         rows[name] = dict(kv.split("=") for kv in line.split()[1:])
     base = float(rows["1 process x batch 128"]["median_ms"])
     print(
-        f"CNN, global batch 128, AdamW, {args.steps} steps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}"
+        f"CNN, global batch 128, AdamW, {args.steps} steps after {args.warmup} warm-up; load "
+        f"average {os.getloadavg()[0]:.1f}"
     )
     print(f"{'setup':<24} {'threads':>7} {'ms/step':>9} {'ratio':>6} {'collectives/step':>17}")
     for name, r in rows.items():
         print(
-            f"{name:<24} {r['threads']:>7} {float(r['median_ms']):>9.1f} {float(r['median_ms']) / base:>6.2f} {r['collectives_per_step']:>17}"
+            f"{name:<24} {r['threads']:>7} {float(r['median_ms']):>9.1f} "
+            f"{float(r['median_ms']) / base:>6.2f} {r['collectives_per_step']:>17}"
         )
 
 

@@ -1,10 +1,11 @@
-"""What `functrain.fit` costs per step over calling `train_step` in a bare Python loop; and the demo's time.
+"""What `functrain.fit` costs per step over `train_step` in a bare Python loop; and the demo's time.
 
 Workload: MLP 784-128-10 (ReLU), cross-entropy, ``functrain.adamw(1e-3)``, batch 64, a random
 ``TensorDataset`` of 64 x 200 samples (one epoch = 200 steps), float32 on the CPU.
 
 * ``bare``: ``for batch in Batcher(ds, 64, seed=0).epoch(0): state, _ = train_step(state, batch)``:
-  the same batches, gathered the same way, as `fit` draws them, so the difference is the driver alone;
+  the same batches, gathered the same way, as `fit` draws them, so the difference is the driver
+  alone;
 * ``bare, pre-gathered``: the same loop over a list of ready batches (what the gathering costs);
 * ``fit``: ``fit(state, ds, batch_size=64, max_epochs=1, log_every=50, progress bar on (writing to
   os.devnull), verbosity="silent")``: no evaluation, no checkpoints. Its time includes the per-call
@@ -38,7 +39,7 @@ interpreter start, imports, data, 15 epochs with evaluation, checkpoints and log
 Usage:
     python benchmarks/driver_overhead.py                  # 15 repetitions, then the demo
     python benchmarks/driver_overhead.py --reps 5 --no-demo
-    python benchmarks/driver_overhead.py --profile        # also: cProfile of one fit with the no-op step
+    python benchmarks/driver_overhead.py --profile        # also: cProfile of a no-op step fit
 
 The Lightning row needs ``pip install -e '.[bench]'`` (or ``pip install lightning``).
 """
@@ -159,12 +160,13 @@ def _hand_written(state: ft.TrainState, ready: list[Any]) -> Callable[[], nn.Mod
 
 
 def _lightning(state: ft.TrainState, ready: list[Any]) -> Callable[[], Any] | None:
-    """Lightning's ``Trainer.fit`` over the ready batches, or None (with a note) when it is not installed."""
+    """Lightning's ``Trainer.fit`` over the ready batches, or None (with a note) if absent."""
     try:
         import lightning
     except ImportError:
         print(
-            "Lightning is not installed, so its row is skipped: pip install -e '.[bench]' (or pip install lightning)"
+            "Lightning is not installed, so its row is skipped: pip install -e '.[bench]' (or pip "
+            "install lightning)"
         )
         return None
     import logging
@@ -269,7 +271,8 @@ def report(
         for c in ("wall", "cpu")
     }
     print(
-        f"\nfit / bare, median of the per-repetition ratios: {paired['wall']:.3f}x wall, {paired['cpu']:.3f}x CPU"
+        f"\nfit / bare, median of the per-repetition ratios: {paired['wall']:.3f}x wall, "
+        f"{paired['cpu']:.3f}x CPU"
     )
     report_premade(samples)
     own = {
@@ -277,13 +280,15 @@ def report(
         for c in ("wall", "cpu")
     }
     print(
-        f"driver alone (no-op step): bare loop {1e6 * statistics.median(alone['bare']['cpu']):.1f} us/step, "
-        f"fit {1e6 * statistics.median(alone['fit']['cpu']):.1f} us/step (CPU): the driver's own time "
-        f"{1e6 * own['cpu']:.1f} us/step CPU, {1e6 * own['wall']:.1f} us/step wall"
+        f"driver alone (no-op step): bare loop {1e6 * statistics.median(alone['bare']['cpu']):.1f} "
+        f"us/step, fit {1e6 * statistics.median(alone['fit']['cpu']):.1f} us/step (CPU): the "
+        f"driver's own time {1e6 * own['cpu']:.1f} us/step CPU, {1e6 * own['wall']:.1f} us/step "
+        "wall"
     )
     estimate = 1 + own["cpu"] / med["bare"]["cpu"]
     print(
-        f"estimated fit / bare from the driver's own time: {estimate:.3f}x (target <= 1.05): {'ok' if estimate <= 1.05 else 'MISSED'}"
+        f"estimated fit / bare from the driver's own time: {estimate:.3f}x (target <= 1.05): "
+        f"{'ok' if estimate <= 1.05 else 'MISSED'}"
     )
 
 
@@ -302,7 +307,8 @@ def report_premade(samples: dict[str, dict[str, list[float]]]) -> None:
                 for c in ("wall", "cpu")
             }
             print(
-                f"{name} / hand-written, pre-made: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x CPU"
+                f"{name} / hand-written, pre-made: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x "
+                "CPU"
             )
     if light is not None:
         speedup = {
@@ -313,8 +319,8 @@ def report_premade(samples: dict[str, dict[str, list[float]]]) -> None:
         }
         verdict = "ok" if speedup["cpu"] >= 1.5 else "MISSED"
         print(
-            f"Trainer.fit / fit over the same pre-made batches: {speedup['wall']:.2f}x wall, {speedup['cpu']:.2f}x CPU "
-            f"(target: fit at least 1.5x as fast): {verdict}"
+            f"Trainer.fit / fit over the same pre-made batches: {speedup['wall']:.2f}x wall, "
+            f"{speedup['cpu']:.2f}x CPU (target: fit at least 1.5x as fast): {verdict}"
         )
 
 

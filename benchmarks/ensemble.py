@@ -2,7 +2,7 @@
 
 For each workload and member count K, one round trains every one of K members one step, either
 
-* ``sequential``: K calls of ``functrain.train_step`` (or of one ``compile_step``), one per member; or
+* ``sequential``: K calls of ``functrain.train_step`` (or one ``compile_step``), one per member; or
 * ``stacked``: one call on ``functrain.stack(members)`` (the step under ``torch.func.vmap``).
 
 Both run in the same process on the same batch, interleaved (ABBA), after untimed warm-up rounds
@@ -16,9 +16,9 @@ Workloads (float32, cross-entropy over 10 classes), as in ``benchmarks/step_over
 * ``cnn``: the PyTorch MNIST example network (two convolutions, dropout 0.25 and 0.5), batch 128.
 
 Usage:
-    python benchmarks/ensemble.py                                   # mlp and cnn, K = 2, 4, 8, 32, eager and compiled
+    python benchmarks/ensemble.py            # mlp and cnn, K = 2, 4, 8, 32, eager and compiled
     python benchmarks/ensemble.py --workloads mlp --members 2 8 32 --reps 5 --no-compile
-    python benchmarks/ensemble.py --threads 1 --clock cpu           # on a machine shared with other jobs
+    python benchmarks/ensemble.py --threads 1 --clock cpu    # on a machine shared with other jobs
 
 Progress goes to stderr, the table to stdout. On a busy machine wall-clock times swing; ``--clock
 cpu`` times this process's CPU time (with ``--threads 1`` other processes barely disturb it).
@@ -50,7 +50,7 @@ def log(msg: str) -> None:
 
 
 def members(workload: str, k: int) -> tuple[list[ft.TrainState], Any]:
-    """K states from one module object (so a compiled step serves them all), member j seeded with j."""
+    """K states from one module object (a compiled step serves them all), member j seeded with j."""
     module, batch = step_overhead.build(workload)
     states = []
     for j in range(k):
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     load = os.getloadavg()[0]
     log(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} CPUs"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} on "
+        f"{os.cpu_count()} CPUs"
     )
     if load > (os.cpu_count() or 1):
         log(
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     print(
-        "| workload | mode | K | sequential ms/round | stacked ms/round | speedup |\n|---|---|---|---|---|---|"
+        "| workload | mode | K | sequential ms/round | stacked ms/round | speedup |\n"
+        "|---|---|---|---|---|---|"
     )
     for workload in args.workloads:
         for mode in modes:
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     workload, k, mode == "compiled", args.reps, args.warmup, clock
                 )
                 print(
-                    f"| {workload} | {mode} | {k} | {seq:.2f} | {stacked:.2f} | {seq / stacked:.2f}x |",
+                    f"| {workload} | {mode} | {k} | {seq:.2f} | {stacked:.2f} | "
+                    f"{seq / stacked:.2f}x |",
                     flush=True,
                 )
     return 0

@@ -1,4 +1,4 @@
-"""What laying gradients out as their parameters (`functrain.layout`) costs a step, measured in one run.
+"""What laying gradients out as their parameters (`functrain.layout`) costs a step, in one run.
 
 A step compares each gradient's strides with its parameter's (and, in the fused kernels, each
 buffer's), and copies only a gradient laid out otherwise. This prints, per workload, the host time
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import functrain as ft
-from functrain.core.step import _in_param_layouts, _in_param_strides
+from functrain.core.body import in_param_layouts, in_param_strides
 from functrain.layout import in_layouts_of, obeys_layout
 
 
@@ -58,6 +58,46 @@ def median_us(fn: Callable[[], object], reps: int, inner: int) -> float:
     return statistics.median(samples)
 
 
+def measure(
+    name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], reps: int
+) -> None:
+    """Print the table row of one workload: step and checks times, their ratio, copies."""
+    state = ft.TrainState.create(model, ft.adamw(1e-3), loss_fn)
+    holder = [state]
+
+    def step() -> None:
+        holder[0], _ = ft.train_step(holder[0], batch, donate=True)
+
+    for _ in range(5):
+        step()
+    params = holder[0].params
+    leaves = [p.detach().requires_grad_(True) for p in params.values()]
+    out = torch.func.functional_call(model, dict(zip(params, leaves, strict=True)), (batch[0],))
+    grads = dict(
+        zip(
+            params,
+            torch.autograd.grad(nn.functional.cross_entropy(out, batch[1]), leaves),
+            strict=True,
+        )
+    )
+    p_list = list(params.values())
+
+    def checks() -> None:
+        aligned = in_param_layouts(grads, params)  # the step's, before the norm
+        in_layouts_of(list(aligned.values()), p_list)  # the fused kernel's
+        # its two moment buffers
+        [obeys_layout(b, p) for b, p in zip(p_list + p_list, p_list + p_list, strict=True)]
+        in_param_strides(params, params)  # the new parameters' strides
+
+    step_us = median_us(step, reps // 4 or 1, 5)
+    check_us = median_us(checks, reps, 50)
+    copied = sum(not obeys_layout(g, params[k]) for k, g in grads.items())
+    print(
+        f"| {name} | {step_us:.1f} | {check_us:.2f} | {check_us / step_us:.2%} | {copied} of "
+        f"{len(grads)} |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=200)
@@ -68,40 +108,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     for name, (model, batch) in workloads().items():
-        state = ft.TrainState.create(model, ft.adamw(1e-3), loss_fn)
-        holder = [state]
-
-        def step() -> None:
-            holder[0], _ = ft.train_step(holder[0], batch, donate=True)
-
-        for _ in range(5):
-            step()
-        params = holder[0].params
-        leaves = [p.detach().requires_grad_(True) for p in params.values()]
-        out = torch.func.functional_call(model, dict(zip(params, leaves, strict=True)), (batch[0],))
-        grads = dict(
-            zip(
-                params,
-                torch.autograd.grad(nn.functional.cross_entropy(out, batch[1]), leaves),
-                strict=True,
-            )
-        )
-        p_list = list(params.values())
-
-        def checks() -> None:
-            aligned = _in_param_layouts(grads, params)  # the step's, before the norm
-            in_layouts_of(list(aligned.values()), p_list)  # the fused kernel's
-            [
-                obeys_layout(b, p) for b, p in zip(p_list + p_list, p_list + p_list, strict=True)
-            ]  # its two moment buffers
-            _in_param_strides(params, params)  # the new parameters' strides
-
-        step_us = median_us(step, args.reps // 4 or 1, 5)
-        check_us = median_us(checks, args.reps, 50)
-        copied = sum(not obeys_layout(g, params[k]) for k, g in grads.items())
-        print(
-            f"| {name} | {step_us:.1f} | {check_us:.2f} | {check_us / step_us:.2%} | {copied} of {len(grads)} |"
-        )
+        measure(name, model, batch, args.reps)
 
 
 if __name__ == "__main__":

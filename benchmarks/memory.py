@@ -1,10 +1,11 @@
-"""Peak memory of a training step over the built model, in parameter sizes P, one fresh process per row.
+"""Peak memory of a training step over the built model, in parameter sizes P, a process per row.
 
 The workload is parameter-heavy on purpose: an MLP 1024-4096-4096-1024 (25M parameters, P = 96 MiB
 in float32), batch 64, AdamW, 5 steps over pre-made batches. `train_step` is the default (fused)
-`adamw`; `_foreach` rows use `adamw(fused=False)`; `_donate` rows call `train_step(..., donate=True)`. Each row runs in a process started for it
-alone (a forked child would inherit its parent's peak). On the CPU the peak is the process's high-water
-mark of resident memory (`VmHWM`) over its resident size once the model is built; on CUDA it is
+`adamw`; `_foreach` rows use `adamw(fused=False)`; `_donate` rows call
+`train_step(..., donate=True)`. Each row runs in a process started for it alone (a forked child
+would inherit its parent's peak). On the CPU the peak is the process's high-water mark of resident
+memory (`VmHWM`) over its resident size once the model is built; on CUDA it is
 `torch.cuda.max_memory_allocated()` over the memory allocated once the model is built.
 
 Where `fit` stands: the caller keeps the state it passed (fit never invalidates it), so its weights
@@ -148,7 +149,8 @@ def main() -> None:
         print(json.dumps(measure(args.row, device)))
         return
     print(
-        f"peak over the built model, MLP {'-'.join(map(str, WIDTHS))} batch {BATCH}, AdamW, {STEPS} steps, {device}"
+        f"peak over the built model, MLP {'-'.join(map(str, WIDTHS))} batch {BATCH}, AdamW, "
+        f"{STEPS} steps, {device}"
     )
     print(f"{'row':28s} {'peak / P':>9s}")
     for row in args.rows.split(","):
@@ -158,9 +160,8 @@ def main() -> None:
             text=True,
         )
         if out.returncode:
-            print(
-                f"{row:28s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
-            )
+            reason = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+            print(f"{row:28s} failed: {reason}")
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{row:28s} {result['peak_over_model_P']:9.2f}")

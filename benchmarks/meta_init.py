@@ -1,4 +1,4 @@
-"""Memory of creating a ``sharding="full"`` state: a model built normally against one built on the meta device.
+"""Memory of creating a ``sharding="full"`` state: a model built normally against one on meta.
 
 Workload: an MLP of `--layers` Linear(`--width`, `--width`) layers (float32; 8 x 2048 is 128 MiB),
 AdamW, on 2 ranks (gloo, one thread each, launched like torchrun), a pair of processes per way so
@@ -70,7 +70,8 @@ def run(way: str, layers: int, width: int) -> None:
     for p in state.params.values():  # one whole tensor at a time
         digest.update(ft.distributed.sharding.gathered(p).numpy().tobytes())
     print(
-        f"{way} rank {rank}: create {seconds:.2f} s, peak RSS above start {peak:.0f} MiB, params held {held:.0f} MiB, values {digest.hexdigest()[:12]}",
+        f"{way} rank {rank}: create {seconds:.2f} s, peak RSS above start {peak:.0f} MiB, params "
+        f"held {held:.0f} MiB, values {digest.hexdigest()[:12]}",
         flush=True,
     )
     torch.distributed.destroy_process_group()
@@ -86,7 +87,8 @@ def main() -> None:
         run(args.worker, args.layers, args.width)
         return
     print(
-        f"{args.layers} x Linear({args.width}, {args.width}): {args.layers * (args.width + 1) * args.width * 4 / 2**20:.0f} MiB of parameters"
+        f"{args.layers} x Linear({args.width}, {args.width}): "
+        f"{args.layers * (args.width + 1) * args.width * 4 / 2**20:.0f} MiB of parameters"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {

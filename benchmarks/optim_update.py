@@ -8,46 +8,52 @@ One run prints a table of median milliseconds per update, and the ratio to
 * functrain adamw, eager: ``tx.update`` + ``apply_updates``, new params and new state from grads
 * functrain adamw(fused=True), eager: the same through torch's fused kernel on fresh copies (its
   parameters match torch's fused AdamW, not the foreach one, bit for bit)
-* torch AdamW foreach, ``opt.step`` under ``torch.compile`` (as in torch's "compiling the optimizer" recipe)
+* torch AdamW foreach, ``opt.step`` under ``torch.compile`` (as in torch's "compiling the optimizer"
+  recipe)
 * functrain adamw and adamw(fused=True), the whole functional update under ``torch.compile``
 
-The parameter tree is shaped like a GPT-style transformer (embeddings, then per layer two LayerNorms,
-a fused QKV projection, an output projection and a 4x MLP, all with biases): about ``--params``
-parameters in about ``--tensors`` float32 tensors (25M in 100 by default).
+The parameter tree is shaped like a GPT-style transformer (embeddings, then per layer two
+LayerNorms, a fused QKV projection, an output projection and a 4x MLP, all with biases): about
+``--params`` parameters in about ``--tensors`` float32 tensors (25M in 100 by default).
 
 Method: every implementation owns its own copy of the same parameters and reads the same gradients.
-After ``--warmup`` untimed rounds (which also compile), ``--reps`` timed rounds run every implementation
-once per round, in ABBA order (the order reverses every round), so drift hits all of them alike. The
-timed region of the functional update includes rebinding ``params, state`` to the new trees, i.e. also
-freeing the old ones, as a training loop does. Also reported per implementation: minor page faults per
-update (``getrusage``, whole process), and at the end a check that functrain's parameters equal torch's.
+After ``--warmup`` untimed rounds (which also compile), ``--reps`` timed rounds run every
+implementation once per round, in ABBA order (the order reverses every round), so drift hits all of
+them alike. The timed region of the functional update includes rebinding ``params, state`` to the
+new trees, i.e. also freeing the old ones, as a training loop does. Also reported per
+implementation: minor page faults per update (``getrusage``, whole process), and at the end a check
+that functrain's parameters equal torch's.
 
 ``--prototype`` adds pure AdamW variants that are not functrain code (see `prototype_fn` and
-`fused_prototype_fn`), to show where the eager gap comes from. ``--threads 1`` keeps timings steady when
-other work shares the machine (with 2 OpenMP threads every per-tensor kernel waits for both threads).
-``--fresh-grads`` gives every update newly allocated gradients, untimed, as a backward pass would.
+`fused_prototype_fn`), to show where the eager gap comes from. ``--threads 1`` keeps timings steady
+when other work shares the machine (with 2 OpenMP threads every per-tensor kernel waits for both
+threads). ``--fresh-grads`` gives every update newly allocated gradients, untimed, as a backward
+pass would.
 
-``--more`` times the other presets instead (nadam, adamax, adadelta, asgd, rprop, adafactor, muon), each
-against its torch.optim class with the implementation torch picks on the CPU (the single-tensor one; Muon
-takes the matrices, and AdamW with ``foreach=True`` the rest, against ``functrain.partition`` of the same),
-(embeddings to AdamW, as torch's Muon documentation advises), in one run: the pairs interleaved in ABBA order, a ratio per pair and a check that both ended bit-identical.
+``--more`` times the other presets instead (nadam, adamax, adadelta, asgd, rprop, adafactor, muon),
+each against its torch.optim class with the implementation torch picks on the CPU (the single-tensor
+one; Muon takes the matrices, and AdamW with ``foreach=True`` the rest, against
+``functrain.partition`` of the same), (embeddings to AdamW, as torch's Muon documentation advises),
+in one run: the pairs interleaved in ABBA order, a ratio per pair and a check that both ended
+bit-identical.
 
-``--memory`` adds peak extra memory of the eager implementations, each measured in a fresh subprocess:
-peak RSS (VmHWM, reset through /proc/self/clear_refs) while creating the optimizer state and running a
-few updates, over the RSS with the parameters and gradients alone, in multiples of the parameter bytes.
+``--memory`` adds peak extra memory of the eager implementations, each measured in a fresh
+subprocess: peak RSS (VmHWM, reset through /proc/self/clear_refs) while creating the optimizer state
+and running a few updates, over the RSS with the parameters and gradients alone, in multiples of the
+parameter bytes.
 
-``--sweep`` reruns the timing in subprocesses under allocator settings (glibc malloc tunables, torch's
-2 MB-page allocation, the same glibc settings applied from Python with ``mallopt``) and prints one line
-per setting. Absolute times differ between subprocesses on a noisy machine; compare the ratios, which
-are measured inside each process.
+``--sweep`` reruns the timing in subprocesses under allocator settings (glibc malloc tunables,
+torch's 2 MB-page allocation, the same glibc settings applied from Python with ``mallopt``) and
+prints one line per setting. Absolute times differ between subprocesses on a noisy machine; compare
+the ratios, which are measured inside each process.
 
 Usage:
     python benchmarks/optim_update.py                        # 25M params, 100 tensors, 25 reps
     python benchmarks/optim_update.py --params 25e6 --tensors 100 --reps 20 --memory
     python benchmarks/optim_update.py --quick                # smoke test (small, few reps)
     python benchmarks/optim_update.py --threads 1 --prototype --memory
-    python benchmarks/optim_update.py --sweep --no-compile --fresh-grads --threads 1   # allocator settings
-    python benchmarks/optim_update.py --more --params 2e6 --tensors 28 --threads 1   # the other presets
+    python benchmarks/optim_update.py --sweep --no-compile --fresh-grads --threads 1  # allocators
+    python benchmarks/optim_update.py --more --params 2e6 --tensors 28 --threads 1  # other presets
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ ALLOCATOR_ENV = (
 
 
 def apply_mallopt() -> None:
-    """Keep freed tensor buffers in the process: no mmap per tensor (up to 32 MiB), no trimming of the heap."""
+    """Keep freed tensor buffers in the process: no mmap per tensor (to 32 MiB), no heap trim."""
     libc = ctypes.CDLL("libc.so.6")
     ok1 = libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
     ok2 = libc.mallopt(
@@ -126,7 +132,7 @@ def apply_mallopt() -> None:
         print(f"warning: mallopt failed ({ok1}, {ok2})", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------- shapes
+# ----- shapes
 
 
 def transformer_shapes(n_params: float, n_tensors: int) -> dict[str, tuple[int, ...]]:
@@ -173,7 +179,7 @@ def make_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
     return params, grads
 
 
-# -------------------------------------------------------------------------------------- implementations
+# ----- implementations
 
 
 class Impl:
@@ -192,7 +198,7 @@ class Impl:
 
 
 class FunctionalRunner:
-    """Holds params and state; step() replaces them with the trees returned by `fn` (old ones are freed)."""
+    """Holds params and state; step() replaces them with the trees `fn` returns (frees the old)."""
 
     def __init__(self, fn: Callable, params: dict, state: Any, grads: dict):
         self.fn, self.params, self.state, self.grads = fn, params, state, grads
@@ -213,7 +219,8 @@ def torch_impl(
     opt = torch.optim.AdamW(list(params.values()), lr=LR, weight_decay=WEIGHT_DECAY, **kw)
     step = opt.step
     if compiled:
-        # torch's recipe ("Compiling the optimizer with torch.compile"): compile a function calling step()
+        # torch's recipe ("Compiling the optimizer with torch.compile"): compile a function calling
+        # step()
         @torch.compile(fullgraph=False)
         def compiled_step() -> None:
             opt.step()
@@ -257,14 +264,14 @@ def functrain_impl(
 
 
 def prototype_fn(addcdiv: bool = False):
-    """functrain's AdamW numerics, still pure, but computing into buffers the update has just allocated.
+    """functrain's AdamW numerics, still pure, computing into buffers the update has just allocated.
 
-    Not part of functrain: a measurement of what reusing the update's own temporaries would buy. Inputs
-    (params, state, grads) are never written. Allocations per update, in parameter-sized sets: 5 (new mu,
-    nu, params, the denominator and the scaled numerator) instead of functrain's 8; with ``addcdiv=True``
-    the new parameters are finished with torch.optim's own ``addcdiv_`` (same roundings), so 4 sets and
-    the same number of passes over memory as torch's foreach AdamW, plus one write to a fresh buffer for
-    each of mu, nu and params.
+    Not part of functrain: a measurement of what reusing the update's own temporaries would buy.
+    Inputs (params, state, grads) are never written. Allocations per update, in parameter-sized
+    sets: 5 (new mu, nu, params, the denominator and the scaled numerator) instead of functrain's 8;
+    with ``addcdiv=True`` the new parameters are finished with torch.optim's own ``addcdiv_`` (same
+    roundings), so 4 sets and the same number of passes over memory as torch's foreach AdamW, plus
+    one write to a fresh buffer for each of mu, nu and params.
     """
     import torch
 
@@ -286,7 +293,8 @@ def prototype_fn(addcdiv: bool = False):
         step_size = torch.div(torch.tensor(LR, dtype=torch.float64), bc1) * -1
         new = torch._foreach_mul(p, 1 - LR * WEIGHT_DECAY)
         if addcdiv:
-            # a CPU tensor of scalars (read on the host by the kernel, as torch.optim reads its step)
+            # a CPU tensor of scalars (read on the host by the kernel, as torch.optim reads its
+            # step)
             torch._foreach_addcdiv_(new, mu, den, step_size.reshape(1).repeat(len(p)))
         else:
             direction = torch._foreach_mul(mu, step_size.to(torch.float32))
@@ -299,7 +307,7 @@ def prototype_fn(addcdiv: bool = False):
 
 
 def fused_prototype_fn():
-    """Pure AdamW from torch's fused CPU kernel: clone params, mu and nu, then ``torch._fused_adamw_`` on the clones.
+    """Pure AdamW by torch's fused CPU kernel: ``torch._fused_adamw_`` on copies of params, mu, nu.
 
     Not part of functrain. The grads are read, not written (no maximize, no grad scaler). Matches
     ``torch.optim.AdamW(fused=True)``, which rounds differently from the foreach implementation.
@@ -361,7 +369,7 @@ def prototype_impl(
     )
 
 
-# ----------------------------------------------------------------------------------- the other presets
+# ----- the other presets
 
 # name: (torch class and keyword arguments, functrain preset keyword arguments); defaults otherwise
 MORE = {
@@ -447,7 +455,8 @@ def run_more(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base, grads = make_tensors(transformer_shapes(args.params, args.tensors))
-    # per optimizer: torch's default on the CPU (single-tensor), torch foreach (Muon has none), functrain
+    # per optimizer: torch's default on the CPU (single-tensor), torch foreach (Muon has none),
+    # functrain
     names = [n for n in MORE if not args.only or n in args.only.split(",")]
     groups = [
         [
@@ -478,12 +487,14 @@ def run_more(args: argparse.Namespace) -> None:
         gc.enable()
     n = sum(v.numel() for v in base.values())
     print(
-        f"one update, eager: {n / 1e6:.2f}M float32 parameters in {len(base)} tensors, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.reps} reps ABBA per optimizer after {args.warmup} warmup"
+        f"one update, eager: {n / 1e6:.2f}M float32 parameters in {len(base)} tensors, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps ABBA per "
+        f"optimizer after {args.warmup} warmup"
     )
     print(
-        f"{'optimizer':<10}  {'torch ms':>8}  {'foreach ms':>10}  {'functrain ms':>12}  {'ratio':>6}  {'cpu ratio':>9}  "
-        f"{'vs foreach':>10}  {'faults':>13}  params vs torch's default"
+        f"{'optimizer':<10}  {'torch ms':>8}  {'foreach ms':>10}  {'functrain ms':>12}  "
+        f"{'ratio':>6}  {'cpu ratio':>9}  {'vs foreach':>10}  {'faults':>13}  params vs torch's "
+        "default"
     )
     for group in groups:
         theirs, ours = group[0], group[-1]
@@ -497,18 +508,19 @@ def run_more(args: argparse.Namespace) -> None:
             torch.equal(a, b) for a, b in zip(ours.get_params(), theirs.get_params(), strict=True)
         )
         print(
-            f"{ours.name.split()[-1]:<10}  {med[theirs.name] * 1e3:8.2f}  {foreach_ms}  {med[ours.name] * 1e3:12.2f}  "
-            f"{med[ours.name] / med[theirs.name]:6.3f}  {cpu:9.3f}  {foreach}  "
-            f"{statistics.median(theirs.faults):>6.0f}/{statistics.median(ours.faults):<6.0f}  {'bit-identical' if same else 'DIFFERENT'}"
+            f"{ours.name.split()[-1]:<10}  {med[theirs.name] * 1e3:8.2f}  {foreach_ms}  "
+            f"{med[ours.name] * 1e3:12.2f}  {med[ours.name] / med[theirs.name]:6.3f}  {cpu:9.3f}  "
+            f"{foreach}  {statistics.median(theirs.faults):>6.0f}/"
+            f"{statistics.median(ours.faults):<6.0f}  {'bit-identical' if same else 'DIFFERENT'}"
         )
     print(
-        "ratio: functrain / torch's default (single-tensor), of median wall times; cpu ratio: of median CPU times "
-        "(user+sys,\nless sensitive to other load); vs foreach: functrain / torch foreach; faults: minor page faults per update, "
-        "torch's default/functrain. Target: <= 1.2."
+        "ratio: functrain / torch's default (single-tensor), of median wall times; cpu ratio: of "
+        "median CPU times (user+sys,\nless sensitive to other load); vs foreach: functrain / torch "
+        "foreach; faults: minor page faults per update, torch's default/functrain. Target: <= 1.2."
     )
 
 
-# ------------------------------------------------------------------------------------------------ timing
+# ----- timing
 
 
 def usage() -> tuple[int, float, float]:
@@ -639,9 +651,9 @@ def run_timing(args: argparse.Namespace) -> dict:
 
 def print_timing(res: dict, args: argparse.Namespace) -> None:
     print(
-        f"AdamW update: {res['n_params'] / 1e6:.2f}M float32 parameters in {res['n_tensors']} tensors "
-        f"(largest {res['largest_mib']:.1f} MiB), torch {res['torch']}, {res['threads']} threads, "
-        f"{args.reps} reps ABBA after {args.warmup} warmup"
+        f"AdamW update: {res['n_params'] / 1e6:.2f}M float32 parameters in {res['n_tensors']} "
+        f"tensors (largest {res['largest_mib']:.1f} MiB), torch {res['torch']}, {res['threads']} "
+        f"threads, {args.reps} reps ABBA after {args.warmup} warmup"
     )
     env = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
     print(
@@ -650,21 +662,23 @@ def print_timing(res: dict, args: argparse.Namespace) -> None:
     )
     w = max(len(r["name"]) for r in res["rows"])
     print(
-        f"{'implementation':<{w}}  {'median ms':>9}  {'ratio':>6}  {'min ms':>8}  {'ratio':>6}  {'paired':>6}  "
-        f"{'cpu ms':>7}  {'ratio':>6}  {'sys ms':>6}  {'faults':>6}  params vs torch foreach"
+        f"{'implementation':<{w}}  {'median ms':>9}  {'ratio':>6}  {'min ms':>8}  {'ratio':>6}  "
+        f"{'paired':>6}  {'cpu ms':>7}  {'ratio':>6}  {'sys ms':>6}  {'faults':>6}  params vs "
+        "torch foreach"
     )
     for r in res["rows"]:
         same = "bit-identical" if r["bit_identical"] else f"max |diff| {r['max_abs_diff']:.1e}"
         print(
-            f"{r['name']:<{w}}  {r['median_ms']:9.2f}  {r['ratio']:6.3f}  {r['min_ms']:8.2f}  {r['min_ratio']:6.3f}  "
-            f"{r['paired_ratio']:6.3f}  {r['cpu_ms']:7.1f}  {r['cpu_ratio']:6.3f}  {r['sys_ms']:6.1f}  "
-            f"{r['faults']:6.0f}  {same}"
+            f"{r['name']:<{w}}  {r['median_ms']:9.2f}  {r['ratio']:6.3f}  {r['min_ms']:8.2f}  "
+            f"{r['min_ratio']:6.3f}  {r['paired_ratio']:6.3f}  {r['cpu_ms']:7.1f}  "
+            f"{r['cpu_ratio']:6.3f}  {r['sys_ms']:6.1f}  {r['faults']:6.0f}  {same}"
         )
     print(
-        "ratios are to 'torch AdamW foreach, eager': of medians, of minima, paired (median over rounds of the "
-        "round's ratio), of median CPU time\n(user+sys, all threads: less sensitive to other load on the "
-        "machine). sys ms and faults (minor page faults): medians per update.\n"
-        "Targets: functrain eager <= 1.15, compiled <= 1.00 (both adamw and adamw(fused=True))."
+        "ratios are to 'torch AdamW foreach, eager': of medians, of minima, paired (median over "
+        "rounds of the round's ratio), of median CPU time\n(user+sys, all threads: less sensitive "
+        "to other load on the machine). sys ms and faults (minor page faults): medians per "
+        "update.\nTargets: functrain eager <= 1.15, compiled <= 1.00 (both adamw and "
+        "adamw(fused=True))."
     )
     for name, secs in res["compile_seconds"].items():
         print(f"first call (compile) of {name}: {secs:.1f} s")
@@ -672,7 +686,7 @@ def print_timing(res: dict, args: argparse.Namespace) -> None:
         print(f"COMPILE FAILED for {name}:\n{err}")
 
 
-# ------------------------------------------------------------------------------------------------ memory
+# ----- memory
 
 
 def _proc_status_kib(field: str) -> int:
@@ -684,7 +698,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 def memory_child(args: argparse.Namespace) -> None:
-    """In a fresh process: peak RSS over (params + grads) while creating state and running updates."""
+    """In a fresh process: peak RSS over params + grads while creating state and running updates."""
     import torch
 
     if args.threads:
@@ -703,7 +717,8 @@ def memory_child(args: argparse.Namespace) -> None:
             return prototype_impl(name, b, g, addcdiv=name.endswith("B"), fused=name.endswith("C"))
         return functrain_impl(name, b, g, fused=name == "functrain fused")
 
-    # first use of each kernel loads code and buffers (tens of MiB): do that on a tiny tree, outside the count
+    # first use of each kernel loads code and buffers (tens of MiB): do that on a tiny tree, outside
+    # the count
     tiny = make(*make_tensors(transformer_shapes(2e4, args.tensors)))
     for _ in range(2):
         tiny.step()
@@ -755,20 +770,20 @@ def run_memory(args: argparse.Namespace) -> list[dict]:
 
 def print_memory(rows: list[dict], steps: int) -> None:
     print(
-        f"\npeak extra memory, eager, fresh process each, over params + grads, during state creation + "
-        f"{steps} updates:"
+        "\npeak extra memory, eager, fresh process each, over params + grads, during state "
+        f"creation + {steps} updates:"
     )
     for r in rows:
         if "error" in r:
             print(f"  {r['name']:<14} failed: {r['error']}")
             continue
         print(
-            f"  {r['name']:<14} {r['extra_bytes'] / MiB:8.0f} MiB = {r['extra_bytes'] / r['param_bytes']:.2f}x "
-            "the parameter bytes"
+            f"  {r['name']:<14} {r['extra_bytes'] / MiB:8.0f} MiB = "
+            f"{r['extra_bytes'] / r['param_bytes']:.2f}x the parameter bytes"
         )
 
 
-# ------------------------------------------------------------------------------------------------- sweep
+# ----- sweep
 
 
 def run_sweep(args: argparse.Namespace) -> None:
@@ -796,7 +811,8 @@ def run_sweep(args: argparse.Namespace) -> None:
         [SWEEP[int(i)] for i in args.sweep_settings.split(",")] if args.sweep_settings else SWEEP
     )
     print(
-        f"allocator sweep: {args.sweep_rounds} round(s) of {len(chosen)} settings, each a fresh subprocess"
+        f"allocator sweep: {args.sweep_rounds} round(s) of {len(chosen)} settings, each a fresh "
+        "subprocess"
     )
     results: list[tuple[str, dict]] = []
     for rnd in range(args.sweep_rounds):
@@ -820,8 +836,9 @@ def print_sweep_line(label: str, res: dict, rnd: int) -> None:
     for r in res["rows"]:
         short = r["name"].replace("torch AdamW ", "torch ").replace("functrain adamw", "ft")
         parts.append(
-            f"{short} {r['median_ms']:.0f}/{r['min_ms']:.0f} ms ratio {r['ratio']:.2f}/{r['min_ratio']:.2f}"
-            f" cpu {r['cpu_ratio']:.2f} sys {r['sys_ms']:.0f} ms {r['faults']:.0f} flt"
+            f"{short} {r['median_ms']:.0f}/{r['min_ms']:.0f} ms ratio "
+            f"{r['ratio']:.2f}/{r['min_ratio']:.2f} cpu {r['cpu_ratio']:.2f} sys {r['sys_ms']:.0f} "
+            f"ms {r['faults']:.0f} flt"
         )
     print("  " + "\n      ".join(parts))
     for m in res.get("memory", []):
@@ -831,7 +848,7 @@ def print_sweep_line(label: str, res: dict, rnd: int) -> None:
         print(f"      COMPILE FAILED for {name}: {err}")
 
 
-# -------------------------------------------------------------------------------------------------- main
+# ----- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -870,7 +887,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--mallopt",
         action="store_true",
-        help="call glibc mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2GiB) before importing torch",
+        help="call glibc mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2GiB) "
+        "before importing torch",
     )
     ap.add_argument(
         "--fresh-grads",

@@ -2,7 +2,7 @@
 
 Run under ``torchrun`` (gloo, CPU). Every rank holds its ``1/N`` of a state of about ``--mb``
 megabytes (two thirds of it in four matrices sharded ``Shard(0)``, as parameters and two moments
-are; a few small replicated tensors), and prints, rank 0 only, the median seconds over ``--reps`` of:
+are; a few small replicated tensors), and prints on rank 0 the median seconds over ``--reps`` of:
 
 * sharded save: ``functrain.save`` of the sharded tree (every rank its shards, in parallel; one
   manifest; the atomic commit), the slowest rank;
@@ -103,7 +103,8 @@ def main() -> None:
     if rank == 0:
         nbytes = sum(t.numel() * t.element_size() for t in whole.values())
         print(
-            f"{world} ranks, state {nbytes / 2**20:.0f} MiB, median of {args.reps} (seconds, the slowest rank)"
+            f"{world} ranks, state {nbytes / 2**20:.0f} MiB, median of {args.reps} (seconds, the "
+            "slowest rank)"
         )
         for name, values in times.items():
             median = statistics.median(values)

@@ -3,8 +3,8 @@
 Why `compile_step` leaves a sharded state's update eager: this times it both ways on the slices one
 of 2 ranks holds of the 25M-parameter MLP 1024-4096-4096-1024 of ``distributed_step.py --modes``
 (half the rows of each tensor), for AdamW fused (the default) and ``fused=False``, pure updates
-(``tx.update`` + ``apply_updates``, new tensors each time), one thread as each gloo rank has.
-After ``--warmup`` rounds (which also compile, inductor), ``--reps`` rounds run the four in ABBA order.
+(``tx.update`` + ``apply_updates``, new tensors each time), one thread as each gloo rank has. After
+``--warmup`` rounds (which also compile, inductor), ``--reps`` rounds run the four in ABBA order.
 
 Usage: python benchmarks/sharded_update.py [--reps 10] [--warmup 3]
 """
@@ -18,7 +18,7 @@ import time
 import torch
 
 import functrain as ft
-from functrain.optim.transform import apply_updates
+from functrain.optim.updates import apply_updates
 
 # one rank's rows of Linear(1024, 4096), Linear(4096, 4096), Linear(4096, 1024) on 2 ranks
 SLICES = [(2048, 1024), (2048,), (2048, 4096), (2048,), (512, 4096), (512,)]
@@ -58,7 +58,8 @@ def main() -> None:
             if rep >= args.warmup:
                 run["times"].append(time.perf_counter() - t0)
     print(
-        f"one rank's slices of the 25M MLP ({sum(p.numel() for p in params.values()) / 1e6:.1f}M parameters), 1 thread, {args.reps} reps"
+        f"one rank's slices of the 25M MLP ({sum(p.numel() for p in params.values()) / 1e6:.1f}M "
+        f"parameters), 1 thread, {args.reps} reps"
     )
     for key, run in runs.items():
         print(f"{key:<28} {1e3 * statistics.median(run['times']):8.1f} ms")

@@ -1,24 +1,27 @@
-"""Time one training step: functrain's `train_step` (eager and compiled) against a hand-written loop.
+"""Time one training step: functrain's `train_step` (eager, compiled) against a hand-written loop.
 
 One run prints a table of median milliseconds per step and the ratio to the hand-written loop
 
     loss = loss_fn(model, batch); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 
-with ``opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)`` (the baseline: 1.00), for:
+with ``opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)`` (baseline: 1.00), for:
 
 * ``hand-written``: the loop above;
-* ``functrain eager``: ``functrain.train_step`` with ``TrainState.create(..., functrain.adamw(1e-3))``
-  (default options: ``nonfinite="skip"``, i.e. a finite check and a ``torch.where`` selection);
+* ``functrain eager``: ``functrain.train_step`` with
+  ``TrainState.create(..., functrain.adamw(1e-3))`` (default options: ``nonfinite="skip"``, i.e. a
+  finite check and a ``torch.where`` selection);
 * ``functrain eager, nonfinite=none``: the same without the non-finite guard (what the guard costs);
 * ``functrain eager, adamw() (fused)``: the default ``functrain.adamw(...)``, torch's fused AdamW
   kernel on fresh copies (the non-finite guard rides on the kernel's ``found_inf``); the rows
   ``adamw(fused=False)`` run the foreach chain;
 * ``functrain eager, adamw(), donate=True``: ``train_step(state, batch, donate=True)``, the fused
   kernel in place on the given state (one state held);
-* ``torch.compile(functrain.train_step)``: with ``dynamic=False``, warmed up (compiled) before timing;
+* ``torch.compile(functrain.train_step)``: with ``dynamic=False``, warmed up (compiled) before
+  timing;
 * ``functrain.compile_step()``: functrain's compiled step (the body compiled once per static
   configuration, guards on tensors and the batch only), also with the fused ``adamw()`` and donated;
-* ``hand-written, AdamW(fused=True)``: the hand-written loop with torch's fused AdamW, for reference.
+* ``hand-written, AdamW(fused=True)``: the hand-written loop with torch's fused AdamW, for
+  reference.
 
 Workloads (float32, CPU, cross-entropy over 10 classes, both AdamW weight decays 1e-2):
 
@@ -31,41 +34,41 @@ Workloads (float32, CPU, cross-entropy over 10 classes, both AdamW weight decays
 * ``mlp25m``: the parameter-heavy MLP of ``benchmarks/memory.py``, 1024-4096-4096-1024 (25M
   parameters), batch 64, 10 classes.
 
-Method: every implementation starts from the same initial weights (its own copy) and steps on the same
-batch. After untimed warm-up steps (which also compile), ``--reps`` timed rounds run every
+Method: every implementation starts from the same initial weights (its own copy) and steps on the
+same batch. After untimed warm-up steps (which also compile), ``--reps`` timed rounds run every
 implementation once per round, interleaved, in ABBA order (A,B,C,D then D,C,B,A, ...), so drift hits
 all of them alike; one sample times a block of steps (more for the small MLP, so that the timer's
-resolution and per-sample noise do not matter) and is reported per step; the table shows the median of
-the samples. At the end the parameters of every implementation are compared with the hand-written
+resolution and per-sample noise do not matter) and is reported per step; the table shows the median
+of the samples. At the end the parameters of every implementation are compared with the hand-written
 loop's (the same number of steps ran on each; eager functrain matches torch.optim bit for bit where
 the model has no dropout).
 
 Memory (unless ``--no-memory``): each (implementation, workload) runs in a fresh process
-(``--memory-worker IMPL WORKLOAD``) with glibc's mmap threshold fixed at 64 KiB, so that every tensor
-is its own mapping and the RSS follows the live tensors. The worker builds the model and the batch,
-runs ``--memory-warmup`` steps of the same implementation on a throwaway copy (first touches of library
-code, thread pools, the autograd engine, and for the compiled step the compilation itself, whose code
-and caches stay resident and so fall in the baseline), frees it, reads ``base`` = VmRSS and resets the
-peak-RSS mark (VmHWM, through /proc/self/clear_refs), then creates the state (or the torch optimizer)
-and runs ``--memory-steps`` steps. Reported: peak = VmHWM - base in MiB, its ratio to the hand-written
-loop's, and in brackets what is still held after the steps (VmRSS - base: the state's copy of the
-weights and the optimizer state; the hand-written loop updates the module's own weights, which are in
-``base``).
+(``--memory-worker IMPL WORKLOAD``) with glibc's mmap threshold fixed at 64 KiB, so that every
+tensor is its own mapping and the RSS follows the live tensors. The worker builds the model and the
+batch, runs ``--memory-warmup`` steps of the same implementation on a throwaway copy (first touches
+of library code, thread pools, the autograd engine, and for the compiled step the compilation
+itself, whose code and caches stay resident and so fall in the baseline), frees it, reads ``base`` =
+VmRSS and resets the peak-RSS mark (VmHWM, through /proc/self/clear_refs), then creates the state
+(or the torch optimizer) and runs ``--memory-steps`` steps. Reported: peak = VmHWM - base in MiB,
+its ratio to the hand-written loop's, and in brackets what is still held after the steps (VmRSS -
+base: the state's copy of the weights and the optimizer state; the hand-written loop updates the
+module's own weights, which are in ``base``).
 
-Busy machine: with other processes on the CPU, wall-clock times of a multi-threaded torch swing wildly
-(a thread waits for a descheduled sibling). The script prints the load average and warns when it exceeds
-the CPU count; ``--threads 1 --clock cpu`` then times this process's CPU time on one thread, which other
-processes barely disturb (the ratios are for one thread: compute-bound workloads show smaller ratios
-than with two).
+Busy machine: with other processes on the CPU, wall-clock times of a multi-threaded torch swing
+wildly (a thread waits for a descheduled sibling). The script prints the load average and warns when
+it exceeds the CPU count; ``--threads 1 --clock cpu`` then times this process's CPU time on one
+thread, which other processes barely disturb (the ratios are for one thread: compute-bound workloads
+show smaller ratios than with two).
 
 Usage:
-    python benchmarks/step_overhead.py                         # full run: 4 workloads, compile, memory
-    python benchmarks/step_overhead.py --quick                 # smoke test: few reps
+    python benchmarks/step_overhead.py                     # full run: 4 workloads, compile, memory
+    python benchmarks/step_overhead.py --quick             # smoke test: few reps
     python benchmarks/step_overhead.py --workloads mlp --reps 200 --no-compile --no-memory
-    python benchmarks/step_overhead.py --threads 1 --clock cpu     # on a machine shared with other jobs
+    python benchmarks/step_overhead.py --threads 1 --clock cpu  # on a machine shared with others
 
-Progress goes to stderr; the tables to stdout. The transformer takes about 50 s to compile with a
-cold cache on a 2-core machine.
+Progress goes to stderr; the tables to stdout. The transformer is the slowest workload to compile
+(its time with a cold cache: `benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -396,7 +399,8 @@ def _reset_hwm() -> bool:
 def memory_worker(impl: str, workload: str, warmup: int, steps: int) -> None:
     module, batch = build(workload)
     # warm the runtime up on a throwaway copy (first-touch library pages, thread pools, autograd
-    # engine; for the compiled step the compilation itself), so that only the step's memory is measured
+    # engine; for the compiled step the compilation itself), so that only the step's memory is
+    # measured
     throwaway = make(impl, module if impl != "hand" else copy.deepcopy(module), batch)
     for _ in range(warmup):
         throwaway.step()
@@ -476,8 +480,9 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
         parts = [f"{impl} {lo:.3f}-{hi:.3f}" for impl, (lo, hi) in r["spread"].items()]
         print(f"  {r['workload']}: " + ", ".join(parts))
     print(
-        "Max |param - hand-written param| after the same steps (0 = bit-identical; with dropout (cnn, transformer)\n"
-        "functrain draws its masks from its own generator state, so only the MLP is comparable):"
+        "Max |param - hand-written param| after the same steps (0 = bit-identical; with dropout "
+        "(cnn, transformer)\nfunctrain draws its masks from its own generator state, so only the "
+        "MLP is comparable):"
     )
     for r in results:
         parts = [f"{impl} {d:.2e}" for impl, d in r["max_param_diff"].items()]
@@ -485,14 +490,16 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
     for r in results:
         if r.get("busy"):
             print(
-                f"WARNING: {r['workload']}: the load average exceeded the CPU count (other processes ran); times are skewed"
+                f"WARNING: {r['workload']}: the load average exceeded the CPU count (other "
+                "processes ran); times are skewed"
             )
     for r in results:
         if r["compile_s"] is not None:
             print(f"First (compiling) call, {r['workload']}: {r['compile_s']:.1f} s")
     failures = []
     print(
-        "\nTargets (ratio to the hand-written foreach loop; a target set by the fused loop is its ratio times the factor):"
+        "\nTargets (ratio to the hand-written foreach loop; a target set by the fused loop is its "
+        "ratio times the factor):"
     )
     for r in results:
         for impl in impls:
@@ -505,7 +512,8 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
             how = "" if reference == "hand" else f" (hand-written fused x {factor:.2f})"
             ok = ratio <= bound
             print(
-                f"  {LABELS[impl]}, {r['workload']}: {ratio:.2f} <= {bound:.2f}{how}  {'ok' if ok else 'MISSED'}"
+                f"  {LABELS[impl]}, {r['workload']}: {ratio:.2f} <= {bound:.2f}{how}  "
+                f"{'ok' if ok else 'MISSED'}"
             )
             if not ok:
                 failures.append(f"{impl}/{r['workload']}")
@@ -518,8 +526,8 @@ def print_memory(
     if not mem:
         return
     print(
-        f"\nPeak RSS over model+batch during state creation + {steps} steps, MiB (ratio to hand-written) "
-        "[still held after them, MiB]; one fresh process each\n"
+        f"\nPeak RSS over model+batch during state creation + {steps} steps, MiB (ratio to "
+        "hand-written) [still held after them, MiB]; one fresh process each\n"
     )
     print("| implementation | " + " | ".join(workloads) + " |")
     print("|" + "---|" * (len(workloads) + 1))
@@ -540,7 +548,8 @@ def print_memory(
     )
     if not all(m.get("hwm_resettable") for m in mem.values()):
         print(
-            "WARNING: /proc/self/clear_refs could not reset VmHWM; peaks include earlier high-water marks"
+            "WARNING: /proc/self/clear_refs could not reset VmHWM; peaks include earlier "
+            "high-water marks"
         )
 
 
@@ -574,8 +583,9 @@ def main() -> None:
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
-        help="wall: perf_counter (default); cpu: this process's CPU time, robust to other processes "
-        "taking the CPU (use with --threads 1: with more threads it also counts their spinning)",
+        help="wall: perf_counter (default); cpu: this process's CPU time, robust to other "
+        "processes taking the CPU (use with --threads 1: with more threads it also counts their "
+        "spinning)",
     )
     ap.add_argument(
         "--memory-warmup",
@@ -605,7 +615,8 @@ def main() -> None:
     clock = time.perf_counter_ns if args.clock == "wall" else time.process_time_ns
     if args.clock == "cpu" and torch.get_num_threads() > 1:
         log(
-            "WARNING: --clock cpu with more than one thread also counts the threads' spinning; use --threads 1"
+            "WARNING: --clock cpu with more than one thread also counts the threads' spinning; use "
+            "--threads 1"
         )
     impls = [i for i in IMPLS if not (args.no_compile and i in COMPILED)]
     mem_steps = min(args.memory_steps, 3) if args.quick else args.memory_steps
@@ -613,7 +624,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-        f"reps={reps}; clock={args.clock}; workloads={','.join(workloads)}; load average at start {_loadavg()}"
+        f"reps={reps}; clock={args.clock}; workloads={','.join(workloads)}; load average at start "
+        f"{_loadavg()}"
     )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
     results = []
@@ -625,8 +637,8 @@ def main() -> None:
         busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
         if busy:
             log(
-                "WARNING: the machine is busier than its CPU count: other processes share the CPU and skew times "
-                "(consider --threads 1 --clock cpu)"
+                "WARNING: the machine is busier than its CPU count: other processes share the CPU "
+                "and skew times (consider --threads 1 --clock cpu)"
             )
             results[-1]["busy"] = True
     failures = print_speed(results, impls)

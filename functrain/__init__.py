@@ -8,16 +8,16 @@ lives in subpackages by layer (`docs/architecture.md`): `optim` (transforms, pre
 resolve on first use, so importing functrain imports neither package).
 """
 
-from functrain import _moved, distributed, testing
-from functrain.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
+from functrain import distributed, schedules, testing
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
 from functrain.config import ConfiguredRun, build_run, load_config
+from functrain.core.binding import BoundModel
 from functrain.core.compiled import CompiledStep, compile_step
-from functrain.core.ensemble import num_members, stack, unstack
 from functrain.core.options import StepOptions
+from functrain.core.stacked import num_members, stack, unstack
 from functrain.core.state import TrainState
-from functrain.core.step import BoundModel, eval_step, train_step
+from functrain.core.step import eval_step, train_step
 from functrain.driver.callbacks import (
     Callback,
     ConsoleLogger,
@@ -34,6 +34,7 @@ from functrain.driver.evaluation import evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
 from functrain.driver.run_config import ConfigChangeWarning
+from functrain.driver.stopping import EarlyStopping
 from functrain.errors import (
     BatchError,
     CheckpointCorruptError,
@@ -46,46 +47,43 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
-from functrain.optim import schedules
+from functrain.interop.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
 from functrain.optim.averaging import EmaState, ema
-from functrain.optim.more_presets import adadelta, adafactor, adamax, asgd, muon, nadam, rprop
-from functrain.optim.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
-from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
-from functrain.optim.primitives import (
-    add_decayed_weights,
-    clip_by_global_norm,
-    clip_by_value,
-    scale,
-    scale_by_adagrad,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_lion,
-    scale_by_radam,
-    scale_by_rms,
-    trace,
+from functrain.optim.base import EmptyState, Transform, identity
+from functrain.optim.combine import chain
+from functrain.optim.metrics import transform_metrics
+from functrain.optim.plateau import observe_plateau, reduce_on_plateau
+from functrain.optim.presets import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    asgd,
+    lion,
+    muon,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
 )
+from functrain.optim.rules.adadelta import scale_by_adadelta
+from functrain.optim.rules.adafactor import adafactor_step
+from functrain.optim.rules.adagrad import scale_by_adagrad
+from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
+from functrain.optim.rules.asgd import asgd_step
+from functrain.optim.rules.clipping import clip_by_global_norm, clip_by_value
+from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
+from functrain.optim.rules.lion import scale_by_lion
+from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
+from functrain.optim.rules.rms import scale_by_rms
+from functrain.optim.rules.rprop import scale_by_rprop
+from functrain.optim.rules.trace import trace
+from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.sweep import Sweep, sweep
-from functrain.optim.transform import (
-    EmptyState,
-    ParamStep,
-    Ratio,
-    Transform,
-    apply_updates,
-    as_tensors,
-    chain,
-    identity,
-    transform_metrics,
-)
-from functrain.optim.update_rules import (
-    adafactor_step,
-    asgd_step,
-    nadam_step,
-    scale_by_adadelta,
-    scale_by_adamax,
-    scale_by_adjusted_learning_rate,
-    scale_by_muon,
-    scale_by_rprop,
-)
+from functrain.optim.updates import ParamStep, Ratio, apply_updates, as_tensors
 from functrain.optim.wrappers import (
     accumulate,
     all_finite,
@@ -97,11 +95,18 @@ from functrain.optim.wrappers import (
     skip_nonfinite,
 )
 from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
+from functrain.version import __version__ as __version__
 
-# the module paths of before the layout keep working (imports and attributes), with a DeprecationWarning;
-# the integrations' names load their modules on first use
-_moved.install()
-__getattr__ = _moved.package_getattr
+
+def __getattr__(name: str) -> object:
+    """``ft.WandbLogger`` and ``ft.OptunaPruning``, whose modules load on first use."""
+    from importlib import import_module
+
+    integrations = import_module("functrain.integrations")
+    if name in integrations.MODULES:
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'functrain' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigChangeWarning",
@@ -225,5 +230,3 @@ __all__ = [
     "Sweep",
     "sweep",
 ]
-
-__version__ = "0.1.0"

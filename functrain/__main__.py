@@ -1,4 +1,5 @@
-"""``python -m functrain run CONFIG [override ...]``: the ``functrain`` command (`functrain.config.cli`)."""
+"""``python -m functrain run CONFIG [override ...]``: the ``functrain`` command
+(`functrain.config.cli`)."""
 
 from functrain.config.cli import main
 

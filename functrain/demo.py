@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import functrain as ft
+from functrain import distributed
+from functrain.core.state import TrainState
+from functrain.driver.callbacks import Callback, Run
+from functrain.driver.fit import fit
+from functrain.driver.stopping import EarlyStopping
+from functrain.errors import ConfigError
+from functrain.optim.presets import adamw
 from functrain.optim.schedules import warmup_cosine
 
 
@@ -78,10 +84,11 @@ def load_digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, Ten
 
 
 def digits(split: str, seed: int = 0) -> TensorDataset:
-    """One split of `load_digits_splits`: ``"train"``, ``"val"`` or ``"test"`` (a config's data entries)."""
+    """One split of `load_digits_splits`: ``"train"``, ``"val"`` or ``"test"`` (a config's data
+    entries)."""
     names = ("train", "val", "test")
     if split not in names:
-        raise ft.ConfigError(f"split must be one of {', '.join(names)}, got split={split!r}")
+        raise ConfigError(f"split must be one of {', '.join(names)}, got split={split!r}")
     return load_digits_splits(seed)[names.index(split)]
 
 
@@ -90,26 +97,27 @@ def decay_mask(name: str, param: torch.Tensor) -> bool:
     return param.ndim > 1
 
 
-class PlotCurves(ft.Callback):
+class PlotCurves(Callback):
     """Save the run's curves as a PNG when it ends (rank 0; a note instead without matplotlib)."""
 
     def __init__(self, path: str | Path, metrics: list[str] | None = None) -> None:
         self.path, self.metrics = Path(path), metrics
 
-    def on_train_end(self, run: ft.Run) -> None:
-        if not ft.distributed.is_main_process():
+    def on_train_end(self, run: Run) -> None:
+        if not distributed.is_main_process():
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             run.history.plot(self.path, metrics=self.metrics)
-        except ft.ConfigError as e:
+        except ConfigError as e:
             print(f"(no plot: {e})")
 
 
 def build(
     epochs: int, batch_size: int, lr: float, seed: int, out: Path
-) -> tuple[ft.TrainState, tuple[TensorDataset, ...], dict[str, Any]]:
-    """The demo's state, its train/val/test splits and `fit`'s options (``configs/demo.yaml`` says the same)."""
+) -> tuple[TrainState, tuple[TensorDataset, ...], dict[str, Any]]:
+    """The demo's state, its train/val/test splits and `fit`'s options (``configs/demo.yaml`` says
+    the same)."""
     torch.manual_seed(seed)
     splits = load_digits_splits(seed)
     steps_per_epoch = -(-len(splits[0]) // batch_size)
@@ -119,8 +127,8 @@ def build(
         decay_steps=epochs * steps_per_epoch,
         end_value=lr * 0.01,
     )
-    optimizer = ft.adamw(schedule, weight_decay=1e-4, mask=decay_mask, fused=True)
-    state = ft.TrainState.create(
+    optimizer = adamw(schedule, weight_decay=1e-4, mask=decay_mask, fused=True)
+    state = TrainState.create(
         DigitsCNN(), optimizer, loss_fn, seed=seed, ema_decay=0.99, clip_grad_norm=1.0
     )
     options = {
@@ -130,7 +138,7 @@ def build(
         "checkpoint_dir": out / "checkpoints",
         "keep_last": 2,
         "best_metric": "val_loss",
-        "early_stopping": ft.EarlyStopping("val_loss", patience=4, min_delta=1e-4),
+        "early_stopping": EarlyStopping("val_loss", patience=4, min_delta=1e-4),
         "log_file": out / "metrics.jsonl",
         "verbosity": "minimal",
         "data_seed": seed,
@@ -154,14 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest checkpoint in --out (the default when --out holds checkpoints)",
+        help="continue from the newest checkpoint in --out (the default when --out holds "
+        "checkpoints)",
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    ft.distributed.init_from_env()  # under torchrun: one process per rank, gloo on CPU, nccl on GPU
-    main_rank = ft.distributed.is_main_process()
+    distributed.init_from_env()  # under torchrun: one process per rank, gloo on CPU, nccl on GPU
+    main_rank = distributed.is_main_process()
     say = print if main_rank else (lambda *a, **k: None)
     state, (train, val, test), options = build(
         args.epochs, args.batch_size, args.lr, args.seed, args.out
@@ -171,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     resume = args.resume or (checkpoints.is_dir() and any(checkpoints.iterdir()))
     if resume and not args.resume:
         say(
-            f"continuing the run whose checkpoints are in {checkpoints} (another --out trains from scratch)"
+            f"continuing the run whose checkpoints are in {checkpoints} (another --out trains from "
+            "scratch)"
         )
-    result = ft.fit(
+    result = fit(
         state,
         train,
         eval_data=val,
@@ -186,16 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if plot is not None:
             result.history.plot(plot, metrics=["loss", "val_loss", "val_acc"])
-    except ft.ConfigError as e:
+    except ConfigError as e:
         plot = None
         say(f"(no plot: {e})")
-    test_acc = result.test["test_acc"] if result.test else float("nan")
+    test_metrics = result.test or {}
+    test_acc = test_metrics.get("test_acc", float("nan"))
     say(
-        f"\nstopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs"
+        f"\nstopped: {result.stop_reason} after {int(result.state.step)} updates, "
+        f"{int(result.state.epoch)} epochs"
     )
-    say(f"best checkpoint: {result.checkpoints['best']}  (val_loss {result.best['val_loss']:.4f})")
+    best = result.best or {}
     say(
-        f"test accuracy of the best checkpoint: {test_acc:.4f}  (EMA weights: {result.test.get('test_ema_acc', float('nan')):.4f})"
+        f"best checkpoint: {result.checkpoints['best']}  (val_loss "
+        f"{best.get('val_loss', float('nan')):.4f})"
+    )
+    say(
+        f"test accuracy of the best checkpoint: {test_acc:.4f}  (EMA weights: "
+        f"{test_metrics.get('test_ema_acc', float('nan')):.4f})"
     )
     say(f"log: {args.out / 'metrics.jsonl'}" + (f"  curves: {plot}" if plot else ""))
     say(f"total time: {time.perf_counter() - t0:.1f} s")

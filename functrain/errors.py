@@ -60,7 +60,7 @@ class CheckpointCorruptError(CheckpointError):
 
 
 class DonatedStateError(FunctrainError):
-    """A state was used after a step took it with ``donate=True``: its storage now holds the next state.
+    """A state was used after a ``donate=True`` step took it: its storage holds the next state.
 
     The message names the call that donated it and how to keep a copy (``state.clone()`` before
     the call, or the call without ``donate=True``).

@@ -1,4 +1,4 @@
-"""Sampling from autoregressive models: logit filters, `generate`, and a callback that prints samples.
+"""Sampling from autoregressive models: logit filters, `generate`, a callback printing samples.
 
 `generate` runs the state's module on its raw or EMA weights through `torch.func.functional_call`,
 in eval mode and without gradients, one token at a time. Every random draw comes from a
@@ -14,8 +14,8 @@ from typing import IO, Any, Protocol
 
 import torch
 
+from functrain.core.binding import BoundModel
 from functrain.core.state import TrainState
-from functrain.core.step import BoundModel
 from functrain.distributed.sharding import gathered
 from functrain.driver.callbacks import Callback, Run, on
 from functrain.errors import ConfigError, config_check
@@ -37,7 +37,8 @@ def _sampling_problems(temperature: Any, top_k: Any, top_p: Any) -> list[str]:
         or not temperature >= 0
     ):
         problems.append(
-            f"temperature must be a number >= 0 (0 is greedy decoding), got temperature={temperature!r}"
+            "temperature must be a number >= 0 (0 is greedy decoding), got "
+            f"temperature={temperature!r}"
         )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         problems.append(
@@ -132,7 +133,8 @@ def sample_logits(
         int64 token ids of shape ``logits.shape[:-1]``.
 
     Raises:
-        ConfigError: temperature < 0, top_k < 1, top_p outside (0, 1], or no generator to sample with.
+        ConfigError: temperature < 0, top_k < 1, top_p outside (0, 1], or no generator to sample
+            with.
 
     Example:
         >>> logits = torch.tensor([[0.0, 5.0, 1.0], [2.0, 0.0, 9.0]])
@@ -145,7 +147,8 @@ def sample_logits(
     problems = _sampling_problems(temperature, top_k, top_p)
     if generator is None and not problems and temperature > 0:
         problems.append(
-            "sampling with temperature > 0 needs an explicit generator (e.g. torch.Generator().manual_seed(0)); pass temperature=0 for greedy decoding"
+            "sampling with temperature > 0 needs an explicit generator (e.g. "
+            "torch.Generator().manual_seed(0)); pass temperature=0 for greedy decoding"
         )
     config_check(problems, "sample_logits")
     if temperature == 0:
@@ -168,8 +171,9 @@ def _as_ids(prompt_ids: torch.Tensor | Sequence[int], device: torch.device) -> t
     ids = torch.as_tensor(prompt_ids, device=device)
     if ids.dtype not in (torch.int64, torch.int32) or ids.ndim not in (1, 2) or ids.shape[-1] == 0:
         raise ConfigError(
-            f"prompt_ids must be a non-empty 1-d [time] or 2-d [batch, time] tensor of int ids, got Tensor{list(ids.shape)} {ids.dtype}; "
-            "encode the prompt first, e.g. torch.tensor([stoi[c] for c in text])"
+            "prompt_ids must be a non-empty 1-d [time] or 2-d [batch, time] tensor of int ids, "
+            f"got Tensor{list(ids.shape)} {ids.dtype}; encode the prompt first, e.g. "
+            "torch.tensor([stoi[c] for c in text])"
         )
     return ids.long()
 
@@ -251,9 +255,11 @@ def generate(
     squeeze = ids.ndim == 1
     ids = ids.unsqueeze(0) if squeeze else ids
     weights = state.ema_params if use_ema else state.params
+    assert weights is not None  # use_ema without an EMA was refused above
     # a sharded state's weights gathered whole once (every rank must call), not at every token
     weights = {k: gathered(w) for k, w in weights.items()}
-    # a copy of the buffers: eval mode should not write them, but a module may, and the state must not change
+    # a copy of the buffers: eval mode should not write them, but a module may, and the state must
+    # not change
     tensors = {**weights, **state.frozen, **{k: b.clone() for k, b in state.buffers.items()}}
     model = BoundModel(state.module, tensors)
     forward = forward or _logits_of
@@ -275,7 +281,7 @@ def generate(
 
 
 class SampleText(Callback):
-    """A callback printing a sample of generated text while `fit` trains: at epoch ends, or every N updates.
+    """A callback printing generated text while `fit` trains: at epoch ends, or every N updates.
 
     Each sample continues the same prompt with the same seed, so successive samples differ only
     because the model changed. The printed texts are also kept in `samples` as ``(step, text)``.
@@ -302,12 +308,16 @@ class SampleText(Callback):
         ...     logits = model(x[:, :-1])
         ...     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         >>> sampler = SampleText(
-        ...     2, "a", decode=lambda t: "".join(chars[i] for i in t), encode=lambda s: [chars.index(c) for c in s],
+        ...     2,
+        ...     "a",
+        ...     decode=lambda t: "".join(chars[i] for i in t),
+        ...     encode=lambda s: [chars.index(c) for c in s],
         ...     max_new_tokens=5, temperature=0, file=io.StringIO(),
         ... )
         >>> model = torch.nn.Embedding(2, 2, _weight=torch.zeros(2, 2))
         >>> state = ft.TrainState.create(model, ft.adamw(0.5), loss_fn)
-        >>> _ = ft.fit(state, TensorDataset(ids), batch_size=4, max_epochs=2, callbacks=[sampler], progress=False, verbosity="silent")
+        >>> quiet = dict(progress=False, verbosity="silent", callbacks=[sampler])
+        >>> _ = ft.fit(state, TensorDataset(ids), batch_size=4, max_epochs=2, **quiet)
         >>> sampler.samples
         [(2, 'ababab'), (4, 'ababab')]
     """
@@ -347,7 +357,7 @@ class SampleText(Callback):
         config_check(problems, "SampleText")
         self.every, self.prompt, self.decode, self.file = every, prompt, decode, file
         self.prompt_ids = list(encode(prompt))
-        self.options = {
+        self.options: dict[str, Any] = {
             "temperature": temperature,
             "top_k": top_k,
             "top_p": top_p,

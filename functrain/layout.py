@@ -1,4 +1,4 @@
-"""Memory layouts: a gradient laid out as its parameter is, as torch's gradient layout contract gives it.
+"""Memory layouts: a gradient laid out as its parameter, as torch's gradient layout contract says.
 
 `torch.autograd.grad` returns each gradient in the layout autograd produced it in: a convolution
 fed channels_last activations gives a channels_last weight gradient for a contiguous weight, and a
@@ -31,12 +31,14 @@ __all__ = ["is_dense", "obeys_layout", "in_layout_of", "in_layouts_of", "with_st
 
 
 def is_dense(t: torch.Tensor) -> bool:
-    """Whether `t`'s elements tile its memory without gaps or overlaps, in some order of its dimensions.
+    """Whether `t`'s elements tile its memory without gaps or overlaps, in some dimension order.
 
     Example:
         >>> x = torch.zeros(2, 3, 4, 5)
-        >>> is_dense(x), is_dense(x.transpose(1, 3)), is_dense(x[:, :, ::2]), is_dense(torch.zeros(()).expand(2, 2))
-        (True, True, False, False)
+        >>> is_dense(x), is_dense(x.transpose(1, 3)), is_dense(x[:, :, ::2])
+        (True, True, False)
+        >>> is_dense(torch.zeros(()).expand(2, 2))
+        False
     """
     expected = 1
     for stride, size in sorted(
@@ -49,7 +51,7 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def obeys_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """Whether `t` (a gradient of `like`, of its shape) is laid out as the gradient layout contract asks.
+    """Whether `t`, a gradient of `like`, is laid out as the gradient layout contract asks.
 
     Example:
         >>> w = torch.zeros(8, 4, 3, 3)
@@ -73,7 +75,8 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`t` if it `obeys_layout` of `like`, else a copy of it that does (the values unchanged).
 
     Raises:
-        StateMismatchError: `t` and `like` differ in shape (a gradient must be its parameter's shape).
+        StateMismatchError: `t` and `like` differ in shape (a gradient must be its parameter's
+            shape).
 
     Example:
         >>> w = torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
@@ -84,8 +87,8 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """
     if t.stride() != like.stride() and t.shape != like.shape:
         raise StateMismatchError(
-            f"a gradient must have its parameter's shape, got {list(t.shape)} for a parameter of shape {list(like.shape)}; "
-            "pass each parameter's own gradient"
+            f"a gradient must have its parameter's shape, got {list(t.shape)} for a parameter of "
+            f"shape {list(like.shape)}; pass each parameter's own gradient"
         )
     if obeys_layout(t, like):
         return t
@@ -116,7 +119,8 @@ def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         StateMismatchError: `t` and `like` differ in shape.
 
     Example:
-        >>> w = torch.zeros(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 1, 3, 1))  # a depthwise weight, channels_last
+        >>> # a depthwise weight, channels_last
+        >>> w = torch.zeros(6, 1, 3, 3).as_strided((6, 1, 3, 3), (9, 1, 3, 1))
         >>> new = torch.add(w, torch.ones(6, 1, 3, 3))
         >>> new.stride(), with_strides_of(new, w).stride()
         ((9, 9, 3, 1), (9, 1, 3, 1))

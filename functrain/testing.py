@@ -44,7 +44,8 @@ class LeafDiff:
     """One leaf in which two trees differ.
 
     Attributes:
-        path: the leaf's path, as checkpoints name it (``"params/0.weight"``, ``"opt_state/0/mu/0"``).
+        path: the leaf's path, as checkpoints name it (``"params/0.weight"``,
+            ``"opt_state/0/mu/0"``).
         kind: ``"values"`` (same dtype and shape, different bits), ``"dtype"``, ``"shape"``,
             ``"type"`` (tensor against non-tensor, or two Python types), ``"missing"`` (only in
             the first tree) or ``"extra"`` (only in the second).
@@ -249,7 +250,8 @@ def resumption_cases(
         n: the run length, or an inclusive ``(low, high)`` range to draw it from (``low >= 2``).
         options: name -> a sequence of choices or a hypothesis strategy, drawn into the case's
             ``options`` dict (typically keywords for `TrainState.create`). None uses
-            `DEFAULT_OPTIONS`: ``accumulate_steps``, ``ema_decay``, ``clip_grad_norm``, ``precision``.
+            `DEFAULT_OPTIONS`: ``accumulate_steps``, ``ema_decay``, ``clip_grad_norm``,
+            ``precision``.
         seed: also draw ``options["seed"]`` (the state's RNG seed) from ``0 .. 2**20``.
 
     Returns:
@@ -328,7 +330,8 @@ def check_resumption(
 
     Args:
         make_state: builds the initial `TrainState`; called twice (the run, then the template to
-            load into). The two need not hold the same values: the checkpoint must overwrite them all.
+            load into). The two need not hold the same values: the checkpoint must overwrite them
+            all.
         batches_fn: ``batches_fn(i)`` is batch `i` of the run; it must depend on `i` alone.
         n: steps in the run.
         k: steps before the cut, ``0 <= k <= n``.
@@ -347,7 +350,8 @@ def check_resumption(
     Example:
         >>> import torch, functrain as ft
         >>> def make_state():
-        ...     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+        ...     layers = torch.nn.Linear(3, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1)
+        ...     model = torch.nn.Sequential(*layers)
         ...     loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         ...     return ft.TrainState.create(model, ft.adamw(1e-2), loss_fn, ema_decay=0.9)
         >>> def batch(i):

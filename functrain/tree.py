@@ -6,10 +6,8 @@ themselves) whose leaves are tensors. Everything here is pure: it reads trees an
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -26,11 +24,9 @@ __all__ = [
     "escape_key",
     "tree_structure",
     "check_same_structure",
+    "Norms",
+    "LOCAL_NORMS",
     "global_norm",
-    "share_norm",
-    "unshare_norm",
-    "summing_norms",
-    "norm_sum",
     "tree_select",
 ]
 
@@ -56,7 +52,7 @@ def _is_tensor_dict(tree: Any) -> bool:
 
 
 def tree_flatten(tree: Tree) -> tuple[list[Any], pytree.TreeSpec]:
-    """The leaves of `tree` and its structure (`torch.utils._pytree.tree_flatten`, faster for dicts of tensors)."""
+    """The leaves of `tree` and its structure (`tree_flatten`, faster for dicts of tensors)."""
     if not _is_tensor_dict(tree):
         return pytree.tree_flatten(tree)
     keys = tuple(tree)
@@ -90,7 +86,8 @@ def tree_leaves(tree: Tree) -> list[Any]:
 
 
 def escape_key(key: str) -> str:
-    """One component of a leaf path: ``%`` and ``/`` escaped, and ``""`` as ``%`` (which no escaped key is).
+    """One component of a leaf path: ``%`` and ``/`` escaped, and ``""`` as ``%`` (which no escaped
+    key is).
 
     Without the last rule a root key ``""`` would join to nothing, and ``{"": {"a": x}}`` and
     ``{"a": y}`` would both name their leaf ``a``.
@@ -110,7 +107,9 @@ def leaves_by_path(tree: Tree) -> dict[str, Any]:
 
 
 def tree_paths(tree: Tree) -> list[str]:
-    """Names of the leaves of `tree`, in flattening order (as `leaves_by_path`; a bare leaf is ``<root>``).
+    """Names of the leaves of `tree`, in flattening order (as `leaves_by_path`).
+
+    A bare leaf is ``<root>``.
 
     Example:
         >>> tree_paths({"w": torch.zeros(2), "b": (torch.zeros(1),)})
@@ -141,35 +140,69 @@ def check_same_structure(expected: Tree, got: Tree, what: str) -> None:
     raise StateMismatchError(f"{what} does not have the structure of the parameters: {detail}")
 
 
-def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+class Norms(NamedTuple):
+    """How `global_norm` measures within a step: a norm the step already computed, the sum over
+    ranks.
+
+    The step gives it to the transforms in their extras (`functrain.optim.base.Extras.norms`). A
+    NamedTuple, which ``torch.compile`` traces when it is built inside a step.
+    """
+
+    shared: tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor] | None = None
+    """The tensors the step measured, their version counters, and their norm; or None. Tensors
+    changed since (another version) are measured again."""
+    across: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A sharded step's sum over ranks of the slices' squares (an all-reduce), or None."""
+
+    def sharing(self, tensors: Sequence[torch.Tensor], norm: torch.Tensor) -> Norms:
+        """These norms, with `norm` given for exactly `tensors`, unmodified.
+
+        Example:
+            >>> g = [torch.tensor([3.0, 4.0])]
+            >>> norms = LOCAL_NORMS.sharing(g, torch.tensor(5.0))
+            >>> global_norm(g, norms), global_norm([g[0].clone()], norms)
+            (tensor(5.), tensor(5.))
+        """
+        items = tuple(tensors)
+        return self._replace(shared=(items, tuple(t._version for t in items), norm))
+
+
+LOCAL_NORMS = Norms()
+"""Norms of whole tensors on this rank, none computed already."""
+
+
+def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch.Tensor:
     """The L2 norm of all `tensors` taken together, as a float32 0-d tensor (no host sync).
 
-    Inside `share_norm` for the same tensors, the shared norm is returned instead of computed again.
+    When `norms` shares a norm of the same tensors, unmodified, that norm is returned instead of
+    computed again; with ``norms.across`` (a sharded step) the squares of non-0-d tensors (slices)
+    are summed over ranks, and 0-d tensors, whole on every rank, count once.
 
     Example:
         >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
+        >>> # as if a second rank held the same slice
+        >>> global_norm([torch.tensor([3.0]), torch.tensor(4.0)], Norms(across=lambda s: 2 * s))
+        tensor(5.8310)
     """
     if not tensors:
         return torch.zeros(())
     if torch.compiler.is_compiling():
         # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
         # the foreach op would run as an opaque call each time it appears. (A sharded step's
-        # update always runs eagerly, compiled steps' included: the sum over ranks below is
-        # read from a context variable, which dynamo cannot trace.)
+        # update always runs eagerly, compiled steps' included.)
         return torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(t).float() for t in tensors])
         )
-    shared = _SHARED_NORM.get()
+    shared = norms.shared
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
-    across = _NORM_SUM.get()
-    if across is not None:
-        return _norm_across(tensors, across)
-    norms = torch._foreach_norm(list(tensors))
+    if norms.across is not None:
+        return _norm_across(tensors, norms.across)
+    found = torch._foreach_norm(list(tensors))
     # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
     return torch.linalg.vector_norm(
-        torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms])
+        torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])
     )
 
 
@@ -189,32 +222,10 @@ def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).square().sum()
 
 
-def norm_sum() -> Any:
-    """The sum over ranks that `summing_norms` set for this step, or None outside a sharded step."""
-    return _NORM_SUM.get()
-
-
-@contextlib.contextmanager
-def summing_norms(across: Any) -> Iterator[None]:
-    """Within: `global_norm` adds the squares of non-0-d tensors with `across` (a sum over ranks of sharded slices).
-
-    `functrain.distributed.sharding.norms_over_shards` gives it an all-reduce; 0-d tensors are
-    whole on every rank and count once.
-
-    Example:
-        >>> with summing_norms(lambda s: 2 * s):  # as if a second rank held the same slice
-        ...     global_norm([torch.tensor([3.0]), torch.tensor(4.0)])
-        tensor(5.8310)
-    """
-    token = _NORM_SUM.set(across)
-    try:
-        yield
-    finally:
-        _NORM_SUM.reset(token)
-
-
 def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
-    """`new` where the 0-d bool `keep` holds, else `old`, leaf by leaf (non-tensor leaves come from `new`).
+    """`new` where the 0-d bool `keep` holds, else `old`, leaf by leaf.
+
+    Non-tensor leaves come from `new`.
 
     Example:
         >>> tree_select(torch.tensor(False), {"w": torch.ones(2)}, {"w": torch.zeros(2)})
@@ -224,7 +235,8 @@ def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
     previous = tree_leaves(old)
     if len(previous) != len(leaves):
         raise StateMismatchError(
-            f"tree_select needs trees of one structure, got {len(leaves)} and {len(previous)} leaves"
+            f"tree_select needs trees of one structure, got {len(leaves)} and {len(previous)} "
+            "leaves"
         )
     return tree_unflatten(
         [
@@ -233,38 +245,6 @@ def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
         ],
         spec,
     )
-
-
-# how `global_norm` adds squares over ranks while a sharded step runs (None: not sharded)
-_NORM_SUM: contextvars.ContextVar[Any] = contextvars.ContextVar("functrain_norm_sum", default=None)
-
-# (tensors, their version counters, their global norm) while a step shares the norm it computed
-_SHARED_NORM: contextvars.ContextVar[
-    tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor] | None
-] = contextvars.ContextVar("functrain_shared_norm", default=None)
-
-
-def share_norm(tensors: Sequence[torch.Tensor], norm: torch.Tensor) -> contextvars.Token:
-    """Let `global_norm` of exactly these tensors (same objects, unmodified) return `norm` until `unshare_norm`.
-
-    The step computes the gradient norm once for its metrics; non-finite checks and clipping inside
-    the optimizer ask for the same norm and get it without another pass over the gradients.
-    Eager only: under ``torch.compile`` the graph computes each norm once anyway.
-
-    Example:
-        >>> g = [torch.tensor([3.0, 4.0])]
-        >>> token = share_norm(g, torch.tensor(5.0))
-        >>> global_norm(g), global_norm([g[0].clone()])
-        (tensor(5.), tensor(5.))
-        >>> unshare_norm(token)
-    """
-    items = tuple(tensors)
-    return _SHARED_NORM.set((items, tuple(t._version for t in items), norm))
-
-
-def unshare_norm(token: contextvars.Token) -> None:
-    """End the sharing that `share_norm` began."""
-    _SHARED_NORM.reset(token)
 
 
 def _same_tensors(

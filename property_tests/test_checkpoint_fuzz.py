@@ -6,7 +6,8 @@ overwrites, inserts, deletes, truncates or extends. Most examples then re-seal w
 (the tensor file's digest and size recorded anew, the manifest's own digest recomputed), as an
 attacker can: a checksum is not a signature, and only a re-sealed edit reaches the parsers and
 checks behind the digests. Every load must end in bounded time and memory, with success or a
-`FunctrainError`; anything else (a raw `TypeError`, `RuntimeError`, a hang, a huge allocation) fails.
+`FunctrainError`; anything else (a raw `TypeError`, `RuntimeError`, a hang, a huge allocation)
+fails.
 
 The "ci" profile runs 60 examples; ``HYPOTHESIS_PROFILE=long`` runs ten thousand.
 """
@@ -128,7 +129,7 @@ def memory_status(field: str) -> int:
 
 @contextlib.contextmanager
 def bounded(seconds: float, mib: int) -> Iterator[None]:
-    """Fail an example that runs over `seconds` or raises this process's peak memory by over `mib`."""
+    """Fail an example that runs over `seconds` or raises this process's peak memory over `mib`."""
 
     def on_alarm(signum: int, frame: Any) -> None:
         raise TimeoutError(
@@ -176,7 +177,7 @@ def test_any_bytes_in_any_file_load_or_raise_a_functrain_error(
 
 
 def test_the_fuzzer_reaches_the_checks_behind_the_digests(reference: Path) -> None:
-    """A re-sealed edit is judged by the parser, not by a digest: the fuzz above tests the parsers."""
+    """A re-sealed edit is judged by the parser, not a digest: the fuzz above tests the parsers."""
     with tempfile.TemporaryDirectory(prefix="ft-fuzz-") as tmp:
         d = Path(shutil.copytree(reference, Path(tmp) / "ckpt"))
         raw = (d / TENSORS).read_bytes()

@@ -1,13 +1,14 @@
-"""`fit` killed at any point and resumed in a fresh process ends exactly where the straight run ends.
+"""`fit` killed at any point and resumed in a fresh process ends where the straight run ends.
 
 The run (`fit_worker.py`) has dropout, EMA, gradient accumulation over 2 batches, a plateau
 schedule, early stopping, evaluation every 3 updates in step mode (with the test set), a regular
 save every 2, gradient statistics by layer and user state kept by a callback, so a kill can land
 inside an accumulation window, at an epoch boundary, right after an evaluation or right after a
 save. Its training data is a dataset `fit` batches, or a shuffled `DataLoader` whose samples are
-read with random noise, loaded in the main process or by 2 workers. Each process is SIGKILLed from
-a callback (no cleanup runs); the next one calls ``fit(resume=True)``. The final state tree (every tensor, bit for bit), the best checkpoint's tensors
-and ``history.metrics_only()`` must equal those of the run that was never interrupted.
+read with random noise, loaded in the main process or by 2 workers. Each process is SIGKILLed from a
+callback (no cleanup runs); the next one calls ``fit(resume=True)``. The final state tree (every
+tensor, bit for bit), the best checkpoint's tensors and ``history.metrics_only()`` must equal those
+of the run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run_worker(
 
 
 def tensor_mismatches(expected: Any, got: Any) -> list[str]:
-    """Paths of leaves that differ (tensors by dtype and bits, other leaves by value; timings ignored)."""
+    """Paths of leaves that differ (tensors by dtype and bits, others by value; timings ignored)."""
     want, have = leaves_by_path(expected), leaves_by_path(got)
     problems = [f"missing {p}" for p in want if p not in have] + [
         f"extra {p}" for p in have if p not in want

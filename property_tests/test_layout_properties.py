@@ -1,4 +1,4 @@
-"""Exactness over memory layouts: a few steps equal the matching `torch.optim` loop, whatever the layouts.
+"""Exactness over memory layouts: a few steps equal the matching `torch.optim` loop, any layouts.
 
 Hypothesis draws a model (a CNN, a MobileNet-style depthwise block, a small tied language model
 with a transposed leaf, a 0-d parameter, a frozen one and a parameter whose gradient is a stride-0
@@ -31,8 +31,12 @@ COMPILED_EXAMPLES = 40 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 4
 
 
 class TiedLM(nn.Module):
-    """Embedding tied to the output projection, a leaf stored transposed, a 0-d and a frozen parameter,
-    and a parameter used once, linearly (its gradient comes out of autograd as a stride-0 expansion)."""
+    """A model whose parameters take every layout that needs care.
+
+    An embedding tied to the output projection, a leaf stored transposed, a 0-d and a frozen
+    parameter, and a parameter used once, linearly (its gradient comes out of autograd as a
+    stride-0 expansion).
+    """
 
     def __init__(self, vocab: int = 11, width: int = 6) -> None:
         super().__init__()
@@ -138,7 +142,7 @@ def torch_loop(
     accumulate: int,
     clip: float | None,
 ) -> nn.Module:
-    """The hand-written loop: ``.grad`` accumulation of ``loss / accumulate``, clipping, ``opt.step()``."""
+    """The hand-written loop: ``.grad`` accumulating ``loss / accumulate``, clip, ``opt.step()``."""
     ref = copy.deepcopy(net)
     opt = make_opt([p for p in ref.parameters() if p.requires_grad])
     for i, batch in enumerate(data):
@@ -185,10 +189,14 @@ def assert_matches(
 
 
 def configs(
-    models: list[str] = sorted(MODELS),
-    presets: list[str] = sorted(PRESETS),
-    impls: list[str] = sorted(IMPLEMENTATIONS),
+    models: list[str] | None = None,
+    presets: list[str] | None = None,
+    impls: list[str] | None = None,
 ) -> st.SearchStrategy[dict[str, Any]]:
+    """Configurations drawn from `models`, `presets` and `impls` (each: all of them by default)."""
+    models = sorted(MODELS) if models is None else models
+    presets = sorted(PRESETS) if presets is None else presets
+    impls = sorted(IMPLEMENTATIONS) if impls is None else impls
     return st.fixed_dictionaries(
         {
             "model": st.sampled_from(models),
@@ -229,7 +237,7 @@ def test_steps_equal_the_torch_loop_bit_for_bit_over_layouts(
 @settings(max_examples=COMPILED_EXAMPLES)
 @given(cfg=configs(impls=["fused", "foreach"]))
 def test_compiled_steps_follow_the_torch_loop_over_layouts(cfg: dict[str, Any]) -> None:
-    """Compiled: inductor computes the forward and backward with its own fusions (1e-5 after 3 steps)."""
+    """Compiled: inductor computes forward and backward with its fusions (1e-5 after 3 steps)."""
     net = build(cfg["model"], cfg["params_cl"], cfg["seed"])
     data = batches(cfg["model"], cfg["input_cl"], 3, cfg["seed"])
     tx, make_opt = _optimizers(cfg)
@@ -245,7 +253,7 @@ def test_compiled_steps_follow_the_torch_loop_over_layouts(cfg: dict[str, Any]) 
 @settings(max_examples=12)
 @given(cfg=configs(models=["cnn", "depthwise"], presets=["adamw", "adam_amsgrad"]))
 def test_stacked_members_follow_their_torch_loops_over_layouts(cfg: dict[str, Any]) -> None:
-    """Stacked: vmap batches the members' convolutions and products, which round differently (1e-5)."""
+    """Stacked: vmap batches the members' convolutions and products, rounding differently (1e-5)."""
     nets = [build(cfg["model"], cfg["params_cl"], cfg["seed"] + k) for k in range(2)]
     data = batches(cfg["model"], cfg["input_cl"], 3, cfg["seed"])
     tx, make_opt = _optimizers(cfg)

@@ -55,7 +55,7 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def same_bits(a: Any, b: Any) -> bool:
-    """Equal dtype, shape and bits (so NaN equals the same NaN); non-tensor leaves by value and type."""
+    """Equal dtype, shape and bits (so NaN equals the same NaN); other leaves by value and type."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return type(a) is type(b) and a == b
     if a.dtype != b.dtype or a.shape != b.shape:
@@ -227,7 +227,7 @@ def _spec(**changes: Any) -> Spec:
 
 
 def save_without(spec: Spec, lost: Callable[[str], bool]) -> Save:
-    """A broken `ft.save`: leaves whose path `lost` selects come back as the initial state's values."""
+    """A broken `ft.save`: leaves whose path `lost` selects come back as the initial values."""
     initial = leaves_by_path(worker.build_state(spec, init_seed=spec["seed"]).tree())
 
     def save(state: ft.TrainState, path: Path) -> Any:

@@ -1,7 +1,7 @@
-"""Properties of schedules: they stay within their documented bounds, and are monotone where they say so.
+"""Properties of schedules: they stay within their documented bounds, monotone where they say so.
 
-Bounds are checked up to a few ulps of the end points (the documented "up to the last bit"); monotony
-is checked exactly, on sorted steps, for hyperparameters and steps chosen by hypothesis.
+Bounds are checked up to a few ulps of the end points (the documented "up to the last bit");
+monotony is checked exactly, on sorted steps, for hyperparameters and steps chosen by hypothesis.
 """
 
 from __future__ import annotations

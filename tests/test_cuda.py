@@ -1,6 +1,8 @@
-"""The CUDA paths: presets bit-identical to torch.optim on the GPU, steps, compile, checkpoints, fit.
+"""The CUDA paths: presets bit-identical to torch.optim on the GPU, steps, compile, checkpoints,
+fit.
 
-Skipped without a CUDA device (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped without a CUDA device (CI has none); run on a GPU machine with
+``pytest tests/test_cuda.py``.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def _sibling(name: str) -> Any:
-    """A test module beside this one (the tests are not a package), for its cases and helpers."""
+def _sibling(path: str) -> Any:
+    """A test module under tests/ (the tests are not a package), for its cases and helpers."""
     spec = importlib.util.spec_from_file_location(
-        f"functrain_{name}", Path(__file__).with_name(f"{name}.py")
+        f"functrain_{Path(path).name}", Path(__file__).parent / f"{path}.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-CASES = _sibling("test_optimizers")
+CASES = _sibling("optim/test_optimizers")
 
 
 def _run_functrain(tx: ft.Transform) -> dict[str, torch.Tensor]:
@@ -240,20 +242,6 @@ def test_fit_moves_cpu_batches_to_the_states_cuda_device_and_reports_cuda_memory
     assert {"grad_norm/0", "update_ratio/4"} <= set(row)
 
 
-def _tensor_bits(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
-
-
-def _assert_same_state(a: ft.TrainState, b: ft.TrainState) -> None:
-    for x, y in zip(
-        torch.utils._pytree.tree_leaves(a.tree()),
-        torch.utils._pytree.tree_leaves(b.tree()),
-        strict=True,
-    ):
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(_tensor_bits(x), _tensor_bits(y))
-
-
 @pytest.mark.parametrize(
     ("optimizer", "options"),
     [
@@ -277,7 +265,7 @@ def test_donated_steps_on_cuda_give_the_pure_steps_bits(
     for batch in batches:
         pure, _ = ft.train_step(pure, batch)
         donated, _ = ft.train_step(donated, batch, donate=True)
-        _assert_same_state(pure, donated)
+        ft.assert_states_equal(pure, donated)
 
 
 def test_a_fused_donated_step_on_cuda_holds_one_state() -> None:
@@ -310,11 +298,11 @@ def test_compile_step_donated_on_cuda_gives_the_compiled_pure_steps_bits() -> No
     for batch in _batches(3):
         pure, _ = step(pure, batch)
         donated, _ = step(donated, batch, donate=True)
-        _assert_same_state(pure, donated)
+        ft.assert_states_equal(pure, donated)
 
 
 def test_ranks_draw_their_own_dropout_streams_on_cuda_and_carry_one_shared_stream() -> None:
-    from functrain.core.step import _enter, _leave
+    from functrain.core.scope import enter, leave
     from functrain.distributed import DistConfig
 
     state = ft.TrainState.create(
@@ -323,9 +311,9 @@ def test_ranks_draw_their_own_dropout_streams_on_cuda_and_carry_one_shared_strea
     caller = torch.cuda.get_rng_state()
     draws, after = {}, {}
     for rank in (0, 1, 0):
-        scope = _enter(state.replace(dist=DistConfig(2, rank)), True)
+        scope = enter(state.replace(dist=DistConfig(2, rank)), True)
         draws.setdefault(rank, []).append(torch.rand(1000, device=CUDA))
-        after.setdefault(rank, []).append(_leave(scope))
+        after.setdefault(rank, []).append(leave(scope))
     assert not torch.equal(draws[0][0], draws[1][0])  # each rank its own masks
     assert torch.equal(draws[0][0], draws[0][1])  # the same rank again: the same masks
     assert torch.equal(after[0][0], after[1][0]) and not torch.equal(
@@ -390,7 +378,8 @@ def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(
 def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(
     tx: ft.Transform, make_opt: Any, weights_cl: bool
 ) -> None:
-    """Gradients in another layout than their parameters (`functrain.layout`), on the GPU's kernels."""
+    """Gradients in another layout than their parameters (`functrain.layout`), on the GPU's
+    kernels."""
     layout = _sibling("test_layout")
     net = layout.issue_cnn().to(CUDA)
     if weights_cl:

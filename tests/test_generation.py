@@ -1,4 +1,5 @@
-"""Sampling: the top-k and nucleus filters, greedy limits, seeded reproducibility, EMA weights, the callback."""
+"""Sampling: the top-k and nucleus filters, greedy limits, seeded reproducibility, EMA weights, the
+callback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The public surface: every public name is importable from `functrain`, and old module paths still work."""
+"""The public surface: every public name is importable from `functrain`."""
 
 from __future__ import annotations
 
@@ -10,20 +10,20 @@ import types
 import pytest
 
 import functrain as ft
-from functrain._moved import ALIASES, MOVED
 
 # the public names as they stood before the package was grouped by layer: none may be lost
 PUBLIC_BEFORE_LAYOUT = """
-BatchError Batcher BoundModel Callback CheckpointCorruptError CheckpointError CheckpointManager CompiledStep
-ConfigError ConsoleLogger EarlyStopping EmaState EmptyState FitResult FunctrainError History IterableSource
-JsonlLogger LRMonitor LeafDiff LossError NonFiniteError ParamStep Profiler ProgressBar Ratio Run SampleText
-StateMismatchError StepOptions TensorBoardLogger TrainState Transform accumulate adagrad adam adamw
-add_decayed_weights all_finite apply_updates as_tensors assert_states_equal chain check_resumption
-check_skip_limits clip_by_global_norm clip_by_value compile_step diff_states distributed dynamic_loss_scale ema
-eval_step evaluate find_loss_scale fingerprint fit generate identity lion load masked observe_plateau on radam
-reduce_on_plateau rmsprop sample_logits save scale_by_adagrad scale_by_adam scale_by_learning_rate scale_by_lion
-scale_by_radam scale_by_rms schedules sgd skip_nonfinite testing top_k_filter top_p_filter trace train_step
-transform_metrics
+BatchError Batcher BoundModel Callback CheckpointCorruptError CheckpointError CheckpointManager
+CompiledStep ConfigError ConsoleLogger EarlyStopping EmaState EmptyState FitResult FunctrainError
+History IterableSource JsonlLogger LRMonitor LeafDiff LossError NonFiniteError ParamStep Profiler
+ProgressBar Ratio Run SampleText StateMismatchError StepOptions TensorBoardLogger TrainState
+Transform accumulate adagrad adam adamw add_decayed_weights all_finite apply_updates as_tensors
+assert_states_equal chain check_resumption check_skip_limits clip_by_global_norm clip_by_value
+compile_step diff_states distributed dynamic_loss_scale ema eval_step evaluate find_loss_scale
+fingerprint fit generate identity lion load masked observe_plateau on radam reduce_on_plateau
+rmsprop sample_logits save scale_by_adagrad scale_by_adam scale_by_learning_rate scale_by_lion
+scale_by_radam scale_by_rms schedules sgd skip_nonfinite testing top_k_filter top_p_filter trace
+train_step transform_metrics
 """.split()
 
 
@@ -53,50 +53,18 @@ def test_public_classes_and_functions_are_listed_in_all() -> None:
     assert unlisted == []
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_module_paths_import_the_moved_module_with_a_deprecation_warning(old: str) -> None:
-    # in a fresh interpreter: the warning fires on the first import of a name only
-    code = (
-        "import warnings, importlib\n"
-        "warnings.simplefilter('error')\n"
-        f"try:\n    importlib.import_module({old!r})\n"
-        "except DeprecationWarning as w:\n    print('warned:', w)\n"
-        "warnings.simplefilter('ignore')\n"
-        f"m = importlib.import_module({old!r})\n"
-        f"print(m is importlib.import_module({MOVED[old]!r}), m.__spec__.name)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    assert (
-        out[0]
-        == f"warned: {old} moved to {MOVED[old]}; import from there (or the public names from functrain itself)"
-    )
-    assert out[1] == f"True {MOVED[old]}"
-
-
-def test_old_module_as_an_attribute_warns_and_is_the_moved_module() -> None:
-    with pytest.warns(
-        DeprecationWarning, match="functrain.serialization moved to functrain.checkpoint.format"
-    ):
-        module = ft.serialization  # type: ignore[attr-defined]
-    assert module is importlib.import_module("functrain.checkpoint.format")
+def test_an_unknown_attribute_raises_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         ft.nonexistent  # type: ignore[attr-defined]  # noqa: B018
 
 
-def test_from_old_module_import_name_gives_the_same_object(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "functrain.manager", raising=False)
-    with pytest.warns(DeprecationWarning):
-        from functrain.manager import CheckpointManager  # type: ignore[import-not-found]
-    assert CheckpointManager is ft.CheckpointManager
-
-
-@pytest.mark.parametrize("alias", sorted(ALIASES))
-def test_public_module_aliases_import_without_warning(alias: str) -> None:
-    module = importlib.import_module(alias)
-    assert module is importlib.import_module(ALIASES[alias])
+def test_the_public_schedules_module_imports_without_warning() -> None:
+    module = importlib.import_module("functrain.schedules")
     assert ft.schedules is module
+    optim_schedules = importlib.import_module("functrain.optim.schedules")
+    assert {name: getattr(module, name) for name in module.__all__} == {
+        name: getattr(optim_schedules, name) for name in optim_schedules.__all__
+    }
 
 
 def test_subpackages_name_what_they_offer() -> None:
@@ -133,7 +101,7 @@ def test_imports_run_down_the_layers() -> None:
     for path in sorted(root.rglob("*.py")):
         name = ".".join(("functrain", *path.relative_to(root).with_suffix("").parts))
         own = _layer(name)
-        if own is None:  # the package itself and _moved.py sit above every layer
+        if own is None:  # the package itself and schedules.py sit above every layer
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             targets = []
@@ -158,7 +126,8 @@ def test_the_integrations_import_their_packages_only_when_a_callback_is_built() 
     pytest.importorskip("optuna")
     code = (
         "import sys, functrain as ft\n"
-        "loaded = lambda: sorted(m for m in ('wandb', 'optuna', 'functrain.integrations.wandb', 'functrain.integrations.optuna') if m in sys.modules)\n"
+        "loaded = lambda: sorted(m for m in ('wandb', 'optuna', 'functrain.integrations.wandb', "
+        "'functrain.integrations.optuna') if m in sys.modules)\n"
         "print(loaded())\n"
         "classes = ft.WandbLogger, ft.OptunaPruning\n"
         "print(loaded(), [c.__module__ for c in classes])\n"
@@ -170,7 +139,7 @@ def test_the_integrations_import_their_packages_only_when_a_callback_is_built() 
     ).stdout.splitlines()
     assert out[0] == "[]"
     assert (
-        out[1]
-        == "['functrain.integrations.optuna', 'functrain.integrations.wandb'] ['functrain.integrations.wandb', 'functrain.integrations.optuna']"
+        out[1] == "['functrain.integrations.optuna', 'functrain.integrations.wandb'] "
+        "['functrain.integrations.wandb', 'functrain.integrations.optuna']"
     )
     assert out[2] == "['functrain.integrations.optuna', 'functrain.integrations.wandb', 'optuna']"

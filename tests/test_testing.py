@@ -1,4 +1,5 @@
-"""`functrain.testing`: bit-exact state diffs and the resumption property pointed at a user's model."""
+"""`functrain.testing`: bit-exact state diffs and the resumption property pointed at a user's
+model."""
 
 from __future__ import annotations
 
@@ -20,11 +21,7 @@ from functrain.testing import (
     diff_states,
     resumption_cases,
 )
-
-
-def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
+from tests.models import loss_fn
 
 
 def make_state(optimizer: ft.Transform | None = None, **options: Any) -> ft.TrainState:
@@ -139,7 +136,8 @@ def test_assert_states_equal_lists_the_differing_leaves() -> None:
     )
     with pytest.raises(
         AssertionError,
-        match=r"(?s)differ in 2 leaves:\n  step: 1 of 1 elements differ, max \|a - b\| = 1\n  rng: 1 of \d+ elements differ",
+        match=r"(?s)differ in 2 leaves:\n  step: 1 of 1 elements differ, max \|a - b\| = 1\n "
+        r" rng: 1 of \d+ elements differ",
     ):
         assert_states_equal(state, broken)
 
@@ -162,9 +160,14 @@ def test_check_resumption_of_a_real_run_finds_no_difference() -> None:
 def test_check_resumption_of_a_donating_run_finds_no_difference_and_still_finds_a_lost_window() -> (
     None
 ):
-    make = lambda: make_state(
-        ema_decay=0.9, accumulate_steps=3, clip_grad_norm=0.5, optimizer=ft.adamw(0.05, fused=True)
-    )  # noqa: E731
+    def make() -> ft.TrainState:
+        return make_state(
+            ema_decay=0.9,
+            accumulate_steps=3,
+            clip_grad_norm=0.5,
+            optimizer=ft.adamw(0.05, fused=True),
+        )
+
     assert check_resumption(make, batch, n=7, k=4, donate=True) == []
 
     def save_fresh_window(state: ft.TrainState, path: Path) -> Any:

@@ -146,7 +146,8 @@ def lora_gpt2() -> nn.Module:
 
 
 class MobileBlock(nn.Module):
-    """A MobileNetV2-style inverted residual: pointwise expansion, depthwise 3x3, pointwise projection."""
+    """A MobileNetV2-style inverted residual: pointwise expansion, depthwise 3x3, pointwise
+    projection."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -196,7 +197,8 @@ ZOO: dict[
 }
 
 
-def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def own_loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss the `transformers` model computes itself from the batch's labels."""
     return model(**batch).loss
 
 
@@ -210,7 +212,9 @@ class Run:
         gen = torch.Generator().manual_seed(1)
         self.batches = [make_batch(gen) for _ in range(STEPS)]
         self.reference = self._torch_loop()
-        self.start = ft.TrainState.create(copy.deepcopy(self.net), ft.adamw(1e-3), loss_fn, seed=0)
+        self.start = ft.TrainState.create(
+            copy.deepcopy(self.net), ft.adamw(1e-3), own_loss_fn, seed=0
+        )
         before = self.start.clone()
         state, saved = self.start, None
         for i, batch in enumerate(self.batches):
@@ -222,7 +226,7 @@ class Run:
         self.final = state
         resumed = ft.load(
             saved,
-            like=ft.TrainState.create(copy.deepcopy(self.net), ft.adamw(1e-3), loss_fn, seed=0),
+            like=ft.TrainState.create(copy.deepcopy(self.net), ft.adamw(1e-3), own_loss_fn, seed=0),
         )
         for batch in self.batches[SAVE_AT:]:
             resumed, _ = ft.train_step(resumed, batch)
@@ -235,7 +239,7 @@ class Run:
             [p for p in ref.parameters() if p.requires_grad], lr=1e-3, fused=True
         )
         for batch in self.batches:
-            loss_fn(ref, batch).backward()
+            own_loss_fn(ref, batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return ref
@@ -267,7 +271,8 @@ def test_default_adamw_equals_the_fused_torch_loop_bit_for_bit(
             f"{n}: laid out as {got.stride()}, torch keeps {p.stride()}"
         )
         assert torch.equal(got, p.detach()), (
-            f"{name}: {n} differs from torch.optim.AdamW(fused=True) by {(got - p.detach()).abs().max().item():.3e}"
+            f"{name}: {n} differs from torch.optim.AdamW(fused=True) by "
+            f"{(got - p.detach()).abs().max().item():.3e}"
         )
     for n, b in run.reference.named_buffers():
         if n in run.final.buffers:
@@ -299,7 +304,7 @@ def test_export_module_gives_back_the_trained_module(runs: Callable[[str], Run],
     module = run.final.export_module()
     batch = run.batches[0]
     with torch.no_grad():
-        exported = loss_fn(module, batch)
+        exported = own_loss_fn(module, batch)
     assert not module.training
     assert torch.equal(exported, ft.eval_step(run.final, batch)["loss"])
     for n, p in module.named_parameters():
@@ -316,7 +321,7 @@ def test_a_compiled_resnet_step_follows_the_eager_step() -> None:
     net = resnet()
     gen = torch.Generator().manual_seed(1)
     data = [classified(gen) for _ in range(5)]
-    eager = compiled = ft.TrainState.create(net, ft.adamw(1e-3), loss_fn, seed=0)
+    eager = compiled = ft.TrainState.create(net, ft.adamw(1e-3), own_loss_fn, seed=0)
     step = ft.compile_step()
     for batch in data:
         eager, _ = ft.train_step(eager, batch)

@@ -5,13 +5,15 @@ rules, read from the source with `ast` (nothing is imported):
 
 - **Layers.** `LAYERS` lists the package's layers from the top down, as `docs/architecture.md`
   draws them; a module may import its own layer and the layers below it, never one above. Inside
-  a folder that outgrew one layer, `INNER` orders its modules the same way.
+  a folder that outgrew one layer, `INNER` orders its modules the same way. Every module is in a
+  layer of `LAYERS`, and every module of an `INNER` folder in one of that folder's layers.
 - **No cycles.** Every import counts: at the top of a module, inside a function (a deferred import
   closes a cycle, it does not remove it), under ``if TYPE_CHECKING:``, and
   ``importlib.import_module("functrain...")`` with a literal name.
 - **No private names across modules.** ``from functrain.x import _name`` (or a relative form), and
-  ``x._name`` on a functrain module bound by an import, are refused outside the module that
-  defines ``_name``: a name another module uses is public in its home module.
+  ``x._name`` (or ``functrain.x._name``) on a functrain module bound by an import, are refused
+  outside the module that defines ``_name``: a name another module uses is public in its home
+  module.
 
 Importing ``functrain.a.b`` also imports the package ``functrain.a`` (its ``__init__``); that
 implicit edge is not counted, an explicit ``from functrain.a import name`` is.
@@ -30,17 +32,17 @@ ROOT = "functrain"
 
 # top-down: a module may import its own layer and the ones below it
 LAYERS: list[list[str]] = [
-    ["functrain", "functrain.__main__"],
+    ["functrain", "functrain.__main__", "functrain.schedules"],
     ["functrain.config"],
     [
         "functrain.demo",
         "functrain.generation",
         "functrain.testing",
-        "functrain.interop",
         "functrain.integrations",
     ],
     ["functrain.driver"],
     ["functrain.checkpoint"],
+    ["functrain.interop"],
     ["functrain.core"],
     ["functrain.optim", "functrain.distributed"],
     ["functrain.errors", "functrain.tree", "functrain.layout", "functrain.version"],
@@ -50,7 +52,7 @@ LAYERS: list[list[str]] = [
 INNER: dict[str, list[list[str]]] = {
     "functrain.optim": [
         ["functrain.optim"],
-        ["functrain.optim.presets", "functrain.optim.sweep"],
+        ["functrain.optim.presets"],
         [
             "functrain.optim.wrappers",
             "functrain.optim.plateau",
@@ -60,13 +62,30 @@ INNER: dict[str, list[list[str]]] = {
         ["functrain.optim.rules"],
         [
             "functrain.optim.combine",
-            "functrain.optim.updates",
+            "functrain.optim.metrics",
+            "functrain.optim.sweep",
+            "functrain.optim.checks",
+            "functrain.optim.masks",
             "functrain.optim.naming",
-            "functrain.optim.in_place",
-            "functrain.optim.zeros",
-            "functrain.optim.batching",
         ],
         ["functrain.optim.base"],
+        ["functrain.optim.updates"],
+        [
+            "functrain.optim.zeros",
+            "functrain.optim.batching",
+            "functrain.optim.porting",
+            "functrain.optim.choices",
+        ],
+    ],
+    "functrain.core": [
+        ["functrain.core"],
+        ["functrain.core.compiled", "functrain.core.step"],
+        ["functrain.core.stacked"],
+        ["functrain.core.body", "functrain.core.donation"],
+        ["functrain.core.scope", "functrain.core.view", "functrain.core.statistics"],
+        ["functrain.core.state"],
+        ["functrain.core.create"],
+        ["functrain.core.options", "functrain.core.binding"],
     ],
     "functrain.checkpoint": [
         ["functrain.checkpoint"],
@@ -75,7 +94,7 @@ INNER: dict[str, list[list[str]]] = {
         ["functrain.checkpoint.directory", "functrain.checkpoint.lock"],
         ["functrain.checkpoint.snapshot", "functrain.checkpoint.sharded"],
         ["functrain.checkpoint.format"],
-        ["functrain.checkpoint.reading"],
+        ["functrain.checkpoint.reading", "functrain.checkpoint.commit"],
         ["functrain.checkpoint.tensorfile", "functrain.checkpoint.files"],
     ],
 }
@@ -155,12 +174,26 @@ def is_import_module(node: ast.Call) -> bool:
 
 
 def is_private(name: str) -> bool:
+    """``_name``, not ``__dunder__``."""
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
+def dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` for a chain of attributes on a name, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and (base := dotted(node.value)) is not None:
+        return f"{base}.{node.attr}"
+    return None
+
+
 def private_uses(module: Module, known: dict[str, Module]) -> Iterator[str]:
-    """``from other import _name`` and ``other_alias._name`` where `other` is another module."""
-    bound: dict[str, str] = {}  # local name -> functrain module it is bound to
+    """``from other import _name`` and ``other._name`` where `other` is another module.
+
+    ``other`` is a name an import binds to a module (``import pkg.low as low``, ``from pkg import
+    low``) or a dotted path from one (``import pkg.low`` binds ``pkg``; then ``pkg.low._x``).
+    """
+    bound: dict[str, str] = {}  # local name -> the module it is bound to
     for node in ast.walk(module.tree):
         if isinstance(node, ast.ImportFrom):
             base = absolute(module, node.level, node.module)
@@ -174,16 +207,17 @@ def private_uses(module: Module, known: dict[str, Module]) -> Iterator[str]:
             for alias in node.names:
                 if alias.name in known and alias.asname:
                     bound[alias.asname] = alias.name
+                elif alias.asname is None and (top := alias.name.partition(".")[0]) in known:
+                    bound[top] = top
     for node in ast.walk(module.tree):
-        if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id in bound
-            and is_private(node.attr)
-            and bound[node.value.id] != module.name
-        ):
-            where = f"{module.path}:{node.lineno}"
-            yield f"{where}: uses {node.attr} of {bound[node.value.id]}"
+        if not isinstance(node, ast.Attribute) or not is_private(node.attr):
+            continue
+        head, _, rest = (dotted(node.value) or "").partition(".")
+        if head not in bound:
+            continue
+        owner = ".".join(filter(None, (bound[head], rest)))
+        if owner in known and owner != module.name:
+            yield f"{module.path}:{node.lineno}: uses {node.attr} of {owner}"
 
 
 def layer_of(name: str, layers: Sequence[Sequence[str]], exact: str) -> int | None:
@@ -207,12 +241,22 @@ def layer_problems(
     modules: dict[str, Module],
     layers: Sequence[Sequence[str]],
     inner: dict[str, list[list[str]]],
+    root: str = ROOT,
 ) -> Iterator[str]:
-    """Imports from a layer up to a layer above it, at the top and inside each `inner` folder."""
-    contracts = [(ROOT, layers)] + [(folder, order) for folder, order in inner.items()]
+    """Modules in no layer, and imports from a layer up to a layer above it.
+
+    Checked at the top (`layers`, for the package named `root`) and inside each `inner` folder,
+    where every module of the folder must be in one of its layers too.
+    """
+    contracts: list[tuple[str, Sequence[Sequence[str]]]] = [(root, layers), *inner.items()]
     for source in sorted(modules):
-        if layer_of(source, layers, ROOT) is None:
+        if layer_of(source, layers, root) is None:
             yield f"{modules[source].path}: {source} is in no layer: add it to LAYERS"
+        for folder, folder_layers in inner.items():
+            inside = source == folder or source.startswith(folder + ".")
+            if inside and layer_of(source, folder_layers, folder) is None:
+                where = f"{modules[source].path}: {source}"
+                yield f"{where} is in no layer: add it to INNER[{folder!r}]"
     for source, targets in sorted(edges.items()):
         for target, line in targets:
             for title, order in contracts:
@@ -226,6 +270,7 @@ def layer_problems(
 
 
 def describe(order: Sequence[Sequence[str]]) -> str:
+    """The layers as their last name parts, top down: ``optim > presets/sweep > ...``."""
     return " > ".join("/".join(p.rpartition(".")[2] or p for p in layer) for layer in order)
 
 
@@ -279,13 +324,10 @@ def check(
         for name, m in modules.items()
     }
     problems = [p for m in modules.values() for p in private_uses(m, modules)]
-    problems += layer_problems(edges, modules, layers, inner)
+    problems += layer_problems(edges, modules, layers, inner, root.name)
     for component in cycles(edges):
         links = [
-            f"{s} -> {t} (line {line})"
-            for s in component
-            for t, line in edges[s]
-            if t in component
+            f"{s} -> {t} (line {line})" for s in component for t, line in edges[s] if t in component
         ]
         problems.append("import cycle: " + "; ".join(links))
     return problems

@@ -19,9 +19,10 @@ import stat
 import uuid
 from pathlib import Path
 
-from functrain.checkpoint.files import remove_later
-from functrain.checkpoint.format import MANIFEST, TMP_PREFIX, _commit, _fsync_dir
-from functrain.core.ensemble import host_count
+from functrain.checkpoint.commit import TMP_PREFIX, commit
+from functrain.checkpoint.files import fsync_dir, remove_later
+from functrain.checkpoint.format import MANIFEST
+from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
 from functrain.errors import CheckpointCorruptError, CheckpointError
 
@@ -43,12 +44,12 @@ REGULAR = re.compile(r"^ckpt-(\d{9})-(\d{9})$")
 BEST = re.compile(r"^best-(\d{9})-(\d{9})$")
 LATEST = "latest"
 MAX_POINTER_BYTES = 256  # a name is 24 bytes: anything longer is not a pointer we wrote
-# what `format._replace` leaves when killed between its two renames (no atomic exchange, e.g. NFS)
+# what `commit._replace` leaves when killed between its two renames (no atomic exchange, e.g. NFS)
 _DISPLACED = re.compile(r"^" + re.escape(TMP_PREFIX) + r"old-(?P<name>[^.].*)-[0-9a-f]{8}$")
 
 
 def checkpoint_name(prefix: str, state: TrainState) -> str:
-    """``<prefix>-<step>-<position>``: unique even when saving mid-way through an accumulation window.
+    """``<prefix>-<step>-<position>``: unique even mid-way through an accumulation window.
 
     Example:
         >>> import torch, functrain as ft
@@ -62,7 +63,7 @@ def checkpoint_name(prefix: str, state: TrainState) -> str:
 
 
 def listed(directory: Path, pattern: re.Pattern[str], *, committed: bool = True) -> list[Path]:
-    """Entries of `directory` whose names match `pattern`, oldest first; `committed`: with a manifest.
+    """Entries of `directory` matching `pattern`, oldest first; `committed`: with a manifest.
 
     A missing directory lists nothing (a reader may look before the writer made it).
 
@@ -119,7 +120,8 @@ def read_pointer(directory: Path) -> str | None:
     name = raw.removesuffix(b"\n").decode("ascii", errors="replace")
     if len(raw) > MAX_POINTER_BYTES or not (REGULAR.match(name) or BEST.match(name)):
         raise CheckpointCorruptError(
-            f"{LATEST}: expected a checkpoint name such as 'ckpt-000000007-000000007', got {raw[:60]!r}"
+            f"{LATEST}: expected a checkpoint name such as 'ckpt-000000007-000000007', got "
+            f"{raw[:60]!r}"
         )
     return name
 
@@ -137,7 +139,7 @@ def point_latest(directory: Path, name: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def link_copy(source: Path, target: Path) -> None:
@@ -154,11 +156,11 @@ def link_copy(source: Path, target: Path) -> None:
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _commit(tmp, target)  # removes `tmp` itself when it fails
+    commit(tmp, target)  # removes `tmp` itself when it fails
 
 
 def remove(path: Path) -> None:
@@ -200,7 +202,7 @@ def recover(directory: Path) -> list[str]:
         elif not is_committed(target):
             keep.add(p.name)  # `<name>` is no checkpoint of ours: remove neither
     if restored:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     for p in directory.iterdir():
         if p.name.startswith(TMP_PREFIX) and p.name not in keep:
             if p.is_dir() and not p.is_symlink():

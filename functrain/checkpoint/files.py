@@ -25,13 +25,14 @@ from typing import Any
 import blake3
 import torch
 
-from functrain.checkpoint.tensorfile import _CHUNK
+from functrain.checkpoint.tensorfile import CHUNK
 from functrain.errors import CheckpointCorruptError
 
 _OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more than it saves
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` durable (its new, renamed and removed names)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -39,7 +40,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _hasher(algorithm: str, threads: bool = False) -> Any:
+def hasher(algorithm: str, threads: bool = False) -> Any:
     """A new digest; with `threads`, BLAKE3 hashes large buffers on every core.
 
     Without: a save overlaps the hash with its writes in a second thread, and BLAKE3's own threads
@@ -50,7 +51,7 @@ def _hasher(algorithm: str, threads: bool = False) -> Any:
     return hashlib.sha256()
 
 
-def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> str:
+def write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> str:
     """Write `data` (bytes, or buffers in order), fsync, and return the BLAKE3 hex digest.
 
     One pass over the bytes: the buffers are hashed in a second thread while they are written (both
@@ -59,7 +60,7 @@ def _write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> 
     file only and the hashing hides behind the disk.
     """
     chunks = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    digest = _hasher("blake3")
+    digest = hasher("blake3")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         if sum(len(c) for c in chunks) >= _OVERLAP_BYTES:
@@ -91,8 +92,8 @@ _sync_file_range: Any = None
 def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing a range to disk now (Linux ``sync_file_range``); a hint only.
 
-    Without it the dirty pages wait for the fsync, and the disk idles while the file is written:
-    measured here, a 200 MB file written and hashed went from 0.79x to 0.93x of a plain write + fsync.
+    Without it the dirty pages wait for the fsync, and the disk idles while the file is written
+    (figures in ``benchmarks/README.md``).
     """
     global _sync_file_range
     if _sync_file_range is None:
@@ -116,7 +117,7 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 def _write_all(fd: int, view: memoryview) -> None:
     view = view.cast("B")
     while view:
-        written = os.write(fd, view[:_CHUNK])
+        written = os.write(fd, view[:CHUNK])
         view = view[written:]
 
 
@@ -135,13 +136,14 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def remove_later(path: Path) -> None:
-    """Delete the directory `path`, already renamed out of sight (``.tmp-``), in a background thread.
+    """Delete the directory `path` in a background thread (it is already renamed to ``.tmp-``).
 
-    Deleting a checkpoint gives its pages back to the kernel: measured here, 0.15 to 0.2 s for
-    200 MB, a third of what writing them costs. A save is complete once its own checkpoint is
-    durable, so the one it displaced (or rotated out) goes while training goes on. The thread is
-    not a daemon: the interpreter waits for it at exit. A process killed first leaves a ``.tmp-``
-    directory, which readers ignore and a writing `CheckpointManager` removes when it opens.
+    Deleting a checkpoint gives its pages back to the kernel, which takes a sizeable fraction of
+    what writing them cost (figures in ``benchmarks/README.md``). A save is complete once its own
+    checkpoint is durable, so the one it displaced (or rotated out) goes while training goes on.
+    The thread is not a daemon: the interpreter waits for it at exit. A process killed first
+    leaves a ``.tmp-`` directory, which readers ignore and a writing `CheckpointManager` removes
+    when it opens.
     """
     thread = threading.Thread(
         target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="functrain-remove"
@@ -164,7 +166,7 @@ def wait_for_removals() -> None:
         thread.join()
 
 
-def _open_regular(path: Path, name: str) -> tuple[int, int]:
+def open_regular(path: Path, name: str) -> tuple[int, int]:
     """Open a checkpoint file to read, never following a link nor blocking; return ``(fd, size)``.
 
     What was opened is checked (`fstat`), not the path before it: a file swapped for a FIFO between
@@ -183,23 +185,25 @@ def _open_regular(path: Path, name: str) -> tuple[int, int]:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise CheckpointCorruptError(
-            f"{name}: is not a regular file; checkpoint files must be regular files in the directory"
+            f"{name}: is not a regular file; checkpoint files must be regular files in the "
+            "directory"
         )
     return fd, st.st_size
 
 
-def _read_exactly(fd: int, nbytes: int, name: str, digest: Any = None) -> bytearray:
-    """The next `nbytes` of a small part of a file (a manifest, a header), fed to `digest` if given."""
+def read_exactly(fd: int, nbytes: int, name: str, digest: Any = None) -> bytearray:
+    """The next `nbytes` of a small file part (a manifest, a header), fed to `digest` if given."""
     out = bytearray(nbytes)
     if not _read_hashing(fd, memoryview(out), digest):
         raise CheckpointCorruptError(
-            f"{name}: ends before the {nbytes} bytes its size promised (it changed while it was read)"
+            f"{name}: ends before the {nbytes} bytes its size promised (it changed while it was "
+            "read)"
         )
     return out
 
 
 def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:
-    """Fill `out` from `fd`, each chunk fed to `digest` in a second thread while the next ones are read.
+    """Fill `out` from `fd`, each chunk hashed by `digest` in a second thread as the next is read.
 
     The reads may run ahead of the hash: every chunk stays in `out`. Returns False when the file
     ends before `out` is full.
@@ -213,7 +217,7 @@ def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:
     try:
         pos = 0
         while pos < len(out):
-            n = os.readv(fd, [out[pos : pos + _CHUNK]])
+            n = os.readv(fd, [out[pos : pos + CHUNK]])
             if not n:
                 return False
             if pool is not None:
@@ -231,8 +235,9 @@ def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:
     return True
 
 
-def _digest_of(algorithm: str, data: bytes) -> str:
-    digest = _hasher(algorithm)
+def digest_of(algorithm: str, data: bytes | bytearray) -> str:
+    """The hex digest of `data` by `algorithm` (``"blake3"`` or ``"sha256"``)."""
+    digest = hasher(algorithm)
     digest.update(data)
     return str(digest.hexdigest())
 
@@ -242,11 +247,12 @@ def _allocate(nbytes: int, name: str) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)  # not zeroed first, unlike a bytearray
     except (RuntimeError, MemoryError) as e:
         raise CheckpointCorruptError(
-            f"{name}: cannot allocate the {nbytes} bytes of its tensors ({type(e).__name__}: {str(e)[:100]})"
+            f"{name}: cannot allocate the {nbytes} bytes of its tensors ({type(e).__name__}: "
+            f"{str(e)[:100]})"
         ) from None
 
 
-def _map(fd: int, size: int, name: str, read_ahead: bool = True) -> torch.Tensor:
+def map_file(fd: int, size: int, name: str, read_ahead: bool = True) -> torch.Tensor:
     """The file's bytes as a uint8 tensor: a private mapping, or a buffer read where mapping fails.
 
     With `read_ahead`, the kernel is asked to read the whole file at once (it is all hashed next);
@@ -257,7 +263,9 @@ def _map(fd: int, size: int, name: str, read_ahead: bool = True) -> torch.Tensor
     except (OSError, ValueError):
         data = _allocate(size, name)
         os.lseek(fd, 0, os.SEEK_SET)
-        if not _read_hashing(fd, memoryview(data.numpy()), None) or os.read(fd, 1):
+        # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
+        view = memoryview(data.numpy())  # type: ignore[arg-type]
+        if not _read_hashing(fd, view, None) or os.read(fd, 1):
             raise CheckpointCorruptError(f"{name}: changed size while it was read") from None
         return data
     if read_ahead and hasattr(mmap, "MADV_WILLNEED"):

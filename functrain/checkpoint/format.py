@@ -17,18 +17,18 @@ Format versions, all still read:
 * 4 (written for sharded states, `functrain.checkpoint.sharded`): format 3, and tensors kept as
   shards, each rank's in files of its own: a sharded tensor's index entry lists each shard's file,
   offset, extent and BLAKE3 digest, so a reader can read and verify only the shards it needs.
-* 3 (written for every other tree): BLAKE3 digests, ``"blake3"`` per file and ``manifest_blake3`` as the seal.
-  BLAKE3 is a cryptographic hash, so a checkpoint can be pinned by its manifest digest
+* 3 (written for every other tree): BLAKE3 digests, ``"blake3"`` per file and ``manifest_blake3`` as
+  the seal. BLAKE3 is a cryptographic hash, so a checkpoint can be pinned by its manifest digest
   (``read_tree(path, digest=...)``, `verify`, ``functrain.load``): the manifest's digest covers
   every file's digest, so nothing of a pinned checkpoint can change.
 * 2: SHA-256 digests, ``"sha256"`` per file and ``manifest_sha256`` as the seal.
 * 1: SHA-256 digests per file; the manifest has no seal.
 
-A save writes into a temporary directory beside the target, fsyncs each file, writes and fsyncs
-the manifest, fsyncs the directory, swaps it into place (one atomic ``renameat2`` exchange where
-the OS has it) and fsyncs the parent: a process killed at any instant leaves the previous
-checkpoint or the new one, complete. Readers ignore temporary directories (names starting with
-``.tmp-``).
+A save writes into a temporary directory beside the target, fsyncs each file, writes and fsyncs the
+manifest, fsyncs the directory, swaps it into place (`functrain.checkpoint.commit`: one atomic
+``renameat2`` exchange where the OS has it) and fsyncs the parent: a process killed at any instant
+leaves the previous checkpoint or the new one, complete. Readers ignore temporary directories (names
+starting with ``.tmp-``).
 
 Speed: every byte is hashed in the one pass that writes or reads it. A save writes straight from
 the tensors' memory, hashes in a second thread, and has the disk start writing back each chunk
@@ -51,8 +51,6 @@ allocation that fails is a `CheckpointCorruptError` like any other malformed fil
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import math
 import os
@@ -68,34 +66,27 @@ import blake3
 import orjson
 import torch
 
+from functrain.checkpoint.commit import TMP_PREFIX, commit
 from functrain.checkpoint.files import (
-    _digest_of,
-    _fsync_dir,
-    _open_regular,
-    _read_exactly,
-    _write_file,
-    remove_later,
+    digest_of,
+    fsync_dir,
+    open_regular,
+    read_exactly,
     wait_for_removals,
+    write_file,
 )
 from functrain.checkpoint.reading import read_all
 from functrain.checkpoint.tensorfile import (
-    _CODE_OF,
-    _DTYPE_OF,
+    CODE_OF,
+    DTYPE_OF,
     MAX_RANK,
     MAX_SPAN,
-    _finite_float,
-    _no_constants,
-    _safetensors_chunks,
-    _span,
-    _unique_keys,
     check_json_cost,
-)
-from functrain.checkpoint.files import _hasher, _map  # noqa: F401
-from functrain.checkpoint.tensorfile import (  # noqa: F401
-    MAX_HEADER_BYTES,
-    _header_length,
-    _parse_header,
-    _tensors_of,
+    finite_float,
+    no_constants,
+    safetensors_chunks,
+    span_of,
+    unique_keys,
 )
 from functrain.errors import CheckpointCorruptError, CheckpointError
 from functrain.tree import escape_key as _escape
@@ -111,6 +102,11 @@ __all__ = [
     "is_checkpoint",
     "TMP_PREFIX",
     "MANIFEST",
+    "TreeWriter",
+    "build_manifest",
+    "json_extras",
+    "write_manifest",
+    "write_tensor_files",
 ]
 
 FORMAT_VERSION = (
@@ -118,7 +114,6 @@ FORMAT_VERSION = (
 )
 PLAIN_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
-TMP_PREFIX = ".tmp-"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
 MAX_FILES = 4096
@@ -163,8 +158,8 @@ def _encode_leaf(value: Any, path: str) -> dict[str, Any]:
         _check_utf8(value, path)
         return {"str": value}
     raise CheckpointError(
-        f"cannot save the leaf at {path!r}: expected a tensor, None, bool, int, float or str, got {type(value).__name__}; "
-        "store it as a tensor or in `metadata`"
+        f"cannot save the leaf at {path!r}: expected a tensor, None, bool, int, float or str, got "
+        f"{type(value).__name__}; store it as a tensor or in `metadata`"
     )
 
 
@@ -194,7 +189,7 @@ def _decode_leaf(node: Mapping[str, Any], path: str) -> Any:
     raise CheckpointCorruptError(f"{MANIFEST}: malformed leaf at {path!r}: {str(node)[:200]}")
 
 
-class _Writer:
+class TreeWriter:
     """Walks a tree, collecting tensors by path and describing the structure as JSON."""
 
     def __init__(self) -> None:
@@ -234,10 +229,11 @@ class _Writer:
         return {"leaf": _encode_leaf(tree, path)}
 
     def _detached(self, t: torch.Tensor, path: str) -> torch.Tensor:
-        if t.dtype not in _CODE_OF or t.layout != torch.strided or t.device.type == "meta":
+        if t.dtype not in CODE_OF or t.layout != torch.strided or t.device.type == "meta":
             raise CheckpointError(
-                f"cannot save the tensor at {path!r}: {t.dtype} {t.layout} on {t.device}; "
-                f"dense tensors on a real device of these dtypes can be saved: {sorted(str(d) for d in _CODE_OF)}"
+                f"cannot save the tensor at {path!r}: {t.dtype} {t.layout} on {t.device}; dense "
+                "tensors on a real device of these dtypes can be saved: "
+                f"{sorted(str(d) for d in CODE_OF)}"
             )
         t = t.detach()
         if t.device.type != "cpu":
@@ -343,21 +339,24 @@ def _sealed(manifest: Mapping[str, Any]) -> bytes:
         check_json_cost(MANIFEST, raw)
     except CheckpointCorruptError as e:
         raise CheckpointError(
-            f"cannot save this tree: {e}; keep large data in tensors rather than in plain leaves or metadata"
+            f"cannot save this tree: {e}; keep large data in tensors rather than in plain leaves "
+            "or metadata"
         ) from None
     return raw[: len(seal)] + blake3.blake3(raw).hexdigest().encode() + raw[len(seal) + 64 :]
 
 
-def _json_extras(
+def json_extras(
     fingerprint: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None
 ) -> dict[str, Any]:
+    """The manifest's ``fingerprint`` and ``metadata``, checked to be JSON with finite numbers."""
     extras = {"fingerprint": fingerprint or {}, "metadata": metadata or {}}
     try:
         encoded = orjson.dumps(extras)
         _refuse_nonfinite(extras, "")  # orjson would write them as null
     except (TypeError, ValueError) as e:
         raise CheckpointError(
-            f"fingerprint and metadata must be JSON-able (str keys; str, finite numbers, bool, None, lists, dicts): {e}"
+            "fingerprint and metadata must be JSON-able (str keys; str, finite numbers, bool, "
+            f"None, lists, dicts): {e}"
         ) from e
     return json.loads(encoded)
 
@@ -376,7 +375,7 @@ def _refuse_nonfinite(value: Any, path: str) -> None:
         _refuse_nonfinite(v, f"{path}/{k}" if path else str(k))
 
 
-def _write_tensor_files(
+def write_tensor_files(
     tmp: Path,
     prefix: str,
     tensors: Mapping[str, torch.Tensor],
@@ -385,7 +384,7 @@ def _write_tensor_files(
     *,
     empty: bool = True,
 ) -> None:
-    """Write `tensors` as ``<prefix>-NNNNN.safetensors`` files in `tmp`, recording each in `files` and `index`.
+    """Write `tensors` as ``<prefix>-NNNNN.safetensors`` files in `tmp`, noted in `files`, `index`.
 
     With no tensors, one empty file is written where `empty` (a plain tree's checkpoint always has a
     tensor file), none otherwise.
@@ -394,9 +393,9 @@ def _write_tensor_files(
         if not shard and not empty:
             continue
         name = f"{prefix}-{i:05d}.safetensors"
-        chunks = _safetensors_chunks(shard)
+        chunks = safetensors_chunks(shard)
         files[name] = {
-            "blake3": _write_file(tmp / name, chunks),
+            "blake3": write_file(tmp / name, chunks),
             "bytes": sum(len(c) for c in chunks),
         }
         for key, t in shard.items():
@@ -407,7 +406,7 @@ def _write_tensor_files(
             }
 
 
-def _manifest(
+def build_manifest(
     version: int,
     structure: Any,
     index: Mapping[str, Any],
@@ -415,6 +414,7 @@ def _manifest(
     extras: Mapping[str, Any],
     library_version: str,
 ) -> dict[str, Any]:
+    """The manifest of a checkpoint of format `version`, before it is sealed."""
     return {
         "format": "functrain.checkpoint",
         "format_version": version,
@@ -429,10 +429,10 @@ def _manifest(
     }
 
 
-def _write_manifest(tmp: Path, manifest: Mapping[str, Any]) -> None:
-    """Seal and write the manifest, then make the directory's entries durable: the files are complete."""
-    _write_file(tmp / MANIFEST, _sealed(manifest))
-    _fsync_dir(tmp)
+def write_manifest(tmp: Path, manifest: Mapping[str, Any]) -> None:
+    """Seal and write the manifest, then make the directory's entries (all its files) durable."""
+    write_file(tmp / MANIFEST, _sealed(manifest))
+    fsync_dir(tmp)
 
 
 def write_tree(
@@ -473,18 +473,19 @@ def write_tree(
     """
     target = Path(directory)
     wait_for_removals()  # the space of checkpoints deleted in the background comes back first
-    writer = _Writer()
+    writer = TreeWriter()
     structure = writer.node(tree, "", 0)
-    extras = _json_extras(fingerprint, metadata)
+    extras = json_extras(fingerprint, metadata)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
-        _write_tensor_files(tmp, "tensors", writer.tensors, files, index)
-        _write_manifest(
-            tmp, _manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version)
+        write_tensor_files(tmp, "tensors", writer.tensors, files, index)
+        write_manifest(
+            tmp,
+            build_manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version),
         )
         if before_commit is not None:
             before_commit()
@@ -492,87 +493,18 @@ def write_tree(
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointError(
-                f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact"
+                f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there "
+                "(if any) is intact"
             ) from e
         raise
     try:
-        _commit(tmp, target)
+        commit(tmp, target)
     except OSError as e:
         raise CheckpointError(
-            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact"
+            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if "
+            "any) is intact"
         ) from e
     return target
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    """Put the complete checkpoint `tmp` at `target`; on any failure leave `target` as it was."""
-    try:
-        if target.exists() or target.is_symlink():
-            displaced: Path | None = _replace(tmp, target)
-        else:
-            os.rename(tmp, target)
-            displaced = None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        _fsync_dir(target.parent)
-    except BaseException:
-        # the caller is told the save failed, so `target` must hold what it held before
-        if displaced is None:
-            os.rename(target, tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(_replace(displaced, target), ignore_errors=True)
-        raise
-    if displaced is not None:
-        remove_later(displaced)  # the new checkpoint is durable: the old one goes in the background
-
-
-def _replace(new: Path, target: Path) -> Path:
-    """Move directory `new` to `target`, atomically where the OS can; return where the old `target` went."""
-    try:
-        _exchange(new, target)
-        return new
-    except OSError as e:
-        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    # two renames: a crash between them leaves no checkpoint at `target`, the old one complete
-    # under `.tmp-old-`; a failure of the second puts the old one back
-    old = target.parent / f"{TMP_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    return old
-
-
-_renameat2: Any = None
-
-
-def _exchange(a: Path, b: Path) -> None:
-    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ENOSYS elsewhere."""
-    global _renameat2
-    if _renameat2 is None:
-        try:
-            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-            _renameat2.argtypes = [
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_uint,
-            ]
-        except (OSError, AttributeError, TypeError):
-            _renameat2 = False
-    if _renameat2 is False:
-        raise OSError(errno.ENOSYS, "renameat2 is not available")
-    at_fdcwd, rename_exchange = -100, 2
-    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,7 +514,8 @@ def _exchange(a: Path, b: Path) -> None:
 def _safe_file(directory: Path, name: Any) -> Path:
     if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or ".." in name:
         raise CheckpointCorruptError(
-            f"{MANIFEST}: refused file name {str(name)[:100]!r} (expected ^[A-Za-z0-9._-]{{1,200}}$, no '..')"
+            f"{MANIFEST}: refused file name {str(name)[:100]!r} (expected "
+            "^[A-Za-z0-9._-]{1,200}$, no '..')"
         )
     return directory / name
 
@@ -609,13 +542,13 @@ def read_manifest(
         raise CheckpointError(
             f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}"
         )
-    fd, size = _open_regular(path, MANIFEST)
+    fd, size = open_regular(path, MANIFEST)
     try:
         if size > MAX_MANIFEST_BYTES:
             raise CheckpointCorruptError(
                 f"{MANIFEST}: {size} bytes, over the limit of {MAX_MANIFEST_BYTES}"
             )
-        raw = _read_exactly(fd, size, MANIFEST)
+        raw = read_exactly(fd, size, MANIFEST)
     except OSError as e:
         raise CheckpointError(f"could not read {str(path)!r}: {e}") from None
     finally:
@@ -624,15 +557,16 @@ def read_manifest(
     algorithm, seal = _check_seal(raw)
     if digest is not None and seal != digest:
         raise CheckpointCorruptError(
-            f"{MANIFEST}: its digest is {seal}, expected the pinned {str(digest)[:100]} (the checkpoint was replaced or re-sealed)"
+            f"{MANIFEST}: its digest is {seal}, expected the pinned {str(digest)[:100]} (the "
+            "checkpoint was replaced or re-sealed)"
         )
     try:
-        hooks = {
-            "object_pairs_hook": _unique_keys(MANIFEST),
-            "parse_constant": _no_constants(MANIFEST),
-            "parse_float": _finite_float(MANIFEST),
-        }
-        manifest = json.loads(raw, **hooks)
+        manifest = json.loads(
+            raw,
+            object_pairs_hook=unique_keys(MANIFEST),
+            parse_constant=no_constants(MANIFEST),
+            parse_float=finite_float(MANIFEST),
+        )
     except (ValueError, RecursionError) as e:
         if isinstance(e, CheckpointCorruptError):
             raise
@@ -643,15 +577,19 @@ def read_manifest(
     return manifest
 
 
-def _check_seal(raw: bytes) -> tuple[str | None, str | None]:
-    """``(algorithm, digest)`` of the manifest's seal, ``(None, None)`` without one; raise if it does not match."""
+def _check_seal(raw: bytes | bytearray) -> tuple[str | None, str | None]:
+    """``(algorithm, digest)`` of the manifest's seal, ``(None, None)`` without one.
+
+    Raises if the seal does not match.
+    """
     for algorithm, prefix in _SEALS.items():
         if raw.startswith(prefix):
             start, end = len(prefix), len(prefix) + 64
             recorded = raw[start:end].decode("ascii", "replace")
-            if _digest_of(algorithm, raw[:start] + b"0" * 64 + raw[end:]) != recorded:
+            if digest_of(algorithm, raw[:start] + b"0" * 64 + raw[end:]) != recorded:
                 raise CheckpointCorruptError(
-                    f"{MANIFEST}: its {_SPELLED[algorithm]} digest does not match the manifest_{algorithm} it records (the file is corrupt)"
+                    f"{MANIFEST}: its {_SPELLED[algorithm]} digest does not match the "
+                    f"manifest_{algorithm} it records (the file is corrupt)"
                 )
             return algorithm, recorded
     return None, None
@@ -665,13 +603,15 @@ def _check_manifest(m: Any, sealed: str | None) -> None:
         raise CheckpointCorruptError(f"{MANIFEST}: invalid format_version {str(version)[:50]}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint format version {version} is newer than this functrain reads (up to {FORMAT_VERSION}); "
-            f"it was written by functrain {m.get('functrain_version')!r}: upgrade functrain to load it"
+            f"checkpoint format version {version} is newer than this functrain reads (up to "
+            f"{FORMAT_VERSION}); it was written by functrain {m.get('functrain_version')!r}: "
+            "upgrade functrain to load it"
         )
     algorithm = _ALGORITHM[version]
     if version >= 2 and sealed != algorithm:
         raise CheckpointCorruptError(
-            f"{MANIFEST}: format version {version} starts with its own digest, manifest_{algorithm}; it is missing or damaged"
+            f"{MANIFEST}: format version {version} starts with its own digest, "
+            f"manifest_{algorithm}; it is missing or damaged"
         )
     for key, kind in (
         ("structure", dict),
@@ -695,7 +635,8 @@ def _check_manifest(m: Any, sealed: str | None) -> None:
             or info["bytes"] < 0
         ):
             raise CheckpointCorruptError(
-                f"{MANIFEST}: malformed entry for file {str(name)[:100]!r} (expected {algorithm} as 64 hex digits and bytes)"
+                f"{MANIFEST}: malformed entry for file {str(name)[:100]!r} (expected {algorithm} "
+                "as 64 hex digits and bytes)"
             )
     for key, info in m["tensors"].items():
         if version >= 4 and isinstance(info, dict) and "shards" in info:
@@ -704,11 +645,11 @@ def _check_manifest(m: Any, sealed: str | None) -> None:
             _check_index_entry(key, info, m["files"])
 
 
-_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in _DTYPE_OF.values()}
+_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in DTYPE_OF.values()}
 
 
 def _check_index_entry(key: str, info: Any, files: Mapping[str, Any]) -> None:
-    """An entry of the manifest's tensor index: its file is listed, its dtype known, its shape bounded."""
+    """An entry of the tensor index: its file is listed, its dtype known, its shape bounded."""
     where = f"{MANIFEST}: index entry for tensor {key[:100]!r}"
     if not isinstance(info, dict) or set(info) != {"file", "dtype", "shape"}:
         raise CheckpointCorruptError(
@@ -725,15 +666,16 @@ def _check_index_entry(key: str, info: Any, files: Mapping[str, Any]) -> None:
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
         or not all(type(d) is int and 0 <= d <= MAX_SPAN for d in shape)
-        or _span(shape) > MAX_SPAN
+        or span_of(shape) > MAX_SPAN
     ):
         raise CheckpointCorruptError(
-            f"{where}: invalid shape {str(shape)[:100]} (at most {MAX_RANK} dimensions, ints whose product is at most 2**62)"
+            f"{where}: invalid shape {str(shape)[:100]} (at most {MAX_RANK} dimensions, ints whose "
+            "product is at most 2**62)"
         )
 
 
 def _check_sharded_entry(key: str, info: dict[str, Any], files: Mapping[str, Any]) -> None:
-    """A sharded tensor's entry (format 4): its shards, in order, tile its first dimension exactly."""
+    """A sharded tensor's entry (format 4): its shards, in order, tile its first dimension."""
     where = f"{MANIFEST}: index entry for sharded tensor {key[:100]!r}"
     if (
         set(info) != {"dtype", "shape", "shards"}
@@ -741,14 +683,16 @@ def _check_sharded_entry(key: str, info: dict[str, Any], files: Mapping[str, Any
         or len(info["shards"]) > MAX_FILES
     ):
         raise CheckpointCorruptError(
-            f"{where}: expected dtype, shape and a list of at most {MAX_FILES} shards, got {str(info)[:200]}"
+            f"{where}: expected dtype, shape and a list of at most {MAX_FILES} shards, got "
+            f"{str(info)[:200]}"
         )
     _check_index_entry(key, {"file": "", "dtype": info["dtype"], "shape": info["shape"]}, {"": {}})
     shape, end, seen = info["shape"], 0, set()
     for shard in info["shards"]:
         if not isinstance(shard, dict) or set(shard) != {"file", "offset", "extent", "blake3"}:
             raise CheckpointCorruptError(
-                f"{where}: a shard must have file, offset, extent and blake3, got {str(shard)[:200]}"
+                f"{where}: a shard must have file, offset, extent and blake3, got "
+                f"{str(shard)[:200]}"
             )
         if (
             not isinstance(shard["file"], str)
@@ -756,7 +700,8 @@ def _check_sharded_entry(key: str, info: dict[str, Any], files: Mapping[str, Any
             or shard["file"] in seen
         ):
             raise CheckpointCorruptError(
-                f"{where}: a shard names file {str(shard['file'])[:100]!r}, which the manifest does not list or names twice"
+                f"{where}: a shard names file {str(shard['file'])[:100]!r}, which the manifest "
+                "does not list or names twice"
             )
         seen.add(shard["file"])
         offset, extent = shard["offset"], shard["extent"]
@@ -772,7 +717,9 @@ def _check_sharded_entry(key: str, info: dict[str, Any], files: Mapping[str, Any
             or extent[0] < 1
         ):
             raise CheckpointCorruptError(
-                f"{where}: shard of {str(shard['file'])[:100]!r} at offset {str(offset)[:100]}, extent {str(extent)[:100]} does not continue the shards before it (rows from {end}) within shape {shape}"
+                f"{where}: shard of {str(shard['file'])[:100]!r} at offset {str(offset)[:100]}, "
+                f"extent {str(extent)[:100]} does not continue the shards before it (rows from "
+                f"{end}) within shape {shape}"
             )
         if not isinstance(shard["blake3"], str) or not _HEX64.match(shard["blake3"]):
             raise CheckpointCorruptError(f"{where}: a shard's blake3 must be 64 hex digits")
@@ -794,25 +741,27 @@ def _checked_rows(
         shape = index[key]["shape"] if key in index else []
         if not shape or not 0 <= start <= stop <= shape[0]:
             raise CheckpointError(
-                f"rows {start}:{stop} of tensor {key[:100]!r} were asked for; the checkpoint holds it with shape {shape}"
+                f"rows {start}:{stop} of tensor {key[:100]!r} were asked for; the checkpoint holds "
+                f"it with shape {shape}"
             )
     return dict(rows)
 
 
 def _check_memory(total: int) -> None:
-    """Refuse before reading anything when the `total` bytes to read could not fit in this machine's memory."""
+    """Refuse, before any read, `total` bytes that could not fit in this machine's memory."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return
     if total > memory:
         raise CheckpointCorruptError(
-            f"{MANIFEST}: the files declare {total} bytes, more than this machine's memory ({memory} bytes)"
+            f"{MANIFEST}: the files declare {total} bytes, more than this machine's memory "
+            f"({memory} bytes)"
         )
 
 
 def verify(directory: str | os.PathLike[str], *, digest: str | None = None) -> dict[str, Any]:
-    """Check a checkpoint completely (manifest, every file's size, digest and contents); return the manifest.
+    """Check a checkpoint completely (manifest, every file's size, digest, contents); return it.
 
     A checkpoint that verifies loads: this reads it as `read_tree` does, then drops the tensors.
 
@@ -852,7 +801,8 @@ def read_tree(
     Args:
         directory: the checkpoint's path.
         map_location: a device to move tensors to, or a function applied to each tensor.
-        named_types: ``"module.QualName" -> class`` to rebuild NamedTuples; others come back as dicts.
+        named_types: ``"module.QualName" -> class`` to rebuild NamedTuples; others come back as
+            dicts.
         digest: the manifest digest to insist on (see `read_manifest`).
         rows: for a sharded load (`functrain.checkpoint.sharded`): given the manifest, the rows
             ``(start, stop)`` along the first dimension that this process needs of some tensors
@@ -864,7 +814,8 @@ def read_tree(
 
     Raises:
         CheckpointError: no checkpoint there, or a newer format.
-        CheckpointCorruptError: a file is missing, truncated, altered or malformed (named in the message).
+        CheckpointCorruptError: a file is missing, truncated, altered or malformed (named in the
+            message).
     """
     root = Path(directory)
     manifest = read_manifest(root, digest=digest)
@@ -887,7 +838,7 @@ def read_tree(
 
 
 def compare_to_template(loaded: Tree, like: Tree) -> list[str]:
-    """Every difference between a loaded tree and a template: missing/extra paths, shapes, dtypes."""
+    """Every difference of a loaded tree from a template: missing/extra paths, shapes, dtypes."""
     got, expected = leaves_by_path(loaded), leaves_by_path(like)
     problems = []
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))

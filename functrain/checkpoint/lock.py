@@ -61,8 +61,9 @@ class WriterLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise CheckpointError(
-                f"cannot open the writer lock {str(path)!r}: {e}; a process that only reads checkpoints "
-                "should open CheckpointManager(..., readonly=True), which needs no lock"
+                f"cannot open the writer lock {str(path)!r}: {e}; a process that only reads "
+                "checkpoints should open CheckpointManager(..., readonly=True), which needs no "
+                "lock"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,9 +72,10 @@ class WriterLock:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise CheckpointError(
-                    f"checkpoint directory {str(directory)!r} already has a writer: {holder} holds {LOCK_NAME}. "
-                    "One process writes a directory at a time: stop that run, give this one another "
-                    "directory, or open CheckpointManager(..., readonly=True) to only read"
+                    f"checkpoint directory {str(directory)!r} already has a writer: {holder} holds "
+                    f"{LOCK_NAME}. One process writes a directory at a time: stop that run, give "
+                    "this one another directory, or open CheckpointManager(..., readonly=True) to "
+                    "only read"
                 ) from None
             raise CheckpointError(
                 f"cannot lock {str(path)!r}: {e} (this filesystem may not support locks)"

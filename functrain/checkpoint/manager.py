@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from functrain import version
 from functrain.checkpoint import directory as layout
 from functrain.checkpoint.directory import (
     BEST,
@@ -42,7 +43,7 @@ from functrain.checkpoint.lock import WriterLock
 from functrain.checkpoint.sharded import agree, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import fingerprint, load
-from functrain.core.ensemble import host_count
+from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.errors import (
@@ -79,9 +80,9 @@ class CheckpointManager:
         best_metric: name of the metric in ``save(..., metrics=)`` that decides "best".
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.
         async_save: write in a background thread: the state's own tensors, held until written (no
-            copy; a donated step on that state waits for them), copies of tensors off the CPU; a failure
-            surfaces on the next `save`, `wait` or `close`, or as a warning naming the checkpoint
-            if the program ends (or drops the manager) without calling either.
+            copy; a donated step on that state waits for them), copies of tensors off the CPU; a
+            failure surfaces on the next `save`, `wait` or `close`, or as a warning naming the
+            checkpoint if the program ends (or drops the manager) without calling either.
         remove_temporary: finish interrupted saves when the writer opens (`cleanup`).
         readonly: open as a reader: no lock, no cleanup; `save` and `cleanup` raise.
         metadata: JSON-able data written into every checkpoint's manifest (`fit` puts the run's
@@ -142,11 +143,14 @@ class CheckpointManager:
             )
         if sharded and readonly:
             problems.append(
-                "sharded=True opens the manager that saves on every rank; to only read, open readonly=True without sharded (loading into a sharded template is collective anyway)"
+                "sharded=True opens the manager that saves on every rank; to only read, open "
+                "readonly=True without sharded (loading into a sharded template is collective "
+                "anyway)"
             )
         if sharded and not (dist.is_available() and dist.is_initialized()):
             problems.append(
-                "sharded=True needs an initialized torch.distributed process group: call functrain.distributed.init_from_env() first"
+                "sharded=True needs an initialized torch.distributed process group: call "
+                "functrain.distributed.init_from_env() first"
             )
         if problems:
             raise ConfigError(
@@ -189,7 +193,7 @@ class CheckpointManager:
         return listed(self.directory, BEST)
 
     def latest(self) -> Path | None:
-        """The newest committed checkpoint: the one the `latest` pointer names, else the newest by name.
+        """The newest committed checkpoint: the one `latest` names, else the newest by name.
 
         A pointer that is not a checkpoint's name (damaged, crafted, oversized) is ignored with a
         warning; one naming a checkpoint that is gone is ignored silently.
@@ -198,7 +202,8 @@ class CheckpointManager:
             name = read_pointer(self.directory)
         except CheckpointCorruptError as e:
             warnings.warn(
-                f"ignoring the latest pointer of {self.directory}: {e}; using the newest checkpoint by name",
+                f"ignoring the latest pointer of {self.directory}: {e}; using the newest "
+                "checkpoint by name",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -294,13 +299,15 @@ class CheckpointManager:
     def _require_writer(self, action: str) -> None:
         if self.readonly:
             raise CheckpointError(
-                f"cannot {action}: this CheckpointManager of {str(self.directory)!r} was opened with readonly=True; open it without readonly in the one process that writes"
+                f"cannot {action}: this CheckpointManager of {str(self.directory)!r} was opened "
+                "with readonly=True; open it without readonly in the one process that writes"
             )
         # rank 0 holds the lock; the other ranks of a sharded manager write their shards under it
         closed = not self._open if self._rank else self._writer is None or not self._writer.held
         if closed:
             raise CheckpointError(
-                f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed (its writer lock was released)"
+                f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed "
+                "(its writer lock was released)"
             )
 
     def _commit(
@@ -311,8 +318,6 @@ class CheckpointManager:
         meta: dict[str, Any],
         before_commit: Callable[[], None] | None = None,
     ) -> Path:
-        from functrain import __version__
-
         with self._commit_lock:
             if self.sharded:  # every rank its shards; rank 0 the manifest, then the books
                 path = write_sharded(
@@ -321,7 +326,7 @@ class CheckpointManager:
                     group=self._group,
                     fingerprint=fp,
                     metadata=meta,
-                    library_version=__version__,
+                    library_version=version.__version__,
                     before_commit=before_commit,
                 )
             else:
@@ -330,7 +335,7 @@ class CheckpointManager:
                     tree,
                     fingerprint=fp,
                     metadata=meta,
-                    library_version=__version__,
+                    library_version=version.__version__,
                     before_commit=before_commit,
                 )
             books: CheckpointError | None = None
@@ -366,19 +371,21 @@ class CheckpointManager:
                 name, snapshot.tree, fp, meta, before_commit=snapshot.check_unchanged
             )
         except BaseException as e:
-            # kept as text, before the future holds the error: an exit without wait() still reports it
+            # kept as text, before the future holds the error: an exit without wait() still reports
+            # it
             saved = getattr(e, "saved_as", None) is not None
             self._unwaited.failure = (
                 str(e)
                 if saved
-                else f"checkpoint {name} was NOT saved: its background save failed ({type(e).__name__}: {e})"
+                else f"checkpoint {name} was NOT saved: its background save failed "
+                f"({type(e).__name__}: {e})"
             )
             raise
         finally:
             snapshot.release()
 
     def _keep_books(self, path: Path, value: Any) -> None:
-        """After `path` committed: point `latest` at it, keep it as a best, rotate; say what failed."""
+        """After `path` committed: point `latest` at it, keep a best, rotate; name what failed."""
         pointed = self._pointed()
         steps: list[tuple[str, Callable[[], None]]] = [
             (
@@ -394,8 +401,9 @@ class CheckpointManager:
             except Exception as e:
                 undone = "; ".join(consequence for consequence, _ in steps[i:])
                 error = CheckpointError(
-                    f"checkpoint {path.name} is saved, but the bookkeeping after it failed ({type(e).__name__}: {e}): {undone}. "
-                    f"Nothing committed was lost; restore_latest() loads the newest checkpoint by name"
+                    f"checkpoint {path.name} is saved, but the bookkeeping after it failed "
+                    f"({type(e).__name__}: {e}): {undone}. Nothing committed was lost; "
+                    "restore_latest() loads the newest checkpoint by name"
                 )
                 error.saved_as = path  # type: ignore[attr-defined]  # for callers that can go on
                 raise error from e
@@ -511,7 +519,7 @@ class CheckpointManager:
         return None
 
     def cleanup(self) -> None:
-        """Put back displaced checkpoints and remove the leftovers of interrupted saves (the writer only).
+        """Put back displaced checkpoints, remove what interrupted saves left (the writer only).
 
         Of a sharded manager, rank 0 (the lock's holder) does it; the other ranks do nothing.
         """
@@ -520,7 +528,8 @@ class CheckpointManager:
             return
         for name in recover(self.directory):
             warnings.warn(
-                f"{self.directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it",
+                f"{self.directory}: put back checkpoint {name}, displaced by a save that was "
+                "killed while replacing it",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -529,7 +538,10 @@ class CheckpointManager:
 def _open_writer(
     directory: Path, remove_temporary: bool, group: Any = None, rank: int = 0
 ) -> WriterLock | None:
-    """Rank 0's lock on `directory`, its leftovers recovered; with a `group`, every rank learns whether that worked."""
+    """Rank 0's lock on `directory`, its leftovers recovered.
+
+    With a `group`, every rank learns whether that worked.
+    """
     if group is None:
         return _lock_and_recover(directory, remove_temporary)
     lock, error = None, None
@@ -559,20 +571,22 @@ def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
         if remove_temporary:
             for name in recover(directory):
                 warnings.warn(
-                    f"{directory}: put back checkpoint {name}, displaced by a save that was killed while replacing it",
+                    f"{directory}: put back checkpoint {name}, displaced by a save that was "
+                    "killed while replacing it",
                     RuntimeWarning,
                     stacklevel=4,
                 )
     except OSError as e:
         lock.release()
         raise CheckpointError(
-            f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; nothing committed was removed"
+            f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; "
+            "nothing committed was removed"
         ) from None
     return lock
 
 
 class _Unwaited:
-    """The failure of an async save that nobody has waited for: what an exit without `wait()` must not lose.
+    """The failure of an async save nobody waited for, which an exit without `wait()` must not lose.
 
     Text, not the exception: a traceback would hold the manager alive from its own finalizer.
     """
@@ -592,7 +606,8 @@ def _finish(
         failure, unwaited.failure = unwaited.failure, None
         if failure is not None:
             warnings.warn(
-                f"an async save failed and nothing called wait() or close() on its CheckpointManager to raise it: {failure}",
+                "an async save failed and nothing called wait() or close() on its "
+                f"CheckpointManager to raise it: {failure}",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -1,4 +1,4 @@
-"""Reading a checkpoint's tensor files: whole (mapped, hashed where they lie) or a few tensors at a time.
+"""Reading a checkpoint's tensor files: whole (mapped, hashed where they lie) or a few tensors.
 
 A load of a plain checkpoint reads each file whole, its digest over every byte. A rank of a
 sharded load (`functrain.checkpoint.sharded`) needs only the shards that overlap its own part of
@@ -18,14 +18,14 @@ from typing import Any
 import blake3
 import torch
 
-from functrain.checkpoint.files import _hasher, _map, _open_regular, _read_exactly
+from functrain.checkpoint.files import hasher, map_file, open_regular, read_exactly
 from functrain.checkpoint.tensorfile import (
     MAX_HEADER_BYTES,
     Entry,
-    _bytes_of,
-    _header_length,
-    _parse_header,
-    _tensors_of,
+    bytes_of,
+    header_length,
+    parse_header,
+    tensors_of,
 )
 from functrain.errors import CheckpointCorruptError
 
@@ -33,7 +33,7 @@ _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
 
 def _header_bound(index: Mapping[str, Any]) -> int:
-    """The longest safetensors header the tensors listed for a file can justify (every key escaped)."""
+    """The longest safetensors header a file's listed tensors can justify (every key escaped)."""
     justified = sum(
         6 * len(key.encode("utf-8", "surrogatepass")) + 128 + 21 * len(info["shape"])
         for key, info in index.items()
@@ -52,39 +52,40 @@ def _read_tensor_file(
     where it lies, with no copy; where mapping fails, it is read into one buffer instead.
     """
     name = path.name
-    fd, size = _open_regular(path, name)
+    fd, size = open_regular(path, name)
     try:
         head, entries = _read_header(fd, size, name, info, index)
-        whole = _map(fd, size, name)
+        whole = map_file(fd, size, name)
     except OSError as e:
         raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
     finally:
         os.close(fd)
-    digest = _hasher(algorithm, threads=True)
+    digest = hasher(algorithm, threads=True)
     digest.update(whole.numpy())
     if digest.hexdigest() != info[algorithm]:
         raise CheckpointCorruptError(
-            f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is corrupt)"
+            f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is "
+            "corrupt)"
         )
     if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one hashed
         raise CheckpointCorruptError(f"{name}: changed while it was read")
-    return _tensors_of(entries, whole[len(head) :])
+    return tensors_of(entries, whole[len(head) :])
 
 
 def _read_header(
     fd: int, size: int, name: str, info: Mapping[str, Any], index: Mapping[str, Any]
 ) -> tuple[bytearray, list[Entry]]:
-    """The file's first bytes up to its data, and its entries, checked against the manifest's `info` and `index`."""
+    """The file's bytes before its data, and its entries, checked against `info` and `index`."""
     if size != info["bytes"]:
         raise CheckpointCorruptError(
             f"{name}: {size} bytes, the manifest records {info['bytes']} (truncated or replaced)"
         )
     if size < 8:
         raise CheckpointCorruptError(f"{name}: {size} bytes, too short for a safetensors file")
-    head = _read_exactly(fd, 8, name)
-    n = _header_length(name, bytes(head), size, _header_bound(index))
-    head += _read_exactly(fd, n, name)
-    entries = _parse_header(name, bytes(head[8:]), size - 8 - n)
+    head = read_exactly(fd, 8, name)
+    n = header_length(name, bytes(head), size, _header_bound(index))
+    head += read_exactly(fd, n, name)
+    entries = parse_header(name, bytes(head[8:]), size - 8 - n)
     _check_entries(name, entries, index)
     return head, entries
 
@@ -105,10 +106,10 @@ def read_tensors(
             the manifest, or a tensor's bytes do not match its digest.
     """
     name = path.name
-    fd, size = _open_regular(path, name)
+    fd, size = open_regular(path, name)
     try:
         head, entries = _read_header(fd, size, name, info, index)
-        whole = _map(fd, size, name, read_ahead=False)
+        whole = map_file(fd, size, name, read_ahead=False)
     except OSError as e:
         raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
     finally:
@@ -118,17 +119,18 @@ def read_tensors(
     data = whole[len(head) :]
     picked = [entry for entry in entries if entry[2] in wanted]
     for begin, stop, key, _, _ in picked:
-        digest = _hasher("blake3", threads=True)
+        digest = hasher("blake3", threads=True)
         digest.update(data[begin:stop].numpy())
         if digest.hexdigest() != wanted[key]:
             raise CheckpointCorruptError(
-                f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)"
+                f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest "
+                "(the file is corrupt)"
             )
-    return _tensors_of(picked, data)
+    return tensors_of(picked, data)
 
 
 def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[str, Any]]) -> None:
-    """A file's header lists exactly the tensors the manifest's index places in it, as it records them."""
+    """A file's header lists exactly the tensors the manifest's index places in it, as recorded."""
     held = {key: (str(dtype).removeprefix("torch."), shape) for _, _, key, dtype, shape in entries}
     missing, extra = sorted(set(index) - set(held)), sorted(set(held) - set(index))
     if missing:
@@ -142,7 +144,8 @@ def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[st
     for key, (dtype, shape) in held.items():
         if [index[key]["dtype"], index[key]["shape"]] != [dtype, shape]:
             raise CheckpointCorruptError(
-                f"{name}: tensor {key[:100]!r} is {shape} {dtype}, the manifest records {str(index[key])[:200]}"
+                f"{name}: tensor {key[:100]!r} is {shape} {dtype}, the manifest records "
+                f"{str(index[key])[:200]}"
             )
 
 
@@ -178,7 +181,7 @@ def _overlaps(shard: Mapping[str, Any], span: tuple[int, int]) -> bool:
 def plan(
     index: Mapping[str, Mapping[str, Any]], files: Mapping[str, Any], rows: Rows
 ) -> tuple[set[str], dict[str, dict[str, str]]]:
-    """What to read: the files to read whole, and ``file -> {key: digest}`` of the shards to read alone.
+    """The files to read whole, and ``file -> {key: digest}`` of the shards to read alone.
 
     A tensor without `rows` comes from whole files (every shard of it); one with `rows` from the
     shards that overlap them (a plain tensor's file is read whole: it has no digest per tensor).
@@ -248,11 +251,12 @@ def _check_shard_digests(
         )
         if (
             digest is not None
-            and blake3.blake3(_bytes_of(t.contiguous()), max_threads=blake3.blake3.AUTO).hexdigest()
+            and blake3.blake3(bytes_of(t.contiguous()), max_threads=blake3.blake3.AUTO).hexdigest()
             != digest
         ):
             raise CheckpointCorruptError(
-                f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest (the file is corrupt)"
+                f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest "
+                "(the file is corrupt)"
             )
 
 

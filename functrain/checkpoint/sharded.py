@@ -42,20 +42,19 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from functrain import errors
+from functrain.checkpoint.commit import TMP_PREFIX, commit
 from functrain.checkpoint.files import wait_for_removals
 from functrain.checkpoint.format import (
     FORMAT_VERSION,
     PLAIN_FORMAT_VERSION,
-    TMP_PREFIX,
-    _commit,
-    _json_extras,
-    _manifest,
-    _write_manifest,
-    _write_tensor_files,
-    _Writer,
+    TreeWriter,
+    build_manifest,
+    json_extras,
     read_tree,
+    write_manifest,
+    write_tensor_files,
 )
-from functrain.checkpoint.tensorfile import _bytes_of
+from functrain.checkpoint.tensorfile import bytes_of
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
@@ -87,7 +86,7 @@ def has_dtensors(tree: Tree) -> bool:
 
 
 def chunk_rows(n: int, world: int, index: int) -> tuple[int, int]:
-    """The rows ``[start, stop)`` of `n` that `torch.chunk` gives part `index` of `world` (maybe none).
+    """The rows ``[start, stop)`` of `n` (maybe none) that `torch.chunk` gives part `index`.
 
     Example:
         >>> [chunk_rows(5, 4, i) for i in range(4)]
@@ -113,20 +112,25 @@ def _layout(t: Any, path: str) -> tuple[int, int] | None:
         or t.dim() == 0
     ):
         raise CheckpointError(
-            f"cannot save or load the DTensor at {path!r}: placements {placements} on a {mesh.ndim}-D mesh; "
-            "sharded checkpoints hold tensors placed (Shard(0),) or replicated on a 1-D mesh"
+            f"cannot save or load the DTensor at {path!r}: placements {placements} on a "
+            f"{mesh.ndim}-D mesh; sharded checkpoints hold tensors placed (Shard(0),) or "
+            "replicated on a 1-D mesh"
         )
     start, stop = chunk_rows(t.shape[0], mesh.size(), mesh.get_local_rank())
     if t._local_tensor.shape[0] != stop - start:
         raise CheckpointError(
-            f"the DTensor at {path!r} holds {t._local_tensor.shape[0]} rows on this rank, expected rows {start}:{stop} of {t.shape[0]} "
-            "(torch.chunk's split along dim 0): build it with distribute_tensor or DTensor.from_local of torch.chunk's pieces"
+            f"the DTensor at {path!r} holds {t._local_tensor.shape[0]} rows on this rank, expected "
+            f"rows {start}:{stop} of {t.shape[0]} (torch.chunk's split along dim 0): build it with "
+            "distribute_tensor or DTensor.from_local of torch.chunk's pieces"
         )
     return start, stop
 
 
-class _ShardWriter(_Writer):
-    """A rank's walk of the tree: its shards by path (with their rows), and on rank 0 the replicated leaves."""
+class _ShardWriter(TreeWriter):
+    """A rank's walk of the tree: its shards by path, with their rows.
+
+    On rank 0 it also collects the replicated leaves.
+    """
 
     def __init__(self, replicated: bool) -> None:
         super().__init__()
@@ -259,7 +263,7 @@ def write_sharded(
     writer, extras, tmp, error = _ShardWriter(replicated=rank == 0), None, None, None
     try:
         structure = writer.node(tree, "", 0)
-        extras = _json_extras(fingerprint, metadata)
+        extras = json_extras(fingerprint, metadata)
         if rank == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -281,7 +285,8 @@ def write_sharded(
         paths = sorted({report["path"] for report in reports})
         if len(paths) > 1:
             raise CheckpointError(
-                f"{what}: the ranks save a sharded state together, to one path on a file system they share; they passed {paths[:4]}"
+                f"{what}: the ranks save a sharded state together, to one path on a file system "
+                f"they share; they passed {paths[:4]}"
             )
         tmp = target.parent / reports[0]["tmp"]
         reports = _agree_reports(_write_part(tmp, writer, rank, before_commit), None, group, what)
@@ -308,9 +313,9 @@ def _write_part(
     index: dict[str, Any] = {}
     try:
         if rank == 0:
-            _write_tensor_files(tmp, "tensors", writer.tensors, files, index, empty=False)
+            write_tensor_files(tmp, "tensors", writer.tensors, files, index, empty=False)
         shard_index: dict[str, Any] = {}
-        _write_tensor_files(
+        write_tensor_files(
             tmp,
             f"shards-{rank:05d}",
             {k: t for k, (t, _) in writer.shards.items()},
@@ -352,7 +357,7 @@ def _write_part(
 
 
 def _digest(t: torch.Tensor) -> str:
-    return str(blake3.blake3(_bytes_of(t), max_threads=blake3.blake3.AUTO).hexdigest())
+    return str(blake3.blake3(bytes_of(t), max_threads=blake3.blake3.AUTO).hexdigest())
 
 
 def _seal_and_commit(
@@ -371,7 +376,8 @@ def _seal_and_commit(
         if report["sharded"] != writer.sharded:
             differ = sorted(set(report["sharded"]) ^ set(writer.sharded))
             raise CheckpointError(
-                f"rank {rank} shards other tensors than rank 0 (differing: {differ[:10] or 'shapes or dtypes'}): every rank must save the same state"
+                f"rank {rank} shards other tensors than rank 0 (differing: "
+                f"{differ[:10] or 'shapes or dtypes'}): every rank must save the same state"
             )
         files.update(report["files"])
     for key, info in writer.sharded.items():
@@ -381,12 +387,13 @@ def _seal_and_commit(
         )
         index[key] = {**info, "shards": shards}
     version = FORMAT_VERSION if writer.sharded else PLAIN_FORMAT_VERSION
-    _write_manifest(tmp, _manifest(version, structure, index, files, extras, library_version))
+    write_manifest(tmp, build_manifest(version, structure, index, files, extras, library_version))
     try:
-        _commit(tmp, target)
+        commit(tmp, target)
     except OSError as e:
         raise CheckpointError(
-            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if any) is intact"
+            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if "
+            "any) is intact"
         ) from e
 
 
@@ -461,7 +468,7 @@ def _wrapped(local: torch.Tensor, like: Any) -> Any:
 
 
 def placed_like(value: torch.Tensor, like: Any, path: str) -> Any:
-    """A whole tensor as `like` holds it: a DTensor of this rank's rows where `like` is one, else as is.
+    """A whole tensor as `like` holds it: this rank's rows as a DTensor where `like` is one.
 
     Example:
         >>> placed_like(torch.ones(2), torch.zeros(2), "w")
@@ -476,7 +483,7 @@ def placed_like(value: torch.Tensor, like: Any, path: str) -> Any:
 def read_for(
     path: str | os.PathLike[str], template: Mapping[str, Any], **read_args: Any
 ) -> tuple[Tree, dict[str, Any]]:
-    """Read a checkpoint for a template's leaves (path -> leaf), each DTensor of it by this rank's rows.
+    """Read a checkpoint for a template's leaves (path -> leaf), a DTensor by this rank's rows.
 
     Returns ``(tree, manifest)`` as `read_tree` does, the leaves the template shards or replicates
     as DTensors placed like the template's.

@@ -4,7 +4,7 @@ A `TrainState` is immutable, so a background save can write its CPU tensors wher
 the loop goes on: nothing to copy, and the caller is blocked only while the tree is walked.
 Three things keep that exactly as safe as a copy:
 
-* the tensors are held (`functrain.core.holds`): a step given the state with ``donate=True``
+* the tensors are held (`functrain.core.donation`): a step given the state with ``donate=True``
   waits until the save has written them;
 * the save keeps a reference to the state itself, so `fit`, which donates only the states
   nothing else holds, takes a pure step meanwhile;
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from functrain.core.holds import hold
+from functrain.core.donation import hold
 from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import tree_map
@@ -64,10 +64,11 @@ class Snapshot:
         changed = sum(1 for t, version in self._kept if t._version != version)
         if changed:
             raise CheckpointError(
-                f"{changed} tensor(s) of the state were changed in place while the async save was writing them; "
-                "the checkpoint was not committed (it would have mixed two states). Functrain's steps never "
-                "write into a state being saved: something else did. Call wait() on the manager before changing "
-                "a saved state's tensors in place, or save a state.clone()"
+                f"{changed} tensor(s) of the state were changed in place while the async save was "
+                "writing them; the checkpoint was not committed (it would have mixed two states). "
+                "Functrain's steps never write into a state being saved: something else did. Call "
+                "wait() on the manager before changing a saved state's tensors in place, or save "
+                "a state.clone()"
             )
 
 

@@ -1,7 +1,7 @@
 """Saving and loading a `TrainState` (or any tree): `save(state, path)`, `load(path, like=state)`.
 
-The file format lives in `functrain.checkpoint.format`; this module adds what a state needs on top: a
-fingerprint of its static parts (parameter names, shapes and dtypes, the transform and its
+The file format lives in `functrain.checkpoint.format`; this module adds what a state needs on top:
+a fingerprint of its static parts (parameter names, shapes and dtypes, the transform and its
 hyperparameters, precision and step options), and a load that checks every leaf against a template
 and reports all problems at once.
 """
@@ -19,6 +19,7 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
+from functrain import version
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
 from functrain.checkpoint.sharded import (
     agree,
@@ -29,7 +30,7 @@ from functrain.checkpoint.sharded import (
     read_for,
     write_sharded,
 )
-from functrain.core.state import TrainState, _unaliased
+from functrain.core.state import TrainState, unaliased
 from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -54,19 +55,19 @@ def _warn_versions(manifest: dict[str, Any], path: Any) -> None:
     """Warn when the checkpoint's versions differ from these where that can change results.
 
     torch: any other release (kernels change between patch releases too; a build label such as
-    ``+cpu`` does not count). functrain: another major or minor version (patch releases keep numerics).
+    ``+cpu`` does not count). functrain: another major or minor version (patch releases keep
+    numerics).
     """
-    from functrain import __version__
 
-    def key(name: str, version: str) -> tuple[str, ...]:
-        release = re.split(r"[+]", version)[0].split(".")
+    def key(name: str, number: str) -> tuple[str, ...]:
+        release = re.split(r"[+]", number)[0].split(".")
         return tuple(release[:2] if name == "functrain" else release)
 
     written = {
         "torch": manifest.get("torch_version"),
         "functrain": manifest.get("functrain_version"),
     }
-    running = {"torch": torch.__version__, "functrain": __version__}
+    running = {"torch": torch.__version__, "functrain": version.__version__}
     differ = [
         name
         for name, v in written.items()
@@ -74,9 +75,11 @@ def _warn_versions(manifest: dict[str, Any], path: Any) -> None:
     ]
     if differ:
         warnings.warn(
-            f"checkpoint {str(path)!r} was written by {' and '.join(f'{n} {written[n]}' for n in differ)}; this is "
-            f"{' and '.join(f'{n} {running[n]}' for n in differ)}: it loads, but kernels and defaults may differ, so training "
-            "on from it need not match bit for bit what the old versions would compute",
+            f"checkpoint {str(path)!r} was written by "
+            f"{' and '.join(f'{n} {written[n]}' for n in differ)}; this is "
+            f"{' and '.join(f'{n} {running[n]}' for n in differ)}: it loads, but kernels and "
+            "defaults may differ, so training on from it need not match bit for bit what the old "
+            "versions would compute",
             VersionWarning,
             stacklevel=3,
         )
@@ -133,16 +136,16 @@ def save(
         >>> torch.equal(restored.params["weight"], s.params["weight"])
         True
     """
-    from functrain import __version__
-
     tree, fp = (
         (state.tree(), fingerprint(state)) if isinstance(state, TrainState) else (state, None)
     )
     if has_dtensors(tree):
         return write_sharded(
-            path, tree, fingerprint=fp, metadata=metadata, library_version=__version__
+            path, tree, fingerprint=fp, metadata=metadata, library_version=version.__version__
         )
-    return write_tree(path, tree, fingerprint=fp, metadata=metadata, library_version=__version__)
+    return write_tree(
+        path, tree, fingerprint=fp, metadata=metadata, library_version=version.__version__
+    )
 
 
 def load(
@@ -234,8 +237,9 @@ def _load(
         and pytree.tree_is_leaf(like)
     ):
         raise ConfigError(
-            f"like={like!r} is a plain value, but checkpoint {str(path)!r} holds a tree with keys {sorted(tree)[:8]}: "
-            "pass like=state (a TrainState built as the saved one was), a tree of the same structure, or like=None for the raw tree"
+            f"like={like!r} is a plain value, but checkpoint {str(path)!r} holds a tree with keys "
+            f"{sorted(tree)[:8]}: pass like=state (a TrainState built as the saved one was), a "
+            "tree of the same structure, or like=None for the raw tree"
         )
     template = like.tree() if isinstance(like, TrainState) else like
     grown: dict[str, Any] = {}
@@ -265,7 +269,7 @@ def _load(
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
     values = []
-    for (key_path, expected), (path_key, _) in zip(
+    for (_key_path, expected), (path_key, _) in zip(
         flat, leaves_by_path(template).items(), strict=True
     ):
         value = got[path_key]
@@ -308,7 +312,7 @@ _driver_checks: list[Callable[[Any], list[str]]] = []
 
 
 def register_driver_check(check: Callable[[Any], list[str]]) -> None:
-    """Have `load` (into a `TrainState`) refuse a ``state.driver`` for which `check` lists problems."""
+    """Have `load` into a `TrainState` refuse a ``state.driver`` in which `check` finds problems."""
     if check not in _driver_checks:
         _driver_checks.append(check)
 
@@ -318,8 +322,8 @@ def _check_driver(path: str | os.PathLike[str], driver: Any) -> None:
     problems = [problem for check in _driver_checks for problem in check(driver)]
     if problems:
         raise CheckpointCorruptError(
-            f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot resume from:\n  - "
-            + "\n  - ".join(problems)
+            f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot "
+            "resume from:\n  - " + "\n  - ".join(problems)
         )
 
 
@@ -335,11 +339,13 @@ def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> lis
     problems = []
     if saved.get("transform") != current["transform"]:
         problems.append(
-            f"optimizer differs: checkpoint has {saved.get('transform')!r}, template has {current['transform']!r}"
+            f"optimizer differs: checkpoint has {saved.get('transform')!r}, template has "
+            f"{current['transform']!r}"
         )
     if saved.get("options") != current["options"]:
         problems.append(
-            f"step options differ: checkpoint has {saved.get('options')!r}, template has {current['options']!r}"
+            f"step options differ: checkpoint has {saved.get('options')!r}, template has "
+            f"{current['options']!r}"
         )
     return problems
 
@@ -355,11 +361,13 @@ def _check_map_location(map_location: Any) -> None:
         device = None
     if device is None:
         raise ConfigError(
-            f"map_location must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got {map_location!r}"
+            "map_location must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got "
+            f"{map_location!r}"
         )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"map_location={map_location!r} names a CUDA device, but CUDA is not available here: pass map_location='cpu'"
+            f"map_location={map_location!r} names a CUDA device, but CUDA is not available here: "
+            "pass map_location='cpu'"
         )
 
 
@@ -400,15 +408,19 @@ def load_weights(
         >>> import tempfile, functrain as ft
         >>> loss = lambda m, b: m(b).sum()
         >>> old = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss)
-        >>> path = ft.save(ft.train_step(old, torch.ones(4, 2))[0], Path(tempfile.mkdtemp()) / "ckpt")
-        >>> new = ft.load_weights(path, into=ft.TrainState.create(torch.nn.Linear(2, 1), ft.adamw(1e-4), loss))
-        >>> int(new.step), new.optimizer.name.split("(")[0], torch.equal(new.params["bias"], ft.load(path)[0]["params"]["bias"])
+        >>> trained = ft.train_step(old, torch.ones(4, 2))[0]
+        >>> path = ft.save(trained, Path(tempfile.mkdtemp()) / "ckpt")
+        >>> template = ft.TrainState.create(torch.nn.Linear(2, 1), ft.adamw(1e-4), loss)
+        >>> new = ft.load_weights(path, into=template)
+        >>> same_bias = torch.equal(new.params["bias"], ft.load(path)[0]["params"]["bias"])
+        >>> int(new.step), new.optimizer.name.split("(")[0], same_bias
         (0, 'adamw', True)
     """
     tree, manifest = read_tree(path)
     if not isinstance(tree, dict) or any(not isinstance(tree.get(k), dict) for k in _MODEL_FIELDS):
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not hold a TrainState (params, frozen, buffers): save one with functrain.save(state, path)"
+            f"checkpoint {str(path)!r} does not hold a TrainState (params, frozen, buffers): save "
+            "one with functrain.save(state, path)"
         )
     _warn_versions(manifest, path)
     saved = {"params": {**tree["params"], **tree["frozen"]}, "buffers": tree["buffers"]}
@@ -436,7 +448,7 @@ def load_weights(
         }
 
     params = take("params", "params")
-    return _unaliased(
+    return unaliased(
         into.replace(
             params=params,
             frozen=take("frozen", "params"),
@@ -447,7 +459,10 @@ def load_weights(
     )
 
 
-_STRICT_HINT = "\n(with strict=False, tensors missing from the checkpoint keep the state's values and extra ones are ignored)"
+_STRICT_HINT = (
+    "\n(with strict=False, tensors missing from the checkpoint keep the state's values and extra "
+    "ones are ignored)"
+)
 
 
 def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
@@ -462,11 +477,12 @@ def _mismatch_fix(tree: Any, like: TrainState, path: Any) -> str:
     wanted = {**like.params, **like.frozen, **{f"buffer {k}": v for k, v in like.buffers.items()}}
     if compare_to_template(saved, wanted):
         return (
-            "\nthe model's weights differ (names, shapes or dtypes): this checkpoint cannot be loaded into this model; "
-            "build the model the checkpoint was saved from"
+            "\nthe model's weights differ (names, shapes or dtypes): this checkpoint cannot be "
+            "loaded into this model; build the model the checkpoint was saved from"
         )
     return (
-        "\nthe weights fit: to train them with this state's optimizer, hyperparameters and options, start a new state "
-        "(step 0, fresh optimizer state) from them with functrain.load_weights, `state` being the template passed as like=:"
-        + _WARM_START.format(path=repr(str(path)))
+        "\nthe weights fit: to train them with this state's optimizer, hyperparameters and "
+        "options, start a new state "
+        "(step 0, fresh optimizer state) from them with functrain.load_weights, `state` "
+        "being the template passed as like=:" + _WARM_START.format(path=repr(str(path)))
     )

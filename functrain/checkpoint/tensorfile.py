@@ -8,13 +8,11 @@ Why not the ``safetensors`` package's own parser: a checkpoint read must check t
 the manifest before touching the data, hash every byte once, and hand the tensors out as views of
 the bytes it hashed. The package offers either `safe_open` (it maps the file and reads lazily:
 verifying would be a second pass over the bytes) or `load(bytes)` (a copy of the whole file into a
-`bytes` object, then a copy of every tensor out of it). Nor does it bound what
-a crafted file costs or turn every malformed shape into its own error. Measured here (torch 2.13,
-safetensors 0.7, one process each, a crafted 81 MiB header of 1.4 million zero-size entries): peak
-memory over the start, `safe_open` 1.2 GiB, `load_file` 2.0 GiB (87 s); a zero-size tensor of shape
-``[0, 2**63]`` escapes `load` as a raw `TypeError`, as it did this parser before its dimensions
-were bounded. What the package gives that this module must match is its exact bytes, which the
-tests check against `safetensors.torch.save`.
+`bytes` object, then a copy of every tensor out of it). Nor does it bound what a crafted file
+costs (a crafted header of many zero-size entries takes it gigabytes of memory) or turn every
+malformed shape into its own error: a zero-size tensor of shape ``[0, 2**63]`` escapes `load` as a
+raw `TypeError` (figures in ``benchmarks/README.md``). What the package gives that this module must
+match is its exact bytes, which the tests check against `safetensors.torch.save`.
 """
 
 from __future__ import annotations
@@ -32,9 +30,11 @@ from functrain.errors import CheckpointCorruptError
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_RANK = 64
 # the largest product of a shape's dimensions (zeros counted as 1): torch computes strides and the
-# storage size from it in int64, so a zero-size tensor of shape [2**40, 2**40, 0] must be refused too
+# storage size from it in int64, so a zero-size tensor of shape [2**40, 2**40, 0] must be refused
+# too
 MAX_SPAN = 1 << 62
-_CHUNK = 8 << 20
+# the bytes written, read or hashed at a time
+CHUNK = 8 << 20
 # What parsing a JSON text (a header, a manifest) may cost in memory, estimated before parsing it:
 # Python objects cost up to 25 times their text ("{}" is 2 bytes, an empty dict 64 plus its slot).
 # Real files estimate at 4 to 10 times their size; 512 MiB admits a manifest of a state with a
@@ -69,37 +69,43 @@ _CODES = (
 )
 _RANK = {code: i for i, code in enumerate(_CODES)}
 _TORCH_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16", "U16": "uint16", "F16": "float16",
-    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
+    "BOOL": "bool", "U8": "uint8", "I8": "int8",
+    "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+    "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64",
+    "F64": "float64", "I64": "int64", "U64": "uint64",
 }  # fmt: skip
-_DTYPE_OF = {
+# safetensors dtype code -> torch dtype, for the dtypes this torch has
+DTYPE_OF = {
     code: getattr(torch, name) for code, name in _TORCH_NAMES.items() if hasattr(torch, name)
 }
-_CODE_OF = {dtype: code for code, dtype in _DTYPE_OF.items()}
+CODE_OF = {dtype: code for code, dtype in DTYPE_OF.items()}
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The memory of a CPU tensor that fills its storage in row-major order, as bytes, without a copy."""
+def bytes_of(t: torch.Tensor) -> memoryview:
+    """The memory of a CPU tensor filling its storage in row-major order, as bytes, not copied."""
     if not t.numel():
         return memoryview(b"")
     # not reshape(-1): a one-element view may keep any stride, and view(uint8) wants stride 1
-    return memoryview(t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy())
+    flat = t.as_strided((t.numel(),), (1,)).view(torch.uint8)
+    # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
+    return memoryview(flat.numpy())  # type: ignore[arg-type]
 
 
-def _safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
+def safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
     """A safetensors file as the buffers to write in order: the header, then the tensors' memory.
 
     The bytes are exactly those of ``safetensors.torch.save(tensors)``: tensors by descending
     dtype code then by name, offsets back to back, the JSON header padded with spaces to 8 bytes.
     """
-    ordered = sorted(tensors.items(), key=lambda kv: (-_RANK[_CODE_OF[kv[1].dtype]], kv[0]))
+    ordered = sorted(tensors.items(), key=lambda kv: (-_RANK[CODE_OF[kv[1].dtype]], kv[0]))
     header: dict[str, Any] = {}
     offset = 0
     for name, t in ordered:
         nbytes = t.numel() * t.element_size()
         header[name] = {
-            "dtype": _CODE_OF[t.dtype],
+            "dtype": CODE_OF[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -108,35 +114,37 @@ def _safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]
     text += b" " * (-len(text) % 8)
     chunks, small = [], bytearray(struct.pack("<Q", len(text)) + text)
     for _, t in ordered:
-        view = _bytes_of(t)
-        if len(view) < _CHUNK // 8:
+        view = bytes_of(t)
+        if len(view) < CHUNK // 8:
             small += view  # many small tensors: one write and one hash update for them all
             continue
         if small:
             chunks.append(memoryview(small))
             small = bytearray()
-        chunks += [view[i : i + _CHUNK] for i in range(0, len(view), _CHUNK)]
+        chunks += [view[i : i + CHUNK] for i in range(0, len(view), CHUNK)]
     if small:
         chunks.append(memoryview(small))
     return chunks
 
 
 def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Validate a whole safetensors file (bytes in a uint8 tensor); the tensors are views of `data`."""
-    buf = memoryview(data.numpy())
+    """Validate a whole safetensors file (a uint8 tensor); the tensors are views of `data`."""
+    # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
+    buf = memoryview(data.numpy())  # type: ignore[arg-type]
     if len(buf) < 8:
         raise CheckpointCorruptError(f"{name}: {len(buf)} bytes, too short for a safetensors file")
-    n = _header_length(name, bytes(buf[:8]), len(buf), MAX_HEADER_BYTES)
-    entries = _parse_header(name, bytes(buf[8 : 8 + n]), len(buf) - 8 - n)
-    return _tensors_of(entries, data[8 + n :])
+    n = header_length(name, bytes(buf[:8]), len(buf), MAX_HEADER_BYTES)
+    entries = parse_header(name, bytes(buf[8 : 8 + n]), len(buf) - 8 - n)
+    return tensors_of(entries, data[8 + n :])
 
 
-def _header_length(name: str, prefix: bytes, file_bytes: int, limit: int) -> int:
+def header_length(name: str, prefix: bytes, file_bytes: int, limit: int) -> int:
     """The header length the file's first 8 bytes declare, checked against the file and `limit`."""
     (n,) = struct.unpack("<Q", prefix)
     if n > min(file_bytes - 8, limit):
         raise CheckpointCorruptError(
-            f"{name}: header length {n} exceeds the file ({file_bytes} bytes) or the limit of {limit}"
+            f"{name}: header length {n} exceeds the file ({file_bytes} bytes) or the limit of "
+            f"{limit}"
         )
     return n
 
@@ -144,7 +152,7 @@ def _header_length(name: str, prefix: bytes, file_bytes: int, limit: int) -> int
 Entry = tuple[int, int, str, torch.dtype, list[int]]
 
 
-def _parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
+def parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
     """Validate a safetensors header as strictly as the safetensors library does.
 
     Returns the entries ``(begin, end, key, dtype, shape)`` sorted by offset, which tile the
@@ -156,8 +164,8 @@ def _parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
             raise ValueError("the header does not start with '{'")
         header = json.loads(
             text.decode("utf-8"),
-            object_pairs_hook=_unique_keys(name),
-            parse_constant=_no_constants(name),
+            object_pairs_hook=unique_keys(name),
+            parse_constant=no_constants(name),
         )
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
@@ -175,7 +183,8 @@ def _parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
     for begin, stop, key, _, _ in entries:
         if begin != end:
             raise CheckpointCorruptError(
-                f"{name}: tensor {key[:100]!r} starts at byte {begin} of the data, expected {end} (gap or overlap)"
+                f"{name}: tensor {key[:100]!r} starts at byte {begin} of the data, expected {end} "
+                "(gap or overlap)"
             )
         end = stop
     if end != data_len:
@@ -185,7 +194,7 @@ def _parse_header(name: str, text: bytes, data_len: int) -> list[Entry]:
     return entries
 
 
-def _tensors_of(entries: list[Entry], data: torch.Tensor) -> dict[str, torch.Tensor]:
+def tensors_of(entries: list[Entry], data: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors of a parsed header as views of `data` (the bytes after the header, uint8)."""
     array = data.numpy()
     tensors = {}
@@ -197,7 +206,8 @@ def _tensors_of(entries: list[Entry], data: torch.Tensor) -> dict[str, torch.Ten
             tensors[key] = torch.frombuffer(
                 array, dtype=dtype, count=(stop - begin) // size, offset=begin
             ).view(shape)
-        else:  # misaligned (never written so, but valid): copy rather than hand kernels a misaligned view
+        # misaligned (never written so, but valid): copy rather than hand kernels a misaligned view
+        else:
             tensors[key] = torch.frombuffer(bytearray(array[begin:stop]), dtype=dtype).view(shape)
     return tensors
 
@@ -208,7 +218,7 @@ def _entry(key: str, info: Any) -> tuple[int, int, str, torch.dtype, list[int]]:
             f"tensor {key[:100]!r}: expected dtype, shape and data_offsets, got {str(info)[:100]}"
         )
     dtype, shape, offsets = (
-        _DTYPE_OF.get(info["dtype"]) if isinstance(info["dtype"], str) else None,
+        DTYPE_OF.get(info["dtype"]) if isinstance(info["dtype"], str) else None,
         info["shape"],
         info["data_offsets"],
     )
@@ -220,9 +230,10 @@ def _entry(key: str, info: Any) -> tuple[int, int, str, torch.dtype, list[int]]:
         or not all(type(d) is int and 0 <= d <= MAX_SPAN for d in shape)
     ):
         raise ValueError(
-            f"tensor {key[:100]!r}: invalid shape {str(shape)[:100]} (dimensions are ints in [0, 2**62], at most {MAX_RANK} of them)"
+            f"tensor {key[:100]!r}: invalid shape {str(shape)[:100]} (dimensions are ints in [0, "
+            f"2**62], at most {MAX_RANK} of them)"
         )
-    if _span(shape) > MAX_SPAN:
+    if span_of(shape) > MAX_SPAN:
         raise ValueError(
             f"tensor {key[:100]!r}: shape {str(shape)[:100]} spans more than 2**62 elements"
         )
@@ -235,12 +246,13 @@ def _entry(key: str, info: Any) -> tuple[int, int, str, torch.dtype, list[int]]:
         raise ValueError(f"tensor {key[:100]!r}: invalid data_offsets {str(offsets)[:100]}")
     if _nbytes(shape, dtype.itemsize, limit=offsets[1] - offsets[0]) != offsets[1] - offsets[0]:
         raise ValueError(
-            f"tensor {key[:100]!r}: shape {str(shape)[:100]} does not fit {offsets[1] - offsets[0]} bytes"
+            f"tensor {key[:100]!r}: shape {str(shape)[:100]} does not fit "
+            f"{offsets[1] - offsets[0]} bytes"
         )
     return offsets[0], offsets[1], key, dtype, shape
 
 
-def _span(shape: list[int]) -> int:
+def span_of(shape: list[int]) -> int:
     """The product of the dimensions, zeros counted as 1, or MAX_SPAN + 1 once that is exceeded."""
     n = 1
     for d in shape:
@@ -262,7 +274,7 @@ def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
     return n
 
 
-def json_cost(text: bytes) -> int:
+def json_cost(text: bytes | bytearray) -> int:
     """An upper bound on the memory `json.loads` takes to parse `text` (with the hooks used here).
 
     Counted from the structural characters, which bound how many Python objects the parse makes:
@@ -281,18 +293,21 @@ def json_cost(text: bytes) -> int:
     )
 
 
-def check_json_cost(name: str, text: bytes, limit: int | None = None) -> None:
+def check_json_cost(name: str, text: bytes | bytearray, limit: int | None = None) -> None:
     """Refuse `text` before parsing when parsing it could take more than `limit` bytes of memory."""
     limit = MAX_JSON_MEMORY if limit is None else limit
     cost = json_cost(text)
     if cost > limit:
         raise CheckpointCorruptError(
-            f"{name}: parsing its {len(text)} bytes of JSON could take {cost >> 20} MiB of memory, over the limit of {limit >> 20} MiB "
-            "(a real checkpoint's JSON takes 4 to 10 times its size; this one is made of tiny containers)"
+            f"{name}: parsing its {len(text)} bytes of JSON could take {cost >> 20} MiB of memory, "
+            f"over the limit of {limit >> 20} MiB (a real checkpoint's JSON takes 4 to 10 times "
+            "its size; this one is made of tiny containers)"
         )
 
 
-def _unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+def unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A JSON ``object_pairs_hook`` refusing a key repeated in an object of file `name`."""
+
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in pairs:
@@ -304,14 +319,18 @@ def _unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]
     return hook
 
 
-def _no_constants(name: str) -> Callable[[str], Any]:
+def no_constants(name: str) -> Callable[[str], Any]:
+    """A JSON ``parse_constant`` refusing ``NaN`` and ``Infinity`` in file `name`."""
+
     def hook(constant: str) -> Any:
         raise CheckpointCorruptError(f"{name}: non-standard JSON constant {constant}")
 
     return hook
 
 
-def _finite_float(name: str) -> Callable[[str], float]:
+def finite_float(name: str) -> Callable[[str], float]:
+    """A JSON ``parse_float`` refusing a number that overflows to infinity in file `name`."""
+
     def hook(text: str) -> float:
         value = float(text)
         if not math.isfinite(value):

@@ -1,4 +1,4 @@
-"""A resolved config built into a run: the model, loss, optimizer, data, callbacks and `fit` arguments.
+"""A resolved config built into a run: model, loss, optimizer, data, callbacks, `fit` arguments.
 
 The layout (every section but ``model``, ``loss``, ``optimizer`` and ``data.train`` optional; other
 top-level keys are free, for interpolation: ``lr``, ``epochs``)::
@@ -10,7 +10,8 @@ top-level keys are free, for interpolation: ``lr``, ``epochs``)::
     state:     {seed: 0, ema_decay: 0.99}         # TrainState.create's keywords
     data:      {train: {_target_: ...}, eval: ..., test: ...}
     callbacks: [{_target_: functrain.LRMonitor}]
-    fit:       {max_epochs: 15, early_stopping: {_target_: functrain.EarlyStopping, target: val_loss}}
+    fit:       {max_epochs: 15, early_stopping: {_target_: functrain.EarlyStopping, target:
+        val_loss}}
 
 Each section is built with ``hydra.utils.instantiate(..., _convert_="all")``: the objects it makes
 stay objects (an attrs `EarlyStopping` is not turned into a ``DictConfig``) and the containers
@@ -29,7 +30,7 @@ import inspect
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import torch
@@ -41,7 +42,7 @@ from functrain.driver.arguments import fit_problems
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.run_config import config_option_problems, json_config
 from functrain.errors import ConfigError
-from functrain.optim.transform import Transform
+from functrain.optim.base import Transform
 
 __all__ = ["ConfiguredRun", "build_run", "SECTIONS"]
 
@@ -78,7 +79,8 @@ class ConfiguredRun:
     config: dict[str, Any]
 
     def fit(self, **overrides: Any) -> FitResult:
-        """`functrain.fit` with this run's data, arguments and config; `overrides` replace arguments."""
+        """`functrain.fit` with this run's data, arguments and config; `overrides` replace
+        arguments."""
         kwargs = {
             "eval_data": self.eval_data,
             "test_data": self.test_data,
@@ -118,11 +120,12 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
         >>> run = build_run(cfg)
         >>> int(run.fit().state.step)
         4
-        >>> build_run({**cfg, "optimizer": {"_target_": "functrain.sgd", "lr": 0.1, "momentun": 0.9}})
+        >>> typo = {"_target_": "functrain.sgd", "lr": 0.1, "momentun": 0.9}
+        >>> build_run({**cfg, "optimizer": typo})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         functrain.errors.ConfigError: invalid run config:
-          - optimizer.momentun: functrain.sgd takes no argument 'momentun' (did you mean 'momentum'?); it takes lr, momentum, ...
+          - optimizer.momentun: functrain.sgd takes no argument 'momentun' (did you mean ...
     """
     plain, problems = json_config(config, "config")
     if plain is None:
@@ -156,15 +159,14 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
         _refuse([f"state: {e}"])
     fit_kwargs = {**(built.get("fit") or {}), "callbacks": built.get("callbacks") or []}
     data = {k: built.get(f"data.{k}") for k in _DATA}
-    problems = _fit_problems(
-        state, data, fit_kwargs
-    )  # fit's own checks, now rather than when it runs
+    # fit's own checks, now rather than when it runs
+    problems = _fit_problems(state, data, fit_kwargs)
     if problems:
         _refuse(problems)
     return ConfiguredRun(state, data["train"], data["eval"], data["test"], fit_kwargs, plain)
 
 
-def _refuse(problems: list[str]) -> Any:
+def _refuse(problems: list[str]) -> NoReturn:
     raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
 
 
@@ -180,7 +182,8 @@ def _select(config: dict[str, Any], key: str) -> Any:
     return node
 
 
-# -- the checks before anything is built ------------------------------------------------------------
+# -- the checks before anything is built
+# ------------------------------------------------------------
 
 
 def _layout_problems(config: dict[str, Any]) -> list[str]:
@@ -189,7 +192,8 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     for key in ("model", "loss", "optimizer"):
         if not (isinstance(config.get(key), dict) and "_target_" in config[key]):
             p.append(
-                f"{key}: expected a mapping with a _target_ (the {_ROLE[key]}), got {_got(config.get(key, _MISSING))}"
+                f"{key}: expected a mapping with a _target_ (the {_ROLE[key]}), got "
+                f"{_got(config.get(key, _MISSING))}"
             )
     data = config.get("data", _MISSING)
     if not isinstance(data, dict) or data.get("train") is None:
@@ -233,7 +237,8 @@ def _keyword_problems(
             p.append(f"{section}.{key}: set by {where}, not here")
         elif key not in names:
             p.append(
-                f"{section}.{key}: {fn.__qualname__} takes no argument {key!r}{_suggest(key, names)}"
+                f"{section}.{key}: {fn.__qualname__} takes no argument "
+                f"{key!r}{_suggest(key, names)}"
             )
     return p
 
@@ -287,7 +292,8 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             return [
-                f"{key}.{k}: {path} takes no argument {k!r}{_suggest(k, names)}; it takes {', '.join(names)}"
+                f"{key}.{k}: {path} takes no argument {k!r}{_suggest(k, names)}; it takes "
+                f"{', '.join(names)}"
                 for k in unknown
             ]
     try:
@@ -299,7 +305,8 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
             else ""
         )
         return [
-            f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes {', '.join(names) or 'no arguments'}{hint}"
+            f"{key or 'config'}: {path} cannot be called with these arguments: {e}; it takes "
+            f"{', '.join(names) or 'no arguments'}{hint}"
         ]
     return []
 
@@ -348,7 +355,8 @@ def _cause(error: BaseException) -> str:
 
 
 def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str, Any]) -> list[str]:
-    """`fit`'s argument checks on what the config gives it, each problem keyed by the argument it names."""
+    """`fit`'s argument checks on what the config gives it, each problem keyed by the argument it
+    names."""
     kw = {
         n: p.default
         for n, p in inspect.signature(fit).parameters.items()

@@ -1,4 +1,4 @@
-"""The ``functrain`` command: ``functrain run CONFIG [override ...]`` (also ``python -m functrain run``).
+"""The ``functrain`` command, ``functrain run CONFIG [override ...]`` or ``python -m functrain``.
 
 It composes the config with the overrides (Hydra's grammar: ``key=value``, ``+key=value``,
 ``~key``), builds the run, trains it with `fit` (the resolved config saved with every checkpoint)
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``functrain`` command with `argv` (default: ``sys.argv[1:]``); return its exit status."""
+    """Run the ``functrain`` command with `argv` (default: ``sys.argv[1:]``); return its exit
+    status."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)  # overrides after a flag come back here
     unknown = [r for r in rest if r.startswith("-")]
@@ -72,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _summary(result: FitResult) -> str:
     lines = [
-        f"stopped: {result.stop_reason} after {int(result.state.step)} updates, {int(result.state.epoch)} epochs"
+        f"stopped: {result.stop_reason} after {int(result.state.step)} updates, "
+        f"{int(result.state.epoch)} epochs"
     ]
     if result.checkpoints.get("best") is not None:
         lines.append(f"best checkpoint: {result.checkpoints['best']}")

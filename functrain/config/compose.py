@@ -48,7 +48,8 @@ def register_resolvers() -> None:
     Example:
         >>> from omegaconf import OmegaConf
         >>> register_resolvers()
-        >>> OmegaConf.create({"steps": "${ft.ceil_div:1257,64}", "total": "${ft.mul:${steps},15}"}).total
+        >>> cfg = {"steps": "${ft.ceil_div:1257,64}", "total": "${ft.mul:${steps},15}"}
+        >>> OmegaConf.create(cfg).total
         300
     """
     from omegaconf import OmegaConf
@@ -65,12 +66,13 @@ def register_resolvers() -> None:
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Compose the YAML file at `path` with Hydra overrides and resolve it into plain dicts and lists.
+    """Compose the YAML file at `path` with Hydra overrides, resolved into plain dicts and lists.
 
     Args:
         path: a ``.yaml`` file; its folder is Hydra's config directory (config groups and the
             defaults list are looked up there).
-        overrides: Hydra overrides, e.g. ``["fit.max_epochs=1", "+fit.save_every=10", "~data.test"]``.
+        overrides: Hydra overrides, e.g. ``["fit.max_epochs=1", "+fit.save_every=10",
+            "~data.test"]``.
 
     Returns:
         The resolved config.
@@ -97,7 +99,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     bad = [o for o in overrides if not isinstance(o, str)]
     if bad:
         raise ConfigError(
-            f"overrides must be strings in Hydra's grammar (key=value, +key=value, ~key), got {bad!r}"
+            "overrides must be strings in Hydra's grammar (key=value, +key=value, ~key), got "
+            f"{bad!r}"
         )
     with hydra.initialize_config_dir(
         config_dir=str(file.parent.resolve()), version_base="1.3", job_name="functrain"
@@ -107,7 +110,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         except (hydra.errors.HydraException, omegaconf.errors.OmegaConfBaseException) as e:
             cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
             raise ConfigError(
-                f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: {_one_line(e)}{cause}"
+                f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: "
+                f"{_one_line(e)}{cause}"
             ) from None
     try:
         resolved = omegaconf.OmegaConf.to_container(composed, resolve=True)
@@ -116,7 +120,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(
             f"config key {dotted(key)}: cannot resolve its value: {_one_line(e)}"
         ) from None
-    return resolved  # type: ignore[return-value]
+    return resolved
 
 
 def dotted(key: str) -> str:

@@ -1,4 +1,4 @@
-"""Run a module on tensors that are not its own: `torch.func.functional_call`, with a fast eager path.
+"""Run a module on tensors that are not its own: `torch.func.functional_call`, fast eagerly.
 
 `functional_call` rediscovers the module's structure on every call (every submodule, every tied
 weight), which costs about as much as the forward pass of a small MLP. The eager path here does
@@ -11,19 +11,20 @@ A plan is dropped when any module anywhere registers a submodule, parameter or b
 global registration hooks), so a model whose structure changed after its first step is planned
 anew. Calls whose tensor names differ from the plan's, and calls under ``torch.compile`` (which
 traces `functional_call` itself), take `functional_call`.
+
+`BoundModel` is what the loss function receives: the module bound to a state's tensors.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_impl
 
-__all__ = ["call_with"]
+__all__ = ["BoundModel", "call_with"]
 
 # (slot dict, local name, tensor name) per slot, and the set of tensor names the plan covers
 _Plan = tuple[tuple[tuple[dict, str, str], ...], frozenset[str]]
@@ -59,7 +60,7 @@ def _make_plan(module: nn.Module) -> _Plan:
 
 
 def call_with(
-    module: nn.Module, tensors: Mapping[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]
+    module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]
 ) -> Any:
     """``module(*args, **kwargs)`` with its parameters and buffers replaced by `tensors` (by name).
 
@@ -68,7 +69,8 @@ def call_with(
 
     Example:
         >>> lin = torch.nn.Linear(2, 1)
-        >>> out = call_with(lin, {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, (torch.ones(1, 2),), {})
+        >>> tensors = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+        >>> out = call_with(lin, tensors, (torch.ones(1, 2),), {})
         >>> out.item(), lin.weight.shape
         (2.0, torch.Size([1, 2]))
     """
@@ -88,3 +90,18 @@ def call_with(
     finally:
         for (table, local, _), original in zip(slots, saved, strict=True):
             table[local] = original
+
+
+class BoundModel:
+    """The user's module bound to a state's tensors: calling it runs the module on them.
+
+    Equivalent to `torch.func.functional_call` (which it is under ``torch.compile``); eagerly it
+    swaps the tensors in from a plan made once per module (`call_with`).
+    """
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.module = module
+        self._tensors = tensors
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return call_with(self.module, self._tensors, args, kwargs)

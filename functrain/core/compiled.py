@@ -1,16 +1,16 @@
-"""`compile_step`: `train_step` under torch.compile, with less work around the compiled graph per call.
+"""`compile_step`: `train_step` under torch.compile, with less work around the graph per call.
 
-``torch.compile(functrain.train_step)`` works, but on a small model a good part of each call goes to
-torch.compile's bookkeeping rather than to the graph: dynamo evaluates guards on everything the
+``torch.compile(functrain.train_step)`` works, but on a small model a good part of each call goes
+to torch.compile's bookkeeping rather than to the graph: dynamo evaluates guards on everything the
 step reads (the state's structure, every transform's closure, the module's attributes) in four
 frames, because the RNG swap around the graph breaks the step into pieces.
 
-`compile_step` compiles only the step body, once per static configuration of the state (module,
-loss function, transform, options, parameter names). The RNG swap and the state's rebuilding run
-as plain Python around it, and the compiled body keeps only the guards that can change between
-calls of one configuration: the tensors' shapes, dtypes and devices, everything about the batch,
-and torch's global state (grad mode, autocast, ...). The static parts are checked by identity in
-Python before the call instead.
+`compile_step` compiles only the step body (`functrain.core.body`), once per static
+configuration of the state (module, loss function, transform, options, parameter names). The RNG
+swap and the state's rebuilding run as plain Python around it, and the compiled body keeps only
+the guards that can change between calls of one configuration: the tensors' shapes, dtypes and
+devices, everything about the batch, and torch's global state (grad mode, autocast, ...). The
+static parts are checked by identity in Python before the call instead.
 
 The price of dropping those guards: the module must not be changed in place after its first
 compiled step (say, a dropout probability or an attribute its forward reads); build a new state
@@ -20,72 +20,44 @@ A sharded state (``sharding="optimizer"`` or ``"full"``) compiles less: only its
 whose backward AOTAutograd compiles with it. `torch.func.grad`, which the whole compiled body
 differentiates with, unwraps DTensor parameters into plain tensors (their gather then fails), and
 `torch.autograd.grad` cannot be traced; so the gradients are taken eagerly through the compiled
-loss, and the collectives and the update run as in the eager step (`_sharded_core`).
+loss, and the collectives and the update run as in the eager step (`_sharded_body`).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from functrain.core.holds import wait_until_unheld
-from functrain.core.state import TrainState
-from functrain.core.step import (
-    _SWEEP_ALONE,
-    _apply,
-    _call_loss,
-    _donated_core,
-    _enter,
-    _gradients,
-    _leave,
-    _leave_with,
-    _loss_scale,
-    _retire,
-    _train_core,
+from functrain.core.body import (
+    SWEEP_ALONE,
+    Parts,
+    apply,
+    call_loss,
+    gradients,
+    loss_scale,
+    train_body,
 )
+from functrain.core.donation import donated, retire, wait_until_unheld
+from functrain.core.scope import enter, leave, leave_with
+from functrain.core.stacked import member_function, stacked_train_step, vmapped
+from functrain.core.state import TrainState
+from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError
+from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["compile_step", "CompiledStep"]
 
-_STATIC = ("module", "loss_fn", "tx", "options", "dist", "averager", "grad_stats")
 _serial = itertools.count()
-
-
-class _View:
-    """What `_train_core` reads of a state, assembled inside the compiled body (an attrs state is not traceable)."""
-
-    def __init__(
-        self,
-        statics: dict[str, Any],
-        params: Any,
-        frozen: Any,
-        buffers: Any,
-        opt_state: Any,
-        ema_state: Any,
-        counters: tuple,
-    ) -> None:
-        self.module = statics["module"]
-        self.loss_fn = statics["loss_fn"]
-        self.tx = statics["tx"]
-        self.options = statics["options"]
-        self.dist = statics["dist"]
-        self.averager = statics["averager"]
-        self.grad_stats = statics["grad_stats"]
-        self.device = statics["device"]
-        self.params = params
-        self.frozen = frozen
-        self.buffers = buffers
-        self.opt_state = opt_state
-        self.ema_state = ema_state
-        self.step, self.micro_step, self.epoch_step, self.samples_seen, self.skipped = counters
+_DONATED = "a compiled step (compile_step) with donate=True"
 
 
 def _keep_guard(entry: Any) -> bool:
@@ -98,7 +70,7 @@ def _guard_filter(entries: list[Any]) -> list[bool]:
 
 
 class CompiledStep:
-    """The function `compile_step` returns: ``step(state, batch, *, donate=False) -> (state, metrics)``.
+    """What `compile_step` returns: ``step(state, batch, *, donate=False) -> (state, metrics)``.
 
     ``donate=True`` is `train_step`'s: the caller gives `state` up, the step's results are written
     into its tensors (a graph of its own, whose outputs are copies into its inputs, which inductor
@@ -117,14 +89,16 @@ class CompiledStep:
             mode=mode,
             options={**options, "guard_filter_fn": _guard_filter},
         )
-        self._cores: dict[tuple, tuple[tuple, Callable[..., Any]]] = {}
+        # per configuration: the objects its key holds by id (kept alive), and what was compiled
+        self._cores: dict[tuple, tuple[tuple, Any]] = {}
 
     def __call__(
         self, state: TrainState, batch: Any, *, donate: bool = False
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         if not isinstance(state, TrainState):
             raise ConfigError(
-                f"a compiled step expects a functrain.TrainState as its first argument, got {type(state).__name__}"
+                "a compiled step expects a functrain.TrainState as its first argument, "
+                f"got {type(state).__name__}"
             )
         state.check_live("a compiled step")
         if state.step.ndim:
@@ -141,9 +115,10 @@ class CompiledStep:
             state.samples_seen,
             state.skipped,
         )
-        scope = _enter(state, True)
+        scope = enter(state, True)
         try:
-            # zeros a fresh state holds without storage get it here: one graph for every call's layout
+            # zeros a fresh state holds without storage get it here: one graph for every call's
+            # layout
             new, metrics = core(
                 state.params,
                 state.frozen,
@@ -154,25 +129,20 @@ class CompiledStep:
                 batch,
             )
         except BaseException:
-            _leave(scope)
+            leave(scope)
             raise
-        new_state = _leave_with(scope, state, new)
+        new_state = leave_with(scope, state, new)
         if donate:
-            state.retire("a compiled step (compile_step) with donate=True")
+            state.retire(_DONATED)
         return new_state, metrics
 
     def _stacked(
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """A stacked state (`functrain.stack`): the vmapped step body compiled, once per configuration and member count."""
-        from functrain.core.ensemble import (
-            _parts,
-            _statics,
-            member_function,
-            stacked_train_step,
-            vmapped,
-        )
+        """A stacked state (`functrain.stack`): the vmapped step body compiled.
 
+        Once per configuration and member count.
+        """
         owners = (state.module, state.loss_fn, state.optimizer)
         key = (
             *map(id, owners),
@@ -185,7 +155,7 @@ class CompiledStep:
         )
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
-            fn, out = member_function(_statics(state), _parts(state), _train_core)
+            fn, out = member_function(statics_of(state), parts_of(state), train_body)
             run = vmapped(fn)
 
             def body(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
@@ -199,43 +169,46 @@ class CompiledStep:
             )
         result = stacked_train_step(state, batch, compiled=found[1])
         if donate:
-            state.retire("a compiled step (compile_step) with donate=True")
+            state.retire(_DONATED)
         return result
 
     def _sharded(
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """A sharded state: the loss compiled (forward and, through AOTAutograd, backward), the gradients
-        taken eagerly through it with `torch.autograd.grad`, the collectives and the update eager."""
-        core = functools.partial(_sharded_core, self._forward_for(state))
-        call = "a compiled step (compile_step) with donate=True"
-        scope = _enter(state, True)
+        """A sharded state: the loss compiled (forward and, through AOTAutograd, backward).
+
+        The gradients are taken eagerly through it with `torch.autograd.grad`; the collectives and
+        the update run eagerly.
+        """
+        body = functools.partial(_sharded_body, self._forward_for(state))
+        scope = enter(state, True)
         try:
-            # donated as `train_step(donate=True)` is: the update writes into the state's local slices
+            # donated as `train_step(donate=True)` is: the update writes into the state's local
+            # slices
             new, metrics = (
-                _donated_core(state, batch, core, call)
+                donated(state, batch, body, _DONATED)
                 if donate and state.grad_stats is None
-                else core(state, batch)
+                else body(state, batch)
             )
         except BaseException:
-            _leave(scope)
+            leave(scope)
             raise
-        new_state = _leave_with(scope, state, new)
+        new_state = leave_with(scope, state, new)
         if donate:
-            _retire(state, call)
+            retire(state, _DONATED)
         return new_state, metrics
 
     def _forward_for(self, state: TrainState) -> Callable[..., Any]:
-        """The loss function on the module, compiled once per static configuration of a sharded state."""
+        """The loss function on the module, compiled once per configuration of a sharded state."""
         key, found = self._cached(state, "sharded")
         if found is not None:
             return found
-        view = _View(_statics_of(state), None, None, None, None, None, (None,) * 5)
+        view = StateView(statics_of(state), None, None, None, None, None, (None,) * 5)
 
         def body(
             tensors: dict[str, torch.Tensor], batch: Any
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return _call_loss(view, tensors, batch)
+            return call_loss(view, tensors, batch)
 
         compiled = self._compile(_own_code(body, "sharded_loss"))
         self._cores[key] = (
@@ -245,7 +218,7 @@ class CompiledStep:
         return compiled
 
     def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Callable[..., Any] | None]:
-        """The cache key of `state`'s static configuration (and `variant`), and what is compiled for it if anything.
+        """The cache key of `state`'s static configuration (and `variant`), and what it compiled to.
 
         The user's objects count by identity, the options by value: the wrapped transform and the
         EMA that `TrainState.create` builds anew each time are functions of these.
@@ -264,14 +237,14 @@ class CompiledStep:
         if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
             return key, found[1]
         if holds_sweep(state.tx):
-            raise ConfigError(_SWEEP_ALONE)
+            raise ConfigError(SWEEP_ALONE)
         return key, None
 
     def _core_for(self, state: TrainState, donate: bool) -> Callable[..., Any]:
         key, found = self._cached(state, donate)
         if found is not None:
             return found
-        fields = _statics_of(state)
+        fields = statics_of(state)
 
         def body(
             params: Any,
@@ -281,9 +254,9 @@ class CompiledStep:
             ema_state: Any,
             counters: tuple,
             batch: Any,
-        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-            new, metrics = _train_core(
-                _View(fields, params, frozen, buffers, opt_state, ema_state, counters), batch
+        ) -> Parts:
+            new, metrics = train_body(
+                StateView(fields, params, frozen, buffers, opt_state, ema_state, counters), batch
             )
             if donate:
                 new = _written_back(
@@ -305,23 +278,19 @@ class CompiledStep:
         return compiled
 
 
-def _statics_of(state: TrainState) -> dict[str, Any]:
-    """What a compiled body reads of the state besides tensors (`_View`)."""
-    fields = {name: getattr(state, name) for name in _STATIC}
-    fields["device"] = state.device
-    return fields
+def _sharded_body(
+    forward: Callable[..., Any], state: TrainState, batch: Any, extras: Extras = NO_EXTRAS
+) -> Parts:
+    """`train_body` of a sharded state with its loss function compiled (`forward`).
 
-
-def _sharded_core(
-    forward: Callable[..., Any], state: TrainState, batch: Any
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """`_train_core` of a sharded state with its loss function compiled: `_gradients` and `_apply`, as the eager step runs them."""
+    `gradients` and `apply` (given `extras`: a donated step's), as the eager step runs them.
+    """
     buffers = {k: b.clone() for k, b in state.buffers.items()}
-    scale = _loss_scale(state)
-    grads, loss, aux = _gradients(
-        state, batch, buffers, scale, call_loss=lambda _, tensors, b: forward(tensors, b)
+    scale = loss_scale(state)
+    grads, loss, aux = gradients(
+        state, batch, buffers, scale, loss_of=lambda _, tensors, b: forward(tensors, b)
     )
-    return _apply(state, batch, grads, buffers, loss, aux, scale)
+    return apply(state, batch, grads, buffers, loss, aux, scale, extras)
 
 
 def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
@@ -331,12 +300,15 @@ def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
     configurations' closures apart are filtered out: every configuration gets its own code.
     """
     name = f"{prefix}_{next(_serial)}"
-    code = body.__code__.replace(co_name=name, co_qualname=name)
+    if sys.version_info >= (3, 11):
+        code = body.__code__.replace(co_name=name, co_qualname=name)
+    else:  # code objects have no qualified name before 3.11
+        code = body.__code__.replace(co_name=name)
     return types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
 
 
 def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
-    """The donated step's new tensors copied into the given ones (graph inputs), which it then returns.
+    """The donated step's new tensors copied into the given ones (graph inputs), then returned.
 
     Inside the compiled graph these copies are input mutations: inductor writes each result
     straight into the input's storage where it can, instead of into a fresh buffer.
@@ -358,8 +330,10 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 def compile_step(
     *, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None
 ) -> CompiledStep:
-    """A compiled `train_step`: ``step(state, batch) -> (state, metrics)``, the same results as
-    ``torch.compile(functrain.train_step, dynamic=False)`` with less overhead per call.
+    """A compiled `train_step`: ``step(state, batch) -> (state, metrics)``.
+
+    The same results as ``torch.compile(functrain.train_step, dynamic=False)``, with less overhead
+    per call.
 
     One graph is compiled per static configuration of the state and per batch shape (static
     shapes: a last partial batch compiles once more). Keep the returned function and call it in
@@ -394,6 +368,7 @@ def compile_step(
     """
     if options and "guard_filter_fn" in options:
         raise ConfigError(
-            "compile_step sets options['guard_filter_fn'] itself; leave it out, or use torch.compile(functrain.train_step)"
+            "compile_step sets options['guard_filter_fn'] itself; leave it out, "
+            "or use torch.compile(functrain.train_step)"
         )
     return CompiledStep(backend, mode, options or {})

@@ -11,14 +11,17 @@ from typing import Literal
 
 import attrs
 
-from functrain.optim.primitives import clip_by_global_norm
-from functrain.optim.transform import Transform, chain
+from functrain.optim.base import Transform
+from functrain.optim.combine import chain
+from functrain.optim.rules.clipping import clip_by_global_norm
 from functrain.optim.wrappers import accumulate, dynamic_loss_scale, skip_nonfinite
 
-__all__ = ["StepOptions", "Precision", "NonFinitePolicy", "build_transform"]
+__all__ = ["StepOptions", "Precision", "NonFinitePolicy", "GradStats", "build_transform"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 NonFinitePolicy = Literal["skip", "halt", "none"]
+# how `grad_stats=` groups the gradient statistics among a step's metrics
+GradStats = Literal["layer", "param"]
 
 
 @attrs.frozen
@@ -37,8 +40,10 @@ class StepOptions:
         """Every invalid option, each with the value given (empty when all are valid).
 
         Example:
-            >>> StepOptions(precision="fp64", accumulate_steps=0).problems()
-            ["precision must be 'fp32', 'bf16' or 'fp16', got precision='fp64'", 'accumulate_steps must be an int >= 1, got accumulate_steps=0']
+            >>> for problem in StepOptions(precision="fp64", accumulate_steps=0).problems():
+            ...     print(problem)
+            precision must be 'fp32', 'bf16' or 'fp16', got precision='fp64'
+            accumulate_steps must be an int >= 1, got accumulate_steps=0
         """
         problems = []
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -47,7 +52,8 @@ class StepOptions:
             )
         if not isinstance(self.accumulate_steps, int) or self.accumulate_steps < 1:
             problems.append(
-                f"accumulate_steps must be an int >= 1, got accumulate_steps={self.accumulate_steps!r}"
+                "accumulate_steps must be an int >= 1, "
+                f"got accumulate_steps={self.accumulate_steps!r}"
             )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             problems.append(
@@ -59,7 +65,9 @@ class StepOptions:
             )
         if self.precision == "fp16" and self.nonfinite == "halt":
             problems.append(
-                "nonfinite='halt' does not combine with precision='fp16' (loss scaling skips overflows by design); use max_consecutive_nonfinite=N to stop after N overflows in a row"
+                "nonfinite='halt' does not combine with precision='fp16' "
+                "(loss scaling skips overflows by design); "
+                "use max_consecutive_nonfinite=N to stop after N overflows in a row"
             )
         cap = self.max_consecutive_nonfinite
         if cap is not None and (not isinstance(cap, int) or cap < 0):
@@ -72,7 +80,7 @@ class StepOptions:
 
 
 def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
-    """Wrap the user's optimizer as `options` ask: clip, skip non-finite (or loss-scale), accumulate.
+    """Wrap the user's optimizer as `options` ask: clip, skip non-finite (or scale), accumulate.
 
     Accumulation is outermost, so the checks see the window's mean gradient: a non-finite
     micro-batch makes the whole window's update a counted no-op, and the counters advance with
@@ -80,8 +88,11 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
 
     Example:
         >>> import functrain as ft
-        >>> build_transform(ft.sgd(0.1), StepOptions(accumulate_steps=4, clip_grad_norm=1.0)).name
-        'accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0), sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None, fused=True)), max_consecutive=None), every=4)'
+        >>> options = StepOptions(accumulate_steps=4, clip_grad_norm=1.0)
+        >>> build_transform(ft.sgd(0.1), options).name  # doctest: +NORMALIZE_WHITESPACE
+        'accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0),
+        sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None,
+        fused=True)), max_consecutive=None), every=4)'
     """
     tx = optimizer
     if options.clip_grad_norm is not None:

@@ -2,76 +2,39 @@
 
 The tree fields (parameters, buffers, optimizer state, EMA, counters, RNG, driver state) are what a
 checkpoint holds; the static fields (module, loss function, transform, options) are not saved, and a
-checkpoint is loaded against them. `TrainState.create` is the only place that calls `init`.
+checkpoint is loaded against them. `TrainState.create` is the only place that calls `init`
+(through `functrain.core.create`).
 """
 
 from __future__ import annotations
 
 import copy
-import numbers
-import weakref
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from functrain.core.options import NonFinitePolicy, Precision, StepOptions, build_transform
-from functrain.distributed.data_parallel import (
-    DistConfig,
-    broadcast_tensors,
-    check_same_model,
-    current_config,
-)
-from functrain.distributed.materialize import InitFn, has_meta_tensors, init_problems, materialize
-from functrain.distributed.sharding import (
-    SHARDINGS,
-    Sharding,
-    check_elementwise,
-    gathered,
-    is_sharded,
-    shard,
-    sharded_init,
-)
-from functrain.errors import ConfigError, DonatedStateError, listed
-from functrain.optim.averaging import EmaState, ema
-from functrain.optim.porting import torch_object_hint
-from functrain.optim.transform import Transform, is_transform
+from functrain.core.create import WEIGHTLESS, Trainable, initial_fields
+from functrain.core.options import GradStats, NonFinitePolicy, Precision, StepOptions
+from functrain.distributed.data_parallel import DistConfig
+from functrain.distributed.materialize import InitFn
+from functrain.distributed.sharding import Sharding, gathered
+from functrain.errors import ConfigError, DonatedStateError
+from functrain.optim.averaging import EmaState
+from functrain.optim.base import Transform
 from functrain.optim.zeros import light_copy
 from functrain.tree import Tree
 
-__all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy"]
+__all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy", "unaliased"]
 
 LossFn = Callable[..., Any]
-Trainable = Callable[[str, torch.Tensor], bool]
-GradStats = Literal["layer", "param"]
-
-_COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped")
 
 
 def _static(**kwargs: Any) -> Any:
     return attrs.field(metadata={"static": True}, **kwargs)
-
-
-def _zero(device: torch.device) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64, device=device)
-
-
-def _generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        return torch.cuda.default_generators[
-            device.index if device.index is not None else torch.cuda.current_device()
-        ]
-    return torch.default_generator
-
-
-def initial_rng(seed: int, device: torch.device) -> torch.Tensor:
-    """The generator state of `device`'s kind seeded with `seed`, as a uint8 tensor (caller's RNG untouched)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen.get_state()
 
 
 @attrs.frozen(repr=False)
@@ -97,9 +60,12 @@ class TrainState:
 
     Example:
         >>> import torch, functrain as ft
-        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.adamw(1e-3), lambda m, b: m(b).sum())
-        >>> state
-        TrainState(step=0, epoch=0, params=8 (32 B), optimizer=adamw(lr=0.001, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None, fused=True), ema=off, precision=fp32)
+        >>> loss_fn = lambda m, b: m(b).sum()
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.adamw(1e-3), loss_fn)
+        >>> state  # doctest: +NORMALIZE_WHITESPACE
+        TrainState(step=0, epoch=0, params=8 (32 B), optimizer=adamw(lr=0.001, b1=0.9, b2=0.999,
+        eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None, fused=True), ema=off,
+        precision=fp32)
     """
 
     params: dict[str, torch.Tensor]
@@ -251,7 +217,8 @@ class TrainState:
             A model built on the meta device, on a process group (here of one rank):
 
             >>> import tempfile, torch.distributed as dist
-            >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+            >>> store = f"file://{tempfile.mkdtemp()}/store"
+            >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
             >>> with torch.device("meta"):
             ...     big = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 1))
             >>> state = ft.TrainState.create(big, ft.adamw(1e-3), loss_fn, sharding="full", seed=0)
@@ -262,94 +229,36 @@ class TrainState:
             True
             >>> dist.destroy_process_group()
         """
-        options = StepOptions(
-            precision,
-            accumulate_steps,
-            clip_grad_norm,
-            nonfinite,
-            max_consecutive_nonfinite,
-            ema_decay,
-            ema_warmup,
+        fields = initial_fields(
+            module,
+            optimizer,
+            loss_fn,
+            seed=seed,
+            options=StepOptions(
+                precision,
+                accumulate_steps,
+                clip_grad_norm,
+                nonfinite,
+                max_consecutive_nonfinite,
+                ema_decay,
+                ema_warmup,
+            ),
+            trainable=trainable,
+            distributed=distributed,
+            sharding=sharding,
+            reshard_after_forward=reshard_after_forward,
+            init=init,
+            grad_stats=grad_stats,
         )
-        problems = (
-            _validate(module, optimizer, loss_fn)
-            + _check_seed_and_trainable(seed, trainable)
-            + options.problems()
-        )
-        if grad_stats not in (None, "layer", "param"):
-            problems.append(
-                f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}"
-            )
-        problems += _sharding_problems(sharding, optimizer, reshard_after_forward)
-        params, frozen = (
-            _split_parameters(module, trainable)
-            if isinstance(module, nn.Module) and (trainable is None or callable(trainable))
-            else ({}, {})
-        )
-        if not problems and not params:
-            problems.append(
-                "the module has no trainable parameters (all have requires_grad=False or were excluded by `trainable`)"
-            )
-        if not problems:
-            problems += _meta_problems(module, sharding, init)
-        if problems:
-            raise ConfigError(
-                "invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems)
-            )
-        tx = build_transform(optimizer, options)
-        averager = ema(ema_decay, warmup=ema_warmup) if ema_decay is not None else None
-        meta = has_meta_tensors(module)
-        device = torch.get_default_device() if meta else next(iter(params.values())).device
-        dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
-        if dist_config is not None:
-            # the meta tensors too: those that hold values are broadcast one by one, and every rank must take part
-            shapes = {
-                k: (tuple(v.shape), str(v.dtype), v.is_meta)
-                for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()
-            }
-            check_same_model(
-                f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}|{reshard_after_forward}",
-                dist_config,
-            )
-        params, frozen, buffers = (
-            _initial_tensors(module, params, frozen, init, seed, device, dist_config)
-            if meta
-            else _given_tensors(module, params, frozen, dist_config)
-        )
-        counters = {name: _zero(device) for name in _COUNTERS}
-        opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
-        if sharding == "full":
-            params = {
-                k: p if is_sharded(p) else shard(p, dist_config.mesh) for k, p in params.items()
-            }
-        return _unaliased(
-            cls(
-                params=params,
-                frozen=frozen,
-                buffers=buffers,
-                opt_state=opt_state,
-                ema_state=ema_state,
-                **counters,
-                rng=initial_rng(seed, device),
-                driver={},
-                user={},
-                module=_weightless(module),
-                loss_fn=loss_fn,
-                optimizer=optimizer,
-                tx=tx,
-                options=options,
-                dist=dist_config,
-                averager=averager,
-                grad_stats=grad_stats,
-            )
-        )
+        return unaliased(cls(**fields))
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy of this state with some fields replaced.
 
         Example:
             >>> import torch, functrain as ft
-            >>> s = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> s = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.1), loss_fn)
             >>> int(s.replace(epoch=torch.tensor(3)).epoch)
             3
         """
@@ -388,17 +297,19 @@ class TrainState:
 
         Example:
             >>> import torch, functrain as ft
-            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
             >>> m = s.export_module()
             >>> torch.equal(m.weight, s.params["weight"])
             True
         """
         self.check_live("export_module")
-        if use_ema and self.ema_state is None:
-            raise ConfigError(
-                "export_module(use_ema=True) needs a state created with ema_decay=...; this state has no EMA"
-            )
         weights = self.ema_params if use_ema else self.params
+        if weights is None:
+            raise ConfigError(
+                "export_module(use_ema=True) needs a state created with ema_decay=...; "
+                "this state has no EMA"
+            )
         keep = not rank0_only or self.dist is None or self.dist.rank == 0
         # one sharded tensor gathered at a time; ranks that build no module drop each at once
         weights = {k: w for k, w in ((k, gathered(v)) for k, v in weights.items()) if keep}
@@ -412,14 +323,14 @@ class TrainState:
         for name, b in self.module.named_buffers():
             memo[id(b)] = values[name].detach().clone()
         module = copy.deepcopy(self.module, memo)
-        module.__dict__.pop(_WEIGHTLESS, None)  # it holds weights: a state made from it copies them
+        module.__dict__.pop(WEIGHTLESS, None)  # it holds weights: a state made from it copies them
         return module.eval()
 
     def tree(self) -> dict[str, Any]:
         """The saved part of the state, as a plain dict of trees (what checkpoints hold).
 
         Raises:
-            DonatedStateError: the state was donated to a step (so `save` and the manager refuse it).
+            DonatedStateError: the state was donated to a step (`save` and the manager refuse it).
         """
         self.check_live("saving or reading the state's tree")
         return {name: getattr(self, name) for name in TREE_FIELDS}
@@ -429,9 +340,11 @@ class TrainState:
 
         Example:
             >>> import torch, functrain as ft
-            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
             >>> c = s.clone()
-            >>> torch.equal(c.params["weight"], s.params["weight"]), c.params["weight"] is s.params["weight"]
+            >>> w, c_w = s.params["weight"], c.params["weight"]
+            >>> torch.equal(c_w, w), c_w is w
             (True, False)
         """
         # zeros held without storage (a fresh state's moments, `functrain.optim.zeros`) stay so
@@ -454,8 +367,10 @@ class TrainState:
         donated_to = self._donated_to or getattr(self.step, _DONATED_TAG, None)
         if donated_to is not None:
             raise DonatedStateError(
-                f"{call} got a TrainState that was donated to {donated_to}: its tensors now hold the next state. "
-                "Use the state that call returned; to keep this one as well, copy it first with state.clone(), "
+                f"{call} got a TrainState that was donated to {donated_to}: "
+                "its tensors now hold the next state. "
+                "Use the state that call returned; to keep this one as well, "
+                "copy it first with state.clone(), "
                 "or call the step without donate=True"
             )
 
@@ -485,7 +400,8 @@ class TrainState:
         ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
         opt = getattr(self.optimizer, "name", None) or type(self.optimizer).__name__
         return (
-            f"TrainState(step={int(self.step)}, epoch={int(self.epoch)}, params={n:,} ({_human_bytes(nbytes)}), "
+            f"TrainState(step={int(self.step)}, epoch={int(self.epoch)}, "
+            f"params={n:,} ({_human_bytes(nbytes)}), "
             f"optimizer={opt}, {ema_part}, precision={self.options.precision})"
         )
 
@@ -511,9 +427,10 @@ class _Donated:
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise DonatedStateError(
-            f"state.{self._field} belongs to a TrainState that was donated to {self._call}: its tensors now hold "
-            "the next state. Use the state that call returned; to keep this one as well, copy it first with "
-            "state.clone(), or call the step without donate=True"
+            f"state.{self._field} belongs to a TrainState that was donated to {self._call}: "
+            "its tensors now hold the next state. "
+            "Use the state that call returned; to keep this one as well, "
+            "copy it first with state.clone(), or call the step without donate=True"
         )
 
     __getattr__ = __getitem__ = __iter__ = __len__ = __contains__ = __int__ = __float__ = (
@@ -527,11 +444,12 @@ class _Donated:
 
 
 def _human_bytes(n: int) -> str:
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size} B"
 
 
 def _flatten_state(state: TrainState) -> tuple[list[Any], tuple]:
@@ -539,7 +457,7 @@ def _flatten_state(state: TrainState) -> tuple[list[Any], tuple]:
     return [getattr(state, f) for f in TREE_FIELDS], tuple(getattr(state, f) for f in STATIC_FIELDS)
 
 
-def _unflatten_state(values: list[Any], context: tuple) -> TrainState:
+def _unflatten_state(values: Iterable[Any], context: Any) -> TrainState:
     return TrainState(
         **dict(zip(TREE_FIELDS, values, strict=True)),
         **dict(zip(STATIC_FIELDS, context, strict=True)),
@@ -560,9 +478,11 @@ pytree.register_pytree_node(
 )
 
 
-def _unaliased(state: TrainState) -> TrainState:
+def unaliased(state: TrainState) -> TrainState:
+    """`state` with every tensor that appears twice in its tree copied: no two leaves alias."""
     # torch.compile guards on aliasing between input tensors (`state.step is state.micro_step`); a
-    # step's outputs never alias, so an initial state whose leaves share tensors recompiles at step 2
+    # step's outputs never alias, so an initial state whose leaves share tensors recompiles at
+    # step 2
     seen: set[int] = set()
 
     def fresh(x: Any) -> Any:
@@ -573,206 +493,3 @@ def _unaliased(state: TrainState) -> TrainState:
         return x
 
     return pytree.tree_map(fresh, state)
-
-
-# one structure per module object, so states created again from it (a resume) share compiled graphs;
-# made again when the module's submodules, parameters or buffers changed since
-_structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
-_WEIGHTLESS = "_functrain_weightless"
-
-
-def _layout(module: nn.Module) -> tuple:
-    modules = tuple((name, id(m)) for name, m in module.named_modules(remove_duplicate=False))
-    tensors = tuple(
-        (name, id(t), t.shape, t.dtype)
-        for name, t in (
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False),
-        )
-    )
-    return modules + tensors
-
-
-def _weightless(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose parameters and buffers are on the meta device: its structure, no weights.
-
-    The step runs it on the state's tensors; the user's module is left alone, and nothing keeps
-    its weights alive. The copy is made once per module object (and a copy is its own); a module
-    that cannot be deep-copied is kept as it is.
-    """
-    if getattr(module, _WEIGHTLESS, False):
-        return module
-    layout = _layout(module)
-    found = _structures.get(module)
-    if found is None or found[0] != layout:
-        found = _structures[module] = (layout, _copy_structure(module))
-    return found[1]
-
-
-def _copy_structure(module: nn.Module) -> nn.Module:
-    memo: dict[int, Any] = {}
-    for t in module.parameters():
-        memo[id(t)] = nn.Parameter(
-            torch.empty_like(t, device="meta"), requires_grad=t.requires_grad
-        )
-    for t in module.buffers():
-        memo[id(t)] = torch.empty_like(t, device="meta")
-    try:
-        structure = copy.deepcopy(module, memo)
-    except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
-        return module
-    object.__setattr__(structure, _WEIGHTLESS, True)
-    return structure
-
-
-Tensors = dict[str, torch.Tensor]
-
-
-def _given_tensors(
-    module: nn.Module, params: Tensors, frozen: Tensors, config: DistConfig | None
-) -> tuple[Tensors, Tensors, Tensors]:
-    """The module's own values (copies), rank 0's on every rank."""
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-    if config is None:
-        return params, frozen, buffers
-    # every rank starts from rank 0's weights and statistics
-    return (
-        broadcast_tensors(params, config),
-        broadcast_tensors(frozen, config),
-        broadcast_tensors(buffers, config),
-    )
-
-
-def _initial_tensors(
-    module: nn.Module,
-    params: Tensors,
-    frozen: Tensors,
-    init: InitFn | None,
-    seed: int,
-    device: torch.device,
-    config: DistConfig,
-) -> tuple[Tensors, Tensors, Tensors]:
-    """A meta module's values, submodule by submodule; with ``"full"`` its trainable parameters as this rank's rows."""
-    values = materialize(
-        module,
-        set(params) if config.sharding == "full" else set(),
-        init=init,
-        seed=seed,
-        device=device,
-        config=config,
-    )
-    buffers = {name: values[name] for name, _ in module.named_buffers()}
-    return {k: values[k] for k in params}, {k: values[k] for k in frozen}, buffers
-
-
-def _sharding_problems(sharding: Any, optimizer: Any, reshard_after_forward: Any) -> list[str]:
-    if sharding not in SHARDINGS:
-        return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
-    problems = []
-    if not isinstance(reshard_after_forward, bool):
-        problems.append(
-            f"reshard_after_forward must be True or False, got {reshard_after_forward!r}"
-        )
-    elif not reshard_after_forward and sharding != "full":
-        problems.append(
-            f"reshard_after_forward=False applies to sharding='full' only (the parameters that are gathered), got sharding={sharding!r}; leave it out"
-        )
-    if sharding is None:
-        return problems
-    try:
-        check_elementwise(getattr(optimizer, "name", "") or "")
-    except ConfigError as e:
-        problems.append(str(e))
-    return problems
-
-
-def _initial_states(
-    tx: Transform,
-    averager: Transform | None,
-    params: dict[str, torch.Tensor],
-    config: DistConfig | None,
-) -> tuple[Tree, Any]:
-    """The optimizer state and EMA of `params`, their parameter-shaped leaves sharded as `config` asks."""
-    sharding = config.sharding if config is not None else None
-    opt_state = (
-        sharded_init(tx.init, params, config.mesh) if sharding is not None else tx.init(params)
-    )
-    if averager is None:
-        return opt_state, None
-    return opt_state, sharded_init(
-        averager.init, params, config.mesh
-    ) if sharding == "full" else averager.init(params)
-
-
-def _split_parameters(
-    module: nn.Module, trainable: Trainable | None
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    params: dict[str, torch.Tensor] = {}
-    frozen: dict[str, torch.Tensor] = {}
-    for name, p in module.named_parameters():
-        keep = p.requires_grad and (trainable is None or trainable(name, p))
-        (params if keep else frozen)[name] = p.detach().clone()
-    return params, frozen
-
-
-def _validate(module: Any, optimizer: Any, loss_fn: Any) -> list[str]:
-    problems = []
-    if not isinstance(module, nn.Module):
-        problems.append(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    if not is_transform(optimizer) and torch_object_hint(optimizer, "optimizer") is not None:
-        problems.append(torch_object_hint(optimizer, "optimizer"))
-    elif not is_transform(optimizer):
-        problems.append(
-            f"optimizer must be a functrain transform (e.g. functrain.adamw(1e-3)), got {type(optimizer).__name__}; torch.optim optimizers are not transforms"
-        )
-    if not callable(loss_fn):
-        problems.append(
-            f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}"
-        )
-    return problems
-
-
-# torch.Generator.manual_seed accepts this range (negative seeds wrap around)
-_SEED_RANGE = (-(2**63), 2**64)
-
-
-def _check_seed_and_trainable(seed: Any, trainable: Any) -> list[str]:
-    problems = []
-    if (
-        isinstance(seed, bool)
-        or not isinstance(seed, numbers.Integral)
-        or not _SEED_RANGE[0] <= seed < _SEED_RANGE[1]
-    ):
-        problems.append(f"seed must be an int in [-2**63, 2**64), got seed={seed!r}")
-    if trainable is not None and not callable(trainable):
-        problems.append(
-            f"trainable must be a predicate (name, param) -> bool or None, got {type(trainable).__name__}"
-        )
-    return problems
-
-
-def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
-    meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if not meta:
-        return (
-            []
-            if init is None
-            else [
-                f"init= initializes tensors on the meta device, but the module has none (got init={getattr(init, '__name__', init)!r}); initialize the module's tensors yourself, or build it under torch.device('meta')"
-            ]
-        )
-    if sharding is not None and torch.get_default_device().type == "meta":
-        return [
-            "a module on the meta device is materialized on the default device, which is the meta device here; call TrainState.create outside `with torch.device('meta'):`"
-        ]
-    if sharding is not None:
-        return init_problems(module, init)
-    shown = listed(meta)
-    return [
-        f"the module's tensors must hold values, got {len(meta)} on the meta device ({shown}); materialize them first: "
-        "module.to_empty(device='cpu') then initialize them (e.g. each submodule's reset_parameters()), or load weights; "
-        "or, with a process group, pass sharding='full' (or 'optimizer') to have each rank materialize and initialize "
-        "only its own rows, one submodule at a time (init= for submodules without reset_parameters())"
-    ]

@@ -1,11 +1,11 @@
-"""torch.distributed: data parallelism (`data_parallel`) and sharded states (`sharding`), launched with ``torchrun``.
+"""torch.distributed: data parallelism (`data_parallel`) and sharded states (`sharding`).
 
-``functrain.distributed.init_from_env()`` starts the process group from torchrun's environment;
-`TrainState.create` then records it, and the step averages across ranks. With
-``TrainState.create(..., sharding="optimizer" | "full")`` each rank holds slices of the state
-(`DTensor`s); `gather_tree` gathers such a tree whole. A sharded state can start from a module
-built on the meta device (`materialize`: each rank gives values to its own rows, one submodule at
-a time).
+A run is launched with ``torchrun``: ``functrain.distributed.init_from_env()`` starts the process
+group from torchrun's environment; `TrainState.create` then records it, and the step averages across
+ranks. With ``TrainState.create(..., sharding="optimizer" | "full")`` each rank holds slices of the
+state (`DTensor`s); `gather_tree` gathers such a tree whole. A sharded state can start from a module
+built on the meta device (`materialize`: each rank gives values to its own rows, one submodule at a
+time).
 """
 
 from functrain.distributed.data_parallel import (

@@ -13,9 +13,9 @@ state's RNG and its rank, and the state carries the generator state after that d
 all ranks. A checkpoint written by N ranks resumes on M ranks: the state is rank-independent and the
 data order is a function of the global sample index.
 
-Launch: ``torchrun --nproc_per_node=2 -m functrain.demo`` (one machine), or
-``torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=G script.py``
-(several). Backend ``gloo`` on CPU, ``nccl`` on GPU (`init_from_env` picks it).
+Launch: ``torchrun --nproc_per_node=2 -m functrain.demo`` (one machine), or ``torchrun --nnodes=2
+--node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=G script.py`` (several).
+Backend ``gloo`` on CPU, ``nccl`` on GPU (`init_from_env` picks it).
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def current_config(
     device_type: str = "cpu",
     reshard_after_forward: bool = True,
 ) -> DistConfig | None:
-    """The `DistConfig` for `TrainState.create(distributed=..., sharding=...)`: None means auto-detect.
+    """The `DistConfig` for `TrainState.create(distributed=..., sharding=...)`: None means
+    auto-detect.
 
     A sharded state needs an initialized process group, of any size (one rank included).
     """
@@ -116,7 +117,8 @@ def current_config(
             raise ConfigError(
                 f"sharding={sharding!r} needs an initialized torch.distributed process group, got "
                 + ("distributed=False" if initialized else "none")
-                + "; launch with torchrun and call functrain.distributed.init_from_env() first, or pass sharding=None"
+                + "; launch with torchrun and call functrain.distributed.init_from_env() "
+                "first, or pass sharding=None"
             )
         from functrain.distributed.sharding import make_mesh
 
@@ -132,7 +134,8 @@ def current_config(
     active = initialized and dist.get_world_size() > 1
     if distributed and not active:
         raise ConfigError(
-            "distributed=True but no torch.distributed process group is initialized; launch with torchrun and call functrain.distributed.init_from_env()"
+            "distributed=True but no torch.distributed process group is initialized; launch with "
+            "torchrun and call functrain.distributed.init_from_env()"
         )
     if not active or distributed is False:
         return None
@@ -197,7 +200,8 @@ def average_step(
 def broadcast_tensors(
     tensors: Mapping[str, torch.Tensor], config: DistConfig, src: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Copies of `tensors` holding rank `src`'s values on every rank (the inputs are not written)."""
+    """Copies of `tensors` holding rank `src`'s values on every rank (the inputs are not
+    written)."""
     out = {k: v.detach().clone() for k, v in tensors.items()}
     for t in out.values():
         dist.broadcast(t, src, group=config.group)
@@ -205,14 +209,15 @@ def broadcast_tensors(
 
 
 def check_same_model(description: str, config: DistConfig) -> None:
-    """Raise `ConfigError` if the ranks built different models (names, shapes, dtypes, optimizer)."""
+    """Raise `ConfigError` if the ranks built different models (names, shapes, dtypes,
+    optimizer)."""
     digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "big")
     mine = torch.tensor([digest, -digest], dtype=torch.int64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=config.group)
     if int(mine[0]) != digest or int(-mine[1]) != digest:
         raise ConfigError(
-            f"rank {config.rank}: the ranks disagree on the model structure or optimizer (digest {digest:x} here); "
-            "every rank must build the same module, optimizer and options"
+            f"rank {config.rank}: the ranks disagree on the model structure or optimizer (digest "
+            f"{digest:x} here); every rank must build the same module, optimizer and options"
         )
 
 

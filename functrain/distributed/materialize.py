@@ -46,20 +46,23 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _owners_of_meta(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The submodules (by qualified name, ``""`` for the root) that own a tensor on the meta device."""
+    """The submodules (by qualified name, ``""`` for the root) that own a tensor on the meta
+    device."""
     for name, sub in module.named_modules():
         if any(t.is_meta for _, t in _own_tensors(sub)):
             yield name, sub
 
 
 def init_problems(module: nn.Module, init: object) -> list[str]:
-    """What keeps `module`'s meta tensors from being initialized: submodules with no way to, a bad `init`."""
+    """What keeps `module`'s meta tensors from being initialized: submodules with no way to, a bad
+    `init`."""
     if init is not None:
         return (
             []
             if callable(init)
             else [
-                f"init must be a function init(submodule) -> None or None, got {type(init).__name__}"
+                "init must be a function init(submodule) -> None or None, got "
+                f"{type(init).__name__}"
             ]
         )
     missing = [
@@ -71,16 +74,17 @@ def init_problems(module: nn.Module, init: object) -> list[str]:
         return []
     shown = listed(missing)
     return [
-        f"submodules own tensors on the meta device but have no reset_parameters() to initialize them: {shown}; "
-        "pass init=fn to TrainState.create: fn(submodule) is called on each submodule that owns meta tensors, "
-        "with them materialized but uninitialized, and sets them in place (call submodule.reset_parameters() "
-        "in it for the submodules that have one)"
+        "submodules own tensors on the meta device but have no reset_parameters() to initialize "
+        f"them: {shown}; pass init=fn to TrainState.create: fn(submodule) is called on each "
+        "submodule that owns meta tensors, with them materialized but uninitialized, and sets "
+        "them in place (call submodule.reset_parameters() in it for the submodules that have one)"
     ]
 
 
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """The generators of the CPU and of `device` seeded with `seed` within; the caller's states restored after."""
+    """The generators of the CPU and of `device` seeded with `seed` within; the caller's states
+    restored after."""
     cuda = (
         [device.index if device.index is not None else torch.cuda.current_device()]
         if device.type == "cuda"
@@ -101,7 +105,8 @@ def _aligned(nbytes: int) -> int:
 
 
 class _Scratch:
-    """One buffer that each submodule's tensors are materialized in, in turn, sized for the largest submodule.
+    """One buffer that each submodule's tensors are materialized in, in turn, sized for the largest
+    submodule.
 
     Reusing it keeps the peak at one submodule whole plus what is kept: a whole freed between the
     slices kept after it leaves a hole in the allocator that the next, different, sizes do not
@@ -116,7 +121,8 @@ class _Scratch:
         self.buffer = torch.empty(max(sizes, default=0), dtype=torch.uint8, device=device)
 
     def shell(self, sub: nn.Module) -> nn.Module:
-        """A shallow copy of `sub` owning new uninitialized tensors in the buffer (the same children, its own dicts)."""
+        """A shallow copy of `sub` owning new uninitialized tensors in the buffer (the same
+        children, its own dicts)."""
         offset = 0
 
         def carve(t: torch.Tensor) -> torch.Tensor:
@@ -140,12 +146,14 @@ class _Scratch:
 
 
 def _initialized(sub: nn.Module, init: InitFn | None, scratch: _Scratch) -> dict[str, torch.Tensor]:
-    """`sub`'s own tensors, by their local names, materialized in `scratch` and initialized whole."""
+    """`sub`'s own tensors, by their local names, materialized in `scratch` and initialized
+    whole."""
     shell = scratch.shell(sub)
     if init is not None:
         init(shell)
     else:
-        shell.reset_parameters()
+        # torch types nn.Module's attributes as Tensor | Module, though this one is a method
+        shell.reset_parameters()  # type: ignore[operator]
     return dict(_own_tensors(shell))
 
 
@@ -157,13 +165,15 @@ def _submodule_values(
     scratch: _Scratch,
     done: dict[int, str],
 ) -> dict[str, torch.Tensor]:
-    """The values of the tensors `sub` owns and no earlier submodule did (tied ones are materialized once)."""
+    """The values of the tensors `sub` owns and no earlier submodule did (tied ones are materialized
+    once)."""
     own = _own_tensors(sub)
     fresh = _initialized(sub, init, scratch) if any(t.is_meta for _, t in own) else {}
     out = {}
     for local_name, t in own:
         if id(t) in done:
-            continue  # tied: initialized again above (the same draws as its constructor made) and dropped
+            # tied: initialized again above (the same draws as its constructor made) and dropped
+            continue
         name = f"{prefix}.{local_name}" if prefix else local_name
         done[id(t)] = name
         out[name] = placed(name, fresh[local_name].detach() if t.is_meta else t.detach())
@@ -179,18 +189,21 @@ def materialize(
     device: torch.device,
     config: DistConfig,
 ) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of `module` (built on the meta device), by name, given its values submodule by submodule.
+    """Every parameter and buffer of `module` (built on the meta device), by name, given its values
+    submodule by submodule.
 
     Each submodule owning meta tensors is materialized on `device` (in one buffer that every
     submodule reuses in turn, of the largest submodule's size) and initialized (``init(sub)``,
     or its ``reset_parameters()``) under torch.no_grad, from generators seeded with `seed` (the
     caller's are untouched), and the tensors named in `sliced` are cut to this rank's rows
     (``Shard(0)`` DTensors) before the next submodule is materialized. Tensors that already hold
-    values keep them, rank 0's (broadcast). Tied tensors are materialized once, under their first name.
+    values keep them, rank 0's (broadcast). Tied tensors are materialized once, under their first
+    name.
 
     Args:
         module: the model; the meta ones among its tensors are given values.
-        sliced: names of the tensors to keep as this rank's rows (the trainable parameters with ``"full"``).
+        sliced: names of the tensors to keep as this rank's rows (the trainable parameters with
+            ``"full"``).
         init: called on each submodule that owns meta tensors instead of its ``reset_parameters()``.
         seed: the seed of the initialization's generators, the same on every rank.
         device: where the tensors are materialized.

@@ -1,4 +1,5 @@
-"""Sharded states on torch.distributed: each rank holds one slice of the parameters and optimizer state.
+"""Sharded states on torch.distributed: each rank holds one slice of the parameters and optimizer
+state.
 
 Two modes, chosen by ``TrainState.create(..., sharding=...)`` and kept in the state's static
 `DistConfig`:
@@ -19,26 +20,30 @@ a rank may hold no rows). 0-d tensors are never sharded; buffers, frozen paramet
 and the driver's state stay plain, replicated tensors. The optimizer itself never sees a DTensor:
 it runs on the local slices (`local`), and the step wraps its results back (`like`). Its global
 quantities (the gradient norm that clipping and the non-finite check read) take one all-reduce of
-the squared local norms (`norms_over_shards`).
+the squared local norms (`summed_over_ranks`, which the step gives the transforms).
 
 Every collective here is torch's: DTensor redistributions and functional collectives.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
 
 import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from functrain.errors import ConfigError
-from functrain.tree import Tree, summing_norms
+from functrain.tree import Tree
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "Sharding",
@@ -57,7 +62,7 @@ __all__ = [
     "reduce_scatter",
     "all_gather",
     "sharded_init",
-    "norms_over_shards",
+    "summed_over_ranks",
     "check_elementwise",
 ]
 
@@ -82,7 +87,7 @@ def make_mesh(device_type: str, world_size: int) -> Any:
     return init_device_mesh(device_type, (world_size,))
 
 
-def is_sharded(t: Any) -> bool:
+def is_sharded(t: Any) -> TypeGuard[DTensor]:
     """Whether `t` is a sharded leaf (a `DTensor`).
 
     Example:
@@ -90,13 +95,14 @@ def is_sharded(t: Any) -> bool:
         False
     """
     # no DTensor exists before its module is imported: a process that never shards never pays for
-    # that import (about a second) in a save, a load or a step
+    # that import (slow: ``benchmarks/README.md``) in a save, a load or a step
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
 
 
 def shard(t: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's ``Shard(0)`` slice of a tensor every rank holds whole, as a DTensor (0-d: `t` itself).
+    """This rank's ``Shard(0)`` slice of a tensor every rank holds whole, as a DTensor (0-d: `t`
+    itself).
 
     No communication: every rank already holds the same `t`.
     """
@@ -113,7 +119,8 @@ def local(t: Any) -> Any:
 
 
 def like(new_local: Any, old: Any) -> Any:
-    """`new_local` as a leaf placed like `old`: a DTensor of `old`'s global shape if `old` is one."""
+    """`new_local` as a leaf placed like `old`: a DTensor of `old`'s global shape if `old` is
+    one."""
     if not is_sharded(old) or not isinstance(new_local, torch.Tensor):
         return new_local
     return _dtensor().from_local(
@@ -127,7 +134,8 @@ def like(new_local: Any, old: Any) -> Any:
 
 
 def local_rows(t: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's rows of a whole (replicated) tensor, as ``Shard(0)`` chunks it: a view, no copy."""
+    """This rank's rows of a whole (replicated) tensor, as ``Shard(0)`` chunks it: a view, no
+    copy."""
     if t.ndim == 0:
         return t
     from torch.distributed.tensor import Shard
@@ -138,7 +146,8 @@ def local_rows(t: torch.Tensor, mesh: Any) -> torch.Tensor:
 
 
 def from_rows(rows: torch.Tensor, shape: Sequence[int], mesh: Any) -> torch.Tensor:
-    """This rank's rows (`local_rows`) of a tensor of global `shape`, as the ``Shard(0)`` DTensor they are a slice of.
+    """This rank's rows (`local_rows`) of a tensor of global `shape`, as the ``Shard(0)`` DTensor
+    they are a slice of.
 
     No communication: every rank gives its own rows.
     """
@@ -155,15 +164,18 @@ def from_rows(rows: torch.Tensor, shape: Sequence[int], mesh: Any) -> torch.Tens
 
 
 def gathered(t: Any) -> Any:
-    """A sharded leaf gathered whole on every rank (a collective: every rank must call it); others as they are."""
+    """A sharded leaf gathered whole on every rank (a collective: every rank must call it); others
+    as they are."""
     return t.full_tensor() if is_sharded(t) else t
 
 
 def gather_tree(tree: Tree) -> Tree:
-    """`tree` with every sharded leaf gathered whole (`gathered`); plain leaves are returned as they are.
+    """`tree` with every sharded leaf gathered whole (`gathered`); plain leaves are returned as they
+    are.
 
     A collective when the tree holds sharded leaves: every rank must call it. For instance
-    ``gather_tree(state.params)`` gives every rank the whole parameters of a ``sharding="full"`` state.
+    ``gather_tree(state.params)`` gives every rank the whole parameters of a ``sharding="full"``
+    state.
 
     Args:
         tree: any tree of tensors, such as ``state.params`` or ``state.opt_state``.
@@ -179,7 +191,8 @@ def gather_tree(tree: Tree) -> Tree:
 
 
 def for_compute(t: torch.Tensor) -> torch.Tensor:
-    """A sharded parameter all-gathered for the forward; its gradient flows back as an average reduce-scattered.
+    """A sharded parameter all-gathered for the forward; its gradient flows back as an average
+    reduce-scattered.
 
     The gradient of the whole tensor is marked ``Partial("avg")`` (each rank's is its own batch's),
     so autograd's redistribution back to ``Shard(0)`` is a reduce-scatter of the mean.
@@ -208,13 +221,15 @@ _METADATA = frozenset(
         torch.Tensor.__hash__,
     }
 )
-# tensor properties computed from the values (``w.T``); the others (``w.shape``, and ``w.data``, which
+# tensor properties computed from the values (``w.T``); the others (``w.shape``, and ``w.data``,
+# which
 # hooks such as CommDebugMode's read) stay the sharded tensor's own
 _VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 
 
 class _GatherOnUse(TorchFunctionMode):
-    """Each torch function given one of `sharded` runs on its gathered whole instead (`for_compute`).
+    """Each torch function given one of `sharded` runs on its gathered whole instead
+    (`for_compute`).
 
     The gathered tensors are registered by storage while they live, so the pack hook recognizes
     what autograd saves of them, views included. The most recently gathered ones stay held, up to
@@ -258,7 +273,7 @@ class _GatherOnUse(TorchFunctionMode):
         if whole.numel():
             address, serial = whole.untyped_storage().data_ptr(), next(self.serials)
             self.live[address] = (
-                weakref.ref(whole, lambda _, k=address: self._forget(k)),
+                weakref.ref(whole, functools.partial(self._forget, address)),
                 a,
                 serial,
             )
@@ -266,25 +281,29 @@ class _GatherOnUse(TorchFunctionMode):
         return whole
 
     def _keep(self, gathered: dict[int, torch.Tensor]) -> None:
-        """Hold this operation's gathers, and drop the oldest held beyond the most one operation gathered."""
+        """Hold this operation's gathers, and drop the oldest held beyond the most one operation
+        gathered."""
         self.budget = max(self.budget, sum(t.untyped_storage().nbytes() for t in gathered.values()))
         self.kept.update(gathered)
         total = sum(t.untyped_storage().nbytes() for t in self.kept.values())
         while total > self.budget:
             total -= self.kept.pop(next(iter(self.kept))).untyped_storage().nbytes()
 
-    def _forget(self, address: int) -> None:
+    def _forget(self, address: int, _: object = None) -> None:
         entry = self.live.get(address)
         if entry is not None and entry[0]() is None:
             del self.live[address]
 
     def pack(self, t: torch.Tensor) -> Any:
-        """What autograd keeps of a saved tensor: how to have it again if it is (a view of) a gathered parameter."""
+        """What autograd keeps of a saved tensor: how to have it again if it is (a view of) a
+        gathered parameter."""
         if type(t) is not torch.Tensor or not t.numel():
             return t
         address = t.untyped_storage().data_ptr()
         entry = self.live.get(address)
-        whole = entry[0]() if entry is not None else None
+        if entry is None:
+            return t
+        whole = entry[0]()
         if whole is None or whole.dtype != t.dtype:
             return t
         return _Regather(
@@ -302,7 +321,8 @@ class _GatherOnUse(TorchFunctionMode):
 
 
 def _arguments(args: tuple, kwargs: Mapping[str, Any]) -> Iterator[Any]:
-    """The arguments of a torch function call, and the items of its list and tuple arguments (``torch.cat([w, v])``)."""
+    """The arguments of a torch function call, and the items of its list and tuple arguments
+    (``torch.cat([w, v])``)."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, (list, tuple)):
             yield from a
@@ -311,7 +331,8 @@ def _arguments(args: tuple, kwargs: Mapping[str, Any]) -> Iterator[Any]:
 
 
 class _Regather:
-    """A saved view of a gathered parameter: its shard and the view's geometry, or the whole while it is kept."""
+    """A saved view of a gathered parameter: its shard and the view's geometry, or the whole while
+    it is kept."""
 
     __slots__ = ("mode", "serial", "shard", "shape", "stride", "offset")
 
@@ -328,20 +349,20 @@ class _Regather:
         self.shape, self.stride, self.offset = shape, stride, offset
 
     def get(self) -> torch.Tensor:
-        whole = self.mode.kept.pop(
-            self.serial, None
-        )  # the backward's first use takes it; the graph holds it no longer
+        # the backward's first use takes it; the graph holds it no longer
+        whole = self.mode.kept.pop(self.serial, None)
         if whole is None:
             with torch.no_grad():
-                whole = (
-                    self.shard.detach().full_tensor()
-                )  # an all-gather, in the backward: every rank runs the same graph
+                # an all-gather, in the backward: every rank runs the same graph
+                # torch types DTensor.detach() as returning a plain Tensor
+                whole = cast("DTensor", self.shard.detach()).full_tensor()
         return whole.as_strided(self.shape, self.stride, whole.storage_offset() + self.offset)
 
 
 @contextmanager
 def gathering_on_use(params: Mapping[str, torch.Tensor], regather: bool = True) -> Iterator[None]:
-    """Within: each sharded tensor of `params` is gathered by every torch operation that uses it, and only there.
+    """Within: each sharded tensor of `params` is gathered by every torch operation that uses it,
+    and only there.
 
     An operation given a sharded parameter (``F.linear(x, w)``, ``w.T``, ``torch.cat([w, v])``)
     runs on its all-gathered whole (`for_compute`: the gradient comes back reduce-scattered), and
@@ -350,8 +371,8 @@ def gathering_on_use(params: Mapping[str, torch.Tensor], regather: bool = True) 
     the whole of a few operations' parameters at a time rather than of the model's. The most
     recent gathers, up to the most bytes one operation gathers, stay whole from the forward's end to
     their use in the backward, which comes first (the last layers, a tied output embedding): they
-    are not gathered again. A parameter used by two operations (a tied weight) is gathered by each. Metadata (``w.shape``, ``w.dtype``,
-    ``w.size()``) is read without a gather.
+    are not gathered again. A parameter used by two operations (a tied weight) is gathered by each.
+    Metadata (``w.shape``, ``w.dtype``, ``w.size()``) is read without a gather.
 
     With ``regather=False`` (``reshard_after_forward=False``) autograd keeps what it saves of the
     gathered tensors until the backward has used it: no gather in the backward, the whole
@@ -375,7 +396,8 @@ def gathering_on_use(params: Mapping[str, torch.Tensor], regather: bool = True) 
 
 
 def reduce_scatter(g: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's rows of the mean over ranks of `g` (each rank's whole gradient): one reduce-scatter."""
+    """This rank's rows of the mean over ranks of `g` (each rank's whole gradient): one
+    reduce-scatter."""
     from torch.distributed.tensor import Partial, Shard
 
     return (
@@ -423,7 +445,8 @@ def all_gather(
 
 
 def _own_rows(rows: torch.Tensor, whole: torch.Tensor, mesh: Any) -> bool:
-    """Whether `rows` is the view of `whole` that `local_rows` gives (the same memory, not equal values)."""
+    """Whether `rows` is the view of `whole` that `local_rows` gives (the same memory, not equal
+    values)."""
     mine = local_rows(whole, mesh)
     return (
         whole.is_contiguous()
@@ -442,12 +465,14 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_elementwise(name: str) -> None:
-    """Raise `ConfigError` for an optimizer whose update needs whole parameters (named by `name`)."""
+    """Raise `ConfigError` for an optimizer whose update needs whole parameters (named by
+    `name`)."""
     found = [w for w in _WHOLE_TENSOR if f"{w}(" in name]
     if found:
         raise ConfigError(
-            f"sharding splits each parameter into slices of rows, but the optimizer {found[0]} updates whole matrices "
-            f"(got optimizer {name}); use sharding=None with it, or an elementwise optimizer (adamw, sgd, lion, ...)"
+            f"sharding splits each parameter into slices of rows, but the optimizer {found[0]} "
+            f"updates whole matrices (got optimizer {name}); use sharding=None with it, or an "
+            "elementwise optimizer (adamw, sgd, lion, ...)"
         )
 
 
@@ -474,7 +499,8 @@ def _row_leaves(
         base, grown = pytree.tree_leaves(tx_init(meta(0))), pytree.tree_leaves(tx_init(meta(1)))
     except Exception as e:  # noqa: BLE001 - the optimizer's init, whatever it raises
         raise ConfigError(
-            f"sharding needs the optimizer's init to run on meta tensors (to find its parameter-shaped state); it raised {type(e).__name__}: {e}"
+            "sharding needs the optimizer's init to run on meta tensors (to find its "
+            f"parameter-shaped state); it raised {type(e).__name__}: {e}"
         ) from e
     rows = []
     for a, b in zip(base, grown, strict=True):
@@ -484,7 +510,8 @@ def _row_leaves(
             rows.append(True)
         else:
             raise ConfigError(
-                f"sharding needs optimizer state shaped like the parameters or replicated, got a leaf of shape {tuple(a.shape)} that changes as {tuple(b.shape)} with one more row"
+                "sharding needs optimizer state shaped like the parameters or replicated, got a "
+                f"leaf of shape {tuple(a.shape)} that changes as {tuple(b.shape)} with one more row"
             )
     return rows, base
 
@@ -492,7 +519,8 @@ def _row_leaves(
 def sharded_init(
     tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor], mesh: Any
 ) -> Tree:
-    """The optimizer state of whole `params`, its parameter-shaped leaves sharded, without building it whole.
+    """The optimizer state of whole `params`, its parameter-shaped leaves sharded, without building
+    it whole.
 
     The state is initialized on this rank's rows (`local_rows` of a whole parameter, the local
     slice of a sharded one); each leaf that follows the parameters' rows becomes a DTensor of the
@@ -515,19 +543,18 @@ def sharded_init(
     return pytree.tree_unflatten(out, spec)
 
 
-@contextmanager
-def norms_over_shards(group: Any) -> Iterator[None]:
-    """Within: `functrain.tree.global_norm` sums the squares of sliced (non-0-d) tensors over ranks.
+def summed_over_ranks(group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The sum over the ranks of `group` (one all-reduce) that a sharded step's norms take.
 
-    One all-reduce per norm; 0-d tensors are replicated and count once.
+    `functrain.tree.global_norm` sums the squares of sliced (non-0-d) tensors with it
+    (`functrain.tree.Norms.across`); 0-d tensors are replicated and count once.
     """
     import torch.distributed._functional_collectives as funcol
 
     def over_ranks(squares: torch.Tensor) -> torch.Tensor:
         return funcol.all_reduce(squares, "sum", group)
 
-    with summing_norms(over_ranks):
-        yield
+    return over_ranks
 
 
 def local_tree(tree: Tree) -> Tree:
@@ -536,12 +563,14 @@ def local_tree(tree: Tree) -> Tree:
 
 
 def like_tree(new_local: Tree, old: Tree) -> Tree:
-    """`new_local` (a tree of local slices) placed leaf by leaf like `old`, a tree of the same structure."""
+    """`new_local` (a tree of local slices) placed leaf by leaf like `old`, a tree of the same
+    structure."""
     leaves, spec = pytree.tree_flatten(new_local)
     before = pytree.tree_leaves(old)
     if len(before) != len(leaves):
         raise ConfigError(
-            f"a sharded optimizer state must keep its structure across steps, got {len(before)} leaves before and {len(leaves)} after"
+            f"a sharded optimizer state must keep its structure across steps, got {len(before)} "
+            f"leaves before and {len(leaves)} after"
         )
     return pytree.tree_unflatten([like(n, o) for n, o in zip(leaves, before, strict=True)], spec)
 
@@ -549,7 +578,8 @@ def like_tree(new_local: Tree, old: Tree) -> Tree:
 def local_params(
     params: dict[str, torch.Tensor], sharding: str, mesh: Any
 ) -> dict[str, torch.Tensor]:
-    """The parameters this rank updates: its slices (``"full"``) or its rows of the whole ones (``"optimizer"``)."""
+    """The parameters this rank updates: its slices (``"full"``) or its rows of the whole ones
+    (``"optimizer"``)."""
     if sharding == "full":
         return {k: local(p) for k, p in params.items()}
     return {k: local_rows(p, mesh) for k, p in params.items()}
@@ -562,8 +592,8 @@ def placed_params(
     mesh: Any,
     in_place: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The updated local parameters placed as the state holds them: sharded again, or all-gathered whole
-    (into `old`'s own tensors with `in_place`, a donated step: `all_gather`)."""
+    """The updated local parameters placed as the state holds them: sharded again, or all-gathered
+    whole (into `old`'s own tensors with `in_place`, a donated step: `all_gather`)."""
     if sharding == "full":
         return {k: like(p, old[k]) for k, p in new.items()}
     return {k: all_gather(p, old[k], mesh, in_place) if p.ndim else p for k, p in new.items()}
@@ -572,7 +602,8 @@ def placed_params(
 def split_gradients(
     grads: dict[str, torch.Tensor], sharding: str, mesh: Any
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """This rank's slices of the mean gradients, and the 0-d gradients still to be averaged with the metrics.
+    """This rank's slices of the mean gradients, and the 0-d gradients still to be averaged with the
+    metrics.
 
     ``"full"``: autograd already reduce-scattered the sharded ones (`for_compute`). ``"optimizer"``:
     each gradient of a non-0-d parameter is reduce-scattered here.

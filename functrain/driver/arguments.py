@@ -13,11 +13,11 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from functrain.core.body import samples_in
 from functrain.core.state import TrainState
-from functrain.core.step import _batch_size
 from functrain.driver.data import Batcher, IterableSource
+from functrain.driver.stopping import EarlyStopping
 from functrain.errors import ConfigError
-from functrain.optim.plateau import EarlyStopping
 
 __all__ = ["fit_problems", "early_stopping_of", "empty_data_problem", "EARLY_STOPPING_KEYS"]
 
@@ -29,11 +29,15 @@ _SEED_RANGE = (-(2**63), 2**64)
 
 
 def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and int(value) >= minimum
+    )
 
 
 def fit_problems(kw: Mapping[str, Any]) -> list[str]:
-    """Every problem with `fit`'s arguments (`kw` is its ``locals()``), in the order of its signature."""
+    """Every problem with `fit`'s arguments (`kw`: its ``locals()``), in its signature's order."""
     return [
         *_types(kw),
         *_limits(kw),
@@ -64,16 +68,18 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
     if not (
         isinstance(seed, numbers.Integral)
         and not isinstance(seed, bool)
-        and _SEED_RANGE[0] <= seed < _SEED_RANGE[1]
+        and _SEED_RANGE[0] <= int(seed) < _SEED_RANGE[1]
     ):
         p.append(f"data_seed must be an int in [-2**63, 2**64), got data_seed={seed!r}")
     if not isinstance(kw["callbacks"], Sequence) or isinstance(kw["callbacks"], str):
         p.append(
-            f"callbacks must be a list of callbacks, got {type(kw['callbacks']).__name__}: pass callbacks=[...]"
+            f"callbacks must be a list of callbacks, got {type(kw['callbacks']).__name__}: pass "
+            "callbacks=[...]"
         )
     if kw["verbosity"] not in ("silent", "minimal", "standard", "verbose"):
         p.append(
-            f"verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got verbosity={kw['verbosity']!r}"
+            "verbosity must be 'silent', 'minimal', 'standard' or 'verbose', got "
+            f"verbosity={kw['verbosity']!r}"
         )
     for name, allowed in (
         ("stop_on_nonfinite", ("eval", "train", "none")),
@@ -84,7 +90,8 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
             p.append(f"{name} must be one of {list(allowed)}, got {name}={kw[name]!r}")
     if kw["test_every_eval"] is True and (kw["test_data"] is None or kw["eval_data"] is None):
         p.append(
-            "test_every_eval=True needs test_data=... and eval_data=... (it adds the test set to each evaluation)"
+            "test_every_eval=True needs test_data=... and eval_data=... (it adds the test set to "
+            "each evaluation)"
         )
     return p
 
@@ -123,7 +130,8 @@ def _evaluation(kw: Mapping[str, Any]) -> list[str]:
         p.append(f"mode must be 'min' or 'max', got mode={kw['mode']!r}")
     if not isinstance(kw["best_metric"], str):
         p.append(
-            f"best_metric must be a metric name such as 'val_loss', got best_metric={kw['best_metric']!r}"
+            "best_metric must be a metric name such as 'val_loss', got "
+            f"best_metric={kw['best_metric']!r}"
         )
     if kw["eval_data"] is not None:
         return p
@@ -137,7 +145,8 @@ def _evaluation(kw: Mapping[str, Any]) -> list[str]:
     ):
         if kw[name] != unset and not (name == "eval_batch_size" and kw["test_data"] is not None):
             p.append(
-                f"{name}={_short(kw[name])} needs eval_data=... (it acts on evaluations; without them it would be ignored)"
+                f"{name}={_short(kw[name])} needs eval_data=... (it acts on evaluations; without "
+                "them it would be ignored)"
             )
     return p
 
@@ -156,7 +165,8 @@ def _checkpoints(kw: Mapping[str, Any]) -> list[str]:
     ):
         if kw[name] != unset:
             p.append(
-                f"{name}={kw[name]!r} needs checkpoint_dir=... (it acts on checkpoints; without them it would be ignored)"
+                f"{name}={kw[name]!r} needs checkpoint_dir=... (it acts on checkpoints; without "
+                "them it would be ignored)"
             )
     return p
 
@@ -173,17 +183,20 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
         return value, []
     if not isinstance(value, Mapping):
         return None, [
-            f"early_stopping must be an EarlyStopping, a dict with keys {list(EARLY_STOPPING_KEYS)} or None, got {type(value).__name__}"
+            "early_stopping must be an EarlyStopping, a dict with keys "
+            f"{list(EARLY_STOPPING_KEYS)} or None, got {type(value).__name__}"
         ]
     p = []
     unknown = sorted(set(map(str, value)) - set(EARLY_STOPPING_KEYS))
     if unknown:
         p.append(
-            f"early_stopping has unknown keys {unknown}: expected some of {list(EARLY_STOPPING_KEYS)}"
+            f"early_stopping has unknown keys {unknown}: expected some of "
+            f"{list(EARLY_STOPPING_KEYS)}"
         )
     if "target" in value and not isinstance(value["target"], str):
         p.append(
-            f"early_stopping['target'] must be a metric name such as 'val_loss', got {value['target']!r}"
+            "early_stopping['target'] must be a metric name such as 'val_loss', got "
+            f"{value['target']!r}"
         )
     if "patience" in value and not _is_int(value["patience"], 1):
         p.append(f"early_stopping['patience'] must be an int >= 1, got {value['patience']!r}")
@@ -194,7 +207,7 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
         isinstance(delta, numbers.Real)
         and not isinstance(delta, bool)
         and math.isfinite(delta)
-        and delta >= 0
+        and float(delta) >= 0
     ):
         p.append(f"early_stopping['min_delta'] must be a finite number >= 0, got {delta!r}")
     if p:
@@ -203,31 +216,39 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
 
 
 def empty_data_problem(source: Batcher | IterableSource) -> str | None:
-    """Why `source` can yield no batch with samples, when that is known before the run (else None)."""
+    """Why `source` can yield no batch with samples, if known before the run (else None)."""
     if isinstance(source, Batcher):
         n = len(source.dataset)
         if n == 0:
             return "train_data is empty (0 samples): there is nothing to train on"
         if len(source) == 0:
             return (
-                f"train_data yields no batch: {n} samples with batch_size={source.batch_size} and drop_last=True drop them all; "
-                f"pass drop_last=False or batch_size <= {n}"
+                f"train_data yields no batch: {n} samples with batch_size={source.batch_size} and "
+                f"drop_last=True drop them all; pass drop_last=False or batch_size <= {n}"
             )
         return None
     if source.has_len() and len(source) == 0:
-        return f"train_data is empty (a {type(source.source).__name__} of length 0): there is nothing to train on"
-    if isinstance(source.source, (list, tuple)) and all(_batch_size(b) == 0 for b in source.source):
-        return f"train_data's {len(source.source)} batches all hold 0 samples: there is nothing to train on"
+        return (
+            f"train_data is empty (a {type(source.source).__name__} of length 0): there is nothing "
+            "to train on"
+        )
+    if isinstance(source.source, (list, tuple)) and all(samples_in(b) == 0 for b in source.source):
+        return (
+            f"train_data's {len(source.source)} batches all hold 0 samples: there is nothing to "
+            "train on"
+        )
     return None
 
 
 def raise_empty_epoch(epoch: int) -> None:
-    """The error for an epoch that yielded no batch with samples: a run bounded by steps would never end."""
+    """The error for an epoch that yielded no batch with samples (a run by steps would not end)."""
     hint = (
         "the source yields nothing"
         if epoch == 0
-        else "earlier epochs had batches: a one-shot iterator is exhausted after one pass; wrap it in a class whose __iter__ starts a new pass"
+        else "earlier epochs had batches: a one-shot iterator is exhausted after one pass; wrap "
+        "it in a class whose __iter__ starts a new pass"
     )
     raise ConfigError(
-        f"train_data yielded no batch with samples in epoch {epoch} ({hint}); give train_data that yields batches each epoch"
+        f"train_data yielded no batch with samples in epoch {epoch} ({hint}); give train_data that "
+        "yields batches each epoch"
     )

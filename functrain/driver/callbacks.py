@@ -105,7 +105,8 @@ class Run:
     def user(self, value: dict[str, Any]) -> None:
         if not isinstance(value, dict):
             raise ConfigError(
-                f"run.user must be a dict (a tree of tensors and JSON values), got {type(value).__name__}: assign run.user = {{...}}"
+                "run.user must be a dict (a tree of tensors and JSON values), got "
+                f"{type(value).__name__}: assign run.user = {{...}}"
             )
         self.state = self.state.replace(user=value)
 
@@ -146,7 +147,8 @@ def check_callback(callback: Any) -> list[str]:
     Raises:
         ConfigError: a hook has the wrong signature, or the object implements no hook.
     """
-    # a hook counts unless it is `Callback`'s no-op; `on()` sets its hook on the instance, not the class
+    # a hook counts unless it is `Callback`'s no-op; `on()` sets its hook on the instance, not the
+    # class
     hooks = [
         h
         for h in HOOKS
@@ -155,7 +157,8 @@ def check_callback(callback: Any) -> list[str]:
     ]
     if not hooks:
         raise ConfigError(
-            f"{type(callback).__name__} is not a callback: expected one of the methods {', '.join(HOOKS)}"
+            f"{type(callback).__name__} is not a callback: expected one of the methods "
+            f"{', '.join(HOOKS)}"
         )
     for hook in hooks:
         try:
@@ -163,7 +166,8 @@ def check_callback(callback: Any) -> list[str]:
         except TypeError:
             sig = inspect.signature(getattr(callback, hook))
             raise ConfigError(
-                f"{type(callback).__name__}.{hook}{sig} must accept one argument, the run: def {hook}(self, run)"
+                f"{type(callback).__name__}.{hook}{sig} must accept one argument, the run: def "
+                f"{hook}(self, run)"
             ) from None
     return hooks
 
@@ -204,7 +208,7 @@ class _FunctionCallback(Callback):
 
 
 def on(event: str, *, every: int = 1) -> Callable[[Callable[[Run], Any]], Callback]:
-    """Turn a function ``fn(run)`` into a callback for one event, optionally every N steps or epochs.
+    """Turn a function ``fn(run)`` into a callback for one event, optionally every N-th time.
 
     Args:
         event: a hook name without ``on_``: ``"batch_end"``, ``"epoch_end"``, ``"eval_end"``, ...
@@ -231,7 +235,8 @@ def on(event: str, *, every: int = 1) -> Callable[[Callable[[Run], Any]], Callba
             inspect.signature(fn).bind(object())
         except TypeError:
             raise ConfigError(
-                f"{getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept one argument, the run"
+                f"{getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept one argument, "
+                "the run"
             ) from None
         return _FunctionCallback(event, fn, every)
 
@@ -309,10 +314,10 @@ class ProgressBar(Callback):
 class JsonlLogger(Callback):
     """Append one JSON line per log interval, per evaluation and per epoch to `path` (flushed).
 
-    Each line has ``kind`` (``"train"``, ``"eval"``, ``"epoch"``) and the row's metrics; NaN and
-    Inf are written as strings (``"nan"``, ``"inf"``) so they are not lost as ``null``. When training
-    begins the file is rewritten from the run's history (empty for a new run, restored for a
-    resumed one), so rows an interrupted process logged after its last checkpoint appear once.
+    Each line has ``kind`` (``"train"``, ``"eval"``, ``"epoch"``) and the row's metrics; NaN and Inf
+    are written as strings (``"nan"``, ``"inf"``) so they are not lost as ``null``. When training
+    begins the file is rewritten from the run's history (empty for a new run, restored for a resumed
+    one), so rows an interrupted process logged after its last checkpoint appear once.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -412,7 +417,8 @@ class TensorBoardLogger(Callback):
     """Write scalars to TensorBoard (needs ``pip install functrain[tensorboard]``)."""
 
     def __init__(self, log_dir: str | Path) -> None:
-        self.log_dir, self.writer = Path(log_dir), None
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None  # a SummaryWriter once the run begins (tensorboard is optional)
 
     def on_train_begin(self, run: Run) -> None:
         try:
@@ -466,7 +472,7 @@ class Profiler(Callback):
         with_stack: bool = False,
     ) -> None:
         self.trace_dir = Path(trace_dir)
-        self.kwargs = dict(
+        self.kwargs: dict[str, Any] = dict(
             record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack
         )
         self.window = dict(wait=wait, warmup=warmup, active=active, repeat=1)
@@ -502,16 +508,17 @@ class Profiler(Callback):
 
 
 class LRMonitor(Callback):
-    """Record the learning rate (and plateau scale, if any) at each log interval in `self.values`."""
+    """Record the learning rate (and plateau scale) at each log interval in `self.values`."""
 
     def __init__(self) -> None:
         self.values: list[tuple[int, float]] = []
 
     def on_batch_end(self, run: Run) -> None:
         if run.logs is not None and "lr" in run.logs:
-            from functrain.optim.transform import transform_metrics
+            from functrain.optim.metrics import transform_metrics
 
-            # the step's metrics do not carry the plateau scale: read it from the state (a log interval)
+            # the step's metrics do not carry the plateau scale: read it from the state (a log
+            # interval)
             scale = transform_metrics(run.state.opt_state).get("lr_scale")
             lr = run.logs["lr"] * (float(scale) if scale is not None else 1.0)
             self.values.append((run.step, lr))

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from functrain.core.ensemble import member_columns
+from functrain.core.body import samples_in
+from functrain.core.stacked import member_columns
 from functrain.core.state import TrainState
-from functrain.core.step import _batch_size, eval_step
+from functrain.core.step import eval_step
 from functrain.distributed.data_parallel import reduce_sums
 from functrain.errors import ConfigError, config_check
 
@@ -33,11 +34,13 @@ def evaluate(
 
     Raises:
         ConfigError: `state` is not a `TrainState`, `data` is not an iterable of batches (a
-            map-style dataset needs batching: pass a `DataLoader`), or it yielded no batch with samples.
+            map-style dataset needs batching: pass a `DataLoader`), or it yielded no batch with
+            samples.
 
     Example:
         >>> import torch, functrain as ft
-        >>> s = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.1), lambda m, b: (m(b) ** 2).mean())
+        >>> loss = lambda m, b: (m(b) ** 2).mean()
+        >>> s = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.1), loss)
         >>> sorted(evaluate(s, [torch.ones(4, 1), torch.zeros(2, 1)]))
         ['val_loss']
     """
@@ -45,7 +48,7 @@ def evaluate(
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch in data:
-        n = _batch_size(batch)
+        n = samples_in(batch)
         if n == 0:
             continue
         metrics = eval_step(state, batch, use_ema=use_ema)
@@ -54,7 +57,8 @@ def evaluate(
         count += n
     keys = list(sums)
     if state.dist is not None:
-        # every rank evaluated its shard: add up sums and counts (ranks must produce the same metric names)
+        # every rank evaluated its shard: add up sums and counts (ranks must produce the same metric
+        # names)
         totals = reduce_sums(
             torch.stack(
                 [
@@ -67,7 +71,8 @@ def evaluate(
         sums, count = dict(zip(keys, totals[:-1], strict=True)), int(totals[-1])
     if not count:
         raise ConfigError(
-            "the evaluation data yielded no batch with samples: pass batches holding samples (e.g. a DataLoader over a non-empty dataset)"
+            "the evaluation data yielded no batch with samples: pass batches holding samples "
+            "(e.g. a DataLoader over a non-empty dataset)"
         )
     values = (torch.stack([sums[k] for k in keys]) / count).tolist()  # one host read per evaluation
     return {f"{prefix}{k}": float(v) for k, v in zip(keys, values, strict=True)}
@@ -84,10 +89,12 @@ def _check_arguments(state: Any, data: Any, use_ema: bool) -> None:
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         # iterating it would yield single samples, each taken for a batch
         problems.append(
-            f"data must be an iterable of batches, got a map-style {type(data).__name__}: pass DataLoader(data, batch_size=...)"
+            f"data must be an iterable of batches, got a map-style {type(data).__name__}: pass "
+            "DataLoader(data, batch_size=...)"
         )
     elif not isinstance(data, Iterable):
         problems.append(
-            f"data must be an iterable of batches (a DataLoader, a list of batches), got {type(data).__name__}"
+            "data must be an iterable of batches (a DataLoader, a list of batches), got "
+            f"{type(data).__name__}"
         )
     config_check(problems, "evaluate")

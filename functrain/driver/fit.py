@@ -23,7 +23,7 @@ from functrain.checkpoint.format import read_manifest
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
-from functrain.core.ensemble import host_count
+from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
 from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
 from functrain.driver.callbacks import (
@@ -43,8 +43,8 @@ from functrain.driver.run_config import (
     config_option_problems,
     json_config,
 )
+from functrain.driver.stopping import EarlyStopping
 from functrain.errors import CheckpointError, ConfigError, config_check
-from functrain.optim.plateau import EarlyStopping
 
 __all__ = ["fit", "FitResult"]
 
@@ -58,7 +58,8 @@ class FitResult:
         history: metrics per log interval, evaluation and epoch (`History`).
         best: the evaluation metrics of the best checkpoint (or of the best evaluation), if any.
         test: test-set metrics computed with the best weights, if `test_data` was given.
-        checkpoints: ``{"best": path, "latest": path, "all": [paths]}`` (None / [] without a directory).
+        checkpoints: ``{"best": path, "latest": path, "all": [paths]}`` (None / [] without a
+            directory).
         stop_reason: why the run ended: ``"max_epochs"``, ``"max_steps"``, ``"early_stopping"``,
             ``"nonfinite_val_loss"`` / ``"nonfinite_loss"``, ``"pruned"`` (an Optuna pruner stopped
             the trial through `OptunaPruning`: raise ``optuna.TrialPruned`` after `fit`), or the
@@ -77,7 +78,10 @@ class FitResult:
     def __repr__(self) -> str:
         best = f", best={_short(self.best)}" if self.best else ""
         test = f", test={_short(self.test)}" if self.test else ""
-        return f"FitResult(step={host_count(self.state.step)}, epoch={host_count(self.state.epoch)}, stop_reason={self.stop_reason!r}{best}{test})"
+        return (
+            f"FitResult(step={host_count(self.state.step)}, epoch={host_count(self.state.epoch)}, "
+            f"stop_reason={self.stop_reason!r}{best}{test})"
+        )
 
 
 def _short(metrics: dict[str, float]) -> str:
@@ -166,7 +170,8 @@ def fit(
             that improves `best_metric`; None saves at each evaluation and epoch end. The run's
             final state is always saved.
         keep_last: regular checkpoints to keep (None keeps all). keep_best: best ones to keep.
-        best_metric / mode: the evaluation metric deciding "best" (and watched by plateau schedules).
+        best_metric / mode: the evaluation metric deciding "best" (and watched by plateau
+            schedules).
         async_save: write checkpoints in a background thread.
         early_stopping: an `EarlyStopping`, or the dict of its arguments (``{"target": "val_loss",
             "patience": 3, "mode": "min", "min_delta": 0.0}``, every key optional); its counters
@@ -174,7 +179,8 @@ def fit(
         callbacks: extra callbacks (see `functrain.driver.callbacks`).
         progress: show a progress bar.
         verbosity: console lines: ``"silent"``, ``"minimal"`` (epochs, evaluations),
-            ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings, memory).
+            ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings,
+            memory).
         log_file: append a JSONL line per log interval, evaluation and epoch.
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any). Without
             it, a `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
@@ -190,14 +196,17 @@ def fit(
             `best_metric`) is NaN or Inf, ``"train"`` also when a log interval's mean training
             loss is (read at log intervals only), ``"none"`` never. The run then returns with
             `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the non-finite state in
-            the result, and the checkpoints as the last finite state left them (nothing is saved after).
-        test_every_eval: evaluate `test_data` at each evaluation too (``test_loss`` in the eval rows).
+            the result, and the checkpoints as the last finite state left them (nothing is saved
+            after).
+        test_every_eval: evaluate `test_data` at each evaluation too (``test_loss`` in the eval
+            rows).
         grad_stats: ``"layer"`` or ``"param"``: add per-group gradient norms and update/weight
             ratios to the metrics (``grad_norm/<group>``, ``update_ratio/<group>``; computed on the
             device, read at log intervals; see `TrainState.create`), also under `compile`.
         memory: memory columns of the train rows: ``"host"`` the process's peak resident memory
             (``memory_mib``), ``"device"`` also, on CUDA, the peak allocated and reserved memory
-            of each log interval (``cuda_max_allocated_mib``, ``cuda_max_reserved_mib``), ``"none"``.
+            of each log interval (``cuda_max_allocated_mib``, ``cuda_max_reserved_mib``),
+            ``"none"``.
         config: the run's resolved config (JSON-able; ``functrain run`` passes the one it built),
             saved in every checkpoint's manifest (``metadata["config"]``). On ``resume=True`` it
             is compared with the config of the checkpoint restored (see
@@ -225,7 +234,8 @@ def fit(
             data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path
             and type), a resume on another number of ranks than the one that saved such data's
             state, a resume whose `config` differs from the checkpoint's
-            (``on_config_change="error"``), or a `best_metric` the first evaluation does not produce.
+            (``on_config_change="error"``), or a `best_metric` the first evaluation does not
+            produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time.
         NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
@@ -236,7 +246,8 @@ def fit(
         >>> data = TensorDataset(torch.randn(64, 3), torch.randn(64, 1))
         >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.adamw(1e-2), loss_fn)
-        >>> result = ft.fit(state, data, eval_data=data, batch_size=16, max_epochs=2, progress=False, verbosity="silent")
+        >>> quiet = dict(progress=False, verbosity="silent")
+        >>> result = ft.fit(state, data, eval_data=data, batch_size=16, max_epochs=2, **quiet)
         >>> int(result.state.step), result.stop_reason
         (8, 'max_epochs')
     """
@@ -270,7 +281,8 @@ def fit(
         raise ConfigError(empty)
     manager = None
     if checkpoint_dir:
-        # rank 0 holds the directory's lock; of a replicated state it writes everything and the other
+        # rank 0 holds the directory's lock; of a replicated state it writes everything and the
+        # other
         # ranks only read, of a sharded one every rank writes its own shards
         sharded = state.dist is not None and has_dtensors(state.tree())
         writes = main or sharded
@@ -292,11 +304,13 @@ def fit(
         if manager is not None and not resume and (manager.all() or manager.bests()):
             # a fresh run would rotate, and pick its best among, another run's checkpoints
             raise ConfigError(
-                f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints of a run; pass resume=True to continue "
-                "that run, or give this run a directory of its own (nothing was changed there)"
+                f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints of a run; pass "
+                "resume=True to continue that run, or give this run a directory of its own "
+                "(nothing was changed there)"
             )
         if resume and manager is not None:
-            # compared before loading: a changed optimizer would otherwise fail as a fingerprint mismatch
+            # compared before loading: a changed optimizer would otherwise fail as a fingerprint
+            # mismatch
             compared = _compare_config(manager.latest(), config, on_config_change, config_exempt)
             restored = manager.restore_latest(like=state)
             if (
@@ -328,16 +342,21 @@ def fit(
 def _compare_config(
     checkpoint: Path | None, config: dict[str, Any] | None, on_change: str, exempt: Sequence[str]
 ) -> Path | None:
-    """Refuse (or warn about) a resume whose config differs from `checkpoint`'s; the path compared with, if any."""
+    """Refuse (or warn about) a resume whose config differs from `checkpoint`'s.
+
+    Returns the path compared with, if any.
+    """
     if config is None or checkpoint is None:
         return None  # nothing to compare: the run states no config, or there is no checkpoint
     try:
         recorded = read_manifest(checkpoint)["metadata"].get("config")
     except CheckpointError:
-        return None  # restoring skips it with a warning; the checkpoint restored instead is compared then
+        # restoring skips it with a warning; the checkpoint restored instead is compared then
+        return None
     if not isinstance(recorded, dict):
         warnings.warn(
-            f"checkpoint {checkpoint.name} records no config: the resumed run's config could not be compared",
+            f"checkpoint {checkpoint.name} records no config: the resumed run's config could not "
+            "be compared",
             ConfigChangeWarning,
             stacklevel=3,
         )
@@ -354,9 +373,10 @@ def _compare_config(
         )
         return checkpoint
     raise ConfigError(
-        f"the run in {str(checkpoint.parent)!r} was saved with another config; changed keys (checkpoint -> now):\n  - {listing}\n"
-        "resume with the checkpoint's values, pass on_config_change='warn' (++fit.on_config_change=warn on the command line) "
-        "to continue with the new ones, or add the keys to config_exempt"
+        f"the run in {str(checkpoint.parent)!r} was saved with another config; changed keys "
+        f"(checkpoint -> now):\n  - {listing}\nresume with the checkpoint's values, pass "
+        "on_config_change='warn' (++fit.on_config_change=warn on the command line) to continue "
+        "with the new ones, or add the keys to config_exempt"
     )
 
 

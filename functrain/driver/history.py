@@ -72,7 +72,10 @@ class History:
         return sum(len(r) for r in self.rows.values())
 
     def __repr__(self) -> str:
-        return f"History(train={len(self.rows['train'])} rows, eval={len(self.rows['eval'])}, epoch={len(self.rows['epoch'])})"
+        return (
+            f"History(train={len(self.rows['train'])} rows, eval={len(self.rows['eval'])}, "
+            f"epoch={len(self.rows['epoch'])})"
+        )
 
     def plot(self, path: str | Path | None = None, metrics: Sequence[str] | None = None) -> Any:
         """Plot loss and metric curves against the step; save to `path` (PNG) or return the figure.

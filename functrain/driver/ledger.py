@@ -19,8 +19,8 @@ import torch
 from functrain.checkpoint.state_io import register_driver_check
 from functrain.driver.data import source_problems
 from functrain.driver.history import KINDS, History
+from functrain.driver.stopping import EarlyStopping, improved
 from functrain.errors import ConfigError
-from functrain.optim.plateau import EarlyStopping, improved
 
 __all__ = ["Ledger", "MetricWindow", "memory_columns", "tree_problems"]
 
@@ -43,8 +43,8 @@ class MetricWindow:
     """Running sums of the per-step metrics since the last flush, kept on the device until read.
 
     Sums rather than a list of per-step tensors: keeping hundreds of tiny tensors alive fragments
-    the allocator, which cost 6% of a small model's step. Saved in ``state.driver`` so a resumed run
-    continues the same sums.
+    the allocator and slows the step (``benchmarks/README.md``). Saved in ``state.driver`` so a
+    resumed run continues the same sums.
     """
 
     def __init__(self, tree: dict[str, Any] | None = None) -> None:
@@ -68,13 +68,16 @@ class MetricWindow:
             self.keys, self.sums = keys, vec
         elif keys != self.keys:
             raise ConfigError(
-                f"loss_fn must return the same metrics at every step: got {keys}, before {self.keys}"
+                f"loss_fn must return the same metrics at every step: got {keys}, before "
+                f"{self.keys}"
             )
         else:
+            assert self.sums is not None  # a count above 0 comes with its sums
             self.sums = self.sums + vec
         self.count += 1
 
     def totals(self) -> dict[str, float]:
+        assert self.sums is not None, "totals of an empty window"
         return dict(zip(self.keys, self.sums.tolist(), strict=True))  # one host read
 
     def means(self) -> dict[str, float]:
@@ -165,7 +168,8 @@ class Ledger:
 
         Raises:
             ConfigError: the setup differs from the recorded one (a resumed position would then
-                point at other samples: some skipped, some repeated), naming each change and the fix.
+                point at other samples: some skipped, some repeated), naming each change and the
+                    fix.
         """
         if self.data is not None:
             regroup = at_epoch_start and "samples" in setup and "samples" in self.data
@@ -183,7 +187,7 @@ class Ledger:
         self.epoch_sums.add_vector(self.window.add(metrics, samples), self.window.keys)
 
     def end_epoch(self, epoch: int, step: int, elapsed: float) -> None:
-        """Record the finished `epoch`'s row: the epoch's mean of every training metric (one host read)."""
+        """Record the finished `epoch`'s row: the mean of every training metric (one host read)."""
         row: dict[str, Any] = {"epoch": epoch, "step": step}
         if self.epoch_sums.count:
             row.update(self.epoch_sums.means())
@@ -226,7 +230,8 @@ def _data_change_message(
     saved: dict[str, Any], given: dict[str, Any], changed: list[str], checkpoint: Any
 ) -> str:
     lines = "\n  - ".join(
-        f"{_DATA_ARGUMENTS.get(k, k)}: the checkpoint's run used {saved.get(k)!r}, this call gives {given.get(k)!r}"
+        f"{_DATA_ARGUMENTS.get(k, k)}: the checkpoint's run used {saved.get(k)!r}, this call gives "
+        f"{given.get(k)!r}"
         for k in changed
     )
     same = ", ".join(
@@ -234,14 +239,17 @@ def _data_change_message(
     )
     path = repr(str(checkpoint)) if checkpoint is not None else "path"
     return (
-        "resuming with another data setup would skip or repeat samples (the saved position counts batches):\n  - "
+        "resuming with another data setup would skip or repeat samples (the saved position counts "
+        "batches):\n  - "
         + lines
         + "\nto resume, give the data and arguments the interrupted run used"
         + (f" ({same})" if same else "")
-        + "; batch_size alone may change where an epoch starts (a checkpoint saved at an epoch's end)"
-        + "; to go on with the new setup, start a new run from the checkpoint in another checkpoint_dir: "
-        f"state = functrain.load({path}, like=state).replace(driver={{}}, epoch_step=torch.zeros((), dtype=torch.int64)), "
-        "then fit(state, ...) (the epoch starts over in the new order)"
+        + "; batch_size alone may change where an epoch starts (a checkpoint saved at an "
+        "epoch's end)"
+        + "; to go on with the new setup, start a new run from the checkpoint in another "
+        f"checkpoint_dir: state = functrain.load({path}, like=state).replace(driver={{}}, "
+        "epoch_step=torch.zeros((), dtype=torch.int64)), then fit(state, ...) (the epoch starts "
+        "over in the new order)"
     )
 
 
@@ -259,7 +267,7 @@ _DRIVER_KEYS = (
 
 
 def tree_problems(driver: Any, path: str = "driver") -> list[str]:
-    """Everything that keeps `driver` from being what `Ledger.to_tree` writes and `Ledger.from_tree` reads.
+    """Everything keeping `driver` from being what `Ledger.to_tree` writes and `from_tree` reads.
 
     A loaded checkpoint's ``state.driver`` is checked with this before a run resumes from it, so
     that a malformed one is refused by the load, naming the path, instead of crashing `fit` later
@@ -267,7 +275,9 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
 
     Example:
         >>> tree_problems({"empty_batches": -1, "epochs": 3})
-        ["driver: unknown keys ['epochs'] (expected some of history, window, epoch_sums, best, empty_batches, stop_reason, early_stopping, data, source)", 'driver/empty_batches: expected an int >= 0, got int -1']
+        ["driver: unknown keys ['epochs'] (expected some of history, window, epoch_sums, best,
+          empty_batches, stop_reason, early_stopping, data, source)",
+         'driver/empty_batches: expected an int >= 0, got int -1']
     """
     if not isinstance(driver, dict):
         return [f"{path}: expected a dict, got {_describe(driver)}"]
@@ -283,20 +293,24 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
     best = driver.get("best")
     if best is not None and not _is_row(best):
         problems.append(
-            f"{path}/best: expected None or a dict of metric names to numbers, got {_describe(best)}"
+            f"{path}/best: expected None or a dict of metric names to numbers, got "
+            f"{_describe(best)}"
         )
     if not _is_count(driver.get("empty_batches", 0)):
         problems.append(
-            f"{path}/empty_batches: expected an int >= 0, got {_describe(driver.get('empty_batches'))}"
+            f"{path}/empty_batches: expected an int >= 0, got "
+            f"{_describe(driver.get('empty_batches'))}"
         )
     if not isinstance(driver.get("stop_reason"), (str, type(None))):
         problems.append(
-            f"{path}/stop_reason: expected None or a str, got {_describe(driver.get('stop_reason'))}"
+            f"{path}/stop_reason: expected None or a str, got "
+            f"{_describe(driver.get('stop_reason'))}"
         )
     data = driver.get("data")
     if data is not None and not _is_row(data):
         problems.append(
-            f"{path}/data: expected None or the data setup (a dict of names to numbers, str or None), got {_describe(data)}"
+            f"{path}/data: expected None or the data setup (a dict of names to numbers, str or "
+            f"None), got {_describe(data)}"
         )
     problems += source_problems(driver.get("source"), f"{path}/source")
     early = driver.get("early_stopping")
@@ -308,7 +322,8 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
         and _is_count(early.get("bad_evals", 0))
     ):
         problems.append(
-            f"{path}/early_stopping: expected None or a dict with best (a number or None) and bad_evals (an int >= 0), got {_describe(early)}"
+            f"{path}/early_stopping: expected None or a dict with best (a number or None) and "
+            f"bad_evals (an int >= 0), got {_describe(early)}"
         )
     return problems
 
@@ -331,7 +346,8 @@ def _window_problems(tree: Any, path: str) -> list[str]:
         and list(sums.shape) == [len(keys)]
     ):
         problems.append(
-            f"{path}/sums: expected a float64 tensor of shape [{len(keys)}] (one sum per key), got {_describe(sums)}"
+            f"{path}/sums: expected a float64 tensor of shape [{len(keys)}] (one sum per key), got "
+            f"{_describe(sums)}"
         )
     return problems
 
@@ -342,7 +358,8 @@ def _history_problems(history: Any, path: str) -> list[str]:
     if not isinstance(history, dict) or not set(history) <= set(KINDS):
         return [f"{path}: expected a dict with some of {list(KINDS)}, got {_describe(history)}"]
     return [
-        f"{path}/{kind}: expected a list of rows (dicts of names to numbers, str or None), got {_describe(rows)}"
+        f"{path}/{kind}: expected a list of rows (dicts of names to numbers, str or None), got "
+        f"{_describe(rows)}"
         for kind, rows in history.items()
         if not isinstance(rows, list) or not all(_is_row(r) for r in rows)
     ]

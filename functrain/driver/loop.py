@@ -17,17 +17,19 @@ from typing import Any
 import torch
 
 from functrain.checkpoint.manager import CheckpointManager
+from functrain.core.body import samples_in
 from functrain.core.compiled import compile_step
-from functrain.core.ensemble import host_count, member_columns
+from functrain.core.stacked import host_count, member_columns
 from functrain.core.state import TrainState
-from functrain.core.step import _batch_size, train_step
+from functrain.core.step import train_step
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
 from functrain.driver.data import IterableSource, to_device
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
+from functrain.driver.stopping import EarlyStopping
 from functrain.errors import ConfigError, NonFiniteError
-from functrain.optim.plateau import EarlyStopping, observe_plateau
+from functrain.optim.plateau import observe_plateau
 from functrain.optim.wrappers import check_skip_limits
 
 __all__ = ["Loop", "LOOP_OPTIONS", "FIT_SETTINGS"]
@@ -113,7 +115,8 @@ class Loop:
             train.resume(state.driver.get("source"), state.dist)
             if manager is not None:
                 # a state a checkpoint cannot store is refused now, not at the first save. After the
-                # resume: asked before it, a StatefulDataLoader starts its workers, and the load would
+                # resume: asked before it, a StatefulDataLoader starts its workers, and the load
+                # would
                 # throw away the batches they prefetched (samples read for nothing)
                 train.state_tree()
         self.k = state.options.accumulate_steps
@@ -139,7 +142,8 @@ class Loop:
         """Train epoch after epoch until a limit, early stopping or a callback ends the run.
 
         A run ended by an exception (a `KeyboardInterrupt` too) fires ``on_exception`` instead of
-        ``on_train_end``, so callbacks close what they opened; the exception then propagates as it was.
+        ``on_train_end``, so callbacks close what they opened; the exception then propagates as it
+        was.
         """
         try:
             self._run()
@@ -163,7 +167,10 @@ class Loop:
             try:
                 fn(ctx)
             except Exception as hook_error:  # noqa: BLE001 - the run's own error is the one to propagate
-                note = f"{type(cb).__name__}.on_exception also failed: {type(hook_error).__name__}: {hook_error}"
+                note = (
+                    f"{type(cb).__name__}.on_exception also failed: {type(hook_error).__name__}: "
+                    f"{hook_error}"
+                )
                 if hasattr(error, "add_note"):  # Python >= 3.11
                     error.add_note(note)
                 else:
@@ -198,10 +205,14 @@ class Loop:
         Not the state `fit` was given (the caller holds it), nor one a callback kept from
         ``run.state``: those stay valid, and that step runs pure.
         """
-        held = 1 + (
-            self.run_ctx.state is self.state
-        )  # self.state, and the run as hooks last saw it
-        return sys.getrefcount(self.state) - 1 <= held  # getrefcount counts its own argument too
+        # self.state, and the run as hooks last saw it
+        held = 1 + (self.run_ctx.state is self.state)
+        # Why a reference count: whoever else holds the state (the caller, a callback, a user's
+        # list) is code the loop cannot ask, and a donated state's tensors are overwritten, so
+        # donating one that is still held would corrupt it. Counting references answers without
+        # their cooperation and errs one way only: an extra reference makes the step pure, never
+        # the reverse. getrefcount counts its own argument too.
+        return sys.getrefcount(self.state) - 1 <= held
 
     def _limit_reached(self) -> str | None:
         # checked before each epoch: a resumed run that had already finished takes no further step
@@ -219,7 +230,7 @@ class Loop:
         start, trained = self.pos, False
         for batch in self.train.epoch(self.epoch, start=self.pos):
             batch = to_device(batch, self.device)
-            n = _batch_size(batch)
+            n = samples_in(batch)
             trained = trained or n > 0
             if n == 0:
                 warnings.warn(
@@ -298,8 +309,9 @@ class Loop:
         """
         if not math.isfinite(lr):
             raise ConfigError(
-                f"the learning rate was {lr} in an update up to step {self.step} (epoch {self.epoch}): the schedule gives a "
-                "non-finite value there; fix the schedule (e.g. guard its divisions) and resume from the last checkpoint"
+                f"the learning rate was {lr} in an update up to step {self.step} (epoch "
+                f"{self.epoch}): the schedule gives a non-finite value there; fix the schedule "
+                "(e.g. guard its divisions) and resume from the last checkpoint"
             )
 
     def _window_lr(self, window: Any) -> float:
@@ -335,8 +347,9 @@ class Loop:
             metrics.update(self._test())
         if self.cfg["best_metric"] not in metrics:
             raise ConfigError(
-                f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics {sorted(metrics)}: "
-                "pass one of them as best_metric, or return it from loss_fn as a metric (prefixed 'val_' in evaluations)"
+                f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics "
+                f"{sorted(metrics)}: pass one of them as best_metric, or return it from loss_fn as "
+                "a metric (prefixed 'val_' in evaluations)"
             )
         self.ledger.history.add(
             "eval",
@@ -351,7 +364,8 @@ class Loop:
         if self.cfg["stop_on_nonfinite"] != "none" and not all(
             math.isfinite(metrics[k]) for k in {"val_loss", self.cfg["best_metric"]} & set(metrics)
         ):
-            # neither best, plateau nor early stopping can use it; the checkpoints keep the last finite state
+            # neither best, plateau nor early stopping can use it; the checkpoints keep the last
+            # finite state
             self.stop_reason = self.stop_reason or "nonfinite_val_loss"
             self.fire("on_eval_end")
             return
@@ -406,7 +420,8 @@ class Loop:
         return driver
 
     def _save(self, metrics: dict[str, float] | None = None) -> None:
-        # skip when nothing changed since the last save (an epoch end after a step's save changes the
+        # skip when nothing changed since the last save (an epoch end after a step's save changes
+        # the
         # state), and after a non-finite value: the checkpoints keep the last finite state
         position = self._position()
         if (

@@ -49,7 +49,7 @@ _ABSENT = "(not set)"
 
 
 class ConfigChangeWarning(UserWarning):
-    """A run was resumed with a config that differs from its checkpoint's (``on_config_change="warn"``)."""
+    """A run resumed with a config other than its checkpoint's (``on_config_change="warn"``)."""
 
 
 def json_config(
@@ -64,11 +64,13 @@ def json_config(
         >>> json_config({"fit": {"max_epochs": 2, "betas": (0.9, 0.99)}})
         ({'fit': {'max_epochs': 2, 'betas': [0.9, 0.99]}}, [])
         >>> json_config({"model": {"act": print}})[1]
-        ['config.model.act: expected a str, finite number, bool, None, list or dict, got builtin_function_or_method']
+        ['config.model.act: expected a str, finite number, bool, None, list or dict,
+          got builtin_function_or_method']
     """
     if not isinstance(config, Mapping):
         return None, [
-            f"{where}: expected a mapping of str keys (the resolved config), got {type(config).__name__}"
+            f"{where}: expected a mapping of str keys (the resolved config), got "
+            f"{type(config).__name__}"
         ]
     problems: list[str] = []
     plain = _plain(config, where, problems)
@@ -90,13 +92,14 @@ def _plain(value: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected a finite number (the manifest is JSON), got {value!r}")
     elif value is not None and not isinstance(value, (str, int, float, bool)):
         problems.append(
-            f"{key}: expected a str, finite number, bool, None, list or dict, got {type(value).__name__}"
+            f"{key}: expected a str, finite number, bool, None, list or dict, got "
+            f"{type(value).__name__}"
         )
     return value
 
 
 def config_option_problems(config: Any, on_config_change: Any, config_exempt: Any) -> list[str]:
-    """The problems with `fit`'s ``config``, ``on_config_change`` and ``config_exempt`` arguments."""
+    """The problems with `fit`'s ``config``, ``on_config_change`` and ``config_exempt``."""
     problems = [] if config is None else json_config(config)[1]
     if on_config_change not in ("error", "warn"):
         problems.append(
@@ -108,7 +111,8 @@ def config_option_problems(config: Any, on_config_change: Any, config_exempt: An
         or not all(isinstance(p, str) for p in config_exempt)
     ):
         problems.append(
-            f"config_exempt must be a list of dotted keys or patterns, got config_exempt={config_exempt!r}"
+            "config_exempt must be a list of dotted keys or patterns, got "
+            f"config_exempt={config_exempt!r}"
         )
     return problems
 
@@ -133,7 +137,7 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def exempt(key: str, patterns: Sequence[str] = ()) -> bool:
-    """Whether `key` is exempt: by design (its last part, or a parent's), or matched by a pattern."""
+    """Whether `key` is exempt: by design (its last part, or a parent's), or by a pattern."""
     parts = key.split(".")
     if any(part in EXEMPT_BY_DESIGN for part in parts):
         return True
@@ -143,10 +147,11 @@ def exempt(key: str, patterns: Sequence[str] = ()) -> bool:
 def config_changes(
     old: Mapping[str, Any], new: Mapping[str, Any], exempt_patterns: Sequence[str] = ()
 ) -> list[str]:
-    """The keys whose values differ between two configs, as ``key: old -> new`` lines, exempt keys left out.
+    """The keys whose values differ between two configs, as ``key: old -> new``; exempt ones aside.
 
     Example:
-        >>> config_changes({"lr": 0.1, "fit": {"resume": False}}, {"lr": 0.2, "fit": {"resume": True}, "seed": 1})
+        >>> before = {"lr": 0.1, "fit": {"resume": False}}
+        >>> config_changes(before, {"lr": 0.2, "fit": {"resume": True}, "seed": 1})
         ['lr: 0.1 -> 0.2', 'seed: (not set) -> 1']
     """
     before, after = flatten(dict(old)), flatten(dict(new))

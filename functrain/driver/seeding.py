@@ -1,4 +1,4 @@
-"""The randomness of data loading, made part of the run: seeded from the batch's place, never the caller's.
+"""The randomness of data loading, part of the run: seeded from the batch's place in it.
 
 A dataset's ``__getitem__`` or a collate function that draws random numbers (an augmentation) draws
 from the process's global generators: torch's CPU generator, Python's `random` and numpy's, the
@@ -108,7 +108,8 @@ def host_generators_kept() -> Iterator[None]:
     """Run the block, then put the global generators back as they were before it.
 
     Example:
-        >>> before = torch.rand(1); _ = torch.manual_seed(0); first = torch.rand(1); _ = torch.manual_seed(0)
+        >>> before = torch.rand(1); _ = torch.manual_seed(0)
+        >>> first = torch.rand(1); _ = torch.manual_seed(0)
         >>> with host_generators_kept():
         ...     seed_host_generators(5); _ = torch.rand(3)
         >>> torch.equal(torch.rand(1), first)
@@ -174,8 +175,8 @@ class EpochStream:
                 _set_other_states(saved_others)
 
 
-class SeededIndices(list):  # type: ignore[type-arg]
-    """The indices of one batch, and the seed its loading draws from (travels to a worker with them)."""
+class SeededIndices(list):
+    """The indices of one batch and the seed its loading draws from, sent to a worker together."""
 
     def __init__(self, indices: Iterable[Any], seed: int) -> None:
         super().__init__(indices)
@@ -185,8 +186,8 @@ class SeededIndices(list):  # type: ignore[type-arg]
         return (SeededIndices, (list(self), self.seed))
 
 
-class SeededDataset(Dataset):  # type: ignore[type-arg]
-    """A map-style dataset whose batches load with the global generators seeded from their indices' seed.
+class SeededDataset(Dataset):
+    """A map-style dataset loading each batch with the generators seeded from its indices' seed.
 
     A `DataLoader` with ``batch_sampler`` yielding `SeededIndices` calls ``__getitems__`` with them,
     in a worker or in the main process; collation follows in the same seeded stream. Attributes
@@ -224,7 +225,7 @@ class SeededDataset(Dataset):  # type: ignore[type-arg]
 
 
 class IndexPlan(torch.utils.data.Sampler[SeededIndices]):
-    """A batch sampler whose next pass is set from outside: a persistent loader iterates it every epoch."""
+    """A batch sampler whose next pass is set from outside (a persistent loader reuses it)."""
 
     def __init__(self) -> None:
         self.batches: Iterator[SeededIndices] = iter(())
@@ -234,7 +235,7 @@ class IndexPlan(torch.utils.data.Sampler[SeededIndices]):
 
 
 def fetching_loader(dataset: Any, plan: IndexPlan, settings: dict[str, Any]) -> DataLoader:
-    """A `DataLoader` that loads the batches `plan` yields from `dataset`, each in its seeded stream.
+    """A `DataLoader` loading the batches `plan` yields from `dataset`, each in its seeded stream.
 
     `settings` are `DataLoader` arguments (workers, collation, pinning...); the order is forced to
     be the plan's (``in_order``), since positions count batches as they come, and the loader's own

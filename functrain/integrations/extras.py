@@ -1,4 +1,5 @@
-"""The optional packages the integrations use: imported when a callback is built, or a clear error."""
+"""The optional packages the integrations use: imported when a callback is built, or a clear
+error."""
 
 from __future__ import annotations
 
@@ -24,5 +25,6 @@ def require(package: str, user: str) -> ModuleType:
         return importlib.import_module(package)
     except ImportError as e:
         raise ConfigError(
-            f"{user} needs the {package!r} package, which is not installed here: pip install 'functrain[{package}]'"
+            f"{user} needs the {package!r} package, which is not installed here: pip install "
+            f"'functrain[{package}]'"
         ) from e

@@ -1,4 +1,4 @@
-"""`OptunaPruning`: report a run's evaluations to an Optuna trial, and stop it when the pruner says so.
+"""`OptunaPruning`: report a run's evaluations to an Optuna trial; stop when the pruner says so.
 
 Needs ``pip install 'functrain[optuna]'``; `optuna` is imported when the callback is built, never
 by ``import functrain``. A pruned run is not an error inside `fit`: the callback asks the driver to
@@ -55,9 +55,11 @@ class OptunaPruning(Callback):
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
         >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> def objective(trial):
-        ...     state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.sgd(trial.suggest_float("lr", 1e-3, 1e-1, log=True)), loss_fn)
+        ...     lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        ...     state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.sgd(lr), loss_fn)
         ...     pruning = ft.OptunaPruning(trial, monitor="val_loss")
-        ...     result = ft.fit(state, data, eval_data=data, max_epochs=3, callbacks=[pruning], progress=False, verbosity="silent")
+        ...     quiet = dict(progress=False, verbosity="silent", callbacks=[pruning])
+        ...     result = ft.fit(state, data, eval_data=data, max_epochs=3, **quiet)
         ...     pruning.raise_if_pruned(result)
         ...     return result.best["val_loss"]
         >>> study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
@@ -76,7 +78,8 @@ class OptunaPruning(Callback):
         self._optuna = require("optuna", "OptunaPruning")
         if report_at not in (None, "epoch", "step"):
             raise ConfigError(
-                f"report_at must be 'epoch', 'step' or None (fit's run_mode), got report_at={report_at!r}"
+                "report_at must be 'epoch', 'step' or None (fit's run_mode), got "
+                f"report_at={report_at!r}"
             )
         self.trial, self.monitor, self.report_at = trial, monitor, report_at
         self.reports: list[tuple[int, float]] = []  # (step, value) as reported, this run
@@ -96,15 +99,17 @@ class OptunaPruning(Callback):
         }[mode]
         if direction is not None and direction != wanted:
             raise ConfigError(
-                f"the study's direction is {direction.name} but fit's mode={mode!r} for {self.monitor!r}: the pruner would stop the "
-                f"best trials; create the study with direction={wanted.name.lower()!r} or pass fit's mode to match the study"
+                f"the study's direction is {direction.name} but fit's mode={mode!r} for "
+                f"{self.monitor!r}: the pruner would stop the best trials; create the study with "
+                f"direction={wanted.name.lower()!r} or pass fit's mode to match the study"
             )
 
     def on_eval_end(self, run: Run) -> None:
         metrics = run.eval_metrics or {}
         if self.monitor not in metrics:
             raise ConfigError(
-                f"OptunaPruning's monitor={self.monitor!r} is not among the evaluation's metrics {sorted(metrics)}: pass one of them as monitor"
+                f"OptunaPruning's monitor={self.monitor!r} is not among the evaluation's metrics "
+                f"{sorted(metrics)}: pass one of them as monitor"
             )
         step = run.epoch if self._unit == "epoch" else run.step
         prune = False
@@ -120,13 +125,15 @@ class OptunaPruning(Callback):
     def on_train_end(self, run: Run) -> None:
         if self.trial is not None and not self.reports and run.history.rows["eval"] == []:
             warnings.warn(
-                f"OptunaPruning reported nothing to trial {getattr(self.trial, 'number', '?')}: the run had no evaluation; pass eval_data to fit",
+                f"OptunaPruning reported nothing to trial {getattr(self.trial, 'number', '?')}: "
+                "the run had no evaluation; pass eval_data to fit",
                 RuntimeWarning,
                 stacklevel=2,
             )
 
     def raise_if_pruned(self, result: Any) -> None:
-        """Raise ``optuna.TrialPruned`` if `fit`'s `result` ended by pruning (``stop_reason == "pruned"``).
+        """Raise ``optuna.TrialPruned`` if `fit`'s `result` ended by pruning (``stop_reason ==
+        "pruned"``).
 
         Call it in the objective right after `fit`: Optuna marks the trial pruned only when the
         objective raises this.

@@ -36,11 +36,11 @@ class WandbLogger(Callback):
     At each log interval the new train rows are logged (``train/loss``, ``train/lr``, ...), at each
     evaluation the eval row (``eval/val_loss``, ...), at each epoch end the epoch row
     (``epoch/loss``, the epoch's means), every row with ``trainer/step`` (updates) and
-    ``trainer/epoch``. The config holds `fit`'s ``config=`` (the resolved file of ``functrain run``),
-    `config` and, when training begins, `fit`'s settings
-    (``fit``), the optimizer's name and the number of trainable parameters. Each checkpoint's path
-    is logged as it is saved (``checkpoint/path`` in its step's row; ``checkpoint/latest`` and
-    ``checkpoint/all`` in the summary).
+    ``trainer/epoch``. The config holds `fit`'s ``config=`` (the resolved file of ``functrain
+    run``), `config` and, when training begins, `fit`'s settings (``fit``), the optimizer's name and
+    the number of trainable parameters. Each checkpoint's path is logged as it is saved
+    (``checkpoint/path`` in its step's row; ``checkpoint/latest`` and ``checkpoint/all`` in the
+    summary).
 
     Under torch.distributed only rank 0 starts and logs a run; the other ranks' loggers do
     nothing. A run the logger started is finished when training ends, successfully
@@ -70,9 +70,11 @@ class WandbLogger(Callback):
         >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
         >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.adamw(1e-2), loss_fn)
-        >>> offline = dict(mode="offline", dir=tempfile.mkdtemp(), settings=wandb.Settings(silent=True))
+        >>> silent = wandb.Settings(silent=True)
+        >>> offline = dict(mode="offline", dir=tempfile.mkdtemp(), settings=silent)
         >>> logger = ft.WandbLogger(config={"lr": 1e-2}, project="demo", **offline)
-        >>> result = ft.fit(state, data, max_epochs=2, log_every=2, callbacks=[logger], progress=False, verbosity="silent")
+        >>> quiet = dict(progress=False, verbosity="silent")
+        >>> result = ft.fit(state, data, max_epochs=2, log_every=2, callbacks=[logger], **quiet)
         >>> logger.logged
         {'train': 4, 'eval': 0, 'epoch': 2}
     """
@@ -89,12 +91,13 @@ class WandbLogger(Callback):
         self._wandb = require("wandb", "WandbLogger")
         if run is not None and init_kwargs:
             raise ConfigError(
-                f"WandbLogger got an existing run and wandb.init arguments {sorted(init_kwargs)}: the run is already started; "
-                "pass either run= or the wandb.init arguments"
+                f"WandbLogger got an existing run and wandb.init arguments {sorted(init_kwargs)}: "
+                "the run is already started; pass either run= or the wandb.init arguments"
             )
         if config is not None and not isinstance(config, Mapping):
             raise ConfigError(
-                f"WandbLogger's config must be a mapping (a dict of settings), got {type(config).__name__}: pass config={{...}}"
+                "WandbLogger's config must be a mapping (a dict of settings), got "
+                f"{type(config).__name__}: pass config={{...}}"
             )
         self.config = dict(config or {})
         self.init_kwargs = init_kwargs
@@ -192,7 +195,8 @@ class WandbLogger(Callback):
 
 
 def _row(kind: str, row: Mapping[str, Any]) -> dict[str, Any]:
-    """A history row as W&B columns: its numbers under ``<kind>/``, its step and epoch as the axes."""
+    """A history row as W&B columns: its numbers under ``<kind>/``, its step and epoch as the
+    axes."""
     out: dict[str, Any] = {STEP: row["step"], EPOCH: row["epoch"]}
     for key, value in row.items():
         if (

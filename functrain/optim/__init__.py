@@ -1,55 +1,55 @@
-"""Gradient transforms: the contract, primitives, wrappers, presets, schedules, averaging.
+"""Gradient transforms: the contract, scaling rules, wrappers, presets, schedules, averaging.
 
-Modules, bottom up: `zeros` (constant state held without storage until written), `transform`
-(the contract: ``Transform(init, update)``, `chain`, `apply_updates`), `primitives` (scaling rules, momentum, decay, learning rate, clipping),
-`wrappers` (masked, skip non-finite, accumulate, loss scaling), `averaging` (EMA), `fused`
-(torch's fused SGD, Adam and Adagrad kernels), `presets` (sgd, adam, adamw, ...: short chains of primitives),
-`update_rules` and `more_presets` (the rest of torch.optim: nadam, adamax, adadelta, asgd, rprop,
-adafactor, muon),
-`schedules` (``step -> value``), `plateau` (early stopping and reduce-on-plateau), `porting` (the
-errors that meet a live torch.optim object, with the functrain call to write instead).
+Modules, bottom up: `porting` (the errors that meet a live torch.optim object, with the functrain
+call to write instead), `choices` (torch's implementation choices), `zeros`, `batching`,
+`updates` (the lazy update forms and `apply_updates`), `base` (the contract: type aliases,
+``Transform(init, update)``, the `Extras` a step gives the updates, `EmptyState`, `identity`),
+`naming`, `checks`, `masks`, `combine` (`chain`), `metrics`, `sweep`; `rules` (the scaling rules,
+one module per family: `rules.adam`, `rules.rms`, `rules.adagrad`, `rules.lion`, `rules.trace`,
+`rules.adadelta`, `rules.rprop`, `rules.asgd`, `rules.adafactor`, `rules.muon`, with the shared
+`rules.learning_rate`, `rules.weight_decay`, `rules.clipping`, `rules.arithmetic` and torch's
+fused kernels in `rules.fused`); `wrappers` (masked, partition, skip non-finite, accumulate, loss
+scaling), `averaging` (EMA), `plateau` (reduce-on-plateau), `schedules` (``step -> value``); and
+`presets` (sgd, adam, adamw, ..., muon: short chains of rules).
 """
 
 from functrain.optim import schedules
 from functrain.optim.averaging import EmaState, ema
-from functrain.optim.more_presets import adadelta, adafactor, adamax, asgd, muon, nadam, rprop
-from functrain.optim.plateau import EarlyStopping, observe_plateau, reduce_on_plateau
-from functrain.optim.presets import adagrad, adam, adamw, lion, radam, rmsprop, sgd
-from functrain.optim.primitives import (
-    add_decayed_weights,
-    clip_by_global_norm,
-    clip_by_value,
-    scale,
-    scale_by_adagrad,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_lion,
-    scale_by_radam,
-    scale_by_rms,
-    trace,
+from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, Transform, identity
+from functrain.optim.combine import chain
+from functrain.optim.metrics import transform_metrics
+from functrain.optim.plateau import observe_plateau, reduce_on_plateau
+from functrain.optim.presets import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    asgd,
+    lion,
+    muon,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
 )
+from functrain.optim.rules.adadelta import scale_by_adadelta
+from functrain.optim.rules.adafactor import adafactor_step
+from functrain.optim.rules.adagrad import scale_by_adagrad
+from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
+from functrain.optim.rules.asgd import asgd_step
+from functrain.optim.rules.clipping import clip_by_global_norm, clip_by_value
+from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
+from functrain.optim.rules.lion import scale_by_lion
+from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
+from functrain.optim.rules.rms import scale_by_rms
+from functrain.optim.rules.rprop import scale_by_rprop
+from functrain.optim.rules.trace import trace
+from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.sweep import Sweep, sweep
-from functrain.optim.transform import (
-    EmptyState,
-    ParamStep,
-    Ratio,
-    Transform,
-    apply_updates,
-    as_tensors,
-    chain,
-    identity,
-    transform_metrics,
-)
-from functrain.optim.update_rules import (
-    adafactor_step,
-    asgd_step,
-    nadam_step,
-    scale_by_adadelta,
-    scale_by_adamax,
-    scale_by_adjusted_learning_rate,
-    scale_by_muon,
-    scale_by_rprop,
-)
+from functrain.optim.updates import ParamStep, Ratio, apply_updates, as_tensors
 from functrain.optim.wrappers import (
     accumulate,
     all_finite,
@@ -62,9 +62,10 @@ from functrain.optim.wrappers import (
 )
 
 __all__ = [
-    "EarlyStopping",
     "EmaState",
     "EmptyState",
+    "Extras",
+    "NO_EXTRAS",
     "ParamStep",
     "Ratio",
     "Sweep",

@@ -7,14 +7,16 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.transform import Transform, counter, may_write_in_place, named
+from functrain.optim.base import NO_EXTRAS, Extras, Transform
+from functrain.optim.naming import named
+from functrain.optim.zeros import counter
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["ema", "EmaState"]
 
 
 class EmaState(NamedTuple):
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
     average: tuple[torch.Tensor, ...]
 
 
@@ -78,14 +80,16 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             torch.where(keep, new, a, out=a) if keep is not None else a.copy_(new)
 
     def update_fn(
-        new_params: Any,
+        updates: Any,
         state: EmaState,
         params: Tree | None = None,
         keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Tree, EmaState]:
-        p, spec = tree_flatten(new_params)
+        p, spec = tree_flatten(updates)
         count = state.count + 1 if keep is None else torch.where(keep, state.count + 1, state.count)
-        if may_write_in_place():
+        if extras.may_write():
             _lerp_(list(state.average), p, state.count, keep)
             average = list(state.average)
         else:
@@ -96,4 +100,4 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
                 ]
         return tree_unflatten(average, spec), EmaState(count, tuple(average))
 
-    return Transform(init_fn, update_fn, gated=True)
+    return Transform(init_fn, update_fn, gated=True, takes_extras=True)

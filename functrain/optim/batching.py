@@ -8,7 +8,7 @@ own vmap rules batch over the member dimension. On CPU this is exactly what torc
 compute (their CPU kernels are the same per-tensor loop), so results stay bit for bit.
 
 The rules are registered for the ``FuncTorchBatched`` dispatch key only: calls outside ``vmap`` do
-not see them. `register` runs once, when `functrain.core.ensemble` is imported.
+not see them. `register` runs once, when `functrain.core.stacked` is imported.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ _registered: list[torch.library.Library] = []
 
 
 def _scalars(value: Any) -> Any:
-    # the ScalarList / Tensor overloads of addcmul/addcdiv take one scalar per tensor (a list or a 1-d CPU tensor)
+    # the ScalarList / Tensor overloads of addcmul/addcdiv take one scalar per tensor (a list or a
+    # 1-d CPU tensor)
     return value.tolist() if isinstance(value, torch.Tensor) and value.ndim == 1 else value
 
 
@@ -106,7 +107,8 @@ def register() -> None:
 
 
 class _Stacked:
-    """Set by a stacked state's step body while it runs (a plain attribute torch.compile can trace)."""
+    """Set by a stacked state's step body while it runs (a plain attribute torch.compile can
+    trace)."""
 
     active = False
 
@@ -115,7 +117,8 @@ STACKED = _Stacked()
 
 
 def under_vmap() -> bool:
-    """Whether the caller runs inside a torch.func transform (a stacked state's step runs under `vmap`).
+    """Whether the caller runs inside a torch.func transform (a stacked state's step runs under
+    `vmap`).
 
     While torch.compile traces, the functorch level cannot be asked (dynamo cannot trace the call):
     the stacked step's own flag answers instead.

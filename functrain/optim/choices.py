@@ -1,4 +1,5 @@
-"""torch's implementation choices (``foreach``, ``capturable``, ``differentiable``) as the presets meet them.
+"""torch's implementation choices (``foreach``, ``capturable``, ``differentiable``) as the presets
+meet them.
 
 They choose how torch computes an update, not what it computes, so a preset takes each under
 torch's name and default and either picks the path that gives torch's bits for it or says, in a
@@ -14,8 +15,8 @@ torch's name and default and either picks the path that gives torch's bits for i
 * ``differentiable=True``: torch's autograd through the optimizer step. functrain's updates run
   outside the step's autograd graph; there is no differentiable mode to select.
 
-Neither value changes the numbers, so none of them is part of a transform's name (`without_choices`):
-``adamw(foreach=True)`` is named, and checkpoints, as ``adamw(fused=False)``.
+Neither value changes the numbers, so none of them is part of a transform's name
+(`without_choices`): ``adamw(foreach=True)`` is named, and checkpoints, as ``adamw(fused=False)``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ FOREACH_ONLY = frozenset({True})
 SINGLE_ONLY = frozenset({False})
 
 _WHY = {
-    "capturable": "functrain's steps keep counts and step sizes as tensors and never read them back to the host, "
-    "so a step runs under torch.compile or a CUDA graph as it is; leave capturable out",
-    "differentiable": "functrain's updates run outside the step's autograd graph and offer no mode that "
-    "differentiates through them; leave differentiable out",
+    "capturable": (
+        "functrain's steps keep counts and step sizes as tensors and never read them back to the "
+        "host, so a step runs under torch.compile or a CUDA graph as it is; leave capturable out"
+    ),
+    "differentiable": (
+        "functrain's updates run outside the step's autograd graph and offer no mode that "
+        "differentiates through them; leave differentiable out"
+    ),
 }
 
 
@@ -60,12 +65,15 @@ def check_choices(
             implementation that rounds differently from the one the preset follows.
 
     Example:
-        >>> check_choices("nadam", foreach=False, exact=SINGLE_ONLY)  # torch's single-tensor loop: nadam's own
-        >>> check_choices("adam", capturable=True)
+        >>> # torch's single-tensor loop: nadam's own
+        >>> check_choices("nadam", foreach=False, exact=SINGLE_ONLY)
+        >>> check_choices("adam", capturable=True)  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
         functrain.errors.ConfigError: invalid arguments to adam:
-          - capturable=True: functrain's steps keep counts and step sizes as tensors and never read them back to the host, so a step runs under torch.compile or a CUDA graph as it is; leave capturable out
+          - capturable=True: functrain's steps keep counts and step sizes as tensors and never read
+          them back to the host, so a step runs under torch.compile or a CUDA graph as it is;
+          leave capturable out
     """
     problems = [
         f"{flag}=True: {why}"
@@ -80,14 +88,16 @@ def check_choices(
         )
         other = "foreach" if foreach else "single-tensor"
         problems.append(
-            f"foreach={foreach!r}: torch's {other} {where} rounds differently from its {follows}, which {where} follows bit for bit; "
+            f"foreach={foreach!r}: torch's {other} {where} rounds differently from its {follows}, "
+            f"which {where} follows bit for bit; "
             f"pass foreach={not foreach!r} or leave it out"
         )
     config_check(problems, where)
 
 
 def without_choices(arguments: dict[str, Any]) -> dict[str, Any]:
-    """A preset's arguments as its name records them: the choices dropped, ``foreach`` as ``fused=False``."""
+    """A preset's arguments as its name records them: the choices dropped, ``foreach`` as
+    ``fused=False``."""
     out = {
         key: value
         for key, value in arguments.items()

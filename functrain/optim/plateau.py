@@ -1,8 +1,7 @@
-"""Metric-driven values whose state lives in the `TrainState`: early stopping and reduce-on-plateau.
+"""Reduce-on-plateau: a transform whose learning-rate scale follows a metric.
 
-Both are values updated by pure functions (flax `early_stopping` style), so resuming a run restores
-them exactly: `EarlyStopping` keeps its numbers in ``state.driver``, `reduce_on_plateau` is a
-transform whose state (a learning-rate scale and its counters) sits in the optimizer state.
+Its state (the scale and its counters) sits in the optimizer state and is updated by the pure
+function `observe_plateau`, so resuming a run restores it exactly.
 """
 
 from __future__ import annotations
@@ -10,102 +9,20 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, NamedTuple
 
-import attrs
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.transform import (
-    ParamStep,
-    Ratio,
-    Transform,
-    as_tensors,
-    counter,
-    flat_updates,
-    named,
+from functrain.optim.base import Transform
+from functrain.optim.naming import named
+from functrain.optim.porting import replaces
+from functrain.optim.updates import ParamStep, Ratio, as_tensors, flat_updates
+from functrain.optim.zeros import counter
+from functrain.tree import (
+    Tree,
+    tree_unflatten,
 )
-from functrain.tree import Tree, tree_unflatten
 
-__all__ = [
-    "EarlyStopping",
-    "reduce_on_plateau",
-    "ReduceOnPlateauState",
-    "observe_plateau",
-    "improved",
-]
-
-
-def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """True when `value` beats `best` by more than `min_delta` in direction `mode` (NaN never does)."""
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-@attrs.frozen
-class EarlyStopping:
-    """Stop when `target` has not improved by more than `min_delta` for `patience` evaluations.
-
-    A value: ``es = es.update(metrics)`` returns a new one; ``es.should_stop`` says whether to stop.
-    `fit` stores ``best`` and ``bad_evals`` in ``state.driver`` so a resumed run continues the count.
-
-    Args:
-        target: the evaluation metric to watch, e.g. ``"val_loss"``.
-        patience: evaluations without improvement before stopping; >= 1.
-        mode: ``"min"`` or ``"max"``.
-        min_delta: the smallest change that counts as an improvement; >= 0.
-
-    Example:
-        >>> es = EarlyStopping("val_loss", patience=2)
-        >>> for v in [1.0, 0.9, 0.95, 0.91]:
-        ...     es = es.update({"val_loss": v})
-        >>> es.should_stop, es.best
-        (True, 0.9)
-    """
-
-    target: str = "val_loss"
-    patience: int = 5
-    mode: Literal["min", "max"] = "min"
-    min_delta: float = 0.0
-    best: float | None = None
-    bad_evals: int = 0
-
-    def __attrs_post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.patience, int) or self.patience < 1:
-            problems.append(f"patience must be an int >= 1, got patience={self.patience!r}")
-        if self.mode not in ("min", "max"):
-            problems.append(f"mode must be 'min' or 'max', got mode={self.mode!r}")
-        if not self.min_delta >= 0:
-            problems.append(f"min_delta must be >= 0, got min_delta={self.min_delta!r}")
-        config_check(problems, "EarlyStopping")
-
-    def update(self, metrics: dict[str, float]) -> EarlyStopping:
-        """The state after one evaluation with `metrics` (host numbers)."""
-        if self.target not in metrics:
-            config_check(
-                [
-                    f"early stopping watches {self.target!r}, which the evaluation did not produce (got {sorted(metrics)})"
-                ],
-                "EarlyStopping",
-            )
-        value = float(metrics[self.target])
-        if improved(value, self.best, self.mode, self.min_delta):
-            return attrs.evolve(self, best=value, bad_evals=0)
-        return attrs.evolve(self, bad_evals=self.bad_evals + 1)
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_evals >= self.patience
-
-    def to_tree(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_evals": self.bad_evals}
-
-    def with_tree(self, tree: dict[str, Any] | None) -> EarlyStopping:
-        if not tree:
-            return self
-        return attrs.evolve(self, best=tree.get("best"), bad_evals=int(tree.get("bad_evals", 0)))
+__all__ = ["ReduceOnPlateauState", "observe_plateau", "reduce_on_plateau"]
 
 
 class ReduceOnPlateauState(NamedTuple):
@@ -119,6 +36,7 @@ class ReduceOnPlateauState(NamedTuple):
         return {"lr_scale": self.scale}
 
 
+@replaces("reduce_on_plateau")
 @named
 def reduce_on_plateau(
     factor: float = 0.1,
@@ -129,7 +47,8 @@ def reduce_on_plateau(
     min_scale: float = 0.0,
     mode: Literal["min", "max"] = "min",
 ) -> Transform:
-    """Scale updates down by `factor` when a monitored metric stops improving (like ReduceLROnPlateau).
+    """Scale updates down by `factor` when a monitored metric stops improving (like
+    ReduceLROnPlateau).
 
     Put it last in a chain, after the optimizer: ``chain(adamw(1e-3), reduce_on_plateau(0.5, 2))``.
     The step only multiplies by the current scale; `fit` observes the evaluation metric after each
@@ -175,7 +94,7 @@ def reduce_on_plateau(
 
     def init_fn(params: Tree) -> ReduceOnPlateauState:
         zero = counter(params)
-        f64 = dict(dtype=torch.float64, device=zero.device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=zero.device)
         config = torch.tensor([factor, patience, threshold, cooldown, min_scale, sign], **f64)
         return ReduceOnPlateauState(
             torch.ones((), **f64), torch.full((), math.inf, **f64), zero, zero, config
@@ -207,7 +126,8 @@ def reduce_on_plateau(
 
 
 def observe_plateau(state: Tree, value: float) -> Tree:
-    """Feed one evaluation's metric to every `reduce_on_plateau` state inside `state` (a pure function).
+    """Feed one evaluation's metric to every `reduce_on_plateau` state inside `state` (a pure
+    function).
 
     Runs on the host, between steps. Returns a new tree; `state` is unchanged.
 

@@ -1,22 +1,44 @@
 """What to write instead of a live `torch.optim` object, for the errors that meet one.
 
-Code ported from PyTorch passes a ``torch.optim`` optimizer where a functrain transform belongs, or an
-``lr_scheduler`` where a learning rate or schedule belongs. Neither can run inside a pure step (both
-hold mutable state that a checkpoint of the `TrainState` would miss), so the argument checks turn them
-into a `ConfigError` whose text is the functrain call with the same settings, read from the object.
+Code ported from PyTorch passes a ``torch.optim`` optimizer where a functrain transform belongs, or
+an ``lr_scheduler`` where a learning rate or schedule belongs. Neither can run inside a pure step
+(both hold mutable state that a checkpoint of the `TrainState` would miss), so the argument checks
+turn them into a `ConfigError` whose text is the functrain call with the same settings, read from
+the object.
+
+The calls name the catalogue above this module (the presets, `reduce_on_plateau`), which this
+module does not import: each of those factories enters itself in `REPLACEMENTS` with `replaces`
+when its module loads (`functrain.optim` loads them all), and the hint reads its signature there.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch.optim import lr_scheduler
 
-__all__ = ["torch_object_hint", "schedule_call"]
+__all__ = ["torch_object_hint", "schedule_call", "replaces", "REPLACEMENTS"]
+
+REPLACEMENTS: dict[str, Callable[..., Any]] = {}
+"""The functrain factory that replaces a torch object, by its torch class name lowercased
+(``"adamw"``, ``"reduce_on_plateau"`` for ``ReduceLROnPlateau``); filled by `replaces`."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def replaces(key: str) -> Callable[[F], F]:
+    """Enter a factory in `REPLACEMENTS` under `key`, the torch class it replaces (lowercased)."""
+
+    def enter(factory: F) -> F:
+        REPLACEMENTS[key] = factory
+        return factory
+
+    return enter
+
 
 # torch.optim's implementation choices: no functrain argument says them
 _IMPLEMENTATION = {"foreach", "capturable", "differentiable", "fused"}
@@ -33,27 +55,41 @@ def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) ->
     Example:
         >>> import torch
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
-        >>> print(torch_object_hint(opt, "optimizer"))
-        optimizer must be a functrain transform, got a live torch.optim.SGD; write ft.sgd(lr=0.1, momentum=0.9) instead
+        >>> print(torch_object_hint(opt, "optimizer"))  # doctest: +NORMALIZE_WHITESPACE
+        optimizer must be a functrain transform, got a live torch.optim.SGD; write ft.sgd(lr=0.1,
+        momentum=0.9) instead
     """
     rate = name in ("lr", "learning_rate") if schedule is None else schedule
     if isinstance(value, torch.optim.Optimizer):
         if rate:
-            return f"{name} must be a number or a schedule, got a live torch.optim.{type(value).__name__} optimizer; for the optimizer itself, {_optimizer_call(value)}"
-        return f"{name} must be a functrain transform, got a live torch.optim.{type(value).__name__}; {_optimizer_call(value)}"
+            return (
+                f"{name} must be a number or a schedule, got a live "
+                f"torch.optim.{type(value).__name__} optimizer; for the optimizer itself, "
+                f"{_optimizer_call(value)}"
+            )
+        return (
+            f"{name} must be a functrain transform, got a live "
+            f"torch.optim.{type(value).__name__}; {_optimizer_call(value)}"
+        )
     if isinstance(value, lr_scheduler.ReduceLROnPlateau):
         optimizer = _optimizer_call(value.optimizer).removeprefix("write ").removesuffix(" instead")
         return (
-            f"{name} cannot be a live torch.optim.lr_scheduler.ReduceLROnPlateau (it follows a metric, not the step); "
+            f"{name} cannot be a live torch.optim.lr_scheduler.ReduceLROnPlateau (it follows a "
+            "metric, not the step); "
             f"write the optimizer as ft.chain({optimizer}, {_plateau_call(value)}) instead"
         )
     if isinstance(value, lr_scheduler.LRScheduler):
         call = schedule_call(value)
         if rate:
             keyword = f"{name}=" if name.isidentifier() else ""
-            return f"{name} must be a {'number or a ' if name in ('lr', 'learning_rate') else ''}schedule, got a live torch.optim.lr_scheduler.{type(value).__name__}; write {keyword}{call} instead"
+            kinds = "number or a " if name in ("lr", "learning_rate") else ""
+            return (
+                f"{name} must be a {kinds}schedule, got a live "
+                f"torch.optim.lr_scheduler.{type(value).__name__}; write {keyword}{call} instead"
+            )
         return (
-            f"{name} must be a functrain transform, got a live torch.optim.lr_scheduler.{type(value).__name__}; "
+            f"{name} must be a functrain transform, got a live "
+            f"torch.optim.lr_scheduler.{type(value).__name__}; "
             f"{_optimizer_call(value.optimizer, lr=call)}"
         )
     return None
@@ -62,9 +98,12 @@ def torch_object_hint(value: Any, name: str, *, schedule: bool | None = None) ->
 def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> str:
     """``write ft.adamw(lr=..., ...) instead``: the preset with the first param group's settings."""
     cls = type(optimizer)
-    preset = getattr(importlib.import_module("functrain.optim.presets"), cls.__name__.lower(), None)
+    preset = REPLACEMENTS.get(cls.__name__.lower())
     if preset is None or not optimizer.param_groups:
-        return f"functrain has no preset for torch.optim.{cls.__name__}; build the update from functrain's primitives with ft.chain"
+        return (
+            f"functrain has no preset for torch.optim.{cls.__name__}; build the update from "
+            "functrain's primitives with ft.chain"
+        )
     group = optimizer.param_groups[0]
     accepted = inspect.signature(preset).parameters
     torch_defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
@@ -93,7 +132,8 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
 
 
 def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
-    """``ft.schedules.from_torch(StepLR, lr=0.1, step_size=30, gamma=0.1)``, the arguments read from the scheduler."""
+    """``ft.schedules.from_torch(StepLR, lr=0.1, step_size=30, gamma=0.1)``, the arguments read from
+    the scheduler."""
     cls = type(scheduler)
     args = [f"torch.optim.lr_scheduler.{cls.__name__}"]
     if not isinstance(scheduler, lr_scheduler.OneCycleLR):
@@ -115,7 +155,7 @@ def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
 
 
 def _plateau_call(scheduler: lr_scheduler.ReduceLROnPlateau) -> str:
-    plateau = importlib.import_module("functrain.optim.plateau").reduce_on_plateau
+    plateau = REPLACEMENTS["reduce_on_plateau"]
     defaults = {k: p.default for k, p in inspect.signature(plateau).parameters.items()}
     args = [
         f"{key}={_number(getattr(scheduler, key))}"

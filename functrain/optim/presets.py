@@ -1,43 +1,67 @@
-"""Optimizer presets: each one a short chain of primitives, the numerics written once in `primitives`.
+"""Optimizer presets: each one a short chain of the scaling rules in `functrain.optim.rules`.
 
-With a constant learning rate, `sgd`, `adam`, `adamw` and `adagrad` run torch's fused kernel by
-default and reproduce ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
-``fused=False`` they, like `radam` and `rmsprop`, reproduce the matching `torch.optim` class's
-foreach implementation (``foreach=True``, float32) bit for bit. Each takes the arguments of its
-torch constructor under torch's names and defaults (``betas`` as `b1`, `b2`); torch's
-implementation choices (``foreach``, ``capturable``, ``differentiable``) select the matching path
-or raise a `ConfigError` that says why there is none (`functrain.optim.choices`).
+Each takes the arguments of the torch.optim class of its name (the same names and defaults;
+``betas`` as `b1`, `b2`); torch's implementation choices (``foreach``, ``capturable``,
+``differentiable``) select the matching path or raise a `ConfigError` that says why there is none
+(`functrain.optim.choices`).
+
+* `sgd`, `adam`, `adamw`, `adagrad`: with a constant learning rate, torch's fused kernel by default,
+  reproducing ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
+  ``fused=False`` they, like `radam` and `rmsprop`, reproduce the matching class's foreach
+  implementation (``foreach=True``, float32) bit for bit. `lion` has no torch class.
+* `nadam`, `adamax`, `adadelta`, `asgd`, `rprop`, `adafactor`, `muon`: with a constant learning
+  rate, torch's single-tensor implementation (torch's default on the CPU) bit for bit in float32;
+  the README's optimizer table says where the foreach one differs.
+
+Beyond torch's arguments, the presets with weight decay take ``mask`` (which parameters decay),
+and `muon` takes ``others``, the optimizer for the parameters that are not matrices.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.choices import FOREACH_ONLY, check_choices, without_choices
-from functrain.optim.fused import fused_adagrad, fused_adam, fused_sgd
-from functrain.optim.primitives import (
-    Mask,
-    Schedule,
-    _check_positive,
-    _check_unit,
-    add_decayed_weights,
-    check_learning_rate,
-    scale,
-    scale_by_adagrad,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_lion,
-    scale_by_radam,
-    scale_by_rms,
-    trace,
-)
+from functrain.optim.base import LearningRate, Mask, Schedule, Transform, identity
+from functrain.optim.checks import check_learning_rate, check_positive, check_unit
+from functrain.optim.choices import FOREACH_ONLY, SINGLE_ONLY, check_choices, without_choices
+from functrain.optim.combine import chain
+from functrain.optim.naming import named
+from functrain.optim.porting import replaces
+from functrain.optim.rules.adadelta import scale_by_adadelta
+from functrain.optim.rules.adafactor import adafactor_step
+from functrain.optim.rules.adagrad import scale_by_adagrad
+from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
+from functrain.optim.rules.asgd import asgd_step
+from functrain.optim.rules.fused import fused_adagrad, fused_adam, fused_sgd
+from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
+from functrain.optim.rules.lion import scale_by_lion
+from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
+from functrain.optim.rules.rms import scale_by_rms
+from functrain.optim.rules.rprop import scale_by_rprop
+from functrain.optim.rules.trace import trace
+from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.sweep import Sweep
-from functrain.optim.transform import Transform, chain, identity, named
+from functrain.optim.wrappers import partition
 
-__all__ = ["sgd", "adam", "adamw", "radam", "rmsprop", "adagrad", "lion"]
-
-LearningRate = float | torch.Tensor | Schedule
+__all__ = [
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "asgd",
+    "lion",
+    "muon",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "sgd",
+]
 
 
 def _maybe(condition: object, transform: Transform) -> Transform:
@@ -50,8 +74,9 @@ def _ascent(maximize: bool) -> tuple[Transform, ...]:
     return (scale(-1.0),) if maximize else ()
 
 
-def _value(beta: float | torch.Tensor) -> float:
-    # torch's Adam takes 1-element tensor betas and its kernels read their value
+def _value(beta: float) -> float:
+    # torch's Adam also takes 1-element tensor betas (beyond the annotation), and its kernels read
+    # their value; other tensors pass on, to be refused by the checks
     return (
         float(beta)
         if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point()
@@ -66,13 +91,15 @@ def _check_renamed(
     nesterov: bool = False,
     dampening: float = 0.0,
 ) -> None:
-    # the primitives call these `learning_rate` and `decay`; report them under the names the user typed
+    # the primitives call these `learning_rate` and `decay`; report them under the names the user
+    # typed
     problems: list[str] = []
     check_learning_rate(problems, "lr", lr)
-    _check_unit(problems, "momentum", momentum)
+    check_unit(problems, "momentum", momentum)
     if nesterov and not problems and (momentum <= 0 or dampening != 0):
         problems.append(
-            f"nesterov needs momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}"
+            f"nesterov needs momentum > 0 and dampening == 0, got momentum={momentum!r}, "
+            f"dampening={dampening!r}"
         )
     config_check(problems, where)
 
@@ -80,17 +107,57 @@ def _check_renamed(
 def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: float) -> None:
     # the checks scale_by_adam and add_decayed_weights make on the foreach path
     problems: list[str] = []
-    _check_unit(problems, "b1", b1)
-    _check_unit(problems, "b2", b2)
-    _check_positive(problems, "eps", eps)
+    check_unit(problems, "b1", b1)
+    check_unit(problems, "b2", b2)
+    check_positive(problems, "eps", eps)
     if isinstance(weight_decay, Sweep):  # one value per member of a stacked state
         for i, value in enumerate(weight_decay.values):
-            _check_positive(problems, f"weight_decay.values[{i}]", value, allow_zero=True)
+            check_positive(problems, f"weight_decay.values[{i}]", value, allow_zero=True)
     else:
-        _check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+        check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, where)
 
 
+def _rate(lr: LearningRate, problems: list[str]) -> float | Schedule:
+    """The learning rate as the rules take it: a 1-element tensor is read once, here (as torch reads
+    it each step).
+
+    To change a rate during training, pass a schedule: a tensor written later is not seen.
+    """
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            problems.append(
+                f"a tensor lr must hold one floating-point value, got shape {tuple(lr.shape)} and "
+                f"dtype {lr.dtype}"
+            )
+            return 0.0
+        lr = float(lr)  # host read at construction, never in a step
+    check_learning_rate(problems, "lr", lr)
+    return lr
+
+
+def _check_betas(problems: list[str], betas: Any) -> tuple[float, float]:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        problems.append(f"betas must be a pair (b1, b2), got betas={betas!r}")
+        return 0.9, 0.999
+    check_unit(problems, "betas[0]", betas[0])
+    check_unit(problems, "betas[1]", betas[1])
+    return betas[0], betas[1]
+
+
+def _checked(
+    where: str, lr: LearningRate, betas: Any = (0.9, 0.999)
+) -> tuple[float | Schedule, tuple[float, float]]:
+    # the rules check the rest under their own argument names; these two are named as torch names
+    # them
+    problems: list[str] = []
+    rate = _rate(lr, problems)
+    pair = _check_betas(problems, betas)
+    config_check(problems, where)
+    return rate, pair
+
+
+@replaces("sgd")
 @named(added={"fused": False, "maximize": False}, resolve=without_choices)
 def sgd(
     lr: LearningRate = 1e-3,
@@ -120,10 +187,10 @@ def sgd(
         mask: which parameters get weight decay (see `add_decayed_weights`).
         maximize: ascend the objective (the gradients are negated first).
         fused: update through torch's fused SGD kernel (one pass over parameters, gradients and
-            momentum buffers, in place in a donated step; see `functrain.optim.fused.fused_sgd`).
-            It runs without dampening only: torch's kernel takes the first step from a host-side
-            flag. ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch.
-            ``None`` (torch's default) chooses the kernel.
+            momentum buffers, in place in a donated step; see
+            `functrain.optim.rules.fused.fused_sgd`). It runs without dampening only: torch's kernel
+            takes the first step from a host-side flag. ``False``: the foreach chain of primitives,
+            exact to ``foreach=True`` in torch. ``None`` (torch's default) chooses the kernel.
         foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
             (``fused=False``), which gives the bits of both of torch's non-fused implementations.
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -159,6 +226,7 @@ def sgd(
     )
 
 
+@replaces("adam")
 @named(
     added={"fused": False, "maximize": False, "decoupled_weight_decay": False},
     resolve=without_choices,
@@ -194,11 +262,13 @@ def adam(
         amsgrad: AMSGrad variant.
         mask: which parameters get weight decay.
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
-            and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
-            ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
-            differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
+            and moments instead of eight, in place in a donated step; see
+            `functrain.optim.rules.fused`). ``False``: the foreach chain of primitives, exact to
+            ``foreach=True`` in torch (the two differ in the last bits, as torch's do). ``None``
+            (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
-        decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals ``AdamW``).
+        decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals
+        ``AdamW``).
         foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
             (``fused=False``), which gives the bits of both of torch's non-fused implementations.
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
@@ -248,6 +318,7 @@ def adam(
     )
 
 
+@replaces("adamw")
 @named(added={"fused": False, "maximize": False}, resolve=without_choices)
 def adamw(
     lr: LearningRate = 1e-3,
@@ -279,9 +350,10 @@ def adamw(
         amsgrad: AMSGrad variant.
         mask: which parameters decay, e.g. ``lambda name, p: p.ndim > 1`` to spare biases and norms.
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
-            and moments instead of eight, in place in a donated step; see `functrain.optim.fused`).
-            ``False``: the foreach chain of primitives, exact to ``foreach=True`` in torch (the two
-            differ in the last bits, as torch's do). ``None`` (torch's default) chooses the kernel.
+            and moments instead of eight, in place in a donated step; see
+            `functrain.optim.rules.fused`). ``False``: the foreach chain of primitives, exact to
+            ``foreach=True`` in torch (the two differ in the last bits, as torch's do). ``None``
+            (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
         foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
             (``fused=False``), which gives the bits of both of torch's non-fused implementations.
@@ -348,6 +420,7 @@ def _adamw_chain(
     )
 
 
+@replaces("radam")
 @named(added=("maximize", "decoupled_weight_decay"), resolve=without_choices)
 def radam(
     lr: LearningRate = 1e-3,
@@ -379,7 +452,8 @@ def radam(
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters rather than add to the gradient.
         foreach: torch's implementation choice; ``True`` (or None) is this preset's;
-            ``False`` (torch's single-tensor loop, which rounds the step differently) is a `ConfigError`.
+            ``False`` (torch's single-tensor loop, which rounds the step differently) is a
+            `ConfigError`.
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
             back to the host anyway, see `functrain.optim.choices`).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -418,6 +492,7 @@ def radam(
     )
 
 
+@replaces("rmsprop")
 @named(added=("maximize",), resolve=without_choices)
 def rmsprop(
     lr: LearningRate = 1e-2,
@@ -478,6 +553,7 @@ def rmsprop(
     )
 
 
+@replaces("adagrad")
 @named(added={"fused": False, "maximize": False}, resolve=without_choices)
 def adagrad(
     lr: LearningRate = 1e-2,
@@ -507,7 +583,7 @@ def adagrad(
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
         fused: update through torch's fused Adagrad kernel (one pass over parameters, gradients
-            and sums, in place in a donated step; see `functrain.optim.fused`). ``False``: the
+            and sums, in place in a donated step; see `functrain.optim.rules.fused`). ``False``: the
             foreach chain of primitives, exact to ``foreach=True`` in torch. ``None`` (torch's
             default) chooses the kernel.
         foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
@@ -547,6 +623,7 @@ def adagrad(
     )
 
 
+@replaces("lion")
 @named
 def lion(
     lr: LearningRate = 1e-4,
@@ -586,3 +663,420 @@ def lion(
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_learning_rate(lr),
     )
+
+
+@named(resolve=without_choices)
+def nadam(
+    lr: LearningRate = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    *,
+    maximize: bool = False,
+    mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+) -> Transform:
+    """NAdam (Dozat, 2016): Adam with Nesterov momentum; ``decoupled_weight_decay=True`` is NAdamW.
+
+    Matches ``torch.optim.NAdam`` (its single-tensor implementation, torch's default on the CPU) bit
+    for bit in float32.
+
+    Args:
+        lr: learning rate, a float, a 1-element tensor or a schedule.
+        betas: ``(b1, b2)``, the moments' decay rates.
+        eps: denominator epsilon.
+        weight_decay: weight decay coefficient, L2 added to the gradient unless decoupled.
+        momentum_decay: the momentum schedule's decay (``psi``).
+        decoupled_weight_decay: decay the parameters as AdamW does instead.
+        maximize: ascend the objective.
+        mask: which parameters get weight decay.
+        foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
+            this preset's; ``True`` (torch's foreach form, which rounds differently) is a
+            `ConfigError`.
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.nadam(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]  # the first step's momentum is already Nesterov's
+        tensor([0.8944])
+    """
+    check_choices(
+        "nadam",
+        foreach=foreach,
+        capturable=capturable,
+        differentiable=differentiable,
+        exact=SINGLE_ONLY,
+    )
+    rate, (b1, b2) = _checked("nadam", lr, betas)
+    coupled = weight_decay if not decoupled_weight_decay else 0.0
+    return chain(
+        _maybe(maximize, scale(-1.0)),
+        _maybe(coupled, add_decayed_weights(coupled, mask)),
+        nadam_step(
+            rate,
+            b1,
+            b2,
+            eps,
+            momentum_decay=momentum_decay,
+            weight_decay=weight_decay if decoupled_weight_decay else 0.0,
+            mask=mask,
+        ),
+    )
+
+
+@named(resolve=without_choices)
+def adamax(
+    lr: LearningRate = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+    mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+) -> Transform:
+    """Adamax (Kingma & Ba, 2015): Adam with the infinity norm in place of the second moment.
+
+    Matches ``torch.optim.Adamax`` (single-tensor and foreach) bit for bit in float32, for a
+    schedule too.
+
+    Args:
+        lr: learning rate, a float, a 1-element tensor or a schedule.
+        betas: ``(b1, b2)``: the first moment's and the infinity norm's decay rates.
+        eps: added to the gradient's magnitude.
+        weight_decay: L2 coefficient added to the gradient.
+        maximize: ascend the objective.
+        mask: which parameters get weight decay.
+        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
+            single-tensor implementations agree).
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adamax(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    check_choices("adamax", foreach=foreach, capturable=capturable, differentiable=differentiable)
+    rate, (b1, b2) = _checked("adamax", lr, betas)
+    return chain(
+        _maybe(maximize, scale(-1.0)),
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_adamax(b1, b2, eps),
+        scale_by_learning_rate(rate),
+    )
+
+
+@named(resolve=without_choices)
+def adadelta(
+    lr: LearningRate = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+    mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+) -> Transform:
+    """Adadelta (Zeiler, 2012): steps scaled by the RMS of past steps over the RMS of gradients.
+
+    Matches ``torch.optim.Adadelta`` (single-tensor and foreach) bit for bit in float32 for a
+    constant learning rate; with a schedule, the last rounding of each step may differ (the rate is
+    a tensor, multiplied in before the addition that torch fuses).
+
+    Args:
+        lr: the coefficient of the step, a float, a 1-element tensor or a schedule.
+        rho: decay rate of the running averages.
+        eps: added inside the square roots.
+        weight_decay: L2 coefficient added to the gradient.
+        maximize: ascend the objective.
+        mask: which parameters get weight decay.
+        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
+            single-tensor implementations agree).
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adadelta(rho=0.0, eps=1.0)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.0513])
+    """
+    check_choices("adadelta", foreach=foreach, capturable=capturable, differentiable=differentiable)
+    rate, _ = _checked("adadelta", lr)
+    return chain(
+        _maybe(maximize, scale(-1.0)),
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_adadelta(rho, eps),
+        scale_by_learning_rate(rate),
+    )
+
+
+@named(resolve=without_choices)
+def asgd(
+    lr: LearningRate = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+    mask: Mask = None,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+) -> Transform:
+    """Averaged SGD (Polyak & Juditsky, 1992); the average of the parameters is the state's ``ax``.
+
+    Matches ``torch.optim.ASGD``'s single-tensor implementation (torch's default on the CPU) bit for
+    bit in float32, the average included.
+
+    Args:
+        lr: learning rate, a float, a 1-element tensor or a schedule.
+        lambd: decay term.
+        alpha: power of the step size's decay.
+        t0: the step from which the parameters are averaged.
+        weight_decay: L2 coefficient added to the gradient.
+        maximize: ascend the objective.
+        mask: which parameters get weight decay.
+        foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
+            this preset's; ``True`` (torch's foreach form, which rounds differently) is a
+            `ConfigError`.
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.asgd(lr=0.1, lambd=0.0)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    check_choices(
+        "asgd",
+        foreach=foreach,
+        capturable=capturable,
+        differentiable=differentiable,
+        exact=SINGLE_ONLY,
+    )
+    rate, _ = _checked("asgd", lr)
+    return chain(
+        _maybe(maximize, scale(-1.0)),
+        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        asgd_step(rate, lambd, alpha, t0),
+    )
+
+
+@named(resolve=without_choices)
+def rprop(
+    lr: LearningRate = 1e-2,
+    etas: tuple[float, float] = (0.5, 1.2),
+    step_sizes: tuple[float, float] = (1e-6, 50.0),
+    *,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+) -> Transform:
+    """Rprop (Riedmiller & Braun, 1993): per-element step sizes adapted by the sign of the gradient.
+
+    Matches ``torch.optim.Rprop`` (single-tensor and foreach) bit for bit in float32. As in torch,
+    `lr` is only the initial step size; a schedule is read once, at step 0.
+
+    Args:
+        lr: the initial step size, a float, a 1-element tensor or a schedule.
+        etas: ``(etaminus, etaplus)``, the multiplicative decrease and increase factors.
+        step_sizes: ``(min, max)`` allowed step sizes.
+        maximize: ascend the objective.
+        foreach: torch's implementation choice; either value gives torch's bits (its foreach and
+            single-tensor implementations agree).
+        capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
+            back to the host anyway, see `functrain.optim.choices`).
+        differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.rprop(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.tensor([5.0])}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.9000])
+    """
+    check_choices("rprop", foreach=foreach, capturable=capturable, differentiable=differentiable)
+    rate, _ = _checked("rprop", lr)
+    return chain(_maybe(maximize, scale(-1.0)), scale_by_rprop(rate, etas, step_sizes))
+
+
+@named(resolve=without_choices)
+def adafactor(
+    lr: LearningRate = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+    mask: Mask = None,
+    foreach: bool | None = None,
+) -> Transform:
+    """Adafactor (Shazeer & Stern, 2018) as ``torch.optim.Adafactor``: factored second moments,
+    relative steps.
+
+    Matches torch's single-tensor implementation (its default on the CPU) bit for bit in float32.
+    Without host reads: the step size, which torch reads back from each parameter's norm, stays a
+    tensor.
+
+    Args:
+        lr: learning rate, a float, a 1-element tensor or a schedule (the relative step is
+            ``min(lr, 1 / sqrt(t))``).
+        beta2_decay: the second moment's rate is ``t ** beta2_decay``.
+        eps: ``(eps1, eps2)``: floor of the second moment (None: the dtype's epsilon) and of the
+            parameter RMS.
+        d: clipping threshold of the update's RMS.
+        weight_decay: decoupled decay coefficient.
+        maximize: ascend the objective.
+        mask: which parameters decay.
+        foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
+            this preset's; ``True`` (torch's foreach form, which rounds differently) is a
+            `ConfigError`.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adafactor(lr=0.1)
+        >>> p = {"w": torch.ones(2, 2)}
+        >>> u, _ = tx.update({"w": torch.ones(2, 2)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([[0.9000, 0.9000],
+                [0.9000, 0.9000]])
+    """
+    check_choices("adafactor", foreach=foreach, exact=SINGLE_ONLY)
+    rate, _ = _checked("adafactor", lr)
+    return chain(
+        _maybe(maximize, scale(-1.0)),
+        adafactor_step(rate, beta2_decay, eps, d, weight_decay=weight_decay, mask=mask),
+    )
+
+
+def is_matrix(name: str, param: torch.Tensor) -> str:
+    """The group `muon` gives a parameter: ``"muon"`` for a 2-D one, ``"others"`` for the rest.
+
+    Example:
+        >>> is_matrix("w", torch.zeros(2, 3)), is_matrix("b", torch.zeros(3))
+        ('muon', 'others')
+    """
+    return "muon" if param.ndim == 2 else "others"
+
+
+@named
+def muon(
+    lr: LearningRate = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    adjust_lr_fn: str | None = None,
+    *,
+    others: Transform | None = None,
+) -> Transform:
+    """Muon (Jordan et al., 2024): orthogonalized momentum for matrices, another optimizer for the
+    rest.
+
+    The 2-D parameters follow ``torch.optim.Muon`` bit for bit in float32; the others go to `others`
+    (typically ``ft.adamw(...)``), as torch users pair a Muon and an AdamW over disjoint parameters.
+    Without `others`, every parameter must be 2-D (torch's rule). To send some matrices (embeddings,
+    the output layer) to `others` too, build the partition yourself:
+    ``ft.partition(labels, muon=ft.muon(...), others=ft.adamw(...))``.
+
+    Args:
+        lr: learning rate, a float, a 1-element tensor or a schedule.
+        weight_decay: decoupled decay of the matrices, ``p * (1 - lr * weight_decay)``.
+        momentum: momentum factor.
+        nesterov: Nesterov momentum.
+        ns_coefficients: ``(a, b, c)`` of the Newton-Schulz iteration.
+        eps: floor of the norm the update is divided by before the iteration.
+        ns_steps: number of Newton-Schulz iterations.
+        adjust_lr_fn: None or ``"original"`` (``lr * sqrt(max(1, rows / cols))``) or
+            ``"match_rms_adamw"`` (``lr * 0.2 * sqrt(max(rows, cols))``).
+        others: the transform for the parameters that are not 2-D.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range; at ``init``, a parameter that is not 2-D
+            and no `others`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.muon(lr=0.02, others=ft.adamw(lr=3e-4))
+        >>> p = {"w": torch.ones(3, 2), "b": torch.ones(2)}
+        >>> u, _ = tx.update({"w": torch.ones(3, 2), "b": torch.ones(2)}, tx.init(p), p)
+        >>> sorted(ft.apply_updates(p, u))
+        ['b', 'w']
+    """
+    rate, _ = _checked("muon", lr)
+    matrices = chain(
+        scale_by_muon(momentum, nesterov, ns_coefficients, ns_steps, eps),
+        scale_by_adjusted_learning_rate(rate, adjust_lr_fn, weight_decay=weight_decay),
+    )
+    return matrices if others is None else partition(is_matrix, muon=matrices, others=others)

@@ -2,12 +2,14 @@
 
 For ``lr=`` of any optimizer, a sweep is a schedule (``step -> value``) that a stacked step
 (`functrain.stack`) evaluates for each member: member ``k`` gets ``values[k]``, a float or a
-schedule of its own. For ``weight_decay=`` of the fused `adam`/`adamw` (the default), member ``k``
-gets the float ``values[k]``: the kernel runs member by member and takes each member's value (the
-foreach chains, ``fused=False`` and the other presets, take one weight decay and refuse a sweep). Under the stacked
-step's ``vmap`` the member's index is a batched tensor, so one traced step serves every value: no
-recompilation per value, and a sweep composes with schedules (give each member a schedule, e.g. the
-same warmup-cosine shape at different peaks).
+schedule of its own. The step gives the member's index to the updates (`Extras.member`), which
+evaluate a learning rate with `value_at`. For ``weight_decay=`` of the fused `adam`/`adamw` (the
+default), member ``k`` gets the float ``values[k]``: the kernel runs member by member and takes
+each member's value (the foreach chains, ``fused=False`` and the other presets, take one weight
+decay and refuse a sweep).
+Under the stacked step's ``vmap`` the member's index is a batched tensor, so one traced step serves
+every value: no recompilation per value, and a sweep composes with schedules (give each member a
+schedule, e.g. the same warmup-cosine shape at different peaks).
 
 Outside a stacked step (when `TrainState.create` initializes the optimizer) a sweep gives member 0's
 value; stepping an ordinary state whose optimizer holds a sweep raises `ConfigError`.
@@ -21,33 +23,15 @@ from typing import Any
 import torch
 
 from functrain.errors import ConfigError
-from functrain.optim.primitives import Schedule, check_learning_rate
+from functrain.optim.base import Schedule
+from functrain.optim.checks import check_learning_rate
 
-__all__ = ["Sweep", "sweep", "enter_member", "leave_member"]
-
-
-class _Member:
-    """The member a stacked step is evaluating (a batched 0-d index under vmap), or None.
-
-    A plain attribute rather than a context variable: torch.compile traces attribute writes, not
-    `ContextVar.set`. Steps run on one thread; the stacked step sets and clears it around the body.
-    """
-
-    index: torch.Tensor | None = None
-
-
-_MEMBER = _Member()
-
-
-def enter_member(index: torch.Tensor) -> torch.Tensor | None:
-    """Make sweeps evaluate for member `index` until `leave_member`; returns the index it replaces."""
-    previous, _MEMBER.index = _MEMBER.index, index
-    return previous
-
-
-def leave_member(previous: torch.Tensor | None) -> None:
-    """Undo `enter_member`."""
-    _MEMBER.index = previous
+__all__ = [
+    "Sweep",
+    "sweep",
+    "value_at",
+    "holds_sweep",
+]
 
 
 class Sweep:
@@ -65,8 +49,9 @@ class Sweep:
     def __len__(self) -> int:
         return len(self.values)
 
-    def __call__(self, count: torch.Tensor) -> torch.Tensor:
-        member = _MEMBER.index
+    def __call__(self, count: torch.Tensor, member: torch.Tensor | None = None) -> torch.Tensor:
+        """The value at `count` of `member` (a 0-d index, batched under vmap); member 0's for
+        None."""
         column = [
             torch.as_tensor(
                 v(count) if callable(v) else v, dtype=torch.float64, device=count.device
@@ -83,7 +68,8 @@ class Sweep:
 
 
 def sweep(values: Sequence[float | Schedule]) -> Sweep:
-    """One value per member of a stacked state: ``lr=`` of any optimizer, ``weight_decay=`` of fused adam/adamw.
+    """One value per member of a stacked state: ``lr=`` of any optimizer, ``weight_decay=`` of fused
+    adam/adamw.
 
     Args:
         values: member ``k``'s value: a float >= 0, or for a learning rate also a schedule
@@ -99,11 +85,13 @@ def sweep(values: Sequence[float | Schedule]) -> Sweep:
         >>> import torch, functrain as ft
         >>> tx = ft.adamw(lr=ft.sweep([1e-3, 1e-2, 1e-1]))
         >>> loss_fn = lambda m, b: m(b).pow(2).mean()
-        >>> ens = ft.stack([ft.TrainState.create(torch.nn.Linear(2, 1), tx, loss_fn, seed=0) for _ in range(3)])
+        >>> make = lambda: torch.nn.Linear(2, 1)
+        >>> ens = ft.stack([ft.TrainState.create(make(), tx, loss_fn, seed=0) for _ in range(3)])
         >>> ens, metrics = ft.train_step(ens, torch.ones(4, 2))
         >>> metrics["lr"]
         tensor([0.0010, 0.0100, 0.1000])
-        >>> tx = ft.adamw(lr=1e-3, weight_decay=ft.sweep([0.0, 0.1]))  # fused adamw: per-member decay
+        >>> # fused adamw: per-member decay
+        >>> tx = ft.adamw(lr=1e-3, weight_decay=ft.sweep([0.0, 0.1]))
     """
     problems: list[str] = []
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
@@ -115,6 +103,20 @@ def sweep(values: Sequence[float | Schedule]) -> Sweep:
     if problems:
         raise ConfigError("invalid sweep:\n  - " + "\n  - ".join(problems))
     return Sweep(values)
+
+
+def value_at(
+    schedule: Schedule, count: torch.Tensor, member: torch.Tensor | None
+) -> torch.Tensor | float:
+    """`schedule` at `count`; a `Sweep` gives `member`'s value (`Extras.member`).
+
+    Example:
+        >>> value_at(sweep([0.1, 0.2]), torch.tensor(0), torch.tensor(1))
+        tensor(0.2000, dtype=torch.float64)
+    """
+    if isinstance(schedule, Sweep):
+        return schedule(count, member)
+    return schedule(count)
 
 
 def holds_sweep(value: Any) -> bool:

@@ -15,24 +15,23 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
+from functrain.optim.base import NO_EXTRAS, Extras, Mask, Transform, is_transform, update_with
+from functrain.optim.masks import resolve_mask
+from functrain.optim.metrics import walk_states
+from functrain.optim.naming import named
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.primitives import Mask, resolve_mask
-from functrain.optim.transform import (
-    NewParams,
-    ParamStep,
-    Transform,
-    apply_updates,
-    as_tensors,
-    counter,
-    flat_updates,
-    is_transform,
-    may_write_in_place,
-    named,
-    walk_states,
-    writing_in_place,
+from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
+from functrain.optim.zeros import counter, writable, zeros_like
+from functrain.tree import (
+    LOCAL_NORMS,
+    Norms,
+    Tree,
+    global_norm,
+    tree_leaves,
+    tree_paths,
+    tree_select,
+    tree_unflatten,
 )
-from functrain.optim.zeros import writable, zeros_like
-from functrain.tree import Tree, global_norm, tree_leaves, tree_paths, tree_select, tree_unflatten
 
 __all__ = [
     "masked",
@@ -56,16 +55,18 @@ def _require_transform(inner: object, where: str) -> None:
         hint = torch_object_hint(inner, f"the inner optimizer of {where}")
         raise ConfigError(
             hint
-            or f"{where} expects a transform (with init and update) as `inner`, got {type(inner).__name__}"
+            or f"{where} expects a transform (with init and update) as `inner`, got "
+            f"{type(inner).__name__}"
         )
 
 
-def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch.Tensor:
     """A 0-d bool tensor: True when no element of `tensors` is NaN or infinite (no host sync).
 
-    Tests the global L2 norm (the one `global_norm` computes, shared with the step's ``grad_norm``
-    metric), so tensors whose norm overflows float32 (above ~1.8e19 in all) also count as
-    non-finite, as they do for ``torch.nn.utils.clip_grad_norm_(error_if_nonfinite=True)``.
+    Tests the global L2 norm (the one `global_norm` computes with `norms`: in a step the step's
+    ``grad_norm`` metric, shared, and in a sharded step summed over ranks), so tensors whose norm
+    overflows float32 (above ~1.8e19 in all) also count as non-finite, as they do for
+    ``torch.nn.utils.clip_grad_norm_(error_if_nonfinite=True)``.
 
     Example:
         >>> all_finite([torch.tensor([1.0, 2.0]), torch.tensor([float("nan")])])
@@ -73,11 +74,12 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(global_norm(tensors))
+    return torch.isfinite(global_norm(tensors, norms))
 
 
 def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
-    """Updates that take effect only where `keep` holds (zero updates, or an untouched parameter)."""
+    """Updates that take effect only where `keep` holds (zero updates, or an untouched
+    parameter)."""
     if isinstance(updates, ParamStep):
         gate = keep if updates.keep is None else keep & updates.keep
         return updates.replace(keep=gate)
@@ -94,22 +96,39 @@ def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
 
 
 def _update_where(
-    inner: Transform, keep: torch.Tensor, updates: Any, state: Tree, params: Tree | None
+    inner: Transform,
+    keep: torch.Tensor,
+    updates: Any,
+    state: Tree,
+    params: Tree | None,
+    extras: Extras,
 ) -> tuple[Any, Tree]:
-    """`inner`'s update where `keep` holds, a no-op (the same state, parameters untouched) elsewhere.
+    """`inner`'s update where `keep` holds, a no-op (the same state, parameters untouched)
+    elsewhere.
 
     A gated transform does this itself (torch's fused kernels skip on a flag); for any other the
-    update runs and `torch.where` picks the previous state and parameters.
+    update runs and `torch.where` picks the previous state and parameters (so it runs without the
+    in-place permission of `extras`).
     """
     if getattr(inner, "gated", False):
-        new_updates, new_state = inner.update(updates, state, params, keep=keep)
+        new_updates, new_state = update_with(inner, updates, state, params, extras, keep)
         # new parameters come gated from the kernel; updates of any other form are gated here
         return (
             new_updates if isinstance(new_updates, NewParams) else _gate(new_updates, keep, params)
         ), new_state
-    with writing_in_place(False):  # the previous state and parameters are selected below: keep them
-        new_updates, new_state = inner.update(updates, state, params)
+    # the previous state and parameters are selected below: keep them
+    new_updates, new_state = update_with(inner, updates, state, params, extras.kept())
     return _gate(new_updates, keep, params), tree_select(keep, new_state, state)
+
+
+def _selected(mask: Mask, params: Tree) -> tuple[bool, ...]:
+    """The leaves `mask` selects for `masked`, which needs a mask: None is refused."""
+    flags = resolve_mask(mask, params)
+    if flags is None:
+        raise ConfigError(
+            "masked() needs a mask: a predicate (name, param) -> bool or a tree of bools, got None"
+        )
+    return flags
 
 
 class MaskedState(NamedTuple):
@@ -118,7 +137,8 @@ class MaskedState(NamedTuple):
 
 @named
 def masked(inner: Transform, mask: Mask) -> Transform:
-    """Run `inner` only on the parameters `mask` selects; the others' updates pass through unchanged.
+    """Run `inner` only on the parameters `mask` selects; the others' updates pass through
+    unchanged.
 
     Args:
         inner: a transform that comes before the learning rate (its updates must be tensors or a
@@ -145,29 +165,35 @@ def masked(inner: Transform, mask: Mask) -> Transform:
         return [x for x, f in zip(tree_leaves(tree), flags, strict=True) if f]
 
     def init_fn(params: Tree) -> MaskedState:
-        return MaskedState(inner.init(pick(params, resolve_mask(mask, params))))
+        return MaskedState(inner.init(pick(params, _selected(mask, params))))
 
     def update_fn(
-        updates: Any, state: MaskedState, params: Tree | None = None
+        updates: Any,
+        state: MaskedState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Tree, MaskedState]:
         u, spec = flat_updates(updates, params)
-        flags = resolve_mask(mask, params if params is not None else tree_unflatten(u, spec))
+        flags = _selected(mask, params if params is not None else tree_unflatten(u, spec))
         if not any(flags):  # nothing selected; torch._foreach_* would reject the empty lists
             return tree_unflatten(u, spec), state
         sub_params = pick(params, flags) if params is not None else None
-        sub_updates, inner_state = inner.update(
-            [x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params
+        sub_updates, inner_state = update_with(
+            inner, [x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params, extras
         )
         if isinstance(sub_updates, (ParamStep, NewParams)):
             raise ConfigError(
-                "masked() wraps transforms that come before the learning rate, got one that ends in "
-                "scale_by_learning_rate; mask the weight decay or scaling instead (e.g. adamw(mask=...))"
+                "masked() wraps transforms that come before the learning rate, got one that ends "
+                "in "
+                "scale_by_learning_rate; mask the weight decay or scaling instead (e.g. "
+                "adamw(mask=...))"
             )
         done = iter(as_tensors(sub_updates, sub_params))
         out = [next(done) if f else x for x, f in zip(u, flags, strict=True)]
         return tree_unflatten(out, spec), MaskedState(inner_state)
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, update_fn, takes_extras=True)
 
 
 class PartitionState(NamedTuple):
@@ -178,7 +204,8 @@ Labels = Callable[[str, torch.Tensor], str] | Tree
 
 
 def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str]:
-    """The group of every leaf: `labels` called on each ``(path, param)``, or read from a tree of labels."""
+    """The group of every leaf: `labels` called on each ``(path, param)``, or read from a tree of
+    labels."""
     leaves = tree_leaves(params)
     if callable(labels):
         found = [labels(name, p) for name, p in zip(tree_paths(params), leaves, strict=True)]
@@ -199,7 +226,8 @@ def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str
     if unknown:
         config_check(
             [
-                f"every label must be one of {list(known)}, got {', '.join(unknown)}; add a transform for it"
+                f"every label must be one of {list(known)}, got {', '.join(unknown)}; add a "
+                "transform for it"
             ],
             "partition",
         )
@@ -208,7 +236,8 @@ def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str
 
 @named
 def partition(labels: Labels, /, **transforms: Transform) -> Transform:
-    """Give each group of parameters its own transform (optax's ``partition``), e.g. Muon for matrices, AdamW for the rest.
+    """Give each group of parameters its own transform (optax's ``partition``), e.g. Muon for
+    matrices, AdamW for the rest.
 
     Each transform sees only its group, as a dict from the parameters' paths (so masks by name
     still work) to the leaves, and keeps its own state. Whole optimizers can be grouped: when any
@@ -228,7 +257,8 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
 
     Example:
         >>> import functrain as ft
-        >>> tx = partition(lambda name, p: "fast" if name == "w" else "slow", fast=ft.sgd(lr=1.0), slow=ft.sgd(lr=0.1))
+        >>> labels = lambda name, p: "fast" if name == "w" else "slow"
+        >>> tx = partition(labels, fast=ft.sgd(lr=1.0), slow=ft.sgd(lr=0.1))
         >>> p = {"w": torch.ones(1), "b": torch.ones(1)}
         >>> u, _ = tx.update({"w": torch.ones(1), "b": torch.ones(1)}, tx.init(p), p)
         >>> new = ft.apply_updates(p, u)
@@ -258,49 +288,54 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         )
 
     def update_fn(
-        updates: Any, state: PartitionState, params: Tree | None = None
+        updates: Any,
+        state: PartitionState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, PartitionState]:
         u, spec = flat_updates(updates, params)
         shape = params if params is not None else tree_unflatten(u, spec)
         found, names = _labels_of(labels, shape, known), tree_paths(shape)
         p = tree_leaves(params) if params is not None else None
         results, states = [], []
-        with writing_in_place(False):  # each group's results are gathered into fresh trees below
-            for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
-                sub_params = split(p, names, found, label) if p is not None else None
-                out, inner_state = inner.update(
-                    split(u, names, found, label), inner_state, sub_params
+        kept = extras.kept()  # each group's results are gathered into fresh trees below
+        for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
+            sub_params = split(p, names, found, label) if p is not None else None
+            out, inner_state = update_with(
+                inner, split(u, names, found, label), inner_state, sub_params, kept
+            )
+            results.append((label, out, sub_params))
+            states.append(inner_state)
+        final = any(isinstance(out, (ParamStep, NewParams)) for _, out, _ in results)
+        if final and p is None:
+            config_check(
+                [
+                    "partition of whole optimizers computes the new parameters: call "
+                    "update(updates, state, params)"
+                ],
+                "update",
+            )
+        merged: dict[str, torch.Tensor] = {}
+        for label, out, sub_params in results:
+            values = (
+                tree_leaves(apply_updates(sub_params, out))
+                if final
+                else as_tensors(out, sub_params)
+            )
+            merged.update(
+                zip(
+                    [n for n, lab in zip(names, found, strict=True) if lab == label],
+                    values,
+                    strict=True,
                 )
-                results.append((label, out, sub_params))
-                states.append(inner_state)
-            final = any(isinstance(out, (ParamStep, NewParams)) for _, out, _ in results)
-            if final and p is None:
-                config_check(
-                    [
-                        "partition of whole optimizers computes the new parameters: call update(updates, state, params)"
-                    ],
-                    "update",
-                )
-            merged: dict[str, torch.Tensor] = {}
-            for label, out, sub_params in results:
-                values = (
-                    tree_leaves(apply_updates(sub_params, out))
-                    if final
-                    else as_tensors(out, sub_params)
-                )
-                merged.update(
-                    zip(
-                        [n for n, lab in zip(names, found, strict=True) if lab == label],
-                        values,
-                        strict=True,
-                    )
-                )
+            )
         leaves = [merged[n] for n in names]
         return (NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)), PartitionState(
             tuple(states)
         )
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, update_fn, takes_extras=True)
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -360,10 +395,12 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         state: SkipNonfiniteState,
         params: Tree | None = None,
         keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, SkipNonfiniteState]:
-        finite = all_finite(flat_updates(updates, params)[0])
+        finite = all_finite(flat_updates(updates, params)[0], extras.norms)
         new_updates, inner_state = _update_where(
-            inner, finite if keep is None else finite & keep, updates, state.inner, params
+            inner, finite if keep is None else finite & keep, updates, state.inner, params, extras
         )
         skipped = ~finite
         # a bool adds as 0 or 1; a Python 0 takes the tensor's dtype: fewer small ops per step
@@ -372,21 +409,20 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             state.total_skipped + skipped,
             torch.where(finite, 0, state.consecutive + 1),
         )
-        if (
-            keep is not None
-        ):  # gated (under `accumulate`): between window ends the counts stay put too
-            counts = tuple(
-                torch.where(keep, new, old)
-                for new, old in zip(
-                    counts, (state.skipped, state.total_skipped, state.consecutive), strict=True
-                )
+        if keep is not None:
+            # gated (under `accumulate`): between window ends the counts stay put too
+            now, total, consecutive = counts
+            counts = (
+                torch.where(keep, now, state.skipped),
+                torch.where(keep, total, state.total_skipped),
+                torch.where(keep, consecutive, state.consecutive),
             )
         new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)
         if cap >= 0 and _host_readable(new_state.consecutive):
             check_skip_limits(new_state)
         return new_updates, new_state
 
-    return Transform(init_fn, update_fn, gated=True)
+    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -394,7 +430,8 @@ def _host_readable(t: torch.Tensor) -> bool:
 
 
 def check_skip_limits(state: Tree) -> None:
-    """Raise `NonFiniteError` if any `skip_nonfinite` in `state` skipped more steps in a row than allowed.
+    """Raise `NonFiniteError` if any `skip_nonfinite` in `state` skipped more steps in a row than
+    allowed.
 
     Reads counters back to the host: call it where a sync is acceptable (the driver does, at log
     intervals).
@@ -404,12 +441,15 @@ def check_skip_limits(state: Tree) -> None:
     """
     for node in walk_states(state):
         if isinstance(node, SkipNonfiniteState):
-            # host read, by design; a stacked state's (functrain.stack) longest run among its members
+            # host read, by design; a stacked state's (functrain.stack) longest run among its
+            # members
             cap, run = int(node.max_consecutive.max()), int(node.consecutive.max())
             if 0 <= cap < run:
                 raise NonFiniteError(
-                    f"{run} consecutive steps had non-finite gradients (limit max_consecutive={cap}); "
-                    "lower the learning rate, enable gradient clipping, or check the data for NaN/Inf"
+                    f"{run} consecutive steps had non-finite gradients (limit "
+                    f"max_consecutive={cap}); "
+                    "lower the learning rate, enable gradient clipping, or check the data for "
+                    "NaN/Inf"
                 )
 
 
@@ -465,10 +505,14 @@ def accumulate(inner: Transform, every: int) -> Transform:
         return AccumulateState(inner.init(params), counter(params), sums)
 
     def update_fn(
-        updates: Any, state: AccumulateState, params: Tree | None = None
+        updates: Any,
+        state: AccumulateState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, AccumulateState]:
         u, spec = flat_updates(updates, params)
-        in_place = may_write_in_place()
+        in_place = extras.may_write()
         addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
         sums = (
             [writable(s, x) for s, x in zip(state.grad_sum, addends, strict=True)]
@@ -480,7 +524,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
         last = state.micro_step == every - 1
         mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
         new_updates, inner_state = _update_where(
-            inner, last, tree_unflatten(mean, spec), state.inner, params
+            inner, last, tree_unflatten(mean, spec), state.inner, params, extras
         )
         if in_place:
             for s in sums:
@@ -494,7 +538,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
         )
         return new_updates, new_state
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, update_fn, takes_extras=True)
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -521,7 +565,8 @@ def dynamic_loss_scale(
     backoff_factor: float = 0.5,
     growth_interval: int = 2000,
 ) -> Transform:
-    """Dynamic loss scaling for float16 training, as `torch.amp.GradScaler` does it, without host syncs.
+    """Dynamic loss scaling for float16 training, as `torch.amp.GradScaler` does it, without host
+    syncs.
 
     The train step multiplies the loss by the current scale (see `find_loss_scale`); this wrapper
     divides the incoming gradients by it, skips the step (no-op, counted) when they are not finite
@@ -569,14 +614,18 @@ def dynamic_loss_scale(
         return DynamicLossScaleState(inner.init(params), scale, zero, zero.bool(), zero)
 
     def update_fn(
-        updates: Any, state: DynamicLossScaleState, params: Tree | None = None
+        updates: Any,
+        state: DynamicLossScaleState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, DynamicLossScaleState]:
         u, spec = flat_updates(updates, params)
         inv = state.scale.double().reciprocal().float()
         unscaled = [x.float().mul(inv).to(x.dtype) for x in u]
-        finite = all_finite(unscaled)
+        finite = all_finite(unscaled, extras.norms)
         new_updates, inner_state = _update_where(
-            inner, finite, tree_unflatten(unscaled, spec), state.inner, params
+            inner, finite, tree_unflatten(unscaled, spec), state.inner, params, extras
         )
         tracker = torch.where(
             finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker)
@@ -593,7 +642,7 @@ def dynamic_loss_scale(
         )
         return new_updates, new_state
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, update_fn, takes_extras=True)
 
 
 def find_loss_scale(state: Tree) -> torch.Tensor | None:

@@ -31,6 +31,7 @@ __all__ = [
     "owned_copy",
     "light_copy",
     "stored",
+    "counter",
 ]
 
 
@@ -62,7 +63,8 @@ def zeros(params: Tree) -> tuple[torch.Tensor, ...]:
 
 
 def is_shared(t: torch.Tensor) -> bool:
-    """Whether some elements of `t` are the same memory (a stride 0 over a dimension of size > 1)."""
+    """Whether some elements of `t` are the same memory (a stride 0 over a dimension of size >
+    1)."""
     strides = t.stride()
     return 0 in strides and any(
         stride == 0 and size > 1 for size, stride in zip(t.shape, strides, strict=True)
@@ -70,18 +72,21 @@ def is_shared(t: torch.Tensor) -> bool:
 
 
 def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`t`, or, if an in-place write cannot take it (`is_shared`) or it is laid out otherwise than `like`, a copy laid out like `like`.
+    """`t`, or, if an in-place write cannot take it (`is_shared`) or it is laid out otherwise than
+    `like`, a copy laid out like `like`.
 
     Example:
         >>> w = torch.ones(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
-        >>> writable(zeros_like(w), w).stride() == w.stride(), writable(torch.ones(2, 3, 4, 5), w).stride() == w.stride()
+        >>> same = lambda t: t.stride() == w.stride()
+        >>> same(writable(zeros_like(w), w)), same(writable(torch.ones(2, 3, 4, 5), w))
         (True, True)
     """
     return _laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t
 
 
 def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A copy of `t` with a storage of its own, for an in-place kernel to write, laid out like `like`."""
+    """A copy of `t` with a storage of its own, for an in-place kernel to write, laid out like
+    `like`."""
     return _laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t.clone()
 
 
@@ -90,7 +95,8 @@ def _laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def light_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of `t` that costs what `t` costs: a stride-0 view copies its one element, not its shape.
+    """A copy of `t` that costs what `t` costs: a stride-0 view copies its one element, not its
+    shape.
 
     Example:
         >>> c = light_copy(zeros_like(torch.ones(3, 4)))
@@ -103,7 +109,8 @@ def light_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def stored(tree: Tree) -> Tree:
-    """`tree` with its shared tensors (`is_shared`) given storage of their own; `tree` itself if it has none.
+    """`tree` with its shared tensors (`is_shared`) given storage of their own; `tree` itself if it
+    has none.
 
     For a compiled step: its graph is specialized to its inputs' strides, and a donated one writes
     into its inputs, so the first call of a fresh state and the calls after it take the same layout.
@@ -114,3 +121,10 @@ def stored(tree: Tree) -> Tree:
     return tree_unflatten(
         [writable(x, x) if isinstance(x, torch.Tensor) else x for x in leaves], spec
     )
+
+
+def counter(params: Tree) -> torch.Tensor:
+    """A 0-d int64 zero on the parameters' device, for step counters in transform states."""
+    leaves = tree_leaves(params)
+    device = leaves[0].device if leaves else torch.device("cpu")
+    return torch.zeros((), dtype=torch.int64, device=device)

@@ -1,8 +1,8 @@
 """Schedules: pure functions ``step -> value`` for learning rates and other hyperparameters.
 
 `catalogue` holds the schedules (``constant``, ``linear``, ``cosine_decay``, ..., ``join``,
-``per_epoch``); `torch_schedulers` holds `from_torch`, every `torch.optim.lr_scheduler` class as one of
-them, on the per-class parts in `torch_parts`. Public as ``functrain.schedules``.
+``per_epoch``); `torch_schedulers` holds `from_torch`, every `torch.optim.lr_scheduler` class as one
+of them, on the per-class parts in `torch_parts`. Public as ``functrain.schedules``.
 """
 
 from functrain.optim.schedules.catalogue import (

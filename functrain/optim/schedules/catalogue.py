@@ -4,9 +4,9 @@ A schedule holds no state, so there is nothing to forget in a checkpoint: the va
 function of the step alone. Called with a Python int it returns a Python float; called with a 0-d
 integer tensor (as `scale_by_learning_rate` does with its step counter) it returns a 0-d float64
 tensor on the same device, computed with tensor ops only, so it runs inside
-``torch.compile(fullgraph=True)`` without a graph break or a recompile as the step changes. Both paths
-run the same float64 ops (an int is first made a CPU tensor), so they agree bit for bit. Steps are
-counted from 0, the value at step ``t`` being the one the ``(t + 1)``-th update uses.
+``torch.compile(fullgraph=True)`` without a graph break or a recompile as the step changes. Both
+paths run the same float64 ops (an int is first made a CPU tensor), so they agree bit for bit. Steps
+are counted from 0, the value at step ``t`` being the one the ``(t + 1)``-th update uses.
 
 Every factory validates its arguments, raising one `ConfigError` that names each bad one, and states
 in its docstring the schedule's bounds and whether it is monotone. Bounds hold up to the rounding of
@@ -24,13 +24,14 @@ import numbers
 import operator
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, cast, overload
+from typing import Any, Literal, cast
 
 import torch
 
 from functrain.errors import config_check
+from functrain.optim.base import Schedule
+from functrain.optim.naming import describe_call
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.transform import describe_call
 
 __all__ = [
     "Schedule",
@@ -44,36 +45,35 @@ __all__ = [
     "one_cycle",
     "join",
     "per_epoch",
+    "described",
+    "lift",
+    "check_steps",
+    "check_number",
+    "check_interval",
+    "empty_phases",
+    "one_cycle_phases",
 ]
-
-
-class Schedule(Protocol):
-    """A pure function of the step: ``int -> float``, ``0-d integer tensor -> 0-d float64 tensor``."""
-
-    @overload
-    def __call__(self, step: int) -> float: ...
-
-    @overload
-    def __call__(self, step: torch.Tensor) -> torch.Tensor: ...
 
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
-    """Give the schedules a factory returns a `name` recording the call (shown in checkpoint fingerprints)."""
+def described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
+    """Give the schedules a factory returns a `name` recording the call (shown in checkpoint
+    fingerprints)."""
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Schedule:
         schedule = factory(*args, **kwargs)
-        schedule.name = describe_call(factory, signature, args, kwargs)  # type: ignore[attr-defined]
+        name = describe_call(factory, signature, args, kwargs)
+        schedule.name = name  # type: ignore[attr-defined]
         return schedule
 
     return wrapper
 
 
-def _lift(value_fn: ValueFn) -> Schedule:
+def lift(value_fn: ValueFn) -> Schedule:
     """Make a schedule of `value_fn`, a function of the step as a 0-d float64 tensor."""
 
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
@@ -89,10 +89,11 @@ def _as_f64(value: Any, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float64, device=like.device)
 
 
-# -- argument checks: each appends a message naming the argument and its value -----------------------
+# -- argument checks: each appends a message naming the argument and its value
+# -----------------------
 
 
-def _check_steps(problems: list[str], name: str, value: Any, minimum: int = 0) -> None:
+def check_steps(problems: list[str], name: str, value: Any, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         problems.append(f"{name} must be an int, got {name}={value!r}")
     elif value < minimum:
@@ -104,7 +105,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_number(problems: list[str], name: str, value: Any, need: str = ">= 0") -> None:
+def check_number(problems: list[str], name: str, value: Any, need: str = ">= 0") -> None:
     """A finite number; `need` is ">= 0", "> 0" or "" (any sign)."""
     if not _is_number(value):
         problems.append(f"{name} must be a finite number, got {name}={value!r}")
@@ -112,7 +113,7 @@ def _check_number(problems: list[str], name: str, value: Any, need: str = ">= 0"
         problems.append(f"{name} must be {need}, got {name}={value!r}")
 
 
-def _check_interval(
+def check_interval(
     problems: list[str], name: str, value: Any, low: float, high: float, closed: str
 ) -> None:
     """`closed` names the closed ends: "" for (low, high), "low", "high" or "both"."""
@@ -127,10 +128,11 @@ def _check_interval(
         problems.append(f"{name} must lie in {left}{low}, {high}{right}, got {name}={value!r}")
 
 
-# -- the catalogue ----------------------------------------------------------------------------------
+# -- the catalogue
+# ----------------------------------------------------------------------------------
 
 
-@_described
+@described
 def constant(value: float) -> Schedule:
     """The same value at every step.
 
@@ -151,22 +153,24 @@ def constant(value: float) -> Schedule:
         (0.1, 0.1, tensor(0.1000, dtype=torch.float64))
     """
     problems: list[str] = []
-    _check_number(problems, "value", value)
+    check_number(problems, "value", value)
     config_check(problems, "constant")
     value = float(value)
-    return _lift(lambda t: torch.full_like(t, value))
+    return lift(lambda t: torch.full_like(t, value))
 
 
-@_described
+@described
 def linear(
     init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
-    """Hold `init_value` until `transition_begin`, move linearly to `end_value` over `transition_steps`, hold.
+    """Hold `init_value` until `transition_begin`, move linearly to `end_value` over
+    `transition_steps`, hold.
 
-    The value is ``init_value + (end_value - init_value) * frac``, with ``frac`` the clipped fraction of
-    the transition done, so it is exactly `init_value` up to `transition_begin`.
+    The value is ``init_value + (end_value - init_value) * frac``, with ``frac`` the clipped
+    fraction of the transition done, so it is exactly `init_value` up to `transition_begin`.
 
-    Monotone (towards `end_value`); bounds ``[min(init_value, end_value), max(init_value, end_value)]``.
+    Monotone (towards `end_value`); bounds ``[min(init_value, end_value), max(init_value,
+    end_value)]``.
 
     Args:
         init_value: the value before the transition; >= 0.
@@ -186,10 +190,10 @@ def linear(
         [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     """
     problems: list[str] = []
-    _check_number(problems, "init_value", init_value)
-    _check_number(problems, "end_value", end_value)
-    _check_steps(problems, "transition_steps", transition_steps, minimum=1)
-    _check_steps(problems, "transition_begin", transition_begin)
+    check_number(problems, "init_value", init_value)
+    check_number(problems, "end_value", end_value)
+    check_steps(problems, "transition_steps", transition_steps, minimum=1)
+    check_steps(problems, "transition_begin", transition_begin)
     config_check(problems, "linear")
     init, delta = float(init_value), float(end_value) - float(init_value)
 
@@ -198,19 +202,20 @@ def linear(
             torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps
         )
 
-    return _lift(value_fn)
+    return lift(value_fn)
 
 
-@_described
+@described
 def cosine_decay(
     init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0
 ) -> Schedule:
-    """Decay along half a cosine from `init_value` to ``alpha * init_value`` over `decay_steps`, then hold.
+    """Decay along half a cosine from `init_value` to ``alpha * init_value`` over `decay_steps`,
+    then hold.
 
     The value is ``init_value * ((1 - alpha) * c ** exponent + alpha)`` with
-    ``c = (1 + cos(pi * min(step, decay_steps) / decay_steps)) / 2`` (Loshchilov & Hutter, 2017, without
-    restarts; as optax's ``cosine_decay_schedule``). For torch's periodic `CosineAnnealingLR`, use
-    `from_torch`.
+    ``c = (1 + cos(pi * min(step, decay_steps) / decay_steps)) / 2`` (Loshchilov & Hutter, 2017,
+    without restarts; as optax's ``cosine_decay_schedule``). For torch's periodic
+    `CosineAnnealingLR`, use `from_torch`.
 
     Monotone non-increasing; bounds ``[alpha * init_value, init_value]``.
 
@@ -232,10 +237,10 @@ def cosine_decay(
         (1.0, 0.55, 0.1, 0.1)
     """
     problems: list[str] = []
-    _check_number(problems, "init_value", init_value)
-    _check_steps(problems, "decay_steps", decay_steps, minimum=1)
-    _check_interval(problems, "alpha", alpha, 0.0, 1.0, closed="both")
-    _check_number(problems, "exponent", exponent, need="> 0")
+    check_number(problems, "init_value", init_value)
+    check_steps(problems, "decay_steps", decay_steps, minimum=1)
+    check_interval(problems, "alpha", alpha, 0.0, 1.0, closed="both")
+    check_number(problems, "exponent", exponent, need="> 0")
     config_check(problems, "cosine_decay")
     init, alpha, exponent = float(init_value), float(alpha), float(exponent)
 
@@ -243,10 +248,10 @@ def cosine_decay(
         c = 0.5 * (1 + torch.cos(math.pi * torch.clamp(t, 0, decay_steps) / decay_steps))
         return init * ((1 - alpha) * c**exponent + alpha)
 
-    return _lift(value_fn)
+    return lift(value_fn)
 
 
-@_described
+@described
 def exponential_decay(
     init_value: float,
     decay_rate: float,
@@ -257,9 +262,9 @@ def exponential_decay(
 ) -> Schedule:
     """Multiply by `decay_rate` every `transition_steps` steps after `transition_begin`.
 
-    The value is ``init_value * decay_rate ** p`` with ``p = (step - transition_begin) / transition_steps``
-    (floored if `staircase`), exactly `init_value` up to `transition_begin`, and clipped at `end_value`
-    when one is given.
+    The value is ``init_value * decay_rate ** p`` with ``p = (step - transition_begin) /
+    transition_steps`` (floored if `staircase`), exactly `init_value` up to `transition_begin`, and
+    clipped at `end_value` when one is given.
 
     Monotone (non-increasing if ``decay_rate <= 1``, else non-decreasing); bounds
     ``[end_value or 0, init_value]`` when decaying, ``[init_value, end_value or inf)`` when growing.
@@ -269,7 +274,8 @@ def exponential_decay(
         decay_rate: the factor per transition; >= 0 (> 1 grows).
         transition_steps: the steps per factor; > 0.
         staircase: apply the factor in whole steps (piecewise constant) instead of continuously.
-        end_value: a floor (when decaying) or a ceiling (when growing); on that side of `init_value`.
+        end_value: a floor (when decaying) or a ceiling (when growing); on that side of
+        `init_value`.
         transition_begin: the step the decay starts from; >= 0.
 
     Returns:
@@ -284,12 +290,12 @@ def exponential_decay(
         (1.0, 1.0, 0.5, 0.25, 0.2)
     """
     problems: list[str] = []
-    _check_number(problems, "init_value", init_value)
-    _check_number(problems, "decay_rate", decay_rate)
-    _check_steps(problems, "transition_steps", transition_steps, minimum=1)
-    _check_steps(problems, "transition_begin", transition_begin)
+    check_number(problems, "init_value", init_value)
+    check_number(problems, "decay_rate", decay_rate)
+    check_steps(problems, "transition_steps", transition_steps, minimum=1)
+    check_steps(problems, "transition_begin", transition_begin)
     if end_value is not None:
-        _check_number(problems, "end_value", end_value)
+        check_number(problems, "end_value", end_value)
         if not problems and (decay_rate - 1) * (end_value - init_value) < 0:
             side = "<=" if decay_rate < 1 else ">="
             problems.append(
@@ -313,17 +319,19 @@ def exponential_decay(
             return value
         return torch.clamp(value, min=end_value) if rate < 1 else torch.clamp(value, max=end_value)
 
-    return _lift(value_fn)
+    return lift(value_fn)
 
 
-@_described
+@described
 def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> Schedule:
-    """Piecewise constant: from each boundary step on, the value is multiplied by that boundary's scale.
+    """Piecewise constant: from each boundary step on, the value is multiplied by that boundary's
+    scale.
 
-    The pieces are computed once, in order, as ``value * scale`` (the order torch's `MultiStepLR` uses).
+    The pieces are computed once, in order, as ``value * scale`` (the order torch's `MultiStepLR`
+    uses).
 
-    Monotone when every scale is <= 1 (non-increasing) or every scale is >= 1 (non-decreasing); bounds
-    the smallest and largest of the pieces.
+    Monotone when every scale is <= 1 (non-increasing) or every scale is >= 1 (non-decreasing);
+    bounds the smallest and largest of the pieces.
 
     Args:
         init_value: the value before the first boundary; >= 0.
@@ -341,15 +349,15 @@ def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> 
         (1.0, 0.5, 0.5, 0.05)
     """
     problems: list[str] = []
-    _check_number(problems, "init_value", init_value)
+    check_number(problems, "init_value", init_value)
     if not isinstance(boundaries_and_scales, Mapping):
         problems.append(
             f"boundaries_and_scales must be a dict {{step: scale}}, got {boundaries_and_scales!r}"
         )
     else:
         for boundary, scale in boundaries_and_scales.items():
-            _check_steps(problems, "boundary", boundary)
-            _check_number(problems, f"boundaries_and_scales[{boundary!r}]", scale)
+            check_steps(problems, "boundary", boundary)
+            check_number(problems, f"boundaries_and_scales[{boundary!r}]", scale)
     config_check(problems, "multistep")
     boundaries = sorted(boundaries_and_scales)
     values = [float(init_value)]
@@ -362,10 +370,10 @@ def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> 
             value = torch.where(t >= boundary, piece, value)
         return value
 
-    return _lift(value_fn)
+    return lift(value_fn)
 
 
-@_described
+@described
 def polynomial(
     init_value: float,
     end_value: float,
@@ -373,12 +381,14 @@ def polynomial(
     transition_steps: int,
     transition_begin: int = 0,
 ) -> Schedule:
-    """Move from `init_value` to `end_value` along ``(1 - frac) ** power`` over `transition_steps`, then hold.
+    """Move from `init_value` to `end_value` along ``(1 - frac) ** power`` over `transition_steps`,
+    then hold.
 
-    The value is ``(init_value - end_value) * (1 - frac) ** power + end_value``, with ``frac`` the clipped
-    fraction of the transition done (as optax's ``polynomial_schedule``).
+    The value is ``(init_value - end_value) * (1 - frac) ** power + end_value``, with ``frac`` the
+    clipped fraction of the transition done (as optax's ``polynomial_schedule``).
 
-    Monotone (towards `end_value`); bounds ``[min(init_value, end_value), max(init_value, end_value)]``.
+    Monotone (towards `end_value`); bounds ``[min(init_value, end_value), max(init_value,
+    end_value)]``.
 
     Args:
         init_value: the value up to `transition_begin`; >= 0.
@@ -399,11 +409,11 @@ def polynomial(
         (1.0, 0.25, 0.0, 0.0)
     """
     problems: list[str] = []
-    _check_number(problems, "init_value", init_value)
-    _check_number(problems, "end_value", end_value)
-    _check_number(problems, "power", power, need="> 0")
-    _check_steps(problems, "transition_steps", transition_steps, minimum=1)
-    _check_steps(problems, "transition_begin", transition_begin)
+    check_number(problems, "init_value", init_value)
+    check_number(problems, "end_value", end_value)
+    check_number(problems, "power", power, need="> 0")
+    check_steps(problems, "transition_steps", transition_steps, minimum=1)
+    check_steps(problems, "transition_begin", transition_begin)
     config_check(problems, "polynomial")
     span, end, power = float(init_value) - float(end_value), float(end_value), float(power)
 
@@ -411,10 +421,10 @@ def polynomial(
         remaining = 1 - torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps
         return span * remaining**power + end
 
-    return _lift(value_fn)
+    return lift(value_fn)
 
 
-@_described
+@described
 def warmup_cosine(
     peak_value: float,
     warmup_steps: int,
@@ -422,7 +432,8 @@ def warmup_cosine(
     init_value: float = 0.0,
     end_value: float = 0.0,
 ) -> Schedule:
-    """Warm up linearly from `init_value` to `peak_value`, then decay along half a cosine to `end_value`.
+    """Warm up linearly from `init_value` to `peak_value`, then decay along half a cosine to
+    `end_value`.
 
     As optax's ``warmup_cosine_decay_schedule``, `decay_steps` is the length of the whole schedule,
     warm-up included: the peak is reached at step `warmup_steps` and `end_value` at `decay_steps`,
@@ -449,11 +460,11 @@ def warmup_cosine(
         (0.0, 0.5, 1.0, 0.5, 0.0)
     """
     problems: list[str] = []
-    _check_number(problems, "peak_value", peak_value)
-    _check_steps(problems, "warmup_steps", warmup_steps)
-    _check_steps(problems, "decay_steps", decay_steps, minimum=1)
-    _check_number(problems, "init_value", init_value)
-    _check_number(problems, "end_value", end_value)
+    check_number(problems, "peak_value", peak_value)
+    check_steps(problems, "warmup_steps", warmup_steps)
+    check_steps(problems, "decay_steps", decay_steps, minimum=1)
+    check_number(problems, "init_value", init_value)
+    check_number(problems, "end_value", end_value)
     if not problems:
         if decay_steps <= warmup_steps:
             problems.append(
@@ -473,7 +484,8 @@ def warmup_cosine(
     return join([linear(init_value, peak_value, warmup_steps), decay], [warmup_steps])
 
 
-# one phase of a one-cycle schedule: (last step, value at its start, value at its end), as torch keeps them
+# one phase of a one-cycle schedule: (last step, value at its start, value at its end), as torch
+# keeps them
 _Phase = tuple[float, float, float]
 
 
@@ -487,8 +499,9 @@ def _anneal_linear(start: float, end: float, pct: torch.Tensor) -> torch.Tensor:
 
 
 def _phased(phases: Sequence[_Phase], anneal: str, last_step: float) -> Schedule:
-    """torch's `OneCycleLR.get_lr`: the first phase whose last step is >= step (or the last phase) anneals."""
-    return _lift(phased_value(phases, anneal, last_step))
+    """torch's `OneCycleLR.get_lr`: the first phase whose last step is >= step (or the last phase)
+    anneals."""
+    return lift(phased_value(phases, anneal, last_step))
 
 
 def phased_value(phases: Sequence[_Phase], anneal: str, last_step: float) -> ValueFn:
@@ -510,7 +523,7 @@ def phased_value(phases: Sequence[_Phase], anneal: str, last_step: float) -> Val
     return value_fn
 
 
-def _empty_phases(phases: Sequence[_Phase]) -> list[int]:
+def empty_phases(phases: Sequence[_Phase]) -> list[int]:
     """Indices of phases of zero length: torch's OneCycleLR divides by zero there."""
     starts = [0.0, *(end for end, _, _ in phases[:-1])]
     return [
@@ -518,7 +531,7 @@ def _empty_phases(phases: Sequence[_Phase]) -> list[int]:
     ]
 
 
-@_described
+@described
 def one_cycle(
     transition_steps: int,
     peak_value: float,
@@ -527,11 +540,13 @@ def one_cycle(
     final_div_factor: float = 1e4,
     anneal: Literal["cos", "linear"] = "cos",
 ) -> Schedule:
-    """The 1cycle policy (Smith & Topin, 2017): anneal up to `peak_value`, then down far below the start.
+    """The 1cycle policy (Smith & Topin, 2017): anneal up to `peak_value`, then down far below the
+    start.
 
-    Starts at ``peak_value / div_factor``, reaches `peak_value` at step ``pct_start * transition_steps - 1``
-    and ``peak_value / div_factor / final_div_factor`` at step ``transition_steps - 1``, then holds.
-    Up to that step the values are op for op those of torch's two-phase `OneCycleLR`.
+    Starts at ``peak_value / div_factor``, reaches `peak_value` at step ``pct_start *
+    transition_steps - 1`` and ``peak_value / div_factor / final_div_factor`` at step
+    ``transition_steps - 1``, then holds. Up to that step the values are op for op those of torch's
+    two-phase `OneCycleLR`.
 
     Not monotone: non-decreasing up to the peak step, non-increasing after; bounds
     ``[peak_value / div_factor / final_div_factor, peak_value]``.
@@ -557,20 +572,20 @@ def one_cycle(
         (0.25, 1.0, 0.05, 0.05)
     """
     problems: list[str] = []
-    _check_steps(problems, "transition_steps", transition_steps, minimum=1)
-    _check_number(problems, "peak_value", peak_value)
-    _check_interval(problems, "pct_start", pct_start, 0.0, 1.0, closed="")
+    check_steps(problems, "transition_steps", transition_steps, minimum=1)
+    check_number(problems, "peak_value", peak_value)
+    check_interval(problems, "pct_start", pct_start, 0.0, 1.0, closed="")
     for name, value in (("div_factor", div_factor), ("final_div_factor", final_div_factor)):
-        _check_number(problems, name, value, need="")
+        check_number(problems, name, value, need="")
         if _is_number(value) and value < 1:  # below 1 the start or the end would pass the peak
             problems.append(f"{name} must be >= 1, got {name}={value!r}")
     if anneal not in ("cos", "linear"):
         problems.append(f"anneal must be 'cos' or 'linear', got anneal={anneal!r}")
     config_check(problems, "one_cycle")
-    phases = _one_cycle_phases(
+    phases = one_cycle_phases(
         transition_steps, peak_value, pct_start, div_factor, final_div_factor, False
     )
-    if _empty_phases(phases):
+    if empty_phases(phases):
         config_check(
             [
                 "pct_start * transition_steps must not be 1 (a rising phase of zero steps), "
@@ -581,7 +596,7 @@ def one_cycle(
     return _phased(phases, anneal, transition_steps - 1)
 
 
-def _one_cycle_phases(
+def one_cycle_phases(
     total_steps: int,
     max_lr: float,
     pct_start: float,
@@ -602,13 +617,14 @@ def _one_cycle_phases(
     return [(rise_end, initial, max_lr), (total_steps - 1, max_lr, final)]
 
 
-@_described
+@described
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
-    """Run `schedules` one after the other: schedule ``i`` from ``boundaries[i - 1]`` on, restarted there.
+    """Run `schedules` one after the other: schedule ``i`` from ``boundaries[i - 1]`` on, restarted
+    there.
 
     From step ``boundaries[i - 1]`` the value is ``schedules[i](step - boundaries[i - 1])`` (optax's
-    ``join_schedules``; torch's `SequentialLR`). With a tensor step every schedule is evaluated (at a
-    step clamped to >= 0) and the active one is selected with `torch.where`, so any schedule that
+    ``join_schedules``; torch's `SequentialLR`). With a tensor step every schedule is evaluated (at
+    a step clamped to >= 0) and the active one is selected with `torch.where`, so any schedule that
     takes tensor steps can be joined under ``torch.compile``.
 
     Monotone only where the pieces and their joins are; bounds the union of the pieces' bounds.
@@ -633,18 +649,19 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     schedules, boundaries = list(schedules), list(boundaries)
     if not schedules:
         problems.append("schedules must hold at least one schedule, got schedules=[]")
-    for i, schedule in enumerate(schedules):
-        if not callable(schedule):
+    for i, member in enumerate(schedules):
+        if not callable(member):
             problems.append(
-                torch_object_hint(schedule, f"schedules[{i}]", schedule=True)
-                or f"schedules[{i}] must be a schedule (callable), got schedules[{i}]={schedule!r}"
+                torch_object_hint(member, f"schedules[{i}]", schedule=True)
+                or f"schedules[{i}] must be a schedule (callable), got schedules[{i}]={member!r}"
             )
     if schedules and len(boundaries) != len(schedules) - 1:
         problems.append(
-            f"boundaries must hold len(schedules) - 1 = {len(schedules) - 1} steps, got boundaries={boundaries!r}"
+            f"boundaries must hold len(schedules) - 1 = {len(schedules) - 1} steps, got "
+            f"boundaries={boundaries!r}"
         )
     for i, boundary in enumerate(boundaries):
-        _check_steps(problems, f"boundaries[{i}]", boundary)
+        check_steps(problems, f"boundaries[{i}]", boundary)
     if not problems and any(b >= c for b, c in zip(boundaries, boundaries[1:])):
         problems.append(f"boundaries must be strictly increasing, got boundaries={boundaries!r}")
     config_check(problems, "join")
@@ -664,7 +681,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     return cast(Schedule, schedule)
 
 
-@_described
+@described
 def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
     """A schedule written in epochs, run on the step counter: the value at step ``t`` is
     ``schedule(t // steps_per_epoch)``.
@@ -699,7 +716,7 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
             torch_object_hint(schedule, "schedule", schedule=True)
             or f"schedule must be a schedule (callable), got schedule={schedule!r}"
         )
-    _check_steps(problems, "steps_per_epoch", steps_per_epoch, minimum=1)
+    check_steps(problems, "steps_per_epoch", steps_per_epoch, minimum=1)
     config_check(problems, "per_epoch")
 
     def epochs(step: int | torch.Tensor) -> float | torch.Tensor:

@@ -1,10 +1,12 @@
-"""The parts `from_torch` assembles: each `torch.optim.lr_scheduler` class as a pure function of the step.
+"""The parts `from_torch` assembles: each `torch.optim.lr_scheduler` class as a pure function of the
+step.
 
-A torch scheduler changes the optimizer's lr once a step, either outright (``lr = f(step)``: `LambdaLR`,
-`OneCycleLR`, `CyclicLR`, `CosineAnnealingWarmRestarts`) or by a factor of the lr it finds
-(``lr = lr * m(step)``: `StepLR`, `ExponentialLR`, ...). Alone, either is a closed form of the step.
-Chained (`ChainedScheduler`), the lr at a step is the value of the member that last set it outright,
-times the factors every other member applied since; so each class is described here by a `Part`:
+A torch scheduler changes the optimizer's lr once a step, either outright (``lr = f(step)``:
+`LambdaLR`, `OneCycleLR`, `CyclicLR`, `CosineAnnealingWarmRestarts`) or by a factor of the lr it
+finds (``lr = lr * m(step)``: `StepLR`, `ExponentialLR`, ...). Alone, either is a closed form of the
+step. Chained (`ChainedScheduler`), the lr at a step is the value of the member that last set it
+outright, times the factors every other member applied since; so each class is described here by a
+`Part`:
 
 * ``value(t)``: the lr after ``t`` steps when it drives the optimizer alone;
 * ``sets(t)``: the last step ``<= t`` at which it sets the lr outright (-1: not yet), or ``None``;
@@ -15,10 +17,11 @@ Every function takes float64 step tensors (the int path of a schedule goes throu
 the schedules built on parts run under ``torch.compile(fullgraph=True)``.
 
 A part is built in one of three modes, the three ways torch starts a scheduler: ``"initial"`` (its
-constructor's initial step: `_initial_step`), ``"entered"`` (a `SequentialLR` reaching its milestone:
-``_update_lr(0)``, the closed form at 0) and ``"stepped"`` (a plain ``step()`` into epoch 0, which torch
-does to the members of a `ChainedScheduler` that a `SequentialLR` starts: there `ExponentialLR`,
-`PolynomialLR`, `CosineAnnealingLR` and `MultiplicativeLR` apply their step-0 factor once more).
+constructor's initial step: `_initial_step`), ``"entered"`` (a `SequentialLR` reaching its
+milestone: ``_update_lr(0)``, the closed form at 0) and ``"stepped"`` (a plain ``step()`` into epoch
+0, which torch does to the members of a `ChainedScheduler` that a `SequentialLR` starts: there
+`ExponentialLR`, `PolynomialLR`, `CosineAnnealingLR` and `MultiplicativeLR` apply their step-0
+factor once more).
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ import torch
 from functrain.errors import config_check
 from functrain.optim.schedules.catalogue import (
     ValueFn,
-    _check_interval,
-    _check_number,
-    _check_steps,
-    _empty_phases,
-    _one_cycle_phases,
+    check_interval,
+    check_number,
+    check_steps,
+    empty_phases,
+    one_cycle_phases,
     phased_value,
 )
 
@@ -60,7 +63,8 @@ class Part:
 
 @dataclass(frozen=True)
 class Setting:
-    """What a scheduler finds when torch builds it: the group's ``initial_lr`` (its ``base_lrs``) and how it starts."""
+    """What a scheduler finds when torch builds it: the group's ``initial_lr`` (its ``base_lrs``)
+    and how it starts."""
 
     base: float
     mode: Mode
@@ -73,7 +77,8 @@ def every_step(t: torch.Tensor) -> torch.Tensor:
 
 
 def relative(value: ValueFn, factor: Window, mode: Mode, restarts: ValueFn | None = None) -> Part:
-    """A part that multiplies the lr it finds; entered at a milestone it sets the lr (closed form) first."""
+    """A part that multiplies the lr it finds; entered at a milestone it sets the lr (closed form)
+    first."""
     adds = restarts is not None
     if mode != "entered":
         return Part(value, restarts, factor, adds)
@@ -90,7 +95,8 @@ def _counted(a: torch.Tensor, t: torch.Tensor, steps: Sequence[int]) -> torch.Te
     return count
 
 
-# -- the classes that multiply the lr they find -----------------------------------------------------------
+# -- the classes that multiply the lr they find
+# -----------------------------------------------------------
 
 
 def step_lr(s: Setting, step_size: int, gamma: float) -> Part:
@@ -179,7 +185,8 @@ def polynomial_lr(s: Setting, total_iters: int, power: float) -> Part:
 
 
 def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
-    """Chainable (as a factor) only with ``eta_min == 0``: otherwise each step is affine in the lr."""
+    """Chainable (as a factor) only with ``eta_min == 0``: otherwise each step is affine in the
+    lr."""
     value = cosine_annealing(s.base, T_max, eta_min, first=s.mode == "initial")
     if eta_min != 0:  # neither sets the lr nor multiplies it: affine in it at every step
         return Part(
@@ -191,7 +198,8 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
         return 1 + torch.cos(math.pi * t / T_max)
 
     def restarts(t: torch.Tensor) -> torch.Tensor:
-        # torch adds (base - eta_min) * (1 - cos(pi / T)) / 2 at T + 1, 3 T + 1, ...: there it sets the lr
+        # torch adds (base - eta_min) * (1 - cos(pi / T)) / 2 at T + 1, 3 T + 1, ...: there it sets
+        # the lr
         cycles = torch.div(t - (T_max + 1), 2 * T_max, rounding_mode="floor")
         return torch.where(t > T_max, T_max + 1 + 2 * T_max * cycles, -1.0)
 
@@ -203,7 +211,8 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
 
 def cosine_annealing(base_lr: float, T_max: int, eta_min: float, first: bool) -> ValueFn:
     """torch's `CosineAnnealingLR`, its recursion summed in closed form (see `from_torch`)."""
-    # the step after each trough (T_max, 3 T_max, ...) restarts torch's recursion from this increment
+    # the step after each trough (T_max, 3 T_max, ...) restarts torch's recursion from this
+    # increment
     restart = eta_min + (base_lr - eta_min) * (1 - math.cos(math.pi / T_max)) / 2
     carried = restart - eta_min  # what the recursion multiplies from there on: lr - eta_min
 
@@ -222,14 +231,18 @@ def cosine_annealing(base_lr: float, T_max: int, eta_min: float, first: bool) ->
 
 
 def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps: int) -> Part:
-    """The product of ``lr_lambda(1), ..., lr_lambda(t)``, computed once on the host as torch does, and read by index."""
+    """The product of ``lr_lambda(1), ..., lr_lambda(t)``, computed once on the host as torch does,
+    and read by index."""
     with_zero = s.mode != "initial"  # entered or stepped, torch multiplies by lr_lambda(0) too
     factors = [float(lr_lambda(0)) if with_zero else 1.0] + [
         float(lr_lambda(i)) for i in range(1, total_steps + 1)
     ]
     zero = next((i for i, f in enumerate(factors) if f == 0 or not math.isfinite(f)), None)
     if zero is not None:
-        problem = f"lr_lambda({zero}) must be a finite number != 0 (the lr would stay there), got {factors[zero]!r}"
+        problem = (
+            f"lr_lambda({zero}) must be a finite number != 0 (the lr would stay there), "
+            f"got {factors[zero]!r}"
+        )
         config_check([problem], s.where)
     values, products = [s.base * factors[0]], [factors[0]]
     for f in factors[1:]:  # torch's order of roundings: lr = lr * lr_lambda(t)
@@ -250,7 +263,8 @@ def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps
     return Part(lambda t: read(value_table, t), None, factor)
 
 
-# -- the classes that set the lr outright -------------------------------------------------------------------
+# -- the classes that set the lr outright
+# -------------------------------------------------------------------
 
 
 def lambda_lr(s: Setting, lr_lambda: Callable[[Any], Any]) -> Part:
@@ -271,7 +285,8 @@ def cyclic_lr(
     scale_fn: Callable[[Any], Any] | None,
     scale_mode: str,
 ) -> Part:
-    """`CyclicLR.get_lr` op for op, from its own ``base_lr`` (the group's ``initial_lr`` at its initial step)."""
+    """`CyclicLR.get_lr` op for op, from its own ``base_lr`` (the group's ``initial_lr`` at its
+    initial step)."""
     initial = s.base
     up = float(step_size_up)
     total = up + (float(step_size_down) if step_size_down is not None else up)
@@ -305,7 +320,8 @@ def cyclic_lr(
 
 
 def warm_restarts_lr(s: Setting, T_0: int, T_mult: int, eta_min: float) -> Part:
-    """`CosineAnnealingWarmRestarts`: cycles of ``T_0, T_0 T_mult, ...`` steps, op for op as its `get_lr`."""
+    """`CosineAnnealingWarmRestarts`: cycles of ``T_0, T_0 T_mult, ...`` steps, op for op as its
+    `get_lr`."""
 
     def value(t: torch.Tensor) -> torch.Tensor:
         if T_mult == 1:
@@ -333,7 +349,7 @@ def _warm_restart_position(
 
 
 def one_cycle_lr(total: int, a: Mapping[str, Any]) -> Part:
-    phases = _one_cycle_phases(
+    phases = one_cycle_phases(
         total,
         a["max_lr"],
         a["pct_start"],
@@ -347,23 +363,24 @@ def one_cycle_lr(total: int, a: Mapping[str, Any]) -> Part:
 def one_cycle_total(a: Mapping[str, Any], where: str) -> int:
     """`OneCycleLR`'s total steps, its arguments checked."""
     problems: list[str] = []
-    _check_number(problems, "max_lr", a["max_lr"])
+    check_number(problems, "max_lr", a["max_lr"])
     if a["total_steps"] is not None:
-        _check_steps(problems, "total_steps", a["total_steps"], minimum=1)
+        check_steps(problems, "total_steps", a["total_steps"], minimum=1)
         total = a["total_steps"]
     else:
-        _check_steps(problems, "epochs", a["epochs"], minimum=1)
-        _check_steps(problems, "steps_per_epoch", a["steps_per_epoch"], minimum=1)
+        check_steps(problems, "epochs", a["epochs"], minimum=1)
+        check_steps(problems, "steps_per_epoch", a["steps_per_epoch"], minimum=1)
         total = a["epochs"] * a["steps_per_epoch"] if not problems else 1
-    _check_interval(problems, "pct_start", a["pct_start"], 0.0, 1.0, closed="")
+    check_interval(problems, "pct_start", a["pct_start"], 0.0, 1.0, closed="")
     if a["anneal_strategy"] not in ("cos", "linear"):
         problems.append(
-            f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={a['anneal_strategy']!r}"
+            "anneal_strategy must be 'cos' or 'linear', got "
+            f"anneal_strategy={a['anneal_strategy']!r}"
         )
-    _check_number(problems, "div_factor", a["div_factor"], need="> 0")
-    _check_number(problems, "final_div_factor", a["final_div_factor"], need="> 0")
+    check_number(problems, "div_factor", a["div_factor"], need="> 0")
+    check_number(problems, "final_div_factor", a["final_div_factor"], need="> 0")
     config_check(problems, where)
-    phases = _one_cycle_phases(
+    phases = one_cycle_phases(
         total,
         a["max_lr"],
         a["pct_start"],
@@ -371,7 +388,7 @@ def one_cycle_total(a: Mapping[str, Any], where: str) -> int:
         a["final_div_factor"],
         bool(a["three_phase"]),
     )
-    empty = _empty_phases(phases)
+    empty = empty_phases(phases)
     if empty:
         problem = f"phase {empty[0]} of the cycle has zero steps (torch divides by zero there)"
         config_check([f"{problem}, got pct_start={a['pct_start']!r}, total_steps={total!r}"], where)

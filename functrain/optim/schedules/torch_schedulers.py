@@ -1,9 +1,9 @@
 """`from_torch`: every `torch.optim.lr_scheduler` class but `ReduceLROnPlateau`, as a pure schedule.
 
-The classes are described one by one in `torch_parts`; this module checks their arguments, builds the
-parts in the order torch builds the schedulers (a composite's members first, depth first), and joins
-them as `SequentialLR` (one member after another) and `ChainedScheduler` (every member at every step)
-join them.
+The classes are described one by one in `torch_parts`; this module checks their arguments, builds
+the parts in the order torch builds the schedulers (a composite's members first, depth first), and
+joins them as `SequentialLR` (one member after another) and `ChainedScheduler` (every member at
+every step) join them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import operator
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch.optim import lr_scheduler
@@ -24,11 +24,11 @@ from functrain.optim.porting import schedule_call
 from functrain.optim.schedules import torch_parts as P
 from functrain.optim.schedules.catalogue import (
     Schedule,
-    _check_interval,
-    _check_number,
-    _check_steps,
-    _described,
-    _lift,
+    check_interval,
+    check_number,
+    check_steps,
+    described,
+    lift,
 )
 from functrain.optim.schedules.torch_parts import Part, Setting
 
@@ -42,7 +42,8 @@ _MOMENTUM_ARGS = ("cycle_momentum", "base_momentum", "max_momentum")
 def _torch_args(
     cls: type, kwargs: Mapping[str, Any], where: str, extra: Mapping[str, Any] = {}
 ) -> dict[str, Any]:
-    """The scheduler's arguments (torch's defaults filled in), or a ConfigError naming the bad ones."""
+    """The scheduler's arguments (torch's defaults filled in), or a ConfigError naming the bad
+    ones."""
     params = {
         n: p.default for n, p in inspect.signature(cls).parameters.items() if n not in _IGNORED
     }
@@ -62,14 +63,15 @@ def _torch_args(
     return {n: kwargs.get(n, default) for n, default in params.items()}
 
 
-# -- one builder per class: (kwargs, setting) -> Part ---------------------------------------------------
+# -- one builder per class: (kwargs, setting) -> Part
+# ---------------------------------------------------
 
 
 def _step(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.StepLR, kwargs, s.where)
     problems: list[str] = []
-    _check_steps(problems, "step_size", a["step_size"], minimum=1)
-    _check_number(problems, "gamma", a["gamma"])
+    check_steps(problems, "step_size", a["step_size"], minimum=1)
+    check_number(problems, "gamma", a["gamma"])
     config_check(problems, s.where)
     return P.step_lr(s, a["step_size"], float(a["gamma"]))
 
@@ -81,8 +83,8 @@ def _multistep(kwargs: Mapping[str, Any], s: Setting) -> Part:
     if milestones is None:
         problems.append(f"milestones must be a list of steps, got milestones={a['milestones']!r}")
     for i, milestone in enumerate(milestones or []):
-        _check_steps(problems, f"milestones[{i}]", milestone)
-    _check_number(problems, "gamma", a["gamma"])
+        check_steps(problems, f"milestones[{i}]", milestone)
+    check_number(problems, "gamma", a["gamma"])
     config_check(problems, s.where)
     return P.multistep_lr(s, list(Counter(milestones).elements()), float(a["gamma"]))
 
@@ -90,7 +92,7 @@ def _multistep(kwargs: Mapping[str, Any], s: Setting) -> Part:
 def _exponential(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.ExponentialLR, kwargs, s.where)
     problems: list[str] = []
-    _check_number(problems, "gamma", a["gamma"])
+    check_number(problems, "gamma", a["gamma"])
     config_check(problems, s.where)
     return P.exponential_lr(s, float(a["gamma"]))
 
@@ -98,8 +100,8 @@ def _exponential(kwargs: Mapping[str, Any], s: Setting) -> Part:
 def _cosine(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.CosineAnnealingLR, kwargs, s.where)
     problems: list[str] = []
-    _check_steps(problems, "T_max", a["T_max"], minimum=1)
-    _check_number(problems, "eta_min", a["eta_min"])
+    check_steps(problems, "T_max", a["T_max"], minimum=1)
+    check_number(problems, "eta_min", a["eta_min"])
     config_check(problems, s.where)
     return P.cosine_annealing_lr(s, a["T_max"], float(a["eta_min"]))
 
@@ -107,9 +109,9 @@ def _cosine(kwargs: Mapping[str, Any], s: Setting) -> Part:
 def _linear(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.LinearLR, kwargs, s.where)
     problems: list[str] = []
-    _check_interval(problems, "start_factor", a["start_factor"], 0.0, 1.0, closed="high")
-    _check_interval(problems, "end_factor", a["end_factor"], 0.0, 1.0, closed="both")
-    _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
+    check_interval(problems, "start_factor", a["start_factor"], 0.0, 1.0, closed="high")
+    check_interval(problems, "end_factor", a["end_factor"], 0.0, 1.0, closed="both")
+    check_steps(problems, "total_iters", a["total_iters"], minimum=1)
     config_check(problems, s.where)
     return P.linear_lr(s, float(a["start_factor"]), float(a["end_factor"]), a["total_iters"])
 
@@ -118,8 +120,8 @@ def _constant(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.ConstantLR, kwargs, s.where)
     problems: list[str] = []
     # torch accepts factor=0 and total_iters=0 but then divides by zero, or never restores the lr
-    _check_interval(problems, "factor", a["factor"], 0.0, 1.0, closed="high")
-    _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
+    check_interval(problems, "factor", a["factor"], 0.0, 1.0, closed="high")
+    check_steps(problems, "total_iters", a["total_iters"], minimum=1)
     config_check(problems, s.where)
     return P.constant_lr(s, float(a["factor"]), a["total_iters"])
 
@@ -127,8 +129,8 @@ def _constant(kwargs: Mapping[str, Any], s: Setting) -> Part:
 def _polynomial(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.PolynomialLR, kwargs, s.where)
     problems: list[str] = []
-    _check_steps(problems, "total_iters", a["total_iters"], minimum=1)
-    _check_number(problems, "power", a["power"])
+    check_steps(problems, "total_iters", a["total_iters"], minimum=1)
+    check_number(problems, "power", a["power"])
     config_check(problems, s.where)
     return P.polynomial_lr(s, a["total_iters"], float(a["power"]))
 
@@ -151,7 +153,7 @@ def _multiplicative(kwargs: Mapping[str, Any], s: Setting) -> Part:
         problems.append(
             f"lr_lambda must be one function of the step, got lr_lambda={a['lr_lambda']!r}"
         )
-    _check_steps(problems, "total_steps", a["total_steps"], minimum=1)
+    check_steps(problems, "total_steps", a["total_steps"], minimum=1)
     config_check(problems, s.where)
     return P.multiplicative_lr(s, a["lr_lambda"], a["total_steps"])
 
@@ -164,11 +166,11 @@ def _one_cycle(kwargs: Mapping[str, Any], s: Setting) -> Part:
 def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.CyclicLR, kwargs, s.where)
     problems: list[str] = []
-    _check_number(problems, "base_lr", a["base_lr"])
-    _check_number(problems, "max_lr", a["max_lr"])
-    _check_steps(problems, "step_size_up", a["step_size_up"], minimum=1)
+    check_number(problems, "base_lr", a["base_lr"])
+    check_number(problems, "max_lr", a["max_lr"])
+    check_steps(problems, "step_size_up", a["step_size_up"], minimum=1)
     if a["step_size_down"] is not None:
-        _check_steps(problems, "step_size_down", a["step_size_down"])
+        check_steps(problems, "step_size_down", a["step_size_down"])
     if a["scale_fn"] is None and a["mode"] not in ("triangular", "triangular2", "exp_range"):
         problems.append(
             f"mode must be 'triangular', 'triangular2' or 'exp_range', got mode={a['mode']!r}"
@@ -181,7 +183,7 @@ def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
         problems.append(
             f"scale_mode must be 'cycle' or 'iterations', got scale_mode={a['scale_mode']!r}"
         )
-    _check_number(problems, "gamma", a["gamma"])
+    check_number(problems, "gamma", a["gamma"])
     config_check(problems, s.where)
     return P.cyclic_lr(
         s,
@@ -193,9 +195,9 @@ def _cyclic(kwargs: Mapping[str, Any], s: Setting) -> Part:
 def _warm_restarts(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.CosineAnnealingWarmRestarts, kwargs, s.where)
     problems: list[str] = []
-    _check_steps(problems, "T_0", a["T_0"], minimum=1)
-    _check_steps(problems, "T_mult", a["T_mult"], minimum=1)
-    _check_number(problems, "eta_min", a["eta_min"])
+    check_steps(problems, "T_0", a["T_0"], minimum=1)
+    check_steps(problems, "T_mult", a["T_mult"], minimum=1)
+    check_number(problems, "eta_min", a["eta_min"])
     config_check(problems, s.where)
     return P.warm_restarts_lr(s, a["T_0"], a["T_mult"], float(a["eta_min"]))
 
@@ -218,7 +220,8 @@ _COMPOSITES = (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)
 SUPPORTED = (*_LEAVES, *_COMPOSITES)
 
 
-# -- the composites ---------------------------------------------------------------------------------
+# -- the composites
+# ---------------------------------------------------------------------------------
 
 
 def _members(a: Mapping[str, Any], where: str) -> list[tuple[type, Mapping[str, Any]]]:
@@ -227,7 +230,8 @@ def _members(a: Mapping[str, Any], where: str) -> list[tuple[type, Mapping[str, 
     entries = list(a["schedulers"]) if isinstance(a["schedulers"], Sequence) else []
     if not entries:
         problems.append(
-            f"schedulers must be a non-empty list of (cls, kwargs) pairs, got schedulers={a['schedulers']!r}"
+            "schedulers must be a non-empty list of (cls, kwargs) pairs, got "
+            f"schedulers={a['schedulers']!r}"
         )
     names = ", ".join(cls.__name__ for cls in SUPPORTED)
     for i, entry in enumerate(entries):
@@ -251,13 +255,16 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
     a = _torch_args(lr_scheduler.SequentialLR, kwargs, s.where)
     entries = _members(a, s.where)
     problems: list[str] = []
-    milestones = list(a["milestones"]) if isinstance(a["milestones"], Sequence) else [None]
+    # the values as given, checked below
+    milestones: list[Any] = (
+        list(a["milestones"]) if isinstance(a["milestones"], Sequence) else [None]
+    )
     if len(milestones) != len(entries) - 1:
         problems.append(
             f"milestones must hold len(schedulers) - 1 steps, got milestones={a['milestones']!r}"
         )
     for i, milestone in enumerate(milestones):
-        _check_steps(problems, f"milestones[{i}]", milestone)
+        check_steps(problems, f"milestones[{i}]", milestone)
     if not problems and any(m >= n for m, n in zip(milestones, milestones[1:])):
         problems.append(f"milestones must be strictly increasing, got milestones={milestones!r}")
     config_check(problems, s.where)
@@ -271,10 +278,12 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
             )
     parts = []
     for i, (cls, kw) in enumerate(entries):
-        # the member started at step 0 takes torch's initial step again, after every scheduler was built:
-        # a CyclicLR then runs from its own base_lr (as in a plain step), a ChainedScheduler steps its members
+        # the member started at step 0 takes torch's initial step again, after every scheduler was
+        # built:
+        # a CyclicLR then runs from its own base_lr (as in a plain step), a ChainedScheduler steps
+        # its members
         restarted = cls in (lr_scheduler.ChainedScheduler, lr_scheduler.CyclicLR)
-        mode = ("stepped" if restarted else "initial") if i <= first else "entered"
+        mode: P.Mode = ("stepped" if restarted else "initial") if i <= first else "entered"
         parts.append(
             _build(cls, kw, Setting(s.base, mode, f"{s.where}, schedulers[{i}] ({cls.__name__})"))
         )
@@ -282,18 +291,21 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
 
 
 _LATE_COMPOSITE = (
-    "schedulers[{i}] is a {cls}, which torch cannot start at a milestone (SequentialLR starts a member "
+    "schedulers[{i}] is a {cls}, which torch cannot start at a milestone (SequentialLR starts a "
+    "member "
     "there through its closed form, which {cls} lacks: torch raises NotImplementedError); "
     "put its members in this SequentialLR instead"
 )
 _NESTED_SEQUENCE = (
-    "a SequentialLR first in a SequentialLR runs one step ahead of its own milestones in torch (the outer "
+    "a SequentialLR first in a SequentialLR runs one step ahead of its own milestones in torch "
+    "(the outer "
     "one steps it at its start); write the milestones of both in one SequentialLR instead"
 )
 
 
 def _sequence(parts: Sequence[Part], starts: Sequence[int]) -> Part:
-    """`parts` one after the other, part ``k`` from step ``starts[k]`` on, at its own step ``t - starts[k]``."""
+    """`parts` one after the other, part ``k`` from step ``starts[k]`` on, at its own step ``t -
+    starts[k]``."""
     value_fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
     sets_fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
     for k, part in enumerate(parts):
@@ -303,9 +315,7 @@ def _sequence(parts: Sequence[Part], starts: Sequence[int]) -> Part:
         ):  # entered from the lr it finds (MultiplicativeLR)
             entry = _host(so_far, start - 1)
             floor = _host(_sequence_value(sets_fns, starts[:k]), start - 1)
-            value_fns.append(
-                lambda u, part=part, entry=entry: entry * part.factor(torch.full_like(u, -1.0), u)
-            )
+            value_fns.append(_entered(part.factor, entry))
         else:
             value_fns.append(part.value)
             floor = 0.0
@@ -321,15 +331,22 @@ def _sequence(parts: Sequence[Part], starts: Sequence[int]) -> Part:
     )
 
 
+def _entered(factor: P.Window, entry: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A member that multiplies the lr `entry` it finds when the sequence enters it."""
+    return lambda u: entry * factor(torch.full_like(u, -1.0), u)
+
+
 def _host(fn: Callable[[torch.Tensor], torch.Tensor], step: int) -> float:
     return float(fn(torch.tensor(float(step), dtype=torch.float64)))
 
 
 def _shifted_sets(part: Part, start: int, floor: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A member's `sets` in the sequence's steps: its own last set, else the last set before it began."""
-    if part.sets is None:
+    """A member's `sets` in the sequence's steps: its own last set, else the last set before it
+    began."""
+    sets = part.sets
+    if sets is None:
         return lambda u: torch.full_like(u, floor)
-    return lambda u: torch.where(part.sets(u) >= 0, start + part.sets(u), floor)
+    return lambda u: torch.where(sets(u) >= 0, start + sets(u), floor)
 
 
 def _sequence_value(
@@ -382,21 +399,27 @@ def _chained(kwargs: Mapping[str, Any], s: Setting) -> Part:
 
 
 _AFFINE = (
-    "a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler (alone or in a SequentialLR there): "
-    "torch's step then mixes eta_min into the other members' factors at every step, which no function "
+    "a CosineAnnealingLR with eta_min != 0 in a ChainedScheduler (alone or in a SequentialLR "
+    "there): "
+    "torch's step then mixes eta_min into the other members' factors at every step, which no "
+    "function "
     "of the step alone reproduces; use eta_min=0 there, or a SequentialLR"
 )
 _ADDS = (
-    "a CosineAnnealingLR (eta_min=0) in a ChainedScheduler with other members that set the lr outright "
+    "a CosineAnnealingLR (eta_min=0) in a ChainedScheduler with other members that set the lr "
+    "outright "
     "(LambdaLR, OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts, SequentialLR, another "
-    "CosineAnnealingLR): past T_max torch restarts the cosine by adding to the lr it finds, which then "
-    "may be another member's; chain it only with schedulers that multiply the lr (StepLR, MultiStepLR, "
+    "CosineAnnealingLR): past T_max torch restarts the cosine by adding to the lr it finds, which "
+    "then "
+    "may be another member's; chain it only with schedulers that multiply the lr (StepLR, "
+    "MultiStepLR, "
     "ExponentialLR, LinearLR, ConstantLR, PolynomialLR, MultiplicativeLR)"
 )
 
 
 def _chain(base: float, parts: Sequence[Part]) -> Part:
-    """Every part at every step, in order: the last part to set the lr, times the others' factors since."""
+    """Every part at every step, in order: the last part to set the lr, times the others' factors
+    since."""
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = torch.ones_like(t)
@@ -469,7 +492,8 @@ def _base(cls: type, lr: Any, kwargs: Mapping[str, Any], where: str) -> float:
     cycles = [i for i, (leaf, _) in enumerate(leaves) if leaf is lr_scheduler.OneCycleLR]
     if cycles and cycles != [0]:
         problems.append(
-            "OneCycleLR must be the first scheduler built (and the only one): it rewrites the optimizer's "
+            "OneCycleLR must be the first scheduler built (and the only one): it rewrites the "
+            "optimizer's "
             "initial_lr, which the schedulers built before it took as their base"
         )
     config_check(problems, where)
@@ -480,72 +504,74 @@ def _base(cls: type, lr: Any, kwargs: Mapping[str, Any], where: str) -> float:
     if first is lr_scheduler.CyclicLR:  # it sets the lr before torch records initial_lr
         base = first_kwargs.get("base_lr")
         return float(base) if _is_number(base) else 0.0
-    _check_number(problems, "lr", lr)
+    check_number(problems, "lr", lr)
     config_check(problems, where)
     return float(lr)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
-    """The schedule of a `torch.optim.lr_scheduler` class: the lr torch's optimizer has after `step` calls.
+    """The schedule of a `torch.optim.lr_scheduler` class: the lr torch's optimizer has after `step`
+    calls.
 
     ``from_torch(StepLR, lr=0.1, step_size=30)`` is the learning rate that
     ``StepLR(SGD(params, lr=0.1), step_size=30)`` gives the optimizer after ``step`` calls of
     ``scheduler.step()``, i.e. the lr of the ``(step + 1)``-th optimizer step, as
-    `scale_by_learning_rate` counts. Pass the scheduler's own arguments by name (not ``optimizer`` or
-    ``last_epoch``) and the optimizer's base learning rate as `lr`. One parameter group.
+    `scale_by_learning_rate` counts. Pass the scheduler's own arguments by name (not ``optimizer``
+    or ``last_epoch``) and the optimizer's base learning rate as `lr`. One parameter group.
 
-    Every class but `ReduceLROnPlateau` (see `reduce_on_plateau`). **Within 1e-12 relative of torch's
-    lr at every one of the first 1,000 steps** (``tests/test_schedules.py`` checks each class over its
-    arguments, measured in float64 on CPU); bit for bit where this says so:
+    Every class but `ReduceLROnPlateau` (see `reduce_on_plateau`). **Within 1e-12 relative of
+    torch's lr at every one of the first 1,000 steps** (``tests/optim/test_schedules.py`` checks
+    each class over its arguments, measured in float64 on CPU); bit for bit where this says so:
 
     * `MultiStepLR`, `LambdaLR`, `MultiplicativeLR`, `CyclicLR`, `OneCycleLR` with
-      ``anneal_strategy="linear"``: bit for bit (`LambdaLR`: when its lambda's tensor ops round as its
-      Python ones do; ``+ - * / ** //`` do).
-    * `OneCycleLR` (cos), `CosineAnnealingWarmRestarts`: torch's formula op for op, but ``torch.cos``
-      and ``math.cos`` differ in the last bit for about one argument in a thousand: within 1e-13
-      relative where the lr is not close to 0 (a trough with ``eta_min=0`` loses the relative bits
-      of ``1 + cos``; absolute error ~1e-16 lr). `OneCycleLR` ignores `lr` (it starts from
-      ``max_lr / div_factor``); past ``total_steps``, where torch raises, the last value is held.
+      ``anneal_strategy="linear"``: bit for bit (`LambdaLR`: when its lambda's tensor ops round as
+      its Python ones do; ``+ - * / ** //`` do).
+    * `OneCycleLR` (cos), `CosineAnnealingWarmRestarts`: torch's formula op for op, but
+      ``torch.cos`` and ``math.cos`` differ in the last bit for about one argument in a thousand:
+      within 1e-13 relative where the lr is not close to 0 (a trough with ``eta_min=0`` loses the
+      relative bits of ``1 + cos``; absolute error ~1e-16 lr). `OneCycleLR` ignores `lr` (it starts
+      from ``max_lr / div_factor``); past ``total_steps``, where torch raises, the last value is
+      held.
     * `StepLR`, `ExponentialLR`, `LinearLR`, `ConstantLR`, `PolynomialLR`: torch multiplies the lr
-      by a factor every step, so its last bits depend on the whole history; the closed form is within
-      5e-14 relative (one rounding a step, accumulated).
-    * `CosineAnnealingLR`: torch's recursion telescopes to the cosine (within 2e-14 up to ``T_max``);
-      past ``T_max`` it rises again (period ``2 * T_max``), restarting its recursion one step after
-      each trough, which is reproduced; with ``eta_min > 0`` the rising halves carry torch's rounding
-      of ``lr - eta_min`` (within 2e-12 relative, the one case above 1e-12; worst measured 1.2e-12,
-      ``T_max=400, eta_min=0.9 lr``).
-    * `MultiplicativeLR`: the lr is ``lr * lr_lambda(1) * ... * lr_lambda(t)``, which no formula gives
-      for any lambda: the lambda is called once per step on the host, with ints as torch calls it, up
-      to ``total_steps`` (an extra argument, required), and the products (as torch rounds them) kept in
-      a float64 table (8 bytes a step) that the schedule reads by index; past ``total_steps`` the last
-      value is held. A lambda must not return 0 (the lr would stay 0).
+      by a factor every step, so its last bits depend on the whole history; the closed form is
+      within 5e-14 relative (one rounding a step, accumulated).
+    * `CosineAnnealingLR`: torch's recursion telescopes to the cosine (within 2e-14 up to
+      ``T_max``); past ``T_max`` it rises again (period ``2 * T_max``), restarting its recursion one
+      step after each trough, which is reproduced; with ``eta_min > 0`` the rising halves carry
+      torch's rounding of ``lr - eta_min`` (within 2e-12 relative, the one case above 1e-12).
+    * `MultiplicativeLR`: the lr is ``lr * lr_lambda(1) * ... * lr_lambda(t)``, which no formula
+      gives for any lambda: the lambda is called once per step on the host, with ints as torch calls
+      it, up to ``total_steps`` (an extra argument, required), and the products (as torch rounds
+      them) kept in a float64 table (8 bytes a step) that the schedule reads by index; past
+      ``total_steps`` the last value is held. A lambda must not return 0 (the lr would stay 0).
     * `CyclicLR`: the lr cycle only. ``cycle_momentum`` and the momentum bounds are ignored, as
-      `OneCycleLR`'s are: functrain's momentum and ``b1`` are constants, so a torch run whose momentum
-      cycles is reproduced only with ``cycle_momentum=False``. `lr` is ignored (it starts from
-      ``base_lr``; built after another scheduler, its first value is torch's: the ``initial_lr``
-      the others started from). A ``scale_fn`` is called as `LambdaLR`'s lambda is.
+      `OneCycleLR`'s are: functrain's momentum and ``b1`` are constants, so a torch run whose
+      momentum cycles is reproduced only with ``cycle_momentum=False``. `lr` is ignored (it starts
+      from ``base_lr``; built after another scheduler, its first value is torch's: the
+      ``initial_lr`` the others started from). A ``scale_fn`` is called as `LambdaLR`'s lambda is.
     * `SequentialLR` and `ChainedScheduler`, nested: ``schedulers=[(cls, kwargs), ...]`` (and
       ``milestones=[...]``), each member as precise as alone. The members are taken to be built in
       list order, depth first, as torch builds them (that order decides the lr they start from).
-      `SequentialLR` restarts each member at its milestone from its closed form (a `MultiplicativeLR`
-      continues from the lr it finds); in a `ChainedScheduler` the lr is the value of the member that
-      last set it outright (`LambdaLR`, `OneCycleLR`, `CyclicLR`, `CosineAnnealingWarmRestarts`, a
-      `CosineAnnealingLR` after its trough, a `SequentialLR` at a milestone) times every other
-      member's factors since, and a `ChainedScheduler` that starts a `SequentialLR` gets torch's extra
-      step-0 factor of `ExponentialLR`, `PolynomialLR`, `CosineAnnealingLR` and `MultiplicativeLR`.
+      `SequentialLR` restarts each member at its milestone from its closed form (a
+      `MultiplicativeLR` continues from the lr it finds); in a `ChainedScheduler` the lr is the
+      value of the member that last set it outright (`LambdaLR`, `OneCycleLR`, `CyclicLR`,
+      `CosineAnnealingWarmRestarts`, a `CosineAnnealingLR` after its trough, a `SequentialLR` at a
+      milestone) times every other member's factors since, and a `ChainedScheduler` that starts a
+      `SequentialLR` gets torch's extra step-0 factor of `ExponentialLR`, `PolynomialLR`,
+      `CosineAnnealingLR` and `MultiplicativeLR`.
 
     Refused with a `ConfigError` that says why: what torch itself cannot run (a composite as a later
     member of a `SequentialLR`: torch raises `NotImplementedError`), a `SequentialLR` first in a
     `SequentialLR` (torch runs it one step ahead of its milestones), in a `ChainedScheduler` a
-    `CosineAnnealingLR` with ``eta_min != 0`` (torch's step is then affine in the lr: no closed form)
-    or one beside another member that sets the lr outright (past ``T_max`` torch restarts the cosine
-    by adding to whatever lr it finds), a `OneCycleLR` not built first (it rewrites the
+    `CosineAnnealingLR` with ``eta_min != 0`` (torch's step is then affine in the lr: no closed
+    form) or one beside another member that sets the lr outright (past ``T_max`` torch restarts the
+    cosine by adding to whatever lr it finds), a `OneCycleLR` not built first (it rewrites the
     ``initial_lr`` others started from), `ConstantLR` with ``factor=0`` or ``total_iters=0`` (torch
-    divides by zero or never restores). ``tests/test_schedules.py`` also draws random nested
+    divides by zero or never restores). ``tests/optim/test_schedules.py`` also draws random nested
     composites and checks each against torch, or that it is refused for one of these reasons.
 
     Bounds and monotonicity are those of the torch scheduler. `CosineAnnealingLR` falls on
@@ -600,15 +626,17 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
         ...                               (ExponentialLR, {"gamma": 0.5})])
         >>> [both(t) for t in range(4)]
         [0.5, 0.25, 0.25, 0.125]
-        >>> from_torch("torch.optim.lr_scheduler.MultiStepLR", lr=1.0, milestones=[2], gamma=0.5).name
+        >>> path = "torch.optim.lr_scheduler.MultiStepLR"
+        >>> from_torch(path, lr=1.0, milestones=[2], gamma=0.5).name
         'from_torch(cls=MultiStepLR, lr=1.0, milestones=[2], gamma=0.5)'
     """
-    cls, kwargs = _classes(cls, kwargs)
-    return _from_torch_classes(cls, lr=lr, **kwargs)
+    found, kwargs = _classes(cls, kwargs)
+    return _from_torch_classes(found, lr=lr, **kwargs)
 
 
 def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Class paths as classes and ``[path, {kwargs}]`` members as pairs: a config file's spelling."""
+    """Class paths as classes and ``[path, {kwargs}]`` members as pairs: a config file's
+    spelling."""
     cls = _scheduler_class(cls)
     if (
         cls in _COMPOSITES
@@ -630,7 +658,8 @@ def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 def _scheduler_class(cls: Any) -> Any:
-    """The class a path names (``torch.optim.lr_scheduler.StepLR`` or ``StepLR``), else `cls` as given."""
+    """The class a path names (``torch.optim.lr_scheduler.StepLR`` or ``StepLR``), else `cls` as
+    given."""
     if not isinstance(cls, str):
         return cls
     module, _, name = cls.rpartition(".")
@@ -644,29 +673,29 @@ def _scheduler_class(cls: Any) -> Any:
 
 
 def _from_torch_classes(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
-    build = _BUILDERS.get(cls) if isinstance(cls, type) else None
-    if build is None:
+    if not (isinstance(cls, type) and cls in _BUILDERS):
         names = ", ".join(c.__name__ for c in SUPPORTED)
         if isinstance(cls, lr_scheduler.LRScheduler):  # the live scheduler rather than its class
             config_check(
                 [
-                    f"cls must be a scheduler class, got a live {type(cls).__name__}; write {schedule_call(cls)} instead"
+                    f"cls must be a scheduler class, got a live {type(cls).__name__}; write "
+                    f"{schedule_call(cls)} instead"
                 ],
                 "from_torch",
             )
         config_check([f"cls must be one of {names}, got cls={cls!r}"], "from_torch")
     where = f"from_torch({cls.__name__})"
     base = _base(cls, lr, kwargs, where)
-    part = build(kwargs, Setting(base, "initial", where))
+    part = _BUILDERS[cls](kwargs, Setting(base, "initial", where))
     if cls is lr_scheduler.LambdaLR:  # alone, the lambda gets the int step, as torch calls it
         return _lambda_schedule(base, kwargs["lr_lambda"])
-    return _lift(part.value)
+    return lift(part.value)
 
 
 _from_torch_classes.__name__ = (
     "from_torch"  # the schedule's recorded name, whichever spelling built it
 )
-_from_torch_classes = _described(_from_torch_classes)
+_from_torch_classes = described(_from_torch_classes)
 
 
 def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:

@@ -1,0 +1,519 @@
+"""The step body: from a batch to the new state's parts and the metrics, on tensors only.
+
+The three front doors run it: `train_step` eagerly (`functrain.core.step`), `compile_step` as one
+compiled graph (`functrain.core.compiled`), and a stacked state's step under ``torch.func.vmap``
+(`functrain.core.stacked`). It reads a state through `StepState` (a `TrainState`, or a
+`StateView` of its parts inside a compiled or vmapped body) and never writes into its tensors
+unless a donated step allows it: the step's `functrain.optim.base.Extras` (``in_place``) say so,
+and `apply` hands them to the optimizer, the EMA and `apply_updates`, with the gradient norm it
+computed (shared, so clipping and the non-finite check do not measure again), a sharded step's sum
+over ranks, and a stacked step's member index.
+
+`train_body` is two parts: `gradients` (the forward under the loss function, the backward) and
+`apply` (the collectives, the optimizer update, the counters, the EMA, the metrics). Gradients
+come from `torch.autograd.grad` in eager mode (less overhead than `torch.func.grad` on small
+models: `benchmarks/README.md`) and from `torch.func.grad` under `torch.compile`, which traces it
+into one graph, or under vmap; both run the module on the state's tensors
+(`functrain.core.binding.call_with`). A compiled step of a sharded state runs the two parts
+eagerly around its compiled loss function (`gradients` takes the function that calls the loss
+as an argument).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from functrain.core.binding import BoundModel
+from functrain.core.statistics import grad_statistics
+from functrain.core.view import StepState
+from functrain.distributed import sharding as sharding_
+from functrain.distributed.data_parallel import DistConfig, average_step
+from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
+from functrain.layout import in_layouts_of, with_strides_of
+from functrain.optim.base import NO_EXTRAS, Extras, update_with
+from functrain.optim.batching import under_vmap
+from functrain.optim.metrics import transform_metrics
+from functrain.optim.updates import apply_updates
+from functrain.optim.wrappers import find_loss_scale
+from functrain.tree import tree_leaves, tree_map
+
+__all__ = [
+    "SWEEP_ALONE",
+    "LossOf",
+    "Parts",
+    "apply",
+    "call_loss",
+    "describe_batch",
+    "eval_body",
+    "gradients",
+    "in_param_layouts",
+    "in_param_strides",
+    "loss_scale",
+    "samples_in",
+    "split_loss",
+    "train_body",
+]
+
+# the new state's parts (its fields by name) and the metrics
+Parts = tuple[dict[str, Any], dict[str, torch.Tensor]]
+# runs the loss function: ``(state, tensors by name, batch) -> (loss, metrics)``, as `call_loss`
+LossOf = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# metrics of the built-in transforms that the step reports itself, or not at all (counters); any
+# other metric a transform's state exposes (a custom transform's `metrics()`) joins the step's
+_OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
+
+
+def describe_batch(batch: Any) -> str:
+    """A short description of a batch's structure.
+
+    Example:
+        >>> describe_batch((torch.zeros(64, 784), torch.zeros(64, dtype=torch.int64)))
+        '(Tensor[64, 784] float32, Tensor[64] int64)'
+    """
+
+    def leaf(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"Tensor{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+        return type(x).__name__
+
+    return repr(tree_map(leaf, batch)).replace("'", "")
+
+
+def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss function's result as ``(loss, metrics)``, checked: a 0-d float loss, tensor metrics.
+
+    Raises:
+        LossError: the loss is not a scalar floating-point tensor or the metrics are not tensors.
+    """
+    loss, aux = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
+        got = (
+            f"Tensor{list(loss.shape)} {loss.dtype}"
+            if isinstance(loss, torch.Tensor)
+            else type(loss).__name__
+        )
+        raise LossError(
+            "loss_fn must return a scalar floating-point tensor (or (loss, metrics)), "
+            f"got {got}; reduce the loss with .mean() or .sum()"
+        )
+    if not isinstance(aux, Mapping) or not all(isinstance(v, torch.Tensor) for v in aux.values()):
+        bad = (
+            {k: type(v).__name__ for k, v in aux.items() if not isinstance(v, torch.Tensor)}
+            if isinstance(aux, Mapping)
+            else type(aux).__name__
+        )
+        raise LossError(
+            "loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call "
+            f".item()), got {bad}"
+        )
+    return loss, dict(aux)
+
+
+def call_loss(
+    state: StepState, tensors: dict[str, torch.Tensor], batch: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``state.loss_fn`` on a `BoundModel` of `tensors` (under autocast for bf16/fp16), checked.
+
+    Raises:
+        BatchError: the loss function could not use the batch (the message shows its structure).
+        LossError: see `split_loss`.
+    """
+    model = BoundModel(state.module, tensors)
+    dtype = _AUTOCAST.get(state.options.precision)
+    autocast = (
+        torch.autocast(state.device.type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with autocast:
+            out = state.loss_fn(model, batch)
+    except FunctrainError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+        raise BatchError(
+            f"loss_fn failed on a batch of structure {describe_batch(batch)}: "
+            f"{type(e).__name__}: {e}\n"
+            "loss_fn(model, batch) receives the batch exactly as the data yields it; "
+            "unpack it there and call model(...)"
+        ) from e
+    return split_loss(out)
+
+
+def samples_in(batch: Any) -> int:
+    """The samples in a batch: the first dimension of its first tensor that has one (else 1).
+
+    Example:
+        >>> samples_in({"x": torch.zeros(8, 3), "n": 2})
+        8
+    """
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
+            return int(leaf.shape[0])  # a static shape, not a tensor read
+    return 1
+
+
+def _functional() -> bool:
+    """Whether the step runs traced (torch.compile) or under a torch.func transform (vmap).
+
+    Either way gradients come from `torch.func.grad`: `torch.autograd.grad` cannot run inside
+    torch.func transforms, and dynamo traces the functional form into one graph.
+    """
+    return torch.compiler.is_compiling() or under_vmap()
+
+
+def _gathers(state: StepState) -> bool:
+    """Whether the parameters are sharded (``"full"``): gathered where the forward uses them."""
+    return state.dist is not None and state.dist.sharding == "full"
+
+
+def gradients(
+    state: StepState,
+    batch: Any,
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    loss_of: LossOf = call_loss,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's gradients, loss and metrics: the forward under the loss function, the backward.
+
+    Args:
+        state: the state whose parameters are differentiated.
+        batch: the batch, as the loss function takes it.
+        buffers: copies of the state's buffers, which the forward may write into.
+        scale: the dynamic loss scale (fp16) the loss is multiplied by before the backward.
+        loss_of: runs the loss function as `call_loss` does (a compiled sharded step passes its
+            compiled one, which takes plain tensors: the parameters are gathered before it).
+
+    Raises:
+        LossError: the loss does not depend on any trainable parameter (eagerly).
+    """
+    if _functional():
+        objective = _objective(state, batch, scale, loss_of)
+        # buffers are an argument, not a capture: BatchNorm writes its statistics into them
+        grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
+        return grads, loss, aux
+    leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
+    scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(leaves, buffers)
+    if not scaled.requires_grad:
+        raise LossError(
+            "the loss does not depend on any trainable parameter; "
+            "check that loss_fn calls the model it is given"
+        )
+    grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
+    return (
+        {
+            k: g if g is not None else torch.zeros_like(leaves[k])
+            for k, g in zip(leaves, grads, strict=True)
+        },
+        loss,
+        aux,
+    )
+
+
+def _objective(
+    state: StepState, batch: Any, scale: torch.Tensor | None, loss_of: LossOf
+) -> Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
+    """The function differentiated: ``(params, buffers) -> (scaled loss, (loss, metrics))``."""
+    gather = _gathers(state)
+
+    def objective(
+        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        if gather and loss_of is not call_loss:
+            # a compiled loss takes plain tensors: every parameter gathered before it, kept
+            # until the backward
+            params = {k: sharding_.for_compute(p) for k, p in params.items()}
+        # "full" sharding: each operation all-gathers the parameters it uses; their gradients
+        # come back reduce-scattered
+        with (
+            sharding_.gathering_on_use(params, _dist(state).reshard_after_forward)
+            if gather
+            else contextlib.nullcontext()
+        ):
+            loss, aux = loss_of(state, {**params, **state.frozen, **buffers}, batch)
+        scaled = loss * scale.to(loss.dtype) if scale is not None else loss
+        return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
+
+    return objective
+
+
+def _dist(state: StepState) -> DistConfig:
+    """The process group of a state that has one (the caller checked)."""
+    config = state.dist
+    if config is None:
+        raise TypeError("a step of a state without a process group asked for its group")
+    return config
+
+
+def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Parts:
+    """The step itself, on tensors only (what torch.compile traces): `gradients`, then `apply`.
+
+    `extras`: what the step gives the updates (a donated step's permission, a stacked step's
+    member), passed on to `apply`.
+    """
+    # forward writes running statistics into the buffers: give it copies, never the state's own
+    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    scale = loss_scale(state)
+    grads, loss, aux = gradients(state, batch, buffers, scale)
+    return apply(state, batch, grads, buffers, loss, aux, scale, extras)
+
+
+def loss_scale(state: StepState) -> torch.Tensor | None:
+    """The dynamic loss scale (fp16), None otherwise."""
+    return find_loss_scale(state.opt_state) if state.options.precision == "fp16" else None
+
+
+def apply(
+    state: StepState,
+    batch: Any,
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    extras: Extras = NO_EXTRAS,
+) -> Parts:
+    """From this rank's gradients (and buffers, loss, metrics) to the new state's parts and metrics.
+
+    The collectives (an all-reduce, or a sharded state's reduce-scatter and gathers), then the
+    update (`functrain.optim` through ``state.tx``, given `extras`), the counters and the EMA. A
+    sharded step's extras sum the squares of norms over ranks (``norms.across``): every norm of
+    the slices is then the norm of the whole tensors.
+    """
+    config = state.dist
+    if config is not None and config.sharding is not None:
+        # from here on this rank works on its slices only (`functrain.distributed.sharding`)
+        sharding = config.sharding
+        grads, buffers, loss, aux = _shared_gradients(state, sharding, grads, buffers, loss, aux)
+        across = sharding_.summed_over_ranks(config.group)
+        extras = extras._replace(norms=extras.norms._replace(across=across))
+        local = _local_view(state, sharding)
+        new, metrics = _update(local, grads, buffers, loss, aux, scale, batch, extras)
+        new = _placed(state, sharding, new, extras)
+    else:
+        if config is not None:
+            # before clipping and the optimizer: every rank then computes the same update
+            grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, config)
+            loss, aux = scalars.pop("loss"), scalars
+        new, metrics = _update(state, grads, buffers, loss, aux, scale, batch, extras)
+    new["ema_state"] = _ema(state, new["params"], new.pop("applied"), extras)
+    return new, metrics
+
+
+def _shared_gradients(
+    state: StepState,
+    sharding: str,
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """A sharded step's collectives before the update.
+
+    This rank's slices of the mean gradients (plain tensors), and the 0-d gradients, floating
+    buffers and metrics averaged over ranks.
+    """
+    config = _dist(state)
+    grads, whole = sharding_.split_gradients(grads, sharding, config.mesh)
+    whole, buffers, scalars = average_step(whole, buffers, {"loss": loss, **aux}, config)
+    grads = {k: grads[k] if k in grads else whole[k] for k in state.params}
+    return grads, buffers, scalars.pop("loss"), scalars
+
+
+def _placed(state: StepState, sharding: str, new: dict[str, Any], extras: Extras) -> dict[str, Any]:
+    """A sharded step's new local slices placed as `state` holds them (sharded, or whole)."""
+    mesh = _dist(state).mesh
+    new["params"] = sharding_.placed_params(
+        new["params"], state.params, sharding, mesh, extras.may_write()
+    )
+    new["opt_state"] = sharding_.like_tree(new["opt_state"], state.opt_state)
+    return new
+
+
+def _local_view(state: StepState, sharding: str) -> StepState:
+    """`state` with the parameters and optimizer state this rank updates, as plain tensors."""
+    return state.replace(
+        params=sharding_.local_params(state.params, sharding, _dist(state).mesh),
+        opt_state=sharding_.local_tree(state.opt_state),
+    )
+
+
+def _ema(
+    state: StepState,
+    params: dict[str, torch.Tensor],
+    applied: torch.Tensor | None,
+    extras: Extras,
+) -> Any:
+    """The EMA after the update, on the slices where it is sharded (``"full"``), else whole."""
+    averager = state.averager
+    if state.ema_state is None or averager is None:
+        return None
+    local = sharding_.local_tree
+    # the EMA is a gated transform (`functrain.optim.averaging.ema`): its update takes ``keep=``
+    _, ema_state = update_with(
+        averager, local(params), local(state.ema_state), None, extras, applied
+    )
+    return sharding_.like_tree(ema_state, state.ema_state)
+
+
+def _update(
+    state: StepState,
+    grads: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    batch: Any,
+    extras: Extras,
+) -> Parts:
+    """Clipping, the optimizer and the counters from the (averaged) gradients.
+
+    The new parts carry the EMA's gate as ``"applied"``.
+    """
+    grads = in_param_layouts(grads, state.params)
+    grad_list = list(grads.values())
+    grad_norm = extras.global_norm(grad_list)
+    # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
+    norms = extras.norms.sharing(grad_list, grad_norm) if not _functional() else extras.norms
+    updates, opt_state = update_with(
+        state.tx, grads, state.opt_state, state.params, extras._replace(norms=norms)
+    )
+    if scale is not None:
+        grad_norm = grad_norm / scale
+    params = in_param_strides(
+        apply_updates(state.params, updates, in_place=extras.may_write()), state.params
+    )
+    k = state.options.accumulate_steps
+    micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
+    completed = micro == 0 if k > 1 else None  # None: every batch completes an update
+    tx_metrics = transform_metrics(opt_state)
+    # the skip flag of the window that ends here (between window ends it is the previous one's)
+    skipped = tx_metrics.get("skipped")
+    if skipped is not None and completed is not None:
+        skipped = skipped & completed
+    new = {
+        "params": params,
+        "buffers": _finite_buffers(state, buffers),
+        "opt_state": opt_state,
+        "applied": _and(completed, ~skipped if skipped is not None else None),
+        **_counters(state, micro, completed, skipped, batch),
+    }
+    metrics = _metrics(loss, grad_norm, skipped, tx_metrics, aux)
+    by = state.grad_stats
+    if by is not None:
+        metrics.update(grad_statistics(by, grads, state.params, params, scale, extras.norms.across))
+    return new, metrics
+
+
+def _finite_buffers(state: StepState, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The new buffers, each floating one kept as it was where the batch made it non-finite."""
+    if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
+        # a batch with non-finite statistics must not enter the running averages either
+        buffers = {
+            n: torch.where(torch.isfinite(b).all(), b, state.buffers[n])
+            if b.is_floating_point()
+            else b
+            for n, b in buffers.items()
+        }
+    return buffers
+
+
+def _counters(
+    state: StepState,
+    micro: torch.Tensor,
+    completed: torch.Tensor | None,
+    skipped: torch.Tensor | None,
+    batch: Any,
+) -> dict[str, torch.Tensor]:
+    """The counters after the batch (`completed`: None when every batch completes an update)."""
+    world = state.dist.world_size if state.dist is not None else 1
+    return {
+        "step": state.step + (completed.long() if completed is not None else 1),
+        "micro_step": micro,
+        "epoch_step": state.epoch_step + 1,
+        "samples_seen": state.samples_seen + samples_in(batch) * world,
+        # a bool adds as 0 or 1
+        "skipped": state.skipped + skipped if skipped is not None else state.skipped,
+    }
+
+
+def _metrics(
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    skipped: torch.Tensor | None,
+    tx_metrics: dict[str, torch.Tensor],
+    aux: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The step's metrics, 0-d tensors: loss, norm, rate, skip flag, the transforms' and loss's."""
+    return {
+        "loss": loss if loss.dtype == torch.float32 else loss.float(),
+        "grad_norm": grad_norm,
+        "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
+        "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
+        **{k: v.float() for k, v in tx_metrics.items() if k not in _OWN_TX_METRICS},
+        **aux,
+    }
+
+
+def in_param_layouts(
+    grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The gradients laid out as their parameters are (`functrain.layout`), before any use.
+
+    The one place every step's gradients pass (eager, donated, compiled, sharded slices) before the
+    norm, clipping, accumulation and the optimizer: they then meet what ``.grad`` gives torch.optim.
+    Under vmap (a stacked state) a tensor's layout cannot be asked: the fused kernels' vmap rule
+    lays each member's gradient out as its parameter (`functrain.optim.rules.fused`).
+    """
+    if under_vmap() or all(g.stride() == params[k].stride() for k, g in grads.items()):
+        return grads
+    aligned = in_layouts_of(list(grads.values()), [params[k] for k in grads])
+    return dict(zip(grads, aligned, strict=True))
+
+
+def in_param_strides(
+    new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The new parameters with the strides of the old, as torch.optim's in-place updates keep them.
+
+    A view where only size-1 dimensions differ (`functrain.layout.with_strides_of`).
+    """
+    if under_vmap() or all(n.stride() == old[k].stride() for k, n in new.items()):
+        return new
+    return {k: with_strides_of(n, old[k]) for k, n in new.items()}
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Conjunction of 0-d bool conditions, None meaning "always" (no op for a static truth)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a & b
+
+
+def eval_body(state: StepState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The loss function without gradients, on the weights (or their EMA) and buffer copies."""
+    weights = state.ema_params if use_ema else state.params
+    if weights is None:
+        raise ConfigError("use_ema=True needs a state created with ema_decay=...; it has no EMA")
+    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    with (
+        torch.no_grad(),
+        sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext(),
+    ):
+        loss, aux = call_loss(state, {**weights, **state.frozen, **buffers}, batch)
+    return {"loss": loss.float(), **aux}
+
+
+# why an unstacked state cannot run an optimizer holding a sweep
+SWEEP_ALONE = (
+    "this state's optimizer holds a sweep (functrain.sweep: one learning rate per member), "
+    "but the state is not stacked; stack the members with functrain.stack(states), "
+    "or create the state with the member's own learning rate"
+)

@@ -1,0 +1,401 @@
+"""Building a run's initial state from a module: what `TrainState.create` checks and makes.
+
+`initial_fields` checks every argument at once (the options, the seed, the module's tensors on the
+meta device, the sharding), copies the module's weights (rank 0's on every rank) or materializes a
+meta-device module submodule by submodule (`functrain.distributed.materialize`), shards what the
+sharding asks for, initializes the optimizer state and the EMA (the only place `init` is called),
+and keeps the module's structure as a weightless copy (`weightless`).
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from functrain.core.options import GradStats, StepOptions, build_transform
+from functrain.distributed.data_parallel import (
+    DistConfig,
+    broadcast_tensors,
+    check_same_model,
+    current_config,
+)
+from functrain.distributed.materialize import InitFn, has_meta_tensors, init_problems, materialize
+from functrain.distributed.sharding import (
+    SHARDINGS,
+    Sharding,
+    check_elementwise,
+    is_sharded,
+    shard,
+    sharded_init,
+)
+from functrain.errors import ConfigError, listed
+from functrain.optim.averaging import ema
+from functrain.optim.base import Transform, is_transform
+from functrain.optim.porting import torch_object_hint
+from functrain.tree import Tree
+
+__all__ = ["Trainable", "WEIGHTLESS", "initial_fields", "initial_rng", "weightless"]
+
+Trainable = Callable[[str, torch.Tensor], bool]
+Tensors = dict[str, torch.Tensor]
+
+_COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped")
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def initial_rng(seed: int, device: torch.device) -> torch.Tensor:
+    """The generator state of `device`'s kind seeded with `seed`, as a uint8 tensor.
+
+    The caller's generators are left alone.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen.get_state()
+
+
+def initial_fields(
+    module: nn.Module,
+    optimizer: Transform,
+    loss_fn: Callable[..., Any],
+    *,
+    seed: int,
+    options: StepOptions,
+    trainable: Trainable | None,
+    distributed: bool | None,
+    sharding: Sharding | None,
+    reshard_after_forward: bool,
+    init: InitFn | None,
+    grad_stats: GradStats | None,
+) -> dict[str, Any]:
+    """The fields of a run's initial `TrainState`, counters at zero (`TrainState.create`'s work).
+
+    Raises:
+        ConfigError: listing every invalid argument at once; ranks that built different models.
+    """
+    params, frozen = _checked(
+        module,
+        optimizer,
+        loss_fn,
+        seed,
+        options,
+        trainable,
+        sharding,
+        reshard_after_forward,
+        init,
+        grad_stats,
+    )
+    tx = build_transform(optimizer, options)
+    decay = options.ema_decay
+    averager = ema(decay, warmup=options.ema_warmup) if decay is not None else None
+    meta = has_meta_tensors(module)
+    device = torch.get_default_device() if meta else next(iter(params.values())).device
+    dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
+    if dist_config is not None:
+        # the meta tensors too: those that hold values are broadcast one by one, and every rank
+        # must take part
+        shapes = {
+            k: (tuple(v.shape), str(v.dtype), v.is_meta)
+            for k, v in {**params, **frozen, **dict(module.named_buffers())}.items()
+        }
+        check_same_model(
+            f"{sorted(shapes.items())}|{tx.name}|{options}|{sharding}|{reshard_after_forward}",
+            dist_config,
+        )
+    params, frozen, buffers = (
+        _initial_tensors(module, params, frozen, init, seed, device, _group(dist_config))
+        if meta
+        else _given_tensors(module, params, frozen, dist_config)
+    )
+    counters = {name: _zero(device) for name in _COUNTERS}
+    opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
+    if sharding == "full":
+        mesh = _group(dist_config).mesh
+        params = {k: p if is_sharded(p) else shard(p, mesh) for k, p in params.items()}
+    return {
+        "params": params,
+        "frozen": frozen,
+        "buffers": buffers,
+        "opt_state": opt_state,
+        "ema_state": ema_state,
+        **counters,
+        "rng": initial_rng(seed, device),
+        "driver": {},
+        "user": {},
+        "module": weightless(module),
+        "loss_fn": loss_fn,
+        "optimizer": optimizer,
+        "tx": tx,
+        "options": options,
+        "dist": dist_config,
+        "averager": averager,
+        "grad_stats": grad_stats,
+    }
+
+
+def _group(config: DistConfig | None) -> DistConfig:
+    """The process group of a sharded state (`current_config` makes one for every sharding)."""
+    if config is None:
+        raise ConfigError("a sharded state needs a process group; none is initialized")
+    return config
+
+
+def _checked(
+    module: Any,
+    optimizer: Any,
+    loss_fn: Any,
+    seed: Any,
+    options: StepOptions,
+    trainable: Any,
+    sharding: Any,
+    reshard_after_forward: Any,
+    init: Any,
+    grad_stats: Any,
+) -> tuple[Tensors, Tensors]:
+    """The module's trainable and frozen parameters (copies), once every argument is checked."""
+    problems = (
+        _validate(module, optimizer, loss_fn)
+        + _check_seed_and_trainable(seed, trainable)
+        + options.problems()
+    )
+    if grad_stats not in (None, "layer", "param"):
+        problems.append(
+            f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}"
+        )
+    problems += _sharding_problems(sharding, optimizer, reshard_after_forward)
+    params, frozen = (
+        _split_parameters(module, trainable)
+        if isinstance(module, nn.Module) and (trainable is None or callable(trainable))
+        else ({}, {})
+    )
+    if not problems and not params:
+        problems.append(
+            "the module has no trainable parameters "
+            "(all have requires_grad=False or were excluded by `trainable`)"
+        )
+    if not problems:
+        problems += _meta_problems(module, sharding, init)
+    if problems:
+        raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
+    return params, frozen
+
+
+# one structure per module object, so states created again from it (a resume) share compiled
+# graphs; made again when the module's submodules, parameters or buffers changed since
+_structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+# the attribute that marks a module as a weightless structure (its own copy)
+WEIGHTLESS = "_functrain_weightless"
+
+
+def _layout(module: nn.Module) -> tuple:
+    modules = tuple((name, id(m)) for name, m in module.named_modules(remove_duplicate=False))
+    tensors = tuple(
+        (name, id(t), t.shape, t.dtype)
+        for name, t in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+    )
+    return modules + tensors
+
+
+def weightless(module: nn.Module) -> nn.Module:
+    """A copy of `module` with its parameters and buffers on the meta device: structure, no weights.
+
+    The step runs it on the state's tensors; the user's module is left alone, and nothing keeps
+    its weights alive. The copy is made once per module object (and a copy is its own); a module
+    that cannot be deep-copied is kept as it is.
+    """
+    if getattr(module, WEIGHTLESS, False):
+        return module
+    layout = _layout(module)
+    found = _structures.get(module)
+    if found is None or found[0] != layout:
+        found = _structures[module] = (layout, _copy_structure(module))
+    return found[1]
+
+
+def _copy_structure(module: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for t in module.parameters():
+        memo[id(t)] = nn.Parameter(
+            torch.empty_like(t, device="meta"), requires_grad=t.requires_grad
+        )
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    try:
+        structure = copy.deepcopy(module, memo)
+    except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
+        return module
+    object.__setattr__(structure, WEIGHTLESS, True)
+    return structure
+
+
+def _given_tensors(
+    module: nn.Module, params: Tensors, frozen: Tensors, config: DistConfig | None
+) -> tuple[Tensors, Tensors, Tensors]:
+    """The module's own values (copies), rank 0's on every rank."""
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    if config is None:
+        return params, frozen, buffers
+    # every rank starts from rank 0's weights and statistics
+    return (
+        broadcast_tensors(params, config),
+        broadcast_tensors(frozen, config),
+        broadcast_tensors(buffers, config),
+    )
+
+
+def _initial_tensors(
+    module: nn.Module,
+    params: Tensors,
+    frozen: Tensors,
+    init: InitFn | None,
+    seed: int,
+    device: torch.device,
+    config: DistConfig,
+) -> tuple[Tensors, Tensors, Tensors]:
+    """A meta module's values, submodule by submodule.
+
+    With ``"full"``, its trainable parameters as this rank's rows.
+    """
+    values = materialize(
+        module,
+        set(params) if config.sharding == "full" else set(),
+        init=init,
+        seed=seed,
+        device=device,
+        config=config,
+    )
+    buffers = {name: values[name] for name, _ in module.named_buffers()}
+    return {k: values[k] for k in params}, {k: values[k] for k in frozen}, buffers
+
+
+def _sharding_problems(sharding: Any, optimizer: Any, reshard_after_forward: Any) -> list[str]:
+    if sharding not in SHARDINGS:
+        return [f"sharding must be None, 'optimizer' or 'full', got sharding={sharding!r}"]
+    problems = []
+    if not isinstance(reshard_after_forward, bool):
+        problems.append(
+            f"reshard_after_forward must be True or False, got {reshard_after_forward!r}"
+        )
+    elif not reshard_after_forward and sharding != "full":
+        problems.append(
+            "reshard_after_forward=False applies to sharding='full' only "
+            f"(the parameters that are gathered), got sharding={sharding!r}; leave it out"
+        )
+    if sharding is None:
+        return problems
+    try:
+        check_elementwise(getattr(optimizer, "name", "") or "")
+    except ConfigError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _initial_states(
+    tx: Transform,
+    averager: Transform | None,
+    params: dict[str, torch.Tensor],
+    config: DistConfig | None,
+) -> tuple[Tree, Any]:
+    """The optimizer state and EMA of `params`, parameter-shaped leaves sharded as `config` asks."""
+    sharding = config.sharding if config is not None else None
+    mesh = config.mesh if config is not None else None
+    opt_state = sharded_init(tx.init, params, mesh) if sharding is not None else tx.init(params)
+    if averager is None:
+        return opt_state, None
+    return opt_state, sharded_init(
+        averager.init, params, mesh
+    ) if sharding == "full" else averager.init(params)
+
+
+def _split_parameters(
+    module: nn.Module, trainable: Trainable | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    params: dict[str, torch.Tensor] = {}
+    frozen: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        keep = p.requires_grad and (trainable is None or trainable(name, p))
+        (params if keep else frozen)[name] = p.detach().clone()
+    return params, frozen
+
+
+def _validate(module: Any, optimizer: Any, loss_fn: Any) -> list[str]:
+    problems = []
+    if not isinstance(module, nn.Module):
+        problems.append(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    hint = None if is_transform(optimizer) else torch_object_hint(optimizer, "optimizer")
+    if hint is not None:
+        problems.append(hint)
+    elif not is_transform(optimizer):
+        problems.append(
+            "optimizer must be a functrain transform (e.g. functrain.adamw(1e-3)), "
+            f"got {type(optimizer).__name__}; torch.optim optimizers are not transforms"
+        )
+    if not callable(loss_fn):
+        problems.append(
+            f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}"
+        )
+    return problems
+
+
+# torch.Generator.manual_seed accepts this range (negative seeds wrap around)
+_SEED_RANGE = (-(2**63), 2**64)
+
+
+def _check_seed_and_trainable(seed: Any, trainable: Any) -> list[str]:
+    problems = []
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not _SEED_RANGE[0] <= int(seed) < _SEED_RANGE[1]
+    ):
+        problems.append(f"seed must be an int in [-2**63, 2**64), got seed={seed!r}")
+    if trainable is not None and not callable(trainable):
+        problems.append(
+            "trainable must be a predicate (name, param) -> bool or None, "
+            f"got {type(trainable).__name__}"
+        )
+    return problems
+
+
+def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
+    meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if not meta:
+        return (
+            []
+            if init is None
+            else [
+                "init= initializes tensors on the meta device, but the module has none "
+                f"(got init={getattr(init, '__name__', init)!r}); initialize the module's "
+                "tensors yourself, or build it under torch.device('meta')"
+            ]
+        )
+    if sharding is not None and torch.get_default_device().type == "meta":
+        return [
+            "a module on the meta device is materialized on the default device, "
+            "which is the meta device here; "
+            "call TrainState.create outside `with torch.device('meta'):`"
+        ]
+    if sharding is not None:
+        return init_problems(module, init)
+    shown = listed(meta)
+    return [
+        f"the module's tensors must hold values, got {len(meta)} on the meta device ({shown}); "
+        "materialize them first: module.to_empty(device='cpu') then initialize them "
+        "(e.g. each submodule's reset_parameters()), or load weights; "
+        "or, with a process group, pass sharding='full' (or 'optimizer') "
+        "to have each rank materialize and initialize only its own rows, "
+        "one submodule at a time (init= for submodules without reset_parameters())"
+    ]

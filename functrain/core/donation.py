@@ -1,0 +1,129 @@
+"""A donated state's life cycle: the step that writes into it, the readers it waits for, retiring.
+
+A step given a state with ``donate=True`` may write the new state into the given one's tensors
+(`donated`: the step body's extras allow it, `functrain.optim.base.Extras`); the given state is
+then dead (`retire`: any later use raises `DonatedStateError`), also when the step raised after it
+had written.
+
+A state is immutable, so an async checkpoint save can write a state's own tensors while the
+training loop goes on, with no snapshot copy, as long as nothing writes into them: pure steps
+never do, and a step given the state with ``donate=True`` waits here until the save has read
+them. `hold` registers the tensors a reader uses; `wait_until_unheld` is what donated steps call.
+
+The registry is keyed by storage address: a held tensor is kept alive by its reader, so no other
+tensor can take its address while the hold lasts. It is empty outside saves, and a donated step
+then pays one truth test.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from functrain.core.scope import outside_graph
+from functrain.core.state import TrainState
+from functrain.distributed.sharding import is_sharded
+from functrain.optim.base import Extras
+from functrain.tree import tree_leaves
+
+__all__ = ["donated", "hold", "is_held", "retire", "wait_until_unheld"]
+
+_held: Counter[int] = Counter()
+_released = threading.Condition()
+
+
+def _forget_after_fork() -> None:
+    # a forked child has no thread of the parent's saves to release their holds: it starts empty
+    global _released
+    _held.clear()
+    _released = threading.Condition()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _storages(tensors: Iterable[torch.Tensor]) -> list[int]:
+    local = (t._local_tensor if is_sharded(t) else t for t in tensors)
+    return [t.untyped_storage().data_ptr() for t in local if t.numel() > 0]
+
+
+def hold(tensors: Iterable[torch.Tensor]) -> Callable[[], None]:
+    """Register `tensors` as being read; return the function that ends the hold (once).
+
+    Example:
+        >>> t = torch.ones(3)
+        >>> release = hold([t])
+        >>> is_held([t])
+        True
+        >>> release(); is_held([t])
+        False
+    """
+    keys = _storages(tensors)
+    with _released:
+        _held.update(keys)
+    done = False
+
+    def release() -> None:
+        nonlocal done
+        with _released:
+            if done:
+                return
+            done = True
+            _held.subtract(keys)
+            for key in keys:
+                if _held[key] <= 0:
+                    del _held[key]
+            _released.notify_all()
+
+    return release
+
+
+def is_held(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether a reader holds any of `tensors`."""
+    if not _held:
+        return False
+    with _released:
+        return any(key in _held for key in _storages(tensors))
+
+
+def wait_until_unheld(state: TrainState) -> None:
+    """Block until no reader holds a tensor of `state` (what a donated step does first)."""
+    if not _held:
+        return  # no save in flight: the tree is not even built
+    tensors = [x for x in tree_leaves(state.tree()) if isinstance(x, torch.Tensor)]
+    with _released:
+        _released.wait_for(lambda: not any(key in _held for key in _storages(tensors)))
+
+
+def donated(
+    state: TrainState,
+    batch: Any,
+    body: Callable[[TrainState, Any, Extras], Any],
+    call: str = "functrain.train_step(..., donate=True)",
+) -> Any:
+    """``body(state, batch, extras)``, allowed to write into `state`'s tensors.
+
+    First it waits for any background reader of those tensors (an async checkpoint save of this
+    state) to finish reading them. The extras give the permission (``in_place``) and record each
+    use of it (``written``). If `body` raises after a transform took it, `state` is retired
+    (donated to `call`): its tensors hold neither the old state nor a new one.
+    """
+    wait_until_unheld(state)
+    written: list[bool] = []
+    try:
+        return body(state, batch, Extras(in_place=True, written=written))
+    except BaseException as error:
+        if written:
+            retire(state, f"{call}, which then raised {type(error).__name__}")
+        raise
+
+
+@outside_graph
+def retire(state: TrainState, call: str) -> None:
+    """`TrainState.retire`, outside any compiled graph: `state` was donated to `call`."""
+    state.retire(call)

@@ -1,0 +1,134 @@
+"""What a step changes outside the state while it runs: the module's mode and the device RNG.
+
+A step swaps the device generator to the state's own generator state and the module to train (or
+eval) mode on entry (`enter`), and puts both back on the way out (`leave`), returning the
+generator state that becomes the new state's ``rng``. Generator state cannot be traced, so both
+run outside any compiled graph (`outside_graph`): under ``torch.compile`` they are the graph's
+boundaries and the step body is one graph between them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from functrain.core.state import TrainState
+
+__all__ = [
+    "Scope",
+    "device_generator",
+    "enter",
+    "leave",
+    "leave_with",
+    "outside_graph",
+    "rank_stream",
+]
+
+
+def device_generator(device: torch.device) -> torch.Generator:
+    """The default generator of `device` (its own CUDA device's, or torch's CPU generator)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ]
+    return torch.default_generator
+
+
+class Scope:
+    """What `enter` changed: the module and its mode, the generator and the caller's state of it."""
+
+    __slots__ = ("module", "was_training", "generator", "saved_rng", "next_rng")
+
+    def __init__(
+        self,
+        module: nn.Module,
+        was_training: bool,
+        generator: torch.Generator,
+        saved_rng: torch.Tensor,
+    ) -> None:
+        self.module = module
+        self.was_training = was_training
+        self.generator = generator
+        self.saved_rng = saved_rng
+        self.next_rng: torch.Tensor | None = None
+
+
+def outside_graph(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Keep `fn` out of compiled graphs, at no cost to eager calls.
+
+    While dynamo traces a caller, `torch.compiler.is_compiling()` is True and the call goes
+    through the dynamo-disabled wrapper (a graph break); eager calls skip that wrapper, which has a
+    cost per call, and never import torch._dynamo, which is slow to import.
+    """
+    disabled = torch._disable_dynamo(fn)  # imports torch._dynamo only when first called
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+@outside_graph
+def enter(state: TrainState, training: bool) -> Scope:
+    """Swap the device generator to `state.rng` and the module to `training` mode."""
+    gen = device_generator(state.device)
+    scope = Scope(state.module, state.module.training, gen, gen.get_state())
+    if state.module.training != training:
+        state.module.train(training)
+    gen.set_state(state.rng)
+    if state.dist is not None and training:
+        # each rank draws its dropout masks from its own stream; the state carries the shared one
+        if gen.device.type == "cpu":
+            # one draw from the shared stream seeds this rank's stream for the step
+            draw = int(
+                torch.randint(0, 2**62, (1,), generator=gen)
+            )  # CPU generator: no device sync
+            scope.next_rng = gen.get_state()
+            gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
+        else:
+            scope.next_rng, seed = rank_stream(state.rng, state.dist.rank)
+            gen.manual_seed(seed)
+    return scope
+
+
+def rank_stream(rng: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
+    """For a CUDA generator state: the shared state after one step, and this rank's seed for it.
+
+    A CUDA (Philox) generator's state is its seed and offset, 16 bytes held on the host: both are
+    read without a device sync. The rank's seed hashes them with the rank; the shared stream moves
+    on by one Philox round (offsets advance in fours), so every step seeds new rank streams.
+
+    Example:
+        >>> state = torch.tensor([7, 8], dtype=torch.int64).view(torch.uint8)  # seed 7, offset 8
+        >>> after, seed0 = rank_stream(state, 0)
+        >>> after.view(torch.int64).tolist(), seed0 != rank_stream(state, 1)[1]
+        ([7, 12], True)
+    """
+    seed, offset = rng.view(torch.int64).tolist()
+    digest = hashlib.blake2b(f"{seed}:{offset}:{rank}".encode(), digest_size=8).digest()
+    after = torch.tensor([seed, offset + 4], dtype=torch.int64).view(torch.uint8)
+    return after, int.from_bytes(digest, "big") >> 1
+
+
+@outside_graph
+def leave(scope: Scope) -> torch.Tensor:
+    """Restore the caller's RNG and module mode; return the step's generator state."""
+    after = scope.next_rng if scope.next_rng is not None else scope.generator.get_state()
+    scope.generator.set_state(scope.saved_rng)
+    if scope.module.training != scope.was_training:
+        scope.module.train(scope.was_training)
+    return after
+
+
+@outside_graph
+def leave_with(scope: Scope, state: TrainState, new: dict[str, Any]) -> TrainState:
+    """`leave`, then the new state: one graph boundary after the step body instead of two."""
+    return state.replace(rng=leave(scope), **new)

@@ -1,0 +1,394 @@
+"""Stacked states: K members (an ensemble's seeds, a sweep's hyperparameters) trained as one state.
+
+`stack` turns K states built by `TrainState.create` from the same kind of module and the same
+optimizer into one state whose tensors carry a leading member dimension: parameters ``[K, ...]``,
+optimizer moments ``[K, ...]``, counters ``[K]``, and the members' RNG states ``[K, n]``.
+`train_step`, `eval_step` and `compile_step` recognise such a state (its counters have one
+dimension) and run the step body under ``torch.func.vmap`` over the members: one forward,
+backward and optimizer update for all of them, with every per-member quantity kept per member
+(gradient norms, clipping, non-finite skips, learning rates, counters). Metrics come back as
+``[K]`` tensors.
+`unstack` gives the members back as ordinary states.
+
+How each member's numbers compare with the member trained alone: without dropout, every member of a
+stacked run equals the member stepped alone by `train_step` to float rounding, not bit for bit:
+the forward and backward run as batched matrix products, which round differently from one member's
+(the tests check 1e-5 relative). The optimizer itself is exact per member: given the same
+gradients, the fused Adam/AdamW kernel runs member by member on each member's slice with its own
+step count, learning rate, weight decay and skip flag (`functrain.optim.rules.fused`), and the
+foreach chains run tensor by tensor as torch's CPU foreach kernels do
+(`functrain.optim.batching`).
+Per-member hyperparameters come from `functrain.sweep`.
+
+Randomness: each member keeps its own generator state in the stack. A step advances every member's
+stream by one draw and seeds the step's random ops (dropout) from all members' draws; under vmap
+with ``randomness="different"`` each member's mask is its own slice of one batched draw. A stacked
+run is deterministic and resumes bit for bit, but a member's dropout masks differ from the ones it
+would draw trained alone (as any torch.func step's differ from eager autograd's).
+
+`compile_step` compiles the vmapped body as one graph per configuration and member count; `fit`
+logs each ``[K]`` metric as its mean over the members (``loss``) and one column per member
+(``loss[k]``), so best checkpoints and early stopping follow the mean unless ``best_metric`` names
+a member's column (`member_columns`). Donating a stacked state (``donate=True``) retires it but
+writes nothing in place. Not supported: BatchNorm under bf16/fp16 autocast (torch's vmap rule for
+batch_norm fails there) and distributed states; ``grad_stats`` are not computed (as under
+`compile_step`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from functrain.core.body import eval_body, train_body
+from functrain.core.scope import device_generator
+from functrain.core.state import TrainState
+from functrain.core.view import StateView, parts_of, statics_of
+from functrain.errors import ConfigError
+from functrain.optim.base import Extras
+from functrain.optim.batching import STACKED, register
+from functrain.tree import tree_flatten, tree_unflatten
+
+__all__ = [
+    "stack",
+    "unstack",
+    "num_members",
+    "member_columns",
+    "host_count",
+    "stacked_train_step",
+    "stacked_eval_step",
+]
+
+register()
+
+
+def num_members(state: TrainState) -> int | None:
+    """The number of members of a stacked state, or None for an ordinary state.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+        >>> ft.num_members(s), ft.num_members(ft.stack([s, s]))
+        (None, 2)
+    """
+    state.check_live("num_members")
+    return int(state.step.shape[0]) if state.step.ndim == 1 else None
+
+
+def stack(states: Sequence[TrainState]) -> TrainState:
+    """One state holding `states` as members along a new leading dimension.
+
+    The members must come from `TrainState.create` with modules of the same structure (same class,
+    parameter names, shapes and dtypes), the same optimizer (equal names: ``adamw(lr=0.001, ...)``)
+    and the same options. Seeds, initial weights and user state (with the same keys) may differ. The
+    stacked state's static parts (module, loss function, optimizer) and its driver records (`fit`'s
+    history, best evaluation, early stopping: those of the stacked run, not of a member) are the
+    first member's.
+
+    Args:
+        states: the members, K >= 1 ordinary (not stacked, not donated) states.
+
+    Returns:
+        A `TrainState` whose tree tensors carry a leading dimension of size K.
+
+    Raises:
+        ConfigError: listing every way the members differ (module structure, optimizer, options,
+            a stacked or distributed member, tree structure).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> loss_fn = lambda m, b: m(b).pow(2).mean()
+        >>> opt = ft.adamw(1e-2)
+        >>> make = lambda k: ft.TrainState.create(torch.nn.Linear(3, 1), opt, loss_fn, seed=k)
+        >>> states = [make(k) for k in range(4)]
+        >>> ens = ft.stack(states)
+        >>> ens.params["weight"].shape
+        torch.Size([4, 1, 3])
+        >>> ens, metrics = ft.train_step(ens, torch.randn(8, 3))
+        >>> metrics["loss"].shape
+        torch.Size([4])
+    """
+    states = list(states)
+    _check_members(states)
+    trees = [{k: v for k, v in s.tree().items() if k != "driver"} for s in states]
+    leaves, spec = tree_flatten(trees[0])
+    columns = list(zip(*(tree_flatten(t)[0] for t in trees), strict=True))
+    stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else col[0] for col in columns]
+    return states[0].with_tree({**tree_unflatten(stacked, spec), "driver": states[0].driver})
+
+
+def unstack(state: TrainState) -> list[TrainState]:
+    """The members of a stacked state, as ordinary states (each with its own copy of its slice).
+
+    Raises:
+        ConfigError: `state` is not stacked.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> loss_fn = lambda m, b: m(b).pow(2).mean()
+        >>> opt = ft.sgd(0.1)
+        >>> make = lambda k: ft.TrainState.create(torch.nn.Linear(3, 1), opt, loss_fn, seed=k)
+        >>> states = [make(k) for k in range(2)]
+        >>> second = ft.unstack(ft.stack(states))[1]
+        >>> torch.equal(second.params["weight"], states[1].params["weight"])
+        True
+    """
+    k = num_members(state)
+    if k is None:
+        raise ConfigError(
+            "unstack expects a stacked state (from functrain.stack), "
+            "got an ordinary state (its counters are 0-d)"
+        )
+    tree = {name: v for name, v in state.tree().items() if name != "driver"}
+    leaves, spec = tree_flatten(tree)
+    members = [
+        tree_unflatten([x[i].clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+        for i in range(k)
+    ]
+    return [state.with_tree({**member, "driver": state.driver}) for member in members]
+
+
+def host_count(counter: torch.Tensor) -> int:
+    """A counter read to the host: a stacked state's members share it (each batch advances all).
+
+    Example:
+        >>> host_count(torch.tensor(3)), host_count(torch.tensor([3, 3]))
+        (3, 3)
+    """
+    return int(counter) if counter.ndim == 0 else int(counter[0])
+
+
+def member_columns(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stacked step's ``[K]`` metrics as 0-d columns: ``name`` their mean, ``name[k]`` member k's.
+
+    The mean ignores members whose value is NaN (``nanmean``): one diverged member does not make
+    the aggregate, and so early stopping or a ``nonfinite_loss`` stop, follow it; its own column
+    shows it. 0-d metrics pass through. This is what `fit` logs for a stacked state.
+
+    Example:
+        >>> member_columns({"loss": torch.tensor([1.0, 3.0]), "lr": torch.tensor(0.1)})
+        {'loss': tensor(2.), 'loss[0]': tensor(1.), 'loss[1]': tensor(3.), 'lr': tensor(0.1000)}
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, value in metrics.items():
+        if value.ndim != 1:
+            out[name] = value
+            continue
+        out[name] = value.float().nanmean() if value.is_floating_point() else value.double().mean()
+        out.update((f"{name}[{k}]", v) for k, v in enumerate(value.unbind(0)))
+    return out
+
+
+def _check_members(states: list[TrainState]) -> None:
+    if not states:
+        raise ConfigError("stack needs at least one state, got an empty sequence")
+    problems = []
+    for i, s in enumerate(states):
+        if not isinstance(s, TrainState):
+            problems.append(f"member {i} must be a functrain.TrainState, got {type(s).__name__}")
+            continue
+        s.check_live("stack")
+        if s.step.ndim != 0:
+            problems.append(
+                f"member {i} is already stacked ({int(s.step.shape[0])} members); "
+                "unstack it first or stack ordinary states"
+            )
+        if s.options.precision != "fp32" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.module.modules()
+        ):
+            problems.append(
+                f"member {i} has BatchNorm layers and precision={s.options.precision!r}: "
+                "torch's vmap rule for batch_norm "
+                "fails under autocast; stack fp32 members, or use LayerNorm/GroupNorm"
+            )
+        if s.dist is not None:
+            problems.append(
+                f"member {i} is distributed; stacked states run on one process "
+                "(create the members with distributed=False)"
+            )
+    if problems:
+        raise ConfigError("cannot stack these states:\n  - " + "\n  - ".join(problems))
+    first = states[0]
+    for i, s in enumerate(states[1:], start=1):
+        problems += [f"member {i}: {p}" for p in _differences(first, s)]
+    if problems:
+        raise ConfigError(
+            "cannot stack these states: every member must match member 0:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+def _layout(state: TrainState) -> dict[str, tuple]:
+    return {
+        f"{field}.{name}": (tuple(t.shape), t.dtype)
+        for field in ("params", "frozen", "buffers")
+        for name, t in getattr(state, field).items()
+    }
+
+
+def _differences(a: TrainState, b: TrainState) -> list[str]:
+    out = []
+    if type(a.module) is not type(b.module):
+        out.append(f"module class {type(b.module).__name__}, expected {type(a.module).__name__}")
+    la, lb = _layout(a), _layout(b)
+    if la != lb:
+        diff = sorted(set(la.items()) ^ set(lb.items()), key=str)[:4]
+        out.append(f"tensors differ (name, shape, dtype): {diff}")
+    name_a, name_b = getattr(a.optimizer, "name", None), getattr(b.optimizer, "name", None)
+    if name_a != name_b or (name_a is None and a.optimizer is not b.optimizer):
+        out.append(f"optimizer {name_b}, expected {name_a}")
+    if a.options != b.options:
+        out.append(f"options {b.options}, expected {a.options}")
+    if not out:
+        sa, sb = (
+            tree_flatten({k: v for k, v in s.tree().items() if k != "driver"})[1] for s in (a, b)
+        )
+        if sa != sb:
+            out.append(
+                "the state trees differ in structure (the user state?); "
+                "give every member the same keys"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the stacked step
+
+
+_SLOT = object()  # where a tensor goes when a tree is rebuilt from its tensor leaves
+
+
+def member_function(
+    statics: dict[str, Any], parts: tuple, body: Callable[..., Any]
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``body(view, batch, extras)`` as a function of one member's tensors only, for
+    `torch.func.vmap`; the extras carry the member's index (`Extras.member`, for sweeps).
+
+    Returns ``(fn, out)``: ``fn(tensors, batch)``, `tensors` the tensor leaves of `parts` in order
+    (`_tensors`), rebuilds one member's view of the state from its slices and returns the tensor
+    leaves of `body`'s result; ``out["rebuild"](leaves)`` (set by the first call, a trace under
+    torch.compile) puts them back into the result's structure: vmap takes and gives tensors only.
+    The function depends only on the configuration (statics and tree structure), so a compiled
+    form of it serves every state of that configuration.
+    """
+    leaves, spec = tree_flatten(parts)
+    fixed_in = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
+    out: dict[str, Any] = {}
+
+    def fn(member: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+        it = iter(member[:-1])  # the last tensor is the member's index, for sweeps
+        view = StateView(
+            statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec)
+        )
+        # `functrain.optim.batching.under_vmap` reads it while dynamo traces the body
+        was_stacked, STACKED.active = STACKED.active, True
+        try:
+            res_leaves, res_spec = tree_flatten(body(view, batch, Extras(member=member[-1])))
+        finally:
+            STACKED.active = was_stacked
+        fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in res_leaves]
+
+        def rebuild(values: list[torch.Tensor]) -> Any:
+            vals = iter(values)
+            return tree_unflatten([next(vals) if x is _SLOT else x for x in fixed], res_spec)
+
+        out["rebuild"] = rebuild
+        return [x for x in res_leaves if isinstance(x, torch.Tensor)]
+
+    return fn, out
+
+
+def _tensors(parts: tuple, members: int, device: torch.device) -> list[torch.Tensor]:
+    """The tensor leaves of `parts`, then the members' indices (what `member_function`'s takes)."""
+    return [
+        *(x for x in tree_flatten(parts)[0] if isinstance(x, torch.Tensor)),
+        torch.arange(members, device=device),
+    ]
+
+
+def vmapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` over the members: the state's tensors batched on dimension 0, the batch shared."""
+    return torch.func.vmap(fn, in_dims=(0, None), randomness="different")
+
+
+def _draw(generator: torch.Generator, rng: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """One value from a member's stream and the stream after it (on the host; no sync on CPU)."""
+    generator.set_state(rng.contiguous() if rng.storage_offset() == 0 else rng.clone())
+    if generator.device.type == "cpu":
+        value = int(torch.randint(0, 2**62, (1,), generator=generator))
+    else:
+        # a device draw would need a host read: the Philox seed and offset say where the stream is
+        value = (generator.initial_seed() * 0x9E3779B97F4A7C15 + generator.get_offset()) % 2**62
+        generator.set_offset(generator.get_offset() + 4)
+    return value, generator.get_state()
+
+
+def _step_seed(draws: list[int]) -> int:
+    digest = hashlib.blake2b(
+        b"".join(d.to_bytes(8, "little") for d in draws), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+class _StackedScope:
+    """The generator and module mode around a stacked step (`enter`/`leave` of one state)."""
+
+    def __init__(self, state: TrainState, training: bool, advance: bool) -> None:
+        self.module, self.was_training = state.module, state.module.training
+        self.generator = device_generator(state.device)
+        self.saved = self.generator.get_state()
+        draws, rngs = zip(
+            *(_draw(self.generator, r) for r in state.rng.clone().unbind(0)), strict=True
+        )
+        self.next_rng = torch.stack(rngs) if advance else state.rng
+        self.generator.manual_seed(_step_seed(list(draws)))
+        if self.module.training != training:
+            self.module.train(training)
+
+    def close(self) -> None:
+        self.generator.set_state(self.saved)
+        if self.module.training != self.was_training:
+            self.module.train(self.was_training)
+
+
+def stacked_train_step(
+    state: TrainState, batch: Any, compiled: tuple[Callable[..., Any], dict[str, Any]] | None = None
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """`train_step` for a stacked state: the step body under ``vmap`` over the members.
+
+    `compiled`, when given, is ``(run, out)``: a compiled ``vmapped(fn)`` and the `out` of its
+    `member_function` (`compile_step` passes them). Called by `train_step` and `compile_step`.
+    """
+    parts = parts_of(state)
+    if compiled is None:
+        fn, out = member_function(statics_of(state), parts, train_body)
+        run = vmapped(fn)
+    else:
+        run, out = compiled
+    scope = _StackedScope(state, training=True, advance=True)
+    try:
+        leaves = run(_tensors(parts, state.rng.shape[0], state.device), batch)
+    finally:
+        scope.close()
+    new, metrics = out["rebuild"](leaves)
+    return state.replace(rng=scope.next_rng, **new), metrics
+
+
+def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
+    """`eval_step` for a stacked state: ``[K]`` metrics; the state and caller's RNG unchanged."""
+
+    def body(view: StateView, batch: Any, extras: Extras) -> dict[str, torch.Tensor]:
+        return eval_body(view, batch, use_ema)  # no update: the extras go unread
+
+    parts = parts_of(state)
+    fn, out = member_function(statics_of(state), parts, body)
+    scope = _StackedScope(state, training=False, advance=False)
+    try:
+        leaves = vmapped(fn)(_tensors(parts, state.rng.shape[0], state.device), batch)
+    finally:
+        scope.close()
+    return out["rebuild"](leaves)

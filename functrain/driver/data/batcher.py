@@ -1,0 +1,188 @@
+"""`Batcher`: resumable batches over a map-style dataset, in an order the run determines.
+
+The order of epoch ``e`` is ``randperm(len, generator seeded from (seed, e))``, and the position
+inside the epoch lives in the `TrainState` (`epoch`, `epoch_step`): resuming starts from the next
+unseen batch without reading the consumed ones. `num_workers > 0` loads through a
+`torch.utils.data.DataLoader` over the same index batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from functrain.driver.seeding import (
+    IndexPlan,
+    SeededDataset,
+    SeededIndices,
+    fetching_loader,
+    host_generators_kept,
+    mix,
+)
+from functrain.errors import config_check
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The sample order of `epoch`: a permutation of ``range(n)`` determined by (seed, epoch).
+
+    Example:
+        >>> torch.equal(epoch_order(10, 0, 3), epoch_order(10, 0, 3))
+        True
+        >>> torch.equal(epoch_order(10, 0, 3), epoch_order(10, 0, 4))
+        False
+    """
+    if not shuffle:
+        return torch.arange(n)
+    gen = torch.Generator()
+    gen.manual_seed((seed * _MIX + epoch * 0x632BE59BD9B4E019 + 1) % (2**63))
+    return torch.randperm(n, generator=gen)
+
+
+class Batcher:
+    """Resumable batches over a map-style dataset.
+
+    Args:
+        dataset: supports `len()` and indexing (a `TensorDataset` is sliced directly, fast).
+        batch_size: samples per batch; >= 1.
+        shuffle: shuffle each epoch (the order depends only on `seed` and the epoch).
+        drop_last: drop the last, smaller batch of each epoch.
+        seed: the order's seed.
+        num_workers: worker processes for loading (a `DataLoader` over the same index batches).
+        collate_fn: turns a list of samples into a batch (torch's default collate by default).
+        pin_memory: as in `DataLoader`.
+        shard: ``(rank, world_size)``: every rank reads its own slice of each global batch.
+
+    Raises:
+        ConfigError: invalid arguments, listed together.
+
+    Example:
+        >>> ds = TensorDataset(torch.arange(10.0))
+        >>> b = Batcher(ds, batch_size=4, shuffle=False)
+        >>> [x[0].tolist() for x in b.epoch(0, start=1)]
+        [[4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+    """
+
+    resumable = True
+    saves_position = False  # the state's counters are its position
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
+        problems = []
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            problems.append(
+                f"dataset must support len() and indexing, got {type(dataset).__name__}"
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            problems.append(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            problems.append(f"num_workers must be an int >= 0, got num_workers={num_workers!r}")
+        rank, world = shard
+        if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
+            problems.append(
+                f"shard must be (rank, world_size) with 0 <= rank < world_size, got shard={shard!r}"
+            )
+        elif isinstance(batch_size, int) and batch_size % world:
+            problems.append(
+                f"batch_size={batch_size} (global) must be divisible by world_size={world}"
+            )
+        config_check(problems, "Batcher")
+        self.dataset, self.batch_size, self.shuffle, self.drop_last, self.seed = (
+            dataset,
+            batch_size,
+            shuffle,
+            drop_last,
+            seed,
+        )
+        self.num_workers, self.collate_fn, self.pin_memory, self.shard = (
+            num_workers,
+            collate_fn or default_collate,
+            pin_memory,
+            shard,
+        )
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def setup(self) -> dict[str, Any]:
+        """What fixes which samples each position of an epoch holds (recorded in checkpoints)."""
+        return {
+            "samples": len(self.dataset),
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "seed": self.seed,
+        }
+
+    def index_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The global index batches of `epoch`, this rank's slice of each."""
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+        batches = list(torch.split(order, self.batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        rank, world = self.shard
+        if world > 1:
+            batches = [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in batches]
+        return batches
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """Yield the batches of `epoch` from position `start`; the consumed ones are not read.
+
+        Each batch loads with the global generators seeded from (seed, epoch, position, rank), in
+        the worker that loads it or in this process (the caller's states are put back after it), so
+        what a random augmentation draws does not depend on the number of workers or on where the
+        run was resumed.
+        """
+        batches = self.index_batches(epoch)
+        if (
+            isinstance(self.dataset, TensorDataset)
+            and self.num_workers == 0
+            and self.collate_fn is default_collate
+        ):
+            # slice the tensors directly: one gather per tensor instead of per-sample collation (it
+            # draws nothing)
+            for idx in batches[start:]:
+                yield tuple(t[idx] for t in self.dataset.tensors)
+            return
+        rank = self.shard[0]
+        seeded = (
+            SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank))
+            for p in range(start, len(batches))
+        )
+        if self.num_workers == 0:
+            dataset = SeededDataset(self.dataset)
+            for indices in seeded:
+                with host_generators_kept():
+                    batch = self.collate_fn(dataset.__getitems__(indices))
+                yield batch
+            return
+        plan = IndexPlan()
+        plan.batches = seeded
+        loader = fetching_loader(
+            self.dataset,
+            plan,
+            {
+                "num_workers": self.num_workers,
+                "collate_fn": self.collate_fn,
+                "pin_memory": self.pin_memory,
+            },
+        )
+        loader.generator.manual_seed(mix(self.seed, epoch, rank))  # the workers' base seed
+        yield from loader

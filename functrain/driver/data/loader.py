@@ -1,0 +1,255 @@
+"""`DataLoaderSource`: a plain `DataLoader`, resumed without loading a consumed batch.
+
+Its sampler draws each epoch's order from generators seeded from (seed, epoch), so resuming
+draws the consumed index batches again and skips them without loading them.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any, cast
+
+import blake3
+import orjson
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+
+from functrain.distributed.data_parallel import gather_objects
+from functrain.driver.data.iterable import EXHAUSTED, IterableSource, announce_epoch, generators_of
+from functrain.driver.seeding import (
+    EpochStream,
+    IndexPlan,
+    SeededIndices,
+    fetching_loader,
+    host_generators_kept,
+    loader_settings,
+    mix,
+)
+from functrain.errors import ConfigError
+
+
+class DataLoaderSource(IterableSource):
+    """A torch `DataLoader` over a map-style dataset, resumed without loading a consumed batch.
+
+    `fit` takes a plain `DataLoader` (with ``batch_size``, over a dataset with ``len`` and indexing)
+    through this. Each epoch, the loader's batch sampler draws the order (index batches, no data)
+    from generators seeded from (seed, epoch): the global ones and the `torch.Generator` objects the
+    loader and its sampler hold, whose own seeds count (`EpochStream`); ``set_epoch`` is called
+    where there is one. A loader with the same settings (workers, collation, pinning, persistent
+    workers) then loads the batches, each with the global generators seeded from (seed, epoch,
+    position, rank) in the process that loads it, so random augmentation does not depend on the
+    number of workers. Resuming mid-epoch draws the epoch's order again and skips the consumed index
+    batches without loading them.
+
+    Each checkpoint holds a digest of the indices consumed in the epoch (`state_tree`); a resumed
+    epoch whose skipped indices differ, from a sampler drawing on a generator nothing seeds, is
+    reported with a warning naming the fix.
+
+    Args:
+        loader: a `torch.utils.data.DataLoader` (not a subclass) with ``batch_size`` set, over a
+            map-style dataset.
+        seed: the run's data seed (`fit`'s ``data_seed``).
+        rank: this process's rank: its batches draw their own randomness.
+
+    Raises:
+        ConfigError: a loader this cannot take, with what to pass instead.
+
+    Example:
+        >>> ds = torch.utils.data.TensorDataset(torch.arange(10.0))
+        >>> seeded = torch.Generator().manual_seed(7)
+        >>> source = DataLoaderSource(DataLoader(ds, batch_size=4, shuffle=True, generator=seeded))
+        >>> first = [b[0].tolist() for b in source.epoch(0)]
+        >>> # a resume skips, and loads nothing twice
+        >>> [b[0].tolist() for b in source.epoch(0, start=1)] == first[1:]
+        True
+    """
+
+    resumable = True
+    saves_position = True
+    CHUNK = 64  # index batches drawn per swap of generators
+
+    def __init__(self, loader: DataLoader, *, seed: int = 0, rank: int = 0) -> None:
+        problem = loader_problem(loader)
+        if problem is not None:
+            raise ConfigError(
+                f"DataLoaderSource takes {problem}; pass functrain.IterableSource(loader), which "
+                "resumes by replay"
+            )
+        super().__init__(loader, seed=seed)
+        self.rank = rank
+        self.borrowed = generators_of(loader)
+        # the seed of an epoch: the run's and the generators' own (a changed generator seed changes
+        # the run)
+        self.base = mix(seed, *(g.initial_seed() for g in self.borrowed))
+        self.plan = IndexPlan()
+        self.fetcher = fetching_loader(loader.dataset, self.plan, loader_settings(loader))
+        self.restored: dict[str, Any] | None = None
+        # the pass under way: its epoch, the batches consumed and their indices' running digest
+        self.pass_epoch: int | None = None
+        self.consumed = 0
+        self.hasher = blake3.blake3()
+
+    def setup(self) -> dict[str, Any]:
+        """The loader's batching (`IterableSource.setup`) and the seed its epochs derive from."""
+        return {**super().setup(), "loader_seed": self.base}
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """Yield the batches of `epoch` from position `start`: the first `start` are not loaded."""
+        loader = cast(DataLoader, self.source)  # the constructor took nothing else
+        announce_epoch(loader, epoch)
+        stream = EpochStream(mix(self.base, epoch), self.borrowed)
+        batches = loader.batch_sampler
+        assert batches is not None  # loader_problem refuses a loader without batch_size
+        order = stream.draw(lambda: iter(batches))
+        pending: deque[list[Any]] = deque()
+        self.pass_epoch, self.consumed, self.hasher = epoch, 0, blake3.blake3()
+        self._skip(stream, order, start)
+        self.plan.batches = _seeded(
+            stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK
+        )
+        self.fetcher.generator.manual_seed(
+            mix(self.base, epoch, self.rank)
+        )  # the workers' base seed
+        main = self.fetcher.num_workers == 0
+        try:
+            it = iter(self.fetcher)
+            while True:
+                if main:
+                    with (
+                        host_generators_kept()
+                    ):  # the dataset runs here: the caller's generators are put back
+                        batch = next(it, EXHAUSTED)
+                else:
+                    batch = next(it, EXHAUSTED)
+                if batch is EXHAUSTED:
+                    return
+                self._count(pending.popleft())
+                yield batch
+        finally:
+            self.plan.batches = iter(())  # the pass's index batches are not kept past it
+
+    def _skip(self, stream: EpochStream, order: Iterator[Any], start: int) -> None:
+        left = start
+        while left > 0:
+            chunk = stream.draw(functools.partial(_take, order, min(left, self.CHUNK)))
+            if not chunk:
+                break
+            for indices in chunk:
+                self._count(indices)
+            left -= len(chunk)
+        saved = self.restored
+        if (
+            start
+            and saved is not None
+            and saved.get("epoch") == self.pass_epoch
+            and saved.get("batches") == start
+        ):
+            if saved.get("order") != self.hasher.hexdigest():
+                warnings.warn(
+                    _order_changed(
+                        _sampler_name(cast(DataLoader, self.source)), saved["epoch"], start
+                    ),
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        self.restored = None
+
+    def _count(self, indices: Any) -> None:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        try:
+            encoded = orjson.dumps(list(indices), option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # indices of a kind orjson does not write: their repr
+            encoded = repr(list(indices)).encode()
+        self.hasher.update(encoded + b";")
+        self.consumed += 1
+
+    def state_tree(self) -> dict[str, Any]:
+        """The epoch, the number of its batches consumed and their indices' digest (JSON values);
+        before any pass, the restored one."""
+        if self.pass_epoch is None:
+            return (
+                dict(self.restored)
+                if self.restored is not None
+                else {"epoch": None, "batches": 0, "order": None}
+            )
+        return {
+            "epoch": self.pass_epoch,
+            "batches": self.consumed,
+            "order": self.hasher.hexdigest(),
+        }
+
+    def restore(self, tree: Any) -> None:
+        """Take a saved `state_tree`: the next pass checks that it skips the same indices."""
+        self.restored = tree if isinstance(tree, dict) else None
+
+    def saved_states(self, dist: Any) -> dict[str, Any]:
+        """What ``state.driver["source"]`` holds: ``{"ranks": [position of rank 0, rank 1, ...]}``
+        (a collective under torch.distributed)."""
+        return {"ranks": gather_objects(self.state_tree(), dist)}
+
+    def resume(self, saved: Any, dist: Any) -> None:
+        """Take this rank's saved position from ``state.driver["source"]`` (None, or saved by a run
+        on another number of ranks: nothing to check)."""
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        if saved is not None and len(saved["ranks"]) == world:
+            self.restore(saved["ranks"][rank])
+
+
+def _seeded(
+    stream: EpochStream,
+    order: Iterator[Any],
+    run: tuple[int, int, int],
+    start: int,
+    pending: deque[Any],
+    chunk_size: int,
+) -> Iterator[SeededIndices]:
+    """The index batches of `order` from `start`, drawn `chunk_size` at a time in `stream`, each
+    with the seed of (base, epoch, position, rank) and noted in `pending`. A function, not a method:
+    the loader holding it must not hold the source (persistent workers are freed with the
+    source)."""
+    base, epoch, rank = run
+    position = start
+    while chunk := stream.draw(lambda: list(islice(order, chunk_size))):
+        for indices in chunk:
+            pending.append(indices)
+            yield SeededIndices(indices, mix(base, epoch, position, rank))
+            position += 1
+
+
+def loader_problem(loader: Any) -> str | None:
+    """Why `DataLoaderSource` cannot take `loader` (None when it can)."""
+    if type(loader) is not DataLoader:
+        return f"a torch.utils.data.DataLoader, got {type(loader).__name__}"
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return "a DataLoader over a map-style dataset, got one over an IterableDataset"
+    if loader.batch_sampler is None:
+        return (
+            "a DataLoader that batches (batch_size=... or batch_sampler=...), got batch_size=None"
+        )
+    return None
+
+
+def _take(items: Iterator[Any], n: int) -> list[Any]:
+    """The next `n` of `items`, fewer where they end."""
+    return list(islice(items, n))
+
+
+def _sampler_name(loader: DataLoader) -> str:
+    batches = loader.batch_sampler
+    return type(batches.sampler if isinstance(batches, BatchSampler) else batches).__name__
+
+
+def _order_changed(sampler: str, epoch: int, start: int) -> str:
+    return (
+        f"resuming epoch {epoch} after {start} batches, but the {start} index batches its sampler "
+        f"({sampler}) drew now differ from those the checkpointed run consumed: this epoch goes on "
+        "in another order, so some of its samples are seen twice and others not at all. The "
+        "sampler draws from a generator fit does not seed; make its order a function of the "
+        "epoch: draw from torch's global generator or the DataLoader's generator= (fit seeds both "
+        "each epoch), or give it set_epoch(epoch) as DistributedSampler has"
+    )

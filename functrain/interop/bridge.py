@@ -1,0 +1,747 @@
+"""Moving a run between `torch.optim` and functrain, bit for bit.
+
+`from_torch_optimizer` reads a live `torch.optim` optimizer (its parameter groups and per-parameter
+state) and gives the matching functrain transform, one per group (joined by `partition`), with the
+state torch reached; `ConvertedOptimizer.create_state` builds the `TrainState` that continues the
+run. `to_torch_state_dict` goes the other way: a functrain state as the ``state_dict`` that the
+matching torch optimizer loads and continues from.
+
+Supported: every gradient optimizer of `torch.optim` but `LBFGS` and `SparseAdam`; a `Muon` run,
+whose optimizer takes matrices only, as the list of its optimizers over disjoint parameters
+(``[muon, adamw]``: one `partition` group per torch group, in list order). Which torch
+implementation a functrain transform continues bit for bit (float32, measured; the table is
+`functrain.interop.torch_classes`):
+
+* `SGD` / `Adam` / `AdamW` / `Adagrad` with ``fused=True``: functrain's fused presets (their
+  defaults; SGD with dampening runs its foreach form).
+* the single-tensor loop (torch's CPU default) or ``foreach=True``, which give the same bits for
+  `SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad`, `Adamax`, `Adadelta` and `Rprop`: the presets with
+  ``fused=False``, and the others.
+* `RAdam`: ``foreach=True`` only (its single-tensor loop rounds the step differently); `NAdam`,
+  `ASGD`, `Adafactor`: the single-tensor loop only (their foreach forms round differently); `Muon`:
+  its one implementation.
+
+`from_torch_optimizer` picks the configuration from the group's flags; an implementation that
+functrain does not continue, ``capturable=True`` or ``differentiable=True`` is a `ConfigError`
+that says so and what to set.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import attrs
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from functrain.core.state import TrainState
+from functrain.errors import ConfigError, config_check
+from functrain.interop.torch_classes import KEYS, TORCH_CLASSES, implementation, torch_class
+from functrain.optim.base import Transform
+from functrain.optim.metrics import walk_states
+from functrain.optim.rules.fused import FusedSgdState
+from functrain.optim.rules.trace import TraceState
+from functrain.optim.schedules import Schedule, from_torch
+from functrain.optim.wrappers import PartitionState, partition
+
+__all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
+
+LearningRates = float | Schedule | Sequence[float | Schedule] | None
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+_IMPLEMENTATIONS = {
+    "fused": "fused (fused=True)",
+    "foreach": "foreach (foreach=True)",
+    "single": "single-tensor (foreach=False, the CPU default)",
+}
+_REFUSED = {
+    "capturable": (
+        "functrain's steps never read a count or a step size back to the host: a run compiles or "
+        "graphs without it"
+    ),
+    "differentiable": (
+        "functrain's updates are pure functions of tensors, not built to be differentiated through"
+    ),
+}
+
+
+class _Group(NamedTuple):
+    """One torch parameter group as functrain sees it."""
+
+    names: tuple[str, ...]  # its parameters, in the order torch lists them
+    state: tuple[dict[str, Any], ...]  # torch's per-parameter state, the same order
+    # the updates its parameters have taken
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count
+    lr: float  # the group's current lr
+
+
+@attrs.frozen
+class ConvertedOptimizer:
+    """A torch optimizer's run as functrain takes it over (made by `from_torch_optimizer`).
+
+    Attributes:
+        optimizer: the functrain transform matching the torch optimizer, one preset per parameter
+            group (joined by `partition`, labels ``"group0"``, ``"group1"``, ...).
+        step: the updates torch took (its state's ``step``; for `SGD`, which keeps none, the
+            ``step`` given to `from_torch_optimizer`).
+        names: the parameters the torch optimizer updates (those with ``requires_grad``), by their
+            names in the module.
+        groups: torch's groups as read: names, per-parameter state (torch's own tensors, copied
+            only by `load_into`), count and lr.
+    """
+
+    optimizer: Transform
+    step: int
+    names: tuple[str, ...]
+    groups: tuple[_Group, ...] = attrs.field(repr=False)
+
+    def create_state(
+        self, module: nn.Module, loss_fn: Callable[..., Any], **options: Any
+    ) -> TrainState:
+        """`TrainState.create` for `module` with this optimizer, then `load_into`.
+
+        Parameters the torch optimizer does not hold are frozen (``trainable=``), and the state's
+        ``step`` counter starts at `step`. `options` are `TrainState.create`'s other arguments.
+
+        Raises:
+            ConfigError: as `TrainState.create`, or `module` is not the torch optimizer's.
+        """
+        held = frozenset(self.names)
+        if "trainable" in options:
+            config_check(
+                ["trainable is set by the torch optimizer's parameters; leave it out"],
+                "create_state",
+            )
+        state = TrainState.create(
+            module, self.optimizer, loss_fn, trainable=lambda name, p: name in held, **options
+        )
+        return self.load_into(state)
+
+    def load_into(self, state: TrainState) -> TrainState:
+        """`state` with torch's optimizer state (moments, momentum buffers, counts) in place of its
+        own.
+
+        Args:
+            state: a state created with `optimizer` (and any `TrainState.create` options).
+
+        Raises:
+            ConfigError: `state` was not created with this `optimizer`, or a parameter differs in
+                shape from torch's state.
+        """
+        if state.optimizer is not self.optimizer:
+            config_check(
+                [
+                    "the state was not created with this converted optimizer: use "
+                    "create_state(module, loss_fn)"
+                ],
+                "load_into",
+            )
+        missing = sorted(set(self.names) - set(state.params))
+        if missing:
+            config_check(
+                [f"the state trains none of {', '.join(missing)}, which the torch optimizer holds"],
+                "load_into",
+            )
+        opt_state = _map_groups(
+            state.opt_state,
+            len(self.groups),
+            lambda k, node: _filled(node, self.groups[k], state.params),
+        )
+        step = torch.full_like(state.step, self.step)
+        return state.replace(opt_state=opt_state, step=step)
+
+
+def from_torch_optimizer(
+    optimizer: Optimizers,
+    module: nn.Module,
+    *,
+    lr: LearningRates = None,
+    step: int | None = None,
+    scheduler: Any = None,
+) -> ConvertedOptimizer:
+    """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
+
+    Each parameter group becomes the matching preset with every hyperparameter of the group (``lr``,
+    ``betas``, ``eps``, ``weight_decay``, ``maximize``, ``momentum_decay``, ``etas``, ...),
+    ``fused`` as the group has it (see the module docstring for which torch implementation each
+    functrain configuration reproduces); several groups, of one optimizer or of a list of them, are
+    joined by `partition`. The state (moments,
+    momentum buffers, step counts) is read when the `TrainState` is built
+    (`ConvertedOptimizer.create_state`), so build it right after converting.
+
+    The step counter of the transform starts at torch's count, so a schedule given as `lr`
+    continues where torch's scheduler is, when the scheduler steps once per optimizer step: pass
+    ``lr=functrain.schedules.from_torch(<the scheduler's class>, lr=<initial lr>, ...)``.
+
+    Args:
+        optimizer: a live `torch.optim` optimizer (any but `LBFGS` and `SparseAdam`), or a list of
+            them over disjoint parameters (a `Muon` and the `AdamW` for the rest).
+        module: the module whose parameters it updates (their names key the functrain state).
+        lr: None: each group's current ``lr``, held constant; a float or schedule for every group;
+            or one per group.
+        step: the updates taken, for `SGD` and `Muon`, whose states keep no count (None: 0 without
+            momentum buffers, else 1, enough for a constant lr); checked against the count of the
+            others.
+        scheduler: instead of `lr`, the live torch scheduler of `optimizer` (one per optimizer of a
+            list, None for one that keeps its lr), stepped once per
+            optimizer step): its class and arguments are read back and rebuilt with
+            `functrain.schedules.from_torch` from each group's ``initial_lr`` (`StepLR`,
+            `MultiStepLR`, `ExponentialLR`, `CosineAnnealingLR`, `LinearLR`, `ConstantLR`,
+            `PolynomialLR`, `CosineAnnealingWarmRestarts`, `LambdaLR`, and `SequentialLR` and
+            `ChainedScheduler` of them, members taken as built in list order; others: pass `lr`).
+
+    Returns:
+        A `ConvertedOptimizer`.
+
+    Raises:
+        ConfigError: the optimizer is of another class, two optimizers share a parameter, torch's
+            implementation is not one functrain continues bit for bit (or ``capturable`` or
+            ``differentiable`` is set), a parameter is not the module's, parameters of one group
+            took different numbers of steps, or the scheduler cannot be read back or stepped a
+            different number of times.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        >>> model(torch.ones(2, 3)).sum().backward(); opt.step()
+        >>> run = ft.from_torch_optimizer(opt, model)
+        >>> state = run.create_state(model, lambda m, b: m(b).sum())
+        >>> run.step, run.names, int(state.step)
+        (1, ('weight', 'bias'), 1)
+        >>> run.optimizer.name
+        'adamw(lr=0.01, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None)'
+    """
+    where = "from_torch_optimizer"
+    optimizers = _optimizers(optimizer, module, where)
+    if scheduler is not None and lr is not None:
+        config_check(["pass lr= or scheduler=, not both"], where)
+    slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
+    places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
+    rates = _rates(lr, len(slots), where)
+    groups, counts = [], []
+    for i, o in enumerate(optimizers):
+        read = [
+            _read_group(o, k, module, _place(where, len(optimizers), i, None))
+            for k in range(len(o.param_groups))
+        ]
+        groups += read
+        counts += _counts(o, read, step, _place(where, len(optimizers), i, None))
+    if scheduler is not None:
+        rates = _schedules(scheduler, optimizers, counts, where)
+    groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
+    transforms = [
+        _transform(o, o.param_groups[k], g, rate, place)
+        for (_, o, k), g, rate, place in zip(slots, groups, rates, places, strict=True)
+    ]
+    if len(transforms) == 1:
+        tx = transforms[0]
+    else:
+        label = {name: f"group{k}" for k, g in enumerate(groups) for name in g.names}
+        tx = partition(
+            lambda name, p: label.get(name, "unheld"),
+            **{f"group{k}": t for k, t in enumerate(transforms)},
+        )
+    return ConvertedOptimizer(
+        tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups)
+    )
+
+
+def _place(where: str, n: int, i: int, k: int | None) -> str:
+    """Where a group sits, for messages: ``param_groups[k]``, or ``optimizer[i].param_groups[k]``
+    among several."""
+    own = "" if n == 1 else f"optimizer[{i}]"
+    group = "" if k is None else f"param_groups[{k}]"
+    return ", ".join(part for part in (where, ".".join(p for p in (own, group) if p)) if part)
+
+
+def _optimizers(
+    optimizer: Optimizers, module: nn.Module, where: str
+) -> list[torch.optim.Optimizer]:
+    """The live torch optimizers given (one, or several over disjoint parameters, as Muon with
+    AdamW)."""
+    given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    unknown = [type(o).__name__ for o in given if torch_class(o) is None]
+    if not given or unknown or not isinstance(module, nn.Module):
+        names = ", ".join(f"torch.optim.{k.__name__}" for k in TORCH_CLASSES)
+        got = ", ".join(unknown) or ("no optimizer" if not given else "")
+        config_check(
+            [
+                f"optimizer must be a live {names} (or a list of them over disjoint parameters) "
+                f"and module an nn.Module, got {got or type(module).__name__}"
+            ],
+            where,
+        )
+    # all of them, once the table knows each (its classes are torch.optim's)
+    optimizers = [o for o in given if isinstance(o, torch.optim.Optimizer)]
+    seen: set[int] = set()
+    for i, o in enumerate(optimizers):
+        ids = {id(p) for group in o.param_groups for p in group["params"]}
+        if ids & seen:
+            config_check(
+                [
+                    f"optimizer[{i}] updates parameters an earlier optimizer also updates: give "
+                    "each parameter to one optimizer"
+                ],
+                where,
+            )
+        seen |= ids
+    return optimizers
+
+
+def _schedules(
+    scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], counts: Sequence[int], where: str
+) -> list[Any]:
+    """One rate per group from the live schedulers (one per optimizer; None keeps that optimizer's
+    lr)."""
+    schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
+    if len(schedulers) != len(optimizers):
+        config_check(
+            [
+                f"scheduler must be one live scheduler per optimizer ({len(optimizers)}), got "
+                f"{len(schedulers)}"
+            ],
+            where,
+        )
+    rates: list[Any] = []
+    for s, o in zip(schedulers, optimizers, strict=True):
+        own = counts[len(rates) : len(rates) + len(o.param_groups)]
+        rates += [None] * len(own) if s is None else _scheduled(s, o, own, where)
+    return rates
+
+
+_LIVE_ARGS: dict[type, tuple[str, ...]] = {
+    lr_scheduler.StepLR: ("step_size", "gamma"),
+    lr_scheduler.ExponentialLR: ("gamma",),
+    lr_scheduler.CosineAnnealingLR: ("T_max", "eta_min"),
+    lr_scheduler.LinearLR: ("start_factor", "end_factor", "total_iters"),
+    lr_scheduler.ConstantLR: ("factor", "total_iters"),
+    lr_scheduler.PolynomialLR: ("total_iters", "power"),
+    lr_scheduler.CosineAnnealingWarmRestarts: ("T_0", "T_mult", "eta_min"),
+}
+
+
+def _described_scheduler(scheduler: Any, k: int, where: str) -> tuple[type, dict[str, Any]]:
+    """``(cls, kwargs)`` for `from_torch`, read from a live scheduler, for parameter group `k`."""
+    cls = type(scheduler)
+    if cls in _LIVE_ARGS:
+        return cls, {name: getattr(scheduler, name) for name in _LIVE_ARGS[cls]}
+    if cls is lr_scheduler.MultiStepLR:
+        return cls, {
+            "milestones": sorted(scheduler.milestones.elements()),
+            "gamma": scheduler.gamma,
+        }
+    if cls is lr_scheduler.LambdaLR:
+        return cls, {"lr_lambda": scheduler.lr_lambdas[k]}
+    if cls is lr_scheduler.SequentialLR:
+        members = [_described_scheduler(s, k, where) for s in scheduler._schedulers]
+        return cls, {"schedulers": members, "milestones": list(scheduler._milestones)}
+    if cls is lr_scheduler.ChainedScheduler:
+        return cls, {
+            "schedulers": [_described_scheduler(s, k, where) for s in scheduler._schedulers]
+        }
+    fix = f"pass lr=functrain.schedules.from_torch({cls.__name__}, lr=..., <its arguments>) instead"
+    config_check([f"a live {cls.__name__} cannot be read back into its arguments; {fix}"], where)
+    raise AssertionError  # unreachable: config_check raised
+
+
+def _scheduled(
+    scheduler: Any, optimizer: torch.optim.Optimizer, counts: Sequence[int], where: str
+) -> list[Schedule]:
+    """One schedule per group: the live scheduler's class and arguments from its base lrs, at the
+    optimizer's count."""
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        config_check(
+            ["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where
+        )
+    steps = getattr(scheduler, "last_epoch", None)
+    if steps is not None and any(steps != count for count in counts):
+        problem = (
+            f"the scheduler stepped {steps} times, the optimizer {max(counts)}: functrain runs a "
+            "schedule on the update count"
+        )
+        config_check(
+            [f"{problem}; step the scheduler once per optimizer step, or pass lr= yourself"], where
+        )
+    schedules = []
+    for k, group in enumerate(optimizer.param_groups):
+        cls, kwargs = _described_scheduler(scheduler, k, where)
+        schedules.append(from_torch(cls, lr=group["initial_lr"], **kwargs))
+    return schedules
+
+
+def _rates(lr: LearningRates, n: int, where: str) -> list[float | Schedule | None]:
+    if lr is None or callable(lr) or isinstance(lr, int | float):
+        return [lr] * n
+    if isinstance(lr, Sequence) and len(lr) == n:
+        return list(lr)
+    config_check(
+        [f"lr must be None, a float, a schedule or one per parameter group ({n}), got lr={lr!r}"],
+        where,
+    )
+    raise AssertionError  # unreachable: config_check raised
+
+
+def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, where: str) -> _Group:
+    by_id = {id(p): name for name, p in module.named_parameters()}
+    group = optimizer.param_groups[k]
+    unknown = [i for i, p in enumerate(group["params"]) if id(p) not in by_id]
+    if unknown:
+        config_check(
+            [f"param_groups[{k}]['params'][{unknown[0]}] is not a parameter of the module given"],
+            where,
+        )
+    held = [
+        p for p in group["params"] if p.requires_grad
+    ]  # torch never steps a frozen one: nor does functrain
+    names = tuple(by_id[id(p)] for p in held)
+    state = tuple(dict(optimizer.state.get(p, {})) for p in held)
+    return _Group(names, state, 0, float(group["lr"]))
+
+
+def _counts(
+    optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str
+) -> list[int]:
+    """Each group's count of updates: torch's ``step`` (one value per group), SGD's and Muon's from
+    `step`."""
+    counts = []
+    for k, g in enumerate(groups):
+        if torch_class(optimizer).counted:  # type: ignore[union-attr]
+            seen = {int(s["step"]) if "step" in s else None for s in g.state}
+            if len(seen) > 1:
+                shown = sorted(str(s) for s in seen)
+                config_check(
+                    [
+                        f"param_groups[{k}]: its parameters took different numbers of steps "
+                        f"({', '.join(shown)}: some had no gradient); functrain updates a group "
+                        "together"
+                    ],
+                    where,
+                )
+            count = seen.pop() or 0
+            if step is not None and step != count:
+                config_check(
+                    [
+                        f"step={step!r} disagrees with param_groups[{k}]'s state, which took "
+                        f"{count} steps"
+                    ],
+                    where,
+                )
+        else:
+            buffers = [s.get("momentum_buffer") is not None for s in g.state]
+            if any(buffers) and not all(buffers):
+                config_check(
+                    [
+                        f"param_groups[{k}]: some parameters have a momentum buffer and others not "
+                        "(some had no gradient); functrain updates a group together"
+                    ],
+                    where,
+                )
+            count = step if step is not None else int(any(buffers))
+        counts.append(count)
+    return counts
+
+
+def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[str]:
+    """What keeps a group's torch implementation from continuing (or being continued by) functrain
+    bit for bit."""
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    problems = [
+        f"{flag}=True: {why}; build the torch optimizer without it"
+        for flag, why in _REFUSED.items()
+        if group.get(flag)
+    ]
+    used = implementation(group)
+    if used not in kind.exact:
+        exact = " or ".join(_IMPLEMENTATIONS[i] for i in sorted(kind.exact))
+        value = "foreach" in kind.exact
+        problems.append(
+            f"torch's {type(optimizer).__name__} runs its {_IMPLEMENTATIONS[used]} implementation, "
+            f"which rounds differently from its {exact} one, "
+            f"the one functrain's {kind.preset.__name__} continues bit for bit; build the torch "
+            f"optimizer with foreach={value} "
+            f"(or set the group's 'foreach' to {value} before converting: the state moves exactly, "
+            "the steps after it round as that implementation does)"
+        )
+    return problems
+
+
+def _transform(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str
+) -> Transform:
+    """The preset that matches one parameter group, refused where torch's implementation is not the
+    one it continues."""
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    kwargs = kind.settings(group)
+    kwargs["lr"] = g.lr if rate is None else rate
+    problems = _implementation_problems(optimizer, group)
+    config_check(problems, where)
+    if "fused" in inspect.signature(kind.preset).parameters:
+        kwargs["fused"] = (
+            implementation(group) == "fused"
+        )  # fused=False for the others: the foreach chain, whose bits the single-tensor loop shares
+    if group.get("maximize"):
+        kwargs["maximize"] = True
+    return kind.preset(**kwargs)
+
+
+def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
+    """`opt_state` with ``fn(k, node)`` applied to every node of group ``k``'s state (one group
+    without a partition)."""
+
+    def walk(node: Any, k: int | None) -> Any:
+        if isinstance(node, PartitionState) and k is None:
+            if len(node.inner) != n:
+                raise ConfigError(
+                    f"the state's optimizer has {len(node.inner)} parameter groups, the torch "
+                    f"optimizer {n}"
+                )
+            return PartitionState(tuple(walk(inner, i) for i, inner in enumerate(node.inner)))
+        if isinstance(node, torch.Tensor):
+            return node
+        node = fn(k or 0, node) if (k is not None or n == 1) else node
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(walk(child, k) for child in node))
+        if isinstance(node, tuple | list):
+            return type(node)(walk(child, k) for child in node)
+        if isinstance(node, dict):
+            return {key: walk(child, k) for key, child in node.items()}
+        return node
+
+    out = walk(opt_state, None)
+    if n > 1 and not any(isinstance(node, PartitionState) for node in _nodes(opt_state)):
+        raise ConfigError(
+            f"the torch optimizer has {n} parameter groups, the state's optimizer one: convert "
+            "that optimizer with from_torch_optimizer"
+        )
+    return out
+
+
+def _nodes(tree: Any) -> list[Any]:
+    return list(walk_states(tree))
+
+
+def _order(group: _Group, params: dict[str, torch.Tensor]) -> list[str]:
+    """The group's parameters in the order functrain's state holds them (the state's own)."""
+    held = set(group.names)
+    return [name for name in params if name in held]
+
+
+def _torch_value(name: str, key: str, value: Any, target: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError(
+            f"torch's {key} of {name} has shape {shape}, the state's {tuple(target.shape)}"
+        )
+    return value.detach().to(dtype=target.dtype, device=target.device, copy=True)
+
+
+def _torch_tensors(
+    group: _Group, names: Sequence[str], key: str, like: Sequence[Any]
+) -> tuple[Any, ...]:
+    """torch's `key` of each parameter, shaped and typed as the state's (Adafactor's factors as
+    pairs)."""
+    by_name = dict(zip(group.names, group.state, strict=True))
+    if key == "moments":  # Adafactor: (row_var, col_var) for a matrix, (variance,) for the rest
+
+        def keys(target: Any) -> tuple[str, ...]:
+            return ("row_var", "col_var") if len(target) == 2 else ("variance",)
+
+        return tuple(
+            tuple(
+                _torch_value(name, k, by_name[name].get(k), t)
+                for k, t in zip(keys(target), target, strict=True)
+            )
+            for name, target in zip(names, like, strict=True)
+        )
+    return tuple(
+        _torch_value(name, key, by_name[name].get(key), target)
+        for name, target in zip(names, like, strict=True)
+    )
+
+
+def _torch_scalar(
+    group: _Group, names: Sequence[str], key: str, like: torch.Tensor
+) -> torch.Tensor:
+    """A value torch keeps per parameter and functrain once per group (NAdam's ``mu_product``,
+    ASGD's ``eta``, ``mu``)."""
+    values = [torch.as_tensor(state[key]) for state in group.state]
+    if any(not torch.equal(v, values[0]) for v in values):
+        raise ConfigError(
+            f"torch's {key} differs between the parameters of one group; functrain keeps one per "
+            "group (their steps must agree)"
+        )
+    return _torch_value(names[0], key, values[0].reshape(like.shape), like)
+
+
+def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
+    """A node of a group's state with torch's values in it (nodes of other kinds as they are)."""
+    if group.count == 0 or type(node) not in KEYS:
+        return node
+    names = _order(group, params)
+    values: dict[str, Any] = {}
+    for field, key in KEYS[type(node)].items():
+        current = getattr(node, field)
+        if isinstance(current, torch.Tensor):
+            values[field] = _torch_scalar(group, names, key, current)
+        elif current:
+            values[field] = _torch_tensors(group, names, key, current)
+    if "count" in node._fields:
+        values["count"] = torch.full_like(node.count, group.count)
+    return node._replace(**values)
+
+
+def to_torch_state_dict(
+    state: TrainState, optimizer: Optimizers, module: nn.Module
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """A functrain state's optimizer state as the ``state_dict`` of `optimizer`, to load and
+    continue in torch.
+
+    `optimizer` is the torch optimizer that matches the state's transform (or a list of them, as
+    ``[Muon, AdamW]`` for ``ft.muon(others=ft.adamw(...))``): the same class and hyperparameters,
+    one parameter group per `partition` group (one group for a plain preset), built over
+    `module`'s parameters (e.g. ``state.export_module()``). Its own state is not read or
+    changed: ``optimizer.load_state_dict(to_torch_state_dict(state, optimizer, module))`` then
+    continues the run bit for bit (`optimizer`'s implementation must be one the transform
+    reproduces: ``fused=True`` for functrain's fused SGD, Adam and Adagrad, the defaults; the module
+    docstring has the rest; another one is a `ConfigError`). The group settings (lr, ...) are
+    `optimizer`'s: to continue a schedule with a torch scheduler, bring the scheduler (and so the
+    groups' lr) to the state's count before exporting.
+
+    Args:
+        state: a `TrainState` whose optimizer is a preset of a torch class (or a `partition` of
+        them). optimizer: the matching `torch.optim` optimizer over `module`'s parameters, or a list
+        of
+            them (one or more groups each, in the order of the partition's groups).
+        module: the module holding `optimizer`'s parameters, named as in ``state.params``.
+
+    Returns:
+        ``{"state": {index: {...}}, "param_groups": [...]}`` as `optimizer.state_dict` lays it out
+        (tensors are copies); for a list of optimizers, a list of them.
+
+    Raises:
+        ConfigError: the optimizer's class, groups or implementation do not match the state's
+            transform, or a parameter is not in the state.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> loss_fn = lambda m, b: m(b).sum()
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), ft.adamw(1e-2), loss_fn)
+        >>> state, _ = ft.train_step(state, torch.ones(2, 3))
+        >>> model = state.export_module().train()
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        >>> opt.load_state_dict(ft.to_torch_state_dict(state, opt, model))
+        >>> opt.state[model.weight]["step"]
+        tensor(1.)
+    """
+    where = "to_torch_state_dict"
+    optimizers = _optimizers(optimizer, module, where)
+    slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
+    found: list[dict[type, Any]] = [{} for _ in slots]
+
+    def record(k: int, node: Any) -> Any:
+        if type(node) in KEYS:
+            found[k].setdefault(type(node), node)
+        return node
+
+    _map_groups(state.opt_state, len(slots), record)
+    dicts = [{"state": {}, "param_groups": o.state_dict()["param_groups"]} for o in optimizers]
+    params = dict(module.named_parameters())
+    for (i, o, k), nodes in zip(slots, found, strict=True):
+        place = _place(where, len(optimizers), i, k)
+        group = _read_group(o, k, module, place)
+        missing = [name for name in group.names if name not in state.params]
+        if missing:
+            config_check(
+                [
+                    f"{place.split(', ')[-1]} holds {', '.join(missing)}, which the state does not "
+                    "train"
+                ],
+                where,
+            )
+        held = set(group.names)
+        order = [name for name in state.params if name in held]
+        values = _group_values(o, o.param_groups[k], nodes, place)
+        indices = dict(
+            zip(
+                (id(p) for p in o.param_groups[k]["params"]),
+                dicts[i]["param_groups"][k]["params"],
+                strict=True,
+            )
+        )
+        for j, name in enumerate(order):
+            entry = {
+                key: copy
+                for key, copy in (_entry(key, value, j) for key, value in values.items())
+                if copy is not None
+            }
+            if entry:
+                dicts[i]["state"][indices[id(params[name])]] = entry
+    return dicts if isinstance(optimizer, (list, tuple)) else dicts[0]
+
+
+def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:
+    """Parameter `j`'s copy of one state value: its own tensor (None: it has none), or the group's
+    one value repeated."""
+    own = value[j] if isinstance(value, tuple) else value
+    return key, None if own is None else own.detach().clone()
+
+
+def _group_values(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str
+) -> dict[str, Any]:
+    """torch's per-parameter state of one group (a tuple over its parameters, or one tensor for
+    all)."""
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    own = [cls for cls in nodes if cls in kind.needs]
+    foreign = sorted(
+        {
+            cls.__name__
+            for other in TORCH_CLASSES.values()
+            for cls in other.needs
+            if cls in nodes and cls not in kind.needs
+        }
+    )
+    problems = []
+    if kind.needs and not own or foreign:
+        problems.append(
+            f"torch's {type(optimizer).__name__} does not match the state's optimizer (which holds "
+            f"{', '.join(foreign) or 'no ' + kind.needs[0].__name__})"
+        )
+    if type(optimizer) in (torch.optim.SGD, torch.optim.RMSprop):
+        momentum = group.get("momentum", 0) != 0
+        has_buffer = TraceState in nodes or bool(getattr(nodes.get(FusedSgdState), "momentum", ()))
+        if momentum != has_buffer:
+            problems.append(
+                f"momentum={group['momentum']!r} in torch, but the state's optimizer has "
+                f"{'a' if has_buffer else 'no'} momentum buffer"
+            )
+    for flag, field in (("amsgrad", "nu_max"), ("centered", "mu")):
+        node = next((n for c, n in nodes.items() if c in kind.needs and field in n._fields), None)
+        if flag in group and node is not None and bool(group[flag]) != bool(getattr(node, field)):
+            problems.append(f"{flag}={group[flag]!r} in torch, but not in the state's optimizer")
+    config_check(problems + _implementation_problems(optimizer, group), where)
+    counted = [node for node in nodes.values() if "count" in node._fields]
+    count = int(counted[0].count) if counted else 0
+    if (
+        count == 0 and not kind.built
+    ):  # torch makes the state at the first step (Adagrad at construction)
+        return {}
+    values: dict[str, Any] = (
+        {"step": counted[0].count.to(device="cpu", dtype=torch.float32)} if kind.counted else {}
+    )
+    for node in nodes.values():
+        for field, key in KEYS[type(node)].items():
+            value = getattr(node, field)
+            if key == "moments":  # Adafactor's factors: torch's keys by the parameter's kind
+                values["row_var"] = tuple(m[0] if len(m) == 2 else None for m in value)
+                values["col_var"] = tuple(m[1] if len(m) == 2 else None for m in value)
+                values["variance"] = tuple(m[0] if len(m) == 1 else None for m in value)
+            elif isinstance(value, torch.Tensor) or value:
+                values[key] = value
+    return values

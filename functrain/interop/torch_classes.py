@@ -1,0 +1,245 @@
+"""Each `torch.optim` class as functrain has it: the preset, its settings, where the state lives.
+
+`functrain.interop.bridge` moves runs between torch and functrain through this table. For every
+supported class, `TorchClass` says which preset reproduces it and with which arguments (read from a
+torch parameter group), which functrain state classes hold what torch keeps per parameter (and under
+which key), and which of torch's implementations the preset continues bit for bit in float32:
+``"fused"``, ``"foreach"`` or ``"single"`` (the single-tensor loop, torch's default on the CPU).
+On the CPU the two implementations agree bit for bit for SGD, Adam, AdamW,
+RMSprop, Adagrad, Adamax, Adadelta and Rprop; RAdam's single-tensor loop rounds its step
+differently from its foreach form (functrain follows foreach), and NAdam's, ASGD's and
+Adafactor's foreach forms round differently from their single-tensor loops (functrain follows the
+loop). Muon has one implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.optim.base import Transform
+from functrain.optim.presets import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    asgd,
+    muon,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
+)
+from functrain.optim.rules.adadelta import ScaleByAdadeltaState
+from functrain.optim.rules.adafactor import AdafactorStepState
+from functrain.optim.rules.adagrad import ScaleByAdagradState
+from functrain.optim.rules.adam import (
+    NadamStepState,
+    ScaleByAdamaxState,
+    ScaleByAdamState,
+    ScaleByRadamState,
+)
+from functrain.optim.rules.asgd import AsgdStepState
+from functrain.optim.rules.fused import FusedAdagradState, FusedAdamState, FusedSgdState
+from functrain.optim.rules.learning_rate import LearningRateState, ScaleByLearningRateState
+from functrain.optim.rules.muon import ScaleByMuonState
+from functrain.optim.rules.rms import ScaleByRmsState
+from functrain.optim.rules.rprop import ScaleByRpropState
+from functrain.optim.rules.trace import TraceState
+
+__all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation"]
+
+# where torch keeps what each functrain state holds: {state class: {field: torch's per-parameter
+# key}};
+# a tuple field holds one tensor per parameter, a 0-d field one value torch repeats per parameter;
+# Adafactor's ``moments`` are torch's ``row_var``/``col_var`` (matrices) or ``variance`` (the rest)
+KEYS: dict[type, dict[str, str]] = {
+    FusedAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    ScaleByRadamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
+    ScaleByRmsState: {"nu": "square_avg", "mu": "grad_avg"},
+    ScaleByAdagradState: {"sum_of_squares": "sum"},
+    FusedAdagradState: {"sum_of_squares": "sum"},
+    TraceState: {"trace": "momentum_buffer"},
+    FusedSgdState: {"momentum": "momentum_buffer"},
+    NadamStepState: {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},
+    ScaleByAdamaxState: {"mu": "exp_avg", "nu_inf": "exp_inf"},
+    ScaleByAdadeltaState: {"square_avg": "square_avg", "acc_delta": "acc_delta"},
+    AsgdStepState: {"eta": "eta", "mu": "mu", "ax": "ax"},
+    ScaleByRpropState: {"prev": "prev", "step_size": "step_size"},
+    AdafactorStepState: {"moments": "moments"},
+    ScaleByMuonState: {"momentum_buffer": "momentum_buffer"},
+    ScaleByLearningRateState: {},
+    LearningRateState: {},
+}
+
+
+class TorchClass(NamedTuple):
+    """How functrain continues one `torch.optim` class.
+
+    Attributes:
+        preset: the functrain preset.
+        settings: a torch parameter group's settings as the preset's keyword arguments (less
+            ``lr``, ``maximize`` and ``fused``, which the bridge adds).
+        needs: the functrain state classes, one of which the preset's state holds.
+        counted: torch keeps a per-parameter ``step`` (SGD and Muon keep none).
+        exact: the torch implementations the preset continues bit for bit.
+        built: torch makes the per-parameter state at construction (Adagrad), not at the first step.
+    """
+
+    preset: Callable[..., Transform]
+    settings: Callable[[dict[str, Any]], dict[str, Any]]
+    needs: tuple[type, ...]
+    counted: bool = True
+    exact: frozenset[str] = frozenset({"foreach", "single"})
+    built: bool = False
+
+
+def _betas(group: dict[str, Any]) -> dict[str, float]:
+    b1, b2 = group["betas"]
+    return {"b1": float(b1), "b2": float(b2)}
+
+
+def _adam(group: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        **_betas(group),
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        amsgrad=group["amsgrad"],
+    )
+
+
+def _pick(*names: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda group: {name: group[name] for name in names}
+
+
+def _pair(name: str) -> Callable[[Any], tuple[float, float]]:
+    return lambda group: tuple(float(v) for v in group[name])  # type: ignore[return-value]
+
+
+_FUSED = frozenset({"fused", "foreach", "single"})
+
+TORCH_CLASSES: dict[type, TorchClass] = {
+    torch.optim.SGD: TorchClass(
+        sgd,
+        _pick("momentum", "nesterov", "dampening", "weight_decay"),
+        (),
+        counted=False,
+        exact=_FUSED,
+    ),
+    torch.optim.AdamW: TorchClass(adamw, _adam, (FusedAdamState, ScaleByAdamState), exact=_FUSED),
+    torch.optim.Adam: TorchClass(
+        adam,
+        lambda g: dict(**_adam(g), decoupled_weight_decay=bool(g.get("decoupled_weight_decay"))),
+        (FusedAdamState, ScaleByAdamState),
+        exact=_FUSED,
+    ),
+    torch.optim.RMSprop: TorchClass(
+        rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (ScaleByRmsState,)
+    ),
+    torch.optim.Adagrad: TorchClass(
+        adagrad,
+        _pick("eps", "lr_decay", "initial_accumulator_value", "weight_decay"),
+        (FusedAdagradState, ScaleByAdagradState),
+        exact=_FUSED,
+        built=True,
+    ),
+    torch.optim.RAdam: TorchClass(
+        radam,
+        lambda g: dict(
+            **_betas(g),
+            eps=g["eps"],
+            weight_decay=g["weight_decay"],
+            decoupled_weight_decay=g["decoupled_weight_decay"],
+        ),
+        (ScaleByRadamState,),
+        exact=frozenset({"foreach"}),
+    ),
+    torch.optim.NAdam: TorchClass(
+        nadam,
+        lambda g: dict(
+            betas=_pair("betas")(g),
+            **_pick("eps", "weight_decay", "momentum_decay", "decoupled_weight_decay")(g),
+        ),
+        (NadamStepState,),
+        exact=frozenset({"single"}),
+    ),
+    torch.optim.Adamax: TorchClass(
+        adamax,
+        lambda g: dict(betas=_pair("betas")(g), eps=g["eps"], weight_decay=g["weight_decay"]),
+        (ScaleByAdamaxState,),
+    ),
+    torch.optim.Adadelta: TorchClass(
+        adadelta, _pick("rho", "eps", "weight_decay"), (ScaleByAdadeltaState,)
+    ),
+    torch.optim.ASGD: TorchClass(
+        asgd,
+        _pick("lambd", "alpha", "t0", "weight_decay"),
+        (AsgdStepState,),
+        exact=frozenset({"single"}),
+    ),
+    torch.optim.Rprop: TorchClass(
+        rprop,
+        lambda g: dict(etas=_pair("etas")(g), step_sizes=_pair("step_sizes")(g)),
+        (ScaleByRpropState,),
+    ),
+    torch.optim.Adafactor: TorchClass(
+        adafactor,
+        lambda g: dict(
+            beta2_decay=g["beta2_decay"],
+            eps=tuple(g["eps"]),
+            d=g["d"],
+            weight_decay=g["weight_decay"],
+        ),
+        (AdafactorStepState,),
+        exact=frozenset({"single"}),
+    ),
+    torch.optim.Muon: TorchClass(
+        muon,
+        _pick(
+            "weight_decay",
+            "momentum",
+            "nesterov",
+            "ns_coefficients",
+            "eps",
+            "ns_steps",
+            "adjust_lr_fn",
+        ),
+        (ScaleByMuonState,),
+        counted=False,
+        exact=frozenset({"single"}),
+    ),
+}
+
+
+def torch_class(optimizer: Any) -> TorchClass | None:
+    """The table's entry for a live optimizer (its exact class: AdamW before Adam), or None."""
+    return TORCH_CLASSES.get(type(optimizer)) or next(
+        (v for k, v in TORCH_CLASSES.items() if isinstance(optimizer, k)), None
+    )
+
+
+def implementation(group: dict[str, Any]) -> str:
+    """Which implementation torch runs for a parameter group: ``"fused"``, ``"foreach"`` or
+    ``"single"``.
+
+    As torch decides it: an explicit flag, else foreach where every parameter is on a device with
+    foreach kernels (CUDA), else the single-tensor loop (the CPU).
+    """
+    if group.get("fused"):
+        return "fused"
+    if group.get("foreach") is not None:
+        return "foreach" if group["foreach"] else "single"
+    from torch.optim.optimizer import (
+        _default_to_fused_or_foreach,
+    )  # torch's own choice, private but stable since 2.0
+
+    _, foreach = _default_to_fused_or_foreach(
+        list(group["params"]), bool(group.get("differentiable")), use_fused=False
+    )
+    return "foreach" if foreach else "single"

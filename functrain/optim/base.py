@@ -1,0 +1,239 @@
+"""The transform contract: type aliases, ``Transform(init, update)``, `Extras`, `EmptyState`.
+
+A `Transform` is a pair of pure functions:
+
+* ``init(params) -> state`` builds the transform's state (a tree of tensors) for a parameter tree;
+* ``update(updates, state, params) -> (updates, new_state)`` maps incoming updates (gradients at
+  the head of a chain) to outgoing ones, returning a new state. It never writes into any tensor it
+  was given (unless its extras allow it: a donated step), and counters in its state are 0-d
+  tensors, so the same call gives the same answer and a compiled step does not recompile as they
+  change. A gated transform's ``update`` also takes ``keep=`` (see `Transform.gated`).
+
+What else an update depends on reaches it as an argument, as optax's
+``GradientTransformationExtraArgs``: the step passes ``extras=`` (`Extras`) to a transform whose
+`Transform.takes_extras` is True, and each combinator forwards them to the inner transforms that
+take them (`update_with`); a transform written as ``update(updates, state, params)`` gets none.
+
+Updates are a tree of tensors shaped like the parameters, or one of the lazy forms of
+`functrain.optim.updates` (`Ratio`, `ParamStep`, `NewParams`) that keep torch.optim's last
+rounding exact; `functrain.optim.updates.apply_updates` returns the new parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Protocol, cast, overload
+
+import torch
+
+from functrain.optim.updates import Scalar, Updates
+from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm
+
+__all__ = [
+    "Params",
+    "Updates",
+    "Tree",
+    "Scalar",
+    "Schedule",
+    "LearningRate",
+    "Mask",
+    "InitFn",
+    "UpdateFn",
+    "ExtrasUpdateFn",
+    "GatedUpdateFn",
+    "Extras",
+    "NO_EXTRAS",
+    "Transform",
+    "EmptyState",
+    "identity",
+    "is_transform",
+    "gated_update",
+    "update_with",
+]
+
+Params = Tree
+"""A tree of parameter tensors."""
+
+
+class Schedule(Protocol):
+    """A pure function of the step: ``int -> float``, ``0-d integer tensor -> 0-d float64
+    tensor``."""
+
+    @overload
+    def __call__(self, step: int) -> float: ...
+
+    @overload
+    def __call__(self, step: torch.Tensor) -> torch.Tensor: ...
+
+
+LearningRate = float | torch.Tensor | Schedule
+"""A learning rate: a number, a 1-element tensor or a schedule."""
+Mask = Callable[[str, torch.Tensor], bool] | Tree | None
+"""Which leaves a transform applies to: a predicate ``(name, param) -> bool``, a tree of bools, or
+None for all."""
+
+
+class InitFn(Protocol):
+    """``init(params) -> state``."""
+
+    def __call__(self, params: Params) -> Tree: ...
+
+
+class Extras(NamedTuple):
+    """What a step gives the updates besides updates, state and parameters (optax's extra args).
+
+    A NamedTuple: ``torch.compile`` traces one built inside a step (a stacked step's member).
+    """
+
+    in_place: bool = False
+    """A donated step: the update may write its new state into the tensors it was given, and
+    `apply_updates` into the parameters, bit for bit as the pure update (`may_write`)."""
+    written: list[bool] | None = None
+    """Where `may_write` records each permission it gave; the donated step reads it back."""
+    norms: Norms = LOCAL_NORMS
+    """How `global_norm` measures: the step's gradient norm shared, a sharded step's sum over
+    ranks."""
+    member: torch.Tensor | None = None
+    """A stacked step's member index (a batched 0-d tensor under vmap): a `functrain.sweep`
+    learning rate gives this member's value."""
+
+    def may_write(self) -> bool:
+        """Whether the update may write into the tensors it was given (eagerly, a donated step).
+
+        Never under ``torch.compile``: a compiled step is traced functionally.
+
+        Example:
+            >>> written: list[bool] = []
+            >>> Extras(in_place=True, written=written).may_write(), written
+            (True, [True])
+        """
+        if torch.compiler.is_compiling() or not self.in_place:
+            return False
+        if self.written is not None:
+            self.written.append(True)
+        return True
+
+    def kept(self) -> Extras:
+        """These extras without the in-place permission, for an update whose given state the
+        caller selects afterwards (`torch.where`) or gathers into fresh trees."""
+        return self._replace(in_place=False)
+
+    def global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """`functrain.tree.global_norm` of `tensors` as this step measures (`norms`)."""
+        return global_norm(tensors, self.norms)
+
+
+NO_EXTRAS = Extras()
+"""The extras of an update called outside a step: no permission, local norms, no member."""
+
+
+class UpdateFn(Protocol):
+    """``update(updates, state, params=None) -> (updates, state)``: what every update takes."""
+
+    def __call__(
+        self, updates: Updates, state: Tree, params: Params | None = None
+    ) -> tuple[Updates, Tree]: ...
+
+
+class ExtrasUpdateFn(Protocol):
+    """The update of a transform that takes extras (`Transform.takes_extras`): also ``extras=``,
+    keyword-only, `NO_EXTRAS` by default."""
+
+    def __call__(
+        self, updates: Updates, state: Tree, params: Params | None = None, *, extras: Extras = ...
+    ) -> tuple[Updates, Tree]: ...
+
+
+class GatedUpdateFn(Protocol):
+    """A gated transform's update (`Transform.gated`): it also takes ``keep=`` (0-d bool)."""
+
+    def __call__(
+        self,
+        updates: Updates,
+        state: Tree,
+        params: Params | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[Updates, Tree]: ...
+
+
+class Transform(NamedTuple):
+    """A pure gradient transformation: ``init(params) -> state``, ``update(updates, state,
+    params)``.
+
+    Example:
+        >>> import functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = ft.sgd(lr=0.5)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> ft.apply_updates(params, updates)["w"]
+        tensor([0.5000, 0.5000])
+    """
+
+    init: InitFn
+    update: UpdateFn | GatedUpdateFn
+    name: str = "transform"
+    gated: bool = False
+    """True when ``update`` also takes ``keep=`` (a 0-d bool tensor) and, where it is False,
+    returns bit for bit the state it was given, and `NewParams` (if it emits them) equal to the
+    parameters. `skip_nonfinite`, `dynamic_loss_scale` and `accumulate` pass their flag this way
+    instead of selecting the previous state with `torch.where` (they still zero updates of the
+    other forms)."""
+    takes_extras: bool = False
+    """True when ``update`` also takes ``extras=`` (`Extras`, keyword-only): every transform of
+    functrain that reads or forwards them; False for an ``update(updates, state, params)``."""
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform."""
+
+
+def gated_update(tx: Transform) -> GatedUpdateFn:
+    """`tx.update` as the update of a gated transform, which takes ``keep=`` (`Transform.gated`)."""
+    # the `gated` flag is what says the update takes `keep`; the types cannot follow a flag
+    return cast(GatedUpdateFn, tx.update)
+
+
+def update_with(
+    tx: Transform,
+    updates: Updates,
+    state: Tree,
+    params: Params | None = None,
+    extras: Extras = NO_EXTRAS,
+    keep: torch.Tensor | None = None,
+) -> tuple[Updates, Tree]:
+    """``tx.update``, given `extras` when it takes them and ``keep=`` when `keep` is not None.
+
+    Example:
+        >>> tx = Transform(lambda p: EmptyState(), lambda u, s, p=None: (u, s))  # takes no extras
+        >>> update_with(tx, {"w": torch.ones(1)}, EmptyState(), extras=Extras(in_place=True))[0]
+        {'w': tensor([1.])}
+    """
+    # `takes_extras` and `gated` say what the update takes; the types cannot follow the flags
+    update = cast(Callable[..., tuple[Updates, Tree]], tx.update)
+    gate = {} if keep is None else {"keep": keep}
+    if getattr(tx, "takes_extras", False):
+        return update(updates, state, params, extras=extras, **gate)
+    return update(updates, state, params, **gate)
+
+
+def is_transform(obj: object) -> bool:
+    """True when `obj` has callable `init` and `update`, i.e. can be used as a transform."""
+    return callable(getattr(obj, "init", None)) and callable(getattr(obj, "update", None))
+
+
+def identity() -> Transform:
+    """The transform that passes updates through unchanged.
+
+    Example:
+        >>> u, _ = identity().update({"w": torch.ones(1)}, EmptyState())
+        >>> u["w"]
+        tensor([1.])
+    """
+    return Transform(
+        lambda params: EmptyState(),
+        lambda updates, state, params=None, keep=None, extras=NO_EXTRAS: (updates, state),
+        name="identity()",
+        gated=True,
+        takes_extras=True,
+    )

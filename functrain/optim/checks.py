@@ -1,0 +1,96 @@
+"""Hyperparameter checks shared by the scaling rules and the presets.
+
+Each check appends a message naming the argument and its value to `problems`; the factory then
+raises them together (`functrain.errors.config_check`). A live `torch.optim` object where a
+learning rate belongs gets the message of `functrain.optim.porting`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from functrain.errors import config_check
+from functrain.optim.porting import torch_object_hint
+from functrain.tree import (
+    Tree,
+)
+
+__all__ = [
+    "is_real",
+    "check_unit",
+    "check_positive",
+    "check_learning_rate",
+    "need_params",
+]
+
+
+def is_real(value: Any) -> bool:
+    # bools are ints to Python, but `lr=True` is a slip, not a rate
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_unit(problems: list[str], name: str, value: float, closed_low: bool = True) -> None:
+    ok = is_real(value) and ((0.0 <= value < 1.0) if closed_low else (0.0 < value < 1.0))
+    if not ok:
+        interval = "[0, 1)" if closed_low else "(0, 1)"
+        problems.append(f"{name} must lie in {interval}, got {name}={value!r}")
+
+
+def check_positive(problems: list[str], name: str, value: Any, allow_zero: bool = False) -> None:
+    # an infinite eps, decay or norm bound turns every update into 0 or NaN: never what was meant
+    need = ">= 0" if allow_zero else "> 0"
+    if not (is_real(value) and math.isfinite(value)):
+        problems.append(f"{name} must be a finite number {need}, got {name}={value!r}")
+    elif not (value >= 0.0 if allow_zero else value > 0.0):
+        problems.append(f"{name} must be {need}, got {name}={value!r}")
+
+
+def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
+    """A learning rate: a finite number >= 0 (or a tensor holding one), or a schedule whose value at
+    step 0 is one.
+
+    The schedule is called once here, on a CPU step counter as the step calls it; one that cannot
+    run there (it needs another device's tensors) is left to show itself at the first step.
+    """
+    hint = torch_object_hint(value, name)
+    if hint is not None:
+        problems.append(hint)
+        return
+    if isinstance(value, torch.Tensor):
+        _check_rate_tensor(problems, name, value)
+        return
+    if not callable(value):
+        check_positive(problems, name, value, allow_zero=True)
+        return
+    try:
+        first = value(torch.zeros((), dtype=torch.int64))
+        first = float(first)
+    except Exception:  # noqa: BLE001 - see the docstring: the first step reports it
+        return
+    if not (math.isfinite(first) and first >= 0):
+        problems.append(
+            f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at "
+            "step 0"
+        )
+
+
+def _check_rate_tensor(problems: list[str], name: str, value: torch.Tensor) -> None:
+    # torch.optim takes a 1-element tensor lr; its value is read here, once, at construction
+    if value.numel() != 1 or not value.is_floating_point():
+        problems.append(
+            f"{name} as a tensor must hold one floating-point value, got shape "
+            f"{tuple(value.shape)} and dtype {value.dtype}"
+        )
+    else:
+        check_positive(problems, name, float(value), allow_zero=True)
+
+
+def need_params(params: Tree | None, where: str) -> None:
+    if params is None:
+        config_check(
+            [f"{where} computes the new parameters: call update(updates, state, params)"], "update"
+        )

@@ -1,0 +1,69 @@
+"""Combining transforms: `chain`, each transform's output updates the next one's input."""
+
+from __future__ import annotations
+
+import torch
+
+from functrain.errors import ConfigError
+from functrain.optim.base import NO_EXTRAS, Extras, Params, Transform, is_transform, update_with
+from functrain.optim.naming import named
+from functrain.optim.porting import torch_object_hint
+from functrain.optim.updates import Updates
+
+__all__ = ["chain"]
+
+
+@named
+def chain(*transforms: Transform) -> Transform:
+    """Compose transforms: each one's output updates are the next one's input.
+
+    Args:
+        *transforms: the transforms, applied first to last.
+
+    Returns:
+        A `Transform` whose state is a tuple of the inner states; gated (see `Transform.gated`) when
+        every one of them is.
+
+    Raises:
+        ConfigError: an argument is not a transform.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.scale_by_learning_rate(0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> u, _ = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> ft.apply_updates(params, u)["w"]
+        tensor([-0.0600, -0.0800])
+    """
+    hints = [torch_object_hint(t, f"chain() argument {i}") for i, t in enumerate(transforms)]
+    if any(hints):
+        raise ConfigError("; ".join(h for h in hints if h))
+    bad = [
+        f"argument {i}: {type(t).__name__}" for i, t in enumerate(transforms) if not is_transform(t)
+    ]
+    if bad:
+        raise ConfigError(
+            f"chain() expects transforms (objects with init and update); got {', '.join(bad)}"
+        )
+
+    def init_fn(params: Params) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    gated = bool(transforms) and all(getattr(t, "gated", False) for t in transforms)
+
+    def update_fn(
+        updates: Updates,
+        state: tuple,
+        params: Params | None = None,
+        keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[Updates, tuple]:
+        new_states = []
+        for t, s in zip(transforms, state, strict=True):
+            # each transform gets the step's extras if it takes them
+            updates, s = update_with(t, updates, s, params, extras, keep)
+            new_states.append(s)
+        return updates, tuple(new_states)
+
+    return Transform(init_fn, update_fn, gated=gated, takes_extras=True)

@@ -1,0 +1,117 @@
+"""Names of transforms and schedules: the call that built them, e.g. ``adamw(lr=0.001, ...)``.
+
+The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
+optimizer or hyperparameter is reported on load.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from functrain.optim.base import Transform
+
+__all__ = [
+    "named",
+    "describe_call",
+    "describe_value",
+]
+
+
+def named(
+    factory: Callable[..., Transform] | None = None,
+    *,
+    added: tuple[str, ...] | dict[str, Any] = (),
+    resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Any:
+    """Decorate a transform factory so its transforms carry their call, e.g. ``adamw(lr=0.001,
+    ...)``.
+
+    The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
+    optimizer or hyperparameter is reported on load. Arguments listed in `added` (ones a later
+    version introduced, as ``@named(added=("fused",))``) are left out of the name while at their
+    default, so checkpoints written before they existed still load; a dict names the value to
+    leave out instead (``added={"fused": False}``: what the name meant before the argument existed,
+    whatever its default is now). `resolve` rewrites the bound arguments before they are named
+    (`functrain.optim.choices.without_choices`: torch's implementation choices, which change no
+    number, leave the name as the configuration they select).
+    """
+    if factory is None:
+        return functools.partial(named, added=added, resolve=resolve)
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> Transform:
+        return factory(*args, **kwargs)._replace(
+            name=describe_call(factory, signature, args, kwargs, added, resolve)
+        )
+
+    return wrapper
+
+
+def describe_call(
+    factory: Callable[..., Any],
+    signature: inspect.Signature,
+    args: tuple,
+    kwargs: dict[str, Any],
+    added: tuple[str, ...] | dict[str, Any] = (),
+    resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> str:
+    """``factory(name=value, ...)`` with every argument, defaults included (names of transforms,
+    schedules).
+
+    Arguments in `added` are left out while they equal their default (or, `added` a dict, the value
+    it gives); `resolve`, if given, rewrites the bound arguments first.
+    """
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments) if resolve is None else resolve(dict(bound.arguments))
+    silent = (
+        added
+        if isinstance(added, dict)
+        else {key: signature.parameters[key].default for key in added}
+    )
+    parts: list[str] = []
+    for key, value in arguments.items():
+        if key in silent and value == silent[key]:
+            continue
+        kind = signature.parameters[key].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            parts.extend(describe_value(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            parts.extend(f"{k}={describe_value(v)}" for k, v in value.items())
+        else:
+            parts.append(f"{key}={describe_value(value)}")
+    return f"{factory.__name__}({', '.join(parts)})"
+
+
+def describe_value(value: Any) -> str:
+    """A stable text for an argument: a transform's or schedule's name, a class name, else its
+    repr."""
+    if isinstance(value, Transform):
+        return value.name
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        # a tensor lr: its exact value (a tensor's repr rounds to 4 digits) and dtype, which torch
+        # computes in
+        return f"tensor({value.item()!r}, dtype={value.dtype})"
+    if isinstance(value, (list, tuple)) and any(
+        callable(v) or isinstance(v, (list, tuple)) for v in value
+    ):
+        return "[" + ", ".join(describe_value(v) for v in value) + "]"
+    if isinstance(
+        value, functools.partial
+    ):  # a config's `_partial_: true` callable: named by what it calls
+        bound = [describe_value(v) for v in value.args] + [
+            f"{k}={describe_value(v)}" for k, v in value.keywords.items()
+        ]
+        return describe_value(value.func) + (f"({', '.join(bound)})" if bound else "")
+    if callable(value):
+        name = getattr(value, "name", None)
+        return name if name else getattr(value, "__name__", type(value).__name__)
+    return repr(value)

@@ -1,0 +1,368 @@
+"""Adam and its family: `scale_by_adam` (Adam, AdamW), `scale_by_radam`, `scale_by_adamax`,
+`nadam_step`. (torch's fused Adam kernel: `functrain.optim.rules.fused`.)
+
+Adamax and NAdam run tensor by tensor, as torch's single-tensor loops do, and keep the temporaries
+torch allocates per parameter in memory the update owns: a new state tensor's own buffer before its
+value is written (Adamax), or one freed before the next tensor's (NAdam). An update that allocates
+every temporary of every tensor at once makes the allocator hand fresh pages back and forth (page
+faults each step); the roundings are torch's either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import config_check
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform
+from functrain.optim.checks import check_positive, check_unit, need_params
+from functrain.optim.masks import resolve_mask
+from functrain.optim.naming import named
+from functrain.optim.rules.arithmetic import addcdiv_, decayed, f64, per_leaf, power
+from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
+from functrain.optim.updates import NewParams, Ratio, RectifiedRatio, flat_updates
+from functrain.optim.zeros import counter, zeros
+from functrain.tree import (
+    Tree,
+    tree_leaves,
+)
+
+__all__ = [
+    "NadamStepState",
+    "ScaleByAdamState",
+    "ScaleByAdamaxState",
+    "ScaleByRadamState",
+    "nadam_step",
+    "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_radam",
+]
+
+
+def _pow_half(x: torch.Tensor) -> torch.Tensor:
+    # Python's `x ** 0.5` (C pow), which differs from sqrt in the last bit for about 1 value in 1000
+    return torch.pow(x, torch.full_like(x, 0.5))
+
+
+def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
+    """In place, on tensors the caller owns: `tensors /= scalar` (cast to each dtype)."""
+    if len({t.dtype for t in tensors}) == 1:
+        torch._foreach_div_(list(tensors), scalar.to(tensors[0].dtype))
+        return
+    for t in tensors:
+        t.div_(scalar.to(t.dtype))
+
+
+class ScaleByAdamState(NamedTuple):
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    mu: tuple[torch.Tensor, ...]
+    nu: tuple[torch.Tensor, ...]
+    nu_max: tuple[torch.Tensor, ...]  # empty without amsgrad
+
+
+@named
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False
+) -> Transform:
+    """Rescale updates by Adam's bias-corrected moment estimates (Kingma & Ba, 2015).
+
+    Args:
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the second moment, in [0, 1).
+        eps: added to the root of the second moment; > 0.
+        amsgrad: use the running maximum of the second moment (Reddi et al., 2018).
+
+    Returns:
+        A `Transform` whose updates are a lazy `Ratio` (fold in a learning rate with
+        `scale_by_learning_rate`).
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> u, s = tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init(params), params)
+        >>> ft.apply_updates(params, u)["w"]
+        tensor([-0.1000,  0.1000])
+    """
+    problems: list[str] = []
+    check_unit(problems, "b1", b1)
+    check_unit(problems, "b2", b2)
+    check_positive(problems, "eps", eps)
+    config_check(problems, "scale_by_adam")
+
+    def init_fn(params: Tree) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            counter(params), zeros(params), zeros(params), zeros(params) if amsgrad else ()
+        )
+
+    def update_fn(
+        updates: Any, state: ScaleByAdamState, params: Tree | None = None
+    ) -> tuple[Ratio, ScaleByAdamState]:
+        g, spec = flat_updates(updates, params)
+        count = state.count + 1
+        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
+        nu = torch._foreach_mul(state.nu, b2)
+        torch._foreach_addcmul_(nu, g, g, value=1 - b2)  # in place on a buffer this call owns
+        nu_max = torch._foreach_maximum(state.nu_max, nu) if amsgrad else ()
+        step = f64(count)
+        bc1 = 1 - power(b1, step)
+        bc2_sqrt = torch.sqrt(1 - power(b2, step))
+        den = torch._foreach_sqrt(nu_max if amsgrad else nu)
+        _by_dtype_div_(den, bc2_sqrt)
+        torch._foreach_add_(den, eps)
+        return Ratio(mu, den, bc1, spec), ScaleByAdamState(count, mu, nu, nu_max)
+
+    return Transform(init_fn, update_fn)
+
+
+class ScaleByRadamState(NamedTuple):
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    mu: tuple[torch.Tensor, ...]
+    nu: tuple[torch.Tensor, ...]
+
+
+@named
+def scale_by_radam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5.0
+) -> Transform:
+    """Rescale updates by rectified Adam (Liu et al., 2020): plain momentum until the variance is
+    tractable.
+
+    Args:
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the second moment, in [0, 1).
+        eps: added to the root of the second moment; > 0.
+        threshold: the rectification applies once the SMA length exceeds this (torch uses 5).
+
+    Returns:
+        A `Transform` whose updates are a lazy `RectifiedRatio` (fold in a learning rate with
+        `scale_by_learning_rate`: the two reproduce torch.optim's foreach RAdam bit for bit).
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = scale_by_radam()
+        >>> u, _ = tx.update({"w": torch.tensor([2.0])}, tx.init({"w": torch.zeros(1)}))
+        >>> ft.as_tensors(u)  # the first steps are bias-corrected momentum
+        [tensor([2.])]
+    """
+    problems: list[str] = []
+    check_unit(problems, "b1", b1)
+    check_unit(problems, "b2", b2)
+    check_positive(problems, "eps", eps)
+    config_check(problems, "scale_by_radam")
+    rho_inf = 2 / (1 - b2) - 1
+    rho_inf_factor = (rho_inf - 4) * (rho_inf - 2)
+
+    def init_fn(params: Tree) -> ScaleByRadamState:
+        return ScaleByRadamState(counter(params), zeros(params), zeros(params))
+
+    def update_fn(
+        updates: Any, state: ScaleByRadamState, params: Tree | None = None
+    ) -> tuple[RectifiedRatio, ScaleByRadamState]:
+        g, spec = flat_updates(updates, params)
+        count = state.count + 1
+        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
+        nu = torch._foreach_mul(state.nu, b2)
+        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+        # torch.optim's Python scalars, op for op in float64 (x ** 0.5 is C's pow, not sqrt)
+        step = f64(count)
+        b2_t = power(b2, step)
+        rho_t = rho_inf - 2 * step * b2_t / (1 - b2_t)
+        rect = torch.where(
+            rho_t > threshold,
+            _pow_half((rho_t - 4) * (rho_t - 2) * rho_inf / (rho_inf_factor * rho_t)),
+            torch.zeros_like(rho_t),
+        )
+        unrect = torch.where(rect > 0, torch.zeros_like(rect), torch.ones_like(rect))
+        den = torch._foreach_sqrt(nu)
+        torch._foreach_add_(den, eps)
+        ratio = RectifiedRatio(
+            mu, den, 1 - power(b1, step), _pow_half(1 - b2_t), rect, unrect, spec
+        )
+        return ratio, ScaleByRadamState(count, mu, nu)
+
+    return Transform(init_fn, update_fn)
+
+
+# -- Adamax
+
+
+class ScaleByAdamaxState(NamedTuple):
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    mu: tuple[torch.Tensor, ...]
+    nu_inf: tuple[torch.Tensor, ...]
+
+
+@named
+def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+    """Rescale updates by Adamax's first moment over an exponentially weighted infinity norm (Kingma
+    & Ba, 2015).
+
+    Args:
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the infinity norm, in [0, 1).
+        eps: added to the gradient's magnitude before the maximum; >= 0.
+
+    Returns:
+        A `Transform` whose updates are a lazy `Ratio` (the learning rate comes from
+        `scale_by_learning_rate`, divided by ``1 - b1**t`` as torch does).
+
+    Raises:
+        ConfigError: a hyperparameter is out of range.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.chain(scale_by_adamax(), ft.scale_by_learning_rate(0.1))
+        >>> p = {"w": torch.zeros(2)}
+        >>> u, _ = tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([-0.1000,  0.1000])
+    """
+    problems: list[str] = []
+    check_unit(problems, "b1", b1)
+    check_unit(problems, "b2", b2)
+    check_positive(problems, "eps", eps, allow_zero=True)
+    config_check(problems, "scale_by_adamax")
+
+    def init_fn(params: Tree) -> ScaleByAdamaxState:
+        return ScaleByAdamaxState(counter(params), zeros(params), zeros(params))
+
+    def update_fn(
+        updates: Any, state: ScaleByAdamaxState, params: Tree | None = None
+    ) -> tuple[Ratio, ScaleByAdamaxState]:
+        g, spec = flat_updates(updates, params)
+        count = state.count + 1
+        mu, nu_inf = [], []
+        for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
+            new_mu = torch.empty_like(grad)
+            magnitude = torch.abs(grad, out=new_mu).add_(
+                eps
+            )  # the new moment's buffer holds torch's temporary first
+            nu = torch.mul(n, b2)
+            nu_inf.append(
+                torch.maximum(nu, magnitude, out=nu)
+            )  # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
+            mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
+        bc1 = 1 - power(b1, f64(count))
+        return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
+
+    return Transform(init_fn, update_fn)
+
+
+# -- NAdam
+
+
+class NadamStepState(NamedTuple):
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    lr: torch.Tensor
+    mu_product: torch.Tensor  # float32 0-d, as torch keeps it
+    mu: tuple[torch.Tensor, ...]
+    nu: tuple[torch.Tensor, ...]
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+@named
+def nadam_step(
+    learning_rate: LearningRate = 2e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    momentum_decay: float = 4e-3,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+) -> Transform:
+    """NAdam's step (Dozat, 2016): Adam with Nesterov momentum and a momentum schedule, to the new
+    parameters.
+
+    torch applies the gradient and the momentum in two ``addcdiv`` with their own step sizes (each
+    rounded on its own); this transform does the same and emits `NewParams`. Coupled (L2) weight
+    decay goes before it as `add_decayed_weights`; `weight_decay` here is the decoupled kind.
+
+    Args:
+        learning_rate: a float >= 0 or a schedule of the step.
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the second moment, in [0, 1).
+        eps: added to the root of the second moment; >= 0.
+        momentum_decay: the momentum schedule's decay (``psi``); >= 0.
+        weight_decay: decoupled decay, ``p * (1 - lr * weight_decay)`` before the step; >= 0.
+        mask: which parameters decay.
+
+    Returns:
+        A `Transform` emitting `NewParams`; its state exposes the metric ``lr``.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range, or `update` is called without the parameters.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = nadam_step(0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, s = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([0.8944])
+    """
+    problems: list[str] = []
+    check_rate(problems, learning_rate)
+    check_unit(problems, "b1", b1)
+    check_unit(problems, "b2", b2)
+    check_positive(problems, "eps", eps, allow_zero=True)
+    check_positive(problems, "momentum_decay", momentum_decay, allow_zero=True)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "nadam_step")
+
+    def init_fn(params: Tree) -> NadamStepState:
+        count, lr = learning_rate_state(learning_rate, params)
+        one = torch.ones((), dtype=torch.float32, device=count.device)
+        return NadamStepState(count, lr, one, zeros(params), zeros(params))
+
+    def update_fn(
+        updates: Any,
+        state: NadamStepState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[NewParams, NadamStepState]:
+        need_params(params, "nadam_step")
+        g, spec = flat_updates(updates, params)
+        p = tree_leaves(params)
+        lr = rate_at(learning_rate, state.count, extras.member)
+        count = state.count + 1
+        step = f64(count)
+        bc2 = (1 - power(b2, step)).to(torch.float32)
+        mu_t = b1 * (1.0 - 0.5 * power(0.96, step * momentum_decay))
+        mu_next = b1 * (1.0 - 0.5 * power(0.96, (step + 1) * momentum_decay))
+        mu_product = state.mu_product * mu_t.to(torch.float32)
+        product = mu_product.double()
+        grad_step = (-lr * (1.0 - mu_t)) / (1.0 - product)
+        momentum_step = (-lr * mu_next) / (1.0 - product * mu_next)
+        new = decayed(
+            p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params)
+        )
+        steps = per_leaf(
+            torch.stack([grad_step, momentum_step])
+        )  # Python floats on the CPU (one load), as torch's
+        mu, nu = [], []
+        for m, v, grad, out in zip(
+            state.mu, state.nu, g, new, strict=True
+        ):  # tensor by tensor, as torch
+            mu.append(torch.lerp(m, grad, 1 - b1))
+            nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
+            den = (
+                torch.div(nu[-1], bc2.to(v.dtype)).sqrt_().add_(eps)
+            )  # freed before the next tensor's, as torch's
+            addcdiv_(out, grad, den, steps[0])
+            addcdiv_(out, mu[-1], den, steps[1])
+        return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
+
+    return Transform(init_fn, update_fn, takes_extras=True)

@@ -1,0 +1,77 @@
+"""Scalar arithmetic as torch.optim rounds it: float64 step counts, Python's powers, host scalars.
+
+A step size that torch reads back to the host (``tensor.item()``) stays a 0-d tensor here; on the
+CPU the final ``add(alpha=)`` takes it as torch's kernel takes a Python number (reading a CPU
+scalar is a load, not a device sync), elsewhere it is one fused multiply-add through `addcmul`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "f64",
+    "power",
+    "host_scalars",
+    "add_scaled_",
+    "addcdiv_",
+    "decayed",
+    "per_leaf",
+]
+
+
+def f64(count: torch.Tensor) -> torch.Tensor:
+    return count.to(torch.float64)
+
+
+def power(base: float, exponent: torch.Tensor) -> torch.Tensor:
+    # torch.pow(Number, Tensor) in float64, as Python's `base ** step` in torch.optim
+    return torch.pow(torch.full_like(exponent, base), exponent)
+
+
+def host_scalars(t: torch.Tensor) -> bool:
+    # torch's kernels read a CPU scalar as they read a Python number; a traced graph cannot
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def add_scaled_(out: torch.Tensor, direction: torch.Tensor, alpha: float | torch.Tensor) -> None:
+    """``out += alpha * direction`` in one rounding, as torch's ``add_(direction, alpha=...)``."""
+    if isinstance(alpha, torch.Tensor) and not host_scalars(alpha):
+        out.addcmul_(direction, alpha.to(out.dtype))  # a fused multiply-add off the CPU
+        return
+    # a tensor alpha here is a CPU scalar, which torch's kernel reads; its stubs take numbers only
+    out.add_(direction, alpha=alpha)  # type: ignore[arg-type]
+
+
+def addcdiv_(
+    out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: float | torch.Tensor
+) -> None:
+    """``out += (value * num) / den``, as torch's ``addcdiv_(num, den, value=...)`` rounds it."""
+    if not isinstance(value, torch.Tensor):
+        out.addcdiv_(num, den, value=value)
+        return
+    if host_scalars(value):
+        torch._foreach_addcdiv_([out], [num], [den], value.to(torch.float64).reshape(1))
+        return
+    out.add_(num * value.to(num.dtype) / den)
+
+
+def decayed(
+    params: Sequence[torch.Tensor], decay: torch.Tensor | None, flags: tuple[bool, ...] | None
+) -> list[torch.Tensor]:
+    """Fresh copies of the parameters, multiplied by `decay` where `flags` hold (torch's ``p.mul_(1
+    - lr * wd)``)."""
+    if decay is None:
+        return [p.clone() for p in params]
+    return [
+        p * decay.to(torch.float32) if flags is None or flags[i] else p.clone()
+        for i, p in enumerate(params)
+    ]
+
+
+def per_leaf(values: torch.Tensor) -> Sequence[float | torch.Tensor]:
+    """One scalar per leaf: Python floats from a CPU vector (one load), 0-d tensors elsewhere (no
+    sync)."""
+    return values.tolist() if host_scalars(values) else list(values.unbind())

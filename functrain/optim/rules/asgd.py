@@ -1,0 +1,138 @@
+"""ASGD (averaged SGD): `asgd_step`, a final step whose rate is kept in its state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import config_check
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform
+from functrain.optim.checks import check_positive, need_params
+from functrain.optim.naming import named
+from functrain.optim.rules.arithmetic import add_scaled_, decayed, f64, host_scalars
+from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
+from functrain.optim.updates import NewParams, flat_updates
+from functrain.optim.zeros import zeros
+from functrain.tree import (
+    Tree,
+    tree_leaves,
+)
+
+__all__ = ["AsgdStepState", "asgd_step"]
+
+
+class AsgdStepState(NamedTuple):
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    lr: torch.Tensor
+    eta: torch.Tensor  # float32 0-d: the step size of the next step
+    mu: torch.Tensor  # float32 0-d: the averaging rate of the next step
+    ax: tuple[torch.Tensor, ...]  # the averaged parameters
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+def _is_one(t: torch.Tensor) -> bool | None:
+    """Whether a CPU 0-d tensor is 1 (a load, as torch's own ``mu.item() != 1``); None where that
+    would sync."""
+    return (
+        bool(t == 1) if host_scalars(t) else None
+    )  # host read of a CPU scalar, never a device sync
+
+
+@named
+def asgd_step(
+    learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6
+) -> Transform:
+    """Averaged SGD's step (Polyak & Juditsky, 1992), to the new parameters; keeps their running
+    average.
+
+    The step size ``eta`` decays as ``lr / (1 + lambd * lr * t) ** alpha`` and each step first
+    shrinks the parameters by ``1 - lambd * eta``; after step `t0` the state's ``ax`` averages the
+    parameters. The state keeps ``eta`` and ``mu`` in float32, as torch does. Weight decay goes
+    before it as `add_decayed_weights`.
+
+    Args:
+        learning_rate: a float >= 0 or a schedule (read when ``eta`` is recomputed, as torch reads
+        its
+            group's ``lr``).
+        lambd: decay term; >= 0.
+        alpha: power of the ``eta`` decay.
+        t0: the step from which the average starts.
+
+    Returns:
+        A `Transform` emitting `NewParams`; its state exposes the metric ``lr``.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range, or `update` is called without the parameters.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = asgd_step(0.1, lambd=0.0)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, s = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"], s.ax[0]
+        (tensor([0.9000]), tensor([0.9000]))
+    """
+    problems: list[str] = []
+    check_rate(problems, learning_rate)
+    check_positive(problems, "lambd", lambd, allow_zero=True)
+    for name, value in (("alpha", alpha), ("t0", t0)):
+        if not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            problems.append(f"{name} must be a finite number, got {name}={value!r}")
+    config_check(problems, "asgd_step")
+
+    def init_fn(params: Tree) -> AsgdStepState:
+        count, lr = learning_rate_state(learning_rate, params)
+        one = torch.ones((), dtype=torch.float32, device=count.device)
+        return AsgdStepState(count, lr, lr.to(torch.float32), one, zeros(params))
+
+    def update_fn(
+        updates: Any,
+        state: AsgdStepState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[NewParams, AsgdStepState]:
+        need_params(params, "asgd_step")
+        g, spec = flat_updates(updates, params)
+        p = tree_leaves(params)
+        lr = rate_at(learning_rate, state.count, extras.member)
+        count = state.count + 1
+        eta = state.eta.double()
+        new = decayed(p, 1 - lambd * eta, None)
+        _add_scaled_all_(new, g, -eta)
+        plain_copy = _is_one(state.mu)
+        if plain_copy:
+            ax = [x.clone() for x in new]
+        else:
+            ax = [a.add(x.sub(a).mul_(state.mu)) for a, x in zip(state.ax, new, strict=True)]
+            if plain_copy is None:
+                ax = [torch.where(state.mu == 1, x, a) for a, x in zip(ax, new, strict=True)]
+        step = f64(count)
+        base = 1 + lambd * lr * step
+        new_eta = (lr / torch.pow(base, torch.full_like(base, alpha))).to(torch.float32)
+        new_mu = (1 / torch.clamp(step - t0, min=1)).to(torch.float32)
+        return NewParams(new, spec), AsgdStepState(count, lr, new_eta, new_mu, tuple(ax))
+
+    return Transform(init_fn, update_fn, takes_extras=True)
+
+
+def _add_scaled_all_(
+    outs: list[torch.Tensor], directions: Sequence[torch.Tensor], alpha: torch.Tensor
+) -> None:
+    """Each ``out += alpha * direction`` in one rounding (torch's ``add_(alpha=)``), `alpha` a 0-d
+    tensor."""
+    if not outs:
+        return
+    if host_scalars(alpha) and len({o.dtype for o in outs}) == 1:
+        # the kernel reads the CPU scalar; torch's stubs take a number for alpha only
+        torch._foreach_add_(outs, list(directions), alpha=alpha)  # type: ignore[call-overload]
+        return
+    for out, direction in zip(outs, directions, strict=True):
+        add_scaled_(out, direction, alpha)

@@ -1,0 +1,124 @@
+"""Clipping updates: `clip_by_global_norm` and `clip_by_value`."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import config_check
+from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, Transform
+from functrain.optim.checks import check_positive
+from functrain.optim.naming import named
+from functrain.optim.updates import flat_updates
+from functrain.tree import (
+    Tree,
+    tree_leaves,
+    tree_unflatten,
+)
+
+__all__ = ["ClipByGlobalNormState", "clip_by_global_norm", "clip_by_value"]
+
+
+def _by_dtype_mul(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[torch.Tensor]:
+    """`tensors * scalar`, the scalar cast to each tensor's dtype first (as torch casts a Python
+    scalar)."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return list(torch._foreach_mul(tensors, scalar.to(tensors[0].dtype)))
+    return [t * scalar.to(t.dtype) for t in tensors]
+
+
+class ClipByGlobalNormState(NamedTuple):
+    grad_norm: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"grad_norm": self.grad_norm}
+
+
+@named
+def clip_by_global_norm(max_norm: float) -> Transform:
+    """Scale updates down so their global L2 norm is at most `max_norm` (as `clip_grad_norm_`).
+
+    The norm before clipping is kept in the state and exposed as the metric ``grad_norm``. It is
+    measured as the step's extras say (`Extras.global_norm`: the step's own norm of the gradients
+    is reused; a sharded step sums over ranks).
+
+    Args:
+        max_norm: the largest allowed norm; > 0.
+
+    Returns:
+        A `Transform` emitting plain tensor updates.
+
+    Raises:
+        ConfigError: `max_norm` is not positive.
+
+    Example:
+        >>> tx = clip_by_global_norm(1.0)
+        >>> u, s = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> u["w"], s.grad_norm
+        (tensor([0.6000, 0.8000]), tensor(5.))
+    """
+    problems: list[str] = []
+    check_positive(problems, "max_norm", max_norm)
+    config_check(problems, "clip_by_global_norm")
+
+    def init_fn(params: Tree) -> ClipByGlobalNormState:
+        leaves = tree_leaves(params)
+        return ClipByGlobalNormState(torch.zeros((), device=leaves[0].device if leaves else None))
+
+    def update_fn(
+        updates: Any,
+        state: ClipByGlobalNormState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[Tree, ClipByGlobalNormState]:
+        g, spec = flat_updates(updates, params)
+        norm = extras.global_norm(g)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        # gated: the updates only feed the next transform, which skips too; the metric stays put
+        kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
+        return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
+
+    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+
+
+@named
+def clip_by_value(min_value: float, max_value: float) -> Transform:
+    """Clamp every update element into ``[min_value, max_value]``.
+
+    Args:
+        min_value: the lower bound.
+        max_value: the upper bound; >= `min_value`.
+
+    Returns:
+        A stateless `Transform`.
+
+    Raises:
+        ConfigError: `min_value` > `max_value`.
+
+    Example:
+        >>> tx = clip_by_value(-1.0, 1.0)
+        >>> tx.update({"w": torch.tensor([-3.0, 0.5, 2.0])}, tx.init(None))[0]["w"]
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    if not min_value <= max_value:
+        config_check(
+            [
+                f"min_value must be <= max_value, got min_value={min_value!r}, "
+                f"max_value={max_value!r}"
+            ],
+            "clip_by_value",
+        )
+
+    def update_fn(
+        updates: Any, state: EmptyState, params: Tree | None = None
+    ) -> tuple[Tree, EmptyState]:
+        g, spec = flat_updates(updates, params)
+        return tree_unflatten(
+            torch._foreach_clamp_max(torch._foreach_clamp_min(g, min_value), max_value), spec
+        ), state
+
+    return Transform(lambda params: EmptyState(), update_fn)

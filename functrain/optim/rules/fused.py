@@ -1,0 +1,714 @@
+"""SGD, Adam, AdamW and Adagrad through torch's fused kernels (``torch._fused_sgd_``,
+``_fused_adam_``, ...).
+
+One kernel pass reads the parameters, gradients and optimizer state and writes the new ones,
+instead of the several passes of the foreach implementation. The kernels work in place, so the
+step copies the parameters and state first and runs them on the copies: the state it was given is
+never written. The results match ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit
+(the same kernels on the same scalars); they differ from the foreach implementations in the last
+bits, because the kernels round differently.
+
+The transforms are gated (`Transform.gated`): given ``keep=``, they pass ``found_inf = ~keep`` to
+the kernel, which then leaves the copies untouched, so a skipped step costs no `torch.where` pass.
+
+The kernels walk the parameters, gradients and state in memory order and pair the wrong elements
+of tensors laid out differently (a channels_last gradient of a contiguous weight): every gradient
+and buffer meets its kernel laid out as its parameter (`functrain.layout`), as ``.grad`` meets
+torch.optim's. Under ``torch.compile`` and `torch.func.vmap` (a stacked state, `functrain.stack`)
+the kernels run through the custom op ``functrain::fused_update``, which checks the layouts on the
+real tensors at run time (inductor may choose other layouts than the traced ones), and whose vmap
+rule calls the kernel once per member on that member's slice of the stacked tensors, with the
+member's own step count, learning rate, weight decay and skip flag: each member's update is bit for
+bit that of the member trained alone, given the same gradients.
+
+In a donated step (the update's extras allow it: `functrain.optim.base.Extras.may_write`) the
+kernels run on the given parameters and state themselves, as torch.optim runs them: no copies, and
+a skipped step (the kernel's ``found_inf``) leaves them as they were, so nothing needs restoring.
+
+A fresh state's moments and sums are held without storage (`functrain.optim.zeros`) until the
+first update writes them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import ConfigError, config_check
+from functrain.layout import in_layouts_of, is_dense
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform
+from functrain.optim.batching import under_vmap
+from functrain.optim.checks import check_positive
+from functrain.optim.masks import resolve_mask
+from functrain.optim.sweep import Sweep, value_at
+from functrain.optim.updates import NewParams, flat_updates
+from functrain.optim.zeros import constant_like, counter, owned_copy, writable, zeros
+from functrain.tree import (
+    Tree,
+    tree_leaves,
+)
+
+__all__ = [
+    "FusedAdagradState",
+    "FusedAdamState",
+    "FusedSgdState",
+    "fused_adagrad",
+    "fused_adam",
+    "fused_sgd",
+]
+
+
+class FusedAdamState(NamedTuple):
+    # 0-d int64: updates applied
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    mu: tuple[torch.Tensor, ...]
+    nu: tuple[torch.Tensor, ...]
+    nu_max: tuple[torch.Tensor, ...]  # empty without amsgrad
+    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+class FusedSgdState(NamedTuple):
+    # 0-d int64: updates applied
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    momentum: tuple[torch.Tensor, ...]  # empty without momentum
+    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+class FusedAdagradState(NamedTuple):
+    # 0-d int64: updates applied
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    sum_of_squares: tuple[torch.Tensor, ...]
+    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+def _check_floating(params: Tree, what: str) -> None:
+    bad = sorted({str(p.dtype) for p in tree_leaves(params) if not p.is_floating_point()})
+    if bad:
+        raise ConfigError(
+            f"the fused {what} kernels take floating-point parameters, got {', '.join(bad)}; use "
+            "fused=False"
+        )
+
+
+def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(
+        lr(count) if callable(lr) else lr, dtype=torch.float64, device=count.device
+    )
+
+
+class _Step(NamedTuple):
+    """What every fused update starts from: flat gradients and parameters, the rate, the new
+    count."""
+
+    g: list
+    p: list
+    spec: Any
+    rate: Any  # what the kernel takes: a float, or a tensor for a schedule
+    rate_t: torch.Tensor  # 0-d float64, for the state
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    found_inf: torch.Tensor | None
+    extras: Extras  # the step's: whether the kernels may write into the given tensors
+
+
+def _begin(
+    updates: Any,
+    count: torch.Tensor,
+    params: Tree | None,
+    keep: torch.Tensor | None,
+    lr: LearningRate,
+    what: str,
+    last_lr: torch.Tensor,
+    extras: Extras,
+) -> _Step:
+    if params is None:
+        raise ConfigError(
+            f"the fused {what} kernels update the parameters themselves; pass params= to update"
+        )
+    g, spec = flat_updates(updates, params)
+    if callable(lr):
+        rate = value_at(lr, count, extras.member)
+        rate_t = torch.as_tensor(rate, dtype=torch.float64, device=count.device)
+    else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
+        rate, rate_t = lr, last_lr
+    return _Step(
+        g,
+        tree_leaves(params),
+        spec,
+        _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate,
+        rate_t,
+        count + 1 if keep is None else count + keep,  # a bool adds as 0 or 1
+        None if keep is None else _found_inf(keep),
+        extras,
+    )
+
+
+def _found_inf(keep: torch.Tensor) -> torch.Tensor:
+    # the kernels read found_inf as float32: one op where the default dtype gives it, two elsewhere
+    return (
+        torch.where(keep, 0.0, 1.0)
+        if torch.get_default_dtype() == torch.float32
+        else (~keep).float()
+    )
+
+
+def _last_lr(step: _Step, previous: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return (
+        step.rate_t
+        if keep is None or step.rate_t is previous
+        else torch.where(keep, step.rate_t, previous)
+    )
+
+
+def fused_adam(
+    lr: LearningRate,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float | Sweep,
+    *,
+    decoupled: bool,
+    amsgrad: bool,
+    mask: Mask,
+    maximize: bool = False,
+) -> Transform:
+    """The fused Adam (L2 decay) or AdamW (`decoupled` decay) transform behind
+    ``adam/adamw(fused=True)``.
+
+    Hyperparameters are checked by the presets. A schedule is called with the count of updates
+    applied so far, as `scale_by_learning_rate` calls it; a tensor `lr` is read once, here (the
+    kernels read a CPU one as the float64 of its value, as this passes it). `maximize` is the
+    kernel's own flag, as torch.optim passes it. `weight_decay` may be a `functrain.sweep` (one
+    value per member of a stacked state).
+    """
+    kernel = _ADAMW if decoupled else _ADAM
+    lr = _read_once(lr)
+
+    def init_fn(params: Tree) -> FusedAdamState:
+        _check_floating(params, "Adam")
+        count = counter(params)
+        return FusedAdamState(
+            count,
+            zeros(params),
+            zeros(params),
+            zeros(params) if amsgrad else (),
+            _first_lr(lr, count),
+        )
+
+    def update_fn(
+        updates: Any,
+        state: FusedAdamState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[NewParams, FusedAdamState]:
+        step = _begin(updates, state.count, params, keep, lr, "Adam", state.lr, extras)
+        hyper = {
+            "lr": step.rate,
+            "beta1": b1,
+            "beta2": b2,
+            "eps": eps,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "grad_scale": None,
+            "found_inf": step.found_inf,
+        }
+        moments = (state.mu, state.nu, state.nu_max)
+        new_p, (mu, nu, nu_max) = _by_groups(
+            kernel, step, moments, _decays(mask, params, step.p), weight_decay, hyper, steps=True
+        )
+        return NewParams(new_p, step.spec), FusedAdamState(
+            step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep)
+        )
+
+    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+
+
+def fused_sgd(
+    lr: LearningRate,
+    momentum: float,
+    weight_decay: float,
+    *,
+    nesterov: bool,
+    mask: Mask,
+    maximize: bool = False,
+) -> Transform:
+    """The fused SGD transform behind ``sgd(fused=True)``: ``torch.optim.SGD(fused=True)`` without
+    dampening.
+
+    torch's kernel takes the first step (``buffer = gradient``) from a flag, which a pure step
+    cannot set without reading its count back to the host. The momentum buffers start at -0.0
+    instead, the one zero that adds nothing: the kernel's later-step formula ``buffer * momentum +
+    gradient`` then gives exactly the gradient, sign of zero included. With dampening the first
+    step would differ (``(1 - dampening) * gradient``): the preset runs the foreach chain then.
+    The preset checks the learning rate and momentum; the weight decay is checked here, under its
+    name.
+    """
+    problems: list[str] = []
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "sgd")
+
+    lr = _read_once(lr)
+
+    def init_fn(params: Tree) -> FusedSgdState:
+        _check_floating(params, "SGD")
+        count = counter(params)
+        buffers = tuple(constant_like(p, -0.0) for p in tree_leaves(params)) if momentum else ()
+        return FusedSgdState(count, buffers, _first_lr(lr, count))
+
+    def update_fn(
+        updates: Any,
+        state: FusedSgdState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[NewParams, FusedSgdState]:
+        step = _begin(updates, state.count, params, keep, lr, "SGD", state.lr, extras)
+        hyper = {
+            "lr": step.rate,
+            "momentum": momentum,
+            "dampening": 0.0,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "is_first_step": False,
+            "grad_scale": None,
+            "found_inf": step.found_inf,
+        }
+        new_p, (buffers,) = _by_groups(
+            _SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper
+        )
+        return NewParams(new_p, step.spec), FusedSgdState(
+            step.count, tuple(buffers), _last_lr(step, state.lr, keep)
+        )
+
+    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+
+
+def fused_adagrad(
+    lr: LearningRate,
+    eps: float,
+    lr_decay: float,
+    initial_accumulator_value: float,
+    weight_decay: float,
+    *,
+    mask: Mask,
+    maximize: bool = False,
+) -> Transform:
+    """The fused Adagrad transform behind ``adagrad(fused=True)``:
+    ``torch.optim.Adagrad(fused=True)``.
+
+    The preset checks the learning rate; the other hyperparameters are checked here, under their
+    names.
+    """
+    problems: list[str] = []
+    check_positive(problems, "eps", eps)
+    check_positive(
+        problems, "initial_accumulator_value", initial_accumulator_value, allow_zero=True
+    )
+    check_positive(problems, "lr_decay", lr_decay, allow_zero=True)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "adagrad")
+
+    lr = _read_once(lr)
+
+    def init_fn(params: Tree) -> FusedAdagradState:
+        _check_floating(params, "Adagrad")
+        count = counter(params)
+        sums = tuple(constant_like(p, initial_accumulator_value) for p in tree_leaves(params))
+        return FusedAdagradState(count, sums, _first_lr(lr, count))
+
+    def update_fn(
+        updates: Any,
+        state: FusedAdagradState,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[NewParams, FusedAdagradState]:
+        step = _begin(updates, state.count, params, keep, lr, "Adagrad", state.lr, extras)
+        hyper = {
+            "lr": step.rate,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "maximize": maximize,
+            "grad_scale": None,
+            "found_inf": step.found_inf,
+        }
+        new_p, (sums,) = _by_groups(
+            _ADAGRAD,
+            step,
+            (state.sum_of_squares,),
+            _decays(mask, params, step.p),
+            weight_decay,
+            hyper,
+            steps=True,
+        )
+        return NewParams(new_p, step.spec), FusedAdagradState(
+            step.count, tuple(sums), _last_lr(step, state.lr, keep)
+        )
+
+    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+
+
+class _Kernel(NamedTuple):
+    """A fused kernel: its name (for the custom op), the in-place op torch.optim calls, its own
+    arguments."""
+
+    name: str
+    in_place: Any
+    hyper: tuple[str, ...]  # keyword arguments besides lr, weight_decay, grad_scale and found_inf
+    steps: bool  # takes the step counts (state_steps)
+
+
+_ADAM_HYPER = ("beta1", "beta2", "eps", "amsgrad", "maximize")
+_ADAM = _Kernel("adam", torch._fused_adam_, _ADAM_HYPER, steps=True)
+_ADAMW = _Kernel("adamw", torch._fused_adamw_, _ADAM_HYPER, steps=True)
+_SGD = _Kernel(
+    "sgd",
+    torch._fused_sgd_,
+    ("momentum", "dampening", "nesterov", "maximize", "is_first_step"),
+    steps=False,
+)
+_ADAGRAD = _Kernel("adagrad", torch._fused_adagrad_, ("lr_decay", "eps", "maximize"), steps=True)
+_KERNELS = {k.name: k for k in (_ADAM, _ADAMW, _SGD, _ADAGRAD)}
+_FLAGS = frozenset({"amsgrad", "maximize", "nesterov", "is_first_step"})
+
+
+def _read_once(lr: Any) -> Any:
+    """A tensor learning rate as the float it holds (read once, when the transform is made)."""
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
+def _decay_values(weight_decay: Any) -> list[float]:
+    """The kernel's weight decay: one value, or one per member for a sweep (`functrain.sweep`)."""
+    if isinstance(weight_decay, Sweep):
+        values: Sequence[Any] = weight_decay.values  # numbers: the presets refuse schedules here
+        return [float(v) for v in values]
+    return [float(weight_decay)]
+
+
+def _kernel_lr(rate: torch.Tensor) -> torch.Tensor:
+    # the CPU kernels read a tensor learning rate as a double; the device kernels read float32
+    return rate if rate.device.type == "cpu" else rate.to(torch.float32)
+
+
+def _decays(mask: Mask, params: Tree, p: list) -> tuple[bool, ...]:
+    return resolve_mask(mask, params) or (True,) * len(p)
+
+
+def _by_groups(
+    kernel: _Kernel,
+    step: _Step,
+    buffers: tuple[tuple, ...],
+    decays: tuple[bool, ...],
+    weight_decay: float | Sweep,
+    hyper: dict[str, Any],
+    *,
+    steps: bool = False,
+) -> tuple[list, tuple[list, ...]]:
+    """One kernel call per (device, dtype, decays or not) group of leaves; the new parameters and
+    buffers in leaf order.
+
+    `steps`: the kernel reads the new step count (float32, as torch.optim keeps it) for its bias
+    corrections or learning-rate decay.
+    """
+    p, g = step.p, step.g
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
+    for i, x in enumerate(p):
+        groups[(x.device, x.dtype, decays[i])].append(i)
+    new_p, new_b = list(p), [list(b) for b in buffers]
+    count = step.count.to(torch.float32) if steps else None
+    for (_, dtype, decay), idx in groups.items():
+        out_p, out_b = _run_kernel(
+            kernel,
+            step.extras,
+            [p[i] for i in idx],
+            [g[i] if g[i].dtype == dtype else g[i].to(dtype) for i in idx],
+            [
+                [b[i] for i in idx] if b else [] for b in buffers
+            ],  # an empty buffer list stays empty (no amsgrad, no momentum)
+            [[count] * len(idx)] if steps else [],  # read only
+            weight_decay=_decay_values(weight_decay) if decay else [0.0],
+            **hyper,
+        )
+        for i, value in zip(idx, out_p):
+            new_p[i] = value
+        for target, values in zip(new_b, out_b, strict=True):
+            for i, value in zip(idx, values):
+                target[i] = value
+    return new_p, tuple(new_b)
+
+
+def _run_kernel(
+    kernel: _Kernel,
+    extras: Extras,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    steps: list[list],
+    **options: Any,
+) -> tuple[list, list[list]]:
+    """New (params, buffers) from one fused kernel call; the given tensors are not written.
+
+    The kernels walk parameters, gradients and buffers in memory order: each gradient and buffer
+    is laid out as its parameter first (`functrain.layout`; no copy where they agree already).
+    Eagerly the in-place kernel runs on fresh copies (it reads the gradients only), or on the given
+    tensors themselves in a donated step. Under ``torch.compile`` and vmap the custom op
+    ``functrain::fused_update`` runs instead: inductor may hand an op tensors in layouts of its
+    choosing, so the op lays them out at run time, on the real tensors. Buffers a fresh state holds
+    without storage (`functrain.optim.zeros`) get their own here.
+    """
+    if under_vmap() or torch.compiler.is_compiling():
+        return _through_op(kernel, params, grads, buffers, steps, options)
+    options = {
+        **options,
+        "weight_decay": options["weight_decay"][0],
+    }  # one value outside a stacked step
+    params = [_walkable(p) for p in params]
+    grads = in_layouts_of(grads, params)
+    if extras.may_write():
+        buffers = [[writable(x, p) for x, p in zip(xs, params)] for xs in buffers]
+        kernel.in_place(params, grads, *buffers, *steps, **options)
+        return params, buffers
+    new_p = [p.clone() for p in params]
+    new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
+    kernel.in_place(new_p, grads, *new_b, *steps, **options)
+    return new_p, new_b
+
+
+def _walkable(p: torch.Tensor) -> torch.Tensor:
+    """`p`, or a contiguous copy of it if its elements have gaps in memory (a sharded slice of a
+    transposed leaf): the kernels walk a tensor's memory straight through."""
+    return p if p.is_contiguous() or is_dense(p) else p.contiguous()
+
+
+def _through_op(
+    kernel: _Kernel,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    steps: list[list],
+    options: dict[str, Any],
+) -> tuple[list, list[list]]:
+    """`_run_kernel` through the custom op: buffers flattened (with their lists' lengths), the rate
+    a tensor or a float."""
+    lr = options["lr"]
+    out_p, out_b = torch.ops.functrain.fused_update(
+        kernel.name,
+        params,
+        grads,
+        [x for xs in buffers for x in xs],
+        [len(xs) for xs in buffers],
+        steps[0][0] if steps else None,
+        lr if isinstance(lr, torch.Tensor) else None,
+        0.0 if isinstance(lr, torch.Tensor) else float(lr),
+        options["found_inf"],
+        list(options["weight_decay"]),
+        [float(options[name]) for name in kernel.hyper],
+    )
+    return list(out_p), _split(list(out_b), [len(xs) for xs in buffers])
+
+
+def _split(flat: list, counts: list[int]) -> list[list]:
+    out, start = [], 0
+    for n in counts:
+        out.append(flat[start : start + n])
+        start += n
+    return out
+
+
+def _kernel_kwargs(
+    kernel: _Kernel,
+    lr: torch.Tensor | float,
+    weight_decay: float,
+    hyper: list[float],
+    found_inf: torch.Tensor | None,
+) -> dict[str, Any]:
+    named = {
+        name: bool(v) if name in _FLAGS else v for name, v in zip(kernel.hyper, hyper, strict=True)
+    }
+    return {
+        "lr": _kernel_lr(lr) if isinstance(lr, torch.Tensor) else lr,
+        "weight_decay": weight_decay,
+        "grad_scale": None,
+        "found_inf": found_inf,
+        **named,
+    }
+
+
+# inductor hands the op its inputs in the traced strides (torch before 2.7 knows only the fixed
+# stride order)
+_EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
+
+
+@torch.library.custom_op("functrain::fused_update", mutates_args=(), tags=(_EXACT_STRIDES,))
+def _fused_update_op(
+    kernel: str,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    counts: list[int],
+    step: torch.Tensor | None,
+    lr: torch.Tensor | None,
+    lr_value: float,
+    found_inf: torch.Tensor | None,
+    weight_decay: list[float],
+    hyper: list[float],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One state's fused update (of kernel `kernel`) on fresh copies laid out as the parameters.
+
+    `buffers` holds the kernel's buffer lists one after the other (`counts` their lengths: each the
+    number of parameters, or 0 for one the kernel leaves empty); the rate is the tensor `lr`, or
+    `lr_value` without one; `weight_decay` one value, or one per member for the batched form
+    (`functrain.sweep`).
+    """
+    spec = _KERNELS[kernel]
+    n = len(params)
+    params = [_walkable(p) for p in params]
+    new_p = [p.clone() for p in params]
+    # laid out as the fake kernel says, whatever the buffers' own layouts
+    new_b = [torch.empty_like(params[j % n], dtype=x.dtype).copy_(x) for j, x in enumerate(buffers)]
+    steps = [[step] * n] if spec.steps else []
+    spec.in_place(
+        new_p,
+        in_layouts_of(grads, params),
+        *_split(new_b, counts),
+        *steps,
+        **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf),
+    )
+    return new_p, new_b
+
+
+@_fused_update_op.register_fake
+def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):
+    n = len(params)
+    params = [_walkable(p) for p in params]
+    return [torch.empty_like(p) for p in params], [
+        torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)
+    ]
+
+
+def _dims(dims: Any, n: int) -> list:
+    return list(dims) if isinstance(dims, (list, tuple)) else [dims] * n
+
+
+def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | None:
+    return x if x is None or dim is None else x.select(dim, k)
+
+
+@_fused_update_op.register_vmap
+def _(
+    info,
+    in_dims,
+    kernel,
+    params,
+    grads,
+    buffers,
+    counts,
+    step,
+    lr,
+    lr_value,
+    found_inf,
+    weight_decay,
+    hyper,
+):
+    members = info.batch_size
+    _, d_p, d_g, d_b, _, d_step, d_lr, _, d_inf = in_dims[:9]
+    stacked = (
+        list(zip(params, _dims(d_p, len(params)))),
+        list(zip(buffers, _dims(d_b, len(buffers)))),
+    )
+    g_dims = _dims(d_g, len(grads))
+    calls = [
+        (
+            [_member(g, d, k) for g, d in zip(grads, g_dims)],
+            _member(step, d_step, k),
+            _member(lr, d_lr, k) if lr is not None else lr_value,
+            _member(found_inf, d_inf, k),
+            [weight_decay[k if len(weight_decay) > 1 else 0]],
+        )
+        for k in range(members)
+    ]
+    out_dims = ([0] * len(params), [0] * len(buffers))
+    if any(
+        type(x) is not torch.Tensor for x in params
+    ):  # traced by torch.compile: fake or functional tensors
+        return _traced_members(kernel, stacked, calls, counts, hyper), out_dims
+    return _eager_members(_KERNELS[kernel], stacked, calls, counts, hyper, members), out_dims
+
+
+def _member_major(
+    x: torch.Tensor, d: int | None, members: int, like: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A copy of stacked `x`, each member's slice one dense block in memory (the kernel walks it
+    straight through), laid out as the member is (or as the member-major `like`, where given)."""
+    whole = x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
+    if like is not None:
+        return torch.empty_like(like, dtype=x.dtype).copy_(whole)
+    member = torch.empty_like(_walkable(whole[0]))
+    return torch.empty_strided(
+        whole.shape, (member.numel(), *member.stride()), dtype=x.dtype, device=x.device
+    ).copy_(whole)
+
+
+def _eager_members(
+    kernel: _Kernel,
+    stacked: tuple,
+    calls: list,
+    counts: list[int],
+    hyper: list[float],
+    members: int,
+) -> tuple:
+    """The stacked inputs copied once (member first, buffers laid out as their parameters), then the
+    kernel on each member's slice in place."""
+    params, buffers = stacked
+    new_p = [_member_major(x, d, members) for x, d in params]
+    new_b = [
+        _member_major(x, d, members, new_p[j % len(new_p)]) for j, (x, d) in enumerate(buffers)
+    ]
+    for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
+        p = [x[k] for x in new_p]
+        steps = [[step] * len(p)] if kernel.steps else []
+        kernel.in_place(
+            p,
+            in_layouts_of(grads, p),
+            *_split([x[k] for x in new_b], counts),
+            *steps,
+            **_kernel_kwargs(kernel, lr, weight_decay[0], hyper, found_inf),
+        )
+    return new_p, new_b
+
+
+def _traced_members(
+    kernel: str, stacked: tuple, calls: list, counts: list[int], hyper: list[float]
+) -> tuple:
+    """The op on each member's slices (traced: its fake kernel, and at run time its layouts
+    checked), stacked."""
+    params, buffers = stacked
+    results = []
+    for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
+        p = [_member(x, d, k) for x, d in params]
+        b = [_member(x, d, k) if d is not None else x for x, d in buffers]
+        rate = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, lr)
+        results.append(
+            torch.ops.functrain.fused_update(
+                kernel, p, grads, b, counts, step, *rate, found_inf, weight_decay, hyper
+            )
+        )
+    return tuple(
+        [torch.stack([r[i][j] for r in results]) for j in range(len(xs))]
+        for i, xs in enumerate(stacked)
+    )

@@ -1,0 +1,238 @@
+"""The learning rate: `scale_by_learning_rate` (the last scaling of an update, folding the rate
+into a lazy update with torch.optim's roundings), `scale`, and the state of final steps that take
+the rate themselves (`LearningRateState`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import config_check
+from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, LearningRate, Schedule, Transform
+from functrain.optim.checks import check_learning_rate, is_real
+from functrain.optim.naming import named
+from functrain.optim.sweep import value_at
+from functrain.optim.updates import ParamStep, Ratio, RectifiedRatio, flat_updates
+from functrain.optim.zeros import counter
+from functrain.tree import (
+    Tree,
+    tree_unflatten,
+)
+
+__all__ = [
+    "LearningRateState",
+    "ScaleByLearningRateState",
+    "scale",
+    "scale_by_learning_rate",
+    "rate_at",
+    "learning_rate_state",
+    "check_rate",
+]
+
+
+class ScaleByLearningRateState(NamedTuple):
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    lr: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+@named
+def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool = True) -> Transform:
+    """Scale updates by ``-learning_rate`` (a constant or a schedule of the step) and prepare the
+    step.
+
+    The outgoing updates are a lazy `ParamStep`, applied by `apply_updates` with torch.optim's own
+    final op (``add(alpha=-lr)``, or ``addcdiv`` after a `Ratio`), so float32 results match torch
+    bit for bit for a constant learning rate. The current rate is exposed as the metric ``lr``.
+
+    Args:
+        learning_rate: a float >= 0, or a schedule ``step -> value`` (see `functrain.schedules`),
+            called with this transform's own 0-d step counter (starting at 0), or a 1-element
+            tensor (as torch.optim takes one), read once here: its value is the constant rate.
+        flip_sign: descend (the default); False ascends.
+
+    Returns:
+        A `Transform`.
+
+    Raises:
+        ConfigError: a learning rate that is negative, infinite or NaN (for a schedule: at step 0).
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = scale_by_learning_rate(0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> u, s = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, u)["w"], s.lr
+        (tensor([0.9000]), tensor(0.1000, dtype=torch.float64))
+    """
+    problems: list[str] = []
+    check_learning_rate(problems, "learning_rate", learning_rate)
+    config_check(problems, "scale_by_learning_rate")
+    sign = -1.0 if flip_sign else 1.0
+    # a tensor rate is taken by its value now (a schedule is how a rate changes); torch.optim
+    # divides
+    # it by a step's divisor in the tensor's own dtype (Adagrad's lr_decay), so that is kept
+    rate_dtype = None
+    if isinstance(learning_rate, torch.Tensor):
+        rate_dtype = learning_rate.dtype
+        learning_rate = float(learning_rate)
+
+    def current(count: torch.Tensor, member: torch.Tensor | None = None) -> torch.Tensor | float:
+        if callable(learning_rate):
+            value = value_at(learning_rate, count, member)
+            return torch.as_tensor(value, dtype=torch.float64, device=count.device)
+        return float(learning_rate)
+
+    def init_fn(params: Tree) -> ScaleByLearningRateState:
+        count = counter(params)
+        return ScaleByLearningRateState(
+            count, torch.as_tensor(current(count), dtype=torch.float64, device=count.device)
+        )
+
+    constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rate_tensors(
+        lr: torch.Tensor | float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr`` and ``sign * lr`` as float64 tensors; for a constant rate made once per device
+        (never written)."""
+        if isinstance(lr, torch.Tensor) or torch.compiler.is_compiling():
+            lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
+            return lr_t, lr_t * sign
+        if device not in constants:
+            constants[device] = (
+                torch.tensor(lr, dtype=torch.float64, device=device),
+                torch.tensor(lr * sign, dtype=torch.float64, device=device),
+            )
+        return constants[device]
+
+    def update_fn(
+        updates: Any,
+        state: ScaleByLearningRateState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[ParamStep, ScaleByLearningRateState]:
+        lr = current(state.count, extras.member)
+        lr_t, signed_lr = rate_tensors(lr, state.count.device)
+        new_state = ScaleByLearningRateState(state.count + 1, lr_t)
+        if isinstance(updates, RectifiedRatio):
+            return _rectified_step(updates, lr, rate_dtype, sign), new_state
+        if isinstance(updates, Ratio):
+            if updates.divisor is None:
+                step_size = signed_lr
+            elif rate_dtype is not None:
+                step_size = torch.div(signed_lr.to(rate_dtype), updates.divisor.to(rate_dtype)).to(
+                    torch.float64
+                )
+            else:
+                # torch.optim: (lr / bias_correction) * -1 in float64; the sign flip is exact either
+                # side
+                step_size = torch.div(signed_lr, updates.divisor)
+            quotient = (updates.num, updates.den, step_size)
+            decay = None
+            if updates.weight_decay:
+                decay = 1 - lr * updates.weight_decay
+            return ParamStep(
+                None,
+                updates.spec,
+                None,
+                decay,
+                updates.decay_mask,
+                quotient=quotient,
+                scaled_numerator=updates.scaled_numerator,
+            ), new_state
+        u, spec = flat_updates(updates, params)
+        alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
+        return ParamStep(u, spec, alpha), new_state
+
+    return Transform(init_fn, update_fn, takes_extras=True)
+
+
+def _rectified_step(
+    updates: RectifiedRatio, lr: float | torch.Tensor, rate_dtype: torch.dtype | None, sign: float
+) -> ParamStep:
+    """RAdam's step: ``p * (1 - lr * wd) + num * buffer`` (torch's ``addcmul``: the same two
+    roundings)."""
+    if rate_dtype is not None:  # torch's scalar arithmetic then runs on the tensor lr, in its dtype
+        lr = torch.tensor(lr, dtype=rate_dtype, device=updates.divisor.device)
+    decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
+    return ParamStep(
+        None,
+        updates.spec,
+        None,
+        decay,
+        updates.decay_mask,
+        product=(updates.num, updates.buffer(lr, sign)),
+    )
+
+
+@named
+def scale(step_size: float) -> Transform:
+    """Multiply updates by a constant; ``scale(-1.0)`` first is torch.optim's ``maximize=True``.
+
+    Args:
+        step_size: the factor, a finite number.
+
+    Returns:
+        A stateless `Transform` emitting plain tensor updates.
+
+    Raises:
+        ConfigError: `step_size` is not a finite number.
+
+    Example:
+        >>> tx = scale(-1.0)
+        >>> tx.update({"w": torch.tensor([2.0, -3.0])}, tx.init(None))[0]["w"]
+        tensor([-2.,  3.])
+    """
+    if not (is_real(step_size) and math.isfinite(step_size)):
+        config_check([f"step_size must be a finite number, got step_size={step_size!r}"], "scale")
+
+    def update_fn(
+        updates: Any, state: EmptyState, params: Tree | None = None
+    ) -> tuple[Tree, EmptyState]:
+        g, spec = flat_updates(updates, params)
+        # torch.optim's maximize negates (exact); any other factor is one rounding per element
+        out = torch._foreach_neg(g) if step_size == -1.0 else torch._foreach_mul(g, step_size)
+        return tree_unflatten(out, spec), state
+
+    return Transform(lambda params: EmptyState(), update_fn)
+
+
+# the state of final steps that take the learning rate themselves
+
+
+def rate_at(
+    learning_rate: LearningRate, count: torch.Tensor, member: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The learning rate at `count` as a float64 0-d tensor (a constant or a schedule's value).
+
+    A `functrain.sweep` gives `member`'s value (`Extras.member`; member 0's for None).
+    """
+    value = value_at(learning_rate, count, member) if callable(learning_rate) else learning_rate
+    return torch.as_tensor(value, dtype=torch.float64, device=count.device)
+
+
+class LearningRateState(NamedTuple):
+    """The state a final step keeps for its learning rate: its step counter and the rate last
+    used."""
+
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    lr: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr}
+
+
+def learning_rate_state(learning_rate: LearningRate, params: Tree) -> LearningRateState:
+    count = counter(params)
+    return LearningRateState(count, rate_at(learning_rate, count))
+
+
+def check_rate(problems: list[str], learning_rate: LearningRate) -> None:
+    check_learning_rate(problems, "learning_rate", learning_rate)

@@ -1,0 +1,79 @@
+"""Momentum: `trace`, SGD's running trace of past updates (heavy-ball or Nesterov)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import config_check
+from functrain.optim.base import Transform
+from functrain.optim.checks import check_unit
+from functrain.optim.naming import named
+from functrain.optim.updates import flat_updates
+from functrain.optim.zeros import counter, zeros
+from functrain.tree import (
+    Tree,
+    tree_unflatten,
+)
+
+__all__ = ["TraceState", "trace"]
+
+
+class TraceState(NamedTuple):
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    trace: tuple[torch.Tensor, ...]
+
+
+@named
+def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Transform:
+    """Momentum: keep a decaying sum of past updates (torch.optim.SGD's momentum buffer).
+
+    The first step's buffer is the update itself (no dampening), as in torch.
+
+    Args:
+        decay: momentum factor, in [0, 1).
+        nesterov: return ``update + decay * buffer`` instead of the buffer (Nesterov momentum).
+        dampening: the new update enters the buffer scaled by ``1 - dampening``; in [0, 1).
+
+    Returns:
+        A `Transform` emitting plain tensor updates.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range, or nesterov with dampening.
+
+    Example:
+        >>> tx = trace(0.5)
+        >>> s = tx.init({"w": torch.zeros(1)})
+        >>> u, s = tx.update({"w": torch.ones(1)}, s)
+        >>> u, s = tx.update({"w": torch.ones(1)}, s)
+        >>> u["w"]
+        tensor([1.5000])
+    """
+    problems: list[str] = []
+    check_unit(problems, "decay", decay)
+    check_unit(problems, "dampening", dampening)
+    if nesterov and (decay <= 0 or dampening != 0):
+        problems.append(
+            f"nesterov needs decay > 0 and dampening == 0, got decay={decay!r}, "
+            f"dampening={dampening!r}"
+        )
+    config_check(problems, "trace")
+
+    def init_fn(params: Tree) -> TraceState:
+        return TraceState(counter(params), zeros(params))
+
+    def update_fn(
+        updates: Any, state: TraceState, params: Tree | None = None
+    ) -> tuple[Tree, TraceState]:
+        g, spec = flat_updates(updates, params)
+        # buffer * decay + g: exactly g on the first step when the buffer starts at zero
+        buf = torch._foreach_mul(state.trace, decay)
+        torch._foreach_add_(buf, g, alpha=1 - dampening)
+        if dampening:
+            first = state.count == 0
+            buf = tuple(torch.where(first, x, b) for x, b in zip(g, buf, strict=True))
+        out = torch._foreach_add(g, buf, alpha=decay) if nesterov else buf
+        return tree_unflatten(out, spec), TraceState(state.count + 1, buf)
+
+    return Transform(init_fn, update_fn)

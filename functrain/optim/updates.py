@@ -1,0 +1,553 @@
+"""Updates: the lazy forms a transform may emit, and how they reach the parameters.
+
+Updates are usually a tree of tensors shaped like the parameters, added to them. Lazy forms exist
+so that the last rounding matches `torch.optim` exactly (its final op reads the parameters:
+``p.mul_(1 - lr * wd)`` then ``p.addcdiv_(m, d, value=-lr / bc)``, or ``p.add_(d, alpha=-lr)``,
+and no float32 tensor ``u`` makes ``p + u`` equal those in every element):
+
+* `Ratio`: ``num / den`` divided by a scalar, with optional decoupled weight decay, as emitted by
+  `scale_by_adam` and friends; `scale_by_learning_rate` folds the learning rate in exactly as
+  torch does (`RectifiedRatio`: RAdam's form of it);
+* `ParamStep`: ``new = p * decay + alpha * direction`` kept only where ``keep`` holds, emitted by
+  `scale_by_learning_rate` and applied by `apply_updates`;
+* `NewParams`: the new parameters themselves, from transforms that compute them in one fused
+  kernel (``adamw(fused=True)``).
+
+Any transform that needs plain tensors calls `as_tensors`, which materializes either form. Given
+``in_place=True`` (a donated step) `apply_updates` writes a `ParamStep` into the parameters with
+torch.optim's own in-place ops: the same roundings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeGuard
+
+import torch
+
+from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim.batching import under_vmap
+from functrain.tree import (
+    Tree,
+    check_same_structure,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
+
+__all__ = [
+    "Updates",
+    "Scalar",
+    "Ratio",
+    "RectifiedRatio",
+    "ParamStep",
+    "NewParams",
+    "as_tensors",
+    "flat_updates",
+    "apply_updates",
+]
+Scalar = float | torch.Tensor
+"""A scalar factor of a lazy update: a Python number or a 0-d tensor."""
+
+
+class Ratio:
+    """Lazy updates ``(num / divisor) / den`` (+ ``weight_decay * p`` where ``decay_mask`` holds).
+
+    `scale_by_learning_rate` turns it into ``p * (1 - lr * wd) + ((-lr / divisor) * num) / den``,
+    torch.optim's exact sequence of roundings for Adam, AdamW, RMSprop and Adagrad. (A plain class,
+    not attrs, so that torch.compile traces its construction.)
+    """
+
+    __slots__ = (
+        "num",
+        "den",
+        "divisor",
+        "spec",
+        "weight_decay",
+        "decay_mask",
+        "params",
+        "scaled_numerator",
+    )
+
+    def __init__(
+        self,
+        num: Sequence[torch.Tensor],
+        den: Sequence[torch.Tensor],
+        divisor: torch.Tensor | None,
+        spec: Any,
+        weight_decay: float | None = None,
+        decay_mask: tuple[bool, ...] | None = None,
+        params: Sequence[torch.Tensor] | None = None,
+        *,
+        scaled_numerator: bool = False,
+    ) -> None:
+        self.num = num
+        self.den = den
+        self.divisor = divisor  # a float64 0-d tensor, or None for 1
+        self.spec = spec
+        self.weight_decay = weight_decay
+        self.decay_mask = decay_mask
+        self.params = params
+        # torch scales the numerator by the step size before dividing (Adagrad), rather than
+        # passing the step size to addcdiv (Adam, RMSprop): the same rounding on CPU, not on CUDA
+        self.scaled_numerator = scaled_numerator
+
+    def with_decay(
+        self,
+        weight_decay: float,
+        decay_mask: tuple[bool, ...] | None,
+        params: Sequence[torch.Tensor],
+    ) -> Ratio:
+        """This ratio with decoupled weight decay (`add_decayed_weights` after the scaling rule)."""
+        return Ratio(
+            self.num,
+            self.den,
+            self.divisor,
+            self.spec,
+            weight_decay,
+            decay_mask,
+            params,
+            scaled_numerator=self.scaled_numerator,
+        )
+
+    def additive(self, params: Tree | None) -> list[torch.Tensor]:
+        """The updates as plain tensors, one per leaf (see `as_tensors`)."""
+        num = list(self.num)
+        if self.divisor is not None:
+            num = list(torch._foreach_div(num, self.divisor.to(num[0].dtype)))
+        return self._decayed(list(torch._foreach_div(num, list(self.den))), params)
+
+    def _decayed(self, out: list[torch.Tensor], params: Tree | None) -> list[torch.Tensor]:
+        if not self.weight_decay:
+            return out
+        p = self.params if self.params is not None else tree_leaves(params)
+        mask = self.decay_mask or (True,) * len(out)
+        return [o + self.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
+
+
+class ParamStep:
+    """Lazy updates applied as ``where(keep, p * decay + alpha * direction, p)``.
+
+    `alpha` of None means 1 (plain addition); a Python float uses torch's fused ``add(alpha=)``;
+    a tensor multiplies first. `decay` applies only where `decay_mask` holds (all leaves when None).
+    Instead of a `direction`, a step may hold a `quotient` ``(num, den, step_size)`` meaning
+    ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch
+    does; or a `product` ``(a, b)`` meaning ``direction = a * b``, applied with one ``addcmul`` (one
+    rounding for the product and the sum, as torch.optim's RAdam applies its step).
+    """
+
+    __slots__ = (
+        "_direction",
+        "quotient",
+        "spec",
+        "alpha",
+        "decay",
+        "decay_mask",
+        "keep",
+        "scaled_numerator",
+        "product",
+    )
+
+    def __init__(
+        self,
+        direction: Sequence[torch.Tensor] | None,
+        spec: Any,
+        alpha: Scalar | None = None,
+        decay: Scalar | None = None,
+        decay_mask: tuple[bool, ...] | None = None,
+        keep: torch.Tensor | None = None,
+        quotient: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
+        scaled_numerator: bool = False,
+        product: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
+    ) -> None:
+        self._direction = direction
+        self.quotient = quotient
+        self.product = product
+        self.scaled_numerator = scaled_numerator  # see Ratio
+        self.spec = spec
+        self.alpha = alpha
+        self.decay = decay
+        self.decay_mask = decay_mask
+        self.keep = keep
+
+    @property
+    def direction(self) -> Sequence[torch.Tensor]:
+        if self._direction is not None:
+            return self._direction
+        if self.product is not None:
+            return list(torch._foreach_mul(list(self.product[0]), list(self.product[1])))
+        num, den, step_size = self.quotient  # type: ignore[misc]
+        out = [n * step_size.to(n.dtype) for n in num]
+        torch._foreach_div_(out, list(den))
+        return out
+
+    def replace(self, **changes: Any) -> ParamStep:
+        """A copy with some fields changed (``direction``, ``alpha``, ``decay``, ``keep``, ...)."""
+        fields = {
+            "direction": self._direction,
+            "spec": self.spec,
+            "alpha": self.alpha,
+            "decay": self.decay,
+            "decay_mask": self.decay_mask,
+            "keep": self.keep,
+            "quotient": self.quotient,
+            "scaled_numerator": self.scaled_numerator,
+            "product": self.product,
+        }
+        fields.update(changes)
+        return ParamStep(**fields)
+
+
+class NewParams:
+    """The parameters after the step, as a flat list in tree order (``apply_updates`` returns them).
+
+    Emitted by transforms that compute the new parameters directly, e.g. with torch's fused Adam
+    kernel; the list holds fresh tensors that the transform owns.
+    """
+
+    __slots__ = ("values", "spec")
+
+    def __init__(self, values: Sequence[torch.Tensor], spec: Any) -> None:
+        self.values = values
+        self.spec = spec
+
+
+def flat_updates(updates: Updates, params: Tree | None) -> tuple[list[torch.Tensor], Any]:
+    """Flatten updates of any form into a list of tensors and the tree spec."""
+    if isinstance(updates, (Ratio, ParamStep, NewParams)):
+        return as_tensors(updates, params), updates.spec
+    leaves, spec = tree_flatten(updates)
+    return leaves, spec
+
+
+def as_tensors(updates: Updates, params: Tree | None = None) -> list[torch.Tensor]:
+    """Materialize updates of any form as a flat list of tensors (the additive update).
+
+    Example:
+        >>> import functrain as ft
+        >>> p = {"w": torch.ones(2)}
+        >>> tx = ft.sgd(lr=0.5)
+        >>> u, _ = tx.update({"w": torch.ones(2)}, tx.init(p), p)
+        >>> ft.as_tensors(u, p)
+        [tensor([-0.5000, -0.5000])]
+    """
+    if isinstance(updates, Ratio):
+        return updates.additive(params)
+    if isinstance(updates, NewParams):
+        if params is None:
+            raise ConfigError(
+                "materializing NewParams as additive updates needs the parameters; pass params="
+            )
+        return list(torch._foreach_sub(list(updates.values), tree_leaves(params)))
+    if isinstance(updates, ParamStep):
+        p = tree_leaves(params) if params is not None else None
+        if p is None and updates.decay is not None:
+            raise ConfigError(
+                "materializing a decayed ParamStep needs the parameters; pass params="
+            )
+        new = _apply_step(
+            p if p is not None else [torch.zeros_like(d) for d in updates.direction], updates
+        )
+        base = p if p is not None else [torch.zeros_like(d) for d in updates.direction]
+        return list(torch._foreach_sub(new, base))
+    return tree_leaves(updates)
+
+
+def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
+    step = _as_fma_step(step, p)
+    mask = step.decay_mask or (True,) * len(p)
+    decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
+    plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
+    # the whole direction, materialized once (None: added by one fused addcdiv instead)
+    direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
+    new: list[torch.Tensor] = list(p)
+    if decayed and step.decay is not None:
+        # torch.optim's order: p * (1 - lr * wd) first, then the update, in place on that fresh
+        # buffer
+        out = list(
+            torch._foreach_mul([p[i] for i in decayed], _in_dtype(step.decay, p[decayed[0]]))
+        )
+        _add_step_(out, decayed, step, direction)
+        for i, t in zip(decayed, out, strict=True):
+            new[i] = t
+    if plain:
+        src = [p[i] for i in plain]
+        if direction is None and _fused_product(step):
+            a, b = step.product  # type: ignore[misc]
+            out = list(torch._foreach_addcmul(src, [a[i] for i in plain], [b[i] for i in plain]))
+        elif direction is None:
+            # the same kernel as the in-place addcdiv_, out of place: no pass to copy the parameters
+            # first
+            num, den, step_size = step.quotient  # type: ignore[misc]
+            scalars = step_size.to(torch.float64).repeat(len(plain))
+            out = list(
+                torch._foreach_addcdiv(
+                    src, [num[i] for i in plain], [den[i] for i in plain], scalars
+                )
+            )
+        else:
+            dirs = [direction[i] for i in plain]
+            if _fma_alpha(step.alpha, p):
+                out = [
+                    torch.addcmul(x, d, step.alpha.to(d.dtype))
+                    for x, d in zip(src, dirs, strict=True)
+                ]
+            else:
+                out = list(
+                    torch._foreach_add(src, dirs, alpha=step.alpha)
+                    if _float_alpha(step.alpha)
+                    else torch._foreach_add(src, dirs)
+                )
+        for i, t in zip(plain, out, strict=True):
+            new[i] = t
+    if step.keep is not None:
+        new = [torch.where(step.keep, n, old) for n, old in zip(new, p, strict=True)]
+    return new
+
+
+def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
+    """`_apply_step` without a `keep`, written into `p` itself: torch.optim's own in-place ops, the
+    same roundings."""
+    step = _as_fma_step(step, p)
+    mask = step.decay_mask or (True,) * len(p)
+    decayed = [p[i] for i, m in enumerate(mask) if m] if step.decay is not None else []
+    plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
+    direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
+    if decayed and step.decay is not None:
+        torch._foreach_mul_(decayed, _in_dtype(step.decay, decayed[0]))
+        _add_step_(decayed, [i for i, m in enumerate(mask) if m], step, direction)
+    if plain:
+        _add_step_([p[i] for i in plain], plain, step, direction)
+    return p
+
+
+def _as_fma_step(step: ParamStep, p: list[torch.Tensor]) -> ParamStep:
+    """Off the CPU, a quotient step as torch applies it there: ``p + step_size * (num / den)``, one
+    rounding for the add.
+
+    The step size is a device tensor (reading it back would be a host sync), so it cannot go through
+    ``addcdiv(value=)``; ``num / den`` then `addcmul` with the 0-d step size is the same fused
+    multiply-add (see `_fma_alpha`).
+    """
+    if (
+        step.quotient is None
+        or step.scaled_numerator
+        or step.alpha is not None
+        or not _off_cpu_eager(p)
+    ):
+        return step
+    num, den, step_size = step.quotient
+    return step.replace(
+        direction=list(torch._foreach_div(list(num), list(den))), alpha=step_size, quotient=None
+    )
+
+
+def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
+    """Whether the quotient can go through one foreach addcdiv (it takes its scalars from a CPU
+    tensor)."""
+    if step.quotient is None or step.alpha is not None or torch.compiler.is_compiling():
+        return False  # compiled graphs fuse the three ops themselves
+    if under_vmap():
+        return (
+            False  # under vmap (a stacked state) the step size is per member: no host-side scalars
+        )
+    return step.quotient[2].device.type == "cpu" and len({t.dtype for t in p}) == 1
+
+
+def _fused_product(step: ParamStep) -> bool:
+    """Whether the step is a product added by one addcmul (a direction set later takes its
+    place)."""
+    return step.product is not None and step._direction is None and step.alpha is None
+
+
+def _in_dtype(factor: Scalar, like: torch.Tensor) -> Scalar:
+    """A tensor `factor` cast to the dtype of `like`; a Python number as it is."""
+    return factor.to(like.dtype) if isinstance(factor, torch.Tensor) else factor
+
+
+def _float_alpha(alpha: Scalar | None) -> TypeGuard[float]:
+    """A Python-float alpha goes into torch's fused ``add(alpha=)``; a tensor one was multiplied
+    in."""
+    return alpha is not None and not isinstance(alpha, torch.Tensor)
+
+
+def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The step's direction per leaf, in each parameter's dtype, times a tensor `alpha` if there is
+    one."""
+    dirs = [
+        d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, p, strict=True)
+    ]
+    if isinstance(step.alpha, torch.Tensor) and not _fma_alpha(step.alpha, p):
+        dirs = list(torch._foreach_mul(dirs, step.alpha.to(dirs[0].dtype)))
+    return dirs
+
+
+def _fma_alpha(alpha: Scalar | None, p: list[torch.Tensor]) -> TypeGuard[torch.Tensor]:
+    """Whether a tensor `alpha` is applied as ``p + alpha * d`` in one op (`addcmul`) rather than
+    multiplied in first.
+
+    Off the CPU, torch's ``add(alpha=)`` and ``addcdiv(value=)`` kernels compute ``p + alpha * d``
+    as one fused multiply-add; multiplying ``alpha * d`` first rounds twice, one ulp off torch.optim
+    on CUDA in about one element in ten. `addcmul` with a 0-d alpha is that fused multiply-add,
+    without a host read.
+    """
+    return isinstance(alpha, torch.Tensor) and _off_cpu_eager(p)
+
+
+def _off_cpu_eager(p: list[torch.Tensor]) -> bool:
+    # compiled graphs make their own fusions (they are not bit-identical to torch.optim in any case)
+    return bool(p) and p[0].device.type != "cpu" and not torch.compiler.is_compiling()
+
+
+def _add_step_(
+    out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None
+) -> None:
+    """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
+    if direction is None and _fused_product(step):
+        a, b = step.product  # type: ignore[misc]
+        torch._foreach_addcmul_(out, [a[i] for i in idx], [b[i] for i in idx])
+    elif direction is None:
+        num, den, step_size = step.quotient  # type: ignore[misc]
+        scalars = step_size.to(torch.float64).repeat(len(idx))  # one CPU float64 scalar per tensor
+        torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
+    elif _fma_alpha(step.alpha, out):
+        for o, i in zip(out, idx, strict=True):
+            o.addcmul_(direction[i], step.alpha.to(o.dtype))
+    elif _float_alpha(step.alpha):
+        torch._foreach_add_(out, [direction[i] for i in idx], alpha=step.alpha)
+    else:
+        torch._foreach_add_(out, [direction[i] for i in idx])
+
+
+def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> Tree:
+    """Return new parameters: `params` moved by `updates`; neither input is modified.
+
+    With ``in_place=True`` (the caller gave `params` up: a donated step, eagerly) a `ParamStep`
+    that applies everywhere is written into `params` instead, with the same roundings.
+
+    Args:
+        params: the parameter tree.
+        updates: a tree of tensors shaped like `params` (added, cast to each parameter's dtype), or
+        a
+            lazy `Ratio` / `ParamStep` / `NewParams` from a transform.
+        in_place: whether a `ParamStep` may be written into `params` (eagerly only).
+
+    Returns:
+        A new tree with the structure of `params`.
+
+    Raises:
+        StateMismatchError: the updates do not have the structure of the parameters.
+
+    Example:
+        >>> apply_updates({"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])})
+        {'w': tensor([1.5000])}
+    """
+    p, spec = tree_flatten(params)
+    if isinstance(updates, NewParams):
+        _check_spec(spec, updates.spec)
+        return tree_unflatten(list(updates.values), spec)
+    if isinstance(updates, ParamStep):
+        _check_spec(spec, updates.spec)
+        if updates.keep is None and in_place and not torch.compiler.is_compiling():
+            return tree_unflatten(_apply_step_(p, updates), spec)
+        return tree_unflatten(_apply_step(p, updates), spec)
+    if isinstance(updates, Ratio):
+        _check_spec(spec, updates.spec)
+        u = as_tensors(updates, params)
+    else:
+        check_same_structure(params, updates, "updates")
+        u = tree_leaves(updates)
+    u = [x if x.dtype == y.dtype else x.to(y.dtype) for x, y in zip(u, p, strict=True)]
+    # torch._foreach_add rejects empty lists; a tree without leaves is returned as is
+    return tree_unflatten(torch._foreach_add(p, u) if p else [], spec)
+
+
+def _check_spec(expected: Any, got: Any) -> None:
+    if expected != got:
+        raise StateMismatchError(
+            f"updates do not have the structure of the parameters: expected {expected}, got {got}"
+        )
+
+
+def _by_dtype_div(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[torch.Tensor]:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return list(torch._foreach_div(tensors, scalar.to(tensors[0].dtype)))
+    return [t / scalar.to(t.dtype) for t in tensors]
+
+
+def _by_dtype_add_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
+    """In place, on tensors the caller owns: `tensors += scalar` (cast to each dtype)."""
+    if len({t.dtype for t in tensors}) == 1:
+        torch._foreach_add_(list(tensors), scalar.to(tensors[0].dtype))
+        return
+    for t in tensors:
+        t.add_(scalar.to(t.dtype))
+
+
+class RectifiedRatio(Ratio):
+    """RAdam's lazy updates: ``num * (1 / (den / s2) + s1)``, with ``s2`` and ``s1`` from the
+    learning rate.
+
+    ``s2 = sqrt_bc2 * (lr * rect / bc1) * -1`` and ``s1 = (lr * unrect / bc1) * -1``, scalars
+    computed as torch.optim's foreach RAdam computes them (in the learning rate's own dtype when it
+    is a tensor); `scale_by_learning_rate` applies the result with torch's ``addcmul``. Materialized
+    without a learning rate (`as_tensors`), the update is the same with ``lr = 1`` and no sign.
+    """
+
+    __slots__ = ("sqrt_bc2", "rect", "unrect")
+    divisor: torch.Tensor  # bc1, always a tensor here
+
+    def __init__(
+        self,
+        num: Any,
+        den: Any,
+        bc1: torch.Tensor,
+        sqrt_bc2: torch.Tensor,
+        rect: torch.Tensor,
+        unrect: torch.Tensor,
+        spec: Any,
+        *decay: Any,
+    ) -> None:
+        super().__init__(num, den, bc1, spec, *decay)
+        self.sqrt_bc2 = sqrt_bc2
+        self.rect = rect  # 0 until the variance is tractable
+        self.unrect = unrect  # 1 until then, 0 after
+
+    def with_decay(
+        self, weight_decay: float, decay_mask: tuple[bool, ...] | None, params: Any
+    ) -> RectifiedRatio:
+        return RectifiedRatio(
+            self.num,
+            self.den,
+            self.divisor,
+            self.sqrt_bc2,
+            self.rect,
+            self.unrect,
+            self.spec,
+            weight_decay,
+            decay_mask,
+            params,
+        )
+
+    def additive(self, params: Tree | None) -> list[torch.Tensor]:
+        return self._decayed(
+            list(torch._foreach_mul(self.buffer(1.0, 1.0), list(self.num))), params
+        )
+
+    def buffer(self, lr: float | torch.Tensor, sign: float) -> list[torch.Tensor]:
+        """``1 / (den / s2) + s1`` for this learning rate (a tensor one keeps its dtype), per
+        leaf."""
+        bc1 = self.divisor if not isinstance(lr, torch.Tensor) else self.divisor.to(lr.dtype)
+        s1 = (lr * self.unrect.to(bc1.dtype) / bc1) * sign
+        s2 = self.sqrt_bc2.to(bc1.dtype) * (lr * self.rect.to(bc1.dtype) / bc1) * sign
+        # rectified: s1 is -0.0; not yet: s2 is -0.0, the quotient -inf, its reciprocal -0.0, and s1
+        # remains
+        out = _by_dtype_div(list(self.den), s2)
+        torch._foreach_reciprocal_(out)
+        _by_dtype_add_(out, s1)
+        return out
+
+
+Updates = Tree | Ratio | ParamStep | NewParams
+"""What ``update`` passes on: a tree of tensors shaped like the parameters, or a lazy form."""

@@ -1,0 +1,365 @@
+"""`torch.compile(functrain.train_step, dynamic=False)`: same results as eager, one graph per batch
+shape.
+
+Each test starts from a clean dynamo cache and counts frames and graphs through
+`torch._dynamo.utils.counters`; steps after the first run under ``error_on_recompile=True``. The
+models are tiny so that compiling takes seconds: most of the time is inductor building its C++
+kernels."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+import torch.utils._pytree as pytree
+from torch import nn
+from torch._dynamo.utils import counters
+
+import functrain as ft
+from tests.models import cross_entropy_with_accuracy, make_mlp
+
+with warnings.catch_warnings():
+    # torch.utils.mkldnn, imported by inductor, still uses the deprecated torch.jit.script_method
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning
+    )
+    import torch._inductor.compile_fx  # noqa: F401
+
+F = nn.functional
+
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")),
+    reason="the inductor backend builds C++ kernels on CPU and no C++ compiler was found",
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def compiled_so_far() -> tuple[int, int]:
+    """(frames compiled, distinct graphs): both grow exactly when dynamo (re)compiles."""
+    return counters["frames"]["total"], counters["stats"]["unique_graphs"]
+
+
+def no_recompile() -> Any:
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+def snapshot(state: ft.TrainState) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    return [
+        (t, t.clone(), t._version) for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor)
+    ]
+
+
+def assert_unchanged(snap: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+    for t, copy_, version in snap:
+        assert t._version == version and torch.equal(t, copy_)
+
+
+def assert_states_close(compiled: ft.TrainState, eager: ft.TrainState, **tolerance: float) -> None:
+    for field in ("params", "buffers", "opt_state"):
+        a = [x for x in pytree.tree_leaves(getattr(compiled, field)) if isinstance(x, torch.Tensor)]
+        b = [x for x in pytree.tree_leaves(getattr(eager, field)) if isinstance(x, torch.Tensor)]
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, **tolerance)
+    for counter in ("step", "micro_step", "epoch_step", "samples_seen", "skipped"):
+        assert torch.equal(getattr(compiled, counter), getattr(eager, counter)), counter
+
+
+def classification_batches(
+    shape: tuple[int, ...], count: int, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(shape, generator=gen), torch.randint(0, 3, (shape[0],), generator=gen))
+        for _ in range(count)
+    ]
+
+
+def step_alongside_eager(
+    step: Any, state: ft.TrainState, batches: list[Any]
+) -> tuple[ft.TrainState, ft.TrainState]:
+    """Run `step` and eager `train_step` side by side: inputs untouched, no recompilation after the
+    first call, the same metrics (to float tolerance); the final (compiled, eager) states."""
+    compiled = eager = state
+    for i, batch in enumerate(batches):
+        snap = snapshot(compiled)
+        if i == 0:
+            compiled, metrics = step(compiled, batch)
+            first = compiled_so_far()
+            assert first[1] >= 1
+        else:
+            with no_recompile():
+                compiled, metrics = step(compiled, batch)
+        assert_unchanged(snap)
+        eager, expected = ft.train_step(eager, batch)
+        assert set(metrics) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert compiled_so_far() == first
+    return compiled, eager
+
+
+# ---------------------------------------------------------------- MLP, inductor
+
+
+@needs_cxx
+def test_compiled_mlp_step_matches_eager_and_never_recompiles() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1, momentum=0.9), cross_entropy_with_accuracy, ema_decay=0.9
+    )
+    step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
+    compiled, eager = step_alongside_eager(step, state, classification_batches((8, 6), 20))
+    assert set(ft.train_step(state, classification_batches((8, 6), 1)[0])[1]) == {
+        "loss",
+        "grad_norm",
+        "lr",
+        "skipped",
+        "acc",
+    }
+    assert int(compiled.step) == 20
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled.ema_state.average, eager.ema_state.average, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_cxx
+def test_compiled_fused_adamw_step_matches_eager_skips_nonfinite_and_never_recompiles() -> None:
+    # the fused kernel is traced in its functional form; found_inf carries the skip into the graph
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    state = ft.TrainState.create(
+        model, ft.adamw(1e-2, fused=True), cross_entropy_with_accuracy, clip_grad_norm=1.0
+    )
+    step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
+    batches = classification_batches((8, 6), 12)
+    batches[5][0][0, 0] = float("nan")  # one non-finite batch: a counted no-op in both
+    compiled, eager = step_alongside_eager(step, state, batches)
+    assert int(compiled.skipped) == int(eager.skipped) == 1
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- CNN with BatchNorm, partial
+# batches
+
+
+def test_compiled_cnn_with_batchnorm_matches_eager_and_compiles_once_per_batch_size() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )
+    # Adam would amplify the rounding noise in the conv bias's gradient (pure noise before
+    # BatchNorm)
+    state = ft.TrainState.create(model, ft.sgd(0.05, momentum=0.9), cross_entropy_with_accuracy)
+    step = torch.compile(ft.train_step, dynamic=False, backend="aot_eager")
+    full = classification_batches((8, 2, 5, 5), 12)
+    partial = classification_batches((3, 2, 5, 5), 1, seed=2)[0]  # the last batch of an epoch
+    plan = [*full[:8], partial, *full[8:]]
+    compiled = eager = state
+    for i, batch in enumerate(plan):
+        snap = snapshot(compiled)
+        if i == 0:
+            compiled, _ = step(compiled, batch)
+            first = compiled_so_far()
+        elif batch is partial:
+            compiled, _ = step(compiled, batch)
+            frames, graphs = compiled_so_far()
+            assert graphs == first[1] + 1  # one new graph for the new size, no more
+            assert frames > first[0]
+            after_partial = (frames, graphs)
+        else:
+            with no_recompile():
+                compiled, _ = step(compiled, batch)
+        assert_unchanged(snap)
+        eager, _ = ft.train_step(eager, batch)
+    assert (
+        compiled_so_far() == after_partial
+    )  # full batches after the partial one reuse the first graph
+    assert int(compiled.samples_seen) == 8 * 12 + 3
+    assert int(compiled.buffers["1.num_batches_tracked"]) == 13
+    assert_states_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- transformer with dropout,
+# inductor
+
+
+class TinyTransformer(nn.Module):
+    """One pre-norm attention block with dropout and a tied output head (d=16, 2 heads)."""
+
+    def __init__(self, vocab: int = 11, d: int = 16, heads: int = 2, p: float = 0.1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.ln = nn.LayerNorm(d, bias=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.ff = nn.Linear(d, d, bias=False)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        b, t, d = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        h = h + self.drop(self.proj(a))
+        h = h + self.drop(F.relu(self.ff(self.ln(h))))
+        return h @ self.emb.weight.T
+
+
+def next_token_loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+@needs_cxx
+def test_compiled_transformer_with_dropout_matches_eager_masks_and_never_recompiles() -> None:
+    torch.manual_seed(0)
+    state = ft.TrainState.create(TinyTransformer(), ft.sgd(0.1), next_token_loss, seed=5)
+    step = torch.compile(ft.train_step, dynamic=False, backend="inductor")
+    gen = torch.Generator().manual_seed(3)
+    compiled = eager = state
+    # fallback_random: the compiled graph draws dropout masks with eager's kernels, from the same
+    # generator state, so the two runs can be compared step by step
+    with torch._inductor.config.patch(fallback_random=True):
+        for i in range(20):
+            tokens = torch.randint(0, 11, (4, 9), generator=gen)
+            torch.manual_seed(100 + i)
+            caller_rng = torch.get_rng_state()
+            if i == 0:
+                compiled, metrics = step(compiled, tokens)
+                first = compiled_so_far()
+            else:
+                with no_recompile():
+                    compiled, metrics = step(compiled, tokens)
+            assert torch.equal(torch.get_rng_state(), caller_rng)
+            eager, expected = ft.train_step(eager, tokens)
+            assert torch.equal(compiled.rng, eager.rng)  # the same number of draws
+            torch.testing.assert_close(metrics["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
+    assert compiled_so_far() == first
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    # the masks are real: dropout changes the training loss against the eval-mode loss
+    assert not torch.equal(
+        ft.train_step(state, tokens)[1]["loss"], ft.eval_step(state, tokens)["loss"]
+    )
+    assert not torch.equal(compiled.rng, state.rng)
+
+
+# ---------------------------------------------------------------- functrain.compile_step
+
+
+def make_mlp_state(tx: ft.Transform, **options: Any) -> ft.TrainState:
+    return ft.TrainState.create(make_mlp(), tx, cross_entropy_with_accuracy, **options)
+
+
+@needs_cxx
+def test_compile_step_matches_eager_compiles_once_per_batch_size_and_leaves_inputs_alone() -> None:
+    state = make_mlp_state(ft.adamw(1e-2), ema_decay=0.9)
+    step = ft.compile_step()
+    batches = classification_batches((8, 6), 10) + classification_batches(
+        (5, 6), 2, seed=2
+    )  # a last partial batch
+    batches[3][0][0, 0] = float("nan")  # skipped in both
+    compiled = eager = state
+    graphs_after: list[int] = []
+    for batch in batches:
+        snap = snapshot(compiled)
+        rng = torch.get_rng_state()
+        compiled, metrics = step(compiled, batch)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert_unchanged(snap)
+        eager, expected = ft.train_step(eager, batch)
+        assert set(metrics) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, equal_nan=True)
+        graphs_after.append(compiled_so_far()[1])
+    assert graphs_after[0] == graphs_after[9] == 1  # no recompilation while the batch shape holds
+    assert graphs_after[-1] == 2  # one more for the partial batch
+    assert int(compiled.skipped) == int(eager.skipped) == 1
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_step_compiles_again_for_other_static_parts_never_reusing_a_stale_graph() -> None:
+    # the compiled body keeps no guards on the transform or the module: the cache key must tell them
+    # apart
+    step = ft.compile_step(backend="eager")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    fast, slow = (
+        ft.TrainState.create(model, ft.sgd(0.5), cross_entropy_with_accuracy),
+        make_mlp_state(ft.sgd(0.01)),
+    )
+    batch = classification_batches((8, 6), 1)[0]
+    for state in (fast, slow, fast):
+        compiled, _ = step(state, batch)
+        eager, _ = ft.train_step(state, batch)
+        for name in state.params:
+            torch.testing.assert_close(compiled.params[name], eager.params[name], rtol=0, atol=0)
+    assert compiled_so_far()[1] == 2  # one graph per transform, the first reused on the third call
+    # a state made again from the same module, loss and optimizer (as when resuming) reuses its
+    # graph
+    again = ft.TrainState.create(model, fast.optimizer, cross_entropy_with_accuracy)
+    step(again, batch)
+    assert compiled_so_far()[1] == 2
+    frozen = ft.TrainState.create(
+        model,
+        fast.optimizer,
+        cross_entropy_with_accuracy,
+        trainable=lambda name, p: name.startswith("2."),
+    )
+    compiled, _ = step(frozen, batch)
+    assert set(compiled.params) == {"2.weight", "2.bias"}
+    assert compiled_so_far()[1] == 3
+
+
+def test_compile_step_rejects_bad_arguments() -> None:
+    with pytest.raises(ft.ConfigError, match="guard_filter_fn"):
+        ft.compile_step(options={"guard_filter_fn": lambda entries: [True] * len(entries)})
+    with pytest.raises(ft.ConfigError, match="TrainState"):
+        ft.compile_step(backend="eager")({"params": {}}, None)
+
+
+@needs_cxx
+def test_fit_with_compile_trains_like_eager_fit() -> None:
+    data = torch.utils.data.TensorDataset(
+        torch.randn(40, 6, generator=torch.Generator().manual_seed(3)),
+        torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(4)),
+    )
+    results = [
+        ft.fit(
+            make_mlp_state(ft.adamw(1e-2)),
+            data,
+            batch_size=8,
+            max_epochs=2,
+            progress=False,
+            verbosity="silent",
+            compile=compile_,
+        )
+        for compile_ in (True, False)
+    ]
+    compiled, eager = (r.state for r in results)
+    assert int(compiled.step) == int(eager.step) == 10
+    # every batch has 8 rows: one graph for the first step (fit's given state, pure) and one for
+    # the donated steps after it (they write into their inputs)
+    assert compiled_so_far()[1] == 2
+    assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,455 @@
+"""Donated steps: the pure step's bits in the given state's storage, and a donated state that stays
+dead."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+import functrain as ft
+from functrain.testing import assert_states_equal
+from tests.models import cross_entropy_loss_fn
+
+F = nn.functional
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def batches(count: int, nan_at: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = [
+        (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(count)
+    ]
+    if nan_at is not None:
+        out[nan_at][0][0, 0] = float("nan")
+    return out
+
+
+def leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+TRAINED = ("params", "buffers", "opt_state", "ema_state", "step", "skipped", "rng")
+
+
+def assert_same_training(a: ft.TrainState, b: ft.TrainState) -> None:
+    """The trained parts equal bit for bit (fit also advances the epoch and writes its driver
+    records)."""
+    assert_states_equal({f: getattr(a, f) for f in TRAINED}, {f: getattr(b, f) for f in TRAINED})
+
+
+def donated_state() -> tuple[ft.TrainState, ft.TrainState]:
+    """A state donated to a step, and the state that step returned."""
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn, ema_decay=0.9
+    )
+    new, _ = ft.train_step(state, batches(1)[0], donate=True)
+    return state, new
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        (lambda: ft.adamw(1e-2, fused=True), {}),
+        (
+            lambda: ft.adamw(1e-2, fused=True),
+            {"accumulate_steps": 3, "ema_decay": 0.9, "clip_grad_norm": 0.5},
+        ),
+        (
+            lambda: ft.adam(1e-2, amsgrad=True, fused=True),
+            {"nonfinite": "none", "ema_decay": 0.5, "ema_warmup": True},
+        ),
+        (lambda: ft.adamw(1e-2, fused=False), {"nonfinite": "none", "ema_decay": 0.9}),
+        (lambda: ft.sgd(0.1, momentum=0.9, weight_decay=1e-2), {"accumulate_steps": 2}),
+        (
+            lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+            {"ema_decay": 0.9, "clip_grad_norm": 0.5},
+        ),
+        (lambda: ft.sgd(0.1), {"nonfinite": "none"}),
+        (lambda: ft.sgd(0.1, momentum=0.9, fused=False), {"accumulate_steps": 2}),
+        (
+            lambda: ft.adagrad(
+                0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-2
+            ),
+            {"accumulate_steps": 2, "ema_decay": 0.9},
+        ),
+        (lambda: ft.adagrad(0.1, fused=False), {}),
+        (lambda: ft.adamw(1e-2, fused=True), {"precision": "fp16"}),
+        (lambda: ft.adamw(1e-2, fused=True), {"precision": "bf16", "accumulate_steps": 2}),
+    ],
+    ids=[
+        "fused",
+        "fused-accumulate-ema-clip",
+        "amsgrad-warmup-ema",
+        "foreach-none",
+        "sgd-accumulate",
+        "sgd-nesterov-ema-clip",
+        "sgd-plain-none",
+        "sgd-foreach-accumulate",
+        "adagrad-accumulate-ema",
+        "adagrad-foreach",
+        "fp16",
+        "bf16",
+    ],
+)
+def test_donated_steps_give_the_pure_steps_bits_skipped_steps_included(
+    optimizer: Callable[[], ft.Transform], options: dict[str, Any]
+) -> None:
+    pure = ft.TrainState.create(make_model(), optimizer(), cross_entropy_loss_fn, **options)
+    donated = pure.clone()
+    for batch in batches(7, nan_at=2):
+        pure, metrics = ft.train_step(pure, batch)
+        donated, donated_metrics = ft.train_step(donated, batch, donate=True)
+        assert_states_equal(pure, donated)
+        assert all(
+            torch.equal(metrics[k], donated_metrics[k]) or metrics[k].isnan().all() for k in metrics
+        )
+    counts_skips = options.get("nonfinite") != "none" and options.get("precision") != "fp16"
+    assert int(pure.skipped) == int(donated.skipped) >= (1 if counts_skips else 0)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [lambda: ft.adamw(1e-2), lambda: ft.sgd(0.1, momentum=0.9), lambda: ft.adagrad(0.1)],
+    ids=["adamw", "sgd", "adagrad"],
+)
+def test_a_fused_donated_step_writes_into_the_given_tensors(
+    optimizer: Callable[[], ft.Transform],
+) -> None:
+    state = ft.TrainState.create(
+        make_model(), optimizer(), cross_entropy_loss_fn, ema_decay=0.9, accumulate_steps=2
+    )
+    for batch in batches(
+        2
+    ):  # a fresh state's zeros get their storage at the update that first writes them
+        state, _ = ft.train_step(state, batch, donate=True)
+    weight, ema = state.params["0.weight"], state.ema_state.average[0]
+    mu = next(x for x in leaves(state.opt_state) if x.shape == weight.shape and x is not weight)
+    storages = {t.untyped_storage().data_ptr() for t in (weight, ema, mu)}
+    for batch in batches(4):
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert state.params["0.weight"].untyped_storage().data_ptr() in storages
+    assert state.ema_state.average[0].untyped_storage().data_ptr() in storages
+    assert any(
+        x.untyped_storage().data_ptr() == mu.untyped_storage().data_ptr()
+        for x in leaves(state.opt_state)
+    )
+
+
+def test_a_donated_step_never_writes_into_the_users_module() -> None:
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = ft.TrainState.create(model, ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
+    for batch in batches(3):
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda s: ft.train_step(s, batches(1)[0]),
+        lambda s: ft.train_step(s, batches(1)[0], donate=True),
+        lambda s: ft.eval_step(s, batches(1)[0]),
+        lambda s: ft.compile_step(backend="eager")(s, batches(1)[0]),
+        lambda s: s.export_module(),
+        lambda s: s.tree(),
+        lambda s: s.clone(),
+        lambda s: ft.save(s, "/nonexistent/never-written"),
+        lambda s: ft.testing.diff_states(s, s),
+    ],
+    ids=[
+        "train_step",
+        "train_step-donate",
+        "eval_step",
+        "compiled",
+        "export_module",
+        "tree",
+        "clone",
+        "save",
+        "diff_states",
+    ],
+)
+def test_every_use_of_a_donated_state_raises_naming_the_call(
+    use: Callable[[ft.TrainState], Any],
+) -> None:
+    state, _ = donated_state()
+    with pytest.raises(
+        ft.DonatedStateError,
+        match=r"donated to functrain\.train_step\(\.\.\., donate=True\).*state\.clone\(\)",
+    ):
+        use(state)
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda s: s.params["0.weight"],
+        lambda s: int(s.step),
+        lambda s: list(s.buffers),
+        lambda s: s.opt_state[0],
+        lambda s: s.ema_params,
+        lambda s: s.device,
+    ],
+)
+def test_reading_a_donated_states_tensors_raises(read: Callable[[ft.TrainState], Any]) -> None:
+    state, _ = donated_state()
+    with pytest.raises(
+        ft.DonatedStateError, match=r"state\.\w+ belongs to a TrainState that was donated"
+    ):
+        read(state)
+
+
+def test_the_manager_refuses_a_donated_state(tmp_path: Any) -> None:
+    state, new = donated_state()
+    manager = ft.CheckpointManager(tmp_path / "run")
+    with pytest.raises(ft.DonatedStateError, match="donated to"):
+        manager.save(state)
+    manager.save(new)  # the state the step returned is alive
+    manager.close()
+
+
+def test_a_state_made_from_a_donated_one_by_replace_is_refused_too() -> None:
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
+    sibling = state.replace(epoch=torch.ones((), dtype=torch.int64))
+    ft.train_step(state, batches(1)[0], donate=True)
+    with pytest.raises(ft.DonatedStateError, match="donated to"):
+        ft.train_step(sibling, batches(1)[0])
+
+
+def test_a_donated_state_repr_says_so_and_a_clone_taken_before_stays_usable() -> None:
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
+    kept = state.clone()
+    new, _ = ft.train_step(state, batches(1)[0], donate=True)
+    assert repr(state) == "TrainState(<donated to functrain.train_step(..., donate=True)>)"
+    again, _ = ft.train_step(kept, batches(1)[0])
+    assert_states_equal(again, new)
+
+
+def test_a_donated_step_that_fails_before_writing_leaves_the_state_usable() -> None:
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
+    with pytest.raises(ft.BatchError):
+        ft.train_step(state, (torch.randn(8, 5), torch.zeros(8, dtype=torch.int64)), donate=True)
+    new, _ = ft.train_step(state, batches(1)[0])
+    assert int(new.step) == 1
+
+
+def test_a_donated_step_that_halts_after_writing_retires_the_state() -> None:
+    state = ft.TrainState.create(
+        make_model(),
+        ft.adamw(1e-2, fused=True),
+        cross_entropy_loss_fn,
+        nonfinite="halt",
+        accumulate_steps=2,
+    )
+    state, _ = ft.train_step(
+        state, batches(1, nan_at=0)[0], donate=True
+    )  # mid-window: no check yet
+    with pytest.raises(ft.NonFiniteError):
+        ft.train_step(state, batches(1)[0], donate=True)  # the window's sums were written in place
+    with pytest.raises(ft.DonatedStateError, match="which then raised NonFiniteError"):
+        ft.train_step(state, batches(1)[0])
+
+
+def test_a_compiled_donated_step_gives_the_compiled_pure_steps_bits() -> None:
+    step = ft.compile_step(backend="eager")
+    pure = ft.TrainState.create(
+        make_model(),
+        ft.adamw(1e-2, fused=True),
+        cross_entropy_loss_fn,
+        ema_decay=0.9,
+        accumulate_steps=2,
+    )
+    donated = pure.clone()
+    for batch in batches(4, nan_at=1):
+        pure, _ = step(pure, batch)
+        previous = donated
+        donated, _ = step(donated, batch, donate=True)
+        assert_states_equal(pure, donated)
+    with pytest.raises(ft.DonatedStateError, match="compile_step"):
+        step(previous, batches(1)[0])
+
+
+# ---------------------------------------------------------------- fit donates the states it owns
+
+
+def pure_run(count: int) -> list[ft.TrainState]:
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn, ema_decay=0.9
+    )
+    states = []
+    for batch in batches(count):
+        state, _ = ft.train_step(state, batch)
+        states.append(state)
+    return states
+
+
+def fit_run(**kwargs: Any) -> tuple[ft.TrainState, ft.FitResult]:
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn, ema_decay=0.9
+    )
+    result = ft.fit(
+        state, batches(4), **{"max_epochs": 1, "progress": False, "verbosity": "silent", **kwargs}
+    )
+    return state, result
+
+
+def test_fit_donates_every_state_but_the_callers_and_ends_where_pure_steps_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[bool] = []
+    original = ft.train_step
+
+    def recording_step(state: ft.TrainState, batch: Any, *, donate: bool = False) -> Any:
+        seen.append(donate)
+        return original(state, batch, donate=donate)
+
+    monkeypatch.setattr("functrain.driver.loop.train_step", recording_step)
+    given, result = fit_run()
+    assert seen == [False, True, True, True]
+    assert_same_training(result.state, pure_run(4)[-1])
+    assert (
+        int(ft.train_step(given, batches(1)[0])[0].step) == 1
+    )  # the caller's state is alive and untouched
+
+
+class Keeper(ft.Callback):
+    def __init__(self) -> None:
+        self.kept: list[ft.TrainState] = []
+
+    def on_batch_end(self, run: ft.Run) -> None:
+        self.kept.append(run.state)
+
+
+def test_states_a_callback_keeps_from_fit_stay_valid() -> None:
+    keeper = Keeper()
+    _, result = fit_run(callbacks=[keeper])
+    assert len(keeper.kept) == 4
+    for kept, expected in zip(keeper.kept, pure_run(4), strict=True):
+        assert_same_training(kept, expected)
+    assert_same_training(result.state, keeper.kept[-1])
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoints_fit_writes_while_donating_hold_the_states_of_their_steps(
+    tmp_path: Any, async_save: bool
+) -> None:
+    _, result = fit_run(
+        checkpoint_dir=tmp_path / "run",
+        save_every=1,
+        keep_last=10,
+        run_mode="step",
+        max_steps=4,
+        async_save=async_save,
+    )
+    expected = pure_run(4)
+    template = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn, ema_decay=0.9
+    )
+    paths = ft.CheckpointManager(tmp_path / "run").all()
+    assert len(paths) == 4
+    for path in paths:
+        restored = ft.load(path, like=template)
+        assert_same_training(restored, expected[int(restored.step) - 1])
+    assert_same_training(result.state, expected[-1])
+
+
+def test_donated_step_with_grad_stats_reports_the_pure_steps_update_ratios() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    cross_entropy_loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, grad_stats="layer")
+    batch = (torch.randn(8, 4), torch.randn(8, 2))
+    _, pure = ft.train_step(state.clone(), batch)
+    _, donated = ft.train_step(state, batch, donate=True)
+    assert float(pure["update_ratio/0"]) > 0
+    assert {k: float(v) for k, v in donated.items()} == {k: float(v) for k, v in pure.items()}
+    with pytest.raises(ft.DonatedStateError):
+        ft.train_step(state, batch)
+
+
+# ---------------------------------------------------------------- a fresh state's zeros cost
+# nothing
+
+
+def storage_bytes(tree: Any) -> int:
+    return sum(x.untyped_storage().nbytes() for x in leaves(tree))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options", "value"),
+    [
+        (lambda: ft.adamw(1e-2), {}, 0.0),
+        (lambda: ft.adam(1e-2, amsgrad=True), {"accumulate_steps": 3}, 0.0),
+        (lambda: ft.adamw(1e-2, fused=False), {}, 0.0),
+        (lambda: ft.sgd(0.1, momentum=0.9), {}, -0.0),
+        (lambda: ft.sgd(0.1, momentum=0.9, fused=False), {}, 0.0),
+        (lambda: ft.adagrad(0.1, initial_accumulator_value=0.25), {}, 0.25),
+        (lambda: ft.rmsprop(1e-2, centered=True, momentum=0.5), {}, 0.0),
+    ],
+    ids=[
+        "adamw",
+        "amsgrad-accumulate",
+        "adamw-foreach",
+        "sgd",
+        "sgd-foreach",
+        "adagrad",
+        "rmsprop",
+    ],
+)
+def test_a_fresh_states_optimizer_buffers_read_as_their_constant_and_hold_no_storage(
+    optimizer: Callable[[], ft.Transform], options: dict[str, Any], value: float
+) -> None:
+    big = nn.Linear(256, 256)
+    state = ft.TrainState.create(big, optimizer(), lambda m, b: m(b).sum(), **options)
+    shaped = [x for x in leaves(state.opt_state) if x.shape == big.weight.shape]
+    assert shaped and all(torch.equal(x, torch.full_like(big.weight, value)) for x in shaped)
+    assert all(
+        torch.equal(x.view(torch.int32), torch.full(x.shape, value).view(torch.int32))
+        for x in shaped
+    )  # -0.0 too
+    assert storage_bytes(state.opt_state) < 1024 < storage_bytes(state.params)
+    assert storage_bytes(state.clone().opt_state) < 1024  # a copy of a fresh state is as light
+
+
+def test_a_fresh_state_saves_and_loads_as_its_zeros_and_trains_the_same(tmp_path: Any) -> None:
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2), cross_entropy_loss_fn, accumulate_steps=2, ema_decay=0.9
+    )
+    restored = ft.load(ft.save(state, tmp_path / "fresh"), like=state)
+    ft.testing.assert_states_equal(restored, state)
+    a, b = state, restored
+    for batch in batches(3):
+        a, _ = ft.train_step(a, batch)
+        b, _ = ft.train_step(b, batch, donate=True)
+    assert_states_equal(a, b)
+
+
+def test_a_compiled_step_from_a_fresh_state_compiles_once_per_donation() -> None:
+    import torch._dynamo
+
+    step = ft.compile_step(backend="eager")
+    state = ft.TrainState.create(make_model(), ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pure = state
+        for batch in batches(3):
+            pure, _ = step(pure, batch)
+        donated = state.clone()
+        for batch in batches(3):
+            donated, _ = step(donated, batch, donate=True)
+    assert_states_equal(pure, donated)
+
+
+def test_fit_leaves_the_callers_fresh_state_as_light_as_it_was() -> None:
+    state, result = fit_run()
+    assert storage_bytes(state.opt_state) < 1024 < storage_bytes(result.state.opt_state)
+    assert int(result.state.step) == 4 and int(state.step) == 0

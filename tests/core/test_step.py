@@ -1,0 +1,747 @@
+"""`train_step` and `eval_step`: equal to the hand-written loop, pure, deterministic, and loud on
+misuse."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+import functrain as ft
+from functrain.optim.wrappers import SkipNonfiniteState
+from tests.comparisons import assert_trees_equal
+from tests.models import cross_entropy_loss_fn, cross_entropy_with_accuracy, make_cnn, make_mlp
+
+F = nn.functional
+
+
+# ---------------------------------------------------------------- models, data and helpers
+
+
+def make_cnn_dropout() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(4 * 5 * 5, 3),
+    )
+
+
+MODELS = {"mlp": make_mlp, "cnn": make_cnn}
+
+
+def input_shape(model: nn.Module, n: int) -> tuple[int, ...]:
+    return (n, 2, 5, 5) if isinstance(model[0], nn.Conv2d) else (n, 6)
+
+
+def batches(
+    model: nn.Module, count: int, n: int = 8, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(input_shape(model, n), generator=gen),
+            torch.randint(0, 3, (n,), generator=gen),
+        )
+        for _ in range(count)
+    ]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A view of `t` whose equality is bitwise (NaNs with the same payload compare equal)."""
+    if t.is_floating_point():
+        view = {
+            torch.float32: torch.int32,
+            torch.float64: torch.int64,
+            torch.bfloat16: torch.int16,
+            torch.float16: torch.int16,
+        }
+        return t.contiguous().view(view[t.dtype])
+    return t
+
+
+def tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def snapshot(state: ft.TrainState) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    return [(t, t.clone(), t._version) for t in tensor_leaves(state)]
+
+
+def assert_unchanged(snap: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+    for t, copy_, version in snap:
+        assert t._version == version
+        assert torch.equal(bits(t), bits(copy_))
+
+
+def reference_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2, foreach=True)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-2, fused=True)
+    return torch.optim.SGD(
+        params,
+        lr=0.05,
+        momentum=0.9,
+        **({"fused": True} if name == "sgd_momentum_fused" else {"foreach": True}),
+    )
+
+
+def functrain_optimizer(name: str) -> ft.Transform:
+    if name.startswith("adamw"):
+        return ft.adamw(1e-2, fused=name == "adamw_fused")
+    return ft.sgd(0.05, momentum=0.9, fused=name == "sgd_momentum_fused")
+
+
+# ---------------------------------------------------------------- equivalence with the hand-written
+# loop
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adamw_fused", "sgd_momentum", "sgd_momentum_fused"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_fifty_steps_equal_the_torch_loop_bit_for_bit(arch: str, opt: str) -> None:
+    model = MODELS[arch]()
+    reference = copy.deepcopy(model)
+    torch_opt = reference_optimizer(opt, reference.parameters())
+    state = ft.TrainState.create(model, functrain_optimizer(opt), cross_entropy_loss_fn)
+    for batch in batches(model, 50):
+        state, metrics = ft.train_step(state, batch)
+        loss = cross_entropy_loss_fn(reference, batch)
+        loss.backward()
+        torch_opt.step()
+        torch_opt.zero_grad()
+        assert torch.equal(metrics["loss"], loss.detach())
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p), name
+    for name, b in reference.named_buffers():
+        assert torch.equal(state.buffers[name], b), name
+    assert int(state.step) == 50 and int(state.samples_seen) == 400 and int(state.epoch_step) == 50
+    if arch == "cnn":
+        assert int(state.buffers["1.num_batches_tracked"]) == 50
+
+
+def test_metrics_equal_the_reference_values() -> None:
+    model = make_mlp()
+    reference = copy.deepcopy(model)
+    state = ft.TrainState.create(model, ft.sgd(0.05), cross_entropy_with_accuracy)
+    batch = batches(model, 1)[0]
+    _, metrics = ft.train_step(state, batch)
+    loss, aux = cross_entropy_with_accuracy(reference, batch)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
+    assert set(metrics) == {"loss", "grad_norm", "lr", "skipped", "acc"}
+    for value in metrics.values():
+        assert isinstance(value, torch.Tensor) and value.shape == ()
+    assert torch.equal(metrics["loss"], loss.detach())
+    assert torch.equal(metrics["acc"], aux["acc"])
+    assert torch.allclose(metrics["grad_norm"], norm, rtol=1e-6, atol=0)
+    assert metrics["lr"].dtype == torch.float32 and torch.equal(metrics["lr"], torch.tensor(0.05))
+    assert torch.equal(metrics["skipped"], torch.tensor(0.0))
+
+
+# ---------------------------------------------------------------- purity and determinism
+
+
+PURITY_CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
+    "mlp-adamw": (make_mlp, {}),
+    "cnn-dropout-ema-clip": (make_cnn_dropout, {"ema_decay": 0.9, "clip_grad_norm": 0.5}),
+    "mlp-accumulate": (make_mlp, {"accumulate_steps": 2, "max_consecutive_nonfinite": 3}),
+    "mlp-fp16": (make_mlp, {"precision": "fp16"}),
+    "cnn-dropout-fused-clip": (make_cnn_dropout, {"fused": True, "clip_grad_norm": 0.5}),
+    "mlp-fused-fp16": (make_mlp, {"fused": True, "precision": "fp16"}),
+}
+
+
+def purity_state(case: str, loss: Callable) -> tuple[nn.Module, ft.TrainState]:
+    make, options = PURITY_CASES[case]
+    options = dict(options)
+    model = make()
+    return model, ft.TrainState.create(
+        model, ft.adamw(1e-2, fused=options.pop("fused", False)), loss, **options
+    )
+
+
+@pytest.mark.parametrize("case", list(PURITY_CASES))
+def test_train_step_never_modifies_its_input_state(case: str) -> None:
+    model, state = purity_state(case, cross_entropy_loss_fn)
+    module_before = {k: v.clone() for k, v in model.state_dict().items()}
+    for batch in batches(model, 3):
+        snap = snapshot(state)
+        new, _ = ft.train_step(state, batch)
+        assert_unchanged(snap)
+        state = new
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, module_before[name]), name
+
+
+@pytest.mark.parametrize("case", list(PURITY_CASES))
+def test_same_state_and_batch_give_bit_identical_results(case: str) -> None:
+    model, state = purity_state(case, cross_entropy_with_accuracy)
+    for batch in batches(model, 3):
+        torch.manual_seed(1)  # the caller's RNG plays no part
+        first, m1 = ft.train_step(state, batch)
+        torch.manual_seed(2)
+        second, m2 = ft.train_step(state, batch)
+        assert_trees_equal(first, second)
+        assert_trees_equal(m1, m2)
+        state = first
+
+
+class MaskRecorder(nn.Module):
+    """A linear layer followed by dropout on a fixed ones tensor, so the mask itself can be seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 1)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.drop(torch.ones(64))
+
+
+def recording_loss(masks: list[torch.Tensor]):
+    def fn(model, x):
+        out, mask = model(x)
+        masks.append(mask.detach().clone())
+        return out.pow(2).mean()
+
+    return fn
+
+
+def test_dropout_masks_come_from_the_state_rng() -> None:
+    masks: list[torch.Tensor] = []
+    state = ft.TrainState.create(MaskRecorder(), ft.sgd(0.1), recording_loss(masks), seed=3)
+    x = torch.ones(2, 4)
+    torch.manual_seed(10)
+    s1, _ = ft.train_step(state, x)
+    torch.manual_seed(20)
+    again, _ = ft.train_step(state, x)
+    s2, _ = ft.train_step(s1, x)
+    first, repeated, second = masks
+    assert torch.equal(first, repeated)
+    assert not torch.equal(first, second)
+    assert set(first.unique().tolist()) == {0.0, 2.0}  # a real mask: some dropped, some kept
+    assert torch.equal(s1.rng, again.rng) and not torch.equal(s1.rng, state.rng)
+    other_seed = ft.TrainState.create(MaskRecorder(), ft.sgd(0.1), recording_loss(masks), seed=4)
+    ft.train_step(other_seed, x)
+    assert not torch.equal(masks[-1], first)
+    # the mask is what the state's generator draws, seeded by `seed`
+    gen = torch.Generator().manual_seed(3)
+    expected = torch.empty(64).bernoulli_(0.5, generator=gen).div_(0.5)
+    assert torch.equal(first, expected)
+
+
+def test_caller_rng_is_untouched_by_train_and_eval_steps() -> None:
+    model = make_mlp(dropout=0.5)
+    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn)
+    batch = batches(model, 1)[0]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    state, _ = ft.train_step(state, batch)
+    assert torch.equal(torch.get_rng_state(), before)
+    ft.eval_step(state, batch)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("failure", ["batch", "loss", "nonfinite"])
+def test_caller_rng_and_module_mode_are_restored_after_a_step_that_raises(failure: str) -> None:
+    model = make_mlp(dropout=0.5).eval()
+
+    def bad_loss(m, batch):
+        x, y = batch
+        logits = m(x)  # draws dropout masks from the state's generator before failing
+        if failure == "batch":
+            return F.cross_entropy(logits, y[:1])
+        if failure == "loss":
+            return logits
+        return F.cross_entropy(logits, y) * float("nan")
+
+    state = ft.TrainState.create(model, ft.sgd(0.1), bad_loss, nonfinite="halt")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    snap = snapshot(state)
+    errors = {"batch": ft.BatchError, "loss": ft.LossError, "nonfinite": ft.NonFiniteError}
+    with pytest.raises(errors[failure]):
+        ft.train_step(state, batches(model, 1)[0])
+    assert torch.equal(torch.get_rng_state(), before)
+    assert model.training is False
+    assert_unchanged(snap)
+
+
+def test_batchnorm_statistics_go_to_the_new_state_only() -> None:
+    model = make_cnn()
+    reference = copy.deepcopy(model).train()
+    state = ft.TrainState.create(model, ft.sgd(0.1), cross_entropy_loss_fn)
+    batch = batches(model, 1)[0]
+    new, _ = ft.train_step(state, batch)
+    reference(batch[0])
+    assert torch.equal(state.buffers["1.running_mean"], torch.zeros(4))
+    assert torch.equal(state.buffers["1.running_var"], torch.ones(4))
+    assert int(state.buffers["1.num_batches_tracked"]) == 0
+    assert torch.equal(new.buffers["1.running_mean"], reference[1].running_mean)
+    assert torch.equal(new.buffers["1.running_var"], reference[1].running_var)
+    assert int(new.buffers["1.num_batches_tracked"]) == 1
+    assert torch.equal(model[1].running_mean, torch.zeros(4))
+
+
+@pytest.mark.parametrize("initially_training", [True, False])
+def test_module_mode_is_set_during_each_call_and_restored_after(initially_training: bool) -> None:
+    seen: list[tuple[bool, bool]] = []
+
+    def spy(m, batch):
+        seen.append((m.module.training, torch.is_grad_enabled()))
+        return cross_entropy_loss_fn(m, batch)
+
+    model = make_cnn_dropout().train(initially_training)
+    state = ft.TrainState.create(model, ft.sgd(0.1), spy)
+    batch = batches(model, 1)[0]
+    state, _ = ft.train_step(state, batch)
+    assert model.training is initially_training
+    assert all(m.training is initially_training for m in model.modules())
+    ft.eval_step(state, batch)
+    assert model.training is initially_training
+    assert all(m.training is initially_training for m in model.modules())
+    assert seen == [(True, True), (False, False)]
+
+
+# ---------------------------------------------------------------- eval_step
+
+
+def test_eval_step_runs_in_eval_mode_without_gradients_and_changes_nothing() -> None:
+    model = make_cnn_dropout()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_with_accuracy)
+    for batch in batches(model, 3):
+        state, _ = ft.train_step(state, batch)
+    x, y = batches(model, 1, seed=7)[0]
+    requires_grad: list[bool] = []
+
+    def spy(m, batch):
+        loss, aux = cross_entropy_with_accuracy(m, batch)
+        requires_grad.append(loss.requires_grad)
+        return loss, aux
+
+    state = state.replace(loss_fn=spy)
+    snap = snapshot(state)
+    first = ft.eval_step(state, (x, y))
+    second = ft.eval_step(state, (x, y))
+    assert_unchanged(snap)
+    assert set(first) == {"loss", "acc"}
+    assert_trees_equal(first, second)
+    assert requires_grad == [False, False]
+    exported = state.export_module()  # eval mode: dropout off, BatchNorm on running statistics
+    loss, aux = cross_entropy_with_accuracy(exported, (x, y))
+    assert torch.equal(first["loss"], loss.detach()) and torch.equal(first["acc"], aux["acc"])
+    train_mode = copy.deepcopy(exported).train()
+    train_mode[4].p = 0.0  # dropout off, BatchNorm on batch statistics
+    assert not torch.allclose(first["loss"], cross_entropy_with_accuracy(train_mode, (x, y))[0])
+
+
+def test_eval_step_with_ema_uses_the_average() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.sgd(0.5), cross_entropy_loss_fn, ema_decay=0.5)
+    for batch in batches(model, 3):
+        state, _ = ft.train_step(state, batch)
+    batch = batches(model, 1, seed=9)[0]
+    with_ema = ft.eval_step(state, batch, use_ema=True)["loss"]
+    without = ft.eval_step(state, batch)["loss"]
+    assert torch.equal(
+        with_ema, cross_entropy_loss_fn(state.export_module(use_ema=True), batch).detach()
+    )
+    assert torch.equal(without, cross_entropy_loss_fn(state.export_module(), batch).detach())
+    assert not torch.equal(with_ema, without)
+
+
+def test_eval_step_with_ema_requires_ema() -> None:
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), cross_entropy_loss_fn)
+    with pytest.raises(
+        ft.ConfigError, match=r"eval_step\(use_ema=True\) needs a state created with ema_decay"
+    ):
+        ft.eval_step(state, batches(make_mlp(), 1)[0], use_ema=True)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_accumulated_micro_batches_equal_one_step_on_the_whole_batch(opt: str) -> None:
+    k = 4
+    model = make_mlp()
+    tx = ft.sgd(0.1, momentum=0.9) if opt == "sgd" else ft.adamw(1e-2)
+    acc = ft.TrainState.create(model, tx, cross_entropy_loss_fn, accumulate_steps=k)
+    full = ft.TrainState.create(model, tx, cross_entropy_loss_fn)
+    for xs, ys in batches(model, 3, n=16):
+        start = {name: p.clone() for name, p in acc.params.items()}
+        for i in range(k):
+            acc, metrics = ft.train_step(acc, (xs[4 * i : 4 * i + 4], ys[4 * i : 4 * i + 4]))
+            assert int(acc.micro_step) == (i + 1) % k
+            if i < k - 1:  # parameters stay put inside the window
+                for name, p in acc.params.items():
+                    assert torch.equal(p, start[name])
+        full, _ = ft.train_step(full, (xs, ys))
+        assert int(acc.step) == int(full.step)
+        for name, p in full.params.items():
+            assert not torch.equal(p, start[name])
+            torch.testing.assert_close(acc.params[name], p, rtol=1e-5, atol=1e-6)
+    assert int(acc.step) == 3 and int(acc.micro_step) == 0
+    assert int(acc.epoch_step) == 12 and int(acc.samples_seen) == 48
+
+
+def test_accumulation_updates_ema_once_per_window() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(
+        model, ft.sgd(0.5), cross_entropy_loss_fn, accumulate_steps=2, ema_decay=0.5
+    )
+    average = {k: v.clone() for k, v in state.params.items()}
+    for i, batch in enumerate(batches(model, 4)):
+        state, _ = ft.train_step(state, batch)
+        if i % 2 == 1:
+            average = {k: torch.lerp(average[k], state.params[k], 0.5) for k in average}
+        for name, value in state.ema_params.items():
+            assert torch.equal(value, average[name])
+    assert int(state.ema_state.count) == 2
+
+
+# ---------------------------------------------------------------- non-finite gradients
+
+
+def nan_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batches(model, 1, seed=5)[0]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x, y
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "adamw_fused"])
+def test_nonfinite_step_is_skipped_as_a_counted_no_op(opt: str) -> None:
+    model = make_mlp()
+    tx = {
+        "sgd": ft.sgd(0.1, momentum=0.9),
+        "adamw": ft.adamw(1e-2),
+        "adamw_fused": ft.adamw(1e-2, fused=True),
+    }[opt]
+    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn)
+    good, bad = batches(model, 2)
+    state, _ = ft.train_step(state, good)
+    skipped, metrics = ft.train_step(state, nan_batch(model))
+    assert_trees_equal(skipped.params, state.params)
+    assert isinstance(skipped.opt_state, SkipNonfiniteState)
+    assert_trees_equal(skipped.opt_state.inner, state.opt_state.inner)  # the optimizer's own state
+    assert int(skipped.opt_state.total_skipped) == 1 and int(skipped.opt_state.consecutive) == 1
+    assert int(skipped.skipped) == 1 and int(skipped.step) == 2
+    assert torch.equal(metrics["skipped"], torch.tensor(1.0))
+    assert torch.isnan(metrics["loss"]) and torch.isnan(metrics["grad_norm"])
+    # the next good step continues as if the bad batch had not been there
+    after_skip, m_after = ft.train_step(skipped, bad)
+    direct, _ = ft.train_step(state, bad)
+    assert_trees_equal(after_skip.params, direct.params)
+    assert torch.equal(m_after["skipped"], torch.tensor(0.0))
+    assert int(after_skip.skipped) == 1
+
+
+def test_a_nonfinite_micro_batch_skips_its_whole_window_and_counters_stay_on_the_window() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(
+        model, ft.sgd(0.5), cross_entropy_loss_fn, accumulate_steps=2, ema_decay=0.5
+    )
+    plan = [nan_batch(model), *batches(model, 5)]
+    moved_at: list[int] = []
+    for batch in plan:
+        before = state.params["0.weight"]
+        state, _ = ft.train_step(state, batch)
+        if not torch.equal(state.params["0.weight"], before):
+            moved_at.append(int(state.micro_step))
+    assert moved_at and set(moved_at) == {
+        0
+    }  # parameters move only where the state says a window ends
+    assert int(state.skipped) == 1
+    assert int(state.ema_state.count) == len(
+        moved_at
+    )  # the average follows the updates actually applied
+
+
+def test_nonfinite_halt_raises_on_cpu() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.sgd(0.1), cross_entropy_loss_fn, nonfinite="halt")
+    state, _ = ft.train_step(state, batches(model, 1)[0])
+    with pytest.raises(
+        ft.NonFiniteError,
+        match=r"1 consecutive steps had non-finite gradients \(limit max_consecutive=0\)",
+    ):
+        ft.train_step(state, nan_batch(model))
+
+
+def test_skip_raises_after_max_consecutive_nonfinite_steps() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1), cross_entropy_loss_fn, max_consecutive_nonfinite=2
+    )
+    for _ in range(2):
+        state, metrics = ft.train_step(state, nan_batch(model))
+        assert torch.equal(metrics["skipped"], torch.tensor(1.0))
+    with pytest.raises(
+        ft.NonFiniteError,
+        match=r"3 consecutive steps had non-finite gradients \(limit max_consecutive=2\)",
+    ):
+        ft.train_step(state, nan_batch(model))
+    state, _ = ft.train_step(state, batches(model, 1)[0])  # a finite step resets the run
+    state, _ = ft.train_step(state, nan_batch(model))
+    assert int(state.skipped) == 3
+
+
+def test_nonfinite_none_applies_the_nan_update() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.sgd(0.1), cross_entropy_loss_fn, nonfinite="none")
+    new, metrics = ft.train_step(state, nan_batch(model))
+    assert torch.isnan(new.params["0.weight"]).any()
+    assert torch.equal(metrics["skipped"], torch.tensor(0.0)) and int(new.skipped) == 0
+
+
+# ---------------------------------------------------------------- clipping, EMA, mixed precision
+
+
+def test_clip_grad_norm_clips_like_torch_and_reports_the_norm_before_clipping() -> None:
+    model = make_mlp()
+    reference = copy.deepcopy(model)
+    torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, foreach=True)
+    state = ft.TrainState.create(model, ft.sgd(0.1), cross_entropy_loss_fn, clip_grad_norm=0.1)
+    unclipped, _ = ft.train_step(
+        ft.TrainState.create(model, ft.sgd(0.1), cross_entropy_loss_fn), batches(model, 1)[0]
+    )
+    clipped, _ = ft.train_step(state, batches(model, 1)[0])
+    assert not torch.equal(unclipped.params["0.weight"], clipped.params["0.weight"])
+    for batch in batches(model, 5):
+        state, metrics = ft.train_step(state, batch)
+        cross_entropy_loss_fn(reference, batch).backward()
+        total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        torch_opt.step()
+        torch_opt.zero_grad()
+        assert total > 0.1  # the clip is active
+        assert torch.equal(metrics["grad_norm"], total)
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_ema_params_are_the_lerp_average_of_the_trajectory() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, ema_decay=0.9)
+    average = {k: v.clone() for k, v in state.params.items()}
+    for name, value in state.ema_params.items():
+        assert torch.equal(value, average[name])
+    for batch in batches(model, 5):
+        state, _ = ft.train_step(state, batch)
+        average = {k: torch.lerp(average[k], state.params[k], 0.1) for k in average}
+    assert list(state.ema_params) == list(state.params)
+    for name, value in state.ema_params.items():
+        assert torch.equal(value, average[name]), name
+        assert not torch.equal(value, state.params[name])
+
+
+def test_bf16_runs_the_loss_under_autocast() -> None:
+    dtypes: list[torch.dtype] = []
+
+    def spy(m, batch):
+        x, y = batch
+        logits = m(x)
+        dtypes.append(logits.dtype)
+        return F.cross_entropy(logits, y), {
+            "logits_are_bf16": torch.tensor(logits.dtype == torch.bfloat16)
+        }
+
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), spy, precision="bf16")
+    new, metrics = ft.train_step(state, batches(model, 1)[0])
+    assert dtypes == [torch.bfloat16]
+    assert bool(metrics["logits_are_bf16"])
+    assert metrics["loss"].dtype == torch.float32 and torch.isfinite(metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in new.params.values())
+    assert not torch.equal(new.params["0.weight"], state.params["0.weight"])
+    ft.eval_step(new, batches(model, 1)[0])
+    assert dtypes[-1] == torch.bfloat16
+
+
+def test_fp16_reports_the_loss_scale_and_halves_it_on_overflow() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, precision="fp16")
+    state, metrics = ft.train_step(state, batches(model, 1)[0])
+    assert set(metrics) == {"loss", "grad_norm", "lr", "skipped", "loss_scale"}
+    assert torch.equal(metrics["loss_scale"], torch.tensor(65536.0))
+    assert torch.equal(metrics["skipped"], torch.tensor(0.0))
+    x, y = batches(model, 1, seed=3)[0]
+    overflow, metrics = ft.train_step(state, (x * 1e30, y))  # float16 overflows to inf
+    assert torch.equal(metrics["skipped"], torch.tensor(1.0))
+    assert torch.equal(metrics["loss_scale"], torch.tensor(32768.0))  # the scale for the next step
+    assert int(overflow.skipped) == 1
+    assert_trees_equal(overflow.params, state.params)
+    assert_trees_equal(overflow.opt_state.inner, state.opt_state.inner)
+    recovered, metrics = ft.train_step(overflow, (x, y))
+    assert torch.equal(metrics["loss_scale"], torch.tensor(32768.0))
+    assert torch.equal(metrics["skipped"], torch.tensor(0.0))
+    assert not torch.equal(recovered.params["0.weight"], overflow.params["0.weight"])
+
+
+# ---------------------------------------------------------------- no host sync
+
+
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "tolist")
+
+
+class HostRead(AssertionError):
+    pass
+
+
+def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in HOST_READS:
+
+        def boom(*args: Any, _name: str = name, **kwargs: Any) -> Any:
+            raise HostRead(f"Tensor.{_name} called inside a step")
+
+        monkeypatch.setattr(torch.Tensor, name, boom)
+
+
+def run_without_host_reads(
+    monkeypatch: pytest.MonkeyPatch, loss: Callable = cross_entropy_with_accuracy, **options: Any
+) -> dict[str, torch.Tensor]:
+    model = make_cnn_dropout()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), loss, **options)
+    batch = batches(model, 1)[0]
+    state, _ = ft.train_step(state, batch)  # warm up outside the check
+    forbid_host_reads(monkeypatch)
+    try:
+        new, metrics = ft.train_step(state, batch)
+        eval_metrics = ft.eval_step(new, batch)
+    finally:
+        monkeypatch.undo()
+    return {**metrics, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"nonfinite": "none"},
+        {"nonfinite": "none", "accumulate_steps": 2, "clip_grad_norm": 1.0, "ema_decay": 0.9},
+        {"precision": "fp16"},
+        {"precision": "bf16", "nonfinite": "none"},
+    ],
+    ids=["plain", "accumulate-clip-ema", "fp16", "bf16"],
+)
+def test_steps_read_nothing_back_to_the_host(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    metrics = run_without_host_reads(monkeypatch, **options)
+    assert set(metrics) >= {"loss", "grad_norm", "lr", "skipped", "acc", "eval_loss", "eval_acc"}
+    assert float(metrics["loss"]) > 0  # the patch is undone
+
+
+def test_default_skip_without_a_cap_reads_nothing_back_to_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    metrics = run_without_host_reads(monkeypatch, nonfinite="skip", max_consecutive_nonfinite=None)
+    assert torch.equal(metrics["skipped"], torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("read", HOST_READS)
+def test_the_host_read_guard_catches_a_read(monkeypatch: pytest.MonkeyPatch, read: str) -> None:
+    # the guard above must be able to fail: a loss function that reads a value back trips it
+    def syncing(m, batch):
+        loss, aux = cross_entropy_with_accuracy(m, batch)
+        getattr(aux["acc"], read)()
+        return loss, aux
+
+    with pytest.raises(HostRead, match=f"Tensor.{read} called inside a step"):
+        run_without_host_reads(monkeypatch, syncing, nonfinite="none")
+    assert float(torch.tensor(1.5)) == 1.5
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_loss_that_is_not_a_scalar_is_a_loss_error() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b[0]))
+    with pytest.raises(
+        ft.LossError,
+        match=re.escape(
+            "loss_fn must return a scalar floating-point tensor (or (loss, metrics)), got "
+            "Tensor[8, 3] torch.float32"
+        ),
+    ):
+        ft.train_step(state, batches(model, 1)[0])
+    state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: 1.0)
+    with pytest.raises(
+        ft.LossError, match="scalar floating-point tensor .*, got float; reduce the loss"
+    ):
+        ft.train_step(state, batches(model, 1)[0])
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1), lambda m, b: (m(b[0]).argmax(-1) == b[1]).sum()
+    )
+    with pytest.raises(ft.LossError, match=r"got Tensor\[\] torch\.int64"):
+        ft.train_step(state, batches(model, 1)[0])
+
+
+def test_metrics_that_are_not_tensors_are_a_loss_error() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(
+        model,
+        ft.sgd(0.1),
+        lambda m, b: (cross_entropy_loss_fn(m, b), {"acc": 0.5, "n": torch.tensor(1)}),
+    )
+    with pytest.raises(
+        ft.LossError,
+        match=re.escape(
+            "loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call "
+            ".item()), got {'acc': 'float'}"
+        ),
+    ):
+        ft.train_step(state, batches(model, 1)[0])
+    with pytest.raises(ft.LossError, match="metrics must be a dict of tensors"):
+        ft.eval_step(state, batches(model, 1)[0])
+
+
+def test_batch_the_loss_cannot_use_is_a_batch_error_showing_its_structure() -> None:
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.sgd(0.1), cross_entropy_loss_fn)
+    wrong_width = (torch.randn(4, 3), torch.zeros(4, dtype=torch.int64))
+    expected = re.escape(
+        "loss_fn failed on a batch of structure (Tensor[4, 3] float32, Tensor[4] int64): "
+        "RuntimeError"
+    )
+    with pytest.raises(ft.BatchError, match=expected) as info:
+        ft.train_step(state, wrong_width)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ft.BatchError, match=expected):
+        ft.eval_step(state, wrong_width)
+    as_dict = {"x": torch.randn(4, 6), "y": torch.zeros(4, dtype=torch.int64)}
+    with pytest.raises(
+        ft.BatchError,
+        match=re.escape("structure {x: Tensor[4, 6] float32, y: Tensor[4] int64}: TypeError"),
+    ):
+        ft.train_step(state, as_dict)
+
+
+def test_loss_that_ignores_the_parameters_is_a_loss_error() -> None:
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), lambda m, b: b[0].sum())
+    with pytest.raises(ft.LossError, match="the loss does not depend on any trainable parameter"):
+        ft.train_step(state, batches(make_mlp(), 1)[0])
+
+
+def test_train_step_on_something_else_than_a_state_is_a_config_error() -> None:
+    with pytest.raises(
+        ft.ConfigError,
+        match="train_step expects a functrain.TrainState as its first argument, got dict",
+    ):
+        ft.train_step({}, None)  # type: ignore[arg-type]
+
+
+def test_errors_share_the_functrain_base_class() -> None:
+    for error in (ft.ConfigError, ft.BatchError, ft.LossError, ft.NonFiniteError):
+        assert issubclass(error, ft.FunctrainError)

@@ -1,0 +1,416 @@
+"""Data parallelism on torch.distributed (gloo, 2 processes on CPU), launched like torchrun does."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import functrain as ft
+
+WORKER = Path(__file__).parent / "workers" / "worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import worker  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, *args: str) -> None:
+    # the workers import this checkout's functrain, whatever the environment has installed
+    root = str(Path(__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "--master_addr=127.0.0.1",
+            str(WORKER),
+            *args,
+        ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_ranks_with_half_batches_match_one_process_and_each_other(tmp_path: Path) -> None:
+    launch(2, "steps", str(tmp_path))
+    rank0, _ = ft.load(tmp_path / "rank0")
+    rank1, _ = ft.load(tmp_path / "rank1")
+    for name in rank0["params"]:
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), (
+            name
+        )  # bit-identical ranks
+    # one process on the whole batch, with the NaN rank 1 saw (its first sample is row 8 of the
+    # batch)
+    state = ft.TrainState.create(worker.mlp(0), ft.adamw(1e-2), worker.loss_fn)
+    for i, (x, y) in enumerate(worker.batches(20)):
+        if i == 5:
+            x = x.clone()
+            x[8, 0] = float("nan")
+        state, _ = ft.train_step(state, (x, y))
+    for name, p in state.params.items():
+        torch.testing.assert_close(rank0["params"][name], p, rtol=1e-6, atol=1e-7)
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip_that_step(tmp_path: Path) -> None:
+    launch(2, "steps", str(tmp_path))
+    for rank in (0, 1):
+        tree, _ = ft.load(tmp_path / f"rank{rank}")
+        skipped = [float(m["skipped"]) for m in tree["metrics"]]
+        assert skipped == [1.0 if i == 5 else 0.0 for i in range(20)]
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_a_run_checkpointed_on_n_ranks_resumes_on_m_ranks(
+    tmp_path: Path, first: int, then: int
+) -> None:
+    straight = tmp_path / "straight"
+    launch(1, "fit", str(straight), "0", "0")
+    resumed = tmp_path / "resumed"
+    launch(first, "fit", str(resumed), "9", "0")  # stopped mid-epoch 1 (6 batches per epoch)
+    launch(then, "fit", str(resumed), "0", "1")
+    want, _ = ft.load(straight / "rank0")
+    got, _ = ft.load(resumed / "rank0")
+    for name, p in want["params"].items():
+        torch.testing.assert_close(got["params"][name], p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["val"], want["val"], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_on_two_ranks_writes_one_set_of_checkpoints_and_one_log(tmp_path: Path) -> None:
+    launch(2, "fit", str(tmp_path), "0", "0")
+    checkpoints = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert [n for n in checkpoints if n.startswith(".tmp-")] == []
+    regular = [n for n in checkpoints if n.startswith("ckpt-")]
+    assert len(regular) == len(set(regular)) > 0
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # written once, by rank 0
+    a, _ = ft.load(tmp_path / "rank0")
+    b, _ = ft.load(tmp_path / "rank1")
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+def test_ranks_that_build_different_models_get_a_clear_error(tmp_path: Path) -> None:
+    launch(2, "mismatch", str(tmp_path))
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}" / "error.txt").read_text()
+        assert "disagree on the model structure" in text
+
+
+def test_a_global_batch_the_world_size_does_not_divide_is_refused(tmp_path: Path) -> None:
+    launch(2, "indivisible", str(tmp_path))
+    text = (tmp_path / "rank0" / "error.txt").read_text()
+    assert "batch_size=15 (global) must be divisible by world_size=2" in text
+
+
+def test_each_rank_stores_and_resumes_its_own_streams_state(tmp_path: Path) -> None:
+    launch(2, "stream", str(tmp_path))
+    for rank in (0, 1):
+        got, _ = ft.load(tmp_path / f"rank{rank}")
+        # every rank holds both ranks' states, each naming its rank (a mixed-up load would fail)
+        assert got["saved"] == [{"rank": 0, "next": 16}, {"rank": 1, "next": 16}]
+        assert got["reads"] == [
+            16,
+            20,
+            0,
+            4,
+            8,
+            12,
+        ]  # from the 5th batch of its own stream: none read again
+        for name, p in got["straight"].items():
+            assert torch.equal(got["resumed"][name], p), name
+
+
+def test_each_rank_resumes_its_distributed_samplers_dataloader_exactly_loading_nothing_again(
+    tmp_path: Path,
+) -> None:
+    launch(2, "loader", str(tmp_path))
+    for rank in (0, 1):
+        got, _ = ft.load(tmp_path / f"rank{rank}")
+        assert (
+            got["reads"] == (14 - 9) * 8
+        )  # from the 4th batch of the second epoch: none read again
+        assert [r["epoch"] for r in got["saved"]] == [2, 2] and got["saved"][0]["order"] != got[
+            "saved"
+        ][1]["order"]  # each rank its own indices
+        for name, p in got["straight"].items():
+            assert torch.equal(got["resumed"][name], p), name
+
+
+def reference_run(optimizer: ft.Transform, world: int) -> dict[str, torch.Tensor]:
+    """One process on the whole batches, with the NaN the last rank saw (its first sample)."""
+    state = ft.TrainState.create(worker.mlp(0), optimizer, worker.loss_fn)
+    for i, (x, y) in enumerate(worker.batches(20)):
+        if i == 5:
+            x = x.clone()
+            x[(world - 1) * (x.shape[0] // world), 0] = float("nan")
+        state, _ = ft.train_step(state, (x, y))
+    return state.params
+
+
+def assert_trees_close(
+    got: dict[str, torch.Tensor],
+    want: dict[str, torch.Tensor],
+    what: str,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
+    assert sorted(got) == sorted(want), what
+    for name, value in want.items():
+        torch.testing.assert_close(
+            got[name], value, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{what} {n}: {m}"
+        )
+
+
+@pytest.fixture(scope="module")
+def sharded_on_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One launch of the "sharded" scenario on 2 ranks, read by several tests."""
+    out = tmp_path_factory.mktemp("sharded2")
+    launch(2, "sharded", str(out))
+    return out
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_sharded_modes_match_one_process_and_the_replicated_mode_and_skip_a_nan_together(
+    tmp_path: Path, nproc: int, request: pytest.FixtureRequest
+) -> None:
+    if nproc == 2:
+        tmp_path = request.getfixturevalue("sharded_on_two")
+    else:
+        launch(nproc, "sharded", str(tmp_path))
+    ranks = [ft.load(tmp_path / f"rank{r}")[0] for r in range(nproc)]
+    for name, optimizer in (("adamw", ft.adamw(1e-2)), ("sgd", ft.sgd(0.05, momentum=0.9))):
+        alone = {f"params/{k}": v for k, v in reference_run(optimizer, nproc).items()}
+        for mode in worker.MODES:
+            key = f"{name}/{mode}"
+            assert_trees_close(ranks[0][key]["tree"], alone, f"{key} vs one process")
+            assert_trees_close(
+                ranks[0][key]["tree"], ranks[0][f"{name}/None"]["tree"], f"{key} vs replicated"
+            )
+            for r in range(nproc):
+                assert all(
+                    torch.equal(ranks[r][key]["tree"][k], v)
+                    for k, v in ranks[0][key]["tree"].items()
+                ), f"{key}: rank {r} gathers other values"
+                assert ranks[r][key]["skipped"].tolist() == [
+                    1.0 if i == 5 else 0.0 for i in range(20)
+                ], f"{key} rank {r}"
+    if nproc == 2:
+        # BatchNorm, dropout, frozen and tied weights, a 0-d parameter, accumulation, clipping, EMA,
+        # bf16, fp16, eval_step
+        for case in ("accumulate-clip-ema", "bf16", "fp16"):
+            want = ranks[0][f"{case}/None"]
+            for mode in ("optimizer", "full"):
+                got = ranks[0][f"{case}/{mode}"]
+                # autocast caches the half-precision copy of a leaf parameter only: a gathered
+                # ("full")
+                # tied weight is cast at each use, so its two gradients add in float32, not in half
+                rtol, atol = (
+                    (1e-3, 1e-4)
+                    if case != "accumulate-clip-ema" and mode == "full"
+                    else (1e-5, 1e-6)
+                )
+                assert_trees_close(got["tree"], want["tree"], f"{case}/{mode}", rtol, atol)
+                torch.testing.assert_close(got["eval"], want["eval"], rtol=rtol, atol=atol)
+
+
+def test_full_sharding_gathers_each_weight_where_it_is_used_and_again_in_the_backward(
+    sharded_on_two: Path,
+) -> None:
+    got = ft.load(sharded_on_two / "rank0")[0]
+    assert_trees_close(got["per_use/full"]["tree"], got["per_use/None"]["tree"], "per_use/full")
+    torch.testing.assert_close(
+        got["per_use/full"]["eval"], got["per_use/None"]["eval"], rtol=1e-5, atol=1e-6
+    )
+    # after the forward only the last layer's weight is whole (kept for the backward, which needs it
+    # first); gathering everything up front would leave all four
+    assert int(got["per_use/full/alive"]) == 1 and int(got["per_use/None/alive"]) == 0
+    # forward: proj (through .T) and 4 weights + 4 biases; backward: the saved weights of layers 1-3
+    # again (layer 4's was kept, proj's is not needed: the batch takes no gradient)
+    assert int(got["per_use/full/gathers"]) == 9 + 3
+    # reshard_after_forward=False: the backward uses what the forward gathered (layers 1-4 held
+    # whole)
+    assert_trees_close(
+        got["per_use/full-kept"]["tree"], got["per_use/None"]["tree"], "per_use/full-kept"
+    )
+    assert int(got["per_use/full-kept/gathers"]) == 9 and int(got["per_use/full-kept/alive"]) == 4
+
+
+def test_compiled_steps_on_sharded_states_match_the_eager_ones_and_one_process(
+    sharded_on_two: Path,
+) -> None:
+    ranks = [ft.load(sharded_on_two / f"rank{r}")[0] for r in range(2)]
+    alone = {f"params/{k}": v for k, v in reference_run(ft.adamw(1e-2), 2).items()}
+    for mode in ("optimizer", "full"):
+        for r, got in enumerate(ranks):
+            # 20 steps, donated after the first, a NaN on rank 1 at step 5: every rank skips it
+            compiled = got[f"compiled-adamw/{mode}"]
+            assert_trees_close(
+                compiled["tree"],
+                got[f"adamw/{mode}"]["tree"],
+                f"compiled {mode} vs eager, rank {r}",
+            )
+            assert_trees_close(compiled["tree"], alone, f"compiled {mode} vs one process, rank {r}")
+            assert compiled["skipped"].tolist() == [1.0 if i == 5 else 0.0 for i in range(20)], (
+                f"{mode} rank {r}"
+            )
+            # BatchNorm buffers, dropout, a 0-d parameter, tied and frozen weights, accumulation,
+            # clipping, EMA
+            features = got[f"compiled-features/{mode}"]["tree"]
+            assert_trees_close(
+                features,
+                got[f"accumulate-clip-ema/{mode}"]["tree"],
+                f"compiled features {mode}, rank {r}",
+            )
+            assert bool(got[f"compiled-pure/{mode}"]), (
+                f"compiled {mode}: the given state or the caller's RNG changed"
+            )
+            assert "donate=True" in got[f"compiled-donated/{mode}"], got[f"compiled-donated/{mode}"]
+    for r, got in enumerate(ranks):  # autocast, the loss scale, a sharded EMA
+        assert_trees_close(
+            got["compiled-fp16/full"]["tree"],
+            got["fp16/full"]["tree"],
+            f"compiled fp16 full, rank {r}",
+        )
+    assert [got["compiled-graphs"].tolist() for got in ranks] == [
+        [5, 0],
+        [5, 0],
+    ]  # graphs, graph breaks
+
+
+def test_sharded_states_fit_generate_export_and_refuse_what_they_cannot_do(
+    sharded_on_two: Path,
+) -> None:
+    tmp_path = sharded_on_two / "extras"
+    for r in (0, 1):
+        got, _ = ft.load(tmp_path / f"rank{r}")
+        for mode in ("optimizer", "full"):
+            assert_trees_close(got[f"fit/{mode}"]["tree"], got["fit/None"]["tree"], f"fit/{mode}")
+            torch.testing.assert_close(
+                got[f"fit/{mode}"]["val"], got["fit/None"]["val"], rtol=1e-5, atol=1e-6
+            )
+            assert torch.equal(got[f"generate/{mode}"], got["generate/None"])
+            assert_trees_close(
+                got[f"grad_stats/{mode}"], got["grad_stats/None"], f"grad_stats/{mode}"
+            )
+        assert all(bool(got[f"rank0_only/{mode}"]) for mode in worker.MODES)
+        assert all(bool(got[f"pure/{mode}"]) for mode in worker.MODES)
+        assert (
+            len(got["grad_stats/None"]) == 13
+        )  # grad_norm, and grad_norm/ and update_ratio/ for inp, bn, a, b, out, temperature
+        assert (
+            "the optimizer muon updates whole matrices"
+            in (tmp_path / f"rank{r}" / "muon.txt").read_text()
+        )
+
+
+def test_sharding_without_a_process_group_or_with_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"sharding='full' needs an initialized torch.distributed process group, got none",
+    ):
+        ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn, sharding="full")
+    with pytest.raises(
+        ft.ConfigError, match=r"sharding must be None, 'optimizer' or 'full', got sharding='zero3'"
+    ):
+        ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn, sharding="zero3")
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"reshard_after_forward=False applies to sharding='full' only .* got "
+        r"sharding='optimizer'",
+    ):
+        ft.TrainState.create(
+            worker.mlp(),
+            ft.adamw(1e-2),
+            worker.loss_fn,
+            sharding="optimizer",
+            reshard_after_forward=False,
+        )
+
+
+def test_what_ranks_exchange_is_data_and_round_trips_tensors_and_json_values() -> None:
+    from functrain.distributed import data_parallel as dp
+
+    value = {
+        "t": ["d", 1],
+        "pos": 3,
+        "seen": torch.arange(3),
+        "nested": ({"x": torch.ones(2, 2, dtype=torch.bfloat16)}, None, "s", 1.5),
+    }
+    blob = dp._encode(value)
+    assert b"pickle" not in blob and not blob[8:].startswith(
+        b"\x80"
+    )  # orjson head, safetensors tail
+    back = dp._decode(blob)
+    assert back["t"] == ["d", 1] and back["pos"] == 3 and torch.equal(back["seen"], torch.arange(3))
+    assert torch.equal(back["nested"][0]["x"], torch.ones(2, 2, dtype=torch.bfloat16)) and back[
+        "nested"
+    ][1:] == [None, "s", 1.5]
+    assert dp._decode(dp._encode({"only": "json"})) == {"only": "json"}
+
+
+def test_a_meta_device_model_is_materialized_a_submodule_at_a_time_as_if_built_normally(
+    tmp_path: Path,
+) -> None:
+    launch(2, "meta", str(tmp_path))
+    ranks = [ft.load(tmp_path / f"rank{r}")[0] for r in range(2)]
+    torch.manual_seed(11)
+    reference = (
+        worker.TiedNet()
+    )  # the same net built normally after torch.manual_seed(create's seed)
+    want = {
+        f"params/{k}": v
+        for k, v in reference.state_dict().items()
+        if "bn.running" not in k and "num_batches" not in k
+    }
+    want |= {f"buffers/{k}": v for k, v in reference.named_buffers()}
+    for mode in ("full", "optimizer"):
+        for r, got in enumerate(ranks):
+            initial = {k: v for k, v in got[f"{mode}/initial"].items() if k in want}
+            assert sorted(initial) == sorted(want), mode
+            assert all(torch.equal(initial[k], v) for k, v in want.items()), (
+                f"{mode} rank {r}: other initial values"
+            )
+            assert_trees_close(
+                got[f"{mode}/trained"],
+                got[f"{mode}/normal"],
+                f"{mode} rank {r}, 5 steps from meta vs normal",
+            )
+            assert all(
+                torch.equal(v, ranks[0][f"{mode}/trained"][k])
+                for k, v in got[f"{mode}/trained"].items()
+            ), f"{mode}: ranks differ"
+            # the optimizer state is made on this rank's rows (15 rows chunk into 8 and 7, 3 into 2
+            # and 1)
+            rows = got[f"{mode}/opt_rows"].tolist()
+            assert len(rows) == 6 and all(mine == (n + 1) // 2 - r * (n % 2) for mine, n in rows), (
+                f"{mode} rank {r}: {rows}"
+            )
+        assert "the ranks disagree on the model structure" in got["mismatch"]
+    # "full": one submodule's weight at most is whole at a time, while it is initialized (the
+    # buffer every submodule reuses); "optimizer" keeps each whole, so they add up
+    for got in ranks:
+        assert int(got["full/whole"]) == 1 and int(got["optimizer/whole"]) == 3

@@ -1,0 +1,640 @@
+"""Run by tests/distributed/test_distributed.py under `torch.distributed.run`: one scenario per
+launch.
+
+Usage: python -m torch.distributed.run --nproc_per_node=N worker.py SCENARIO OUT_DIR
+Each rank writes its results with functrain.save (no pickle) under OUT_DIR/rank<r>.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import functrain as ft
+
+torch.set_num_threads(1)
+
+
+def mlp(seed: int = 0, width: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    return [
+        (torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(96, 6, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+def shard(batch, rank: int, world: int):
+    n = batch[0].shape[0] // world
+    return tuple(t[rank * n : (rank + 1) * n] for t in batch)
+
+
+def rank_batches(rank: int, world: int, n: int = 20):
+    """This rank's part of `batches(n)`, the last rank's first sample NaN at step 5 (one rank
+    only)."""
+    for i, b in enumerate(batches(n)):
+        x, y = shard(b, rank, world)
+        if i == 5 and rank == world - 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        yield x, y
+
+
+class RankStream:
+    """Rank `rank`'s own stream: batches of 4 samples of its half of `dataset()`, 6 a pass; every
+    batch read is recorded in `reads` by its start. Its state names the rank, so a state loaded
+    on another rank fails."""
+
+    def __init__(self, rank: int, reads: list[int]) -> None:
+        self.rank, self.reads, self.next = rank, reads, 0
+        x, y = dataset().tensors
+        self.x, self.y = x[rank * 48 : (rank + 1) * 48], y[rank * 48 : (rank + 1) * 48]
+
+    def __iter__(self):
+        while self.next < 24:
+            i = self.next
+            self.next += 4
+            self.reads.append(i)
+            yield self.x[i : i + 4], self.y[i : i + 4]
+        self.next = 0
+
+    def state_dict(self):
+        return {"rank": self.rank, "next": self.next}
+
+    def load_state_dict(self, state):
+        assert state["rank"] == self.rank, (
+            f"rank {self.rank} given rank {state['rank']}'s data state"
+        )
+        self.next = state["next"]
+
+
+def stream_fit(rank: int, directory: Path, max_steps: int, reads: list[int], resume: bool = False):
+    state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+    return ft.fit(
+        state,
+        RankStream(rank, reads),
+        max_steps=max_steps,
+        checkpoint_dir=directory,
+        save_every=3,
+        resume=resume,
+        progress=False,
+        verbosity="silent",
+    )
+
+
+class Noisy(torch.utils.data.Dataset):
+    """`dataset()`'s rows, each read with noise from torch's global generator; reads recorded by
+    index."""
+
+    def __init__(self, reads: list[int]) -> None:
+        self.x, self.y = dataset().tensors
+        self.reads = reads
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.reads.append(i)
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+def loader_fit(
+    rank: int, world: int, directory: Path, max_steps: int, reads: list[int], resume: bool = False
+):
+    """A DataLoader with a DistributedSampler per rank (48 of the 96 rows each, 6 batches of 8)."""
+    data = Noisy(reads)
+    sampler = torch.utils.data.DistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=True, seed=3
+    )
+    state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+    return ft.fit(
+        state,
+        torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler),
+        max_steps=max_steps,
+        checkpoint_dir=directory,
+        save_every=3,
+        resume=resume,
+        progress=False,
+        verbosity="silent",
+    )
+
+
+MODES = (None, "optimizer", "full")
+
+
+class Features(nn.Module):
+    """BatchNorm, dropout, a frozen bias, tied weights, a 0-d parameter and a row count no world
+    size divides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(
+            6, 15, bias=False
+        )  # a bias before BatchNorm has a zero gradient: Adam would amplify its rounding
+        self.bn = nn.BatchNorm1d(15)
+        self.drop = nn.Dropout(0.2)
+        self.a = nn.Linear(15, 15)
+        self.b = nn.Linear(15, 15)
+        self.b.weight = self.a.weight  # tied
+        self.a.bias.requires_grad_(False)  # frozen
+        self.out = nn.Linear(15, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.bn(self.inp(x))))
+        return self.out(torch.relu(self.b(torch.relu(self.a(h))))) / self.temperature
+
+
+def gathered_tree(state) -> dict:
+    """What a sharded state holds, gathered whole on every rank (plain tensors, comparable across
+    modes)."""
+    module = state.export_module()
+    out = {f"params/{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    if state.ema_state is not None:
+        out |= {
+            f"ema/{k}": v.detach().clone()
+            for k, v in state.export_module(use_ema=True).state_dict().items()
+        }
+    return out
+
+
+def sharded_runs(rank: int, world: int) -> dict:
+    """Each mode x optimizer for 20 steps on this rank's part of the batches, a NaN on the last rank
+    at step 5."""
+    out = {}
+    for mode in MODES:
+        for name, opt in (("adamw", ft.adamw(1e-2)), ("sgd", ft.sgd(0.05, momentum=0.9))):
+            state = ft.TrainState.create(mlp(seed=rank), opt, loss_fn, sharding=mode)
+            skipped = []
+            for batch in rank_batches(rank, world):
+                state, m = ft.train_step(state, batch, donate=mode is not None)
+                skipped.append(m["skipped"])
+            out[f"{name}/{mode}"] = {"tree": gathered_tree(state), "skipped": torch.stack(skipped)}
+    return out
+
+
+def feature_runs(rank: int, world: int) -> dict:
+    """Accumulation, clipping, EMA, bf16, fp16 on the Features model in each mode, plus
+    eval_step."""
+    cases = {
+        "accumulate-clip-ema": dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9),
+        "bf16": dict(precision="bf16", clip_grad_norm=1.0),
+        "fp16": dict(precision="fp16", ema_decay=0.8),
+    }
+    out = {}
+    for case, options in cases.items():
+        for mode in MODES:
+            # SGD in half precision: Adam's normalization would blow rounding differences of
+            # near-zero gradients up to lr
+            optimizer = ft.adamw(1e-2) if "precision" not in options else ft.sgd(0.05, momentum=0.9)
+            state = ft.TrainState.create(
+                Features(), optimizer, loss_fn, sharding=mode, seed=5, **options
+            )
+            for b in batches(6):
+                state, _ = ft.train_step(state, shard(b, rank, world))
+            evaluated = ft.eval_step(state, batches(1)[0], use_ema=state.ema_state is not None)
+            out[f"{case}/{mode}"] = {
+                "tree": gathered_tree(state)
+                | {"buffers/" + k: v for k, v in state.buffers.items()},
+                "eval": evaluated["loss"],
+            }
+    return out
+
+
+class Deep(nn.Module):
+    """A projection used through a transposed view, then four equal layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(16, 6) / 4)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        h = x @ self.proj.T
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return h[:, :3]
+
+
+def per_use_runs(rank: int, world: int) -> dict:
+    """ "full" gathers each weight where it is used: how many are whole after the forward, the
+    gathers of a step, the results."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from functrain.distributed import sharding
+
+    gathered, alive = [], []
+    real = sharding.for_compute
+
+    def recording(t):  # the memory of every weight gathered whole, watched without holding it
+        whole = real(t)
+        if whole.shape == (16, 16):
+            gathered.append(StorageWeakRef(whole.untyped_storage()))
+        return whole
+
+    def counting_loss(model, batch):
+        gathered.clear()
+        loss = loss_fn(model, batch)
+        alive.append(
+            sum(not ref.expired() for ref in gathered)
+        )  # whole weights still in memory after the forward
+        return loss
+
+    sharding.for_compute = recording
+    out = {}
+    for mode in (None, "full", "full-kept"):
+        state = ft.TrainState.create(
+            Deep(),
+            ft.adamw(1e-2),
+            counting_loss,
+            sharding=mode and "full",
+            reshard_after_forward=mode != "full-kept",
+        )
+        for b in batches(5):
+            with CommDebugMode() as comm:
+                state, _ = ft.train_step(state, shard(b, rank, world))
+        out[f"per_use/{mode}/alive"] = torch.tensor(alive[-1])  # of the last step's forward
+        out[f"per_use/{mode}"] = {
+            "tree": gathered_tree(state),
+            "eval": ft.eval_step(state, batches(1)[0])["loss"],
+        }
+        counts = {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
+        out[f"per_use/{mode}/gathers"] = torch.tensor(counts.get("all_gather_into_tensor", 0))
+    sharding.for_compute = real
+    return out
+
+
+def state_tree(state) -> list[torch.Tensor]:
+    """Every tensor a state holds, sharded leaves gathered whole (a collective)."""
+    parts = (state.params, state.buffers, state.opt_state, state.ema_state, state.rng, state.step)
+    return [
+        t
+        for t in torch.utils._pytree.tree_leaves([ft.distributed.gather_tree(x) for x in parts])
+        if isinstance(t, torch.Tensor)
+    ]
+
+
+def compiled_runs(rank: int, world: int) -> dict:
+    """compile_step on sharded states (aot_eager): the runs of `sharded_runs` (adamw) and of
+    `feature_runs` ("accumulate-clip-ema", and "fp16" fully sharded), the first call pure (checked),
+    the rest donated."""
+    out = {}
+    for mode in ("optimizer", "full"):
+        step = ft.compile_step(backend="aot_eager")
+        state = ft.TrainState.create(mlp(seed=rank), ft.adamw(1e-2), loss_fn, sharding=mode)
+        before, rng = state_tree(state), torch.get_rng_state()
+        skipped = []
+        for i, batch in enumerate(rank_batches(rank, world)):
+            given = state
+            state, m = step(given, batch, donate=i > 0)
+            if i == 0:  # pure: the state it was given and the caller's RNG are left as they were
+                same = all(
+                    torch.equal(a, b) for a, b in zip(before, state_tree(given), strict=True)
+                )
+                out[f"compiled-pure/{mode}"] = torch.tensor(
+                    same and torch.equal(rng, torch.get_rng_state())
+                )
+            skipped.append(m["skipped"])
+        try:  # the last state given up
+            step(given, batch)
+            out[f"compiled-donated/{mode}"] = "no error"
+        except ft.DonatedStateError as e:
+            out[f"compiled-donated/{mode}"] = str(e)
+        out[f"compiled-adamw/{mode}"] = {
+            "tree": gathered_tree(state),
+            "skipped": torch.stack(skipped),
+        }
+        options = dict(accumulate_steps=2, clip_grad_norm=0.05, ema_decay=0.9)
+        state = ft.TrainState.create(
+            Features(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=5, **options
+        )
+        for b in batches(6):
+            state, _ = step(state, shard(b, rank, world), donate=True)
+        out[f"compiled-features/{mode}"] = {
+            "tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}
+        }
+    # fp16 under autocast, its loss scale and a sharded EMA: feature_runs' "fp16" case, "full"
+    state = ft.TrainState.create(
+        Features(),
+        ft.sgd(0.05, momentum=0.9),
+        loss_fn,
+        sharding="full",
+        seed=5,
+        precision="fp16",
+        ema_decay=0.8,
+    )
+    for b in batches(6):
+        state, _ = step(state, shard(b, rank, world), donate=True)
+    out["compiled-fp16/full"] = {
+        "tree": gathered_tree(state) | {"buffers/" + k: v for k, v in state.buffers.items()}
+    }
+    from torch._dynamo.utils import counters
+
+    # one graph per model and mode (the loss, its backward through AOTAutograd), none broken
+    out["compiled-graphs"] = torch.tensor(
+        [counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())]
+    )
+    return out
+
+
+def sharded_extras(out: Path, rank: int, world: int) -> None:
+    """fit, generate, export on rank 0 alone, and the error of what sharding refuses."""
+    results, errors = {}, {}
+    for mode in MODES:
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn, sharding=mode, ema_decay=0.9)
+        result = ft.fit(
+            state,
+            dataset(),
+            eval_data=dataset(),
+            batch_size=16,
+            max_epochs=1,
+            log_every=2,
+            progress=False,
+            verbosity="silent",
+        )
+        results[f"fit/{mode}"] = {
+            "tree": gathered_tree(result.state),
+            "val": torch.tensor(result.history.column("val_loss")),
+        }
+        lm = ft.TrainState.create(
+            nn.Sequential(nn.Embedding(5, 8), nn.Linear(8, 5)),
+            ft.sgd(0.1),
+            lambda m, b: m(b).mean(),
+            sharding=mode,
+        )
+        lm, _ = ft.train_step(lm, torch.tensor([[1, 2, 3]]))
+        results[f"generate/{mode}"] = ft.generate(
+            lm, [1, 2], 6, seed=rank
+        )  # the same seed on every rank in the test's eyes: compared per rank
+        before = [
+            ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)
+        ]
+        ft.train_step(
+            state, shard(batches(1)[0], rank, world)
+        )  # pure: the state it was given is left as it was
+        after = [
+            ft.distributed.gather_tree(x) for x in (state.params, state.opt_state, state.ema_state)
+        ]
+        results[f"pure/{mode}"] = torch.tensor(
+            all(
+                torch.equal(a, b)
+                for a, b in zip(
+                    torch.utils._pytree.tree_leaves(before),
+                    torch.utils._pytree.tree_leaves(after),
+                    strict=True,
+                )
+            )
+        )
+        stats = ft.TrainState.create(
+            Features(), ft.adamw(1e-2), loss_fn, sharding=mode, grad_stats="layer"
+        )
+        stats, m = ft.train_step(stats, shard(batches(1)[0], rank, world))
+        results[f"grad_stats/{mode}"] = {k: v for k, v in m.items() if "/" in k or k == "grad_norm"}
+        only = state.export_module(rank0_only=True)
+        results[f"rank0_only/{mode}"] = torch.tensor(
+            only is None if rank else isinstance(only, nn.Module)
+        )
+    for name, attempt in {
+        "muon": lambda: ft.TrainState.create(
+            mlp(), ft.muon(0.02, others=ft.adamw(1e-3)), loss_fn, sharding="optimizer"
+        ),
+    }.items():
+        try:
+            attempt()
+            errors[name] = "no error"
+        except ft.ConfigError as e:
+            errors[name] = str(e)
+    mine = out / f"rank{rank}"
+    ft.save(results, mine)
+    for name, text in errors.items():
+        (mine / f"{name}.txt").write_text(text)
+
+
+class TiedNet(nn.Module):
+    """Built on the meta device by the "meta" scenario: a tied weight, BatchNorm buffers, a frozen
+    bias, 15 rows (uneven on 2 ranks)."""
+
+    def __init__(self, width: int = 15) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, width)
+        self.inp.bias.requires_grad_(False)  # frozen
+        self.bn = nn.BatchNorm1d(width)
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+        self.b.weight = self.a.weight  # tied after construction, as models tie an output embedding
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(torch.relu(self.bn(self.inp(x))))))))
+
+
+class WholeCounter:
+    """An `init` that records the most whole weights alive at once while submodules are initialized.
+
+    At each submodule it finds every live tensor (the garbage collector tracks them all) that is
+    not a meta or sharded one and has the shape of one of `shapes` (the 2-D trainable weights of
+    the model) or a storage of one's bytes (a view that keeps a whole alive), and counts their
+    storages, those alive before the counter was made left out.
+    """
+
+    def __init__(self, shapes: set[tuple[int, ...]]) -> None:
+        self.shapes, self.most = shapes, 0
+        self.sizes = {4 * torch.Size(s).numel() for s in shapes}
+        self.before = self.wholes()
+
+    def wholes(self) -> set[int]:
+        import gc
+
+        return {
+            t.untyped_storage().data_ptr()
+            for t in gc.get_objects()
+            if isinstance(t, torch.Tensor)
+            and not t.is_meta
+            and not ft.distributed.is_sharded(t)
+            and (tuple(t.shape) in self.shapes or t.untyped_storage().nbytes() in self.sizes)
+        }
+
+    def __call__(self, module: nn.Module) -> None:
+        self.most = max(self.most, len(self.wholes() - self.before))
+        module.reset_parameters()
+
+
+def meta_runs(rank: int, world: int) -> dict:
+    """TiedNet built on the meta device, sharded "full" and "optimizer", against the same net built
+    normally."""
+    out = {}
+    for mode in ("full", "optimizer"):
+        with torch.device("meta"):
+            meta = TiedNet()
+        counter = WholeCounter({tuple(p.shape) for p in meta.parameters() if p.ndim == 2})
+        state = ft.TrainState.create(
+            meta, ft.adamw(1e-2), loss_fn, sharding=mode, seed=11, init=counter
+        )
+        torch.manual_seed(11)
+        normal = ft.TrainState.create(TiedNet(), ft.adamw(1e-2), loss_fn, sharding=mode, seed=11)
+        out[f"{mode}/initial"] = gathered_tree(state) | {
+            "buffers/" + k: v for k, v in state.buffers.items()
+        }
+        exp_avg = [
+            x
+            for x in torch.utils._pytree.tree_leaves(state.opt_state)
+            if isinstance(x, torch.Tensor) and x.ndim == 2
+        ]
+        out[f"{mode}/opt_rows"] = torch.tensor(
+            [[ft.distributed.sharding.local(x).shape[0], x.shape[0]] for x in exp_avg]
+        )
+        out[f"{mode}/whole"] = torch.tensor(counter.most)
+        for b in batches(5):
+            state, _ = ft.train_step(state, shard(b, rank, world))
+            normal, _ = ft.train_step(normal, shard(b, rank, world))
+        out[f"{mode}/trained"] = gathered_tree(state)
+        out[f"{mode}/normal"] = gathered_tree(normal)
+    with torch.device("meta"):
+        other = TiedNet(width=15 + rank)
+    try:
+        ft.TrainState.create(other, ft.adamw(1e-2), loss_fn, sharding="full")
+        out["mismatch"] = "created"
+    except ft.ConfigError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    ft.distributed.init_from_env()
+    rank, world = ft.distributed.rank_and_world()
+    mine = out / f"rank{rank}"
+    if scenario == "steps":
+        # rank 1 starts from other weights: create() must broadcast rank 0's
+        state = ft.TrainState.create(mlp(seed=rank), ft.adamw(1e-2), loss_fn)
+        metrics = []
+        for batch in rank_batches(rank, world):
+            state, m = ft.train_step(state, batch)
+            metrics.append(m)
+        ft.save({"params": state.params, "metrics": metrics}, mine)
+    elif scenario == "fit":
+        stop_at = int(sys.argv[3])
+
+        class Stop(ft.Callback):
+            def on_batch_end(self, run):
+                if stop_at and run.batches == stop_at:
+                    run.request_stop("interrupted")
+
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+        result = ft.fit(
+            state,
+            dataset(),
+            eval_data=dataset(),
+            batch_size=16,
+            max_epochs=3,
+            log_every=2,
+            checkpoint_dir=out / "ckpt",
+            save_every=4,
+            log_file=out / "log.jsonl",
+            callbacks=[Stop()],
+            resume=bool(int(sys.argv[4])),
+            progress=False,
+            verbosity="silent",
+        )
+        ft.save(
+            {"params": result.state.params, "val": torch.tensor(result.history.column("val_loss"))},
+            mine,
+        )
+    elif scenario == "stream":
+        # each rank streams its own half; stopped after 4 updates, then resumed in this process
+        straight = stream_fit(rank, out / "straight", 10, [])
+        stream_fit(rank, out / "ckpt", 4, [])
+        reads: list[int] = []
+        resumed = stream_fit(rank, out / "ckpt", 10, reads, resume=True)
+        saved = resumed.state.driver["source"]["ranks"]
+        ft.save(
+            {
+                "straight": straight.state.params,
+                "resumed": resumed.state.params,
+                "reads": reads,
+                "saved": saved,
+            },
+            mine,
+        )
+    elif scenario == "loader":
+        # each rank loads its DistributedSampler's part with noise; stopped after 9 updates, then
+        # resumed
+        straight = loader_fit(rank, world, out / "straight", 14, [])
+        loader_fit(rank, world, out / "ckpt", 9, [])
+        reads: list[int] = []
+        resumed = loader_fit(rank, world, out / "ckpt", 14, reads, resume=True)
+        saved = resumed.state.driver["source"]["ranks"]
+        ft.save(
+            {
+                "straight": straight.state.params,
+                "resumed": resumed.state.params,
+                "reads": len(reads),
+                "saved": saved,
+            },
+            mine,
+        )
+    elif scenario == "sharded":
+        # one launch for everything (a process start costs seconds): the rest on 2 ranks only
+        ft.save(
+            {
+                **sharded_runs(rank, world),
+                **(
+                    feature_runs(rank, world)
+                    | per_use_runs(rank, world)
+                    | compiled_runs(rank, world)
+                    if world == 2
+                    else {}
+                ),
+            },
+            mine,
+        )
+        if world == 2:
+            sharded_extras(out / "extras", rank, world)
+    elif scenario == "meta":
+        ft.save(meta_runs(rank, world), mine)
+    elif scenario == "mismatch":
+        try:
+            ft.TrainState.create(mlp(width=16 + rank), ft.adamw(1e-2), loss_fn)
+        except ft.ConfigError as e:
+            mine.mkdir(parents=True)
+            (mine / "error.txt").write_text(str(e))
+    elif scenario == "indivisible":
+        state = ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn)
+        try:
+            ft.fit(
+                state, dataset(), batch_size=15, max_epochs=1, progress=False, verbosity="silent"
+            )
+        except ft.ConfigError as e:
+            mine.mkdir(parents=True)
+            (mine / "error.txt").write_text(str(e))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

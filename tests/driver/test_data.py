@@ -1,0 +1,435 @@
+"""Data sources: `Batcher` order and positions, `drop_last`, workers, shards; `IterableSource`
+replay; `DataLoaderSource`: seeded epochs, skipping without loading, the order check."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import functrain as ft
+from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, as_source, epoch_order
+from functrain.errors import ConfigError
+from tests.models import loss_fn
+
+
+class CountingDataset(Dataset):
+    """Sample i is ``(tensor([i]), tensor(i % 3))``; counts the reads of each index."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads.append(i)
+        return torch.tensor([float(i)]), torch.tensor(i % 3)
+
+
+def ids(batches: Any) -> list[list[int]]:
+    """The sample indices of each batch (the first tensor holds them)."""
+    return [b[0].flatten().long().tolist() for b in batches]
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch() -> None:
+    data = TensorDataset(torch.arange(23.0))
+    a, b = Batcher(data, 5, seed=3), Batcher(data, 5, seed=3)
+    in_order = [ids(a.epoch(0)), ids(a.epoch(2))]
+    b_epoch2 = ids(b.epoch(2))  # epoch 2 before epoch 0: no hidden state carries over
+    assert in_order == [ids(b.epoch(0)), b_epoch2]
+    assert ids(a.epoch(0)) != ids(a.epoch(1))
+    assert ids(a.epoch(0)) != ids(Batcher(data, 5, seed=4).epoch(0))
+    assert sorted(sum(ids(a.epoch(1)), [])) == list(range(23))  # a permutation
+    assert ids(Batcher(data, 5, shuffle=False).epoch(7)) == [
+        list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)
+    ]
+    assert torch.equal(epoch_order(23, 3, 2), epoch_order(23, 3, 2))
+
+
+def test_order_does_not_touch_the_global_rng() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    list(Batcher(TensorDataset(torch.arange(10.0)), 4, seed=1).epoch(0))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_epoch_from_a_start_position_skips_the_consumed_batches_without_reading_them() -> None:
+    full = CountingDataset(22)
+    everything = ids(Batcher(full, 4, seed=1).epoch(3))
+    data = CountingDataset(22)
+    rest = ids(Batcher(data, 4, seed=1).epoch(3, start=2))
+    assert rest == everything[2:]
+    assert data.reads == sum(everything[2:], [])  # the first two batches' samples were never read
+    assert ids(Batcher(data, 4, seed=1).epoch(3, start=len(everything))) == []
+
+
+def test_drop_last_drops_the_short_batch() -> None:
+    data = TensorDataset(torch.arange(22.0))
+    kept = Batcher(data, 4, shuffle=False, drop_last=True)
+    assert len(kept) == 5 and len(Batcher(data, 4, drop_last=False)) == 6
+    assert [len(b) for b in ids(kept.epoch(0))] == [4] * 5
+    assert ids(kept.epoch(0))[-1] == [16, 17, 18, 19]
+
+
+def test_worker_processes_yield_the_same_batches() -> None:
+    data = CountingDataset(14)
+    inline = list(Batcher(data, 4, seed=2).epoch(1, start=1))
+    workers = list(Batcher(data, 4, seed=2, num_workers=2).epoch(1, start=1))
+    assert len(workers) == len(inline) == 3
+    for (x0, y0), (x1, y1) in zip(inline, workers, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_shards_slice_each_global_batch() -> None:
+    data = TensorDataset(torch.arange(20.0))
+    whole = ids(Batcher(data, 8, seed=5).epoch(1))
+    parts = [ids(Batcher(data, 8, seed=5, shard=(rank, 2)).epoch(1)) for rank in range(2)]
+    assert [len(b) for b in parts[0]] == [4, 4, 2]
+    assert [r0 + r1 for r0, r1 in zip(*parts, strict=True)] == whole
+
+
+def test_batcher_lists_every_invalid_argument() -> None:
+    with pytest.raises(ConfigError) as err:
+        Batcher(object(), 0, num_workers=-1, shard=(2, 2))
+    message = str(err.value)
+    for part in (
+        "dataset must support len() and indexing",
+        "batch_size must be an int >= 1, got batch_size=0",
+        "num_workers must be an int >= 0",
+        "shard must be (rank, world_size)",
+    ):
+        assert part in message
+
+
+def test_shard_needs_a_divisible_batch_size() -> None:
+    with pytest.raises(
+        ConfigError, match="batch_size=6 .global. must be divisible by world_size=4"
+    ):
+        Batcher(TensorDataset(torch.arange(8.0)), 6, shard=(0, 4))
+
+
+def test_iterable_source_replays_and_skips_with_a_warning_on_resume() -> None:
+    batches = [torch.full((2,), float(i)) for i in range(5)]
+    source = IterableSource(batches)
+    assert [b[0].item() for b in source.epoch(0)] == [0, 1, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="replaying and skipping 3 consumed batches"):
+        assert [b[0].item() for b in source.epoch(0, start=3)] == [3, 4]
+
+
+def test_a_one_shot_iterator_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="must be re-iterable each epoch"):
+        IterableSource(iter([torch.zeros(2)]))
+
+
+def test_as_source_picks_the_batching() -> None:
+    data = TensorDataset(torch.arange(4.0))
+    assert isinstance(
+        as_source(data, batch_size=2, shuffle=True, drop_last=False, seed=0, num_workers=0), Batcher
+    )
+    assert isinstance(
+        as_source(
+            [data.tensors], batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0
+        ),
+        IterableSource,
+    )
+    with pytest.raises(ConfigError, match="batch_size is required"):
+        as_source(data, batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0)
+
+
+def test_fit_resumed_mid_epoch_on_a_list_of_batches_warns_and_matches(tmp_path: Any) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=gen)
+    batches = [(x[i : i + 10], x[i : i + 10].sum(1, keepdim=True)) for i in range(0, 40, 10)]
+
+    def state() -> ft.TrainState:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+
+    kwargs = dict(
+        max_epochs=2, save_every=1, checkpoint_dir=tmp_path, progress=False, verbosity="silent"
+    )
+
+    @ft.on("batch_end")
+    def stop(run: ft.Run) -> None:
+        if run.step == 6:
+            run.request_stop("cut")
+
+    assert ft.fit(state(), batches, callbacks=[stop], **kwargs).stop_reason == "cut"
+    with pytest.warns(
+        RuntimeWarning,
+        match="resuming mid-epoch on a list: replaying and skipping 2 consumed batches",
+    ):
+        resumed = ft.fit(state(), batches, resume=True, **kwargs)
+    straight = ft.fit(state(), batches, max_epochs=2, progress=False, verbosity="silent")
+    assert int(resumed.state.step) == 8
+    for k, p in straight.state.params.items():
+        assert torch.equal(resumed.state.params[k], p)
+
+
+# ---------------------------------------------------------------- DataLoaderSource
+
+
+class Noisy(Dataset):
+    """Sample i is ``i`` plus noise from torch's, Python's and numpy's global generators; counts
+    reads."""
+
+    def __init__(self, n: int = 20) -> None:
+        self.n, self.reads, self.tag = n, 0, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.reads += 1
+        return torch.tensor(
+            [float(i), torch.rand(()).item(), random.random(), float(np.random.rand())]
+        )
+
+
+def shuffled(dataset: Any = None, seed: int = 7, **kw: Any) -> DataLoader:
+    return DataLoader(
+        dataset if dataset is not None else Noisy(),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
+
+
+def epochs(source: Any, n: int = 2) -> list[torch.Tensor]:
+    return [torch.cat(list(source.epoch(e))) for e in range(n)]
+
+
+def test_fit_takes_a_plain_dataloader_over_a_map_style_dataset_through_a_dataloader_source() -> (
+    None
+):
+    source = as_source(
+        shuffled(), batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0
+    )
+    assert isinstance(source, DataLoaderSource) and source.saves_position
+
+    class Custom(DataLoader):
+        pass
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Any:
+            return iter(range(4))
+
+    for other in (
+        Custom(Noisy(), batch_size=4),
+        DataLoader(Noisy(), batch_size=None),
+        DataLoader(Stream(), batch_size=2),
+    ):
+        picked = as_source(
+            other, batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0
+        )
+        assert type(picked) is IterableSource
+    with pytest.raises(
+        ConfigError,
+        match=r"DataLoaderSource takes a torch.utils.data.DataLoader, got Custom; pass "
+        r"functrain.IterableSource\(loader\)",
+    ):
+        DataLoaderSource(Custom(Noisy(), batch_size=4))
+
+
+def test_each_epoch_is_a_function_of_the_seeds_and_epoch_and_draws_nothing_from_the_caller() -> (
+    None
+):
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    a = epochs(DataLoaderSource(shuffled()))
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    torch.manual_seed(2), random.seed(2), np.random.seed(2)  # elsewhere: the same epochs
+    b = epochs(DataLoaderSource(shuffled()))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert a[0][:, 0].tolist() != a[1][:, 0].tolist() and sorted(a[0][:, 0].tolist()) == list(
+        map(float, range(20))
+    )
+    for other in (
+        DataLoaderSource(shuffled(seed=8)),
+        DataLoaderSource(shuffled(), seed=1),
+    ):  # the loader's seed and data_seed count
+        assert not torch.equal(epochs(other, 1)[0], a[0])
+
+
+def test_the_batches_do_not_depend_on_the_number_of_workers_or_on_persistent_workers() -> None:
+    alone = epochs(DataLoaderSource(shuffled()))
+    for kw in ({"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}):
+        assert all(
+            torch.equal(x, y)
+            for x, y in zip(alone, epochs(DataLoaderSource(shuffled(**kw))), strict=True)
+        )
+
+
+def test_a_resume_skips_the_consumed_batches_without_loading_them() -> None:
+    whole = torch.cat(list(DataLoaderSource(shuffled()).epoch(1)))
+    data = Noisy()
+    rest = torch.cat(list(DataLoaderSource(shuffled(data)).epoch(1, start=3)))
+    assert torch.equal(rest, whole[12:]) and data.reads == 8
+
+
+def test_the_loaders_generators_are_handed_back_as_they_were() -> None:
+    loader = shuffled()
+    state = loader.generator.get_state()
+    epochs(DataLoaderSource(loader))
+    assert torch.equal(loader.generator.get_state(), state)
+
+
+class Epochs(torch.utils.data.Sampler):
+    """Indices in an order a function of the epoch it was told (as DistributedSampler)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.told = 0, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.told.append(epoch)
+
+    def __iter__(self) -> Any:
+        return iter(
+            torch.randperm(20, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        )
+
+    def __len__(self) -> int:
+        return 20
+
+
+def test_a_sampler_with_set_epoch_is_told_each_epoch() -> None:
+    sampler = Epochs()
+    out = epochs(DataLoaderSource(DataLoader(Noisy(), batch_size=4, sampler=sampler)), 3)
+    assert sampler.told == [0, 1, 2]
+    assert (
+        out[2][:, 0].long().tolist()
+        == torch.randperm(20, generator=torch.Generator().manual_seed(2)).tolist()
+    )
+
+
+class Private(torch.utils.data.Sampler):
+    """A new order at every pass, from a generator of its own no one seeds per epoch."""
+
+    def __init__(self) -> None:
+        self.rng = random.Random(0)
+
+    def __iter__(self) -> Any:
+        order = list(range(20))
+        self.rng.shuffle(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return 20
+
+
+def test_a_resume_whose_sampler_draws_another_order_warns_and_a_reproducible_one_does_not() -> None:
+    first = DataLoaderSource(DataLoader(Noisy(), batch_size=4, sampler=Private()))
+    list(first.epoch(0))
+    it = first.epoch(1)  # the sampler's second pass; a resumed process's first
+    next(it), next(it)
+    saved = first.state_tree()
+    assert saved["epoch"] == 1 and saved["batches"] == 2 and len(saved["order"]) == 64
+    again = DataLoaderSource(DataLoader(Noisy(), batch_size=4, sampler=Private()))
+    again.restore(saved)
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"resuming epoch 1 after 2 batches, but the 2 index batches its sampler "
+        r"\(Private\) drew now differ.*set_epoch",
+    ):
+        list(again.epoch(1, start=2))
+    same = DataLoaderSource(shuffled())
+    it = same.epoch(1)
+    next(it), next(it)
+    resumed = DataLoaderSource(shuffled())
+    resumed.restore(same.state_tree())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(resumed.epoch(1, start=2))
+
+
+def test_a_worker_init_fn_reaches_the_users_dataset_through_get_worker_info() -> None:
+    def init(worker_id: int) -> None:
+        torch.utils.data.get_worker_info().dataset.tag = worker_id + 10
+
+    class Tagged(Noisy):
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.tensor([float(self.tag)])
+
+    out = torch.cat(
+        list(
+            DataLoaderSource(
+                DataLoader(Tagged(), batch_size=4, num_workers=2, worker_init_fn=init)
+            ).epoch(0)
+        )
+    )
+    assert set(out.flatten().tolist()) == {10.0, 11.0}
+
+
+def test_a_dataloader_subclass_replays_in_an_order_fit_seeds() -> None:
+    class Custom(DataLoader):
+        pass
+
+    def replayed(start: int) -> torch.Tensor:
+        source = IterableSource(
+            Custom(Noisy(), batch_size=4, shuffle=True)
+        )  # no generator: fit's stream
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if start else "error")
+            return torch.cat(list(source.epoch(1, start=start)))[
+                :, :2
+            ]  # the order and torch's draws
+
+    whole = replayed(0)
+    torch.manual_seed(5)
+    assert torch.equal(replayed(2), whole[8:])
+
+
+def test_a_batcher_with_workers_leaves_the_callers_generator_alone_and_matches_no_workers() -> None:
+    state = torch.get_rng_state()
+    with_workers = [
+        torch.cat(list(Batcher(Noisy(), 4, seed=1, num_workers=2).epoch(e))) for e in range(2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    alone = [torch.cat(list(Batcher(Noisy(), 4, seed=1).epoch(e))) for e in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(with_workers, alone, strict=True))
+
+
+def test_a_dataset_that_reads_a_batch_at_once_gets_the_indices_and_the_same_seeded_stream() -> None:
+    class Batched(Noisy):
+        def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+            assert type(indices) is list  # the user's dataset sees plain indices
+            return [self[i] for i in indices]
+
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            epochs(DataLoaderSource(shuffled(Batched()))),
+            epochs(DataLoaderSource(shuffled())),
+            strict=True,
+        )
+    )
+
+
+def test_a_source_no_one_holds_is_freed_at_once_with_its_persistent_workers() -> None:
+    import gc
+    import multiprocessing
+
+    gc.collect()
+    before = set(multiprocessing.active_children())  # another test's workers, if any are left
+    gc.disable()
+    try:
+        source = DataLoaderSource(shuffled(num_workers=2, persistent_workers=True))
+        list(source.epoch(0))
+        abandoned = source.epoch(1)
+        next(abandoned)
+        del abandoned, source
+        assert set(multiprocessing.active_children()) <= before
+    finally:
+        gc.enable()

@@ -1,0 +1,610 @@
+"""A run moves between torch.optim and functrain and continues bit for bit, both ways.
+
+Each test trains a small MLP: 10 steps in one library, the conversion, 10 more in the other, and
+compares the weights with 20 steps of plain torch (which are bit-identical to 20 functrain steps).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.optim import lr_scheduler as L
+
+import functrain as ft
+from functrain import schedules as S
+from functrain.errors import ConfigError
+from tests.comparisons import assert_trees_equal
+from tests.models import loss_fn
+
+STEPS = 10
+torch.manual_seed(0)
+DATA = [(torch.randn(16, 6), torch.randn(16, 3)) for _ in range(2 * STEPS)]
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+
+
+def two_groups(
+    model: torch.nn.Module, cls: type, first: dict[str, Any], second: dict[str, Any], **common: Any
+) -> torch.optim.Optimizer:
+    """Weights in one group, biases in the other, each with its own settings."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return cls([{"params": weights, **first}, {"params": biases, **second}], **common)
+
+
+def torch_steps(
+    model: torch.nn.Module, optimizer: Any, batches: list[Any], scheduler: Any = None
+) -> None:
+    optimizers = (
+        optimizer if isinstance(optimizer, list) else [optimizer]
+    )  # Muon's run: Muon and AdamW
+    for batch in batches:
+        for o in optimizers:
+            o.zero_grad()
+        loss_fn(model, batch).backward()
+        for o in optimizers:
+            o.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def functrain_steps(state: ft.TrainState, batches: list[Any]) -> ft.TrainState:
+    for batch in batches:
+        state, _ = ft.train_step(state, batch)
+    return state
+
+
+# (optimizer factory over a model): AdamW with two groups in each implementation, SGD, Adam amsgrad
+OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
+    "adamw_two_groups_default": lambda m: two_groups(
+        m,
+        torch.optim.AdamW,
+        {"weight_decay": 0.1},
+        {"lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)},
+        lr=1e-2,
+    ),
+    "adamw_two_groups_fused": lambda m: two_groups(
+        m, torch.optim.AdamW, {"weight_decay": 0.1}, {"lr": 3e-3, "eps": 1e-6}, lr=1e-2, fused=True
+    ),
+    "adamw_two_groups_foreach": lambda m: two_groups(
+        m,
+        torch.optim.AdamW,
+        {"weight_decay": 0.05, "amsgrad": True},
+        {"lr": 3e-3},
+        lr=1e-2,
+        foreach=True,
+    ),
+    "sgd_momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+    "sgd_two_groups_nesterov_dampening": lambda m: two_groups(
+        m,
+        torch.optim.SGD,
+        {"nesterov": True, "weight_decay": 1e-3},
+        {"dampening": 0.3, "lr": 0.02},
+        lr=0.05,
+        momentum=0.8,
+    ),
+    "adam_amsgrad": lambda m: torch.optim.Adam(
+        m.parameters(), lr=1e-2, amsgrad=True, weight_decay=1e-3
+    ),
+    "adam_amsgrad_fused": lambda m: torch.optim.Adam(
+        m.parameters(), lr=1e-2, amsgrad=True, fused=True
+    ),
+    "rmsprop_two_groups_momentum_centered": lambda m: two_groups(
+        m,
+        torch.optim.RMSprop,
+        {"momentum": 0.9, "weight_decay": 1e-3},
+        {"centered": True, "alpha": 0.9},
+        lr=1e-3,
+    ),
+    "adagrad_lr_decay_initial_accumulator": lambda m: torch.optim.Adagrad(
+        m.parameters(), lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-3
+    ),
+    # the rest of torch.optim, each group with non-default settings, in the implementation functrain
+    # continues
+    "radam_two_groups_foreach": lambda m: two_groups(
+        m,
+        torch.optim.RAdam,
+        {"weight_decay": 0.01, "decoupled_weight_decay": True},
+        {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6},
+        lr=1e-2,
+        foreach=True,
+    ),
+    "nadam_two_groups": lambda m: two_groups(
+        m,
+        torch.optim.NAdam,
+        {"weight_decay": 0.01, "momentum_decay": 8e-3},
+        {"lr": 3e-3, "decoupled_weight_decay": True, "weight_decay": 0.1, "betas": (0.8, 0.99)},
+        lr=1e-2,
+    ),
+    "adamax_two_groups_foreach_maximize": lambda m: two_groups(
+        m,
+        torch.optim.Adamax,
+        {"weight_decay": 1e-3, "eps": 1e-6},
+        {"betas": (0.8, 0.99), "lr": 1e-3, "maximize": True},
+        lr=1e-2,
+        foreach=True,
+    ),
+    "adadelta_two_groups": lambda m: two_groups(
+        m, torch.optim.Adadelta, {"rho": 0.8, "weight_decay": 1e-3}, {"eps": 1e-5, "lr": 0.5}
+    ),
+    "asgd_two_groups_averaging": lambda m: two_groups(
+        m,
+        torch.optim.ASGD,
+        {"lambd": 1e-3, "alpha": 0.6, "t0": 5, "weight_decay": 1e-3},
+        {"lr": 0.02, "t0": 12},
+        lr=0.05,
+    ),
+    "rprop_two_groups_foreach": lambda m: two_groups(
+        m,
+        torch.optim.Rprop,
+        {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)},
+        {"lr": 3e-3, "maximize": True},
+        lr=1e-2,
+        foreach=True,
+    ),
+    "adafactor_two_groups": lambda m: two_groups(
+        m,
+        torch.optim.Adafactor,
+        {"beta2_decay": -0.7, "d": 1.5, "weight_decay": 0.01},
+        {"lr": 3e-3, "eps": (1e-30, 1e-2)},
+        lr=1e-2,
+    ),
+    "muon_with_adamw": lambda m: [
+        torch.optim.Muon(
+            [p for n, p in m.named_parameters() if p.ndim == 2],
+            lr=0.02,
+            weight_decay=0.05,
+            nesterov=False,
+            ns_steps=3,
+            adjust_lr_fn="match_rms_adamw",
+        ),
+        torch.optim.AdamW(
+            [p for n, p in m.named_parameters() if p.ndim != 2], lr=3e-3, betas=(0.8, 0.99)
+        ),
+    ],
+}
+
+
+def reference(make: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
+    model = make_model()
+    torch_steps(model, make(model), DATA)
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_torch_run_continues_in_functrain_bit_for_bit(name: str) -> None:
+    make = OPTIMIZERS[name]
+    model = make_model()
+    optimizer = make(model)
+    torch_steps(model, optimizer, DATA[:STEPS])
+    run = ft.from_torch_optimizer(optimizer, model)
+    state = run.create_state(model, loss_fn)
+    assert int(state.step) == run.step == (1 if name.startswith("sgd") else STEPS)
+    state = functrain_steps(state, DATA[STEPS:])
+    assert_trees_equal(state.params, reference(make))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_functrain_run_continues_in_torch_bit_for_bit(name: str) -> None:
+    make = OPTIMIZERS[name]
+    model = make_model()
+    state = ft.from_torch_optimizer(make(model), model).create_state(
+        model, loss_fn
+    )  # the matching transform
+    state = functrain_steps(state, DATA[:STEPS])
+    back = state.export_module().train()
+    optimizer = make(back)
+    exported = ft.to_torch_state_dict(state, optimizer, back)
+    for o, state_dict in zip(
+        *((optimizer, exported) if isinstance(optimizer, list) else ([optimizer], [exported])),
+        strict=True,
+    ):
+        o.load_state_dict(state_dict)
+    torch_steps(back, optimizer, DATA[STEPS:])
+    assert_trees_equal(dict(back.named_parameters()), reference(make))
+
+
+def test_a_run_goes_to_functrain_and_back_and_the_plain_presets_export_too() -> None:
+    make = OPTIMIZERS["adamw_two_groups_fused"]
+    model = make_model()
+    optimizer = make(model)
+    torch_steps(model, optimizer, DATA[:5])
+    state = functrain_steps(
+        ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn), DATA[5:15]
+    )
+    back = state.export_module().train()
+    again = make(back)
+    again.load_state_dict(ft.to_torch_state_dict(state, again, back))
+    torch_steps(back, again, DATA[15:])
+    assert_trees_equal(dict(back.named_parameters()), reference(make))
+    # a state made with a preset directly exports to the one-group torch optimizer it matches
+    plain = functrain_steps(
+        ft.TrainState.create(make_model(), ft.adamw(1e-2, weight_decay=0.1), loss_fn), DATA[:STEPS]
+    )
+    exported = plain.export_module().train()
+    torch_opt = torch.optim.AdamW(exported.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    torch_opt.load_state_dict(ft.to_torch_state_dict(plain, torch_opt, exported))
+    torch_steps(exported, torch_opt, DATA[STEPS:])
+    assert_trees_equal(
+        dict(exported.named_parameters()),
+        reference(
+            lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        ),
+    )
+
+
+def test_a_schedule_continues_from_the_torch_schedulers_position() -> None:
+    def make(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)
+
+    model = make_model()
+    optimizer = make(model)
+    scheduler = L.MultiStepLR(optimizer, milestones=[4, 13, 17], gamma=0.3)
+    torch_steps(model, optimizer, DATA[:STEPS], scheduler)
+    schedule = S.from_torch(L.MultiStepLR, lr=0.05, milestones=[4, 13, 17], gamma=0.3)
+    state = ft.from_torch_optimizer(optimizer, model, lr=schedule).create_state(model, loss_fn)
+    state = functrain_steps(state, DATA[STEPS:])
+    expected = make_model()
+    expected_opt = make(expected)
+    torch_steps(
+        expected, expected_opt, DATA, L.MultiStepLR(expected_opt, milestones=[4, 13, 17], gamma=0.3)
+    )
+    assert_trees_equal(state.params, dict(expected.named_parameters()))
+
+
+@pytest.mark.parametrize(
+    "options", [{"nonfinite": "none"}, {"clip_grad_norm": 1e9, "ema_decay": 0.9}, {"donate": True}]
+)
+def test_the_state_is_found_under_any_step_options(options: dict[str, Any]) -> None:
+    make = OPTIMIZERS["adamw_two_groups_fused"]
+    model = make_model()
+    optimizer = make(model)
+    torch_steps(model, optimizer, DATA[:STEPS])
+    donate = options.pop("donate", False)
+    moments = optimizer.state[model[0].weight]["exp_avg"].clone()
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn, **options)
+    for batch in DATA[STEPS:]:
+        state, _ = ft.train_step(state, batch, donate=donate)
+    assert_trees_equal(state.params, reference(make))
+    assert torch.equal(
+        optimizer.state[model[0].weight]["exp_avg"], moments
+    )  # torch's own state untouched
+
+
+def sequential_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+    warmup = L.LambdaLR(optimizer, [lambda t: (t + 1) / 4, lambda t: 1.0])  # one lambda per group
+    return L.SequentialLR(
+        optimizer, [warmup, L.MultiStepLR(optimizer, milestones=[3, 7], gamma=0.5)], milestones=[4]
+    )
+
+
+def test_a_live_scheduler_continues_from_its_position_bit_for_bit() -> None:
+    make = OPTIMIZERS["adamw_two_groups_fused"]
+    model = make_model()
+    optimizer = make(model)
+    scheduler = sequential_scheduler(optimizer)
+    torch_steps(model, optimizer, DATA[:STEPS], scheduler)
+    state = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler).create_state(
+        model, loss_fn
+    )
+    state = functrain_steps(state, DATA[STEPS:])
+    expected = make_model()
+    expected_opt = make(expected)
+    torch_steps(expected, expected_opt, DATA, sequential_scheduler(expected_opt))
+    assert_trees_equal(state.params, dict(expected.named_parameters()))
+
+
+def test_a_live_scheduler_that_cannot_be_read_back_or_is_out_of_step_is_refused() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cyclic = L.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1)
+    with pytest.raises(
+        ConfigError,
+        match=r"a live CyclicLR cannot be read back .*pass "
+        r"lr=functrain.schedules.from_torch\(CyclicLR",
+    ):
+        ft.from_torch_optimizer(optimizer, model, scheduler=cyclic, step=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    torch_steps(model, optimizer, DATA[:2])
+    with pytest.raises(ConfigError, match=r"the scheduler stepped 0 times, the optimizer 2"):
+        ft.from_torch_optimizer(optimizer, model, scheduler=L.StepLR(optimizer, step_size=3))
+
+
+def test_parameters_outside_the_optimizer_or_without_grad_stay_frozen() -> None:
+    model = make_model()
+    model[0].bias.requires_grad_(False)
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    torch_steps(model, optimizer, DATA[:3])
+    state = ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn)
+    assert sorted(state.params) == ["0.weight"] and sorted(state.frozen) == [
+        "0.bias",
+        "2.bias",
+        "2.weight",
+    ]
+    state = functrain_steps(state, DATA[3:6])
+    torch_steps(model, optimizer, DATA[3:6])
+    assert torch.equal(state.params["0.weight"], model[0].weight) and torch.equal(
+        state.frozen["2.weight"], model[2].weight
+    )
+    exported = ft.to_torch_state_dict(state, optimizer, model)
+    assert sorted(exported["state"]) == [0] and torch.equal(
+        exported["state"][0]["momentum_buffer"], optimizer.state[model[0].weight]["momentum_buffer"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda m: torch.optim.LBFGS(m.parameters()),
+            r"optimizer must be a live torch.optim.SGD, .*torch.optim.Muon \(or a list of them "
+            r"over disjoint parameters\) and module an nn.Module, got LBFGS",
+        ),
+        (
+            lambda m: [torch.optim.SGD(m.parameters()), torch.optim.Adam(m[0].parameters())],
+            r"optimizer\[1\] updates parameters an earlier optimizer also updates",
+        ),
+        (
+            lambda m: torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
+            r"param_groups\[0\]\['params'\]\[0\] is not a parameter of the module",
+        ),
+        (
+            lambda m: torch.optim.Adam(m.parameters(), lr=0.1),
+            r"lr must be None, a float, a schedule or one per parameter group \(1\), got "
+            r"lr=\[0.1, 0.2\]",
+        ),
+    ],
+)
+def test_unconvertible_optimizers_raise_config_error(
+    make: Callable[[torch.nn.Module], Any], message: str
+) -> None:
+    model = make_model()
+    lr = [0.1, 0.2] if "lr must" in message else None
+    with pytest.raises(ConfigError, match=message):
+        ft.from_torch_optimizer(make(model), model, lr=lr)
+
+
+@pytest.mark.parametrize(
+    ("preset", "flag", "make", "message"),
+    [
+        (
+            ft.adagrad,
+            "fused",
+            lambda m: torch.optim.Adagrad(m.parameters(), fused=True),
+            r"functrain converts no fused=True adagrad; build the torch optimizer without it",
+        ),
+        (
+            ft.sgd,
+            "fused",
+            lambda m: torch.optim.SGD(
+                m.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True
+            ),
+            "",
+        ),
+        (
+            ft.sgd,
+            "maximize",
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5, maximize=True),
+            r"functrain converts no maximize=True sgd; minimize the negated loss",
+        ),
+    ],
+)
+def test_a_setting_is_converted_where_the_preset_takes_it_else_refused(
+    preset: Any, flag: str, make: Any, message: str
+) -> None:
+    model = make_model()
+    optimizer = make(model)
+    torch_steps(model, optimizer, DATA[:STEPS])
+    if flag not in inspect.signature(preset).parameters:
+        with pytest.raises(ConfigError, match=message):
+            ft.from_torch_optimizer(optimizer, model)
+        return
+    state = functrain_steps(
+        ft.from_torch_optimizer(optimizer, model, step=STEPS).create_state(model, loss_fn),
+        DATA[STEPS:],
+    )
+    assert_trees_equal(state.params, reference(make))
+
+
+def test_a_group_whose_parameters_took_different_steps_is_refused() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    torch_steps(model, optimizer, DATA[:2])
+    model[2].bias.grad = None
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    for p in (model[0].bias, model[2].weight, model[2].bias):
+        p.grad = None
+    optimizer.step()
+    with pytest.raises(
+        ConfigError,
+        match=r"its parameters took different numbers of steps \(2, 3: some had no gradient\)",
+    ):
+        ft.from_torch_optimizer(optimizer, model)
+
+
+def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
+    state = functrain_steps(
+        ft.TrainState.create(make_model(), ft.sgd(0.1, momentum=0.9), loss_fn), DATA[:2]
+    )
+    model = state.export_module()
+    with pytest.raises(
+        ConfigError,
+        match=r"torch's Adam does not match the state's optimizer \(which holds no "
+        r"FusedAdamState\)",
+    ):
+        optimizer = torch.optim.Adam(model.parameters())
+        ft.to_torch_state_dict(state, optimizer, model)
+    with pytest.raises(
+        ConfigError, match=r"the torch optimizer has 2 parameter groups, the state's optimizer one"
+    ):
+        optimizer = two_groups(model, torch.optim.SGD, {}, {}, lr=0.1, momentum=0.9)
+        ft.to_torch_state_dict(state, optimizer, model)
+
+
+@pytest.mark.parametrize(
+    ("tx", "make"),
+    [
+        (
+            lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+            lambda p: torch.optim.SGD(
+                p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, fused=True
+            ),
+        ),
+        (
+            lambda: ft.adagrad(0.1, lr_decay=0.01),
+            lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, fused=True),
+        ),
+    ],
+    ids=["sgd", "adagrad"],
+)
+def test_a_default_fused_sgd_or_adagrad_run_continues_in_torchs_fused_class(
+    tx: Callable[[], Any], make: Callable[[Any], Any]
+) -> None:
+    def loss(m: Any, b: torch.Tensor) -> torch.Tensor:
+        return m(b).square().mean()
+
+    data = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        start = ft.TrainState.create(torch.nn.Linear(3, 2), tx(), loss)
+    full, half = start, start
+    for b in data:
+        full, _ = ft.train_step(full, b)
+    for b in data[:3]:
+        half, _ = ft.train_step(half, b)
+    model = half.export_module().train()
+    optimizer = make(model.parameters())
+    optimizer.load_state_dict(ft.to_torch_state_dict(half, optimizer, model))
+    for b in data[3:]:
+        optimizer.zero_grad()
+        loss(model, b).backward()
+        optimizer.step()
+    for name, value in full.params.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda m: torch.optim.RAdam(m.parameters()),
+            r"torch's RAdam runs its single-tensor \(foreach=False, the CPU default\) "
+            r"implementation, which rounds differently .*build the torch optimizer with "
+            r"foreach=True",
+        ),
+        (
+            lambda m: torch.optim.NAdam(m.parameters(), foreach=True),
+            r"torch's NAdam runs its foreach \(foreach=True\) implementation.*functrain's nadam "
+            r"continues bit for bit; build the torch optimizer with foreach=False",
+        ),
+        (
+            lambda m: torch.optim.ASGD(m.parameters(), foreach=True),
+            r"torch's ASGD runs its foreach",
+        ),
+        (
+            lambda m: torch.optim.Adafactor(m.parameters(), foreach=True),
+            r"torch's Adafactor runs its foreach",
+        ),
+        (
+            lambda m: torch.optim.Adam(m.parameters(), differentiable=True),
+            r"differentiable=True: functrain's updates are pure functions of tensors",
+        ),
+        (
+            lambda m: torch.optim.Adadelta(m.parameters(), capturable=True),
+            r"capturable=True: functrain's steps never read a count or a step size back to the "
+            r"host",
+        ),
+    ],
+    ids=[
+        "radam_single",
+        "nadam_foreach",
+        "asgd_foreach",
+        "adafactor_foreach",
+        "differentiable",
+        "capturable",
+    ],
+)
+def test_an_implementation_functrain_does_not_continue_is_refused_with_the_fix(
+    make: Callable[[torch.nn.Module], Any], message: str
+) -> None:
+    model = make_model()
+    with pytest.raises(ConfigError, match=message):
+        ft.from_torch_optimizer(make(model), model)
+    state = ft.TrainState.create(make_model(), ft.sgd(0.1), loss_fn)
+    with pytest.raises(ConfigError, match=message):  # nor exported to it
+        ft.to_torch_state_dict(state, make(model), model)
+
+
+def test_a_default_radam_run_moves_once_its_group_switches_to_foreach() -> None:
+    model = make_model()
+    optimizer = torch.optim.RAdam(model.parameters(), lr=1e-2)
+    torch_steps(model, optimizer, DATA[:STEPS])  # the single-tensor loop, torch's CPU default
+    optimizer.param_groups[0]["foreach"] = True
+    state = functrain_steps(
+        ft.from_torch_optimizer(optimizer, model).create_state(model, loss_fn), DATA[STEPS:]
+    )
+    torch_steps(model, optimizer, DATA[STEPS:])  # torch's own foreach steps from the same state
+    assert_trees_equal(state.params, dict(model.named_parameters()))
+
+
+def test_a_muon_run_exports_to_its_two_torch_optimizers_from_a_plain_preset() -> None:
+    tx = ft.muon(lr=0.02, ns_steps=4, others=ft.adamw(lr=3e-3, fused=False))
+    state = functrain_steps(ft.TrainState.create(make_model(), tx, loss_fn), DATA[:STEPS])
+    back = state.export_module().train()
+
+    def pair(m: torch.nn.Module) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Muon([p for p in m.parameters() if p.ndim == 2], lr=0.02, ns_steps=4),
+            torch.optim.AdamW([p for p in m.parameters() if p.ndim != 2], lr=3e-3),
+        ]
+
+    optimizers = pair(back)
+    for o, exported in zip(
+        optimizers, ft.to_torch_state_dict(state, optimizers, back), strict=True
+    ):
+        o.load_state_dict(exported)
+    torch_steps(back, optimizers, DATA[STEPS:])
+    assert_trees_equal(dict(back.named_parameters()), reference(pair))
+
+
+def test_a_muon_run_with_its_schedulers_continues_with_one_per_optimizer() -> None:
+    def make(m: torch.nn.Module) -> list[torch.optim.Optimizer]:
+        return OPTIMIZERS["muon_with_adamw"](m)
+
+    def run(
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        batches: list[Any],
+        scheduler: Any,
+    ) -> None:
+        for batch in batches:
+            for o in optimizers:
+                o.zero_grad()
+            loss_fn(model, batch).backward()
+            for o in optimizers:
+                o.step()
+            scheduler.step()
+
+    model = make_model()
+    optimizers = make(model)
+    scheduler = L.StepLR(optimizers[1], step_size=4, gamma=0.5)  # AdamW's rate decays, Muon's stays
+    run(model, optimizers, DATA[:STEPS], scheduler)
+    state = ft.from_torch_optimizer(
+        optimizers, model, scheduler=[None, scheduler], step=STEPS
+    ).create_state(model, loss_fn)
+    state = functrain_steps(state, DATA[STEPS:])
+    expected = make_model()
+    expected_opts = make(expected)
+    run(expected, expected_opts, DATA, L.StepLR(expected_opts[1], step_size=4, gamma=0.5))
+    assert_trees_equal(state.params, dict(expected.named_parameters()))
+    with pytest.raises(
+        ConfigError, match=r"scheduler must be one live scheduler per optimizer \(2\), got 1"
+    ):
+        ft.from_torch_optimizer(optimizers, model, scheduler=scheduler)

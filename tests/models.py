@@ -1,0 +1,56 @@
+"""The small models and losses the tests train: one definition each, imported as `tests.models`.
+
+pytest imports the test files by their path under the repository root (``--import-mode=importlib``),
+so ``from tests.models import loss_fn`` works in every test file without making ``tests`` a package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+F = nn.functional
+
+
+def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The mean squared error of ``model(x)`` against ``y`` for a batch ``(x, y)``."""
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def cross_entropy_loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The cross-entropy of the logits ``model(x)`` against the classes ``y``."""
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def cross_entropy_with_accuracy(
+    model: Any, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`cross_entropy_loss_fn` and the batch's accuracy as the metric ``acc``."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def make_mlp(dropout: float = 0.0) -> nn.Module:
+    """6 -> 16 -> 3 with ReLU (and dropout before the last layer), from torch's seed 0."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(6, 16), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(16, 3))
+
+
+def make_cnn() -> nn.Module:
+    """A convolution with batch norm over 2 x 5 x 5 inputs, then 3 logits, from torch's seed 0."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )

@@ -1,0 +1,608 @@
+"""Equivalence: nadam, adamax, adadelta, asgd, rprop, adafactor and muon follow torch.optim bit for
+bit.
+
+Both sides read the same 200 gradients (of scales from 1e-4 to 1e2) for parameters of a few shapes,
+a 0-d one included (Muon: matrices only); torch runs its default implementation on the CPU (the
+single-tensor one), and where the foreach one rounds the same, that too. Parameters and optimizer
+states are compared after the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.optim.rules.adadelta import ScaleByAdadeltaState
+from functrain.optim.rules.adafactor import AdafactorStepState
+from functrain.optim.rules.adam import NadamStepState, ScaleByAdamaxState
+from functrain.optim.rules.asgd import AsgdStepState
+from functrain.optim.rules.muon import ScaleByMuonState
+from functrain.optim.rules.rprop import ScaleByRpropState
+from tests.comparisons import assert_trees_equal
+from tests.models import loss_fn
+
+STEPS = 200
+SHAPES = {"w1": (12, 6), "b1": (12,), "w2": (3, 12), "conv": (2, 3, 4), "s": ()}
+MATRICES = {"w1": (12, 6), "w2": (3, 12), "tall": (9, 2)}
+
+
+def make_params(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+
+
+def make_grads(shapes: dict[str, tuple[int, ...]]) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    scales = 10.0 ** (torch.rand(STEPS, generator=gen, dtype=torch.float64) * 6 - 4)
+    return [
+        {name: torch.randn(shape, generator=gen) * float(s) for name, shape in shapes.items()}
+        for s in scales
+    ]
+
+
+GRADS = {"all": make_grads(SHAPES), "matrices": make_grads(MATRICES)}
+
+
+def run_functrain(tx: ft.Transform, shapes: dict) -> tuple[dict[str, torch.Tensor], Any]:
+    params = make_params(shapes)
+    state = tx.init(params)
+    for grads in GRADS["matrices" if shapes is MATRICES else "all"]:
+        updates, state = tx.update(grads, state, params)
+        params = ft.apply_updates(params, updates)
+    return params, state
+
+
+def run_torch(
+    make_opt: Callable,
+    shapes: dict,
+    before_step: Callable[[torch.optim.Optimizer, int], None] | None = None,
+) -> tuple[dict, torch.optim.Optimizer]:
+    params = make_params(shapes)
+    opt = make_opt(params)
+    for k, grads in enumerate(GRADS["matrices" if shapes is MATRICES else "all"]):
+        for name, p in params.items():
+            p.grad = grads[name].clone()
+        if before_step is not None:
+            before_step(opt, k)
+        opt.step()
+    return params, opt
+
+
+def is_weight(name: str, p: torch.Tensor) -> bool:
+    return p.ndim > 1
+
+
+def split_groups(params: dict[str, torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    return [
+        {"params": [p for n, p in params.items() if is_weight(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in params.items() if not is_weight(n, p)], "weight_decay": 0.0},
+    ]
+
+
+def find(state: Any, cls: type) -> Any:
+    if isinstance(state, cls):
+        return state
+    if isinstance(state, tuple):
+        for child in state:
+            found = find(child, cls)
+            if found is not None:
+                return found
+    return None
+
+
+def per_param(key: str) -> Callable[[torch.optim.Optimizer, dict], list[torch.Tensor]]:
+    return lambda opt, params: [opt.state[p][key] for p in params.values()]
+
+
+def scalar(
+    key: str, dtype: torch.dtype = torch.float32
+) -> Callable[[torch.optim.Optimizer, dict], list[torch.Tensor]]:
+    # torch keeps one per parameter, all equal; functrain keeps one
+    return lambda opt, params: [next(iter(opt.state.values()))[key].to(dtype)]
+
+
+NADAM = [
+    (NadamStepState, "mu", per_param("exp_avg")),
+    (NadamStepState, "nu", per_param("exp_avg_sq")),
+    (NadamStepState, "mu_product", scalar("mu_product")),
+]
+ADAMAX = [
+    (ScaleByAdamaxState, "mu", per_param("exp_avg")),
+    (ScaleByAdamaxState, "nu_inf", per_param("exp_inf")),
+]
+ADADELTA = [
+    (ScaleByAdadeltaState, "square_avg", per_param("square_avg")),
+    (ScaleByAdadeltaState, "acc_delta", per_param("acc_delta")),
+]
+ASGD = [
+    (AsgdStepState, "ax", per_param("ax")),
+    (AsgdStepState, "eta", scalar("eta")),
+    (AsgdStepState, "mu", scalar("mu")),
+]
+RPROP = [
+    (ScaleByRpropState, "prev", per_param("prev")),
+    (ScaleByRpropState, "step_size", per_param("step_size")),
+]
+MUON = [(ScaleByMuonState, "momentum_buffer", per_param("momentum_buffer"))]
+
+
+def adafactor_moments(opt: torch.optim.Optimizer, params: dict) -> list[torch.Tensor]:
+    out = []
+    for p in params.values():
+        state = opt.state[p]
+        out.extend([state["row_var"], state["col_var"]] if p.ndim > 1 else [state["variance"]])
+    return out
+
+
+ADAFACTOR = [(AdafactorStepState, "moments", adafactor_moments)]
+
+optim = torch.optim
+# name: (functrain transform, torch optimizer from a dict of params, state comparisons, shapes,
+#        whether torch's foreach implementation rounds the same)
+CASES: dict[str, tuple] = {
+    "nadam_defaults": (ft.nadam(), lambda p: optim.NAdam(p.values()), NADAM, SHAPES, False),
+    "nadam_l2_maximize": (
+        ft.nadam(
+            lr=1e-2,
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            weight_decay=0.05,
+            momentum_decay=1e-2,
+            maximize=True,
+        ),
+        lambda p: optim.NAdam(
+            p.values(),
+            lr=1e-2,
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            weight_decay=0.05,
+            momentum_decay=1e-2,
+            maximize=True,
+        ),
+        NADAM,
+        SHAPES,
+        False,
+    ),
+    "nadamw_maximize": (
+        ft.nadam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        lambda p: optim.NAdam(
+            p.values(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True
+        ),
+        NADAM,
+        SHAPES,
+        False,
+    ),
+    "nadamw_mask_spares_biases": (
+        ft.nadam(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, mask=is_weight),
+        lambda p: optim.NAdam(split_groups(p, 0.1), lr=1e-2, decoupled_weight_decay=True),
+        NADAM,
+        SHAPES,
+        False,
+    ),
+    "adamax_defaults": (ft.adamax(), lambda p: optim.Adamax(p.values()), ADAMAX, SHAPES, True),
+    "adamax_l2_maximize": (
+        ft.adamax(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, maximize=True),
+        lambda p: optim.Adamax(
+            p.values(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, maximize=True
+        ),
+        ADAMAX,
+        SHAPES,
+        True,
+    ),
+    "adadelta_defaults": (
+        ft.adadelta(),
+        lambda p: optim.Adadelta(p.values()),
+        ADADELTA,
+        SHAPES,
+        True,
+    ),
+    "adadelta_l2_maximize": (
+        ft.adadelta(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.05, maximize=True),
+        lambda p: optim.Adadelta(
+            p.values(), lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.05, maximize=True
+        ),
+        ADADELTA,
+        SHAPES,
+        True,
+    ),
+    "asgd_defaults": (ft.asgd(), lambda p: optim.ASGD(p.values()), ASGD, SHAPES, False),
+    "asgd_averaging_l2_maximize": (
+        ft.asgd(lr=2e-2, lambd=1e-3, alpha=0.6, t0=50, weight_decay=0.05, maximize=True),
+        lambda p: optim.ASGD(
+            p.values(), lr=2e-2, lambd=1e-3, alpha=0.6, t0=50, weight_decay=0.05, maximize=True
+        ),
+        ASGD,
+        SHAPES,
+        False,
+    ),
+    "rprop_defaults": (ft.rprop(), lambda p: optim.Rprop(p.values()), RPROP, SHAPES, True),
+    "rprop_maximize": (
+        ft.rprop(lr=1e-3, etas=(0.3, 1.5), step_sizes=(1e-5, 0.1), maximize=True),
+        lambda p: optim.Rprop(
+            p.values(), lr=1e-3, etas=(0.3, 1.5), step_sizes=(1e-5, 0.1), maximize=True
+        ),
+        RPROP,
+        SHAPES,
+        True,
+    ),
+    "adafactor_defaults": (
+        ft.adafactor(),
+        lambda p: optim.Adafactor(p.values()),
+        ADAFACTOR,
+        SHAPES,
+        False,
+    ),
+    "adafactor_decay_maximize": (
+        ft.adafactor(
+            lr=1e-3, beta2_decay=-0.6, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.05, maximize=True
+        ),
+        lambda p: optim.Adafactor(
+            p.values(),
+            lr=1e-3,
+            beta2_decay=-0.6,
+            eps=(1e-20, 1e-2),
+            d=2.0,
+            weight_decay=0.05,
+            maximize=True,
+        ),
+        ADAFACTOR,
+        SHAPES,
+        False,
+    ),
+    "muon_defaults": (ft.muon(), lambda p: optim.Muon(p.values()), MUON, MATRICES, False),
+    "muon_arguments": (
+        ft.muon(
+            lr=2e-2,
+            weight_decay=0.05,
+            momentum=0.9,
+            nesterov=False,
+            ns_coefficients=(3.0, -3.2, 1.2),
+            eps=1e-6,
+            ns_steps=3,
+            adjust_lr_fn="match_rms_adamw",
+        ),
+        lambda p: optim.Muon(
+            p.values(),
+            lr=2e-2,
+            weight_decay=0.05,
+            momentum=0.9,
+            nesterov=False,
+            ns_coefficients=(3.0, -3.2, 1.2),
+            eps=1e-6,
+            ns_steps=3,
+            adjust_lr_fn="match_rms_adamw",
+        ),
+        MUON,
+        MATRICES,
+        False,
+    ),
+    "muon_original_no_decay": (
+        ft.muon(lr=2e-2, weight_decay=0.0, adjust_lr_fn="original"),
+        lambda p: optim.Muon(p.values(), lr=2e-2, weight_decay=0.0, adjust_lr_fn="original"),
+        MUON,
+        MATRICES,
+        False,
+    ),
+}
+
+
+def assert_matches(
+    case: tuple,
+    make_opt: Callable | None = None,
+    before_step: Callable | None = None,
+    tx: ft.Transform | None = None,
+) -> Any:
+    default_tx, default_opt, fields, shapes, _ = case
+    ours, state = run_functrain(tx or default_tx, shapes)
+    theirs, opt = run_torch(make_opt or default_opt, shapes, before_step)
+    assert_trees_equal(list(ours.values()), list(theirs.values()), "params")
+    assert not torch.equal(ours["w1"], make_params(shapes)["w1"])  # they moved
+    for cls, field, read in fields:
+        value = getattr(find(state, cls), field)
+        got = (
+            [t for leaf in value for t in (leaf if isinstance(leaf, tuple) else (leaf,))]
+            if isinstance(value, tuple)
+            else [value]
+        )
+        assert_trees_equal(got, read(opt, theirs), f"{cls.__name__}.{field}")
+    return state
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_preset_matches_torch_default_implementation_bitwise(name: str) -> None:
+    assert_matches(CASES[name])
+
+
+def _foreach(make_opt: Callable) -> Callable:
+    def make(params: dict) -> torch.optim.Optimizer:
+        opt = make_opt(params)
+        for group in opt.param_groups:
+            group["foreach"] = True
+        return opt
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, case in CASES.items() if case[4] and not n.endswith("defaults")]
+)
+def test_preset_matches_torch_foreach_implementation_bitwise(name: str) -> None:
+    assert_matches(CASES[name], make_opt=_foreach(CASES[name][1]))
+
+
+@pytest.mark.parametrize(
+    "name", ["nadamw_maximize", "asgd_averaging_l2_maximize", "adafactor_decay_maximize"]
+)
+def test_torch_foreach_rounds_differently_for_nadam_asgd_adafactor(name: str) -> None:
+    # documented in the README: these follow the single-tensor implementation (torch's CPU default)
+    case = CASES[name]
+    ours, _ = run_functrain(case[0], case[3])
+    theirs, _ = run_torch(_foreach(case[1]), case[3])
+    assert any(not torch.equal(ours[n], theirs[n]) for n in ours)
+    for n in ours:
+        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-3, atol=1e-4)
+
+
+def decaying(step: torch.Tensor) -> torch.Tensor:
+    return 2e-2 * torch.pow(torch.full_like(step, 0.99, dtype=torch.float64), step)
+
+
+def set_lr(opt: torch.optim.Optimizer, k: int) -> None:
+    for group in opt.param_groups:
+        group["lr"] = float(decaying(torch.tensor(k)))
+
+
+SCHEDULED = {
+    "nadam": (
+        ft.nadam(lr=decaying, weight_decay=0.1, decoupled_weight_decay=True),
+        "nadamw_maximize",
+        lambda p: optim.NAdam(p.values(), weight_decay=0.1, decoupled_weight_decay=True),
+    ),
+    "adamax": (ft.adamax(lr=decaying), "adamax_defaults", None),
+    "asgd": (ft.asgd(lr=decaying, t0=50), "asgd_defaults", lambda p: optim.ASGD(p.values(), t0=50)),
+    "rprop": (ft.rprop(lr=decaying), "rprop_defaults", None),
+    "adafactor": (
+        ft.adafactor(lr=decaying, weight_decay=0.1),
+        "adafactor_defaults",
+        lambda p: optim.Adafactor(p.values(), weight_decay=0.1),
+    ),
+    "muon": (ft.muon(lr=decaying), "muon_defaults", None),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULED))
+def test_schedule_matches_torch_with_the_group_lr_set_before_each_step(name: str) -> None:
+    # torch reads its group's lr at each step (Rprop: only the first); the schedule gives the same
+    # values
+    tx, base, make_opt = SCHEDULED[name]
+    assert_matches(CASES[base], make_opt=make_opt, before_step=set_lr, tx=tx)
+
+
+def test_adadelta_schedule_matches_torch_to_the_last_rounding() -> None:
+    # a tensor rate multiplies before the addition that torch's add(alpha=lr) fuses (as sgd's does)
+    ours, _ = run_functrain(ft.adadelta(lr=decaying), SHAPES)
+    theirs, _ = run_torch(lambda p: optim.Adadelta(p.values()), SHAPES, set_lr)
+    for n in SHAPES:
+        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["nadam_defaults", "asgd_defaults", "muon_defaults"])
+def test_tensor_lr_is_read_once_as_the_float_it_holds(name: str) -> None:
+    # torch computes its step sizes from a tensor lr in the tensor's dtype (float32), so torch with
+    # lr=tensor(x) and with lr=float(tensor(x)) differ in the last bits; functrain follows the float
+    factory = {"nadam": ft.nadam, "asgd": ft.asgd, "muon": ft.muon}[name.split("_")[0]]
+    torch_class = {"nadam": optim.NAdam, "asgd": optim.ASGD, "muon": optim.Muon}[name.split("_")[0]]
+    lr = torch.tensor(0.015)
+    assert_matches(
+        CASES[name], make_opt=lambda p: torch_class(p.values(), lr=float(lr)), tx=factory(lr=lr)
+    )
+    shapes = CASES[name][3]
+    ours, _ = run_functrain(factory(lr=lr), shapes)
+    theirs, _ = run_torch(lambda p: torch_class(p.values(), lr=lr), shapes)
+    for n in shapes:
+        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-5, atol=1e-6)
+
+
+def test_muon_gives_other_parameters_to_others_as_torch_users_pair_muon_and_adamw() -> None:
+    tx = ft.muon(lr=2e-2, others=ft.adamw(lr=1e-3, weight_decay=0.01, fused=False))
+
+    def make(params: dict) -> Any:
+        matrices = [p for p in params.values() if p.ndim == 2]
+        rest = [p for p in params.values() if p.ndim != 2]
+        return optim.Muon(matrices, lr=2e-2), optim.AdamW(
+            rest, lr=1e-3, weight_decay=0.01, foreach=True
+        )
+
+    ours, state = run_functrain(tx, SHAPES)
+    params = make_params(SHAPES)
+    muon_opt, adamw_opt = make(params)
+    for grads in GRADS["all"]:
+        for name, p in params.items():
+            p.grad = grads[name].clone()
+        muon_opt.step()
+        adamw_opt.step()
+    assert_trees_equal(list(ours.values()), list(params.values()), "params")
+    assert isinstance(state, ft.optim.wrappers.PartitionState)
+
+
+def test_muon_without_others_refuses_parameters_that_are_not_matrices() -> None:
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"2-D parameters only .*b1 \(12,\), conv \(2, 3, 4\), s \(\).*others=ft.adamw",
+    ):
+        ft.muon().init(make_params(SHAPES))
+
+
+def test_asgd_averages_the_parameters_from_t0_on() -> None:
+    # step t averages at rate 1 / max(1, t - 1 - t0): the parameters themselves up to step t0 + 2
+    tx = ft.asgd(lr=0.1, t0=3)
+    params = {"w": torch.tensor([1.0])}
+    state = tx.init(params)
+    for step in range(6):
+        updates, state = tx.update({"w": torch.tensor([1.0])}, state, params)
+        params = ft.apply_updates(params, updates)
+        ax = find(state, AsgdStepState).ax[0]
+        assert torch.equal(ax, params["w"]) == (step + 1 <= 5), step
+
+
+def test_rprop_reads_a_schedule_only_at_step_0() -> None:
+    late = ft.rprop(lr=lambda step: torch.where(step == 0, 0.01, 5.0).double())
+    plain = ft.rprop(lr=0.01)
+    a, _ = run_functrain(late, SHAPES)
+    b, _ = run_functrain(plain, SHAPES)
+    assert_trees_equal(list(a.values()), list(b.values()), "params")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: ft.nadam(betas=(0.9, 1.0)),
+            r"betas\[1\] must lie in \[0, 1\), got betas\[1\]=1.0",
+        ),
+        (lambda: ft.adamax(lr=-1.0), r"lr must be >= 0, got lr=-1.0"),
+        (
+            lambda: ft.nadam(lr=torch.tensor([0.1, 0.2])),
+            r"a tensor lr must hold one floating-point value, got shape \(2,\)",
+        ),
+        (lambda: ft.adadelta(rho=1.5), r"rho must lie in \[0, 1\], got rho=1.5"),
+        (lambda: ft.asgd(lambd=-1.0), r"lambd must be >= 0, got lambd=-1.0"),
+        (
+            lambda: ft.rprop(etas=(1.5, 1.2)),
+            r"etas must satisfy 0 < etaminus < 1 < etaplus, got etas=\(1.5, 1.2\)",
+        ),
+        (
+            lambda: ft.rprop(step_sizes=(1.0, 0.1)),
+            r"step_sizes must be \(min, max\) with min <= max",
+        ),
+        (lambda: ft.adafactor(beta2_decay=0.5), r"beta2_decay must be <= 0, got beta2_decay=0.5"),
+        (lambda: ft.adafactor(d=0.5), r"d must be >= 1, got d=0.5"),
+        (
+            lambda: ft.muon(adjust_lr_fn="rms"),
+            r"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got adjust_lr_fn='rms'",
+        ),
+        (lambda: ft.muon(ns_steps=100), r"ns_steps must be an int in \[0, 100\), got ns_steps=100"),
+        (
+            lambda: ft.nadam(momentum_decay=-1.0),
+            r"momentum_decay must be >= 0, got momentum_decay=-1.0",
+        ),
+    ],
+)
+def test_hyperparameters_out_of_range_are_config_errors_naming_them(
+    make: Callable, message: str
+) -> None:
+    with pytest.raises(ft.ConfigError, match=message):
+        make()
+
+
+def test_names_record_every_argument_for_checkpoints() -> None:
+    assert (
+        ft.adamax(lr=1e-2).name
+        == "adamax(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, maximize=False, "
+        "mask=None)"
+    )
+    assert ft.muon(others=ft.sgd(lr=0.1)).name.endswith(
+        "others=sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, "
+        "mask=None, fused=True))"
+    )
+
+
+def test_final_steps_expose_the_learning_rate_metric() -> None:
+    tx = ft.nadam(lr=decaying)
+    params = make_params(SHAPES)
+    _, state = tx.update(GRADS["all"][0], tx.init(params), params)
+    assert torch.equal(ft.transform_metrics(state)["lr"], decaying(torch.tensor(0)))
+
+
+def test_partition_needs_a_transform_for_every_label() -> None:
+    tx = ft.partition(lambda name, p: "matrix" if p.ndim == 2 else "vector", matrix=ft.sgd(lr=0.1))
+    with pytest.raises(
+        ft.ConfigError, match=r"every label must be one of \['matrix'\], got b1: 'vector'"
+    ):
+        tx.init(make_params(SHAPES))
+
+
+def test_partition_takes_a_tree_of_labels_and_keeps_paths_for_inner_masks() -> None:
+    params = {"w": torch.ones(2), "b": torch.ones(2)}
+    seen: list[str] = []
+
+    def decay_w(name: str, p: torch.Tensor) -> bool:
+        seen.append(name)
+        return name == "w"
+
+    tx = ft.partition(
+        {"w": "a", "b": "b"}, a=ft.sgd(lr=1.0, weight_decay=0.5, mask=decay_w), b=ft.sgd(lr=0.5)
+    )
+    u, _ = tx.update({"w": torch.ones(2), "b": torch.ones(2)}, tx.init(params), params)
+    new = ft.apply_updates(params, u)
+    assert torch.equal(new["w"], torch.full((2,), -0.5)) and torch.equal(
+        new["b"], torch.full((2,), 0.5)
+    )
+    assert seen == ["w"]
+
+
+PRESETS = [ft.nadam, ft.adamax, ft.adadelta, ft.asgd, ft.rprop, ft.adafactor, ft.muon]
+
+
+@pytest.mark.parametrize("factory", PRESETS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        (float("inf"), r"lr must be a finite number >= 0, got lr=inf"),
+        (-0.1, r"lr must be >= 0, got lr=-0.1"),
+        (True, r"lr must be a finite number >= 0, got lr=True"),
+        (
+            lambda step: step * float("nan"),
+            r"lr must be >= 0 and finite at every step, but the schedule gives nan at step 0",
+        ),
+    ],
+)
+def test_every_new_preset_rejects_a_learning_rate_that_is_not_a_finite_number(
+    factory: Callable, lr: Any, message: str
+) -> None:
+    with pytest.raises(ft.ConfigError, match=message):
+        factory(lr)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ft.muon(lr=0.02, others=ft.adamw(1e-3)),
+        lambda: ft.adafactor(weight_decay=0.1),
+        lambda: ft.asgd(t0=1),
+    ],
+    ids=["muon_partition", "adafactor", "asgd"],
+)
+def test_a_checkpoint_resumes_the_same_run(make: Callable, tmp_path: Any) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    batch = (torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(16, 2))
+    state = ft.TrainState.create(model, make(), loss_fn)
+    for _ in range(3):
+        state, _ = ft.train_step(state, batch)
+    ft.save(state, tmp_path / "ck")
+    back = ft.load(tmp_path / "ck", ft.TrainState.create(model, make(), loss_fn))
+    ft.assert_states_equal(ft.train_step(back, batch)[0], ft.train_step(state, batch)[0])
+
+
+def test_a_skipped_step_leaves_the_parameters_and_every_group_state_untouched() -> None:
+    tx = ft.skip_nonfinite(ft.muon(lr=0.02, others=ft.nadam(lr=1e-2)))
+    params = make_params(SHAPES)
+    state = tx.init(params)
+    updates, state = tx.update(GRADS["all"][0], state, params)
+    params = ft.apply_updates(params, updates)
+    bad = {name: g.clone() for name, g in GRADS["all"][1].items()}
+    bad["b1"][0] = float("nan")
+    updates, skipped = tx.update(bad, state, params)
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(skipped.inner),
+        torch.utils._pytree.tree_leaves(state.inner),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    after = ft.apply_updates(params, updates)
+    assert all(torch.equal(after[n], params[n]) for n in params)
+    assert int(skipped.total_skipped) == 1

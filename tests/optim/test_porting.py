@@ -1,0 +1,193 @@
+"""A live torch.optim optimizer or scheduler where a transform or a learning rate belongs is a
+ConfigError whose text is the functrain call to write instead, read from the object; that call runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+import functrain as ft
+
+
+def live_adamw() -> torch.optim.AdamW:
+    params = [torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def sum_loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    """The sum of the outputs: any differentiable loss serves a check of the arguments."""
+    return model(batch).sum()
+
+
+WHERE_A_TRANSFORM_BELONGS: dict[str, Callable[[Any], Any]] = {
+    "TrainState.create": lambda obj: ft.TrainState.create(nn.Linear(2, 1), obj, sum_loss_fn),
+    "chain": lambda obj: ft.chain(ft.clip_by_global_norm(1.0), obj),
+    "skip_nonfinite": lambda obj: ft.skip_nonfinite(obj),
+    "accumulate": lambda obj: ft.accumulate(obj, 2),
+    "masked": lambda obj: ft.masked(obj, lambda name, p: True),
+}
+WHERE_AN_LR_BELONGS: dict[str, Callable[[Any], Any]] = {
+    "adamw": lambda obj: ft.adamw(lr=obj),
+    "sgd": lambda obj: ft.sgd(obj, momentum=0.9),
+    "radam": lambda obj: ft.radam(lr=obj),
+    "scale_by_learning_rate": lambda obj: ft.scale_by_learning_rate(obj),
+}
+
+
+def suggested_call(where: Callable[[Any], Any], obj: Any) -> str:
+    with pytest.raises(ft.ConfigError) as error:
+        where(obj)
+    found = re.search(r"write (.+) instead", str(error.value))
+    assert found is not None, str(error.value)
+    return found.group(1)
+
+
+def run(code: str) -> Any:
+    return eval(code, {"ft": ft, "torch": torch})  # noqa: S307 - the text the error shows the user
+
+
+@pytest.mark.parametrize("where", list(WHERE_A_TRANSFORM_BELONGS))
+def test_a_live_optimizer_where_a_transform_belongs_shows_the_preset_with_its_settings(
+    where: str,
+) -> None:
+    code = suggested_call(WHERE_A_TRANSFORM_BELONGS[where], live_adamw())
+    assert code == "ft.adamw(lr=0.0003, b2=0.95, weight_decay=0.1)"
+    assert run(code).name == ft.adamw(lr=3e-4, b2=0.95, weight_decay=0.1).name
+
+
+@pytest.mark.parametrize("where", list(WHERE_AN_LR_BELONGS))
+def test_a_live_scheduler_where_an_lr_belongs_shows_the_schedule_to_write(where: str) -> None:
+    opt = live_adamw()
+    scheduler = lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    code = suggested_call(WHERE_AN_LR_BELONGS[where], scheduler)
+    name = "learning_rate" if where == "scale_by_learning_rate" else "lr"
+    assert (
+        code == f"{name}=ft.schedules.from_torch(torch.optim.lr_scheduler.StepLR, lr=0.0003, "
+        "step_size=3, gamma=0.5)"
+    )
+    schedule = run(code.split("=", 1)[1])
+    expected = []
+    for _ in range(8):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert [float(schedule(torch.tensor(step))) for step in range(8)] == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
+def test_a_live_multistep_scheduler_shows_its_milestones_as_a_list() -> None:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    code = suggested_call(
+        WHERE_AN_LR_BELONGS["sgd"], lr_scheduler.MultiStepLR(opt, milestones=[5, 2])
+    )
+    assert (
+        code == "lr=ft.schedules.from_torch(torch.optim.lr_scheduler.MultiStepLR, lr=0.1, "
+        "milestones=[2, 5])"
+    )
+    assert run(code.split("=", 1)[1])(3) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("where", ["TrainState.create", "chain"])
+def test_a_live_scheduler_where_a_transform_belongs_shows_its_optimizer_with_the_schedule(
+    where: str,
+) -> None:
+    scheduler = lr_scheduler.CosineAnnealingLR(live_adamw(), T_max=100)
+    code = suggested_call(WHERE_A_TRANSFORM_BELONGS[where], scheduler)
+    assert (
+        code == "ft.adamw(lr=ft.schedules.from_torch(torch.optim.lr_scheduler.CosineAnnealingLR, "
+        "lr=0.0003, T_max=100), b2=0.95, weight_decay=0.1)"
+    )
+    assert callable(run(code).update)
+
+
+def test_a_live_reduce_on_plateau_shows_the_chain_with_reduce_on_plateau() -> None:
+    scheduler = lr_scheduler.ReduceLROnPlateau(live_adamw(), factor=0.5, patience=2)
+    code = suggested_call(WHERE_A_TRANSFORM_BELONGS["TrainState.create"], scheduler)
+    assert (
+        code == "the optimizer as ft.chain(ft.adamw(lr=0.0003, b2=0.95, weight_decay=0.1), "
+        "ft.reduce_on_plateau(factor=0.5, patience=2))"
+    )
+    assert callable(run(code.removeprefix("the optimizer as ")).update)
+
+
+def test_a_live_optimizer_where_an_lr_belongs_says_it_is_an_optimizer() -> None:
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"lr must be a number or a schedule, got a live torch.optim.AdamW optimizer; "
+        r"for the optimizer itself, write ft.adamw\(lr=0.0003, b2=0.95, "
+        r"weight_decay=0.1\) instead",
+    ):
+        ft.sgd(live_adamw())
+
+
+def test_a_live_optimizer_with_several_groups_and_torch_only_options() -> None:
+    w, b = torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD(
+        [{"params": [w], "weight_decay": 1e-4}, {"params": [b]}],
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        foreach=True,
+        maximize=True,
+    )
+    code = suggested_call(WHERE_A_TRANSFORM_BELONGS["chain"], opt)
+    # foreach is torch's implementation choice: no functrain argument says it
+    assert code == "ft.sgd(lr=0.1, weight_decay=0.0001, momentum=0.9, nesterov=True, maximize=True)"
+    assert run(code).name == ft.sgd(0.1, 0.9, nesterov=True, weight_decay=1e-4, maximize=True).name
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"instead \(and mask= or ft.masked for the settings of its other param groups\)",
+    ):
+        ft.chain(opt)
+
+
+def test_a_tensor_lr_reaches_the_suggestion_as_its_value() -> None:
+    opt = torch.optim.Adam(
+        [torch.zeros(1, requires_grad=True)],
+        lr=torch.tensor(0.5),
+        decoupled_weight_decay=True,
+        weight_decay=0.1,
+    )
+    assert (
+        suggested_call(WHERE_A_TRANSFORM_BELONGS["chain"], opt)
+        == "ft.adam(lr=0.5, weight_decay=0.1, decoupled_weight_decay=True)"
+    )
+
+
+def test_other_objects_keep_their_plain_errors() -> None:
+    with pytest.raises(ft.ConfigError, match=r"got argument 0: int"):
+        ft.chain(1)
+    with pytest.raises(ft.ConfigError, match=r"lr must be a finite number >= 0, got lr='0.1'"):
+        ft.adamw(lr="0.1")
+
+
+@pytest.mark.parametrize(
+    ("where", "prefix"),
+    [
+        (lambda obj: ft.schedules.join([obj, ft.schedules.constant(0.1)], [5]), ""),
+        (lambda obj: ft.schedules.per_epoch(obj, 10), "schedule="),
+        (lambda obj: ft.schedules.from_torch(obj), ""),
+    ],
+    ids=["join", "per_epoch", "from_torch"],
+)
+def test_a_live_scheduler_where_a_schedule_belongs_shows_from_torch(
+    where: Callable[[Any], Any], prefix: str
+) -> None:
+    scheduler = lr_scheduler.ExponentialLR(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), gamma=0.9
+    )
+    code = suggested_call(where, scheduler)
+    assert (
+        code
+        == prefix
+        + "ft.schedules.from_torch(torch.optim.lr_scheduler.ExponentialLR, lr=0.1, gamma=0.9)"
+    )
+    assert run(code.removeprefix(prefix))(2) == pytest.approx(0.1 * 0.9**2, rel=1e-12)

@@ -1,0 +1,441 @@
+"""The transform contract, checked for every primitive, preset and wrapper.
+
+For each transform, on parameter trees of several shapes (nested dicts, tuples, NamedTuples) and in
+float32 and bfloat16: inputs are never written, the same call gives the same answer, earlier results
+are not overwritten by later steps, dtypes and the state's tree structure are stable, every state
+leaf is a tensor, and the transform behaves identically inside `chain` and under `accumulate(t, 1)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from torch.utils._pytree import tree_structure
+
+import functrain as ft
+from functrain.tree import tree_leaves
+from tests.comparisons import assert_trees_equal
+
+
+class Layer(NamedTuple):
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+def is_matrix(name: str, p: torch.Tensor) -> bool:
+    return p.ndim > 1
+
+
+def is_matrix_label(name: str, p: torch.Tensor) -> str:
+    return "m" if p.ndim > 1 else "v"
+
+
+def halving(step: torch.Tensor) -> torch.Tensor:
+    return 0.1 * torch.pow(torch.full_like(step, 0.5, dtype=torch.float64), step)
+
+
+TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
+    # primitives
+    "identity": ft.identity,
+    "scale_by_adam": lambda: ft.scale_by_adam(),
+    "scale_by_adam_amsgrad": lambda: ft.scale_by_adam(b1=0.8, b2=0.99, amsgrad=True),
+    "scale_by_radam": lambda: ft.scale_by_radam(b2=0.9),  # small b2: rectified from step 6 on
+    "scale_by_rms": lambda: ft.scale_by_rms(),
+    "scale_by_rms_centered": lambda: ft.scale_by_rms(alpha=0.9, centered=True),
+    "scale_by_adagrad": lambda: ft.scale_by_adagrad(lr_decay=0.01, initial_accumulator_value=0.1),
+    "scale_by_lion": lambda: ft.scale_by_lion(),
+    "trace": lambda: ft.trace(0.9),
+    "trace_nesterov": lambda: ft.trace(0.9, nesterov=True),
+    "trace_dampening": lambda: ft.trace(0.9, dampening=0.2),
+    "add_decayed_weights": lambda: ft.add_decayed_weights(0.1),
+    "add_decayed_weights_masked": lambda: ft.add_decayed_weights(0.1, mask=is_matrix),
+    "scale_by_learning_rate": lambda: ft.scale_by_learning_rate(0.1),
+    "scale_by_learning_rate_schedule": lambda: ft.scale_by_learning_rate(halving),
+    "clip_by_global_norm": lambda: ft.clip_by_global_norm(0.5),
+    "clip_by_value": lambda: ft.clip_by_value(-0.2, 0.2),
+    "scale": lambda: ft.scale(-1.0),
+    # presets
+    "sgd": lambda: ft.sgd(lr=0.1),
+    "sgd_nesterov_wd": lambda: ft.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "sgd_dampening": lambda: ft.sgd(lr=0.1, momentum=0.9, dampening=0.1),
+    "adam": lambda: ft.adam(lr=1e-2, weight_decay=1e-3),
+    "adam_amsgrad": lambda: ft.adam(lr=1e-2, amsgrad=True),
+    "adamw": lambda: ft.adamw(lr=1e-2, weight_decay=0.1),
+    "adamw_masked_schedule": lambda: ft.adamw(lr=halving, weight_decay=0.1, mask=is_matrix),
+    "adamw_fused": lambda: ft.adamw(lr=1e-2, weight_decay=0.1, fused=True),
+    "adam_fused_amsgrad_masked_schedule": lambda: ft.adam(
+        lr=halving, weight_decay=1e-3, amsgrad=True, mask=is_matrix, fused=True
+    ),
+    "radam": lambda: ft.radam(lr=1e-2, b2=0.9),
+    "rmsprop": lambda: ft.rmsprop(lr=1e-2),
+    "rmsprop_centered_momentum": lambda: ft.rmsprop(
+        lr=1e-2, centered=True, momentum=0.9, weight_decay=1e-3
+    ),
+    "adagrad": lambda: ft.adagrad(lr=0.1, lr_decay=0.01),
+    "lion": lambda: ft.lion(lr=1e-3, weight_decay=0.1),
+    # torch's other arguments, with weight decay and maximize
+    "sgd_torch_default_lr_maximize": lambda: ft.sgd(momentum=0.9, weight_decay=1e-2, maximize=True),
+    "adam_decoupled_maximize": lambda: ft.adam(
+        lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, fused=False
+    ),
+    "adamw_fused_maximize_tensor_lr": lambda: ft.adamw(lr=torch.tensor(1e-2), maximize=True),
+    "radam_decoupled_maximize_masked": lambda: ft.radam(
+        lr=1e-2,
+        b2=0.9,
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        maximize=True,
+        mask=is_matrix,
+    ),
+    "adagrad_maximize_tensor_lr": lambda: ft.adagrad(
+        lr=torch.tensor(0.1), lr_decay=0.01, weight_decay=1e-3, maximize=True
+    ),
+    # the rest of torch.optim: rules, then presets
+    "scale_by_adamax": lambda: ft.scale_by_adamax(b1=0.8, eps=1e-6),
+    "scale_by_adadelta": lambda: ft.scale_by_adadelta(rho=0.8),
+    "scale_by_rprop": lambda: ft.scale_by_rprop(0.05, etas=(0.3, 1.5)),
+    "nadam_step_decoupled_masked_schedule": lambda: ft.nadam_step(
+        halving, weight_decay=0.1, mask=is_matrix
+    ),
+    "asgd_step_averaging": lambda: ft.asgd_step(0.1, lambd=1e-2, t0=1),
+    "adafactor_step_masked_schedule": lambda: ft.adafactor_step(
+        halving, weight_decay=0.1, mask=is_matrix
+    ),
+    "masked_scale_by_muon": lambda: ft.masked(ft.scale_by_muon(ns_steps=3), is_matrix),
+    "nadam": lambda: ft.nadam(lr=1e-2, weight_decay=1e-2, maximize=True),
+    "adamax": lambda: ft.adamax(lr=1e-2, weight_decay=1e-2, maximize=True),
+    "adadelta": lambda: ft.adadelta(lr=0.5, weight_decay=1e-2, maximize=True),
+    "asgd": lambda: ft.asgd(lr=0.1, lambd=1e-2, t0=2, weight_decay=1e-2),
+    "rprop": lambda: ft.rprop(lr=0.05, maximize=True),
+    "adafactor": lambda: ft.adafactor(lr=0.1, weight_decay=1e-2),
+    "muon_with_adamw": lambda: ft.muon(lr=0.02, others=ft.adamw(lr=1e-2, fused=False)),
+    "muon_with_fused_adamw_schedule": lambda: ft.muon(
+        lr=halving, adjust_lr_fn="match_rms_adamw", others=ft.adamw(lr=halving)
+    ),
+    "partition_before_learning_rate": lambda: ft.chain(
+        ft.partition(is_matrix_label, m=ft.scale_by_adam(), v=ft.scale_by_rms()),
+        ft.scale_by_learning_rate(0.1),
+    ),
+    "skip_nonfinite_muon": lambda: ft.skip_nonfinite(
+        ft.muon(lr=0.02, others=ft.sgd(lr=0.1, momentum=0.9))
+    ),
+    # wrappers around presets (masked wraps what comes before the learning rate)
+    "masked_scale_by_adam": lambda: ft.masked(ft.scale_by_adam(), is_matrix),
+    "masked_in_chain": lambda: ft.chain(
+        ft.masked(ft.add_decayed_weights(0.1), is_matrix), ft.sgd(lr=0.1, momentum=0.9)
+    ),
+    "skip_nonfinite_adamw": lambda: ft.skip_nonfinite(ft.adamw(lr=1e-2), max_consecutive=3),
+    "skip_nonfinite_clip_adamw_fused": lambda: ft.skip_nonfinite(
+        ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2, fused=True))
+    ),
+    "dynamic_loss_scale_adam_fused": lambda: ft.dynamic_loss_scale(
+        ft.adam(lr=1e-2, fused=True), init_scale=8.0, growth_interval=2
+    ),
+    "accumulate_adamw": lambda: ft.accumulate(ft.adamw(lr=1e-2), 2),
+    "accumulate_adamw_fused": lambda: ft.accumulate(ft.adamw(lr=1e-2, fused=True), 2),
+    "accumulate_sgd_momentum": lambda: ft.accumulate(ft.sgd(lr=0.1, momentum=0.9), 3),
+    "dynamic_loss_scale_adam": lambda: ft.dynamic_loss_scale(
+        ft.adam(lr=1e-2), init_scale=8.0, growth_interval=2
+    ),
+    "nested_wrappers": lambda: ft.skip_nonfinite(
+        ft.accumulate(ft.dynamic_loss_scale(ft.sgd(lr=0.1), init_scale=4.0), 2)
+    ),
+    # combinators and averaging
+    "chain_clip_adamw": lambda: ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(lr=1e-2)),
+    "chain_of_primitives": lambda: ft.chain(
+        ft.clip_by_value(-1.0, 1.0),
+        ft.scale_by_adam(),
+        ft.add_decayed_weights(0.1),
+        ft.scale_by_learning_rate(0.1),
+    ),
+    "ema": lambda: ft.ema(0.9),
+    "ema_warmup": lambda: ft.ema(0.99, warmup=True),
+}
+
+
+def dict_tree(gen: torch.Generator) -> Any:
+    return {
+        "dense": {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(4, generator=gen)},
+        "pair": (torch.randn(2, 2, generator=gen), torch.randn(3, generator=gen)),
+    }
+
+
+def namedtuple_tree(gen: torch.Generator) -> Any:
+    return Layer(w=torch.randn(3, 5, generator=gen), b=torch.randn(5, generator=gen))
+
+
+def list_tree(gen: torch.Generator) -> Any:
+    return [torch.randn(6, generator=gen), {"k": torch.randn(2, 3, generator=gen)}]
+
+
+def mixed_tree(gen: torch.Generator) -> Any:
+    # float32 and bfloat16 leaves side by side, and a 0-d parameter
+    return {
+        "w": torch.randn(4, 3, generator=gen),
+        "h": torch.randn(5, generator=gen).bfloat16(),
+        "s": torch.randn((), generator=gen),
+    }
+
+
+TREES = {"dict": dict_tree, "namedtuple": namedtuple_tree, "list": list_tree, "mixed": mixed_tree}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "as_built": None}
+STEPS = 4
+
+
+def cast(tree: Any, dtype: torch.dtype | None) -> Any:
+    return tree if dtype is None else torch.utils._pytree.tree_map(lambda x: x.to(dtype), tree)
+
+
+def make_case(tree_name: str, dtype: torch.dtype | None) -> tuple[Any, list[Any]]:
+    gen = torch.Generator().manual_seed(7)
+    params = cast(TREES[tree_name](gen), dtype)
+    grads = [cast(TREES[tree_name](gen), dtype) for _ in range(STEPS)]
+    return params, grads
+
+
+def outputs(updates: Any, params: Any) -> list[torch.Tensor]:
+    """What an update means: the new parameter leaves (works for tensor, Ratio and ParamStep
+    updates)."""
+    return tree_leaves(ft.apply_updates(params, updates))
+
+
+def snapshot(tree: Any) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    return [(t, t.clone(), t._version) for t in tree_leaves(tree)]
+
+
+def assert_untouched(snap: list[tuple[torch.Tensor, torch.Tensor, int]], what: str) -> None:
+    for i, (t, copy, version) in enumerate(snap):
+        assert t._version == version, f"{what}[{i}] was written in place"
+        assert torch.equal(t, copy), f"{what}[{i}] changed"
+        assert t.dtype == copy.dtype
+
+
+def run(
+    tx: ft.Transform, params: Any, grads: list[Any]
+) -> tuple[list[list[torch.Tensor]], list[Any]]:
+    """Steps through `grads`; returns the new parameter leaves and the state after each step."""
+    state = tx.init(params)
+    outs, states = [], [state]
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        outs.append(outputs(updates, params))
+        states.append(state)
+        params = ft.apply_updates(params, updates)
+    return outs, states
+
+
+CASES = [
+    pytest.param(t, tree, dt, id=f"{t}-{tree}-{dt}")
+    for t in TRANSFORMS
+    for tree, dt in [
+        ("dict", "float32"),
+        ("namedtuple", "float32"),
+        ("list", "float32"),
+        ("dict", "bfloat16"),
+        ("mixed", "as_built"),
+    ]
+]
+ALL = pytest.mark.parametrize(("name", "tree_name", "dtype_name"), CASES)
+BY_NAME = pytest.mark.parametrize("name", list(TRANSFORMS))
+
+
+@ALL
+def test_update_never_writes_its_inputs(name: str, tree_name: str, dtype_name: str) -> None:
+    tx = TRANSFORMS[name]()
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    state = tx.init(params)
+    for g in grads:
+        snaps = {"params": snapshot(params), "grads": snapshot(g), "state": snapshot(state)}
+        updates, new_state = tx.update(g, state, params)
+        new_params = ft.apply_updates(params, updates)
+        for what, snap in snaps.items():
+            assert_untouched(snap, f"{name}: {what}")
+        params, state = new_params, new_state
+
+
+@ALL
+def test_update_is_deterministic(name: str, tree_name: str, dtype_name: str) -> None:
+    tx = TRANSFORMS[name]()
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    state = tx.init(params)
+    for g in grads:
+        u1, s1 = tx.update(g, state, params)
+        u2, s2 = tx.update(g, state, params)
+        assert_trees_equal(outputs(u1, params), outputs(u2, params), f"{name}: updates")
+        assert tree_structure(s1) == tree_structure(s2)
+        assert_trees_equal(tree_leaves(s1), tree_leaves(s2), f"{name}: state", may_be_empty=True)
+        params, state = ft.apply_updates(params, u1), s1
+
+
+@ALL
+def test_later_steps_do_not_overwrite_earlier_results(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
+    tx = TRANSFORMS[name]()
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    init_state = tx.init(params)
+    updates, state = tx.update(grads[0], init_state, params)
+    kept = {
+        "init state": snapshot(init_state),
+        "state": snapshot(state),
+        "new params": snapshot(ft.apply_updates(params, updates)),
+    }
+    # materializing a lazy update must not write into the tensors it holds
+    kept["updates"] = [(t, t.clone(), t._version) for t in outputs(updates, params)]
+    p = ft.apply_updates(params, updates)
+    for g in grads[1:]:
+        u, state = tx.update(g, state, p)
+        p = ft.apply_updates(p, u)
+    for what, snap in kept.items():
+        assert_untouched(snap, f"{name}: {what}")
+
+
+@ALL
+def test_dtypes_and_state_structure_are_stable(name: str, tree_name: str, dtype_name: str) -> None:
+    tx = TRANSFORMS[name]()
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    param_dtypes = [t.dtype for t in tree_leaves(params)]
+    param_spec = tree_structure(params)
+    outs, states = run(tx, params, grads)
+    spec0 = tree_structure(states[0])
+    dtypes0 = [t.dtype for t in tree_leaves(states[0])]
+    shapes0 = [t.shape for t in tree_leaves(states[0])]
+    for i, state in enumerate(states[1:], start=1):
+        assert tree_structure(state) == spec0, f"{name}: state structure changed at step {i}"
+        assert [t.dtype for t in tree_leaves(state)] == dtypes0, (
+            f"{name}: state dtypes changed at step {i}"
+        )
+        assert [t.shape for t in tree_leaves(state)] == shapes0, (
+            f"{name}: state shapes changed at step {i}"
+        )
+    for out in outs:
+        assert [t.dtype for t in out] == param_dtypes
+    # apply_updates keeps the tree of the parameters, NamedTuples included
+    u, _ = tx.update(grads[0], states[0], params)
+    new = ft.apply_updates(params, u)
+    assert tree_structure(new) == param_spec
+    assert type(new) is type(params)
+
+
+@ALL
+def test_state_leaves_are_tensors_with_0d_scalars(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
+    tx = TRANSFORMS[name]()
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    param_shapes = {t.shape for t in tree_leaves(params)}
+    factors = {torch.Size((*s[:-1], 1)) for s in param_shapes if len(s) > 1} | {
+        torch.Size((*s[:-2], 1, s[-1])) for s in param_shapes if len(s) > 1
+    }
+    _, states = run(tx, params, grads[:2])
+    for state in states:
+        for leaf in tree_leaves(state):
+            assert isinstance(leaf, torch.Tensor), f"{name}: state leaf {leaf!r} is not a tensor"
+            # a leaf is either per-parameter or a 0-d scalar (counters, scales, norms, flags), or
+            # the row or column factor of a matrix parameter (adafactor)
+            assert leaf.ndim == 0 or leaf.shape in param_shapes or leaf.shape in factors, (
+                f"{name}: state leaf of shape {leaf.shape}"
+            )
+
+
+@ALL
+def test_chained_after_identity_gives_the_same_results(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    outs, states = run(TRANSFORMS[name](), params, grads)
+    outs_c, states_c = run(ft.chain(ft.identity(), TRANSFORMS[name]()), params, grads)
+    for step, (a, b) in enumerate(zip(outs, outs_c, strict=True)):
+        assert_trees_equal(a, b, f"{name}: step {step} params")
+    for s, sc in zip(states, states_c, strict=True):
+        assert sc[0] == ft.EmptyState()
+        assert tree_structure(sc[1]) == tree_structure(s)
+        assert_trees_equal(tree_leaves(sc[1]), tree_leaves(s), f"{name}: state", may_be_empty=True)
+
+
+@ALL
+def test_accumulate_every_1_gives_the_same_results(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    outs, states = run(TRANSFORMS[name](), params, grads)
+    outs_a, states_a = run(ft.accumulate(TRANSFORMS[name](), 1), params, grads)
+    for step, (a, b) in enumerate(zip(outs, outs_a, strict=True)):
+        assert_trees_equal(a, b, f"{name}: step {step} params")
+    for s, sa in zip(states, states_a, strict=True):
+        assert tree_structure(sa.inner) == tree_structure(s)
+        assert_trees_equal(
+            tree_leaves(sa.inner), tree_leaves(s), f"{name}: inner state", may_be_empty=True
+        )
+        assert int(sa.micro_step) == 0
+
+
+@BY_NAME
+def test_transform_changes_something(name: str) -> None:
+    # guards the suite against vacuous passes: every case produces updates that move the
+    # parameters (or, for ema, an average that differs from the parameters)
+    params, grads = make_case("dict", torch.float32)
+    outs, _ = run(TRANSFORMS[name](), params, grads)
+    first = tree_leaves(params)
+    assert any(not torch.equal(a, b) for out in outs for a, b in zip(out, first, strict=True))
+
+
+@ALL
+def test_state_shares_no_storage_with_params_or_grads(
+    name: str, tree_name: str, dtype_name: str
+) -> None:
+    # a training loop may write into its gradients (zero_grad) or parameters afterwards; a state
+    # that aliased them would change behind the transform's back
+    tx = TRANSFORMS[name]()
+    params, grads = make_case(tree_name, DTYPES[dtype_name])
+    state = tx.init(params)
+    for g in grads:
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((params, g))}
+        updates, state = tx.update(g, state, params)
+        shared = [t.shape for t in tree_leaves(state) if t.untyped_storage().data_ptr() in inputs]
+        assert shared == [], f"{name}: state leaves of shapes {shared} alias the inputs"
+        params = ft.apply_updates(params, updates)
+
+
+def _halve(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    # a user's update: the three arguments only, no ``extras=``
+    return {k: g * 0.5 for k, g in updates.items()}, state
+
+
+def _descend(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    return {k: g * -0.1 for k, g in updates.items()}, state
+
+
+def _square_loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch).pow(2).mean()
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_transform_without_extras_works_in_chain_and_as_the_optimizer(donate: bool) -> None:
+    """``Transform(init, update)`` with ``update(updates, state, params)``: the step and the
+    combinators give the step's extras only to the transforms that take them."""
+    halve = ft.Transform(lambda params: ft.EmptyState(), _halve)
+    alone = ft.Transform(lambda params: ft.EmptyState(), _descend)
+    assert not halve.takes_extras and ft.chain(halve).takes_extras
+    momentum = ft.chain(halve, ft.sgd(0.1, momentum=0.9))
+    reference = ft.chain(ft.scale(0.5), ft.sgd(0.1, momentum=0.9))
+    batch = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    for tx, expected in [(momentum, reference), (alone, None)]:
+        torch.manual_seed(0)
+        start = torch.nn.Linear(3, 2)
+        state = ft.TrainState.create(start, tx, _square_loss, clip_grad_norm=1.0)
+        before = {k: p.clone() for k, p in state.params.items()}
+        for _ in range(2):
+            state, _ = ft.train_step(state, batch, donate=donate)
+        assert all(not torch.equal(state.params[k], p) for k, p in before.items())
+        if expected is not None:
+            torch.manual_seed(0)
+            ref = ft.TrainState.create(
+                torch.nn.Linear(3, 2), expected, _square_loss, clip_grad_norm=1.0
+            )
+            for _ in range(2):
+                ref, _ = ft.train_step(ref, batch)
+            assert_trees_equal(state.params, ref.params, "params")
