@@ -1,15 +1,16 @@
 """Schedules: pure functions ``step -> value`` for learning rates and other hyperparameters.
 
-The public path of `functrain.optim.schedules`: ``from functrain.schedules import cosine_decay``,
+The public path of the schedules (`functrain.optim.schedules`) and of `from_torch`
+(`functrain.interop.schedulers`): ``from functrain.schedules import cosine_decay``,
 ``ft.schedules.warmup_cosine``, ``_target_: functrain.schedules.from_torch`` in a config file.
 """
 
+from functrain.interop.schedulers import from_torch
 from functrain.optim.schedules import (
     Schedule,
     constant,
     cosine_decay,
     exponential_decay,
-    from_torch,
     join,
     linear,
     multistep,

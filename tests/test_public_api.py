@@ -62,8 +62,10 @@ def test_the_public_schedules_module_imports_without_warning() -> None:
     module = importlib.import_module("functrain.schedules")
     assert ft.schedules is module
     optim_schedules = importlib.import_module("functrain.optim.schedules")
+    interop_schedulers = importlib.import_module("functrain.interop.schedulers")
     assert {name: getattr(module, name) for name in module.__all__} == {
-        name: getattr(optim_schedules, name) for name in optim_schedules.__all__
+        **{name: getattr(optim_schedules, name) for name in optim_schedules.__all__},
+        "from_torch": interop_schedulers.from_torch,
     }
 
 

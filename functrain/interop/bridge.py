@@ -39,12 +39,13 @@ from torch.optim import lr_scheduler
 
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError, config_check
+from functrain.interop.schedulers import from_torch
 from functrain.interop.torch_classes import KEYS, TORCH_CLASSES, implementation, torch_class
 from functrain.optim.base import Transform
 from functrain.optim.metrics import walk_states
 from functrain.optim.rules.fused import FusedSgdState
 from functrain.optim.rules.trace import TraceState
-from functrain.optim.schedules import Schedule, from_torch
+from functrain.optim.schedules import Schedule
 from functrain.optim.wrappers import PartitionState, partition
 
 __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]

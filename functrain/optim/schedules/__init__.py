@@ -1,8 +1,9 @@
 """Schedules: pure functions ``step -> value`` for learning rates and other hyperparameters.
 
 `catalogue` holds the schedules (``constant``, ``linear``, ``cosine_decay``, ..., ``join``,
-``per_epoch``); `torch_schedulers` holds `from_torch`, every `torch.optim.lr_scheduler` class as one
-of them, on the per-class parts in `torch_parts`. Public as ``functrain.schedules``.
+``per_epoch``). Public as ``functrain.schedules``, with `from_torch` (every
+`torch.optim.lr_scheduler` class as one of them), which lives with the rest of the torch interop in
+`functrain.interop.schedulers`.
 """
 
 from functrain.optim.schedules.catalogue import (
@@ -18,7 +19,6 @@ from functrain.optim.schedules.catalogue import (
     polynomial,
     warmup_cosine,
 )
-from functrain.optim.schedules.torch_schedulers import from_torch
 
 __all__ = [
     "Schedule",
@@ -32,5 +32,4 @@ __all__ = [
     "one_cycle",
     "join",
     "per_epoch",
-    "from_torch",
 ]

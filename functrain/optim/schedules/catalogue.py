@@ -12,7 +12,7 @@ Every factory validates its arguments, raising one `ConfigError` that names each
 in its docstring the schedule's bounds and whether it is monotone. Bounds hold up to the rounding of
 the last bit at the end points (a `linear` schedule may end one ulp past ``end_value``).
 
-`functrain.optim.schedules.torch_schedulers` rebuilds `torch.optim.lr_scheduler`'s classes on these.
+`functrain.interop.schedulers` rebuilds `torch.optim.lr_scheduler`'s classes on these.
 """
 
 from __future__ import annotations

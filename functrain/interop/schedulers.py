@@ -1,9 +1,9 @@
 """`from_torch`: every `torch.optim.lr_scheduler` class but `ReduceLROnPlateau`, as a pure schedule.
 
-The classes are described one by one in `torch_parts`; this module checks their arguments, builds
-the parts in the order torch builds the schedulers (a composite's members first, depth first), and
-joins them as `SequentialLR` (one member after another) and `ChainedScheduler` (every member at
-every step) join them.
+The classes are described one by one in `scheduler_parts`; this module checks their arguments,
+builds the parts in the order torch builds the schedulers (a composite's members first, depth
+first), and joins them as `SequentialLR` (one member after another) and `ChainedScheduler` (every
+member at every step) join them.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import torch
 from torch.optim import lr_scheduler
 
 from functrain.errors import config_check
+from functrain.interop import scheduler_parts as P
+from functrain.interop.scheduler_parts import Part, Setting
 from functrain.optim.porting import schedule_call
-from functrain.optim.schedules import torch_parts as P
 from functrain.optim.schedules.catalogue import (
     Schedule,
     check_interval,
@@ -30,7 +31,6 @@ from functrain.optim.schedules.catalogue import (
     described,
     lift,
 )
-from functrain.optim.schedules.torch_parts import Part, Setting
 
 __all__ = ["from_torch"]
 
