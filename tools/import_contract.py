@@ -326,11 +326,46 @@ def check(
     problems = [p for m in modules.values() for p in private_uses(m, modules)]
     problems += layer_problems(edges, modules, layers, inner, root.name)
     for component in cycles(edges):
-        links = [
-            f"{s} -> {t} (line {line})" for s in component for t, line in edges[s] if t in component
-        ]
-        problems.append("import cycle: " + "; ".join(links))
+        loop = shortest_loop(component, edges)
+        links = " -> ".join(f"{source} (line {line})" for source, line in loop)
+        problems.append(
+            f"import cycle among {len(component)} modules, the shortest: {links} -> {loop[0][0]}"
+        )
     return problems
+
+
+def shortest_loop(
+    component: list[str], edges: dict[str, list[tuple[str, int]]]
+) -> list[tuple[str, int]]:
+    """The shortest import loop inside a cycle's `component`: each module with the line of its
+    import of the next one (breadth first from each member; the first shortest is kept)."""
+    best: list[tuple[str, int]] | None = None
+    for start in component:
+        found = loop_from(start, set(component), edges)
+        if found is not None and (best is None or len(found) < len(best)):
+            best = found
+    assert best is not None  # every member of a cycle's component lies on a loop
+    return best
+
+
+def loop_from(
+    start: str, members: set[str], edges: dict[str, list[tuple[str, int]]]
+) -> list[tuple[str, int]] | None:
+    """The shortest path of imports from `start` back to `start` through `members`."""
+    paths: dict[str, list[tuple[str, int]]] = {start: []}
+    frontier = [start]
+    while frontier:
+        following = []
+        for source in frontier:
+            for target, line in edges[source]:
+                path = paths[source] + [(source, line)]
+                if target == start:
+                    return path
+                if target in members and target not in paths:
+                    paths[target] = path
+                    following.append(target)
+        frontier = following
+    return None
 
 
 def main(argv: Iterable[str] | None = None) -> int:
