@@ -49,7 +49,15 @@ from functrain.errors import (
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
 from functrain.interop.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
 from functrain.optim.averaging import EmaState, ema
-from functrain.optim.base import EmptyState, Transform, identity
+from functrain.optim.base import (
+    NO_EXTRAS,
+    EmptyState,
+    Extras,
+    Transform,
+    identity,
+    update_with,
+    with_extras,
+)
 from functrain.optim.combine import chain
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.plateau import observe_plateau, reduce_on_plateau
@@ -162,6 +170,10 @@ __all__ = [
     "TrainState",
     "VersionWarning",
     "Transform",
+    "Extras",
+    "NO_EXTRAS",
+    "update_with",
+    "with_extras",
     "accumulate",
     "adagrad",
     "adam",

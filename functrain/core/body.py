@@ -6,8 +6,8 @@ compiled graph (`functrain.core.compiled`), and a stacked state's step under ``t
 `StateView` of its parts inside a compiled or vmapped body) and never writes into its tensors
 unless a donated step allows it: the step's `functrain.optim.base.Extras` (``in_place``) say so,
 and `apply` hands them to the optimizer, the EMA and `apply_updates`, with the gradient norm it
-computed (shared, so clipping and the non-finite check do not measure again), a sharded step's sum
-over ranks, and a stacked step's member index.
+computed (shared, so clipping and the non-finite check do not measure again) and a sharded step's
+sum over ranks.
 
 `train_body` is two parts: `gradients` (the forward under the loss function, the backward) and
 `apply` (the collectives, the optimizer update, the counters, the EMA, the metrics). Gradients
@@ -255,8 +255,7 @@ def _dist(state: StepState) -> DistConfig:
 def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Parts:
     """The step itself, on tensors only (what torch.compile traces): `gradients`, then `apply`.
 
-    `extras`: what the step gives the updates (a donated step's permission, a stacked step's
-    member), passed on to `apply`.
+    `extras`: what the step gives the updates (a donated step's permission), passed on to `apply`.
     """
     # forward writes running statistics into the buffers: give it copies, never the state's own
     buffers = {k: b.clone() for k, b in state.buffers.items()}

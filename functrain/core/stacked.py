@@ -49,8 +49,9 @@ from functrain.core.scope import device_generator
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError
-from functrain.optim.base import Extras
+from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.batching import STACKED, register
+from functrain.optim.sweep import enter_member, leave_member
 from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = [
@@ -266,7 +267,7 @@ def member_function(
     statics: dict[str, Any], parts: tuple, body: Callable[..., Any]
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """``body(view, batch, extras)`` as a function of one member's tensors only, for
-    `torch.func.vmap`; the extras carry the member's index (`Extras.member`, for sweeps).
+    `torch.func.vmap`, with the member's index entered for sweeps (`functrain.optim.sweep`).
 
     Returns ``(fn, out)``: ``fn(tensors, batch)``, `tensors` the tensor leaves of `parts` in order
     (`_tensors`), rebuilds one member's view of the state from its slices and returns the tensor
@@ -284,12 +285,15 @@ def member_function(
         view = StateView(
             statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec)
         )
-        # `functrain.optim.batching.under_vmap` reads it while dynamo traces the body
-        was_stacked, STACKED.active = STACKED.active, True
+        # sweeps read the member's index (`functrain.optim.sweep`), and
+        # `functrain.optim.batching.under_vmap` the flag while dynamo traces the body
+        previous, was_stacked = enter_member(member[-1]), STACKED.active
+        STACKED.active = True
         try:
-            res_leaves, res_spec = tree_flatten(body(view, batch, Extras(member=member[-1])))
+            res_leaves, res_spec = tree_flatten(body(view, batch, NO_EXTRAS))
         finally:
             STACKED.active = was_stacked
+            leave_member(previous)
         fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in res_leaves]
 
         def rebuild(values: list[torch.Tensor]) -> Any:

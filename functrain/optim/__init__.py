@@ -15,7 +15,15 @@ scaling), `averaging` (EMA), `plateau` (reduce-on-plateau), `schedules` (``step 
 
 from functrain.optim import schedules
 from functrain.optim.averaging import EmaState, ema
-from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, Transform, identity
+from functrain.optim.base import (
+    NO_EXTRAS,
+    EmptyState,
+    Extras,
+    Transform,
+    identity,
+    update_with,
+    with_extras,
+)
 from functrain.optim.combine import chain
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.plateau import observe_plateau, reduce_on_plateau
@@ -66,6 +74,8 @@ __all__ = [
     "EmptyState",
     "Extras",
     "NO_EXTRAS",
+    "update_with",
+    "with_extras",
     "ParamStep",
     "Ratio",
     "Sweep",

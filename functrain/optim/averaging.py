@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, Transform
+from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras
 from functrain.optim.naming import named
 from functrain.optim.zeros import counter
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
@@ -100,4 +100,4 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
                 ]
         return tree_unflatten(average, spec), EmaState(count, tuple(average))
 
-    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn), gated=True)

@@ -22,7 +22,7 @@ rounding exact; `functrain.optim.updates.apply_updates` returns the new paramete
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, cast, overload
+from typing import Any, NamedTuple, Protocol, cast, overload
 
 import torch
 
@@ -49,6 +49,7 @@ __all__ = [
     "is_transform",
     "gated_update",
     "update_with",
+    "with_extras",
 ]
 
 Params = Tree
@@ -82,7 +83,7 @@ class InitFn(Protocol):
 class Extras(NamedTuple):
     """What a step gives the updates besides updates, state and parameters (optax's extra args).
 
-    A NamedTuple: ``torch.compile`` traces one built inside a step (a stacked step's member).
+    A NamedTuple: ``torch.compile`` traces one built inside a step.
     """
 
     in_place: bool = False
@@ -93,9 +94,6 @@ class Extras(NamedTuple):
     norms: Norms = LOCAL_NORMS
     """How `global_norm` measures: the step's gradient norm shared, a sharded step's sum over
     ranks."""
-    member: torch.Tensor | None = None
-    """A stacked step's member index (a batched 0-d tensor under vmap): a `functrain.sweep`
-    learning rate gives this member's value."""
 
     def may_write(self) -> bool:
         """Whether the update may write into the tensors it was given (eagerly, a donated step).
@@ -124,7 +122,7 @@ class Extras(NamedTuple):
 
 
 NO_EXTRAS = Extras()
-"""The extras of an update called outside a step: no permission, local norms, no member."""
+"""The extras of an update called outside a step: no permission, local norms."""
 
 
 class UpdateFn(Protocol):
@@ -179,13 +177,30 @@ class Transform(NamedTuple):
     parameters. `skip_nonfinite`, `dynamic_loss_scale` and `accumulate` pass their flag this way
     instead of selecting the previous state with `torch.where` (they still zero updates of the
     other forms)."""
-    takes_extras: bool = False
-    """True when ``update`` also takes ``extras=`` (`Extras`, keyword-only): every transform of
-    functrain that reads or forwards them; False for an ``update(updates, state, params)``."""
+
+    @property
+    def takes_extras(self) -> bool:
+        """True when ``update`` also takes ``extras=`` (`Extras`, keyword-only): marked so by
+        `with_extras`, as every transform of functrain that reads or forwards them is. A
+        transform rebuilt with another update (``tx._replace(update=...)``) says what that
+        update takes."""
+        return bool(getattr(self.update, "takes_extras", False))
 
 
 class EmptyState(NamedTuple):
     """The state of a stateless transform."""
+
+
+def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> Any:
+    """Mark `update` as one that takes ``extras=`` (`Transform.takes_extras`); returns it.
+
+    Example:
+        >>> update = with_extras(lambda u, s, p=None, extras=NO_EXTRAS: (u, s))
+        >>> Transform(lambda p: EmptyState(), update).takes_extras
+        True
+    """
+    update.takes_extras = True  # type: ignore[attr-defined]  # a marker on the function itself
+    return update
 
 
 def gated_update(tx: Transform) -> GatedUpdateFn:
@@ -232,8 +247,9 @@ def identity() -> Transform:
     """
     return Transform(
         lambda params: EmptyState(),
-        lambda updates, state, params=None, keep=None, extras=NO_EXTRAS: (updates, state),
+        with_extras(
+            lambda updates, state, params=None, keep=None, extras=NO_EXTRAS: (updates, state)
+        ),
         name="identity()",
         gated=True,
-        takes_extras=True,
     )

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from functrain.errors import ConfigError
-from functrain.optim.base import NO_EXTRAS, Extras, Params, Transform, is_transform, update_with
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    Params,
+    Transform,
+    is_transform,
+    update_with,
+    with_extras,
+)
 from functrain.optim.naming import named
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.updates import Updates
@@ -66,4 +74,4 @@ def chain(*transforms: Transform) -> Transform:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return Transform(init_fn, update_fn, gated=gated, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn), gated=gated)

@@ -2,17 +2,21 @@
 
 For ``lr=`` of any optimizer, a sweep is a schedule (``step -> value``) that a stacked step
 (`functrain.stack`) evaluates for each member: member ``k`` gets ``values[k]``, a float or a
-schedule of its own. The step gives the member's index to the updates (`Extras.member`), which
-evaluate a learning rate with `value_at`. For ``weight_decay=`` of the fused `adam`/`adamw` (the
-default), member ``k`` gets the float ``values[k]``: the kernel runs member by member and takes
-each member's value (the foreach chains, ``fused=False`` and the other presets, take one weight
-decay and refuse a sweep).
+schedule of its own. For ``weight_decay=`` of the fused `adam`/`adamw` (the default), member
+``k`` gets the float ``values[k]``: the kernel runs member by member and takes each member's value
+(the foreach chains, ``fused=False`` and the other presets, take one weight decay and refuse a
+sweep).
 Under the stacked step's ``vmap`` the member's index is a batched tensor, so one traced step serves
 every value: no recompilation per value, and a sweep composes with schedules (give each member a
 schedule, e.g. the same warmup-cosine shape at different peaks).
 
 Outside a stacked step (when `TrainState.create` initializes the optimizer) a sweep gives member 0's
 value; stepping an ordinary state whose optimizer holds a sweep raises `ConfigError`.
+
+The member's index is the one value of a step that reaches an update ambiently (`enter_member`,
+set by the stacked step around its body): a schedule is ``step -> value``, and a sweep may sit
+anywhere inside one (`join`, `per_epoch`, a user's ``lambda step: 2 * sw(step)``) or inside a
+user's own transform, none of which could pass an index on.
 """
 
 from __future__ import annotations
@@ -29,9 +33,35 @@ from functrain.optim.checks import check_learning_rate
 __all__ = [
     "Sweep",
     "sweep",
-    "value_at",
+    "enter_member",
+    "leave_member",
     "holds_sweep",
 ]
+
+
+class _Member:
+    """The member a stacked step is evaluating (a batched 0-d index under vmap), or None.
+
+    A plain attribute rather than a context variable: torch.compile traces attribute writes, not
+    `ContextVar.set`. Steps run on one thread; the stacked step sets and clears it around the body.
+    """
+
+    index: torch.Tensor | None = None
+
+
+_MEMBER = _Member()
+
+
+def enter_member(index: torch.Tensor) -> torch.Tensor | None:
+    """Make sweeps evaluate for member `index` until `leave_member`; returns the index it
+    replaces."""
+    previous, _MEMBER.index = _MEMBER.index, index
+    return previous
+
+
+def leave_member(previous: torch.Tensor | None) -> None:
+    """Undo `enter_member`."""
+    _MEMBER.index = previous
 
 
 class Sweep:
@@ -49,9 +79,10 @@ class Sweep:
     def __len__(self) -> int:
         return len(self.values)
 
-    def __call__(self, count: torch.Tensor, member: torch.Tensor | None = None) -> torch.Tensor:
-        """The value at `count` of `member` (a 0-d index, batched under vmap); member 0's for
-        None."""
+    def __call__(self, count: torch.Tensor) -> torch.Tensor:
+        """The value at `count` of the member a stacked step is evaluating; member 0's outside
+        one."""
+        member = _MEMBER.index
         column = [
             torch.as_tensor(
                 v(count) if callable(v) else v, dtype=torch.float64, device=count.device
@@ -103,20 +134,6 @@ def sweep(values: Sequence[float | Schedule]) -> Sweep:
     if problems:
         raise ConfigError("invalid sweep:\n  - " + "\n  - ".join(problems))
     return Sweep(values)
-
-
-def value_at(
-    schedule: Schedule, count: torch.Tensor, member: torch.Tensor | None
-) -> torch.Tensor | float:
-    """`schedule` at `count`; a `Sweep` gives `member`'s value (`Extras.member`).
-
-    Example:
-        >>> value_at(sweep([0.1, 0.2]), torch.tensor(0), torch.tensor(1))
-        tensor(0.2000, dtype=torch.float64)
-    """
-    if isinstance(schedule, Sweep):
-        return schedule(count, member)
-    return schedule(count)
 
 
 def holds_sweep(value: Any) -> bool:

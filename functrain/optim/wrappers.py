@@ -15,7 +15,15 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
-from functrain.optim.base import NO_EXTRAS, Extras, Mask, Transform, is_transform, update_with
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    Mask,
+    Transform,
+    is_transform,
+    update_with,
+    with_extras,
+)
 from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
@@ -193,7 +201,7 @@ def masked(inner: Transform, mask: Mask) -> Transform:
         out = [next(done) if f else x for x, f in zip(u, flags, strict=True)]
         return tree_unflatten(out, spec), MaskedState(inner_state)
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 class PartitionState(NamedTuple):
@@ -335,7 +343,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             tuple(states)
         )
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -422,7 +430,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             check_skip_limits(new_state)
         return new_updates, new_state
 
-    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn), gated=True)
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -538,7 +546,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
         )
         return new_updates, new_state
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -642,7 +650,7 @@ def dynamic_loss_scale(
         )
         return new_updates, new_state
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 def find_loss_scale(state: Tree) -> torch.Tensor | None:

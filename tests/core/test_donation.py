@@ -13,7 +13,7 @@ from torch import nn
 
 import functrain as ft
 from functrain.testing import assert_states_equal
-from tests.models import cross_entropy_loss_fn
+from tests.models import cross_entropy_loss_fn, loss_fn
 
 F = nn.functional
 
@@ -366,8 +366,7 @@ def test_checkpoints_fit_writes_while_donating_hold_the_states_of_their_steps(
 def test_donated_step_with_grad_stats_reports_the_pure_steps_update_ratios() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    cross_entropy_loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
-    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, grad_stats="layer")
+    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_fn, grad_stats="layer")
     batch = (torch.randn(8, 4), torch.randn(8, 2))
     _, pure = ft.train_step(state.clone(), batch)
     _, donated = ft.train_step(state, batch, donate=True)

@@ -107,6 +107,30 @@ def test_a_sweep_of_schedules_gives_each_member_its_schedule():
         assert_member_close(member, run(make_state(0, ft.adamw(schedule)), batches())[0])
 
 
+def forwarding(inner: ft.Transform) -> ft.Transform:
+    """A user's own wrapper: passes the three arguments on, nothing else."""
+    return ft.Transform(inner.init, lambda u, s, p=None: inner.update(u, s, p))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lr: ft.adamw(ft.schedules.per_epoch(lr, 10)),
+        lambda lr: ft.adamw(ft.schedules.join([lr, ft.schedules.constant(0.5)], [50])),
+        lambda lr: ft.sgd(lambda step: lr(step) * 1.0, fused=False),
+        lambda lr: forwarding(ft.sgd(lr, fused=False)),
+    ],
+    ids=["per_epoch", "join", "user_schedule", "user_wrapper"],
+)
+def test_a_sweep_inside_a_schedule_or_a_user_transform_gives_each_member_its_value(make):
+    lrs = [0.1, 1.0]
+    stacked, metrics = run(ft.stack([make_state(0, make(ft.sweep(lrs))) for _ in lrs]), batches(2))
+    assert torch.equal(metrics[-1]["lr"], torch.tensor(lrs))
+    for member, lr in zip(ft.unstack(stacked), lrs):
+        alone = make_state(0, make(ft.schedules.constant(lr)))
+        assert_member_close(member, run(alone, batches(2))[0])
+
+
 def test_stepping_an_unstacked_state_holding_a_sweep_raises():
     with pytest.raises(ft.ConfigError, match="holds a sweep"):
         ft.train_step(make_state(0, ft.adamw(ft.sweep([1e-3, 1e-2]))), batches(1)[0])

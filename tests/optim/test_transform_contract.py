@@ -439,3 +439,22 @@ def test_a_transform_without_extras_works_in_chain_and_as_the_optimizer(donate: 
             for _ in range(2):
                 ref, _ = ft.train_step(ref, batch)
             assert_trees_equal(state.params, ref.params, "params")
+
+
+def test_a_library_transform_given_a_users_update_takes_no_extras() -> None:
+    """What `Transform.takes_extras` says follows the update: a library transform rebuilt with a
+    three-argument update (``_replace``) runs in a step, and a transform unpacks as its four
+    fields."""
+    tx = ft.scale_by_learning_rate(0.1)
+    inner = tx.update
+    rebuilt = tx._replace(update=lambda u, s, p=None: inner(u, s, p))
+    assert tx.takes_extras and not rebuilt.takes_extras
+    init, update, name, gated = rebuilt
+    assert (init, name, gated) == (tx.init, tx.name, tx.gated)
+    batch = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    states = []
+    for optimizer in (tx, rebuilt):
+        torch.manual_seed(0)
+        state = ft.TrainState.create(torch.nn.Linear(3, 2), optimizer, _square_loss)
+        states.append(ft.train_step(state, batch, donate=True)[0])
+    assert_trees_equal(states[0].params, states[1].params, "params")

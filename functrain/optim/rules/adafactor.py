@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform, with_extras
 from functrain.optim.checks import check_positive, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
@@ -135,7 +135,7 @@ def adafactor_step(
         need_params(params, "adafactor_step")
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
-        lr = rate_at(learning_rate, state.count, extras.member)
+        lr = rate_at(learning_rate, state.count)
         count = state.count + 1
         step = f64(count)
         weight = torch.pow(step, torch.full_like(step, beta2_decay))
@@ -159,7 +159,7 @@ def adafactor_step(
             add_scaled_(out, direction, alpha)
         return NewParams(new, spec), AdafactorStepState(count, lr, tuple(moments))
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform, with_extras
 from functrain.optim.checks import check_positive, check_unit, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
@@ -336,7 +336,7 @@ def nadam_step(
         need_params(params, "nadam_step")
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
-        lr = rate_at(learning_rate, state.count, extras.member)
+        lr = rate_at(learning_rate, state.count)
         count = state.count + 1
         step = f64(count)
         bc2 = (1 - power(b2, step)).to(torch.float32)
@@ -365,4 +365,4 @@ def nadam_step(
             addcdiv_(out, mu[-1], den, steps[1])
         return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))

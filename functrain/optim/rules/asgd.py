@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform, with_extras
 from functrain.optim.checks import check_positive, need_params
 from functrain.optim.naming import named
 from functrain.optim.rules.arithmetic import add_scaled_, decayed, f64, host_scalars
@@ -102,7 +102,7 @@ def asgd_step(
         need_params(params, "asgd_step")
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
-        lr = rate_at(learning_rate, state.count, extras.member)
+        lr = rate_at(learning_rate, state.count)
         count = state.count + 1
         eta = state.eta.double()
         new = decayed(p, 1 - lambd * eta, None)
@@ -120,7 +120,7 @@ def asgd_step(
         new_mu = (1 / torch.clamp(step - t0, min=1)).to(torch.float32)
         return NewParams(new, spec), AsgdStepState(count, lr, new_eta, new_mu, tuple(ax))
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 def _add_scaled_all_(

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, Transform
+from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, Transform, with_extras
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
 from functrain.optim.updates import flat_updates
@@ -82,7 +82,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
         return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
-    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn), gated=True)
 
 
 @named

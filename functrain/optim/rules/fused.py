@@ -39,11 +39,11 @@ import torch
 
 from functrain.errors import ConfigError, config_check
 from functrain.layout import in_layouts_of, is_dense
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform, with_extras
 from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
-from functrain.optim.sweep import Sweep, value_at
+from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import constant_like, counter, owned_copy, writable, zeros
 from functrain.tree import (
@@ -137,8 +137,9 @@ def _begin(
             f"the fused {what} kernels update the parameters themselves; pass params= to update"
         )
     g, spec = flat_updates(updates, params)
+    rate: torch.Tensor | float
     if callable(lr):
-        rate = value_at(lr, count, extras.member)
+        rate = lr(count)
         rate_t = torch.as_tensor(rate, dtype=torch.float64, device=count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, last_lr
@@ -233,7 +234,7 @@ def fused_adam(
             step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn), gated=True)
 
 
 def fused_sgd(
@@ -294,7 +295,7 @@ def fused_sgd(
             step.count, tuple(buffers), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn), gated=True)
 
 
 def fused_adagrad(
@@ -360,7 +361,7 @@ def fused_adagrad(
             step.count, tuple(sums), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, update_fn, gated=True, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn), gated=True)
 
 
 class _Kernel(NamedTuple):

@@ -11,10 +11,17 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, LearningRate, Schedule, Transform
+from functrain.optim.base import (
+    NO_EXTRAS,
+    EmptyState,
+    Extras,
+    LearningRate,
+    Schedule,
+    Transform,
+    with_extras,
+)
 from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
-from functrain.optim.sweep import value_at
 from functrain.optim.updates import ParamStep, Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
@@ -82,10 +89,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         rate_dtype = learning_rate.dtype
         learning_rate = float(learning_rate)
 
-    def current(count: torch.Tensor, member: torch.Tensor | None = None) -> torch.Tensor | float:
+    def current(count: torch.Tensor) -> torch.Tensor | float:
         if callable(learning_rate):
-            value = value_at(learning_rate, count, member)
-            return torch.as_tensor(value, dtype=torch.float64, device=count.device)
+            return torch.as_tensor(learning_rate(count), dtype=torch.float64, device=count.device)
         return float(learning_rate)
 
     def init_fn(params: Tree) -> ScaleByLearningRateState:
@@ -118,7 +124,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[ParamStep, ScaleByLearningRateState]:
-        lr = current(state.count, extras.member)
+        lr = current(state.count)
         lr_t, signed_lr = rate_tensors(lr, state.count.device)
         new_state = ScaleByLearningRateState(state.count + 1, lr_t)
         if isinstance(updates, RectifiedRatio):
@@ -151,7 +157,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
         return ParamStep(u, spec, alpha), new_state
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 def _rectified_step(
@@ -207,14 +213,9 @@ def scale(step_size: float) -> Transform:
 # the state of final steps that take the learning rate themselves
 
 
-def rate_at(
-    learning_rate: LearningRate, count: torch.Tensor, member: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The learning rate at `count` as a float64 0-d tensor (a constant or a schedule's value).
-
-    A `functrain.sweep` gives `member`'s value (`Extras.member`; member 0's for None).
-    """
-    value = value_at(learning_rate, count, member) if callable(learning_rate) else learning_rate
+def rate_at(learning_rate: LearningRate, count: torch.Tensor) -> torch.Tensor:
+    """The learning rate at `count` as a float64 0-d tensor (a constant or a schedule's value)."""
+    value = learning_rate(count) if callable(learning_rate) else learning_rate
     return torch.as_tensor(value, dtype=torch.float64, device=count.device)
 
 

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform
+from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform, with_extras
 from functrain.optim.checks import check_positive, check_unit, need_params
 from functrain.optim.naming import named
 from functrain.optim.rules.arithmetic import add_scaled_, decayed
@@ -199,7 +199,7 @@ def scale_by_adjusted_learning_rate(
         u, spec = flat_updates(updates, params)
         p = tree_leaves(params)
         constant = None if callable(learning_rate) else learning_rate
-        lr = rate_at(learning_rate, state.count, extras.member)
+        lr = rate_at(learning_rate, state.count)
         new = decayed(p, 1 - lr * weight_decay if weight_decay else None, None)
         for out, x, direction in zip(new, p, u, strict=True):
             ratio = _shape_ratio(adjust_lr_fn, x.shape)
@@ -209,4 +209,4 @@ def scale_by_adjusted_learning_rate(
             )
         return NewParams(new, spec), LearningRateState(state.count + 1, lr)
 
-    return Transform(init_fn, update_fn, takes_extras=True)
+    return Transform(init_fn, with_extras(update_fn))
