@@ -1,5 +1,7 @@
-"""``python -m functrain run CONFIG [override ...]``: the ``functrain`` command
-(`functrain.config.cli`)."""
+"""``python -m functrain run CONFIG [override ...]``: the ``functrain`` command.
+
+The command is `functrain.config.cli`.
+"""
 
 from functrain.config.cli import main
 

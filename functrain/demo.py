@@ -84,8 +84,10 @@ def load_digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, Ten
 
 
 def digits(split: str, seed: int = 0) -> TensorDataset:
-    """One split of `load_digits_splits`: ``"train"``, ``"val"`` or ``"test"`` (a config's data
-    entries)."""
+    """One split of `load_digits_splits`: ``"train"``, ``"val"`` or ``"test"``.
+
+    For a config's data entries.
+    """
     names = ("train", "val", "test")
     if split not in names:
         raise ConfigError(f"split must be one of {', '.join(names)}, got split={split!r}")
@@ -116,8 +118,10 @@ class PlotCurves(Callback):
 def build(
     epochs: int, batch_size: int, lr: float, seed: int, out: Path
 ) -> tuple[TrainState, tuple[TensorDataset, ...], dict[str, Any]]:
-    """The demo's state, its train/val/test splits and `fit`'s options (``configs/demo.yaml`` says
-    the same)."""
+    """The demo's state, its train/val/test splits and `fit`'s options.
+
+    ``configs/demo.yaml`` says the same.
+    """
     torch.manual_seed(seed)
     splits = load_digits_splits(seed)
     steps_per_epoch = -(-len(splits[0]) // batch_size)

@@ -108,8 +108,9 @@ def in_layouts_of(
 
 
 def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`t` with exactly `like`'s strides (contiguous where `like` is not dense): a view where only
-    dimensions of size 1 differ, else a copy (`in_layout_of`).
+    """`t` with exactly `like`'s strides (contiguous where `like` is not dense).
+
+    The result is a view where only dimensions of size 1 differ, else a copy (`in_layout_of`).
 
     A parameter keeps its strides from step to step, as torch.optim's in-place updates keep them:
     an out-of-place op may give a new tensor other strides on dimensions of size 1 (the same

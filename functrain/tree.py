@@ -86,11 +86,10 @@ def tree_leaves(tree: Tree) -> list[Any]:
 
 
 def escape_key(key: str) -> str:
-    """One component of a leaf path: ``%`` and ``/`` escaped, and ``""`` as ``%`` (which no escaped
-    key is).
+    """One component of a leaf path: ``%`` and ``/`` escaped, and ``""`` as ``%``.
 
-    Without the last rule a root key ``""`` would join to nothing, and ``{"": {"a": x}}`` and
-    ``{"a": y}`` would both name their leaf ``a``.
+    No escaped key is ``%``. Without the last rule a root key ``""`` would join to nothing, and
+    ``{"": {"a": x}}`` and ``{"a": y}`` would both name their leaf ``a``.
     """
     return key.replace("%", "%25").replace("/", "%2F") if key else "%"
 
@@ -141,11 +140,11 @@ def check_same_structure(expected: Tree, got: Tree, what: str) -> None:
 
 
 class Norms(NamedTuple):
-    """How `global_norm` measures within a step: a norm the step already computed, the sum over
-    ranks.
+    """How `global_norm` measures within a step.
 
-    The step gives it to the transforms in their extras (`functrain.optim.base.Extras.norms`). A
-    NamedTuple, which ``torch.compile`` traces when it is built inside a step.
+    It holds a norm the step already computed and the sum over ranks. The step gives it to the
+    transforms in their extras (`functrain.optim.base.Extras.norms`). A NamedTuple, which
+    ``torch.compile`` traces when it is built inside a step.
     """
 
     shared: tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor] | None = None

@@ -79,8 +79,10 @@ class ConfiguredRun:
     config: dict[str, Any]
 
     def fit(self, **overrides: Any) -> FitResult:
-        """`functrain.fit` with this run's data, arguments and config; `overrides` replace
-        arguments."""
+        """`functrain.fit` with this run's data, arguments and config.
+
+        `overrides` replace arguments.
+        """
         kwargs = {
             "eval_data": self.eval_data,
             "test_data": self.test_data,
@@ -355,8 +357,10 @@ def _cause(error: BaseException) -> str:
 
 
 def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str, Any]) -> list[str]:
-    """`fit`'s argument checks on what the config gives it, each problem keyed by the argument it
-    names."""
+    """`fit`'s argument checks on what the config gives it.
+
+    Each problem is keyed by the argument it names.
+    """
     kw = {
         n: p.default
         for n, p in inspect.signature(fit).parameters.items()

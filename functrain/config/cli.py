@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="build and train the run a YAML config describes",
-        description=__doc__.splitlines()[2].strip(),
+        # the docstring's second paragraph, whole (argparse reflows it)
+        description=" ".join(__doc__.split("\n\n")[1].split()),
     )
     run.add_argument("config", type=Path, help="a .yaml file, e.g. configs/demo.yaml")
     run.add_argument(
@@ -44,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``functrain`` command with `argv` (default: ``sys.argv[1:]``); return its exit
-    status."""
+    """Run the ``functrain`` command with `argv`; return its exit status.
+
+    `argv` defaults to ``sys.argv[1:]``.
+    """
     parser = _parser()
     args, rest = parser.parse_known_args(argv)  # overrides after a flag come back here
     unknown = [r for r in rest if r.startswith("-")]

@@ -42,8 +42,10 @@ def hydra_modules() -> tuple[Any, Any]:
 
 
 def register_resolvers() -> None:
-    """Register ``ft.mul`` and ``ft.ceil_div`` with OmegaConf (done by `load_config`; call it
-    yourself before a ``@hydra.main`` app composes a config that uses them).
+    """Register ``ft.mul`` and ``ft.ceil_div`` with OmegaConf.
+
+    `load_config` does it; call it yourself before a ``@hydra.main`` app composes a config that
+    uses them.
 
     Example:
         >>> from omegaconf import OmegaConf

@@ -266,8 +266,10 @@ _SLOT = object()  # where a tensor goes when a tree is rebuilt from its tensor l
 def member_function(
     statics: dict[str, Any], parts: tuple, body: Callable[..., Any]
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """``body(view, batch, extras)`` as a function of one member's tensors only, for
-    `torch.func.vmap`, with the member's index entered for sweeps (`functrain.optim.sweep`).
+    """``body(view, batch, extras)`` as a function of one member's tensors only.
+
+    It is for `torch.func.vmap`, with the member's index entered for sweeps
+    (`functrain.optim.sweep`).
 
     Returns ``(fn, out)``: ``fn(tensors, batch)``, `tensors` the tensor leaves of `parts` in order
     (`_tensors`), rebuilds one member's view of the state from its slices and returns the tensor

@@ -106,8 +106,9 @@ def current_config(
     device_type: str = "cpu",
     reshard_after_forward: bool = True,
 ) -> DistConfig | None:
-    """The `DistConfig` for `TrainState.create(distributed=..., sharding=...)`: None means
-    auto-detect.
+    """The `DistConfig` for `TrainState.create(distributed=..., sharding=...)`.
+
+    None means auto-detect.
 
     A sharded state needs an initialized process group, of any size (one rank included).
     """
@@ -200,8 +201,10 @@ def average_step(
 def broadcast_tensors(
     tensors: Mapping[str, torch.Tensor], config: DistConfig, src: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Copies of `tensors` holding rank `src`'s values on every rank (the inputs are not
-    written)."""
+    """Copies of `tensors` holding rank `src`'s values on every rank.
+
+    The inputs are not written.
+    """
     out = {k: v.detach().clone() for k, v in tensors.items()}
     for t in out.values():
         dist.broadcast(t, src, group=config.group)
@@ -209,8 +212,10 @@ def broadcast_tensors(
 
 
 def check_same_model(description: str, config: DistConfig) -> None:
-    """Raise `ConfigError` if the ranks built different models (names, shapes, dtypes,
-    optimizer)."""
+    """Raise `ConfigError` if the ranks built different models.
+
+    The models are compared by names, shapes, dtypes and optimizer.
+    """
     digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "big")
     mine = torch.tensor([digest, -digest], dtype=torch.int64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=config.group)
@@ -255,8 +260,10 @@ def all_gather_json(value: Any, group: Any) -> list[Any]:
 
 
 def gather_objects(value: Any, config: DistConfig | None) -> list[Any]:
-    """Every rank's `value` (a tree of dicts with str keys, lists, JSON scalars and tensors), in
-    rank order, on every rank (``[value]`` in one process). Tuples arrive as lists.
+    """Every rank's `value`, in rank order, on every rank (``[value]`` in one process).
+
+    `value` is a tree of dicts with str keys, lists, JSON scalars and tensors. Tuples arrive as
+    lists.
 
     A collective: every rank of the group must call it. Nothing is pickled: the tree travels as
     orjson with its tensors in one safetensors blob, so a rank only ever parses data.

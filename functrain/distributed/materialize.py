@@ -46,16 +46,20 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _owners_of_meta(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The submodules (by qualified name, ``""`` for the root) that own a tensor on the meta
-    device."""
+    """The submodules that own a tensor on the meta device.
+
+    They are named by qualified name, ``""`` for the root.
+    """
     for name, sub in module.named_modules():
         if any(t.is_meta for _, t in _own_tensors(sub)):
             yield name, sub
 
 
 def init_problems(module: nn.Module, init: object) -> list[str]:
-    """What keeps `module`'s meta tensors from being initialized: submodules with no way to, a bad
-    `init`."""
+    """What keeps `module`'s meta tensors from being initialized.
+
+    That is, submodules with no way to, a bad `init`.
+    """
     if init is not None:
         return (
             []
@@ -83,8 +87,10 @@ def init_problems(module: nn.Module, init: object) -> list[str]:
 
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """The generators of the CPU and of `device` seeded with `seed` within; the caller's states
-    restored after."""
+    """The generators of the CPU and of `device` seeded with `seed` within.
+
+    The caller's states are restored after.
+    """
     cuda = (
         [device.index if device.index is not None else torch.cuda.current_device()]
         if device.type == "cuda"
@@ -105,8 +111,9 @@ def _aligned(nbytes: int) -> int:
 
 
 class _Scratch:
-    """One buffer that each submodule's tensors are materialized in, in turn, sized for the largest
-    submodule.
+    """One buffer that each submodule's tensors are materialized in, in turn.
+
+    It is sized for the largest submodule.
 
     Reusing it keeps the peak at one submodule whole plus what is kept: a whole freed between the
     slices kept after it leaves a hole in the allocator that the next, different, sizes do not
@@ -121,8 +128,10 @@ class _Scratch:
         self.buffer = torch.empty(max(sizes, default=0), dtype=torch.uint8, device=device)
 
     def shell(self, sub: nn.Module) -> nn.Module:
-        """A shallow copy of `sub` owning new uninitialized tensors in the buffer (the same
-        children, its own dicts)."""
+        """A shallow copy of `sub` owning new uninitialized tensors in the buffer.
+
+        It has the same children and its own dicts.
+        """
         offset = 0
 
         def carve(t: torch.Tensor) -> torch.Tensor:
@@ -146,8 +155,10 @@ class _Scratch:
 
 
 def _initialized(sub: nn.Module, init: InitFn | None, scratch: _Scratch) -> dict[str, torch.Tensor]:
-    """`sub`'s own tensors, by their local names, materialized in `scratch` and initialized
-    whole."""
+    """`sub`'s own tensors, by their local names, materialized in `scratch`.
+
+    They are initialized whole.
+    """
     shell = scratch.shell(sub)
     if init is not None:
         init(shell)
@@ -165,8 +176,10 @@ def _submodule_values(
     scratch: _Scratch,
     done: dict[int, str],
 ) -> dict[str, torch.Tensor]:
-    """The values of the tensors `sub` owns and no earlier submodule did (tied ones are materialized
-    once)."""
+    """The values of the tensors `sub` owns and no earlier submodule did.
+
+    Tied ones are materialized once.
+    """
     own = _own_tensors(sub)
     fresh = _initialized(sub, init, scratch) if any(t.is_meta for _, t in own) else {}
     out = {}
@@ -189,8 +202,9 @@ def materialize(
     device: torch.device,
     config: DistConfig,
 ) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of `module` (built on the meta device), by name, given its values
-    submodule by submodule.
+    """Every parameter and buffer of `module` (built on the meta device), by name, given values.
+
+    They are given their values submodule by submodule.
 
     Each submodule owning meta tensors is materialized on `device` (in one buffer that every
     submodule reuses in turn, of the largest submodule's size) and initialized (``init(sub)``,

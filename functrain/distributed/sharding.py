@@ -1,5 +1,6 @@
-"""Sharded states on torch.distributed: each rank holds one slice of the parameters and optimizer
-state.
+"""Sharded states on torch.distributed.
+
+Each rank holds one slice of the parameters and optimizer state.
 
 Two modes, chosen by ``TrainState.create(..., sharding=...)`` and kept in the state's static
 `DistConfig`:
@@ -101,8 +102,9 @@ def is_sharded(t: Any) -> TypeGuard[DTensor]:
 
 
 def shard(t: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's ``Shard(0)`` slice of a tensor every rank holds whole, as a DTensor (0-d: `t`
-    itself).
+    """This rank's ``Shard(0)`` slice of a tensor every rank holds whole, as a DTensor.
+
+    For a 0-d tensor: `t` itself.
 
     No communication: every rank already holds the same `t`.
     """
@@ -119,8 +121,10 @@ def local(t: Any) -> Any:
 
 
 def like(new_local: Any, old: Any) -> Any:
-    """`new_local` as a leaf placed like `old`: a DTensor of `old`'s global shape if `old` is
-    one."""
+    """`new_local` as a leaf placed like `old`.
+
+    It is a DTensor of `old`'s global shape if `old` is one.
+    """
     if not is_sharded(old) or not isinstance(new_local, torch.Tensor):
         return new_local
     return _dtensor().from_local(
@@ -134,8 +138,10 @@ def like(new_local: Any, old: Any) -> Any:
 
 
 def local_rows(t: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's rows of a whole (replicated) tensor, as ``Shard(0)`` chunks it: a view, no
-    copy."""
+    """This rank's rows of a whole (replicated) tensor, as ``Shard(0)`` chunks it.
+
+    A view, no copy.
+    """
     if t.ndim == 0:
         return t
     from torch.distributed.tensor import Shard
@@ -146,8 +152,9 @@ def local_rows(t: torch.Tensor, mesh: Any) -> torch.Tensor:
 
 
 def from_rows(rows: torch.Tensor, shape: Sequence[int], mesh: Any) -> torch.Tensor:
-    """This rank's rows (`local_rows`) of a tensor of global `shape`, as the ``Shard(0)`` DTensor
-    they are a slice of.
+    """The ``Shard(0)`` DTensor of global `shape` that this rank's rows are a slice of.
+
+    The rows are those that `local_rows` gives.
 
     No communication: every rank gives its own rows.
     """
@@ -164,14 +171,17 @@ def from_rows(rows: torch.Tensor, shape: Sequence[int], mesh: Any) -> torch.Tens
 
 
 def gathered(t: Any) -> Any:
-    """A sharded leaf gathered whole on every rank (a collective: every rank must call it); others
-    as they are."""
+    """A sharded leaf gathered whole on every rank; others as they are.
+
+    A collective: every rank must call it.
+    """
     return t.full_tensor() if is_sharded(t) else t
 
 
 def gather_tree(tree: Tree) -> Tree:
-    """`tree` with every sharded leaf gathered whole (`gathered`); plain leaves are returned as they
-    are.
+    """`tree` with every sharded leaf gathered whole (`gathered`).
+
+    Plain leaves are returned as they are.
 
     A collective when the tree holds sharded leaves: every rank must call it. For instance
     ``gather_tree(state.params)`` gives every rank the whole parameters of a ``sharding="full"``
@@ -191,8 +201,9 @@ def gather_tree(tree: Tree) -> Tree:
 
 
 def for_compute(t: torch.Tensor) -> torch.Tensor:
-    """A sharded parameter all-gathered for the forward; its gradient flows back as an average
-    reduce-scattered.
+    """A sharded parameter all-gathered for the forward.
+
+    Its gradient flows back as an average reduce-scattered.
 
     The gradient of the whole tensor is marked ``Partial("avg")`` (each rank's is its own batch's),
     so autograd's redistribution back to ``Shard(0)`` is a reduce-scatter of the mean.
@@ -228,8 +239,7 @@ _VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 
 
 class _GatherOnUse(TorchFunctionMode):
-    """Each torch function given one of `sharded` runs on its gathered whole instead
-    (`for_compute`).
+    """Torch functions given one of `sharded` run on its gathered whole instead (`for_compute`).
 
     The gathered tensors are registered by storage while they live, so the pack hook recognizes
     what autograd saves of them, views included. The most recently gathered ones stay held, up to
@@ -281,8 +291,10 @@ class _GatherOnUse(TorchFunctionMode):
         return whole
 
     def _keep(self, gathered: dict[int, torch.Tensor]) -> None:
-        """Hold this operation's gathers, and drop the oldest held beyond the most one operation
-        gathered."""
+        """Hold this operation's gathers, and drop the oldest held beyond the limit.
+
+        The limit is the most one operation gathered.
+        """
         self.budget = max(self.budget, sum(t.untyped_storage().nbytes() for t in gathered.values()))
         self.kept.update(gathered)
         total = sum(t.untyped_storage().nbytes() for t in self.kept.values())
@@ -295,8 +307,10 @@ class _GatherOnUse(TorchFunctionMode):
             del self.live[address]
 
     def pack(self, t: torch.Tensor) -> Any:
-        """What autograd keeps of a saved tensor: how to have it again if it is (a view of) a
-        gathered parameter."""
+        """What autograd keeps of a saved tensor.
+
+        For (a view of) a gathered parameter: how to have it again.
+        """
         if type(t) is not torch.Tensor or not t.numel():
             return t
         address = t.untyped_storage().data_ptr()
@@ -321,8 +335,10 @@ class _GatherOnUse(TorchFunctionMode):
 
 
 def _arguments(args: tuple, kwargs: Mapping[str, Any]) -> Iterator[Any]:
-    """The arguments of a torch function call, and the items of its list and tuple arguments
-    (``torch.cat([w, v])``)."""
+    """The arguments of a torch function call, and the items of its list and tuple arguments.
+
+    For instance ``torch.cat([w, v])``.
+    """
     for a in (*args, *kwargs.values()):
         if isinstance(a, (list, tuple)):
             yield from a
@@ -331,8 +347,10 @@ def _arguments(args: tuple, kwargs: Mapping[str, Any]) -> Iterator[Any]:
 
 
 class _Regather:
-    """A saved view of a gathered parameter: its shard and the view's geometry, or the whole while
-    it is kept."""
+    """A saved view of a gathered parameter.
+
+    It holds its shard and the view's geometry, or the whole while it is kept.
+    """
 
     __slots__ = ("mode", "serial", "shard", "shape", "stride", "offset")
 
@@ -361,8 +379,9 @@ class _Regather:
 
 @contextmanager
 def gathering_on_use(params: Mapping[str, torch.Tensor], regather: bool = True) -> Iterator[None]:
-    """Within: each sharded tensor of `params` is gathered by every torch operation that uses it,
-    and only there.
+    """Within: each sharded tensor of `params` is gathered by every torch operation that uses it.
+
+    It is gathered only there.
 
     An operation given a sharded parameter (``F.linear(x, w)``, ``w.T``, ``torch.cat([w, v])``)
     runs on its all-gathered whole (`for_compute`: the gradient comes back reduce-scattered), and
@@ -396,8 +415,10 @@ def gathering_on_use(params: Mapping[str, torch.Tensor], regather: bool = True) 
 
 
 def reduce_scatter(g: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """This rank's rows of the mean over ranks of `g` (each rank's whole gradient): one
-    reduce-scatter."""
+    """This rank's rows of the mean over ranks of `g` (each rank's whole gradient).
+
+    It takes one reduce-scatter.
+    """
     from torch.distributed.tensor import Partial, Shard
 
     return (
@@ -445,8 +466,10 @@ def all_gather(
 
 
 def _own_rows(rows: torch.Tensor, whole: torch.Tensor, mesh: Any) -> bool:
-    """Whether `rows` is the view of `whole` that `local_rows` gives (the same memory, not equal
-    values)."""
+    """Whether `rows` is the view of `whole` that `local_rows` gives.
+
+    That is, the same memory, not equal values.
+    """
     mine = local_rows(whole, mesh)
     return (
         whole.is_contiguous()
@@ -465,8 +488,10 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_elementwise(name: str) -> None:
-    """Raise `ConfigError` for an optimizer whose update needs whole parameters (named by
-    `name`)."""
+    """Raise `ConfigError` for an optimizer whose update needs whole parameters.
+
+    The optimizer is named by `name`.
+    """
     found = [w for w in _WHOLE_TENSOR if f"{w}(" in name]
     if found:
         raise ConfigError(
@@ -519,8 +544,9 @@ def _row_leaves(
 def sharded_init(
     tx_init: Callable[[Tree], Tree], params: dict[str, torch.Tensor], mesh: Any
 ) -> Tree:
-    """The optimizer state of whole `params`, its parameter-shaped leaves sharded, without building
-    it whole.
+    """The optimizer state of whole `params`, its parameter-shaped leaves sharded.
+
+    It is never built whole.
 
     The state is initialized on this rank's rows (`local_rows` of a whole parameter, the local
     slice of a sharded one); each leaf that follows the parameters' rows becomes a DTensor of the
@@ -563,8 +589,10 @@ def local_tree(tree: Tree) -> Tree:
 
 
 def like_tree(new_local: Tree, old: Tree) -> Tree:
-    """`new_local` (a tree of local slices) placed leaf by leaf like `old`, a tree of the same
-    structure."""
+    """`new_local` (a tree of local slices) placed leaf by leaf like `old`.
+
+    `old` is a tree of the same structure.
+    """
     leaves, spec = pytree.tree_flatten(new_local)
     before = pytree.tree_leaves(old)
     if len(before) != len(leaves):
@@ -578,8 +606,10 @@ def like_tree(new_local: Tree, old: Tree) -> Tree:
 def local_params(
     params: dict[str, torch.Tensor], sharding: str, mesh: Any
 ) -> dict[str, torch.Tensor]:
-    """The parameters this rank updates: its slices (``"full"``) or its rows of the whole ones
-    (``"optimizer"``)."""
+    """The parameters this rank updates.
+
+    These are its slices (``"full"``) or its rows of the whole ones (``"optimizer"``).
+    """
     if sharding == "full":
         return {k: local(p) for k, p in params.items()}
     return {k: local_rows(p, mesh) for k, p in params.items()}
@@ -592,8 +622,11 @@ def placed_params(
     mesh: Any,
     in_place: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The updated local parameters placed as the state holds them: sharded again, or all-gathered
-    whole (into `old`'s own tensors with `in_place`, a donated step: `all_gather`)."""
+    """The updated local parameters placed as the state holds them.
+
+    They are sharded again, or all-gathered whole (into `old`'s own tensors with `in_place`, a
+    donated step: `all_gather`).
+    """
     if sharding == "full":
         return {k: like(p, old[k]) for k, p in new.items()}
     return {k: all_gather(p, old[k], mesh, in_place) if p.ndim else p for k, p in new.items()}
@@ -602,8 +635,9 @@ def placed_params(
 def split_gradients(
     grads: dict[str, torch.Tensor], sharding: str, mesh: Any
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """This rank's slices of the mean gradients, and the 0-d gradients still to be averaged with the
-    metrics.
+    """This rank's slices of the mean gradients, and the 0-d gradients still to be averaged.
+
+    The 0-d ones are averaged with the metrics.
 
     ``"full"``: autograd already reduce-scattered the sharded ones (`for_compute`). ``"optimizer"``:
     each gradient of a non-0-d parameter is reduce-scattered here.

@@ -177,8 +177,11 @@ def _short(value: Any) -> str:
 
 
 def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
-    """`value` as an `EarlyStopping`: one, a dict of its arguments (``target``, ``patience``,
-    ``mode``, ``min_delta``) or None; with the problems found (the value is None if any)."""
+    """`value` as an `EarlyStopping`, with the problems found (the value is None if any).
+
+    `value` is one, a dict of its arguments (``target``, ``patience``, ``mode``, ``min_delta``) or
+    None.
+    """
     if value is None or isinstance(value, EarlyStopping):
         return value, []
     if not isinstance(value, Mapping):

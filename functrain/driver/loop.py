@@ -389,9 +389,11 @@ class Loop:
         return metrics
 
     def _position(self) -> tuple[int, int, int, dict[str, Any]]:
-        """What tells two saves apart: the place in the data, the rows of the history (the final
-        partial train row aside: its sums are in the window) and the user state, which a hook may
-        assign after a save."""
+        """What tells two saves apart: the place in the data, the history's rows, the user state.
+
+        The rows of the history leave the final partial train row aside (its sums are in the
+        window); the user state is there because a hook may assign it after a save.
+        """
         last = self.ledger.history.last("train")
         return (
             self.epoch,
@@ -408,10 +410,13 @@ class Loop:
         )
 
     def _driver_tree(self) -> dict[str, Any]:
-        """What ``state.driver`` holds: the ledger's records and, for training data whose position
-        checkpoints hold (a ``state_dict()``, a DataLoader's consumed indices), that position now:
-        after the last batch a step consumed (the loop draws batches one at a time), each rank's
-        own under torch.distributed."""
+        """What ``state.driver`` holds: the ledger's records and the training data's position.
+
+        The position is there for training data whose position checkpoints hold (a
+        ``state_dict()``, a DataLoader's consumed indices): that position now, after the last batch
+        a step consumed (the loop draws batches one at a time), each rank's own under
+        torch.distributed.
+        """
         driver = self.ledger.to_tree()
         if self.manager is not None and self.train.saves_position:
             driver["source"] = self.train.saved_states(

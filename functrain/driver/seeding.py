@@ -67,8 +67,10 @@ def _numpy_random() -> Any:
 
 
 def host_states() -> tuple[torch.Tensor, Any, Any]:
-    """The states of torch's CPU generator, Python's `random` and numpy's global generator (None
-    when numpy is not imported)."""
+    """The states of torch's CPU generator, Python's `random` and numpy's global generator.
+
+    Numpy's is None when numpy is not imported.
+    """
     return (torch.default_generator.get_state(), *_other_states())
 
 

@@ -16,8 +16,10 @@ __all__ = ["EarlyStopping", "improved"]
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """True when `value` beats `best` by more than `min_delta` in direction `mode` (NaN never
-    does)."""
+    """True when `value` beats `best` by more than `min_delta` in direction `mode`.
+
+    NaN never does.
+    """
     if math.isnan(value):
         return False
     if best is None:

@@ -1,5 +1,7 @@
-"""The optional packages the integrations use: imported when a callback is built, or a clear
-error."""
+"""The optional packages the integrations use.
+
+Each is imported when a callback is built, or a clear error is raised.
+"""
 
 from __future__ import annotations
 

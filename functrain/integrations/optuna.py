@@ -132,11 +132,10 @@ class OptunaPruning(Callback):
             )
 
     def raise_if_pruned(self, result: Any) -> None:
-        """Raise ``optuna.TrialPruned`` if `fit`'s `result` ended by pruning (``stop_reason ==
-        "pruned"``).
+        """Raise ``optuna.TrialPruned`` if `fit`'s `result` ended by pruning.
 
-        Call it in the objective right after `fit`: Optuna marks the trial pruned only when the
-        objective raises this.
+        Pruning shows as ``stop_reason == "pruned"``. Call it in the objective right after `fit`:
+        Optuna marks the trial pruned only when the objective raises this.
 
         Raises:
             optuna.TrialPruned: the run was pruned, naming the step and the last reported value.

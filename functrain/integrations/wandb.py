@@ -195,8 +195,7 @@ class WandbLogger(Callback):
 
 
 def _row(kind: str, row: Mapping[str, Any]) -> dict[str, Any]:
-    """A history row as W&B columns: its numbers under ``<kind>/``, its step and epoch as the
-    axes."""
+    """A history row as W&B columns: its numbers under ``<kind>/``, its step and epoch as axes."""
     out: dict[str, Any] = {STEP: row["step"], EPOCH: row["epoch"]}
     for key, value in row.items():
         if (

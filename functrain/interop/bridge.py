@@ -121,8 +121,9 @@ class ConvertedOptimizer:
         return self.load_into(state)
 
     def load_into(self, state: TrainState) -> TrainState:
-        """`state` with torch's optimizer state (moments, momentum buffers, counts) in place of its
-        own.
+        """`state` with torch's optimizer state in place of its own.
+
+        The state taken from torch: moments, momentum buffers, counts.
 
         Args:
             state: a state created with `optimizer` (and any `TrainState.create` options).
@@ -251,8 +252,10 @@ def from_torch_optimizer(
 
 
 def _place(where: str, n: int, i: int, k: int | None) -> str:
-    """Where a group sits, for messages: ``param_groups[k]``, or ``optimizer[i].param_groups[k]``
-    among several."""
+    """Where a group sits, for messages.
+
+    Either ``param_groups[k]``, or ``optimizer[i].param_groups[k]`` among several.
+    """
     own = "" if n == 1 else f"optimizer[{i}]"
     group = "" if k is None else f"param_groups[{k}]"
     return ", ".join(part for part in (where, ".".join(p for p in (own, group) if p)) if part)
@@ -261,8 +264,10 @@ def _place(where: str, n: int, i: int, k: int | None) -> str:
 def _optimizers(
     optimizer: Optimizers, module: nn.Module, where: str
 ) -> list[torch.optim.Optimizer]:
-    """The live torch optimizers given (one, or several over disjoint parameters, as Muon with
-    AdamW)."""
+    """The live torch optimizers given.
+
+    One, or several over disjoint parameters, as Muon with AdamW.
+    """
     given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     unknown = [type(o).__name__ for o in given if torch_class(o) is None]
     if not given or unknown or not isinstance(module, nn.Module):
@@ -295,8 +300,10 @@ def _optimizers(
 def _schedules(
     scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], counts: Sequence[int], where: str
 ) -> list[Any]:
-    """One rate per group from the live schedulers (one per optimizer; None keeps that optimizer's
-    lr)."""
+    """One rate per group from the live schedulers.
+
+    There is one scheduler per optimizer; None keeps that optimizer's lr.
+    """
     schedulers = list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
     if len(schedulers) != len(optimizers):
         config_check(
@@ -351,8 +358,10 @@ def _described_scheduler(scheduler: Any, k: int, where: str) -> tuple[type, dict
 def _scheduled(
     scheduler: Any, optimizer: torch.optim.Optimizer, counts: Sequence[int], where: str
 ) -> list[Schedule]:
-    """One schedule per group: the live scheduler's class and arguments from its base lrs, at the
-    optimizer's count."""
+    """One schedule per group: the live scheduler's class and arguments from its base lrs.
+
+    Each is taken at the optimizer's count.
+    """
     if getattr(scheduler, "optimizer", None) is not optimizer:
         config_check(
             ["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where
@@ -405,8 +414,10 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
 def _counts(
     optimizer: torch.optim.Optimizer, groups: Sequence[_Group], step: int | None, where: str
 ) -> list[int]:
-    """Each group's count of updates: torch's ``step`` (one value per group), SGD's and Muon's from
-    `step`."""
+    """Each group's count of updates.
+
+    From torch's ``step`` (one value per group); SGD's and Muon's from `step`.
+    """
     counts = []
     for k, g in enumerate(groups):
         if torch_class(optimizer).counted:  # type: ignore[union-attr]
@@ -446,8 +457,10 @@ def _counts(
 
 
 def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[str]:
-    """What keeps a group's torch implementation from continuing (or being continued by) functrain
-    bit for bit."""
+    """What keeps a group's torch implementation and functrain from continuing each other.
+
+    Either way, bit for bit: the implementation continuing functrain, or being continued by it.
+    """
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
     problems = [
@@ -473,8 +486,10 @@ def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, 
 def _transform(
     optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str
 ) -> Transform:
-    """The preset that matches one parameter group, refused where torch's implementation is not the
-    one it continues."""
+    """The preset that matches one parameter group.
+
+    Refused where torch's implementation is not the one it continues.
+    """
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
     kwargs = kind.settings(group)
@@ -491,8 +506,10 @@ def _transform(
 
 
 def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
-    """`opt_state` with ``fn(k, node)`` applied to every node of group ``k``'s state (one group
-    without a partition)."""
+    """`opt_state` with ``fn(k, node)`` applied to every node of group ``k``'s state.
+
+    Without a partition there is one group.
+    """
 
     def walk(node: Any, k: int | None) -> Any:
         if isinstance(node, PartitionState) and k is None:
@@ -544,8 +561,10 @@ def _torch_value(name: str, key: str, value: Any, target: torch.Tensor) -> torch
 def _torch_tensors(
     group: _Group, names: Sequence[str], key: str, like: Sequence[Any]
 ) -> tuple[Any, ...]:
-    """torch's `key` of each parameter, shaped and typed as the state's (Adafactor's factors as
-    pairs)."""
+    """torch's `key` of each parameter, shaped and typed as the state's.
+
+    Adafactor's factors come as pairs.
+    """
     by_name = dict(zip(group.names, group.state, strict=True))
     if key == "moments":  # Adafactor: (row_var, col_var) for a matrix, (variance,) for the rest
 
@@ -568,8 +587,10 @@ def _torch_tensors(
 def _torch_scalar(
     group: _Group, names: Sequence[str], key: str, like: torch.Tensor
 ) -> torch.Tensor:
-    """A value torch keeps per parameter and functrain once per group (NAdam's ``mu_product``,
-    ASGD's ``eta``, ``mu``)."""
+    """A value torch keeps per parameter and functrain once per group.
+
+    Such as NAdam's ``mu_product``, ASGD's ``eta``, ``mu``.
+    """
     values = [torch.as_tensor(state[key]) for state in group.state]
     if any(not torch.equal(v, values[0]) for v in values):
         raise ConfigError(
@@ -599,8 +620,9 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
 def to_torch_state_dict(
     state: TrainState, optimizer: Optimizers, module: nn.Module
 ) -> dict[str, Any] | list[dict[str, Any]]:
-    """A functrain state's optimizer state as the ``state_dict`` of `optimizer`, to load and
-    continue in torch.
+    """A functrain state's optimizer state as the ``state_dict`` of `optimizer`.
+
+    It is meant to be loaded and continued in torch.
 
     `optimizer` is the torch optimizer that matches the state's transform (or a list of them, as
     ``[Muon, AdamW]`` for ``ft.muon(others=ft.adamw(...))``): the same class and hyperparameters,
@@ -615,8 +637,8 @@ def to_torch_state_dict(
 
     Args:
         state: a `TrainState` whose optimizer is a preset of a torch class (or a `partition` of
-        them). optimizer: the matching `torch.optim` optimizer over `module`'s parameters, or a list
-        of
+            them).
+        optimizer: the matching `torch.optim` optimizer over `module`'s parameters, or a list of
             them (one or more groups each, in the order of the partition's groups).
         module: the module holding `optimizer`'s parameters, named as in ``state.params``.
 
@@ -686,8 +708,10 @@ def to_torch_state_dict(
 
 
 def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:
-    """Parameter `j`'s copy of one state value: its own tensor (None: it has none), or the group's
-    one value repeated."""
+    """Parameter `j`'s copy of one state value.
+
+    Its own tensor (None: it has none), or the group's one value repeated.
+    """
     own = value[j] if isinstance(value, tuple) else value
     return key, None if own is None else own.detach().clone()
 
@@ -695,8 +719,10 @@ def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:
 def _group_values(
     optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str
 ) -> dict[str, Any]:
-    """torch's per-parameter state of one group (a tuple over its parameters, or one tensor for
-    all)."""
+    """torch's per-parameter state of one group.
+
+    A tuple over its parameters, or one tensor for all.
+    """
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
     own = [cls for cls in nodes if cls in kind.needs]

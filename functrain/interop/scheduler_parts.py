@@ -1,5 +1,6 @@
-"""The parts `from_torch` assembles: each `torch.optim.lr_scheduler` class as a pure function of the
-step.
+"""The parts `from_torch` assembles.
+
+Each part is one `torch.optim.lr_scheduler` class as a pure function of the step.
 
 A torch scheduler changes the optimizer's lr once a step, either outright (``lr = f(step)``:
 `LambdaLR`, `OneCycleLR`, `CyclicLR`, `CosineAnnealingWarmRestarts`) or by a factor of the lr it
@@ -63,8 +64,10 @@ class Part:
 
 @dataclass(frozen=True)
 class Setting:
-    """What a scheduler finds when torch builds it: the group's ``initial_lr`` (its ``base_lrs``)
-    and how it starts."""
+    """What a scheduler finds when torch builds it.
+
+    The group's ``initial_lr`` (its ``base_lrs``) and how it starts.
+    """
 
     base: float
     mode: Mode
@@ -77,8 +80,10 @@ def every_step(t: torch.Tensor) -> torch.Tensor:
 
 
 def relative(value: ValueFn, factor: Window, mode: Mode, restarts: ValueFn | None = None) -> Part:
-    """A part that multiplies the lr it finds; entered at a milestone it sets the lr (closed form)
-    first."""
+    """A part that multiplies the lr it finds.
+
+    Entered at a milestone, it first sets the lr (closed form).
+    """
     adds = restarts is not None
     if mode != "entered":
         return Part(value, restarts, factor, adds)
@@ -185,8 +190,10 @@ def polynomial_lr(s: Setting, total_iters: int, power: float) -> Part:
 
 
 def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
-    """Chainable (as a factor) only with ``eta_min == 0``: otherwise each step is affine in the
-    lr."""
+    """`CosineAnnealingLR`'s part: chainable (as a factor) only with ``eta_min == 0``.
+
+    Otherwise each step is affine in the lr.
+    """
     value = cosine_annealing(s.base, T_max, eta_min, first=s.mode == "initial")
     if eta_min != 0:  # neither sets the lr nor multiplies it: affine in it at every step
         return Part(
@@ -231,8 +238,10 @@ def cosine_annealing(base_lr: float, T_max: int, eta_min: float, first: bool) ->
 
 
 def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps: int) -> Part:
-    """The product of ``lr_lambda(1), ..., lr_lambda(t)``, computed once on the host as torch does,
-    and read by index."""
+    """The product of ``lr_lambda(1), ..., lr_lambda(t)``, read by index.
+
+    It is computed once on the host, as torch does.
+    """
     with_zero = s.mode != "initial"  # entered or stepped, torch multiplies by lr_lambda(0) too
     factors = [float(lr_lambda(0)) if with_zero else 1.0] + [
         float(lr_lambda(i)) for i in range(1, total_steps + 1)
@@ -285,8 +294,10 @@ def cyclic_lr(
     scale_fn: Callable[[Any], Any] | None,
     scale_mode: str,
 ) -> Part:
-    """`CyclicLR.get_lr` op for op, from its own ``base_lr`` (the group's ``initial_lr`` at its
-    initial step)."""
+    """`CyclicLR.get_lr` op for op, from its own ``base_lr``.
+
+    Its ``base_lr`` is the group's ``initial_lr`` at its initial step.
+    """
     initial = s.base
     up = float(step_size_up)
     total = up + (float(step_size_down) if step_size_down is not None else up)
@@ -320,8 +331,10 @@ def cyclic_lr(
 
 
 def warm_restarts_lr(s: Setting, T_0: int, T_mult: int, eta_min: float) -> Part:
-    """`CosineAnnealingWarmRestarts`: cycles of ``T_0, T_0 T_mult, ...`` steps, op for op as its
-    `get_lr`."""
+    """`CosineAnnealingWarmRestarts`: cycles of ``T_0, T_0 T_mult, ...`` steps.
+
+    Computed op for op as its `get_lr`.
+    """
 
     def value(t: torch.Tensor) -> torch.Tensor:
         if T_mult == 1:

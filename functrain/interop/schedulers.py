@@ -42,8 +42,10 @@ _MOMENTUM_ARGS = ("cycle_momentum", "base_momentum", "max_momentum")
 def _torch_args(
     cls: type, kwargs: Mapping[str, Any], where: str, extra: Mapping[str, Any] = {}
 ) -> dict[str, Any]:
-    """The scheduler's arguments (torch's defaults filled in), or a ConfigError naming the bad
-    ones."""
+    """The scheduler's arguments (torch's defaults filled in).
+
+    A ConfigError names the bad ones.
+    """
     params = {
         n: p.default for n, p in inspect.signature(cls).parameters.items() if n not in _IGNORED
     }
@@ -304,8 +306,10 @@ _NESTED_SEQUENCE = (
 
 
 def _sequence(parts: Sequence[Part], starts: Sequence[int]) -> Part:
-    """`parts` one after the other, part ``k`` from step ``starts[k]`` on, at its own step ``t -
-    starts[k]``."""
+    """`parts` one after the other, part ``k`` from step ``starts[k]`` on.
+
+    Part ``k`` runs at its own step ``t - starts[k]``.
+    """
     value_fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
     sets_fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
     for k, part in enumerate(parts):
@@ -341,8 +345,10 @@ def _host(fn: Callable[[torch.Tensor], torch.Tensor], step: int) -> float:
 
 
 def _shifted_sets(part: Part, start: int, floor: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A member's `sets` in the sequence's steps: its own last set, else the last set before it
-    began."""
+    """A member's `sets` in the sequence's steps.
+
+    Its own last set, else the last set before it began.
+    """
     sets = part.sets
     if sets is None:
         return lambda u: torch.full_like(u, floor)
@@ -418,8 +424,10 @@ _ADDS = (
 
 
 def _chain(base: float, parts: Sequence[Part]) -> Part:
-    """Every part at every step, in order: the last part to set the lr, times the others' factors
-    since."""
+    """Every part at every step, in order.
+
+    The result is the last part to set the lr, times the others' factors since.
+    """
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = torch.ones_like(t)
@@ -514,8 +522,9 @@ def _is_number(value: Any) -> TypeGuard[float]:
 
 
 def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
-    """The schedule of a `torch.optim.lr_scheduler` class: the lr torch's optimizer has after `step`
-    calls.
+    """The schedule of a `torch.optim.lr_scheduler` class.
+
+    It is the lr torch's optimizer has after `step` calls.
 
     ``from_torch(StepLR, lr=0.1, step_size=30)`` is the learning rate that
     ``StepLR(SGD(params, lr=0.1), step_size=30)`` gives the optimizer after ``step`` calls of
@@ -635,8 +644,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
 
 
 def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Class paths as classes and ``[path, {kwargs}]`` members as pairs: a config file's
-    spelling."""
+    """Class paths as classes and ``[path, {kwargs}]`` members as pairs.
+
+    The input is a config file's spelling.
+    """
     cls = _scheduler_class(cls)
     if (
         cls in _COMPOSITES
@@ -658,8 +669,10 @@ def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 def _scheduler_class(cls: Any) -> Any:
-    """The class a path names (``torch.optim.lr_scheduler.StepLR`` or ``StepLR``), else `cls` as
-    given."""
+    """The class a path names, else `cls` as given.
+
+    A path is ``torch.optim.lr_scheduler.StepLR`` or ``StepLR``.
+    """
     if not isinstance(cls, str):
         return cls
     module, _, name = cls.rpartition(".")

@@ -225,8 +225,9 @@ def torch_class(optimizer: Any) -> TorchClass | None:
 
 
 def implementation(group: dict[str, Any]) -> str:
-    """Which implementation torch runs for a parameter group: ``"fused"``, ``"foreach"`` or
-    ``"single"``.
+    """Which implementation torch runs for a parameter group.
+
+    One of ``"fused"``, ``"foreach"`` or ``"single"``.
 
     As torch decides it: an explicit flag, else foreach where every parameter is on a device with
     foreach kernels (CUDA), else the single-tensor loop (the CPU).

@@ -57,8 +57,10 @@ Params = Tree
 
 
 class Schedule(Protocol):
-    """A pure function of the step: ``int -> float``, ``0-d integer tensor -> 0-d float64
-    tensor``."""
+    """A pure function of the step: ``int -> float``.
+
+    Also ``0-d integer tensor -> 0-d float64 tensor``.
+    """
 
     @overload
     def __call__(self, step: int) -> float: ...
@@ -112,8 +114,11 @@ class Extras(NamedTuple):
         return True
 
     def kept(self) -> Extras:
-        """These extras without the in-place permission, for an update whose given state the
-        caller selects afterwards (`torch.where`) or gathers into fresh trees."""
+        """These extras without the in-place permission.
+
+        For an update whose given state the caller selects afterwards (`torch.where`) or gathers
+        into fresh trees.
+        """
         return self._replace(in_place=False)
 
     def global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -134,8 +139,10 @@ class UpdateFn(Protocol):
 
 
 class ExtrasUpdateFn(Protocol):
-    """The update of a transform that takes extras (`Transform.takes_extras`): also ``extras=``,
-    keyword-only, `NO_EXTRAS` by default."""
+    """The update of a transform that takes extras (`Transform.takes_extras`).
+
+    It also takes ``extras=``, keyword-only, `NO_EXTRAS` by default.
+    """
 
     def __call__(
         self, updates: Updates, state: Tree, params: Params | None = None, *, extras: Extras = ...
@@ -155,8 +162,7 @@ class GatedUpdateFn(Protocol):
 
 
 class Transform(NamedTuple):
-    """A pure gradient transformation: ``init(params) -> state``, ``update(updates, state,
-    params)``.
+    """A pure gradient transform: ``init(params) -> state``, ``update(updates, state, params)``.
 
     Example:
         >>> import functrain as ft
@@ -180,10 +186,12 @@ class Transform(NamedTuple):
 
     @property
     def takes_extras(self) -> bool:
-        """True when ``update`` also takes ``extras=`` (`Extras`, keyword-only): marked so by
-        `with_extras`, as every transform of functrain that reads or forwards them is. A
-        transform rebuilt with another update (``tx._replace(update=...)``) says what that
-        update takes."""
+        """True when ``update`` also takes ``extras=`` (`Extras`, keyword-only).
+
+        Marked so by `with_extras`, as every transform of functrain that reads or forwards them is.
+        A transform rebuilt with another update (``tx._replace(update=...)``) says what that update
+        takes.
+        """
         return bool(getattr(self.update, "takes_extras", False))
 
 

@@ -107,8 +107,10 @@ def register() -> None:
 
 
 class _Stacked:
-    """Set by a stacked state's step body while it runs (a plain attribute torch.compile can
-    trace)."""
+    """Set by a stacked state's step body while it runs.
+
+    It is a plain attribute torch.compile can trace.
+    """
 
     active = False
 
@@ -117,8 +119,9 @@ STACKED = _Stacked()
 
 
 def under_vmap() -> bool:
-    """Whether the caller runs inside a torch.func transform (a stacked state's step runs under
-    `vmap`).
+    """Whether the caller runs inside a torch.func transform.
+
+    A stacked state's step runs under `vmap`.
 
     While torch.compile traces, the functorch level cannot be asked (dynamo cannot trace the call):
     the stacked step's own flag answers instead.

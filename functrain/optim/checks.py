@@ -50,8 +50,9 @@ def check_positive(problems: list[str], name: str, value: Any, allow_zero: bool 
 
 
 def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
-    """A learning rate: a finite number >= 0 (or a tensor holding one), or a schedule whose value at
-    step 0 is one.
+    """A learning rate: a finite number >= 0 (or a tensor holding one), or a schedule.
+
+    A schedule's value at step 0 is such a number.
 
     The schedule is called once here, on a CPU step counter as the step calls it; one that cannot
     run there (it needs another device's tensors) is left to show itself at the first step.

@@ -1,5 +1,6 @@
-"""torch's implementation choices (``foreach``, ``capturable``, ``differentiable``) as the presets
-meet them.
+"""torch's implementation choices as the presets meet them.
+
+The choices: ``foreach``, ``capturable``, ``differentiable``.
 
 They choose how torch computes an update, not what it computes, so a preset takes each under
 torch's name and default and either picks the path that gives torch's bits for it or says, in a
@@ -96,8 +97,10 @@ def check_choices(
 
 
 def without_choices(arguments: dict[str, Any]) -> dict[str, Any]:
-    """A preset's arguments as its name records them: the choices dropped, ``foreach`` as
-    ``fused=False``."""
+    """A preset's arguments as its name records them.
+
+    The choices dropped, ``foreach`` as ``fused=False``.
+    """
     out = {
         key: value
         for key, value in arguments.items()

@@ -16,8 +16,10 @@ __all__ = [
 
 
 def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
-    """Turn a mask (None, a predicate ``(name, param) -> bool`` or a tree of bools) into flags per
-    leaf."""
+    """Turn a mask into flags per leaf.
+
+    A mask is None, a predicate ``(name, param) -> bool`` or a tree of bools.
+    """
     if mask is None:
         return None
     leaves = tree_leaves(params)

@@ -1,5 +1,6 @@
-"""Metrics that transform states expose (``grad_norm``, ``lr``, ``loss_scale``), found by walking
-the state.
+"""Metrics that transform states expose, found by walking the state.
+
+Those metrics are ``grad_norm``, ``lr`` and ``loss_scale``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ __all__ = ["transform_metrics", "walk_states"]
 
 
 def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
-    """Collect the metrics that transform states expose (e.g. ``grad_norm``, ``lr``,
-    ``loss_scale``).
+    """Collect the metrics that transform states expose.
+
+    E.g. ``grad_norm``, ``lr``, ``loss_scale``.
 
     A state class exposes metrics by defining ``metrics(self) -> dict[str, Tensor]``; nested states
     are searched depth first and the outermost one wins for a repeated name.
@@ -39,8 +41,10 @@ def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
 
 
 def walk_states(state: Tree) -> Iterator[Any]:
-    """Every container node of a transform state (NamedTuples, tuples, lists, dicts), outermost
-    first."""
+    """Every container node of a transform state, outermost first.
+
+    The containers are NamedTuples, tuples, lists and dicts.
+    """
     stack = [state]
     while stack:  # depth first, outermost first, without a generator per node
         node = stack.pop()

@@ -28,8 +28,9 @@ def named(
     added: tuple[str, ...] | dict[str, Any] = (),
     resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Any:
-    """Decorate a transform factory so its transforms carry their call, e.g. ``adamw(lr=0.001,
-    ...)``.
+    """Decorate a transform factory so its transforms carry their call.
+
+    E.g. ``adamw(lr=0.001, ...)``.
 
     The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
     optimizer or hyperparameter is reported on load. Arguments listed in `added` (ones a later
@@ -61,8 +62,9 @@ def describe_call(
     added: tuple[str, ...] | dict[str, Any] = (),
     resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> str:
-    """``factory(name=value, ...)`` with every argument, defaults included (names of transforms,
-    schedules).
+    """``factory(name=value, ...)`` with every argument, defaults included.
+
+    For the names of transforms and schedules.
 
     Arguments in `added` are left out while they equal their default (or, `added` a dict, the value
     it gives); `resolve`, if given, rewrites the bound arguments first.
@@ -90,8 +92,10 @@ def describe_call(
 
 
 def describe_value(value: Any) -> str:
-    """A stable text for an argument: a transform's or schedule's name, a class name, else its
-    repr."""
+    """A stable text for an argument.
+
+    A transform's or schedule's name, a class name, else its repr.
+    """
     if isinstance(value, Transform):
         return value.name
     if isinstance(value, type):

@@ -47,8 +47,9 @@ def reduce_on_plateau(
     min_scale: float = 0.0,
     mode: Literal["min", "max"] = "min",
 ) -> Transform:
-    """Scale updates down by `factor` when a monitored metric stops improving (like
-    ReduceLROnPlateau).
+    """Scale updates down by `factor` when a monitored metric stops improving.
+
+    Like ReduceLROnPlateau.
 
     Put it last in a chain, after the optimizer: ``chain(adamw(1e-3), reduce_on_plateau(0.5, 2))``.
     The step only multiplies by the current scale; `fit` observes the evaluation metric after each
@@ -126,8 +127,9 @@ def reduce_on_plateau(
 
 
 def observe_plateau(state: Tree, value: float) -> Tree:
-    """Feed one evaluation's metric to every `reduce_on_plateau` state inside `state` (a pure
-    function).
+    """Feed one evaluation's metric to every `reduce_on_plateau` state inside `state`.
+
+    A pure function.
 
     Runs on the host, between steps. Returns a new tree; `state` is unchanged.
 

@@ -132,8 +132,10 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
 
 
 def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
-    """``ft.schedules.from_torch(StepLR, lr=0.1, step_size=30, gamma=0.1)``, the arguments read from
-    the scheduler."""
+    """The ``ft.schedules.from_torch(...)`` call for a scheduler, its arguments read from it.
+
+    E.g. ``ft.schedules.from_torch(StepLR, lr=0.1, step_size=30, gamma=0.1)``.
+    """
     cls = type(scheduler)
     args = [f"torch.optim.lr_scheduler.{cls.__name__}"]
     if not isinstance(scheduler, lr_scheduler.OneCycleLR):

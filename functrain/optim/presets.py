@@ -119,8 +119,9 @@ def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: floa
 
 
 def _rate(lr: LearningRate, problems: list[str]) -> float | Schedule:
-    """The learning rate as the rules take it: a 1-element tensor is read once, here (as torch reads
-    it each step).
+    """The learning rate as the rules take it.
+
+    A 1-element tensor is read once, here (as torch reads it each step).
 
     To change a rate during training, pass a schedule: a tensor written later is not seen.
     """
@@ -971,8 +972,9 @@ def adafactor(
     mask: Mask = None,
     foreach: bool | None = None,
 ) -> Transform:
-    """Adafactor (Shazeer & Stern, 2018) as ``torch.optim.Adafactor``: factored second moments,
-    relative steps.
+    """Adafactor (Shazeer & Stern, 2018) as ``torch.optim.Adafactor``.
+
+    Factored second moments, relative steps.
 
     Matches torch's single-tensor implementation (its default on the CPU) bit for bit in float32.
     Without host reads: the step size, which torch reads back from each parameter's norm, stays a
@@ -1038,8 +1040,9 @@ def muon(
     *,
     others: Transform | None = None,
 ) -> Transform:
-    """Muon (Jordan et al., 2024): orthogonalized momentum for matrices, another optimizer for the
-    rest.
+    """Muon (Jordan et al., 2024): orthogonalized momentum for matrices.
+
+    Another optimizer for the rest.
 
     The 2-D parameters follow ``torch.optim.Muon`` bit for bit in float32; the others go to `others`
     (typically ``ft.adamw(...)``), as torch users pair a Muon and an AdamW over disjoint parameters.

@@ -53,8 +53,10 @@ _MEMBER = _Member()
 
 
 def enter_member(index: torch.Tensor) -> torch.Tensor | None:
-    """Make sweeps evaluate for member `index` until `leave_member`; returns the index it
-    replaces."""
+    """Make sweeps evaluate for member `index` until `leave_member`.
+
+    Returns the index it replaces.
+    """
     previous, _MEMBER.index = _MEMBER.index, index
     return previous
 
@@ -80,8 +82,10 @@ class Sweep:
         return len(self.values)
 
     def __call__(self, count: torch.Tensor) -> torch.Tensor:
-        """The value at `count` of the member a stacked step is evaluating; member 0's outside
-        one."""
+        """The value at `count` of the member a stacked step is evaluating.
+
+        Outside a stacked step, member 0's value.
+        """
         member = _MEMBER.index
         column = [
             torch.as_tensor(
@@ -99,8 +103,9 @@ class Sweep:
 
 
 def sweep(values: Sequence[float | Schedule]) -> Sweep:
-    """One value per member of a stacked state: ``lr=`` of any optimizer, ``weight_decay=`` of fused
-    adam/adamw.
+    """One value per member of a stacked state.
+
+    For ``lr=`` of any optimizer, ``weight_decay=`` of fused adam/adamw.
 
     Args:
         values: member ``k``'s value: a float >= 0, or for a learning rate also a schedule

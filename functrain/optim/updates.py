@@ -306,8 +306,10 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
 
 
 def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
-    """`_apply_step` without a `keep`, written into `p` itself: torch.optim's own in-place ops, the
-    same roundings."""
+    """`_apply_step` without a `keep`, written into `p` itself.
+
+    With torch.optim's own in-place ops, the same roundings.
+    """
     step = _as_fma_step(step, p)
     mask = step.decay_mask or (True,) * len(p)
     decayed = [p[i] for i, m in enumerate(mask) if m] if step.decay is not None else []
@@ -322,8 +324,9 @@ def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
 
 
 def _as_fma_step(step: ParamStep, p: list[torch.Tensor]) -> ParamStep:
-    """Off the CPU, a quotient step as torch applies it there: ``p + step_size * (num / den)``, one
-    rounding for the add.
+    """Off the CPU, a quotient step as torch applies it there.
+
+    ``p + step_size * (num / den)``, one rounding for the add.
 
     The step size is a device tensor (reading it back would be a host sync), so it cannot go through
     ``addcdiv(value=)``; ``num / den`` then `addcmul` with the 0-d step size is the same fused
@@ -343,8 +346,10 @@ def _as_fma_step(step: ParamStep, p: list[torch.Tensor]) -> ParamStep:
 
 
 def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
-    """Whether the quotient can go through one foreach addcdiv (it takes its scalars from a CPU
-    tensor)."""
+    """Whether the quotient can go through one foreach addcdiv.
+
+    It takes its scalars from a CPU tensor.
+    """
     if step.quotient is None or step.alpha is not None or torch.compiler.is_compiling():
         return False  # compiled graphs fuse the three ops themselves
     if under_vmap():
@@ -355,8 +360,10 @@ def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
 
 
 def _fused_product(step: ParamStep) -> bool:
-    """Whether the step is a product added by one addcmul (a direction set later takes its
-    place)."""
+    """Whether the step is a product added by one addcmul.
+
+    A direction set later takes its place.
+    """
     return step.product is not None and step._direction is None and step.alpha is None
 
 
@@ -366,14 +373,18 @@ def _in_dtype(factor: Scalar, like: torch.Tensor) -> Scalar:
 
 
 def _float_alpha(alpha: Scalar | None) -> TypeGuard[float]:
-    """A Python-float alpha goes into torch's fused ``add(alpha=)``; a tensor one was multiplied
-    in."""
+    """A Python-float alpha goes into torch's fused ``add(alpha=)``.
+
+    A tensor one was multiplied in.
+    """
     return alpha is not None and not isinstance(alpha, torch.Tensor)
 
 
 def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The step's direction per leaf, in each parameter's dtype, times a tensor `alpha` if there is
-    one."""
+    """The step's direction per leaf, in each parameter's dtype.
+
+    Times a tensor `alpha` if there is one.
+    """
     dirs = [
         d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, p, strict=True)
     ]
@@ -383,8 +394,9 @@ def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _fma_alpha(alpha: Scalar | None, p: list[torch.Tensor]) -> TypeGuard[torch.Tensor]:
-    """Whether a tensor `alpha` is applied as ``p + alpha * d`` in one op (`addcmul`) rather than
-    multiplied in first.
+    """Whether a tensor `alpha` is applied in one op rather than multiplied in first.
+
+    In one op: ``p + alpha * d`` (`addcmul`).
 
     Off the CPU, torch's ``add(alpha=)`` and ``addcdiv(value=)`` kernels compute ``p + alpha * d``
     as one fused multiply-add; multiplying ``alpha * d`` first rounds twice, one ulp off torch.optim
@@ -486,8 +498,9 @@ def _by_dtype_add_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> Non
 
 
 class RectifiedRatio(Ratio):
-    """RAdam's lazy updates: ``num * (1 / (den / s2) + s1)``, with ``s2`` and ``s1`` from the
-    learning rate.
+    """RAdam's lazy updates: ``num * (1 / (den / s2) + s1)``.
+
+    ``s2`` and ``s1`` come from the learning rate.
 
     ``s2 = sqrt_bc2 * (lr * rect / bc1) * -1`` and ``s1 = (lr * unrect / bc1) * -1``, scalars
     computed as torch.optim's foreach RAdam computes them (in the learning rate's own dtype when it
@@ -536,8 +549,10 @@ class RectifiedRatio(Ratio):
         )
 
     def buffer(self, lr: float | torch.Tensor, sign: float) -> list[torch.Tensor]:
-        """``1 / (den / s2) + s1`` for this learning rate (a tensor one keeps its dtype), per
-        leaf."""
+        """``1 / (den / s2) + s1`` for this learning rate, per leaf.
+
+        A tensor learning rate keeps its dtype.
+        """
         bc1 = self.divisor if not isinstance(lr, torch.Tensor) else self.divisor.to(lr.dtype)
         s1 = (lr * self.unrect.to(bc1.dtype) / bc1) * sign
         s2 = self.sqrt_bc2.to(bc1.dtype) * (lr * self.rect.to(bc1.dtype) / bc1) * sign

@@ -86,8 +86,10 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
 
 
 def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
-    """Updates that take effect only where `keep` holds (zero updates, or an untouched
-    parameter)."""
+    """Updates that take effect only where `keep` holds.
+
+    Elsewhere: zero updates, or an untouched parameter.
+    """
     if isinstance(updates, ParamStep):
         gate = keep if updates.keep is None else keep & updates.keep
         return updates.replace(keep=gate)
@@ -111,8 +113,9 @@ def _update_where(
     params: Tree | None,
     extras: Extras,
 ) -> tuple[Any, Tree]:
-    """`inner`'s update where `keep` holds, a no-op (the same state, parameters untouched)
-    elsewhere.
+    """`inner`'s update where `keep` holds, a no-op elsewhere.
+
+    The no-op keeps the same state, parameters untouched.
 
     A gated transform does this itself (torch's fused kernels skip on a flag); for any other the
     update runs and `torch.where` picks the previous state and parameters (so it runs without the
@@ -145,8 +148,9 @@ class MaskedState(NamedTuple):
 
 @named
 def masked(inner: Transform, mask: Mask) -> Transform:
-    """Run `inner` only on the parameters `mask` selects; the others' updates pass through
-    unchanged.
+    """Run `inner` only on the parameters `mask` selects.
+
+    The others' updates pass through unchanged.
 
     Args:
         inner: a transform that comes before the learning rate (its updates must be tensors or a
@@ -212,8 +216,10 @@ Labels = Callable[[str, torch.Tensor], str] | Tree
 
 
 def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str]:
-    """The group of every leaf: `labels` called on each ``(path, param)``, or read from a tree of
-    labels."""
+    """The group of every leaf.
+
+    `labels` called on each ``(path, param)``, or read from a tree of labels.
+    """
     leaves = tree_leaves(params)
     if callable(labels):
         found = [labels(name, p) for name, p in zip(tree_paths(params), leaves, strict=True)]
@@ -244,8 +250,9 @@ def _labels_of(labels: Labels, params: Tree, known: tuple[str, ...]) -> list[str
 
 @named
 def partition(labels: Labels, /, **transforms: Transform) -> Transform:
-    """Give each group of parameters its own transform (optax's ``partition``), e.g. Muon for
-    matrices, AdamW for the rest.
+    """Give each group of parameters its own transform (optax's ``partition``).
+
+    E.g. Muon for matrices, AdamW for the rest.
 
     Each transform sees only its group, as a dict from the parameters' paths (so masks by name
     still work) to the leaves, and keeps its own state. Whole optimizers can be grouped: when any
@@ -438,8 +445,9 @@ def _host_readable(t: torch.Tensor) -> bool:
 
 
 def check_skip_limits(state: Tree) -> None:
-    """Raise `NonFiniteError` if any `skip_nonfinite` in `state` skipped more steps in a row than
-    allowed.
+    """Raise `NonFiniteError` if a `skip_nonfinite` skipped too many steps in a row.
+
+    That is, if any `skip_nonfinite` in `state` skipped more steps in a row than allowed.
 
     Reads counters back to the host: call it where a sync is acceptable (the driver does, at log
     intervals).
@@ -573,8 +581,9 @@ def dynamic_loss_scale(
     backoff_factor: float = 0.5,
     growth_interval: int = 2000,
 ) -> Transform:
-    """Dynamic loss scaling for float16 training, as `torch.amp.GradScaler` does it, without host
-    syncs.
+    """Dynamic loss scaling for float16 training, as `torch.amp.GradScaler` does it.
+
+    It runs without host syncs.
 
     The train step multiplies the loss by the current scale (see `find_loss_scale`); this wrapper
     divides the incoming gradients by it, skips the step (no-op, counted) when they are not finite

@@ -63,8 +63,10 @@ def zeros(params: Tree) -> tuple[torch.Tensor, ...]:
 
 
 def is_shared(t: torch.Tensor) -> bool:
-    """Whether some elements of `t` are the same memory (a stride 0 over a dimension of size >
-    1)."""
+    """Whether some elements of `t` are the same memory.
+
+    A stride 0 over a dimension of size > 1.
+    """
     strides = t.stride()
     return 0 in strides and any(
         stride == 0 and size > 1 for size, stride in zip(t.shape, strides, strict=True)
@@ -72,8 +74,10 @@ def is_shared(t: torch.Tensor) -> bool:
 
 
 def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`t`, or, if an in-place write cannot take it (`is_shared`) or it is laid out otherwise than
-    `like`, a copy laid out like `like`.
+    """`t`, or a copy laid out like `like` where `t` won't do.
+
+    The copy is made if an in-place write cannot take `t` (`is_shared`) or it is laid out otherwise
+    than `like`.
 
     Example:
         >>> w = torch.ones(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
@@ -85,8 +89,10 @@ def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A copy of `t` with a storage of its own, for an in-place kernel to write, laid out like
-    `like`."""
+    """A copy of `t` with a storage of its own, laid out like `like`.
+
+    For an in-place kernel to write.
+    """
     return _laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t.clone()
 
 
@@ -95,8 +101,9 @@ def _laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def light_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of `t` that costs what `t` costs: a stride-0 view copies its one element, not its
-    shape.
+    """A copy of `t` that costs what `t` costs.
+
+    A stride-0 view copies its one element, not its shape.
 
     Example:
         >>> c = light_copy(zeros_like(torch.ones(3, 4)))
@@ -109,8 +116,9 @@ def light_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def stored(tree: Tree) -> Tree:
-    """`tree` with its shared tensors (`is_shared`) given storage of their own; `tree` itself if it
-    has none.
+    """`tree` with its shared tensors (`is_shared`) given storage of their own.
+
+    `tree` itself if it has none.
 
     For a compiled step: its graph is specialized to its inputs' strides, and a donated one writes
     into its inputs, so the first call of a fresh state and the calls after it take the same layout.

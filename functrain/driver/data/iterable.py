@@ -65,8 +65,10 @@ class IterableSource:
         return True
 
     def setup(self) -> dict[str, Any]:
-        """What is known of the batches each epoch holds (recorded in checkpoints): their number,
-        and for a `DataLoader` its batch size, dataset size and ``drop_last``."""
+        """What is known of the batches each epoch holds (recorded in checkpoints).
+
+        Their number, and for a `DataLoader` its batch size, dataset size and ``drop_last``.
+        """
         setup: dict[str, Any] = {"batches": len(self) if self.has_len() else None}
         if isinstance(self.source, DataLoader):
             dataset = self.source.dataset
@@ -140,8 +142,10 @@ def generators_of(source: Any) -> list[torch.Generator]:
 
 
 def announce_epoch(source: Any, epoch: int) -> None:
-    """Call ``set_epoch(epoch)`` on the source, and for a `DataLoader` on its dataset and samplers,
-    where they have one (a `DistributedSampler` reshuffles by it)."""
+    """Call ``set_epoch(epoch)`` on the source, and for a `DataLoader` on its dataset and samplers.
+
+    Only where they have one (a `DistributedSampler` reshuffles by it).
+    """
     holders = [source]
     if isinstance(source, DataLoader):
         holders += [

@@ -169,8 +169,10 @@ class DataLoaderSource(IterableSource):
         self.consumed += 1
 
     def state_tree(self) -> dict[str, Any]:
-        """The epoch, the number of its batches consumed and their indices' digest (JSON values);
-        before any pass, the restored one."""
+        """The epoch, the number of its batches consumed and their indices' digest (JSON values).
+
+        Before any pass, the restored one.
+        """
         if self.pass_epoch is None:
             return (
                 dict(self.restored)
@@ -188,13 +190,17 @@ class DataLoaderSource(IterableSource):
         self.restored = tree if isinstance(tree, dict) else None
 
     def saved_states(self, dist: Any) -> dict[str, Any]:
-        """What ``state.driver["source"]`` holds: ``{"ranks": [position of rank 0, rank 1, ...]}``
-        (a collective under torch.distributed)."""
+        """What ``state.driver["source"]`` holds: ``{"ranks": [position of rank 0, rank 1, ...]}``.
+
+        A collective under torch.distributed.
+        """
         return {"ranks": gather_objects(self.state_tree(), dist)}
 
     def resume(self, saved: Any, dist: Any) -> None:
-        """Take this rank's saved position from ``state.driver["source"]`` (None, or saved by a run
-        on another number of ranks: nothing to check)."""
+        """Take this rank's saved position from ``state.driver["source"]``.
+
+        When `saved` is None, or saved by a run on another number of ranks: nothing to check.
+        """
         rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         if saved is not None and len(saved["ranks"]) == world:
             self.restore(saved["ranks"][rank])
@@ -208,10 +214,12 @@ def _seeded(
     pending: deque[Any],
     chunk_size: int,
 ) -> Iterator[SeededIndices]:
-    """The index batches of `order` from `start`, drawn `chunk_size` at a time in `stream`, each
-    with the seed of (base, epoch, position, rank) and noted in `pending`. A function, not a method:
-    the loader holding it must not hold the source (persistent workers are freed with the
-    source)."""
+    """The index batches of `order` from `start`, drawn `chunk_size` at a time in `stream`.
+
+    Each comes with the seed of (base, epoch, position, rank) and is noted in `pending`. A function,
+    not a method: the loader holding it must not hold the source (persistent workers are freed with
+    the source).
+    """
     base, epoch, rank = run
     position = start
     while chunk := stream.draw(lambda: list(islice(order, chunk_size))):

@@ -23,10 +23,12 @@ def as_source(
     num_workers: int,
     shard: tuple[int, int] = (0, 1),
 ) -> Batcher | IterableSource:
-    """The source `fit` reads `data` through: a `Batcher` for map-style datasets (needs
-    `batch_size`); a `StatefulSource` for data with ``state_dict()`` / ``load_state_dict()``; a
-    `DataLoaderSource` for a plain `DataLoader` over a map-style dataset; else an
-    `IterableSource`."""
+    """The source `fit` reads `data` through.
+
+    A `Batcher` for map-style datasets (needs `batch_size`); a `StatefulSource` for data with
+    ``state_dict()`` / ``load_state_dict()``; a `DataLoaderSource` for a plain `DataLoader` over a
+    map-style dataset; else an `IterableSource`.
+    """
     if isinstance(data, (Batcher, IterableSource)):
         return data
     if (

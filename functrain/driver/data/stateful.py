@@ -79,9 +79,11 @@ class StatefulSource(IterableSource):
         self._pending = tree
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
-        """Yield the batches of a pass: after `restore`, the rest of the saved pass; else a new pass
-        (mid-epoch without a restored state: a replay that skips `start` batches, with a
-        warning)."""
+        """Yield the batches of a pass: after `restore`, the rest of the saved one; else a new one.
+
+        Mid-epoch without a restored state, the new pass is a replay that skips `start` batches,
+        with a warning.
+        """
         if start and self._pending is None:
             yield from self._replay(
                 epoch,

@@ -28,8 +28,9 @@ class ScaleByAdadeltaState(NamedTuple):
 
 @named
 def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
-    """Rescale updates by the ratio of running RMS of past steps and of gradients (Adadelta, Zeiler
-    2012).
+    """Rescale updates by the ratio of running RMS of past steps and of gradients.
+
+    This is Adadelta (Zeiler, 2012).
 
     Args:
         rho: decay rate of both running averages, in [0, 1].

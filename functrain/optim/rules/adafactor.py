@@ -43,8 +43,10 @@ def _adafactor_moments(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _adafactor_direction(
     g: torch.Tensor, moments: tuple[torch.Tensor, ...], weight: torch.Tensor, eps1: float
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The normalized update of one parameter and its new second-moment factors (torch's ops, in its
-    order)."""
+    """The normalized update of one parameter and its new second-moment factors.
+
+    Computed with torch's ops, in its order.
+    """
     weight = weight.to(g.dtype)
     if g.dim() > 1:
         row_mean = torch.norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1))
@@ -72,8 +74,9 @@ def adafactor_step(
     weight_decay: float = 0.0,
     mask: Mask = None,
 ) -> Transform:
-    """Adafactor's step (Shazeer & Stern, 2018) as torch.optim.Adafactor takes it, to the new
-    parameters.
+    """Adafactor's step (Shazeer & Stern, 2018) as torch.optim.Adafactor takes it.
+
+    The step is taken to the new parameters.
 
     The second moment of a matrix (of the last two dimensions of a larger tensor) is kept as a row
     and a column factor; vectors and scalars keep it whole. The step size is relative to the

@@ -1,5 +1,6 @@
-"""Adagrad's scaling rule: `scale_by_adagrad`. (torch's fused Adagrad kernel:
-`functrain.optim.rules.fused`.)
+"""Adagrad's scaling rule: `scale_by_adagrad`.
+
+(torch's fused Adagrad kernel: `functrain.optim.rules.fused`.)
 """
 
 from __future__ import annotations

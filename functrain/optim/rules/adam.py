@@ -1,5 +1,6 @@
-"""Adam and its family: `scale_by_adam` (Adam, AdamW), `scale_by_radam`, `scale_by_adamax`,
-`nadam_step`. (torch's fused Adam kernel: `functrain.optim.rules.fused`.)
+"""Adam and its family: `scale_by_adam`, `scale_by_radam`, `scale_by_adamax`, `nadam_step`.
+
+`scale_by_adam` covers Adam and AdamW. (torch's fused Adam kernel: `functrain.optim.rules.fused`.)
 
 Adamax and NAdam run tensor by tensor, as torch's single-tensor loops do, and keep the temporaries
 torch allocates per parameter in memory the update owns: a new state tensor's own buffer before its
@@ -130,8 +131,9 @@ class ScaleByRadamState(NamedTuple):
 def scale_by_radam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5.0
 ) -> Transform:
-    """Rescale updates by rectified Adam (Liu et al., 2020): plain momentum until the variance is
-    tractable.
+    """Rescale updates by rectified Adam (Liu et al., 2020).
+
+    Plain momentum until the variance is tractable.
 
     Args:
         b1: decay rate of the first moment, in [0, 1).
@@ -203,8 +205,9 @@ class ScaleByAdamaxState(NamedTuple):
 
 @named
 def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
-    """Rescale updates by Adamax's first moment over an exponentially weighted infinity norm (Kingma
-    & Ba, 2015).
+    """Rescale updates by Adamax's first moment over an exponentially weighted infinity norm.
+
+    Adamax is from Kingma & Ba, 2015.
 
     Args:
         b1: decay rate of the first moment, in [0, 1).
@@ -282,8 +285,9 @@ def nadam_step(
     weight_decay: float = 0.0,
     mask: Mask = None,
 ) -> Transform:
-    """NAdam's step (Dozat, 2016): Adam with Nesterov momentum and a momentum schedule, to the new
-    parameters.
+    """NAdam's step (Dozat, 2016): Adam with Nesterov momentum and a momentum schedule.
+
+    The step is taken to the new parameters.
 
     torch applies the gradient and the momentum in two ``addcdiv`` with their own step sizes (each
     rounded on its own); this transform does the same and emits `NewParams`. Coupled (L2) weight

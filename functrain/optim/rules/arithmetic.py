@@ -61,8 +61,10 @@ def addcdiv_(
 def decayed(
     params: Sequence[torch.Tensor], decay: torch.Tensor | None, flags: tuple[bool, ...] | None
 ) -> list[torch.Tensor]:
-    """Fresh copies of the parameters, multiplied by `decay` where `flags` hold (torch's ``p.mul_(1
-    - lr * wd)``)."""
+    """Fresh copies of the parameters, multiplied by `decay` where `flags` hold.
+
+    As torch's ``p.mul_(1 - lr * wd)``.
+    """
     if decay is None:
         return [p.clone() for p in params]
     return [
@@ -72,6 +74,8 @@ def decayed(
 
 
 def per_leaf(values: torch.Tensor) -> Sequence[float | torch.Tensor]:
-    """One scalar per leaf: Python floats from a CPU vector (one load), 0-d tensors elsewhere (no
-    sync)."""
+    """One scalar per leaf: Python floats from a CPU vector, 0-d tensors elsewhere.
+
+    Reading the CPU vector is one load; elsewhere there is no sync.
+    """
     return values.tolist() if host_scalars(values) else list(values.unbind())

@@ -36,8 +36,10 @@ class AsgdStepState(NamedTuple):
 
 
 def _is_one(t: torch.Tensor) -> bool | None:
-    """Whether a CPU 0-d tensor is 1 (a load, as torch's own ``mu.item() != 1``); None where that
-    would sync."""
+    """Whether a CPU 0-d tensor is 1; None where that would sync.
+
+    Checked by a load, as torch's own ``mu.item() != 1``.
+    """
     return (
         bool(t == 1) if host_scalars(t) else None
     )  # host read of a CPU scalar, never a device sync
@@ -47,8 +49,9 @@ def _is_one(t: torch.Tensor) -> bool | None:
 def asgd_step(
     learning_rate: LearningRate = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6
 ) -> Transform:
-    """Averaged SGD's step (Polyak & Juditsky, 1992), to the new parameters; keeps their running
-    average.
+    """Averaged SGD's step (Polyak & Juditsky, 1992), to the new parameters.
+
+    It keeps their running average.
 
     The step size ``eta`` decays as ``lr / (1 + lambd * lr * t) ** alpha`` and each step first
     shrinks the parameters by ``1 - lambd * eta``; after step `t0` the state's ``ax`` averages the
@@ -126,8 +129,10 @@ def asgd_step(
 def _add_scaled_all_(
     outs: list[torch.Tensor], directions: Sequence[torch.Tensor], alpha: torch.Tensor
 ) -> None:
-    """Each ``out += alpha * direction`` in one rounding (torch's ``add_(alpha=)``), `alpha` a 0-d
-    tensor."""
+    """Each ``out += alpha * direction`` in one rounding, `alpha` a 0-d tensor.
+
+    As torch's ``add_(alpha=)``.
+    """
     if not outs:
         return
     if host_scalars(alpha) and len({o.dtype for o in outs}) == 1:

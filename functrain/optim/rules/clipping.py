@@ -21,8 +21,10 @@ __all__ = ["ClipByGlobalNormState", "clip_by_global_norm", "clip_by_value"]
 
 
 def _by_dtype_mul(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[torch.Tensor]:
-    """`tensors * scalar`, the scalar cast to each tensor's dtype first (as torch casts a Python
-    scalar)."""
+    """`tensors * scalar`, the scalar cast to each tensor's dtype first.
+
+    As torch casts a Python scalar.
+    """
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1:
         return list(torch._foreach_mul(tensors, scalar.to(tensors[0].dtype)))

@@ -1,5 +1,6 @@
-"""SGD, Adam, AdamW and Adagrad through torch's fused kernels (``torch._fused_sgd_``,
-``_fused_adam_``, ...).
+"""SGD, Adam, AdamW and Adagrad through torch's fused kernels.
+
+The kernels: ``torch._fused_sgd_``, ``_fused_adam_``, ...
 
 One kernel pass reads the parameters, gradients and optimizer state and writes the new ones,
 instead of the several passes of the foreach implementation. The kernels work in place, so the
@@ -109,8 +110,10 @@ def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
 
 
 class _Step(NamedTuple):
-    """What every fused update starts from: flat gradients and parameters, the rate, the new
-    count."""
+    """What every fused update starts from.
+
+    Flat gradients and parameters, the rate, the new count.
+    """
 
     g: list
     p: list
@@ -184,8 +187,9 @@ def fused_adam(
     mask: Mask,
     maximize: bool = False,
 ) -> Transform:
-    """The fused Adam (L2 decay) or AdamW (`decoupled` decay) transform behind
-    ``adam/adamw(fused=True)``.
+    """The fused Adam (L2 decay) or AdamW (`decoupled` decay) transform.
+
+    It is behind ``adam/adamw(fused=True)``.
 
     Hyperparameters are checked by the presets. A schedule is called with the count of updates
     applied so far, as `scale_by_learning_rate` calls it; a tensor `lr` is read once, here (the
@@ -246,8 +250,9 @@ def fused_sgd(
     mask: Mask,
     maximize: bool = False,
 ) -> Transform:
-    """The fused SGD transform behind ``sgd(fused=True)``: ``torch.optim.SGD(fused=True)`` without
-    dampening.
+    """The fused SGD transform behind ``sgd(fused=True)``.
+
+    It is ``torch.optim.SGD(fused=True)`` without dampening.
 
     torch's kernel takes the first step (``buffer = gradient``) from a flag, which a pure step
     cannot set without reading its count back to the host. The momentum buffers start at -0.0
@@ -308,8 +313,9 @@ def fused_adagrad(
     mask: Mask,
     maximize: bool = False,
 ) -> Transform:
-    """The fused Adagrad transform behind ``adagrad(fused=True)``:
-    ``torch.optim.Adagrad(fused=True)``.
+    """The fused Adagrad transform behind ``adagrad(fused=True)``.
+
+    The same as ``torch.optim.Adagrad(fused=True)``.
 
     The preset checks the learning rate; the other hyperparameters are checked here, under their
     names.
@@ -365,8 +371,10 @@ def fused_adagrad(
 
 
 class _Kernel(NamedTuple):
-    """A fused kernel: its name (for the custom op), the in-place op torch.optim calls, its own
-    arguments."""
+    """A fused kernel: its name, the in-place op torch.optim calls, its own arguments.
+
+    The name is for the custom op.
+    """
 
     name: str
     in_place: Any
@@ -420,8 +428,9 @@ def _by_groups(
     *,
     steps: bool = False,
 ) -> tuple[list, tuple[list, ...]]:
-    """One kernel call per (device, dtype, decays or not) group of leaves; the new parameters and
-    buffers in leaf order.
+    """One kernel call per (device, dtype, decays or not) group of leaves.
+
+    The new parameters and buffers come back in leaf order.
 
     `steps`: the kernel reads the new step count (float32, as torch.optim keeps it) for its bias
     corrections or learning-rate decay.
@@ -491,8 +500,11 @@ def _run_kernel(
 
 
 def _walkable(p: torch.Tensor) -> torch.Tensor:
-    """`p`, or a contiguous copy of it if its elements have gaps in memory (a sharded slice of a
-    transposed leaf): the kernels walk a tensor's memory straight through."""
+    """`p`, or a contiguous copy of it if its elements have gaps in memory.
+
+    Such a leaf is, e.g., a sharded slice of a transposed leaf. The kernels walk a tensor's memory
+    straight through.
+    """
     return p if p.is_contiguous() or is_dense(p) else p.contiguous()
 
 
@@ -504,8 +516,10 @@ def _through_op(
     steps: list[list],
     options: dict[str, Any],
 ) -> tuple[list, list[list]]:
-    """`_run_kernel` through the custom op: buffers flattened (with their lists' lengths), the rate
-    a tensor or a float."""
+    """`_run_kernel` through the custom op.
+
+    Buffers flattened (with their lists' lengths), the rate a tensor or a float.
+    """
     lr = options["lr"]
     out_p, out_b = torch.ops.functrain.fused_update(
         kernel.name,
@@ -654,8 +668,11 @@ def _(
 def _member_major(
     x: torch.Tensor, d: int | None, members: int, like: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """A copy of stacked `x`, each member's slice one dense block in memory (the kernel walks it
-    straight through), laid out as the member is (or as the member-major `like`, where given)."""
+    """A copy of stacked `x`, each member's slice one dense block in memory.
+
+    The kernel walks it straight through. Laid out as the member is (or as the member-major `like`,
+    where given).
+    """
     whole = x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
     if like is not None:
         return torch.empty_like(like, dtype=x.dtype).copy_(whole)
@@ -673,8 +690,10 @@ def _eager_members(
     hyper: list[float],
     members: int,
 ) -> tuple:
-    """The stacked inputs copied once (member first, buffers laid out as their parameters), then the
-    kernel on each member's slice in place."""
+    """The stacked inputs copied once, then the kernel on each member's slice in place.
+
+    Copied member first, buffers laid out as their parameters.
+    """
     params, buffers = stacked
     new_p = [_member_major(x, d, members) for x, d in params]
     new_b = [
@@ -696,8 +715,10 @@ def _eager_members(
 def _traced_members(
     kernel: str, stacked: tuple, calls: list, counts: list[int], hyper: list[float]
 ) -> tuple:
-    """The op on each member's slices (traced: its fake kernel, and at run time its layouts
-    checked), stacked."""
+    """The op on each member's slices, stacked.
+
+    Traced: its fake kernel, and at run time its layouts checked.
+    """
     params, buffers = stacked
     results = []
     for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):

@@ -1,6 +1,8 @@
-"""The learning rate: `scale_by_learning_rate` (the last scaling of an update, folding the rate
-into a lazy update with torch.optim's roundings), `scale`, and the state of final steps that take
-the rate themselves (`LearningRateState`).
+"""The learning rate: `scale_by_learning_rate`, `scale`, and `LearningRateState`.
+
+`scale_by_learning_rate` is the last scaling of an update, folding the rate into a lazy update with
+torch.optim's roundings; `LearningRateState` is the state of final steps that take the rate
+themselves.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class ScaleByLearningRateState(NamedTuple):
 
 @named
 def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool = True) -> Transform:
-    """Scale updates by ``-learning_rate`` (a constant or a schedule of the step) and prepare the
-    step.
+    """Scale updates by ``-learning_rate`` and prepare the step.
+
+    The learning rate is a constant or a schedule of the step.
 
     The outgoing updates are a lazy `ParamStep`, applied by `apply_updates` with torch.optim's own
     final op (``add(alpha=-lr)``, or ``addcdiv`` after a `Ratio`), so float32 results match torch
@@ -105,8 +108,10 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     def rate_tensors(
         lr: torch.Tensor | float, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lr`` and ``sign * lr`` as float64 tensors; for a constant rate made once per device
-        (never written)."""
+        """``lr`` and ``sign * lr`` as float64 tensors.
+
+        For a constant rate made once per device (never written).
+        """
         if isinstance(lr, torch.Tensor) or torch.compiler.is_compiling():
             lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
             return lr_t, lr_t * sign
@@ -163,8 +168,10 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
 def _rectified_step(
     updates: RectifiedRatio, lr: float | torch.Tensor, rate_dtype: torch.dtype | None, sign: float
 ) -> ParamStep:
-    """RAdam's step: ``p * (1 - lr * wd) + num * buffer`` (torch's ``addcmul``: the same two
-    roundings)."""
+    """RAdam's step: ``p * (1 - lr * wd) + num * buffer``.
+
+    As torch's ``addcmul``: the same two roundings.
+    """
     if rate_dtype is not None:  # torch's scalar arithmetic then runs on the tensor lr, in its dtype
         lr = torch.tensor(lr, dtype=rate_dtype, device=updates.divisor.device)
     decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
@@ -220,8 +227,10 @@ def rate_at(learning_rate: LearningRate, count: torch.Tensor) -> torch.Tensor:
 
 
 class LearningRateState(NamedTuple):
-    """The state a final step keeps for its learning rate: its step counter and the rate last
-    used."""
+    """The state a final step keeps for its learning rate.
+
+    Its step counter and the rate last used.
+    """
 
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
     lr: torch.Tensor

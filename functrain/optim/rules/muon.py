@@ -1,5 +1,7 @@
-"""Muon: `scale_by_muon` (momentum orthogonalized by Newton-Schulz iterations, for matrices) and
-`scale_by_adjusted_learning_rate` (a rate per matrix shape).
+"""Muon: `scale_by_muon` and `scale_by_adjusted_learning_rate`.
+
+`scale_by_muon`: momentum orthogonalized by Newton-Schulz iterations, for matrices.
+`scale_by_adjusted_learning_rate`: a rate per matrix shape.
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def scale_by_muon(
     ns_steps: int = 5,
     eps: float = 1e-7,
 ) -> Transform:
-    """Muon's direction (Jordan et al., 2024): momentum, then orthogonalized by Newton-Schulz
-    iterations.
+    """Muon's direction (Jordan et al., 2024): momentum, then orthogonalized.
+
+    The orthogonalization is by Newton-Schulz iterations.
 
     Matrices only (2-D parameters, as torch's Muon); the updates are bfloat16, as torch computes
     them.
@@ -148,8 +151,9 @@ def scale_by_adjusted_learning_rate(
     *,
     weight_decay: float = 0.0,
 ) -> Transform:
-    """Muon's final step: decoupled decay, then ``-lr * ratio(shape)`` times the updates, per
-    matrix.
+    """Muon's final step: decoupled decay, then ``-lr * ratio(shape)`` times the updates.
+
+    It acts per matrix.
 
     ``ratio`` is ``sqrt(max(1, rows / cols))`` (``adjust_lr_fn`` None or ``"original"``, Keller
     Jordan's) or ``0.2 * sqrt(max(rows, cols))`` (``"match_rms_adamw"``, Moonshot's, so that

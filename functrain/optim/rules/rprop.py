@@ -33,8 +33,9 @@ def scale_by_rprop(
     etas: tuple[float, float] = (0.5, 1.2),
     step_sizes: tuple[float, float] = (1e-6, 50.0),
 ) -> Transform:
-    """Resilient backpropagation (Riedmiller & Braun, 1993): a step size per element, grown or
-    shrunk by sign agreement.
+    """Resilient backpropagation (Riedmiller & Braun, 1993): a step size per element.
+
+    Each step size is grown or shrunk by sign agreement.
 
     The updates are the final ones, ``-sign(g) * step_size``: no learning rate follows. As in torch,
     `learning_rate` is only the initial step size (a schedule is read once, at step 0).

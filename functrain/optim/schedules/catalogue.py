@@ -59,8 +59,10 @@ ValueFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
-    """Give the schedules a factory returns a `name` recording the call (shown in checkpoint
-    fingerprints)."""
+    """Give the schedules a factory returns a `name` recording the call.
+
+    The name is shown in checkpoint fingerprints.
+    """
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
@@ -163,8 +165,9 @@ def constant(value: float) -> Schedule:
 def linear(
     init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
-    """Hold `init_value` until `transition_begin`, move linearly to `end_value` over
-    `transition_steps`, hold.
+    """Hold `init_value` until `transition_begin`, move linearly to `end_value`, hold.
+
+    The move takes `transition_steps`.
 
     The value is ``init_value + (end_value - init_value) * frac``, with ``frac`` the clipped
     fraction of the transition done, so it is exactly `init_value` up to `transition_begin`.
@@ -209,8 +212,9 @@ def linear(
 def cosine_decay(
     init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0
 ) -> Schedule:
-    """Decay along half a cosine from `init_value` to ``alpha * init_value`` over `decay_steps`,
-    then hold.
+    """Decay along half a cosine from `init_value` to ``alpha * init_value``, then hold.
+
+    The decay takes `decay_steps`.
 
     The value is ``init_value * ((1 - alpha) * c ** exponent + alpha)`` with
     ``c = (1 + cos(pi * min(step, decay_steps) / decay_steps)) / 2`` (Loshchilov & Hutter, 2017,
@@ -324,8 +328,9 @@ def exponential_decay(
 
 @described
 def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> Schedule:
-    """Piecewise constant: from each boundary step on, the value is multiplied by that boundary's
-    scale.
+    """Piecewise constant, scaled at each boundary step.
+
+    From each boundary step on, the value is multiplied by that boundary's scale.
 
     The pieces are computed once, in order, as ``value * scale`` (the order torch's `MultiStepLR`
     uses).
@@ -381,8 +386,9 @@ def polynomial(
     transition_steps: int,
     transition_begin: int = 0,
 ) -> Schedule:
-    """Move from `init_value` to `end_value` along ``(1 - frac) ** power`` over `transition_steps`,
-    then hold.
+    """Move from `init_value` to `end_value` along ``(1 - frac) ** power``, then hold.
+
+    The move takes `transition_steps`.
 
     The value is ``(init_value - end_value) * (1 - frac) ** power + end_value``, with ``frac`` the
     clipped fraction of the transition done (as optax's ``polynomial_schedule``).
@@ -432,8 +438,9 @@ def warmup_cosine(
     init_value: float = 0.0,
     end_value: float = 0.0,
 ) -> Schedule:
-    """Warm up linearly from `init_value` to `peak_value`, then decay along half a cosine to
-    `end_value`.
+    """Warm up linearly from `init_value` to `peak_value`, then decay along half a cosine.
+
+    The decay ends at `end_value`.
 
     As optax's ``warmup_cosine_decay_schedule``, `decay_steps` is the length of the whole schedule,
     warm-up included: the peak is reached at step `warmup_steps` and `end_value` at `decay_steps`,
@@ -499,8 +506,10 @@ def _anneal_linear(start: float, end: float, pct: torch.Tensor) -> torch.Tensor:
 
 
 def _phased(phases: Sequence[_Phase], anneal: str, last_step: float) -> Schedule:
-    """torch's `OneCycleLR.get_lr`: the first phase whose last step is >= step (or the last phase)
-    anneals."""
+    """torch's `OneCycleLR.get_lr`: the first phase whose last step is >= step anneals.
+
+    If there is none, the last phase anneals.
+    """
     return lift(phased_value(phases, anneal, last_step))
 
 
@@ -540,8 +549,9 @@ def one_cycle(
     final_div_factor: float = 1e4,
     anneal: Literal["cos", "linear"] = "cos",
 ) -> Schedule:
-    """The 1cycle policy (Smith & Topin, 2017): anneal up to `peak_value`, then down far below the
-    start.
+    """The 1cycle policy (Smith & Topin, 2017): anneal up to `peak_value`, then down.
+
+    The anneal down goes far below the start.
 
     Starts at ``peak_value / div_factor``, reaches `peak_value` at step ``pct_start *
     transition_steps - 1`` and ``peak_value / div_factor / final_div_factor`` at step
@@ -619,8 +629,9 @@ def one_cycle_phases(
 
 @described
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
-    """Run `schedules` one after the other: schedule ``i`` from ``boundaries[i - 1]`` on, restarted
-    there.
+    """Run `schedules` one after the other, each restarted at its boundary.
+
+    Schedule ``i`` runs from ``boundaries[i - 1]`` on, restarted there.
 
     From step ``boundaries[i - 1]`` the value is ``schedules[i](step - boundaries[i - 1])`` (optax's
     ``join_schedules``; torch's `SequentialLR`). With a tensor step every schedule is evaluated (at
@@ -683,8 +694,9 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
 
 @described
 def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
-    """A schedule written in epochs, run on the step counter: the value at step ``t`` is
-    ``schedule(t // steps_per_epoch)``.
+    """A schedule written in epochs, run on the step counter.
+
+    The value at step ``t`` is ``schedule(t // steps_per_epoch)``.
 
     This is what a torch scheduler stepped once an epoch gives (``scheduler.step()`` after each
     epoch): the value holds for a whole epoch and moves at its end. Monotone and bounded as
