@@ -21,11 +21,13 @@ rounding exact; `functrain.optim.updates.apply_updates` returns the new paramete
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, cast, overload
 
 import torch
 
+from functrain.errors import ConfigError
 from functrain.optim.updates import Scalar, Updates
 from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm
 
@@ -202,12 +204,26 @@ class EmptyState(NamedTuple):
 def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> Any:
     """Mark `update` as one that takes ``extras=`` (`Transform.takes_extras`); returns it.
 
+    A bound method or a builtin takes no attribute: it comes back wrapped in a function that
+    forwards every call to it, and carries the mark.
+
+    Raises:
+        ConfigError: `update` is not callable.
+
     Example:
         >>> update = with_extras(lambda u, s, p=None, extras=NO_EXTRAS: (u, s))
         >>> Transform(lambda p: EmptyState(), update).takes_extras
         True
     """
-    update.takes_extras = True  # type: ignore[attr-defined]  # a marker on the function itself
+    if not callable(update):
+        raise ConfigError(
+            "with_extras marks a transform's update function, got "
+            f"{type(update).__name__} {update!r}; pass the update function itself"
+        )
+    try:
+        update.takes_extras = True  # type: ignore[attr-defined]  # a mark on the function itself
+    except AttributeError:
+        return with_extras(functools.wraps(update)(lambda *args, **kw: update(*args, **kw)))
     return update
 
 

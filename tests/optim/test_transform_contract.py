@@ -458,3 +458,23 @@ def test_a_library_transform_given_a_users_update_takes_no_extras() -> None:
         state = ft.TrainState.create(torch.nn.Linear(3, 2), optimizer, _square_loss)
         states.append(ft.train_step(state, batch, donate=True)[0])
     assert_trees_equal(states[0].params, states[1].params, "params")
+
+
+class _Halving:
+    """A user's transform written as a class: its update is a bound method."""
+
+    def init(self, params: Any) -> Any:
+        return ft.EmptyState()
+
+    def update(self, updates: Any, state: Any, params: Any = None, *, extras: Any = None) -> Any:
+        return {k: g * 0.5 for k, g in updates.items()}, state
+
+
+def test_with_extras_marks_a_bound_method_and_refuses_what_is_not_callable() -> None:
+    halving = _Halving()
+    tx = ft.Transform(halving.init, ft.with_extras(halving.update))
+    assert tx.takes_extras and not ft.Transform(halving.init, halving.update).takes_extras
+    updates, _ = ft.update_with(tx, {"w": torch.ones(2)}, ft.EmptyState(), extras=ft.NO_EXTRAS)
+    assert_trees_equal(updates, {"w": torch.full((2,), 0.5)})
+    with pytest.raises(ft.ConfigError, match="with_extras marks a transform's update function"):
+        ft.with_extras(None)  # type: ignore[arg-type]
