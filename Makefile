@@ -5,13 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo lint test test-long bench clean
+.PHONY: setup demo lint docs test test-long bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,demo,config,data,wandb,optuna]' $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,demo,config,data,wandb,optuna,docs]' $(TORCH)
 	touch $@
 
 setup: $(BIN)/.installed
@@ -26,6 +26,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python tools/import_contract.py
+
+# the documentation site, from docs/ into site/; --strict: any warning (a broken link, an unresolved
+# reference, a docstring griffe cannot parse) fails the build
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -44,4 +49,4 @@ bench: setup
 	$(BIN)/python benchmarks/data_resume.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info

@@ -9,8 +9,9 @@ Two tables:
   a plain DataLoader over a map-style dataset: the consumed index batches are drawn, not loaded).
 * **Per batch**: the time of one batch in the main process (``num_workers=0``) of iterating the
   DataLoader directly, against `DataLoaderSource` (which seeds torch's, Python's and numpy's
-  global generators for each batch and puts the caller's back), on a dataset whose samples cost
-  almost nothing to read, so the seeding shows as much as it can.
+  global generators for each batch and puts the caller's back) and `IterableSource` (which draws
+  each batch in the epoch's stream of the three generators and notes its fingerprint), on a
+  dataset whose samples cost almost nothing to read, so the seeding shows as much as it can.
 
 Usage: ``python benchmarks/data_resume.py [--reps 30]``.
 """
@@ -85,15 +86,17 @@ def main() -> None:
         )
     data = Counted()
     plain, source = loader(data), DataLoaderSource(loader(data))
-    # interleaved, so both see the same machine state
-    direct, seeded = [], []
+    replayed = IterableSource(loader(data))
+    # interleaved, so all see the same machine state
+    direct, seeded, streamed = [], [], []
     for _ in range(3):
         direct.append(per_batch_us(lambda: iter(plain), args.reps))
         seeded.append(per_batch_us(lambda: source.epoch(0), args.reps))
-    d, s = statistics.median(direct), statistics.median(seeded)
+        streamed.append(per_batch_us(lambda: replayed.epoch(0), args.reps))
+    d, s, r = (statistics.median(x) for x in (direct, seeded, streamed))
     print(
-        f"\nper batch, main process: DataLoader {d:.1f} us, DataLoaderSource {s:.1f} us, ratio "
-        f"{s / d:.2f} (+{s - d:.1f} us)"
+        f"\nper batch, main process: DataLoader {d:.1f} us, DataLoaderSource {s:.1f} us "
+        f"(+{s - d:.1f} us), IterableSource {r:.1f} us (+{r - d:.1f} us)"
     )
 
 

@@ -12,6 +12,8 @@ Where `fit` stands: the caller keeps the state it passed (fit never invalidates 
 (1 P) stay alive next to the run's, and fit's first step is a pure one (the next ones are donated).
 A fresh state's optimizer moments are held without storage until written (`functrain.optim.zeros`),
 so the caller's state costs its weights alone: fit's floor is the donated row plus 1 P.
+``fit_donate`` passes ``donate=True``: the caller gives the state up, and the run's first step
+writes into it, so its floor is the donated row itself.
 
     python benchmarks/memory.py                 # CPU
     python benchmarks/memory.py --device cuda   # GPU
@@ -97,6 +99,14 @@ def _fit(model: nn.Module, batches: list[Any]) -> None:
     ft.fit(state, batches, max_epochs=1, progress=False, verbosity="silent")
 
 
+def _fit_donate(model: nn.Module, batches: list[Any]) -> None:
+    import functrain as ft
+
+    state = ft.TrainState.create(model, ft.adamw(1e-3), _loss)
+    del model
+    ft.fit(state, batches, max_epochs=1, progress=False, verbosity="silent", donate=True)
+
+
 ROWS: dict[str, Callable[[nn.Module, list[Any]], None]] = {
     "handwritten_foreach": _handwritten(fused=False),
     "handwritten_fused": _handwritten(fused=True),
@@ -106,6 +116,7 @@ ROWS: dict[str, Callable[[nn.Module, list[Any]], None]] = {
     "train_step_donate": _train_step(donate=True),
     "train_step_foreach_donate": _train_step(fused=False, donate=True),
     "fit": _fit,
+    "fit_donate": _fit_donate,
 }
 
 

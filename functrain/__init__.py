@@ -15,7 +15,7 @@ from functrain.config import ConfiguredRun, build_run, load_config
 from functrain.core.binding import BoundModel
 from functrain.core.compiled import CompiledStep, compile_step
 from functrain.core.options import StepOptions
-from functrain.core.stacked import num_members, stack, unstack
+from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, unstack
 from functrain.core.state import TrainState
 from functrain.core.step import eval_step, train_step
 from functrain.driver.callbacks import (
@@ -30,7 +30,7 @@ from functrain.driver.callbacks import (
     on,
 )
 from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
-from functrain.driver.evaluation import evaluate
+from functrain.driver.evaluation import EvalMetric, evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
 from functrain.driver.run_config import ConfigChangeWarning
@@ -48,6 +48,7 @@ from functrain.errors import (
 )
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
 from functrain.interop.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
+from functrain.interop.schedulers import ConversionWarning
 from functrain.optim.averaging import EmaState, ema
 from functrain.optim.base import (
     NO_EXTRAS,
@@ -122,6 +123,7 @@ __all__ = [
     "build_run",
     "load_config",
     "ConvertedOptimizer",
+    "ConversionWarning",
     "from_torch_optimizer",
     "to_torch_state_dict",
     "SampleText",
@@ -148,9 +150,11 @@ __all__ = [
     "EarlyStopping",
     "EmaState",
     "EmptyState",
+    "EvalMetric",
     "FitResult",
     "FunctrainError",
     "History",
+    "IdenticalMembersWarning",
     "IterableSource",
     "JsonlLogger",
     "LossError",

@@ -1,9 +1,9 @@
 """Sampling from autoregressive models: logit filters, `generate`, a callback printing samples.
 
-`generate` runs the state's module on its raw or EMA weights through `torch.func.functional_call`,
-in eval mode and without gradients, one token at a time. Every random draw comes from a
-`torch.Generator` seeded from the explicit `seed`, so the same state, prompt and seed give the same
-tokens, and the caller's global RNG is left as it was.
+`generate` runs the state's module on its raw or EMA weights (bound to them as the loss function's
+model is: `functrain.core.binding.bound`), in eval mode and without gradients, one token at a
+time. Every random draw comes from a `torch.Generator` seeded from the explicit `seed`, so the
+same state, prompt and seed give the same tokens, and the caller's global RNG is left as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from functrain.core.binding import BoundModel
+from functrain.core.binding import BoundModel, bound
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
 from functrain.driver.callbacks import Callback, Run, on
@@ -193,9 +193,9 @@ def generate(
 ) -> torch.Tensor:
     """Continue `prompt_ids` by `max_new_tokens` tokens sampled from the state's model.
 
-    The module runs on the state's raw (or EMA) weights, frozen parameters and buffers through
-    `torch.func.functional_call`, in eval mode under `torch.no_grad`; its training flag is restored
-    afterwards and the state is not modified. Draws come from a fresh `torch.Generator` seeded with
+    The module runs on the state's raw (or EMA) weights, frozen parameters and buffers, in eval
+    mode under `torch.no_grad`; its training flag and tensors are restored afterwards and the state
+    is not modified. Draws come from a fresh `torch.Generator` seeded with
     `seed`: the same arguments give the same tokens, and the global RNG is untouched.
 
     Args:
@@ -209,7 +209,8 @@ def generate(
         context_size: feed the model only the last `context_size` ids (a model with a fixed
             context, such as learned positions, needs its own); None feeds the whole sequence.
         forward: ``forward(model, ids) -> logits`` when the module's output is not the logits
-            themselves (a tuple, a dict); the default is ``model(ids)``.
+            themselves (a tuple, a dict), or to call another method (``model.decode(ids)``);
+            `model` is a `BoundModel`, as in the loss function; the default is ``model(ids)``.
 
     Returns:
         The prompt followed by the new ids: int64, ``[time + max_new_tokens]`` or
@@ -261,13 +262,12 @@ def generate(
     # a copy of the buffers: eval mode should not write them, but a module may, and the state must
     # not change
     tensors = {**weights, **state.frozen, **{k: b.clone() for k, b in state.buffers.items()}}
-    model = BoundModel(state.module, tensors)
     forward = forward or _logits_of
     generator = torch.Generator(device=state.device).manual_seed(seed)
     was_training = state.module.training
     state.module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bound(state.module, tensors) as model:
             for _ in range(max_new_tokens):
                 window = ids if context_size is None else ids[:, -context_size:]
                 logits = forward(model, window)[:, -1, :]

@@ -255,11 +255,20 @@ MUTATIONS = {
 }
 
 
+# counters left disagreeing with the others: `save` refuses the state before a resume can differ
+REFUSED = {"step", "micro_step", "accumulator_micro_step"}
+
+
 @pytest.mark.parametrize("lost", sorted(MUTATIONS))
 def test_resumption_check_detects_a_checkpoint_that_loses(lost: str) -> None:
     spec, selects = MUTATIONS[lost]
     assert resumption_mismatches(spec, resume_in_process) == []
-    assert resumption_mismatches(spec, resume_in_process, save=save_without(spec, selects)) != []
+    broken = save_without(spec, selects)
+    if lost in REFUSED:
+        with pytest.raises(ft.ConfigError, match="cannot save this state: a load would refuse"):
+            resumption_mismatches(spec, resume_in_process, save=broken)
+    else:
+        assert resumption_mismatches(spec, resume_in_process, save=broken) != []
 
 
 def test_resumption_check_in_fresh_process_detects_a_checkpoint_that_loses_the_rng() -> None:

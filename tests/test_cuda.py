@@ -386,3 +386,163 @@ def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(
         net = net.to(memory_format=torch.channels_last)
     x, y = layout.channels_last_batch()
     layout.assert_trains_as_torch_optim(net, tx, make_opt, (x.to(CUDA), y.to(CUDA)))
+
+
+# ---------------------------------------------------------------- compile_step(capture=True)
+
+
+def _assert_states_close(got: ft.TrainState, expected: ft.TrainState) -> None:
+    """The tensors of two states to compiled kernels' tolerance, their counters and RNG exactly."""
+    for field in ("params", "buffers", "opt_state", "ema_state"):
+        torch.testing.assert_close(
+            getattr(got, field), getattr(expected, field), rtol=1e-4, atol=1e-5, equal_nan=True
+        )
+    for counter in ("step", "micro_step", "epoch_step", "samples_seen", "skipped"):
+        assert torch.equal(getattr(got, counter), getattr(expected, counter)), counter
+    assert torch.equal(got.rng, expected.rng)  # the replay drew as much as the compiled step
+
+
+def _storages(state: ft.TrainState) -> set[int]:
+    tree = {k: v for k, v in state.tree().items() if k not in ("rng", "epoch", "frozen")}
+    leaves = torch.utils._pytree.tree_leaves(tree)
+    return {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        (lambda: ft.adamw(1e-2, fused=True), {}),
+        (
+            lambda: ft.adamw(1e-2, fused=False),
+            {"accumulate_steps": 2, "clip_grad_norm": 1.0, "ema_decay": 0.9},
+        ),
+        (lambda: ft.sgd(0.1, momentum=0.9), {"precision": "bf16"}),
+        (lambda: ft.adamw(1e-2, fused=True), {"precision": "fp16", "ema_decay": 0.9}),
+    ],
+    ids=["adamw-fused", "adamw-foreach-accum-clip-ema", "sgd-bf16", "adamw-fp16-ema"],
+)
+def test_a_captured_step_on_cuda_follows_the_compiled_step(
+    optimizer: Any, options: dict[str, Any]
+) -> None:
+    # a model with dropout and BatchNorm: the replay draws the compiled step's masks
+    state = ft.TrainState.create(_model(), optimizer(), _loss, seed=3, **options)
+    captured, compiled = ft.compile_step(capture=True), ft.compile_step()
+    batches = _batches(6)
+    batches[2][0][0, 0] = float("nan")  # a skipped step in both
+    got = expected = state
+    for i, batch in enumerate(batches):
+        caller = torch.cuda.get_rng_state()
+        got, m_got = captured(got, batch, donate=i > 0)
+        expected, m_expected = compiled(expected, batch)
+        assert torch.equal(torch.cuda.get_rng_state(), caller)
+        assert set(m_got) == set(m_expected)
+        for name, value in m_expected.items():
+            torch.testing.assert_close(m_got[name], value, rtol=1e-4, atol=1e-5, equal_nan=True)
+        _assert_states_close(got, expected)
+    assert int(got.skipped) == 1 and got.params["0.weight"].device.type == "cuda"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_donated_captured_run_on_cuda_steps_its_tensors_in_place_and_refuses_given_states() -> (
+    None
+):
+    step = ft.compile_step(capture=True)
+    batches = _batches(5)
+    state = ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, ema_decay=0.9)
+    state, _ = step(state, batches[0])  # a pure first call, as fit makes with the caller's state
+    where = None
+    for batch in batches[1:]:
+        new, metrics = step(state, batch, donate=True)
+        assert where is None or _storages(new) == where  # no copy: the same memory, stepped
+        where = _storages(new)
+        with pytest.raises(ft.DonatedStateError, match=r"compile_step\(capture=True\)"):
+            ft.train_step(state, batch)
+        state = new
+    assert int(state.step) == 5 and metrics["loss"].device.type == "cuda"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_successive_pure_captured_steps_on_cuda_return_distinct_states_that_stay_valid() -> None:
+    step, compiled = ft.compile_step(capture=True), ft.compile_step()
+    batches = _batches(4)
+    states = [ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, seed=1)]
+    metrics = []
+    for batch in batches:
+        before = torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, states[-1].tree()
+        )
+        new, m = step(states[-1], batch)
+        ft.assert_states_equal(before, states[-1].tree())  # the given state is untouched
+        states.append(new)
+        metrics.append(m)
+    # checked after every step ran: a later replay overwrote none of them
+    expected = states[0]
+    for i, batch in enumerate(batches):
+        expected, m_expected = compiled(expected, batch)
+        _assert_states_close(states[i + 1], expected)
+        torch.testing.assert_close(metrics[i]["loss"], m_expected["loss"], rtol=1e-4, atol=1e-5)
+    seen: set[int] = set()
+    for state in states:
+        assert _storages(state).isdisjoint(seen)
+        seen |= _storages(state)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_captured_step_on_cuda_records_a_last_partial_batch_and_follows_the_compiled_step() -> (
+    None
+):
+    step, compiled = ft.compile_step(capture=True), ft.compile_step()
+    full = _batches(4)
+    x, y = _batches(1)[0]
+    partial = (x[:5].clone(), y[:5].clone())  # another shape: one more graph, recorded once
+    plan = [full[0], full[1], partial, full[2], partial, full[3]]
+    state = expected = ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, seed=2)
+    where = None
+    for i, batch in enumerate(plan):
+        state, _ = step(state, batch, donate=i > 0)
+        expected, _ = compiled(expected, batch)
+        if i > 0:
+            assert where is None or _storages(state) == where  # in place, whatever the shape
+            where = _storages(state)
+    _assert_states_close(state, expected)
+    assert int(state.samples_seen) == 4 * 16 + 2 * 5
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_captured_cuda_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    step = ft.compile_step(capture=True)
+    batches = _batches(6)
+    start = ft.TrainState.create(_model(), ft.adamw(1e-2, fused=True), _loss, seed=3, ema_decay=0.9)
+    straight = start
+    for i, batch in enumerate(batches):
+        straight, _ = step(straight, batch, donate=i > 0)
+    resumed = start
+    for i, batch in enumerate(batches[:3]):
+        resumed, _ = step(resumed, batch, donate=i > 0)
+    path = ft.save(resumed, tmp_path / "ckpt")
+    del resumed  # as in a new process: the loaded state is copied into the graph's tensors
+    resumed = ft.load(path, like=start)
+    assert resumed.params["0.weight"].device.type == "cuda"
+    for batch in batches[3:]:
+        resumed, _ = step(resumed, batch, donate=True)
+    ft.assert_states_equal(straight, resumed)  # the same graphs' kernels on the same values
+
+
+def test_a_captured_step_on_cuda_refuses_a_cpu_batch_and_a_cpu_state() -> None:
+    step = ft.compile_step(capture=True)
+    x, y = _batches(1)[0]
+    state = ft.TrainState.create(_model(), ft.sgd(0.1), _loss)
+    with pytest.raises(ft.ConfigError, match=r"tensor on cpu: move the batch"):
+        step(state, (x.cpu(), y.cpu()))
+    on_cpu = ft.TrainState.create(_model().cpu(), ft.sgd(0.1), _loss)
+    with pytest.raises(ft.ConfigError, match=r"state on cpu"):
+        step(on_cpu, (x.cpu(), y.cpu()))
+    ft.assert_states_equal(state, ft.TrainState.create(_model(), ft.sgd(0.1), _loss))

@@ -120,6 +120,26 @@ def test_generate_greedy_follows_the_most_likely_chain() -> None:
     assert generate(make_state(shift=2), [0], 5, temperature=0).tolist() == [0, 2, 4, 6, 1, 3]
 
 
+class Decoder(torch.nn.Module):
+    """A model whose forward is not the logits: generation calls its `decode` method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, VOCAB, _weight=shifted_embedding(3))
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.decode(ids)}
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids)
+
+
+def test_forward_may_call_a_method_of_the_model_on_the_states_weights() -> None:
+    state = ft.TrainState.create(Decoder(), ft.sgd(0.1), lambda m, b: m(b)["logits"].sum())
+    out = generate(state, [0], 3, temperature=0, forward=lambda model, ids: model.decode(ids))
+    assert out.tolist() == [0, 3, 6, 2]
+
+
 def test_generate_keeps_batch_shape() -> None:
     out = generate(make_state(), torch.tensor([[0, 1], [3, 4]]), 3, temperature=0)
     assert out.tolist() == [[0, 1, 2, 3, 4], [3, 4, 5, 6, 0]]

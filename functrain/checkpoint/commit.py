@@ -2,9 +2,21 @@
 
 A save writes into a temporary directory beside the target (named ``.tmp-...``, which readers
 ignore), then `commit` swaps it into place: one atomic ``renameat2`` exchange where the OS has it,
-two renames elsewhere (a crash between them leaves the old checkpoint whole under
-``.tmp-old-...``, which `functrain.checkpoint.directory` puts back). The parent directory is
-fsynced before the save counts as done; the displaced checkpoint is deleted in the background.
+two renames elsewhere (NFS, other kernels). The parent directory is fsynced before the save counts
+as done; the displaced checkpoint is deleted in the background.
+
+Between the two renames the target's name is missing: the old checkpoint is whole under
+``.tmp-old-<name>-<8 hex digits>`` until the new one is in place, and is deleted only after. So
+readers take that copy for the checkpoint while its name is missing (`directory.listed`, and the
+manager's `latest` and `restore_latest`, which loads the name instead once the copy has gone), and
+the next writer puts it back if the save was killed between the renames (`directory.recover`): a
+reader never finds nothing where a checkpoint existed. No order of the operations closes the gap
+itself: a directory cannot be renamed over a non-empty one, and the new checkpoint cannot take the
+name before the old one has left it. What cannot be given: a listing that the kernel serves in
+several reads of the directory (one of some hundreds of entries; a single read and a rename
+exclude each other) may, as POSIX allows a directory read concurrent with a rename to, see the
+checkpoint under neither name while a live writer is between its renames; that reader then sees
+the previous checkpoint as the newest, and its next listing the new one.
 """
 
 from __future__ import annotations
@@ -58,8 +70,8 @@ def _replace(new: Path, target: Path) -> Path:
     except OSError as e:
         if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
-    # two renames: a crash between them leaves no checkpoint at `target`, the old one complete
-    # under `.tmp-old-`; a failure of the second puts the old one back
+    # two renames: between them (and after a crash there) the old checkpoint is whole under
+    # `.tmp-old-`, where readers find it; a failure of the second puts it back
     old = target.parent / f"{TMP_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
     try:

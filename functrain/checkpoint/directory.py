@@ -32,6 +32,9 @@ __all__ = [
     "LATEST",
     "checkpoint_name",
     "listed",
+    "displaced_name",
+    "displaced_copy",
+    "name_of",
     "is_committed",
     "read_pointer",
     "point_latest",
@@ -40,8 +43,9 @@ __all__ = [
     "recover",
 ]
 
-REGULAR = re.compile(r"^ckpt-(\d{9})-(\d{9})$")
-BEST = re.compile(r"^best-(\d{9})-(\d{9})$")
+# at least 9 digits each: a run's 1000th epoch starts at position 1,000,000,000
+REGULAR = re.compile(r"^ckpt-(\d{9,18})-(\d{9,18})$")
+BEST = re.compile(r"^best-(\d{9,18})-(\d{9,18})$")
 LATEST = "latest"
 MAX_POINTER_BYTES = 256  # a name is 24 bytes: anything longer is not a pointer we wrote
 # what `commit._replace` leaves when killed between its two renames (no atomic exchange, e.g. NFS)
@@ -63,26 +67,76 @@ def checkpoint_name(prefix: str, state: TrainState) -> str:
 
 
 def listed(directory: Path, pattern: re.Pattern[str], *, committed: bool = True) -> list[Path]:
-    """Entries of `directory` matching `pattern`, oldest first; `committed`: with a manifest.
+    """Checkpoints of `directory` named by `pattern`, oldest first; `committed`: with a manifest.
 
-    A missing directory lists nothing (a reader may look before the writer made it).
+    A checkpoint whose name is missing while a displaced copy of it is there (a replace by two
+    renames, between them or killed there: `functrain.checkpoint.commit`) is listed at that copy,
+    so a reader never finds nothing where a checkpoint existed. A missing directory lists nothing
+    (a reader may look before the writer made it).
 
     Raises:
         CheckpointError: the directory cannot be listed.
     """
     try:
-        found = [
-            p
-            for p in directory.iterdir()
+        entries = list(directory.iterdir())
+        present = {p.name for p in entries}
+        found = {
+            p.name: p
+            for p in entries
             if pattern.match(p.name) and (is_committed(p) if committed else p.is_dir())
-        ]
+        }
+        for p in sorted(entries):
+            name = displaced_name(p)
+            if name and pattern.match(name) and name not in present and name not in found:
+                found[name] = p  # the first copy, as `recover` puts back
     except FileNotFoundError:
         return []
     except OSError as e:
         raise CheckpointError(
             f"cannot list the checkpoint directory {str(directory)!r}: {e}"
         ) from None
-    return sorted(found, key=lambda p: p.name)
+    # by step, then position: numbers of ten digits or more sort after those of nine
+    return [found[name] for name in sorted(found, key=lambda n: _numbers(pattern, n))]
+
+
+def _numbers(pattern: re.Pattern[str], name: str) -> tuple[int, ...]:
+    match = pattern.match(name)
+    return tuple(int(g) for g in match.groups()) if match else ()
+
+
+def displaced_name(path: Path) -> str | None:
+    """The checkpoint name `path` holds a committed displaced copy of, or None if it holds none.
+
+    Example:
+        >>> displaced_name(Path("/nonexistent/.tmp-old-ckpt-000000007-000000007-0123abcd")) is None
+        True
+    """
+    match = _DISPLACED.match(path.name)
+    if match is None or path.is_symlink() or not is_committed(path):
+        return None
+    return match["name"]
+
+
+def name_of(path: Path) -> str:
+    """The checkpoint name of a listed path: its own, or the one its displaced copy holds.
+
+    Example:
+        >>> name_of(Path(".tmp-old-ckpt-000000007-000000007-0123abcd"))
+        'ckpt-000000007-000000007'
+    """
+    match = _DISPLACED.match(path.name)
+    return match["name"] if match else path.name
+
+
+def displaced_copy(directory: Path, name: str) -> Path | None:
+    """The committed displaced copy of checkpoint `name` while `name` itself is missing, or None.
+
+    A reader's lookup of the checkpoint a `latest` pointer names: between the two renames of a
+    replace (or after a writer was killed there) the checkpoint is whole under ``.tmp-old-``.
+    """
+    return next(
+        (p for p in listed(directory, re.compile(f"^{re.escape(name)}$")) if p.name != name), None
+    )
 
 
 def is_committed(path: Path) -> bool:
@@ -192,10 +246,10 @@ def recover(directory: Path) -> list[str]:
     """
     restored, keep = [], set()
     for p in sorted(directory.iterdir()):
-        match = _DISPLACED.match(p.name)
-        if match is None or p.is_symlink() or not is_committed(p):
+        name = displaced_name(p)
+        if name is None:
             continue
-        target = directory / match["name"]
+        target = directory / name
         if not os.path.lexists(target):
             os.rename(p, target)
             restored.append(target.name)

@@ -1,10 +1,15 @@
 """The file I/O of a checkpoint: every byte hashed in the one pass that writes or reads it.
 
-Writes go straight from the tensors' memory, hashed in a second thread and written back by the
-disk as they go; reads open without following links or blocking, check what was opened, and map
-a file (copy-on-write) to hash it where it lies, or read it into one buffer where mapping fails.
-Digests are BLAKE3 (format 3) or SHA-256 (formats 1 and 2). `functrain.checkpoint.format` says
-what the files hold; this module only moves and hashes their bytes.
+Writes stage the bytes: each piece of the tensors' memory is copied into a small buffer of this
+module's own, hashed there in a second thread and written from there, so a file's digest is of
+the very bytes it holds, even where something writes into the tensors meanwhile (another thread
+through ``.data`` or ``.numpy()``); the disk writes each piece back as it goes. Reads open without
+following links or blocking, check what was opened, and read a file (or the bytes of one tensor
+of it) into memory of their own, hashed in a second thread as it is read: nothing is mapped from
+a file, so loaded tensors never change whatever later happens to their files (rewritten in place,
+truncated). Digests are BLAKE3 (format 3) or SHA-256 (formats 1 and 2).
+`functrain.checkpoint.format` says what the files hold; this module only moves and hashes their
+bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,10 +31,14 @@ from typing import Any
 import blake3
 import torch
 
-from functrain.checkpoint.tensorfile import CHUNK
 from functrain.errors import CheckpointCorruptError
 
 _OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more than it saves
+# the bytes staged, hashed and written (or read and hashed) at a time: three such buffers stay in
+# the cores' caches between the copy, the hash and the write
+_PIECE = 2 << 20
+_STAGES = 3
+_POPULATED_BYTES = 2 << 20  # below this, torch's allocator reuses memory it holds
 
 
 def fsync_dir(path: Path) -> None:
@@ -40,50 +50,113 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_pool_threads = True  # whether BLAKE3 may use its pool of threads: not in a forked child
+
+
 def hasher(algorithm: str, threads: bool = False) -> Any:
     """A new digest; with `threads`, BLAKE3 hashes large buffers on every core.
 
-    Without: a save overlaps the hash with its writes in a second thread, and BLAKE3's own threads
-    would compete with those writes for the cores.
+    Without: a save stages and hashes in a second thread beside the one writing, and BLAKE3's own
+    threads would compete with those writes for the cores. A load hashes with them (its reads can
+    outrun one core's hash), except in a forked child: the pool the parent started has no threads
+    there, and the first hash would wait for them for ever.
     """
     if algorithm == "blake3":
-        return blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
+        auto = threads and _pool_threads
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if auto else 1)
     return hashlib.sha256()
 
 
 def write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> str:
     """Write `data` (bytes, or buffers in order), fsync, and return the BLAKE3 hex digest.
 
-    One pass over the bytes: the buffers are hashed in a second thread while they are written (both
-    release the GIL; the writes may run ahead of the hash, as the buffers stay alive anyway), and
-    the disk starts writing each back at once, so that the final fsync waits for the tail of the
-    file only and the hashing hides behind the disk.
+    The digest is of the bytes the file holds, whatever happens to `data`'s memory meanwhile: each
+    piece is copied into a buffer of this module's own, hashed there and written from there
+    (`_Slot`). One pass over the bytes: a second thread copies and hashes the next pieces while
+    this one writes, and the disk starts writing each back at once, so that the final fsync waits
+    for the tail of the file only.
     """
     chunks = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     digest = hasher("blake3")
+    pieces = _pieces(chunks, _PIECE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        if sum(len(c) for c in chunks) >= _OVERLAP_BYTES:
-            with ThreadPoolExecutor(1, thread_name_prefix="functrain-hash") as pool:
-                hashing = [
-                    pool.submit(digest.update, chunk) for chunk in chunks
-                ]  # in order: one thread
-                written = 0
-                for chunk in chunks:
-                    _write_all(fd, chunk)
-                    _start_writeback(fd, written, len(chunk))
-                    written += len(chunk)
-                os.fsync(fd)  # waits for the disk, not a core: the hash catches up meanwhile
-                for done in hashing:
-                    done.result()
+        if sum(c.nbytes for c in chunks) >= _OVERLAP_BYTES:
+            _write_overlapped(fd, pieces, digest)
         else:
-            for chunk in chunks:
-                digest.update(chunk)
-                _write_all(fd, chunk)
-            os.fsync(fd)
+            slot = _Slot(_PIECE)
+            for piece in pieces:
+                _write_all(fd, slot.stage(piece, digest))
+        os.fsync(fd)  # waits for the disk, not a core
     finally:
         os.close(fd)
     return digest.hexdigest()
+
+
+def _write_overlapped(fd: int, pieces: Iterator[list[memoryview]], digest: Any) -> None:
+    """Write the pieces, each staged and hashed in a second thread while the one before is written.
+
+    The staging thread runs up to ``_STAGES - 1`` pieces ahead, each in its own buffer: a buffer is
+    staged again only once its last piece is written.
+    """
+    slots = [_Slot(_PIECE) for _ in range(_STAGES)]
+    with ThreadPoolExecutor(1, thread_name_prefix="functrain-hash") as pool:
+        staged: deque[Any] = deque()
+        for slot, piece in zip(slots[:-1], pieces, strict=False):
+            staged.append(pool.submit(slot.stage, piece, digest))  # in order: one thread
+        written, turn = 0, len(staged)
+        while staged:
+            view = staged.popleft().result()
+            piece = next(pieces, [])  # no piece is empty
+            if piece:
+                staged.append(pool.submit(slots[turn % _STAGES].stage, piece, digest))
+                turn += 1
+            _write_all(fd, view)
+            _start_writeback(fd, written, len(view))
+            written += len(view)
+
+
+class _Slot:
+    """A buffer the bytes of a file pass through: what is hashed is what is written."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffer = bytearray(nbytes)
+        self.view = memoryview(self.buffer)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+
+    def stage(self, piece: list[memoryview], digest: Any) -> memoryview:
+        """Copy `piece` (at most the buffer's size) into the buffer, hash it; the bytes staged."""
+        pos = 0
+        for view in piece:
+            n = len(view)
+            if view.readonly or n < 1 << 16:
+                self.view[pos : pos + n] = view
+            else:  # ctypes lets go of the GIL for the copy: the writing thread goes on meanwhile
+                ctypes.memmove(
+                    self.address + pos, ctypes.addressof(ctypes.c_char.from_buffer(view)), n
+                )
+            pos += n
+        staged = self.view[:pos]
+        digest.update(staged)
+        return staged
+
+
+def _pieces(chunks: list[memoryview], size: int) -> Iterator[list[memoryview]]:
+    """The bytes of `chunks` in order, as lists of views of `size` bytes in all (the last less)."""
+    piece: list[memoryview] = []
+    filled = 0
+    for chunk in chunks:
+        view = chunk.cast("B") if chunk.format != "B" or chunk.ndim != 1 else chunk
+        while view:
+            taken = view[: size - filled]
+            piece.append(taken)
+            filled += len(taken)
+            view = view[len(taken) :]
+            if filled == size:
+                yield piece
+                piece, filled = [], 0
+    if piece:
+        yield piece
 
 
 _sync_file_range: Any = None
@@ -115,10 +188,8 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 
 def _write_all(fd: int, view: memoryview) -> None:
-    view = view.cast("B")
     while view:
-        written = os.write(fd, view[:CHUNK])
-        view = view[written:]
+        view = view[os.write(fd, view) :]
 
 
 _removals: list[threading.Thread] = []
@@ -126,10 +197,12 @@ _removals_lock = threading.Lock()
 
 
 def _forget_after_fork() -> None:
-    # a forked child has none of the parent's deletion threads (nor a lock one of them held)
-    global _removals_lock
+    # a forked child has none of the parent's threads: deletions (nor a lock one of them held),
+    # BLAKE3's pool
+    global _removals_lock, _pool_threads
     _removals.clear()
     _removals_lock = threading.Lock()
+    _pool_threads = False
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -202,11 +275,42 @@ def read_exactly(fd: int, nbytes: int, name: str, digest: Any = None) -> bytearr
     return out
 
 
-def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:
-    """Fill `out` from `fd`, each chunk hashed by `digest` in a second thread as the next is read.
+def read_hashed(
+    fd: int, offset: int, nbytes: int, name: str, algorithm: str
+) -> tuple[torch.Tensor, str]:
+    """The file's `nbytes` from `offset`, read into memory of their own, and their hex digest.
 
-    The reads may run ahead of the hash: every chunk stays in `out`. Returns False when the file
-    ends before `out` is full.
+    The bytes are hashed as they are read (`_read_hashing`), and they are a copy: the tensors made
+    of them never change, whatever is later done to the file. Nothing the size of the data is read
+    or allocated before the caller has checked the file's header.
+
+    Raises:
+        CheckpointCorruptError: the file ends before `nbytes` (it changed since it was opened), or
+            the memory cannot be allocated.
+    """
+    data = allocate(nbytes, name)
+    if nbytes >= _OVERLAP_BYTES and hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+        except OSError:
+            pass  # a hint only
+    digest = hasher(algorithm, threads=True)
+    # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
+    view = memoryview(data.numpy())  # type: ignore[arg-type]
+    if nbytes and not _read_hashing(fd, view, digest, offset):
+        raise CheckpointCorruptError(
+            f"{name}: ends before the {offset + nbytes} bytes its header promised (it changed "
+            "while it was read)"
+        )
+    return data, digest.hexdigest()
+
+
+def _read_hashing(fd: int, out: memoryview, digest: Any, offset: int | None = None) -> bool:
+    """Fill `out` from `fd` (at `offset`, or where the file position is), hashed as it is read.
+
+    Each piece is hashed by `digest` in a second thread while the next is read (the reads may run
+    ahead of the hash: every piece stays in `out`). Returns False when the file ends before `out`
+    is full.
     """
     pool = (
         ThreadPoolExecutor(1, thread_name_prefix="functrain-hash")
@@ -217,19 +321,18 @@ def _read_hashing(fd: int, out: memoryview, digest: Any) -> bool:
     try:
         pos = 0
         while pos < len(out):
-            n = os.readv(fd, [out[pos : pos + CHUNK]])
+            piece = out[pos : pos + _PIECE]
+            n = os.readv(fd, [piece]) if offset is None else os.preadv(fd, [piece], offset + pos)
             if not n:
                 return False
             if pool is not None:
-                hashing.append(
-                    pool.submit(digest.update, out[pos : pos + n])
-                )  # in order: one thread
+                hashing.append(pool.submit(digest.update, out[pos : pos + n]))  # in order
             elif digest is not None:
                 digest.update(out[pos : pos + n])
             pos += n
     finally:
         if pool is not None:
-            pool.shutdown()  # waits for every chunk's hash, also when the read failed
+            pool.shutdown()  # waits for every piece's hash, also when the read failed
     for done in hashing:
         done.result()
     return True
@@ -242,8 +345,23 @@ def digest_of(algorithm: str, data: bytes | bytearray) -> str:
     return str(digest.hexdigest())
 
 
-def _allocate(nbytes: int, name: str) -> torch.Tensor:
+def allocate(nbytes: int, name: str) -> torch.Tensor:
+    """`nbytes` of memory as a uint8 tensor, not zeroed first (the bytes of file `name` go there).
+
+    A buffer of a few MiB or more is an anonymous private mapping (memory, no file behind it) whose
+    pages the kernel provides all at once when it is made (``MAP_POPULATE``), instead of in one
+    fault every 4 KiB as the read first touches them, which is most of what reading a file into
+    fresh memory costs (figures in ``benchmarks/README.md``). Smaller ones, and any where that
+    fails, come from torch.
+
+    Raises:
+        CheckpointCorruptError: the memory cannot be allocated.
+    """
     try:
+        if nbytes >= _POPULATED_BYTES:
+            memory = _populated(nbytes)
+            if memory is not None:
+                return torch.frombuffer(memory, dtype=torch.uint8)
         return torch.empty(nbytes, dtype=torch.uint8)  # not zeroed first, unlike a bytearray
     except (RuntimeError, MemoryError) as e:
         raise CheckpointCorruptError(
@@ -252,22 +370,10 @@ def _allocate(nbytes: int, name: str) -> torch.Tensor:
         ) from None
 
 
-def map_file(fd: int, size: int, name: str, read_ahead: bool = True) -> torch.Tensor:
-    """The file's bytes as a uint8 tensor: a private mapping, or a buffer read where mapping fails.
-
-    With `read_ahead`, the kernel is asked to read the whole file at once (it is all hashed next);
-    without, only the pages touched are read (a rank reading a few shards of the file).
-    """
+def _populated(nbytes: int) -> mmap.mmap | None:
+    """Anonymous private memory with every page in place, or None where the OS offers none."""
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0) | getattr(mmap, "MAP_POPULATE", 0)
     try:
-        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError):
-        data = _allocate(size, name)
-        os.lseek(fd, 0, os.SEEK_SET)
-        # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
-        view = memoryview(data.numpy())  # type: ignore[arg-type]
-        if not _read_hashing(fd, view, None) or os.read(fd, 1):
-            raise CheckpointCorruptError(f"{name}: changed size while it was read") from None
-        return data
-    if read_ahead and hasattr(mmap, "MADV_WILLNEED"):
-        mapping.madvise(mmap.MADV_WILLNEED)  # read ahead of the hash's threads when not cached
-    return torch.frombuffer(mapping, dtype=torch.uint8)
+        return mmap.mmap(-1, nbytes, flags=flags)
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -28,16 +28,17 @@ A save writes into a temporary directory beside the target, fsyncs each file, wr
 manifest, fsyncs the directory, swaps it into place (`functrain.checkpoint.commit`: one atomic
 ``renameat2`` exchange where the OS has it) and fsyncs the parent: a process killed at any instant
 leaves the previous checkpoint or the new one, complete. Readers ignore temporary directories (names
-starting with ``.tmp-``).
+starting with ``.tmp-``), but for the displaced copy of a checkpoint that two renames replace
+(where the OS has no exchange; `functrain.checkpoint.commit`).
 
-Speed: every byte is hashed in the one pass that writes or reads it. A save writes straight from
-the tensors' memory, hashes in a second thread, and has the disk start writing back each chunk
-at once (``sync_file_range``), so the hash and the copy hide behind the disk. A load maps each
-tensor file (private, copy-on-write) and hashes it where it lies, on every core: the hash is the
-read, with no copy at all, and the tensors are writable views of the mapping whose writes never
-reach the file. Where a file cannot be mapped it is read into one buffer instead. As with any
-mapped file, a tensor file truncated by another process while its tensors live makes the next
-access to them fail (SIGBUS); functrain never rewrites a checkpoint file in place.
+Speed: every byte is hashed in the one pass that writes or reads it. A save copies each piece of
+the tensors' memory into a small buffer of its own, hashes it there in a second thread and writes
+it from there (so a file's digest is of the bytes it holds, even if the tensors are written
+meanwhile), and has the disk start writing back each piece at once (``sync_file_range``), so the
+hash and the copies hide behind the disk. A load reads each tensor file into memory of its own
+(its pages all provided at once), hashed in a second thread as it is read; the tensors are
+writable views of that memory, never of the file: what a load verified stays as verified, whatever
+is later done to the file (rewritten in place, truncated).
 
 A checksum is not a signature: a load assumes the manifest may have been re-sealed by whoever
 wrote the files, and bounds what any file can cost before trusting it. Loading never calls pickle
@@ -263,7 +264,7 @@ class _Reader:
     ) -> None:
         self.tensors = tensors
         self.named_types = named_types or {}
-        self.used: set[str] = set()
+        self.used: dict[str, str] = {}  # tensor key -> the tree path that named it
 
     def node(self, node: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -278,7 +279,14 @@ class _Reader:
                 raise CheckpointCorruptError(
                     f"{MANIFEST}: tensor {str(key)[:100]!r} at {path!r} is in no tensor file"
                 )
-            self.used.add(key)
+            if key in self.used:
+                # a save writes each leaf under its own key: two paths of one tensor would load
+                # as two leaves sharing memory, which a step writing in place would corrupt
+                raise CheckpointCorruptError(
+                    f"{MANIFEST}: tensor {key[:100]!r} is named at {self.used[key][:100]!r} and "
+                    f"again at {path[:100]!r}; each path of a saved tree has a tensor of its own"
+                )
+            self.used[key] = path
             return self.tensors[key]
         if "dict" in node and isinstance(node["dict"], dict):
             return {
@@ -350,6 +358,12 @@ def json_extras(
 ) -> dict[str, Any]:
     """The manifest's ``fingerprint`` and ``metadata``, checked to be JSON with finite numbers."""
     extras = {"fingerprint": fingerprint or {}, "metadata": metadata or {}}
+    for name, value in extras.items():
+        if not isinstance(value, Mapping):  # a load refuses a manifest whose field is not a dict
+            raise CheckpointError(
+                f"{name} must be a dict of JSON values or None, got {type(value).__name__} "
+                f"{str(value)[:80]}"
+            )
     try:
         encoded = orjson.dumps(extras)
         _refuse_nonfinite(extras, "")  # orjson would write them as null
@@ -451,8 +465,9 @@ def write_tree(
             new one is complete.
         tree: nested dicts (str keys), lists, tuples and NamedTuples of tensors and of None, bool,
             int, float or str.
-        fingerprint: JSON-able description of the static parts, compared when loading.
-        metadata: JSON-able user data (floats NaN/Inf are refused here; keep those in the tree).
+        fingerprint: JSON-able description of the static parts, compared when loading (a dict).
+        metadata: JSON-able user data, a dict (floats NaN/Inf are refused here; keep those in the
+            tree).
         library_version: recorded in the manifest.
         before_commit: called once every file is written and durable, before the checkpoint is
             put in place; what it raises aborts the save (nothing is committed).
@@ -795,8 +810,8 @@ def read_tree(
 ) -> tuple[Tree, dict[str, Any]]:
     """Load a checkpoint's tree and manifest, verifying every file while it is read.
 
-    The tensors of one file are views of its private mapping (each with a storage of its own
-    size, writable, copy-on-write); nothing is copied.
+    The tensors of one file are views of the one buffer it was read into (each with a storage of
+    its own size, writable); nothing is copied after the read, and nothing ties them to the file.
 
     Args:
         directory: the checkpoint's path.
@@ -829,7 +844,7 @@ def read_tree(
         tensors = {k: move(v) for k, v in tensors.items()}
     reader = _Reader(tensors, named_types)
     tree = reader.node(manifest["structure"], "", 0)
-    unused = sorted(set(tensors) - reader.used)
+    unused = sorted(set(tensors) - set(reader.used))
     if unused:
         raise CheckpointCorruptError(
             f"{MANIFEST}: tensors {unused[:10]} are stored but not in the structure"

@@ -12,6 +12,7 @@ manifest, the `latest` pointer and the rotation. The file format is
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 import warnings
@@ -38,11 +39,11 @@ from functrain.checkpoint.directory import (
     recover,
 )
 from functrain.checkpoint.files import wait_for_removals
-from functrain.checkpoint.format import read_manifest, write_tree
+from functrain.checkpoint.format import json_extras, read_manifest, write_tree
 from functrain.checkpoint.lock import WriterLock
 from functrain.checkpoint.sharded import agree, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
-from functrain.checkpoint.state_io import fingerprint, load
+from functrain.checkpoint.state_io import check_savable, fingerprint, load
 from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import all_gather_json
@@ -80,9 +81,12 @@ class CheckpointManager:
         best_metric: name of the metric in ``save(..., metrics=)`` that decides "best".
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.
         async_save: write in a background thread: the state's own tensors, held until written (no
-            copy; a donated step on that state waits for them), copies of tensors off the CPU; a
-            failure surfaces on the next `save`, `wait` or `close`, or as a warning naming the
-            checkpoint if the program ends (or drops the manager) without calling either.
+            copy; a donated step on that state waits for them), copies of tensors off the CPU. A
+            write into those tensors before the commit, in place or through ``.data`` or
+            ``.numpy()``, fails the save and keeps the previous checkpoint; what is not caught:
+            `functrain.checkpoint.snapshot`. A failure surfaces on the next `save`, `wait` or
+            `close`, or as a warning naming the checkpoint if the program ends (or drops the
+            manager) without calling either.
         remove_temporary: finish interrupted saves when the writer opens (`cleanup`).
         readonly: open as a reader: no lock, no cleanup; `save` and `cleanup` raise.
         metadata: JSON-able data written into every checkpoint's manifest (`fit` puts the run's
@@ -128,26 +132,31 @@ class CheckpointManager:
         metadata: dict[str, Any] | None = None,
         sharded: bool = False,
     ) -> None:
-        problems = []
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            problems.append(
-                f"keep_last must be an int >= 1 or None (keep all), got keep_last={keep_last!r}"
-            )
-        if not isinstance(keep_best, int) or keep_best < 0:
-            problems.append(f"keep_best must be an int >= 0, got keep_best={keep_best!r}")
-        if mode not in ("min", "max"):
-            problems.append(f"mode must be 'min' or 'max', got mode={mode!r}")
-        if readonly and async_save:
+        problems = _option_problems(
+            directory=directory,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            best_metric=best_metric,
+            mode=mode,
+            flags={
+                "async_save": async_save,
+                "remove_temporary": remove_temporary,
+                "readonly": readonly,
+                "sharded": sharded,
+            },
+            metadata=metadata,
+        )
+        if readonly is True and async_save is True:
             problems.append(
                 "async_save=True writes checkpoints: a manager opened with readonly=True never does"
             )
-        if sharded and readonly:
+        if sharded is True and readonly is True:
             problems.append(
                 "sharded=True opens the manager that saves on every rank; to only read, open "
                 "readonly=True without sharded (loading into a sharded template is collective "
                 "anyway)"
             )
-        if sharded and not (dist.is_available() and dist.is_initialized()):
+        if sharded is True and not (dist.is_available() and dist.is_initialized()):
             problems.append(
                 "sharded=True needs an initialized torch.distributed process group: call "
                 "functrain.distributed.init_from_env() first"
@@ -196,7 +205,9 @@ class CheckpointManager:
         """The newest committed checkpoint: the one `latest` names, else the newest by name.
 
         A pointer that is not a checkpoint's name (damaged, crafted, oversized) is ignored with a
-        warning; one naming a checkpoint that is gone is ignored silently.
+        warning; one naming a checkpoint that is gone is ignored silently. A checkpoint being
+        replaced where the filesystem has no atomic exchange (or whose replace was killed
+        between its two renames) is found at its displaced copy (`functrain.checkpoint.commit`).
         """
         try:
             name = read_pointer(self.directory)
@@ -208,10 +219,21 @@ class CheckpointManager:
                 stacklevel=2,
             )
             name = None
-        if name is not None and is_committed(self.directory / name):
-            return self.directory / name
+        found = self._where(name) if name is not None else None
+        if found is not None:
+            return found
         regular = self.all()
         return regular[-1] if regular else None
+
+    def _where(self, name: str) -> Path | None:
+        """Committed checkpoint `name` where it is: at its name, or at a displaced copy."""
+        path = self.directory / name
+        if is_committed(path):
+            return path
+        # between the two renames of a replace it is whole at a displaced copy, which goes only
+        # after the second rename: looked for in this order, one of the two is found
+        copy = layout.displaced_copy(self.directory, name)
+        return copy if copy is not None else path if is_committed(path) else None
 
     def best(self) -> Path | None:
         """The best checkpoint so far by `best_metric`, or None."""
@@ -258,22 +280,34 @@ class CheckpointManager:
 
         Args:
             state: the state to save.
-            metrics: host numbers or 0-d tensors; recorded in the manifest, and `best_metric` among
-                them decides whether this is a new best.
+            metrics: host numbers or one-element tensors, by name; recorded in the manifest, and
+                `best_metric` among them decides whether this is a new best.
             metadata: extra JSON-able data for the manifest.
 
         Returns:
             The path the regular checkpoint has (or will have, with `async_save`) once committed.
 
         Raises:
+            ConfigError: `state` is not a `TrainState`, a metric is not one number, `metadata`
+                is not a dict of JSON values, or the state holds what a load would refuse
+                (`functrain.checkpoint.state_io.check_savable`); nothing is written.
             CheckpointError: this save failed (nothing was committed), or it committed but the
                 bookkeeping after it failed (the message says what was and was not done, and the
                 error's ``saved_as`` is the committed path), or (with `async_save`) the previous
                 save did; or the manager is a reader or closed.
         """
         self._require_writer("save")
+        if not isinstance(state, TrainState):
+            raise ConfigError(
+                "CheckpointManager.save expects a TrainState (its step names the checkpoint), got "
+                f"{_described(state)}: save a plain tree with functrain.save(tree, path)"
+            )
+        host_metrics = _host_metrics(metrics)
+        problems = _metadata_problems(metadata, "CheckpointManager.save: metadata")
+        if problems:
+            raise ConfigError(problems[0])
+        check_savable(state)
         self.wait()
-        host_metrics = {k: _host(v) for k, v in (metrics or {}).items()}
         name = checkpoint_name("ckpt", state)
         meta = {
             **self.metadata,
@@ -367,6 +401,7 @@ class CheckpointManager:
     ) -> Path:
         # `state` is only held: while this runs, fit sees a second holder and does not donate it
         try:
+            snapshot.record_contents()  # first: what changes from here on fails the save
             return self._commit(
                 name, snapshot.tree, fp, meta, before_commit=snapshot.check_unchanged
             )
@@ -494,9 +529,17 @@ class CheckpointManager:
             The restored state, or None when the directory holds no checkpoint that loads.
 
         Raises:
+            ConfigError: `like` is not a `TrainState`.
             StateMismatchError: the newest valid checkpoint does not fit `like` (a different model
                 or optimizer is a configuration error, not a reason to fall back to older files).
         """
+        if not isinstance(like, TrainState):
+            # refused here: inside the loop below it would skip every checkpoint as broken
+            raise ConfigError(
+                "CheckpointManager.restore_latest(like=...) expects the TrainState to restore "
+                f"into (built as the saved one was), got {_described(like)}; to read a "
+                "checkpoint's raw tree, use functrain.load(manager.latest())"
+            )
         self.wait()
         # committed or not: a newest checkpoint that lost its manifest is reported, not passed over
         candidates = listed(self.directory, REGULAR, committed=False)
@@ -505,8 +548,7 @@ class CheckpointManager:
             candidates.append(latest)
         for path in reversed(candidates):
             try:
-                restored = load(path, like=like)  # verifies every file while reading it once
-                self.restored = path
+                restored, self.restored = self._load_from(path, like)
                 return restored
             except StateMismatchError:
                 raise
@@ -517,6 +559,22 @@ class CheckpointManager:
                     stacklevel=2,
                 )
         return None
+
+    def _load_from(self, path: Path, like: TrainState) -> tuple[TrainState, Path]:
+        """`path` loaded (every file verified while read once), and where it was loaded from.
+
+        A displaced copy that went away while it was read was removed by the replace it was
+        displaced by, once done: the checkpoint is then loaded from its name.
+        """
+        try:
+            return load(path, like=like), path
+        except StateMismatchError:
+            raise
+        except Exception:
+            settled = self.directory / layout.name_of(path)
+            if settled == path or not is_committed(settled):
+                raise
+            return load(settled, like=like), settled
 
     def cleanup(self) -> None:
         """Put back displaced checkpoints, remove what interrupted saves left (the writer only).
@@ -533,6 +591,112 @@ class CheckpointManager:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def _option_problems(
+    *,
+    directory: Any,
+    keep_last: Any,
+    keep_best: Any,
+    best_metric: Any,
+    mode: Any,
+    flags: dict[str, Any],
+    metadata: Any,
+) -> list[str]:
+    """Every argument of `CheckpointManager` of the wrong type or out of range."""
+    problems = []
+    if not isinstance(directory, (str, os.PathLike)):
+        problems.append(
+            f"directory must be a path (a str or os.PathLike), got {_described(directory)}"
+        )
+    if keep_last is not None and (not _is_int(keep_last) or keep_last < 1):
+        problems.append(
+            f"keep_last must be an int >= 1 or None (keep all), got keep_last={keep_last!r}"
+        )
+    if not _is_int(keep_best) or keep_best < 0:
+        problems.append(f"keep_best must be an int >= 0, got keep_best={keep_best!r}")
+    if best_metric is not None and not isinstance(best_metric, str):
+        problems.append(
+            "best_metric must be the name of a metric (a str) or None, got "
+            f"{_described(best_metric)}"
+        )
+    if mode not in ("min", "max"):
+        problems.append(f"mode must be 'min' or 'max', got mode={mode!r}")
+    problems += [
+        f"{name} must be True or False, got {_described(value)}"
+        for name, value in flags.items()
+        if not isinstance(value, bool)
+    ]
+    return problems + _metadata_problems(metadata, "metadata")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)} ({value.dtype})"
+    return f"{type(value).__name__} {str(value)[:80]}"
+
+
+def _metadata_problems(metadata: Any, name: str) -> list[str]:
+    """Why `metadata` cannot go into a manifest (a dict of JSON values), if it cannot."""
+    if metadata is None:
+        return []
+    if not isinstance(metadata, dict):
+        return [f"{name} must be a dict of JSON values or None, got {_described(metadata)}"]
+    try:
+        json_extras(None, metadata)
+    except CheckpointError as e:
+        return [f"{name}: {e}"]
+    return []
+
+
+def _host_metrics(metrics: Any) -> dict[str, Any]:
+    """`metrics` as host numbers for the manifest, or a `ConfigError` naming each that is not one.
+
+    A number, or a tensor of one real element (read to the host: saving is a sync point anyway);
+    a non-finite value is kept as its text (JSON has no NaN).
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise ConfigError(
+            "CheckpointManager.save: metrics must be a dict of metric names to numbers or None, "
+            f"got {_described(metrics)}"
+        )
+    host, problems = {}, []
+    for key, value in metrics.items():
+        number = _number(value)
+        if not isinstance(key, str) or number is None:
+            problems.append(
+                f"metrics[{key!r}]: expected a number or a one-element tensor, got "
+                f"{_described(value)}"
+            )
+        else:
+            host[key] = str(number) if not math.isfinite(number) else number
+    if problems:
+        raise ConfigError(
+            "CheckpointManager.save: metrics are recorded in the manifest as numbers:\n  - "
+            + "\n  - ".join(problems)
+            + "\npass each as a Python number or a one-element tensor (e.g. loss.mean(), not a "
+            "batch of losses), keyed by a str"
+        )
+    return host
+
+
+def _number(value: Any) -> int | float | None:
+    """`value` as a host int or float, or None where it is not one number."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return None
+        value = value.detach().cpu().item()  # host read: saving is a sync point anyway
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
 
 
 def _open_writer(
@@ -614,11 +778,3 @@ def _finish(
     finally:
         if writer is not None:
             writer.release()
-
-
-def _host(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().item()  # host read: saving is a sync point anyway
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value

@@ -1,10 +1,13 @@
-"""Reading a checkpoint's tensor files: whole (mapped, hashed where they lie) or a few tensors.
+"""Reading a checkpoint's tensor files: whole, or a few tensors, into memory of the load's own.
 
 A load of a plain checkpoint reads each file whole, its digest over every byte. A rank of a
 sharded load (`functrain.checkpoint.sharded`) needs only the shards that overlap its own part of
 each tensor: it reads those tensors' bytes alone, each checked against the digest the manifest
 records for it. Either way the file's size and header are checked against the manifest first,
-before anything the size of the data is read or allocated.
+before anything the size of the data is read or allocated, and the bytes are hashed in the pass
+that reads them. The tensors are views of that memory, never of the files: what was verified stays
+as it was verified, whatever happens to the files after the load (rewritten in place as ``cp`` or
+``rsync --inplace`` do, truncated), and writing into a loaded tensor never reaches a file.
 """
 
 from __future__ import annotations
@@ -15,10 +18,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import blake3
 import torch
 
-from functrain.checkpoint.files import hasher, map_file, open_regular, read_exactly
+from functrain.checkpoint.files import hasher, open_regular, read_exactly, read_hashed
 from functrain.checkpoint.tensorfile import (
     MAX_HEADER_BYTES,
     Entry,
@@ -47,22 +49,19 @@ def _read_tensor_file(
     """A tensor file's tensors, checked against the manifest, every byte hashed once.
 
     The header is read and checked against the manifest's `index` (this file's entries) before
-    anything the size of the data is mapped or allocated. Then the whole file is mapped (private,
-    copy-on-write: the tensors are writable views whose writes never reach the file) and hashed
-    where it lies, with no copy; where mapping fails, it is read into one buffer instead.
+    anything the size of the data is allocated. Then the whole file is read into one buffer of its
+    own, hashed as it is read; the tensors are views of that buffer.
     """
     name = path.name
     fd, size = open_regular(path, name)
     try:
         head, entries = _read_header(fd, size, name, info, index)
-        whole = map_file(fd, size, name)
+        whole, digest = read_hashed(fd, 0, size, name, algorithm)
     except OSError as e:
         raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
     finally:
         os.close(fd)
-    digest = hasher(algorithm, threads=True)
-    digest.update(whole.numpy())
-    if digest.hexdigest() != info[algorithm]:
+    if digest != info[algorithm]:
         raise CheckpointCorruptError(
             f"{name}: {_SPELLED[algorithm]} digest does not match the manifest (the file is "
             "corrupt)"
@@ -96,10 +95,9 @@ def read_tensors(
     """Some tensors of a tensor file, each checked against its own BLAKE3 digest.
 
     What a rank of a sharded load reads: the file's size and header are checked against the
-    manifest (`info`, `index`: this file's entries) as for a whole read, then the file is mapped
-    (private, copy-on-write) and only the bytes of the tensors in `wanted` (key -> the digest the
-    manifest records for it) are hashed where they lie: only their pages are read from the disk,
-    and the tensors are views of the mapping, as a whole read's are.
+    manifest (`info`, `index`: this file's entries) as for a whole read, then the bytes of each
+    tensor in `wanted` (key -> the digest the manifest records for it) are read alone into a buffer
+    of its own and hashed as they are read: only their pages are read from the disk.
 
     Raises:
         CheckpointCorruptError: the file is missing, of another size, its header does not match
@@ -107,26 +105,24 @@ def read_tensors(
     """
     name = path.name
     fd, size = open_regular(path, name)
+    tensors: dict[str, torch.Tensor] = {}
     try:
         head, entries = _read_header(fd, size, name, info, index)
-        whole = map_file(fd, size, name, read_ahead=False)
+        for begin, stop, key, dtype, shape in entries:
+            if key not in wanted:
+                continue
+            data, digest = read_hashed(fd, len(head) + begin, stop - begin, name, "blake3")
+            if digest != wanted[key]:
+                raise CheckpointCorruptError(
+                    f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the "
+                    "manifest (the file is corrupt)"
+                )
+            tensors |= tensors_of([(0, stop - begin, key, dtype, shape)], data)
     except OSError as e:
         raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
     finally:
         os.close(fd)
-    if whole[: len(head)].numpy().tobytes() != head:  # the header judged above is the one mapped
-        raise CheckpointCorruptError(f"{name}: changed while it was read")
-    data = whole[len(head) :]
-    picked = [entry for entry in entries if entry[2] in wanted]
-    for begin, stop, key, _, _ in picked:
-        digest = hasher("blake3", threads=True)
-        digest.update(data[begin:stop].numpy())
-        if digest.hexdigest() != wanted[key]:
-            raise CheckpointCorruptError(
-                f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest "
-                "(the file is corrupt)"
-            )
-    return tensors_of(picked, data)
+    return tensors
 
 
 def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[str, Any]]) -> None:
@@ -249,15 +245,17 @@ def _check_shard_digests(
             (shard["blake3"] for shard in index[key].get("shards", ()) if shard["file"] == name),
             None,
         )
-        if (
-            digest is not None
-            and blake3.blake3(bytes_of(t.contiguous()), max_threads=blake3.blake3.AUTO).hexdigest()
-            != digest
-        ):
+        if digest is not None and _digest_of_tensor(t) != digest:
             raise CheckpointCorruptError(
                 f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the manifest "
                 "(the file is corrupt)"
             )
+
+
+def _digest_of_tensor(t: torch.Tensor) -> str:
+    digest = hasher("blake3", threads=True)
+    digest.update(bytes_of(t.contiguous()))
+    return str(digest.hexdigest())
 
 
 def _assemble(

@@ -3,7 +3,9 @@
 The file format lives in `functrain.checkpoint.format`; this module adds what a state needs on top:
 a fingerprint of its static parts (parameter names, shapes and dtypes, the transform and its
 hyperparameters, precision and step options), and a load that checks every leaf against a template
-and reports all problems at once.
+and the values of the counters, RNG and driver records against the state's configuration
+(`functrain.checkpoint.counters`), reporting all problems at once; `save` refuses beforehand what
+such a load would refuse.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from functrain import version
+from functrain.checkpoint.counters import counter_problems
 from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
 from functrain.checkpoint.sharded import (
     agree,
@@ -40,7 +43,16 @@ from functrain.errors import (
 from functrain.layout import with_strides_of
 from functrain.tree import leaves_by_path
 
-__all__ = ["save", "load", "load_weights", "fingerprint", "VersionWarning"]
+__all__ = [
+    "save",
+    "load",
+    "load_weights",
+    "fingerprint",
+    "VersionWarning",
+    "check_savable",
+    "register_driver_check",
+    "register_state_check",
+]
 
 
 class VersionWarning(UserWarning):
@@ -125,6 +137,8 @@ def save(
         The checkpoint's path.
 
     Raises:
+        ConfigError: `path` is not a path, or the state holds what `load` would refuse
+            (`check_savable`); nothing is written.
         CheckpointError: the write failed (for a sharded state: on any rank, raised on every rank);
             any previous checkpoint at `path` is intact.
 
@@ -136,9 +150,12 @@ def save(
         >>> torch.equal(restored.params["weight"], s.params["weight"])
         True
     """
+    _check_path(path, "save")
     tree, fp = (
         (state.tree(), fingerprint(state)) if isinstance(state, TrainState) else (state, None)
     )
+    if isinstance(state, TrainState):
+        check_savable(state)
     if has_dtensors(tree):
         return write_sharded(
             path, tree, fingerprint=fp, metadata=metadata, library_version=version.__version__
@@ -177,8 +194,8 @@ def load(
         Without: ``(tree, manifest)``, NamedTuples as dicts, for inspection.
 
     Raises:
-        ConfigError: `like` is a plain value where the checkpoint holds a tree, or `map_location`
-            is not a device (or one this machine lacks).
+        ConfigError: `path` is not a path, `like` is a plain value where the checkpoint holds a
+            tree, or `map_location` is not a device (or one this machine lacks).
         CheckpointError: no checkpoint there, or a newer format version.
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message;
             loading into a sharded template, raised on every rank, naming the rank that found it).
@@ -187,8 +204,11 @@ def load(
             optimizer, hyperparameters or options; then the fix: for other weights, that they
             cannot load into this model; else the code that starts a new state from the
             checkpoint's weights (`load_weights`).
-        CheckpointCorruptError: also when loading into a `TrainState`, for driver records
-            (``state.driver``) that `fit` could not resume from, naming each malformed path.
+        CheckpointCorruptError: also when loading into a `TrainState`, for values a run cannot
+            resume from, all listed with their paths: counters below 0 or past what the state's
+            configuration allows (`functrain.checkpoint.counters`: `micro_step` within the
+            accumulation window, transform counts within the steps taken), an RNG state torch
+            refuses, and driver records (``state.driver``) that `fit` could not resume from.
 
     Warns:
         VersionWarning: the checkpoint was written by another torch release or another functrain
@@ -201,6 +221,7 @@ def load(
         >>> tree["w"], tree["step"], manifest["format_version"]
         (tensor([0., 1., 2.]), 7, 3)
     """
+    _check_path(path, "load")
     _check_map_location(map_location)
     if like is None or not has_dtensors(like.tree() if isinstance(like, TrainState) else like):
         return _load(path, like, map_location, digest, sharded=False)
@@ -265,7 +286,7 @@ def _load(
             + fix
         )
     if isinstance(like, TrainState):
-        _check_driver(path, grown["driver"])
+        _check_resumable(path, {**tree, **grown}, like)
     got = leaves_by_path(tree)
     flat, spec = pytree.tree_flatten_with_path(template)
     values = []
@@ -307,23 +328,91 @@ def _laid_out_as(value: Any, expected: Any) -> Any:
 
 
 # The driver's records are the driver layer's format, and imports run down the layers: the driver
-# registers the check that tells whether a loaded `state.driver` holds records it can resume from.
+# registers the checks that tell whether a loaded state holds records it can resume from.
 _driver_checks: list[Callable[[Any], list[str]]] = []
+_state_checks: list[Callable[[Mapping[str, Any]], list[str]]] = []
 
 
 def register_driver_check(check: Callable[[Any], list[str]]) -> None:
-    """Have `load` into a `TrainState` refuse a ``state.driver`` in which `check` finds problems."""
+    """Have `load` into a `TrainState` refuse a ``state.driver`` in which `check` finds problems.
+
+    `save` and `CheckpointManager.save` refuse such a state before writing anything.
+    """
     if check not in _driver_checks:
         _driver_checks.append(check)
 
 
-def _check_driver(path: str | os.PathLike[str], driver: Any) -> None:
-    """Refuse driver records that `fit` could not resume from, naming each malformed path."""
-    problems = [problem for check in _driver_checks for problem in check(driver)]
-    if problems:
+def register_state_check(check: Callable[[Mapping[str, Any]], list[str]]) -> None:
+    """Have `load` into a `TrainState` refuse tree fields in which `check` finds problems.
+
+    `check` is given the state's tree fields by name (counters, ``driver``, ...) and returns one
+    line per problem, naming its path; `save` refuses such a state before writing anything.
+    """
+    if check not in _state_checks:
+        _state_checks.append(check)
+
+
+def _resumable_problems(tree: Mapping[str, Any], like: TrainState) -> tuple[list[str], list[str]]:
+    """``(problems of the counters and RNG, problems of the driver's records)`` of `tree`."""
+    counters = counter_problems(tree, like) + [
+        problem for check in _state_checks for problem in check(tree)
+    ]
+    driver = [problem for check in _driver_checks for problem in check(tree.get("driver"))]
+    return counters, driver
+
+
+def _check_resumable(
+    path: str | os.PathLike[str], tree: Mapping[str, Any], like: TrainState
+) -> None:
+    """Refuse a loaded state a run could not resume from, naming every malformed path at once."""
+    counters, driver = _resumable_problems(tree, like)
+    parts = []
+    if counters:
+        parts.append(
+            "holds counters or an RNG state that training cannot resume from:\n  - "
+            + "\n  - ".join(counters)
+        )
+    if driver:
+        parts.append(
+            "holds driver records (state.driver) that fit cannot resume from:\n  - "
+            + "\n  - ".join(driver)
+        )
+    if parts:
         raise CheckpointCorruptError(
-            f"checkpoint {str(path)!r} holds driver records (state.driver) that fit cannot "
-            "resume from:\n  - " + "\n  - ".join(problems)
+            f"checkpoint {str(path)!r} " + "\nand it ".join(parts) + "\nthe checkpoint was "
+            "damaged or crafted: restore an older one (CheckpointManager.restore_latest skips "
+            "it), or read its raw tree with functrain.load(path) to inspect it"
+        )
+
+
+def check_savable(state: TrainState) -> None:
+    """Refuse, before anything is written, a state whose checkpoint `load` would refuse.
+
+    Its counters, RNG state and driver records are checked as a load checks them
+    (`functrain.checkpoint.counters` and the driver's registered checks), so no checkpoint is
+    written that cannot be read back.
+
+    Raises:
+        ConfigError: listing every value a load would refuse, with its path.
+
+    Example:
+        >>> import functrain as ft
+        >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+        >>> check_savable(s.replace(epoch=torch.tensor(-1)))
+        Traceback (most recent call last):
+        ...
+        functrain.errors.ConfigError: cannot save this state: a load would refuse it:
+          - epoch: expected an int >= 0, got -1
+        ...
+    """
+    counters, driver = _resumable_problems(state.tree(), state)
+    if counters or driver:
+        raise ConfigError(
+            "cannot save this state: a load would refuse it:\n  - "
+            + "\n  - ".join(counters + driver)
+            + "\nthe counters and RNG state are what the steps leave (state.replace them only to "
+            "values within these bounds), state.driver is fit's records; keep your own data in "
+            "state.user"
         )
 
 
@@ -348,6 +437,14 @@ def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> lis
             f"{current['options']!r}"
         )
     return problems
+
+
+def _check_path(path: Any, call: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(
+            f"{call} expects the checkpoint's directory as a path (a str or os.PathLike), got "
+            f"{type(path).__name__} {str(path)[:80]}"
+        )
 
 
 def _check_map_location(map_location: Any) -> None:
@@ -401,6 +498,7 @@ def load_weights(
         The new state, at step 0.
 
     Raises:
+        ConfigError: `path` is not a path, or `into` not a `TrainState`.
         StateMismatchError: names, shapes or dtypes that do not fit, all listed.
         CheckpointError: no checkpoint at `path`, or it is not a `TrainState`'s.
 
@@ -416,6 +514,12 @@ def load_weights(
         >>> int(new.step), new.optimizer.name.split("(")[0], same_bias
         (0, 'adamw', True)
     """
+    _check_path(path, "load_weights")
+    if not isinstance(into, TrainState):
+        raise ConfigError(
+            "load_weights(into=...) expects the new run's TrainState (TrainState.create with the "
+            f"new optimizer and options), got {type(into).__name__}"
+        )
     tree, manifest = read_tree(path)
     if not isinstance(tree, dict) or any(not isinstance(tree.get(k), dict) for k in _MODEL_FIELDS):
         raise CheckpointError(

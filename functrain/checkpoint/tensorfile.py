@@ -1,4 +1,4 @@
-"""Tensor files in the safetensors format, written and parsed without intermediate copies.
+"""Tensor files in the safetensors format: the bytes to write, and a strict parser.
 
 The writer lays tensors out exactly as the safetensors library does (the files are its bytes); the
 parser is strict and bounded (header size, offsets, rank, every dimension and the shape's
@@ -33,8 +33,6 @@ MAX_RANK = 64
 # storage size from it in int64, so a zero-size tensor of shape [2**40, 2**40, 0] must be refused
 # too
 MAX_SPAN = 1 << 62
-# the bytes written, read or hashed at a time
-CHUNK = 8 << 20
 # What parsing a JSON text (a header, a manifest) may cost in memory, estimated before parsing it:
 # Python objects cost up to 25 times their text ("{}" is 2 bytes, an empty dict 64 plus its slot).
 # Real files estimate at 4 to 10 times their size; 512 MiB admits a manifest of a state with a
@@ -98,6 +96,8 @@ def safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
 
     The bytes are exactly those of ``safetensors.torch.save(tensors)``: tensors by descending
     dtype code then by name, offsets back to back, the JSON header padded with spaces to 8 bytes.
+    The tensors' buffers are their own memory, not copies: `functrain.checkpoint.files.write_file`
+    copies each piece it writes into a buffer of its own and hashes it there.
     """
     ordered = sorted(tensors.items(), key=lambda kv: (-_RANK[CODE_OF[kv[1].dtype]], kv[0]))
     header: dict[str, Any] = {}
@@ -112,19 +112,8 @@ def safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
         offset += nbytes
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    chunks, small = [], bytearray(struct.pack("<Q", len(text)) + text)
-    for _, t in ordered:
-        view = bytes_of(t)
-        if len(view) < CHUNK // 8:
-            small += view  # many small tensors: one write and one hash update for them all
-            continue
-        if small:
-            chunks.append(memoryview(small))
-            small = bytearray()
-        chunks += [view[i : i + CHUNK] for i in range(0, len(view), CHUNK)]
-    if small:
-        chunks.append(memoryview(small))
-    return chunks
+    views = [bytes_of(t) for _, t in ordered]
+    return [memoryview(struct.pack("<Q", len(text)) + text), *(v for v in views if len(v))]
 
 
 def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]:

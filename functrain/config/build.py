@@ -25,7 +25,6 @@ key (``optimizer.lr.peak``: what the target takes instead).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import re
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from functrain.config.compose import dotted, hydra_modules
+from functrain.config.keys import SECTIONS, SET_ELSEWHERE, did_you_mean
 from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
 from functrain.driver.fit import FitResult, fit
@@ -46,17 +46,7 @@ from functrain.optim.base import Transform
 
 __all__ = ["ConfiguredRun", "build_run", "SECTIONS"]
 
-SECTIONS = ("seed", "model", "loss", "optimizer", "state", "data", "callbacks", "fit")
 _SPECIAL = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
-# fit's arguments the other sections give
-_SET_ELSEWHERE = {
-    "state": "model/loss/optimizer/state",
-    "train_data": "data.train",
-    "eval_data": "data.eval",
-    "test_data": "data.test",
-    "callbacks": "callbacks",
-    "config": "the config itself",
-}
 _DATA = {"train": "train_data", "eval": "eval_data", "test": "test_data"}
 
 
@@ -212,7 +202,7 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     p.extend(
         _keyword_problems(config, "state", TrainState.create, ("module", "optimizer", "loss_fn"))
     )
-    p.extend(_keyword_problems(config, "fit", fit, tuple(_SET_ELSEWHERE)))
+    p.extend(_keyword_problems(config, "fit", fit, tuple(SET_ELSEWHERE)))
     return p
 
 
@@ -235,12 +225,12 @@ def _keyword_problems(
     p = []
     for key in node:
         if key in reserved:
-            where = _SET_ELSEWHERE.get(key, "the other sections")
+            where = SET_ELSEWHERE.get(key, "the other sections")
             p.append(f"{section}.{key}: set by {where}, not here")
         elif key not in names:
             p.append(
                 f"{section}.{key}: {fn.__qualname__} takes no argument "
-                f"{key!r}{_suggest(key, names)}"
+                f"{key!r}{did_you_mean(key, names)}"
             )
     return p
 
@@ -294,7 +284,7 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             return [
-                f"{key}.{k}: {path} takes no argument {k!r}{_suggest(k, names)}; it takes "
+                f"{key}.{k}: {path} takes no argument {k!r}{did_you_mean(k, names)}; it takes "
                 f"{', '.join(names)}"
                 for k in unknown
             ]
@@ -311,11 +301,6 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
             f"{', '.join(names) or 'no arguments'}{hint}"
         ]
     return []
-
-
-def _suggest(key: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _got(value: Any) -> str:
@@ -383,7 +368,7 @@ def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str,
         name = head.group(0) if head else ""
         keyed.append(
             f"fit.{name}: {problem}"
-            if name in kw and name not in _SET_ELSEWHERE
+            if name in kw and name not in SET_ELSEWHERE
             else f"fit: {problem}"
         )
     return keyed

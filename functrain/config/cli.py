@@ -4,17 +4,21 @@ It composes the config with the overrides (Hydra's grammar: ``key=value``, ``+ke
 ``~key``), builds the run, trains it with `fit` (the resolved config saved with every checkpoint)
 and prints how it ended. ``--print-config`` prints the resolved config and trains nothing. Exit
 status: 0 when the run finished, 2 on a `ConfigError` (the message names the key), 1 on a
-`FunctrainError` of another kind.
+`FunctrainError` of another kind, 130 when interrupted (Ctrl-C): then it says how to go on, "run
+the same command to resume" where the run resumes (``fit.resume: true`` with a
+``fit.checkpoint_dir``), else where its last checkpoint is, or that there is none.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from functrain import distributed
+from functrain.checkpoint.manager import CheckpointManager
 from functrain.config.build import build_run
 from functrain.config.compose import hydra_modules, load_config
 from functrain.driver.fit import FitResult
@@ -55,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *rest]
+    config = None
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:
@@ -69,9 +74,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FunctrainError as e:
         print(f"functrain run: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # fit closed the run (callbacks, checkpoint manager) on its way out
+        if distributed.is_main_process():
+            print(f"functrain run: {_interrupted(config)}", file=sys.stderr)
+        return 130  # the shell's status for a command ended by SIGINT
     if distributed.is_main_process():
         print(_summary(result))
     return 0
+
+
+def _interrupted(config: Mapping[str, Any] | None) -> str:
+    """How an interrupted run goes on: the same command where it resumes, else its last checkpoint.
+
+    `config` is the resolved config (None: interrupted before it was composed).
+    """
+    if config is None:
+        return "interrupted before the config was composed; nothing was trained"
+    settings = config.get("fit") or {}
+    directory = settings.get("checkpoint_dir") if isinstance(settings, Mapping) else None
+    if not directory:
+        return "interrupted; no checkpoint was saved (the config sets no fit.checkpoint_dir)"
+    latest = (
+        CheckpointManager(directory, readonly=True).latest() if Path(directory).is_dir() else None
+    )
+    if settings.get("resume"):
+        where = f"from {latest}" if latest is not None else "no checkpoint yet: from the start"
+        return f"interrupted; run the same command to resume ({where})"
+    if latest is None:
+        return f"interrupted; no checkpoint was saved in {directory}"
+    return (
+        f"interrupted; the last checkpoint is {latest}: add ++fit.resume=true to the same command "
+        "to continue from it"
+    )
 
 
 def _summary(result: FitResult) -> str:

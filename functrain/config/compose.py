@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from functrain.config.keys import override_typo
 from functrain.errors import ConfigError
 
 __all__ = ["load_config", "hydra_modules", "register_resolvers"]
@@ -81,8 +82,9 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
     Raises:
         ConfigError: Hydra is not installed, the file is missing or not YAML, an override does not
-            parse or names a key that is not there (``+key=`` adds one), or an interpolation does
-            not resolve; each names the key or override.
+            parse or names a key that is not there (close to one that is: the message says which;
+            else ``+key=`` adds one), or an interpolation does not resolve; each names the key or
+            override.
 
     Example:
         >>> import tempfile, pathlib
@@ -110,6 +112,9 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         try:
             composed = hydra.compose(config_name=file.stem, overrides=list(overrides))
         except (hydra.errors.HydraException, omegaconf.errors.OmegaConfBaseException) as e:
+            typo = _override_typo(e, overrides)
+            if typo is not None:
+                raise ConfigError(typo) from None
             cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
             raise ConfigError(
                 f"cannot compose {str(file)!r} with overrides {list(overrides)!r}: "
@@ -133,6 +138,31 @@ def dotted(key: str) -> str:
         'callbacks.0.kwargs.12'
     """
     return re.sub(r"\[(\d+)\]", r".\1", key).lstrip(".")
+
+
+def _override_typo(error: BaseException, overrides: Sequence[str]) -> str | None:
+    """functrain's message for an override that sets a key the config lacks, else None.
+
+    Hydra's error leaves the key and the mapping that lacks it on its cause; the override is the
+    first that sets that key (or a key under it) without ``+``, ``++`` or ``~``.
+    """
+    _, omegaconf = hydra_modules()
+    cause = error.__cause__
+    node = getattr(cause, "parent_node", None)
+    full_key = getattr(cause, "full_key", None)
+    if not (
+        isinstance(cause, omegaconf.errors.ConfigKeyError | omegaconf.errors.ConfigAttributeError)
+        and isinstance(node, omegaconf.DictConfig)
+        and isinstance(full_key, str)
+        and full_key
+    ):
+        return None
+    key = dotted(full_key)
+    override = next(
+        (o for o in overrides if o.startswith(key) and o[len(key) : len(key) + 1] in ("=", ".")),
+        None,
+    )
+    return None if override is None else override_typo(override, key, node)
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,30 +1,40 @@
-"""Run a module on tensors that are not its own: `torch.func.functional_call`, fast eagerly.
+"""The module on tensors that are not its own: bound for a whole call, fast eagerly.
 
-`functional_call` rediscovers the module's structure on every call (every submodule, every tied
-weight), which costs about as much as the forward pass of a small MLP. The eager path here does
-the same swap from a plan made once per module: for every slot that holds a parameter or a buffer
-(the ``_parameters`` / ``_buffers`` dict of a submodule and the local name), the name of the tensor
-that goes there, tied weights and shared submodules included. The slots are swapped by direct
-assignment, exactly as `functional_call` does, and restored afterwards whatever happens.
+`bound` puts a state's tensors into the module's parameter and buffer slots for the duration of a
+``with`` block and yields a `BoundModel`, which behaves as the module: called, it runs the forward;
+its attributes, submodules and methods are the module's, running on the bound tensors. The loss
+function runs inside one such block, so ``model.encoder(x)`` or ``model.training_step(batch, 0)``
+use the state's weights as ``model(x)`` does.
 
-A plan is dropped when any module anywhere registers a submodule, parameter or buffer (torch's
-global registration hooks), so a model whose structure changed after its first step is planned
-anew. Calls whose tensor names differ from the plan's, and calls under ``torch.compile`` (which
-traces `functional_call` itself), take `functional_call`.
+Eagerly the slots are swapped from a plan made once per module: for every slot that holds a
+parameter or a buffer (the ``_parameters`` / ``_buffers`` dict of a submodule and the local name),
+the name of the tensor that goes there, tied weights and shared submodules included.
+`torch.func.functional_call` rediscovers that structure on every call, which costs about as much
+as the forward pass of a small MLP. The slots are assigned directly, exactly as `functional_call`
+does, and restored on leaving the block whatever happens. A plan is dropped when any module
+anywhere registers a submodule, parameter or buffer (torch's global registration hooks), so a
+model whose structure changed after its first step is planned anew. Tensor names that differ from
+the plan's, and the block under ``torch.compile``, take torch's own reparametrization (what
+`functional_call` runs, and what dynamo traces as a context manager).
 
-`BoundModel` is what the loss function receives: the module bound to a state's tensors.
+`call_with` runs one call of the module on given tensors (`functional_call`'s semantics).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_impl
+from torch.nn.utils import stateless
 
-__all__ = ["BoundModel", "call_with"]
+from functrain.errors import ConfigError
+
+__all__ = ["BoundModel", "bound", "call_with"]
 
 # (slot dict, local name, tensor name) per slot, and the set of tensor names the plan covers
 _Plan = tuple[tuple[tuple[dict, str, str], ...], frozenset[str]]
@@ -59,6 +69,71 @@ def _make_plan(module: nn.Module) -> _Plan:
     return plan, frozenset(key for _, _, key in plan)
 
 
+class _Binding:
+    """`bound` eagerly: the planned slots given `tensors` on entry, their own back on exit."""
+
+    __slots__ = ("_module", "_slots", "_tensors", "_saved", "_model")
+
+    def __init__(
+        self, module: nn.Module, slots: tuple[tuple[dict, str, str], ...], tensors: dict
+    ) -> None:
+        self._module, self._slots, self._tensors = module, slots, tensors
+
+    def __enter__(self) -> BoundModel:
+        slots, tensors = self._slots, self._tensors
+        self._saved = [table[local] for table, local, _ in slots]
+        for table, local, key in slots:
+            table[local] = tensors[key]
+        self._model = BoundModel(self._module)
+        return self._model
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for (table, local, _), original in zip(self._slots, self._saved, strict=True):
+            table[local] = original
+        self._model._functrain_open[0] = False
+
+
+@contextlib.contextmanager
+def _reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[BoundModel]:
+    """`bound` through torch's reparametrization: what `functional_call` runs, dynamo traces."""
+    model = BoundModel(module)
+    # dynamo ignores its writes to the module: they are undone on leaving
+    with stateless._reparametrize_module(module, tensors, tie_weights=True):
+        try:
+            yield model
+        finally:
+            model._functrain_open[0] = False
+
+
+def bound(
+    module: nn.Module, tensors: dict[str, torch.Tensor]
+) -> contextlib.AbstractContextManager[BoundModel]:
+    """`module` holding `tensors` as its parameters and buffers (by name) inside the block.
+
+    Yields the `BoundModel` to give the loss function. On leaving the block (also on an exception)
+    the module holds its own tensors again and the `BoundModel` refuses any further use. What the
+    forward writes into a buffer in place (BatchNorm's running statistics) lands in `tensors`.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> tensors = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+        >>> with bound(lin, tensors) as model:
+        ...     out = model(torch.ones(1, 2))
+        ...     weight = model.weight
+        >>> out.item(), weight is tensors["weight"], lin.weight is tensors["weight"]
+        (2.0, True, False)
+    """
+    if torch.compiler.is_compiling():
+        return _reparametrized(module, tensors)
+    plan = _plans.get(module)
+    if plan is None:
+        plan = _plans[module] = _make_plan(module)
+    slots, names = plan
+    if names != tensors.keys():
+        return _reparametrized(module, tensors)
+    return _Binding(module, slots, tensors)
+
+
 def call_with(
     module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]
 ) -> Any:
@@ -74,34 +149,114 @@ def call_with(
         >>> out.item(), lin.weight.shape
         (2.0, torch.Size([1, 2]))
     """
-    if torch.compiler.is_compiling():
-        return torch.func.functional_call(module, tensors, args, kwargs)
-    plan = _plans.get(module)
-    if plan is None:
-        plan = _plans[module] = _make_plan(module)
-    slots, names = plan
-    if names != tensors.keys():
-        return torch.func.functional_call(module, tensors, args, kwargs)
-    saved = [table[local] for table, local, _ in slots]
-    try:
-        for table, local, key in slots:
-            table[local] = tensors[key]
-        return module(*args, **kwargs)
-    finally:
-        for (table, local, _), original in zip(slots, saved, strict=True):
-            table[local] = original
+    with bound(module, tensors) as model:
+        return model(*args, **kwargs)
 
 
 class BoundModel:
-    """The user's module bound to a state's tensors: calling it runs the module on them.
+    """The model the loss function receives: the user's module on a state's tensors.
 
-    Equivalent to `torch.func.functional_call` (which it is under ``torch.compile``); eagerly it
-    swaps the tensors in from a plan made once per module (`call_with`).
+    It behaves as the module for the whole call of the loss function (`bound`): calling it runs the
+    forward; ``model.encoder`` is the submodule, ``model.weight`` the state's tensor (a plain
+    tensor that gradients flow to, not an ``nn.Parameter``), ``model.training_step(batch, 0)`` runs
+    the module's method, whose ``self.encoder(...)``, ``self.head(...)``, ``self.parameters()``
+    all use the state's tensors; other attributes (``model.hparams``) are the module's, and
+    ``model[0]``, ``len(model)``, ``iter(model)`` work as on a container module. The same holds
+    eagerly, under ``torch.compile`` and under ``vmap`` (a stacked state: the tensors then have a
+    member dimension outside, one member's inside). The loss function receives no batch index: a
+    ported ``training_step`` that branches on ``batch_idx`` sees the 0 passed here, so what it
+    branches on belongs in the batch.
+
+    The module is the state's copy of the structure (`TrainState.create` keeps one per module
+    object, on the meta device), bound for the call and left exactly as it was afterwards, also
+    when the loss function raises. A loss function that closes over the module given to
+    `TrainState.create` runs that module with its own weights, not the state's (the eager step
+    refuses such a loss: it depends on no trainable parameter of the state): use the model it
+    receives. (A module that cannot be deep-copied is kept as it is, and a closure over it does see
+    the state's tensors during the call; the model given works for every module.)
+
+    Not supported, and why:
+
+    - assigning attributes on the model (``model.x = ...``, refused): the structure is shared by
+      every step of every state made from the module, and a compiled step does not see the change;
+      keep per-step values in the batch or in ``state.user``. A method of the module that assigns
+      to ``self`` or registers parameters or buffers changes that shared structure for every later
+      step (torch's registration also drops the eager plan, and a compiled step does not see it).
+    - in-place writes to parameters (``model.weight.data.mul_(0)``, ``torch.no_grad()`` updates):
+      they would write into the state's tensors, which a step never changes.
+    - keeping the model beyond the call: it is bound only while the loss function runs, and
+      refuses use afterwards.
+    - ``isinstance(model, nn.Module)`` is False: it forwards to the module, it is not one.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.encoder, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+        ...         self.scale = 2.0
+        ...     def forward(self, x):
+        ...         return self.head(self.encoder(x))
+        ...     def training_step(self, batch, batch_idx):
+        ...         return (self.scale * self.head(self.encoder(batch))).pow(2).mean()
+        >>> state = ft.TrainState.create(Net(), ft.sgd(0.1), lambda m, b: m.training_step(b, 0))
+        >>> state, metrics = ft.train_step(state, torch.ones(2, 3))
+        >>> int(state.step)
+        1
     """
 
-    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        self.module = module
-        self._tensors = tensors
+    def __init__(self, module: nn.Module) -> None:
+        object.__setattr__(self, "_functrain_module", module)
+        # a list, so that leaving the binding can close it without assigning an attribute
+        object.__setattr__(self, "_functrain_open", [True])
+
+    def _functrain_bound(self, use: str) -> Any:  # the module: indexable when it is a container
+        if not self._functrain_open[0]:
+            module = self._functrain_module
+            raise ConfigError(
+                f"{use} on the model given to loss_fn after loss_fn returned: the model "
+                f"(a {type(module).__name__}) runs on the state's tensors only during the call; "
+                "compute everything you need inside loss_fn and return it as a metric"
+            )
+        return self._functrain_module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return call_with(self.module, self._tensors, args, kwargs)
+        return self._functrain_bound("a call")(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_functrain_"):  # an instance made without __init__ (copy, pickle)
+            raise AttributeError(name)
+        module = self._functrain_bound(f"reading {name!r}")
+        try:
+            return getattr(module, name)
+        except AttributeError as e:
+            raise AttributeError(
+                f"the model given to loss_fn (a {type(module).__name__} on the state's tensors) "
+                f"has no attribute {name!r}",
+                name=name,
+                obj=module,
+            ) from e
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        module = self._functrain_module
+        raise ConfigError(
+            f"cannot assign {name!r} on the model given to loss_fn (a {type(module).__name__}): "
+            "its structure is shared by every step and a compiled step would not see the change; "
+            "set attributes on the module before TrainState.create, or carry per-step values in "
+            "the batch or in state.user"
+        )
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._functrain_bound("indexing")[index]
+
+    def __len__(self) -> int:
+        return len(self._functrain_bound("len()"))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._functrain_bound("iterating"))
+
+    def __dir__(self) -> list[str]:
+        return dir(self._functrain_module)
+
+    def __repr__(self) -> str:
+        return f"BoundModel({type(self._functrain_module).__name__} on a state's tensors)"

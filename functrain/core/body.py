@@ -13,8 +13,8 @@ sum over ranks.
 `apply` (the collectives, the optimizer update, the counters, the EMA, the metrics). Gradients
 come from `torch.autograd.grad` in eager mode (less overhead than `torch.func.grad` on small
 models: `benchmarks/README.md`) and from `torch.func.grad` under `torch.compile`, which traces it
-into one graph, or under vmap; both run the module on the state's tensors
-(`functrain.core.binding.call_with`). A compiled step of a sharded state runs the two parts
+into one graph, or under vmap; both run the loss function with the module bound to the state's
+tensors (`functrain.core.binding.bound`). A compiled step of a sharded state runs the two parts
 eagerly around its compiled loss function (`gradients` takes the function that calls the loss
 as an argument).
 """
@@ -27,19 +27,20 @@ from typing import Any
 
 import torch
 
-from functrain.core.binding import BoundModel
+from functrain.core.binding import bound
+from functrain.core.failures import loss_failure
 from functrain.core.statistics import grad_statistics
 from functrain.core.view import StepState
 from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import DistConfig, average_step
-from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
+from functrain.errors import ConfigError, FunctrainError, LossError
 from functrain.layout import in_layouts_of, with_strides_of
 from functrain.optim.base import NO_EXTRAS, Extras, update_with
 from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import find_loss_scale
-from functrain.tree import tree_leaves, tree_map
+from functrain.tree import tree_leaves
 
 __all__ = [
     "SWEEP_ALONE",
@@ -47,7 +48,7 @@ __all__ = [
     "Parts",
     "apply",
     "call_loss",
-    "describe_batch",
+    "check_scalar_metrics",
     "eval_body",
     "gradients",
     "in_param_layouts",
@@ -70,29 +71,23 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
 
 
-def describe_batch(batch: Any) -> str:
-    """A short description of a batch's structure.
-
-    Example:
-        >>> describe_batch((torch.zeros(64, 784), torch.zeros(64, dtype=torch.int64)))
-        '(Tensor[64, 784] float32, Tensor[64] int64)'
-    """
-
-    def leaf(x: Any) -> str:
-        if isinstance(x, torch.Tensor):
-            return f"Tensor{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-        return type(x).__name__
-
-    return repr(tree_map(leaf, batch)).replace("'", "")
-
-
-def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss function's result as ``(loss, metrics)``, checked: a 0-d float loss, tensor metrics.
 
+    `name` is the function's in the errors (``"eval_fn"`` for an evaluation's own function).
+
+    A dict (a Lightning ``training_step``'s ``{"loss": loss, ...}``, a Hugging Face model's
+    output) is refused with the fix, ``return out["loss"]``: the result is the loss or
+    ``(loss, metrics)``, nothing else, so which values become metrics is never guessed from a
+    dict's entries (a model's output holds its logits).
+
     Raises:
-        LossError: the loss is not a scalar floating-point tensor or the metrics are not tensors.
+        LossError: the loss is not a scalar floating-point tensor (a dict included), or the metrics
+            are not 0-d tensors.
     """
     loss, aux = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+    if isinstance(loss, Mapping):
+        raise LossError(_mapping_problem(loss, name))
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
         got = (
             f"Tensor{list(loss.shape)} {loss.dtype}"
@@ -100,7 +95,7 @@ def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             else type(loss).__name__
         )
         raise LossError(
-            "loss_fn must return a scalar floating-point tensor (or (loss, metrics)), "
+            f"{name} must return a scalar floating-point tensor (or (loss, metrics)), "
             f"got {got}; reduce the loss with .mean() or .sum()"
         )
     if not isinstance(aux, Mapping) or not all(isinstance(v, torch.Tensor) for v in aux.values()):
@@ -110,22 +105,69 @@ def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             else type(aux).__name__
         )
         raise LossError(
-            "loss_fn's metrics must be a dict of tensors (keep them as tensors, do not call "
+            f"{name}'s metrics must be a dict of tensors (keep them as tensors, do not call "
             f".item()), got {bad}"
         )
+    if not torch.compiler.is_compiling():  # traced: `gradients` checks, outside torch.func.grad
+        check_scalar_metrics(aux, name)
     return loss, dict(aux)
 
 
+def _mapping_problem(out: Mapping[Any, Any], name: str) -> str:
+    """Why a dict is no loss, and the return statement that fixes it (``out["loss"]``).
+
+    Raised inside ``torch.func.grad`` while dynamo traces: only the keys are read, as a list (a
+    membership test on the dict of tensors itself fails to trace there).
+    """
+    keys = list(out.keys())
+    shown = ", ".join(repr(k) for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
+    got = f"{name} must return the loss, a scalar floating-point tensor (or (loss, metrics)), got "
+    got += f"{type(out).__name__} with keys [{shown}]"
+    if "loss" not in keys:
+        return f"{got}; return the loss tensor itself, or (loss, {{name: 0-d tensor}})"
+    return (
+        f"{got} (a Lightning training_step's {{'loss': ...}} or a Hugging Face model's output): "
+        "return out['loss'], or (out['loss'], {'acc': acc}) with the values to log as metrics "
+        "(0-d tensors)"
+    )
+
+
+def check_scalar_metrics(
+    metrics: Mapping[str, torch.Tensor], name: str = "loss_fn", members: int = 0
+) -> None:
+    """Refuse metrics that are not 0-d: the driver sums each over a log interval as one number.
+
+    Shapes are static (read while tracing, no host sync); under a stacked state's vmap each member
+    sees its own 0-d values. A compiled step checks the metrics it returns instead (`members`: a
+    stacked state's K, whose metrics have one value per member): dynamo can neither trace an
+    exception raised inside ``torch.func.grad`` nor inspect the tensors it returns without a
+    warning.
+
+    Raises:
+        LossError: naming each such metric and its shape.
+    """
+    lead = 1 if members else 0  # a stacked state's metrics: [K, *each member's shape]
+    shaped = {k: list(v.shape[lead:]) for k, v in metrics.items() if v.ndim > lead}
+    if shaped:
+        first = next(iter(shaped))
+        raise LossError(
+            f"{name}'s metrics must be 0-d tensors (one number per step), got "
+            + ", ".join(f"{k!r} of shape {s}" for k, s in shaped.items())
+            + f"; reduce each (v.mean()), return one metric per entry ({{'{first}_0': v[0], "
+            "...}), or log the vector from a callback"
+        )
+
+
 def call_loss(
-    state: StepState, tensors: dict[str, torch.Tensor], batch: Any
+    state: StepState, tensors: dict[str, torch.Tensor], batch: Any, eval_fn: Any = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``state.loss_fn`` on a `BoundModel` of `tensors` (under autocast for bf16/fp16), checked.
+    """``state.loss_fn`` (or `eval_fn`) on a `BoundModel` of `tensors` (autocast for bf16/fp16).
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
         LossError: see `split_loss`.
     """
-    model = BoundModel(state.module, tensors)
+    name = "loss_fn" if eval_fn is None else "eval_fn"
     dtype = _AUTOCAST.get(state.options.precision)
     autocast = (
         torch.autocast(state.device.type, dtype=dtype)
@@ -133,18 +175,13 @@ def call_loss(
         else contextlib.nullcontext()
     )
     try:
-        with autocast:
-            out = state.loss_fn(model, batch)
+        with bound(state.module, tensors) as model, autocast:
+            out = (state.loss_fn if eval_fn is None else eval_fn)(model, batch)
     except FunctrainError:
         raise
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
-        raise BatchError(
-            f"loss_fn failed on a batch of structure {describe_batch(batch)}: "
-            f"{type(e).__name__}: {e}\n"
-            "loss_fn(model, batch) receives the batch exactly as the data yields it; "
-            "unpack it there and call model(...)"
-        ) from e
-    return split_loss(out)
+        raise loss_failure(e, batch, state.module, tensors, name) from e
+    return split_loss(out, name)
 
 
 def samples_in(batch: Any) -> int:
@@ -154,6 +191,9 @@ def samples_in(batch: Any) -> int:
         >>> samples_in({"x": torch.zeros(8, 3), "n": 2})
         8
     """
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+    if isinstance(first, torch.Tensor) and first.ndim > 0:  # (x, y): no walk of the batch
+        return int(first.shape[0])
     for leaf in tree_leaves(batch):
         if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
             return int(leaf.shape[0])  # a static shape, not a tensor read
@@ -198,15 +238,25 @@ def gradients(
         objective = _objective(state, batch, scale, loss_of)
         # buffers are an argument, not a capture: BatchNorm writes its statistics into them
         grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
+        if not torch.compiler.is_compiling():  # a compiled step checks what it returns
+            check_scalar_metrics(aux)
         return grads, loss, aux
     leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
     scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(leaves, buffers)
-    if not scaled.requires_grad:
+    if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
+        check_scalar_metrics(aux)
+    grads = (
+        torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
+        if scaled.requires_grad
+        else ()
+    )
+    # requiring grad is not enough: a module the loss closes over has parameters of its own
+    if all(g is None for g in grads):
         raise LossError(
             "the loss does not depend on any trainable parameter; "
-            "check that loss_fn calls the model it is given"
+            "check that loss_fn calls the model it is given (a loss_fn that closes over the "
+            "module given to TrainState.create runs that module's own weights, not the state's)"
         )
-    grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
     return (
         {
             k: g if g is not None else torch.zeros_like(leaves[k])
@@ -381,9 +431,10 @@ def _update(
     grad_norm = extras.global_norm(grad_list)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
     norms = extras.norms.sharing(grad_list, grad_norm) if not _functional() else extras.norms
-    updates, opt_state = update_with(
-        state.tx, grads, state.opt_state, state.params, extras._replace(norms=norms)
-    )
+    reported: dict[str, torch.Tensor] = {}  # accumulation reports the norm of its mean gradient
+    given = extras._replace(norms=norms, reported=reported)
+    updates, opt_state = update_with(state.tx, grads, state.opt_state, state.params, given)
+    grad_norm = reported.get("grad_norm", grad_norm)
     if scale is not None:
         grad_norm = grad_norm / scale
     params = in_param_strides(
@@ -392,7 +443,7 @@ def _update(
     k = state.options.accumulate_steps
     micro = (state.micro_step + 1) % k if k > 1 else state.micro_step
     completed = micro == 0 if k > 1 else None  # None: every batch completes an update
-    tx_metrics = transform_metrics(opt_state)
+    tx_metrics = _tx_metrics(state.tx, opt_state)
     # the skip flag of the window that ends here (between window ends it is the previous one's)
     skipped = tx_metrics.get("skipped")
     if skipped is not None and completed is not None:
@@ -401,7 +452,10 @@ def _update(
         "params": params,
         "buffers": _finite_buffers(state, buffers),
         "opt_state": opt_state,
-        "applied": _and(completed, ~skipped if skipped is not None else None),
+        # the EMA's gate (only an EMA reads it)
+        "applied": _and(completed, ~skipped if skipped is not None else None)
+        if state.ema_state is not None
+        else None,
         **_counters(state, micro, completed, skipped, batch),
     }
     metrics = _metrics(loss, grad_norm, skipped, tx_metrics, aux)
@@ -409,6 +463,68 @@ def _update(
     if by is not None:
         metrics.update(grad_statistics(by, grads, state.params, params, scale, extras.norms.across))
     return new, metrics
+
+
+# per transform: where its state keeps the nodes that expose metrics (paths and classes), found
+# once; the transform itself is kept with them, so an id is never taken for another's
+_METRIC_NODES: dict[int, tuple[Any, tuple[tuple[tuple[Any, ...], type], ...]]] = {}
+
+
+def _tx_metrics(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
+    """`transform_metrics` of `opt_state`, reading only the nodes found the first time.
+
+    A transform's state has one structure (its `init` made it), so the walk over every node,
+    tensors included, is made once per transform; each node's class is checked on the way, and a
+    state of another structure is walked again. Traced bodies walk it every time.
+    """
+    if _functional():
+        return transform_metrics(opt_state)
+    entry = _METRIC_NODES.get(id(tx))
+    if entry is not None and entry[0] is tx:
+        found = _metrics_at(opt_state, entry[1])
+        if found is not None:
+            return found
+    if len(_METRIC_NODES) >= 64:
+        _METRIC_NODES.clear()
+    _METRIC_NODES[id(tx)] = (tx, tuple(_metric_paths(opt_state, ())))
+    return transform_metrics(opt_state)
+
+
+def _metric_paths(node: Any, path: tuple[Any, ...]) -> Any:
+    """``(path, class)`` of each node that exposes metrics, in `walk_states`' order."""
+    if isinstance(node, torch.Tensor):
+        return
+    if isinstance(node, tuple) and callable(getattr(node, "metrics", None)):
+        yield path, type(node)
+    children = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, (tuple, list))
+        else ()
+    )
+    for key, child in children:
+        yield from _metric_paths(child, (*path, key))
+
+
+def _metrics_at(
+    opt_state: Any, paths: tuple[tuple[tuple[Any, ...], type], ...]
+) -> dict[str, torch.Tensor] | None:
+    """The metrics of the nodes at `paths`, or None where a node is not of its class."""
+    found: dict[str, torch.Tensor] = {}
+    for path, cls in paths:
+        node: Any = opt_state
+        try:
+            for key in path:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+        if type(node) is not cls:
+            return None
+        exposed: Any = node  # a state class with metrics(), as the walk found it
+        for k, v in exposed.metrics().items():
+            found.setdefault(k, v)
+    return found
 
 
 def _finite_buffers(state: StepState, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -433,11 +549,24 @@ def _counters(
 ) -> dict[str, torch.Tensor]:
     """The counters after the batch (`completed`: None when every batch completes an update)."""
     world = state.dist.world_size if state.dist is not None else 1
+    samples = samples_in(batch) * world
+    if completed is None and not _functional():
+        # one foreach op for the three counters every batch advances, not one op each
+        step, epoch_step, samples_seen = torch._foreach_add(
+            [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
+        )
+        return {
+            "step": step,
+            "micro_step": micro,
+            "epoch_step": epoch_step,
+            "samples_seen": samples_seen,
+            "skipped": state.skipped + skipped if skipped is not None else state.skipped,
+        }
     return {
         "step": state.step + (completed.long() if completed is not None else 1),
         "micro_step": micro,
         "epoch_step": state.epoch_step + 1,
-        "samples_seen": state.samples_seen + samples_in(batch) * world,
+        "samples_seen": state.samples_seen + samples,
         # a bool adds as 0 or 1
         "skipped": state.skipped + skipped if skipped is not None else state.skipped,
     }
@@ -496,8 +625,10 @@ def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a & b
 
 
-def eval_body(state: StepState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
-    """The loss function without gradients, on the weights (or their EMA) and buffer copies."""
+def eval_body(
+    state: StepState, batch: Any, use_ema: bool, eval_fn: Any = None
+) -> dict[str, torch.Tensor]:
+    """The loss function (or `eval_fn`) without gradients, on the weights or their EMA."""
     weights = state.ema_params if use_ema else state.params
     if weights is None:
         raise ConfigError("use_ema=True needs a state created with ema_decay=...; it has no EMA")
@@ -506,7 +637,7 @@ def eval_body(state: StepState, batch: Any, use_ema: bool) -> dict[str, torch.Te
         torch.no_grad(),
         sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext(),
     ):
-        loss, aux = call_loss(state, {**weights, **state.frozen, **buffers}, batch)
+        loss, aux = call_loss(state, {**weights, **state.frozen, **buffers}, batch, eval_fn)
     return {"loss": loss.float(), **aux}
 
 

@@ -21,6 +21,10 @@ whose backward AOTAutograd compiles with it. `torch.func.grad`, which the whole 
 differentiates with, unwraps DTensor parameters into plain tensors (their gather then fails), and
 `torch.autograd.grad` cannot be traced; so the gradients are taken eagerly through the compiled
 loss, and the collectives and the update run as in the eager step (`_sharded_body`).
+
+``compile_step(capture=True)`` compiles a body that writes the whole new state, counters included,
+into the tensors it is given and returns only the metrics, packed into fresh tensors: what a CUDA
+graph can replay on fixed addresses. `functrain.core.capture` records and replays it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import functools
 import itertools
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -39,9 +44,19 @@ from functrain.core.body import (
     Parts,
     apply,
     call_loss,
+    check_scalar_metrics,
     gradients,
     loss_scale,
     train_body,
+)
+from functrain.core.capture import (
+    COUNTERS,
+    Body,
+    Captures,
+    CudaGraphs,
+    Recorder,
+    pack_metrics,
+    write_back,
 )
 from functrain.core.donation import donated, retire, wait_until_unheld
 from functrain.core.scope import enter, leave, leave_with
@@ -58,6 +73,9 @@ __all__ = ["compile_step", "CompiledStep"]
 
 _serial = itertools.count()
 _DONATED = "a compiled step (compile_step) with donate=True"
+_CAPTURED = "a captured step (compile_step(capture=True)) with donate=True"
+# torch.compile's modes that run CUDA graph trees (torch._inductor.list_mode_options)
+_TREE_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _keep_guard(entry: Any) -> bool:
@@ -79,9 +97,20 @@ class CompiledStep:
     Holds one compiled body per static configuration seen so far: the module, loss function and
     optimizer (the same objects), the options, the process group and sharding, and the parameter
     names. Of a sharded state, the compiled part is the loss function (see the module's docstring).
+
+    With a `recorder` (``compile_step(capture=True)`` gives `CudaGraphs`), every call is captured:
+    `functrain.core.capture` holds the graphs, their tensors, and what a call copies.
     """
 
-    def __init__(self, backend: str, mode: str | None, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        backend: str,
+        mode: str | None,
+        options: dict[str, Any],
+        recorder: Callable[[torch.device], Recorder] | None = None,
+    ) -> None:
+        # with a recorder, every step is captured (`functrain.core.capture`)
+        self._captures = Captures(recorder) if recorder is not None else None
         self._compile = functools.partial(
             torch.compile,
             dynamic=False,
@@ -101,10 +130,21 @@ class CompiledStep:
                 f"got {type(state).__name__}"
             )
         state.check_live("a compiled step")
-        if state.step.ndim:
-            return self._stacked(state, batch, donate)
-        if state.dist is not None and state.dist.sharding is not None:
-            return self._sharded(state, batch, donate)
+        if self._captures is not None:
+            new_state, metrics = self._captured(self._captures, state, batch, donate)
+        elif state.step.ndim:
+            new_state, metrics = self._stacked(state, batch, donate)
+        elif state.dist is not None and state.dist.sharding is not None:
+            new_state, metrics = self._sharded(state, batch, donate)
+        else:
+            new_state, metrics = self._plain(state, batch, donate)
+        # the shapes the graph returns (no sync): dynamo cannot raise inside torch.func.grad
+        check_scalar_metrics(metrics, members=state.step.shape[0] if state.step.ndim else 0)
+        return new_state, metrics
+
+    def _plain(
+        self, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         core = self._core_for(state, donate)
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
@@ -197,6 +237,62 @@ class CompiledStep:
         if donate:
             retire(state, _DONATED)
         return new_state, metrics
+
+    def _captured(
+        self, captures: Captures, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The step replayed from a CUDA graph (`functrain.core.capture`): `compile_step`'s."""
+        if state.step.ndim or state.dist is not None:
+            what = "a stacked state (functrain.stack)" if state.step.ndim else "a distributed state"
+            raise ConfigError(
+                f"compile_step(capture=True) records the step of one state in one process; got "
+                f"{what}: leave capture out (compile_step() compiles its step)"
+            )
+        scope = enter(state, True)
+        try:
+            new, metrics, home = captures.step(
+                state, batch, donate, scope.generator, self._captured_core_for
+            )
+        except BaseException:
+            leave(scope)
+            raise
+        new_state = leave_with(scope, state, new)
+        if donate:
+            state.retire(_CAPTURED)
+        if home is not None:
+            home.holder = weakref.ref(new_state)
+        return new_state, metrics
+
+    def _captured_core_for(self, state: TrainState) -> tuple[tuple, Body]:
+        """The configuration's key and its body for a graph: the new state written into its inputs.
+
+        Every new tensor goes into the tensor it replaces, the counters too, and the metrics
+        leave packed (fresh tensors, `pack_metrics`): nothing the graph returns aliases the state.
+        """
+        key, found = self._cached(state, "captured")
+        if found is not None:
+            return key, found
+        fields = statics_of(state)
+
+        def body(
+            params: Any,
+            frozen: Any,
+            buffers: Any,
+            opt_state: Any,
+            ema_state: Any,
+            counters: tuple,
+            batch: Any,
+        ) -> Any:
+            view = StateView(fields, params, frozen, buffers, opt_state, ema_state, counters)
+            new, metrics = train_body(view, batch)
+            given = {"params": params, "buffers": buffers, "opt_state": opt_state}
+            given.update(ema_state=ema_state, **dict(zip(COUNTERS, counters, strict=True)))
+            write_back(new, given)
+            return pack_metrics(metrics)
+
+        compiled = self._compile(_own_code(body, "captured_core"))
+        self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)
+        return key, compiled
 
     def _forward_for(self, state: TrainState) -> Callable[..., Any]:
         """The loss function on the module, compiled once per configuration of a sharded state."""
@@ -328,7 +424,11 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 
 
 def compile_step(
-    *, backend: str = "inductor", mode: str | None = None, options: dict[str, Any] | None = None
+    *,
+    backend: str = "inductor",
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    capture: bool = False,
 ) -> CompiledStep:
     """A compiled `train_step`: ``step(state, batch) -> (state, metrics)``.
 
@@ -339,10 +439,37 @@ def compile_step(
     shapes: a last partial batch compiles once more). Keep the returned function and call it in
     the loop; each `compile_step()` call starts its own cache.
 
+    With ``capture=True`` the whole step (forward, backward, update, the non-finite checks, EMA and
+    counters) is also recorded as a CUDA graph, and each call replays it: one launch instead of a
+    launch per kernel, for steps whose time goes to launching small kernels. The contract stays
+    the step's: the same states and metrics as without capture (compiled numerics, the same
+    dropout masks), a pure call leaves its state untouched, and ``donate=True`` retires the given
+    state. A graph reads and writes fixed addresses, so:
+
+    - The state a donated call returns lives on the graph's own tensors; donating it to the next
+      call steps it in place, with no copy (the loop to write: ``state, m = step(state, batch,
+      donate=True)``). Any other call copies the state in, and a pure call copies the new state
+      out: its result has tensors of its own, so states returned by successive calls never share
+      memory, and no state or tensor still in use is ever written, except by donating it.
+    - The first call of a configuration and of each batch shape warms up on copies (the first
+      call compiles) and records; a batch of other shapes (a last partial batch) records one more
+      graph, once. A state of other shapes or frozen tensors gets tensors of its own.
+    - The state, and the batch's tensors, must be on one CUDA device; what the loss function
+      computes in Python or on the CPU is recorded once and fixed from then on, and a step that
+      reads a tensor back to the host (``.item()``) cannot be recorded. Call the step from one
+      CUDA stream.
+    - Stacked and distributed states are refused (`ConfigError`).
+
+    torch.compile's ``mode="reduce-overhead"`` (and ``"max-autotune"``) runs its own CUDA graphs,
+    which overwrite a returned state at a later call and capture no donated step: they are
+    refused, ``capture=True`` is the way to a captured step (``"max-autotune-no-cudagraphs"``
+    with it tunes the kernels).
+
     Args:
         backend: the torch.compile backend.
         mode: the torch.compile mode (e.g. ``"max-autotune-no-cudagraphs"``).
         options: backend options for torch.compile.
+        capture: record each step as a CUDA graph and replay it (see above).
 
     Returns:
         A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the
@@ -353,8 +480,11 @@ def compile_step(
         this rank's slices run eagerly, as in `train_step`.
 
     Raises:
-        ConfigError: `options` sets its own ``guard_filter_fn``; calling the step with something
-            other than a `TrainState`, or with an unstacked state whose optimizer holds a sweep.
+        ConfigError: `options` sets its own ``guard_filter_fn``; a mode or option that runs CUDA
+            graph trees; `capture` not a bool, or True without a CUDA device; calling the step
+            with something other than a `TrainState`, or with an unstacked state whose optimizer
+            holds a sweep; a captured step given a state off CUDA, a stacked or distributed
+            state, or a step that cannot be recorded.
 
     Example:
         >>> import torch, functrain as ft
@@ -366,9 +496,26 @@ def compile_step(
         >>> int(state.step)
         1
     """
-    if options and "guard_filter_fn" in options:
+    options = dict(options or {})
+    if "guard_filter_fn" in options:
         raise ConfigError(
             "compile_step sets options['guard_filter_fn'] itself; leave it out, "
             "or use torch.compile(functrain.train_step)"
         )
-    return CompiledStep(backend, mode, options or {})
+    if mode in _TREE_MODES or options.get("triton.cudagraphs"):
+        got = f"mode={mode!r}" if mode in _TREE_MODES else "options['triton.cudagraphs']=True"
+        raise ConfigError(
+            f"compile_step got {got}, which runs torch.compile's CUDA graph trees: their outputs "
+            "are overwritten by a later call (a state the step returned would become unreadable) "
+            "and a donated step is not captured; use compile_step(capture=True) for a step "
+            "recorded as a CUDA graph, and mode='max-autotune-no-cudagraphs' to tune kernels"
+        )
+    if not isinstance(capture, bool):
+        raise ConfigError(f"compile_step(capture=...) takes True or False, got {capture!r}")
+    if capture and not torch.cuda.is_available():
+        raise ConfigError(
+            "compile_step(capture=True) records the step as a CUDA graph, and torch finds no CUDA "
+            "device here (torch.cuda.is_available() is False); leave capture out to compile the "
+            "step without recording it"
+        )
+    return CompiledStep(backend, mode, options, CudaGraphs if capture else None)

@@ -38,6 +38,7 @@ batch_norm fails there) and distributed states; ``grad_stats`` are not computed 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,10 +52,11 @@ from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.batching import STACKED, register
-from functrain.optim.sweep import enter_member, leave_member
+from functrain.optim.sweep import enter_member, holds_sweep, leave_member, sweeps_in
 from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = [
+    "IdenticalMembersWarning",
     "stack",
     "unstack",
     "num_members",
@@ -65,6 +67,15 @@ __all__ = [
 ]
 
 register()
+
+
+class IdenticalMembersWarning(UserWarning):
+    """Members of a stacked state start from the same weights and differ only in their seed.
+
+    `TrainState.create`'s ``seed=`` seeds the member's random stream (dropout), not its weights,
+    which are the module's: states created from one module object start identical. Build a module
+    per member to give them different initial weights.
+    """
 
 
 def num_members(state: TrainState) -> int | None:
@@ -85,10 +96,16 @@ def stack(states: Sequence[TrainState]) -> TrainState:
 
     The members must come from `TrainState.create` with modules of the same structure (same class,
     parameter names, shapes and dtypes), the same optimizer (equal names: ``adamw(lr=0.001, ...)``)
-    and the same options. Seeds, initial weights and user state (with the same keys) may differ. The
-    stacked state's static parts (module, loss function, optimizer) and its driver records (`fit`'s
-    history, best evaluation, early stopping: those of the stacked run, not of a member) are the
-    first member's.
+    and the same options; a `functrain.sweep` in the optimizer must have one value per member.
+    Seeds, initial weights and user state (with the same keys) may differ. The stacked state's
+    static parts (module, loss function, optimizer) and its driver records (`fit`'s history, best
+    evaluation, early stopping: those of the stacked run, not of a member) are the first member's.
+
+    Initial weights are the module's: ``seed=`` seeds only a member's random stream (dropout).
+    Members created from one module object with different seeds start identical, and without a
+    sweep they train as near copies: `stack` warns (`IdenticalMembersWarning`). Give each member
+    its own module, built after ``torch.manual_seed(seed)`` (as below). Members identical in
+    everything, seed included, are taken as meant (copies), as are identical members of a sweep.
 
     Args:
         states: the members, K >= 1 ordinary (not stacked, not donated) states.
@@ -98,13 +115,20 @@ def stack(states: Sequence[TrainState]) -> TrainState:
 
     Raises:
         ConfigError: listing every way the members differ (module structure, optimizer, options,
-            a stacked or distributed member, tree structure).
+            a stacked or distributed member, tree structure), or a sweep whose number of values is
+            not the number of members.
+
+    Warns:
+        IdenticalMembersWarning: members start from member 0's parameters with another seed, and
+            the optimizer holds no sweep.
 
     Example:
         >>> import torch, functrain as ft
         >>> loss_fn = lambda m, b: m(b).pow(2).mean()
         >>> opt = ft.adamw(1e-2)
-        >>> make = lambda k: ft.TrainState.create(torch.nn.Linear(3, 1), opt, loss_fn, seed=k)
+        >>> def make(k):
+        ...     torch.manual_seed(k)  # the member's own initial weights
+        ...     return ft.TrainState.create(torch.nn.Linear(3, 1), opt, loss_fn, seed=k)
         >>> states = [make(k) for k in range(4)]
         >>> ens = ft.stack(states)
         >>> ens.params["weight"].shape
@@ -115,6 +139,7 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     """
     states = list(states)
     _check_members(states)
+    _warn_if_copies(states)
     trees = [{k: v for k, v in s.tree().items() if k != "driver"} for s in states]
     leaves, spec = tree_flatten(trees[0])
     columns = list(zip(*(tree_flatten(t)[0] for t in trees), strict=True))
@@ -220,6 +245,42 @@ def _check_members(states: list[TrainState]) -> None:
         raise ConfigError(
             "cannot stack these states: every member must match member 0:\n  - "
             + "\n  - ".join(problems)
+        )
+    _check_sweeps(first, len(states))
+
+
+def _check_sweeps(first: TrainState, members: int) -> None:
+    """Refuse a sweep of the optimizer whose values are not one per member."""
+    wrong = [s for s in sweeps_in(first.optimizer) if len(s) != members]
+    if wrong:
+        shown = "; ".join(f"{s.name} has {len(s)} values" for s in wrong)
+        raise ConfigError(
+            f"cannot stack {members} states: the optimizer's sweep must have one value per "
+            f"member ({members}), but {shown}; give the sweep {members} values or stack "
+            f"{len(wrong[0])} members"
+        )
+
+
+def _warn_if_copies(states: list[TrainState]) -> None:
+    """Warn when members start from member 0's parameters and differ from it only in their seed."""
+    first = states[0]
+    if holds_sweep(first.tx):
+        return  # a sweep's members start alike on purpose: they differ in hyperparameters
+    copies = [
+        i
+        for i, s in enumerate(states[1:], start=1)
+        if not torch.equal(s.rng, first.rng)
+        and all(torch.equal(p, first.params[name]) for name, p in s.params.items())
+    ]
+    if copies:
+        warnings.warn(
+            f"members {', '.join(map(str, copies))} of {len(states)} start from the same "
+            "parameters as member 0 and differ only in seed=, which seeds the dropout stream, "
+            "not the weights: they train as near copies. For different initial weights build "
+            "a module per member: torch.manual_seed(s); model = Net(); "
+            "TrainState.create(model, ..., seed=s)",
+            IdenticalMembersWarning,
+            stacklevel=3,
         )
 
 

@@ -9,6 +9,7 @@ checkpoint is loaded against them. `TrainState.create` is the only place that ca
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,25 @@ from functrain.tree import Tree
 __all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy", "unaliased"]
 
 LossFn = Callable[..., Any]
+
+
+# the keys `driver` may hold: the driver layer, whose records they are, registers them
+_DRIVER_KEYS: set[str] = set()
+
+
+def register_driver_keys(keys: Iterable[str]) -> None:
+    """Have every `TrainState` refuse a `driver` holding keys other than these (the driver's)."""
+    _DRIVER_KEYS.update(keys)
+
+
+def _known_driver_keys(state: Any, attribute: Any, driver: Any) -> None:
+    unknown = sorted(set(driver) - _DRIVER_KEYS) if isinstance(driver, dict) else []
+    if unknown and _DRIVER_KEYS:  # none registered: no driver imported, whose records to keep
+        raise ConfigError(
+            f"TrainState.driver holds fit's records (keys {sorted(_DRIVER_KEYS)}), got the keys "
+            f"{unknown[:10]}: keep your own state in state.user (state.replace(user={{...}}), or "
+            "run.user in a fit callback), which checkpoints save and restore with the rest"
+        )
 
 
 def _static(**kwargs: Any) -> Any:
@@ -80,7 +100,7 @@ class TrainState:
     samples_seen: torch.Tensor
     skipped: torch.Tensor
     rng: torch.Tensor
-    driver: dict[str, Any]
+    driver: dict[str, Any] = attrs.field(validator=_known_driver_keys)
     user: dict[str, Any]
     module: nn.Module = _static()
     loss_fn: LossFn = _static()
@@ -130,8 +150,10 @@ class TrainState:
             module: the model. Parameters with ``requires_grad=False``, and those `trainable`
                 rejects, are frozen: carried in the state, never updated.
             optimizer: a transform such as ``functrain.adamw(1e-3)``.
-            loss_fn: ``loss_fn(model, batch) -> loss`` or ``-> (loss, {name: tensor})``, where
-                ``model(*args, **kwargs)`` runs `module` on the state's weights.
+            loss_fn: ``loss_fn(model, batch) -> loss`` or ``-> (loss, {name: tensor})`` (0-d
+                metrics), where `model` (a `BoundModel`) is `module` on the state's weights:
+                ``model(x)`` runs its forward, ``model.encoder(x)`` or
+                ``model.training_step(batch, 0)`` its submodules and methods.
             seed: seeds the state's RNG (dropout masks and other random ops in the model).
             precision: ``"fp32"``; ``"bf16"`` runs the forward under bfloat16 autocast;
                 ``"fp16"`` under float16 autocast with dynamic loss scaling.
@@ -261,8 +283,23 @@ class TrainState:
             >>> s = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.1), loss_fn)
             >>> int(s.replace(epoch=torch.tensor(3)).epoch)
             3
+            >>> s.replace(epoch=4, epoch_step=0).epoch  # a counter given as an int becomes a tensor
+            tensor(4)
         """
-        return attrs.evolve(self, **changes)
+        for name in changes.keys() & _COUNTERS:
+            value = changes[name]
+            if isinstance(value, int) and not isinstance(value, bool):
+                # the counter's dtype and device, and one value per member of a stacked state
+                changes[name] = torch.full_like(getattr(self, name), value)
+        if not changes.keys() <= _TRUSTED:
+            # the driver's keys are checked, an unknown field named, as attrs does
+            return attrs.evolve(self, **changes)
+        # every other field takes any value: built without attrs' generic evolve (once a step)
+        new = object.__new__(TrainState)
+        for name in _INIT_FIELDS:
+            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        object.__setattr__(new, "_donated_to", None)
+        return new
 
     @property
     def ema_params(self) -> dict[str, torch.Tensor] | None:
@@ -385,8 +422,8 @@ class TrainState:
             return
         setattr(self.step, _DONATED_TAG, call)
         object.__setattr__(self, "_donated_to", call)
-        for name in TREE_FIELDS:
-            object.__setattr__(self, name, _Donated(name, call))
+        for name, placeholder in zip(TREE_FIELDS, _placeholders(call), strict=True):
+            object.__setattr__(self, name, placeholder)
 
     def with_tree(self, tree: dict[str, Any]) -> TrainState:
         """This state with its tree fields replaced by `tree` (as produced by `tree()`)."""
@@ -395,13 +432,17 @@ class TrainState:
     def __repr__(self) -> str:
         if self._donated_to is not None:
             return f"TrainState(<donated to {self._donated_to}>)"
-        n = self.num_params()
-        nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
+        # a stacked state (`functrain.stack`): counters [K], every tensor with a member dimension
+        members = int(self.step.shape[0]) if self.step.ndim else 1
+        n = self.num_params() // members
+        nbytes = sum(p.numel() * p.element_size() for p in self.params.values()) // members
         ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
         opt = getattr(self.optimizer, "name", None) or type(self.optimizer).__name__
+        stacked = f"members={members}, " if self.step.ndim else ""
+        each = " per member" if self.step.ndim else ""
         return (
-            f"TrainState(step={int(self.step)}, epoch={int(self.epoch)}, "
-            f"params={n:,} ({_human_bytes(nbytes)}), "
+            f"TrainState({stacked}step={_counter_text(self.step)}, "
+            f"epoch={_counter_text(self.epoch)}, params={n:,} ({_human_bytes(nbytes)}){each}, "
             f"optimizer={opt}, {ema_part}, precision={self.options.precision})"
         )
 
@@ -412,6 +453,10 @@ TREE_FIELDS = tuple(
     if not f.metadata.get("static") and not f.metadata.get("donation")
 )
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
+# the fields `replace` sets, and those it sets without attrs' validators (all but `driver`'s)
+_INIT_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.init)
+_TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
+_COUNTERS = frozenset({"step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped"})
 
 
 _DONATED_TAG = "_functrain_donated_to"
@@ -441,6 +486,18 @@ class _Donated:
 
     def __repr__(self) -> str:
         return f"<donated to {self._call}>"
+
+
+@functools.lru_cache(maxsize=64)
+def _placeholders(call: str) -> tuple[_Donated, ...]:
+    """The tree fields of a state donated to `call` (immutable: shared by every such state)."""
+    return tuple(_Donated(name, call) for name in TREE_FIELDS)
+
+
+def _counter_text(counter: torch.Tensor) -> str:
+    """A counter for the repr: its value, or a stacked state's members' (one if they agree)."""
+    values = counter.tolist() if counter.ndim else [int(counter)]
+    return str(values[0]) if len(set(values)) == 1 else str(values)
 
 
 def _human_bytes(n: int) -> str:

@@ -20,7 +20,7 @@ from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import donated, retire
 from functrain.core.scope import enter, leave, leave_with, outside_graph
 from functrain.core.stacked import stacked_eval_step, stacked_train_step
-from functrain.core.state import TrainState
+from functrain.core.state import LossFn, TrainState
 from functrain.errors import ConfigError
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
@@ -65,8 +65,10 @@ def train_step(
 
     Returns:
         ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``grad_norm`` (before
-        clipping), ``lr``, ``skipped`` (1.0 when the update was skipped as non-finite), the loss
-        function's own metrics, with fp16 ``loss_scale``, the metrics of custom transforms
+        clipping; with ``accumulate_steps``, of the window's gradients so far summed and divided
+        by it: at the window's last batch, the mean gradient its update applies), ``lr`` (of the
+        last update applied), ``skipped`` (1.0 when the update was skipped as non-finite), the
+        loss function's own metrics, with fp16 ``loss_scale``, the metrics of custom transforms
         (their state's ``metrics()``), and with ``grad_stats`` ``grad_norm/<group>`` and
         ``update_ratio/<group>`` (`TrainState.create`).
 
@@ -118,21 +120,26 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+def eval_step(
+    state: TrainState, batch: Any, *, use_ema: bool = False, eval_fn: LossFn | None = None
+) -> dict[str, torch.Tensor]:
     """Evaluate the loss function on a batch in eval mode (dropout off, BatchNorm on running stats).
 
     Runs without gradients and changes nothing: not the state, not the caller's RNG.
 
     Args:
         state: the `TrainState` to evaluate.
-        batch: whatever `state.loss_fn` accepts.
+        batch: whatever `state.loss_fn` (or `eval_fn`) accepts.
         use_ema: evaluate the EMA weights instead of the raw parameters.
+        eval_fn: the evaluation's own function, in place of `state.loss_fn` (Lightning's
+            ``validation_step``): the same contract, ``eval_fn(model, batch) -> loss`` or
+            ``-> (loss, {name: tensor})``, run without gradients.
 
     Returns:
-        A dict of 0-d tensors: ``loss`` and the loss function's own metrics.
+        A dict of 0-d tensors: ``loss`` and the loss function's (or `eval_fn`'s) own metrics.
 
     Raises:
-        ConfigError: `use_ema` on a state without EMA.
+        ConfigError: `use_ema` on a state without EMA, an `eval_fn` that is not callable.
         BatchError: the loss function could not use the batch.
         DonatedStateError: `state` was donated to a step.
 
@@ -150,11 +157,17 @@ def eval_step(state: TrainState, batch: Any, *, use_ema: bool = False) -> dict[s
             "eval_step(use_ema=True) needs a state created with ema_decay=...; "
             "this state has no EMA"
         )
+    if eval_fn is not None and not callable(eval_fn):
+        raise ConfigError(
+            f"eval_fn must be a function eval_fn(model, batch) -> loss or (loss, metrics), got "
+            f"{type(eval_fn).__name__}"
+        )
     if state.step.ndim:
-        return stacked_eval_step(state, batch, use_ema)
+        stacked = state if eval_fn is None else state.replace(loss_fn=eval_fn)
+        return stacked_eval_step(stacked, batch, use_ema)
     scope = enter(state, False)
     try:
-        metrics = eval_body(state, batch, use_ema)
+        metrics = eval_body(state, batch, use_ema, eval_fn)
     finally:
         leave(scope)
     return metrics

@@ -17,7 +17,7 @@ from functrain.driver.callbacks import (
     on,
 )
 from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
-from functrain.driver.evaluation import evaluate
+from functrain.driver.evaluation import EvalMetric, evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
 from functrain.driver.run_config import ConfigChangeWarning
@@ -28,6 +28,7 @@ __all__ = [
     "ConfigChangeWarning",
     "ConsoleLogger",
     "DataLoaderSource",
+    "EvalMetric",
     "FitResult",
     "History",
     "IterableSource",

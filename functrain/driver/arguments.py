@@ -16,6 +16,7 @@ from typing import Any
 from functrain.core.body import samples_in
 from functrain.core.state import TrainState
 from functrain.driver.data import Batcher, IterableSource
+from functrain.driver.evaluation import evaluation_problems
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import ConfigError
 
@@ -42,6 +43,7 @@ def fit_problems(kw: Mapping[str, Any]) -> list[str]:
         *_types(kw),
         *_limits(kw),
         *_evaluation(kw),
+        *_evaluation_step(kw),
         *_checkpoints(kw),
         *early_stopping_of(kw["early_stopping"])[1],
     ]
@@ -60,6 +62,7 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
         "progress",
         "resume",
         "compile",
+        "donate",
         "test_every_eval",
     ):
         if not isinstance(kw[name], bool):
@@ -149,6 +152,47 @@ def _evaluation(kw: Mapping[str, Any]) -> list[str]:
                 "them it would be ignored)"
             )
     return p
+
+
+def _evaluation_step(kw: Mapping[str, Any]) -> list[str]:
+    """The problems of `eval_fn` and `eval_metrics`, and of the direction they are watched in."""
+    p = evaluation_problems(kw["state"], kw["eval_fn"], kw["eval_metrics"], "eval_metrics")
+    if kw["eval_data"] is None and kw["test_data"] is None:
+        p += [
+            f"{name}=... needs eval_data=... or test_data=... (it acts on evaluations; without "
+            "them it would be ignored)"
+            for name in ("eval_fn", "eval_metrics")
+            if kw[name] is not None
+        ]
+    metrics = kw["eval_metrics"]
+    if isinstance(metrics, Mapping):
+        early = early_stopping_of(kw["early_stopping"])[0]
+        watched = [("best_metric", kw["best_metric"], kw["mode"], "pass mode=")]
+        if early is not None:
+            watched.append(
+                ("early_stopping's target", early.target, early.mode, "give early_stopping mode=")
+            )
+        for what, target, mode, fix in watched:
+            p += _direction_problem(metrics, what, target, mode, fix)
+    return p
+
+
+def _direction_problem(
+    metrics: Mapping[str, Any], what: str, target: Any, mode: str, fix: str
+) -> list[str]:
+    """A metric object watched in the direction its ``higher_is_better`` (torchmetrics') denies."""
+    if not isinstance(target, str):
+        return []
+    rest = next((target[len(p) :] for p in ("val_", "test_") if target.startswith(p)), None)
+    name = next((n for n in (rest, (rest or "").removeprefix("ema_")) if n in metrics), None)
+    higher = getattr(metrics[name], "higher_is_better", None) if name is not None else None
+    if not isinstance(higher, bool) or higher == (mode == "max"):
+        return []
+    keeps, wanted = ("lowest", "max") if higher else ("highest", "min")
+    return [
+        f"{what} {target!r} is eval_metrics[{name!r}], whose higher_is_better={higher}, but "
+        f"mode={mode!r} keeps its {keeps} value: {fix}{wanted!r}"
+    ]
 
 
 def _checkpoints(kw: Mapping[str, Any]) -> list[str]:

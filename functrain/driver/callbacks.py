@@ -71,12 +71,17 @@ class Run:
         total_steps: the run's planned number of updates, if known.
         batches_per_epoch: if known.
         logs: host metrics of the log interval that just ended, else None.
-        eval_metrics: the latest evaluation's metrics (``val_loss``, ...), else None.
+        eval_metrics: the latest evaluation's metrics, else None: ``val_loss``, the metrics
+            `eval_fn` (or `loss_fn`) returns and the values of `fit`'s `eval_metrics` objects
+            (``val_f1``), all there before any hook runs. To add a metric, give it to `fit` as
+            one of those: a value a hook writes here reaches only the hooks after it, never the
+            history, the best checkpoint or early stopping.
         saved: the path of the checkpoint just written (in ``on_save``).
         exception: the exception ending the run (in ``on_exception``), else None.
         history: the run's `History`.
         config: the `fit` arguments with plain values (limits, intervals, batching, checkpoint
-            settings, ``accumulate_steps``), by name.
+            settings, ``accumulate_steps``), by name, and ``resumed_from``: the checkpoint a
+            resumed run goes on from (a str), else None.
         user: your own state (`TrainState.user`): assign a new dict to change it; it is saved in
             the checkpoints with the rest of the state and restored on resume.
     """

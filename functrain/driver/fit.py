@@ -11,6 +11,7 @@ Host syncs happen at log intervals, evaluations and saves only.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,13 +19,15 @@ from typing import Any, Literal
 
 import attrs
 import torch
+from torch import nn
 
 from functrain.checkpoint.format import read_manifest
 from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
+from functrain.core.donation import retire
 from functrain.core.stacked import host_count
-from functrain.core.state import TrainState
+from functrain.core.state import LossFn, TrainState
 from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
 from functrain.driver.callbacks import (
     Callback,
@@ -33,8 +36,15 @@ from functrain.driver.callbacks import (
     ProgressBar,
     check_callback,
 )
-from functrain.driver.data import Batcher, IterableSource, as_source, batch_device, to_device
-from functrain.driver.evaluation import evaluate
+from functrain.driver.data import (
+    Batcher,
+    IterableSource,
+    as_source,
+    batch_device,
+    batch_size_problems,
+    to_device,
+)
+from functrain.driver.evaluation import EvalMetric
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
 from functrain.driver.run_config import (
@@ -48,10 +58,15 @@ from functrain.errors import CheckpointError, ConfigError, config_check
 
 __all__ = ["fit", "FitResult"]
 
+_DONATED = "functrain.fit(..., donate=True)"
+
 
 @attrs.frozen(repr=False)
 class FitResult:
     """What `fit` returns.
+
+    The trained model is `module` (``result.module``): `TrainState.create` copies the module it is
+    given, and training changes only the state, so the module you passed is never trained.
 
     Attributes:
         state: the final `TrainState`.
@@ -75,19 +90,66 @@ class FitResult:
     stop_reason: str
     empty_batches: int = 0
 
+    @functools.cached_property
+    def module(self) -> nn.Module:
+        """The trained module: a copy of the module holding the final state's weights, eval mode.
+
+        ``result.state.export_module()``, built on first use and kept. The final weights, not
+        their EMA nor the best checkpoint's: those are ``result.state.export_module(use_ema=True)``
+        and ``ft.load(result.checkpoints["best"], like=result.state).export_module()``. Of a
+        sharded state the weights are gathered: a collective, to use on every rank.
+
+        Raises:
+            ConfigError: the result of a stacked state, which holds one module per member.
+        """
+        if self.state.step.ndim:
+            raise ConfigError(
+                f"result.module is one module, but this run trained {self.state.step.shape[0]} "
+                "stacked members: take them one by one, [s.export_module() for s in "
+                "functrain.unstack(result.state)]"
+            )
+        module = self.state.export_module()
+        assert module is not None  # rank0_only=False: every rank builds it
+        return module
+
     def __repr__(self) -> str:
-        best = f", best={_short(self.best)}" if self.best else ""
-        test = f", test={_short(self.test)}" if self.test else ""
-        return (
-            f"FitResult(step={host_count(self.state.step)}, epoch={host_count(self.state.epoch)}, "
-            f"stop_reason={self.stop_reason!r}{best}{test})"
-        )
+        step = self.state.step
+        parts = [f"step={host_count(step)}", f"epoch={host_count(self.state.epoch)}"]
+        if step.ndim:
+            parts.append(f"members={step.shape[0]}")
+        parts.append(f"stop_reason={self.stop_reason!r}")
+        parts += [
+            f"{name}={_short(m)}" for name, m in (("best", self.best), ("test", self.test)) if m
+        ]
+        line = f"FitResult({', '.join(parts)})"
+        if len(line) <= 120:
+            return line
+        return "FitResult(\n" + "".join(f"    {part},\n" for part in parts) + ")"
 
 
 def _short(metrics: dict[str, float]) -> str:
+    """Up to 4 metrics, each a stacked run's mean followed by all its members' values.
+
+    Example:
+        >>> _short({"step": 3, "val_loss": 0.5, "val_loss[0]": 0.25, "val_loss[1]": 0.75})
+        '{val_loss: 0.5 [0.25, 0.75]}'
+    """
+    members: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        base = key.rpartition("[")[0]
+        if key.endswith("]") and base in metrics and isinstance(value, float):
+            members.setdefault(base, []).append(f"{value:.4g}")
+    shown = [
+        k
+        for k, v in metrics.items()
+        if isinstance(v, float) and not (k.endswith("]") and k.rpartition("[")[0] in members)
+    ][:4]
     return (
         "{"
-        + ", ".join(f"{k}: {v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, float))
+        + ", ".join(
+            f"{k}: {metrics[k]:.4g}" + (f" [{', '.join(members[k])}]" if k in members else "")
+            for k in shown
+        )
         + "}"
     )
 
@@ -98,6 +160,8 @@ def fit(
     *,
     eval_data: Any = None,
     test_data: Any = None,
+    eval_fn: LossFn | None = None,
+    eval_metrics: Mapping[str, EvalMetric] | None = None,
     run_mode: Literal["epoch", "step"] = "epoch",
     max_epochs: int | None = None,
     max_steps: int | None = None,
@@ -123,6 +187,7 @@ def fit(
     log_file: str | Path | None = None,
     resume: bool = False,
     compile: bool = False,
+    donate: bool = False,
     device: str | torch.device | None = None,
     stop_on_nonfinite: Literal["eval", "train", "none"] = "eval",
     test_every_eval: bool = False,
@@ -134,9 +199,15 @@ def fit(
 ) -> FitResult:
     """Train `state` on `train_data`: evaluate, checkpoint, stop early, log, and resume exactly.
 
-    `state` is never modified nor invalidated: the first step is pure, and every later step
-    donates the state only the loop holds (``train_step(..., donate=True)``), so a run holds the
-    given state's weights and one training state (not a callback's kept ``run.state``).
+    By default `state` is never modified nor invalidated: the first step is pure, and every later
+    step donates the state only the loop holds (``train_step(..., donate=True)``), so a run holds
+    the given state's weights and one training state (not a callback's kept ``run.state``). With
+    ``donate=True`` the caller gives `state` up as to ``train_step(..., donate=True)``: the first
+    step writes into its tensors too, so the run holds one state from the start, and afterwards
+    `state` raises `DonatedStateError` wherever it is used. Which later states the loop donates is
+    decided by reference count (`sys.getrefcount`): a state that anything besides the loop holds
+    (a callback that kept ``run.state``) is stepped pure, whatever `donate` says. Nor is the
+    module `state` was created from: the trained one is ``result.module`` (`FitResult.module`).
 
     Args:
         state: the initial `TrainState` (with ``resume=True``, the template to restore into).
@@ -157,11 +228,32 @@ def fit(
         eval_data: validation data, evaluated every `eval_every` epochs (epoch mode) or updates
             (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
         test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
+        eval_fn: the evaluation's own step, the counterpart of Lightning's ``validation_step``:
+            ``eval_fn(model, batch) -> loss`` or ``-> (loss, {name: tensor})``, as `loss_fn`, run
+            without gradients on `eval_data` and `test_data` (None: the state's `loss_fn`). Its
+            loss is ``val_loss``, its metrics ``val_<name>``; it may update `eval_metrics`.
+            Evaluations run eagerly, also with ``compile=True``.
+        eval_metrics: ``{name: metric}``: metrics over the whole evaluation set, for values that
+            are no mean of per-batch values (macro-F1, AUROC; what Hugging Face computes in
+            ``compute_metrics``). Objects in torchmetrics' shape (``MulticlassF1Score(3,
+            average="macro")``, or any `EvalMetric`: ``update``, ``compute``, ``reset``) that
+            `eval_fn` updates (``f1.update(logits, y)``; one kept on the module, Lightning's
+            ``self.val_f1``, is ``state.module.val_f1``, the state's copy that `eval_fn`'s model
+            updates: a metric no batch updated is an error). Each evaluation resets them first and
+            adds their ``compute()`` (one number) as ``val_<name>`` (``val_ema_<name>`` on the EMA
+            weights, ``test_<name>`` on `test_data`): in the history, the console line, every
+            callback's ``run.eval_metrics`` at ``on_eval_end``, the checkpoints' metrics, and
+            usable as `best_metric` and as early stopping's target. One that is an `nn.Module`
+            is moved to the state's device. With several ranks ``compute()`` must give the value
+            over all of them, as torchmetrics' metrics do (ranks computing different values are
+            an error). Not for a stacked state (evaluate its members apart). A resumed run stays
+            exact: the objects hold nothing from one evaluation to the next.
         run_mode: ``"epoch"`` or ``"step"``: the unit of `eval_every`.
         max_epochs: stop after this many epochs. max_steps: stop after this many updates.
         eval_every: evaluation interval, in epochs or updates per `run_mode`.
         log_every: updates per log interval: the only time step metrics are read back.
-        batch_size / eval_batch_size: for map-style datasets.
+        batch_size / eval_batch_size: for map-style datasets; refused (a `ConfigError`) where
+            no data would use them: a `DataLoader` or a list of batches makes its own batches.
         shuffle / drop_last / num_workers: batching of map-style training data.
         data_seed: the seed of the data's order (map-style data, a DataLoader) and of the
             randomness drawn while loading it.
@@ -171,7 +263,8 @@ def fit(
             final state is always saved.
         keep_last: regular checkpoints to keep (None keeps all). keep_best: best ones to keep.
         best_metric / mode: the evaluation metric deciding "best" (and watched by plateau
-            schedules).
+            schedules). A metric object of `eval_metrics` that declares ``higher_is_better``
+            (torchmetrics' do) must agree with `mode` (and so with early stopping's mode).
         async_save: write checkpoints in a background thread.
         early_stopping: an `EarlyStopping`, or the dict of its arguments (``{"target": "val_loss",
             "patience": 3, "mode": "min", "min_delta": 0.0}``, every key optional); its counters
@@ -182,13 +275,19 @@ def fit(
             ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings,
             memory).
         log_file: append a JSONL line per log interval, evaluation and epoch.
-        resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any). Without
-            it, a `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
+        resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any), printing
+            ``resumed from <checkpoint> at step N (epoch E, batch B)`` (not with ``"silent"``);
+            callbacks find the checkpoint in ``run.config["resumed_from"]``. Without it, a
+            `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
             With several ranks, rank 0 writes the directory and the others only read it; of a
             sharded state (`TrainState.create(..., sharding=...)`), every rank writes its own shards
             and rank 0 the manifest, and every rank restores its own part.
         compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
             batch shape; of a sharded state, its loss function and backward).
+        donate: give `state` up to the run (see above): its tensors hold the run's first step,
+            and a later use raises `DonatedStateError` (keep a copy with ``state.clone()``
+            first if you need one). The results are bit for bit those without it. A run that
+            takes no step (one resumed after its last) leaves `state` as it was.
         device: where the batches go (None: the state's device, which it must be: build the
             state from ``module.to(device)``). Tensors elsewhere are moved there, asynchronously
             from pinned memory for a CUDA target, so `loss_fn` needs no ``.to(device)``.
@@ -222,20 +321,25 @@ def fit(
             ``max_epochs``, ``max_steps`` and these two options, exempt by design).
 
     Returns:
-        A `FitResult`. Its history has a train row per log interval (and one for the run's last,
-        partial interval), an eval row per evaluation and an epoch row per epoch with the epoch's
-        mean of every training metric.
+        A `FitResult`: the trained module (``result.module``), the final state, the history, the
+        best and test metrics, the checkpoints. Its history has a train row per log interval (and
+        one for the run's last, partial interval), an eval row per evaluation and an epoch row per
+        epoch with the epoch's mean of every training metric. Under gradient accumulation the
+        metrics of updates (``lr``, ``grad_norm`` of the accumulated gradient, ``loss_scale``,
+        ``update_ratio/<group>``, custom transforms' metrics) are means over the updates applied,
+        the others (the loss, the loss function's metrics, ``grad_norm/<group>``) means over the
+        micro-batches.
 
     Raises:
-        ConfigError: invalid arguments, listed together (options without the data or directory
-            they act on included), training data that yields no batch, a callback with a wrong
-            signature, a `checkpoint_dir` holding another run's checkpoints without
-            ``resume=True``, a resume whose data setup differs from the checkpoint's, training
-            data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path
-            and type), a resume on another number of ranks than the one that saved such data's
-            state, a resume whose `config` differs from the checkpoint's
-            (``on_config_change="error"``), or a `best_metric` the first evaluation does not
-            produce.
+        ConfigError: invalid arguments, listed together (options without the data or directory they
+            act on included, a batch size given for data batched already), training data that yields
+            no batch, a callback with a wrong signature, a `checkpoint_dir` holding another run's
+            checkpoints without ``resume=True``, a resume whose data setup differs from the
+            checkpoint's, an `eval_metrics` object whose ``compute()`` is not one number, training
+            data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path and
+            type), a resume on another number of ranks than the one that saved such data's state, a
+            resume whose `config` differs from the checkpoint's (``on_config_change="error"``), or a
+            `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time.
         NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
@@ -250,9 +354,37 @@ def fit(
         >>> result = ft.fit(state, data, eval_data=data, batch_size=16, max_epochs=2, **quiet)
         >>> int(result.state.step), result.stop_reason
         (8, 'max_epochs')
+        >>> model = result.module  # the trained module (the one given to create is untouched)
+        >>> torch.equal(model.weight, result.state.params["weight"])
+        True
+
+        An evaluation step of its own, and a metric over the whole validation set (a
+        torchmetrics metric is used the same way):
+
+        >>> class Worst:  # the largest absolute error seen since reset()
+        ...     def reset(self):
+        ...         self.value = torch.tensor(0.0)
+        ...     def update(self, error):
+        ...         self.value = torch.maximum(self.value, error.abs().max())
+        ...     def compute(self):
+        ...         return self.value
+        >>> worst = Worst()
+        >>> def eval_fn(model, batch):
+        ...     error = model(batch[0]) - batch[1]
+        ...     worst.update(error)
+        ...     return error.abs().mean()  # val_loss: the mean absolute error
+        >>> result = ft.fit(state, data, eval_data=data, eval_fn=eval_fn,
+        ...     eval_metrics={"worst": worst}, batch_size=16, max_epochs=1, **quiet)
+        >>> [k for k in result.history.last("eval") if k.startswith("val_")]
+        ['val_loss', 'val_worst']
     """
+    given = state  # what donate=True gives up
     config_check(
-        [*fit_problems(locals()), *config_option_problems(config, on_config_change, config_exempt)],
+        [
+            *fit_problems(locals()),
+            *batch_size_problems(train_data, (eval_data, test_data), batch_size, eval_batch_size),
+            *config_option_problems(config, on_config_change, config_exempt),
+        ],
         "fit",
     )
     config = json_config(config)[0] if config is not None else None
@@ -308,6 +440,7 @@ def fit(
                 "resume=True to continue that run, or give this run a directory of its own "
                 "(nothing was changed there)"
             )
+        resumed_from = None  # in the loop's config: the callbacks' run.config["resumed_from"]
         if resume and manager is not None:
             # compared before loading: a changed optimizer would otherwise fail as a fingerprint
             # mismatch
@@ -318,6 +451,7 @@ def fit(
             ):  # the latest did not load: an older one did
                 _compare_config(manager.restored, config, on_config_change, config_exempt)
             state = restored or state
+            resumed_from = str(manager.restored) if restored is not None else None
         loop = Loop(
             state,
             train,
@@ -329,11 +463,17 @@ def fit(
             locals(),
             tests=tests if test_every_eval else None,
             device=target,
+            donate=donate,
         )
+        if main and verbosity != "silent" and (line := loop.resumed_line()) is not None:
+            print(line, flush=True)
         loop.run()
     finally:
         if manager is not None:
             manager.close()
+    if donate and loop.stepped:
+        # the first step wrote into the given state's tensors (or a copy sharing them): refused
+        retire(given, _DONATED)
     if state.dist is not None:
         torch.distributed.barrier(group=state.dist.group)  # rank 0's last checkpoint is committed
     return _result(loop, manager, tests)
@@ -435,9 +575,7 @@ def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitRes
         final = loop.state
         if manager is not None and (best := manager.best()) is not None:
             final = load(best, like=loop.state)
-        test = evaluate(final, tests, prefix="test_")
-        if final.ema_state is not None:
-            test.update(evaluate(final, tests, use_ema=True, prefix="test_ema_"))
+        test = loop.evaluation(tests, "test_", final)
     paths: dict[str, Any] = {"best": None, "latest": None, "all": []}
     if manager is not None:
         paths = {"best": manager.best(), "latest": manager.latest(), "all": manager.all()}

@@ -9,20 +9,23 @@ early-stopping value. `to_tree` is written into ``state.driver`` before every sa
 from __future__ import annotations
 
 import math
+import re
 import resource
 import time
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import attrs
 import torch
 
-from functrain.checkpoint.state_io import register_driver_check
+from functrain.checkpoint.state_io import register_driver_check, register_state_check
+from functrain.core.state import register_driver_keys
 from functrain.driver.data import source_problems
 from functrain.driver.history import KINDS, History
 from functrain.driver.stopping import EarlyStopping, improved
 from functrain.errors import ConfigError
 
-__all__ = ["Ledger", "MetricWindow", "memory_columns", "tree_problems"]
+__all__ = ["Ledger", "MetricWindow", "is_update_metric", "memory_columns", "tree_problems"]
 
 _SCALARS = (int, float, str, bool, type(None))
 
@@ -38,6 +41,27 @@ _DATA_ARGUMENTS = {
 }
 _DATA_FIT_NAMES = ("batch_size", "shuffle", "drop_last", "seed")
 
+# metrics of the update a step applies rather than of its batch: the rate, the norm of the gradient
+# the update used, the loss scale, the update ratios (the optimizer's own metrics are added by
+# name); the per-group gradient norms (``grad_norm/<group>``) are each micro-batch's
+_UPDATE_METRICS = frozenset({"lr", "grad_norm", "loss_scale"})
+_UPDATE_GROUPS = ("update_ratio/",)
+_MEMBER = re.compile(r"\[\d+\]$")  # a stacked state's member column: ``name[k]``
+
+
+def is_update_metric(name: str, transform_metrics: Collection[str] = ()) -> bool:
+    """Whether `name` measures the update a step applies (averaged over updates, not batches).
+
+    Under gradient accumulation only the batch that ends a window applies an update; the others
+    report the last update's rate and a partial window's norm, which no update used.
+
+    Example:
+        >>> [is_update_metric(n) for n in ("lr", "update_ratio/0", "lr[1]", "loss", "grad_norm/0")]
+        [True, True, True, False, False]
+    """
+    base = _MEMBER.sub("", name)
+    return base in _UPDATE_METRICS or base in transform_metrics or base.startswith(_UPDATE_GROUPS)
+
 
 class MetricWindow:
     """Running sums of the per-step metrics since the last flush, kept on the device until read.
@@ -45,27 +69,52 @@ class MetricWindow:
     Sums rather than a list of per-step tensors: keeping hundreds of tiny tensors alive fragments
     the allocator and slows the step (``benchmarks/README.md``). Saved in ``state.driver`` so a
     resumed run continues the same sums.
+
+    The metrics of updates (`is_update_metric`) are summed over the batches that applied one and
+    averaged over those (``updates``); the others over every batch (``count``).
     """
 
-    def __init__(self, tree: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, tree: dict[str, Any] | None = None, transform_metrics: Collection[str] = ()
+    ) -> None:
         tree = tree or {}
         self.keys: list[str] = list(tree.get("keys", ()))
         self.sums: torch.Tensor | None = tree.get("sums")
         self.count = int(tree.get("count", 0))
+        # a window saved without it counted every batch as an update
+        self.updates = int(tree.get("updates", self.count))
+        self.transform_metrics = frozenset(transform_metrics)
         self.samples, self.t0 = 0, time.perf_counter()
+        self._masks: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
 
-    def add(self, metrics: dict[str, torch.Tensor], samples: int) -> torch.Tensor:
-        """Add one step's metrics (0-d tensors); returns them stacked, for other windows to add."""
+    def add(
+        self, metrics: dict[str, torch.Tensor], samples: int, applied: bool = True
+    ) -> torch.Tensor:
+        """Add one step's metrics (0-d tensors); returns them stacked, for other windows to add.
+
+        A batch that applied no update (inside an accumulation window) adds 0 to the metrics of
+        updates.
+        """
         values = list(metrics.values())
         dtypes = {v.dtype for v in values}
         vec = torch.stack(values if len(dtypes) == 1 else [v.float() for v in values]).double()
-        self.add_vector(vec, list(metrics))
+        if not applied:
+            vec = torch.where(self._batch_mask(list(metrics), vec.device), vec, 0.0)
+        self.add_vector(vec, list(metrics), applied)
         self.samples += samples
         return vec
 
-    def add_vector(self, vec: torch.Tensor, keys: list[str]) -> None:
+    def _batch_mask(self, keys: list[str], device: torch.device) -> torch.Tensor:
+        """True at the metrics of batches, False at those of updates (made once per key list)."""
+        key = (tuple(keys), device)
+        if key not in self._masks:
+            flags = [not is_update_metric(k, self.transform_metrics) for k in keys]
+            self._masks[key] = torch.tensor(flags, device=device)
+        return self._masks[key]
+
+    def add_vector(self, vec: torch.Tensor, keys: list[str], applied: bool = True) -> None:
         if not self.count:
-            self.keys, self.sums = keys, vec
+            self.keys, self.sums, self.updates = keys, vec, 0
         elif keys != self.keys:
             raise ConfigError(
                 f"loss_fn must return the same metrics at every step: got {keys}, before "
@@ -75,15 +124,25 @@ class MetricWindow:
             assert self.sums is not None  # a count above 0 comes with its sums
             self.sums = self.sums + vec
         self.count += 1
+        self.updates += applied
 
     def totals(self) -> dict[str, float]:
         assert self.sums is not None, "totals of an empty window"
         return dict(zip(self.keys, self.sums.tolist(), strict=True))  # one host read
 
     def means(self) -> dict[str, float]:
-        """The window's mean of each metric (``skipped`` as a total): one host read."""
+        """The window's mean of each metric (``skipped`` as a total): one host read.
+
+        The metrics of updates are means over the updates applied, and left out of a window that
+        applied none.
+        """
         totals = self.totals()
-        out = {k: v / self.count for k, v in totals.items()}
+        out = {}
+        for k, v in totals.items():
+            if not is_update_metric(k, self.transform_metrics):
+                out[k] = v / self.count
+            elif self.updates:
+                out[k] = v / self.updates
         if "skipped" in out:
             out["skipped"] = totals["skipped"]
         return out
@@ -99,11 +158,16 @@ class MetricWindow:
         return out
 
     def reset(self) -> None:
-        self.keys, self.sums, self.count = [], None, 0
+        self.keys, self.sums, self.count, self.updates = [], None, 0, 0
         self.samples, self.t0 = 0, time.perf_counter()
 
     def to_tree(self) -> dict[str, Any]:
-        return {"keys": list(self.keys), "sums": self.sums, "count": self.count}
+        return {
+            "keys": list(self.keys),
+            "sums": self.sums,
+            "count": self.count,
+            "updates": self.updates,
+        }
 
 
 @attrs.define
@@ -121,16 +185,25 @@ class Ledger:
     )
 
     @classmethod
-    def from_tree(cls, driver: dict[str, Any], early: EarlyStopping | None) -> Ledger:
-        """The records saved in `driver` (empty for a fresh run); `early` takes its saved counts."""
+    def from_tree(
+        cls,
+        driver: dict[str, Any],
+        early: EarlyStopping | None,
+        transform_metrics: Collection[str] = (),
+    ) -> Ledger:
+        """The records saved in `driver` (empty for a fresh run); `early` takes its saved counts.
+
+        `transform_metrics`: the names of the metrics the optimizer's state exposes, which measure
+        updates (`is_update_metric`).
+        """
         history = History.from_tree(driver.get("history"))
         last = history.last("train")
         if last is not None and last.get("partial"):
             history.rows["train"].pop()  # its window's sums are restored: the run goes on with them
         return cls(
             history=history,
-            window=MetricWindow(driver.get("window")),
-            epoch_sums=MetricWindow(driver.get("epoch_sums")),
+            window=MetricWindow(driver.get("window"), transform_metrics),
+            epoch_sums=MetricWindow(driver.get("epoch_sums"), transform_metrics),
             best=driver.get("best"),
             empty_batches=int(driver.get("empty_batches", 0)),
             early=early.with_tree(driver.get("early_stopping")) if early is not None else None,
@@ -182,9 +255,15 @@ class Ledger:
                 raise ConfigError(_data_change_message(self.data, setup, changed, checkpoint))
         self.data = setup
 
-    def add_step(self, metrics: dict[str, torch.Tensor], samples: int) -> None:
-        """Add one step's metrics to the log window and the epoch's sums (no host read)."""
-        self.epoch_sums.add_vector(self.window.add(metrics, samples), self.window.keys)
+    def add_step(
+        self, metrics: dict[str, torch.Tensor], samples: int, applied: bool = True
+    ) -> None:
+        """Add one step's metrics to the log window and the epoch's sums (no host read).
+
+        `applied`: whether the step applied an update (False inside an accumulation window).
+        """
+        vec = self.window.add(metrics, samples, applied)
+        self.epoch_sums.add_vector(vec, self.window.keys, applied)
 
     def end_epoch(self, epoch: int, step: int, elapsed: float) -> None:
         """Record the finished `epoch`'s row: the mean of every training metric (one host read)."""
@@ -332,12 +411,17 @@ def _window_problems(tree: Any, path: str) -> list[str]:
     """What keeps `tree` from being a `MetricWindow`'s saved sums (empty when it is one)."""
     if tree is None:
         return []
-    if not isinstance(tree, dict) or not set(tree) <= {"keys", "sums", "count"}:
-        return [f"{path}: expected a dict of keys, sums and count, got {_describe(tree)}"]
+    if not isinstance(tree, dict) or not set(tree) <= {"keys", "sums", "count", "updates"}:
+        return [f"{path}: expected a dict of keys, sums, count and updates, got {_describe(tree)}"]
     keys, sums, count = tree.get("keys", []), tree.get("sums"), tree.get("count", 0)
+    updates = tree.get("updates", count)
     problems = []
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         problems.append(f"{path}/keys: expected a list of metric names, got {_describe(keys)}")
+    if _is_count(count) and not (_is_count(updates) and updates <= count):
+        problems.append(
+            f"{path}/updates: expected an int from 0 to count={count}, got {_describe(updates)}"
+        )
     if not _is_count(count):
         problems.append(f"{path}/count: expected an int >= 0, got {_describe(count)}")
     elif count and not (
@@ -381,4 +465,29 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {str(value)[:80]}"
 
 
+def position_problems(tree: Mapping[str, Any]) -> list[str]:
+    """A saved `epoch_step` past the end of an epoch of the data setup in ``driver/data``."""
+    driver = tree.get("driver")
+    data = driver.get("data") if isinstance(driver, dict) else None
+    batches, position = _epoch_batches(data), tree.get("epoch_step")
+    if batches is None or not isinstance(position, torch.Tensor) or position.max() <= batches:
+        return []
+    return [
+        f"epoch_step: expected at most {batches} (the batches of an epoch of the data setup in "
+        f"driver/data), got {position.tolist()}"
+    ]
+
+
+def _epoch_batches(data: Any) -> int | None:
+    """An epoch's batches of map-style data (an iterable's length is only what it says it is)."""
+    samples, size = (data.get(k) for k in ("samples", "batch_size")) if _is_row(data) else (0, 0)
+    if not (_is_count(samples) and _is_count(size) and size):
+        return None
+    if _is_count(data.get("batches")):
+        return data["batches"]  # a DataLoader's, from its own sampler
+    return samples // size if data.get("drop_last") else -(-samples // size)
+
+
 register_driver_check(tree_problems)
+register_state_check(position_problems)
+register_driver_keys(_DRIVER_KEYS)

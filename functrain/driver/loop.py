@@ -8,6 +8,7 @@ into ``state.driver`` before every save.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -29,6 +30,7 @@ from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import ConfigError, NonFiniteError
+from functrain.optim.metrics import transform_metrics
 from functrain.optim.plateau import observe_plateau
 from functrain.optim.wrappers import check_skip_limits
 
@@ -65,6 +67,7 @@ FIT_SETTINGS = (
     "grad_stats",
     "test_every_eval",
     "config",
+    "resumed_from",  # the checkpoint a resumed run goes on from (a str), else None
 )
 
 # the stop reasons of a run ended by a non-finite value: nothing is saved after them
@@ -87,15 +90,24 @@ class Loop:
         *,
         tests: Any = None,
         device: torch.device | None = None,
+        donate: bool = False,
     ) -> None:
         self.cfg = {k: cfg[k] for k in LOOP_OPTIONS} | {k: cfg.get(k) for k in FIT_SETTINGS}
         self.tests = tests  # evaluated with each evaluation (fit's test_every_eval)
+        # the evaluation's own step and metric objects (not plain values: not in run.config)
+        self.eval_fn, self.eval_metrics = cfg.get("eval_fn"), cfg.get("eval_metrics")
         self.device = device or state.device
         self.cfg["accumulate_steps"] = state.options.accumulate_steps
         self.train, self.evals, self.manager, self.hooks = train, evals, manager, hooks
         self.step_fn = compile_step() if compile else train_step
-        self.ledger = Ledger.from_tree(state.driver, early)
+        # the optimizer's own metrics measure updates, as the rate does (averaged over updates)
+        own = set(transform_metrics(state.opt_state)) - {"skipped"}
+        self.ledger = Ledger.from_tree(state.driver, early, own)
         self.state = state
+        # before the first step the state is the one the run starts from, or shares its tensors
+        # (`replace` keeps them): `fit`'s caller holds it, unless `donate` says it was given up
+        self._donate_start = donate
+        self.stepped = False  # whether a step ran (and so whether `donate` took the start state)
         self.main = state.dist is None or state.dist.rank == 0
         # the one read of the counters; from here on the driver counts on the host
         self.step, self.micro, self.epoch, self.pos = (
@@ -111,7 +123,7 @@ class Loop:
         )
         if (
             train.saves_position
-        ):  # data whose position a checkpoint holds (its state, or its consumed indices)
+        ):  # data whose position a checkpoint holds (its state, or a digest of what it consumed)
             train.resume(state.driver.get("source"), state.dist)
             if manager is not None:
                 # a state a checkpoint cannot store is refused now, not at the first save. After the
@@ -124,6 +136,16 @@ class Loop:
         self.stop_reason: str | None = state.driver.get("stop_reason")
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
+
+    def resumed_line(self) -> str | None:
+        """Where a resumed run goes on from: the checkpoint and the position; None for a new run.
+
+        Example: ``resumed from ckpt/step-00000012 at step 12 (epoch 1, batch 4)``.
+        """
+        path = self.cfg.get("resumed_from")
+        if path is None:
+            return None
+        return f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.pos})"
 
     def fire(self, hook: str) -> None:
         """Call `hook` on every callback, with the run as it stands."""
@@ -202,9 +224,12 @@ class Loop:
     def _owns_state(self) -> bool:
         """Whether the loop alone holds its state, so the step may take it (``donate=True``).
 
-        Not the state `fit` was given (the caller holds it), nor one a callback kept from
+        Not the state `fit` was given, nor one sharing its tensors (a callback's ``run.user``
+        before the first step), unless ``fit(donate=True)``; nor one a callback kept from
         ``run.state``: those stay valid, and that step runs pure.
         """
+        if not self.stepped:
+            return self._donate_start
         # self.state, and the run as hooks last saw it
         held = 1 + (self.run_ctx.state is self.state)
         # Why a reference count: whoever else holds the state (the caller, a callback, a user's
@@ -255,6 +280,7 @@ class Loop:
     def _step(self, batch: Any, n: int) -> None:
         try:
             donate = self._owns_state()  # asked first: an argument being passed is a reference too
+            self.stepped = True
             self.state, metrics = self.step_fn(self.state, batch, donate=donate)
         except NonFiniteError as e:
             raise NonFiniteError(
@@ -263,9 +289,9 @@ class Loop:
         self.pos += 1
         self.run_ctx.batches += 1
         self.micro = (self.micro + 1) % self.k
-        self.ledger.add_step(member_columns(metrics) if self.stacked else metrics, n)
-        self.run_ctx.logs = None
         update_done = self.micro == 0
+        self.ledger.add_step(member_columns(metrics) if self.stacked else metrics, n, update_done)
+        self.run_ctx.logs = None
         if update_done:
             self.step += 1
             if self.step % self.cfg["log_every"] == 0:
@@ -340,16 +366,15 @@ class Loop:
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
-        metrics = evaluate(self.state, self.evals)
-        if self.state.ema_state is not None:
-            metrics.update(evaluate(self.state, self.evals, use_ema=True, prefix="val_ema_"))
+        metrics = self.evaluation(self.evals, "val_")
         if self.tests is not None:
-            metrics.update(self._test())
+            metrics.update(self.evaluation(self.tests, "test_"))
         if self.cfg["best_metric"] not in metrics:
             raise ConfigError(
                 f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics "
-                f"{sorted(metrics)}: pass one of them as best_metric, or return it from loss_fn as "
-                "a metric (prefixed 'val_' in evaluations)"
+                f"{sorted(metrics)}: pass one of them as best_metric, or produce it (prefixed "
+                "'val_' in evaluations): a metric eval_fn (or loss_fn) returns, or a metric "
+                "object in eval_metrics"
             )
         self.ledger.history.add(
             "eval",
@@ -382,10 +407,20 @@ class Loop:
             self._save(metrics)
         self.fire("on_eval_end")
 
-    def _test(self) -> dict[str, float]:
-        metrics = evaluate(self.state, self.tests, prefix="test_")
-        if self.state.ema_state is not None:
-            metrics.update(evaluate(self.state, self.tests, use_ema=True, prefix="test_ema_"))
+    def evaluation(
+        self, data: Any, prefix: str, state: TrainState | None = None
+    ) -> dict[str, float]:
+        """`data` evaluated on the weights and, with EMA, on their average (``{prefix}ema_``).
+
+        Of `state` (default: the loop's), with fit's `eval_fn` and `eval_metrics`.
+        """
+        state = self.state if state is None else state
+        measure = functools.partial(
+            evaluate, state, data, eval_fn=self.eval_fn, metrics=self.eval_metrics
+        )
+        metrics = measure(prefix=prefix)
+        if state.ema_state is not None:
+            metrics.update(measure(use_ema=True, prefix=f"{prefix}ema_"))
         return metrics
 
     def _position(self) -> tuple[int, int, int, dict[str, Any]]:
@@ -413,7 +448,8 @@ class Loop:
         """What ``state.driver`` holds: the ledger's records and the training data's position.
 
         The position is there for training data whose position checkpoints hold (a
-        ``state_dict()``, a DataLoader's consumed indices): that position now, after the last batch
+        ``state_dict()``, the digest of a DataLoader's consumed indices or of a replayed source's
+        consumed batches): that position now, after the last batch
         a step consumed (the loop draws batches one at a time), each rank's own under
         torch.distributed.
         """

@@ -35,6 +35,7 @@ __all__ = [
     "host_states",
     "loader_settings",
     "mix",
+    "python_and_numpy_seeded",
     "seed_host_generators",
     "set_host_states",
 ]
@@ -99,10 +100,35 @@ def seed_host_generators(seed: int) -> None:
     torch's CUDA generators are left alone: data loading runs on the host.
     """
     torch.default_generator.manual_seed(seed)
+    _seed_others(seed)
+
+
+def _seed_others(seed: int) -> None:
     random.seed(seed)
     np_random = _numpy_random()
     if np_random is not None:
         np_random.seed(seed & 0xFFFFFFFF)  # numpy takes 32-bit seeds
+
+
+def python_and_numpy_seeded(fn: Callable[[], T], seed: int) -> T:
+    """`fn()` with Python's `random` and numpy's global generator seeded from `seed`.
+
+    The caller's states are put back after it; torch's generators are left to the caller (an
+    `EpochStream` draw keeps them in its stream).
+
+    Example:
+        >>> random.seed(1); first = random.random(); random.seed(1)
+        >>> python_and_numpy_seeded(random.random, 7) == python_and_numpy_seeded(random.random, 7)
+        True
+        >>> random.random() == first  # the caller's stream goes on as it was
+        True
+    """
+    saved = _other_states()
+    try:
+        _seed_others(seed)
+        return fn()
+    finally:
+        _set_other_states(saved)
 
 
 @contextmanager

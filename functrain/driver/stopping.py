@@ -72,7 +72,9 @@ class EarlyStopping:
             config_check(
                 [
                     f"early stopping watches {self.target!r}, which the evaluation did not "
-                    f"produce (got {sorted(metrics)})"
+                    f"produce (got {sorted(metrics)}): watch one of them, or produce it (prefixed "
+                    "'val_' in fit's evaluations): a metric eval_fn (or loss_fn) returns, or a "
+                    "metric object in eval_metrics"
                 ],
                 "EarlyStopping",
             )

@@ -29,6 +29,8 @@ that says so and what to set.
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -39,13 +41,21 @@ from torch.optim import lr_scheduler
 
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError, config_check
-from functrain.interop.schedulers import from_torch
+from functrain.interop.schedulers import ConversionWarning, from_torch
 from functrain.interop.torch_classes import KEYS, TORCH_CLASSES, implementation, torch_class
 from functrain.optim.base import Transform
 from functrain.optim.metrics import walk_states
+from functrain.optim.porting import (
+    cycled_momentum,
+    cycled_setting,
+    cycling_scheduler,
+    held_setting,
+    momentum_cycle_note,
+    own_settings,
+)
 from functrain.optim.rules.fused import FusedSgdState
 from functrain.optim.rules.trace import TraceState
-from functrain.optim.schedules import Schedule
+from functrain.optim.schedules import Schedule, per_epoch
 from functrain.optim.wrappers import PartitionState, partition
 
 __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
@@ -162,6 +172,7 @@ def from_torch_optimizer(
     lr: LearningRates = None,
     step: int | None = None,
     scheduler: Any = None,
+    steps_per_epoch: int | None = None,
 ) -> ConvertedOptimizer:
     """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
 
@@ -175,24 +186,42 @@ def from_torch_optimizer(
 
     The step counter of the transform starts at torch's count, so a schedule given as `lr`
     continues where torch's scheduler is, when the scheduler steps once per optimizer step: pass
-    ``lr=functrain.schedules.from_torch(<the scheduler's class>, lr=<initial lr>, ...)``.
+    ``lr=functrain.schedules.from_torch(<the scheduler's class>, lr=<initial lr>, ...)``. A
+    scheduler stepped once an epoch (Lightning's default, ``"interval": "epoch"``) is
+    ``scheduler=`` with ``steps_per_epoch=``: its values then hold for an epoch's updates.
+
+    Settings are the optimizer's own: where a `OneCycleLR` or `CyclicLR` cycles a group's
+    momentum or ``betas[0]`` (``cycle_momentum=True``, torch's default), the value the optimizer
+    was built with (``optimizer.defaults``, all that is left of it), held constant, since
+    functrain's optimizers cannot cycle it: the converted run is torch's with
+    ``cycle_momentum=False`` (the schedule is built so, and named so), and a `ConversionWarning`
+    says so. The error for a live optimizer passed where a transform belongs writes the same call.
 
     Args:
         optimizer: a live `torch.optim` optimizer (any but `LBFGS` and `SparseAdam`), or a list of
             them over disjoint parameters (a `Muon` and the `AdamW` for the rest).
         module: the module whose parameters it updates (their names key the functrain state).
-        lr: None: each group's current ``lr``, held constant; a float or schedule for every group;
-            or one per group.
+        lr: None: each group's current ``lr``, held constant (with a `ConversionWarning` where a
+            torch scheduler drives the group: pass `scheduler`); a float or schedule for every
+            group; or one per group.
         step: the updates taken, for `SGD` and `Muon`, whose states keep no count (None: 0 without
             momentum buffers, else 1, enough for a constant lr); checked against the count of the
             others.
         scheduler: instead of `lr`, the live torch scheduler of `optimizer` (one per optimizer of a
-            list, None for one that keeps its lr), stepped once per
-            optimizer step): its class and arguments are read back and rebuilt with
+            list, None for one that keeps its lr), stepped once per optimizer step (once an epoch
+            with `steps_per_epoch`): its class and arguments are read back and rebuilt with
             `functrain.schedules.from_torch` from each group's ``initial_lr`` (`StepLR`,
             `MultiStepLR`, `ExponentialLR`, `CosineAnnealingLR`, `LinearLR`, `ConstantLR`,
-            `PolynomialLR`, `CosineAnnealingWarmRestarts`, `LambdaLR`, and `SequentialLR` and
-            `ChainedScheduler` of them, members taken as built in list order; others: pass `lr`).
+            `PolynomialLR`, `CosineAnnealingWarmRestarts`, `LambdaLR`, `OneCycleLR` and
+            `CyclicLR` from their own arguments, and `SequentialLR` and `ChainedScheduler` of
+            them, members taken as built in list order; others: pass `lr`).
+        steps_per_epoch: with `scheduler`, the scheduler is stepped once per epoch of this many
+            optimizer steps (``scheduler.step()`` after each epoch, Lightning's default
+            ``"interval": "epoch"``; ``len(train_loader)``, divided by ``accumulate_steps`` under
+            accumulation): each converted schedule becomes
+            ``functrain.schedules.per_epoch(schedule, steps_per_epoch)``, and the scheduler's
+            count is checked against the epochs the optimizer's steps make. None: stepped once per
+            optimizer step (Lightning's ``"interval": "step"``).
 
     Returns:
         A `ConvertedOptimizer`.
@@ -202,7 +231,13 @@ def from_torch_optimizer(
             implementation is not one functrain continues bit for bit (or ``capturable`` or
             ``differentiable`` is set), a parameter is not the module's, parameters of one group
             took different numbers of steps, or the scheduler cannot be read back or stepped a
-            different number of times.
+            different number of times (of epochs, with `steps_per_epoch`), or `steps_per_epoch`
+            is not an int >= 1 or comes without `scheduler`.
+
+    Warns:
+        ConversionWarning: a group's momentum is cycled by a torch scheduler (held constant
+            here), or a scheduler drives a group's lr and neither `lr` nor `scheduler` is given
+            (its current lr held).
 
     Example:
         >>> import torch, functrain as ft
@@ -215,11 +250,25 @@ def from_torch_optimizer(
         (1, ('weight', 'bias'), 1)
         >>> run.optimizer.name
         'adamw(lr=0.01, b1=0.9, b2=0.999, eps=1e-08, weight_decay=0.01, amsgrad=False, mask=None)'
+
+        A scheduler stepped once an epoch (Lightning's ``"interval": "epoch"``), of 3 steps here:
+
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        >>> cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)  # 20 epochs
+        >>> run = ft.from_torch_optimizer(opt, model, scheduler=cosine, steps_per_epoch=3)
+        >>> state, rates = run.create_state(model, lambda m, b: m(b).sum()), []
+        >>> for _ in range(4):
+        ...     state, metrics = ft.train_step(state, torch.ones(2, 3))
+        ...     rates.append(round(float(metrics["lr"]), 6))
+        >>> rates
+        [0.01, 0.01, 0.01, 0.009938]
     """
     where = "from_torch_optimizer"
     optimizers = _optimizers(optimizer, module, where)
     if scheduler is not None and lr is not None:
         config_check(["pass lr= or scheduler=, not both"], where)
+    config_check(_epoch_problems(steps_per_epoch, scheduler), where)
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
     places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
     rates = _rates(lr, len(slots), where)
@@ -232,12 +281,14 @@ def from_torch_optimizer(
         groups += read
         counts += _counts(o, read, step, _place(where, len(optimizers), i, None))
     if scheduler is not None:
-        rates = _schedules(scheduler, optimizers, counts, where)
+        rates = _schedules(scheduler, optimizers, counts, steps_per_epoch, where)
     groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
     transforms = [
         _transform(o, o.param_groups[k], g, rate, place)
         for (_, o, k), g, rate, place in zip(slots, groups, rates, places, strict=True)
     ]
+    for warning in _dropped(slots, places, held_lr=lr is None and scheduler is None):
+        warnings.warn(warning, ConversionWarning, stacklevel=2)
     if len(transforms) == 1:
         tx = transforms[0]
     else:
@@ -249,6 +300,34 @@ def from_torch_optimizer(
     return ConvertedOptimizer(
         tx, max(counts), tuple(n for g in groups for n in g.names), tuple(groups)
     )
+
+
+def _dropped(
+    slots: Sequence[tuple[int, torch.optim.Optimizer, int]], places: Sequence[str], held_lr: bool
+) -> list[str]:
+    """What the converted run does not take from torch's, group by group, and what it does instead.
+
+    A momentum cycle (functrain's optimizers hold momentum constant), and, with `held_lr`, the lr
+    of a group that a torch scheduler drives (held at its current value).
+    """
+    found = []
+    for (_, o, k), place in zip(slots, places, strict=True):
+        group = o.param_groups[k]
+        bounds = cycled_momentum(group)
+        if bounds is not None:
+            kind = torch_class(o)
+            assert kind is not None  # _optimizers checked
+            held = held_setting(kind.preset, own_settings(o, group))
+            note = momentum_cycle_note(cycling_scheduler(group), bounds, cycled_setting(o), held)
+            found.append(f"{place}: {note}")
+        if held_lr and "initial_lr" in group:
+            found.append(
+                f"{place}: a torch scheduler drives this group's lr (the group holds its "
+                f"initial_lr={group['initial_lr']!r}); the converted run holds the current "
+                f"lr={group['lr']!r} constant: pass scheduler=<that scheduler> to continue its "
+                "schedule, or lr= to choose the rate"
+            )
+    return found
 
 
 def _place(where: str, n: int, i: int, k: int | None) -> str:
@@ -297,10 +376,31 @@ def _optimizers(
     return optimizers
 
 
+def _epoch_problems(steps_per_epoch: Any, scheduler: Any) -> list[str]:
+    """What is wrong with `from_torch_optimizer`'s `steps_per_epoch` (given with `scheduler`)."""
+    if steps_per_epoch is None:
+        return []
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
+        return [f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}"]
+    if steps_per_epoch < 1:
+        return [f"steps_per_epoch must be an int >= 1, got {steps_per_epoch}"]
+    if scheduler is None:
+        return [
+            "steps_per_epoch= says how often the torch scheduler steps: pass scheduler=<the live "
+            "scheduler> with it (for lr=, give the schedule as "
+            "functrain.schedules.per_epoch(schedule, steps_per_epoch) instead)"
+        ]
+    return []
+
+
 def _schedules(
-    scheduler: Any, optimizers: Sequence[torch.optim.Optimizer], counts: Sequence[int], where: str
+    scheduler: Any,
+    optimizers: Sequence[torch.optim.Optimizer],
+    counts: Sequence[int],
+    steps_per_epoch: int | None,
+    where: str,
 ) -> list[Any]:
-    """One rate per group from the live schedulers.
+    """One rate per group from the live schedulers (each held an epoch with `steps_per_epoch`).
 
     There is one scheduler per optimizer; None keeps that optimizer's lr.
     """
@@ -316,7 +416,7 @@ def _schedules(
     rates: list[Any] = []
     for s, o in zip(schedulers, optimizers, strict=True):
         own = counts[len(rates) : len(rates) + len(o.param_groups)]
-        rates += [None] * len(own) if s is None else _scheduled(s, o, own, where)
+        rates += [None] * len(own) if s is None else _scheduled(s, o, own, steps_per_epoch, where)
     return rates
 
 
@@ -343,6 +443,10 @@ def _described_scheduler(scheduler: Any, k: int, where: str) -> tuple[type, dict
         }
     if cls is lr_scheduler.LambdaLR:
         return cls, {"lr_lambda": scheduler.lr_lambdas[k]}
+    if cls is lr_scheduler.OneCycleLR:
+        return cls, _one_cycle_args(scheduler, scheduler.optimizer.param_groups[k], where)
+    if cls is lr_scheduler.CyclicLR:
+        return cls, _cyclic_args(scheduler, k, where)
     if cls is lr_scheduler.SequentialLR:
         members = [_described_scheduler(s, k, where) for s in scheduler._schedulers]
         return cls, {"schedulers": members, "milestones": list(scheduler._milestones)}
@@ -355,31 +459,137 @@ def _described_scheduler(scheduler: Any, k: int, where: str) -> tuple[type, dict
     raise AssertionError  # unreachable: config_check raised
 
 
+def _one_cycle_args(scheduler: Any, group: dict[str, Any], where: str) -> dict[str, Any]:
+    """A live `OneCycleLR`'s arguments for one group, as `from_torch` takes them.
+
+    Read from the values torch computed (the group's ``initial_lr``, ``max_lr``, ``min_lr``, the
+    phases' ends), as arguments that give those values again to the bit; ``cycle_momentum=False``:
+    functrain's optimizers hold momentum constant (`from_torch_optimizer` warns).
+    """
+    total, phases = scheduler.total_steps, scheduler._schedule_phases
+    max_lr, initial, final = group["max_lr"], group["initial_lr"], group["min_lr"]
+    if not (initial and final):
+        _unreadable(lr_scheduler.OneCycleLR, "its factors, from max_lr=0", where)
+    rise_end = phases[0]["end_step"]
+    found = {
+        "pct_start": _inverse(lambda p: float(p * total) - 1, (rise_end + 1) / total, rise_end),
+        "anneal_strategy": getattr(scheduler, "_anneal_func_type", None),
+        "div_factor": _inverse(lambda d: max_lr / d, max_lr / initial, initial),
+        "final_div_factor": _inverse(lambda f: initial / f, initial / final, final),
+    }
+    if None in found.values():
+        unread = ", ".join(name for name, value in found.items() if value is None)
+        _unreadable(lr_scheduler.OneCycleLR, f"its {unread}", where)
+    args = {"max_lr": max_lr, "total_steps": total, **found, "three_phase": len(phases) == 3}
+    return _without_defaults(lr_scheduler.OneCycleLR, {**args, "cycle_momentum": False})
+
+
+def _cyclic_args(scheduler: Any, k: int, where: str) -> dict[str, Any]:
+    """A live `CyclicLR`'s arguments for group `k`, as `from_torch` takes them.
+
+    The step sizes are read back from torch's cycle length and ratio (``cycle_momentum=False``, as
+    for `OneCycleLR`).
+    """
+    total, ratio = scheduler.total_size, scheduler.step_ratio
+    up = round(total * ratio)
+    down = total - up
+    if not (up >= 1 and down == int(down) and up / (up + down) == ratio):
+        _unreadable(lr_scheduler.CyclicLR, "its step sizes (not whole steps)", where)
+    custom = getattr(scheduler, "_scale_fn_custom", None)
+    args = {
+        "base_lr": scheduler.base_lrs[k],
+        "max_lr": scheduler.max_lrs[k],
+        "step_size_up": int(up),
+        "step_size_down": None if down == up else int(down),
+        "mode": scheduler.mode,
+        "gamma": scheduler.gamma,
+        "scale_fn": custom,
+        "scale_mode": scheduler.scale_mode if custom is not None else "cycle",
+        "cycle_momentum": False,
+    }
+    return _without_defaults(lr_scheduler.CyclicLR, args, keep=("base_lr", "max_lr"))
+
+
+def _inverse(fn: Callable[[float], float], guess: float, target: float) -> float | None:
+    """A float ``x`` near `guess` with ``fn(x) == target``, else None.
+
+    The 12-digit rounding of `guess` first (the value a user wrote, before torch's arithmetic
+    rounded it), then `guess` and its neighbours.
+    """
+    candidates = [float(f"{guess:.12g}"), guess]
+    up = down = guess
+    for _ in range(4):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        candidates += [up, down]
+    return next((x for x in candidates if fn(x) == target), None)
+
+
+def _without_defaults(
+    cls: type, args: dict[str, Any], keep: Sequence[str] = ("max_lr", "total_steps")
+) -> dict[str, Any]:
+    """`args` less those at torch's defaults (`keep` stays), for a schedule's recorded name."""
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
+    return {n: v for n, v in args.items() if n in keep or v != defaults[n]}
+
+
+def _unreadable(cls: type, what: str, where: str) -> None:
+    fix = f"pass lr=functrain.schedules.from_torch({cls.__name__}, <its arguments>) instead"
+    config_check(
+        [f"a live {cls.__name__} cannot be read back into its arguments ({what}); {fix}"], where
+    )
+
+
 def _scheduled(
-    scheduler: Any, optimizer: torch.optim.Optimizer, counts: Sequence[int], where: str
+    scheduler: Any,
+    optimizer: torch.optim.Optimizer,
+    counts: Sequence[int],
+    steps_per_epoch: int | None,
+    where: str,
 ) -> list[Schedule]:
     """One schedule per group: the live scheduler's class and arguments from its base lrs.
 
-    Each is taken at the optimizer's count.
+    Each is taken at the optimizer's count, and held for an epoch's steps with `steps_per_epoch`.
     """
     if getattr(scheduler, "optimizer", None) is not optimizer:
         config_check(
             ["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where
         )
-    steps = getattr(scheduler, "last_epoch", None)
-    if steps is not None and any(steps != count for count in counts):
-        problem = (
-            f"the scheduler stepped {steps} times, the optimizer {max(counts)}: functrain runs a "
-            "schedule on the update count"
-        )
-        config_check(
-            [f"{problem}; step the scheduler once per optimizer step, or pass lr= yourself"], where
-        )
+    config_check(_step_problems(scheduler, counts, steps_per_epoch), where)
     schedules = []
     for k, group in enumerate(optimizer.param_groups):
         cls, kwargs = _described_scheduler(scheduler, k, where)
-        schedules.append(from_torch(cls, lr=group["initial_lr"], **kwargs))
+        # OneCycleLR and CyclicLR start from their own arguments, not from the optimizer's lr
+        if cls not in (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR):
+            kwargs = {"lr": group["initial_lr"], **kwargs}
+        schedule = from_torch(cls, **kwargs)
+        schedules.append(
+            schedule if steps_per_epoch is None else per_epoch(schedule, steps_per_epoch)
+        )
     return schedules
+
+
+def _step_problems(scheduler: Any, counts: Sequence[int], steps_per_epoch: int | None) -> list[str]:
+    """A scheduler whose count is not the optimizer's (its epochs', with `steps_per_epoch`)."""
+    steps = getattr(scheduler, "last_epoch", None)
+    count = max(counts)
+    if steps_per_epoch is None:
+        if steps is None or all(steps == c for c in counts):
+            return []
+        return [
+            f"the scheduler stepped {steps} times, the optimizer {count}: functrain runs a "
+            "schedule on the update count; step the scheduler once per optimizer step, pass "
+            "steps_per_epoch=<optimizer steps per epoch> for one stepped once an epoch, or pass "
+            "lr= yourself"
+        ]
+    epochs = [c // steps_per_epoch for c in counts]
+    if steps is None or all(steps == e for e in epochs):
+        return []
+    return [
+        f"the scheduler stepped {steps} times, but the optimizer's {count} steps make "
+        f"{max(epochs)} epochs of steps_per_epoch={steps_per_epoch}: pass the optimizer steps of "
+        "one epoch as steps_per_epoch (the scheduler stepped once after each epoch), or leave it "
+        "out for a scheduler stepped once per optimizer step"
+    ]
 
 
 def _rates(lr: LearningRates, n: int, where: str) -> list[float | Schedule | None]:
@@ -492,7 +702,7 @@ def _transform(
     """
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
-    kwargs = kind.settings(group)
+    kwargs = kind.settings(own_settings(optimizer, group))  # not the momentum a scheduler wrote
     kwargs["lr"] = g.lr if rate is None else rate
     problems = _implementation_problems(optimizer, group)
     config_check(problems, where)

@@ -4,6 +4,10 @@ The classes are described one by one in `scheduler_parts`; this module checks th
 builds the parts in the order torch builds the schedulers (a composite's members first, depth
 first), and joins them as `SequentialLR` (one member after another) and `ChainedScheduler` (every
 member at every step) join them.
+
+torch's `OneCycleLR` and `CyclicLR` also cycle the optimizer's momentum (``betas[0]`` in Adam's
+family) by default; functrain's optimizers hold it constant, so `from_torch` warns
+(`ConversionWarning`) unless ``cycle_momentum=False`` says the run is torch's without that cycle.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import operator
+import warnings
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +27,7 @@ from torch.optim import lr_scheduler
 from functrain.errors import config_check
 from functrain.interop import scheduler_parts as P
 from functrain.interop.scheduler_parts import Part, Setting
-from functrain.optim.porting import schedule_call
+from functrain.optim.porting import momentum_cycle_note, schedule_call
 from functrain.optim.schedules.catalogue import (
     Schedule,
     check_interval,
@@ -32,11 +37,17 @@ from functrain.optim.schedules.catalogue import (
     lift,
 )
 
-__all__ = ["from_torch"]
+__all__ = ["from_torch", "ConversionWarning"]
 
 _IGNORED = ("optimizer", "last_epoch")
-# arguments of torch's that only change momentum, which functrain's optimizers hold constant
-_MOMENTUM_ARGS = ("cycle_momentum", "base_momentum", "max_momentum")
+
+
+class ConversionWarning(UserWarning):
+    """A torch run converted to functrain without something torch does; the message says what.
+
+    Such as the momentum cycle of `OneCycleLR` and `CyclicLR`, which functrain's optimizers hold
+    constant: the message says what the converted run does instead.
+    """
 
 
 def _torch_args(
@@ -557,9 +568,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
       it, up to ``total_steps`` (an extra argument, required), and the products (as torch rounds
       them) kept in a float64 table (8 bytes a step) that the schedule reads by index; past
       ``total_steps`` the last value is held. A lambda must not return 0 (the lr would stay 0).
-    * `CyclicLR`: the lr cycle only. ``cycle_momentum`` and the momentum bounds are ignored, as
-      `OneCycleLR`'s are: functrain's momentum and ``b1`` are constants, so a torch run whose
-      momentum cycles is reproduced only with ``cycle_momentum=False``. `lr` is ignored (it starts
+    * `CyclicLR`: the lr cycle only, as for `OneCycleLR`: functrain's momentum and ``b1`` are
+      constants, so the schedule is that of torch's run with ``cycle_momentum=False``; with
+      ``cycle_momentum=True`` (torch's default) a `ConversionWarning` says what is dropped and that
+      the run keeps its optimizer's momentum or ``b1``. `lr` is ignored (it starts
       from ``base_lr``; built after another scheduler, its first value is torch's: the
       ``initial_lr`` the others started from). A ``scale_fn`` is called as `LambdaLR`'s lambda is.
     * `SequentialLR` and `ChainedScheduler`, nested: ``schedulers=[(cls, kwargs), ...]`` (and
@@ -619,6 +631,11 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
         ConfigError: `cls` is not supported (the message lists those that are), an argument is
             unknown, missing or out of range, or the combination is one of the refused above.
 
+    Warns:
+        ConversionWarning: a `OneCycleLR` or `CyclicLR` (alone or a member) cycles momentum
+            (``cycle_momentum=True``, torch's default), which the schedule leaves out; pass
+            ``cycle_momentum=False`` to convert torch's run without that cycle.
+
     Example:
         >>> from torch.optim.lr_scheduler import ChainedScheduler, ConstantLR, ExponentialLR
         >>> from torch.optim.lr_scheduler import LinearLR, MultiStepLR, SequentialLR
@@ -640,7 +657,29 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
         'from_torch(cls=MultiStepLR, lr=1.0, milestones=[2], gamma=0.5)'
     """
     found, kwargs = _classes(cls, kwargs)
-    return _from_torch_classes(found, lr=lr, **kwargs)
+    schedule = _from_torch_classes(found, lr=lr, **kwargs)
+    for note in _momentum_cycle_notes(found, kwargs):
+        warnings.warn(
+            f"{note}; pass cycle_momentum=False to from_torch to convert that run without this "
+            "warning",
+            ConversionWarning,
+            stacklevel=2,
+        )
+    return schedule
+
+
+def _momentum_cycle_notes(cls: type, kwargs: Mapping[str, Any]) -> list[str]:
+    """What each `OneCycleLR` or `CyclicLR` member that cycles momentum leaves out."""
+    notes = []
+    for leaf, kw in _leaves(cls, kwargs):
+        if leaf not in (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR):
+            continue
+        a = _torch_args(leaf, kw, leaf.__name__)
+        if a["cycle_momentum"]:
+            bounds = (a["base_momentum"], a["max_momentum"])
+            cycled = "the optimizer's momentum (betas[0] in Adam's family)"
+            notes.append(momentum_cycle_note(leaf.__name__, bounds, cycled, None))
+    return notes
 
 
 def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

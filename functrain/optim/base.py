@@ -98,6 +98,10 @@ class Extras(NamedTuple):
     norms: Norms = LOCAL_NORMS
     """How `global_norm` measures: the step's gradient norm shared, a sharded step's sum over
     ranks."""
+    reported: dict[str, torch.Tensor] | None = None
+    """Where a transform that hands its inner transforms another gradient than the step's records
+    what the step reports of it instead (``grad_norm``: `functrain.optim.wrappers.accumulate`'s
+    mean gradient); the step reads it back."""
 
     def may_write(self) -> bool:
         """Whether the update may write into the tensors it was given (eagerly, a donated step).

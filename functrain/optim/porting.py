@@ -9,19 +9,36 @@ the object.
 The calls name the catalogue above this module (the presets, `reduce_on_plateau`), which this
 module does not import: each of those factories enters itself in `REPLACEMENTS` with `replaces`
 when its module loads (`functrain.optim` loads them all), and the hint reads its signature there.
+
+The settings written are the optimizer's own: where a torch scheduler cycles a group's momentum
+or ``betas[0]`` (`OneCycleLR`, `CyclicLR`), the value the optimizer was built with
+(`own_settings`), and the cycle, which functrain's optimizers cannot follow, is said in the one
+sentence (`momentum_cycle_note`) that `functrain.from_torch_optimizer` and
+`functrain.schedules.from_torch` warn with too.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 from torch.optim import lr_scheduler
 
-__all__ = ["torch_object_hint", "schedule_call", "replaces", "REPLACEMENTS"]
+__all__ = [
+    "torch_object_hint",
+    "schedule_call",
+    "replaces",
+    "REPLACEMENTS",
+    "cycled_momentum",
+    "cycling_scheduler",
+    "own_settings",
+    "cycled_setting",
+    "held_setting",
+    "momentum_cycle_note",
+]
 
 REPLACEMENTS: dict[str, Callable[..., Any]] = {}
 """The functrain factory that replaces a torch object, by its torch class name lowercased
@@ -104,10 +121,10 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
             f"functrain has no preset for torch.optim.{cls.__name__}; build the update from "
             "functrain's primitives with ft.chain"
         )
-    group = optimizer.param_groups[0]
+    group = own_settings(optimizer, optimizer.param_groups[0])  # not what a scheduler wrote
     accepted = inspect.signature(preset).parameters
     torch_defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
-    args = [f"lr={lr if lr is not None else _number(group.get('initial_lr', group['lr']))}"]
+    args = [f"lr={lr if lr is not None else _group_rate(group)}"]
     for key, value in group.items():
         if (
             key in ("params", "lr", "initial_lr")
@@ -128,6 +145,12 @@ def _optimizer_call(optimizer: torch.optim.Optimizer, lr: str | None = None) -> 
         if len(optimizer.param_groups) > 1
         else ""
     )
+    bounds = cycled_momentum(group)
+    if bounds is not None:
+        note = momentum_cycle_note(
+            cycling_scheduler(group), bounds, cycled_setting(optimizer), held_setting(preset, group)
+        )
+        more += f"; {note}"
     return f"write ft.{preset.__name__}({', '.join(args)}) instead{more}"
 
 
@@ -143,7 +166,9 @@ def schedule_call(scheduler: lr_scheduler.LRScheduler) -> str:
     for key, param in inspect.signature(cls.__init__).parameters.items():
         if key in _SCHEDULER_OWN or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        value = getattr(scheduler, key, None)
+        value = getattr(scheduler, key, _one_cycle_settings(scheduler).get(key))
+        if key == "cycle_momentum":
+            value = False  # functrain's optimizers hold momentum constant: torch's run without it
         if isinstance(value, Counter):  # MultiStepLR keeps its milestones as a Counter
             value = sorted(value.elements())
         if isinstance(value, (bool, int, float, str)) or (
@@ -171,3 +196,137 @@ def _number(value: Any) -> str:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return repr(value.item())
     return repr(value)
+
+
+# -- what torch's cycling schedulers write into a param group -----------------------------------
+# OneCycleLR and CyclicLR (cycle_momentum=True, torch's default) overwrite the group's momentum, or
+# betas[0] where the optimizer has betas, at construction and at every step, and record the bounds
+# as base_momentum and max_momentum; OneCycleLR records its lr bounds as initial_lr, max_lr, min_lr.
+
+
+def cycled_momentum(group: Mapping[str, Any]) -> tuple[float, float] | None:
+    """``(base_momentum, max_momentum)`` where a torch scheduler cycles the group's momentum.
+
+    None where none does.
+    """
+    if "base_momentum" in group and "max_momentum" in group:
+        return float(group["base_momentum"]), float(group["max_momentum"])
+    return None
+
+
+def cycling_scheduler(group: Mapping[str, Any]) -> str:
+    """Which torch scheduler cycled the group: OneCycleLR leaves its lr bounds in it."""
+    return "OneCycleLR" if "max_lr" in group and "min_lr" in group else "CyclicLR"
+
+
+def own_settings(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> dict[str, Any]:
+    """`group` with the momentum or ``betas[0]`` a cycling scheduler wrote put back.
+
+    The value put back is the optimizer's own, from ``optimizer.defaults``: the scheduler
+    overwrote the group's, and the constructor's arguments are all that is left of it.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> _ = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        >>> opt.param_groups[0]["betas"], own_settings(opt, opt.param_groups[0])["betas"]
+        ((0.95, 0.999), (0.9, 0.999))
+    """
+    own = dict(group)
+    if cycled_momentum(group) is None:
+        return own
+    if "betas" in optimizer.defaults:  # torch's schedulers cycle betas[0] where there are betas
+        own["betas"] = (optimizer.defaults["betas"][0], *group["betas"][1:])
+    else:
+        own["momentum"] = optimizer.defaults["momentum"]
+    return own
+
+
+def cycled_setting(optimizer: torch.optim.Optimizer) -> str:
+    """What a cycling scheduler cycles in `optimizer`: ``betas[0]`` or ``momentum``."""
+    return "betas[0]" if "betas" in optimizer.defaults else "momentum"
+
+
+def held_setting(preset: Callable[..., Any], group: Mapping[str, Any]) -> str:
+    """The preset's argument that holds the momentum of `group` (its own settings), as written.
+
+    ``b1=0.9``, ``betas=(0.9, 0.999)`` or ``momentum=0.9``.
+    """
+    accepted = inspect.signature(preset).parameters
+    if "betas" not in group:
+        return f"momentum={_number(group.get('momentum', 0.0))}"
+    if "b1" in accepted:
+        return f"b1={_number(group['betas'][0])}"
+    return f"betas={_number(tuple(group['betas']))}"
+
+
+def momentum_cycle_note(
+    scheduler: str, bounds: tuple[float, float], cycled: str, held: str | None
+) -> str:
+    """What every conversion says of a torch scheduler's momentum cycle, which functrain drops.
+
+    Args:
+        scheduler: ``"OneCycleLR"`` or ``"CyclicLR"``.
+        bounds: ``(base_momentum, max_momentum)``.
+        cycled: what it cycles: ``"betas[0]"``, ``"momentum"``, or a description.
+        held: the preset's argument the converted run holds (``"b1=0.9"``), or None where the
+            optimizer is not known.
+
+    Example:
+        >>> print(momentum_cycle_note("OneCycleLR", (0.85, 0.95), "betas[0]", "b1=0.9"))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        torch's OneCycleLR cycles betas[0] between base_momentum=0.85 and max_momentum=0.95
+        (cycle_momentum=True), which functrain's optimizers hold constant: the converted run keeps
+        b1=0.9, the optimizer's own, as torch's run with cycle_momentum=False does
+    """
+    kept = f"{held}, the optimizer's own," if held else "its optimizer's momentum or b1,"
+    return (
+        f"torch's {scheduler} cycles {cycled} between base_momentum={_number(bounds[0])} and "
+        f"max_momentum={_number(bounds[1])} (cycle_momentum=True), which functrain's optimizers "
+        f"hold constant: the converted run keeps {kept} as torch's run with cycle_momentum=False "
+        "does"
+    )
+
+
+def _group_rate(group: Mapping[str, Any]) -> str:
+    """The lr a group was built with: its OneCycleLR as a schedule, else its ``initial_lr``."""
+    if cycling_scheduler(group) != "OneCycleLR":
+        return _number(group.get("initial_lr", group["lr"]))
+    settings = _one_cycle_group(group)
+    args = [f"{k}={_number(v)}" for k, v in settings.items()]
+    return (
+        "ft.schedules.from_torch(torch.optim.lr_scheduler.OneCycleLR, "
+        f"{', '.join(args[:1] + ['total_steps=...'] + args[1:])}, cycle_momentum=False)"
+    )
+
+
+def _one_cycle_group(group: Mapping[str, Any]) -> dict[str, float]:
+    """OneCycleLR's ``max_lr`` and, where not torch's defaults, its division factors."""
+    settings = {"max_lr": float(group["max_lr"])}
+    if not (group["initial_lr"] and group["min_lr"]):  # max_lr=0: the factors left no trace
+        return settings
+    div = _short(group["max_lr"] / group["initial_lr"])
+    final = _short(group["initial_lr"] / group["min_lr"])
+    if div != 25.0:
+        settings["div_factor"] = div
+    if final != 1e4:
+        settings["final_div_factor"] = final
+    return settings
+
+
+def _one_cycle_settings(scheduler: Any) -> dict[str, Any]:
+    """A live OneCycleLR's arguments that it keeps in its groups and phases (else nothing)."""
+    if not isinstance(scheduler, lr_scheduler.OneCycleLR) or not scheduler.optimizer.param_groups:
+        return {}
+    phases = getattr(scheduler, "_schedule_phases", [])
+    found: dict[str, Any] = dict(_one_cycle_group(scheduler.optimizer.param_groups[0]))
+    if phases:
+        found["pct_start"] = _short((phases[0]["end_step"] + 1) / scheduler.total_steps)
+        found["three_phase"] = len(phases) == 3
+    found["anneal_strategy"] = getattr(scheduler, "_anneal_func_type", None)
+    return found
+
+
+def _short(value: float) -> float:
+    """`value` rounded to 12 digits: the factor a user wrote, before torch's division rounded it."""
+    return float(f"{value:.12g}")

@@ -5,13 +5,15 @@ Each takes the arguments of the torch.optim class of its name (the same names an
 ``differentiable``) select the matching path or raise a `ConfigError` that says why there is none
 (`functrain.optim.choices`).
 
-* `sgd`, `adam`, `adamw`, `adagrad`: with a constant learning rate, torch's fused kernel by default,
+* `sgd`, `adam`, `adamw`, `adagrad`: with a constant learning rate or a schedule (whose values are
+  the floats torch's scheduler writes into the group), torch's fused kernel by default,
   reproducing ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
   ``fused=False`` they, like `radam` and `rmsprop`, reproduce the matching class's foreach
   implementation (``foreach=True``, float32) bit for bit. `lion` has no torch class.
 * `nadam`, `adamax`, `adadelta`, `asgd`, `rprop`, `adafactor`, `muon`: with a constant learning
-  rate, torch's single-tensor implementation (torch's default on the CPU) bit for bit in float32;
-  the README's optimizer table says where the foreach one differs.
+  rate or a schedule, torch's single-tensor implementation (torch's default on the CPU) bit for bit
+  in float32;
+  the optimizer tables of docs/guides/transforms.md say where the foreach one differs.
 
 Beyond torch's arguments, the presets with weight decay take ``mask`` (which parameters decay),
 and `muon` takes ``others``, the optimizer for the parameters that are not matrices.
@@ -269,7 +271,7 @@ def adam(
             (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals
-        ``AdamW``).
+            ``AdamW``).
         foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
             (``fused=False``), which gives the bits of both of torch's non-fused implementations.
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
@@ -810,9 +812,8 @@ def adadelta(
 ) -> Transform:
     """Adadelta (Zeiler, 2012): steps scaled by the RMS of past steps over the RMS of gradients.
 
-    Matches ``torch.optim.Adadelta`` (single-tensor and foreach) bit for bit in float32 for a
-    constant learning rate; with a schedule, the last rounding of each step may differ (the rate is
-    a tensor, multiplied in before the addition that torch fuses).
+    Matches ``torch.optim.Adadelta`` (single-tensor and foreach) bit for bit in float32, for a
+    schedule too.
 
     Args:
         lr: the coefficient of the step, a float, a 1-element tensor or a schedule.

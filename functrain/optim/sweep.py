@@ -21,6 +21,7 @@ user's own transform, none of which could pass an index on.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "enter_member",
     "leave_member",
     "holds_sweep",
+    "sweeps_in",
 ]
 
 
@@ -66,6 +68,10 @@ def leave_member(previous: torch.Tensor | None) -> None:
     _MEMBER.index = previous
 
 
+# the live sweeps by name: a transform shows its hyperparameters in its name (`sweeps_in`)
+_LIVE: weakref.WeakValueDictionary[str, Sweep] = weakref.WeakValueDictionary()
+
+
 class Sweep:
     """One learning rate per member: a schedule whose value depends on the member evaluating it.
 
@@ -77,6 +83,7 @@ class Sweep:
         self.name = (
             "sweep([" + ", ".join(getattr(v, "name", None) or repr(v) for v in self.values) + "])"
         )
+        _LIVE[self.name] = self
 
     def __len__(self) -> int:
         return len(self.values)
@@ -109,7 +116,8 @@ def sweep(values: Sequence[float | Schedule]) -> Sweep:
 
     Args:
         values: member ``k``'s value: a float >= 0, or for a learning rate also a schedule
-            (``step -> value``). The stacked state must have ``len(values)`` members.
+            (``step -> value``). The stacked state must have ``len(values)`` members
+            (`functrain.stack` refuses another number).
 
     Returns:
         A `Sweep`, a schedule evaluated per member by the stacked step.
@@ -144,3 +152,19 @@ def sweep(values: Sequence[float | Schedule]) -> Sweep:
 def holds_sweep(value: Any) -> bool:
     """Whether a transform's name shows a sweep among its hyperparameters."""
     return "sweep([" in getattr(value, "name", "")
+
+
+def sweeps_in(value: Any) -> list[Sweep]:
+    """The sweeps a transform's name shows among its hyperparameters.
+
+    Those alive (the transform holds its own), found by their names.
+
+    Example:
+        >>> import functrain as ft
+        >>> [len(s) for s in sweeps_in(ft.sgd(ft.sweep([0.1, 0.2])))]
+        [2]
+    """
+    name = getattr(value, "name", "")
+    if "sweep([" not in name:
+        return []
+    return [s for found, s in list(_LIVE.items()) if found in name]

@@ -128,8 +128,10 @@ class Ratio:
 class ParamStep:
     """Lazy updates applied as ``where(keep, p * decay + alpha * direction, p)``.
 
-    `alpha` of None means 1 (plain addition); a Python float uses torch's fused ``add(alpha=)``;
-    a tensor multiplies first. `decay` applies only where `decay_mask` holds (all leaves when None).
+    `alpha` of None means 1 (plain addition); a Python float, or a 0-d CPU tensor (a schedule's
+    rate, read by the kernel as a number), uses torch's fused ``add(alpha=)``; off the CPU a tensor
+    goes through one ``addcmul``; compiled or under vmap, a tensor multiplies first. `decay` applies
+    only where `decay_mask` holds (all leaves when None).
     Instead of a `direction`, a step may hold a `quotient` ``(num, den, step_size)`` meaning
     ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch
     does; or a `product` ``(a, b)`` meaning ``direction = a * b``, applied with one ``addcmul`` (one
@@ -294,8 +296,9 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
                 ]
             else:
                 out = list(
-                    torch._foreach_add(src, dirs, alpha=step.alpha)
-                    if _float_alpha(step.alpha)
+                    # a tensor alpha here is a CPU scalar the kernel reads; the stubs take numbers
+                    torch._foreach_add(src, dirs, alpha=step.alpha)  # type: ignore[arg-type]
+                    if _kernel_alpha(step.alpha)
                     else torch._foreach_add(src, dirs)
                 )
         for i, t in zip(plain, out, strict=True):
@@ -372,23 +375,37 @@ def _in_dtype(factor: Scalar, like: torch.Tensor) -> Scalar:
     return factor.to(like.dtype) if isinstance(factor, torch.Tensor) else factor
 
 
-def _float_alpha(alpha: Scalar | None) -> TypeGuard[float]:
-    """A Python-float alpha goes into torch's fused ``add(alpha=)``.
+def _kernel_alpha(alpha: Scalar | None) -> bool:
+    """Whether `alpha` goes into torch's ``add(alpha=)`` as torch.optim passes its rate.
 
-    A tensor one was multiplied in.
+    A Python number; or a 0-d CPU tensor (a schedule's rate) outside compiled graphs and vmap, which
+    the kernel reads as it reads a number (a load, no device sync): ``p + alpha * d`` then rounds in
+    torch's own kernel, as torch.optim's ``add_(d, alpha=-lr)`` with the float its scheduler wrote.
+    Any other tensor is multiplied in first (see `_fma_alpha` off the CPU).
     """
-    return alpha is not None and not isinstance(alpha, torch.Tensor)
+    if not isinstance(alpha, torch.Tensor):
+        return alpha is not None
+    return (
+        alpha.device.type == "cpu"
+        and alpha.ndim == 0
+        and not torch.compiler.is_compiling()
+        and not under_vmap()
+    )
 
 
 def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
     """The step's direction per leaf, in each parameter's dtype.
 
-    Times a tensor `alpha` if there is one.
+    Times a tensor `alpha` that no kernel takes as its scalar (`_kernel_alpha`, `_fma_alpha`).
     """
     dirs = [
         d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(step.direction, p, strict=True)
     ]
-    if isinstance(step.alpha, torch.Tensor) and not _fma_alpha(step.alpha, p):
+    if (
+        isinstance(step.alpha, torch.Tensor)
+        and not _fma_alpha(step.alpha, p)
+        and not _kernel_alpha(step.alpha)
+    ):
         dirs = list(torch._foreach_mul(dirs, step.alpha.to(dirs[0].dtype)))
     return dirs
 
@@ -425,8 +442,8 @@ def _add_step_(
     elif _fma_alpha(step.alpha, out):
         for o, i in zip(out, idx, strict=True):
             o.addcmul_(direction[i], step.alpha.to(o.dtype))
-    elif _float_alpha(step.alpha):
-        torch._foreach_add_(out, [direction[i] for i in idx], alpha=step.alpha)
+    elif _kernel_alpha(step.alpha):
+        torch._foreach_add_(out, [direction[i] for i in idx], alpha=step.alpha)  # type: ignore[arg-type]
     else:
         torch._foreach_add_(out, [direction[i] for i in idx])
 
@@ -440,8 +457,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
     Args:
         params: the parameter tree.
         updates: a tree of tensors shaped like `params` (added, cast to each parameter's dtype), or
-        a
-            lazy `Ratio` / `ParamStep` / `NewParams` from a transform.
+            a lazy `Ratio` / `ParamStep` / `NewParams` from a transform.
         in_place: whether a `ParamStep` may be written into `params` (eagerly only).
 
     Returns:

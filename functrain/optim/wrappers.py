@@ -9,6 +9,7 @@ same whether or not it is taken.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +25,7 @@ from functrain.optim.base import (
     update_with,
     with_extras,
 )
+from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
@@ -82,7 +84,8 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(global_norm(tensors, norms))
+    # a norm is >= 0 or NaN: below infinity is finite, in one op where isfinite takes four
+    return global_norm(tensors, norms) < math.inf
 
 
 def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
@@ -483,7 +486,8 @@ def accumulate(inner: Transform, every: int) -> Transform:
     """Sum incoming updates over `every` calls and apply `inner` to their mean on the last one.
 
     For a mean loss over equal-sized micro-batches this equals one step on the whole batch. Sums of
-    bfloat16/float16 gradients are kept in float32.
+    bfloat16/float16 gradients are kept in float32. In a step, the norm of the mean it hands on is
+    the step's ``grad_norm`` (`Extras.reported`), taken once for the checks and clipping inside.
 
     Args:
         inner: the transform to run every `every`-th call (usually the optimizer).
@@ -539,8 +543,9 @@ def accumulate(inner: Transform, every: int) -> Transform:
             torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1
         mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
+        given = _mean_reported(mean, extras)
         new_updates, inner_state = _update_where(
-            inner, last, tree_unflatten(mean, spec), state.inner, params, extras
+            inner, last, tree_unflatten(mean, spec), state.inner, params, given
         )
         if in_place:
             for s in sums:
@@ -555,6 +560,21 @@ def accumulate(inner: Transform, every: int) -> Transform:
         return new_updates, new_state
 
     return Transform(init_fn, with_extras(update_fn))
+
+
+def _mean_reported(mean: list[torch.Tensor], extras: Extras) -> Extras:
+    """The extras `accumulate` gives its inner transforms, with its mean gradient's norm reported.
+
+    In a step (which reads ``extras.reported`` back as its ``grad_norm``) the norm is taken once,
+    and shared: the non-finite check and clipping inside, which see this gradient, reuse it.
+    """
+    if extras.reported is None:
+        return extras
+    norm = extras.global_norm(mean)
+    extras.reported["grad_norm"] = norm
+    if torch.compiler.is_compiling() or under_vmap():
+        return extras  # no version counters to share by: a repeated norm is folded away when traced
+    return extras._replace(norms=extras.norms.sharing(mean, norm))
 
 
 class DynamicLossScaleState(NamedTuple):

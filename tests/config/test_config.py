@@ -212,8 +212,12 @@ def test_bad_configs_are_config_errors_naming_each_key(tmp_path: Path) -> None:
 
 
 def test_bad_overrides_and_interpolations_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ft.ConfigError, match=r"Could not override 'fit.max_step'.*\+fit.max_step"):
+    with pytest.raises(
+        ft.ConfigError, match=r"fit has no key 'max_step' \(did you mean 'max_steps'\?\)"
+    ):
         ft.load_config(DEMO, ["fit.max_step=3"])
+    with pytest.raises(ft.ConfigError, match=r"Could not override 'fit.save_every'.*\+fit.save"):
+        ft.load_config(DEMO, ["fit.save_every=3"])
     with pytest.raises(
         ft.ConfigError, match="config key optimizer.lr.peak_value: cannot resolve its value: .*'lr'"
     ):

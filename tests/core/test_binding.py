@@ -1,13 +1,17 @@
-"""call_with: the same results as torch.func.functional_call, the module left as it was."""
+"""The module on a state's tensors: `call_with` gives torch.func.functional_call's results, and the
+model in loss_fn behaves as the module (attributes, submodules, methods), the module left as it
+was."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+import functrain as ft
 from functrain.core.binding import call_with
 
 
@@ -124,3 +128,163 @@ def test_other_names_fall_back_to_functional_call():
     partial = {"weight": torch.zeros(2, 3)}  # the bias stays the module's own
     x = torch.randn(1, 3)
     assert torch.equal(call_with(module, partial, (x,), {}), module.bias.detach().expand(1, 2))
+
+
+# ------------------------------------------------ the model in loss_fn behaves as the module
+
+
+class Lightning(nn.Module):
+    """A LightningModule-style module: its training step uses submodules, a method, a setting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(5, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+        self.weight_decay = 1e-2  # a hyperparameter read as self.weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.encoder(x)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        logits = self.head(self.features(x))
+        penalty = sum(p.pow(2).sum() for p in self.parameters())
+        loss = nn.functional.cross_entropy(logits, y) + self.weight_decay * penalty
+        return loss, {"acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def _lightning(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Lightning()
+
+
+def _training_step(model: Any, batch: Any) -> Any:
+    return model.training_step(batch, 0)
+
+
+def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+
+def _torch_step(module: nn.Module, batch: Any, lr: float) -> tuple[nn.Module, torch.Tensor]:
+    """The same training step by hand: the method on the module itself, torch.optim's SGD."""
+    module = copy.deepcopy(module).train()
+    opt = torch.optim.SGD(module.parameters(), lr=lr, foreach=False)
+    loss, _ = module.training_step(batch, 0)
+    loss.backward()
+    opt.step()
+    return module, loss.detach()
+
+
+def test_a_training_step_method_using_submodules_methods_and_settings_ports_as_it_is():
+    module, batch = _lightning(), _batch()
+    state = ft.TrainState.create(module, ft.sgd(0.1, fused=False), _training_step)
+    new, metrics = ft.train_step(state, batch)
+    expected, expected_loss = _torch_step(module, batch, 0.1)
+    assert torch.equal(metrics["loss"], expected_loss)
+    for name, p in expected.named_parameters():
+        torch.testing.assert_close(new.params[name], p.detach(), rtol=1e-6, atol=1e-7)
+    for name, b in expected.named_buffers():
+        assert torch.equal(new.buffers[name], b), name
+
+
+def test_the_compiled_step_runs_the_module_method_like_the_eager_step():
+    batch = _batch()
+    state = ft.TrainState.create(_lightning(), ft.adamw(1e-2), _training_step)
+    step = ft.compile_step(backend="aot_eager")
+    eager, compiled = ft.train_step(state, batch), step(state, batch)
+    torch.testing.assert_close(compiled[1], eager[1])
+    for field in ("params", "buffers"):
+        torch.testing.assert_close(getattr(compiled[0], field), getattr(eager[0], field))
+
+
+def test_each_stacked_member_runs_the_module_method_on_its_own_weights():
+    batch = _batch()
+    states = [
+        ft.TrainState.create(_lightning(seed), ft.adamw(1e-2), _training_step, seed=seed)
+        for seed in range(2)
+    ]
+    stacked, metrics = ft.train_step(ft.stack(states), batch)
+    for k, (member, state) in enumerate(zip(ft.unstack(stacked), states)):
+        alone, alone_metrics = ft.train_step(state, batch)
+        torch.testing.assert_close(metrics["loss"][k], alone_metrics["loss"])
+        torch.testing.assert_close(member.params, alone.params, rtol=1e-5, atol=1e-6)
+
+
+def test_attributes_and_submodules_of_the_model_are_the_states_tensors():
+    seen: dict[str, Any] = {}
+
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        seen.update(
+            weight=model.encoder.weight,
+            head=model.head,
+            decay=model.weight_decay,
+            repr=repr(model),
+            buffer=model.norm.running_mean,
+        )
+        return model(batch[0]).sum()
+
+    state = ft.TrainState.create(_lightning(), ft.sgd(0.1), loss_fn)
+    ft.eval_step(state, _batch())
+    assert seen["weight"] is state.params["encoder.weight"]
+    assert isinstance(seen["head"], nn.Linear) and seen["decay"] == 1e-2
+    assert seen["repr"] == "BoundModel(Lightning on a state's tensors)"
+    assert torch.equal(seen["buffer"], state.buffers["norm.running_mean"])
+
+
+def test_a_container_module_is_indexed_measured_and_iterated_as_itself():
+    def loss_fn(model: Any, batch: torch.Tensor) -> torch.Tensor:
+        assert len(model) == 2 and [type(m) for m in model] == [nn.Linear, nn.Linear]
+        return model[1](model[0](batch)).sum()
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    state = ft.TrainState.create(module, ft.sgd(0.1), loss_fn)
+    x = torch.randn(2, 3)
+    assert torch.equal(ft.eval_step(state, x)["loss"], module(x).sum().detach())
+
+
+def test_the_module_is_left_as_it_was_also_when_the_loss_raises():
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        model.features(batch[0])
+        raise RuntimeError("boom")
+
+    state = ft.TrainState.create(_lightning(), ft.sgd(0.1), loss_fn)
+    before = _snapshot(state.module)
+    with pytest.raises(ft.BatchError, match="RuntimeError: boom"):
+        ft.train_step(state, _batch())
+    _assert_untouched(state.module, before)
+    assert all(t.is_meta for t in before.values())
+
+
+def test_assigning_on_the_model_or_using_it_after_the_call_is_refused():
+    kept: list[Any] = []
+
+    def assigning(model: Any, batch: Any) -> torch.Tensor:
+        model.cache = batch
+        return model(batch[0]).sum()
+
+    def keeping(model: Any, batch: Any) -> torch.Tensor:
+        kept.append(model)
+        return model(batch[0]).sum()
+
+    state = ft.TrainState.create(_lightning(), ft.sgd(0.1), assigning)
+    with pytest.raises(ft.ConfigError, match="cannot assign 'cache' on the model given to loss_fn"):
+        ft.train_step(state, _batch())
+    ft.train_step(state.replace(loss_fn=keeping), _batch())
+    with pytest.raises(ft.ConfigError, match=r"a call on the model given to loss_fn after loss_fn"):
+        kept[0](_batch()[0])
+    with pytest.raises(ft.ConfigError, match="reading 'encoder' on the model given to loss_fn"):
+        kept[0].encoder  # noqa: B018
+
+
+def test_a_loss_that_closes_over_the_created_module_says_to_use_the_model_it_is_given():
+    module = _lightning()
+    state = ft.TrainState.create(module.eval(), ft.sgd(0.1), lambda m, b: module(b[0]).sum())
+    with pytest.raises(ft.LossError, match="closes over the module given to TrainState.create"):
+        ft.train_step(state, _batch())

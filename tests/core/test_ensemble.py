@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -275,3 +277,61 @@ def test_fused_sgd_and_adagrad_members_equal_the_members_trained_alone(
         assert int(member.step) == 5
         for name, p in expected.params.items():
             torch.testing.assert_close(member.params[name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stacked_state_prints_its_members_and_their_steps():
+    states = [make_state(seed, ft.sgd(0.1)) for seed in range(2)]
+    ahead, _ = ft.train_step(states[1], batches(1)[0])
+    assert repr(ft.stack(states)).startswith(
+        "TrainState(members=2, step=0, epoch=0, params=259 (1.0 KiB) per member, optimizer=sgd("
+    )
+    assert str(ft.stack([states[0], ahead])).startswith("TrainState(members=2, step=[0, 1], ")
+
+
+def test_the_result_of_a_stacked_fit_prints_every_members_best_metrics():
+    best = {"val_loss": 0.5, **{f"val_loss[{k}]": 0.1 * k for k in range(5)}, "val_acc": 0.25}
+    result = ft.FitResult(
+        ft.stack([make_state(seed, ft.sgd(0.1)) for seed in range(5)]),
+        ft.History(),
+        best,
+        None,
+        {},
+        "max_epochs",
+    )
+    assert "best={val_loss: 0.5 [0, 0.1, 0.2, 0.3, 0.4], val_acc: 0.25}" in repr(result)
+
+
+@pytest.mark.parametrize("values", [[1e-3, 1e-2], [1e-3, 1e-2, 1e-1, 1.0]], ids=["fewer", "more"])
+def test_a_sweep_without_one_value_per_member_is_refused_by_stack(values):
+    tx = ft.adamw(ft.sweep(values))
+    with pytest.raises(
+        ft.ConfigError,
+        match=re.escape(
+            "cannot stack 3 states: the optimizer's sweep must have one value per member (3), "
+            f"but sweep([{', '.join(map(repr, values))}]) has {len(values)} values"
+        ),
+    ):
+        ft.stack([make_state(0, tx) for _ in range(3)])
+
+
+def test_members_differing_only_in_their_seed_are_warned_about():
+    torch.manual_seed(0)
+    model = nn.Linear(D_IN, D_OUT)
+    members = [
+        ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_with_accuracy, seed=s)
+        for s in range(4)
+    ]
+    with pytest.warns(
+        ft.IdenticalMembersWarning,
+        match=re.escape(
+            "members 1, 2, 3 of 4 start from the same parameters as member 0 and differ only in "
+            "seed=, which seeds the dropout stream, not the weights"
+        ),
+    ):
+        ft.stack(members)
+    # copies in everything (seed included), and a sweep's members, start alike on purpose
+    ft.stack([members[0], members[0]])
+    swept = ft.adamw(ft.sweep([1e-3, 1e-2]))
+    ft.stack(
+        [ft.TrainState.create(model, swept, cross_entropy_with_accuracy, seed=s) for s in range(2)]
+    )

@@ -138,6 +138,17 @@ def test_replace_returns_a_new_state_and_keeps_the_old_one() -> None:
         state.replace(no_such_field=1)
 
 
+def test_replace_keeps_every_field_it_is_not_given_and_still_checks_the_driver() -> None:
+    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn, ema_decay=0.9)
+    later = state.replace(step=torch.tensor(2), user={"note": 1})
+    for field in attrs.fields(ft.TrainState):
+        if field.name not in ("step", "user"):
+            assert getattr(later, field.name) is getattr(state, field.name), field.name
+    assert int(later.step) == 2 and later.user == {"note": 1}
+    with pytest.raises(ft.ConfigError, match=r"state\.user"):
+        state.replace(driver={"my_records": 1})
+
+
 def test_repr_is_one_short_line_with_step_params_optimizer_ema_and_precision() -> None:
     state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn)
     text = repr(state)
@@ -397,3 +408,16 @@ def test_states_created_from_one_module_share_its_structure_and_an_exported_modu
     exported = first.export_module()
     from_export = ft.TrainState.create(exported, ft.sgd(0.1), lambda m, b: m(b).sum())
     assert from_export.module is not exported and from_export.module[0].weight.device.type == "meta"
+
+
+def test_a_counter_replaced_by_an_int_is_a_tensor_of_its_kind_and_saves(tmp_path) -> None:
+    state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+    moved = state.replace(epoch=3, epoch_step=0, step=5)
+    for name in ("epoch", "epoch_step", "step"):
+        value = getattr(moved, name)
+        assert isinstance(value, torch.Tensor) and value.dtype == getattr(state, name).dtype
+    assert "epoch=3" in repr(moved)
+    ft.save(moved, tmp_path / "c")
+    assert int(ft.load(tmp_path / "c", like=state).epoch) == 3
+    stacked = ft.stack([state, state])
+    assert stacked.replace(epoch=2).epoch.tolist() == [2, 2]

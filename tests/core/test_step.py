@@ -299,7 +299,7 @@ def test_module_mode_is_set_during_each_call_and_restored_after(initially_traini
     seen: list[tuple[bool, bool]] = []
 
     def spy(m, batch):
-        seen.append((m.module.training, torch.is_grad_enabled()))
+        seen.append((m.training, torch.is_grad_enabled()))
         return cross_entropy_loss_fn(m, batch)
 
     model = make_cnn_dropout().train(initially_training)
@@ -745,3 +745,26 @@ def test_train_step_on_something_else_than_a_state_is_a_config_error() -> None:
 def test_errors_share_the_functrain_base_class() -> None:
     for error in (ft.ConfigError, ft.BatchError, ft.LossError, ft.NonFiniteError):
         assert issubclass(error, ft.FunctrainError)
+
+
+def test_a_metric_that_is_not_0_d_is_a_loss_error_at_the_first_step() -> None:
+    def per_class(m: Any, batch: Any) -> Any:
+        x, y = batch
+        logits = m(x)
+        return F.cross_entropy(logits, y), {"per_class_acc": logits.softmax(-1).mean(0)}
+
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), per_class)
+    expected = re.escape(
+        "loss_fn's metrics must be 0-d tensors (one number per step), got 'per_class_acc' of "
+        "shape [3]; reduce each (v.mean()), return one metric per entry "
+        "({'per_class_acc_0': v[0], ...}), or log the vector from a callback"
+    )
+    batch = batches(make_mlp(), 1)[0]
+    with pytest.raises(ft.LossError, match=expected):
+        ft.train_step(state, batch)
+    with pytest.raises(ft.LossError, match=expected):  # each member's metric is [3] as well
+        ft.train_step(ft.stack([state, state]), batch)
+    with pytest.raises(ft.LossError, match=expected):  # the same error while dynamo traces
+        ft.compile_step(backend="eager")(state, batch)
+    with pytest.raises(ft.LossError, match=expected):  # a compiled stacked step: [K, 3]
+        ft.compile_step(backend="eager")(ft.stack([state, state]), batch)

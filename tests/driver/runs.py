@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
+from functrain.driver.data import is_batched
 from tests.models import loss_fn
 
 N_SAMPLES, BATCH = 60, 20  # 3 batches an epoch
@@ -64,8 +65,9 @@ def linear_state(
 
 
 def quiet_fit(state: ft.TrainState, data: Any, **kwargs: Any) -> ft.FitResult:
-    """`ft.fit` in batches of `BATCH` (unless given), without a progress bar or log lines."""
-    kwargs.setdefault("batch_size", BATCH)
+    """`ft.fit` without a progress bar or log lines; a dataset in batches of `BATCH` by default."""
+    if not is_batched(data):
+        kwargs.setdefault("batch_size", BATCH)
     kwargs.setdefault("progress", False)
     kwargs.setdefault("verbosity", "silent")
     return ft.fit(state, data, **kwargs)

@@ -144,6 +144,27 @@ def test_as_source_picks_the_batching() -> None:
         as_source(data, batch_size=None, shuffle=True, drop_last=False, seed=0, num_workers=0)
 
 
+def test_a_batch_size_that_batched_data_would_ignore_is_refused_saying_where_it_is_set() -> None:
+    data = TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
+    loader = DataLoader(data, batch_size=4)
+    state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+    quiet = dict(max_epochs=1, progress=False, verbosity="silent")
+    with pytest.raises(
+        ConfigError,
+        match=r"batch_size=32 would be ignored: train_data is a DataLoader, which makes its own "
+        r"batches \(batch_size=4, set where it is built\); drop batch_size=\.\.\., or give fit the "
+        r"dataset itself \(loader.dataset\) with batch_size=32",
+    ):
+        ft.fit(state, loader, batch_size=32, **quiet)
+    with pytest.raises(ConfigError, match="train_data is a list of batches, each as large as it"):
+        ft.fit(state, list(loader), batch_size=32, **quiet)
+    with pytest.raises(ConfigError, match="eval_batch_size=2 would be ignored: eval_data is a Da"):
+        ft.fit(state, data, eval_data=loader, batch_size=4, eval_batch_size=2, **quiet)
+    # used: it batches the evaluation's dataset
+    result = ft.fit(state, loader, eval_data=data, batch_size=3, **quiet)
+    assert result.history.last("eval") is not None
+
+
 def test_fit_resumed_mid_epoch_on_a_list_of_batches_warns_and_matches(tmp_path: Any) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 2, generator=gen)
@@ -370,6 +391,59 @@ def test_a_worker_init_fn_reaches_the_users_dataset_through_get_worker_info() ->
         )
     )
     assert set(out.flatten().tolist()) == {10.0, 11.0}
+
+
+class Rows(torch.utils.data.IterableDataset):
+    """Rows ``(i, 2i)`` for i in 0..19, in an order shuffled by `rng` (Python's global one)."""
+
+    def __init__(self, rng: Any = random) -> None:
+        self.rng = rng
+
+    def __iter__(self) -> Any:
+        order = list(range(20))
+        self.rng.shuffle(order)
+        return iter((torch.tensor([float(i)]), torch.tensor([2.0 * i])) for i in order)
+
+
+def test_a_replay_meeting_other_batches_says_the_epochs_order_differs_and_how_to_fix_it(
+    tmp_path: Any,
+) -> None:
+    def fit(steps: int, **kw: Any) -> ft.FitResult:
+        state = ft.TrainState.create(torch.nn.Linear(1, 1), ft.sgd(0.01), loss_fn)
+        private = DataLoader(Rows(random.Random()), batch_size=4)  # an order nothing seeds
+        quiet = dict(progress=False, verbosity="silent")
+        return ft.fit(state, private, max_steps=steps, checkpoint_dir=tmp_path, **quiet, **kw)
+
+    fit(2)
+    replaying = pytest.warns(RuntimeWarning, match="replaying and skipping 2 consumed batches")
+    order_changed = (
+        r"resuming epoch 0 after 2 batches, but the 2 batches the DataLoader replayed now differ "
+        r"from those the checkpointed run consumed: the resumed epoch's order \(or its random "
+        r"content\) differs from the interrupted one's, so some of its samples are seen twice and "
+        r"others not at all. To resume exactly, give a shuffling DataLoader a seeded generator "
+        r"\(DataLoader\(..., shuffle=True, generator=torch.Generator\(\).manual_seed\(0\)\)\), "
+        r".* or pass the dataset itself to fit with batch_size=... so that fit shuffles it"
+    )
+    with replaying, pytest.warns(RuntimeWarning, match=order_changed):
+        fit(3, resume=True)
+
+
+def test_a_replayed_epoch_drawing_from_pythons_global_generator_is_the_interrupted_one() -> None:
+    def source() -> IterableSource:
+        return IterableSource(DataLoader(Rows(), batch_size=4))
+
+    first = source()
+    whole = torch.cat([b[0] for b in first.epoch(1)])
+    random.seed(5)  # the caller's state: the epoch's own stream is seeded from the epoch
+    with pytest.warns(RuntimeWarning, match="replaying and skipping 2 consumed batches"):
+        assert torch.equal(torch.cat([b[0] for b in source().epoch(1, start=2)]), whole[8:])
+    batches = first.epoch(1)
+    next(batches), next(batches)
+    again = source()
+    again.restore(first.state_tree())  # the same batches replayed: no second warning
+    with pytest.warns(RuntimeWarning, match="replaying") as caught:
+        list(again.epoch(1, start=2))
+    assert len(caught) == 1
 
 
 def test_a_dataloader_subclass_replays_in_an_order_fit_seeds() -> None:

@@ -29,10 +29,10 @@ def script_val_loss(monkeypatch: pytest.MonkeyPatch, values: Sequence[float]) ->
     real, pending, given = loop_module.evaluate, list(values), []
 
     def scripted(
-        state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_"
+        state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_", **kw: Any
     ) -> dict[str, float]:
         if prefix != "val_":
-            return real(state, data, use_ema=use_ema, prefix=prefix)
+            return real(state, data, use_ema=use_ema, prefix=prefix, **kw)
         assert pending, f"more evaluations than the {len(values)} scripted"
         given.append(pending.pop(0))
         return {"val_loss": given[-1]}

@@ -227,10 +227,10 @@ def script_val_loss(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> Non
     real, pending = loop_module.evaluate, list(values)
 
     def scripted(
-        state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_"
+        state: ft.TrainState, data: Any, *, use_ema: bool = False, prefix: str = "val_", **kw: Any
     ) -> dict[str, float]:
         return (
-            real(state, data, use_ema=use_ema, prefix=prefix)
+            real(state, data, use_ema=use_ema, prefix=prefix, **kw)
             if prefix != "val_"
             else {"val_loss": pending.pop(0)}
         )

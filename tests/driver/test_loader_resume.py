@@ -131,8 +131,8 @@ def test_the_augmentation_reaches_the_run_so_the_comparison_above_can_fail() -> 
 
 
 def test_an_own_loop_resumes_a_dataloader_exactly_with_a_checkpoint_manager(tmp_path: Path) -> None:
-    """The README's recipe: `DataLoaderSource.epoch(epoch, start=state.epoch_step)` and nothing more
-    saved."""
+    """docs/guides/checkpoints.md's recipe: `DataLoaderSource.epoch(epoch, start=state.epoch_step)`
+    and nothing more saved."""
     module = torch.nn.Linear(worker.FEATURES, 2)
 
     def train(directory: Path, stop_at: int | None = None) -> tuple[ft.TrainState, int]:

@@ -304,17 +304,81 @@ def test_a_live_scheduler_continues_from_its_position_bit_for_bit() -> None:
 def test_a_live_scheduler_that_cannot_be_read_back_or_is_out_of_step_is_refused() -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cyclic = L.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1)
+    multiplied = L.MultiplicativeLR(optimizer, lambda t: 0.9)  # needs total_steps= to convert
     with pytest.raises(
         ConfigError,
-        match=r"a live CyclicLR cannot be read back .*pass "
-        r"lr=functrain.schedules.from_torch\(CyclicLR",
+        match=r"a live MultiplicativeLR cannot be read back .*pass "
+        r"lr=functrain.schedules.from_torch\(MultiplicativeLR",
     ):
-        ft.from_torch_optimizer(optimizer, model, scheduler=cyclic, step=0)
+        ft.from_torch_optimizer(optimizer, model, scheduler=multiplied, step=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     torch_steps(model, optimizer, DATA[:2])
     with pytest.raises(ConfigError, match=r"the scheduler stepped 0 times, the optimizer 2"):
         ft.from_torch_optimizer(optimizer, model, scheduler=L.StepLR(optimizer, step_size=3))
+
+
+EPOCH = 3  # optimizer steps per epoch of the runs whose scheduler steps once an epoch
+
+
+def epoch_steps(
+    model: torch.nn.Module, optimizer: Any, batches: list[Any], scheduler: Any
+) -> list[float]:
+    """`torch_steps` with `scheduler` stepped after every `EPOCH` steps; each step's lr."""
+    rates = []
+    for start in range(0, len(batches), EPOCH):
+        for batch in batches[start : start + EPOCH]:
+            rates.append(optimizer.param_groups[0]["lr"])
+            torch_steps(model, optimizer, [batch])
+        if start + EPOCH <= len(batches):
+            scheduler.step()
+    return rates
+
+
+def fused_adamw(m: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.1, fused=True)
+
+
+@pytest.mark.parametrize("converted_at", [0, 2 * EPOCH + 1])
+def test_a_live_scheduler_stepped_once_an_epoch_continues_step_by_step(converted_at: int) -> None:
+    model = make_model()
+    optimizer = fused_adamw(model)
+    scheduler = L.CosineAnnealingLR(optimizer, T_max=4)  # 4 epochs, as Lightning steps it
+    epoch_steps(model, optimizer, DATA[:converted_at], scheduler)
+    run = ft.from_torch_optimizer(optimizer, model, scheduler=scheduler, steps_per_epoch=EPOCH)
+    state, rates = run.create_state(model, loss_fn), []
+    for batch in DATA[converted_at:]:
+        state, metrics = ft.train_step(state, batch)
+        rates.append(float(metrics["lr"]))
+    expected = make_model()
+    expected_opt = fused_adamw(expected)
+    torch_rates = epoch_steps(
+        expected, expected_opt, DATA, L.CosineAnnealingLR(expected_opt, T_max=4)
+    )
+    # held an epoch, cosine over epochs (the lr metric is float32)
+    assert rates == [
+        float(torch.tensor(r, dtype=torch.float32)) for r in torch_rates[converted_at:]
+    ]
+    assert len(set(rates)) > 2  # the rate moves, at epoch ends only (above)
+    assert_trees_equal(state.params, dict(expected.named_parameters()))
+
+
+def test_steps_per_epoch_that_disagrees_with_the_scheduler_or_comes_alone_is_refused() -> None:
+    model = make_model()
+    optimizer = fused_adamw(model)
+    scheduler = L.StepLR(optimizer, step_size=2)
+    torch_steps(model, optimizer, DATA[:7], scheduler)  # stepped once per optimizer step
+    with pytest.raises(
+        ConfigError,
+        match=r"the scheduler stepped 7 times, but the optimizer's 7 steps make 2 epochs of "
+        r"steps_per_epoch=3: pass the optimizer steps of one epoch as steps_per_epoch",
+    ):
+        ft.from_torch_optimizer(optimizer, model, scheduler=scheduler, steps_per_epoch=EPOCH)
+    with pytest.raises(ConfigError, match=r"steps_per_epoch=<optimizer steps per epoch>"):
+        ft.from_torch_optimizer(optimizer, model, scheduler=L.StepLR(optimizer, 2))
+    with pytest.raises(ConfigError, match=r"steps_per_epoch= says how often the torch scheduler"):
+        ft.from_torch_optimizer(optimizer, model, steps_per_epoch=EPOCH)
+    with pytest.raises(ConfigError, match=r"steps_per_epoch must be an int >= 1, got 0"):
+        ft.from_torch_optimizer(optimizer, model, scheduler=scheduler, steps_per_epoch=0)
 
 
 def test_parameters_outside_the_optimizer_or_without_grad_stay_frozen() -> None:

@@ -23,6 +23,8 @@ from functrain.errors import ConfigError
 from functrain.optim.rules.learning_rate import scale_by_learning_rate
 
 STEPS = 1000
+# the lr is compared here; the momentum cycle from_torch warns of is tests/interop's
+pytestmark = pytest.mark.filterwarnings("ignore::functrain.ConversionWarning")
 
 
 def build_torch(cls: type, kwargs: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:

@@ -266,6 +266,23 @@ def test_accumulate_keeps_bfloat16_sums_in_float32() -> None:
     assert torch.equal(state.grad_sum[0], torch.full((3,), 257.0))
 
 
+def test_accumulate_reports_the_norm_of_the_mean_it_hands_on_and_shares_it_with_clipping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tx = ft.accumulate(ft.chain(ft.clip_by_global_norm(100.0), ft.sgd(lr=1.0)), 2)
+    params = {"w": torch.zeros(2)}
+    state, norms, measured = tx.init(params), [], []
+    norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda t: measured.append(t) or norm(t))
+    for g in ([3.0, 0.0], [3.0, 8.0]):
+        extras = ft.Extras(reported={})
+        _, state = tx.update({"w": torch.tensor(g)}, state, params, extras=extras)
+        norms.append(extras.reported["grad_norm"])
+    assert torch.stack(norms).tolist() == [1.5, 5.0]  # |(3, 0) / 2|, then |(6, 8) / 2|
+    assert float(ft.transform_metrics(state)["grad_norm"]) == 5.0
+    assert len(measured) == 2  # once per update: clipping measured it no more
+
+
 # ---------------------------------------------------------------- dynamic_loss_scale
 
 

@@ -12,7 +12,8 @@ Each source's batch order and randomness are pure functions of the run.
 - `iterable`: `IterableSource` wraps any other iterable (a `DataLoader` subclass or one over an
   `IterableDataset`, a generator factory); resuming replays it and skips the consumed batches, with
   a warning saying so. The other sources build on it.
-- `source`: `as_source`, the source `fit` reads any data it accepts through.
+- `source`: `as_source`, the source `fit` reads any data it accepts through; `is_batched`, whether
+  data comes batched (a `batch_size` given with it would be ignored: `batch_size_problems`).
 - `devices`: `batch_device` and `to_device`, where batches go.
 
 `Batcher` and `DataLoaderSource` load every batch with the global generators seeded from its place
@@ -24,7 +25,7 @@ from functrain.driver.data.batcher import Batcher, epoch_order
 from functrain.driver.data.devices import batch_device, to_device
 from functrain.driver.data.iterable import IterableSource, announce_epoch, generators_of
 from functrain.driver.data.loader import DataLoaderSource, loader_problem
-from functrain.driver.data.source import as_source
+from functrain.driver.data.source import as_source, batch_size_problems, is_batched
 from functrain.driver.data.stateful import (
     StatefulSource,
     is_stateful,
@@ -40,8 +41,10 @@ __all__ = [
     "announce_epoch",
     "as_source",
     "batch_device",
+    "batch_size_problems",
     "epoch_order",
     "generators_of",
+    "is_batched",
     "is_stateful",
     "loader_problem",
     "source_problems",

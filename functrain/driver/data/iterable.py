@@ -2,22 +2,26 @@
 
 Each epoch draws from generators seeded from (seed, epoch) (`EpochStream`), so the replayed
 batches are those of the interrupted epoch; `generators_of` and `announce_epoch` find the
-generators a `DataLoader` holds and tell its sampler the epoch.
+generators a `DataLoader` holds and tell its sampler the epoch. Each checkpoint holds a digest of
+the batches consumed in its epoch (`batch_fingerprint`), so a replay that meets other batches (an
+order or randomness drawn from something nothing seeds) says so.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from functools import partial
+from itertools import count
 from typing import Any
 
+import blake3
 import torch
+import torch.utils._pytree as pytree
 from torch.utils.data import DataLoader
 
-from functrain.driver.seeding import (
-    EpochStream,
-    mix,
-)
+from functrain.distributed.data_parallel import gather_objects
+from functrain.driver.seeding import EpochStream, mix, python_and_numpy_seeded
 from functrain.errors import ConfigError
 
 
@@ -29,10 +33,16 @@ class IterableSource:
     Each epoch calls ``iter(source)`` again. Resuming mid-epoch iterates from the epoch's start and
     drops the batches already consumed, warning that their loading is repeated. So that the replayed
     batches are those of the interrupted epoch, an epoch draws from generators seeded from (seed,
-    epoch) (`EpochStream`): torch's global CPU generator while the source runs in this process, and
-    the `torch.Generator` objects a `DataLoader` and its sampler hold (a `RandomSampler`'s order and
-    the workers' seeds come from them); a sampler or dataset with ``set_epoch`` (a
-    `DistributedSampler`) is told the epoch first. Lists and tuples are iterated as they are.
+    epoch) (`EpochStream`): torch's global generator and the `torch.Generator` objects a
+    `DataLoader` and its sampler hold (a `RandomSampler`'s order and the workers' seeds come from
+    them); where the source runs in this process (no workers), Python's and numpy's global
+    generators are seeded for each batch from (seed, epoch, position), the caller's put back after.
+    A sampler or dataset with ``set_epoch`` (a `DistributedSampler`) is told the epoch first. Lists
+    and tuples are iterated as they are.
+
+    Each checkpoint holds the epoch, the number of its batches consumed and a digest of them
+    (`state_tree`); a resumed epoch whose replayed batches differ, drawn from something nothing
+    seeds, is reported with a warning naming the fix.
 
     Args:
         source: re-iterable batches.
@@ -43,7 +53,7 @@ class IterableSource:
     """
 
     resumable = False
-    saves_position = False
+    saves_position = True  # the digest of the batches consumed, to check a replay against
 
     def __init__(self, source: Iterable[Any], *, seed: int = 0) -> None:
         if not isinstance(source, Iterable) or isinstance(source, Iterator):
@@ -53,6 +63,11 @@ class IterableSource:
                 "with __iter__"
             )
         self.source, self.seed = source, seed
+        self.restored: dict[str, Any] | None = None
+        # the pass under way: its epoch, the batches consumed and their running digest
+        self.pass_epoch: int | None = None
+        self.consumed = 0
+        self.hasher = blake3.blake3()
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
@@ -92,35 +107,205 @@ class IterableSource:
                 RuntimeWarning,
                 stacklevel=4,
             )
+        self.begin_pass(epoch)
+        for position, batch in enumerate(self._pass(epoch, seeded)):
+            self.note(batch_fingerprint(batch))
+            if position + 1 == start:
+                self._check_replay(start)
+            if position >= start:
+                yield batch
+
+    def _pass(self, epoch: int, seeded: bool) -> Iterator[Any]:
+        """One pass over the source: in the epoch's seeded stream, or as it comes."""
         if not seeded or isinstance(self.source, (list, tuple)):
-            it = iter(self.source)
-            for _ in range(start):
-                next(it, None)
-            yield from it
+            yield from self.source
             return
         announce_epoch(self.source, epoch)
         stream = EpochStream(
             mix(self.seed, epoch), generators_of(self.source), python_and_numpy=False
         )
-        it = stream.draw(lambda: iter(self.source))
-        position = 0
-        while (batch := stream.draw(lambda: next(it, EXHAUSTED))) is not EXHAUSTED:
-            if position >= start:
-                yield batch
-            position += 1
+        # Python's and numpy's generators matter where the data is made (workers seed their own):
+        # seeded for each draw from its place, as a Batcher's batches are (a stream of them would
+        # save and restore numpy's state twice as often)
+        here = getattr(self.source, "num_workers", 0) == 0
+        seeds = (mix(self.seed, epoch, position) if here else None for position in count(-1))
+        it = stream.draw(partial(_with_seed, partial(iter, self.source), next(seeds)))
+        while True:
+            batch = stream.draw(partial(_with_seed, partial(next, it, EXHAUSTED), next(seeds)))
+            if batch is EXHAUSTED:
+                return
+            yield batch
+
+    def _check_replay(self, start: int) -> None:
+        """Warn if the `start` batches replayed differ from those the checkpointed run consumed."""
+        if self.replay_differs(start):
+            warnings.warn(
+                _replay_changed(type(self.source).__name__, start, self.pass_epoch),
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        self.restored = None
+
+    def replay_differs(self, start: int) -> bool:
+        """Whether the `start` batches of this pass differ from those the restored run consumed.
+
+        False when nothing restored tells: no saved position, or one of another epoch or place.
+        """
+        saved = self.restored
+        return (
+            saved is not None
+            and saved.get("epoch") == self.pass_epoch
+            and saved.get("batches") == start
+            and saved.get("order") != self.hasher.hexdigest()
+        )
+
+    def begin_pass(self, epoch: int) -> None:
+        """Start counting the batches of a pass over `epoch`."""
+        self.pass_epoch, self.consumed, self.hasher = epoch, 0, blake3.blake3()
+
+    def note(self, encoded: bytes) -> None:
+        """Count one batch of the pass, `encoded` (its fingerprint or indices) into the digest."""
+        self.hasher.update(encoded + b";")
+        self.consumed += 1
+
+    def state_tree(self) -> dict[str, Any]:
+        """The epoch, the number of its batches consumed and their digest (JSON values).
+
+        Before any pass, the restored one.
+        """
+        if self.pass_epoch is None:
+            return (
+                dict(self.restored)
+                if self.restored is not None
+                else {"epoch": None, "batches": 0, "order": None}
+            )
+        return {
+            "epoch": self.pass_epoch,
+            "batches": self.consumed,
+            "order": self.hasher.hexdigest(),
+        }
+
+    def restore(self, tree: Any) -> None:
+        """Take a saved `state_tree`: the next pass checks that it replays the same batches.
+
+        Anything else (the state of other data, saved by a run that read it) is not checked.
+        """
+        self.restored = tree if is_counted_position(tree) else None
+
+    def saved_states(self, dist: Any) -> dict[str, Any]:
+        """What ``state.driver["source"]`` holds: ``{"ranks": [position of rank 0, rank 1, ...]}``.
+
+        A collective under torch.distributed.
+        """
+        return {"ranks": gather_objects(self.state_tree(), dist)}
+
+    def resume(self, saved: Any, dist: Any) -> None:
+        """Take this rank's saved position from ``state.driver["source"]``.
+
+        When `saved` is None, or saved by a run on another number of ranks: nothing to check.
+        """
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        if saved is not None and len(saved["ranks"]) == world:
+            self.restore(saved["ranks"][rank])
 
 
 EXHAUSTED = object()
 """What ``next(iterator, EXHAUSTED)`` returns once a pass has no batch left."""
 
 
+def _with_seed(call: Callable[[], Any], seed: int | None) -> Any:
+    """`call()`, with Python's and numpy's generators seeded from `seed` unless it is None."""
+    return call() if seed is None else python_and_numpy_seeded(call, seed)
+
+
+def is_counted_position(tree: Any) -> bool:
+    """Whether `tree` is a position `IterableSource.state_tree` writes, not the state of data.
+
+    Example:
+        >>> is_counted_position({"epoch": 1, "batches": 2, "order": "9f2c"})
+        True
+        >>> is_counted_position({"epoch": 1})
+        False
+    """
+    return isinstance(tree, dict) and set(tree) == {"epoch", "batches", "order"}
+
+
+# the fix for an epoch whose order is not a function of what fit seeds
+_ORDER_FIX = (
+    "give a shuffling DataLoader a seeded generator (DataLoader(..., shuffle=True, "
+    "generator=torch.Generator().manual_seed(0))), draw any other randomness from torch's, "
+    "Python's or numpy's global generators (fit seeds them each epoch), or pass the dataset itself "
+    "to fit with batch_size=... so that fit shuffles it"
+)
+
 _REPLAY_HINT = (
     "the replayed batches are the interrupted epoch's when their order and randomness come from "
-    "what fit seeds each epoch: torch's global generator in this process, the generator= of the "
-    "DataLoader and of its sampler, the workers' seeds, set_epoch(); pass a DataLoader over a "
-    "map-style dataset, a map-style dataset with batch_size=, or data with "
-    "state_dict()/load_state_dict(), to resume without replay"
+    "what fit seeds each epoch: torch's, Python's and numpy's global generators in this process, "
+    "the generator= of the DataLoader and of its sampler, the workers' seeds, set_epoch(); drawn "
+    "from anything else, the resumed epoch's order differs from the interrupted one's (a second "
+    f"warning says so): to resume exactly, {_ORDER_FIX}; pass a DataLoader over a map-style "
+    "dataset, a map-style dataset with batch_size=, or data with state_dict()/load_state_dict(), "
+    "to resume without replay"
 )
+
+
+def _replay_changed(kind: str, start: int, epoch: int | None) -> str:
+    return (
+        f"resuming epoch {epoch} after {start} batches, but the {start} batches the {kind} "
+        "replayed now differ from those the checkpointed run consumed: the resumed epoch's order "
+        "(or its random content) differs from the interrupted one's, so some of its samples are "
+        f"seen twice and others not at all. To resume exactly, {_ORDER_FIX}"
+    )
+
+
+def batch_fingerprint(batch: Any) -> bytes:
+    """What tells batches apart, cheaply: each leaf's type, and a tensor's shape, dtype and samples.
+
+    Up to 16 elements of each CPU tensor, evenly spread in its logical order, are read (no copy of
+    the batch, no device sync: a tensor elsewhere counts by its shape and dtype); a number or
+    string counts whole.
+
+    Example:
+        >>> x = torch.arange(100.0).reshape(10, 10)
+        >>> batch_fingerprint((x, 3)) == batch_fingerprint((x.clone(), 3))
+        True
+        >>> batch_fingerprint((x, 3)) == batch_fingerprint((x.flip(0), 3))
+        False
+    """
+    parts = [_leaf_fingerprint(leaf) for leaf in pytree.tree_leaves(batch)]
+    return b"|".join(parts)
+
+
+def _leaf_fingerprint(leaf: Any) -> bytes:
+    if isinstance(leaf, (str, bytes, int, float, bool, type(None))):
+        return repr(leaf).encode()[:256]
+    if isinstance(leaf, Mapping):  # a dict-like batch pytree does not open (a BatchEncoding)
+        return b"{" + batch_fingerprint(dict(leaf)) + b"}"
+    if type(leaf).__module__ == "numpy" and hasattr(leaf, "dtype"):
+        try:
+            return _leaf_fingerprint(torch.as_tensor(leaf))
+        except (TypeError, RuntimeError):  # an array of objects, of strings
+            pass
+    if not isinstance(leaf, torch.Tensor):
+        shape = getattr(leaf, "shape", None)
+        return f"{type(leaf).__name__}{shape}".encode()
+    head = f"{list(leaf.shape)}{leaf.dtype}".encode()
+    if leaf.device.type != "cpu" or leaf.layout != torch.strided or leaf.is_quantized:
+        return head
+    kind = _SAME_SIZE.get(leaf.element_size())
+    if leaf.numel() == 0 or kind is None:
+        return head
+    try:  # the elements' bytes through numpy, which reads them where they lie: no copy
+        array = leaf.detach().resolve_conj().resolve_neg().view(kind).numpy()
+    except (RuntimeError, TypeError):  # a tensor numpy cannot read (a subclass): its shape tells
+        return head
+    n = array.size
+    positions = [i * (n - 1) // 15 for i in range(16)] if n > 16 else slice(None)
+    return head + array.flat[positions].tobytes()
+
+
+# an integer dtype of each element size: any tensor's bytes viewed as numpy can hold them
+_SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def generators_of(source: Any) -> list[torch.Generator]:

@@ -13,12 +13,10 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any, cast
 
-import blake3
 import orjson
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from functrain.distributed.data_parallel import gather_objects
 from functrain.driver.data.iterable import EXHAUSTED, IterableSource, announce_epoch, generators_of
 from functrain.driver.seeding import (
     EpochStream,
@@ -87,11 +85,6 @@ class DataLoaderSource(IterableSource):
         self.base = mix(seed, *(g.initial_seed() for g in self.borrowed))
         self.plan = IndexPlan()
         self.fetcher = fetching_loader(loader.dataset, self.plan, loader_settings(loader))
-        self.restored: dict[str, Any] | None = None
-        # the pass under way: its epoch, the batches consumed and their indices' running digest
-        self.pass_epoch: int | None = None
-        self.consumed = 0
-        self.hasher = blake3.blake3()
 
     def setup(self) -> dict[str, Any]:
         """The loader's batching (`IterableSource.setup`) and the seed its epochs derive from."""
@@ -106,7 +99,7 @@ class DataLoaderSource(IterableSource):
         assert batches is not None  # loader_problem refuses a loader without batch_size
         order = stream.draw(lambda: iter(batches))
         pending: deque[list[Any]] = deque()
-        self.pass_epoch, self.consumed, self.hasher = epoch, 0, blake3.blake3()
+        self.begin_pass(epoch)
         self._skip(stream, order, start)
         self.plan.batches = _seeded(
             stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK
@@ -141,21 +134,11 @@ class DataLoaderSource(IterableSource):
             for indices in chunk:
                 self._count(indices)
             left -= len(chunk)
-        saved = self.restored
-        if (
-            start
-            and saved is not None
-            and saved.get("epoch") == self.pass_epoch
-            and saved.get("batches") == start
-        ):
-            if saved.get("order") != self.hasher.hexdigest():
-                warnings.warn(
-                    _order_changed(
-                        _sampler_name(cast(DataLoader, self.source)), saved["epoch"], start
-                    ),
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+        if start and self.replay_differs(start):
+            sampler = _sampler_name(cast(DataLoader, self.source))
+            warnings.warn(
+                _order_changed(sampler, self.pass_epoch, start), RuntimeWarning, stacklevel=4
+            )
         self.restored = None
 
     def _count(self, indices: Any) -> None:
@@ -165,45 +148,7 @@ class DataLoaderSource(IterableSource):
             encoded = orjson.dumps(list(indices), option=orjson.OPT_SERIALIZE_NUMPY)
         except TypeError:  # indices of a kind orjson does not write: their repr
             encoded = repr(list(indices)).encode()
-        self.hasher.update(encoded + b";")
-        self.consumed += 1
-
-    def state_tree(self) -> dict[str, Any]:
-        """The epoch, the number of its batches consumed and their indices' digest (JSON values).
-
-        Before any pass, the restored one.
-        """
-        if self.pass_epoch is None:
-            return (
-                dict(self.restored)
-                if self.restored is not None
-                else {"epoch": None, "batches": 0, "order": None}
-            )
-        return {
-            "epoch": self.pass_epoch,
-            "batches": self.consumed,
-            "order": self.hasher.hexdigest(),
-        }
-
-    def restore(self, tree: Any) -> None:
-        """Take a saved `state_tree`: the next pass checks that it skips the same indices."""
-        self.restored = tree if isinstance(tree, dict) else None
-
-    def saved_states(self, dist: Any) -> dict[str, Any]:
-        """What ``state.driver["source"]`` holds: ``{"ranks": [position of rank 0, rank 1, ...]}``.
-
-        A collective under torch.distributed.
-        """
-        return {"ranks": gather_objects(self.state_tree(), dist)}
-
-    def resume(self, saved: Any, dist: Any) -> None:
-        """Take this rank's saved position from ``state.driver["source"]``.
-
-        When `saved` is None, or saved by a run on another number of ranks: nothing to check.
-        """
-        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-        if saved is not None and len(saved["ranks"]) == world:
-            self.restore(saved["ranks"][rank])
+        self.note(encoded)
 
 
 def _seeded(
@@ -252,12 +197,13 @@ def _sampler_name(loader: DataLoader) -> str:
     return type(batches.sampler if isinstance(batches, BatchSampler) else batches).__name__
 
 
-def _order_changed(sampler: str, epoch: int, start: int) -> str:
+def _order_changed(sampler: str, epoch: int | None, start: int) -> str:
     return (
         f"resuming epoch {epoch} after {start} batches, but the {start} index batches its sampler "
         f"({sampler}) drew now differ from those the checkpointed run consumed: this epoch goes on "
         "in another order, so some of its samples are seen twice and others not at all. The "
         "sampler draws from a generator fit does not seed; make its order a function of the "
         "epoch: draw from torch's global generator or the DataLoader's generator= (fit seeds both "
-        "each epoch), or give it set_epoch(epoch) as DistributedSampler has"
+        "each epoch), or give it set_epoch(epoch) as DistributedSampler has; or pass the dataset "
+        "itself to fit with batch_size=... so that fit shuffles it"
     )

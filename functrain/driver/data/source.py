@@ -1,4 +1,8 @@
-"""`as_source`: the source `fit` reads any data it accepts through."""
+"""`as_source`: the source `fit` reads any data it accepts through.
+
+`is_batched` tells data that yields batches itself from samples `fit` batches, and
+`batch_size_problems` refuses a batch size that only the latter would use.
+"""
 
 from __future__ import annotations
 
@@ -31,11 +35,7 @@ def as_source(
     """
     if isinstance(data, (Batcher, IterableSource)):
         return data
-    if (
-        isinstance(data, DataLoader)
-        or not (hasattr(data, "__len__") and hasattr(data, "__getitem__"))
-        or isinstance(data, (list, tuple))
-    ):
+    if is_batched(data):
         if is_stateful(data):
             return StatefulSource(data)
         if loader_problem(data) is None:
@@ -54,4 +54,66 @@ def as_source(
         seed=seed,
         num_workers=num_workers,
         shard=shard,
+    )
+
+
+def is_batched(data: Any) -> bool:
+    """Whether `data` yields batches itself, rather than samples for `fit` to batch.
+
+    A `DataLoader`, a list or tuple of batches, a source of this package, any iterable without
+    indexing are; a map-style dataset (`len` and indexing) is not.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.zeros(4, 2))
+        >>> is_batched(data), is_batched(DataLoader(data, batch_size=2)), is_batched([data[:2]])
+        (False, True, True)
+    """
+    return isinstance(data, (Batcher, IterableSource, DataLoader, list, tuple)) or not (
+        hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    )
+
+
+def batch_size_problems(
+    train: Any, evals: tuple[Any, ...], batch_size: int | None, eval_batch_size: int | None
+) -> list[str]:
+    """The batch sizes `fit` was given that no data would use: its data is batched already.
+
+    Args:
+        train: the training data.
+        evals: the evaluation and test data (None where not given).
+        batch_size: `fit`'s ``batch_size``, also the evaluations' without `eval_batch_size`.
+        eval_batch_size: `fit`'s ``eval_batch_size``.
+
+    Example:
+        >>> loader = DataLoader(range(8), batch_size=4)
+        >>> [problem] = batch_size_problems(loader, (None, None), 32, None)
+        >>> problem.split(",")[0]
+        'batch_size=32 would be ignored: train_data is a DataLoader'
+    """
+    given = [d for d in evals if d is not None]
+    samples = [d for d in given if not is_batched(d)]  # evaluation data fit batches
+    problems = []
+    batched = train is not None and is_batched(train)
+    if batch_size is not None and batched and (eval_batch_size is not None or not samples):
+        problems.append(_ignored("batch_size", batch_size, "train_data", train))
+    if eval_batch_size is not None and given and not samples:
+        problems.append(_ignored("eval_batch_size", eval_batch_size, "eval_data", given[0]))
+    return problems
+
+
+def _ignored(argument: str, size: int, name: str, data: Any) -> str:
+    kind = type(data).__name__
+    own = getattr(data, "batch_size", None)
+    if isinstance(data, (list, tuple)):
+        made = f"a {kind} of batches, each as large as it was made"
+    elif isinstance(own, int):
+        made = f"a {kind}, which makes its own batches (batch_size={own}, set where it is built)"
+    else:
+        made = f"a {kind}, which yields batches as large as it makes them"
+    dataset = "loader.dataset" if isinstance(data, DataLoader) else "a map-style dataset"
+    return (
+        f"{argument}={size} would be ignored: {name} is {made}; drop {argument}=..., or give fit "
+        f"the dataset itself ({dataset}) with {argument}={size} for fit to batch it"
     )

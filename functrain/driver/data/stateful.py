@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from functrain.distributed.data_parallel import gather_objects
-from functrain.driver.data.iterable import IterableSource
+from functrain.driver.data.iterable import IterableSource, is_counted_position
 from functrain.errors import ConfigError
 
 
@@ -89,7 +89,9 @@ class StatefulSource(IterableSource):
                 epoch,
                 start,
                 "the checkpoint holds no state of this data: it was saved by a run whose data "
-                "had no state_dict()",
+                "had no state_dict(); the replay is not seeded, so data that shuffles goes on in "
+                "another order than the interrupted epoch's, some samples seen twice and others "
+                "not at all",
                 seeded=False,
             )
             return
@@ -107,13 +109,15 @@ class StatefulSource(IterableSource):
         return {"ranks": gather_objects(mine, dist)}
 
     def resume(self, saved: Any, dist: Any) -> None:
-        """Restore this rank's state from ``state.driver["source"]`` (None: nothing was saved).
+        """Restore this rank's state from ``state.driver["source"]``.
+
+        Nothing to restore when it is None, or the positions of data without a state (a replay).
 
         Raises:
             ConfigError: the checkpoint holds the states of another number of ranks than this run's.
         """
-        if saved is None:
-            return
+        if saved is None or all(is_counted_position(r) for r in saved["ranks"]):
+            return  # saved by a run whose data had no state: it replays
         rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         ranks = saved["ranks"]
         if len(ranks) != world:

@@ -84,7 +84,7 @@ def adafactor_step(
 
     Args:
         learning_rate: a float >= 0 or a schedule; the relative step size is ``min(lr, 1 /
-        sqrt(t))``.
+            sqrt(t))``.
         beta2_decay: the second moment's rate is ``t ** beta2_decay``; <= 0.
         eps: ``(eps1, eps2)``: the floor of the second moment (None: the dtype's machine epsilon)
             and of the parameter RMS.

@@ -60,8 +60,7 @@ def asgd_step(
 
     Args:
         learning_rate: a float >= 0 or a schedule (read when ``eta`` is recomputed, as torch reads
-        its
-            group's ``lr``).
+            its group's ``lr``).
         lambd: decay term; >= 0.
         alpha: power of the ``eta`` decay.
         t0: the step from which the average starts.

@@ -159,12 +159,23 @@ def _begin(
 
 
 def _found_inf(keep: torch.Tensor) -> torch.Tensor:
-    # the kernels read found_inf as float32: one op where the default dtype gives it, two elsewhere
-    return (
-        torch.where(keep, 0.0, 1.0)
-        if torch.get_default_dtype() == torch.float32
-        else (~keep).float()
+    # the kernels read found_inf as float32: one op on constants made once per device, eagerly
+    if torch.compiler.is_compiling() or under_vmap():
+        return torch.where(keep, 0.0, 1.0).float()
+    zero, one = _FLAGS_ON.get(keep.device) or _flags_on(keep.device)
+    return torch.where(keep, zero, one)
+
+
+# per device: float32 0 and 1, read (never written) by `_found_inf`'s select
+_FLAGS_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _flags_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    flags = _FLAGS_ON[device] = (
+        torch.zeros((), dtype=torch.float32, device=device),
+        torch.ones((), dtype=torch.float32, device=device),
     )
+    return flags
 
 
 def _last_lr(step: _Step, previous: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -436,11 +447,24 @@ def _by_groups(
     corrections or learning-rate decay.
     """
     p, g = step.p, step.g
+    count = step.count.to(torch.float32) if steps else None
+    if _one_group(p, decays):  # the usual case: one call on the lists as they are
+        dtype = p[0].dtype
+        out_p, out_b = _run_kernel(
+            kernel,
+            step.extras,
+            p,
+            [x if x.dtype == dtype else x.to(dtype) for x in g],
+            [list(b) for b in buffers],
+            [[count] * len(p)] if steps else [],  # read only
+            weight_decay=_decay_values(weight_decay) if decays[0] else [0.0],
+            **hyper,
+        )
+        return out_p, tuple(out_b)
     groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
     for i, x in enumerate(p):
         groups[(x.device, x.dtype, decays[i])].append(i)
     new_p, new_b = list(p), [list(b) for b in buffers]
-    count = step.count.to(torch.float32) if steps else None
     for (_, dtype, decay), idx in groups.items():
         out_p, out_b = _run_kernel(
             kernel,
@@ -460,6 +484,14 @@ def _by_groups(
             for i, value in zip(idx, values):
                 target[i] = value
     return new_p, tuple(new_b)
+
+
+def _one_group(p: list, decays: tuple[bool, ...]) -> bool:
+    """Whether all of `p` go to one kernel call: one device, one dtype, decayed alike."""
+    if not p or not (all(decays) or not any(decays)):
+        return False
+    dtype, device = p[0].dtype, p[0].device
+    return all(x.dtype == dtype and x.device == device for x in p)
 
 
 def _run_kernel(
@@ -490,13 +522,23 @@ def _run_kernel(
     params = [_walkable(p) for p in params]
     grads = in_layouts_of(grads, params)
     if extras.may_write():
-        buffers = [[writable(x, p) for x, p in zip(xs, params)] for xs in buffers]
+        # a buffer in its parameter's strides, none 0, is one a donated step already wrote
+        buffers = [
+            [x if _writable_as_is(x, p) else writable(x, p) for x, p in zip(xs, params)]
+            for xs in buffers
+        ]
         kernel.in_place(params, grads, *buffers, *steps, **options)
         return params, buffers
     new_p = [p.clone() for p in params]
     new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
     kernel.in_place(new_p, grads, *new_b, *steps, **options)
     return new_p, new_b
+
+
+def _writable_as_is(x: torch.Tensor, p: torch.Tensor) -> bool:
+    """What `writable` would find of `x` at a glance: `p`'s strides, no element shared."""
+    strides = x.stride()
+    return strides == p.stride() and 0 not in strides
 
 
 def _walkable(p: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,11 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
 
     The outgoing updates are a lazy `ParamStep`, applied by `apply_updates` with torch.optim's own
     final op (``add(alpha=-lr)``, or ``addcdiv`` after a `Ratio`), so float32 results match torch
-    bit for bit for a constant learning rate. The current rate is exposed as the metric ``lr``.
+    bit for bit for a constant learning rate, and for a schedule whose values are the floats torch's
+    scheduler writes into the group: on the CPU the schedule's 0-d float64 value is the scalar of
+    the very kernel torch.optim gives its float (a load, no sync); on other devices it stays there,
+    applied by one fused multiply-add (``addcmul``), as torch's device kernels compute
+    ``add(alpha=)``. The current rate is exposed as the metric ``lr``.
 
     Args:
         learning_rate: a float >= 0, or a schedule ``step -> value`` (see `functrain.schedules`),

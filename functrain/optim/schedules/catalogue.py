@@ -279,7 +279,7 @@ def exponential_decay(
         transition_steps: the steps per factor; > 0.
         staircase: apply the factor in whole steps (piecewise constant) instead of continuously.
         end_value: a floor (when decaying) or a ceiling (when growing); on that side of
-        `init_value`.
+            `init_value`.
         transition_begin: the step the decay starts from; >= 0.
 
     Returns:

@@ -1,0 +1,130 @@
+"""What readers find while a checkpoint is replaced by two renames, and under long runs' names."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain.checkpoint import commit, directory, manager
+from functrain.checkpoint.format import read_manifest
+from functrain.testing import assert_states_equal
+from tests.models import loss_fn
+
+
+class Killed(BaseException):
+    """The writer's process ending where it stands (nothing after it runs)."""
+
+
+@pytest.fixture
+def state() -> ft.TrainState:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ft.TrainState.create(nn.Linear(3, 2), ft.sgd(0.1), loss_fn)
+
+
+def killed_between_renames(monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
+    """Have the next replace of `target` take two renames and end between them."""
+
+    def no_exchange(a: Path, b: Path) -> None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any) -> None:
+        if Path(dst) == target and Path(src).name.startswith(commit.TMP_PREFIX):
+            raise Killed  # the old checkpoint is aside, the new one not yet in place; then
+        real_rename(src, dst)  # putting the old one back, were the process alive, never runs
+
+    monkeypatch.setattr(commit, "_exchange", no_exchange)
+    monkeypatch.setattr(commit.os, "rename", rename)
+
+
+def test_a_reader_finds_the_checkpoint_a_replace_by_two_renames_displaced(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = ft.CheckpointManager(tmp_path)
+    path = writer.save(state, metadata={"copy": "first"})  # the only checkpoint
+    with monkeypatch.context() as m:
+        killed_between_renames(m, path)
+        with pytest.raises(Killed):
+            writer.save(state, metadata={"copy": "second"})  # the same name: a replace
+    assert not path.exists()
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    (aside,) = reader.all()
+    assert aside.name.startswith(f".tmp-old-{path.name}-")
+    assert reader.latest() == aside and directory.name_of(aside) == path.name
+    assert read_manifest(aside)["metadata"]["copy"] == "first"
+    restored = reader.restore_latest(like=state)
+    assert restored is not None and reader.restored == aside
+    assert_states_equal(state, restored)
+    writer.close()
+    with pytest.warns(RuntimeWarning, match=f"put back checkpoint {path.name}"):
+        ft.CheckpointManager(tmp_path).close()  # the next writer repairs it
+    assert ft.CheckpointManager(tmp_path, readonly=True).all() == [path]
+
+
+def test_a_displaced_best_is_found_while_its_name_is_missing(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ft.CheckpointManager(tmp_path, best_metric="val") as writer:
+        saved = writer.save(state, metrics={"val": 0.5})
+        best = tmp_path / saved.name.replace("ckpt", "best")
+        with monkeypatch.context() as m:
+            killed_between_renames(m, best)
+            with pytest.raises(Killed):
+                writer.save(state, metrics={"val": 0.25})  # a better value, the same step
+    reader = ft.CheckpointManager(tmp_path, readonly=True, best_metric="val")
+    (aside,) = reader.bests()
+    assert aside.name.startswith(f".tmp-old-{best.name}-")
+    assert (reader.best(), reader.best_value()) == (aside, 0.5)
+
+
+def test_a_displaced_copy_removed_while_it_is_read_is_loaded_from_its_name(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = ft.CheckpointManager(tmp_path)
+    path = writer.save(state)
+    with monkeypatch.context() as m:
+        killed_between_renames(m, path)
+        with pytest.raises(Killed):
+            writer.save(state)
+    writer.close()
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    (aside,) = reader.all()
+    real_load = manager.load
+
+    def load_after_the_replace_finished(at: Path, like: Any) -> Any:
+        if at == aside:  # listed as the copy; by the time it is read the writer is done
+            os.rename(aside, path)
+        return real_load(at, like=like)
+
+    monkeypatch.setattr(manager, "load", load_after_the_replace_finished)
+    restored = reader.restore_latest(like=state)
+    assert restored is not None and reader.restored == path
+
+
+def test_checkpoints_from_the_thousandth_epoch_on_are_listed_in_order(
+    tmp_path: Path, state: ft.TrainState
+) -> None:
+    def at(step: int, epoch: int) -> ft.TrainState:
+        return state.replace(step=torch.tensor(step), epoch=torch.tensor(epoch))
+
+    with ft.CheckpointManager(tmp_path, keep_last=3) as writer:
+        first = writer.save(at(5, 999))
+        last = writer.save(at(10**9, 1000))
+        middle = writer.save(at(999_999_999, 1000))
+    assert (first.name, last.name) == ("ckpt-000000005-999000000", "ckpt-1000000000-1000000000")
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    assert reader.all() == [first, middle, last]  # by step, not by the names' text
+    assert reader.latest() == middle  # the pointer names the one saved last
+    os.remove(tmp_path / "latest")
+    assert reader.latest() == last
+    restored = reader.restore_latest(like=state)
+    assert restored is not None and int(restored.step) == 10**9

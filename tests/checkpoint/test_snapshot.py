@@ -1,0 +1,97 @@
+"""An async save whose state is written into behind the version counter's back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain.checkpoint import format as serialization
+from functrain.errors import CheckpointError
+from tests.models import loss_fn
+
+
+def big_state(seed: int) -> ft.TrainState:
+    """A state with a 16 MiB weight: its file takes several pieces to write."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = nn.Linear(2048, 2048)
+    return ft.TrainState.create(module, ft.sgd(0.1), loss_fn, seed=seed)
+
+
+def weight(state: ft.TrainState) -> torch.Tensor:
+    return state.params["weight"]
+
+
+def verified(path: Path) -> None:
+    """Read the checkpoint whole, every digest checked (raises CheckpointCorruptError otherwise)."""
+    serialization.read_tree(path)
+
+
+def test_a_write_through_numpy_after_the_files_are_written_fails_the_async_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = big_state(1)
+    real_write = serialization.write_file
+
+    def write_then_scribble(path: Path, data: Any) -> str:
+        digest = real_write(path, data)
+        weight(state).numpy()[0, 0] += 1.0  # behind the version counter's back
+        return digest
+
+    with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
+        previous = mgr.save(big_state(0))
+        mgr.wait()
+        monkeypatch.setattr(serialization, "write_file", write_then_scribble)
+        mgr.save(state)
+        with pytest.raises(
+            CheckpointError, match=r"1 tensor\(s\) of the state changed while .*\.data, \.numpy\(\)"
+        ):
+            mgr.wait()
+        assert mgr.latest() == previous
+        assert mgr.all() == [previous]
+    verified(previous)
+
+
+@pytest.fixture
+def state_and_scribbler() -> Iterator[tuple[ft.TrainState, threading.Event]]:
+    """A state whose weight another thread writes through ``.data`` every millisecond."""
+    state = big_state(1)
+    stop = threading.Event()
+
+    def scribble() -> None:
+        data = weight(state).data
+        while not stop.wait(0.001):
+            data.add_(1.0)  # .data: a tensor of its own, whose version counter the state's lacks
+
+    thread = threading.Thread(target=scribble, daemon=True)
+    thread.start()
+    yield state, stop
+    stop.set()
+    thread.join()
+
+
+def test_an_async_save_during_writes_through_data_fails_or_verifies_never_commits_a_bad_digest(
+    tmp_path: Path, state_and_scribbler: tuple[ft.TrainState, threading.Event]
+) -> None:
+    state, _ = state_and_scribbler
+    with ft.CheckpointManager(tmp_path, async_save=True, keep_last=None) as mgr:
+        previous = mgr.save(big_state(0))
+        mgr.wait()
+        for step in range(1, 4):
+            path = mgr.save(state.replace(step=state.step + step))
+            try:
+                mgr.wait()
+            except CheckpointError as e:
+                assert "changed while the async save was writing them" in str(e)
+                assert mgr.latest() == previous
+            else:
+                assert mgr.latest() == path
+                previous = path
+            verified(mgr.latest())

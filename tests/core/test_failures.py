@@ -1,0 +1,113 @@
+"""A failure in the loss function is a `BatchError` whose hint fits the failure."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from tests.models import cross_entropy_loss_fn, make_mlp
+
+F = nn.functional
+UNPACK = "unpack it there and call model(...)"
+
+
+def failure(loss_fn: Any, batch: Any, module: nn.Module | None = None) -> str:
+    state = ft.TrainState.create(module or make_mlp(), ft.sgd(0.1), loss_fn)
+    with pytest.raises(ft.BatchError) as info:
+        ft.train_step(state, batch)
+    return str(info.value)
+
+
+def labels(n: int = 4, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    return torch.arange(n).remainder(3).to(dtype)
+
+
+def test_a_batch_unpacked_the_wrong_way_gets_the_unpack_hint() -> None:
+    three = (torch.randn(4, 6), labels(), torch.zeros(4))
+    assert failure(cross_entropy_loss_fn, three).endswith(
+        "loss_fn(model, batch) receives the batch exactly as the data yields it; " + UNPACK
+    )
+    as_dict = {"x": torch.randn(4, 6), "y": labels()}
+    assert failure(cross_entropy_loss_fn, as_dict).endswith(UNPACK)
+    assert failure(lambda m, b: m(b).sum(), (torch.randn(4, 6),)).endswith(UNPACK)
+
+
+def test_a_dtype_mismatch_names_the_dtypes_and_where_to_cast() -> None:
+    message = failure(cross_entropy_loss_fn, (torch.randn(4, 6, dtype=torch.float64), labels()))
+    assert "mat1 and mat2 must have the same dtype" in message
+    assert message.endswith(
+        "tensors of different dtypes met: the model's weights are float32 and the batch holds "
+        "float64, int64; cast the model's inputs to float32 in loss_fn (x.to(torch.float32)) or "
+        "where the data is made (numpy's float64 arrays become float64 tensors), or build the "
+        "model in the batch's dtype (model.to(dtype)) before TrainState.create"
+    )
+    assert UNPACK not in message
+
+
+def test_batchnorm_on_a_batch_of_one_says_drop_last_or_a_bigger_batch() -> None:
+    module = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    message = failure(lambda m, b: m(b).sum(), torch.randn(1, 6), module)
+    assert message.endswith(
+        "a BatchNorm layer in training mode got a batch of 1 sample: it needs more than one value "
+        "per channel for the batch's statistics; drop the last incomplete batch "
+        "(fit(..., drop_last=True), DataLoader(..., drop_last=True)) or use a bigger batch"
+    )
+
+
+def test_float_labels_for_cross_entropy_say_int64_class_indices_or_probabilities() -> None:
+    message = failure(cross_entropy_loss_fn, (torch.randn(4, 6), labels(dtype=torch.float32)))
+    assert message.endswith(
+        "the labels given to cross_entropy (or nll_loss) are Float: class indices must be int64 "
+        "(y.long(), or int64 where the data is made), or give class probabilities as floats of "
+        "the logits' shape"
+    )
+    column = (torch.randn(4, 6), labels().unsqueeze(1))
+    assert failure(cross_entropy_loss_fn, column).endswith(
+        "drop the labels' extra dimension (y.squeeze(1) or y.view(-1))"
+    )
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def broken(self, x: torch.Tensor) -> torch.Tensor:
+        return self.missing(x)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, owner, name",
+    [
+        (lambda m, b: m.encoder(b).sum(), "Net", "encoder"),  # on the model
+        (lambda m, b: m.broken(b).sum(), "Net", "missing"),  # inside one of its methods
+        (lambda m, b: m.body.nope, "Linear (a submodule of the Net)", "nope"),
+    ],
+    ids=["model", "method", "submodule"],
+)
+def test_an_attribute_the_model_lacks_is_named_with_the_modules_class(
+    loss_fn: Any, owner: str, name: str
+) -> None:
+    message = failure(loss_fn, torch.randn(4, 6), Net())
+    assert f"{owner} has no attribute {name!r}: the model in loss_fn is the Net given to " in (
+        message
+    )
+    assert UNPACK not in message
+
+
+def test_any_other_failure_keeps_the_structure_and_points_to_the_cause() -> None:
+    wrong_width = (torch.randn(4, 5), labels())
+    message = failure(cross_entropy_loss_fn, wrong_width)
+    assert re.match(
+        re.escape("loss_fn failed on a batch of structure (Tensor[4, 5] float32, Tensor[4] int64)"),
+        message,
+    )
+    assert message.endswith("the traceback of the error above shows where it failed")

@@ -1,0 +1,72 @@
+"""What `fit` hands back and says: the trained module, the result's repr, the line of a resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.errors import ConfigError
+from tests.driver.runs import dataset, linear_state, make_module, quiet_fit
+
+
+def test_the_trained_module_is_the_results_and_the_one_given_to_create_stays_untrained() -> None:
+    given = make_module()
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    state = ft.TrainState.create(given, ft.sgd(0.05), linear_state().loss_fn)
+    result = quiet_fit(state, dataset(), max_epochs=2)
+    trained = result.module
+    assert trained is result.module and not trained.training
+    for name, p in trained.named_parameters():
+        assert torch.equal(p, result.state.params[name])
+        assert not torch.equal(p, before[name])
+    for name, p in given.state_dict().items():
+        assert torch.equal(p, before[name])
+
+
+def test_a_stacked_results_module_is_refused_naming_how_to_get_each_members() -> None:
+    result = quiet_fit(ft.stack([linear_state(), linear_state()]), dataset(), max_steps=1)
+    with pytest.raises(
+        ConfigError,
+        match=r"result.module is one module, but this run trained 2 stacked members: take them "
+        r"one by one, \[s.export_module\(\) for s in functrain.unstack\(result.state\)\]",
+    ):
+        _ = result.module
+
+
+def test_a_stacked_results_repr_shows_every_member() -> None:
+    rates = ft.sweep([0.01, 0.02, 0.03, 0.04, 0.05])
+    states = [linear_state(ft.sgd(rates)) for _ in range(5)]
+    data = dataset()
+    result = quiet_fit(ft.stack(states), data, eval_data=data, max_epochs=1)
+    members = ", ".join(f"{result.best[f'val_loss[{k}]']:.4g}" for k in range(5))
+    assert repr(result) == (
+        "FitResult(\n"
+        "    step=3,\n"
+        "    epoch=1,\n"
+        "    members=5,\n"
+        "    stop_reason='max_epochs',\n"
+        f"    best={{val_loss: {result.best['val_loss']:.4g} [{members}]}},\n"
+        ")"
+    )
+
+
+def test_a_resumed_run_says_where_it_goes_on_from_and_tells_the_callbacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen = []
+
+    @ft.on("train_begin")
+    def note(run: ft.Run) -> None:
+        seen.append(run.config["resumed_from"])
+
+    data, kwargs = dataset(), dict(checkpoint_dir=tmp_path, callbacks=[note])
+    first = quiet_fit(linear_state(), data, max_steps=2, **kwargs)
+    latest = first.checkpoints["latest"]
+    quiet_fit(linear_state(), data, max_steps=3, resume=True, verbosity="minimal", **kwargs)
+    assert f"resumed from {latest} at step 2 (epoch 0, batch 2)\n" in capsys.readouterr().out
+    quiet_fit(linear_state(), data, max_steps=4, resume=True, **kwargs)  # silent
+    assert "resumed" not in capsys.readouterr().out
+    assert seen[:2] == [None, str(latest)] and seen[2] != str(latest)

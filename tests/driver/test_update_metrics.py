@@ -1,0 +1,109 @@
+"""What `fit` logs of the updates under gradient accumulation: the rates and gradient norms of the
+updates applied, while the loss and the loss function's metrics stay means over micro-batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.driver.ledger import MetricWindow, tree_problems
+from functrain.optim.metrics import transform_metrics
+from tests.driver.runs import dataset, linear_state, quiet_fit
+
+K = 4  # micro-batches per update
+RATE = ft.schedules.warmup_cosine(1e-3, warmup_steps=4, decay_steps=100)
+
+
+def warmed_up() -> ft.TrainState:
+    """A linear model under AdamW warming up over 4 updates (0, 2.5e-4, 5e-4, 7.5e-4), K-fold
+    accumulation and clipping that never bites (it measures the accumulated gradient)."""
+    return linear_state(ft.adamw(RATE), accumulate_steps=K, clip_grad_norm=1e6)
+
+
+def applied_by_hand(data: torch.utils.data.TensorDataset, updates: int) -> list[dict[str, float]]:
+    """Per update: its rate, the norm clipping saw (the window's mean gradient's), the mean loss."""
+    state, rows = warmed_up(), []
+    x, y = data.tensors
+    for u in range(updates):
+        losses = []
+        for m in range(K):
+            i = (u * K + m) * 5
+            state, metrics = ft.train_step(state, (x[i : i + 5], y[i : i + 5]))
+            losses.append(float(metrics["loss"]))
+        rows.append(
+            {
+                "lr": float(metrics["lr"]),
+                "grad_norm": float(transform_metrics(state.opt_state)["grad_norm"]),
+                "loss": sum(losses) / K,
+            }
+        )
+    return rows
+
+
+def test_under_accumulation_rows_log_the_rate_and_norm_of_the_updates_applied() -> None:
+    data = dataset(n=80)  # 16 batches of 5: 4 updates an epoch
+    result = quiet_fit(warmed_up(), data, batch_size=5, shuffle=False, max_epochs=1, log_every=1)
+    expected = applied_by_hand(data, 4)
+    rows = result.history.rows["train"]
+    assert [r["lr"] for r in rows] == [e["lr"] for e in expected]
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4])
+    assert [r["grad_norm"] for r in rows] == pytest.approx([e["grad_norm"] for e in expected])
+    assert [r["loss"] for r in rows] == pytest.approx([e["loss"] for e in expected])
+    epoch = result.history.last("epoch")
+    assert epoch["lr"] == pytest.approx(sum(e["lr"] for e in expected) / 4)
+    assert epoch["loss"] == pytest.approx(sum(e["loss"] for e in expected) / 4)
+
+
+def test_the_step_reports_the_norm_of_the_gradient_its_update_applies() -> None:
+    x, y = dataset(n=20).tensors
+    state = warmed_up()
+    for i in range(K):
+        state, metrics = ft.train_step(state, (x[5 * i : 5 * i + 5], y[5 * i : 5 * i + 5]))
+    clipped = transform_metrics(state.opt_state)["grad_norm"]
+    assert torch.equal(metrics["grad_norm"], clipped)
+    whole = linear_state(ft.adamw(1e-3), clip_grad_norm=1e6)
+    _, once = ft.train_step(whole, (x, y))  # one step on the 4 micro-batches together
+    torch.testing.assert_close(metrics["grad_norm"], once["grad_norm"])
+
+
+def test_a_window_that_applied_no_update_leaves_the_update_metrics_out() -> None:
+    window = MetricWindow()
+    for applied in (False, True, False):
+        metrics = {"loss": torch.tensor(2.0), "lr": torch.tensor(0.5), "acc": torch.tensor(1.0)}
+        window.add(metrics, 1, applied)
+    assert window.means() == {"loss": 2.0, "lr": 0.5, "acc": 1.0}
+    window.reset()
+    window.add({"loss": torch.tensor(2.0), "lr": torch.tensor(0.5)}, 1, applied=False)
+    assert window.means() == {"loss": 2.0}
+
+
+def test_a_window_saved_without_its_update_count_counts_every_batch() -> None:
+    saved = {"keys": ["loss", "lr"], "sums": torch.tensor([4.0, 1.0], dtype=torch.float64)}
+    window = MetricWindow({**saved, "count": 2})
+    assert window.means() == {"loss": 2.0, "lr": 0.5}
+    assert tree_problems({"window": {**saved, "count": 2, "updates": 3}}) == [
+        "driver/window/updates: expected an int from 0 to count=2, got int 3"
+    ]
+
+
+def test_a_run_resumed_inside_an_accumulation_window_logs_what_the_straight_run_logs(
+    tmp_path: Path,
+) -> None:
+    data = dataset(n=80)
+    kwargs = dict(batch_size=5, max_epochs=2, log_every=3, save_every=1)
+    straight = quiet_fit(warmed_up(), data, checkpoint_dir=tmp_path / "straight", **kwargs)
+
+    @ft.on("batch_end")
+    def stop(run: ft.Run) -> None:
+        if run.step == 5 and run.batch == 6:  # 2 batches into a window, 2 updates into a log row
+            run.request_stop("interrupted")
+
+    cut = quiet_fit(warmed_up(), data, checkpoint_dir=tmp_path / "cut", callbacks=[stop], **kwargs)
+    assert cut.stop_reason == "interrupted"
+    resumed = quiet_fit(warmed_up(), data, checkpoint_dir=tmp_path / "cut", resume=True, **kwargs)
+    assert resumed.history.metrics_only() == straight.history.metrics_only()
+    means = [sum(float(RATE(u)) for u in range(first, first + 3)) / 3 for first in (0, 3)]
+    assert [r["lr"] for r in resumed.history.rows["train"][:2]] == pytest.approx(means)
