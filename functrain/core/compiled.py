@@ -130,6 +130,7 @@ class CompiledStep:
                 f"got {type(state).__name__}"
             )
         state.check_live("a compiled step")
+        members = state.step.shape[0] if state.step.ndim else 0  # read before a donation
         if self._captures is not None:
             new_state, metrics = self._captured(self._captures, state, batch, donate)
         elif state.step.ndim:
@@ -139,7 +140,7 @@ class CompiledStep:
         else:
             new_state, metrics = self._plain(state, batch, donate)
         # the shapes the graph returns (no sync): dynamo cannot raise inside torch.func.grad
-        check_scalar_metrics(metrics, members=state.step.shape[0] if state.step.ndim else 0)
+        check_scalar_metrics(metrics, members=members)
         return new_state, metrics
 
     def _plain(

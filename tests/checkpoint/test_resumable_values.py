@@ -250,7 +250,7 @@ def test_states_the_steps_leave_save_and_load(tmp_path: Path, state_at: Any) -> 
     ("changes", "expected"),
     [
         ({"step": torch.tensor(-1)}, "step: expected an int >= 0, got -1"),
-        ({"epoch": 3}, "epoch: expected an int64 tensor, got int 3"),
+        ({"epoch": 3.0}, "epoch: expected an int64 tensor, got float 3.0"),
         ({"micro_step": torch.tensor(1)}, "micro_step: expected an int below accumulate_steps=1"),
         ({"rng": torch.zeros(5056, dtype=torch.uint8)}, "rng: expected a generator state"),
     ],
