@@ -31,19 +31,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import blake3
+import orjson
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from functrain import errors
 from functrain.checkpoint.commit import TMP_PREFIX, commit
-from functrain.checkpoint.files import wait_for_removals
+from functrain.checkpoint.files import hasher, wait_for_removals
 from functrain.checkpoint.format import (
     FORMAT_VERSION,
     PLAIN_FORMAT_VERSION,
@@ -54,7 +55,6 @@ from functrain.checkpoint.format import (
     write_manifest,
     write_tensor_files,
 )
-from functrain.checkpoint.tensorfile import bytes_of
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
@@ -67,6 +67,7 @@ __all__ = [
     "exchange_group",
     "agree",
     "write_sharded",
+    "written_digests",
     "rows_wanted",
     "place",
     "placed_like",
@@ -323,12 +324,13 @@ def _write_part(
             shard_index,
             empty=False,
         )
+        digests = written_digests(tmp, shard_index)
         shards = {
             key: {
                 "file": shard_index[key]["file"],
                 "offset": [start] + [0] * (t.dim() - 1),
                 "extent": list(t.shape),
-                "blake3": _digest(t),
+                "blake3": digests[key],
             }
             for key, (t, start) in writer.shards.items()
         }
@@ -356,8 +358,32 @@ def _write_part(
     }
 
 
-def _digest(t: torch.Tensor) -> str:
-    return str(blake3.blake3(bytes_of(t), max_threads=blake3.blake3.AUTO).hexdigest())
+def written_digests(tmp: Path, index: Mapping[str, Any]) -> dict[str, str]:
+    """Each tensor's BLAKE3, of the bytes its file in `tmp` holds (`index`: key -> its ``file``).
+
+    Read back from the file just written (from the page cache), not hashed from the tensor's memory:
+    a tensor written into meanwhile (through ``.data``) would otherwise be recorded with a digest
+    its file does not match, and the committed checkpoint would fail its own check.
+    """
+    by_file: dict[str, list[str]] = {}
+    for key, entry in index.items():
+        by_file.setdefault(entry["file"], []).append(key)
+    digests = {}
+    for name, keys in by_file.items():
+        with open(tmp / name, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = orjson.loads(f.read(length))
+            for key in keys:
+                begin, end = header[key]["data_offsets"]
+                f.seek(8 + length + begin)
+                digest = hasher("blake3", threads=True)  # not in a forked child: see hasher
+                for at in range(begin, end, _READ_PIECE):
+                    digest.update(f.read(min(_READ_PIECE, end - at)))
+                digests[key] = str(digest.hexdigest())
+    return digests
+
+
+_READ_PIECE = 8 << 20
 
 
 def _seal_and_commit(
