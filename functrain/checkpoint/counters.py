@@ -6,7 +6,7 @@ position past the accumulation window, or an Adam ``count=-1`` (whose bias corre
 zero at the next step). `counter_problems` holds the values against the state's static
 configuration and names each path and value:
 
-* the state's counters (`STATE_COUNTERS`) are integers >= 0, `micro_step` below
+* the state's counters (`functrain.core.create.COUNTERS`) are integers >= 0, `micro_step` below
   ``options.accumulate_steps``, `skipped` at most `step`;
 * the counters in the transform states (`opt_state`, `ema_state`) are found by field name
   (`TRANSFORM_COUNTERS`), so no transform needs to be known here, and a transform of one's own
@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from functrain.core.create import COUNTERS
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import is_sharded
 from functrain.tree import leaves_by_path
 
-__all__ = ["STATE_COUNTERS", "TRANSFORM_COUNTERS", "counter_problems"]
+__all__ = ["TRANSFORM_COUNTERS", "counter_problems"]
 
-STATE_COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped")
 
 TRANSFORM_COUNTERS: dict[str, tuple[int, str | None]] = {
     # field name -> (its lowest value, what bounds it above: "step", a field beside it, or None)
@@ -99,7 +99,7 @@ def _described(value: Any) -> str:
 
 def _state_problems(tree: Mapping[str, Any], accumulate_steps: int) -> list[str]:
     problems = []
-    for name in STATE_COUNTERS:
+    for name in COUNTERS:
         value = _integers(tree.get(name), (torch.int64,))
         if value is None:
             problems.append(f"{name}: expected an int64 tensor, got {_described(tree.get(name))}")

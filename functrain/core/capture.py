@@ -44,6 +44,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch._C._dynamo.guards import GlobalStateGuard
 
+from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import wait_until_unheld
 from functrain.core.state import TrainState
 from functrain.core.view import parts_of
@@ -51,7 +52,6 @@ from functrain.errors import ConfigError
 from functrain.tree import tree_flatten, tree_leaves, tree_paths, tree_unflatten
 
 __all__ = [
-    "COUNTERS",
     "WARMUP_CALLS",
     "Body",
     "Captures",
@@ -70,8 +70,6 @@ T = TypeVar("T")
 # next ones, which must happen before recording (torch's advice is a few calls on a side stream)
 WARMUP_CALLS = 3
 
-# the counters of a state, in the order `parts_of` gives them
-COUNTERS = ("step", "micro_step", "epoch_step", "samples_seen", "skipped")
 
 # what the recorded body returns: the metrics' names in their order, then by dtype and device
 # with one stacked tensor of their values each
@@ -252,7 +250,7 @@ class Resident:
             "buffers": buffers,
             "opt_state": opt_state,
             "ema_state": ema_state,
-            **dict(zip(COUNTERS, counters, strict=True)),
+            **dict(zip(STEP_COUNTERS, counters, strict=True)),
         }
 
     def stepped(self, state: TrainState) -> dict[str, Any]:
@@ -267,8 +265,8 @@ class Resident:
             "buffers": state.buffers,
             "opt_state": state.opt_state,
             "ema_state": state.ema_state,
-            "step": self.tensors[-len(COUNTERS)].detach(),
-            **{name: getattr(state, name) for name in COUNTERS[1:]},
+            "step": self.tensors[-len(STEP_COUNTERS)].detach(),
+            **{name: getattr(state, name) for name in STEP_COUNTERS[1:]},
         }
 
     def graph_for(

@@ -50,7 +50,6 @@ from functrain.core.body import (
     train_body,
 )
 from functrain.core.capture import (
-    COUNTERS,
     Body,
     Captures,
     CudaGraphs,
@@ -58,6 +57,7 @@ from functrain.core.capture import (
     pack_metrics,
     write_back,
 )
+from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import donated, retire, wait_until_unheld
 from functrain.core.scope import enter, leave, leave_with
 from functrain.core.stacked import member_function, stacked_train_step, vmapped
@@ -287,7 +287,7 @@ class CompiledStep:
             view = StateView(fields, params, frozen, buffers, opt_state, ema_state, counters)
             new, metrics = train_body(view, batch)
             given = {"params": params, "buffers": buffers, "opt_state": opt_state}
-            given.update(ema_state=ema_state, **dict(zip(COUNTERS, counters, strict=True)))
+            given.update(ema_state=ema_state, **dict(zip(STEP_COUNTERS, counters, strict=True)))
             write_back(new, given)
             return pack_metrics(metrics)
 

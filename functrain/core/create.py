@@ -40,12 +40,23 @@ from functrain.optim.base import Transform, is_transform
 from functrain.optim.porting import torch_object_hint
 from functrain.tree import Tree
 
-__all__ = ["Trainable", "WEIGHTLESS", "initial_fields", "initial_rng", "weightless"]
+__all__ = [
+    "COUNTERS",
+    "STEP_COUNTERS",
+    "Trainable",
+    "WEIGHTLESS",
+    "initial_fields",
+    "initial_rng",
+    "weightless",
+]
 
 Trainable = Callable[[str, torch.Tensor], bool]
 Tensors = dict[str, torch.Tensor]
 
-_COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped")
+# the state's counters: 0-d int64 tensors (one value per member in a stacked state)
+COUNTERS = ("step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped")
+# those a step advances, in the order the step body takes them (the epoch is the driver's)
+STEP_COUNTERS = ("step", "micro_step", "epoch_step", "samples_seen", "skipped")
 
 
 def _zero(device: torch.device) -> torch.Tensor:
@@ -115,7 +126,7 @@ def initial_fields(
         if meta
         else _given_tensors(module, params, frozen, dist_config)
     )
-    counters = {name: _zero(device) for name in _COUNTERS}
+    counters = {name: _zero(device) for name in COUNTERS}
     opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
     if sharding == "full":
         mesh = _group(dist_config).mesh

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from functrain.core.create import WEIGHTLESS, Trainable, initial_fields
+from functrain.core.create import COUNTERS, WEIGHTLESS, Trainable, initial_fields
 from functrain.core.options import GradStats, NonFinitePolicy, Precision, StepOptions
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
@@ -286,7 +286,7 @@ class TrainState:
             >>> s.replace(epoch=4, epoch_step=0).epoch  # a counter given as an int becomes a tensor
             tensor(4)
         """
-        for name in changes.keys() & _COUNTERS:
+        for name in changes.keys() & _COUNTER_SET:
             value = changes[name]
             if isinstance(value, int) and not isinstance(value, bool):
                 # the counter's dtype and device, and one value per member of a stacked state
@@ -456,7 +456,7 @@ STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get
 # the fields `replace` sets, and those it sets without attrs' validators (all but `driver`'s)
 _INIT_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.init)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
-_COUNTERS = frozenset({"step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped"})
+_COUNTER_SET = frozenset(COUNTERS)
 
 
 _DONATED_TAG = "_functrain_donated_to"

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from functrain.core.create import STEP_COUNTERS
 from functrain.core.options import StepOptions
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import DistConfig
@@ -22,8 +23,6 @@ __all__ = ["StepState", "StateView", "statics_of", "parts_of"]
 
 # the static fields the step body reads (with the device)
 _STATIC_READ = ("module", "loss_fn", "tx", "options", "dist", "averager", "grad_stats")
-# the counters the step body advances, in the order `StateView` takes them
-_COUNTER_FIELDS = ("step", "micro_step", "epoch_step", "samples_seen", "skipped")
 
 
 class StepState(Protocol):
@@ -124,5 +123,5 @@ def statics_of(state: TrainState) -> dict[str, Any]:
 
 def parts_of(state: TrainState) -> tuple:
     """The tree parts a `StateView` is made of, after its statics: tensors, EMA and counters."""
-    counters = tuple(getattr(state, name) for name in _COUNTER_FIELDS)
+    counters = tuple(getattr(state, name) for name in STEP_COUNTERS)
     return (state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters)
