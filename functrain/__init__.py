@@ -16,6 +16,7 @@ from functrain.core.binding import BoundModel
 from functrain.core.compiled import CompiledStep, compile_step
 from functrain.core.options import StepOptions
 from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, unstack
+from functrain.core.stacked_step import PerMember
 from functrain.core.state import TrainState
 from functrain.core.step import eval_step, train_step
 from functrain.driver.callbacks import (
@@ -155,6 +156,7 @@ __all__ = [
     "FunctrainError",
     "History",
     "IdenticalMembersWarning",
+    "PerMember",
     "IterableSource",
     "JsonlLogger",
     "LossError",

@@ -80,7 +80,8 @@ INNER: dict[str, list[list[str]]] = {
     "functrain.core": [
         ["functrain.core"],
         ["functrain.core.compiled", "functrain.core.step"],
-        ["functrain.core.stacked", "functrain.core.capture"],
+        ["functrain.core.stacked_step", "functrain.core.capture"],
+        ["functrain.core.stacked"],
         ["functrain.core.body", "functrain.core.donation"],
         ["functrain.core.scope", "functrain.core.view", "functrain.core.statistics"],
         ["functrain.core.state"],

@@ -19,7 +19,7 @@ import torch
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import donated, retire
 from functrain.core.scope import enter, leave, leave_with, outside_graph
-from functrain.core.stacked import stacked_eval_step, stacked_train_step
+from functrain.core.stacked_step import stacked_eval_step, stacked_train_step
 from functrain.core.state import LossFn, TrainState
 from functrain.errors import ConfigError
 from functrain.optim.sweep import holds_sweep
