@@ -152,6 +152,9 @@ class Norms(NamedTuple):
     changed since (another version) are measured again."""
     across: Callable[[torch.Tensor], torch.Tensor] | None = None
     """A sharded step's sum over ranks of the slices' squares (an all-reduce), or None."""
+    members: int = 0
+    """A stacked state's member count K when an update runs on its stacked tensors (each with a
+    leading member dimension): every norm is then one per member, a ``[K]`` tensor. 0 otherwise."""
 
     def sharing(self, tensors: Sequence[torch.Tensor], norm: torch.Tensor) -> Norms:
         """These norms, with `norm` given for exactly `tensors`, unmodified.
@@ -186,7 +189,7 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     """
     if not tensors:
         return torch.zeros(())
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not norms.members:
         # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
         # the foreach op would run as an opaque call each time it appears. (A sharded step's
         # update always runs eagerly, compiled steps' included.)
@@ -196,6 +199,8 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     shared = norms.shared
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
+    if norms.members:
+        return _member_norms(tensors, norms.members)
     if norms.across is not None:
         return _norm_across(tensors, norms.across)
     found = torch._foreach_norm(list(tensors))
@@ -203,6 +208,17 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     return torch.linalg.vector_norm(
         torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])
     )
+
+
+def _member_norms(tensors: Sequence[torch.Tensor], members: int) -> torch.Tensor:
+    """Each member's global norm, ``[K]``: as one member's, over its slice of every tensor."""
+    if torch.compiler.is_compiling():
+        rows = [torch.linalg.vector_norm(t.reshape(members, -1), dim=1).float() for t in tensors]
+        return torch.linalg.vector_norm(torch.stack(rows, dim=1), dim=1)
+    # the member's slices through the one foreach op a member's own step runs on its tensors
+    found = torch._foreach_norm([m for t in tensors for m in t.unbind(0)])
+    table = torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])
+    return torch.linalg.vector_norm(table.view(len(tensors), members).t().contiguous(), dim=1)
 
 
 def _norm_across(tensors: Sequence[torch.Tensor], across: Any) -> torch.Tensor:

@@ -43,6 +43,7 @@ from functrain.optim.wrappers import find_loss_scale
 from functrain.tree import tree_leaves
 
 __all__ = [
+    "NO_GRADIENT",
     "SWEEP_ALONE",
     "LossOf",
     "Parts",
@@ -65,6 +66,13 @@ Parts = tuple[dict[str, Any], dict[str, torch.Tensor]]
 LossOf = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# why a loss without gradients is refused
+NO_GRADIENT = (
+    "the loss does not depend on any trainable parameter; "
+    "check that loss_fn calls the model it is given (a loss_fn that closes over the "
+    "module given to TrainState.create runs that module's own weights, not the state's)"
+)
 
 # metrics of the built-in transforms that the step reports itself, or not at all (counters); any
 # other metric a transform's state exposes (a custom transform's `metrics()`) joins the step's
@@ -252,11 +260,7 @@ def gradients(
     )
     # requiring grad is not enough: a module the loss closes over has parameters of its own
     if all(g is None for g in grads):
-        raise LossError(
-            "the loss does not depend on any trainable parameter; "
-            "check that loss_fn calls the model it is given (a loss_fn that closes over the "
-            "module given to TrainState.create runs that module's own weights, not the state's)"
-        )
+        raise LossError(NO_GRADIENT)
     return (
         {
             k: g if g is not None else torch.zeros_like(leaves[k])
@@ -450,7 +454,7 @@ def _update(
         skipped = skipped & completed
     new = {
         "params": params,
-        "buffers": _finite_buffers(state, buffers),
+        "buffers": _finite_buffers(state, buffers, extras.members),
         "opt_state": opt_state,
         # the EMA's gate (only an EMA reads it)
         "applied": _and(completed, ~skipped if skipped is not None else None)
@@ -527,17 +531,27 @@ def _metrics_at(
     return found
 
 
-def _finite_buffers(state: StepState, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The new buffers, each floating one kept as it was where the batch made it non-finite."""
+def _finite_buffers(
+    state: StepState, buffers: dict[str, torch.Tensor], members: int = 0
+) -> dict[str, torch.Tensor]:
+    """The new buffers, each floating one kept as it was where the batch made it non-finite.
+
+    `members`: a stacked state's K, on its stacked buffers: each member's kept or not alone.
+    """
     if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
         # a batch with non-finite statistics must not enter the running averages either
         buffers = {
-            n: torch.where(torch.isfinite(b).all(), b, state.buffers[n])
-            if b.is_floating_point()
-            else b
+            n: torch.where(_finite(b, members), b, state.buffers[n]) if b.is_floating_point() else b
             for n, b in buffers.items()
         }
     return buffers
+
+
+def _finite(t: torch.Tensor, members: int) -> torch.Tensor:
+    """Whether `t` is finite: one bool, or per member (``[K, 1, ...]``, broadcast over `t`)."""
+    if not members:
+        return torch.isfinite(t).all()
+    return torch.isfinite(t).reshape(members, -1).all(1).view(members, *(1,) * (t.ndim - 1))
 
 
 def _counters(

@@ -60,7 +60,7 @@ from functrain.core.capture import (
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import donated, retire, wait_until_unheld
 from functrain.core.scope import enter, leave, leave_with
-from functrain.core.stacked_step import PerMember, member_function, stacked_train_step, vmapped
+from functrain.core.stacked_step import PerMember, stacked_train_step, step_function
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError
@@ -197,13 +197,12 @@ class CompiledStep:
         )
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
-            fn, out = member_function(statics_of(state), parts_of(state), train_body)
-            run = vmapped(fn, isinstance(batch, PerMember))
+            fn, out = step_function(
+                statics_of(state), parts_of(state), isinstance(batch, PerMember)
+            )
 
             def body(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
-                return run(
-                    tensors, batch
-                )  # vmap inside the compiled function: dynamo traces through it
+                return fn(tensors, batch)  # vmap inside the compiled function: dynamo traces it
 
             found = self._cores[key] = (
                 owners,

@@ -4,35 +4,21 @@
 optimizer into one state whose tensors carry a leading member dimension: parameters ``[K, ...]``,
 optimizer moments ``[K, ...]``, counters ``[K]``, and the members' RNG states ``[K, n]``.
 `train_step`, `eval_step` and `compile_step` recognise such a state (its counters have one
-dimension) and run the step body under ``torch.func.vmap`` over the members: one forward,
-backward and optimizer update for all of them, with every per-member quantity kept per member
-(gradient norms, clipping, non-finite skips, learning rates, counters). Metrics come back as
-``[K]`` tensors.
+dimension) and train all its members in one step (`functrain.core.stacked_step`), with every
+per-member quantity kept per member (gradient norms, clipping, non-finite skips, learning rates,
+counters). Metrics come back as ``[K]`` tensors.
 `unstack` gives the members back as ordinary states.
 
-How each member's numbers compare with the member trained alone: without dropout, every member of a
-stacked run equals the member stepped alone by `train_step` to float rounding, not bit for bit:
-the forward and backward run as batched matrix products, which round differently from one member's
-(the tests check 1e-5 relative). The optimizer itself is exact per member: given the same
-gradients, the fused Adam/AdamW kernel runs member by member on each member's slice with its own
-step count, learning rate, weight decay and skip flag (`functrain.optim.rules.fused`), and the
-foreach chains run tensor by tensor as torch's CPU foreach kernels do
-(`functrain.optim.batching`).
-Per-member hyperparameters come from `functrain.sweep`.
+Each member of a stacked run equals the member stepped alone by `train_step` to float rounding
+(without dropout), and its update is the member's own given the same gradients: see
+`functrain.core.stacked_step`. Per-member hyperparameters come from `functrain.sweep`.
 
-Randomness: each member keeps its own generator state in the stack. A step advances every member's
-stream by one draw and seeds the step's random ops (dropout) from all members' draws; under vmap
-with ``randomness="different"`` each member's mask is its own slice of one batched draw. A stacked
-run is deterministic and resumes bit for bit, but a member's dropout masks differ from the ones it
-would draw trained alone (as any torch.func step's differ from eager autograd's).
-
-`compile_step` compiles the vmapped body as one graph per configuration and member count; `fit`
+`compile_step` compiles the stacked step as one graph per configuration and member count; `fit`
 logs each ``[K]`` metric as its mean over the members (``loss``) and one column per member
 (``loss[k]``), so best checkpoints and early stopping follow the mean unless ``best_metric`` names
-a member's column (`member_columns`). Donating a stacked state (``donate=True``) retires it but
-writes nothing in place. Not supported: BatchNorm under bf16/fp16 autocast (torch's vmap rule for
-batch_norm fails there) and distributed states; ``grad_stats`` are not computed (as under
-`compile_step`).
+a member's column (`member_columns`). Not supported: BatchNorm under bf16/fp16 autocast (torch's
+vmap rule for batch_norm fails there) and distributed states; ``grad_stats`` are not computed
+(as under `compile_step`).
 """
 
 from __future__ import annotations

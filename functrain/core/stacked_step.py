@@ -1,6 +1,32 @@
 """The step of a stacked state (`functrain.stack`): K members trained by one call.
 
-(moved from `functrain.core.stacked`; rewritten below)
+A stacked step runs in three parts, each at the cost of one batched computation rather than K:
+
+1. **The forward** runs under ``torch.func.vmap`` over the members: the loss function on each
+   member's slices of the stacked tensors, one batched op per op of the module (a member's
+   ``Linear`` becomes one batched matrix product). The batch is shared, or one slice per member
+   (`PerMember`). On a CPU, a module with convolutions runs its members' forwards one after the
+   other instead (`members_apart`): vmap turns a convolution with per-member weights into a
+   grouped one, slower there than K separate convolutions.
+2. **The backward** runs outside vmap, by autograd (``torch.func.grad`` under torch.compile), of
+   the sum of the members' losses: member k's loss depends on member k's slices only, so its
+   gradient with respect to the stacked tensors is every member's own gradient.
+3. **The update** runs on the stacked tensors themselves when the optimizer is member-aware
+   (`functrain.optim.base.member_aware`: the fused Adam/AdamW/SGD/Adagrad kernels and
+   `skip_nonfinite`, so the default optimizers) and the state has no EMA: one call for all
+   members, each member's norm, skip flag, step count and swept rate kept its own
+   (`functrain.optim.base.Extras.members`), and a donated step writes into the given tensors.
+   Any other transform runs under vmap again, one member's slices per call.
+
+Each member's numbers compared with the member trained alone, without dropout: the update is bit
+for bit the member's own given the same gradients; the gradients are equal to float rounding
+(batched products round differently: the tests check 1e-5 relative).
+
+Randomness: each member keeps its own generator state in the stack. A step advances every member's
+stream by one draw and seeds the step's random ops (dropout) from all members' draws; under vmap
+with ``randomness="different"`` each member's mask is its own slice of one batched draw. A stacked
+run is deterministic and resumes bit for bit, but a member's dropout masks differ from the ones it
+would draw trained alone (as any torch.func step's differ from eager autograd's).
 """
 
 from __future__ import annotations
@@ -10,18 +36,39 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
-from functrain.core.body import eval_body, train_body
+from functrain.core.body import (
+    NO_GRADIENT,
+    Parts,
+    apply,
+    call_loss,
+    check_scalar_metrics,
+    eval_body,
+    loss_scale,
+)
+from functrain.core.donation import donated
 from functrain.core.scope import device_generator
 from functrain.core.state import TrainState
-from functrain.core.view import StateView, parts_of, statics_of
-from functrain.errors import BatchError
+from functrain.core.view import StateView, StepState, parts_of, statics_of
+from functrain.errors import BatchError, LossError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.batching import STACKED
 from functrain.optim.sweep import enter_member, leave_member
 from functrain.tree import tree_flatten, tree_unflatten
 
-__all__ = ["PerMember", "member_function", "vmapped", "stacked_train_step", "stacked_eval_step"]
+__all__ = [
+    "PerMember",
+    "member_batch",
+    "member_function",
+    "members_apart",
+    "stacked_body",
+    "stacked_eval_step",
+    "stacked_train_step",
+    "step_function",
+    "updates_stacked",
+    "vmapped",
+]
 
 
 class PerMember(NamedTuple):
@@ -175,27 +222,215 @@ class _StackedScope:
 
 
 def stacked_train_step(
-    state: TrainState, batch: Any, compiled: tuple[Callable[..., Any], dict[str, Any]] | None = None
+    state: TrainState,
+    batch: Any,
+    compiled: tuple[Callable[..., Any], dict[str, Any]] | None = None,
+    donate: bool = False,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """`train_step` for a stacked state: the step body under ``vmap`` over the members.
+    """`train_step` for a stacked state (see the module's docstring for how it runs).
 
-    `compiled`, when given, is ``(run, out)``: a compiled ``vmapped(fn)`` and the `out` of its
-    `member_function` (`compile_step` passes them). Called by `train_step` and `compile_step`.
+    `compiled`, when given, is ``(run, out)``: a compiled `step_function` and its `out`
+    (`compile_step` passes them). `donate`: the update may write into `state`'s tensors (the
+    caller retires it). Called by `train_step` and `compile_step`.
     """
-    parts = parts_of(state)
-    batch, per_member = member_batch(batch, state.rng.shape[0])
-    if compiled is None:
-        fn, out = member_function(statics_of(state), parts, train_body)
-        run = vmapped(fn, per_member)
-    else:
-        run, out = compiled
+    members = state.rng.shape[0]
+    batch, per_member = member_batch(batch, members)
     scope = _StackedScope(state, training=True, advance=True)
     try:
-        leaves = run(_tensors(parts, state.rng.shape[0], state.device), batch)
+        if compiled is not None:
+            run, out = compiled
+            leaves = run(_tensors(parts_of(state), members, state.device), batch)
+            new, metrics = out["rebuild"](leaves)
+        elif donate and updates_stacked(state):
+            new, metrics = donated(
+                state, batch, lambda s, b, extras: stacked_body(s, b, per_member, extras)
+            )
+        else:
+            new, metrics = stacked_body(state, batch, per_member)
     finally:
         scope.close()
-    new, metrics = out["rebuild"](leaves)
     return state.replace(rng=scope.next_rng, **new), metrics
+
+
+def step_function(
+    statics: dict[str, Any], parts: tuple, per_member: bool
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """`stacked_body` as a function of the state's tensor leaves and the batch (to compile).
+
+    Returns ``(fn, out)``: ``fn(tensors, batch)`` takes `_tensors` of `parts` and returns the
+    tensor leaves of the new parts and metrics; ``out["rebuild"](leaves)`` (set by the first call,
+    a trace under torch.compile) puts them back into their structure. The function depends only on
+    the configuration (statics and tree structure), so one compiled form serves every state of it.
+    """
+    leaves, spec = tree_flatten(parts)
+    fixed_in = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
+    out: dict[str, Any] = {}
+
+    def fn(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+        it = iter(tensors[:-1])  # the last tensor is the members' indices
+        view = StateView(
+            statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec)
+        )
+        res_leaves, res_spec = tree_flatten(stacked_body(view, batch, per_member))
+        fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in res_leaves]
+
+        def rebuild(values: list[torch.Tensor]) -> Any:
+            vals = iter(values)
+            return tree_unflatten([next(vals) if x is _SLOT else x for x in fixed], res_spec)
+
+        out["rebuild"] = rebuild
+        return [x for x in res_leaves if isinstance(x, torch.Tensor)]
+
+    return fn, out
+
+
+def updates_stacked(state: StepState) -> bool:
+    """Whether the update runs on the stacked tensors (else under vmap, member by member).
+
+    It does when the whole transform is member-aware (`Transform.handles_members`: the fused
+    optimizers, `skip_nonfinite`) and the state keeps no EMA and no gradient statistics.
+    """
+    return (
+        bool(getattr(state.tx.update, "handles_members", False))
+        and state.ema_state is None
+        and state.grad_stats is None
+    )
+
+
+def members_apart(state: StepState) -> bool:
+    """Whether the members' forwards run one after the other instead of under vmap.
+
+    On a CPU, for a module with convolutions: vmap makes each convolution with per-member weights
+    one grouped convolution, which this CPU's kernels run slower than K separate ones
+    (`benchmarks/ensemble.py`). Elsewhere the batched forward is the faster.
+    """
+    return state.device.type == "cpu" and any(
+        isinstance(m, nn.modules.conv._ConvNd) for m in state.module.modules()
+    )
+
+
+def stacked_body(
+    state: StepState, batch: Any, per_member: bool, extras: Extras = NO_EXTRAS
+) -> Parts:
+    """The stacked step itself, on tensors only: forward, backward, update.
+
+    `state` is the stacked state (or a `StateView` of it, traced); `batch` the shared batch, or
+    the members' slices stacked (`per_member`).
+    """
+    members = state.step.shape[0]
+    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    scale = loss_scale(state)
+    grads, losses, aux = _gradients(state, batch, per_member, buffers, scale)
+    counted = _member_zero(batch) if per_member else batch
+    if updates_stacked(state):
+        stacked = extras._replace(norms=extras.norms._replace(members=members))
+        return apply(state, counted, grads, buffers, losses, aux, scale, stacked)
+    return _vmapped_apply(state, (grads, buffers, losses, aux, counted), members)
+
+
+def _member_zero(batch: Any) -> Any:
+    """A stand-in for one member's batch, for its sample count: member 0's first tensor."""
+    first = next(x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor))
+    return (first[0],)
+
+
+def _gradients(
+    state: StepState,
+    batch: Any,
+    per_member: bool,
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """Every member's gradients, ``[K]`` losses and metrics; the forward writes into `buffers`.
+
+    The backward is of the members' losses summed: member k's loss depends on member k's slices
+    only, so each member's gradient is its own (the sum passes it on multiplied by an exact 1).
+
+    Raises:
+        LossError: the loss does not depend on any trainable parameter.
+    """
+
+    def objective(
+        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        losses, aux = _forward(state, params, buffers, batch, per_member)
+        scaled = losses * scale.to(losses.dtype) if scale is not None else losses
+        return scaled.sum(), (losses.detach(), {k: v.detach() for k, v in aux.items()})
+
+    if torch.compiler.is_compiling():
+        # buffers are an argument, not a capture: BatchNorm writes its statistics into them
+        grads, (losses, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
+        return grads, losses, aux
+    leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
+    total, (losses, aux) = objective(leaves, buffers)
+    check_scalar_metrics(aux, members=losses.shape[0])
+    found = (
+        torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        if total.requires_grad
+        else ()
+    )
+    if all(g is None for g in found):
+        raise LossError(NO_GRADIENT)
+    grads = {
+        k: g if g is not None else torch.zeros_like(leaves[k])
+        for k, g in zip(leaves, found, strict=True)
+    }
+    return grads, losses, aux
+
+
+def _forward(
+    state: StepState,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    batch: Any,
+    per_member: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The members' ``[K]`` losses and metrics: under vmap, or one member after the other."""
+
+    def member(
+        params: dict[str, torch.Tensor],
+        frozen: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        batch: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return call_loss(state, {**params, **frozen, **buffers}, batch)
+
+    if not members_apart(state):
+        return torch.func.vmap(
+            member, in_dims=(0, 0, 0, 0 if per_member else None), randomness="different"
+        )(params, state.frozen, buffers, batch)
+    results = [
+        member(
+            {k: p[m] for k, p in params.items()},
+            {k: t[m] for k, t in state.frozen.items()},
+            {k: b[m] for k, b in buffers.items()},
+            _slice(batch, m) if per_member else batch,
+        )
+        for m in range(state.step.shape[0])
+    ]
+    losses = torch.stack([loss for loss, _ in results])
+    return losses, {k: torch.stack([aux[k] for _, aux in results]) for k in results[0][1]}
+
+
+def _slice(batch: Any, m: int) -> Any:
+    """Member `m`'s batch of a `PerMember` batch (its tensors indexed ``[m]``)."""
+    leaves, spec = tree_flatten(batch)
+    return tree_unflatten([x[m] if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+
+
+def _vmapped_apply(state: StepState, inputs: tuple, members: int) -> Parts:
+    """`apply` under vmap, one member's slices per call: for transforms not member-aware."""
+
+    def body(view: StateView, inputs: tuple, extras: Extras) -> Parts:
+        grads, buffers, losses, aux, batch = inputs
+        return apply(view, batch, grads, buffers, losses, aux, loss_scale(view), extras)
+
+    parts = parts_of(state)
+    fn, out = member_function(statics_of(state), parts, body)
+    leaves = torch.func.vmap(fn, in_dims=(0, (0, 0, 0, 0, None)), randomness="different")(
+        _tensors(parts, members, state.device), inputs
+    )
+    return out["rebuild"](leaves)
 
 
 def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:

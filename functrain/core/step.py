@@ -94,8 +94,8 @@ def train_step(
         )
     state.check_live("train_step")
     if state.step.ndim:
-        result = stacked_train_step(state, batch)
-        if donate:  # nothing is written in place, but the caller gave the state up all the same
+        result = stacked_train_step(state, batch, donate=donate)
+        if donate:
             retire(state, _DONATED)
         return result
     if holds_sweep(state.tx):

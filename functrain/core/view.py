@@ -15,7 +15,6 @@ from torch import nn
 
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.options import StepOptions
-from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import DistConfig
 from functrain.optim.base import Transform
 
@@ -114,14 +113,14 @@ class StateView:
         return view
 
 
-def statics_of(state: TrainState) -> dict[str, Any]:
+def statics_of(state: StepState) -> dict[str, Any]:
     """What a compiled or vmapped body reads of the state besides tensors (`StateView`)."""
     fields = {name: getattr(state, name) for name in _STATIC_READ}
     fields["device"] = state.device
     return fields
 
 
-def parts_of(state: TrainState) -> tuple:
+def parts_of(state: StepState) -> tuple:
     """The tree parts a `StateView` is made of, after its statics: tensors, EMA and counters."""
     counters = tuple(getattr(state, name) for name in STEP_COUNTERS)
     return (state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters)

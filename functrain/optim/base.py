@@ -52,6 +52,7 @@ __all__ = [
     "gated_update",
     "update_with",
     "with_extras",
+    "member_aware",
 ]
 
 Params = Tree
@@ -127,6 +128,16 @@ class Extras(NamedTuple):
         """
         return self._replace(in_place=False)
 
+    @property
+    def members(self) -> int:
+        """A stacked state's member count K when the update runs on its stacked tensors, else 0.
+
+        Such an update (`member_aware`) is given every tensor (updates, parameters, its state)
+        with a leading member dimension, its 0-d counters as ``[K]``, and ``keep=`` as ``[K]``;
+        `global_norm` then measures one norm per member.
+        """
+        return self.norms.members
+
     def global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """`functrain.tree.global_norm` of `tensors` as this step measures (`norms`)."""
         return global_norm(tensors, self.norms)
@@ -191,6 +202,15 @@ class Transform(NamedTuple):
     other forms)."""
 
     @property
+    def handles_members(self) -> bool:
+        """True when ``update`` runs on a stacked state's tensors directly (`member_aware`).
+
+        A stacked step then calls it once for all members, outside ``torch.func.vmap``; any
+        other transform is called under vmap, one member's slices at a time.
+        """
+        return bool(getattr(self.update, "handles_members", False))
+
+    @property
     def takes_extras(self) -> bool:
         """True when ``update`` also takes ``extras=`` (`Extras`, keyword-only).
 
@@ -228,6 +248,24 @@ def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> Any:
         update.takes_extras = True  # type: ignore[attr-defined]  # a mark on the function itself
     except AttributeError:
         return with_extras(functools.wraps(update)(lambda *args, **kw: update(*args, **kw)))
+    return update
+
+
+def member_aware(update: Callable[..., tuple[Updates, Tree]], when: bool = True) -> Any:
+    """Mark `update` (one that takes extras) as running on stacked tensors; returns it.
+
+    The mark says: given ``extras.members = K`` (`Extras.members`), the update takes every tensor
+    with a leading member dimension, ``[K]`` counters and a ``[K]`` ``keep=``, and returns for
+    each member exactly what it returns for that member's slices alone (no value mixes members).
+    `when` False leaves `update` unmarked (a wrapper whose inner transform is not member-aware).
+
+    Example:
+        >>> update = member_aware(with_extras(lambda u, s, p=None, extras=NO_EXTRAS: (u, s)))
+        >>> Transform(lambda p: EmptyState(), update).handles_members
+        True
+    """
+    if when:
+        update.handles_members = True  # type: ignore[attr-defined]  # a mark on the function
     return update
 
 

@@ -94,6 +94,17 @@ class Sweep:
         Outside a stacked step, member 0's value.
         """
         member = _MEMBER.index
+        if member is None and count.ndim == 1:
+            # a stacked state's update on its stacked tensors (`Extras.members`): member k's
+            # value at member k's count
+            return torch.stack(
+                [
+                    torch.as_tensor(
+                        v(c) if callable(v) else v, dtype=torch.float64, device=count.device
+                    )
+                    for v, c in zip(self.values, count.unbind(0), strict=True)
+                ]
+            )
         column = [
             torch.as_tensor(
                 v(count) if callable(v) else v, dtype=torch.float64, device=count.device

@@ -22,6 +22,7 @@ from functrain.optim.base import (
     Mask,
     Transform,
     is_transform,
+    member_aware,
     update_with,
     with_extras,
 )
@@ -440,7 +441,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             check_skip_limits(new_state)
         return new_updates, new_state
 
-    return Transform(init_fn, with_extras(update_fn), gated=True)
+    # on a stacked state's tensors when its inner transform is: the flags are then [K]
+    aware = getattr(inner.update, "handles_members", False) and getattr(inner, "gated", False)
+    return Transform(init_fn, member_aware(with_extras(update_fn), aware), gated=True)
 
 
 def _host_readable(t: torch.Tensor) -> bool:

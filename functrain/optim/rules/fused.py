@@ -21,6 +21,11 @@ real tensors at run time (inductor may choose other layouts than the traced ones
 rule calls the kernel once per member on that member's slice of the stacked tensors, with the
 member's own step count, learning rate, weight decay and skip flag: each member's update is bit for
 bit that of the member trained alone, given the same gradients.
+A stacked step whose optimizer is member-aware (`functrain.optim.base.member_aware`: these
+transforms are, as is `skip_nonfinite` around them) calls the update outside vmap on the stacked
+tensors (`Extras.members`): the kernel then runs on each member's slices with the member's own
+step count, rate, skip flag and weight decay, or once on all members' slices when they share them,
+writing into the stacked copies (or, donated, the given tensors).
 
 In a donated step (the update's extras allow it: `functrain.optim.base.Extras.may_write`) the
 kernels run on the given parameters and state themselves, as torch.optim runs them: no copies, and
@@ -40,7 +45,15 @@ import torch
 
 from functrain.errors import ConfigError, config_check
 from functrain.layout import in_layouts_of, is_dense
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform, with_extras
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    LearningRate,
+    Mask,
+    Transform,
+    member_aware,
+    with_extras,
+)
 from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
@@ -249,7 +262,7 @@ def fused_adam(
             step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, with_extras(update_fn), gated=True)
+    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
 
 
 def fused_sgd(
@@ -311,7 +324,7 @@ def fused_sgd(
             step.count, tuple(buffers), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, with_extras(update_fn), gated=True)
+    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
 
 
 def fused_adagrad(
@@ -378,7 +391,7 @@ def fused_adagrad(
             step.count, tuple(sums), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, with_extras(update_fn), gated=True)
+    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
 
 
 class _Kernel(NamedTuple):
@@ -513,6 +526,8 @@ def _run_kernel(
     choosing, so the op lays them out at run time, on the real tensors. Buffers a fresh state holds
     without storage (`functrain.optim.zeros`) get their own here.
     """
+    if extras.members and not under_vmap():
+        return _member_kernels(kernel, extras, params, grads, buffers, steps, options)
     if under_vmap() or torch.compiler.is_compiling():
         return _through_op(kernel, params, grads, buffers, steps, options)
     options = {
@@ -533,6 +548,102 @@ def _run_kernel(
     new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
     kernel.in_place(new_p, grads, *new_b, *steps, **options)
     return new_p, new_b
+
+
+def _member_kernels(
+    kernel: _Kernel,
+    extras: Extras,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    steps: list[list],
+    options: dict[str, Any],
+) -> tuple[list, list[list]]:
+    """`_run_kernel` on a stacked state's tensors: the kernel on each member's slices.
+
+    Each member's call takes its own step count, rate, skip flag and weight decay (a sweep's), so
+    a member's update is bit for bit the one it gets trained alone, given the same gradients.
+    Where the members share all of them (no skip flag, one rate), one call takes every member's
+    slices. The copies (or, donated, the given tensors) are the stacked tensors: the slices are
+    views, written in place.
+    """
+    members = extras.members
+    per = _per_member(options, members, steps[0][0] if steps else None)
+    lr, decay = options["lr"], options["weight_decay"]
+    # one call takes every member's slices when no member has a rate or flag of its own
+    shared = (
+        options["found_inf"] is None
+        and not (isinstance(lr, torch.Tensor) and lr.ndim)
+        and len(decay) == 1
+    )
+    if torch.compiler.is_compiling():
+        return _traced_stacked(kernel, params, grads, buffers, per)
+    params = [_walkable(p) for p in params]
+    grads = in_layouts_of(grads, params)
+    if extras.may_write():
+        buffers = [
+            [x if _writable_as_is(x, p) else writable(x, p) for x, p in zip(xs, params)]
+            for xs in buffers
+        ]
+        new_p, new_b = params, buffers
+    else:
+        new_p = [p.clone() for p in params]
+        new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
+    slices = [[x.unbind(0) for x in xs] for xs in (new_p, grads, *new_b)]
+    for k, (_, kwargs) in enumerate(per):
+        if shared and k:
+            break
+        chosen = range(members) if shared else (k,)
+        lists = [[s[m] for s in xs for m in chosen] for xs in slices]
+        counts = [[c for _ in slices[0] for c in (per[m][0] for m in chosen)]] if steps else []
+        kernel.in_place(*lists, *counts, **kwargs)
+    return new_p, new_b
+
+
+def _per_member(
+    options: dict[str, Any], members: int, count: torch.Tensor | None
+) -> list[tuple[torch.Tensor | None, dict[str, Any]]]:
+    """Each member's ``(step count, kernel arguments)``, from a stacked update's ``[K]`` values.
+
+    Values shared by all members are the same objects in every member's arguments.
+    """
+    lr, found_inf, decay = options["lr"], options["found_inf"], options["weight_decay"]
+    counts = count.unbind(0) if count is not None else (None,) * members
+    lrs = lr.unbind(0) if isinstance(lr, torch.Tensor) and lr.ndim else (lr,) * members
+    flags = found_inf.unbind(0) if found_inf is not None else (None,) * members
+    return [
+        (
+            counts[k],
+            {
+                **options,
+                "lr": lrs[k],
+                "found_inf": flags[k],
+                "weight_decay": decay[k if len(decay) > 1 else 0],
+            },
+        )
+        for k in range(members)
+    ]
+
+
+def _traced_stacked(
+    kernel: _Kernel,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    per: list[tuple[torch.Tensor | None, dict[str, Any]]],
+) -> tuple[list, list[list]]:
+    """`_member_kernels` while torch.compile traces: the custom op per member, stacked."""
+    stacked = (
+        [(p, 0) for p in params],
+        [(x, 0) for xs in buffers for x in xs],
+    )
+    calls = [
+        ([g[k] for g in grads], step, kw["lr"], kw["found_inf"], [kw["weight_decay"]])
+        for k, (step, kw) in enumerate(per)
+    ]
+    hyper = [float(per[0][1][name]) for name in kernel.hyper]
+    new_p, flat_b = _traced_members(kernel.name, stacked, calls, [len(xs) for xs in buffers], hyper)
+    return list(new_p), _split(list(flat_b), [len(xs) for xs in buffers])
 
 
 def _writable_as_is(x: torch.Tensor, p: torch.Tensor) -> bool:
