@@ -351,7 +351,7 @@ def _gradients(
     """
 
     def objective(
-        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+        params: Any, buffers: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         losses, aux = _forward(state, params, buffers, batch, per_member)
         scaled = losses * scale.to(losses.dtype) if scale is not None else losses
@@ -361,31 +361,60 @@ def _gradients(
         # buffers are an argument, not a capture: BatchNorm writes its statistics into them
         grads, (losses, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
         return grads, losses, aux
-    leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
-    total, (losses, aux) = objective(leaves, buffers)
+    if members_apart(state):
+        # each member's slices leaves of their own: one backward gives each member's gradients,
+        # stacked once, where slices of the stacked leaves would each add a full-size zero tensor
+        apart = [
+            {k: p[m].detach().requires_grad_(True) for k, p in state.params.items()}
+            for m in range(state.step.shape[0])
+        ]
+        total, (losses, aux) = objective(apart, buffers)
+        found = _backward(total, [p for member in apart for p in member.values()])
+        n = len(state.params)
+        grads = {
+            k: torch.stack(
+                [
+                    g if g is not None else torch.zeros_like(state.params[k][m])
+                    for m, g in enumerate(found[i::n])
+                ]
+            )
+            for i, k in enumerate(state.params)
+        }
+    else:
+        leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
+        total, (losses, aux) = objective(leaves, buffers)
+        found = _backward(total, list(leaves.values()))
+        grads = {
+            k: g if g is not None else torch.zeros_like(leaves[k])
+            for k, g in zip(leaves, found, strict=True)
+        }
     check_scalar_metrics(aux, members=losses.shape[0])
-    found = (
-        torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-        if total.requires_grad
-        else ()
-    )
+    return grads, losses, aux
+
+
+def _backward(total: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients of `total` (the summed losses) with respect to `leaves`.
+
+    Raises:
+        LossError: the loss does not depend on any of them.
+    """
+    found = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else ()
     if all(g is None for g in found):
         raise LossError(NO_GRADIENT)
-    grads = {
-        k: g if g is not None else torch.zeros_like(leaves[k])
-        for k, g in zip(leaves, found, strict=True)
-    }
-    return grads, losses, aux
+    return list(found)
 
 
 def _forward(
     state: StepState,
-    params: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
     buffers: dict[str, torch.Tensor],
     batch: Any,
     per_member: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The members' ``[K]`` losses and metrics: under vmap, or one member after the other."""
+    """The members' ``[K]`` losses and metrics: under vmap, or one member after the other.
+
+    `params`: the stacked tensors, or (members apart) each member's own.
+    """
 
     def member(
         params: dict[str, torch.Tensor],
@@ -395,13 +424,13 @@ def _forward(
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return call_loss(state, {**params, **frozen, **buffers}, batch)
 
-    if not members_apart(state):
+    if not isinstance(params, list) and not members_apart(state):
         return torch.func.vmap(
             member, in_dims=(0, 0, 0, 0 if per_member else None), randomness="different"
         )(params, state.frozen, buffers, batch)
     results = [
         member(
-            {k: p[m] for k, p in params.items()},
+            params[m] if isinstance(params, list) else {k: p[m] for k, p in params.items()},
             {k: t[m] for k, t in state.frozen.items()},
             {k: b[m] for k, b in buffers.items()},
             _slice(batch, m) if per_member else batch,
