@@ -30,7 +30,13 @@ from functrain.driver.callbacks import (
     TensorBoardLogger,
     on,
 )
-from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, StatefulSource
+from functrain.driver.data import (
+    Batcher,
+    DataLoaderSource,
+    IterableSource,
+    StatefulSource,
+    member_data,
+)
 from functrain.driver.evaluation import EvalMetric, evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
@@ -205,6 +211,7 @@ __all__ = [
     "load",
     "load_weights",
     "masked",
+    "member_data",
     "observe_plateau",
     "on",
     "radam",

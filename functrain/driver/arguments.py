@@ -15,7 +15,7 @@ from typing import Any
 
 from functrain.core.body import samples_in
 from functrain.core.state import TrainState
-from functrain.driver.data import Batcher, IterableSource
+from functrain.driver.data import Batcher, IterableSource, MemberSource
 from functrain.driver.evaluation import evaluation_problems
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import ConfigError
@@ -262,8 +262,11 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
     return EarlyStopping(**value), []
 
 
-def empty_data_problem(source: Batcher | IterableSource) -> str | None:
+def empty_data_problem(source: Batcher | IterableSource | MemberSource) -> str | None:
     """Why `source` can yield no batch with samples, if known before the run (else None)."""
+    if isinstance(source, MemberSource):
+        found = ((k, empty_data_problem(s)) for k, s in enumerate(source.sources))
+        return next((f"member {k}'s {problem}" for k, problem in found if problem), None)
     if isinstance(source, Batcher):
         n = len(source.dataset)
         if n == 0:

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from functrain.core.body import samples_in
 from functrain.core.stacked import member_columns
 from functrain.core.state import LossFn, TrainState
 from functrain.core.step import eval_step
 from functrain.distributed.data_parallel import DistConfig, broadcast_tensors, reduce_sums
+from functrain.driver.data import samples_per_member
 from functrain.errors import ConfigError, config_check
 
 __all__ = ["EvalMetric", "evaluate", "evaluation_problems"]
@@ -157,7 +157,7 @@ def _batch_sums(
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch in data:
-        n = samples_in(batch)
+        n = samples_per_member(batch)  # of a PerMember batch, each member's slice's
         if n == 0:
             continue
         metrics = eval_step(state, batch, use_ema=use_ema, eval_fn=eval_fn)

@@ -39,9 +39,11 @@ from functrain.driver.callbacks import (
 from functrain.driver.data import (
     Batcher,
     IterableSource,
+    MemberSource,
     as_source,
     batch_device,
     batch_size_problems,
+    member_problems,
     to_device,
 )
 from functrain.driver.evaluation import EvalMetric
@@ -224,7 +226,10 @@ def fit(
             with a warning. Every batch of a dataset or DataLoader loads with torch's, Python's and
             numpy's global generators seeded from (`data_seed`, epoch, position, rank), in the
             worker or the main process (the caller's states are put back): random augmentation
-            resumes exactly and does not depend on `num_workers`.
+            resumes exactly and does not depend on `num_workers`. For a stacked state,
+            ``functrain.member_data([data_0, ..., data_K-1])`` gives each member its own data (each
+            read as above, in an order of its own; `member_data`), and data that yields
+            `PerMember` batches gives each member its slice.
         eval_data: validation data, evaluated every `eval_every` epochs (epoch mode) or updates
             (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
         test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
@@ -383,6 +388,9 @@ def fit(
         [
             *fit_problems(locals()),
             *batch_size_problems(train_data, (eval_data, test_data), batch_size, eval_batch_size),
+            *member_problems(
+                state, {"train_data": train_data, "eval_data": eval_data, "test_data": test_data}
+            ),
             *config_option_problems(config, on_config_change, config_exempt),
         ],
         "fit",
@@ -545,7 +553,9 @@ def _eval_source(
 
 
 class _EpochView:
-    def __init__(self, source: Batcher | IterableSource, device: torch.device | None) -> None:
+    def __init__(
+        self, source: Batcher | IterableSource | MemberSource, device: torch.device | None
+    ) -> None:
         self.source, self.device = source, device
 
     def __iter__(self) -> Any:

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 
 from functrain.checkpoint.manager import CheckpointManager
-from functrain.core.body import samples_in
 from functrain.core.compiled import compile_step
 from functrain.core.stacked import host_count, member_columns
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
 from functrain.driver.arguments import raise_empty_epoch
 from functrain.driver.callbacks import Run
-from functrain.driver.data import IterableSource, to_device
+from functrain.driver.data import IterableSource, MemberSource, samples_per_member, to_device
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.driver.stopping import EarlyStopping
@@ -202,7 +201,7 @@ class Loop:
         ctx = self.run_ctx
         ctx.batches_per_epoch = (
             len(self.train)
-            if not isinstance(self.train, IterableSource) or self.train.has_len()
+            if not isinstance(self.train, (IterableSource, MemberSource)) or self.train.has_len()
             else None
         )
         ctx.total_steps = self.cfg["max_steps"] or (
@@ -255,7 +254,7 @@ class Loop:
         start, trained = self.pos, False
         for batch in self.train.epoch(self.epoch, start=self.pos):
             batch = to_device(batch, self.device)
-            n = samples_in(batch)
+            n = samples_per_member(batch)  # of a PerMember batch, each member's slice's
             trained = trained or n > 0
             if n == 0:
                 warnings.warn(

@@ -12,6 +12,8 @@ Each source's batch order and randomness are pure functions of the run.
 - `iterable`: `IterableSource` wraps any other iterable (a `DataLoader` subclass or one over an
   `IterableDataset`, a generator factory); resuming replays it and skips the consumed batches, with
   a warning saying so. The other sources build on it.
+- `members`: `member_data` gives each member of a stacked state its own data; `MemberSource` reads
+  the members' sources in lockstep and stacks each step's batches into one `PerMember` batch.
 - `source`: `as_source`, the source `fit` reads any data it accepts through; `is_batched`, whether
   data comes batched (a `batch_size` given with it would be ignored: `batch_size_problems`).
 - `devices`: `batch_device` and `to_device`, where batches go.
@@ -25,6 +27,17 @@ from functrain.driver.data.batcher import Batcher, epoch_order
 from functrain.driver.data.devices import batch_device, to_device
 from functrain.driver.data.iterable import IterableSource, announce_epoch, generators_of
 from functrain.driver.data.loader import DataLoaderSource, loader_problem
+from functrain.driver.data.members import (
+    MemberData,
+    MemberSource,
+    bootstrap_indices,
+    bootstrap_sample,
+    member_data,
+    member_problems,
+    member_seed,
+    samples_per_member,
+    stacked_batch,
+)
 from functrain.driver.data.source import as_source, batch_size_problems, is_batched
 from functrain.driver.data.stateful import (
     StatefulSource,
@@ -37,17 +50,26 @@ __all__ = [
     "Batcher",
     "DataLoaderSource",
     "IterableSource",
+    "MemberData",
+    "MemberSource",
     "StatefulSource",
     "announce_epoch",
     "as_source",
     "batch_device",
     "batch_size_problems",
+    "bootstrap_indices",
+    "bootstrap_sample",
     "epoch_order",
     "generators_of",
     "is_batched",
     "is_stateful",
     "loader_problem",
+    "member_data",
+    "member_problems",
+    "member_seed",
+    "samples_per_member",
     "source_problems",
+    "stacked_batch",
     "storable_state",
     "to_device",
 ]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from functrain.driver.data.batcher import Batcher
 from functrain.driver.data.iterable import IterableSource
 from functrain.driver.data.loader import DataLoaderSource, loader_problem
+from functrain.driver.data.members import MemberData, MemberSource, member_seed
 from functrain.driver.data.stateful import StatefulSource, is_stateful
 from functrain.errors import ConfigError
 
@@ -26,15 +27,31 @@ def as_source(
     seed: int,
     num_workers: int,
     shard: tuple[int, int] = (0, 1),
-) -> Batcher | IterableSource:
+) -> Batcher | IterableSource | MemberSource:
     """The source `fit` reads `data` through.
 
     A `Batcher` for map-style datasets (needs `batch_size`); a `StatefulSource` for data with
     ``state_dict()`` / ``load_state_dict()``; a `DataLoaderSource` for a plain `DataLoader` over a
-    map-style dataset; else an `IterableSource`.
+    map-style dataset; else an `IterableSource`. Of `functrain.member_data`, a `MemberSource` over
+    each member's data set's source, seeded from (`seed`, member).
     """
     if isinstance(data, (Batcher, IterableSource)):
         return data
+    if isinstance(data, MemberData):
+        sources = [
+            as_source(
+                d,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                drop_last=drop_last,
+                seed=member_seed(seed, k),
+                num_workers=num_workers,
+                shard=shard,
+            )
+            for k, d in enumerate(data.datasets(seed))
+        ]
+        # no MemberSource among them: member_data refuses member_data as a member's data
+        return MemberSource(sources, seed=seed, bootstrap=data.bootstrap)  # type: ignore[arg-type]
     if is_batched(data):
         if is_stateful(data):
             return StatefulSource(data)
@@ -70,6 +87,8 @@ def is_batched(data: Any) -> bool:
         >>> is_batched(data), is_batched(DataLoader(data, batch_size=2)), is_batched([data[:2]])
         (False, True, True)
     """
+    if isinstance(data, MemberData):
+        return all(is_batched(d) for d in data.data)
     return isinstance(data, (Batcher, IterableSource, DataLoader, list, tuple)) or not (
         hasattr(data, "__len__") and hasattr(data, "__getitem__")
     )
