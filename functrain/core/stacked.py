@@ -23,16 +23,22 @@ vmap rule for batch_norm fails there) and distributed states; ``grad_stats`` are
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from functrain.core.options import build_transform
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError
+from functrain.optim.base import Transform, is_transform
 from functrain.optim.batching import register
-from functrain.optim.sweep import holds_sweep, sweeps_in
+from functrain.optim.naming import Call, describe_value, recorded_call
+from functrain.optim.presets import adam, adamw
+from functrain.optim.sweep import holds_sweep, sweep, sweeps_in
 from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = [
@@ -79,6 +85,13 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     static parts (module, loss function, optimizer) and its driver records (`fit`'s history, best
     evaluation, early stopping: those of the stacked run, not of a member) are the first member's.
 
+    Members whose optimizers are calls of one functrain optimizer that differ only in numbers a
+    sweep carries (``lr``; ``weight_decay`` of the fused adam/adamw) are stacked as that sweep:
+    members made with ``ft.adamw(0.1)`` and ``ft.adamw(0.01)`` train as members made with
+    ``ft.adamw(ft.sweep([0.1, 0.01]))``, the stacked optimizer, each member keeping its own
+    optimizer state. Any other difference (``b1``, ``momentum``, a schedule, a transform built by
+    hand) is refused, the error naming what no sweep carries or the sweep to write.
+
     Initial weights are the module's: ``seed=`` seeds only a member's random stream (dropout).
     Members created from one module object with different seeds start identical, and without a
     sweep they train as near copies: `stack` warns (`IdenticalMembersWarning`). Give each member
@@ -92,9 +105,9 @@ def stack(states: Sequence[TrainState]) -> TrainState:
         A `TrainState` whose tree tensors carry a leading dimension of size K.
 
     Raises:
-        ConfigError: listing every way the members differ (module structure, optimizer, options,
-            a stacked or distributed member, tree structure), or a sweep whose number of values is
-            not the number of members.
+        ConfigError: listing every way the members differ (module structure, optimizer beyond
+            what a sweep carries, options, a stacked or distributed member, tree structure), or a
+            sweep whose number of values is not the number of members.
 
     Warns:
         IdenticalMembersWarning: members start from member 0's parameters with another seed, and
@@ -114,15 +127,27 @@ def stack(states: Sequence[TrainState]) -> TrainState:
         >>> ens, metrics = ft.train_step(ens, torch.randn(8, 3))
         >>> metrics["loss"].shape
         torch.Size([4])
+
+        Members that differ in their learning rate: a sweep.
+
+        >>> model = torch.nn.Linear(3, 1)  # one start for all: they differ in lr
+        >>> rates = [ft.TrainState.create(model, ft.adamw(lr), loss_fn) for lr in (0.1, 0.01)]
+        >>> sweep = ft.stack(rates)
+        >>> sweep.optimizer.name[:32]
+        'adamw(lr=sweep([0.1, 0.01]), b1='
+        >>> ft.train_step(sweep, torch.randn(8, 3))[1]["lr"]
+        tensor([0.1000, 0.0100])
     """
     states = list(states)
-    _check_members(states)
-    _warn_if_copies(states)
+    optimizer, tx = _check_members(states)
+    _warn_if_copies(states, tx)
     trees = [{k: v for k, v in s.tree().items() if k != "driver"} for s in states]
     leaves, spec = tree_flatten(trees[0])
     columns = list(zip(*(tree_flatten(t)[0] for t in trees), strict=True))
     stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else col[0] for col in columns]
-    return states[0].with_tree({**tree_unflatten(stacked, spec), "driver": states[0].driver})
+    first = states[0]
+    out = first.with_tree({**tree_unflatten(stacked, spec), "driver": first.driver})
+    return out if optimizer is first.optimizer else out.replace(optimizer=optimizer, tx=tx)
 
 
 def unstack(state: TrainState) -> list[TrainState]:
@@ -187,49 +212,60 @@ def member_columns(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_members(states: list[TrainState]) -> None:
+def _check_members(states: list[TrainState]) -> tuple[Transform, Transform]:
+    """Refuse members that cannot be stacked; the stacked state's optimizer and its `tx`."""
     if not states:
         raise ConfigError("stack needs at least one state, got an empty sequence")
-    problems = []
-    for i, s in enumerate(states):
-        if not isinstance(s, TrainState):
-            problems.append(f"member {i} must be a functrain.TrainState, got {type(s).__name__}")
-            continue
-        s.check_live("stack")
-        if s.step.ndim != 0:
-            problems.append(
-                f"member {i} is already stacked ({int(s.step.shape[0])} members); "
-                "unstack it first or stack ordinary states"
-            )
-        if s.options.precision != "fp32" and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.module.modules()
-        ):
-            problems.append(
-                f"member {i} has BatchNorm layers and precision={s.options.precision!r}: "
-                "torch's vmap rule for batch_norm "
-                "fails under autocast; stack fp32 members, or use LayerNorm/GroupNorm"
-            )
-        if s.dist is not None:
-            problems.append(
-                f"member {i} is distributed; stacked states run on one process "
-                "(create the members with distributed=False)"
-            )
+    problems = [p for i, s in enumerate(states) for p in _member_problems(i, s)]
     if problems:
         raise ConfigError("cannot stack these states:\n  - " + "\n  - ".join(problems))
     first = states[0]
     for i, s in enumerate(states[1:], start=1):
         problems += [f"member {i}: {p}" for p in _differences(first, s)]
+    optimizer, why = _stacked_optimizer([s.optimizer for s in states])
+    problems += why
+    tx = first.tx if optimizer is first.optimizer else build_transform(optimizer, first.options)
+    if not problems:
+        problems += _tree_differences(states, optimizer, tx)
     if problems:
         raise ConfigError(
             "cannot stack these states: every member must match member 0:\n  - "
             + "\n  - ".join(problems)
         )
-    _check_sweeps(first, len(states))
+    _check_sweeps(optimizer, len(states))
+    return optimizer, tx
 
 
-def _check_sweeps(first: TrainState, members: int) -> None:
+def _member_problems(i: int, s: Any) -> list[str]:
+    """Why member `i` alone cannot be stacked."""
+    if not isinstance(s, TrainState):
+        return [f"member {i} must be a functrain.TrainState, got {type(s).__name__}"]
+    s.check_live("stack")
+    problems = []
+    if s.step.ndim != 0:
+        problems.append(
+            f"member {i} is already stacked ({int(s.step.shape[0])} members); "
+            "unstack it first or stack ordinary states"
+        )
+    if s.options.precision != "fp32" and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.module.modules()
+    ):
+        problems.append(
+            f"member {i} has BatchNorm layers and precision={s.options.precision!r}: "
+            "torch's vmap rule for batch_norm "
+            "fails under autocast; stack fp32 members, or use LayerNorm/GroupNorm"
+        )
+    if s.dist is not None:
+        problems.append(
+            f"member {i} is distributed; stacked states run on one process "
+            "(create the members with distributed=False)"
+        )
+    return problems
+
+
+def _check_sweeps(optimizer: Transform, members: int) -> None:
     """Refuse a sweep of the optimizer whose values are not one per member."""
-    wrong = [s for s in sweeps_in(first.optimizer) if len(s) != members]
+    wrong = [s for s in sweeps_in(optimizer) if len(s) != members]
     if wrong:
         shown = "; ".join(f"{s.name} has {len(s)} values" for s in wrong)
         raise ConfigError(
@@ -239,10 +275,10 @@ def _check_sweeps(first: TrainState, members: int) -> None:
         )
 
 
-def _warn_if_copies(states: list[TrainState]) -> None:
+def _warn_if_copies(states: list[TrainState], tx: Transform) -> None:
     """Warn when members start from member 0's parameters and differ from it only in their seed."""
     first = states[0]
-    if holds_sweep(first.tx):
+    if holds_sweep(tx):
         return  # a sweep's members start alike on purpose: they differ in hyperparameters
     copies = [
         i
@@ -271,6 +307,7 @@ def _layout(state: TrainState) -> dict[str, tuple]:
 
 
 def _differences(a: TrainState, b: TrainState) -> list[str]:
+    """How member `b` differs from member `a` in what stacked members share (not the optimizer)."""
     out = []
     if type(a.module) is not type(b.module):
         out.append(f"module class {type(b.module).__name__}, expected {type(a.module).__name__}")
@@ -278,18 +315,231 @@ def _differences(a: TrainState, b: TrainState) -> list[str]:
     if la != lb:
         diff = sorted(set(la.items()) ^ set(lb.items()), key=str)[:4]
         out.append(f"tensors differ (name, shape, dtype): {diff}")
-    name_a, name_b = getattr(a.optimizer, "name", None), getattr(b.optimizer, "name", None)
-    if name_a != name_b or (name_a is None and a.optimizer is not b.optimizer):
-        out.append(f"optimizer {name_b}, expected {name_a}")
     if a.options != b.options:
         out.append(f"options {b.options}, expected {a.options}")
-    if not out:
-        sa, sb = (
-            tree_flatten({k: v for k, v in s.tree().items() if k != "driver"})[1] for s in (a, b)
+    return out
+
+
+def _tree_differences(states: list[TrainState], optimizer: Transform, tx: Transform) -> list[str]:
+    """Members whose trees differ in structure from member 0's, or from the state `tx` keeps."""
+    specs = [tree_flatten({k: v for k, v in s.tree().items() if k != "driver"})[1] for s in states]
+    out = [
+        f"member {i}: the state trees differ in structure (the user state?); "
+        "give every member the same keys"
+        for i, spec in enumerate(specs[1:], start=1)
+        if spec != specs[0]
+    ]
+    first = states[0]
+    if (
+        not out
+        and tx is not first.tx
+        and _shapes(tx.init(first.params)) != _shapes(first.opt_state)
+    ):
+        out.append(
+            f"the optimizer state of {optimizer.name}, the sweep of the members' optimizers, "
+            f"differs in structure from theirs ({first.optimizer.name}), so stack cannot carry "
+            "their states over: create every member with that sweep and stack them"
         )
-        if sa != sb:
-            out.append(
-                "the state trees differ in structure (the user state?); "
-                "give every member the same keys"
-            )
+    return out
+
+
+def _shapes(tree: Any) -> tuple:
+    leaves, spec = tree_flatten(tree)
+    return spec, [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+
+# ---------------------------------------------------------------- members differing in a sweep
+
+# what a sweep carries (`functrain.optim.sweep`): the learning rate of every optimizer, and the
+# weight decay of the fused adam/adamw (their presets refuse a weight-decay sweep otherwise)
+_SWEPT_RATES = ("lr", "learning_rate")
+_SWEPT_DECAYS = (adam, adamw)
+_SWEEPABLE = "a sweep carries lr, of any optimizer, and weight_decay, of the fused adam/adamw"
+
+
+class _Merged(NamedTuple):
+    """The members' values of an argument as one: the value, and how a user writes it."""
+
+    value: Any
+    text: str
+
+
+class _Findings(NamedTuple):
+    """Why the members' optimizers are not one optimizer that stack can build."""
+
+    written: list[str]  # differences a sweep carries, in values stack does not sweep itself
+    apart: list[str]  # differences no sweep carries
+
+
+def _same_optimizer(a: Transform, b: Transform) -> bool:
+    name = getattr(a, "name", None)
+    return name == getattr(b, "name", None) and (name is not None or a is b)
+
+
+def _stacked_optimizer(optimizers: list[Transform]) -> tuple[Transform, list[str]]:
+    """The stacked state's optimizer, or why the members' optimizers cannot be one.
+
+    Member 0's when the members' are equal (by name). When they are calls of one factory
+    (`functrain.optim.naming.recorded_call`) that differ only in numbers a sweep carries, that
+    factory called again with a `functrain.sweep` of the members' values there: what the members
+    would have been given by hand.
+    """
+    first = optimizers[0]
+    if all(_same_optimizer(first, o) for o in optimizers[1:]):
+        return first, []
+    findings = _Findings([], [])
+    merged = _merged_transform("", optimizers, findings)
+    if findings.apart:
+        return first, findings.apart
+    if findings.written:
+        return first, [
+            f"the members' optimizers differ in {'; '.join(findings.written)}, which a sweep "
+            "carries, but stack builds a sweep of numbers only (not of schedules or tensors): "
+            f"create every member with {merged.text} and stack them"
+        ]
+    return merged.value, []
+
+
+def _merged_transform(path: str, transforms: list[Transform], findings: _Findings) -> _Merged:
+    """The members' transforms as one: their factory called again where their arguments differ."""
+    calls = [c for c in map(recorded_call, transforms) if c is not None]
+    if len(calls) < len(transforms) or any(c.factory is not calls[0].factory for c in calls):
+        findings.apart.extend(_unmatched(path, transforms, len(calls) == len(transforms)))
+        return _Merged(transforms[0], describe_value(transforms[0]))
+    first = calls[0]
+    changes: dict[str, Any] = {}
+    parts: list[str] = []
+    for name, parameter in first.signature.parameters.items():
+        if name not in first.shown:  # torch's implementation choices: member 0's, as named
+            continue
+        values = [c.arguments[name] for c in calls]
+        merged = _merged_parameter(
+            path + name, parameter, first, values, [c.shown[name] for c in calls], findings
+        )
+        if merged.value is not values[0]:
+            changes[name] = merged.value
+        if name in changes or describe_value(first.shown[name]) != describe_value(
+            parameter.default
+        ):
+            parts.append(merged.text)
+    text = f"{_factory_text(first.factory)}({', '.join(p for p in parts if p)})"
+    if not changes or findings.apart or findings.written:
+        return _Merged(transforms[0], text)
+    try:
+        return _Merged(first.again(**changes), text)
+    except ConfigError as error:  # the factory refuses a sweep there (a weight decay)
+        findings.apart.append(f"{text} is refused: {error}")
+        return _Merged(transforms[0], text)
+
+
+def _merged_parameter(
+    path: str,
+    parameter: inspect.Parameter,
+    call: Call,
+    values: list[Any],
+    shown: list[Any],
+    findings: _Findings,
+) -> _Merged:
+    """One parameter of `call` as one, written as in a call (``name=value``)."""
+    kind = parameter.kind
+    positional = kind is inspect.Parameter.VAR_POSITIONAL
+    if positional and len({len(v) for v in values}) == 1:
+        keys: list[Any] = list(range(len(values[0])))
+    elif kind is inspect.Parameter.VAR_KEYWORD and len({tuple(v) for v in values}) == 1:
+        keys = list(values[0])
+    else:
+        merged = _merged_value(path, parameter.name, call, values, shown, findings)
+        prefix = "" if kind is inspect.Parameter.POSITIONAL_ONLY else f"{parameter.name}="
+        return _Merged(merged.value, prefix + merged.text)
+    # ``*args`` or ``**kwargs``: each item an argument of its own, none a sweep carries
+    items = {
+        k: _merged_value(
+            f"{path}[{k!r}]", None, call, [v[k] for v in values], [s[k] for s in shown], findings
+        )
+        for k in keys
+    }
+    text = ", ".join(m.text if positional else f"{k}={m.text}" for k, m in items.items())
+    if all(m.value is values[0][k] for k, m in items.items()):
+        return _Merged(values[0], text)
+    new = [m.value for m in items.values()]
+    return _Merged(tuple(new) if positional else dict(zip(keys, new, strict=True)), text)
+
+
+def _merged_value(
+    path: str,
+    name: str | None,
+    call: Call,
+    values: list[Any],
+    shown: list[Any],
+    findings: _Findings,
+) -> _Merged:
+    """One argument of `call` as one (`name` None: not one a sweep may carry)."""
+    texts = [describe_value(s) for s in shown]
+    if all(t == texts[0] for t in texts):
+        return _Merged(values[0], _written(values[0], texts[0]))
+    if all(is_transform(v) for v in values):
+        return _merged_transform(path + ".", values, findings)
+    listed = ", ".join(texts)
+    text = f"functrain.sweep([{listed}])"
+    if name == "weight_decay" and call.factory in _SWEPT_DECAYS and not _fused(call):
+        findings.apart.append(
+            f"the members' optimizers differ in {path} ({listed}), which a sweep carries only "
+            "in the fused adam/adamw, not with fused=False: create the members with "
+            f"fused=True (the default; its kernel rounds differently from the foreach path in "
+            f"the last bits) and weight_decay={text}, and stack them; or train them apart"
+        )
+    elif name in _SWEPT_RATES or (name == "weight_decay" and call.factory in _SWEPT_DECAYS):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return _Merged(sweep(values), text)
+        findings.written.append(f"{path} ({listed})")
+    else:
+        findings.apart.append(
+            f"the members' optimizers differ in {path} ({listed}), which no sweep carries "
+            f"({_SWEEPABLE}): members that differ in {path} are trained apart (stack only "
+            "members alike in it)"
+        )
+    return _Merged(values[0], text)
+
+
+def _fused(call: Call) -> bool:
+    """Whether a call of adam/adamw runs the fused kernel (None: torch's choice, the kernel)."""
+    return call.shown.get("fused") in (True, None)
+
+
+def _written(value: Any, text: str) -> str:
+    """`value` as a user writes it: a transform as the call of its factory, else `text`."""
+    if not is_transform(value) or recorded_call(value) is None:
+        return text
+    return _merged_transform("", [value], _Findings([], [])).text
+
+
+def _factory_text(factory: Any) -> str:
+    """How a user calls a named factory: functrain's as ``functrain.name`` (they are public)."""
+    module = getattr(factory, "__module__", "")
+    if module.startswith("functrain."):
+        return f"functrain.{factory.__name__}"
+    return f"{module}.{getattr(factory, '__qualname__', factory.__name__)}"
+
+
+def _unmatched(path: str, transforms: list[Transform], recorded: bool) -> list[str]:
+    """Members whose transform at `path` is not member 0's: why stack cannot sweep them."""
+    what = f"optimizer's {path[:-1]}" if path else "optimizer"
+    names = [getattr(t, "name", None) for t in transforms]
+    out = [
+        f"member {i}: {what} {name}, expected {names[0]}"
+        for i, name in enumerate(names[1:], start=1)
+        if name != names[0]
+    ]
+    if recorded:
+        out.append(
+            "these are different optimizers, which one stack cannot hold: members with "
+            f"different optimizers are trained apart ({_SWEEPABLE})"
+        )
+    else:
+        out.append(
+            "stack builds a sweep itself only when the members' optimizers are calls of one "
+            "functrain optimizer differing in numbers a sweep carries, not of a transform built "
+            "by hand: build it once with functrain.sweep([...]) in place of the value the "
+            "members differ in, give it to every member, and stack them"
+        )
     return out

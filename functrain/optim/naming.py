@@ -1,7 +1,9 @@
 """Names of transforms and schedules: the call that built them, e.g. ``adamw(lr=0.001, ...)``.
 
 The name shows in a `TrainState`'s repr and in a checkpoint's fingerprint, where a different
-optimizer or hyperparameter is reported on load.
+optimizer or hyperparameter is reported on load. A named transform also keeps the call itself
+(`recorded_call`), so that one like it with other hyperparameters can be made again (`Call.again`:
+`functrain.stack` gives K members differing in their learning rate one optimizer that sweeps it).
 """
 
 from __future__ import annotations
@@ -9,17 +11,69 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from functrain.optim.base import Transform
 
 __all__ = [
+    "Call",
     "named",
+    "recorded_call",
     "describe_call",
     "describe_value",
 ]
+
+# the attribute of a named transform's update function that keeps its calls, by name
+_CALLS = "_functrain_calls"
+
+
+class Call(NamedTuple):
+    """The call of a named factory that built a transform: the factory and its bound arguments."""
+
+    factory: Callable[..., Transform]  # as decorated: what it builds again is named too
+    signature: inspect.Signature
+    arguments: dict[str, Any]  # every parameter, defaults applied, in the signature's order
+    # the arguments as the name shows them: rewritten by the factory's `resolve` (torch's
+    # implementation choices, which change no number, left out)
+    shown: dict[str, Any]
+
+    def again(self, **changes: Any) -> Transform:
+        """The factory called with these arguments, `changes` replacing some of them."""
+        bound = inspect.BoundArguments(self.signature, {**self.arguments, **changes})
+        return self.factory(*bound.args, **bound.kwargs)
+
+
+def recorded_call(transform: Transform) -> Call | None:
+    """The call that built `transform`, if a factory decorated with `named` built it.
+
+    None for a transform built otherwise (``Transform(init, update)``), or renamed since.
+
+    Example:
+        >>> import functrain as ft
+        >>> call = recorded_call(ft.sgd(0.1, momentum=0.9))
+        >>> call.arguments["momentum"], call.again(lr=0.2).name[:27]
+        (0.9, 'sgd(lr=0.2, momentum=0.9, n')
+    """
+    calls = getattr(transform.update, _CALLS, None)
+    return calls.get(transform.name) if isinstance(calls, dict) else None
+
+
+def _record(update: Any, name: str, call: Call) -> None:
+    """Keep `call` on the update function it built (not on one that takes no attributes).
+
+    On the function rather than in a table: nothing outlives the transform. A function that several
+    named transforms share (a factory returning its inner transform renamed) keeps each by its name.
+    """
+    calls = getattr(update, _CALLS, None)
+    if not isinstance(calls, dict):
+        calls = {}
+        try:
+            setattr(update, _CALLS, calls)
+        except (AttributeError, TypeError):  # a bound method or a builtin
+            return
+    calls[name] = call
 
 
 def named(
@@ -39,7 +93,8 @@ def named(
     leave out instead (``added={"fused": False}``: what the name meant before the argument existed,
     whatever its default is now). `resolve` rewrites the bound arguments before they are named
     (`functrain.optim.choices.without_choices`: torch's implementation choices, which change no
-    number, leave the name as the configuration they select).
+    number, leave the name as the configuration they select). The transform keeps the call too
+    (`recorded_call`).
     """
     if factory is None:
         return functools.partial(named, added=added, resolve=resolve)
@@ -47,9 +102,14 @@ def named(
 
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Transform:
-        return factory(*args, **kwargs)._replace(
-            name=describe_call(factory, signature, args, kwargs, added, resolve)
-        )
+        transform = factory(*args, **kwargs)
+        name = describe_call(factory, signature, args, kwargs, added, resolve)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        shown = arguments if resolve is None else resolve(dict(arguments))
+        _record(transform.update, name, Call(wrapper, signature, arguments, shown))
+        return transform._replace(name=name)
 
     return wrapper
 

@@ -1,0 +1,169 @@
+"""`functrain.stack` of members whose optimizers differ in what a sweep carries: that sweep."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain.testing import assert_states_equal, diff_states
+
+LRS = [0.1, 0.01, 0.05]
+
+
+def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch).pow(2).mean()
+
+
+def make_state(seed: int, optimizer: ft.Transform, module: nn.Module | None = None):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)) if module is None else module
+    return ft.TrainState.create(model, optimizer, loss_fn, seed=seed)
+
+
+def train(state: ft.TrainState, steps: int = 3) -> ft.TrainState:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        state, _ = ft.train_step(state, torch.randn(5, 3, generator=g))
+    return state
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda lr: ft.adamw(lr),
+        lambda lr: ft.adam(lr, fused=False, weight_decay=0.1),
+        lambda lr: ft.sgd(lr, momentum=0.9, foreach=True),
+        lambda lr: ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(lr, momentum=0.9)),
+    ],
+    ids=["adamw", "adam_foreach", "sgd_foreach", "chain"],
+)
+def test_members_differing_in_lr_train_as_members_given_the_sweep(optimizer):
+    auto = ft.stack([make_state(k, optimizer(lr)) for k, lr in enumerate(LRS)])
+    swept = optimizer(ft.sweep(LRS))
+    by_hand = ft.stack([make_state(k, swept) for k in range(len(LRS))])
+    assert auto.optimizer.name == by_hand.optimizer.name == swept.name
+    assert auto.tx.name == by_hand.tx.name
+    # each member keeps its own optimizer state: the rate of its last update is its own (a sweep
+    # given by hand starts every member at member 0's), until the first update sets it
+    own = diff_states(by_hand, auto)
+    assert own and all(d.path.endswith("/lr") for d in own), own
+    assert_states_equal(train(by_hand), train(auto))
+
+
+def test_members_differing_in_the_weight_decay_of_adamw_train_as_its_sweep():
+    decays = [0.0, 0.1]
+    auto = ft.stack(
+        [
+            make_state(k, ft.adamw(lr, weight_decay=d))
+            for k, (lr, d) in enumerate(zip(LRS, decays, strict=False))
+        ]
+    )
+    swept = ft.adamw(ft.sweep(LRS[:2]), weight_decay=ft.sweep(decays))
+    by_hand = ft.stack([make_state(k, swept) for k in range(2)])
+    assert auto.optimizer.name == swept.name
+    assert_states_equal(train(by_hand), train(auto))
+
+
+def test_members_of_one_module_differing_in_lr_are_not_warned_about():
+    module = nn.Linear(3, 2)  # one start on purpose: the members differ in their rate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.IdenticalMembersWarning)
+        stacked = ft.stack([make_state(k, ft.sgd(lr), module) for k, lr in enumerate(LRS)])
+    assert ft.num_members(stacked) == 3
+    with pytest.warns(ft.IdenticalMembersWarning):  # alike in their rate: near copies
+        ft.stack([make_state(k, ft.sgd(0.1), module) for k in range(2)])
+
+
+def test_a_hyperparameter_no_sweep_carries_is_named_and_its_members_kept_apart():
+    members = [make_state(0, ft.adamw(0.1, b1=0.9)), make_state(1, ft.adamw(0.01, b1=0.95))]
+    with pytest.raises(
+        ft.ConfigError,
+        match=re.escape(
+            "the members' optimizers differ in b1 (0.9, 0.95), which no sweep carries (a sweep "
+            "carries lr, of any optimizer, and weight_decay, of the fused adam/adamw): members "
+            "that differ in b1 are trained apart"
+        ),
+    ):
+        ft.stack(members)
+    chained = [
+        make_state(k, ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(0.1, momentum=m)))
+        for k, m in enumerate([0.9, 0.8])
+    ]
+    with pytest.raises(ft.ConfigError, match=re.escape("differ in transforms[1].momentum (0.9")):
+        ft.stack(chained)
+
+
+def test_a_sweep_stack_does_not_build_is_written_in_the_error():
+    schedules = [ft.schedules.constant(lr) for lr in (0.1, 0.01)]
+    members = [make_state(k, ft.adamw(s, weight_decay=0.0)) for k, s in enumerate(schedules)]
+    written = ", ".join(s.name for s in schedules)
+    with pytest.raises(
+        ft.ConfigError,
+        match=re.escape(
+            "stack builds a sweep of numbers only (not of schedules or tensors): create every "
+            f"member with functrain.adamw(lr=functrain.sweep([{written}]), weight_decay=0.0) "
+            "and stack them"
+        ),
+    ):
+        ft.stack(members)
+    foreach = [
+        make_state(k, ft.adamw(0.1, weight_decay=d, fused=False)) for k, d in enumerate([0.1, 0.2])
+    ]
+    with pytest.raises(
+        ft.ConfigError,
+        match=re.escape(
+            "weight_decay (0.1, 0.2), which a sweep carries only in the fused adam/adamw, not "
+            "with fused=False: create the members with fused=True"
+        ),
+    ):
+        ft.stack(foreach)
+
+
+def test_a_transform_built_by_hand_is_not_rebuilt():
+    base = ft.adamw(0.1)
+    members = [
+        make_state(k, ft.Transform(base.init, base.update, name=f"mine(lr={lr})"))
+        for k, lr in enumerate((0.1, 0.01))
+    ]
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"(?s)member 1: optimizer mine\(lr=0.01\), expected mine\(lr=0.1\).*a transform "
+        r"built by hand: build it once with functrain.sweep\(\[...\]\)",
+    ):
+        ft.stack(members)
+
+
+def test_an_optimizer_whose_state_a_sweep_changes_is_refused():
+    from functrain.optim.naming import named
+
+    @named
+    def rate(lr: float) -> ft.Transform:
+        # a schedule (a sweep is one) gets a state of another structure than a number
+        inner = ft.scale_by_learning_rate(lr)
+        return ft.chain(inner) if callable(lr) else inner
+
+    members = [make_state(k, rate(lr)) for k, lr in enumerate((0.1, 0.01))]
+    with pytest.raises(
+        ft.ConfigError,
+        match=re.escape(
+            "the optimizer state of rate(lr=sweep([0.1, 0.01])), the sweep of the members' "
+            "optimizers, differs in structure from theirs (rate(lr=0.1))"
+        ),
+    ):
+        ft.stack(members)
+
+
+def test_a_named_transform_records_the_call_that_built_it():
+    from functrain.optim.naming import recorded_call
+
+    tx = ft.adamw(0.1, foreach=True)
+    call = recorded_call(tx)
+    assert call is not None and call.arguments["foreach"] is True
+    assert "foreach" not in call.shown and call.shown["fused"] is False
+    assert call.again(lr=0.2).name == ft.adamw(0.2, fused=False).name
+    assert recorded_call(tx._replace(name="renamed")) is None
