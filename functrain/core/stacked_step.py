@@ -66,6 +66,7 @@ __all__ = [
     "stacked_eval_step",
     "stacked_train_step",
     "step_function",
+    "tensor_leaves",
     "updates_stacked",
     "vmapped",
 ]
@@ -126,20 +127,29 @@ def member_function(
         previous, was_stacked = enter_member(member[-1]), STACKED.active
         STACKED.active = True
         try:
-            res_leaves, res_spec = tree_flatten(body(view, batch, NO_EXTRAS))
+            return tensor_leaves(body(view, batch, NO_EXTRAS), out)
         finally:
             STACKED.active = was_stacked
             leave_member(previous)
-        fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in res_leaves]
-
-        def rebuild(values: list[torch.Tensor]) -> Any:
-            vals = iter(values)
-            return tree_unflatten([next(vals) if x is _SLOT else x for x in fixed], res_spec)
-
-        out["rebuild"] = rebuild
-        return [x for x in res_leaves if isinstance(x, torch.Tensor)]
 
     return fn, out
+
+
+def tensor_leaves(result: Any, out: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensor leaves of `result`; ``out["rebuild"](leaves)`` puts such leaves back in place.
+
+    vmap and a compiled function take and give tensors only: the rest of the structure is kept
+    here (read while tracing, the first call).
+    """
+    leaves, spec = tree_flatten(result)
+    fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
+
+    def rebuild(values: list[torch.Tensor]) -> Any:
+        vals = iter(values)
+        return tree_unflatten([next(vals) if x is _SLOT else x for x in fixed], spec)
+
+    out["rebuild"] = rebuild
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
 def _tensors(parts: tuple, members: int, device: torch.device) -> list[torch.Tensor]:
@@ -271,15 +281,7 @@ def step_function(
         view = StateView(
             statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec)
         )
-        res_leaves, res_spec = tree_flatten(stacked_body(view, batch, per_member))
-        fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in res_leaves]
-
-        def rebuild(values: list[torch.Tensor]) -> Any:
-            vals = iter(values)
-            return tree_unflatten([next(vals) if x is _SLOT else x for x in fixed], res_spec)
-
-        out["rebuild"] = rebuild
-        return [x for x in res_leaves if isinstance(x, torch.Tensor)]
+        return tensor_leaves(stacked_body(view, batch, per_member), out)
 
     return fn, out
 

@@ -536,18 +536,25 @@ def _run_kernel(
     }  # one value outside a stacked step
     params = [_walkable(p) for p in params]
     grads = in_layouts_of(grads, params)
+    new_p, new_b = _targets(extras, params, buffers)
+    kernel.in_place(new_p, grads, *new_b, *steps, **options)
+    return new_p, new_b
+
+
+def _targets(extras: Extras, params: list, buffers: list[list]) -> tuple[list, list[list]]:
+    """What the in-place kernel writes: fresh copies, or in a donated step the given tensors.
+
+    The buffers are laid out as their parameters either way.
+    """
     if extras.may_write():
         # a buffer in its parameter's strides, none 0, is one a donated step already wrote
-        buffers = [
+        return params, [
             [x if _writable_as_is(x, p) else writable(x, p) for x, p in zip(xs, params)]
             for xs in buffers
         ]
-        kernel.in_place(params, grads, *buffers, *steps, **options)
-        return params, buffers
-    new_p = [p.clone() for p in params]
-    new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
-    kernel.in_place(new_p, grads, *new_b, *steps, **options)
-    return new_p, new_b
+    return [p.clone() for p in params], [
+        [owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers
+    ]
 
 
 def _member_kernels(
@@ -580,15 +587,7 @@ def _member_kernels(
         return _traced_stacked(kernel, params, grads, buffers, per)
     params = [_walkable(p) for p in params]
     grads = in_layouts_of(grads, params)
-    if extras.may_write():
-        buffers = [
-            [x if _writable_as_is(x, p) else writable(x, p) for x, p in zip(xs, params)]
-            for xs in buffers
-        ]
-        new_p, new_b = params, buffers
-    else:
-        new_p = [p.clone() for p in params]
-        new_b = [[owned_copy(x, p) for x, p in zip(xs, params)] for xs in buffers]
+    new_p, new_b = _targets(extras, params, buffers)
     slices = [[x.unbind(0) for x in xs] for xs in (new_p, grads, *new_b)]
     for k, (_, kwargs) in enumerate(per):
         if shared and k:
