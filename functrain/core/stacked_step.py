@@ -113,15 +113,11 @@ def member_function(
     The function depends only on the configuration (statics and tree structure), so a compiled
     form of it serves every state of that configuration.
     """
-    leaves, spec = tree_flatten(parts)
-    fixed_in = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
+    view_of = _view_maker(statics, parts)
     out: dict[str, Any] = {}
 
     def fn(member: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
-        it = iter(member[:-1])  # the last tensor is the member's index, for sweeps
-        view = StateView(
-            statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec)
-        )
+        view = view_of(member[:-1])  # the last tensor is the member's index, for sweeps
         # sweeps read the member's index (`functrain.optim.sweep`), and
         # `functrain.optim.batching.under_vmap` the flag while dynamo traces the body
         previous, was_stacked = enter_member(member[-1]), STACKED.active
@@ -133,6 +129,20 @@ def member_function(
             leave_member(previous)
 
     return fn, out
+
+
+def _view_maker(statics: dict[str, Any], parts: tuple) -> Callable[[list[torch.Tensor]], StateView]:
+    """``tensors -> StateView``: a view of `parts`' structure over `tensors`, its tensor leaves."""
+    leaves, spec = tree_flatten(parts)
+    fixed = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
+
+    def view_of(tensors: list[torch.Tensor]) -> StateView:
+        it = iter(tensors)
+        return StateView(
+            statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed], spec)
+        )
+
+    return view_of
 
 
 def tensor_leaves(result: Any, out: dict[str, Any]) -> list[torch.Tensor]:
@@ -272,15 +282,11 @@ def step_function(
     a trace under torch.compile) puts them back into their structure. The function depends only on
     the configuration (statics and tree structure), so one compiled form serves every state of it.
     """
-    leaves, spec = tree_flatten(parts)
-    fixed_in = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
+    view_of = _view_maker(statics, parts)
     out: dict[str, Any] = {}
 
     def fn(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
-        it = iter(tensors[:-1])  # the last tensor is the members' indices
-        view = StateView(
-            statics, *tree_unflatten([next(it) if x is _SLOT else x for x in fixed_in], spec)
-        )
+        view = view_of(tensors[:-1])  # the last tensor is the members' indices
         return tensor_leaves(stacked_body(view, batch, per_member), out)
 
     return fn, out
@@ -322,7 +328,8 @@ def stacked_body(
     members = state.step.shape[0]
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = loss_scale(state)
-    grads, losses, aux = _gradients(state, batch, per_member, buffers, scale)
+    apart = members_apart(state)  # a walk over the modules: once a step
+    grads, losses, aux = _gradients(state, batch, per_member, apart, buffers, scale)
     counted = _member_zero(batch) if per_member else batch
     if updates_stacked(state):
         stacked = extras._replace(norms=extras.norms._replace(members=members))
@@ -340,6 +347,7 @@ def _gradients(
     state: StepState,
     batch: Any,
     per_member: bool,
+    apart: bool,
     buffers: dict[str, torch.Tensor],
     scale: torch.Tensor | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
@@ -355,7 +363,7 @@ def _gradients(
     def objective(
         params: Any, buffers: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        losses, aux = _forward(state, params, buffers, batch, per_member)
+        losses, aux = _forward(state, params, buffers, batch, per_member, apart)
         scaled = losses * scale.to(losses.dtype) if scale is not None else losses
         return scaled.sum(), (losses.detach(), {k: v.detach() for k, v in aux.items()})
 
@@ -363,15 +371,15 @@ def _gradients(
         # buffers are an argument, not a capture: BatchNorm writes its statistics into them
         grads, (losses, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
         return grads, losses, aux
-    if members_apart(state):
+    if apart:
         # each member's slices leaves of their own: one backward gives each member's gradients,
         # stacked once, where slices of the stacked leaves would each add a full-size zero tensor
-        apart = [
+        own = [
             {k: p[m].detach().requires_grad_(True) for k, p in state.params.items()}
             for m in range(state.step.shape[0])
         ]
-        total, (losses, aux) = objective(apart, buffers)
-        found = _backward(total, [p for member in apart for p in member.values()])
+        total, (losses, aux) = objective(own, buffers)
+        found = _backward(total, [p for member in own for p in member.values()])
         n = len(state.params)
         grads = {
             k: torch.stack(
@@ -412,10 +420,11 @@ def _forward(
     buffers: dict[str, torch.Tensor],
     batch: Any,
     per_member: bool,
+    apart: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The members' ``[K]`` losses and metrics: under vmap, or one member after the other.
+    """The members' ``[K]`` losses and metrics: under vmap, or (`apart`) one member after another.
 
-    `params`: the stacked tensors, or (members apart) each member's own.
+    `params`: the stacked tensors, or (members apart, eagerly) each member's own.
     """
 
     def member(
@@ -426,7 +435,7 @@ def _forward(
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return call_loss(state, {**params, **frozen, **buffers}, batch)
 
-    if not isinstance(params, list) and not members_apart(state):
+    if not isinstance(params, list) and not apart:
         return torch.func.vmap(
             member, in_dims=(0, 0, 0, 0 if per_member else None), randomness="different"
         )(params, state.frozen, buffers, batch)
