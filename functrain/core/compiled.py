@@ -60,7 +60,12 @@ from functrain.core.capture import (
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import donated, retire, wait_until_unheld
 from functrain.core.scope import enter, leave, leave_with
-from functrain.core.stacked_step import PerMember, stacked_train_step, step_function
+from functrain.core.stacked_step import (
+    PerMember,
+    refuse_per_member,
+    stacked_train_step,
+    step_function,
+)
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError
@@ -131,6 +136,8 @@ class CompiledStep:
             )
         state.check_live("a compiled step")
         members = state.step.shape[0] if state.step.ndim else 0  # read before a donation
+        if not members:
+            refuse_per_member(batch)
         if self._captures is not None:
             new_state, metrics = self._captured(self._captures, state, batch, donate)
         elif state.step.ndim:

@@ -51,7 +51,7 @@ from functrain.core.donation import donated
 from functrain.core.scope import device_generator
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of
-from functrain.errors import BatchError, LossError
+from functrain.errors import BatchError, ConfigError, LossError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.batching import STACKED
 from functrain.optim.sweep import enter_member, leave_member
@@ -61,6 +61,7 @@ __all__ = [
     "PerMember",
     "member_batch",
     "member_function",
+    "refuse_per_member",
     "members_apart",
     "stacked_body",
     "stacked_eval_step",
@@ -176,6 +177,20 @@ def vmapped(fn: Callable[..., Any], per_member: bool = False) -> Callable[..., A
     With `per_member` the batch's tensors are batched on dimension 0 too (`PerMember`).
     """
     return torch.func.vmap(fn, in_dims=(0, 0 if per_member else None), randomness="different")
+
+
+def refuse_per_member(batch: Any) -> None:
+    """Refuse a `PerMember` batch given to an ordinary (unstacked) state.
+
+    Raises:
+        ConfigError: `batch` is a `PerMember` batch.
+    """
+    if isinstance(batch, PerMember):
+        raise ConfigError(
+            "a PerMember batch gives each member of a stacked state its own slice, but this "
+            "state is not stacked; pass the batch unwrapped, or stack the members first with "
+            "functrain.stack(states)"
+        )
 
 
 def member_batch(batch: Any, members: int) -> tuple[Any, bool]:

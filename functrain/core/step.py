@@ -19,7 +19,7 @@ import torch
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import donated, retire
 from functrain.core.scope import enter, leave, leave_with, outside_graph
-from functrain.core.stacked_step import stacked_eval_step, stacked_train_step
+from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import LossFn, TrainState
 from functrain.errors import ConfigError
 from functrain.optim.sweep import holds_sweep
@@ -100,6 +100,7 @@ def train_step(
         return result
     if holds_sweep(state.tx):
         raise ConfigError(SWEEP_ALONE)
+    refuse_per_member(batch)
     given = state
     if torch.compiler.is_compiling():
         state = _with_storage(state)
@@ -165,6 +166,7 @@ def eval_step(
     if state.step.ndim:
         stacked = state if eval_fn is None else state.replace(loss_fn=eval_fn)
         return stacked_eval_step(stacked, batch, use_ema)
+    refuse_per_member(batch)
     scope = enter(state, False)
     try:
         metrics = eval_body(state, batch, use_ema, eval_fn)

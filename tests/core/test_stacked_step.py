@@ -133,3 +133,10 @@ def test_compile_step_takes_per_member_batches_like_train_step():
     torch.testing.assert_close(metrics["loss"], eager_metrics["loss"])
     for name, p in eager.params.items():
         torch.testing.assert_close(compiled.params[name], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [ft.train_step, ft.eval_step, ft.compile_step()])
+def test_a_per_member_batch_given_to_an_ordinary_state_is_refused(step):
+    x, y = batches(1)[0]
+    with pytest.raises(ft.ConfigError, match="this state is not stacked"):
+        step(make_state(0, ft.adamw(1e-2)), ft.PerMember((x[None], y[None])))
