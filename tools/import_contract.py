@@ -96,6 +96,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.checkpoint.directory",
             "functrain.checkpoint.lock",
             "functrain.checkpoint.counters",
+            "functrain.checkpoint.bests",
         ],
         ["functrain.checkpoint.snapshot", "functrain.checkpoint.sharded"],
         ["functrain.checkpoint.format"],

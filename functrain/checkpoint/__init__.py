@@ -7,7 +7,7 @@ atomically), `format` (a tree as a directory of tensor files and a sealed manife
 verified, no pickle), `sharded` (a sharded tree: every rank writes its
 shards, one manifest; loads that reshard), `counters` (what a state's counters and RNG may hold),
 `state_io` (`save` / `load` of a `TrainState` against a template), `directory` (the layout of a
-managed directory), `lock` (one writer per directory),
+managed directory), `lock` (one writer per directory), `bests` (which best checkpoints to keep),
 `manager` (`CheckpointManager`: what to keep, the best ones, `latest`, async saves, restoring).
 """
 

@@ -1,7 +1,8 @@
 """Checkpoint policy: when to keep what, where "latest" points, and how to resume.
 
 `CheckpointManager` writes regular checkpoints (all kept, or the last N), keeps the best ones apart
-from that rotation, maintains a `latest` pointer replaced atomically, and restores the newest
+from that rotation (and, on request, each stacked member's best: `functrain.checkpoint.bests`),
+maintains a `latest` pointer replaced atomically, and restores the newest
 checkpoint that verifies. One process writes a directory at a time (an advisory lock,
 `functrain.checkpoint.lock`); any number read it, writing nothing. With ``sharded=True`` every rank
 of a distributed run saves together: each writes its own shards, rank 0 (the lock's holder) the
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 from functrain import version
 from functrain.checkpoint import directory as layout
+from functrain.checkpoint.bests import BestPolicy, Record, member_metric, members_in, ranked
 from functrain.checkpoint.directory import (
     BEST,
     REGULAR,
@@ -44,7 +46,7 @@ from functrain.checkpoint.lock import WriterLock
 from functrain.checkpoint.sharded import agree, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import check_savable, fingerprint, load
-from functrain.core.stacked import host_count
+from functrain.core.stacked import host_count, num_members, unstack
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.errors import (
@@ -80,6 +82,12 @@ class CheckpointManager:
         keep_best: number of best checkpoints to keep (0 disables them).
         best_metric: name of the metric in ``save(..., metrics=)`` that decides "best".
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.
+        best_per_member: for a stacked state (`functrain.stack`): besides the `keep_best` best,
+            keep each member k's best checkpoint by its column of `best_metric` (``val_loss[k]``,
+            as `functrain.fit` logs it), which holds every member at the evaluation where member
+            k was best: `best` and `restore_best` take ``member=k``. One best checkpoint per save
+            that improved any member, kept while it is any member's best
+            (`functrain.checkpoint.bests`). A reader opens the directory with it too.
         async_save: write in a background thread: the state's own tensors, held until written (no
             copy; a donated step on that state waits for them), copies of tensors off the CPU. A
             write into those tensors before the commit, in place or through ``.data`` or
@@ -126,6 +134,7 @@ class CheckpointManager:
         keep_best: int = 1,
         best_metric: str | None = None,
         mode: Literal["min", "max"] = "min",
+        best_per_member: bool = False,
         async_save: bool = False,
         remove_temporary: bool = True,
         readonly: bool = False,
@@ -139,6 +148,7 @@ class CheckpointManager:
             best_metric=best_metric,
             mode=mode,
             flags={
+                "best_per_member": best_per_member,
                 "async_save": async_save,
                 "remove_temporary": remove_temporary,
                 "readonly": readonly,
@@ -146,6 +156,11 @@ class CheckpointManager:
             },
             metadata=metadata,
         )
+        if best_per_member is True and best_metric is None:
+            problems.append(
+                "best_per_member=True keeps each member's best by its column of best_metric: "
+                "pass best_metric=... (e.g. 'val_loss')"
+            )
         if readonly is True and async_save is True:
             problems.append(
                 "async_save=True writes checkpoints: a manager opened with readonly=True never does"
@@ -171,6 +186,12 @@ class CheckpointManager:
             keep_best,
             best_metric,
             mode,
+        )
+        self.best_per_member = best_per_member
+        self._policy = (
+            BestPolicy(best_metric, mode, keep_best, best_per_member)
+            if best_metric is not None
+            else None
         )
         self.readonly, self.sharded, self.metadata = readonly, sharded, dict(metadata or {})
         self.restored: Path | None = None
@@ -235,37 +256,70 @@ class CheckpointManager:
         copy = layout.displaced_copy(self.directory, name)
         return copy if copy is not None else path if is_committed(path) else None
 
-    def best(self) -> Path | None:
-        """The best checkpoint so far by `best_metric`, or None."""
-        ranked = self._ranked_bests()
-        return ranked[0][1] if ranked else None
+    def best(self, member: int | None = None) -> Path | None:
+        """The best checkpoint so far by `best_metric`, or None.
 
-    def best_value(self) -> float | None:
-        """The best recorded value of `best_metric`, or None."""
-        ranked = self._ranked_bests()
-        return ranked[0][0] if ranked else None
+        Args:
+            member: member k of a stacked state, with ``best_per_member=True``: the checkpoint
+                of the evaluation where its column of `best_metric` was best. It holds every
+                member: take member k with ``functrain.unstack(...)[k]`` (or `restore_best`).
 
-    def _ranked_bests(self) -> list[tuple[float, Path]]:
-        """``(value, path)`` of the best checkpoints, best first, each scored once."""
-        scored = [(v, p) for p in self.bests() if (v := self._score(p)) is not None]
-        scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
-        return scored
+        Raises:
+            ConfigError: `member` given to a manager opened without ``best_per_member=True``,
+                or not a member of the run the best checkpoints hold.
+        """
+        standing = self._ranked_bests(member)
+        return standing[0][1] if standing else None
 
-    def _score(self, path: Path) -> float | None:
-        try:
-            metrics = read_manifest(path)["metadata"].get("metrics", {})
-            value = metrics.get(self.best_metric) if isinstance(metrics, dict) else None
-        except (
-            Exception
-        ):  # removed meanwhile, damaged or crafted: a best that cannot be read ranks nowhere
-            return None
-        return (
-            float(value)
-            if isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and not math.isnan(value)
-            else None
-        )
+    def best_value(self, member: int | None = None) -> float | None:
+        """The best recorded value of `best_metric` (of `member`'s column, as `best`), or None."""
+        standing = self._ranked_bests(member)
+        return standing[0][0] if standing else None
+
+    def _ranked_bests(self, member: int | None = None) -> list[tuple[float, Path]]:
+        """``(value, path)`` of the best checkpoints by `best_metric` or `member`'s column."""
+        records = self._best_records()
+        metric = self.best_metric if member is None else self._member_column(member, records)
+        return ranked(records, metric, self.mode) if metric is not None else []
+
+    def _member_column(self, member: Any, records: list[Record]) -> str:
+        """`member`'s column of `best_metric`, or the `ConfigError` saying why it has none."""
+        if not self.best_per_member:
+            raise ConfigError(
+                f"best(member={member!r}) needs a CheckpointManager opened with "
+                "best_per_member=True, as the run that wrote the directory was (fit(..., "
+                "best_per_member=True)); without it the best checkpoints are kept by best_metric "
+                "alone and a member's best may be gone"
+            )
+        assert self.best_metric is not None  # best_per_member is refused without it
+        if not _is_int(member) or member < 0:
+            raise ConfigError(
+                f"member must be a member's index (an int >= 0), got {_described(member)}"
+            )
+        seen = set().union(*(members_in(metrics, self.best_metric) for _, metrics in records))
+        if seen and member not in seen:
+            raise ConfigError(
+                f"member={member}, but the best checkpoints of {str(self.directory)!r} hold the "
+                f"columns of members {min(seen)} to {max(seen)} "
+                f"({member_metric(self.best_metric, max(seen))}): pass one of them"
+            )
+        return member_metric(self.best_metric, member)
+
+    def _best_records(self) -> list[Record]:
+        """Each best checkpoint with the metrics its manifest records, oldest first.
+
+        One that cannot be read (removed meanwhile, damaged or crafted) is left out: it ranks
+        nowhere, and no ranking removes it.
+        """
+        records: list[Record] = []
+        for path in self.bests():
+            try:
+                metrics = read_manifest(path)["metadata"].get("metrics", {})
+            except Exception:
+                continue
+            if isinstance(metrics, dict):
+                records.append((path, metrics))
+        return records
 
     # -- saving (the writer only) -----------------------------------------------------------------
 
@@ -281,7 +335,8 @@ class CheckpointManager:
         Args:
             state: the state to save.
             metrics: host numbers or one-element tensors, by name; recorded in the manifest, and
-                `best_metric` among them decides whether this is a new best.
+                `best_metric` among them (with `best_per_member`, also its member columns)
+                decides whether this is a new best.
             metadata: extra JSON-able data for the manifest.
 
         Returns:
@@ -290,7 +345,8 @@ class CheckpointManager:
         Raises:
             ConfigError: `state` is not a `TrainState`, a metric is not one number, `metadata`
                 is not a dict of JSON values, or the state holds what a load would refuse
-                (`functrain.checkpoint.state_io.check_savable`); nothing is written.
+                (`functrain.checkpoint.state_io.check_savable`), or the manager keeps each
+                member's best and `state` is not stacked; nothing is written.
             CheckpointError: this save failed (nothing was committed), or it committed but the
                 bookkeeping after it failed (the message says what was and was not done, and the
                 error's ``saved_as`` is the committed path), or (with `async_save`) the previous
@@ -301,6 +357,12 @@ class CheckpointManager:
             raise ConfigError(
                 "CheckpointManager.save expects a TrainState (its step names the checkpoint), got "
                 f"{_described(state)}: save a plain tree with functrain.save(tree, path)"
+            )
+        if self.best_per_member and num_members(state) is None:
+            raise ConfigError(
+                "CheckpointManager(best_per_member=True) keeps the best checkpoint of each member "
+                "of a stacked state (functrain.stack), got one model's state (its counters are "
+                "0-d): save it with a manager opened without best_per_member, or stack the members"
             )
         host_metrics = _host_metrics(metrics)
         problems = _metadata_problems(metadata, "CheckpointManager.save: metadata")
@@ -375,12 +437,7 @@ class CheckpointManager:
             books: CheckpointError | None = None
             if self._rank == 0:
                 try:
-                    self._keep_books(
-                        path,
-                        meta["metrics"].get(self.best_metric)
-                        if self.best_metric is not None
-                        else None,
-                    )
+                    self._keep_books(path, meta["metrics"])
                 except CheckpointError as e:
                     books = e
             if (
@@ -419,7 +476,7 @@ class CheckpointManager:
         finally:
             snapshot.release()
 
-    def _keep_books(self, path: Path, value: Any) -> None:
+    def _keep_books(self, path: Path, metrics: dict[str, Any]) -> None:
         """After `path` committed: point `latest` at it, keep a best, rotate; name what failed."""
         pointed = self._pointed()
         steps: list[tuple[str, Callable[[], None]]] = [
@@ -427,7 +484,7 @@ class CheckpointManager:
                 f"the latest pointer still names {pointed}",
                 lambda: point_latest(self.directory, path.name),
             ),
-            ("the best checkpoints are as they were", lambda: self._keep_if_best(path, value)),
+            ("the best checkpoints are as they were", lambda: self._keep_if_best(path, metrics)),
             ("no older checkpoint was removed", lambda: self._rotate(path)),
         ]
         for i, (_, step) in enumerate(steps):
@@ -449,24 +506,18 @@ class CheckpointManager:
         except CheckpointCorruptError:
             return "no checkpoint (it was unreadable)"
 
-    def _keep_if_best(self, path: Path, value: Any) -> None:
-        if (
-            not self.keep_best
-            or not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or math.isnan(value)
-        ):
+    def _keep_if_best(self, path: Path, metrics: dict[str, Any]) -> None:
+        """Keep `path` as a best checkpoint if its `metrics` place it, then drop the surplus.
+
+        A place among the `keep_best` best, not only a new record (keep_best=2 keeps the two
+        best), or a member's best; one best checkpoint serves every place it takes.
+        """
+        if self._policy is None or not self._policy.earns_place(self._best_records(), metrics):
             return
-        # a place among the `keep_best` best, not only a new record: keep_best=2 keeps the two best
-        ranked = self._ranked_bests()
-        if len(ranked) >= self.keep_best:
-            threshold = ranked[self.keep_best - 1][0]
-            if not (value < threshold if self.mode == "min" else value > threshold):
-                return
         link_copy(
             path, self.directory / path.name.replace("ckpt", "best", 1)
         )  # replaces a best of the same step
-        for _, old in self._ranked_bests()[self.keep_best :]:
+        for old in self._policy.surplus(self._best_records()):
             layout.remove(old)
 
     def _rotate(self, just_saved: Path) -> None:
@@ -559,6 +610,45 @@ class CheckpointManager:
                     stacklevel=2,
                 )
         return None
+
+    def restore_best(self, like: TrainState, member: int | None = None) -> TrainState | None:
+        """Load the best checkpoint by `best_metric`, or member `member`'s best state.
+
+        Args:
+            like: the state to restore into, built as the saved one was (the stacked state, for
+                a member).
+            member: member k of a stacked state saved with ``best_per_member=True``: its best
+                checkpoint loaded and member k taken from it (``functrain.unstack(...)[k]``).
+
+        Returns:
+            The best state (member k's own, with `member`), or None when there is no best yet.
+
+        Raises:
+            ConfigError: `like` is not a `TrainState`; `member` given without
+                ``best_per_member=True``, with a `like` that is not stacked, or out of its range.
+            CheckpointError: the best checkpoint does not load (a best has no older copy to fall
+                back on, as `restore_latest` has).
+            StateMismatchError: it does not fit `like`.
+        """
+        if not isinstance(like, TrainState):
+            raise ConfigError(
+                "CheckpointManager.restore_best(like=...) expects the TrainState to restore into "
+                f"(built as the saved one was), got {_described(like)}"
+            )
+        count = num_members(like)
+        if member is not None and (count is None or not _is_int(member) or member >= count):
+            raise ConfigError(
+                f"restore_best(member={member!r}) takes a member of the stacked state given as "
+                "like, which has "
+                + (f"members 0 to {count - 1}" if count else "none (its counters are 0-d)")
+                + ": pass the stacked state (functrain.stack) the run saved and one of its members"
+            )
+        self.wait()
+        path = self.best(member)
+        if path is None:
+            return None
+        restored = self._load_from(path, like)[0]
+        return restored if member is None else unstack(restored)[member]
 
     def _load_from(self, path: Path, like: TrainState) -> tuple[TrainState, Path]:
         """`path` loaded (every file verified while read once), and where it was loaded from.

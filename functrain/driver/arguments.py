@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from functrain.core.body import samples_in
+from functrain.core.stacked import num_members
 from functrain.core.state import TrainState
 from functrain.driver.data import Batcher, IterableSource, MemberSource
 from functrain.driver.evaluation import evaluation_problems
@@ -64,9 +65,20 @@ def _types(kw: Mapping[str, Any]) -> list[str]:
         "compile",
         "donate",
         "test_every_eval",
+        "best_per_member",
     ):
         if not isinstance(kw[name], bool):
             p.append(f"{name} must be True or False, got {name}={kw[name]!r}")
+    if (
+        kw["best_per_member"] is True
+        and isinstance(kw["state"], TrainState)
+        and num_members(kw["state"]) is None
+    ):
+        p.append(
+            "best_per_member=True keeps the best of each member of a stacked state, but state "
+            "is one model's (its counters are 0-d): drop best_per_member, or train the members "
+            "stacked: fit(functrain.stack([...]), ..., best_per_member=True)"
+        )
     seed = kw["data_seed"]
     if not (
         isinstance(seed, numbers.Integral)
@@ -144,6 +156,7 @@ def _evaluation(kw: Mapping[str, Any]) -> list[str]:
         ("eval_every", 1),
         ("best_metric", "val_loss"),
         ("mode", "min"),
+        ("best_per_member", False),
         ("eval_batch_size", None),
     ):
         if kw[name] != unset and not (name == "eval_batch_size" and kw["test_data"] is not None):

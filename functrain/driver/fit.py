@@ -26,7 +26,7 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
 from functrain.core.donation import retire
-from functrain.core.stacked import host_count
+from functrain.core.stacked import host_count, num_members
 from functrain.core.state import LossFn, TrainState
 from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
 from functrain.driver.callbacks import (
@@ -76,12 +76,16 @@ class FitResult:
         best: the evaluation metrics of the best checkpoint (or of the best evaluation), if any.
         test: test-set metrics computed with the best weights, if `test_data` was given.
         checkpoints: ``{"best": path, "latest": path, "all": [paths]}`` (None / [] without a
-            directory).
+            directory); with ``best_per_member=True`` also ``"member_bests"``: each member's best
+            checkpoint (None where a member has none yet).
         stop_reason: why the run ended: ``"max_epochs"``, ``"max_steps"``, ``"early_stopping"``,
             ``"nonfinite_val_loss"`` / ``"nonfinite_loss"``, ``"pruned"`` (an Optuna pruner stopped
             the trial through `OptunaPruning`: raise ``optuna.TrialPruned`` after `fit`), or the
             reason a callback gave ``run.request_stop``.
         empty_batches: batches skipped because they held no samples.
+        member_bests: with ``fit(..., best_per_member=True)``, each member's best evaluation:
+            ``member_bests[k]`` holds its ``step`` and member k's own metrics under their mean's
+            names (``val_loss`` is its ``val_loss[k]``); None otherwise.
     """
 
     state: TrainState
@@ -91,6 +95,7 @@ class FitResult:
     checkpoints: dict[str, Any]
     stop_reason: str
     empty_batches: int = 0
+    member_bests: list[dict[str, float] | None] | None = None
 
     @functools.cached_property
     def module(self) -> nn.Module:
@@ -181,6 +186,7 @@ def fit(
     keep_best: int = 1,
     best_metric: str = "val_loss",
     mode: Literal["min", "max"] = "min",
+    best_per_member: bool = False,
     async_save: bool = False,
     early_stopping: EarlyStopping | Mapping[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
@@ -270,6 +276,15 @@ def fit(
         best_metric / mode: the evaluation metric deciding "best" (and watched by plateau
             schedules). A metric object of `eval_metrics` that declares ``higher_is_better``
             (torchmetrics' do) must agree with `mode` (and so with early stopping's mode).
+            Of a stacked state (`functrain.stack`), the mean over the members (``val_loss``) or
+            one member's column (``val_loss[3]``); early stopping's target is either too.
+        best_per_member: of a stacked state, also keep each member's best: member k's best
+            evaluation by its column of `best_metric` (``val_loss[k]``) is in
+            ``result.member_bests[k]`` and, with `checkpoint_dir`, its checkpoint in
+            ``result.checkpoints["member_bests"][k]`` (``CheckpointManager.best(member=k)``;
+            ``restore_best(like, member=k)`` gives member k's state). Such a checkpoint holds
+            every member; one is written per evaluation that improved any member, and kept while
+            it is any member's best, besides the `keep_best` best.
         async_save: write checkpoints in a background thread.
         early_stopping: an `EarlyStopping`, or the dict of its arguments (``{"target": "val_loss",
             "patience": 3, "mode": "min", "min_delta": 0.0}``, every key optional); its counters
@@ -435,6 +450,7 @@ def fit(
             keep_best=keep_best,
             best_metric=best_metric,
             mode=mode,
+            best_per_member=best_per_member,
             async_save=async_save and writes,
             readonly=not writes,
             sharded=sharded,
@@ -589,6 +605,9 @@ def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitRes
     paths: dict[str, Any] = {"best": None, "latest": None, "all": []}
     if manager is not None:
         paths = {"best": manager.best(), "latest": manager.latest(), "all": manager.all()}
+        if manager.best_per_member:
+            count = num_members(loop.state) or 0
+            paths["member_bests"] = [manager.best(member=k) for k in range(count)]
     ledger = loop.ledger
     return FitResult(
         loop.state,
@@ -598,4 +617,5 @@ def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitRes
         paths,
         loop.stop_reason or "finished",
         ledger.empty_batches,
+        ledger.member_bests if loop.cfg["best_per_member"] else None,
     )

@@ -1,9 +1,9 @@
 """What the driver records as a run goes, kept so that a resumed run is the same run.
 
 The `Ledger` holds the host-side bookkeeping of `fit`: the history, the running sums of the
-unfinished log window and epoch, the best evaluation, the empty batches skipped and the
-early-stopping value. `to_tree` is written into ``state.driver`` before every save, and
-`Ledger.from_tree` reads it back on resume.
+unfinished log window and epoch, the best evaluation (and, on request, each stacked member's), the
+empty batches skipped and the early-stopping value. `to_tree` is written into ``state.driver``
+before every save, and `Ledger.from_tree` reads it back on resume.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import torch
 
+from functrain.checkpoint.bests import mean_of, member_of
 from functrain.checkpoint.state_io import register_driver_check, register_state_check
 from functrain.core.state import register_driver_keys
 from functrain.driver.data import source_problems
@@ -178,6 +179,8 @@ class Ledger:
     window: MetricWindow
     epoch_sums: MetricWindow
     best: dict[str, float] | None = None
+    # each member's best evaluation (`record_eval`'s per_member), None where it is not kept
+    member_bests: list[dict[str, float] | None] | None = None
     empty_batches: int = 0
     early: EarlyStopping | None = None
     data: dict[str, Any] | None = (
@@ -205,6 +208,7 @@ class Ledger:
             window=MetricWindow(driver.get("window"), transform_metrics),
             epoch_sums=MetricWindow(driver.get("epoch_sums"), transform_metrics),
             best=driver.get("best"),
+            member_bests=driver.get("member_bests"),
             empty_batches=int(driver.get("empty_batches", 0)),
             early=early.with_tree(driver.get("early_stopping")) if early is not None else None,
             data=driver.get("data"),
@@ -212,7 +216,7 @@ class Ledger:
 
     def to_tree(self) -> dict[str, Any]:
         """What ``state.driver`` holds."""
-        driver = {
+        driver: dict[str, Any] = {
             "history": self.history.to_tree(),
             "window": self.window.to_tree(),
             "epoch_sums": self.epoch_sums.to_tree(),
@@ -223,6 +227,8 @@ class Ledger:
         }
         if self.early is not None:
             driver["early_stopping"] = self.early.to_tree()
+        if self.member_bests is not None:
+            driver["member_bests"] = self.member_bests
         return driver
 
     def use_data(
@@ -275,17 +281,50 @@ class Ledger:
         self.history.add("epoch", row)
 
     def record_eval(
-        self, metrics: dict[str, float], step: int, best_metric: str, mode: str
+        self,
+        metrics: dict[str, float],
+        step: int,
+        best_metric: str,
+        mode: str,
+        per_member: bool = False,
     ) -> bool:
-        """Count an evaluation toward best and early stopping; True when it is a new best."""
+        """Count an evaluation toward best and early stopping; True when it is a new best.
+
+        With `per_member` (a stacked state's evaluation), also toward each member's best by its
+        column of `best_metric`: True as well when it is a new best of any member.
+        """
         self.early = self.early.update(metrics) if self.early is not None else None
+        members = per_member and self._record_members(metrics, step, best_metric, mode)
         target = metrics.get(best_metric)
         if target is None or not improved(
             target, None if self.best is None else self.best[best_metric], mode, 0.0
         ):
-            return False
+            return members
         self.best = {"step": step, **metrics}
         return True
+
+    def _record_members(
+        self, metrics: dict[str, float], step: int, best_metric: str, mode: str
+    ) -> bool:
+        """Each member's best evaluation updated with `metrics`; True when one improved.
+
+        Member k's best holds the step and its own columns under their mean's names
+        (``val_loss`` is its ``val_loss[k]``), as if it had been evaluated alone.
+        """
+        rows: dict[int, dict[str, float]] = {}
+        for name, value in metrics.items():
+            if (column := member_of(name)) is not None:
+                rows.setdefault(column[1], {})[column[0]] = value
+        bests = list(self.member_bests or [])
+        bests += [None] * (max(rows, default=-1) + 1 - len(bests))
+        mean = mean_of(best_metric)
+        changed = False
+        for k, row in sorted(rows.items()):
+            best = bests[k]
+            if mean in row and improved(row[mean], None if best is None else best[mean], mode, 0.0):
+                bests[k], changed = {"step": step, **row}, True
+        self.member_bests = bests
+        return changed
 
 
 def memory_columns(kind: str, device: torch.device) -> dict[str, float]:
@@ -337,6 +376,7 @@ _DRIVER_KEYS = (
     "window",
     "epoch_sums",
     "best",
+    "member_bests",
     "empty_batches",
     "stop_reason",
     "early_stopping",
@@ -355,7 +395,7 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
     Example:
         >>> tree_problems({"empty_batches": -1, "epochs": 3})
         ["driver: unknown keys ['epochs'] (expected some of history, window, epoch_sums, best,
-          empty_batches, stop_reason, early_stopping, data, source)",
+          member_bests, empty_batches, stop_reason, early_stopping, data, source)",
          'driver/empty_batches: expected an int >= 0, got int -1']
     """
     if not isinstance(driver, dict):
@@ -374,6 +414,14 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
         problems.append(
             f"{path}/best: expected None or a dict of metric names to numbers, got "
             f"{_describe(best)}"
+        )
+    members = driver.get("member_bests")
+    if members is not None and not (
+        isinstance(members, list) and all(m is None or _is_row(m) for m in members)
+    ):
+        problems.append(
+            f"{path}/member_bests: expected None or a list of each member's best evaluation (a "
+            f"dict of metric names to numbers, or None), got {_describe(members)}"
         )
     if not _is_count(driver.get("empty_batches", 0)):
         problems.append(

@@ -45,6 +45,7 @@ LOOP_OPTIONS = (
     "save_every",
     "best_metric",
     "mode",
+    "best_per_member",
     "stop_on_nonfinite",
     "memory",
 )
@@ -397,7 +398,11 @@ class Loop:
             opt_state=observe_plateau(self.state.opt_state, metrics[self.cfg["best_metric"]])
         )
         new_best = self.ledger.record_eval(
-            metrics, self.step, self.cfg["best_metric"], self.cfg["mode"]
+            metrics,
+            self.step,
+            self.cfg["best_metric"],
+            self.cfg["mode"],
+            per_member=self.cfg["best_per_member"],
         )
         if self.ledger.early is not None and self.ledger.early.should_stop:
             self.stop_reason = self.stop_reason or "early_stopping"
