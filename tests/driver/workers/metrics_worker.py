@@ -63,6 +63,7 @@ def main() -> None:
         "idle": idle,
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(done))
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
