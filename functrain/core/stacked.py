@@ -48,6 +48,8 @@ __all__ = [
     "num_members",
     "member_columns",
     "host_count",
+    "runs_apart",
+    "transposed_weights",
 ]
 
 register()
@@ -141,11 +143,15 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     states = list(states)
     optimizer, tx = _check_members(states)
     _warn_if_copies(states, tx)
+    first = states[0]
+    transposed = _ids(first, transposed_weights(first.module, first.device))
     trees = [{k: v for k, v in s.tree().items() if k != "driver"} for s in states]
     leaves, spec = tree_flatten(trees[0])
     columns = list(zip(*(tree_flatten(t)[0] for t in trees), strict=True))
-    stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else col[0] for col in columns]
-    first = states[0]
+    stacked = [
+        _stacked(col, id(col[0]) in transposed) if isinstance(col[0], torch.Tensor) else col[0]
+        for col in columns
+    ]
     out = first.with_tree({**tree_unflatten(stacked, spec), "driver": first.driver})
     return out if optimizer is first.optimizer else out.replace(optimizer=optimizer, tx=tx)
 
@@ -172,13 +178,85 @@ def unstack(state: TrainState) -> list[TrainState]:
             "unstack expects a stacked state (from functrain.stack), "
             "got an ordinary state (its counters are 0-d)"
         )
+    # the weights `stack` transposed in memory come back in the order a module holds them
+    own = _ids(state, transposed_weights(state.module, state.device))
     tree = {name: v for name, v in state.tree().items() if name != "driver"}
     leaves, spec = tree_flatten(tree)
     members = [
-        tree_unflatten([x[i].clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+        tree_unflatten(
+            [
+                x[i].clone(memory_format=torch.contiguous_format)
+                if id(x) in own
+                else x[i].clone()
+                if isinstance(x, torch.Tensor)
+                else x
+                for x in leaves
+            ],
+            spec,
+        )
         for i in range(k)
     ]
     return [state.with_tree({**member, "driver": state.driver}) for member in members]
+
+
+def runs_apart(module: nn.Module, device: torch.device) -> bool:
+    """Whether a stacked state's members run their forwards one after the other, not under vmap.
+
+    On a CPU, for a module with convolutions: vmap makes each convolution with per-member weights
+    one grouped convolution, which CPU kernels run slower than K separate ones
+    (`benchmarks/ensemble.py`). Elsewhere the batched forward is the faster.
+    """
+    return device.type == "cpu" and any(
+        isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()
+    )
+
+
+def transposed_weights(module: nn.Module, device: torch.device) -> frozenset[str]:
+    """The parameters a stacked state holds with each member's matrix transposed in memory.
+
+    The weight ``[out, in]`` of an ``nn.Linear`` (a subclass included), where the members' forward
+    runs under vmap (not `runs_apart`), and only where no other module uses that tensor. Under vmap
+    a ``Linear`` is one batched product with the weights read as ``[K, in, out]``, and the batched
+    backward gives their gradient in that memory order: stacked ``[K, out, in]`` with the strides of
+    ``[K, in, out]`` (what a model written with a member dimension stores), the gradient meets its
+    parameter without a copy before the update (the fused optimizers pair elements in memory
+    order) and the forward reads the weights in order. `stack` lays them out so, `unstack` gives
+    each member its matrix back in the module's order. A fixed rule of the module and the device,
+    so a checkpoint's template, stacked again, has the same layout and a resumed run reads its
+    weights as the run that was never interrupted.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> sorted(transposed_weights(net, torch.device("cpu")))
+        ['0.weight', '2.weight']
+    """
+    if runs_apart(module, device):
+        return frozenset()
+    linear: set[int] = set()
+    others: set[int] = set()
+    for owner in module.modules():
+        for attr, p in owner.named_parameters(recurse=False):
+            weight = isinstance(owner, nn.Linear) and attr == "weight" and p.ndim == 2
+            (linear if weight else others).add(id(p))
+    return frozenset(
+        n for n, p in module.named_parameters() if id(p) in linear and id(p) not in others
+    )
+
+
+def _ids(state: TrainState, names: frozenset[str]) -> set[int]:
+    """The ids of the trainable parameters of `state` named in `names`."""
+    return {id(p) for n, p in state.params.items() if n in names}
+
+
+def _stacked(column: Sequence[torch.Tensor], transposed: bool) -> torch.Tensor:
+    """The members' tensors stacked; `transposed`: each member's matrix laid out transposed."""
+    if not transposed:
+        return torch.stack(list(column))
+    first = column[0]
+    out = first.new_empty((len(column), first.shape[1], first.shape[0])).mT
+    for m, t in enumerate(column):
+        out[m].copy_(t)
+    return out
 
 
 def host_count(counter: torch.Tensor) -> int:

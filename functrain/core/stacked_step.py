@@ -36,7 +36,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
 from functrain.core.body import (
     NO_GRADIENT,
@@ -49,6 +48,7 @@ from functrain.core.body import (
 )
 from functrain.core.donation import donated
 from functrain.core.scope import device_generator
+from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of
 from functrain.errors import BatchError, ConfigError, LossError
@@ -323,13 +323,9 @@ def updates_stacked(state: StepState) -> bool:
 def members_apart(state: StepState) -> bool:
     """Whether the members' forwards run one after the other instead of under vmap.
 
-    On a CPU, for a module with convolutions: vmap makes each convolution with per-member weights
-    one grouped convolution, which this CPU's kernels run slower than K separate ones
-    (`benchmarks/ensemble.py`). Elsewhere the batched forward is the faster.
+    On a CPU, for a module with convolutions (`functrain.core.stacked.runs_apart`).
     """
-    return state.device.type == "cpu" and any(
-        isinstance(m, nn.modules.conv._ConvNd) for m in state.module.modules()
-    )
+    return runs_apart(state.module, state.device)
 
 
 def stacked_body(

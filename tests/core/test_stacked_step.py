@@ -6,10 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import functrain as ft
 from functrain.core import stacked_step
-from tests.core.test_ensemble import assert_member_close, batches, make_state, run
+from tests.core.test_ensemble import (
+    D_HIDDEN,
+    D_IN,
+    assert_member_close,
+    batches,
+    make_state,
+    run,
+)
 
 
 def test_the_default_optimizers_update_the_stacked_tensors_directly():
@@ -140,3 +148,140 @@ def test_a_per_member_batch_given_to_an_ordinary_state_is_refused(step):
     x, y = batches(1)[0]
     with pytest.raises(ft.ConfigError, match="this state is not stacked"):
         step(make_state(0, ft.adamw(1e-2)), ft.PerMember((x[None], y[None])))
+
+
+# ------------------------------------------------------------------ the stacked weights' layout
+
+
+class CopiesOf(TorchDispatchMode):
+    """Records each copy (``copy_``, ``clone``) of a floating tensor of `numel` elements or more."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        copies = (torch.ops.aten.copy_.default, torch.ops.aten.clone.default)
+        source = args[-1]
+        if func in copies and source.is_floating_point() and source.numel() >= self.numel:
+            self.seen.append((func, tuple(source.shape), source.stride()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_weights_stack_in_the_layout_of_their_batched_gradient_so_no_step_copies_them():
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(3)])
+    weight = stacked.params["0.weight"]  # [K, out, in], each member's matrix transposed in memory
+    assert weight.shape == (3, D_HIDDEN, D_IN) and weight.mT.is_contiguous()
+    assert stacked.params["0.bias"].is_contiguous()
+    data = batches(3)
+    stacked, _ = ft.train_step(stacked, data[0], donate=True)  # the moments take their layout
+    with CopiesOf(weight.numel()) as copies:
+        stacked, _ = ft.train_step(stacked, data[1], donate=True)
+    assert copies.seen == []  # no gradient (nor moment) laid out again
+    assert stacked.params["0.weight"].stride() == weight.stride()
+    for member in ft.unstack(stacked):  # each member's matrix back in the module's order
+        assert member.params["0.weight"].is_contiguous()
+        assert member.params["0.weight"].shape == (D_HIDDEN, D_IN)
+
+
+def test_without_the_layout_a_stacked_step_would_copy_each_weight_gradient(monkeypatch):
+    """The copy the layout saves is real: stacked in the module's order, the step makes it."""
+    from functrain.core import stacked as stacked_module
+
+    monkeypatch.setattr(stacked_module, "transposed_weights", lambda *a: frozenset())
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(3)])
+    assert stacked.params["0.weight"].is_contiguous()
+    stacked, _ = ft.train_step(stacked, batches(1)[0], donate=True)
+    with CopiesOf(stacked.params["0.weight"].numel()) as copies:
+        ft.train_step(stacked, batches(1)[0], donate=True)
+    assert copies.seen
+
+
+def test_only_weights_used_by_linear_layers_alone_are_transposed():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.hidden = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight  # tied: the embedding's gradient is in order
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.hidden(self.embed(x)))
+
+    cpu = torch.device("cpu")
+    assert stacked_module_rule(Tied(), cpu) == {"hidden.weight"}
+    assert stacked_module_rule(SmallCNN(), cpu) == set()  # members apart: no batched product
+    assert stacked_module_rule(SmallCNN(), torch.device("meta")) == {"head.weight"}
+
+    def loss_fn(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    def member(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        return ft.TrainState.create(Tied(), ft.adamw(1e-2), loss_fn, seed=seed)
+
+    data = [(torch.randint(0, 7, (5,)), torch.randint(0, 7, (5,))) for _ in range(3)]
+    trained, _ = run(ft.stack([member(s) for s in range(2)]), data)
+    assert trained.params["embed.weight"].is_contiguous()
+    for seed, got in enumerate(ft.unstack(trained)):
+        assert_member_close(got, run(member(seed), data)[0])
+
+
+def stacked_module_rule(module: nn.Module, device: torch.device) -> set[str]:
+    from functrain.core.stacked import transposed_weights
+
+    return set(transposed_weights(module, device))
+
+
+def test_a_stacked_state_saved_and_loaded_keeps_its_layout_and_resumes_bit_for_bit(tmp_path):
+    data = batches(4)
+    make = lambda: ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(2)])  # noqa: E731
+    whole, _ = run(make(), data)
+    half, _ = run(make(), data[:2])
+    ft.save(half, tmp_path / "ckpt")
+    loaded = ft.load(tmp_path / "ckpt", make())
+    assert loaded.params["0.weight"].stride() == half.params["0.weight"].stride()
+    resumed, _ = run(loaded, data[2:])
+    ft.testing.assert_states_equal(resumed, whole)
+
+
+def kernel_copies(step) -> int:
+    """The copies torch's fused AdamW kernel makes inside `step`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+
+    def in_kernel(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and parent.name != "aten::_fused_adamw_":
+            parent = parent.cpu_parent
+        return parent is not None
+
+    copies = ("aten::copy_", "aten::contiguous", "aten::clone")
+    return sum(1 for e in prof.events() if e.name in copies and in_kernel(e))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_the_fused_kernel_walks_a_dense_layout_in_memory_order_without_copying_it(layout):
+    """torch's fused CPU kernels copy a tensor that is not contiguous; the step hands them views."""
+    torch.manual_seed(0)
+    if layout == "transposed":
+        weight = torch.randn(64, 48).mT  # as a stacked member's slice: transposed in memory
+        batch = torch.randn(8, 48)
+        loss_fn = lambda m, x: (x @ m.weight).pow(2).mean()  # noqa: E731
+    else:
+        weight = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        batch = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+        loss_fn = lambda m, x: nn.functional.conv2d(x, m.weight).pow(2).mean()  # noqa: E731
+
+    class Weight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(weight.clone())
+
+    state = ft.TrainState.create(Weight(), ft.adamw(1e-2), loss_fn)
+    assert not state.params["weight"].is_contiguous()
+    state, _ = ft.train_step(state, batch, donate=True)  # the moments take the weight's layout
+    found: list[ft.TrainState] = []
+    assert kernel_copies(lambda: found.append(ft.train_step(state, batch, donate=True)[0])) == 0
+    assert found[0].params["weight"].stride() == weight.stride()

@@ -405,6 +405,16 @@ class _Kernel(NamedTuple):
     hyper: tuple[str, ...]  # keyword arguments besides lr, weight_decay, grad_scale and found_inf
     steps: bool  # takes the step counts (state_steps)
 
+    def run(self, tensors: Sequence[list[torch.Tensor]], steps: list[list], **options: Any) -> None:
+        """The kernel in place on `tensors` (parameters, gradients, buffers; each index alike).
+
+        An index whose parameter is dense but not contiguous (channels_last, a stacked weight
+        transposed in memory, a member's slice of it) goes to the kernel as 1-D views in memory
+        order: the kernels pair elements in memory order, and copy a tensor that is not
+        contiguous before walking it, at every call.
+        """
+        self.in_place(*_in_memory_order(tensors), *steps, **options)
+
 
 _ADAM_HYPER = ("beta1", "beta2", "eps", "amsgrad", "maximize")
 _ADAM = _Kernel("adam", torch._fused_adam_, _ADAM_HYPER, steps=True)
@@ -418,6 +428,24 @@ _SGD = _Kernel(
 _ADAGRAD = _Kernel("adagrad", torch._fused_adagrad_, ("lr_decay", "eps", "maximize"), steps=True)
 _KERNELS = {k.name: k for k in (_ADAM, _ADAMW, _SGD, _ADAGRAD)}
 _FLAGS = frozenset({"amsgrad", "maximize", "nesterov", "is_first_step"})
+
+
+def _in_memory_order(tensors: Sequence[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """`tensors` with each index whose parameter is not contiguous as views in memory order.
+
+    The other tensors of such an index are laid out as its parameter (`functrain.layout`): their
+    views pair the same elements.
+    """
+    params = tensors[0]
+    flat = [not p.is_contiguous() and is_dense(p) for p in params]
+    if not any(flat):
+        return list(tensors)
+    return [
+        [x.as_strided((x.numel(),), (1,), x.storage_offset()) if f else x for x, f in zip(xs, flat)]
+        if xs
+        else xs
+        for xs in tensors
+    ]
 
 
 def _read_once(lr: Any) -> Any:
@@ -537,7 +565,7 @@ def _run_kernel(
     params = [_walkable(p) for p in params]
     grads = in_layouts_of(grads, params)
     new_p, new_b = _targets(extras, params, buffers)
-    kernel.in_place(new_p, grads, *new_b, *steps, **options)
+    kernel.run((new_p, grads, *new_b), steps, **options)
     return new_p, new_b
 
 
@@ -595,7 +623,7 @@ def _member_kernels(
         chosen = range(members) if shared else (k,)
         lists = [[s[m] for s in xs for m in chosen] for xs in slices]
         counts = [[c for _ in slices[0] for c in (per[m][0] for m in chosen)]] if steps else []
-        kernel.in_place(*lists, *counts, **kwargs)
+        kernel.run(lists, counts, **kwargs)
     return new_p, new_b
 
 
@@ -749,11 +777,9 @@ def _fused_update_op(
     # laid out as the fake kernel says, whatever the buffers' own layouts
     new_b = [torch.empty_like(params[j % n], dtype=x.dtype).copy_(x) for j, x in enumerate(buffers)]
     steps = [[step] * n] if spec.steps else []
-    spec.in_place(
-        new_p,
-        in_layouts_of(grads, params),
-        *_split(new_b, counts),
-        *steps,
+    spec.run(
+        (new_p, in_layouts_of(grads, params), *_split(new_b, counts)),
+        steps,
         **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf),
     )
     return new_p, new_b
@@ -854,11 +880,9 @@ def _eager_members(
     for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
         p = [x[k] for x in new_p]
         steps = [[step] * len(p)] if kernel.steps else []
-        kernel.in_place(
-            p,
-            in_layouts_of(grads, p),
-            *_split([x[k] for x in new_b], counts),
-            *steps,
+        kernel.run(
+            (p, in_layouts_of(grads, p), *_split([x[k] for x in new_b], counts)),
+            steps,
             **_kernel_kwargs(kernel, lr, weight_decay[0], hyper, found_inf),
         )
     return new_p, new_b
