@@ -7,7 +7,9 @@ optimizer moments ``[K, ...]``, counters ``[K]``, and the members' RNG states ``
 dimension) and train all its members in one step (`functrain.core.stacked_step`), with every
 per-member quantity kept per member (gradient norms, clipping, non-finite skips, learning rates,
 counters). Metrics come back as ``[K]`` tensors.
-`unstack` gives the members back as ordinary states.
+`unstack` gives the members back as ordinary states. Where the members' forward runs under vmap,
+each ``nn.Linear`` weight is held in the memory order its batched gradient comes in
+(`transposed_weights`), so no step copies the gradient before the update.
 
 Each member of a stacked run equals the member stepped alone by `train_step` to float rounding
 (without dropout), and its update is the member's own given the same gradients: see
