@@ -285,3 +285,22 @@ def test_the_fused_kernel_walks_a_dense_layout_in_memory_order_without_copying_i
     found: list[ft.TrainState] = []
     assert kernel_copies(lambda: found.append(ft.train_step(state, batch, donate=True)[0])) == 0
     assert found[0].params["weight"].stride() == weight.stride()
+
+
+def kernel_calls(step) -> int:
+    """The calls of torch's fused AdamW kernel inside `step`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name == "aten::_fused_adamw_")
+
+
+def test_a_stacked_step_in_which_no_member_skips_calls_the_kernel_once_and_a_skip_per_member():
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(3)])
+    x, y = batches(1)[0]
+    assert kernel_calls(lambda: ft.train_step(stacked, (x, y))) == 1
+    # member 1's batch is not finite: each member's call takes its own skip flag
+    per_member = ft.PerMember((torch.stack([x, x.clone().fill_(float("nan")), x]), y.expand(3, -1)))
+    assert kernel_calls(lambda: ft.train_step(stacked, per_member)) == 3
+    new, metrics = ft.train_step(stacked, per_member)
+    assert metrics["skipped"].tolist() == [0.0, 1.0, 0.0]
+    assert torch.equal(new.params["0.weight"][1], stacked.params["0.weight"][1])

@@ -598,12 +598,18 @@ def _member_kernels(
 
     Each member's call takes its own step count, rate, skip flag and weight decay (a sweep's), so
     a member's update is bit for bit the one it gets trained alone, given the same gradients.
-    Where the members share all of them (no skip flag, one rate), one call takes every member's
-    slices. The copies (or, donated, the given tensors) are the stacked tensors: the slices are
-    views, written in place.
+    Where the members share all of them but the step count (no skip flag, one rate), one call
+    takes every member's slices, each with its member's count. On a CPU the skip flags are read
+    where they lie (no device to wait for): a step in which no member skips (the usual one) is one
+    call. Each member's slices stay tensors of their own: the kernels round the elements of a
+    tensor's vectorized body and of its tail differently, and a member's tail is where its own
+    tensor's is. The copies (or, donated, the given tensors) are the stacked tensors: the slices
+    are views, written in place.
     """
     members = extras.members
-    per = _per_member(options, members, steps[0][0] if steps else None)
+    count = steps[0][0] if steps else None
+    options = {**options, "found_inf": _flags_that_skip(options["found_inf"])}
+    per = _per_member(options, members, count)
     lr, decay = options["lr"], options["weight_decay"]
     # one call takes every member's slices when no member has a rate or flag of its own
     shared = (
@@ -625,6 +631,16 @@ def _member_kernels(
         counts = [[c for _ in slices[0] for c in (per[m][0] for m in chosen)]] if steps else []
         kernel.run(lists, counts, **kwargs)
     return new_p, new_b
+
+
+def _flags_that_skip(found_inf: torch.Tensor | None) -> torch.Tensor | None:
+    """The members' skip flags, or None where they lie on a CPU and no member skips.
+
+    Eager only (a traced step keeps its flags).
+    """
+    if found_inf is None or found_inf.device.type != "cpu" or torch.compiler.is_compiling():
+        return found_inf
+    return found_inf if bool(found_inf.any()) else None
 
 
 def _per_member(
