@@ -200,7 +200,7 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
     if norms.members:
-        return _member_norms(tensors, norms.members)
+        return _member_norms(tensors)
     if norms.across is not None:
         return _norm_across(tensors, norms.across)
     found = torch._foreach_norm(list(tensors))
@@ -210,15 +210,20 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     )
 
 
-def _member_norms(tensors: Sequence[torch.Tensor], members: int) -> torch.Tensor:
-    """Each member's global norm, ``[K]``: as one member's, over its slice of every tensor."""
-    if torch.compiler.is_compiling():
-        rows = [torch.linalg.vector_norm(t.reshape(members, -1), dim=1).float() for t in tensors]
-        return torch.linalg.vector_norm(torch.stack(rows, dim=1), dim=1)
-    # the member's slices through the one foreach op a member's own step runs on its tensors
-    found = torch._foreach_norm([m for t in tensors for m in t.unbind(0)])
-    table = torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])
-    return torch.linalg.vector_norm(table.view(len(tensors), members).t().contiguous(), dim=1)
+def _member_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each member's global norm, ``[K]``: as one member's, over its slice of every tensor.
+
+    One reduction per stacked tensor over all but the member dimension (in any layout, no copy),
+    then one over the tensors: equal to the member's own norm to float rounding (the sums run in
+    another order than a member's ``_foreach_norm``).
+    """
+    rows = [
+        torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim))) if t.ndim > 1 else t.abs()
+        for t in tensors
+    ]
+    return torch.linalg.vector_norm(
+        torch.stack([r if r.dtype == torch.float32 else r.float() for r in rows]), dim=0
+    )
 
 
 def _norm_across(tensors: Sequence[torch.Tensor], across: Any) -> torch.Tensor:

@@ -304,3 +304,18 @@ def test_a_stacked_step_in_which_no_member_skips_calls_the_kernel_once_and_a_ski
     new, metrics = ft.train_step(stacked, per_member)
     assert metrics["skipped"].tolist() == [0.0, 1.0, 0.0]
     assert torch.equal(new.params["0.weight"][1], stacked.params["0.weight"][1])
+
+
+def test_each_members_gradient_norm_is_the_norm_it_has_trained_alone():
+    states = [make_state(seed, ft.adamw(1e-2)) for seed in range(3)]
+    data = batches(3)
+    stacked, metrics = run(ft.stack(states), data)
+    assert stacked_step.updates_stacked(stacked)  # the norms per member of the stacked tensors
+    for k, state in enumerate(states):
+        _, alone = run(state, data)
+        torch.testing.assert_close(
+            torch.stack([m["grad_norm"][k] for m in metrics]),
+            torch.stack([m["grad_norm"] for m in alone]),
+            rtol=1e-5,
+            atol=0,
+        )
