@@ -319,3 +319,23 @@ def test_each_members_gradient_norm_is_the_norm_it_has_trained_alone():
             rtol=1e-5,
             atol=0,
         )
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_compiled_stacked_update_keeps_each_members_rate_decay_and_skip(backend):
+    """The traced update (one op over the stacked tensors) against the eager one."""
+    optimizer = ft.adamw(ft.sweep([1e-2, 3e-3, 1e-3]), weight_decay=ft.sweep([0.0, 0.1, 0.2]))
+    stacked = ft.stack([make_state(seed, optimizer) for seed in range(3)])
+    x, y = batches(1)[0]
+    poisoned = ft.PerMember((torch.stack([x, x.clone().fill_(float("nan")), -x]), y.expand(3, -1)))
+    step = ft.compile_step(backend=backend)
+    compiled, eager = stacked, stacked
+    for batch in (poisoned, ft.PerMember((torch.stack([x, x, -x]), y.expand(3, -1)))):
+        compiled, metrics = step(compiled, batch)
+        eager, eager_metrics = ft.train_step(eager, batch)
+        assert torch.equal(metrics["skipped"], eager_metrics["skipped"])
+    assert compiled.opt_state.inner.count.tolist() == [2, 1, 2]
+    if backend == "eager":
+        ft.testing.assert_states_equal(compiled, eager)
+    for name, p in eager.params.items():
+        torch.testing.assert_close(compiled.params[name], p, rtol=1e-5, atol=1e-6)

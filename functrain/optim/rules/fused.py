@@ -606,8 +606,29 @@ def _member_kernels(
     tensor's is. The copies (or, donated, the given tensors) are the stacked tensors: the slices
     are views, written in place.
     """
-    members = extras.members
     count = steps[0][0] if steps else None
+    if torch.compiler.is_compiling():
+        return _traced_stacked(kernel, params, grads, buffers, count, options)
+    params = [_walkable(p) for p in params]
+    grads = in_layouts_of(grads, params)
+    new_p, new_b = _targets(extras, params, buffers)
+    _on_members(kernel, (new_p, grads, *new_b), count, options, extras.members)
+    return new_p, new_b
+
+
+def _on_members(
+    kernel: _Kernel,
+    tensors: tuple[list, ...],
+    count: torch.Tensor | None,
+    options: dict[str, Any],
+    members: int,
+) -> None:
+    """The kernel in place on each member's slices of stacked `tensors` (all laid out alike).
+
+    `tensors`: the parameters, gradients and buffers; `count` the members' ``[K]`` step counts
+    (None for a kernel without); `options` the kernel's arguments, with ``[K]`` rates and skip
+    flags and one weight decay per member (or one for all).
+    """
     options = {**options, "found_inf": _flags_that_skip(options["found_inf"])}
     per = _per_member(options, members, count)
     lr, decay = options["lr"], options["weight_decay"]
@@ -617,20 +638,14 @@ def _member_kernels(
         and not (isinstance(lr, torch.Tensor) and lr.ndim)
         and len(decay) == 1
     )
-    if torch.compiler.is_compiling():
-        return _traced_stacked(kernel, params, grads, buffers, per)
-    params = [_walkable(p) for p in params]
-    grads = in_layouts_of(grads, params)
-    new_p, new_b = _targets(extras, params, buffers)
-    slices = [[x.unbind(0) for x in xs] for xs in (new_p, grads, *new_b)]
+    slices = [[x.unbind(0) for x in xs] for xs in tensors]
     for k, (_, kwargs) in enumerate(per):
         if shared and k:
             break
         chosen = range(members) if shared else (k,)
         lists = [[s[m] for s in xs for m in chosen] for xs in slices]
-        counts = [[c for _ in slices[0] for c in (per[m][0] for m in chosen)]] if steps else []
-        kernel.run(lists, counts, **kwargs)
-    return new_p, new_b
+        steps = [[per[m][0] for _ in slices[0] for m in chosen]] if count is not None else []
+        kernel.run(lists, steps, **kwargs)
 
 
 def _flags_that_skip(found_inf: torch.Tensor | None) -> torch.Tensor | None:
@@ -673,19 +688,24 @@ def _traced_stacked(
     params: list,
     grads: list,
     buffers: list[list],
-    per: list[tuple[torch.Tensor | None, dict[str, Any]]],
+    count: torch.Tensor | None,
+    options: dict[str, Any],
 ) -> tuple[list, list[list]]:
-    """`_member_kernels` while torch.compile traces: the custom op per member, stacked."""
-    stacked = (
-        [(p, 0) for p in params],
-        [(x, 0) for xs in buffers for x in xs],
+    """`_member_kernels` while torch.compile traces: one custom op over the stacked tensors."""
+    lr = options["lr"]
+    new_p, flat_b = torch.ops.functrain.fused_update_members(
+        kernel.name,
+        params,
+        grads,
+        [x for xs in buffers for x in xs],
+        [len(xs) for xs in buffers],
+        count,
+        lr if isinstance(lr, torch.Tensor) else None,
+        0.0 if isinstance(lr, torch.Tensor) else float(lr),
+        options["found_inf"],
+        list(options["weight_decay"]),
+        [float(options[name]) for name in kernel.hyper],
     )
-    calls = [
-        ([g[k] for g in grads], step, kw["lr"], kw["found_inf"], [kw["weight_decay"]])
-        for k, (step, kw) in enumerate(per)
-    ]
-    hyper = [float(per[0][1][name]) for name in kernel.hyper]
-    new_p, flat_b = _traced_members(kernel.name, stacked, calls, [len(xs) for xs in buffers], hyper)
     return list(new_p), _split(list(flat_b), [len(xs) for xs in buffers])
 
 
@@ -802,6 +822,51 @@ def _fused_update_op(
 
 
 @_fused_update_op.register_fake
+def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):
+    n = len(params)
+    params = [_walkable(p) for p in params]
+    return [torch.empty_like(p) for p in params], [
+        torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)
+    ]
+
+
+@torch.library.custom_op("functrain::fused_update_members", mutates_args=(), tags=(_EXACT_STRIDES,))
+def _fused_members_op(
+    kernel: str,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    counts: list[int],
+    step: torch.Tensor | None,
+    lr: torch.Tensor | None,
+    lr_value: float,
+    found_inf: torch.Tensor | None,
+    weight_decay: list[float],
+    hyper: list[float],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A stacked state's update (`_member_kernels`) on fresh copies laid out as the parameters.
+
+    The tensors are the stacked ones (the members' dimension first); `step`, `found_inf` and a
+    swept `lr` are ``[K]``, `weight_decay` one value per member or one for all. One op for all
+    members: its fresh copies are the new stacked tensors, which need no stacking afterwards.
+    """
+    spec = _KERNELS[kernel]
+    n = len(params)
+    params = [_walkable(p) for p in params]
+    new_p = [p.clone() for p in params]
+    new_b = [torch.empty_like(params[j % n], dtype=x.dtype).copy_(x) for j, x in enumerate(buffers)]
+    options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
+    _on_members(
+        spec,
+        (new_p, in_layouts_of(grads, params), *_split(new_b, counts)),
+        step,
+        {**options, "weight_decay": tuple(weight_decay)},
+        params[0].shape[0],
+    )
+    return new_p, new_b
+
+
+@_fused_members_op.register_fake
 def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):
     n = len(params)
     params = [_walkable(p) for p in params]
