@@ -201,11 +201,12 @@ class CompiledStep:
             "stacked",
             int(state.step.shape[0]),
             isinstance(batch, PerMember),
+            donate,
         )
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
             fn, out = step_function(
-                statics_of(state), parts_of(state), isinstance(batch, PerMember)
+                statics_of(state), parts_of(state), isinstance(batch, PerMember), donate
             )
 
             def body(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
@@ -215,6 +216,8 @@ class CompiledStep:
                 owners,
                 (self._compile(_own_code(body, "stacked_core")), out),
             )
+        if donate:
+            wait_until_unheld(state)  # an async save still reading these tensors
         result = stacked_train_step(state, batch, compiled=found[1])
         if donate:
             state.retire(_DONATED)

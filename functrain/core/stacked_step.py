@@ -288,7 +288,7 @@ def stacked_train_step(
 
 
 def step_function(
-    statics: dict[str, Any], parts: tuple, per_member: bool
+    statics: dict[str, Any], parts: tuple, per_member: bool, donate: bool = False
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """`stacked_body` as a function of the state's tensor leaves and the batch (to compile).
 
@@ -296,13 +296,17 @@ def step_function(
     tensor leaves of the new parts and metrics; ``out["rebuild"](leaves)`` (set by the first call,
     a trace under torch.compile) puts them back into their structure. The function depends only on
     the configuration (statics and tree structure), so one compiled form serves every state of it.
+    `donate`: the member-aware update writes into the given tensors (the compiled graph's inputs,
+    which the caller retires), as a donated eager step does.
     """
     view_of = _view_maker(statics, parts)
     out: dict[str, Any] = {}
+    # donated: the member-aware update writes into the given tensors, the graph's inputs
+    extras = Extras(in_place=True) if donate else NO_EXTRAS
 
     def fn(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
         view = view_of(tensors[:-1])  # the last tensor is the members' indices
-        return tensor_leaves(stacked_body(view, batch, per_member), out)
+        return tensor_leaves(stacked_body(view, batch, per_member, extras), out)
 
     return fn, out
 

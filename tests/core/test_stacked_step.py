@@ -339,3 +339,29 @@ def test_a_compiled_stacked_update_keeps_each_members_rate_decay_and_skip(backen
         ft.testing.assert_states_equal(compiled, eager)
     for name, p in eager.params.items():
         torch.testing.assert_close(compiled.params[name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_donated_compiled_stacked_step_writes_into_the_given_tensors_without_copying_them():
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(3)])
+    data = batches(3)
+    step = ft.compile_step()
+    eager, _ = run(stacked, data)
+    pure, _ = run(stacked, data, step)  # the pure graph leaves its input alone
+    given = stacked.clone()
+    given, _ = step(given, data[0], donate=True)
+    address = given.params["0.weight"].data_ptr()
+    moment = given.opt_state.inner.mu[0].data_ptr()
+    found: list[ft.TrainState] = []
+    shape = list(given.params["0.weight"].shape)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        found.append(step(given, data[1], donate=True)[0])
+    copies = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+    assert not [e.name for e in prof.events() if e.name in copies and shape in e.input_shapes]
+    donated, _ = step(found[0], data[2], donate=True)
+    assert donated.params["0.weight"].data_ptr() == address
+    assert donated.opt_state.inner.mu[0].data_ptr() == moment
+    with pytest.raises(ft.DonatedStateError):
+        step(given, data[0])
+    ft.testing.assert_states_equal(donated, pure)
+    for name, p in eager.params.items():
+        torch.testing.assert_close(donated.params[name], p, rtol=1e-5, atol=1e-6)

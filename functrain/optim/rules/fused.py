@@ -608,7 +608,7 @@ def _member_kernels(
     """
     count = steps[0][0] if steps else None
     if torch.compiler.is_compiling():
-        return _traced_stacked(kernel, params, grads, buffers, count, options)
+        return _traced_stacked(kernel, extras, params, grads, buffers, count, options)
     params = [_walkable(p) for p in params]
     grads = in_layouts_of(grads, params)
     new_p, new_b = _targets(extras, params, buffers)
@@ -685,15 +685,31 @@ def _per_member(
 
 def _traced_stacked(
     kernel: _Kernel,
+    extras: Extras,
     params: list,
     grads: list,
     buffers: list[list],
     count: torch.Tensor | None,
     options: dict[str, Any],
 ) -> tuple[list, list[list]]:
-    """`_member_kernels` while torch.compile traces: one custom op over the stacked tensors."""
+    """`_member_kernels` while torch.compile traces: one in-place op over the stacked tensors.
+
+    A donated compiled step's (``extras.in_place``) op writes into the state's own tensors, the
+    graph's inputs: the graph then holds no copy of them. Any other's writes into fresh copies.
+    """
+    if not extras.in_place:
+        params = [_walkable(p).clone() for p in params]
+    params = [_walkable(p) for p in params]
+    # a buffer in its parameter's strides, none 0, is written where it lies (donated)
+    buffers = [
+        [
+            x if extras.in_place and _writable_as_is(x, p) else _laid_out_copy(x, p)
+            for x, p in zip(xs, params)
+        ]
+        for xs in buffers
+    ]
     lr = options["lr"]
-    new_p, flat_b = torch.ops.functrain.fused_update_members(
+    torch.ops.functrain.fused_update_members_(
         kernel.name,
         params,
         grads,
@@ -706,7 +722,12 @@ def _traced_stacked(
         list(options["weight_decay"]),
         [float(options[name]) for name in kernel.hyper],
     )
-    return list(new_p), _split(list(flat_b), [len(xs) for xs in buffers])
+    return list(params), [list(xs) for xs in buffers]
+
+
+def _laid_out_copy(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` laid out as `p` (traceable: a fresh tensor, then a copy into it)."""
+    return torch.empty_like(p, dtype=x.dtype).copy_(x)
 
 
 def _writable_as_is(x: torch.Tensor, p: torch.Tensor) -> bool:
@@ -830,7 +851,7 @@ def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, wei
     ]
 
 
-@torch.library.custom_op("functrain::fused_update_members", mutates_args=(), tags=(_EXACT_STRIDES,))
+@torch.library.custom_op("functrain::fused_update_members_", mutates_args=("params", "buffers"))
 def _fused_members_op(
     kernel: str,
     params: list[torch.Tensor],
@@ -843,36 +864,38 @@ def _fused_members_op(
     found_inf: torch.Tensor | None,
     weight_decay: list[float],
     hyper: list[float],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A stacked state's update (`_member_kernels`) on fresh copies laid out as the parameters.
+) -> None:
+    """A stacked state's update (`_on_members`) written into `params` and `buffers`.
 
     The tensors are the stacked ones (the members' dimension first); `step`, `found_inf` and a
     swept `lr` are ``[K]``, `weight_decay` one value per member or one for all. One op for all
-    members: its fresh copies are the new stacked tensors, which need no stacking afterwards.
+    members, in place: a donated compiled step hands it the graph's inputs (inductor then writes
+    into them where they lie), a pure one fresh copies. The kernel pairs elements in memory order:
+    a buffer in another layout than its parameter is updated through a copy in its parameter's.
     """
     spec = _KERNELS[kernel]
     n = len(params)
-    params = [_walkable(p) for p in params]
-    new_p = [p.clone() for p in params]
-    new_b = [torch.empty_like(params[j % n], dtype=x.dtype).copy_(x) for j, x in enumerate(buffers)]
+    walkable = [_walkable(p) for p in params]
+    laid = [
+        x if _writable_as_is(x, walkable[j % n]) else writable(x, walkable[j % n])
+        for j, x in enumerate(buffers)
+    ]
     options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
     _on_members(
         spec,
-        (new_p, in_layouts_of(grads, params), *_split(new_b, counts)),
+        (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
         step,
         {**options, "weight_decay": tuple(weight_decay)},
         params[0].shape[0],
     )
-    return new_p, new_b
+    for given, done in zip(params + buffers, walkable + laid, strict=True):
+        if done is not given:
+            given.copy_(done)
 
 
 @_fused_members_op.register_fake
 def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):
-    n = len(params)
-    params = [_walkable(p) for p in params]
-    return [torch.empty_like(p) for p in params], [
-        torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)
-    ]
+    return None
 
 
 def _dims(dims: Any, n: int) -> list:
