@@ -12,8 +12,8 @@ each ``nn.Linear`` weight is held in the memory order its batched gradient comes
 (`transposed_weights`), so no step copies the gradient before the update.
 
 Each member of a stacked run equals the member stepped alone by `train_step` to float rounding
-(without dropout), and its update is the member's own given the same gradients: see
-`functrain.core.stacked_step`. Per-member hyperparameters come from `functrain.sweep`.
+(without dropout); see `functrain.core.stacked_step` for which parts are bit for bit.
+Per-member hyperparameters come from `functrain.sweep`.
 
 `compile_step` compiles the stacked step as one graph per configuration and member count; `fit`
 logs each ``[K]`` metric as its mean over the members (``loss``) and one column per member
@@ -217,15 +217,17 @@ def transposed_weights(module: nn.Module, device: torch.device) -> frozenset[str
     """The parameters a stacked state holds with each member's matrix transposed in memory.
 
     The weight ``[out, in]`` of an ``nn.Linear`` (a subclass included), where the members' forward
-    runs under vmap (not `runs_apart`), and only where no other module uses that tensor. Under vmap
-    a ``Linear`` is one batched product with the weights read as ``[K, in, out]``, and the batched
-    backward gives their gradient in that memory order: stacked ``[K, out, in]`` with the strides of
-    ``[K, in, out]`` (what a model written with a member dimension stores), the gradient meets its
-    parameter without a copy before the update (the fused optimizers pair elements in memory
-    order) and the forward reads the weights in order. `stack` lays them out so, `unstack` gives
-    each member its matrix back in the module's order. A fixed rule of the module and the device,
-    so a checkpoint's template, stacked again, has the same layout and a resumed run reads its
-    weights as the run that was never interrupted.
+    runs under vmap (not `runs_apart`), and only where every module that holds the tensor is a
+    ``Linear`` holding it as its weight (one tied to an embedding keeps the module's order). Under
+    vmap a ``Linear`` is one batched product with the weights read as ``[K, in, out]``, and the
+    batched backward gives their gradient in that memory order: stacked ``[K, out, in]`` with the
+    strides of ``[K, in, out]`` (what a model written with a member dimension stores), the gradient
+    meets its parameter without a copy before the update (the fused optimizers pair elements in
+    memory order) and the forward reads the weights in order. `stack` lays them out so, `unstack`
+    gives each member its matrix back in the module's order (the optimizer's moments of it keep the
+    stacked order: a member's first step alone lays them out as its weight, one copy). A fixed
+    rule of the module and the device, so a checkpoint's template, stacked again, has the same
+    layout and a resumed run reads its weights as the run that was never interrupted.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -18,9 +18,12 @@ A stacked step runs in three parts, each at the cost of one batched computation 
    (`functrain.optim.base.Extras.members`), and a donated step writes into the given tensors.
    Any other transform runs under vmap again, one member's slices per call.
 
-Each member's numbers compared with the member trained alone, without dropout: the update is bit
-for bit the member's own given the same gradients; the gradients are equal to float rounding
-(batched products round differently: the tests check 1e-5 relative).
+Each member's numbers compared with the member trained alone, without dropout: the gradients are
+equal to float rounding (batched products round differently: the tests check 1e-5 relative), and
+the update is the member's own given the same gradients, bit for bit except in the stacked
+``nn.Linear`` weights (`functrain.core.stacked.transposed_weights`): those lie transposed in
+memory, and torch's fused kernels round a tensor's vectorized body and its last few elements
+differently, so a few of their elements may differ from the member's own in the last bit.
 
 Randomness: each member keeps its own generator state in the stack. A step advances every member's
 stream by one draw and seeds the step's random ops (dropout) from all members' draws; under vmap

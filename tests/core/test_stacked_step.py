@@ -365,3 +365,24 @@ def test_a_donated_compiled_stacked_step_writes_into_the_given_tensors_without_c
     ft.testing.assert_states_equal(donated, pure)
     for name, p in eager.params.items():
         torch.testing.assert_close(donated.params[name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_given_the_same_gradients_only_the_transposed_weights_may_differ_in_the_last_bit():
+    """Gradients here are elementwise (exact under vmap): what differs is the update's alone."""
+    scale = torch.linspace(-1, 1, 17 * 10).reshape(10, 17)
+
+    def loss_fn(m, batch):
+        return (m.weight * scale).sum() + m.weight.pow(2).sum() + (m.bias * batch).sum()
+
+    def member(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        return ft.TrainState.create(nn.Linear(17, 10), ft.adamw(1e-3), loss_fn, seed=seed)
+
+    data = [torch.randn(10) for _ in range(20)]
+    stacked, _ = run(ft.stack([member(s) for s in range(8)]), data)
+    for seed, got in enumerate(ft.unstack(stacked)):
+        alone, _ = run(member(seed), data)
+        assert torch.equal(got.params["bias"], alone.params["bias"])
+        weight, own = got.params["weight"], alone.params["weight"]
+        torch.testing.assert_close(weight, own, rtol=1e-6, atol=0)
+        assert int((weight != own).sum()) <= 17 * 10 // 8

@@ -597,14 +597,15 @@ def _member_kernels(
     """`_run_kernel` on a stacked state's tensors: the kernel on each member's slices.
 
     Each member's call takes its own step count, rate, skip flag and weight decay (a sweep's), so
-    a member's update is bit for bit the one it gets trained alone, given the same gradients.
-    Where the members share all of them but the step count (no skip flag, one rate), one call
-    takes every member's slices, each with its member's count. On a CPU the skip flags are read
-    where they lie (no device to wait for): a step in which no member skips (the usual one) is one
-    call. Each member's slices stay tensors of their own: the kernels round the elements of a
-    tensor's vectorized body and of its tail differently, and a member's tail is where its own
-    tensor's is. The copies (or, donated, the given tensors) are the stacked tensors: the slices
-    are views, written in place.
+    a member's update is the one it gets trained alone, given the same gradients. Where the
+    members share all of them but the step count (no skip flag, one rate), one call takes every
+    member's slices, each with its member's count. On a CPU the skip flags are read where they lie
+    (no device to wait for): a step in which no member skips (the usual one) is one call. Each
+    member's slices stay tensors of their own: the kernels round the elements of a tensor's
+    vectorized body and of its tail differently, and a member's tail is where its own tensor's is
+    when the slice lies in the member's order (bit for bit then; a stacked ``Linear`` weight lies
+    transposed, and a few of its elements may differ in the last bit). The copies (or, donated,
+    the given tensors) are the stacked tensors: the slices are views, written in place.
     """
     count = steps[0][0] if steps else None
     if torch.compiler.is_compiling():
