@@ -62,6 +62,8 @@ from functrain.core.donation import donated, retire, wait_until_unheld
 from functrain.core.scope import enter, leave, leave_with
 from functrain.core.stacked_step import (
     PerMember,
+    in_module_order,
+    learned_module_order,
     refuse_per_member,
     stacked_train_step,
     step_function,
@@ -202,6 +204,7 @@ class CompiledStep:
             int(state.step.shape[0]),
             isinstance(batch, PerMember),
             donate,
+            in_module_order(state),
         )
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
@@ -218,7 +221,12 @@ class CompiledStep:
             )
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
-        result = stacked_train_step(state, batch, compiled=found[1])
+        try:
+            result = stacked_train_step(state, batch, compiled=found[1])
+        except Exception as e:  # traced: dynamo words torch's error its own way
+            if not learned_module_order(e, state):
+                raise
+            return self._stacked(state, batch, donate)  # compiled again, in the module's order
         if donate:
             state.retire(_DONATED)
         return result

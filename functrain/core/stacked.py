@@ -227,7 +227,9 @@ def transposed_weights(module: nn.Module, device: torch.device) -> frozenset[str
     gives each member its matrix back in the module's order (the optimizer's moments of it keep the
     stacked order: a member's first step alone lays them out as its weight, one copy). A fixed
     rule of the module and the device, so a checkpoint's template, stacked again, has the same
-    layout and a resumed run reads its weights as the run that was never interrupted.
+    layout and a resumed run reads its weights as the run that was never interrupted. A loss
+    function that views such a weight (``p.view(-1)``, which the layout refuses) is given copies in
+    the module's order (`functrain.core.stacked_step.learned_module_order`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -54,7 +54,7 @@ from functrain.core.scope import device_generator
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of
-from functrain.errors import BatchError, ConfigError, LossError
+from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.batching import STACKED
 from functrain.optim.sweep import enter_member, leave_member
@@ -62,7 +62,10 @@ from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = [
     "PerMember",
+    "in_module_order",
+    "learned_module_order",
     "member_batch",
+    "module_order",
     "member_function",
     "refuse_per_member",
     "members_apart",
@@ -269,8 +272,24 @@ def stacked_train_step(
 
     `compiled`, when given, is ``(run, out)``: a compiled `step_function` and its `out`
     (`compile_step` passes them). `donate`: the update may write into `state`'s tensors (the
-    caller retires it). Called by `train_step` and `compile_step`.
+    caller retires it). Called by `train_step` and `compile_step`. A loss function that views a
+    transposed weight (`learned_module_order`) has its step run again, from the start, with the
+    weights in the module's order.
     """
+    try:
+        return _stacked_train_step(state, batch, compiled, donate)
+    except (FunctrainError, RuntimeError) as e:
+        if compiled is not None or not learned_module_order(e, state):
+            raise
+    return _stacked_train_step(state, batch, compiled, donate)
+
+
+def _stacked_train_step(
+    state: TrainState,
+    batch: Any,
+    compiled: tuple[Callable[..., Any], dict[str, Any]] | None,
+    donate: bool,
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     members = state.rng.shape[0]
     batch, per_member = member_batch(batch, members)
     scope = _StackedScope(state, training=True, advance=True)
@@ -335,6 +354,54 @@ def members_apart(state: StepState) -> bool:
     return runs_apart(state.module, state.device)
 
 
+# (module, loss function) pairs whose loss function views a parameter (``.view``) where the
+# transposed Linear weights of a stacked state (`functrain.core.stacked.transposed_weights`) do not
+# allow it: their forward reads those weights through copies in the module's order. Learned at a
+# configuration's first step (which then runs again from its start: the same numbers in every
+# process), kept with the objects so that an id is never taken for another's.
+_MODULE_ORDER: dict[tuple[int, int], tuple[Any, Any]] = {}
+# torch's words, eager and while torch.compile traces
+_VIEW_REFUSED = (
+    "view size is not compatible with input tensor's size and stride",
+    "Cannot view a tensor with shape",
+)
+
+
+def in_module_order(state: StepState) -> bool:
+    """Whether `state`'s forward reads its transposed weights in the module's order (copies)."""
+    found = _MODULE_ORDER.get((id(state.module), id(state.loss_fn)))
+    return found is not None and found[0] is state.module and found[1] is state.loss_fn
+
+
+def learned_module_order(error: BaseException, state: StepState) -> bool:
+    """Whether `error` is torch refusing to view a transposed weight of `state` (then remembered).
+
+    Then `in_module_order` holds for `state`'s configuration from now on, and the step is run
+    again. False for any other error, and once the configuration already reads its weights so.
+    """
+    if in_module_order(state) or not any(_transposed(p) for p in state.params.values()):
+        return False
+    seen: BaseException | None = error
+    while seen is not None:
+        if any(words in str(seen) for words in _VIEW_REFUSED):
+            if len(_MODULE_ORDER) >= 64:
+                _MODULE_ORDER.clear()
+            _MODULE_ORDER[(id(state.module), id(state.loss_fn))] = (state.module, state.loss_fn)
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def module_order(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`params` with each transposed stacked weight as a copy in the module's (contiguous) order."""
+    return {k: p.contiguous() if _transposed(p) else p for k, p in params.items()}
+
+
+def _transposed(p: torch.Tensor) -> bool:
+    """Whether `p` is a stacked matrix each member of which lies transposed in memory."""
+    return p.ndim == 3 and not p.is_contiguous() and p.mT.is_contiguous()
+
+
 def stacked_body(
     state: StepState, batch: Any, per_member: bool, extras: Extras = NO_EXTRAS
 ) -> Parts:
@@ -378,9 +445,13 @@ def _gradients(
         LossError: the loss does not depend on any trainable parameter.
     """
 
+    ordered = in_module_order(state)
+
     def objective(
         params: Any, buffers: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        if ordered:
+            params = module_order(params)
         losses, aux = _forward(state, params, buffers, batch, per_member, apart)
         scaled = losses * scale.to(losses.dtype) if scale is not None else losses
         return scaled.sum(), (losses.detach(), {k: v.detach() for k, v in aux.items()})
@@ -492,7 +563,22 @@ def _vmapped_apply(state: StepState, inputs: tuple, members: int) -> Parts:
 
 
 def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
-    """`eval_step` for a stacked state: ``[K]`` metrics; the state and caller's RNG unchanged."""
+    """`eval_step` for a stacked state: ``[K]`` metrics; the state and caller's RNG unchanged.
+
+    A loss function that views a transposed weight runs again with the weights in the module's
+    order (as `stacked_train_step`).
+    """
+    try:
+        return _stacked_eval_step(state, batch, use_ema)
+    except (FunctrainError, RuntimeError) as e:
+        if not learned_module_order(e, state):
+            raise
+    return _stacked_eval_step(state, batch, use_ema)
+
+
+def _stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
+    if in_module_order(state):
+        state = state.replace(params=module_order(state.params))
 
     def body(view: StateView, batch: Any, extras: Extras) -> dict[str, torch.Tensor]:
         return eval_body(view, batch, use_ema)  # no update: the extras go unread
