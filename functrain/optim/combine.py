@@ -11,6 +11,7 @@ from functrain.optim.base import (
     Params,
     Transform,
     is_transform,
+    member_aware,
     update_with,
     with_extras,
 )
@@ -74,4 +75,8 @@ def chain(*transforms: Transform) -> Transform:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return Transform(init_fn, with_extras(update_fn), gated=gated)
+    # on a stacked state's tensors when every transform is (`member_aware`)
+    aware = bool(transforms) and all(
+        getattr(t.update, "handles_members", False) for t in transforms
+    )
+    return Transform(init_fn, member_aware(with_extras(update_fn), aware), gated=gated)

@@ -23,9 +23,11 @@ from tests.core.test_ensemble import (
 def test_the_default_optimizers_update_the_stacked_tensors_directly():
     assert stacked_step.updates_stacked(ft.stack([make_state(k, ft.adamw(1e-2)) for k in (0, 1)]))
     assert stacked_step.updates_stacked(ft.stack([make_state(k, ft.sgd(0.1)) for k in (0, 1)]))
-    # a transform that is not member-aware runs under vmap, member by member
     clipped = [make_state(k, ft.adamw(1e-2), clip_grad_norm=1.0) for k in (0, 1)]
-    assert not stacked_step.updates_stacked(ft.stack(clipped))
+    assert stacked_step.updates_stacked(ft.stack(clipped))  # each member clipped by its own norm
+    # a transform that is not member-aware runs under vmap, member by member
+    foreach = [make_state(k, ft.adamw(1e-2, fused=False)) for k in (0, 1)]
+    assert not stacked_step.updates_stacked(ft.stack(foreach))
     averaged = [make_state(k, ft.adamw(1e-2), ema_decay=0.9) for k in (0, 1)]
     assert not stacked_step.updates_stacked(ft.stack(averaged))
 
@@ -422,3 +424,18 @@ def test_a_viewing_loss_resumes_bit_for_bit_in_a_new_configuration(tmp_path):
     template = ft.stack([viewing_member(seed) for seed in range(2)])  # modules never stepped
     resumed, _ = run(ft.load(tmp_path / "ckpt", template), data[2:])
     ft.testing.assert_states_equal(resumed, whole)
+
+
+def test_clipping_runs_on_the_stacked_tensors_each_member_by_its_own_norm(monkeypatch):
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2), clip_grad_norm=0.05) for seed in range(3)])
+    data = batches(4)
+    direct, metrics = run(stacked, data)
+    assert (torch.stack([m["grad_norm"] for m in metrics]) > 0.05).all()  # every step clipped
+    monkeypatch.setattr(stacked_step, "updates_stacked", lambda state: False)
+    vmapped, vmapped_metrics = run(stacked, data)
+    for name, p in vmapped.params.items():
+        torch.testing.assert_close(direct.params[name], p, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(metrics[-1]["grad_norm"], vmapped_metrics[-1]["grad_norm"])
+    for seed, member in enumerate(ft.unstack(direct)):
+        alone = make_state(seed, ft.adamw(1e-2), clip_grad_norm=0.05)
+        assert_member_close(member, run(alone, data)[0])

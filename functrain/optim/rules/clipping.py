@@ -7,7 +7,14 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, EmptyState, Extras, Transform, with_extras
+from functrain.optim.base import (
+    NO_EXTRAS,
+    EmptyState,
+    Extras,
+    Transform,
+    member_aware,
+    with_extras,
+)
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
 from functrain.optim.updates import flat_updates
@@ -23,8 +30,11 @@ __all__ = ["ClipByGlobalNormState", "clip_by_global_norm", "clip_by_value"]
 def _by_dtype_mul(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[torch.Tensor]:
     """`tensors * scalar`, the scalar cast to each tensor's dtype first.
 
-    As torch casts a Python scalar.
+    As torch casts a Python scalar. A ``[K]`` `scalar` (a stacked state's members, each its own)
+    multiplies each member's slice of every tensor by the member's value.
     """
+    if scalar.ndim:
+        return [t * scalar.to(t.dtype).view(-1, *(1,) * (t.ndim - 1)) for t in tensors]
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1:
         return list(torch._foreach_mul(tensors, scalar.to(tensors[0].dtype)))
@@ -44,7 +54,8 @@ def clip_by_global_norm(max_norm: float) -> Transform:
 
     The norm before clipping is kept in the state and exposed as the metric ``grad_norm``. It is
     measured as the step's extras say (`Extras.global_norm`: the step's own norm of the gradients
-    is reused; a sharded step sums over ranks).
+    is reused; a sharded step sums over ranks; a stacked state's members each have theirs, and
+    each member's updates are scaled by its own).
 
     Args:
         max_norm: the largest allowed norm; > 0.
@@ -84,7 +95,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
         return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
-    return Transform(init_fn, with_extras(update_fn), gated=True)
+    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
 
 
 @named
