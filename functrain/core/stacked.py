@@ -26,6 +26,7 @@ vmap rule for batch_norm fails there) and distributed states; ``grad_stats`` are
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -144,6 +145,7 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     """
     states = list(states)
     optimizer, tx = _check_members(states)
+    _refuse_unbatchable(optimizer)
     _warn_if_copies(states, tx)
     first = states[0]
     transposed = _ids(first, transposed_weights(first.module, first.device))
@@ -247,6 +249,28 @@ def transposed_weights(module: nn.Module, device: torch.device) -> frozenset[str
     return frozenset(
         n for n, p in module.named_parameters() if id(p) in linear and id(p) not in others
     )
+
+
+# presets whose updates use ops torch.func.vmap cannot batch (`.item()`, out= ops, tensors
+# without storage): a stacked step of them would fail at its first call
+_UNBATCHABLE = ("radam", "nadam", "adamax", "adadelta", "asgd", "adafactor")
+
+
+def _refuse_unbatchable(optimizer: Transform) -> None:
+    """Refuse an optimizer whose update a stacked step cannot run (`_UNBATCHABLE`).
+
+    Raises:
+        ConfigError: naming the presets found in the optimizer's name, and what to do instead.
+    """
+    pattern = r"(?<![\w.])(" + "|".join(_UNBATCHABLE) + r")\("
+    found = sorted({m.group(1) for m in re.finditer(pattern, optimizer.name)})
+    if found:
+        raise ConfigError(
+            f"{', '.join(found)} cannot train a stacked state: its update uses ops that "
+            "torch.func.vmap cannot batch (.item(), out= ops); train these members one by one "
+            "(functrain.train_step on each state), or stack members of adamw, adam, sgd, "
+            "adagrad, rmsprop, lion or rprop"
+        )
 
 
 def _ids(state: TrainState, names: frozenset[str]) -> set[int]:
