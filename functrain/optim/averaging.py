@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras
+from functrain.optim.base import NO_EXTRAS, Extras, Transform, member_aware, with_extras
 from functrain.optim.naming import named
 from functrain.optim.zeros import counter
 from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
@@ -29,7 +29,8 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
     starts as a copy of the initial parameters. The arithmetic is `torch.optim.swa_utils`'
     (``lerp(avg, params, 1 - decay)``). Given ``keep=`` (a 0-d bool tensor), the average moves only
     where it holds (the step passes whether the update was applied); in a donated step it is
-    written into the given average's storage.
+    written into the given average's storage. On a stacked state's tensors (`Extras.members`) each
+    member's average moves by its own count and ``keep``.
 
     Args:
         decay: in [0, 1); 0.999 averages over roughly the last 1,000 steps.
@@ -62,7 +63,9 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             weight = 1 - torch.clamp(
                 (1 + count.to(torch.float64)) / (10 + count.to(torch.float64)), max=decay
             )
-            return [torch.lerp(a, x, weight.to(a.dtype)) for a, x in zip(avg, p, strict=True)]
+            return [
+                torch.lerp(a, x, _each(weight.to(a.dtype), a)) for a, x in zip(avg, p, strict=True)
+            ]
         return list(torch._foreach_lerp(avg, p, 1 - decay))
 
     def _lerp_(
@@ -77,7 +80,7 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             return
         for a, x in zip(avg, p, strict=True):  # leaf by leaf: one leaf's new average at a time
             new = lerp([a], [x], count)[0]
-            torch.where(keep, new, a, out=a) if keep is not None else a.copy_(new)
+            torch.where(_each(keep, a), new, a, out=a) if keep is not None else a.copy_(new)
 
     def update_fn(
         updates: Any,
@@ -96,8 +99,15 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             average = lerp(list(state.average), p, state.count)
             if keep is not None:
                 average = [
-                    torch.where(keep, n, a) for n, a in zip(average, state.average, strict=True)
+                    torch.where(_each(keep, a), n, a)
+                    for n, a in zip(average, state.average, strict=True)
                 ]
         return tree_unflatten(average, spec), EmaState(count, tuple(average))
 
-    return Transform(init_fn, with_extras(update_fn), gated=True)
+    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
+
+
+def _each(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d `value` as it is; a stacked state's ``[K]`` one shaped to broadcast over `like`'s
+    members (``[K, 1, ...]``)."""
+    return value.view(-1, *(1,) * (like.ndim - 1)) if value.ndim else value

@@ -29,7 +29,7 @@ def test_the_default_optimizers_update_the_stacked_tensors_directly():
     foreach = [make_state(k, ft.adamw(1e-2, fused=False)) for k in (0, 1)]
     assert not stacked_step.updates_stacked(ft.stack(foreach))
     averaged = [make_state(k, ft.adamw(1e-2), ema_decay=0.9) for k in (0, 1)]
-    assert not stacked_step.updates_stacked(ft.stack(averaged))
+    assert stacked_step.updates_stacked(ft.stack(averaged))  # each member's average its own
 
 
 @pytest.mark.parametrize(
@@ -439,3 +439,24 @@ def test_clipping_runs_on_the_stacked_tensors_each_member_by_its_own_norm(monkey
     for seed, member in enumerate(ft.unstack(direct)):
         alone = make_state(seed, ft.adamw(1e-2), clip_grad_norm=0.05)
         assert_member_close(member, run(alone, data)[0])
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+@pytest.mark.parametrize("donate", [False, True])
+def test_each_members_average_moves_by_its_own_count_and_skip(warmup, donate, monkeypatch):
+    """The EMA on the stacked tensors against the EMA under vmap, a member skipping a step."""
+    states = [make_state(s, ft.adamw(1e-2), ema_decay=0.8, ema_warmup=warmup) for s in range(3)]
+    x, y = batches(1)[0]
+    poisoned = ft.PerMember((torch.stack([x, x.clone().fill_(float("nan")), -x]), y.expand(3, -1)))
+    clean = ft.PerMember((torch.stack([x, 2 * x, -x]), y.expand(3, -1)))
+
+    def trained(stacked: ft.TrainState) -> ft.TrainState:
+        for batch in (clean, poisoned, clean):
+            stacked, _ = ft.train_step(stacked, batch, donate=donate)
+        return stacked
+
+    direct = trained(ft.stack(states))
+    monkeypatch.setattr(stacked_step, "updates_stacked", lambda state: False)
+    vmapped = trained(ft.stack(states))
+    assert direct.ema_state.count.tolist() == [3, 2, 3]
+    ft.testing.assert_states_equal(direct, vmapped)
