@@ -27,6 +27,7 @@ __all__ = [
     "Norms",
     "LOCAL_NORMS",
     "global_norm",
+    "member_view",
     "tree_select",
 ]
 
@@ -240,6 +241,19 @@ def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), device=device)
     return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).square().sum()
+
+
+def member_view(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` shaped to broadcast over `like` member by member.
+
+    A 0-d value is returned as it is; a stacked state's ``[K]`` value (one per member) is viewed
+    ``[K, 1, ...]`` with `like`'s number of dimensions.
+
+    Example:
+        >>> member_view(torch.tensor([1.0, 2.0]), torch.zeros(2, 3, 4)).shape
+        torch.Size([2, 1, 1])
+    """
+    return value.view(-1, *(1,) * (like.ndim - 1)) if value.ndim else value
 
 
 def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:

@@ -337,8 +337,8 @@ def updates_stacked(state: StepState) -> bool:
     """Whether the update runs on the stacked tensors (else under vmap, member by member).
 
     It does when the whole transform is member-aware (`Transform.handles_members`: the fused
-    optimizers, `skip_nonfinite`, clipping), and so is the EMA if the state keeps one, and the
-    state keeps no gradient statistics.
+    optimizers, `skip_nonfinite`, `accumulate`, clipping), and so is the EMA if the state keeps
+    one, and the state keeps no gradient statistics.
     """
     return (
         bool(getattr(state.tx.update, "handles_members", False))

@@ -10,7 +10,7 @@ from functrain.errors import config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, member_aware, with_extras
 from functrain.optim.naming import named
 from functrain.optim.zeros import counter
-from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
+from functrain.tree import Tree, member_view, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = ["ema", "EmaState"]
 
@@ -64,7 +64,8 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
                 (1 + count.to(torch.float64)) / (10 + count.to(torch.float64)), max=decay
             )
             return [
-                torch.lerp(a, x, _each(weight.to(a.dtype), a)) for a, x in zip(avg, p, strict=True)
+                torch.lerp(a, x, member_view(weight.to(a.dtype), a))
+                for a, x in zip(avg, p, strict=True)
             ]
         return list(torch._foreach_lerp(avg, p, 1 - decay))
 
@@ -80,7 +81,7 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             return
         for a, x in zip(avg, p, strict=True):  # leaf by leaf: one leaf's new average at a time
             new = lerp([a], [x], count)[0]
-            torch.where(_each(keep, a), new, a, out=a) if keep is not None else a.copy_(new)
+            torch.where(member_view(keep, a), new, a, out=a) if keep is not None else a.copy_(new)
 
     def update_fn(
         updates: Any,
@@ -99,15 +100,9 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             average = lerp(list(state.average), p, state.count)
             if keep is not None:
                 average = [
-                    torch.where(_each(keep, a), n, a)
+                    torch.where(member_view(keep, a), n, a)
                     for n, a in zip(average, state.average, strict=True)
                 ]
         return tree_unflatten(average, spec), EmaState(count, tuple(average))
 
     return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
-
-
-def _each(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d `value` as it is; a stacked state's ``[K]`` one shaped to broadcast over `like`'s
-    members (``[K, 1, ...]``)."""
-    return value.view(-1, *(1,) * (like.ndim - 1)) if value.ndim else value

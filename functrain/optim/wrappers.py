@@ -38,6 +38,7 @@ from functrain.tree import (
     Norms,
     Tree,
     global_norm,
+    member_view,
     tree_leaves,
     tree_paths,
     tree_select,
@@ -489,7 +490,8 @@ def accumulate(inner: Transform, every: int) -> Transform:
     """Sum incoming updates over `every` calls and apply `inner` to their mean on the last one.
 
     For a mean loss over equal-sized micro-batches this equals one step on the whole batch. Sums of
-    bfloat16/float16 gradients are kept in float32. In a step, the norm of the mean it hands on is
+    bfloat16/float16 gradients are kept in float32. Member-aware (a stacked state's tensors, each
+    member's window its own) when `inner` is gated and member-aware. In a step, the norm of the mean it hands on is
     the step's ``grad_norm`` (`Extras.reported`), taken once for the checks and clipping inside.
 
     Args:
@@ -552,9 +554,10 @@ def accumulate(inner: Transform, every: int) -> Transform:
         )
         if in_place:
             for s in sums:
-                s.masked_fill_(last, 0)  # exactly `where(last, 0, s)`, without a second buffer
+                # exactly `where(last, 0, s)`, without a second buffer
+                s.masked_fill_(member_view(last, s), 0)
         else:
-            sums = [torch.where(last, torch.zeros_like(s), s) for s in sums]
+            sums = [torch.where(member_view(last, s), torch.zeros_like(s), s) for s in sums]
         new_state = AccumulateState(
             inner_state,
             torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
@@ -562,7 +565,9 @@ def accumulate(inner: Transform, every: int) -> Transform:
         )
         return new_updates, new_state
 
-    return Transform(init_fn, with_extras(update_fn))
+    # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
+    aware = getattr(inner.update, "handles_members", False) and getattr(inner, "gated", False)
+    return Transform(init_fn, member_aware(with_extras(update_fn), aware))
 
 
 def _mean_reported(mean: list[torch.Tensor], extras: Extras) -> Extras:

@@ -460,3 +460,32 @@ def test_each_members_average_moves_by_its_own_count_and_skip(warmup, donate, mo
     vmapped = trained(ft.stack(states))
     assert direct.ema_state.count.tolist() == [3, 2, 3]
     ft.testing.assert_states_equal(direct, vmapped)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_accumulation_runs_on_the_stacked_tensors_each_member_its_own_window(donate, monkeypatch):
+    """Two micro-batches a window, one member's poisoned: that member skips its window alone."""
+    states = [make_state(s, ft.adamw(1e-2), accumulate_steps=2, ema_decay=0.9) for s in range(3)]
+    x, y = batches(1)[0]
+    poisoned = ft.PerMember((torch.stack([x, x.clone().fill_(float("nan")), -x]), y.expand(3, -1)))
+    clean = ft.PerMember((torch.stack([x, 2 * x, -x]), y.expand(3, -1)))
+
+    def trained(stacked: ft.TrainState) -> tuple[ft.TrainState, list]:
+        metrics = []
+        for batch in (clean, poisoned, clean, clean):
+            stacked, m = ft.train_step(stacked, batch, donate=donate)
+            metrics.append(m)
+        return stacked, metrics
+
+    stacked = ft.stack(states)
+    assert stacked_step.updates_stacked(stacked)
+    direct, metrics = trained(stacked)
+    monkeypatch.setattr(stacked_step, "updates_stacked", lambda state: False)
+    vmapped, vmapped_metrics = trained(ft.stack(states))
+    assert direct.step.tolist() == [2, 2, 2]  # windows completed
+    assert direct.skipped.tolist() == [0, 1, 0]  # member 1's first window skipped
+    assert direct.ema_state.count.tolist() == [2, 1, 2]  # and its average did not move then
+    assert metrics[1]["skipped"].tolist() == [0.0, 1.0, 0.0]
+    ft.testing.assert_states_equal(direct, vmapped)
+    for m, v in zip(metrics, vmapped_metrics, strict=True):
+        torch.testing.assert_close(m["grad_norm"], v["grad_norm"], equal_nan=True)

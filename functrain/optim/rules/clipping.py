@@ -20,6 +20,7 @@ from functrain.optim.naming import named
 from functrain.optim.updates import flat_updates
 from functrain.tree import (
     Tree,
+    member_view,
     tree_leaves,
     tree_unflatten,
 )
@@ -34,7 +35,7 @@ def _by_dtype_mul(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[tor
     multiplies each member's slice of every tensor by the member's value.
     """
     if scalar.ndim:
-        return [t * scalar.to(t.dtype).view(-1, *(1,) * (t.ndim - 1)) for t in tensors]
+        return [t * member_view(scalar.to(t.dtype), t) for t in tensors]
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1:
         return list(torch._foreach_mul(tensors, scalar.to(tensors[0].dtype)))
