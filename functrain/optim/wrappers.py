@@ -491,8 +491,9 @@ def accumulate(inner: Transform, every: int) -> Transform:
 
     For a mean loss over equal-sized micro-batches this equals one step on the whole batch. Sums of
     bfloat16/float16 gradients are kept in float32. Member-aware (a stacked state's tensors, each
-    member's window its own) when `inner` is gated and member-aware. In a step, the norm of the mean it hands on is
-    the step's ``grad_norm`` (`Extras.reported`), taken once for the checks and clipping inside.
+    member's window its own) when `inner` is gated and member-aware. In a step, the norm of the
+    mean it hands on is the step's ``grad_norm`` (`Extras.reported`), taken once for the checks
+    and clipping inside.
 
     Args:
         inner: the transform to run every `every`-th call (usually the optimizer).
