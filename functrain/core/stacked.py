@@ -263,7 +263,7 @@ def _refuse_unbatchable(optimizer: Transform) -> None:
         ConfigError: naming the presets found in the optimizer's name, and what to do instead.
     """
     pattern = r"(?<![\w.])(" + "|".join(_UNBATCHABLE) + r")\("
-    found = sorted({m.group(1) for m in re.finditer(pattern, optimizer.name)})
+    found = sorted({m.group(1) for m in re.finditer(pattern, getattr(optimizer, "name", ""))})
     if found:
         raise ConfigError(
             f"{', '.join(found)} cannot train a stacked state: its update uses ops that "

@@ -55,7 +55,7 @@ from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of
 from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
-from functrain.optim.base import NO_EXTRAS, Extras
+from functrain.optim.base import NO_EXTRAS, Extras, runs_on_members
 from functrain.optim.batching import STACKED
 from functrain.optim.sweep import enter_member, leave_member
 from functrain.tree import tree_flatten, tree_unflatten
@@ -341,11 +341,8 @@ def updates_stacked(state: StepState) -> bool:
     one, and the state keeps no gradient statistics.
     """
     return (
-        bool(getattr(state.tx.update, "handles_members", False))
-        and (
-            state.ema_state is None
-            or bool(getattr(getattr(state.averager, "update", None), "handles_members", False))
-        )
+        runs_on_members(state.tx)
+        and (state.ema_state is None or runs_on_members(state.averager))
         and state.grad_stats is None
     )
 

@@ -53,6 +53,7 @@ __all__ = [
     "update_with",
     "with_extras",
     "member_aware",
+    "runs_on_members",
 ]
 
 Params = Tree
@@ -267,6 +268,24 @@ def member_aware(update: Callable[..., tuple[Updates, Tree]], when: bool = True)
     if when:
         update.handles_members = True  # type: ignore[attr-defined]  # a mark on the function
     return update
+
+
+def runs_on_members(tx: object) -> bool:
+    """Whether `tx` takes a stacked state's tensors whole (`member_aware`), as a step calls it.
+
+    Its update is marked member-aware and it is given the step's extras (`update_with` gives them
+    to a transform whose ``takes_extras`` says so), which tell it the members: an object of the
+    user's that forwards a marked update but takes no extras does not qualify.
+
+    Example:
+        >>> update = member_aware(with_extras(lambda u, s, p=None, extras=NO_EXTRAS: (u, s)))
+        >>> tx = Transform(lambda p: EmptyState(), update)
+        >>> runs_on_members(tx), runs_on_members(type("Forwarding", (), {"update": update})())
+        (True, False)
+    """
+    return bool(getattr(tx, "takes_extras", False)) and bool(
+        getattr(getattr(tx, "update", None), "handles_members", False)
+    )
 
 
 def gated_update(tx: Transform) -> GatedUpdateFn:

@@ -12,6 +12,7 @@ from functrain.optim.base import (
     Transform,
     is_transform,
     member_aware,
+    runs_on_members,
     update_with,
     with_extras,
 )
@@ -76,7 +77,5 @@ def chain(*transforms: Transform) -> Transform:
         return updates, tuple(new_states)
 
     # on a stacked state's tensors when every transform is (`member_aware`)
-    aware = bool(transforms) and all(
-        getattr(t.update, "handles_members", False) for t in transforms
-    )
+    aware = bool(transforms) and all(runs_on_members(t) for t in transforms)
     return Transform(init_fn, member_aware(with_extras(update_fn), aware), gated=gated)

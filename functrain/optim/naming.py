@@ -56,8 +56,8 @@ def recorded_call(transform: Transform) -> Call | None:
         >>> call.arguments["momentum"], call.again(lr=0.2).name[:27]
         (0.9, 'sgd(lr=0.2, momentum=0.9, n')
     """
-    calls = getattr(transform.update, _CALLS, None)
-    return calls.get(transform.name) if isinstance(calls, dict) else None
+    calls = getattr(getattr(transform, "update", None), _CALLS, None)
+    return calls.get(getattr(transform, "name", None)) if isinstance(calls, dict) else None
 
 
 def _record(update: Any, name: str, call: Call) -> None:

@@ -23,6 +23,7 @@ from functrain.optim.base import (
     Transform,
     is_transform,
     member_aware,
+    runs_on_members,
     update_with,
     with_extras,
 )
@@ -101,13 +102,15 @@ def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
     if isinstance(updates, NewParams) and params is not None:
         return NewParams(
             [
-                torch.where(keep, n, p)
+                torch.where(member_view(keep, p), n, p)
                 for n, p in zip(updates.values, tree_leaves(params), strict=True)
             ],
             updates.spec,
         )
     u, spec = flat_updates(updates, params)
-    return tree_unflatten([torch.where(keep, x, torch.zeros_like(x)) for x in u], spec)
+    return tree_unflatten(
+        [torch.where(member_view(keep, x), x, torch.zeros_like(x)) for x in u], spec
+    )
 
 
 def _update_where(
@@ -443,7 +446,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         return new_updates, new_state
 
     # on a stacked state's tensors when its inner transform is: the flags are then [K]
-    aware = getattr(inner.update, "handles_members", False) and getattr(inner, "gated", False)
+    aware = runs_on_members(inner) and getattr(inner, "gated", False)
     return Transform(init_fn, member_aware(with_extras(update_fn), aware), gated=True)
 
 
@@ -567,7 +570,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
         return new_updates, new_state
 
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
-    aware = getattr(inner.update, "handles_members", False) and getattr(inner, "gated", False)
+    aware = runs_on_members(inner) and getattr(inner, "gated", False)
     return Transform(init_fn, member_aware(with_extras(update_fn), aware))
 
 

@@ -489,3 +489,43 @@ def test_accumulation_runs_on_the_stacked_tensors_each_member_its_own_window(don
     ft.testing.assert_states_equal(direct, vmapped)
     for m, v in zip(metrics, vmapped_metrics, strict=True):
         torch.testing.assert_close(m["grad_norm"], v["grad_norm"], equal_nan=True)
+
+
+class Forwarding:
+    """A transform of the user's own that forwards a functrain transform's init and update."""
+
+    def __init__(self, tx: ft.Transform) -> None:
+        self.init, self.update = tx.init, tx.update
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: ft.chain(ft.accumulate(ft.clip_by_global_norm(0.05), 2), ft.adamw(1e-2)),
+        lambda: ft.chain(Forwarding(ft.clip_by_global_norm(0.05)), ft.adamw(1e-2)),
+    ],
+    ids=["accumulate-plain-updates", "forwarding-object"],
+)
+def test_hand_built_chains_on_a_stacked_state_equal_the_members_alone(optimizer):
+    """Gating plain updates per member, and no member-aware path for a transform given no extras."""
+    shared = optimizer()  # one object: members of a transform built by hand must share it
+    states = [make_state(seed, shared, nonfinite="none") for seed in range(3)]
+    data = batches(4)
+    stacked, _ = run(ft.stack(states), data)
+    for seed, member in enumerate(ft.unstack(stacked)):
+        alone = make_state(seed, shared, nonfinite="none")
+        assert_member_close(member, run(alone, data)[0])
+
+
+def test_stack_takes_an_optimizer_without_a_name():
+    class Halving:
+        def init(self, params):
+            return ()
+
+        def update(self, updates, state, params=None):
+            return {k: -0.5 * v for k, v in updates.items()}, state
+
+    halving = Halving()
+    stacked = ft.stack([make_state(seed, halving) for seed in range(2)])
+    trained, _ = ft.train_step(stacked, batches(1)[0])
+    assert trained.step.tolist() == [1, 1]
