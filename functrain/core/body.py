@@ -40,7 +40,7 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import find_loss_scale
-from functrain.tree import tree_leaves
+from functrain.tree import member_view, tree_leaves
 
 __all__ = [
     "NO_GRADIENT",
@@ -551,7 +551,7 @@ def _finite(t: torch.Tensor, members: int) -> torch.Tensor:
     """Whether `t` is finite: one bool, or per member (``[K, 1, ...]``, broadcast over `t`)."""
     if not members:
         return torch.isfinite(t).all()
-    return torch.isfinite(t).reshape(members, -1).all(1).view(members, *(1,) * (t.ndim - 1))
+    return member_view(torch.isfinite(t).reshape(members, -1).all(1), t)
 
 
 def _counters(

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -102,6 +102,7 @@ class PerMember(NamedTuple):
     batch: Any
 
 
+_T = TypeVar("_T")
 _SLOT = object()  # where a tensor goes when a tree is rebuilt from its tensor leaves
 
 
@@ -276,12 +277,9 @@ def stacked_train_step(
     transposed weight (`learned_module_order`) has its step run again, from the start, with the
     weights in the module's order.
     """
-    try:
+    if compiled is not None:  # `compile_step` retries with a graph traced anew
         return _stacked_train_step(state, batch, compiled, donate)
-    except (FunctrainError, RuntimeError) as e:
-        if compiled is not None or not learned_module_order(e, state):
-            raise
-    return _stacked_train_step(state, batch, compiled, donate)
+    return _again_in_module_order(state, lambda: _stacked_train_step(state, batch, None, donate))
 
 
 def _stacked_train_step(
@@ -391,6 +389,16 @@ def learned_module_order(error: BaseException, state: StepState) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _again_in_module_order(state: StepState, run: Callable[[], _T]) -> _T:
+    """`run()`, run once more if it failed viewing a transposed weight (`learned_module_order`)."""
+    try:
+        return run()
+    except (FunctrainError, RuntimeError) as e:
+        if not learned_module_order(e, state):
+            raise
+    return run()
 
 
 def module_order(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -569,12 +577,7 @@ def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str,
     A loss function that views a transposed weight runs again with the weights in the module's
     order (as `stacked_train_step`).
     """
-    try:
-        return _stacked_eval_step(state, batch, use_ema)
-    except (FunctrainError, RuntimeError) as e:
-        if not learned_module_order(e, state):
-            raise
-    return _stacked_eval_step(state, batch, use_ema)
+    return _again_in_module_order(state, lambda: _stacked_eval_step(state, batch, use_ema))
 
 
 def _stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:

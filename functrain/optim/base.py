@@ -209,7 +209,7 @@ class Transform(NamedTuple):
         A stacked step then calls it once for all members, outside ``torch.func.vmap``; any
         other transform is called under vmap, one member's slices at a time.
         """
-        return bool(getattr(self.update, "handles_members", False))
+        return runs_on_members(self)
 
     @property
     def takes_extras(self) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "is_shared",
     "writable",
     "owned_copy",
+    "laid_out_like",
     "light_copy",
     "stored",
     "counter",
@@ -85,7 +86,7 @@ def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         >>> same(writable(zeros_like(w), w)), same(writable(torch.ones(2, 3, 4, 5), w))
         (True, True)
     """
-    return _laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t
+    return laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t
 
 
 def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -93,10 +94,17 @@ def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     For an in-place kernel to write.
     """
-    return _laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t.clone()
+    return laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t.clone()
 
 
-def _laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` (its values and dtype) laid out like `like`: always a fresh tensor.
+
+    Example:
+        >>> like = torch.zeros(2, 3).mT
+        >>> laid_out_like(torch.ones(3, 2), like).stride() == like.stride()
+        True
+    """
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 

@@ -59,7 +59,7 @@ from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
 from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
-from functrain.optim.zeros import constant_like, counter, owned_copy, writable, zeros
+from functrain.optim.zeros import constant_like, counter, laid_out_like, owned_copy, writable, zeros
 from functrain.tree import (
     Tree,
     tree_leaves,
@@ -698,13 +698,13 @@ def _traced_stacked(
     A donated compiled step's (``extras.in_place``) op writes into the state's own tensors, the
     graph's inputs: the graph then holds no copy of them. Any other's writes into fresh copies.
     """
-    if not extras.in_place:
-        params = [_walkable(p).clone() for p in params]
     params = [_walkable(p) for p in params]
+    if not extras.in_place:
+        params = [p.clone() for p in params]
     # a buffer in its parameter's strides, none 0, is written where it lies (donated)
     buffers = [
         [
-            x if extras.in_place and _writable_as_is(x, p) else _laid_out_copy(x, p)
+            x if extras.in_place and _writable_as_is(x, p) else laid_out_like(x, p)
             for x, p in zip(xs, params)
         ]
         for xs in buffers
@@ -724,11 +724,6 @@ def _traced_stacked(
         [float(options[name]) for name in kernel.hyper],
     )
     return list(params), [list(xs) for xs in buffers]
-
-
-def _laid_out_copy(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A copy of `x` laid out as `p` (traceable: a fresh tensor, then a copy into it)."""
-    return torch.empty_like(p, dtype=x.dtype).copy_(x)
 
 
 def _writable_as_is(x: torch.Tensor, p: torch.Tensor) -> bool:
@@ -833,7 +828,7 @@ def _fused_update_op(
     params = [_walkable(p) for p in params]
     new_p = [p.clone() for p in params]
     # laid out as the fake kernel says, whatever the buffers' own layouts
-    new_b = [torch.empty_like(params[j % n], dtype=x.dtype).copy_(x) for j, x in enumerate(buffers)]
+    new_b = [laid_out_like(x, params[j % n]) for j, x in enumerate(buffers)]
     steps = [[step] * n] if spec.steps else []
     spec.run(
         (new_p, in_layouts_of(grads, params), *_split(new_b, counts)),
@@ -958,7 +953,7 @@ def _member_major(
     """
     whole = x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
     if like is not None:
-        return torch.empty_like(like, dtype=x.dtype).copy_(whole)
+        return laid_out_like(whole, like)
     member = torch.empty_like(_walkable(whole[0]))
     return torch.empty_strided(
         whole.shape, (member.numel(), *member.stride()), dtype=x.dtype, device=x.device
