@@ -29,6 +29,7 @@ __all__ = [
     "global_norm",
     "member_view",
     "tree_select",
+    "sibling_groups",
 ]
 
 Tree = Any
@@ -116,6 +117,23 @@ def tree_paths(tree: Tree) -> list[str]:
         ['w', 'b/0']
     """
     return [path or "<root>" for path in leaves_by_path(tree)]
+
+
+def sibling_groups(tree: Tree) -> list[list[tuple[Any, Any]]]:
+    """The leaves of `tree` grouped by the container that holds them, as ``(key, leaf)`` pairs.
+
+    A key is a sequence's index, a mapping's key or an attribute's name; groups and the pairs in
+    them come in flattening order.
+
+    Example:
+        >>> [[k for k, _ in g] for g in sibling_groups({"w": 1, "m": (2, 3)})]
+        [['w'], [0, 1]]
+    """
+    groups: dict[tuple, list[tuple[Any, Any]]] = {}
+    for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+        if path:
+            groups.setdefault(tuple(path[:-1]), []).append((_key(path[-1]), leaf))
+    return list(groups.values())
 
 
 def _key(entry: Any) -> Any:

@@ -208,17 +208,14 @@ class CompiledStep:
         )
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
-            fn, out = step_function(
+            fn = step_function(
                 statics_of(state), parts_of(state), isinstance(batch, PerMember), donate
             )
 
-            def body(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+            def body(tensors: list[torch.Tensor], batch: Any) -> Any:
                 return fn(tensors, batch)  # vmap inside the compiled function: dynamo traces it
 
-            found = self._cores[key] = (
-                owners,
-                (self._compile(_own_code(body, "stacked_core")), out),
-            )
+            found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
         try:

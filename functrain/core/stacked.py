@@ -42,7 +42,7 @@ from functrain.optim.batching import register
 from functrain.optim.naming import Call, describe_value, recorded_call
 from functrain.optim.presets import adam, adamw
 from functrain.optim.sweep import holds_sweep, sweep, sweeps_in
-from functrain.tree import tree_flatten, tree_unflatten
+from functrain.tree import sibling_groups, tree_flatten, tree_unflatten
 
 __all__ = [
     "IdenticalMembersWarning",
@@ -148,7 +148,7 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     _refuse_unbatchable(optimizer)
     _warn_if_copies(states, tx)
     first = states[0]
-    transposed = _ids(first, transposed_weights(first.module, first.device))
+    transposed = _laid_out_with(first, transposed_weights(first.module, first.device))
     trees = [{k: v for k, v in s.tree().items() if k != "driver"} for s in states]
     leaves, spec = tree_flatten(trees[0])
     columns = list(zip(*(tree_flatten(t)[0] for t in trees), strict=True))
@@ -182,8 +182,8 @@ def unstack(state: TrainState) -> list[TrainState]:
             "unstack expects a stacked state (from functrain.stack), "
             "got an ordinary state (its counters are 0-d)"
         )
-    # the weights `stack` transposed in memory come back in the order a module holds them
-    own = _ids(state, transposed_weights(state.module, state.device))
+    # the weights `stack` transposed in memory, and their moments, come back in the module's order
+    own = _laid_out_with(state, transposed_weights(state.module, state.device))
     tree = {name: v for name, v in state.tree().items() if name != "driver"}
     leaves, spec = tree_flatten(tree)
     members = [
@@ -225,13 +225,13 @@ def transposed_weights(module: nn.Module, device: torch.device) -> frozenset[str
     batched backward gives their gradient in that memory order: stacked ``[K, out, in]`` with the
     strides of ``[K, in, out]`` (what a model written with a member dimension stores), the gradient
     meets its parameter without a copy before the update (the fused optimizers pair elements in
-    memory order) and the forward reads the weights in order. `stack` lays them out so, `unstack`
-    gives each member its matrix back in the module's order (the optimizer's moments of it keep the
-    stacked order: a member's first step alone lays them out as its weight, one copy). A fixed
-    rule of the module and the device, so a checkpoint's template, stacked again, has the same
-    layout and a resumed run reads its weights as the run that was never interrupted. A loss
-    function that views such a weight (``p.view(-1)``, which the layout refuses) is given copies in
-    the module's order (`functrain.core.stacked_step.learned_module_order`).
+    memory order) and the forward reads the weights in order. `stack` lays them out so, with the
+    optimizer's moments and the EMA's average of them (`_laid_out_with`), and `unstack` gives each
+    member its matrices back in the module's order. A fixed rule of the module and the device, so
+    a checkpoint's template, stacked again, has the same layout and a resumed run reads its weights
+    as the run that was never interrupted. A loss function that views such a weight
+    (``p.view(-1)``, which the layout refuses) is given copies in the module's order
+    (`functrain.core.stacked_step.learned_module_order`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -273,9 +273,30 @@ def _refuse_unbatchable(optimizer: Transform) -> None:
         )
 
 
-def _ids(state: TrainState, names: frozenset[str]) -> set[int]:
-    """The ids of the trainable parameters of `state` named in `names`."""
-    return {id(p) for n, p in state.params.items() if n in names}
+def _laid_out_with(state: TrainState, names: frozenset[str]) -> set[int]:
+    """The ids of the trainable parameters of `state` named in `names`, and of their companions.
+
+    A parameter's companions are what the state keeps per parameter in its optimizer state and
+    EMA (a moment, a momentum buffer, an average): a tensor of the parameter's shape in a sequence
+    that holds one tensor per trainable parameter, in their order, or in a mapping keyed by
+    parameter names. The fused kernels walk a parameter and its companions in memory order, so
+    they share its layout (else a step lays them out anew, and a compiled step is traced again).
+    """
+    params = state.params
+    ids = {id(p) for n, p in params.items() if n in names}
+    order = list(params)
+    for group in sibling_groups((state.opt_state, state.ema_state)):
+        keys = [k for k, _ in group]
+        if keys == list(range(len(order))):
+            owners = order
+        elif all(isinstance(k, str) and k in params for k in keys):
+            owners = keys
+        else:
+            continue
+        pairs = [(params[n], x) for n, (_, x) in zip(owners, group, strict=True)]
+        if all(isinstance(x, torch.Tensor) and x.shape == p.shape for p, x in pairs):
+            ids.update(id(x) for (p, x), n in zip(pairs, owners, strict=True) if n in names)
+    return ids
 
 
 def _stacked(column: Sequence[torch.Tensor], transposed: bool) -> torch.Tensor:

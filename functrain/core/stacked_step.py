@@ -266,16 +266,15 @@ class _StackedScope:
 def stacked_train_step(
     state: TrainState,
     batch: Any,
-    compiled: tuple[Callable[..., Any], dict[str, Any]] | None = None,
+    compiled: Callable[..., Any] | None = None,
     donate: bool = False,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` for a stacked state (see the module's docstring for how it runs).
 
-    `compiled`, when given, is ``(run, out)``: a compiled `step_function` and its `out`
-    (`compile_step` passes them). `donate`: the update may write into `state`'s tensors (the
-    caller retires it). Called by `train_step` and `compile_step`. A loss function that views a
-    transposed weight (`learned_module_order`) has its step run again, from the start, with the
-    weights in the module's order.
+    `compiled`, when given, is a compiled `step_function` (`compile_step` passes it). `donate`:
+    the update may write into `state`'s tensors (the caller retires it). Called by `train_step`
+    and `compile_step`. A loss function that views a transposed weight (`learned_module_order`)
+    has its step run again, from the start, with the weights in the module's order.
     """
     if compiled is not None:  # `compile_step` retries with a graph traced anew
         return _stacked_train_step(state, batch, compiled, donate)
@@ -285,7 +284,7 @@ def stacked_train_step(
 def _stacked_train_step(
     state: TrainState,
     batch: Any,
-    compiled: tuple[Callable[..., Any], dict[str, Any]] | None,
+    compiled: Callable[..., Any] | None,
     donate: bool,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     members = state.rng.shape[0]
@@ -293,9 +292,7 @@ def _stacked_train_step(
     scope = _StackedScope(state, training=True, advance=True)
     try:
         if compiled is not None:
-            run, out = compiled
-            leaves = run(_tensors(parts_of(state), members, state.device), batch)
-            new, metrics = out["rebuild"](leaves)
+            new, metrics = compiled(_tensors(parts_of(state), members, state.device), batch)
         elif donate and updates_stacked(state):
             new, metrics = donated(
                 state, batch, lambda s, b, extras: stacked_body(s, b, per_member, extras)
@@ -309,26 +306,25 @@ def _stacked_train_step(
 
 def step_function(
     statics: dict[str, Any], parts: tuple, per_member: bool, donate: bool = False
-) -> tuple[Callable[..., Any], dict[str, Any]]:
+) -> Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """`stacked_body` as a function of the state's tensor leaves and the batch (to compile).
 
-    Returns ``(fn, out)``: ``fn(tensors, batch)`` takes `_tensors` of `parts` and returns the
-    tensor leaves of the new parts and metrics; ``out["rebuild"](leaves)`` (set by the first call,
-    a trace under torch.compile) puts them back into their structure. The function depends only on
+    ``fn(tensors, batch)`` takes `_tensors` of `parts` and returns the new parts and the metrics,
+    in their structure (torch.compile rebuilds it around the graph; nothing is written to a
+    closure while tracing, which a later call's guards would check). The function depends only on
     the configuration (statics and tree structure), so one compiled form serves every state of it.
     `donate`: the member-aware update writes into the given tensors (the compiled graph's inputs,
     which the caller retires), as a donated eager step does.
     """
     view_of = _view_maker(statics, parts)
-    out: dict[str, Any] = {}
     # donated: the member-aware update writes into the given tensors, the graph's inputs
     extras = Extras(in_place=True) if donate else NO_EXTRAS
 
-    def fn(tensors: list[torch.Tensor], batch: Any) -> list[torch.Tensor]:
+    def fn(tensors: list[torch.Tensor], batch: Any) -> tuple[dict[str, Any], Any]:
         view = view_of(tensors[:-1])  # the last tensor is the members' indices
-        return tensor_leaves(stacked_body(view, batch, per_member, extras), out)
+        return stacked_body(view, batch, per_member, extras)
 
-    return fn, out
+    return fn
 
 
 def updates_stacked(state: StepState) -> bool:

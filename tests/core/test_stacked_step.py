@@ -175,15 +175,30 @@ def test_linear_weights_stack_in_the_layout_of_their_batched_gradient_so_no_step
     weight = stacked.params["0.weight"]  # [K, out, in], each member's matrix transposed in memory
     assert weight.shape == (3, D_HIDDEN, D_IN) and weight.mT.is_contiguous()
     assert stacked.params["0.bias"].is_contiguous()
+    moments = stacked.opt_state.inner
+    assert moments.mu[0].stride() == moments.nu[0].stride() == weight.stride()
     data = batches(3)
-    stacked, _ = ft.train_step(stacked, data[0], donate=True)  # the moments take their layout
-    with CopiesOf(weight.numel()) as copies:
-        stacked, _ = ft.train_step(stacked, data[1], donate=True)
-    assert copies.seen == []  # no gradient (nor moment) laid out again
+    for batch in data[:2]:  # the first step too: the moments are stacked in the weight's layout
+        with CopiesOf(weight.numel()) as copies:
+            stacked, _ = ft.train_step(stacked, batch, donate=True)
+        assert copies.seen == []  # no gradient (nor moment) laid out again
     assert stacked.params["0.weight"].stride() == weight.stride()
-    for member in ft.unstack(stacked):  # each member's matrix back in the module's order
+    for member in ft.unstack(stacked):  # each member's matrices back in the module's order
         assert member.params["0.weight"].is_contiguous()
         assert member.params["0.weight"].shape == (D_HIDDEN, D_IN)
+        assert member.opt_state.inner.mu[0].is_contiguous()
+        assert member.opt_state.inner.nu[0].is_contiguous()
+
+
+def test_the_moments_and_average_of_a_transposed_weight_are_stacked_in_its_layout():
+    """Paired by position in a per-parameter sequence, or by name in a per-parameter mapping."""
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2), ema_decay=0.9) for seed in range(2)])
+    weight = stacked.params["0.weight"]
+    names = list(stacked.params)
+    for companions in (stacked.opt_state.inner.mu, stacked.ema_state.average):
+        for name, x in zip(names, companions, strict=True):
+            assert x.stride() == stacked.params[name].stride(), name
+    assert weight.mT.is_contiguous()
 
 
 def test_without_the_layout_a_stacked_step_would_copy_each_weight_gradient(monkeypatch):
@@ -367,6 +382,21 @@ def test_a_donated_compiled_stacked_step_writes_into_the_given_tensors_without_c
     ft.testing.assert_states_equal(donated, pure)
     for name, p in eager.params.items():
         torch.testing.assert_close(donated.params[name], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_compiled_stacked_step_is_traced_once_and_never_again(donate):
+    """Nothing the first call leaves (a layout, the result's structure) makes the second retrace."""
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2), ema_decay=0.9) for seed in range(3)])
+    step = ft.compile_step()
+    data = batches(3)
+    stacked, _ = step(stacked.clone(), data[0], donate=donate)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in data[1:]:
+            stacked, _ = step(stacked, batch, donate=donate)
+    eager, _ = run(ft.stack([make_state(s, ft.adamw(1e-2), ema_decay=0.9) for s in range(3)]), data)
+    for name, p in eager.params.items():
+        torch.testing.assert_close(stacked.params[name], p, rtol=1e-5, atol=1e-6)
 
 
 def test_given_the_same_gradients_only_the_transposed_weights_may_differ_in_the_last_bit():
