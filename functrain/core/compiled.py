@@ -85,6 +85,31 @@ _CAPTURED = "a captured step (compile_step(capture=True)) with donate=True"
 _TREE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def _frames() -> tuple[int, int]:
+    """Dynamo's count of frames it set out to compile, and of those it compiled."""
+    import torch._dynamo.utils  # imported by now: torch.compile imported it
+
+    frames = torch._dynamo.utils.counters["frames"]
+    return frames["total"], frames["ok"]
+
+
+def _retire_if_ran(state: TrainState, before: tuple[int, int] | None, error: BaseException) -> None:
+    """Retire a donated `state` whose compiled call raised once its graph may have run.
+
+    The graph writes into the given tensors, and which it had written when it raised cannot be
+    told (inductor's kernels write in place; the version counters move only after the graph), so
+    the state holds neither the old state nor the new one. `before` is `_frames` before the call
+    (None: not donated). The graph ran if no compile was attempted, or one succeeded; an error of
+    a compile that failed (tracing the loss on a bad batch, an interrupt while compiling) came
+    before anything ran, and the state stays usable.
+    """
+    if before is None:
+        return
+    total, ok = _frames()
+    if total == before[0] or ok != before[1]:
+        state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
+
+
 def _keep_guard(entry: Any) -> bool:
     # torch's global state (empty name), anything about the batch, and the tensors' metadata
     return not entry.name or entry.name.startswith("batch") or entry.guard_type == "TENSOR_MATCH"
@@ -99,7 +124,10 @@ class CompiledStep:
 
     ``donate=True`` is `train_step`'s: the caller gives `state` up, the step's results are written
     into its tensors (a graph of its own, whose outputs are copies into its inputs, which inductor
-    writes in place), and `state` raises `DonatedStateError` on any later use.
+    writes in place), and `state` raises `DonatedStateError` on any later use. So it does when the
+    call raises once its graph may have run (which tensors it had written cannot be known); an
+    error while the step is compiled (a batch the loss cannot take) comes before anything ran, and
+    leaves `state` usable.
 
     Holds one compiled body per static configuration seen so far: the module, loss function and
     optimizer (the same objects), the options, the process group and sharding, and the parameter
@@ -166,6 +194,7 @@ class CompiledStep:
             state.skipped,
         )
         scope = enter(state, True)
+        frames = _frames() if donate else None
         try:
             # zeros a fresh state holds without storage get it here: one graph for every call's
             # layout
@@ -178,8 +207,9 @@ class CompiledStep:
                 counters,
                 batch,
             )
-        except BaseException:
+        except BaseException as error:
             leave(scope)
+            _retire_if_ran(state, frames, error)
             raise
         new_state = leave_with(scope, state, new)
         if donate:
@@ -218,10 +248,12 @@ class CompiledStep:
             found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
+        frames = _frames() if donate else None
         try:
             result = stacked_train_step(state, batch, compiled=found[1])
-        except Exception as e:  # traced: dynamo words torch's error its own way
-            if not learned_module_order(e, state):
+        except BaseException as e:  # traced: dynamo words torch's error its own way
+            _retire_if_ran(state, frames, e)
+            if not (isinstance(e, Exception) and learned_module_order(e, state)):
                 raise
             return self._stacked(state, batch, donate)  # compiled again, in the module's order
         if donate:

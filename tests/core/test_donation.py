@@ -279,6 +279,61 @@ def test_a_compiled_donated_step_gives_the_compiled_pure_steps_bits() -> None:
         step(previous, batches(1)[0])
 
 
+_TRIPPED: list[BaseException] = []  # what the tripwire raises, while it holds one
+
+
+@torch.library.custom_op("functrain_tests::tripwire", mutates_args=())
+def tripwire(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x`, or, armed, an exception raised while a compiled graph runs."""
+    if _TRIPPED:
+        raise _TRIPPED[0]
+    return x.clone()
+
+
+@tripwire.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def tripwire_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), tripwire(y))  # the labels: nothing differentiated
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
+def test_a_compiled_donated_step_that_raises_while_its_graph_runs_retires_the_state(
+    stacked: bool,
+) -> None:
+    """Which tensors the graph had written is unknowable: the state is neither old nor new."""
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2), tripwire_loss)
+    state = ft.stack([state, state.clone()]) if stacked else state
+    step = ft.compile_step(backend="eager")
+    state, _ = step(state, batches(1)[0], donate=True)  # compiled, and run
+    _TRIPPED.append(KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            step(state, batches(1)[0], donate=True)
+    finally:
+        _TRIPPED.clear()
+    with pytest.raises(ft.DonatedStateError, match="which then raised KeyboardInterrupt"):
+        step(state, batches(1)[0])
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
+def test_a_compiled_donated_step_whose_compile_fails_leaves_the_state_usable(
+    stacked: bool,
+) -> None:
+    """A batch the loss cannot take fails while the step is traced, before anything runs."""
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2), cross_entropy_loss_fn)
+    state = ft.stack([state, state.clone()]) if stacked else state
+    step = ft.compile_step(backend="eager")
+    bad = (torch.randn(8, 5), torch.zeros(8, dtype=torch.int64))  # the model takes 6 features
+    with pytest.raises(Exception, match="5"):
+        step(state, bad, donate=True)
+    new, _ = step(state, batches(1)[0], donate=True)
+    assert new.step.flatten().tolist() == [1] * (2 if stacked else 1)
+
+
 # ---------------------------------------------------------------- fit donates the states it owns
 
 
