@@ -110,6 +110,23 @@ def _retire_if_ran(state: TrainState, before: tuple[int, int] | None, error: Bas
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
 
 
+def _hooks_enabled() -> bool:
+    """Whether torch lets saved-tensor hooks be set (`torch.autograd.graph.saved_tensors_hooks`)."""
+    return bool(torch._C._autograd._saved_tensors_hooks_is_enabled())  # type: ignore[attr-defined]
+
+
+def _enable_hooks_again(enabled_before: bool) -> None:
+    """Let saved-tensor hooks be set again if they could before a compiled call that raised.
+
+    `torch.func.grad` forbids them while it runs and allows them on its way out; a graph that
+    runs it as Python (``backend="eager"``) and raises inside it never gets there, and every later
+    hook (activation checkpointing, a sharded state's gathers) then fails with "torch.func...
+    don't yet support saved tensor hooks".
+    """
+    if enabled_before and not _hooks_enabled():
+        torch._C._autograd._saved_tensors_hooks_enable()
+
+
 def _keep_guard(entry: Any) -> bool:
     # torch's global state (empty name), anything about the batch, and the tensors' metadata
     return not entry.name or entry.name.startswith("batch") or entry.guard_type == "TENSOR_MATCH"
@@ -195,6 +212,7 @@ class CompiledStep:
         )
         scope = enter(state, True)
         frames = _frames() if donate else None
+        hooks = _hooks_enabled()
         try:
             # zeros a fresh state holds without storage get it here: one graph for every call's
             # layout
@@ -209,6 +227,7 @@ class CompiledStep:
             )
         except BaseException as error:
             leave(scope)
+            _enable_hooks_again(hooks)
             _retire_if_ran(state, frames, error)
             raise
         new_state = leave_with(scope, state, new)
@@ -249,11 +268,13 @@ class CompiledStep:
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
         frames = _frames() if donate else None
+        hooks = _hooks_enabled()
         try:
             result = stacked_train_step(state, batch, compiled=found[1])
         except BaseException as e:  # traced: dynamo words torch's error its own way
-            _retire_if_ran(state, frames, e)
+            _enable_hooks_again(hooks)
             if not (isinstance(e, Exception) and learned_module_order(e, state)):
+                _retire_if_ran(state, frames, e)
                 raise
             return self._stacked(state, batch, donate)  # compiled again, in the module's order
         if donate:

@@ -420,6 +420,47 @@ def test_given_the_same_gradients_only_the_transposed_weights_may_differ_in_the_
         assert int((weight != own).sum()) <= 17 * 10 // 8
 
 
+class KernelShapes(TorchDispatchMode):
+    """Records the shapes of the parameters each call of torch's fused AdamW kernel gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._fused_adamw_.default:
+            self.calls.append([tuple(p.shape) for p in args[0]])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_member_block_of_whole_vectors_is_updated_within_the_stacked_tensor_bit_for_bit():
+    """A [8, 16] weight (128 floats a member, whole vectors) goes to the kernel stacked; a bias of
+    8 floats (half an AVX-512 vector) goes as members' slices; every member as alone, bit for bit.
+    """
+    scale = torch.linspace(-1, 1, 16 * 8).reshape(8, 16)
+
+    def loss_fn(m, batch):
+        return (m.weight * scale).sum() + m.weight.pow(2).sum() + (m.bias * batch).sum()
+
+    def member(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        return ft.TrainState.create(nn.Linear(16, 8), ft.adamw(1e-3), loss_fn, seed=seed)
+
+    data = [torch.randn(8) for _ in range(12)]
+    stacked = ft.stack([member(s) for s in range(4)])
+    with KernelShapes() as kernel:
+        ft.train_step(stacked, data[0])
+    # one call: the stacked weight (transposed in memory: as one run of 4 * 128 floats), 4 biases
+    assert kernel.calls == [[(4 * 128,)] + [(8,)] * 4]
+    stacked, _ = run(stacked, data)
+    for seed, got in enumerate(ft.unstack(stacked)):
+        alone, _ = run(member(seed), data)
+        for name in ("weight", "bias"):
+            assert torch.equal(got.params[name], alone.params[name]), name
+        for got_mu, own in zip(got.opt_state.inner.mu, alone.opt_state.inner.mu, strict=True):
+            assert torch.equal(got_mu, own)
+
+
 def viewing_member(seed: int) -> ft.TrainState:
     """A member whose loss function views every parameter (``p.view(-1)``, an L2 penalty)."""
 

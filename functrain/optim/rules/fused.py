@@ -600,12 +600,14 @@ def _member_kernels(
     a member's update is the one it gets trained alone, given the same gradients. Where the
     members share all of them but the step count (no skip flag, one rate), one call takes every
     member's slices, each with its member's count. On a CPU the skip flags are read where they lie
-    (no device to wait for): a step in which no member skips (the usual one) is one call. Each
-    member's slices stay tensors of their own: the kernels round the elements of a tensor's
-    vectorized body and of its tail differently, and a member's tail is where its own tensor's is
-    when the slice lies in the member's order (bit for bit then; a stacked ``Linear`` weight lies
-    transposed, and a few of its elements may differ in the last bit). The copies (or, donated,
-    the given tensors) are the stacked tensors: the slices are views, written in place.
+    (no device to wait for): a step in which no member skips (the usual one) is one call. The
+    kernels round the elements of a tensor's vectorized body and of its tail differently: that
+    call takes a stacked tensor whole where each member's block is a whole number of vectors
+    (`_walked_alike`: no member element falls in a tail), and the members' slices of any other,
+    each then walked as the member's own tensor. Bit for bit either way where the slice lies in
+    the member's order; a stacked ``Linear`` weight lies transposed, and a few elements of a tail
+    may differ in the last bit. The copies (or, donated, the given tensors) are the stacked
+    tensors: the slices are views, written in place.
     """
     count = steps[0][0] if steps else None
     if torch.compiler.is_compiling():
@@ -639,14 +641,56 @@ def _on_members(
         and not (isinstance(lr, torch.Tensor) and lr.ndim)
         and len(decay) == 1
     )
+    if shared and _one_count(count):
+        # each member's blocks walked as in its own tensor: the stacked tensor itself, else slices
+        whole = [_walked_alike(p) for p in tensors[0]]
+        lists = [
+            [x for x, w in zip(xs, whole, strict=True) if w]
+            + [s for x, w in zip(xs, whole, strict=True) if not w for s in x.unbind(0)]
+            if xs
+            else xs
+            for xs in tensors
+        ]
+        one = [[count[0]] * len(lists[0])] if count is not None else []
+        kernel.run(lists, one, **per[0][1])
+        return
     slices = [[x.unbind(0) for x in xs] for xs in tensors]
     for k, (_, kwargs) in enumerate(per):
-        if shared and k:
-            break
         chosen = range(members) if shared else (k,)
         lists = [[s[m] for s in xs for m in chosen] for xs in slices]
         steps = [[per[m][0] for _ in slices[0] for m in chosen]] if count is not None else []
         kernel.run(lists, steps, **kwargs)
+        if shared:
+            break
+
+
+# the widest vector a CPU kernel walks a tensor with (AVX-512): a member's block of a multiple of
+# it is walked in the same vectors within the stacked tensor as alone
+_VECTOR_BYTES = 64
+
+
+def _walked_alike(p: torch.Tensor) -> bool:
+    """Whether the kernel walks each member's block of stacked `p` as it walks the member alone.
+
+    The kernels round the elements of a tensor's vectorized body and of its tail differently, and
+    split their work at cache-line multiples: where a member's block is one dense run in memory
+    of a whole number of vectors, one call over the stacked tensor puts no member element in a
+    tail it would not be in alone, and every member's update is the one it gets alone, bit for bit.
+    """
+    member = p[0]
+    return (
+        p.is_cpu
+        and p.stride(0) == member.numel()
+        and is_dense(p)
+        and member.numel() * p.element_size() % _VECTOR_BYTES == 0
+    )
+
+
+def _one_count(count: torch.Tensor | None) -> bool:
+    """Whether the members share one step count (read where it lies: on a CPU; None: no count)."""
+    if count is None:
+        return True
+    return count.is_cpu and bool((count == count[0]).all())
 
 
 def _flags_that_skip(found_inf: torch.Tensor | None) -> torch.Tensor | None:
