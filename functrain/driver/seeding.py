@@ -7,7 +7,9 @@ fetch a batch, from `mix` of the run's data seed, the epoch, the batch's positio
 the rank, in whichever process loads it: a worker, or the main process, where the caller's states
 are put back afterwards. What a batch draws is then a function of its place in the run, so a
 resumed run draws what the uninterrupted one drew, with any number of workers, and no consumed
-batch has to be loaded again to get there.
+batch has to be loaded again to get there. numpy's state is kept aside as its MT19937 words where
+it holds no cached gaussian (`_NumpyWords`): ``get_state`` and ``set_state`` would cost a batch
+about 70 us.
 
 A sampler draws an epoch's order as it is iterated. `EpochStream` gives those draws generators of
 their own, seeded from (seed, epoch): the global ones, and the `torch.Generator` objects a loader
@@ -16,11 +18,12 @@ and its sampler hold (borrowed for each draw and handed back as they were).
 
 from __future__ import annotations
 
+import ctypes
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -83,7 +86,7 @@ def set_host_states(states: tuple[torch.Tensor, Any, Any]) -> None:
 
 def _other_states() -> tuple[Any, Any]:
     np_random = _numpy_random()
-    return random.getstate(), np_random.get_state() if np_random is not None else None
+    return random.getstate(), _numpy_state(np_random) if np_random is not None else None
 
 
 def _set_other_states(states: tuple[Any, Any]) -> None:
@@ -91,7 +94,90 @@ def _set_other_states(states: tuple[Any, Any]) -> None:
     random.setstate(py_state)
     np_random = _numpy_random()
     if np_state is not None and np_random is not None:
-        np_random.set_state(np_state)
+        _set_numpy_state(np_random, np_state)
+
+
+class _NumpyWords(NamedTuple):
+    """numpy's global generator state while it holds no cached gaussian: its MT19937 words.
+
+    ``get_state`` and ``set_state`` convert the 624 words to and from Python objects, about 35 us
+    each, which every batch a source loads in the main process paid twice. The words are copied
+    as bytes instead (`_mt19937_words`), and a restore seeds first, which drops a cached
+    gaussian, as the state had none.
+    """
+
+    words: bytes
+
+
+class _LastRestored:
+    """The words `_set_numpy_state` last wrote, with no cached gaussian.
+
+    Found there again, nothing has drawn since (a draw moves the words; only one that uses a
+    cached gaussian does not, and there was none), so the state is known without ``get_state``.
+    """
+
+    words: bytes | None = None
+
+
+def _numpy_state(np_random: Any) -> Any:
+    """numpy's global generator state: `_NumpyWords` where it can be, else ``get_state()``."""
+    where = _mt19937_words(np_random)
+    if where is not None:
+        words = ctypes.string_at(*where)
+        if words == _LastRestored.words:
+            return _NumpyWords(words)
+    state = np_random.get_state()
+    if where is not None and state[3] == 0:  # no cached gaussian
+        return _NumpyWords(ctypes.string_at(*where))
+    return state
+
+
+def _set_numpy_state(np_random: Any, state: Any) -> None:
+    """Put back a state `_numpy_state` returned."""
+    if not isinstance(state, _NumpyWords):
+        _LastRestored.words = None
+        np_random.set_state(state)
+        return
+    where = _mt19937_words(np_random)
+    if where is None:  # another generator than the one the words were read from: set as numpy does
+        _LastRestored.words = None
+        key = sys.modules["numpy"].frombuffer(state.words, "<u4", 624)
+        position = int.from_bytes(state.words[624 * 4 :], "little", signed=True)
+        np_random.set_state(("MT19937", key, position, 0, 0.0))
+        return
+    np_random.seed(0)  # no cached gaussian, as in the state put back
+    ctypes.memmove(where[0], state.words, where[1])
+    _LastRestored.words = state.words
+
+
+_MT_WORDS = 624 * 4 + 4  # numpy's mt19937 state: 624 uint32 words, then the position (int)
+_checked: dict[int, tuple[Any, tuple[int, int] | None]] = {}
+
+
+def _mt19937_words(np_random: Any) -> tuple[int, int] | None:
+    """``(address, size)`` of the state of numpy's global MT19937, or None if it cannot be read so.
+
+    Checked once per bit generator against ``.state``: the memory must hold exactly its key and
+    position, in that order.
+    """
+    generator: Any = getattr(np_random.mtrand._rand, "_bit_generator", None)
+    found = _checked.get(id(generator))
+    if found is not None and found[0] is generator:
+        return found[1]
+    where: tuple[int, int] | None = None
+    try:
+        if type(generator).__name__ == "MT19937":
+            address = int(generator.ctypes.state_address)
+            inner = generator.state["state"]
+            expected = inner["key"].astype("<u4").tobytes() + int(inner["pos"]).to_bytes(
+                4, "little", signed=True
+            )
+            if sys.byteorder == "little" and ctypes.string_at(address, _MT_WORDS) == expected:
+                where = (address, _MT_WORDS)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        where = None
+    _checked[id(generator)] = (generator, where)
+    return where
 
 
 def seed_host_generators(seed: int) -> None:
