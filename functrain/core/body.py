@@ -271,6 +271,22 @@ def gradients(
     )
 
 
+def check_gradients(state: StepState, batch: Any) -> None:
+    """The loss function and its backward once, eagerly, on copies of the buffers: its checks.
+
+    What a traced step cannot check itself: inside ``torch.func.grad``, which it differentiates
+    with, an exception does not trace (torch's own error comes out instead of the `LossError`),
+    and a loss that depends on no trainable parameter gives zero gradients without a word (a
+    ``loss_fn`` that closes over the module given to ``TrainState.create`` trains nothing).
+    `functrain.compile_step` runs it once per configuration it compiles, in the step's scope.
+
+    Raises:
+        BatchError: the loss function could not use the batch.
+        LossError: as `train_step` raises it.
+    """
+    gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
+
+
 def _objective(
     state: StepState, batch: Any, scale: torch.Tensor | None, loss_of: LossOf
 ) -> Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]]:

@@ -44,6 +44,7 @@ from functrain.core.body import (
     Parts,
     apply,
     call_loss,
+    check_gradients,
     check_scalar_metrics,
     gradients,
     loss_scale,
@@ -59,9 +60,10 @@ from functrain.core.capture import (
 )
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import donated, retire, wait_until_unheld
-from functrain.core.scope import enter, leave, leave_with
+from functrain.core.scope import Scope, enter, leave, leave_with
 from functrain.core.stacked_step import (
     PerMember,
+    check_stacked_gradients,
     in_module_order,
     learned_module_order,
     refuse_per_member,
@@ -70,7 +72,7 @@ from functrain.core.stacked_step import (
 )
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, parts_of, statics_of
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
@@ -108,6 +110,35 @@ def _retire_if_ran(state: TrainState, before: tuple[int, int] | None, error: Bas
     total, ok = _frames()
     if total == before[0] or ok != before[1]:
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
+
+
+def _diagnosis(
+    error: BaseException, before: tuple[int, int], scope: Scope | None, check: Callable[[], None]
+) -> FunctrainError | None:
+    """`train_step`'s error for a compile that failed on what the loss function did, if it has one.
+
+    A batch the loss cannot take, first seen after the configuration's first call (a new shape
+    is traced anew), fails inside ``torch.func.grad`` while dynamo traces, in dynamo's words.
+    `check` (`check_gradients`) runs the step's forward and backward eagerly instead, with the
+    generator of `scope` put back after it. None: `error` is functrain's own, not from a compile
+    that failed, or the eager step finds nothing wrong.
+    """
+    if not isinstance(error, Exception) or isinstance(error, FunctrainError):
+        return None
+    total, ok = _frames()
+    if total == before[0] or ok != before[1]:  # no compile failed in this call
+        return None
+    saved = scope.generator.get_state() if scope is not None else None
+    try:
+        check()
+    except FunctrainError as found:
+        return found
+    except Exception:  # noqa: BLE001 - the compile's own error says more
+        return None
+    finally:
+        if scope is not None and saved is not None:
+            scope.generator.set_state(saved)
+    return None
 
 
 def _hooks_enabled() -> bool:
@@ -200,7 +231,7 @@ class CompiledStep:
     def _plain(
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        core = self._core_for(state, donate)
+        core, fresh = self._core_for(state, donate)
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
         counters = (
@@ -211,7 +242,13 @@ class CompiledStep:
             state.skipped,
         )
         scope = enter(state, True)
-        frames = _frames() if donate else None
+        if fresh is not None:
+            try:
+                self._checked_first(fresh, scope, lambda: check_gradients(state, batch))
+            except BaseException:
+                leave(scope)
+                raise
+        frames = _frames()
         hooks = _hooks_enabled()
         try:
             # zeros a fresh state holds without storage get it here: one graph for every call's
@@ -226,9 +263,12 @@ class CompiledStep:
                 batch,
             )
         except BaseException as error:
-            leave(scope)
             _enable_hooks_again(hooks)
-            _retire_if_ran(state, frames, error)
+            found = _diagnosis(error, frames, scope, lambda: check_gradients(state, batch))
+            leave(scope)
+            _retire_if_ran(state, frames if donate else None, error)
+            if found is not None:
+                raise found from error
             raise
         new_state = leave_with(scope, state, new)
         if donate:
@@ -265,16 +305,26 @@ class CompiledStep:
                 return fn(tensors, batch)  # vmap inside the compiled function: dynamo traces it
 
             found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
+            try:  # the checks a traced step cannot make, once per configuration
+                check_stacked_gradients(state, batch)
+            except BaseException:
+                self._cores.pop(key, None)
+                raise
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
-        frames = _frames() if donate else None
+        frames = _frames()
         hooks = _hooks_enabled()
         try:
             result = stacked_train_step(state, batch, compiled=found[1])
         except BaseException as e:  # traced: dynamo words torch's error its own way
             _enable_hooks_again(hooks)
             if not (isinstance(e, Exception) and learned_module_order(e, state)):
-                _retire_if_ran(state, frames, e)
+                diagnosed = _diagnosis(
+                    e, frames, None, lambda: check_stacked_gradients(state, batch)
+                )
+                _retire_if_ran(state, frames if donate else None, e)
+                if diagnosed is not None:
+                    raise diagnosed from e
                 raise
             return self._stacked(state, batch, donate)  # compiled again, in the module's order
         if donate:
@@ -405,10 +455,26 @@ class CompiledStep:
             raise ConfigError(SWEEP_ALONE)
         return key, None
 
-    def _core_for(self, state: TrainState, donate: bool) -> Callable[..., Any]:
+    def _checked_first(self, key: tuple, scope: Scope, check: Callable[[], None]) -> None:
+        """`check()` (`check_gradients`) before a configuration's first compiled call.
+
+        The generator it draws from is put back (the step draws what it would have drawn); if it
+        raises, the configuration is dropped, so that its next call is checked again.
+        """
+        saved = scope.generator.get_state()
+        try:
+            check()
+        except BaseException:
+            self._cores.pop(key, None)
+            raise
+        finally:
+            scope.generator.set_state(saved)
+
+    def _core_for(self, state: TrainState, donate: bool) -> tuple[Callable[..., Any], tuple | None]:
+        """The compiled body of `state`'s configuration, and its key when it was compiled now."""
         key, found = self._cached(state, donate)
         if found is not None:
-            return found
+            return found, None
         fields = statics_of(state)
 
         def body(
@@ -440,7 +506,7 @@ class CompiledStep:
             (state.module, state.loss_fn, state.optimizer),
             compiled,
         )  # held, so their ids stay theirs
-        return compiled
+        return compiled, key
 
 
 def _sharded_body(
@@ -508,6 +574,13 @@ def compile_step(
     shapes: a last partial batch compiles once more). Keep the returned function and call it in
     the loop; each `compile_step()` call starts its own cache.
 
+    The first call of a configuration also runs the step's forward and backward once eagerly
+    (on copies of the buffers, the random streams put back), for the checks a traced step cannot
+    make: the loss function's result and metrics, the batch, and a loss that depends on no
+    trainable parameter (inside ``torch.func.grad`` it gives zero gradients without a word). Its
+    errors are `train_step`'s, as are those of a batch shape traced later that the loss function
+    cannot take.
+
     With ``capture=True`` the whole step (forward, backward, update, the non-finite checks, EMA and
     counters) is also recorded as a CUDA graph, and each call replays it: one launch instead of a
     launch per kernel, for steps whose time goes to launching small kernels. The contract stays
@@ -549,6 +622,7 @@ def compile_step(
         this rank's slices run eagerly, as in `train_step`.
 
     Raises:
+        BatchError, LossError: as `train_step` raises them (when the step is called).
         ConfigError: `options` sets its own ``guard_filter_fn``; a mode or option that runs CUDA
             graph trees; `capture` not a bool, or True without a CUDA device; calling the step
             with something other than a `TrainState`, or with an unstacked state whose optimizer

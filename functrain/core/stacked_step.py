@@ -73,6 +73,7 @@ __all__ = [
     "stacked_eval_step",
     "stacked_train_step",
     "step_function",
+    "check_stacked_gradients",
     "tensor_leaves",
     "updates_stacked",
     "vmapped",
@@ -395,6 +396,30 @@ def _again_in_module_order(state: StepState, run: Callable[[], _T]) -> _T:
         if not learned_module_order(e, state):
             raise
     return run()
+
+
+def check_stacked_gradients(state: TrainState, batch: Any) -> None:
+    """`functrain.core.body.check_gradients` for a stacked state: its forward and backward, eagerly.
+
+    On copies of the buffers, with the members' random streams and the caller's generator left as
+    they were (`compile_step` runs it once per stacked configuration it compiles).
+
+    Raises:
+        BatchError: the loss function could not use the batch.
+        LossError: as `train_step` raises it.
+    """
+
+    def run() -> None:
+        members = state.rng.shape[0]
+        given, per_member = member_batch(batch, members)
+        buffers = {k: b.clone() for k, b in state.buffers.items()}
+        scope = _StackedScope(state, training=True, advance=False)
+        try:
+            _gradients(state, given, per_member, members_apart(state), buffers, loss_scale(state))
+        finally:
+            scope.close()
+
+    _again_in_module_order(state, run)
 
 
 def module_order(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -69,3 +69,56 @@ def test_a_dict_without_a_loss_or_as_the_loss_of_a_pair_is_refused_too() -> None
     paired = state.replace(loss_fn=lambda m, b: (lightning_step(m, b), {}))
     with pytest.raises(ft.LossError, match=re.escape(f"with keys ['loss', 'logits'] {FIX}")):
         ft.train_step(paired, BATCH)
+
+
+def closes_over(module: torch.nn.Module) -> Any:
+    """A loss function that runs `module` itself, not the model it is given."""
+
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
+@pytest.mark.parametrize(
+    ("loss_fn", "error", "message"),
+    [
+        (lambda m, b: m(b[0]), ft.LossError, r"got Tensor\[8, 3\] torch.float32; reduce the loss"),
+        (None, ft.LossError, "the loss does not depend on any trainable parameter"),
+        (lambda m, b: m(b[0][:, :4]).sum(), ft.BatchError, "loss_fn failed on a batch"),
+    ],
+    ids=["vector", "closure", "batch"],
+)
+def test_a_compiled_step_raises_what_train_step_raises_and_trains_nothing_on_zero_gradients(
+    loss_fn: Any, error: type, message: str, stacked: bool
+) -> None:
+    """A loss that depends on no parameter gives torch.func.grad zeros without a word; an
+    exception inside it does not trace: the configuration's first call runs the step eagerly."""
+    model = make_mlp()
+    state = ft.TrainState.create(model, ft.adamw(0.1), loss_fn or closes_over(model))
+    state = ft.stack([state, state.clone()]) if stacked else state
+    step = ft.compile_step(backend="eager")
+    for _ in range(2):  # a failed first call leaves no configuration behind unchecked
+        with pytest.raises(error, match=message):
+            step(state, BATCH)
+    assert int(state.step.flatten()[0]) == 0
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
+def test_a_batch_the_compiled_loss_cannot_take_after_the_first_raises_train_steps_error(
+    stacked: bool,
+) -> None:
+    state = ft.TrainState.create(
+        make_mlp(), ft.sgd(0.1), lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    )
+    state = ft.stack([state, state.clone()]) if stacked else state
+    step = ft.compile_step(backend="eager")
+    state, _ = step(state, BATCH)
+    wider = (torch.randn(8, 7), BATCH[1])  # traced anew: the model takes 6 features
+    with pytest.raises(
+        ft.BatchError, match=r"loss_fn failed on a batch of structure \(Tensor\[8, 7\]"
+    ):
+        step(state, wider)
+    state, _ = step(state, BATCH)  # still usable
+    assert state.step.flatten().tolist() == [2] * (2 if stacked else 1)
