@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
@@ -79,7 +80,10 @@ def evaluate(
         prefix: prepended to metric names (``"val_"`` gives ``val_loss``).
         eval_fn: the evaluation's own step, the counterpart of Lightning's ``validation_step``:
             ``eval_fn(model, batch) -> loss`` or ``-> (loss, {name: tensor})``, as the loss
-            function, run without gradients. It may update `metrics`.
+            function, run without gradients. It may update `metrics`: those it closes over, or,
+            if it has a ``metrics`` parameter (``eval_fn(model, batch, metrics)``), the dict of
+            them it is given, as a config's ``eval_fn`` does (it cannot close over the objects
+            the config builds).
         metrics: ``{name: metric}``, metrics over the whole set in torchmetrics' shape (a
             ``torchmetrics.classification.MulticlassF1Score``, or any `EvalMetric`), updated by
             `eval_fn`; ``compute()`` must give a 0-d tensor or a float. With several ranks each
@@ -136,6 +140,8 @@ def evaluate(
         if isinstance(metric, torch.nn.Module):
             metric.to(state.device)
         metric.reset()  # whatever an earlier (or interrupted) evaluation left
+    if eval_fn is not None and _takes_metrics(eval_fn):
+        eval_fn = functools.partial(eval_fn, metrics=whole)
     with _counted_updates(whole) as calls:
         sums, count = _batch_sums(state, data, use_ema, eval_fn)
     means, updates = _means(state, sums, count, _update_counts(whole, calls))
@@ -148,6 +154,19 @@ def evaluate(
     _check_updated(whole, updates, state.module)
     values = _computed(whole, state.dist, state.device)
     return {f"{prefix}{k}": v for k, v in {**means, **values}.items()}
+
+
+def _takes_metrics(eval_fn: Callable[..., Any]) -> bool:
+    """Whether `eval_fn` has a ``metrics`` parameter: it is then given the metric objects."""
+    try:
+        parameters = inspect.signature(eval_fn).parameters
+    except (TypeError, ValueError):  # a callable whose signature Python cannot read
+        return False
+    found = parameters.get("metrics")
+    return found is not None and found.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
 
 
 def _batch_sums(

@@ -362,3 +362,56 @@ def test_a_resume_that_falls_back_to_an_older_checkpoint_compares_that_ones_conf
     with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {latest.name}"):
         with pytest.raises(ft.ConfigError, match="tag: 'a' -> 'b'"):
             run({"tag": "b"}, 3)
+
+
+class SamplesSeen:
+    """A metric over a whole evaluation set (`functrain.EvalMetric`): the samples it saw."""
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def update(self, labels: torch.Tensor) -> None:
+        self.count += len(labels)
+
+    def compute(self) -> float:
+        return float(self.count)
+
+
+def eval_with_metrics(model: torch.nn.Module, batch: tuple, metrics: dict) -> torch.Tensor:
+    """An eval_fn a config names: it is given the metric objects the config builds."""
+    x, y = batch
+    metrics["seen"].update(y)
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def test_a_configs_eval_fn_updates_the_metric_objects_the_config_builds() -> None:
+    def tensors(n: int) -> dict:
+        return {
+            "_target_": "torch.utils.data.TensorDataset",
+            "_args_": [
+                {"_target_": "torch.randn", "_args_": [n, 3]},
+                {"_target_": "torch.randint", "_args_": [0, 4, [n]]},
+            ],
+        }
+
+    config = {
+        "model": {"_target_": "torch.nn.Linear", "in_features": 3, "out_features": 4},
+        "loss": {"_target_": "functrain.demo.loss_fn", "_partial_": True},
+        "optimizer": {"_target_": "functrain.sgd", "lr": 0.1},
+        "data": {"train": tensors(16), "eval": tensors(12)},
+        "fit": {
+            "max_epochs": 2,
+            "batch_size": 5,
+            "progress": False,
+            "verbosity": "silent",
+            "eval_fn": {
+                "_target_": "tests.config.test_config.eval_with_metrics",
+                "_partial_": True,
+            },
+            "eval_metrics": {"seen": {"_target_": "tests.config.test_config.SamplesSeen"}},
+            "best_metric": "val_seen",
+            "mode": "max",
+        },
+    }
+    result = ft.build_run(config).fit()
+    assert result.history.column("val_seen", "eval") == [12.0, 12.0]
