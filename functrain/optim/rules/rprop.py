@@ -97,7 +97,7 @@ def scale_by_rprop(
                 .masked_fill_(flipped, etaminus)
                 .masked_fill_(sign == 0, 1.0)
             )
-            sizes.append(torch.mul(size, factor).clamp_(low, high))
+            sizes.append(torch.mul(size, factor).clamp(low, high))  # vmap batches clamp, not clamp_
             grad = grad.masked_fill(flipped, 0.0)
             kept.append(grad)
             directions.append(torch.sign(grad))
