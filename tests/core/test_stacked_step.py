@@ -399,17 +399,24 @@ def test_a_compiled_stacked_step_is_traced_once_and_never_again(donate):
         torch.testing.assert_close(stacked.params[name], p, rtol=1e-5, atol=1e-6)
 
 
-def test_given_the_same_gradients_only_the_transposed_weights_may_differ_in_the_last_bit():
-    """Gradients here are elementwise (exact under vmap): what differs is the update's alone."""
-    scale = torch.linspace(-1, 1, 17 * 10).reshape(10, 17)
+def elementwise_member(d_in: int, d_out: int):
+    """``seed -> state`` of an ``nn.Linear(d_in, d_out)`` whose loss is elementwise in its weights:
+    gradients exact under vmap, so that members differ from training alone only by the update."""
+    scale = torch.linspace(-1, 1, d_in * d_out).reshape(d_out, d_in)
 
     def loss_fn(m, batch):
         return (m.weight * scale).sum() + m.weight.pow(2).sum() + (m.bias * batch).sum()
 
     def member(seed: int) -> ft.TrainState:
         torch.manual_seed(seed)
-        return ft.TrainState.create(nn.Linear(17, 10), ft.adamw(1e-3), loss_fn, seed=seed)
+        return ft.TrainState.create(nn.Linear(d_in, d_out), ft.adamw(1e-3), loss_fn, seed=seed)
 
+    return member
+
+
+def test_given_the_same_gradients_only_the_transposed_weights_may_differ_in_the_last_bit():
+    """Gradients here are elementwise (exact under vmap): what differs is the update's alone."""
+    member = elementwise_member(17, 10)
     data = [torch.randn(10) for _ in range(20)]
     stacked, _ = run(ft.stack([member(s) for s in range(8)]), data)
     for seed, got in enumerate(ft.unstack(stacked)):
@@ -437,15 +444,7 @@ def test_a_member_block_of_whole_vectors_is_updated_within_the_stacked_tensor_bi
     """A [8, 16] weight (128 floats a member, whole vectors) goes to the kernel stacked; a bias of
     8 floats (half an AVX-512 vector) goes as members' slices; every member as alone, bit for bit.
     """
-    scale = torch.linspace(-1, 1, 16 * 8).reshape(8, 16)
-
-    def loss_fn(m, batch):
-        return (m.weight * scale).sum() + m.weight.pow(2).sum() + (m.bias * batch).sum()
-
-    def member(seed: int) -> ft.TrainState:
-        torch.manual_seed(seed)
-        return ft.TrainState.create(nn.Linear(16, 8), ft.adamw(1e-3), loss_fn, seed=seed)
-
+    member = elementwise_member(16, 8)
     data = [torch.randn(8) for _ in range(12)]
     stacked = ft.stack([member(s) for s in range(4)])
     with KernelShapes() as kernel:
