@@ -174,6 +174,8 @@ def call_loss(
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
         LossError: see `split_loss`.
+        torch.cuda.OutOfMemoryError: as the loss function raised it (a batch-size search catches
+            it).
     """
     name = "loss_fn" if eval_fn is None else "eval_fn"
     dtype = _AUTOCAST.get(state.options.precision)
@@ -185,8 +187,8 @@ def call_loss(
     try:
         with bound(state.module, tensors) as model, autocast:
             out = (state.loss_fn if eval_fn is None else eval_fn)(model, batch)
-    except FunctrainError:
-        raise
+    except (FunctrainError, torch.cuda.OutOfMemoryError):
+        raise  # out of memory is no fault of the batch's structure: as torch raises it
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
         raise loss_failure(e, batch, state.module, tensors, name) from e
     return split_loss(out, name)

@@ -112,6 +112,18 @@ def _retire_if_ran(state: TrainState, before: tuple[int, int] | None, error: Bas
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
 
 
+def _unless_out_of_memory(check: Callable[[], None]) -> None:
+    """`check()`, skipped where the eager step it runs does not fit in the device's memory.
+
+    A compiled step may fit where the eager one does not (fused kernels keep fewer activations):
+    the check is then left out, and the compiled step runs as it would without it.
+    """
+    try:
+        check()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+
+
 def _diagnosis(
     error: BaseException, before: tuple[int, int], scope: Scope | None, check: Callable[[], None]
 ) -> FunctrainError | None:
@@ -306,7 +318,7 @@ class CompiledStep:
 
             found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
             try:  # the checks a traced step cannot make, once per configuration
-                check_stacked_gradients(state, batch)
+                _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
             except BaseException:
                 self._cores.pop(key, None)
                 raise
@@ -463,7 +475,7 @@ class CompiledStep:
         """
         saved = scope.generator.get_state()
         try:
-            check()
+            _unless_out_of_memory(check)
         except BaseException:
             self._cores.pop(key, None)
             raise

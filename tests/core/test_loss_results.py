@@ -122,3 +122,29 @@ def test_a_batch_the_compiled_loss_cannot_take_after_the_first_raises_train_step
         step(state, wider)
     state, _ = step(state, BATCH)  # still usable
     assert state.step.flatten().tolist() == [2] * (2 if stacked else 1)
+
+
+def test_a_first_call_whose_eager_check_runs_out_of_memory_runs_compiled_all_the_same() -> None:
+    """A compiled step may fit where the eager one does not: the check is then left out."""
+
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # the eager run only: as if it did not fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
+    state, _ = ft.compile_step(backend="eager")(state, BATCH)
+    assert int(state.step) == 1
+
+
+def test_out_of_memory_in_the_loss_comes_out_as_torch_raised_it_not_as_a_batch_error() -> None:
+    """A batch-size search catches torch.OutOfMemoryError: it is not the batch's structure."""
+
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
+        ft.train_step(state, BATCH)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
+        ft.eval_step(state, BATCH)
