@@ -95,20 +95,67 @@ def _frames() -> tuple[int, int]:
     return frames["total"], frames["ok"]
 
 
-def _retire_if_ran(state: TrainState, before: tuple[int, int] | None, error: BaseException) -> None:
+class _Attempt:
+    """A compiled call, watched: dynamo's frame counts when the call began (None: it did not).
+
+    A call raised once its graph may have run if it began and either compiled nothing, compiled
+    what it ran, or ran its body as Python (`_Body`: dynamo's fallback when a compile fails
+    softly, the recompile limit reached); else the error came from a compile that failed before
+    anything ran (tracing the loss on a bad batch, an interrupt while compiling).
+    """
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames: tuple[int, int] | None = None
+
+    def begin(self) -> None:
+        self.frames = _frames()
+        _Body.ran_eagerly = False
+
+    def calling(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn`, its call the beginning of this attempt."""
+
+        def call(*args: Any) -> Any:
+            self.begin()
+            return fn(*args)
+
+        return call
+
+    def compile_failed(self) -> bool:
+        """Whether the call began, and a compile in it failed before anything ran."""
+        if self.frames is None:
+            return False
+        total, ok = _frames()
+        return total != self.frames[0] and ok == self.frames[1] and not _Body.ran_eagerly
+
+    def may_have_run(self) -> bool:
+        """Whether the call began and its graph (or its body, as Python) may have run."""
+        return self.frames is not None and not self.compile_failed()
+
+
+class _Body:
+    """Whether a compiled body last ran as Python (`note_eager_run`), not as a graph."""
+
+    ran_eagerly = False
+
+
+def _note_eager_run() -> None:
+    """Called first in each compiled body: traced, it does nothing (the branch is not taken)."""
+    if not torch.compiler.is_compiling():
+        _Body.ran_eagerly = True
+
+
+def _retire_if_ran(state: TrainState, attempt: _Attempt | None, error: BaseException) -> None:
     """Retire a donated `state` whose compiled call raised once its graph may have run.
 
     The graph writes into the given tensors, and which it had written when it raised cannot be
     told (inductor's kernels write in place; the version counters move only after the graph), so
-    the state holds neither the old state nor the new one. `before` is `_frames` before the call
-    (None: not donated). The graph ran if no compile was attempted, or one succeeded; an error of
-    a compile that failed (tracing the loss on a bad batch, an interrupt while compiling) came
-    before anything ran, and the state stays usable.
+    the state holds neither the old state nor the new one. `attempt`: the call (None: not
+    donated). An error before the call began (a batch refused first) or of a compile that failed
+    leaves the state usable.
     """
-    if before is None:
-        return
-    total, ok = _frames()
-    if total == before[0] or ok != before[1]:
+    if attempt is not None and attempt.may_have_run():
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
 
 
@@ -125,7 +172,7 @@ def _unless_out_of_memory(check: Callable[[], None]) -> None:
 
 
 def _diagnosis(
-    error: BaseException, before: tuple[int, int], scope: Scope | None, check: Callable[[], None]
+    error: BaseException, attempt: _Attempt, scope: Scope | None, check: Callable[[], None]
 ) -> FunctrainError | None:
     """`train_step`'s error for a compile that failed on what the loss function did, if it has one.
 
@@ -137,8 +184,7 @@ def _diagnosis(
     """
     if not isinstance(error, Exception) or isinstance(error, FunctrainError):
         return None
-    total, ok = _frames()
-    if total == before[0] or ok != before[1]:  # no compile failed in this call
+    if not attempt.compile_failed():
         return None
     saved = scope.generator.get_state() if scope is not None else None
     try:
@@ -260,25 +306,27 @@ class CompiledStep:
             except BaseException:
                 leave(scope)
                 raise
-        frames = _frames()
+        attempt = _Attempt()
         hooks = _hooks_enabled()
         try:
             # zeros a fresh state holds without storage get it here: one graph for every call's
             # layout
+            opt_state = stored(state.opt_state)
+            attempt.begin()
             new, metrics = core(
                 state.params,
                 state.frozen,
                 state.buffers,
-                stored(state.opt_state),
+                opt_state,
                 state.ema_state,
                 counters,
                 batch,
             )
         except BaseException as error:
             _enable_hooks_again(hooks)
-            found = _diagnosis(error, frames, scope, lambda: check_gradients(state, batch))
+            found = _diagnosis(error, attempt, scope, lambda: check_gradients(state, batch))
             leave(scope)
-            _retire_if_ran(state, frames if donate else None, error)
+            _retire_if_ran(state, attempt if donate else None, error)
             if found is not None:
                 raise found from error
             raise
@@ -314,6 +362,7 @@ class CompiledStep:
             )
 
             def body(tensors: list[torch.Tensor], batch: Any) -> Any:
+                _note_eager_run()
                 return fn(tensors, batch)  # vmap inside the compiled function: dynamo traces it
 
             found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
@@ -324,17 +373,17 @@ class CompiledStep:
                 raise
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
-        frames = _frames()
+        attempt = _Attempt()
         hooks = _hooks_enabled()
         try:
-            result = stacked_train_step(state, batch, compiled=found[1])
+            result = stacked_train_step(state, batch, compiled=attempt.calling(found[1]))
         except BaseException as e:  # traced: dynamo words torch's error its own way
             _enable_hooks_again(hooks)
             if not (isinstance(e, Exception) and learned_module_order(e, state)):
                 diagnosed = _diagnosis(
-                    e, frames, None, lambda: check_stacked_gradients(state, batch)
+                    e, attempt, None, lambda: check_stacked_gradients(state, batch)
                 )
-                _retire_if_ran(state, frames if donate else None, e)
+                _retire_if_ran(state, attempt if donate else None, e)
                 if diagnosed is not None:
                     raise diagnosed from e
                 raise
@@ -498,6 +547,7 @@ class CompiledStep:
             counters: tuple,
             batch: Any,
         ) -> Parts:
+            _note_eager_run()
             new, metrics = train_body(
                 StateView(fields, params, frozen, buffers, opt_state, ema_state, counters), batch
             )

@@ -512,3 +512,44 @@ def test_fit_leaves_the_callers_fresh_state_as_light_as_it_was() -> None:
     state, result = fit_run()
     assert storage_bytes(state.opt_state) < 1024 < storage_bytes(result.state.opt_state)
     assert int(result.state.step) == 4 and int(state.step) == 0
+
+
+def test_a_donated_compiled_stacked_call_refusing_its_batch_first_leaves_the_state_usable() -> None:
+    """A per-member batch of the wrong member count is refused before the compiled call begins."""
+    state = ft.stack(
+        [ft.TrainState.create(make_model(), ft.adamw(1e-2), cross_entropy_loss_fn)] * 2
+    )
+    step = ft.compile_step(backend="eager")
+    x, y = batches(1)[0]
+    state, _ = step(state, ft.PerMember((torch.stack([x, x]), torch.stack([y, y]))), donate=True)
+    three = ft.PerMember((torch.stack([x, x, x]), torch.stack([y, y, y])))
+    with pytest.raises(ft.BatchError):
+        step(state, three, donate=True)
+    new, _ = step(state, ft.PerMember((torch.stack([x, x]), torch.stack([y, y]))), donate=True)
+    assert new.step.tolist() == [2, 2]
+
+
+def test_a_donated_compiled_call_run_as_python_after_a_failed_compile_retires_the_state() -> None:
+    """Past the recompile limit dynamo runs the body as Python: its in-place update writes member
+    1's weights, then member 0's NaN halts the step: the state is neither old nor new."""
+    import torch._dynamo
+
+    def member(seed: int) -> ft.TrainState:
+        torch.manual_seed(seed)
+        return ft.TrainState.create(
+            make_model(), ft.adamw(1e-2), cross_entropy_loss_fn, nonfinite="halt"
+        )
+
+    state = ft.stack([member(0), member(1)])
+    step = ft.compile_step(backend="eager")
+    x, y = batches(1)[0]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        state, _ = step(
+            state, ft.PerMember((torch.stack([x, x]), torch.stack([y, y]))), donate=True
+        )
+        wider = ft.PerMember((torch.randn(2, 9, 6), torch.zeros(2, 9, dtype=torch.int64)))
+        wider.batch[0][0] = float("nan")  # member 0's data only
+        with pytest.raises(ft.NonFiniteError):
+            step(state, wider, donate=True)  # a new shape: past the limit, run as Python
+    with pytest.raises(ft.DonatedStateError, match="which then raised NonFiniteError"):
+        step(state, (x, y))
