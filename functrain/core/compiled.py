@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import sys
 import types
 import weakref
@@ -221,7 +222,19 @@ def _keep_guard(entry: Any) -> bool:
     return not entry.name or entry.name.startswith("batch") or entry.guard_type == "TENSOR_MATCH"
 
 
+# the arguments and closure variables of the bodies compile_step compiles: no code they call
+# names a variable so
+_OWN_FRAME = re.compile(r"(L\[')?compiled_")
+
+
 def _guard_filter(entries: list[Any]) -> list[bool]:
+    """The guards dynamo keeps of a frame it compiled: of a body's own frame, `_keep_guard`'s.
+
+    A frame of code the body calls, compiled apart where the body's graph breaks, keeps every
+    guard: its code object is shared by every configuration, and only its guards tell them apart.
+    """
+    if not any(_OWN_FRAME.match(e.name) for e in entries):
+        return [True] * len(entries)
     return [_keep_guard(e) for e in entries]
 
 
@@ -357,13 +370,14 @@ class CompiledStep:
         )
         found = self._cores.get(key)
         if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
-            fn = step_function(
+            compiled_fn = step_function(
                 statics_of(state), parts_of(state), isinstance(batch, PerMember), donate
             )
 
-            def body(tensors: list[torch.Tensor], batch: Any) -> Any:
+            def body(compiled_tensors: list[torch.Tensor], batch: Any) -> Any:
                 _note_eager_run()
-                return fn(tensors, batch)  # vmap inside the compiled function: dynamo traces it
+                # vmap inside the compiled function: dynamo traces it
+                return compiled_fn(compiled_tensors, batch)
 
             found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
             try:  # the checks a traced step cannot make, once per configuration
@@ -452,21 +466,34 @@ class CompiledStep:
         key, found = self._cached(state, "captured")
         if found is not None:
             return key, found
-        fields = statics_of(state)
+        compiled_fields = statics_of(state)
 
         def body(
-            params: Any,
-            frozen: Any,
-            buffers: Any,
-            opt_state: Any,
-            ema_state: Any,
-            counters: tuple,
+            compiled_params: Any,
+            compiled_frozen: Any,
+            compiled_buffers: Any,
+            compiled_opt_state: Any,
+            compiled_ema_state: Any,
+            compiled_counters: tuple,
             batch: Any,
         ) -> Any:
-            view = StateView(fields, params, frozen, buffers, opt_state, ema_state, counters)
+            given = {
+                "params": compiled_params,
+                "buffers": compiled_buffers,
+                "opt_state": compiled_opt_state,
+                "ema_state": compiled_ema_state,
+                **dict(zip(STEP_COUNTERS, compiled_counters, strict=True)),
+            }
+            view = StateView(
+                compiled_fields,
+                compiled_params,
+                compiled_frozen,
+                compiled_buffers,
+                compiled_opt_state,
+                compiled_ema_state,
+                compiled_counters,
+            )
             new, metrics = train_body(view, batch)
-            given = {"params": params, "buffers": buffers, "opt_state": opt_state}
-            given.update(ema_state=ema_state, **dict(zip(STEP_COUNTERS, counters, strict=True)))
             write_back(new, given)
             return pack_metrics(metrics)
 
@@ -479,12 +506,12 @@ class CompiledStep:
         key, found = self._cached(state, "sharded")
         if found is not None:
             return found
-        view = StateView(statics_of(state), None, None, None, None, None, (None,) * 5)
+        compiled_view = StateView(statics_of(state), None, None, None, None, None, (None,) * 5)
 
         def body(
-            tensors: dict[str, torch.Tensor], batch: Any
+            compiled_tensors: dict[str, torch.Tensor], batch: Any
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return call_loss(view, tensors, batch)
+            return call_loss(compiled_view, compiled_tensors, batch)
 
         compiled = self._compile(_own_code(body, "sharded_loss"))
         self._cores[key] = (
@@ -536,29 +563,36 @@ class CompiledStep:
         key, found = self._cached(state, donate)
         if found is not None:
             return found, None
-        fields = statics_of(state)
+        compiled_fields, compiled_donate = statics_of(state), donate
 
         def body(
-            params: Any,
-            frozen: Any,
-            buffers: Any,
-            opt_state: Any,
-            ema_state: Any,
-            counters: tuple,
+            compiled_params: Any,
+            compiled_frozen: Any,
+            compiled_buffers: Any,
+            compiled_opt_state: Any,
+            compiled_ema_state: Any,
+            compiled_counters: tuple,
             batch: Any,
         ) -> Parts:
             _note_eager_run()
-            new, metrics = train_body(
-                StateView(fields, params, frozen, buffers, opt_state, ema_state, counters), batch
+            view = StateView(
+                compiled_fields,
+                compiled_params,
+                compiled_frozen,
+                compiled_buffers,
+                compiled_opt_state,
+                compiled_ema_state,
+                compiled_counters,
             )
-            if donate:
+            new, metrics = train_body(view, batch)
+            if compiled_donate:
                 new = _written_back(
                     new,
                     {
-                        "params": params,
-                        "buffers": buffers,
-                        "opt_state": opt_state,
-                        "ema_state": ema_state,
+                        "params": compiled_params,
+                        "buffers": compiled_buffers,
+                        "opt_state": compiled_opt_state,
+                        "ema_state": compiled_ema_state,
                     },
                 )
             return new, metrics

@@ -599,3 +599,14 @@ def test_stack_takes_an_optimizer_without_a_name():
     stacked = ft.stack([make_state(seed, halving) for seed in range(2)])
     trained, _ = ft.train_step(stacked, batches(1)[0])
     assert trained.step.tolist() == [1, 1]
+
+
+def test_two_configurations_whose_compiled_steps_break_apart_keep_their_own_graphs():
+    """Where a body's graph breaks (a pure stacked sweep's update), dynamo compiles the code it
+    calls apart, one code object for every configuration: their guards tell them apart."""
+    data = batches(2)
+    for rates in ((1e-2, 1e-3), (1e-1, 5e-1)):
+        stacked = ft.stack([make_state(s, ft.adamw(lr)) for s, lr in enumerate(rates)])
+        compiled, _ = run(stacked, data, ft.compile_step(backend="eager"))
+        eager, _ = run(stacked, data)
+        ft.testing.assert_states_equal(compiled.params, eager.params)
