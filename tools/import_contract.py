@@ -80,10 +80,15 @@ INNER: dict[str, list[list[str]]] = {
     "functrain.core": [
         ["functrain.core"],
         ["functrain.core.compiled", "functrain.core.step"],
-        ["functrain.core.stacked_step", "functrain.core.capture"],
+        ["functrain.core.stacked_step", "functrain.core.capture", "functrain.core.plan"],
         ["functrain.core.stacked"],
         ["functrain.core.body", "functrain.core.donation"],
-        ["functrain.core.scope", "functrain.core.view", "functrain.core.statistics"],
+        [
+            "functrain.core.scope",
+            "functrain.core.view",
+            "functrain.core.statistics",
+            "functrain.core.loss",
+        ],
         ["functrain.core.state"],
         ["functrain.core.create"],
         ["functrain.core.options", "functrain.core.binding", "functrain.core.failures"],

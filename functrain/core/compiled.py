@@ -44,9 +44,7 @@ from functrain.core.body import (
     SWEEP_ALONE,
     Parts,
     apply,
-    call_loss,
     check_gradients,
-    check_scalar_metrics,
     gradients,
     loss_scale,
     train_body,
@@ -61,6 +59,7 @@ from functrain.core.capture import (
 )
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import donated, retire, wait_until_unheld
+from functrain.core.loss import call_loss, check_scalar_metrics
 from functrain.core.scope import Scope, enter, leave, leave_with
 from functrain.core.stacked_step import (
     PerMember,

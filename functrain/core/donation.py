@@ -31,10 +31,13 @@ from functrain.distributed.sharding import is_sharded
 from functrain.optim.base import Extras
 from functrain.tree import tree_leaves
 
-__all__ = ["donated", "hold", "is_held", "retire", "wait_until_unheld"]
+__all__ = ["HELD", "donated", "hold", "is_held", "retire", "wait_until_unheld"]
 
 _held: Counter[int] = Counter()
 _released = threading.Condition()
+HELD: Counter[int] = _held
+"""The storages readers hold now, by address (empty outside saves): a donated step that finds it
+empty need not call `wait_until_unheld`. Read it, never write it."""
 
 
 def _forget_after_fork() -> None:

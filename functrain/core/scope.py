@@ -27,6 +27,8 @@ __all__ = [
     "leave_with",
     "outside_graph",
     "rank_stream",
+    "swap_in",
+    "swap_out",
 ]
 
 
@@ -76,14 +78,22 @@ def outside_graph(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def swap_in(
+    module: nn.Module, generator: torch.Generator, rng: torch.Tensor, training: bool
+) -> Scope:
+    """Swap `generator` to `rng` and `module` to `training` mode, eagerly; return what to undo."""
+    scope = Scope(module, module.training, generator, generator.get_state())
+    if module.training != training:
+        module.train(training)
+    generator.set_state(rng)
+    return scope
+
+
 @outside_graph
 def enter(state: TrainState, training: bool) -> Scope:
     """Swap the device generator to `state.rng` and the module to `training` mode."""
     gen = device_generator(state.device)
-    scope = Scope(state.module, state.module.training, gen, gen.get_state())
-    if state.module.training != training:
-        state.module.train(training)
-    gen.set_state(state.rng)
+    scope = swap_in(state.module, gen, state.rng, training)
     if state.dist is not None and training:
         # each rank draws its dropout masks from its own stream; the state carries the shared one
         if gen.device.type == "cpu":
@@ -118,14 +128,17 @@ def rank_stream(rng: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
     return after, int.from_bytes(digest, "big") >> 1
 
 
-@outside_graph
-def leave(scope: Scope) -> torch.Tensor:
-    """Restore the caller's RNG and module mode; return the step's generator state."""
+def swap_out(scope: Scope) -> torch.Tensor:
+    """Restore the caller's RNG and module mode, eagerly; return the step's generator state."""
     after = scope.next_rng if scope.next_rng is not None else scope.generator.get_state()
     scope.generator.set_state(scope.saved_rng)
     if scope.module.training != scope.was_training:
         scope.module.train(scope.was_training)
     return after
+
+
+leave = outside_graph(swap_out)
+"""`swap_out` outside any compiled graph: restore the caller's RNG and module mode."""
 
 
 @outside_graph

@@ -40,16 +40,9 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from functrain.core.body import (
-    NO_GRADIENT,
-    Parts,
-    apply,
-    call_loss,
-    check_scalar_metrics,
-    eval_body,
-    loss_scale,
-)
+from functrain.core.body import Parts, apply, eval_body, loss_scale
 from functrain.core.donation import donated
+from functrain.core.loss import NO_GRADIENT, call_loss, check_scalar_metrics
 from functrain.core.scope import device_generator
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState

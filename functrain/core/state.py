@@ -114,6 +114,11 @@ class TrainState:
     _donated_to: str | None = attrs.field(
         default=None, init=False, eq=False, metadata={"donation": True}
     )
+    plan: Any = attrs.field(default=None, init=False, eq=False, metadata={"plan": True})
+    """The eager step's plan for this state (`functrain.core.plan.StepPlan`), or None.
+
+    Set on the states a step returns where its configuration can be planned; not saved, not
+    compared, and dropped by `replace` (a state changed by hand is planned again)."""
 
     @classmethod
     def create(
@@ -294,11 +299,19 @@ class TrainState:
         if not changes.keys() <= _TRUSTED:
             # the driver's keys are checked, an unknown field named, as attrs does
             return attrs.evolve(self, **changes)
-        # every other field takes any value: built without attrs' generic evolve (once a step)
+        return self.stepped(None, changes)
+
+    def stepped(self, plan: Any, changes: dict[str, Any]) -> TrainState:
+        """The state a step returns: this one with `changes`, trusted as they are, and `plan`.
+
+        For steps only: every field but `driver` takes its value unchecked (built without attrs'
+        generic evolve, once a step), and `plan` is the step's plan of the new state (or None).
+        """
         new = object.__new__(TrainState)
         for name in _INIT_FIELDS:
             object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
         object.__setattr__(new, "_donated_to", None)
+        object.__setattr__(new, "plan", plan)
         return new
 
     @property
@@ -450,7 +463,9 @@ class TrainState:
 TREE_FIELDS = tuple(
     f.name
     for f in attrs.fields(TrainState)
-    if not f.metadata.get("static") and not f.metadata.get("donation")
+    if not f.metadata.get("static")
+    and not f.metadata.get("donation")
+    and not f.metadata.get("plan")
 )
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
 # the fields `replace` sets, and those it sets without attrs' validators (all but `driver`'s)

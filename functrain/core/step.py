@@ -18,6 +18,7 @@ import torch
 
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import donated, retire
+from functrain.core.plan import DONATED, plan_for
 from functrain.core.scope import enter, leave, leave_with, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import LossFn, TrainState
@@ -26,8 +27,6 @@ from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 
 __all__ = ["train_step", "eval_step"]
-
-_DONATED = "functrain.train_step(..., donate=True)"
 
 
 @outside_graph
@@ -93,10 +92,13 @@ def train_step(
             f"got {type(state).__name__}; build one with TrainState.create(...)"
         )
     state.check_live("train_step")
+    plan = state.plan
+    if plan is not None and not torch.compiler.is_compiling():
+        return plan.run(state, batch, donate)  # the configuration's planned step (`core/plan.py`)
     if state.step.ndim:
         result = stacked_train_step(state, batch, donate=donate)
         if donate:
-            retire(state, _DONATED)
+            retire(state, DONATED)
         return result
     if holds_sweep(state.tx):
         raise ConfigError(SWEEP_ALONE)
@@ -109,7 +111,7 @@ def train_step(
         # the update/weight ratios of grad_stats need the old weights: such a step writes fresh
         # buffers
         if donate and state.grad_stats is None:
-            new, metrics = donated(state, batch, train_body, _DONATED)
+            new, metrics = donated(state, batch, train_body, DONATED)
         else:
             new, metrics = train_body(state, batch)
     except BaseException:
@@ -117,7 +119,11 @@ def train_step(
         raise
     new_state = leave_with(scope, state, new)
     if donate:
-        retire(given, _DONATED)
+        retire(given, DONATED)
+    if not torch.compiler.is_compiling():
+        plan = plan_for(new_state)
+        if plan is not None:
+            new_state = new_state.stepped(plan, {})
     return new_state, metrics
 
 

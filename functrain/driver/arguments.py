@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from functrain.core.body import samples_in
+from functrain.core.loss import samples_in
 from functrain.core.stacked import num_members
 from functrain.core.state import TrainState
 from functrain.driver.data import Batcher, IterableSource, MemberSource

@@ -54,6 +54,11 @@ __all__ = [
     "with_extras",
     "member_aware",
     "runs_on_members",
+    "Ran",
+    "Runner",
+    "Planner",
+    "with_plan",
+    "planner_of",
 ]
 
 Params = Tree
@@ -292,6 +297,73 @@ def gated_update(tx: Transform) -> GatedUpdateFn:
     """`tx.update` as the update of a gated transform, which takes ``keep=`` (`Transform.gated`)."""
     # the `gated` flag is what says the update takes `keep`; the types cannot follow a flag
     return cast(GatedUpdateFn, tx.update)
+
+
+class Ran(NamedTuple):
+    """What a planned update returns (`Runner`): the new parameters and state, and what it reports.
+
+    The step reports ``lr`` (the rate of the last update applied, 0-d) and ``skipped`` (0-d bool:
+    this update was skipped as non-finite) among its metrics; ``flag`` is ``skipped`` as the
+    float32 the metric is, where the update computed it already (a fused kernel's ``found_inf``).
+    None where the update has no such value (never skips, has no rate).
+    """
+
+    params: list[torch.Tensor]
+    state: Tree
+    lr: torch.Tensor | None
+    skipped: torch.Tensor | None
+    flag: torch.Tensor | None
+
+
+class Runner(Protocol):
+    """A transform's update decided once for a state's tensors (`Planner`), run every step.
+
+    ``run(grads, params, state, norm, write, keep=None) -> Ran``: the gradients (laid out as the
+    parameters, in the parameters' order), the parameters as a list, the transform's state, the
+    gradients' global norm (the step's ``grad_norm``, float32), whether it may write into the
+    parameters and state it is given (a donated step), and a gate from a wrapper (as ``keep=`` of
+    a gated update). Bit for bit what ``update`` and `functrain.optim.updates.apply_updates` give
+    for the same inputs, with none of the decisions ``update`` makes on every call.
+    """
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran: ...
+
+
+class Planner(Protocol):
+    """``plan(params, state) -> Runner | None``: the update decided for these tensors, if it can be.
+
+    Called by the eager step with a state's parameters (a flat dict) and this transform's state;
+    None where the update cannot be planned for them (a fresh state's moments held without
+    storage, parameters of several dtypes, ...): the step then runs ``update`` as always. A runner
+    stays valid for the states it returns: the same shapes, dtypes, devices and layouts.
+    """
+
+    def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | None: ...
+
+
+def with_plan(update: Callable[..., tuple[Updates, Tree]], planner: Planner) -> Any:
+    """Mark `update` with its `Planner` (`planner_of`); returns it.
+
+    Example:
+        >>> update = with_plan(lambda u, s, p=None: (u, s), lambda params, state: None)
+        >>> planner_of(Transform(lambda p: EmptyState(), update))({}, EmptyState()) is None
+        True
+    """
+    update.plan = planner  # type: ignore[attr-defined]  # a mark on the function itself
+    return update
+
+
+def planner_of(tx: object) -> Planner | None:
+    """The `Planner` marked on `tx`'s update (`with_plan`), or None: its update is run as it is."""
+    return getattr(getattr(tx, "update", None), "plan", None)
 
 
 def update_with(

@@ -20,12 +20,16 @@ from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
     Mask,
+    Ran,
+    Runner,
     Transform,
     is_transform,
     member_aware,
+    planner_of,
     runs_on_members,
     update_with,
     with_extras,
+    with_plan,
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
@@ -445,9 +449,55 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             check_skip_limits(new_state)
         return new_updates, new_state
 
+    def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
+        # the inner transform gated by the step's norm, as `update_fn` gates a gated one
+        inner_plan = planner_of(inner)
+        run_inner = (
+            inner_plan(params, state.inner)
+            if getattr(inner, "gated", False) and inner_plan
+            else None
+        )
+        if run_inner is None:
+            return None
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: SkipNonfiniteState,
+            norm: torch.Tensor,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
+            ran = run_inner(
+                grads, params, state.inner, norm, write, finite if keep is None else finite & keep
+            )
+            skipped = ~finite
+            counts = (
+                skipped,
+                state.total_skipped + skipped,
+                (state.consecutive + 1) * skipped,  # `update_fn`'s values, in fewer ops
+            )
+            if keep is not None:
+                counts = tuple(
+                    torch.where(keep, new, old)
+                    for new, old in zip(
+                        counts, (state.skipped, state.total_skipped, state.consecutive)
+                    )
+                )
+            new_state = SkipNonfiniteState(ran.state, *counts, state.max_consecutive)
+            if cap >= 0 and _host_readable(new_state.consecutive):
+                check_skip_limits(new_state)
+            return Ran(
+                ran.params, new_state, ran.lr, new_state.skipped, ran.flag if keep is None else None
+            )
+
+        return run
+
     # on a stacked state's tensors when its inner transform is: the flags are then [K]
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    return Transform(init_fn, member_aware(with_extras(update_fn), aware), gated=True)
+    update = with_plan(member_aware(with_extras(update_fn), aware), plan)
+    return Transform(init_fn, update, gated=True)
 
 
 def _host_readable(t: torch.Tensor) -> bool:

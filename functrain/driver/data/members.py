@@ -19,8 +19,8 @@ import attrs
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from functrain.core.body import samples_in
 from functrain.core.failures import describe_batch
+from functrain.core.loss import samples_in
 from functrain.core.stacked_step import PerMember
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import gather_objects
@@ -503,7 +503,7 @@ def _stacked(column: list[Any]) -> Any:
 def samples_per_member(batch: Any) -> int:
     """The samples each member trains on in `batch`: of a `PerMember` batch, one member's slice's.
 
-    Any other batch is every member's (or one state's), counted by `functrain.core.body.samples_in`;
+    Any other batch is every member's (or one state's), counted by `functrain.core.loss.samples_in`;
     a member's slice is counted as it counts a batch.
 
     Example:

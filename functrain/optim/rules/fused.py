@@ -50,9 +50,12 @@ from functrain.optim.base import (
     Extras,
     LearningRate,
     Mask,
+    Ran,
+    Runner,
     Transform,
     member_aware,
     with_extras,
+    with_plan,
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
@@ -262,7 +265,17 @@ def fused_adam(
             step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
+    plan = _planner(
+        kernel,
+        lr,
+        {"beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize},
+        weight_decay,
+        mask,
+        lambda state: (state.mu, state.nu, state.nu_max),
+        lambda count, buffers, rate: FusedAdamState(count, *map(tuple, buffers), rate),
+    )
+    update = with_plan(member_aware(with_extras(update_fn)), plan)
+    return Transform(init_fn, update, gated=True)
 
 
 def fused_sgd(
@@ -324,7 +337,23 @@ def fused_sgd(
             step.count, tuple(buffers), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
+    plan = _planner(
+        _SGD,
+        lr,
+        {
+            "momentum": momentum,
+            "dampening": 0.0,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "is_first_step": False,
+        },
+        weight_decay,
+        mask,
+        lambda state: (state.momentum,),
+        lambda count, buffers, rate: FusedSgdState(count, tuple(buffers[0]), rate),
+    )
+    update = with_plan(member_aware(with_extras(update_fn)), plan)
+    return Transform(init_fn, update, gated=True)
 
 
 def fused_adagrad(
@@ -391,7 +420,17 @@ def fused_adagrad(
             step.count, tuple(sums), _last_lr(step, state.lr, keep)
         )
 
-    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
+    plan = _planner(
+        _ADAGRAD,
+        lr,
+        {"lr_decay": lr_decay, "eps": eps, "maximize": maximize},
+        weight_decay,
+        mask,
+        lambda state: (state.sum_of_squares,),
+        lambda count, buffers, rate: FusedAdagradState(count, tuple(buffers[0]), rate),
+    )
+    update = with_plan(member_aware(with_extras(update_fn)), plan)
+    return Transform(init_fn, update, gated=True)
 
 
 class _Kernel(NamedTuple):
@@ -768,6 +807,80 @@ def _traced_stacked(
         [float(options[name]) for name in kernel.hyper],
     )
     return list(params), [list(xs) for xs in buffers]
+
+
+def _planner(
+    kernel: _Kernel,
+    lr: LearningRate,
+    hyper: dict[str, Any],
+    weight_decay: float | Sweep,
+    mask: Mask,
+    buffers_of: Any,
+    rebuild: Any,
+) -> Any:
+    """The `functrain.optim.base.Planner` of a fused transform: one kernel call, decided once.
+
+    It plans where `update` makes one call on the lists as they are (`_one_group`) on contiguous
+    plain tensors whose buffers already have storage in their parameters' strides (every state a
+    step returned; a fresh state's zeros have none), with one weight decay (not a sweep). The
+    runner passes the kernel what `update` passes it, in the same order: the same bits.
+
+    `buffers_of(state)`: the state's buffer tuples; ``rebuild(count, buffers, rate)``: the new
+    state.
+    """
+
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
+        p = list(params.values())
+        decays = _decays(mask, params, p)
+        buffers = buffers_of(state)
+        if (
+            isinstance(weight_decay, Sweep)
+            or not _one_group(p, decays)
+            or not all(type(x) is torch.Tensor and x.is_contiguous() for x in p)
+            or not all(_writable_as_is(x, q) for xs in buffers for x, q in zip(xs, p))
+            or any(len(xs) not in (0, len(p)) for xs in buffers)
+        ):
+            return None
+        options = {**hyper, "weight_decay": float(weight_decay) if decays[0] else 0.0}
+        zero, one = _FLAGS_ON.get(p[0].device) or _flags_on(p[0].device)
+        device = p[0].device
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            count, given = state.count, buffers_of(state)
+            flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
+            new_count = count + 1 if keep is None else count + keep
+            if callable(lr):  # as `_begin`: a schedule's tensor goes to the kernel as a tensor
+                rate = lr(count)
+                rate_t = torch.as_tensor(rate, dtype=torch.float64, device=device)
+                rate = _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate
+            else:
+                rate, rate_t = lr, state.lr
+            if write:
+                new_p, new_b = params, [list(xs) for xs in given]
+            else:
+                new_p = [x.clone() for x in params]
+                new_b = [[x.clone() for x in xs] for xs in given]
+            steps = [[new_count.to(torch.float32)] * len(p)] if kernel.steps else []
+            kernel.in_place(
+                new_p, grads, *new_b, *steps, lr=rate, grad_scale=None, found_inf=flag, **options
+            )
+            last = (
+                rate_t
+                if keep is None or rate_t is state.lr
+                else torch.where(keep, rate_t, state.lr)
+            )
+            return Ran(new_p, rebuild(new_count, new_b, last), last, None, flag)
+
+        return run
+
+    return plan
 
 
 def _writable_as_is(x: torch.Tensor, p: torch.Tensor) -> bool:
