@@ -831,17 +831,28 @@ def _planner(
 
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
         p = list(params.values())
-        decays = _decays(mask, params, p)
         buffers = buffers_of(state)
         if (
-            isinstance(weight_decay, Sweep)
-            or not _one_group(p, decays)
+            not p
+            or isinstance(weight_decay, Sweep)
             or not all(type(x) is torch.Tensor and x.is_contiguous() for x in p)
+            or any(x.device != p[0].device for x in p)
             or not all(_writable_as_is(x, q) for xs in buffers for x, q in zip(xs, p))
             or any(len(xs) not in (0, len(p)) for xs in buffers)
         ):
             return None
-        options = {**hyper, "weight_decay": float(weight_decay) if decays[0] else 0.0}
+        decays = _decays(mask, params, p)
+        # `_by_groups`' calls: one on the whole lists, or one per (dtype, decayed or not)
+        by_key: dict[tuple[torch.dtype, bool], list[int]] = defaultdict(list)
+        for i, x in enumerate(p):
+            by_key[(x.dtype, decays[i])].append(i)
+        groups = [
+            (
+                None if len(by_key) == 1 else idx,
+                {**hyper, "weight_decay": float(weight_decay) if decay else 0.0},
+            )
+            for (_, decay), idx in by_key.items()
+        ]
         zero, one = _FLAGS_ON.get(p[0].device) or _flags_on(p[0].device)
         device = p[0].device
 
@@ -867,10 +878,13 @@ def _planner(
             else:
                 new_p = [x.clone() for x in params]
                 new_b = [[x.clone() for x in xs] for xs in given]
-            steps = [[new_count.to(torch.float32)] * len(p)] if kernel.steps else []
-            kernel.in_place(
-                new_p, grads, *new_b, *steps, lr=rate, grad_scale=None, found_inf=flag, **options
-            )
+            counts = [new_count.to(torch.float32)] if kernel.steps else []
+            for idx, options in groups:
+                lists = (new_p, grads, *new_b)
+                if idx is not None:
+                    lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
+                steps = [counts * len(lists[0])] if counts else []
+                kernel.in_place(*lists, *steps, lr=rate, grad_scale=None, found_inf=flag, **options)
             last = (
                 rate_t
                 if keep is None or rate_t is state.lr

@@ -1,0 +1,265 @@
+"""The planned eager step (`functrain.core.plan`): bit for bit the body's step, planned only where
+it may be, dropped where the state changed by hand, and as loud on misuse as the body."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain.core.plan import StepPlan
+from tests.comparisons import assert_trees_equal
+from tests.models import cross_entropy_loss_fn, cross_entropy_with_accuracy, make_mlp
+
+F = nn.functional
+
+
+def make_bn_net() -> nn.Module:
+    """Batch norm (buffers), dropout (the RNG) and a frozen layer: all a step carries."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)
+    )
+    net[0].bias.requires_grad_(False)
+    return net
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is also the output layer's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x).mean(1))
+
+
+def batches(n: int, *, nan_at: int | None = None, tied: bool = False) -> list[Any]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        if tied:
+            x: torch.Tensor = torch.randint(0, 7, (8, 3), generator=g)
+            out.append((x, torch.randint(0, 7, (8,), generator=g)))
+            continue
+        x = torch.randn(8, 6, generator=g)
+        if i == nan_at:
+            x[0, 0] = float("nan")
+        out.append((x, torch.randint(0, 3, (8,), generator=g)))
+    return out
+
+
+OPTIMIZERS: dict[str, Callable[[], Any]] = {
+    "adamw": lambda: ft.adamw(1e-2),
+    "adam_schedule": lambda: ft.adam(ft.schedules.cosine_decay(1e-2, 10), fused=True),
+    "sgd_momentum": lambda: ft.sgd(0.1, momentum=0.9, fused=True),
+    "adagrad": lambda: ft.adagrad(0.1, fused=True),
+    "adamw_masked": lambda: ft.adamw(1e-2, mask=lambda name, p: p.ndim > 1),
+}
+
+
+def train(
+    make: Callable[[], nn.Module],
+    optimizer: Callable[[], Any],
+    data: list[Any],
+    *,
+    planned: bool,
+    donate: bool = False,
+    loss_fn: Callable[..., Any] = cross_entropy_loss_fn,
+    **options: Any,
+) -> tuple[ft.TrainState, list[dict[str, torch.Tensor]]]:
+    """Steps over `data`; without `planned`, each step gets a state whose plan was dropped."""
+    state = ft.TrainState.create(make(), optimizer(), loss_fn, seed=0, **options)
+    metrics = []
+    for batch in data:
+        if not planned:
+            state = state.replace()  # drops the plan: the body runs
+        state, m = ft.train_step(state, batch, donate=donate)
+        metrics.append(m)
+    return state, metrics
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_planned_steps_equal_the_body_bit_for_bit(name: str, donate: bool) -> None:
+    data = batches(6, nan_at=3)
+    got, got_m = train(make_bn_net, OPTIMIZERS[name], data, planned=True, donate=donate)
+    want, want_m = train(make_bn_net, OPTIMIZERS[name], data, planned=False, donate=donate)
+    assert isinstance(got.plan, StepPlan)
+    assert int(got.skipped) == 1  # the NaN batch was skipped on both paths
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    for step, (w, g) in enumerate(zip(want_m, got_m, strict=True)):
+        assert_trees_equal(w, g, f"metrics of step {step}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"nonfinite": "none"}, {"precision": "bf16"}, {"nonfinite": "halt"}],
+    ids=["nonfinite_none", "bf16", "nonfinite_halt"],
+)
+def test_planned_options_equal_the_body(options: dict[str, Any]) -> None:
+    data = batches(4)
+    got, got_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=True, **options)
+    want, want_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=False, **options)
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
+
+
+def test_tied_weights_and_loss_metrics_are_planned_alike() -> None:
+    data = batches(4, tied=True)
+    got, got_m = train(
+        Tied, OPTIMIZERS["adamw"], data, planned=True, loss_fn=cross_entropy_with_accuracy
+    )
+    want, want_m = train(
+        Tied, OPTIMIZERS["adamw"], data, planned=False, loss_fn=cross_entropy_with_accuracy
+    )
+    assert got.plan is not None and list(got.params) == ["emb.weight"]
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
+    assert not got_m[-1]["acc"].requires_grad and not got_m[-1]["loss"].requires_grad
+
+
+def test_planned_step_matches_torch_fused_adamw() -> None:
+    torch.manual_seed(0)
+    module = make_mlp()
+    reference = make_mlp()
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=1e-2, fused=True)
+    state = ft.TrainState.create(module, ft.adamw(1e-2), cross_entropy_loss_fn)
+    for batch in batches(5):
+        state, _ = ft.train_step(state, batch, donate=True)
+        opt.zero_grad()
+        cross_entropy_loss_fn(reference, batch).backward()
+        opt.step()
+    assert state.plan is not None
+    assert_trees_equal(dict(reference.named_parameters()), state.params, "params")
+
+
+def test_the_first_step_of_a_fresh_state_runs_the_body_and_plans_the_next() -> None:
+    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn)
+    assert state.plan is None  # a fresh state's moments have no storage yet
+    state, _ = ft.train_step(state, batches(1)[0])
+    assert isinstance(state.plan, StepPlan)
+    plan = state.plan
+    state, _ = ft.train_step(state, batches(1)[0])
+    assert state.plan is plan  # carried by the states it returns
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        (lambda: ft.adamw(1e-2, fused=False), {}),
+        (lambda: ft.adamw(1e-2), {"clip_grad_norm": 1.0}),
+        (lambda: ft.adamw(1e-2), {"accumulate_steps": 2}),
+        (lambda: ft.adamw(1e-2), {"ema_decay": 0.9}),
+        (lambda: ft.adamw(1e-2), {"precision": "fp16"}),
+        (lambda: ft.adamw(1e-2), {"grad_stats": "layer"}),
+    ],
+    ids=["foreach", "clipping", "accumulation", "ema", "fp16", "grad_stats"],
+)
+def test_configurations_without_a_planner_run_the_body(
+    optimizer: Callable[[], Any], options: dict[str, Any]
+) -> None:
+    state = ft.TrainState.create(make_mlp(), optimizer(), cross_entropy_loss_fn, **options)
+    for batch in batches(3):
+        state, _ = ft.train_step(state, batch)
+    assert state.plan is None
+
+
+def test_replace_drops_the_plan_and_the_next_step_plans_again() -> None:
+    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn)
+    state, _ = ft.train_step(state, batches(1)[0])
+    moved = state.replace(params={k: v.clone() for k, v in state.params.items()})
+    assert state.plan is not None and moved.plan is None
+    moved, _ = ft.train_step(moved, batches(1)[0])
+    assert moved.plan is not None
+
+
+def test_a_channels_last_weight_is_not_planned_and_trains_as_the_body() -> None:
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 9, 3))
+    conv = conv.to(memory_format=torch.channels_last)
+    state = ft.TrainState.create(conv, ft.adamw(1e-2), cross_entropy_loss_fn)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = (torch.randn(4, 2, 5, 5, generator=g), torch.randint(0, 3, (4,), generator=g))
+        state, _ = ft.train_step(state, batch)
+    assert state.plan is None  # the kernel walks memory: the body lays such a weight out
+    assert state.params["0.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_planned_step_never_writes_the_state_it_is_given() -> None:
+    state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True)
+    before = state.clone()
+    new, _ = ft.train_step(state, batches(1)[0])
+    assert_trees_equal(before.tree(), state.tree(), "the given state")
+    assert not torch.equal(new.params["4.weight"], state.params["4.weight"])
+
+
+def test_a_donated_planned_state_is_refused_afterwards() -> None:
+    state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True)
+    assert state.plan is not None
+    new, _ = ft.train_step(state, batches(1)[0], donate=True)
+    with pytest.raises(ft.DonatedStateError, match="donated to functrain.train_step"):
+        ft.train_step(state, batches(1)[0])
+    assert new.plan is not None
+
+
+def test_planned_bad_batch_raises_batch_error_and_keeps_the_state() -> None:
+    state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True)
+    with pytest.raises(ft.BatchError, match="batch"):
+        ft.train_step(state, (torch.randn(8, 5), torch.zeros(8, dtype=torch.long)), donate=True)
+    state, _ = ft.train_step(state, batches(1)[0], donate=True)  # still usable: nothing written
+    assert int(state.step) == 3
+
+
+def test_planned_loss_on_no_parameter_is_refused() -> None:
+    calls = []
+
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        calls.append(1)
+        out = model(batch[0])
+        return F.cross_entropy(out, batch[1]) if len(calls) < 3 else out.detach().sum() * 0.0 + 1.0
+
+    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), loss_fn)
+    for batch in batches(2):
+        state, _ = ft.train_step(state, batch)
+    assert state.plan is not None
+    with pytest.raises(ft.LossError, match="does not depend on any trainable parameter"):
+        ft.train_step(state, batches(1)[0])
+
+
+def test_too_many_skips_raise_and_retire_a_donated_planned_state() -> None:
+    state = ft.TrainState.create(
+        make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn, max_consecutive_nonfinite=0
+    )
+    for batch in batches(2):
+        state, _ = ft.train_step(state, batch)
+    assert state.plan is not None
+    bad = batches(1, nan_at=0)[0]
+    with pytest.raises(ft.NonFiniteError, match="max_consecutive=0"):
+        ft.train_step(state, bad)
+    ft.train_step(state, batches(1)[0])  # a pure step's failure leaves its input usable
+    with pytest.raises(ft.NonFiniteError):
+        ft.train_step(state, bad, donate=True)
+    with pytest.raises(ft.DonatedStateError, match="which then raised NonFiniteError"):
+        ft.train_step(state, batches(1)[0])
+
+
+def test_a_planned_step_leaves_the_callers_rng_and_module_mode() -> None:
+    state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True)
+    state.module.eval()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    new, _ = ft.train_step(state, batches(1)[0])
+    assert torch.equal(torch.rand(3), expected)
+    assert not state.module.training
+    assert not torch.equal(new.rng, state.rng)  # dropout drew from the state's own stream
