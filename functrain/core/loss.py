@@ -10,7 +10,6 @@ body and its planned form, the compiled body and a stacked state's body under vm
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +47,8 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
         LossError: the loss is not a scalar floating-point tensor (a dict included), or the metrics
             are not 0-d tensors.
     """
+    if type(out) is torch.Tensor and out.ndim == 0 and out.is_floating_point():
+        return out, {}  # the usual loss: none of the checks below can fail
     loss, aux = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
     if isinstance(loss, Mapping):
         raise LossError(_mapping_problem(loss, name))
@@ -133,15 +134,15 @@ def call_loss(
             it).
     """
     name = "loss_fn" if eval_fn is None else "eval_fn"
+    fn = state.loss_fn if eval_fn is None else eval_fn
     dtype = _AUTOCAST.get(state.options.precision)
-    autocast = (
-        torch.autocast(state.device.type, dtype=dtype)
-        if dtype is not None
-        else contextlib.nullcontext()
-    )
     try:
-        with bound(state.module, tensors) as model, autocast:
-            out = (state.loss_fn if eval_fn is None else eval_fn)(model, batch)
+        with bound(state.module, tensors) as model:
+            if dtype is None:
+                out = fn(model, batch)
+            else:
+                with torch.autocast(state.device.type, dtype=dtype):
+                    out = fn(model, batch)
     except (FunctrainError, torch.cuda.OutOfMemoryError):
         raise  # out of memory is no fault of the batch's structure: as torch raises it
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
