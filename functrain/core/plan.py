@@ -155,7 +155,7 @@ class StepPlan:
     ) -> dict[str, torch.Tensor]:
         """The body's metrics, in its order: loss, norm, rate, skip flag, the loss function's."""
         seen, seen_f = self.lr_seen
-        if lr is not seen:
+        if lr is not seen or seen_f is None:
             seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
             self.lr_seen = (lr, seen_f)
         if flag is None:

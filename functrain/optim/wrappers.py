@@ -473,7 +473,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
                 grads, params, state.inner, norm, write, finite if keep is None else finite & keep
             )
             skipped = ~finite
-            counts = (
+            counts: tuple[torch.Tensor, ...] = (
                 skipped,
                 state.total_skipped + skipped,
                 (state.consecutive + 1) * skipped,  # `update_fn`'s values, in fewer ops
@@ -485,7 +485,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
                         counts, (state.skipped, state.total_skipped, state.consecutive)
                     )
                 )
-            new_state = SkipNonfiniteState(ran.state, *counts, state.max_consecutive)
+            new_state = SkipNonfiniteState(
+                ran.state, counts[0], counts[1], counts[2], state.max_consecutive
+            )
             if cap >= 0 and _host_readable(new_state.consecutive):
                 check_skip_limits(new_state)
             return Ran(

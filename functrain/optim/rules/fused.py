@@ -272,7 +272,9 @@ def fused_adam(
         weight_decay,
         mask,
         lambda state: (state.mu, state.nu, state.nu_max),
-        lambda count, buffers, rate: FusedAdamState(count, *map(tuple, buffers), rate),
+        lambda count, buffers, rate: FusedAdamState(
+            count, tuple(buffers[0]), tuple(buffers[1]), tuple(buffers[2]), rate
+        ),
     )
     update = with_plan(member_aware(with_extras(update_fn)), plan)
     return Transform(init_fn, update, gated=True)
