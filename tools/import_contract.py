@@ -91,7 +91,12 @@ INNER: dict[str, list[list[str]]] = {
         ],
         ["functrain.core.state"],
         ["functrain.core.create"],
-        ["functrain.core.options", "functrain.core.binding", "functrain.core.failures"],
+        [
+            "functrain.core.options",
+            "functrain.core.binding",
+            "functrain.core.failures",
+            "functrain.core.structure",
+        ],
     ],
     "functrain.checkpoint": [
         ["functrain.checkpoint"],

@@ -27,8 +27,17 @@ from typing import Any
 
 import torch
 
-from functrain.core.loss import NO_GRADIENT, call_loss, check_scalar_metrics, samples_in
+from functrain.core.loss import (
+    NO_GRADIENT,
+    RunAgain,
+    call_loss,
+    check_scalar_metrics,
+    gradients_of,
+    run_gradient_hooks,
+    samples_in,
+)
 from functrain.core.statistics import grad_statistics
+from functrain.core.structure import grad_hooks
 from functrain.core.view import StepState
 from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import DistConfig, average_step
@@ -98,25 +107,42 @@ def gradients(
     Raises:
         LossError: the loss does not depend on any trainable parameter (eagerly).
     """
+    hooks = grad_hooks(state.module, list(state.params))
     if _functional():
         objective = _objective(state, batch, scale, loss_of)
         # buffers are an argument, not a capture: BatchNorm writes its statistics into them
         grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
         if not torch.compiler.is_compiling():  # a compiled step checks what it returns
             check_scalar_metrics(aux)
+        if hooks:
+            grads = dict(zip(grads, run_gradient_hooks(list(grads.values()), hooks)))
         return grads, loss, aux
     leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
-    scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(leaves, buffers)
-    if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
-        check_scalar_metrics(aux)
-    grads = (
-        torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
-        if scaled.requires_grad
-        else ()
-    )
+    if loss_of is call_loss and not _gathers(state):
+        # the backward while the module still holds the leaves: checkpointed blocks run again in it
+        loss, aux, grads = call_loss(
+            state,
+            {**leaves, **state.frozen, **buffers},
+            batch,
+            then=lambda loss, aux: (
+                loss.detach(),
+                {k: v.detach() for k, v in aux.items()},
+                gradients_of(
+                    loss * scale.to(loss.dtype) if scale is not None else loss,
+                    [*leaves.values()],
+                    state.module,
+                ),
+            ),
+        )
+    else:
+        scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(leaves, buffers)
+        if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
+            check_scalar_metrics(aux)
+        grads = gradients_of(scaled, list(leaves.values()), state.module)
     # requiring grad is not enough: a module the loss closes over has parameters of its own
     if all(g is None for g in grads):
         raise LossError(NO_GRADIENT)
+    grads = run_gradient_hooks(grads, hooks)
     return (
         {
             k: g if g is not None else torch.zeros_like(leaves[k])
@@ -140,7 +166,10 @@ def check_gradients(state: StepState, batch: Any) -> None:
         BatchError: the loss function could not use the batch.
         LossError: as `train_step` raises it.
     """
-    gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
+    try:
+        gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
+    except RunAgain:  # reentrant activation checkpointing, now known: its backward's way
+        gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
 
 
 def _objective(

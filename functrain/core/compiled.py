@@ -59,7 +59,7 @@ from functrain.core.capture import (
 )
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import donated, retire, wait_until_unheld
-from functrain.core.loss import call_loss, check_scalar_metrics
+from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import Scope, enter, leave, leave_with
 from functrain.core.stacked_step import (
     PerMember,
@@ -186,6 +186,9 @@ def _diagnosis(
         return None
     if not attempt.compile_failed():
         return None
+    refused = checkpoint_refusal(error, "compiled")
+    if refused is not None:
+        return refused
     saved = scope.generator.get_state() if scope is not None else None
     try:
         check()

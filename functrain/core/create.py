@@ -9,9 +9,7 @@ and keeps the module's structure as a weightless copy (`weightless`).
 
 from __future__ import annotations
 
-import copy
 import numbers
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from functrain.core.options import GradStats, StepOptions, build_transform
+from functrain.core.structure import module_problems, weightless
 from functrain.distributed.data_parallel import (
     DistConfig,
     broadcast_tensors,
@@ -44,10 +43,8 @@ __all__ = [
     "COUNTERS",
     "STEP_COUNTERS",
     "Trainable",
-    "WEIGHTLESS",
     "initial_fields",
     "initial_rng",
-    "weightless",
 ]
 
 Trainable = Callable[[str, torch.Tensor], bool]
@@ -193,63 +190,10 @@ def _checked(
             "(all have requires_grad=False or were excluded by `trainable`)"
         )
     if not problems:
-        problems += _meta_problems(module, sharding, init)
+        problems += _meta_problems(module, sharding, init) + module_problems(module)
     if problems:
         raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
     return params, frozen
-
-
-# one structure per module object, so states created again from it (a resume) share compiled
-# graphs; made again when the module's submodules, parameters or buffers changed since
-_structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
-# the attribute that marks a module as a weightless structure (its own copy)
-WEIGHTLESS = "_functrain_weightless"
-
-
-def _layout(module: nn.Module) -> tuple:
-    modules = tuple((name, id(m)) for name, m in module.named_modules(remove_duplicate=False))
-    tensors = tuple(
-        (name, id(t), t.shape, t.dtype)
-        for name, t in (
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False),
-        )
-    )
-    return modules + tensors
-
-
-def weightless(module: nn.Module) -> nn.Module:
-    """A copy of `module` with its parameters and buffers on the meta device: structure, no weights.
-
-    The step runs it on the state's tensors; the user's module is left alone, and nothing keeps
-    its weights alive. The copy is made once per module object (and a copy is its own); a module
-    that cannot be deep-copied is kept as it is.
-    """
-    if getattr(module, WEIGHTLESS, False):
-        return module
-    layout = _layout(module)
-    found = _structures.get(module)
-    if found is None or found[0] != layout:
-        found = _structures[module] = (layout, _copy_structure(module))
-    return found[1]
-
-
-def _copy_structure(module: nn.Module) -> nn.Module:
-    memo: dict[int, Any] = {}
-    for t in module.parameters():
-        memo[id(t)] = nn.Parameter(
-            torch.empty_like(t, device="meta"), requires_grad=t.requires_grad
-        )
-    for b in module.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    try:
-        structure = copy.deepcopy(module, memo)
-    except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
-        return module
-    object.__setattr__(structure, WEIGHTLESS, True)
-    return structure
 
 
 def _given_tensors(

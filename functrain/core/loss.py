@@ -10,7 +10,9 @@ body and its planned form, the compiled body and a stacked state's body under vm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,10 +20,21 @@ import torch
 from functrain.core.binding import bound
 from functrain.core.failures import loss_failure
 from functrain.core.view import StepState
-from functrain.errors import FunctrainError, LossError
+from functrain.errors import ConfigError, FunctrainError, LossError
+from functrain.optim.batching import under_vmap
 from functrain.tree import tree_leaves
 
-__all__ = ["NO_GRADIENT", "call_loss", "check_scalar_metrics", "samples_in", "split_loss"]
+__all__ = [
+    "NO_GRADIENT",
+    "RunAgain",
+    "call_loss",
+    "check_scalar_metrics",
+    "checkpoint_refusal",
+    "gradients_of",
+    "run_gradient_hooks",
+    "samples_in",
+    "split_loss",
+]
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,9 +136,19 @@ def check_scalar_metrics(
 
 
 def call_loss(
-    state: StepState, tensors: dict[str, torch.Tensor], batch: Any, eval_fn: Any = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    state: StepState,
+    tensors: dict[str, torch.Tensor],
+    batch: Any,
+    eval_fn: Any = None,
+    *,
+    then: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any] | None = None,
+) -> Any:
     """``state.loss_fn`` (or `eval_fn`) on a `BoundModel` of `tensors` (autocast for bf16/fp16).
+
+    Returns ``(loss, metrics)``, or with `then` what ``then(loss, metrics)`` returns, called while
+    the module still holds `tensors`: a step's backward runs there, since activation checkpointing
+    (``torch.utils.checkpoint`` with ``use_reentrant=False``) runs the forward of its blocks again
+    during the backward, on the module as it is then.
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
@@ -136,18 +159,177 @@ def call_loss(
     name = "loss_fn" if eval_fn is None else "eval_fn"
     fn = state.loss_fn if eval_fn is None else eval_fn
     dtype = _AUTOCAST.get(state.options.precision)
-    try:
-        with bound(state.module, tensors) as model:
+    with bound(state.module, tensors) as model:
+        try:
             if dtype is None:
                 out = fn(model, batch)
             else:
                 with torch.autocast(state.device.type, dtype=dtype):
                     out = fn(model, batch)
-    except (FunctrainError, torch.cuda.OutOfMemoryError):
-        raise  # out of memory is no fault of the batch's structure: as torch raises it
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
-        raise loss_failure(e, batch, state.module, tensors, name) from e
-    return split_loss(out, name)
+        except (FunctrainError, torch.cuda.OutOfMemoryError):
+            raise  # out of memory is no fault of the batch's structure: as torch raises it
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+            if under_vmap():  # reentrant checkpointing's autograd.Function refuses to be vmapped
+                refused = checkpoint_refusal(e, "stacked")
+                if refused is not None:
+                    raise refused from e
+            raise loss_failure(e, batch, state.module, tensors, name) from e
+        loss, aux = split_loss(out, name)
+        return (loss, aux) if then is None else then(loss, aux)
+
+
+# torch's refusal of reentrant activation checkpointing under `torch.autograd.grad` (its words
+# before 2.10, and since)
+_REENTRANT = (
+    "Checkpointing is not compatible with .grad()",
+    "checkpoint is incompatible with .grad()",
+)
+# the structures (`functrain.core.structure.weightless`) whose forward runs reentrant activation
+# checkpointing: their gradients come from ``loss.backward()`` (`_accumulated`)
+_BY_BACKWARD: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+class RunAgain(Exception):  # noqa: N818 - a signal to the step, never seen by a user
+    """The step found its module needs ``loss.backward()``: run the step again from the start.
+
+    Raised before anything of the state is written (the first backward of a module with reentrant
+    activation checkpointing, whose autograd graph torch's refusal left half consumed); the
+    module is remembered, and the step run again takes its gradients by `_accumulated`.
+    """
+
+
+def gradients_of(
+    loss: torch.Tensor, leaves: list[torch.Tensor], module: torch.nn.Module
+) -> list[torch.Tensor | None]:
+    """The gradients of `loss` for `leaves` (the step's own, bound in `module`'s forward).
+
+    ``torch.autograd.grad``; None for a leaf the loss does not use. A module whose forward runs
+    reentrant activation checkpointing (``use_reentrant=True``, which torch runs only under a
+    plain ``loss.backward()``) gets them by `_accumulated`: the first time, this raises `RunAgain`.
+    """
+    if not loss.requires_grad:
+        return [None] * len(leaves)
+    if module in _BY_BACKWARD:
+        return _accumulated(loss, leaves)
+    try:
+        return list(torch.autograd.grad(loss, leaves, allow_unused=True))
+    except RuntimeError as e:
+        if not any(words in str(e) for words in _REENTRANT):
+            raise
+        _BY_BACKWARD.add(module)
+        raise RunAgain from e
+
+
+def _accumulated(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients of `loss` for `leaves` by ``loss.backward()``: read from their ``.grad``.
+
+    A plain backward accumulates into every leaf of the graph: one the step does not own (a tensor
+    the loss function closes over) gets its ``.grad`` back as it was.
+    """
+    own = {id(t) for t in leaves}
+    foreign = [t for t in _graph_leaves(loss) if id(t) not in own]
+    kept = [t.grad for t in foreign]
+    for t in foreign:  # (a backward adds into an existing .grad in place)
+        t.grad = None
+    try:
+        loss.backward()
+    finally:
+        for t, grad in zip(foreign, kept):
+            t.grad = grad
+    grads = [t.grad for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return grads
+
+
+def _graph_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The leaves whose ``.grad`` a backward of `loss` would write (its AccumulateGrad nodes)."""
+    found, seen, todo = [], set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found.append(variable)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def checkpoint_refusal(error: BaseException, where: str) -> ConfigError | None:
+    """The refusal of activation checkpointing where a step cannot run it, if `error` came from it.
+
+    `where`: ``"compiled"`` (``torch.func.grad``, which a compiled step differentiates with, does
+    not run checkpointing's saved-tensor hooks) or ``"stacked"`` (the members' forward runs under
+    ``torch.vmap``; checkpointing recomputes it in the backward, outside). None: `error` did not
+    come from activation checkpointing.
+    """
+    if not isinstance(error, Exception) or not _from_checkpointing(error):
+        return None
+    why, fix = _CHECKPOINT_REFUSALS[where]
+    return ConfigError(
+        "this model uses activation checkpointing (torch.utils.checkpoint, or a Hugging Face "
+        f"model's gradient_checkpointing_enable()), which {why}; {fix}"
+    )
+
+
+_CHECKPOINT_REFUSALS = {
+    "compiled": (
+        "compile_step cannot trace: torch.func.grad, which the compiled step differentiates with, "
+        "does not run checkpointing's saved-tensor hooks",
+        "train it with functrain.train_step (eager, where checkpointing works), or turn "
+        "checkpointing off for the compiled step (inductor's partitioner already recomputes cheap "
+        "activations in the backward instead of keeping them)",
+    ),
+    "stacked": (
+        "a stacked state (functrain.stack) cannot run: its members' forward runs under "
+        "torch.vmap, and checkpointing recomputes it during the backward, outside the vmap",
+        "train the members apart (one TrainState each), or turn checkpointing off in the module",
+    ),
+}
+
+
+def _from_checkpointing(error: BaseException) -> bool:
+    """Whether `error` (or the error it was raised from) came out of ``torch.utils.checkpoint``."""
+    seen: BaseException | None = error
+    for _ in range(4):
+        if seen is None:
+            return False
+        text = str(seen)
+        if "tag_activation_checkpoint" in text or "saved tensor hooks" in text:
+            return True
+        tb = seen.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+                return True
+            tb = tb.tb_next
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def run_gradient_hooks(
+    grads: list[Any], hooks: tuple[tuple[int, Mapping[Any, Any]], ...]
+) -> list[Any]:
+    """`grads` after the parameters' own gradient hooks (``Tensor.register_hook``), as torch runs
+    them: each hook of a parameter, in order, on its whole gradient; a hook returning None keeps
+    it; a parameter without a gradient (None: the loss did not use it) runs none, as in torch.
+    `hooks`: ``(index in grads, the parameter's hooks)`` (`functrain.core.structure.grad_hooks`).
+    """
+    if not hooks:
+        return grads
+    grads = list(grads)
+    for i, found in hooks:
+        if grads[i] is None:
+            continue
+        for hook in tuple(found.values()):
+            changed = hook(grads[i])
+            if changed is not None:
+                grads[i] = changed
+    return grads
 
 
 def samples_in(batch: Any) -> int:

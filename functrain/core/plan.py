@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from functrain.core.donation import HELD, wait_until_unheld
-from functrain.core.loss import NO_GRADIENT, call_loss, samples_in
+from functrain.core.loss import NO_GRADIENT, call_loss, gradients_of, run_gradient_hooks, samples_in
 from functrain.core.scope import device_generator, swap_in, swap_out
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState
+from functrain.core.structure import grad_hooks
 from functrain.errors import LossError
 from functrain.layout import in_layouts_of
 from functrain.optim.base import Runner, planner_of
@@ -49,13 +50,14 @@ class StepPlan:
     Built by `plan_for`; `run` is the step.
     """
 
-    __slots__ = ("runner", "strides", "generator", "guard_buffers", "fp32", "lr_seen")
+    __slots__ = ("runner", "strides", "hooks", "generator", "guard_buffers", "fp32", "lr_seen")
 
     def __init__(self, state: TrainState, runner: Runner) -> None:
         params = list(state.params.values())
         self.runner = runner
         # the layout torch.optim's `.grad` would have: a gradient in another is laid out first
         self.strides = [p.stride() for p in params]
+        self.hooks = grad_hooks(state.module, list(state.params))  # the parameters' own hooks
         self.generator = device_generator(params[0].device)
         options = state.options
         self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
@@ -77,10 +79,14 @@ class StepPlan:
             leaves = [p.detach().requires_grad_(True) for p in params]
             # the forward writes running statistics into the buffers: copies, never the state's
             buffers = {k: b.clone() for k, b in state.buffers.items()}
-            loss, aux = call_loss(
-                state, {**dict(zip(state.params, leaves)), **state.frozen, **buffers}, batch
+            # the backward while the module still holds the leaves (checkpointed blocks rerun)
+            loss, aux, grads = call_loss(
+                state,
+                {**dict(zip(state.params, leaves)), **state.frozen, **buffers},
+                batch,
+                then=lambda loss, aux: (loss, aux, gradients_of(loss, leaves, state.module)),
             )
-            grads = self._gradients(loss, leaves, params)
+            grads = self._gradients(grads, leaves, params)
             found = torch._foreach_norm(grads)
             # `functrain.tree.global_norm`, the body's `grad_norm`: the same ops
             norm = torch.linalg.vector_norm(
@@ -118,17 +124,17 @@ class StepPlan:
         return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux)
 
     def _gradients(
-        self, loss: torch.Tensor, leaves: list[torch.Tensor], params: list[torch.Tensor]
+        self, grads: list[Any], leaves: list[torch.Tensor], params: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """The gradients of `loss`, zeros for unused leaves, laid out as their parameters."""
-        grads = (
-            list(torch.autograd.grad(loss, leaves, allow_unused=True)) if loss.requires_grad else []
-        )
-        if not grads or any(g is None for g in grads):  # (`None in` compares tensors)
+        """The gradients after their hooks, zeros for unused leaves, in the parameters' layouts."""
+        if any(g is None for g in grads):  # (`None in grads` would compare tensors)
             # requiring grad is not enough: a module the loss closes over has parameters of its own
             if all(g is None for g in grads):
                 raise LossError(NO_GRADIENT)
+            grads = run_gradient_hooks(grads, self.hooks)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+        elif self.hooks:
+            grads = run_gradient_hooks(grads, self.hooks)
         if [g.stride() for g in grads] != self.strides:
             grads = in_layouts_of(grads, params)
         return grads

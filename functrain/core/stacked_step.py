@@ -42,7 +42,7 @@ import torch
 
 from functrain.core.body import Parts, apply, eval_body, loss_scale
 from functrain.core.donation import donated
-from functrain.core.loss import NO_GRADIENT, call_loss, check_scalar_metrics
+from functrain.core.loss import NO_GRADIENT, call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import device_generator
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
@@ -519,8 +519,15 @@ def _backward(total: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Ten
 
     Raises:
         LossError: the loss does not depend on any of them.
+        ConfigError: the module uses activation checkpointing.
     """
-    found = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else ()
+    try:
+        found = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else ()
+    except RuntimeError as e:
+        refused = checkpoint_refusal(e, "stacked")
+        if refused is not None:
+            raise refused from e
+        raise
     if all(g is None for g in found):
         raise LossError(NO_GRADIENT)
     return list(found)

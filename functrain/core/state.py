@@ -18,8 +18,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from functrain.core.create import COUNTERS, WEIGHTLESS, Trainable, initial_fields
+from functrain.core.create import COUNTERS, Trainable, initial_fields
 from functrain.core.options import GradStats, NonFinitePolicy, Precision, StepOptions
+from functrain.core.structure import WEIGHTLESS
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
 from functrain.distributed.sharding import Sharding, gathered

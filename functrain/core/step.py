@@ -18,6 +18,7 @@ import torch
 
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import donated, retire
+from functrain.core.loss import RunAgain
 from functrain.core.plan import DONATED, plan_for
 from functrain.core.scope import enter, leave, leave_with, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
@@ -93,8 +94,20 @@ def train_step(
         )
     state.check_live("train_step")
     plan = state.plan
-    if plan is not None and not torch.compiler.is_compiling():
-        return plan.run(state, batch, donate)  # the configuration's planned step (`core/plan.py`)
+    try:
+        if plan is not None and not torch.compiler.is_compiling():
+            return plan.run(
+                state, batch, donate
+            )  # the configuration's planned step (`core/plan.py`)
+        return _train_step(state, batch, donate)
+    except RunAgain:  # its module runs reentrant checkpointing, found before anything was written
+        return _train_step(state, batch, donate) if plan is None else plan.run(state, batch, donate)
+
+
+def _train_step(
+    state: TrainState, batch: Any, donate: bool
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """`train_step` of a state without a plan: the step body, stacked or not, then its plan."""
     if state.step.ndim:
         result = stacked_train_step(state, batch, donate=donate)
         if donate:
