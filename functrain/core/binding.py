@@ -34,10 +34,13 @@ from torch.nn.utils import stateless
 
 from functrain.errors import ConfigError
 
-__all__ = ["BoundModel", "bound", "call_with"]
+__all__ = ["BoundModel", "bound", "call_with", "traced_binding_problems"]
 
-# (slot dict, local name, tensor name) per slot, and the set of tensor names the plan covers
-_Plan = tuple[tuple[tuple[dict, str, str], ...], frozenset[str]]
+# (slot container, local name or index, tensor name) per slot; the set of tensor names the plan
+# covers; (attribute dict, name) of each plain attribute holding some slot, restored on leaving
+# (and the alias slots alone, for a traced binding)
+_Slots = tuple[tuple[Any, Any, str], ...]
+_Plan = tuple[_Slots, frozenset[str], tuple[tuple[dict, str], ...], _Slots]
 
 _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
 
@@ -65,22 +68,128 @@ def _make_plan(module: nn.Module) -> _Plan:
             table = getattr(owners[prefix], kind)
             key = canonical.setdefault(id(tensor), name)
             slots.setdefault((id(table), local), (table, local, key))
-    plan = tuple(slots.values())
-    return plan, frozenset(key for _, _, key in plan)
+    aliases, attributes = _alias_slots(module, canonical)
+    registered = tuple(slots.values())
+    return (
+        registered + aliases,
+        frozenset(key for _, _, key in registered),
+        attributes,
+        aliases,
+    )
+
+
+# the attribute of a module holding its plan's alias slots, for a traced binding
+_ALIASES = "_functrain_aliases"
+# the attributes of nn.Module that hold its own tables (registered tensors, submodules)
+_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _alias_slots(
+    module: nn.Module, canonical: dict[int, str]
+) -> tuple[tuple[tuple[Any, Any, str], ...], tuple[tuple[dict, str], ...]]:
+    """The slots of plain attributes that hold a parameter or buffer too, and those attributes.
+
+    ``self.ws = [self.a.weight]`` (in a list, tuple or dict, up to two levels deep, or the tensor
+    itself in the instance's ``__dict__``): `forward` may read it there, so it is bound there as
+    well (torch's RNNs keep their weights so, in ``_flat_weights``).
+    """
+    slots: list[tuple[Any, Any, str]] = []
+    attributes: list[tuple[dict, str]] = []
+    for prefix, sub in module.named_modules():
+        attrs = vars(sub)
+        for attr, value in attrs.items():
+            if attr in _MODULE_TABLES:
+                continue
+            found = _slots_in(attrs, attr, value, canonical, 0)
+            if found:
+                slots.extend(found)
+                attributes.append((attrs, attr))
+                if any(table is attrs or isinstance(table, _TupleItems) for table, _, _ in found):
+                    _untraced.setdefault(module, []).append(f"{prefix}.{attr}" if prefix else attr)
+    return tuple(slots), tuple(attributes)
+
+
+# per module: its plain attributes holding a parameter or buffer as themselves or in a tuple,
+# which a traced binding (torch.compile) cannot rebind
+_untraced: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+
+
+def traced_binding_problems(module: nn.Module) -> list[str]:
+    """What a compiled step cannot bind in `module`, each with its fix (empty if nothing).
+
+    A parameter or buffer held in a plain attribute as the tensor itself or inside a tuple: bound
+    eagerly, but dynamo does not see a module's attributes replaced, so a compiled step would read
+    the structure's own (meta) tensor there. In a list or dict it is bound compiled too.
+    """
+    if module not in _plans:
+        _plans[module] = plan = _make_plan(module)
+        if plan[3]:
+            object.__setattr__(module, _ALIASES, plan[3])
+    return [
+        f"the module holds a parameter or buffer in its plain attribute {name!r}, which a "
+        "compiled step cannot rebind; hold it in a list (self.ws = [self.a.weight]), or read it "
+        "by its registered name in forward, or train with functrain.train_step"
+        for name in _untraced.get(module, ())
+    ]
+
+
+def _slots_in(
+    container: Any, key: Any, value: Any, canonical: dict[int, str], depth: int
+) -> list[tuple[Any, Any, str]]:
+    if isinstance(value, torch.Tensor):
+        name = canonical.get(id(value))
+        return [] if name is None else [(container, key, name)]
+    if depth >= 2:
+        return []
+    if isinstance(value, list):
+        items: Any = enumerate(value)
+        holder: Any = value
+    elif isinstance(value, tuple):
+        items, holder = enumerate(value), _TupleItems(container, key)
+    elif isinstance(value, dict):
+        items, holder = list(value.items()), value
+    else:
+        return []
+    return [slot for k, item in items for slot in _slots_in(holder, k, item, canonical, depth + 1)]
+
+
+class _TupleItems:
+    """A tuple at ``container[key]`` as a slot container: setting an item replaces the tuple."""
+
+    __slots__ = ("container", "key")
+
+    def __init__(self, container: Any, key: Any) -> None:
+        self.container, self.key = container, key
+
+    def __getitem__(self, index: int) -> Any:
+        return self.container[self.key][index]
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        old = self.container[self.key]
+        items = list(old)
+        items[index] = value
+        self.container[self.key] = type(old)(*items) if hasattr(old, "_fields") else tuple(items)
 
 
 class _Binding:
     """`bound` eagerly: the planned slots given `tensors` on entry, their own back on exit."""
 
-    __slots__ = ("_module", "_slots", "_tensors", "_saved", "_model")
+    __slots__ = ("_module", "_slots", "_tensors", "_saved", "_model", "_attributes", "_kept")
 
     def __init__(
-        self, module: nn.Module, slots: tuple[tuple[dict, str, str], ...], tensors: dict
+        self,
+        module: nn.Module,
+        slots: tuple[tuple[Any, Any, str], ...],
+        tensors: dict,
+        attributes: tuple[tuple[dict, str], ...],
     ) -> None:
         self._module, self._slots, self._tensors = module, slots, tensors
+        self._attributes = attributes
 
     def __enter__(self) -> BoundModel:
         slots, tensors = self._slots, self._tensors
+        # an attribute holding an alias: its object put back too (a forward may replace it)
+        self._kept = [attrs[name] for attrs, name in self._attributes] if self._attributes else ()
         self._saved = [table[local] for table, local, _ in slots]
         for table, local, key in slots:
             table[local] = tensors[key]
@@ -90,6 +199,9 @@ class _Binding:
     def __exit__(self, *exc_info: Any) -> None:
         for (table, local, _), original in zip(self._slots, self._saved, strict=True):
             table[local] = original
+        if self._attributes:
+            for (attrs, name), original in zip(self._attributes, self._kept, strict=True):
+                attrs[name] = original
         self._model._functrain_open[0] = False
 
 
@@ -97,11 +209,19 @@ class _Binding:
 def _reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[BoundModel]:
     """`bound` through torch's reparametrization: what `functional_call` runs, dynamo traces."""
     model = BoundModel(module)
+    # made by an eager binding of it (a compiled step's first call): an attribute, which dynamo
+    # reads as a constant of the module
+    aliases = getattr(module, _ALIASES, ())
     # dynamo ignores its writes to the module: they are undone on leaving
     with stateless._reparametrize_module(module, tensors, tie_weights=True):
+        saved = [table[local] for table, local, _ in aliases]
+        for table, local, key in aliases:
+            table[local] = tensors[key]
         try:
             yield model
         finally:
+            for (table, local, _), original in zip(aliases, saved):
+                table[local] = original
             model._functrain_open[0] = False
 
 
@@ -128,10 +248,12 @@ def bound(
     plan = _plans.get(module)
     if plan is None:
         plan = _plans[module] = _make_plan(module)
-    slots, names = plan
+        if plan[3]:
+            object.__setattr__(module, _ALIASES, plan[3])
+    slots, names, attributes, _ = plan
     if names != tensors.keys():
         return _reparametrized(module, tensors)
-    return _Binding(module, slots, tensors)
+    return _Binding(module, slots, tensors, attributes)
 
 
 def call_with(

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from functrain.core.binding import traced_binding_problems
 from functrain.core.body import (
     SWEEP_ALONE,
     Parts,
@@ -157,6 +158,17 @@ def _retire_if_ran(state: TrainState, attempt: _Attempt | None, error: BaseExcep
     """
     if attempt is not None and attempt.may_have_run():
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
+
+
+def refuse_untraced(module: torch.nn.Module) -> None:
+    """Refuse what a compiled step cannot bind in `module` (`traced_binding_problems`).
+
+    Raises:
+        ConfigError: with each problem's fix.
+    """
+    problems = traced_binding_problems(module)
+    if problems:
+        raise ConfigError("compile_step cannot run this module:\n  - " + "\n  - ".join(problems))
 
 
 def _unless_out_of_memory(check: Callable[[], None]) -> None:
@@ -384,6 +396,7 @@ class CompiledStep:
             found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
             try:  # the checks a traced step cannot make, once per configuration
                 _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
+                refuse_untraced(state.module)
             except BaseException:
                 self._cores.pop(key, None)
                 raise
@@ -554,6 +567,7 @@ class CompiledStep:
         saved = scope.generator.get_state()
         try:
             _unless_out_of_memory(check)
+            refuse_untraced(scope.module)
         except BaseException:
             self._cores.pop(key, None)
             raise

@@ -179,6 +179,11 @@ def _checked(
             f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}"
         )
     problems += _sharding_problems(sharding, optimizer, reshard_after_forward)
+    structural = module_problems(module) if isinstance(module, nn.Module) else []
+    if structural:  # (a lazy module's parameters cannot even be copied)
+        raise ConfigError(
+            "invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems + structural)
+        )
     params, frozen = (
         _split_parameters(module, trainable)
         if isinstance(module, nn.Module) and (trainable is None or callable(trainable))
@@ -190,7 +195,7 @@ def _checked(
             "(all have requires_grad=False or were excluded by `trainable`)"
         )
     if not problems:
-        problems += _meta_problems(module, sharding, init) + module_problems(module)
+        problems += _meta_problems(module, sharding, init)
     if problems:
         raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
     return params, frozen

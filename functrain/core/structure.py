@@ -5,9 +5,8 @@ meta device (structure, no weights), bound to the state's tensors for each call
 (`functrain.core.binding`). The copy keeps the gradient hooks of its parameters
 (``Tensor.register_hook``), which the step runs on each parameter's gradient before the optimizer
 sees it, as torch runs them (`grad_hooks`). `module_problems` refuses, before the first step, what a
-step would otherwise get silently wrong: a parameter or buffer also held in a plain attribute
-(bound only where it is registered, the attribute would be read stale) and hooks that run only when
-``.grad`` is accumulated (``register_post_accumulate_grad_hook``).
+step cannot run as torch does: a lazy module not yet run, and hooks that run only when ``.grad`` is
+accumulated (``register_post_accumulate_grad_hook``).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["WEIGHTLESS", "grad_hooks", "module_problems", "weightless"]
 
@@ -76,6 +76,7 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
         return module
     object.__setattr__(structure, WEIGHTLESS, True)
+    object.__setattr__(structure, _GRAD_HOOKS, _grad_hooks_of(structure))
     return structure
 
 
@@ -84,10 +85,9 @@ def _hooks_of(t: torch.Tensor) -> Mapping[Any, Any]:
     return getattr(t, "_backward_hooks", None) or {}
 
 
-# per structure (a weightless copy, which never changes): its parameters' hooks by name
-_hooks: weakref.WeakKeyDictionary[nn.Module, dict[str, Mapping[Any, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+# the attribute of a structure (a weightless copy, which never changes) holding its parameters'
+# hooks by name: an attribute, which a traced step reads as a constant of the module
+_GRAD_HOOKS = "_functrain_grad_hooks"
 
 
 def grad_hooks(module: nn.Module, names: list[str]) -> tuple[tuple[int, Mapping[Any, Any]], ...]:
@@ -101,51 +101,38 @@ def grad_hooks(module: nn.Module, names: list[str]) -> tuple[tuple[int, Mapping[
         >>> [(i, len(h)) for i, h in grad_hooks(weightless(lin), ["weight", "bias"])]
         [(1, 1)]
     """
-    found = _hooks.get(module)
-    if found is None:
-        found = {n: _hooks_of(p) for n, p in module.named_parameters() if _hooks_of(p)}
-        try:
-            _hooks[module] = found
-        except TypeError:  # a module that takes no weak reference: looked up every time
-            pass
+    found = getattr(module, _GRAD_HOOKS, None)
+    if found is None:  # a module kept as it is (not copied): looked up every time
+        found = _grad_hooks_of(module)
     return tuple((i, found[n]) for i, n in enumerate(names) if n in found)
+
+
+def _grad_hooks_of(module: nn.Module) -> dict[str, Mapping[Any, Any]]:
+    return {n: _hooks_of(p) for n, p in module.named_parameters() if _hooks_of(p)}
 
 
 def module_problems(module: nn.Module) -> list[str]:
     """What a step cannot run as torch does on `module`, each with its fix (empty if nothing).
 
-    A parameter or buffer held in a plain attribute as well (``self.ws = [self.a.weight]``, in a
-    list, tuple or dict, or set through ``__dict__``): the step binds the state's tensors where they
-    are registered, so `forward` would read the attribute's stale tensor. A parameter with a
-    ``register_post_accumulate_grad_hook``: the step takes gradients without accumulating them into
-    ``.grad``, where such a hook runs.
+    A lazy module not yet run (``nn.LazyLinear``: its parameters have no shape until the first
+    forward). A parameter with a ``register_post_accumulate_grad_hook``: the step takes gradients
+    without accumulating them into ``.grad``, where such a hook runs.
 
     Example:
-        >>> class Net(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.a = torch.nn.Linear(2, 2)
-        ...         self.ws = [self.a.weight]
-        >>> print(module_problems(Net())[0])  # doctest: +ELLIPSIS
-        the module holds the parameter 'a.weight' also in the plain attribute 'ws[0]'...
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> _ = lin.weight.register_post_accumulate_grad_hook(lambda p: None)
+        >>> print(module_problems(lin)[0])  # doctest: +ELLIPSIS
+        the parameter 'weight' has a hook registered with register_post_accumulate_grad_hook...
     """
-    registered: dict[int, tuple[str, str]] = {}
-    for kind, tensors in (
-        ("parameter", module.named_parameters(remove_duplicate=True)),
-        ("buffer", module.named_buffers(remove_duplicate=True)),
-    ):
-        for name, t in tensors:
-            registered.setdefault(id(t), (kind, name))
     problems = []
-    for prefix, sub in module.named_modules():
-        for attr, value in vars(sub).items():
-            if attr in _MODULE_TABLES:
-                continue
-            for where, t in _tensors_in(value, attr):
-                if id(t) in registered:
-                    kind, name = registered[id(t)]
-                    at = f"{prefix}.{where}" if prefix else where
-                    problems.append(_alias_problem(kind, name, at))
+    lazy = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if is_lazy(t)]
+    if lazy:
+        problems.append(
+            f"the module has parameters or buffers not yet initialized ({', '.join(lazy[:3])}"
+            f"{', ...' if len(lazy) > 3 else ''}): a lazy module (nn.LazyLinear, nn.LazyConv2d, "
+            "...) takes its shapes in its first forward; run it once on an example batch "
+            "(model(example)) before TrainState.create"
+        )
     for name, p in module.named_parameters():
         if getattr(p, "_post_accumulate_grad_hooks", None):
             problems.append(
@@ -156,35 +143,3 @@ def module_problems(module: nn.Module) -> list[str]:
                 "transform), or in a fit callback)"
             )
     return problems
-
-
-# the attributes of nn.Module that hold its own tables (registered tensors, submodules, hooks)
-_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
-
-
-def _tensors_in(value: Any, where: str, depth: int = 0) -> list[tuple[str, torch.Tensor]]:
-    """The tensors in a plain attribute's value (itself, or in lists, tuples and dicts), by path."""
-    if isinstance(value, torch.Tensor):
-        return [(where, value)]
-    if depth >= 2:
-        return []
-    if isinstance(value, (list, tuple)):
-        items: Any = enumerate(value)
-    elif isinstance(value, dict) and not isinstance(value, OrderedDict):  # hook tables are
-        items = value.items()
-    else:
-        return []
-    return [
-        found for key, item in items for found in _tensors_in(item, f"{where}[{key!r}]", depth + 1)
-    ]
-
-
-def _alias_problem(kind: str, name: str, at: str) -> str:
-    registered = name.rpartition(".")
-    owner = f"self.{registered[0]}." if registered[0] else "self."
-    return (
-        f"the module holds the {kind} {name!r} also in the plain attribute {at!r}: a step binds "
-        f"the state's tensors where they are registered, so forward would read a stale {kind} "
-        f"there; read it by its registered name in forward ({owner}{registered[2]}), or make the "
-        "attribute a property that returns it"
-    )
