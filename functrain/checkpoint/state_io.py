@@ -236,6 +236,33 @@ def load(
     return result
 
 
+def _resized_buffers(like: TrainState, tree: Any) -> TrainState:
+    """`like`, with the buffers torch lets their module resize on loading at their saved shapes.
+
+    A module that overrides ``_load_from_state_dict`` (a quantization observer, whose statistics
+    are empty until its first forward) takes its buffers as saved in ``load_state_dict``; the
+    template of a fresh module holds them at their initial shapes. The dtype must still match.
+    """
+    saved = tree.get("buffers") if isinstance(tree, dict) else None
+    if not isinstance(saved, dict):
+        return like
+    changed = {}
+    for prefix, sub in like.module.named_modules():
+        if type(sub)._load_from_state_dict is torch.nn.Module._load_from_state_dict:
+            continue
+        for local, _ in sub.named_buffers(recurse=False):
+            name = f"{prefix}.{local}" if prefix else local
+            have, got = like.buffers.get(name), saved.get(name)
+            if (
+                isinstance(have, torch.Tensor)
+                and isinstance(got, torch.Tensor)
+                and got.shape != have.shape
+                and got.dtype == have.dtype
+            ):
+                changed[name] = have.new_empty(got.shape)
+    return like.replace(buffers={**like.buffers, **changed}) if changed else like
+
+
 def _load(
     path: str | os.PathLike[str],
     like: Any,
@@ -249,6 +276,8 @@ def _load(
         tree, manifest = read_for(path, template_leaves, map_location=map_location, digest=digest)
     else:
         tree, manifest = read_tree(path, map_location=map_location, digest=digest)
+        if isinstance(like, TrainState):
+            like = _resized_buffers(like, tree)
     _warn_versions(manifest, path)
     if like is None:
         return tree, manifest

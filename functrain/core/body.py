@@ -124,6 +124,7 @@ def gradients(
             state,
             {**leaves, **state.frozen, **buffers},
             batch,
+            watch={**state.params, **state.frozen},
             then=lambda loss, aux: (
                 loss.detach(),
                 {k: v.detach() for k, v in aux.items()},
@@ -437,12 +438,17 @@ def _finite_buffers(
 ) -> dict[str, torch.Tensor]:
     """The new buffers, each floating one kept as it was where the batch made it non-finite.
 
-    `members`: a stacked state's K, on its stacked buffers: each member's kept or not alone.
+    `members`: a stacked state's K, on its stacked buffers: each member's kept or not alone. A
+    buffer the forward gave a new shape (a quantization observer's first statistics) has no value
+    to keep: the new one stays.
     """
     if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
         # a batch with non-finite statistics must not enter the running averages either
+        old = state.buffers
         buffers = {
-            n: torch.where(_finite(b, members), b, state.buffers[n]) if b.is_floating_point() else b
+            n: torch.where(_finite(b, members), b, old[n])
+            if b.is_floating_point() and b.shape == old[n].shape
+            else b
             for n, b in buffers.items()
         }
     return buffers
@@ -552,7 +558,13 @@ def eval_body(
         torch.no_grad(),
         sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext(),
     ):
-        loss, aux = call_loss(state, {**weights, **state.frozen, **buffers}, batch, eval_fn)
+        loss, aux = call_loss(
+            state,
+            {**weights, **state.frozen, **buffers},
+            batch,
+            eval_fn,
+            watch={**weights, **state.frozen},
+        )
     return {"loss": loss.float(), **aux}
 
 

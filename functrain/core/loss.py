@@ -142,13 +142,15 @@ def call_loss(
     eval_fn: Any = None,
     *,
     then: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any] | None = None,
+    watch: Mapping[str, torch.Tensor] | None = None,
 ) -> Any:
     """``state.loss_fn`` (or `eval_fn`) on a `BoundModel` of `tensors` (autocast for bf16/fp16).
 
     Returns ``(loss, metrics)``, or with `then` what ``then(loss, metrics)`` returns, called while
     the module still holds `tensors`: a step's backward runs there, since activation checkpointing
     (``torch.utils.checkpoint`` with ``use_reentrant=False``) runs the forward of its blocks again
-    during the backward, on the module as it is then.
+    during the backward, on the module as it is then. `watch`: the state's tensors among `tensors`
+    that the loss function must not write in place (its parameters and frozen parameters).
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
@@ -159,6 +161,7 @@ def call_loss(
     name = "loss_fn" if eval_fn is None else "eval_fn"
     fn = state.loss_fn if eval_fn is None else eval_fn
     dtype = _AUTOCAST.get(state.options.precision)
+    versions = [t._version for t in watch.values()] if watch else None
     with bound(state.module, tensors) as model:
         try:
             if dtype is None:
@@ -174,8 +177,28 @@ def call_loss(
                 if refused is not None:
                     raise refused from e
             raise loss_failure(e, batch, state.module, tensors, name) from e
+        if versions is not None and watch is not None:
+            _check_unwritten(watch, versions, name)
         loss, aux = split_loss(out, name)
         return (loss, aux) if then is None else then(loss, aux)
+
+
+def _check_unwritten(watch: Mapping[str, torch.Tensor], versions: list[int], name: str) -> None:
+    """Raise if the loss function wrote one of the state's (frozen) parameters in place.
+
+    Raises:
+        ConfigError: naming the first tensor written and the fix.
+    """
+    for (key, t), version in zip(watch.items(), versions, strict=True):
+        if t._version != version:
+            raise ConfigError(
+                f"{name} wrote the state's tensor {key!r} in place (a frozen teacher updated in "
+                "forward, a weight renormalized in forward, ...): a step hands the forward the "
+                "state's own parameters, which no step may change, and the state given to this "
+                "step has now been written; hold a tensor that the forward updates as a buffer "
+                "(register_buffer): the step carries buffers as state and gives the forward a "
+                "copy of them"
+            )
 
 
 # torch's refusal of reentrant activation checkpointing under `torch.autograd.grad` (its words

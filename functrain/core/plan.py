@@ -142,11 +142,16 @@ class StepPlan:
     def _finite(
         self, buffers: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The new buffers, each floating one kept as it was where the batch made it non-finite."""
+        """The new buffers, each floating one kept as it was where the batch made it non-finite.
+
+        (A buffer the forward gave a new shape has no value to keep: `body`'s rule.)
+        """
         if not self.guard_buffers:
             return buffers
         return {
-            n: torch.where(torch.isfinite(b).all(), b, old[n]) if b.is_floating_point() else b
+            n: torch.where(torch.isfinite(b).all(), b, old[n])
+            if b.is_floating_point() and b.shape == old[n].shape
+            else b
             for n, b in buffers.items()
         }
 

@@ -115,8 +115,9 @@ def module_problems(module: nn.Module) -> list[str]:
     """What a step cannot run as torch does on `module`, each with its fix (empty if nothing).
 
     A lazy module not yet run (``nn.LazyLinear``: its parameters have no shape until the first
-    forward). A parameter with a ``register_post_accumulate_grad_hook``: the step takes gradients
-    without accumulating them into ``.grad``, where such a hook runs.
+    forward). An embedding with ``max_norm`` (it writes its weight in place in forward). A
+    parameter with a ``register_post_accumulate_grad_hook``: the step takes gradients without
+    accumulating them into ``.grad``, where such a hook runs.
 
     Example:
         >>> lin = torch.nn.Linear(2, 2)
@@ -133,6 +134,14 @@ def module_problems(module: nn.Module) -> list[str]:
             "...) takes its shapes in its first forward; run it once on an example batch "
             "(model(example)) before TrainState.create"
         )
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
+            problems.append(
+                f"the embedding {name or type(sub).__name__!r} has max_norm={sub.max_norm}: it "
+                "renormalizes the rows it looks up in place, in forward, which would write the "
+                "state's parameters (no step changes them); drop max_norm, or renormalize in the "
+                "loss function: torch.renorm on the looked-up rows, or clip in a transform"
+            )
     for name, p in module.named_parameters():
         if getattr(p, "_post_accumulate_grad_hooks", None):
             problems.append(
