@@ -24,9 +24,10 @@ writes into it, so its floor is the donated row itself.
 ``activation_checkpointing_enable`` (``use_reentrant=False``; ``gradient_checkpointing_enable``
 before `transformers` 5), the hand-written fused AdamW loop beside `train_step` (donated and pure)
 and `fit(donate=True)`. It prints each row's peak over the built model in MiB and its time a
-step (on the CPU each allocation of 64 KiB or more mapped on its own, ``MALLOC_MMAP_THRESHOLD_``, so
-that the resident high-water mark follows the live tensors), and the ratios the targets are stated in: functrain's peak with checkpointing over the
-hand-written loop's with it (target <= 1.05), and over each loop's peak without it (target < 1).
+step (on the CPU each allocation of 64 KiB or more mapped on its own, ``MALLOC_MMAP_THRESHOLD_``,
+so that the resident high-water mark follows the live tensors), and the ratios the targets are
+stated in: functrain's peak with checkpointing over the hand-written loop's with it (target
+<= 1.05), and over each loop's peak without it (target < 1).
 """
 
 from __future__ import annotations

@@ -222,7 +222,16 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
         return _member_norms(tensors)
     if norms.across is not None:
         return _norm_across(tensors, norms.across)
-    found = torch._foreach_norm(list(tensors))
+    found: Sequence[torch.Tensor]
+    try:
+        found = torch._foreach_norm(list(tensors))
+    except (NotImplementedError, RuntimeError):
+        if not any(t.is_sparse for t in tensors):
+            raise
+        # a sparse gradient (`nn.Embedding(sparse=True)`): the norm of its rows summed
+        found = [
+            torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t) for t in tensors
+        ]
     # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
     return torch.linalg.vector_norm(
         torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])

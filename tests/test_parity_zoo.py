@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 import functrain as ft
 from functrain.errors import FunctrainError
 from tests.comparisons import assert_trees_equal
+from tests.optim import test_sparse as sparse_cases
 
 STEPS = 3
 LR = 1e-2
@@ -521,3 +522,33 @@ def test_eval_step_refuses_a_forward_that_writes_the_weights() -> None:
     state = ft.TrainState.create(build("parameter-written-in-forward"), ft.adamw(LR), classify)
     with pytest.raises(FunctrainError, match="wrote the state's tensor 'lin.weight'"):
         ft.eval_step(state, batches("parameter-written-in-forward")[0])
+
+
+# sparse embeddings, per optimizer: bit for bit against torch.optim's (tests/optim/test_sparse.py
+# runs them on every step kind), or refused at create
+SPARSE_REFUSED = {
+    "sgd-momentum": (lambda: ft.sgd(0.1, momentum=0.9), "grows by the rows of every step"),
+    "adamw": (lambda: ft.adamw(1e-3), "cannot take the sparse gradients"),
+    "adam": (lambda: ft.adam(1e-3), "cannot take the sparse gradients"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(sparse_cases.OPTIMIZERS))
+def test_a_sparse_embedding_trains_bit_for_bit_per_optimizer(name: str) -> None:
+    state = ft.TrainState.create(
+        sparse_cases.model(True), sparse_cases.OPTIMIZERS[name][0](), sparse_cases.loss_fn
+    )
+    for batch in sparse_cases.batches():
+        state, _ = ft.train_step(state, batch)
+    ref = sparse_cases.params_of(sparse_cases.torch_run(name, True))
+    assert_trees_equal(ref, dict(state.params))
+
+
+@pytest.mark.parametrize("name", list(SPARSE_REFUSED))
+def test_a_sparse_embedding_is_refused_by_the_optimizers_torch_has_no_sparse_path_in(
+    name: str,
+) -> None:
+    optimizer, words = SPARSE_REFUSED[name]
+    with pytest.raises(FunctrainError, match=words):
+        ft.TrainState.create(sparse_cases.model(), optimizer(), sparse_cases.loss_fn)

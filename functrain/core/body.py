@@ -523,6 +523,9 @@ def in_param_layouts(
     """
     if under_vmap() or all(g.stride() == params[k].stride() for k, g in grads.items()):
         return grads
+    if any(g.is_sparse for g in grads.values()):  # (`nn.Embedding(sparse=True)`): kept as it is
+        dense = {k: g for k, g in grads.items() if not g.is_sparse}
+        return {**grads, **in_param_layouts(dense, params)}
     aligned = in_layouts_of(list(grads.values()), [params[k] for k in grads])
     return dict(zip(grads, aligned, strict=True))
 

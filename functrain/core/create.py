@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from functrain.core.options import GradStats, StepOptions, build_transform
-from functrain.core.structure import module_problems, weightless
+from functrain.core.structure import module_problems, sparse_parameters, weightless
 from functrain.distributed.data_parallel import (
     DistConfig,
     broadcast_tensors,
@@ -37,6 +37,7 @@ from functrain.errors import ConfigError, listed
 from functrain.optim.averaging import ema
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rules.sparse import sparse_twin, takes_sparse
 from functrain.tree import Tree
 
 __all__ = [
@@ -101,6 +102,7 @@ def initial_fields(
         init,
         grad_stats,
     )
+    optimizer = _for_sparse(optimizer, sparse_parameters(module), options, grad_stats, sharding)
     tx = build_transform(optimizer, options)
     decay = options.ema_decay
     averager = ema(decay, warmup=options.ema_warmup) if decay is not None else None
@@ -147,6 +149,56 @@ def initial_fields(
         "averager": averager,
         "grad_stats": grad_stats,
     }
+
+
+def _for_sparse(
+    optimizer: Transform,
+    sparse: list[str],
+    options: StepOptions,
+    grad_stats: GradStats | None,
+    sharding: Sharding | None,
+) -> Transform:
+    """The optimizer that trains the module's sparse parameters as torch.optim does.
+
+    ``sgd(...)`` and ``adagrad(...)`` become their sparse form (torch's single-tensor update, which
+    torch.optim runs when a gradient is sparse: `functrain.optim.rules.sparse`); `sparse_adam` and
+    a `partition` holding a sparse-capable group stay as they are.
+
+    Raises:
+        ConfigError: what cannot train sparse gradients as torch does, each with its fix.
+    """
+    if not sparse:
+        return optimizer
+    names = ", ".join(sparse[:3]) + (", ..." if len(sparse) > 3 else "")
+    problems = []
+    twin = sparse_twin(optimizer)
+    if isinstance(twin, str):
+        problems.append(f"{twin} (the sparse gradients of {names})")
+    elif twin is None and not takes_sparse(optimizer):
+        problems.append(
+            f"{optimizer.name} cannot take the sparse gradients of {names} "
+            "(nn.Embedding(sparse=True)); torch.optim trains them with SGD (no momentum), Adagrad "
+            "and SparseAdam: use functrain.sgd(lr), functrain.adagrad(lr), or "
+            "functrain.partition(labels, rows=functrain.sparse_adam(lr), dense=...) for the "
+            "embeddings, or make the embedding dense (sparse=False)"
+        )
+    for what, refused in (
+        ("clip_grad_norm", options.clip_grad_norm is not None),
+        ("accumulate_steps > 1", options.accumulate_steps > 1),
+        ("precision='fp16' (loss scaling)", options.precision == "fp16"),
+        ("grad_stats", grad_stats is not None),
+        ("sharding", sharding is not None),
+    ):
+        if refused:
+            problems.append(
+                f"{what} with the sparse gradients of {names}: torch.optim has no such path for "
+                "sparse gradients (torch.nn.utils.clip_grad_norm_ fails on them), and functrain "
+                "refuses it rather than differ; drop it, or make the embedding dense "
+                "(sparse=False)"
+            )
+    if problems:
+        raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
+    return twin()._replace(name=optimizer.name) if callable(twin) else optimizer
 
 
 def _group(config: DistConfig | None) -> DistConfig:

@@ -36,6 +36,7 @@ from torch import nn
 
 from functrain.core.options import build_transform
 from functrain.core.state import TrainState
+from functrain.core.structure import sparse_parameters
 from functrain.errors import ConfigError
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.batching import register
@@ -146,6 +147,13 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     states = list(states)
     optimizer, tx = _check_members(states)
     _refuse_unbatchable(optimizer)
+    sparse = sparse_parameters(states[0].module)
+    if sparse:
+        raise ConfigError(
+            f"stack cannot batch the sparse gradients of {', '.join(sparse[:3])} "
+            "(nn.Embedding(sparse=True)): torch.vmap has no rule for sparse tensors; train the "
+            "members apart, or make the embedding dense (sparse=False) to stack them"
+        )
     _warn_if_copies(states, tx)
     first = states[0]
     transposed = _laid_out_with(first, transposed_weights(first.module, first.device))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-__all__ = ["WEIGHTLESS", "grad_hooks", "module_problems", "weightless"]
+__all__ = ["WEIGHTLESS", "grad_hooks", "module_problems", "sparse_parameters", "weightless"]
 
 
 # one structure per module object, so states created again from it (a resume) share compiled
@@ -152,3 +152,20 @@ def module_problems(module: nn.Module) -> list[str]:
                 "transform), or in a fit callback)"
             )
     return problems
+
+
+def sparse_parameters(module: nn.Module) -> list[str]:
+    """The names of the parameters whose gradients are sparse: ``nn.Embedding(sparse=True)``'s
+    and ``nn.EmbeddingBag(sparse=True)``'s weights (the first name of a tied one).
+
+    Example:
+        >>> net = torch.nn.ModuleDict({"emb": torch.nn.Embedding(5, 2, sparse=True)})
+        >>> sparse_parameters(net)
+        ['emb.weight']
+    """
+    owners = {
+        id(sub.weight)
+        for sub in module.modules()
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.sparse
+    }
+    return [name for name, p in module.named_parameters() if id(p) in owners]

@@ -42,6 +42,7 @@ from functrain.optim.presets import (
     rmsprop,
     rprop,
     sgd,
+    sparse_adam,
 )
 from functrain.optim.rules.adadelta import scale_by_adadelta
 from functrain.optim.rules.adafactor import adafactor_step
@@ -111,6 +112,7 @@ __all__ = [
     "scale_by_rms",
     "schedules",
     "sgd",
+    "sparse_adam",
     "skip_nonfinite",
     "sweep",
     "trace",

@@ -43,6 +43,12 @@ from functrain.optim.rules.lion import scale_by_lion
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
 from functrain.optim.rules.rms import scale_by_rms
 from functrain.optim.rules.rprop import scale_by_rprop
+from functrain.optim.rules.sparse import (
+    sparse_adagrad,
+    sparse_adam_update,
+    sparse_sgd,
+    with_sparse_twin,
+)
 from functrain.optim.rules.trace import trace
 from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.sweep import Sweep
@@ -218,15 +224,25 @@ def sgd(
     )  # torch's foreach and single-tensor bits: the chain
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
     if (fused or fused is None) and not dampening:
-        return fused_sgd(
-            lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize
+        tx = fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize)
+    else:
+        tx = chain(
+            *_ascent(maximize),
+            _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+            _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
+            scale_by_learning_rate(lr),
         )
-    return chain(
-        *_ascent(maximize),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
-        scale_by_learning_rate(lr),
-    )
+    if momentum:
+        return with_sparse_twin(
+            tx,
+            "sgd with momentum: torch.optim.SGD keeps the momentum of a sparse gradient as a "
+            "sparse tensor that grows by the rows of every step, which a state of dense tensors "
+            "cannot hold bit for bit; use momentum=0, functrain.adagrad or functrain.sparse_adam, "
+            "or sparse=False",
+        )
+    if weight_decay:
+        return with_sparse_twin(tx, _SPARSE_DECAY.format("sgd"))
+    return with_sparse_twin(tx, lambda: sparse_sgd(lr, maximize=maximize))
 
 
 @replaces("adam")
@@ -613,17 +629,92 @@ def adagrad(
     )  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adagrad", lr)
     if fused or fused is None:
-        return fused_adagrad(
+        tx = fused_adagrad(
             lr, eps, lr_decay, initial_accumulator_value, weight_decay, mask=mask, maximize=maximize
         )
-    return chain(
-        *_ascent(maximize),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_adagrad(
-            eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay
+    else:
+        tx = chain(
+            *_ascent(maximize),
+            _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+            scale_by_adagrad(
+                eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay
+            ),
+            scale_by_learning_rate(lr),
+        )
+    if weight_decay:
+        return with_sparse_twin(tx, _SPARSE_DECAY.format("adagrad"))
+    return with_sparse_twin(
+        tx,
+        lambda: sparse_adagrad(
+            lr,
+            eps,
+            lr_decay=lr_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            maximize=maximize,
         ),
-        scale_by_learning_rate(lr),
     )
+
+
+# why sgd and adagrad with weight decay take no sparse gradient (torch's own refusal, raw)
+_SPARSE_DECAY = (
+    "{} with weight_decay: torch.optim refuses weight decay with sparse gradients (its words: "
+    "weight_decay option is not compatible with sparse gradients); use weight_decay=0, or "
+    "sparse=False"
+)
+
+
+@named
+def sparse_adam(
+    lr: LearningRate = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    maximize: bool = False,
+) -> Transform:
+    """``torch.optim.SparseAdam(lr, betas=(b1, b2), eps, maximize=)``, bit for bit.
+
+    Adam on the rows of sparse gradients (``nn.Embedding(sparse=True)``,
+    ``nn.EmbeddingBag(sparse=True)``): the moments, dense as torch keeps them, and the parameters
+    move at the rows a batch looked up, with the bias corrections of the step count. It takes
+    sparse gradients only, as torch's does: give the rest of the model a dense optimizer with
+    `functrain.partition`, as torch users pair ``SparseAdam`` with ``Adam``.
+
+    Args:
+        lr: learning rate: a float or a schedule.
+        b1, b2: the moments' decay rates, in [0, 1).
+        eps: denominator epsilon, > 0.
+        maximize: ascend the objective.
+
+    Returns:
+        A `Transform` (`functrain.optim.rules.sparse`).
+
+    Raises:
+        ConfigError: a hyperparameter out of range; a dense gradient (at the update).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.emb = torch.nn.Embedding(100, 8, sparse=True)
+        ...         self.head = torch.nn.Linear(8, 1)
+        ...     def forward(self, ids):
+        ...         return self.head(self.emb(ids).mean(1))
+        >>> tx = ft.partition(
+        ...     lambda name, p: "rows" if name.startswith("emb.") else "dense",
+        ...     rows=ft.sparse_adam(1e-3),
+        ...     dense=ft.adam(1e-3),
+        ... )
+        >>> state = ft.TrainState.create(Net(), tx, lambda m, ids: m(ids).square().mean())
+        >>> state, metrics = ft.train_step(state, torch.randint(0, 100, (4, 5)))
+        >>> int(state.step)
+        1
+    """
+    problems: list[str] = []
+    check_learning_rate(problems, "lr", lr)
+    config_check(problems, "sparse_adam")
+    return sparse_adam_update(lr, b1, b2, eps, maximize=maximize)
 
 
 @replaces("lion")

@@ -36,6 +36,7 @@ from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rules.sparse import takes_sparse, takes_sparse_too
 from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
 from functrain.optim.zeros import counter, writable, zeros_like
 from functrain.tree import (
@@ -362,7 +363,9 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             tuple(states)
         )
 
-    return Transform(init_fn, with_extras(update_fn))
+    grouped = Transform(init_fn, with_extras(update_fn))
+    # a group for sparse gradients (`functrain.sparse_adam`): the embeddings' rows go there
+    return takes_sparse_too(grouped) if any(map(takes_sparse, transforms.values())) else grouped
 
 
 class SkipNonfiniteState(NamedTuple):

@@ -16,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_structure
 
 import functrain as ft
+from functrain.optim.rules import sparse
 from functrain.tree import tree_leaves
 from tests.comparisons import assert_trees_equal
 
@@ -76,6 +77,11 @@ TRANSFORMS: dict[str, Callable[[], ft.Transform]] = {
     ),
     "adagrad": lambda: ft.adagrad(lr=0.1, lr_decay=0.01),
     "lion": lambda: ft.lion(lr=1e-3, weight_decay=0.1),
+    # the forms sgd and adagrad take for a module with sparse gradients, on dense ones here
+    "sparse_sgd_schedule_maximize": lambda: sparse.sparse_sgd(halving, maximize=True),
+    "sparse_adagrad": lambda: sparse.sparse_adagrad(
+        0.1, lr_decay=0.01, initial_accumulator_value=0.1
+    ),
     # torch's other arguments, with weight decay and maximize
     "sgd_torch_default_lr_maximize": lambda: ft.sgd(momentum=0.9, weight_decay=1e-2, maximize=True),
     "adam_decoupled_maximize": lambda: ft.adam(

@@ -1,0 +1,224 @@
+"""Sparse gradients (``nn.Embedding(sparse=True)``) train as under torch.optim, or are refused.
+
+`sgd` (no momentum), `adagrad` and `sparse_adam` (beside a dense optimizer through `partition`)
+against ``torch.optim.SGD``, ``Adagrad`` and ``SparseAdam`` + ``Adam``, bit for bit: the pure step
+(its input untouched), the donated step, `fit`, and a run saved and resumed. Everything torch has
+no sparse path for is refused by `TrainState.create`, naming the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import functrain as ft
+from functrain.errors import ConfigError
+from tests.comparisons import assert_trees_equal
+
+STEPS = 5
+
+
+class Recommender(nn.Module):
+    """A sparse embedding and a sparse embedding bag (tied to nothing), and a dense head."""
+
+    def __init__(self, bag: bool = False) -> None:
+        super().__init__()
+        self.items = nn.Embedding(40, 6, sparse=True)
+        self.users = nn.EmbeddingBag(30, 6, mode="sum", sparse=True) if bag else None
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        items, users = batch
+        h = self.items(items).mean(1)
+        if self.users is not None:
+            h = h + self.users(users)
+        return self.head(torch.tanh(h))
+
+
+def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    (items, users), labels = batch
+    return F.cross_entropy(model((items, users)), labels)
+
+
+def batches(n: int = STEPS) -> list[Any]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        items = torch.randint(0, 40, (8, 4), generator=gen)  # rows repeat: uncoalesced gradients
+        users = torch.randint(0, 30, (8, 3), generator=gen)
+        out.append(((items, users), torch.randint(0, 3, (8,), generator=gen)))
+    return out
+
+
+def model(bag: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return Recommender(bag)
+
+
+def rows(name: str, p: torch.Tensor) -> str:
+    return "rows" if name.startswith(("items.", "users.")) else "dense"
+
+
+# name: (functrain optimizer, torch optimizers over the reference module)
+OPTIMIZERS: dict[str, tuple[Callable[[], ft.Transform], Callable[[nn.Module], list[Any]]]] = {
+    "sgd": (lambda: ft.sgd(0.2), lambda m: [torch.optim.SGD(m.parameters(), 0.2)]),
+    "sgd-maximize": (
+        lambda: ft.sgd(0.2, maximize=True),
+        lambda m: [torch.optim.SGD(m.parameters(), 0.2, maximize=True)],
+    ),
+    "adagrad": (
+        lambda: ft.adagrad(0.1, lr_decay=0.05, initial_accumulator_value=0.1),
+        lambda m: [
+            torch.optim.Adagrad(m.parameters(), 0.1, lr_decay=0.05, initial_accumulator_value=0.1)
+        ],
+    ),
+    "sparse_adam+adam": (
+        lambda: ft.partition(rows, rows=ft.sparse_adam(0.01), dense=ft.adam(0.01, fused=False)),
+        lambda m: [
+            torch.optim.SparseAdam(
+                [p for n, p in m.named_parameters() if rows(n, p) == "rows"], 0.01
+            ),
+            torch.optim.Adam([p for n, p in m.named_parameters() if rows(n, p) == "dense"], 0.01),
+        ],
+    ),
+}
+
+
+def torch_run(name: str, bag: bool, n: int = STEPS) -> nn.Module:
+    ref = model(bag)
+    opts = OPTIMIZERS[name][1](ref)
+    for batch in batches(n):
+        loss_fn(ref, batch).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return ref
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach() for k, p in module.named_parameters()}
+
+
+def create(name: str, bag: bool) -> ft.TrainState:
+    return ft.TrainState.create(model(bag), OPTIMIZERS[name][0](), loss_fn)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding-and-bag"])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_sparse_gradients_train_as_under_torch_optim(name: str, donate: bool, bag: bool) -> None:
+    state = create(name, bag)
+    for batch in batches():
+        before = None if donate else state.clone()
+        given = state
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        assert torch.isfinite(metrics["grad_norm"])
+        if before is not None:
+            assert ft.diff_states(before, given) == []
+    assert_trees_equal(params_of(torch_run(name, bag)), dict(state.params))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_sparse_run_saved_and_resumed_equals_the_run_never_stopped(
+    name: str, tmp_path: Path
+) -> None:
+    state = create(name, True)
+    data = batches()
+    for batch in data[:2]:
+        state, _ = ft.train_step(state, batch)
+    resumed = ft.load(ft.save(state, tmp_path / "ckpt"), like=create(name, True))
+    for batch in data[2:]:
+        state, _ = ft.train_step(state, batch, donate=True)
+        resumed, _ = ft.train_step(resumed, batch, donate=True)
+    assert_trees_equal(state.tree(), resumed.tree())
+    assert_trees_equal(params_of(torch_run(name, True)), dict(resumed.params))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_fit_trains_a_sparse_model_as_torch() -> None:
+    state = create("adagrad", True)
+    result = ft.fit(
+        state, batches(), max_epochs=1, shuffle=False, progress=False, verbosity="silent"
+    )
+    assert int(result.state.step) == STEPS
+    assert_trees_equal(params_of(torch_run("adagrad", True)), dict(result.state.params))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_non_finite_sparse_step_is_skipped_leaving_everything_as_it_was(
+    name: str, donate: bool
+) -> None:
+    state = create(name, False)
+    data = batches()
+    state, _ = ft.train_step(state, data[0])
+    kept = state.clone()
+
+    def poisoned(m: nn.Module, batch: Any) -> torch.Tensor:
+        return loss_fn(m, batch) * float("nan")
+
+    bad = ft.TrainState.replace(state, loss_fn=poisoned)
+    after, metrics = ft.train_step(bad, data[1], donate=donate)
+    assert float(metrics["skipped"]) == 1.0
+    assert_trees_equal(kept.params, after.params)
+    assert_trees_equal(kept.opt_state.inner, after.opt_state.inner)
+
+
+def test_sparse_adam_refuses_dense_gradients_naming_partition() -> None:
+    with pytest.raises(ConfigError, match="sparse gradients only.*partition"):
+        state = ft.TrainState.create(model(), ft.sparse_adam(0.01), loss_fn)
+        ft.train_step(state, batches()[0])
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options", "words"),
+    [
+        (lambda: ft.sgd(0.1, momentum=0.9), {}, "sgd with momentum.*grows by the rows"),
+        (lambda: ft.sgd(0.1, weight_decay=0.01), {}, "sgd with weight_decay.*weight_decay=0"),
+        (lambda: ft.adagrad(0.1, weight_decay=0.01), {}, "adagrad with weight_decay"),
+        (lambda: ft.adamw(1e-3), {}, r"adamw\(.*cannot take the sparse gradients of items.weight"),
+        (lambda: ft.rmsprop(1e-3), {}, "SGD \\(no momentum\\), Adagrad and SparseAdam"),
+        (lambda: ft.sgd(0.1), {"clip_grad_norm": 1.0}, "clip_grad_norm with the sparse"),
+        (lambda: ft.sgd(0.1), {"accumulate_steps": 2}, "accumulate_steps > 1 with the sparse"),
+        (lambda: ft.adagrad(0.1), {"precision": "fp16"}, "precision='fp16'"),
+        (lambda: ft.adagrad(0.1), {"grad_stats": "layer"}, "grad_stats with the sparse"),
+    ],
+)
+def test_what_torch_cannot_train_sparse_is_refused_at_create(
+    optimizer: Callable[[], ft.Transform], options: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ConfigError, match=words):
+        ft.TrainState.create(model(), optimizer(), loss_fn, **options)
+
+
+def test_a_dense_model_keeps_the_fused_optimizer() -> None:
+    dense = nn.Linear(3, 2)
+    state = ft.TrainState.create(dense, ft.sgd(0.1), lambda m, b: m(b).sum())
+    assert type(state.opt_state).__name__ != "SparseSgdState"
+    sparse = ft.TrainState.create(model(), ft.sgd(0.1), loss_fn)
+    assert type(sparse.opt_state.inner).__name__ == "SparseSgdState"
+    assert "inner=sgd(lr=0.1," in sparse.tx.name  # the name the user gave, in its checkpoints
+
+
+def test_a_copy_of_the_model_the_state_trains_stays_untouched() -> None:
+    net = model(True)
+    ref = copy.deepcopy(net)
+    state = ft.TrainState.create(net, ft.sgd(0.1), loss_fn)
+    ft.train_step(state, batches()[0], donate=True)
+    assert_trees_equal(params_of(ref), params_of(net))
+
+
+def test_stack_refuses_sparse_members_naming_the_way_out() -> None:
+    members = [create("sgd", False), create("sgd", False)]
+    with pytest.raises(ConfigError, match="stack cannot batch the sparse gradients of items"):
+        ft.stack(members)
