@@ -339,7 +339,21 @@ def _update(
     norms = extras.norms.sharing(grad_list, grad_norm) if not _functional() else extras.norms
     reported: dict[str, torch.Tensor] = {}  # accumulation reports the norm of its mean gradient
     given = extras._replace(norms=norms, reported=reported)
-    updates, opt_state = update_with(state.tx, grads, state.opt_state, state.params, given)
+    try:
+        updates, opt_state = update_with(state.tx, grads, state.opt_state, state.params, given)
+    except (RuntimeError, NotImplementedError) as error:
+        sparse = [k for k, g in grads.items() if g.is_sparse]
+        if not sparse:
+            raise
+        raise ConfigError(
+            f"the optimizer cannot take the sparse gradients of {', '.join(sparse[:3])} (torch "
+            f"said: {str(error).splitlines()[0]}); torch.optim has a sparse path in SGD, Adagrad "
+            "and SparseAdam only: give them functrain.sgd, functrain.adagrad or "
+            "functrain.sparse_adam (in a partition, their group), which take the sparse form for "
+            "the weights of nn.Embedding / nn.EmbeddingBag(sparse=True) (a weight made sparse in "
+            "forward, F.embedding(..., sparse=True), is not seen before the first step: use the "
+            "module), or make the embedding dense (sparse=False)"
+        ) from error
     grad_norm = reported.get("grad_norm", grad_norm)
     if scale is not None:
         grad_norm = grad_norm / scale

@@ -102,8 +102,10 @@ def initial_fields(
         init,
         grad_stats,
     )
-    optimizer = _for_sparse(optimizer, sparse_parameters(module), options, grad_stats, sharding)
-    tx = build_transform(optimizer, options)
+    # the state keeps the optimizer given; its transform runs the sparse form where it has one
+    tx = build_transform(
+        _for_sparse(optimizer, sparse_parameters(module), options, grad_stats, sharding), options
+    )
     decay = options.ema_decay
     averager = ema(decay, warmup=options.ema_warmup) if decay is not None else None
     meta = has_meta_tensors(module)

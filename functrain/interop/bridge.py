@@ -6,9 +6,11 @@ state torch reached; `ConvertedOptimizer.create_state` builds the `TrainState` t
 run. `to_torch_state_dict` goes the other way: a functrain state as the ``state_dict`` that the
 matching torch optimizer loads and continues from.
 
-Supported: every gradient optimizer of `torch.optim` but `LBFGS` and `SparseAdam`; a `Muon` run,
+Supported: every gradient optimizer of `torch.optim` but `LBFGS`; a `Muon` run,
 whose optimizer takes matrices only, as the list of its optimizers over disjoint parameters
-(``[muon, adamw]``: one `partition` group per torch group, in list order). Which torch
+(``[muon, adamw]``: one `partition` group per torch group, in list order), and so a
+`SparseAdam` run (``[sparse_adam, adam]``; `SGD` and `Adagrad` of a module with sparse embeddings
+continue in their sparse form, `functrain.optim.rules.sparse`). Which torch
 implementation a functrain transform continues bit for bit (float32, measured; the table is
 `functrain.interop.torch_classes`):
 
@@ -198,8 +200,9 @@ def from_torch_optimizer(
     says so. The error for a live optimizer passed where a transform belongs writes the same call.
 
     Args:
-        optimizer: a live `torch.optim` optimizer (any but `LBFGS` and `SparseAdam`), or a list of
-            them over disjoint parameters (a `Muon` and the `AdamW` for the rest).
+        optimizer: a live `torch.optim` optimizer (any but `LBFGS`), or a list of them over
+            disjoint parameters (a `Muon` and the `AdamW` for the rest; a `SparseAdam` for
+            sparse embeddings and an `Adam` for the rest).
         module: the module whose parameters it updates (their names key the functrain state).
         lr: None: each group's current ``lr``, held constant (with a `ConversionWarning` where a
             torch scheduler drives the group: pass `scheduler`); a float or schedule for every
@@ -923,7 +926,9 @@ def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:
     Its own tensor (None: it has none), or the group's one value repeated.
     """
     own = value[j] if isinstance(value, tuple) else value
-    return key, None if own is None else own.detach().clone()
+    if not isinstance(own, torch.Tensor):  # a Python number (SparseAdam's step) or None
+        return key, own
+    return key, own.detach().clone()
 
 
 def _group_values(
@@ -969,9 +974,10 @@ def _group_values(
         count == 0 and not kind.built
     ):  # torch makes the state at the first step (Adagrad at construction)
         return {}
-    values: dict[str, Any] = (
-        {"step": counted[0].count.to(device="cpu", dtype=torch.float32)} if kind.counted else {}
-    )
+    values: dict[str, Any] = {}
+    if kind.counted:
+        step = counted[0].count
+        values["step"] = count if kind.int_step else step.to(device="cpu", dtype=torch.float32)
     for node in nodes.values():
         for field, key in KEYS[type(node)].items():
             value = getattr(node, field)

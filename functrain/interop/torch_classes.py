@@ -34,6 +34,7 @@ from functrain.optim.presets import (
     rmsprop,
     rprop,
     sgd,
+    sparse_adam,
 )
 from functrain.optim.rules.adadelta import ScaleByAdadeltaState
 from functrain.optim.rules.adafactor import AdafactorStepState
@@ -50,6 +51,7 @@ from functrain.optim.rules.learning_rate import LearningRateState, ScaleByLearni
 from functrain.optim.rules.muon import ScaleByMuonState
 from functrain.optim.rules.rms import ScaleByRmsState
 from functrain.optim.rules.rprop import ScaleByRpropState
+from functrain.optim.rules.sparse import SparseAdagradState, SparseAdamState
 from functrain.optim.rules.trace import TraceState
 
 __all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation"]
@@ -65,6 +67,8 @@ KEYS: dict[type, dict[str, str]] = {
     ScaleByRmsState: {"nu": "square_avg", "mu": "grad_avg"},
     ScaleByAdagradState: {"sum_of_squares": "sum"},
     FusedAdagradState: {"sum_of_squares": "sum"},
+    SparseAdagradState: {"sum_of_squares": "sum"},
+    SparseAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
     TraceState: {"trace": "momentum_buffer"},
     FusedSgdState: {"momentum": "momentum_buffer"},
     NadamStepState: {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},
@@ -90,6 +94,7 @@ class TorchClass(NamedTuple):
         counted: torch keeps a per-parameter ``step`` (SGD and Muon keep none).
         exact: the torch implementations the preset continues bit for bit.
         built: torch makes the per-parameter state at construction (Adagrad), not at the first step.
+        int_step: torch keeps the ``step`` as a Python int (SparseAdam), not a tensor.
     """
 
     preset: Callable[..., Transform]
@@ -98,6 +103,7 @@ class TorchClass(NamedTuple):
     counted: bool = True
     exact: frozenset[str] = frozenset({"foreach", "single"})
     built: bool = False
+    int_step: bool = False
 
 
 def _betas(group: dict[str, Any]) -> dict[str, float]:
@@ -145,7 +151,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
     torch.optim.Adagrad: TorchClass(
         adagrad,
         _pick("eps", "lr_decay", "initial_accumulator_value", "weight_decay"),
-        (FusedAdagradState, ScaleByAdagradState),
+        (FusedAdagradState, ScaleByAdagradState, SparseAdagradState),
         exact=_FUSED,
         built=True,
     ),
@@ -198,6 +204,13 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         ),
         (AdafactorStepState,),
         exact=frozenset({"single"}),
+    ),
+    torch.optim.SparseAdam: TorchClass(
+        sparse_adam,
+        lambda g: dict(**_betas(g), eps=g["eps"]),
+        (SparseAdamState,),
+        exact=_FUSED,  # one implementation, whatever the flags say
+        int_step=True,
     ),
     torch.optim.Muon: TorchClass(
         muon,

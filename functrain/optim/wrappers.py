@@ -36,7 +36,12 @@ from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.rules.sparse import takes_sparse, takes_sparse_too
+from functrain.optim.rules.sparse import (
+    sparse_twin,
+    takes_sparse,
+    takes_sparse_too,
+    with_sparse_twin,
+)
 from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
 from functrain.optim.zeros import counter, writable, zeros_like
 from functrain.tree import (
@@ -365,7 +370,22 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
 
     grouped = Transform(init_fn, with_extras(update_fn))
     # a group for sparse gradients (`functrain.sparse_adam`): the embeddings' rows go there
-    return takes_sparse_too(grouped) if any(map(takes_sparse, transforms.values())) else grouped
+    if any(map(takes_sparse, transforms.values())):
+        return takes_sparse_too(grouped)
+    twins = {name: sparse_twin(inner) for name, inner in transforms.items()}
+    if any(callable(twin) for twin in twins.values()):
+        # sgd or adagrad in a group (a converted torch run): each in its sparse form
+        return with_sparse_twin(
+            grouped,
+            lambda: partition(
+                labels,
+                **{
+                    name: twin()._replace(name=inner.name) if callable(twin) else inner
+                    for (name, inner), twin in zip(transforms.items(), twins.values(), strict=True)
+                },
+            ),
+        )
+    return grouped
 
 
 class SkipNonfiniteState(NamedTuple):

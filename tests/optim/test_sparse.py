@@ -222,3 +222,54 @@ def test_stack_refuses_sparse_members_naming_the_way_out() -> None:
     members = [create("sgd", False), create("sgd", False)]
     with pytest.raises(ConfigError, match="stack cannot batch the sparse gradients of items"):
         ft.stack(members)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_torch_run_with_sparse_embeddings_continues_in_functrain_and_back(name: str) -> None:
+    ref = model(True)
+    opts = OPTIMIZERS[name][1](ref)
+    data = batches(6)
+
+    def torch_step(batch: Any) -> None:
+        loss_fn(ref, batch).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for batch in data[:2]:
+        torch_step(batch)
+    run = ft.from_torch_optimizer(opts if len(opts) > 1 else opts[0], ref)
+    state = run.create_state(copy.deepcopy(ref), loss_fn)
+    for batch in data[2:4]:
+        torch_step(batch)
+        state, _ = ft.train_step(state, batch)
+    assert_trees_equal(params_of(ref), dict(state.params))
+    # and back: torch continues the functrain state
+    back = state.export_module().train()
+    again = OPTIMIZERS[name][1](back)
+    exported = ft.to_torch_state_dict(state, again if len(again) > 1 else again[0], back)
+    for opt, saved in zip(again, exported if len(again) > 1 else [exported], strict=True):
+        opt.load_state_dict(saved)
+    for batch in data[4:]:
+        torch_step(batch)
+        loss_fn(back, batch).backward()
+        for opt in again:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert_trees_equal(params_of(ref), params_of(back))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_a_sparse_gradient_the_optimizer_cannot_take_is_refused_leaving_the_state() -> None:
+    # the embeddings routed to a dense group of a partition by mistake
+    tx = ft.partition(
+        lambda name, p: "rows" if name.startswith("users.") else "dense",
+        rows=ft.sparse_adam(0.01),
+        dense=ft.adam(0.01),
+    )
+    state = ft.TrainState.create(model(True), tx, loss_fn)
+    before = state.clone()
+    with pytest.raises(ConfigError, match="cannot take the sparse gradients of items.weight"):
+        ft.train_step(state, batches()[0])
+    assert ft.diff_states(before, state) == []
