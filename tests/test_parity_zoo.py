@@ -4,10 +4,12 @@ One row per feature of a module that changes how it trains: activation checkpoin
 hooks, module hooks, tensors held in plain attributes, weight and spectral norm (old-style and
 parametrized), pruning, quantization-aware training, lazy modules, custom autograd Functions, tied,
 frozen and in-place-written weights, buffers written in forward, compiled submodules, RNNs,
-attention. Each row either trains bit for bit like
-``torch.optim.AdamW(fused=True)`` with ``loss.backward()`` (the pure step, which must leave its
-state unchanged, and the donated step; parameters and buffers; dropout drawn from the same
-generator) or is refused with a functrain error before the first step. Never silently different.
+attention. Each row either trains bit for bit like ``torch.optim.AdamW(fused=True)`` with
+``loss.backward()`` (the pure step, which must leave its state unchanged, and the donated step;
+parameters and buffers; dropout drawn from the same generator) or is refused with a functrain
+error, before the first step where anything can see it coming (a forward that writes the state's
+weights is seen at its first step). Sparse embeddings have rows per optimizer, against torch's SGD,
+Adagrad and SparseAdam. Never silently different.
 
 A row is a builder of the module (seeded), the batches, and what is expected. The next feature a
 user brings gets a row here.
