@@ -17,6 +17,7 @@ user brings gets a row here.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -554,3 +555,42 @@ def test_a_sparse_embedding_is_refused_by_the_optimizers_torch_has_no_sparse_pat
     optimizer, words = SPARSE_REFUSED[name]
     with pytest.raises(FunctrainError, match=words):
         ft.TrainState.create(sparse_cases.model(), optimizer(), sparse_cases.loss_fn)
+
+
+class Branching(nn.Module):
+    """A branch the batch switches off: its parameters get no gradient in those steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        return self.a(x) + self.b(x) if use_b else self.a(x)
+
+
+def test_a_parameter_unused_in_a_step_trains_as_torch_with_zero_grads_kept() -> None:
+    # functrain gives it a zero gradient: torch's loop with zero_grad(set_to_none=False), as
+    # docs/guides/porting.md says (torch's default skips the parameter that step)
+    def loss_fn(m: Any, batch: Any) -> torch.Tensor:
+        x, y, use_b = batch
+        return F.cross_entropy(m(x, use_b), y)
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(*vectors(gen), i % 2 == 0) for i in range(4)]
+    torch.manual_seed(0)
+    model = Branching()
+    runs = {}
+    for set_to_none in (False, True):
+        ref = copy.deepcopy(model)
+        opt = torch.optim.AdamW(ref.parameters(), LR, fused=True)
+        for batch in data:
+            loss_fn(ref, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+        runs[set_to_none] = module_tensors(ref)
+    state = ft.TrainState.create(model, ft.adamw(LR), loss_fn)
+    for batch in data:
+        state, _ = ft.train_step(state, batch)
+    assert_trees_equal(runs[False], dict(state.params))
+    assert not torch.equal(runs[True]["b.weight"], state.params["b.weight"])
