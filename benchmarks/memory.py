@@ -55,6 +55,23 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
+def _memory_now(device: torch.device) -> int:
+    """The bytes in use now (CUDA: allocated, its peak reset; CPU: resident), the row's base."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak(device: torch.device) -> int:
+    """The peak bytes since the base (CUDA: allocated; CPU: the resident high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _status_kib("VmHWM") * 1024
+
+
 def _build(device: torch.device) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
@@ -197,12 +214,7 @@ def measure_gpt2(row: str, checkpointed: bool, device: torch.device) -> dict[str
     import functrain  # noqa: F401 - imported before the base is read, in every row: not a step's
 
     model, batches = _gpt2(checkpointed, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _status_kib("VmRSS") * 1024
+    base = _memory_now(device)
     started: list[float] = []
 
     def mark() -> None:
@@ -213,11 +225,7 @@ def measure_gpt2(row: str, checkpointed: bool, device: torch.device) -> dict[str
     owned = [model]
     del model
     _gpt2_row(row)(owned.pop(), batches, mark)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _status_kib("VmHWM") * 1024
+    peak = _peak(device)
     step_s = (time.perf_counter() - started[0]) / GPT2_TIMED if started else float("nan")
     return {
         "row": row,
@@ -273,22 +281,13 @@ def measure(row: str, device: torch.device) -> dict[str, Any]:
     """Run `row` in this process; its peak over the built model, in parameter sizes."""
     model, batches = _build(device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _status_kib("VmRSS") * 1024
+    base = _memory_now(device)
     owned = [model]
     del (
         model
     )  # the row owns the model (a functrain row deletes it once the state holds the weights)
     ROWS[row](owned.pop(), batches)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _status_kib("VmHWM") * 1024
+    peak = _peak(device)
     return {
         "row": row,
         "device": str(device),
