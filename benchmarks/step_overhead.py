@@ -420,8 +420,13 @@ def _iqr(xs: list[float]) -> tuple[float, float]:
 
 # the functions each phase's time is measured in (exclusive of the phases nested in them), by
 # module and name; a name a version lacks is left out. The rest of the step is its bookkeeping.
+# (a dotted name reaches into a class: the planned step's methods, `functrain.core.plan.StepPlan`)
 PHASES = {
-    "loss and backward": [("functrain.core.body", "gradients")],
+    "loss and backward": [
+        ("functrain.core.body", "gradients"),
+        ("functrain.core.plan", "call_loss"),
+        ("functrain.core.plan", "StepPlan._gradients"),
+    ],
     "guards and metrics": [
         ("functrain.optim.wrappers", "all_finite"),
         ("functrain.optim.base", "global_norm"),
@@ -429,8 +434,15 @@ PHASES = {
         ("functrain.core.body", "_tx_metrics"),
         ("functrain.core.body", "_metrics"),
         ("functrain.core.body", "_finite_buffers"),
+        ("functrain.core.plan", "StepPlan._norm"),
+        ("functrain.core.plan", "StepPlan._metrics"),
+        ("functrain.core.plan", "StepPlan._finite"),
     ],
-    "update": [("functrain.core.body", "update_with"), ("functrain.core.body", "apply_updates")],
+    "update": [
+        ("functrain.core.body", "update_with"),
+        ("functrain.core.body", "apply_updates"),
+        ("functrain.core.plan", "StepPlan._update"),
+    ],
 }
 BOOKKEEPING = "state bookkeeping (scope, counters, state, donation)"
 
@@ -463,17 +475,20 @@ class PhaseTimer:
 
         undo = []
         for phase, names in PHASES.items():
-            for module_name, name in names:
-                module = importlib.import_module(module_name)
-                original = getattr(module, name, None)
+            for module_name, dotted in names:
+                owner: Any = importlib.import_module(module_name)
+                *path, name = dotted.split(".")
+                for part in path:
+                    owner = getattr(owner, part, None)
+                original = getattr(owner, name, None) if owner is not None else None
                 if original is None:
                     continue
-                setattr(module, name, self.timed(phase, original))
-                undo.append((module, name, original))
+                setattr(owner, name, self.timed(phase, original))
+                undo.append((owner, name, original))
 
         def uninstall() -> None:
-            for module, name, original in undo:
-                setattr(module, name, original)
+            for owner, name, original in undo:
+                setattr(owner, name, original)
 
         return uninstall
 

@@ -87,13 +87,9 @@ class StepPlan:
                 then=lambda loss, aux: (loss, aux, gradients_of(loss, leaves, state.module)),
             )
             grads = self._gradients(grads, leaves, params)
-            found = torch._foreach_norm(grads)
-            # `functrain.tree.global_norm`, the body's `grad_norm`: the same ops
-            norm = torch.linalg.vector_norm(
-                torch.stack(found if self.fp32 else [n.float() for n in found])
-            )
+            norm = self._norm(grads)
             try:
-                ran = self.runner(grads, params, state.opt_state, norm, donate)
+                ran = self._update(grads, params, state.opt_state, norm, donate)
             except BaseException as error:
                 if donate:  # the update may have written some of the state's tensors
                     state.retire(f"{DONATED}, which then raised {type(error).__name__}")
@@ -138,6 +134,24 @@ class StepPlan:
         if [g.stride() for g in grads] != self.strides:
             grads = in_layouts_of(grads, params)
         return grads
+
+    def _update(
+        self,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        opt_state: Any,
+        norm: torch.Tensor,
+        donate: bool,
+    ) -> Any:
+        """The optimizer's update: its planned runner (`functrain.optim.base.Runner`)."""
+        return self.runner(grads, params, opt_state, norm, donate)
+
+    def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The gradients' global norm: `functrain.tree.global_norm`, the body's, by the same ops."""
+        found = torch._foreach_norm(grads)
+        return torch.linalg.vector_norm(
+            torch.stack(found if self.fp32 else [n.float() for n in found])
+        )
 
     def _finite(
         self, buffers: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
