@@ -34,6 +34,7 @@ import itertools
 import re
 import sys
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -670,6 +671,22 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _quiet_inductor_imports() -> None:
+    """Import what inductor imports that warns of torch's own deprecations, those warnings hidden.
+
+    ``torch.utils.mkldnn`` still uses ``torch.jit.script_method``; its `DeprecationWarning` is
+    torch's business, not the user's, who would see it under pytest or ``-W default``. Only that
+    warning of that import is hidden; the module stays imported, so it does not come again.
+    """
+    if "torch.utils.mkldnn" in sys.modules:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning
+        )
+        import torch.utils.mkldnn  # noqa: F401
+
+
 def compile_step(
     *,
     backend: str = "inductor",
@@ -767,6 +784,8 @@ def compile_step(
         )
     if not isinstance(capture, bool):
         raise ConfigError(f"compile_step(capture=...) takes True or False, got {capture!r}")
+    if backend == "inductor":
+        _quiet_inductor_imports()
     if capture and not torch.cuda.is_available():
         raise ConfigError(
             "compile_step(capture=True) records the step as a CUDA graph, and torch finds no CUDA "

@@ -363,3 +363,24 @@ def test_fit_with_compile_trains_like_eager_fit() -> None:
     # the donated steps after it (they write into their inputs)
     assert compiled_so_far()[1] == 2
     assert_states_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_step_shows_no_deprecation_of_torchs_own_imports() -> None:
+    # inductor imports torch.utils.mkldnn, which uses torch.jit.script_method: torch's warning,
+    # not the user's, seen wherever DeprecationWarnings show (-W default, pytest)
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, functrain as ft\n"
+        "loss_fn = lambda m, b: m(b).sum()\n"
+        "state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)\n"
+        "state, _ = ft.compile_step()(state, torch.ones(2, 2))\n"
+        "print(int(state.step))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert "script_method" not in out.stderr
