@@ -455,17 +455,31 @@ def _to_device(tree: Any, device: torch.device) -> Any:
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     problems = []
-    if saved.get("transform") != current["transform"]:
-        problems.append(
-            f"optimizer differs: checkpoint has {saved.get('transform')!r}, template has "
-            f"{current['transform']!r}"
-        )
+    theirs, ours = saved.get("transform"), current["transform"]
+    if theirs != ours:
+        # the optimizers as the user wrote them: the default non-finite guard that wraps both
+        # only where it differs itself
+        written = _as_written(theirs), _as_written(ours)
+        if (written[0] != theirs) == (written[1] != ours) and written[0] != written[1]:
+            theirs, ours = written
+        problems.append(f"optimizer differs: checkpoint has {theirs!r}, template has {ours!r}")
     if saved.get("options") != current["options"]:
         problems.append(
             f"step options differ: checkpoint has {saved.get('options')!r}, template has "
             f"{current['options']!r}"
         )
     return problems
+
+
+# the name of a transform inside the default non-finite guard (`skip_nonfinite` with no limit),
+# which `TrainState.create` puts around the optimizer given
+_DEFAULT_GUARD = re.compile(r"skip_nonfinite\(inner=(.*), max_consecutive=None\)", re.S)
+
+
+def _as_written(name: Any) -> Any:
+    """`name` without the default non-finite guard around it: the optimizer the user wrote."""
+    found = _DEFAULT_GUARD.fullmatch(name) if isinstance(name, str) else None
+    return found.group(1) if found else name
 
 
 def _check_path(path: Any, call: str) -> None:

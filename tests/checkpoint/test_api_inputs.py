@@ -166,3 +166,19 @@ def test_evaluate_rejects_a_state_that_is_not_a_train_state_and_ema_without_ema(
         ConfigError, match=r"use_ema=True needs a state created with ema_decay=\.\.\."
     ):
         ft.evaluate(make_state(), batches(), use_ema=True)
+
+
+def test_the_non_finite_guard_shows_in_the_optimizer_message_only_where_it_differs(
+    tmp_path: Path,
+) -> None:
+    def state(**options: Any) -> ft.TrainState:
+        return ft.TrainState.create(
+            torch.nn.Linear(2, 1), ft.adamw(1e-3), lambda m, b: m(b).sum(), **options
+        )
+
+    path = ft.save(state(), tmp_path / "a")
+    with pytest.raises(StateMismatchError) as info:
+        ft.load(path, like=state(max_consecutive_nonfinite=3))
+    message = str(info.value)
+    assert "checkpoint has 'skip_nonfinite(inner=adamw(lr=0.001," in message
+    assert "max_consecutive=3)'" in message
