@@ -32,6 +32,7 @@ from functrain.core.loss import (
     RunAgain,
     call_loss,
     check_scalar_metrics,
+    checkpoint_refusal,
     gradients_of,
     run_gradient_hooks,
     samples_in,
@@ -139,7 +140,13 @@ def gradients(
         scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(leaves, buffers)
         if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
             check_scalar_metrics(aux)
-        grads = gradients_of(scaled, list(leaves.values()), state.module)
+        try:
+            grads = gradients_of(scaled, list(leaves.values()), state.module)
+        except (RuntimeError, RunAgain) as error:
+            refused = checkpoint_refusal(error, "sharded")
+            if refused is not None:
+                raise refused from error
+            raise
     # requiring grad is not enough: a module the loss closes over has parameters of its own
     if all(g is None for g in grads):
         raise LossError(NO_GRADIENT)

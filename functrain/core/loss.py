@@ -284,7 +284,8 @@ def checkpoint_refusal(error: BaseException, where: str) -> ConfigError | None:
     """The refusal of activation checkpointing where a step cannot run it, if `error` came from it.
 
     `where`: ``"compiled"`` (``torch.func.grad``, which a compiled step differentiates with, does
-    not run checkpointing's saved-tensor hooks) or ``"stacked"`` (the members' forward runs under
+    not run checkpointing's saved-tensor hooks), ``"sharded"`` (``sharding="full"``) or
+    ``"stacked"`` (the members' forward runs under
     ``torch.vmap``; checkpointing recomputes it in the backward, outside). None: `error` did not
     come from activation checkpointing.
     """
@@ -304,6 +305,13 @@ _CHECKPOINT_REFUSALS = {
         "train it with functrain.train_step (eager, where checkpointing works), or turn "
         "checkpointing off for the compiled step (inductor's partitioner already recomputes cheap "
         "activations in the backward instead of keeping them)",
+    ),
+    "sharded": (
+        "a state sharded with sharding='full' cannot run yet: the step gathers each parameter "
+        "where the forward uses it and lets it go, and checkpointing runs the forward again "
+        "during the backward, after the step gathered",
+        "shard the optimizer state only (sharding='optimizer', where checkpointing works), or "
+        "turn checkpointing off",
     ),
     "stacked": (
         "a stacked state (functrain.stack) cannot run: its members' forward runs under "

@@ -414,3 +414,17 @@ def test_a_meta_device_model_is_materialized_a_submodule_at_a_time_as_if_built_n
     # buffer every submodule reuses); "optimizer" keeps each whole, so they add up
     for got in ranks:
         assert int(got["full/whole"]) == 1 and int(got["optimizer/whole"]) == 3
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_trains_data_parallel_and_is_refused_fully_sharded(
+    sharded_on_two: Path, reentrant: bool
+) -> None:
+    ranks = [ft.load(sharded_on_two / f"rank{r}")[0] for r in range(2)]
+    for got in ranks:
+        for mode in ("None", "optimizer"):
+            checked = got[f"checkpointing/{mode}/{reentrant}/{reentrant}"]
+            plain = got[f"checkpointing/{mode}/{reentrant}/None"]
+            for name, value in plain.items():
+                assert torch.equal(checked[name], value), (mode, name)
+        assert int(got[f"checkpointing/full/{reentrant}/refused"]) == 1

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
 import functrain as ft
@@ -483,6 +484,47 @@ class WholeCounter:
         module.reset_parameters()
 
 
+class Checkpointed(nn.Module):
+    """An MLP whose middle layer runs under activation checkpointing (`reentrant` None: without)."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.reentrant = reentrant
+
+    def middle(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.b(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.reentrant is None:
+            return self.c(self.middle(h))
+        return self.c(checkpoint(self.middle, h, use_reentrant=self.reentrant))
+
+
+def checkpointing_runs(rank: int, world: int) -> dict:
+    """Activation checkpointing (both forms) in each mode beside the same run without it; a state
+    sharded with sharding="full" refuses it (1 where its ConfigError names the way out)."""
+    out = {}
+    for mode in MODES:
+        for reentrant in (False, True):
+            states = {
+                way: ft.TrainState.create(Checkpointed(way), ft.adamw(1e-2), loss_fn, sharding=mode)
+                for way in (reentrant, None)
+            }
+            try:
+                for batch in rank_batches(rank, world, n=4):
+                    states = {way: ft.train_step(s, batch)[0] for way, s in states.items()}
+            except ft.ConfigError as e:
+                refused = mode == "full" and "sharding='optimizer'" in str(e)
+                out[f"checkpointing/{mode}/{reentrant}/refused"] = torch.tensor(int(refused))
+                continue
+            for way, s in states.items():
+                out[f"checkpointing/{mode}/{reentrant}/{way}"] = gathered_tree(s)
+    return out
+
+
 def meta_runs(rank: int, world: int) -> dict:
     """TiedNet built on the meta device, sharded "full" and "optimizer", against the same net built
     normally."""
@@ -606,6 +648,7 @@ def main() -> None:
                     feature_runs(rank, world)
                     | per_use_runs(rank, world)
                     | compiled_runs(rank, world)
+                    | checkpointing_runs(rank, world)
                     if world == 2
                     else {}
                 ),
