@@ -75,12 +75,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"functrain run: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # fit closed the run (callbacks, checkpoint manager) on its way out
-        if distributed.is_main_process():
-            print(f"functrain run: {_interrupted(config)}", file=sys.stderr)
-        return 130  # the shell's status for a command ended by SIGINT
+        return _stopped(config)
+    if result.stop_reason == "interrupted":  # fit handed back what it trained: a script stops
+        return _stopped(config)
     if distributed.is_main_process():
         print(_summary(result))
     return 0
+
+
+def _stopped(config: Mapping[str, Any] | None) -> int:
+    """Say how an interrupted run goes on; the shell's status for a command ended by SIGINT."""
+    if distributed.is_main_process():
+        print(f"functrain run: {_interrupted(config)}", file=sys.stderr)
+    return 130
 
 
 def _interrupted(config: Mapping[str, Any] | None) -> str:

@@ -14,8 +14,9 @@ is None and nothing is read back from the device.
 A run ends with ``on_train_end``, or, when an exception ends it (a `KeyboardInterrupt` included),
 with ``on_exception`` (the exception is `Run.exception`). Either is the place to close what
 ``on_train_begin`` opened; the built-in callbacks close their files, bars and profilers in both.
-The exception propagates from `fit` unchanged after the hooks ran; one a hook raises is added
-to it as a note.
+The exception propagates from `fit` unchanged after the hooks ran (one a hook raises is added to
+it as a note), but for an interrupt: `fit` then returns the state after the last completed update,
+with stop reason ``"interrupted"``.
 """
 
 from __future__ import annotations

@@ -80,8 +80,11 @@ class FitResult:
             checkpoint (None where a member has none yet).
         stop_reason: why the run ended: ``"max_epochs"``, ``"max_steps"``, ``"early_stopping"``,
             ``"nonfinite_val_loss"`` / ``"nonfinite_loss"``, ``"pruned"`` (an Optuna pruner stopped
-            the trial through `OptunaPruning`: raise ``optuna.TrialPruned`` after `fit`), or the
-            reason a callback gave ``run.request_stop``.
+            the trial through `OptunaPruning`: raise ``optuna.TrialPruned`` after `fit`),
+            ``"interrupted"`` (Ctrl-C, or a `KeyboardInterrupt` raised in a callback: `state` is
+            the one after the last completed update, and ``fit(result.state, ...)`` with the same
+            arguments goes on as if never interrupted; no test evaluation), or the reason a
+            callback gave ``run.request_stop``.
         empty_batches: batches skipped because they held no samples.
         member_bests: with ``fit(..., best_per_member=True)``, each member's best evaluation:
             ``member_bests[k]`` holds its ``step`` and member k's own metrics under their mean's
@@ -597,7 +600,7 @@ def _callbacks(
 
 def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitResult:
     test = None
-    if tests is not None:
+    if tests is not None and loop.stop_reason != "interrupted":  # stopped by hand: at once
         final = loop.state
         if manager is not None and (best := manager.best()) is not None:
             final = load(best, like=loop.state)

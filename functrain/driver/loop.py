@@ -8,11 +8,15 @@ into ``state.driver`` before every save.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,7 +32,7 @@ from functrain.driver.data import IterableSource, MemberSource, samples_per_memb
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.driver.stopping import EarlyStopping
-from functrain.errors import ConfigError, NonFiniteError
+from functrain.errors import ConfigError, DonatedStateError, NonFiniteError
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.plateau import observe_plateau
 from functrain.optim.wrappers import check_skip_limits
@@ -134,6 +138,7 @@ class Loop:
         self.k = state.options.accumulate_steps
         self.run_ctx = Run(state, self.ledger.history, self.cfg)
         self.stop_reason: str | None = state.driver.get("stop_reason")
+        self.interrupt_asked = False  # Ctrl-C came during an update: stop after it
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
 
@@ -163,15 +168,59 @@ class Loop:
     def run(self) -> None:
         """Train epoch after epoch until a limit, early stopping or a callback ends the run.
 
-        A run ended by an exception (a `KeyboardInterrupt` too) fires ``on_exception`` instead of
-        ``on_train_end``, so callbacks close what they opened; the exception then propagates as it
-        was.
+        A run ended by an exception fires ``on_exception`` instead of ``on_train_end``, so
+        callbacks close what they opened; the exception then propagates as it was. An interrupt
+        (Ctrl-C, or a `KeyboardInterrupt` a callback raises) ends the run too, with
+        ``on_exception``, but hands back what it trained: the state after the last completed
+        update, stop reason ``"interrupted"``. Ctrl-C in the main thread is taken between updates
+        (a second one interrupts at once); raised inside a donated step that had begun writing
+        the state, the interrupt propagates (there is no completed state to hand back).
         """
         try:
-            self._run()
+            with self._interrupts_between_updates():
+                self._run()
+        except KeyboardInterrupt as error:
+            self._fire_exception(error)
+            try:
+                self.state.check_live("fit")
+            except DonatedStateError:
+                note = (
+                    "fit was interrupted inside a donated step: its state is gone; resume from "
+                    "the last checkpoint (fit(..., checkpoint_dir=..., resume=True))"
+                )
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(note)
+                raise error from None
+            self.stop_reason = "interrupted"
+            if self.ledger.window.count:
+                self._log(partial=True)
+            self.state = self.state.replace(driver=self._driver_tree())
         except BaseException as error:
             self._fire_exception(error)
             raise
+
+    @contextlib.contextmanager
+    def _interrupts_between_updates(self) -> Iterator[None]:
+        """Within: Ctrl-C (SIGINT) asks the loop to stop after the update under way.
+
+        Only in the main thread, and only where SIGINT raises `KeyboardInterrupt` as Python's own
+        handler does (a handler of the user's is left alone). The first Ctrl-C puts that handler
+        back, so a second one interrupts at once.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def asked(signum: int, frame: Any) -> None:
+            self.interrupt_asked = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, asked)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _fire_exception(self, error: BaseException) -> None:
         ctx = self.run_ctx
@@ -310,6 +359,8 @@ class Loop:
             self._save()
         if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
             self.stop_reason = self.stop_reason or "max_steps"
+        if self.interrupt_asked:
+            raise KeyboardInterrupt
 
     def _log(self, partial: bool = False) -> None:
         check_skip_limits(self.state.opt_state)

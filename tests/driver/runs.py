@@ -71,3 +71,8 @@ def quiet_fit(state: ft.TrainState, data: Any, **kwargs: Any) -> ft.FitResult:
     kwargs.setdefault("progress", False)
     kwargs.setdefault("verbosity", "silent")
     return ft.fit(state, data, **kwargs)
+
+
+class Killed(Exception):  # noqa: N818 - what it stands for
+    """What a process that dies in the middle of a run leaves: `fit` ends with it, nothing handed
+    back (an interrupt, `KeyboardInterrupt`, hands back the last completed update instead)."""

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 import functrain as ft
 from functrain.errors import ConfigError
 from tests.comparisons import assert_trees_equal
-from tests.driver.runs import linear_state, quiet_fit, sum_dataset
+from tests.driver.runs import Killed, linear_state, quiet_fit, sum_dataset
 
 RATES = [0.01, 0.03, 0.1]
 EPOCHS = 8  # 3 batches an epoch: evaluations at steps 3, 6, ..., 24
@@ -110,9 +110,9 @@ def test_a_killed_run_resumes_with_each_members_best(tmp_path: Path) -> None:
     @ft.on("batch_end")
     def kill(run: ft.Run) -> None:
         if run.step == 17:  # the last checkpoint is step 15's; member 2's best is at step 3
-            raise KeyboardInterrupt
+            raise Killed
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         run(tmp_path / "cut", keep_last=1, callbacks=[kill])
     resumed = run(tmp_path / "cut", keep_last=1, resume=True)
     assert resumed.member_bests == straight.member_bests

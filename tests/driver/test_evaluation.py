@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import functrain as ft
 from functrain.errors import ConfigError
 from tests.comparisons import assert_trees_equal
-from tests.driver.runs import quiet_fit
+from tests.driver.runs import Killed, quiet_fit
 
 CLASSES = 3
 
@@ -188,7 +188,7 @@ def test_a_run_killed_mid_evaluation_resumes_to_the_same_history_bit_for_bit(
         calls["n"] += 1
         loss = updating(f1)(model, batch)  # the metric is updated before the crash
         if calls["n"] == calls["crash_at"]:
-            raise KeyboardInterrupt
+            raise Killed
         return loss, {"acc": (model(batch[0]).argmax(-1) == batch[1]).double().mean()}
 
     kwargs: dict[str, Any] = dict(
@@ -205,7 +205,7 @@ def test_a_run_killed_mid_evaluation_resumes_to_the_same_history_bit_for_bit(
     straight = quiet_fit(classifier(), TRAIN, checkpoint_dir=tmp_path / "straight", **kwargs)
     # the third evaluation's second batch: its first batch is in the metric when the process dies
     calls.update(n=0, crash_at=6)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         quiet_fit(classifier(), TRAIN, checkpoint_dir=tmp_path / "cut", **kwargs)
     calls["crash_at"] = None
     resumed = quiet_fit(classifier(), TRAIN, checkpoint_dir=tmp_path / "cut", resume=True, **kwargs)

@@ -70,3 +70,68 @@ def test_a_resumed_run_says_where_it_goes_on_from_and_tells_the_callbacks(
     quiet_fit(linear_state(), data, max_steps=4, resume=True, **kwargs)  # silent
     assert "resumed" not in capsys.readouterr().out
     assert seen[:2] == [None, str(latest)] and seen[2] != str(latest)
+
+
+class InterruptAt(ft.Callback):
+    """Raises `KeyboardInterrupt` in ``on_batch_end`` after update `step`, or (`signal`) sends
+    this process SIGINT in ``on_batch_begin`` of that update, as Ctrl-C would; records
+    ``on_exception``."""
+
+    def __init__(self, step: int, *, signal: bool = False) -> None:
+        self.step, self.signal, self.exceptions = step, signal, []
+
+    def on_batch_begin(self, run: ft.Run) -> None:
+        if self.signal and run.step + 1 == self.step:
+            import signal
+
+            signal.raise_signal(signal.SIGINT)
+
+    def on_batch_end(self, run: ft.Run) -> None:
+        if not self.signal and run.step == self.step:
+            raise KeyboardInterrupt
+
+    def on_exception(self, run: ft.Run) -> None:
+        self.exceptions.append(type(run.exception).__name__)
+
+
+@pytest.mark.parametrize("by_signal", [False, True], ids=["raised", "ctrl-c"])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_an_interrupted_fit_hands_back_its_last_update_and_goes_on_exactly(
+    by_signal: bool, donate: bool
+) -> None:
+    options = {"max_epochs": 4, "shuffle": True, "log_every": 2}
+    whole = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), **options)
+    interrupt = InterruptAt(7, signal=by_signal)
+    start = linear_state(ft.adamw(0.05))
+    first = quiet_fit(
+        start.clone() if donate else start,
+        dataset(),
+        callbacks=[interrupt],
+        donate=donate,
+        **options,
+    )
+    assert first.stop_reason == "interrupted"
+    assert int(first.state.step) == 7
+    assert interrupt.exceptions == ["KeyboardInterrupt"]
+    rest = quiet_fit(first.state, dataset(), **options)
+    assert rest.stop_reason == "max_epochs"
+    # the logged rows hold wall-clock timings: the rest of them alike
+    assert ft.diff_states(whole.state, rest.state, ignore=("driver/history",)) == []
+    assert untimed(rest.history.rows["train"]) == untimed(whole.history.rows["train"])
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k not in ("samples_per_s", "step_time_ms")} for r in rows
+    ]
+
+
+def test_an_interrupted_fit_resumes_from_its_checkpoints_exactly(tmp_path: Path) -> None:
+    options = {"max_epochs": 4, "save_every": 5, "checkpoint_dir": tmp_path}
+    whole = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), max_epochs=4)
+    first = quiet_fit(
+        linear_state(ft.adamw(0.05)), dataset(), callbacks=[InterruptAt(7)], **options
+    )
+    assert first.stop_reason == "interrupted" and int(first.state.step) == 7
+    resumed = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), resume=True, **options)
+    assert ft.diff_states(whole.state, resumed.state, ignore=("driver/history",)) == []

@@ -23,7 +23,7 @@ from functrain.driver.data import (
 )
 from functrain.errors import ConfigError
 from tests.comparisons import assert_trees_equal
-from tests.driver.runs import BATCH, N_SAMPLES, dataset, quiet_fit
+from tests.driver.runs import BATCH, N_SAMPLES, Killed, dataset, quiet_fit
 from tests.models import loss_fn
 
 SEED = 5  # fit's data_seed in these runs
@@ -212,9 +212,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_run_bit_for_bit(
     @ft.on("batch_end")
     def kill(run: ft.Run) -> None:
         if run.step == 5:  # the last checkpoint is step 4's: epoch 1, batch 1
-            raise KeyboardInterrupt
+            raise Killed
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         ft.fit(
             ensemble(),
             make(),

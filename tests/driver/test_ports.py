@@ -23,6 +23,7 @@ import torch
 
 import functrain as ft
 from tests.comparisons import assert_trees_equal
+from tests.driver.runs import Killed
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 MARGIN = 0.01  # the best F1 beats every other evaluation's by more than this
@@ -190,7 +191,7 @@ def test_a_killed_lightning_port_resumes_to_the_uninterrupted_run_bit_for_bit(
     @ft.on("batch_end")
     def kill(run: ft.Run) -> None:
         if run.step == kill_at:
-            raise KeyboardInterrupt
+            raise Killed
 
     resumed_from: list[str | None] = []
 
@@ -198,7 +199,7 @@ def test_a_killed_lightning_port_resumes_to_the_uninterrupted_run_bit_for_bit(
     def record(run: ft.Run) -> None:
         resumed_from.append(run.config["resumed_from"])
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         lit.train(str(tmp_path / "cut"), callbacks=[kill, record])
     resumed = lit.train(str(tmp_path / "cut"), callbacks=[record])  # resume=True in the port
     assert resumed_from[0] is None
