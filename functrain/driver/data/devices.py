@@ -60,6 +60,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
         >>> moved["x"] is x, moved["n"]
         (True, 3)
     """
+    flat = (
+        batch.values() if type(batch) is dict else batch if type(batch) in (tuple, list) else None
+    )
+    if flat is not None and all(type(x) is torch.Tensor and x.device == device for x in flat):
+        return batch  # the usual batch, a flat container of tensors already there: no tree walk
     pin = device.type == "cuda"
 
     def move(x: Any) -> Any:
