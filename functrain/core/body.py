@@ -350,7 +350,12 @@ def _update(
         updates, opt_state = update_with(state.tx, grads, state.opt_state, state.params, given)
     except (RuntimeError, NotImplementedError) as error:
         sparse = [k for k, g in grads.items() if g.is_sparse]
-        if not sparse:
+        # only torch's refusal of a sparse tensor (out of memory and the rest as they are)
+        if (
+            not sparse
+            or isinstance(error, torch.OutOfMemoryError)
+            or "sparse" not in str(error).lower()
+        ):
             raise
         raise ConfigError(
             f"the optimizer cannot take the sparse gradients of {', '.join(sparse[:3])} (torch "

@@ -73,6 +73,7 @@ from functrain.core.stacked_step import (
     step_function,
 )
 from functrain.core.state import TrainState
+from functrain.core.structure import sparse_parameters
 from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras
@@ -161,13 +162,21 @@ def _retire_if_ran(state: TrainState, attempt: _Attempt | None, error: BaseExcep
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
 
 
-def refuse_untraced(module: torch.nn.Module) -> None:
-    """Refuse what a compiled step cannot bind in `module` (`traced_binding_problems`).
+def refuse_untraced(state: TrainState) -> None:
+    """Refuse what a compiled step cannot run of `state`: what it cannot bind in the module
+    (`traced_binding_problems`), and sparse gradients.
 
     Raises:
         ConfigError: with each problem's fix.
     """
-    problems = traced_binding_problems(module)
+    problems = traced_binding_problems(state.module)
+    sparse = [name for name in sparse_parameters(state.module) if name in state.params]
+    if sparse:
+        problems.append(
+            f"the sparse gradients of {', '.join(sparse[:3])} (nn.Embedding(sparse=True)) change "
+            "shape with every batch's rows, and their updates read the step count on the host: "
+            "dynamo would compile the step again at every call; train it with functrain.train_step"
+        )
     if problems:
         raise ConfigError("compile_step cannot run this module:\n  - " + "\n  - ".join(problems))
 
@@ -330,7 +339,7 @@ class CompiledStep:
         scope = enter(state, True)
         if fresh is not None:
             try:
-                self._checked_first(fresh, scope, lambda: check_gradients(state, batch))
+                self._checked_first(fresh, scope, state, lambda: check_gradients(state, batch))
             except BaseException:
                 leave(scope)
                 raise
@@ -397,7 +406,7 @@ class CompiledStep:
             found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
             try:  # the checks a traced step cannot make, once per configuration
                 _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
-                refuse_untraced(state.module)
+                refuse_untraced(state)
             except BaseException:
                 self._cores.pop(key, None)
                 raise
@@ -559,7 +568,9 @@ class CompiledStep:
             raise ConfigError(SWEEP_ALONE)
         return key, None
 
-    def _checked_first(self, key: tuple, scope: Scope, check: Callable[[], None]) -> None:
+    def _checked_first(
+        self, key: tuple, scope: Scope, state: TrainState, check: Callable[[], None]
+    ) -> None:
         """`check()` (`check_gradients`) before a configuration's first compiled call.
 
         The generator it draws from is put back (the step draws what it would have drawn); if it
@@ -568,7 +579,7 @@ class CompiledStep:
         saved = scope.generator.get_state()
         try:
             _unless_out_of_memory(check)
-            refuse_untraced(scope.module)
+            refuse_untraced(state)
         except BaseException:
             self._cores.pop(key, None)
             raise

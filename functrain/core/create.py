@@ -104,7 +104,14 @@ def initial_fields(
     )
     # the state keeps the optimizer given; its transform runs the sparse form where it has one
     tx = build_transform(
-        _for_sparse(optimizer, sparse_parameters(module), options, grad_stats, sharding), options
+        _for_sparse(
+            optimizer,
+            [name for name in sparse_parameters(module) if name in params],  # a frozen one: no
+            options,
+            grad_stats,
+            sharding,
+        ),
+        options,
     )
     decay = options.ema_decay
     averager = ema(decay, warmup=options.ema_warmup) if decay is not None else None

@@ -85,11 +85,14 @@ class StepPlan:
                 {**dict(zip(state.params, leaves)), **state.frozen, **buffers},
                 batch,
                 then=lambda loss, aux: (loss, aux, gradients_of(loss, leaves, state.module)),
+                watch=self.watched(state),
             )
             grads = self._gradients(grads, leaves, params)
             norm = self._norm(grads)
+            updated = False
             try:
                 ran = self._update(grads, params, state.opt_state, norm, donate)
+                updated = True
             except BaseException as error:
                 if donate:  # the update may have written some of the state's tensors
                     state.retire(f"{DONATED}, which then raised {type(error).__name__}")
@@ -97,6 +100,26 @@ class StepPlan:
         except BaseException:
             swap_out(scope)
             raise
+        try:
+            return self._finished(state, batch, donate, scope, ran, buffers, loss, norm, aux)
+        except BaseException as error:  # (an interrupt): the update wrote the given state
+            if donate and updated:
+                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+            raise
+
+    def _finished(
+        self,
+        state: TrainState,
+        batch: Any,
+        donate: bool,
+        scope: Any,
+        ran: Any,
+        buffers: dict[str, torch.Tensor],
+        loss: torch.Tensor,
+        norm: torch.Tensor,
+        aux: dict[str, torch.Tensor],
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The new state and the metrics, once the update ran."""
         counters = torch._foreach_add(
             [state.step, state.epoch_step, state.samples_seen], [1, 1, samples_in(batch)]
         )
@@ -134,6 +157,11 @@ class StepPlan:
         if [g.stride() for g in grads] != self.strides:
             grads = in_layouts_of(grads, params)
         return grads
+
+    @staticmethod
+    def watched(state: TrainState) -> dict[str, torch.Tensor]:
+        """The state's tensors the loss function must not write in place."""
+        return {**state.params, **state.frozen} if state.frozen else state.params
 
     def _update(
         self,

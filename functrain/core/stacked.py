@@ -36,7 +36,7 @@ from torch import nn
 
 from functrain.core.options import build_transform
 from functrain.core.state import TrainState
-from functrain.core.structure import sparse_parameters
+from functrain.core.structure import grad_hooks, sparse_parameters
 from functrain.errors import ConfigError
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.batching import register
@@ -147,7 +147,15 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     states = list(states)
     optimizer, tx = _check_members(states)
     _refuse_unbatchable(optimizer)
-    sparse = sparse_parameters(states[0].module)
+    sparse = [name for name in sparse_parameters(states[0].module) if name in states[0].params]
+    hooked = grad_hooks(states[0].module, list(states[0].params))
+    if hooked:
+        names = [list(states[0].params)[i] for i, _ in hooked]
+        raise ConfigError(
+            f"stack cannot run the gradient hooks of {', '.join(names[:3])} (Tensor.register_hook) "
+            "on each member's gradient; train the members apart, or put the hook's work in a "
+            "transform (functrain.masked, functrain.partition) that stacked states run"
+        )
     if sparse:
         raise ConfigError(
             f"stack cannot batch the sparse gradients of {', '.join(sparse[:3])} "

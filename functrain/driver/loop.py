@@ -208,7 +208,11 @@ class Loop:
         back, so a second one interrupts at once.
         """
         main = threading.current_thread() is threading.main_thread()
-        if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if (
+            not main
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            or self.state.dist is not None  # ranks would stop at different updates: at once
+        ):
             yield
             return
 
@@ -268,6 +272,8 @@ class Loop:
             self.fire("on_epoch_begin")
             if self._train_epoch():
                 self._end_epoch()
+                self._stop_if_interrupted()
+        self._stop_if_interrupted()
         self._finish()
 
     def _owns_state(self) -> bool:
@@ -359,6 +365,11 @@ class Loop:
             self._save()
         if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
             self.stop_reason = self.stop_reason or "max_steps"
+        self._stop_if_interrupted()
+
+    def _stop_if_interrupted(self) -> None:
+        """End the run here if Ctrl-C came during what just finished (an update, an evaluation,
+        a save): `run` hands back the state as it is now."""
         if self.interrupt_asked:
             raise KeyboardInterrupt
 

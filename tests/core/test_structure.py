@@ -11,6 +11,7 @@ post-accumulate-grad hook are refused by `TrainState.create` with the fix.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -234,3 +235,35 @@ def test_a_post_accumulate_grad_hook_is_refused_naming_the_parameter() -> None:
     model.out.weight.register_post_accumulate_grad_hook(lambda p: None)
     with pytest.raises(ConfigError, match="'out.weight'.*register_post_accumulate_grad_hook"):
         ft.TrainState.create(model, ft.sgd(0.1), loss_fn)
+
+
+def test_stack_refuses_gradient_hooks_naming_the_parameter() -> None:
+    torch.manual_seed(0)
+    states = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = Net()
+        model.out.bias.register_hook(lambda g: g * 0)
+        states.append(ft.TrainState.create(model, ft.sgd(0.1), loss_fn, seed=seed))
+    with pytest.raises(ConfigError, match="stack cannot run the gradient hooks of out.bias"):
+        ft.stack(states)
+
+
+def test_a_forward_that_writes_a_weight_in_a_later_step_is_refused_there_too() -> None:
+    # the first step runs the body, the later ones the planned step: both check
+    calls = {"n": 0}
+
+    def loss_fn_writing_later(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                model.out.weight.mul_(0.5)
+        return loss_fn(model, batch)
+
+    state = ft.TrainState.create(Net(), ft.adamw(0.05), loss_fn_writing_later)
+    data = batches()
+    for batch in data[:2]:
+        state, _ = ft.train_step(state, batch)
+    assert state.plan is not None
+    with pytest.raises(ConfigError, match="wrote the state's tensor 'out.weight'"):
+        ft.train_step(state, data[2])

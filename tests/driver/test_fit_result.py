@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -141,3 +142,32 @@ def test_an_interrupted_fit_resumes_from_its_checkpoints_exactly(tmp_path: Path)
     assert first.stop_reason == "interrupted" and int(first.state.step) == 7
     resumed = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), resume=True, **options)
     assert ft.diff_states(whole.state, resumed.state, ignore=("driver/history",)) == []
+
+
+def test_ctrl_c_during_the_last_evaluation_stops_the_run_there() -> None:
+    import signal
+
+    class SignalInEval(torch.utils.data.Dataset):
+        """The evaluation data: Ctrl-C while the last epoch's evaluation reads it."""
+
+        def __init__(self) -> None:
+            self.data, self.reads = dataset(), 0
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int) -> Any:
+            self.reads += 1
+            if self.reads == 3 * len(self.data) + 1:  # the fourth evaluation's first sample
+                signal.raise_signal(signal.SIGINT)
+            return self.data[i]
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = quiet_fit(
+            linear_state(), dataset(), eval_data=SignalInEval(), test_data=dataset(), max_epochs=4
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.stop_reason == "interrupted"
+    assert int(result.state.step) == 12 and result.test is None

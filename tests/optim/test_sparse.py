@@ -273,3 +273,32 @@ def test_a_sparse_gradient_the_optimizer_cannot_take_is_refused_leaving_the_stat
     with pytest.raises(ConfigError, match="cannot take the sparse gradients of items.weight"):
         ft.train_step(state, batches()[0])
     assert ft.diff_states(before, state) == []
+
+
+def test_a_frozen_sparse_embedding_is_no_sparse_gradient_and_refuses_nothing() -> None:
+    net = model(True)
+    net.items.requires_grad_(False)
+    state = ft.TrainState.create(
+        net, ft.adamw(1e-2), loss_fn, trainable=lambda name, p: not name.startswith("users.")
+    )
+    assert set(state.params) == {"head.weight", "head.bias"}
+    state, _ = ft.train_step(state, batches()[0])
+    ft.stack([state, state.clone()])  # nor does stacking
+
+
+def test_compile_step_refuses_sparse_gradients_naming_train_step() -> None:
+    state = create("sgd", False)
+    with pytest.raises(ConfigError, match="sparse gradients of items.weight.*functrain.train_step"):
+        ft.compile_step(backend="eager")(state, batches()[0])
+
+
+def test_an_error_of_the_update_that_is_not_about_sparsity_comes_out_as_it_is() -> None:
+    def rate(count: torch.Tensor) -> torch.Tensor:
+        if int(count) == 1:
+            raise torch.OutOfMemoryError("out of memory (a stand-in)")
+        return torch.tensor(0.1, dtype=torch.float64)
+
+    state = ft.TrainState.create(model(), ft.sgd(rate), loss_fn)
+    state, _ = ft.train_step(state, batches()[0])
+    with pytest.raises(torch.OutOfMemoryError):
+        ft.train_step(state, batches()[1])
