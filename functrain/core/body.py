@@ -38,7 +38,7 @@ from functrain.core.loss import (
     samples_in,
 )
 from functrain.core.statistics import grad_statistics
-from functrain.core.structure import grad_hooks
+from functrain.core.structure import grad_hooks, sparse_parameters
 from functrain.core.view import StepState
 from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import DistConfig, average_step
@@ -47,6 +47,7 @@ from functrain.layout import in_layouts_of, with_strides_of
 from functrain.optim.base import NO_EXTRAS, Extras, update_with
 from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import transform_metrics
+from functrain.optim.rules.sparse import no_rows
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import find_loss_scale
 from functrain.tree import member_view
@@ -151,11 +152,21 @@ def gradients(
     if all(g is None for g in grads):
         raise LossError(NO_GRADIENT)
     grads = run_gradient_hooks(grads, hooks)
-    return (
-        {
-            k: g if g is not None else torch.zeros_like(leaves[k])
+    if any(g is None for g in grads):
+        # a parameter the loss did not use: a zero gradient (torch.optim's with
+        # zero_grad(set_to_none=False)); a sparse one none at all, which its updates skip as
+        # torch.optim skips a parameter without a gradient
+        sparse = set(sparse_parameters(state.module))
+        grads = [
+            g
+            if g is not None
+            else no_rows(leaves[k])
+            if k in sparse
+            else torch.zeros_like(leaves[k])
             for k, g in zip(leaves, grads, strict=True)
-        },
+        ]
+    return (
+        dict(zip(leaves, grads, strict=True)),
         loss,
         aux,
     )

@@ -247,7 +247,9 @@ def _accumulated(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.T
     """The gradients of `loss` for `leaves` by ``loss.backward()``: read from their ``.grad``.
 
     A plain backward accumulates into every leaf of the graph: one the step does not own (a tensor
-    the loss function closes over) gets its ``.grad`` back as it was.
+    the loss function closes over) gets its ``.grad`` back as it was. Not one used only inside a
+    reentrant checkpointed block without being passed to it: torch builds that block's graph
+    during the backward, and accumulates into it there, as it does in a torch.optim loop.
     """
     own = {id(t) for t in leaves}
     foreign = [t for t in _graph_leaves(loss) if id(t) not in own]

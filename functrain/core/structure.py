@@ -77,6 +77,7 @@ def _copy_structure(module: nn.Module) -> nn.Module:
         return module
     object.__setattr__(structure, WEIGHTLESS, True)
     object.__setattr__(structure, _GRAD_HOOKS, _grad_hooks_of(structure))
+    object.__setattr__(structure, _SPARSE, _sparse_of(structure))
     return structure
 
 
@@ -163,6 +164,15 @@ def sparse_parameters(module: nn.Module) -> list[str]:
         >>> sparse_parameters(net)
         ['emb.weight']
     """
+    found = getattr(module, _SPARSE, None)  # a structure's, found when it was made
+    return list(found) if found is not None else _sparse_of(module)
+
+
+# the attribute of a structure holding the names of its sparse parameters
+_SPARSE = "_functrain_sparse"
+
+
+def _sparse_of(module: nn.Module) -> list[str]:
     owners = {
         id(sub.weight)
         for sub in module.modules()

@@ -827,6 +827,8 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
             values[field] = _torch_tensors(group, names, key, current)
     if "count" in node._fields:
         values["count"] = torch.full_like(node.count, group.count)
+    if getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`): all alike
+        values["steps"] = tuple(torch.full_like(t, group.count) for t in node.steps)
     return node._replace(**values)
 
 
@@ -978,6 +980,11 @@ def _group_values(
     if kind.counted:
         step = counted[0].count
         values["step"] = count if kind.int_step else step.to(device="cpu", dtype=torch.float32)
+        steps = getattr(counted[0], "steps", None)
+        if steps:  # each parameter's own step (a sparse one the batch did not use took none)
+            values["step"] = tuple(
+                int(t) if kind.int_step else t.to(device="cpu", dtype=torch.float32) for t in steps
+            )
     for node in nodes.values():
         for field, key in KEYS[type(node)].items():
             value = getattr(node, field)

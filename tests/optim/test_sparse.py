@@ -302,3 +302,71 @@ def test_an_error_of_the_update_that_is_not_about_sparsity_comes_out_as_it_is() 
     state, _ = ft.train_step(state, batches()[0])
     with pytest.raises(torch.OutOfMemoryError):
         ft.train_step(state, batches()[1])
+
+
+class TwoTables(nn.Module):
+    """Two sparse tables; a batch may leave the second out (an optional feature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items = nn.Embedding(40, 6, sparse=True)
+        self.extra = nn.Embedding(30, 6, sparse=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        items, extra = batch
+        h = self.items(items).mean(1)
+        if extra is not None:
+            h = h + self.extra(extra).mean(1)
+        return self.head(torch.tanh(h))
+
+
+def two_table_batches() -> list[Any]:
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for i in range(STEPS + 1):
+        items = torch.randint(0, 40, (8, 4), generator=gen)
+        extra = torch.randint(0, 30, (8, 2), generator=gen) if i % 2 else None
+        out.append(((items, extra), torch.randint(0, 3, (8,), generator=gen)))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize(
+    "name", ["sgd", "adagrad-lr-decay", "sparse_adam+adam"], ids=lambda n: n.replace("+", "-")
+)
+def test_a_sparse_table_unused_in_a_step_is_skipped_as_torch_skips_it(name: str) -> None:
+    def parts(m: nn.Module, label: str) -> list[torch.Tensor]:
+        return [p for n, p in m.named_parameters() if (n.startswith("head.")) == (label == "dense")]
+
+    factories: dict[str, Any] = {
+        "sgd": (lambda: ft.sgd(0.2), lambda m: [torch.optim.SGD(m.parameters(), 0.2)]),
+        "adagrad-lr-decay": (
+            lambda: ft.adagrad(0.1, lr_decay=0.1),
+            lambda m: [torch.optim.Adagrad(m.parameters(), 0.1, lr_decay=0.1)],
+        ),
+        "sparse_adam+adam": (
+            lambda: ft.partition(
+                lambda n, p: "dense" if n.startswith("head.") else "rows",
+                rows=ft.sparse_adam(0.01),
+                dense=ft.adam(0.01, fused=False),
+            ),
+            lambda m: [
+                torch.optim.SparseAdam(parts(m, "rows"), 0.01),
+                torch.optim.Adam(parts(m, "dense"), 0.01),
+            ],
+        ),
+    }
+    make_ft, make_torch = factories[name]
+    torch.manual_seed(0)
+    net = TwoTables()
+    ref = copy.deepcopy(net)
+    opts = make_torch(ref)
+    state = ft.TrainState.create(net, make_ft(), loss_fn)
+    for batch in two_table_batches():
+        state, _ = ft.train_step(state, batch)
+        loss_fn(ref, batch).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert_trees_equal(params_of(ref), dict(state.params))

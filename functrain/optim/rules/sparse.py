@@ -49,6 +49,8 @@ __all__ = [
     "sparse_twin",
     "takes_sparse",
     "takes_sparse_too",
+    "unused",
+    "no_rows",
     "with_sparse_twin",
 ]
 
@@ -68,6 +70,9 @@ class SparseAdagradState(NamedTuple):
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
     sum_of_squares: tuple[torch.Tensor, ...]
     lr: torch.Tensor
+    # each parameter's own step (0-d int64 on the CPU), as torch counts it: only where it had a
+    # gradient (a sparse parameter the batch did not use has none)
+    steps: tuple[torch.Tensor, ...] = ()
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"lr": self.lr}
@@ -78,6 +83,7 @@ class SparseAdamState(NamedTuple):
     mu: tuple[torch.Tensor, ...]
     nu: tuple[torch.Tensor, ...]
     lr: torch.Tensor
+    steps: tuple[torch.Tensor, ...] = ()  # each parameter's own step (`SparseAdagradState`)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"lr": self.lr}
@@ -85,6 +91,11 @@ class SparseAdamState(NamedTuple):
 
 def _host_count() -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64)
+
+
+def _steps_of(steps: tuple[torch.Tensor, ...], count: torch.Tensor, n: int) -> Any:
+    """Each parameter's step: the state's own, or (a state without them) the transform's count."""
+    return steps if len(steps) == n else (count,) * n
 
 
 def _rate(lr: LearningRate, count: torch.Tensor) -> float:
@@ -118,6 +129,25 @@ def _own(t: torch.Tensor, in_place: bool) -> torch.Tensor:
 
 def _counted(count: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return count + 1 if keep is None else count + keep.to("cpu")  # a bool adds as 0 or 1
+
+
+def unused(grad: torch.Tensor) -> bool:
+    """Whether `grad` stands for no gradient: a sparse one without rows (`no_rows`).
+
+    torch.optim skips a parameter without a gradient, its step included.
+    """
+    return grad.is_sparse and grad._nnz() == 0
+
+
+def no_rows(p: torch.Tensor) -> torch.Tensor:
+    """The gradient of a sparse parameter the loss did not use this step: a sparse tensor of `p`'s
+    shape without rows, which the updates here skip as torch.optim skips a None gradient."""
+    return torch.sparse_coo_tensor(
+        torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+        torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
+        p.shape,
+        check_invariants=False,
+    )
 
 
 def _last_lr(rate: float, previous: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -208,7 +238,12 @@ def sparse_adagrad(
             torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format)
             for p in tree_leaves(params)
         )
-        return SparseAdagradState(count, sums, torch.tensor(_rate(lr, count), dtype=torch.float64))
+        return SparseAdagradState(
+            count,
+            sums,
+            torch.tensor(_rate(lr, count), dtype=torch.float64),
+            tuple(_host_count() for _ in sums),
+        )
 
     def update_fn(
         updates: Any,
@@ -220,11 +255,18 @@ def sparse_adagrad(
     ) -> tuple[NewParams, SparseAdagradState]:
         g, p, spec = _begin(updates, params, "sparse Adagrad")
         rate = _rate(lr, state.count)
-        step = int(state.count) + 1  # torch's per-parameter step, read as a float
-        clr = rate / (1 + (float(step) - 1) * lr_decay)
         in_place = extras.may_write() if any(x.is_sparse for x in g) else False
-        new_p, new_sums = [], []
-        for grad, param, total in zip(g, p, state.sum_of_squares, strict=True):
+        steps = _steps_of(state.steps, state.count, len(p))
+        new_p, new_sums, new_steps = [], [], []
+        for grad, param, total, taken in zip(g, p, state.sum_of_squares, steps, strict=True):
+            if unused(grad):  # torch skips a parameter without a gradient, its step too
+                new_p.append(param)
+                new_sums.append(total)
+                new_steps.append(taken)
+                continue
+            new_steps.append(_counted(taken, keep))
+            step = int(taken) + 1  # torch's per-parameter step, read as a float
+            clr = rate / (1 + (float(step) - 1) * lr_decay)
             grad = -grad if maximize else grad
             if grad.is_sparse:
                 grad = grad.coalesce()
@@ -244,7 +286,10 @@ def sparse_adagrad(
             new_p.append(moved)
             new_sums.append(summed)
         return NewParams(new_p, spec), SparseAdagradState(
-            _counted(state.count, keep), tuple(new_sums), _last_lr(rate, state.lr, keep)
+            _counted(state.count, keep),
+            tuple(new_sums),
+            _last_lr(rate, state.lr, keep),
+            tuple(new_steps),
         )
 
     return takes_sparse_too(
@@ -270,7 +315,11 @@ def sparse_adam_update(
         zeros = tuple(torch.zeros_like(p, memory_format=torch.preserve_format) for p in leaves)
         twins = tuple(torch.zeros_like(p, memory_format=torch.preserve_format) for p in leaves)
         return SparseAdamState(
-            count, zeros, twins, torch.tensor(_rate(lr, count), dtype=torch.float64)
+            count,
+            zeros,
+            twins,
+            torch.tensor(_rate(lr, count), dtype=torch.float64),
+            tuple(_host_count() for _ in leaves),
         )
 
     def update_fn(
@@ -282,7 +331,7 @@ def sparse_adam_update(
         extras: Extras = NO_EXTRAS,
     ) -> tuple[NewParams, SparseAdamState]:
         g, p, spec = _begin(updates, params, "SparseAdam")
-        dense = [i for i, x in enumerate(g) if not x.is_sparse]
+        dense = [i for i, x in enumerate(g) if not x.is_sparse]  # (an unused one: no rows)
         if dense:
             raise ConfigError(
                 f"sparse_adam takes sparse gradients only, as torch's SparseAdam does, and got "
@@ -291,11 +340,19 @@ def sparse_adam_update(
                 '"dense": adam(...)}, labels)'
             )
         rate = _rate(lr, state.count)
-        step = int(state.count) + 1
-        step_size = rate * math.sqrt(1 - b2**step) / (1 - b1**step)
         in_place = extras.may_write()
-        new_p, new_mu, new_nu = [], [], []
-        for grad, param, mu, nu in zip(g, p, state.mu, state.nu, strict=True):
+        steps = _steps_of(state.steps, state.count, len(p))
+        new_p, new_mu, new_nu, new_steps = [], [], [], []
+        for grad, param, mu, nu, taken in zip(g, p, state.mu, state.nu, steps, strict=True):
+            if unused(grad):  # torch skips a parameter without a gradient, its step too
+                new_p.append(param)
+                new_mu.append(mu)
+                new_nu.append(nu)
+                new_steps.append(taken)
+                continue
+            new_steps.append(_counted(taken, keep))
+            step = int(taken) + 1
+            step_size = rate * math.sqrt(1 - b2**step) / (1 - b1**step)
             grad = (-grad if maximize else grad).coalesce()
             values = grad._values()
             old_mu = mu.sparse_mask(grad)._values()
@@ -317,6 +374,7 @@ def sparse_adam_update(
             tuple(new_mu),
             tuple(new_nu),
             _last_lr(rate, state.lr, keep),
+            tuple(new_steps),
         )
 
     return takes_sparse_too(Transform(init_fn, with_extras(update_fn), "sparse_adam", gated=True))
