@@ -258,7 +258,9 @@ class ProgressBar(Callback):
     """A tqdm progress bar (widget in notebooks, text elsewhere) with ETA and the live loss.
 
     One bar per epoch in epoch mode, one bar for the run in step mode; its postfix is refreshed at
-    log intervals only.
+    log intervals only. Drawn on stderr (or `file`), and not drawn where stderr is no terminal and
+    no notebook shows it (a log file, a pipe): its redrawn frames would run into the log's lines
+    there, which say what the bar would.
     """
 
     def __init__(self, *, leave: bool = True, file: IO[str] | None = None) -> None:
@@ -270,6 +272,8 @@ class ProgressBar(Callback):
             warnings.filterwarnings("ignore", message="IProgress not found")
             from tqdm.auto import tqdm
 
+            if self.file is None and not _shown(sys.stderr):
+                return
             self.bar = tqdm(
                 total=total,
                 initial=initial,
@@ -315,6 +319,19 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _shown(stream: Any) -> bool:
+    """Whether a bar drawn on `stream` is seen as one: a terminal, or a notebook's widget."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if type(shell).__name__ == "ZMQInteractiveShell":  # a notebook: tqdm.auto draws a widget
+        return True
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except ValueError:  # a closed stream
+        return False
 
 
 class JsonlLogger(Callback):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -376,11 +377,36 @@ def test_lr_monitor_includes_the_plateau_scale(monkeypatch: pytest.MonkeyPatch) 
     assert monitor.values == [(3, 0.5), (6, 0.5), (9, 0.25)]
 
 
-def test_the_default_progress_bar_writes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_default_progress_bar_writes_to_stderr(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal
     ft.fit(make_state(), sum_dataset(), batch_size=BATCH, max_epochs=1, verbosity="silent")
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "epoch 0" in captured.err and "3/3" in captured.err
+
+
+def test_no_bar_is_drawn_into_a_log_file_only_the_log_lines() -> None:
+    # stdout and stderr into one file, as `make demo > log 2>&1`: no redrawn frames (\r) in it
+    import subprocess
+
+    code = (
+        "import torch, functrain as ft\n"
+        "from tests.driver.runs import make_state, sum_dataset\n"
+        "ft.fit(make_state(), sum_dataset(), batch_size=20, max_epochs=2, log_every=1)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 0, out.stdout
+    assert "\r" not in out.stdout
+    assert "epoch 1 done" in out.stdout
 
 
 @pytest.mark.skipif(
