@@ -18,7 +18,7 @@ from functrain.core.options import StepOptions
 from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, unstack
 from functrain.core.stacked_step import PerMember
 from functrain.core.state import TrainState
-from functrain.core.step import eval_step, train_step
+from functrain.core.step import eval_step, predict, train_step
 from functrain.driver.callbacks import (
     Callback,
     ConsoleLogger,
@@ -203,6 +203,7 @@ __all__ = [
     "dynamic_loss_scale",
     "ema",
     "eval_step",
+    "predict",
     "evaluate",
     "find_loss_scale",
     "fingerprint",

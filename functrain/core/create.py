@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from functrain.core.options import GradStats, StepOptions, build_transform
-from functrain.core.structure import module_problems, sparse_parameters, weightless
+from functrain.core.structure import WEIGHTLESS, module_problems, sparse_parameters, weightless
 from functrain.distributed.data_parallel import (
     DistConfig,
     broadcast_tensors,
@@ -403,6 +403,13 @@ def _meta_problems(module: nn.Module, sharding: Any, init: Any) -> list[str]:
                 "tensors yourself, or build it under torch.device('meta')"
             ]
         )
+    if getattr(module, WEIGHTLESS, False):
+        return [
+            "this module is a state's module (state.module): its structure alone, its tensors on "
+            "the meta device; a module holding the state's weights is state.export_module() "
+            "(to train from them: TrainState.create(state.export_module(), ...)), and "
+            "functrain.predict(state, x) runs the model on them"
+        ]
     if sharding is not None and torch.get_default_device().type == "meta":
         return [
             "a module on the meta device is materialized on the default device, "

@@ -12,10 +12,12 @@ donated or not (`functrain.core.donation`); a stacked state's step goes to
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
+from functrain.core.binding import bound
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import donated, retire
 from functrain.core.loss import RunAgain
@@ -23,11 +25,12 @@ from functrain.core.plan import DONATED, plan_for
 from functrain.core.scope import enter, leave, leave_with, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import LossFn, TrainState
+from functrain.distributed import sharding as sharding_
 from functrain.errors import ConfigError
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 
-__all__ = ["train_step", "eval_step"]
+__all__ = ["train_step", "eval_step", "predict"]
 
 
 @outside_graph
@@ -192,3 +195,61 @@ def eval_step(
     finally:
         leave(scope)
     return metrics
+
+
+def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any) -> Any:
+    """The module's forward on the state's weights: ``model(*args, **kwargs)`` in eval mode.
+
+    What a notebook asks of a state: its model's output on some input, as the module the state was
+    made from would give it after ``model.eval()`` under ``torch.no_grad()`` (``state.module`` is
+    only the structure, without weights; ``state.export_module()`` builds a module that holds them,
+    to keep). Changes nothing: not the state, its buffers, nor the caller's RNG.
+
+    Args:
+        state: a `TrainState` (not stacked: run ``functrain.unstack`` members one by one).
+        *args, **kwargs: what the module's ``forward`` takes.
+        use_ema: run the EMA weights instead of the parameters.
+
+    Returns:
+        What ``forward`` returns.
+
+    Raises:
+        ConfigError: a stacked state, or `use_ema` on a state without EMA.
+        DonatedStateError: `state` was donated to a step.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b).sum())
+        >>> x = torch.ones(3, 2)
+        >>> torch.equal(ft.predict(state, x), model(x).detach())
+        True
+    """
+    if not isinstance(state, TrainState):
+        raise ConfigError(
+            f"predict expects a functrain.TrainState, got {type(state).__name__}; build one with "
+            "TrainState.create(...)"
+        )
+    state.check_live("predict")
+    if state.step.ndim:
+        raise ConfigError(
+            "predict runs one model, and this state holds stacked members: run them one by one, "
+            "[ft.predict(s, x) for s in functrain.unstack(state)]"
+        )
+    weights = state.ema_params if use_ema else state.params
+    if weights is None:
+        raise ConfigError(
+            "predict(use_ema=True) needs a state created with ema_decay=...; this state has no EMA"
+        )
+    scope = enter(state, False)
+    try:
+        buffers = {k: b.clone() for k, b in state.buffers.items()}  # its forward's to write
+        gathered = state.dist is not None and state.dist.sharding == "full"
+        with (
+            torch.no_grad(),
+            sharding_.gathering_on_use(weights) if gathered else contextlib.nullcontext(),
+            bound(state.module, {**weights, **state.frozen, **buffers}) as model,
+        ):
+            return model(*args, **kwargs)
+    finally:
+        leave(scope)

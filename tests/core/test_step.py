@@ -768,3 +768,34 @@ def test_a_metric_that_is_not_0_d_is_a_loss_error_at_the_first_step() -> None:
         ft.compile_step(backend="eager")(state, batch)
     with pytest.raises(ft.LossError, match=expected):  # a compiled stacked step: [K, 3]
         ft.compile_step(backend="eager")(ft.stack([state, state]), batch)
+
+
+def test_predict_runs_the_model_on_the_states_weights_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2)
+    )
+
+    def loss(m: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    state = ft.TrainState.create(model, ft.adamw(0.1), loss, ema_decay=0.5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        state, _ = ft.train_step(
+            state, (torch.randn(8, 3, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        )
+    x = torch.randn(5, 3, generator=gen)
+    before, rng = state.clone(), torch.get_rng_state()
+    exported = state.export_module()
+    assert torch.equal(ft.predict(state, x), exported(x))
+    ema = state.export_module(use_ema=True)
+    assert torch.equal(ft.predict(state, x, use_ema=True), ema(x))
+    assert ft.diff_states(before, state) == [] and torch.equal(torch.get_rng_state(), rng)
+    assert state.module.training  # the structure's mode as it was
+
+
+def test_a_states_module_given_to_create_names_export_module() -> None:
+    state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
+    with pytest.raises(ft.ConfigError, match=r"state.module.*state.export_module\(\)"):
+        ft.TrainState.create(state.module, ft.sgd(0.1), lambda m, b: m(b).sum())
