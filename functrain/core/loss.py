@@ -11,7 +11,6 @@ body and its planned form, the compiled body and a stacked state's body under vm
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -178,13 +177,14 @@ def call_loss(
                     raise refused from e
             raise loss_failure(e, batch, state.module, tensors, name) from e
         if versions is not None and watch is not None:
-            _check_unwritten(watch, versions, name)
+            if [t._version for t in watch.values()] != versions:  # a write in place
+                _raise_written(watch, versions, name)
         loss, aux = split_loss(out, name)
         return (loss, aux) if then is None else then(loss, aux)
 
 
-def _check_unwritten(watch: Mapping[str, torch.Tensor], versions: list[int], name: str) -> None:
-    """Raise if the loss function wrote one of the state's (frozen) parameters in place.
+def _raise_written(watch: Mapping[str, torch.Tensor], versions: list[int], name: str) -> None:
+    """Raise: the loss function wrote one of the state's (frozen) parameters in place.
 
     Raises:
         ConfigError: naming the first tensor written and the fix.
@@ -207,9 +207,10 @@ _REENTRANT = (
     "Checkpointing is not compatible with .grad()",
     "checkpoint is incompatible with .grad()",
 )
-# the structures (`functrain.core.structure.weightless`) whose forward runs reentrant activation
-# checkpointing: their gradients come from ``loss.backward()`` (`_accumulated`)
-_BY_BACKWARD: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+# the attribute that marks a structure (`functrain.core.structure.weightless`) whose forward runs
+# reentrant activation checkpointing: its gradients come from ``loss.backward()`` (`_accumulated`);
+# an attribute, read as the structure's other per-module facts are, without a weak reference a call
+_BY_BACKWARD = "_functrain_by_backward"
 
 
 class RunAgain(Exception):  # noqa: N818 - a signal to the step, never seen by a user
@@ -232,14 +233,14 @@ def gradients_of(
     """
     if not loss.requires_grad:
         return [None] * len(leaves)
-    if module in _BY_BACKWARD:
+    if getattr(module, _BY_BACKWARD, False):
         return _accumulated(loss, leaves)
     try:
         return list(torch.autograd.grad(loss, leaves, allow_unused=True))
     except RuntimeError as e:
         if not any(words in str(e) for words in _REENTRANT):
             raise
-        _BY_BACKWARD.add(module)
+        object.__setattr__(module, _BY_BACKWARD, True)
         raise RunAgain from e
 
 
