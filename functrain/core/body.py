@@ -58,6 +58,7 @@ __all__ = [
     "Parts",
     "apply",
     "eval_body",
+    "finite_buffers",
     "gradients",
     "in_param_layouts",
     "in_param_strides",
@@ -481,14 +482,21 @@ def _finite_buffers(
     """
     if buffers and (state.options.nonfinite != "none" or state.options.precision == "fp16"):
         # a batch with non-finite statistics must not enter the running averages either
-        old = state.buffers
-        buffers = {
-            n: torch.where(_finite(b, members), b, old[n])
-            if b.is_floating_point() and b.shape == old[n].shape
-            else b
-            for n, b in buffers.items()
-        }
+        return finite_buffers(buffers, state.buffers, members)
     return buffers
+
+
+def finite_buffers(
+    new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], members: int = 0
+) -> dict[str, torch.Tensor]:
+    """`new`, each floating buffer replaced by its `old` value where it is not finite (a member's
+    alone, of `members` stacked); one the forward gave a new shape has no old value to keep."""
+    return {
+        n: torch.where(_finite(b, members), b, old[n])
+        if b.is_floating_point() and b.shape == old[n].shape
+        else b
+        for n, b in new.items()
+    }
 
 
 def _finite(t: torch.Tensor, members: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from functrain.core.body import finite_buffers
 from functrain.core.donation import HELD, wait_until_unheld
 from functrain.core.loss import NO_GRADIENT, call_loss, gradients_of, run_gradient_hooks, samples_in
 from functrain.core.scope import device_generator, swap_in, swap_out
@@ -184,18 +185,8 @@ class StepPlan:
     def _finite(
         self, buffers: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The new buffers, each floating one kept as it was where the batch made it non-finite.
-
-        (A buffer the forward gave a new shape has no value to keep: `body`'s rule.)
-        """
-        if not self.guard_buffers:
-            return buffers
-        return {
-            n: torch.where(torch.isfinite(b).all(), b, old[n])
-            if b.is_floating_point() and b.shape == old[n].shape
-            else b
-            for n, b in buffers.items()
-        }
+        """The new buffers, each floating one kept as it was where the batch made it non-finite."""
+        return finite_buffers(buffers, old) if self.guard_buffers else buffers
 
     def _metrics(
         self,
