@@ -15,11 +15,12 @@ the parameters are a third of the bytes, the two moment buffers the rest), the m
   the template);
 * manager save, synchronous: ``CheckpointManager(...).save(state)``;
 * manager save, async: the time ``CheckpointManager(async_save=True).save(state)`` blocks the
-  caller (walking the tree; the state's CPU tensors are written where they lie, held until written),
-  as a fraction of the synchronous manager save;
-* async save, whole: that save until ``wait()`` returns (the background thread's two hashes of the
-  held tensors, which catch writes behind the version counter, included; the deletions other cases
-  left running are waited for before the clock starts), against the plain write.
+  caller (walking the tree and taking the digest of every file it will write, one pass over the
+  state's bytes on every core; the state's CPU tensors are written where they lie, held until
+  written), as a fraction of the synchronous manager save;
+* async save, whole: that save until ``wait()`` returns (the digests taken in ``save()``, then the
+  background write, whose files must match them; the deletions other cases left running are waited
+  for before the clock starts), against the plain write.
 
 Ratios are throughput ratios (baseline time / functrain time: 1.0 means as fast as plain I/O).
 The disk of a VM swings several-fold between runs, so only ratios measured in one run mean anything:
@@ -62,7 +63,7 @@ from functrain.checkpoint import files
 from functrain.checkpoint import format as serialization
 from functrain.checkpoint.tensorfile import _parse_safetensors, safetensors_chunks
 
-TARGETS = {"save": 0.9, "load": 0.9, "async": 0.1}
+TARGETS = {"save": 0.9, "load": 0.85, "async": 0.5}
 
 
 def build_state(mb: float) -> ft.TrainState:

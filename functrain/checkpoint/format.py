@@ -59,7 +59,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ from functrain.checkpoint.commit import TMP_PREFIX, commit
 from functrain.checkpoint.files import (
     digest_of,
     fsync_dir,
+    hasher,
     open_regular,
     read_exactly,
     wait_for_removals,
@@ -129,6 +130,10 @@ _SEALS = {
     algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
 }
 _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
+CHANGED_FIX = (
+    "Functrain's steps never write into a state being saved: something else did. Call wait() on "
+    "the manager before writing into a saved state's tensors, or save a state.clone()"
+)
 
 
 Tree = Any
@@ -252,6 +257,24 @@ class TreeWriter:
         ):
             t = t.clone(memory_format=torch.contiguous_format)
         return t
+
+
+def file_digests(tree: Tree) -> dict[str, str]:
+    """The digest of each tensor file `write_tree` would write for `tree` now, by file name.
+
+    Example:
+        >>> import tempfile
+        >>> tree = {"w": torch.ones(2)}
+        >>> expected = file_digests(tree)
+        >>> tree["w"].numpy()[0] = 5.0  # a write no version counter sees
+        >>> write_tree(Path(tempfile.mkdtemp()) / "ckpt", tree, expected=expected)
+        Traceback (most recent call last):
+        ...
+        functrain.errors.CheckpointError: tensors-00000.safetensors: the state's tensors changed ...
+    """
+    writer = TreeWriter()
+    writer.node(tree, "", 0)
+    return tensor_file_digests("tensors", writer.tensors)
 
 
 def _join(path: str, key: str) -> str:
@@ -389,6 +412,36 @@ def _refuse_nonfinite(value: Any, path: str) -> None:
         _refuse_nonfinite(v, f"{path}/{k}" if path else str(k))
 
 
+def _tensor_files(
+    prefix: str, tensors: Mapping[str, torch.Tensor], empty: bool
+) -> Iterator[tuple[str, dict[str, torch.Tensor], list[memoryview]]]:
+    """The tensor files `tensors` make: ``(name, its tensors, its bytes as buffers in order)``.
+
+    With no tensors, one empty file where `empty` (a plain tree's checkpoint always has a tensor
+    file), none otherwise.
+    """
+    for i, shard in enumerate(_shards(tensors)):
+        if shard or empty:
+            yield f"{prefix}-{i:05d}.safetensors", shard, safetensors_chunks(shard)
+
+
+def tensor_file_digests(
+    prefix: str, tensors: Mapping[str, torch.Tensor], *, empty: bool = True
+) -> dict[str, str]:
+    """The BLAKE3 digest of each file `write_tensor_files` would write for `tensors` now, by name.
+
+    What an async save records when `save()` returns (`functrain.checkpoint.snapshot`): the files
+    it later writes must have these digests, or the tensors changed in between.
+    """
+    digests = {}
+    for name, _, chunks in _tensor_files(prefix, tensors, empty):
+        digest = hasher("blake3", threads=True)
+        for chunk in chunks:
+            digest.update(chunk)
+        digests[name] = str(digest.hexdigest())
+    return digests
+
+
 def write_tensor_files(
     tmp: Path,
     prefix: str,
@@ -397,21 +450,24 @@ def write_tensor_files(
     index: dict[str, Any],
     *,
     empty: bool = True,
+    expected: Mapping[str, str] | None = None,
 ) -> None:
     """Write `tensors` as ``<prefix>-NNNNN.safetensors`` files in `tmp`, noted in `files`, `index`.
 
     With no tensors, one empty file is written where `empty` (a plain tree's checkpoint always has a
-    tensor file), none otherwise.
+    tensor file), none otherwise. With `expected` (`tensor_file_digests` taken earlier), a file
+    whose bytes are not those it had then raises `CheckpointError`.
     """
-    for i, shard in enumerate(_shards(tensors)):
-        if not shard and not empty:
-            continue
-        name = f"{prefix}-{i:05d}.safetensors"
-        chunks = safetensors_chunks(shard)
-        files[name] = {
-            "blake3": write_file(tmp / name, chunks),
-            "bytes": sum(len(c) for c in chunks),
-        }
+    for name, shard, chunks in _tensor_files(prefix, tensors, empty):
+        digest = write_file(tmp / name, chunks)
+        if expected is not None and expected.get(name) != digest:
+            raise CheckpointError(
+                f"{name}: the state's tensors changed after save() returned, through a path "
+                "their version counter does not see (.data, .numpy(), torch.from_numpy, DLPack, "
+                "shared memory); the checkpoint was not committed (it would have held a state "
+                "that never existed) and the previous one stays. " + CHANGED_FIX
+            )
+        files[name] = {"blake3": digest, "bytes": sum(len(c) for c in chunks)}
         for key, t in shard.items():
             index[key] = {
                 "file": name,
@@ -457,6 +513,7 @@ def write_tree(
     metadata: Mapping[str, Any] | None = None,
     library_version: str = "",
     before_commit: Callable[[], None] | None = None,
+    expected: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `tree` as a checkpoint directory at `directory`, atomically.
 
@@ -471,6 +528,8 @@ def write_tree(
         library_version: recorded in the manifest.
         before_commit: called once every file is written and durable, before the checkpoint is
             put in place; what it raises aborts the save (nothing is committed).
+        expected: the digests `file_digests` gave for this tree earlier: a tensor file whose
+            bytes differ now aborts the save (`CheckpointError`, nothing committed).
 
     Returns:
         The checkpoint's path.
@@ -497,7 +556,7 @@ def write_tree(
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
-        write_tensor_files(tmp, "tensors", writer.tensors, files, index)
+        write_tensor_files(tmp, "tensors", writer.tensors, files, index, expected=expected)
         write_manifest(
             tmp,
             build_manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version),

@@ -41,9 +41,9 @@ from functrain.checkpoint.directory import (
     recover,
 )
 from functrain.checkpoint.files import wait_for_removals
-from functrain.checkpoint.format import json_extras, read_manifest, write_tree
+from functrain.checkpoint.format import file_digests, json_extras, read_manifest, write_tree
 from functrain.checkpoint.lock import WriterLock
-from functrain.checkpoint.sharded import agree, write_sharded
+from functrain.checkpoint.sharded import agree, part_digests, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import check_savable, fingerprint, load
 from functrain.core.stacked import host_count, num_members, unstack
@@ -89,12 +89,14 @@ class CheckpointManager:
             that improved any member, kept while it is any member's best
             (`functrain.checkpoint.bests`). A reader opens the directory with it too.
         async_save: write in a background thread: the state's own tensors, held until written (no
-            copy; a donated step on that state waits for them), copies of tensors off the CPU. A
-            write into those tensors before the commit, in place or through ``.data`` or
-            ``.numpy()``, fails the save and keeps the previous checkpoint; what is not caught:
-            `functrain.checkpoint.snapshot`. A failure surfaces on the next `save`, `wait` or
-            `close`, or as a warning naming the checkpoint if the program ends (or drops the
-            manager) without calling either.
+            copy; a donated step on that state waits for them), copies of tensors off the CPU.
+            `save` returns once it has the digest of every file it will write (one pass over the
+            state's bytes, on every core): the checkpoint holds the state as it was then. A write
+            into those tensors after `save` returns, through ``.data`` or ``.numpy()``, is either
+            not in the checkpoint or fails the save, and one in place through torch fails it;
+            a failed save keeps the previous checkpoint (`functrain.checkpoint.snapshot`). A
+            failure surfaces on the next `save`, `wait` or `close`, or as a warning naming the
+            checkpoint if the program ends (or drops the manager) without calling either.
         remove_temporary: finish interrupted saves when the writer opens (`cleanup`).
         readonly: open as a reader: no lock, no cleanup; `save` and `cleanup` raise.
         metadata: JSON-able data written into every checkpoint's manifest (`fit` puts the run's
@@ -382,7 +384,10 @@ class CheckpointManager:
         if self._pool is None:
             return self._commit(name, tree, fp, meta)
         # the state's own tensors, held until written (see functrain.checkpoint.snapshot): no copy
-        snapshot = Snapshot(tree)
+        group = self._group
+        snapshot = Snapshot(
+            tree, (lambda t: part_digests(t, group)) if self.sharded else file_digests
+        )
         try:
             self._pending = self._pool.submit(
                 self._commit_in_background, name, snapshot, fp, meta, state
@@ -413,6 +418,7 @@ class CheckpointManager:
         fp: dict[str, Any],
         meta: dict[str, Any],
         before_commit: Callable[[], None] | None = None,
+        expected: dict[str, str] | None = None,
     ) -> Path:
         with self._commit_lock:
             if self.sharded:  # every rank its shards; rank 0 the manifest, then the books
@@ -424,6 +430,7 @@ class CheckpointManager:
                     metadata=meta,
                     library_version=version.__version__,
                     before_commit=before_commit,
+                    expected=expected,
                 )
             else:
                 path = write_tree(
@@ -433,6 +440,7 @@ class CheckpointManager:
                     metadata=meta,
                     library_version=version.__version__,
                     before_commit=before_commit,
+                    expected=expected,
                 )
             books: CheckpointError | None = None
             if self._rank == 0:
@@ -458,9 +466,13 @@ class CheckpointManager:
     ) -> Path:
         # `state` is only held: while this runs, fit sees a second holder and does not donate it
         try:
-            snapshot.record_contents()  # first: what changes from here on fails the save
             return self._commit(
-                name, snapshot.tree, fp, meta, before_commit=snapshot.check_unchanged
+                name,
+                snapshot.tree,
+                fp,
+                meta,
+                before_commit=snapshot.check_unchanged,
+                expected=snapshot.expected,
             )
         except BaseException as e:
             # kept as text, before the future holds the error: an exit without wait() still reports

@@ -52,6 +52,7 @@ from functrain.checkpoint.format import (
     build_manifest,
     json_extras,
     read_tree,
+    tensor_file_digests,
     write_manifest,
     write_tensor_files,
 )
@@ -236,6 +237,7 @@ def write_sharded(
     metadata: Mapping[str, Any] | None = None,
     library_version: str = "",
     before_commit: Callable[[], None] | None = None,
+    expected: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a tree of sharded and replicated tensors as one checkpoint, every rank its own shards.
 
@@ -256,6 +258,8 @@ def write_sharded(
     Raises:
         CheckpointError (or the class of the first failing rank's error): on every rank, when any
             rank's part failed; the previous checkpoint at `directory` is intact.
+        expected: this rank's `part_digests` of the tree taken earlier: a file of its part whose
+            bytes differ now aborts the save on every rank.
     """
     group = exchange_group() if group is None else group
     rank = dist.get_rank(group)
@@ -290,7 +294,9 @@ def write_sharded(
                 f"they share; they passed {paths[:4]}"
             )
         tmp = target.parent / reports[0]["tmp"]
-        reports = _agree_reports(_write_part(tmp, writer, rank, before_commit), None, group, what)
+        reports = _agree_reports(
+            _write_part(tmp, writer, rank, before_commit, expected), None, group, what
+        )
     except BaseException:
         if tmp is not None and rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -306,15 +312,36 @@ def write_sharded(
     return target
 
 
+def part_digests(tree: Tree, group: Any = None) -> dict[str, str]:
+    """The digest of each file `write_sharded` would write for this rank's part of `tree` now.
+
+    What an async save of a sharded state records when `save()` returns (see `write_tree`'s
+    `expected`); `group` as for `write_sharded`. Not collective.
+    """
+    rank = dist.get_rank(exchange_group() if group is None else group)
+    writer = _ShardWriter(replicated=rank == 0)
+    writer.node(tree, "", 0)
+    digests = tensor_file_digests("tensors", writer.tensors, empty=False) if rank == 0 else {}
+    return digests | tensor_file_digests(
+        f"shards-{rank:05d}", {k: t for k, (t, _) in writer.shards.items()}, empty=False
+    )
+
+
 def _write_part(
-    tmp: Path, writer: _ShardWriter, rank: int, before_commit: Callable[[], None] | None
+    tmp: Path,
+    writer: _ShardWriter,
+    rank: int,
+    before_commit: Callable[[], None] | None,
+    expected: Mapping[str, str] | None,
 ) -> dict[str, Any]:
     """Write this rank's files into `tmp`; what they hold, or the error, as a JSON-able report."""
     files: dict[str, Any] = {}
     index: dict[str, Any] = {}
     try:
         if rank == 0:
-            write_tensor_files(tmp, "tensors", writer.tensors, files, index, empty=False)
+            write_tensor_files(
+                tmp, "tensors", writer.tensors, files, index, empty=False, expected=expected
+            )
         shard_index: dict[str, Any] = {}
         write_tensor_files(
             tmp,
@@ -323,6 +350,7 @@ def _write_part(
             files,
             shard_index,
             empty=False,
+            expected=expected,
         )
         digests = written_digests(tmp, shard_index)
         shards = {

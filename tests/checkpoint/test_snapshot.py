@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,11 @@ def verified(path: Path) -> None:
     serialization.read_tree(path)
 
 
-def test_a_write_through_numpy_after_the_files_are_written_fails_the_async_save(
+def test_a_write_through_numpy_after_the_files_are_written_is_not_in_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = big_state(1)
+    at_save = weight(state).clone()
     real_write = serialization.write_file
 
     def write_then_scribble(path: Path, data: Any) -> str:
@@ -46,17 +48,65 @@ def test_a_write_through_numpy_after_the_files_are_written_fails_the_async_save(
         return digest
 
     with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
+        monkeypatch.setattr(serialization, "write_file", write_then_scribble)
+        path = mgr.save(state)
+        mgr.wait()
+        assert mgr.latest() == path
+    assert not torch.equal(weight(state), at_save)  # the write happened, after its file
+    assert torch.equal(ft.load(path, like=state).params["weight"], at_save)
+
+
+def test_a_write_through_numpy_after_save_returned_fails_the_save_when_written_before_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = big_state(1)
+    real_write = serialization.write_file
+
+    def scribble_then_write(path: Path, data: Any) -> str:
+        weight(state).numpy()[0, 0] += 1.0  # behind the version counter's back
+        return real_write(path, data)
+
+    with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
         previous = mgr.save(big_state(0))
         mgr.wait()
-        monkeypatch.setattr(serialization, "write_file", write_then_scribble)
+        monkeypatch.setattr(serialization, "write_file", scribble_then_write)
         mgr.save(state)
         with pytest.raises(
-            CheckpointError, match=r"1 tensor\(s\) of the state changed while .*\.data, \.numpy\(\)"
+            CheckpointError, match=r"changed after save\(\) returned, .*\.data, \.numpy\(\)"
         ):
             mgr.wait()
         assert mgr.latest() == previous
         assert mgr.all() == [previous]
     verified(previous)
+
+
+@pytest.mark.parametrize("path", ["numpy", "data"])
+@pytest.mark.parametrize("delay", [0.0, 0.0005, 0.002, 0.01, 0.05])
+def test_an_async_checkpoint_holds_the_state_save_saw_or_is_not_committed(
+    tmp_path: Path, path: str, delay: float
+) -> None:
+    """Writes at several delays after save() returned: never a state other than the one saved."""
+    state = big_state(1)
+    at_save = {k: v.clone() for k, v in state.params.items()}
+    with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
+        previous = mgr.save(big_state(0))
+        mgr.wait()
+        saved = mgr.save(state.replace(step=state.step + 1))
+        time.sleep(delay)
+        if path == "numpy":
+            weight(state).numpy()[:] += 1.0
+        else:
+            weight(state).data.add_(1.0)  # .data: a tensor whose version counter is its own
+        try:
+            mgr.wait()
+        except CheckpointError as e:
+            assert "changed after save() returned" in str(e)
+            assert mgr.latest() == previous
+        else:
+            assert mgr.latest() == saved
+            loaded = ft.load(saved, like=state).params
+            assert all(torch.equal(loaded[k], at_save[k]) for k in at_save)
+        verified(mgr.latest())
 
 
 @pytest.fixture
@@ -89,7 +139,7 @@ def test_an_async_save_during_writes_through_data_fails_or_verifies_never_commit
             try:
                 mgr.wait()
             except CheckpointError as e:
-                assert "changed while the async save was writing them" in str(e)
+                assert "changed after save() returned" in str(e)
                 assert mgr.latest() == previous
             else:
                 assert mgr.latest() == path
