@@ -59,6 +59,14 @@ class CheckpointCorruptError(CheckpointError):
     """A checkpoint's files do not match their recorded digests or are malformed."""
 
 
+class CheckpointMemoryError(CheckpointError, MemoryError):
+    """A checkpoint's tensors do not fit in the memory available now; nothing says it is broken.
+
+    Raised before the load allocates. `CheckpointManager.restore_latest` raises it rather than
+    passing over the checkpoint for an older one, as it does with a broken checkpoint.
+    """
+
+
 class DonatedStateError(FunctrainError):
     """A state was used after a ``donate=True`` step took it: its storage holds the next state.
 

@@ -31,7 +31,7 @@ from typing import Any
 import blake3
 import torch
 
-from functrain.errors import CheckpointCorruptError
+from functrain.errors import CheckpointCorruptError, CheckpointMemoryError
 
 _OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more than it saves
 # the bytes staged, hashed and written (or read and hashed) at a time: three such buffers stay in
@@ -285,8 +285,8 @@ def read_hashed(
     or allocated before the caller has checked the file's header.
 
     Raises:
-        CheckpointCorruptError: the file ends before `nbytes` (it changed since it was opened), or
-            the memory cannot be allocated.
+        CheckpointCorruptError: the file ends before `nbytes` (it changed since it was opened).
+        CheckpointMemoryError: the memory cannot be allocated.
     """
     data = allocate(nbytes, name)
     if nbytes >= _OVERLAP_BYTES and hasattr(os, "posix_fadvise"):
@@ -355,7 +355,7 @@ def allocate(nbytes: int, name: str) -> torch.Tensor:
     fails, come from torch.
 
     Raises:
-        CheckpointCorruptError: the memory cannot be allocated.
+        CheckpointMemoryError: the memory cannot be allocated.
     """
     try:
         if nbytes >= _POPULATED_BYTES:
@@ -364,9 +364,9 @@ def allocate(nbytes: int, name: str) -> torch.Tensor:
                 return torch.frombuffer(memory, dtype=torch.uint8)
         return torch.empty(nbytes, dtype=torch.uint8)  # not zeroed first, unlike a bytearray
     except (RuntimeError, MemoryError) as e:
-        raise CheckpointCorruptError(
+        raise CheckpointMemoryError(
             f"{name}: cannot allocate the {nbytes} bytes of its tensors ({type(e).__name__}: "
-            f"{str(e)[:100]})"
+            f"{str(e)[:100]}): free memory, or load in a process with a larger memory limit"
         ) from None
 
 
@@ -377,3 +377,113 @@ def _populated(nbytes: int) -> mmap.mmap | None:
         return mmap.mmap(-1, nbytes, flags=flags)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def holes_in(fd: int, start: int, stop: int) -> bool:
+    """Whether bytes `start` to `stop` of the open file have a hole: a range with no disk blocks.
+
+    A hole reads as zeros at memory speed, so a crafted file can declare gigabytes it does not
+    hold. A file whose blocks cover its size has none (one ``fstat``); otherwise the file system
+    is asked where the next hole is (``SEEK_HOLE``). The file position is left where it was.
+    """
+    st = os.fstat(fd)
+    if st.st_blocks * 512 >= st.st_size or start >= stop:
+        return False
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_hole is None:
+        return True  # cannot tell: the caller takes the careful path
+    position = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        return os.lseek(fd, start, seek_hole) < stop
+    except OSError:
+        return True
+    finally:
+        os.lseek(fd, position, os.SEEK_SET)
+
+
+def digest_of_range(fd: int, offset: int, nbytes: int, name: str, algorithm: str) -> str:
+    """The hex digest of the file's `nbytes` from `offset`, read through one small buffer.
+
+    What a file with holes is checked with before anything its size is allocated: its declared
+    size costs time to hash (zeros come fast), never memory.
+
+    Raises:
+        CheckpointCorruptError: the file ends before `offset` + `nbytes`.
+    """
+    digest = hasher(algorithm, threads=True)
+    view = memoryview(bytearray(min(nbytes, _PIECE) or 1))
+    pos = 0
+    while pos < nbytes:
+        n = os.preadv(fd, [view[: nbytes - pos]], offset + pos)
+        if not n:
+            raise CheckpointCorruptError(
+                f"{name}: ends before the {offset + nbytes} bytes its header promised (it "
+                "changed while it was read)"
+            )
+        digest.update(view[:n])
+        pos += n
+    return str(digest.hexdigest())
+
+
+def available_memory() -> int | None:
+    """The bytes this process may still allocate without swapping, or None where unknown.
+
+    The smaller of the kernel's estimate (``MemAvailable``: free memory plus the page cache it can
+    drop) and what the process's memory cgroup leaves (a container's limit less the memory its
+    processes hold, not counting the page cache they could drop); outside Linux, the free physical
+    pages.
+    """
+    found = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
+    if found:
+        return min(found)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Limit less usage of this process's memory cgroup (v2, else v1), the page cache aside."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for controllers, root, limit, usage, cache in (
+        ("", "/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+        (
+            "memory",
+            "/sys/fs/cgroup/memory",
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        ),
+    ):
+        path = next((p for _, c, p in (x for x in lines if len(x) == 3) if c == controllers), None)
+        if path is None:
+            continue
+        for directory in (Path(root + path), Path(root)):  # the root alone inside a namespace
+            try:
+                cap = (directory / limit).read_text().strip()
+                used = int((directory / usage).read_text())
+                stat = (directory / "memory.stat").read_text().split("\n")
+            except (OSError, ValueError):
+                continue
+            if cap == "max" or int(cap) >= 1 << 60:  # no limit
+                return None
+            droppable = next(
+                (int(line.split()[1]) for line in stat if line.startswith(cache + " ")), 0
+            )
+            return max(0, int(cap) - used + droppable)
+    return None

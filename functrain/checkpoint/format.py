@@ -69,6 +69,7 @@ import torch
 
 from functrain.checkpoint.commit import TMP_PREFIX, commit
 from functrain.checkpoint.files import (
+    available_memory,
     digest_of,
     fsync_dir,
     hasher,
@@ -90,7 +91,7 @@ from functrain.checkpoint.tensorfile import (
     span_of,
     unique_keys,
 )
-from functrain.errors import CheckpointCorruptError, CheckpointError
+from functrain.errors import CheckpointCorruptError, CheckpointError, CheckpointMemoryError
 from functrain.tree import escape_key as _escape
 from functrain.tree import leaves_by_path
 
@@ -130,10 +131,6 @@ _SEALS = {
     algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
 }
 _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
-CHANGED_FIX = (
-    "Functrain's steps never write into a state being saved: something else did. Call wait() on "
-    "the manager before writing into a saved state's tensors, or save a state.clone()"
-)
 
 
 Tree = Any
@@ -265,12 +262,12 @@ def file_digests(tree: Tree) -> dict[str, str]:
     Example:
         >>> import tempfile
         >>> tree = {"w": torch.ones(2)}
-        >>> expected = file_digests(tree)
-        >>> tree["w"].numpy()[0] = 5.0  # a write no version counter sees
-        >>> write_tree(Path(tempfile.mkdtemp()) / "ckpt", tree, expected=expected)
-        Traceback (most recent call last):
-        ...
-        functrain.errors.CheckpointError: tensors-00000.safetensors: the state's tensors changed ...
+        >>> digests = file_digests(tree)
+        >>> d = write_tree(Path(tempfile.mkdtemp()) / "ckpt", tree)
+        >>> read_tree(d)[1]["files"]["tensors-00000.safetensors"]["blake3"] == digests[
+        ...     "tensors-00000.safetensors"
+        ... ]
+        True
     """
     writer = TreeWriter()
     writer.node(tree, "", 0)
@@ -430,8 +427,8 @@ def tensor_file_digests(
 ) -> dict[str, str]:
     """The BLAKE3 digest of each file `write_tensor_files` would write for `tensors` now, by name.
 
-    What an async save records when `save()` returns (`functrain.checkpoint.snapshot`): the files
-    it later writes must have these digests, or the tensors changed in between.
+    What an async save records before `save()` returns (`functrain.checkpoint.snapshot`): the
+    files it later writes must have these digests, or the tensors changed in between.
     """
     digests = {}
     for name, _, chunks in _tensor_files(prefix, tensors, empty):
@@ -450,23 +447,18 @@ def write_tensor_files(
     index: dict[str, Any],
     *,
     empty: bool = True,
-    expected: Mapping[str, str] | None = None,
+    check_file: Callable[[str, str], None] | None = None,
 ) -> None:
     """Write `tensors` as ``<prefix>-NNNNN.safetensors`` files in `tmp`, noted in `files`, `index`.
 
     With no tensors, one empty file is written where `empty` (a plain tree's checkpoint always has a
-    tensor file), none otherwise. With `expected` (`tensor_file_digests` taken earlier), a file
-    whose bytes are not those it had then raises `CheckpointError`.
+    tensor file), none otherwise. `check_file` is called with each file's name and digest once it
+    is written; what it raises aborts the save.
     """
     for name, shard, chunks in _tensor_files(prefix, tensors, empty):
         digest = write_file(tmp / name, chunks)
-        if expected is not None and expected.get(name) != digest:
-            raise CheckpointError(
-                f"{name}: the state's tensors changed after save() returned, through a path "
-                "their version counter does not see (.data, .numpy(), torch.from_numpy, DLPack, "
-                "shared memory); the checkpoint was not committed (it would have held a state "
-                "that never existed) and the previous one stays. " + CHANGED_FIX
-            )
+        if check_file is not None:
+            check_file(name, digest)
         files[name] = {"blake3": digest, "bytes": sum(len(c) for c in chunks)}
         for key, t in shard.items():
             index[key] = {
@@ -513,7 +505,7 @@ def write_tree(
     metadata: Mapping[str, Any] | None = None,
     library_version: str = "",
     before_commit: Callable[[], None] | None = None,
-    expected: Mapping[str, str] | None = None,
+    check_file: Callable[[str, str], None] | None = None,
 ) -> Path:
     """Write `tree` as a checkpoint directory at `directory`, atomically.
 
@@ -528,8 +520,9 @@ def write_tree(
         library_version: recorded in the manifest.
         before_commit: called once every file is written and durable, before the checkpoint is
             put in place; what it raises aborts the save (nothing is committed).
-        expected: the digests `file_digests` gave for this tree earlier: a tensor file whose
-            bytes differ now aborts the save (`CheckpointError`, nothing committed).
+        check_file: called with each tensor file's name and digest once it is written (an async
+            save compares them with the `file_digests` it took earlier); what it raises aborts
+            the save (nothing is committed).
 
     Returns:
         The checkpoint's path.
@@ -556,7 +549,7 @@ def write_tree(
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
-        write_tensor_files(tmp, "tensors", writer.tensors, files, index, expected=expected)
+        write_tensor_files(tmp, "tensors", writer.tensors, files, index, check_file=check_file)
         write_manifest(
             tmp,
             build_manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version),
@@ -822,15 +815,20 @@ def _checked_rows(
 
 
 def _check_memory(total: int) -> None:
-    """Refuse, before any read, `total` bytes that could not fit in this machine's memory."""
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return
-    if total > memory:
-        raise CheckpointCorruptError(
-            f"{MANIFEST}: the files declare {total} bytes, more than this machine's memory "
-            f"({memory} bytes)"
+    """Refuse, before any read, a load of `total` bytes that the memory available now cannot hold.
+
+    Available now (`functrain.checkpoint.files.available_memory`): free memory and the page cache
+    the kernel can drop, within the process's cgroup limit, not the machine's total. A load that
+    would not fit is refused before it allocates, rather than pushing the machine into swap or the
+    process into the OOM killer.
+    """
+    memory = available_memory()
+    if memory is not None and total > memory:
+        raise CheckpointMemoryError(
+            f"{MANIFEST}: loading this checkpoint needs {total / 2**20:,.1f} MiB of memory for its "
+            f"tensors, and {memory / 2**20:,.1f} MiB are available now: free memory (other "
+            "processes, tensors this one holds), or load in a process with a larger memory "
+            "limit; a sharded state loads each rank's part alone (functrain.checkpoint.sharded)"
         )
 
 
@@ -851,9 +849,16 @@ def verify(directory: str | os.PathLike[str], *, digest: str | None = None) -> d
 
 
 def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
-    """True when `directory` holds a complete, verifying checkpoint."""
+    """True when `directory` holds a complete, verifying checkpoint.
+
+    Raises:
+        CheckpointMemoryError: its tensors do not fit in the memory available now, so it cannot
+            be verified (which says nothing about whether it would).
+    """
     try:
         verify(directory)
+    except CheckpointMemoryError:
+        raise
     except (CheckpointError, OSError):
         return False
     return True

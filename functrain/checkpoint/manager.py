@@ -52,6 +52,7 @@ from functrain.distributed.data_parallel import all_gather_json
 from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointMemoryError,
     ConfigError,
     StateMismatchError,
 )
@@ -418,7 +419,7 @@ class CheckpointManager:
         fp: dict[str, Any],
         meta: dict[str, Any],
         before_commit: Callable[[], None] | None = None,
-        expected: dict[str, str] | None = None,
+        check_file: Callable[[str, str], None] | None = None,
     ) -> Path:
         with self._commit_lock:
             if self.sharded:  # every rank its shards; rank 0 the manifest, then the books
@@ -430,7 +431,7 @@ class CheckpointManager:
                     metadata=meta,
                     library_version=version.__version__,
                     before_commit=before_commit,
-                    expected=expected,
+                    check_file=check_file,
                 )
             else:
                 path = write_tree(
@@ -440,7 +441,7 @@ class CheckpointManager:
                     metadata=meta,
                     library_version=version.__version__,
                     before_commit=before_commit,
-                    expected=expected,
+                    check_file=check_file,
                 )
             books: CheckpointError | None = None
             if self._rank == 0:
@@ -472,7 +473,7 @@ class CheckpointManager:
                 fp,
                 meta,
                 before_commit=snapshot.check_unchanged,
-                expected=snapshot.expected,
+                check_file=snapshot.check_file,
             )
         except BaseException as e:
             # kept as text, before the future holds the error: an exit without wait() still reports
@@ -595,6 +596,8 @@ class CheckpointManager:
             ConfigError: `like` is not a `TrainState`.
             StateMismatchError: the newest valid checkpoint does not fit `like` (a different model
                 or optimizer is a configuration error, not a reason to fall back to older files).
+            CheckpointMemoryError: the newest checkpoint's tensors do not fit in the memory
+                available now (nor would an older one's).
         """
         if not isinstance(like, TrainState):
             # refused here: inside the loop below it would skip every checkpoint as broken
@@ -613,8 +616,8 @@ class CheckpointManager:
             try:
                 restored, self.restored = self._load_from(path, like)
                 return restored
-            except StateMismatchError:
-                raise
+            except (StateMismatchError, CheckpointMemoryError):
+                raise  # not the checkpoint's fault: an older one would fare no better
             except Exception as e:
                 warnings.warn(
                     f"skipping checkpoint {path.name}: {type(e).__name__}: {e}",

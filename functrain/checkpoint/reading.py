@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from functrain.checkpoint.files import hasher, open_regular, read_exactly, read_hashed
+from functrain.checkpoint.files import (
+    digest_of_range,
+    hasher,
+    holes_in,
+    open_regular,
+    read_exactly,
+    read_hashed,
+)
 from functrain.checkpoint.tensorfile import (
     MAX_HEADER_BYTES,
     Entry,
@@ -50,12 +57,14 @@ def _read_tensor_file(
 
     The header is read and checked against the manifest's `index` (this file's entries) before
     anything the size of the data is allocated. Then the whole file is read into one buffer of its
-    own, hashed as it is read; the tensors are views of that buffer.
+    own, hashed as it is read; the tensors are views of that buffer. A file with holes where its
+    data should be is hashed through a small buffer first (`_check_holes`).
     """
     name = path.name
     fd, size = open_regular(path, name)
     try:
         head, entries = _read_header(fd, size, name, info, index)
+        _check_holes(fd, 0, len(head), size, name, algorithm, info[algorithm])
         whole, digest = read_hashed(fd, 0, size, name, algorithm)
     except OSError as e:
         raise CheckpointCorruptError(f"{name}: cannot be read ({e})") from None
@@ -111,7 +120,9 @@ def read_tensors(
         for begin, stop, key, dtype, shape in entries:
             if key not in wanted:
                 continue
-            data, digest = read_hashed(fd, len(head) + begin, stop - begin, name, "blake3")
+            at = len(head) + begin
+            _check_holes(fd, at, at, len(head) + stop, name, "blake3", wanted[key], key)
+            data, digest = read_hashed(fd, at, stop - begin, name, "blake3")
             if digest != wanted[key]:
                 raise CheckpointCorruptError(
                     f"{name}: the BLAKE3 digest of tensor {key[:100]!r} does not match the "
@@ -123,6 +134,38 @@ def read_tensors(
     finally:
         os.close(fd)
     return tensors
+
+
+def _check_holes(
+    fd: int,
+    hashed_from: int,
+    start: int,
+    stop: int,
+    name: str,
+    algorithm: str,
+    expected: str,
+    key: str | None = None,
+) -> None:
+    """Before a read allocates memory for bytes `start` to `stop`: if they have holes, verify first.
+
+    A hole has no disk blocks and reads as zeros: a crafted file can declare gigabytes it does not
+    hold, and its digest refuses it only once every byte is read. So where a file has holes, the
+    bytes from `hashed_from` to `stop` are hashed through a small buffer, and refused before
+    anything their size is allocated; an honest file with holes (zeros left sparse by a copy, or
+    by a file system that compresses) is then read as any other, its cost one more pass over the
+    bytes. A dense file costs one ``fstat``.
+    """
+    if not holes_in(fd, start, stop):
+        return
+    if digest_of_range(fd, hashed_from, stop - hashed_from, name, algorithm) != expected:
+        what = (
+            f"the BLAKE3 digest of tensor {key[:100]!r}" if key else f"{_SPELLED[algorithm]} digest"
+        )
+        raise CheckpointCorruptError(
+            f"{name}: has holes where its data should be (no disk blocks), and {what} does not "
+            "match the manifest (the file is corrupt or crafted); refused before its "
+            f"{stop - start} bytes were allocated"
+        )
 
 
 def _check_entries(name: str, entries: list[Any], index: Mapping[str, Mapping[str, Any]]) -> None:

@@ -237,7 +237,7 @@ def write_sharded(
     metadata: Mapping[str, Any] | None = None,
     library_version: str = "",
     before_commit: Callable[[], None] | None = None,
-    expected: Mapping[str, str] | None = None,
+    check_file: Callable[[str, str], None] | None = None,
 ) -> Path:
     """Write a tree of sharded and replicated tensors as one checkpoint, every rank its own shards.
 
@@ -258,8 +258,8 @@ def write_sharded(
     Raises:
         CheckpointError (or the class of the first failing rank's error): on every rank, when any
             rank's part failed; the previous checkpoint at `directory` is intact.
-        expected: this rank's `part_digests` of the tree taken earlier: a file of its part whose
-            bytes differ now aborts the save on every rank.
+        check_file: as for `write_tree`, for this rank's files (an async save compares them with
+            the `part_digests` it took earlier); what it raises aborts the save on every rank.
     """
     group = exchange_group() if group is None else group
     rank = dist.get_rank(group)
@@ -295,7 +295,7 @@ def write_sharded(
             )
         tmp = target.parent / reports[0]["tmp"]
         reports = _agree_reports(
-            _write_part(tmp, writer, rank, before_commit, expected), None, group, what
+            _write_part(tmp, writer, rank, before_commit, check_file), None, group, what
         )
     except BaseException:
         if tmp is not None and rank == 0:
@@ -315,8 +315,8 @@ def write_sharded(
 def part_digests(tree: Tree, group: Any = None) -> dict[str, str]:
     """The digest of each file `write_sharded` would write for this rank's part of `tree` now.
 
-    What an async save of a sharded state records when `save()` returns (see `write_tree`'s
-    `expected`); `group` as for `write_sharded`. Not collective.
+    What an async save of a sharded state records before `save()` returns (see `file_digests`);
+    `group` as for `write_sharded`. Not collective.
     """
     rank = dist.get_rank(exchange_group() if group is None else group)
     writer = _ShardWriter(replicated=rank == 0)
@@ -332,7 +332,7 @@ def _write_part(
     writer: _ShardWriter,
     rank: int,
     before_commit: Callable[[], None] | None,
-    expected: Mapping[str, str] | None,
+    check_file: Callable[[str, str], None] | None,
 ) -> dict[str, Any]:
     """Write this rank's files into `tmp`; what they hold, or the error, as a JSON-able report."""
     files: dict[str, Any] = {}
@@ -340,7 +340,7 @@ def _write_part(
     try:
         if rank == 0:
             write_tensor_files(
-                tmp, "tensors", writer.tensors, files, index, empty=False, expected=expected
+                tmp, "tensors", writer.tensors, files, index, empty=False, check_file=check_file
             )
         shard_index: dict[str, Any] = {}
         write_tensor_files(
@@ -350,7 +350,7 @@ def _write_part(
             files,
             shard_index,
             empty=False,
-            expected=expected,
+            check_file=check_file,
         )
         digests = written_digests(tmp, shard_index)
         shards = {

@@ -40,11 +40,15 @@ from typing import Any
 
 import torch
 
-from functrain.checkpoint.format import CHANGED_FIX
 from functrain.core.donation import hold
 from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
 from functrain.tree import tree_map
+
+_FIX = (
+    "Functrain's steps never write into a state being saved: something else did. Call wait() on "
+    "the manager before writing into a saved state's tensors, or save a state.clone()"
+)
 
 
 class Snapshot:
@@ -54,8 +58,8 @@ class Snapshot:
         """Take `tree` as it is now: its tensors held, and `digests` of the files it makes.
 
         `digests` is `functrain.checkpoint.format.file_digests`, or the sharded save's
-        `functrain.checkpoint.sharded.part_digests`: ``expected``, given to the write, must match
-        each file written.
+        `functrain.checkpoint.sharded.part_digests`: each file the save writes must match them
+        (`check_file`).
         """
         self._kept: list[tuple[torch.Tensor, int]] = []
         self.tree = tree_map(
@@ -63,7 +67,7 @@ class Snapshot:
         )  # containers rebuilt: later changes to them do not show
         self.release = hold(t for t, _ in self._kept)
         try:
-            self.expected = digests(self.tree)
+            self._expected = digests(self.tree)
         except BaseException:
             self.release()
             raise
@@ -88,6 +92,31 @@ class Snapshot:
         self._kept.append((x, version))
         return x
 
+    def check_file(self, name: str, digest: str) -> None:
+        """Raise `CheckpointError` if file `name` was written with bytes other than at the snapshot.
+
+        Example:
+            >>> from functrain.checkpoint.format import file_digests
+            >>> t = torch.zeros(4)
+            >>> snapshot = Snapshot({"w": t}, file_digests)
+            >>> t.numpy()[0] = 1.0  # a write no version counter sees
+            >>> snapshot.check_file("tensors-00000.safetensors", file_digests({"w": t})[
+            ...     "tensors-00000.safetensors"])
+            Traceback (most recent call last):
+            ...
+            functrain.errors.CheckpointError: tensors-00000.safetensors: the state's tensors ...
+            >>> snapshot.release()
+        """
+        if self._expected.get(name) == digest:
+            return
+        self.check_unchanged()  # a write torch saw: say so
+        raise CheckpointError(
+            f"{name}: the state's tensors changed after save() returned, through a path their "
+            "version counter does not see (.data, .numpy(), torch.from_numpy, DLPack, shared "
+            "memory); the checkpoint was not committed (it would have held a state that never "
+            "existed) and the previous one stays. " + _FIX
+        )
+
     def check_unchanged(self) -> None:
         """Raise `CheckpointError` if a held tensor was written in place through torch since."""
         moved = sum(1 for t, version in self._kept if t._version != version)
@@ -95,7 +124,7 @@ class Snapshot:
             raise CheckpointError(
                 f"{moved} tensor(s) of the state were changed in place while the async save was "
                 "writing them; the checkpoint was not committed (it would have mixed two states). "
-                + CHANGED_FIX
+                + _FIX
             )
 
 

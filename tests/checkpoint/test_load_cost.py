@@ -1,0 +1,202 @@
+"""What a load costs before it refuses: files with holes, and loads the memory cannot hold.
+
+A hole has no disk blocks and reads as zeros at memory speed: a crafted file can declare a
+gigabyte it does not hold, with a header and a re-sealed manifest that agree, so that only its
+digest refuses it, once every byte is read. It must be refused before the load allocates its size;
+an honest file with holes (zeros left sparse by a copy, or by a file system that compresses) must
+still load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.checkpoint import files, reading
+from functrain.checkpoint import format as ser
+from functrain.errors import CheckpointCorruptError, CheckpointMemoryError
+from tests.checkpoint.test_serialization import read_manifest_json, write_manifest
+from tests.models import loss_fn
+
+TENSORS = "tensors-00000.safetensors"
+BLOCK = 4096
+
+
+def sparse_copy(path: Path) -> None:
+    """Rewrite `path` with every all-zero, block-aligned 4 KiB range left as a hole."""
+    raw = path.read_bytes()
+    path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for at in range(0, len(raw), BLOCK):
+            block = raw[at : at + BLOCK]
+            if block.count(0) != len(block):
+                os.pwrite(fd, block, at)
+        os.ftruncate(fd, len(raw))
+    finally:
+        os.close(fd)
+
+
+def has_holes(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return files.holes_in(fd, 0, path.stat().st_size)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def mostly_zeros(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint whose tensor file is mostly zeros, left sparse (skipped where none can be)."""
+    tree = {"z": torch.zeros(1 << 20), "w": torch.arange(3000.0), "tail": torch.zeros(5000)}
+    d = ft.save(tree, tmp_path / "ckpt")
+    sparse_copy(d / TENSORS)
+    if not has_holes(d / TENSORS):
+        pytest.skip("this file system keeps no holes")
+    return d, tree
+
+
+def test_an_honest_checkpoint_with_holes_loads_bit_for_bit(
+    mostly_zeros: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, tree = mostly_zeros
+    hashed: list[int] = []
+    real = reading.digest_of_range
+    monkeypatch.setattr(
+        reading,
+        "digest_of_range",
+        lambda fd, at, n, *rest: hashed.append(n) or real(fd, at, n, *rest),
+    )
+    loaded = ser.read_tree(d)[0]
+    assert all(torch.equal(loaded[k], tree[k]) for k in tree)
+    assert hashed == [(d / TENSORS).stat().st_size]  # verified through a small buffer first
+
+
+def test_a_dense_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = ft.save({"w": torch.randn(1 << 18)}, tmp_path / "ckpt")
+    monkeypatch.setattr(reading, "digest_of_range", lambda *a: pytest.fail("a second pass"))
+    ft.load(d)
+
+
+def test_a_file_with_holes_that_does_not_verify_is_refused_before_its_size_is_allocated(
+    mostly_zeros: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, _ = mostly_zeros
+    m = read_manifest_json(d)
+    m["files"][TENSORS]["blake3"] = "0" * 64  # re-sealed: only the file's digest can refuse it
+    write_manifest(d, m)
+    allocated: list[int] = []
+    real = files.allocate
+    monkeypatch.setattr(files, "allocate", lambda n, name: allocated.append(n) or real(n, name))
+    with pytest.raises(CheckpointCorruptError, match=f"{TENSORS}: has holes where its data should"):
+        ft.load(d)
+    assert allocated == []
+
+
+def test_a_shard_read_alone_with_holes_is_checked_against_its_own_digest_first(
+    mostly_zeros: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    """What a rank of a sharded load reads: one tensor's bytes, by their own digest."""
+    d, tree = mostly_zeros
+    m = read_manifest_json(d)
+    index = reading.index_by_file(m["tensors"])[TENSORS]
+    good = files.hasher("blake3")
+    good.update(bytes(4 << 20))  # the bytes of torch.zeros(1 << 20), float32
+    got = reading.read_tensors(d / TENSORS, m["files"][TENSORS], index, {"z": good.hexdigest()})
+    assert torch.equal(got["z"], tree["z"])
+    with pytest.raises(CheckpointCorruptError, match="has holes .* digest of tensor 'z'"):
+        reading.read_tensors(d / TENSORS, m["files"][TENSORS], index, {"z": "0" * 64})
+
+
+def crafted_gigabyte(directory: Path) -> Path:
+    """A checkpoint whose one tensor file declares 1 GiB of float32 data and holds none of it.
+
+    Its header, the manifest's index and the re-sealed manifest agree; only the file's digest,
+    over a gigabyte of zeros read from holes, is wrong.
+    """
+    d = ft.save({"w": torch.zeros(4)}, directory / "ckpt")
+    n = 1 << 28
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}, separators=(",", ":")
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    path = d / TENSORS
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    os.truncate(path, 8 + len(header) + 4 * n)
+    m = read_manifest_json(d)
+    m["tensors"]["w"]["shape"] = [n]
+    m["files"][TENSORS] = {"blake3": "1" * 64, "bytes": 8 + len(header) + 4 * n}
+    write_manifest(d, m)
+    return d
+
+
+def test_a_crafted_gigabyte_of_holes_costs_no_memory_in_a_fresh_process(tmp_path: Path) -> None:
+    d = crafted_gigabyte(tmp_path)
+    if not has_holes(d / TENSORS):
+        pytest.skip("this file system keeps no holes")
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        import functrain as ft
+        from functrain.errors import CheckpointCorruptError
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            ft.load({str(d)!r})
+        except CheckpointCorruptError as e:
+            assert "has holes where its data should be" in str(e), e
+        else:
+            sys.exit("loaded")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - before) // 1024)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert int(out.stdout.split()[-1]) <= 64, out.stdout  # MiB over the baseline
+
+
+def test_a_load_the_memory_available_now_cannot_hold_is_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = ft.save({"w": torch.randn(1 << 16)}, tmp_path / "ckpt")
+    monkeypatch.setattr(ser, "available_memory", lambda: 1 << 16)
+    monkeypatch.setattr(reading, "read_hashed", lambda *a: pytest.fail("read before refusing"))
+    with pytest.raises(
+        CheckpointMemoryError, match=r"needs 0.3 MiB of memory for its tensors, and 0.1 MiB are av"
+    ):
+        ft.load(d)
+    with pytest.raises(CheckpointMemoryError):  # cannot say, rather than "not a checkpoint"
+        ser.is_checkpoint(d)
+
+
+def test_restore_latest_raises_on_a_memory_shortage_rather_than_passing_to_an_older_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = ft.TrainState.create(torch.nn.Linear(64, 64), ft.sgd(0.1), loss_fn)
+    with ft.CheckpointManager(tmp_path, keep_last=2) as mgr:
+        mgr.save(state)
+        mgr.save(state.replace(step=state.step + 1))
+        monkeypatch.setattr(ser, "available_memory", lambda: 1024)
+        with pytest.raises(CheckpointMemoryError):
+            mgr.restore_latest(like=state)
+        monkeypatch.undo()
+        restored = mgr.restore_latest(like=state)
+        assert restored is not None and int(restored.step) == int(state.step) + 1
+
+
+def test_available_memory_is_the_memory_free_now_at_most_the_machine_total() -> None:
+    available = files.available_memory()
+    if available is None:
+        pytest.skip("no way to tell here")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < available <= total
