@@ -257,6 +257,8 @@ def read_all(
     index, files = manifest["tensors"], manifest["files"]
     whole, some = plan(index, files, rows)
     by_file = index_by_file(index)
+    for name in whole | set(some):  # a manifest that lies about sizes is corrupt, not too large
+        _check_size(file_at(name), files[name]["bytes"])
     check_memory(
         sum(files[name]["bytes"] for name in whole)
         + sum(_shard_bytes(index[key], file) for file, keys in some.items() for key in keys)
@@ -273,6 +275,20 @@ def read_all(
                 file_at(name), files[name], by_file.get(name, {}), some[name]
             )
     return {key: _assemble(key, info, rows.get(key), loaded) for key, info in index.items()}
+
+
+def _check_size(path: Path, recorded: int) -> None:
+    """The file at `path` has the size the manifest records (checked again once it is open)."""
+    try:
+        size = os.lstat(path).st_size
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{path.name}: missing from the checkpoint") from None
+    except OSError:
+        return  # the open says why
+    if size != recorded:
+        raise CheckpointCorruptError(
+            f"{path.name}: {size} bytes, the manifest records {recorded} (truncated or replaced)"
+        )
 
 
 def _shard_bytes(info: Mapping[str, Any], file: str) -> int:
