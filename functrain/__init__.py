@@ -53,6 +53,7 @@ from functrain.errors import (
     LossError,
     NonFiniteError,
     StateMismatchError,
+    WeightlessModuleError,
 )
 from functrain.generation import SampleText, generate, sample_logits, top_k_filter, top_p_filter
 from functrain.interop.bridge import ConvertedOptimizer, from_torch_optimizer, to_torch_state_dict
@@ -151,6 +152,7 @@ __all__ = [
     "Callback",
     "CheckpointCorruptError",
     "DonatedStateError",
+    "WeightlessModuleError",
     "DataLoaderSource",
     "CheckpointError",
     "CheckpointMemoryError",

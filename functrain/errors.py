@@ -14,7 +14,9 @@ __all__ = [
     "NonFiniteError",
     "CheckpointError",
     "CheckpointCorruptError",
+    "CheckpointMemoryError",
     "DonatedStateError",
+    "WeightlessModuleError",
 ]
 
 
@@ -72,6 +74,14 @@ class DonatedStateError(FunctrainError):
 
     The message names the call that donated it and how to keep a copy (``state.clone()`` before
     the call, or the call without ``donate=True``).
+    """
+
+
+class WeightlessModuleError(FunctrainError, RuntimeError):
+    """A state's module (its structure, without weights) was called outside a step.
+
+    The message names what runs the model on the state's weights: ``functrain.predict(state, x)``
+    or ``state.export_module()``.
     """
 
 

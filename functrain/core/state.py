@@ -20,7 +20,7 @@ from torch import nn
 
 from functrain.core.create import COUNTERS, Trainable, initial_fields
 from functrain.core.options import GradStats, NonFinitePolicy, Precision, StepOptions
-from functrain.core.structure import WEIGHTLESS
+from functrain.core.structure import CALL_GUARD, WEIGHTLESS
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
 from functrain.distributed.sharding import Sharding, gathered
@@ -375,6 +375,7 @@ class TrainState:
             memo[id(b)] = values[name].detach().clone()
         module = copy.deepcopy(self.module, memo)
         module.__dict__.pop(WEIGHTLESS, None)  # it holds weights: a state made from it copies them
+        module._forward_pre_hooks.pop(module.__dict__.pop(CALL_GUARD, None), None)  # runs as is
         return module.eval()
 
     def tree(self) -> dict[str, Any]:

@@ -267,3 +267,28 @@ def test_a_forward_that_writes_a_weight_in_a_later_step_is_refused_there_too() -
     assert state.plan is not None
     with pytest.raises(ConfigError, match="wrote the state's tensor 'out.weight'"):
         ft.train_step(state, data[2])
+
+
+def test_calling_the_state_module_raises_naming_predict_and_export_module() -> None:
+    """``state.module(x)``, a notebook's first try, names what runs the model on the weights."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    state = ft.TrainState.create(model, ft.adamw(1e-2), lambda m, b: m(b).square().mean())
+    x = torch.randn(5, 3)
+    with pytest.raises(
+        ft.WeightlessModuleError, match=r"functrain\.predict\(state, x\).*export_module"
+    ):
+        state.module(x)
+    state, _ = ft.train_step(state, x)  # the step, which binds the weights, is unaffected
+    exported = state.export_module()
+    assert exported is not None
+    assert not exported._forward_pre_hooks  # a module with weights runs as it is
+    model.load_state_dict(exported.state_dict())
+    expected = model.eval()(x)
+    assert torch.equal(exported(x), expected)
+    assert torch.equal(ft.predict(state, x), expected)
+
+
+def test_create_given_a_state_module_names_export_module() -> None:
+    state = ft.TrainState.create(nn.Linear(2, 2), ft.sgd(0.1), lambda m, b: m(b).sum())
+    with pytest.raises(ConfigError, match=r"state\.export_module\(\)"):
+        ft.TrainState.create(state.module, ft.sgd(0.1), lambda m, b: m(b).sum())
