@@ -2,7 +2,10 @@
 
 import importlib.util
 import os
+import time
+from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -29,3 +32,70 @@ collect_ignore = [
     for name in ("wandb", "optuna")
     if importlib.util.find_spec(name) is None
 ]
+
+
+class FileProgress:
+    """With pytest-xdist (``-n``), one line per test file as its last test finishes, not dots.
+
+    The dots of parallel workers say nothing of where the run is; a line per file (its outcomes, the
+    seconds since its first test ended, the share of the suite done) tells slow from hung.
+    Failures still print their ``F`` and their report at the end.
+    """
+
+    def __init__(self) -> None:
+        self.total: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.outcomes: dict[str, dict[str, int]] = {}
+        self.first: dict[str, float] = {}
+        self.finished = 0
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        if not self.total:  # every worker collects the same tests
+            for nodeid in ids:
+                where = nodeid.split("::")[0]
+                self.total[where] = self.total.get(where, 0) + 1
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_report_teststatus(self, report: Any, config: Any) -> Any:
+        if report.passed and report.when == "call":
+            return "passed", "", "PASSED"
+        if report.skipped and not hasattr(report, "wasxfail"):
+            return "skipped", "", "SKIPPED"
+        return None
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        where = report.nodeid.split("::")[0]
+        outcomes = self.outcomes.setdefault(where, {})
+        self.first.setdefault(where, time.monotonic())
+        if report.failed:
+            outcomes["failed"] = outcomes.get("failed", 0) + 1
+        elif report.skipped and report.when != "teardown":
+            outcomes["skipped"] = outcomes.get("skipped", 0) + 1
+        if report.when != "teardown":
+            return
+        self.finished += 1
+        self.done[where] = self.done.get(where, 0) + 1
+        if self.done[where] == self.total.get(where, -1):
+            failed, skipped = outcomes.get("failed", 0), outcomes.get("skipped", 0)
+            passed = self.done[where] - failed - skipped
+            counts = ", ".join(
+                f"{n} {what}"
+                for n, what in ((passed, "passed"), (skipped, "skipped"), (failed, "FAILED"))
+                if n
+            )
+            share = 100 * self.finished // max(1, sum(self.total.values()))
+            report_writer.ensure_newline()
+            report_writer.write_line(
+                f"[{share:3d}%] {where}: {counts} ({time.monotonic() - self.first[where]:.0f} s)"
+            )
+
+
+report_writer: Any = None
+
+
+def pytest_configure(config: Any) -> None:
+    global report_writer
+    parallel = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
+    if parallel and not hasattr(config, "workerinput"):  # the controller of an -n run
+        report_writer = config.pluginmanager.get_plugin("terminalreporter")
+        config.pluginmanager.register(FileProgress(), "functrain-file-progress")
