@@ -32,8 +32,10 @@ lint: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+# on every core (pytest-xdist); the tests that launch process groups run on one worker, one at a
+# time (their xdist_group); one line per test file as it finishes
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 test-long: setup
 	FUNCTRAIN_LONG_TESTS=1 HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q

@@ -18,10 +18,13 @@ WORKER = Path(__file__).parent / "workers" / "worker.py"
 sys.path.insert(0, str(WORKER.parent))
 import worker  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+    pytest.mark.xdist_group("ports"),  # under pytest -n, one worker launches the process groups
+]
 
 
 def free_port() -> int:

@@ -15,10 +15,13 @@ import torch
 
 WORKER = Path(__file__).parent / "workers" / "trackers.py"
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+    pytest.mark.xdist_group("ports"),  # under pytest -n, one worker launches the process groups
+]
 
 
 def test_a_trial_pruned_on_rank_0_stops_every_rank_at_the_same_step_and_only_rank_0_logs(

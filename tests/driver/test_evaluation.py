@@ -547,6 +547,7 @@ def free_port() -> int:
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with gloo",
 )
+@pytest.mark.xdist_group("ports")  # under pytest -n, one worker launches the process groups
 def test_on_two_ranks_a_synced_metric_is_the_whole_sets_and_an_unsynced_one_is_refused(
     tmp_path: Path,
 ) -> None:
