@@ -42,7 +42,8 @@ class FileProgress:
     Failures still print their ``F`` and their report at the end.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, config: Any) -> None:
+        self.config = config
         self.total: dict[str, int] = {}
         self.done: dict[str, int] = {}
         self.outcomes: dict[str, dict[str, int]] = {}
@@ -84,18 +85,14 @@ class FileProgress:
                 if n
             )
             share = 100 * self.finished // max(1, sum(self.total.values()))
-            report_writer.ensure_newline()
-            report_writer.write_line(
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            reporter.ensure_newline()
+            reporter.write_line(
                 f"[{share:3d}%] {where}: {counts} ({time.monotonic() - self.first[where]:.0f} s)"
             )
 
 
-report_writer: Any = None
-
-
 def pytest_configure(config: Any) -> None:
-    global report_writer
     parallel = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
     if parallel and not hasattr(config, "workerinput"):  # the controller of an -n run
-        report_writer = config.pluginmanager.get_plugin("terminalreporter")
-        config.pluginmanager.register(FileProgress(), "functrain-file-progress")
+        config.pluginmanager.register(FileProgress(config), "functrain-file-progress")
