@@ -8,11 +8,15 @@ TORCH ?= torch==2.13.0
 .PHONY: setup demo lint docs test test-long bench clean
 
 $(BIN)/.installed: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,demo,config,data,wandb,optuna,docs]' $(TORCH)
-	touch $@
+	@echo "setting up $(VENV): $(TORCH) and functrain with its extras (about 3 minutes, once)"
+	@start=$$(date +%s) && \
+	$(PY) -m venv $(VENV) && \
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip && \
+	echo "  torch ..." && $(BIN)/pip install -q $(TORCH) && \
+	echo "  functrain and its extras ..." && \
+	$(BIN)/pip install -q -e '.[dev,demo,config,data,wandb,optuna,docs]' $(TORCH) && \
+	echo "set up in $$(( $$(date +%s) - start )) s"
+	@touch $@
 
 setup: $(BIN)/.installed
 
