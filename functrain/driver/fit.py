@@ -578,7 +578,8 @@ class _EpochView:
         self.source, self.device = source, device
 
     def __iter__(self) -> Any:
-        for batch in self.source.epoch(0):
+        # not recorded: the same source may be the training data, whose pass checkpoints hold
+        for batch in self.source.epoch(0, record=False):
             yield to_device(batch, self.device) if self.device is not None else batch
 
 
