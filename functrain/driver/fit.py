@@ -232,15 +232,18 @@ def fit(
             seeded from `data_seed`, its generator's seed and the epoch, so a resume skips the
             consumed index batches without loading them (`DataLoaderSource`); any other (a
             `DataLoader` subclass or over an `IterableDataset`, a list) is replayed on resume,
-            with a warning. Every batch of a dataset or DataLoader loads with torch's, Python's and
-            numpy's global generators seeded from (`data_seed`, epoch, position, rank), in the
-            worker or the main process (the caller's states are put back): random augmentation
-            resumes exactly and does not depend on `num_workers`. For a stacked state,
+            with a warning naming what the replay seeds and what not. Every batch of a dataset
+            or DataLoader loads with torch's, Python's and numpy's global generators seeded from
+            (`data_seed`, epoch, position, rank), in the worker or the main process (the
+            caller's states are put back): random augmentation resumes exactly and does not
+            depend on `num_workers`. For a stacked state,
             ``functrain.member_data([data_0, ..., data_K-1])`` gives each member its own data (each
             read as above, in an order of its own; `member_data`), and data that yields
             `PerMember` batches gives each member its slice.
         eval_data: validation data, evaluated every `eval_every` epochs (epoch mode) or updates
             (step mode), on the raw and, with EMA, the EMA weights (``val_loss``, ``val_ema_loss``).
+            It may be the training data's own source (one `DataLoaderSource` given as both): its
+            evaluation passes are not recorded in checkpoints nor cut the training pass short.
         test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
         eval_fn: the evaluation's own step, the counterpart of Lightning's ``validation_step``:
             ``eval_fn(model, batch) -> loss`` or ``-> (loss, {name: tensor})``, as `loss_fn`, run
@@ -578,7 +581,8 @@ class _EpochView:
         self.source, self.device = source, device
 
     def __iter__(self) -> Any:
-        for batch in self.source.epoch(0):
+        # not recorded: the same source may be the training data, whose pass checkpoints hold
+        for batch in self.source.epoch(0, record=False):
             yield to_device(batch, self.device) if self.device is not None else batch
 
 

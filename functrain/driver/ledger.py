@@ -38,9 +38,17 @@ _DATA_ARGUMENTS = {
     "shuffle": "shuffle",
     "drop_last": "drop_last",
     "seed": "data_seed",
-    "loader_seed": "the seed of a DataLoader's epochs (data_seed with the seed of its generator=)",
+    "generator_seed": "the seed of the DataLoader's generator= (generator.initial_seed(), its "
+    "sampler's with it where the sampler holds its own)",
+    "sampler": "the DataLoader's sampler (its type)",
+    "loader_seed": "the seed of a DataLoader's epochs: data_seed mixed with the seed of its "
+    "generator= (a checkpoint of an earlier functrain records only this mix)",
 }
 _DATA_FIT_NAMES = ("batch_size", "shuffle", "drop_last", "seed")
+# entries of a data setup recorded since a later functrain than the first: a checkpoint whose
+# setup lacks one predates it, and is not checked on it (its order digest still is); nor is data
+# that has none (a seed no batch of it draws from, as a list's or a stateful source's)
+_RECORDED_SINCE = frozenset({"seed", "generator_seed", "shuffle", "sampler"})
 
 # metrics of the update a step applies rather than of its batch: the rate, the norm of the gradient
 # the update used, the loss scale, the update ratios (the optimizer's own metrics are added by
@@ -232,18 +240,28 @@ class Ledger:
         return driver
 
     def use_data(
-        self, setup: dict[str, Any], *, at_epoch_start: bool, checkpoint: Any = None
+        self,
+        setup: dict[str, Any],
+        *,
+        at_epoch_start: bool,
+        checkpoint: Any = None,
+        legacy: dict[str, Any] | None = None,
     ) -> None:
         """Record the run's data setup; a resumed run must use the one it was saved with.
 
         The one change allowed is a map-style dataset's batch size at the start of an epoch: the
         epoch's order of samples depends only on the seed and the epoch, so regrouping it in
-        batches of another size skips and repeats nothing.
+        batches of another size skips and repeats nothing. A checkpoint of an earlier functrain
+        lacks entries recorded since (``seed`` of replayed data, ``generator_seed``, ``shuffle``,
+        ``sampler``): it is not checked on those, and what it held in their place (`legacy`) is
+        compared instead; nor are those checked where this call's data has none.
 
         Args:
             setup: the data setup of this call (`Batcher.setup`, `IterableSource.setup`).
             at_epoch_start: whether the run goes on from the start of an epoch.
             checkpoint: the checkpoint resumed from, named in the error.
+            legacy: this call's values of entries older checkpoints held in place of today's
+                (`DataLoaderSource.legacy_setup`'s ``loader_seed``), compared where one holds them.
 
         Raises:
             ConfigError: the setup differs from the recorded one (a resumed position would then
@@ -251,14 +269,20 @@ class Ledger:
                     fix.
         """
         if self.data is not None:
-            regroup = at_epoch_start and "samples" in setup and "samples" in self.data
+            saved = self.data
+            given = setup | {k: v for k, v in (legacy or {}).items() if k in saved}
+            regroup = at_epoch_start and "samples" in setup and "samples" in saved
             changed = [
                 k
-                for k in sorted({*self.data, *setup})
-                if self.data.get(k) != setup.get(k) and not (regroup and k == "batch_size")
+                for k in sorted({*saved, *given})
+                if saved.get(k) != given.get(k)
+                and not (regroup and k == "batch_size")
+                and not (
+                    (k not in saved or k not in given) and _MEMBER.sub("", k) in _RECORDED_SINCE
+                )
             ]
             if changed:
-                raise ConfigError(_data_change_message(self.data, setup, changed, checkpoint))
+                raise ConfigError(_data_change_message(saved, given, changed, checkpoint))
         self.data = setup
 
     def add_step(
@@ -353,7 +377,7 @@ def _data_change_message(
         for k in changed
     )
     same = ", ".join(
-        f"{_DATA_ARGUMENTS[k]}={saved[k]!r}" for k in changed if k in _DATA_FIT_NAMES and k in saved
+        hint for k in changed if k in saved and (hint := _restore_hint(k, saved)) is not None
     )
     path = repr(str(checkpoint)) if checkpoint is not None else "path"
     return (
@@ -369,6 +393,23 @@ def _data_change_message(
         "epoch_step=torch.zeros((), dtype=torch.int64)), then fit(state, ...) (the epoch starts "
         "over in the new order)"
     )
+
+
+def _restore_hint(key: str, saved: dict[str, Any]) -> str | None:
+    """What gives `key` the value the checkpoint's run used (None where no argument does)."""
+    value = saved[key]
+    loader = "sampler" in saved  # a DataLoader's setup: its own arguments set these
+    if key == "shuffle" and loader:
+        return f"DataLoader(..., shuffle={value!r})"
+    if key == "generator_seed" and isinstance(value, int):
+        return f"DataLoader(..., generator=torch.Generator().manual_seed({value}))"
+    if key == "generator_seed":
+        return f"the DataLoader's and its sampler's generators seeded {value}"
+    if key == "sampler":
+        return f"a DataLoader whose sampler is a {value}"
+    if key in _DATA_FIT_NAMES:
+        return f"{_DATA_ARGUMENTS[key]}={value!r}"
+    return None
 
 
 _DRIVER_KEYS = (
@@ -531,6 +572,9 @@ def _epoch_batches(data: Any) -> int | None:
     samples, size = (data.get(k) for k in ("samples", "batch_size")) if _is_row(data) else (0, 0)
     if not (_is_count(samples) and _is_count(size) and size):
         return None
+    sampler = data.get("sampler")
+    if isinstance(sampler, str) and not sampler.startswith("torch.utils.data."):
+        return None  # a sampler of the user's: its len() need not be what it yields
     if _is_count(data.get("batches")):
         return data["batches"]  # a DataLoader's, from its own sampler
     return samples // size if data.get("drop_last") else -(-samples // size)

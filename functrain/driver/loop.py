@@ -124,6 +124,7 @@ class Loop:
             train.setup(),
             at_epoch_start=self.pos == 0,
             checkpoint=manager.latest() if manager is not None else None,
+            legacy=getattr(train, "legacy_setup", dict)(),
         )
         if (
             train.saves_position

@@ -5,11 +5,12 @@ from the process's global generators: torch's CPU generator, Python's `random` a
 three a `DataLoader` worker seeds. The sources of `functrain.driver.data` seed all three before they
 fetch a batch, from `mix` of the run's data seed, the epoch, the batch's position in the epoch and
 the rank, in whichever process loads it: a worker, or the main process, where the caller's states
-are put back afterwards. What a batch draws is then a function of its place in the run, so a
-resumed run draws what the uninterrupted one drew, with any number of workers, and no consumed
-batch has to be loaded again to get there. numpy's state is kept aside as its MT19937 words where
-it holds no cached gaussian (`_NumpyWords`): ``get_state`` and ``set_state`` would cost a batch
-about 70 us.
+are put back afterwards. A worker is handed the seed with the batch's indices (`SeededIndices`),
+so the dataset is never wrapped: its workers see the user's own object. What a batch draws is then
+a function of its place in the run, so a resumed run draws what the uninterrupted one drew, with
+any number of workers, and no consumed batch has to be loaded again to get there. numpy's state is
+kept aside as its MT19937 words where it holds no cached gaussian (`_NumpyWords`): ``get_state``
+and ``set_state`` would cost a batch about 70 us.
 
 A sampler draws an epoch's order as it is iterated. `EpochStream` gives those draws generators of
 their own, seeded from (seed, epoch): the global ones, and the `torch.Generator` objects a loader
@@ -26,19 +27,20 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 __all__ = [
     "EpochStream",
     "IndexPlan",
-    "SeededDataset",
     "SeededIndices",
     "fetching_loader",
+    "for_fetch",
     "host_generators_kept",
     "host_states",
     "loader_settings",
     "mix",
     "python_and_numpy_seeded",
+    "read_samples",
     "seed_host_generators",
     "set_host_states",
 ]
@@ -290,75 +292,71 @@ class EpochStream:
 
 
 class SeededIndices(list):
-    """The indices of one batch and the seed its loading draws from, sent to a worker together."""
+    """The indices of one batch and the seed its loading draws from, sent to a worker together.
+
+    A `DataLoader` worker takes each index batch off its queue and fetches it at once; unpickling
+    this there (`_arrived`) seeds the worker's three host generators from `seed` and hands the
+    fetch the plain list of indices. The dataset is therefore read as the user gave it, not
+    through a wrapper: a ``worker_init_fn`` finds that very object at
+    ``get_worker_info().dataset``. In the main process nothing is pickled: `for_fetch` seeds there.
+    """
 
     def __init__(self, indices: Iterable[Any], seed: int) -> None:
         super().__init__(indices)
         self.seed = seed
 
     def __reduce__(self) -> Any:
-        return (SeededIndices, (list(self), self.seed))
+        return (_arrived, (list(self), self.seed))
 
 
-class SeededDataset(Dataset):
-    """A map-style dataset loading each batch with the generators seeded from its indices' seed.
+def _arrived(indices: list[Any], seed: int) -> list[Any]:
+    """A `SeededIndices` unpickled: in a loader's worker, its generators seeded for the batch."""
+    if torch.utils.data.get_worker_info() is None:  # a copy made elsewhere: nothing to seed
+        return SeededIndices(indices, seed)
+    seed_host_generators(seed)
+    return indices
 
-    A `DataLoader` with ``batch_sampler`` yielding `SeededIndices` calls ``__getitems__`` with them,
-    in a worker or in the main process; collation follows in the same seeded stream. Attributes
-    read or set on it (a ``worker_init_fn`` reaching ``get_worker_info().dataset``) are the
-    wrapped dataset's.
+
+def for_fetch(indices: list[Any], seed: int, *, in_workers: bool) -> list[Any]:
+    """An index batch as a fetching loader's sampler hands it over, its loading seeded by `seed`.
+
+    For workers, a `SeededIndices` (seeded where it arrives). In this process the fetch follows
+    the sampler's ``next`` at once, so the global generators are seeded now and the plain list
+    handed over; the caller puts its own states back after the batch (`host_generators_kept`).
     """
-
-    def __init__(self, dataset: Any) -> None:
-        object.__setattr__(self, "dataset", dataset)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.dataset[index]
-
-    def __getitems__(self, indices: SeededIndices) -> list[Any]:
-        seed_host_generators(indices.seed)
-        many = getattr(self.dataset, "__getitems__", None)
-        return many(list(indices)) if many else [self.dataset[i] for i in indices]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.dataset, name, value)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"dataset": self.dataset}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        object.__setattr__(self, "dataset", state["dataset"])
+    if in_workers:
+        return SeededIndices(indices, seed)
+    seed_host_generators(seed)
+    return indices
 
 
-class IndexPlan(torch.utils.data.Sampler[SeededIndices]):
+def read_samples(dataset: Any, indices: list[Any]) -> list[Any]:
+    """The samples at `indices`, read as a `DataLoader` reads them (``__getitems__`` if any)."""
+    many = getattr(dataset, "__getitems__", None)
+    return many(indices) if many else [dataset[i] for i in indices]
+
+
+class IndexPlan(torch.utils.data.Sampler[list[Any]]):
     """A batch sampler whose next pass is set from outside (a persistent loader reuses it)."""
 
     def __init__(self) -> None:
-        self.batches: Iterator[SeededIndices] = iter(())
+        self.batches: Iterator[list[Any]] = iter(())
 
-    def __iter__(self) -> Iterator[SeededIndices]:
+    def __iter__(self) -> Iterator[list[Any]]:
         return self.batches
 
 
 def fetching_loader(dataset: Any, plan: IndexPlan, settings: dict[str, Any]) -> DataLoader:
     """A `DataLoader` loading the batches `plan` yields from `dataset`, each in its seeded stream.
 
-    `settings` are `DataLoader` arguments (workers, collation, pinning...); the order is forced to
-    be the plan's (``in_order``), since positions count batches as they come, and the loader's own
-    generator (its workers' base seed) is a private one, so the caller's generators are not drawn.
+    The plan yields `for_fetch` index batches. `settings` are `DataLoader` arguments (workers,
+    collation, pinning...); the order is forced to be the plan's (``in_order``), since positions
+    count batches as they come, and the loader's own generator (its workers' base seed) is a
+    private one, so the caller's generators are not drawn. `dataset` is given to the loader as it
+    is: its workers, and a ``worker_init_fn``, see the user's object.
     """
     settings = dict(settings, in_order=True) if "in_order" in _LOADER_ARGUMENTS else dict(settings)
-    return DataLoader(
-        SeededDataset(dataset), batch_sampler=plan, generator=torch.Generator(), **settings
-    )
+    return DataLoader(dataset, batch_sampler=plan, generator=torch.Generator(), **settings)
 
 
 # the settings a rebuilt loader copies from the user's (those this torch accepts)

@@ -507,3 +507,59 @@ def test_a_source_no_one_holds_is_freed_at_once_with_its_persistent_workers() ->
         assert set(multiprocessing.active_children()) <= before
     finally:
         gc.enable()
+
+
+class Draws(torch.utils.data.IterableDataset):
+    """Rows ``(i, torch, random, numpy draws)``, each worker its share of i in 0..15."""
+
+    def __iter__(self) -> Any:
+        info = torch.utils.data.get_worker_info()
+        share = range(16) if info is None else range(info.id, 16, info.num_workers)
+        for i in share:
+            yield torch.tensor([float(i), torch.rand(()).item(), random.random(), np.random.rand()])
+
+
+class Replayed(DataLoader):
+    pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_replay_seeds_torch_python_and_numpy_where_the_batches_are_made(workers: int) -> None:
+    def replayed(start: int) -> torch.Tensor:
+        source = IterableSource(Replayed(Draws(), batch_size=2, num_workers=workers))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if start else "error")
+            return torch.cat(list(source.epoch(1, start=start)))
+
+    whole = replayed(0)
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)  # the caller's: not the replay's
+    assert torch.equal(replayed(3), whole[6:])
+    assert len(set(whole[:, 2].tolist())) == 16  # the draws are there to compare
+
+
+def test_the_replay_warning_names_what_is_seeded_and_exactly_what_is_not() -> None:
+    here = IterableSource(Replayed(Draws(), batch_size=2))
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"replaying and skipping 1 consumed batches \(the replay seeds torch's global "
+        r"generator and the generator= of the DataLoader and its sampler from \(data_seed, "
+        r"epoch\), Python's random and numpy's global generator for each batch from \(data_seed, "
+        r"epoch, position\); not seeded: any generator but those \(a numpy Generator, a "
+        r"random.Random, a torch.Generator held elsewhere\)\)",
+    ):
+        list(here.epoch(0, start=1))
+    persistent = IterableSource(
+        Replayed(Draws(), batch_size=2, num_workers=2, persistent_workers=True)
+    )
+    persistent.resume({"ranks": [{"epoch": 0, "batches": 8, "order": "0"}]}, None)
+    not_seeded = (
+        r"not seeded each epoch: the workers' torch, Python random and numpy global generators, "
+        r"which persistent_workers=True seeds once, when the workers start, .* \(pass "
+        r"persistent_workers=False to replay exactly\)"
+    )
+    with pytest.warns(RuntimeWarning, match=r"resuming at the start of epoch 1 .*" + not_seeded):
+        list(persistent.epoch(1))  # the workers a resumed run starts differ from the straight's
+    with pytest.warns(
+        RuntimeWarning, match="replaying and skipping 2 consumed batches .*" + not_seeded
+    ):
+        list(persistent.epoch(2, start=2))

@@ -17,11 +17,12 @@ from torch.utils.data._utils.collate import default_collate
 
 from functrain.driver.seeding import (
     IndexPlan,
-    SeededDataset,
     SeededIndices,
     fetching_loader,
     host_generators_kept,
     mix,
+    read_samples,
+    seed_host_generators,
 )
 from functrain.errors import config_check
 
@@ -142,8 +143,11 @@ class Batcher:
             batches = [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in batches]
         return batches
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+    def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[Any]:
         """Yield the batches of `epoch` from position `start`; the consumed ones are not read.
+
+        `record` is taken as every source takes it; a `Batcher` records nothing of a pass (the
+        state's counters are its position), so an evaluation may read it while training does.
 
         Each batch loads with the global generators seeded from (seed, epoch, position, rank), in
         the worker that loads it or in this process (the caller's states are put back after it), so
@@ -162,17 +166,17 @@ class Batcher:
                 yield tuple(t[idx] for t in self.dataset.tensors)
             return
         rank = self.shard[0]
+        if self.num_workers == 0:
+            for p in range(start, len(batches)):
+                with host_generators_kept():
+                    seed_host_generators(mix(self.seed, epoch, p, rank))
+                    batch = self.collate_fn(read_samples(self.dataset, batches[p].tolist()))
+                yield batch
+            return
         seeded = (
             SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank))
             for p in range(start, len(batches))
         )
-        if self.num_workers == 0:
-            dataset = SeededDataset(self.dataset)
-            for indices in seeded:
-                with host_generators_kept():
-                    batch = self.collate_fn(dataset.__getitems__(indices))
-                yield batch
-            return
         plan = IndexPlan()
         plan.batches = seeded
         loader = fetching_loader(

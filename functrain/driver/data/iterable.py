@@ -4,7 +4,9 @@ Each epoch draws from generators seeded from (seed, epoch) (`EpochStream`), so t
 batches are those of the interrupted epoch; `generators_of` and `announce_epoch` find the
 generators a `DataLoader` holds and tell its sampler the epoch. Each checkpoint holds a digest of
 the batches consumed in its epoch (`batch_fingerprint`), so a replay that meets other batches (an
-order or randomness drawn from something nothing seeds) says so.
+order or randomness drawn from something nothing seeds) says so; each pass counts its own
+(`Consumed`), and the checkpoint holds the training pass's. `replay_seeding` says what a replay
+seeds and what not; `order_setup` how a `DataLoader` orders its samples.
 """
 
 from __future__ import annotations
@@ -18,11 +20,31 @@ from typing import Any
 import blake3
 import torch
 import torch.utils._pytree as pytree
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from functrain.distributed.data_parallel import gather_objects
 from functrain.driver.seeding import EpochStream, mix, python_and_numpy_seeded
 from functrain.errors import ConfigError
+
+
+class Consumed:
+    """What one pass over a source consumed: its epoch, its batches' number and running digest.
+
+    A source keeps one per pass, so two passes at once (training, and an evaluation over the same
+    source) count apart; checkpoints hold the training pass's (`IterableSource.state_tree`).
+    """
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.batches, self.hasher = epoch, 0, blake3.blake3()
+
+    def note(self, encoded: bytes) -> None:
+        """Count one batch, `encoded` (its fingerprint or indices) into the digest."""
+        self.hasher.update(encoded + b";")
+        self.batches += 1
+
+    def tree(self) -> dict[str, Any]:
+        """The epoch, the batches consumed and their digest, as a checkpoint holds them."""
+        return {"epoch": self.epoch, "batches": self.batches, "order": self.hasher.hexdigest()}
 
 
 class IterableSource:
@@ -31,18 +53,21 @@ class IterableSource:
     A list, a `DataLoader` subclass or one over an `IterableDataset`, a generator factory.
 
     Each epoch calls ``iter(source)`` again. Resuming mid-epoch iterates from the epoch's start and
-    drops the batches already consumed, warning that their loading is repeated. So that the replayed
-    batches are those of the interrupted epoch, an epoch draws from generators seeded from (seed,
-    epoch) (`EpochStream`): torch's global generator and the `torch.Generator` objects a
-    `DataLoader` and its sampler hold (a `RandomSampler`'s order and the workers' seeds come from
-    them); where the source runs in this process (no workers), Python's and numpy's global
-    generators are seeded for each batch from (seed, epoch, position), the caller's put back after.
-    A sampler or dataset with ``set_epoch`` (a `DistributedSampler`) is told the epoch first. Lists
-    and tuples are iterated as they are.
+    drops the batches already consumed, warning that their loading is repeated and naming what the
+    replay seeds and what it does not (`replay_seeding`). So that the replayed batches are those of
+    the interrupted epoch, an epoch draws from generators seeded from (seed, epoch)
+    (`EpochStream`): torch's global generator and the `torch.Generator` objects a `DataLoader` and
+    its sampler hold (a `RandomSampler`'s order and the workers' seeds come from them); where the
+    source runs in this process (no workers), Python's and numpy's global generators are seeded
+    for each batch from (seed, epoch, position), the caller's put back after. A loader's workers
+    are seeded by torch from their base seed, drawn in that stream. A sampler or dataset with
+    ``set_epoch`` (a `DistributedSampler`) is told the epoch first. Lists and tuples are iterated
+    as they are.
 
     Each checkpoint holds the epoch, the number of its batches consumed and a digest of them
     (`state_tree`); a resumed epoch whose replayed batches differ, drawn from something nothing
-    seeds, is reported with a warning naming the fix.
+    seeds, is reported with a warning naming the fix. The data setup (`setup`) holds the seed and,
+    for a `DataLoader`, how it orders its samples, which a resume must keep.
 
     Args:
         source: re-iterable batches.
@@ -63,11 +88,11 @@ class IterableSource:
                 "with __iter__"
             )
         self.source, self.seed = source, seed
+        # whether the seed reaches the batches: a list's are made already
+        self.seeded = not isinstance(source, (list, tuple))
         self.restored: dict[str, Any] | None = None
-        # the pass under way: its epoch, the batches consumed and their running digest
-        self.pass_epoch: int | None = None
-        self.consumed = 0
-        self.hasher = blake3.blake3()
+        self.resumed = False  # whether a checkpoint's position was given (`resume`)
+        self.recorded: Consumed | None = None  # the training pass under way
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
@@ -82,9 +107,12 @@ class IterableSource:
     def setup(self) -> dict[str, Any]:
         """What is known of the batches each epoch holds (recorded in checkpoints).
 
-        Their number, and for a `DataLoader` its batch size, dataset size and ``drop_last``.
+        Their number and the seed (`fit`'s ``data_seed``) where it reaches them; for a `DataLoader`
+        its batch size, dataset size, ``drop_last`` and how it orders the samples (`order_setup`).
         """
         setup: dict[str, Any] = {"batches": len(self) if self.has_len() else None}
+        if self.seeded:
+            setup["seed"] = self.seed
         if isinstance(self.source, DataLoader):
             dataset = self.source.dataset
             iterable = isinstance(dataset, torch.utils.data.IterableDataset)
@@ -92,32 +120,50 @@ class IterableSource:
                 samples=len(dataset) if isinstance(dataset, Sized) and not iterable else None,
                 batch_size=self.source.batch_size,
                 drop_last=self.source.drop_last,
+                **order_setup(self.source),
             )
         return setup
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
-        """Yield the batches of a pass from position `start`; consumed ones are read and dropped."""
-        yield from self._replay(epoch, start, _REPLAY_HINT)
+    def legacy_setup(self) -> dict[str, Any]:
+        """The entries an older checkpoint's data setup held in place of today's (none here)."""
+        return {}
 
-    def _replay(self, epoch: int, start: int, hint: str, *, seeded: bool = True) -> Iterator[Any]:
-        if start:
+    def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[Any]:
+        """Yield the batches of a pass from position `start`; consumed ones are read and dropped.
+
+        `record`: whether checkpoints hold this pass's position (False for an evaluation reading
+        the training data's source).
+        """
+        yield from self._replay(epoch, start, _REPLAY_HINT, record=record)
+
+    def _replay(
+        self, epoch: int, start: int, hint: str, *, seeded: bool = True, record: bool = True
+    ) -> Iterator[Any]:
+        persistent = seeded and record and self.resumed and epoch > 0 and _persistent(self.source)
+        if start or persistent:
+            kind = type(self.source).__name__
+            where = (
+                f"mid-epoch on a {kind}: replaying and skipping {start} consumed batches"
+                if start
+                else f"at the start of epoch {epoch} on a {kind} that replays its epochs"
+            )
             warnings.warn(
-                f"resuming mid-epoch on a {type(self.source).__name__}: replaying and skipping "
-                f"{start} consumed batches ({hint})",
+                f"resuming {where} ({replay_seeding(self.source, seeded)}); {hint}",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        self.begin_pass(epoch)
+        counted = self.begin_pass(epoch, record)
         for position, batch in enumerate(self._pass(epoch, seeded)):
-            self.note(batch_fingerprint(batch))
-            if position + 1 == start:
-                self._check_replay(start)
+            if record:
+                counted.note(batch_fingerprint(batch))
+                if position + 1 == start:
+                    self._check_replay(counted, start)
             if position >= start:
                 yield batch
 
     def _pass(self, epoch: int, seeded: bool) -> Iterator[Any]:
         """One pass over the source: in the epoch's seeded stream, or as it comes."""
-        if not seeded or isinstance(self.source, (list, tuple)):
+        if not seeded or not self.seeded:
             yield from self.source
             return
         announce_epoch(self.source, epoch)
@@ -136,54 +182,49 @@ class IterableSource:
                 return
             yield batch
 
-    def _check_replay(self, start: int) -> None:
+    def _check_replay(self, counted: Consumed, start: int) -> None:
         """Warn if the `start` batches replayed differ from those the checkpointed run consumed."""
-        if self.replay_differs(start):
+        if self.replay_differs(counted, start):
             warnings.warn(
-                _replay_changed(type(self.source).__name__, start, self.pass_epoch),
+                _replay_changed(type(self.source).__name__, start, counted.epoch),
                 RuntimeWarning,
                 stacklevel=5,
             )
         self.restored = None
 
-    def replay_differs(self, start: int) -> bool:
-        """Whether the `start` batches of this pass differ from those the restored run consumed.
+    def replay_differs(self, counted: Consumed, start: int) -> bool:
+        """Whether the `start` batches `counted` differ from those the restored run consumed.
 
         False when nothing restored tells: no saved position, or one of another epoch or place.
         """
         saved = self.restored
         return (
             saved is not None
-            and saved.get("epoch") == self.pass_epoch
+            and saved.get("epoch") == counted.epoch
             and saved.get("batches") == start
-            and saved.get("order") != self.hasher.hexdigest()
+            and saved.get("order") != counted.hasher.hexdigest()
         )
 
-    def begin_pass(self, epoch: int) -> None:
-        """Start counting the batches of a pass over `epoch`."""
-        self.pass_epoch, self.consumed, self.hasher = epoch, 0, blake3.blake3()
-
-    def note(self, encoded: bytes) -> None:
-        """Count one batch of the pass, `encoded` (its fingerprint or indices) into the digest."""
-        self.hasher.update(encoded + b";")
-        self.consumed += 1
+    def begin_pass(self, epoch: int, record: bool = True) -> Consumed:
+        """Start counting the batches of a pass over `epoch`; with `record`, the one saved."""
+        counted = Consumed(epoch)
+        if record:
+            self.recorded = counted
+        return counted
 
     def state_tree(self) -> dict[str, Any]:
         """The epoch, the number of its batches consumed and their digest (JSON values).
 
-        Before any pass, the restored one.
+        Of the training pass (an evaluation's pass over the same source is not recorded); before
+        any, the restored one.
         """
-        if self.pass_epoch is None:
+        if self.recorded is None:
             return (
                 dict(self.restored)
                 if self.restored is not None
                 else {"epoch": None, "batches": 0, "order": None}
             )
-        return {
-            "epoch": self.pass_epoch,
-            "batches": self.consumed,
-            "order": self.hasher.hexdigest(),
-        }
+        return self.recorded.tree()
 
     def restore(self, tree: Any) -> None:
         """Take a saved `state_tree`: the next pass checks that it replays the same batches.
@@ -204,6 +245,7 @@ class IterableSource:
 
         When `saved` is None, or saved by a run on another number of ranks: nothing to check.
         """
+        self.resumed = saved is not None
         rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         if saved is not None and len(saved["ranks"]) == world:
             self.restore(saved["ranks"][rank])
@@ -239,13 +281,10 @@ _ORDER_FIX = (
 )
 
 _REPLAY_HINT = (
-    "the replayed batches are the interrupted epoch's when their order and randomness come from "
-    "what fit seeds each epoch: torch's, Python's and numpy's global generators in this process, "
-    "the generator= of the DataLoader and of its sampler, the workers' seeds, set_epoch(); drawn "
-    "from anything else, the resumed epoch's order differs from the interrupted one's (a second "
-    f"warning says so): to resume exactly, {_ORDER_FIX}; pass a DataLoader over a map-style "
-    "dataset, a map-style dataset with batch_size=, or data with state_dict()/load_state_dict(), "
-    "to resume without replay"
+    "drawn from a generator not seeded, the resumed epoch's order or content differs from the "
+    f"interrupted one's (a second warning says so): to resume exactly, {_ORDER_FIX}; pass a "
+    "DataLoader over a map-style dataset, a map-style dataset with batch_size=, or data with "
+    "state_dict()/load_state_dict(), to resume without replay"
 )
 
 
@@ -306,6 +345,85 @@ def _leaf_fingerprint(leaf: Any) -> bytes:
 
 # an integer dtype of each element size: any tensor's bytes viewed as numpy can hold them
 _SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def order_setup(loader: DataLoader) -> dict[str, Any]:
+    """How `loader` orders its samples: whether it shuffles, and its sampler's type.
+
+    ``shuffle`` is True for a `RandomSampler`, False for a `SequentialSampler`, a sampler's own
+    ``shuffle`` where it has one (`DistributedSampler`), else None. ``sampler`` names the type of
+    the sampler a `BatchSampler` batches, or of the batch sampler itself where it is another.
+
+    Example:
+        >>> order_setup(DataLoader(range(4), batch_size=2, shuffle=True))
+        {'shuffle': True, 'sampler': 'torch.utils.data.sampler.RandomSampler'}
+    """
+    batches = loader.batch_sampler
+    if batches is None:
+        sampler = loader.sampler
+    else:
+        sampler = batches.sampler if isinstance(batches, BatchSampler) else batches
+    kind = type(sampler)
+    shuffle = getattr(sampler, "shuffle", None)
+    if isinstance(sampler, RandomSampler):
+        shuffle = True
+    elif isinstance(sampler, SequentialSampler):
+        shuffle = False
+    return {
+        "shuffle": shuffle if isinstance(shuffle, bool) else None,
+        "sampler": f"{kind.__module__}.{kind.__qualname__}",
+    }
+
+
+def _persistent(source: Any) -> bool:
+    """Whether `source` is a `DataLoader` whose workers persist from one epoch to the next."""
+    return (
+        isinstance(source, DataLoader)
+        and source.num_workers > 0
+        and bool(getattr(source, "persistent_workers", False))
+    )
+
+
+def replay_seeding(source: Any, seeded: bool = True) -> str:
+    """What a replay of `source` seeds, and exactly which generators it does not.
+
+    Example:
+        >>> replay_seeding([1, 2])
+        'a list holds its batches made already: the replay draws nothing'
+    """
+    kind = type(source).__name__
+    if isinstance(source, (list, tuple)):
+        return f"a {kind} holds its batches made already: the replay draws nothing"
+    if not seeded:
+        return (
+            "the replay seeds nothing: it draws from torch's, Python's and numpy's global "
+            "generators as they are"
+        )
+    loader = isinstance(source, DataLoader)
+    held = "the generator= of the DataLoader and its sampler" if loader else ""
+    stream = "torch's global generator" + (f" and {held}" if loader else "")
+    others = (
+        "not seeded: any generator but those (a numpy Generator, a random.Random, a "
+        "torch.Generator held elsewhere)"
+    )
+    if not loader or source.num_workers == 0:
+        return (
+            f"the replay seeds {stream} from (data_seed, epoch), Python's random and numpy's "
+            f"global generator for each batch from (data_seed, epoch, position); {others}"
+        )
+    workers = "the workers' torch, Python random and numpy global generators"
+    if _persistent(source):
+        return (
+            f"the replay seeds {stream} from (data_seed, epoch); not seeded each epoch: {workers}, "
+            "which persistent_workers=True seeds once, when the workers start, so an epoch after "
+            "that draws where the previous epochs left them and a resumed run's new workers draw "
+            f"otherwise (pass persistent_workers=False to replay exactly); {others}"
+        )
+    return (
+        f"the replay seeds {stream} from (data_seed, epoch), and {workers} each epoch (torch "
+        f"seeds them from their base seed, drawn there: the replay is exact with the same "
+        f"num_workers); {others}"
+    )
 
 
 def generators_of(source: Any) -> list[torch.Generator]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, cast
 
@@ -17,12 +17,18 @@ import orjson
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from functrain.driver.data.iterable import EXHAUSTED, IterableSource, announce_epoch, generators_of
+from functrain.driver.data.iterable import (
+    EXHAUSTED,
+    Consumed,
+    IterableSource,
+    announce_epoch,
+    generators_of,
+)
 from functrain.driver.seeding import (
     EpochStream,
     IndexPlan,
-    SeededIndices,
     fetching_loader,
+    for_fetch,
     host_generators_kept,
     loader_settings,
     mix,
@@ -83,33 +89,48 @@ class DataLoaderSource(IterableSource):
         # the seed of an epoch: the run's and the generators' own (a changed generator seed changes
         # the run)
         self.base = mix(seed, *(g.initial_seed() for g in self.borrowed))
-        self.plan = IndexPlan()
-        self.fetcher = fetching_loader(loader.dataset, self.plan, loader_settings(loader))
+        # loaders no pass is reading from, kept for the next (their persistent workers with them);
+        # a pass takes one of its own, so two passes at once never share one
+        self.idle: list[tuple[IndexPlan, DataLoader]] = []
 
     def setup(self) -> dict[str, Any]:
-        """The loader's batching (`IterableSource.setup`) and the seed its epochs derive from."""
-        return {**super().setup(), "loader_seed": self.base}
+        """The loader's batching (`IterableSource.setup`: ``seed``, ``shuffle``, ``sampler``) and
+        ``generator_seed``: the initial seed of the generator= the loader and its sampler hold
+        (None without one, several joined by ``", "``)."""
+        seeds = [g.initial_seed() for g in self.borrowed]
+        generator_seed: int | str | None = (
+            seeds[0] if len(seeds) == 1 else ", ".join(map(str, seeds)) if seeds else None
+        )
+        return {**super().setup(), "generator_seed": generator_seed}
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
-        """Yield the batches of `epoch` from position `start`: the first `start` are not loaded."""
+    def legacy_setup(self) -> dict[str, Any]:
+        """``loader_seed``: what a checkpoint of an earlier functrain held in place of ``seed`` and
+        ``generator_seed``, their mix."""
+        return {"loader_seed": self.base}
+
+    def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[Any]:
+        """Yield the batches of `epoch` from position `start`: the first `start` are not loaded.
+
+        `record`: whether checkpoints hold this pass's position (False for an evaluation reading
+        the training data's source). Each pass loads through a loader of its own.
+        """
         loader = cast(DataLoader, self.source)  # the constructor took nothing else
         announce_epoch(loader, epoch)
         stream = EpochStream(mix(self.base, epoch), self.borrowed)
         batches = loader.batch_sampler
         assert batches is not None  # loader_problem refuses a loader without batch_size
         order = stream.draw(lambda: iter(batches))
+        counted = self.begin_pass(epoch, record)
+        self._skip(stream, order, start, counted if record else None)
+        plan, fetcher = self.idle.pop() if self.idle else self._fetcher()
+        main = fetcher.num_workers == 0
         pending: deque[list[Any]] = deque()
-        self.begin_pass(epoch)
-        self._skip(stream, order, start)
-        self.plan.batches = _seeded(
-            stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK
+        plan.batches = _seeded(
+            stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK, main
         )
-        self.fetcher.generator.manual_seed(
-            mix(self.base, epoch, self.rank)
-        )  # the workers' base seed
-        main = self.fetcher.num_workers == 0
+        fetcher.generator.manual_seed(mix(self.base, epoch, self.rank))  # the workers' base seed
         try:
-            it = iter(self.fetcher)
+            it = iter(fetcher)
             while True:
                 if main:
                     with (
@@ -120,35 +141,48 @@ class DataLoaderSource(IterableSource):
                     batch = next(it, EXHAUSTED)
                 if batch is EXHAUSTED:
                     return
-                self._count(pending.popleft())
+                counted.note(_encoded(pending.popleft()))
                 yield batch
         finally:
-            self.plan.batches = iter(())  # the pass's index batches are not kept past it
+            plan.batches = iter(())  # the pass's index batches are not kept past it
+            self.idle.append((plan, fetcher))
 
-    def _skip(self, stream: EpochStream, order: Iterator[Any], start: int) -> None:
+    def _fetcher(self) -> tuple[IndexPlan, DataLoader]:
+        """A new loader of the user's settings, loading the batches its plan is given."""
+        loader = cast(DataLoader, self.source)
+        plan = IndexPlan()
+        return plan, fetching_loader(loader.dataset, plan, loader_settings(loader))
+
+    def _skip(
+        self, stream: EpochStream, order: Iterator[Any], start: int, counted: Consumed | None
+    ) -> None:
         left = start
         while left > 0:
             chunk = stream.draw(functools.partial(_take, order, min(left, self.CHUNK)))
             if not chunk:
                 break
-            for indices in chunk:
-                self._count(indices)
+            if counted is not None:
+                for indices in chunk:
+                    counted.note(_encoded(indices))
             left -= len(chunk)
-        if start and self.replay_differs(start):
+        if counted is None:
+            return
+        if start and self.replay_differs(counted, start):
             sampler = _sampler_name(cast(DataLoader, self.source))
             warnings.warn(
-                _order_changed(sampler, self.pass_epoch, start), RuntimeWarning, stacklevel=4
+                _order_changed(sampler, epoch=counted.epoch, start=start),
+                RuntimeWarning,
+                stacklevel=4,
             )
         self.restored = None
 
-    def _count(self, indices: Any) -> None:
-        if isinstance(indices, torch.Tensor):
-            indices = indices.tolist()
-        try:
-            encoded = orjson.dumps(list(indices), option=orjson.OPT_SERIALIZE_NUMPY)
-        except TypeError:  # indices of a kind orjson does not write: their repr
-            encoded = repr(list(indices)).encode()
-        self.note(encoded)
+
+def _encoded(indices: list[Any]) -> bytes:
+    """An index batch as the order's digest takes it."""
+    try:
+        return orjson.dumps(indices, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # indices of a kind orjson does not write: their repr
+        return repr(indices).encode()
 
 
 def _seeded(
@@ -158,19 +192,21 @@ def _seeded(
     start: int,
     pending: deque[Any],
     chunk_size: int,
-) -> Iterator[SeededIndices]:
+    here: bool,
+) -> Iterator[list[Any]]:
     """The index batches of `order` from `start`, drawn `chunk_size` at a time in `stream`.
 
-    Each comes with the seed of (base, epoch, position, rank) and is noted in `pending`. A function,
-    not a method: the loader holding it must not hold the source (persistent workers are freed with
-    the source).
+    Each is handed over with the seed of (base, epoch, position, rank) (`for_fetch`: `here`, in
+    this process, the generators are seeded as it is) and noted in `pending`. A function, not a
+    method: the loader holding it must not hold the source (persistent workers are freed with the
+    source).
     """
     base, epoch, rank = run
     position = start
-    while chunk := stream.draw(lambda: list(islice(order, chunk_size))):
+    while chunk := stream.draw(functools.partial(_take, order, chunk_size)):
         for indices in chunk:
             pending.append(indices)
-            yield SeededIndices(indices, mix(base, epoch, position, rank))
+            yield for_fetch(indices, mix(base, epoch, position, rank), in_workers=not here)
             position += 1
 
 
@@ -187,9 +223,28 @@ def loader_problem(loader: Any) -> str | None:
     return None
 
 
-def _take(items: Iterator[Any], n: int) -> list[Any]:
-    """The next `n` of `items`, fewer where they end."""
-    return list(islice(items, n))
+def _take(batches: Iterator[Any], n: int) -> list[list[Any]]:
+    """The next `n` index batches of `batches` (fewer where they end), each copied as it comes.
+
+    A batch sampler may hand out one list, refilled for each batch, or tensors, tuples, arrays:
+    each is read into a list of its own before the next is drawn.
+
+    Raises:
+        ConfigError: the batch sampler yielded something that is not a batch of indices.
+    """
+    taken = []
+    for indices in islice(batches, n):
+        if isinstance(indices, torch.Tensor) or type(indices).__module__ == "numpy":
+            indices = indices.tolist()
+        if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+            raise ConfigError(
+                "the DataLoader's batch sampler must yield batches of indices (lists, tuples or "
+                f"tensors), got {type(indices).__name__} {indices!r:.40}; pass a sampler of "
+                "single indices as DataLoader(dataset, sampler=..., batch_size=...), not as "
+                "batch_sampler="
+            )
+        taken.append(list(indices))
+    return taken
 
 
 def _sampler_name(loader: DataLoader) -> str:

@@ -328,13 +328,23 @@ class MemberSource:
             setup |= {f"{key}[{k}]": v for key, v in source.setup().items() if key != "seed"}
         return setup
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[PerMember]:
+    def legacy_setup(self) -> dict[str, Any]:
+        """Each member's `IterableSource.legacy_setup` entries, as ``key[k]``."""
+        return {
+            f"{key}[{k}]": v
+            for k, source in enumerate(self.sources)
+            for key, v in getattr(source, "legacy_setup", dict)().items()
+        }
+
+    def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[PerMember]:
         """Yield the stacked batches of `epoch` from position `start`, as each member's source does.
+
+        `record`: whether checkpoints hold this pass's positions (False for an evaluation).
 
         Raises:
             ConfigError: a member's data ended before another's, or batches that do not stack.
         """
-        passes = [source.epoch(epoch, start) for source in self.sources]
+        passes = [source.epoch(epoch, start, record=record) for source in self.sources]
         try:
             for position in range(start, 2**62):
                 batches = [next(p, EXHAUSTED) for p in passes]

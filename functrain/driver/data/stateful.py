@@ -59,6 +59,7 @@ class StatefulSource(IterableSource):
 
     def __init__(self, source: Iterable[Any]) -> None:
         super().__init__(source)
+        self.seeded = False  # its state, not a seed, says where it goes on
         self._pending: Any = None  # a restored state no pass has started from yet
 
     def state_tree(self) -> Any:
@@ -78,11 +79,11 @@ class StatefulSource(IterableSource):
         self.source.load_state_dict(tree)  # type: ignore[attr-defined]
         self._pending = tree
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+    def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[Any]:
         """Yield the batches of a pass: after `restore`, the rest of the saved one; else a new one.
 
         Mid-epoch without a restored state, the new pass is a replay that skips `start` batches,
-        with a warning.
+        with a warning. `record` is that of `IterableSource.epoch` (the state is the source's own).
         """
         if start and self._pending is None:
             yield from self._replay(
@@ -93,6 +94,7 @@ class StatefulSource(IterableSource):
                 "another order than the interrupted epoch's, some samples seen twice and others "
                 "not at all",
                 seeded=False,
+                record=record,
             )
             return
         self._pending = None

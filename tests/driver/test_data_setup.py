@@ -1,0 +1,167 @@
+"""The data setup a resume must keep: seeds, shuffling and the sampler, refused when changed.
+
+A checkpoint records the data setup (`IterableSource.setup`, `DataLoaderSource.setup`); a resume
+with another one is a `ConfigError` naming each changed entry, both values and the fix. Checkpoints
+of an earlier functrain, whose setup lacks the entries recorded since, keep loading: they are built
+here as that version wrote them (the setup dicts below are what it saved for these loaders).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+import functrain as ft
+from functrain.driver.seeding import mix
+from functrain.errors import FunctrainError
+
+X = torch.arange(40.0).reshape(20, 2) / 40
+QUIET: dict[str, Any] = {"progress": False, "verbosity": "silent"}
+
+
+class Replayed(DataLoader):
+    """A DataLoader subclass: fit replays it on resume (an `IterableSource`)."""
+
+
+class Reversed(Sampler):
+    def __iter__(self) -> Any:
+        return iter(range(19, -1, -1))
+
+    def __len__(self) -> int:
+        return 20
+
+
+def data(kind: str = "loader", generator: int | None = 7, **kw: Any) -> DataLoader:
+    dataset = TensorDataset(X)
+    gen = torch.Generator().manual_seed(generator) if generator is not None else None
+    if kind == "subclass":
+        return Replayed(dataset, batch_size=4, shuffle=True, **kw)
+    kw.setdefault("shuffle", True)
+    return DataLoader(dataset, batch_size=4, generator=gen, **kw)
+
+
+def loss_fn(model: Any, batch: list[torch.Tensor]) -> torch.Tensor:
+    return (model(batch[0]) - 1).pow(2).mean()
+
+
+def state() -> ft.TrainState:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+
+
+def run(directory: Path, loader: DataLoader, steps: int, **kw: Any) -> ft.FitResult:
+    return ft.fit(
+        state(), loader, max_steps=steps, save_every=2, checkpoint_dir=directory, **QUIET, **kw
+    )
+
+
+def refusal(directory: Path, loader: DataLoader, **kw: Any) -> str:
+    with pytest.raises(FunctrainError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replay's own warning
+        run(directory, loader, 8, resume=True, **kw)
+    assert isinstance(caught.value, ft.ConfigError)
+    return str(caught.value)
+
+
+def test_a_replayed_resume_with_another_data_seed_is_refused_saying_how_to_go_on(
+    tmp_path: Path,
+) -> None:
+    run(tmp_path, data("subclass"), 2)
+    message = refusal(tmp_path, data("subclass"), data_seed=1)
+    assert "data_seed: the checkpoint's run used 0, this call gives 1" in message
+    assert "to resume, give the data and arguments the interrupted run used (data_seed=0)" in (
+        message
+    )
+    assert "to go on with the new setup, start a new run from the checkpoint" in message
+
+
+def test_a_loader_resume_names_data_seed_and_the_generator_seed_apart(tmp_path: Path) -> None:
+    run(tmp_path, data(), 2)
+    mixed = str(mix(0, 7))
+    message = refusal(tmp_path, data(), data_seed=1)
+    assert "data_seed: the checkpoint's run used 0, this call gives 1" in message
+    assert "generator" not in message.split("\n")[1] and mixed not in message
+    message = refusal(tmp_path, data(generator=8))
+    assert (
+        "the seed of the DataLoader's generator= (generator.initial_seed(), its sampler's with it "
+        "where the sampler holds its own): the checkpoint's run used 7, this call gives 8"
+    ) in message
+    assert "DataLoader(..., generator=torch.Generator().manual_seed(7))" in message
+    assert "data_seed" not in message.split("\n")[1] and mixed not in message
+
+
+def test_a_resume_that_changes_shuffle_or_the_sampler_is_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    run(tmp_path, data(), 2)
+    message = refusal(tmp_path, data(shuffle=False, generator=None))
+    assert "shuffle: the checkpoint's run used True, this call gives False" in message
+    assert "DataLoader(..., shuffle=True)" in message
+    message = refusal(tmp_path, data(shuffle=False, sampler=Reversed()))
+    assert re.search(
+        r"the DataLoader's sampler \(its type\): the checkpoint's run used "
+        r"'torch.utils.data.sampler.RandomSampler', this call gives '.*Reversed'",
+        message,
+    )
+    assert "a DataLoader whose sampler is a torch.utils.data.sampler.RandomSampler" in message
+
+
+# ---------------------------------------------------------------- older checkpoints
+
+# what an earlier functrain recorded for these loaders: no seed, generator seed, shuffle or sampler
+OLD_SETUP = {"batches": 5, "samples": 20, "batch_size": 4, "drop_last": False}
+
+
+def aged(directory: Path, to: Path, setup: dict[str, Any]) -> None:
+    """`directory`'s latest checkpoint, with the data setup an earlier functrain wrote, in `to`."""
+    with ft.CheckpointManager(directory) as manager:
+        saved = manager.restore_latest(like=state())
+    assert saved is not None
+    with ft.CheckpointManager(to) as manager:
+        manager.save(saved.replace(driver={**saved.driver, "data": setup}))
+
+
+@pytest.mark.parametrize("kind", ["loader", "subclass"])
+def test_a_checkpoint_of_an_earlier_functrain_resumes_bit_identical(
+    tmp_path: Path, kind: str
+) -> None:
+    straight = ft.fit(state(), data(kind), max_steps=8, **QUIET).state
+    run(tmp_path / "new", data(kind), 2)
+    old = OLD_SETUP | ({"loader_seed": mix(0, 7)} if kind == "loader" else {})
+    aged(tmp_path / "new", tmp_path / "old", old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replay's own warning
+        resumed = run(tmp_path / "old", data(kind), 8, resume=True).state
+    assert resumed.driver["data"]["seed"] == 0  # recorded from here on
+    for name, p in straight.params.items():
+        assert torch.equal(resumed.params[name], p)
+
+
+def test_an_older_checkpoints_mixed_loader_seed_still_refuses_another_seed(tmp_path: Path) -> None:
+    run(tmp_path / "new", data(), 2)
+    aged(tmp_path / "new", tmp_path / "old", OLD_SETUP | {"loader_seed": mix(0, 7)})
+    message = refusal(tmp_path / "old", data(generator=8))
+    assert (
+        "data_seed mixed with the seed of its generator= (a checkpoint of an earlier functrain "
+        f"records only this mix): the checkpoint's run used {mix(0, 7)}, this call gives "
+        f"{mix(0, 8)}"
+    ) in message
+
+
+def test_an_older_replayed_checkpoint_records_no_data_seed_and_is_not_checked_on_it(
+    tmp_path: Path,
+) -> None:
+    run(tmp_path / "new", data("subclass"), 2)
+    aged(tmp_path / "new", tmp_path / "old", OLD_SETUP)
+    replaying = pytest.warns(RuntimeWarning, match="replaying and skipping 2 consumed batches")
+    differs = pytest.warns(RuntimeWarning, match="now differ from those the checkpointed run")
+    with replaying, differs:
+        resumed = run(tmp_path / "old", data("subclass"), 8, resume=True, data_seed=1)
+    assert int(resumed.state.step) == 8
