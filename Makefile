@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo lint docs test test-long bench clean
+.PHONY: setup demo lint docs test test-quick test-long bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@echo "setting up $(VENV): $(TORCH) and functrain with its extras (about 3 minutes, once)"
@@ -40,6 +40,16 @@ docs: setup
 # time (their xdist_group); one line per test file as it finishes
 test: setup
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+
+# the inner loop: every test but those that launch process groups or fresh processes, the
+# notebooks, and compiled steps (all in make test)
+QUICK_SKIP := tests/distributed tests/test_notebooks.py tests/checkpoint/test_sharded_checkpoints.py \
+	tests/checkpoint/test_manager_processes.py tests/checkpoint/test_fault_injection.py \
+	tests/driver/test_loader_resume.py tests/core/test_compile.py tests/core/test_capture.py \
+	property_tests/test_fit_resumption.py property_tests/test_resumption.py
+
+test-quick: setup
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup $(addprefix --ignore=,$(QUICK_SKIP))
 
 test-long: setup
 	FUNCTRAIN_LONG_TESTS=1 HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q
