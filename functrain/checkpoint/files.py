@@ -453,37 +453,79 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available() -> int | None:
-    """Limit less usage of this process's memory cgroup (v2, else v1), the page cache aside."""
+def _cgroup_available(
+    membership: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> int | None:
+    """The memory this process's cgroups leave: the least over its cgroup and every ancestor.
+
+    A limit set higher up binds too (a Slurm job, a systemd slice, a Kubernetes pod over its
+    containers). Each one's headroom is its limit less its usage, the page cache its processes
+    hold counted as free (the kernel drops it before it reclaims anything else): cgroup v2's
+    ``memory.max``, ``memory.current`` and ``file`` of ``memory.stat``; v1's
+    ``hierarchical_memory_limit``, ``memory.usage_in_bytes`` and the ``total_`` file counts. None
+    where no limit is set or nothing can be read. `membership` and `root` are for tests.
+    """
     try:
-        with open("/proc/self/cgroup", encoding="utf-8") as f:
+        with open(membership, encoding="utf-8") as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
-    for controllers, root, limit, usage, cache in (
-        ("", "/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
-        (
-            "memory",
-            "/sys/fs/cgroup/memory",
-            "memory.limit_in_bytes",
-            "memory.usage_in_bytes",
-            "total_inactive_file",
-        ),
-    ):
-        path = next((p for _, c, p in (x for x in lines if len(x) == 3) if c == controllers), None)
-        if path is None:
-            continue
-        for directory in (Path(root + path), Path(root)):  # the root alone inside a namespace
-            try:
-                cap = (directory / limit).read_text().strip()
-                used = int((directory / usage).read_text())
-                stat = (directory / "memory.stat").read_text().split("\n")
-            except (OSError, ValueError):
+    paths = {controllers: path for _, controllers, path in (x for x in lines if len(x) == 3)}
+    found = []
+    if "" in paths:  # v2: the unified hierarchy
+        for directory in _lineage(Path(root), paths[""]):
+            stat = _stat_of(directory)
+            cap, used = _read_int(directory / "memory.max"), _read_int(directory / "memory.current")
+            if cap is not None and used is not None and stat is not None:
+                found.append(cap - used + stat.get("file", 0))
+    v1 = next((p for c, p in paths.items() if "memory" in c.split(",")), None)
+    if v1 is not None:
+        for directory in (Path(root, "memory", v1.lstrip("/")), Path(root, "memory")):
+            stat = _stat_of(directory)
+            used = _read_int(directory / "memory.usage_in_bytes")
+            if stat is None or used is None:
                 continue
-            if cap == "max" or int(cap) >= 1 << 60:  # no limit
-                return None
-            droppable = next(
-                (int(line.split()[1]) for line in stat if line.startswith(cache + " ")), 0
+            cap = min(
+                stat.get("hierarchical_memory_limit", 1 << 62),
+                _read_int(directory / "memory.limit_in_bytes") or 1 << 62,
             )
-            return max(0, int(cap) - used + droppable)
-    return None
+            cache = stat.get("total_active_file", 0) + stat.get("total_inactive_file", 0)
+            found.append(cap - used + cache)
+            break
+    bounded = [max(0, n) for n in found if n < 1 << 60]  # a "limit" that large is none
+    return min(bounded) if bounded else None
+
+
+def _lineage(root: Path, path: str) -> list[Path]:
+    """The cgroup `path` under `root` and each of its ancestors up to `root` (only `root`, where
+    the path is not there: a cgroup namespace shows the process its own cgroup as the root)."""
+    own = root / path.lstrip("/")
+    if not own.is_dir():
+        return [root]
+    return [own, *(parent for parent in own.parents if parent.is_relative_to(root))]
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return 1 << 62
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat_of(directory: Path) -> dict[str, int] | None:
+    try:
+        lines = (directory / "memory.stat").read_text().split("\n")
+    except OSError:
+        return None
+    stat = {}
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            stat[key] = int(value)
+    return stat

@@ -814,22 +814,32 @@ def _checked_rows(
     return dict(rows)
 
 
-def _check_memory(total: int) -> None:
+def _check_memory(total: int, on_disk: int) -> None:
     """Refuse, before any read, a load of `total` bytes that the memory available now cannot hold.
 
     Available now (`functrain.checkpoint.files.available_memory`): free memory and the page cache
-    the kernel can drop, within the process's cgroup limit, not the machine's total. A load that
+    the kernel can drop, within the process's cgroup limits, not the machine's total. A load that
     would not fit is refused before it allocates, rather than pushing the machine into swap or the
-    process into the OOM killer.
+    process into the OOM killer. `on_disk` is what the files' disk blocks hold: far less than
+    `total` where they have holes, which the message points out (a crafted checkpoint declares
+    data it does not hold).
     """
     memory = available_memory()
-    if memory is not None and total > memory:
-        raise CheckpointMemoryError(
-            f"{MANIFEST}: loading this checkpoint needs {total / 2**20:,.1f} MiB of memory for its "
-            f"tensors, and {memory / 2**20:,.1f} MiB are available now: free memory (other "
-            "processes, tensors this one holds), or load in a process with a larger memory "
-            "limit; a sharded state loads each rank's part alone (functrain.checkpoint.sharded)"
-        )
+    if memory is None or total <= memory:
+        return
+    holes = (
+        f" Its files hold only {on_disk / 2**20:,.1f} MiB on disk (holes where data should be): "
+        "unless a file system that compresses wrote them, the checkpoint was crafted or damaged; "
+        "remove it to resume from an older one."
+        if on_disk < total // 2
+        else ""
+    )
+    raise CheckpointMemoryError(
+        f"{MANIFEST}: loading this checkpoint needs {total / 2**20:,.1f} MiB of memory for its "
+        f"tensors, and {memory / 2**20:,.1f} MiB are available now: free memory (other "
+        "processes, tensors this one holds), or load in a process with a larger memory limit; a "
+        "sharded state loads each rank's part alone (functrain.checkpoint.sharded)." + holes
+    )
 
 
 def verify(directory: str | os.PathLike[str], *, digest: str | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,7 @@ def read_all(
     manifest: Mapping[str, Any],
     algorithm: str,
     rows: Rows,
-    check_memory: Callable[[int], None],
+    check_memory: Callable[[int, int], None],
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, keyed by its path: whole, or only the `rows` asked for.
 
@@ -257,11 +258,13 @@ def read_all(
     index, files = manifest["tensors"], manifest["files"]
     whole, some = plan(index, files, rows)
     by_file = index_by_file(index)
+    on_disk = 0
     for name in whole | set(some):  # a manifest that lies about sizes is corrupt, not too large
-        _check_size(file_at(name), files[name]["bytes"])
+        on_disk += _check_size(file_at(name), files[name]["bytes"])
     check_memory(
         sum(files[name]["bytes"] for name in whole)
-        + sum(_shard_bytes(index[key], file) for file, keys in some.items() for key in keys)
+        + sum(_shard_bytes(index[key], file) for file, keys in some.items() for key in keys),
+        on_disk,
     )
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     for name in files:
@@ -277,18 +280,26 @@ def read_all(
     return {key: _assemble(key, info, rows.get(key), loaded) for key, info in index.items()}
 
 
-def _check_size(path: Path, recorded: int) -> None:
-    """The file at `path` has the size the manifest records (checked again once it is open)."""
+def _check_size(path: Path, recorded: int) -> int:
+    """The file at `path` has the size the manifest records (checked again once it is open).
+
+    Returns the bytes its disk blocks hold (less than its size where it has holes); a file that is
+    not a regular one is left to the open, which says so.
+    """
     try:
-        size = os.lstat(path).st_size
+        st = os.lstat(path)
     except FileNotFoundError:
         raise CheckpointCorruptError(f"{path.name}: missing from the checkpoint") from None
     except OSError:
-        return  # the open says why
-    if size != recorded:
+        return recorded  # the open says why
+    if not stat.S_ISREG(st.st_mode):
+        return recorded
+    if st.st_size != recorded:
         raise CheckpointCorruptError(
-            f"{path.name}: {size} bytes, the manifest records {recorded} (truncated or replaced)"
+            f"{path.name}: {st.st_size} bytes, the manifest records {recorded} (truncated or "
+            "replaced)"
         )
+    return min(recorded, st.st_blocks * 512)
 
 
 def _shard_bytes(info: Mapping[str, Any], file: str) -> int:

@@ -251,6 +251,8 @@ def write_sharded(
         fingerprint, metadata, library_version: as for `write_tree` (rank 0's are recorded).
         before_commit: called on every rank once its files are durable; what it raises on any
             rank aborts the save on all of them.
+        check_file: as for `write_tree`, for this rank's files (an async save compares them with
+            the `part_digests` it took earlier); what it raises aborts the save on every rank.
 
     Returns:
         The checkpoint's path, on every rank, once rank 0 has committed it.
@@ -258,8 +260,6 @@ def write_sharded(
     Raises:
         CheckpointError (or the class of the first failing rank's error): on every rank, when any
             rank's part failed; the previous checkpoint at `directory` is intact.
-        check_file: as for `write_tree`, for this rank's files (an async save compares them with
-            the `part_digests` it took earlier); what it raises aborts the save on every rank.
     """
     group = exchange_group() if group is None else group
     rank = dist.get_rank(group)

@@ -26,8 +26,9 @@ functrain runs writes into the state meanwhile; a thread of the program writing 
 during it gets a checkpoint that verifies but may hold some of its writes.
 
 The digests cost the caller one pass over the state's bytes, hashed on every core; the files'
-own digests are taken in the pass that writes them, so the background save reads each byte once
-(figures in ``benchmarks/README.md``). Tensors that are not on the CPU are copied to it at once, as
+own digests are taken in the pass that writes them, so the background save of a plain state
+reads each byte once (a sharded save also reads each shard back for its own digest; figures in
+``benchmarks/README.md``). Tensors that are not on the CPU are copied to it at once, as
 before (the copy off the device is needed to write them anyway), and so are tensors without a
 version counter (inference tensors). Of a sharded leaf (a `DTensor`), this rank's shard is what is
 held or copied, and hashed.
@@ -59,15 +60,19 @@ class Snapshot:
 
         `digests` is `functrain.checkpoint.format.file_digests`, or the sharded save's
         `functrain.checkpoint.sharded.part_digests`: each file the save writes must match them
-        (`check_file`).
+        (`check_file`). Where they cannot be taken, the background save raises why, so that
+        every rank of a sharded save reports it together, none waiting for the others.
         """
         self._kept: list[tuple[torch.Tensor, int]] = []
         self.tree = tree_map(
             self._take, tree
         )  # containers rebuilt: later changes to them do not show
         self.release = hold(t for t, _ in self._kept)
+        self._failure: Exception | None = None
         try:
             self._expected = digests(self.tree)
+        except Exception as e:  # raised by the background save, where every rank reports it
+            self._expected, self._failure = {}, e
         except BaseException:
             self.release()
             raise
@@ -107,8 +112,15 @@ class Snapshot:
             functrain.errors.CheckpointError: tensors-00000.safetensors: the state's tensors ...
             >>> snapshot.release()
         """
+        if self._failure is not None:
+            raise self._failure
         if self._expected.get(name) == digest:
             return
+        if name not in self._expected:
+            raise CheckpointError(
+                f"{name}: the save wrote a file its snapshot did not plan (a bug in functrain: "
+                "please report it); nothing was committed and the previous checkpoint stays"
+            )
         self.check_unchanged()  # a write torch saw: say so
         raise CheckpointError(
             f"{name}: the state's tensors changed after save() returned, through a path their "

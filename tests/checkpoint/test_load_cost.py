@@ -147,12 +147,14 @@ def test_a_crafted_gigabyte_of_holes_costs_no_memory_in_a_fresh_process(tmp_path
         f"""
         import resource, sys
         import functrain as ft
-        from functrain.errors import CheckpointCorruptError
+        from functrain.errors import CheckpointCorruptError, CheckpointMemoryError
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             ft.load({str(d)!r})
         except CheckpointCorruptError as e:
             assert "has holes where its data should be" in str(e), e
+        except CheckpointMemoryError as e:  # where less than 1 GiB is available
+            assert "holes where data should be" in str(e), e
         else:
             sys.exit("loaded")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -200,3 +202,91 @@ def test_available_memory_is_the_memory_free_now_at_most_the_machine_total() -> 
         pytest.skip("no way to tell here")
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < available <= total
+
+
+def test_a_crafted_file_larger_than_the_memory_available_says_it_holds_holes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = crafted_gigabyte(tmp_path)
+    if not has_holes(d / TENSORS):
+        pytest.skip("this file system keeps no holes")
+    monkeypatch.setattr(ser, "available_memory", lambda: 512 << 20)
+    with pytest.raises(
+        CheckpointMemoryError, match=r"hold only 0\.\d MiB on disk \(holes .* remove it"
+    ):
+        ft.load(d)
+
+
+def test_a_symlinked_tensor_file_is_refused_as_a_link_not_as_a_wrong_size(tmp_path: Path) -> None:
+    d = ft.save({"w": torch.ones(3)}, tmp_path / "ckpt")
+    (d / TENSORS).rename(tmp_path / "elsewhere")
+    (d / TENSORS).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointCorruptError, match="is a symbolic link"):
+        ft.load(d)
+
+
+def cgroup_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_cgroup_v2_headroom_is_the_least_over_the_cgroup_and_its_ancestors(tmp_path: Path) -> None:
+    mib = 1 << 20
+    root = cgroup_tree(
+        tmp_path / "fs",
+        {
+            # the job: 1 GiB limit, 900 MiB used of which 300 MiB page cache -> 424 MiB
+            "job/memory.max": str(1024 * mib),
+            "job/memory.current": str(900 * mib),
+            "job/memory.stat": f"anon {600 * mib}\nfile {300 * mib}\nshmem 0\n",
+            # the task inside it: no limit of its own
+            "job/task/memory.max": "max",
+            "job/task/memory.current": str(900 * mib),
+            "job/task/memory.stat": f"anon {600 * mib}\nfile {300 * mib}\n",
+        },
+    )
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/job/task\n")
+    assert files._cgroup_available(str(membership), str(root)) == 424 * mib
+    (root / "job/memory.max").write_text("max")  # no limit anywhere
+    assert files._cgroup_available(str(membership), str(root)) is None
+
+
+def test_cgroup_v1_headroom_uses_the_hierarchical_limit_and_counts_the_page_cache(
+    tmp_path: Path,
+) -> None:
+    mib = 1 << 20
+    root = cgroup_tree(
+        tmp_path / "fs",
+        {
+            "memory/pod/c1/memory.limit_in_bytes": str(1 << 62),
+            "memory/pod/c1/memory.usage_in_bytes": str(700 * mib),
+            "memory/pod/c1/memory.stat": (
+                f"rss {500 * mib}\nhierarchical_memory_limit {2048 * mib}\n"
+                f"total_active_file {100 * mib}\ntotal_inactive_file {100 * mib}\n"
+            ),
+        },
+    )
+    membership = tmp_path / "cgroup"
+    membership.write_text("5:cpu,cpuacct:/pod/c1\n4:memory:/pod/c1\n0::/\n")
+    assert files._cgroup_available(str(membership), str(root)) == (2048 - 700 + 200) * mib
+
+
+def test_an_async_save_whose_digests_fail_raises_from_the_background_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every rank of a sharded save reports a failure together, none waiting for the rest."""
+    from functrain.checkpoint import manager as manager_module
+
+    def failing(tree: object) -> dict[str, str]:
+        raise MemoryError("no room for a clone")
+
+    monkeypatch.setattr(manager_module, "file_digests", failing)
+    state = ft.TrainState.create(torch.nn.Linear(4, 4), ft.sgd(0.1), loss_fn)
+    with ft.CheckpointManager(tmp_path, async_save=True) as mgr:
+        path = mgr.save(state)  # returns: the failure is the background save's
+        with pytest.raises(ft.CheckpointError, match="no room for a clone"):
+            mgr.wait()
+        assert not path.exists() and mgr.all() == []
