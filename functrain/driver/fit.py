@@ -38,6 +38,7 @@ from functrain.driver.callbacks import (
 )
 from functrain.driver.data import (
     Batcher,
+    DataLoaderSource,
     IterableSource,
     MemberSource,
     as_source,
@@ -436,6 +437,9 @@ def fit(
         num_workers=num_workers,
         shard=shard,
     )
+    for name, data in (("eval_data", eval_data), ("test_data", test_data)):
+        if (shared := _shared_persistent_iterator(name, data, train_data, train)) is not None:
+            raise ConfigError(shared)
     evals = _eval_source(eval_data, eval_batch_size or batch_size, shard, target)
     tests = _eval_source(test_data, eval_batch_size or batch_size, shard, target)
     if (empty := empty_data_problem(train)) is not None:
@@ -572,6 +576,26 @@ def _eval_source(
         shard=shard,
     )
     return _EpochView(source, device)
+
+
+def _shared_persistent_iterator(name: str, data: Any, train_data: Any, train: Any) -> str | None:
+    """Why `data` cannot be read for evaluation when it is `train_data`, a loader iterated as is.
+
+    A `DataLoader` with persistent workers keeps one iterator: iterating it for an evaluation
+    restarts the training pass's, which would end the epoch early without a word. A plain
+    `DataLoader` is read through a loader of functrain's own for each pass (`DataLoaderSource`),
+    so only a loader functrain iterates as it is (a subclass, `StatefulDataLoader`) is refused.
+    """
+    if data is not train_data or isinstance(train, DataLoaderSource):
+        return None
+    if not (getattr(data, "persistent_workers", False) and getattr(data, "num_workers", 0)):
+        return None
+    return (
+        f"{name} is the training data, a {type(data).__name__} with persistent_workers=True that "
+        "functrain iterates as it is: its one iterator would be restarted by each evaluation and "
+        f"the training epoch cut short. Pass another loader over the same dataset as {name} "
+        f"({name}=DataLoader(dataset, batch_size=...)), or persistent_workers=False"
+    )
 
 
 class _EpochView:

@@ -400,9 +400,14 @@ def _restore_hint(key: str, saved: dict[str, Any]) -> str | None:
     value = saved[key]
     loader = "sampler" in saved  # a DataLoader's setup: its own arguments set these
     if key == "shuffle" and loader:
-        return f"DataLoader(..., shuffle={value!r})"
+        sampler = str(saved["sampler"]).rpartition(".")[2]
+        if sampler in ("RandomSampler", "SequentialSampler"):  # what DataLoader(shuffle=) makes
+            return f"DataLoader(..., shuffle={value!r})"
+        return f"{sampler}(..., shuffle={value!r})"
     if key == "generator_seed" and isinstance(value, int):
         return f"DataLoader(..., generator=torch.Generator().manual_seed({value}))"
+    if key == "generator_seed" and value is None:
+        return "a DataLoader without generator= (and a sampler without one)"
     if key == "generator_seed":
         return f"the DataLoader's and its sampler's generators seeded {value}"
     if key == "sampler":

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 import functrain as ft
 from functrain.driver.seeding import mix
@@ -165,3 +165,34 @@ def test_an_older_replayed_checkpoint_records_no_data_seed_and_is_not_checked_on
     with replaying, differs:
         resumed = run(tmp_path / "old", data("subclass"), 8, resume=True, data_seed=1)
     assert int(resumed.state.step) == 8
+
+
+def test_the_hints_name_the_sampler_that_shuffles_and_a_loader_without_a_generator(
+    tmp_path: Path,
+) -> None:
+    def distributed(shuffle: bool) -> DataLoader:
+        sampler = DistributedSampler(TensorDataset(X), num_replicas=1, rank=0, shuffle=shuffle)
+        return DataLoader(TensorDataset(X), batch_size=4, sampler=sampler)
+
+    run(tmp_path / "distributed", distributed(True), 2)
+    message = refusal(tmp_path / "distributed", distributed(False))
+    assert "DistributedSampler(..., shuffle=True)" in message
+    assert "DataLoader(..., shuffle=True)" not in message  # torch refuses it with sampler=
+    run(tmp_path / "no-generator", data(generator=None), 2)
+    message = refusal(tmp_path / "no-generator", data(generator=3))
+    assert "a DataLoader without generator= (and a sampler without one)" in message
+    assert "seeded None" not in message
+
+
+def test_a_replay_with_persistent_workers_warns_at_the_epoch_it_resumes_and_not_after(
+    tmp_path: Path,
+) -> None:
+    def loader() -> DataLoader:
+        return data("subclass", num_workers=1, persistent_workers=True)
+
+    ft.fit(state(), loader(), max_epochs=1, checkpoint_dir=tmp_path, **QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ft.fit(state(), loader(), max_epochs=3, checkpoint_dir=tmp_path, resume=True, **QUIET)
+    said = [str(w.message) for w in caught if "resuming at the start of epoch" in str(w.message)]
+    assert len(said) == 1 and "epoch 1" in said[0], said

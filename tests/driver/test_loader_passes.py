@@ -197,6 +197,48 @@ def test_fit_given_one_source_as_training_and_evaluation_data_trains_every_batch
         assert saved_shared == ft.load(b, like=like).driver["source"]
 
 
+class EpochRows(Rows):
+    """Sample i is ``[i, the epoch set_epoch last announced]``: augmentation reading its epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([float(i), float(self.epoch)])
+
+
+@pytest.mark.parametrize("same_source", [True, False], ids=["one-source", "one-loader"])
+def test_an_evaluation_over_the_training_loader_leaves_the_training_pass_in_its_epoch(
+    same_source: bool,
+) -> None:
+    loader = DataLoader(EpochRows(), batch_size=SIZE)
+    source = DataLoaderSource(loader)
+    evaluation = source if same_source else DataLoaderSource(loader)
+    list(source.epoch(0))
+    training = source.epoch(1)
+    first = next(training)
+    list(evaluation.epoch(0, record=False))  # announces epoch 0 to the shared dataset
+    rest = list(training)
+    assert {row[1].item() for batch in [first, *rest] for row in batch} == {1.0}
+
+
+class PersistentLoader(DataLoader):
+    """A DataLoader subclass: fit iterates it as it is (replayed), not through loaders of its own"""
+
+
+def test_a_loader_iterated_as_is_with_persistent_workers_is_refused_as_eval_data_too() -> None:
+    data = PersistentLoader(Rows(), batch_size=SIZE, num_workers=1, persistent_workers=True)
+    with pytest.raises(
+        ConfigError,
+        match=r"eval_data is the training data, a PersistentLoader with persistent_workers=True "
+        r".* Pass another loader over the same dataset as eval_data",
+    ):
+        ft.fit(state(), data, eval_data=data, max_epochs=1, **QUIET)
+
+
 # ---------------------------------------------------------------- what workers see
 
 
@@ -213,17 +255,19 @@ class Tagged(Dataset):
         return torch.tensor([self.tag])
 
 
+def tag_the_dataset(worker_id: int) -> None:
+    """A worker_init_fn reaching the dataset it was given, to tag it (as one opens a file on it)."""
+    seen = torch.utils.data.get_worker_info().dataset
+    # the worker's copy of the user's object, not a wrapper around it
+    if type(seen) is not Tagged:
+        raise AssertionError(f"the worker sees a {type(seen).__name__}")
+    seen.tag = worker_id + 10.0
+
+
 def test_a_worker_init_fn_finds_the_very_dataset_the_loader_was_given() -> None:
     dataset = Tagged()
-
-    def init(worker_id: int) -> None:
-        seen = torch.utils.data.get_worker_info().dataset
-        # the worker's copy of this very object (the workers fork), not a wrapper around it
-        if seen is not dataset or not isinstance(seen, Tagged):
-            raise AssertionError(f"the worker sees a {type(seen).__name__}")
-        seen.tag = worker_id + 10.0
-
-    source = DataLoaderSource(DataLoader(dataset, batch_size=2, num_workers=2, worker_init_fn=init))
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, worker_init_fn=tag_the_dataset)
+    source = DataLoaderSource(loader)
     assert (
         torch.cat(list(source.epoch(0))).flatten().tolist()
         == [10.0] * 2 + [11.0] * 2 + [10.0] * 2 + [11.0] * 2

@@ -140,6 +140,8 @@ class IterableSource:
         self, epoch: int, start: int, hint: str, *, seeded: bool = True, record: bool = True
     ) -> Iterator[Any]:
         persistent = seeded and record and self.resumed and epoch > 0 and _persistent(self.source)
+        if record:
+            self.resumed = False  # the first pass after a resume is the one that resumes
         if start or persistent:
             kind = type(self.source).__name__
             where = (

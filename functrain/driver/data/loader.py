@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -116,6 +117,8 @@ class DataLoaderSource(IterableSource):
         """
         loader = cast(DataLoader, self.source)  # the constructor took nothing else
         announce_epoch(loader, epoch)
+        if record:
+            _training_epochs[loader] = epoch
         stream = EpochStream(mix(self.base, epoch), self.borrowed)
         batches = loader.batch_sampler
         assert batches is not None  # loader_problem refuses a loader without batch_size
@@ -146,6 +149,10 @@ class DataLoaderSource(IterableSource):
         finally:
             plan.batches = iter(())  # the pass's index batches are not kept past it
             self.idle.append((plan, fetcher))
+            if not record and loader in _training_epochs:
+                # an evaluation between training batches (this source, or another over the same
+                # loader): the training pass goes on in its epoch
+                announce_epoch(loader, _training_epochs[loader])
 
     def _fetcher(self) -> tuple[IndexPlan, DataLoader]:
         """A new loader of the user's settings, loading the batches its plan is given."""
@@ -175,6 +182,11 @@ class DataLoaderSource(IterableSource):
                 stacklevel=4,
             )
         self.restored = None
+
+
+# the epoch the last recorded pass over each loader announced (``set_epoch``), which a pass not
+# recorded (an evaluation over the same loader) announces again when it ends
+_training_epochs: weakref.WeakKeyDictionary[DataLoader, int] = weakref.WeakKeyDictionary()
 
 
 def _encoded(indices: list[Any]) -> bytes:
