@@ -1150,7 +1150,7 @@ def test_sparse_terabyte_tensor_file_is_refused_by_its_header_before_its_data_is
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        ser, "_check_memory", lambda files: None
+        ser, "_check_memory", lambda total, on_disk: None
     )  # as on a machine with more than a TiB
     allocated: list[int] = []
     real_read = reading.read_hashed
