@@ -1,5 +1,7 @@
 # Set up a virtualenv and run the demo, the checks (lint) or the tests. torch is pinned here only,
 # to the CPU build that the project is developed against; the package itself declares torch>=2.4.
+# The set-up hides setuptools' boxed notice that an editable install is one (it says nothing
+# about this project).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,6 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip && \
 	echo "  torch ..." && $(BIN)/pip install -q $(TORCH) && \
 	echo "  functrain and its extras ..." && \
+	PYTHONWARNINGS="ignore:Editable installation" \
 	$(BIN)/pip install -q -e '.[dev,demo,config,data,wandb,optuna,docs]' $(TORCH) && \
 	echo "set up in $$(( $$(date +%s) - start )) s"
 	@touch $@
