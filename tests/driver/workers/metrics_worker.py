@@ -9,9 +9,11 @@ metric of its own does not sync, and that of a run whose metric no rank updates.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,18 @@ torch.set_num_threads(1)
 def main() -> None:
     out = Path(sys.argv[1])
     ft.distributed.init_from_env()
+    done = runs()
+    # the runs' states and metrics (which hold the process group) are gone before it is torn down:
+    # a group destroyed while something still holds it is freed at interpreter exit, where gloo's
+    # threads may still run and the process dies in std::terminate
+    gc.collect()
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(done))
+    dist.barrier()  # no rank tears its connections down while another still uses them
+    dist.destroy_process_group()
+
+
+def runs() -> dict[str, Any]:
+    """The three runs on every rank: what rank's file records."""
     common = dict(eval_data=VAL, batch_size=20, max_epochs=1, progress=False, verbosity="silent")
     f1 = MulticlassF1Score(CLASSES, average="macro")
     result = ft.fit(classifier(), TRAIN, eval_fn=updating(f1), eval_metrics={"f1": f1}, **common)
@@ -56,15 +70,12 @@ def main() -> None:
         idle = None
     except ft.ConfigError as e:
         idle = str(e)
-    done = {
+    return {
         "val_f1": row["val_f1"],
         "whole": macro_f1_of(result.state, VAL),
         "error": error,
         "idle": idle,
     }
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(done))
-    dist.barrier()  # no rank tears its connections down while another still uses them
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
