@@ -9,6 +9,7 @@ here as that version wrote them (the setup dicts below are what it saved for the
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,34 @@ def test_a_checkpoint_of_an_earlier_functrain_resumes_bit_identical(
     assert resumed.driver["data"]["seed"] == 0  # recorded from here on
     for name, p in straight.params.items():
         assert torch.equal(resumed.params[name], p)
+
+
+EARLIER = Path(__file__).parent / "data" / "earlier"
+
+
+@pytest.mark.parametrize("kind", ["loader", "subclass"])
+def test_a_checkpoint_kept_from_an_earlier_functrain_resumes_bit_identical(
+    tmp_path: Path, kind: str
+) -> None:
+    """Files an earlier functrain wrote (``data/earlier``: these loaders' run, stopped at step 2),
+    kept as they were: its data setup, its counters and every other record of that version."""
+    straight = ft.fit(state(), data(kind), max_steps=8, **QUIET).state
+    shutil.copytree(EARLIER / kind, tmp_path / kind)
+    began: list[tuple[Any, int]] = []
+
+    class Began(ft.Callback):
+        def on_train_begin(self, run: Any) -> None:
+            began.append((run.config["resumed_from"], run.step))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replay's own warning
+        resumed = run(tmp_path / kind, data(kind), 8, resume=True, callbacks=[Began()])
+    assert [(Path(str(path)).name, step) for path, step in began] == [
+        ("ckpt-000000002-000000002", 2)
+    ]  # it went on from the kept checkpoint
+    assert int(resumed.state.step) == 8
+    for name, p in straight.params.items():
+        assert torch.equal(resumed.state.params[name], p)
 
 
 def test_an_older_checkpoints_mixed_loader_seed_still_refuses_another_seed(tmp_path: Path) -> None:
