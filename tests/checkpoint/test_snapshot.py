@@ -30,6 +30,22 @@ def weight(state: ft.TrainState) -> torch.Tensor:
     return state.params["weight"]
 
 
+def committed(mgr: ft.CheckpointManager, saved: Path, previous: Path) -> bool:
+    """Wait for an async save: committed as `saved`, or refused for a write after save() returned
+    with `previous` still the latest. Either way the latest checkpoint verifies."""
+    try:
+        mgr.wait()
+    except CheckpointError as e:
+        assert "changed after save() returned" in str(e)
+        assert mgr.latest() == previous
+        done = False
+    else:
+        assert mgr.latest() == saved
+        done = True
+    verified(mgr.latest())
+    return done
+
+
 def verified(path: Path) -> None:
     """Read the checkpoint whole, every digest checked (raises CheckpointCorruptError otherwise)."""
     serialization.read_tree(path)
@@ -97,16 +113,9 @@ def test_an_async_checkpoint_holds_the_state_save_saw_or_is_not_committed(
             weight(state).numpy()[:] += 1.0
         else:
             weight(state).data.add_(1.0)  # .data: a tensor whose version counter is its own
-        try:
-            mgr.wait()
-        except CheckpointError as e:
-            assert "changed after save() returned" in str(e)
-            assert mgr.latest() == previous
-        else:
-            assert mgr.latest() == saved
+        if committed(mgr, saved, previous):
             loaded = ft.load(saved, like=state).params
             assert all(torch.equal(loaded[k], at_save[k]) for k in at_save)
-        verified(mgr.latest())
 
 
 @pytest.fixture
@@ -136,12 +145,5 @@ def test_an_async_save_during_writes_through_data_fails_or_verifies_never_commit
         mgr.wait()
         for step in range(1, 4):
             path = mgr.save(state.replace(step=state.step + step))
-            try:
-                mgr.wait()
-            except CheckpointError as e:
-                assert "changed after save() returned" in str(e)
-                assert mgr.latest() == previous
-            else:
-                assert mgr.latest() == path
+            if committed(mgr, path, previous):
                 previous = path
-            verified(mgr.latest())
