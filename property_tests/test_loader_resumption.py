@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 import functrain as ft
 from functrain.tree import leaves_by_path
+from tests.driver.test_loader_passes import SIZE, LyingSampler, N, Refilled, Tensors, Tuples
 
-N, SIZE, STEPS = 22, 4, 12  # 6 batches an epoch (the last of 2), two epochs
+STEPS = 12  # two epochs of N / SIZE: 6 batches (the last of 2)
 
 
 class Noisy(Dataset):
@@ -38,44 +39,6 @@ class Noisy(Dataset):
         return torch.tensor([float(i) / N, noise])
 
 
-class Refilled(Sampler):
-    """One list object for every batch, emptied and refilled."""
-
-    def __init__(self) -> None:
-        self.batch: list[int] = []
-
-    def __iter__(self) -> Any:
-        order = torch.randperm(N).tolist()
-        for start in range(0, N, SIZE):
-            self.batch.clear()
-            self.batch.extend(order[start : start + SIZE])
-            yield self.batch
-
-    def __len__(self) -> int:
-        return -(-N // SIZE)
-
-
-class Tensors(Refilled):
-    def __iter__(self) -> Any:
-        yield from torch.randperm(N).split(SIZE)
-
-
-class Tuples(Refilled):
-    def __iter__(self) -> Any:
-        order = torch.randperm(N).tolist()
-        yield from (tuple(order[s : s + SIZE]) for s in range(0, N, SIZE))
-
-
-class Lying(Sampler):
-    """Single indices, shuffled; its ``len()`` says 4."""
-
-    def __iter__(self) -> Any:
-        return iter(torch.randperm(N).tolist())
-
-    def __len__(self) -> int:
-        return 4
-
-
 KINDS = ("shuffle", "refilled", "tensors", "tuples", "lying")
 
 
@@ -85,7 +48,7 @@ def loader(kind: str, workers: int, persistent: bool) -> DataLoader:
         gen = torch.Generator().manual_seed(7)
         return DataLoader(Noisy(), batch_size=SIZE, shuffle=True, generator=gen, **kw)
     if kind == "lying":
-        return DataLoader(Noisy(), batch_size=SIZE, sampler=Lying(), **kw)
+        return DataLoader(Noisy(), batch_size=SIZE, sampler=LyingSampler(), **kw)
     batches = {"refilled": Refilled, "tensors": Tensors, "tuples": Tuples}[kind]()
     return DataLoader(Noisy(), batch_sampler=batches, **kw)
 
