@@ -5,9 +5,11 @@ from the process's global generators: torch's CPU generator, Python's `random` a
 three a `DataLoader` worker seeds. The sources of `functrain.driver.data` seed all three before they
 fetch a batch, from `mix` of the run's data seed, the epoch, the batch's position in the epoch and
 the rank, in whichever process loads it: a worker, or the main process, where the caller's states
-are put back afterwards. A worker is handed the seed with the batch's indices (`SeededIndices`),
-so the dataset is never wrapped: its workers see the user's own object. What a batch draws is then
-a function of its place in the run, so a resumed run draws what the uninterrupted one drew, with
+are put back afterwards; a map-style dataset batched by `fit` also seeds them before each sample,
+from (data seed, epoch, the sample's index) (`SampleSeeded`), so a sample draws alike whichever
+rank reads it. A worker is handed the seeds with the batch's indices (`SeededIndices`), so the
+dataset is never wrapped: its workers see the user's own object. What a batch draws is then a
+function of its place in the run, so a resumed run draws what the uninterrupted one drew, with
 any number of workers, and no consumed batch has to be loaded again to get there. numpy's state is
 kept aside as its MT19937 words where it holds no cached gaussian (`_NumpyWords`): ``get_state``
 and ``set_state`` would cost a batch about 70 us.
