@@ -12,6 +12,10 @@ Two tables:
   global generators for each batch and puts the caller's back) and `IterableSource` (which draws
   each batch in the epoch's stream of the three generators and notes its fingerprint), on a
   dataset whose samples cost almost nothing to read, so the seeding shows as much as it can.
+* **Per sample**: the same for a map-style dataset given to `fit` with ``batch_size=`` (`Batcher`,
+  ``num_workers=0``), against the plain `DataLoader` over the same order: what the seeding of
+  each sample's draws (from (``data_seed``, epoch, sample index)) and of each batch's collation
+  costs the main process.
 
 Usage: ``python benchmarks/data_resume.py [--reps 30]``.
 """
@@ -26,7 +30,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from functrain.driver.data import DataLoaderSource, IterableSource
+from functrain.driver.data import Batcher, DataLoaderSource, IterableSource
 
 SAMPLES, BATCH = 1024, 32
 
@@ -60,12 +64,13 @@ def reads_before_first_new_batch(kind: type, consumed: int) -> int:
     return data.reads - BATCH  # the new batch itself aside
 
 
-def per_batch_us(fn_epoch: object, reps: int) -> float:
+def per_batch_us(fn_epoch: object, reps: int, per: int = 1) -> float:
+    """The median time of one batch of `fn_epoch()` (of one sample, `per` samples a batch)."""
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
         n = sum(1 for _ in fn_epoch())  # type: ignore[operator]
-        samples.append((time.perf_counter() - start) / n * 1e6)
+        samples.append((time.perf_counter() - start) / n / per * 1e6)
     return statistics.median(samples)
 
 
@@ -98,6 +103,13 @@ def main() -> None:
         f"\nper batch, main process: DataLoader {d:.1f} us, DataLoaderSource {s:.1f} us "
         f"(+{s - d:.1f} us), IterableSource {r:.1f} us (+{r - d:.1f} us)"
     )
+    batcher = Batcher(data, BATCH, seed=7)
+    direct, seeded = [], []
+    for _ in range(3):
+        direct.append(per_batch_us(lambda: iter(plain), args.reps, BATCH))
+        seeded.append(per_batch_us(lambda: batcher.epoch(0), args.reps, BATCH))
+    d, b = (statistics.median(x) for x in (direct, seeded))
+    print(f"per sample, main process: DataLoader {d:.2f} us, Batcher {b:.2f} us (+{b - d:.2f} us)")
 
 
 if __name__ == "__main__":

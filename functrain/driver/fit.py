@@ -235,9 +235,11 @@ def fit(
             `DataLoader` subclass or over an `IterableDataset`, a list) is replayed on resume,
             with a warning naming what the replay seeds and what not. Every batch of a dataset
             or DataLoader loads with torch's, Python's and numpy's global generators seeded from
-            (`data_seed`, epoch, position, rank), in the worker or the main process (the
-            caller's states are put back): random augmentation resumes exactly and does not
-            depend on `num_workers`. For a stacked state,
+            (`data_seed`, epoch, position, rank), and each sample of a dataset batched here from
+            (`data_seed`, epoch, its index), in the worker or the main process (the caller's
+            states are put back): random augmentation resumes exactly and does not depend on
+            `num_workers`; a dataset batched here resumes mid-epoch on another number of ranks,
+            each remaining sample read once with its own draws. For a stacked state,
             ``functrain.member_data([data_0, ..., data_K-1])`` gives each member its own data (each
             read as above, in an order of its own; `member_data`), and data that yields
             `PerMember` batches gives each member its slice.
@@ -364,7 +366,8 @@ def fit(
             checkpoints without ``resume=True``, a resume whose data setup differs from the
             checkpoint's, an `eval_metrics` object whose ``compute()`` is not one number, training
             data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path and
-            type), a resume on another number of ranks than the one that saved such data's state, a
+            type), a resume on another number of ranks than the one that saved such data's state
+            (or, mid-epoch, than the one a `DistributedSampler` split the epoch over), a
             resume whose `config` differs from the checkpoint's (``on_config_change="error"``), or a
             `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one

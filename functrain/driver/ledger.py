@@ -41,6 +41,10 @@ _DATA_ARGUMENTS = {
     "generator_seed": "the seed of the DataLoader's generator= (generator.initial_seed(), its "
     "sampler's with it where the sampler holds its own)",
     "sampler": "the DataLoader's sampler (its type)",
+    "seeds": "what a sample's random draws are seeded from ('sample': (data_seed, epoch, its "
+    "index); none: (data_seed, epoch, its batch's position, rank), as an earlier functrain did)",
+    "ranks": "the number of ranks the DataLoader's sampler splits each epoch over (its "
+    "num_replicas; each rank's position counts batches of its own part)",
     "loader_seed": "the seed of a DataLoader's epochs: data_seed mixed with the seed of its "
     "generator= (a checkpoint of an earlier functrain records only this mix)",
 }
@@ -48,7 +52,11 @@ _DATA_FIT_NAMES = ("batch_size", "shuffle", "drop_last", "seed")
 # entries of a data setup recorded since a later functrain than the first: a checkpoint whose
 # setup lacks one predates it, and is not checked on it (its order digest still is); nor is data
 # that has none (a seed no batch of it draws from, as a list's or a stateful source's)
-_RECORDED_SINCE = frozenset({"seed", "generator_seed", "shuffle", "sampler"})
+_RECORDED_SINCE = frozenset({"seed", "generator_seed", "shuffle", "sampler", "ranks"})
+# what may change where an epoch starts, for data whose order is a function of (seed, epoch):
+# nothing of the epoch is consumed yet, so regrouping it (in other batches, over other ranks)
+# skips and repeats nothing
+_REGROUPABLE = frozenset({"batch_size", "batches", "ranks"})
 
 # metrics of the update a step applies rather than of its batch: the rate, the norm of the gradient
 # the update used, the loss scale, the update ratios (the optimizer's own metrics are added by
@@ -249,12 +257,16 @@ class Ledger:
     ) -> None:
         """Record the run's data setup; a resumed run must use the one it was saved with.
 
-        The one change allowed is a map-style dataset's batch size at the start of an epoch: the
-        epoch's order of samples depends only on the seed and the epoch, so regrouping it in
-        batches of another size skips and repeats nothing. A checkpoint of an earlier functrain
-        lacks entries recorded since (``seed`` of replayed data, ``generator_seed``, ``shuffle``,
-        ``sampler``): it is not checked on those, and what it held in their place (`legacy`) is
-        compared instead; nor are those checked where this call's data has none.
+        The changes allowed are those of a map-style dataset's batching at the start of an epoch
+        (its batch size, and a `DataLoader`'s batches per epoch and the ranks its sampler splits
+        the epoch over): the epoch's order of samples depends only on the seed and the epoch, so
+        regrouping it skips and repeats nothing. A map-style dataset batched by `fit` records
+        global batches, so it may also resume mid-epoch on another number of ranks. A checkpoint
+        of an earlier functrain lacks entries recorded since (``seed`` of replayed data,
+        ``generator_seed``, ``shuffle``, ``sampler``, ``ranks``): it is not checked on those, and
+        what it held in their place (`legacy`) is compared instead; nor are those checked where
+        this call's data has none. (A map-style dataset's ``seeds`` an older checkpoint lacks is
+        followed instead: `Batcher.follow_setup`.)
 
         Args:
             setup: the data setup of this call (`Batcher.setup`, `IterableSource.setup`).
@@ -276,7 +288,7 @@ class Ledger:
                 k
                 for k in sorted({*saved, *given})
                 if saved.get(k) != given.get(k)
-                and not (regroup and k == "batch_size")
+                and not (regroup and k in _REGROUPABLE)
                 and not (
                     (k not in saved or k not in given) and _MEMBER.sub("", k) in _RECORDED_SINCE
                 )
@@ -412,6 +424,11 @@ def _restore_hint(key: str, saved: dict[str, Any]) -> str | None:
         return f"the DataLoader's and its sampler's generators seeded {value}"
     if key == "sampler":
         return f"a DataLoader whose sampler is a {value}"
+    if key == "ranks":
+        return (
+            f"{value} ranks, or a checkpoint saved at an epoch's end; or give fit the dataset "
+            "itself with batch_size=..., which resumes mid-epoch on any number of ranks"
+        )
     if key in _DATA_FIT_NAMES:
         return f"{_DATA_ARGUMENTS[key]}={value!r}"
     return None

@@ -120,6 +120,9 @@ class Loop:
         self.stacked = (
             state.step.ndim == 1
         )  # a stacked state (functrain.stack): its metrics are logged per member
+        follow = getattr(train, "follow_setup", None)
+        if follow is not None and self.ledger.data is not None:
+            follow(self.ledger.data)  # an earlier functrain's checkpoint: draw as its run did
         self.ledger.use_data(
             train.setup(),
             at_epoch_start=self.pos == 0,

@@ -5,9 +5,11 @@ from the process's global generators: torch's CPU generator, Python's `random` a
 three a `DataLoader` worker seeds. The sources of `functrain.driver.data` seed all three before they
 fetch a batch, from `mix` of the run's data seed, the epoch, the batch's position in the epoch and
 the rank, in whichever process loads it: a worker, or the main process, where the caller's states
-are put back afterwards. A worker is handed the seed with the batch's indices (`SeededIndices`),
-so the dataset is never wrapped: its workers see the user's own object. What a batch draws is then
-a function of its place in the run, so a resumed run draws what the uninterrupted one drew, with
+are put back afterwards; a map-style dataset batched by `fit` also seeds them before each sample,
+from (data seed, epoch, the sample's index) (`SampleSeeded`), so a sample draws alike whichever
+rank reads it. A worker is handed the seeds with the batch's indices (`SeededIndices`), so the
+dataset is never wrapped: its workers see the user's own object. What a batch draws is then a
+function of its place in the run, so a resumed run draws what the uninterrupted one drew, with
 any number of workers, and no consumed batch has to be loaded again to get there. numpy's state is
 kept aside as its MT19937 words where it holds no cached gaussian (`_NumpyWords`): ``get_state``
 and ``set_state`` would cost a batch about 70 us.
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader
 __all__ = [
     "EpochStream",
     "IndexPlan",
+    "SampleSeeded",
     "SeededIndices",
     "fetching_loader",
     "for_fetch",
@@ -41,6 +44,7 @@ __all__ = [
     "mix",
     "python_and_numpy_seeded",
     "read_samples",
+    "sample_seeds",
     "seed_host_generators",
     "set_host_states",
 ]
@@ -292,29 +296,74 @@ class EpochStream:
 
 
 class SeededIndices(list):
-    """The indices of one batch and the seed its loading draws from, sent to a worker together.
+    """The indices of one batch and the seeds its loading draws from, sent to a worker together.
 
     A `DataLoader` worker takes each index batch off its queue and fetches it at once; unpickling
     this there (`_arrived`) seeds the worker's three host generators from `seed` and hands the
-    fetch the plain list of indices. The dataset is therefore read as the user gave it, not
+    fetch the indices: a plain list, or with `samples` a `SampleSeeded` one, which seeds them again
+    for each sample as the fetch reads it. The dataset is therefore read as the user gave it, not
     through a wrapper: a ``worker_init_fn`` finds that very object at
     ``get_worker_info().dataset``. In the main process nothing is pickled: `for_fetch` seeds there.
     """
 
-    def __init__(self, indices: Iterable[Any], seed: int) -> None:
+    def __init__(self, indices: Iterable[Any], seed: int, samples: int | None = None) -> None:
         super().__init__(indices)
-        self.seed = seed
+        self.seed, self.samples = seed, samples
 
     def __reduce__(self) -> Any:
-        return (_arrived, (list(self), self.seed))
+        return (_arrived, (self[:], self.seed, self.samples))
 
 
-def _arrived(indices: list[Any], seed: int) -> list[Any]:
+def _arrived(indices: list[Any], seed: int, samples: int | None = None) -> list[Any]:
     """A `SeededIndices` unpickled: in a loader's worker, its generators seeded for the batch."""
     if torch.utils.data.get_worker_info() is None:  # a copy made elsewhere: nothing to seed
-        return SeededIndices(indices, seed)
+        return SeededIndices(indices, seed, samples)
     seed_host_generators(seed)
-    return indices
+    return indices if samples is None else SampleSeeded(indices, samples, seed)
+
+
+def sample_seeds(seed: int, epoch: int) -> int:
+    """The base of the per-sample seeds of `epoch` in a run of data seed `seed` (`SampleSeeded`).
+
+    Sample ``i`` of the dataset draws from ``mix(sample_seeds(seed, epoch), i)``, whichever rank,
+    batch or worker loads it.
+
+    Example:
+        >>> sample_seeds(0, 1) == sample_seeds(0, 1), sample_seeds(0, 1) == sample_seeds(0, 2)
+        (True, False)
+    """
+    return mix(seed, epoch, _SAMPLES)
+
+
+_SAMPLES = 0x53414D504C45  # tells the per-sample seeds of an epoch from its other streams
+
+
+class SampleSeeded(list):
+    """Integer indices of one batch that seed the host generators for each sample as it is read.
+
+    Iterating it (as a `DataLoader`'s fetch does, ``[dataset[i] for i in indices]``, and a
+    ``__getitems__`` that reads sample by sample) seeds torch's CPU generator, Python's `random`
+    and numpy's global generator from ``mix(samples, i)`` (`sample_seeds`) before handing out
+    index ``i``, and from `seed` (the batch's) once the indices are all handed out, for what the
+    collation draws. What a sample draws is then a function of (data seed, epoch, index) alone,
+    not of the batch, rank or worker that reads it. Indexing and slicing read it as a plain list.
+
+    Example:
+        >>> batch = SampleSeeded([4, 2], samples=9, seed=1)
+        >>> first = [torch.rand(1).item() for i in batch]
+        >>> first == [torch.rand(1).item() for i in SampleSeeded([2, 4], 9, 1)][::-1]
+        True
+    """
+
+    def __init__(self, indices: Iterable[int], samples: int, seed: int) -> None:
+        super().__init__(indices)
+        self.samples, self.seed = samples, seed
+
+    def __iter__(self) -> Iterator[int]:
+        for index in list.__iter__(self):
+            seed_host_generators(mix(self.samples, index))
+            yield index
+        seed_host_generators(self.seed)
 
 
 def for_fetch(indices: list[Any], seed: int, *, in_workers: bool) -> list[Any]:

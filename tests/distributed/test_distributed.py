@@ -102,6 +102,42 @@ def test_a_run_checkpointed_on_n_ranks_resumes_on_m_ranks(
     torch.testing.assert_close(got["val"], want["val"], rtol=1e-5, atol=1e-6)
 
 
+def reads_of(directory: Path, world: int, skip: int = 0) -> torch.Tensor:
+    """Every rank's reads in `directory` (``[index, torch's, random's, numpy's draw]`` rows), the
+    first `skip` of each rank's left out."""
+    return torch.cat([ft.load(directory / f"rank{r}")[0]["reads"][skip:] for r in range(world)])
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2), (2, 4)])
+def test_a_run_resumed_on_m_ranks_reads_each_remaining_sample_once_with_its_own_draws(
+    tmp_path: Path, first: int, then: int
+) -> None:
+    """Stopped in the second epoch on `first` ranks, resumed on `then`: the interrupted epoch's
+    samples are each read once across the two runs and ranks, each with the draws of torch's,
+    Python's and numpy's generators it has in an uninterrupted run on one process."""
+    straight = worker.Augmented()
+    ft.fit(
+        ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn),
+        straight,
+        batch_size=16,
+        max_epochs=2,
+        progress=False,
+        verbosity="silent",
+    )
+    want = {int(r[0]): r[1:] for r in torch.tensor(straight.reads[96:], dtype=torch.float64)}
+    ckpt = tmp_path / "ckpt"
+    launch(first, "augmented", str(tmp_path / "interrupted"), "9", "0", str(ckpt))
+    launch(then, "augmented", str(tmp_path / "resumed"), "0", "1", str(ckpt))
+    # 9 batches of 16: the first epoch's 6, then 3 of the second, split over the ranks
+    before = reads_of(tmp_path / "interrupted", first, skip=96 // first)
+    after = reads_of(tmp_path / "resumed", then)
+    assert len(before) == 3 * 16 and len(after) == 3 * 16  # it resumed mid-epoch
+    epoch = torch.cat([before, after])  # the second epoch's reads, by both runs
+    assert sorted(int(i) for i in epoch[:, 0]) == list(range(96))  # each once
+    for row in epoch:
+        assert torch.equal(row[1:], want[int(row[0])]), int(row[0])
+
+
 def test_fit_on_two_ranks_writes_one_set_of_checkpoints_and_one_log(tmp_path: Path) -> None:
     launch(2, "fit", str(tmp_path), "0", "0")
     checkpoints = sorted(p.name for p in (tmp_path / "ckpt").iterdir())

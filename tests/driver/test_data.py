@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import functrain as ft
+from functrain.driver import seeding
 from functrain.driver.data import Batcher, DataLoaderSource, IterableSource, as_source, epoch_order
 from functrain.errors import ConfigError
 from tests.models import loss_fn
@@ -94,6 +95,71 @@ def test_shards_slice_each_global_batch() -> None:
     parts = [ids(Batcher(data, 8, seed=5, shard=(rank, 2)).epoch(1)) for rank in range(2)]
     assert [len(b) for b in parts[0]] == [4, 4, 2]
     assert [r0 + r1 for r0, r1 in zip(*parts, strict=True)] == whole
+
+
+class Augmenting(Dataset):
+    """Sample i: ``[i, a draw of torch's, of random's, of numpy's global generator]``; collation
+    adds a draw of torch's to each batch (`augmented_collate`)."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        draws = [torch.rand(()).item(), random.random(), float(np.random.rand())]
+        return torch.tensor([float(i), *draws], dtype=torch.float64)
+
+
+def augmented_collate(samples: list[torch.Tensor]) -> torch.Tensor:
+    rows = torch.stack(samples)
+    return torch.cat([rows, torch.rand(len(rows), 1, dtype=torch.float64)], 1)
+
+
+def draws_by_sample(world: int, batch_size: int = 8, workers: int = 0, start: int = 0) -> dict:
+    """Sample index -> its draws in epoch 1, read by `world` shards from batch `start`."""
+    found: dict[int, list[float]] = {}
+    for rank in range(world):
+        batcher = Batcher(
+            Augmenting(), batch_size, seed=3, shard=(rank, world), num_workers=workers
+        )
+        for batch in batcher.epoch(1, start=start):
+            for row in batch.tolist():
+                assert int(row[0]) not in found
+                found[int(row[0])] = row[1:4]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("world", "batch_size", "workers", "start"),
+    [(2, 8, 0, 0), (4, 8, 0, 1), (2, 4, 2, 2), (1, 12, 2, 1)],
+)
+def test_each_sample_draws_the_same_whatever_the_ranks_batches_workers_and_start(
+    world: int, batch_size: int, workers: int, start: int
+) -> None:
+    alone = draws_by_sample(1)
+    assert len(alone) == 20 and len({tuple(d) for d in alone.values()}) == 20
+    got = draws_by_sample(world, batch_size, workers, start)
+    assert len(got) == 20 - start * batch_size
+    assert all(got[i] == alone[i] for i in got)
+    first = next(iter(Batcher(Augmenting(), 8, seed=4).epoch(1)))[0]  # another data seed
+    assert first[1:4].tolist() != alone[int(first[0])]
+
+
+def test_a_collation_draws_from_the_batchs_seed_alike_in_workers_and_here() -> None:
+    batches = [
+        list(Batcher(Augmenting(), 4, seed=3, collate_fn=augmented_collate, num_workers=w).epoch(2))
+        for w in (0, 2)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*batches, strict=True))
+
+
+def test_sample_seeded_indices_read_as_a_plain_list_and_pickle_as_their_indices() -> None:
+    import pickle
+
+    indices = seeding.SampleSeeded([3, 1, 2], samples=5, seed=6)
+    assert indices[1] == 1 and indices[:] == [3, 1, 2] and len(indices) == 3
+    sent = seeding.SeededIndices([3, 1, 2], 6, samples=5)
+    back = pickle.loads(pickle.dumps(sent))  # outside a worker: the same seeds, nothing seeded
+    assert (back, back.seed, back.samples) == ([3, 1, 2], 6, 5)
 
 
 def test_batcher_lists_every_invalid_argument() -> None:

@@ -225,3 +225,74 @@ def test_a_replay_with_persistent_workers_warns_at_the_epoch_it_resumes_and_not_
         ft.fit(state(), loader(), max_epochs=3, checkpoint_dir=tmp_path, resume=True, **QUIET)
     said = [str(w.message) for w in caught if "resuming at the start of epoch" in str(w.message)]
     assert len(said) == 1 and "epoch 1" in said[0], said
+
+
+# ---------------------------------------------------------------- per-sample seeds, ranks
+
+
+class Jittered(torch.utils.data.Dataset):
+    """`X`'s rows, each read with a draw of torch's, Python's and numpy's global generators."""
+
+    def __len__(self) -> int:
+        return len(X)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        import random
+
+        import numpy as np
+
+        return (X[i] + torch.rand(()) + random.random() + float(np.random.rand()),)
+
+
+def per_batch_seeded() -> ft.Batcher:
+    """What an earlier functrain read `Jittered` as: each batch seeded, not each sample."""
+    batcher = ft.Batcher(Jittered(), 4)
+    batcher.sample_seeded = False
+    return batcher
+
+
+def test_a_checkpoint_that_seeded_each_batch_resumes_bit_identical_and_keeps_doing_so(
+    tmp_path: Path,
+) -> None:
+    older = ft.fit(state(), per_batch_seeded(), max_steps=8, **QUIET).state
+    today = ft.fit(state(), Jittered(), batch_size=4, max_steps=8, **QUIET).state
+    assert not torch.equal(today.params["weight"], older.params["weight"])  # the draws differ
+    run(tmp_path, per_batch_seeded(), 3)  # its setup has no "seeds", as an earlier one's
+    with ft.CheckpointManager(tmp_path, readonly=True) as manager:
+        saved = manager.restore_latest(like=state())
+    assert saved is not None and "seeds" not in saved.driver["data"]
+    resumed = run(tmp_path, Jittered(), 8, resume=True, batch_size=4).state
+    assert "seeds" not in resumed.driver["data"]  # the next resume seeds each batch too
+    for name, p in older.params.items():
+        assert torch.equal(resumed.params[name], p), name
+
+
+def distributed(replicas: int, **kw: Any) -> DataLoader:
+    dataset = TensorDataset(X)
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=0, seed=3)
+    return DataLoader(dataset, sampler=sampler, **kw)
+
+
+def test_a_distributed_samplers_loader_resumed_mid_epoch_on_other_ranks_is_refused(
+    tmp_path: Path,
+) -> None:
+    run(tmp_path, distributed(2, batch_size=2), 3)  # mid-epoch: 5 batches a rank
+    message = refusal(tmp_path, distributed(4, batch_size=1))
+    assert (
+        "the number of ranks the DataLoader's sampler splits each epoch over (its num_replicas; "
+        "each rank's position counts batches of its own part): the checkpoint's run used 2, this "
+        "call gives 4"
+    ) in message
+    assert (
+        "(batch_size=2, 2 ranks, or a checkpoint saved at an epoch's end; or give fit the dataset "
+        "itself with batch_size=..., which resumes mid-epoch on any number of ranks)"
+    ) in message
+
+
+def test_a_distributed_samplers_loader_resumes_at_an_epochs_start_on_other_ranks(
+    tmp_path: Path,
+) -> None:
+    loader = distributed(2, batch_size=2)
+    ft.fit(state(), loader, max_epochs=1, checkpoint_dir=tmp_path, **QUIET)  # 5 batches
+    resumed = run(tmp_path, distributed(4, batch_size=1), 8, resume=True)
+    assert int(resumed.state.step) == 8 and resumed.state.driver["data"]["ranks"] == 4

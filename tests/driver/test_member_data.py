@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import functrain as ft
 from functrain.driver.data import (
+    Batcher,
     MemberData,
+    MemberSource,
     as_source,
     bootstrap_indices,
     member_seed,
@@ -341,3 +343,14 @@ def test_batches_the_members_cannot_stack_are_refused_naming_them() -> None:
     loaders = ft.member_data([DataLoader(dataset(), batch_size=BATCH)] * 2)
     with pytest.raises(ConfigError, match=r"batch_size=20 would be ignored"):
         quiet_fit(ensemble(2), loaders, batch_size=BATCH, max_steps=1)
+
+
+def test_members_follow_a_setup_that_seeded_each_batch_member_by_member() -> None:
+    data = TensorDataset(torch.arange(8.0))
+    source = MemberSource([Batcher(data, 2, seed=member_seed(0, k)) for k in range(2)])
+    today = source.setup()
+    assert today["seeds[0]"] == today["seeds[1]"] == "sample"
+    older = {key: v for key, v in today.items() if key != "seeds[1]"}  # member 1's as before
+    source.follow_setup(older)
+    assert [s.sample_seeded for s in source.sources] == [True, False]
+    assert source.setup() == older

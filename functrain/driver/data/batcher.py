@@ -2,8 +2,10 @@
 
 The order of epoch ``e`` is ``randperm(len, generator seeded from (seed, e))``, and the position
 inside the epoch lives in the `TrainState` (`epoch`, `epoch_step`): resuming starts from the next
-unseen batch without reading the consumed ones. `num_workers > 0` loads through a
-`torch.utils.data.DataLoader` over the same index batches.
+unseen batch without reading the consumed ones. The batches are global (each rank reads its slice
+of each) and each sample draws from seeds of (seed, epoch, sample index) alone, so a run resumes
+on another number of ranks reading each remaining sample once, with the draws it would have had.
+`num_workers > 0` loads through a `torch.utils.data.DataLoader` over the same index batches.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from torch.utils.data._utils.collate import default_collate
 
 from functrain.driver.seeding import (
     IndexPlan,
+    SampleSeeded,
     SeededIndices,
     fetching_loader,
     host_generators_kept,
     mix,
     read_samples,
+    sample_seeds,
     seed_host_generators,
 )
 from functrain.errors import config_check
@@ -117,20 +121,38 @@ class Batcher:
             pin_memory,
             shard,
         )
+        # each sample draws from its own seed (`SampleSeeded`); False for a run resumed from a
+        # checkpoint of an earlier functrain, which seeded each batch (`follow_setup`)
+        self.sample_seeded = True
 
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def setup(self) -> dict[str, Any]:
-        """What fixes which samples each position of an epoch holds (recorded in checkpoints)."""
-        return {
+        """What fixes which samples each position of an epoch holds and what they draw (recorded
+        in checkpoints): ``seeds`` is ``"sample"`` where each sample draws from its own seed."""
+        setup: dict[str, Any] = {
             "samples": len(self.dataset),
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "seed": self.seed,
         }
+        if self.sample_seeded:
+            setup["seeds"] = "sample"
+        return setup
+
+    def follow_setup(self, saved: dict[str, Any]) -> None:
+        """Draw as the run a checkpoint holds drew: `saved` is its data setup.
+
+        A map-style dataset's setup without ``seeds`` was written by a functrain that seeded each
+        batch from (seed, epoch, position, rank) rather than each sample: such a run goes on
+        seeding each batch, so it resumes exactly on the same number of ranks (and its setup
+        still says so, for the next resume).
+        """
+        if "samples" in saved and "sampler" not in saved and "seeds" not in saved:
+            self.sample_seeded = False
 
     def index_batches(self, epoch: int) -> list[torch.Tensor]:
         """The global index batches of `epoch`, this rank's slice of each."""
@@ -149,10 +171,11 @@ class Batcher:
         `record` is taken as every source takes it; a `Batcher` records nothing of a pass (the
         state's counters are its position), so an evaluation may read it while training does.
 
-        Each batch loads with the global generators seeded from (seed, epoch, position, rank), in
-        the worker that loads it or in this process (the caller's states are put back after it), so
-        what a random augmentation draws does not depend on the number of workers or on where the
-        run was resumed.
+        Each sample loads with the global generators seeded from (seed, epoch, its index), and
+        the collation of each batch from (seed, epoch, position, rank), in the worker that loads
+        it or in this process (the caller's states are put back after it), so what a random
+        augmentation of a sample draws depends neither on the number of workers nor on the number
+        of ranks, nor on where the run was resumed.
         """
         batches = self.index_batches(epoch)
         if (
@@ -166,15 +189,20 @@ class Batcher:
                 yield tuple(t[idx] for t in self.dataset.tensors)
             return
         rank = self.shard[0]
+        samples = sample_seeds(self.seed, epoch) if self.sample_seeded else None
         if self.num_workers == 0:
             for p in range(start, len(batches)):
+                seed = mix(self.seed, epoch, p, rank)
+                indices = batches[p].tolist()
                 with host_generators_kept():
-                    seed_host_generators(mix(self.seed, epoch, p, rank))
-                    batch = self.collate_fn(read_samples(self.dataset, batches[p].tolist()))
+                    seed_host_generators(seed)
+                    if samples is not None:
+                        indices = SampleSeeded(indices, samples, seed)
+                    batch = self.collate_fn(read_samples(self.dataset, indices))
                 yield batch
             return
         seeded = (
-            SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank))
+            SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank), samples)
             for p in range(start, len(batches))
         )
         plan = IndexPlan()

@@ -95,14 +95,20 @@ class DataLoaderSource(IterableSource):
         self.idle: list[tuple[IndexPlan, DataLoader]] = []
 
     def setup(self) -> dict[str, Any]:
-        """The loader's batching (`IterableSource.setup`: ``seed``, ``shuffle``, ``sampler``) and
+        """The loader's batching (`IterableSource.setup`: ``seed``, ``shuffle``, ``sampler``),
         ``generator_seed``: the initial seed of the generator= the loader and its sampler hold
-        (None without one, several joined by ``", "``)."""
+        (None without one, several joined by ``", "``), and ``ranks`` where the sampler gives
+        each rank its own part of an epoch (a `DistributedSampler`): its ``num_replicas``. Each
+        rank's position counts batches of that split, so a resume mid-epoch must keep it."""
         seeds = [g.initial_seed() for g in self.borrowed]
         generator_seed: int | str | None = (
             seeds[0] if len(seeds) == 1 else ", ".join(map(str, seeds)) if seeds else None
         )
-        return {**super().setup(), "generator_seed": generator_seed}
+        setup = {**super().setup(), "generator_seed": generator_seed}
+        ranks = _split_over(cast(DataLoader, self.source))
+        if ranks is not None:
+            setup["ranks"] = ranks
+        return setup
 
     def legacy_setup(self) -> dict[str, Any]:
         """``loader_seed``: what a checkpoint of an earlier functrain held in place of ``seed`` and
@@ -262,6 +268,14 @@ def _take(batches: Iterator[Any], n: int) -> list[list[Any]]:
 def _sampler_name(loader: DataLoader) -> str:
     batches = loader.batch_sampler
     return type(batches.sampler if isinstance(batches, BatchSampler) else batches).__name__
+
+
+def _split_over(loader: DataLoader) -> int | None:
+    """The number of ranks `loader`'s sampler splits each epoch over (``num_replicas``), if any."""
+    batches = loader.batch_sampler
+    sampler = batches.sampler if isinstance(batches, BatchSampler) else batches
+    replicas = getattr(sampler, "num_replicas", None)
+    return replicas if isinstance(replicas, int) else None
 
 
 def _order_changed(sampler: str, epoch: int | None, start: int) -> str:

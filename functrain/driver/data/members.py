@@ -336,6 +336,15 @@ class MemberSource:
             for key, v in getattr(source, "legacy_setup", dict)().items()
         }
 
+    def follow_setup(self, saved: dict[str, Any]) -> None:
+        """Each member's source drawing as in the run whose data setup `saved` is (entries
+        ``key[k]``: member k's), where it has a `Batcher.follow_setup`."""
+        for k, source in enumerate(self.sources):
+            follow = getattr(source, "follow_setup", None)
+            if follow is not None:
+                suffix = f"[{k}]"
+                follow({key[: -len(suffix)]: v for key, v in saved.items() if key.endswith(suffix)})
+
     def epoch(self, epoch: int, start: int = 0, *, record: bool = True) -> Iterator[PerMember]:
         """Yield the stacked batches of `epoch` from position `start`, as each member's source does.
 

@@ -141,6 +141,52 @@ def loader_fit(
     )
 
 
+class Augmented(torch.utils.data.Dataset):
+    """`dataset()`'s rows, each read with noise from torch's, Python's and numpy's generators;
+    every read recorded as ``[index, torch's draw, random's, numpy's]``."""
+
+    def __init__(self) -> None:
+        self.x, self.y = dataset().tensors
+        self.reads: list[list[float]] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        import random
+
+        import numpy as np
+
+        draws = [torch.rand(()).item(), random.random(), float(np.random.rand())]
+        self.reads.append([float(i), *draws])
+        return self.x[i] + 0.1 * sum(draws), self.y[i]
+
+
+def augmented_fit(checkpoints: Path, stop_at: int, resume: bool) -> torch.Tensor:
+    """`fit` over `Augmented` in global batches of 16, two epochs, stopped after `stop_at`
+    batches (0: not stopped); this rank's reads."""
+
+    class Stop(ft.Callback):
+        def on_batch_end(self, run):
+            if run.batches == stop_at:
+                run.request_stop("interrupted")
+
+    data = Augmented()
+    ft.fit(
+        ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn),
+        data,
+        batch_size=16,
+        max_epochs=2,
+        checkpoint_dir=checkpoints,
+        save_every=4,
+        callbacks=[Stop()] if stop_at else [],
+        resume=resume,
+        progress=False,
+        verbosity="silent",
+    )
+    return torch.tensor(data.reads, dtype=torch.float64).reshape(-1, 4)
+
+
 MODES = (None, "optimizer", "full")
 
 
@@ -606,6 +652,10 @@ def main() -> None:
             {"params": result.state.params, "val": torch.tensor(result.history.column("val_loss"))},
             mine,
         )
+    elif scenario == "augmented":
+        # usage: augmented OUT_DIR STOP_AT RESUME CHECKPOINT_DIR
+        stop_at, resume, checkpoints = int(sys.argv[3]), bool(int(sys.argv[4])), Path(sys.argv[5])
+        ft.save({"reads": augmented_fit(checkpoints, stop_at, resume)}, mine)
     elif scenario == "stream":
         # each rank streams its own half; stopped after 4 updates, then resumed in this process
         straight = stream_fit(rank, out / "straight", 10, [])
