@@ -367,7 +367,8 @@ def fit(
             checkpoint's, an `eval_metrics` object whose ``compute()`` is not one number, training
             data whose ``state_dict()`` holds a value a checkpoint cannot store (naming its path and
             type), a resume on another number of ranks than the one that saved such data's state
-            (or, mid-epoch, than the one a `DistributedSampler` split the epoch over), a
+            (or, mid-epoch, than the one a sampler other than torch's `DistributedSampler`
+            split the epoch over), a
             resume whose `config` differs from the checkpoint's (``on_config_change="error"``), or a
             `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one

@@ -254,6 +254,7 @@ class Ledger:
         at_epoch_start: bool,
         checkpoint: Any = None,
         legacy: dict[str, Any] | None = None,
+        regroups: bool = False,
     ) -> None:
         """Record the run's data setup; a resumed run must use the one it was saved with.
 
@@ -261,7 +262,8 @@ class Ledger:
         (its batch size, and a `DataLoader`'s batches per epoch and the ranks its sampler splits
         the epoch over): the epoch's order of samples depends only on the seed and the epoch, so
         regrouping it skips and repeats nothing. A map-style dataset batched by `fit` records
-        global batches, so it may also resume mid-epoch on another number of ranks. A checkpoint
+        global batches, so it may also resume mid-epoch on another number of ranks, and so may a
+        `DataLoader` whose sampler is a `DistributedSampler` (`regroups`). A checkpoint
         of an earlier functrain lacks entries recorded since (``seed`` of replayed data,
         ``generator_seed``, ``shuffle``, ``sampler``, ``ranks``): it is not checked on those, and
         what it held in their place (`legacy`) is compared instead; nor are those checked where
@@ -274,6 +276,9 @@ class Ledger:
             checkpoint: the checkpoint resumed from, named in the error.
             legacy: this call's values of entries older checkpoints held in place of today's
                 (`DataLoaderSource.legacy_setup`'s ``loader_seed``), compared where one holds them.
+            regroups: whether the data deals the rest of an epoch over another number of ranks
+                (`DataLoaderSource.regroups`): ``ranks``, and with it ``batches``, may then change
+                mid-epoch.
 
         Raises:
             ConfigError: the setup differs from the recorded one (a resumed position would then
@@ -284,11 +289,13 @@ class Ledger:
             saved = self.data
             given = setup | {k: v for k, v in (legacy or {}).items() if k in saved}
             regroup = at_epoch_start and "samples" in setup and "samples" in saved
+            dealt = regroups and saved.get("ranks") != given.get("ranks")
             changed = [
                 k
                 for k in sorted({*saved, *given})
                 if saved.get(k) != given.get(k)
                 and not (regroup and k in _REGROUPABLE)
+                and not (dealt and k in ("ranks", "batches"))
                 and not (
                     (k not in saved or k not in given) and _MEMBER.sub("", k) in _RECORDED_SINCE
                 )
@@ -426,8 +433,9 @@ def _restore_hint(key: str, saved: dict[str, Any]) -> str | None:
         return f"a DataLoader whose sampler is a {value}"
     if key == "ranks":
         return (
-            f"{value} ranks, or a checkpoint saved at an epoch's end; or give fit the dataset "
-            "itself with batch_size=..., which resumes mid-epoch on any number of ranks"
+            f"{value} ranks, or a checkpoint saved at an epoch's end; or a DataLoader whose "
+            "sampler is torch's DistributedSampler itself, or the dataset itself given to fit "
+            "with batch_size=..., which resume mid-epoch on any number of ranks"
         )
     if key in _DATA_FIT_NAMES:
         return f"{_DATA_ARGUMENTS[key]}={value!r}"

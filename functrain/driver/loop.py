@@ -128,11 +128,21 @@ class Loop:
             at_epoch_start=self.pos == 0,
             checkpoint=manager.latest() if manager is not None else None,
             legacy=getattr(train, "legacy_setup", dict)(),
+            regroups=getattr(train, "regroups", False),
         )
         if (
             train.saves_position
         ):  # data whose position a checkpoint holds (its state, or a digest of what it consumed)
             train.resume(state.driver.get("source"), state.dist)
+            resumed_at = getattr(train, "resumed_at", None)
+            moved = resumed_at(self.epoch, self.pos) if resumed_at is not None else None
+            if moved is not None and moved != self.pos:
+                # resumed mid-epoch on another number of ranks: the position of the samples
+                # consumed, counted in this run's batches (`DataLoaderSource.resume`)
+                self.pos = moved
+                self.state = state = state.replace(
+                    epoch_step=torch.full_like(state.epoch_step, moved)
+                )
             if manager is not None:
                 # a state a checkpoint cannot store is refused now, not at the first save. After the
                 # resume: asked before it, a StatefulDataLoader starts its workers, and the load

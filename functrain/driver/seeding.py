@@ -366,15 +366,21 @@ class SampleSeeded(list):
         seed_host_generators(self.seed)
 
 
-def for_fetch(indices: list[Any], seed: int, *, in_workers: bool) -> list[Any]:
+def for_fetch(
+    indices: list[Any], seed: int, *, in_workers: bool, samples: int | None = None
+) -> list[Any]:
     """An index batch as a fetching loader's sampler hands it over, its loading seeded by `seed`.
 
-    For workers, a `SeededIndices` (seeded where it arrives). In this process the fetch follows
-    the sampler's ``next`` at once, so the global generators are seeded now and the plain list
-    handed over; the caller puts its own states back after the batch (`host_generators_kept`).
+    With `samples` (`sample_seeds`), each sample is read with the generators seeded from its own
+    index, and the collation from `seed` (`SampleSeeded`). For workers, a `SeededIndices` (seeded
+    where it arrives). In this process the fetch follows the sampler's ``next`` at once, so the
+    global generators are seeded now (or as the fetch reads each sample) and the list handed over;
+    the caller puts its own states back after the batch (`host_generators_kept`).
     """
     if in_workers:
-        return SeededIndices(indices, seed)
+        return SeededIndices(indices, seed, samples)
+    if samples is not None:
+        return SampleSeeded(indices, samples, seed)
     seed_host_generators(seed)
     return indices
 

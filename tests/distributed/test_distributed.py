@@ -138,6 +138,38 @@ def test_a_run_resumed_on_m_ranks_reads_each_remaining_sample_once_with_its_own_
         assert torch.equal(row[1:], want[int(row[0])]), int(row[0])
 
 
+@pytest.mark.parametrize(("first", "then", "stop_at"), [(2, 1, 9), (1, 2, 17), (2, 4, 8)])
+def test_a_distributed_samplers_loader_resumed_on_m_ranks_reads_each_remaining_sample_once(
+    tmp_path: Path, first: int, then: int, stop_at: int
+) -> None:
+    """A `DataLoader` of 8 a rank over a `DistributedSampler`, stopped in the second epoch on
+    `first` ranks and resumed on `then`: the rest of the epoch is dealt over the new ranks, each
+    sample read once across the two runs with the draws it has in an uninterrupted run."""
+    straight = worker.Augmented()
+    ft.fit(
+        ft.TrainState.create(worker.mlp(), ft.adamw(1e-2), worker.loss_fn),
+        torch.utils.data.DataLoader(
+            straight,
+            batch_size=8,
+            sampler=torch.utils.data.DistributedSampler(straight, num_replicas=1, rank=0, seed=5),
+        ),
+        max_epochs=2,
+        progress=False,
+        verbosity="silent",
+    )
+    want = {int(r[0]): r[1:] for r in torch.tensor(straight.reads[96:], dtype=torch.float64)}
+    ckpt = tmp_path / "ckpt"
+    launch(first, "augmented-loader", str(tmp_path / "interrupted"), str(stop_at), "0", str(ckpt))
+    launch(then, "augmented-loader", str(tmp_path / "resumed"), "0", "1", str(ckpt))
+    before = reads_of(tmp_path / "interrupted", first, skip=96 // first)
+    after = reads_of(tmp_path / "resumed", then)
+    assert 0 < len(before) < 96 and len(before) + len(after) == 96  # it resumed mid-epoch
+    epoch = torch.cat([before, after])  # the second epoch's reads, by both runs
+    assert sorted(int(i) for i in epoch[:, 0]) == list(range(96))  # each once
+    for row in epoch:
+        assert torch.equal(row[1:], want[int(row[0])]), int(row[0])
+
+
 def test_fit_on_two_ranks_writes_one_set_of_checkpoints_and_one_log(tmp_path: Path) -> None:
     launch(2, "fit", str(tmp_path), "0", "0")
     checkpoints = sorted(p.name for p in (tmp_path / "ckpt").iterdir())

@@ -544,7 +544,7 @@ def test_a_batcher_with_workers_leaves_the_callers_generator_alone_and_matches_n
 def test_a_dataset_that_reads_a_batch_at_once_gets_the_indices_and_the_same_seeded_stream() -> None:
     class Batched(Noisy):
         def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-            assert type(indices) is list  # the user's dataset sees plain indices
+            assert isinstance(indices, list)  # the user's dataset sees a list of indices
             return [self[i] for i in indices]
 
     assert all(

@@ -244,24 +244,40 @@ class Jittered(torch.utils.data.Dataset):
         return (X[i] + torch.rand(()) + random.random() + float(np.random.rand()),)
 
 
-def per_batch_seeded() -> ft.Batcher:
+def jittered(kind: str) -> dict[str, Any]:
+    """`fit`'s data arguments for `Jittered`: the dataset, or a shuffling DataLoader over it."""
+    if kind == "dataset":
+        return {"train_data": Jittered(), "batch_size": 4}
+    seeded = torch.Generator().manual_seed(7)
+    return {"train_data": DataLoader(Jittered(), batch_size=4, shuffle=True, generator=seeded)}
+
+
+def per_batch_seeded(kind: str) -> ft.Batcher | ft.DataLoaderSource:
     """What an earlier functrain read `Jittered` as: each batch seeded, not each sample."""
-    batcher = ft.Batcher(Jittered(), 4)
-    batcher.sample_seeded = False
-    return batcher
+    source: ft.Batcher | ft.DataLoaderSource
+    if kind == "dataset":
+        source = ft.Batcher(Jittered(), 4)
+    else:
+        source = ft.DataLoaderSource(jittered(kind)["train_data"])
+    source.sample_seeded = False
+    return source
 
 
+@pytest.mark.parametrize("kind", ["dataset", "loader"])
 def test_a_checkpoint_that_seeded_each_batch_resumes_bit_identical_and_keeps_doing_so(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
-    older = ft.fit(state(), per_batch_seeded(), max_steps=8, **QUIET).state
-    today = ft.fit(state(), Jittered(), batch_size=4, max_steps=8, **QUIET).state
+    older = ft.fit(state(), per_batch_seeded(kind), max_steps=8, **QUIET).state
+    today = ft.fit(state(), **jittered(kind), max_steps=8, **QUIET).state
     assert not torch.equal(today.params["weight"], older.params["weight"])  # the draws differ
-    run(tmp_path, per_batch_seeded(), 3)  # its setup has no "seeds", as an earlier one's
+    ft.fit(state(), per_batch_seeded(kind), max_steps=3, checkpoint_dir=tmp_path, **QUIET)
     with ft.CheckpointManager(tmp_path, readonly=True) as manager:
         saved = manager.restore_latest(like=state())
+    # its setup has no "seeds", as an earlier one's
     assert saved is not None and "seeds" not in saved.driver["data"]
-    resumed = run(tmp_path, Jittered(), 8, resume=True, batch_size=4).state
+    resumed = ft.fit(
+        state(), **jittered(kind), max_steps=8, checkpoint_dir=tmp_path, resume=True, **QUIET
+    ).state
     assert "seeds" not in resumed.driver["data"]  # the next resume seeds each batch too
     for name, p in older.params.items():
         assert torch.equal(resumed.params[name], p), name
@@ -273,26 +289,107 @@ def distributed(replicas: int, **kw: Any) -> DataLoader:
     return DataLoader(dataset, sampler=sampler, **kw)
 
 
-def test_a_distributed_samplers_loader_resumed_mid_epoch_on_other_ranks_is_refused(
+class Dealt(DistributedSampler):
+    """A sampler of the user's built on `DistributedSampler`: its order may be its own."""
+
+
+def test_a_distributed_samplers_loader_resumed_mid_epoch_keeps_its_batch_size(
     tmp_path: Path,
 ) -> None:
     run(tmp_path, distributed(2, batch_size=2), 3)  # mid-epoch: 5 batches a rank
     message = refusal(tmp_path, distributed(4, batch_size=1))
+    assert "batch_size: the checkpoint's run used 2, this call gives 1" in message
+    assert "num_replicas" not in message  # the ranks alone may change
+
+
+def test_a_subclassed_distributed_sampler_resumed_mid_epoch_on_other_ranks_is_refused(
+    tmp_path: Path,
+) -> None:
+    def loader(replicas: int) -> DataLoader:
+        dataset = TensorDataset(X)
+        return DataLoader(dataset, batch_size=2, sampler=Dealt(dataset, replicas, 0, seed=3))
+
+    run(tmp_path, loader(2), 3)
+    message = refusal(tmp_path, loader(4))
     assert (
         "the number of ranks the DataLoader's sampler splits each epoch over (its num_replicas; "
         "each rank's position counts batches of its own part): the checkpoint's run used 2, this "
         "call gives 4"
     ) in message
     assert (
-        "(batch_size=2, 2 ranks, or a checkpoint saved at an epoch's end; or give fit the dataset "
-        "itself with batch_size=..., which resumes mid-epoch on any number of ranks)"
+        "(2 ranks, or a checkpoint saved at an epoch's end; or a DataLoader whose sampler is "
+        "torch's DistributedSampler itself, or the dataset itself given to fit with "
+        "batch_size=..., which resume mid-epoch on any number of ranks)"
     ) in message
+
+
+class Reads(TensorDataset):
+    """`X`, each index read recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(X)
+        self.read: list[int] = []
+
+    def __getitem__(self, i: int) -> Any:
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
+def dealt(replicas: int, reads: Reads | None = None, batch_size: int = 2) -> DataLoader:
+    """A DataLoader over rank 0 of `replicas` of a `DistributedSampler`."""
+    dataset = reads if reads is not None else Reads()
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=0, seed=3)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size)
+
+
+def test_a_distributed_samplers_loader_deals_the_rest_of_an_epoch_over_other_ranks(
+    tmp_path: Path,
+) -> None:
+    """Rank 0 of 2 stops after 3 batches of 2: the epoch's first 2 * 3 * 2 samples of the
+    sampler's permutation are consumed (rank 1 read the odd ones), and rank 0 of 1 goes on from
+    position 12 // 2 with the rest; stopped again 2 batches on and resumed on 4 ranks, rank 0
+    reads every fourth sample of what is left, from position (12 + 2 * 2) // 8."""
+    whole = DistributedSampler(TensorDataset(X), num_replicas=1, rank=0, seed=3)
+    whole.set_epoch(0)
+    order = list(whole)
+    run(tmp_path, dealt(2), 3)
+    reads = Reads()
+    two = run(tmp_path, dealt(1, reads), 5, resume=True)
+    assert reads.read == order[12:16]  # positions 6 and 7 of the epoch
+    assert int(two.state.epoch_step) == 8 and two.state.driver["data"]["ranks"] == 1
+    assert two.state.driver["source"]["ranks"][0]["regroup"] == [12, 6]
+    reads = Reads()
+    four = run(tmp_path, dealt(4, reads), 10, resume=True, max_epochs=1)
+    assert reads.read == order[16::4]  # the last batch of the epoch: 4 samples, 1 a rank
+    assert int(four.state.epoch) == 1 and int(four.state.step) == 6
+
+
+def test_a_distributed_samplers_loader_resumed_on_its_ranks_goes_on_in_the_dealt_order(
+    tmp_path: Path,
+) -> None:
+    """Resumed on 4 ranks from 2 after 3 samples a rank, rank 0 takes every fourth of the 14
+    left (padded to 16) from position 6 // 4; stopped and resumed on 4 ranks again, it goes on
+    in that order, not in the sampler's own (``order[0::4]``)."""
+    whole = DistributedSampler(TensorDataset(X), num_replicas=1, rank=0, seed=3)
+    whole.set_epoch(0)
+    order = list(whole)
+    run(tmp_path, dealt(2, batch_size=1), 3)
+    reads = Reads()
+    run(tmp_path, dealt(4, reads, batch_size=1), 5, resume=True)
+    assert reads.read == [order[6], order[10]]
+    reads = Reads()
+    resumed = run(tmp_path, dealt(4, reads, batch_size=1), 7, resume=True)
+    assert reads.read == [order[14], order[18]]
+    assert int(resumed.state.epoch_step) == 5  # the epoch's 5 batches a rank on 4 ranks
 
 
 def test_a_distributed_samplers_loader_resumes_at_an_epochs_start_on_other_ranks(
     tmp_path: Path,
 ) -> None:
-    loader = distributed(2, batch_size=2)
-    ft.fit(state(), loader, max_epochs=1, checkpoint_dir=tmp_path, **QUIET)  # 5 batches
-    resumed = run(tmp_path, distributed(4, batch_size=1), 8, resume=True)
+    ft.fit(state(), dealt(2), max_epochs=1, checkpoint_dir=tmp_path, **QUIET)  # 5 batches
+    reads = Reads()
+    resumed = run(tmp_path, dealt(4, reads, batch_size=1), 8, resume=True)
     assert int(resumed.state.step) == 8 and resumed.state.driver["data"]["ranks"] == 4
+    whole = DistributedSampler(TensorDataset(X), num_replicas=4, rank=0, seed=3)
+    whole.set_epoch(1)
+    assert reads.read == list(whole)[:3]  # the next epoch, from its start

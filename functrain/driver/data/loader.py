@@ -12,11 +12,11 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from functrain.driver.data.iterable import (
     EXHAUSTED,
@@ -24,6 +24,7 @@ from functrain.driver.data.iterable import (
     IterableSource,
     announce_epoch,
     generators_of,
+    is_counted_position,
 )
 from functrain.driver.seeding import (
     EpochStream,
@@ -33,6 +34,7 @@ from functrain.driver.seeding import (
     host_generators_kept,
     loader_settings,
     mix,
+    sample_seeds,
 )
 from functrain.errors import ConfigError
 
@@ -45,10 +47,20 @@ class DataLoaderSource(IterableSource):
     from generators seeded from (seed, epoch): the global ones and the `torch.Generator` objects the
     loader and its sampler hold, whose own seeds count (`EpochStream`); ``set_epoch`` is called
     where there is one. A loader with the same settings (workers, collation, pinning, persistent
-    workers) then loads the batches, each with the global generators seeded from (seed, epoch,
-    position, rank) in the process that loads it, so random augmentation does not depend on the
-    number of workers. Resuming mid-epoch draws the epoch's order again and skips the consumed index
-    batches without loading them.
+    workers) then loads the batches in the process that loads them: each sample with the global
+    generators seeded from (seed, epoch, its index), and the collation of each batch from (seed,
+    epoch, position, rank), so what a random augmentation of a sample draws depends neither on the
+    number of workers nor on the rank that reads it. Resuming mid-epoch draws the epoch's order
+    again and skips the consumed index batches without loading them.
+
+    A `DistributedSampler` (the class itself) gives each rank every ``num_replicas``-th sample of
+    one permutation, so the samples an epoch has consumed after ``k`` batches are the first
+    ``ranks * k * batch_size`` of it whatever the rank: a run resumed mid-epoch on another number
+    of ranks splits the rest of that permutation over its ranks as the sampler would (padded or
+    cut to a multiple of them), each sample read once with its own draws, and goes on from the
+    position of the samples consumed (``consumed // (ranks * batch_size)``); the next epoch is the
+    sampler's own. The batches themselves, and so the trajectory, differ from the uninterrupted
+    run's.
 
     Each checkpoint holds a digest of the indices consumed in the epoch (`state_tree`); a resumed
     epoch whose skipped indices differ, from a sampler drawing on a generator nothing seeds, is
@@ -93,6 +105,17 @@ class DataLoaderSource(IterableSource):
         # loaders no pass is reading from, kept for the next (their persistent workers with them);
         # a pass takes one of its own, so two passes at once never share one
         self.idle: list[tuple[IndexPlan, DataLoader]] = []
+        # each sample draws from its own seed; False for a run resumed from a checkpoint of an
+        # earlier functrain, which seeded each batch (`follow_setup`)
+        self.sample_seeded = True
+        # the epoch resumed on another number of ranks than it began on: the samples of the
+        # sampler's permutation consumed before, and the position its regrouped batches start at
+        self.regroup: Regroup | None = None
+        # a resume on another number of ranks: the saved position (epoch, batches) and how the
+        # rest of its epoch is dealt (`resumed_at` takes it where the run goes on from there)
+        self.dealt_from: tuple[int, int, Regroup] | None = None
+        # the ranks the checkpoint's sampler split its epochs over (`follow_setup`)
+        self.saved_ranks: int | None = None
 
     def setup(self) -> dict[str, Any]:
         """The loader's batching (`IterableSource.setup`: ``seed``, ``shuffle``, ``sampler``),
@@ -108,7 +131,108 @@ class DataLoaderSource(IterableSource):
         ranks = _split_over(cast(DataLoader, self.source))
         if ranks is not None:
             setup["ranks"] = ranks
+        if self.sample_seeded:
+            setup["seeds"] = "sample"
         return setup
+
+    def follow_setup(self, saved: dict[str, Any]) -> None:
+        """Draw as the run a checkpoint holds drew: `saved` is its data setup.
+
+        A setup without ``seeds`` was written by a functrain that seeded each batch from (seed,
+        epoch, position, rank) rather than each sample: such a run goes on seeding each batch, so
+        it resumes bit for bit (and its setup still says so, for the next resume).
+        """
+        if "seeds" not in saved:
+            self.sample_seeded = False
+        ranks = saved.get("ranks")
+        self.saved_ranks = ranks if type(ranks) is int else None
+
+    @property
+    def regroups(self) -> bool:
+        """Whether a resume mid-epoch may change the number of ranks: the loader's sampler is a
+        `DistributedSampler` (not a subclass) batched by a `BatchSampler`, whose order is one
+        permutation of the epoch dealt round the ranks."""
+        batches = cast(DataLoader, self.source).batch_sampler
+        sampler: Any = getattr(batches, "sampler", None)
+        return type(batches) is BatchSampler and type(sampler) is DistributedSampler
+
+    def resume(self, saved: Any, dist: Any) -> None:
+        """Take this rank's saved position from ``state.driver["source"]``
+        (`IterableSource.resume`); saved mid-epoch on another number of ranks by a loader that
+        `regroups`, the samples it consumed: the rest of the epoch is dealt over this run's ranks
+        and the run goes on from `resumed_at`."""
+        super().resume(saved, dist)
+        self.regroup, self.dealt_from = None, None
+        trees = saved["ranks"] if isinstance(saved, dict) else None
+        if not (self.regroups and isinstance(trees, list) and trees):
+            return
+        tree = trees[0]
+        if not is_counted_position(tree) or not isinstance(tree.get("epoch"), int):
+            return
+        before = Regroup.of(tree)
+        sampler = cast(DistributedSampler, cast(BatchSampler, self._batches()).sampler)
+        ranks = self.saved_ranks or len(trees)
+        if ranks == sampler.num_replicas:
+            self.regroup = before  # the same ranks: the regrouped epoch, if any, goes on
+            return
+        if before is None:
+            before = Regroup(tree["epoch"], 0, 0)
+        if not tree["batches"]:
+            return  # at an epoch's start: the sampler splits it anew
+        size = cast(BatchSampler, self._batches()).batch_size
+        done = before.consumed + ranks * (tree["batches"] - before.start) * size
+        dealt = Regroup(tree["epoch"], done, done // (sampler.num_replicas * size))
+        self.dealt_from = (tree["epoch"], tree["batches"], dealt)
+
+    def resumed_at(self, epoch: int, position: int) -> int | None:
+        """Where a run resumed at `position` of `epoch` goes on from: None where it goes on from
+        there, the position of the samples consumed where `resume` dealt the rest of that epoch
+        over another number of ranks. (A checkpoint at an epoch's end holds the position of the
+        epoch it ended: the next epoch is the sampler's own.)"""
+        if self.dealt_from is None:
+            return None
+        saved_epoch, saved_position, dealt = self.dealt_from
+        self.dealt_from = None
+        if (saved_epoch, saved_position) != (epoch, position):
+            return None
+        self.regroup = dealt
+        self.restored = None  # its digest counted other batches
+        return dealt.start
+
+    def state_tree(self) -> dict[str, Any]:
+        """`IterableSource.state_tree`, with ``regroup`` in an epoch resumed on another number
+        of ranks: ``[samples consumed before, position]``."""
+        tree = super().state_tree()
+        regroup = self.regroup
+        if regroup is not None and tree.get("epoch") == regroup.epoch:
+            tree["regroup"] = [regroup.consumed, regroup.start]
+        return tree
+
+    def _batches(self) -> Any:
+        return cast(DataLoader, self.source).batch_sampler
+
+    def _regrouped(self, epoch: int, regroup: Regroup) -> list[list[int]]:
+        """This rank's index batches of the rest of `epoch`: the samples of the sampler's
+        permutation after the first ``regroup.consumed``, dealt over its ranks as it deals them."""
+        batches = cast(BatchSampler, self._batches())
+        split = cast(DistributedSampler, batches.sampler)
+        whole: DistributedSampler[int] = DistributedSampler(
+            split.dataset, num_replicas=1, rank=0, shuffle=split.shuffle, seed=split.seed
+        )
+        whole.set_epoch(epoch)
+        rest = list(whole)[regroup.consumed :]
+        ranks = split.num_replicas
+        if split.drop_last:
+            rest = rest[: len(rest) // ranks * ranks]
+        elif rest and len(rest) % ranks:
+            pad = ranks - len(rest) % ranks
+            rest += (rest * -(-pad // len(rest)))[:pad]
+        mine = rest[split.rank :: ranks]
+        size = batches.batch_size
+        dealt = [mine[i : i + size] for i in range(0, len(mine), size)]
+        if batches.drop_last and dealt and len(dealt[-1]) < size:
+            dealt.pop()
+        return dealt
 
     def legacy_setup(self) -> dict[str, Any]:
         """``loader_seed``: what a checkpoint of an earlier functrain held in place of ``seed`` and
@@ -128,14 +252,22 @@ class DataLoaderSource(IterableSource):
         stream = EpochStream(mix(self.base, epoch), self.borrowed)
         batches = loader.batch_sampler
         assert batches is not None  # loader_problem refuses a loader without batch_size
-        order = stream.draw(lambda: iter(batches))
+        regroup = self.regroup if record and self.regroup is not None else None
+        if regroup is not None and regroup.epoch == epoch and start >= regroup.start:
+            order: Iterator[Any] = iter(self._regrouped(epoch, regroup))
+            skip = start - regroup.start
+        else:
+            order, skip, regroup = stream.draw(lambda: iter(batches)), start, None
         counted = self.begin_pass(epoch, record)
-        self._skip(stream, order, start, counted if record else None)
+        if regroup is not None:
+            counted.batches = regroup.start  # the regrouped batches count from there
+        self._skip(stream, order, start, skip, counted if record else None)
         plan, fetcher = self.idle.pop() if self.idle else self._fetcher()
         main = fetcher.num_workers == 0
         pending: deque[list[Any]] = deque()
+        samples = sample_seeds(self.base, epoch) if self.sample_seeded else None
         plan.batches = _seeded(
-            stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK, main
+            stream, order, (self.base, epoch, self.rank), start, pending, self.CHUNK, main, samples
         )
         fetcher.generator.manual_seed(mix(self.base, epoch, self.rank))  # the workers' base seed
         try:
@@ -167,9 +299,15 @@ class DataLoaderSource(IterableSource):
         return plan, fetching_loader(loader.dataset, plan, loader_settings(loader))
 
     def _skip(
-        self, stream: EpochStream, order: Iterator[Any], start: int, counted: Consumed | None
+        self,
+        stream: EpochStream,
+        order: Iterator[Any],
+        start: int,
+        skip: int,
+        counted: Consumed | None,
     ) -> None:
-        left = start
+        """Draw the `skip` index batches before position `start` (noted in `counted`), unloaded."""
+        left = skip
         while left > 0:
             chunk = stream.draw(functools.partial(_take, order, min(left, self.CHUNK)))
             if not chunk:
@@ -188,6 +326,24 @@ class DataLoaderSource(IterableSource):
                 stacklevel=4,
             )
         self.restored = None
+
+
+class Regroup(NamedTuple):
+    """An epoch resumed on another number of ranks: the first `consumed` samples of its
+    sampler's permutation were read before; the rest is dealt over the ranks from position
+    `start` on."""
+
+    epoch: int
+    consumed: int
+    start: int
+
+    @staticmethod
+    def of(tree: dict[str, Any]) -> Regroup | None:
+        """The regrouping a saved position holds (`DataLoaderSource.state_tree`), if any."""
+        saved = tree.get("regroup")
+        if not (isinstance(saved, list) and len(saved) == 2 and all(type(v) is int for v in saved)):
+            return None
+        return Regroup(tree["epoch"], saved[0], saved[1])
 
 
 # the epoch the last recorded pass over each loader announced (``set_epoch``), which a pass not
@@ -211,20 +367,23 @@ def _seeded(
     pending: deque[Any],
     chunk_size: int,
     here: bool,
+    samples: int | None,
 ) -> Iterator[list[Any]]:
     """The index batches of `order` from `start`, drawn `chunk_size` at a time in `stream`.
 
-    Each is handed over with the seed of (base, epoch, position, rank) (`for_fetch`: `here`, in
-    this process, the generators are seeded as it is) and noted in `pending`. A function, not a
-    method: the loader holding it must not hold the source (persistent workers are freed with the
-    source).
+    Each is handed over with the seed of (base, epoch, position, rank) for its collation, and
+    `samples` (`sample_seeds`; None: the batch's seed for everything) for its samples
+    (`for_fetch`: `here`, in this process, the generators are seeded as it is read), and noted in
+    `pending`. A function, not a method: the loader holding it must not hold the source
+    (persistent workers are freed with the source).
     """
     base, epoch, rank = run
     position = start
     while chunk := stream.draw(functools.partial(_take, order, chunk_size)):
         for indices in chunk:
             pending.append(indices)
-            yield for_fetch(indices, mix(base, epoch, position, rank), in_workers=not here)
+            seed = mix(base, epoch, position, rank)
+            yield for_fetch(indices, seed, in_workers=not here, samples=samples)
             position += 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -162,9 +163,12 @@ class Augmented(torch.utils.data.Dataset):
         return self.x[i] + 0.1 * sum(draws), self.y[i]
 
 
-def augmented_fit(checkpoints: Path, stop_at: int, resume: bool) -> torch.Tensor:
-    """`fit` over `Augmented` in global batches of 16, two epochs, stopped after `stop_at`
-    batches (0: not stopped); this rank's reads."""
+def augmented_fit(
+    checkpoints: Path, stop_at: int, resume: bool, loader: bool = False
+) -> torch.Tensor:
+    """`fit` over `Augmented` in global batches of 16 (with `loader`, a `DataLoader` of 8 a rank
+    over a `DistributedSampler`), two epochs, stopped after `stop_at` batches (0: not stopped);
+    this rank's reads."""
 
     class Stop(ft.Callback):
         def on_batch_end(self, run):
@@ -172,10 +176,15 @@ def augmented_fit(checkpoints: Path, stop_at: int, resume: bool) -> torch.Tensor
                 run.request_stop("interrupted")
 
     data = Augmented()
+    if loader:
+        rank, world = ft.distributed.rank_and_world()
+        split = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, seed=5)
+        given: Any = {"train_data": torch.utils.data.DataLoader(data, batch_size=8, sampler=split)}
+    else:
+        given = {"train_data": data, "batch_size": 16}
     ft.fit(
         ft.TrainState.create(mlp(), ft.adamw(1e-2), loss_fn),
-        data,
-        batch_size=16,
+        **given,
         max_epochs=2,
         checkpoint_dir=checkpoints,
         save_every=4,
@@ -652,10 +661,11 @@ def main() -> None:
             {"params": result.state.params, "val": torch.tensor(result.history.column("val_loss"))},
             mine,
         )
-    elif scenario == "augmented":
-        # usage: augmented OUT_DIR STOP_AT RESUME CHECKPOINT_DIR
+    elif scenario in ("augmented", "augmented-loader"):
+        # usage: augmented[-loader] OUT_DIR STOP_AT RESUME CHECKPOINT_DIR
         stop_at, resume, checkpoints = int(sys.argv[3]), bool(int(sys.argv[4])), Path(sys.argv[5])
-        ft.save({"reads": augmented_fit(checkpoints, stop_at, resume)}, mine)
+        reads = augmented_fit(checkpoints, stop_at, resume, loader=scenario == "augmented-loader")
+        ft.save({"reads": reads}, mine)
     elif scenario == "stream":
         # each rank streams its own half; stopped after 4 updates, then resumed in this process
         straight = stream_fit(rank, out / "straight", 10, [])
