@@ -10,8 +10,9 @@ Two tables:
 * **Per batch**: the time of one batch in the main process (``num_workers=0``) of iterating the
   DataLoader directly, against `DataLoaderSource` (which seeds torch's, Python's and numpy's
   global generators for each sample and batch and puts the caller's back) and `IterableSource`
-  (which draws each batch in the epoch's stream of the three generators and notes its fingerprint), on a
-  dataset whose samples cost almost nothing to read, so the seeding shows as much as it can.
+  (which draws each batch in the epoch's stream of the three generators and notes its
+  fingerprint), on a dataset whose samples cost almost nothing to read, so the seeding shows as
+  much as it can.
 * **Per sample**: the same for a map-style dataset given to `fit` with ``batch_size=`` (`Batcher`,
   ``num_workers=0``), against the plain `DataLoader` over the same order: what the seeding of
   each sample's draws (from (``data_seed``, epoch, sample index)) and of each batch's collation
