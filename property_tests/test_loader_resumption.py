@@ -11,6 +11,7 @@ noise from torch's, Python's and numpy's global generators, so the augmentation 
 from __future__ import annotations
 
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,115 @@ def test_a_loader_run_resumed_anywhere_is_the_uninterrupted_one(
     differs = [p for p, v in want.items() if not _same(v, have.get(p))]
     note(f"differs: {differs}")
     assert differs == []
+
+
+# ------------------------------------ a DistributedSampler's epoch, on other ranks
+
+
+class Logged(Dataset):
+    """`n` samples ``[i / n, 0]``; each index read is appended to `reads`."""
+
+    def __init__(self, n: int, reads: list[int]) -> None:
+        self.n, self.reads = n, reads
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.reads.append(i)
+        return torch.tensor([i / self.n, 0.0])
+
+
+def dealt_run(
+    setup: dict[str, Any], ranks: int, rank: int, directory: Path, reads: list[int], **kw: Any
+) -> ft.TrainState:
+    """Rank `rank` of `ranks` of a `DistributedSampler`'s loader, run alone in this process (the
+    data each rank reads does not depend on the others)."""
+    data = Logged(setup["n"], reads)
+    sampler = torch.utils.data.DistributedSampler(
+        data,
+        num_replicas=ranks,
+        rank=rank,
+        shuffle=setup["shuffle"],
+        seed=11,
+        drop_last=setup["cut"],
+    )
+    batches = DataLoader(data, batch_size=setup["b"], sampler=sampler, drop_last=setup["cut_batch"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(1, 1)
+    state = ft.TrainState.create(module, ft.sgd(0.05), loss_fn)
+    result = ft.fit(
+        state, batches, checkpoint_dir=directory, progress=False, verbosity="silent", **kw
+    )
+    return result.state
+
+
+@settings(deadline=None, max_examples=12 if settings.default.max_examples <= 25 else 300)
+@given(
+    n=st.integers(5, 41),
+    first=st.integers(1, 4),
+    then=st.integers(1, 4),
+    b=st.integers(1, 4),
+    shuffle=st.booleans(),
+    cut=st.booleans(),
+    cut_batch=st.booleans(),
+    where=st.floats(0.0, 1.0),
+)
+@example(n=20, first=2, then=4, b=1, shuffle=True, cut=False, cut_batch=False, where=0.3)
+@example(n=37, first=3, then=2, b=4, shuffle=True, cut=True, cut_batch=True, where=0.6)
+@example(n=5, first=1, then=2, b=2, shuffle=False, cut=True, cut_batch=True, where=0.0)  # no batch
+@example(n=5, first=2, then=2, b=1, shuffle=False, cut=False, cut_batch=False, where=0.0)
+def test_a_distributed_samplers_epoch_resumed_on_other_ranks_reads_each_sample_once(
+    n: int,
+    first: int,
+    then: int,
+    b: int,
+    shuffle: bool,
+    cut: bool,
+    cut_batch: bool,
+    where: float,
+) -> None:
+    """Stopped after `k` batches a rank on `first` ranks, resumed on `then`: across all ranks of
+    both runs each sample of the epoch is read once, but for the sampler's padding (a repeat of
+    fewer samples than ranks) and what its ``drop_last`` and the loader's cut (a partial batch a
+    rank, fewer samples than ranks); each resumed rank ends the epoch within its loader's length,
+    and the next epoch is the sampler's own. (The rest may fill no batch of the new ranks: the
+    epoch then ends at once.)"""
+    setup = {"n": n, "b": b, "shuffle": shuffle, "cut": cut, "cut_batch": cut_batch}
+    per_rank = (n // first if cut else -(-n // first)) // b if cut_batch else None
+    if per_rank is None:
+        per_rank = -(-(n // first if cut else -(-n // first)) // b)
+    if per_rank < 2:
+        return  # no epoch to stop in the middle of
+    k = 1 + int(where * (per_rank - 1)) if where < 1 else per_rank - 1
+    note(f"per rank {per_rank}, stopped after {k}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        before: list[int] = []
+        for r in range(first):
+            dealt_run(setup, first, r, root / f"first{r}", before, max_steps=k)
+        after: list[int] = []
+        for m in range(then):
+            reads: list[int] = []
+            # each rank's checkpoint holds its own position (on the same ranks, its digest too)
+            shutil.copytree(root / f"first{m if then == first else 0}", root / f"then{m}")
+            state = dealt_run(setup, then, m, root / f"then{m}", reads, resume=True, max_epochs=2)
+            # the next epoch: the sampler's own part of rank m
+            own = torch.utils.data.DistributedSampler(
+                Logged(n, []), num_replicas=then, rank=m, shuffle=shuffle, seed=11, drop_last=cut
+            )
+            own.set_epoch(1)
+            nxt = list(own)
+            if cut_batch:
+                nxt = nxt[: len(nxt) // b * b]
+            assert reads[len(reads) - len(nxt) :] == nxt
+            after += reads[: len(reads) - len(nxt)]
+            assert int(state.epoch) == 2
+    epoch = before + after
+    counts = {i: epoch.count(i) for i in range(n)}
+    repeated = sum(c - 1 for c in counts.values() if c > 1)
+    missing = sum(1 for c in counts.values() if c == 0)
+    note(f"repeated {repeated}, missing {missing}")
+    assert repeated <= (0 if cut else then - 1)
+    assert missing <= (then - 1 if cut else 0) + (then * (b - 1) if cut_batch else 0)

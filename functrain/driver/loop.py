@@ -112,6 +112,8 @@ class Loop:
         # (`replace` keeps them): `fit`'s caller holds it, unless `donate` says it was given up
         self._donate_start = donate
         self.stepped = False  # whether a step ran (and so whether `donate` took the start state)
+        # an epoch resumed on another number of ranks (its rest dealt anew), which may be empty
+        self.dealt_epoch: int | None = None
         self.main = state.dist is None or state.dist.rank == 0
         # the one read of the counters; from here on the driver counts on the host
         self.step, self.micro, self.epoch, self.pos = (
@@ -136,9 +138,11 @@ class Loop:
             train.resume(state.driver.get("source"), state.dist)
             resumed_at = getattr(train, "resumed_at", None)
             moved = resumed_at(self.epoch, self.pos) if resumed_at is not None else None
-            if moved is not None and moved != self.pos:
+            if moved is not None:
                 # resumed mid-epoch on another number of ranks: the position of the samples
-                # consumed, counted in this run's batches (`DataLoaderSource.resume`)
+                # consumed, counted in this run's batches (`DataLoaderSource.resume`), 0 where
+                # they fill no batch of this run; the rest of the epoch may hold no batch
+                self.dealt_epoch = self.epoch
                 self.pos = moved
                 self.state = state = state.replace(
                     epoch_step=torch.full_like(state.epoch_step, moved)
@@ -340,7 +344,7 @@ class Loop:
             self._step(batch, n)
             if self.stop_reason is not None:
                 return False
-        if start == 0 and not trained:
+        if start == 0 and not trained and self.dealt_epoch != self.epoch:
             raise_empty_epoch(
                 self.epoch
             )  # else a run bounded by max_steps alone would loop for ever
