@@ -45,6 +45,8 @@ _DATA_ARGUMENTS = {
     "index); none: (data_seed, epoch, its batch's position, rank), as an earlier functrain did)",
     "ranks": "the number of ranks the DataLoader's sampler splits each epoch over (its "
     "num_replicas; each rank's position counts batches of its own part)",
+    "sampler_seed": "the seed of the DataLoader's DistributedSampler (its seed=)",
+    "sampler_drop_last": "the drop_last of the DataLoader's DistributedSampler",
     "loader_seed": "the seed of a DataLoader's epochs: data_seed mixed with the seed of its "
     "generator= (a checkpoint of an earlier functrain records only this mix)",
 }
@@ -52,7 +54,9 @@ _DATA_FIT_NAMES = ("batch_size", "shuffle", "drop_last", "seed")
 # entries of a data setup recorded since a later functrain than the first: a checkpoint whose
 # setup lacks one predates it, and is not checked on it (its order digest still is); nor is data
 # that has none (a seed no batch of it draws from, as a list's or a stateful source's)
-_RECORDED_SINCE = frozenset({"seed", "generator_seed", "shuffle", "sampler", "ranks"})
+_RECORDED_SINCE = frozenset(
+    {"seed", "generator_seed", "shuffle", "sampler", "ranks", "sampler_seed", "sampler_drop_last"}
+)
 # what may change where an epoch starts, for data whose order is a function of (seed, epoch):
 # nothing of the epoch is consumed yet, so regrouping it (in other batches, over other ranks)
 # skips and repeats nothing
@@ -431,6 +435,10 @@ def _restore_hint(key: str, saved: dict[str, Any]) -> str | None:
         return f"the DataLoader's and its sampler's generators seeded {value}"
     if key == "sampler":
         return f"a DataLoader whose sampler is a {value}"
+    if key == "sampler_seed":
+        return f"DistributedSampler(..., seed={value!r})"
+    if key == "sampler_drop_last":
+        return f"DistributedSampler(..., drop_last={value!r})"
     if key == "ranks":
         return (
             f"{value} ranks, or a checkpoint saved at an epoch's end; or a DataLoader whose "

@@ -379,10 +379,10 @@ def for_fetch(
     """
     if in_workers:
         return SeededIndices(indices, seed, samples)
-    if samples is not None:
-        return SampleSeeded(indices, samples, seed)
+    # seeded now too: a ``__getitems__`` that reads the batch at once, without iterating the
+    # indices, draws from the batch's seed
     seed_host_generators(seed)
-    return indices
+    return indices if samples is None else SampleSeeded(indices, samples, seed)
 
 
 def read_samples(dataset: Any, indices: list[Any]) -> list[Any]:

@@ -557,6 +557,26 @@ def test_a_dataset_that_reads_a_batch_at_once_gets_the_indices_and_the_same_seed
     )
 
 
+def test_a_dataset_that_draws_a_batch_at_once_draws_from_each_batchs_seed() -> None:
+    """A ``__getitems__`` that never iterates its indices draws from the batch's seed: each batch
+    its own draws, whatever the caller's generator holds, in the main process or in workers."""
+
+    class AtOnce(Noisy):
+        def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+            noise = torch.rand(len(indices))
+            return [torch.tensor([float(i), float(e)]) for i, e in zip(indices, noise, strict=True)]
+
+    def noise(workers: int) -> list[list[float]]:
+        batches = DataLoaderSource(shuffled(AtOnce(), num_workers=workers)).epoch(0)
+        return [sorted(b[:, 1].tolist()) for b in batches]
+
+    torch.manual_seed(1)
+    here = noise(0)
+    assert len({tuple(n) for n in here}) == len(here)  # no two batches draw alike
+    torch.manual_seed(2)
+    assert noise(0) == here and noise(2) == here
+
+
 def test_a_source_no_one_holds_is_freed_at_once_with_its_persistent_workers() -> None:
     import gc
     import multiprocessing

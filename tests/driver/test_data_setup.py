@@ -357,7 +357,7 @@ def test_a_distributed_samplers_loader_deals_the_rest_of_an_epoch_over_other_ran
     two = run(tmp_path, dealt(1, reads), 5, resume=True)
     assert reads.read == order[12:16]  # positions 6 and 7 of the epoch
     assert int(two.state.epoch_step) == 8 and two.state.driver["data"]["ranks"] == 1
-    assert two.state.driver["source"]["ranks"][0]["regroup"] == [12, 6]
+    assert two.state.driver["source"]["ranks"][0]["regroup"] == [12, 6, 10]
     reads = Reads()
     four = run(tmp_path, dealt(4, reads), 10, resume=True, max_epochs=1)
     assert reads.read == order[16::4]  # the last batch of the epoch: 4 samples, 1 a rank
@@ -393,3 +393,77 @@ def test_a_distributed_samplers_loader_resumes_at_an_epochs_start_on_other_ranks
     whole = DistributedSampler(TensorDataset(X), num_replicas=4, rank=0, seed=3)
     whole.set_epoch(1)
     assert reads.read == list(whole)[:3]  # the next epoch, from its start
+
+
+def test_a_dealt_epoch_saved_before_its_first_batch_keeps_its_dealing(tmp_path: Path) -> None:
+    """Resumed on 1 rank from 2 with no step left to take: the checkpoint it writes still holds
+    the dealt position, and a resume from it on 3 ranks reads the epoch's other 8 samples once
+    (padded to 9)."""
+    whole = DistributedSampler(TensorDataset(X), num_replicas=1, rank=0, seed=3)
+    whole.set_epoch(0)
+    order = list(whole)
+    run(tmp_path, dealt(2), 3)
+    held = run(tmp_path, dealt(1), 3, resume=True)  # max_steps already reached
+    assert held.state.driver["source"]["ranks"][0]["regroup"] == [12, 6, 10]
+    reads = []
+    for m in range(3):  # each rank of 3, from that checkpoint
+        shutil.copytree(tmp_path, tmp_path.parent / f"rank{m}")
+        data = Reads()
+        sampler = DistributedSampler(data, num_replicas=3, rank=m, seed=3)
+        loader = DataLoader(data, sampler=sampler, batch_size=2)
+        ft.fit(
+            state(),
+            loader,
+            max_epochs=1,
+            checkpoint_dir=tmp_path.parent / f"rank{m}",
+            resume=True,
+            **QUIET,
+        )
+        reads += data.read
+    assert sorted(reads) == sorted(order[12:] + order[12:13])  # the rest, and one pad
+
+
+def test_a_checkpoint_of_an_epochs_last_step_on_other_ranks_leaves_that_epoch_done(
+    tmp_path: Path,
+) -> None:
+    """Saved by save_every at the last step of an epoch whose loader cut each rank's partial
+    batch: resumed on 1 rank, the samples the cut left out are not read, and the next epoch
+    starts at once."""
+
+    def cut(replicas: int, reads: Reads | None = None) -> DataLoader:
+        data = reads if reads is not None else Reads()
+        sampler = DistributedSampler(data, num_replicas=replicas, rank=0, seed=3)
+        return DataLoader(data, sampler=sampler, batch_size=3, drop_last=True)  # 10 -> 3 a rank
+
+    run(tmp_path, cut(2), 3)  # the epoch's 3 batches, saved before the epoch was closed
+    reads = Reads()
+    resumed = run(tmp_path, cut(1, reads), 4, resume=True)
+    nxt = DistributedSampler(TensorDataset(X), num_replicas=1, rank=0, seed=3)
+    nxt.set_epoch(1)
+    assert reads.read == list(nxt)[:3] and int(resumed.state.epoch) == 1
+
+
+def test_a_mid_epoch_resume_on_other_ranks_without_the_epochs_position_is_refused(
+    tmp_path: Path,
+) -> None:
+    run(tmp_path / "saved", dealt(2), 3)
+    with ft.CheckpointManager(tmp_path / "saved") as manager:
+        saved = manager.restore_latest(like=state())
+    assert saved is not None
+    lost = {"ranks": [{"epoch": None, "batches": 0, "order": None}]}
+    with ft.CheckpointManager(tmp_path / "lost") as manager:
+        manager.save(saved.replace(driver={**saved.driver, "source": lost}))
+    message = refusal(tmp_path / "lost", dealt(1))
+    assert "the checkpoint holds no position of the samples that epoch consumed on the 2" in message
+    assert "resume on those ranks, or from a checkpoint saved at an epoch's end" in message
+
+
+def test_a_resume_with_another_distributed_sampler_seed_is_refused(tmp_path: Path) -> None:
+    run(tmp_path, dealt(2), 3)
+    data = TensorDataset(X)
+    other = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, 1, 0, seed=4))
+    message = refusal(tmp_path, other)
+    assert "the seed of the DataLoader's DistributedSampler (its seed=): the checkpoint's run" in (
+        message
+    )
+    assert "DistributedSampler(..., seed=3)" in message

@@ -10,7 +10,7 @@ import functools
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from itertools import islice
 from typing import Any, NamedTuple, cast
 
@@ -114,15 +114,21 @@ class DataLoaderSource(IterableSource):
         # a resume on another number of ranks: the saved position (epoch, batches) and how the
         # rest of its epoch is dealt (`resumed_at` takes it where the run goes on from there)
         self.dealt_from: tuple[int, int, Regroup] | None = None
-        # the ranks the checkpoint's sampler split its epochs over (`follow_setup`)
+        # the ranks the checkpoint's sampler split its epochs over, and its batches per epoch
+        # there (`follow_setup`)
         self.saved_ranks: int | None = None
+        self.saved_batches: int | None = None
+        # whether the run resumed on another number of ranks than the checkpoint's (`resume`)
+        self.ranks_changed = False
 
     def setup(self) -> dict[str, Any]:
         """The loader's batching (`IterableSource.setup`: ``seed``, ``shuffle``, ``sampler``),
         ``generator_seed``: the initial seed of the generator= the loader and its sampler hold
         (None without one, several joined by ``", "``), and ``ranks`` where the sampler gives
         each rank its own part of an epoch (a `DistributedSampler`): its ``num_replicas``. Each
-        rank's position counts batches of that split, so a resume mid-epoch must keep it."""
+        rank's position counts batches of that split, so a resume mid-epoch must keep it, or
+        deal the rest of the epoch anew (`regroups`). A `DistributedSampler`'s ``seed`` and
+        ``drop_last`` as ``sampler_seed`` and ``sampler_drop_last``: they fix its order."""
         seeds = [g.initial_seed() for g in self.borrowed]
         generator_seed: int | str | None = (
             seeds[0] if len(seeds) == 1 else ", ".join(map(str, seeds)) if seeds else None
@@ -131,6 +137,9 @@ class DataLoaderSource(IterableSource):
         ranks = _split_over(cast(DataLoader, self.source))
         if ranks is not None:
             setup["ranks"] = ranks
+        sampler = getattr(self._batches(), "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            setup["sampler_seed"], setup["sampler_drop_last"] = sampler.seed, sampler.drop_last
         if self.sample_seeded:
             setup["seeds"] = "sample"
         return setup
@@ -144,8 +153,9 @@ class DataLoaderSource(IterableSource):
         """
         if "seeds" not in saved:
             self.sample_seeded = False
-        ranks = saved.get("ranks")
+        ranks, batches = saved.get("ranks"), saved.get("batches")
         self.saved_ranks = ranks if type(ranks) is int else None
+        self.saved_batches = batches if type(batches) is int else None
 
     @property
     def regroups(self) -> bool:
@@ -162,65 +172,91 @@ class DataLoaderSource(IterableSource):
         `regroups`, the samples it consumed: the rest of the epoch is dealt over this run's ranks
         and the run goes on from `resumed_at`."""
         super().resume(saved, dist)
-        self.regroup, self.dealt_from = None, None
+        self.regroup, self.dealt_from, self.ranks_changed = None, None, False
         trees = saved["ranks"] if isinstance(saved, dict) else None
         if not (self.regroups and isinstance(trees, list) and trees):
             return
+        sampler = cast(DistributedSampler, cast(BatchSampler, self._batches()).sampler)
+        ranks = self.saved_ranks or len(trees)
+        self.ranks_changed = ranks != sampler.num_replicas
         tree = trees[0]
         if not is_counted_position(tree) or not isinstance(tree.get("epoch"), int):
             return
         before = Regroup.of(tree)
-        sampler = cast(DistributedSampler, cast(BatchSampler, self._batches()).sampler)
-        ranks = self.saved_ranks or len(trees)
-        if ranks == sampler.num_replicas:
+        if not self.ranks_changed:
             self.regroup = before  # the same ranks: the regrouped epoch, if any, goes on
             return
-        if before is None:
-            before = Regroup(tree["epoch"], 0, 0)
         if not tree["batches"]:
             return  # at an epoch's start: the sampler splits it anew
+        samples = len(cast(Sized, sampler.dataset))
         size = cast(BatchSampler, self._batches()).batch_size
-        done = before.consumed + ranks * (tree["batches"] - before.start) * size
-        dealt = Regroup(tree["epoch"], done, done // (sampler.num_replicas * size))
-        self.dealt_from = (tree["epoch"], tree["batches"], dealt)
+        # the epoch's end (a checkpoint of its last step, before the epoch was closed) leaves
+        # nothing to deal: what the sampler or the batches cut stays out of it
+        end = before.end if before is not None else self.saved_batches
+        if end is not None and tree["batches"] >= end:
+            done = samples
+        else:
+            since = before if before is not None else Regroup(tree["epoch"], 0, 0, 0)
+            done = since.consumed + ranks * (tree["batches"] - since.start) * size
+        done = min(done, samples)  # a sampler's padding repeats consumed samples
+        start = min(done // (sampler.num_replicas * size), len(self))
+        dealt = len(self._regrouped(tree["epoch"], done))
+        self.dealt_from = (
+            tree["epoch"],
+            tree["batches"],
+            Regroup(tree["epoch"], done, start, start + dealt),
+        )
 
     def resumed_at(self, epoch: int, position: int) -> int | None:
         """Where a run resumed at `position` of `epoch` goes on from: None where it goes on from
         there, the position of the samples consumed where `resume` dealt the rest of that epoch
         over another number of ranks. (A checkpoint at an epoch's end holds the position of the
         epoch it ended: the next epoch is the sampler's own.)"""
-        if self.dealt_from is None:
+        dealt_from, self.dealt_from = self.dealt_from, None
+        if dealt_from is None or dealt_from[:2] != (epoch, position):
+            if position and self.ranks_changed:
+                raise ConfigError(
+                    f"resuming epoch {epoch} at batch {position} on "
+                    f"{cast(Any, self._batches()).sampler.num_replicas} ranks, but the "
+                    "checkpoint holds no position of the samples that epoch consumed on the "
+                    f"{self.saved_ranks} ranks that saved it, so its rest cannot be dealt "
+                    "anew; resume on those ranks, or from a checkpoint saved at an epoch's end"
+                )
             return None
-        saved_epoch, saved_position, dealt = self.dealt_from
-        self.dealt_from = None
-        if (saved_epoch, saved_position) != (epoch, position):
-            return None
+        dealt = dealt_from[2]
         self.regroup = dealt
-        self.restored = None  # its digest counted other batches
+        # the position as if a pass had reached it (its digest counted other batches): what a
+        # checkpoint before the first batch holds, and what the first pass skips nothing of
+        self.restored = {
+            "epoch": epoch,
+            "batches": dealt.start,
+            "order": Consumed(epoch).hasher.hexdigest(),
+            "regroup": list(dealt[1:]),
+        }
         return dealt.start
 
     def state_tree(self) -> dict[str, Any]:
         """`IterableSource.state_tree`, with ``regroup`` in an epoch resumed on another number
-        of ranks: ``[samples consumed before, position]``."""
+        of ranks: ``[samples consumed before, position it goes on from, position it ends at]``."""
         tree = super().state_tree()
         regroup = self.regroup
         if regroup is not None and tree.get("epoch") == regroup.epoch:
-            tree["regroup"] = [regroup.consumed, regroup.start]
+            tree["regroup"] = list(regroup[1:])
         return tree
 
     def _batches(self) -> Any:
         return cast(DataLoader, self.source).batch_sampler
 
-    def _regrouped(self, epoch: int, regroup: Regroup) -> list[list[int]]:
+    def _regrouped(self, epoch: int, consumed: int) -> list[list[int]]:
         """This rank's index batches of the rest of `epoch`: the samples of the sampler's
-        permutation after the first ``regroup.consumed``, dealt over its ranks as it deals them."""
+        permutation after the first `consumed`, dealt over its ranks as it deals them."""
         batches = cast(BatchSampler, self._batches())
         split = cast(DistributedSampler, batches.sampler)
         whole: DistributedSampler[int] = DistributedSampler(
             split.dataset, num_replicas=1, rank=0, shuffle=split.shuffle, seed=split.seed
         )
         whole.set_epoch(epoch)
-        rest = list(whole)[regroup.consumed :]
+        rest = list(whole)[consumed:]
         ranks = split.num_replicas
         if split.drop_last:
             rest = rest[: len(rest) // ranks * ranks]
@@ -254,7 +290,7 @@ class DataLoaderSource(IterableSource):
         assert batches is not None  # loader_problem refuses a loader without batch_size
         regroup = self.regroup if record and self.regroup is not None else None
         if regroup is not None and regroup.epoch == epoch and start >= regroup.start:
-            order: Iterator[Any] = iter(self._regrouped(epoch, regroup))
+            order: Iterator[Any] = iter(self._regrouped(epoch, regroup.consumed))
             skip = start - regroup.start
         else:
             order, skip, regroup = stream.draw(lambda: iter(batches)), start, None
@@ -331,19 +367,20 @@ class DataLoaderSource(IterableSource):
 class Regroup(NamedTuple):
     """An epoch resumed on another number of ranks: the first `consumed` samples of its
     sampler's permutation were read before; the rest is dealt over the ranks from position
-    `start` on."""
+    `start` to `end`."""
 
     epoch: int
     consumed: int
     start: int
+    end: int
 
     @staticmethod
     def of(tree: dict[str, Any]) -> Regroup | None:
         """The regrouping a saved position holds (`DataLoaderSource.state_tree`), if any."""
         saved = tree.get("regroup")
-        if not (isinstance(saved, list) and len(saved) == 2 and all(type(v) is int for v in saved)):
+        if not (isinstance(saved, list) and len(saved) == 3 and all(type(v) is int for v in saved)):
             return None
-        return Regroup(tree["epoch"], saved[0], saved[1])
+        return Regroup(tree["epoch"], *saved)
 
 
 # the epoch the last recorded pass over each loader announced (``set_epoch``), which a pass not
