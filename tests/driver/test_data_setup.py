@@ -426,21 +426,21 @@ def test_a_dealt_epoch_saved_before_its_first_batch_keeps_its_dealing(tmp_path: 
 def test_a_checkpoint_of_an_epochs_last_step_on_other_ranks_leaves_that_epoch_done(
     tmp_path: Path,
 ) -> None:
-    """Saved by save_every at the last step of an epoch whose loader cut each rank's partial
-    batch: resumed on 1 rank, the samples the cut left out are not read, and the next epoch
-    starts at once."""
+    """Saved by max_steps at the last step of an epoch whose loader cut each rank's partial
+    batch (2 of its 10 samples): resumed on 1 rank, the 4 samples the cut left out, a whole batch
+    there, are not read, and the next epoch starts at once."""
 
     def cut(replicas: int, reads: Reads | None = None) -> DataLoader:
         data = reads if reads is not None else Reads()
         sampler = DistributedSampler(data, num_replicas=replicas, rank=0, seed=3)
-        return DataLoader(data, sampler=sampler, batch_size=3, drop_last=True)  # 10 -> 3 a rank
+        return DataLoader(data, sampler=sampler, batch_size=4, drop_last=True)
 
-    run(tmp_path, cut(2), 3)  # the epoch's 3 batches, saved before the epoch was closed
+    run(tmp_path, cut(2), 2)  # the epoch's 2 batches, saved before the epoch was closed
     reads = Reads()
-    resumed = run(tmp_path, cut(1, reads), 4, resume=True)
+    resumed = run(tmp_path, cut(1, reads), 3, resume=True)
     nxt = DistributedSampler(TensorDataset(X), num_replicas=1, rank=0, seed=3)
     nxt.set_epoch(1)
-    assert reads.read == list(nxt)[:3] and int(resumed.state.epoch) == 1
+    assert reads.read == list(nxt)[:4] and int(resumed.state.epoch) == 1
 
 
 def test_a_mid_epoch_resume_on_other_ranks_without_the_epochs_position_is_refused(
