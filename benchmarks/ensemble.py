@@ -20,7 +20,13 @@ For each workload and member count K, one round trains every one of K members on
 * ``functrain stacked``: one ``functrain.stack(states)`` stepped by ``functrain.train_step(...,
   donate=True)`` (the step under ``torch.func.vmap``);
 * ``functrain stacked compiled`` (unless ``--no-compile``): the stacked state stepped by one
-  ``functrain.compile_step()`` with ``donate=True``.
+  ``functrain.compile_step()`` with ``donate=True``;
+* ``torch.func floor``: no functrain code, the least an eager stacked step does: ``vmap(grad(loss
+  of functional_call))`` over the stacked weights (``randomness="different"``), then one
+  ``torch._fused_adamw_`` over the stacked tensors and their moments;
+* ``torch.func traced floor``: that gradient function captured once by ``make_fx`` (the vmap's
+  batching rules resolved at capture, the graph's aten ops called each step), then the same update:
+  what tracing the vmapped forward and backward once per configuration would leave.
 
 Every implementation starts from the same K sets of initial weights (member k's weights are drawn
 after ``torch.manual_seed(k)``), steps on the same batch (every member sees all of it) and uses
@@ -224,6 +230,54 @@ class FunctrainStacked:
         self.state = self.step(self.state, self.batch, donate=True)[0]
 
 
+class TorchFuncFloor:
+    """The stacked members' step in torch.func alone: per-member gradients by vmap, one fused
+    AdamW kernel over the stacked tensors. `traced`: the gradient function captured once by
+    ``make_fx``."""
+
+    def __init__(self, module: nn.Module, states: list[ft.TrainState], batch: Batch, traced: bool):
+        from torch.func import functional_call, grad, vmap
+
+        self.names = list(states[0].params)
+        self.params = [torch.stack([s.params[n] for s in states]).clone() for n in self.names]
+        self.moments = [[torch.zeros_like(p) for p in self.params] for _ in range(2)]
+        self.steps = [torch.zeros(()) for _ in self.params]
+        self.batch = batch
+
+        def member_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+            return F.cross_entropy(functional_call(module, params, (x,)), y)
+
+        per_member = vmap(grad(member_loss), in_dims=(0, None, None), randomness="different")
+
+        def gradients(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+            found = per_member(dict(zip(self.names, params, strict=True)), x, y)
+            return [found[n] for n in self.names]
+
+        if traced:
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            gradients = make_fx(gradients)(self.params, *batch)
+        self.gradients = gradients
+
+    def round(self) -> None:
+        grads = self.gradients(self.params, *self.batch)
+        torch._foreach_add_(self.steps, 1)
+        torch._fused_adamw_(
+            self.params,
+            grads,
+            *self.moments,
+            [],
+            self.steps,
+            lr=LR,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=1e-2,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # timing
 
@@ -241,6 +295,8 @@ def implementations(workload: str, k: int, compiled: bool) -> dict[str, Any]:
     }
     if compiled:
         runs["functrain stacked compiled"] = FunctrainStacked(states, batch, ft.compile_step())
+    runs["torch.func floor"] = TorchFuncFloor(module, states, batch, traced=False)
+    runs["torch.func traced floor"] = TorchFuncFloor(module, states, batch, traced=True)
     return runs
 
 
@@ -293,6 +349,7 @@ def report(workload: str, k: int, ms: dict[str, float]) -> None:
         compiled = ms["functrain stacked compiled"]
         ratios.append(f"stacked compiled / hand batched {compiled / batched:.2f}")
     ratios += [
+        f"traced floor / hand batched {ms['torch.func traced floor'] / batched:.2f}",
         f"hand sequential / stacked {sequential / stacked:.2f}",
         f"functrain sequential / stacked {ms['functrain sequential'] / stacked:.2f}",
     ]
