@@ -177,7 +177,7 @@ class DataLoaderSource(IterableSource):
         if not (self.regroups and isinstance(trees, list) and trees):
             return
         sampler = cast(DistributedSampler, cast(BatchSampler, self._batches()).sampler)
-        ranks = self.saved_ranks or len(trees)
+        ranks = self.saved_ranks = self.saved_ranks or len(trees)
         self.ranks_changed = ranks != sampler.num_replicas
         tree = trees[0]
         if not is_counted_position(tree) or not isinstance(tree.get("epoch"), int):
