@@ -19,14 +19,12 @@ from torch.utils.data._utils.collate import default_collate
 
 from functrain.driver.seeding import (
     IndexPlan,
-    SampleSeeded,
-    SeededIndices,
     fetching_loader,
+    for_fetch,
     host_generators_kept,
     mix,
     read_samples,
     sample_seeds,
-    seed_host_generators,
 )
 from functrain.errors import config_check
 
@@ -190,23 +188,20 @@ class Batcher:
             return
         rank = self.shard[0]
         samples = sample_seeds(self.seed, epoch) if self.sample_seeded else None
+
+        def seeded(p: int) -> list[Any]:
+            """Batch `p`'s indices as its fetch takes them, seeded (`for_fetch`)."""
+            seed, workers = mix(self.seed, epoch, p, rank), self.num_workers > 0
+            return for_fetch(batches[p].tolist(), seed, in_workers=workers, samples=samples)
+
         if self.num_workers == 0:
             for p in range(start, len(batches)):
-                seed = mix(self.seed, epoch, p, rank)
-                indices = batches[p].tolist()
                 with host_generators_kept():
-                    seed_host_generators(seed)
-                    if samples is not None:
-                        indices = SampleSeeded(indices, samples, seed)
-                    batch = self.collate_fn(read_samples(self.dataset, indices))
+                    batch = self.collate_fn(read_samples(self.dataset, seeded(p)))
                 yield batch
             return
-        seeded = (
-            SeededIndices(batches[p].tolist(), mix(self.seed, epoch, p, rank), samples)
-            for p in range(start, len(batches))
-        )
         plan = IndexPlan()
-        plan.batches = seeded
+        plan.batches = (seeded(p) for p in range(start, len(batches)))
         loader = fetching_loader(
             self.dataset,
             plan,

@@ -137,7 +137,7 @@ class DataLoaderSource(IterableSource):
         ranks = _split_over(cast(DataLoader, self.source))
         if ranks is not None:
             setup["ranks"] = ranks
-        sampler = getattr(self._batches(), "sampler", None)
+        sampler = _sampler(cast(DataLoader, self.source))
         if isinstance(sampler, DistributedSampler):
             setup["sampler_seed"], setup["sampler_drop_last"] = sampler.seed, sampler.drop_last
         if self.sample_seeded:
@@ -162,9 +162,11 @@ class DataLoaderSource(IterableSource):
         """Whether a resume mid-epoch may change the number of ranks: the loader's sampler is a
         `DistributedSampler` (not a subclass) batched by a `BatchSampler`, whose order is one
         permutation of the epoch dealt round the ranks."""
-        batches = cast(DataLoader, self.source).batch_sampler
-        sampler: Any = getattr(batches, "sampler", None)
-        return type(batches) is BatchSampler and type(sampler) is DistributedSampler
+        loader = cast(DataLoader, self.source)
+        return (
+            type(loader.batch_sampler) is BatchSampler
+            and type(_sampler(loader)) is DistributedSampler
+        )
 
     def resume(self, saved: Any, dist: Any) -> None:
         """Take this rank's saved position from ``state.driver["source"]``
@@ -176,7 +178,7 @@ class DataLoaderSource(IterableSource):
         trees = saved["ranks"] if isinstance(saved, dict) else None
         if not (self.regroups and isinstance(trees, list) and trees):
             return
-        sampler = cast(DistributedSampler, cast(BatchSampler, self._batches()).sampler)
+        sampler = self._dealer()
         ranks = self.saved_ranks = self.saved_ranks or len(trees)
         self.ranks_changed = ranks != sampler.num_replicas
         tree = trees[0]
@@ -189,7 +191,7 @@ class DataLoaderSource(IterableSource):
         if not tree["batches"]:
             return  # at an epoch's start: the sampler splits it anew
         samples = len(cast(Sized, sampler.dataset))
-        size = cast(BatchSampler, self._batches()).batch_size
+        size = self._batches().batch_size
         # the epoch's end (a checkpoint of its last step, before the epoch was closed) leaves
         # nothing to deal: what the sampler or the batches cut stays out of it
         end = before.end if before is not None else self.saved_batches
@@ -217,7 +219,7 @@ class DataLoaderSource(IterableSource):
             if position and self.ranks_changed:
                 raise ConfigError(
                     f"resuming epoch {epoch} at batch {position} on "
-                    f"{cast(Any, self._batches()).sampler.num_replicas} ranks, but the "
+                    f"{self._dealer().num_replicas} ranks, but the "
                     "checkpoint holds no position of the samples that epoch consumed on the "
                     f"{self.saved_ranks} ranks that saved it, so its rest cannot be dealt "
                     "anew; resume on those ranks, or from a checkpoint saved at an epoch's end"
@@ -244,14 +246,18 @@ class DataLoaderSource(IterableSource):
             tree["regroup"] = list(regroup[1:])
         return tree
 
-    def _batches(self) -> Any:
-        return cast(DataLoader, self.source).batch_sampler
+    def _batches(self) -> BatchSampler:
+        """The loader's `BatchSampler` (of a loader that `regroups`)."""
+        return cast(BatchSampler, cast(DataLoader, self.source).batch_sampler)
+
+    def _dealer(self) -> DistributedSampler[int]:
+        """The loader's `DistributedSampler` (of a loader that `regroups`)."""
+        return cast(DistributedSampler, self._batches().sampler)
 
     def _regrouped(self, epoch: int, consumed: int) -> list[list[int]]:
         """This rank's index batches of the rest of `epoch`: the samples of the sampler's
         permutation after the first `consumed`, dealt over its ranks as it deals them."""
-        batches = cast(BatchSampler, self._batches())
-        split = cast(DistributedSampler, batches.sampler)
+        batches, split = self._batches(), self._dealer()
         whole: DistributedSampler[int] = DistributedSampler(
             split.dataset, num_replicas=1, rank=0, shuffle=split.shuffle, seed=split.seed
         )
@@ -461,16 +467,19 @@ def _take(batches: Iterator[Any], n: int) -> list[list[Any]]:
     return taken
 
 
-def _sampler_name(loader: DataLoader) -> str:
+def _sampler(loader: DataLoader) -> Any:
+    """The sampler `loader`'s `BatchSampler` batches, or its batch sampler where it is another."""
     batches = loader.batch_sampler
-    return type(batches.sampler if isinstance(batches, BatchSampler) else batches).__name__
+    return batches.sampler if isinstance(batches, BatchSampler) else batches
+
+
+def _sampler_name(loader: DataLoader) -> str:
+    return type(_sampler(loader)).__name__
 
 
 def _split_over(loader: DataLoader) -> int | None:
     """The number of ranks `loader`'s sampler splits each epoch over (``num_replicas``), if any."""
-    batches = loader.batch_sampler
-    sampler = batches.sampler if isinstance(batches, BatchSampler) else batches
-    replicas = getattr(sampler, "num_replicas", None)
+    replicas = getattr(_sampler(loader), "num_replicas", None)
     return replicas if isinstance(replicas, int) else None
 
 
