@@ -32,9 +32,15 @@ from torch import nn
 from torch.nn.modules import module as _module_impl
 from torch.nn.utils import stateless
 
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, WeightlessModuleError
 
-__all__ = ["BoundModel", "bound", "call_with", "traced_binding_problems"]
+__all__ = [
+    "BoundModel",
+    "bound",
+    "call_with",
+    "refuse_unbound_calls",
+    "traced_binding_problems",
+]
 
 # (slot container, local name or index, tensor name) per slot; the set of tensor names the plan
 # covers; (attribute dict, name) of each plain attribute holding some slot, restored on leaving
@@ -382,3 +388,44 @@ class BoundModel:
 
     def __repr__(self) -> str:
         return f"BoundModel({type(self._functrain_module).__name__} on a state's tensors)"
+
+
+def refuse_unbound_calls(structure: nn.Module) -> int | None:
+    """Make a call of the structure outside a step a `WeightlessModuleError` naming the way out.
+
+    Called as ``state.module(x)`` (a notebook's first try), the structure would fail deep in its
+    forward on its meta weights, with torch's raw device error. A forward pre-hook on the root
+    looks at one of its tensors: on the meta device, nothing bound the state's weights to it. A
+    step, which binds them, pays one attribute lookup and one comparison per call (the hook
+    lives here, beside the binding it checks for). Returns the hook's handle id (None: a module
+    without weights, which runs as it is).
+    """
+    probe = next(
+        (
+            (prefix, name)
+            for prefix, sub in structure.named_modules()
+            for name, t in (*sub._parameters.items(), *sub._buffers.items())
+            if t is not None
+        ),
+        None,
+    )
+    if probe is None:  # no weights: it runs as it is
+        return None
+    path = tuple(probe[0].split(".")) if probe[0] else ()
+    name = probe[1]
+
+    def refuse_unbound(module: nn.Module, args: Any) -> None:
+        owner = module
+        for part in path:
+            owner = getattr(owner, part)
+        t = getattr(owner, name)
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise WeightlessModuleError(
+                f"state.module is the model's structure, without weights ({type(module).__name__} "
+                "on the meta device; the weights live in the state): to run the model on a "
+                "state's weights, call functrain.predict(state, x) (eval mode, no gradients; "
+                "use_ema=True for the EMA weights), or build a module that holds them with "
+                "state.export_module()"
+            )
+
+    return structure.register_forward_pre_hook(refuse_unbound).id

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from functrain.errors import WeightlessModuleError
+from functrain.core.binding import refuse_unbound_calls
 
 __all__ = [
     "CALL_GUARD",
@@ -85,55 +85,18 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     except Exception:  # noqa: BLE001 - locks, open files, ...: run the module itself, as before
         return module
     object.__setattr__(structure, WEIGHTLESS, True)
-    _refuse_calls_unbound(structure)
+    guard = refuse_unbound_calls(structure)
+    if guard is not None:
+        object.__setattr__(structure, CALL_GUARD, guard)
     object.__setattr__(structure, _GRAD_HOOKS, _grad_hooks_of(structure))
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
     return structure
 
 
-# the attribute of a structure holding the id of its forward pre-hook (`_refuse_calls_unbound`),
-# which a module built from the structure with weights (`TrainState.export_module`) removes
+# the attribute of a structure holding the id of its forward pre-hook
+# (`binding.refuse_unbound_calls`), which a module built from the structure with weights
+# (`TrainState.export_module`) removes
 CALL_GUARD = "_functrain_call_guard"
-
-
-def _refuse_calls_unbound(structure: nn.Module) -> None:
-    """Make a call of the structure outside a step a `WeightlessModuleError` naming the way out.
-
-    Called as ``state.module(x)`` (a notebook's first try), the structure would fail deep in its
-    forward on its meta weights, with torch's raw device error. A forward pre-hook on the root
-    looks at one of its tensors: on the meta device, nothing bound the state's weights to it. A
-    step, which binds them, pays one attribute lookup and one comparison per call.
-    """
-    probe = next(
-        (
-            (prefix, name)
-            for prefix, sub in structure.named_modules()
-            for name, t in (*sub._parameters.items(), *sub._buffers.items())
-            if t is not None
-        ),
-        None,
-    )
-    if probe is None:  # no weights: it runs as it is
-        return
-    path = tuple(probe[0].split(".")) if probe[0] else ()
-    name = probe[1]
-
-    def refuse_unbound(module: nn.Module, args: Any) -> None:
-        owner = module
-        for part in path:
-            owner = getattr(owner, part)
-        t = getattr(owner, name)
-        if isinstance(t, torch.Tensor) and t.device.type == "meta":
-            raise WeightlessModuleError(
-                f"state.module is the model's structure, without weights ({type(module).__name__} "
-                "on the meta device; the weights live in the state): to run the model on a "
-                "state's weights, call functrain.predict(state, x) (eval mode, no gradients; "
-                "use_ema=True for the EMA weights), or build a module that holds them with "
-                "state.export_module()"
-            )
-
-    handle = structure.register_forward_pre_hook(refuse_unbound)
-    object.__setattr__(structure, CALL_GUARD, handle.id)
 
 
 def _hooks_of(t: torch.Tensor) -> Mapping[Any, Any]:
