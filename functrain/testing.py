@@ -95,6 +95,8 @@ def _tensor_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None
         return LeafDiff(path, "dtype", f"{a.dtype} vs {b.dtype}", numel=a.numel())
     if a.shape != b.shape:
         return LeafDiff(path, "shape", f"{list(a.shape)} vs {list(b.shape)}", numel=a.numel())
+    if a.is_sparse or b.is_sparse:
+        return _sparse_diff(path, a, b)
     a_bits, b_bits = _bits(a), _bits(b)
     if a_bits.shape != a.shape:  # complex or exotic widths: compare byte rows per element
         differ = (a_bits.reshape(*a.shape, -1) != b_bits.reshape(*a.shape, -1)).any(-1)
@@ -109,6 +111,18 @@ def _tensor_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None
     return LeafDiff(
         path, "values", num_different=count, numel=a.numel(), max_abs_diff=float(gaps.max())
     )
+
+
+def _sparse_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None:
+    """Two tensors of which one is sparse (COO), bit for bit: the same rows in the same order
+    (uncoalesced rows repeat, and their order is the order they are summed in), then the values."""
+    if a.layout != b.layout:
+        return LeafDiff(path, "layout", f"{a.layout} vs {b.layout}", numel=a.numel())
+    rows = (a._nnz(), a.is_coalesced()), (b._nnz(), b.is_coalesced())
+    if rows[0] != rows[1] or not torch.equal(a._indices().cpu(), b._indices().cpu()):
+        detail = f"{rows[0][0]} vs {rows[1][0]} rows, coalesced {rows[0][1]} vs {rows[1][1]}"
+        return LeafDiff(path, "rows", detail, numel=a.numel())
+    return _tensor_diff(path, a._values(), b._values())
 
 
 def _same_python_value(a: Any, b: Any) -> bool:

@@ -530,7 +530,7 @@ def test_eval_step_refuses_a_forward_that_writes_the_weights() -> None:
 # sparse embeddings, per optimizer: bit for bit against torch.optim's (tests/optim/test_sparse.py
 # runs them on every step kind), or refused at create
 SPARSE_REFUSED = {
-    "sgd-momentum": (lambda: ft.sgd(0.1, momentum=0.9), "grows by the rows of every step"),
+    "sgd-weight-decay": (lambda: ft.sgd(0.1, weight_decay=0.01), "weight_decay=0"),
     "adamw": (lambda: ft.adamw(1e-3), "cannot take the sparse gradients"),
     "adam": (lambda: ft.adam(1e-3), "cannot take the sparse gradients"),
 }

@@ -14,6 +14,12 @@ field's 64 hex digits written as zeros.
 
 Format versions, all still read:
 
+* 5 (written for a tree holding a sparse COO tensor: SGD's momentum of ``nn.Embedding(sparse=True)``
+  weights): format 3 or 4, and a structure node ``{"sparse_coo": {...}}`` naming the tensor's
+  ``indices`` and ``values`` (two tensors of the files, keyed ``<path>/indices`` and
+  ``<path>/values``), its dense ``shape`` and whether it is ``coalesced``. A load rebuilds it with
+  torch's invariant checks (every index within the shape; a tensor said to be coalesced is), and
+  its rows in their saved order: an uncoalesced tensor's order is the order its rows are summed in.
 * 4 (written for sharded states, `functrain.checkpoint.sharded`): format 3, and tensors kept as
   shards, each rank's in files of its own: a sharded tensor's index entry lists each shard's file,
   offset, extent and BLAKE3 digest, so a reader can read and verify only the shards it needs.
@@ -98,6 +104,8 @@ from functrain.tree import leaves_by_path
 __all__ = [
     "FORMAT_VERSION",
     "PLAIN_FORMAT_VERSION",
+    "SHARDED_FORMAT_VERSION",
+    "SPARSE_FORMAT_VERSION",
     "write_tree",
     "read_tree",
     "read_manifest",
@@ -113,9 +121,11 @@ __all__ = [
 ]
 
 FORMAT_VERSION = (
-    4  # the newest this functrain reads; plain trees are written as PLAIN_FORMAT_VERSION
+    5  # the newest this functrain reads; plain trees are written as PLAIN_FORMAT_VERSION
 )
 PLAIN_FORMAT_VERSION = 3
+SHARDED_FORMAT_VERSION = 4  # what a sharded state is written as
+SPARSE_FORMAT_VERSION = 5  # what a tree holding a sparse tensor is written as
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 64
@@ -126,7 +136,7 @@ SHARD_TENSORS = 50_000  # keeps a file's header far under what its parse may cos
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # the digest of each format version's files and manifest: SHA-256 up to 2, BLAKE3 from 3 on
-_ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3", 4: "blake3"}
+_ALGORITHM = {1: "sha256", 2: "sha256", 3: "blake3", 4: "blake3", 5: "blake3"}
 _SEALS = {
     algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
 }
@@ -198,10 +208,31 @@ class TreeWriter:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self._storages: set[tuple[int, int]] = set()
+        self.sparse = False  # whether a sparse tensor was met: the tree is then format 5
+
+    @property
+    def version(self) -> int:
+        """The format version of the tree walked: `SPARSE_FORMAT_VERSION` where it holds a
+        sparse tensor, `PLAIN_FORMAT_VERSION` otherwise."""
+        return SPARSE_FORMAT_VERSION if self.sparse else PLAIN_FORMAT_VERSION
 
     def node(self, tree: Any, path: str, depth: int) -> dict[str, Any]:
         if depth > MAX_DEPTH:
             raise CheckpointError(f"the tree is nested deeper than {MAX_DEPTH} levels at {path!r}")
+        if isinstance(tree, torch.Tensor) and tree.layout == torch.sparse_coo:
+            self.sparse = True
+            t = tree.detach()
+            keys = _join(path, "indices"), _join(path, "values")
+            self.tensors[keys[0]] = self._detached(t._indices(), path)
+            self.tensors[keys[1]] = self._detached(t._values(), path)
+            return {
+                "sparse_coo": {
+                    "indices": keys[0],
+                    "values": keys[1],
+                    "shape": list(t.shape),
+                    "coalesced": t.is_coalesced(),
+                }
+            }
         if isinstance(tree, torch.Tensor):
             self.tensors[path] = self._detached(tree, path)
             return {"tensor": path}
@@ -294,20 +325,9 @@ class _Reader:
         if not isinstance(node, dict) or len(node) not in (1, 2):
             raise CheckpointCorruptError(f"{MANIFEST}: malformed structure node at {path!r}")
         if "tensor" in node:
-            key = node["tensor"]
-            if not isinstance(key, str) or key not in self.tensors:
-                raise CheckpointCorruptError(
-                    f"{MANIFEST}: tensor {str(key)[:100]!r} at {path!r} is in no tensor file"
-                )
-            if key in self.used:
-                # a save writes each leaf under its own key: two paths of one tensor would load
-                # as two leaves sharing memory, which a step writing in place would corrupt
-                raise CheckpointCorruptError(
-                    f"{MANIFEST}: tensor {key[:100]!r} is named at {self.used[key][:100]!r} and "
-                    f"again at {path[:100]!r}; each path of a saved tree has a tensor of its own"
-                )
-            self.used[key] = path
-            return self.tensors[key]
+            return self._tensor(node["tensor"], path)
+        if "sparse_coo" in node and isinstance(node["sparse_coo"], dict):
+            return self._sparse(node["sparse_coo"], path)
         if "dict" in node and isinstance(node["dict"], dict):
             return {
                 k: self.node(v, _join(path, _escape(k)), depth + 1) for k, v in node["dict"].items()
@@ -335,6 +355,45 @@ class _Reader:
         raise CheckpointCorruptError(
             f"{MANIFEST}: unknown structure node at {path!r}: {str(node)[:200]}"
         )
+
+    def _tensor(self, key: Any, path: str) -> torch.Tensor:
+        if not isinstance(key, str) or key not in self.tensors:
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: tensor {str(key)[:100]!r} at {path!r} is in no tensor file"
+            )
+        if key in self.used:
+            # a save writes each leaf under its own key: two paths of one tensor would load
+            # as two leaves sharing memory, which a step writing in place would corrupt
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: tensor {key[:100]!r} is named at {self.used[key][:100]!r} and "
+                f"again at {path[:100]!r}; each path of a saved tree has a tensor of its own"
+            )
+        self.used[key] = path
+        return self.tensors[key]
+
+    def _sparse(self, node: Mapping[str, Any], path: str) -> torch.Tensor:
+        """A sparse COO tensor (format 5), checked by torch's invariants as it is rebuilt."""
+        shape, coalesced = node.get("shape"), node.get("coalesced")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_RANK
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            or not isinstance(coalesced, bool)
+        ):
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: malformed sparse tensor at {path!r}: {str(node)[:200]}"
+            )
+        indices = self._tensor(node.get("indices"), path)
+        values = self._tensor(node.get("values"), path)
+        try:
+            return torch.sparse_coo_tensor(
+                indices, values, shape, is_coalesced=coalesced, check_invariants=True
+            )
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: the sparse tensor at {path!r} is malformed: "
+                f"{str(e).splitlines()[0][:200]}"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,7 +611,7 @@ def write_tree(
         write_tensor_files(tmp, "tensors", writer.tensors, files, index, check_file=check_file)
         write_manifest(
             tmp,
-            build_manifest(PLAIN_FORMAT_VERSION, structure, index, files, extras, library_version),
+            build_manifest(writer.version, structure, index, files, extras, library_version),
         )
         if before_commit is not None:
             before_commit()

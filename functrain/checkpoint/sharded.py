@@ -46,8 +46,7 @@ from functrain import errors
 from functrain.checkpoint.commit import TMP_PREFIX, commit
 from functrain.checkpoint.files import hasher, wait_for_removals
 from functrain.checkpoint.format import (
-    FORMAT_VERSION,
-    PLAIN_FORMAT_VERSION,
+    SHARDED_FORMAT_VERSION,
     TreeWriter,
     build_manifest,
     json_extras,
@@ -440,7 +439,7 @@ def _seal_and_commit(
             key=lambda s: s["offset"][0],
         )
         index[key] = {**info, "shards": shards}
-    version = FORMAT_VERSION if writer.sharded else PLAIN_FORMAT_VERSION
+    version = SHARDED_FORMAT_VERSION if writer.sharded else writer.version
     write_manifest(tmp, build_manifest(version, structure, index, files, extras, library_version))
     try:
         commit(tmp, target)

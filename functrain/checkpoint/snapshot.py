@@ -91,6 +91,8 @@ class Snapshot:
                 stride=x.stride(),
             )
         x = x.detach()
+        if x.is_sparse:  # written in place as it grows (a donated step): its rows, copied
+            return x.to("cpu", copy=True)
         version = _version(x) if x.device.type == "cpu" else None
         if version is None:
             return x.to("cpu", copy=True)

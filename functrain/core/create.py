@@ -102,6 +102,9 @@ def initial_fields(
         init,
         grad_stats,
     )
+    meta = has_meta_tensors(module)
+    device = torch.get_default_device() if meta else next(iter(params.values())).device
+    dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
     # the state keeps the optimizer given; its transform runs the sparse form where it has one
     tx = build_transform(
         _for_sparse(
@@ -109,15 +112,12 @@ def initial_fields(
             [name for name in sparse_parameters(module) if name in params],  # a frozen one: no
             options,
             grad_stats,
-            sharding,
+            dist_config,
         ),
         options,
     )
     decay = options.ema_decay
     averager = ema(decay, warmup=options.ema_warmup) if decay is not None else None
-    meta = has_meta_tensors(module)
-    device = torch.get_default_device() if meta else next(iter(params.values())).device
-    dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
     if dist_config is not None:
         # the meta tensors too: those that hold values are broadcast one by one, and every rank
         # must take part
@@ -165,7 +165,7 @@ def _for_sparse(
     sparse: list[str],
     options: StepOptions,
     grad_stats: GradStats | None,
-    sharding: Sharding | None,
+    dist: DistConfig | None,
 ) -> Transform:
     """The optimizer that trains the module's sparse parameters as torch.optim does.
 
@@ -193,10 +193,9 @@ def _for_sparse(
         )
     for what, refused in (
         ("clip_grad_norm", options.clip_grad_norm is not None),
-        ("accumulate_steps > 1", options.accumulate_steps > 1),
         ("precision='fp16' (loss scaling)", options.precision == "fp16"),
         ("grad_stats", grad_stats is not None),
-        ("sharding", sharding is not None),
+        ("sharding", dist is not None and dist.sharding is not None),
     ):
         if refused:
             problems.append(
@@ -205,6 +204,13 @@ def _for_sparse(
                 "refuses it rather than differ; drop it, or make the embedding dense "
                 "(sparse=False)"
             )
+    if dist is not None and dist.sharding is None:
+        problems.append(
+            f"data parallel training (a process group of {dist.world_size} ranks) with the sparse "
+            f"gradients of {names}: functrain averages gradients over ranks as dense buckets, "
+            "which a sparse gradient's rows are not; train on one process, or make the embedding "
+            "dense (sparse=False)"
+        )
     if problems:
         raise ConfigError("invalid arguments to TrainState.create:\n  - " + "\n  - ".join(problems))
     return twin()._replace(name=optimizer.name) if callable(twin) else optimizer

@@ -56,6 +56,7 @@ from functrain.optim.porting import (
     own_settings,
 )
 from functrain.optim.rules.fused import FusedSgdState
+from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.rules.trace import TraceState
 from functrain.optim.schedules import Schedule, per_epoch
 from functrain.optim.wrappers import PartitionState, partition
@@ -829,6 +830,8 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
         values["count"] = torch.full_like(node.count, group.count)
     if getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`): all alike
         values["steps"] = tuple(torch.full_like(t, group.count) for t in node.steps)
+    if getattr(node, "made", None):  # sparse SGD's buffers: torch made them all (`_counts`)
+        values["made"] = tuple(torch.ones_like(t) for t in node.made)
     return node._replace(**values)
 
 
@@ -959,7 +962,9 @@ def _group_values(
         )
     if type(optimizer) in (torch.optim.SGD, torch.optim.RMSprop):
         momentum = group.get("momentum", 0) != 0
-        has_buffer = TraceState in nodes or bool(getattr(nodes.get(FusedSgdState), "momentum", ()))
+        has_buffer = TraceState in nodes or any(
+            bool(getattr(nodes.get(cls), "momentum", ())) for cls in (FusedSgdState, SparseSgdState)
+        )
         if momentum != has_buffer:
             problems.append(
                 f"momentum={group['momentum']!r} in torch, but the state's optimizer has "
@@ -994,4 +999,8 @@ def _group_values(
                 values["variance"] = tuple(m[0] if len(m) == 1 else None for m in value)
             elif isinstance(value, torch.Tensor) or value:
                 values[key] = value
+        if getattr(node, "made", None):  # sparse SGD: torch has no buffer where none is made yet
+            values["momentum_buffer"] = tuple(
+                b if bool(m) else None for b, m in zip(node.momentum, node.made, strict=True)
+            )
     return values

@@ -51,7 +51,7 @@ from functrain.optim.rules.learning_rate import LearningRateState, ScaleByLearni
 from functrain.optim.rules.muon import ScaleByMuonState
 from functrain.optim.rules.rms import ScaleByRmsState
 from functrain.optim.rules.rprop import ScaleByRpropState
-from functrain.optim.rules.sparse import SparseAdagradState, SparseAdamState
+from functrain.optim.rules.sparse import SparseAdagradState, SparseAdamState, SparseSgdState
 from functrain.optim.rules.trace import TraceState
 
 __all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation"]
@@ -69,6 +69,7 @@ KEYS: dict[type, dict[str, str]] = {
     FusedAdagradState: {"sum_of_squares": "sum"},
     SparseAdagradState: {"sum_of_squares": "sum"},
     SparseAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
+    SparseSgdState: {"momentum": "momentum_buffer"},
     TraceState: {"trace": "momentum_buffer"},
     FusedSgdState: {"momentum": "momentum_buffer"},
     NadamStepState: {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},

@@ -232,17 +232,14 @@ def sgd(
             _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
             scale_by_learning_rate(lr),
         )
-    if momentum:
-        return with_sparse_twin(
-            tx,
-            "sgd with momentum: torch.optim.SGD keeps the momentum of a sparse gradient as a "
-            "sparse tensor that grows by the rows of every step, which a state of dense tensors "
-            "cannot hold bit for bit; use momentum=0, functrain.adagrad or functrain.sparse_adam, "
-            "or sparse=False",
-        )
     if weight_decay:
         return with_sparse_twin(tx, _SPARSE_DECAY.format("sgd"))
-    return with_sparse_twin(tx, lambda: sparse_sgd(lr, maximize=maximize))
+    return with_sparse_twin(
+        tx,
+        lambda: sparse_sgd(
+            lr, momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize
+        ),
+    )
 
 
 @replaces("adam")

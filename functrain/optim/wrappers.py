@@ -616,6 +616,8 @@ def accumulate(inner: Transform, every: int) -> Transform:
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, AccumulateState]:
         u, spec = flat_updates(updates, params)
+        if any(x.is_sparse for x in u):
+            return _accumulate_sparse(inner, every, u, spec, state, params, extras)
         in_place = extras.may_write()
         addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
         sums = (
@@ -647,6 +649,55 @@ def accumulate(inner: Transform, every: int) -> Transform:
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
     return Transform(init_fn, member_aware(with_extras(update_fn), aware))
+
+
+def _accumulate_sparse(
+    inner: Transform,
+    every: int,
+    u: list[torch.Tensor],
+    spec: Any,
+    state: AccumulateState,
+    params: Tree | None,
+    extras: Extras,
+) -> tuple[Any, AccumulateState]:
+    """`accumulate`'s update where some gradients are sparse (``nn.Embedding(sparse=True)``).
+
+    As ``.grad`` accumulates them in torch: the window's first gradient as it is (a copy), then
+    each next one added to it (torch's sparse add, which keeps every micro-batch's rows), and the
+    mean ``sum / every`` handed on at the window's end. The window's position is read on the host
+    (one read a step; the sparse updates read the step's rate there too): a sparse sum grows, so
+    which sum the step keeps is decided there, not by a select. At the window's end a sparse sum
+    goes back to zeros without storage, as the state starts.
+    """
+    micro = int(state.micro_step)
+    last = micro == every - 1
+    in_place = extras.may_write()
+    sums = []
+    for x, s in zip(u, state.grad_sum, strict=True):
+        x = x.to(s.dtype)
+        if not x.is_sparse:
+            sums.append(writable(s, x).add_(x) if in_place else s + x)
+        elif micro == 0 or not s.is_sparse:  # the window's first gradient: ``.grad`` is it
+            sums.append(x.clone())
+        else:
+            sums.append((s if in_place else s.clone()).add_(x))
+    mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else sums
+    flag = torch.tensor(last, device=state.micro_step.device)
+    new_updates, inner_state = _update_where(
+        inner,
+        flag,
+        tree_unflatten(mean, spec),
+        state.inner,
+        params,
+        _mean_reported(mean, extras),
+    )
+    if last:  # the window is over: its sums start again from zeros
+        sums = [
+            zeros_like(s) if s.is_sparse else s.zero_() if in_place else torch.zeros_like(s)
+            for s in sums
+        ]
+    micro_step = torch.zeros_like(state.micro_step) if last else state.micro_step + 1
+    return new_updates, AccumulateState(inner_state, micro_step, tuple(sums))
 
 
 def _mean_reported(mean: list[torch.Tensor], extras: Extras) -> Extras:

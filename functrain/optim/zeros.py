@@ -68,6 +68,8 @@ def is_shared(t: torch.Tensor) -> bool:
 
     A stride 0 over a dimension of size > 1.
     """
+    if t.is_sparse:  # its rows are its own
+        return False
     strides = t.stride()
     return 0 in strides and any(
         stride == 0 and size > 1 for size, stride in zip(t.shape, strides, strict=True)
@@ -118,6 +120,8 @@ def light_copy(t: torch.Tensor) -> torch.Tensor:
         >>> c.stride(), c.untyped_storage().nbytes()
         ((0, 0), 4)
     """
+    if t.is_sparse:  # SGD's momentum of a sparse gradient: its rows, copied
+        return t.clone()
     if t.numel() > 1 and all(stride == 0 for stride in t.stride()):
         return t.as_strided((), (), t.storage_offset()).clone().expand(t.shape)
     return t.clone()

@@ -1445,7 +1445,7 @@ def test_newer_format_version_asks_to_upgrade(reference: Path) -> None:
         write_manifest(d, m)
         with pytest.raises(
             CheckpointError,
-            match=r"format version 5 is newer than this functrain reads \(up to 4\).*upgrade "
+            match=r"format version 6 is newer than this functrain reads \(up to 5\).*upgrade "
             r"functrain",
         ) as info:
             ft.load(d)

@@ -1,9 +1,9 @@
 """Updates for sparse gradients (``nn.Embedding(sparse=True)``): torch.optim's own, bit for bit.
 
 A sparse embedding's gradient holds the rows a batch looked up (a sparse COO tensor, its rows
-repeated as often as they were looked up). torch.optim trains it with SGD (without momentum here,
-see below), Adagrad and SparseAdam, each touching only those rows; when any gradient of a group is
-sparse, SGD and Adagrad run their single-tensor path for every parameter of it. These transforms
+repeated as often as they were looked up). torch.optim trains it with SGD, Adagrad and
+SparseAdam, each touching only those rows; when any gradient of a group is sparse, SGD and Adagrad
+run their single-tensor path for every parameter of it. These transforms
 are those updates: `sparse_sgd` and `sparse_adagrad` on every parameter (sparse or dense
 gradient), `sparse_adam_update` (`functrain.sparse_adam`) on sparse gradients only (torch's
 SparseAdam refuses dense ones; pair it with a dense optimizer for the rest, `functrain.partition`).
@@ -17,11 +17,12 @@ bias corrections are Python floats, as torch computes them: the step count lives
 schedule's value is read to the host (on a GPU, one sync a step, as torch's Adagrad reads its step).
 Gated (`Transform.gated`): where ``keep`` is False the rows' changes are zeros, added (a parameter
 or moment plus zero is itself), so a donated step writes the rows in place whatever the flag.
-Optimizer states are dense, as torch keeps them: Adagrad's sums and SparseAdam's moments.
-
-SGD with momentum is not among them: torch's momentum buffer for a sparse gradient is itself a
-sparse tensor that grows by the rows of every step (never coalesced), which a state of dense
-tensors cannot hold bit for bit; `sgd` says so when its momentum meets a sparse parameter.
+Optimizer states are as torch keeps them: Adagrad's sums and SparseAdam's moments are dense;
+SGD's momentum buffer of a sparse gradient is itself sparse: a sparse COO tensor that grows by the
+rows of every step (torch never coalesces it), a state leaf of its own kind (it is saved as its
+indices and values, `functrain.checkpoint.format`). Its update reads the step's skip flag on the
+host: a skipped step leaves the buffer as it was, which no sum with zeros can do for a tensor whose
+rows only grow.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from functrain.errors import ConfigError, config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras
 from functrain.optim.checks import check_positive
 from functrain.optim.updates import NewParams, flat_updates
-from functrain.optim.zeros import writable
+from functrain.optim.zeros import writable, zeros_like
 from functrain.tree import Tree, tree_leaves
 
 __all__ = [
@@ -61,6 +62,12 @@ class SparseSgdState(NamedTuple):
     # 0-d int64 on the CPU: updates applied (the schedule's step)
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
     lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+    # with momentum, torch's ``momentum_buffer`` of each parameter: dense for a dense gradient,
+    # sparse COO (uncoalesced, its rows growing every step) for a sparse one; zeros until made
+    momentum: tuple[torch.Tensor, ...] = ()
+    # whether each buffer is made (0-d bool on the CPU): torch makes it at the parameter's first
+    # step with a gradient, as a copy of that gradient
+    made: tuple[torch.Tensor, ...] = ()
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"lr": self.lr}
@@ -155,11 +162,21 @@ def _last_lr(rate: float, previous: torch.Tensor, keep: torch.Tensor | None) -> 
     return new if keep is None else torch.where(keep.to("cpu"), new, previous)
 
 
-def sparse_sgd(lr: LearningRate, *, maximize: bool = False) -> Transform:
-    """``torch.optim.SGD(lr, maximize=)`` (no momentum, no weight decay) with sparse gradients.
+def sparse_sgd(
+    lr: LearningRate,
+    *,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> Transform:
+    """``torch.optim.SGD(lr, momentum, dampening, nesterov, maximize)`` (no weight decay) with
+    sparse gradients.
 
-    torch's single-tensor update, ``param.add_(grad, alpha=-lr)``, on every parameter: a sparse
-    gradient adds its rows as they come (uncoalesced), a dense one as usual.
+    torch's single-tensor update on every parameter: a sparse gradient adds its rows as they come
+    (uncoalesced), a dense one as usual. With momentum, each parameter's buffer is made as a copy
+    of its first gradient, then ``buf.mul_(momentum).add_(grad, alpha=1 - dampening)``: the
+    buffer of a sparse gradient is a sparse tensor holding every step's rows, as torch's.
 
     Example:
         >>> emb = torch.nn.Embedding(4, 2, sparse=True)
@@ -169,11 +186,26 @@ def sparse_sgd(lr: LearningRate, *, maximize: bool = False) -> Transform:
         >>> u, _ = tx.update({"w": emb.weight.grad}, tx.init(p), p)
         >>> bool(torch.equal(u.values[0][1], p["w"][1] - 1.0))  # the row looked up twice
         True
+        >>> tx = sparse_sgd(0.5, momentum=0.9)
+        >>> _, s = tx.update({"w": emb.weight.grad}, tx.init(p), p)
+        >>> s.momentum[0].is_sparse, s.momentum[0]._nnz()  # the buffer: the gradient's two rows
+        (True, 2)
     """
+    if not 0.0 <= momentum:
+        config_check([f"momentum must be >= 0, got momentum={momentum!r}"], "sgd")
 
     def init_fn(params: Tree) -> SparseSgdState:
         count = _host_count()
-        return SparseSgdState(count, torch.tensor(_rate(lr, count), dtype=torch.float64))
+        rate = torch.tensor(_rate(lr, count), dtype=torch.float64)
+        if not momentum:
+            return SparseSgdState(count, rate)
+        leaves = tree_leaves(params)
+        return SparseSgdState(
+            count,
+            rate,
+            tuple(zeros_like(p) for p in leaves),
+            tuple(torch.zeros((), dtype=torch.bool) for _ in leaves),
+        )
 
     def update_fn(
         updates: Any,
@@ -186,6 +218,11 @@ def sparse_sgd(lr: LearningRate, *, maximize: bool = False) -> Transform:
         g, p, spec = _begin(updates, params, "sparse SGD")
         rate = _rate(lr, state.count)
         in_place = extras.may_write() if any(x.is_sparse for x in g) else False
+        if momentum:
+            new, buffers, made = _with_momentum(g, p, state, rate, keep, in_place)
+            return NewParams(new, spec), SparseSgdState(
+                _counted(state.count, keep), _last_lr(rate, state.lr, keep), buffers, made
+            )
         new = []
         for grad, param in zip(g, p, strict=True):
             grad = -grad if maximize else grad
@@ -199,7 +236,43 @@ def sparse_sgd(lr: LearningRate, *, maximize: bool = False) -> Transform:
             _counted(state.count, keep), _last_lr(rate, state.lr, keep)
         )
 
+    def _with_momentum(
+        g: list[torch.Tensor],
+        p: list[torch.Tensor],
+        state: SparseSgdState,
+        rate: float,
+        keep: torch.Tensor | None,
+        in_place: bool,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """torch's momentum update of each parameter (`sparse_sgd`), where the step is kept."""
+        if keep is not None and not bool(keep.to("cpu")):  # skipped: everything as it was
+            return p, state.momentum, state.made
+        new, buffers, made = [], [], []
+        for grad, param, buf, has in zip(g, p, state.momentum, state.made, strict=True):
+            if unused(grad):  # torch skips a parameter without a gradient, its buffer too
+                new.append(param)
+                buffers.append(buf)
+                made.append(has)
+                continue
+            grad = -grad if maximize else grad
+            if bool(has):
+                buf = _own_buffer(buf, in_place).mul_(momentum).add_(grad, alpha=1 - dampening)
+            else:
+                buf = grad.detach().clone()
+            step = grad.add(buf, alpha=momentum) if nesterov else buf
+            new.append(_own(param, in_place).add_(step, alpha=-rate))
+            buffers.append(buf)
+            made.append(torch.ones((), dtype=torch.bool))
+        return new, tuple(buffers), tuple(made)
+
     return takes_sparse_too(Transform(init_fn, with_extras(update_fn), "sparse_sgd", gated=True))
+
+
+def _own_buffer(buf: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """A momentum buffer to write into: itself in a donated step, else a copy (sparse ones too)."""
+    if buf.is_sparse:
+        return buf if in_place else buf.clone()
+    return _own(buf, in_place)
 
 
 def sparse_adagrad(

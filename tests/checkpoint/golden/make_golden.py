@@ -76,7 +76,7 @@ def describe(value: Any) -> Any:
 
 
 def main() -> None:
-    from functrain.checkpoint.format import FORMAT_VERSION
+    from functrain.checkpoint.format import PLAIN_FORMAT_VERSION as FORMAT_VERSION
     from functrain.tree import leaves_by_path
 
     state = trained_state()
