@@ -286,7 +286,9 @@ def member_view(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
     """`new` where the 0-d bool `keep` holds, else `old`, leaf by leaf.
 
-    Non-tensor leaves come from `new`.
+    Non-tensor leaves come from `new`. A sparse leaf (SGD's momentum of sparse gradients, whose
+    rows only grow) is chosen on the host (one read of `keep`), `old` as a copy: the result
+    shares no tensor with `old`, as `torch.where` makes it.
 
     Example:
         >>> tree_select(torch.tensor(False), {"w": torch.ones(2)}, {"w": torch.zeros(2)})
@@ -301,11 +303,17 @@ def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
         )
     return tree_unflatten(
         [
-            torch.where(keep, n, o) if isinstance(n, torch.Tensor) else n
+            _select(keep, n, o) if isinstance(n, torch.Tensor) else n
             for n, o in zip(leaves, previous)
         ],
         spec,
     )
+
+
+def _select(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    if new.is_sparse or old.is_sparse:
+        return new if bool(keep) else old.clone()
+    return torch.where(keep, new, old)
 
 
 def _same_tensors(

@@ -15,7 +15,7 @@ field's 64 hex digits written as zeros.
 Format versions, all still read:
 
 * 5 (written for a tree holding a sparse COO tensor: SGD's momentum of ``nn.Embedding(sparse=True)``
-  weights): format 3 or 4, and a structure node ``{"sparse_coo": {...}}`` naming the tensor's
+  weights): format 3, and a structure node ``{"sparse_coo": {...}}`` naming the tensor's
   ``indices`` and ``values`` (two tensors of the files, keyed ``<path>/indices`` and
   ``<path>/values``), its dense ``shape`` and whether it is ``coalesced``. A load rebuilds it with
   torch's invariant checks (every index within the shape; a tensor said to be coalesced is), and
@@ -985,8 +985,12 @@ def read_tree(
     return tree, manifest
 
 
-def compare_to_template(loaded: Tree, like: Tree) -> list[str]:
-    """Every difference of a loaded tree from a template: missing/extra paths, shapes, dtypes."""
+def compare_to_template(
+    loaded: Tree, like: Tree, sparse_ok: Callable[[str], bool] = lambda path: False
+) -> list[str]:
+    """Every difference of a loaded tree from a template: missing/extra paths, shapes, dtypes,
+    and a sparse tensor where the template's is dense, unless `sparse_ok` says the path may
+    hold one (an optimizer state's sparse momentum, dense zeros until first written)."""
     got, expected = leaves_by_path(loaded), leaves_by_path(like)
     problems = []
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -1002,6 +1006,10 @@ def compare_to_template(loaded: Tree, like: Tree) -> list[str]:
             problems.append(
                 f"{path}: expected {list(a.shape)} {a.dtype}, got {list(b.shape)} {b.dtype}"
             )
+        elif (
+            isinstance(a, torch.Tensor) and b.is_sparse and not a.is_sparse and not sparse_ok(path)
+        ):
+            problems.append(f"{path}: expected a dense tensor, got a sparse one")
     return problems
 
 

@@ -34,6 +34,7 @@ from functrain.checkpoint.sharded import (
     write_sharded,
 )
 from functrain.core.state import TrainState, unaliased
+from functrain.core.structure import sparse_parameters
 from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -304,7 +305,7 @@ def _load(
             else {}
             for k in _GROWN
         }
-    problems = compare_to_template(tree, template)
+    problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
@@ -337,6 +338,15 @@ def _load(
             {**restored, **{k: _to_device(v, like.device) for k, v in grown.items()}}
         )
     return restored
+
+
+def _sparse_ok(like: Any) -> Callable[[str], bool]:
+    """Where a checkpoint of `like` may hold a sparse tensor the template holds dense: in the
+    optimizer state of a module with sparse gradients (SGD's momentum of them, and the sums of an
+    accumulation window, are zeros until their first step)."""
+    if isinstance(like, TrainState) and sparse_parameters(like.module):
+        return lambda path: path.startswith("opt_state/")
+    return lambda path: False
 
 
 def _laid_out_as(value: Any, expected: Any) -> Any:

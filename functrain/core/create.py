@@ -186,7 +186,7 @@ def _for_sparse(
     elif twin is None and not takes_sparse(optimizer):
         problems.append(
             f"{optimizer.name} cannot take the sparse gradients of {names} "
-            "(nn.Embedding(sparse=True)); torch.optim trains them with SGD (no momentum), Adagrad "
+            "(nn.Embedding(sparse=True)); torch.optim trains them with SGD, Adagrad "
             "and SparseAdam: use functrain.sgd(lr), functrain.adagrad(lr), or "
             "functrain.partition(labels, rows=functrain.sparse_adam(lr), dense=...) for the "
             "embeddings, or make the embedding dense (sparse=False)"

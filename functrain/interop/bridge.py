@@ -656,15 +656,9 @@ def _counts(
                     where,
                 )
         else:
+            # torch makes a buffer at a parameter's first step with a gradient: a sparse table not
+            # looked up yet has none (`_filled` keeps that; a dense state refuses it there)
             buffers = [s.get("momentum_buffer") is not None for s in g.state]
-            if any(buffers) and not all(buffers):
-                config_check(
-                    [
-                        f"param_groups[{k}]: some parameters have a momentum buffer and others not "
-                        "(some had no gradient); functrain updates a group together"
-                    ],
-                    where,
-                )
             count = step if step is not None else int(any(buffers))
         counts.append(count)
     return counts
@@ -819,6 +813,9 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     if group.count == 0 or type(node) not in KEYS:
         return node
     names = _order(group, params)
+    if type(node) is SparseSgdState and node.made:  # each parameter's buffer, where torch has one
+        return _sparse_sgd_filled(node, group, names)
+    _refuse_partial_buffers(group)
     values: dict[str, Any] = {}
     for field, key in KEYS[type(node)].items():
         current = getattr(node, field)
@@ -833,6 +830,34 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     if getattr(node, "made", None):  # sparse SGD's buffers: torch made them all (`_counts`)
         values["made"] = tuple(torch.ones_like(t) for t in node.made)
     return node._replace(**values)
+
+
+def _sparse_sgd_filled(node: SparseSgdState, group: _Group, names: Sequence[str]) -> Any:
+    """Sparse SGD's state with torch's momentum buffers: each parameter's own, sparse or dense,
+    and where torch has made none yet (a table not looked up) the state's zeros, not made."""
+    by_name = dict(zip(group.names, group.state, strict=True))
+    found = [by_name[name].get("momentum_buffer") for name in names]
+    return node._replace(
+        count=torch.full_like(node.count, group.count),
+        momentum=tuple(
+            b if f is None else _torch_value(name, "momentum_buffer", f, b)
+            for name, f, b in zip(names, found, node.momentum, strict=True)
+        ),
+        made=tuple(torch.tensor(f is not None) for f in found),
+    )
+
+
+def _refuse_partial_buffers(group: _Group) -> None:
+    """A dense state's momentum moves every parameter of a group together: torch's group where
+    some parameters have a buffer and others none (they had no gradient yet) does not fit it."""
+    buffers = [s.get("momentum_buffer") is not None for s in group.state]
+    if any(buffers) and not all(buffers):
+        missing = [n for n, b in zip(group.names, buffers, strict=True) if not b]
+        raise ConfigError(
+            f"from_torch_optimizer: {', '.join(missing[:3])} of a parameter group have no "
+            "momentum buffer while the others have one (they had no gradient yet); functrain's "
+            "momentum updates a group together: convert once every parameter has taken a step"
+        )
 
 
 def to_torch_state_dict(

@@ -128,3 +128,32 @@ def test_fit_stopped_and_resumed_with_sparse_momentum_equals_the_run_never_stopp
     resumed = run(tmp_path / "cut", None, resume=True)
     assert int(resumed.step) == int(whole.step) == 6  # 12 batches, windows of 2
     assert_trees_equal(whole.tree(), resumed.tree(), ignore=["driver"])
+
+
+@pytest.mark.parametrize(
+    ("where", "sparse_model"),
+    [("params", True), ("opt_state", False)],
+    ids=["a-parameter", "the-optimizer-state-of-a-dense-model"],
+)
+def test_a_sparse_tensor_where_the_state_holds_a_dense_one_is_refused(
+    tmp_path: Path, where: str, sparse_model: bool
+) -> None:
+    from functrain.checkpoint.state_io import fingerprint
+    from functrain.errors import StateMismatchError
+
+    model = cases.model(True) if sparse_model else torch.nn.Linear(6, 3)
+    state = ft.TrainState.create(model, ft.sgd(0.2, momentum=0.9), cases.loss_fn)
+    tree = dict(state.tree())
+    if where == "params":
+        weight = state.params["head.weight"]
+        tree["params"] = {**state.params, "head.weight": weight.to_sparse()}
+    else:
+        inner = tree["opt_state"].inner
+        first = inner.momentum[0]
+        sparse = torch.zeros(first.shape).to_sparse()
+        tree["opt_state"] = tree["opt_state"]._replace(
+            inner=inner._replace(momentum=(sparse, *inner.momentum[1:]))
+        )
+    path = write_tree(tmp_path / "ckpt", tree, fingerprint=fingerprint(state))
+    with pytest.raises(StateMismatchError, match="expected a dense tensor, got a sparse one"):
+        ft.load(path, like=state)

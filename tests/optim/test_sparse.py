@@ -1,8 +1,9 @@
 """Sparse gradients (``nn.Embedding(sparse=True)``) train as under torch.optim, or are refused.
 
-`sgd` (no momentum), `adagrad` and `sparse_adam` (beside a dense optimizer through `partition`)
-against ``torch.optim.SGD``, ``Adagrad`` and ``SparseAdam`` + ``Adam``, bit for bit: the pure step
-(its input untouched), the donated step, `fit`, and a run saved and resumed. Everything torch has
+`sgd` (with and without momentum), `adagrad` and `sparse_adam` (beside a dense optimizer through
+`partition`) against ``torch.optim.SGD``, ``Adagrad`` and ``SparseAdam`` + ``Adam``, bit for bit:
+the pure step (its input untouched, also by later donated steps on its result), the donated step,
+gradient accumulation, `fit`, and a run saved and resumed. Everything torch has
 no sparse path for is refused by `TrainState.create`, naming the fix.
 """
 
@@ -254,7 +255,7 @@ def test_sparse_adam_refuses_dense_gradients_naming_partition() -> None:
         (lambda: ft.sgd(0.1, weight_decay=0.01), {}, "sgd with weight_decay.*weight_decay=0"),
         (lambda: ft.adagrad(0.1, weight_decay=0.01), {}, "adagrad with weight_decay"),
         (lambda: ft.adamw(1e-3), {}, r"adamw\(.*cannot take the sparse gradients of items.weight"),
-        (lambda: ft.rmsprop(1e-3), {}, "SGD \\(no momentum\\), Adagrad and SparseAdam"),
+        (lambda: ft.rmsprop(1e-3), {}, "with SGD, Adagrad and SparseAdam"),
         (lambda: ft.sgd(0.1), {"clip_grad_norm": 1.0}, "clip_grad_norm with the sparse"),
         (lambda: ft.adagrad(0.1), {"precision": "fp16"}, "precision='fp16'"),
         (lambda: ft.adagrad(0.1), {"grad_stats": "layer"}, "grad_stats with the sparse"),
@@ -409,42 +410,129 @@ def two_table_batches() -> list[Any]:
     return out
 
 
-@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
-@pytest.mark.parametrize(
-    "name", ["sgd", "adagrad-lr-decay", "sparse_adam+adam"], ids=lambda n: n.replace("+", "-")
-)
-def test_a_sparse_table_unused_in_a_step_is_skipped_as_torch_skips_it(name: str) -> None:
-    def parts(m: nn.Module, label: str) -> list[torch.Tensor]:
-        return [p for n, p in m.named_parameters() if (n.startswith("head.")) == (label == "dense")]
+def parts(m: nn.Module, label: str) -> list[torch.Tensor]:
+    return [p for n, p in m.named_parameters() if (n.startswith("head.")) == (label == "dense")]
 
-    factories: dict[str, Any] = {
-        "sgd": (lambda: ft.sgd(0.2), lambda m: [torch.optim.SGD(m.parameters(), 0.2)]),
-        "adagrad-lr-decay": (
-            lambda: ft.adagrad(0.1, lr_decay=0.1),
-            lambda m: [torch.optim.Adagrad(m.parameters(), 0.1, lr_decay=0.1)],
+
+def head_or_rows(name: str, p: torch.Tensor) -> str:
+    return "dense" if name.startswith("head.") else "rows"
+
+
+TWO_TABLES: dict[str, Any] = {
+    "sgd": (lambda: ft.sgd(0.2), lambda m: [torch.optim.SGD(m.parameters(), 0.2)]),
+    "sgd-momentum": (
+        lambda: ft.sgd(0.2, momentum=0.9, nesterov=True),
+        lambda m: [torch.optim.SGD(m.parameters(), 0.2, momentum=0.9, nesterov=True)],
+    ),
+    "adagrad-lr-decay": (
+        lambda: ft.adagrad(0.1, lr_decay=0.1),
+        lambda m: [torch.optim.Adagrad(m.parameters(), 0.1, lr_decay=0.1)],
+    ),
+    "sparse_adam+adam": (
+        lambda: ft.partition(
+            head_or_rows, rows=ft.sparse_adam(0.01), dense=ft.adam(0.01, fused=False)
         ),
-        "sparse_adam+adam": (
-            lambda: ft.partition(
-                lambda n, p: "dense" if n.startswith("head.") else "rows",
-                rows=ft.sparse_adam(0.01),
-                dense=ft.adam(0.01, fused=False),
-            ),
-            lambda m: [
-                torch.optim.SparseAdam(parts(m, "rows"), 0.01),
-                torch.optim.Adam(parts(m, "dense"), 0.01),
-            ],
+        lambda m: [
+            torch.optim.SparseAdam(parts(m, "rows"), 0.01),
+            torch.optim.Adam(parts(m, "dense"), 0.01),
+        ],
+    ),
+    "sgd-momentum+adam": (
+        lambda: ft.partition(
+            head_or_rows, rows=ft.sgd(0.2, momentum=0.9), dense=ft.adam(0.01, fused=False)
         ),
-    }
-    make_ft, make_torch = factories[name]
+        lambda m: [
+            torch.optim.SGD(parts(m, "rows"), 0.2, momentum=0.9),
+            torch.optim.Adam(parts(m, "dense"), 0.01),
+        ],
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_sparse_table_unused_in_a_step_is_skipped_as_torch_skips_it(
+    name: str, every: int
+) -> None:
+    make_ft, make_torch = TWO_TABLES[name]
     torch.manual_seed(0)
     net = TwoTables()
     ref = copy.deepcopy(net)
     opts = make_torch(ref)
-    state = ft.TrainState.create(net, make_ft(), loss_fn)
-    for batch in two_table_batches():
-        state, _ = ft.train_step(state, batch)
+    state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=every)
+    for i, batch in enumerate(two_table_batches() * 2):
+        state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
         loss_fn(ref, batch).backward()
+        if (i + 1) % every:
+            continue
+        for p in ref.parameters():
+            if p.grad is not None:
+                p.grad.div_(every)
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
     assert_trees_equal(params_of(ref), dict(state.params))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", list(TWO_TABLES), ids=lambda n: n.replace("+", "-"))
+@pytest.mark.parametrize("case", ["skipped", "mid-window", "table-unused"])
+def test_a_pure_step_shares_no_tensor_a_later_donated_step_writes(name: str, case: str) -> None:
+    # the state a pure step returns, stepped with donate=True, leaves the step's input as it was
+    torch.manual_seed(0)
+    every = 2 if case == "mid-window" else 1
+    state = ft.TrainState.create(
+        TwoTables(), TWO_TABLES[name][0](), loss_fn, accumulate_steps=every
+    )
+    data = two_table_batches()
+    for batch in data[:4]:
+        state, _ = ft.train_step(state, batch)
+    pure_batch = data[4] if case == "table-unused" else data[5]  # batch 4 leaves "extra" out
+    if case == "skipped":
+        state = ft.TrainState.replace(state, loss_fn=lambda m, b: loss_fn(m, b) * float("nan"))
+    kept = state.clone()
+    new, _ = ft.train_step(state, pure_batch)
+    new = ft.TrainState.replace(new, loss_fn=loss_fn)
+    for batch in data[1:4]:
+        new, _ = ft.train_step(new, batch, donate=True)
+    assert ft.diff_states(kept, state) == []
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_a_torch_sgd_run_whose_table_has_no_momentum_buffer_yet_continues_in_functrain() -> None:
+    torch.manual_seed(0)
+    ref = TwoTables()
+    (opt,) = TWO_TABLES["sgd-momentum"][1](ref)
+    data = two_table_batches()
+
+    def torch_step(module: nn.Module, optimizer: Any, batch: Any) -> None:
+        loss_fn(module, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch_step(ref, opt, data[0])  # leaves the "extra" table out: torch has no buffer for it
+    assert "momentum_buffer" not in opt.state[ref.extra.weight]
+    state = ft.from_torch_optimizer(opt, ref).create_state(copy.deepcopy(ref), loss_fn)
+    made = dict(zip(state.params, state.opt_state.inner.made, strict=True))
+    assert not bool(made["extra.weight"]) and bool(made["items.weight"])
+    back = copy.deepcopy(ref)
+    (again,) = TWO_TABLES["sgd-momentum"][1](back)
+    again.load_state_dict(ft.to_torch_state_dict(state, again, back))
+    assert "momentum_buffer" not in again.state[back.extra.weight]  # and none on the way back
+    for batch in data[1:]:
+        torch_step(ref, opt, batch)
+        torch_step(back, again, batch)
+        state, _ = ft.train_step(state, batch)
+    assert_trees_equal(params_of(ref), dict(state.params))
+    assert_trees_equal(params_of(ref), params_of(back))
+
+
+def test_a_dense_sgd_run_whose_parameter_has_no_momentum_buffer_yet_is_refused() -> None:
+    net = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
+    opt = torch.optim.SGD(net.parameters(), 0.1, momentum=0.9)
+    net["used"](torch.ones(4, 3)).sum().backward()
+    opt.step()
+    run = ft.from_torch_optimizer(opt, net)
+    with pytest.raises(ConfigError, match="unused.weight, unused.bias of a parameter group"):
+        run.create_state(net, lambda m, b: m["used"](b).sum())

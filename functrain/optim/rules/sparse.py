@@ -37,7 +37,7 @@ from functrain.errors import ConfigError, config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras
 from functrain.optim.checks import check_positive
 from functrain.optim.updates import NewParams, flat_updates
-from functrain.optim.zeros import writable, zeros_like
+from functrain.optim.zeros import light_copy, writable, zeros_like
 from functrain.tree import Tree, tree_leaves
 
 __all__ = [
@@ -246,12 +246,16 @@ def sparse_sgd(
     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """torch's momentum update of each parameter (`sparse_sgd`), where the step is kept."""
         if keep is not None and not bool(keep.to("cpu")):  # skipped: everything as it was
-            return p, state.momentum, state.made
+            return (
+                [_kept(x, in_place) for x in p],
+                tuple(_kept(b, in_place) for b in state.momentum),
+                state.made,
+            )
         new, buffers, made = [], [], []
         for grad, param, buf, has in zip(g, p, state.momentum, state.made, strict=True):
             if unused(grad):  # torch skips a parameter without a gradient, its buffer too
-                new.append(param)
-                buffers.append(buf)
+                new.append(_kept(param, in_place))
+                buffers.append(_kept(buf, in_place))
                 made.append(has)
                 continue
             grad = -grad if maximize else grad
@@ -266,6 +270,12 @@ def sparse_sgd(
         return new, tuple(buffers), tuple(made)
 
     return takes_sparse_too(Transform(init_fn, with_extras(update_fn), "sparse_sgd", gated=True))
+
+
+def _kept(t: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """`t` as the new state keeps it unchanged: itself in a donated step, else a copy (a pure
+    step's result shares no tensor with its input, which a later donated step could write)."""
+    return t if in_place else light_copy(t)
 
 
 def _own_buffer(buf: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -333,8 +343,8 @@ def sparse_adagrad(
         new_p, new_sums, new_steps = [], [], []
         for grad, param, total, taken in zip(g, p, state.sum_of_squares, steps, strict=True):
             if unused(grad):  # torch skips a parameter without a gradient, its step too
-                new_p.append(param)
-                new_sums.append(total)
+                new_p.append(_kept(param, in_place))
+                new_sums.append(_kept(total, in_place))
                 new_steps.append(taken)
                 continue
             new_steps.append(_counted(taken, keep))
@@ -418,9 +428,9 @@ def sparse_adam_update(
         new_p, new_mu, new_nu, new_steps = [], [], [], []
         for grad, param, mu, nu, taken in zip(g, p, state.mu, state.nu, steps, strict=True):
             if unused(grad):  # torch skips a parameter without a gradient, its step too
-                new_p.append(param)
-                new_mu.append(mu)
-                new_nu.append(nu)
+                new_p.append(_kept(param, in_place))
+                new_mu.append(_kept(mu, in_place))
+                new_nu.append(_kept(nu, in_place))
                 new_steps.append(taken)
                 continue
             new_steps.append(_counted(taken, keep))
