@@ -311,16 +311,27 @@ def kernel_calls(step) -> int:
     return sum(1 for e in prof.events() if e.name == "aten::_fused_adamw_")
 
 
-def test_a_stacked_step_in_which_no_member_skips_calls_the_kernel_once_and_a_skip_per_member():
-    stacked = ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(3)])
+def test_a_stacked_step_calls_the_kernel_once_whether_members_skip_or_their_counts_part():
+    states = [make_state(seed, ft.adamw(1e-2)) for seed in range(3)]
+    stacked = ft.stack(states)
     x, y = batches(1)[0]
     assert kernel_calls(lambda: ft.train_step(stacked, (x, y))) == 1
-    # member 1's batch is not finite: each member's call takes its own skip flag
-    per_member = ft.PerMember((torch.stack([x, x.clone().fill_(float("nan")), x]), y.expand(3, -1)))
-    assert kernel_calls(lambda: ft.train_step(stacked, per_member)) == 3
+    # member 1's batch is not finite: it is left out of the one call
+    nan = x.clone().fill_(float("nan"))
+    per_member = ft.PerMember((torch.stack([x, nan, x]), y.expand(3, -1)))
+    assert kernel_calls(lambda: ft.train_step(stacked, per_member)) == 1
     new, metrics = ft.train_step(stacked, per_member)
     assert metrics["skipped"].tolist() == [0.0, 1.0, 0.0]
     assert torch.equal(new.params["0.weight"][1], stacked.params["0.weight"][1])
+    # the members' step counts now part (1, 0, 1): still one call, each slice with its own count
+    assert new.opt_state.inner.count.tolist() == [1, 0, 1]
+    assert kernel_calls(lambda: ft.train_step(new, (x, y))) == 1
+    after, _ = ft.train_step(new, (x, y))
+    for k, state in enumerate(states):  # each member as trained alone, its skip included
+        alone, _ = ft.train_step(state, (nan if k == 1 else x, y))
+        alone, _ = ft.train_step(alone, (x, y))
+        for name, p in alone.params.items():
+            torch.testing.assert_close(after.params[name][k], p, rtol=1e-5, atol=1e-6)
 
 
 def test_each_members_gradient_norm_is_the_norm_it_has_trained_alone():

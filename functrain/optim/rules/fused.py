@@ -23,9 +23,10 @@ member's own step count, learning rate, weight decay and skip flag: each member'
 bit that of the member trained alone, given the same gradients.
 A stacked step whose optimizer is member-aware (`functrain.optim.base.member_aware`: these
 transforms are, as is `skip_nonfinite` around them) calls the update outside vmap on the stacked
-tensors (`Extras.members`): the kernel then runs on each member's slices with the member's own
-step count, rate, skip flag and weight decay, or once on all members' slices when they share them,
-writing into the stacked copies (or, donated, the given tensors).
+tensors (`Extras.members`): the kernel then runs once over the members' slices, each with its
+member's own step count, a member that skips left out of the call (its slices stay as they were),
+writing into the stacked copies (or, donated, the given tensors); a call per member only where the
+members' rates or weight decays differ (`functrain.sweep`) or their skip flags lie on a GPU.
 
 In a donated step (the update's extras allow it: `functrain.optim.base.Extras.may_write`) the
 kernels run on the given parameters and state themselves, as torch.optim runs them: no copies, and
@@ -672,6 +673,12 @@ def _on_members(
     `tensors`: the parameters, gradients and buffers; `count` the members' ``[K]`` step counts
     (None for a kernel without); `options` the kernel's arguments, with ``[K]`` rates and skip
     flags and one weight decay per member (or one for all).
+
+    One call where the members share their rate and weight decay: on the stacked tensors where
+    they share their count too and none skips, else on the slices of the members that take the
+    step (the kernel updates each tensor of its lists apart, so a slice's update is the member's
+    alone, bit for bit). A call per member where the rates or decays differ, or where the skip
+    flags lie on a GPU (reading them would wait for the device).
     """
     options = {**options, "found_inf": _flags_that_skip(options["found_inf"])}
     per = _per_member(options, members, count)
@@ -696,6 +703,18 @@ def _on_members(
         kernel.run(lists, one, **per[0][1])
         return
     slices = [[x.unbind(0) for x in xs] for xs in tensors]
+    flags = options["found_inf"]
+    uniform = not (isinstance(lr, torch.Tensor) and lr.ndim) and len(decay) == 1
+    if uniform and (flags is None or flags.is_cpu):
+        # one call for every member that takes the step, each slice with its member's own count
+        # (counts part when a member skipped once); a member that skips is left out of the call
+        skipped = flags.tolist() if flags is not None else [False] * members
+        active = [m for m in range(members) if not skipped[m]]
+        if active:
+            lists = [[s[m] for s in xs for m in active] for xs in slices]
+            steps = [[per[m][0] for _ in slices[0] for m in active]] if count is not None else []
+            kernel.run(lists, steps, **{**per[active[0]][1], "found_inf": None})
+        return
     for k, (_, kwargs) in enumerate(per):
         chosen = range(members) if shared else (k,)
         lists = [[s[m] for s in xs for m in chosen] for xs in slices]
