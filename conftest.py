@@ -92,6 +92,25 @@ class FileProgress:
             )
 
 
+# the longest files, started first: under pytest -n the workers then share the many short tests
+# at the end, instead of one worker running a long file alone while the other idles
+LONG_FIRST = (
+    "tests/test_notebooks.py",
+    "tests/distributed/test_distributed.py",
+    "property_tests/test_fit_resumption.py",
+    "tests/checkpoint/test_sharded_checkpoints.py",
+    "tests/driver/test_loader_resume.py",
+)
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    def rank(item: Any) -> int:
+        where = item.nodeid.split("::")[0]
+        return LONG_FIRST.index(where) if where in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 def pytest_configure(config: Any) -> None:
     parallel = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
     if parallel and not hasattr(config, "workerinput"):  # the controller of an -n run
