@@ -58,10 +58,25 @@ def launch(nproc: int, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_two_ranks_with_half_batches_match_one_process_and_each_other(tmp_path: Path) -> None:
-    launch(2, "steps", str(tmp_path))
-    rank0, _ = ft.load(tmp_path / "rank0")
-    rank1, _ = ft.load(tmp_path / "rank1")
+@pytest.fixture(scope="module")
+def steps_on_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One launch of the "steps" scenario on 2 ranks, read by two tests."""
+    out = tmp_path_factory.mktemp("steps2")
+    launch(2, "steps", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fit_straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The "fit" scenario on one process, never stopped: the run the resumed ones must equal."""
+    out = tmp_path_factory.mktemp("straight")
+    launch(1, "fit", str(out), "0", "0")
+    return out
+
+
+def test_two_ranks_with_half_batches_match_one_process_and_each_other(steps_on_two: Path) -> None:
+    rank0, _ = ft.load(steps_on_two / "rank0")
+    rank1, _ = ft.load(steps_on_two / "rank1")
     for name in rank0["params"]:
         assert torch.equal(rank0["params"][name], rank1["params"][name]), (
             name
@@ -78,20 +93,18 @@ def test_two_ranks_with_half_batches_match_one_process_and_each_other(tmp_path: 
         torch.testing.assert_close(rank0["params"][name], p, rtol=1e-6, atol=1e-7)
 
 
-def test_a_nan_on_one_rank_makes_every_rank_skip_that_step(tmp_path: Path) -> None:
-    launch(2, "steps", str(tmp_path))
+def test_a_nan_on_one_rank_makes_every_rank_skip_that_step(steps_on_two: Path) -> None:
     for rank in (0, 1):
-        tree, _ = ft.load(tmp_path / f"rank{rank}")
+        tree, _ = ft.load(steps_on_two / f"rank{rank}")
         skipped = [float(m["skipped"]) for m in tree["metrics"]]
         assert skipped == [1.0 if i == 5 else 0.0 for i in range(20)]
 
 
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_a_run_checkpointed_on_n_ranks_resumes_on_m_ranks(
-    tmp_path: Path, first: int, then: int
+    tmp_path: Path, first: int, then: int, fit_straight: Path
 ) -> None:
-    straight = tmp_path / "straight"
-    launch(1, "fit", str(straight), "0", "0")
+    straight = fit_straight
     resumed = tmp_path / "resumed"
     launch(first, "fit", str(resumed), "9", "0")  # stopped mid-epoch 1 (6 batches per epoch)
     launch(then, "fit", str(resumed), "0", "1")
