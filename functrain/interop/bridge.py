@@ -827,8 +827,6 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
         values["count"] = torch.full_like(node.count, group.count)
     if getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`): all alike
         values["steps"] = tuple(torch.full_like(t, group.count) for t in node.steps)
-    if getattr(node, "made", None):  # sparse SGD's buffers: torch made them all (`_counts`)
-        values["made"] = tuple(torch.ones_like(t) for t in node.made)
     return node._replace(**values)
 
 

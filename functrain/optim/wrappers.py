@@ -677,7 +677,7 @@ def _accumulate_sparse(
         x = x.to(s.dtype)
         if not x.is_sparse:
             sums.append(writable(s, x).add_(x) if in_place else s + x)
-        elif micro == 0 or not s.is_sparse:  # the window's first gradient: ``.grad`` is it
+        elif micro == 0:  # the window's first gradient: ``.grad`` is it
             sums.append(x.clone())
         else:
             sums.append((s if in_place else s.clone()).add_(x))

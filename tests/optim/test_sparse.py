@@ -158,21 +158,26 @@ def test_a_sparse_run_saved_and_resumed_equals_the_run_never_stopped(
     assert_trees_equal(params_of(torch_run(name, True)), dict(resumed.params))
 
 
+def torch_micro_step(ref: nn.Module, opts: list[Any], batch: Any, i: int, every: int) -> None:
+    """Batch `i` of the torch loop that accumulates `every` batches' gradients in ``.grad``, then
+    steps on their mean (``grad.div_(every)``)."""
+    loss_fn(ref, batch).backward()
+    if (i + 1) % every:
+        return
+    for p in ref.parameters():
+        if p.grad is not None:
+            p.grad.div_(every)
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def torch_accumulated(name: str, every: int, n: int) -> nn.Module:
-    """The torch loop that accumulates `every` batches' gradients in ``.grad``, then steps on
-    their mean (``grad.div_(every)``)."""
+    """`torch_micro_step` over `n` batches of `batches`."""
     ref = model(True)
     opts = OPTIMIZERS[name][1](ref)
     for i, batch in enumerate(batches(n)):
-        loss_fn(ref, batch).backward()
-        if (i + 1) % every:
-            continue
-        for p in ref.parameters():
-            if p.grad is not None:
-                p.grad.div_(every)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        torch_micro_step(ref, opts, batch, i, every)
     return ref
 
 
@@ -463,15 +468,7 @@ def test_a_sparse_table_unused_in_a_step_is_skipped_as_torch_skips_it(
     state = ft.TrainState.create(net, make_ft(), loss_fn, accumulate_steps=every)
     for i, batch in enumerate(two_table_batches() * 2):
         state, _ = ft.train_step(state, batch, donate=i % 3 == 0)
-        loss_fn(ref, batch).backward()
-        if (i + 1) % every:
-            continue
-        for p in ref.parameters():
-            if p.grad is not None:
-                p.grad.div_(every)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        torch_micro_step(ref, opts, batch, i, every)
     assert_trees_equal(params_of(ref), dict(state.params))
 
 

@@ -682,14 +682,10 @@ def _on_members(
     """
     options = {**options, "found_inf": _flags_that_skip(options["found_inf"])}
     per = _per_member(options, members, count)
-    lr, decay = options["lr"], options["weight_decay"]
-    # one call takes every member's slices when no member has a rate or flag of its own
-    shared = (
-        options["found_inf"] is None
-        and not (isinstance(lr, torch.Tensor) and lr.ndim)
-        and len(decay) == 1
-    )
-    if shared and _one_count(count):
+    lr, decay, flags = options["lr"], options["weight_decay"], options["found_inf"]
+    # the members share their rate and weight decay (no sweep): one call can take them all
+    uniform = not (isinstance(lr, torch.Tensor) and lr.ndim) and len(decay) == 1
+    if uniform and flags is None and _one_count(count):
         # each member's blocks walked as in its own tensor: the stacked tensor itself, else slices
         whole = [_walked_alike(p) for p in tensors[0]]
         lists = [
@@ -703,8 +699,6 @@ def _on_members(
         kernel.run(lists, one, **per[0][1])
         return
     slices = [[x.unbind(0) for x in xs] for xs in tensors]
-    flags = options["found_inf"]
-    uniform = not (isinstance(lr, torch.Tensor) and lr.ndim) and len(decay) == 1
     if uniform and (flags is None or flags.is_cpu):
         # one call for every member that takes the step, each slice with its member's own count
         # (counts part when a member skipped once); a member that skips is left out of the call
@@ -715,13 +709,9 @@ def _on_members(
             steps = [[per[m][0] for _ in slices[0] for m in active]] if count is not None else []
             kernel.run(lists, steps, **{**per[active[0]][1], "found_inf": None})
         return
-    for k, (_, kwargs) in enumerate(per):
-        chosen = range(members) if shared else (k,)
-        lists = [[s[m] for s in xs for m in chosen] for xs in slices]
-        steps = [[per[m][0] for _ in slices[0] for m in chosen]] if count is not None else []
-        kernel.run(lists, steps, **kwargs)
-        if shared:
-            break
+    for k, (step, kwargs) in enumerate(per):  # a call per member, with its rate, decay and flag
+        lists = [[s[k] for s in xs] for xs in slices]
+        kernel.run(lists, [[step] * len(slices[0])] if count is not None else [], **kwargs)
 
 
 # the widest vector a CPU kernel walks a tensor with (AVX-512): a member's block of a multiple of

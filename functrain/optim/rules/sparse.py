@@ -130,7 +130,10 @@ def _masked(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def _own(t: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """`t` to write into: itself in a donated step (a copy where it has no storage), else a copy."""
+    """`t` to write into: itself in a donated step (a copy where it has no storage), else a copy
+    (a sparse tensor, SGD's momentum of sparse gradients: itself, or its rows copied)."""
+    if t.is_sparse:
+        return t if in_place else t.clone()
     return writable(t, t) if in_place else t.clone(memory_format=torch.contiguous_format)
 
 
@@ -260,7 +263,7 @@ def sparse_sgd(
                 continue
             grad = -grad if maximize else grad
             if bool(has):
-                buf = _own_buffer(buf, in_place).mul_(momentum).add_(grad, alpha=1 - dampening)
+                buf = _own(buf, in_place).mul_(momentum).add_(grad, alpha=1 - dampening)
             else:
                 buf = grad.detach().clone()
             step = grad.add(buf, alpha=momentum) if nesterov else buf
@@ -276,13 +279,6 @@ def _kept(t: torch.Tensor, in_place: bool) -> torch.Tensor:
     """`t` as the new state keeps it unchanged: itself in a donated step, else a copy (a pure
     step's result shares no tensor with its input, which a later donated step could write)."""
     return t if in_place else light_copy(t)
-
-
-def _own_buffer(buf: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """A momentum buffer to write into: itself in a donated step, else a copy (sparse ones too)."""
-    if buf.is_sparse:
-        return buf if in_place else buf.clone()
-    return _own(buf, in_place)
 
 
 def sparse_adagrad(
