@@ -353,9 +353,15 @@ def _update(
     """
     grads = in_param_layouts(grads, state.params)
     grad_list = list(grads.values())
-    grad_norm = extras.global_norm(grad_list)
+    # with accumulation (outermost: `core/options.py`) the norm reported is its mean gradient's,
+    # which it measures itself: the micro-batch's would be measured for nothing
+    grad_norm = None if state.options.accumulate_steps > 1 else extras.global_norm(grad_list)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
-    norms = extras.norms.sharing(grad_list, grad_norm) if not _functional() else extras.norms
+    norms = (
+        extras.norms.sharing(grad_list, grad_norm)
+        if grad_norm is not None and not _functional()
+        else extras.norms
+    )
     reported: dict[str, torch.Tensor] = {}  # accumulation reports the norm of its mean gradient
     given = extras._replace(norms=norms, reported=reported)
     try:
@@ -379,6 +385,8 @@ def _update(
             "module), or make the embedding dense (sparse=False)"
         ) from error
     grad_norm = reported.get("grad_norm", grad_norm)
+    if grad_norm is None:  # a transform of the user's own that reported none
+        grad_norm = extras.global_norm(grad_list)
     if scale is not None:
         grad_norm = grad_norm / scale
     params = in_param_strides(

@@ -7,7 +7,14 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, Transform, member_aware, with_extras
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    Transform,
+    flag_value,
+    member_aware,
+    with_extras,
+)
 from functrain.optim.naming import named
 from functrain.optim.zeros import counter
 from functrain.tree import Tree, member_view, tree_flatten, tree_leaves, tree_unflatten
@@ -56,32 +63,32 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
     def init_fn(params: Tree) -> EmaState:
         return EmaState(counter(params), tuple(p.detach().clone() for p in tree_leaves(params)))
 
+    def weight_of(count: torch.Tensor) -> float | torch.Tensor:
+        """This update's weight ``1 - decay`` (a tensor with `warmup`, per member if stacked)."""
+        if not warmup:
+            return 1 - decay
+        step = count.to(torch.float64)
+        return 1 - torch.clamp((1 + step) / (10 + step), max=decay)
+
     def lerp(
         avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor
     ) -> list[torch.Tensor]:
-        if warmup:
-            weight = 1 - torch.clamp(
-                (1 + count.to(torch.float64)) / (10 + count.to(torch.float64)), max=decay
-            )
-            return [
-                torch.lerp(a, x, member_view(weight.to(a.dtype), a))
-                for a, x in zip(avg, p, strict=True)
-            ]
-        return list(torch._foreach_lerp(avg, p, 1 - decay))
+        weight = weight_of(count)
+        if isinstance(weight, float):
+            return list(torch._foreach_lerp(avg, p, weight))
+        return [
+            torch.lerp(a, x, member_view(weight.to(a.dtype), a))
+            for a, x in zip(avg, p, strict=True)
+        ]
 
-    def _lerp_(
-        avg: list[torch.Tensor],
-        p: list[torch.Tensor],
-        count: torch.Tensor,
-        keep: torch.Tensor | None,
-    ) -> None:
+    def lerp_(avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor) -> None:
         """`lerp` written into `avg` (a donated step): the same kernels, in place."""
-        if keep is None and not warmup:
-            torch._foreach_lerp_(avg, p, 1 - decay)
+        weight = weight_of(count)
+        if isinstance(weight, float):
+            torch._foreach_lerp_(avg, p, weight)
             return
-        for a, x in zip(avg, p, strict=True):  # leaf by leaf: one leaf's new average at a time
-            new = lerp([a], [x], count)[0]
-            torch.where(member_view(keep, a), new, a, out=a) if keep is not None else a.copy_(new)
+        for a, x in zip(avg, p, strict=True):
+            a.lerp_(x, member_view(weight.to(a.dtype), a))
 
     def update_fn(
         updates: Any,
@@ -93,16 +100,26 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
     ) -> tuple[Tree, EmaState]:
         p, spec = tree_flatten(updates)
         count = state.count + 1 if keep is None else torch.where(keep, state.count + 1, state.count)
-        if extras.may_write():
-            _lerp_(list(state.average), p, state.count, keep)
+        moves = True if keep is None else flag_value(keep)
+        in_place = extras.may_write()
+        if keep is not None and moves is None:  # not readable here (an accelerator, a trace)
+            average = list(state.average)
+            if in_place:
+                for a, x in zip(average, p, strict=True):  # leaf by leaf: one new one at a time
+                    torch.where(member_view(keep, a), lerp([a], [x], state.count)[0], a, out=a)
+            else:
+                moved = lerp(average, p, state.count)
+                average = [
+                    torch.where(member_view(keep, a), n, a)
+                    for n, a in zip(moved, average, strict=True)
+                ]
+        elif not moves:  # known on the host: the average stays as it is
+            average = list(state.average) if in_place else [a.clone() for a in state.average]
+        elif in_place:  # every average moves: one lerp, no select
+            lerp_(list(state.average), p, state.count)
             average = list(state.average)
         else:
             average = lerp(list(state.average), p, state.count)
-            if keep is not None:
-                average = [
-                    torch.where(member_view(keep, a), n, a)
-                    for n, a in zip(average, state.average, strict=True)
-                ]
         return tree_unflatten(average, spec), EmaState(count, tuple(average))
 
     return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, Protocol, cast, overload
 import torch
 
 from functrain.errors import ConfigError
+from functrain.optim.batching import under_vmap
 from functrain.optim.updates import Scalar, Updates
 from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm
 
@@ -59,6 +60,7 @@ __all__ = [
     "Planner",
     "with_plan",
     "planner_of",
+    "flag_value",
 ]
 
 Params = Tree
@@ -410,3 +412,28 @@ def identity() -> Transform:
         name="identity()",
         gated=True,
     )
+
+
+def flag_value(flag: torch.Tensor) -> bool | None:
+    """A bool flag's value on the host where reading it waits for nothing, else None.
+
+    That is a CPU tensor in an eager step: CPU kernels run synchronously, so the value is there
+    when the tensor is. A 0-d flag gives its value; a stacked state's ``[K]`` flag gives True
+    where every member's holds, False where none does, and None where they differ. None on an
+    accelerator (reading would wait for the device's queue: a sync), under ``torch.compile`` (a
+    graph break) and under a torch.func transform (a member's flag has no value of its own).
+
+    A transform uses it to skip work a flag would make a no-op (an update nobody applies, a
+    ``torch.where`` whose choice is known) and computes the same bits either way; where it is
+    None it keeps the branch-free form.
+
+    Example:
+        >>> flag_value(torch.tensor(True)), flag_value(torch.tensor([True, False]))
+        (True, None)
+    """
+    if flag.device.type != "cpu" or torch.compiler.is_compiling() or under_vmap():
+        return None
+    if flag.ndim == 0:
+        return bool(flag)  # a CPU tensor: its value is computed already, not a sync
+    every = bool(flag.all())
+    return True if every else False if not bool(flag.any()) else None

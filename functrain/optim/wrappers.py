@@ -23,6 +23,7 @@ from functrain.optim.base import (
     Ran,
     Runner,
     Transform,
+    flag_value,
     is_transform,
     member_aware,
     planner_of,
@@ -43,13 +44,14 @@ from functrain.optim.rules.sparse import (
     with_sparse_twin,
 )
 from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
-from functrain.optim.zeros import counter, writable, zeros_like
+from functrain.optim.zeros import counter, light_copy, writable, zeros_like
 from functrain.tree import (
     LOCAL_NORMS,
     Norms,
     Tree,
     global_norm,
     member_view,
+    tree_flatten,
     tree_leaves,
     tree_paths,
     tree_select,
@@ -137,8 +139,12 @@ def _update_where(
 
     A gated transform does this itself (torch's fused kernels skip on a flag); for any other the
     update runs and `torch.where` picks the previous state and parameters (so it runs without the
-    in-place permission of `extras`).
+    in-place permission of `extras`). Where `keep` is known on the host to hold (`flag_value`: a
+    CPU tensor in an eager step) the update runs as it is, with `extras`' permission, and neither
+    a gate nor a select is needed: the same bits.
     """
+    if flag_value(keep):  # known on the host to hold: the update as it is, in place if allowed
+        return update_with(inner, updates, state, params, extras)
     if getattr(inner, "gated", False):
         new_updates, new_state = update_with(inner, updates, state, params, extras, keep)
         # new parameters come gated from the kernel; updates of any other form are gated here
@@ -602,6 +608,10 @@ def accumulate(inner: Transform, every: int) -> Transform:
     def acc_dtype(t: torch.Tensor) -> torch.dtype:
         return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
 
+    # whether `inner`'s updates are final (new parameters, not updates for a later transform):
+    # seen at its first run; until then a window's inner update runs at every micro-step
+    final = [False]
+
     def init_fn(params: Tree) -> AccumulateState:
         sums = tuple(
             zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params)
@@ -628,12 +638,37 @@ def accumulate(inner: Transform, every: int) -> Transform:
         if in_place:  # a donated step: the sums accumulate in their own storage
             torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1
-        mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
-        given = _mean_reported(mean, extras)
-        new_updates, inner_state = _update_where(
-            inner, last, tree_unflatten(mean, spec), state.inner, params, given
+        ends = flag_value(last)  # None where it cannot be read without a sync or a graph break
+        reported = extras.reported
+        # between window ends the norm reported is the sums' over `every` (the mean is made only
+        # where an update runs); at a window's end the mean's, which the checks inside share
+        between = (
+            extras.global_norm(list(sums)) / every
+            if every > 1 and reported is not None and ends is not True
+            else None
         )
-        if in_place:
+        if ends is False and params is not None and final[0]:
+            # the window goes on: the inner update would be a no-op, so it is not run
+            new_updates, inner_state = _unmoved(params, state.inner, in_place)
+        else:
+            mean = (
+                [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
+            )
+            given = _mean_reported(mean, extras)
+            new_updates, inner_state = _update_where(
+                inner, last, tree_unflatten(mean, spec), state.inner, params, given
+            )
+            final[0] = isinstance(new_updates, (ParamStep, NewParams))
+        if between is not None and reported is not None:
+            reported["grad_norm"] = (
+                between if ends is False else torch.where(last, reported["grad_norm"], between)
+            )
+        if ends is not None:  # the window's end known on the host: the sums zeroed or kept as are
+            if ends and in_place:
+                torch._foreach_zero_(sums)
+            elif ends:
+                sums = [torch.zeros_like(s) for s in sums]
+        elif in_place:
             for s in sums:
                 # exactly `where(last, 0, s)`, without a second buffer
                 s.masked_fill_(member_view(last, s), 0)
@@ -649,6 +684,20 @@ def accumulate(inner: Transform, every: int) -> Transform:
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
     return Transform(init_fn, member_aware(with_extras(update_fn), aware))
+
+
+def _unmoved(params: Tree, inner_state: Tree, in_place: bool) -> tuple[NewParams, Tree]:
+    """The no-op of a final update (one that computes the new parameters) and its state.
+
+    Bit for bit what the inner transform returns when its gate is off: the parameters and the
+    state as they were; a pure step's copies of them (it shares no tensor with its input).
+    """
+    p, spec = tree_flatten(params)
+    if in_place:
+        return NewParams(p, spec), inner_state
+    leaves, state_spec = tree_flatten(inner_state)
+    copies = [light_copy(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+    return NewParams([x.clone() for x in p], spec), tree_unflatten(copies, state_spec)
 
 
 def _accumulate_sparse(

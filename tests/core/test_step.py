@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import functrain as ft
+from functrain.optim.base import flag_value
 from functrain.optim.wrappers import SkipNonfiniteState
 from tests.comparisons import assert_trees_equal
 from tests.models import cross_entropy_loss_fn, cross_entropy_with_accuracy, make_cnn, make_mlp
@@ -600,9 +602,26 @@ class HostRead(AssertionError):
 
 
 def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every read of a tensor's value on the host raise, but the flags `flag_value` reads.
+
+    On the CPU an eager step reads its skip flags and window ends through
+    `functrain.optim.base.flag_value`, which waits for nothing there (and reads nothing on an
+    accelerator or when traced: `tests/test_cuda.py` runs a step under torch's sync detection).
+    """
+    real_bool = torch.Tensor.__bool__
     for name in HOST_READS:
 
         def boom(*args: Any, _name: str = name, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code
+            flag = args[0] if args else None
+            if (
+                _name == "__bool__"
+                and caller is flag_value.__code__
+                and isinstance(flag, torch.Tensor)
+                and flag.dtype == torch.bool
+                and flag.device.type == "cpu"
+            ):
+                return real_bool(flag)
             raise HostRead(f"Tensor.{_name} called inside a step")
 
         monkeypatch.setattr(torch.Tensor, name, boom)

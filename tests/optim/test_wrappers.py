@@ -274,13 +274,21 @@ def test_accumulate_reports_the_norm_of_the_mean_it_hands_on_and_shares_it_with_
     state, norms, measured = tx.init(params), [], []
     norm = torch._foreach_norm
     monkeypatch.setattr(torch, "_foreach_norm", lambda t: measured.append(t) or norm(t))
-    for g in ([3.0, 0.0], [3.0, 8.0]):
+    # two windows: the first call of a transform runs its inner update (still a no-op) to learn
+    # what it emits; from then on a window's first micro-step only adds
+    for g in ([3.0, 0.0], [3.0, 8.0]) * 2:
         extras = ft.Extras(reported={})
         _, state = tx.update({"w": torch.tensor(g)}, state, params, extras=extras)
         norms.append(extras.reported["grad_norm"])
-    assert torch.stack(norms).tolist() == [1.5, 5.0]  # |(3, 0) / 2|, then |(6, 8) / 2|
+    # |(3, 0)| / 2, then |(6, 8) / 2|
+    assert torch.stack(norms).tolist() == [1.5, 5.0, 1.5, 5.0]
     assert float(ft.transform_metrics(state)["grad_norm"]) == 5.0
-    assert len(measured) == 2  # once per update: clipping measured it no more
+    # the first call measured the sum and the mean it ran the inner update on; after that, once
+    # per micro-step (the sum, then the mean): clipping measured the mean no more
+    assert [m[0].tolist() for m in measured] == [[3.0, 0.0], [1.5, 0.0], [3.0, 4.0]] + [
+        [3.0, 0.0],
+        [3.0, 4.0],
+    ]
 
 
 # ---------------------------------------------------------------- dynamic_loss_scale
