@@ -14,6 +14,16 @@ Workload: MLP 784-128-10 (ReLU), cross-entropy, ``functrain.adamw(1e-3)``, batch
 * ``hand-written, pre-made``: ``loss.backward(); opt.step(); opt.zero_grad()`` over the ready
   batches, ``opt = torch.optim.AdamW(lr=1e-3, weight_decay=1e-2, fused=True)`` (the kernel and
   hyperparameters of ``functrain.adamw(1e-3)``);
+* ``fit, demo options, pre-made``: the same `fit` over the ready batches, on a state with the
+  demo's options (``configs/demo.yaml``): ``adamw(warmup_cosine(3e-3, ...), weight_decay=1e-4,
+  mask=decay_mask)`` (fused), ``ema_decay=0.99``, ``clip_grad_norm=1.0``; the warm-up is 20 of
+  the 200 steps and the cosine ends at 1% of the peak at step 200;
+* ``hand-written, demo options, pre-made``: the torch loop doing the same, bit for bit (checked
+  before timing: the parameters and the average after 200 steps): ``AdamW(fused=True)`` with a
+  second param group without weight decay, the rate by ``LambdaLR`` (from a base rate of 1.0, the
+  schedule's values in a table), ``clip_grad_norm_(params, 1.0)`` before ``opt.step()``,
+  ``torch._foreach_lerp_(average, params, 0.01)`` after it. Target: the ratio of the two <= 1.08
+  (the step's 1.05 and the driver's share; issue 49);
 * ``Lightning Trainer.fit, pre-made``: ``lightning.Trainer(max_epochs=1, accelerator="cpu",
   devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
   enable_model_summary=False, log_every_n_steps=50).fit(module, ready)``, a ``LightningModule``
@@ -65,6 +75,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import functrain as ft
+from functrain.demo import decay_mask
 
 BATCH, STEPS = 64, 200
 
@@ -133,10 +144,98 @@ def variants(
     if not others:
         return runs
     runs.update({"fit, pre-made": fit_ready, "hand-written, pre-made": _hand_written(state, ready)})
+    demo = demo_state(state)
+    runs[DEMO_FIT] = lambda: _fit_ready(demo, ready, devnull)
+    runs[DEMO_HAND] = _hand_written_demo(demo, ready)
     lightning_fit = _lightning(state, ready)
     if lightning_fit is not None:
         runs["Lightning Trainer.fit, pre-made"] = lightning_fit
     return runs
+
+
+def _fit_ready(state: ft.TrainState, ready: list[Any], devnull: Any) -> ft.TrainState:
+    bar = ft.ProgressBar(file=devnull)
+    return ft.fit(
+        state,
+        ready,
+        max_epochs=1,
+        log_every=50,
+        progress=False,
+        callbacks=[bar],
+        verbosity="silent",
+    ).state
+
+
+# the demo's options (configs/demo.yaml) over this workload's 200 steps: the warm-up a tenth of
+# them (the demo's is one of its 15 epochs), the decay to 1% of the peak at the last
+DEMO_FIT = "fit, demo options, pre-made"
+DEMO_HAND = "hand-written, demo options, pre-made"
+DEMO_LR, DEMO_WARMUP, DEMO_DECAY, DEMO_WD, DEMO_EMA, DEMO_CLIP = 3e-3, 20, 200, 1e-4, 0.99, 1.0
+DEMO_RATES = ft.schedules.warmup_cosine(
+    DEMO_LR, warmup_steps=DEMO_WARMUP, decay_steps=DEMO_DECAY, end_value=DEMO_LR * 0.01
+)
+
+
+def demo_state(state: ft.TrainState) -> ft.TrainState:
+    """The workload's model under the demo's optimizer and options: EMA, clipping, warm-up
+    cosine."""
+    tx = ft.adamw(DEMO_RATES, weight_decay=DEMO_WD, mask=decay_mask, fused=True)
+    return ft.TrainState.create(
+        state.export_module(),
+        tx,
+        loss_fn,
+        seed=0,
+        ema_decay=DEMO_EMA,
+        clip_grad_norm=DEMO_CLIP,
+    )
+
+
+def _hand_written_demo(state: ft.TrainState, ready: list[Any]) -> Callable[[], Any]:
+    """The demo's options in torch: AdamW with a group spared of decay, the rate by `LambdaLR`
+    (from a base of 1.0, the schedule's values looked up in a table, as cheap as a lambda in
+    `math`), `clip_grad_norm_` before the step, `_foreach_lerp_` of an average after it."""
+    initial = state.export_module().train()
+    rates = [float(DEMO_RATES(k)) for k in range(DEMO_DECAY + 1)]
+
+    def run() -> tuple[nn.Module, list[torch.Tensor]]:
+        model = copy.deepcopy(initial)
+        weights = list(model.parameters())
+        decay = [p for name, p in model.named_parameters() if decay_mask(name, p)]
+        spared = [p for name, p in model.named_parameters() if not decay_mask(name, p)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": DEMO_WD}, {"params": spared, "weight_decay": 0.0}],
+            lr=1.0,
+            fused=True,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: rates[min(k, DEMO_DECAY)])
+        average = [p.detach().clone() for p in weights]
+        for batch in ready:
+            loss_fn(model, batch).backward()
+            torch.nn.utils.clip_grad_norm_(weights, DEMO_CLIP)
+            opt.step()
+            scheduler.step()
+            opt.zero_grad(set_to_none=True)
+            torch._foreach_lerp_(average, weights, 1 - DEMO_EMA)
+        return model, average
+
+    return run
+
+
+def check_demo_bits(runs: dict[str, Callable[[], Any]]) -> str:
+    """'bitwise' if `fit` with the demo's options ends where its hand-written loop does (the
+    parameters and the EMA's average), else the largest difference."""
+    state = runs[DEMO_FIT]()
+    model, average = runs[DEMO_HAND]()
+    names = [name for name, _ in model.named_parameters()]
+    pairs = [(dict(model.named_parameters()), state.params)]
+    pairs.append((dict(zip(names, average, strict=True)), state.ema_params))
+    worst = None
+    for theirs, ours in pairs:
+        for k, t in theirs.items():
+            if not torch.equal(t, ours[k]):
+                diff = (t.detach().double() - ours[k].double()).abs().nan_to_num(nan=float("inf"))
+                worst = max(worst or 0.0, float(diff.max()))
+    return "bitwise" if worst is None else f"max diff {worst:.2e}"
 
 
 def _torch_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -310,6 +409,18 @@ def report_premade(samples: dict[str, dict[str, list[float]]]) -> None:
                 f"{name} / hand-written, pre-made: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x "
                 "CPU"
             )
+    if DEMO_FIT in samples:
+        ratio = {
+            c: statistics.median(
+                f / h for f, h in zip(samples[DEMO_FIT][c], samples[DEMO_HAND][c], strict=True)
+            )
+            for c in ("wall", "cpu")
+        }
+        verdict = "ok" if ratio["cpu"] <= 1.08 else "MISSED"
+        print(
+            f"{DEMO_FIT} / {DEMO_HAND}: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x CPU "
+            f"(target <= 1.08): {verdict}"
+        )
     if light is not None:
         speedup = {
             c: statistics.median(
@@ -371,6 +482,7 @@ def main() -> None:
     state, data = workload()
     with open(os.devnull, "w") as devnull:
         runs = variants(state, data, devnull)
+        print(f"{DEMO_FIT} against its hand-written loop after 200 steps: {check_demo_bits(runs)}")
         samples = measure(runs, args.reps)
         with no_op_step(state, data):
             runs = variants(state, data, devnull, others=False)

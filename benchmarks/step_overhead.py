@@ -35,6 +35,43 @@ Workloads (float32, CPU, cross-entropy over 10 classes, both AdamW weight decays
   sequence;
 * ``mlp25m``: the parameter-heavy MLP of ``benchmarks/memory.py``, 1024-4096-4096-1024 (25M
   parameters), batch 64, 10 classes.
+* ``mlp512``: 512-1024-1024-10 with ReLU, batch 64 (1.6M parameters): a step whose update and
+  options cost as much as its matmuls;
+* ``mlp256``: 256-64-10 with ReLU, batch 32.
+
+The matrix (``--matrix``, instead of the table above): one row per configuration (``--configs``)
+and per optimizer (``--optimizers``), each as ``functrain.train_step`` on a state created with that
+option, donated (``donate=True``) and pure, against its own hand-written torch loop, which does the
+same thing bit for bit and is named in the row. The configurations run fused AdamW (lr 1e-3, weight
+decay 1e-2; ``functrain.adamw``'s default kernel) against ``torch.optim.AdamW(fused=True)``:
+
+* ``bare``: default options (the non-finite guard on); ``bare-none``: ``nonfinite="none"``;
+* ``ema``: ``ema_decay=0.999``; the loop lerps an average that starts as a copy of the initial
+  parameters, ``torch._foreach_lerp_(avg, params, 1 - 0.999)`` after ``opt.step()``;
+* ``accumulate``: ``accumulate_steps=4``, timed per micro-step; the loop runs
+  ``(loss / 4).backward()`` for 4 batches, then ``opt.step()`` (with 4 it agrees with functrain's
+  ``.grad / 4``);
+* ``clip``: ``clip_grad_norm=1.0``; the loop calls ``torch.nn.utils.clip_grad_norm_(params, 1.0)``
+  before the step;
+* ``bf16``: ``precision="bf16"``; the loop runs the loss under
+  ``torch.autocast("cpu", dtype=torch.bfloat16)``;
+* ``groups``: ``functrain.partition`` of the weight matrices and the biases, each an ``adamw``
+  with its own ``schedules.warmup_cosine`` rate (the biases at twice the rate, undecayed); the
+  loop has two param groups and a ``LambdaLR`` with a lambda per group;
+* ``lambdalr``: ``adamw(schedules.from_torch(LambdaLR, lr=1e-3, lr_lambda=...))`` against
+  torch's ``LambdaLR`` with the same lambda.
+
+The optimizers run with the default options against the torch implementation each preset matches
+bit for bit (``tests/optim/test_implementation_choices.py``): ``rmsprop``, ``nadam`` and
+``adamax`` against torch's CPU default, the single-tensor loop (``foreach=False``); ``radam``
+against ``RAdam(foreach=True)``. All three implementations of a row start from the same weights,
+run the same number of steps, interleaved in ABBA rounds of a block of (micro-)steps each; the
+table gives the median ms per (micro-)step and the ratios to the row's loop. Then the parameters
+of both functrain steps (and the EMA's average) are compared with the loop's (``torch.equal``): a
+row says ``bitwise`` or the largest difference. The configurations run on ``mlp512``, ``mlp256``
+and ``small``, the optimizers on ``mlp512`` (``--optimizer-workloads``); the run ends with the
+ratios over issue 49's targets (donated <= 1.05 on mlp512, bare <= 1.03; pure <= 1.25 on mlp512;
+donated bare <= 1.00 and the options <= 1.15 on the smaller MLPs) and any row not bit for bit.
 
 Method: every implementation starts from the same initial weights (its own copy) and steps on the
 same batch. After untimed warm-up steps (which also compile), ``--reps`` timed rounds run every
@@ -69,6 +106,9 @@ Usage:
     python benchmarks/step_overhead.py --workloads mlp --reps 200 --no-compile --no-memory
     python benchmarks/step_overhead.py --threads 1 --clock cpu  # on a machine shared with others
     python benchmarks/step_overhead.py --profile --workloads small --threads 1 --clock cpu
+    python benchmarks/step_overhead.py --matrix --threads 1 --clock cpu   # every row (~2-3 min)
+    python benchmarks/step_overhead.py --matrix --quick --threads 1 --clock cpu
+    python benchmarks/step_overhead.py --matrix --workloads mlp512 --configs ema --optimizers ''
 
 ``--profile`` prints, for the eager steps (donated, and the default), the host time per phase of a
 step: loss and backward (`gradients`), guards and metrics (the finiteness check, the gradient norm,
@@ -93,7 +133,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +145,29 @@ LR = 1e-3
 WEIGHT_DECAY = 1e-2
 MiB = 1024 * 1024
 
-WORKLOADS = ("small", "mlp", "cnn", "cnnbn", "transformer", "mlp25m")
+WORKLOADS = ("small", "mlp", "cnn", "cnnbn", "transformer", "mlp25m", "mlp512", "mlp256")
+DEFAULT_WORKLOADS = WORKLOADS[:6]  # the implementations table's; the matrix's: MATRIX_WORKLOADS
 # steps per timed sample, per workload: about 8-80 ms per sample
-BLOCK = {"small": 20, "mlp": 10, "cnn": 1, "cnnbn": 1, "transformer": 1, "mlp25m": 1}
-WARMUP = {"small": 40, "mlp": 20, "cnn": 3, "cnnbn": 3, "transformer": 3, "mlp25m": 3}
+BLOCK = {
+    "small": 20,
+    "mlp": 10,
+    "cnn": 1,
+    "cnnbn": 1,
+    "transformer": 1,
+    "mlp25m": 1,
+    "mlp512": 4,
+    "mlp256": 20,
+}
+WARMUP = {
+    "small": 40,
+    "mlp": 20,
+    "cnn": 3,
+    "cnnbn": 3,
+    "transformer": 3,
+    "mlp25m": 3,
+    "mlp512": 8,
+    "mlp256": 40,
+}
 
 IMPLS = (
     "hand",
@@ -256,6 +315,16 @@ def build(workload: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
             nn.Linear(1024, 10),
         )
         x = torch.randn(64, 1024)
+    elif workload == "mlp512":
+        model = nn.Sequential(
+            nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+        x = torch.randn(64, 512)
+    elif workload == "mlp256":
+        model, x = (
+            nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)),
+            torch.randn(32, 256),
+        )
     else:
         raise SystemExit(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     y = torch.randint(0, classes, (x.shape[0],))
@@ -743,6 +812,346 @@ def print_memory(
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# the matrix (--matrix): each configuration and optimizer against its own hand-written loop
+
+MATRIX_WORKLOADS = ("mlp512", "mlp256", "small")
+MATRIX_REPS = 30
+EMA_DECAY, CLIP, ACCUMULATE = 0.999, 1.0, 4
+# the groups row: weight matrices and biases at their own warm-up + cosine rates, biases undecayed
+GROUP_STEPS = 2000
+GROUP_RATES = {
+    "weights": functrain.schedules.warmup_cosine(1e-3, warmup_steps=20, decay_steps=GROUP_STEPS),
+    "biases": functrain.schedules.warmup_cosine(2e-3, warmup_steps=20, decay_steps=GROUP_STEPS),
+}
+GROUP_DECAY = {"weights": WEIGHT_DECAY, "biases": 0.0}
+
+
+def group_of(name: str, param: torch.Tensor) -> str:
+    return "weights" if param.ndim > 1 else "biases"
+
+
+def lambda_factor(epoch: int) -> float:
+    """The lambdalr row's `LambdaLR` lambda (one of the classes `from_torch` converts exactly)."""
+    return 1 / (1 + 0.01 * epoch)
+
+
+def fused_adamw(module: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    return torch.optim.AdamW(
+        module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True
+    ), None
+
+
+def grouped_adamw(module: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """Two param groups, each rate written by a `LambdaLR` lambda from its base rate 1.0.
+
+    Each lambda returns the rate itself (``1.0 * rate`` is the rate to the bit), looked up in a
+    table of the same functrain schedule's values: a torch user's lambda in `math` costs about as
+    little (a fraction of a microsecond), where calling the schedule would cost the loop some 40 us
+    a step, and rounds a few of the 2,000 rates differently.
+    """
+    groups: dict[str, list[torch.Tensor]] = {"weights": [], "biases": []}
+    for name, p in module.named_parameters():
+        groups[group_of(name, p)].append(p)
+    opt = torch.optim.AdamW(
+        [{"params": ps, "weight_decay": GROUP_DECAY[g]} for g, ps in groups.items()],
+        lr=1.0,
+        fused=True,
+    )
+    tables = [[float(GROUP_RATES[g](k)) for k in range(GROUP_STEPS + 1)] for g in groups]
+    lambdas = [lambda k, t=t: t[min(k, GROUP_STEPS)] for t in tables]  # held after the decay
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def lambda_adamw(module: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    opt, _ = fused_adamw(module)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda_factor)
+
+
+def torch_optimizer(cls: type, **kwargs: Any) -> Callable[[nn.Module], tuple[Any, Any]]:
+    return lambda module: (cls(module.parameters(), lr=LR, **kwargs), None)
+
+
+class Row(NamedTuple):
+    """One row of the matrix: functrain's optimizer and options, and the hand-written loop's.
+
+    The hand-written loop reads the same options (`HandLoop`): accumulation, clipping, bf16
+    autocast and the EMA are the torch calls a user writes for them.
+    """
+
+    tx: Callable[[], functrain.Transform]
+    torch_opt: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]]
+    options: dict[str, Any]
+    hand: str  # the hand-written loop, as the table names it
+
+
+def _adamw() -> functrain.Transform:
+    return functrain.adamw(LR, weight_decay=WEIGHT_DECAY)
+
+
+CONFIG_ROWS = {
+    "bare": Row(_adamw, fused_adamw, {}, "AdamW(fused=True)"),
+    "bare-none": Row(_adamw, fused_adamw, {"nonfinite": "none"}, "AdamW(fused=True)"),
+    "ema": Row(
+        _adamw,
+        fused_adamw,
+        {"ema_decay": EMA_DECAY},
+        f"AdamW(fused=True), then _foreach_lerp_(avg, params, 1 - {EMA_DECAY})",
+    ),
+    "accumulate": Row(
+        _adamw,
+        fused_adamw,
+        {"accumulate_steps": ACCUMULATE},
+        f"(loss / {ACCUMULATE}).backward() x {ACCUMULATE}, AdamW(fused=True); per micro-step",
+    ),
+    "clip": Row(
+        _adamw,
+        fused_adamw,
+        {"clip_grad_norm": CLIP},
+        f"clip_grad_norm_(params, {CLIP}), AdamW(fused=True)",
+    ),
+    "bf16": Row(
+        _adamw,
+        fused_adamw,
+        {"precision": "bf16"},
+        "autocast('cpu', bfloat16) around the loss, AdamW(fused=True)",
+    ),
+    "groups": Row(
+        lambda: functrain.partition(
+            group_of,
+            **{
+                g: functrain.adamw(GROUP_RATES[g], weight_decay=GROUP_DECAY[g]) for g in GROUP_RATES
+            },
+        ),
+        grouped_adamw,
+        {},
+        "AdamW(fused=True), 2 param groups, LambdaLR with a lambda per group",
+    ),
+    "lambdalr": Row(
+        lambda: functrain.adamw(
+            functrain.schedules.from_torch(
+                torch.optim.lr_scheduler.LambdaLR, lr=LR, lr_lambda=lambda_factor
+            ),
+            weight_decay=WEIGHT_DECAY,
+        ),
+        lambda_adamw,
+        {},
+        "AdamW(fused=True) + LambdaLR",
+    ),
+}
+# each preset against the torch implementation it matches bit for bit (docs/guides/transforms.md,
+# tests/optim/test_implementation_choices.py): torch's CPU default, the single-tensor loop, where
+# the preset matches it; RAdam's foreach path, which its preset follows
+OPTIMIZER_ROWS = {
+    "rmsprop": Row(
+        lambda: functrain.rmsprop(LR),
+        torch_optimizer(torch.optim.RMSprop, foreach=False),
+        {},
+        "RMSprop(foreach=False), torch's CPU default",
+    ),
+    "nadam": Row(
+        lambda: functrain.nadam(LR),
+        torch_optimizer(torch.optim.NAdam, foreach=False),
+        {},
+        "NAdam(foreach=False), torch's CPU default",
+    ),
+    "adamax": Row(
+        lambda: functrain.adamax(LR),
+        torch_optimizer(torch.optim.Adamax, foreach=False),
+        {},
+        "Adamax(foreach=False), torch's CPU default",
+    ),
+    "radam": Row(
+        lambda: functrain.radam(LR),
+        torch_optimizer(torch.optim.RAdam, foreach=True),
+        {},
+        "RAdam(foreach=True)",
+    ),
+}
+ROWS = {**CONFIG_ROWS, **OPTIMIZER_ROWS}
+# (workload, row) -> the highest donated and pure ratios issue 49 asks for; None: no target
+MATRIX_TARGETS: dict[tuple[str, str], tuple[float, float | None]] = {
+    **{("mlp512", name): (1.05, 1.25) for name in ROWS},
+    ("mlp512", "bare"): (1.03, 1.25),
+    **{(w, name): (1.15, None) for w in ("mlp256", "small") for name in ROWS},
+    **{(w, "bare"): (1.00, None) for w in ("mlp256", "small")},
+}
+
+
+class HandLoop:
+    """The hand-written torch loop of a row; `step` is one micro-step (one batch)."""
+
+    def __init__(self, module: nn.Module, batch: Any, row: Row) -> None:
+        self.model, self.batch = module, batch
+        self.weights = list(module.parameters())
+        self.opt, self.scheduler = row.torch_opt(module)
+        self.micro = row.options.get("accumulate_steps", 1)
+        self.clip = row.options.get("clip_grad_norm")
+        self.autocast = row.options.get("precision") == "bf16"
+        self.decay = row.options.get("ema_decay")
+        # functrain's EMA starts as a copy of the initial parameters
+        self.average = [p.detach().clone() for p in self.weights] if self.decay else None
+        self.seen = 0
+
+    def step(self) -> None:
+        if self.autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(self.model, self.batch)
+        else:
+            loss = loss_fn(self.model, self.batch)
+        (loss / self.micro if self.micro > 1 else loss).backward()
+        self.seen += 1
+        if self.seen % self.micro:
+            return
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.weights, self.clip)
+        self.opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.average is not None:
+            torch._foreach_lerp_(self.average, self.weights, 1 - self.decay)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.model.named_parameters()}
+
+    def averages(self) -> dict[str, torch.Tensor] | None:
+        if self.average is None:
+            return None
+        return dict(zip((k for k, _ in self.model.named_parameters()), self.average, strict=True))
+
+
+class RowStep(Functrain):
+    """`functrain.train_step` (donated or pure) on a state created with a row's options."""
+
+    def __init__(self, module: nn.Module, batch: Any, row: Row, *, donate: bool) -> None:
+        self.state = functrain.TrainState.create(module, row.tx(), loss_fn, seed=0, **row.options)
+        self.batch, self.step_fn, self.donate = batch, functrain.train_step, donate
+        self.metrics = {}
+
+    def averages(self) -> dict[str, torch.Tensor] | None:
+        return self.state.ema_params
+
+
+MATRIX_IMPLS = ("hand", "donated", "pure")
+
+
+def time_row(
+    workload: str,
+    name: str,
+    reps: int,
+    block: int,
+    warmup: int,
+    clock: Callable[[], int],
+) -> dict[str, Any]:
+    """Median ms per (micro-)step of a row's three implementations, interleaved; and their bits.
+
+    `block` and `warmup` are multiples of the accumulation window, so every sample holds the same
+    work.
+    """
+    row = ROWS[name]
+    module, batch = build(workload)
+    runners: dict[str, Any] = {
+        "hand": HandLoop(copy.deepcopy(module), batch, row),
+        "donated": RowStep(copy.deepcopy(module), batch, row, donate=True),
+        "pure": RowStep(copy.deepcopy(module), batch, row, donate=False),
+    }
+    for r in runners.values():
+        for _ in range(warmup):
+            r.step()
+    samples: dict[str, list[float]] = {impl: [] for impl in runners}
+    gc.collect()
+    for rep in range(reps):
+        for impl in MATRIX_IMPLS if rep % 2 == 0 else MATRIX_IMPLS[::-1]:
+            r = runners[impl]
+            t0 = clock()
+            for _ in range(block):
+                r.step()
+            samples[impl].append((clock() - t0) / 1e6 / block)
+    hand = runners["hand"]
+    return {
+        "row": name,
+        "median_ms": {impl: statistics.median(s) for impl, s in samples.items()},
+        "spread": {impl: _iqr(s) for impl, s in samples.items()},
+        "bits": {impl: _bits(hand, runners[impl]) for impl in ("donated", "pure")},
+        "steps": warmup + reps * block,
+    }
+
+
+def _bits(hand: HandLoop, ours: RowStep) -> str:
+    """'bitwise', or the largest difference from the hand-written loop (parameters, EMA)."""
+    pairs = [(hand.params(), ours.params())]
+    if hand.averages() is not None:
+        pairs.append((hand.averages(), ours.averages() or {}))
+    worst = None
+    for theirs, mine in pairs:
+        for k, t in theirs.items():
+            if not torch.equal(t, mine[k]):
+                diff = (t.double() - mine[k].double()).abs().nan_to_num(nan=float("inf"))
+                worst = max(worst or 0.0, float(diff.max()))
+    return "bitwise" if worst is None else f"max diff {worst:.2e}"
+
+
+def run_matrix(
+    workloads: list[str],
+    configs: list[str],
+    optimizers: list[str],
+    optimizer_workloads: list[str],
+    reps: int,
+    quick: bool,
+    clock: Callable[[], int],
+) -> list[str]:
+    """Time and print the matrix; return the targets missed."""
+    missed = []
+    for w in workloads:
+        names = configs + (optimizers if w in optimizer_workloads else [])
+        block = max(ACCUMULATE, BLOCK[w] // 2 // ACCUMULATE * ACCUMULATE) if quick else BLOCK[w]
+        warmup = ACCUMULATE if quick else WARMUP[w]
+        results = []
+        for name in names:
+            log(f"matrix: {w}, {name} ({reps} rounds x 3 x {block} steps)")
+            results.append(time_row(w, name, reps, block, warmup, clock))
+        missed += print_matrix(w, results, reps, block)
+    return missed
+
+
+def print_matrix(workload: str, results: list[dict], reps: int, block: int) -> list[str]:
+    print(
+        f"\n{workload}: median ms per step (per micro-step for accumulate) of {reps} interleaved "
+        f"samples of {block} steps; ratio to the row's own hand-written loop\n"
+    )
+    print("| row | hand-written loop | hand ms | donated ms (ratio) | pure ms (ratio) | bits |")
+    print("|---|---|---|---|---|---|")
+    missed = []
+    for r in results:
+        ms = r["median_ms"]
+        ratio = {impl: ms[impl] / ms["hand"] for impl in ("donated", "pure")}
+        bits = r["bits"]
+        same = bits["donated"] == bits["pure"]
+        bits_cell = bits["donated"] if same else f"donated {bits['donated']}, pure {bits['pure']}"
+        print(
+            f"| {r['row']} | {ROWS[r['row']].hand} | {_ms(ms['hand'])} | "
+            f"{_ms(ms['donated'])} ({ratio['donated']:.2f}) | {_ms(ms['pure'])} "
+            f"({ratio['pure']:.2f}) | {bits_cell} |"
+        )
+        target = MATRIX_TARGETS.get((workload, r["row"]))
+        if target is not None:
+            for impl, bound in zip(("donated", "pure"), target, strict=True):
+                if bound is not None and ratio[impl] > bound:
+                    missed.append(f"{workload}/{r['row']}/{impl} {ratio[impl]:.2f} > {bound:.2f}")
+        if bits["donated"] != "bitwise" or bits["pure"] != "bitwise":
+            missed.append(f"{workload}/{r['row']}: not bitwise")
+    print("Interquartile range of the samples, ms:")
+    for r in results:
+        parts = [f"{impl} {_ms(lo)}-{_ms(hi)}" for impl, (lo, hi) in r["spread"].items()]
+        print(f"  {r['row']}: " + ", ".join(parts))
+    return missed
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -755,8 +1164,36 @@ def main() -> None:
     )
     ap.add_argument(
         "--workloads",
-        default=",".join(WORKLOADS),
-        help="comma-separated subset of " + ",".join(WORKLOADS),
+        default=None,
+        help="comma-separated subset of "
+        + ",".join(WORKLOADS)
+        + f" (default {','.join(DEFAULT_WORKLOADS)}; with --matrix {','.join(MATRIX_WORKLOADS)})",
+    )
+    ap.add_argument(
+        "--matrix",
+        action="store_true",
+        help="instead of the implementations table: each configuration and optimizer (--configs, "
+        "--optimizers) as functrain.train_step, donated and pure, against its own hand-written "
+        "loop, with a check of the bits",
+    )
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIG_ROWS),
+        help="the matrix's configuration rows (fused AdamW): comma-separated subset of "
+        + ",".join(CONFIG_ROWS)
+        + " (default all; '' for none)",
+    )
+    ap.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZER_ROWS),
+        help="the matrix's optimizer rows: comma-separated subset of "
+        + ",".join(OPTIMIZER_ROWS)
+        + " (default all; '' for none)",
+    )
+    ap.add_argument(
+        "--optimizer-workloads",
+        default="mlp512",
+        help="the workloads the optimizer rows run on (default mlp512)",
     )
     ap.add_argument(
         "--quick", action="store_true", help="smoke test: few reps, short blocks, few memory steps"
@@ -801,11 +1238,15 @@ def main() -> None:
         memory_worker(*args.memory_worker, args.memory_warmup, args.memory_steps)
         return
 
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    for w in workloads:
-        if w not in WORKLOADS:
-            ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
-    reps = args.reps if args.reps is not None else (3 if args.quick else 60)
+    default = MATRIX_WORKLOADS if args.matrix else DEFAULT_WORKLOADS
+    workloads = _names(ap, args.workloads or ",".join(default), WORKLOADS, "workload")
+    configs = _names(ap, args.configs, CONFIG_ROWS, "configuration")
+    optimizers = _names(ap, args.optimizers, OPTIMIZER_ROWS, "optimizer")
+    optimizer_workloads = _names(ap, args.optimizer_workloads, WORKLOADS, "workload")
+    if args.matrix:
+        reps = args.reps if args.reps is not None else (3 if args.quick else MATRIX_REPS)
+    else:
+        reps = args.reps if args.reps is not None else (3 if args.quick else 60)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter_ns if args.clock == "wall" else time.process_time_ns
@@ -824,6 +1265,13 @@ def main() -> None:
         f"{_loadavg()}"
     )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
+    if args.matrix:
+        missed = run_matrix(
+            workloads, configs, optimizers, optimizer_workloads, reps, args.quick, clock
+        )
+        if missed:
+            print("\nTargets missed (issue 49) or bits differing:\n  " + "\n  ".join(missed))
+        return
     if args.profile:
         for w in workloads:
             profile_workload(w, reps * BLOCK[w], clock)
@@ -848,6 +1296,14 @@ def main() -> None:
         print_memory(mem, impls, workloads, mem_steps)
     if failures:
         print(f"\nTargets missed: {', '.join(failures)}")
+
+
+def _names(ap: argparse.ArgumentParser, given: str, known: Any, what: str) -> list[str]:
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    for n in names:
+        if n not in known:
+            ap.error(f"unknown {what} {n!r}; choose from {', '.join(known)}")
+    return names
 
 
 if __name__ == "__main__":
