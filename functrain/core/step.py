@@ -1,9 +1,12 @@
 """The eager front door: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
 
-Neither writes into any tensor of the state it is given, and neither reads a tensor back to the
-host: metrics are 0-d tensors. Randomness inside the model draws from the state's own generator
-state, which the step swaps in and out around the computation (`functrain.core.scope`), so the
-same state and batch give bit-identical results and the caller's global RNG is left as it was.
+Neither writes into any tensor of the state it is given, and neither reads a tensor back from an
+accelerator: metrics are 0-d tensors. (On the CPU, where a tensor's value is there when the
+tensor is, the step reads its skip flag and accumulation window's end to leave out work they make
+a no-op: `functrain.optim.base.flag_value`; the bits are the same.) Randomness inside the model
+draws from the state's own generator state, which the step swaps in and out around the
+computation (`functrain.core.scope`), so the same state and batch give bit-identical results and
+the caller's global RNG is left as it was.
 
 Between entering and leaving its scope a step runs the step body (`functrain.core.body`),
 donated or not (`functrain.core.donation`); a stacked state's step goes to
@@ -51,7 +54,8 @@ def train_step(
     """One training step: forward, loss, gradients, optimizer update, EMA and counters.
 
     Pure: `state` is not modified, the same state and batch give bit-identical results, and the
-    caller's global RNG is unchanged. No tensor is read back to the host. Works under
+    caller's global RNG is unchanged. No tensor is read back from an accelerator (on the CPU the
+    step reads its own skip flag, which waits for nothing there, to skip work). Works under
     ``torch.compile(functrain.train_step)``: the RNG swap runs eagerly around the compiled body.
 
     With ``donate=True`` the caller gives `state` up (JAX's ``donate_argnums``): the step may write
@@ -68,8 +72,9 @@ def train_step(
 
     Returns:
         ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``grad_norm`` (before
-        clipping; with ``accumulate_steps``, of the window's gradients so far summed and divided
-        by it: at the window's last batch, the mean gradient its update applies), ``lr`` (of the
+        clipping; with ``accumulate_steps``, between window ends the norm of the window's
+        gradients so far summed, divided by the window's length; at its last batch the norm of
+        the mean gradient its update applies), ``lr`` (of the
         last update applied), ``skipped`` (1.0 when the update was skipped as non-finite), the
         loss function's own metrics, with fp16 ``loss_scale``, the metrics of custom transforms
         (their state's ``metrics()``), and with ``grad_stats`` ``grad_norm/<group>`` and

@@ -1,10 +1,11 @@
 """Wrappers: transforms that run another transform on a subset, conditionally, or every k-th call.
 
 Each wrapper nests the inner transform's state in its own (optax `apply_if_finite` / `MultiSteps`
-style). Conditions never reach the host: the inner update always runs and `torch.where` chooses
-between its result and the previous state, or, for a gated inner transform (`Transform.gated`),
-the condition goes in as ``keep=`` and the transform makes the no-op itself. A step costs the
-same whether or not it is taken.
+style). Conditions are tensors: the inner update runs and `torch.where` chooses between its result
+and the previous state, or, for a gated inner transform (`Transform.gated`), the condition goes in
+as ``keep=`` and the transform makes the no-op itself. Where a condition's value is known on the
+host without a sync (`flag_value`: a CPU tensor in an eager step), the wrapper runs only the
+branch it selects, with the same bits.
 """
 
 from __future__ import annotations
@@ -410,7 +411,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
     """Make a step whose incoming updates hold NaN or Inf a no-op, and count it.
 
     The inner update always runs; `torch.where` keeps the previous inner state and leaves the
-    parameters untouched when any element is non-finite. No value is read back to the host.
+    parameters untouched when any element is non-finite. Nothing is read back from an
+    accelerator; on the CPU the finite flag is read (`flag_value`: it waits for nothing there) and
+    a finite update runs without the select, in place in a donated step.
 
     Args:
         inner: the transform to protect (usually the whole optimizer).
