@@ -339,11 +339,11 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         found, names = _labels_of(labels, shape, known), tree_paths(shape)
         p = tree_leaves(params) if params is not None else None
         results, states = [], []
-        kept = extras.kept()  # each group's results are gathered into fresh trees below
+        # the groups own disjoint parameters and states: each may write its own in place
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
             sub_params = split(p, names, found, label) if p is not None else None
             out, inner_state = update_with(
-                inner, split(u, names, found, label), inner_state, sub_params, kept
+                inner, split(u, names, found, label), inner_state, sub_params, extras
             )
             results.append((label, out, sub_params))
             states.append(inner_state)
@@ -357,9 +357,10 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
                 "update",
             )
         merged: dict[str, torch.Tensor] = {}
+        in_place = final and extras.may_write()
         for label, out, sub_params in results:
             values = (
-                tree_leaves(apply_updates(sub_params, out))
+                tree_leaves(apply_updates(sub_params, out, in_place=in_place))
                 if final
                 else as_tensors(out, sub_params)
             )
