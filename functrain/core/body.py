@@ -329,8 +329,10 @@ def _ema(
     averager = state.averager
     if state.ema_state is None or averager is None:
         return None
-    local = sharding_.local_tree
     # the EMA is a gated transform (`functrain.optim.averaging.ema`): its update takes ``keep=``
+    if state.dist is None or state.dist.sharding is None:
+        return update_with(averager, params, state.ema_state, None, extras, applied)[1]
+    local = sharding_.local_tree
     _, ema_state = update_with(
         averager, local(params), local(state.ema_state), None, extras, applied
     )

@@ -61,6 +61,7 @@ __all__ = [
     "with_plan",
     "planner_of",
     "flag_value",
+    "writes_in_place",
 ]
 
 Params = Tree
@@ -437,3 +438,16 @@ def flag_value(flag: torch.Tensor) -> bool | None:
         return bool(flag)  # a CPU tensor: its value is computed already, not a sync
     every = bool(flag.all())
     return True if every else False if not bool(flag.any()) else None
+
+
+def writes_in_place(extras: Extras) -> bool:
+    """Whether a rule writes its new state into the state it was given.
+
+    A donated eager step's permission (`Extras.may_write`, recorded), outside torch.func
+    transforms: under a stacked state's vmap a member's tensors are slices of stacked ones.
+
+    Example:
+        >>> writes_in_place(Extras(in_place=True)), writes_in_place(NO_EXTRAS)
+        (True, False)
+    """
+    return not under_vmap() and extras.may_write()

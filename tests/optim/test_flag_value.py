@@ -71,6 +71,9 @@ CASES = {
         {"accumulate_steps": 3, "clip_grad_norm": 1.0, "ema_decay": 0.9},
     ),
     "rmsprop": (lambda: ft.rmsprop(1e-2), {}),
+    "rmsprop-centered": (lambda: ft.rmsprop(1e-2, centered=True, weight_decay=0.1), {}),
+    "nadam-decoupled": (lambda: ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=True), {}),
+    "adamax": (lambda: ft.adamax(1e-2, weight_decay=0.1), {"ema_decay": 0.9}),
     "radam-accumulate": (lambda: ft.radam(1e-2), {"accumulate_steps": 2}),
     "partition": (partition_adamw, {"ema_decay": 0.9}),
 }

@@ -17,14 +17,22 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Mask, Transform, with_extras
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    LearningRate,
+    Mask,
+    Transform,
+    with_extras,
+    writes_in_place,
+)
 from functrain.optim.checks import check_positive, check_unit, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
-from functrain.optim.rules.arithmetic import addcdiv_, decayed, f64, per_leaf, power
+from functrain.optim.rules.arithmetic import addcdiv_, decayed, decayed_, f64, per_leaf, power
 from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
 from functrain.optim.updates import NewParams, Ratio, RectifiedRatio, flat_updates
-from functrain.optim.zeros import counter, zeros
+from functrain.optim.zeros import counter, writable, zeros
 from functrain.tree import (
     Tree,
     tree_leaves,
@@ -54,6 +62,12 @@ def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> Non
         return
     for t in tensors:
         t.div_(scalar.to(t.dtype))
+
+
+def own_storage(state: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A donated step's moments to write into: the state's own, or copies of those without
+    storage of their own (a fresh state's zeros) laid out as the gradients."""
+    return [writable(s, x) for s, x in zip(state, like, strict=True)]
 
 
 class ScaleByAdamState(NamedTuple):
@@ -167,12 +181,21 @@ def scale_by_radam(
         return ScaleByRadamState(counter(params), zeros(params), zeros(params))
 
     def update_fn(
-        updates: Any, state: ScaleByRadamState, params: Tree | None = None
+        updates: Any,
+        state: ScaleByRadamState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[RectifiedRatio, ScaleByRadamState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
-        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        nu = torch._foreach_mul(state.nu, b2)
+        if writes_in_place(extras):  # a donated step: the moments move in their own storage
+            mu, nu = own_storage(state.mu, g), own_storage(state.nu, g)
+            torch._foreach_lerp_(mu, g, 1 - b1)
+            torch._foreach_mul_(nu, b2)
+        else:
+            mu = list(torch._foreach_lerp(state.mu, g, 1 - b1))
+            nu = list(torch._foreach_mul(state.nu, b2))
         torch._foreach_addcmul_(nu, g, g, value=1 - b2)
         # torch.optim's Python scalars, op for op in float64 (x ** 0.5 is C's pow, not sqrt)
         step = f64(count)
@@ -189,9 +212,9 @@ def scale_by_radam(
         ratio = RectifiedRatio(
             mu, den, 1 - power(b1, step), _pow_half(1 - b2_t), rect, unrect, spec
         )
-        return ratio, ScaleByRadamState(count, mu, nu)
+        return ratio, ScaleByRadamState(count, tuple(mu), tuple(nu))
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 # -- Adamax
@@ -239,11 +262,24 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
         return ScaleByAdamaxState(counter(params), zeros(params), zeros(params))
 
     def update_fn(
-        updates: Any, state: ScaleByAdamaxState, params: Tree | None = None
+        updates: Any,
+        state: ScaleByAdamaxState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Ratio, ScaleByAdamaxState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
         mu, nu_inf = [], []
+        if writes_in_place(
+            extras
+        ):  # a donated step: torch's in-place loop on the state's own storage
+            for m, n, grad in zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g):
+                magnitude = torch.abs(grad).add_(eps)
+                nu_inf.append(torch.maximum(n.mul_(b2), magnitude, out=n))
+                mu.append(m.lerp_(grad, 1 - b1))
+            bc1 = 1 - power(b1, f64(count))
+            return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
         for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
             new_mu = torch.empty_like(grad)
             magnitude = torch.abs(grad, out=new_mu).add_(
@@ -257,7 +293,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
         bc1 = 1 - power(b1, f64(count))
         return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, with_extras(update_fn))
 
 
 # -- NAdam
@@ -350,18 +386,26 @@ def nadam_step(
         product = mu_product.double()
         grad_step = (-lr * (1.0 - mu_t)) / (1.0 - product)
         momentum_step = (-lr * mu_next) / (1.0 - product * mu_next)
-        new = decayed(
-            p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params)
-        )
+        in_place = writes_in_place(extras)  # a donated step: torch's in-place loop on the storage
+        decay = 1 - lr * weight_decay if weight_decay else None
+        flags = resolve_mask(mask, params)
+        new = decayed_(p, decay, flags) if in_place else decayed(p, decay, flags)
         steps = per_leaf(
             torch.stack([grad_step, momentum_step])
         )  # Python floats on the CPU (one load), as torch's
         mu, nu = [], []
-        for m, v, grad, out in zip(
-            state.mu, state.nu, g, new, strict=True
-        ):  # tensor by tensor, as torch
-            mu.append(torch.lerp(m, grad, 1 - b1))
-            nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
+        moments = (
+            (own_storage(state.mu, g), own_storage(state.nu, g))
+            if in_place
+            else (state.mu, state.nu)
+        )
+        for m, v, grad, out in zip(*moments, g, new, strict=True):  # tensor by tensor, as torch
+            if in_place:
+                mu.append(m.lerp_(grad, 1 - b1))
+                nu.append(v.mul_(b2).addcmul_(grad, grad, value=1 - b2))
+            else:
+                mu.append(torch.lerp(m, grad, 1 - b1))
+                nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
             den = (
                 torch.div(nu[-1], bc2.to(v.dtype)).sqrt_().add_(eps)
             )  # freed before the next tensor's, as torch's

@@ -7,11 +7,11 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import Transform
+from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.updates import Ratio, flat_updates
-from functrain.optim.zeros import zeros
+from functrain.optim.zeros import writable, zeros
 from functrain.tree import (
     Tree,
 )
@@ -56,19 +56,31 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
         return ScaleByRmsState(zeros(params), zeros(params) if centered else ())
 
     def update_fn(
-        updates: Any, state: ScaleByRmsState, params: Tree | None = None
+        updates: Any,
+        state: ScaleByRmsState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Ratio, ScaleByRmsState]:
         g, spec = flat_updates(updates, params)
-        nu = torch._foreach_mul(state.nu, alpha)
+        mu: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()
+        if writes_in_place(extras):  # a donated step: the averages move in their own storage
+            nu = [writable(n, x) for n, x in zip(state.nu, g, strict=True)]
+            torch._foreach_mul_(nu, alpha)
+            if centered:
+                mu = [writable(m, x) for m, x in zip(state.mu, g, strict=True)]
+                torch._foreach_lerp_(mu, g, 1 - alpha)
+        else:
+            nu = list(torch._foreach_mul(state.nu, alpha))
+            if centered:
+                mu = torch._foreach_lerp(state.mu, g, 1 - alpha)
         torch._foreach_addcmul_(nu, g, g, value=1 - alpha)
-        mu: tuple[torch.Tensor, ...] = ()
         if centered:
-            mu = torch._foreach_lerp(state.mu, g, 1 - alpha)
             avg = torch._foreach_addcmul(nu, mu, mu, value=-1)
             torch._foreach_sqrt_(avg)
         else:
             avg = torch._foreach_sqrt(nu)
         torch._foreach_add_(avg, eps)
-        return Ratio(g, avg, None, spec), ScaleByRmsState(nu, mu)
+        return Ratio(g, avg, None, spec), ScaleByRmsState(tuple(nu), tuple(mu))
 
-    return Transform(init_fn, update_fn)
+    return Transform(init_fn, with_extras(update_fn))
