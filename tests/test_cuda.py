@@ -268,6 +268,30 @@ def test_donated_steps_on_cuda_give_the_pure_steps_bits(
         ft.assert_states_equal(pure, donated)
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        (lambda: ft.adamw(1e-2), {"ema_decay": 0.9, "clip_grad_norm": 0.5}),
+        (lambda: ft.rmsprop(1e-2), {"accumulate_steps": 2}),
+        (lambda: ft.nadam(1e-2), {}),
+    ],
+)
+def test_steps_on_cuda_never_wait_for_the_device(optimizer: Any, options: dict[str, Any]) -> None:
+    # on the CPU a step reads its skip flag (`flag_value`); on CUDA it must read nothing back
+    state = ft.TrainState.create(_model(), optimizer(), _loss, **options)
+    batches = _batches(4)
+    state, _ = ft.train_step(state, batches[0], donate=True)  # first-step set-up outside
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[1:]:
+            state, _ = ft.train_step(state, batch, donate=True)
+            state, _ = ft.train_step(state, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(state.step) >= 1
+
+
 def test_a_fused_donated_step_on_cuda_holds_one_state() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 1024)).to(CUDA)

@@ -655,9 +655,15 @@ def accumulate(inner: Transform, every: int) -> Transform:
             # the window goes on: the inner update would be a no-op, so it is not run
             new_updates, inner_state = _unmoved(params, state.inner, in_place)
         else:
-            mean = (
-                [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
-            )
+            if every == 1:
+                mean = u
+            elif ends and all(s.dtype == x.dtype for s, x in zip(sums, u, strict=True)):
+                # the window's last sums (this step's to write: donated, or made just above) are
+                # zeroed below: the mean is divided where they are, not into fresh memory
+                torch._foreach_div_(sums, every)
+                mean = list(sums)
+            else:
+                mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)]
             given = _mean_reported(mean, extras)
             new_updates, inner_state = _update_where(
                 inner, last, tree_unflatten(mean, spec), state.inner, params, given
