@@ -32,6 +32,7 @@ from functrain.optim.base import (
     update_with,
     with_extras,
     with_plan,
+    writes_in_place,
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
@@ -339,11 +340,13 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         found, names = _labels_of(labels, shape, known), tree_paths(shape)
         p = tree_leaves(params) if params is not None else None
         results, states = [], []
-        # the groups own disjoint parameters and states: each may write its own in place
+        # the groups own disjoint parameters and states: in a donated eager step each writes its
+        # own in place (under vmap a member's are slices of stacked tensors: never)
+        given = extras.kept() if under_vmap() else extras
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
             sub_params = split(p, names, found, label) if p is not None else None
             out, inner_state = update_with(
-                inner, split(u, names, found, label), inner_state, sub_params, extras
+                inner, split(u, names, found, label), inner_state, sub_params, given
             )
             results.append((label, out, sub_params))
             states.append(inner_state)
@@ -357,7 +360,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
                 "update",
             )
         merged: dict[str, torch.Tensor] = {}
-        in_place = final and extras.may_write()
+        in_place = final and writes_in_place(extras)
         for label, out, sub_params in results:
             values = (
                 tree_leaves(apply_updates(sub_params, out, in_place=in_place))

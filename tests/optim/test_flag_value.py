@@ -114,3 +114,31 @@ def test_flag_value_reads_nothing_under_vmap() -> None:
 
     torch.func.vmap(f)(torch.ones(3))
     assert seen == [None]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"nonfinite": "none"}, {"ema_decay": 0.9, "accumulate_steps": 2}],
+    ids=["guard", "none", "ema-accumulate"],
+)
+def test_a_stacked_partition_donated_gives_the_pure_steps_bits(options: dict[str, Any]) -> None:
+    # a partition writes its groups in place in a donated step, never under vmap (slices)
+    def member(seed: int) -> Any:
+        model = make_mlp()
+        with torch.no_grad():
+            model[0].weight.add_(seed)  # members with weights of their own
+        optimizer = ft.partition(
+            lambda name, p: "w" if p.ndim > 1 else "b", w=ft.adamw(1e-2), b=ft.rmsprop(1e-3)
+        )
+        return ft.TrainState.create(model, optimizer, cross_entropy_loss_fn, seed=seed, **options)
+
+    pure = ft.stack([member(0), member(1)])
+    donated = pure.clone()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        batch = (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        pure, _ = ft.train_step(pure, batch)
+        donated, _ = ft.train_step(donated, batch, donate=True)
+    assert_same_bits(pure.params, donated.params)
+    assert_same_bits(pure.opt_state, donated.opt_state)
+    assert int(pure.step[0]) >= 2
