@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,14 @@ import torch.utils._pytree as pytree
 
 from functrain import version
 from functrain.checkpoint.counters import counter_problems
-from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
+from functrain.checkpoint.format import (
+    MANIFEST,
+    compare_to_template,
+    read_manifest,
+    read_tree,
+    write_tree,
+)
+from functrain.checkpoint.lock import LOCK_NAME, held_by
 from functrain.checkpoint.sharded import (
     agree,
     exchange_group,
@@ -127,7 +135,12 @@ def save(
 
     Args:
         state: a `TrainState`, or a tree of tensors and plain values.
-        path: the checkpoint directory to create (replaced atomically if it exists).
+        path: the checkpoint directory to create, or a checkpoint functrain wrote there (its
+            manifest verifies), which is replaced atomically. Anything else at `path` is refused,
+            never replaced: a file, a directory holding other files (a `CheckpointManager`'s
+            directory among them), a symbolic link; so is a path inside a directory whose
+            ``writer.lock`` a running `CheckpointManager` holds (its writer names its files).
+            An empty directory is taken as absent.
         metadata: JSON-able user data stored in the manifest (e.g. metrics, config).
 
     A sharded state (`DTensor` leaves) is saved by every rank together, each writing its own
@@ -140,6 +153,8 @@ def save(
     Raises:
         ConfigError: `path` is not a path, or the state holds what `load` would refuse
             (`check_savable`); nothing is written.
+        CheckpointError: something other than a checkpoint is at `path`, or its directory has a
+            running writer (named, with what is there); nothing is written.
         CheckpointError: the write failed (for a sharded state: on any rank, raised on every rank);
             any previous checkpoint at `path` is intact.
 
@@ -157,7 +172,15 @@ def save(
     )
     if isinstance(state, TrainState):
         check_savable(state)
-    if has_dtensors(tree):
+    if not has_dtensors(tree):
+        _check_target(Path(path))
+    else:  # collective: every rank refuses, or none
+        error = None
+        try:
+            _check_target(Path(path))
+        except CheckpointError as e:
+            error = e
+        agree(error, exchange_group(), f"saving checkpoint {str(path)!r}")
         return write_sharded(
             path, tree, fingerprint=fp, metadata=metadata, library_version=version.__version__
         )
@@ -498,6 +521,63 @@ def _check_path(path: Any, call: str) -> None:
             f"{call} expects the checkpoint's directory as a path (a str or os.PathLike), got "
             f"{type(path).__name__} {str(path)[:80]}"
         )
+
+
+def _check_target(path: Path) -> None:
+    """Refuse to save at `path` where the save would replace what functrain did not write there."""
+    head = f"could not write checkpoint {str(path)!r}"
+    try:
+        writer = held_by(path.parent)
+    except OSError as e:
+        raise CheckpointError(
+            f"{head}: cannot tell whether a CheckpointManager "
+            f"writes its directory ({LOCK_NAME}: {e})"
+        ) from None
+    if writer is not None:
+        raise CheckpointError(
+            f"{head}: its directory {str(path.parent)!r} is written by a "
+            f"running CheckpointManager ({writer} holds {LOCK_NAME}), which names and removes the "
+            "checkpoints there: save through that manager, or at a path outside its directory"
+        )
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CheckpointError(f"{head}: {e}") from None
+    fix = "save at another path, or remove what is there first if you no longer need it"
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(
+            f"{head}: it is a symbolic link, and a save would replace the "
+            f"link, not what it points to: {fix}"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        what = "the lock file of a checkpoint directory" if path.name == LOCK_NAME else "a file"
+        raise CheckpointError(
+            f"{head}: it is {what} ({st.st_size} bytes), not a checkpoint; "
+            f"a save would replace it: {fix}"
+        )
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        raise CheckpointError(f"{head}: {e}") from None
+    if not entries:
+        return
+    if LOCK_NAME in entries:
+        raise CheckpointError(
+            f"{head}: it is the directory of a CheckpointManager (it holds {LOCK_NAME} and "
+            f"{len(entries) - 1} other entries), and a save would replace the whole run: save "
+            "at a path inside it through the manager, or at another path"
+        )
+    try:
+        read_manifest(path)
+    except CheckpointError as e:
+        held = ", ".join(repr(name) for name in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        said = f" ({str(e)[:200]})" if MANIFEST in entries else ""
+        raise CheckpointError(
+            f"{head}: it is a directory of {len(entries)} entries ({held}) "
+            f"and not a checkpoint functrain wrote{said}; a save would replace them all: {fix}"
+        ) from None
 
 
 def _check_map_location(map_location: Any) -> None:
