@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 
 from functrain import version
 from functrain.checkpoint.counters import counter_problems
+from functrain.checkpoint.files import starved
 from functrain.checkpoint.format import (
     MANIFEST,
     compare_to_template,
@@ -46,6 +47,7 @@ from functrain.core.structure import sparse_parameters
 from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointMemoryError,
     ConfigError,
     StateMismatchError,
 )
@@ -228,6 +230,10 @@ def load(
             optimizer, hyperparameters or options; then the fix: for other weights, that they
             cannot load into this model; else the code that starts a new state from the
             checkpoint's weights (`load_weights`).
+        CheckpointMemoryError: the checkpoint's tensors do not fit in the memory available now
+            (free memory, the cgroup's limit, the address-space limit ``RLIMIT_AS``), checked
+            before anything is read; or the process ran short of memory, threads or file
+            descriptors while it read. Nothing says the checkpoint is broken.
         CheckpointCorruptError: also when loading into a `TrainState`, for values a run cannot
             resume from, all listed with their paths: counters below 0 or past what the state's
             configuration allows (`functrain.checkpoint.counters`: `micro_step` within the
@@ -247,15 +253,46 @@ def load(
     """
     _check_path(path, "load")
     _check_map_location(map_location)
+    try:
+        return _load_here_or_sharded(path, like, map_location, digest)
+    except CheckpointMemoryError:
+        raise
+    except BaseException as e:
+        if not starved(e):
+            raise
+        raise _short_of_resources(path, e) from e
+
+
+def _short_of_resources(path: Any, error: BaseException) -> CheckpointMemoryError:
+    said = str(error).splitlines()[0][:150] if str(error) else ""
+    return CheckpointMemoryError(
+        f"loading checkpoint {str(path)!r}: this process ran short of memory or threads "
+        f"({type(error).__name__}: {said}); nothing says the checkpoint is broken: free memory, "
+        "or load in a process with a larger memory, address-space or thread limit"
+    )
+
+
+def _load_here_or_sharded(
+    path: str | os.PathLike[str],
+    like: Any,
+    map_location: str | torch.device | None,
+    digest: str | None,
+) -> Any:
     if like is None or not has_dtensors(like.tree() if isinstance(like, TrainState) else like):
         return _load(path, like, map_location, digest, sharded=False)
     # collective: the ranks read different shards, so they agree on the outcome, and a shard that
     # fails on one rank fails the load on all of them rather than leave them waiting for each other
-    result, error = None, None
+    result: Any = None
+    error: Exception | None = None
     try:
         result = _load(path, like, map_location, digest, sharded=True)
-    except Exception as e:
-        error = e
+    except BaseException as e:  # a rank short of threads too, lest the others wait for it
+        if starved(e) and not isinstance(e, CheckpointMemoryError):
+            error = _short_of_resources(path, e)
+        elif isinstance(e, Exception):
+            error = e
+        else:
+            raise
     agree(error, exchange_group(), f"loading checkpoint {str(path)!r}")
     return result
 
