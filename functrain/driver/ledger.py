@@ -518,12 +518,12 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
             f"{path}/data: expected None or the data setup (a dict of names to numbers, str or "
             f"None), got {_describe(data)}"
         )
-    if _is_row(data):
-        problems += [
-            f"{path}/data/{key}: expected None or an int >= {least}, got {_describe(data[key])}"
-            for key, least in _SETUP_COUNTS.items()
-            if data.get(key) is not None and not (_is_count(data[key]) and data[key] >= least)
-        ]
+    counts = {k: data.get(k) for k in _SETUP_COUNTS} if isinstance(data, dict) else {}
+    problems += [
+        f"{path}/data/{key}: expected None or an int >= {_SETUP_COUNTS[key]}, got {_describe(n)}"
+        for key, n in counts.items()
+        if n is not None and not (_is_count(n) and n >= _SETUP_COUNTS[key])
+    ]
     problems += source_problems(driver.get("source"), f"{path}/source")
     early = driver.get("early_stopping")
     if early is not None and not (
