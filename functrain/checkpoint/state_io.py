@@ -402,11 +402,35 @@ def _load(
 
 def _sparse_ok(like: Any) -> Callable[[str], bool]:
     """Where a checkpoint of `like` may hold a sparse tensor the template holds dense: in the
-    optimizer state of a module with sparse gradients (SGD's momentum of them, and the sums of an
-    accumulation window, are zeros until their first step)."""
-    if isinstance(like, TrainState) and sparse_parameters(like.module):
-        return lambda path: path.startswith("opt_state/")
-    return lambda path: False
+    optimizer state of a parameter with sparse gradients (SGD's momentum of it, and its sum in an
+    accumulation window, are zeros until their first step), and nowhere else.
+
+    A parameter's state is the leaf at its place in a part of the state laid out as the
+    parameters are (``momentum/0``, ``momentum/1``, ... in their order, or keyed by their names),
+    of its shape.
+    """
+    if not isinstance(like, TrainState):
+        return lambda path: False
+    sparse = set(sparse_parameters(like.module))
+    if not sparse:
+        return lambda path: False
+    names = list(like.params)
+    siblings: dict[str, list[tuple[str, str, Any]]] = {}
+    for path, leaf in leaves_by_path(like.tree()).items():
+        if path.startswith("opt_state/"):
+            parent, _, last = path.rpartition("/")
+            siblings.setdefault(parent, []).append((last, path, leaf))
+    allowed = {
+        path
+        for children in siblings.values()
+        if len(children) == len(names)
+        for i, (last, path, leaf) in enumerate(children)
+        if names[i] in sparse
+        and last in (str(i), names[i])
+        and isinstance(leaf, torch.Tensor)
+        and leaf.shape == like.params[names[i]].shape
+    }
+    return allowed.__contains__
 
 
 def _laid_out_as(value: Any, expected: Any) -> Any:
