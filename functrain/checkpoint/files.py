@@ -142,7 +142,7 @@ def _started_pool() -> ThreadPoolExecutor | None:
     """A hashing thread, started now; None where no thread can start (the caller hashes alone)."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-hash")
     try:
-        pool.submit(int).result()
+        pool.submit(int)  # returns once its thread has started (`Thread.start` waits for that)
     except RuntimeError:  # "can't start new thread"
         pool.shutdown(wait=False)
         return None
