@@ -383,10 +383,8 @@ def read_hashed(
     try:
         data = allocate(nbytes, name)
         if nbytes >= _OVERLAP_BYTES and hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(
-                    fd, offset, nbytes, os.POSIX_FADV_SEQUENTIAL
-                )  # a larger read-ahead
+            try:  # a larger read-ahead
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
             except OSError:
                 pass  # a hint only
         # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
