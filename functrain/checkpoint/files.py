@@ -156,15 +156,17 @@ def write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> s
     piece is copied into a buffer of this module's own, hashed there and written from there
     (`_Slot`). One pass over the bytes: a second thread copies and hashes the next pieces while
     this one writes, and the disk starts writing each back at once, so that the final fsync waits
-    for the tail of the file only.
+    for the tail of the file only. Where that thread cannot start, this one does it all.
     """
     chunks = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     digest = hasher("blake3")
     pieces = _pieces(chunks, _PIECE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        if sum(c.nbytes for c in chunks) >= _OVERLAP_BYTES:
-            _write_overlapped(fd, pieces, digest)
+        pool = _started_pool() if sum(c.nbytes for c in chunks) >= _OVERLAP_BYTES else None
+        if pool is not None:
+            with pool:
+                _write_overlapped(fd, pieces, digest, pool)
         else:
             slot = _Slot(_PIECE)
             for piece in pieces:
@@ -175,27 +177,29 @@ def write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> s
     return digest.hexdigest()
 
 
-def _write_overlapped(fd: int, pieces: Iterator[list[memoryview]], digest: Any) -> None:
-    """Write the pieces, each staged and hashed in a second thread while the one before is written.
+def _write_overlapped(
+    fd: int, pieces: Iterator[list[memoryview]], digest: Any, pool: ThreadPoolExecutor
+) -> None:
+    """Write the pieces, each staged and hashed in the `pool`'s thread while the one before is
+    written.
 
     The staging thread runs up to ``_STAGES - 1`` pieces ahead, each in its own buffer: a buffer is
     staged again only once its last piece is written.
     """
     slots = [_Slot(_PIECE) for _ in range(_STAGES)]
-    with ThreadPoolExecutor(1, thread_name_prefix="functrain-hash") as pool:
-        staged: deque[Any] = deque()
-        for slot, piece in zip(slots[:-1], pieces, strict=False):
-            staged.append(pool.submit(slot.stage, piece, digest))  # in order: one thread
-        written, turn = 0, len(staged)
-        while staged:
-            view = staged.popleft().result()
-            piece = next(pieces, [])  # no piece is empty
-            if piece:
-                staged.append(pool.submit(slots[turn % _STAGES].stage, piece, digest))
-                turn += 1
-            _write_all(fd, view)
-            _start_writeback(fd, written, len(view))
-            written += len(view)
+    staged: deque[Any] = deque()
+    for slot, piece in zip(slots[:-1], pieces, strict=False):
+        staged.append(pool.submit(slot.stage, piece, digest))  # in order: one thread
+    written, turn = 0, len(staged)
+    while staged:
+        view = staged.popleft().result()
+        piece = next(pieces, [])  # no piece is empty
+        if piece:
+            staged.append(pool.submit(slots[turn % _STAGES].stage, piece, digest))
+            turn += 1
+        _write_all(fd, view)
+        _start_writeback(fd, written, len(view))
+        written += len(view)
 
 
 class _Slot:

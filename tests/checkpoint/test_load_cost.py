@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -417,3 +418,42 @@ def test_a_load_short_of_file_descriptors_stops_restore_latest(
             r"short of file descriptors",
         ):
             mgr.restore_latest(like=state)
+
+
+def test_fit_resumes_from_the_newest_checkpoint_when_no_hashing_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It passed over the newest for the one before ("can't start new thread"), trained from
+    there and moved `latest` past the newest."""
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1024), torch.randn(32, 1024))
+
+    def run(directory: Path, steps: int, resume: bool) -> ft.FitResult:
+        torch.manual_seed(0)
+        state = ft.TrainState.create(torch.nn.Linear(1024, 1024), ft.sgd(0.1), loss_fn)
+        return ft.fit(
+            state,
+            data,
+            batch_size=8,
+            max_steps=steps,
+            save_every=2,
+            checkpoint_dir=directory,
+            resume=resume,
+            progress=False,
+            verbosity="silent",
+        )
+
+    run(tmp_path / "run", 3, resume=False)  # checkpoints at steps 2 and 3, 4 MiB each
+    shutil.copytree(tmp_path / "run", tmp_path / "free")
+    expected = run(tmp_path / "free", 4, resume=True).state
+    started = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        if self.name.startswith("functrain-hash"):
+            raise RuntimeError("can't start new thread")
+        started(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    monkeypatch.setattr(files, "_pool_threads", False)  # BLAKE3's pool: one thread too
+    resumed = run(tmp_path / "run", 4, resume=True)
+    assert int(resumed.state.samples_seen) == 32
+    assert torch.equal(resumed.state.params["weight"], expected.params["weight"])
