@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,38 @@ def test_a_save_never_replaces_or_writes_into_a_run_directory_its_writer_holds(
         ft.save(state, run / "writer.lock")  # its writer gone, the lock is still the run's
     assert (run / "writer.lock").is_file()
     ft.save(state, run / "after")  # no writer holds it now: a path inside it is the user's to take
+
+
+def test_a_save_writes_nothing_into_a_run_directory_another_process_writes(
+    tmp_path: Path,
+) -> None:
+    """A third process saved into a live run's directory beside its writer."""
+    run = tmp_path / "run"
+    with ft.CheckpointManager(run):
+        pass  # the directory and its lock file, as a run leaves them
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run / "writer.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(
+            CheckpointError,
+            match=rf"is written by a running CheckpointManager \(process {holder.pid} ",
+        ):
+            ft.save(small_state(), run / "ckpt-000000005-000000005")
+        assert sorted(os.listdir(run)) == ["writer.lock"]
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+# a writer of the run as the lock's protocol has it: flock held, its record in the file
+HOLD = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.ftruncate(fd, 0)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": "h", "started": "s"}).encode())
+print("held", flush=True)
+time.sleep(60)
+"""
