@@ -585,3 +585,24 @@ def test_a_resealed_position_past_the_epoch_is_refused_before_a_step(tmp_path: P
         r"a rank\), got 9",
     ):
         run(tmp_path, dealt(1), 8, resume=True)
+
+
+def test_a_resealed_regroup_record_of_another_epoch_is_refused_before_a_step(
+    tmp_path: Path,
+) -> None:
+    """Its dealt order went unused and the epoch went on in the sampler's own, unwarned."""
+    run(tmp_path, dealt(2), 3)
+    run(tmp_path, dealt(1), 5, resume=True)  # saves regroup [12, 6, 10] at position 8
+
+    def edit(driver: dict[str, Any]) -> None:
+        driver["source"]["dict"]["ranks"]["list"][0]["dict"]["epoch"] = leaf(1)
+
+    resealed(tmp_path, edit)
+    reads = Reads()
+    with pytest.raises(
+        ft.CheckpointCorruptError,
+        match=r"driver/source/ranks/0: the rest of epoch 1 dealt from position 6 to 10, but the "
+        r"state resumes epoch 0 at batch 8",
+    ):
+        run(tmp_path, dealt(1, reads), 9, resume=True)
+    assert reads.read == []

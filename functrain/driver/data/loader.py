@@ -284,6 +284,19 @@ class DataLoaderSource(IterableSource):
                     f"{self.saved_ranks} ranks that saved it, so its rest cannot be dealt "
                     "anew; resume on those ranks, or from a checkpoint saved at an epoch's end"
                 )
+            regroup = self.regroup  # on the ranks that dealt it: goes on where the state is
+            if (
+                position
+                and regroup is not None
+                and (regroup.epoch != epoch or not regroup.start <= position <= regroup.end)
+            ):
+                raise CheckpointCorruptError(
+                    "the checkpoint's position in the data does not fit the state it resumes (a "
+                    "run cannot resume from it without skipping or repeating samples):\n  - "
+                    f"driver/source/ranks/0: the rest of epoch {regroup.epoch} dealt from "
+                    f"position {regroup.start} to {regroup.end}, but the state resumes epoch "
+                    f"{epoch} at batch {position}"
+                )
             return None
         dealt = dealt_from[2]
         self.regroup = dealt
