@@ -54,7 +54,12 @@ class NonFiniteError(FunctrainError, FloatingPointError):
 
 
 class CheckpointError(FunctrainError):
-    """A checkpoint could not be written or read."""
+    """A checkpoint could not be written or read.
+
+    Also what `functrain.save` raises, writing nothing, where something functrain did not write
+    is at the path (a file, a directory of other files, a symbolic link, a checkpoint whose
+    manifest does not verify) or a running `CheckpointManager` holds the directory.
+    """
 
 
 class CheckpointCorruptError(CheckpointError):
@@ -64,8 +69,11 @@ class CheckpointCorruptError(CheckpointError):
 class CheckpointMemoryError(CheckpointError, MemoryError):
     """A checkpoint's tensors do not fit in the memory available now; nothing says it is broken.
 
-    Raised before the load allocates. `CheckpointManager.restore_latest` raises it rather than
-    passing over the checkpoint for an older one, as it does with a broken checkpoint.
+    Raised before the load allocates where the memory available now (free memory, the cgroup's
+    limit, the address-space limit) cannot hold them; and where the load ran short while it read
+    (memory, the threads that hash it, file descriptors). `CheckpointManager.restore_latest` (and
+    `fit(resume=True)`) raises it rather than passing over the checkpoint for an older one, as it
+    does with a broken checkpoint.
     """
 
 

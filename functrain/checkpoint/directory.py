@@ -43,9 +43,10 @@ __all__ = [
     "recover",
 ]
 
-# at least 9 digits each: a run's 1000th epoch starts at position 1,000,000,000
-REGULAR = re.compile(r"^ckpt-(\d{9,18})-(\d{9,18})$")
-BEST = re.compile(r"^best-(\d{9,18})-(\d{9,18})$")
+# at least 9 digits each: a run's 1000th epoch starts at position 1,000,000,000; at most what
+# int64 counters give: 19 digits of steps, 25 of positions (an epoch of 2**63 - 1 counts 10**6)
+REGULAR = re.compile(r"^ckpt-(\d{9,19})-(\d{9,25})$")
+BEST = re.compile(r"^best-(\d{9,19})-(\d{9,25})$")
 LATEST = "latest"
 MAX_POINTER_BYTES = 256  # a name is 24 bytes: anything longer is not a pointer we wrote
 # what `commit._replace` leaves when killed between its two renames (no atomic exchange, e.g. NFS)

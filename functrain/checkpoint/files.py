@@ -7,7 +7,10 @@ through ``.data`` or ``.numpy()``); the disk writes each piece back as it goes. 
 following links or blocking, check what was opened, and read a file (or the bytes of one tensor
 of it) into memory of their own, hashed in a second thread as it is read: nothing is mapped from
 a file, so loaded tensors never change whatever later happens to their files (rewritten in place,
-truncated). Digests are BLAKE3 (format 3) or SHA-256 (formats 1 and 2).
+truncated). The threads that hash a read start before its memory is allocated, and only where an
+address-space limit leaves them room beside it; else the read hashes in its own thread, so that a
+load short of memory or threads raises `CheckpointMemoryError`, never a thread's failure. Digests
+are BLAKE3 (format 3) or SHA-256 (formats 1 and 2).
 `functrain.checkpoint.format` says what the files hold; this module only moves and hashes their
 bytes.
 """
@@ -19,12 +22,14 @@ import errno
 import hashlib
 import mmap
 import os
+import resource
 import shutil
 import stat
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +55,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_pool_threads = True  # whether BLAKE3 may use its pool of threads: not in a forked child
+# the address space a load keeps free, beyond its data, for the threads that hash it (their stacks,
+# their malloc arenas); with less, under an address-space limit, it hashes in its own thread
+_THREAD_ROOM = 256 << 20
+_POOL_START_BYTES = 64 << 10  # the least that BLAKE3 hashes on its pool of threads
+# BLAKE3's pool of threads: None until started, False where it must not be used (a forked child,
+# where the parent's pool has no threads; a process where it could not start)
+_pool_threads: bool | None = None
 
 
 def hasher(algorithm: str, threads: bool = False) -> Any:
@@ -58,13 +69,84 @@ def hasher(algorithm: str, threads: bool = False) -> Any:
 
     Without: a save stages and hashes in a second thread beside the one writing, and BLAKE3's own
     threads would compete with those writes for the cores. A load hashes with them (its reads can
-    outrun one core's hash), except in a forked child: the pool the parent started has no threads
-    there, and the first hash would wait for them for ever.
+    outrun one core's hash), once they have started (`_pool_started`); else on one thread.
     """
     if algorithm == "blake3":
-        auto = threads and _pool_threads
+        auto = threads and _pool_started()
         return blake3.blake3(max_threads=blake3.blake3.AUTO if auto else 1)
     return hashlib.sha256()
+
+
+def _pool_started() -> bool:
+    """Whether BLAKE3's pool of threads runs: started here the first time, before a load allocates.
+
+    Its threads start on the first hash that uses them. One that cannot start (an address-space,
+    thread or memory limit) makes that hash panic, and every later one: the pool is then never
+    used in this process. Never in a forked child: the pool the parent started has no threads
+    there, and the first hash would wait for them for ever.
+    """
+    global _pool_threads
+    if _pool_threads is None:
+        try:
+            blake3.blake3(max_threads=blake3.blake3.AUTO).update(bytes(_POOL_START_BYTES))
+            _pool_threads = True
+        except BaseException as e:  # pyo3's PanicException is a BaseException
+            if not is_panic(e):
+                raise
+            _pool_threads = False
+    return _pool_threads
+
+
+def is_panic(error: BaseException) -> bool:
+    """Whether `error` is a Rust panic raised through pyo3 (``pyo3_runtime.PanicException``)."""
+    return type(error).__name__ == "PanicException"
+
+
+def starved(error: BaseException) -> bool:
+    """Whether `error` says the process lacked memory or threads, not that a checkpoint is bad.
+
+    A `MemoryError`, torch's allocator refusing, a thread that cannot start, or BLAKE3's pool of
+    threads failing to start (a Rust panic).
+    """
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error)
+    if is_panic(error):
+        return "ThreadPoolBuildError" in text or "thread pool" in text
+    return isinstance(error, RuntimeError) and any(
+        words in text
+        for words in ("can't start new thread", "DefaultCPUAllocator", "out of memory")
+    )
+
+
+def address_space_left() -> int | None:
+    """The bytes the process's address-space limit (``RLIMIT_AS``) leaves it, None without one."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm", "rb") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return max(0, soft - mapped)
+
+
+def threads_fit(nbytes: int) -> bool:
+    """Whether hashing threads may start beside `nbytes` more of memory (`_THREAD_ROOM`)."""
+    left = address_space_left()
+    return left is None or left >= nbytes + _THREAD_ROOM
+
+
+def _started_pool() -> ThreadPoolExecutor | None:
+    """A hashing thread, started now; None where no thread can start (the caller hashes alone)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="functrain-hash")
+    try:
+        pool.submit(int)  # returns once its thread has started (`Thread.start` waits for that)
+    except RuntimeError:  # "can't start new thread"
+        pool.shutdown(wait=False)
+        return None
+    return pool
 
 
 def write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> str:
@@ -74,15 +156,17 @@ def write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> s
     piece is copied into a buffer of this module's own, hashed there and written from there
     (`_Slot`). One pass over the bytes: a second thread copies and hashes the next pieces while
     this one writes, and the disk starts writing each back at once, so that the final fsync waits
-    for the tail of the file only.
+    for the tail of the file only. Where that thread cannot start, this one does it all.
     """
     chunks = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     digest = hasher("blake3")
     pieces = _pieces(chunks, _PIECE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        if sum(c.nbytes for c in chunks) >= _OVERLAP_BYTES:
-            _write_overlapped(fd, pieces, digest)
+        pool = _started_pool() if sum(c.nbytes for c in chunks) >= _OVERLAP_BYTES else None
+        if pool is not None:
+            with pool:
+                _write_overlapped(fd, pieces, digest, pool)
         else:
             slot = _Slot(_PIECE)
             for piece in pieces:
@@ -93,27 +177,29 @@ def write_file(path: Path, data: bytes | memoryview | Iterable[memoryview]) -> s
     return digest.hexdigest()
 
 
-def _write_overlapped(fd: int, pieces: Iterator[list[memoryview]], digest: Any) -> None:
-    """Write the pieces, each staged and hashed in a second thread while the one before is written.
+def _write_overlapped(
+    fd: int, pieces: Iterator[list[memoryview]], digest: Any, pool: ThreadPoolExecutor
+) -> None:
+    """Write the pieces, each staged and hashed in the `pool`'s thread while the one before is
+    written.
 
     The staging thread runs up to ``_STAGES - 1`` pieces ahead, each in its own buffer: a buffer is
     staged again only once its last piece is written.
     """
     slots = [_Slot(_PIECE) for _ in range(_STAGES)]
-    with ThreadPoolExecutor(1, thread_name_prefix="functrain-hash") as pool:
-        staged: deque[Any] = deque()
-        for slot, piece in zip(slots[:-1], pieces, strict=False):
-            staged.append(pool.submit(slot.stage, piece, digest))  # in order: one thread
-        written, turn = 0, len(staged)
-        while staged:
-            view = staged.popleft().result()
-            piece = next(pieces, [])  # no piece is empty
-            if piece:
-                staged.append(pool.submit(slots[turn % _STAGES].stage, piece, digest))
-                turn += 1
-            _write_all(fd, view)
-            _start_writeback(fd, written, len(view))
-            written += len(view)
+    staged: deque[Any] = deque()
+    for slot, piece in zip(slots[:-1], pieces, strict=False):
+        staged.append(pool.submit(slot.stage, piece, digest))  # in order: one thread
+    written, turn = 0, len(staged)
+    while staged:
+        view = staged.popleft().result()
+        piece = next(pieces, [])  # no piece is empty
+        if piece:
+            staged.append(pool.submit(slots[turn % _STAGES].stage, piece, digest))
+            turn += 1
+        _write_all(fd, view)
+        _start_writeback(fd, written, len(view))
+        written += len(view)
 
 
 class _Slot:
@@ -250,6 +336,12 @@ def open_regular(path: Path, name: str) -> tuple[int, int]:
     except FileNotFoundError:
         raise CheckpointCorruptError(f"{name}: missing from the checkpoint") from None
     except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise CheckpointMemoryError(
+                f"{name}: cannot be opened ({e}): this process is short of file descriptors or "
+                "memory, which says nothing of the checkpoint; close files, or raise the limit "
+                "(ulimit -n)"
+            ) from None
         kind = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened ({e})"
         raise CheckpointCorruptError(
             f"{name}: {kind}; checkpoint files must be regular files in the directory"
@@ -288,35 +380,43 @@ def read_hashed(
         CheckpointCorruptError: the file ends before `nbytes` (it changed since it was opened).
         CheckpointMemoryError: the memory cannot be allocated.
     """
-    data = allocate(nbytes, name)
-    if nbytes >= _OVERLAP_BYTES and hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
-        except OSError:
-            pass  # a hint only
-    digest = hasher(algorithm, threads=True)
-    # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
-    view = memoryview(data.numpy())  # type: ignore[arg-type]
-    if nbytes and not _read_hashing(fd, view, digest, offset):
-        raise CheckpointCorruptError(
-            f"{name}: ends before the {offset + nbytes} bytes its header promised (it changed "
-            "while it was read)"
-        )
+    # the threads that hash start before the data's memory is allocated, where they fit beside it
+    overlap = nbytes >= _OVERLAP_BYTES and threads_fit(nbytes)
+    pool = _started_pool() if overlap else None
+    digest = hasher(algorithm, threads=overlap)
+    try:
+        data = allocate(nbytes, name)
+        if nbytes >= _OVERLAP_BYTES and hasattr(os, "posix_fadvise"):
+            try:  # a larger read-ahead
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass  # a hint only
+        # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
+        view = memoryview(data.numpy())  # type: ignore[arg-type]
+        if nbytes and not _read_hashing(fd, view, digest, offset, pool):
+            raise CheckpointCorruptError(
+                f"{name}: ends before the {offset + nbytes} bytes its header promised (it changed "
+                "while it was read)"
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return data, digest.hexdigest()
 
 
-def _read_hashing(fd: int, out: memoryview, digest: Any, offset: int | None = None) -> bool:
+def _read_hashing(
+    fd: int,
+    out: memoryview,
+    digest: Any,
+    offset: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> bool:
     """Fill `out` from `fd` (at `offset`, or where the file position is), hashed as it is read.
 
-    Each piece is hashed by `digest` in a second thread while the next is read (the reads may run
-    ahead of the hash: every piece stays in `out`). Returns False when the file ends before `out`
-    is full.
+    With a `pool`, each piece is hashed by `digest` in its thread while the next is read (the
+    reads may run ahead of the hash: every piece stays in `out`). Returns False when the file ends
+    before `out` is full.
     """
-    pool = (
-        ThreadPoolExecutor(1, thread_name_prefix="functrain-hash")
-        if digest is not None and len(out) >= _OVERLAP_BYTES
-        else None
-    )
     hashing = []
     try:
         pos = 0
@@ -325,14 +425,13 @@ def _read_hashing(fd: int, out: memoryview, digest: Any, offset: int | None = No
             n = os.readv(fd, [piece]) if offset is None else os.preadv(fd, [piece], offset + pos)
             if not n:
                 return False
-            if pool is not None:
+            if pool is not None and digest is not None:
                 hashing.append(pool.submit(digest.update, out[pos : pos + n]))  # in order
             elif digest is not None:
                 digest.update(out[pos : pos + n])
             pos += n
     finally:
-        if pool is not None:
-            pool.shutdown()  # waits for every piece's hash, also when the read failed
+        wait_all(hashing)  # every piece's hash, also when the read failed
     for done in hashing:
         done.result()
     return True
@@ -410,7 +509,7 @@ def digest_of_range(fd: int, offset: int, nbytes: int, name: str, algorithm: str
     Raises:
         CheckpointCorruptError: the file ends before `offset` + `nbytes`.
     """
-    digest = hasher(algorithm, threads=True)
+    digest = hasher(algorithm, threads=threads_fit(0))
     view = memoryview(bytearray(min(nbytes, _PIECE) or 1))
     pos = 0
     while pos < nbytes:
@@ -429,11 +528,15 @@ def available_memory() -> int | None:
     """The bytes this process may still allocate without swapping, or None where unknown.
 
     The smaller of the kernel's estimate (``MemAvailable``: free memory plus the page cache it can
-    drop) and what the process's memory cgroup leaves (a container's limit less the memory its
-    processes hold, not counting the page cache they could drop); outside Linux, the free physical
-    pages.
+    drop), what the process's memory cgroup leaves (a container's limit less the memory its
+    processes hold, not counting the page cache they could drop) and what its address-space limit
+    leaves (``RLIMIT_AS``, `address_space_left`); outside Linux, the free physical pages.
     """
-    found = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
+    found = [
+        n
+        for n in (_meminfo_available(), _cgroup_available(), address_space_left())
+        if n is not None
+    ]
     if found:
         return min(found)
     try:

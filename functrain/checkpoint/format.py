@@ -385,6 +385,11 @@ class _Reader:
             )
         indices = self._tensor(node.get("indices"), path)
         values = self._tensor(node.get("values"), path)
+        if indices.dtype != torch.int64:  # torch would take (and truncate) other dtypes
+            raise CheckpointCorruptError(
+                f"{MANIFEST}: the sparse tensor at {path!r} has indices of {indices.dtype}; the "
+                "format holds them as torch.int64"
+            )
         try:
             return torch.sparse_coo_tensor(
                 indices, values, shape, is_coalesced=coalesced, check_invariants=True

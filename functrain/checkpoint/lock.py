@@ -21,7 +21,7 @@ from pathlib import Path
 
 from functrain.errors import CheckpointError
 
-__all__ = ["LOCK_NAME", "WriterLock"]
+__all__ = ["LOCK_NAME", "WriterLock", "held_by"]
 
 LOCK_NAME = "writer.lock"
 _MAX_RECORD_BYTES = 512
@@ -94,6 +94,32 @@ class WriterLock:
         if fd >= 0:
             os.close(fd)
             _held.discard(self)
+
+
+def held_by(directory: Path) -> str | None:
+    """Who holds the lock of `directory` now (as `_holder` names them), or None when nobody does.
+
+    Asked without waiting, by taking a shared lock for an instant: a `CheckpointManager` opening
+    `directory` in that instant is refused as if a writer held it, and may simply open again.
+    A lock this process holds (through a manager) counts as held: its writer is the manager.
+
+    Raises:
+        OSError: the lock file is there but cannot be opened, so whether it is held is unknown.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(directory / LOCK_NAME, flags)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            return _holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _record(fd: int) -> None:

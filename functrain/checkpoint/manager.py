@@ -597,9 +597,11 @@ class CheckpointManager:
             StateMismatchError: the newest valid checkpoint does not fit `like` (a different model
                 or optimizer is a configuration error, not a reason to fall back to older files).
             CheckpointMemoryError: the newest checkpoint's tensors do not fit in the memory
-                available now. Not a reason to fall back to an older checkpoint (a run resumed
-                from it would write over the newer ones): free memory, or remove the checkpoint
-                if the message says it declares data its files do not hold.
+                available now, or the process ran short of memory, threads or file descriptors
+                while it read them. Not a reason to fall back to an older checkpoint (a run
+                resumed from it would write over the newer ones): free memory (or raise the
+                limit), or remove the checkpoint if the message says it declares data its files
+                do not hold.
         """
         if not isinstance(like, TrainState):
             # refused here: inside the loop below it would skip every checkpoint as broken

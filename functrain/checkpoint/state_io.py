@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,15 @@ import torch.utils._pytree as pytree
 
 from functrain import version
 from functrain.checkpoint.counters import counter_problems
-from functrain.checkpoint.format import compare_to_template, read_tree, write_tree
+from functrain.checkpoint.files import starved
+from functrain.checkpoint.format import (
+    MANIFEST,
+    compare_to_template,
+    read_manifest,
+    read_tree,
+    write_tree,
+)
+from functrain.checkpoint.lock import LOCK_NAME, held_by
 from functrain.checkpoint.sharded import (
     agree,
     exchange_group,
@@ -38,6 +47,7 @@ from functrain.core.structure import sparse_parameters
 from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointMemoryError,
     ConfigError,
     StateMismatchError,
 )
@@ -127,7 +137,12 @@ def save(
 
     Args:
         state: a `TrainState`, or a tree of tensors and plain values.
-        path: the checkpoint directory to create (replaced atomically if it exists).
+        path: the checkpoint directory to create, or a checkpoint functrain wrote there (its
+            manifest verifies), which is replaced atomically. Anything else at `path` is refused,
+            never replaced: a file, a directory holding other files (a `CheckpointManager`'s
+            directory among them), a symbolic link; so is a path inside a directory whose
+            ``writer.lock`` a running `CheckpointManager` holds (its writer names its files).
+            An empty directory is taken as absent.
         metadata: JSON-able user data stored in the manifest (e.g. metrics, config).
 
     A sharded state (`DTensor` leaves) is saved by every rank together, each writing its own
@@ -140,6 +155,8 @@ def save(
     Raises:
         ConfigError: `path` is not a path, or the state holds what `load` would refuse
             (`check_savable`); nothing is written.
+        CheckpointError: something other than a checkpoint is at `path`, or its directory has a
+            running writer (named, with what is there); nothing is written.
         CheckpointError: the write failed (for a sharded state: on any rank, raised on every rank);
             any previous checkpoint at `path` is intact.
 
@@ -157,7 +174,15 @@ def save(
     )
     if isinstance(state, TrainState):
         check_savable(state)
-    if has_dtensors(tree):
+    if not has_dtensors(tree):
+        _check_target(Path(path))
+    else:  # collective: every rank refuses, or none
+        error = None
+        try:
+            _check_target(Path(path))
+        except CheckpointError as e:
+            error = e
+        agree(error, exchange_group(), f"saving checkpoint {str(path)!r}")
         return write_sharded(
             path, tree, fingerprint=fp, metadata=metadata, library_version=version.__version__
         )
@@ -205,6 +230,10 @@ def load(
             optimizer, hyperparameters or options; then the fix: for other weights, that they
             cannot load into this model; else the code that starts a new state from the
             checkpoint's weights (`load_weights`).
+        CheckpointMemoryError: the checkpoint's tensors do not fit in the memory available now
+            (free memory, the cgroup's limit, the address-space limit ``RLIMIT_AS``), checked
+            before anything is read; or the process ran short of memory, threads or file
+            descriptors while it read. Nothing says the checkpoint is broken.
         CheckpointCorruptError: also when loading into a `TrainState`, for values a run cannot
             resume from, all listed with their paths: counters below 0 or past what the state's
             configuration allows (`functrain.checkpoint.counters`: `micro_step` within the
@@ -224,15 +253,46 @@ def load(
     """
     _check_path(path, "load")
     _check_map_location(map_location)
+    try:
+        return _load_here_or_sharded(path, like, map_location, digest)
+    except CheckpointMemoryError:
+        raise
+    except BaseException as e:
+        if not starved(e):
+            raise
+        raise _short_of_resources(path, e) from e
+
+
+def _short_of_resources(path: Any, error: BaseException) -> CheckpointMemoryError:
+    said = str(error).splitlines()[0][:150] if str(error) else ""
+    return CheckpointMemoryError(
+        f"loading checkpoint {str(path)!r}: this process ran short of memory or threads "
+        f"({type(error).__name__}: {said}); nothing says the checkpoint is broken: free memory, "
+        "or load in a process with a larger memory, address-space or thread limit"
+    )
+
+
+def _load_here_or_sharded(
+    path: str | os.PathLike[str],
+    like: Any,
+    map_location: str | torch.device | None,
+    digest: str | None,
+) -> Any:
     if like is None or not has_dtensors(like.tree() if isinstance(like, TrainState) else like):
         return _load(path, like, map_location, digest, sharded=False)
     # collective: the ranks read different shards, so they agree on the outcome, and a shard that
     # fails on one rank fails the load on all of them rather than leave them waiting for each other
-    result, error = None, None
+    result: Any = None
+    error: Exception | None = None
     try:
         result = _load(path, like, map_location, digest, sharded=True)
-    except Exception as e:
-        error = e
+    except BaseException as e:  # a rank short of threads too, lest the others wait for it
+        if starved(e) and not isinstance(e, CheckpointMemoryError):
+            error = _short_of_resources(path, e)
+        elif isinstance(e, Exception):
+            error = e
+        else:
+            raise
     agree(error, exchange_group(), f"loading checkpoint {str(path)!r}")
     return result
 
@@ -342,11 +402,35 @@ def _load(
 
 def _sparse_ok(like: Any) -> Callable[[str], bool]:
     """Where a checkpoint of `like` may hold a sparse tensor the template holds dense: in the
-    optimizer state of a module with sparse gradients (SGD's momentum of them, and the sums of an
-    accumulation window, are zeros until their first step)."""
-    if isinstance(like, TrainState) and sparse_parameters(like.module):
-        return lambda path: path.startswith("opt_state/")
-    return lambda path: False
+    optimizer state of a parameter with sparse gradients (SGD's momentum of it, and its sum in an
+    accumulation window, are zeros until their first step), and nowhere else.
+
+    A parameter's state is the leaf at its place in a part of the state laid out as the
+    parameters are (``momentum/0``, ``momentum/1``, ... in their order, or keyed by their names),
+    of its shape.
+    """
+    if not isinstance(like, TrainState):
+        return lambda path: False
+    sparse = set(sparse_parameters(like.module))
+    if not sparse:
+        return lambda path: False
+    names = list(like.params)
+    siblings: dict[str, list[tuple[str, str, Any]]] = {}
+    for path, leaf in leaves_by_path(like.tree()).items():
+        if path.startswith("opt_state/"):
+            parent, _, last = path.rpartition("/")
+            siblings.setdefault(parent, []).append((last, path, leaf))
+    allowed = {
+        path
+        for children in siblings.values()
+        if len(children) == len(names)
+        for i, (last, path, leaf) in enumerate(children)
+        if names[i] in sparse
+        and last in (str(i), names[i])
+        and isinstance(leaf, torch.Tensor)
+        and leaf.shape == like.params[names[i]].shape
+    }
+    return allowed.__contains__
 
 
 def _laid_out_as(value: Any, expected: Any) -> Any:
@@ -498,6 +582,63 @@ def _check_path(path: Any, call: str) -> None:
             f"{call} expects the checkpoint's directory as a path (a str or os.PathLike), got "
             f"{type(path).__name__} {str(path)[:80]}"
         )
+
+
+def _check_target(path: Path) -> None:
+    """Refuse to save at `path` where the save would replace what functrain did not write there."""
+    head = f"could not write checkpoint {str(path)!r}"
+    try:
+        writer = held_by(path.parent)
+    except OSError as e:
+        raise CheckpointError(
+            f"{head}: cannot tell whether a CheckpointManager "
+            f"writes its directory ({LOCK_NAME}: {e})"
+        ) from None
+    if writer is not None:
+        raise CheckpointError(
+            f"{head}: its directory {str(path.parent)!r} is written by a "
+            f"running CheckpointManager ({writer} holds {LOCK_NAME}), which names and removes the "
+            "checkpoints there: save through that manager, or at a path outside its directory"
+        )
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CheckpointError(f"{head}: {e}") from None
+    fix = "save at another path, or remove what is there first if you no longer need it"
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(
+            f"{head}: it is a symbolic link, and a save would replace the "
+            f"link, not what it points to: {fix}"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        what = "the lock file of a checkpoint directory" if path.name == LOCK_NAME else "a file"
+        raise CheckpointError(
+            f"{head}: it is {what} ({st.st_size} bytes), not a checkpoint; "
+            f"a save would replace it: {fix}"
+        )
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        raise CheckpointError(f"{head}: {e}") from None
+    if not entries:
+        return
+    if LOCK_NAME in entries:
+        raise CheckpointError(
+            f"{head}: it is the directory of a CheckpointManager (it holds {LOCK_NAME} and "
+            f"{len(entries) - 1} other entries), and a save would replace the whole run: save "
+            "at a path inside it through the manager, or at another path"
+        )
+    try:
+        read_manifest(path)
+    except CheckpointError as e:
+        held = ", ".join(repr(name) for name in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        said = f" ({str(e)[:200]})" if MANIFEST in entries else ""
+        raise CheckpointError(
+            f"{head}: it is a directory of {len(entries)} entries ({held}) "
+            f"and not a checkpoint functrain wrote{said}; a save would replace them all: {fix}"
+        ) from None
 
 
 def _check_map_location(map_location: Any) -> None:

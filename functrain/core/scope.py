@@ -144,4 +144,4 @@ leave = outside_graph(swap_out)
 @outside_graph
 def leave_with(scope: Scope, state: TrainState, new: dict[str, Any]) -> TrainState:
     """`leave`, then the new state: one graph boundary after the step body instead of two."""
-    return state.replace(rng=leave(scope), **new)
+    return state.stepped(None, {"rng": leave(scope), **new})  # the step's own tensors: trusted

@@ -295,7 +295,7 @@ def _stacked_train_step(
             new, metrics = stacked_body(state, batch, per_member)
     finally:
         scope.close()
-    return state.replace(rng=scope.next_rng, **new), metrics
+    return state.stepped(None, {"rng": scope.next_rng, **new}), metrics
 
 
 def step_function(

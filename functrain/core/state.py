@@ -24,7 +24,7 @@ from functrain.core.structure import CALL_GUARD, WEIGHTLESS
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
 from functrain.distributed.sharding import Sharding, gathered
-from functrain.errors import ConfigError, DonatedStateError
+from functrain.errors import ConfigError, DonatedStateError, StateMismatchError
 from functrain.optim.averaging import EmaState
 from functrain.optim.base import Transform
 from functrain.optim.zeros import light_copy
@@ -115,6 +115,9 @@ class TrainState:
     _donated_to: str | None = attrs.field(
         default=None, init=False, eq=False, metadata={"donation": True}
     )
+    # set by `replace` when it changes the module's tensors: checked against the module by the
+    # next step or `predict` that takes this state (`check_live`), then cleared
+    _unchecked: bool = attrs.field(default=False, init=False, eq=False, metadata={"check": True})
     plan: Any = attrs.field(default=None, init=False, eq=False, metadata={"plan": True})
     """The eager step's plan for this state (`functrain.core.plan.StepPlan`), or None.
 
@@ -299,8 +302,12 @@ class TrainState:
                 changes[name] = torch.full_like(getattr(self, name), value)
         if not changes.keys() <= _TRUSTED:
             # the driver's keys are checked, an unknown field named, as attrs does
-            return attrs.evolve(self, **changes)
-        return self.stepped(None, changes)
+            new = attrs.evolve(self, **changes)
+        else:
+            new = self.stepped(None, changes)
+        if not changes.keys().isdisjoint(_MODULE_TENSORS):
+            object.__setattr__(new, "_unchecked", True)
+        return new
 
     def stepped(self, plan: Any, changes: dict[str, Any]) -> TrainState:
         """The state a step returns: this one with `changes`, trusted as they are, and `plan`.
@@ -312,6 +319,7 @@ class TrainState:
         for name in _INIT_FIELDS:
             object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
         object.__setattr__(new, "_donated_to", None)
+        object.__setattr__(new, "_unchecked", False)
         object.__setattr__(new, "plan", plan)
         return new
 
@@ -413,9 +421,23 @@ class TrainState:
         Args:
             call: what was attempted, for the message.
 
+        A state whose parameters, frozen parameters or buffers `replace` changed is checked
+        against its module here too, once.
+
         Raises:
             DonatedStateError: naming the call that donated the state and how to keep a copy.
+            StateMismatchError: the state's tensors do not fit its module (`_fit_problem`).
         """
+        if self._unchecked:
+            problem = self._fit_problem()
+            if problem is not None:
+                raise StateMismatchError(
+                    f"{call} got a TrainState whose tensors do not fit its module: {problem}. "
+                    "A state's parameters and buffers are its module's (by name and shape): to "
+                    "train another model, build its state with TrainState.create(model, ...); "
+                    "to start from another state's weights, use functrain.load_weights"
+                )
+            object.__setattr__(self, "_unchecked", False)
         donated_to = self._donated_to or getattr(self.step, _DONATED_TAG, None)
         if donated_to is not None:
             raise DonatedStateError(
@@ -425,6 +447,42 @@ class TrainState:
                 "copy it first with state.clone(), "
                 "or call the step without donate=True"
             )
+
+    def _fit_problem(self) -> str | None:
+        """The first way this state's tensors do not fit its module, or None where they fit.
+
+        Every parameter of the module is in `params` or `frozen` at its shape (after the member
+        dimension of a stacked state), and nothing else is; every buffer name is the module's (a
+        buffer's shape may change as its module runs, as a quantization observer's does).
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b))
+            >>> s._fit_problem() is None
+            True
+            >>> print(s.replace(params={**s.params, "weight": torch.zeros(3, 2)})._fit_problem())
+            params["weight"] has shape [3, 2], the module's parameter [1, 2]
+        """
+        lead = 1 if self.step.ndim else 0
+        expected = {name: p.shape for name, p in self.module.named_parameters()}
+        for field, tensors in (("params", self.params), ("frozen", self.frozen)):
+            for name, t in tensors.items():
+                shape = expected.pop(name, None)
+                if shape is None:
+                    return f'{field}["{name}"] is not a parameter of the module'
+                if isinstance(t, torch.Tensor) and t.shape[lead:] != shape:
+                    return (
+                        f'{field}["{name}"] has shape {list(t.shape)}, the module\'s parameter '
+                        f"{list(shape)}"
+                    )
+        if expected:
+            name = next(iter(expected))
+            return f'the module\'s parameter "{name}" is in neither params nor frozen'
+        buffers = {name for name, _ in self.module.named_buffers()}
+        unknown = next((name for name in self.buffers if name not in buffers), None)
+        if unknown is not None:
+            return f'buffers["{unknown}"] is not a buffer of the module'
+        return None
 
     def retire(self, call: str) -> None:
         """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
@@ -468,12 +526,14 @@ TREE_FIELDS = tuple(
     if not f.metadata.get("static")
     and not f.metadata.get("donation")
     and not f.metadata.get("plan")
+    and not f.metadata.get("check")
 )
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
 # the fields `replace` sets, and those it sets without attrs' validators (all but `driver`'s)
 _INIT_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.init)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
 _COUNTER_SET = frozenset(COUNTERS)
+_MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})
 
 
 _DONATED_TAG = "_functrain_donated_to"

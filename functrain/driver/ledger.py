@@ -518,6 +518,12 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
             f"{path}/data: expected None or the data setup (a dict of names to numbers, str or "
             f"None), got {_describe(data)}"
         )
+    counts = {k: data.get(k) for k in _SETUP_COUNTS} if isinstance(data, dict) else {}
+    problems += [
+        f"{path}/data/{key}: expected None or an int >= {_SETUP_COUNTS[key]}, got {_describe(n)}"
+        for key, n in counts.items()
+        if n is not None and not (_is_count(n) and n >= _SETUP_COUNTS[key])
+    ]
     problems += source_problems(driver.get("source"), f"{path}/source")
     early = driver.get("early_stopping")
     if early is not None and not (
@@ -532,6 +538,10 @@ def tree_problems(driver: Any, path: str = "driver") -> list[str]:
             f"bad_evals (an int >= 0), got {_describe(early)}"
         )
     return problems
+
+
+# the counts of a data setup, and the least each may be
+_SETUP_COUNTS = {"samples": 0, "batch_size": 1, "batches": 0, "ranks": 1}
 
 
 def _window_problems(tree: Any, path: str) -> list[str]:

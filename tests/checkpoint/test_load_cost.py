@@ -9,14 +9,20 @@ still load.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import blake3
 import pytest
 import torch
 
@@ -290,3 +296,164 @@ def test_an_async_save_whose_digests_fail_raises_from_the_background_save(
         with pytest.raises(ft.CheckpointError, match="no room for a clone"):
             mgr.wait()
         assert not path.exists() and mgr.all() == []
+
+
+STARVED_LOADS = textwrap.dedent(
+    """
+    import os, resource, sys, warnings
+    import torch
+    import functrain as ft
+    from functrain.errors import CheckpointMemoryError
+    from tests.models import loss_fn
+
+    warnings.simplefilter("error")  # a newer checkpoint skipped for an older one is a warning
+    directory, size, extras, fork = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    state = ft.TrainState.create(torch.nn.Linear(1024, 1024), ft.sgd(0.1), loss_fn)
+    manager = ft.CheckpointManager(directory, readonly=True)
+    if fork:  # the parent's load started BLAKE3's pool, which a forked child has no thread of
+        manager.restore_latest(like=state)
+
+    def restore(extra):
+        mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, resource.RLIM_INFINITY))
+        try:
+            return f"step {int(manager.restore_latest(like=state).step)}"
+        except CheckpointMemoryError:
+            return "CheckpointMemoryError"
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+
+    for extra in (size + (int(mib) << 20) for mib in extras.split(",")):
+        if not fork:
+            print(restore(extra), flush=True)
+            continue
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            os.write(write, restore(extra).encode())
+            os._exit(0)
+        os.close(write)
+        print(os.read(read, 100).decode() or f"died {os.waitpid(pid, 0)[1]}", flush=True)
+        os.waitpid(pid, 0)
+    """
+)
+
+
+@pytest.mark.parametrize("fork", [False, True], ids=["process", "forked-child"])
+def test_a_load_short_of_address_space_restores_the_newest_or_stops_never_an_older_one(
+    tmp_path: Path, fork: bool
+) -> None:
+    """Under an address-space limit just above the checkpoint's size, the threads that hash it
+    could not start once its memory was taken: `restore_latest` passed to the older checkpoint
+    (a thread that cannot start), or BLAKE3's pool panicked, or the process aborted."""
+    state = ft.TrainState.create(torch.nn.Linear(1024, 1024), ft.sgd(0.1), loss_fn)
+    with ft.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(state)
+        size = (mgr.save(state.replace(step=state.step + 1)) / TENSORS).stat().st_size
+    band = "-2,4,6,8,10,12,14,16,300"  # MiB over the checkpoint's size
+    out = subprocess.run(
+        [sys.executable, "-c", STARVED_LOADS, str(tmp_path / "run"), str(size), band, str(+fork)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RUST_BACKTRACE": "0"},
+    )
+    outcomes = out.stdout.split("\n")[:-1]
+    assert out.returncode == 0 and len(outcomes) == 9, out.stdout + out.stderr[-2000:]
+    assert outcomes[0] == "CheckpointMemoryError", outcomes
+    assert set(outcomes[1:]) <= {"step 1", "CheckpointMemoryError"}, outcomes
+    assert outcomes[-3:] == ["step 1"] * 3, outcomes
+
+
+def test_a_load_whose_threads_cannot_start_hashes_in_its_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread limit (not memory) refuses the hashing threads: the load goes on without them."""
+    path = ft.save({"w": torch.arange(1 << 21, dtype=torch.float32)}, tmp_path / "ckpt")
+
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic
+        pass
+
+    class Blake3:
+        AUTO = -1
+
+        def __init__(self, max_threads: int = 1) -> None:
+            if max_threads == self.AUTO:
+                raise PanicException("The global thread pool has not been initialized.")
+            self.inner = blake3.blake3(max_threads=1)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(files, "blake3", SimpleNamespace(blake3=Blake3))
+    monkeypatch.setattr(files, "_pool_threads", None)
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    assert torch.equal(ft.load(path)[0]["w"], torch.arange(1 << 21, dtype=torch.float32))
+    assert files._pool_threads is False
+
+
+def test_a_load_short_of_file_descriptors_stops_restore_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = ft.TrainState.create(torch.nn.Linear(4, 4), ft.sgd(0.1), loss_fn)
+    opened = os.open
+
+    def out_of_descriptors(path: Any, *args: Any) -> int:
+        if str(path).endswith(".safetensors"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return opened(path, *args)
+
+    with ft.CheckpointManager(tmp_path, keep_last=2) as mgr:
+        mgr.save(state)
+        mgr.save(state.replace(step=state.step + 1))
+        monkeypatch.setattr(os, "open", out_of_descriptors)
+        with pytest.raises(
+            CheckpointMemoryError,
+            match=r"tensors-00000.safetensors: cannot be opened \(\[Errno 24\] Too many open fil"
+            r"es.*"
+            r"short of file descriptors",
+        ):
+            mgr.restore_latest(like=state)
+
+
+def test_fit_resumes_from_the_newest_checkpoint_when_no_hashing_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It passed over the newest for the one before ("can't start new thread"), trained from
+    there and moved `latest` past the newest."""
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1024), torch.randn(32, 1024))
+
+    def run(directory: Path, steps: int, resume: bool) -> ft.FitResult:
+        torch.manual_seed(0)
+        state = ft.TrainState.create(torch.nn.Linear(1024, 1024), ft.sgd(0.1), loss_fn)
+        return ft.fit(
+            state,
+            data,
+            batch_size=8,
+            max_steps=steps,
+            save_every=2,
+            checkpoint_dir=directory,
+            resume=resume,
+            progress=False,
+            verbosity="silent",
+        )
+
+    run(tmp_path / "run", 3, resume=False)  # checkpoints at steps 2 and 3, 4 MiB each
+    shutil.copytree(tmp_path / "run", tmp_path / "free")
+    expected = run(tmp_path / "free", 4, resume=True).state
+    started = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        if self.name.startswith("functrain-hash"):
+            raise RuntimeError("can't start new thread")
+        started(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    monkeypatch.setattr(files, "_pool_threads", False)  # BLAKE3's pool: one thread too
+    resumed = run(tmp_path / "run", 4, resume=True)
+    assert int(resumed.state.samples_seen) == 32
+    assert torch.equal(resumed.state.params["weight"], expected.params["weight"])

@@ -128,3 +128,19 @@ def test_checkpoints_from_the_thousandth_epoch_on_are_listed_in_order(
     assert reader.latest() == last
     restored = reader.restore_latest(like=state)
     assert restored is not None and int(restored.step) == 10**9
+
+
+def test_the_latest_pointer_of_the_largest_counters_is_read_back(
+    tmp_path: Path, state: ft.TrainState
+) -> None:
+    """At epoch 2**62 the name's position had 25 digits: the manager wrote a pointer it refused."""
+    big = state.replace(step=torch.tensor(2**63 - 1), epoch=torch.tensor(2**62))
+    with ft.CheckpointManager(tmp_path) as writer:
+        writer.save(state)
+        path = writer.save(big)
+    assert path.name == f"ckpt-{2**63 - 1}-{2**62 * 10**6}"
+    assert directory.read_pointer(tmp_path) == path.name
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    assert reader.latest() == path and reader.all()[-1] == path
+    restored = reader.restore_latest(like=state)
+    assert restored is not None and int(restored.epoch) == 2**62

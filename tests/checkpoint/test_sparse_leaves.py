@@ -68,6 +68,23 @@ def test_a_crafted_sparse_node_is_refused_as_corrupt(tmp_path: Path, edit: Any, 
         read_tree(path)
 
 
+def test_sparse_indices_of_another_dtype_are_refused_not_truncated(tmp_path: Path) -> None:
+    """Float indices r + 0.7 loaded as row r."""
+    sparse = uncoalesced()
+    path = write_tree(tmp_path / "ckpt", {"buf": sparse, "f": sparse._indices().float() + 0.7})
+    manifest = json.loads((path / MANIFEST).read_bytes())
+    structure = manifest["structure"]["dict"]
+    node = structure["buf"]["sparse_coo"]
+    node["indices"], structure["f"]["tensor"] = structure["f"]["tensor"], node["indices"]
+    (path / MANIFEST).write_bytes(dump_manifest(manifest))
+    with pytest.raises(
+        CheckpointCorruptError,
+        match=r"the sparse tensor at 'buf' has indices of torch.float32; the format holds them as "
+        r"torch.int64",
+    ):
+        read_tree(path)
+
+
 def momentum_state(loss_fn: Any = cases.loss_fn) -> ft.TrainState:
     return ft.TrainState.create(
         cases.model(True), ft.sgd(0.2, momentum=0.9), loss_fn, accumulate_steps=2
@@ -132,8 +149,12 @@ def test_fit_stopped_and_resumed_with_sparse_momentum_equals_the_run_never_stopp
 
 @pytest.mark.parametrize(
     ("where", "sparse_model"),
-    [("params", True), ("opt_state", False)],
-    ids=["a-parameter", "the-optimizer-state-of-a-dense-model"],
+    [("params", True), ("opt_state", False), ("opt_state", True)],
+    ids=[
+        "a-parameter",
+        "the-optimizer-state-of-a-dense-model",
+        "the-optimizer-state-of-a-dense-parameter-beside-sparse-ones",
+    ],
 )
 def test_a_sparse_tensor_where_the_state_holds_a_dense_one_is_refused(
     tmp_path: Path, where: str, sparse_model: bool
@@ -149,11 +170,15 @@ def test_a_sparse_tensor_where_the_state_holds_a_dense_one_is_refused(
         tree["params"] = {**state.params, "head.weight": weight.to_sparse()}
     else:
         inner = tree["opt_state"].inner
-        first = inner.momentum[0]
-        sparse = torch.zeros(first.shape).to_sparse()
+        k = list(state.params).index("head.weight") if sparse_model else 0  # a dense parameter's
+        momentum = list(inner.momentum)
+        momentum[k] = torch.zeros(momentum[k].shape).to_sparse()
         tree["opt_state"] = tree["opt_state"]._replace(
-            inner=inner._replace(momentum=(sparse, *inner.momentum[1:]))
+            inner=inner._replace(momentum=tuple(momentum))
         )
     path = write_tree(tmp_path / "ckpt", tree, fingerprint=fingerprint(state))
-    with pytest.raises(StateMismatchError, match="expected a dense tensor, got a sparse one"):
+    leaf = "params/head.weight" if where == "params" else f"opt_state/inner/momentum/{k}"
+    with pytest.raises(
+        StateMismatchError, match=f"{leaf}: expected a dense tensor, got a sparse one"
+    ):
         ft.load(path, like=state)

@@ -421,3 +421,63 @@ def test_a_counter_replaced_by_an_int_is_a_tensor_of_its_kind_and_saves(tmp_path
     assert int(ft.load(tmp_path / "c", like=state).epoch) == 3
     stacked = ft.stack([state, state])
     assert stacked.replace(epoch=2).epoch.tolist() == [2, 2]
+
+
+# ---------------------------------------------------------------- tensors that fit the module
+
+
+def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch).sum()
+
+
+@pytest.mark.parametrize(
+    ("call", "donate"), [("predict", False), ("train_step", False), ("train_step", True)]
+)
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            lambda s: ft.TrainState.create(nn.Linear(3, 2), ft.sgd(0.1), loss_of).params,
+            r'params\["weight"\] has shape \[2, 3\], the module\'s parameter \[4, 2\]',
+        ),
+        (
+            lambda s: {"w": torch.zeros(4, 2), "b": torch.zeros(4)},
+            r'params\["w"\] is not a parameter of the module',
+        ),
+        (
+            lambda s: {"weight": s.params["weight"]},
+            r'the module\'s parameter "bias" is in neither params nor frozen',
+        ),
+    ],
+    ids=["other-shapes", "other-names", "one-missing"],
+)
+def test_a_state_whose_params_do_not_fit_its_module_is_refused_naming_the_first(
+    params: object, message: str, call: str, donate: bool
+) -> None:
+    """Another model's parameters gave raw AttributeError or RuntimeError, and predict with
+    the right names but other shapes returned an output of another shape."""
+    state = ft.TrainState.create(nn.Linear(2, 4), ft.sgd(0.1), loss_of)
+    foreign = state.replace(params=params(state))  # type: ignore[operator]
+    x = torch.ones(5, 2)
+    with pytest.raises(ft.StateMismatchError, match=rf"^{call} got a TrainState whose .*{message}"):
+        if call == "predict":
+            ft.predict(foreign, x)
+        else:
+            ft.train_step(foreign, x, donate=donate)
+
+
+def test_a_replaced_state_that_fits_steps_and_its_steps_are_not_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state = ft.TrainState.create(nn.Linear(2, 4), ft.sgd(0.1), loss_of)
+    other = ft.TrainState.create(nn.Linear(2, 4), ft.sgd(0.1), loss_of)
+    moved = state.replace(params=other.params)
+    checks = []
+    fit = ft.TrainState._fit_problem
+    monkeypatch.setattr(ft.TrainState, "_fit_problem", lambda s: checks.append(1) or fit(s))
+    stepped, _ = ft.train_step(moved, torch.ones(5, 2))
+    for _ in range(3):
+        stepped, _ = ft.train_step(stepped, torch.ones(5, 2))
+    x = torch.ones(1, 2)
+    assert torch.equal(ft.predict(moved, x), ft.predict(other, x))
+    assert checks == [1]  # once, for `moved`; never for the states the steps return

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorData
 import functrain as ft
 from functrain.driver.seeding import mix
 from functrain.errors import FunctrainError
+from tests.checkpoint.test_serialization import read_manifest_json, write_manifest
 
 X = torch.arange(40.0).reshape(20, 2) / 40
 QUIET: dict[str, Any] = {"progress": False, "verbosity": "silent"}
@@ -467,3 +468,141 @@ def test_a_resume_with_another_distributed_sampler_seed_is_refused(tmp_path: Pat
         message
     )
     assert "DistributedSampler(..., seed=3)" in message
+
+
+def resealed(directory: Path, edit: Any) -> Path:
+    """The latest checkpoint in `directory`, the others removed, its driver records edited by
+    `edit(structure of state.driver)` and the manifest sealed again, as anyone can."""
+    with ft.CheckpointManager(directory, readonly=True) as manager:
+        latest, others = manager.latest(), manager.all()
+    assert latest is not None
+    for other in others:
+        if other != latest:
+            shutil.rmtree(other)
+    manifest = read_manifest_json(latest)
+    edit(manifest["structure"]["dict"]["driver"]["dict"])
+    write_manifest(latest, manifest)
+    return latest
+
+
+def leaf(value: int) -> dict[str, Any]:
+    return {"leaf": {"int": str(value)}}
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        (-4, r"driver/data/ranks: expected None or an int >= 1, got int -4"),
+        (0, r"driver/data/ranks: expected None or an int >= 1, got int 0"),
+    ],
+)
+def test_a_resealed_rank_count_below_one_is_refused_by_the_load(
+    tmp_path: Path, ranks: int, message: str
+) -> None:
+    """-4 ranks resumed 24 samples back and read them again."""
+    run(tmp_path, dealt(2), 3)
+    path = resealed(tmp_path, lambda d: d["data"]["dict"].update(ranks=leaf(ranks)))
+    with pytest.raises(ft.CheckpointCorruptError, match=message):
+        ft.load(path, like=state())
+
+
+def test_a_resealed_rank_count_the_saved_batches_do_not_fit_is_refused_before_a_step(
+    tmp_path: Path,
+) -> None:
+    """2**40 ranks skipped the rest of the epoch."""
+    run(tmp_path, dealt(2), 3)
+    resealed(tmp_path, lambda d: d["data"]["dict"].update(ranks=leaf(2**40)))
+    reads = Reads()
+    with pytest.raises(
+        ft.CheckpointCorruptError,
+        match=r"driver/data/ranks: 1099511627776 ranks deal each 1 batches of 2 of the 20 "
+        r"samples, but driver/data/batches records 5",
+    ):
+        run(tmp_path, dealt(1, reads), 8, resume=True)
+    assert reads.read == []
+
+
+def resealed_regroup(tmp_path: Path, regroup: list[int]) -> None:
+    run(tmp_path, dealt(2), 3)
+    run(tmp_path, dealt(1), 5, resume=True)  # saves regroup [12, 6, 10] at position 8
+
+    def edit(driver: dict[str, Any]) -> None:
+        position = driver["source"]["dict"]["ranks"]["list"][0]["dict"]
+        assert [int(v["leaf"]["int"]) for v in position["regroup"]["list"]] == [12, 6, 10]
+        position["regroup"]["list"] = [leaf(v) for v in regroup]
+
+    resealed(tmp_path, edit)
+
+
+def test_a_resealed_regroup_record_below_zero_is_refused_by_the_load(tmp_path: Path) -> None:
+    resealed_regroup(tmp_path, [-8, 0, 16])
+    with ft.CheckpointManager(tmp_path, readonly=True) as manager:
+        path = manager.latest()
+    with pytest.raises(
+        ft.CheckpointCorruptError,
+        match=r"driver/source/ranks/0/regroup: expected \[samples consumed, start, end\], ints >= "
+        r"0 with start <= batches \(8\) <= end, got \[-8, 0, 16\]",
+    ):
+        ft.load(path, like=state())
+
+
+@pytest.mark.parametrize(
+    ("regroup", "message"),
+    [
+        (
+            [1000, 0, 16],
+            r"regroup: samples consumed 1000 and the position 0 its rest is dealt from do not fit "
+            r"20 samples dealt over 1 ranks in batches of 2 at position 8",
+        ),
+        (
+            [12, 6, 16],
+            r"regroup: the dealt rest ends at position 16, but the 8 samples left give each of 1 "
+            r"ranks 4 batches from position 6",
+        ),
+    ],
+)
+def test_a_resealed_regroup_record_the_data_does_not_fit_is_refused_before_a_step(
+    tmp_path: Path, regroup: list[int], message: str
+) -> None:
+    """[1000, 0, 16] skipped the rest of the epoch."""
+    resealed_regroup(tmp_path, regroup)
+    reads = Reads()
+    with pytest.raises(ft.CheckpointCorruptError, match=r"driver/source/ranks/0/" + message):
+        run(tmp_path, dealt(1, reads), 8, resume=True)
+    assert reads.read == []
+
+
+def test_a_resealed_position_past_the_epoch_is_refused_before_a_step(tmp_path: Path) -> None:
+    run(tmp_path, dealt(2), 3)
+
+    def edit(driver: dict[str, Any]) -> None:
+        driver["source"]["dict"]["ranks"]["list"][0]["dict"]["batches"] = leaf(9)
+
+    resealed(tmp_path, edit)
+    with pytest.raises(
+        ft.CheckpointCorruptError,
+        match=r"driver/source/ranks/0/batches: expected an int from 0 to 5 \(the epoch's batches "
+        r"a rank\), got 9",
+    ):
+        run(tmp_path, dealt(1), 8, resume=True)
+
+
+def test_a_resealed_regroup_record_of_another_epoch_is_refused_before_a_step(
+    tmp_path: Path,
+) -> None:
+    """Its dealt order went unused and the epoch went on in the sampler's own, unwarned."""
+    run(tmp_path, dealt(2), 3)
+    run(tmp_path, dealt(1), 5, resume=True)  # saves regroup [12, 6, 10] at position 8
+
+    def edit(driver: dict[str, Any]) -> None:
+        driver["source"]["dict"]["ranks"]["list"][0]["dict"]["epoch"] = leaf(1)
+
+    resealed(tmp_path, edit)
+    reads = Reads()
+    with pytest.raises(
+        ft.CheckpointCorruptError,
+        match=r"driver/source/ranks/0: the rest of epoch 1 dealt from position 6 to 10, but the "
+        r"state resumes epoch 0 at batch 8",
+    ):
+        run(tmp_path, dealt(1, reads), 9, resume=True)
+    assert reads.read == []

@@ -36,7 +36,7 @@ from functrain.driver.seeding import (
     mix,
     sample_seeds,
 )
-from functrain.errors import ConfigError
+from functrain.errors import CheckpointCorruptError, ConfigError
 
 
 class DataLoaderSource(IterableSource):
@@ -118,6 +118,9 @@ class DataLoaderSource(IterableSource):
         # there (`follow_setup`)
         self.saved_ranks: int | None = None
         self.saved_batches: int | None = None
+        self.saved_size: int | None = (
+            None  # and its batch size (which may change at an epoch's start)
+        )
         # whether the run resumed on another number of ranks than the checkpoint's (`resume`)
         self.ranks_changed = False
 
@@ -153,9 +156,10 @@ class DataLoaderSource(IterableSource):
         """
         if "seeds" not in saved:
             self.sample_seeded = False
-        ranks, batches = saved.get("ranks"), saved.get("batches")
+        ranks, batches, size = (saved.get(k) for k in ("ranks", "batches", "batch_size"))
         self.saved_ranks = ranks if type(ranks) is int else None
         self.saved_batches = batches if type(batches) is int else None
+        self.saved_size = size if type(size) is int and size >= 1 else None
 
     @property
     def regroups(self) -> bool:
@@ -185,6 +189,7 @@ class DataLoaderSource(IterableSource):
         if not is_counted_position(tree) or not isinstance(tree.get("epoch"), int):
             return
         before = Regroup.of(tree)
+        self._check_saved(ranks, tree, before)
         if not self.ranks_changed:
             self.regroup = before  # the same ranks: the regrouped epoch, if any, goes on
             return
@@ -209,6 +214,61 @@ class DataLoaderSource(IterableSource):
             Regroup(tree["epoch"], done, start, start + dealt),
         )
 
+    def _check_saved(self, ranks: Any, tree: dict[str, Any], before: Regroup | None) -> None:
+        """Refuse a saved position that does not fit this data: the ranks the checkpoint's
+        sampler split the epoch over, the batches they give, and the dealt rest of an epoch
+        (`Regroup`) all follow from the dataset's samples, which the setup comparison has kept.
+
+        Raises:
+            CheckpointCorruptError: naming each field that does not fit.
+        """
+        sampler, batches = self._dealer(), self._batches()
+        samples, size = len(cast(Sized, sampler.dataset)), self.saved_size or batches.batch_size
+        assert size is not None  # a loader that `regroups` batches with a BatchSampler
+
+        def dealt(rest: int, over: int) -> int:  # each rank's batches of `rest` samples
+            return _batches_a_rank(rest, over, size, sampler.drop_last, batches.drop_last)
+
+        problems = []
+        if not (type(ranks) is int and ranks >= 1):
+            problems.append(f"driver/data/ranks: expected an int >= 1, got {ranks!r}")
+        elif self.saved_batches is not None and self.saved_batches != dealt(samples, ranks):
+            problems.append(
+                f"driver/data/ranks: {ranks} ranks deal each {dealt(samples, ranks)} batches of "
+                f"{size} of the {samples} samples, but driver/data/batches records "
+                f"{self.saved_batches}"
+            )
+        end = before.end if before is not None else self.saved_batches
+        position = tree["batches"]
+        if not (type(position) is int and 0 <= position and (end is None or position <= end)):
+            problems.append(
+                f"driver/source/ranks/0/batches: expected an int from 0 to {end} (the epoch's "
+                f"batches a rank), got {position!r}"
+            )
+        if before is not None and not problems:
+            consumed, start, stop = before[1:]
+            expected = (
+                min(consumed // (ranks * size), dealt(samples, ranks)) if 0 <= consumed else None
+            )
+            if not (0 <= consumed <= samples and start == expected and start <= position):
+                problems.append(
+                    f"driver/source/ranks/0/regroup: samples consumed {consumed} and the position "
+                    f"{start} its rest is dealt from do not fit {samples} samples dealt over "
+                    f"{ranks} ranks in batches of {size} at position {position}"
+                )
+            elif stop != start + dealt(samples - consumed, ranks):
+                problems.append(
+                    f"driver/source/ranks/0/regroup: the dealt rest ends at position {stop}, but "
+                    f"the {samples - consumed} samples left give each of {ranks} ranks "
+                    f"{dealt(samples - consumed, ranks)} batches from position {start}"
+                )
+        if problems:
+            raise CheckpointCorruptError(
+                "the checkpoint's position in the data does not fit the data it describes (a "
+                "run cannot resume from it without skipping or repeating samples):\n  - "
+                + "\n  - ".join(problems)
+            )
+
     def resumed_at(self, epoch: int, position: int) -> int | None:
         """Where a run resumed at `position` of `epoch` goes on from: None where it goes on from
         there, the position of the samples consumed where `resume` dealt the rest of that epoch
@@ -223,6 +283,19 @@ class DataLoaderSource(IterableSource):
                     "checkpoint holds no position of the samples that epoch consumed on the "
                     f"{self.saved_ranks} ranks that saved it, so its rest cannot be dealt "
                     "anew; resume on those ranks, or from a checkpoint saved at an epoch's end"
+                )
+            regroup = self.regroup  # on the ranks that dealt it: goes on where the state is
+            if (
+                position
+                and regroup is not None
+                and (regroup.epoch != epoch or not regroup.start <= position <= regroup.end)
+            ):
+                raise CheckpointCorruptError(
+                    "the checkpoint's position in the data does not fit the state it resumes (a "
+                    "run cannot resume from it without skipping or repeating samples):\n  - "
+                    f"driver/source/ranks/0: the rest of epoch {regroup.epoch} dealt from "
+                    f"position {regroup.start} to {regroup.end}, but the state resumes epoch "
+                    f"{epoch} at batch {position}"
                 )
             return None
         dealt = dealt_from[2]
@@ -368,6 +441,15 @@ class DataLoaderSource(IterableSource):
                 stacklevel=4,
             )
         self.restored = None
+
+
+def _batches_a_rank(
+    samples: int, ranks: int, size: int, sampler_drop_last: bool, drop_last: bool
+) -> int:
+    """The batches of `size` each of `ranks` reads of `samples` a `DistributedSampler` deals
+    (cut to a multiple of `ranks` with `sampler_drop_last`, else padded to one)."""
+    each = samples // ranks if sampler_drop_last else -(-samples // ranks)
+    return each // size if drop_last else -(-each // size)
 
 
 class Regroup(NamedTuple):

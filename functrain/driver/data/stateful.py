@@ -205,18 +205,53 @@ def _unstorable(path: str, got: str, expected: str) -> str:
 
 
 def source_problems(saved: Any, path: str) -> list[str]:
-    """What keeps `saved` from being what `StatefulSource.saved_states` writes (empty if it is)."""
-    if saved is None or (
+    """What keeps `saved` from being what `StatefulSource.saved_states` writes (empty if it is),
+    the positions in it (`IterableSource.state_tree`) included."""
+    if saved is None:
+        return []
+    if (
         isinstance(saved, dict)
         and set(saved) == {"ranks"}
         and isinstance(saved["ranks"], list)
         and saved["ranks"]
     ):
-        return []
+        return [
+            problem
+            for rank, tree in enumerate(saved["ranks"])
+            for problem in _position_problems(tree, f"{path}/ranks/{rank}")
+        ]
     return [
         f"{path}: expected None or a dict {{'ranks': [one data state per rank]}}, got "
         f"{type(saved).__name__} {str(saved)[:80]}"
     ]
+
+
+def _position_problems(tree: Any, path: str) -> list[str]:
+    """What keeps a counted position from being one a pass writes: its epoch (None before the
+    first pass), its batches, and the dealt rest of an epoch ``[consumed, start, end]``, with
+    its position from `start` to `end`. (What they say of the data is checked against the data
+    on resume: `DataLoaderSource.resume`.)"""
+    if not is_counted_position(tree):
+        return []
+    problems = []
+    epoch, batches = tree["epoch"], tree["batches"]
+    if not (epoch is None or (type(epoch) is int and epoch >= 0)):
+        problems.append(f"{path}/epoch: expected None or an int >= 0, got {epoch!r}"[:300])
+    if not (type(batches) is int and batches >= 0):
+        problems.append(f"{path}/batches: expected an int >= 0, got {batches!r}"[:300])
+    regroup = tree.get("regroup")
+    if "regroup" in tree and not (
+        isinstance(regroup, list)
+        and len(regroup) == 3
+        and all(type(v) is int and v >= 0 for v in regroup)
+        and regroup[1] <= regroup[2]
+        and (type(batches) is not int or regroup[1] <= batches <= regroup[2])
+    ):
+        problems.append(
+            f"{path}/regroup: expected [samples consumed, start, end], ints >= 0 with start <= "
+            f"batches ({batches!r}) <= end, got {regroup!r}"[:300]
+        )
+    return problems
 
 
 def is_stateful(data: Any) -> bool:
