@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from functrain.core.binding import traced_binding_problems
 from functrain.core.body import (
@@ -144,8 +145,14 @@ class _Body:
 
 
 def _note_eager_run() -> None:
-    """Called first in each compiled body: traced, it does nothing (the branch is not taken)."""
+    """Called first in each compiled body: traced, it does nothing (the branch is not taken).
+
+    Run as Python, it refuses the call if dynamo has given up compiling the body, its recompile
+    limit reached (`_refuse_if_spent`): the step would run uncompiled, which is not what was
+    asked, and whatever made it compile again each time would go unseen.
+    """
     if not torch.compiler.is_compiling():
+        _refuse_if_spent(sys._getframe(1).f_code)
         _Body.ran_eagerly = True
 
 
@@ -241,6 +248,40 @@ def _enable_hooks_again(enabled_before: bool) -> None:
         torch._C._autograd._saved_tensors_hooks_enable()
 
 
+class RecompileWarning(UserWarning):
+    """`compile_step` compiled a step again because a value the loss function or module reads
+    in Python changed (a global, a closure cell, a module attribute, a ``training`` flag).
+
+    The compiled step then trains on the new value, as `train_step` would; each new value costs
+    one more compilation, up to ``torch._dynamo.config.recompile_limit`` per configuration, past
+    which the step refuses (`ConfigError`). A value that changes at every step belongs in a
+    tensor: in the batch, or computed from the step count by a schedule.
+    """
+
+
+# the top-level packages whose objects are not the user's: what they hold fixes the configuration
+_LIBRARIES = frozenset({"torch", "functrain", "builtins", *sys.stdlib_module_names})
+
+
+def _library(module_name: str | None) -> bool:
+    return (module_name or "builtins").partition(".")[0] in _LIBRARIES
+
+
+def _users(value: Any, given: tuple) -> bool:
+    """Whether a guarded `value` is the user's: one of `given` (the state's module and loss
+    function), a module, or a module, function, class or object of code outside torch,
+    functrain and the standard library (a user's schedule or transform inside functrain's)."""
+    if any(value is g for g in given) or isinstance(value, nn.Module):
+        return True
+    if isinstance(value, types.ModuleType):
+        return not _library(value.__name__)
+    if isinstance(value, (types.FunctionType, type)):
+        return not _library(value.__module__)
+    if isinstance(value, types.MethodType):
+        return _users(value.__func__, given) or _users(value.__self__, given)
+    return not _library(type(value).__module__)
+
+
 def _keep_guard(entry: Any) -> bool:
     # torch's global state (empty name), anything about the batch, and the tensors' metadata
     return not entry.name or entry.name.startswith("batch") or entry.guard_type == "TENSOR_MATCH"
@@ -251,15 +292,155 @@ def _keep_guard(entry: Any) -> bool:
 _OWN_FRAME = re.compile(r"(L\[')?compiled_")
 
 
-def _guard_filter(entries: list[Any]) -> list[bool]:
-    """The guards dynamo keeps of a frame it compiled: of a body's own frame, `_keep_guard`'s.
+def _guard_filter(given: tuple, entries: list[Any]) -> list[bool]:
+    """The guards dynamo keeps of a frame it compiled (`given`: the state's module and loss).
 
-    A frame of code the body calls, compiled apart where the body's graph breaks, keeps every
-    guard: its code object is shared by every configuration, and only its guards tell them apart.
+    Of a body's own frame: torch's global state, the batch, the tensors' metadata, and every
+    guard on what is reached through the user's objects (`_users`: the module's attributes and
+    ``training`` flags, the loss function's closure cells, the globals of the user's modules, a
+    user's schedule inside the transform), so that a change of any of them compiles the body
+    again. Left out: the guards on functrain's and torch's own objects and modules, which the
+    configuration's key fixes (`CompiledStep._cached`). A frame of code the body calls, compiled
+    apart where the body's graph breaks, keeps every guard.
     """
     if not any(_OWN_FRAME.match(e.name) for e in entries):
         return [True] * len(entries)
-    return [_keep_guard(e) for e in entries]
+    roots = {e.name for e in entries if e.name and e.has_value and _users(e.value, given)}
+    if not roots:
+        return [_keep_guard(e) for e in entries]
+    # a root's name inside an entry's (``x.attr``, ``x[0]``, ``type(x).__dict__``), whole
+    rooted = re.compile(
+        "|".join(re.escape(r) for r in sorted(roots, key=len, reverse=True)) + r"(?![\w'])"
+    )
+    return [_keep_guard(e) or rooted.search(e.name) is not None for e in entries]
+
+
+def _cache_entries(code: types.CodeType) -> list[Any]:
+    """What dynamo has compiled of `code`, one entry per set of guards."""
+    return torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)  # type: ignore[attr-defined]
+
+
+def _guard_failures(code: types.CodeType) -> list[str]:
+    """dynamo's reasons for compiling `code` again, oldest first (one per entry it then held)."""
+    import torch._dynamo.utils  # imported by now: torch.compile imported it
+
+    return torch._dynamo.utils.guard_failures.get(code, [])
+
+
+# a reason of dynamo's: "<compile id>: <guard that failed>  # <source line>  # <file:line in fn>"
+_REASON = re.compile(r"^(\d+/\d+: )?(?P<guard>[^#]*)(#(?P<source>.*)#(?P<where>[^#]*))?")
+# a guard that failed on the batch, a tensor's metadata or torch's global state: no Python value
+_NO_VALUE = re.compile(r"^(tensor '|GLOBAL_STATE)|(?<![\w'.])batch\b")
+_IMPORTED = re.compile(r"G\['__import_(\w+?)'\]")
+
+
+def _described(reason: str) -> tuple[str, bool]:
+    """A reason of dynamo's in the user's words, and whether it names a value the user changed.
+
+    Example:
+        >>> _described("0/1: G['__import_my_dot_losses'].SCALE == 1.0  # x * SCALE  # losses.py:9 in f")
+        ('`my.losses.SCALE == 1.0` no longer holds (losses.py:9 in f: x * SCALE)', True)
+        >>> _described("0/1: tensor 'batch[0]' size mismatch at index 0. expected 8, actual 5")[1]
+        False
+    """
+    found = _REASON.match(reason.strip())
+    if found is None:  # never: the pattern matches any text
+        return reason, True
+    guard = found.group("guard").strip()
+    named = _IMPORTED.sub(lambda m: m.group(1).replace("_dot_", "."), guard)
+    named = re.sub(r"compiled_fields\['(\w+)'\]", r"state.\1", named)
+    source, where = (found.group(k) or "" for k in ("source", "where"))
+    if not (source.strip() or where.strip()):
+        return f"`{named}` no longer holds", _NO_VALUE.search(guard) is None
+    read = f"{where.strip().splitlines()[0]}: {source.strip()}" if source.strip() else where.strip()
+    return f"`{named}` no longer holds ({read})", _NO_VALUE.search(guard) is None
+
+
+def _refuse_if_spent(code: types.CodeType) -> None:
+    """Refuse a body that dynamo runs as Python because it compiled it as often as it may.
+
+    Raises:
+        ConfigError: ``torch._dynamo.config.recompile_limit`` compilations of the body, naming
+            the last reason.
+    """
+    import torch._dynamo  # imported by now: torch.compile imported it
+
+    limit = torch._dynamo.config.recompile_limit
+    held = len(_cache_entries(code))
+    if not held or held < limit:
+        return  # dynamo runs it as Python for another reason (disabled, a compile that failed)
+    # the reasons of the last attempt, one per entry held, the last one used first
+    failures = _guard_failures(code)
+    why = _described(failures[-held])[0] if len(failures) >= held else "a guard failed"
+    raise _Spent(
+        f"compile_step has compiled this step {held} times, torch._dynamo.config."
+        f"recompile_limit, and would compile it again because {why}; it compiles it no more, "
+        "and running it uncompiled is not what was asked. A value the loss function or module "
+        "reads in Python that changes between steps (a counter, an annealed weight, a module "
+        "attribute) compiles the step again for each new value: pass it as a tensor (in the "
+        "batch, or a schedule of the step count), or raise torch._dynamo.config.recompile_limit"
+    )
+
+
+class _Spent(ConfigError):
+    """`_refuse_if_spent`'s error: raised before the body ran, so a donated state stays usable."""
+
+
+class _Watched:
+    """A configuration's compiled body, called: after each call, the compilations it caused.
+
+    dynamo compiles a body again when one of its guards fails: a new batch shape, torch's global
+    state (autocast), or a value the user's code reads in Python (`_guard_filter` keeps those).
+    Each of the last kind is reported (`RecompileWarning`), naming the value; the limit on them
+    is dynamo's (`_refuse_if_spent`). The check is one dictionary look-up per call.
+    """
+
+    __slots__ = ("fn", "code", "seen")
+
+    def __init__(self, fn: Callable[..., Any], code: types.CodeType) -> None:
+        self.fn = fn
+        self.code = code
+        self.seen = 0
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            out = self.fn(*args)
+        except BaseException:
+            self.seen = len(_guard_failures(self.code))  # nothing was compiled to report
+            raise
+        failures = _guard_failures(self.code)
+        if len(failures) != self.seen:
+            self._report(failures)
+        return out
+
+    def _report(self, failures: list[str]) -> None:
+        # a compilation adds a reason per entry dynamo held, the last one used first: what
+        # changed since the previous call (torch._dynamo.reset() empties the list)
+        first = failures[self.seen] if len(failures) > self.seen else failures[0]
+        self.seen = len(failures)
+        changed, value = _described(first)
+        if not value:
+            return  # a batch shape or torch's global state: compiled once each, as documented
+        import torch._dynamo  # imported by now: torch.compile imported it
+
+        warnings.warn(
+            f"compile_step compiled the step again because a value it reads in Python changed: "
+            f"{changed}. It trains on the new value, as train_step does; this configuration "
+            f"has been compiled {len(_cache_entries(self.code))} times, and past "
+            f"torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit}) "
+            "the step refuses. A value that changes at every step belongs in a tensor (in the "
+            "batch, or a schedule of the step count)",
+            RecompileWarning,
+            stacklevel=_user_level(),
+        )
+
+
+def _user_level() -> int:
+    """The stack level of the first caller outside functrain (for `warnings.warn`)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("functrain"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class CompiledStep:
@@ -290,12 +471,9 @@ class CompiledStep:
         # with a recorder, every step is captured (`functrain.core.capture`)
         self._captures = Captures(recorder) if recorder is not None else None
         self._compile = functools.partial(
-            torch.compile,
-            dynamic=False,
-            backend=backend,
-            mode=mode,
-            options={**options, "guard_filter_fn": _guard_filter},
+            torch.compile, dynamic=False, backend=backend, mode=mode
         )
+        self._options = options
         # per configuration: the objects its key holds by id (kept alive), and what was compiled
         self._cores: dict[tuple, tuple[tuple, Any]] = {}
 
@@ -403,7 +581,7 @@ class CompiledStep:
                 # vmap inside the compiled function: dynamo traces it
                 return compiled_fn(compiled_tensors, batch)
 
-            found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
+            found = self._cores[key] = (owners, self._compiled(body, "stacked_core", state))
             try:  # the checks a traced step cannot make, once per configuration
                 _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
                 refuse_untraced(state)
@@ -502,6 +680,7 @@ class CompiledStep:
             compiled_counters: tuple,
             batch: Any,
         ) -> Any:
+            _note_eager_run()
             given = {
                 "params": compiled_params,
                 "buffers": compiled_buffers,
@@ -522,7 +701,7 @@ class CompiledStep:
             write_back(new, given)
             return pack_metrics(metrics)
 
-        compiled = self._compile(_own_code(body, "captured_core"))
+        compiled = self._compiled(body, "captured_core", state)
         self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)
         return key, compiled
 
@@ -536,14 +715,23 @@ class CompiledStep:
         def body(
             compiled_tensors: dict[str, torch.Tensor], batch: Any
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            _note_eager_run()
             return call_loss(compiled_view, compiled_tensors, batch)
 
-        compiled = self._compile(_own_code(body, "sharded_loss"))
+        compiled = self._compiled(body, "sharded_loss", state)
         self._cores[key] = (
             (state.module, state.loss_fn, state.optimizer),
             compiled,
         )  # held, so their ids stay theirs
         return compiled
+
+    def _compiled(self, body: Callable[..., Any], prefix: str, state: TrainState) -> _Watched:
+        """`body` compiled for `state`'s configuration: a code object of its own, the guards on
+        the user's objects kept (`_guard_filter`), its compilations watched (`_Watched`)."""
+        own = _own_code(body, prefix)
+        given = (state.module, state.loss_fn)
+        options = {**self._options, "guard_filter_fn": functools.partial(_guard_filter, given)}
+        return _Watched(self._compile(own, options=options), own.__code__)
 
     def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Callable[..., Any] | None]:
         """The cache key of `state`'s static configuration (and `variant`), and what it compiled to.
@@ -625,7 +813,7 @@ class CompiledStep:
                 )
             return new, metrics
 
-        compiled = self._compile(_own_code(body, "train_core"))
+        compiled = self._compiled(body, "train_core", state)
         self._cores[key] = (
             (state.module, state.loss_fn, state.optimizer),
             compiled,
