@@ -82,7 +82,7 @@ from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
-__all__ = ["compile_step", "CompiledStep"]
+__all__ = ["compile_step", "CompiledStep", "RecompileWarning"]
 
 _serial = itertools.count()
 _DONATED = "a compiled step (compile_step) with donate=True"
@@ -332,14 +332,16 @@ _REASON = re.compile(r"^(\d+/\d+: )?(?P<guard>[^#]*)(#(?P<source>.*)#(?P<where>[
 # a guard that failed on the batch, a tensor's metadata or torch's global state: no Python value
 _NO_VALUE = re.compile(r"^(tensor '|GLOBAL_STATE)|(?<![\w'.])batch\b")
 _IMPORTED = re.compile(r"G\['__import_(\w+?)'\]")
+# a path to a state's static part (the compiled body's `statics_of` dict, however it is reached)
+_STATIC = re.compile(r"(?<![\w.\]'])[\w.\[\]']*?\['(?P<field>module|loss_fn|tx|averager)'\]")
 
 
 def _described(reason: str) -> tuple[str, bool]:
     """A reason of dynamo's in the user's words, and whether it names a value the user changed.
 
     Example:
-        >>> _described("0/1: G['__import_my_dot_losses'].SCALE == 1.0  # x * SCALE  # losses.py:9 in f")
-        ('`my.losses.SCALE == 1.0` no longer holds (losses.py:9 in f: x * SCALE)', True)
+        >>> _described("0/1: G['__import_my_dot_loss'].SCALE == 1.0  # x * SCALE  # loss.py:9 in f")
+        ('`my.loss.SCALE == 1.0` no longer holds (loss.py:9 in f: x * SCALE)', True)
         >>> _described("0/1: tensor 'batch[0]' size mismatch at index 0. expected 8, actual 5")[1]
         False
     """
@@ -348,7 +350,7 @@ def _described(reason: str) -> tuple[str, bool]:
         return reason, True
     guard = found.group("guard").strip()
     named = _IMPORTED.sub(lambda m: m.group(1).replace("_dot_", "."), guard)
-    named = re.sub(r"compiled_fields\['(\w+)'\]", r"state.\1", named)
+    named = _STATIC.sub(r"state.\g<field>", named)
     source, where = (found.group(k) or "" for k in ("source", "where"))
     if not (source.strip() or where.strip()):
         return f"`{named}` no longer holds", _NO_VALUE.search(guard) is None
@@ -470,9 +472,7 @@ class CompiledStep:
     ) -> None:
         # with a recorder, every step is captured (`functrain.core.capture`)
         self._captures = Captures(recorder) if recorder is not None else None
-        self._compile = functools.partial(
-            torch.compile, dynamic=False, backend=backend, mode=mode
-        )
+        self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode)
         self._options = options
         # per configuration: the objects its key holds by id (kept alive), and what was compiled
         self._cores: dict[tuple, tuple[tuple, Any]] = {}
