@@ -7,14 +7,21 @@ frames, because the RNG swap around the graph breaks the step into pieces.
 
 `compile_step` compiles only the step body (`functrain.core.body`), once per static
 configuration of the state (module, loss function, transform, options, parameter names). The RNG
-swap and the state's rebuilding run as plain Python around it, and the compiled body keeps only
-the guards that can change between calls of one configuration: the tensors' shapes, dtypes and
-devices, everything about the batch, and torch's global state (grad mode, autocast, ...). The
-static parts are checked by identity in Python before the call instead.
+swap and the state's rebuilding run as plain Python around it. The compiled body keeps the guards
+that can change between calls of one configuration: the tensors' shapes, dtypes and devices,
+everything about the batch, torch's global state (grad mode, autocast, ...), and everything
+reached through the user's own objects (`_guard_filter`): the module's attributes and
+``training`` flags, the loss function's closure cells and the values in them, the globals of the
+user's modules, a schedule or transform of the user's inside functrain's. The guards on
+functrain's and torch's own objects are left out: the configuration's key fixes them, checked by
+identity in Python before the call.
 
-The price of dropping those guards: the module must not be changed in place after its first
-compiled step (say, a dropout probability or an attribute its forward reads); build a new state
-(`TrainState.create`) if it is.
+So a compiled step never trains on a stale value: when a global the loss function reads, a
+closure cell, a module attribute or a submodule's ``training`` flag changes, dynamo compiles the
+body again and the step trains on the new value, as `train_step` would. Each such compilation
+warns (`RecompileWarning`, naming the value); past ``torch._dynamo.config.recompile_limit``
+compilations of a configuration, where dynamo would run the body uncompiled, the step refuses
+(`ConfigError`, naming the last value), before anything ran.
 
 A sharded state (``sharding="optimizer"`` or ``"full"``) compiles less: only its loss function,
 whose backward AOTAutograd compiles with it. `torch.func.grad`, which the whole compiled body
@@ -317,7 +324,7 @@ def _guard_filter(given: tuple, entries: list[Any]) -> list[bool]:
 
 def _cache_entries(code: types.CodeType) -> list[Any]:
     """What dynamo has compiled of `code`, one entry per set of guards."""
-    return torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)  # type: ignore[attr-defined]
+    return torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)
 
 
 def _guard_failures(code: types.CodeType) -> list[str]:
@@ -397,12 +404,37 @@ class _Watched:
     is dynamo's (`_refuse_if_spent`). The check is one dictionary look-up per call.
     """
 
-    __slots__ = ("fn", "code", "seen")
+    __slots__ = ("fn", "body", "code", "seen")
 
-    def __init__(self, fn: Callable[..., Any], code: types.CodeType) -> None:
+    def __init__(self, fn: Callable[..., Any], body: types.FunctionType) -> None:
         self.fn = fn
-        self.code = code
+        self.body = body  # what `fn` compiles
+        self.code = body.__code__
         self.seen = 0
+
+    def check_for(self, *args: Any) -> Callable[[], str | None]:
+        """A check of the guards of the code that ran on `args` (a call just made), on them again.
+
+        For a graph that replays that call without dynamo (`functrain.core.capture`): the check
+        returns None while every guard holds, else the first that failed, in the user's words.
+        The arguments must be the very objects the replay runs on. One guard evaluation a call,
+        as a compiled call's.
+        """
+        scope = dict(zip(self.code.co_varnames, args, strict=False))
+        cells = zip(self.code.co_freevars, self.body.__closure__ or (), strict=True)
+        scope.update((name, cell.cell_contents) for name, cell in cells)
+        held = [e.guard_manager for e in _cache_entries(self.code)]
+        guards = next((g for g in held if g.check(scope)), None)
+        if guards is None:  # the call ran as Python (dynamo disabled): nothing to check
+            return lambda: None
+
+        def check() -> str | None:
+            if guards.check(scope):
+                return None
+            failed = guards.check_verbose(scope).verbose_code_parts
+            return _described(failed[0] if failed else "a guard failed")[0]
+
+        return check
 
     def __call__(self, *args: Any) -> Any:
         try:
@@ -439,7 +471,8 @@ class _Watched:
 
 def _user_level() -> int:
     """The stack level of the first caller outside functrain (for `warnings.warn`)."""
-    frame, level = sys._getframe(1), 1
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("functrain"):
         frame, level = frame.f_back, level + 1
     return level
@@ -475,7 +508,7 @@ class CompiledStep:
         self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode)
         self._options = options
         # per configuration: the objects its key holds by id (kept alive), and what was compiled
-        self._cores: dict[tuple, tuple[tuple, Any]] = {}
+        self._cores: dict[tuple, tuple[tuple, _Watched]] = {}
 
     def __call__(
         self, state: TrainState, batch: Any, *, donate: bool = False
@@ -731,9 +764,9 @@ class CompiledStep:
         own = _own_code(body, prefix)
         given = (state.module, state.loss_fn)
         options = {**self._options, "guard_filter_fn": functools.partial(_guard_filter, given)}
-        return _Watched(self._compile(own, options=options), own.__code__)
+        return _Watched(self._compile(own, options=options), own)
 
-    def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Callable[..., Any] | None]:
+    def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, _Watched | None]:
         """The cache key of `state`'s static configuration (and `variant`), and what it compiled to.
 
         The user's objects count by identity, the options by value: the wrapped transform and the
@@ -836,7 +869,7 @@ def _sharded_body(
     return apply(state, batch, grads, buffers, loss, aux, scale, extras)
 
 
-def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
+def _own_code(body: Callable[..., Any], prefix: str) -> types.FunctionType:
     """`body` with a code object of its own.
 
     dynamo caches compiled code on the code object, and the guards that would tell two
