@@ -27,9 +27,14 @@ state's own tensors at the fixed addresses:
   on by what the recorded kernels drew. The step sets the generator to the state's ``rng``
   before the replay, as the uncaptured step does, so a replay draws what the compiled step draws,
   and the new state's ``rng`` is where the replay left the generator.
-- What the step does on the host, it does once, while the graph is recorded: a Python value, or
-  anything computed on the CPU, inside the loss function is fixed from then on. A step that reads
-  a tensor back to the host (``.item()``) cannot be recorded: `ConfigError`.
+- What the step does on the host, it does once, while the graph is recorded: a Python value the
+  loss function or module reads (a global, a closure cell, a module attribute, a ``training``
+  flag), or anything computed on the CPU, is fixed in the graph. A replay runs neither Python nor
+  dynamo, so before each one the compiled step's guards are checked on the very arguments the
+  graph was recorded with (`Body.check_for`: the tensors' guards hold there by construction;
+  what can fail is a Python value, as dynamo would have found): a changed value records a new
+  graph, compiled again for it, and the old graph serves again if the value comes back. A step
+  that reads a tensor back to the host (``.item()``) cannot be recorded: `ConfigError`.
 
 `Recorder` records and replays: `CudaGraphs` on a CUDA device (graphs sharing one memory pool);
 on the CPU, a recorder whose replay calls the step again serves to test the rest.

@@ -491,6 +491,8 @@ class CompiledStep:
     Holds one compiled body per static configuration seen so far: the module, loss function and
     optimizer (the same objects), the options, the process group and sharding, and the parameter
     names. Of a sharded state, the compiled part is the loss function (see the module's docstring).
+    A configuration's body is compiled again when a value the module or loss function reads in
+    Python changes (`RecompileWarning`; see `compile_step`).
 
     With a `recorder` (``compile_step(capture=True)`` gives `CudaGraphs`), every call is captured:
     `functrain.core.capture` holds the graphs, their tensors, and what a call copies.
@@ -935,6 +937,16 @@ def compile_step(
     shapes: a last partial batch compiles once more). Keep the returned function and call it in
     the loop; each `compile_step()` call starts its own cache.
 
+    What the model and the loss function read in Python is checked at every call, as
+    `torch.compile` checks it: a global the loss function reads, a variable or a list it closes
+    over, an attribute of the module, a submodule's ``training`` flag, a global read by a schedule
+    of the user's. When one changes, the step is compiled again and trains on the new value, as
+    `train_step` would, and warns (`RecompileWarning`, naming the value). Past
+    ``torch._dynamo.config.recompile_limit`` compilations of a configuration, the step refuses
+    (`ConfigError`) before it runs: a value that changes at every step belongs in a tensor (in
+    the batch, or computed by a schedule from the step count). functrain's own objects (the
+    transform, the options) are not checked: the configuration fixes them.
+
     The first call of a configuration also runs the step's forward and backward once eagerly
     (on copies of the buffers, the random streams put back), for the checks a traced step cannot
     make: the loss function's result and metrics, the batch, and a loss that depends on no
@@ -957,10 +969,13 @@ def compile_step(
     - The first call of a configuration and of each batch shape warms up on copies (the first
       call compiles) and records; a batch of other shapes (a last partial batch) records one more
       graph, once. A state of other shapes or frozen tensors gets tensors of its own.
-    - The state, and the batch's tensors, must be on one CUDA device; what the loss function
-      computes in Python or on the CPU is recorded once and fixed from then on, and a step that
-      reads a tensor back to the host (``.item()``) cannot be recorded. Call the step from one
-      CUDA stream.
+    - The state, and the batch's tensors, must be on one CUDA device. A replay runs no Python:
+      what the loss function computes in Python or on the CPU is computed once, when the graph is
+      recorded, and a step that reads a tensor back to the host (``.item()``) cannot be recorded.
+      Before each replay, the compiled step's guards on the Python values it read (as above) are
+      checked on the graph's arguments, at the cost of a compiled call's guard check: a value
+      that changed records a new graph (compiled again, with a `RecompileWarning`), and the old
+      graph serves again if the value comes back. Call the step from one CUDA stream.
     - Stacked and distributed states are refused (`ConfigError`).
 
     torch.compile's ``mode="reduce-overhead"`` (and ``"max-autotune"``) runs its own CUDA graphs,
@@ -987,8 +1002,13 @@ def compile_step(
         ConfigError: `options` sets its own ``guard_filter_fn``; a mode or option that runs CUDA
             graph trees; `capture` not a bool, or True without a CUDA device; calling the step
             with something other than a `TrainState`, or with an unstacked state whose optimizer
-            holds a sweep; a captured step given a state off CUDA, a stacked or distributed
-            state, or a step that cannot be recorded.
+            holds a sweep; a step compiled ``torch._dynamo.config.recompile_limit`` times that
+            would be compiled again (nothing ran: a donated state stays usable); a captured step
+            given a state off CUDA, a stacked or distributed state, or a step that cannot be
+            recorded.
+
+    Warns:
+        RecompileWarning: the step was compiled again because a value it reads changed.
 
     Example:
         >>> import torch, functrain as ft
