@@ -169,10 +169,10 @@ def _retire_if_ran(state: TrainState, attempt: _Attempt | None, error: BaseExcep
     The graph writes into the given tensors, and which it had written when it raised cannot be
     told (inductor's kernels write in place; the version counters move only after the graph), so
     the state holds neither the old state nor the new one. `attempt`: the call (None: not
-    donated). An error before the call began (a batch refused first) or of a compile that failed
-    leaves the state usable.
+    donated). An error before the call began (a batch refused first), of a compile that failed,
+    or of a body refused before it ran (`_Spent`) leaves the state usable.
     """
-    if attempt is not None and attempt.may_have_run():
+    if attempt is not None and attempt.may_have_run() and not isinstance(error, _Spent):
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
 
 

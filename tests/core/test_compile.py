@@ -500,8 +500,9 @@ def test_compile_step_trains_on_each_changed_value_as_train_step_does_or_refuses
         eager, _ = ft.train_step(eager, batch)
         ft.testing.assert_states_equal(compiled, eager)
         CALLS += 1
-        with pytest.raises(ft.ConfigError, match=r"compiled this step 8 times.*CALLS == 1"):
-            step(compiled, batch, donate=True)
+        for _ in range(2):  # dynamo gives up on the first, and runs the body as Python after it
+            with pytest.raises(ft.ConfigError, match=r"compiled this step 8 times.*CALLS == 1"):
+                step(compiled, batch, donate=True)
     # refused before anything ran: the donated state is still the caller's, and steps on
     CALLS -= 1
     compiled, _ = step(compiled, batch, donate=True)
