@@ -14,6 +14,7 @@ from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, loa
 from functrain.config import ConfiguredRun, build_run, load_config
 from functrain.core.binding import BoundModel
 from functrain.core.compiled import CompiledStep, compile_step
+from functrain.core.guards import RecompileWarning
 from functrain.core.options import StepOptions
 from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, unstack
 from functrain.core.stacked_step import PerMember
@@ -177,6 +178,7 @@ __all__ = [
     "Profiler",
     "ProgressBar",
     "Ratio",
+    "RecompileWarning",
     "Run",
     "StateMismatchError",
     "StatefulSource",

@@ -80,7 +80,12 @@ INNER: dict[str, list[list[str]]] = {
     "functrain.core": [
         ["functrain.core"],
         ["functrain.core.compiled", "functrain.core.step"],
-        ["functrain.core.stacked_step", "functrain.core.capture", "functrain.core.plan"],
+        [
+            "functrain.core.stacked_step",
+            "functrain.core.capture",
+            "functrain.core.guards",
+            "functrain.core.plan",
+        ],
         ["functrain.core.stacked"],
         ["functrain.core.body", "functrain.core.donation"],
         [

@@ -27,9 +27,14 @@ state's own tensors at the fixed addresses:
   on by what the recorded kernels drew. The step sets the generator to the state's ``rng``
   before the replay, as the uncaptured step does, so a replay draws what the compiled step draws,
   and the new state's ``rng`` is where the replay left the generator.
-- What the step does on the host, it does once, while the graph is recorded: a Python value, or
-  anything computed on the CPU, inside the loss function is fixed from then on. A step that reads
-  a tensor back to the host (``.item()``) cannot be recorded: `ConfigError`.
+- What the step does on the host, it does once, while the graph is recorded: a Python value the
+  loss function or module reads (a global, a closure cell, a module attribute, a ``training``
+  flag), or anything computed on the CPU, is fixed in the graph. A replay runs neither Python nor
+  dynamo, so before each one the compiled step's guards are checked on the very arguments the
+  graph was recorded with (`Body.check_for`: the tensors' guards hold there by construction;
+  what can fail is a Python value, as dynamo would have found): a changed value records a new
+  graph, compiled again for it, and the old graph serves again if the value comes back. A step
+  that reads a tensor back to the host (``.item()``) cannot be recorded: `ConfigError`.
 
 `Recorder` records and replays: `CudaGraphs` on a CUDA device (graphs sharing one memory pool);
 on the CPU, a recorder whose replay calls the step again serves to test the rest.
@@ -74,9 +79,24 @@ WARMUP_CALLS = 3
 # what the recorded body returns: the metrics' names in their order, then by dtype and device
 # with one stacked tensor of their values each
 Packed = tuple[tuple[str, ...], tuple[tuple[str, ...], ...], tuple[torch.Tensor, ...]]
-# ``body(params, frozen, buffers, opt_state, ema_state, counters, batch) -> Packed``, writing the
-# new state into the tensors it is given (`write_back`)
-Body = Callable[..., Packed]
+
+
+class Body(Protocol):
+    """The compiled step a graph records (`functrain.core.compiled`).
+
+    ``body(params, frozen, buffers, opt_state, ema_state, counters, batch) -> Packed`` writes the
+    new state into the tensors it is given (`write_back`).
+    """
+
+    def __call__(self, *args: Any) -> Packed:
+        """The step on these arguments: the metrics packed, the new state written into them."""
+        ...
+
+    def check_for(self, *args: Any) -> Callable[[], str | None]:
+        """A check, at each replay of a call on `args`, of what its compiled code assumed of the
+        Python values it read (None: all hold; else what changed, in words)."""
+        ...
+
 
 _CAPTURE = "compile_step(capture=True)"
 
@@ -167,16 +187,27 @@ def _not_recorded(error: BaseException) -> str:
 
 
 class Graph:
-    """One recorded step: the batch's buffers, the replay, the global torch state recorded under."""
+    """One recorded step: the batch's buffers, the replay, the global torch state recorded under,
+    and the check of the Python values the step read when it was recorded (`Body.check_for`)."""
 
-    __slots__ = ("batch", "replay", "guard")
+    __slots__ = ("batch", "replay", "guard", "changed")
 
     def __init__(
-        self, batch: list[torch.Tensor], replay: Callable[[], Packed], guard: GlobalStateGuard
+        self,
+        batch: list[torch.Tensor],
+        replay: Callable[[], Packed],
+        guard: GlobalStateGuard,
+        changed: Callable[[], str | None],
     ) -> None:
         self.batch = batch
         self.replay = replay
         self.guard = guard
+        self.changed = changed
+
+    def holds(self) -> bool:
+        """Whether a replay does what the step would do now: torch's global state and every
+        Python value the step read (a global, a closure cell, a module attribute) as recorded."""
+        return self.guard.check() and self.changed() is None
 
     def run(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The step on `batch` (its tensors, in order): new metrics, the state written in place."""
@@ -281,7 +312,7 @@ class Resident:
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         key = _batch_key(leaves, spec, self.tensors[0].device)
         for graph in self.graphs.get(key, ()):
-            if graph.guard.check():
+            if graph.holds():
                 return graph, tensors
         graph = self._record(body(), leaves, spec, given, generator)
         self.graphs.setdefault(key, []).append(graph)
@@ -298,17 +329,23 @@ class Resident:
         scratch.clear()  # freed before recording, which starts from an emptied cache
         batch.clear()
         buffers = [torch.empty_like(x) if isinstance(x, torch.Tensor) else x for x in leaves]
-        replay = self.recorder.record(
-            lambda: self._call(body, self.tensors, tree_unflatten(buffers, spec))
-        )
+        args = self._args(self.tensors, tree_unflatten(buffers, spec))
+        replay = self.recorder.record(lambda: body(*args))
         generator.set_state(saved)  # the warm-up calls drew from it
         return Graph(
-            [x for x in buffers if isinstance(x, torch.Tensor)], replay, GlobalStateGuard()
+            [x for x in buffers if isinstance(x, torch.Tensor)],
+            replay,
+            GlobalStateGuard(),
+            body.check_for(*args),
         )
 
     def _call(self, body: Body, tensors: list[torch.Tensor], batch: Any) -> Packed:
+        return body(*self._args(tensors, batch))
+
+    def _args(self, tensors: list[torch.Tensor], batch: Any) -> tuple:
+        """The body's arguments: the state's parts on `tensors`, and `batch`."""
         params, buffers, opt_state, ema_state, counters = self._tree(tensors)
-        return body(params, self.frozen, buffers, opt_state, ema_state, counters, batch)
+        return params, self.frozen, buffers, opt_state, ema_state, counters, batch
 
     def _tree(self, tensors: list[torch.Tensor]) -> Any:
         leaves = list(self.leaves)

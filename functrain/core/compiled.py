@@ -7,14 +7,21 @@ frames, because the RNG swap around the graph breaks the step into pieces.
 
 `compile_step` compiles only the step body (`functrain.core.body`), once per static
 configuration of the state (module, loss function, transform, options, parameter names). The RNG
-swap and the state's rebuilding run as plain Python around it, and the compiled body keeps only
-the guards that can change between calls of one configuration: the tensors' shapes, dtypes and
-devices, everything about the batch, and torch's global state (grad mode, autocast, ...). The
-static parts are checked by identity in Python before the call instead.
+swap and the state's rebuilding run as plain Python around it. The compiled body keeps the guards
+that can change between calls of one configuration: the tensors' shapes, dtypes and devices,
+everything about the batch, torch's global state (grad mode, autocast, ...), and everything
+reached through the user's own objects (`guard_filter`): the module's attributes and
+``training`` flags, the loss function's closure cells and the values in them, the globals of the
+user's modules, a schedule or transform of the user's inside functrain's. The guards on
+functrain's and torch's own objects are left out: the configuration's key fixes them, checked by
+identity in Python before the call.
 
-The price of dropping those guards: the module must not be changed in place after its first
-compiled step (say, a dropout probability or an attribute its forward reads); build a new state
-(`TrainState.create`) if it is.
+So a compiled step never trains on a stale value: when a global the loss function reads, a
+closure cell, a module attribute or a submodule's ``training`` flag changes, dynamo compiles the
+body again and the step trains on the new value, as `train_step` would. Each such compilation
+warns (`RecompileWarning`, naming the value); past ``torch._dynamo.config.recompile_limit``
+compilations of a configuration, where dynamo would run the body uncompiled, the step refuses
+(`ConfigError`, naming the last value), before anything ran.
 
 A sharded state (``sharding="optimizer"`` or ``"full"``) compiles less: only its loss function,
 whose backward AOTAutograd compiles with it. `torch.func.grad`, which the whole compiled body
@@ -31,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import re
 import sys
 import types
 import warnings
@@ -61,6 +67,7 @@ from functrain.core.capture import (
 )
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import donated, retire, wait_until_unheld
+from functrain.core.guards import Spent, Watched, guard_filter, refuse_if_spent
 from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import Scope, enter, leave, leave_with
 from functrain.core.stacked_step import (
@@ -144,8 +151,14 @@ class _Body:
 
 
 def _note_eager_run() -> None:
-    """Called first in each compiled body: traced, it does nothing (the branch is not taken)."""
+    """Called first in each compiled body: traced, it does nothing (the branch is not taken).
+
+    Run as Python, it refuses the call if dynamo has given up compiling the body, its recompile
+    limit reached (`refuse_if_spent`): the step would run uncompiled, which is not what was
+    asked, and whatever made it compile again each time would go unseen.
+    """
     if not torch.compiler.is_compiling():
+        refuse_if_spent(sys._getframe(1).f_code)
         _Body.ran_eagerly = True
 
 
@@ -155,10 +168,10 @@ def _retire_if_ran(state: TrainState, attempt: _Attempt | None, error: BaseExcep
     The graph writes into the given tensors, and which it had written when it raised cannot be
     told (inductor's kernels write in place; the version counters move only after the graph), so
     the state holds neither the old state nor the new one. `attempt`: the call (None: not
-    donated). An error before the call began (a batch refused first) or of a compile that failed
-    leaves the state usable.
+    donated). An error before the call began (a batch refused first), of a compile that failed,
+    or of a body refused before it ran (`Spent`) leaves the state usable.
     """
-    if attempt is not None and attempt.may_have_run():
+    if attempt is not None and attempt.may_have_run() and not isinstance(error, Spent):
         state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
 
 
@@ -241,27 +254,6 @@ def _enable_hooks_again(enabled_before: bool) -> None:
         torch._C._autograd._saved_tensors_hooks_enable()
 
 
-def _keep_guard(entry: Any) -> bool:
-    # torch's global state (empty name), anything about the batch, and the tensors' metadata
-    return not entry.name or entry.name.startswith("batch") or entry.guard_type == "TENSOR_MATCH"
-
-
-# the arguments and closure variables of the bodies compile_step compiles: no code they call
-# names a variable so
-_OWN_FRAME = re.compile(r"(L\[')?compiled_")
-
-
-def _guard_filter(entries: list[Any]) -> list[bool]:
-    """The guards dynamo keeps of a frame it compiled: of a body's own frame, `_keep_guard`'s.
-
-    A frame of code the body calls, compiled apart where the body's graph breaks, keeps every
-    guard: its code object is shared by every configuration, and only its guards tell them apart.
-    """
-    if not any(_OWN_FRAME.match(e.name) for e in entries):
-        return [True] * len(entries)
-    return [_keep_guard(e) for e in entries]
-
-
 class CompiledStep:
     """What `compile_step` returns: ``step(state, batch, *, donate=False) -> (state, metrics)``.
 
@@ -275,6 +267,8 @@ class CompiledStep:
     Holds one compiled body per static configuration seen so far: the module, loss function and
     optimizer (the same objects), the options, the process group and sharding, and the parameter
     names. Of a sharded state, the compiled part is the loss function (see the module's docstring).
+    A configuration's body is compiled again when a value the module or loss function reads in
+    Python changes (`RecompileWarning`; see `compile_step`).
 
     With a `recorder` (``compile_step(capture=True)`` gives `CudaGraphs`), every call is captured:
     `functrain.core.capture` holds the graphs, their tensors, and what a call copies.
@@ -289,15 +283,10 @@ class CompiledStep:
     ) -> None:
         # with a recorder, every step is captured (`functrain.core.capture`)
         self._captures = Captures(recorder) if recorder is not None else None
-        self._compile = functools.partial(
-            torch.compile,
-            dynamic=False,
-            backend=backend,
-            mode=mode,
-            options={**options, "guard_filter_fn": _guard_filter},
-        )
+        self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode)
+        self._options = options
         # per configuration: the objects its key holds by id (kept alive), and what was compiled
-        self._cores: dict[tuple, tuple[tuple, Any]] = {}
+        self._cores: dict[tuple, tuple[tuple, Watched]] = {}
 
     def __call__(
         self, state: TrainState, batch: Any, *, donate: bool = False
@@ -403,7 +392,7 @@ class CompiledStep:
                 # vmap inside the compiled function: dynamo traces it
                 return compiled_fn(compiled_tensors, batch)
 
-            found = self._cores[key] = (owners, self._compile(_own_code(body, "stacked_core")))
+            found = self._cores[key] = (owners, self._compiled(body, "stacked_core", state))
             try:  # the checks a traced step cannot make, once per configuration
                 _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
                 refuse_untraced(state)
@@ -502,6 +491,7 @@ class CompiledStep:
             compiled_counters: tuple,
             batch: Any,
         ) -> Any:
+            _note_eager_run()
             given = {
                 "params": compiled_params,
                 "buffers": compiled_buffers,
@@ -522,7 +512,7 @@ class CompiledStep:
             write_back(new, given)
             return pack_metrics(metrics)
 
-        compiled = self._compile(_own_code(body, "captured_core"))
+        compiled = self._compiled(body, "captured_core", state)
         self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)
         return key, compiled
 
@@ -536,16 +526,25 @@ class CompiledStep:
         def body(
             compiled_tensors: dict[str, torch.Tensor], batch: Any
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            _note_eager_run()
             return call_loss(compiled_view, compiled_tensors, batch)
 
-        compiled = self._compile(_own_code(body, "sharded_loss"))
+        compiled = self._compiled(body, "sharded_loss", state)
         self._cores[key] = (
             (state.module, state.loss_fn, state.optimizer),
             compiled,
         )  # held, so their ids stay theirs
         return compiled
 
-    def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Callable[..., Any] | None]:
+    def _compiled(self, body: Callable[..., Any], prefix: str, state: TrainState) -> Watched:
+        """`body` compiled for `state`'s configuration: a code object of its own, the guards on
+        the user's objects kept (`guard_filter`), its compilations watched (`Watched`)."""
+        own = _own_code(body, prefix)
+        given = (state.module, state.loss_fn)
+        options = {**self._options, "guard_filter_fn": functools.partial(guard_filter, given)}
+        return Watched(self._compile(own, options=options), own)
+
+    def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Watched | None]:
         """The cache key of `state`'s static configuration (and `variant`), and what it compiled to.
 
         The user's objects count by identity, the options by value: the wrapped transform and the
@@ -625,7 +624,7 @@ class CompiledStep:
                 )
             return new, metrics
 
-        compiled = self._compile(_own_code(body, "train_core"))
+        compiled = self._compiled(body, "train_core", state)
         self._cores[key] = (
             (state.module, state.loss_fn, state.optimizer),
             compiled,
@@ -648,7 +647,7 @@ def _sharded_body(
     return apply(state, batch, grads, buffers, loss, aux, scale, extras)
 
 
-def _own_code(body: Callable[..., Any], prefix: str) -> Callable[..., Any]:
+def _own_code(body: Callable[..., Any], prefix: str) -> types.FunctionType:
     """`body` with a code object of its own.
 
     dynamo caches compiled code on the code object, and the guards that would tell two
@@ -714,6 +713,16 @@ def compile_step(
     shapes: a last partial batch compiles once more). Keep the returned function and call it in
     the loop; each `compile_step()` call starts its own cache.
 
+    What the model and the loss function read in Python is checked at every call, as
+    `torch.compile` checks it: a global the loss function reads, a variable or a list it closes
+    over, an attribute of the module, a submodule's ``training`` flag, a global read by a schedule
+    of the user's. When one changes, the step is compiled again and trains on the new value, as
+    `train_step` would, and warns (`RecompileWarning`, naming the value). Past
+    ``torch._dynamo.config.recompile_limit`` compilations of a configuration, the step refuses
+    (`ConfigError`) before it runs: a value that changes at every step belongs in a tensor (in
+    the batch, or computed by a schedule from the step count). functrain's own objects (the
+    transform, the options) are not checked: the configuration fixes them.
+
     The first call of a configuration also runs the step's forward and backward once eagerly
     (on copies of the buffers, the random streams put back), for the checks a traced step cannot
     make: the loss function's result and metrics, the batch, and a loss that depends on no
@@ -736,10 +745,13 @@ def compile_step(
     - The first call of a configuration and of each batch shape warms up on copies (the first
       call compiles) and records; a batch of other shapes (a last partial batch) records one more
       graph, once. A state of other shapes or frozen tensors gets tensors of its own.
-    - The state, and the batch's tensors, must be on one CUDA device; what the loss function
-      computes in Python or on the CPU is recorded once and fixed from then on, and a step that
-      reads a tensor back to the host (``.item()``) cannot be recorded. Call the step from one
-      CUDA stream.
+    - The state, and the batch's tensors, must be on one CUDA device. A replay runs no Python:
+      what the loss function computes in Python or on the CPU is computed once, when the graph is
+      recorded, and a step that reads a tensor back to the host (``.item()``) cannot be recorded.
+      Before each replay, the compiled step's guards on the Python values it read (as above) are
+      checked on the graph's arguments, at the cost of a compiled call's guard check: a value
+      that changed records a new graph (compiled again, with a `RecompileWarning`), and the old
+      graph serves again if the value comes back. Call the step from one CUDA stream.
     - Stacked and distributed states are refused (`ConfigError`).
 
     torch.compile's ``mode="reduce-overhead"`` (and ``"max-autotune"``) runs its own CUDA graphs,
@@ -766,8 +778,13 @@ def compile_step(
         ConfigError: `options` sets its own ``guard_filter_fn``; a mode or option that runs CUDA
             graph trees; `capture` not a bool, or True without a CUDA device; calling the step
             with something other than a `TrainState`, or with an unstacked state whose optimizer
-            holds a sweep; a captured step given a state off CUDA, a stacked or distributed
-            state, or a step that cannot be recorded.
+            holds a sweep; a step compiled ``torch._dynamo.config.recompile_limit`` times that
+            would be compiled again (nothing ran: a donated state stays usable); a captured step
+            given a state off CUDA, a stacked or distributed state, or a step that cannot be
+            recorded.
+
+    Warns:
+        RecompileWarning: the step was compiled again because a value it reads changed.
 
     Example:
         >>> import torch, functrain as ft

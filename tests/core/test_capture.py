@@ -302,6 +302,37 @@ def test_a_batch_of_new_shapes_records_one_more_graph_once() -> None:
     assert (recorder.warm_ups, recorder.records) == (2, 2)
 
 
+WEIGHT = 1.0  # a global the loss function reads
+
+
+def weighted_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return WEIGHT * torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_a_graph_is_recorded_again_when_a_python_value_it_fixed_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a replay runs no Python: a value the step read is the one it had when it was recorded, so
+    # a replay checks the compiled step's guards first, and a change records anew
+    recorder = ReplayedCalls()
+    step = captured(recorder)
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), weighted_loss)
+    ours, theirs = state, state
+    for i, batch in enumerate(batches(6)):
+        if i in (2, 4):
+            monkeypatch.setitem(globals(), "WEIGHT", 3.0 if i == 2 else 1.0)
+        if i == 2:
+            with pytest.warns(ft.RecompileWarning, match=r"WEIGHT == 1\.0"):
+                ours, metrics = step(ours, batch, donate=True)
+        else:
+            ours, metrics = step(ours, batch, donate=i > 0)
+        theirs, expected = ft.train_step(theirs, batch)
+        assert torch.equal(metrics["loss"], expected["loss"]), i
+        ft.testing.assert_states_equal(ours, theirs)
+        # the first graph, a second for the new value, the first again for the old one
+        assert recorder.records == (1 if i < 2 else 2), i
+
+
 def test_resuming_a_captured_run_from_a_checkpoint_equals_the_uninterrupted_run(
     tmp_path: Path,
 ) -> None:

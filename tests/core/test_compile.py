@@ -384,3 +384,127 @@ def test_compile_step_shows_no_deprecation_of_torchs_own_imports() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
     assert "script_method" not in out.stderr
+
+
+# ---------------------------------------------------- never stale: what the user's code reads
+
+WEIGHT = 1.0  # a global the loss function reads
+LR_FACTOR = 1.0  # a global the learning-rate schedule reads
+CALLS = 0  # a Python-side counter the loss function reads, moved on at every step
+
+
+def schedule(step: torch.Tensor) -> torch.Tensor:
+    return 0.1 * LR_FACTOR / (1 + step)
+
+
+class Gate(nn.Module):
+    """Halves its output in training mode: a branch on its own ``training`` flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y * 0.5 if self.training else y
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.scale = 1.0  # an attribute a callback could set
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x) * self.scale
+
+
+def reading_loss() -> tuple[Any, Any, list[float]]:
+    """A loss function reading a global, a closure cell and a value in a list it closes over,
+    with the setter of its cell and the list."""
+    temperature = 1.0
+    penalty = [0.0]
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        logits = model(x) * WEIGHT / temperature
+        return F.cross_entropy(logits, y) + penalty[0] * logits.square().mean() + CALLS * 1e-3
+
+    def set_temperature(value: float) -> None:
+        nonlocal temperature
+        temperature = value
+
+    return loss_fn, set_temperature, penalty
+
+
+def reading_state(seed: int, loss_fn: Any) -> ft.TrainState:
+    torch.manual_seed(seed)
+    return ft.TrainState.create(Scaled(), ft.sgd(schedule, momentum=0.9), loss_fn)
+
+
+def changes(module: nn.Module, set_temperature: Any, penalty: list[float]) -> list[tuple[Any, str]]:
+    """Each kind of value the step reads in Python, changed by hand: (the change, its guard)."""
+
+    def set_global(name: str, value: float) -> Any:
+        return lambda: globals().__setitem__(name, value)
+
+    return [
+        (set_global("WEIGHT", 2.0), r"WEIGHT == 1\.0"),
+        (lambda: set_temperature(0.5), r"state\.loss_fn\.__closure__\[\d\]\.cell_contents == 1\.0"),
+        (lambda: penalty.__setitem__(0, 0.25), r"cell_contents\[0\] == 0\.0"),
+        (lambda: setattr(module, "scale", 3.0), r"\.scale == 1\.0"),
+        (lambda: setattr(module.gate, "training", False), r"gate.*\.training == True"),
+        (set_global("LR_FACTOR", 0.5), r"LR_FACTOR == 1\.0"),
+    ]
+
+
+@pytest.fixture
+def reset_globals() -> Iterator[None]:
+    yield
+    globals().update(WEIGHT=1.0, LR_FACTOR=1.0, CALLS=0)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
+def test_compile_step_trains_on_each_changed_value_as_train_step_does_or_refuses(
+    stacked: bool, reset_globals: None
+) -> None:
+    global CALLS
+    loss_fn, set_temperature, penalty = reading_loss()
+    state = reading_state(0, loss_fn)
+    if stacked:
+        state = ft.stack([state, reading_state(1, loss_fn)])
+    step = ft.compile_step(backend="eager")  # bitwise the eager step's numerics
+    batch = classification_batches((8, 4), 1)[0]
+    compiled, _ = step(state.clone(), batch, donate=True)
+    eager, _ = ft.train_step(state, batch)
+    ft.testing.assert_states_equal(compiled, eager)
+    for change, guard in changes(state.module, set_temperature, penalty):
+        change()
+        with pytest.warns(ft.RecompileWarning, match=guard):
+            compiled, metrics = step(compiled, batch, donate=True)
+        eager, expected = ft.train_step(eager, batch)
+        assert torch.equal(metrics["loss"], expected["loss"]) and torch.equal(
+            metrics["lr"], expected["lr"]
+        )
+        ft.testing.assert_states_equal(compiled, eager)
+        with no_recompile():  # the value held: the new graph serves
+            compiled, _ = step(compiled, batch, donate=True)
+        eager, _ = ft.train_step(eager, batch)
+        ft.testing.assert_states_equal(compiled, eager)
+    # a counter moved on at every step: a compilation each time, refused past dynamo's limit
+    compilations = len(changes(state.module, set_temperature, penalty)) + 1
+    with torch._dynamo.config.patch(recompile_limit=compilations + 1):
+        CALLS += 1
+        with pytest.warns(ft.RecompileWarning, match=r"CALLS == 0"):
+            compiled, _ = step(compiled, batch, donate=True)
+        eager, _ = ft.train_step(eager, batch)
+        ft.testing.assert_states_equal(compiled, eager)
+        CALLS += 1
+        for _ in range(2):  # dynamo gives up on the first, and runs the body as Python after it
+            with pytest.raises(ft.ConfigError, match=r"compiled this step 8 times.*CALLS == 1"):
+                step(compiled, batch, donate=True)
+    # refused before anything ran: the donated state is still the caller's, and steps on
+    CALLS -= 1
+    compiled, _ = step(compiled, batch, donate=True)
+    eager, _ = ft.train_step(eager, batch)
+    ft.testing.assert_states_equal(compiled, eager)

@@ -530,9 +530,9 @@ def test_a_donated_compiled_stacked_call_refusing_its_batch_first_leaves_the_sta
 
 
 def test_a_donated_compiled_call_run_as_python_after_a_failed_compile_retires_the_state() -> None:
-    """Past the recompile limit dynamo runs the body as Python: its in-place update writes member
-    1's weights, then member 0's NaN halts the step: the state is neither old nor new."""
-    import torch._dynamo
+    """Where dynamo runs the body as Python (here told to: past the recompile limit the step
+    refuses instead, before anything ran), its in-place update writes member 1's weights, then
+    member 0's NaN halts the step: the state is neither old nor new."""
 
     def member(seed: int) -> ft.TrainState:
         torch.manual_seed(seed)
@@ -543,13 +543,10 @@ def test_a_donated_compiled_call_run_as_python_after_a_failed_compile_retires_th
     state = ft.stack([member(0), member(1)])
     step = ft.compile_step(backend="eager")
     x, y = batches(1)[0]
-    with torch._dynamo.config.patch(recompile_limit=1):
-        state, _ = step(
-            state, ft.PerMember((torch.stack([x, x]), torch.stack([y, y]))), donate=True
-        )
-        wider = ft.PerMember((torch.randn(2, 9, 6), torch.zeros(2, 9, dtype=torch.int64)))
-        wider.batch[0][0] = float("nan")  # member 0's data only
-        with pytest.raises(ft.NonFiniteError):
-            step(state, wider, donate=True)  # a new shape: past the limit, run as Python
+    state, _ = step(state, ft.PerMember((torch.stack([x, x]), torch.stack([y, y]))), donate=True)
+    wider = ft.PerMember((torch.randn(2, 9, 6), torch.zeros(2, 9, dtype=torch.int64)))
+    wider.batch[0][0] = float("nan")  # member 0's data only
+    with torch.compiler.set_stance("force_eager"), pytest.raises(ft.NonFiniteError):
+        step(state, wider, donate=True)  # run as Python
     with pytest.raises(ft.DonatedStateError, match="which then raised NonFiniteError"):
         step(state, (x, y))
