@@ -39,6 +39,7 @@ __all__ = [
     "bound",
     "call_with",
     "refuse_unbound_calls",
+    "CALL_GUARD",
     "traced_binding_problems",
 ]
 
@@ -178,9 +179,22 @@ class _TupleItems:
 
 
 class _Binding:
-    """`bound` eagerly: the planned slots given `tensors` on entry, their own back on exit."""
+    """`bound` eagerly: the planned slots given `tensors` on entry, their own back on exit.
 
-    __slots__ = ("_module", "_slots", "_tensors", "_saved", "_model", "_attributes", "_kept")
+    The structure's call guard (`refuse_unbound_calls`) is lifted for the block: the weights are
+    bound, and a root module without forward hooks takes torch's fast call path.
+    """
+
+    __slots__ = (
+        "_module",
+        "_slots",
+        "_tensors",
+        "_saved",
+        "_model",
+        "_attributes",
+        "_kept",
+        "_guard",
+    )
 
     def __init__(
         self,
@@ -199,10 +213,16 @@ class _Binding:
         self._saved = [table[local] for table, local, _ in slots]
         for table, local, key in slots:
             table[local] = tensors[key]
+        guard = self._module.__dict__.get(CALL_GUARD)
+        self._guard = (
+            (guard, self._module._forward_pre_hooks.pop(guard, None)) if guard is not None else None
+        )
         self._model = BoundModel(self._module)
         return self._model
 
     def __exit__(self, *exc_info: Any) -> None:
+        if self._guard is not None and self._guard[1] is not None:
+            self._module._forward_pre_hooks[self._guard[0]] = self._guard[1]
         for (table, local, _), original in zip(self._slots, self._saved, strict=True):
             table[local] = original
         if self._attributes:
@@ -390,15 +410,22 @@ class BoundModel:
         return f"BoundModel({type(self._functrain_module).__name__} on a state's tensors)"
 
 
+# the attribute of a structure holding the id of its forward pre-hook (`refuse_unbound_calls`),
+# which a binding lifts for its block and a module built from the structure with weights
+# (`TrainState.export_module`) removes
+CALL_GUARD = "_functrain_call_guard"
+
+
 def refuse_unbound_calls(structure: nn.Module) -> int | None:
     """Make a call of the structure outside a step a `WeightlessModuleError` naming the way out.
 
     Called as ``state.module(x)`` (a notebook's first try), the structure would fail deep in its
     forward on its meta weights, with torch's raw device error. A forward pre-hook on the root
-    looks at one of its tensors: on the meta device, nothing bound the state's weights to it. A
-    step, which binds them, pays one attribute lookup and one comparison per call (the hook
-    lives here, beside the binding it checks for). Returns the hook's handle id (None: a module
-    without weights, which runs as it is).
+    looks at one of its tensors: on the meta device, nothing bound the state's weights to it. An
+    eager binding (`bound`) lifts the hook for its block, so the module's call keeps torch's fast
+    path in a step; a traced one keeps it (one attribute lookup and one comparison, folded into
+    the graph's guards). Returns the hook's handle id (None: a module without weights, which runs
+    as it is).
     """
     probe = next(
         (

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from functrain.core.binding import refuse_unbound_calls
+from functrain.core.binding import CALL_GUARD, refuse_unbound_calls
 
 __all__ = [
     "CALL_GUARD",
@@ -91,12 +91,6 @@ def _copy_structure(module: nn.Module) -> nn.Module:
     object.__setattr__(structure, _GRAD_HOOKS, _grad_hooks_of(structure))
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
     return structure
-
-
-# the attribute of a structure holding the id of its forward pre-hook
-# (`binding.refuse_unbound_calls`), which a module built from the structure with weights
-# (`TrainState.export_module`) removes
-CALL_GUARD = "_functrain_call_guard"
 
 
 def _hooks_of(t: torch.Tensor) -> Mapping[Any, Any]:

@@ -288,6 +288,28 @@ def test_calling_the_state_module_raises_naming_predict_and_export_module() -> N
     assert torch.equal(ft.predict(state, x), expected)
 
 
+def test_a_step_lifts_the_call_guard_for_its_loss_function_and_puts_it_back() -> None:
+    """The guard leaves the step's hot path (torch's fast module call) but not the structure."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    seen: list[int] = []
+
+    def loss_fn(m: Any, batch: torch.Tensor) -> torch.Tensor:
+        seen.append(len(state.module._forward_pre_hooks))
+        if batch.shape[0] == 1:
+            raise ValueError("a loss function that raises")
+        return m(batch).square().mean()
+
+    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_fn)
+    guarded = len(state.module._forward_pre_hooks)
+    state, _ = ft.train_step(state, torch.randn(5, 3))
+    state, _ = ft.train_step(state, torch.randn(5, 3), donate=True)
+    with pytest.raises(ft.BatchError):
+        ft.train_step(state, torch.randn(1, 3))
+    assert guarded == 1 and seen == [0, 0, 0]
+    with pytest.raises(ft.WeightlessModuleError):  # put back, also after the exception
+        state.module(torch.randn(5, 3))
+
+
 def test_create_given_a_state_module_names_export_module() -> None:
     state = ft.TrainState.create(nn.Linear(2, 2), ft.sgd(0.1), lambda m, b: m(b).sum())
     with pytest.raises(ConfigError, match=r"state\.export_module\(\)"):
