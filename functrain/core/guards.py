@@ -167,7 +167,9 @@ def refuse_if_spent(code: types.CodeType) -> None:
         "and running it uncompiled is not what was asked. A value the loss function or module "
         "reads in Python that changes between steps (a counter, an annealed weight, a module "
         "attribute) compiles the step again for each new value: pass it as a tensor (in the "
-        "batch, or a schedule of the step count), or raise torch._dynamo.config.recompile_limit"
+        "batch, or a schedule of the step count); so does each new batch shape: pad or bucket "
+        "the batches to a few shapes (drop_last=True for the last partial one); or raise "
+        "torch._dynamo.config.recompile_limit"
     )
 
 
