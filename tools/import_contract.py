@@ -68,6 +68,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.optim.masks",
             "functrain.optim.naming",
         ],
+        ["functrain.optim.rates"],
         ["functrain.optim.base"],
         ["functrain.optim.updates"],
         [

@@ -42,6 +42,7 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.layout import with_strides_of
+from functrain.optim.naming import on_tensor_steps_as_saved
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -307,6 +308,7 @@ def _load(
         }
     problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
+        like = _as_trained(like, manifest["fingerprint"])
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
         fix = _mismatch_fix(tree, like, path) if isinstance(like, TrainState) else ""
@@ -461,6 +463,22 @@ _GROWN = ("driver", "user")
 
 def _to_device(tree: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
+    """`like`, its plain-function learning rates called as the checkpoint's run called them.
+
+    A checkpoint written before plain functions were called with the step as a Python int (as
+    `LambdaLR` calls its lambda) names such a function alone (``lr=<lambda>``): its run called it
+    with the 0-d int64 step tensor, and goes on so (`on_tensor_steps_as_saved`), bit for bit.
+    """
+    if saved.get("transform") == like.tx.name:
+        return like
+    tx = on_tensor_steps_as_saved(like.tx)
+    if tx is None or tx.name != saved.get("transform"):
+        return like
+    optimizer = on_tensor_steps_as_saved(like.optimizer) or like.optimizer
+    return like.replace(tx=tx, optimizer=optimizer)
 
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

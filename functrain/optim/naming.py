@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.optim.base import Transform
+from functrain.optim.rates import RATE_ARGUMENTS, TensorSteps, function_name, is_plain_function
 
 __all__ = [
     "Call",
@@ -23,6 +24,7 @@ __all__ = [
     "recorded_call",
     "describe_call",
     "describe_value",
+    "on_tensor_steps_as_saved",
 ]
 
 # the attribute of a named transform's update function that keeps its calls, by name
@@ -127,7 +129,8 @@ def describe_call(
     For the names of transforms and schedules.
 
     Arguments in `added` are left out while they equal their default (or, `added` a dict, the value
-    it gives); `resolve`, if given, rewrites the bound arguments first.
+    it gives); `resolve`, if given, rewrites the bound arguments first. A plain function as a
+    learning rate (``lr=``, ``learning_rate=``) is named with its values (`function_name`).
     """
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -146,6 +149,9 @@ def describe_call(
             parts.extend(describe_value(v) for v in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
             parts.extend(f"{k}={describe_value(v)}" for k, v in value.items())
+        elif key in RATE_ARGUMENTS and is_plain_function(value):
+            # its values and the convention it is called with: another function is another rate
+            parts.append(f"{key}={function_name(value)}")
         else:
             parts.append(f"{key}={describe_value(value)}")
     return f"{factory.__name__}({', '.join(parts)})"
@@ -179,3 +185,51 @@ def describe_value(value: Any) -> str:
         name = getattr(value, "name", None)
         return name if name else getattr(value, "__name__", type(value).__name__)
     return repr(value)
+
+
+def on_tensor_steps_as_saved(transform: Transform) -> Transform | None:
+    """`transform` with each plain-function learning rate called on the step tensor, as before.
+
+    For a checkpoint written before plain functions were called with ints (it names them alone):
+    the transform rebuilt from its recorded call (`recorded_call`), each plain function in a
+    learning-rate argument wrapped as `TensorSteps` under its old name. None when `transform`
+    holds no plain function there, or one that cannot be rebuilt.
+    """
+    rebuilt = _rebuilt(transform)
+    return None if rebuilt is _CANNOT or rebuilt is transform else rebuilt
+
+
+_CANNOT: Any = object()  # an argument that cannot be rebuilt
+
+
+def _rebuilt(transform: Transform) -> Any:
+    call = recorded_call(transform)
+    if call is None:
+        return transform
+    changes: dict[str, Any] = {}
+    for key, value in call.arguments.items():
+        new = _argument(key, value)
+        if new is _CANNOT:
+            return _CANNOT
+        if new is not value:
+            changes[key] = new
+    return call.again(**changes) if changes else transform
+
+
+def _argument(key: str, value: Any) -> Any:
+    if isinstance(value, Transform):
+        return _rebuilt(value)
+    if key in RATE_ARGUMENTS and is_plain_function(value):
+        return TensorSteps(value, as_saved=True)
+    if isinstance(value, tuple | list):
+        items = [_argument("", v) for v in value]
+        if any(v is _CANNOT for v in items):
+            return _CANNOT
+        same = all(a is b for a, b in zip(items, value, strict=True))
+        return value if same else type(value)(items)
+    if isinstance(value, dict):
+        entries = {k: _argument("", v) for k, v in value.items()}
+        if any(v is _CANNOT for v in entries.values()):
+            return _CANNOT
+        return value if all(entries[k] is v for k, v in value.items()) else entries
+    return value

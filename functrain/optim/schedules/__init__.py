@@ -17,6 +17,8 @@ from functrain.optim.schedules.catalogue import (
     one_cycle,
     per_epoch,
     polynomial,
+    tabulate,
+    tensor_steps,
     warmup_cosine,
 )
 
@@ -32,4 +34,6 @@ __all__ = [
     "one_cycle",
     "join",
     "per_epoch",
+    "tensor_steps",
+    "tabulate",
 ]

@@ -32,6 +32,7 @@ from functrain.errors import config_check
 from functrain.optim.base import Schedule
 from functrain.optim.naming import describe_call
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rates import TensorSteps, function_name, mark_tensor_steps
 
 __all__ = [
     "Schedule",
@@ -45,6 +46,8 @@ __all__ = [
     "one_cycle",
     "join",
     "per_epoch",
+    "tensor_steps",
+    "tabulate",
     "described",
     "lift",
     "check_steps",
@@ -70,7 +73,7 @@ def described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
         schedule = factory(*args, **kwargs)
         name = describe_call(factory, signature, args, kwargs)
         schedule.name = name  # type: ignore[attr-defined]
-        return schedule
+        return mark_tensor_steps(schedule)
 
     return wrapper
 
@@ -84,7 +87,7 @@ def lift(value_fn: ValueFn) -> Schedule:
         # an int step is host-side bookkeeping (logging, plots); compiled steps pass tensors
         return value_fn(torch.tensor(operator.index(step), dtype=torch.float64)).item()
 
-    return cast(Schedule, schedule)
+    return cast(Schedule, mark_tensor_steps(schedule))
 
 
 def _as_f64(value: Any, like: torch.Tensor) -> torch.Tensor:
@@ -737,3 +740,78 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
         return float(schedule(operator.index(step) // steps_per_epoch))
 
     return cast(Schedule, epochs)
+
+
+def tensor_steps(fn: Callable[[torch.Tensor], Any]) -> Schedule:
+    """A function of the step tensor as a schedule: called with the 0-d int64 step counter.
+
+    A plain function given as a learning rate is called with the step as a Python int, as torch's
+    `LambdaLR` calls its lambda; one written with tensor ops for ``torch.compile`` (``torch.where``,
+    ``torch.minimum``, ``**``) says so with this, and is then called with the transform's 0-d
+    int64 counter, in every step (eager, compiled, captured, stacked), its value taken as a
+    float64 tensor. Python-scalar arithmetic on that counter computes in float32 (``step / 10``
+    is a float32 tensor): write ``step.double()`` first for float64, as functrain's schedules do.
+    Its name carries a digest of its values, so a checkpoint saved with it is refused under another.
+
+    Args:
+        fn: ``fn(step) -> value`` for a 0-d int64 tensor `step`.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: `fn` is not callable.
+
+    Example:
+        >>> s = tensor_steps(lambda t: 0.1 * 0.5 ** t.double())
+        >>> s(torch.tensor(1)), s(5)
+        (tensor(0.0500, dtype=torch.float64), 0.003125)
+    """
+    if not callable(fn):
+        config_check([f"fn must be a function of the step, got fn={fn!r}"], "tensor_steps")
+    return cast(Schedule, TensorSteps(fn))
+
+
+def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
+    """A plain function's values at steps ``0 .. steps - 1``, computed ahead as `LambdaLR` does.
+
+    Each value is ``float(fn(t))`` for the Python int ``t`` (double precision), computed here
+    once and kept in a float64 table (8 bytes a step) that the schedule reads by index: the values
+    a plain function gives the eager step, bit for bit, in a compiled, captured or stacked step
+    too, where the step is no Python int. Past the table the last value is held (as
+    `from_torch(MultiplicativeLR)` holds it): give `steps` >= the run's optimizer updates.
+
+    Args:
+        fn: ``fn(step: int) -> float``, e.g. the lambda of a `LambdaLR` times the base rate.
+        steps: the values to compute, >= 1.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: `fn` is not callable or `steps` is not an int >= 1.
+
+    Example:
+        >>> warm = tabulate(lambda s: 0.1 * min(1.0, (s + 1) / 3), steps=5)
+        >>> warm(1), warm(torch.tensor(2)), warm(10)
+        (0.06666666666666667, tensor(0.1000, dtype=torch.float64), 0.1)
+    """
+    problems: list[str] = []
+    if not callable(fn):
+        problems.append(f"fn must be a function of the step, got fn={fn!r}")
+    check_steps(problems, "steps", steps, minimum=1)
+    config_check(problems, "tabulate")
+    values = [float(fn(t)) for t in range(steps)]
+    table = torch.tensor(values, dtype=torch.float64)
+    on: dict[torch.device, torch.Tensor] = {table.device: table}
+
+    def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
+        if isinstance(step, torch.Tensor):
+            held = on.get(step.device)
+            if held is None:
+                held = on[step.device] = table.to(step.device)
+            return torch.take(held, torch.clamp(step, 0, steps - 1))
+        return values[min(operator.index(step), steps - 1)]
+
+    schedule.name = f"tabulate({function_name(fn)}, steps={steps})"  # type: ignore[attr-defined]
+    return cast(Schedule, mark_tensor_steps(schedule))
