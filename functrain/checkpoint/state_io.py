@@ -42,7 +42,7 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.layout import with_strides_of
-from functrain.optim.naming import on_tensor_steps_as_saved
+from functrain.optim.naming import as_saved
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -466,18 +466,19 @@ def _to_device(tree: Any, device: torch.device) -> Any:
 
 
 def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
-    """`like`, its plain-function learning rates called as the checkpoint's run called them.
+    """`like`, with the conventions the checkpoint's run was trained with, where they differ.
 
-    A checkpoint written before plain functions were called with the step as a Python int (as
-    `LambdaLR` calls its lambda) names such a function alone (``lr=<lambda>``): its run called it
-    with the 0-d int64 step tensor, and goes on so (`on_tensor_steps_as_saved`), bit for bit.
+    A checkpoint written before a convention was recorded trained with the old one and goes on so
+    (`as_saved`), bit for bit: a plain-function learning rate named alone (``lr=<lambda>``) was
+    called with the 0-d int64 step tensor; a `lion` without ``reference=`` ran functrain 0.1's
+    arithmetic.
     """
     if saved.get("transform") == like.tx.name:
         return like
-    tx = on_tensor_steps_as_saved(like.tx)
+    tx = as_saved(like.tx)
     if tx is None or tx.name != saved.get("transform"):
         return like
-    optimizer = on_tensor_steps_as_saved(like.optimizer) or like.optimizer
+    optimizer = as_saved(like.optimizer) or like.optimizer
     return like.replace(tx=tx, optimizer=optimizer)
 
 

@@ -24,7 +24,7 @@ __all__ = [
     "recorded_call",
     "describe_call",
     "describe_value",
-    "on_tensor_steps_as_saved",
+    "as_saved",
 ]
 
 # the attribute of a named transform's update function that keeps its calls, by name
@@ -83,6 +83,7 @@ def named(
     *,
     added: tuple[str, ...] | dict[str, Any] = (),
     resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    resumed: tuple[str, ...] = (),
 ) -> Any:
     """Decorate a transform factory so its transforms carry their call.
 
@@ -96,10 +97,12 @@ def named(
     whatever its default is now). `resolve` rewrites the bound arguments before they are named
     (`functrain.optim.choices.without_choices`: torch's implementation choices, which change no
     number, leave the name as the configuration they select). The transform keeps the call too
-    (`recorded_call`).
+    (`recorded_call`). Arguments of the dict `added` listed in `resumed` are conventions whose
+    default changed: a checkpoint whose name lacks one was trained with the value `added` gives,
+    and resumes with it (`as_saved`).
     """
     if factory is None:
-        return functools.partial(named, added=added, resolve=resolve)
+        return functools.partial(named, added=added, resolve=resolve, resumed=resumed)
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
@@ -113,7 +116,14 @@ def named(
         _record(transform.update, name, Call(wrapper, signature, arguments, shown))
         return transform._replace(name=name)
 
+    if resumed:
+        assert isinstance(added, dict), "resumed names arguments of an added dict"
+        setattr(wrapper, _RESUMED, {key: added[key] for key in resumed})
     return wrapper
+
+
+# the attribute of a named factory that keeps its `resumed` conventions' old values
+_RESUMED = "_functrain_resumed"
 
 
 def describe_call(
@@ -187,13 +197,13 @@ def describe_value(value: Any) -> str:
     return repr(value)
 
 
-def on_tensor_steps_as_saved(transform: Transform) -> Transform | None:
-    """`transform` with each plain-function learning rate called on the step tensor, as before.
+def as_saved(transform: Transform) -> Transform | None:
+    """`transform` with the conventions of a checkpoint written before they were recorded.
 
-    For a checkpoint written before plain functions were called with ints (it names them alone):
-    the transform rebuilt from its recorded call (`recorded_call`), each plain function in a
-    learning-rate argument wrapped as `TensorSteps` under its old name. None when `transform`
-    holds no plain function there, or one that cannot be rebuilt.
+    The transform rebuilt from its recorded calls (`recorded_call`): each plain function in a
+    learning-rate argument wrapped as `TensorSteps` under its old name (called with the step
+    tensor, as before plain functions got ints), and each `resumed` argument of a factory at its
+    old value. None when nothing changes, or when a call cannot be rebuilt.
     """
     rebuilt = _rebuilt(transform)
     return None if rebuilt is _CANNOT or rebuilt is transform else rebuilt
@@ -207,7 +217,12 @@ def _rebuilt(transform: Transform) -> Any:
     if call is None:
         return transform
     changes: dict[str, Any] = {}
+    for key, old in getattr(call.factory, _RESUMED, {}).items():
+        if call.arguments[key] != old:
+            changes[key] = old
     for key, value in call.arguments.items():
+        if key in changes:
+            continue
         new = _argument(key, value)
         if new is _CANNOT:
             return _CANNOT

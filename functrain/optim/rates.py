@@ -16,7 +16,7 @@ Two kinds of function reach an optimizer's learning rate:
 A checkpoint names a plain function by its name, the convention (``int steps``) and a digest of
 its values (`function_name`), so a checkpoint saved with one lambda is refused under another. A
 checkpoint written before this convention names the function alone (``lr=<lambda>``); it trained
-the function on the 0-d int64 tensor, and `functrain.optim.naming.on_tensor_steps_as_saved`
+the function on the 0-d int64 tensor, and `functrain.optim.naming.as_saved`
 rebuilds a transform so to
 resume it as it was written.
 """

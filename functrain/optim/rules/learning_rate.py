@@ -25,7 +25,7 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
 from functrain.optim.rates import value_at
-from functrain.optim.updates import ParamStep, Ratio, RectifiedRatio, flat_updates
+from functrain.optim.updates import Decoupled, ParamStep, Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
     Tree,
@@ -167,8 +167,14 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
                 quotient=quotient,
                 scaled_numerator=updates.scaled_numerator,
             ), new_state
-        u, spec = flat_updates(updates, params)
         alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
+        if isinstance(updates, Decoupled):
+            # Lion's published order: p * (1 - lr * wd), then p - lr * direction
+            decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
+            return ParamStep(
+                list(updates.direction), updates.spec, alpha, decay, updates.decay_mask
+            ), new_state
+        u, spec = flat_updates(updates, params)
         return ParamStep(u, spec, alpha), new_state
 
     return Transform(init_fn, with_extras(update_fn))
