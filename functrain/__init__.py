@@ -101,6 +101,7 @@ from functrain.optim.rules.rms import scale_by_rms
 from functrain.optim.rules.rprop import scale_by_rprop
 from functrain.optim.rules.trace import trace
 from functrain.optim.rules.weight_decay import add_decayed_weights
+from functrain.optim.swa import SwaState, swa
 from functrain.optim.sweep import Sweep, sweep
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, as_tensors
 from functrain.optim.wrappers import (
@@ -161,6 +162,7 @@ __all__ = [
     "ConsoleLogger",
     "EarlyStopping",
     "EmaState",
+    "SwaState",
     "EmptyState",
     "EvalMetric",
     "FitResult",
@@ -206,6 +208,7 @@ __all__ = [
     "distributed",
     "dynamic_loss_scale",
     "ema",
+    "swa",
     "eval_step",
     "predict",
     "evaluate",

@@ -17,6 +17,7 @@ from functrain.optim.schedules import (
     one_cycle,
     per_epoch,
     polynomial,
+    swalr,
     tabulate,
     tensor_steps,
     warmup_cosine,
@@ -36,5 +37,6 @@ __all__ = [
     "per_epoch",
     "tensor_steps",
     "tabulate",
+    "swalr",
     "from_torch",
 ]

@@ -117,8 +117,21 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
         "frozen": shapes(state.frozen),
         "buffers": shapes(state.buffers),
         "transform": state.tx.name,
-        "options": attrs.asdict(state.options),
+        "options": _options(state.options),
     }
+
+
+# step options added since checkpoints first recorded them, left out while at these values (a
+# checkpoint written before them holds none, and loads into a template at them)
+_ADDED_OPTIONS = {"swa_start": None}
+
+
+def _options(options: Any) -> dict[str, Any]:
+    recorded = attrs.asdict(options)
+    for key, default in _ADDED_OPTIONS.items():
+        if recorded.get(key, default) == default:
+            recorded.pop(key, None)
+    return recorded
 
 
 def save(

@@ -17,6 +17,7 @@ from functrain.optim.schedules.catalogue import (
     one_cycle,
     per_epoch,
     polynomial,
+    swalr,
     tabulate,
     tensor_steps,
     warmup_cosine,
@@ -36,4 +37,5 @@ __all__ = [
     "per_epoch",
     "tensor_steps",
     "tabulate",
+    "swalr",
 ]

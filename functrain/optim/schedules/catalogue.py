@@ -48,6 +48,7 @@ __all__ = [
     "per_epoch",
     "tensor_steps",
     "tabulate",
+    "swalr",
     "described",
     "lift",
     "check_steps",
@@ -815,3 +816,92 @@ def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
 
     schedule.name = f"tabulate({function_name(fn)}, steps={steps})"  # type: ignore[attr-defined]
     return cast(Schedule, mark_tensor_steps(schedule))
+
+
+@described
+def swalr(
+    swa_lr: float,
+    *,
+    lr: float,
+    anneal_epochs: int = 10,
+    anneal_strategy: Literal["cos", "linear"] = "cos",
+    start: int = 0,
+) -> Schedule:
+    """The learning rate of torch's `SWALR`: from `lr` to `swa_lr` over `anneal_epochs` steps.
+
+    `torch.optim.swa_utils.SWALR` recomputes its start from the lr the optimizer holds at every step
+    (``(lr - alpha * swa_lr) / (1 - alpha)``, then ``swa_lr * alpha + that * (1 - alpha)``), so its
+    values carry the rounding of that recursion; they are computed here ahead, as torch computes
+    them (Python floats, double precision), in a float64 table read by index, bit for bit, and
+    held at `swa_lr` once the annealing is done. The value at step ``k`` is the lr the optimizer
+    holds after the scheduler's ``k``-th step (0: as built), the group's lr being `lr` when it was
+    built. SWA's recipe switches to it at a step ``b``, from the lr the schedule before left
+    (``join([cosine, swalr(0.05, lr=cosine(b))], [b])``: torch's loop that calls
+    ``swa_scheduler.step()`` instead of ``scheduler.step()`` from there).
+
+    Args:
+        swa_lr: the learning rate annealed to, >= 0.
+        lr: the group's learning rate when the scheduler is built (at step `start`), >= 0.
+        anneal_epochs: the scheduler steps of the annealing, an int >= 0.
+        anneal_strategy: ``"cos"`` or ``"linear"``.
+        start: the scheduler's step count at which the group held `lr` (a scheduler continued from
+            a live one; 0 for one built now); before it, the value is `lr`.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: an argument out of range, each named.
+
+    Example:
+        >>> s = swalr(0.05, lr=0.1, anneal_epochs=2, anneal_strategy="linear")
+        >>> [s(k) for k in range(4)]
+        [0.1, 0.07500000000000001, 0.05, 0.05]
+    """
+    problems: list[str] = []
+    check_number(problems, "swa_lr", swa_lr)
+    check_number(problems, "lr", lr)
+    check_steps(problems, "anneal_epochs", anneal_epochs)
+    check_steps(problems, "start", start)
+    if anneal_strategy not in ("cos", "linear"):
+        problems.append(
+            f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={anneal_strategy!r}"
+        )
+    config_check(problems, "swalr")
+    values = _swalr_values(float(swa_lr), float(lr), anneal_epochs, anneal_strategy, start)
+    table = torch.tensor([float(lr), *values], dtype=torch.float64)
+    on: dict[torch.device, torch.Tensor] = {table.device: table}
+    last = len(values)
+
+    def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
+        if isinstance(step, torch.Tensor):
+            held = on.get(step.device)
+            if held is None:
+                held = on[step.device] = table.to(step.device)
+            return torch.take(held, torch.clamp(step - (start - 1), 0, last))
+        return float(table[min(max(operator.index(step) - start + 1, 0), last)])
+
+    return cast(Schedule, schedule)
+
+
+def _swalr_values(
+    swa_lr: float, lr: float, anneal_epochs: int, strategy: str, start: int
+) -> list[float]:
+    """`SWALR.get_lr` from step `start` on, op for op, until the value holds at `swa_lr`."""
+
+    def anneal(t: float) -> float:
+        return (1 - math.cos(math.pi * t)) / 2 if strategy == "cos" else t
+
+    def initial(found: float, alpha: float) -> float:
+        return swa_lr if alpha == 1 else (found - alpha * swa_lr) / (1 - alpha)
+
+    values, found, k = [], lr, start
+    while True:
+        step = max(1, k) if anneal_epochs == 0 else k
+        prev_alpha = anneal(max(0, min(1, (step - 1) / max(1, anneal_epochs))))
+        alpha = anneal(max(0, min(1, step / max(1, anneal_epochs))))
+        found = swa_lr * alpha + initial(found, prev_alpha) * (1 - alpha)
+        values.append(found)
+        if prev_alpha == 1 and alpha == 1:
+            return values
+        k += 1
