@@ -183,6 +183,7 @@ def sparse_sgd(
     buffer of a sparse gradient is a sparse tensor holding every step's rows, as torch's.
 
     Example:
+        >>> _ = torch.manual_seed(0)  # weights where w - 0.5 - 0.5 == w - 1.0, whatever ran before
         >>> emb = torch.nn.Embedding(4, 2, sparse=True)
         >>> emb(torch.tensor([1, 1])).sum().backward()
         >>> tx = sparse_sgd(0.5)
