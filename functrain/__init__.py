@@ -102,6 +102,7 @@ from functrain.optim.rules.rms import scale_by_rms
 from functrain.optim.rules.rprop import scale_by_rprop
 from functrain.optim.rules.trace import trace
 from functrain.optim.rules.weight_decay import add_decayed_weights
+from functrain.optim.swa import SwaState, swa
 from functrain.optim.sweep import Sweep, sweep
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, as_tensors
 from functrain.optim.wrappers import (
@@ -162,6 +163,7 @@ __all__ = [
     "ConsoleLogger",
     "EarlyStopping",
     "EmaState",
+    "SwaState",
     "EmptyState",
     "EvalMetric",
     "FitResult",
@@ -208,6 +210,7 @@ __all__ = [
     "distributed",
     "dynamic_loss_scale",
     "ema",
+    "swa",
     "eval_step",
     "predict",
     "evaluate",

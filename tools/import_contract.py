@@ -57,6 +57,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.optim.wrappers",
             "functrain.optim.plateau",
             "functrain.optim.averaging",
+            "functrain.optim.swa",
             "functrain.optim.schedules",
         ],
         ["functrain.optim.rules"],
@@ -68,6 +69,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.optim.masks",
             "functrain.optim.naming",
         ],
+        ["functrain.optim.rates"],
         ["functrain.optim.base"],
         ["functrain.optim.updates"],
         [

@@ -52,6 +52,7 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.layout import with_strides_of
+from functrain.optim.naming import as_saved
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -126,8 +127,21 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
         "frozen": shapes(state.frozen),
         "buffers": shapes(state.buffers),
         "transform": state.tx.name,
-        "options": attrs.asdict(state.options),
+        "options": _options(state.options),
     }
+
+
+# step options added since checkpoints first recorded them, left out while at these values (a
+# checkpoint written before them holds none, and loads into a template at them)
+_ADDED_OPTIONS = {"swa_start": None}
+
+
+def _options(options: Any) -> dict[str, Any]:
+    recorded = attrs.asdict(options)
+    for key, default in _ADDED_OPTIONS.items():
+        if recorded.get(key, default) == default:
+            recorded.pop(key, None)
+    return recorded
 
 
 def save(
@@ -367,6 +381,7 @@ def _load(
         }
     problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
+        like = _as_trained(like, manifest["fingerprint"])
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
         fix = _mismatch_fix(tree, like, path) if isinstance(like, TrainState) else ""
@@ -545,6 +560,23 @@ _GROWN = ("driver", "user")
 
 def _to_device(tree: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
+    """`like`, with the conventions the checkpoint's run was trained with, where they differ.
+
+    A checkpoint written before a convention was recorded trained with the old one and goes on so
+    (`as_saved`), bit for bit: a plain-function learning rate named alone (``lr=<lambda>``) was
+    called with the 0-d int64 step tensor; a `lion` without ``reference=`` ran functrain 0.1's
+    arithmetic.
+    """
+    if saved.get("transform") == like.tx.name:
+        return like
+    tx = as_saved(like.tx)
+    if tx is None or tx.name != saved.get("transform"):
+        return like
+    optimizer = as_saved(like.optimizer) or like.optimizer
+    return like.replace(tx=tx, optimizer=optimizer)
 
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

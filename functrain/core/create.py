@@ -38,6 +38,7 @@ from functrain.optim.averaging import ema
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.sparse import sparse_twin, takes_sparse
+from functrain.optim.swa import swa
 from functrain.tree import Tree
 
 __all__ = [
@@ -118,6 +119,8 @@ def initial_fields(
     )
     decay = options.ema_decay
     averager = ema(decay, warmup=options.ema_warmup) if decay is not None else None
+    if options.swa_start is not None:
+        averager = swa(options.swa_start)
     if dist_config is not None:
         # the meta tensors too: those that hold values are broadcast one by one, and every rank
         # must take part

@@ -10,11 +10,13 @@ body and its planned form, the compiled body and a stacked state's body under vm
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from functrain.core.binding import bound
 from functrain.core.failures import loss_failure
@@ -149,7 +151,11 @@ def call_loss(
     the module still holds `tensors`: a step's backward runs there, since activation checkpointing
     (``torch.utils.checkpoint`` with ``use_reentrant=False``) runs the forward of its blocks again
     during the backward, on the module as it is then. `watch`: the state's tensors among `tensors`
-    that the loss function must not write in place (its parameters and frozen parameters).
+    that the loss function must not write in place (its parameters and frozen parameters). The
+    first call on a module structure runs the forward under `_WriteGuard`, so that a forward
+    writing them (a MoCo or BYOL teacher updated in forward, in place or through ``.data =``) is
+    refused before the state given is written; once a forward wrote none, later calls run bare
+    and check after the forward.
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
@@ -160,14 +166,17 @@ def call_loss(
     name = "loss_fn" if eval_fn is None else "eval_fn"
     fn = state.loss_fn if eval_fn is None else eval_fn
     dtype = _AUTOCAST.get(state.options.precision)
-    versions = [t._version for t in watch.values()] if watch else None
+    versions = [_mark(t) for t in watch.values()] if watch else None
+    first = bool(watch) and not getattr(state.module, _WATCHED, False) and not _tracing()
+    guard = _WriteGuard(watch, name) if first and watch else contextlib.nullcontext()
     with bound(state.module, tensors) as model:
         try:
-            if dtype is None:
-                out = fn(model, batch)
-            else:
-                with torch.autocast(state.device.type, dtype=dtype):
+            with guard:
+                if dtype is None:
                     out = fn(model, batch)
+                else:
+                    with torch.autocast(state.device.type, dtype=dtype):
+                        out = fn(model, batch)
         except (FunctrainError, torch.cuda.OutOfMemoryError):
             raise  # out of memory is no fault of the batch's structure: as torch raises it
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
@@ -176,21 +185,99 @@ def call_loss(
                 if refused is not None:
                     raise refused from e
             raise loss_failure(e, batch, state.module, tensors, name) from e
+        if isinstance(guard, _WriteGuard):
+            guard.restore()  # raises if the forward rebound one (``.data =``), the state restored
+            object.__setattr__(state.module, _WATCHED, True)
         if versions is not None and watch is not None:
-            if [t._version for t in watch.values()] != versions:  # a write in place
+            if [_mark(t) for t in watch.values()] != versions:  # a write in place
                 _raise_written(watch, versions, name)
         loss, aux = split_loss(out, name)
         return (loss, aux) if then is None else then(loss, aux)
 
 
-def _raise_written(watch: Mapping[str, torch.Tensor], versions: list[int], name: str) -> None:
+# the attribute that marks a structure whose forward wrote none of the state's tensors on its first
+# call (`_WriteGuard`): later calls check after the forward only
+_WATCHED = "_functrain_watched"
+
+_WRITTEN_FIRST = (
+    "{name} writes the state's tensor {key!r} in forward (a frozen teacher updated there, as MoCo "
+    "and BYOL keep their momentum encoder, in place or through .data =; a weight renormalized "
+    "there); refused at the first step, before anything was written: the state given is as it "
+    "was. A step hands the forward the state's own parameters, which no step may change: hold the "
+    "tensors the forward updates as buffers (register_buffer), which the step carries as state "
+    "and gives the forward a copy of; or update the teacher outside the loss function"
+)
+
+
+class _WriteGuard(TorchDispatchMode):
+    """The first forward of a structure, refused at its first write into the state's tensors.
+
+    An operation that would write the storage of a watched tensor (in place, ``out=``, a view's
+    ``copy_``) raises before it runs; a tensor the forward rebinds (``t.data = ...``, MoCo's update
+    of its key encoder) is found after it and given its storage back (`restore`), so the state is
+    as it was either way. One forward per structure runs so (Python per operation); later ones run
+    bare and are checked after.
+    """
+
+    def __init__(self, watch: Mapping[str, torch.Tensor], name: str) -> None:
+        super().__init__()
+        self.watch, self.name = dict(watch), name
+        self.storages = {_storage(t): k for k, t in self.watch.items()}
+        self.data = {k: t.data for k, t in self.watch.items()}  # aliases, no copies
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            for i, argument in enumerate(func._schema.arguments):
+                if argument.alias_info is None or not argument.alias_info.is_write:
+                    continue
+                value = args[i] if i < len(args) else kwargs.get(argument.name)
+                for t in value if isinstance(value, list | tuple) else (value,):
+                    key = self.storages.get(_storage(t)) if isinstance(t, torch.Tensor) else None
+                    if key is not None:
+                        raise ConfigError(_WRITTEN_FIRST.format(name=self.name, key=key))
+        return func(*args, **kwargs)
+
+    def restore(self) -> None:
+        """Give each rebound tensor its storage back; raise naming the first."""
+        rebound = [k for k, t in self.watch.items() if t.data_ptr() != self.data[k].data_ptr()]
+        for key in rebound:
+            with torch.no_grad():
+                self.watch[key].data = self.data[key]
+        if rebound:
+            raise ConfigError(_WRITTEN_FIRST.format(name=self.name, key=rebound[0]))
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage of its own
+        return -1
+
+
+def _mark(t: torch.Tensor) -> tuple[int, int]:
+    """What a write changes: the version counter (in place) and the storage (``.data =``)."""
+    try:
+        return t._version, t.data_ptr()
+    except RuntimeError:  # a tensor with no storage of its own (batched under vmap)
+        return t._version, 0
+
+
+def _tracing() -> bool:
+    """Whether the step is traced (compiled, or a stacked state's under vmap): no guard there."""
+    return torch.compiler.is_compiling() or under_vmap()
+
+
+def _raise_written(
+    watch: Mapping[str, torch.Tensor], versions: list[tuple[int, int]], name: str
+) -> None:
     """Raise: the loss function wrote one of the state's (frozen) parameters in place.
 
     Raises:
         ConfigError: naming the first tensor written and the fix.
     """
     for (key, t), version in zip(watch.items(), versions, strict=True):
-        if t._version != version:
+        if _mark(t) != version:
             raise ConfigError(
                 f"{name} wrote the state's tensor {key!r} in place (a frozen teacher updated in "
                 "forward, a weight renormalized in forward, ...): a step hands the forward the "

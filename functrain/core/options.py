@@ -35,6 +35,7 @@ class StepOptions:
     max_consecutive_nonfinite: int | None = None
     ema_decay: float | None = None
     ema_warmup: bool = False
+    swa_start: int | None = None
 
     def problems(self) -> list[str]:
         """Every invalid option, each with the value given (empty when all are valid).
@@ -72,6 +73,16 @@ class StepOptions:
         cap = self.max_consecutive_nonfinite
         if cap is not None and (not isinstance(cap, int) or cap < 0):
             problems.append(f"max_consecutive_nonfinite must be an int >= 0 or None, got {cap!r}")
+        start = self.swa_start
+        if start is not None and (
+            isinstance(start, bool) or not isinstance(start, int) or start < 0
+        ):
+            problems.append(f"swa_start must be an int >= 0 or None, got swa_start={start!r}")
+        if start is not None and self.ema_decay is not None:
+            problems.append(
+                "ema_decay and swa_start both ask for the state's one average: keep one (an EMA, "
+                "or the equal average of stochastic weight averaging)"
+            )
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             problems.append(
                 f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}"

@@ -27,6 +27,7 @@ from functrain.distributed.sharding import Sharding, gathered
 from functrain.errors import ConfigError, DonatedStateError, StateMismatchError
 from functrain.optim.averaging import EmaState
 from functrain.optim.base import Transform
+from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
 from functrain.tree import Tree
 
@@ -93,7 +94,7 @@ class TrainState:
     frozen: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     opt_state: Tree
-    ema_state: EmaState | None
+    ema_state: EmaState | SwaState | None
     step: torch.Tensor
     micro_step: torch.Tensor
     epoch: torch.Tensor
@@ -139,6 +140,7 @@ class TrainState:
         max_consecutive_nonfinite: int | None = None,
         ema_decay: float | None = None,
         ema_warmup: bool = False,
+        swa_start: int | None = None,
         trainable: Trainable | None = None,
         distributed: bool | None = None,
         sharding: Sharding | None = None,
@@ -174,6 +176,10 @@ class TrainState:
             max_consecutive_nonfinite: with ``"skip"``, raise after this many skips in a row.
             ema_decay: keep an exponential moving average of the parameters with this decay.
             ema_warmup: ramp the EMA decay up over the first steps (see `functrain.ema`).
+            swa_start: keep the equal average of the parameters after each update from this one on
+                (counted from 0), as `torch.optim.swa_utils.AveragedModel` averages them (see
+                `functrain.swa`), in the EMA's place: ``use_ema=True`` evaluates and exports it.
+                Not with `ema_decay`.
             trainable: predicate ``(name, param) -> bool`` choosing the trained parameters.
             distributed: average gradients across the ranks of the active `torch.distributed`
                 process group (None: whenever one with more than one rank is initialized). Rank 0's
@@ -273,6 +279,7 @@ class TrainState:
                 max_consecutive_nonfinite,
                 ema_decay,
                 ema_warmup,
+                swa_start,
             ),
             trainable=trainable,
             distributed=distributed,
@@ -510,6 +517,8 @@ class TrainState:
         n = self.num_params() // members
         nbytes = sum(p.numel() * p.element_size() for p in self.params.values()) // members
         ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
+        if self.options.swa_start is not None:
+            ema_part = f"swa_start={self.options.swa_start}"
         opt = getattr(self.optimizer, "name", None) or type(self.optimizer).__name__
         stacked = f"members={members}, " if self.step.ndim else ""
         each = " per member" if self.step.ndim else ""

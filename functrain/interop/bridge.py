@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import attrs
 import torch
 from torch import nn
-from torch.optim import lr_scheduler
+from torch.optim import lr_scheduler, swa_utils
 
 from functrain.core.state import TrainState
 from functrain.errors import ConfigError, config_check
@@ -58,7 +58,7 @@ from functrain.optim.porting import (
 from functrain.optim.rules.fused import FusedSgdState
 from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.rules.trace import TraceState
-from functrain.optim.schedules import Schedule, per_epoch
+from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
 from functrain.optim.wrappers import PartitionState, partition
 
 __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
@@ -558,6 +558,11 @@ def _scheduled(
         config_check(
             ["scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer"], where
         )
+    if isinstance(scheduler, swa_utils.SWALR):
+        return [
+            _swalr_continued(scheduler, group, counts, steps_per_epoch)
+            for group in optimizer.param_groups
+        ]
     config_check(_step_problems(scheduler, counts, steps_per_epoch), where)
     schedules = []
     for k, group in enumerate(optimizer.param_groups):
@@ -570,6 +575,29 @@ def _scheduled(
             schedule if steps_per_epoch is None else per_epoch(schedule, steps_per_epoch)
         )
     return schedules
+
+
+def _swalr_continued(
+    scheduler: Any, group: dict[str, Any], counts: Sequence[int], steps_per_epoch: int | None
+) -> Schedule:
+    """A live `SWALR`'s lr from the optimizer's count on: its recursion from the group's lr now.
+
+    SWA's recipe builds it late (after another scheduler), so its own steps count from then: the
+    schedule takes step ``k + (t - count)`` of it at the optimizer's (or the epoch's) count ``t``.
+    """
+    now = max(counts) if steps_per_epoch is None else max(counts) // steps_per_epoch
+    taken = scheduler.last_epoch
+    annealed = swalr(
+        group["swa_lr"],
+        lr=group["lr"],
+        anneal_epochs=scheduler.anneal_epochs,
+        anneal_strategy=scheduler._anneal_strategy,
+        start=taken + 1,
+    )
+    # before the scheduler was built (steps already taken, never run again): the lr it found
+    held = constant(group["lr"])
+    schedule = annealed if now == taken else join([held, annealed], [now - taken])
+    return schedule if steps_per_epoch is None else per_epoch(schedule, steps_per_epoch)
 
 
 def _step_problems(scheduler: Any, counts: Sequence[int], steps_per_epoch: int | None) -> list[str]:

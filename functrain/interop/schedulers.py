@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard, cast
 
 import torch
-from torch.optim import lr_scheduler
+from torch.optim import lr_scheduler, swa_utils
 
 from functrain.errors import config_check
 from functrain.interop import scheduler_parts as P
@@ -35,6 +35,7 @@ from functrain.optim.schedules.catalogue import (
     check_steps,
     described,
     lift,
+    swalr,
 )
 
 __all__ = ["from_torch", "ConversionWarning"]
@@ -585,6 +586,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
       `SequentialLR` gets torch's extra step-0 factor of `ExponentialLR`, `PolynomialLR`,
       `CosineAnnealingLR` and `MultiplicativeLR`.
 
+    * `torch.optim.swa_utils.SWALR` (alone, not in a composite): `functrain.schedules.swalr`, its
+      values computed ahead as torch's recursion computes them, bit for bit, from `lr` (the
+      optimizer's lr when the scheduler is built).
+
     Refused with a `ConfigError` that says why: what torch itself cannot run (a composite as a later
     member of a `SequentialLR`: torch raises `NotImplementedError`), a `SequentialLR` first in a
     `SequentialLR` (torch runs it one step ahead of its milestones), in a `ChainedScheduler` a
@@ -716,7 +721,7 @@ def _scheduler_class(cls: Any) -> Any:
         return cls
     module, _, name = cls.rpartition(".")
     if module in ("", "torch.optim.lr_scheduler"):
-        return getattr(lr_scheduler, name, cls)
+        return getattr(lr_scheduler, name, None) or getattr(swa_utils, name, cls)
     try:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
@@ -725,6 +730,14 @@ def _scheduler_class(cls: Any) -> Any:
 
 
 def _from_torch_classes(cls: type, /, *, lr: float | None = None, **kwargs: Any) -> Schedule:
+    if cls is swa_utils.SWALR:  # alone: its values depend on the lr it finds, step by step
+        a = _torch_args(swa_utils.SWALR, kwargs, "from_torch(SWALR)")
+        return swalr(
+            a["swa_lr"],
+            lr=lr,  # None is refused there, named
+            anneal_epochs=a["anneal_epochs"],
+            anneal_strategy=a["anneal_strategy"],
+        )
     if not (isinstance(cls, type) and cls in _BUILDERS):
         names = ", ".join(c.__name__ for c in SUPPORTED)
         if isinstance(cls, lr_scheduler.LRScheduler):  # the live scheduler rather than its class

@@ -57,6 +57,7 @@ from functrain.optim.rules.rms import scale_by_rms
 from functrain.optim.rules.rprop import scale_by_rprop
 from functrain.optim.rules.trace import trace
 from functrain.optim.rules.weight_decay import add_decayed_weights
+from functrain.optim.swa import SwaState, swa
 from functrain.optim.sweep import Sweep, sweep
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, as_tensors
 from functrain.optim.wrappers import (
@@ -72,6 +73,7 @@ from functrain.optim.wrappers import (
 
 __all__ = [
     "EmaState",
+    "SwaState",
     "EmptyState",
     "Extras",
     "NO_EXTRAS",
@@ -95,6 +97,7 @@ __all__ = [
     "clip_by_value",
     "dynamic_loss_scale",
     "ema",
+    "swa",
     "find_loss_scale",
     "identity",
     "lion",

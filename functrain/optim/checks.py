@@ -15,6 +15,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rates import value_at
 from functrain.tree import (
     Tree,
 )
@@ -68,7 +69,7 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
         check_positive(problems, name, value, allow_zero=True)
         return
     try:
-        first = value(torch.zeros((), dtype=torch.int64))
+        first = value_at(value, torch.zeros((), dtype=torch.int64))
         first = float(first)
     except Exception:  # noqa: BLE001 - see the docstring: the first step reports it
         return

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.optim.base import Transform
+from functrain.optim.rates import RATE_ARGUMENTS, TensorSteps, function_name, is_plain_function
 
 __all__ = [
     "Call",
@@ -23,6 +24,7 @@ __all__ = [
     "recorded_call",
     "describe_call",
     "describe_value",
+    "as_saved",
 ]
 
 # the attribute of a named transform's update function that keeps its calls, by name
@@ -81,6 +83,7 @@ def named(
     *,
     added: tuple[str, ...] | dict[str, Any] = (),
     resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    resumed: tuple[str, ...] = (),
 ) -> Any:
     """Decorate a transform factory so its transforms carry their call.
 
@@ -94,10 +97,12 @@ def named(
     whatever its default is now). `resolve` rewrites the bound arguments before they are named
     (`functrain.optim.choices.without_choices`: torch's implementation choices, which change no
     number, leave the name as the configuration they select). The transform keeps the call too
-    (`recorded_call`).
+    (`recorded_call`). Arguments of the dict `added` listed in `resumed` are conventions whose
+    default changed: a checkpoint whose name lacks one was trained with the value `added` gives,
+    and resumes with it (`as_saved`).
     """
     if factory is None:
-        return functools.partial(named, added=added, resolve=resolve)
+        return functools.partial(named, added=added, resolve=resolve, resumed=resumed)
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
@@ -111,7 +116,14 @@ def named(
         _record(transform.update, name, Call(wrapper, signature, arguments, shown))
         return transform._replace(name=name)
 
+    if resumed:
+        assert isinstance(added, dict), "resumed names arguments of an added dict"
+        setattr(wrapper, _RESUMED, {key: added[key] for key in resumed})
     return wrapper
+
+
+# the attribute of a named factory that keeps its `resumed` conventions' old values
+_RESUMED = "_functrain_resumed"
 
 
 def describe_call(
@@ -127,7 +139,8 @@ def describe_call(
     For the names of transforms and schedules.
 
     Arguments in `added` are left out while they equal their default (or, `added` a dict, the value
-    it gives); `resolve`, if given, rewrites the bound arguments first.
+    it gives); `resolve`, if given, rewrites the bound arguments first. A plain function as a
+    learning rate (``lr=``, ``learning_rate=``) is named with its values (`function_name`).
     """
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -146,6 +159,9 @@ def describe_call(
             parts.extend(describe_value(v) for v in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
             parts.extend(f"{k}={describe_value(v)}" for k, v in value.items())
+        elif key in RATE_ARGUMENTS and is_plain_function(value):
+            # its values and the convention it is called with: another function is another rate
+            parts.append(f"{key}={function_name(value)}")
         else:
             parts.append(f"{key}={describe_value(value)}")
     return f"{factory.__name__}({', '.join(parts)})"
@@ -179,3 +195,56 @@ def describe_value(value: Any) -> str:
         name = getattr(value, "name", None)
         return name if name else getattr(value, "__name__", type(value).__name__)
     return repr(value)
+
+
+def as_saved(transform: Transform) -> Transform | None:
+    """`transform` with the conventions of a checkpoint written before they were recorded.
+
+    The transform rebuilt from its recorded calls (`recorded_call`): each plain function in a
+    learning-rate argument wrapped as `TensorSteps` under its old name (called with the step
+    tensor, as before plain functions got ints), and each `resumed` argument of a factory at its
+    old value. None when nothing changes, or when a call cannot be rebuilt.
+    """
+    rebuilt = _rebuilt(transform)
+    return None if rebuilt is _CANNOT or rebuilt is transform else rebuilt
+
+
+_CANNOT: Any = object()  # an argument that cannot be rebuilt
+
+
+def _rebuilt(transform: Transform) -> Any:
+    call = recorded_call(transform)
+    if call is None:
+        return transform
+    changes: dict[str, Any] = {}
+    for key, old in getattr(call.factory, _RESUMED, {}).items():
+        if call.arguments[key] != old:
+            changes[key] = old
+    for key, value in call.arguments.items():
+        if key in changes:
+            continue
+        new = _argument(key, value)
+        if new is _CANNOT:
+            return _CANNOT
+        if new is not value:
+            changes[key] = new
+    return call.again(**changes) if changes else transform
+
+
+def _argument(key: str, value: Any) -> Any:
+    if isinstance(value, Transform):
+        return _rebuilt(value)
+    if key in RATE_ARGUMENTS and is_plain_function(value):
+        return TensorSteps(value, as_saved=True)
+    if isinstance(value, tuple | list):
+        items = [_argument("", v) for v in value]
+        if any(v is _CANNOT for v in items):
+            return _CANNOT
+        same = all(a is b for a, b in zip(items, value, strict=True))
+        return value if same else type(value)(items)
+    if isinstance(value, dict):
+        entries = {k: _argument("", v) for k, v in value.items()}
+        if any(v is _CANNOT for v in entries.values()):
+            return _CANNOT
+        return value if all(entries[k] is v for k, v in value.items()) else entries
+    return value

@@ -715,7 +715,7 @@ def sparse_adam(
 
 
 @replaces("lion")
-@named
+@named(added={"reference": "lerp"}, resumed=("reference",))
 def lion(
     lr: LearningRate = 1e-4,
     b1: float = 0.9,
@@ -723,8 +723,17 @@ def lion(
     *,
     weight_decay: float = 0.0,
     mask: Mask = None,
+    reference: str = "authors",
 ) -> Transform:
     """Lion (Chen et al., 2023): sign updates from interpolated momentum, decoupled weight decay.
+
+    Bit for bit the authors' published PyTorch code (google/automl ``lion_pytorch.py``; timm's
+    ``Lion`` with ``foreach=True`` runs the same ops): ``p * (1 - lr * wd)``, then
+    ``p - lr * sign(mu * b1 + g * (1 - b1))``, then ``mu * b2 + (1 - b2) * g``. Others differ:
+    timm's single-tensor path interpolates with ``lerp`` (the last bits, ~1e-9 after 4 steps),
+    optax adds the decay to the sign before the rate (``p - lr * (sign + wd * p)``, 4e-4 apart after
+    4 steps with decay). ``reference="lerp"`` is functrain 0.1's arithmetic (both of those), which
+    checkpoints written before this argument existed resume with (their name lacks it).
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule (typically 3-10x
@@ -733,6 +742,7 @@ def lion(
         b2: momentum decay.
         weight_decay: decoupled decay coefficient (multiplied by the learning rate).
         mask: which parameters decay.
+        reference: ``"authors"`` (the default) or ``"lerp"`` (functrain 0.1's arithmetic, above).
 
     Returns:
         A `Transform`.
@@ -750,7 +760,7 @@ def lion(
     """
     _check_renamed("lion", lr)
     return chain(
-        scale_by_lion(b1, b2),
+        scale_by_lion(b1, b2, reference=reference),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_learning_rate(lr),
     )

@@ -30,6 +30,7 @@ import torch
 from functrain.errors import ConfigError
 from functrain.optim.base import Schedule
 from functrain.optim.checks import check_learning_rate
+from functrain.optim.rates import mark_tensor_steps, value_at
 
 __all__ = [
     "Sweep",
@@ -84,6 +85,7 @@ class Sweep:
             "sweep([" + ", ".join(getattr(v, "name", None) or repr(v) for v in self.values) + "])"
         )
         _LIVE[self.name] = self
+        mark_tensor_steps(self)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -100,14 +102,16 @@ class Sweep:
             return torch.stack(
                 [
                     torch.as_tensor(
-                        v(c) if callable(v) else v, dtype=torch.float64, device=count.device
+                        value_at(v, c) if callable(v) else v,
+                        dtype=torch.float64,
+                        device=count.device,
                     )
                     for v, c in zip(self.values, count.unbind(0), strict=True)
                 ]
             )
         column = [
             torch.as_tensor(
-                v(count) if callable(v) else v, dtype=torch.float64, device=count.device
+                value_at(v, count) if callable(v) else v, dtype=torch.float64, device=count.device
             )
             for v in self.values
         ]

@@ -10,6 +10,8 @@ and no float32 tensor ``u`` makes ``p + u`` equal those in every element):
   torch does (`RectifiedRatio`: RAdam's form of it);
 * `ParamStep`: ``new = p * decay + alpha * direction`` kept only where ``keep`` holds, emitted by
   `scale_by_learning_rate` and applied by `apply_updates`;
+* `Decoupled`: a sign rule's direction with decoupled weight decay (`scale_by_lion`), applied by
+  `scale_by_learning_rate` as Lion's published code applies it;
 * `NewParams`: the new parameters themselves, from transforms that compute them in one fused
   kernel (``adamw(fused=True)``).
 
@@ -41,6 +43,7 @@ __all__ = [
     "Ratio",
     "RectifiedRatio",
     "ParamStep",
+    "Decoupled",
     "NewParams",
     "as_tensors",
     "flat_updates",
@@ -200,6 +203,49 @@ class ParamStep:
         return ParamStep(**fields)
 
 
+class Decoupled:
+    """Lazy updates ``direction`` (+ ``weight_decay * p`` where ``decay_mask`` holds).
+
+    Emitted by a sign rule (`scale_by_lion`); `add_decayed_weights` after it records its decay, and
+    `scale_by_learning_rate` applies both as ``p * (1 - lr * wd)`` then ``p - lr * direction``: the
+    two roundings of Lion's published code (``p.mul_(1 - lr * wd)``, ``p.add_(sign, alpha=-lr)``).
+    """
+
+    __slots__ = ("direction", "spec", "weight_decay", "decay_mask", "params")
+
+    def __init__(
+        self,
+        direction: Sequence[torch.Tensor],
+        spec: Any,
+        weight_decay: float | None = None,
+        decay_mask: tuple[bool, ...] | None = None,
+        params: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        self.direction = direction
+        self.spec = spec
+        self.weight_decay = weight_decay
+        self.decay_mask = decay_mask
+        self.params = params
+
+    def with_decay(
+        self,
+        weight_decay: float,
+        decay_mask: tuple[bool, ...] | None,
+        params: Sequence[torch.Tensor],
+    ) -> Decoupled:
+        """These updates with decoupled weight decay (`add_decayed_weights` after the rule)."""
+        return Decoupled(self.direction, self.spec, weight_decay, decay_mask, params)
+
+    def additive(self, params: Tree | None) -> list[torch.Tensor]:
+        """The updates as plain tensors, one per leaf (see `as_tensors`)."""
+        out = list(self.direction)
+        if not self.weight_decay:
+            return out
+        p = self.params if self.params is not None else tree_leaves(params)
+        mask = self.decay_mask or (True,) * len(out)
+        return [o + self.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
+
+
 class NewParams:
     """The parameters after the step, as a flat list in tree order (``apply_updates`` returns them).
 
@@ -216,7 +262,7 @@ class NewParams:
 
 def flat_updates(updates: Updates, params: Tree | None) -> tuple[list[torch.Tensor], Any]:
     """Flatten updates of any form into a list of tensors and the tree spec."""
-    if isinstance(updates, (Ratio, ParamStep, NewParams)):
+    if isinstance(updates, (Ratio, ParamStep, NewParams, Decoupled)):
         return as_tensors(updates, params), updates.spec
     leaves, spec = tree_flatten(updates)
     return leaves, spec
@@ -233,7 +279,7 @@ def as_tensors(updates: Updates, params: Tree | None = None) -> list[torch.Tenso
         >>> ft.as_tensors(u, p)
         [tensor([-0.5000, -0.5000])]
     """
-    if isinstance(updates, Ratio):
+    if isinstance(updates, Ratio | Decoupled):
         return updates.additive(params)
     if isinstance(updates, NewParams):
         if params is None:
@@ -457,7 +503,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
     Args:
         params: the parameter tree.
         updates: a tree of tensors shaped like `params` (added, cast to each parameter's dtype), or
-            a lazy `Ratio` / `ParamStep` / `NewParams` from a transform.
+            a lazy `Ratio` / `Decoupled` / `ParamStep` / `NewParams` from a transform.
         in_place: whether a `ParamStep` may be written into `params` (eagerly only).
 
     Returns:
@@ -479,7 +525,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
         if updates.keep is None and in_place and not torch.compiler.is_compiling():
             return tree_unflatten(_apply_step_(p, updates), spec)
         return tree_unflatten(_apply_step(p, updates), spec)
-    if isinstance(updates, Ratio):
+    if isinstance(updates, Ratio | Decoupled):
         _check_spec(spec, updates.spec)
         u = as_tensors(updates, params)
     else:

@@ -120,7 +120,7 @@ def forwarding(inner: ft.Transform) -> ft.Transform:
     [
         lambda lr: ft.adamw(ft.schedules.per_epoch(lr, 10)),
         lambda lr: ft.adamw(ft.schedules.join([lr, ft.schedules.constant(0.5)], [50])),
-        lambda lr: ft.sgd(lambda step: lr(step) * 1.0, fused=False),
+        lambda lr: ft.sgd(ft.schedules.tensor_steps(lambda step: lr(step) * 1.0), fused=False),
         lambda lr: forwarding(ft.sgd(lr, fused=False)),
     ],
     ids=["per_epoch", "join", "user_schedule", "user_wrapper"],

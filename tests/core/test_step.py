@@ -243,6 +243,25 @@ def test_dropout_masks_come_from_the_state_rng() -> None:
     assert torch.equal(first, expected)
 
 
+def test_dropout_masks_are_those_of_a_torch_loop_seeded_with_manual_seed() -> None:
+    # the porting guide's note: seed=s draws what torch.manual_seed(s) before the loop draws
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    ref = copy.deepcopy(model)
+    loss_fn = lambda m, b: m(b).square().mean()  # noqa: E731
+    state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn, seed=7)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, fused=True)
+    xs = [torch.randn(4, 8) for _ in range(5)]
+    torch.manual_seed(7)
+    for x in xs:
+        state, _ = ft.train_step(state, x)
+        opt.zero_grad()
+        loss_fn(ref, x).backward()
+        opt.step()
+    for name, p in ref.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
 def test_caller_rng_is_untouched_by_train_and_eval_steps() -> None:
     model = make_mlp(dropout=0.5)
     state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn)

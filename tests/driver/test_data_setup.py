@@ -190,9 +190,8 @@ def test_an_older_replayed_checkpoint_records_no_data_seed_and_is_not_checked_on
 ) -> None:
     run(tmp_path / "new", data("subclass"), 2)
     aged(tmp_path / "new", tmp_path / "old", OLD_SETUP)
-    replaying = pytest.warns(RuntimeWarning, match="replaying and skipping 2 consumed batches")
-    differs = pytest.warns(RuntimeWarning, match="now differ from those the checkpointed run")
-    with replaying, differs:
+    differs = pytest.warns(RuntimeWarning, match="replayed differ from those the checkpointed run")
+    with differs:
         resumed = run(tmp_path / "old", data("subclass"), 8, resume=True, data_seed=1)
     assert int(resumed.state.step) == 8
 

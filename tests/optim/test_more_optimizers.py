@@ -348,6 +348,7 @@ def test_torch_foreach_rounds_differently_for_nadam_asgd_adafactor(name: str) ->
         torch.testing.assert_close(ours[n], theirs[n], rtol=1e-3, atol=1e-4)
 
 
+@ft.schedules.tensor_steps
 def decaying(step: torch.Tensor) -> torch.Tensor:
     return 2e-2 * torch.pow(torch.full_like(step, 0.99, dtype=torch.float64), step)
 
@@ -444,7 +445,9 @@ def test_asgd_averages_the_parameters_from_t0_on() -> None:
 
 
 def test_rprop_reads_a_schedule_only_at_step_0() -> None:
-    late = ft.rprop(lr=lambda step: torch.where(step == 0, 0.01, 5.0).double())
+    late = ft.rprop(
+        lr=ft.schedules.tensor_steps(lambda step: torch.where(step == 0, 0.01, 5.0).double())
+    )
     plain = ft.rprop(lr=0.01)
     a, _ = run_functrain(late, SHAPES)
     b, _ = run_functrain(plain, SHAPES)

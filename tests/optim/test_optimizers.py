@@ -374,7 +374,10 @@ EXACT_CASES = {
     ),
     "radam_constant_schedule": (
         ft.radam(
-            lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64), weight_decay=1e-2
+            lr=ft.schedules.tensor_steps(
+                lambda step: torch.full_like(step, 1e-2, dtype=torch.float64)
+            ),
+            weight_decay=1e-2,
         ),
         lambda p: torch.optim.RAdam(p.values(), lr=1e-2, weight_decay=1e-2, foreach=True),
         RADAM_STATE,
@@ -468,7 +471,7 @@ def test_adamw_with_constant_schedule_matches_torch_optim_bitwise() -> None:
     # a schedule takes the tensor learning-rate path of scale_by_learning_rate; after a Ratio it
     # still folds into torch's addcdiv sequence exactly
     tx = ft.adamw(
-        lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64),
+        lr=ft.schedules.tensor_steps(lambda step: torch.full_like(step, 1e-2, dtype=torch.float64)),
         weight_decay=0.1,
         fused=False,
     )
@@ -482,7 +485,9 @@ def test_adamw_with_constant_schedule_matches_torch_optim_bitwise() -> None:
 def test_sgd_chain_with_constant_schedule_matches_torch_optim_bitwise() -> None:
     # the schedule's 0-d rate goes to torch's add(alpha=) kernel as torch's float does: one rounding
     tx = ft.sgd(
-        lr=lambda step: torch.full_like(step, 0.05, dtype=torch.float64), momentum=0.9, fused=False
+        lr=ft.schedules.tensor_steps(lambda step: torch.full_like(step, 0.05, dtype=torch.float64)),
+        momentum=0.9,
+        fused=False,
     )
     ft_params, _ = run_functrain(tx)
     torch_params, _ = run_torch(
@@ -561,7 +566,9 @@ FUSED_CASES = {
     ),
     "adamw_constant_schedule": (
         ft.adamw(
-            lr=lambda step: torch.full_like(step, 1e-2, dtype=torch.float64),
+            lr=ft.schedules.tensor_steps(
+                lambda step: torch.full_like(step, 1e-2, dtype=torch.float64)
+            ),
             weight_decay=0.1,
             fused=True,
         ),
@@ -629,7 +636,12 @@ FUSED_CASES = {
         FUSED_MOMENTUM,
     ),
     "sgd_constant_schedule": (
-        ft.sgd(lr=lambda step: torch.full_like(step, 0.05, dtype=torch.float64), momentum=0.9),
+        ft.sgd(
+            lr=ft.schedules.tensor_steps(
+                lambda step: torch.full_like(step, 0.05, dtype=torch.float64)
+            ),
+            momentum=0.9,
+        ),
         lambda p: torch.optim.SGD(p.values(), lr=0.05, momentum=0.9, fused=True),
         FUSED_MOMENTUM,
     ),

@@ -77,11 +77,11 @@ class WrittenLr:
 
 
 def decaying(lr: float) -> Callable:
-    return lambda step: lr * 0.93 ** step.double()
+    return ft.schedules.tensor_steps(lambda step: lr * 0.93 ** step.double())
 
 
 def constant(lr: float) -> Callable:
-    return lambda step: torch.full_like(step, lr, dtype=torch.float64)
+    return ft.schedules.tensor_steps(lambda step: torch.full_like(step, lr, dtype=torch.float64))
 
 
 # each schedule: (functrain's schedule from the base lr, torch's scheduler on an optimizer)

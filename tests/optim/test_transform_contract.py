@@ -34,6 +34,7 @@ def is_matrix_label(name: str, p: torch.Tensor) -> str:
     return "m" if p.ndim > 1 else "v"
 
 
+@ft.schedules.tensor_steps
 def halving(step: torch.Tensor) -> torch.Tensor:
     return 0.1 * torch.pow(torch.full_like(step, 0.5, dtype=torch.float64), step)
 

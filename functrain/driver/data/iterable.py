@@ -5,8 +5,8 @@ batches are those of the interrupted epoch; `generators_of` and `announce_epoch`
 generators a `DataLoader` holds and tell its sampler the epoch. Each checkpoint holds a digest of
 the batches consumed in its epoch (`batch_fingerprint`), so a replay that meets other batches (an
 order or randomness drawn from something nothing seeds) says so; each pass counts its own
-(`Consumed`), and the checkpoint holds the training pass's. `replay_seeding` says what a replay
-seeds and what not; `order_setup` how a `DataLoader` orders its samples.
+(`Consumed`), and the checkpoint holds the training pass's; a replay so checked warns only when it
+differs. `order_setup` says how a `DataLoader` orders its samples.
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ class IterableSource:
     A list, a `DataLoader` subclass or one over an `IterableDataset`, a generator factory.
 
     Each epoch calls ``iter(source)`` again. Resuming mid-epoch iterates from the epoch's start and
-    drops the batches already consumed, warning that their loading is repeated and naming what the
-    replay seeds and what it does not (`replay_seeding`). So that the replayed batches are those of
-    the interrupted epoch, an epoch draws from generators seeded from (seed, epoch)
-    (`EpochStream`): torch's global generator and the `torch.Generator` objects a `DataLoader` and
-    its sampler hold (a `RandomSampler`'s order and the workers' seeds come from them); where the
-    source runs in this process (no workers), Python's and numpy's global generators are seeded
-    for each batch from (seed, epoch, position), the caller's put back after. A loader's workers
+    drops the batches already consumed, checking them against the checkpoint's digest: a short
+    warning only when they differ (or the checkpoint holds no digest to check). So that the
+    replayed batches are those of the interrupted epoch, an epoch draws from generators seeded
+    from (seed, epoch) (`EpochStream`): torch's global generator and the `torch.Generator`
+    objects a `DataLoader` and its sampler hold (a `RandomSampler`'s order and the workers' seeds
+    come from them); where the source runs in this process (no workers), Python's and numpy's
+    global generators are seeded for each batch from (seed, epoch, position), the caller's put
+    back after. A loader's workers
     are seeded by torch from their base seed, drawn in that stream. A sampler or dataset with
     ``set_epoch`` (a `DistributedSampler`) is told the epoch first. Lists and tuples are iterated
     as they are.
@@ -142,18 +143,19 @@ class IterableSource:
         persistent = seeded and record and self.resumed and epoch > 0 and _persistent(self.source)
         if record:
             self.resumed = False  # the first pass after a resume is the one that resumes
-        if start or persistent:
+        # a replay checked against the checkpoint's digest warns only if it differs (below)
+        checked = record and start and self.checks(epoch, start)
+        if (start and not checked) or persistent:
             kind = type(self.source).__name__
-            where = (
-                f"mid-epoch on a {kind}: replaying and skipping {start} consumed batches"
+            message = (
+                f"resuming mid-epoch on a {kind}: replaying and skipping {start} consumed "
+                f"batches; {hint}"
                 if start
-                else f"at the start of epoch {epoch} on a {kind} that replays its epochs"
+                else f"resuming at the start of epoch {epoch} on a {kind} with persistent_workers="
+                "True: its workers were seeded once, when they started, so a resumed run's new "
+                "workers draw otherwise; pass persistent_workers=False to resume exactly"
             )
-            warnings.warn(
-                f"resuming {where} ({replay_seeding(self.source, seeded)}); {hint}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
         counted = self.begin_pass(epoch, record)
         for position, batch in enumerate(self._pass(epoch, seeded)):
             if record:
@@ -162,6 +164,11 @@ class IterableSource:
                     self._check_replay(counted, start)
             if position >= start:
                 yield batch
+
+    def checks(self, epoch: int, start: int) -> bool:
+        """Whether the checkpoint holds the digest of the `start` batches of `epoch` to check."""
+        saved = self.restored
+        return saved is not None and saved.get("epoch") == epoch and saved.get("batches") == start
 
     def _pass(self, epoch: int, seeded: bool) -> Iterator[Any]:
         """One pass over the source: in the epoch's seeded stream, or as it comes."""
@@ -274,28 +281,19 @@ def is_counted_position(tree: Any) -> bool:
     return isinstance(tree, dict) and set(tree) - {"regroup"} == {"epoch", "batches", "order"}
 
 
-# the fix for an epoch whose order is not a function of what fit seeds
-_ORDER_FIX = (
-    "give a shuffling DataLoader a seeded generator (DataLoader(..., shuffle=True, "
-    "generator=torch.Generator().manual_seed(0))), draw any other randomness from torch's, "
-    "Python's or numpy's global generators (fit seeds them each epoch), or pass the dataset itself "
-    "to fit with batch_size=... so that fit shuffles it"
-)
-
 _REPLAY_HINT = (
-    "drawn from a generator not seeded, the resumed epoch's order or content differs from the "
-    f"interrupted one's (a second warning says so): to resume exactly, {_ORDER_FIX}; pass a "
-    "DataLoader over a map-style dataset, a map-style dataset with batch_size=, or data with "
-    "state_dict()/load_state_dict(), to resume without replay"
+    "the checkpoint holds no digest of those batches to check the replay against (saved before "
+    "fit kept one); if they are drawn from a generator fit does not seed, the epoch goes on in "
+    "another order"
 )
 
 
 def _replay_changed(kind: str, start: int, epoch: int | None) -> str:
     return (
-        f"resuming epoch {epoch} after {start} batches, but the {start} batches the {kind} "
-        "replayed now differ from those the checkpointed run consumed: the resumed epoch's order "
-        "(or its random content) differs from the interrupted one's, so some of its samples are "
-        f"seen twice and others not at all. To resume exactly, {_ORDER_FIX}"
+        f"resuming epoch {epoch}: the {start} batches the {kind} replayed differ from those the "
+        "checkpointed run consumed, so some samples are seen twice and others not at all. To "
+        "resume exactly, give a shuffling DataLoader generator=torch.Generator().manual_seed(0), "
+        "or pass the dataset itself to fit with batch_size="
     )
 
 
@@ -383,48 +381,6 @@ def _persistent(source: Any) -> bool:
         isinstance(source, DataLoader)
         and source.num_workers > 0
         and bool(getattr(source, "persistent_workers", False))
-    )
-
-
-def replay_seeding(source: Any, seeded: bool = True) -> str:
-    """What a replay of `source` seeds, and exactly which generators it does not.
-
-    Example:
-        >>> replay_seeding([1, 2])
-        'a list holds its batches made already: the replay draws nothing'
-    """
-    kind = type(source).__name__
-    if isinstance(source, (list, tuple)):
-        return f"a {kind} holds its batches made already: the replay draws nothing"
-    if not seeded:
-        return (
-            "the replay seeds nothing: it draws from torch's, Python's and numpy's global "
-            "generators as they are"
-        )
-    loader = isinstance(source, DataLoader)
-    held = "the generator= of the DataLoader and its sampler" if loader else ""
-    stream = "torch's global generator" + (f" and {held}" if loader else "")
-    others = (
-        "not seeded: any generator but those (a numpy Generator, a random.Random, a "
-        "torch.Generator held elsewhere)"
-    )
-    if not loader or source.num_workers == 0:
-        return (
-            f"the replay seeds {stream} from (data_seed, epoch), Python's random and numpy's "
-            f"global generator for each batch from (data_seed, epoch, position); {others}"
-        )
-    workers = "the workers' torch, Python random and numpy global generators"
-    if _persistent(source):
-        return (
-            f"the replay seeds {stream} from (data_seed, epoch); not seeded each epoch: {workers}, "
-            "which persistent_workers=True seeds once, when the workers start, so an epoch after "
-            "that draws where the previous epochs left them and a resumed run's new workers draw "
-            f"otherwise (pass persistent_workers=False to replay exactly); {others}"
-        )
-    return (
-        f"the replay seeds {stream} from (data_seed, epoch), and {workers} each epoch (torch "
-        f"seeds them from their base seed, drawn there: the replay is exact with the same "
-        f"num_workers); {others}"
     )
 
 

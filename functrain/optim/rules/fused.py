@@ -61,6 +61,7 @@ from functrain.optim.base import (
 from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
+from functrain.optim.rates import value_at
 from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import constant_like, counter, laid_out_like, owned_copy, writable, zeros
@@ -122,7 +123,7 @@ def _check_floating(params: Tree, what: str) -> None:
 
 def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(
-        lr(count) if callable(lr) else lr, dtype=torch.float64, device=count.device
+        value_at(lr, count) if callable(lr) else lr, dtype=torch.float64, device=count.device
     )
 
 
@@ -159,7 +160,7 @@ def _begin(
     g, spec = flat_updates(updates, params)
     rate: torch.Tensor | float
     if callable(lr):
-        rate = lr(count)
+        rate = value_at(lr, count)
         rate_t = torch.as_tensor(rate, dtype=torch.float64, device=count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, last_lr
@@ -879,7 +880,7 @@ def _planner(
             flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
             new_count = count + 1 if keep is None else count + keep
             if callable(lr):  # as `_begin`: a schedule's tensor goes to the kernel as a tensor
-                rate = lr(count)
+                rate = value_at(lr, count)
                 rate_t = torch.as_tensor(rate, dtype=torch.float64, device=device)
                 rate = _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate
             else:

@@ -24,7 +24,8 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
-from functrain.optim.updates import ParamStep, Ratio, RectifiedRatio, flat_updates
+from functrain.optim.rates import value_at
+from functrain.optim.updates import Decoupled, ParamStep, Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
     Tree,
@@ -65,9 +66,11 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     ``add(alpha=)``. The current rate is exposed as the metric ``lr``.
 
     Args:
-        learning_rate: a float >= 0, or a schedule ``step -> value`` (see `functrain.schedules`),
-            called with this transform's own 0-d step counter (starting at 0), or a 1-element
-            tensor (as torch.optim takes one), read once here: its value is the constant rate.
+        learning_rate: a float >= 0, a schedule ``step -> value`` of this transform's own step
+            counter (starting at 0): one of `functrain.schedules` gets the 0-d int64 counter, a
+            plain function the step as a Python int, its value taken as a Python float, as torch's
+            `LambdaLR` calls its lambda (`functrain.optim.rates`); or a 1-element tensor (as
+            torch.optim takes one), read once here: its value is the constant rate.
         flip_sign: descend (the default); False ascends.
 
     Returns:
@@ -98,7 +101,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
 
     def current(count: torch.Tensor) -> torch.Tensor | float:
         if callable(learning_rate):
-            return torch.as_tensor(learning_rate(count), dtype=torch.float64, device=count.device)
+            return torch.as_tensor(
+                value_at(learning_rate, count), dtype=torch.float64, device=count.device
+            )
         return float(learning_rate)
 
     def init_fn(params: Tree) -> ScaleByLearningRateState:
@@ -162,8 +167,14 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
                 quotient=quotient,
                 scaled_numerator=updates.scaled_numerator,
             ), new_state
-        u, spec = flat_updates(updates, params)
         alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
+        if isinstance(updates, Decoupled):
+            # Lion's published order: p * (1 - lr * wd), then p - lr * direction
+            decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
+            return ParamStep(
+                list(updates.direction), updates.spec, alpha, decay, updates.decay_mask
+            ), new_state
+        u, spec = flat_updates(updates, params)
         return ParamStep(u, spec, alpha), new_state
 
     return Transform(init_fn, with_extras(update_fn))
@@ -226,7 +237,7 @@ def scale(step_size: float) -> Transform:
 
 def rate_at(learning_rate: LearningRate, count: torch.Tensor) -> torch.Tensor:
     """The learning rate at `count` as a float64 0-d tensor (a constant or a schedule's value)."""
-    value = learning_rate(count) if callable(learning_rate) else learning_rate
+    value = value_at(learning_rate, count) if callable(learning_rate) else learning_rate
     return torch.as_tensor(value, dtype=torch.float64, device=count.device)
 
 

@@ -36,6 +36,7 @@ import torch
 from functrain.errors import ConfigError, config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras
 from functrain.optim.checks import check_positive
+from functrain.optim.rates import value_at
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import light_copy, writable, zeros_like
 from functrain.tree import Tree, tree_leaves
@@ -107,7 +108,7 @@ def _steps_of(steps: tuple[torch.Tensor, ...], count: torch.Tensor, n: int) -> A
 
 def _rate(lr: LearningRate, count: torch.Tensor) -> float:
     """The step's learning rate as the Python float torch's group holds (a schedule's, read)."""
-    return float(lr(count)) if callable(lr) else float(lr)
+    return float(value_at(lr, count)) if callable(lr) else float(lr)
 
 
 def _begin(
@@ -182,6 +183,7 @@ def sparse_sgd(
     buffer of a sparse gradient is a sparse tensor holding every step's rows, as torch's.
 
     Example:
+        >>> _ = torch.manual_seed(0)  # weights where w - 0.5 - 0.5 == w - 1.0, whatever ran before
         >>> emb = torch.nn.Embedding(4, 2, sparse=True)
         >>> emb(torch.tensor([1, 1])).sum().backward()
         >>> tx = sparse_sgd(0.5)

@@ -17,6 +17,9 @@ from functrain.optim.schedules.catalogue import (
     one_cycle,
     per_epoch,
     polynomial,
+    swalr,
+    tabulate,
+    tensor_steps,
     warmup_cosine,
 )
 
@@ -32,4 +35,7 @@ __all__ = [
     "one_cycle",
     "join",
     "per_epoch",
+    "tensor_steps",
+    "tabulate",
+    "swalr",
 ]

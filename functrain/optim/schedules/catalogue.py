@@ -32,6 +32,7 @@ from functrain.errors import config_check
 from functrain.optim.base import Schedule
 from functrain.optim.naming import describe_call
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rates import TensorSteps, function_name, mark_tensor_steps
 
 __all__ = [
     "Schedule",
@@ -45,6 +46,9 @@ __all__ = [
     "one_cycle",
     "join",
     "per_epoch",
+    "tensor_steps",
+    "tabulate",
+    "swalr",
     "described",
     "lift",
     "check_steps",
@@ -70,7 +74,7 @@ def described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
         schedule = factory(*args, **kwargs)
         name = describe_call(factory, signature, args, kwargs)
         schedule.name = name  # type: ignore[attr-defined]
-        return schedule
+        return mark_tensor_steps(schedule)
 
     return wrapper
 
@@ -84,7 +88,7 @@ def lift(value_fn: ValueFn) -> Schedule:
         # an int step is host-side bookkeeping (logging, plots); compiled steps pass tensors
         return value_fn(torch.tensor(operator.index(step), dtype=torch.float64)).item()
 
-    return cast(Schedule, schedule)
+    return cast(Schedule, mark_tensor_steps(schedule))
 
 
 def _as_f64(value: Any, like: torch.Tensor) -> torch.Tensor:
@@ -737,3 +741,167 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
         return float(schedule(operator.index(step) // steps_per_epoch))
 
     return cast(Schedule, epochs)
+
+
+def tensor_steps(fn: Callable[[torch.Tensor], Any]) -> Schedule:
+    """A function of the step tensor as a schedule: called with the 0-d int64 step counter.
+
+    A plain function given as a learning rate is called with the step as a Python int, as torch's
+    `LambdaLR` calls its lambda; one written with tensor ops for ``torch.compile`` (``torch.where``,
+    ``torch.minimum``, ``**``) says so with this, and is then called with the transform's 0-d
+    int64 counter, in every step (eager, compiled, captured, stacked), its value taken as a
+    float64 tensor. Python-scalar arithmetic on that counter computes in float32 (``step / 10``
+    is a float32 tensor): write ``step.double()`` first for float64, as functrain's schedules do.
+    Its name carries a digest of its values, so a checkpoint saved with it is refused under another.
+
+    Args:
+        fn: ``fn(step) -> value`` for a 0-d int64 tensor `step`.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: `fn` is not callable.
+
+    Example:
+        >>> s = tensor_steps(lambda t: 0.1 * 0.5 ** t.double())
+        >>> s(torch.tensor(1)), s(5)
+        (tensor(0.0500, dtype=torch.float64), 0.003125)
+    """
+    if not callable(fn):
+        config_check([f"fn must be a function of the step, got fn={fn!r}"], "tensor_steps")
+    return cast(Schedule, TensorSteps(fn))
+
+
+def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
+    """A plain function's values at steps ``0 .. steps - 1``, computed ahead as `LambdaLR` does.
+
+    Each value is ``float(fn(t))`` for the Python int ``t`` (double precision), computed here
+    once and kept in a float64 table (8 bytes a step) that the schedule reads by index: the values
+    a plain function gives the eager step, bit for bit, in a compiled, captured or stacked step
+    too, where the step is no Python int. Past the table the last value is held (as
+    `from_torch(MultiplicativeLR)` holds it): give `steps` >= the run's optimizer updates.
+
+    Args:
+        fn: ``fn(step: int) -> float``, e.g. the lambda of a `LambdaLR` times the base rate.
+        steps: the values to compute, >= 1.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: `fn` is not callable or `steps` is not an int >= 1.
+
+    Example:
+        >>> warm = tabulate(lambda s: 0.1 * min(1.0, (s + 1) / 3), steps=5)
+        >>> warm(1), warm(torch.tensor(2)), warm(10)
+        (0.06666666666666667, tensor(0.1000, dtype=torch.float64), 0.1)
+    """
+    problems: list[str] = []
+    if not callable(fn):
+        problems.append(f"fn must be a function of the step, got fn={fn!r}")
+    check_steps(problems, "steps", steps, minimum=1)
+    config_check(problems, "tabulate")
+    values = [float(fn(t)) for t in range(steps)]
+    table = torch.tensor(values, dtype=torch.float64)
+    on: dict[torch.device, torch.Tensor] = {table.device: table}
+
+    def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
+        if isinstance(step, torch.Tensor):
+            held = on.get(step.device)
+            if held is None:
+                held = on[step.device] = table.to(step.device)
+            return torch.take(held, torch.clamp(step, 0, steps - 1))
+        return values[min(operator.index(step), steps - 1)]
+
+    schedule.name = f"tabulate({function_name(fn)}, steps={steps})"  # type: ignore[attr-defined]
+    return cast(Schedule, mark_tensor_steps(schedule))
+
+
+@described
+def swalr(
+    swa_lr: float,
+    *,
+    lr: float,
+    anneal_epochs: int = 10,
+    anneal_strategy: Literal["cos", "linear"] = "cos",
+    start: int = 0,
+) -> Schedule:
+    """The learning rate of torch's `SWALR`: from `lr` to `swa_lr` over `anneal_epochs` steps.
+
+    `torch.optim.swa_utils.SWALR` recomputes its start from the lr the optimizer holds at every step
+    (``(lr - alpha * swa_lr) / (1 - alpha)``, then ``swa_lr * alpha + that * (1 - alpha)``), so its
+    values carry the rounding of that recursion; they are computed here ahead, as torch computes
+    them (Python floats, double precision), in a float64 table read by index, bit for bit, and
+    held at `swa_lr` once the annealing is done. The value at step ``k`` is the lr the optimizer
+    holds after the scheduler's ``k``-th step (0: as built), the group's lr being `lr` when it was
+    built. SWA's recipe switches to it at a step ``b``, from the lr the schedule before left
+    (``join([cosine, swalr(0.05, lr=cosine(b))], [b])``: torch's loop that calls
+    ``swa_scheduler.step()`` instead of ``scheduler.step()`` from there).
+
+    Args:
+        swa_lr: the learning rate annealed to, >= 0.
+        lr: the group's learning rate when the scheduler is built (at step `start`), >= 0.
+        anneal_epochs: the scheduler steps of the annealing, an int >= 0.
+        anneal_strategy: ``"cos"`` or ``"linear"``.
+        start: the scheduler's step count at which the group held `lr` (a scheduler continued from
+            a live one; 0 for one built now); before it, the value is `lr`.
+
+    Returns:
+        A `Schedule`.
+
+    Raises:
+        ConfigError: an argument out of range, each named.
+
+    Example:
+        >>> s = swalr(0.05, lr=0.1, anneal_epochs=2, anneal_strategy="linear")
+        >>> [s(k) for k in range(4)]
+        [0.1, 0.07500000000000001, 0.05, 0.05]
+    """
+    problems: list[str] = []
+    check_number(problems, "swa_lr", swa_lr)
+    check_number(problems, "lr", lr)
+    check_steps(problems, "anneal_epochs", anneal_epochs)
+    check_steps(problems, "start", start)
+    if anneal_strategy not in ("cos", "linear"):
+        problems.append(
+            f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={anneal_strategy!r}"
+        )
+    config_check(problems, "swalr")
+    values = _swalr_values(float(swa_lr), float(lr), anneal_epochs, anneal_strategy, start)
+    table = torch.tensor([float(lr), *values], dtype=torch.float64)
+    on: dict[torch.device, torch.Tensor] = {table.device: table}
+    last = len(values)
+
+    def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
+        if isinstance(step, torch.Tensor):
+            held = on.get(step.device)
+            if held is None:
+                held = on[step.device] = table.to(step.device)
+            return torch.take(held, torch.clamp(step - (start - 1), 0, last))
+        return float(table[min(max(operator.index(step) - start + 1, 0), last)])
+
+    return cast(Schedule, schedule)
+
+
+def _swalr_values(
+    swa_lr: float, lr: float, anneal_epochs: int, strategy: str, start: int
+) -> list[float]:
+    """`SWALR.get_lr` from step `start` on, op for op, until the value holds at `swa_lr`."""
+
+    def anneal(t: float) -> float:
+        return (1 - math.cos(math.pi * t)) / 2 if strategy == "cos" else t
+
+    def initial(found: float, alpha: float) -> float:
+        return swa_lr if alpha == 1 else (found - alpha * swa_lr) / (1 - alpha)
+
+    values, found, k = [], lr, start
+    while True:
+        step = max(1, k) if anneal_epochs == 0 else k
+        prev_alpha = anneal(max(0, min(1, (step - 1) / max(1, anneal_epochs))))
+        alpha = anneal(max(0, min(1, step / max(1, anneal_epochs))))
+        found = swa_lr * alpha + initial(found, prev_alpha) * (1 - alpha)
+        values.append(found)
+        if prev_alpha == 1 and alpha == 1:
+            return values
+        k += 1

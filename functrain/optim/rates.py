@@ -1,0 +1,176 @@
+"""How a learning rate given as a function is read at a step, and how its checkpoints name it.
+
+Two kinds of function reach an optimizer's learning rate:
+
+* functrain's schedules (`functrain.schedules`, `from_torch`, `sweep`, and a user's function
+  wrapped in `functrain.schedules.tensor_steps`) take the step as the transform's 0-d int64
+  counter and compute with float64 tensor ops, so they run inside ``torch.compile``, a CUDA graph
+  and a stacked (vmapped) step. They carry the mark `mark_tensor_steps` sets.
+* Any other function is a plain ``step -> value`` function, evaluated as torch's `LambdaLR`
+  evaluates its lambda: called with the step as a Python int, its result taken as a Python float
+  (double precision). That is a host value: the step reads the counter (free on the CPU, one
+  device sync a step elsewhere); under ``torch.compile`` outside the graph (a graph break, exact);
+  a CUDA graph or a stacked step cannot, and refuses it with the fix
+  (`functrain.schedules.tabulate` computes the values ahead, exact everywhere, in one graph).
+
+A checkpoint names a plain function by its name, the convention (``int steps``) and a digest of
+its values (`function_name`), so a checkpoint saved with one lambda is refused under another. A
+checkpoint written before this convention names the function alone (``lr=<lambda>``); it trained
+the function on the 0-d int64 tensor, and `functrain.optim.naming.as_saved`
+rebuilds a transform so to
+resume it as it was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import struct
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from functrain.errors import ConfigError
+from functrain.optim.base import Transform
+from functrain.optim.batching import under_vmap
+
+__all__ = [
+    "RATE_ARGUMENTS",
+    "mark_tensor_steps",
+    "takes_tensor_steps",
+    "is_plain_function",
+    "value_at",
+    "host_value",
+    "function_name",
+    "FINGERPRINT_STEPS",
+    "TensorSteps",
+]
+
+# the arguments of a transform factory that hold a learning rate
+RATE_ARGUMENTS = ("lr", "learning_rate")
+
+_MARK = "_functrain_tensor_steps"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def mark_tensor_steps(fn: F) -> F:
+    """Mark `fn` as a schedule of the 0-d int64 step tensor (functrain's own schedules)."""
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def takes_tensor_steps(fn: Any) -> bool:
+    return bool(getattr(fn, _MARK, False))
+
+
+def is_plain_function(value: Any) -> bool:
+    """A callable learning rate that is none of functrain's schedules (a user's function)."""
+    return (
+        callable(value)
+        and not isinstance(value, torch.Tensor | Transform | type)
+        and not takes_tensor_steps(value)
+    )
+
+
+def value_at(schedule: Callable[..., Any], count: torch.Tensor) -> Any:
+    """A schedule's value at the 0-d step counter `count`.
+
+    functrain's schedules get the tensor; a plain function gets the int (`host_value`).
+    """
+    if takes_tensor_steps(schedule):
+        return schedule(count)
+    return host_value(schedule, count)
+
+
+@torch.compiler.disable
+def host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
+    """``fn(int(count))`` as `LambdaLR` computes it (a Python float), as a 0-d float64 tensor.
+
+    Under ``torch.compile`` it runs outside the graph (``torch.compiler.disable``: the graph is
+    split there, and the value is exact with no recompile as the step changes).
+
+    Raises:
+        ConfigError: inside a CUDA graph or a stacked (vmapped) step, where the step is no
+            Python int.
+    """
+    if under_vmap() or (count.is_cuda and torch.cuda.is_current_stream_capturing()) or count.ndim:
+        raise ConfigError(_NO_HOST_STEP.format(name=_plain_name(fn)))
+    value = float(fn(int(count)))  # the one host read of a plain function's step, as LambdaLR's
+    return torch.tensor(value, dtype=torch.float64, device=count.device)
+
+
+_NO_HOST_STEP = (
+    "the learning rate {name} is a plain function of the step, which functrain calls with the step "
+    "as a Python int, as torch's LambdaLR calls its lambda; a CUDA-graph or stacked step "
+    "has no Python int to give it (a graph would freeze one value). Give its values "
+    "ahead: functrain.schedules.tabulate({name}, steps=total_steps) (exact, as LambdaLR computes "
+    "them), or write it with functrain.schedules (linear, cosine_decay, join, from_torch, ...), "
+    "or, "
+    "if it takes the 0-d int64 step tensor and uses tensor ops only, say so: "
+    "functrain.schedules.tensor_steps({name})"
+)
+
+
+def _plain_name(fn: Any) -> str:
+    """What `describe_value` has always called a function: its `name`, `__name__` or type."""
+    return str(getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__))
+
+
+# the steps a plain function's digest covers: the first 1,024 and powers of two to 65,536
+FINGERPRINT_STEPS = (*range(1024), *(2**k for k in range(11, 17)))
+
+
+def values_digest(fn: Callable[..., Any], call: Callable[[Any, int], float]) -> str:
+    """A digest of `fn`'s values at `FINGERPRINT_STEPS`, up to the first step it raises at."""
+    h = hashlib.blake2b(digest_size=6)
+    for step in FINGERPRINT_STEPS:
+        try:
+            value = call(fn, step)
+        except Exception:  # noqa: BLE001 - a function defined on some steps only (a list's index)
+            h.update(f"raised at {step}".encode())
+            break
+        h.update(struct.pack("<d", value))
+    return h.hexdigest()
+
+
+def _as_int(fn: Callable[[int], Any], step: int) -> float:
+    return float(fn(step))
+
+
+def _as_tensor(fn: Callable[[torch.Tensor], Any], step: int) -> float:
+    return float(torch.as_tensor(fn(torch.tensor(step)), dtype=torch.float64))
+
+
+def function_name(fn: Callable[..., Any]) -> str:
+    """A plain function's name in a transform's name (and a checkpoint's fingerprint).
+
+    Its name, the convention it is called with and a digest of its values, e.g.
+    ``<lambda>(int steps, values 3f09a1c2b7e4)``.
+    """
+    return f"{_plain_name(fn)}(int steps, values {values_digest(fn, _as_int)})"
+
+
+class TensorSteps:
+    """A function of the 0-d int64 step tensor as a schedule (`functrain.schedules.tensor_steps`).
+
+    `as_saved` keeps the name a checkpoint written before functions were called with ints gave it
+    (the function's name alone), for resuming such a checkpoint as it was written.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], *, as_saved: bool = False) -> None:
+        self.fn = fn
+        if as_saved:
+            self.name = _plain_name(fn)
+        else:
+            digest = values_digest(fn, _as_tensor)
+            self.name = f"tensor_steps({_plain_name(fn)}, values {digest})"
+        mark_tensor_steps(self)
+
+    def __call__(self, step: int | torch.Tensor) -> Any:
+        if isinstance(step, torch.Tensor):
+            return self.fn(step)
+        return float(torch.as_tensor(self.fn(torch.tensor(operator.index(step)))))
+
+    def __repr__(self) -> str:
+        return self.name

@@ -1,0 +1,165 @@
+"""A plain function as the learning rate: evaluated as torch's LambdaLR evaluates it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+import functrain as ft
+from functrain.errors import ConfigError, StateMismatchError
+
+
+def warm(step):
+    # plain Python: an int step gives double-precision floats, as LambdaLR computes them
+    if step < 5:
+        return (step + 1) / 5
+    return 0.97 ** (step - 5)
+
+
+def loss_fn(m, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(m(x), y)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(8, 16, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)
+    ]
+
+
+def torch_run(model, n, fused=True):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    scheduler = LambdaLR(opt, warm)
+    for batch in batches(n):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+        scheduler.step()
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_plain_function_lr_matches_lambda_lr_bit_for_bit(fused):
+    model = mlp()
+    expected = torch_run(copy.deepcopy(model), 12, fused)
+    state = ft.TrainState.create(model, ft.adamw(lambda s: 1e-3 * warm(s), fused=fused), loss_fn)
+    for batch in batches(12):
+        state, metrics = ft.train_step(state, batch)
+    assert metrics["lr"].item() == torch.tensor(1e-3 * warm(11), dtype=metrics["lr"].dtype).item()
+    for name, p in expected.items():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_plain_function_lr_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
+    model = mlp()
+    expected = torch_run(copy.deepcopy(model), 12)
+    state = ft.TrainState.create(model, ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
+    for batch in batches(12)[:6]:
+        state, _ = ft.train_step(state, batch)
+    ft.save(state, tmp_path / "ckpt")
+    template = ft.TrainState.create(mlp(), ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
+    state = ft.load(tmp_path / "ckpt", like=template)
+    for batch in batches(12)[6:]:
+        state, _ = ft.train_step(state, batch)
+    for name, p in expected.items():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_a_checkpoint_saved_with_one_function_is_refused_under_another(tmp_path):
+    state = ft.TrainState.create(mlp(), ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
+    ft.save(state, tmp_path / "ckpt")
+    other = ft.TrainState.create(mlp(), ft.adamw(lambda s: 2e-3 * warm(s)), loss_fn)
+    with pytest.raises(StateMismatchError, match=r"optimizer differs.*<lambda>\(int steps, values"):
+        ft.load(tmp_path / "ckpt", like=other)
+
+
+def test_the_name_records_the_convention_and_tells_functions_apart():
+    one, two = ft.adamw(lambda s: 1e-3 * warm(s)), ft.adamw(lambda s: 1e-3 * warm(s + 1))
+    assert one.name.startswith("adamw(lr=<lambda>(int steps, values ")
+    assert one.name != two.name
+    assert one.name == ft.adamw(lambda s: 1e-3 * warm(s)).name  # the same values: the same name
+
+
+def _golden():
+    path = Path(__file__).parent / "golden" / "make_function_lr.py"
+    spec = importlib.util.spec_from_file_location("make_function_lr", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_checkpoint_written_before_the_convention_resumes_as_it_was_written():
+    # written by the functrain of that time (make_function_lr.py), which called the function with
+    # the 0-d int64 step tensor: `(step + 1) / 5` in float32
+    golden = _golden()
+    template = golden.run()
+    state = ft.load(golden.HERE / "saved", like=template)
+    assert "lr=<lambda>," in state.tx.name  # the convention it was trained with
+    for batch in golden.batches()[3:]:
+        state, _ = ft.train_step(state, batch)
+    continued, _ = ft.load(golden.HERE / "continued")
+    for name in ("weight", "bias"):
+        assert torch.equal(state.params[name], continued["params"][name]), name
+    # today's convention would differ: the test tells the two apart
+    fresh = template
+    for batch in golden.batches():
+        fresh, _ = ft.train_step(fresh, batch)
+    assert not torch.equal(fresh.params["weight"], continued["params"]["weight"])
+
+
+def test_tabulate_is_exact_under_compile_step():
+    lr = ft.schedules.tabulate(lambda s: 1e-3 * warm(s), steps=12)
+    model = mlp()
+    expected = torch_run(copy.deepcopy(model), 12)
+    state = ft.TrainState.create(model, ft.adamw(lr), loss_fn)
+    step = ft.compile_step(backend="eager")
+    for batch in batches(12):
+        state, _ = step(state, batch)
+    for name, p in expected.items():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_plain_function_under_compile_step_is_exact_outside_the_graph():
+    model = mlp()
+    expected = torch_run(copy.deepcopy(model), 6)
+    state = ft.TrainState.create(model, ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
+    step = ft.compile_step(backend="eager")
+    for batch in batches(6):
+        state, _ = step(state, batch)
+    for name, p in expected.items():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_plain_function_in_a_stacked_step_is_refused_with_the_fix():
+    lr = lambda s: 1e-3 * warm(s)  # noqa: E731
+    members = []
+    for k in range(2):
+        torch.manual_seed(k)
+        members.append(ft.TrainState.create(torch.nn.Linear(16, 5), ft.adamw(lr), loss_fn))
+    state = ft.stack(members)
+    with pytest.raises(ConfigError, match=r"tabulate\(<lambda>, steps=total_steps\)"):
+        ft.train_step(state, batches(1)[0])
+
+
+def test_tensor_steps_calls_the_function_with_the_step_tensor():
+    seen = []
+    lr = ft.schedules.tensor_steps(
+        lambda t: seen.append(t) or torch.where(t < 2, 0.1, 0.01).double()
+    )
+    state = ft.TrainState.create(mlp(), ft.sgd(lr), loss_fn)
+    for batch in batches(3):
+        state, metrics = ft.train_step(state, batch)
+    assert isinstance(seen[-1], torch.Tensor) and seen[-1].dtype == torch.int64
+    assert metrics["lr"].item() == torch.tensor(0.01, dtype=metrics["lr"].dtype).item()
+    assert ft.sgd(lr).name.startswith("sgd(lr=tensor_steps(<lambda>, values ")
