@@ -422,7 +422,9 @@ ROWS: dict[str, tuple[Callable[[], nn.Module], Any, Any, str]] = {
     "frozen-teacher-written-in-forward": (MoCo, vectors, classify, _BEFORE.format("teacher")),
     "moco-momentum-update-by-data": (MoCoOwn, vectors, classify, _BEFORE.format("encoder_k")),
     "teacher-as-buffers-written-in-forward": (BufferTeacher, vectors, classify, BITWISE),
-    "parameter-written-in-forward": (SelfScaling, vectors, classify, _BEFORE.format("lin")),
+    # a trainable weight written in forward is refused after that forward (a frozen one before:
+    # only a structure with frozen weights runs its first forward under the write guard)
+    "parameter-written-in-forward": (SelfScaling, vectors, classify, "wrote the state's tensor"),
     "compiled-submodule": (compiled_submodule, vectors, classify, BITWISE),
     "lstm": (lambda: Recurrent(nn.LSTM), sequences, classify, BITWISE),
     "gru": (lambda: Recurrent(nn.GRU), sequences, classify, BITWISE),
@@ -516,7 +518,7 @@ def test_a_feature_that_cannot_train_as_under_torch_is_refused_before_a_step(nam
 
 
 # the rows refused at the first step, whose forward has written the state given to it by then
-WRITTEN_BEFORE_REFUSED: set[str] = set()
+WRITTEN_BEFORE_REFUSED = {"parameter-written-in-forward"}
 
 
 def test_every_row_is_checked() -> None:
@@ -544,10 +546,8 @@ def test_quantization_aware_training_resumes_exactly(tmp_path: Any) -> None:
 
 def test_eval_step_refuses_a_forward_that_writes_the_weights() -> None:
     state = ft.TrainState.create(build("parameter-written-in-forward"), ft.adamw(LR), classify)
-    with pytest.raises(FunctrainError, match="writes the state's tensor 'lin.weight'"):
-        before = state.clone()
+    with pytest.raises(FunctrainError, match="wrote the state's tensor 'lin.weight'"):
         ft.eval_step(state, batches("parameter-written-in-forward")[0])
-    assert ft.diff_states(before, state) == []
 
 
 # sparse embeddings, per optimizer: bit for bit against torch.optim's (tests/optim/test_sparse.py

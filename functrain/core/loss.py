@@ -152,10 +152,11 @@ def call_loss(
     (``torch.utils.checkpoint`` with ``use_reentrant=False``) runs the forward of its blocks again
     during the backward, on the module as it is then. `watch`: the state's tensors among `tensors`
     that the loss function must not write in place (its parameters and frozen parameters). The
-    first call on a module structure runs the forward under `_WriteGuard`, so that a forward
-    writing them (a MoCo or BYOL teacher updated in forward, in place or through ``.data =``) is
-    refused before the state given is written; once a forward wrote none, later calls run bare
-    and check after the forward.
+    first call on a module structure with frozen weights (not sharded) runs the forward under
+    `_WriteGuard`, so that a forward writing them (a MoCo or BYOL teacher updated in forward, in
+    place or through ``.data =``) is refused before the state given is written; once a forward
+    wrote none, later calls run bare and check after the forward, as every call of any other
+    structure does.
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
@@ -166,8 +167,22 @@ def call_loss(
     name = "loss_fn" if eval_fn is None else "eval_fn"
     fn = state.loss_fn if eval_fn is None else eval_fn
     dtype = _AUTOCAST.get(state.options.precision)
-    versions = [_mark(t) for t in watch.values()] if watch else None
-    first = bool(watch) and not getattr(state.module, _WATCHED, False) and not _tracing()
+    # a sharded state's weights are gathered and rebound on use: only their version counters say
+    # whether the forward wrote them
+    sharded = state.dist is not None and state.dist.sharding is not None
+    mark = _version_only if sharded else _mark
+    versions = [mark(t) for t in watch.values()] if watch else None
+    # a frozen teacher (MoCo, BYOL) is what forwards write: the guard runs for a state with frozen
+    # weights (its dispatch mode imports torch._dynamo, a second's import a plain model is
+    # spared), and not for a sharded one (its weights are gathered and rebound on use); any
+    # other write is refused after the forward, by the version counters
+    first = (
+        bool(watch)
+        and bool(state.frozen)
+        and not sharded
+        and not getattr(state.module, _WATCHED, False)
+        and not _tracing()
+    )
     guard = _WriteGuard(watch, name) if first and watch else contextlib.nullcontext()
     with bound(state.module, tensors) as model:
         try:
@@ -189,8 +204,8 @@ def call_loss(
             guard.restore()  # raises if the forward rebound one (``.data =``), the state restored
             object.__setattr__(state.module, _WATCHED, True)
         if versions is not None and watch is not None:
-            if [_mark(t) for t in watch.values()] != versions:  # a write in place
-                _raise_written(watch, versions, name)
+            if [mark(t) for t in watch.values()] != versions:  # a write in place
+                _raise_written(watch, versions, name, mark)
         loss, aux = split_loss(out, name)
         return (loss, aux) if then is None else then(loss, aux)
 
@@ -263,13 +278,21 @@ def _mark(t: torch.Tensor) -> tuple[int, int]:
         return t._version, 0
 
 
+def _version_only(t: torch.Tensor) -> tuple[int, int]:
+    """`_mark` of a tensor whose storage a step rebinds on purpose (a sharded state's)."""
+    return t._version, 0
+
+
 def _tracing() -> bool:
     """Whether the step is traced (compiled, or a stacked state's under vmap): no guard there."""
     return torch.compiler.is_compiling() or under_vmap()
 
 
 def _raise_written(
-    watch: Mapping[str, torch.Tensor], versions: list[tuple[int, int]], name: str
+    watch: Mapping[str, torch.Tensor],
+    versions: list[tuple[int, int]],
+    name: str,
+    mark: Callable[[torch.Tensor], tuple[int, int]],
 ) -> None:
     """Raise: the loss function wrote one of the state's (frozen) parameters in place.
 
@@ -277,7 +300,7 @@ def _raise_written(
         ConfigError: naming the first tensor written and the fix.
     """
     for (key, t), version in zip(watch.items(), versions, strict=True):
-        if _mark(t) != version:
+        if mark(t) != version:
             raise ConfigError(
                 f"{name} wrote the state's tensor {key!r} in place (a frozen teacher updated in "
                 "forward, a weight renormalized in forward, ...): a step hands the forward the "

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.optim.base import Transform
-from functrain.optim.rates import RATE_ARGUMENTS, TensorSteps, function_name, is_plain_function
+from functrain.optim.rates import RATE_ARGUMENTS, as_tensor_steps, function_name, is_plain_function
 
 __all__ = [
     "Call",
@@ -201,7 +201,7 @@ def as_saved(transform: Transform) -> Transform | None:
     """`transform` with the conventions of a checkpoint written before they were recorded.
 
     The transform rebuilt from its recorded calls (`recorded_call`): each plain function in a
-    learning-rate argument wrapped as `TensorSteps` under its old name (called with the step
+    learning-rate argument wrapped as `as_tensor_steps` under its old name (called with the step
     tensor, as before plain functions got ints), and each `resumed` argument of a factory at its
     old value. None when nothing changes, or when a call cannot be rebuilt.
     """
@@ -235,7 +235,7 @@ def _argument(key: str, value: Any) -> Any:
     if isinstance(value, Transform):
         return _rebuilt(value)
     if key in RATE_ARGUMENTS and is_plain_function(value):
-        return TensorSteps(value, as_saved=True)
+        return as_tensor_steps(value, as_saved=True)
     if isinstance(value, tuple | list):
         items = [_argument("", v) for v in value]
         if any(v is _CANNOT for v in items):

@@ -44,7 +44,7 @@ __all__ = [
     "host_value",
     "function_name",
     "FINGERPRINT_STEPS",
-    "TensorSteps",
+    "as_tensor_steps",
 ]
 
 # the arguments of a transform factory that hold a learning rate
@@ -83,21 +83,32 @@ def value_at(schedule: Callable[..., Any], count: torch.Tensor) -> Any:
     return host_value(schedule, count)
 
 
-@torch.compiler.disable
 def host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     """``fn(int(count))`` as `LambdaLR` computes it (a Python float), as a 0-d float64 tensor.
 
-    Under ``torch.compile`` it runs outside the graph (``torch.compiler.disable``: the graph is
-    split there, and the value is exact with no recompile as the step changes).
+    Under ``torch.compile`` it runs outside the graph (dynamo disabled for it: the graph is
+    split there, and the value is exact with no recompile as the step changes); an eager call
+    skips that wrapper and never imports torch._dynamo, which is slow to import (and imports
+    torch.distributed.tensor).
 
     Raises:
         ConfigError: inside a CUDA graph or a stacked (vmapped) step, where the step is no
             Python int.
     """
+    if torch.compiler.is_compiling():
+        return _host_value_untraced(fn, count)
+    return _host_value(fn, count)
+
+
+def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     if under_vmap() or (count.is_cuda and torch.cuda.is_current_stream_capturing()) or count.ndim:
         raise ConfigError(_NO_HOST_STEP.format(name=_plain_name(fn)))
     value = float(fn(int(count)))  # the one host read of a plain function's step, as LambdaLR's
     return torch.tensor(value, dtype=torch.float64, device=count.device)
+
+
+# imports torch._dynamo only when first called (while dynamo traces a step)
+_host_value_untraced = torch._disable_dynamo(_host_value)
 
 
 _NO_HOST_STEP = (
@@ -151,26 +162,24 @@ def function_name(fn: Callable[..., Any]) -> str:
     return f"{_plain_name(fn)}(int steps, values {values_digest(fn, _as_int)})"
 
 
-class TensorSteps:
+def as_tensor_steps(fn: Callable[[torch.Tensor], Any], *, as_saved: bool = False) -> Any:
     """A function of the 0-d int64 step tensor as a schedule (`functrain.schedules.tensor_steps`).
 
-    `as_saved` keeps the name a checkpoint written before functions were called with ints gave it
-    (the function's name alone), for resuming such a checkpoint as it was written.
+    A function (not an object of a class of ours), so that torch.compile traces its call into the
+    step's graph. `as_saved` keeps the name a checkpoint written before functions were called
+    with ints gave it (the function's name alone), for resuming such a checkpoint as it was
+    written.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], Any], *, as_saved: bool = False) -> None:
-        self.fn = fn
-        if as_saved:
-            self.name = _plain_name(fn)
-        else:
-            digest = values_digest(fn, _as_tensor)
-            self.name = f"tensor_steps({_plain_name(fn)}, values {digest})"
-        mark_tensor_steps(self)
-
-    def __call__(self, step: int | torch.Tensor) -> Any:
+    def schedule(step: int | torch.Tensor) -> Any:
         if isinstance(step, torch.Tensor):
-            return self.fn(step)
-        return float(torch.as_tensor(self.fn(torch.tensor(operator.index(step)))))
+            return fn(step)
+        return float(torch.as_tensor(fn(torch.tensor(operator.index(step)))))
 
-    def __repr__(self) -> str:
-        return self.name
+    if as_saved:
+        schedule.name = _plain_name(fn)  # type: ignore[attr-defined]
+    else:
+        digest = values_digest(fn, _as_tensor)
+        schedule.name = f"tensor_steps({_plain_name(fn)}, values {digest})"  # type: ignore[attr-defined]
+    schedule.__qualname__ = schedule.__name__ = schedule.name  # type: ignore[attr-defined]
+    return mark_tensor_steps(schedule)

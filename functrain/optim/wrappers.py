@@ -146,7 +146,12 @@ def _update_where(
     a gate nor a select is needed: the same bits.
     """
     if flag_value(keep):  # known on the host to hold: the update as it is, in place if allowed
-        return update_with(inner, updates, state, params, extras)
+        new_updates, new_state = update_with(inner, updates, state, params, extras)
+        if isinstance(new_updates, (ParamStep, NewParams)):
+            return new_updates, new_state
+        # updates for a later transform: as tensors, as the gated form hands them on
+        u, spec = flat_updates(new_updates, params)
+        return tree_unflatten(u, spec), new_state
     if getattr(inner, "gated", False):
         new_updates, new_state = update_with(inner, updates, state, params, extras, keep)
         # new parameters come gated from the kernel; updates of any other form are gated here
@@ -658,15 +663,11 @@ def accumulate(inner: Transform, every: int) -> Transform:
             # the window goes on: the inner update would be a no-op, so it is not run
             new_updates, inner_state = _unmoved(params, state.inner, in_place)
         else:
-            if every == 1:
-                mean = u
-            elif ends and all(s.dtype == x.dtype for s, x in zip(sums, u, strict=True)):
-                # the window's last sums (this step's to write: donated, or made just above) are
-                # zeroed below: the mean is divided where they are, not into fresh memory
-                torch._foreach_div_(sums, every)
-                mean = list(sums)
-            else:
-                mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)]
+            # the mean in memory of its own: a lazy update of the inner transform (a `Ratio`'s
+            # numerator) reads it after the sums are zeroed below
+            mean = (
+                [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
+            )
             given = _mean_reported(mean, extras)
             new_updates, inner_state = _update_where(
                 inner, last, tree_unflatten(mean, spec), state.inner, params, given

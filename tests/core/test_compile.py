@@ -439,7 +439,10 @@ def reading_loss() -> tuple[Any, Any, list[float]]:
 
 def reading_state(seed: int, loss_fn: Any) -> ft.TrainState:
     torch.manual_seed(seed)
-    return ft.TrainState.create(Scaled(), ft.sgd(schedule, momentum=0.9), loss_fn)
+    # written with tensor ops on the step tensor: traced into the graph (a plain function is read
+    # on the host, as LambdaLR calls it, outside the graph)
+    lr = ft.schedules.tensor_steps(schedule)
+    return ft.TrainState.create(Scaled(), ft.sgd(lr, momentum=0.9), loss_fn)
 
 
 def changes(module: nn.Module, set_temperature: Any, penalty: list[float]) -> list[tuple[Any, str]]:

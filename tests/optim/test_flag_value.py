@@ -76,6 +76,12 @@ CASES = {
     "adamax": (lambda: ft.adamax(1e-2, weight_decay=0.1), {"ema_decay": 0.9}),
     "radam-accumulate": (lambda: ft.radam(1e-2), {"accumulate_steps": 2}),
     "partition": (partition_adamw, {"ema_decay": 0.9}),
+    # the user's own accumulation of a non-final rule: its Ratio handed on as tensors, whether
+    # the flag is read or not
+    "chain-accumulate-adam": (
+        lambda: ft.chain(ft.accumulate(ft.scale_by_adam(), 3), ft.scale_by_learning_rate(1e-2)),
+        {},
+    ),
 }
 
 

@@ -291,6 +291,35 @@ def test_accumulate_reports_the_norm_of_the_mean_it_hands_on_and_shares_it_with_
     ]
 
 
+@pytest.mark.parametrize(
+    ("make", "options"),
+    [
+        (lambda: ft.chain(ft.accumulate(ft.identity(), 2), ft.scale_by_learning_rate(0.1)), {}),
+        (lambda: ft.accumulate(ft.scale_by_learning_rate(0.1), 2), {}),
+        (lambda: ft.rmsprop(1e-2), {"accumulate_steps": 2}),
+        (lambda: ft.rmsprop(1e-2, centered=True), {"accumulate_steps": 2}),
+    ],
+    ids=["identity", "learning-rate", "rmsprop", "rmsprop-centered"],
+)
+def test_a_donated_accumulation_whose_inner_hands_on_its_mean_gives_the_pure_steps_bits(
+    make: Callable[[], ft.Transform], options: dict[str, Any]
+) -> None:
+    # the inner update refers to the mean it was given (RMSprop's Ratio holds it as its
+    # numerator): the window's sums must not be zeroed under it
+    def train(donate: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        state = ft.TrainState.create(
+            model, make(), lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), **options
+        )
+        for i in range(2):
+            batch = (torch.full((4, 3), float(i + 1)), torch.zeros(4, 1))
+            state, _ = ft.train_step(state, batch, donate=donate)
+        return state.params["weight"]
+
+    assert torch.equal(train(True), train(False))
+
+
 # ---------------------------------------------------------------- dynamic_loss_scale
 
 

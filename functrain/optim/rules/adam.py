@@ -274,7 +274,8 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
         if writes_in_place(
             extras
         ):  # a donated step: torch's in-place loop on the state's own storage
-            for m, n, grad in zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g):
+            moments = zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g, strict=True)
+            for m, n, grad in moments:
                 magnitude = torch.abs(grad).add_(eps)
                 nu_inf.append(torch.maximum(n.mul_(b2), magnitude, out=n))
                 mu.append(m.lerp_(grad, 1 - b1))

@@ -32,7 +32,7 @@ from functrain.errors import config_check
 from functrain.optim.base import Schedule
 from functrain.optim.naming import describe_call
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.rates import TensorSteps, function_name, mark_tensor_steps
+from functrain.optim.rates import as_tensor_steps, function_name, mark_tensor_steps
 
 __all__ = [
     "Schedule",
@@ -770,7 +770,7 @@ def tensor_steps(fn: Callable[[torch.Tensor], Any]) -> Schedule:
     """
     if not callable(fn):
         config_check([f"fn must be a function of the step, got fn={fn!r}"], "tensor_steps")
-    return cast(Schedule, TensorSteps(fn))
+    return cast(Schedule, as_tensor_steps(fn))
 
 
 def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
