@@ -365,7 +365,9 @@ def _update(
         else extras.norms
     )
     reported: dict[str, torch.Tensor] = {}  # accumulation reports the norm of its mean gradient
-    given = extras._replace(norms=norms, reported=reported)
+    # a donated step's gradients are its own unless a hook handed one in (it may keep it)
+    owned = extras.in_place and not grad_hooks(state.module, list(state.params))
+    given = extras._replace(norms=norms, reported=reported, owns_updates=owned)
     try:
         updates, opt_state = update_with(state.tx, grads, state.opt_state, state.params, given)
     except (RuntimeError, NotImplementedError) as error:

@@ -112,6 +112,10 @@ class Extras(NamedTuple):
     """Where a transform that hands its inner transforms another gradient than the step's records
     what the step reports of it instead (``grad_norm``: `functrain.optim.wrappers.accumulate`'s
     mean gradient); the step reads it back."""
+    owns_updates: bool = False
+    """The updates given are the step's own (its gradients as autograd made them, no hook's
+    tensor among them, or a wrapper's fresh mean): with the in-place permission an update may
+    scale them where they are, as ``clip_grad_norm_`` scales ``.grad``."""
 
     def may_write(self) -> bool:
         """Whether the update may write into the tensors it was given (eagerly, a donated step).

@@ -148,3 +148,34 @@ def test_a_stacked_partition_donated_gives_the_pure_steps_bits(options: dict[str
     assert_same_bits(pure.params, donated.params)
     assert_same_bits(pure.opt_state, donated.opt_state)
     assert int(pure.step[0]) >= 2
+
+
+def test_clipping_scales_a_donated_steps_own_gradients_in_place_and_never_a_hooks_tensor() -> None:
+    # clip_grad_norm_ scales .grad in place; a donated step scales its own gradients so, but a
+    # tensor a gradient hook handed in (and may keep) is never written
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        given = grad * 100.0  # large: clipping scales it down
+        kept.append((given, given.clone()))
+        return given
+
+    def train(donate: bool, with_hook: bool) -> Any:
+        model = make_mlp()
+        if with_hook:
+            model[2].weight.register_hook(hook)
+        state = ft.TrainState.create(
+            model, ft.adamw(1e-2), cross_entropy_loss_fn, clip_grad_norm=0.1
+        )
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            batch = (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+            state, _ = ft.train_step(state, batch, donate=donate)
+        return state
+
+    for with_hook in (False, True):
+        pure, donated = train(False, with_hook), train(True, with_hook)
+        assert_same_bits(pure.params, donated.params)
+        assert_same_bits(pure.opt_state, donated.opt_state)
+    assert len(kept) == 6 and all(torch.equal(given, copy) for given, copy in kept)
+    assert float(kept[0][0].norm()) > 0.1  # what clipping scales down, had it written it
