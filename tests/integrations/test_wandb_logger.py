@@ -30,7 +30,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     `run_dir`.
 
     ``run.finish()`` returns before W&B's service has written the run's file to its end: wait for
-    the exit record.
+    the exit record (the file read while a chunk is half written stops before that chunk).
     """
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     deadline = time.monotonic() + 60
@@ -58,6 +58,8 @@ def parse(data: bytes) -> dict[str, Any]:
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk W&B's service is still writing: read later
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
