@@ -333,6 +333,19 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             )
         )
 
+    # the groups of the last parameter tree seen, by its structure and its leaves' shapes and
+    # dtypes: the labels are a function of a parameter's path and form (`init` grouped by them)
+    seen: list[Any] = [None, None]
+
+    def grouping(u: list[torch.Tensor], spec: Any, params: Tree | None) -> Any:
+        shape = params if params is not None else tree_unflatten(u, spec)
+        if torch.compiler.is_compiling():  # traced once per graph: no cache to keep
+            return _labels_of(labels, shape, known), tree_paths(shape)
+        key = (spec, tuple((x.shape, x.dtype) for x in u))
+        if seen[0] != key:
+            seen[0], seen[1] = key, (_labels_of(labels, shape, known), tree_paths(shape))
+        return seen[1]
+
     def update_fn(
         updates: Any,
         state: PartitionState,
@@ -341,8 +354,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, PartitionState]:
         u, spec = flat_updates(updates, params)
-        shape = params if params is not None else tree_unflatten(u, spec)
-        found, names = _labels_of(labels, shape, known), tree_paths(shape)
+        found, names = grouping(u, spec, params)
         p = tree_leaves(params) if params is not None else None
         results, states = [], []
         # the groups own disjoint parameters and states: in a donated eager step each writes its

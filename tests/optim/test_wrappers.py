@@ -702,3 +702,24 @@ def test_config_error_is_a_value_error_and_a_functrain_error() -> None:
         ft.clip_by_global_norm(-1)
     assert issubclass(ft.ConfigError, ft.FunctrainError)
     assert issubclass(ft.NonFiniteError, ft.FunctrainError)
+
+
+def test_partition_groups_each_parameter_tree_it_is_given_by_its_own_labels() -> None:
+    # the groups are found once per tree structure and form: two trees used in turn keep theirs
+    def labels(name: str, p: torch.Tensor) -> str:
+        return "fast" if p.ndim > 1 else "slow"
+
+    tx = ft.partition(labels, fast=ft.sgd(lr=1.0), slow=ft.sgd(lr=0.1))
+    trees = [
+        {"w": torch.ones(2, 2), "b": torch.ones(2)},
+        {"w": torch.ones(3), "b": torch.ones(2, 3)},  # the same names, other forms: other groups
+    ]
+    for _ in range(2):
+        for params in trees:
+            updates, _ = tx.update(
+                {k: torch.ones_like(v) for k, v in params.items()}, tx.init(params), params
+            )
+            new = ft.apply_updates(params, updates)
+            for k, v in params.items():
+                rate = 1.0 if v.ndim > 1 else 0.1
+                assert torch.equal(new[k], v - rate)
