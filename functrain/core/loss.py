@@ -167,11 +167,12 @@ def call_loss(
     name = "loss_fn" if eval_fn is None else "eval_fn"
     fn = state.loss_fn if eval_fn is None else eval_fn
     dtype = _AUTOCAST.get(state.options.precision)
-    # a sharded state's weights are gathered and rebound on use: only their version counters say
-    # whether the forward wrote them
+    # a sharded state's weights are gathered and rebound on use, a traced step's have no storage
+    # to ask: only their version counters say whether the forward wrote them
     sharded = state.dist is not None and state.dist.sharding is not None
-    mark = _version_only if sharded else _mark
-    versions = [mark(t) for t in watch.values()] if watch else None
+    traced = _tracing()
+    storage = not sharded and not traced
+    versions = _marks(watch, storage) if watch else None
     # a frozen teacher (MoCo, BYOL) is what forwards write: the guard runs for a state with frozen
     # weights (its dispatch mode imports torch._dynamo, a second's import a plain model is
     # spared), and not for a sharded one (its weights are gathered and rebound on use); any
@@ -181,7 +182,7 @@ def call_loss(
         and bool(state.frozen)
         and not sharded
         and not getattr(state.module, _WATCHED, False)
-        and not _tracing()
+        and not traced
     )
     guard = _WriteGuard(watch, name) if first and watch else contextlib.nullcontext()
     with bound(state.module, tensors) as model:
@@ -204,8 +205,8 @@ def call_loss(
             guard.restore()  # raises if the forward rebound one (``.data =``), the state restored
             object.__setattr__(state.module, _WATCHED, True)
         if versions is not None and watch is not None:
-            if [mark(t) for t in watch.values()] != versions:  # a write in place
-                _raise_written(watch, versions, name, mark)
+            if _marks(watch, storage) != versions:  # a write in place, or ``.data =``
+                _raise_written(watch, versions, name, storage)
         loss, aux = split_loss(out, name)
         return (loss, aux) if then is None else then(loss, aux)
 
@@ -270,17 +271,12 @@ def _storage(t: torch.Tensor) -> int:
         return -1
 
 
-def _mark(t: torch.Tensor) -> tuple[int, int]:
-    """What a write changes: the version counter (in place) and the storage (``.data =``)."""
-    try:
-        return t._version, t.data_ptr()
-    except RuntimeError:  # a tensor with no storage of its own (batched under vmap)
-        return t._version, 0
-
-
-def _version_only(t: torch.Tensor) -> tuple[int, int]:
-    """`_mark` of a tensor whose storage a step rebinds on purpose (a sharded state's)."""
-    return t._version, 0
+def _marks(watch: Mapping[str, torch.Tensor], storage: bool) -> list[tuple[int, int]]:
+    """What a write changes of each tensor: its version counter (in place) and, with `storage`,
+    where its data is (``.data =``)."""
+    if storage:
+        return [(t._version, t.data_ptr()) for t in watch.values()]
+    return [(t._version, 0) for t in watch.values()]
 
 
 def _tracing() -> bool:
@@ -292,15 +288,15 @@ def _raise_written(
     watch: Mapping[str, torch.Tensor],
     versions: list[tuple[int, int]],
     name: str,
-    mark: Callable[[torch.Tensor], tuple[int, int]],
+    storage: bool,
 ) -> None:
     """Raise: the loss function wrote one of the state's (frozen) parameters in place.
 
     Raises:
         ConfigError: naming the first tensor written and the fix.
     """
-    for (key, t), version in zip(watch.items(), versions, strict=True):
-        if mark(t) != version:
+    for key, now, version in zip(watch, _marks(watch, storage), versions, strict=True):
+        if now != version:
             raise ConfigError(
                 f"{name} wrote the state's tensor {key!r} in place (a frozen teacher updated in "
                 "forward, a weight renormalized in forward, ...): a step hands the forward the "
