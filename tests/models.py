@@ -44,6 +44,20 @@ def make_mlp(dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(16, 3))
 
 
+def make_tanh_mlp() -> nn.Module:
+    """16 -> 32 -> 5 with tanh, from torch's seed 0."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+def tanh_mlp_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` batches of 8 inputs and 5 classes for `make_tanh_mlp`, from a generator seeded 1."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(8, 16, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)
+    ]
+
+
 def make_cnn() -> nn.Module:
     """A convolution with batch norm over 2 x 5 x 5 inputs, then 3 logits, from torch's seed 0."""
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import functrain as ft
+from tests.models import cross_entropy_loss_fn, make_tanh_mlp, tanh_mlp_batches
 
 
 def authors_lion_step(params, state, lr, b1, b2, weight_decay):
@@ -27,28 +28,11 @@ def authors_lion_step(params, state, lr, b1, b2, weight_decay):
         exp_avg.mul_(b2).add_(grad, alpha=1 - b2)
 
 
-def loss_fn(m, batch):
-    x, y = batch
-    return torch.nn.functional.cross_entropy(m(x), y)
-
-
-def mlp():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
-
-
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(8, 16, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)
-    ]
-
-
 def authors_run(model, n, weight_decay):
     state = {}
-    for batch in batches(n):
+    for batch in tanh_mlp_batches(n):
         model.zero_grad()
-        loss_fn(model, batch).backward()
+        cross_entropy_loss_fn(model, batch).backward()
         with torch.no_grad():
             authors_lion_step(list(model.parameters()), state, 1e-3, 0.9, 0.99, weight_decay)
     return dict(model.named_parameters())
@@ -57,27 +41,31 @@ def authors_run(model, n, weight_decay):
 @pytest.mark.parametrize("donate", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_lion_matches_the_authors_code_bit_for_bit(weight_decay, donate):
-    model = mlp()
+    model = make_tanh_mlp()
     expected = authors_run(copy.deepcopy(model), 8, weight_decay)
-    state = ft.TrainState.create(model, ft.lion(1e-3, weight_decay=weight_decay), loss_fn)
-    for batch in batches(8):
+    state = ft.TrainState.create(
+        model, ft.lion(1e-3, weight_decay=weight_decay), cross_entropy_loss_fn
+    )
+    for batch in tanh_mlp_batches(8):
         state, _ = ft.train_step(state, batch, donate=donate)
     for name, p in expected.items():
         assert torch.equal(state.params[name], p), name
 
 
 def test_lion_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
-    model = mlp()
+    model = make_tanh_mlp()
     expected = authors_run(copy.deepcopy(model), 8, 0.1)
-    state = ft.TrainState.create(model, ft.lion(1e-3, weight_decay=0.1), loss_fn)
-    for batch in batches(8)[:4]:
+    state = ft.TrainState.create(model, ft.lion(1e-3, weight_decay=0.1), cross_entropy_loss_fn)
+    for batch in tanh_mlp_batches(8)[:4]:
         state, _ = ft.train_step(state, batch)
     ft.save(state, tmp_path / "ckpt")
     state = ft.load(
         tmp_path / "ckpt",
-        like=ft.TrainState.create(mlp(), ft.lion(1e-3, weight_decay=0.1), loss_fn),
+        like=ft.TrainState.create(
+            make_tanh_mlp(), ft.lion(1e-3, weight_decay=0.1), cross_entropy_loss_fn
+        ),
     )
-    for batch in batches(8)[4:]:
+    for batch in tanh_mlp_batches(8)[4:]:
         state, _ = ft.train_step(state, batch)
     for name, p in expected.items():
         assert torch.equal(state.params[name], p), name

@@ -12,6 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 import functrain as ft
 from functrain.errors import ConfigError, StateMismatchError
+from tests.models import cross_entropy_loss_fn, make_tanh_mlp, tanh_mlp_batches
 
 
 def warm(step):
@@ -21,29 +22,12 @@ def warm(step):
     return 0.97 ** (step - 5)
 
 
-def loss_fn(m, batch):
-    x, y = batch
-    return torch.nn.functional.cross_entropy(m(x), y)
-
-
-def mlp():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
-
-
-def batches(n):
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(8, 16, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)
-    ]
-
-
 def torch_run(model, n, fused=True):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     scheduler = LambdaLR(opt, warm)
-    for batch in batches(n):
+    for batch in tanh_mlp_batches(n):
         opt.zero_grad()
-        loss_fn(model, batch).backward()
+        cross_entropy_loss_fn(model, batch).backward()
         opt.step()
         scheduler.step()
     return dict(model.named_parameters())
@@ -51,10 +35,12 @@ def torch_run(model, n, fused=True):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_plain_function_lr_matches_lambda_lr_bit_for_bit(fused):
-    model = mlp()
+    model = make_tanh_mlp()
     expected = torch_run(copy.deepcopy(model), 12, fused)
-    state = ft.TrainState.create(model, ft.adamw(lambda s: 1e-3 * warm(s), fused=fused), loss_fn)
-    for batch in batches(12):
+    state = ft.TrainState.create(
+        model, ft.adamw(lambda s: 1e-3 * warm(s), fused=fused), cross_entropy_loss_fn
+    )
+    for batch in tanh_mlp_batches(12):
         state, metrics = ft.train_step(state, batch)
     assert metrics["lr"].item() == torch.tensor(1e-3 * warm(11), dtype=metrics["lr"].dtype).item()
     for name, p in expected.items():
@@ -62,24 +48,30 @@ def test_plain_function_lr_matches_lambda_lr_bit_for_bit(fused):
 
 
 def test_plain_function_lr_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
-    model = mlp()
+    model = make_tanh_mlp()
     expected = torch_run(copy.deepcopy(model), 12)
-    state = ft.TrainState.create(model, ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
-    for batch in batches(12)[:6]:
+    state = ft.TrainState.create(model, ft.adamw(lambda s: 1e-3 * warm(s)), cross_entropy_loss_fn)
+    for batch in tanh_mlp_batches(12)[:6]:
         state, _ = ft.train_step(state, batch)
     ft.save(state, tmp_path / "ckpt")
-    template = ft.TrainState.create(mlp(), ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
+    template = ft.TrainState.create(
+        make_tanh_mlp(), ft.adamw(lambda s: 1e-3 * warm(s)), cross_entropy_loss_fn
+    )
     state = ft.load(tmp_path / "ckpt", like=template)
-    for batch in batches(12)[6:]:
+    for batch in tanh_mlp_batches(12)[6:]:
         state, _ = ft.train_step(state, batch)
     for name, p in expected.items():
         assert torch.equal(state.params[name], p), name
 
 
 def test_a_checkpoint_saved_with_one_function_is_refused_under_another(tmp_path):
-    state = ft.TrainState.create(mlp(), ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
+    state = ft.TrainState.create(
+        make_tanh_mlp(), ft.adamw(lambda s: 1e-3 * warm(s)), cross_entropy_loss_fn
+    )
     ft.save(state, tmp_path / "ckpt")
-    other = ft.TrainState.create(mlp(), ft.adamw(lambda s: 2e-3 * warm(s)), loss_fn)
+    other = ft.TrainState.create(
+        make_tanh_mlp(), ft.adamw(lambda s: 2e-3 * warm(s)), cross_entropy_loss_fn
+    )
     with pytest.raises(StateMismatchError, match=r"optimizer differs.*<lambda>\(int steps, values"):
         ft.load(tmp_path / "ckpt", like=other)
 
@@ -118,24 +110,22 @@ def test_a_checkpoint_written_before_the_convention_resumes_as_it_was_written():
     assert not torch.equal(fresh.params["weight"], continued["params"]["weight"])
 
 
-def test_tabulate_is_exact_under_compile_step():
-    lr = ft.schedules.tabulate(lambda s: 1e-3 * warm(s), steps=12)
-    model = mlp()
-    expected = torch_run(copy.deepcopy(model), 12)
-    state = ft.TrainState.create(model, ft.adamw(lr), loss_fn)
+@pytest.mark.parametrize(
+    ("lr", "steps"),
+    [
+        # a table computed ahead: inside the graph
+        (ft.schedules.tabulate(lambda s: 1e-3 * warm(s), steps=12), 12),
+        # a plain function: read on the host, outside the graph, as LambdaLR calls it
+        (lambda s: 1e-3 * warm(s), 6),
+    ],
+    ids=["tabulate", "plain-function"],
+)
+def test_a_function_rate_is_exact_under_compile_step(lr, steps):
+    model = make_tanh_mlp()
+    expected = torch_run(copy.deepcopy(model), steps)
+    state = ft.TrainState.create(model, ft.adamw(lr), cross_entropy_loss_fn)
     step = ft.compile_step(backend="eager")
-    for batch in batches(12):
-        state, _ = step(state, batch)
-    for name, p in expected.items():
-        assert torch.equal(state.params[name], p), name
-
-
-def test_plain_function_under_compile_step_is_exact_outside_the_graph():
-    model = mlp()
-    expected = torch_run(copy.deepcopy(model), 6)
-    state = ft.TrainState.create(model, ft.adamw(lambda s: 1e-3 * warm(s)), loss_fn)
-    step = ft.compile_step(backend="eager")
-    for batch in batches(6):
+    for batch in tanh_mlp_batches(steps):
         state, _ = step(state, batch)
     for name, p in expected.items():
         assert torch.equal(state.params[name], p), name
@@ -146,10 +136,12 @@ def test_plain_function_in_a_stacked_step_is_refused_with_the_fix():
     members = []
     for k in range(2):
         torch.manual_seed(k)
-        members.append(ft.TrainState.create(torch.nn.Linear(16, 5), ft.adamw(lr), loss_fn))
+        members.append(
+            ft.TrainState.create(torch.nn.Linear(16, 5), ft.adamw(lr), cross_entropy_loss_fn)
+        )
     state = ft.stack(members)
     with pytest.raises(ConfigError, match=r"tabulate\(<lambda>, steps=total_steps\)"):
-        ft.train_step(state, batches(1)[0])
+        ft.train_step(state, tanh_mlp_batches(1)[0])
 
 
 def test_tensor_steps_calls_the_function_with_the_step_tensor():
@@ -157,8 +149,8 @@ def test_tensor_steps_calls_the_function_with_the_step_tensor():
     lr = ft.schedules.tensor_steps(
         lambda t: seen.append(t) or torch.where(t < 2, 0.1, 0.01).double()
     )
-    state = ft.TrainState.create(mlp(), ft.sgd(lr), loss_fn)
-    for batch in batches(3):
+    state = ft.TrainState.create(make_tanh_mlp(), ft.sgd(lr), cross_entropy_loss_fn)
+    for batch in tanh_mlp_batches(3):
         state, metrics = ft.train_step(state, batch)
     assert isinstance(seen[-1], torch.Tensor) and seen[-1].dtype == torch.int64
     assert metrics["lr"].item() == torch.tensor(0.01, dtype=metrics["lr"].dtype).item()
