@@ -55,6 +55,7 @@ from functrain.tree import (
     member_view,
     tree_flatten,
     tree_leaves,
+    tree_map,
     tree_paths,
     tree_select,
     tree_unflatten,
@@ -721,9 +722,8 @@ def _unmoved(params: Tree, inner_state: Tree, in_place: bool) -> tuple[NewParams
     p, spec = tree_flatten(params)
     if in_place:
         return NewParams(p, spec), inner_state
-    leaves, state_spec = tree_flatten(inner_state)
-    copies = [light_copy(x) if isinstance(x, torch.Tensor) else x for x in leaves]
-    return NewParams([x.clone() for x in p], spec), tree_unflatten(copies, state_spec)
+    copies = tree_map(lambda x: light_copy(x) if isinstance(x, torch.Tensor) else x, inner_state)
+    return NewParams([x.clone() for x in p], spec), copies
 
 
 def _accumulate_sparse(
