@@ -167,11 +167,10 @@ def call_loss(
     name = "loss_fn" if eval_fn is None else "eval_fn"
     fn = state.loss_fn if eval_fn is None else eval_fn
     dtype = _AUTOCAST.get(state.options.precision)
-    # a sharded state's weights are gathered and rebound on use, a traced step's have no storage
+    # a sharded state's weights are gathered and rebound on use, a compiled step's have no storage
     # to ask: only their version counters say whether the forward wrote them
     sharded = state.dist is not None and state.dist.sharding is not None
-    traced = _tracing()
-    storage = not sharded and not traced
+    storage = not sharded and not torch.compiler.is_compiling()
     versions = _marks(watch, storage) if watch else None
     # a frozen teacher (MoCo, BYOL) is what forwards write: the guard runs for a state with frozen
     # weights (its dispatch mode imports torch._dynamo, a second's import a plain model is
@@ -182,7 +181,7 @@ def call_loss(
         and bool(state.frozen)
         and not sharded
         and not getattr(state.module, _WATCHED, False)
-        and not traced
+        and not _tracing()
     )
     guard = _WriteGuard(watch, name) if first and watch else contextlib.nullcontext()
     with bound(state.module, tensors) as model:
@@ -275,7 +274,10 @@ def _marks(watch: Mapping[str, torch.Tensor], storage: bool) -> list[tuple[int, 
     """What a write changes of each tensor: its version counter (in place) and, with `storage`,
     where its data is (``.data =``)."""
     if storage:
-        return [(t._version, t.data_ptr()) for t in watch.values()]
+        try:
+            return [(t._version, t.data_ptr()) for t in watch.values()]
+        except RuntimeError:  # no storage of their own (tensors batched under vmap)
+            pass
     return [(t._version, 0) for t in watch.values()]
 
 
