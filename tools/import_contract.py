@@ -71,7 +71,7 @@ INNER: dict[str, list[list[str]]] = {
         ],
         ["functrain.optim.rates"],
         ["functrain.optim.base"],
-        ["functrain.optim.updates"],
+        ["functrain.optim.updates", "functrain.optim.planned"],
         [
             "functrain.optim.zeros",
             "functrain.optim.batching",

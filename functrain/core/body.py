@@ -368,6 +368,9 @@ def _update(
     # a donated step's gradients are its own unless a hook handed one in (it may keep it)
     owned = extras.in_place and not grad_hooks(state.module, list(state.params))
     given = extras._replace(norms=norms, reported=reported, owns_updates=owned)
+    if extras.written is not None and extras.may_write():
+        # the permission handed on: from here a raise leaves the given state written (`donated`)
+        extras.written.append(True)
     try:
         updates, opt_state = update_with(state.tx, grads, state.opt_state, state.params, given)
     except (RuntimeError, NotImplementedError) as error:

@@ -113,9 +113,10 @@ def donated(
     """``body(state, batch, extras)``, allowed to write into `state`'s tensors.
 
     First it waits for any background reader of those tensors (an async checkpoint save of this
-    state) to finish reading them. The extras give the permission (``in_place``) and record each
-    use of it (``written``). If `body` raises after a transform took it, `state` is retired
-    (donated to `call`): its tensors hold neither the old state nor a new one.
+    state) to finish reading them. The extras give the permission (``in_place``); the step body
+    records in them (``written``) that it handed the permission to the update. If `body` raises
+    from there on, `state` is retired (donated to `call`): its tensors may hold neither the old
+    state nor a new one. Before it (the forward, the backward) the state is as it was.
     """
     wait_until_unheld(state)
     written: list[bool] = []

@@ -9,7 +9,7 @@ planned step then reads top to bottom in `StepPlan.run`:
 
     swap in the state's RNG and train mode -> the loss function on the state's tensors
     (`functrain.core.loss.call_loss`) -> `torch.autograd.grad` -> the gradients' global norm ->
-    the optimizer's planned update (`functrain.optim.base.Runner`: for the fused presets, one
+    the optimizer's planned update (`functrain.optim.planned.Runner`: for the fused presets, one
     kernel call, gated by the norm's finiteness) -> buffers, counters and metrics -> the new state
 
 with the same ops, in the same order, on the same values as the body: bit for bit the same
@@ -36,7 +36,8 @@ from functrain.core.state import TrainState
 from functrain.core.structure import grad_hooks
 from functrain.errors import LossError
 from functrain.layout import in_layouts_of
-from functrain.optim.base import Runner, planner_of
+from functrain.optim.base import planner_of
+from functrain.optim.planned import Runner
 from functrain.optim.sweep import holds_sweep
 from functrain.tree import tree_leaves
 
@@ -172,7 +173,7 @@ class StepPlan:
         norm: torch.Tensor,
         donate: bool,
     ) -> Any:
-        """The optimizer's update: its planned runner (`functrain.optim.base.Runner`)."""
+        """The optimizer's update: its planned runner (`functrain.optim.planned.Runner`)."""
         return self.runner(grads, params, opt_state, norm, donate)
 
     def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:

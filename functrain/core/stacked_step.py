@@ -12,7 +12,7 @@ A stacked step runs in three parts, each at the cost of one batched computation 
    the sum of the members' losses: member k's loss depends on member k's slices only, so its
    gradient with respect to the stacked tensors is every member's own gradient.
 3. **The update** runs on the stacked tensors themselves when the optimizer is member-aware
-   (`functrain.optim.base.member_aware`: the fused Adam/AdamW/SGD/Adagrad kernels and
+   (`functrain.optim.base.ExtrasUpdate.members`: the fused Adam/AdamW/SGD/Adagrad kernels and
    `skip_nonfinite`, so the default optimizers) and the state has no EMA: one call for all
    members, each member's norm, skip flag, step count and swept rate kept its own
    (`functrain.optim.base.Extras.members`), and a donated step writes into the given tensors.

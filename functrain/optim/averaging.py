@@ -10,10 +10,9 @@ from functrain.errors import config_check
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
+    ExtrasUpdate,
     Transform,
     flag_value,
-    member_aware,
-    with_extras,
 )
 from functrain.optim.naming import named
 from functrain.optim.zeros import counter
@@ -122,4 +121,4 @@ def ema(decay: float, *, warmup: bool = False) -> Transform:
             average = lerp(list(state.average), p, state.count)
         return tree_unflatten(average, spec), EmaState(count, tuple(average))
 
-    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=True), gated=True)

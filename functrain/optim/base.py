@@ -11,8 +11,16 @@ A `Transform` is a pair of pure functions:
 
 What else an update depends on reaches it as an argument, as optax's
 ``GradientTransformationExtraArgs``: the step passes ``extras=`` (`Extras`) to a transform whose
-`Transform.takes_extras` is True, and each combinator forwards them to the inner transforms that
-take them (`update_with`); a transform written as ``update(updates, state, params)`` gets none.
+update is an `ExtrasUpdate` (`with_extras` builds one), and each combinator forwards them to the
+inner transforms that take them (`update_with`); a transform written as
+``update(updates, state, params)`` gets none. What an update can do besides (run on a stacked
+state's tensors whole, be planned once for the eager step, take sparse gradients) is declared in
+the same value, as its fields, where the update is built.
+
+What an update may write is given too: `Extras.may_write` (a donated step's permission, a query
+that changes nothing) and `Extras.may_write_updates`. The step itself records that it handed the
+permission on (`Extras.written`), and retires the donated state it was given
+(`functrain.core.donation`): the one mutation of a state, documented there.
 
 Updates are a tree of tensors shaped like the parameters, or one of the lazy forms of
 `functrain.optim.updates` (`Ratio`, `ParamStep`, `NewParams`) that keep torch.optim's last
@@ -21,7 +29,6 @@ rounding exact; `functrain.optim.updates.apply_updates` returns the new paramete
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, cast, overload
 
@@ -29,6 +36,7 @@ import torch
 
 from functrain.errors import ConfigError
 from functrain.optim.batching import under_vmap
+from functrain.optim.planned import Planner
 from functrain.optim.updates import Scalar, Updates
 from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm
 
@@ -46,6 +54,7 @@ __all__ = [
     "GatedUpdateFn",
     "Extras",
     "NO_EXTRAS",
+    "ExtrasUpdate",
     "Transform",
     "EmptyState",
     "identity",
@@ -53,12 +62,7 @@ __all__ = [
     "gated_update",
     "update_with",
     "with_extras",
-    "member_aware",
     "runs_on_members",
-    "Ran",
-    "Runner",
-    "Planner",
-    "with_plan",
     "planner_of",
     "flag_value",
     "writes_in_place",
@@ -104,7 +108,9 @@ class Extras(NamedTuple):
     """A donated step: the update may write its new state into the tensors it was given, and
     `apply_updates` into the parameters, bit for bit as the pure update (`may_write`)."""
     written: list[bool] | None = None
-    """Where `may_write` records each permission it gave; the donated step reads it back."""
+    """The step's own record, not an update's: the step appends to it where it hands its
+    permission (`in_place`) to the update, so that a donated step that raises from there on
+    retires the state it was given (`functrain.core.donation.donated`). Updates never touch it."""
     norms: Norms = LOCAL_NORMS
     """How `global_norm` measures: the step's gradient norm shared, a sharded step's sum over
     ranks."""
@@ -115,23 +121,33 @@ class Extras(NamedTuple):
     owns_updates: bool = False
     """The updates given are the step's own (its gradients as autograd made them, no hook's
     tensor among them, or a wrapper's fresh mean): with the in-place permission an update may
-    scale them where they are, as ``clip_grad_norm_`` scales ``.grad``."""
+    scale them where they are, as ``clip_grad_norm_`` scales ``.grad`` (`may_write_updates`)."""
 
     def may_write(self) -> bool:
-        """Whether the update may write into the tensors it was given (eagerly, a donated step).
+        """Whether the update may write into the state and parameters it was given.
 
-        Never under ``torch.compile``: a compiled step is traced functionally.
+        Eagerly, in a donated step; never under ``torch.compile`` (a compiled step is traced
+        functionally). A query: it changes nothing.
 
         Example:
-            >>> written: list[bool] = []
-            >>> Extras(in_place=True, written=written).may_write(), written
-            (True, [True])
+            >>> Extras(in_place=True).may_write(), NO_EXTRAS.may_write()
+            (True, False)
         """
-        if torch.compiler.is_compiling() or not self.in_place:
-            return False
-        if self.written is not None:
-            self.written.append(True)
-        return True
+        return self.in_place and not torch.compiler.is_compiling()
+
+    def may_write_updates(self) -> bool:
+        """Whether the update may also write into the updates it was given (`owns_updates`).
+
+        The step's own gradients in a donated eager step, outside torch.func transforms (under a
+        stacked state's vmap a member's tensors are slices of stacked ones).
+
+        Example:
+            >>> Extras(in_place=True, owns_updates=True).may_write_updates()
+            True
+            >>> Extras(in_place=True).may_write_updates()  # a gradient a hook handed in, say
+            False
+        """
+        return self.owns_updates and self.may_write() and not under_vmap()
 
     def kept(self) -> Extras:
         """These extras without the in-place permission.
@@ -145,9 +161,9 @@ class Extras(NamedTuple):
     def members(self) -> int:
         """A stacked state's member count K when the update runs on its stacked tensors, else 0.
 
-        Such an update (`member_aware`) is given every tensor (updates, parameters, its state)
-        with a leading member dimension, its 0-d counters as ``[K]``, and ``keep=`` as ``[K]``;
-        `global_norm` then measures one norm per member.
+        Such an update (`ExtrasUpdate.members`) is given every tensor (updates, parameters, its
+        state) with a leading member dimension, its 0-d counters as ``[K]``, and ``keep=`` as
+        ``[K]``; `global_norm` then measures one norm per member.
         """
         return self.norms.members
 
@@ -216,7 +232,7 @@ class Transform(NamedTuple):
 
     @property
     def handles_members(self) -> bool:
-        """True when ``update`` runs on a stacked state's tensors directly (`member_aware`).
+        """True when ``update`` runs on a stacked state's tensors directly (`ExtrasUpdate.members`).
 
         A stacked step then calls it once for all members, outside ``torch.func.vmap``; any
         other transform is called under vmap, one member's slices at a time.
@@ -227,22 +243,85 @@ class Transform(NamedTuple):
     def takes_extras(self) -> bool:
         """True when ``update`` also takes ``extras=`` (`Extras`, keyword-only).
 
-        Marked so by `with_extras`, as every transform of functrain that reads or forwards them is.
-        A transform rebuilt with another update (``tx._replace(update=...)``) says what that update
-        takes.
+        That is, when it is an `ExtrasUpdate` (`with_extras` builds one), as the update of every
+        transform of functrain that reads or forwards them is. A transform rebuilt with another
+        update (``tx._replace(update=...)``) says what that update takes.
         """
-        return bool(getattr(self.update, "takes_extras", False))
+        return isinstance(self.update, ExtrasUpdate)
 
 
 class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
-def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> Any:
-    """Mark `update` as one that takes ``extras=`` (`Transform.takes_extras`); returns it.
+class ExtrasUpdate:
+    """An update that takes ``extras=`` (`ExtrasUpdateFn`), with what it declares about itself.
 
-    A bound method or a builtin takes no attribute: it comes back wrapped in a function that
-    forwards every call to it, and carries the mark.
+    A transform's capabilities are fields of its update, given where the update is built, so that
+    a transform rebuilt with another update (``tx._replace(update=...)``) says what that one does:
+
+    - `members`: run on a stacked state's tensors whole. Given ``extras.members = K``
+      (`Extras.members`), `fn` takes every tensor with a leading member dimension, ``[K]``
+      counters and a ``[K]`` ``keep=``, and returns for each member exactly what it returns for
+      that member's slices alone (no value mixes members). A stacked step then calls it once for
+      all members, outside ``torch.func.vmap`` (`runs_on_members`).
+    - `plan`: its `Planner`, the update decided once for a state's tensors (`planner_of`).
+    - `sparse`: it updates sparse gradients itself (`functrain.optim.rules.sparse`).
+    - `sparse_twin`: how its configuration trains sparse gradients: a builder of the transform
+      that does, or the reason none does (`functrain.optim.rules.sparse.sparse_twin`).
+
+    Calling it calls `fn`; `update_with` calls `fn` itself (one Python call fewer).
+
+    Example:
+        >>> update = ExtrasUpdate(lambda u, s, p=None, extras=NO_EXTRAS: (u, s), members=True)
+        >>> tx = Transform(lambda p: EmptyState(), update)
+        >>> tx.takes_extras, tx.handles_members, planner_of(tx)
+        (True, True, None)
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., tuple[Updates, Tree]],
+        *,
+        members: bool = False,
+        plan: Planner | None = None,
+        sparse: bool = False,
+        sparse_twin: Callable[[], Any] | str | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise ConfigError(
+                "with_extras marks a transform's update function, got "
+                f"{type(fn).__name__} {fn!r}; pass the update function itself"
+            )
+        self.fn = fn
+        self.members = members
+        self.plan = plan
+        self.sparse = sparse
+        self.sparse_twin = sparse_twin
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Updates, Tree]:
+        return self.fn(*args, **kwargs)
+
+    def but(self, **changes: Any) -> ExtrasUpdate:
+        """The same update with some declarations changed (`ExtrasUpdate`'s keyword arguments)."""
+        fields = {
+            "members": self.members,
+            "plan": self.plan,
+            "sparse": self.sparse,
+            "sparse_twin": self.sparse_twin,
+        }
+        return ExtrasUpdate(self.fn, **{**fields, **changes})
+
+    def __repr__(self) -> str:
+        names = ("members", "plan", "sparse", "sparse_twin")
+        declared = [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n)]
+        return f"ExtrasUpdate({', '.join([repr(self.fn), *declared])})"
+
+
+def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> ExtrasUpdate:
+    """`update` as one that takes ``extras=`` (`Transform.takes_extras`): an `ExtrasUpdate`.
+
+    Any callable: a function, a bound method, a builtin. An `ExtrasUpdate` comes back as it is.
 
     Raises:
         ConfigError: `update` is not callable.
@@ -252,125 +331,41 @@ def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> Any:
         >>> Transform(lambda p: EmptyState(), update).takes_extras
         True
     """
-    if not callable(update):
-        raise ConfigError(
-            "with_extras marks a transform's update function, got "
-            f"{type(update).__name__} {update!r}; pass the update function itself"
-        )
-    try:
-        update.takes_extras = True  # type: ignore[attr-defined]  # a mark on the function itself
-    except AttributeError:
-        return with_extras(functools.wraps(update)(lambda *args, **kw: update(*args, **kw)))
-    return update
-
-
-def member_aware(update: Callable[..., tuple[Updates, Tree]], when: bool = True) -> Any:
-    """Mark `update` (one that takes extras) as running on stacked tensors; returns it.
-
-    The mark says: given ``extras.members = K`` (`Extras.members`), the update takes every tensor
-    with a leading member dimension, ``[K]`` counters and a ``[K]`` ``keep=``, and returns for
-    each member exactly what it returns for that member's slices alone (no value mixes members).
-    `when` False leaves `update` unmarked (a wrapper whose inner transform is not member-aware).
-
-    Example:
-        >>> update = member_aware(with_extras(lambda u, s, p=None, extras=NO_EXTRAS: (u, s)))
-        >>> Transform(lambda p: EmptyState(), update).handles_members
-        True
-    """
-    if when:
-        update.handles_members = True  # type: ignore[attr-defined]  # a mark on the function
-    return update
+    return update if isinstance(update, ExtrasUpdate) else ExtrasUpdate(update)
 
 
 def runs_on_members(tx: object) -> bool:
-    """Whether `tx` takes a stacked state's tensors whole (`member_aware`), as a step calls it.
+    """Whether `tx` takes a stacked state's tensors whole (`ExtrasUpdate.members`).
 
-    Its update is marked member-aware and it is given the step's extras (`update_with` gives them
-    to a transform whose ``takes_extras`` says so), which tell it the members: an object of the
-    user's that forwards a marked update but takes no extras does not qualify.
+    As a step calls it: its update declares it, and takes the step's extras, which tell it the
+    members.
 
     Example:
-        >>> update = member_aware(with_extras(lambda u, s, p=None, extras=NO_EXTRAS: (u, s)))
-        >>> tx = Transform(lambda p: EmptyState(), update)
-        >>> runs_on_members(tx), runs_on_members(type("Forwarding", (), {"update": update})())
-        (True, False)
+        >>> update = ExtrasUpdate(lambda u, s, p=None, extras=NO_EXTRAS: (u, s), members=True)
+        >>> runs_on_members(Transform(lambda p: EmptyState(), update))
+        True
     """
-    return bool(getattr(tx, "takes_extras", False)) and bool(
-        getattr(getattr(tx, "update", None), "handles_members", False)
-    )
+    update = getattr(tx, "update", None)
+    return isinstance(update, ExtrasUpdate) and update.members
+
+
+def planner_of(tx: object) -> Planner | None:
+    """The `Planner` `tx`'s update declares (`ExtrasUpdate.plan`), or None: its update runs as is.
+
+    Example:
+        >>> run = lambda u, s, p=None, extras=NO_EXTRAS: (u, s)
+        >>> update = ExtrasUpdate(run, plan=lambda params, state: None)
+        >>> planner_of(Transform(lambda p: EmptyState(), update))({}, EmptyState()) is None
+        True
+    """
+    update = getattr(tx, "update", None)
+    return update.plan if isinstance(update, ExtrasUpdate) else None
 
 
 def gated_update(tx: Transform) -> GatedUpdateFn:
     """`tx.update` as the update of a gated transform, which takes ``keep=`` (`Transform.gated`)."""
     # the `gated` flag is what says the update takes `keep`; the types cannot follow a flag
     return cast(GatedUpdateFn, tx.update)
-
-
-class Ran(NamedTuple):
-    """What a planned update returns (`Runner`): the new parameters and state, and what it reports.
-
-    The step reports ``lr`` (the rate of the last update applied, 0-d) and ``skipped`` (0-d bool:
-    this update was skipped as non-finite) among its metrics; ``flag`` is ``skipped`` as the
-    float32 the metric is, where the update computed it already (a fused kernel's ``found_inf``).
-    None where the update has no such value (never skips, has no rate).
-    """
-
-    params: list[torch.Tensor]
-    state: Tree
-    lr: torch.Tensor | None
-    skipped: torch.Tensor | None
-    flag: torch.Tensor | None
-
-
-class Runner(Protocol):
-    """A transform's update decided once for a state's tensors (`Planner`), run every step.
-
-    ``run(grads, params, state, norm, write, keep=None) -> Ran``: the gradients (laid out as the
-    parameters, in the parameters' order), the parameters as a list, the transform's state, the
-    gradients' global norm (the step's ``grad_norm``, float32), whether it may write into the
-    parameters and state it is given (a donated step), and a gate from a wrapper (as ``keep=`` of
-    a gated update). Bit for bit what ``update`` and `functrain.optim.updates.apply_updates` give
-    for the same inputs, with none of the decisions ``update`` makes on every call.
-    """
-
-    def __call__(
-        self,
-        grads: list[torch.Tensor],
-        params: list[torch.Tensor],
-        state: Tree,
-        norm: torch.Tensor,
-        write: bool,
-        keep: torch.Tensor | None = None,
-    ) -> Ran: ...
-
-
-class Planner(Protocol):
-    """``plan(params, state) -> Runner | None``: the update decided for these tensors, if it can be.
-
-    Called by the eager step with a state's parameters (a flat dict) and this transform's state;
-    None where the update cannot be planned for them (a fresh state's moments held without
-    storage, parameters of several dtypes, ...): the step then runs ``update`` as always. A runner
-    stays valid for the states it returns: the same shapes, dtypes, devices and layouts.
-    """
-
-    def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | None: ...
-
-
-def with_plan(update: Callable[..., tuple[Updates, Tree]], planner: Planner) -> Any:
-    """Mark `update` with its `Planner` (`planner_of`); returns it.
-
-    Example:
-        >>> update = with_plan(lambda u, s, p=None: (u, s), lambda params, state: None)
-        >>> planner_of(Transform(lambda p: EmptyState(), update))({}, EmptyState()) is None
-        True
-    """
-    update.plan = planner  # type: ignore[attr-defined]  # a mark on the function itself
-    return update
-
-
-def planner_of(tx: object) -> Planner | None:
-    """The `Planner` marked on `tx`'s update (`with_plan`), or None: its update is run as it is."""
-    return getattr(getattr(tx, "update", None), "plan", None)
 
 
 def update_with(
@@ -388,10 +383,11 @@ def update_with(
         >>> update_with(tx, {"w": torch.ones(1)}, EmptyState(), extras=Extras(in_place=True))[0]
         {'w': tensor([1.])}
     """
-    # `takes_extras` and `gated` say what the update takes; the types cannot follow the flags
-    update = cast(Callable[..., tuple[Updates, Tree]], tx.update)
+    update: Any = tx.update  # `gated` says whether it takes `keep`: the types cannot follow a flag
     gate = {} if keep is None else {"keep": keep}
-    if getattr(tx, "takes_extras", False):
+    if isinstance(update, ExtrasUpdate):
+        return update.fn(updates, state, params, extras=extras, **gate)
+    if getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
         return update(updates, state, params, extras=extras, **gate)
     return update(updates, state, params, **gate)
 
@@ -447,8 +443,8 @@ def flag_value(flag: torch.Tensor) -> bool | None:
 def writes_in_place(extras: Extras) -> bool:
     """Whether a rule writes its new state into the state it was given.
 
-    A donated eager step's permission (`Extras.may_write`, recorded), outside torch.func
-    transforms: under a stacked state's vmap a member's tensors are slices of stacked ones.
+    A donated eager step's permission (`Extras.may_write`), outside torch.func transforms: under
+    a stacked state's vmap a member's tensors are slices of stacked ones.
 
     Example:
         >>> writes_in_place(Extras(in_place=True)), writes_in_place(NO_EXTRAS)

@@ -8,13 +8,12 @@ from functrain.errors import ConfigError
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
+    ExtrasUpdate,
     Params,
     Transform,
     is_transform,
-    member_aware,
     runs_on_members,
     update_with,
-    with_extras,
 )
 from functrain.optim.naming import named
 from functrain.optim.porting import torch_object_hint
@@ -76,6 +75,6 @@ def chain(*transforms: Transform) -> Transform:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    # on a stacked state's tensors when every transform is (`member_aware`)
+    # on a stacked state's tensors when every transform is (`ExtrasUpdate.members`)
     aware = bool(transforms) and all(runs_on_members(t) for t in transforms)
-    return Transform(init_fn, member_aware(with_extras(update_fn), aware), gated=gated)
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware), gated=gated)

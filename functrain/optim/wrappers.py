@@ -20,24 +20,22 @@ from functrain.errors import ConfigError, NonFiniteError, config_check
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
+    ExtrasUpdate,
     Mask,
-    Ran,
-    Runner,
     Transform,
     flag_value,
     is_transform,
-    member_aware,
     planner_of,
     runs_on_members,
     update_with,
     with_extras,
-    with_plan,
     writes_in_place,
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
+from functrain.optim.planned import Ran, Runner
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.sparse import (
     sparse_twin,
@@ -552,8 +550,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     # on a stacked state's tensors when its inner transform is: the flags are then [K]
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    update = with_plan(member_aware(with_extras(update_fn), aware), plan)
-    return Transform(init_fn, update, gated=True)
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware, plan=plan), gated=True)
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -710,7 +707,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
 
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    return Transform(init_fn, member_aware(with_extras(update_fn), aware))
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware))
 
 
 def _unmoved(params: Tree, inner_state: Tree, in_place: bool) -> tuple[NewParams, Tree]:

@@ -243,6 +243,25 @@ def test_a_donated_step_that_fails_before_writing_leaves_the_state_usable() -> N
     assert int(new.step) == 1
 
 
+class _Refusal(Exception):
+    """What the refusing update raises."""
+
+
+def _refuse(updates: Any, state: Any, params: Any = None, *, extras: Any = None) -> Any:
+    raise _Refusal("this update refuses")
+
+
+def test_a_donated_step_whose_update_raises_retires_the_state_it_gave_the_permission() -> None:
+    """The step records that it handed its in-place permission to the update (which need not ask
+    for it): what the update wrote before it raised cannot be known, so the state is retired."""
+    tx = ft.Transform(lambda params: ft.EmptyState(), ft.with_extras(_refuse))
+    state = ft.TrainState.create(make_model(), tx, cross_entropy_loss_fn, nonfinite="none")
+    with pytest.raises(_Refusal):
+        ft.train_step(state, batches(1)[0], donate=True)
+    with pytest.raises(ft.DonatedStateError, match="which then raised _Refusal"):
+        ft.train_step(state, batches(1)[0])
+
+
 def test_a_donated_step_that_halts_after_writing_retires_the_state() -> None:
     state = ft.TrainState.create(
         make_model(),

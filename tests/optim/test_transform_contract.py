@@ -16,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_structure
 
 import functrain as ft
+from functrain.optim.base import ExtrasUpdate, planner_of
 from functrain.optim.rules import sparse
 from functrain.tree import tree_leaves
 from tests.comparisons import assert_trees_equal
@@ -485,3 +486,49 @@ def test_with_extras_marks_a_bound_method_and_refuses_what_is_not_callable() -> 
     assert_trees_equal(updates, {"w": torch.full((2,), 0.5)})
     with pytest.raises(ft.ConfigError, match="with_extras marks a transform's update function"):
         ft.with_extras(None)  # type: ignore[arg-type]
+
+
+def _passing(updates: Any, state: Any, params: Any = None, *, extras: Any = None) -> Any:
+    return updates, state
+
+
+def _no_plan(params: Any, state: Any) -> None:
+    return None
+
+
+def test_what_an_update_can_do_is_declared_on_it_not_marked_on_the_function() -> None:
+    """`ExtrasUpdate`'s fields say what a transform's update does (extras, members, a plan, sparse
+    gradients); attributes set on a function from outside are no protocol."""
+
+    def marked_update(updates: Any, state: Any, params: Any = None, *, extras: Any = None) -> Any:
+        return updates, state
+
+    for mark in ("takes_extras", "handles_members", "plan", "functrain_takes_sparse"):
+        setattr(marked_update, mark, True if mark != "plan" else _no_plan)
+    marked = ft.Transform(lambda params: ft.EmptyState(), marked_update)
+    assert (marked.takes_extras, marked.handles_members, planner_of(marked)) == (False, False, None)
+    assert not sparse.takes_sparse(marked)
+    update = ExtrasUpdate(_passing, members=True, plan=_no_plan, sparse=True)
+    declared = ft.Transform(lambda params: ft.EmptyState(), update)
+    assert (declared.takes_extras, declared.handles_members) == (True, True)
+    assert planner_of(declared) is _no_plan and sparse.takes_sparse(declared)
+    # a chain runs on members when every transform in it declares so
+    plain = ft.Transform(lambda params: ft.EmptyState(), _passing)
+    assert ft.chain(declared).handles_members and not ft.chain(declared, plain).handles_members
+    assert repr(ExtrasUpdate(_passing, members=True)).endswith("members=True)")
+    assert ft.with_extras(update) is update
+
+
+def test_may_write_is_a_query_that_records_nothing() -> None:
+    """Asking whether an update may write changes nothing: the step records the permission it
+    hands on itself (`Extras.written`); owning the updates needs the permission too."""
+    written: list[bool] = []
+    extras = ft.Extras(in_place=True, written=written)
+    assert [extras.may_write(), extras.may_write(), ft.NO_EXTRAS.may_write()] == [True, True, False]
+    assert written == []
+    owns = [
+        ft.Extras(in_place=True, owns_updates=True).may_write_updates(),
+        ft.Extras(in_place=True).may_write_updates(),
+        ft.Extras(owns_updates=True).may_write_updates(),
+    ]
+    assert owns == [True, False, False]

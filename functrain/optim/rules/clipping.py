@@ -11,10 +11,8 @@ from functrain.optim.base import (
     NO_EXTRAS,
     EmptyState,
     Extras,
+    ExtrasUpdate,
     Transform,
-    member_aware,
-    with_extras,
-    writes_in_place,
 )
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
@@ -95,18 +93,13 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         # gated: the updates only feed the next transform, which skips too; the metric stays put
         kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
-        if (
-            extras.owns_updates
-            and not coef.ndim
-            and len({t.dtype for t in g}) == 1
-            and writes_in_place(extras)
-        ):
+        if extras.may_write_updates() and not coef.ndim and len({t.dtype for t in g}) == 1:
             # a donated step's own gradients, scaled where they are (as clip_grad_norm_ does)
             torch._foreach_mul_(g, coef.to(g[0].dtype))
             return tree_unflatten(g, spec), ClipByGlobalNormState(kept)
         return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
-    return Transform(init_fn, member_aware(with_extras(update_fn)), gated=True)
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=True), gated=True)
 
 
 @named

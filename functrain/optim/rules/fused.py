@@ -21,7 +21,7 @@ real tensors at run time (inductor may choose other layouts than the traced ones
 rule calls the kernel once per member on that member's slice of the stacked tensors, with the
 member's own step count, learning rate, weight decay and skip flag: each member's update is bit for
 bit that of the member trained alone, given the same gradients.
-A stacked step whose optimizer is member-aware (`functrain.optim.base.member_aware`: these
+A stacked step whose optimizer is member-aware (`functrain.optim.base.ExtrasUpdate.members`: these
 transforms are, as is `skip_nonfinite` around them) calls the update outside vmap on the stacked
 tensors (`Extras.members`): the kernel then runs once over the members' slices, each with its
 member's own step count, a member that skips left out of the call (its slices stay as they were),
@@ -49,18 +49,15 @@ from functrain.layout import in_layouts_of, is_dense
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
+    ExtrasUpdate,
     LearningRate,
     Mask,
-    Ran,
-    Runner,
     Transform,
-    member_aware,
-    with_extras,
-    with_plan,
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
+from functrain.optim.planned import Ran, Runner
 from functrain.optim.rates import value_at
 from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
@@ -278,7 +275,7 @@ def fused_adam(
             count, tuple(buffers[0]), tuple(buffers[1]), tuple(buffers[2]), rate
         ),
     )
-    update = with_plan(member_aware(with_extras(update_fn)), plan)
+    update = ExtrasUpdate(update_fn, members=True, plan=plan)
     return Transform(init_fn, update, gated=True)
 
 
@@ -356,7 +353,7 @@ def fused_sgd(
         lambda state: (state.momentum,),
         lambda count, buffers, rate: FusedSgdState(count, tuple(buffers[0]), rate),
     )
-    update = with_plan(member_aware(with_extras(update_fn)), plan)
+    update = ExtrasUpdate(update_fn, members=True, plan=plan)
     return Transform(init_fn, update, gated=True)
 
 
@@ -433,7 +430,7 @@ def fused_adagrad(
         lambda state: (state.sum_of_squares,),
         lambda count, buffers, rate: FusedAdagradState(count, tuple(buffers[0]), rate),
     )
-    update = with_plan(member_aware(with_extras(update_fn)), plan)
+    update = ExtrasUpdate(update_fn, members=True, plan=plan)
     return Transform(init_fn, update, gated=True)
 
 
@@ -830,7 +827,7 @@ def _planner(
     buffers_of: Any,
     rebuild: Any,
 ) -> Any:
-    """The `functrain.optim.base.Planner` of a fused transform: one kernel call, decided once.
+    """The `functrain.optim.planned.Planner` of a fused transform: one kernel call, decided once.
 
     It plans where `update` makes one call on the lists as they are (`_one_group`) on contiguous
     plain tensors whose buffers already have storage in their parameters' strides (every state a

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, config_check
-from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras
+from functrain.optim.base import NO_EXTRAS, Extras, ExtrasUpdate, Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.rates import value_at
 from functrain.optim.updates import NewParams, flat_updates
@@ -274,7 +274,7 @@ def sparse_sgd(
             made.append(torch.ones((), dtype=torch.bool))
         return new, tuple(buffers), tuple(made)
 
-    return takes_sparse_too(Transform(init_fn, with_extras(update_fn), "sparse_sgd", gated=True))
+    return Transform(init_fn, ExtrasUpdate(update_fn, sparse=True), "sparse_sgd", gated=True)
 
 
 def _kept(t: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -373,9 +373,7 @@ def sparse_adagrad(
             tuple(new_steps),
         )
 
-    return takes_sparse_too(
-        Transform(init_fn, with_extras(update_fn), "sparse_adagrad", gated=True)
-    )
+    return Transform(init_fn, ExtrasUpdate(update_fn, sparse=True), "sparse_adagrad", gated=True)
 
 
 def sparse_adam_update(
@@ -458,38 +456,38 @@ def sparse_adam_update(
             tuple(new_steps),
         )
 
-    return takes_sparse_too(Transform(init_fn, with_extras(update_fn), "sparse_adam", gated=True))
-
-
-# marks on a transform's update function: it takes sparse gradients (`takes_sparse`), or how a
-# preset's configuration trains them (`sparse_twin`: a builder of the sparse transform, or the
-# reason it cannot)
-_TAKES_SPARSE = "functrain_takes_sparse"
-_SPARSE_TWIN = "functrain_sparse_twin"
+    return Transform(init_fn, ExtrasUpdate(update_fn, sparse=True), "sparse_adam", gated=True)
 
 
 def takes_sparse_too(tx: Transform) -> Transform:
-    """`tx`, marked as one that takes sparse gradients (`takes_sparse`); returns it."""
-    setattr(tx.update, _TAKES_SPARSE, True)
-    return tx
+    """`tx`, its update declaring that it takes sparse gradients (`takes_sparse`)."""
+    return tx._replace(update=_declared(tx).but(sparse=True))
 
 
 def with_sparse_twin(tx: Transform, twin: Callable[[], Transform] | str) -> Transform:
-    """`tx`, marked with how its configuration trains sparse gradients.
+    """`tx`, its update declaring how its configuration trains sparse gradients.
 
     `twin`: a builder of the transform that runs the same configuration as torch.optim does when
     gradients are sparse (`TrainState.create` puts it in place of `tx` for a module with sparse
     parameters), or why there is none (the words of create's refusal).
     """
-    setattr(tx.update, _SPARSE_TWIN, twin)
-    return tx
+    return tx._replace(update=_declared(tx).but(sparse_twin=twin))
+
+
+def _declared(tx: Transform) -> ExtrasUpdate:
+    """`tx`'s update, an `ExtrasUpdate` (every transform of functrain's presets has one)."""
+    if not isinstance(tx.update, ExtrasUpdate):
+        raise TypeError(f"{tx.name}'s update declares nothing (not an ExtrasUpdate)")
+    return tx.update
 
 
 def takes_sparse(tx: Transform) -> bool:
     """Whether `tx` updates sparse gradients itself (the transforms of this module)."""
-    return bool(getattr(tx.update, _TAKES_SPARSE, False))
+    update = getattr(tx, "update", None)
+    return isinstance(update, ExtrasUpdate) and update.sparse
 
 
 def sparse_twin(tx: Transform) -> Callable[[], Transform] | str | None:
     """How `tx` trains sparse gradients: a builder of its sparse form, why not, or None."""
-    return getattr(tx.update, _SPARSE_TWIN, None)
+    update = getattr(tx, "update", None)
+    return update.sparse_twin if isinstance(update, ExtrasUpdate) else None

@@ -1,0 +1,71 @@
+"""The planned update: `Planner` and `Runner`, what the eager step calls in place of ``update``.
+
+An update that can be decided once for a state's tensors declares its `Planner`
+(`functrain.optim.base.ExtrasUpdate.plan`); the planned eager step (`functrain.core.plan`) asks
+it once, and calls the `Runner` it returns on every step after. The protocols are the step's
+interface, but their implementations are the optimizers' (`functrain.optim.rules.fused`'s kernel
+calls, `functrain.optim.wrappers.skip_nonfinite` around them), which build the `Ran` they return:
+they live at the foot of `functrain.optim`, where both the step above and the optimizers can
+import them, and apart from the transform contract (`functrain.optim.base`), which does not need
+them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from functrain.tree import Tree
+
+__all__ = ["Ran", "Runner", "Planner"]
+
+
+class Ran(NamedTuple):
+    """What a planned update returns (`Runner`): the new parameters and state, and what it reports.
+
+    The step reports ``lr`` (the rate of the last update applied, 0-d) and ``skipped`` (0-d bool:
+    this update was skipped as non-finite) among its metrics; ``flag`` is ``skipped`` as the
+    float32 the metric is, where the update computed it already (a fused kernel's ``found_inf``).
+    None where the update has no such value (never skips, has no rate).
+    """
+
+    params: list[torch.Tensor]
+    state: Tree
+    lr: torch.Tensor | None
+    skipped: torch.Tensor | None
+    flag: torch.Tensor | None
+
+
+class Runner(Protocol):
+    """A transform's update decided once for a state's tensors (`Planner`), run every step.
+
+    ``run(grads, params, state, norm, write, keep=None) -> Ran``: the gradients (laid out as the
+    parameters, in the parameters' order), the parameters as a list, the transform's state, the
+    gradients' global norm (the step's ``grad_norm``, float32), whether it may write into the
+    parameters and state it is given (a donated step), and a gate from a wrapper (as ``keep=`` of
+    a gated update). Bit for bit what ``update`` and `functrain.optim.updates.apply_updates` give
+    for the same inputs, with none of the decisions ``update`` makes on every call.
+    """
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran: ...
+
+
+class Planner(Protocol):
+    """``plan(params, state) -> Runner | None``: the update decided for these tensors, if it can be.
+
+    Called by the eager step with a state's parameters (a flat dict) and this transform's state;
+    None where the update cannot be planned for them (a fresh state's moments held without
+    storage, parameters of several dtypes, ...): the step then runs ``update`` as always. A runner
+    stays valid for the states it returns: the same shapes, dtypes, devices and layouts.
+    """
+
+    def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | None: ...
