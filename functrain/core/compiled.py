@@ -297,12 +297,12 @@ class CompiledStep:
                 f"got {type(state).__name__}"
             )
         state.check_live("a compiled step")
-        members = state.step.shape[0] if state.step.ndim else 0  # read before a donation
+        members = state.members  # read before a donation
         if not members:
             refuse_per_member(batch)
         if self._captures is not None:
             new_state, metrics = self._captured(self._captures, state, batch, donate)
-        elif state.step.ndim:
+        elif members:
             new_state, metrics = self._stacked(state, batch, donate)
         elif state.dist is not None and state.dist.sharding is not None:
             new_state, metrics = self._sharded(state, batch, donate)
@@ -376,7 +376,7 @@ class CompiledStep:
             tuple(state.frozen),
             tuple(state.buffers),
             "stacked",
-            int(state.step.shape[0]),
+            state.members,
             isinstance(batch, PerMember),
             donate,
             in_module_order(state),
@@ -450,8 +450,8 @@ class CompiledStep:
         self, captures: Captures, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """The step replayed from a CUDA graph (`functrain.core.capture`): `compile_step`'s."""
-        if state.step.ndim or state.dist is not None:
-            what = "a stacked state (functrain.stack)" if state.step.ndim else "a distributed state"
+        if state.members or state.dist is not None:
+            what = "a stacked state (functrain.stack)" if state.members else "a distributed state"
             raise ConfigError(
                 f"compile_step(capture=True) records the step of one state in one process; got "
                 f"{what}: leave capture out (compile_step() compiles its step)"

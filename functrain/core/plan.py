@@ -230,7 +230,7 @@ def plan_for(state: TrainState) -> StepPlan | None:
     if (
         planner is None
         or _REFUSED.get(id(tx)) is tx
-        or state.step.ndim  # stacked
+        or state.members
         or state.dist is not None
         or state.grad_stats is not None
         or state.ema_state is not None

@@ -78,7 +78,7 @@ def num_members(state: TrainState) -> int | None:
         (None, 2)
     """
     state.check_live("num_members")
-    return int(state.step.shape[0]) if state.step.ndim == 1 else None
+    return state.members or None
 
 
 def stack(states: Sequence[TrainState]) -> TrainState:
@@ -387,9 +387,9 @@ def _member_problems(i: int, s: Any) -> list[str]:
         return [f"member {i} must be a functrain.TrainState, got {type(s).__name__}"]
     s.check_live("stack")
     problems = []
-    if s.step.ndim != 0:
+    if s.members:
         problems.append(
-            f"member {i} is already stacked ({int(s.step.shape[0])} members); "
+            f"member {i} is already stacked ({s.members} members); "
             "unstack it first or stack ordinary states"
         )
     if s.options.precision != "fp32" and any(

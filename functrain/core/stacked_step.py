@@ -433,7 +433,7 @@ def stacked_body(
     `state` is the stacked state (or a `StateView` of it, traced); `batch` the shared batch, or
     the members' slices stacked (`per_member`).
     """
-    members = state.step.shape[0]
+    members = state.members
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = loss_scale(state)
     apart = members_apart(state)  # a walk over the modules: once a step
@@ -488,7 +488,7 @@ def _gradients(
         # stacked once, where slices of the stacked leaves would each add a full-size zero tensor
         own = [
             {k: p[m].detach().requires_grad_(True) for k, p in state.params.items()}
-            for m in range(state.step.shape[0])
+            for m in range(state.members)
         ]
         total, (losses, aux) = objective(own, buffers)
         found = _backward(total, [p for member in own for p in member.values()])
@@ -565,7 +565,7 @@ def _forward(
             {k: b[m] for k, b in buffers.items()},
             _slice(batch, m) if per_member else batch,
         )
-        for m in range(state.step.shape[0])
+        for m in range(state.members)
     ]
     losses = torch.stack([loss for loss, _ in results])
     return losses, {k: torch.stack([aux[k] for _, aux in results]) for k in results[0][1]}

@@ -470,7 +470,7 @@ class TrainState:
             >>> print(s.replace(params={**s.params, "weight": torch.zeros(3, 2)})._fit_problem())
             params["weight"] has shape [3, 2], the module's parameter [1, 2]
         """
-        lead = 1 if self.step.ndim else 0
+        lead = 1 if self.members else 0
         expected = {name: p.shape for name, p in self.module.named_parameters()}
         for field, tensors in (("params", self.params), ("frozen", self.frozen)):
             for name, t in tensors.items():
@@ -490,6 +490,21 @@ class TrainState:
         if unknown is not None:
             return f'buffers["{unknown}"] is not a buffer of the module'
         return None
+
+    @property
+    def members(self) -> int:
+        """A stacked state's member count K (`functrain.stack`); 0 for an ordinary state.
+
+        What a stacked state is recognised by: its counters are ``[K]``, and every tensor of it
+        has a leading member dimension.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b))
+            >>> s.members, ft.stack([s, s]).members
+            (0, 2)
+        """
+        return self.step.shape[0] if self.step.ndim else 0
 
     def retire(self, call: str) -> None:
         """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
@@ -513,15 +528,15 @@ class TrainState:
         if self._donated_to is not None:
             return f"TrainState(<donated to {self._donated_to}>)"
         # a stacked state (`functrain.stack`): counters [K], every tensor with a member dimension
-        members = int(self.step.shape[0]) if self.step.ndim else 1
+        members = self.members or 1
         n = self.num_params() // members
         nbytes = sum(p.numel() * p.element_size() for p in self.params.values()) // members
         ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
         if self.options.swa_start is not None:
             ema_part = f"swa_start={self.options.swa_start}"
         opt = getattr(self.optimizer, "name", None) or type(self.optimizer).__name__
-        stacked = f"members={members}, " if self.step.ndim else ""
-        each = " per member" if self.step.ndim else ""
+        stacked = f"members={members}, " if self.members else ""
+        each = " per member" if self.members else ""
         return (
             f"TrainState({stacked}step={_counter_text(self.step)}, "
             f"epoch={_counter_text(self.epoch)}, params={n:,} ({_human_bytes(nbytes)}){each}, "

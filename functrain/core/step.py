@@ -116,7 +116,7 @@ def _train_step(
     state: TrainState, batch: Any, donate: bool
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` of a state without a plan: the step body, stacked or not, then its plan."""
-    if state.step.ndim:
+    if state.members:
         result = stacked_train_step(state, batch, donate=donate)
         if donate:
             retire(state, DONATED)
@@ -190,7 +190,7 @@ def eval_step(
             f"eval_fn must be a function eval_fn(model, batch) -> loss or (loss, metrics), got "
             f"{type(eval_fn).__name__}"
         )
-    if state.step.ndim:
+    if state.members:
         stacked = state if eval_fn is None else state.replace(loss_fn=eval_fn)
         return stacked_eval_step(stacked, batch, use_ema)
     refuse_per_member(batch)
@@ -236,7 +236,7 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
             "TrainState.create(...)"
         )
     state.check_live("predict")
-    if state.step.ndim:
+    if state.members:
         raise ConfigError(
             "predict runs one model, and this state holds stacked members: run them one by one, "
             "[ft.predict(s, x) for s in functrain.unstack(state)]"

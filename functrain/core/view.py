@@ -65,6 +65,8 @@ class StepState(Protocol):
     def samples_seen(self) -> torch.Tensor: ...
     @property
     def skipped(self) -> torch.Tensor: ...
+    @property
+    def members(self) -> int: ...
 
     def replace(self, **changes: Any) -> StepState:
         """This state with some fields replaced."""
@@ -98,6 +100,11 @@ class StateView:
         self.opt_state = opt_state
         self.ema_state = ema_state
         self.step, self.micro_step, self.epoch_step, self.samples_seen, self.skipped = counters
+
+    @property
+    def members(self) -> int:
+        """A stacked state's member count K, 0 for an ordinary state (as a state's)."""
+        return self.step.shape[0] if self.step.ndim else 0
 
     @property
     def ema_params(self) -> dict[str, torch.Tensor] | None:

@@ -180,7 +180,7 @@ def _batch_sums(
         if n == 0:
             continue
         metrics = eval_step(state, batch, use_ema=use_ema, eval_fn=eval_fn)
-        for k, v in (member_columns(metrics) if state.step.ndim else metrics).items():
+        for k, v in (member_columns(metrics) if state.members else metrics).items():
             sums[k] = sums[k] + v.double() * n if k in sums else v.double() * n
         count += n
     return sums, count
@@ -426,7 +426,7 @@ def evaluation_problems(
             "each batch (as Lightning's validation_step does), e.g. def eval_fn(model, batch): "
             "logits = model(x); f1.update(logits, y); return F.cross_entropy(logits, y)"
         )
-    if metrics and isinstance(state, TrainState) and state.step.ndim:
+    if metrics and isinstance(state, TrainState) and state.members:
         problems.append(
             f"{argument}=... cannot evaluate a stacked state (functrain.stack): eval_fn runs "
             "under torch.func.vmap, where a metric object's update would mix the members; "

@@ -113,9 +113,9 @@ class FitResult:
         Raises:
             ConfigError: the result of a stacked state, which holds one module per member.
         """
-        if self.state.step.ndim:
+        if self.state.members:
             raise ConfigError(
-                f"result.module is one module, but this run trained {self.state.step.shape[0]} "
+                f"result.module is one module, but this run trained {self.state.members} "
                 "stacked members: take them one by one, [s.export_module() for s in "
                 "functrain.unstack(result.state)]"
             )
@@ -126,8 +126,8 @@ class FitResult:
     def __repr__(self) -> str:
         step = self.state.step
         parts = [f"step={host_count(step)}", f"epoch={host_count(self.state.epoch)}"]
-        if step.ndim:
-            parts.append(f"members={step.shape[0]}")
+        if self.state.members:
+            parts.append(f"members={self.state.members}")
         parts.append(f"stop_reason={self.stop_reason!r}")
         parts += [
             f"{name}={_short(m)}" for name, m in (("best", self.best), ("test", self.test)) if m

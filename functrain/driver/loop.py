@@ -119,9 +119,8 @@ class Loop:
         self.step, self.micro, self.epoch, self.pos = (
             host_count(x) for x in (state.step, state.micro_step, state.epoch, state.epoch_step)
         )
-        self.stacked = (
-            state.step.ndim == 1
-        )  # a stacked state (functrain.stack): its metrics are logged per member
+        # a stacked state (functrain.stack): its metrics are logged per member
+        self.stacked = bool(state.members)
         follow = getattr(train, "follow_setup", None)
         if follow is not None and self.ledger.data is not None:
             follow(self.ledger.data)  # an earlier functrain's checkpoint: draw as its run did

@@ -481,3 +481,13 @@ def test_a_replaced_state_that_fits_steps_and_its_steps_are_not_checked_again(
     x = torch.ones(1, 2)
     assert torch.equal(ft.predict(moved, x), ft.predict(other, x))
     assert checks == [1]  # once, for `moved`; never for the states the steps return
+
+
+def test_a_stacked_state_answers_its_member_count_and_an_ordinary_one_zero() -> None:
+    """`TrainState.members`: what a stacked state is recognised by, everywhere."""
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), cross_entropy_loss_fn)
+    states = [state, state]
+    stacked = ft.stack(states)
+    assert (states[0].members, stacked.members, ft.num_members(stacked)) == (0, 2, 2)
+    assert ft.num_members(states[0]) is None
+    assert repr(stacked).startswith("TrainState(members=2, step=")

@@ -254,7 +254,7 @@ def member_problems(state: Any, data: Mapping[str, Any]) -> list[str]:
     """
     if not isinstance(state, TrainState):
         return []  # fit's own checks say what the state should be
-    stacked = state.step.shape[0] if state.step.ndim == 1 else None
+    stacked = state.members or None
     problems = []
     for name, given in data.items():
         if not isinstance(given, MemberData):
