@@ -299,23 +299,30 @@ class ExtrasUpdate:
         self.sparse = sparse
         self.sparse_twin = sparse_twin
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _DECLARED and name in self.__dict__:
+            raise AttributeError(
+                f"ExtrasUpdate.{name} is declared where the update is built, got a change to "
+                f"{value!r}; make another with update.but({name}=...)"
+            )
+        object.__setattr__(self, name, value)
+
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Updates, Tree]:
         return self.fn(*args, **kwargs)
 
     def but(self, **changes: Any) -> ExtrasUpdate:
         """The same update with some declarations changed (`ExtrasUpdate`'s keyword arguments)."""
-        fields = {
-            "members": self.members,
-            "plan": self.plan,
-            "sparse": self.sparse,
-            "sparse_twin": self.sparse_twin,
-        }
+        fields = {name: getattr(self, name) for name in _DECLARED if name != "fn"}
         return ExtrasUpdate(self.fn, **{**fields, **changes})
 
     def __repr__(self) -> str:
-        names = ("members", "plan", "sparse", "sparse_twin")
+        names = _DECLARED[1:]
         declared = [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n)]
         return f"ExtrasUpdate({', '.join([repr(self.fn), *declared])})"
+
+
+# what an `ExtrasUpdate` declares, set once where it is built
+_DECLARED = ("fn", "members", "plan", "sparse", "sparse_twin")
 
 
 def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> ExtrasUpdate:

@@ -516,6 +516,9 @@ def test_what_an_update_can_do_is_declared_on_it_not_marked_on_the_function() ->
     plain = ft.Transform(lambda params: ft.EmptyState(), _passing)
     assert ft.chain(declared).handles_members and not ft.chain(declared, plain).handles_members
     assert repr(ExtrasUpdate(_passing, members=True)).endswith("members=True)")
+    with pytest.raises(AttributeError, match=r"declared where the update is built.*but\(members="):
+        update.members = False
+    assert not update.but(members=False).members and update.members
     assert ft.with_extras(update) is update
 
 
