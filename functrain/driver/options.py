@@ -19,6 +19,7 @@ import functools
 import inspect
 import math
 import numbers
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar, cast, get_args, get_origin
@@ -40,6 +41,8 @@ __all__ = [
     "Logging",
     "Execution",
     "FitOptions",
+    "option",
+    "about",
     "GROUPS",
     "OPTION_NAMES",
     "EARLY_STOPPING_KEYS",
@@ -68,7 +71,6 @@ def option(
     plain: bool = True,
     hidden: bool = False,
     listed: bool = False,
-    converter: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A field of an option group.
 
@@ -84,9 +86,24 @@ def option(
         hidden: written ``name=...`` in messages, not as its value (a function).
         listed: a ``Literal`` option's choices written as a list in its message (``one of
             ['host', 'device', 'none']``), not as words (``'min' or 'max'``).
-        converter: the value the group holds for a valid given one (a dict to `EarlyStopping`).
     """
-    metadata = {
+    return attrs.field(
+        default=default, metadata=about(minimum, check, needs, plain, hidden, listed)
+    )
+
+
+def about(
+    minimum: int | None = None,
+    check: Check | None = None,
+    needs: str | None = None,
+    plain: bool = True,
+    hidden: bool = False,
+    listed: bool = False,
+) -> dict[str, Any]:
+    """What a field's metadata says of its option (`option`'s arguments), for a field with a
+    converter: ``attrs.field(converter=..., metadata=about(...))``, whose ``__init__`` type the
+    type checker takes from the converter."""
+    return {
         "minimum": minimum,
         "check": check,
         "needs": needs,
@@ -94,9 +111,6 @@ def option(
         "hidden": hidden,
         "listed": listed,
     }
-    if converter is None:
-        return attrs.field(default=default, metadata=metadata)
-    return attrs.field(default=default, metadata=metadata, converter=converter)
 
 
 def _is_int(value: Any, minimum: int) -> bool:
@@ -173,10 +187,9 @@ def needs_problems(group: type, values: Mapping[str, Any], missing: str) -> list
             continue
         value = values[f.name]
         shown = "..." if f.metadata["hidden"] else _short(value)
-        why = f"it acts on {what}; without them it would be ignored"
-        if f.name == "resume":
-            why = "where the interrupted run saved"
-        found.append(f"{f.name}={shown} needs {needed} ({why})")
+        found.append(
+            f"{f.name}={shown} needs {needed} (it acts on {what}; without them it would be ignored)"
+        )
     return found
 
 
@@ -273,13 +286,13 @@ def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
     return EarlyStopping(**given), []
 
 
-def _as_early_stopping(value: Any) -> Any:
+def _as_early_stopping(value: EarlyStopping | Mapping[str, Any] | None) -> Any:
     """A valid dict form as its `EarlyStopping`; anything else as given (its check reports it)."""
     early, problems = early_stopping_of(value)
     return value if problems else early
 
 
-def _as_config(value: Any) -> Any:
+def _as_config(value: Mapping[str, Any] | None) -> Any:
     """A valid config as plain JSON values (an OmegaConf config too); anything else as given."""
     plain = json_config(value)[0] if isinstance(value, Mapping) else None
     return value if plain is None else plain
@@ -328,12 +341,10 @@ class Stopping(_Group):
     max_epochs: int | None = option(None, minimum=1)
     max_steps: int | None = option(None, minimum=1)
     max_time: float | None = option(None, check=_seconds)
-    early_stopping: EarlyStopping | None = option(
-        None,
-        check=_early_stopping,
-        needs="eval_data",
-        plain=False,
+    early_stopping: EarlyStopping | None = attrs.field(
+        default=None,
         converter=_as_early_stopping,
+        metadata=about(check=_early_stopping, needs="eval_data", plain=False),
     )
     stop_on_nonfinite: Literal["eval", "train", "none"] = option("eval", listed=True)
 
@@ -459,7 +470,9 @@ class Checkpointing(_Group):
     keep_best: int = option(1, minimum=0, needs="checkpoint_dir")
     async_save: bool = option(False, needs="checkpoint_dir")
     resume: bool = option(False, needs="checkpoint_dir")
-    config: Mapping[str, Any] | None = option(None, check=_config, converter=_as_config)
+    config: Mapping[str, Any] | None = attrs.field(
+        default=None, converter=_as_config, metadata=about(check=_config)
+    )
     on_config_change: Literal["error", "warn"] = option("error")
     config_exempt: Sequence[str] = option((), check=_patterns)
 
@@ -618,7 +631,7 @@ def grouped_options(
 
     def wrap(fit: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fit)
-        _check_signature(signature)
+        _check_signature(signature, typing.get_type_hints(fit))
 
         @functools.wraps(fit)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -637,14 +650,21 @@ def grouped_options(
     return wrap
 
 
-def _check_signature(signature: inspect.Signature) -> None:
-    """Refuse a `fit` whose option keywords are not its groups' fields, with their defaults."""
+def _check_signature(signature: inspect.Signature, hints: dict[str, Any]) -> None:
+    """Refuse a `fit` whose option keywords are not its groups' fields, typed and defaulting as
+    they are (a field with a converter: typed as the converter takes it)."""
     params = {n: p for n, p in signature.parameters.items() if n not in _INPUTS}
     fields = {f.name: f for group in GROUPS.values() for f in attrs.fields(group)}
     wrong = sorted(set(params) ^ (set(fields) | set(GROUPS)))
-    wrong += [n for n, f in fields.items() if n in params and params[n].default != f.default]
+    for name, f in fields.items():
+        taken = f.type
+        if f.converter is not None:
+            taken = next(iter(inspect.signature(f.converter).parameters.values())).annotation
+        if name in params and (params[name].default != f.default or hints[name] != taken):
+            wrong.append(name)
     if wrong:
         raise TypeError(
             f"fit's keywords {wrong} do not match its option groups: each option is a field of "
-            "one group (functrain/driver/options.py) and a keyword of fit with the same default"
+            "one group (functrain/driver/options.py) and a keyword of fit with the same type and "
+            "default"
         )

@@ -3,9 +3,11 @@ shown to callbacks; and `max_time`, an option added through them."""
 
 from __future__ import annotations
 
+import inspect
 import time
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import pytest
@@ -128,6 +130,33 @@ def test_fits_keywords_are_its_groups_fields_with_their_defaults() -> None:
 
     with pytest.raises(TypeError, match=r"fit's keywords \['async_save', "):
         grouped_options(fit_problems)(other_default)
+
+    # fit's own signature, with one option's default or type drifted from its field's
+    fit = ft.fit.__wrapped__  # type: ignore[attr-defined]
+    signature, hints = inspect.signature(fit), typing.get_type_hints(fit)
+    drifted = [
+        (
+            signature.replace(
+                parameters=[
+                    p.replace(default=10) if p.name == "log_every" else p
+                    for p in signature.parameters.values()
+                ]
+            ),
+            hints,
+            "log_every",
+        ),
+        (signature, {**hints, "verbosity": Literal["silent", "loud"]}, "verbosity"),
+    ]
+    for changed, types, name in drifted:
+
+        def copy(*args: Any, **kwargs: Any) -> None:
+            """fit's signature, changed."""
+
+        copy.__signature__ = changed  # type: ignore[attr-defined]
+        copy.__annotations__ = types
+        with pytest.raises(TypeError, match=rf"^fit's keywords \['{name}'\] do not match"):
+            grouped_options(fit_problems)(copy)
+    assert grouped_options(fit_problems)(fit).__wrapped__ is fit  # as it is: taken
 
 
 class _Clock:
