@@ -361,9 +361,9 @@ def fit(
     for name, data in (("eval_data", eval_data), ("test_data", test_data)):
         if (shared := _shared_persistent_iterator(name, data, train_data, train)) is not None:
             raise ConfigError(shared)
-    eval_batch_size = batching.eval_batch_size or batching.batch_size
-    evals = _eval_source(eval_data, eval_batch_size, shard, target)
-    tests = _eval_source(test_data, eval_batch_size, shard, target)
+    evals_size = batching.eval_batch_size or batching.batch_size
+    evals = _eval_source(eval_data, evals_size, shard, target)
+    tests = _eval_source(test_data, evals_size, shard, target)
     if (empty := empty_data_problem(train)) is not None:
         raise ConfigError(empty)
     manager = _manager(options, state, main)

@@ -3,7 +3,9 @@ shown to callbacks; and `max_time`, an option added through them."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 import time
 import typing
 from pathlib import Path
@@ -224,3 +226,14 @@ def test_max_time_is_not_compared_on_resume(tmp_path: Path) -> None:
         make_state(), dataset(), max_steps=4, config=config, resume=True, **first
     )  # no ConfigError: a longer run in another time slot is what a resume is for
     assert int(result.state.step) == 4
+
+
+def test_fits_body_reads_its_options_from_the_groups_only() -> None:
+    """In fit's body the flat keywords hold their defaults (the groups hold the call's values):
+    a flat name read there would be a bug, whatever the call gave."""
+    source = textwrap.dedent(inspect.getsource(ft.fit.__wrapped__))  # type: ignore[attr-defined]
+    (function,) = ast.parse(source).body
+    assert isinstance(function, ast.FunctionDef)
+    named = {n.id for stmt in function.body[1:] for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+    assert sorted(named & set(OPTION_NAMES)) == []
+    assert {"stopping", "evaluation", "batching", "checkpointing", "logging"} <= named
