@@ -41,6 +41,15 @@ from functrain.driver.data import (
 from functrain.driver.evaluation import EvalMetric, evaluate
 from functrain.driver.fit import FitResult, fit
 from functrain.driver.history import History
+from functrain.driver.options import (
+    Batching,
+    Checkpointing,
+    Evaluation,
+    Execution,
+    FitOptions,
+    Logging,
+    Stopping,
+)
 from functrain.driver.run_config import ConfigChangeWarning
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import (
@@ -167,6 +176,14 @@ __all__ = [
     "EmptyState",
     "EvalMetric",
     "FitResult",
+    # fit's options, as groups
+    "Stopping",
+    "Evaluation",
+    "Batching",
+    "Checkpointing",
+    "Logging",
+    "Execution",
+    "FitOptions",
     "FunctrainError",
     "History",
     "IdenticalMembersWarning",

@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from functrain.config.compose import dotted, hydra_modules
-from functrain.config.keys import SECTIONS, SET_ELSEWHERE, did_you_mean
+from functrain.config.keys import SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
 from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
 from functrain.driver.fit import FitResult, fit
-from functrain.driver.run_config import config_option_problems, json_config
+from functrain.driver.run_config import json_config
 from functrain.errors import ConfigError
 from functrain.optim.base import Transform
 
@@ -199,10 +199,8 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
         p.append(f"seed: expected an int (or null: no seeding), got {seed!r}")
     if not isinstance(config.get("callbacks") or [], list):
         p.append(f"callbacks: expected a list of callbacks, got {_got(config['callbacks'])}")
-    p.extend(
-        _keyword_problems(config, "state", TrainState.create, ("module", "optimizer", "loss_fn"))
-    )
-    p.extend(_keyword_problems(config, "fit", fit, tuple(SET_ELSEWHERE)))
+    p.extend(_keyword_problems(config, "state", "TrainState.create"))
+    p.extend(_keyword_problems(config, "fit", "fit"))
     return p
 
 
@@ -213,15 +211,15 @@ _ROLE = {
 }
 
 
-def _keyword_problems(
-    config: dict[str, Any], section: str, fn: Callable[..., Any], reserved: tuple[str, ...]
-) -> list[str]:
+def _keyword_problems(config: dict[str, Any], section: str, taker: str) -> list[str]:
     node = config.get(section, {})
     if node is None:
         return []
+    name = taker.rpartition(".")[2]
     if not isinstance(node, dict) or "_target_" in node:
-        return [f"{section}: expected a mapping of {fn.__name__}'s arguments, got {_got(node)}"]
-    names = [n for n in inspect.signature(fn).parameters if n not in reserved]
+        return [f"{section}: expected a mapping of {name}'s arguments, got {_got(node)}"]
+    names = section_arguments(section) or []
+    reserved = ("module", "optimizer", "loss_fn") if section == "state" else tuple(SET_ELSEWHERE)
     p = []
     for key in node:
         if key in reserved:
@@ -229,8 +227,7 @@ def _keyword_problems(
             p.append(f"{section}.{key}: set by {where}, not here")
         elif key not in names:
             p.append(
-                f"{section}.{key}: {fn.__qualname__} takes no argument "
-                f"{key!r}{did_you_mean(key, names)}"
+                f"{section}.{key}: {taker} takes no argument {key!r}{did_you_mean(key, names)}"
             )
     return p
 
@@ -344,33 +341,23 @@ def _cause(error: BaseException) -> str:
 def _fit_problems(state: TrainState, data: dict[str, Any], fit_kwargs: dict[str, Any]) -> list[str]:
     """`fit`'s argument checks on what the config gives it.
 
-    Each problem is keyed by the argument it names.
+    Each problem is keyed by the option it names.
     """
-    kw = {
-        n: p.default
-        for n, p in inspect.signature(fit).parameters.items()
-        if p.default is not p.empty
-    }
-    kw.update(
-        fit_kwargs,
+    given = {k: v for k, v in fit_kwargs.items() if k != "callbacks"}
+    _, found = fit_problems(
+        given,
         state=state,
         train_data=data["train"],
         eval_data=data["eval"],
         test_data=data["test"],
+        callbacks=fit_kwargs.get("callbacks", []),
     )
-    found = [
-        *fit_problems(kw),
-        *config_option_problems(None, kw["on_config_change"], kw["config_exempt"]),
-    ]
+    options = set(section_arguments("fit") or [])
     keyed = []
     for problem in found:
         head = re.match(r"[a-z_]+", problem)
         name = head.group(0) if head else ""
-        keyed.append(
-            f"fit.{name}: {problem}"
-            if name in kw and name not in SET_ELSEWHERE
-            else f"fit: {problem}"
-        )
+        keyed.append(f"fit.{name}: {problem}" if name in options else f"fit: {problem}")
     return keyed
 
 

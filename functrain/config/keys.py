@@ -13,11 +13,11 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from functrain.core.state import TrainState
-from functrain.driver.fit import fit
+from functrain.driver.options import OPTION_NAMES
 
 __all__ = [
     "SECTIONS",
@@ -44,8 +44,9 @@ _OWN = {"state": ("module", "optimizer", "loss_fn"), "fit": tuple(SET_ELSEWHERE)
 def section_arguments(section: str) -> list[str] | None:
     """The keys a section takes; None for the others (their ``_target_`` says).
 
-    ``state`` and ``fit`` take their function's arguments (less what other sections give),
-    ``data`` its splits.
+    ``state`` takes `TrainState.create`'s arguments and ``fit`` `fit`'s options (the fields of its
+    option groups, `functrain.driver.options`), less what other sections give; ``data`` its
+    splits.
 
     Example:
         >>> section_arguments("data")
@@ -55,11 +56,12 @@ def section_arguments(section: str) -> list[str] | None:
     """
     if section == "data":
         return ["train", "eval", "test"]
-    functions: dict[str, Callable[..., Any]] = {"state": TrainState.create, "fit": fit}
-    function = functions.get(section)
-    if function is None:
+    if section == "fit":
+        return [n for n in OPTION_NAMES if n not in _OWN[section]]
+    if section != "state":
         return None
-    return [n for n in inspect.signature(function).parameters if n not in _OWN[section]]
+    create = inspect.signature(TrainState.create).parameters
+    return [n for n in create if n not in _OWN[section]]
 
 
 def target_arguments(path: str) -> list[str] | None:

@@ -31,6 +31,7 @@ from typing import IO, Any, Literal
 
 import orjson
 
+from functrain.driver.options import FitOptions
 from functrain.errors import ConfigError
 
 __all__ = [
@@ -80,17 +81,26 @@ class Run:
         saved: the path of the checkpoint just written (in ``on_save``).
         exception: the exception ending the run (in ``on_exception``), else None.
         history: the run's `History`.
-        config: the `fit` arguments with plain values (limits, intervals, batching, checkpoint
-            settings, ``accumulate_steps``), by name, and ``resumed_from``: the checkpoint a
-            resumed run goes on from (a str), else None.
+        options: `fit`'s options (`FitOptions`: ``run.options.stopping.max_steps``), typed.
+        config: the options with plain values by name (`FitOptions.run_config`: limits,
+            intervals, batching, checkpoint and logging settings; not the objects, as `eval_fn`),
+            ``accumulate_steps``, and ``resumed_from``: the checkpoint a resumed run goes on from
+            (a str), else None. A tracker logs it as the run's settings.
         user: your own state (`TrainState.user`): assign a new dict to change it; it is saved in
             the checkpoints with the rest of the state and restored on resume.
     """
 
-    def __init__(self, state: Any, history: Any, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        state: Any,
+        history: Any,
+        config: dict[str, Any],
+        options: FitOptions | None = None,
+    ) -> None:
         self.state = state
         self.history = history
         self.config = config
+        self.options = options if options is not None else FitOptions()
         self.epoch = 0
         self.step = 0
         self.batch = 0
@@ -285,12 +295,13 @@ class ProgressBar(Callback):
             )
 
     def on_train_begin(self, run: Run) -> None:
-        if run.config["run_mode"] == "step":
-            total = run.total_steps * run.config["accumulate_steps"] if run.total_steps else None
+        if run.options.evaluation.run_mode == "step":
+            k = run.state.options.accumulate_steps
+            total = run.total_steps * k if run.total_steps else None
             self._open(run, total, run.batches, "train")
 
     def on_epoch_begin(self, run: Run) -> None:
-        if run.config["run_mode"] == "epoch":
+        if run.options.evaluation.run_mode == "epoch":
             self._open(run, run.batches_per_epoch, run.batch, f"epoch {run.epoch}")
 
     def on_batch_end(self, run: Run) -> None:
@@ -306,7 +317,7 @@ class ProgressBar(Callback):
             )
 
     def on_epoch_end(self, run: Run) -> None:
-        if run.config["run_mode"] == "epoch":
+        if run.options.evaluation.run_mode == "epoch":
             self._close()
 
     def on_train_end(self, run: Run) -> None:

@@ -28,7 +28,7 @@ from functrain.checkpoint.state_io import load
 from functrain.core.donation import retire
 from functrain.core.stacked import host_count, num_members
 from functrain.core.state import LossFn, TrainState
-from functrain.driver.arguments import early_stopping_of, empty_data_problem, fit_problems
+from functrain.driver.arguments import empty_data_problem, fit_problems
 from functrain.driver.callbacks import (
     Callback,
     ConsoleLogger,
@@ -43,21 +43,24 @@ from functrain.driver.data import (
     MemberSource,
     as_source,
     batch_device,
-    batch_size_problems,
-    member_problems,
     to_device,
 )
 from functrain.driver.evaluation import EvalMetric
 from functrain.driver.history import History
 from functrain.driver.loop import Loop
-from functrain.driver.run_config import (
-    ConfigChangeWarning,
-    config_changes,
-    config_option_problems,
-    json_config,
+from functrain.driver.options import (
+    Batching,
+    Checkpointing,
+    Evaluation,
+    Execution,
+    FitOptions,
+    Logging,
+    Stopping,
+    grouped_options,
 )
+from functrain.driver.run_config import ConfigChangeWarning, config_changes
 from functrain.driver.stopping import EarlyStopping
-from functrain.errors import CheckpointError, ConfigError, config_check
+from functrain.errors import CheckpointError, ConfigError
 
 __all__ = ["fit", "FitResult"]
 
@@ -79,9 +82,10 @@ class FitResult:
         checkpoints: ``{"best": path, "latest": path, "all": [paths]}`` (None / [] without a
             directory); with ``best_per_member=True`` also ``"member_bests"``: each member's best
             checkpoint (None where a member has none yet).
-        stop_reason: why the run ended: ``"max_epochs"``, ``"max_steps"``, ``"early_stopping"``,
-            ``"nonfinite_val_loss"`` / ``"nonfinite_loss"``, ``"pruned"`` (an Optuna pruner stopped
-            the trial through `OptunaPruning`: raise ``optuna.TrialPruned`` after `fit`),
+        stop_reason: why the run ended: ``"max_epochs"``, ``"max_steps"``, ``"max_time"``,
+            ``"early_stopping"``, ``"nonfinite_val_loss"`` / ``"nonfinite_loss"``, ``"pruned"``
+            (an Optuna pruner stopped the trial through `OptunaPruning`: raise
+            ``optuna.TrialPruned`` after `fit`),
             ``"interrupted"`` (Ctrl-C, or a `KeyboardInterrupt` raised in a callback: `state` is
             the one after the last completed update, and ``fit(result.state, ...)`` with the same
             arguments goes on as if never interrupted; no test evaluation), or the reason a
@@ -165,6 +169,7 @@ def _short(metrics: dict[str, float]) -> str:
     )
 
 
+@grouped_options(fit_problems)
 def fit(
     state: TrainState,
     train_data: Any,
@@ -176,6 +181,7 @@ def fit(
     run_mode: Literal["epoch", "step"] = "epoch",
     max_epochs: int | None = None,
     max_steps: int | None = None,
+    max_time: float | None = None,
     eval_every: int = 1,
     log_every: int = 50,
     batch_size: int | None = None,
@@ -208,6 +214,12 @@ def fit(
     config: Mapping[str, Any] | None = None,
     on_config_change: Literal["error", "warn"] = "error",
     config_exempt: Sequence[str] = (),
+    stopping: Stopping = Stopping(),
+    evaluation: Evaluation = Evaluation(),
+    batching: Batching = Batching(),
+    checkpointing: Checkpointing = Checkpointing(),
+    logging: Logging = Logging(),
+    execution: Execution = Execution(),
 ) -> FitResult:
     """Train `state` on `train_data`: evaluate, checkpoint, stop early, log, and resume exactly.
 
@@ -220,6 +232,21 @@ def fit(
     decided by reference count (`sys.getrefcount`): a state that anything besides the loop holds
     (a callback that kept ``run.state``) is stepped pure, whatever `donate` says. Nor is the
     module `state` was created from: the trained one is ``result.module`` (`FitResult.module`).
+
+    Every option is a field of one of six groups, documented there: `Stopping` (``max_epochs``,
+    ``max_steps``, ``max_time``, ``early_stopping``, ``stop_on_nonfinite``), `Evaluation`
+    (``run_mode``, ``eval_every``, ``eval_fn``, ``eval_metrics``, ``best_metric``, ``mode``,
+    ``best_per_member``, ``test_every_eval``), `Batching` (``batch_size``, ``eval_batch_size``,
+    ``shuffle``, ``drop_last``, ``data_seed``, ``num_workers``), `Checkpointing`
+    (``checkpoint_dir``, ``save_every``, ``keep_last``, ``keep_best``, ``async_save``,
+    ``resume``, ``config``, ``on_config_change``, ``config_exempt``), `Logging` (``log_every``,
+    ``progress``, ``verbosity``, ``log_file``, ``grad_stats``, ``memory``) and `Execution`
+    (``compile``, ``donate``, ``device``). Pass each as a keyword, or a whole group:
+    ``fit(..., checkpointing=ft.Checkpointing("ckpt", keep_last=2))``, a value to reuse across
+    runs; a group and a keyword of its own together are refused (a `ConfigError`), groups and
+    the other groups' keywords mix freely. Options that act on something not given (early
+    stopping without `eval_data`, `keep_last` without `checkpoint_dir`) are refused too, not
+    ignored.
 
     Args:
         state: the initial `TrainState` (with ``resume=True``, the template to restore into).
@@ -248,106 +275,9 @@ def fit(
             It may be the training data's own source (one `DataLoaderSource` given as both): its
             evaluation passes are not recorded in checkpoints nor cut the training pass short.
         test_data: evaluated once at the end with the best checkpoint's weights (``test_loss``).
-        eval_fn: the evaluation's own step, the counterpart of Lightning's ``validation_step``:
-            ``eval_fn(model, batch) -> loss`` or ``-> (loss, {name: tensor})``, as `loss_fn`, run
-            without gradients on `eval_data` and `test_data` (None: the state's `loss_fn`). Its
-            loss is ``val_loss``, its metrics ``val_<name>``; it may update `eval_metrics`.
-            Evaluations run eagerly, also with ``compile=True``.
-        eval_metrics: ``{name: metric}``: metrics over the whole evaluation set, for values that
-            are no mean of per-batch values (macro-F1, AUROC; what Hugging Face computes in
-            ``compute_metrics``). Objects in torchmetrics' shape (``MulticlassF1Score(3,
-            average="macro")``, or any `EvalMetric`: ``update``, ``compute``, ``reset``) that
-            `eval_fn` updates (``f1.update(logits, y)``; one kept on the module, Lightning's
-            ``self.val_f1``, is ``state.module.val_f1``, the state's copy that `eval_fn`'s model
-            updates: a metric no batch updated is an error). Each evaluation resets them first and
-            adds their ``compute()`` (one number) as ``val_<name>`` (``val_ema_<name>`` on the EMA
-            weights, ``test_<name>`` on `test_data`): in the history, the console line, every
-            callback's ``run.eval_metrics`` at ``on_eval_end``, the checkpoints' metrics, and
-            usable as `best_metric` and as early stopping's target. One that is an `nn.Module`
-            is moved to the state's device. With several ranks ``compute()`` must give the value
-            over all of them, as torchmetrics' metrics do (ranks computing different values are
-            an error). Not for a stacked state (evaluate its members apart). A resumed run stays
-            exact: the objects hold nothing from one evaluation to the next.
-        run_mode: ``"epoch"`` or ``"step"``: the unit of `eval_every`.
-        max_epochs: stop after this many epochs. max_steps: stop after this many updates.
-        eval_every: evaluation interval, in epochs or updates per `run_mode`.
-        log_every: updates per log interval: the only time step metrics are read back.
-        batch_size / eval_batch_size: for map-style datasets; refused (a `ConfigError`) where
-            no data would use them: a `DataLoader` or a list of batches makes its own batches.
-        shuffle / drop_last / num_workers: batching of map-style training data.
-        data_seed: the seed of the data's order (map-style data, a DataLoader) and of the
-            randomness drawn while loading it.
-        checkpoint_dir: where checkpoints go; None disables them.
-        save_every: save a regular checkpoint every this many updates, and at each evaluation
-            that improves `best_metric`; None saves at each evaluation and epoch end. The run's
-            final state is always saved.
-        keep_last: regular checkpoints to keep (None keeps all). keep_best: best ones to keep.
-        best_metric / mode: the evaluation metric deciding "best" (and watched by plateau
-            schedules). A metric object of `eval_metrics` that declares ``higher_is_better``
-            (torchmetrics' do) must agree with `mode` (and so with early stopping's mode).
-            Of a stacked state (`functrain.stack`), the mean over the members (``val_loss``) or
-            one member's column (``val_loss[3]``); early stopping's target is either too.
-        best_per_member: of a stacked state, also keep each member's best: member k's best
-            evaluation by its column of `best_metric` (``val_loss[k]``) is in
-            ``result.member_bests[k]`` and, with `checkpoint_dir`, its checkpoint in
-            ``result.checkpoints["member_bests"][k]`` (``CheckpointManager.best(member=k)``;
-            ``restore_best(like, member=k)`` gives member k's state). Such a checkpoint holds
-            every member; one is written per evaluation that improved any member, and kept while
-            it is any member's best, besides the `keep_best` best.
-        async_save: write checkpoints in a background thread.
-        early_stopping: an `EarlyStopping`, or the dict of its arguments (``{"target": "val_loss",
-            "patience": 3, "mode": "min", "min_delta": 0.0}``, every key optional); its counters
-            live in the state. Needs `eval_data`.
         callbacks: extra callbacks (see `functrain.driver.callbacks`).
-        progress: show a progress bar.
-        verbosity: console lines: ``"silent"``, ``"minimal"`` (epochs, evaluations),
-            ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings,
-            memory).
-        log_file: append a JSONL line per log interval, evaluation and epoch.
-        resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any), printing
-            ``resumed from <checkpoint> at step N (epoch E, batch B)`` (not with ``"silent"``);
-            callbacks find the checkpoint in ``run.config["resumed_from"]``. Without it, a
-            `checkpoint_dir` that already holds checkpoints is an error: runs never mix.
-            With several ranks, rank 0 writes the directory and the others only read it; of a
-            sharded state (`TrainState.create(..., sharding=...)`), every rank writes its own shards
-            and rank 0 the manifest, and every rank restores its own part.
-        compile: step with `functrain.compile_step()` (the step body compiled once, a graph per
-            batch shape; of a sharded state, its loss function and backward).
-        donate: give `state` up to the run (see above): its tensors hold the run's first step,
-            and a later use raises `DonatedStateError` (keep a copy with ``state.clone()``
-            first if you need one). The results are bit for bit those without it. A run that
-            takes no step (one resumed after its last) leaves `state` as it was.
-        device: where the batches go (None: the state's device, which it must be: build the
-            state from ``module.to(device)``). Tensors elsewhere are moved there, asynchronously
-            from pinned memory for a CUDA target, so `loss_fn` needs no ``.to(device)``.
-        stop_on_nonfinite: ``"eval"`` ends the run when an evaluation's ``val_loss`` (or
-            `best_metric`) is NaN or Inf, ``"train"`` also when a log interval's mean training
-            loss is (read at log intervals only), ``"none"`` never. The run then returns with
-            `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the non-finite state in
-            the result, and the checkpoints as the last finite state left them (nothing is saved
-            after).
-        test_every_eval: evaluate `test_data` at each evaluation too (``test_loss`` in the eval
-            rows).
-        grad_stats: ``"layer"`` or ``"param"``: add per-group gradient norms and update/weight
-            ratios to the metrics (``grad_norm/<group>``, ``update_ratio/<group>``; computed on the
-            device, read at log intervals; see `TrainState.create`), also under `compile`.
-        memory: memory columns of the train rows: ``"host"`` the process's peak resident memory
-            (``memory_mib``), ``"device"`` also, on CUDA, the peak allocated and reserved memory
-            of each log interval (``cuda_max_allocated_mib``, ``cuda_max_reserved_mib``),
-            ``"none"``.
-        config: the run's resolved config (JSON-able; ``functrain run`` passes the one it built),
-            saved in every checkpoint's manifest (``metadata["config"]``). On ``resume=True`` it
-            is compared with the config of the checkpoint restored (see
-            `functrain.driver.run_config`: dotted keys, and the keys exempt by design).
-        on_config_change: a resumed run whose config differs: ``"error"`` refuses it (a
-            `ConfigError` naming each changed key, ``old -> new``), ``"warn"`` continues with the
-            new config after a `ConfigChangeWarning` naming them, where the checkpoint can take
-            the change: a changed model or optimizer (their names are in the checkpoint's
-            fingerprint) still fails to restore (`StateMismatchError`, which shows how to start
-            a new state from the weights with `load_weights`).
-        config_exempt: dotted keys or `fnmatch` patterns also left out of that comparison (besides
-            ``resume``, ``progress``, ``verbosity``, ``log_file``, ``checkpoint_dir``,
-            ``max_epochs``, ``max_steps`` and these two options, exempt by design).
+        stopping / evaluation / batching / checkpointing / logging / execution: the options
+            as whole groups (see above); each option's own keyword documents it there.
 
     Returns:
         A `FitResult`: the trained module (``result.module``), the final state, the history, the
@@ -409,112 +339,118 @@ def fit(
         >>> [k for k in result.history.last("eval") if k.startswith("val_")]
         ['val_loss', 'val_worst']
     """
+    # the options arrive as their groups (`grouped_options` mapped and checked the keywords)
     given = state  # what donate=True gives up
-    config_check(
-        [
-            *fit_problems(locals()),
-            *batch_size_problems(train_data, (eval_data, test_data), batch_size, eval_batch_size),
-            *member_problems(
-                state, {"train_data": train_data, "eval_data": eval_data, "test_data": test_data}
-            ),
-            *config_option_problems(config, on_config_change, config_exempt),
-        ],
-        "fit",
-    )
-    config = json_config(config)[0] if config is not None else None
-    early_stopping, _ = early_stopping_of(early_stopping)
-    target = batch_device(device, state)
-    if grad_stats is not None:
-        state = state.replace(grad_stats=grad_stats)
+    options = FitOptions(stopping, evaluation, batching, checkpointing, logging, execution)
+    target = batch_device(execution.device, state)
+    if logging.grad_stats is not None:
+        state = state.replace(grad_stats=logging.grad_stats)
     # with several ranks: each reads its shard of every global batch; rank 0 alone writes
     shard = (state.dist.rank, state.dist.world_size) if state.dist is not None else (0, 1)
     main = shard[0] == 0
-    hooks = _callbacks(
-        callbacks, progress and main, verbosity if main else "silent", log_file if main else None
-    )
+    hooks = _callbacks(callbacks, logging, main)
     train = as_source(
         train_data,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        seed=data_seed,
-        num_workers=num_workers,
+        batch_size=batching.batch_size,
+        shuffle=batching.shuffle,
+        drop_last=batching.drop_last,
+        seed=batching.data_seed,
+        num_workers=batching.num_workers,
         shard=shard,
     )
     for name, data in (("eval_data", eval_data), ("test_data", test_data)):
         if (shared := _shared_persistent_iterator(name, data, train_data, train)) is not None:
             raise ConfigError(shared)
-    evals = _eval_source(eval_data, eval_batch_size or batch_size, shard, target)
-    tests = _eval_source(test_data, eval_batch_size or batch_size, shard, target)
+    evals_size = batching.eval_batch_size or batching.batch_size
+    evals = _eval_source(eval_data, evals_size, shard, target)
+    tests = _eval_source(test_data, evals_size, shard, target)
     if (empty := empty_data_problem(train)) is not None:
         raise ConfigError(empty)
-    manager = None
-    if checkpoint_dir:
-        # rank 0 holds the directory's lock; of a replicated state it writes everything and the
-        # other
-        # ranks only read, of a sharded one every rank writes its own shards
-        sharded = state.dist is not None and has_dtensors(state.tree())
-        writes = main or sharded
-        saved_with = (
-            {"config": config} if config is not None else None
-        )  # in every checkpoint's manifest
-        manager = CheckpointManager(
-            checkpoint_dir,
-            keep_last=keep_last,
-            keep_best=keep_best,
-            best_metric=best_metric,
-            mode=mode,
-            best_per_member=best_per_member,
-            async_save=async_save and writes,
-            readonly=not writes,
-            sharded=sharded,
-            metadata=saved_with,
-        )
+    manager = _manager(options, state, main)
     try:
-        if manager is not None and not resume and (manager.all() or manager.bests()):
-            # a fresh run would rotate, and pick its best among, another run's checkpoints
-            raise ConfigError(
-                f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints of a run; pass "
-                "resume=True to continue that run, or give this run a directory of its own "
-                "(nothing was changed there)"
-            )
-        resumed_from = None  # in the loop's config: the callbacks' run.config["resumed_from"]
-        if resume and manager is not None:
-            # compared before loading: a changed optimizer would otherwise fail as a fingerprint
-            # mismatch
-            compared = _compare_config(manager.latest(), config, on_config_change, config_exempt)
-            restored = manager.restore_latest(like=state)
-            if (
-                restored is not None and manager.restored != compared
-            ):  # the latest did not load: an older one did
-                _compare_config(manager.restored, config, on_config_change, config_exempt)
-            state = restored or state
-            resumed_from = str(manager.restored) if restored is not None else None
+        state, resumed_from = _restored(manager, state, checkpointing)
         loop = Loop(
             state,
             train,
             evals,
             manager,
             hooks,
-            early_stopping,
-            compile,
-            locals(),
-            tests=tests if test_every_eval else None,
+            options,
+            tests=tests if evaluation.test_every_eval else None,
             device=target,
-            donate=donate,
+            resumed_from=resumed_from,
         )
-        if main and verbosity != "silent" and (line := loop.resumed_line()) is not None:
+        if main and logging.verbosity != "silent" and (line := loop.resumed_line()) is not None:
             print(line, flush=True)
         loop.run()
     finally:
         if manager is not None:
             manager.close()
-    if donate and loop.stepped:
+    if execution.donate and loop.stepped:
         # the first step wrote into the given state's tensors (or a copy sharing them): refused
         retire(given, _DONATED)
     if state.dist is not None:
         torch.distributed.barrier(group=state.dist.group)  # rank 0's last checkpoint is committed
     return _result(loop, manager, tests)
+
+
+def _manager(options: FitOptions, state: TrainState, main: bool) -> CheckpointManager | None:
+    """The manager of `checkpoint_dir` (None without one).
+
+    Rank 0 holds the directory's lock; of a replicated state it writes everything and the other
+    ranks only read, of a sharded one every rank writes its own shards.
+    """
+    checkpointing, evaluation = options.checkpointing, options.evaluation
+    if not checkpointing.checkpoint_dir:
+        return None
+    sharded = state.dist is not None and has_dtensors(state.tree())
+    writes = main or sharded
+    config = checkpointing.config
+    return CheckpointManager(
+        checkpointing.checkpoint_dir,
+        keep_last=checkpointing.keep_last,
+        keep_best=checkpointing.keep_best,
+        best_metric=evaluation.best_metric,
+        mode=evaluation.mode,
+        best_per_member=evaluation.best_per_member,
+        async_save=checkpointing.async_save and writes,
+        readonly=not writes,
+        sharded=sharded,
+        metadata={"config": dict(config)} if config is not None else None,  # in every manifest
+    )
+
+
+def _restored(
+    manager: CheckpointManager | None, state: TrainState, checkpointing: Checkpointing
+) -> tuple[TrainState, str | None]:
+    """The state the run starts from, and the checkpoint it was restored from (None: `state`).
+
+    Raises:
+        ConfigError: a fresh run in a directory that holds another run's checkpoints, or a
+            resume whose config differs from the checkpoint's (``on_config_change="error"``).
+    """
+    if manager is None:
+        return state, None
+    if not checkpointing.resume:
+        if manager.all() or manager.bests():
+            # a fresh run would rotate, and pick its best among, another run's checkpoints
+            raise ConfigError(
+                f"checkpoint_dir {str(checkpointing.checkpoint_dir)!r} already holds checkpoints "
+                "of a run; pass resume=True to continue that run, or give this run a directory of "
+                "its own (nothing was changed there)"
+            )
+        return state, None
+    config = dict(checkpointing.config) if checkpointing.config is not None else None
+    change, exempt = checkpointing.on_config_change, checkpointing.config_exempt
+    # compared before loading: a changed optimizer would otherwise fail as a fingerprint mismatch
+    compared = _compare_config(manager.latest(), config, change, exempt)
+    restored = manager.restore_latest(like=state)
+    if restored is not None and manager.restored != compared:
+        # the latest did not load: an older one did
+        _compare_config(manager.restored, config, change, exempt)
+    if restored is None:
+        return state, None
+    return restored, str(manager.restored)
 
 
 def _compare_config(
@@ -536,7 +472,7 @@ def _compare_config(
             f"checkpoint {checkpoint.name} records no config: the resumed run's config could not "
             "be compared",
             ConfigChangeWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
         return checkpoint
     changes = config_changes(recorded, config, exempt)
@@ -547,7 +483,7 @@ def _compare_config(
         warnings.warn(
             f"resuming from {checkpoint.name} with a changed config (old -> new):\n  - {listing}",
             ConfigChangeWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
         return checkpoint
     raise ConfigError(
@@ -614,16 +550,15 @@ class _EpochView:
             yield to_device(batch, self.device) if self.device is not None else batch
 
 
-def _callbacks(
-    extra: Sequence[Any], progress: bool, verbosity: str, log_file: str | Path | None
-) -> list[Any]:
+def _callbacks(extra: Sequence[Any], logging: Logging, main: bool) -> list[Any]:
+    """The run's callbacks: the progress bar and loggers `logging` asks for (rank 0's), `extra`."""
     hooks: list[Any] = []
-    if progress:
+    if logging.progress and main:
         hooks.append(ProgressBar())
-    if verbosity != "silent":
-        hooks.append(ConsoleLogger(verbosity))  # type: ignore[arg-type]
-    if log_file is not None:
-        hooks.append(JsonlLogger(log_file))
+    if logging.verbosity != "silent" and main:
+        hooks.append(ConsoleLogger(logging.verbosity))
+    if logging.log_file is not None and main:
+        hooks.append(JsonlLogger(logging.log_file))
     for cb in extra:
         check_callback(cb)
         hooks.append(cb)
@@ -652,5 +587,5 @@ def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitRes
         paths,
         loop.stop_reason or "finished",
         ledger.empty_batches,
-        ledger.member_bests if loop.cfg["best_per_member"] else None,
+        ledger.member_bests if loop.options.evaluation.best_per_member else None,
     )

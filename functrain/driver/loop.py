@@ -31,48 +31,13 @@ from functrain.driver.callbacks import Run
 from functrain.driver.data import IterableSource, MemberSource, samples_per_member, to_device
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
-from functrain.driver.stopping import EarlyStopping
+from functrain.driver.options import FitOptions
 from functrain.errors import ConfigError, DonatedStateError, NonFiniteError
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.plateau import observe_plateau
 from functrain.optim.wrappers import check_skip_limits
 
-__all__ = ["Loop", "LOOP_OPTIONS", "FIT_SETTINGS"]
-
-# the arguments of `fit` the loop reads (callbacks see them as `run.config`)
-LOOP_OPTIONS = (
-    "run_mode",
-    "max_epochs",
-    "max_steps",
-    "eval_every",
-    "log_every",
-    "save_every",
-    "best_metric",
-    "mode",
-    "best_per_member",
-    "stop_on_nonfinite",
-    "memory",
-)
-# the other plain-valued arguments of `fit`, which the loop does not read: callbacks see them in
-# `run.config` too (a tracker logs them as the run's settings)
-FIT_SETTINGS = (
-    "batch_size",
-    "eval_batch_size",
-    "shuffle",
-    "drop_last",
-    "data_seed",
-    "num_workers",
-    "checkpoint_dir",
-    "keep_last",
-    "keep_best",
-    "async_save",
-    "resume",
-    "compile",
-    "grad_stats",
-    "test_every_eval",
-    "config",
-    "resumed_from",  # the checkpoint a resumed run goes on from (a str), else None
-)
+__all__ = ["Loop"]
 
 # the stop reasons of a run ended by a non-finite value: nothing is saved after them
 NONFINITE_STOPS = ("nonfinite_val_loss", "nonfinite_loss")
@@ -88,29 +53,26 @@ class Loop:
         evals: Any,
         manager: CheckpointManager | None,
         hooks: list[Any],
-        early: EarlyStopping | None,
-        compile: bool,
-        cfg: dict[str, Any],
+        options: FitOptions,
         *,
         tests: Any = None,
         device: torch.device | None = None,
-        donate: bool = False,
+        resumed_from: str | None = None,
     ) -> None:
-        self.cfg = {k: cfg[k] for k in LOOP_OPTIONS} | {k: cfg.get(k) for k in FIT_SETTINGS}
+        self.options = options
+        self.stopping, self.evaluating = options.stopping, options.evaluation
         self.tests = tests  # evaluated with each evaluation (fit's test_every_eval)
-        # the evaluation's own step and metric objects (not plain values: not in run.config)
-        self.eval_fn, self.eval_metrics = cfg.get("eval_fn"), cfg.get("eval_metrics")
+        self.resumed_from = resumed_from  # the checkpoint a resumed run goes on from
         self.device = device or state.device
-        self.cfg["accumulate_steps"] = state.options.accumulate_steps
         self.train, self.evals, self.manager, self.hooks = train, evals, manager, hooks
-        self.step_fn = compile_step() if compile else train_step
+        self.step_fn = compile_step() if options.execution.compile else train_step
         # the optimizer's own metrics measure updates, as the rate does (averaged over updates)
         own = set(transform_metrics(state.opt_state)) - {"skipped"}
-        self.ledger = Ledger.from_tree(state.driver, early, own)
+        self.ledger = Ledger.from_tree(state.driver, self.stopping.early_stopping, own)
         self.state = state
         # before the first step the state is the one the run starts from, or shares its tensors
         # (`replace` keeps them): `fit`'s caller holds it, unless `donate` says it was given up
-        self._donate_start = donate
+        self._donate_start = options.execution.donate
         self.stepped = False  # whether a step ran (and so whether `donate` took the start state)
         # an epoch resumed on another number of ranks (its rest dealt anew), which may be empty
         self.dealt_epoch: int | None = None
@@ -153,21 +115,29 @@ class Loop:
                 # throw away the batches they prefetched (samples read for nothing)
                 train.state_tree()
         self.k = state.options.accumulate_steps
-        self.run_ctx = Run(state, self.ledger.history, self.cfg)
+        # callbacks read the options as `run.options`, and the plain ones by name as `run.config`
+        config = options.run_config() | {
+            "accumulate_steps": self.k,
+            "resumed_from": resumed_from,
+        }
+        self.run_ctx = Run(state, self.ledger.history, config, options)
         self.stop_reason: str | None = state.driver.get("stop_reason")
         self.interrupt_asked = False  # Ctrl-C came during an update: stop after it
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
+        max_time = self.stopping.max_time
+        # the wall-clock budget of this call (fit's max_time), from the start of its loop
+        self._deadline = time.monotonic() + max_time if max_time is not None else None
 
     def resumed_line(self) -> str | None:
         """Where a resumed run goes on from: the checkpoint and the position; None for a new run.
 
         Example: ``resumed from ckpt/step-00000012 at step 12 (epoch 1, batch 4)``.
         """
-        path = self.cfg.get("resumed_from")
-        if path is None:
+        if self.resumed_from is None:
             return None
-        return f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.pos})"
+        where = f"step {self.step} (epoch {self.epoch}, batch {self.pos})"
+        return f"resumed from {self.resumed_from} at {where}"
 
     def fire(self, hook: str) -> None:
         """Call `hook` on every callback, with the run as it stands."""
@@ -275,11 +245,10 @@ class Loop:
             if not isinstance(self.train, (IterableSource, MemberSource)) or self.train.has_len()
             else None
         )
-        ctx.total_steps = self.cfg["max_steps"] or (
-            ctx.batches_per_epoch * self.cfg["max_epochs"] // self.k
-            if ctx.batches_per_epoch
-            else None
-        )
+        stopping = self.stopping
+        ctx.total_steps = stopping.max_steps
+        if ctx.total_steps is None and ctx.batches_per_epoch and stopping.max_epochs is not None:
+            ctx.total_steps = ctx.batches_per_epoch * stopping.max_epochs // self.k
         ctx.batches = self.epoch * (ctx.batches_per_epoch or 0) + self.pos
         self.fire("on_train_begin")
         while self.stop_reason is None:
@@ -313,9 +282,10 @@ class Loop:
 
     def _limit_reached(self) -> str | None:
         # checked before each epoch: a resumed run that had already finished takes no further step
-        if self.cfg["max_epochs"] is not None and self.epoch >= self.cfg["max_epochs"]:
+        stopping = self.stopping
+        if stopping.max_epochs is not None and self.epoch >= stopping.max_epochs:
             return "max_epochs"
-        if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
+        if stopping.max_steps is not None and self.step >= stopping.max_steps:
             return "max_steps"
         if self.ledger.early is not None and self.ledger.early.should_stop:
             return "early_stopping"
@@ -366,22 +336,25 @@ class Loop:
         self.run_ctx.logs = None
         if update_done:
             self.step += 1
-            if self.step % self.cfg["log_every"] == 0:
+            if self.step % self.options.logging.log_every == 0:
                 self._log()
         self.fire("on_batch_end")
         self.run_ctx.logs = None
         if not update_done:
             return
+        evaluating, save_every = self.evaluating, self.options.checkpointing.save_every
         if (
-            self.cfg["run_mode"] == "step"
+            evaluating.run_mode == "step"
             and self.evals is not None
-            and self.step % self.cfg["eval_every"] == 0
+            and self.step % evaluating.eval_every == 0
         ):
             self._evaluate()
-        if self.cfg["save_every"] and self.step % self.cfg["save_every"] == 0:
+        if save_every and self.step % save_every == 0:
             self._save()
-        if self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]:
+        if self.stopping.max_steps is not None and self.step >= self.stopping.max_steps:
             self.stop_reason = self.stop_reason or "max_steps"
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self.stop_reason = self.stop_reason or "max_time"
         self._stop_if_interrupted()
 
     def _stop_if_interrupted(self) -> None:
@@ -396,14 +369,14 @@ class Loop:
             "step": self.step,
             "epoch": self.epoch,
             **self.ledger.window.flush(reset=not partial),
-            **memory_columns(self.cfg["memory"], self.device),
+            **memory_columns(self.options.logging.memory, self.device),
         }
         if partial:
             row["partial"] = True
         self._check_lr(row.get("lr", 0.0))
         self.ledger.history.add("train", row)
         self.run_ctx.logs = row
-        if self.cfg["stop_on_nonfinite"] == "train" and not math.isfinite(row["loss"]):
+        if self.stopping.stop_on_nonfinite == "train" and not math.isfinite(row["loss"]):
             self.stop_reason = self.stop_reason or "nonfinite_loss"
 
     def _check_lr(self, lr: float) -> None:
@@ -431,15 +404,16 @@ class Loop:
             epoch=self.state.epoch + 1, epoch_step=torch.zeros_like(self.state.epoch_step)
         )
         self.ledger.end_epoch(self.epoch - 1, self.step, time.perf_counter() - self._epoch_t0)
+        evaluating = self.evaluating
         if (
-            self.cfg["run_mode"] == "epoch"
+            evaluating.run_mode == "epoch"
             and self.evals is not None
-            and self.epoch % self.cfg["eval_every"] == 0
+            and self.epoch % evaluating.eval_every == 0
         ):
             self._evaluate()
-        elif self.manager is not None and self.cfg["save_every"] is None:
+        elif self.manager is not None and self.options.checkpointing.save_every is None:
             self._save()
-        if self.cfg["max_epochs"] is not None and self.epoch >= self.cfg["max_epochs"]:
+        if self.stopping.max_epochs is not None and self.epoch >= self.stopping.max_epochs:
             self.stop_reason = self.stop_reason or "max_epochs"
         self.fire("on_epoch_end")
 
@@ -448,9 +422,10 @@ class Loop:
         metrics = self.evaluation(self.evals, "val_")
         if self.tests is not None:
             metrics.update(self.evaluation(self.tests, "test_"))
-        if self.cfg["best_metric"] not in metrics:
+        best_metric = self.evaluating.best_metric
+        if best_metric not in metrics:
             raise ConfigError(
-                f"best_metric={self.cfg['best_metric']!r} is not among the evaluation's metrics "
+                f"best_metric={best_metric!r} is not among the evaluation's metrics "
                 f"{sorted(metrics)}: pass one of them as best_metric, or produce it (prefixed "
                 "'val_' in evaluations): a metric eval_fn (or loss_fn) returns, or a metric "
                 "object in eval_metrics"
@@ -465,8 +440,8 @@ class Loop:
             },
         )
         self.run_ctx.eval_metrics = metrics
-        if self.cfg["stop_on_nonfinite"] != "none" and not all(
-            math.isfinite(metrics[k]) for k in {"val_loss", self.cfg["best_metric"]} & set(metrics)
+        if self.stopping.stop_on_nonfinite != "none" and not all(
+            math.isfinite(metrics[k]) for k in {"val_loss", best_metric} & set(metrics)
         ):
             # neither best, plateau nor early stopping can use it; the checkpoints keep the last
             # finite state
@@ -474,19 +449,19 @@ class Loop:
             self.fire("on_eval_end")
             return
         self.state = self.state.replace(
-            opt_state=observe_plateau(self.state.opt_state, metrics[self.cfg["best_metric"]])
+            opt_state=observe_plateau(self.state.opt_state, metrics[best_metric])
         )
         new_best = self.ledger.record_eval(
             metrics,
             self.step,
-            self.cfg["best_metric"],
-            self.cfg["mode"],
-            per_member=self.cfg["best_per_member"],
+            best_metric,
+            self.evaluating.mode,
+            per_member=self.evaluating.best_per_member,
         )
         if self.ledger.early is not None and self.ledger.early.should_stop:
             self.stop_reason = self.stop_reason or "early_stopping"
         # with save_every, an improving evaluation still saves: that is what keeps the best weights
-        if self.manager is not None and (self.cfg["save_every"] is None or new_best):
+        if self.manager is not None and (self.options.checkpointing.save_every is None or new_best):
             self._save(metrics)
         self.fire("on_eval_end")
 
@@ -499,7 +474,11 @@ class Loop:
         """
         state = self.state if state is None else state
         measure = functools.partial(
-            evaluate, state, data, eval_fn=self.eval_fn, metrics=self.eval_metrics
+            evaluate,
+            state,
+            data,
+            eval_fn=self.evaluating.eval_fn,
+            metrics=self.evaluating.eval_metrics,
         )
         metrics = measure(prefix=prefix)
         if state.ema_state is not None:

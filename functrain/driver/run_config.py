@@ -10,10 +10,11 @@ config (which its next checkpoints record).
 Keys are dotted paths (``optimizer.lr.peak_value``, ``callbacks.0.patience``: list items by index,
 as Hydra's overrides write them). Some keys change how a run is watched or when it ends, never what
 it computes, and are exempt by design (`EXEMPT_BY_DESIGN`): ``resume`` itself, ``progress``,
-``verbosity``, ``log_file``, ``checkpoint_dir`` (a run directory may move), ``max_epochs`` and
-``max_steps`` (resuming to train longer is what resuming is for; a schedule that depends on them
-is its own key and still compared), and the two options of this check. ``config_exempt=[...]``
-adds patterns (`fnmatch` on the dotted path, e.g. ``"data.train.root"`` or ``"callbacks.*"``).
+``verbosity``, ``log_file``, ``checkpoint_dir`` (a run directory may move), ``max_epochs``,
+``max_steps`` and ``max_time`` (resuming to train longer is what resuming is for; a schedule that
+depends on them is its own key and still compared), and the two options of this check.
+``config_exempt=[...]`` adds patterns (`fnmatch` on the dotted path, e.g. ``"data.train.root"``
+or ``"callbacks.*"``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ __all__ = [
     "ConfigChangeWarning",
     "EXEMPT_BY_DESIGN",
     "json_config",
-    "config_option_problems",
     "config_changes",
     "flatten",
 ]
@@ -41,6 +41,7 @@ EXEMPT_BY_DESIGN = (
     "checkpoint_dir",
     "max_epochs",
     "max_steps",
+    "max_time",
     "on_config_change",
     "config_exempt",
 )
@@ -96,25 +97,6 @@ def _plain(value: Any, key: str, problems: list[str]) -> Any:
             f"{type(value).__name__}"
         )
     return value
-
-
-def config_option_problems(config: Any, on_config_change: Any, config_exempt: Any) -> list[str]:
-    """The problems with `fit`'s ``config``, ``on_config_change`` and ``config_exempt``."""
-    problems = [] if config is None else json_config(config)[1]
-    if on_config_change not in ("error", "warn"):
-        problems.append(
-            f"on_config_change must be 'error' or 'warn', got on_config_change={on_config_change!r}"
-        )
-    if (
-        isinstance(config_exempt, str)
-        or not isinstance(config_exempt, Sequence)
-        or not all(isinstance(p, str) for p in config_exempt)
-    ):
-        problems.append(
-            "config_exempt must be a list of dotted keys or patterns, got "
-            f"config_exempt={config_exempt!r}"
-        )
-    return problems
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

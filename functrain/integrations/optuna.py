@@ -87,9 +87,10 @@ class OptunaPruning(Callback):
 
     def on_train_begin(self, run: Run) -> None:
         self.reports, self.pruned_at = [], None
-        self._unit = self.report_at or ("epoch" if run.config["run_mode"] == "epoch" else "step")
-        if self.trial is not None and self.monitor == run.config["best_metric"]:
-            self._check_direction(run.config["mode"])
+        evaluation = run.options.evaluation
+        self._unit = self.report_at or evaluation.run_mode
+        if self.trial is not None and self.monitor == evaluation.best_metric:
+            self._check_direction(evaluation.mode)
 
     def _check_direction(self, mode: str) -> None:
         direction = getattr(getattr(self.trial, "study", None), "direction", None)

@@ -116,7 +116,7 @@ class WandbLogger(Callback):
             return
         self.logged, self.checkpoints = {"train": 0, "eval": 0, "epoch": 0}, []
         # fit's `config` (the resolved config file of `functrain run`) first; the logger's own wins
-        config = {**(run.config.get("config") or {}), **self.config}
+        config = {**(run.options.checkpointing.config or {}), **self.config}
         if self.run is None:
             self.run = self._wandb.init(config=config, **self.init_kwargs)
         elif config:

@@ -1,0 +1,239 @@
+"""`fit`'s options as groups: built and checked as values, given flat or whole, read by the loop,
+shown to callbacks; and `max_time`, an option added through them."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import time
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import pytest
+import torch
+
+import functrain as ft
+from functrain.driver import loop as loop_module
+from functrain.driver.arguments import fit_problems
+from functrain.driver.options import OPTION_NAMES, grouped_options
+from functrain.errors import ConfigError
+from tests.driver.runs import BATCH, dataset, make_state
+
+QUIET = ft.Logging(progress=False, verbosity="silent")
+
+
+def test_a_group_checks_its_values_when_built() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^invalid arguments to Stopping:\n  - max_epochs must be an int >= 1 or None, got "
+        r"max_epochs=0\n  - stop_on_nonfinite must be one of \['eval', 'train', 'none'\], got "
+        r"stop_on_nonfinite='never'$",
+    ):
+        ft.Stopping(max_epochs=0, stop_on_nonfinite="never")
+    with pytest.raises(
+        ConfigError, match=r"keep_last=2 needs checkpoint_dir=\.\.\. \(it acts on checkpoints"
+    ):
+        ft.Checkpointing(keep_last=2)
+    with pytest.raises(ConfigError, match=r"mode must be 'min' or 'max', got mode='low'"):
+        ft.Evaluation(mode="low")
+    # the dict form of early stopping is held as the EarlyStopping it describes
+    stopping = ft.Stopping(max_steps=3, early_stopping={"patience": 2})
+    assert stopping.early_stopping == ft.EarlyStopping("val_loss", patience=2)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stopping.max_steps = 4  # type: ignore[misc]
+
+
+def test_whole_groups_train_as_their_keywords_do() -> None:
+    flat = ft.fit(
+        make_state(),
+        dataset(),
+        eval_data=dataset(1),
+        batch_size=BATCH,
+        max_epochs=2,
+        eval_every=2,
+        best_metric="val_loss",
+        progress=False,
+        verbosity="silent",
+    )
+    grouped = ft.fit(
+        make_state(),
+        dataset(),
+        eval_data=dataset(1),
+        stopping=ft.Stopping(max_epochs=2),
+        evaluation=ft.Evaluation(eval_every=2),
+        batch_size=BATCH,  # the other groups' keywords mix with whole groups
+        logging=QUIET,
+    )
+    assert int(grouped.state.step) == int(flat.state.step) == 6
+    assert [r["step"] for r in grouped.history.rows["eval"]] == [6]
+    for name, value in flat.state.params.items():
+        assert torch.equal(grouped.state.params[name], value), name
+    assert grouped.best == flat.best
+
+
+def test_a_group_and_a_keyword_of_its_own_are_refused_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        ft.fit(
+            make_state(),
+            dataset(),
+            batch_size=BATCH,
+            stopping=ft.Stopping(max_epochs=1),
+            max_steps=2,
+            logging=QUIET,
+            progress=True,
+            checkpointing={"checkpoint_dir": "ckpt"},  # type: ignore[arg-type]
+        )
+    assert str(info.value) == (
+        "invalid arguments to fit:\n"
+        "  - max_steps and stopping=Stopping(...) both given: set max_steps in the Stopping, or "
+        "leave stopping out\n"
+        "  - checkpointing must be a functrain.Checkpointing, got dict: pass "
+        "checkpointing=Checkpointing(...), or its options as keywords\n"
+        "  - progress and logging=Logging(...) both given: set progress in the Logging, or leave "
+        "logging out"
+    )
+
+
+def test_callbacks_see_the_options_typed_and_by_name() -> None:
+    seen: list[Any] = []
+    ft.fit(
+        make_state(),
+        dataset(),
+        batch_size=BATCH,
+        max_steps=2,
+        callbacks=[ft.on("train_begin")(lambda run: seen.append(run))],
+        logging=ft.Logging(log_every=1, progress=False, verbosity="silent"),
+    )
+    (run,) = seen
+    assert run.options.stopping == ft.Stopping(max_steps=2)
+    assert run.options.logging.log_every == 1
+    plain = [n for n in OPTION_NAMES if n not in ("early_stopping", "eval_fn", "eval_metrics")]
+    assert list(run.config) == [*plain, "accumulate_steps", "resumed_from"]
+    assert (run.config["max_steps"], run.config["log_every"], run.config["batch_size"]) == (
+        2,
+        1,
+        20,
+    )
+    assert (run.config["accumulate_steps"], run.config["resumed_from"]) == (1, None)
+
+
+def test_fits_keywords_are_its_groups_fields_with_their_defaults() -> None:
+    def short(state: Any, train_data: Any, *, max_epochs: int | None = None) -> None:
+        """A fit that forgot every other option."""
+
+    with pytest.raises(TypeError, match=r"fit's keywords \['async_save', 'batch_size', "):
+        grouped_options(fit_problems)(short)
+
+    def other_default(state: Any, train_data: Any, **kwargs: Any) -> None:
+        """Not fit's signature at all."""
+
+    with pytest.raises(TypeError, match=r"fit's keywords \['async_save', "):
+        grouped_options(fit_problems)(other_default)
+
+    # fit's own signature, with one option's default or type drifted from its field's
+    fit = ft.fit.__wrapped__  # type: ignore[attr-defined]
+    signature, hints = inspect.signature(fit), typing.get_type_hints(fit)
+    drifted = [
+        (
+            signature.replace(
+                parameters=[
+                    p.replace(default=10) if p.name == "log_every" else p
+                    for p in signature.parameters.values()
+                ]
+            ),
+            hints,
+            "log_every",
+        ),
+        (signature, {**hints, "verbosity": Literal["silent", "loud"]}, "verbosity"),
+    ]
+    for changed, types, name in drifted:
+
+        def copy(*args: Any, **kwargs: Any) -> None:
+            """fit's signature, changed."""
+
+        copy.__signature__ = changed  # type: ignore[attr-defined]
+        copy.__annotations__ = types
+        with pytest.raises(TypeError, match=rf"^fit's keywords \['{name}'\] do not match"):
+            grouped_options(fit_problems)(copy)
+    assert grouped_options(fit_problems)(fit).__wrapped__ is fit  # as it is: taken
+
+
+class _Clock:
+    """`time` as the loop sees it, whose `monotonic` advances one second per reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.perf_counter = time.perf_counter
+
+    def monotonic(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_max_time_ends_the_run_after_the_update_that_reaches_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(loop_module, "time", _Clock())
+    ckpt = str(tmp_path / "ckpt")
+    # the budget is read at 1.0 (deadline 3.5), then once per update: 2.0, 3.0, 4.0 -> stop
+    timed = ft.fit(
+        make_state(),
+        dataset(),
+        batch_size=BATCH,
+        max_epochs=4,
+        max_time=2.5,
+        checkpoint_dir=ckpt,
+        logging=QUIET,
+    )
+    assert (timed.stop_reason, int(timed.state.step)) == ("max_time", 3)
+    # the final state is saved: step 3, batch 3 of epoch 0
+    assert Path(timed.checkpoints["latest"]).name.endswith("-000000003-000000003")
+    # a resumed run goes on (max_time is no stop of the run's records) to train as if never stopped
+    resumed = ft.fit(
+        make_state(),
+        dataset(),
+        batch_size=BATCH,
+        max_epochs=4,
+        checkpoint_dir=ckpt,
+        resume=True,
+        logging=QUIET,
+    )
+    straight = ft.fit(make_state(), dataset(), batch_size=BATCH, max_epochs=4, logging=QUIET)
+    assert (resumed.stop_reason, int(resumed.state.step)) == ("max_epochs", 12)
+    for name, value in straight.state.params.items():
+        assert torch.equal(resumed.state.params[name], value), name
+
+
+@pytest.mark.parametrize("max_time", [0, -1.0, float("inf"), True, "1h"])
+def test_max_time_must_be_a_positive_number_of_seconds(max_time: Any) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=rf"max_time must be a number of seconds > 0 or None, got max_time={max_time!r}",
+    ):
+        ft.fit(make_state(), dataset(), batch_size=BATCH, max_steps=1, max_time=max_time)
+
+
+def test_max_time_is_not_compared_on_resume(tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    config = {"fit": {"max_steps": 2, "max_time": 3600}}
+    first = dict(batch_size=BATCH, checkpoint_dir=ckpt, logging=QUIET)
+    ft.fit(make_state(), dataset(), max_steps=2, max_time=3600, config=config, **first)
+    config = {"fit": {"max_steps": 4, "max_time": 60}}
+    result = ft.fit(
+        make_state(), dataset(), max_steps=4, config=config, resume=True, **first
+    )  # no ConfigError: a longer run in another time slot is what a resume is for
+    assert int(result.state.step) == 4
+
+
+def test_fits_body_reads_its_options_from_the_groups_only() -> None:
+    """In fit's body the flat keywords hold their defaults (the groups hold the call's values):
+    a flat name read there would be a bug, whatever the call gave."""
+    source = textwrap.dedent(inspect.getsource(ft.fit.__wrapped__))  # type: ignore[attr-defined]
+    (function,) = ast.parse(source).body
+    assert isinstance(function, ast.FunctionDef)
+    named = {n.id for stmt in function.body[1:] for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+    assert sorted(named & set(OPTION_NAMES)) == []
+    assert {"stopping", "evaluation", "batching", "checkpointing", "logging"} <= named
