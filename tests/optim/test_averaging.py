@@ -159,11 +159,16 @@ def decay_of(name: str) -> float:
     return 0.99 if "warmup" in name else DECAY
 
 
-def reference(name: str, steps: int = STEPS) -> tuple[nn.Module, nn.Module]:
-    """The hand-written loop: AdamW, then the convention's averager after each update."""
+def reference(name: str, steps: int = STEPS, skipped: int = 0) -> tuple[nn.Module, nn.Module]:
+    """The hand-written loop: AdamW, then the convention's averager after each update.
+
+    `skipped`: batches whose update was skipped before the loop's (their forwards counted in
+    ``num_batches_tracked``; their non-finite statistics not kept).
+    """
     net = model()
     opt = torch.optim.AdamW(net.parameters(), LR, fused=True)
     averager = CONVENTIONS[name][1](net)
+    net[1].num_batches_tracked += skipped
     for step, batch in enumerate(batches(steps), start=1):
         loss_fn(net, batch).backward()
         opt.step()
@@ -221,6 +226,20 @@ def test_the_ema_of_a_convention_is_its_loops_average_bit_for_bit(
         logits = averaged(batch[0])
     assert torch.equal(ft.eval_step(state, batch, use_ema=True)["loss"], expected)
     assert torch.equal(ft.predict(state, batch[0], use_ema=True), logits)
+
+
+@pytest.mark.parametrize("name", ["torch-use-buffers", "timm-update-after-step"])
+def test_a_skipped_update_neither_counts_nor_moves_the_average(name: str) -> None:
+    # the first batch is non-finite: its update is skipped, so the next one is the first the
+    # average takes (torch's copy, timm's step 1); the loop never sees the skipped batch
+    x, y = batches(1)[0]
+    bad = (torch.full_like(x, float("nan")), y)
+    state = create(name)
+    for batch in [bad, *batches()]:
+        state, _ = ft.train_step(state, batch, donate=True)
+    assert int(state.skipped) == 1
+    _, averaged = reference(name, skipped=1)
+    assert_trees_equal(tensors(averaged), tensors(state.export_module(use_ema=True)))
 
 
 def test_the_averaged_buffers_differ_from_the_live_ones() -> None:
