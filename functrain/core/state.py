@@ -198,7 +198,8 @@ class TrainState:
                 (`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(ema_decay)``:
                 its first update copies the weights) or ``"timm"`` (``ModelEmaV3`` updated with
                 ``step=`` the updates taken: the updates up to `ema_update_after_step` copy;
-                `ema_warmup` is its ``use_warmup``). See the EMA guide for the differences.
+                `ema_warmup` is its ``use_warmup``). The guide "Your own loop" lists the
+                differences.
             ema_buffers: average the buffers too (BatchNorm statistics: floating ones lerped as the
                 weights, integer ones copied, or with ``"torch"`` as torch computes them);
                 ``use_ema=True`` evaluations, `predict` and `export_module` then run on the
