@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import functrain as ft
 from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim import averaging
 from tests.comparisons import assert_trees_equal
 
 DECAY, LR, STEPS, SAVED_AT = 0.9, 1e-2, 7, 3
@@ -159,18 +160,20 @@ def decay_of(name: str) -> float:
     return 0.99 if "warmup" in name else DECAY
 
 
-def reference(name: str, steps: int = STEPS, skipped: int = 0) -> tuple[nn.Module, nn.Module]:
+def reference(
+    name: str, steps: int = STEPS, skipped: int = 0, device: str = "cpu"
+) -> tuple[nn.Module, nn.Module]:
     """The hand-written loop: AdamW, then the convention's averager after each update.
 
     `skipped`: batches whose update was skipped before the loop's (their forwards counted in
     ``num_batches_tracked``; their non-finite statistics not kept).
     """
-    net = model()
+    net = model().to(device)
     opt = torch.optim.AdamW(net.parameters(), LR, fused=True)
     averager = CONVENTIONS[name][1](net)
     net[1].num_batches_tracked += skipped
     for step, batch in enumerate(batches(steps), start=1):
-        loss_fn(net, batch).backward()
+        loss_fn(net, tuple(t.to(device) for t in batch)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if CONVENTIONS[name][2]:
@@ -239,6 +242,32 @@ def test_a_skipped_update_neither_counts_nor_moves_the_average(name: str) -> Non
         state, _ = ft.train_step(state, batch, donate=True)
     assert int(state.skipped) == 1
     _, averaged = reference(name, skipped=1)
+    assert_trees_equal(tensors(averaged), tensors(state.export_module(use_ema=True)))
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", ["torch-use-buffers", "timm-warmup-settings"])
+def test_the_path_of_a_counter_not_on_the_host_averages_the_same(
+    name: str, donate: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what an accelerator's step runs (its counter is not read): the first update's copy as a
+    # select, timm's decay in float64 tensor ops; here on the CPU, against the same loops
+    monkeypatch.setattr(averaging, "_host_count", lambda count: None)
+    state = trained(name, donate, tmp_path)
+    _, averaged = reference(name)
+    assert_trees_equal(tensors(averaged), tensors(state.export_module(use_ema=True)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["torch-use-buffers", "timm-warmup", "timm-update-after-step"])
+def test_the_ema_of_a_convention_is_its_loops_average_on_cuda(name: str) -> None:
+    # on a GPU the counter is not read on the host: the copy is a select, timm's decay float64 ops
+    state = ft.TrainState.create(
+        model().cuda(), ft.adamw(LR), loss_fn, ema_decay=decay_of(name), **CONVENTIONS[name][0]
+    )
+    for batch in batches():
+        state, _ = ft.train_step(state, tuple(t.cuda() for t in batch), donate=True)
+    _, averaged = reference(name, device="cuda")
     assert_trees_equal(tensors(averaged), tensors(state.export_module(use_ema=True)))
 
 
@@ -313,6 +342,17 @@ def test_a_sharded_state_averages_its_slices_and_whole_buffers(tmp_path: Path) -
         dist.destroy_process_group()
     assert module is not None
     assert_trees_equal(tensors(alone.export_module(use_ema=True)), tensors(module))
+
+
+def test_load_weights_starts_the_averaged_buffers_from_the_loaded_ones(tmp_path: Path) -> None:
+    trained_state = create("timm")
+    for batch in batches(2):
+        trained_state, _ = ft.train_step(trained_state, batch)
+    path = ft.save(trained_state, tmp_path / "weights")
+    warm = ft.load_weights(path, into=create("timm"))
+    assert warm.ema_buffers is not None
+    assert_trees_equal(dict(trained_state.buffers), warm.ema_buffers)
+    assert_trees_equal(dict(trained_state.params), warm.ema_params)
 
 
 def test_a_checkpoint_of_one_convention_is_refused_under_another(tmp_path: Path) -> None:
