@@ -3,10 +3,12 @@
 ``ema_convention="torch"`` against `torch.optim.swa_utils.AveragedModel` with
 ``get_ema_multi_avg_fn`` (with and without ``use_buffers``), ``"timm"`` against timm's
 ``ModelEmaV3`` updated with ``step=`` the updates taken (its algorithm written out below as
-`TimmEmaReference`, and against timm itself where it is importable), on a model with BatchNorm:
-over several steps with a checkpoint round trip in the middle, pure and donated, and the EMA that
-evaluation, `predict` and `export_module` use equal to the reference's averaged module, buffers
-included. A checkpoint written before the conventions (commit ae23ff1) resumes as it was written.
+`TimmEmaReference`, and against timm itself where it is importable), functrain's own against
+timm's ``update(model)`` without ``step=`` (the average from the initial weights), on a model with
+BatchNorm: over several steps with a checkpoint round trip in the middle, pure and donated, and
+the EMA that evaluation, `predict` and `export_module` use equal to the reference's averaged
+module, buffers included. A checkpoint written before the conventions (commit ae23ff1) resumes as
+it was written.
 """
 
 from __future__ import annotations
@@ -105,8 +107,17 @@ class TimmEmaReference:
         torch._foreach_lerp_(lerped[0], lerped[1], weight)
 
 
+class WithoutStep(TimmEmaReference):
+    """timm's ``update(model)`` called without ``step=`` (functrain's own convention)."""
+
+    def update(self, net: nn.Module, step: int | None = None) -> None:
+        super().update(net)
+
+
 # name: (create's EMA options, the reference's averager of a model, whether it takes step=)
 CONVENTIONS: dict[str, tuple[dict[str, Any], Any, bool]] = {
+    "functrain": ({}, lambda net: WithoutStep(net, DECAY, exclude_buffers=True), True),
+    "functrain-buffers": ({"ema_buffers": True}, lambda net: WithoutStep(net, DECAY), True),
     "torch": (
         {"ema_convention": "torch"},
         lambda net: AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(DECAY)),
@@ -280,21 +291,6 @@ def test_the_averaged_buffers_differ_from_the_live_ones() -> None:
     live, averaged = state.buffers["1.running_var"], state.ema_buffers["1.running_var"]
     assert (live - averaged).abs().max() > 1e-3
     assert torch.equal(state.ema_buffers["1.num_batches_tracked"], torch.tensor(STEPS))
-
-
-def test_functrain_convention_starts_from_the_initial_weights_as_timm_without_step() -> None:
-    net = model()
-    opt = torch.optim.AdamW(net.parameters(), LR, fused=True)
-    averager = TimmEmaReference(net, DECAY, exclude_buffers=True)
-    state = ft.TrainState.create(model(), ft.adamw(LR), loss_fn, ema_decay=DECAY)
-    for batch in batches():
-        loss_fn(net, batch).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        averager.update(net)  # no step: every update decays from the initial weights
-        state, _ = ft.train_step(state, batch)
-    assert state.ema_buffers is None
-    assert_trees_equal(tensors(averager.module), tensors(state.export_module(use_ema=True)))
 
 
 @pytest.mark.parametrize("name", ["torch-use-buffers", "timm-warmup"])
