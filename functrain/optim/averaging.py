@@ -164,14 +164,17 @@ def ema(
             for a, x in zip(avg, p, strict=True)
         ]
 
-    def lerp_(avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor) -> None:
-        """`lerp` written into `avg` (a donated step): the same kernels, in place."""
+    def lerp_(
+        avg: list[torch.Tensor], p: list[torch.Tensor], count: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """`lerp` written into `avg` (a donated step), returned: the same kernels, in place."""
         weight = weight_of(count)
         if isinstance(weight, float):
             torch._foreach_lerp_(avg, p, weight)
-            return
+            return avg
         for a, x in zip(avg, p, strict=True):
             a.lerp_(x, member_view(weight.to(a.dtype), a))
+        return avg
 
     if convention == "torch":
         moved, moved_ = _torch_moves(decay)
@@ -181,7 +184,7 @@ def ema(
     elif buffers:
         moved, moved_ = _copying_integers(lerp), _copying_integers_(lerp_)
     else:
-        moved, moved_ = lerp, _in_place(lerp_)
+        moved, moved_ = lerp, lerp_
 
     def update_fn(
         updates: Any,
@@ -306,16 +309,6 @@ def _floating(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _in_place(move_: Callable[..., None]) -> _Move:
-    """`move_` (which writes into the averages) as a move returning them."""
-
-    def moved(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
-        move_(avg, x, count)
-        return avg
-
-    return moved
-
-
 def _split(avg: list[torch.Tensor]) -> tuple[list[int], list[int]]:
     """The indices of the floating averages and of the others (integer buffers)."""
     floats = [i for i, a in enumerate(avg) if _floating(a)]
@@ -342,7 +335,7 @@ def _copying_integers(lerp: _Move) -> _Move:
     return moved
 
 
-def _copying_integers_(lerp_: Callable[..., None]) -> _Move:
+def _copying_integers_(lerp_: Callable[..., Any]) -> _Move:
     """`_copying_integers` written into the averages (a donated step)."""
 
     def moved(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
