@@ -600,9 +600,23 @@ def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> lis
     if saved.get("options") != current["options"]:
         problems.append(
             f"step options differ: checkpoint has {saved.get('options')!r}, template has "
-            f"{current['options']!r}"
+            f"{current['options']!r}{_options_apart(saved.get('options'), current['options'])}"
         )
     return problems
+
+
+def _options_apart(saved: Any, current: dict[str, Any]) -> str:
+    """The step options that differ, each with both values (an option a record lacks at its
+    default), or nothing where the saved record is not a dict."""
+    if not isinstance(saved, dict):
+        return ""
+    apart = [
+        f"{key}={saved.get(key, _ADDED_OPTIONS.get(key))!r} in the checkpoint, "
+        f"{current.get(key, _ADDED_OPTIONS.get(key))!r} in the template"
+        for key in sorted({*saved, *current})
+        if saved.get(key, _ADDED_OPTIONS.get(key)) != current.get(key, _ADDED_OPTIONS.get(key))
+    ]
+    return f" ({'; '.join(apart)})" if apart else ""
 
 
 # the name of a transform inside the default non-finite guard (`skip_nonfinite` with no limit),
