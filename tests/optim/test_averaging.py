@@ -294,8 +294,9 @@ def test_the_averaged_buffers_differ_from_the_live_ones() -> None:
     assert torch.equal(state.ema_buffers["1.num_batches_tracked"], torch.tensor(STEPS))
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("name", ["torch-use-buffers", "timm-warmup"])
-def test_a_stacked_state_averages_each_members_weights_as_its_loop(name: str) -> None:
+def test_a_stacked_state_averages_each_members_weights_as_its_loop(name: str, donate: bool) -> None:
     # each member's average is the convention's loop over that member's own weights (a stacked
     # step's weights are not an unstacked step's bit for bit: vmap sums in another order)
     stacked = ft.stack([create(name, seed=k) for k in range(2)])
@@ -303,7 +304,7 @@ def test_a_stacked_state_averages_each_members_weights_as_its_loop(name: str) ->
     data = batches(8)
     for step, pair in enumerate(zip(data[:4], data[4:], strict=True), start=1):
         given = ft.PerMember(tuple(torch.stack(t) for t in zip(*pair, strict=True)))
-        stacked, _ = ft.train_step(stacked, given)
+        stacked, _ = ft.train_step(stacked, given, donate=donate)
         for averager, member in zip(averagers, ft.unstack(stacked), strict=True):
             net = member.export_module()
             if CONVENTIONS[name][2]:
