@@ -261,7 +261,8 @@ def generate(
     weights = {k: gathered(w) for k, w in weights.items()}
     # a copy of the buffers: eval mode should not write them, but a module may, and the state must
     # not change
-    tensors = {**weights, **state.frozen, **{k: b.clone() for k, b in state.buffers.items()}}
+    buffers = (state.ema_buffers if use_ema else None) or state.buffers  # the EMA's, if it keeps
+    tensors = {**weights, **state.frozen, **{k: b.clone() for k, b in buffers.items()}}
     forward = forward or _logits_of
     generator = torch.Generator(device=state.device).manual_seed(seed)
     was_training = state.module.training

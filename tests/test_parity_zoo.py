@@ -9,7 +9,9 @@ attention. Each row either trains bit for bit like ``torch.optim.AdamW(fused=Tru
 parameters and buffers; dropout drawn from the same generator) or is refused with a functrain
 error, before the first step where anything can see it coming (a forward that writes the state's
 weights is seen at its first step). Sparse embeddings have rows per optimizer, against torch's SGD,
-Adagrad and SparseAdam. Never silently different.
+Adagrad and SparseAdam, and the EMA has a row per convention (torch's `AveragedModel`, with and
+without ``use_buffers``, and timm's ``ModelEmaV3``), against the loop that averages so. Never
+silently different.
 
 A row is a builder of the module (seeded), the batches, and what is expected. The next feature a
 user brings gets a row here.
@@ -32,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 import functrain as ft
 from functrain.errors import FunctrainError
 from tests.comparisons import assert_trees_equal
+from tests.optim import test_averaging as averaging_cases
 from tests.optim import test_sparse as sparse_cases
 
 STEPS = 3
@@ -617,3 +620,32 @@ def test_a_parameter_unused_in_a_step_trains_as_torch_with_zero_grads_kept() -> 
         state, _ = ft.train_step(state, batch)
     assert_trees_equal(runs[False], dict(state.params))
     assert not torch.equal(runs[True]["b.weight"], state.params["b.weight"])
+
+
+# the EMA as the loops users copy average it (tests/optim/test_averaging.py runs each convention on
+# every kind of step with a checkpoint round trip): one row per convention on the BatchNorm row's
+# model, the averaged module (buffers included) against the reference's, pure and donated
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", list(averaging_cases.CONVENTIONS))
+def test_an_ema_convention_averages_bit_for_bit_as_its_loop(name: str, donate: bool) -> None:
+    options, make_averager, takes_step = averaging_cases.CONVENTIONS[name]
+    decay = averaging_cases.decay_of(name)
+    model = build("batch-norm").train()
+    opt = torch.optim.AdamW(model.parameters(), LR, fused=True)
+    averager = make_averager(model)
+    state = ft.TrainState.create(
+        build("batch-norm"), ft.adamw(LR), classify, seed=0, ema_decay=decay, **options
+    )
+    for step, batch in enumerate(batches("batch-norm"), start=1):
+        classify(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if takes_step:
+            averager.update(model, step=step)
+        else:
+            averager.update_parameters(model)
+        state, _ = ft.train_step(state, batch, donate=donate)
+    averaged = module_tensors(averager.module)
+    exported = state.export_module(use_ema=True)
+    assert exported is not None
+    assert_trees_equal(averaged, module_tensors(exported))

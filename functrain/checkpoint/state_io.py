@@ -133,7 +133,15 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
 
 # step options added since checkpoints first recorded them, left out while at these values (a
 # checkpoint written before them holds none, and loads into a template at them)
-_ADDED_OPTIONS = {"swa_start": None}
+_ADDED_OPTIONS = {
+    "swa_start": None,
+    "ema_convention": "functrain",
+    "ema_buffers": False,
+    "ema_update_after_step": 0,
+    "ema_warmup_power": 2 / 3,
+    "ema_warmup_gamma": 1.0,
+    "ema_min_decay": 0.0,
+}
 
 
 def _options(options: Any) -> dict[str, Any]:
@@ -592,9 +600,23 @@ def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> lis
     if saved.get("options") != current["options"]:
         problems.append(
             f"step options differ: checkpoint has {saved.get('options')!r}, template has "
-            f"{current['options']!r}"
+            f"{current['options']!r}{_options_apart(saved.get('options'), current['options'])}"
         )
     return problems
+
+
+def _options_apart(saved: Any, current: dict[str, Any]) -> str:
+    """The step options that differ, each with both values (an option a record lacks at its
+    default), or nothing where the saved record is not a dict."""
+    if not isinstance(saved, dict):
+        return ""
+    apart = [
+        f"{key}={saved.get(key, _ADDED_OPTIONS.get(key))!r} in the checkpoint, "
+        f"{current.get(key, _ADDED_OPTIONS.get(key))!r} in the template"
+        for key in sorted({*saved, *current})
+        if saved.get(key, _ADDED_OPTIONS.get(key)) != current.get(key, _ADDED_OPTIONS.get(key))
+    ]
+    return f" ({'; '.join(apart)})" if apart else ""
 
 
 # the name of a transform inside the default non-finite guard (`skip_nonfinite` with no limit),
@@ -777,14 +799,16 @@ def load_weights(
             for k, v in getattr(into, field).items()
         }
 
-    params = take("params", "params")
+    params, buffers = take("params", "params"), take("buffers", "buffers")
+    # an EMA of the buffers too (``ema_buffers``) starts from the loaded ones
+    averaged = (params, buffers) if into.options.ema_buffers else params
     return unaliased(
         into.replace(
             params=params,
             frozen=take("frozen", "params"),
-            buffers=take("buffers", "buffers"),
+            buffers=buffers,
             opt_state=into.tx.init(params),
-            ema_state=into.averager.init(params) if into.averager is not None else None,
+            ema_state=into.averager.init(averaged) if into.averager is not None else None,
         )
     )
 

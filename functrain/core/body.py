@@ -277,7 +277,7 @@ def apply(
             grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, config)
             loss, aux = scalars.pop("loss"), scalars
         new, metrics = _update(state, grads, buffers, loss, aux, scale, batch, extras)
-    new["ema_state"] = _ema(state, new["params"], new.pop("applied"), extras)
+    new["ema_state"] = _ema(state, new["params"], new["buffers"], new.pop("applied"), extras)
     return new, metrics
 
 
@@ -322,19 +322,24 @@ def _local_view(state: StepState, sharding: str) -> StepState:
 def _ema(
     state: StepState,
     params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
     applied: torch.Tensor | None,
     extras: Extras,
 ) -> Any:
-    """The EMA after the update, on the slices where it is sharded (``"full"``), else whole."""
+    """The EMA after the update, on the slices where it is sharded (``"full"``), else whole.
+
+    An EMA of the buffers too (``ema_buffers``) averages the new buffers with the parameters.
+    """
     averager = state.averager
     if state.ema_state is None or averager is None:
         return None
+    averaged = (params, buffers) if state.options.ema_buffers else params
     # the EMA is a gated transform (`functrain.optim.averaging.ema`): its update takes ``keep=``
     if state.dist is None or state.dist.sharding is None:
-        return update_with(averager, params, state.ema_state, None, extras, applied)[1]
+        return update_with(averager, averaged, state.ema_state, None, extras, applied)[1]
     local = sharding_.local_tree
     _, ema_state = update_with(
-        averager, local(params), local(state.ema_state), None, extras, applied
+        averager, local(averaged), local(state.ema_state), None, extras, applied
     )
     return sharding_.like_tree(ema_state, state.ema_state)
 
@@ -612,11 +617,13 @@ def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 def eval_body(
     state: StepState, batch: Any, use_ema: bool, eval_fn: Any = None
 ) -> dict[str, torch.Tensor]:
-    """The loss function (or `eval_fn`) without gradients, on the weights or their EMA."""
+    """The loss function (or `eval_fn`) without gradients, on the weights or their EMA (with the
+    EMA's buffers where it averages them)."""
     weights = state.ema_params if use_ema else state.params
     if weights is None:
         raise ConfigError("use_ema=True needs a state created with ema_decay=...; it has no EMA")
-    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    given = (state.ema_buffers if use_ema else None) or state.buffers
+    buffers = {k: b.clone() for k, b in given.items()}
     with (
         torch.no_grad(),
         sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext(),

@@ -45,6 +45,7 @@ __all__ = [
     "COUNTERS",
     "STEP_COUNTERS",
     "Trainable",
+    "averager_of",
     "initial_fields",
     "initial_rng",
 ]
@@ -117,10 +118,7 @@ def initial_fields(
         ),
         options,
     )
-    decay = options.ema_decay
-    averager = ema(decay, warmup=options.ema_warmup) if decay is not None else None
-    if options.swa_start is not None:
-        averager = swa(options.swa_start)
+    averager = averager_of(options)
     if dist_config is not None:
         # the meta tensors too: those that hold values are broadcast one by one, and every rank
         # must take part
@@ -138,7 +136,9 @@ def initial_fields(
         else _given_tensors(module, params, frozen, dist_config)
     )
     counters = {name: _zero(device) for name in COUNTERS}
-    opt_state, ema_state = _initial_states(tx, averager, params, dist_config)
+    opt_state, ema_state = _initial_states(
+        tx, averager, params, buffers if options.ema_buffers else None, dist_config
+    )
     if sharding == "full":
         mesh = _group(dist_config).mesh
         params = {k: p if is_sharded(p) else shard(p, mesh) for k, p in params.items()}
@@ -337,17 +337,41 @@ def _initial_states(
     tx: Transform,
     averager: Transform | None,
     params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor] | None,
     config: DistConfig | None,
 ) -> tuple[Tree, Any]:
-    """The optimizer state and EMA of `params`, parameter-shaped leaves sharded as `config` asks."""
+    """The optimizer state and EMA of `params`, parameter-shaped leaves sharded as `config` asks.
+
+    `buffers`: the buffers an EMA averages as well (they stay whole, as the state's own do).
+    """
     sharding = config.sharding if config is not None else None
     mesh = config.mesh if config is not None else None
     opt_state = sharded_init(tx.init, params, mesh) if sharding is not None else tx.init(params)
     if averager is None:
         return opt_state, None
-    return opt_state, sharded_init(
-        averager.init, params, mesh
-    ) if sharding == "full" else averager.init(params)
+
+    def init(params: dict[str, torch.Tensor]) -> Any:
+        return averager.init(params if buffers is None else (params, buffers))
+
+    return opt_state, sharded_init(init, params, mesh) if sharding == "full" else init(params)
+
+
+def averager_of(options: StepOptions) -> Transform | None:
+    """The averager `options` ask for: an `ema` in its convention, `swa`, or None."""
+    if options.swa_start is not None:
+        return swa(options.swa_start)
+    if options.ema_decay is None:
+        return None
+    return ema(
+        options.ema_decay,
+        warmup=options.ema_warmup,
+        convention=options.ema_convention,
+        buffers=options.ema_buffers,
+        update_after_step=options.ema_update_after_step,
+        warmup_power=options.ema_warmup_power,
+        warmup_gamma=options.ema_warmup_gamma,
+        min_decay=options.ema_min_decay,
+    )
 
 
 def _split_parameters(

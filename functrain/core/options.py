@@ -11,12 +11,20 @@ from typing import Literal
 
 import attrs
 
+from functrain.optim.averaging import EmaConvention, ema_problems
 from functrain.optim.base import Transform
 from functrain.optim.combine import chain
 from functrain.optim.rules.clipping import clip_by_global_norm
 from functrain.optim.wrappers import accumulate, dynamic_loss_scale, skip_nonfinite
 
-__all__ = ["StepOptions", "Precision", "NonFinitePolicy", "GradStats", "build_transform"]
+__all__ = [
+    "StepOptions",
+    "Precision",
+    "NonFinitePolicy",
+    "GradStats",
+    "build_transform",
+    "ema_buffers_default",
+]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 NonFinitePolicy = Literal["skip", "halt", "none"]
@@ -36,6 +44,14 @@ class StepOptions:
     ema_decay: float | None = None
     ema_warmup: bool = False
     swa_start: int | None = None
+    # how the EMA starts, warms up and treats buffers (`functrain.ema`'s convention and settings);
+    # `ema_buffers` as resolved by `TrainState.create` (None there: the convention's default)
+    ema_convention: EmaConvention = "functrain"
+    ema_buffers: bool = False
+    ema_update_after_step: int = 0
+    ema_warmup_power: float = 2 / 3
+    ema_warmup_gamma: float = 1.0
+    ema_min_decay: float = 0.0
 
     def problems(self) -> list[str]:
         """Every invalid option, each with the value given (empty when all are valid).
@@ -87,7 +103,49 @@ class StepOptions:
             problems.append(
                 f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}"
             )
-        return problems
+        return problems + self._ema_problems()
+
+    def _ema_problems(self) -> list[str]:
+        """The EMA's convention and settings: each valid, of its convention, with an EMA to set."""
+        settings = {
+            "ema_convention": (self.ema_convention, "functrain"),
+            "ema_buffers": (self.ema_buffers, ema_buffers_default(self.ema_convention)),
+            "ema_update_after_step": (self.ema_update_after_step, 0),
+            "ema_warmup_power": (self.ema_warmup_power, 2 / 3),
+            "ema_warmup_gamma": (self.ema_warmup_gamma, 1.0),
+            "ema_min_decay": (self.ema_min_decay, 0.0),
+        }
+        if self.ema_decay is None:
+            given = [k for k, (value, default) in settings.items() if value != default]
+            if not given:
+                return []
+            return [
+                f"{', '.join(given)} set how an EMA averages, and this state keeps none: give "
+                "ema_decay= too"
+                + (
+                    " (swa_start's average is torch's SWA, which has no such setting)"
+                    if self.swa_start is not None
+                    else ""
+                )
+            ]
+        return ema_problems(
+            0.5,  # ema_decay's own check is above
+            self.ema_warmup,
+            self.ema_convention,
+            self.ema_buffers,
+            self.ema_update_after_step,
+            self.ema_warmup_power,
+            self.ema_warmup_gamma,
+            self.ema_min_decay,
+            prefix="ema_",
+        )
+
+
+def ema_buffers_default(convention: str) -> bool:
+    """Whether a convention averages the buffers unless told: timm's ``ModelEmaV3`` does
+    (``exclude_buffers=False``); torch's `AveragedModel` does not (``use_buffers=False``), nor
+    functrain's own EMA."""
+    return convention == "timm"
 
 
 def build_transform(optimizer: Transform, options: StepOptions) -> Transform:

@@ -19,13 +19,19 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from functrain.core.create import COUNTERS, Trainable, initial_fields
-from functrain.core.options import GradStats, NonFinitePolicy, Precision, StepOptions
+from functrain.core.options import (
+    GradStats,
+    NonFinitePolicy,
+    Precision,
+    StepOptions,
+    ema_buffers_default,
+)
 from functrain.core.structure import CALL_GUARD, WEIGHTLESS
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
 from functrain.distributed.sharding import Sharding, gathered
 from functrain.errors import ConfigError, DonatedStateError, StateMismatchError
-from functrain.optim.averaging import EmaState
+from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
@@ -141,6 +147,12 @@ class TrainState:
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         swa_start: int | None = None,
+        ema_convention: EmaConvention = "functrain",
+        ema_buffers: bool | None = None,
+        ema_update_after_step: int = 0,
+        ema_warmup_power: float = 2 / 3,
+        ema_warmup_gamma: float = 1.0,
+        ema_min_decay: float = 0.0,
         trainable: Trainable | None = None,
         distributed: bool | None = None,
         sharding: Sharding | None = None,
@@ -175,11 +187,28 @@ class TrainState:
                 ``"none"`` applies whatever the gradients give.
             max_consecutive_nonfinite: with ``"skip"``, raise after this many skips in a row.
             ema_decay: keep an exponential moving average of the parameters with this decay.
-            ema_warmup: ramp the EMA decay up over the first steps (see `functrain.ema`).
+            ema_warmup: ramp the EMA decay up over the first steps, as `ema_convention` does
+                (see `functrain.ema`).
             swa_start: keep the equal average of the parameters after each update from this one on
                 (counted from 0), as `torch.optim.swa_utils.AveragedModel` averages them (see
                 `functrain.swa`), in the EMA's place: ``use_ema=True`` evaluates and exports it.
                 Not with `ema_decay`.
+            ema_convention: how the EMA starts and warms up, bit for bit with the loop it names:
+                ``"functrain"`` (from the initial weights, every update averaged), ``"torch"``
+                (`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(ema_decay)``:
+                its first update copies the weights) or ``"timm"`` (``ModelEmaV3`` updated with
+                ``step=`` the updates taken: the updates up to `ema_update_after_step` copy;
+                `ema_warmup` is its ``use_warmup``). The guide "Your own loop" lists the
+                differences.
+            ema_buffers: average the buffers too (BatchNorm statistics: floating ones lerped as the
+                weights, integer ones copied, or with ``"torch"`` as torch computes them);
+                ``use_ema=True`` evaluations, `predict` and `export_module` then run on the
+                averaged buffers, else on the live ones. None: the convention's own default
+                (``"timm"``: True, as ``exclude_buffers=False``; ``"torch"``: False, as
+                ``use_buffers=False``; ``"functrain"``: False).
+            ema_update_after_step / ema_warmup_power / ema_warmup_gamma / ema_min_decay:
+                ``"timm"``'s ``update_after_step``, ``warmup_power``, ``warmup_gamma`` and
+                ``min_decay``, with its defaults.
             trainable: predicate ``(name, param) -> bool`` choosing the trained parameters.
             distributed: average gradients across the ranks of the active `torch.distributed`
                 process group (None: whenever one with more than one rank is initialized). Rank 0's
@@ -280,6 +309,12 @@ class TrainState:
                 ema_decay,
                 ema_warmup,
                 swa_start,
+                ema_convention,
+                ema_buffers_default(ema_convention) if ema_buffers is None else ema_buffers,
+                ema_update_after_step,
+                ema_warmup_power,
+                ema_warmup_gamma,
+                ema_min_decay,
             ),
             trainable=trainable,
             distributed=distributed,
@@ -338,6 +373,14 @@ class TrainState:
         return dict(zip(self.params, self.ema_state.average, strict=True))
 
     @property
+    def ema_buffers(self) -> dict[str, torch.Tensor] | None:
+        """The EMA's average of the buffers, by name, where it averages them (``ema_buffers``),
+        else None: the EMA weights then run with the live buffers."""
+        if not isinstance(self.ema_state, EmaState) or not self.options.ema_buffers:
+            return None
+        return dict(zip(self.buffers, self.ema_state.buffers, strict=True))
+
+    @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
@@ -353,7 +396,8 @@ class TrainState:
         every rank must call it).
 
         Args:
-            use_ema: the EMA of the weights instead of the weights.
+            use_ema: the EMA of the weights instead of the weights (and the EMA's average of the
+                buffers where it keeps one, ``ema_buffers``).
             rank0_only: build the module on rank 0 alone and return None on the other ranks
                 (they still take part in gathering sharded weights, one tensor at a time).
 
@@ -381,7 +425,8 @@ class TrainState:
         weights = {k: w for k, w in ((k, gathered(v)) for k, v in weights.items()) if keep}
         if not keep:
             return None
-        values = {**weights, **self.frozen, **self.buffers}
+        buffers = (self.ema_buffers if use_ema else None) or self.buffers
+        values = {**weights, **self.frozen, **buffers}
         # the structure's (meta) tensors map to copies of the state's: tied weights stay tied
         memo: dict[int, Any] = {}
         for name, p in self.module.named_parameters():
@@ -532,6 +577,8 @@ class TrainState:
         n = self.num_params() // members
         nbytes = sum(p.numel() * p.element_size() for p in self.params.values()) // members
         ema_part = f"ema={self.options.ema_decay}" if self.ema_state is not None else "ema=off"
+        if self.options.ema_convention != "functrain":
+            ema_part += f" ({self.options.ema_convention})"
         if self.options.swa_start is not None:
             ema_part = f"swa_start={self.options.swa_start}"
         opt = getattr(self.optimizer, "name", None) or type(self.optimizer).__name__

@@ -158,7 +158,8 @@ def eval_step(
     Args:
         state: the `TrainState` to evaluate.
         batch: whatever `state.loss_fn` (or `eval_fn`) accepts.
-        use_ema: evaluate the EMA weights instead of the raw parameters.
+        use_ema: evaluate the EMA weights instead of the raw parameters (with the EMA's buffers
+            where it averages them, ``ema_buffers``).
         eval_fn: the evaluation's own function, in place of `state.loss_fn` (Lightning's
             ``validation_step``): the same contract, ``eval_fn(model, batch) -> loss`` or
             ``-> (loss, {name: tensor})``, run without gradients.
@@ -213,7 +214,8 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
     Args:
         state: a `TrainState` (not stacked: run ``functrain.unstack`` members one by one).
         *args, **kwargs: what the module's ``forward`` takes.
-        use_ema: run the EMA weights instead of the parameters.
+        use_ema: run the EMA weights instead of the parameters (with the EMA's buffers where it
+            averages them).
 
     Returns:
         What ``forward`` returns.
@@ -248,7 +250,8 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
         )
     scope = enter(state, False)
     try:
-        buffers = {k: b.clone() for k, b in state.buffers.items()}  # its forward's to write
+        given = (state.ema_buffers if use_ema else None) or state.buffers
+        buffers = {k: b.clone() for k, b in given.items()}  # its forward's to write
         gathered = state.dist is not None and state.dist.sharding == "full"
         with (
             torch.no_grad(),

@@ -56,6 +56,8 @@ class StepState(Protocol):
     @property
     def ema_params(self) -> dict[str, torch.Tensor] | None: ...
     @property
+    def ema_buffers(self) -> dict[str, torch.Tensor] | None: ...
+    @property
     def step(self) -> torch.Tensor: ...
     @property
     def micro_step(self) -> torch.Tensor: ...
@@ -112,6 +114,13 @@ class StateView:
         if self.ema_state is None:
             return None
         return dict(zip(self.params, self.ema_state.average, strict=True))
+
+    @property
+    def ema_buffers(self) -> dict[str, torch.Tensor] | None:
+        """The EMA's average of the buffers, by name, or None where it keeps none (as a state's)."""
+        if self.ema_state is None or not self.options.ema_buffers:
+            return None
+        return dict(zip(self.buffers, self.ema_state.buffers, strict=True))
 
     def replace(self, **changes: Any) -> StateView:
         """A copy of this view with some fields replaced."""
