@@ -98,8 +98,8 @@ from functrain.checkpoint.tensorfile import (
     unique_keys,
 )
 from functrain.errors import CheckpointCorruptError, CheckpointError, CheckpointMemoryError
+from functrain.tree import Tree, leaves_by_path
 from functrain.tree import escape_key as _escape
-from functrain.tree import leaves_by_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -141,9 +141,6 @@ _SEALS = {
     algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
 }
 _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
-
-
-Tree = Any
 
 
 # ---------------------------------------------------------------------------------------------

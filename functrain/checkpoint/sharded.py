@@ -58,7 +58,7 @@ from functrain.checkpoint.format import (
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.distributed.sharding import is_sharded
 from functrain.errors import CheckpointError
-from functrain.tree import leaves_by_path
+from functrain.tree import Tree, leaves_by_path
 
 __all__ = [
     "is_sharded",
@@ -73,8 +73,6 @@ __all__ = [
     "placed_like",
     "read_for",
 ]
-
-Tree = Any
 
 
 # ---------------------------------------------------------------------------------------------
