@@ -73,7 +73,7 @@ import blake3
 import orjson
 import torch
 
-from functrain.checkpoint.commit import TMP_PREFIX, commit
+from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise, not_written
 from functrain.checkpoint.files import (
     available_memory,
     digest_of,
@@ -620,18 +620,9 @@ def write_tree(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there "
-                "(if any) is intact"
-            ) from e
+            raise not_written(target, e) from e
         raise
-    try:
-        commit(tmp, target)
-    except OSError as e:
-        raise CheckpointError(
-            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if "
-            "any) is intact"
-        ) from e
+    commit_or_raise(tmp, target)
     return target
 
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from functrain import errors
-from functrain.checkpoint.commit import TMP_PREFIX, commit
+from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise
 from functrain.checkpoint.files import hasher, wait_for_removals
 from functrain.checkpoint.format import (
     SHARDED_FORMAT_VERSION,
@@ -439,13 +439,7 @@ def _seal_and_commit(
         index[key] = {**info, "shards": shards}
     version = SHARDED_FORMAT_VERSION if writer.sharded else writer.version
     write_manifest(tmp, build_manifest(version, structure, index, files, extras, library_version))
-    try:
-        commit(tmp, target)
-    except OSError as e:
-        raise CheckpointError(
-            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if "
-            "any) is intact"
-        ) from e
+    commit_or_raise(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------
