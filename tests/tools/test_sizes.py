@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "sizes.py"
 
-
-def load_tool() -> ModuleType:
-    """The tool as a module (``tools/`` is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("sizes", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sizes = load_tool()
+# the tool's functions (``tools/`` is a folder of scripts, not a package)
+sizes = SimpleNamespace(**runpy.run_path(str(TOOL)))
 
 
 def function(name: str, body_lines: int, indent: str = "") -> str:
