@@ -57,6 +57,7 @@ from functrain.checkpoint.format import (
 )
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.distributed.sharding import is_sharded
+from functrain.distributed.sharding import like as placed_as
 from functrain.errors import CheckpointError
 from functrain.tree import Tree, leaves_by_path
 
@@ -501,15 +502,7 @@ def place(tree: Tree, template: Mapping[str, Any], rows: Mapping[str, tuple[int,
 
 def _wrapped(local: torch.Tensor, like: Any) -> Any:
     """`local` (this rank's part) as a DTensor placed as `like` is."""
-    local = local.to(like._local_tensor.device)
-    return type(like).from_local(
-        local,
-        like.device_mesh,
-        like.placements,
-        run_check=False,
-        shape=like.shape,
-        stride=like.stride(),
-    )
+    return placed_as(local.to(like._local_tensor.device), like)
 
 
 def placed_like(value: torch.Tensor, like: Any, path: str) -> Any:
