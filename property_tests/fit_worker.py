@@ -31,13 +31,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import functrain as ft
 from functrain.driver.callbacks import HOOKS
+from tests.models import loss_fn
 
 SAMPLES, BATCH, D_IN, D_HIDDEN, D_OUT = 48, 8, 4, 8, 2  # 6 batches an epoch, 3 updates
-
-
-def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
 
 
 def build_state() -> ft.TrainState:

@@ -21,16 +21,12 @@ import torch
 from torch import nn
 
 import functrain as ft
+from tests.models import loss_fn
 
 Spec = dict[str, Any]
 Metrics = dict[str, torch.Tensor]
 
 BATCH, D_IN, D_HIDDEN, D_OUT = 6, 4, 8, 2
-
-
-def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
 
 
 def build_optimizer(name: str) -> ft.Transform:

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 import functrain as ft
 from functrain.driver.history import TIMING_KEYS
 from functrain.tree import leaves_by_path
+from tests.processes import checkout_env
 
 WORKER = Path(__file__).with_name("fit_worker.py")
 
@@ -79,7 +80,7 @@ def run_worker(
     cmd = [sys.executable, str(WORKER), str(checkpoints), str(out), "--source", source]
     cmd += ["--resume"] if resume else []
     cmd += ["--kill", f"{kill[0]}:{kill[1]}"] if kill else []
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=checkout_env())
     assert done.returncode in (0, -signal.SIGKILL), (
         f"fit worker failed ({done.returncode}):\n{done.stderr}"
     )

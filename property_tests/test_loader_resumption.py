@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 import functrain as ft
 from functrain.tree import leaves_by_path
 from tests.driver.test_loader_passes import SIZE, LyingSampler, N, Refilled, Tensors, Tuples
+from tests.models import first_column_loss as loss_fn
 
 STEPS = 12  # two epochs of N / SIZE: 6 batches (the last of 2)
 
@@ -52,10 +53,6 @@ def loader(kind: str, workers: int, persistent: bool) -> DataLoader:
         return DataLoader(Noisy(), batch_size=SIZE, sampler=LyingSampler(), **kw)
     batches = {"refilled": Refilled, "tensors": Tensors, "tuples": Tuples}[kind]()
     return DataLoader(Noisy(), batch_sampler=batches, **kw)
-
-
-def loss_fn(model: Any, batch: torch.Tensor) -> torch.Tensor:
-    return (model(batch[:, 1:]) - batch[:, :1]).pow(2).mean()
 
 
 def fit(config: tuple[str, int, bool], steps: int, **kw: Any) -> ft.TrainState:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import functrain as ft
+from tests.models import square_output_loss as loss_fn
 
 REGULAR = [f"ckpt-{i:09d}-{i:09d}" for i in (1, 2, 3)]
 BESTS = ["best-000000001-000000001"]
@@ -34,10 +34,6 @@ NAMES = [
     "latest",
     "writer.lock",
 ]
-
-
-def loss_fn(model: Any, batch: Any) -> torch.Tensor:
-    return model(batch).square().mean()
 
 
 def template() -> ft.TrainState:

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import functrain as ft
 from functrain.tree import leaves_by_path
+from tests.processes import checkout_env
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 
@@ -97,6 +98,7 @@ def resume_in_fresh_process(
         capture_output=True,
         text=True,
         timeout=300,
+        env=checkout_env(),
     )
     assert done.returncode == 0, f"resume worker failed:\n{done.stderr}"
     tree, _ = ft.load(output)

@@ -58,13 +58,26 @@ def tanh_mlp_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def make_cnn() -> nn.Module:
-    """A convolution with batch norm over 2 x 5 x 5 inputs, then 3 logits, from torch's seed 0."""
+def make_cnn(dropout: float = 0.0) -> nn.Module:
+    """A convolution with batch norm over 2 x 5 x 5 inputs, then 3 logits (with dropout before
+    the last layer), from torch's seed 0."""
     torch.manual_seed(0)
-    return nn.Sequential(
+    layers: list[nn.Module] = [
         nn.Conv2d(2, 4, 3, padding=1),
         nn.BatchNorm2d(4),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 3),
-    )
+    ]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(4 * 5 * 5, 3))
+
+
+def square_output_loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    """The mean square of ``model(batch)``: a loss of the inputs alone, no targets."""
+    return model(batch).square().mean()
+
+
+def first_column_loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    """The mean squared error of ``model`` predicting each row's first column from the others."""
+    return (model(batch[:, 1:]) - batch[:, :1]).pow(2).mean()

@@ -598,7 +598,7 @@ class Branching(nn.Module):
 def test_a_parameter_unused_in_a_step_trains_as_torch_with_zero_grads_kept() -> None:
     # functrain gives it a zero gradient: torch's loop with zero_grad(set_to_none=False), as
     # docs/guides/porting.md says (torch's default skips the parameter that step)
-    def loss_fn(m: Any, batch: Any) -> torch.Tensor:
+    def branching_loss(m: Any, batch: Any) -> torch.Tensor:
         x, y, use_b = batch
         return F.cross_entropy(m(x, use_b), y)
 
@@ -611,11 +611,11 @@ def test_a_parameter_unused_in_a_step_trains_as_torch_with_zero_grads_kept() -> 
         ref = copy.deepcopy(model)
         opt = torch.optim.AdamW(ref.parameters(), LR, fused=True)
         for batch in data:
-            loss_fn(ref, batch).backward()
+            branching_loss(ref, batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=set_to_none)
         runs[set_to_none] = module_tensors(ref)
-    state = ft.TrainState.create(model, ft.adamw(LR), loss_fn)
+    state = ft.TrainState.create(model, ft.adamw(LR), branching_loss)
     for batch in data:
         state, _ = ft.train_step(state, batch)
     assert_trees_equal(runs[False], dict(state.params))

@@ -45,7 +45,13 @@ LAYERS: list[list[str]] = [
     ["functrain.interop"],
     ["functrain.core"],
     ["functrain.optim", "functrain.distributed"],
-    ["functrain.errors", "functrain.tree", "functrain.layout", "functrain.version"],
+    [
+        "functrain.errors",
+        "functrain.tree",
+        "functrain.layout",
+        "functrain.devices",
+        "functrain.version",
+    ],
 ]
 
 # the same order inside the folders whose modules form layers of their own

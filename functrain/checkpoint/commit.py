@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from functrain.checkpoint.files import fsync_dir, remove_later
+from functrain.errors import CheckpointError
 
-__all__ = ["TMP_PREFIX", "commit"]
+__all__ = ["TMP_PREFIX", "commit", "commit_or_raise", "not_written"]
 
 TMP_PREFIX = ".tmp-"
 """The prefix of the directories a save or a deletion has not finished with; readers skip them."""
@@ -60,6 +61,22 @@ def commit(tmp: Path, target: Path) -> None:
         raise
     if displaced is not None:
         remove_later(displaced)  # the new checkpoint is durable: the old one goes in the background
+
+
+def commit_or_raise(tmp: Path, target: Path) -> None:
+    """`commit`, with an `OSError` raised as the `CheckpointError` of `not_written`."""
+    try:
+        commit(tmp, target)
+    except OSError as e:
+        raise not_written(target, e) from e
+
+
+def not_written(target: Path, error: OSError) -> CheckpointError:
+    """The error of a save to `target` that failed with `error`: the checkpoint there is intact."""
+    return CheckpointError(
+        f"could not write checkpoint {str(target)!r}: {error}; the previous checkpoint there (if "
+        "any) is intact"
+    )
 
 
 def _replace(new: Path, target: Path) -> Path:

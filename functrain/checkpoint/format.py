@@ -73,7 +73,7 @@ import blake3
 import orjson
 import torch
 
-from functrain.checkpoint.commit import TMP_PREFIX, commit
+from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise, not_written
 from functrain.checkpoint.files import (
     available_memory,
     digest_of,
@@ -98,8 +98,8 @@ from functrain.checkpoint.tensorfile import (
     unique_keys,
 )
 from functrain.errors import CheckpointCorruptError, CheckpointError, CheckpointMemoryError
+from functrain.tree import Tree, leaves_by_path
 from functrain.tree import escape_key as _escape
-from functrain.tree import leaves_by_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -141,9 +141,6 @@ _SEALS = {
     algorithm: f'{{\n  "manifest_{algorithm}": "'.encode() for algorithm in ("sha256", "blake3")
 }
 _SPELLED = {"sha256": "SHA-256", "blake3": "BLAKE3"}
-
-
-Tree = Any
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,18 +620,9 @@ def write_tree(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there "
-                "(if any) is intact"
-            ) from e
+            raise not_written(target, e) from e
         raise
-    try:
-        commit(tmp, target)
-    except OSError as e:
-        raise CheckpointError(
-            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if "
-            "any) is intact"
-        ) from e
+    commit_or_raise(tmp, target)
     return target
 
 

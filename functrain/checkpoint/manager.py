@@ -422,27 +422,18 @@ class CheckpointManager:
         check_file: Callable[[str, str], None] | None = None,
     ) -> Path:
         with self._commit_lock:
-            if self.sharded:  # every rank its shards; rank 0 the manifest, then the books
-                path = write_sharded(
-                    self.directory / name,
-                    tree,
-                    group=self._group,
-                    fingerprint=fp,
-                    metadata=meta,
-                    library_version=version.__version__,
-                    before_commit=before_commit,
-                    check_file=check_file,
-                )
-            else:
-                path = write_tree(
-                    self.directory / name,
-                    tree,
-                    fingerprint=fp,
-                    metadata=meta,
-                    library_version=version.__version__,
-                    before_commit=before_commit,
-                    check_file=check_file,
-                )
+            written: dict[str, Any] = {
+                "fingerprint": fp,
+                "metadata": meta,
+                "library_version": version.__version__,
+                "before_commit": before_commit,
+                "check_file": check_file,
+            }
+            path = (  # sharded: every rank its shards; rank 0 the manifest, then the books
+                write_sharded(self.directory / name, tree, group=self._group, **written)
+                if self.sharded
+                else write_tree(self.directory / name, tree, **written)
+            )
             books: CheckpointError | None = None
             if self._rank == 0:
                 try:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from functrain import errors
-from functrain.checkpoint.commit import TMP_PREFIX, commit
+from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise
 from functrain.checkpoint.files import hasher, wait_for_removals
 from functrain.checkpoint.format import (
     SHARDED_FORMAT_VERSION,
@@ -57,8 +57,9 @@ from functrain.checkpoint.format import (
 )
 from functrain.distributed.data_parallel import all_gather_json
 from functrain.distributed.sharding import is_sharded
+from functrain.distributed.sharding import like as placed_as
 from functrain.errors import CheckpointError
-from functrain.tree import leaves_by_path
+from functrain.tree import Tree, leaves_by_path
 
 __all__ = [
     "is_sharded",
@@ -73,8 +74,6 @@ __all__ = [
     "placed_like",
     "read_for",
 ]
-
-Tree = Any
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,13 +440,7 @@ def _seal_and_commit(
         index[key] = {**info, "shards": shards}
     version = SHARDED_FORMAT_VERSION if writer.sharded else writer.version
     write_manifest(tmp, build_manifest(version, structure, index, files, extras, library_version))
-    try:
-        commit(tmp, target)
-    except OSError as e:
-        raise CheckpointError(
-            f"could not write checkpoint {str(target)!r}: {e}; the previous checkpoint there (if "
-            "any) is intact"
-        ) from e
+    commit_or_raise(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,15 +502,7 @@ def place(tree: Tree, template: Mapping[str, Any], rows: Mapping[str, tuple[int,
 
 def _wrapped(local: torch.Tensor, like: Any) -> Any:
     """`local` (this rank's part) as a DTensor placed as `like` is."""
-    local = local.to(like._local_tensor.device)
-    return type(like).from_local(
-        local,
-        like.device_mesh,
-        like.placements,
-        run_check=False,
-        shape=like.shape,
-        stride=like.stride(),
-    )
+    return placed_as(local.to(like._local_tensor.device), like)
 
 
 def placed_like(value: torch.Tensor, like: Any, path: str) -> Any:

@@ -43,6 +43,7 @@ import torch
 
 from functrain.core.donation import hold
 from functrain.distributed.sharding import is_sharded
+from functrain.distributed.sharding import like as placed_as
 from functrain.errors import CheckpointError
 from functrain.tree import tree_map
 
@@ -81,15 +82,7 @@ class Snapshot:
         if not isinstance(x, torch.Tensor):
             return x
         if is_sharded(x):  # this rank's shard is what its save writes: that is what is held
-            local = self._take(x._local_tensor)
-            return type(x).from_local(
-                local,
-                x.device_mesh,
-                x.placements,
-                run_check=False,
-                shape=x.shape,
-                stride=x.stride(),
-            )
+            return placed_as(self._take(x._local_tensor), x)
         x = x.detach()
         if x.is_sparse:  # written in place as it grows (a donated step): its rows, copied
             return x.to("cpu", copy=True)

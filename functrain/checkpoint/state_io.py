@@ -44,6 +44,7 @@ from functrain.checkpoint.sharded import (
 )
 from functrain.core.state import TrainState, unaliased
 from functrain.core.structure import sparse_parameters
+from functrain.devices import device_named
 from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -696,24 +697,8 @@ def _check_target(path: Path) -> None:
 
 
 def _check_map_location(map_location: Any) -> None:
-    if map_location is None:
-        return
-    try:
-        device = (
-            torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
-        )
-    except RuntimeError:
-        device = None
-    if device is None:
-        raise ConfigError(
-            "map_location must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got "
-            f"{map_location!r}"
-        )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"map_location={map_location!r} names a CUDA device, but CUDA is not available here: "
-            "pass map_location='cpu'"
-        )
+    if map_location is not None:
+        device_named(map_location, "map_location", "pass map_location='cpu'")
 
 
 _MODEL_FIELDS = ("params", "frozen", "buffers")

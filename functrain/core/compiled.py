@@ -66,7 +66,7 @@ from functrain.core.capture import (
     write_back,
 )
 from functrain.core.create import STEP_COUNTERS
-from functrain.core.donation import donated, retire, wait_until_unheld
+from functrain.core.donation import step_in_scope, wait_until_unheld
 from functrain.core.guards import Spent, Watched, guard_filter, refuse_if_spent
 from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import Scope, enter, leave, leave_with
@@ -429,22 +429,8 @@ class CompiledStep:
         the update run eagerly.
         """
         body = functools.partial(_sharded_body, self._forward_for(state))
-        scope = enter(state, True)
-        try:
-            # donated as `train_step(donate=True)` is: the update writes into the state's local
-            # slices
-            new, metrics = (
-                donated(state, batch, body, _DONATED)
-                if donate and state.grad_stats is None
-                else body(state, batch)
-            )
-        except BaseException:
-            leave(scope)
-            raise
-        new_state = leave_with(scope, state, new)
-        if donate:
-            retire(state, _DONATED)
-        return new_state, metrics
+        # donated as `train_step(donate=True)` is: the update writes into the state's local slices
+        return step_in_scope(state, batch, body, donate=donate, call=_DONATED)
 
     def _captured(
         self, captures: Captures, state: TrainState, batch: Any, donate: bool

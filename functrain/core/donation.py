@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from functrain.core.scope import outside_graph
+from functrain.core.scope import enter, leave, leave_with, outside_graph
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import is_sharded
 from functrain.optim.base import Extras
 from functrain.tree import tree_leaves
 
-__all__ = ["HELD", "donated", "hold", "is_held", "retire", "wait_until_unheld"]
+__all__ = ["HELD", "donated", "hold", "is_held", "retire", "step_in_scope", "wait_until_unheld"]
 
 _held: Counter[int] = Counter()
 _released = threading.Condition()
@@ -132,3 +132,35 @@ def donated(
 def retire(state: TrainState, call: str) -> None:
     """`TrainState.retire`, outside any compiled graph: `state` was donated to `call`."""
     state.retire(call)
+
+
+def step_in_scope(
+    state: TrainState,
+    batch: Any,
+    body: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]],
+    *,
+    donate: bool,
+    call: str,
+    given: TrainState | None = None,
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """``body(state, batch)`` in `state`'s scope (its generator, training mode), as the new state.
+
+    With `donate`, `body` may write into `state`'s tensors (`donated`), unless the state keeps
+    gradient statistics (their update/weight ratios need the old weights: the step writes fresh
+    buffers); then `given` (the state the caller was handed, `state` by default) is retired to
+    `call`. The scope is left whether `body` returns or raises.
+    """
+    scope = enter(state, True)
+    try:
+        new, metrics = (
+            donated(state, batch, body, call)
+            if donate and state.grad_stats is None
+            else body(state, batch)
+        )
+    except BaseException:
+        leave(scope)
+        raise
+    new_state = leave_with(scope, state, new)
+    if donate:
+        retire(state if given is None else given, call)
+    return new_state, metrics

@@ -22,10 +22,10 @@ import torch
 
 from functrain.core.binding import bound
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
-from functrain.core.donation import donated, retire
+from functrain.core.donation import retire, step_in_scope
 from functrain.core.loss import RunAgain
 from functrain.core.plan import DONATED, plan_for
-from functrain.core.scope import enter, leave, leave_with, outside_graph
+from functrain.core.scope import enter, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import LossFn, TrainState
 from functrain.distributed import sharding as sharding_
@@ -127,20 +127,9 @@ def _train_step(
     given = state
     if torch.compiler.is_compiling():
         state = _with_storage(state)
-    scope = enter(state, True)
-    try:
-        # the update/weight ratios of grad_stats need the old weights: such a step writes fresh
-        # buffers
-        if donate and state.grad_stats is None:
-            new, metrics = donated(state, batch, train_body, DONATED)
-        else:
-            new, metrics = train_body(state, batch)
-    except BaseException:
-        leave(scope)
-        raise
-    new_state = leave_with(scope, state, new)
-    if donate:
-        retire(given, DONATED)
+    new_state, metrics = step_in_scope(
+        state, batch, train_body, donate=donate, call=DONATED, given=given
+    )
     if not torch.compiler.is_compiling():
         plan = plan_for(new_state)
         if plan is not None:

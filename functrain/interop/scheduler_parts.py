@@ -361,8 +361,9 @@ def _warm_restart_position(
     return t - start(n), T_0 * torch.pow(float(T_mult), n)
 
 
-def one_cycle_lr(total: int, a: Mapping[str, Any]) -> Part:
-    phases = one_cycle_phases(
+def one_cycle_phases_of(total: int, a: Mapping[str, Any]) -> list[Any]:
+    """The phases of `OneCycleLR` over `total` steps, from its arguments `a`."""
+    return one_cycle_phases(
         total,
         a["max_lr"],
         a["pct_start"],
@@ -370,6 +371,10 @@ def one_cycle_lr(total: int, a: Mapping[str, Any]) -> Part:
         a["final_div_factor"],
         bool(a["three_phase"]),
     )
+
+
+def one_cycle_lr(total: int, a: Mapping[str, Any]) -> Part:
+    phases = one_cycle_phases_of(total, a)
     return Part(phased_value(phases, a["anneal_strategy"], total), every_step)
 
 
@@ -393,14 +398,7 @@ def one_cycle_total(a: Mapping[str, Any], where: str) -> int:
     check_number(problems, "div_factor", a["div_factor"], need="> 0")
     check_number(problems, "final_div_factor", a["final_div_factor"], need="> 0")
     config_check(problems, where)
-    phases = one_cycle_phases(
-        total,
-        a["max_lr"],
-        a["pct_start"],
-        a["div_factor"],
-        a["final_div_factor"],
-        bool(a["three_phase"]),
-    )
+    phases = one_cycle_phases_of(total, a)
     empty = empty_phases(phases)
     if empty:
         problem = f"phase {empty[0]} of the cycle has zero steps (torch divides by zero there)"

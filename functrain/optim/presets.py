@@ -306,31 +306,18 @@ def adam(
         tensor([0.9000])
     """
     check_choices("adam", foreach=foreach, capturable=capturable, differentiable=differentiable)
-    fused = (
-        False if foreach is not None else fused
-    )  # torch's foreach and single-tensor bits: the chain
-    _check_renamed("adam", lr)
-    b1, b2 = _value(b1), _value(b2)
-    if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
-        _check_adam("adam", b1, b2, eps, weight_decay)
-        return fused_adam(
-            lr,
-            b1,
-            b2,
-            eps,
-            weight_decay,
-            decoupled=decoupled_weight_decay,
-            amsgrad=amsgrad,
-            mask=mask,
-            maximize=maximize,
-        )
-    if decoupled_weight_decay:
-        return _adamw_chain(lr, b1, b2, eps, weight_decay, amsgrad, mask, maximize)
-    return chain(
-        *_ascent(maximize),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-        scale_by_learning_rate(lr),
+    return _adam(
+        "adam",
+        lr,
+        b1,
+        b2,
+        eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        mask=mask,
+        fused=False if foreach is not None else fused,
+        maximize=maximize,
     )
 
 
@@ -396,42 +383,67 @@ def adamw(
         tensor([0.9000])
     """
     check_choices("adamw", foreach=foreach, capturable=capturable, differentiable=differentiable)
-    fused = (
-        False if foreach is not None else fused
-    )  # torch's foreach and single-tensor bits: the chain
-    _check_renamed("adamw", lr)
+    return _adam(
+        "adamw",
+        lr,
+        b1,
+        b2,
+        eps,
+        weight_decay=weight_decay,
+        decoupled=True,
+        amsgrad=amsgrad,
+        mask=mask,
+        fused=False if foreach is not None else fused,
+        maximize=maximize,
+    )
+
+
+def _adam(
+    name: str,
+    lr: LearningRate,
+    b1: float,
+    b2: float,
+    eps: float,
+    *,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    mask: Mask,
+    fused: bool | None,
+    maximize: bool,
+) -> Transform:
+    """`adam` and `adamw` (`name`, for the errors): the fused kernel, or the chain of primitives.
+
+    `fused` is already ``False`` where torch's ``foreach`` was given: torch's foreach and
+    single-tensor bits are the chain's.
+    """
+    _check_renamed(name, lr)
     b1, b2 = _value(b1), _value(b2)
     if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
-        _check_adam("adamw", b1, b2, eps, weight_decay)
+        _check_adam(name, b1, b2, eps, weight_decay)
         return fused_adam(
             lr,
             b1,
             b2,
             eps,
             weight_decay,
-            decoupled=True,
+            decoupled=decoupled,
             amsgrad=amsgrad,
             mask=mask,
             maximize=maximize,
         )
-    return _adamw_chain(lr, b1, b2, eps, weight_decay, amsgrad, mask, maximize)
-
-
-def _adamw_chain(
-    lr: LearningRate,
-    b1: float,
-    b2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    mask: Mask,
-    maximize: bool,
-) -> Transform:
-    # the decay after the scaling rule: scale_by_learning_rate applies it as p * (1 - lr * wd)
+    if decoupled:
+        # the decay after the scaling rule: scale_by_learning_rate applies it as p * (1 - lr * wd)
+        return chain(
+            *_ascent(maximize),
+            scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+            _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+            scale_by_learning_rate(lr),
+        )
     return chain(
         *_ascent(maximize),
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         scale_by_learning_rate(lr),
     )
 

@@ -35,6 +35,7 @@ from functrain.checkpoint import commit as atomic
 from functrain.checkpoint import files
 from functrain.checkpoint import format as ser
 from functrain.errors import CheckpointError
+from tests.processes import checkout_env
 
 TRIALS = 500 if os.environ.get("FUNCTRAIN_LONG_TESTS") == "1" else 50
 MAX_KILL_DELAY_S = 0.3
@@ -47,9 +48,7 @@ STATE_CODE = textwrap.dedent(
     from torch import nn
     import functrain as ft
     from functrain.tree import tree_leaves, tree_map
-
-    def loss_fn(model, batch):
-        return model(batch).square().mean()
+    from tests.models import square_output_loss as loss_fn
 
     def template():
         torch.manual_seed(0)
@@ -137,6 +136,7 @@ class ForkServer:
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(script)],
+            env=checkout_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

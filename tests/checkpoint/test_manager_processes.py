@@ -30,9 +30,7 @@ import torch
 from torch import nn
 import functrain as ft
 
-def loss_fn(model, batch):
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
+from tests.models import loss_fn
 
 def initial_state(seed=0):
     with torch.random.fork_rng(devices=[]):

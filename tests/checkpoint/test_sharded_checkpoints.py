@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch
 import functrain as ft
 from functrain.checkpoint.format import read_manifest, read_tree, verify
 from functrain.tree import leaves_by_path
+from tests.processes import checkout_env, torchrun
 
 WORKER = Path(__file__).parent / "workers" / "shard_worker.py"
-ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(WORKER.parent))
 import shard_worker  # noqa: E402
 
@@ -37,28 +36,9 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "--master_addr=127.0.0.1",
-        str(WORKER),
-        *args,
-    ]
+    env = checkout_env(OMP_NUM_THREADS="1")
+    cmd = torchrun(nproc, WORKER, *args)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     if expect_ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

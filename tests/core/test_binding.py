@@ -219,7 +219,7 @@ def test_each_stacked_member_runs_the_module_method_on_its_own_weights():
 def test_attributes_and_submodules_of_the_model_are_the_states_tensors():
     seen: dict[str, Any] = {}
 
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def loss_recording_the_model(model: Any, batch: Any) -> torch.Tensor:
         seen.update(
             weight=model.encoder.weight,
             head=model.head,
@@ -229,7 +229,7 @@ def test_attributes_and_submodules_of_the_model_are_the_states_tensors():
         )
         return model(batch[0]).sum()
 
-    state = ft.TrainState.create(_lightning(), ft.sgd(0.1), loss_fn)
+    state = ft.TrainState.create(_lightning(), ft.sgd(0.1), loss_recording_the_model)
     ft.eval_step(state, _batch())
     assert seen["weight"] is state.params["encoder.weight"]
     assert isinstance(seen["head"], nn.Linear) and seen["decay"] == 1e-2
@@ -238,23 +238,23 @@ def test_attributes_and_submodules_of_the_model_are_the_states_tensors():
 
 
 def test_a_container_module_is_indexed_measured_and_iterated_as_itself():
-    def loss_fn(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    def loss_checking_the_container(model: Any, batch: torch.Tensor) -> torch.Tensor:
         assert len(model) == 2 and [type(m) for m in model] == [nn.Linear, nn.Linear]
         return model[1](model[0](batch)).sum()
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
-    state = ft.TrainState.create(module, ft.sgd(0.1), loss_fn)
+    state = ft.TrainState.create(module, ft.sgd(0.1), loss_checking_the_container)
     x = torch.randn(2, 3)
     assert torch.equal(ft.eval_step(state, x)["loss"], module(x).sum().detach())
 
 
 def test_the_module_is_left_as_it_was_also_when_the_loss_raises():
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def raising_loss(model: Any, batch: Any) -> torch.Tensor:
         model.features(batch[0])
         raise RuntimeError("boom")
 
-    state = ft.TrainState.create(_lightning(), ft.sgd(0.1), loss_fn)
+    state = ft.TrainState.create(_lightning(), ft.sgd(0.1), raising_loss)
     before = _snapshot(state.module)
     with pytest.raises(ft.BatchError, match="RuntimeError: boom"):
         ft.train_step(state, _batch())

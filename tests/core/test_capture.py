@@ -132,10 +132,10 @@ def test_a_captured_step_refuses_stacked_states() -> None:
 
 
 def test_a_batch_value_that_cannot_be_hashed_is_refused() -> None:
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def loss_of_the_pair(model: Any, batch: Any) -> torch.Tensor:
         return cross_entropy_with_accuracy(model, batch[:2])[0]
 
-    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_of_the_pair)
     x, y = batches(1)[0]
     with pytest.raises(ft.ConfigError, match=r"hashable; got bytearray"):
         captured(ReplayedCalls())(state, (x, y, bytearray(b"tag")))

@@ -206,10 +206,10 @@ def test_a_reentrant_backward_leaves_the_tensors_the_loss_closes_over_alone() ->
     scale = nn.Parameter(torch.ones(()))
     scale.grad = torch.full((), 7.0)
 
-    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    def scaled_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         return net_loss(model, batch) * scale
 
-    state = ft.TrainState.create(built("checkpoint-in-forward", True), ft.sgd(0.1), loss_fn)
+    state = ft.TrainState.create(built("checkpoint-in-forward", True), ft.sgd(0.1), scaled_loss)
     for batch in net_batches()[:2]:
         state, _ = ft.train_step(state, batch)
     assert scale.grad is not None and float(scale.grad) == 7.0

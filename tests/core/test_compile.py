@@ -425,7 +425,7 @@ def reading_loss() -> tuple[Any, Any, list[float]]:
     temperature = 1.0
     penalty = [0.0]
 
-    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    def loss_reading_python_values(model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         logits = model(x) * WEIGHT / temperature
         return F.cross_entropy(logits, y) + penalty[0] * logits.square().mean() + CALLS * 1e-3
@@ -434,7 +434,7 @@ def reading_loss() -> tuple[Any, Any, list[float]]:
         nonlocal temperature
         temperature = value
 
-    return loss_fn, set_temperature, penalty
+    return loss_reading_python_values, set_temperature, penalty
 
 
 def reading_state(seed: int, loss_fn: Any) -> ft.TrainState:

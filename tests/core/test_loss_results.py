@@ -74,10 +74,10 @@ def test_a_dict_without_a_loss_or_as_the_loss_of_a_pair_is_refused_too() -> None
 def closes_over(module: torch.nn.Module) -> Any:
     """A loss function that runs `module` itself, not the model it is given."""
 
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def loss_of_module(model: Any, batch: Any) -> torch.Tensor:
         return F.cross_entropy(module(batch[0]), batch[1])
 
-    return loss_fn
+    return loss_of_module
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["plain", "stacked"])
@@ -127,12 +127,12 @@ def test_a_batch_the_compiled_loss_cannot_take_after_the_first_raises_train_step
 def test_a_first_call_whose_eager_check_runs_out_of_memory_runs_compiled_all_the_same() -> None:
     """A compiled step may fit where the eager one does not: the check is then left out."""
 
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def out_of_memory_when_eager(model: Any, batch: Any) -> torch.Tensor:
         if not torch.compiler.is_compiling():  # the eager run only: as if it did not fit
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return F.cross_entropy(model(batch[0]), batch[1])
 
-    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), out_of_memory_when_eager)
     state, _ = ft.compile_step(backend="eager")(state, BATCH)
     assert int(state.step) == 1
 
@@ -140,10 +140,10 @@ def test_a_first_call_whose_eager_check_runs_out_of_memory_runs_compiled_all_the
 def test_out_of_memory_in_the_loss_comes_out_as_torch_raised_it_not_as_a_batch_error() -> None:
     """A batch-size search catches torch.OutOfMemoryError: it is not the batch's structure."""
 
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def out_of_memory_loss(model: Any, batch: Any) -> torch.Tensor:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), loss_fn)
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1), out_of_memory_loss)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
         ft.train_step(state, BATCH)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):

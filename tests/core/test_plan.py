@@ -223,12 +223,12 @@ def test_planned_bad_batch_raises_batch_error_and_keeps_the_state() -> None:
 def test_planned_loss_on_no_parameter_is_refused() -> None:
     calls = []
 
-    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+    def loss_turning_constant(model: Any, batch: Any) -> torch.Tensor:
         calls.append(1)
         out = model(batch[0])
         return F.cross_entropy(out, batch[1]) if len(calls) < 3 else out.detach().sum() * 0.0 + 1.0
 
-    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), loss_fn)
+    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), loss_turning_constant)
     for batch in batches(2):
         state, _ = ft.train_step(state, batch)
     assert state.plan is not None

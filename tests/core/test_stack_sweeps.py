@@ -11,12 +11,9 @@ from torch import nn
 
 import functrain as ft
 from functrain.testing import assert_states_equal, diff_states
+from tests.models import square_output_loss as loss_fn
 
 LRS = [0.1, 0.01, 0.05]
-
-
-def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(batch).pow(2).mean()
 
 
 def make_state(seed: int, optimizer: ft.Transform, module: nn.Module | None = None):

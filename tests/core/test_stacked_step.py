@@ -18,6 +18,7 @@ from tests.core.test_ensemble import (
     make_state,
     run,
 )
+from tests.models import cross_entropy_loss_fn
 
 
 def test_the_default_optimizers_update_the_stacked_tensors_directly():
@@ -84,8 +85,7 @@ class SmallCNN(nn.Module):
 def cnn_member(seed: int) -> ft.TrainState:
     torch.manual_seed(seed)
     model = SmallCNN().to(memory_format=torch.channels_last)
-    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    return ft.TrainState.create(model, ft.adamw(1e-2), loss_fn, seed=seed)
+    return ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, seed=seed)
 
 
 def cnn_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -231,12 +231,9 @@ def test_only_weights_used_by_linear_layers_alone_are_transposed():
     assert stacked_module_rule(SmallCNN(), cpu) == set()  # members apart: no batched product
     assert stacked_module_rule(SmallCNN(), torch.device("meta")) == {"head.weight"}
 
-    def loss_fn(m, b):
-        return nn.functional.cross_entropy(m(b[0]), b[1])
-
     def member(seed: int) -> ft.TrainState:
         torch.manual_seed(seed)
-        return ft.TrainState.create(Tied(), ft.adamw(1e-2), loss_fn, seed=seed)
+        return ft.TrainState.create(Tied(), ft.adamw(1e-2), cross_entropy_loss_fn, seed=seed)
 
     data = [(torch.randint(0, 7, (5,)), torch.randint(0, 7, (5,))) for _ in range(3)]
     trained, _ = run(ft.stack([member(s) for s in range(2)]), data)
@@ -415,12 +412,14 @@ def elementwise_member(d_in: int, d_out: int):
     gradients exact under vmap, so that members differ from training alone only by the update."""
     scale = torch.linspace(-1, 1, d_in * d_out).reshape(d_out, d_in)
 
-    def loss_fn(m, batch):
+    def elementwise_loss(m, batch):
         return (m.weight * scale).sum() + m.weight.pow(2).sum() + (m.bias * batch).sum()
 
     def member(seed: int) -> ft.TrainState:
         torch.manual_seed(seed)
-        return ft.TrainState.create(nn.Linear(d_in, d_out), ft.adamw(1e-3), loss_fn, seed=seed)
+        return ft.TrainState.create(
+            nn.Linear(d_in, d_out), ft.adamw(1e-3), elementwise_loss, seed=seed
+        )
 
     return member
 
@@ -474,7 +473,7 @@ def test_a_member_block_of_whole_vectors_is_updated_within_the_stacked_tensor_bi
 def viewing_member(seed: int) -> ft.TrainState:
     """A member whose loss function views every parameter (``p.view(-1)``, an L2 penalty)."""
 
-    def loss_fn(m, batch):
+    def viewing_loss(m, batch):
         x, y = batch
         penalty = torch.cat([p.view(-1) for p in m.parameters()]).pow(2).sum()
         return nn.functional.cross_entropy(m(x), y) + 1e-3 * penalty
@@ -483,7 +482,7 @@ def viewing_member(seed: int) -> ft.TrainState:
     model = nn.Sequential(
         nn.Linear(D_IN, D_HIDDEN), nn.ReLU(), nn.Dropout(0.2), nn.Linear(D_HIDDEN, 3)
     )
-    return ft.TrainState.create(model, ft.adamw(1e-2), loss_fn, seed=seed)
+    return ft.TrainState.create(model, ft.adamw(1e-2), viewing_loss, seed=seed)
 
 
 def test_a_loss_that_views_the_transposed_weights_reads_them_in_the_modules_order():

@@ -27,15 +27,7 @@ F = nn.functional
 
 
 def make_cnn_dropout() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Dropout(0.5),
-        nn.Linear(4 * 5 * 5, 3),
-    )
+    return make_cnn(dropout=0.5)
 
 
 MODELS = {"mlp": make_mlp, "cnn": make_cnn}

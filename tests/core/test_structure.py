@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import functrain as ft
 from functrain.errors import ConfigError
 from tests.comparisons import assert_trees_equal
+from tests.models import cross_entropy_loss_fn as loss_fn
 
 STEPS = 4
 
@@ -33,10 +33,6 @@ class Net(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.out(self.emb(ids).mean(1))
-
-
-def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -253,14 +249,14 @@ def test_a_forward_that_writes_a_weight_in_a_later_step_is_refused_there_too() -
     # the first step runs the body, the later ones the planned step: both check
     calls = {"n": 0}
 
-    def loss_fn_writing_later(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+    def loss_writing_later(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             with torch.no_grad():
                 model.out.weight.mul_(0.5)
         return loss_fn(model, batch)
 
-    state = ft.TrainState.create(Net(), ft.adamw(0.05), loss_fn_writing_later)
+    state = ft.TrainState.create(Net(), ft.adamw(0.05), loss_writing_later)
     data = batches()
     for batch in data[:2]:
         state, _ = ft.train_step(state, batch)
@@ -293,13 +289,13 @@ def test_a_step_lifts_the_call_guard_for_its_loss_function_and_puts_it_back() ->
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     seen: list[int] = []
 
-    def loss_fn(m: Any, batch: torch.Tensor) -> torch.Tensor:
+    def loss_raising_on_one_row(m: Any, batch: torch.Tensor) -> torch.Tensor:
         seen.append(len(state.module._forward_pre_hooks))
         if batch.shape[0] == 1:
             raise ValueError("a loss function that raises")
         return m(batch).square().mean()
 
-    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_fn)
+    state = ft.TrainState.create(model, ft.adamw(1e-2), loss_raising_on_one_row)
     guarded = len(state.module._forward_pre_hooks)
     state, _ = ft.train_step(state, torch.randn(5, 3))
     state, _ = ft.train_step(state, torch.randn(5, 3), donate=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 import functrain as ft
+from tests.processes import checkout_env, torchrun
 
 WORKER = Path(__file__).parent / "workers" / "worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -27,33 +26,13 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, *args: str) -> None:
     # the workers import this checkout's functrain, whatever the environment has installed
-    root = str(Path(__file__).resolve().parents[2])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env(OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *args]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            "--master_addr=127.0.0.1",
-            str(WORKER),
-            *args,
-        ]
+        cmd = torchrun(nproc, WORKER, *args)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -9,11 +9,8 @@ stopping, the test set, resumption).
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import functrain as ft
 from functrain.errors import ConfigError
 from tests.comparisons import assert_trees_equal
 from tests.driver.runs import Killed, quiet_fit
+from tests.processes import checkout_env, torchrun
 
 CLASSES = 3
 
@@ -218,7 +216,7 @@ def test_a_run_killed_mid_evaluation_resumes_to_the_same_history_bit_for_bit(
 def test_eval_fn_is_used_for_evaluations_only_and_loss_fn_for_training_only() -> None:
     grad_modes: dict[str, set[bool]] = {"loss_fn": set(), "eval_fn": set()}
 
-    def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def recording_loss(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         grad_modes["loss_fn"].add(torch.is_grad_enabled())
         return cross_entropy(model, batch)
 
@@ -227,7 +225,7 @@ def test_eval_fn_is_used_for_evaluations_only_and_loss_fn_for_training_only() ->
         wrong = (model(batch[0]).argmax(-1) != batch[1]).float().mean()
         return wrong, {"wrong": wrong}
 
-    state = classifier().replace(loss_fn=loss_fn)
+    state = classifier().replace(loss_fn=recording_loss)
     result = quiet_fit(state, TRAIN, eval_data=VAL, test_data=VAL, eval_fn=error_rate, max_epochs=2)
     assert grad_modes == {"loss_fn": {True}, "eval_fn": {False}}
     loader = DataLoader(VAL, batch_size=20)
@@ -537,12 +535,6 @@ def test_counting_updates_leaves_each_metric_as_it_was_also_when_eval_fn_raises(
 # ------------------------------------------------------------------ several ranks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with gloo",
@@ -552,22 +544,8 @@ def test_on_two_ranks_a_synced_metric_is_the_whole_sets_and_an_unsynced_one_is_r
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("torchmetrics")
-    root = str(Path(ft.__file__).parents[1])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "--master_addr=127.0.0.1",
-        str(Path(__file__).parent / "workers" / "metrics_worker.py"),
-        str(tmp_path),
-    ]
+    env = checkout_env(OMP_NUM_THREADS="1")
+    command = torchrun(2, Path(__file__).parent / "workers" / "metrics_worker.py", str(tmp_path))
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import functrain as ft
 from functrain.driver.data import DataLoaderSource
 from functrain.errors import ConfigError
+from tests.models import first_column_loss as loss_fn
 
 N, SIZE = 22, 4  # 6 batches an epoch, the last of 2
 
@@ -103,10 +104,6 @@ def test_any_batch_sampler_gives_each_sample_once_an_epoch_and_a_resume_skips_ex
         assert sorted(whole[:, 0].tolist()) == list(map(float, range(N)))
         resumed = torch.cat(list(DataLoaderSource(loader(kind)).epoch(epoch, start=2)))
         assert torch.equal(resumed, whole[2 * SIZE :])  # samples and their noise
-
-
-def loss_fn(model: Any, batch: torch.Tensor) -> torch.Tensor:
-    return (model(batch[:, 1:]) - batch[:, :1]).pow(2).mean()
 
 
 def state() -> ft.TrainState:

@@ -10,7 +10,6 @@ samples the rest of the run needs: a consumed batch is never loaded again.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import torch
 
 import functrain as ft
 from functrain.tree import leaves_by_path
+from tests.processes import checkout_env
 
 WORKER = Path(__file__).parent / "workers" / "loader_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -31,12 +31,7 @@ BATCHES = 24
 
 
 def launch(spec: dict[str, Any]) -> None:
-    root = str(Path(ft.__file__).parents[1])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env(OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-W", "error", str(WORKER), json.dumps(spec)],
         capture_output=True,

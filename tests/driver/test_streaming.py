@@ -4,7 +4,6 @@ replay."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -19,6 +18,7 @@ import functrain as ft
 from functrain.distributed import DistConfig
 from functrain.driver.data import StatefulSource, storable_state
 from functrain.driver.ledger import tree_problems
+from tests.processes import checkout_env
 
 WORKER = Path(__file__).parent / "workers" / "stream_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -29,12 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWa
 
 def launch(spec: dict[str, Any]) -> None:
     # the functrain this test imports, also where another one is installed
-    root = str(Path(ft.__file__).parents[1])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env(OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(spec)],
         capture_output=True,

@@ -24,6 +24,7 @@ from functrain.optim.rules.muon import ScaleByMuonState
 from functrain.optim.rules.rprop import ScaleByRpropState
 from tests.comparisons import assert_trees_equal
 from tests.models import loss_fn
+from tests.optim.test_optimizers import find, is_weight, split_groups
 
 STEPS = 200
 SHAPES = {"w1": (12, 6), "b1": (12,), "w2": (3, 12), "conv": (2, 3, 4), "s": ()}
@@ -70,28 +71,6 @@ def run_torch(
             before_step(opt, k)
         opt.step()
     return params, opt
-
-
-def is_weight(name: str, p: torch.Tensor) -> bool:
-    return p.ndim > 1
-
-
-def split_groups(params: dict[str, torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
-    return [
-        {"params": [p for n, p in params.items() if is_weight(n, p)], "weight_decay": weight_decay},
-        {"params": [p for n, p in params.items() if not is_weight(n, p)], "weight_decay": 0.0},
-    ]
-
-
-def find(state: Any, cls: type) -> Any:
-    if isinstance(state, cls):
-        return state
-    if isinstance(state, tuple):
-        for child in state:
-            found = find(child, cls)
-            if found is not None:
-                return found
-    return None
 
 
 def per_param(key: str) -> Callable[[torch.optim.Optimizer, dict], list[torch.Tensor]]:

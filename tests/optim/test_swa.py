@@ -10,13 +10,9 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 import functrain as ft
 from functrain.schedules import from_torch, join, swalr
+from tests.models import cross_entropy_loss_fn as loss_fn
 
 START, STEPS, SWA_LR = 4, 12, 0.02
-
-
-def loss_fn(m, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(m(x), y)
 
 
 def model():

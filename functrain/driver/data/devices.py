@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from functrain.devices import device_named
 from functrain.errors import ConfigError
 
 
@@ -22,20 +23,7 @@ def batch_device(device: Any, state: Any) -> torch.device:
     """
     if device is None:
         return state.device
-    try:
-        target = torch.device(device) if isinstance(device, (str, torch.device)) else None
-    except RuntimeError:
-        target = None
-    if target is None:
-        raise ConfigError(
-            "device must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got "
-            f"{device!r}"
-        )
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device={device!r} names a CUDA device, but CUDA is not available here: pass "
-            "device='cpu' or leave it None"
-        )
+    target = device_named(device, "device", "pass device='cpu' or leave it None")
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     if target != state.device:

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import functrain as ft
 from functrain.checkpoint.sharded import chunk_rows
+from tests.models import cross_entropy_loss_fn as loss_fn
 
 torch.set_num_threads(1)
 
@@ -105,11 +106,6 @@ def check_managed(out, mesh, rank: int, report: dict) -> None:
 def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return torch.nn.functional.cross_entropy(model(x), y)
 
 
 def dataset() -> torch.utils.data.TensorDataset:

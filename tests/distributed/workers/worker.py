@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
 import functrain as ft
+from tests.models import cross_entropy_loss_fn as loss_fn
 
 torch.set_num_threads(1)
 
@@ -26,11 +26,6 @@ torch.set_num_threads(1)
 def mlp(seed: int = 0, width: int = 16) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3))
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import functrain as ft
+from tests.models import loss_fn
 
 SAMPLES, BATCH, FEATURES = 96, 8, 8  # 12 batches an epoch
 
@@ -66,11 +67,6 @@ def train_data(spec: dict[str, Any]) -> Any:
         generator=generator,
         num_workers=spec["num_workers"],
     )
-
-
-def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
 
 
 def build_state(accumulate: int) -> ft.TrainState:

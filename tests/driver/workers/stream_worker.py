@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 import functrain as ft
+from tests.models import loss_fn
 
 SAMPLES, BATCH = 24, 4  # 6 batches an epoch
 
@@ -66,11 +67,6 @@ def loader(log: str | None, num_workers: int) -> Any:
             "ignore", "'set_vital' is deprecated"
         )  # torchdata 0.11 on torch 2.13
         return StatefulDataLoader(CountingStream(log), batch_size=BATCH, num_workers=num_workers)
-
-
-def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
 
 
 def build_state(accumulate: int) -> ft.TrainState:
