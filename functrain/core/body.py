@@ -37,6 +37,7 @@ from functrain.core.loss import (
     run_gradient_hooks,
     samples_in,
 )
+from functrain.core.options import loss_divisor
 from functrain.core.statistics import grad_statistics
 from functrain.core.structure import grad_hooks, sparse_parameters
 from functrain.core.view import StepState
@@ -57,6 +58,7 @@ __all__ = [
     "LossOf",
     "Parts",
     "apply",
+    "differentiated",
     "eval_body",
     "finite_buffers",
     "gradients",
@@ -131,11 +133,7 @@ def gradients(
             then=lambda loss, aux: (
                 loss.detach(),
                 {k: v.detach() for k, v in aux.items()},
-                gradients_of(
-                    loss * scale.to(loss.dtype) if scale is not None else loss,
-                    [*leaves.values()],
-                    state.module,
-                ),
+                gradients_of(differentiated(state, loss, scale), [*leaves.values()], state.module),
             ),
         )
     else:
@@ -213,7 +211,7 @@ def _objective(
             else contextlib.nullcontext()
         ):
             loss, aux = loss_of(state, {**params, **state.frozen, **buffers}, batch)
-        scaled = loss * scale.to(loss.dtype) if scale is not None else loss
+        scaled = differentiated(state, loss, scale)
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
 
     return objective
@@ -237,6 +235,18 @@ def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Part
     scale = loss_scale(state)
     grads, loss, aux = gradients(state, batch, buffers, scale)
     return apply(state, batch, grads, buffers, loss, aux, scale, extras)
+
+
+def differentiated(
+    state: StepState, loss: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """What the backward differentiates: the loss (or a stacked state's ``[K]`` losses) divided by
+    the accumulation window under the "loss" convention (`loss_divisor`), then times the fp16 loss
+    scale: ``scaler.scale(loss / N)`` of torch's AMP recipe, in its order of operations."""
+    divisor = loss_divisor(state.options)
+    if divisor is not None:
+        loss = loss / divisor
+    return loss * scale.to(loss.dtype) if scale is not None else loss
 
 
 def loss_scale(state: StepState) -> torch.Tensor | None:
