@@ -581,13 +581,22 @@ def lightning_accumulation(model: nn.Module, batches: list[Any], rng: torch.Tens
         torch.set_rng_state(saved)
 
 
+# the models of the accumulation row: dropout, and a reentrant checkpointed block (whose gradients
+# come from a plain backward)
+ACCUMULATED: dict[str, Callable[[], nn.Module]] = {
+    "dropout": lambda: Head(Block(0.2)),
+    "checkpoint-reentrant": lambda: checkpointed(True),
+}
+
+
+@pytest.mark.parametrize("model", list(ACCUMULATED))
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 def test_gradient_accumulation_trains_bit_for_bit_as_lightning_divides_the_loss(
-    donate: bool,
+    donate: bool, model: str
 ) -> None:
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return Head(Block(0.2))
+        return ACCUMULATED[model]()
 
     gen = torch.Generator().manual_seed(1)
     data = [vectors(gen) for _ in range(STEPS * ACCUMULATE)]

@@ -119,10 +119,10 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
     Example:
         >>> import functrain as ft
         >>> options = StepOptions(accumulate_steps=4, clip_grad_norm=1.0)
-        >>> build_transform(ft.sgd(0.1), options).name  # doctest: +NORMALIZE_WHITESPACE
-        'accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0),
+        >>> print(build_transform(ft.sgd(0.1), options).name)  # doctest: +NORMALIZE_WHITESPACE
+        accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0),
         sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None,
-        fused=True)), max_consecutive=None), every=4, reduce='sum')'
+        fused=True)), max_consecutive=None), every=4, reduce='sum')
     """
     tx = optimizer
     if options.clip_grad_norm is not None:

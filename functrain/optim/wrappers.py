@@ -695,10 +695,12 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         # made only where an update runs); at a window's end that of what `inner` is handed, which
         # the checks inside share
         between = (
-            _sums_norm(extras, sums, every if mean else 1)
+            extras.global_norm(sums)
             if every > 1 and reported is not None and ends is not True
             else None
         )
+        if between is not None and mean:
+            between = between / every
         if ends is False and params is not None and final[0]:
             # the window goes on: the inner update would be a no-op, so it is not run
             new_updates, inner_state = _unmoved(params, state.inner, in_place)
@@ -713,7 +715,8 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
             reported["grad_norm"] = (
                 between if ends is False else torch.where(last, reported["grad_norm"], between)
             )
-        sums = _restarted(sums, last, ends, in_place, start)
+        if ends is not False:  # the window may end here: its sums restart where it does
+            sums = _restarted(sums, last, ends, in_place, start)
         new_state = AccumulateState(
             inner_state,
             torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
@@ -735,12 +738,6 @@ def _constant(p: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor
     return torch.full((), value, dtype=dtype, device=p.device).expand(p.shape)
 
 
-def _sums_norm(extras: Extras, sums: list[torch.Tensor], every: int) -> torch.Tensor:
-    """The norm of the window's sums so far, over `every` (1 where the sum itself is handed on)."""
-    norm = extras.global_norm(list(sums))
-    return norm / every if every > 1 else norm
-
-
 def _handed(
     sums: list[torch.Tensor], u: list[torch.Tensor], every: int, mean: bool, in_place: bool
 ) -> list[torch.Tensor]:
@@ -760,14 +757,14 @@ def _handed(
 def _restarted(
     sums: list[torch.Tensor], last: torch.Tensor, ends: bool | None, in_place: bool, start: float
 ) -> list[torch.Tensor]:
-    """The sums after a micro-step: back to `start` where the window ended, else as they are."""
-    if ends is not None:  # the window's end known on the host: the sums restarted or kept as are
-        if ends and in_place:
-            torch._foreach_zero_(sums)
-            if math.copysign(1.0, start) < 0:
-                torch._foreach_neg_(sums)  # -0.0
-        elif ends:
-            sums = [torch.full_like(s, start) for s in sums]
+    """The sums after a micro-step that may end the window (`ends`: True, or None where unknown on
+    the host): back to `start` where it ended, else as they are."""
+    if ends:  # the window's end known on the host
+        if not in_place:
+            return [torch.full_like(s, start) for s in sums]
+        torch._foreach_zero_(sums)
+        if math.copysign(1.0, start) < 0:
+            torch._foreach_neg_(sums)  # -0.0
         return sums
     if in_place:
         for s in sums:

@@ -322,3 +322,19 @@ def test_a_checkpoint_written_before_the_convention_resumes_under_the_mean_bit_f
     assert_trees_equal(continued.tree(), straight.tree())
     fresh, _ = trained(written.run(), written.batches())
     assert not torch.equal(fresh.params["weight"], continued.params["weight"])
+
+
+def test_a_compiled_step_divides_the_loss_as_the_eager_step() -> None:
+    # the traced step differentiates `loss / N` itself (the eager one starts its backward from
+    # 1 / N): dynamo's graph run as it is (inductor's kernels round otherwise, with or without it)
+    data = tanh_mlp_batches(6)
+    state = ft.TrainState.create(
+        make_tanh_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn, accumulate_steps=3
+    )
+    state, _ = trained(state, data[:1])
+    step = ft.compile_step(backend="eager")
+    for batch in data[1:]:
+        state, _ = step(state, batch)
+    model = make_tanh_mlp()
+    torch_loop(model, OPTIMIZERS["adamw"][1](model.parameters()), data, 3)
+    assert_trees_equal(params_of(model), state.params)
