@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import functrain as ft
+from functrain.optim import wrappers
 from functrain.optim.updates import NewParams
 from tests.comparisons import assert_trees_equal
 
@@ -254,10 +255,13 @@ def test_accumulate_sgd_applies_the_mean_of_the_micro_updates() -> None:
     assert ft.transform_metrics(state)["micro_step"].item() == 0
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["end-read", "end-selected"])
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 def test_accumulate_with_reduce_sum_hands_on_the_sum_started_from_the_windows_first_update(
-    donate: bool,
+    donate: bool, host: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if not host:  # as on an accelerator or traced: the window's end a tensor, selected by
+        monkeypatch.setattr(wrappers, "flag_value", lambda flag: None)
     tx = ft.accumulate(ft.sgd(lr=1.0, momentum=0.5), 3, reduce="sum")
     params = {"w": torch.zeros(3)}
     state = tx.init(params)
