@@ -185,12 +185,12 @@ class TrainState:
                 for every N. ``"mean"``: the gradients of the loss as given, summed from zero and
                 divided by N at the window's end (a loop dividing ``.grad`` by N, except that a
                 -0.0 gradient element enters the sum as +0.0); equal to ``"loss"`` up to
-                rounding, bit for bit when N is a power of two (barring underflow). A checkpoint
-                written before this option existed trained so, and resumes so. ``"sum"``: the
-                gradients of the loss as given, summed as under ``"loss"``: for a loss function
-                that normalises by a count of its own (Hugging Face's ``num_items_in_batch``, the
-                window's token count). The step's ``loss`` metric is the loss as the loss
-                function returns it under each. See the porting guide.
+                rounding, bit for bit only when N is a power of two (but for the sign of zeros).
+                A checkpoint written before this option existed trained so, and resumes so.
+                ``"sum"``: the gradients of the loss as given, summed as under ``"loss"``: for a
+                loss function that normalises by a count of its own (Hugging Face's
+                ``num_items_in_batch``, the window's token count). The step's ``loss`` metric is
+                the loss as the loss function returns it under each. See the porting guide.
             clip_grad_norm: clip the (accumulated) gradient to this global L2 norm.
             nonfinite: ``"skip"`` makes a step with NaN/Inf gradients a counted no-op; ``"halt"``
                 also raises `NonFiniteError` (at once on CPU, else at the driver's next log);
@@ -248,9 +248,11 @@ class TrainState:
                 already hold values keep rank 0's; buffers and frozen parameters are held whole.
             grad_stats: add gradient statistics to the step's metrics, grouped by ``"layer"`` (the
                 module owning the parameters) or ``"param"``: ``grad_norm/<group>`` (before
-                clipping) and ``update_ratio/<group>`` (the update's norm over the weights' norm,
-                inf for weights at zero). Computed on the device; the driver reads them at log
-                intervals (sharded: norms of the whole tensors, one all-reduce more per step).
+                clipping; with accumulation the micro-batch's gradient, of the loss over N under
+                the ``"loss"`` convention) and ``update_ratio/<group>`` (the update's norm over
+                the weights' norm, inf for weights at zero). Computed on the device; the driver
+                reads them at log intervals (sharded: norms of the whole tensors, one all-reduce
+                more per step).
                 Not computed by `compile_step`. Not part of checkpoints.
 
         Returns:

@@ -818,7 +818,8 @@ def _accumulate_sparse(
             sums.append(x.clone())
         else:
             sums.append((s if in_place else s.clone()).add_(x))
-    handed = _handed(sums, u, every, mean, in_place)
+    # a window of one hands on its sums (a copy of a sparse gradient, a dense one added to +0.0)
+    handed = sums if mean and every == 1 else _handed(sums, u, every, mean, in_place)
     flag = torch.tensor(last, device=state.micro_step.device)
     new_updates, inner_state = _update_where(
         inner,
