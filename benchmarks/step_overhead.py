@@ -49,8 +49,8 @@ decay 1e-2; ``functrain.adamw``'s default kernel) against ``torch.optim.AdamW(fu
 * ``ema``: ``ema_decay=0.999``; the loop lerps an average that starts as a copy of the initial
   parameters, ``torch._foreach_lerp_(avg, params, 1 - 0.999)`` after ``opt.step()``;
 * ``accumulate``: ``accumulate_steps=4``, timed per micro-step; the loop runs
-  ``(loss / 4).backward()`` for 4 batches, then ``opt.step()`` (with 4 it agrees with functrain's
-  ``.grad / 4``);
+  ``(loss / 4).backward()`` for 4 batches, then ``opt.step()`` (functrain's default convention,
+  bit for bit for any window);
 * ``clip``: ``clip_grad_norm=1.0``; the loop calls ``torch.nn.utils.clip_grad_norm_(params, 1.0)``
   before the step;
 * ``bf16``: ``precision="bf16"``; the loop runs the loss under

@@ -9,9 +9,9 @@ attention. Each row either trains bit for bit like ``torch.optim.AdamW(fused=Tru
 parameters and buffers; dropout drawn from the same generator) or is refused with a functrain
 error, before the first step where anything can see it coming (a forward that writes the state's
 weights is seen at its first step). Sparse embeddings have rows per optimizer, against torch's SGD,
-Adagrad and SparseAdam, and the EMA has a row per convention (torch's `AveragedModel`, with and
-without ``use_buffers``, and timm's ``ModelEmaV3``), against the loop that averages so. Never
-silently different.
+Adagrad and SparseAdam, gradient accumulation has its row as Lightning does it, and the EMA has a
+row per convention (torch's `AveragedModel`, with and without ``use_buffers``, and timm's
+``ModelEmaV3``), against the loop that averages so. Never silently different.
 
 A row is a builder of the module (seeded), the batches, and what is expected. The next feature a
 user brings gets a row here.
@@ -560,6 +560,58 @@ SPARSE_REFUSED = {
     "adamw": (lambda: ft.adamw(1e-3), "cannot take the sparse gradients"),
     "adam": (lambda: ft.adam(1e-3), "cannot take the sparse gradients"),
 }
+
+
+# Lightning's ``Trainer(accumulate_grad_batches=3)``: a window that 1 / 3 does not divide exactly
+ACCUMULATE = 3
+
+
+def lightning_accumulation(model: nn.Module, batches: list[Any], rng: torch.Tensor) -> None:
+    """Lightning's automatic optimization with ``accumulate_grad_batches=ACCUMULATE``: each batch's
+    loss divided by it before ``backward()``, the optimizer stepped and its gradients zeroed after
+    every ACCUMULATE-th batch; dropout drawn from the state's generator."""
+    opt = torch.optim.AdamW(model.parameters(), LR, fused=True)
+    saved = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    try:
+        for i, batch in enumerate(batches):
+            (classify(model, batch) / ACCUMULATE).backward()
+            if (i + 1) % ACCUMULATE == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_rng_state(saved)
+
+
+# the models of the accumulation row: dropout, and a reentrant checkpointed block (whose gradients
+# come from a plain backward)
+ACCUMULATED: dict[str, Callable[[], nn.Module]] = {
+    "dropout": lambda: Head(Block(0.2)),
+    "checkpoint-reentrant": lambda: checkpointed(True),
+}
+
+
+@pytest.mark.parametrize("model", list(ACCUMULATED))
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_gradient_accumulation_trains_bit_for_bit_as_lightning_divides_the_loss(
+    donate: bool, model: str
+) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return ACCUMULATED[model]()
+
+    gen = torch.Generator().manual_seed(1)
+    data = [vectors(gen) for _ in range(STEPS * ACCUMULATE)]
+    state = ft.TrainState.create(
+        build(), ft.adamw(LR), classify, seed=0, accumulate_steps=ACCUMULATE
+    )
+    rng = state.rng
+    for batch in data:
+        state, _ = ft.train_step(state, batch, donate=donate)
+    model = build().train()
+    lightning_accumulation(model, data, rng)
+    assert int(state.step) == STEPS
+    assert_trees_equal(module_tensors(model), {**state.params, **state.buffers})
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")

@@ -133,7 +133,9 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
 
 
 # step options added since checkpoints first recorded them, left out while at these values (a
-# checkpoint written before them holds none, and loads into a template at them)
+# checkpoint written before them holds none, and loads into a template at them): the value is
+# what a checkpoint without the option trained with (for `accumulate_convention`, not today's
+# default: such a checkpoint resumes under "mean", `_as_trained`)
 _ADDED_OPTIONS = {
     "swa_start": None,
     "ema_convention": "functrain",
@@ -142,11 +144,14 @@ _ADDED_OPTIONS = {
     "ema_warmup_power": 2 / 3,
     "ema_warmup_gamma": 1.0,
     "ema_min_decay": 0.0,
+    "accumulate_convention": "mean",
 }
 
 
 def _options(options: Any) -> dict[str, Any]:
     recorded = attrs.asdict(options)
+    if recorded.get("accumulate_steps") == 1:  # one batch an update: every convention is the same
+        recorded.pop("accumulate_convention", None)
     for key, default in _ADDED_OPTIONS.items():
         if recorded.get(key, default) == default:
             recorded.pop(key, None)
@@ -577,7 +582,8 @@ def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
     A checkpoint written before a convention was recorded trained with the old one and goes on so
     (`as_saved`), bit for bit: a plain-function learning rate named alone (``lr=<lambda>``) was
     called with the 0-d int64 step tensor; a `lion` without ``reference=`` ran functrain 0.1's
-    arithmetic.
+    arithmetic; accumulation without ``accumulate_convention`` in the options (nor ``reduce=`` in
+    its `accumulate`) divided the summed gradients by the window (``"mean"``).
     """
     if saved.get("transform") == like.tx.name:
         return like
@@ -585,7 +591,15 @@ def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
     if tx is None or tx.name != saved.get("transform"):
         return like
     optimizer = as_saved(like.optimizer) or like.optimizer
-    return like.replace(tx=tx, optimizer=optimizer)
+    options = like.options
+    recorded = saved.get("options")
+    if (
+        options.accumulate_steps > 1
+        and isinstance(recorded, dict)
+        and "accumulate_convention" not in recorded
+    ):
+        options = attrs.evolve(options, accumulate_convention="mean")
+    return like.replace(tx=tx, optimizer=optimizer, options=options)
 
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

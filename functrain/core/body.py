@@ -37,6 +37,7 @@ from functrain.core.loss import (
     run_gradient_hooks,
     samples_in,
 )
+from functrain.core.options import loss_divisor
 from functrain.core.statistics import grad_statistics
 from functrain.core.structure import grad_hooks, sparse_parameters
 from functrain.core.view import StepState
@@ -57,6 +58,7 @@ __all__ = [
     "LossOf",
     "Parts",
     "apply",
+    "differentiated",
     "eval_body",
     "finite_buffers",
     "gradients",
@@ -131,11 +133,7 @@ def gradients(
             then=lambda loss, aux: (
                 loss.detach(),
                 {k: v.detach() for k, v in aux.items()},
-                gradients_of(
-                    loss * scale.to(loss.dtype) if scale is not None else loss,
-                    [*leaves.values()],
-                    state.module,
-                ),
+                _gradients_from(state, loss, scale, [*leaves.values()]),
             ),
         )
     else:
@@ -213,7 +211,7 @@ def _objective(
             else contextlib.nullcontext()
         ):
             loss, aux = loss_of(state, {**params, **state.frozen, **buffers}, batch)
-        scaled = loss * scale.to(loss.dtype) if scale is not None else loss
+        scaled = differentiated(state, loss, scale)
         return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
 
     return objective
@@ -237,6 +235,54 @@ def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Part
     scale = loss_scale(state)
     grads, loss, aux = gradients(state, batch, buffers, scale)
     return apply(state, batch, grads, buffers, loss, aux, scale, extras)
+
+
+def differentiated(
+    state: StepState, loss: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """What the backward differentiates: the loss (or a stacked state's ``[K]`` losses) divided by
+    the accumulation window under the "loss" convention (`loss_divisor`), then times the fp16 loss
+    scale: ``scaler.scale(loss / N)`` of torch's AMP recipe, in its order of operations."""
+    divisor = loss_divisor(state.options)
+    if divisor is not None:
+        loss = loss / divisor
+    return loss * scale.to(loss.dtype) if scale is not None else loss
+
+
+def _gradients_from(
+    state: StepState, loss: torch.Tensor, scale: torch.Tensor | None, leaves: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """The eager backward of `differentiated`, without its division by the window as an op.
+
+    Under the "loss" convention autograd would hand `loss` the gradient ``scale / N`` (``1 / N``
+    without a scale: the division's backward, of its output's ``scale`` or 1): the backward starts
+    from that instead, made in one op, rather than a division in the forward and its node in the
+    backward (about 10 us a step on a 20-48-5 MLP here), with the same bits.
+    """
+    divisor = loss_divisor(state.options)
+    if divisor is None:
+        return gradients_of(differentiated(state, loss, scale), leaves, state.module)
+    # a fresh tensor: the gradients may be views of it (a sum's backward expands it)
+    start = (
+        torch.div(scale.to(loss.dtype), divisor)
+        if scale is not None
+        else torch.full((), _reciprocal(loss.dtype, divisor), dtype=loss.dtype, device=loss.device)
+    )
+    return gradients_of(loss, leaves, state.module, start)
+
+
+# ``1 / N`` as torch's division computes it in a dtype, by (dtype, N): a float the dtype holds
+# exactly, so that `torch.full` makes it in one op (the division is two, a step); computed once,
+# on the CPU (the read waits for no device)
+_RECIPROCALS: dict[tuple[torch.dtype, int], float] = {}
+
+
+def _reciprocal(dtype: torch.dtype, n: int) -> float:
+    key = (dtype, n)
+    value = _RECIPROCALS.get(key)
+    if value is None:
+        value = _RECIPROCALS[key] = float(torch.ones((), dtype=dtype).div_(n))
+    return value
 
 
 def loss_scale(state: StepState) -> torch.Tensor | None:

@@ -331,20 +331,24 @@ class RunAgain(Exception):  # noqa: N818 - a signal to the step, never seen by a
 
 
 def gradients_of(
-    loss: torch.Tensor, leaves: list[torch.Tensor], module: torch.nn.Module
+    loss: torch.Tensor,
+    leaves: list[torch.Tensor],
+    module: torch.nn.Module,
+    seed: torch.Tensor | None = None,
 ) -> list[torch.Tensor | None]:
     """The gradients of `loss` for `leaves` (the step's own, bound in `module`'s forward).
 
-    ``torch.autograd.grad``; None for a leaf the loss does not use. A module whose forward runs
+    ``torch.autograd.grad``; None for a leaf the loss does not use. The backward starts from
+    `seed` (a fresh 0-d tensor of the loss's dtype; None: one). A module whose forward runs
     reentrant activation checkpointing (``use_reentrant=True``, which torch runs only under a
     plain ``loss.backward()``) gets them by `_accumulated`: the first time, this raises `RunAgain`.
     """
     if not loss.requires_grad:
         return [None] * len(leaves)
     if getattr(module, _BY_BACKWARD, False):
-        return _accumulated(loss, leaves)
+        return _accumulated(loss, leaves, seed)
     try:
-        return list(torch.autograd.grad(loss, leaves, allow_unused=True))
+        return list(torch.autograd.grad(loss, leaves, seed, allow_unused=True))
     except RuntimeError as e:
         if not any(words in str(e) for words in _REENTRANT):
             raise
@@ -352,7 +356,9 @@ def gradients_of(
         raise RunAgain from e
 
 
-def _accumulated(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def _accumulated(
+    loss: torch.Tensor, leaves: list[torch.Tensor], seed: torch.Tensor | None = None
+) -> list[torch.Tensor | None]:
     """The gradients of `loss` for `leaves` by ``loss.backward()``: read from their ``.grad``.
 
     A plain backward accumulates into every leaf of the graph: one the step does not own (a tensor
@@ -366,7 +372,7 @@ def _accumulated(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.T
     for t in foreign:  # (a backward adds into an existing .grad in place)
         t.grad = None
     try:
-        loss.backward()
+        loss.backward(seed)
     finally:
         for t, grad in zip(foreign, kept):
             t.grad = grad

@@ -22,14 +22,20 @@ __all__ = [
     "Precision",
     "NonFinitePolicy",
     "GradStats",
+    "AccumulateConvention",
     "build_transform",
     "ema_buffers_default",
+    "loss_divisor",
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 NonFinitePolicy = Literal["skip", "halt", "none"]
 # how `grad_stats=` groups the gradient statistics among a step's metrics
 GradStats = Literal["layer", "param"]
+# how `accumulate_steps=N` makes one update of N micro-batches (`TrainState.create`): "loss" divides
+# the loss by N before the backward and sums the gradients; "mean" sums the gradients and divides
+# the sum by N; "sum" sums the gradients of the loss as given
+AccumulateConvention = Literal["loss", "mean", "sum"]
 
 
 @attrs.frozen
@@ -52,6 +58,7 @@ class StepOptions:
     ema_warmup_power: float = 2 / 3
     ema_warmup_gamma: float = 1.0
     ema_min_decay: float = 0.0
+    accumulate_convention: AccumulateConvention = "loss"
 
     def problems(self) -> list[str]:
         """Every invalid option, each with the value given (empty when all are valid).
@@ -71,6 +78,11 @@ class StepOptions:
             problems.append(
                 "accumulate_steps must be an int >= 1, "
                 f"got accumulate_steps={self.accumulate_steps!r}"
+            )
+        if self.accumulate_convention not in ("loss", "mean", "sum"):
+            problems.append(
+                "accumulate_convention must be 'loss', 'mean' or 'sum', "
+                f"got accumulate_convention={self.accumulate_convention!r}"
             )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             problems.append(
@@ -151,17 +163,18 @@ def ema_buffers_default(convention: str) -> bool:
 def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
     """Wrap the user's optimizer as `options` ask: clip, skip non-finite (or scale), accumulate.
 
-    Accumulation is outermost, so the checks see the window's mean gradient: a non-finite
+    Accumulation is outermost, so the checks see the window's gradient (its sum, or with
+    ``accumulate_convention="mean"`` its mean): a non-finite
     micro-batch makes the whole window's update a counted no-op, and the counters advance with
     every batch whatever happens (the driver can count on the host without reading them back).
 
     Example:
         >>> import functrain as ft
         >>> options = StepOptions(accumulate_steps=4, clip_grad_norm=1.0)
-        >>> build_transform(ft.sgd(0.1), options).name  # doctest: +NORMALIZE_WHITESPACE
-        'accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0),
+        >>> print(build_transform(ft.sgd(0.1), options).name)  # doctest: +NORMALIZE_WHITESPACE
+        accumulate(inner=skip_nonfinite(inner=chain(clip_by_global_norm(max_norm=1.0),
         sgd(lr=0.1, momentum=0.0, nesterov=False, dampening=0.0, weight_decay=0.0, mask=None,
-        fused=True)), max_consecutive=None), every=4)'
+        fused=True)), max_consecutive=None), every=4, reduce='sum')
     """
     tx = optimizer
     if options.clip_grad_norm is not None:
@@ -175,5 +188,19 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
         cap = 0 if options.nonfinite == "halt" else options.max_consecutive_nonfinite
         tx = skip_nonfinite(tx, max_consecutive=cap)
     if options.accumulate_steps > 1:
-        tx = accumulate(tx, options.accumulate_steps)
+        reduce = "mean" if options.accumulate_convention == "mean" else "sum"
+        tx = accumulate(tx, options.accumulate_steps, reduce=reduce)
     return tx
+
+
+def loss_divisor(options: StepOptions) -> int | None:
+    """What the step divides the loss by before the backward: N under the "loss" convention.
+
+    None where it divides by nothing (no accumulation, or the "mean" and "sum" conventions).
+
+    Example:
+        >>> loss_divisor(StepOptions(accumulate_steps=3)), loss_divisor(StepOptions())
+        (3, None)
+    """
+    n = options.accumulate_steps
+    return n if n > 1 and options.accumulate_convention == "loss" else None

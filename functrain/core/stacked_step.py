@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from functrain.core.body import Parts, apply, eval_body, loss_scale
+from functrain.core.body import Parts, apply, differentiated, eval_body, loss_scale
 from functrain.core.donation import donated
 from functrain.core.loss import NO_GRADIENT, call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import device_generator
@@ -476,8 +476,10 @@ def _gradients(
         if ordered:
             params = module_order(params)
         losses, aux = _forward(state, params, buffers, batch, per_member, apart)
-        scaled = losses * scale.to(losses.dtype) if scale is not None else losses
-        return scaled.sum(), (losses.detach(), {k: v.detach() for k, v in aux.items()})
+        return differentiated(state, losses, scale).sum(), (
+            losses.detach(),
+            {k: v.detach() for k, v in aux.items()},
+        )
 
     if torch.compiler.is_compiling():
         # buffers are an argument, not a capture: BatchNorm writes its statistics into them

@@ -20,6 +20,7 @@ from torch import nn
 
 from functrain.core.create import COUNTERS, Trainable, initial_fields
 from functrain.core.options import (
+    AccumulateConvention,
     GradStats,
     NonFinitePolicy,
     Precision,
@@ -141,6 +142,7 @@ class TrainState:
         seed: int = 0,
         precision: Precision = "fp32",
         accumulate_steps: int = 1,
+        accumulate_convention: AccumulateConvention = "loss",
         clip_grad_norm: float | None = None,
         nonfinite: NonFinitePolicy = "skip",
         max_consecutive_nonfinite: int | None = None,
@@ -180,7 +182,22 @@ class TrainState:
             seed: seeds the state's RNG (dropout masks and other random ops in the model).
             precision: ``"fp32"``; ``"bf16"`` runs the forward under bfloat16 autocast;
                 ``"fp16"`` under float16 autocast with dynamic loss scaling.
-            accumulate_steps: micro-batches per optimizer update (mean of their gradients).
+            accumulate_steps: micro-batches per optimizer update (see `accumulate_convention`).
+            accumulate_convention: how `accumulate_steps` = N micro-batches make one update.
+                ``"loss"``: the loss is divided by N before the backward and the gradients are
+                summed from the window's first one, as ``.grad`` sums them: the loop of
+                Lightning's ``accumulate_grad_batches``, torch's AMP recipe and Hugging Face's
+                ``Trainer`` (without ``num_items_in_batch``), ``(loss / N).backward()`` and
+                ``optimizer.step()`` every N (with fp16, ``scaler.scale(loss / N)``), bit for bit
+                for every N. ``"mean"``: the gradients of the loss as given, summed from zero and
+                divided by N at the window's end (a loop dividing ``.grad`` by N, except that a
+                -0.0 gradient element enters the sum as +0.0); equal to ``"loss"`` up to
+                rounding, bit for bit only when N is a power of two (but for the sign of zeros).
+                A checkpoint written before this option existed trained so, and resumes so.
+                ``"sum"``: the gradients of the loss as given, summed as under ``"loss"``: for a
+                loss function that normalises by a count of its own (Hugging Face's
+                ``num_items_in_batch``, the window's token count). The step's ``loss`` metric is
+                the loss as the loss function returns it under each. See the porting guide.
             clip_grad_norm: clip the (accumulated) gradient to this global L2 norm.
             nonfinite: ``"skip"`` makes a step with NaN/Inf gradients a counted no-op; ``"halt"``
                 also raises `NonFiniteError` (at once on CPU, else at the driver's next log);
@@ -255,9 +272,11 @@ class TrainState:
                 already hold values keep rank 0's; buffers and frozen parameters are held whole.
             grad_stats: add gradient statistics to the step's metrics, grouped by ``"layer"`` (the
                 module owning the parameters) or ``"param"``: ``grad_norm/<group>`` (before
-                clipping) and ``update_ratio/<group>`` (the update's norm over the weights' norm,
-                inf for weights at zero). Computed on the device; the driver reads them at log
-                intervals (sharded: norms of the whole tensors, one all-reduce more per step).
+                clipping; with accumulation the micro-batch's gradient, of the loss over N under
+                the ``"loss"`` convention) and ``update_ratio/<group>`` (the update's norm over
+                the weights' norm, inf for weights at zero). Computed on the device; the driver
+                reads them at log intervals (sharded: norms of the whole tensors, one all-reduce
+                more per step).
                 Not computed by `compile_step`. Not part of checkpoints.
 
         Returns:
@@ -315,6 +334,7 @@ class TrainState:
                 ema_warmup_power,
                 ema_warmup_gamma,
                 ema_min_decay,
+                accumulate_convention,
             ),
             trainable=trainable,
             distributed=distributed,

@@ -73,8 +73,9 @@ def train_step(
     Returns:
         ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``grad_norm`` (before
         clipping; with ``accumulate_steps``, between window ends the norm of the window's
-        gradients so far summed, divided by the window's length; at its last batch the norm of
-        the mean gradient its update applies), ``lr`` (of the
+        gradients so far summed (divided by the window's length under
+        ``accumulate_convention="mean"``); at its last batch the norm of the gradient its update
+        applies: the window's sum, or its mean under ``"mean"``), ``lr`` (of the
         last update applied), ``skipped`` (1.0 when the update was skipped as non-finite), the
         loss function's own metrics, with fp16 ``loss_scale``, the metrics of custom transforms
         (their state's ``metrics()``), and with ``grad_stats`` ``grad_norm/<group>`` and

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -591,25 +591,35 @@ class AccumulateState(NamedTuple):
         return {"micro_step": self.micro_step}
 
 
-@named
-def accumulate(inner: Transform, every: int) -> Transform:
-    """Sum incoming updates over `every` calls and apply `inner` to their mean on the last one.
+@named(added={"reduce": "mean"}, resumed=("reduce",))
+def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Transform:
+    """Sum incoming updates over `every` calls and apply `inner` to them on the last one.
 
-    For a mean loss over equal-sized micro-batches this equals one step on the whole batch. Sums of
-    bfloat16/float16 gradients are kept in float32. Member-aware (a stacked state's tensors, each
-    member's window its own) when `inner` is gated and member-aware. In a step, the norm of the
-    mean it hands on is the step's ``grad_norm`` (`Extras.reported`), taken once for the checks
-    and clipping inside.
+    ``reduce="mean"`` (the default) hands `inner` the window's sum divided by `every`: for a mean
+    loss over equal-sized micro-batches one step on the whole batch, up to rounding, as a torch
+    loop that divides ``.grad`` by the window before ``optimizer.step()`` (the sum starts from
+    +0.0, so a -0.0 gradient element enters it as +0.0). ``reduce="sum"`` hands it the sum itself,
+    started from the window's first gradient (a copy of it, then each next one added), as
+    ``.grad`` accumulates in torch: with the gradients of the loss divided by `every` before the
+    backward, that is the loop users write, ``(loss / every).backward()`` then ``step()``, bit for
+    bit (``TrainState.create(..., accumulate_steps=N)`` divides the loss and sums so).
+
+    Sums of bfloat16/float16 gradients are kept in float32 (torch's ``.grad`` of such a parameter
+    sums in its own dtype). Member-aware (a stacked state's tensors, each member's window its own)
+    when `inner` is gated and member-aware. In a step, the norm of the gradient it hands on is the
+    step's ``grad_norm`` (`Extras.reported`), taken once for the checks and clipping inside;
+    between window ends, that of the sum so far (over `every` with ``"mean"``).
 
     Args:
         inner: the transform to run every `every`-th call (usually the optimizer).
         every: number of micro-steps per update; >= 1.
+        reduce: ``"mean"`` or ``"sum"``: what `inner` gets of the window's gradients.
 
     Returns:
         A `Transform`; between updates the parameters do not move and the inner state is unchanged.
 
     Raises:
-        ConfigError: `every` < 1 or `inner` is not a transform.
+        ConfigError: `every` < 1, `reduce` another value, or `inner` is not a transform.
 
     Example:
         >>> import functrain as ft
@@ -622,10 +632,26 @@ def accumulate(inner: Transform, every: int) -> Transform:
         >>> u, s = tx.update({"w": torch.tensor([3.0])}, s, p)
         >>> ft.apply_updates(p, u)["w"]
         tensor([-2.])
+        >>> tx = accumulate(ft.sgd(lr=1.0), every=2, reduce="sum")
+        >>> s = tx.init(p)
+        >>> u, s = tx.update({"w": torch.tensor([1.0])}, s, p)
+        >>> u, s = tx.update({"w": torch.tensor([3.0])}, s, p)
+        >>> ft.apply_updates(p, u)["w"]
+        tensor([-4.])
     """
     _require_transform(inner, "accumulate")
+    problems = []
     if not isinstance(every, int) or every < 1:
-        config_check([f"every must be an int >= 1, got every={every!r}"], "accumulate")
+        problems.append(f"every must be an int >= 1, got every={every!r}")
+    if reduce not in ("mean", "sum"):
+        problems.append(f"reduce must be 'mean' or 'sum', got reduce={reduce!r}")
+    if problems:
+        config_check(problems, "accumulate")
+    mean = reduce == "mean"
+    # a window's sums start from this, reset to it at the window's end: -0.0 + x is x exactly
+    # (-0.0 included), so a "sum" window's first gradient enters it as a copy; a "mean" window
+    # starts from +0.0, as functrain's accumulation always did (a checkpoint resumes bit for bit)
+    start = 0.0 if mean else -0.0
 
     def acc_dtype(t: torch.Tensor) -> torch.dtype:
         return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
@@ -636,7 +662,7 @@ def accumulate(inner: Transform, every: int) -> Transform:
 
     def init_fn(params: Tree) -> AccumulateState:
         sums = tuple(
-            zeros_like(p, dtype=acc_dtype(p)) for p in tree_leaves(params)
+            _constant(p, start, acc_dtype(p)) for p in tree_leaves(params)
         )  # no storage until written
         return AccumulateState(inner.init(params), counter(params), sums)
 
@@ -649,55 +675,45 @@ def accumulate(inner: Transform, every: int) -> Transform:
     ) -> tuple[Any, AccumulateState]:
         u, spec = flat_updates(updates, params)
         if any(x.is_sparse for x in u):
-            return _accumulate_sparse(inner, every, u, spec, state, params, extras)
+            return _accumulate_sparse(inner, every, mean, u, spec, state, params, extras)
         in_place = extras.may_write()
         addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
         sums = (
             [writable(s, x) for s, x in zip(state.grad_sum, addends, strict=True)]
             if in_place
-            else torch._foreach_add(state.grad_sum, addends)
+            else list(torch._foreach_add(state.grad_sum, addends))
         )
         if in_place:  # a donated step: the sums accumulate in their own storage
             torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1
         ends = flag_value(last)  # None where it cannot be read without a sync or a graph break
         reported = extras.reported
-        # between window ends the norm reported is the sums' over `every` (the mean is made only
-        # where an update runs); at a window's end the mean's, which the checks inside share
+        # between window ends the norm reported is the sums' (over `every` for the mean, which is
+        # made only where an update runs); at a window's end that of what `inner` is handed, which
+        # the checks inside share
         between = (
-            extras.global_norm(list(sums)) / every
+            extras.global_norm(sums)
             if every > 1 and reported is not None and ends is not True
             else None
         )
+        if between is not None and mean:
+            between = between / every
         if ends is False and params is not None and final[0]:
             # the window goes on: the inner update would be a no-op, so it is not run
             new_updates, inner_state = _unmoved(params, state.inner, in_place)
         else:
-            # the mean in memory of its own: a lazy update of the inner transform (a `Ratio`'s
-            # numerator) reads it after the sums are zeroed below
-            mean = (
-                [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
-            )
-            given = _mean_reported(mean, extras)
+            handed = _handed(sums, u, every, mean, in_place)
+            given = _mean_reported(handed, extras)
             new_updates, inner_state = _update_where(
-                inner, last, tree_unflatten(mean, spec), state.inner, params, given
+                inner, last, tree_unflatten(handed, spec), state.inner, params, given
             )
             final[0] = isinstance(new_updates, (ParamStep, NewParams))
         if between is not None and reported is not None:
             reported["grad_norm"] = (
                 between if ends is False else torch.where(last, reported["grad_norm"], between)
             )
-        if ends is not None:  # the window's end known on the host: the sums zeroed or kept as are
-            if ends and in_place:
-                torch._foreach_zero_(sums)
-            elif ends:
-                sums = [torch.zeros_like(s) for s in sums]
-        elif in_place:
-            for s in sums:
-                # exactly `where(last, 0, s)`, without a second buffer
-                s.masked_fill_(member_view(last, s), 0)
-        else:
-            sums = [torch.where(member_view(last, s), torch.zeros_like(s), s) for s in sums]
+        if ends is not False:  # the window may end here: its sums restart where it does
+            sums = _restarted(sums, last, ends, in_place, start)
         new_state = AccumulateState(
             inner_state,
             torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
@@ -708,6 +724,51 @@ def accumulate(inner: Transform, every: int) -> Transform:
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
     return Transform(init_fn, ExtrasUpdate(update_fn, members=aware))
+
+
+# what `accumulate` hands its inner transform of a window's gradients
+Reduce = Literal["mean", "sum"]
+
+
+def _constant(p: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """`value` in `p`'s shape on its device, in `dtype`, backed by one element."""
+    return torch.full((), value, dtype=dtype, device=p.device).expand(p.shape)
+
+
+def _handed(
+    sums: list[torch.Tensor], u: list[torch.Tensor], every: int, mean: bool, in_place: bool
+) -> list[torch.Tensor]:
+    """What `accumulate` hands its inner transform: the mean (or sum) in the gradients' dtype.
+
+    In memory of its own: a lazy update of the inner transform (a `Ratio`'s numerator) reads it
+    after the sums are restarted, which a donated step does where they are.
+    """
+    if mean:
+        return [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u
+    return [
+        s.clone() if in_place and s.dtype == x.dtype else s.to(x.dtype)
+        for s, x in zip(sums, u, strict=True)
+    ]
+
+
+def _restarted(
+    sums: list[torch.Tensor], last: torch.Tensor, ends: bool | None, in_place: bool, start: float
+) -> list[torch.Tensor]:
+    """The sums after a micro-step that may end the window (`ends`: True, or None where unknown on
+    the host): back to `start` where it ended, else as they are."""
+    if ends:  # the window's end known on the host
+        if not in_place:
+            return [torch.full_like(s, start) for s in sums]
+        torch._foreach_zero_(sums)
+        if math.copysign(1.0, start) < 0:
+            torch._foreach_neg_(sums)  # -0.0
+        return sums
+    if in_place:
+        for s in sums:
+            # exactly `where(last, start, s)`, without a second buffer
+            s.masked_fill_(member_view(last, s), start)
+        return sums
+    return [torch.where(member_view(last, s), torch.full_like(s, start), s) for s in sums]
 
 
 def _unmoved(params: Tree, inner_state: Tree, in_place: bool) -> tuple[NewParams, Tree]:
@@ -726,6 +787,7 @@ def _unmoved(params: Tree, inner_state: Tree, in_place: bool) -> tuple[NewParams
 def _accumulate_sparse(
     inner: Transform,
     every: int,
+    mean: bool,
     u: list[torch.Tensor],
     spec: Any,
     state: AccumulateState,
@@ -736,10 +798,10 @@ def _accumulate_sparse(
 
     As ``.grad`` accumulates them in torch: the window's first gradient as it is (a copy), then
     each next one added to it (torch's sparse add, which keeps every micro-batch's rows), and the
-    mean ``sum / every`` handed on at the window's end. The window's position is read on the host
-    (one read a step; the sparse updates read the step's rate there too): a sparse sum grows, so
-    which sum the step keeps is decided there, not by a select. At the window's end a sparse sum
-    goes back to zeros without storage, as the state starts.
+    sum (or the mean ``sum / every``) handed on at the window's end. The window's position is read
+    on the host (one read a step; the sparse updates read the step's rate there too): a sparse sum
+    grows, so which sum the step keeps is decided there, not by a select. At the window's end a
+    sparse sum goes back to zeros without storage, as the state starts; a dense one to its start.
     """
     micro = int(state.micro_step)
     last = micro == every - 1
@@ -753,19 +815,25 @@ def _accumulate_sparse(
             sums.append(x.clone())
         else:
             sums.append((s if in_place else s.clone()).add_(x))
-    mean = [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else sums
+    # a window of one hands on its sums (a copy of a sparse gradient, a dense one added to +0.0)
+    handed = sums if mean and every == 1 else _handed(sums, u, every, mean, in_place)
     flag = torch.tensor(last, device=state.micro_step.device)
     new_updates, inner_state = _update_where(
         inner,
         flag,
-        tree_unflatten(mean, spec),
+        tree_unflatten(handed, spec),
         state.inner,
         params,
-        _mean_reported(mean, extras),
+        _mean_reported(handed, extras),
     )
-    if last:  # the window is over: its sums start again from zeros
+    if last:  # the window is over: its sums start again
+        start = 0.0 if mean else -0.0
         sums = [
-            zeros_like(s) if s.is_sparse else s.zero_() if in_place else torch.zeros_like(s)
+            zeros_like(s)
+            if s.is_sparse
+            else s.fill_(start)
+            if in_place
+            else torch.full_like(s, start)
             for s in sums
         ]
     micro_step = torch.zeros_like(state.micro_step) if last else state.micro_step + 1
@@ -773,7 +841,8 @@ def _accumulate_sparse(
 
 
 def _mean_reported(mean: list[torch.Tensor], extras: Extras) -> Extras:
-    """The extras `accumulate` gives its inner transforms, with its mean gradient's norm reported.
+    """The extras `accumulate` gives its inner transforms, with the norm of the gradient it hands
+    on (the window's mean, or sum) reported.
 
     In a step (which reads ``extras.reported`` back as its ``grad_norm``) the norm is taken once,
     and shared: the non-finite check and clipping inside, which see this gradient, reuse it.

@@ -467,18 +467,25 @@ def storage_bytes(tree: Any) -> int:
     ("optimizer", "options", "value"),
     [
         (lambda: ft.adamw(1e-2), {}, 0.0),
-        (lambda: ft.adam(1e-2, amsgrad=True), {"accumulate_steps": 3}, 0.0),
+        (
+            lambda: ft.adam(1e-2, amsgrad=True),
+            {"accumulate_steps": 3, "accumulate_convention": "mean"},
+            0.0,
+        ),
         (lambda: ft.adamw(1e-2, fused=False), {}, 0.0),
         (lambda: ft.sgd(0.1, momentum=0.9), {}, -0.0),
+        # the window's sums start from -0.0, to which its first gradient adds exactly
+        (lambda: ft.sgd(0.1, momentum=0.9), {"accumulate_steps": 3}, -0.0),
         (lambda: ft.sgd(0.1, momentum=0.9, fused=False), {}, 0.0),
         (lambda: ft.adagrad(0.1, initial_accumulator_value=0.25), {}, 0.25),
         (lambda: ft.rmsprop(1e-2, centered=True, momentum=0.5), {}, 0.0),
     ],
     ids=[
         "adamw",
-        "amsgrad-accumulate",
+        "amsgrad-accumulate-mean",
         "adamw-foreach",
         "sgd",
+        "sgd-accumulate",
         "sgd-foreach",
         "adagrad",
         "rmsprop",

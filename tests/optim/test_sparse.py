@@ -158,34 +158,45 @@ def test_a_sparse_run_saved_and_resumed_equals_the_run_never_stopped(
     assert_trees_equal(params_of(torch_run(name, True)), dict(resumed.params))
 
 
-def torch_micro_step(ref: nn.Module, opts: list[Any], batch: Any, i: int, every: int) -> None:
+def torch_micro_step(
+    ref: nn.Module, opts: list[Any], batch: Any, i: int, every: int, convention: str = "loss"
+) -> None:
     """Batch `i` of the torch loop that accumulates `every` batches' gradients in ``.grad``, then
-    steps on their mean (``grad.div_(every)``)."""
-    loss_fn(ref, batch).backward()
+    steps: on the gradients of ``loss / every`` (``"loss"``, as Lightning), or on the sum of the
+    loss's divided by the window (``"mean"``: ``grad.div_(every)``)."""
+    loss = loss_fn(ref, batch)
+    (loss / every if convention == "loss" and every > 1 else loss).backward()
     if (i + 1) % every:
         return
-    for p in ref.parameters():
-        if p.grad is not None:
-            p.grad.div_(every)
+    if convention == "mean":
+        for p in ref.parameters():
+            if p.grad is not None:
+                p.grad.div_(every)
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
-def torch_accumulated(name: str, every: int, n: int) -> nn.Module:
+def torch_accumulated(name: str, every: int, n: int, convention: str = "loss") -> nn.Module:
     """`torch_micro_step` over `n` batches of `batches`."""
     ref = model(True)
     opts = OPTIMIZERS[name][1](ref)
     for i, batch in enumerate(batches(n)):
-        torch_micro_step(ref, opts, batch, i, every)
+        torch_micro_step(ref, opts, batch, i, every, convention)
     return ref
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("convention", ["loss", "mean"])
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_accumulated_sparse_gradients_train_as_the_torch_loop(name: str, donate: bool) -> None:
-    state = ft.TrainState.create(model(True), OPTIMIZERS[name][0](), loss_fn, accumulate_steps=3)
+def test_accumulated_sparse_gradients_train_as_the_torch_loop(
+    name: str, donate: bool, convention: str
+) -> None:
+    options: dict[str, Any] = {"accumulate_steps": 3}
+    if convention != "loss":  # the default
+        options["accumulate_convention"] = convention
+    state = ft.TrainState.create(model(True), OPTIMIZERS[name][0](), loss_fn, **options)
     for batch in batches(6):
         before = None if donate else state.clone()
         given = state
@@ -193,7 +204,7 @@ def test_accumulated_sparse_gradients_train_as_the_torch_loop(name: str, donate:
         if before is not None:
             assert ft.diff_states(before, given) == []
     assert int(state.step) == 2
-    assert_trees_equal(params_of(torch_accumulated(name, 3, 6)), dict(state.params))
+    assert_trees_equal(params_of(torch_accumulated(name, 3, 6, convention)), dict(state.params))
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")

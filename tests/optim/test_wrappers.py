@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import functrain as ft
+from functrain.optim import wrappers
 from functrain.optim.updates import NewParams
 from tests.comparisons import assert_trees_equal
 
@@ -252,6 +253,32 @@ def test_accumulate_sgd_applies_the_mean_of_the_micro_updates() -> None:
         params = ft.apply_updates(params, u)
     assert torch.equal(params["w"], torch.tensor([-2.0, -1.0]))
     assert ft.transform_metrics(state)["micro_step"].item() == 0
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["end-read", "end-selected"])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_accumulate_with_reduce_sum_hands_on_the_sum_started_from_the_windows_first_update(
+    donate: bool, host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not host:  # as on an accelerator or traced: the window's end a tensor, selected by
+        monkeypatch.setattr(wrappers, "flag_value", lambda flag: None)
+    tx = ft.accumulate(ft.sgd(lr=1.0, momentum=0.5), 3, reduce="sum")
+    params = {"w": torch.zeros(3)}
+    state = tx.init(params)
+    sums = []
+    # a first update of -0.0 stays -0.0 (a sum started from +0.0 would make it +0.0)
+    for g in ([-0.0, 1.0, 0.1], [-0.0, 2.0, 0.2], [-0.0, 3.0, 0.3]) * 2:
+        extras = ft.Extras(in_place=donate, reported={})
+        u, state = tx.update({"w": torch.tensor(g)}, state, params, extras=extras)
+        params = ft.apply_updates(params, u)
+        sums.append(state.grad_sum[0].clone())
+    expected = torch.tensor([-0.0, 6.0, 0.1 + 0.2 + 0.3])  # torch's ``.grad`` after 3 adds
+    momentum = state.inner.momentum[0]
+    assert torch.equal(momentum.view(torch.int32), (expected * 1.5).view(torch.int32))
+    # the sums between window ends, and restarted at -0.0 at each end
+    assert torch.equal(sums[0].view(torch.int32), torch.tensor([-0.0, 1.0, 0.1]).view(torch.int32))
+    assert torch.equal(sums[2].view(torch.int32), torch.full((3,), -0.0).view(torch.int32))
+    assert "reduce='sum'" in tx.name and "reduce" not in ft.accumulate(ft.sgd(lr=1.0), 3).name
 
 
 def test_accumulate_keeps_bfloat16_sums_in_float32() -> None:
@@ -585,6 +612,7 @@ BAD_CONFIGS = [
     bad("chain", lambda: ft.chain(SGD, 3), "argument 1: int"),
     bad("accumulate", lambda: ft.accumulate(SGD, 0), "every=0"),
     bad("accumulate", lambda: ft.accumulate(SGD, 2.0), "every=2.0"),
+    bad("accumulate", lambda: ft.accumulate(SGD, 2, reduce="max"), "reduce='max'", "'mean' or"),
     bad(
         "accumulate",
         lambda: ft.accumulate(object(), 2),

@@ -1,0 +1,340 @@
+"""The step's options (`functrain.core.options`): accumulation's conventions beside the torch loops.
+
+``accumulate_steps=N`` trains as the loop users write, ``(loss / N).backward()`` into ``.grad`` and
+``optimizer.step()`` every N (Lightning's ``accumulate_grad_batches``, torch's AMP recipe), bit for
+bit: every N, dense and sparse gradients (`tests/optim/test_sparse.py`), with clipping and the fp16
+loss scale, across a checkpoint cut inside a window. ``accumulate_convention="mean"`` is the loop
+that divides ``.grad`` by N, and the arithmetic checkpoints written before the option resume with
+(`golden/make_accumulation.py`); ``"sum"`` leaves the loss as the loss function gives it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from tests.comparisons import assert_trees_equal
+from tests.models import cross_entropy_loss_fn, make_tanh_mlp, tanh_mlp_batches
+
+F = nn.functional
+
+# name: (functrain's optimizer, torch's on the given parameters)
+OPTIMIZERS: dict[str, tuple[Callable[[], ft.Transform], Callable[[Any], torch.optim.Optimizer]]] = {
+    "sgd-momentum": (
+        lambda: ft.sgd(0.1, momentum=0.9),
+        lambda ps: torch.optim.SGD(ps, 0.1, momentum=0.9, fused=True),
+    ),
+    "adamw": (lambda: ft.adamw(1e-2), lambda ps: torch.optim.AdamW(ps, 1e-2, fused=True)),
+}
+
+
+def torch_loop(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[Any],
+    n: int,
+    *,
+    convention: str = "loss",
+    clip: float | None = None,
+    fp16: bool = False,
+    loss_fn: Callable[..., torch.Tensor] = cross_entropy_loss_fn,
+) -> list[torch.Tensor]:
+    """The hand-written accumulation loop on `model`; the norms `clip_grad_norm_` returned.
+
+    ``"loss"``: ``(loss / n).backward()`` (with `fp16`, ``scaler.scale(loss / n).backward()`` under
+    float16 autocast, then ``unscale_`` before clipping, as torch's AMP recipe); ``"mean"``:
+    ``loss.backward()`` and ``.grad.div_(n)`` before the step.
+    """
+    scaler = torch.amp.GradScaler("cpu") if fp16 else None
+    norms = []
+    for i, batch in enumerate(batches):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            loss = loss_fn(model, batch)
+        if convention == "loss":
+            loss = loss / n
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if (i + 1) % n:
+            continue
+        if convention == "mean":
+            for p in model.parameters():
+                p.grad.div_(n)
+        if scaler is not None:
+            scaler.unscale_(opt)
+        if clip is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach() for k, p in model.named_parameters()}
+
+
+def trained(
+    state: ft.TrainState, batches: Iterable[Any], donate: bool = False
+) -> tuple[ft.TrainState, list[dict[str, torch.Tensor]]]:
+    """`state` stepped over `batches`; each step's metrics."""
+    metrics = []
+    for batch in batches:
+        state, m = ft.train_step(state, batch, donate=donate)
+        metrics.append(m)
+    return state, metrics
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_accumulation_trains_as_the_loop_that_divides_the_loss(
+    name: str, n: int, donate: bool
+) -> None:
+    make_ft, make_torch = OPTIMIZERS[name]
+    data = tanh_mlp_batches(3 * n)
+    state = ft.TrainState.create(
+        make_tanh_mlp(), make_ft(), cross_entropy_loss_fn, accumulate_steps=n
+    )
+    state, metrics = trained(state, data, donate)
+    model = make_tanh_mlp()
+    torch_loop(model, make_torch(model.parameters()), data, n)
+    assert int(state.step) == 3
+    assert_trees_equal(params_of(model), state.params)
+    # the loss reported is the micro-batch's, as the loss function returns it (not over n)
+    assert torch.equal(metrics[0]["loss"], cross_entropy_loss_fn(make_tanh_mlp(), data[0]))
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_the_mean_convention_trains_as_the_loop_that_divides_the_accumulated_gradients(
+    n: int,
+) -> None:
+    make_ft, make_torch = OPTIMIZERS["adamw"]
+    data = tanh_mlp_batches(2 * n)
+    state = ft.TrainState.create(
+        make_tanh_mlp(),
+        make_ft(),
+        cross_entropy_loss_fn,
+        accumulate_steps=n,
+        accumulate_convention="mean",
+    )
+    state, _ = trained(state, data)
+    model = make_tanh_mlp()
+    torch_loop(model, make_torch(model.parameters()), data, n, convention="mean")
+    assert_trees_equal(params_of(model), state.params)
+    divided = make_tanh_mlp()
+    torch_loop(divided, make_torch(divided.parameters()), data, n)
+    if n == 3:  # the two loops differ where 1 / n is inexact
+        assert not torch.equal(divided[0].weight, state.params["0.weight"])
+
+
+class Penalised(nn.Module):
+    """A linear layer, and a weight only a penalty switched off (weighted 0.0) uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(16, 5)
+        self.extra = nn.Parameter(-torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def penalised_loss(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # the penalty's gradient is 0.0 * 2 * extra: -0.0 on the negative weight
+    return cross_entropy_loss_fn(model, batch) + 0.0 * model.extra.square().sum()
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_windows_sum_starts_from_its_first_gradient_so_sgd_momentum_keeps_a_negative_zero(
+    donate: bool,
+) -> None:
+    # two micro-batches a window, where dividing the loss or the sum by it agree: the sign of the
+    # penalised weight's zero gradient is all that tells the conventions apart
+    data = tanh_mlp_batches(6)
+    state = ft.TrainState.create(
+        Penalised(), ft.sgd(0.1, momentum=0.9), penalised_loss, accumulate_steps=2
+    )
+    state, _ = trained(state, data, donate)
+    model = Penalised()
+    opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, fused=True)
+    torch_loop(model, opt, data, 2, loss_fn=penalised_loss)
+    momentum = dict(zip(state.params, state.opt_state.inner.inner.momentum, strict=True))
+    expected = {k: opt.state[p]["momentum_buffer"] for k, p in model.named_parameters()}
+    negative_zero = torch.full((4,), -0.0).view(torch.int32)
+    assert torch.equal(expected["extra"].view(torch.int32), negative_zero)
+    assert_trees_equal(expected, momentum)
+    assert_trees_equal(params_of(model), state.params)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_clipping_the_accumulated_gradient_trains_as_clip_grad_norm_before_the_step(n: int) -> None:
+    make_ft, make_torch = OPTIMIZERS["adamw"]
+    data = tanh_mlp_batches(3 * n)
+    state = ft.TrainState.create(
+        make_tanh_mlp(), make_ft(), cross_entropy_loss_fn, accumulate_steps=n, clip_grad_norm=0.1
+    )
+    state, metrics = trained(state, data)
+    model = make_tanh_mlp()
+    norms = torch_loop(model, make_torch(model.parameters()), data, n, clip=0.1)
+    assert_trees_equal(params_of(model), state.params)
+    # at a window's end the norm reported is clip_grad_norm_'s, of the accumulated gradient
+    assert_trees_equal(norms, [m["grad_norm"] for m in metrics[n - 1 :: n]])
+    assert all(norm > 0.1 for norm in norms)  # it clipped
+
+
+@pytest.mark.parametrize("clip", [None, 0.1], ids=["unclipped", "clipped"])
+def test_fp16_accumulation_trains_as_torchs_amp_recipe_scaling_the_divided_loss(
+    clip: float | None,
+) -> None:
+    make_ft, make_torch = OPTIMIZERS["adamw"]
+    data = tanh_mlp_batches(9)
+    state = ft.TrainState.create(
+        make_tanh_mlp(),
+        make_ft(),
+        cross_entropy_loss_fn,
+        accumulate_steps=3,
+        precision="fp16",
+        clip_grad_norm=clip,
+    )
+    state, metrics = trained(state, data)
+    model = make_tanh_mlp()
+    norms = torch_loop(model, make_torch(model.parameters()), data, 3, clip=clip, fp16=True)
+    assert_trees_equal(params_of(model), state.params)
+    assert float(metrics[-1]["loss_scale"]) == 2.0**16
+    if clip is not None:
+        assert_trees_equal(norms, [m["grad_norm"] for m in metrics[2::3]])
+
+
+@pytest.mark.parametrize("at", [1, 4, 5])
+def test_an_accumulating_run_resumed_inside_a_window_trains_as_the_torch_loop(
+    at: int, tmp_path: Path
+) -> None:
+    make_ft, make_torch = OPTIMIZERS["sgd-momentum"]
+
+    def create() -> ft.TrainState:
+        return ft.TrainState.create(
+            make_tanh_mlp(), make_ft(), cross_entropy_loss_fn, accumulate_steps=3
+        )
+
+    data = tanh_mlp_batches(9)
+    state, _ = trained(create(), data[:at])
+    resumed = ft.load(ft.save(state, tmp_path / "ckpt"), like=create())
+    assert int(resumed.micro_step) == at % 3
+    assert ft.diff_states(state, resumed) == []
+    resumed, _ = trained(resumed, data[at:], donate=True)
+    model = make_tanh_mlp()
+    torch_loop(model, make_torch(model.parameters()), data, 3)
+    assert_trees_equal(params_of(model), resumed.params)
+
+
+def test_the_sum_convention_trains_as_a_loss_normalised_by_the_windows_item_count() -> None:
+    # Hugging Face's num_items_in_batch: each micro-batch's summed token losses over the window's
+    # count of them, the loss not divided again
+    data = tanh_mlp_batches(6)
+    windows = [data[i : i + 3] for i in range(0, 6, 3)]
+    counts = {id(b): sum(len(w[1]) for w in window) for window in windows for b in window}
+
+    def summed_loss(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum") / counts[id(batch)]
+
+    make_ft, make_torch = OPTIMIZERS["adamw"]
+    state = ft.TrainState.create(
+        make_tanh_mlp(), make_ft(), summed_loss, accumulate_steps=3, accumulate_convention="sum"
+    )
+    state, _ = trained(state, data)
+    model = make_tanh_mlp()
+    torch_loop(
+        model, make_torch(model.parameters()), data, 3, convention="sum", loss_fn=summed_loss
+    )
+    assert_trees_equal(params_of(model), state.params)
+
+
+def test_the_convention_is_recorded_and_another_one_is_refused_on_load(tmp_path: Path) -> None:
+    def create(**options: Any) -> ft.TrainState:
+        return ft.TrainState.create(
+            make_tanh_mlp(), ft.sgd(0.1), cross_entropy_loss_fn, accumulate_steps=3, **options
+        )
+
+    assert ft.fingerprint(create())["options"]["accumulate_convention"] == "loss"
+    path = ft.save(create(accumulate_convention="sum"), tmp_path / "sum")
+    with pytest.raises(
+        ft.StateMismatchError, match=r"step options differ: .*'accumulate_convention': 'sum'"
+    ):
+        ft.load(path, like=create())
+    # one batch an update: the conventions are one, and none is recorded
+    one = ft.TrainState.create(make_tanh_mlp(), ft.sgd(0.1), cross_entropy_loss_fn)
+    assert "accumulate_convention" not in ft.fingerprint(one)["options"]
+
+
+def test_an_unknown_convention_is_refused_with_the_values_it_takes() -> None:
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"accumulate_convention must be 'loss', 'mean' or 'sum', "
+        r"got accumulate_convention='tokens'",
+    ):
+        ft.TrainState.create(
+            make_tanh_mlp(),
+            ft.sgd(0.1),
+            cross_entropy_loss_fn,
+            accumulate_steps=3,
+            accumulate_convention="tokens",  # type: ignore[arg-type]
+        )
+
+
+def golden() -> Any:
+    path = Path(__file__).parent / "golden" / "make_accumulation.py"
+    spec = importlib.util.spec_from_file_location("make_accumulation", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_checkpoint_written_before_the_convention_resumes_under_the_mean_bit_for_bit() -> None:
+    written = golden()
+    state = ft.load(written.HERE / "saved", like=written.run())  # today's default: "loss"
+    assert state.options.accumulate_convention == "mean"
+    assert int(state.micro_step) == 1
+    state, _ = trained(state, written.batches()[4:])
+    continued = ft.load(written.HERE / "continued", like=written.run())
+    assert_trees_equal(continued.tree(), state.tree())
+    # the mean convention run straight through today is that run; today's default is not
+    torch.manual_seed(0)
+    straight = ft.TrainState.create(
+        nn.Linear(4, 3),
+        ft.sgd(0.1, momentum=0.9),
+        written.loss_fn,
+        accumulate_steps=3,
+        accumulate_convention="mean",
+    )
+    straight, _ = trained(straight, written.batches())
+    assert_trees_equal(continued.tree(), straight.tree())
+    fresh, _ = trained(written.run(), written.batches())
+    assert not torch.equal(fresh.params["weight"], continued.params["weight"])
+
+
+def test_a_compiled_step_divides_the_loss_as_the_eager_step() -> None:
+    # the traced step differentiates `loss / N` itself (the eager one starts its backward from
+    # 1 / N): dynamo's graph run as it is (inductor's kernels round otherwise, with or without it)
+    data = tanh_mlp_batches(6)
+    state = ft.TrainState.create(
+        make_tanh_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn, accumulate_steps=3
+    )
+    state, _ = trained(state, data[:1])
+    step = ft.compile_step(backend="eager")
+    for batch in data[1:]:
+        state, _ = step(state, batch)
+    model = make_tanh_mlp()
+    torch_loop(model, OPTIMIZERS["adamw"][1](model.parameters()), data, 3)
+    assert_trees_equal(params_of(model), state.params)
