@@ -111,13 +111,13 @@ class Loop:
             if manager is not None:
                 # a state a checkpoint cannot store is refused now, not at the first save. After the
                 # resume: asked before it, a StatefulDataLoader starts its workers, and the load
-                # would
-                # throw away the batches they prefetched (samples read for nothing)
+                # would throw away the batches they prefetched (samples read for nothing)
                 train.state_tree()
         self.k = state.options.accumulate_steps
         # callbacks read the options as `run.options`, and the plain ones by name as `run.config`
         config = options.run_config() | {
             "accumulate_steps": self.k,
+            "accumulate_convention": state.options.accumulate_convention,
             "resumed_from": resumed_from,
         }
         self.run_ctx = Run(state, self.ledger.history, config, options)

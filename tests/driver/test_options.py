@@ -111,13 +111,14 @@ def test_callbacks_see_the_options_typed_and_by_name() -> None:
     assert run.options.stopping == ft.Stopping(max_steps=2)
     assert run.options.logging.log_every == 1
     plain = [n for n in OPTION_NAMES if n not in ("early_stopping", "eval_fn", "eval_metrics")]
-    assert list(run.config) == [*plain, "accumulate_steps", "resumed_from"]
+    assert list(run.config) == [*plain, "accumulate_steps", "accumulate_convention", "resumed_from"]
     assert (run.config["max_steps"], run.config["log_every"], run.config["batch_size"]) == (
         2,
         1,
         20,
     )
     assert (run.config["accumulate_steps"], run.config["resumed_from"]) == (1, None)
+    assert run.config["accumulate_convention"] == "loss"  # the state's: how its windows divide
 
 
 def test_fits_keywords_are_its_groups_fields_with_their_defaults() -> None:
