@@ -135,13 +135,16 @@ class StepOptions:
                 f"{', '.join(given)} set how an EMA averages, and this state keeps none: give "
                 "ema_decay= too"
                 + (
-                    " (swa_start's average is torch's SWA, which has no such setting)"
+                    " (swa_start's equal average averages the parameters only, as torch's "
+                    "AveragedModel does by default: for the BatchNorm statistics of the averaged "
+                    "weights run torch's update_bn on state.export_module(use_ema=True))"
                     if self.swa_start is not None
                     else ""
                 )
             ]
         return ema_problems(
-            0.5,  # ema_decay's own check is above
+            # ema_decay's own check is above: here it bounds min_decay, where it is valid
+            self.ema_decay if 0.0 <= self.ema_decay < 1.0 else 0.5,
             self.ema_warmup,
             self.ema_convention,
             self.ema_buffers,

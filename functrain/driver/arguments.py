@@ -86,8 +86,11 @@ def _input_problems(state: Any, train_data: Any, callbacks: Any) -> list[str]:
 
 def _limit_problems(options: FitOptions) -> list[str]:
     stopping = options.stopping
-    if stopping.max_epochs is None and stopping.max_steps is None:
-        return ["give max_epochs or max_steps (or both) so the run ends"]
+    if stopping.max_epochs is None and stopping.max_steps is None and stopping.max_time is None:
+        return [
+            "give max_epochs or max_steps (or max_time, a wall-clock budget) so the run ends, "
+            "got none of them"
+        ]
     return []
 
 

@@ -270,26 +270,52 @@ def ema_problems(
             f"{', '.join(prefix + k for k in given)}: timm's ModelEmaV3 settings, which the "
             f"{convention!r} convention has not; give {prefix}convention='timm' or leave them out"
         )
-    if isinstance(update_after_step, bool) or not isinstance(update_after_step, int):
+    warmup_only = {
+        "warmup_power": (warmup_power, 2 / 3),
+        "warmup_gamma": (warmup_gamma, 1.0),
+        "min_decay": (min_decay, 0.0),
+    }
+    unused = [k for k, (value, default) in warmup_only.items() if value != default]
+    if unused and convention == "timm" and not warmup:
         problems.append(
-            f"{prefix}update_after_step must be an int, got "
+            f"{', '.join(prefix + k for k in unused)}: timm's warm-up settings, which only its "
+            f"warm-up reads; give {prefix}warmup=True (timm's use_warmup=True) or leave them out"
+        )
+    if (
+        isinstance(update_after_step, bool)
+        or not isinstance(update_after_step, int)
+        or update_after_step < 0
+    ):
+        problems.append(
+            f"{prefix}update_after_step must be an int >= 0, got "
             f"{prefix}update_after_step={update_after_step!r}"
         )
-    if not isinstance(warmup_gamma, (int, float)) or not warmup_gamma > 0:
+    if not _real(warmup_gamma) or not warmup_gamma > 0:
         problems.append(
             f"{prefix}warmup_gamma must be > 0, got {prefix}warmup_gamma={warmup_gamma!r}"
         )
-    if not isinstance(warmup_power, (int, float)) or not warmup_power > 0:
+    if not _real(warmup_power) or not warmup_power > 0:
         problems.append(
             f"{prefix}warmup_power must be > 0, got {prefix}warmup_power={warmup_power!r}"
         )
-    if not isinstance(min_decay, (int, float)) or not 0.0 <= min_decay < 1.0:
+    if not _real(min_decay) or not 0.0 <= min_decay < 1.0:
         problems.append(
             f"{prefix}min_decay must lie in [0, 1), got {prefix}min_decay={min_decay!r}"
+        )
+    elif _real(decay) and min_decay > decay:
+        problems.append(
+            f"{prefix}min_decay={min_decay!r} is above {prefix}decay={decay!r}: the warm-up's "
+            f"decay would be {prefix}min_decay at every update; give a {prefix}min_decay at most "
+            f"{prefix}decay"
         )
     if not isinstance(buffers, bool):
         problems.append(f"{prefix}buffers must be a bool, got {prefix}buffers={buffers!r}")
     return problems
+
+
+def _real(value: Any) -> bool:
+    """Whether `value` is a Python number that is not a bool (``True`` is an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _host_count(count: torch.Tensor) -> int | None:

@@ -208,6 +208,18 @@ def test_max_time_ends_the_run_after_the_update_that_reaches_it(
         assert torch.equal(resumed.state.params[name], value), name
 
 
+def test_max_time_alone_ends_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop_module, "time", _Clock())
+    # no epoch or step limit: the epochs go on until the budget is spent (deadline 3.5, as above)
+    timed = ft.fit(make_state(), dataset(), batch_size=BATCH, max_time=2.5, logging=QUIET)
+    assert (timed.stop_reason, int(timed.state.step)) == ("max_time", 3)
+
+
+def test_a_run_with_no_limit_is_refused_naming_the_three() -> None:
+    with pytest.raises(ConfigError, match="give max_epochs or max_steps .or max_time.*got none"):
+        ft.fit(make_state(), dataset(), batch_size=BATCH, logging=QUIET)
+
+
 @pytest.mark.parametrize("max_time", [0, -1.0, float("inf"), True, "1h"])
 def test_max_time_must_be_a_positive_number_of_seconds(max_time: Any) -> None:
     with pytest.raises(

@@ -395,8 +395,30 @@ def test_a_checkpoint_written_before_the_conventions_resumes_as_it_was_written()
         ),
         ({"ema_decay": 0.9, "ema_update_after_step": 3}, "ema_update_after_step: timm's"),
         ({"ema_convention": "timm"}, "ema_convention set how an EMA averages.*give ema_decay="),
-        ({"swa_start": 2, "ema_buffers": True}, "swa_start's average is torch's SWA"),
+        ({"swa_start": 2, "ema_buffers": True}, "swa_start's equal average .*update_bn"),
         ({"ema_decay": 0.9, "ema_convention": "timm", "ema_warmup_gamma": 0}, "must be > 0"),
+        # the warm-up's settings without the warm-up would be read by nothing
+        (
+            {"ema_decay": 0.9, "ema_convention": "timm", "ema_min_decay": 0.5},
+            "ema_min_decay: timm's warm-up settings.*give ema_warmup=True",
+        ),
+        (
+            {"ema_decay": 0.9, "ema_convention": "timm", "ema_update_after_step": -3},
+            r"ema_update_after_step must be an int >= 0, got ema_update_after_step=-3",
+        ),
+        (
+            {
+                "ema_decay": 0.9,
+                "ema_convention": "timm",
+                "ema_warmup": True,
+                "ema_warmup_power": True,
+            },
+            "ema_warmup_power must be > 0, got ema_warmup_power=True",
+        ),
+        (
+            {"ema_decay": 0.9, "ema_convention": "timm", "ema_warmup": True, "ema_min_decay": 0.95},
+            "ema_min_decay=0.95 is above ema_decay=0.9",
+        ),
     ],
 )
 def test_ema_settings_out_of_their_convention_are_refused(options: dict, words: str) -> None:
