@@ -33,7 +33,8 @@ def chain(*transforms: Transform) -> Transform:
 
     Returns:
         A `Transform` whose state is a tuple of the inner states; gated (see `Transform.gated`) when
-        every one of them is.
+        every one of them is. Its update reports (`update_reporting`) what the last transform
+        that reports something does (an `accumulate` in the chain).
 
     Raises:
         ConfigError: an argument is not a transform.
