@@ -74,10 +74,13 @@ from functrain.interop.schedulers import ConversionWarning
 from functrain.optim.averaging import EmaState, ema
 from functrain.optim.base import (
     NO_EXTRAS,
+    NO_REPORT,
     EmptyState,
     Extras,
+    Report,
     Transform,
     identity,
+    update_reporting,
     update_with,
     with_extras,
 )
@@ -164,14 +167,17 @@ __all__ = [
     "EmptyState",
     "Extras",
     "NO_EXTRAS",
+    "NO_REPORT",
     "ParamStep",
     "Ratio",
+    "Report",
     "Transform",
     "apply_updates",
     "as_tensors",
     "chain",
     "identity",
     "transform_metrics",
+    "update_reporting",
     "update_with",
     "with_extras",
     # optimizers (torch.optim's, as chains of the rules below)

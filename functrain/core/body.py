@@ -45,7 +45,7 @@ from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import ConfigError, LossError
 from functrain.layout import in_layouts_of, with_strides_of
-from functrain.optim.base import NO_EXTRAS, Extras, update_with
+from functrain.optim.base import NO_EXTRAS, Extras, update_reporting, update_with
 from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.rules.sparse import no_rows
@@ -415,15 +415,17 @@ def _update(
         if grad_norm is not None and not _functional()
         else extras.norms
     )
-    reported: dict[str, torch.Tensor] = {}  # accumulation reports the norm of its mean gradient
-    # a donated step's gradients are its own unless a hook handed one in (it may keep it)
+    # a donated step's gradients are its own unless a hook handed one in (it may keep it); the
+    # transform's report asked for: accumulation reports the norm of its mean gradient
     owned = extras.in_place and not grad_hooks(state.module, list(state.params))
-    given = extras._replace(norms=norms, reported=reported, owns_updates=owned)
+    given = extras._replace(norms=norms, reporting=True, owns_updates=owned)
     if extras.written is not None and extras.may_write():
         # the permission handed on: from here a raise leaves the given state written (`donated`)
         extras.written.append(True)
     try:
-        updates, opt_state = update_with(state.tx, grads, state.opt_state, state.params, given)
+        updates, opt_state, report = update_reporting(
+            state.tx, grads, state.opt_state, state.params, given
+        )
     except (RuntimeError, NotImplementedError) as error:
         sparse = [k for k, g in grads.items() if g.is_sparse]
         # only torch's refusal of a sparse tensor (out of memory and the rest as they are)
@@ -442,8 +444,9 @@ def _update(
             "forward, F.embedding(..., sparse=True), is not seen before the first step: use the "
             "module), or make the embedding dense (sparse=False)"
         ) from error
-    grad_norm = reported.get("grad_norm", grad_norm)
-    if grad_norm is None:  # a transform of the user's own that reported none
+    if report.grad_norm is not None:
+        grad_norm = report.grad_norm
+    elif grad_norm is None:  # a transform of the user's own that reported none
         grad_norm = extras.global_norm(grad_list)
     if scale is not None:
         grad_norm = grad_norm / scale

@@ -3,7 +3,8 @@
 Modules, bottom up: `porting` (the errors that meet a live torch.optim object, with the functrain
 call to write instead), `choices` (torch's implementation choices), `zeros`, `batching`,
 `updates` (the lazy update forms and `apply_updates`), `base` (the contract: type aliases,
-``Transform(init, update)``, the `Extras` a step gives the updates, `EmptyState`, `identity`),
+``Transform(init, update)``, the `Extras` a step gives the updates, the `Report` an update gives
+back, `EmptyState`, `identity`),
 `naming`, `checks`, `masks`, `combine` (`chain`), `metrics`, `sweep`; `rules` (the scaling rules,
 one module per family: `rules.adam`, `rules.rms`, `rules.adagrad`, `rules.lion`, `rules.trace`,
 `rules.adadelta`, `rules.rprop`, `rules.asgd`, `rules.adafactor`, `rules.muon`, with the shared
@@ -17,11 +18,14 @@ from functrain.optim import schedules
 from functrain.optim.averaging import EmaState, ema
 from functrain.optim.base import (
     NO_EXTRAS,
+    NO_REPORT,
     EmptyState,
     Extras,
     ExtrasUpdate,
+    Report,
     Transform,
     identity,
+    update_reporting,
     update_with,
     with_extras,
 )
@@ -79,7 +83,10 @@ __all__ = [
     "Extras",
     "ExtrasUpdate",
     "NO_EXTRAS",
+    "Report",
+    "NO_REPORT",
     "update_with",
+    "update_reporting",
     "with_extras",
     "ParamStep",
     "Ratio",

@@ -22,6 +22,12 @@ that changes nothing) and `Extras.may_write_updates`. The step itself records th
 permission on (`Extras.written`), and retires the donated state it was given
 (`functrain.core.donation`): the one mutation of a state, documented there.
 
+What an update reports to the step is a value it returns: an update declared
+``ExtrasUpdate(fn, reports=True)`` returns ``(updates, state, report)``, its `Report` (the
+``grad_norm`` of the gradient `functrain.optim.wrappers.accumulate` hands on, say), which
+`update_reporting` gives back; `update_with` and calling ``tx.update`` give the usual
+``(updates, state)`` of any transform.
+
 Updates are a tree of tensors shaped like the parameters, or one of the lazy forms of
 `functrain.optim.updates` (`Ratio`, `ParamStep`, `NewParams`) that keep torch.optim's last
 rounding exact; `functrain.optim.updates.apply_updates` returns the new parameters.
@@ -54,6 +60,9 @@ __all__ = [
     "GatedUpdateFn",
     "Extras",
     "NO_EXTRAS",
+    "Report",
+    "NO_REPORT",
+    "ReportingUpdateFn",
     "ExtrasUpdate",
     "Transform",
     "EmptyState",
@@ -61,6 +70,7 @@ __all__ = [
     "is_transform",
     "gated_update",
     "update_with",
+    "update_reporting",
     "with_extras",
     "runs_on_members",
     "planner_of",
@@ -115,13 +125,18 @@ class Extras(NamedTuple):
     """How `global_norm` measures: the step's gradient norm shared, a sharded step's sum over
     ranks."""
     reported: dict[str, torch.Tensor] | None = None
-    """Where a transform that hands its inner transforms another gradient than the step's records
-    what the step reports of it instead (``grad_norm``: `functrain.optim.wrappers.accumulate`'s
-    mean gradient); the step reads it back."""
+    """Superseded by the `Report` an update returns (`update_reporting`); kept for callers that
+    hand a dict in: calling a reporting update (`ExtrasUpdate.reports`) with one, directly or by
+    `update_with` or `update_reporting`, asks for its report (`reporting`) and writes its fields
+    into the dict (``grad_norm``). No update writes into it, and a step hands none."""
     owns_updates: bool = False
     """The updates given are the step's own (its gradients as autograd made them, no hook's
     tensor among them, or a wrapper's fresh mean): with the in-place permission an update may
     scale them where they are, as ``clip_grad_norm_`` scales ``.grad`` (`may_write_updates`)."""
+
+    reporting: bool = False
+    """The caller reads the update's `Report` (`update_reporting` asks for it; a step does): a
+    reporting update measures what it reports only then (`accumulate` its gradient's norm)."""
 
     def may_write(self) -> bool:
         """Whether the update may write into the state and parameters it was given.
@@ -176,6 +191,26 @@ NO_EXTRAS = Extras()
 """The extras of an update called outside a step: no permission, local norms."""
 
 
+class Report(NamedTuple):
+    """What an update reports to the step besides its updates and state (`ExtrasUpdate.reports`).
+
+    Each field is None where the update reports nothing of it; the step then reports its own.
+    A NamedTuple: ``torch.compile`` traces one built inside a step.
+
+    Example:
+        >>> Report(grad_norm=torch.tensor(2.0)).grad_norm, NO_REPORT.grad_norm
+        (tensor(2.), None)
+    """
+
+    grad_norm: torch.Tensor | None = None
+    """The norm the step reports as its ``grad_norm`` in place of its gradient's: that of the
+    gradient the update hands its inner transforms (`accumulate`'s window mean, or sum)."""
+
+
+NO_REPORT = Report()
+"""The report of an update that reports nothing."""
+
+
 class UpdateFn(Protocol):
     """``update(updates, state, params=None) -> (updates, state)``: what every update takes."""
 
@@ -193,6 +228,18 @@ class ExtrasUpdateFn(Protocol):
     def __call__(
         self, updates: Updates, state: Tree, params: Params | None = None, *, extras: Extras = ...
     ) -> tuple[Updates, Tree]: ...
+
+
+class ReportingUpdateFn(Protocol):
+    """The update of a reporting transform (`ExtrasUpdate.reports`), as `ExtrasUpdate.fn`.
+
+    It returns its `Report` after the updates and the state; it also takes ``keep=`` where the
+    transform is gated.
+    """
+
+    def __call__(
+        self, updates: Updates, state: Tree, params: Params | None = None, *, extras: Extras = ...
+    ) -> tuple[Updates, Tree, Report]: ...
 
 
 class GatedUpdateFn(Protocol):
@@ -269,24 +316,38 @@ class ExtrasUpdate:
     - `sparse`: it updates sparse gradients itself (`functrain.optim.rules.sparse`).
     - `sparse_twin`: how its configuration trains sparse gradients: a builder of the transform
       that does, or the reason none does (`functrain.optim.rules.sparse.sparse_twin`).
+    - `reports`: `fn` returns ``(updates, state, report)`` (`ReportingUpdateFn`), its `Report`
+      (perhaps `NO_REPORT`), measured where ``extras.reporting`` asks for it.
+      `update_reporting` gives it back; calling the update and `update_with` leave it out.
 
-    Calling it calls `fn`; `update_with` calls `fn` itself (one Python call fewer).
+    Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
+    call `fn` themselves (one Python call fewer).
 
     Example:
         >>> update = ExtrasUpdate(lambda u, s, p=None, extras=NO_EXTRAS: (u, s), members=True)
         >>> tx = Transform(lambda p: EmptyState(), update)
         >>> tx.takes_extras, tx.handles_members, planner_of(tx)
         (True, True, None)
+        >>> def measured(u, s, p=None, extras=NO_EXTRAS):  # reports its updates' norm
+        ...     norm = extras.global_norm(list(u.values())) if extras.reporting else None
+        ...     return u, s, Report(grad_norm=norm)
+        >>> tx = Transform(lambda p: EmptyState(), ExtrasUpdate(measured, reports=True))
+        >>> g, asking = {"w": torch.tensor([3.0, 4.0])}, Extras(reporting=True)
+        >>> update_reporting(tx, g, EmptyState(), extras=asking)[2].grad_norm
+        tensor(5.)
+        >>> len(tx.update({"w": torch.ones(2)}, EmptyState()))  # (updates, state)
+        2
     """
 
     def __init__(
         self,
-        fn: Callable[..., tuple[Updates, Tree]],
+        fn: Callable[..., tuple[Any, ...]],
         *,
         members: bool = False,
         plan: Planner | None = None,
         sparse: bool = False,
         sparse_twin: Callable[[], Any] | str | None = None,
+        reports: bool = False,
     ) -> None:
         if not callable(fn):
             raise ConfigError(
@@ -298,6 +359,7 @@ class ExtrasUpdate:
         self.plan = plan
         self.sparse = sparse
         self.sparse_twin = sparse_twin
+        self.reports = reports
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _DECLARED and name in self.__dict__:
@@ -308,7 +370,14 @@ class ExtrasUpdate:
         object.__setattr__(self, name, value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Updates, Tree]:
-        return self.fn(*args, **kwargs)
+        if not self.reports:
+            return self.fn(*args, **kwargs)
+        extras = kwargs.pop("extras", NO_EXTRAS)
+        if extras.reported is not None:
+            updates, state, _ = _filling_reported(self.fn, extras, *args, **kwargs)
+        else:
+            updates, state, _ = self.fn(*args, extras=extras, **kwargs)
+        return updates, state
 
     def but(self, **changes: Any) -> ExtrasUpdate:
         """The same update with some declarations changed (`ExtrasUpdate`'s keyword arguments)."""
@@ -322,7 +391,22 @@ class ExtrasUpdate:
 
 
 # what an `ExtrasUpdate` declares, set once where it is built
-_DECLARED = ("fn", "members", "plan", "sparse", "sparse_twin")
+_DECLARED = ("fn", "members", "plan", "sparse", "sparse_twin", "reports")
+
+
+def _filling_reported(
+    fn: Callable[..., Any], extras: Extras, *args: Any, **kwargs: Any
+) -> tuple[Updates, Tree, Report]:
+    """A reporting update's `fn` called for a caller that handed a dict in (`Extras.reported`).
+
+    It is asked for its report (`Extras.reporting`), whose fields that hold a value are written
+    into the dict; the update and those it calls see the request only.
+    """
+    asking = extras._replace(reported=None, reporting=True)
+    updates, state, report = fn(*args, extras=asking, **kwargs)
+    if extras.reported is not None and report.grad_norm is not None:
+        extras.reported["grad_norm"] = report.grad_norm
+    return updates, state, report
 
 
 def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> ExtrasUpdate:
@@ -385,6 +469,9 @@ def update_with(
 ) -> tuple[Updates, Tree]:
     """``tx.update``, given `extras` when it takes them and ``keep=`` when `keep` is not None.
 
+    ``(updates, state)`` of any transform: a reporting one's `Report` is left out (what a wrapper
+    that passes reports on calls instead: `update_reporting`).
+
     Example:
         >>> tx = Transform(lambda p: EmptyState(), lambda u, s, p=None: (u, s))  # takes no extras
         >>> update_with(tx, {"w": torch.ones(1)}, EmptyState(), extras=Extras(in_place=True))[0]
@@ -393,10 +480,63 @@ def update_with(
     update: Any = tx.update  # `gated` says whether it takes `keep`: the types cannot follow a flag
     gate = {} if keep is None else {"keep": keep}
     if isinstance(update, ExtrasUpdate):
-        return update.fn(updates, state, params, extras=extras, **gate)
+        if not update.reports:
+            return update.fn(updates, state, params, extras=extras, **gate)
+        if extras.reported is not None:
+            new_updates, new_state, _ = _filling_reported(
+                update.fn, extras, updates, state, params, **gate
+            )
+        else:
+            new_updates, new_state, _ = update.fn(updates, state, params, extras=extras, **gate)
+        return new_updates, new_state
     if getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
         return update(updates, state, params, extras=extras, **gate)
     return update(updates, state, params, **gate)
+
+
+def update_reporting(
+    tx: Transform,
+    updates: Updates,
+    state: Tree,
+    params: Params | None = None,
+    extras: Extras = NO_EXTRAS,
+    keep: torch.Tensor | None = None,
+) -> tuple[Updates, Tree, Report]:
+    """`update_with`, and the `Report` of `tx`'s update: `NO_REPORT` where it reports nothing.
+
+    A reporting update (`ExtrasUpdate.reports`) measures what it reports where `extras` ask for
+    it (`Extras.reporting`, as a step's do). What a step calls its transform with, and a wrapper
+    its inner transforms when it passes their reports on (`chain`, `masked`, `partition`,
+    `skip_nonfinite`, `dynamic_loss_scale` and `accumulate` do: the last report with a value,
+    field by field).
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.accumulate(ft.sgd(lr=1.0), every=2)
+        >>> p, asking = {"w": torch.zeros(2)}, Extras(reporting=True)
+        >>> g = {"w": torch.tensor([3.0, 0.0])}
+        >>> _, s, report = update_reporting(tx, g, tx.init(p), p, asking)
+        >>> report.grad_norm  # of the window's mean so far: (3, 0) / 2
+        tensor(1.5000)
+        >>> update_reporting(tx, g, s, p)[2]  # not asked for
+        Report(grad_norm=None)
+        >>> sgd = ft.sgd(lr=1.0)  # reports nothing
+        >>> update_reporting(sgd, {"w": torch.ones(2)}, sgd.init(p), p)[2]
+        Report(grad_norm=None)
+    """
+    update: Any = tx.update
+    gate = {} if keep is None else {"keep": keep}
+    if isinstance(update, ExtrasUpdate):
+        if update.reports:
+            if extras.reported is not None:
+                return _filling_reported(update.fn, extras, updates, state, params, **gate)
+            return update.fn(updates, state, params, extras=extras, **gate)
+        new_updates, new_state = update.fn(updates, state, params, extras=extras, **gate)
+    elif getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
+        new_updates, new_state = update(updates, state, params, extras=extras, **gate)
+    else:
+        new_updates, new_state = update(updates, state, params, **gate)
+    return new_updates, new_state, NO_REPORT
 
 
 def is_transform(obj: object) -> bool:

@@ -7,13 +7,15 @@ import torch
 from functrain.errors import ConfigError
 from functrain.optim.base import (
     NO_EXTRAS,
+    NO_REPORT,
     Extras,
     ExtrasUpdate,
     Params,
+    Report,
     Transform,
     is_transform,
     runs_on_members,
-    update_with,
+    update_reporting,
 )
 from functrain.optim.naming import named
 from functrain.optim.porting import torch_object_hint
@@ -31,7 +33,8 @@ def chain(*transforms: Transform) -> Transform:
 
     Returns:
         A `Transform` whose state is a tuple of the inner states; gated (see `Transform.gated`) when
-        every one of them is.
+        every one of them is. Its update reports (`update_reporting`) what the last transform
+        that reports something does (an `accumulate` in the chain).
 
     Raises:
         ConfigError: an argument is not a transform.
@@ -67,14 +70,18 @@ def chain(*transforms: Transform) -> Transform:
         keep: torch.Tensor | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Updates, tuple]:
+    ) -> tuple[Updates, tuple, Report]:
         new_states = []
+        report = NO_REPORT
         for t, s in zip(transforms, state, strict=True):
             # each transform gets the step's extras if it takes them
-            updates, s = update_with(t, updates, s, params, extras, keep)
+            updates, s, given = update_reporting(t, updates, s, params, extras, keep)
             new_states.append(s)
-        return updates, tuple(new_states)
+            if given.grad_norm is not None:  # the last one reported
+                report = given
+        return updates, tuple(new_states), report
 
-    # on a stacked state's tensors when every transform is (`ExtrasUpdate.members`)
+    # on a stacked state's tensors when every transform is (`ExtrasUpdate.members`); the report
+    # of the last transform that reports (an `accumulate` in the chain) passed on
     aware = bool(transforms) and all(runs_on_members(t) for t in transforms)
-    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware), gated=gated)
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware, reports=True), gated=gated)

@@ -5,7 +5,8 @@ style). Conditions are tensors: the inner update runs and `torch.where` chooses 
 and the previous state, or, for a gated inner transform (`Transform.gated`), the condition goes in
 as ``keep=`` and the transform makes the no-op itself. Where a condition's value is known on the
 host without a sync (`flag_value`: a CPU tensor in an eager step), the wrapper runs only the
-branch it selects, with the same bits.
+branch it selects, with the same bits. Each passes on what its inner transforms report to the
+step (`functrain.optim.base.Report`: an inner `accumulate`'s ``grad_norm``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import torch
 from functrain.errors import ConfigError, NonFiniteError, config_check
 from functrain.optim.base import (
     NO_EXTRAS,
+    NO_REPORT,
     Extras,
     ExtrasUpdate,
     Mask,
+    Report,
     Transform,
     flag_value,
     is_transform,
     planner_of,
     runs_on_members,
-    update_with,
-    with_extras,
+    update_reporting,
     writes_in_place,
 )
 from functrain.optim.batching import under_vmap
@@ -133,8 +135,8 @@ def _update_where(
     state: Tree,
     params: Tree | None,
     extras: Extras,
-) -> tuple[Any, Tree]:
-    """`inner`'s update where `keep` holds, a no-op elsewhere.
+) -> tuple[Any, Tree, Report]:
+    """`inner`'s update where `keep` holds, a no-op elsewhere, and its report (`update_reporting`).
 
     The no-op keeps the same state, parameters untouched.
 
@@ -145,21 +147,29 @@ def _update_where(
     a gate nor a select is needed: the same bits.
     """
     if flag_value(keep):  # known on the host to hold: the update as it is, in place if allowed
-        new_updates, new_state = update_with(inner, updates, state, params, extras)
+        new_updates, new_state, report = update_reporting(inner, updates, state, params, extras)
         if isinstance(new_updates, (ParamStep, NewParams)):
-            return new_updates, new_state
+            return new_updates, new_state, report
         # updates for a later transform: as tensors, as the gated form hands them on
         u, spec = flat_updates(new_updates, params)
-        return tree_unflatten(u, spec), new_state
+        return tree_unflatten(u, spec), new_state, report
     if getattr(inner, "gated", False):
-        new_updates, new_state = update_with(inner, updates, state, params, extras, keep)
+        new_updates, new_state, report = update_reporting(
+            inner, updates, state, params, extras, keep
+        )
         # new parameters come gated from the kernel; updates of any other form are gated here
         return (
-            new_updates if isinstance(new_updates, NewParams) else _gate(new_updates, keep, params)
-        ), new_state
+            (
+                new_updates
+                if isinstance(new_updates, NewParams)
+                else _gate(new_updates, keep, params)
+            ),
+            new_state,
+            report,
+        )
     # the previous state and parameters are selected below: keep them
-    new_updates, new_state = update_with(inner, updates, state, params, extras.kept())
-    return _gate(new_updates, keep, params), tree_select(keep, new_state, state)
+    new_updates, new_state, report = update_reporting(inner, updates, state, params, extras.kept())
+    return _gate(new_updates, keep, params), tree_select(keep, new_state, state), report
 
 
 def _selected(mask: Mask, params: Tree) -> tuple[bool, ...]:
@@ -215,13 +225,13 @@ def masked(inner: Transform, mask: Mask) -> Transform:
         params: Tree | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Tree, MaskedState]:
+    ) -> tuple[Tree, MaskedState, Report]:
         u, spec = flat_updates(updates, params)
         flags = _selected(mask, params if params is not None else tree_unflatten(u, spec))
         if not any(flags):  # nothing selected; torch._foreach_* would reject the empty lists
-            return tree_unflatten(u, spec), state
+            return tree_unflatten(u, spec), state, NO_REPORT
         sub_params = pick(params, flags) if params is not None else None
-        sub_updates, inner_state = update_with(
+        sub_updates, inner_state, report = update_reporting(
             inner, [x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params, extras
         )
         if isinstance(sub_updates, (ParamStep, NewParams)):
@@ -233,9 +243,9 @@ def masked(inner: Transform, mask: Mask) -> Transform:
             )
         done = iter(as_tensors(sub_updates, sub_params))
         out = [next(done) if f else x for x, f in zip(u, flags, strict=True)]
-        return tree_unflatten(out, spec), MaskedState(inner_state)
+        return tree_unflatten(out, spec), MaskedState(inner_state), report
 
-    return Transform(init_fn, with_extras(update_fn))
+    return Transform(init_fn, ExtrasUpdate(update_fn, reports=True))
 
 
 class PartitionState(NamedTuple):
@@ -351,21 +361,23 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         params: Tree | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Any, PartitionState]:
+    ) -> tuple[Any, PartitionState, Report]:
         u, spec = flat_updates(updates, params)
         found, names = grouping(u, spec, params)
         p = tree_leaves(params) if params is not None else None
-        results, states = [], []
+        results, states, report = [], [], NO_REPORT
         # the groups own disjoint parameters and states: in a donated eager step each writes its
         # own in place (under vmap a member's are slices of stacked tensors: never)
         given = extras.kept() if under_vmap() else extras
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
             sub_params = split(p, names, found, label) if p is not None else None
-            out, inner_state = update_with(
+            out, inner_state, reported = update_reporting(
                 inner, split(u, names, found, label), inner_state, sub_params, given
             )
             results.append((label, out, sub_params))
             states.append(inner_state)
+            if reported.grad_norm is not None:  # the last group's that reported
+                report = reported
         final = any(isinstance(out, (ParamStep, NewParams)) for _, out, _ in results)
         if final and p is None:
             config_check(
@@ -391,11 +403,10 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
                 )
             )
         leaves = [merged[n] for n in names]
-        return (NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)), PartitionState(
-            tuple(states)
-        )
+        new_updates = NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)
+        return new_updates, PartitionState(tuple(states)), report
 
-    grouped = Transform(init_fn, with_extras(update_fn))
+    grouped = Transform(init_fn, ExtrasUpdate(update_fn, reports=True))
     # a group for sparse gradients (`functrain.sparse_adam`): the embeddings' rows go there
     if any(map(takes_sparse, transforms.values())):
         return takes_sparse_too(grouped)
@@ -476,9 +487,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         keep: torch.Tensor | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Any, SkipNonfiniteState]:
+    ) -> tuple[Any, SkipNonfiniteState, Report]:
         finite = all_finite(flat_updates(updates, params)[0], extras.norms)
-        new_updates, inner_state = _update_where(
+        new_updates, inner_state, report = _update_where(
             inner, finite if keep is None else finite & keep, updates, state.inner, params, extras
         )
         skipped = ~finite
@@ -499,7 +510,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)
         if cap >= 0 and _host_readable(new_state.consecutive):
             check_skip_limits(new_state)
-        return new_updates, new_state
+        return new_updates, new_state, report
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one
@@ -550,7 +561,8 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     # on a stacked state's tensors when its inner transform is: the flags are then [K]
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware, plan=plan), gated=True)
+    update = ExtrasUpdate(update_fn, members=aware, plan=plan, reports=True)
+    return Transform(init_fn, update, gated=True)
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -606,9 +618,10 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
 
     Sums of bfloat16/float16 gradients are kept in float32 (torch's ``.grad`` of such a parameter
     sums in its own dtype). Member-aware (a stacked state's tensors, each member's window its own)
-    when `inner` is gated and member-aware. In a step, the norm of the gradient it hands on is the
-    step's ``grad_norm`` (`Extras.reported`), taken once for the checks and clipping inside;
-    between window ends, that of the sum so far (over `every` with ``"mean"``).
+    when `inner` is gated and member-aware. Where its extras ask for its report (`Extras.reporting`:
+    a step's do), it reports the norm of the gradient it hands on, the step's ``grad_norm``
+    (`functrain.optim.base.Report`), taken once for the checks and clipping inside; between window
+    ends, that of the sum so far (over `every` with ``"mean"``).
 
     Args:
         inner: the transform to run every `every`-th call (usually the optimizer).
@@ -672,7 +685,7 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         params: Tree | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Any, AccumulateState]:
+    ) -> tuple[Any, AccumulateState, Report]:
         u, spec = flat_updates(updates, params)
         if any(x.is_sparse for x in u):
             return _accumulate_sparse(inner, every, mean, u, spec, state, params, extras)
@@ -687,31 +700,31 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
             torch._foreach_add_(sums, addends)
         last = state.micro_step == every - 1
         ends = flag_value(last)  # None where it cannot be read without a sync or a graph break
-        reported = extras.reported
         # between window ends the norm reported is the sums' (over `every` for the mean, which is
         # made only where an update runs); at a window's end that of what `inner` is handed, which
         # the checks inside share
         between = (
             extras.global_norm(sums)
-            if every > 1 and reported is not None and ends is not True
+            if every > 1 and extras.reporting and ends is not True
             else None
         )
         if between is not None and mean:
             between = between / every
+        norm = None
         if ends is False and params is not None and final[0]:
             # the window goes on: the inner update would be a no-op, so it is not run
             new_updates, inner_state = _unmoved(params, state.inner, in_place)
         else:
             handed = _handed(sums, u, every, mean, in_place)
-            given = _mean_reported(handed, extras)
-            new_updates, inner_state = _update_where(
+            given, norm = _measured(handed, extras)
+            new_updates, inner_state, report = _update_where(
                 inner, last, tree_unflatten(handed, spec), state.inner, params, given
             )
+            if report.grad_norm is not None:  # an inner accumulate's
+                norm = report.grad_norm
             final[0] = isinstance(new_updates, (ParamStep, NewParams))
-        if between is not None and reported is not None:
-            reported["grad_norm"] = (
-                between if ends is False else torch.where(last, reported["grad_norm"], between)
-            )
+        if between is not None:  # where the window may go on
+            norm = between if ends is False or norm is None else torch.where(last, norm, between)
         if ends is not False:  # the window may end here: its sums restart where it does
             sums = _restarted(sums, last, ends, in_place, start)
         new_state = AccumulateState(
@@ -719,11 +732,11 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
             torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1),
             tuple(sums),
         )
-        return new_updates, new_state
+        return new_updates, new_state, NO_REPORT if norm is None else Report(norm)
 
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware))
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware, reports=True))
 
 
 # what `accumulate` hands its inner transform of a window's gradients
@@ -793,7 +806,7 @@ def _accumulate_sparse(
     state: AccumulateState,
     params: Tree | None,
     extras: Extras,
-) -> tuple[Any, AccumulateState]:
+) -> tuple[Any, AccumulateState, Report]:
     """`accumulate`'s update where some gradients are sparse (``nn.Embedding(sparse=True)``).
 
     As ``.grad`` accumulates them in torch: the window's first gradient as it is (a copy), then
@@ -818,14 +831,12 @@ def _accumulate_sparse(
     # a window of one hands on its sums (a copy of a sparse gradient, a dense one added to +0.0)
     handed = sums if mean and every == 1 else _handed(sums, u, every, mean, in_place)
     flag = torch.tensor(last, device=state.micro_step.device)
-    new_updates, inner_state = _update_where(
-        inner,
-        flag,
-        tree_unflatten(handed, spec),
-        state.inner,
-        params,
-        _mean_reported(handed, extras),
+    given, norm = _measured(handed, extras)
+    new_updates, inner_state, report = _update_where(
+        inner, flag, tree_unflatten(handed, spec), state.inner, params, given
     )
+    if report.grad_norm is None and norm is not None:
+        report = Report(norm)
     if last:  # the window is over: its sums start again
         start = 0.0 if mean else -0.0
         sums = [
@@ -837,23 +848,24 @@ def _accumulate_sparse(
             for s in sums
         ]
     micro_step = torch.zeros_like(state.micro_step) if last else state.micro_step + 1
-    return new_updates, AccumulateState(inner_state, micro_step, tuple(sums))
+    return new_updates, AccumulateState(inner_state, micro_step, tuple(sums)), report
 
 
-def _mean_reported(mean: list[torch.Tensor], extras: Extras) -> Extras:
-    """The extras `accumulate` gives its inner transforms, with the norm of the gradient it hands
-    on (the window's mean, or sum) reported.
+def _measured(mean: list[torch.Tensor], extras: Extras) -> tuple[Extras, torch.Tensor | None]:
+    """The extras `accumulate` gives its inner transforms, and the norm it reports: that of the
+    gradient it hands on (the window's mean, or sum), or None where none is asked for.
 
-    In a step (which reads ``extras.reported`` back as its ``grad_norm``) the norm is taken once,
-    and shared: the non-finite check and clipping inside, which see this gradient, reuse it.
+    Where its report is asked for (`Extras.reporting`: a step, which reports the norm as its
+    ``grad_norm``) the norm is taken once, and shared: the non-finite check and clipping inside,
+    which see this gradient, reuse it.
     """
-    if extras.reported is None:
-        return extras
+    if not extras.reporting:
+        return extras, None
     norm = extras.global_norm(mean)
-    extras.reported["grad_norm"] = norm
     if torch.compiler.is_compiling() or under_vmap():
-        return extras  # no version counters to share by: a repeated norm is folded away when traced
-    return extras._replace(norms=extras.norms.sharing(mean, norm))
+        # no version counters to share by: a repeated norm is folded away when traced
+        return extras, norm
+    return extras._replace(norms=extras.norms.sharing(mean, norm)), norm
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -935,12 +947,12 @@ def dynamic_loss_scale(
         params: Tree | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Any, DynamicLossScaleState]:
+    ) -> tuple[Any, DynamicLossScaleState, Report]:
         u, spec = flat_updates(updates, params)
         inv = state.scale.double().reciprocal().float()
         unscaled = [x.float().mul(inv).to(x.dtype) for x in u]
         finite = all_finite(unscaled, extras.norms)
-        new_updates, inner_state = _update_where(
+        new_updates, inner_state, report = _update_where(
             inner, finite, tree_unflatten(unscaled, spec), state.inner, params, extras
         )
         tracker = torch.where(
@@ -956,9 +968,9 @@ def dynamic_loss_scale(
         new_state = DynamicLossScaleState(
             inner_state, scale, tracker, ~finite, state.total_skipped + (~finite).long()
         )
-        return new_updates, new_state
+        return new_updates, new_state, report
 
-    return Transform(init_fn, with_extras(update_fn))
+    return Transform(init_fn, ExtrasUpdate(update_fn, reports=True))
 
 
 def find_loss_scale(state: Tree) -> torch.Tensor | None:

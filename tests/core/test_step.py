@@ -544,6 +544,40 @@ def test_clip_grad_norm_clips_like_torch_and_reports_the_norm_before_clipping() 
         assert torch.equal(state.params[name], p), name
 
 
+def _reporting_sgd(norm: float) -> ft.Transform:
+    """sgd(0.1) whose update reports `norm` as the step's gradient norm where it is asked."""
+    sgd = ft.sgd(0.1)
+
+    def update(updates: Any, state: Any, params: Any = None, *, extras: Any = ft.NO_EXTRAS) -> Any:
+        updates, state = ft.update_with(sgd, updates, state, params, extras)
+        report = ft.Report(grad_norm=torch.tensor(norm)) if extras.reporting else ft.NO_REPORT
+        return updates, state, report
+
+    return ft.Transform(sgd.init, ft.optim.ExtrasUpdate(update, reports=True))
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"nonfinite": "none"}, {"clip_grad_norm": 100.0}],
+    ids=["skip-nonfinite", "alone", "clipped"],
+)
+def test_a_transforms_returned_report_is_the_steps_grad_norm(
+    options: dict[str, Any], donate: bool
+) -> None:
+    """What an update reports is a value it returns (`ft.Report`): the step asks for it and
+    reports its ``grad_norm`` in place of its own, through the wrappers its options add."""
+    model = make_mlp()
+    state = ft.TrainState.create(model, _reporting_sgd(7.0), cross_entropy_loss_fn, **options)
+    plain = ft.TrainState.create(model, ft.sgd(0.1), cross_entropy_loss_fn, **options)
+    for batch in batches(model, 2):
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        plain, reference = ft.train_step(plain, batch)
+        assert torch.equal(metrics["grad_norm"], torch.tensor(7.0))
+        assert reference["grad_norm"] != 7.0
+    assert_trees_equal(state.params, plain.params, "params")
+
+
 def test_ema_params_are_the_lerp_average_of_the_trajectory() -> None:
     model = make_mlp()
     state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, ema_decay=0.9)

@@ -535,3 +535,97 @@ def test_may_write_is_a_query_that_records_nothing() -> None:
         ft.Extras(owns_updates=True).may_write_updates(),
     ]
     assert owns == [True, False, False]
+
+
+def _reporting(norm: float) -> ft.Transform:
+    """A user's reporting transform: halves the updates, reports `norm` where it is asked."""
+
+    def update(updates: Any, state: Any, params: Any = None, *, extras: Any = ft.NO_EXTRAS) -> Any:
+        report = ft.Report(grad_norm=torch.tensor(norm)) if extras.reporting else ft.NO_REPORT
+        return {k: g * 0.5 for k, g in updates.items()}, state, report
+
+    return ft.Transform(lambda params: ft.EmptyState(), ExtrasUpdate(update, reports=True))
+
+
+def test_a_reporting_update_returns_its_report_and_gives_two_values_everywhere_else() -> None:
+    """What an update reports is a value it returns (`ExtrasUpdate.reports`), which
+    `update_reporting` gives back; `update_with` and ``tx.update`` give ``(updates, state)``."""
+    tx, g, asking = _reporting(7.0), {"w": torch.ones(2)}, ft.Extras(reporting=True)
+    updates, state, report = ft.update_reporting(tx, g, ft.EmptyState(), None, asking)
+    assert torch.equal(updates["w"], torch.full((2,), 0.5)) and state == ft.EmptyState()
+    assert torch.equal(report.grad_norm, torch.tensor(7.0))
+    assert ft.update_reporting(tx, g, ft.EmptyState())[2] is ft.NO_REPORT  # not asked for
+    for two in (
+        ft.update_with(tx, g, ft.EmptyState(), extras=asking),
+        tx.update(g, ft.EmptyState(), extras=asking),
+        tx.update(g, ft.EmptyState()),
+    ):
+        assert len(two) == 2 and torch.equal(two[0]["w"], torch.full((2,), 0.5))
+    # a transform that reports nothing gives the empty report
+    sgd = ft.sgd(lr=1.0)
+    assert ft.update_reporting(sgd, g, sgd.init(g), g, asking)[2] is ft.NO_REPORT
+    plain = ft.Transform(lambda params: ft.EmptyState(), _passing)
+    assert ft.update_reporting(plain, g, ft.EmptyState(), None, asking)[2] is ft.NO_REPORT
+    # declared where the update is built, like the other fields
+    declared = tx.update
+    assert isinstance(declared, ExtrasUpdate) and repr(declared).endswith("reports=True)")
+    assert declared.but(members=True).reports
+    with pytest.raises(AttributeError, match=r"declared where the update is built.*but\(reports="):
+        declared.reports = False
+
+
+def test_a_dict_handed_in_as_reported_still_receives_the_report() -> None:
+    """`Extras.reported`, superseded by the returned report: a caller's dict is filled from it,
+    however the update is called, and the update itself sees the request only."""
+    tx, g = _reporting(3.0), {"w": torch.ones(2)}
+    calls = [
+        lambda extras: tx.update(g, ft.EmptyState(), extras=extras),
+        lambda extras: ft.update_with(tx, g, ft.EmptyState(), extras=extras),
+        lambda extras: ft.update_reporting(tx, g, ft.EmptyState(), extras=extras),
+    ]
+    for call in calls:
+        reported: dict[str, torch.Tensor] = {}
+        call(ft.Extras(reported=reported))
+        assert list(reported) == ["grad_norm"] and torch.equal(
+            reported["grad_norm"], torch.tensor(3.0)
+        )
+
+
+_WRAPPERS: dict[str, Callable[[ft.Transform], ft.Transform]] = {
+    "chain": lambda inner: ft.chain(ft.identity(), inner, ft.scale(1.0)),
+    "masked": lambda inner: ft.masked(inner, lambda name, p: True),
+    "partition": lambda inner: ft.partition(lambda name, p: "a", a=inner),
+    "skip_nonfinite": lambda inner: ft.skip_nonfinite(inner),
+    "dynamic_loss_scale": lambda inner: ft.dynamic_loss_scale(inner, init_scale=1.0),
+    "accumulate": lambda inner: ft.accumulate(inner, 1),
+}
+
+
+@pytest.mark.parametrize("wrap", _WRAPPERS.values(), ids=list(_WRAPPERS))
+def test_every_wrapper_passes_an_inner_accumulates_report_on(
+    wrap: Callable[[ft.Transform], ft.Transform],
+) -> None:
+    tx = wrap(ft.accumulate(ft.identity(), 2))
+    params, asking = {"w": torch.zeros(2)}, ft.Extras(reporting=True)
+    state = tx.init(params)
+    norms = []
+    for g in ([6.0, 8.0], [6.0, 8.0]):
+        _, state, report = ft.update_reporting(tx, {"w": torch.tensor(g)}, state, params, asking)
+        norms.append(report.grad_norm)
+    # between the window's ends the sum's, |(6, 8)| / 2; at its end the mean's, |(6, 8)|
+    assert torch.stack(norms).tolist() == [5.0, 10.0]
+
+
+def test_accumulate_measures_no_norm_where_its_report_is_not_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tx = ft.accumulate(ft.chain(ft.clip_by_global_norm(100.0), ft.sgd(lr=1.0)), 2)
+    params = {"w": torch.zeros(2)}
+    state, measured = tx.init(params), []
+    norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda t: measured.append(t) or norm(t))
+    for g in ([3.0, 0.0], [3.0, 8.0]):
+        _, state, report = ft.update_reporting(tx, {"w": torch.tensor(g)}, state, params)
+        assert report is ft.NO_REPORT
+    # clipping's own, of the window's mean (the first call runs the inner update to learn its form)
+    assert [m[0].tolist() for m in measured] == [[1.5, 0.0], [3.0, 4.0]]
