@@ -28,13 +28,9 @@ import functrain as ft
 from functrain.errors import ConfigError, StateMismatchError
 from functrain.optim import averaging
 from tests.comparisons import assert_trees_equal
+from tests.models import cross_entropy_loss_fn as loss_fn
 
 DECAY, LR, STEPS, SAVED_AT = 0.9, 1e-2, 7, 3
-
-
-def loss_fn(m: Any, batch: Any) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.cross_entropy(m(x), y)
 
 
 def model(seed: int = 0) -> nn.Module:
