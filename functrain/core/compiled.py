@@ -673,7 +673,9 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
         given = tree_leaves(before)
         for a, b in zip(after, given, strict=True):
             if isinstance(a, torch.Tensor) and a is not b:
-                b.copy_(a)
+                # a 0-d input is written through a 1-element view: AOTAutograd (torch 2.13)
+                # drops a copy_ into a 0-d float64 CPU input (a schedule's last rate kept stale)
+                (b.unsqueeze(0) if b.ndim == 0 else b).copy_(a)
         out[name] = tree_unflatten(
             [b if isinstance(b, torch.Tensor) else a for a, b in zip(after, given, strict=True)],
             spec,

@@ -388,8 +388,10 @@ def update_with(
         >>> update_with(tx, {"w": torch.ones(1)}, EmptyState(), extras=Extras(in_place=True))[0]
         {'w': tensor([1.])}
     """
-    # `takes_extras` and `gated` say what the update takes; the types cannot follow the flags
-    update = cast(Callable[..., tuple[Updates, Tree]], tx.update)
+    # `takes_extras` and `gated` say what the update takes; the types cannot follow the flags.
+    # An annotation, not typing.cast: dynamo traces cast as a call, whose result has no source,
+    # and a tensor in the update's closures (tabulate's table) then breaks the compiled graph
+    update: Callable[..., tuple[Updates, Tree]] = tx.update
     gate = {} if keep is None else {"keep": keep}
     if getattr(tx, "takes_extras", False):
         return update(updates, state, params, extras=extras, **gate)

@@ -511,3 +511,17 @@ def test_compile_step_trains_on_each_changed_value_as_train_step_does_or_refuses
     compiled, _ = step(compiled, batch, donate=True)
     eager, _ = ft.train_step(eager, batch)
     ft.testing.assert_states_equal(compiled, eager)
+
+
+def test_a_donated_compiled_step_keeps_a_schedules_last_rate_as_train_step_does() -> None:
+    # a schedule's rate is a 0-d float64 leaf of the optimizer state, written back into the
+    # donated state's own tensor (aot_eager: AOTAutograd's handling of that write, eager numerics)
+    lr = ft.schedules.tabulate(lambda s: 1e-3 * (s + 1), steps=8)
+    state = ft.TrainState.create(make_mlp(), ft.adamw(lr), cross_entropy_with_accuracy)
+    step = ft.compile_step(backend="aot_eager")
+    compiled, eager = state.clone(), state
+    for batch in classification_batches((8, 6), 3):
+        compiled, _ = step(compiled, batch, donate=True)
+        eager, _ = ft.train_step(eager, batch, donate=True)
+    assert eager.opt_state.inner.lr.item() == 3e-3
+    ft.testing.assert_states_equal(compiled, eager)

@@ -155,3 +155,34 @@ def test_tensor_steps_calls_the_function_with_the_step_tensor():
     assert isinstance(seen[-1], torch.Tensor) and seen[-1].dtype == torch.int64
     assert metrics["lr"].item() == torch.tensor(0.01, dtype=metrics["lr"].dtype).item()
     assert ft.sgd(lr).name.startswith("sgd(lr=tensor_steps(<lambda>, values ")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("tabulated", [False, True], ids=["plain-function", "tabulate"])
+def test_a_function_rate_under_compile_step_is_one_graph_and_the_eager_step_bit_for_bit(
+    tabulated, fused
+):
+    """A plain function is called inside the compiled body, not at a graph break, and tabulate's
+    table is read there too: a break would split the step into frames dynamo compiles apart,
+    whose recompilations compile_step neither reports nor bounds."""
+    import torch._dynamo.utils
+
+    def make():
+        lr = lambda s: 1e-3 * warm(s)  # noqa: E731
+        if tabulated:
+            lr = ft.schedules.tabulate(lr, steps=12)
+        return ft.TrainState.create(
+            make_tanh_mlp(), ft.adamw(lr, fused=fused), cross_entropy_loss_fn
+        )
+
+    eager, compiled = make(), make()
+    step = ft.compile_step(backend="aot_eager")  # the eager step's numerics
+    counters = torch._dynamo.utils.counters
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    for batch in tanh_mlp_batches(8):
+        eager, expected = ft.train_step(eager, batch)
+        compiled, metrics = step(compiled, batch, donate=True)
+        assert metrics["lr"].item() == expected["lr"].item()
+    assert sum(counters["graph_break"].values()) == breaks
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, compiled once
+    ft.testing.assert_states_equal(compiled, eager)
