@@ -591,6 +591,7 @@ class CompiledStep:
         if found is not None:
             return found, None
         compiled_fields, compiled_donate = statics_of(state), donate
+        compiled_extras = Extras(in_place=True) if donate else NO_EXTRAS
 
         def body(
             compiled_params: Any,
@@ -611,7 +612,8 @@ class CompiledStep:
                 compiled_ema_state,
                 compiled_counters,
             )
-            new, metrics = train_body(view, batch)
+            # donated: an update may write into the given tensors, the graph's inputs
+            new, metrics = train_body(view, batch, compiled_extras)
             if compiled_donate:
                 new = _written_back(
                     new,

@@ -142,7 +142,7 @@ def _host_rate_shape(count: torch.Tensor, key: int) -> torch.Tensor:
 
 
 # `host_value`'s operator: defined here (cheap; it imports no torch._dynamo), run by a graph
-_LIBRARY = torch.library.Library("functrain", "DEF")
+_LIBRARY = torch.library.Library("functrain", "FRAGMENT")
 _LIBRARY.define("host_rate(Tensor count, int key) -> Tensor")
 _LIBRARY.impl("host_rate", _host_rate, "CompositeExplicitAutograd")
 torch.library.register_fake("functrain::host_rate", _host_rate_shape, lib=_LIBRARY)

@@ -600,6 +600,8 @@ def _run_kernel(
     if extras.members and not under_vmap():
         return _member_kernels(kernel, extras, params, grads, buffers, steps, options)
     if under_vmap() or torch.compiler.is_compiling():
+        if extras.in_place and not under_vmap():  # donated, compiled
+            return _through_op_in_place(kernel, params, grads, buffers, steps, options)
         return _through_op(kernel, params, grads, buffers, steps, options)
     options = {
         **options,
@@ -953,6 +955,37 @@ def _through_op(
     return list(out_p), _split(list(out_b), [len(xs) for xs in buffers])
 
 
+def _through_op_in_place(
+    kernel: _Kernel,
+    params: list,
+    grads: list,
+    buffers: list[list],
+    steps: list[list],
+    options: dict[str, Any],
+) -> tuple[list, list[list]]:
+    """`_through_op` of a donated compiled step: the op writes into the given tensors.
+
+    They are the graph's inputs, which the step gives up: inductor writes into them where they
+    lie, where the functional op would write fresh copies that the step then copies back (two
+    more passes over the parameters and moments, a third of a 784-128-10 MLP's compiled step).
+    """
+    lr = options["lr"]
+    torch.ops.functrain.fused_update_(
+        kernel.name,
+        params,
+        grads,
+        [x for xs in buffers for x in xs],
+        [len(xs) for xs in buffers],
+        steps[0][0] if steps else None,
+        lr if isinstance(lr, torch.Tensor) else None,
+        0.0 if isinstance(lr, torch.Tensor) else float(lr),
+        options["found_inf"],
+        list(options["weight_decay"]),
+        [float(options[name]) for name in kernel.hyper],
+    )
+    return list(params), [list(xs) for xs in buffers]
+
+
 def _split(flat: list, counts: list[int]) -> list[list]:
     out, start = [], 0
     for n in counts:
@@ -1028,6 +1061,50 @@ def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, wei
     return [torch.empty_like(p) for p in params], [
         torch.empty_like(params[j % n], dtype=x.dtype) for j, x in enumerate(buffers)
     ]
+
+
+@torch.library.custom_op(
+    "functrain::fused_update_", mutates_args=("params", "buffers"), tags=(_EXACT_STRIDES,)
+)
+def _fused_update_in_place_op(
+    kernel: str,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    counts: list[int],
+    step: torch.Tensor | None,
+    lr: torch.Tensor | None,
+    lr_value: float,
+    found_inf: torch.Tensor | None,
+    weight_decay: list[float],
+    hyper: list[float],
+) -> None:
+    """`_fused_update_op` written into `params` and `buffers` (a donated compiled step's).
+
+    A tensor not laid out as its parameter (or with gaps) is updated through a copy so laid out,
+    then copied back.
+    """
+    spec = _KERNELS[kernel]
+    n = len(params)
+    walkable = [_walkable(p) for p in params]
+    laid = [
+        x if _writable_as_is(x, walkable[j % n]) else writable(x, walkable[j % n])
+        for j, x in enumerate(buffers)
+    ]
+    steps = [[step] * n] if spec.steps else []
+    spec.run(
+        (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
+        steps,
+        **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf),
+    )
+    for given, done in zip(params + buffers, walkable + laid, strict=True):
+        if done is not given:
+            given.copy_(done)
+
+
+@_fused_update_in_place_op.register_fake
+def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):
+    return None
 
 
 @torch.library.custom_op("functrain::fused_update_members_", mutates_args=("params", "buffers"))
