@@ -131,7 +131,8 @@ def test_a_function_rate_is_exact_under_compile_step(lr, steps):
         assert torch.equal(state.params[name], p), name
 
 
-def test_plain_function_in_a_stacked_step_is_refused_with_the_fix():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_plain_function_in_a_stacked_step_is_refused_with_the_fix(compiled):
     lr = lambda s: 1e-3 * warm(s)  # noqa: E731
     members = []
     for k in range(2):
@@ -140,8 +141,9 @@ def test_plain_function_in_a_stacked_step_is_refused_with_the_fix():
             ft.TrainState.create(torch.nn.Linear(16, 5), ft.adamw(lr), cross_entropy_loss_fn)
         )
     state = ft.stack(members)
+    step = ft.compile_step(backend="aot_eager") if compiled else ft.train_step
     with pytest.raises(ConfigError, match=r"tabulate\(<lambda>, steps=total_steps\)"):
-        ft.train_step(state, tanh_mlp_batches(1)[0])
+        step(state, tanh_mlp_batches(1)[0])
 
 
 def test_tensor_steps_calls_the_function_with_the_step_tensor():
