@@ -122,7 +122,6 @@ _REGISTERED: weakref.WeakValueDictionary[int, Callable[[int], Any]] = weakref.We
 _HELD: dict[int, Callable[[int], Any]] = {}
 
 
-@torch.compiler.assume_constant_result
 def _registered(fn: Callable[[int], Any]) -> int:
     """`fn`'s key for ``functrain::host_rate``: run while dynamo traces, a constant of the graph."""
     try:
@@ -130,6 +129,12 @@ def _registered(fn: Callable[[int], Any]) -> int:
     except TypeError:  # a callable object that takes no weak reference
         _HELD[id(fn)] = fn
     return id(fn)
+
+
+# the mark torch.compiler.assume_constant_result sets (dynamo calls the function while it traces
+# and puts its result in the graph); the decorator itself imports torch._dynamo, which importing
+# functrain must not (slow, and it imports torch.distributed.tensor)
+_registered._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _host_rate(count: torch.Tensor, key: int) -> torch.Tensor:

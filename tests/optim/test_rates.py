@@ -188,3 +188,14 @@ def test_a_function_rate_under_compile_step_is_one_graph_and_the_eager_step_bit_
     assert sum(counters["graph_break"].values()) == breaks
     assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, compiled once
     ft.testing.assert_states_equal(compiled, eager)
+
+
+def test_importing_functrain_imports_no_dynamo_for_the_host_rate_operator():
+    # torch._dynamo is slow to import (and imports torch.distributed.tensor): the operator a
+    # compiled step calls a plain function through is defined without it
+    import subprocess
+    import sys
+
+    code = "import sys, functrain; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
