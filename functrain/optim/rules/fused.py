@@ -684,7 +684,6 @@ def _on_members(
     flags lie on a GPU (reading them would wait for the device).
     """
     options = {**options, "found_inf": _flags_that_skip(options["found_inf"])}
-    per = _per_member(options, members, count)
     lr, decay, flags = options["lr"], options["weight_decay"], options["found_inf"]
     # the members share their rate and weight decay (no sweep): one call can take them all
     uniform = not (isinstance(lr, torch.Tensor) and lr.ndim) and len(decay) == 1
@@ -699,8 +698,10 @@ def _on_members(
             for xs in tensors
         ]
         one = [[count[0]] * len(lists[0])] if count is not None else []
-        kernel.run(lists, one, **per[0][1])
+        # every member's arguments (`_per_member`) are these: one rate, no flag, one decay
+        kernel.run(lists, one, **{**options, "weight_decay": decay[0]})
         return
+    per = _per_member(options, members, count)
     slices = [[x.unbind(0) for x in xs] for xs in tensors]
     if uniform and (flags is None or flags.is_cpu):
         # one call for every member that takes the step, each slice with its member's own count
