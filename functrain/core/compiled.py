@@ -587,11 +587,14 @@ class CompiledStep:
 
     def _core_for(self, state: TrainState, donate: bool) -> tuple[Callable[..., Any], tuple | None]:
         """The compiled body of `state`'s configuration, and its key when it was compiled now."""
-        key, found = self._cached(state, donate)
+        # as `train_step`: grad_stats' update ratios need the old weights, so a donated step
+        # with them writes fresh tensors (copied back into the given ones)
+        in_place = donate and state.grad_stats is None
+        key, found = self._cached(state, (donate, in_place))
         if found is not None:
             return found, None
         compiled_fields, compiled_donate = statics_of(state), donate
-        compiled_extras = Extras(in_place=True) if donate else NO_EXTRAS
+        compiled_extras = Extras(in_place=True) if in_place else NO_EXTRAS
 
         def body(
             compiled_params: Any,
