@@ -105,6 +105,8 @@ Usage:
     python benchmarks/step_overhead.py --quick             # smoke test: few reps
     python benchmarks/step_overhead.py --workloads mlp --reps 200 --no-compile --no-memory
     python benchmarks/step_overhead.py --threads 1 --clock cpu  # on a machine shared with others
+    python benchmarks/step_overhead.py --workloads mlp,cnn,transformer \
+        --impls eager_donate,compile_step_donate --threads 1 --clock cpu --no-memory
     python benchmarks/step_overhead.py --profile --workloads small --threads 1 --clock cpu
     python benchmarks/step_overhead.py --matrix --threads 1 --clock cpu   # every row (~2-3 min)
     python benchmarks/step_overhead.py --matrix --quick --threads 1 --clock cpu
@@ -756,6 +758,12 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
         if r["compile_s"] is not None:
             print(f"First (compiling) call, {r['workload']}: {r['compile_s']:.1f} s")
     failures = []
+    if {"eager_donate", "compile_step_donate"} <= set(impls):
+        # issue 50: compiling pays off, or the docs say where it does not
+        print("\ncompile_step(donate=True) / the eager donated step (<= 1.00: compiling pays off):")
+        for r in results:
+            ms = r["median_ms"]
+            print(f"  {r['workload']}: {ms['compile_step_donate'] / ms['eager_donate']:.2f}")
     print(
         "\nTargets (ratio to the hand-written foreach loop; a target set by the fused loop is its "
         "ratio times the factor):"
@@ -1198,6 +1206,13 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="smoke test: few reps, short blocks, few memory steps"
     )
+    ap.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated subset of the implementations table's rows: "
+        + ",".join(IMPLS)
+        + " (default all; hand, the reference, always runs)",
+    )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument(
@@ -1255,7 +1270,10 @@ def main() -> None:
             "WARNING: --clock cpu with more than one thread also counts the threads' spinning; use "
             "--threads 1"
         )
-    impls = [i for i in IMPLS if not (args.no_compile and i in COMPILED)]
+    chosen = set(_names(ap, args.impls, IMPLS, "implementation")) if args.impls else set(IMPLS)
+    impls = [
+        i for i in IMPLS if (i == "hand" or i in chosen) and not (args.no_compile and i in COMPILED)
+    ]
     mem_steps = min(args.memory_steps, 3) if args.quick else args.memory_steps
     mem_warmup = min(args.memory_warmup, 2) if args.quick else args.memory_warmup
 

@@ -573,10 +573,14 @@ class CompiledStep:
 
     def _core_for(self, state: TrainState, donate: bool) -> tuple[Callable[..., Any], tuple | None]:
         """The compiled body of `state`'s configuration, and its key when it was compiled now."""
-        key, found = self._cached(state, donate)
+        # as `train_step`: grad_stats' update ratios need the old weights, so a donated step
+        # with them writes fresh tensors (copied back into the given ones)
+        in_place = donate and state.grad_stats is None
+        key, found = self._cached(state, (donate, in_place))
         if found is not None:
             return found, None
         compiled_fields, compiled_donate = statics_of(state), donate
+        compiled_extras = Extras(in_place=True) if in_place else NO_EXTRAS
 
         def body(
             compiled_params: Any,
@@ -597,7 +601,8 @@ class CompiledStep:
                 compiled_ema_state,
                 compiled_counters,
             )
-            new, metrics = train_body(view, batch)
+            # donated: an update may write into the given tensors, the graph's inputs
+            new, metrics = train_body(view, batch, compiled_extras)
             if compiled_donate:
                 new = _written_back(
                     new,
@@ -659,7 +664,9 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
         given = tree_leaves(before)
         for a, b in zip(after, given, strict=True):
             if isinstance(a, torch.Tensor) and a is not b:
-                b.copy_(a)
+                # a 0-d input is written through a 1-element view: AOTAutograd (torch 2.13)
+                # drops a copy_ into a 0-d float64 CPU input (a schedule's last rate kept stale)
+                (b.unsqueeze(0) if b.ndim == 0 else b).copy_(a)
         out[name] = tree_unflatten(
             [b if isinstance(b, torch.Tensor) else a for a, b in zip(after, given, strict=True)],
             spec,

@@ -477,7 +477,10 @@ def update_with(
         >>> update_with(tx, {"w": torch.ones(1)}, EmptyState(), extras=Extras(in_place=True))[0]
         {'w': tensor([1.])}
     """
-    update: Any = tx.update  # `gated` says whether it takes `keep`: the types cannot follow a flag
+    # `gated` says whether it takes `keep`: the types cannot follow a flag. An annotation, not
+    # typing.cast: dynamo traces cast as a call, whose result has no source, and a tensor in the
+    # update's closures (tabulate's table) then breaks the compiled graph
+    update: Any = tx.update
     gate = {} if keep is None else {"keep": keep}
     if isinstance(update, ExtrasUpdate):
         if not update.reports:

@@ -9,8 +9,10 @@ Two kinds of function reach an optimizer's learning rate:
 * Any other function is a plain ``step -> value`` function, evaluated as torch's `LambdaLR`
   evaluates its lambda: called with the step as a Python int, its result taken as a Python float
   (double precision). That is a host value: the step reads the counter (free on the CPU, one
-  device sync a step elsewhere); under ``torch.compile`` outside the graph (a graph break, exact);
-  a CUDA graph or a stacked step cannot, and refuses it with the fix
+  device sync a step elsewhere). Under ``torch.compile`` the call is one opaque operator of the
+  graph (``functrain::host_rate``, `host_value`): dynamo does not trace the function, so the step
+  stays one graph, with no recompile as the step changes, and the value is the eager step's to the
+  bit. A CUDA graph or a stacked step cannot read the host, and refuses it with the fix
   (`functrain.schedules.tabulate` computes the values ahead, exact everywhere, in one graph).
 
 A checkpoint names a plain function by its name, the convention (``int steps``) and a digest of
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import struct
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -86,18 +89,21 @@ def value_at(schedule: Callable[..., Any], count: torch.Tensor) -> Any:
 def host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     """``fn(int(count))`` as `LambdaLR` computes it (a Python float), as a 0-d float64 tensor.
 
-    Under ``torch.compile`` it runs outside the graph (dynamo disabled for it: the graph is
-    split there, and the value is exact with no recompile as the step changes); an eager call
-    skips that wrapper and never imports torch._dynamo, which is slow to import (and imports
-    torch.distributed.tensor).
+    While torch.compile traces a step, the call is the operator ``functrain::host_rate`` on the
+    counter, which dynamo does not look into: at each run of the graph it calls `fn` with the
+    step as an int, where the eager step would. A function dynamo ran outside the graph instead
+    (disabled) would split the step at a graph break into frames compiled apart, whose
+    recompilations `compile_step` neither reports nor bounds.
 
     Raises:
         ConfigError: inside a CUDA graph or a stacked (vmapped) step, where the step is no
             Python int.
     """
-    if torch.compiler.is_compiling():
-        return _host_value_untraced(fn, count)
-    return _host_value(fn, count)
+    if not torch.compiler.is_compiling():
+        return _host_value(fn, count)
+    if under_vmap() or count.ndim:
+        return _refused_untraced(fn, count)
+    return torch.ops.functrain.host_rate(count, _registered(fn))
 
 
 def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
@@ -107,8 +113,44 @@ def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64, device=count.device)
 
 
-# imports torch._dynamo only when first called (while dynamo traces a step)
-_host_value_untraced = torch._disable_dynamo(_host_value)
+# the refusal under vmap, raised outside dynamo (imports torch._dynamo when first called)
+_refused_untraced = torch._disable_dynamo(_host_value)
+
+# the functions `host_rate` calls, by the key `_registered` gives them: held weakly where they can
+# be (a configuration's compiled graph holds its transform, and so the function, alive)
+_REGISTERED: weakref.WeakValueDictionary[int, Callable[[int], Any]] = weakref.WeakValueDictionary()
+_HELD: dict[int, Callable[[int], Any]] = {}
+
+
+def _registered(fn: Callable[[int], Any]) -> int:
+    """`fn`'s key for ``functrain::host_rate``: run while dynamo traces, a constant of the graph."""
+    try:
+        _REGISTERED[id(fn)] = fn
+    except TypeError:  # a callable object that takes no weak reference
+        _HELD[id(fn)] = fn
+    return id(fn)
+
+
+# the mark torch.compiler.assume_constant_result sets (dynamo calls the function while it traces
+# and puts its result in the graph); the decorator itself imports torch._dynamo, which importing
+# functrain must not (slow, and it imports torch.distributed.tensor)
+_registered._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _host_rate(count: torch.Tensor, key: int) -> torch.Tensor:
+    fn = _REGISTERED.get(key) or _HELD[key]
+    return _host_value(fn, count)
+
+
+def _host_rate_shape(count: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.empty((), dtype=torch.float64, device=count.device)
+
+
+# `host_value`'s operator: defined here (cheap; it imports no torch._dynamo), run by a graph
+_LIBRARY = torch.library.Library("functrain", "FRAGMENT")
+_LIBRARY.define("host_rate(Tensor count, int key) -> Tensor")
+_LIBRARY.impl("host_rate", _host_rate, "CompositeExplicitAutograd")
+torch.library.register_fake("functrain::host_rate", _host_rate_shape, lib=_LIBRARY)
 
 
 _NO_HOST_STEP = (

@@ -511,3 +511,35 @@ def test_compile_step_trains_on_each_changed_value_as_train_step_does_or_refuses
     compiled, _ = step(compiled, batch, donate=True)
     eager, _ = ft.train_step(eager, batch)
     ft.testing.assert_states_equal(compiled, eager)
+
+
+def test_a_donated_compiled_step_keeps_a_schedules_last_rate_as_train_step_does() -> None:
+    # a schedule's rate is a 0-d float64 leaf of the optimizer state, written back into the
+    # donated state's own tensor (aot_eager: AOTAutograd's handling of that write, eager numerics)
+    lr = ft.schedules.tabulate(lambda s: 1e-3 * (s + 1), steps=8)
+    state = ft.TrainState.create(make_mlp(), ft.adamw(lr), cross_entropy_with_accuracy)
+    step = ft.compile_step(backend="aot_eager")
+    compiled, eager = state.clone(), state
+    for batch in classification_batches((8, 6), 3):
+        compiled, _ = step(compiled, batch, donate=True)
+        eager, _ = ft.train_step(eager, batch, donate=True)
+    assert eager.opt_state.inner.lr.item() == 3e-3
+    ft.testing.assert_states_equal(compiled, eager)
+
+
+@needs_cxx
+def test_a_donated_compiled_step_updates_the_given_tensors_where_they_lie() -> None:
+    # the fused kernel writes into the donated state's tensors (the graph's inputs): no copy of
+    # the parameters and moments made and copied back, and the pure step's results
+    state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_with_accuracy)
+    step = ft.compile_step()
+    batches = classification_batches((8, 6), 3)
+    donated, pure = step(state.clone(), batches[0], donate=True)[0], step(state, batches[0])[0]
+    with torch.profiler.profile() as prof:
+        donated, _ = step(donated, batches[1], donate=True)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls["functrain::fused_update_"] == 1
+    # of the 12 parameters and moments none is cloned, none copied back (2 copies: the counters)
+    assert "aten::clone" not in calls and calls.get("aten::copy_", 0) <= 2
+    pure, _ = step(pure, batches[1])
+    ft.testing.assert_states_equal(donated, pure)

@@ -131,7 +131,8 @@ def test_a_function_rate_is_exact_under_compile_step(lr, steps):
         assert torch.equal(state.params[name], p), name
 
 
-def test_plain_function_in_a_stacked_step_is_refused_with_the_fix():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_plain_function_in_a_stacked_step_is_refused_with_the_fix(compiled):
     lr = lambda s: 1e-3 * warm(s)  # noqa: E731
     members = []
     for k in range(2):
@@ -140,8 +141,9 @@ def test_plain_function_in_a_stacked_step_is_refused_with_the_fix():
             ft.TrainState.create(torch.nn.Linear(16, 5), ft.adamw(lr), cross_entropy_loss_fn)
         )
     state = ft.stack(members)
+    step = ft.compile_step(backend="aot_eager") if compiled else ft.train_step
     with pytest.raises(ConfigError, match=r"tabulate\(<lambda>, steps=total_steps\)"):
-        ft.train_step(state, tanh_mlp_batches(1)[0])
+        step(state, tanh_mlp_batches(1)[0])
 
 
 def test_tensor_steps_calls_the_function_with_the_step_tensor():
@@ -155,3 +157,45 @@ def test_tensor_steps_calls_the_function_with_the_step_tensor():
     assert isinstance(seen[-1], torch.Tensor) and seen[-1].dtype == torch.int64
     assert metrics["lr"].item() == torch.tensor(0.01, dtype=metrics["lr"].dtype).item()
     assert ft.sgd(lr).name.startswith("sgd(lr=tensor_steps(<lambda>, values ")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("tabulated", [False, True], ids=["plain-function", "tabulate"])
+def test_a_function_rate_under_compile_step_is_one_graph_and_the_eager_step_bit_for_bit(
+    tabulated, fused
+):
+    """A plain function is called inside the compiled body, not at a graph break, and tabulate's
+    table is read there too: a break would split the step into frames dynamo compiles apart,
+    whose recompilations compile_step neither reports nor bounds."""
+    import torch._dynamo.utils
+
+    def make():
+        lr = lambda s: 1e-3 * warm(s)  # noqa: E731
+        if tabulated:
+            lr = ft.schedules.tabulate(lr, steps=12)
+        return ft.TrainState.create(
+            make_tanh_mlp(), ft.adamw(lr, fused=fused), cross_entropy_loss_fn
+        )
+
+    eager, compiled = make(), make()
+    step = ft.compile_step(backend="aot_eager")  # the eager step's numerics
+    counters = torch._dynamo.utils.counters
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    for batch in tanh_mlp_batches(8):
+        eager, expected = ft.train_step(eager, batch)
+        compiled, metrics = step(compiled, batch, donate=True)
+        assert metrics["lr"].item() == expected["lr"].item()
+    assert sum(counters["graph_break"].values()) == breaks
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, compiled once
+    ft.testing.assert_states_equal(compiled, eager)
+
+
+def test_importing_functrain_imports_no_dynamo_for_the_host_rate_operator():
+    # torch._dynamo is slow to import (and imports torch.distributed.tensor): the operator a
+    # compiled step calls a plain function through is defined without it
+    import subprocess
+    import sys
+
+    code = "import sys, functrain; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
