@@ -533,13 +533,15 @@ class CompiledStep:
     def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Watched | None]:
         """The cache key of `state`'s static configuration (and `variant`), and what it compiled to.
 
-        The user's objects count by identity, the options by value: the wrapped transform and the
-        EMA that `TrainState.create` builds anew each time are functions of these.
+        The user's objects count by identity, the options and the gradient statistics by value:
+        the wrapped transform and the EMA that `TrainState.create` builds anew each time are
+        functions of these.
         """
         owners = (state.module, state.loss_fn, state.optimizer)
         key = (
             *map(id, owners),
             state.options,
+            state.grad_stats,
             id(state.dist),
             tuple(state.params),
             tuple(state.frozen),

@@ -330,6 +330,15 @@ def test_compile_step_compiles_again_for_other_static_parts_never_reusing_a_stal
     compiled, _ = step(frozen, batch)
     assert set(compiled.params) == {"2.weight", "2.bias"}
     assert compiled_so_far()[1] == 3
+    # gradient statistics are read by the body too: another setting is another graph, with the
+    # eager step's metrics, not the graph compiled without them
+    stats = ft.TrainState.create(
+        model, fast.optimizer, cross_entropy_with_accuracy, grad_stats="layer"
+    )
+    _, metrics = step(stats, batch)
+    assert set(metrics) == set(ft.train_step(stats, batch)[1])
+    assert {"grad_norm/0", "update_ratio/2"} <= set(metrics)
+    assert compiled_so_far()[1] == 4
 
 
 def test_compile_step_rejects_bad_arguments() -> None:
