@@ -84,8 +84,9 @@ class Run:
         options: `fit`'s options (`FitOptions`: ``run.options.stopping.max_steps``), typed.
         config: the options with plain values by name (`FitOptions.run_config`: limits,
             intervals, batching, checkpoint and logging settings; not the objects, as `eval_fn`),
-            ``accumulate_steps`` and ``accumulate_convention`` (the state's), and ``resumed_from``: the checkpoint a resumed run goes on from
-            (a str), else None. A tracker logs it as the run's settings.
+            ``accumulate_steps`` and ``accumulate_convention`` (the state's), and
+            ``resumed_from``: the checkpoint a resumed run goes on from (a str), else None. A
+            tracker logs it as the run's settings.
         user: your own state (`TrainState.user`): assign a new dict to change it; it is saved in
             the checkpoints with the rest of the state and restored on resume.
     """
