@@ -237,6 +237,41 @@ def test_an_accumulating_run_resumed_inside_a_window_trains_as_the_torch_loop(
     assert_trees_equal(params_of(model), resumed.params)
 
 
+def test_bfloat16_parameters_sum_their_windows_in_float32_not_as_grad_sums_them() -> None:
+    # what TrainState.create's docstring states: under "loss" a bfloat16 parameter's window is
+    # summed in float32 and rounded once, at the window's end; torch's .grad rounds every addition
+    n, data = 3, tanh_mlp_batches(30)
+
+    def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x.bfloat16()).float(), y)
+
+    def loop(sum_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        model = make_tanh_mlp().bfloat16()
+        opt = torch.optim.SGD(model.parameters(), 0.1, fused=True)
+        sums: list[torch.Tensor] = []
+        for i, batch in enumerate(data):
+            grads = torch.autograd.grad(loss_fn(model, batch) / n, list(model.parameters()))
+            grads = tuple(g.to(sum_dtype or g.dtype) for g in grads)
+            sums = [g.clone() for g in grads] if not sums else [s + g for s, g in zip(sums, grads)]
+            if (i + 1) % n == 0:
+                for p, total in zip(model.parameters(), sums, strict=True):
+                    p.grad = total.to(p.dtype)
+                opt.step()
+                sums = []
+        return params_of(model)
+
+    state = ft.TrainState.create(
+        make_tanh_mlp().bfloat16(), ft.sgd(0.1), loss_fn, accumulate_steps=n
+    )
+    state, _ = trained(state, data)
+    assert_trees_equal(loop(torch.float32), state.params)
+    as_grad = loop(None)
+    apart = [k for k in as_grad if not torch.equal(as_grad[k], state.params[k])]
+    assert apart == ["2.bias"]
+    assert (as_grad["2.bias"].float() - state.params["2.bias"].float()).abs().max().item() == 2**-14
+
+
 def test_the_sum_convention_trains_as_a_loss_normalised_by_the_windows_item_count() -> None:
     # Hugging Face's num_items_in_batch: each micro-batch's summed token losses over the window's
     # count of them, the loss not divided again
