@@ -10,6 +10,7 @@ such a load would refuse.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -53,7 +54,7 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.layout import with_strides_of
-from functrain.optim.naming import as_saved
+from functrain.optim.naming import as_saved, saved_conventions
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -133,9 +134,7 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
 
 
 # step options added since checkpoints first recorded them, left out while at these values (a
-# checkpoint written before them holds none, and loads into a template at them): the value is
-# what a checkpoint without the option trained with (for `accumulate_convention`, not today's
-# default: such a checkpoint resumes under "mean", `_as_trained`)
+# checkpoint written before them holds none, and loads into a template at them)
 _ADDED_OPTIONS = {
     "swa_start": None,
     "ema_convention": "functrain",
@@ -144,17 +143,33 @@ _ADDED_OPTIONS = {
     "ema_warmup_power": 2 / 3,
     "ema_warmup_gamma": 1.0,
     "ema_min_decay": 0.0,
-    "accumulate_convention": "mean",
 }
 
 
 def _options(options: Any) -> dict[str, Any]:
     recorded = attrs.asdict(options)
-    if recorded.get("accumulate_steps") == 1:  # one batch an update: every convention is the same
+    # recorded whenever a window has more than one batch (its absence then means a checkpoint
+    # written before the option, trained under "mean": `_saved_options`); with one batch an update
+    # every convention is the same
+    if recorded.get("accumulate_steps") == 1:
         recorded.pop("accumulate_convention", None)
     for key, default in _ADDED_OPTIONS.items():
         if recorded.get(key, default) == default:
             recorded.pop(key, None)
+    return recorded
+
+
+def _saved_options(recorded: Any) -> Any:
+    """A checkpoint's step options, with the accumulation convention it trained with: one that
+    accumulates without ``accumulate_convention`` was written before the option (or, with
+    ``"mean"``, by the versions that left it out at that value), and trained under ``"mean"``."""
+    if (
+        isinstance(recorded, dict)
+        and isinstance(recorded.get("accumulate_steps"), int)
+        and recorded["accumulate_steps"] > 1
+        and "accumulate_convention" not in recorded
+    ):
+        return {**recorded, "accumulate_convention": "mean"}
     return recorded
 
 
@@ -398,7 +413,11 @@ def _load(
         like = _as_trained(like, manifest["fingerprint"])
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
-        fix = _mismatch_fix(tree, like, path) if isinstance(like, TrainState) else ""
+        fix = (
+            _convention_fix(manifest["fingerprint"], like) + _mismatch_fix(tree, like, path)
+            if isinstance(like, TrainState)
+            else ""
+        )
         raise StateMismatchError(
             f"checkpoint {str(path)!r} does not fit the template:\n  - "
             + "\n  - ".join(problems)
@@ -576,6 +595,10 @@ def _to_device(tree: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
 
+# accumulation's convention among `saved_conventions`: `accumulate`'s ``reduce=``
+_ACCUMULATE = "accumulate.reduce"
+
+
 def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
     """`like`, with the conventions the checkpoint's run was trained with, where they differ.
 
@@ -583,23 +606,34 @@ def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
     (`as_saved`), bit for bit: a plain-function learning rate named alone (``lr=<lambda>``) was
     called with the 0-d int64 step tensor; a `lion` without ``reference=`` ran functrain 0.1's
     arithmetic; accumulation without ``accumulate_convention`` in the options (nor ``reduce=`` in
-    its `accumulate`) divided the summed gradients by the window (``"mean"``).
+    its `accumulate`) divided the summed gradients by the window (``"mean"``). Each was recorded
+    at its own time, so a checkpoint may lack any few of them: every combination is tried, the
+    fewest first, and the one whose optimizer is named as the checkpoint's is kept. The
+    accumulation convention falls back to ``"mean"`` only where the template is at the default
+    ``"loss"`` (``TrainState.create`` cannot tell it given from left out): a template asking for
+    ``"sum"`` is refused.
     """
     if saved.get("transform") == like.tx.name:
         return like
-    tx = as_saved(like.tx)
-    if tx is None or tx.name != saved.get("transform"):
-        return like
-    optimizer = as_saved(like.optimizer) or like.optimizer
-    options = like.options
     recorded = saved.get("options")
-    if (
-        options.accumulate_steps > 1
+    falls_back = (
+        like.options.accumulate_steps > 1
+        and like.options.accumulate_convention == "loss"
         and isinstance(recorded, dict)
         and "accumulate_convention" not in recorded
-    ):
-        options = attrs.evolve(options, accumulate_convention="mean")
-    return like.replace(tx=tx, optimizer=optimizer, options=options)
+    )
+    conventions = [c for c in saved_conventions(like.tx) if falls_back or c != _ACCUMULATE]
+    for size in range(1, len(conventions) + 1):
+        for rewound in itertools.combinations(conventions, size):
+            tx = as_saved(like.tx, rewound)
+            if tx is None or tx.name != saved.get("transform"):
+                continue
+            optimizer = as_saved(like.optimizer, rewound) or like.optimizer
+            options = like.options
+            if _ACCUMULATE in rewound:
+                options = attrs.evolve(options, accumulate_convention="mean")
+            return like.replace(tx=tx, optimizer=optimizer, options=options)
+    return like
 
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -612,12 +646,38 @@ def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> lis
         if (written[0] != theirs) == (written[1] != ours) and written[0] != written[1]:
             theirs, ours = written
         problems.append(f"optimizer differs: checkpoint has {theirs!r}, template has {ours!r}")
-    if saved.get("options") != current["options"]:
+    recorded = _saved_options(saved.get("options"))
+    if recorded != current["options"]:
         problems.append(
-            f"step options differ: checkpoint has {saved.get('options')!r}, template has "
-            f"{current['options']!r}{_options_apart(saved.get('options'), current['options'])}"
+            f"step options differ: checkpoint has {recorded!r}, template has "
+            f"{current['options']!r}{_options_apart(recorded, current['options'])}"
         )
     return problems
+
+
+def _convention_fix(saved: dict[str, Any], like: TrainState) -> str:
+    """How to resume a checkpoint trained under another accumulation convention, or nothing."""
+    recorded = _saved_options(saved.get("options"))
+    if not isinstance(recorded, dict) or recorded.get("accumulate_steps") != (
+        like.options.accumulate_steps
+    ):
+        return ""
+    theirs = recorded.get("accumulate_convention", like.options.accumulate_convention)
+    ours = like.options.accumulate_convention
+    unrecorded = "accumulate_convention" not in saved["options"]
+    if theirs == ours or (unrecorded and ours == "loss"):  # the default falls back to it
+        return ""
+    written = (
+        " (it records none: it was written before the option, or with 'mean' before every "
+        "convention was recorded, and trained so)"
+        if unrecorded
+        else ""
+    )
+    return (
+        f"\nthe checkpoint trained with accumulate_convention={theirs!r}{written}, the template "
+        f"asks for {ours!r}: to resume it, create the template "
+        f"with accumulate_convention={theirs!r}"
+    )
 
 
 def _options_apart(saved: Any, current: dict[str, Any]) -> str:

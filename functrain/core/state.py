@@ -189,11 +189,18 @@ class TrainState:
                 Lightning's ``accumulate_grad_batches``, torch's AMP recipe and Hugging Face's
                 ``Trainer`` (without ``num_items_in_batch``), ``(loss / N).backward()`` and
                 ``optimizer.step()`` every N (with fp16, ``scaler.scale(loss / N)``), bit for bit
-                for every N. ``"mean"``: the gradients of the loss as given, summed from zero and
-                divided by N at the window's end (a loop dividing ``.grad`` by N, except that a
-                -0.0 gradient element enters the sum as +0.0); equal to ``"loss"`` up to
-                rounding, bit for bit only when N is a power of two (but for the sign of zeros).
-                A checkpoint written before this option existed trained so, and resumes so.
+                for every N with float32 (or float64) parameters; with bfloat16 or float16
+                parameters the window's sum is kept in float32, where torch's ``.grad`` sums in
+                the parameter's dtype, so the two differ by that rounding. ``"mean"``: the
+                gradients of the loss as given, summed from zero and divided by N at the
+                window's end (a loop dividing ``.grad`` by N, except that a -0.0 gradient element
+                enters the sum as +0.0); equal to ``"loss"`` up to rounding, bit for bit only
+                when N is a power of two (but for the sign of zeros). A checkpoint with N > 1
+                records its convention and resumes only under it; one recording none was written
+                before this option (or with ``"mean"`` by a version that left it out) and trained
+                under ``"mean"``: it resumes so in a template at the default ``"loss"`` (an
+                explicit ``"loss"`` cannot be told from the default) or at ``"mean"``, and is
+                refused under ``"sum"``.
                 ``"sum"``: the gradients of the loss as given, summed as under ``"loss"``: for a
                 loss function that normalises by a count of its own (Hugging Face's
                 ``num_items_in_batch``, the window's token count). The step's ``loss`` metric is

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import torch
@@ -25,6 +25,8 @@ __all__ = [
     "describe_call",
     "describe_value",
     "as_saved",
+    "saved_conventions",
+    "FUNCTION_RATES",
 ]
 
 # the attribute of a named transform's update function that keeps its calls, by name
@@ -197,33 +199,85 @@ def describe_value(value: Any) -> str:
     return repr(value)
 
 
-def as_saved(transform: Transform) -> Transform | None:
+# the convention of plain-function learning rates in `saved_conventions`: before functions were
+# called with a Python int, they were called with the step tensor and named alone (``lr=<lambda>``)
+FUNCTION_RATES = "function rates"
+
+
+def saved_conventions(transform: Transform) -> tuple[str, ...]:
+    """The conventions `transform` holds that a checkpoint may have been trained without.
+
+    `FUNCTION_RATES` where a plain function is a learning rate; ``"factory.argument"`` (e.g.
+    ``"lion.reference"``, ``"accumulate.reduce"``) for each `resumed` argument of a factory away
+    from its old value. Each was recorded at its own time, so a checkpoint lacks any few of them.
+
+    Example:
+        >>> import functrain as ft
+        >>> saved_conventions(ft.accumulate(ft.sgd(lambda s: 0.1), 2, reduce="sum"))
+        ('accumulate.reduce', 'function rates')
+    """
+    found: set[str] = set()
+    _walk(transform, found)
+    return tuple(sorted(found))
+
+
+def _walk(value: Any, found: set[str]) -> None:
+    if isinstance(value, Transform):  # a NamedTuple: before tuples
+        call = recorded_call(value)
+        if call is None:
+            return
+        for key, old in getattr(call.factory, _RESUMED, {}).items():
+            if call.arguments[key] != old:
+                found.add(f"{call.factory.__name__}.{key}")
+        for key, argument in call.arguments.items():
+            if key in RATE_ARGUMENTS and is_plain_function(argument):
+                found.add(FUNCTION_RATES)
+            else:
+                _walk(argument, found)
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _walk(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _walk(item, found)
+
+
+def as_saved(transform: Transform, rewound: Collection[str] | None = None) -> Transform | None:
     """`transform` with the conventions of a checkpoint written before they were recorded.
 
-    The transform rebuilt from its recorded calls (`recorded_call`): each plain function in a
-    learning-rate argument wrapped as `as_tensor_steps` under its old name (called with the step
-    tensor, as before plain functions got ints), and each `resumed` argument of a factory at its
-    old value. None when nothing changes, or when a call cannot be rebuilt.
+    The transform rebuilt from its recorded calls (`recorded_call`) with the conventions in
+    `rewound` (labels of `saved_conventions`; all of them when None) at their old values: each
+    plain function in a learning-rate argument wrapped as `as_tensor_steps` under its old name
+    (called with the step tensor, as before plain functions got ints), and each `resumed`
+    argument of a factory at its old value. None when nothing changes, or when a call cannot be
+    rebuilt.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.accumulate(ft.lion(1e-3), 2, reduce="sum")
+        >>> as_saved(tx, ["accumulate.reduce"]).name[-30:]
+        "reference='authors'), every=2)"
     """
-    rebuilt = _rebuilt(transform)
+    wanted = frozenset(saved_conventions(transform) if rewound is None else rewound)
+    rebuilt = _rebuilt(transform, wanted)
     return None if rebuilt is _CANNOT or rebuilt is transform else rebuilt
 
 
 _CANNOT: Any = object()  # an argument that cannot be rebuilt
 
 
-def _rebuilt(transform: Transform) -> Any:
+def _rebuilt(transform: Transform, rewound: frozenset[str]) -> Any:
     call = recorded_call(transform)
     if call is None:
         return transform
     changes: dict[str, Any] = {}
     for key, old in getattr(call.factory, _RESUMED, {}).items():
-        if call.arguments[key] != old:
+        if f"{call.factory.__name__}.{key}" in rewound and call.arguments[key] != old:
             changes[key] = old
     for key, value in call.arguments.items():
         if key in changes:
             continue
-        new = _argument(key, value)
+        new = _argument(key, value, rewound)
         if new is _CANNOT:
             return _CANNOT
         if new is not value:
@@ -231,19 +285,19 @@ def _rebuilt(transform: Transform) -> Any:
     return call.again(**changes) if changes else transform
 
 
-def _argument(key: str, value: Any) -> Any:
+def _argument(key: str, value: Any, rewound: frozenset[str]) -> Any:
     if isinstance(value, Transform):
-        return _rebuilt(value)
+        return _rebuilt(value, rewound)
     if key in RATE_ARGUMENTS and is_plain_function(value):
-        return as_tensor_steps(value, as_saved=True)
+        return as_tensor_steps(value, as_saved=True) if FUNCTION_RATES in rewound else value
     if isinstance(value, tuple | list):
-        items = [_argument("", v) for v in value]
+        items = [_argument("", v, rewound) for v in value]
         if any(v is _CANNOT for v in items):
             return _CANNOT
         same = all(a is b for a, b in zip(items, value, strict=True))
         return value if same else type(value)(items)
     if isinstance(value, dict):
-        entries = {k: _argument("", v) for k, v in value.items()}
+        entries = {k: _argument("", v, rewound) for k, v in value.items()}
         if any(v is _CANNOT for v in entries.values()):
             return _CANNOT
         return value if all(entries[k] is v for k, v in value.items()) else entries

@@ -237,6 +237,41 @@ def test_an_accumulating_run_resumed_inside_a_window_trains_as_the_torch_loop(
     assert_trees_equal(params_of(model), resumed.params)
 
 
+def test_bfloat16_parameters_sum_their_windows_in_float32_not_as_grad_sums_them() -> None:
+    # what TrainState.create's docstring states: under "loss" a bfloat16 parameter's window is
+    # summed in float32 and rounded once, at the window's end; torch's .grad rounds every addition
+    n, data = 3, tanh_mlp_batches(30)
+
+    def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x.bfloat16()).float(), y)
+
+    def loop(sum_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        model = make_tanh_mlp().bfloat16()
+        opt = torch.optim.SGD(model.parameters(), 0.1, fused=True)
+        sums: list[torch.Tensor] = []
+        for i, batch in enumerate(data):
+            grads = torch.autograd.grad(loss_fn(model, batch) / n, list(model.parameters()))
+            grads = tuple(g.to(sum_dtype or g.dtype) for g in grads)
+            sums = [g.clone() for g in grads] if not sums else [s + g for s, g in zip(sums, grads)]
+            if (i + 1) % n == 0:
+                for p, total in zip(model.parameters(), sums, strict=True):
+                    p.grad = total.to(p.dtype)
+                opt.step()
+                sums = []
+        return params_of(model)
+
+    state = ft.TrainState.create(
+        make_tanh_mlp().bfloat16(), ft.sgd(0.1), loss_fn, accumulate_steps=n
+    )
+    state, _ = trained(state, data)
+    assert_trees_equal(loop(torch.float32), state.params)
+    as_grad = loop(None)
+    apart = [k for k in as_grad if not torch.equal(as_grad[k], state.params[k])]
+    assert apart == ["2.bias"]
+    assert (as_grad["2.bias"].float() - state.params["2.bias"].float()).abs().max().item() == 2**-14
+
+
 def test_the_sum_convention_trains_as_a_loss_normalised_by_the_windows_item_count() -> None:
     # Hugging Face's num_items_in_batch: each micro-batch's summed token losses over the window's
     # count of them, the loss not divided again
@@ -260,21 +295,59 @@ def test_the_sum_convention_trains_as_a_loss_normalised_by_the_windows_item_coun
     assert_trees_equal(params_of(model), state.params)
 
 
-def test_the_convention_is_recorded_and_another_one_is_refused_on_load(tmp_path: Path) -> None:
-    def create(**options: Any) -> ft.TrainState:
+CONVENTIONS = ("loss", "mean", "sum")
+
+
+@pytest.mark.parametrize("saved", CONVENTIONS)
+def test_every_convention_is_recorded_and_only_its_own_template_resumes_it(
+    saved: str, tmp_path: Path
+) -> None:
+    def create(convention: str) -> ft.TrainState:
         return ft.TrainState.create(
-            make_tanh_mlp(), ft.sgd(0.1), cross_entropy_loss_fn, accumulate_steps=3, **options
+            make_tanh_mlp(),
+            ft.sgd(0.1),
+            cross_entropy_loss_fn,
+            accumulate_steps=3,
+            accumulate_convention=convention,  # type: ignore[arg-type]
         )
 
-    assert ft.fingerprint(create())["options"]["accumulate_convention"] == "loss"
-    path = ft.save(create(accumulate_convention="sum"), tmp_path / "sum")
-    with pytest.raises(
-        ft.StateMismatchError, match=r"step options differ: .*'accumulate_convention': 'sum'"
-    ):
-        ft.load(path, like=create())
-    # one batch an update: the conventions are one, and none is recorded
-    one = ft.TrainState.create(make_tanh_mlp(), ft.sgd(0.1), cross_entropy_loss_fn)
-    assert "accumulate_convention" not in ft.fingerprint(one)["options"]
+    state, _ = trained(create(saved), tanh_mlp_batches(2))
+    path = ft.save(state, tmp_path / saved)
+    # "mean" too: a checkpoint without the record is one written before the option
+    assert ft.fingerprint(state)["options"]["accumulate_convention"] == saved
+    assert ft.diff_states(state, ft.load(path, like=create(saved))) == []
+    for other in CONVENTIONS:
+        if other == saved:
+            continue
+        with pytest.raises(
+            ft.StateMismatchError,
+            match=rf"step options differ: .*accumulate_convention={saved!r} in the checkpoint, "
+            rf"{other!r} in the template\)(.|\n)*the checkpoint trained with "
+            rf"accumulate_convention={saved!r}, the template asks for {other!r}: to resume it, "
+            rf"create the template with accumulate_convention={saved!r}",
+        ):
+            ft.load(path, like=create(other))
+
+
+@pytest.mark.parametrize("saved", CONVENTIONS)
+def test_one_batch_an_update_records_no_convention_and_loads_under_any(
+    saved: str, tmp_path: Path
+) -> None:
+    def create(convention: str) -> ft.TrainState:
+        return ft.TrainState.create(
+            make_tanh_mlp(),
+            ft.sgd(0.1, momentum=0.9),
+            cross_entropy_loss_fn,
+            accumulate_convention=convention,  # type: ignore[arg-type]
+        )
+
+    state, _ = trained(create(saved), tanh_mlp_batches(2))
+    assert "accumulate_convention" not in ft.fingerprint(state)["options"]
+    path = ft.save(state, tmp_path / "one")
+    for other in CONVENTIONS:
+        loaded = ft.load(path, like=create(other))
+        assert loaded.options.accumulate_convention == other
+        assert_trees_equal(state.tree(), loaded.tree())
 
 
 def test_an_unknown_convention_is_refused_with_the_values_it_takes() -> None:
@@ -338,3 +411,56 @@ def test_a_compiled_step_divides_the_loss_as_the_eager_step() -> None:
     model = make_tanh_mlp()
     torch_loop(model, OPTIMIZERS["adamw"][1](model.parameters()), data, 3)
     assert_trees_equal(params_of(model), state.params)
+
+
+def recorded() -> Any:
+    path = Path(__file__).parent / "golden" / "make_recorded_conventions.py"
+    spec = importlib.util.spec_from_file_location("make_recorded_conventions", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["adamw_function_lr", "sgd_function_lr", "lion"])
+def test_a_checkpoint_recording_its_other_conventions_resumes_under_the_mean_bit_for_bit(
+    name: str,
+) -> None:
+    # written at ae23ff1: the function lr and lion's reference recorded, the accumulation's
+    # convention not; only that one is rewound
+    written = recorded()
+    _, every, cut = written.RUNS[name]
+    state = ft.load(written.HERE / name / "saved", like=written.run(name))
+    assert state.options.accumulate_convention == "mean"
+    assert int(state.micro_step) == cut % every != 0
+    state, _ = trained(state, written.batches()[cut:])
+    continued = ft.load(written.HERE / name / "continued", like=written.run(name))
+    assert_trees_equal(continued.tree(), state.tree())
+    # the uninterrupted run under "mean" today is that run, and resumes it as asked so
+    straight, _ = trained(written.run(name, accumulate_convention="mean"), written.batches())
+    assert_trees_equal(continued.tree(), straight.tree())
+    again = ft.load(
+        written.HERE / name / "saved", like=written.run(name, accumulate_convention="mean")
+    )
+    again, _ = trained(again, written.batches()[cut:])
+    assert_trees_equal(continued.tree(), again.tree())
+
+
+def test_a_checkpoint_without_the_convention_is_refused_by_a_template_asking_for_the_sum() -> None:
+    written = golden()
+    torch.manual_seed(0)
+    summed = ft.TrainState.create(
+        nn.Linear(4, 3),
+        ft.sgd(0.1, momentum=0.9),
+        written.loss_fn,
+        accumulate_steps=3,
+        accumulate_convention="sum",
+    )
+    with pytest.raises(
+        ft.StateMismatchError,
+        match=r"accumulate_convention='mean' in the checkpoint, 'sum' in the template\)\n"
+        r"the checkpoint trained with accumulate_convention='mean' \(it records none: it was "
+        r"written before the option, .*\), the template asks for 'sum': to resume it, create "
+        r"the template with accumulate_convention='mean'",
+    ):
+        ft.load(written.HERE / "saved", like=summed)
