@@ -1061,6 +1061,27 @@ def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, wei
     ]
 
 
+def _laid_for_writing(
+    params: list[torch.Tensor], buffers: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors an in-place op hands the kernel: each one itself where the kernel can write it
+    as it lies, else a copy laid out as its parameter (`_copy_back` writes those back)."""
+    n = len(params)
+    walkable = [_walkable(p) for p in params]
+    laid = [
+        x if _writable_as_is(x, walkable[j % n]) else writable(x, walkable[j % n])
+        for j, x in enumerate(buffers)
+    ]
+    return walkable, laid
+
+
+def _copy_back(given: list[torch.Tensor], done: list[torch.Tensor]) -> None:
+    """Write each copy the kernel updated (`_laid_for_writing`) into the tensor it was made of."""
+    for tensor, updated in zip(given, done, strict=True):
+        if updated is not tensor:
+            tensor.copy_(updated)
+
+
 def _fused_update_in_place_op(
     kernel: str,
     params: list[torch.Tensor],
@@ -1080,21 +1101,14 @@ def _fused_update_in_place_op(
     then copied back.
     """
     spec = _KERNELS[kernel]
-    n = len(params)
-    walkable = [_walkable(p) for p in params]
-    laid = [
-        x if _writable_as_is(x, walkable[j % n]) else writable(x, walkable[j % n])
-        for j, x in enumerate(buffers)
-    ]
-    steps = [[step] * n] if spec.steps else []
+    walkable, laid = _laid_for_writing(params, buffers)
+    steps = [[step] * len(params)] if spec.steps else []
     spec.run(
         (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
         steps,
         **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf),
     )
-    for given, done in zip(params + buffers, walkable + laid, strict=True):
-        if done is not given:
-            given.copy_(done)
+    _copy_back(params + buffers, walkable + laid)
 
 
 def _fused_members_op(
@@ -1119,12 +1133,7 @@ def _fused_members_op(
     a buffer in another layout than its parameter is updated through a copy in its parameter's.
     """
     spec = _KERNELS[kernel]
-    n = len(params)
-    walkable = [_walkable(p) for p in params]
-    laid = [
-        x if _writable_as_is(x, walkable[j % n]) else writable(x, walkable[j % n])
-        for j, x in enumerate(buffers)
-    ]
+    walkable, laid = _laid_for_writing(params, buffers)
     options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
     _on_members(
         spec,
@@ -1133,9 +1142,7 @@ def _fused_members_op(
         {**options, "weight_decay": tuple(weight_decay)},
         params[0].shape[0],
     )
-    for given, done in zip(params + buffers, walkable + laid, strict=True):
-        if done is not given:
-            given.copy_(done)
+    _copy_back(params + buffers, walkable + laid)
 
 
 def _writes_nothing_new(
