@@ -128,7 +128,10 @@ class Extras(NamedTuple):
     """Superseded by the `Report` an update returns (`update_reporting`); kept for callers that
     hand a dict in: calling a reporting update (`ExtrasUpdate.reports`) with one, directly or by
     `update_with` or `update_reporting`, asks for its report (`reporting`) and writes its fields
-    into the dict (``grad_norm``). No update writes into it, and a step hands none."""
+    into the dict (``grad_norm``). No functrain update writes into it; a step hands one down, so
+    that a transform of the user's written to this superseded form (one that writes
+    ``reported["grad_norm"]``, or hands the step's extras to an `accumulate` with `update_with`)
+    still reports its norm where no update returns one."""
     owns_updates: bool = False
     """The updates given are the step's own (its gradients as autograd made them, no hook's
     tensor among them, or a wrapper's fresh mean): with the in-place permission an update may
@@ -400,9 +403,11 @@ def _filling_reported(
     """A reporting update's `fn` called for a caller that handed a dict in (`Extras.reported`).
 
     It is asked for its report (`Extras.reporting`), whose fields that hold a value are written
-    into the dict; the update and those it calls see the request only.
+    into the dict. The update and those it calls see the dict too: a transform written to the
+    superseded contract, which writes ``extras.reported["grad_norm"]`` itself, still reports
+    through it where no reporting update below it returns a value.
     """
-    asking = extras._replace(reported=None, reporting=True)
+    asking = extras if extras.reporting else extras._replace(reporting=True)
     updates, state, report = fn(*args, extras=asking, **kwargs)
     if extras.reported is not None and report.grad_norm is not None:
         extras.reported["grad_norm"] = report.grad_norm
@@ -515,6 +520,7 @@ def update_reporting(
 
     Example:
         >>> import functrain as ft
+        >>> from functrain.optim import Extras, update_reporting
         >>> tx = ft.accumulate(ft.sgd(lr=1.0), every=2)
         >>> p, asking = {"w": torch.zeros(2)}, Extras(reporting=True)
         >>> g = {"w": torch.tensor([3.0, 0.0])}

@@ -138,7 +138,8 @@ _registered._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _host_rate(count: torch.Tensor, key: int) -> torch.Tensor:
-    fn = _REGISTERED.get(key) or _HELD[key]
+    fn = _REGISTERED.get(key)  # not `or`: a callable may be false (a schedule with len 0)
+    fn = _HELD[key] if fn is None else fn
     return _host_value(fn, count)
 
 

@@ -190,6 +190,34 @@ def test_a_function_rate_under_compile_step_is_one_graph_and_the_eager_step_bit_
     ft.testing.assert_states_equal(compiled, eager)
 
 
+class _Warmup:
+    """A schedule object of the user's whose length is its warm-up: false at ``steps=0``."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __call__(self, step: int) -> float:
+        return 1e-2 * min(1.0, (step + 1) / max(self.steps, 1))
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_a_false_callable_rate_under_compile_step_is_the_eager_steps(steps):
+    # the operator finds the function it calls by its key, whatever its truth value
+    make = lambda: ft.TrainState.create(  # noqa: E731
+        make_tanh_mlp(), ft.adamw(_Warmup(steps)), cross_entropy_loss_fn
+    )
+    eager, compiled = make(), make()
+    step = ft.compile_step(backend="aot_eager")
+    for batch in tanh_mlp_batches(4):
+        eager, expected = ft.train_step(eager, batch)
+        compiled, metrics = step(compiled, batch)
+        assert metrics["lr"].item() == expected["lr"].item()
+    ft.testing.assert_states_equal(compiled, eager)
+
+
 def test_importing_functrain_imports_no_dynamo_for_the_host_rate_operator():
     # torch._dynamo is slow to import (and imports torch.distributed.tensor): the operator a
     # compiled step calls a plain function through is defined without it
