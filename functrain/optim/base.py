@@ -376,10 +376,7 @@ class ExtrasUpdate:
         if not self.reports:
             return self.fn(*args, **kwargs)
         extras = kwargs.pop("extras", NO_EXTRAS)
-        if extras.reported is not None:
-            updates, state, _ = _filling_reported(self.fn, extras, *args, **kwargs)
-        else:
-            updates, state, _ = self.fn(*args, extras=extras, **kwargs)
+        updates, state, _ = _reporting_call(self.fn, extras, *args, **kwargs)
         return updates, state
 
     def but(self, **changes: Any) -> ExtrasUpdate:
@@ -397,16 +394,19 @@ class ExtrasUpdate:
 _DECLARED = ("fn", "members", "plan", "sparse", "sparse_twin", "reports")
 
 
-def _filling_reported(
+def _reporting_call(
     fn: Callable[..., Any], extras: Extras, *args: Any, **kwargs: Any
 ) -> tuple[Updates, Tree, Report]:
-    """A reporting update's `fn` called for a caller that handed a dict in (`Extras.reported`).
+    """A reporting update's `fn` called with `extras`: ``(updates, state, report)``.
 
-    It is asked for its report (`Extras.reporting`), whose fields that hold a value are written
-    into the dict. The update and those it calls see the dict too: a transform written to the
-    superseded contract, which writes ``extras.reported["grad_norm"]`` itself, still reports
-    through it where no reporting update below it returns a value.
+    Where the caller handed a dict in (`Extras.reported`), the update is asked for its report
+    (`Extras.reporting`), whose fields that hold a value are written into the dict. The update and
+    those it calls see the dict too: a transform written to the superseded contract, which writes
+    ``extras.reported["grad_norm"]`` itself, still reports through it where no reporting update
+    below it returns a value.
     """
+    if extras.reported is None:
+        return fn(*args, extras=extras, **kwargs)
     asking = extras if extras.reporting else extras._replace(reporting=True)
     updates, state, report = fn(*args, extras=asking, **kwargs)
     if extras.reported is not None and report.grad_norm is not None:
@@ -490,12 +490,9 @@ def update_with(
     if isinstance(update, ExtrasUpdate):
         if not update.reports:
             return update.fn(updates, state, params, extras=extras, **gate)
-        if extras.reported is not None:
-            new_updates, new_state, _ = _filling_reported(
-                update.fn, extras, updates, state, params, **gate
-            )
-        else:
-            new_updates, new_state, _ = update.fn(updates, state, params, extras=extras, **gate)
+        new_updates, new_state, _ = _reporting_call(
+            update.fn, extras, updates, state, params, **gate
+        )
         return new_updates, new_state
     if getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
         return update(updates, state, params, extras=extras, **gate)
@@ -537,9 +534,7 @@ def update_reporting(
     gate = {} if keep is None else {"keep": keep}
     if isinstance(update, ExtrasUpdate):
         if update.reports:
-            if extras.reported is not None:
-                return _filling_reported(update.fn, extras, updates, state, params, **gate)
-            return update.fn(updates, state, params, extras=extras, **gate)
+            return _reporting_call(update.fn, extras, updates, state, params, **gate)
         new_updates, new_state = update.fn(updates, state, params, extras=extras, **gate)
     elif getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
         new_updates, new_state = update(updates, state, params, extras=extras, **gate)
