@@ -349,29 +349,43 @@ def _joined(size: int, parts: list[tuple[list[int], list[torch.Tensor]]]) -> lis
     return out
 
 
-def _copying_integers(lerp: _Move) -> _Move:
-    """`lerp` of the floating averages, the integer ones copies of their values (out of place)."""
+def _by_kind(lerp: _Move, integer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> _Move:
+    """`lerp` of the floating averages, ``integer(average, value)`` of the others (integer
+    buffers), out of place."""
 
     def moved(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
         floats, others = _split(avg)
         lerped = lerp([avg[i] for i in floats], [x[i] for i in floats], count) if floats else []
-        return _joined(len(avg), [(floats, lerped), (others, [x[i].clone() for i in others])])
+        integers = [integer(avg[i], x[i]) for i in others]
+        return _joined(len(avg), [(floats, lerped), (others, integers)])
 
     return moved
 
 
-def _copying_integers_(lerp_: Callable[..., Any]) -> _Move:
-    """`_copying_integers` written into the averages (a donated step)."""
+def _by_kind_(
+    lerp_: Callable[..., Any], integer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> _Move:
+    """`_by_kind` written into the averages (a donated step)."""
 
     def moved(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
         floats, others = _split(avg)
         if floats:
             lerp_([avg[i] for i in floats], [x[i] for i in floats], count)
         for i in others:
-            avg[i].copy_(x[i])
+            avg[i].copy_(integer(avg[i], x[i]))
         return avg
 
     return moved
+
+
+def _copying_integers(lerp: _Move) -> _Move:
+    """`lerp` of the floating averages, the integer ones copies of their values (out of place)."""
+    return _by_kind(lerp, lambda average, value: value.clone())
+
+
+def _copying_integers_(lerp_: Callable[..., Any]) -> _Move:
+    """`_copying_integers` written into the averages (a donated step)."""
+    return _by_kind_(lerp_, lambda average, value: value)
 
 
 def _torch_moves(decay: float) -> tuple[_Move, _Move]:
@@ -386,27 +400,24 @@ def _torch_moves(decay: float) -> tuple[_Move, _Move]:
     def integer(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (a * decay + x * (1 - decay)).to(a.dtype)
 
-    def later(avg: list[torch.Tensor], x: list[torch.Tensor]) -> list[torch.Tensor]:
-        floats, others = _split(avg)
-        lerped = (
-            list(torch._foreach_lerp([avg[i] for i in floats], [x[i] for i in floats], 1 - decay))
-            if floats
-            else []
-        )
-        return _joined(
-            len(avg), [(floats, lerped), (others, [integer(avg[i], x[i]) for i in others])]
-        )
+    def lerp(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> list[torch.Tensor]:
+        return list(torch._foreach_lerp(avg, x, 1 - decay))
+
+    def lerp_(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> None:
+        torch._foreach_lerp_(avg, x, 1 - decay)
+
+    later, later_ = _by_kind(lerp, integer), _by_kind_(lerp_, integer)
 
     def moved(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
         n = _host_count(count)
         if n == 0:
             return [t.detach().clone() for t in x]
         if n is not None:
-            return later(avg, x)
+            return later(avg, x, count)
         first = count == 0
         return [
             torch.where(member_view(first, a), v.detach(), m)
-            for a, v, m in zip(avg, x, later(avg, x), strict=True)
+            for a, v, m in zip(avg, x, later(avg, x, count), strict=True)
         ]
 
     def moved_(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
@@ -418,12 +429,7 @@ def _torch_moves(decay: float) -> tuple[_Move, _Move]:
             for a, new in zip(avg, moved(avg, x, count), strict=True):
                 a.copy_(new)
             return avg
-        floats, others = _split(avg)
-        if floats:
-            torch._foreach_lerp_([avg[i] for i in floats], [x[i] for i in floats], 1 - decay)
-        for i in others:
-            avg[i].copy_(avg[i] * decay + x[i] * (1 - decay))
-        return avg
+        return later_(avg, x, count)
 
     return moved, moved_
 
