@@ -333,8 +333,12 @@ class BoundModel:
     - in-place writes to parameters (``model.weight.data.mul_(0)``, ``torch.no_grad()`` updates):
       they would write into the state's tensors, which a step never changes.
     - keeping the model beyond the call: it is bound only while the loss function runs, and
-      refuses use afterwards.
-    - ``isinstance(model, nn.Module)`` is False: it forwards to the module, it is not one.
+      refuses use afterwards (its truth value, ``len`` of a container and ``repr`` still answer:
+      they read the structure only). ``copy.copy`` gives the same view; ``copy.deepcopy`` and
+      pickling are refused (the weights are the step's): ``state.export_module()`` builds a
+      module that owns them.
+    - ``isinstance(model, nn.Module)`` is False: it forwards to the module, it is not one. Its
+      truth value is the module's (a container's: non-empty), as ``if model:`` expects.
 
     Example:
         >>> import torch, functrain as ft
@@ -353,27 +357,59 @@ class BoundModel:
         1
     """
 
+    # Class-level defaults: an instance made without `__init__` (`object.__new__`, as dynamo makes
+    # the objects it traces the construction of) is a closed binding of no module, and every probe
+    # on it (truth value, `repr`, `dir`, `hasattr`) answers instead of raising an internal name.
+    _functrain_module: nn.Module | None = None
+    _functrain_open: list[bool] = [False]  # noqa: RUF012  # never written: each instance has its own
+
     def __init__(self, module: nn.Module) -> None:
         object.__setattr__(self, "_functrain_module", module)
         # a list, so that leaving the binding can close it without assigning an attribute
         object.__setattr__(self, "_functrain_open", [True])
 
     def _functrain_bound(self, use: str) -> Any:  # the module: indexable when it is a container
+        module = self._functrain_module
+        if module is None:
+            raise ConfigError(
+                f"{use} on a BoundModel made without a module (copied or unpickled, not given "
+                "to loss_fn by a step): use the model loss_fn receives, inside the call"
+            )
         if not self._functrain_open[0]:
-            module = self._functrain_module
             raise ConfigError(
                 f"{use} on the model given to loss_fn after loss_fn returned: the model "
                 f"(a {type(module).__name__}) runs on the state's tensors only during the call; "
                 "compute everything you need inside loss_fn and return it as a metric"
             )
-        return self._functrain_module
+        return module
+
+    def _functrain_name(self) -> str:
+        module = self._functrain_module
+        return "no module" if module is None else f"a {type(module).__name__}"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._functrain_bound("a call")(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_functrain_"):  # an instance made without __init__ (copy, pickle)
-            raise AttributeError(name)
+        # internal names and dunder probes (``__wrapped__``, ``__self__``, copy's and pickle's
+        # lookups) are never the module's attributes: answered as missing, open or closed
+        if name.startswith("_functrain_") or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(
+                f"the model given to loss_fn ({self._functrain_name()} on a state's tensors) "
+                f"has no attribute {name!r}",
+                name=name,
+                obj=self,
+            )
+        module = self._functrain_module
+        if module is None or (not self._functrain_open[0] and not hasattr(module, name)):
+            # a probe for what the module lacks answers as missing once closed too (no weight
+            # is read), and so does any on a model made without one; what a closed model's
+            # module has is refused below, naming the way out
+            raise AttributeError(
+                f"the model given to loss_fn ({self._functrain_name()}) has no attribute {name!r}",
+                name=name,
+                obj=self,
+            )
         module = self._functrain_bound(f"reading {name!r}")
         try:
             return getattr(module, name)
@@ -386,28 +422,69 @@ class BoundModel:
             ) from e
 
     def __setattr__(self, name: str, value: Any) -> None:
-        module = self._functrain_module
         raise ConfigError(
-            f"cannot assign {name!r} on the model given to loss_fn (a {type(module).__name__}): "
+            f"cannot assign {name!r} on the model given to loss_fn ({self._functrain_name()}): "
             "its structure is shared by every step and a compiled step would not see the change; "
             "set attributes on the module before TrainState.create, or carry per-step values in "
             "the batch or in state.user"
         )
 
+    def __delattr__(self, name: str) -> None:
+        raise ConfigError(
+            f"cannot delete {name!r} on the model given to loss_fn ({self._functrain_name()}): "
+            "its structure is shared by every step; change the module before TrainState.create"
+        )
+
+    def __bool__(self) -> bool:
+        # the module's own truth (a container's: its length), read from the structure alone, so it
+        # answers open, closed, or made without a module (then true, as any object); without this,
+        # Python would ask `__len__`, which a module that is not a container does not answer
+        module = self._functrain_module
+        return True if module is None else bool(module)
+
     def __getitem__(self, index: Any) -> Any:
         return self._functrain_bound("indexing")[index]
 
-    def __len__(self) -> int:
-        return len(self._functrain_bound("len()"))
+    def __len__(self) -> int:  # a container's length is its structure's: it answers once closed
+        module: Any = self._functrain_module
+        return len(module if module is not None else self._functrain_bound("len()"))
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._functrain_bound("iterating"))
 
+    def __contains__(self, item: Any) -> bool:
+        return item in self._functrain_bound("'in'")
+
     def __dir__(self) -> list[str]:
-        return dir(self._functrain_module)
+        module = self._functrain_module
+        return dir(module) if module is not None else list(object.__dir__(self))
 
     def __repr__(self) -> str:
-        return f"BoundModel({type(self._functrain_module).__name__} on a state's tensors)"
+        module = self._functrain_module
+        if module is None:
+            return "BoundModel(no module)"
+        return f"BoundModel({type(module).__name__} on a state's tensors)"
+
+    def __copy__(self) -> BoundModel:
+        # a view of the binding: the copy is the same view (the same module, open while it is)
+        copy = object.__new__(BoundModel)
+        object.__setattr__(copy, "_functrain_module", self._functrain_module)
+        object.__setattr__(copy, "_functrain_open", self._functrain_open)
+        return copy
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        raise ConfigError(
+            f"copy.deepcopy of the model given to loss_fn ({self._functrain_name()} on a state's "
+            "tensors): its weights are the step's, bound only during the call; for a module "
+            "that owns a copy of the weights, use state.export_module() outside the step"
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise ConfigError(
+            f"cannot pickle the model given to loss_fn ({self._functrain_name()} on a state's "
+            "tensors): save the state (functrain.save or a CheckpointManager), or "
+            "state.export_module() for a module that owns its weights"
+        )
 
 
 # the attribute of a structure holding the id of its forward pre-hook (`refuse_unbound_calls`),

@@ -288,3 +288,125 @@ def test_a_loss_that_closes_over_the_created_module_says_to_use_the_model_it_is_
     state = ft.TrainState.create(module.eval(), ft.sgd(0.1), lambda m, b: module(b[0]).sum())
     with pytest.raises(ft.LossError, match="closes over the module given to TrainState.create"):
         ft.train_step(state, _batch())
+
+
+# the probes torch's tracer and everyday Python make of an object they are handed: dynamo asks
+# `if fn and callable(fn)` of every callable it meets, and builds the objects whose construction
+# it traces with `object.__new__` before their `__init__` has run
+_PROBES: dict[str, Any] = {
+    "truth": bool,
+    "callable": callable,
+    "repr": repr,
+    "dir": lambda m: "__call__" in dir(m),
+    "wrapped": lambda m: hasattr(m, "__wrapped__"),
+    "self": lambda m: getattr(m, "__self__", None),
+    "dynamo inline": lambda m: getattr(m, "_torchdynamo_inline", None),
+    "internal": lambda m: hasattr(m, "_functrain_internal"),
+    "copy": lambda m: type(copy.copy(m)).__name__,
+}
+
+
+def _plain() -> nn.Module:
+    return nn.Linear(3, 1)
+
+
+def _container() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+
+
+def _models_in_every_state(make: Any) -> dict[str, Any]:
+    """The model loss_fn receives, inside the call and after it, and one made without __init__."""
+    seen: dict[str, Any] = {}
+
+    def loss_keeping_the_model(model: Any, batch: torch.Tensor) -> torch.Tensor:
+        seen["open"] = {name: probe(model) for name, probe in _PROBES.items()}
+        seen["model"] = model
+        return model(batch).sum()
+
+    state = ft.TrainState.create(make(), ft.sgd(0.1), loss_keeping_the_model)
+    ft.train_step(state, torch.ones(2, 3))
+    model = seen["model"]
+    return {
+        "open": seen["open"],
+        "closed": {name: probe(model) for name, probe in _PROBES.items()},
+        "made without __init__": {
+            name: probe(object.__new__(type(model))) for name, probe in _PROBES.items()
+        },
+    }
+
+
+@pytest.mark.parametrize("make", [_plain, _container], ids=["plain", "container"])
+def test_the_model_answers_every_probe_open_closed_and_made_without_init(make: Any) -> None:
+    answers = _models_in_every_state(make)
+    name = type(make()).__name__
+    for where, expected_repr in (
+        ("open", f"BoundModel({name} on a state's tensors)"),
+        ("closed", f"BoundModel({name} on a state's tensors)"),
+        ("made without __init__", "BoundModel(no module)"),
+    ):
+        got = answers[where]
+        assert got["truth"] is True and got["callable"] is True, where
+        assert got["repr"] == expected_repr and got["dir"] is True, where
+        assert got["wrapped"] is False and got["internal"] is False, where
+        assert got["self"] is None and got["dynamo inline"] is None, where
+        assert got["copy"] == "BoundModel", where
+
+
+def test_the_truth_and_length_of_the_model_are_the_modules() -> None:
+    seen: dict[str, Any] = {}
+
+    def loss_asking(model: Any, batch: torch.Tensor) -> torch.Tensor:
+        seen["branch"] = "true" if model else "false"  # a new user's `if model:` in loss_fn
+        return model(batch).sum()
+
+    ft.train_step(ft.TrainState.create(_plain(), ft.sgd(0.1), loss_asking), torch.ones(2, 3))
+    assert seen["branch"] == "true"
+    with pytest.raises(TypeError, match="object of type 'Linear' has no len"):
+        len(_models_in_every_state_model(_plain))  # as len() of the module itself
+    container = _models_in_every_state_model(_container)
+    assert bool(container) and len(container) == 2  # structure only: it answers once closed
+    empty = ft.BoundModel(nn.Sequential())
+    assert not empty and len(empty) == 0
+
+
+def _models_in_every_state_model(make: Any) -> Any:
+    seen: dict[str, Any] = {}
+
+    def loss_keeping_the_model(model: Any, batch: torch.Tensor) -> torch.Tensor:
+        seen["model"] = model
+        return model(batch).sum()
+
+    state = ft.TrainState.create(make(), ft.sgd(0.1), loss_keeping_the_model)
+    ft.eval_step(state, torch.ones(2, 3))
+    return seen["model"]
+
+
+def test_a_model_made_without_a_module_refuses_use_with_the_fix() -> None:
+    unbound = object.__new__(ft.BoundModel)
+    with pytest.raises(AttributeError, match="model given to loss_fn .no module. has no attribute"):
+        unbound.weight  # noqa: B018
+    for use, match in (
+        (lambda: unbound(torch.ones(1, 3)), "a call on a BoundModel made without a module"),
+        (lambda: unbound[0], "indexing on a BoundModel made without a module"),
+        (lambda: len(unbound), r"len\(\) on a BoundModel made without a module"),
+        (lambda: list(unbound), "iterating on a BoundModel made without a module"),
+    ):
+        with pytest.raises(ft.ConfigError, match=match):
+            use()
+
+
+def test_a_closed_model_refuses_its_weights_and_deep_copies_and_pickles_with_the_fix() -> None:
+    import pickle
+
+    model = _models_in_every_state_model(_plain)
+    with pytest.raises(ft.ConfigError, match="reading 'weight' on the model given to loss_fn"):
+        model.weight  # noqa: B018
+    with pytest.raises(ft.ConfigError, match=r"deepcopy .* state.export_module\(\)"):
+        copy.deepcopy(model)
+    with pytest.raises(ft.ConfigError, match=r"cannot pickle .* \(functrain.save"):
+        pickle.dumps(model)
+    with pytest.raises(ft.ConfigError, match="cannot delete 'bias'"):
+        del model.bias
+    shallow = copy.copy(model)
+    with pytest.raises(ft.ConfigError, match="after loss_fn returned"):
+        shallow(torch.ones(1, 3))  # the same view: closed as the model it copies
