@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import functrain as ft
+from functrain.optim import updates
 from functrain.optim.rules.adagrad import ScaleByAdagradState
 from functrain.optim.rules.adam import ScaleByAdamState, ScaleByRadamState
 from functrain.optim.rules.fused import FusedAdagradState, FusedAdamState, FusedSgdState
@@ -382,7 +383,8 @@ EXACT_CASES = {
         lambda p: torch.optim.RAdam(p.values(), lr=1e-2, weight_decay=1e-2, foreach=True),
         RADAM_STATE,
     ),
-    # torch's RAdam does its scalar arithmetic on a tensor lr in float32
+    # torch's RAdam does its scalar arithmetic on a tensor lr in float32, and on CUDA divides by
+    # the CPU step sizes it makes as products with their reciprocals (played on the CPU below)
     "radam_decoupled_mask_maximize_tensor_lr": (
         ft.radam(
             lr=torch.tensor(1e-2),
@@ -465,6 +467,38 @@ def test_radam_first_steps_are_bias_corrected_momentum() -> None:
     params = {"w": torch.tensor([1.0, -2.0])}
     u, _ = tx.update({"w": torch.tensor([4.0, -8.0])}, tx.init(params), params)
     assert torch.equal(ft.apply_updates(params, u)["w"], torch.tensor([-1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["radam_decoupled_mask_maximize_tensor_lr", "radam_constant_schedule", "radam_l2_maximize"],
+)
+def test_radam_on_an_accelerator_divides_as_torchs_kernels_do_there(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a tensor lr, torch's foreach RAdam divides by step sizes it holds as CPU tensors, which
+    its CUDA and XPU kernels do as a product with the reciprocal; a float lr or a scheduler's gives
+    Python floats, which they divide by. Played on the CPU: functrain's accelerator path against
+    torch's division by a tensor done so."""
+    tx, make_opt, _ = EXACT_CASES[name]
+    monkeypatch.setattr(updates, "_divides_by_reciprocal", lambda device: True)
+    got, _ = run_functrain(tx)
+    divide_ = torch._foreach_div_
+
+    def divide_as_on_cuda_(tensors: Any, others: Any) -> None:
+        if not (isinstance(others, list) and all(isinstance(o, torch.Tensor) for o in others)):
+            return divide_(tensors, others)
+        for t, o in zip(tensors, others, strict=True):  # div_true_kernel_cuda's CPU-scalar path
+            t.mul_(o.reciprocal())
+        return None
+
+    monkeypatch.setattr(torch, "_foreach_div_", divide_as_on_cuda_)
+    expected, _ = run_torch(make_opt)
+    assert_trees_equal(list(got.values()), list(expected.values()), "params")
+    if name.endswith("tensor_lr"):  # the CPU's division: apart from those bits (2.4e-7 here)
+        monkeypatch.setattr(updates, "_divides_by_reciprocal", lambda device: False)
+        quotient, _ = run_functrain(tx)
+        assert not all(torch.equal(quotient[k], expected[k]) for k in expected)
 
 
 def test_adamw_with_constant_schedule_matches_torch_optim_bitwise() -> None:
