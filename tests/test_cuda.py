@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import functrain as ft
+from functrain.optim.rules.fused import fused_adagrad_runs_on, on_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -65,10 +66,34 @@ def test_preset_matches_torch_optim_foreach_on_cuda_bitwise(name: str) -> None:
         )
 
 
+def _as_torch_runs_on_cuda(make_opt: Any) -> Any:
+    """`make_opt`'s optimizer as torch runs it on CUDA: an ``Adagrad(fused=True)`` remade as
+    torch's default there (its foreach Adagrad) where torch.optim has no fused Adagrad for CUDA
+    (before torch 2.12), as functrain's default `adagrad` then trains
+    (`functrain.optim.rules.fused.on_device`)."""
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        opt = make_opt(params)
+        if not isinstance(opt, torch.optim.Adagrad) or fused_adagrad_runs_on(CUDA):
+            return opt
+        # torch's choice for CUDA tensors: its foreach Adagrad
+        groups = [{**group, "fused": None, "foreach": None} for group in opt.param_groups]
+        return torch.optim.Adagrad(
+            groups, initial_accumulator_value=opt.defaults["initial_accumulator_value"]
+        )
+
+    return make
+
+
 @pytest.mark.parametrize("name", sorted(CASES.FUSED_CASES))
 def test_fused_preset_matches_torch_optim_fused_on_cuda_bitwise(name: str) -> None:
+    # the fused adagrad where torch.optim runs it on CUDA (torch 2.12+), else the form it trains
+    # as there
     tx, make_opt, _ = CASES.FUSED_CASES[name]
-    got, expected = _run_functrain(tx), _run_torch(make_opt)
+    got, expected = (
+        _run_functrain(on_device(tx, CUDA)),
+        _run_torch(_as_torch_runs_on_cuda(make_opt)),
+    )
     for k in expected:
         assert torch.equal(got[k], expected[k]), (
             f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
@@ -410,6 +435,25 @@ def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(
         net = net.to(memory_format=torch.channels_last)
     x, y = layout.channels_last_batch()
     layout.assert_trains_as_torch_optim(net, tx, make_opt, (x.to(CUDA), y.to(CUDA)))
+
+
+def test_the_default_adagrad_on_cuda_trains_as_torch_optims_adagrad_runs_there() -> None:
+    """torch's fused Adagrad where torch.optim runs it on CUDA (torch 2.12+), else torch's
+    default there, its foreach Adagrad: `TrainState.create` picks the same."""
+    layout = _sibling("test_layout")
+    fused = fused_adagrad_runs_on(CUDA)
+    x, y = layout.channels_last_batch()
+    layout.assert_trains_as_torch_optim(
+        layout.issue_cnn().to(CUDA),
+        ft.adagrad(0.1, lr_decay=0.01, weight_decay=1e-3),
+        lambda p: torch.optim.Adagrad(
+            p, lr=0.1, lr_decay=0.01, weight_decay=1e-3, fused=fused or None
+        ),
+        (x.to(CUDA), y.to(CUDA)),
+    )
+    state = ft.TrainState.create(layout.issue_cnn().to(CUDA), ft.adagrad(0.1), _loss)
+    assert state.optimizer.name.endswith("fused=True)")  # the optimizer as given
+    assert state.tx.name.endswith("fused=True), max_consecutive=None)") == fused
 
 
 # ---------------------------------------------------------------- compile_step(capture=True)
