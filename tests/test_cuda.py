@@ -8,6 +8,8 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,71 @@ from functrain.optim.rules.fused import fused_adagrad_runs_on, on_device
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _global_state_restored() -> Iterator[None]:
+    """Each test leaves the process as it found it, pass or fail: one failure must not decide the
+    next test's outcome.
+
+    What a test may change: CUDA's sync debug mode, the default dtype and device, the current CUDA
+    device, cuDNN's and torch's determinism flags, the generators (a failed test draws less), and
+    the device's memory and its peak statistics. (Not the TF32 flags: torch 2.9+ refuses a read
+    of their legacy form once the new one was set, and no test sets either.)
+    """
+    found = _global_state()
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    try:
+        yield
+    finally:
+        try:
+            _restore(found)
+            torch.set_rng_state(rng[0])
+            torch.cuda.set_rng_state_all(rng[1])
+        finally:
+            # the test's kernels end here, not in the next test (an asynchronous error included)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+def _global_state() -> dict[str, Any]:
+    return {
+        "sync_debug_mode": torch.cuda.get_sync_debug_mode(),
+        "default_dtype": torch.get_default_dtype(),
+        "default_device": torch.get_default_device(),
+        "cuda_device": torch.cuda.current_device(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+    }
+
+
+def _restore(found: dict[str, Any]) -> None:
+    """Set back each part of `found` (`_global_state`) that differs now."""
+    now = _global_state()
+    changed = {key for key in found if now[key] != found[key]}
+    if "sync_debug_mode" in changed:
+        with warnings.catch_warnings():
+            # torch warns, once a process, that the mode is a prototype; the suite's warnings are
+            # errors
+            warnings.filterwarnings("ignore", "Synchronization debug mode", UserWarning)
+            torch.cuda.set_sync_debug_mode(found["sync_debug_mode"])
+    if "default_dtype" in changed:
+        torch.set_default_dtype(found["default_dtype"])
+    if "default_device" in changed:
+        device = found["default_device"]
+        torch.set_default_device(None if device.type == "cpu" else device)
+    if "cuda_device" in changed:
+        torch.cuda.set_device(found["cuda_device"])
+    torch.backends.cudnn.benchmark = found["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = found["cudnn_deterministic"]
+    if "deterministic" in changed:
+        enabled, warn_only = found["deterministic"]
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _sibling(path: str) -> Any:
