@@ -94,6 +94,17 @@ its ratio to the hand-written loop's, and in brackets what is still held after t
 base: the state's copy of the weights and the optimizer state; the hand-written loop updates the
 module's own weights, which are in ``base``).
 
+On a GPU (``--device cuda``): the models, the batches, the states and the hand-written loops lie on
+the device (the batch is drawn on the CPU with the same seed, then moved); each timed block starts
+and ends with ``torch.cuda.synchronize()``, so that a sample holds its own kernels and no other
+implementation's, and the clock is the wall clock (``--clock cpu`` is refused: this process's CPU
+time says nothing of the device's). The bits are compared as on the CPU. Memory: each worker
+process reads ``torch.cuda.max_memory_allocated`` (the peak over the model and the batch, after a
+``reset_peak_memory_stats``) and ``memory_allocated`` after the steps, in place of the RSS. The
+``bf16`` row runs ``torch.autocast("cuda", ...)``. The ratio targets are the CPU's
+and are not checked on a GPU; ``--profile`` times the host side of the phases (the kernels they
+launch run behind, unwaited for). Without a CUDA device ``--device cuda`` stops with an error.
+
 Busy machine: with other processes on the CPU, wall-clock times of a multi-threaded torch swing
 wildly (a thread waits for a descheduled sibling). The script prints the load average and warns when
 it exceeds the CPU count; ``--threads 1 --clock cpu`` then times this process's CPU time on one
@@ -111,6 +122,8 @@ Usage:
     python benchmarks/step_overhead.py --matrix --threads 1 --clock cpu   # every row (~2-3 min)
     python benchmarks/step_overhead.py --matrix --quick --threads 1 --clock cpu
     python benchmarks/step_overhead.py --matrix --workloads mlp512 --configs ema --optimizers ''
+    python benchmarks/step_overhead.py --matrix --device cuda --no-memory   # the rows on a GPU
+    python benchmarks/step_overhead.py --device cuda --workloads small,mlp512,transformer
 
 ``--profile`` prints, for the eager steps (donated, and the default), the host time per phase of a
 step: loss and backward (`gradients`), guards and metrics (the finiteness check, the gradient norm,
@@ -146,6 +159,7 @@ import functrain
 LR = 1e-3
 WEIGHT_DECAY = 1e-2
 MiB = 1024 * 1024
+CPU = torch.device("cpu")
 
 WORKLOADS = ("small", "mlp", "cnn", "cnnbn", "transformer", "mlp25m", "mlp512", "mlp256")
 DEFAULT_WORKLOADS = WORKLOADS[:6]  # the implementations table's; the matrix's: MATRIX_WORKLOADS
@@ -220,6 +234,22 @@ def log(msg: str) -> None:
     print(f"[step_overhead {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def waiting_for(device: torch.device, clock: Callable[[], int]) -> Callable[[], int]:
+    """`clock`, read once `device` has run every kernel launched so far (on a GPU).
+
+    A timed block starts and ends with a reading: its sample holds its own kernels, none of the
+    implementation timed before it.
+    """
+    if device.type != "cuda":
+        return clock
+
+    def synchronized() -> int:
+        torch.cuda.synchronize(device)
+        return clock()
+
+    return synchronized
+
+
 # ---------------------------------------------------------------------------------------------
 # workloads
 
@@ -291,8 +321,13 @@ class Transformer(nn.Module):
         return self.head(self.encoder(x).mean(dim=1))
 
 
-def build(workload: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The model (in train mode) and one fixed batch, deterministic."""
+def build(
+    workload: str, device: torch.device = CPU
+) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The model (in train mode) and one fixed batch on `device`, deterministic.
+
+    Drawn on the CPU, then moved: every device starts from the same values.
+    """
     torch.manual_seed(0)
     classes = 10
     if workload == "small":
@@ -330,7 +365,7 @@ def build(workload: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     else:
         raise SystemExit(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     y = torch.randint(0, classes, (x.shape[0],))
-    return model.train(), (x, y)
+    return model.to(device).train(), (x.to(device), y.to(device))
 
 
 def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -427,9 +462,15 @@ def make(impl: str, module: nn.Module, batch: Any) -> Hand | Functrain:
 
 
 def time_workload(
-    workload: str, impls: list[str], reps: int, block: int, warmup: int, clock: Callable[[], int]
+    workload: str,
+    impls: list[str],
+    reps: int,
+    block: int,
+    warmup: int,
+    clock: Callable[[], int],
+    device: torch.device = CPU,
 ) -> dict[str, Any]:
-    module, batch = build(workload)
+    module, batch = build(workload, device)
     runners = {}
     for impl in impls:
         runners[impl] = make(impl, copy.deepcopy(module), batch)
@@ -439,6 +480,8 @@ def time_workload(
     for impl, r in runners.items():
         t0 = time.perf_counter()
         r.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         first = time.perf_counter() - t0
         if impl in COMPILED:
             compile_s = max(first, compile_s or 0.0)
@@ -564,9 +607,14 @@ class PhaseTimer:
         return uninstall
 
 
-def profile_workload(workload: str, steps: int, clock: Callable[[], int]) -> None:
-    """Print the host time per phase of the eager steps (donated and default) on `workload`."""
-    module, batch = build(workload)
+def profile_workload(
+    workload: str, steps: int, clock: Callable[[], int], device: torch.device = CPU
+) -> None:
+    """Print the host time per phase of the eager steps (donated and default) on `workload`.
+
+    On a GPU the host's time alone: the kernels the phases launch run behind, unwaited for.
+    """
+    module, batch = build(workload, device)
     print(f"\nHost time per phase of a step, {workload}, {steps} steps (us/step, share)\n")
     print("| phase | " + " | ".join(LABELS[i] for i in PROFILED) + " |")
     print("|" + "---|" * (len(PROFILED) + 1))
@@ -603,7 +651,7 @@ def profile_workload(workload: str, steps: int, clock: Callable[[], int]) -> Non
 PROFILED = ("eager_donate", "eager_fused")
 
 
-def count_calls(workload: str, steps: int = 20) -> None:
+def count_calls(workload: str, steps: int = 20, device: torch.device = CPU) -> None:
     """Print the Python calls a donated step makes (`cProfile`), and how many are functrain's.
 
     Counted after warm-up steps, over `steps` steps: every function call cProfile records (Python
@@ -613,7 +661,7 @@ def count_calls(workload: str, steps: int = 20) -> None:
     import cProfile
     import pstats
 
-    module, batch = build(workload)
+    module, batch = build(workload, device)
     print(f"\nPython calls per step, {workload} ({steps} steps, cProfile)\n")
     print("| implementation | calls | functrain's | functrain files |")
     print("|---|---|---|---|")
@@ -657,8 +705,10 @@ def _reset_hwm() -> bool:
         return False
 
 
-def memory_worker(impl: str, workload: str, warmup: int, steps: int) -> None:
-    module, batch = build(workload)
+def memory_worker(
+    impl: str, workload: str, warmup: int, steps: int, device: torch.device = CPU
+) -> None:
+    module, batch = build(workload, device)
     # warm the runtime up on a throwaway copy (first-touch library pages, thread pools, autograd
     # engine; for the compiled step the compilation itself), so that only the step's memory is
     # measured
@@ -667,14 +717,18 @@ def memory_worker(impl: str, workload: str, warmup: int, steps: int) -> None:
         throwaway.step()
     del throwaway
     gc.collect()
-    base = _proc_status_kib("VmRSS")
-    resettable = _reset_hwm()
-    r = make(impl, module, batch)
-    for _ in range(steps):
-        r.step()
-    peak = _proc_status_kib("VmHWM")
-    gc.collect()
-    end = _proc_status_kib("VmRSS")
+    if device.type == "cuda":
+        base, peak, end = _cuda_memory_kib(impl, module, batch, steps, device)
+        resettable = True
+    else:
+        base = _proc_status_kib("VmRSS")
+        resettable = _reset_hwm()
+        r = make(impl, module, batch)
+        for _ in range(steps):
+            r.step()
+        peak = _proc_status_kib("VmHWM")
+        gc.collect()
+        end = _proc_status_kib("VmRSS")
     print(
         json.dumps(
             {
@@ -690,8 +744,26 @@ def memory_worker(impl: str, workload: str, warmup: int, steps: int) -> None:
     )
 
 
+def _cuda_memory_kib(
+    impl: str, module: nn.Module, batch: Any, steps: int, device: torch.device
+) -> tuple[int, int, int]:
+    """(base, peak, end) KiB the CUDA allocator hands out: the model and batch, the peak during
+    the state's creation and `steps` steps, and what it still holds after them."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    r = make(impl, module, batch)
+    for _ in range(steps):
+        r.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    gc.collect()
+    end = torch.cuda.memory_allocated(device)  # the state (or the optimizer's) still alive
+    return base // 1024, peak // 1024, end // 1024
+
+
 def run_memory(
-    impls: list[str], workloads: list[str], warmup: int, steps: int
+    impls: list[str], workloads: list[str], warmup: int, steps: int, device: torch.device = CPU
 ) -> dict[tuple[str, str], dict]:
     # a fixed mmap threshold (which also turns off glibc's dynamic one) hands every tensor over
     # 64 KiB to mmap, so freed tensors leave the RSS at once and the RSS follows the live tensors
@@ -710,6 +782,8 @@ def run_memory(
                 str(warmup),
                 "--memory-steps",
                 str(steps),
+                "--device",
+                str(device),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
@@ -723,7 +797,8 @@ def run_memory(
 # report
 
 
-def print_speed(results: list[dict], impls: list[str]) -> list[str]:
+def print_speed(results: list[dict], impls: list[str], targets: bool = True) -> list[str]:
+    """Print the table; return the targets missed (`targets`: the CPU's, checked there only)."""
     workloads = [r["workload"] for r in results]
     head = "| implementation | " + " | ".join(f"{w} ms/step (ratio)" for w in workloads) + " |"
     print("\nMedian ms/step, ratio to the hand-written loop (interleaved, one process)\n")
@@ -757,13 +832,15 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
     for r in results:
         if r["compile_s"] is not None:
             print(f"First (compiling) call, {r['workload']}: {r['compile_s']:.1f} s")
-    failures = []
+    failures: list[str] = []
     if {"eager_donate", "compile_step_donate"} <= set(impls):
         # issue 50: compiling pays off, or the docs say where it does not
         print("\ncompile_step(donate=True) / the eager donated step (<= 1.00: compiling pays off):")
         for r in results:
             ms = r["median_ms"]
             print(f"  {r['workload']}: {ms['compile_step_donate'] / ms['eager_donate']:.2f}")
+    if not targets:
+        return failures
     print(
         "\nTargets (ratio to the hand-written foreach loop; a target set by the fused loop is its "
         "ratio times the factor):"
@@ -788,12 +865,17 @@ def print_speed(results: list[dict], impls: list[str]) -> list[str]:
 
 
 def print_memory(
-    mem: dict[tuple[str, str], dict], impls: list[str], workloads: list[str], steps: int
+    mem: dict[tuple[str, str], dict],
+    impls: list[str],
+    workloads: list[str],
+    steps: int,
+    device: torch.device = CPU,
 ) -> None:
     if not mem:
         return
+    what = "CUDA memory allocated" if device.type == "cuda" else "RSS"
     print(
-        f"\nPeak RSS over model+batch during state creation + {steps} steps, MiB (ratio to "
+        f"\nPeak {what} over model+batch during state creation + {steps} steps, MiB (ratio to "
         "hand-written) [still held after them, MiB]; one fresh process each\n"
     )
     print("| implementation | " + " | ".join(workloads) + " |")
@@ -890,7 +972,7 @@ class Row(NamedTuple):
     tx: Callable[[], functrain.Transform]
     torch_opt: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]]
     options: dict[str, Any]
-    hand: str  # the hand-written loop, as the table names it
+    hand: str  # the hand-written loop, as the table names it ({device}: the device's type)
 
 
 def _adamw() -> functrain.Transform:
@@ -922,7 +1004,7 @@ CONFIG_ROWS = {
         _adamw,
         fused_adamw,
         {"precision": "bf16"},
-        "autocast('cpu', bfloat16) around the loss, AdamW(fused=True)",
+        "autocast('{device}', bfloat16) around the loss, AdamW(fused=True)",
     ),
     "groups": Row(
         lambda: functrain.partition(
@@ -996,6 +1078,7 @@ class HandLoop:
         self.micro = row.options.get("accumulate_steps", 1)
         self.clip = row.options.get("clip_grad_norm")
         self.autocast = row.options.get("precision") == "bf16"
+        self.device_type = self.weights[0].device.type
         self.decay = row.options.get("ema_decay")
         # functrain's EMA starts as a copy of the initial parameters
         self.average = [p.detach().clone() for p in self.weights] if self.decay else None
@@ -1003,7 +1086,7 @@ class HandLoop:
 
     def step(self) -> None:
         if self.autocast:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(self.device_type, dtype=torch.bfloat16):
                 loss = loss_fn(self.model, self.batch)
         else:
             loss = loss_fn(self.model, self.batch)
@@ -1051,6 +1134,7 @@ def time_row(
     block: int,
     warmup: int,
     clock: Callable[[], int],
+    device: torch.device = CPU,
 ) -> dict[str, Any]:
     """Median ms per (micro-)step of a row's three implementations, interleaved; and their bits.
 
@@ -1058,7 +1142,7 @@ def time_row(
     work.
     """
     row = ROWS[name]
-    module, batch = build(workload)
+    module, batch = build(workload, device)
     runners: dict[str, Any] = {
         "hand": HandLoop(copy.deepcopy(module), batch, row),
         "donated": RowStep(copy.deepcopy(module), batch, row, donate=True),
@@ -1108,8 +1192,10 @@ def run_matrix(
     reps: int,
     quick: bool,
     clock: Callable[[], int],
+    device: torch.device = CPU,
 ) -> list[str]:
-    """Time and print the matrix; return the targets missed."""
+    """Time and print the matrix; return the targets missed (the CPU's only) and rows not bit for
+    bit."""
     missed = []
     for w in workloads:
         names = configs + (optimizers if w in optimizer_workloads else [])
@@ -1118,12 +1204,14 @@ def run_matrix(
         results = []
         for name in names:
             log(f"matrix: {w}, {name} ({reps} rounds x 3 x {block} steps)")
-            results.append(time_row(w, name, reps, block, warmup, clock))
-        missed += print_matrix(w, results, reps, block)
+            results.append(time_row(w, name, reps, block, warmup, clock, device))
+        missed += print_matrix(w, results, reps, block, device)
     return missed
 
 
-def print_matrix(workload: str, results: list[dict], reps: int, block: int) -> list[str]:
+def print_matrix(
+    workload: str, results: list[dict], reps: int, block: int, device: torch.device = CPU
+) -> list[str]:
     print(
         f"\n{workload}: median ms per step (per micro-step for accumulate) of {reps} interleaved "
         f"samples of {block} steps; ratio to the row's own hand-written loop\n"
@@ -1137,12 +1225,13 @@ def print_matrix(workload: str, results: list[dict], reps: int, block: int) -> l
         bits = r["bits"]
         same = bits["donated"] == bits["pure"]
         bits_cell = bits["donated"] if same else f"donated {bits['donated']}, pure {bits['pure']}"
+        hand = ROWS[r["row"]].hand.format(device=device.type)
         print(
-            f"| {r['row']} | {ROWS[r['row']].hand} | {_ms(ms['hand'])} | "
+            f"| {r['row']} | {hand} | {_ms(ms['hand'])} | "
             f"{_ms(ms['donated'])} ({ratio['donated']:.2f}) | {_ms(ms['pure'])} "
             f"({ratio['pure']:.2f}) | {bits_cell} |"
         )
-        target = MATRIX_TARGETS.get((workload, r["row"]))
+        target = MATRIX_TARGETS.get((workload, r["row"])) if device.type == "cpu" else None
         if target is not None:
             for impl, bound in zip(("donated", "pure"), target, strict=True):
                 if bound is not None and ratio[impl] > bound:
@@ -1236,6 +1325,13 @@ def main() -> None:
         "spinning)",
     )
     ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models, batches, states and hand-written loops lie: cpu (default), or "
+        "cuda / cuda:N (each timed block synchronized at its start and end, the wall clock, "
+        "memory from the CUDA allocator)",
+    )
+    ap.add_argument(
         "--memory-warmup",
         type=int,
         default=3,
@@ -1248,9 +1344,10 @@ def main() -> None:
         "--memory-worker", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
+    device = _device(ap, args.device, args.clock)
 
     if args.memory_worker:
-        memory_worker(*args.memory_worker, args.memory_warmup, args.memory_steps)
+        memory_worker(*args.memory_worker, args.memory_warmup, args.memory_steps, device)
         return
 
     default = MATRIX_WORKLOADS if args.matrix else DEFAULT_WORKLOADS
@@ -1265,6 +1362,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter_ns if args.clock == "wall" else time.process_time_ns
+    timed = waiting_for(device, clock)  # what a timed block reads: on a GPU, after a synchronize
     if args.clock == "cpu" and torch.get_num_threads() > 1:
         log(
             "WARNING: --clock cpu with more than one thread also counts the threads' spinning; use "
@@ -1277,29 +1375,30 @@ def main() -> None:
     mem_steps = min(args.memory_steps, 3) if args.quick else args.memory_steps
     mem_warmup = min(args.memory_warmup, 2) if args.quick else args.memory_warmup
 
+    on = f"{torch.cuda.get_device_name(device)} ({device}), " if device.type == "cuda" else ""
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"torch {torch.__version__}, {on}{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
         f"reps={reps}; clock={args.clock}; workloads={','.join(workloads)}; load average at start "
         f"{_loadavg()}"
     )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
     if args.matrix:
         missed = run_matrix(
-            workloads, configs, optimizers, optimizer_workloads, reps, args.quick, clock
+            workloads, configs, optimizers, optimizer_workloads, reps, args.quick, timed, device
         )
         if missed:
             print("\nTargets missed (issue 49) or bits differing:\n  " + "\n  ".join(missed))
         return
     if args.profile:
         for w in workloads:
-            profile_workload(w, reps * BLOCK[w], clock)
-            count_calls(w)
+            profile_workload(w, reps * BLOCK[w], clock, device)
+            count_calls(w, device=device)
         return
     results = []
     for w in workloads:
         block = max(1, BLOCK[w] // 4) if args.quick else BLOCK[w]
         warmup = min(WARMUP[w], 3) if args.quick else WARMUP[w]
-        results.append(time_workload(w, impls, reps, block, warmup, clock))
+        results.append(time_workload(w, impls, reps, block, warmup, timed, device))
         log(f"{w}: done; load average {_loadavg()}")
         busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
         if busy:
@@ -1308,12 +1407,41 @@ def main() -> None:
                 "and skew times (consider --threads 1 --clock cpu)"
             )
             results[-1]["busy"] = True
-    failures = print_speed(results, impls)
+    failures = print_speed(results, impls, targets=device.type == "cpu")
     if not args.no_memory:
-        mem = run_memory(impls, workloads, mem_warmup, mem_steps)
-        print_memory(mem, impls, workloads, mem_steps)
+        mem = run_memory(impls, workloads, mem_warmup, mem_steps, device)
+        print_memory(mem, impls, workloads, mem_steps, device)
     if failures:
         print(f"\nTargets missed: {', '.join(failures)}")
+
+
+def _device(ap: argparse.ArgumentParser, given: str, clock: str) -> torch.device:
+    """``--device`` as a `torch.device`, or the parser's error saying why it cannot be used."""
+    try:
+        device = torch.device(given)
+    except RuntimeError:
+        ap.error(f"--device {given!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {given!r}: the rows run on cpu or cuda, got {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error(
+                f"--device {given}: torch {torch.__version__} sees no CUDA device here "
+                "(torch.cuda.is_available() is False); run it on a machine with a GPU and a CUDA "
+                "build of torch, or leave --device out to time the CPU"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            ap.error(
+                f"--device {given}: there are {torch.cuda.device_count()} CUDA devices "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+        if clock == "cpu":
+            ap.error(
+                "--clock cpu times this process's CPU time, which says nothing of the GPU's "
+                "work: with --device cuda use --clock wall (the default; every timed block is "
+                "synchronized)"
+            )
+    return device
 
 
 def _names(ap: argparse.ArgumentParser, given: str, known: Any, what: str) -> list[str]:

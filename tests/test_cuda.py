@@ -8,6 +8,8 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,76 @@ import torch
 from torch import nn
 
 import functrain as ft
+from functrain.optim.rules.fused import fused_adagrad_runs_on, on_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _global_state_restored() -> Iterator[None]:
+    """Each test leaves the process as it found it, pass or fail: one failure must not decide the
+    next test's outcome.
+
+    What a test may change: CUDA's sync debug mode, the default dtype and device, the current CUDA
+    device, cuDNN's and torch's determinism flags, the generators (a failed test draws less), and
+    the device's memory and its peak statistics. (Not the TF32 flags: torch 2.9+ refuses a read
+    of their legacy form once the new one was set, and no test sets either.)
+    """
+    found = _global_state()
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    try:
+        yield
+    finally:
+        try:
+            _restore(found)
+            torch.set_rng_state(rng[0])
+            torch.cuda.set_rng_state_all(rng[1])
+        finally:
+            # the test's kernels end here, not in the next test (an asynchronous error included)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+def _global_state() -> dict[str, Any]:
+    return {
+        "sync_debug_mode": torch.cuda.get_sync_debug_mode(),
+        "default_dtype": torch.get_default_dtype(),
+        "default_device": torch.get_default_device(),
+        "cuda_device": torch.cuda.current_device(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+    }
+
+
+def _restore(found: dict[str, Any]) -> None:
+    """Set back each part of `found` (`_global_state`) that differs now."""
+    now = _global_state()
+    changed = {key for key in found if now[key] != found[key]}
+    if "sync_debug_mode" in changed:
+        with warnings.catch_warnings():
+            # torch warns, once a process, that the mode is a prototype; the suite's warnings are
+            # errors
+            warnings.filterwarnings("ignore", "Synchronization debug mode", UserWarning)
+            torch.cuda.set_sync_debug_mode(found["sync_debug_mode"])
+    if "default_dtype" in changed:
+        torch.set_default_dtype(found["default_dtype"])
+    if "default_device" in changed:
+        device = found["default_device"]
+        torch.set_default_device(None if device.type == "cpu" else device)
+    if "cuda_device" in changed:
+        torch.cuda.set_device(found["cuda_device"])
+    torch.backends.cudnn.benchmark = found["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = found["cudnn_deterministic"]
+    if "deterministic" in changed:
+        enabled, warn_only = found["deterministic"]
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _sibling(path: str) -> Any:
@@ -65,10 +133,34 @@ def test_preset_matches_torch_optim_foreach_on_cuda_bitwise(name: str) -> None:
         )
 
 
+def _as_torch_runs_on_cuda(make_opt: Any) -> Any:
+    """`make_opt`'s optimizer as torch runs it on CUDA: an ``Adagrad(fused=True)`` remade as
+    torch's default there (its foreach Adagrad) where torch.optim has no fused Adagrad for CUDA
+    (before torch 2.12), as functrain's default `adagrad` then trains
+    (`functrain.optim.rules.fused.on_device`)."""
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        opt = make_opt(params)
+        if not isinstance(opt, torch.optim.Adagrad) or fused_adagrad_runs_on(CUDA):
+            return opt
+        # torch's choice for CUDA tensors: its foreach Adagrad
+        groups = [{**group, "fused": None, "foreach": None} for group in opt.param_groups]
+        return torch.optim.Adagrad(
+            groups, initial_accumulator_value=opt.defaults["initial_accumulator_value"]
+        )
+
+    return make
+
+
 @pytest.mark.parametrize("name", sorted(CASES.FUSED_CASES))
 def test_fused_preset_matches_torch_optim_fused_on_cuda_bitwise(name: str) -> None:
+    # the fused adagrad where torch.optim runs it on CUDA (torch 2.12+), else the form it trains
+    # as there
     tx, make_opt, _ = CASES.FUSED_CASES[name]
-    got, expected = _run_functrain(tx), _run_torch(make_opt)
+    got, expected = (
+        _run_functrain(on_device(tx, CUDA)),
+        _run_torch(_as_torch_runs_on_cuda(make_opt)),
+    )
     for k in expected:
         assert torch.equal(got[k], expected[k]), (
             f"{name}: {k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
@@ -410,6 +502,25 @@ def test_a_cnn_fed_channels_last_on_cuda_trains_as_torch_optim(
         net = net.to(memory_format=torch.channels_last)
     x, y = layout.channels_last_batch()
     layout.assert_trains_as_torch_optim(net, tx, make_opt, (x.to(CUDA), y.to(CUDA)))
+
+
+def test_the_default_adagrad_on_cuda_trains_as_torch_optims_adagrad_runs_there() -> None:
+    """torch's fused Adagrad where torch.optim runs it on CUDA (torch 2.12+), else torch's
+    default there, its foreach Adagrad: `TrainState.create` picks the same."""
+    layout = _sibling("test_layout")
+    fused = fused_adagrad_runs_on(CUDA)
+    x, y = layout.channels_last_batch()
+    layout.assert_trains_as_torch_optim(
+        layout.issue_cnn().to(CUDA),
+        ft.adagrad(0.1, lr_decay=0.01, weight_decay=1e-3),
+        lambda p: torch.optim.Adagrad(
+            p, lr=0.1, lr_decay=0.01, weight_decay=1e-3, fused=fused or None
+        ),
+        (x.to(CUDA), y.to(CUDA)),
+    )
+    state = ft.TrainState.create(layout.issue_cnn().to(CUDA), ft.adagrad(0.1), _loss)
+    assert state.optimizer.name.endswith("fused=True)")  # the optimizer as given
+    assert state.tx.name.endswith("fused=True), max_consecutive=None)") == fused
 
 
 # ---------------------------------------------------------------- compile_step(capture=True)

@@ -37,6 +37,7 @@ from functrain.errors import ConfigError, listed
 from functrain.optim.averaging import ema
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rules.fused import on_device
 from functrain.optim.rules.sparse import sparse_twin, takes_sparse
 from functrain.optim.swa import swa
 from functrain.tree import Tree
@@ -107,14 +108,19 @@ def initial_fields(
     meta = has_meta_tensors(module)
     device = torch.get_default_device() if meta else next(iter(params.values())).device
     dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
-    # the state keeps the optimizer given; its transform runs the sparse form where it has one
+    # the state keeps the optimizer given; its transform runs the sparse form where it has one,
+    # and on the parameters' device the form torch.optim runs there (the default adagrad's
+    # foreach chain where torch has no fused Adagrad)
     tx = build_transform(
-        _for_sparse(
-            optimizer,
-            [name for name in sparse_parameters(module) if name in params],  # a frozen one: no
-            options,
-            grad_stats,
-            dist_config,
+        on_device(
+            _for_sparse(
+                optimizer,
+                [name for name in sparse_parameters(module) if name in params],  # a frozen one: no
+                options,
+                grad_stats,
+                dist_config,
+            ),
+            device,
         ),
         options,
     )

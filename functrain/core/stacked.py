@@ -42,6 +42,7 @@ from functrain.optim.base import Transform, is_transform
 from functrain.optim.batching import register
 from functrain.optim.naming import Call, describe_value, recorded_call
 from functrain.optim.presets import adam, adamw
+from functrain.optim.rules.fused import on_device
 from functrain.optim.sweep import holds_sweep, sweep, sweeps_in
 from functrain.tree import sibling_groups, tree_flatten, tree_unflatten
 
@@ -369,7 +370,11 @@ def _check_members(states: list[TrainState]) -> tuple[Transform, Transform]:
         problems += [f"member {i}: {p}" for p in _differences(first, s)]
     optimizer, why = _stacked_optimizer([s.optimizer for s in states])
     problems += why
-    tx = first.tx if optimizer is first.optimizer else build_transform(optimizer, first.options)
+    tx = (
+        first.tx
+        if optimizer is first.optimizer
+        else build_transform(on_device(optimizer, first.device), first.options)
+    )
     if not problems:
         problems += _tree_differences(states, optimizer, tx)
     if problems:

@@ -319,6 +319,10 @@ class ExtrasUpdate:
     - `sparse`: it updates sparse gradients itself (`functrain.optim.rules.sparse`).
     - `sparse_twin`: how its configuration trains sparse gradients: a builder of the transform
       that does, or the reason none does (`functrain.optim.rules.sparse.sparse_twin`).
+    - `device_form`: how its configuration trains on a device: given the parameters' device, the
+      transform that runs there as torch.optim does, or None where this one does
+      (`functrain.optim.rules.fused.on_device`: the fused `adagrad` where torch.optim has no
+      fused Adagrad for the device).
     - `reports`: `fn` returns ``(updates, state, report)`` (`ReportingUpdateFn`), its `Report`
       (perhaps `NO_REPORT`), measured where ``extras.reporting`` asks for it.
       `update_reporting` gives it back; calling the update and `update_with` leave it out.
@@ -350,6 +354,7 @@ class ExtrasUpdate:
         plan: Planner | None = None,
         sparse: bool = False,
         sparse_twin: Callable[[], Any] | str | None = None,
+        device_form: Callable[[torch.device], Any] | None = None,
         reports: bool = False,
     ) -> None:
         if not callable(fn):
@@ -362,6 +367,7 @@ class ExtrasUpdate:
         self.plan = plan
         self.sparse = sparse
         self.sparse_twin = sparse_twin
+        self.device_form = device_form
         self.reports = reports
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -391,7 +397,7 @@ class ExtrasUpdate:
 
 
 # what an `ExtrasUpdate` declares, set once where it is built
-_DECLARED = ("fn", "members", "plan", "sparse", "sparse_twin", "reports")
+_DECLARED = ("fn", "members", "plan", "sparse", "sparse_twin", "device_form", "reports")
 
 
 def _reporting_call(

@@ -10,6 +10,8 @@ Each takes the arguments of the torch.optim class of its name (the same names an
   reproducing ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
   ``fused=False`` they, like `radam` and `rmsprop`, reproduce the matching class's foreach
   implementation (``foreach=True``, float32) bit for bit. `lion` has no torch class.
+  torch.optim runs a fused Adagrad on the CPU, and on CUDA from torch 2.12 only: elsewhere
+  `TrainState.create` trains the default `adagrad` as its foreach chain, torch's default there.
 * `nadam`, `adamax`, `adadelta`, `asgd`, `rprop`, `adafactor`, `muon`: with a constant learning
   rate or a schedule, torch's single-tensor implementation (torch's default on the CPU) bit for bit
   in float32;
@@ -37,7 +39,13 @@ from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
 from functrain.optim.rules.asgd import asgd_step
-from functrain.optim.rules.fused import fused_adagrad, fused_adam, fused_sgd
+from functrain.optim.rules.fused import (
+    fused_adagrad,
+    fused_adagrad_runs_on,
+    fused_adam,
+    fused_sgd,
+    with_device_form,
+)
 from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
 from functrain.optim.rules.lion import scale_by_lion
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
@@ -600,7 +608,10 @@ def adagrad(
 
     Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps,
     maximize=)`` bit for bit: its fused implementation (``fused=True``) by default, its foreach one
-    with ``fused=False``.
+    with ``fused=False``. torch.optim runs its fused Adagrad on the CPU, and on CUDA from torch 2.12
+    only; on a device where it has none, `TrainState.create` trains the default with the foreach
+    chain instead, torch's own default there (the state's ``tx`` is then named without
+    ``fused=True``).
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
@@ -611,9 +622,10 @@ def adagrad(
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
         fused: update through torch's fused Adagrad kernel (one pass over parameters, gradients
-            and sums, in place in a donated step; see `functrain.optim.rules.fused`). ``False``: the
-            foreach chain of primitives, exact to ``foreach=True`` in torch. ``None`` (torch's
-            default) chooses the kernel.
+            and sums, in place in a donated step; see `functrain.optim.rules.fused`) where
+            torch.optim runs it (`functrain.optim.rules.fused.fused_adagrad_runs_on`), and the
+            foreach chain elsewhere. ``False``: the foreach chain of primitives, exact to
+            ``foreach=True`` in torch. ``None`` (torch's default) chooses the kernel.
         foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
             (``fused=False``), which gives the bits of both of torch's non-fused implementations.
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -622,7 +634,9 @@ def adagrad(
         A `Transform`.
 
     Raises:
-        ConfigError: a hyperparameter is out of range, named as in this call.
+        ConfigError: a hyperparameter is out of range, named as in this call; at ``init``, the
+            fused kernel given parameters on a device where torch.optim has none (outside
+            `TrainState.create`, which chooses the chain there).
 
     Example:
         >>> import torch, functrain as ft
@@ -638,8 +652,31 @@ def adagrad(
     )  # torch's foreach and single-tensor bits: the chain
     _check_renamed("adagrad", lr)
     if fused or fused is None:
-        tx = fused_adagrad(
-            lr, eps, lr_decay, initial_accumulator_value, weight_decay, mask=mask, maximize=maximize
+        tx = with_device_form(
+            fused_adagrad(
+                lr,
+                eps,
+                lr_decay,
+                initial_accumulator_value,
+                weight_decay,
+                mask=mask,
+                maximize=maximize,
+            ),
+            # torch.optim's default where its Adagrad has no fused kernel (CUDA before torch 2.12)
+            lambda device: (
+                None
+                if fused_adagrad_runs_on(device)
+                else adagrad(
+                    lr,
+                    eps,
+                    lr_decay=lr_decay,
+                    initial_accumulator_value=initial_accumulator_value,
+                    weight_decay=weight_decay,
+                    mask=mask,
+                    maximize=maximize,
+                    fused=False,
+                )
+            ),
         )
     else:
         tx = chain(

@@ -550,6 +550,29 @@ def _by_dtype_div(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[tor
     return [t / scalar.to(t.dtype) for t in tensors]
 
 
+def _by_dtype_times_reciprocal(
+    tensors: list[torch.Tensor], scalar: torch.Tensor
+) -> list[torch.Tensor]:
+    """`tensors * (1 / scalar)`, the reciprocal taken in each tensor's dtype.
+
+    How torch's CUDA and XPU kernels divide a tensor by a CPU scalar (``a * (1 / b)``, the
+    reciprocal rounded once): the quotient of `_by_dtype_div` may differ in the last bit.
+    """
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return list(torch._foreach_mul(tensors, scalar.to(tensors[0].dtype).reciprocal()))
+    return [t * scalar.to(t.dtype).reciprocal() for t in tensors]
+
+
+def _divides_by_reciprocal(device: torch.device) -> bool:
+    """Whether torch divides a tensor on `device` by a CPU scalar as a product with its reciprocal.
+
+    Its CUDA and XPU kernels do (an optimization of theirs that may lose a bit); the CPU's divide.
+    Any other accelerator is taken to be as CUDA.
+    """
+    return device.type != "cpu"
+
+
 def _by_dtype_add_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
     """In place, on tensors the caller owns: `tensors += scalar` (cast to each dtype)."""
     if len({t.dtype for t in tensors}) == 1:
@@ -610,17 +633,27 @@ class RectifiedRatio(Ratio):
             list(torch._foreach_mul(self.buffer(1.0, 1.0), list(self.num))), params
         )
 
-    def buffer(self, lr: float | torch.Tensor, sign: float) -> list[torch.Tensor]:
+    def buffer(
+        self, lr: float | torch.Tensor, sign: float, *, given_tensor: bool = False
+    ) -> list[torch.Tensor]:
         """``1 / (den / s2) + s1`` for this learning rate, per leaf.
 
-        A tensor learning rate keeps its dtype.
+        A tensor learning rate keeps its dtype. `given_tensor`: the user gave the learning rate as
+        a tensor, of which torch makes its step sizes as CPU tensors (a float or a scheduler's
+        value gives Python floats).
         """
         bc1 = self.divisor if not isinstance(lr, torch.Tensor) else self.divisor.to(lr.dtype)
         s1 = (lr * self.unrect.to(bc1.dtype) / bc1) * sign
         s2 = self.sqrt_bc2.to(bc1.dtype) * (lr * self.rect.to(bc1.dtype) / bc1) * sign
         # rectified: s1 is -0.0; not yet: s2 is -0.0, the quotient -inf, its reciprocal -0.0, and s1
         # remains
-        out = _by_dtype_div(list(self.den), s2)
+        den = list(self.den)
+        if given_tensor and den and _divides_by_reciprocal(den[0].device):
+            # torch's kernels on an accelerator divide by a CPU step size as a product with its
+            # reciprocal (by Python floats, its foreach kernels divide)
+            out = _by_dtype_times_reciprocal(den, s2)
+        else:
+            out = _by_dtype_div(den, s2)
         torch._foreach_reciprocal_(out)
         _by_dtype_add_(out, s1)
         return out

@@ -15,9 +15,17 @@ import pytest
 import torch
 
 import functrain as ft
+from functrain.optim import presets, updates
+from functrain.optim.rules import fused as fused_rules
 from functrain.optim.rules.adagrad import ScaleByAdagradState
 from functrain.optim.rules.adam import ScaleByAdamState, ScaleByRadamState
-from functrain.optim.rules.fused import FusedAdagradState, FusedAdamState, FusedSgdState
+from functrain.optim.rules.fused import (
+    FusedAdagradState,
+    FusedAdamState,
+    FusedSgdState,
+    fused_adagrad_runs_on,
+    on_device,
+)
 from functrain.optim.rules.rms import ScaleByRmsState
 from functrain.optim.rules.trace import TraceState
 from functrain.tree import tree_leaves
@@ -382,7 +390,8 @@ EXACT_CASES = {
         lambda p: torch.optim.RAdam(p.values(), lr=1e-2, weight_decay=1e-2, foreach=True),
         RADAM_STATE,
     ),
-    # torch's RAdam does its scalar arithmetic on a tensor lr in float32
+    # torch's RAdam does its scalar arithmetic on a tensor lr in float32, and on CUDA divides by
+    # the CPU step sizes it makes as products with their reciprocals (played on the CPU below)
     "radam_decoupled_mask_maximize_tensor_lr": (
         ft.radam(
             lr=torch.tensor(1e-2),
@@ -465,6 +474,38 @@ def test_radam_first_steps_are_bias_corrected_momentum() -> None:
     params = {"w": torch.tensor([1.0, -2.0])}
     u, _ = tx.update({"w": torch.tensor([4.0, -8.0])}, tx.init(params), params)
     assert torch.equal(ft.apply_updates(params, u)["w"], torch.tensor([-1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["radam_decoupled_mask_maximize_tensor_lr", "radam_constant_schedule", "radam_l2_maximize"],
+)
+def test_radam_on_an_accelerator_divides_as_torchs_kernels_do_there(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a tensor lr, torch's foreach RAdam divides by step sizes it holds as CPU tensors, which
+    its CUDA and XPU kernels do as a product with the reciprocal; a float lr or a scheduler's gives
+    Python floats, which they divide by. Played on the CPU: functrain's accelerator path against
+    torch's division by a tensor done so."""
+    tx, make_opt, _ = EXACT_CASES[name]
+    monkeypatch.setattr(updates, "_divides_by_reciprocal", lambda device: True)
+    got, _ = run_functrain(tx)
+    divide_ = torch._foreach_div_
+
+    def divide_as_on_cuda_(tensors: Any, others: Any) -> None:
+        if not (isinstance(others, list) and all(isinstance(o, torch.Tensor) for o in others)):
+            return divide_(tensors, others)
+        for t, o in zip(tensors, others, strict=True):  # div_true_kernel_cuda's CPU-scalar path
+            t.mul_(o.reciprocal())
+        return None
+
+    monkeypatch.setattr(torch, "_foreach_div_", divide_as_on_cuda_)
+    expected, _ = run_torch(make_opt)
+    assert_trees_equal(list(got.values()), list(expected.values()), "params")
+    if name.endswith("tensor_lr"):  # the CPU's division: apart from those bits (2.4e-7 here)
+        monkeypatch.setattr(updates, "_divides_by_reciprocal", lambda device: False)
+        quotient, _ = run_functrain(tx)
+        assert not all(torch.equal(quotient[k], expected[k]) for k in expected)
 
 
 def test_adamw_with_constant_schedule_matches_torch_optim_bitwise() -> None:
@@ -902,6 +943,58 @@ def test_fused_sgd_and_adagrad_are_the_default_and_none_picks_them_too(
         assert isinstance(factory(0.1, fused=fused).init(make_params()), state)
     assert not isinstance(factory(0.1, fused=False).init(make_params()), state)
     assert "fused" not in factory(0.1, fused=False).name  # the name of before fused existed
+
+
+def test_fused_adagrad_runs_where_torch_optim_runs_it_not_where_a_kernel_lies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(fused_rules, "_has_kernel", lambda op, device: True)
+    for release, on_cuda in (((2, 4), False), ((2, 11), False), ((2, 12), True), ((2, 13), True)):
+        monkeypatch.setattr(fused_rules, "_TORCH_RELEASE", release)
+        assert fused_adagrad_runs_on(cpu)
+        assert fused_adagrad_runs_on(cuda) == on_cuda, release  # 2.11 has the kernel, not Adagrad's
+    monkeypatch.setattr(fused_rules, "_has_kernel", lambda op, device: device.type == "cpu")
+    assert not fused_adagrad_runs_on(cuda)  # a build without CUDA kernels
+
+
+def test_where_torch_optim_has_no_fused_adagrad_the_default_trains_as_its_foreach_adagrad(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tx = ft.adagrad(0.1, lr_decay=0.01, weight_decay=1e-3, mask=is_weight, maximize=True)
+    assert on_device(tx, torch.device("cpu")) is tx
+    monkeypatch.setattr(presets, "fused_adagrad_runs_on", lambda device: False)
+    chain = on_device(tx, torch.device("cpu"))
+    assert (
+        chain.name
+        == tx.name.replace(", fused=True", "")
+        == ft.adagrad(
+            0.1, lr_decay=0.01, weight_decay=1e-3, mask=is_weight, maximize=True, fused=False
+        ).name
+    )
+    assert_matches_torch(
+        (chain, EXACT_CASES["adagrad_lr_decay_weight_decay_maximize"][1], ADAGRAD_STATE), "foreach"
+    )
+    state = ft.TrainState.create(
+        torch.nn.Linear(3, 2), tx, lambda m, b: m(b).sum(), nonfinite="none"
+    )
+    assert state.optimizer is tx and state.tx.name == chain.name
+    assert find(state.opt_state, ScaleByAdagradState) is not None
+
+
+def test_the_fused_adagrad_refuses_parameters_where_torch_optim_has_no_fused_adagrad(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tx = ft.adagrad(0.1)
+    monkeypatch.setattr(fused_rules, "fused_adagrad_runs_on", lambda device: False)
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"where torch.optim.Adagrad\(fused=True\) runs.*got parameters on cpu with torch "
+        r".*use adagrad\(fused=False\)",
+    ):
+        tx.init(make_params())
+    # a sharded state finds its optimizer state's shapes on the meta device
+    assert isinstance(tx.init({"w": torch.empty(2, device="meta")}), FusedAdagradState)
 
 
 def test_sgd_defaults_to_torchs_learning_rate() -> None:

@@ -72,8 +72,11 @@ __all__ = [
     "FusedAdamState",
     "FusedSgdState",
     "fused_adagrad",
+    "fused_adagrad_runs_on",
     "fused_adam",
     "fused_sgd",
+    "on_device",
+    "with_device_form",
 ]
 
 
@@ -116,6 +119,95 @@ def _check_floating(params: Tree, what: str) -> None:
             f"the fused {what} kernels take floating-point parameters, got {', '.join(bad)}; use "
             "fused=False"
         )
+
+
+# torch's release as (major, minor): torch.optim's Adagrad runs its fused kernel off the CPU from
+# 2.12
+_TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def fused_adagrad_runs_on(device: torch.device) -> bool:
+    """Whether ``torch.optim.Adagrad(fused=True)`` runs on `device`'s kind.
+
+    On the CPU in every release functrain supports; elsewhere from torch 2.12, where torch has the
+    kernel for the device (CUDA). torch 2.11's CUDA builds hold a CUDA kernel that its Adagrad
+    refuses (``fused`` is "CPU only" there): functrain follows torch.optim, whose bits the presets
+    promise, not the kernel.
+
+    Args:
+        device: where the parameters lie.
+
+    Returns:
+        True where the fused `adagrad` gives ``torch.optim.Adagrad(fused=True)``'s bits.
+
+    Example:
+        >>> fused_adagrad_runs_on(torch.device("cpu"))
+        True
+    """
+    if device.type == "cpu":
+        return True
+    return _TORCH_RELEASE >= (2, 12) and _has_kernel("aten::_fused_adagrad_", device)
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    """Whether torch's dispatcher holds a kernel of `op` for `device`'s kind (in this build)."""
+    key = torch._C._dispatch_key_for_device(device.type)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def _check_device(params: Tree) -> None:
+    # meta tensors pass: a sharded state finds its optimizer state's shapes on the meta device
+    devices = sorted(
+        {
+            str(p.device)
+            for p in tree_leaves(params)
+            if not p.is_meta and not fused_adagrad_runs_on(p.device)
+        }
+    )
+    if devices:
+        raise ConfigError(
+            "adagrad's fused kernel takes parameters where torch.optim.Adagrad(fused=True) runs: "
+            "on the CPU, and from torch 2.12 on devices with the kernel (CUDA); got parameters "
+            f"on {', '.join(devices)} with torch {torch.__version__}; use adagrad(fused=False), "
+            "torch.optim's default there (its foreach implementation, bit for bit), which "
+            "TrainState.create picks for the default adagrad"
+        )
+
+
+def with_device_form(tx: Transform, form: Any) -> Transform:
+    """`tx`, its update declaring its form on each device (`ExtrasUpdate.device_form`).
+
+    `form`: given the parameters' device, the transform that trains there as torch.optim does, or
+    None where `tx` does.
+    """
+    if not isinstance(tx.update, ExtrasUpdate):
+        raise TypeError(f"{tx.name}'s update declares nothing (not an ExtrasUpdate)")
+    return tx._replace(update=tx.update.but(device_form=form))
+
+
+def on_device(tx: Transform, device: torch.device) -> Transform:
+    """`tx` as it trains on `device`: its declared form there, or `tx` itself.
+
+    `TrainState.create` calls it once, with the parameters' device: the default `adagrad` (its
+    fused kernel) becomes its foreach chain where torch.optim has no fused Adagrad
+    (`fused_adagrad_runs_on`), named as that chain (``adagrad(...)`` without ``fused=True``).
+
+    Args:
+        tx: the optimizer.
+        device: where the parameters lie.
+
+    Returns:
+        The transform to train with.
+
+    Example:
+        >>> import functrain as ft
+        >>> on_device(ft.adagrad(0.1), torch.device("cpu")).name.endswith("fused=True)")
+        True
+    """
+    update = getattr(tx, "update", None)
+    form = update.device_form if isinstance(update, ExtrasUpdate) else None
+    chosen = form(device) if form is not None else None
+    return tx if chosen is None else chosen
 
 
 def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
@@ -387,6 +479,7 @@ def fused_adagrad(
 
     def init_fn(params: Tree) -> FusedAdagradState:
         _check_floating(params, "Adagrad")
+        _check_device(params)
         count = counter(params)
         sums = tuple(constant_like(p, initial_accumulator_value) for p in tree_leaves(params))
         return FusedAdagradState(count, sums, _first_lr(lr, count))

@@ -196,7 +196,7 @@ def _rectified_step(
         None,
         decay,
         updates.decay_mask,
-        product=(updates.num, updates.buffer(lr, sign)),
+        product=(updates.num, updates.buffer(lr, sign, given_tensor=rate_dtype is not None)),
     )
 
 
