@@ -442,6 +442,9 @@ def test_ranks_draw_their_own_dropout_streams_on_cuda_and_carry_one_shared_strea
 def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(
     tmp_path: Path, sharding: str
 ) -> None:
+    """Every collective on the device NCCL takes: create's model check and broadcasts, the steps',
+    an evaluation's sums, a save's and a load's agreement (on the checkpoint's gloo group), and
+    fit's (its evaluation, checkpoints and closing barrier)."""
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
@@ -475,6 +478,22 @@ def test_each_sharding_mode_on_one_nccl_rank_follows_a_plain_state(
             got = placed.export_module(use_ema=use_ema).state_dict()
             for name, p in want.items():
                 torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6)
+        evaluated = ft.evaluate(placed, [batch])["val_loss"]
+        assert evaluated == pytest.approx(ft.evaluate(plain, [batch])["val_loss"], rel=1e-4)
+        restored = ft.load(ft.save(placed, tmp_path / "ckpt"), like=placed)
+        ft.assert_states_equal(restored, placed)
+        # fit: its checkpoints' exchanges, its evaluation, the barrier that ends it
+        result = ft.fit(
+            ft.TrainState.create(build(), ft.adamw(1e-2), loss_fn, sharding=sharding),
+            [batch] * 2,
+            eval_data=[batch],
+            max_epochs=1,
+            checkpoint_dir=tmp_path / "run",
+            save_every=1,
+            progress=False,
+            verbosity="silent",
+        )
+        assert int(result.state.step) == 2 and result.checkpoints["latest"] is not None
     finally:
         dist.destroy_process_group()
 

@@ -5,9 +5,11 @@ group from torchrun's environment; `TrainState.create` then records it, and the 
 ranks. With ``TrainState.create(..., sharding="optimizer" | "full")`` each rank holds slices of the
 state (`DTensor`s); `gather_tree` gathers such a tree whole. A sharded state can start from a module
 built on the meta device (`materialize`: each rank gives values to its own rows, one submodule at a
-time).
+time). The values exchanged outside the step go through `collective_device`: the CPU where the
+group's backend takes it, else the accelerator's current device (`backend`).
 """
 
+from functrain.distributed.backend import collective_device
 from functrain.distributed.data_parallel import (
     DistConfig,
     all_reduce_mean,
@@ -27,6 +29,7 @@ __all__ = [
     "all_reduce_mean",
     "broadcast_tensors",
     "check_same_model",
+    "collective_device",
     "gather_objects",
     "gather_tree",
     "init_from_env",

@@ -15,7 +15,8 @@ data order is a function of the global sample index.
 
 Launch: ``torchrun --nproc_per_node=2 -m functrain.demo`` (one machine), or ``torchrun --nnodes=2
 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=G script.py`` (several).
-Backend ``gloo`` on CPU, ``nccl`` on GPU (`init_from_env` picks it).
+Backend ``gloo`` on CPU, ``nccl`` on GPU (`init_from_env` picks it). The collectives of host
+values here run on the device the group's backend takes (`functrain.distributed.backend`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from functrain.distributed.backend import backend_devices, collective_device
 from functrain.errors import ConfigError
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "all_gather_json",
     "gather_objects",
     "reduce_sums",
+    "barrier",
 ]
 
 
@@ -111,6 +114,10 @@ def current_config(
     None means auto-detect.
 
     A sharded state needs an initialized process group, of any size (one rank included).
+
+    Raises:
+        ConfigError: sharding without a process group, or ``distributed=True`` without one; the
+            group's backend does not take tensors of `device_type`, the state's.
     """
     initialized = dist.is_available() and dist.is_initialized()
     if sharding is not None:
@@ -124,6 +131,7 @@ def current_config(
         from functrain.distributed.sharding import make_mesh
 
         world = dist.get_world_size()
+        _check_backend_takes(device_type)
         return DistConfig(
             world,
             dist.get_rank(),
@@ -140,7 +148,25 @@ def current_config(
         )
     if not active or distributed is False:
         return None
+    _check_backend_takes(device_type)
     return DistConfig(dist.get_world_size(), dist.get_rank(), dist.group.WORLD)
+
+
+def _check_backend_takes(device_type: str) -> None:
+    """Refuse a state on a device type the default group's backend takes no tensors of.
+
+    The step's collectives run on the state's tensors; without this a CPU state on NCCL would fail
+    at its first all-reduce with torch's "No backend type associated with device type cpu".
+    """
+    takes = backend_devices()
+    if device_type not in takes:
+        raise ConfigError(
+            f"the process group's backend {str(dist.get_backend())!r} takes {' and '.join(takes)} "
+            f"tensors, got a state on {device_type}: the step's collectives run on the state's "
+            f"tensors; move the module to {takes[0]} before TrainState.create, or start the "
+            f"process group with a backend that takes {device_type} tensors (gloo: cpu and cuda; "
+            "init_from_env(backend='gloo'))"
+        )
 
 
 def _buckets(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
@@ -203,11 +229,15 @@ def broadcast_tensors(
 ) -> dict[str, torch.Tensor]:
     """Copies of `tensors` holding rank `src`'s values on every rank.
 
-    The inputs are not written.
+    The inputs are not written; each copy is on its input's device, the broadcast itself on the
+    one the group's backend takes (`collective_device`).
     """
-    out = {k: v.detach().clone() for k, v in tensors.items()}
-    for t in out.values():
+    device = collective_device(config.group)
+    out = {}
+    for k, v in tensors.items():
+        t = v.detach().to(device, copy=True)
         dist.broadcast(t, src, group=config.group)
+        out[k] = t.to(v.device)
     return out
 
 
@@ -217,9 +247,12 @@ def check_same_model(description: str, config: DistConfig) -> None:
     The models are compared by names, shapes, dtypes and optimizer.
     """
     digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "big")
-    mine = torch.tensor([digest, -digest], dtype=torch.int64)
+    mine = torch.tensor(
+        [digest, -digest], dtype=torch.int64, device=collective_device(config.group)
+    )
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=config.group)
-    if int(mine[0]) != digest or int(-mine[1]) != digest:
+    highest, lowest = mine.tolist()
+    if highest != digest or -lowest != digest:
         raise ConfigError(
             f"rank {config.rank}: the ranks disagree on the model structure or optimizer (digest "
             f"{digest:x} here); every rank must build the same module, optimizer and options"
@@ -227,25 +260,29 @@ def check_same_model(description: str, config: DistConfig) -> None:
 
 
 def reduce_sums(values: torch.Tensor, config: DistConfig | None) -> torch.Tensor:
-    """Sum a tensor across ranks (a copy; evaluation sums and counts)."""
+    """Sum a tensor across ranks (a copy on `values`' device; evaluation sums and counts)."""
     if config is None:
         return values
-    out = values.clone()
+    out = values.to(collective_device(config.group), copy=True)
     dist.all_reduce(out, group=config.group)
-    return out
+    return out.to(values.device)
+
+
+def barrier(group: Any) -> None:
+    """Wait until every rank of `group` has called it (a collective)."""
+    device = collective_device(group)
+    # NCCL's barrier is an all-reduce on a device: this process's, not the one torch would guess
+    # (with a warning) from the rank
+    dist.barrier(group=group, device_ids=None if device.index is None else [device.index])
 
 
 def all_gather_bytes(data: bytes, group: Any) -> list[bytes]:
-    """Every rank's `data`, in rank order, through uint8 tensors (on the GPU for an NCCL group)."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend(group) == "nccl"
-        else torch.device("cpu")
-    )
+    """Every rank's `data`, in rank order, through uint8 tensors on `collective_device(group)`."""
+    device = collective_device(group)
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device), group=group)
-    lengths = [int(n) for n in sizes]
+    lengths = torch.cat(sizes).tolist()  # one host read
     mine = torch.zeros(max(lengths), dtype=torch.uint8)
     if data:
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)

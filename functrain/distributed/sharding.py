@@ -23,7 +23,8 @@ it runs on the local slices (`local`), and the step wraps its results back (`lik
 quantities (the gradient norm that clipping and the non-finite check read) take one all-reduce of
 the squared local norms (`summed_over_ranks`, which the step gives the transforms).
 
-Every collective here is torch's: DTensor redistributions and functional collectives.
+Every collective here is torch's: DTensor redistributions and functional collectives, on the
+state's own tensors (`TrainState.create` checks that the group's backend takes their device).
 """
 
 from __future__ import annotations
@@ -446,8 +447,10 @@ def all_gather(
     ):
         import torch.distributed as dist
 
+        # torch 2.13 names it all_gather_single (the old name warns); older releases lack it
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         # the rows are read while the others are written into the same tensor: they go from a copy
-        dist.all_gather_into_tensor(whole, rows.clone(), group=mesh.get_group())
+        gather_into(whole, rows.clone(), group=mesh.get_group())
         return whole
     from torch.distributed.tensor import Shard
 

@@ -28,6 +28,7 @@ from functrain.checkpoint.state_io import load
 from functrain.core.donation import retire
 from functrain.core.stacked import host_count, num_members
 from functrain.core.state import LossFn, TrainState
+from functrain.distributed.data_parallel import barrier
 from functrain.driver.arguments import empty_data_problem, fit_problems
 from functrain.driver.callbacks import (
     Callback,
@@ -390,7 +391,7 @@ def fit(
         # the first step wrote into the given state's tensors (or a copy sharing them): refused
         retire(given, _DONATED)
     if state.dist is not None:
-        torch.distributed.barrier(group=state.dist.group)  # rank 0's last checkpoint is committed
+        barrier(state.dist.group)  # rank 0's last checkpoint is committed
     return _result(loop, manager, tests)
 
 

@@ -152,7 +152,5 @@ def _agreed(run: Run, prune: bool) -> bool:
     """Rank 0's decision, on every rank (one broadcast of a flag); `prune` itself in one process."""
     if run.state.dist is None:
         return prune
-    flag = torch.tensor(
-        [int(prune)], device=run.state.device
-    )  # the state's device: what the backend takes
+    flag = torch.tensor([int(prune)])
     return bool(broadcast_tensors({"prune": flag}, run.state.dist)["prune"].item())
