@@ -68,6 +68,8 @@ def _over_shards(
     One all-reduce for all of them; 0-d tensors are whole on every rank.
     """
     squares = torch.stack([torch.stack(n) for n in norms]).square()
-    sliced = torch.tensor([t.ndim > 0 for t in tensors], device=squares.device)
-    whole = (across(torch.where(sliced, squares, 0.0)) + torch.where(sliced, 0.0, squares)).sqrt()
-    return [list(row.unbind()) for row in whole]
+    # which columns are slices is known here: chosen column by column, not by a mask copied over
+    columns, zero = squares.unbind(1), torch.zeros_like(squares[:, 0])
+    sliced = torch.stack([c if t.ndim else zero for c, t in zip(columns, tensors, strict=True)], 1)
+    whole = torch.stack([zero if t.ndim else c for c, t in zip(columns, tensors, strict=True)], 1)
+    return [list(row.unbind()) for row in (across(sliced) + whole).sqrt()]

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from functrain.errors import config_check
+from functrain.optim.rates import as_float64
 from functrain.optim.schedules.catalogue import (
     ValueFn,
     check_interval,
@@ -278,7 +279,7 @@ def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps
 
 def lambda_lr(s: Setting, lr_lambda: Callable[[Any], Any]) -> Part:
     def value(t: torch.Tensor) -> torch.Tensor:
-        return s.base * torch.as_tensor(lr_lambda(t), dtype=torch.float64, device=t.device)
+        return s.base * as_float64(lr_lambda(t), t.device)
 
     return Part(value, every_step)
 
@@ -316,13 +317,13 @@ def cyclic_lr(
         scale = torch.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
         height = (max_lr - base_lr) * scale
         scaled = scale_fn(cycle if scale_mode == "cycle" else t)
-        lr = base_lr + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device)
+        lr = base_lr + height * as_float64(scaled, t.device)
         if (
             s.mode == "initial"
         ):  # torch's initial step runs before it replaces base_lrs: from initial_lr
             lr = torch.where(
                 t == 0,
-                initial + height * torch.as_tensor(scaled, dtype=torch.float64, device=t.device),
+                initial + height * as_float64(scaled, t.device),
                 lr,
             )
         return lr

@@ -28,6 +28,7 @@ from functrain.errors import config_check
 from functrain.interop import scheduler_parts as P
 from functrain.interop.scheduler_parts import Part, Setting
 from functrain.optim.porting import momentum_cycle_note, schedule_call
+from functrain.optim.rates import as_float64
 from functrain.optim.schedules.catalogue import (
     Schedule,
     check_interval,
@@ -766,9 +767,7 @@ _from_torch_classes = described(_from_torch_classes)
 def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedule:
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
         if isinstance(step, torch.Tensor):
-            return base_lr * torch.as_tensor(
-                lr_lambda(step.to(torch.float64)), dtype=torch.float64, device=step.device
-            )
+            return base_lr * as_float64(lr_lambda(step.to(torch.float64)), step.device)
         return float(base_lr * lr_lambda(operator.index(step)))
 
     return cast(Schedule, schedule)

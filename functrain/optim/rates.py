@@ -48,6 +48,7 @@ __all__ = [
     "function_name",
     "FINGERPRINT_STEPS",
     "as_tensor_steps",
+    "as_float64",
 ]
 
 # the arguments of a transform factory that hold a learning rate
@@ -86,8 +87,31 @@ def value_at(schedule: Callable[..., Any], count: torch.Tensor) -> Any:
     return host_value(schedule, count)
 
 
+def as_float64(value: Any, device: torch.device) -> torch.Tensor:
+    """`value` as ``torch.as_tensor(value, dtype=torch.float64, device=device)`` gives it.
+
+    A number is filled in on `device` (``torch.full``: the number is an argument of the kernel),
+    where ``torch.as_tensor`` makes it on the host and copies it over, a copy an accelerator's
+    host waits for; a tensor is converted (no copy where it is one already). The values are the
+    same to the bit.
+
+    Example:
+        >>> as_float64(0.1, torch.device("cpu")), as_float64(torch.tensor(3), torch.device("cpu"))
+        (tensor(0.1000, dtype=torch.float64), tensor(3., dtype=torch.float64))
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=torch.float64, device=device)
+    return torch.full((), value, dtype=torch.float64, device=device)
+
+
 def host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     """``fn(int(count))`` as `LambdaLR` computes it (a Python float), as a 0-d float64 tensor.
+
+    Reading the step is the one host read a step makes for a learning rate, and only for a plain
+    function, as its contract says: the step as a Python int. On an accelerator the host waits
+    for the counter once a step (the counter advances only on steps not skipped, which the device
+    decides, so no host copy of it could be kept without that read either); the value goes back as
+    a fill, no copy. functrain's schedules take the counter tensor and read nothing.
 
     While torch.compile traces a step, the call is the operator ``functrain::host_rate`` on the
     counter, which dynamo does not look into: at each run of the graph it calls `fn` with the
@@ -110,7 +134,7 @@ def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     if under_vmap() or (count.is_cuda and torch.cuda.is_current_stream_capturing()) or count.ndim:
         raise ConfigError(_NO_HOST_STEP.format(name=_plain_name(fn)))
     value = float(fn(int(count)))  # the one host read of a plain function's step, as LambdaLR's
-    return torch.tensor(value, dtype=torch.float64, device=count.device)
+    return as_float64(value, count.device)
 
 
 # the refusal under vmap, raised outside dynamo (imports torch._dynamo when first called)

@@ -30,7 +30,7 @@ import torch
 from functrain.errors import ConfigError
 from functrain.optim.base import Schedule
 from functrain.optim.checks import check_learning_rate
-from functrain.optim.rates import mark_tensor_steps, value_at
+from functrain.optim.rates import as_float64, mark_tensor_steps, value_at
 
 __all__ = [
     "Sweep",
@@ -101,19 +101,12 @@ class Sweep:
             # value at member k's count
             return torch.stack(
                 [
-                    torch.as_tensor(
-                        value_at(v, c) if callable(v) else v,
-                        dtype=torch.float64,
-                        device=count.device,
-                    )
+                    as_float64(value_at(v, c) if callable(v) else v, count.device)
                     for v, c in zip(self.values, count.unbind(0), strict=True)
                 ]
             )
         column = [
-            torch.as_tensor(
-                value_at(v, count) if callable(v) else v, dtype=torch.float64, device=count.device
-            )
-            for v in self.values
+            as_float64(value_at(v, count) if callable(v) else v, count.device) for v in self.values
         ]
         if member is None:
             return column[0]

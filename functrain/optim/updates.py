@@ -341,12 +341,7 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
                     for x, d in zip(src, dirs, strict=True)
                 ]
             else:
-                out = list(
-                    # a tensor alpha here is a CPU scalar the kernel reads; the stubs take numbers
-                    torch._foreach_add(src, dirs, alpha=step.alpha)  # type: ignore[arg-type]
-                    if _kernel_alpha(step.alpha)
-                    else torch._foreach_add(src, dirs)
-                )
+                out = _added(src, dirs, step.alpha, in_place=False)
         for i, t in zip(plain, out, strict=True):
             new[i] = t
     if step.keep is not None:
@@ -488,10 +483,31 @@ def _add_step_(
     elif _fma_alpha(step.alpha, out):
         for o, i in zip(out, idx, strict=True):
             o.addcmul_(direction[i], step.alpha.to(o.dtype))
-    elif _kernel_alpha(step.alpha):
-        torch._foreach_add_(out, [direction[i] for i in idx], alpha=step.alpha)  # type: ignore[arg-type]
     else:
-        torch._foreach_add_(out, [direction[i] for i in idx])
+        _added(out, [direction[i] for i in idx], step.alpha, in_place=True)
+
+
+def _added(
+    out: list[torch.Tensor], dirs: list[torch.Tensor], alpha: Scalar | None, *, in_place: bool
+) -> list[torch.Tensor]:
+    """``out + alpha * dirs`` by torch's ``_foreach_add`` (into `out` itself with `in_place`).
+
+    With `alpha` as the kernel's scalar where `_kernel_alpha` says it takes it: a number, or a 0-d
+    CPU tensor, which it reads as one (a load, no sync); else the directions carry it already.
+    """
+    scalar = _kernel_alpha(alpha)
+    # a tensor alpha here is a CPU scalar the kernel reads; the stubs take numbers
+    if not in_place:
+        return list(
+            torch._foreach_add(out, dirs, alpha=alpha)  # type: ignore[arg-type]
+            if scalar
+            else torch._foreach_add(out, dirs)
+        )
+    if scalar:
+        torch._foreach_add_(out, dirs, alpha=alpha)  # type: ignore[arg-type]
+    else:
+        torch._foreach_add_(out, dirs)
+    return out
 
 
 def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> Tree:
@@ -576,7 +592,9 @@ def _divides_by_reciprocal(device: torch.device) -> bool:
 def _by_dtype_add_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
     """In place, on tensors the caller owns: `tensors += scalar` (cast to each dtype)."""
     if len({t.dtype for t in tensors}) == 1:
-        torch._foreach_add_(list(tensors), scalar.to(tensors[0].dtype))
+        # with `alpha` the tensor overload: without, torch takes a 0-d tensor as a Python number,
+        # read back to the host (a sync on an accelerator); times 1, the same bits
+        torch._foreach_add_(list(tensors), scalar.to(tensors[0].dtype), alpha=1)
         return
     for t in tensors:
         t.add_(scalar.to(t.dtype))

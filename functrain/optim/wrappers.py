@@ -508,8 +508,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
                 torch.where(keep, consecutive, state.consecutive),
             )
         new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)
-        if cap >= 0 and _host_readable(new_state.consecutive):
-            check_skip_limits(new_state)
+        _check_limit_now(new_state, cap)
         return new_updates, new_state, report
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
@@ -551,8 +550,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             new_state = SkipNonfiniteState(
                 ran.state, counts[0], counts[1], counts[2], state.max_consecutive
             )
-            if cap >= 0 and _host_readable(new_state.consecutive):
-                check_skip_limits(new_state)
+            _check_limit_now(new_state, cap)
             return Ran(
                 ran.params, new_state, ran.lr, new_state.skipped, ran.flag if keep is None else None
             )
@@ -567,6 +565,12 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
 def _host_readable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_limit_now(state: SkipNonfiniteState, cap: int) -> None:
+    """`check_skip_limits` in the step where its count is read without waiting (on the CPU)."""
+    if cap >= 0 and _host_readable(state.consecutive):
+        check_skip_limits(state)
 
 
 def check_skip_limits(state: Tree) -> None:
@@ -830,7 +834,7 @@ def _accumulate_sparse(
             sums.append((s if in_place else s.clone()).add_(x))
     # a window of one hands on its sums (a copy of a sparse gradient, a dense one added to +0.0)
     handed = sums if mean and every == 1 else _handed(sums, u, every, mean, in_place)
-    flag = torch.tensor(last, device=state.micro_step.device)
+    flag = torch.full((), last, dtype=torch.bool, device=state.micro_step.device)
     given, norm = _measured(handed, extras)
     new_updates, inner_state, report = _update_where(
         inner, flag, tree_unflatten(handed, spec), state.inner, params, given

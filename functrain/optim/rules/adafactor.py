@@ -128,6 +128,27 @@ def adafactor_step(
             count, lr, tuple(_adafactor_moments(p) for p in tree_leaves(params))
         )
 
+    roots: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+    def roots_of(p: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Each parameter's ``numel() ** 0.5`` (torch's Python float) as one float64 vector.
+
+        Filled in on `device`, never copied from the host; made once per device and sizes (never
+        written), outside compiled graphs, which make their own.
+        """
+        key = (device, tuple(x.numel() for x in p))
+        found = roots.get(key)
+        if found is None:
+            values = [torch.full((), n**0.5, dtype=torch.float64, device=device) for n in key[1]]
+            found = (
+                torch.stack(values)
+                if values
+                else torch.zeros(0, dtype=torch.float64, device=device)
+            )
+            if not torch.compiler.is_compiling():
+                roots[key] = found
+        return found
+
     def update_fn(
         updates: Any,
         state: AdafactorStepState,
@@ -152,9 +173,9 @@ def adafactor_step(
             moments.append(m)
         # torch reads each norm back and computes the step size in Python floats; the same float64
         # ops, for all at once
-        roots = torch.tensor([x.numel() ** 0.5 for x in p], dtype=torch.float64, device=step.device)
-        rates = torch.clamp(_norms(p) / roots, min=eps2) * rho
-        clips = torch.clamp(_norms(directions) / (roots * d), min=1.0)
+        sizes = roots_of(p, step.device)
+        rates = torch.clamp(_norms(p) / sizes, min=eps2) * rho
+        clips = torch.clamp(_norms(directions) / (sizes * d), min=1.0)
         new = decayed(
             p, 1 - lr * weight_decay if weight_decay else None, resolve_mask(mask, params)
         )

@@ -58,7 +58,7 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
 from functrain.optim.planned import Ran, Runner
-from functrain.optim.rates import value_at
+from functrain.optim.rates import as_float64, value_at
 from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import constant_like, counter, laid_out_like, owned_copy, writable, zeros
@@ -211,9 +211,7 @@ def on_device(tx: Transform, device: torch.device) -> Transform:
 
 
 def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(
-        value_at(lr, count) if callable(lr) else lr, dtype=torch.float64, device=count.device
-    )
+    return as_float64(value_at(lr, count) if callable(lr) else lr, count.device)
 
 
 class _Step(NamedTuple):
@@ -250,7 +248,7 @@ def _begin(
     rate: torch.Tensor | float
     if callable(lr):
         rate = value_at(lr, count)
-        rate_t = torch.as_tensor(rate, dtype=torch.float64, device=count.device)
+        rate_t = as_float64(rate, count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, last_lr
     return _Step(
@@ -793,10 +791,10 @@ def _on_members(
         return
     per = _per_member(options, members, count)
     slices = [[x.unbind(0) for x in xs] for xs in tensors]
-    if uniform and (flags is None or flags.is_cpu):
+    skipped = _members_skipping(flags, members) if uniform else None
+    if skipped is not None:
         # one call for every member that takes the step, each slice with its member's own count
         # (counts part when a member skipped once); a member that skips is left out of the call
-        skipped = flags.tolist() if flags is not None else [False] * members
         active = [m for m in range(members) if not skipped[m]]
         if active:
             lists = [[s[m] for s in xs for m in active] for xs in slices]
@@ -828,6 +826,13 @@ def _walked_alike(p: torch.Tensor) -> bool:
         and is_dense(p)
         and member.numel() * p.element_size() % _VECTOR_BYTES == 0
     )
+
+
+def _members_skipping(flags: torch.Tensor | None, members: int) -> list[bool] | None:
+    """Which members skip, read where their flags lie on a CPU (no flags: none); else None."""
+    if flags is None:
+        return [False] * members
+    return flags.tolist() if flags.is_cpu else None
 
 
 def _one_count(count: torch.Tensor | None) -> bool:
@@ -974,7 +979,7 @@ def _planner(
             new_count = count + 1 if keep is None else count + keep
             if callable(lr):  # as `_begin`: a schedule's tensor goes to the kernel as a tensor
                 rate = value_at(lr, count)
-                rate_t = torch.as_tensor(rate, dtype=torch.float64, device=device)
+                rate_t = as_float64(rate, device)
                 rate = _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate
             else:
                 rate, rate_t = lr, state.lr

@@ -24,7 +24,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
-from functrain.optim.rates import value_at
+from functrain.optim.rates import as_float64, value_at
 from functrain.optim.updates import Decoupled, ParamStep, Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
@@ -69,7 +69,8 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         learning_rate: a float >= 0, a schedule ``step -> value`` of this transform's own step
             counter (starting at 0): one of `functrain.schedules` gets the 0-d int64 counter, a
             plain function the step as a Python int, its value taken as a Python float, as torch's
-            `LambdaLR` calls its lambda (`functrain.optim.rates`); or a 1-element tensor (as
+            `LambdaLR` calls its lambda (`functrain.optim.rates`: reading the counter, on an
+            accelerator one sync a step, the only one); or a 1-element tensor (as
             torch.optim takes one), read once here: its value is the constant rate.
         flip_sign: descend (the default); False ascends.
 
@@ -101,16 +102,12 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
 
     def current(count: torch.Tensor) -> torch.Tensor | float:
         if callable(learning_rate):
-            return torch.as_tensor(
-                value_at(learning_rate, count), dtype=torch.float64, device=count.device
-            )
+            return as_float64(value_at(learning_rate, count), count.device)
         return float(learning_rate)
 
     def init_fn(params: Tree) -> ScaleByLearningRateState:
         count = counter(params)
-        return ScaleByLearningRateState(
-            count, torch.as_tensor(current(count), dtype=torch.float64, device=count.device)
-        )
+        return ScaleByLearningRateState(count, as_float64(current(count), count.device))
 
     constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -119,16 +116,13 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr`` and ``sign * lr`` as float64 tensors.
 
-        For a constant rate made once per device (never written).
+        For a constant rate made once per device (never written), filled in: no copy.
         """
         if isinstance(lr, torch.Tensor) or torch.compiler.is_compiling():
-            lr_t = torch.as_tensor(lr, dtype=torch.float64, device=device)
+            lr_t = as_float64(lr, device)
             return lr_t, lr_t * sign
         if device not in constants:
-            constants[device] = (
-                torch.tensor(lr, dtype=torch.float64, device=device),
-                torch.tensor(lr * sign, dtype=torch.float64, device=device),
-            )
+            constants[device] = (as_float64(lr, device), as_float64(lr * sign, device))
         return constants[device]
 
     def update_fn(
@@ -187,8 +181,9 @@ def _rectified_step(
 
     As torch's ``addcmul``: the same two roundings.
     """
-    if rate_dtype is not None:  # torch's scalar arithmetic then runs on the tensor lr, in its dtype
-        lr = torch.tensor(lr, dtype=rate_dtype, device=updates.divisor.device)
+    if rate_dtype is not None and not isinstance(lr, torch.Tensor):
+        # a rate given as a tensor: torch's scalar arithmetic runs on it, in its dtype
+        lr = torch.full((), lr, dtype=rate_dtype, device=updates.divisor.device)
     decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
     return ParamStep(
         None,
@@ -236,9 +231,12 @@ def scale(step_size: float) -> Transform:
 
 
 def rate_at(learning_rate: LearningRate, count: torch.Tensor) -> torch.Tensor:
-    """The learning rate at `count` as a float64 0-d tensor (a constant or a schedule's value)."""
+    """The learning rate at `count` as a float64 0-d tensor (a constant or a schedule's value).
+
+    A constant is filled in on the counter's device, never copied from the host.
+    """
     value = value_at(learning_rate, count) if callable(learning_rate) else learning_rate
-    return torch.as_tensor(value, dtype=torch.float64, device=count.device)
+    return as_float64(value, count.device)
 
 
 class LearningRateState(NamedTuple):

@@ -32,7 +32,7 @@ from functrain.errors import config_check
 from functrain.optim.base import Schedule
 from functrain.optim.naming import describe_call
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.rates import as_tensor_steps, function_name, mark_tensor_steps
+from functrain.optim.rates import as_float64, as_tensor_steps, function_name, mark_tensor_steps
 
 __all__ = [
     "Schedule",
@@ -92,7 +92,7 @@ def lift(value_fn: ValueFn) -> Schedule:
 
 
 def _as_f64(value: Any, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float64, device=like.device)
+    return as_float64(value, like.device)
 
 
 # -- argument checks: each appends a message naming the argument and its value
