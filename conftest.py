@@ -2,7 +2,8 @@
 the inductor cache the compiled tests use.
 
 The suite's compiled steps keep inductor's cache in the checkout (``.cache/``, ignored by git,
-kept between runs so that a warm cache still helps), not in the machine's
+kept between runs so that a warm cache still helps; one directory per instruction set, as
+`keep_in_checkout` says why), not in the machine's
 (``/tmp/torchinductor_$USER``): an entry left truncated there by any process killed mid-compile
 fails every later compile of the same code (``ImportError: ... main.so: file too short``).
 A library the suite's own killed run left cut short is removed when the next run starts
@@ -11,6 +12,7 @@ A library the suite's own killed run left cut short is removed when the next run
 
 import importlib.util
 import os
+import platform
 import struct
 import sys
 import time
@@ -29,11 +31,15 @@ def keep_in_checkout() -> Path:
     """Point inductor (and triton) at the checkout's cache unless the user chose a directory;
     the directory inductor will use.
 
-    Inductor reads the variable at its first compile, not when torch is imported; the fresh
-    processes the tests start inherit it.
+    One directory per CPU and kernel instruction set (``ATEN_CPU_CAPABILITY`` picks it, for
+    inductor's kernels as for torch's): inductor's key for a compiled graph leaves the set out,
+    and the C++ it generated for AVX-512, found in the cache under AVX2, is built for AVX2 and
+    computes garbage without an error. Inductor reads the variable at its first compile, not when
+    torch is imported; the fresh processes the tests start inherit it.
     """
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE / "torchinductor")
+        isa = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE / "torchinductor" / isa)
         os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 

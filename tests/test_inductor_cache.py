@@ -1,15 +1,18 @@
-"""The inductor cache of the compiled tests (the root ``conftest.py``): the checkout's own unless
-the run is given one, and cleared of the kernel libraries a killed compile left cut short."""
+"""The inductor cache of the compiled tests (the root ``conftest.py``): the checkout's own, one per
+instruction set, unless the run is given one; cleared of the libraries a killed compile left cut
+short."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from filelock import FileLock
 
 from conftest import CACHE, drop_cut_short_libraries, keep_in_checkout
@@ -20,9 +23,15 @@ def test_the_compiled_tests_use_the_checkouts_cache_unless_given_one(
 ) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    assert keep_in_checkout() == CACHE / "torchinductor"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(CACHE / "torchinductor")
+    # one directory per instruction set: inductor's cache keys leave it out
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    here = CACHE / "torchinductor" / f"{platform.machine()}-AVX2"
+    assert keep_in_checkout() == here
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(here)
     assert os.environ["TRITON_CACHE_DIR"] == str(CACHE / "triton")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert keep_in_checkout() == CACHE / "torchinductor" / f"{platform.machine()}-DEFAULT"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere/inductor")
     monkeypatch.delenv("TRITON_CACHE_DIR")
     assert keep_in_checkout() == Path("/elsewhere/inductor")
