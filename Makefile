@@ -68,4 +68,4 @@ bench: setup
 	$(BIN)/python benchmarks/data_resume.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .cache build site *.egg-info

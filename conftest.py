@@ -1,13 +1,96 @@
-"""Test-wide settings: hypothesis profiles ("ci" bounded, the default; "long" for deep runs)."""
+"""Test-wide settings: hypothesis profiles ("ci" bounded, the default; "long" for deep runs), and
+the inductor cache the compiled tests use.
+
+The suite's compiled steps keep inductor's cache in the checkout (``.cache/``, ignored by git,
+kept between runs so that a warm cache still helps; one directory per instruction set, as
+`keep_in_checkout` says why), not in the machine's
+(``/tmp/torchinductor_$USER``): an entry left truncated there by any process killed mid-compile
+fails every later compile of the same code (``ImportError: ... main.so: file too short``).
+A library the suite's own killed run left cut short is removed when the next run starts
+(`drop_cut_short_libraries`, tested in ``tests/test_inductor_cache.py``).
+"""
 
 import importlib.util
 import os
+import platform
+import struct
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock, Timeout
 from hypothesis import HealthCheck, settings
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def keep_in_checkout() -> Path:
+    """Point inductor (and triton) at the checkout's cache unless the user chose a directory;
+    the directory inductor will use.
+
+    One directory per CPU and kernel instruction set (``ATEN_CPU_CAPABILITY`` picks it, for
+    inductor's kernels as for torch's): inductor's key for a compiled graph leaves the set out,
+    and the C++ it generated for AVX-512, found in the cache under AVX2, is built for AVX2 and
+    computes garbage without an error. Inductor reads the variable at its first compile, not when
+    torch is imported; the fresh processes the tests start inherit it.
+    """
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        isa = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE / "torchinductor" / isa)
+        os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def cut_short(library: Path) -> bool:
+    """Whether the ELF file `library` ends before its section header table, which linkers write
+    at the end of the file: what a compile killed while it wrote the file leaves."""
+    try:
+        with library.open("rb") as f:
+            header = f.read(64)
+        size = library.stat().st_size
+    except OSError:  # gone, or not ours to read: not ours to remove either
+        return False
+    wide = header[4:5] == b"\x02"  # ELFCLASS64
+    if header[:4] != b"\x7fELF" or len(header) < (64 if wide else 52):
+        return True
+    order = "<" if header[5:6] == b"\x01" else ">"
+    (offset,) = struct.unpack_from(order + ("Q" if wide else "I"), header, 0x28 if wide else 0x20)
+    entry, count = struct.unpack_from(order + "HH", header, 0x3A if wide else 0x2E)
+    return offset + entry * count > size
+
+
+def drop_cut_short_libraries(cache: Path) -> list[Path]:
+    """Remove the kernel libraries in inductor's `cache` that a killed compile left cut short;
+    those removed.
+
+    Inductor builds a kernel's library in place and, at every later compile of the same code,
+    loads the file it finds there: one cut short fails those compiles ("file too short") or
+    crashes the process (a bus error) until it is removed, then it is built again. A library
+    whose build holds inductor's lock for it (``locks/<key>.lock``) now is left to that build.
+    """
+    if not sys.platform.startswith("linux") or not cache.is_dir():
+        return []
+    dropped = []
+    for library in sorted(cache.glob("*/*.so")):
+        if not cut_short(library):
+            continue
+        locks = cache / "locks"
+        locks.mkdir(exist_ok=True)
+        try:
+            with FileLock(str(locks / f"{library.name.split('.')[0]}.lock"), timeout=0):
+                if cut_short(library):
+                    library.unlink(missing_ok=True)
+                    dropped.append(library)
+        except Timeout:
+            continue
+    return dropped
+
+
+# before anything compiles
+INDUCTOR_CACHE = keep_in_checkout()
 
 # the tests use tiny models: one thread avoids contention overhead that dwarfs the work, and the
 # subprocess workers of the resumption properties use one thread too (the same kernels both sides)
@@ -112,6 +195,8 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 
 def pytest_configure(config: Any) -> None:
+    if not hasattr(config, "workerinput"):  # once a run, before any worker compiles
+        drop_cut_short_libraries(INDUCTOR_CACHE)
     parallel = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
     if parallel and not hasattr(config, "workerinput"):  # the controller of an -n run
         config.pluginmanager.register(FileProgress(config), "functrain-file-progress")

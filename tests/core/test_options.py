@@ -10,7 +10,6 @@ that divides ``.grad`` by N, and the arithmetic checkpoints written before the o
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 import functrain as ft
 from tests.comparisons import assert_trees_equal
+from tests.earlier import assert_exact_leaves_equal, tensors_in, writer
 from tests.models import cross_entropy_loss_fn, make_tanh_mlp, tanh_mlp_batches
 
 F = nn.functional
@@ -365,36 +365,32 @@ def test_an_unknown_convention_is_refused_with_the_values_it_takes() -> None:
         )
 
 
-def golden() -> Any:
-    path = Path(__file__).parent / "golden" / "make_accumulation.py"
-    spec = importlib.util.spec_from_file_location("make_accumulation", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def test_a_checkpoint_written_before_the_convention_resumes_under_the_mean_bit_for_bit() -> None:
-    written = golden()
+    written = writer(GOLDEN / "make_accumulation.py")
     state = ft.load(written.HERE / "saved", like=written.run())  # today's default: "loss"
     assert state.options.accumulate_convention == "mean"
     assert int(state.micro_step) == 1
     state, _ = trained(state, written.batches()[4:])
-    continued = ft.load(written.HERE / "continued", like=written.run())
-    assert_trees_equal(continued.tree(), state.tree())
-    # the mean convention run straight through today is that run; today's default is not
+    # the same tensors continued here under "mean" asked for are that run, under "loss" another
     torch.manual_seed(0)
-    straight = ft.TrainState.create(
+    mean = ft.TrainState.create(
         nn.Linear(4, 3),
         ft.sgd(0.1, momentum=0.9),
         written.loss_fn,
         accumulate_steps=3,
         accumulate_convention="mean",
     )
-    straight, _ = trained(straight, written.batches())
-    assert_trees_equal(continued.tree(), straight.tree())
-    fresh, _ = trained(written.run(), written.batches())
-    assert not torch.equal(fresh.params["weight"], continued.params["weight"])
+    asked, _ = trained(ft.load(written.HERE / "saved", like=mean), written.batches()[4:])
+    assert_trees_equal(asked.tree(), state.tree())
+    today, _ = trained(tensors_in(written.HERE / "saved", written.run()), written.batches()[4:])
+    assert today.options.accumulate_convention == "loss"
+    assert not torch.equal(today.params["weight"], state.params["weight"])
+    # the run's end, as written where it ran, loads and counted as this one did
+    continued = ft.load(written.HERE / "continued", like=written.run())
+    assert_exact_leaves_equal(continued, state)
 
 
 def test_a_compiled_step_divides_the_loss_as_the_eager_step() -> None:
@@ -413,41 +409,31 @@ def test_a_compiled_step_divides_the_loss_as_the_eager_step() -> None:
     assert_trees_equal(params_of(model), state.params)
 
 
-def recorded() -> Any:
-    path = Path(__file__).parent / "golden" / "make_recorded_conventions.py"
-    spec = importlib.util.spec_from_file_location("make_recorded_conventions", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ["adamw_function_lr", "sgd_function_lr", "lion"])
 def test_a_checkpoint_recording_its_other_conventions_resumes_under_the_mean_bit_for_bit(
     name: str,
 ) -> None:
     # written at ae23ff1: the function lr and lion's reference recorded, the accumulation's
     # convention not; only that one is rewound
-    written = recorded()
+    written = writer(GOLDEN / "make_recorded_conventions.py")
     _, every, cut = written.RUNS[name]
-    state = ft.load(written.HERE / name / "saved", like=written.run(name))
+    saved = written.HERE / name / "saved"
+    state = ft.load(saved, like=written.run(name))
     assert state.options.accumulate_convention == "mean"
     assert int(state.micro_step) == cut % every != 0
     state, _ = trained(state, written.batches()[cut:])
+    # the same tensors continued here under "mean" asked for are that run, under "loss" another
+    mean = ft.load(saved, like=written.run(name, accumulate_convention="mean"))
+    asked, _ = trained(mean, written.batches()[cut:])
+    assert_trees_equal(asked.tree(), state.tree())
+    today, _ = trained(tensors_in(saved, written.run(name)), written.batches()[cut:])
+    assert not torch.equal(today.params["weight"], state.params["weight"])
     continued = ft.load(written.HERE / name / "continued", like=written.run(name))
-    assert_trees_equal(continued.tree(), state.tree())
-    # the uninterrupted run under "mean" today is that run, and resumes it as asked so
-    straight, _ = trained(written.run(name, accumulate_convention="mean"), written.batches())
-    assert_trees_equal(continued.tree(), straight.tree())
-    again = ft.load(
-        written.HERE / name / "saved", like=written.run(name, accumulate_convention="mean")
-    )
-    again, _ = trained(again, written.batches()[cut:])
-    assert_trees_equal(continued.tree(), again.tree())
+    assert_exact_leaves_equal(continued, state)
 
 
 def test_a_checkpoint_without_the_convention_is_refused_by_a_template_asking_for_the_sum() -> None:
-    written = golden()
+    written = writer(GOLDEN / "make_accumulation.py")
     torch.manual_seed(0)
     summed = ft.TrainState.create(
         nn.Linear(4, 3),

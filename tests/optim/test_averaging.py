@@ -14,7 +14,6 @@ it was written.
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import functrain as ft
 from functrain.errors import ConfigError, StateMismatchError
 from functrain.optim import averaging
 from tests.comparisons import assert_trees_equal
+from tests.earlier import assert_exact_leaves_equal, writer
 from tests.models import cross_entropy_loss_fn as loss_fn
 
 DECAY, LR, STEPS, SAVED_AT = 0.9, 1e-2, 7, 3
@@ -358,21 +358,32 @@ def test_a_checkpoint_of_one_convention_is_refused_under_another(tmp_path: Path)
     assert "in the checkpoint but not in the template: ['ema_state/buffers/0'" in str(caught.value)
 
 
-def test_a_checkpoint_written_before_the_conventions_resumes_as_it_was_written() -> None:
-    path = Path(__file__).parent / "golden" / "make_ema.py"
-    spec = importlib.util.spec_from_file_location("make_ema", path)
-    assert spec is not None and spec.loader is not None
-    golden = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(golden)
-    state = ft.load(golden.HERE / "saved", like=golden.run())
-    for batch in golden.batches()[3:]:
+def continued(state: ft.TrainState, batches: list[Any]) -> ft.TrainState:
+    """`state` stepped over `batches`."""
+    for batch in batches:
         state, _ = ft.train_step(state, batch)
-    continued, _ = ft.load(golden.HERE / "continued")
-    saved_ema = continued["ema_state"]
-    assert_trees_equal(list(saved_ema["average"]), list(state.ema_state.average))
-    assert torch.equal(saved_ema["count"], state.ema_state.count)
+    return state
+
+
+def test_a_checkpoint_written_before_the_conventions_resumes_as_it_was_written() -> None:
+    golden = writer(Path(__file__).parent / "golden" / "make_ema.py")
+    saved = golden.HERE / "saved"
+    state = continued(ft.load(saved, like=golden.run()), golden.batches()[3:])
+    assert state.options.ema_convention == "functrain"
     assert state.ema_state.buffers == ()
-    assert_trees_equal(continued["params"], state.params)
+    # the same tensors continued here with the convention it trained under asked for: that run
+    asked = ft.TrainState.create(
+        model(),
+        ft.adamw(1e-2),
+        golden.loss_fn,
+        ema_decay=0.9,
+        ema_warmup=True,
+        ema_convention="functrain",
+        ema_buffers=False,
+    )
+    asked = continued(ft.load(saved, like=asked), golden.batches()[3:])
+    assert_trees_equal(asked.tree(), state.tree())
+    assert_exact_leaves_equal(ft.load(golden.HERE / "continued", like=golden.run()), state)
     # a template of another convention is refused, naming it
     timm = ft.TrainState.create(
         model(), ft.adamw(1e-2), golden.loss_fn, ema_decay=0.9, ema_convention="timm"

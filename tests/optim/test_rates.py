@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 import functrain as ft
 from functrain.errors import ConfigError, StateMismatchError
+from tests.comparisons import assert_trees_equal
+from tests.earlier import assert_exact_leaves_equal, tensors_in, writer
 from tests.models import cross_entropy_loss_fn, make_tanh_mlp, tanh_mlp_batches
 
 
@@ -83,31 +84,37 @@ def test_the_name_records_the_convention_and_tells_functions_apart():
     assert one.name == ft.adamw(lambda s: 1e-3 * warm(s)).name  # the same values: the same name
 
 
-def _golden():
-    path = Path(__file__).parent / "golden" / "make_function_lr.py"
-    spec = importlib.util.spec_from_file_location("make_function_lr", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def continued(state, batches):
+    """`state` stepped over `batches`; the learning rate of each step."""
+    rates = []
+    for batch in batches:
+        state, metrics = ft.train_step(state, batch)
+        rates.append(metrics["lr"])
+    return state, rates
 
 
 def test_a_checkpoint_written_before_the_convention_resumes_as_it_was_written():
     # written by the functrain of that time (make_function_lr.py), which called the function with
     # the 0-d int64 step tensor: `(step + 1) / 5` in float32
-    golden = _golden()
-    template = golden.run()
-    state = ft.load(golden.HERE / "saved", like=template)
+    golden = writer(Path(__file__).parent / "golden" / "make_function_lr.py")
+    saved = golden.HERE / "saved"
+    state = ft.load(saved, like=golden.run())
     assert "lr=<lambda>," in state.tx.name  # the convention it was trained with
-    for batch in golden.batches()[3:]:
-        state, _ = ft.train_step(state, batch)
-    continued, _ = ft.load(golden.HERE / "continued")
-    for name in ("weight", "bias"):
-        assert torch.equal(state.params[name], continued["params"][name]), name
-    # today's convention would differ: the test tells the two apart
-    fresh = template
-    for batch in golden.batches():
-        fresh, _ = ft.train_step(fresh, batch)
-    assert not torch.equal(fresh.params["weight"], continued["params"]["weight"])
+    state, rates = continued(state, golden.batches()[3:])
+    # the same tensors continued here with that convention asked for (the function given the
+    # step tensor) are that run; today's convention gives other rates
+    torch.manual_seed(0)
+    asked = ft.TrainState.create(
+        torch.nn.Linear(4, 3),
+        ft.adamw(ft.schedules.tensor_steps(lambda s: 1e-3 * golden.warm(s))),
+        golden.loss_fn,
+    )
+    asked, asked_rates = continued(tensors_in(saved, asked), golden.batches()[3:])
+    assert_trees_equal(asked.tree(), state.tree())
+    assert_trees_equal(asked_rates, rates)
+    _, today = continued(tensors_in(saved, golden.run()), golden.batches()[3:])
+    assert float(rates[0]) == float(torch.tensor(0.8) * 1e-3) != float(today[0])  # (3 + 1) / 5
+    assert_exact_leaves_equal(ft.load(golden.HERE / "continued", like=golden.run()), state)
 
 
 @pytest.mark.parametrize(
