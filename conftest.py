@@ -7,7 +7,8 @@ kept between runs so that a warm cache still helps; one directory per instructio
 (``/tmp/torchinductor_$USER``): an entry left truncated there by any process killed mid-compile
 fails every later compile of the same code (``ImportError: ... main.so: file too short``).
 A library the suite's own killed run left cut short is removed when the next run starts
-(`drop_cut_short_libraries`, tested in ``tests/test_inductor_cache.py``).
+(`drop_cut_short_libraries`, tested in ``tests/test_inductor_cache.py``); a cache directory the
+user chose (``TORCHINDUCTOR_CACHE_DIR``) is left alone.
 """
 
 import importlib.util
@@ -74,19 +75,26 @@ def drop_cut_short_libraries(cache: Path) -> list[Path]:
     if not sys.platform.startswith("linux") or not cache.is_dir():
         return []
     dropped = []
-    for library in sorted(cache.glob("*/*.so")):
+    # inductor's own names only: a two-letter folder and a library named "c<key>"
+    for library in sorted(cache.glob("??/c*.so")):
         if not cut_short(library):
             continue
-        locks = cache / "locks"
-        locks.mkdir(exist_ok=True)
         try:
+            locks = cache / "locks"
+            locks.mkdir(exist_ok=True)
             with FileLock(str(locks / f"{library.name.split('.')[0]}.lock"), timeout=0):
                 if cut_short(library):
                     library.unlink(missing_ok=True)
                     dropped.append(library)
-        except Timeout:
+        except (Timeout, OSError):  # being built now, or not ours to write: left as it is
             continue
     return dropped
+
+
+def sweep(cache: Path) -> list[Path]:
+    """`drop_cut_short_libraries` in the checkout's cache; a directory the user chose for
+    inductor (``TORCHINDUCTOR_CACHE_DIR``) is theirs, and left alone."""
+    return drop_cut_short_libraries(cache) if cache.is_relative_to(CACHE) else []
 
 
 # before anything compiles
@@ -196,7 +204,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 def pytest_configure(config: Any) -> None:
     if not hasattr(config, "workerinput"):  # once a run, before any worker compiles
-        drop_cut_short_libraries(INDUCTOR_CACHE)
+        sweep(INDUCTOR_CACHE)
     parallel = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
     if parallel and not hasattr(config, "workerinput"):  # the controller of an -n run
         config.pluginmanager.register(FileProgress(config), "functrain-file-progress")

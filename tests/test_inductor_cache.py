@@ -15,7 +15,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from conftest import CACHE, drop_cut_short_libraries, keep_in_checkout
+from conftest import CACHE, drop_cut_short_libraries, keep_in_checkout, sweep
 
 
 def test_the_compiled_tests_use_the_checkouts_cache_unless_given_one(
@@ -81,3 +81,23 @@ def test_libraries_cut_short_are_dropped_and_whole_ones_or_ones_being_built_are_
         "cd/cwhole.py",
     ]
     assert drop_cut_short_libraries(cache) == [cache / "cd" / "cbuilding.so"]  # let go
+
+
+def test_a_directory_the_user_chose_and_libraries_not_inductors_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    cut = b"\x7fELF" + b"\x00" * 10  # cut short: no header to speak of
+    users = tmp_path / "users"
+    for name in ("ab/cempty.so", "lib/libc.so", "ab/libother.so"):
+        (users / name).parent.mkdir(parents=True, exist_ok=True)
+        (users / name).write_bytes(cut)
+    assert sweep(users) == []  # not the checkout's cache: nothing read, nothing written
+    assert sorted(p.relative_to(users).as_posix() for p in users.rglob("*")) == [
+        "ab",
+        "ab/cempty.so",
+        "ab/libother.so",
+        "lib",
+        "lib/libc.so",
+    ]
+    assert drop_cut_short_libraries(users) == [users / "ab" / "cempty.so"]  # inductor's name only
+    assert (users / "lib" / "libc.so").exists() and (users / "ab" / "libother.so").exists()

@@ -55,9 +55,11 @@ def collective_device(group: Any = None) -> torch.device:
     """The device functrain's collectives of host values run on, for `group`'s backend.
 
     The CPU when the backend takes it (gloo, ``"cpu:gloo,cuda:nccl"``): the values start and end
-    on the host, so no copy either way. Otherwise the current device of the accelerator it takes
-    (``torch.cuda.current_device()`` for NCCL), the one this process set and NCCL's communicators
-    are bound to.
+    on the host, so no copy either way. Otherwise the device the group is bound to
+    (``init_process_group(device_id=)``), else the current device of the accelerator it takes
+    (``torch.cuda.current_device()`` for NCCL): call ``torch.cuda.set_device(local_rank)`` before
+    `TrainState.create`, as `functrain.distributed.init_from_env` does, so that it is the device
+    the rank's model lies on.
 
     Args:
         group: a process group; the default one for None.
@@ -73,6 +75,11 @@ def collective_device(group: Any = None) -> torch.device:
     takes = backend_devices(group)
     if not takes or "cpu" in takes:
         return torch.device("cpu")
+    # a group bound to a device (``init_process_group(device_id=...)``) runs its collectives
+    # there, whichever device is current
+    bound = getattr(dist.group.WORLD if group is None else group, "bound_device_id", None)
+    if isinstance(bound, torch.device) and bound.type in takes:
+        return bound
     return _current(takes[0])
 
 

@@ -261,9 +261,16 @@ def multiplicative_lr(s: Setting, lr_lambda: Callable[[int], float], total_steps
     value_table = torch.tensor(values, dtype=torch.float64)
     product_table = torch.tensor(products, dtype=torch.float64)
 
+    # each table copied to a device once, at its first step there (as `tabulate` holds its
+    # table): a copy from the host at every step would make the step wait for an accelerator
+    held = {id(table): {table.device: table} for table in (value_table, product_table)}
+
     def read(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         index = torch.clamp(t, 0, total_steps).to(torch.int64)
-        return torch.take(table.to(t.device), index)
+        on = held[id(table)]
+        if t.device not in on:
+            on[t.device] = table.to(t.device)
+        return torch.take(on[t.device], index)
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return read(product_table, t) / torch.where(a < 0, 1.0, read(product_table, a))

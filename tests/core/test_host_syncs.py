@@ -359,6 +359,13 @@ SCHEDULES: dict[str, Callable[[], Any]] = {
     "from_torch-lambdalr": lambda: S.from_torch(
         torch.optim.lr_scheduler.LambdaLR, lr=1e-2, lr_lambda=lambda step: 1.0
     ),
+    # a table of the lr by step, on the host until its first step on the state's device
+    "from_torch-multiplicativelr": lambda: S.from_torch(
+        torch.optim.lr_scheduler.MultiplicativeLR,
+        lr=1e-2,
+        lr_lambda=lambda step: 0.9,
+        total_steps=20,
+    ),
     "from_torch-sequential": lambda: S.from_torch(
         torch.optim.lr_scheduler.SequentialLR,
         lr=1e-2,

@@ -115,6 +115,15 @@ def test_collective_device_is_the_current_cuda_device_where_the_backend_takes_on
     assert ftd.collective_device(group) == torch.device("cuda", 3)
 
 
+@pytest.mark.parametrize("group", [("fake_cuda", 1)], indirect=True)
+def test_collective_device_is_the_device_the_group_is_bound_to_before_the_current_one(
+    group: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # never set: cuda:0 everywhere
+    monkeypatch.setattr(group, "bound_device_id", torch.device("cuda", 2), raising=False)
+    assert ftd.collective_device(group) == torch.device("cuda", 2)
+
+
 @pytest.mark.parametrize("group", [("fake_cuda", 2)], indirect=True)
 def test_a_state_on_a_device_the_backend_does_not_take_is_refused_before_any_collective(
     group: Any,
