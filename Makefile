@@ -1,5 +1,6 @@
 # Set up a virtualenv and run the demo, the checks (lint) or the tests. torch is pinned here only,
-# to the CPU build that the project is developed against; the package itself declares torch>=2.4.
+# to the CPU build that the project is developed against; the package itself declares torch>=2.11,
+# the oldest release the whole suite passes on (README: "Tested on").
 # The set-up hides setuptools' boxed notice that an editable install is one (it says nothing
 # about this project).
 PY ?= python3
