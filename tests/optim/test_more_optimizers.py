@@ -316,15 +316,30 @@ def test_preset_matches_torch_foreach_implementation_bitwise(name: str) -> None:
 @pytest.mark.parametrize(
     "name", ["nadamw_maximize", "asgd_averaging_l2_maximize", "adafactor_decay_maximize"]
 )
-def test_torch_foreach_rounds_differently_for_nadam_asgd_adafactor(name: str) -> None:
+def test_nadam_asgd_adafactor_follow_the_single_tensor_implementation_not_the_foreach_one(
+    name: str,
+) -> None:
     # documented in docs/guides/transforms.md: these follow the single-tensor implementation
-    # (torch's CPU default)
+    # (torch's CPU default) bit for bit; torch's foreach one rounds otherwise in places, which
+    # places depending on the CPU's kernels (on some none differ in these runs), so it is held to
+    # a tolerance only
     case = CASES[name]
     ours, _ = run_functrain(case[0], case[3])
-    theirs, _ = run_torch(_foreach(case[1]), case[3])
-    assert any(not torch.equal(ours[n], theirs[n]) for n in ours)
+    single, _ = run_torch(_single_tensor(case[1]), case[3])
+    foreach, _ = run_torch(_foreach(case[1]), case[3])
     for n in ours:
-        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-3, atol=1e-4)
+        assert torch.equal(ours[n], single[n]), n
+        torch.testing.assert_close(ours[n], foreach[n], rtol=1e-3, atol=1e-4)
+
+
+def _single_tensor(make_opt: Callable) -> Callable:
+    def make(params: dict) -> torch.optim.Optimizer:
+        opt = make_opt(params)
+        for group in opt.param_groups:
+            group["foreach"] = False
+        return opt
+
+    return make
 
 
 @ft.schedules.tensor_steps
