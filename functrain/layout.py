@@ -17,17 +17,28 @@ The contract, as torch's ``obeys_layout_contract``: where the parameter is non-o
 dense, the gradient has its strides (dimensions of size 1 excepted, whose stride says nothing);
 otherwise it is contiguous. Tensors already laid out so are returned as they are, at the cost of a
 stride comparison.
+
+`sparse_coo` builds the sparse COO tensors functrain makes (a sparse gradient's rows, a sparse leaf
+of a checkpoint), each saying whether torch checks its invariants.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from functrain.errors import StateMismatchError
 
-__all__ = ["is_dense", "obeys_layout", "in_layout_of", "in_layouts_of", "with_strides_of"]
+__all__ = [
+    "is_dense",
+    "obeys_layout",
+    "in_layout_of",
+    "in_layouts_of",
+    "with_strides_of",
+    "sparse_coo",
+]
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -130,3 +141,30 @@ def with_strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if out.stride() == like.stride() or not is_dense(like):
         return out
     return out.as_strided(like.shape, like.stride(), out.storage_offset())
+
+
+def sparse_coo(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    shape: torch.Size | tuple[int, ...] | list[int],
+    *,
+    check: bool,
+    coalesced: bool | None = None,
+) -> torch.Tensor:
+    """``torch.sparse_coo_tensor(indices, values, shape, check_invariants=check)``.
+
+    torch 2.11 warns that sparse invariant checks are implicitly disabled at the first sparse
+    tensor a process builds, even one told whether to check them (torch 2.13 only where it is not
+    told); each tensor built here is told, so the warning says nothing of it and is not shown.
+
+    Example:
+        >>> sparse_coo(torch.tensor([[0, 2]]), torch.ones(2), (3,), check=True).to_dense()
+        tensor([1., 0., 1.])
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "Sparse invariant checks are implicitly disabled", UserWarning
+        )
+        return torch.sparse_coo_tensor(
+            indices, values, shape, is_coalesced=coalesced, check_invariants=check
+        )

@@ -21,6 +21,7 @@ import torch
 from functrain import checkpoint
 from functrain.core.state import TrainState
 from functrain.core.step import train_step
+from functrain.distributed.sharding import gathered
 from functrain.errors import ConfigError
 from functrain.tree import leaves_by_path
 
@@ -91,6 +92,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tensor_diff(path: str, a: torch.Tensor, b: torch.Tensor) -> LeafDiff | None:
+    # a sharded leaf is compared whole (a collective, as comparing DTensors is): torch 2.11's
+    # DTensor has no sharding rule for the elementwise comparison of their bits
+    a, b = gathered(a), gathered(b)
     if a.dtype != b.dtype:
         return LeafDiff(path, "dtype", f"{a.dtype} vs {b.dtype}", numel=a.numel())
     if a.shape != b.shape:

@@ -98,6 +98,7 @@ from functrain.checkpoint.tensorfile import (
     unique_keys,
 )
 from functrain.errors import CheckpointCorruptError, CheckpointError, CheckpointMemoryError
+from functrain.layout import sparse_coo
 from functrain.tree import Tree, leaves_by_path
 from functrain.tree import escape_key as _escape
 
@@ -388,9 +389,7 @@ class _Reader:
                 "format holds them as torch.int64"
             )
         try:
-            return torch.sparse_coo_tensor(
-                indices, values, shape, is_coalesced=coalesced, check_invariants=True
-            )
+            return sparse_coo(indices, values, shape, check=True, coalesced=coalesced)
         except (RuntimeError, ValueError, TypeError) as e:
             raise CheckpointCorruptError(
                 f"{MANIFEST}: the sparse tensor at {path!r} is malformed: "

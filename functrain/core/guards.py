@@ -20,6 +20,7 @@ each replay (`Watched.check_for`).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
@@ -221,8 +222,11 @@ class Watched:
     def __call__(self, *args: Any) -> Any:
         try:
             out = self.fn(*args)
-        except BaseException:
+        except BaseException as e:
             self.seen = len(_guard_failures(self.code))  # nothing was compiled to report
+            raised = _raised_by_graph(e)
+            if raised is not e:
+                raise raised from None
             raise
         failures = _guard_failures(self.code)
         if len(failures) != self.seen:
@@ -249,6 +253,27 @@ class Watched:
             RecompileWarning,
             stacklevel=_user_level(),
         )
+
+
+def _raised_by_graph(error: BaseException) -> BaseException:
+    """What the compiled call raised: the graph's exception where torch 2.11 put its own over it.
+
+    After a graph run as Python (``backend="eager"``) raised inside ``torch.func.grad`` or
+    ``torch.vmap``, torch 2.11's dynamo undoes functorch's transform stack, which the graph's own
+    exit already undid, and fails an internal assert in place of the graph's exception (then the
+    assert's context).
+    """
+    context = error.__context__
+    if not (isinstance(error, RuntimeError) and context is not None):
+        return error
+    text = str(error)
+    if "INTERNAL ASSERT FAILED" not in text or "functorch" not in text:
+        return error
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = "" if tb is None else tb.tb_frame.f_code.co_filename
+    return context if where.endswith(os.path.join("_dynamo", "eval_frame.py")) else error
 
 
 def _user_level() -> int:

@@ -183,10 +183,12 @@ def call_loss(
         and not getattr(state.module, _WATCHED, False)
         and not _tracing()
     )
-    guard = _WriteGuard(watch, name) if first and watch else contextlib.nullcontext()
+    # kept apart from the context entered: dynamo (torch 2.11) cannot take isinstance() of a
+    # nullcontext, and a graph break here would leave torch.func.grad's frame to run eagerly
+    guard = _WriteGuard(watch, name) if first and watch else None
     with bound(state.module, tensors) as model:
         try:
-            with guard:
+            with contextlib.nullcontext() if guard is None else guard:
                 if dtype is None:
                     out = fn(model, batch)
                 else:
@@ -200,7 +202,7 @@ def call_loss(
                 if refused is not None:
                     raise refused from e
             raise loss_failure(e, batch, state.module, tensors, name) from e
-        if isinstance(guard, _WriteGuard):
+        if guard is not None:
             guard.restore()  # raises if the forward rebound one (``.data =``), the state restored
             object.__setattr__(state.module, _WATCHED, True)
         if versions is not None and watch is not None:

@@ -524,14 +524,26 @@ class Profiler(Callback):
             prof.export_chrome_trace(str(path))
             self.traces.append(path)
 
+        # acc_events: one window, so nothing to accumulate; without it torch 2.11 warns at every
+        # window that events are cleared at the end of each cycle
         self.prof = tp.profile(
-            schedule=tp.schedule(**self.window), on_trace_ready=handler, **self.kwargs
+            schedule=tp.schedule(**self.window),
+            on_trace_ready=handler,
+            acc_events=True,
+            **self.kwargs,
         )
         self.prof.__enter__()
 
     def on_batch_end(self, run: Run) -> None:
         if self.prof is not None:
-            self.prof.step()
+            try:
+                self.prof.step()
+            except BaseException:
+                # a step that raised midway (preparing the trace, say) leaves torch's profiler
+                # half set up: exiting it then starts a trace never prepared, which crashes the
+                # process (a segmentation fault), so the run's end leaves it alone
+                self.prof = None
+                raise
 
     def on_train_end(self, run: Run) -> None:
         if self.prof is not None:

@@ -195,7 +195,7 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
 
     Otherwise each step is affine in the lr.
     """
-    value = cosine_annealing(s.base, T_max, eta_min, first=s.mode == "initial")
+    value = cosine_annealing(s.base, T_max, eta_min, s.mode)
     if eta_min != 0:  # neither sets the lr nor multiplies it: affine in it at every step
         return Part(
             value, (lambda t: torch.zeros_like(t)) if s.mode == "entered" else None, affine=True
@@ -217,17 +217,25 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
     return relative(value, factor, s.mode, restarts)
 
 
-def cosine_annealing(base_lr: float, T_max: int, eta_min: float, first: bool) -> ValueFn:
-    """torch's `CosineAnnealingLR`, its recursion summed in closed form (see `from_torch`)."""
+def cosine_annealing(base_lr: float, T_max: int, eta_min: float, mode: Mode) -> ValueFn:
+    """torch's `CosineAnnealingLR`, its recursion summed in closed form (see `from_torch`).
+
+    Started by its initial step it keeps the lr at step 0; entered at a milestone it takes the
+    closed form; stepped into epoch 0 from `base_lr` its recursion applies the factor of step 0
+    (``2 / (1 + cos(pi / T_max))``) too, and every later value carries it down to the trough.
+    """
     # the step after each trough (T_max, 3 T_max, ...) restarts torch's recursion from this
     # increment
     restart = eta_min + (base_lr - eta_min) * (1 - math.cos(math.pi / T_max)) / 2
     carried = restart - eta_min  # what the recursion multiplies from there on: lr - eta_min
 
+    # what the falling half divides the level by: 2, or stepped, the level at step -1
+    start = 1 + math.cos(math.pi / T_max) if mode == "stepped" else 2
+
     def value_fn(t: torch.Tensor) -> torch.Tensor:
         level = 1 + torch.cos(math.pi * t / T_max)
-        falling = eta_min + (base_lr - eta_min) * level / 2
-        if first:  # torch's initial step keeps the optimizer's lr; a milestone uses the closed form
+        falling = eta_min + (base_lr - eta_min) * level / start
+        if mode == "initial":  # torch's initial step keeps the lr; a milestone: the closed form
             falling = torch.where(t == 0, base_lr, falling)
         cycles = torch.clamp(torch.div(t - (T_max + 1), 2 * T_max, rounding_mode="floor"), min=0)
         after_trough = T_max + 1 + 2 * T_max * cycles

@@ -39,7 +39,7 @@ from functrain.optim.schedules.catalogue import (
     swalr,
 )
 
-__all__ = ["from_torch", "ConversionWarning"]
+__all__ = ["from_torch", "ConversionWarning", "SEQUENTIAL_FIRST_AT_ZERO"]
 
 _IGNORED = ("optimizer", "last_epoch")
 
@@ -283,12 +283,16 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
     if not problems and any(m >= n for m, n in zip(milestones, milestones[1:])):
         problems.append(f"milestones must be strictly increasing, got milestones={milestones!r}")
     config_check(problems, s.where)
-    # torch starts, with its initial step, the member that the milestones select at step 0
-    first = bisect_right(milestones, 0)
+    # torch starts, with its initial step, the member that the milestones select at step 0; before
+    # 2.13 always the first, and a member at milestone 0 then goes on from it at step 1 by plain
+    # steps (`SEQUENTIAL_FIRST_AT_ZERO`)
+    stepped = milestones[:1] == [0] and SEQUENTIAL_FIRST_AT_ZERO
+    first = 0 if stepped else bisect_right(milestones, 0)
     for i, (cls, _) in enumerate(entries):
-        if cls in _COMPOSITES and (i > first or cls is lr_scheduler.SequentialLR):
+        late = i > first + stepped
+        if cls in _COMPOSITES and (late or cls is lr_scheduler.SequentialLR):
             config_check(
-                [_NESTED_SEQUENCE if i == first else _LATE_COMPOSITE.format(i=i, cls=cls.__name__)],
+                [_LATE_COMPOSITE.format(i=i, cls=cls.__name__) if late else _NESTED_SEQUENCE],
                 s.where,
             )
     parts = []
@@ -299,10 +303,42 @@ def _sequential(kwargs: Mapping[str, Any], s: Setting) -> Part:
         # its members
         restarted = cls in (lr_scheduler.ChainedScheduler, lr_scheduler.CyclicLR)
         mode: P.Mode = ("stepped" if restarted else "initial") if i <= first else "entered"
+        mode = "stepped" if stepped and i == 1 else mode
         parts.append(
             _build(cls, kw, Setting(s.base, mode, f"{s.where}, schedulers[{i}] ({cls.__name__})"))
         )
+    if stepped:
+        _check_stepped_from_first(parts, s)
+        return _sequence(parts, [0, 1, *milestones[1:]])
     return _sequence(parts[first:], [0, *milestones[first:]])
+
+
+# torch before 2.13 gives a SequentialLR's initial step to its first member even where a milestone
+# at 0 selects the second (pytorch/pytorch#185872, fixed in 2.13): the first then sets the lr at
+# step 0, and the second, never entered at its milestone, takes plain steps from step 1 on, from
+# the lr the first set. `from_torch` follows the torch it runs with.
+SEQUENTIAL_FIRST_AT_ZERO = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+
+
+def _check_stepped_from_first(parts: Sequence[Part], s: Setting) -> None:
+    """Refuse a member at milestone 0 stepped (torch before 2.13) from an lr other than the base.
+
+    It goes on from the lr the first member set at step 0: a member that multiplies the lr it
+    finds is computed from that lr, any other from the base, which it then must be.
+    """
+    found = _host(parts[0].value, 0)
+    multiplies = parts[1].sets is None and parts[1].factor is not None
+    if found != s.base and not multiplies:
+        config_check([_STEPPED_FROM_FIRST.format(found=found, base=s.base)], s.where)
+
+
+_STEPPED_FROM_FIRST = (
+    "with a milestone at 0, torch before 2.13 sets the lr of step 0 by schedulers[0] ({found!r}), "
+    "and schedulers[1] takes plain steps from that lr on instead of starting from the base lr "
+    "({base!r}), which from_torch reproduces only for a scheduler that multiplies the lr it finds; "
+    "leave out the milestone at 0 and schedulers[0] (what torch 2.13 runs), or start "
+    "schedulers[0] at the base lr"
+)
 
 
 _LATE_COMPOSITE = (
@@ -585,7 +621,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
       `CosineAnnealingWarmRestarts`, a `CosineAnnealingLR` after its trough, a `SequentialLR` at a
       milestone) times every other member's factors since, and a `ChainedScheduler` that starts a
       `SequentialLR` gets torch's extra step-0 factor of `ExponentialLR`, `PolynomialLR`,
-      `CosineAnnealingLR` and `MultiplicativeLR`.
+      `CosineAnnealingLR` and `MultiplicativeLR`. A milestone at 0 is the running torch's: from
+      2.13 the member it selects starts at step 0; before, the first member sets step 0 and the
+      selected one takes plain steps from there (refused where it would go on from an lr other
+      than the base and does not multiply the lr it finds).
 
     * `torch.optim.swa_utils.SWALR` (alone, not in a composite): `functrain.schedules.swalr`, its
       values computed ahead as torch's recursion computes them, bit for bit, from `lr` (the

@@ -25,6 +25,7 @@ resume it as it was written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 import struct
@@ -117,17 +118,33 @@ def host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     counter, which dynamo does not look into: at each run of the graph it calls `fn` with the
     step as an int, where the eager step would. A function dynamo ran outside the graph instead
     (disabled) would split the step at a graph break into frames compiled apart, whose
-    recompilations `compile_step` neither reports nor bounds.
+    recompilations `compile_step` neither reports nor bounds. The operator finds `fn` by a key,
+    a constant of the graph (`_key`).
 
     Raises:
         ConfigError: inside a CUDA graph or a stacked (vmapped) step, where the step is no
             Python int.
     """
     if not torch.compiler.is_compiling():
+        if _REGISTERED.get(id(fn)) is not fn:
+            _register(fn)
         return _host_value(fn, count)
-    if under_vmap() or count.ndim:
-        return _refused_untraced(fn, count)
-    return torch.ops.functrain.host_rate(count, _registered(fn))
+    if under_vmap() or count.ndim:  # known while tracing: refused there, with no graph break
+        raise ConfigError(_NO_HOST_STEP.format(name=_plain_name(fn)))
+    return torch.ops.functrain.host_rate(count, _key(fn))
+
+
+def _key(fn: Callable[[int], Any]) -> int:
+    """`fn`'s key for ``functrain::host_rate``, read while dynamo traces: a constant of the graph.
+
+    A function or callable object is found by its id, which dynamo reads from the object itself:
+    `host_value` registered it under it when first called eagerly, as every transform calls its
+    rate before a step (at step 0 when it is built, for its state's first rate). A partial has no
+    identity under dynamo, which builds one anew from its parts: `_registered_copy` holds that one.
+    """
+    if isinstance(fn, functools.partial):
+        return _registered_copy(fn)
+    return id(fn)
 
 
 def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
@@ -137,28 +154,34 @@ def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     return as_float64(value, count.device)
 
 
-# the refusal under vmap, raised outside dynamo (imports torch._dynamo when first called)
-_refused_untraced = torch._disable_dynamo(_host_value)
-
-# the functions `host_rate` calls, by the key `_registered` gives them: held weakly where they can
-# be (a configuration's compiled graph holds its transform, and so the function, alive)
+# the functions `host_rate` calls, by their ids: held weakly where they can be (a configuration's
+# compiled graph holds its transform, and so the function, alive)
 _REGISTERED: weakref.WeakValueDictionary[int, Callable[[int], Any]] = weakref.WeakValueDictionary()
 _HELD: dict[int, Callable[[int], Any]] = {}
 
 
-def _registered(fn: Callable[[int], Any]) -> int:
-    """`fn`'s key for ``functrain::host_rate``: run while dynamo traces, a constant of the graph."""
+def _register(fn: Callable[[int], Any]) -> None:
     try:
         _REGISTERED[id(fn)] = fn
     except TypeError:  # a callable object that takes no weak reference
         _HELD[id(fn)] = fn
+
+
+def _registered_copy(fn: functools.partial[Any]) -> int:
+    """The key of the copy of a partial that dynamo calls this with while it traces, held here.
+
+    Called so because of the mark below: nothing else holds the copy, one per compilation.
+    A callable object cannot be handed over so (torch 2.11's dynamo refuses it), nor a partial
+    by its id (dynamo's is that of an object of its own).
+    """
+    _HELD[id(fn)] = fn
     return id(fn)
 
 
 # the mark torch.compiler.assume_constant_result sets (dynamo calls the function while it traces
 # and puts its result in the graph); the decorator itself imports torch._dynamo, which importing
 # functrain must not (slow, and it imports torch.distributed.tensor)
-_registered._dynamo_marked_constant = True  # type: ignore[attr-defined]
+_registered_copy._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _host_rate(count: torch.Tensor, key: int) -> torch.Tensor:

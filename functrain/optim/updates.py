@@ -465,8 +465,9 @@ def _fma_alpha(alpha: Scalar | None, p: list[torch.Tensor]) -> TypeGuard[torch.T
 
 
 def _off_cpu_eager(p: list[torch.Tensor]) -> bool:
-    # compiled graphs make their own fusions (they are not bit-identical to torch.optim in any case)
-    return bool(p) and p[0].device.type != "cpu" and not torch.compiler.is_compiling()
+    # compiled graphs make their own fusions (they are not bit-identical to torch.optim in any
+    # case); `len`, not `bool`: torch 2.11's dynamo cannot trace bool() of a list
+    return len(p) > 0 and p[0].device.type != "cpu" and not torch.compiler.is_compiling()
 
 
 def _add_step_(

@@ -544,7 +544,7 @@ def test_a_donated_compiled_step_updates_the_given_tensors_where_they_lie() -> N
     step = ft.compile_step()
     batches = classification_batches((8, 6), 3)
     donated, pure = step(state.clone(), batches[0], donate=True)[0], step(state, batches[0])[0]
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(acc_events=True) as prof:  # (torch 2.11 warns without it)
         donated, _ = step(donated, batches[1], donate=True)
     calls = {e.key: e.count for e in prof.key_averages()}
     assert calls["functrain::fused_update_"] == 1

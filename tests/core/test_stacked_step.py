@@ -262,7 +262,9 @@ def test_a_stacked_state_saved_and_loaded_keeps_its_layout_and_resumes_bit_for_b
 
 def kernel_copies(step) -> int:
     """The copies torch's fused AdamW kernel makes inside `step`."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True
+    ) as prof:
         step()
 
     def in_kernel(event) -> bool:
@@ -303,7 +305,9 @@ def test_the_fused_kernel_walks_a_dense_layout_in_memory_order_without_copying_i
 
 def kernel_calls(step) -> int:
     """The calls of torch's fused AdamW kernel inside `step`."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True
+    ) as prof:
         step()
     return sum(1 for e in prof.events() if e.name == "aten::_fused_adamw_")
 
@@ -378,7 +382,7 @@ def test_a_donated_compiled_stacked_step_writes_into_the_given_tensors_without_c
     moment = given.opt_state.inner.mu[0].data_ptr()
     found: list[ft.TrainState] = []
     shape = list(given.params["0.weight"].shape)
-    with torch.profiler.profile(record_shapes=True) as prof:
+    with torch.profiler.profile(record_shapes=True, acc_events=True) as prof:
         found.append(step(given, data[1], donate=True)[0])
     copies = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
     assert not [e.name for e in prof.events() if e.name in copies and shape in e.input_shapes]

@@ -238,6 +238,20 @@ def test_profiler_writes_a_chrome_trace_for_its_window(tmp_path: Path) -> None:
     assert any(e.get("name") == "ProfilerStep#3" for e in events)
 
 
+def test_a_profiler_whose_trace_fails_to_start_ends_the_run_with_that_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # exiting torch's profiler after its preparation raised would crash the process
+    def refused(self: Any) -> None:
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(torch.autograd.profiler.profile, "_prepare_trace", refused)
+    profiler = ft.Profiler(tmp_path / "traces", wait=1, warmup=1, active=2)
+    with pytest.raises(RuntimeError, match="no profiler here"):
+        quiet_fit(make_state(), sum_dataset(), max_epochs=2, callbacks=[profiler])
+    assert profiler.prof is None and profiler.traces == []
+
+
 def test_jsonl_log_has_a_line_per_log_interval_evaluation_and_epoch(tmp_path: Path) -> None:
     def nan_metric_loss(model: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, metrics = loss_with_mae(model, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,24 @@ def test_a_false_callable_rate_under_compile_step_is_the_eager_steps(steps):
     # the operator finds the function it calls by its key, whatever its truth value
     make = lambda: ft.TrainState.create(  # noqa: E731
         make_tanh_mlp(), ft.adamw(_Warmup(steps)), cross_entropy_loss_fn
+    )
+    eager, compiled = make(), make()
+    step = ft.compile_step(backend="aot_eager")
+    for batch in tanh_mlp_batches(4):
+        eager, expected = ft.train_step(eager, batch)
+        compiled, metrics = step(compiled, batch)
+        assert metrics["lr"].item() == expected["lr"].item()
+    ft.testing.assert_states_equal(compiled, eager)
+
+
+def _scaled_warm(step: int, peak: float) -> float:
+    return peak * warm(step)
+
+
+def test_a_partial_rate_under_compile_step_is_the_eager_steps():
+    # dynamo rebuilds a partial from its parts: the operator calls the copy it was handed
+    make = lambda: ft.TrainState.create(  # noqa: E731
+        make_tanh_mlp(), ft.adamw(functools.partial(_scaled_warm, peak=1e-2)), cross_entropy_loss_fn
     )
     eager, compiled = make(), make()
     step = ft.compile_step(backend="aot_eager")

@@ -20,6 +20,7 @@ from torch.optim import lr_scheduler as L
 
 from functrain import schedules as S
 from functrain.errors import ConfigError
+from functrain.interop.schedulers import SEQUENTIAL_FIRST_AT_ZERO
 from functrain.optim.rules.learning_rate import scale_by_learning_rate
 
 STEPS = 1000
@@ -452,6 +453,29 @@ def test_from_torch_matches_the_torch_scheduler_for_1000_steps(name: str) -> Non
     assert worst_relative_error(schedule(torch.arange(len(expected))).tolist(), expected) <= max(
         rtol, 5e-16
     )
+
+
+WARMED = (L.LinearLR, {"start_factor": 0.5, "total_iters": 4})  # its step 0 is off the base lr
+
+
+@pytest.mark.parametrize(
+    "then",
+    [(L.ExponentialLR, {"gamma": 0.99}), (L.CosineAnnealingLR, {"T_max": 50, "eta_min": 0.01})],
+    ids=["multiplying", "affine"],
+)
+def test_a_milestone_at_zero_after_a_warmed_start_follows_the_torch_it_runs_with(
+    then: tuple[type, dict[str, Any]],
+) -> None:
+    # torch before 2.13 steps the member at milestone 0 on from the lr its first member set at
+    # step 0: reproduced where that member multiplies the lr it finds, refused otherwise
+    kwargs = {"schedulers": [WARMED, then], "milestones": [0]}
+    expected = torch_lrs(L.SequentialLR, 0.1, kwargs, steps=120)
+    if SEQUENTIAL_FIRST_AT_ZERO and then[0] is L.CosineAnnealingLR:
+        with pytest.raises(ConfigError, match=r"milestone at 0, torch before 2\.13 sets"):
+            S.from_torch(L.SequentialLR, lr=0.1, **kwargs)
+        return
+    schedule = S.from_torch(L.SequentialLR, lr=0.1, **kwargs)
+    assert worst_relative_error([schedule(t) for t in range(121)], expected) <= 2e-12
 
 
 def worst_relative_error(got: list[float], expected: list[float]) -> float:

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, config_check
+from functrain.layout import sparse_coo
 from functrain.optim.base import NO_EXTRAS, Extras, ExtrasUpdate, Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.rates import value_at
@@ -122,7 +123,7 @@ def _begin(
 
 def _rows(grad: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A sparse tensor of `grad`'s indices and shape holding `values` (torch's ``_make_sparse``)."""
-    return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, check_invariants=False)
+    return sparse_coo(grad._indices(), values, grad.shape, check=False)
 
 
 def _masked(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -153,11 +154,11 @@ def unused(grad: torch.Tensor) -> bool:
 def no_rows(p: torch.Tensor) -> torch.Tensor:
     """The gradient of a sparse parameter the loss did not use this step: a sparse tensor of `p`'s
     shape without rows, which the updates here skip as torch.optim skips a None gradient."""
-    return torch.sparse_coo_tensor(
+    return sparse_coo(
         torch.zeros((1, 0), dtype=torch.int64, device=p.device),
         torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
         p.shape,
-        check_invariants=False,
+        check=False,
     )
 
 
@@ -300,7 +301,7 @@ def sparse_adagrad(
     Example:
         >>> tx = sparse_adagrad(0.1)
         >>> p = {"w": torch.ones(3, 2)}
-        >>> g = torch.sparse_coo_tensor([[0]], torch.ones(1, 2), (3, 2), check_invariants=True)
+        >>> g = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]).to_sparse(1)  # row 0
         >>> u, s = tx.update({"w": g}, tx.init(p), p)
         >>> u.values[0][:, 0], s.sum_of_squares[0][:, 0]
         (tensor([0.9000, 1.0000, 1.0000]), tensor([1., 0., 0.]))
