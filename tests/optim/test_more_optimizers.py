@@ -296,11 +296,11 @@ def test_preset_matches_torch_default_implementation_bitwise(name: str) -> None:
     assert_matches(CASES[name])
 
 
-def _foreach(make_opt: Callable) -> Callable:
+def _foreach(make_opt: Callable, foreach: bool = True) -> Callable:
     def make(params: dict) -> torch.optim.Optimizer:
         opt = make_opt(params)
         for group in opt.param_groups:
-            group["foreach"] = True
+            group["foreach"] = foreach
         return opt
 
     return make
@@ -325,21 +325,11 @@ def test_nadam_asgd_adafactor_follow_the_single_tensor_implementation_not_the_fo
     # a tolerance only
     case = CASES[name]
     ours, _ = run_functrain(case[0], case[3])
-    single, _ = run_torch(_single_tensor(case[1]), case[3])
+    single, _ = run_torch(_foreach(case[1], foreach=False), case[3])
     foreach, _ = run_torch(_foreach(case[1]), case[3])
     for n in ours:
         assert torch.equal(ours[n], single[n]), n
         torch.testing.assert_close(ours[n], foreach[n], rtol=1e-3, atol=1e-4)
-
-
-def _single_tensor(make_opt: Callable) -> Callable:
-    def make(params: dict) -> torch.optim.Optimizer:
-        opt = make_opt(params)
-        for group in opt.param_groups:
-            group["foreach"] = False
-        return opt
-
-    return make
 
 
 @ft.schedules.tensor_steps
