@@ -534,12 +534,11 @@ def _iqr(xs: list[float]) -> tuple[float, float]:
 
 # the functions each phase's time is measured in (exclusive of the phases nested in them), by
 # module and name; a name a version lacks is left out. The rest of the step is its bookkeeping.
-# (a dotted name reaches into a class: the planned step's methods, `functrain.core.plan.StepPlan`)
+# (a dotted name reaches into a class: the program's stages, `functrain.core.program.StepProgram`)
 PHASES = {
     "loss and backward": [
         ("functrain.core.body", "gradients"),
-        ("functrain.core.plan", "call_loss"),
-        ("functrain.core.plan", "StepPlan._gradients"),
+        ("functrain.core.program", "StepProgram._backward"),
     ],
     "guards and metrics": [
         ("functrain.optim.wrappers", "all_finite"),
@@ -548,14 +547,14 @@ PHASES = {
         ("functrain.core.body", "_tx_metrics"),
         ("functrain.core.body", "_metrics"),
         ("functrain.core.body", "_finite_buffers"),
-        ("functrain.core.plan", "StepPlan._norm"),
-        ("functrain.core.plan", "StepPlan._metrics"),
-        ("functrain.core.plan", "StepPlan._finite"),
+        ("functrain.core.program", "StepProgram._norm"),
+        ("functrain.core.program", "StepProgram._metrics"),
+        ("functrain.core.program", "StepProgram._finite"),
     ],
     "update": [
         ("functrain.core.body", "update_with"),
         ("functrain.core.body", "apply_updates"),
-        ("functrain.core.plan", "StepPlan._update"),
+        ("functrain.core.program", "StepProgram._update"),
     ],
 }
 BOOKKEEPING = "state bookkeeping (scope, counters, state, donation)"

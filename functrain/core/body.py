@@ -55,6 +55,8 @@ from functrain.tree import member_view
 
 __all__ = [
     "SWEEP_ALONE",
+    "backward",
+    "completed",
     "LossOf",
     "Parts",
     "apply",
@@ -122,53 +124,93 @@ def gradients(
         if hooks:
             grads = dict(zip(grads, run_gradient_hooks(list(grads.values()), hooks)))
         return grads, loss, aux
-    leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
+    names = list(state.params)
+    leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
+    sparse = frozenset(sparse_parameters(state.module))
     if loss_of is call_loss and not _gathers(state):
-        # the backward while the module still holds the leaves: checkpointed blocks run again in it
-        loss, aux, grads = call_loss(
-            state,
-            {**leaves, **state.frozen, **buffers},
-            batch,
-            watch={**state.params, **state.frozen},
-            then=lambda loss, aux: (
-                loss.detach(),
-                {k: v.detach() for k, v in aux.items()},
-                _gradients_from(state, loss, scale, [*leaves.values()]),
-            ),
-        )
-    else:
-        scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(leaves, buffers)
-        if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
-            check_scalar_metrics(aux)
-        try:
-            grads = gradients_of(scaled, list(leaves.values()), state.module)
-        except (RuntimeError, RunAgain) as error:
-            refused = checkpoint_refusal(error, "sharded")
-            if refused is not None:
-                raise refused from error
-            raise
+        grads, loss, aux = backward(state, batch, leaves, buffers, scale, hooks, sparse)
+        return dict(zip(names, grads, strict=True)), loss, aux
+    scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(
+        dict(zip(names, leaves)), buffers
+    )
+    if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
+        check_scalar_metrics(aux)
+    try:
+        found = gradients_of(scaled, leaves, state.module)
+    except (RuntimeError, RunAgain) as error:
+        refused = checkpoint_refusal(error, "sharded")
+        if refused is not None:
+            raise refused from error
+        raise
+    grads = completed(found, leaves, names, hooks, sparse)
+    return dict(zip(names, grads, strict=True)), loss, aux
+
+
+def backward(
+    state: StepState,
+    batch: Any,
+    leaves: list[torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    hooks: tuple[tuple[int, Any], ...],
+    sparse: frozenset[str],
+) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """The eager gradient step: the loss function on `leaves`, then ``torch.autograd.grad``.
+
+    The one gradient function of every eager step (the step program's, `functrain.core.program`,
+    and the body's): the loss function runs with the module bound to `leaves` (the parameters as
+    fresh leaves, in the state's order), the frozen weights and `buffers` (copies the forward may
+    write), and the backward runs while the module still holds them (checkpointed blocks run
+    again in it). `hooks` and `sparse`: the parameters' gradient hooks and the names of those
+    with sparse gradients (`functrain.core.structure`), decided by the caller.
+
+    Returns:
+        The gradients (`completed`), the loss and the loss function's metrics, detached.
+
+    Raises:
+        LossError: the loss does not depend on any trainable parameter.
+    """
+    names = list(state.params)
+    loss, aux, grads = call_loss(
+        state,
+        {**dict(zip(names, leaves)), **state.frozen, **buffers},
+        batch,
+        watch={**state.params, **state.frozen} if state.frozen else state.params,
+        then=lambda loss, aux: (
+            loss.detach(),
+            {k: v.detach() for k, v in aux.items()} if aux else aux,
+            _gradients_from(state, loss, scale, leaves),
+        ),
+    )
+    return completed(grads, leaves, names, hooks, sparse), loss, aux
+
+
+def completed(
+    grads: list[torch.Tensor | None],
+    leaves: list[torch.Tensor],
+    names: list[str],
+    hooks: tuple[tuple[int, Any], ...],
+    sparse: frozenset[str],
+) -> list[torch.Tensor]:
+    """The gradients after the parameters' own hooks, one for every leaf.
+
+    A parameter the loss did not use gets a zero gradient (torch.optim's with
+    ``zero_grad(set_to_none=False)``); a sparse one none at all (`no_rows`), which its updates
+    skip as torch.optim skips a parameter without a gradient.
+
+    Raises:
+        LossError: no leaf has a gradient.
+    """
+    if not any(g is None for g in grads):  # (`None in grads` would compare tensors)
+        return run_gradient_hooks(grads, hooks) if hooks else grads  # type: ignore[return-value]
     # requiring grad is not enough: a module the loss closes over has parameters of its own
     if all(g is None for g in grads):
         raise LossError(NO_GRADIENT)
     grads = run_gradient_hooks(grads, hooks)
-    if any(g is None for g in grads):
-        # a parameter the loss did not use: a zero gradient (torch.optim's with
-        # zero_grad(set_to_none=False)); a sparse one none at all, which its updates skip as
-        # torch.optim skips a parameter without a gradient
-        sparse = set(sparse_parameters(state.module))
-        grads = [
-            g
-            if g is not None
-            else no_rows(leaves[k])
-            if k in sparse
-            else torch.zeros_like(leaves[k])
-            for k, g in zip(leaves, grads, strict=True)
-        ]
-    return (
-        dict(zip(leaves, grads, strict=True)),
-        loss,
-        aux,
-    )
+    return [
+        g if g is not None else no_rows(leaf) if name in sparse else torch.zeros_like(leaf)
+        for name, g, leaf in zip(names, grads, leaves, strict=True)
+    ]
 
 
 def check_gradients(state: StepState, batch: Any) -> None:

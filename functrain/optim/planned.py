@@ -12,13 +12,13 @@ them.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from functrain.tree import Tree
 
-__all__ = ["Ran", "Runner", "Planner"]
+__all__ = ["Ran", "Runner", "Planner", "Passing", "Prelude", "chained"]
 
 
 class Ran(NamedTuple):
@@ -43,9 +43,10 @@ class Runner(Protocol):
     ``run(grads, params, state, norm, write, keep=None) -> Ran``: the gradients (laid out as the
     parameters, in the parameters' order), the parameters as a list, the transform's state, the
     gradients' global norm (the step's ``grad_norm``, float32), whether it may write into the
-    parameters and state it is given (a donated step), and a gate from a wrapper (as ``keep=`` of
-    a gated update). Bit for bit what ``update`` and `functrain.optim.updates.apply_updates` give
-    for the same inputs, with none of the decisions ``update`` makes on every call.
+    parameters, state and gradients it is given (a donated step whose gradients are its own), and
+    a gate from a wrapper (as ``keep=`` of a gated update). Bit for bit what ``update`` and
+    `functrain.optim.updates.apply_updates` give for the same inputs, with none of the decisions
+    ``update`` makes on every call.
     """
 
     def __call__(
@@ -59,8 +60,54 @@ class Runner(Protocol):
     ) -> Ran: ...
 
 
+class Passing(Protocol):
+    """A planned transform that hands updates on to the next one in a chain (clipping).
+
+    ``run(grads, state, norm, write, keep=None) -> (updates, state)``: as `Runner`'s arguments,
+    less the parameters; `write` lets it write into the gradients it is given (the step's own).
+    """
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], Tree]: ...
+
+
+class Prelude(NamedTuple):
+    """What a `Planner` returns for a transform that hands updates on: its `Passing` run."""
+
+    run: Passing
+
+
+def chained(preludes: list[Any], last: Runner) -> Runner:
+    """The `Runner` of ``chain(*transforms)``: each prelude's updates handed to the next, then to
+    the last transform's runner, the states gathered in a tuple as `functrain.chain` keeps them.
+    """
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        states = []
+        for prelude, inner in zip(preludes, state):
+            grads, inner = prelude.run(grads, inner, norm, write, keep)
+            states.append(inner)
+        ran = last(grads, params, state[-1], norm, write, keep)
+        return ran._replace(state=(*states, ran.state))
+
+    return run
+
+
 class Planner(Protocol):
-    """``plan(params, state) -> Runner | None``: the update decided for these tensors, if it can be.
+    """``plan(params, state) -> Runner | Prelude | None``: the update decided for these tensors.
 
     Called by the eager step with a state's parameters (a flat dict) and this transform's state;
     None where the update cannot be planned for them (a fresh state's moments held without
@@ -68,4 +115,4 @@ class Planner(Protocol):
     stays valid for the states it returns: the same shapes, dtypes, devices and layouts.
     """
 
-    def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | None: ...
+    def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | Prelude | None: ...

@@ -37,7 +37,7 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
-from functrain.optim.planned import Ran, Runner
+from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.sparse import (
     sparse_twin,
@@ -519,7 +519,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             if getattr(inner, "gated", False) and inner_plan
             else None
         )
-        if run_inner is None:
+        if run_inner is None or isinstance(run_inner, Prelude):
             return None
 
         def run(

@@ -1,0 +1,325 @@
+"""The step program: a configuration's eager step, decided once and run top to bottom.
+
+`functrain.train_step` asks what a state's configuration is (stacked or not, sharded or not,
+which wrappers, which optimizer, which layouts, which hooks) once, in `program_for`; the answer is
+a `StepProgram`, carried by the states its steps return (`TrainState.program`; `replace` drops it,
+and the next step decides again). A step then runs its stages in `StepProgram.run`, each a named
+function below:
+
+    enter (the state's RNG and train mode) -> backward (`functrain.core.body.backward`: the loss
+    function on the state's tensors, the gradients) -> update -> the new state and its metrics
+
+The update is one of two stages, chosen once:
+
+- **planned** (`_planned`), where the optimizer declares a `functrain.optim.planned.Planner` and
+  it plans the state's tensors: the gradients' layouts and global norm, then the optimizer's
+  `Runner` (for the fused presets one kernel call, gated by the norm's finiteness), the EMA,
+  buffers, counters and metrics: the per-step path does arithmetic, not decisions;
+- **general** (`_general`), for every other configuration: the step body's update
+  (`functrain.core.body.apply`: collectives, clipping, the transform, accumulation, the EMA,
+  counters, metrics) with the extras decided once.
+
+Both give the same bits as the compiled and stacked front doors' body (the tests compare them).
+What is decided per step: the skip flag, the window's end, schedule values, counters, the RNG
+swap, the binding, and the checks cheap enough to keep (the write check, the layout check, the
+donation check, an async save's hold).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functrain.core.body import apply, backward, finite_buffers, loss_scale
+from functrain.core.donation import HELD, wait_until_unheld
+from functrain.core.loss import samples_in
+from functrain.core.scope import Scope, device_generator, enter, swap_in, swap_out
+from functrain.core.stacked_step import PerMember, refuse_per_member
+from functrain.core.state import TrainState
+from functrain.core.structure import grad_hooks, sparse_parameters
+from functrain.layout import in_layouts_of
+from functrain.optim.base import NO_EXTRAS, Extras, planner_of, update_with
+from functrain.optim.planned import Prelude, Ran, Runner
+from functrain.optim.sweep import holds_sweep
+from functrain.tree import tree_leaves
+
+__all__ = ["DONATED", "StepProgram", "program_for"]
+
+DONATED = "functrain.train_step(..., donate=True)"
+
+
+class StepProgram:
+    """What a configuration's eager step decided once (`program_for`); `run` is the step."""
+
+    __slots__ = (
+        "runner",
+        "fresh",
+        "strides",
+        "hooks",
+        "sparse",
+        "generator",
+        "ranked",
+        "writes",
+        "guard_buffers",
+        "fp32",
+        "lr_seen",
+        "in_place",
+    )
+
+    def __init__(self, state: TrainState, runner: Runner | None, fresh: bool) -> None:
+        params = list(state.params.values())
+        options = state.options
+        self.runner = runner
+        # the optimizer state's storage does not exist yet (a fresh state's zeros): the state the
+        # first step returns is decided again, once
+        self.fresh = fresh
+        # the layout torch.optim's `.grad` would have: a gradient in another is laid out first
+        self.strides = [p.stride() for p in params]
+        self.hooks = grad_hooks(state.module, list(state.params))  # the parameters' own hooks
+        self.sparse = frozenset(sparse_parameters(state.module))
+        self.generator = device_generator(params[0].device)
+        # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
+        self.ranked = state.dist is not None
+        # gradient statistics need the old weights: such a donated step writes fresh tensors
+        self.writes = state.grad_stats is None
+        self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
+        self.fp32 = all(p.dtype == torch.float32 for p in params)
+        # the last rate reported and its float32 (a constant rate is one tensor: one op saved)
+        self.lr_seen: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
+
+    def run(
+        self, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """`functrain.train_step` on `state`, whose configuration this program is."""
+        if isinstance(batch, PerMember):
+            refuse_per_member(batch)
+        if donate and HELD:  # an async save still reads this state's tensors
+            wait_until_unheld(state)
+        scope = self._enter(state)
+        if self.runner is None:
+            return self._general(state, batch, donate, scope)
+        return self._planned(state, batch, donate, scope)
+
+    def _enter(self, state: TrainState) -> Scope:
+        """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
+        if self.ranked:
+            return enter(state, True)
+        return swap_in(state.module, self.generator, state.rng, True)
+
+    def _backward(
+        self, state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: Any
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """The leaves, their gradients, the loss and the loss function's metrics."""
+        leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
+        grads, loss, aux = backward(state, batch, leaves, buffers, scale, self.hooks, self.sparse)
+        return leaves, grads, loss, aux
+
+    def _general(
+        self, state: TrainState, batch: Any, donate: bool, scope: Scope
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The step with the body's update (`functrain.core.body.apply`)."""
+        written: list[bool] = []
+        try:
+            # the forward writes running statistics into the buffers: copies, never the state's
+            buffers = {k: b.clone() for k, b in state.buffers.items()}
+            scale = loss_scale(state)
+            _, grads, loss, aux = self._backward(state, batch, buffers, scale)
+            extras = Extras(in_place=donate and self.writes, written=written)
+            new, metrics = apply(
+                state, batch, dict(zip(state.params, grads)), buffers, loss, aux, scale, extras
+            )
+            new["rng"] = swap_out(scope)
+        except BaseException as error:
+            _restore(scope)
+            if donate and written:  # the update may have written some of the state's tensors
+                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+            raise
+        stepped = state.stepped(self, new)
+        if self.fresh:  # the optimizer's state has its storage now: decided again, once
+            object.__setattr__(stepped, "program", program_for(stepped))
+        if donate:
+            state.retire(DONATED)
+        return stepped, metrics
+
+    def _planned(
+        self, state: TrainState, batch: Any, donate: bool, scope: Scope
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The step with the optimizer's planned update (`functrain.optim.planned.Runner`)."""
+        runner = self.runner
+        assert runner is not None  # (`run` chose this stage for it)
+        updated = False
+        try:
+            params = list(state.params.values())
+            buffers = {k: b.clone() for k, b in state.buffers.items()}
+            _, grads, loss, aux = self._backward(state, batch, buffers, None)
+            if [g.stride() for g in grads] != self.strides:
+                grads = in_layouts_of(grads, params)
+            norm = self._norm(grads)
+            try:
+                # a gradient a hook handed in may be kept by it: never written
+                ran = runner(grads, params, state.opt_state, norm, donate and not self.hooks)
+                updated = True
+            except BaseException as error:
+                if donate:  # the update may have written some of the state's tensors
+                    state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+                raise
+        except BaseException:
+            _restore(scope)
+            raise
+        try:
+            return self._finished(state, batch, donate, scope, ran, buffers, loss, norm, aux)
+        except BaseException as error:  # (an interrupt): the update wrote the given state
+            if donate and updated:
+                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+            raise
+
+    def _finished(
+        self,
+        state: TrainState,
+        batch: Any,
+        donate: bool,
+        scope: Scope,
+        ran: Ran,
+        buffers: dict[str, torch.Tensor],
+        loss: torch.Tensor,
+        norm: torch.Tensor,
+        aux: dict[str, torch.Tensor],
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The new state and the metrics, once the planned update ran."""
+        counters = torch._foreach_add(
+            [state.step, state.epoch_step, state.samples_seen], [1, 1, samples_in(batch)]
+        )
+        skipped = ran.skipped
+        params = dict(zip(state.params, ran.params))
+        if buffers:
+            buffers = self._finite(buffers, state.buffers)
+        new = state.stepped(
+            self,
+            {
+                "params": params,
+                "buffers": buffers,
+                "opt_state": ran.state,
+                "ema_state": self._averaged(state, params, buffers, skipped, donate),
+                "step": counters[0],
+                "epoch_step": counters[1],
+                "samples_seen": counters[2],
+                "skipped": state.skipped + skipped if skipped is not None else state.skipped,
+                "rng": swap_out(scope),
+            },
+        )
+        if donate:
+            state.retire(DONATED)
+        aux = {k: v.detach() for k, v in aux.items()} if aux else aux
+        return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux)
+
+    def _averaged(
+        self,
+        state: TrainState,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        skipped: torch.Tensor | None,
+        donate: bool,
+    ) -> Any:
+        """The EMA (or equal average) after the update, moved only where it was applied."""
+        averager = state.averager
+        if state.ema_state is None or averager is None:
+            return state.ema_state
+        averaged = (params, buffers) if state.options.ema_buffers else params
+        applied = None if skipped is None else ~skipped
+        extras = self.in_place if donate else NO_EXTRAS
+        return update_with(averager, averaged, state.ema_state, None, extras, applied)[1]
+
+    def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The gradients' global norm: `functrain.tree.global_norm`, the body's, by the same ops."""
+        found = torch._foreach_norm(grads)
+        return torch.linalg.vector_norm(
+            torch.stack(found if self.fp32 else [n.float() for n in found])
+        )
+
+    def _finite(
+        self, buffers: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The new buffers, each floating one kept as it was where the batch made it non-finite."""
+        return finite_buffers(buffers, old) if self.guard_buffers else buffers
+
+    def _metrics(
+        self,
+        loss: torch.Tensor,
+        norm: torch.Tensor,
+        lr: torch.Tensor | None,
+        skipped: torch.Tensor | None,
+        flag: torch.Tensor | None,
+        aux: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The body's metrics, in its order: loss, norm, rate, skip flag, the loss function's."""
+        seen, seen_f = self.lr_seen
+        if lr is not seen or seen_f is None:
+            seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
+            self.lr_seen = (lr, seen_f)
+        if flag is None:
+            flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
+        return {
+            "loss": loss if loss.dtype == torch.float32 else loss.float(),
+            "grad_norm": norm,
+            "lr": seen_f,
+            "skipped": flag,
+            **aux,
+        }
+
+
+def _restore(scope: Scope) -> None:
+    """The caller's RNG and module mode, after a step that raised."""
+    swap_out(scope)
+
+
+def program_for(state: TrainState) -> StepProgram | None:
+    """The program of `state`'s eager step, or None where the step is not one program yet.
+
+    None for a stacked state (`functrain.core.stacked`), a sharded one, an optimizer holding a
+    sweep outside a stacked state (refused by the step), and a state without trainable tensors.
+    """
+    tx = state.tx
+    dist = state.dist
+    if (
+        state.members
+        or (dist is not None and dist.sharding is not None)
+        or not state.params
+        or holds_sweep(tx)
+    ):
+        return None
+    runner, fresh = _runner(state)
+    return StepProgram(state, runner, fresh)
+
+
+def _runner(state: TrainState) -> tuple[Runner | None, bool]:
+    """The optimizer's planned update for `state`'s tensors, and whether to decide again once.
+
+    Planned where the configuration is eager and unstacked with no process group, no
+    accumulation, no gradient statistics and no fp16 loss scale, and its optimizer has a planner
+    (`functrain.optim.base.planner_of`): the fused ``adamw``/``adam``/``sgd``/``adagrad`` and
+    `skip_nonfinite` around them.
+    """
+    options = state.options
+    planner = planner_of(state.tx)
+    if (
+        planner is None
+        or state.dist is not None
+        or state.grad_stats is not None
+        or options.accumulate_steps != 1
+        or options.precision == "fp16"
+        or sparse_parameters(state.module)
+        or not all(
+            type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
+        )
+    ):
+        return None, False
+    runner = planner(state.params, state.opt_state)
+    if runner is not None and not isinstance(runner, Prelude):
+        return runner, False
+    # a fresh state's moments have no storage yet: the state its first step returns has
+    fresh = any(
+        isinstance(x, torch.Tensor) and 0 in x.stride() for x in tree_leaves(state.opt_state)
+    )
+    return None, fresh
