@@ -128,7 +128,8 @@ def gradients(
     leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
     sparse = frozenset(sparse_parameters(state.module))
     if loss_of is call_loss and not _gathers(state):
-        grads, loss, aux = backward(state, batch, leaves, buffers, scale, hooks, sparse)
+        divisor = loss_divisor(state.options)
+        grads, loss, aux = backward(state, batch, leaves, buffers, scale, hooks, sparse, divisor)
         return dict(zip(names, grads, strict=True)), loss, aux
     scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(
         dict(zip(names, leaves)), buffers
@@ -154,6 +155,8 @@ def backward(
     scale: torch.Tensor | None,
     hooks: tuple[tuple[int, Any], ...],
     sparse: frozenset[str],
+    divisor: int | None,
+    plain: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """The eager gradient step: the loss function on `leaves`, then ``torch.autograd.grad``.
 
@@ -161,8 +164,10 @@ def backward(
     and the body's): the loss function runs with the module bound to `leaves` (the parameters as
     fresh leaves, in the state's order), the frozen weights and `buffers` (copies the forward may
     write), and the backward runs while the module still holds them (checkpointed blocks run
-    again in it). `hooks` and `sparse`: the parameters' gradient hooks and the names of those
-    with sparse gradients (`functrain.core.structure`), decided by the caller.
+    again in it). Decided by the caller: `hooks` and `sparse`, the parameters' gradient hooks and
+    the names of those with sparse gradients (`functrain.core.structure`); `divisor`, what the
+    loss is divided by (`functrain.core.options.loss_divisor`); `plain`, whether the parameters
+    are plain tensors (`functrain.core.loss.gradients_of`).
 
     Returns:
         The gradients (`completed`), the loss and the loss function's metrics, detached.
@@ -179,7 +184,7 @@ def backward(
         then=lambda loss, aux: (
             loss.detach(),
             {k: v.detach() for k, v in aux.items()} if aux else aux,
-            _gradients_from(state, loss, scale, leaves),
+            _gradients_from(state, loss, scale, leaves, divisor, plain),
         ),
     )
     return completed(grads, leaves, names, hooks, sparse), loss, aux
@@ -292,25 +297,33 @@ def differentiated(
 
 
 def _gradients_from(
-    state: StepState, loss: torch.Tensor, scale: torch.Tensor | None, leaves: list[torch.Tensor]
+    state: StepState,
+    loss: torch.Tensor,
+    scale: torch.Tensor | None,
+    leaves: list[torch.Tensor],
+    divisor: int | None,
+    plain: bool = False,
 ) -> list[torch.Tensor | None]:
     """The eager backward of `differentiated`, without its division by the window as an op.
 
-    Under the "loss" convention autograd would hand `loss` the gradient ``scale / N`` (``1 / N``
-    without a scale: the division's backward, of its output's ``scale`` or 1): the backward starts
-    from that instead, made in one op, rather than a division in the forward and its node in the
-    backward (about 10 us a step on a 20-48-5 MLP here), with the same bits.
+    Under the "loss" convention (`divisor`: `loss_divisor`) autograd would hand `loss` the
+    gradient ``scale / N`` (``1 / N`` without a scale: the division's backward, of its output's
+    ``scale`` or 1): the backward starts from that instead, made in one op, rather than a division
+    in the forward and its node in the backward (about 10 us a step on a 20-48-5 MLP here), with
+    the same bits. `plain`: the leaves are plain tensors (`functrain.core.loss.gradients_of`).
     """
-    divisor = loss_divisor(state.options)
     if divisor is None:
-        return gradients_of(differentiated(state, loss, scale), leaves, state.module)
+        seed = None if scale is None else scale.to(loss.dtype)
+        if seed is not None:
+            loss = loss * seed
+        return gradients_of(loss, leaves, state.module, plain=plain)
     # a fresh tensor: the gradients may be views of it (a sum's backward expands it)
     start = (
         torch.div(scale.to(loss.dtype), divisor)
         if scale is not None
         else torch.full((), _reciprocal(loss.dtype, divisor), dtype=loss.dtype, device=loss.device)
     )
-    return gradients_of(loss, leaves, state.module, start)
+    return gradients_of(loss, leaves, state.module, start, plain=plain)
 
 
 # ``1 / N`` as torch's division computes it in a dtype, by (dtype, N): a float the dtype holds

@@ -34,6 +34,7 @@ import torch
 from functrain.core.body import apply, backward, finite_buffers, loss_scale
 from functrain.core.donation import HELD, wait_until_unheld
 from functrain.core.loss import samples_in
+from functrain.core.options import loss_divisor
 from functrain.core.scope import Scope, device_generator, enter, swap_in, swap_out
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState
@@ -65,6 +66,8 @@ class StepProgram:
         "fp32",
         "lr_seen",
         "in_place",
+        "divisor",
+        "plain",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, fresh: bool) -> None:
@@ -88,6 +91,8 @@ class StepProgram:
         # the last rate reported and its float32 (a constant rate is one tensor: one op saved)
         self.lr_seen: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
+        self.divisor = loss_divisor(options)  # the loss divided by the window ("loss")
+        self.plain = all(type(p) is torch.Tensor for p in params)
 
     def run(
         self, state: TrainState, batch: Any, donate: bool
@@ -113,7 +118,9 @@ class StepProgram:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """The leaves, their gradients, the loss and the loss function's metrics."""
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-        grads, loss, aux = backward(state, batch, leaves, buffers, scale, self.hooks, self.sparse)
+        grads, loss, aux = backward(
+            state, batch, leaves, buffers, scale, self.hooks, self.sparse, self.divisor, self.plain
+        )
         return leaves, grads, loss, aux
 
     def _general(

@@ -8,6 +8,8 @@ checkpoint is loaded against them. `TrainState.create` is the only place that ca
 
 from __future__ import annotations
 
+import operator
+
 import copy
 import functools
 from collections.abc import Callable, Iterable
@@ -385,8 +387,8 @@ class TrainState:
         generic evolve, once a step), and `program` is the new state's step program (or None).
         """
         new = object.__new__(TrainState)
-        for name in _INIT_FIELDS:
-            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        for name, value in zip(_INIT_FIELDS, _init_values(self), strict=True):
+            object.__setattr__(new, name, changes[name] if name in changes else value)
         object.__setattr__(new, "_donated_to", None)
         object.__setattr__(new, "_unchecked", False)
         object.__setattr__(new, "program", program)
@@ -629,6 +631,8 @@ TREE_FIELDS = tuple(
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
 # the fields `replace` sets, and those it sets without attrs' validators (all but `driver`'s)
 _INIT_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.init)
+# a state's fields in `_INIT_FIELDS`' order, read in one call (a step builds a state from them)
+_init_values = operator.attrgetter(*_INIT_FIELDS)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
 _COUNTER_SET = frozenset(COUNTERS)
 _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})

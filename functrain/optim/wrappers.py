@@ -406,7 +406,22 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         new_updates = NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)
         return new_updates, PartitionState(tuple(states)), report
 
-    grouped = Transform(init_fn, ExtrasUpdate(update_fn, reports=True))
+    def plan(params: dict[str, torch.Tensor], state: PartitionState) -> Runner | None:
+        # each group's runner on its indices, where every group's update is planned
+        found, names = _labels_of(labels, params, known), list(params)
+        leaves = list(params.values())
+        groups = []
+        for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
+            planner = planner_of(inner)
+            index = [i for i, lab in enumerate(found) if lab == label]
+            group = split(leaves, names, found, label)
+            runner = planner(group, inner_state) if planner is not None and group else None
+            if runner is None or isinstance(runner, Prelude):
+                return None
+            groups.append((index, runner))
+        return _grouped_runner(groups, len(leaves))
+
+    grouped = Transform(init_fn, ExtrasUpdate(update_fn, reports=True, plan=plan))
     # a group for sparse gradients (`functrain.sparse_adam`): the embeddings' rows go there
     if any(map(takes_sparse, transforms.values())):
         return takes_sparse_too(grouped)
@@ -424,6 +439,36 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             ),
         )
     return grouped
+
+
+def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
+    """The `Runner` of a `partition` whose groups are all planned: each group's on its indices.
+
+    It reports the first group's rate and skip flag, as the step reads a partition's metrics.
+    """
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: PartitionState,
+        norm: torch.Tensor,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        new: list[Any] = [None] * n
+        states, first = [], None
+        for (index, runner), inner in zip(groups, state.inner, strict=True):
+            ran = runner(
+                [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
+            )
+            for i, x in zip(index, ran.params, strict=True):
+                new[i] = x
+            states.append(ran.state)
+            first = first or ran
+        assert first is not None  # (a partition has a group)
+        return first._replace(params=new, state=PartitionState(tuple(states)))
+
+    return run
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -513,12 +558,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one
+        # (every `Runner` takes the gate, as a gated update: `functrain.optim.planned`)
         inner_plan = planner_of(inner)
-        run_inner = (
-            inner_plan(params, state.inner)
-            if getattr(inner, "gated", False) and inner_plan
-            else None
-        )
+        run_inner = inner_plan(params, state.inner) if inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
 

@@ -66,6 +66,11 @@ OPTIMIZERS: dict[str, Callable[[], Any]] = {
     "sgd_momentum": lambda: ft.sgd(0.1, momentum=0.9, fused=True),
     "adagrad": lambda: ft.adagrad(0.1, fused=True),
     "adamw_masked": lambda: ft.adamw(1e-2, mask=lambda name, p: p.ndim > 1),
+    "partition": lambda: ft.partition(
+        lambda name, p: "weights" if p.ndim > 1 else "biases",
+        weights=ft.adamw(ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10)),
+        biases=ft.sgd(ft.schedules.cosine_decay(2e-2, 10), momentum=0.9, weight_decay=0.0),
+    ),
 }
 
 
@@ -188,11 +193,17 @@ def test_the_first_step_of_a_fresh_state_runs_the_general_update_and_plans_the_n
     ("optimizer", "options"),
     [
         (lambda: ft.adamw(1e-2, fused=False), {}),
+        (
+            lambda: ft.partition(
+                lambda name, p: "m" if p.ndim > 1 else "v", m=ft.rmsprop(1e-2), v=ft.adamw(1e-2)
+            ),
+            {},
+        ),
         (lambda: ft.adamw(1e-2), {"accumulate_steps": 2}),
         (lambda: ft.adamw(1e-2), {"precision": "fp16"}),
         (lambda: ft.adamw(1e-2), {"grad_stats": "layer"}),
     ],
-    ids=["foreach", "accumulation", "fp16", "grad_stats"],
+    ids=["foreach", "a_group_unplanned", "accumulation", "fp16", "grad_stats"],
 )
 def test_configurations_without_a_planner_run_the_general_update(
     optimizer: Callable[[], Any], options: dict[str, Any]
