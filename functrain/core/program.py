@@ -68,6 +68,7 @@ class StepProgram:
         "in_place",
         "divisor",
         "plain",
+        "window",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, fresh: bool) -> None:
@@ -93,6 +94,7 @@ class StepProgram:
         self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
         self.divisor = loss_divisor(options)  # the loss divided by the window ("loss")
         self.plain = all(type(p) is torch.Tensor for p in params)
+        self.window = options.accumulate_steps
 
     def run(
         self, state: TrainState, batch: Any, donate: bool
@@ -163,11 +165,14 @@ class StepProgram:
             _, grads, loss, aux = self._backward(state, batch, buffers, None)
             if [g.stride() for g in grads] != self.strides:
                 grads = in_layouts_of(grads, params)
-            norm = self._norm(grads)
+            # with accumulation the window's norm is reported: its runner measures it
+            norm = self._norm(grads) if self.window == 1 else None
             try:
                 # a gradient a hook handed in may be kept by it: never written
                 ran = runner(grads, params, state.opt_state, norm, donate and not self.hooks)
                 updated = True
+                if ran.norm is not None:
+                    norm = ran.norm
             except BaseException as error:
                 if donate:  # the update may have written some of the state's tensors
                     state.retire(f"{DONATED}, which then raised {type(error).__name__}")
@@ -195,23 +200,23 @@ class StepProgram:
         aux: dict[str, torch.Tensor],
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """The new state and the metrics, once the planned update ran."""
-        counters = torch._foreach_add(
-            [state.step, state.epoch_step, state.samples_seen], [1, 1, samples_in(batch)]
-        )
         skipped = ran.skipped
         params = dict(zip(state.params, ran.params))
         if buffers:
             buffers = self._finite(buffers, state.buffers)
+        changes = self._counters(state, ran, samples_in(batch))
+        applied = None if skipped is None else ~skipped
+        completed = changes.pop("completed", None)
+        if completed is not None:  # the EMA moves where a window ended and was applied
+            applied = completed if applied is None else completed & applied
         new = state.stepped(
             self,
             {
+                **changes,
                 "params": params,
                 "buffers": buffers,
                 "opt_state": ran.state,
-                "ema_state": self._averaged(state, params, buffers, skipped, donate),
-                "step": counters[0],
-                "epoch_step": counters[1],
-                "samples_seen": counters[2],
+                "ema_state": self._averaged(state, params, buffers, applied, donate),
                 "skipped": state.skipped + skipped if skipped is not None else state.skipped,
                 "rng": swap_out(scope),
             },
@@ -221,20 +226,38 @@ class StepProgram:
         aux = {k: v.detach() for k, v in aux.items()} if aux else aux
         return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux)
 
+    def _counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
+        """The counters after the batch; with accumulation, ``completed``: whether a window ended
+        (the body's `_counters`, op for op)."""
+        if self.window == 1:
+            # one foreach op for the three counters every batch advances, not one op each
+            counters = torch._foreach_add(
+                [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
+            )
+            return {"step": counters[0], "epoch_step": counters[1], "samples_seen": counters[2]}
+        micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
+        completed = micro == 0
+        return {
+            "step": state.step + completed.long(),
+            "micro_step": micro,
+            "epoch_step": state.epoch_step + 1,
+            "samples_seen": state.samples_seen + samples,
+            "completed": completed,
+        }
+
     def _averaged(
         self,
         state: TrainState,
         params: dict[str, torch.Tensor],
         buffers: dict[str, torch.Tensor],
-        skipped: torch.Tensor | None,
+        applied: torch.Tensor | None,
         donate: bool,
     ) -> Any:
-        """The EMA (or equal average) after the update, moved only where it was applied."""
+        """The EMA (or equal average) after the update, moved only where it was `applied`."""
         averager = state.averager
         if state.ema_state is None or averager is None:
             return state.ema_state
         averaged = (params, buffers) if state.options.ema_buffers else params
-        applied = None if skipped is None else ~skipped
         extras = self.in_place if donate else NO_EXTRAS
         return update_with(averager, averaged, state.ema_state, None, extras, applied)[1]
 
@@ -303,10 +326,11 @@ def program_for(state: TrainState) -> StepProgram | None:
 def _runner(state: TrainState) -> tuple[Runner | None, bool]:
     """The optimizer's planned update for `state`'s tensors, and whether to decide again once.
 
-    Planned where the configuration is eager and unstacked with no process group, no
-    accumulation, no gradient statistics and no fp16 loss scale, and its optimizer has a planner
-    (`functrain.optim.base.planner_of`): the fused ``adamw``/``adam``/``sgd``/``adagrad`` and
-    `skip_nonfinite` around them.
+    Planned where the configuration is eager and unstacked with no process group, no gradient
+    statistics and no fp16 loss scale, and its transform has a planner
+    (`functrain.optim.base.planner_of`): the fused ``adamw``/``adam``/``sgd``/``adagrad``, and
+    `skip_nonfinite`, `accumulate`, `partition` and a `chain` after `clip_by_global_norm` around
+    planned ones.
     """
     options = state.options
     planner = planner_of(state.tx)
@@ -314,7 +338,6 @@ def _runner(state: TrainState) -> tuple[Runner | None, bool]:
         planner is None
         or state.dist is not None
         or state.grad_stats is not None
-        or options.accumulate_steps != 1
         or options.precision == "fp16"
         or sparse_parameters(state.module)
         or not all(

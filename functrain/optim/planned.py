@@ -27,7 +27,9 @@ class Ran(NamedTuple):
     The step reports ``lr`` (the rate of the last update applied, 0-d) and ``skipped`` (0-d bool:
     this update was skipped as non-finite) among its metrics; ``flag`` is ``skipped`` as the
     float32 the metric is, where the update computed it already (a fused kernel's ``found_inf``).
-    None where the update has no such value (never skips, has no rate).
+    None where the update has no such value (never skips, has no rate). ``norm``: the step's
+    ``grad_norm`` where the update measures it itself (`functrain.accumulate`: its window's), None
+    where the step's own norm of the gradients stands.
     """
 
     params: list[torch.Tensor]
@@ -35,6 +37,7 @@ class Ran(NamedTuple):
     lr: torch.Tensor | None
     skipped: torch.Tensor | None
     flag: torch.Tensor | None
+    norm: torch.Tensor | None = None
 
 
 class Runner(Protocol):
@@ -42,7 +45,8 @@ class Runner(Protocol):
 
     ``run(grads, params, state, norm, write, keep=None) -> Ran``: the gradients (laid out as the
     parameters, in the parameters' order), the parameters as a list, the transform's state, the
-    gradients' global norm (the step's ``grad_norm``, float32), whether it may write into the
+    gradients' global norm (the step's ``grad_norm``, float32; None for an update that measures its
+    own, `Ran.norm`: the step then does not measure it), whether it may write into the
     parameters, state and gradients it is given (a donated step whose gradients are its own), and
     a gate from a wrapper (as ``keep=`` of a gated update). Bit for bit what ``update`` and
     `functrain.optim.updates.apply_updates` give for the same inputs, with none of the decisions

@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
+from functrain.layout import obeys_layout
 from functrain.optim.base import (
     NO_EXTRAS,
     NO_REPORT,
@@ -35,7 +36,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
-from functrain.optim.metrics import walk_states
+from functrain.optim.metrics import metric_reader, walk_states
 from functrain.optim.naming import named
 from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.porting import torch_object_hint
@@ -46,7 +47,7 @@ from functrain.optim.rules.sparse import (
     with_sparse_twin,
 )
 from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
-from functrain.optim.zeros import counter, light_copy, writable, zeros_like
+from functrain.optim.zeros import counter, is_shared, light_copy, writable, zeros_like
 from functrain.tree import (
     LOCAL_NORMS,
     Norms,
@@ -780,9 +781,81 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         )
         return new_updates, new_state, NO_REPORT if norm is None else Report(norm)
 
+    def plan(params: dict[str, torch.Tensor], state: AccumulateState) -> Runner | None:
+        # the inner update planned, on sums with storage of their own in their parameters' layout
+        inner_plan = planner_of(inner)
+        run_inner = inner_plan(params, state.inner) if inner_plan else None
+        p = list(params.values())
+        if (
+            run_inner is None
+            or isinstance(run_inner, Prelude)
+            or any(x.is_sparse for x in p)
+            or not all(
+                not is_shared(s) and obeys_layout(s, x)
+                for s, x in zip(state.grad_sum, p, strict=True)
+            )
+        ):
+            return None
+        rate, skip = metric_reader(state.inner, "lr"), metric_reader(state.inner, "skipped")
+        return _window_runner(run_inner, every, mean, rate, skip)
+
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware, reports=True))
+    update = ExtrasUpdate(update_fn, members=aware, reports=True, plan=plan)
+    return Transform(init_fn, update)
+
+
+def _window_runner(
+    run_inner: Runner, every: int, mean: bool, lr_of: Any, skipped_of: Any
+) -> Runner:
+    """The `Runner` of `accumulate` around a planned inner update: `accumulate`'s ``update_fn``
+    with the inner runner in place of its update, op for op.
+
+    `lr_of` and `skipped_of` read the inner state's rate and skip flag (`metric_reader`), which a
+    micro-step between window ends reports as they are.
+    """
+    start = 0.0 if mean else -0.0
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: AccumulateState,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        addends = [x.to(s.dtype) for x, s in zip(grads, state.grad_sum, strict=True)]
+        if write:  # a donated step: the sums accumulate in their own storage
+            sums = list(state.grad_sum)
+            torch._foreach_add_(sums, addends)
+        else:
+            sums = list(torch._foreach_add(state.grad_sum, addends))
+        last = state.micro_step == every - 1
+        ends = flag_value(last)  # None where it cannot be read without a sync
+        between = global_norm(sums) if every > 1 and ends is not True else None
+        if between is not None and mean:
+            between = between / every
+        if ends is False:  # the window goes on: the inner update would be a no-op
+            unmoved, inner_state = _unmoved(params, state.inner, write)
+            skipped = skipped_of(inner_state) & last if skipped_of is not None else None
+            lr = lr_of(inner_state) if lr_of is not None else None
+            ran = Ran(list(unmoved.values), inner_state, lr, skipped, None)
+            window_norm = between
+        else:
+            handed = _handed(sums, grads, every, mean, write)
+            measured = global_norm(handed)
+            ran = run_inner(handed, params, state.inner, measured, write, None if ends else last)
+            if ran.norm is not None:  # an inner accumulate's
+                measured = ran.norm
+            window_norm = measured if between is None else torch.where(last, measured, between)
+            if ends is None and ran.skipped is not None:
+                ran = ran._replace(skipped=ran.skipped & last, flag=None)
+            sums = _restarted(sums, last, ends, write, start)
+        micro = torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1)
+        new_state = AccumulateState(ran.state, micro, tuple(sums))
+        return ran._replace(state=new_state, norm=window_norm)
+
+    return run
 
 
 # what `accumulate` hands its inner transform of a window's gradients
