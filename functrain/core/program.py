@@ -196,7 +196,7 @@ class StepProgram:
         ran: Ran,
         buffers: dict[str, torch.Tensor],
         loss: torch.Tensor,
-        norm: torch.Tensor,
+        norm: torch.Tensor | None,
         aux: dict[str, torch.Tensor],
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """The new state and the metrics, once the planned update ran."""
@@ -223,7 +223,7 @@ class StepProgram:
         )
         if donate:
             state.retire(DONATED)
-        aux = {k: v.detach() for k, v in aux.items()} if aux else aux
+        assert norm is not None  # the step's, or its window's (`Ran.norm`)
         return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux)
 
     def _counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:

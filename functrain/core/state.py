@@ -8,10 +8,9 @@ checkpoint is loaded against them. `TrainState.create` is the only place that ca
 
 from __future__ import annotations
 
-import operator
-
 import copy
 import functools
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 

@@ -58,7 +58,7 @@ class Runner(Protocol):
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         state: Tree,
-        norm: torch.Tensor,
+        norm: torch.Tensor | None,
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran: ...
@@ -96,11 +96,12 @@ def chained(preludes: list[Any], last: Runner) -> Runner:
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         state: Tree,
-        norm: torch.Tensor,
+        norm: torch.Tensor | None,
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
         states = []
+        assert norm is not None or not preludes  # (clipping reads the step's norm)
         for prelude, inner in zip(preludes, state):
             grads, inner = prelude.run(grads, inner, norm, write, keep)
             states.append(inner)

@@ -452,7 +452,7 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         state: PartitionState,
-        norm: torch.Tensor,
+        norm: torch.Tensor | None,
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
@@ -569,10 +569,11 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             grads: list[torch.Tensor],
             params: list[torch.Tensor],
             state: SkipNonfiniteState,
-            norm: torch.Tensor,
+            norm: torch.Tensor | None,
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> Ran:
+            assert norm is not None  # (the step's, or a window's: `Runner`)
             finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
             ran = run_inner(
                 grads, params, state.inner, norm, write, finite if keep is None else finite & keep
