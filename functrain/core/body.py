@@ -54,6 +54,7 @@ from functrain.optim.wrappers import find_loss_scale
 from functrain.tree import member_view
 
 __all__ = [
+    "OWN_TX_METRICS",
     "SWEEP_ALONE",
     "backward",
     "completed",
@@ -77,7 +78,7 @@ LossOf = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 # metrics of the built-in transforms that the step reports itself, or not at all (counters); any
 # other metric a transform's state exposes (a custom transform's `metrics()`) joins the step's
-_OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
+OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
 
 
 def _functional() -> bool:
@@ -679,7 +680,7 @@ def _metrics(
         "grad_norm": grad_norm,
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
         "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
-        **{k: v.float() for k, v in tx_metrics.items() if k not in _OWN_TX_METRICS},
+        **{k: v.float() for k, v in tx_metrics.items() if k not in OWN_TX_METRICS},
         **aux,
     }
 

@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from functrain.core.body import apply, backward, finite_buffers, loss_scale
+from functrain.core.body import (
+    OWN_TX_METRICS,
+    apply,
+    backward,
+    finite_buffers,
+    in_param_strides,
+    loss_scale,
+)
 from functrain.core.donation import HELD, wait_until_unheld
 from functrain.core.loss import samples_in
 from functrain.core.options import loss_divisor
@@ -40,10 +47,12 @@ from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState
 from functrain.core.structure import grad_hooks, sparse_parameters
 from functrain.layout import in_layouts_of
-from functrain.optim.base import NO_EXTRAS, Extras, planner_of, update_with
+from functrain.optim.base import NO_EXTRAS, Extras, planner_of, update_reporting, update_with
+from functrain.optim.metrics import metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.sweep import holds_sweep
-from functrain.tree import tree_leaves
+from functrain.optim.updates import apply_updates
+from functrain.tree import LOCAL_NORMS, global_norm, tree_leaves
 
 __all__ = ["DONATED", "StepProgram", "program_for"]
 
@@ -55,6 +64,7 @@ class StepProgram:
 
     __slots__ = (
         "runner",
+        "stage",
         "fresh",
         "strides",
         "hooks",
@@ -71,10 +81,13 @@ class StepProgram:
         "window",
     )
 
-    def __init__(self, state: TrainState, runner: Runner | None, fresh: bool) -> None:
+    def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
         params = list(state.params.values())
         options = state.options
         self.runner = runner
+        # which update runs: "planned" (the transform's `Planner`), "updated" (its own update,
+        # `_updating`), "general" (the body's, `functrain.core.body.apply`)
+        self.stage = stage
         # the optimizer state's storage does not exist yet (a fresh state's zeros): the state the
         # first step returns is decided again, once
         self.fresh = fresh
@@ -221,6 +234,8 @@ class StepProgram:
                 "rng": swap_out(scope),
             },
         )
+        if self.fresh:  # the optimizer's state has its storage now: decided again, once
+            object.__setattr__(new, "program", program_for(new))
         if donate:
             state.retire(DONATED)
         assert norm is not None  # the step's, or its window's (`Ran.norm`)
@@ -319,24 +334,24 @@ def program_for(state: TrainState) -> StepProgram | None:
         or holds_sweep(tx)
     ):
         return None
-    runner, fresh = _runner(state)
-    return StepProgram(state, runner, fresh)
+    runner, stage, fresh = _runner(state)
+    return StepProgram(state, runner, stage, fresh)
 
 
-def _runner(state: TrainState) -> tuple[Runner | None, bool]:
-    """The optimizer's planned update for `state`'s tensors, and whether to decide again once.
+def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
+    """The update's `Runner` for `state`'s tensors, and whether to decide again once.
 
-    Planned where the configuration is eager and unstacked with no process group, no gradient
-    statistics and no fp16 loss scale, and its transform has a planner
-    (`functrain.optim.base.planner_of`): the fused ``adamw``/``adam``/``sgd``/``adagrad``, and
-    `skip_nonfinite`, `accumulate`, `partition` and a `chain` after `clip_by_global_norm` around
-    planned ones.
+    For a configuration that is eager and unstacked with no process group, no gradient
+    statistics, no fp16 loss scale and no sparse gradients: the transform's planned update where
+    it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
+    ``adagrad``, and `skip_nonfinite`, `accumulate`, `partition` and a `chain` after
+    `clip_by_global_norm` around planned ones), else its own update (`_updating`). None: the
+    body's update (`_general`).
     """
     options = state.options
     planner = planner_of(state.tx)
     if (
-        planner is None
-        or state.dist is not None
+        state.dist is not None
         or state.grad_stats is not None
         or options.precision == "fp16"
         or sparse_parameters(state.module)
@@ -344,12 +359,65 @@ def _runner(state: TrainState) -> tuple[Runner | None, bool]:
             type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
         )
     ):
-        return None, False
-    runner = planner(state.params, state.opt_state)
+        return None, "general", False
+    runner = planner(state.params, state.opt_state) if planner is not None else None
     if runner is not None and not isinstance(runner, Prelude):
-        return runner, False
+        return runner, "planned", False
     # a fresh state's moments have no storage yet: the state its first step returns has
-    fresh = any(
+    fresh = planner is not None and any(
         isinstance(x, torch.Tensor) and 0 in x.stride() for x in tree_leaves(state.opt_state)
     )
-    return None, fresh
+    runner = _updating(state)
+    return runner, "general" if runner is None else "updated", fresh
+
+
+def _updating(state: TrainState) -> Runner | None:
+    """The transform's own update as a `Runner`, for a transform that plans none.
+
+    What the body's update does (`functrain.core.body.apply`), with what it decides on every
+    call decided here: the update through ``update_reporting`` with the step's norm shared, the
+    new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
+    where the state holds them (`functrain.optim.metrics.metric_reader`). None where the
+    transform's state exposes metrics of its own (a custom transform's, which the body reports).
+    """
+    tx, names, opt_state = state.tx, list(state.params), state.opt_state
+    if set(transform_metrics(opt_state)) - OWN_TX_METRICS:
+        return None
+    lr_of, skipped_of = metric_reader(opt_state, "lr"), metric_reader(opt_state, "skipped")
+    window = state.options.accumulate_steps
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Any,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        given = dict(zip(names, params))
+        # the step's own gradients (no hook's: `write` says so) may be scaled where they are
+        reported: dict[str, torch.Tensor] = {}
+        extras = Extras(
+            in_place=write,
+            norms=LOCAL_NORMS if norm is None else LOCAL_NORMS.sharing(grads, norm),
+            reported=reported,
+            owns_updates=write,
+            reporting=True,
+        )
+        updates, new_state, report = update_reporting(
+            tx, dict(zip(names, grads)), state, given, extras, keep
+        )
+        new = in_param_strides(apply_updates(given, updates, in_place=write), given)
+        measured = report.grad_norm
+        if measured is None:
+            # a transform of the user's own that writes the superseded `Extras.reported`
+            measured = reported.get("grad_norm")
+        if measured is None and norm is None:
+            measured = global_norm(grads)
+        skipped = skipped_of(new_state) if skipped_of is not None else None
+        if skipped is not None and window > 1:  # the flag of the window that ends here
+            skipped = skipped & (new_state.micro_step == 0)
+        lr = lr_of(new_state) if lr_of is not None else None
+        return Ran(list(new.values()), new_state, lr, skipped, None, measured)
+
+    return run

@@ -360,6 +360,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         updates: Any,
         state: PartitionState,
         params: Tree | None = None,
+        keep: torch.Tensor | None = None,
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, PartitionState, Report]:
@@ -373,7 +374,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
             sub_params = split(p, names, found, label) if p is not None else None
             out, inner_state, reported = update_reporting(
-                inner, split(u, names, found, label), inner_state, sub_params, given
+                inner, split(u, names, found, label), inner_state, sub_params, given, keep
             )
             results.append((label, out, sub_params))
             states.append(inner_state)
@@ -422,7 +423,10 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             groups.append((index, runner))
         return _grouped_runner(groups, len(leaves))
 
-    grouped = Transform(init_fn, ExtrasUpdate(update_fn, reports=True, plan=plan))
+    # gated where every group is (a gate then reaches each group's update, as `chain` passes it)
+    gated = bool(transforms) and all(getattr(t, "gated", False) for t in transforms.values())
+    update = ExtrasUpdate(update_fn, reports=True, plan=plan)
+    grouped = Transform(init_fn, update, gated=gated)
     # a group for sparse gradients (`functrain.sparse_adam`): the embeddings' rows go there
     if any(map(takes_sparse, transforms.values())):
         return takes_sparse_too(grouped)
@@ -445,7 +449,8 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
 def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
     """The `Runner` of a `partition` whose groups are all planned: each group's on its indices.
 
-    It reports the first group's rate and skip flag, as the step reads a partition's metrics.
+    It reports the first group's rate and skip flag, as the step reads a partition's metrics, and
+    the norm of the last group that measures its own, as `partition` reports it.
     """
 
     def run(
@@ -457,7 +462,7 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
         keep: torch.Tensor | None = None,
     ) -> Ran:
         new: list[Any] = [None] * n
-        states, first = [], None
+        states, first, measured = [], None, None
         for (index, runner), inner in zip(groups, state.inner, strict=True):
             ran = runner(
                 [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
@@ -466,8 +471,9 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
                 new[i] = x
             states.append(ran.state)
             first = first or ran
+            measured = ran.norm if ran.norm is not None else measured  # the last group's report
         assert first is not None  # (a partition has a group)
-        return first._replace(params=new, state=PartitionState(tuple(states)))
+        return first._replace(params=new, state=PartitionState(tuple(states)), norm=measured)
 
     return run
 
@@ -559,9 +565,10 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one
-        # (every `Runner` takes the gate, as a gated update: `functrain.optim.planned`)
+        # the inner transform gated by the step's norm, as `update_fn` gates a gated one
         inner_plan = planner_of(inner)
-        run_inner = inner_plan(params, state.inner) if inner_plan else None
+        gated = getattr(inner, "gated", False)
+        run_inner = inner_plan(params, state.inner) if gated and inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
 
@@ -595,9 +602,8 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
                 ran.state, counts[0], counts[1], counts[2], state.max_consecutive
             )
             _check_limit_now(new_state, cap)
-            return Ran(
-                ran.params, new_state, ran.lr, new_state.skipped, ran.flag if keep is None else None
-            )
+            flag = ran.flag if keep is None else None
+            return ran._replace(state=new_state, skipped=new_state.skipped, flag=flag)
 
         return run
 

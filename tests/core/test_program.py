@@ -106,7 +106,13 @@ def body_step(
 
 def planned(state: ft.TrainState) -> bool:
     """Whether `state`'s program runs the optimizer's planned update."""
-    return isinstance(state.program, StepProgram) and state.program.runner is not None
+    return stage(state) == "planned"
+
+
+def stage(state: ft.TrainState) -> str:
+    """The update stage `state`'s program runs."""
+    assert isinstance(state.program, StepProgram)
+    return state.program.stage
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
@@ -198,28 +204,60 @@ def test_the_first_step_of_a_fresh_state_runs_the_general_update_and_plans_the_n
     assert state.program is program  # carried by the states it returns
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "options"),
-    [
-        (lambda: ft.adamw(1e-2, fused=False), {}),
-        (
-            lambda: ft.partition(
-                lambda name, p: "m" if p.ndim > 1 else "v", m=ft.rmsprop(1e-2), v=ft.adamw(1e-2)
-            ),
-            {},
+TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
+    "foreach": (lambda: ft.adamw(1e-2, fused=False), {}),
+    "a_group_unplanned": (
+        lambda: ft.partition(
+            lambda name, p: "m" if p.ndim > 1 else "v", m=ft.rmsprop(1e-2), v=ft.adamw(1e-2)
         ),
-        (lambda: ft.adamw(1e-2), {"precision": "fp16"}),
-        (lambda: ft.adamw(1e-2), {"grad_stats": "layer"}),
-    ],
-    ids=["foreach", "a_group_unplanned", "fp16", "grad_stats"],
-)
-def test_configurations_without_a_planner_run_the_general_update(
-    optimizer: Callable[[], Any], options: dict[str, Any]
+        {},
+    ),
+    "rmsprop": (lambda: ft.rmsprop(1e-2, momentum=0.9), {}),
+    "nadam": (lambda: ft.nadam(1e-2), {}),
+    "radam": (lambda: ft.radam(1e-2), {}),
+    "adamax": (lambda: ft.adamax(1e-2), {}),
+    "lion": (lambda: ft.lion(1e-3), {}),
+    "rmsprop_accumulate_ema": (
+        lambda: ft.rmsprop(1e-2),
+        {"accumulate_steps": 3, "ema_decay": 0.9, "clip_grad_norm": 0.5},
+    ),
+    "nadam_accumulate_mean": (
+        lambda: ft.nadam(1e-2),
+        {"accumulate_steps": 2, "accumulate_convention": "mean"},
+    ),
+    "radam_nonfinite_none": (lambda: ft.radam(1e-2), {"nonfinite": "none"}),
+    # skipping a micro-batch around a window of one's own: the window's sums are selected
+    "accumulate_of_ones_own": (lambda: ft.accumulate(ft.adamw(1e-2), every=2), {}),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS_OWN_UPDATE))
+def test_a_transform_without_a_planner_runs_its_own_update_as_the_body(
+    name: str, donate: bool
 ) -> None:
-    state = ft.TrainState.create(make_mlp(), optimizer(), cross_entropy_loss_fn, **options)
-    for batch in batches(3):
-        state, _ = ft.train_step(state, batch)
-    assert isinstance(state.program, StepProgram) and not planned(state)
+    optimizer, options = TRANSFORMS_OWN_UPDATE[name]
+    data = batches(8, nan_at=None if options.get("nonfinite") else 3)
+    got, got_m = train(make_bn_net, optimizer, data, planned=True, donate=donate, **options)
+    want, want_m = train(make_bn_net, optimizer, data, planned=False, donate=donate, **options)
+    assert stage(got) == "updated"
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    for step, (w, g) in enumerate(zip(want_m, got_m, strict=True)):
+        assert_trees_equal(w, g, f"metrics of step {step}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"precision": "fp16"}, {"grad_stats": "layer"}],
+    ids=["fp16", "grad_stats"],
+)
+def test_fp16_and_gradient_statistics_run_the_bodys_update(options: dict[str, Any]) -> None:
+    data = batches(4)
+    got, got_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=True, **options)
+    want, want_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=False, **options)
+    assert stage(got) == "general"
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
 
 
 def test_replace_drops_the_program_and_the_next_step_decides_again() -> None:
