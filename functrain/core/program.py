@@ -181,8 +181,7 @@ class StepProgram:
             # with accumulation the window's norm is reported: its runner measures it
             norm = self._norm(grads) if self.window == 1 else None
             try:
-                # a gradient a hook handed in may be kept by it: never written
-                ran = runner(grads, params, state.opt_state, norm, donate and not self.hooks)
+                ran = self._update(runner, grads, params, state.opt_state, norm, donate)
                 updated = True
                 if ran.norm is not None:
                     norm = ran.norm
@@ -240,6 +239,19 @@ class StepProgram:
             state.retire(DONATED)
         assert norm is not None  # the step's, or its window's (`Ran.norm`)
         return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux)
+
+    def _update(
+        self,
+        runner: Runner,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        opt_state: Any,
+        norm: torch.Tensor | None,
+        donate: bool,
+    ) -> Ran:
+        """The transform's update: its runner, allowed to write where the step was donated."""
+        # a gradient a hook handed in may be kept by it: never written
+        return runner(grads, params, opt_state, norm, donate and not self.hooks)
 
     def _counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
         """The counters after the batch; with accumulation, ``completed``: whether a window ended

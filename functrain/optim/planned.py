@@ -1,13 +1,13 @@
 """The planned update: `Planner` and `Runner`, what the eager step calls in place of ``update``.
 
 An update that can be decided once for a state's tensors declares its `Planner`
-(`functrain.optim.base.ExtrasUpdate.plan`); the planned eager step (`functrain.core.plan`) asks
-it once, and calls the `Runner` it returns on every step after. The protocols are the step's
-interface, but their implementations are the optimizers' (`functrain.optim.rules.fused`'s kernel
-calls, `functrain.optim.wrappers.skip_nonfinite` around them), which build the `Ran` they return:
-they live at the foot of `functrain.optim`, where both the step above and the optimizers can
-import them, and apart from the transform contract (`functrain.optim.base`), which does not need
-them.
+(`functrain.optim.base.ExtrasUpdate.plan`); the step program (`functrain.core.program`) asks it
+once per configuration, and calls the `Runner` it returns on every step after. The protocols are
+the step's interface, but their implementations are the transforms' (`functrain.optim.rules.fused`'s
+kernel calls; `clip_by_global_norm`'s `Prelude`; `chain`, `skip_nonfinite`, `accumulate` and
+`partition` around their inner transforms' runners), which build the `Ran` they return: they live
+at the foot of `functrain.optim`, where both the step above and the transforms can import them,
+and apart from the transform contract (`functrain.optim.base`), which does not need them.
 """
 
 from __future__ import annotations
