@@ -397,6 +397,8 @@ def _updating(state: TrainState) -> Runner | None:
         return None
     lr_of, skipped_of = metric_reader(opt_state, "lr"), metric_reader(opt_state, "skipped")
     window = state.options.accumulate_steps
+    # one layout only: contiguous with no size-1 dimension (whose strides may take any value)
+    contiguous = all(p.is_contiguous() and 1 not in p.shape for p in state.params.values())
 
     def run(
         grads: list[torch.Tensor],
@@ -419,7 +421,9 @@ def _updating(state: TrainState) -> Runner | None:
         updates, new_state, report = update_reporting(
             tx, dict(zip(names, grads)), state, given, extras, keep
         )
-        new = in_param_strides(apply_updates(given, updates, in_place=write), given)
+        new = apply_updates(given, updates, in_place=write)
+        if not contiguous:  # else a new value has its parameter's strides already
+            new = in_param_strides(new, given)
         measured = report.grad_norm
         if measured is None:
             # a transform of the user's own that writes the superseded `Extras.reported`
