@@ -29,7 +29,8 @@ class Ran(NamedTuple):
     float32 the metric is, where the update computed it already (a fused kernel's ``found_inf``).
     None where the update has no such value (never skips, has no rate). ``norm``: the step's
     ``grad_norm`` where the update measures it itself (`functrain.accumulate`: its window's), None
-    where the step's own norm of the gradients stands.
+    where the step's own norm of the gradients stands. ``ended``: whether the accumulation window
+    ended with this micro-batch, where `functrain.accumulate` knows it on the host (else None).
     """
 
     params: list[torch.Tensor]
@@ -38,6 +39,7 @@ class Ran(NamedTuple):
     skipped: torch.Tensor | None
     flag: torch.Tensor | None
     norm: torch.Tensor | None = None
+    ended: bool | None = None
 
 
 class Runner(Protocol):

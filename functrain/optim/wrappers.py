@@ -861,7 +861,8 @@ def _window_runner(
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        addends = [x.to(s.dtype) for x, s in zip(grads, state.grad_sum, strict=True)]
+        same = all(x.dtype == s.dtype for x, s in zip(grads, state.grad_sum, strict=True))
+        addends = grads if same else [x.to(s.dtype) for x, s in zip(grads, state.grad_sum)]
         if write:  # a donated step: the sums accumulate in their own storage
             sums = list(state.grad_sum)
             torch._foreach_add_(sums, addends)
@@ -874,20 +875,23 @@ def _window_runner(
             between = between / every
         if ends is False:  # the window goes on: the inner update would be a no-op
             unmoved, inner_state = _unmoved(params, state.inner, write)
-            skipped = skipped_of(inner_state) & last if skipped_of is not None else None
             lr = lr_of(inner_state) if lr_of is not None else None
-            ran = Ran(list(unmoved.values), inner_state, lr, skipped, None)
-            window_norm = between
-        else:
-            handed = _handed(sums, grads, every, mean, write)
-            measured = global_norm(handed)
-            ran = run_inner(handed, params, state.inner, measured, write, None if ends else last)
-            if ran.norm is not None:  # an inner accumulate's
-                measured = ran.norm
-            window_norm = measured if between is None else torch.where(last, measured, between)
-            if ends is None and ran.skipped is not None:
-                ran = ran._replace(skipped=ran.skipped & last, flag=None)
-            sums = _restarted(sums, last, ends, write, start)
+            # no update, no skip: known on the host
+            new_state = AccumulateState(inner_state, state.micro_step + 1, tuple(sums))
+            return Ran(list(unmoved.values), new_state, lr, None, None, between, False)
+        # the runner below reads the sums before they restart: they need no copy of their own
+        handed = sums if same and not mean else _handed(sums, grads, every, mean, write)
+        measured = global_norm(handed)
+        ran = run_inner(handed, params, state.inner, measured, write, None if ends else last)
+        if ran.norm is not None:  # an inner accumulate's
+            measured = ran.norm
+        sums = _restarted(sums, last, ends, write, start)
+        if ends:
+            new_state = AccumulateState(ran.state, torch.zeros_like(state.micro_step), tuple(sums))
+            return ran._replace(state=new_state, norm=measured, ended=True)
+        window_norm = measured if between is None else torch.where(last, measured, between)
+        if ran.skipped is not None:
+            ran = ran._replace(skipped=ran.skipped & last, flag=None)
         micro = torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1)
         new_state = AccumulateState(ran.state, micro, tuple(sums))
         return ran._replace(state=new_state, norm=window_norm)
