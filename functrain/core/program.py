@@ -4,25 +4,30 @@
 which wrappers, which optimizer, which layouts, which hooks) once, in `program_for`; the answer is
 a `StepProgram`, carried by the states its steps return (`TrainState.program`; `replace` drops it,
 and the next step decides again). A step then runs its stages in `StepProgram.run`, each a named
-function below:
+method below:
 
-    enter (the state's RNG and train mode) -> backward (`functrain.core.body.backward`: the loss
-    function on the state's tensors, the gradients) -> update -> the new state and its metrics
+    _enter (the state's RNG and train mode) -> _backward (`functrain.core.body.backward`: the
+    loss function on the state's tensors, the gradients) -> the update -> the new state and its
+    metrics (`_finished`)
 
-The update is one of two stages, chosen once:
+The update is decided once, as one of three (`StepProgram.stage`):
 
-- **planned** (`_planned`), where the optimizer declares a `functrain.optim.planned.Planner` and
-  it plans the state's tensors: the gradients' layouts and global norm, then the optimizer's
-  `Runner` (for the fused presets one kernel call, gated by the norm's finiteness), the EMA,
-  buffers, counters and metrics: the per-step path does arithmetic, not decisions;
-- **general** (`_general`), for every other configuration: the step body's update
-  (`functrain.core.body.apply`: collectives, clipping, the transform, accumulation, the EMA,
-  counters, metrics) with the extras decided once.
+- **planned**: the transform declares a `functrain.optim.planned.Planner` and it plans the
+  state's tensors: `_with_runner` lays the gradients out and takes their global norm, then runs
+  the transform's `Runner` (for the fused presets one kernel call, gated by the norm's finiteness,
+  inside `skip_nonfinite`, `accumulate`, `partition` and a clipping `chain`), the EMA, the
+  counters and metrics: the per-step path does arithmetic, not decisions;
+- **updated**: any other transform, run by `_with_runner` through its own update (`_updating`:
+  ``update_reporting`` and `apply_updates` with what the body decides on every call decided
+  once);
+- **general**: fp16 loss scaling, gradient statistics, a process group, sparse gradients or a
+  transform with metrics of its own: `_with_body`, the step body's update
+  (`functrain.core.body.apply`) with the donated step's permission decided once.
 
-Both give the same bits as the compiled and stacked front doors' body (the tests compare them).
-What is decided per step: the skip flag, the window's end, schedule values, counters, the RNG
-swap, the binding, and the checks cheap enough to keep (the write check, the layout check, the
-donation check, an async save's hold).
+All three give the bits of the body, which the compiled and stacked front doors run (the tests
+compare them). What is decided per step: the skip flag (read on the host for CPU tensors), the
+window's end, schedule values, counters, the RNG swap, the binding, and the checks cheap enough
+to keep (the write check, the layout check, the donation check, an async save's hold).
 """
 
 from __future__ import annotations
@@ -119,8 +124,8 @@ class StepProgram:
             wait_until_unheld(state)
         scope = self._enter(state)
         if self.runner is None:
-            return self._general(state, batch, donate, scope)
-        return self._planned(state, batch, donate, scope)
+            return self._with_body(state, batch, donate, scope)
+        return self._with_runner(state, batch, donate, scope)
 
     def _enter(self, state: TrainState) -> Scope:
         """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
@@ -130,15 +135,14 @@ class StepProgram:
 
     def _backward(
         self, state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: Any
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-        """The leaves, their gradients, the loss and the loss function's metrics."""
+    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """The gradients (for fresh leaves of the parameters), the loss and its metrics."""
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-        grads, loss, aux = backward(
+        return backward(
             state, batch, leaves, buffers, scale, self.hooks, self.sparse, self.divisor, self.plain
         )
-        return leaves, grads, loss, aux
 
-    def _general(
+    def _with_body(
         self, state: TrainState, batch: Any, donate: bool, scope: Scope
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """The step with the body's update (`functrain.core.body.apply`)."""
@@ -147,14 +151,14 @@ class StepProgram:
             # the forward writes running statistics into the buffers: copies, never the state's
             buffers = {k: b.clone() for k, b in state.buffers.items()}
             scale = loss_scale(state)
-            _, grads, loss, aux = self._backward(state, batch, buffers, scale)
+            grads, loss, aux = self._backward(state, batch, buffers, scale)
             extras = Extras(in_place=donate and self.writes, written=written)
             new, metrics = apply(
                 state, batch, dict(zip(state.params, grads)), buffers, loss, aux, scale, extras
             )
             new["rng"] = swap_out(scope)
         except BaseException as error:
-            _restore(scope)
+            swap_out(scope)  # the caller's RNG and module mode, as they were
             if donate and written:  # the update may have written some of the state's tensors
                 state.retire(f"{DONATED}, which then raised {type(error).__name__}")
             raise
@@ -165,17 +169,17 @@ class StepProgram:
             state.retire(DONATED)
         return stepped, metrics
 
-    def _planned(
+    def _with_runner(
         self, state: TrainState, batch: Any, donate: bool, scope: Scope
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """The step with the optimizer's planned update (`functrain.optim.planned.Runner`)."""
+        """The step with the update's `functrain.optim.planned.Runner` (planned or `_updating`)."""
         runner = self.runner
         assert runner is not None  # (`run` chose this stage for it)
         updated = False
         try:
             params = list(state.params.values())
             buffers = {k: b.clone() for k, b in state.buffers.items()}
-            _, grads, loss, aux = self._backward(state, batch, buffers, None)
+            grads, loss, aux = self._backward(state, batch, buffers, None)
             if [g.stride() for g in grads] != self.strides:
                 grads = in_layouts_of(grads, params)
             # with accumulation the window's norm is reported: its runner measures it
@@ -189,11 +193,10 @@ class StepProgram:
                 if donate:  # the update may have written some of the state's tensors
                     state.retire(f"{DONATED}, which then raised {type(error).__name__}")
                 raise
-        except BaseException:
-            _restore(scope)
-            raise
+        finally:
+            rng = swap_out(scope)  # the caller's RNG and module mode, as they were
         try:
-            return self._finished(state, batch, donate, scope, ran, buffers, loss, norm, aux)
+            return self._finished(state, batch, donate, rng, ran, buffers, loss, norm, aux)
         except BaseException as error:  # (an interrupt): the update wrote the given state
             if donate and updated:
                 state.retire(f"{DONATED}, which then raised {type(error).__name__}")
@@ -204,14 +207,14 @@ class StepProgram:
         state: TrainState,
         batch: Any,
         donate: bool,
-        scope: Scope,
+        rng: torch.Tensor,
         ran: Ran,
         buffers: dict[str, torch.Tensor],
         loss: torch.Tensor,
         norm: torch.Tensor | None,
         aux: dict[str, torch.Tensor],
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """The new state and the metrics, once the planned update ran."""
+        """The new state and the metrics, once the runner ran (`rng`: the step's generator)."""
         skipped = ran.skipped
         params = dict(zip(state.params, ran.params))
         if buffers:
@@ -230,7 +233,7 @@ class StepProgram:
                 "opt_state": ran.state,
                 "ema_state": self._averaged(state, params, buffers, applied, donate),
                 "skipped": state.skipped + skipped if skipped is not None else state.skipped,
-                "rng": swap_out(scope),
+                "rng": rng,
             },
         )
         if self.fresh:  # the optimizer's state has its storage now: decided again, once
@@ -336,11 +339,6 @@ class StepProgram:
         }
 
 
-def _restore(scope: Scope) -> None:
-    """The caller's RNG and module mode, after a step that raised."""
-    swap_out(scope)
-
-
 def program_for(state: TrainState) -> StepProgram | None:
     """The program of `state`'s eager step, or None where the step is not one program yet.
 
@@ -368,7 +366,7 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
     ``adagrad``, and `skip_nonfinite`, `accumulate`, `partition` and a `chain` after
     `clip_by_global_norm` around planned ones), else its own update (`_updating`). None: the
-    body's update (`_general`).
+    body's update (`_with_body`).
     """
     options = state.options
     planner = planner_of(state.tx)
