@@ -350,3 +350,19 @@ def test_a_planned_step_leaves_the_callers_rng_and_module_mode() -> None:
     assert torch.equal(torch.rand(3), expected)
     assert not state.module.training
     assert not torch.equal(new.rng, state.rng)  # dropout drew from the state's own stream
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_step_that_raises_in_its_update_leaves_the_callers_rng_and_module_mode(
+    donate: bool,
+) -> None:
+    state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True, nonfinite="halt")
+    assert planned(state)
+    state.module.eval()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with pytest.raises(ft.NonFiniteError):
+        ft.train_step(state, batches(1, nan_at=0)[0], donate=donate)
+    assert torch.equal(torch.rand(3), expected)
+    assert not state.module.training
