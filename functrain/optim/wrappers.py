@@ -470,7 +470,7 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
             for i, x in zip(index, ran.params, strict=True):
                 new[i] = x
             states.append(ran.state)
-            first = first or ran
+            first = ran if first is None else first
             measured = ran.norm if ran.norm is not None else measured  # the last group's report
         assert first is not None  # (a partition has a group)
         return first._replace(params=new, state=PartitionState(tuple(states)), norm=measured)
@@ -564,7 +564,6 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         return new_updates, new_state, report
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
-        # the inner transform gated by the step's norm, as `update_fn` gates a gated one
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one
         inner_plan = planner_of(inner)
         gated = getattr(inner, "gated", False)
