@@ -15,6 +15,7 @@ names are the ones checkpoints and configs record, so a checkpoint written befor
 resumes with them.
 """
 
+import difflib
 import functools
 import inspect
 import math
@@ -635,7 +636,19 @@ def grouped_options(
 
         @functools.wraps(fit)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            bound = signature.bind(*args, **kwargs)
+            unknown = [k for k in kwargs if k not in signature.parameters]
+            config_check([unknown_keyword(k, signature) for k in unknown], "fit")
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as e:  # a missing input, or an option given by position
+                config_check(
+                    [
+                        f"fit takes (state, train_data, *, options...): {e}; pass every option "
+                        "as a keyword"
+                    ],
+                    "fit",
+                )
+                raise
             given = {k: v for k, v in bound.arguments.items() if k not in _INPUTS}
             bound.apply_defaults()
             inputs = {k: v for k, v in bound.arguments.items() if k in _INPUTS}
@@ -648,6 +661,70 @@ def grouped_options(
         return call
 
     return wrap
+
+
+# what fit calls the settings other trainers name otherwise (Lightning's `Trainer`, Hugging Face's
+# `TrainingArguments`, Keras' `fit`), and the ones `TrainState.create` takes
+_ELSEWHERE = {
+    "epochs": "max_epochs",
+    "num_train_epochs": "max_epochs",
+    "min_epochs": "max_epochs",
+    "num_epochs": "max_epochs",
+    "steps": "max_steps",
+    "max_time_s": "max_time",
+    "val_data": "eval_data",
+    "val_dataloaders": "eval_data",
+    "eval_dataset": "eval_data",
+    "validation_data": "eval_data",
+    "train_dataloaders": "train_data",
+    "train_dataset": "train_data",
+    "check_val_every_n_epoch": "eval_every",
+    "val_check_interval": "eval_every (with run_mode='step')",
+    "eval_steps": "eval_every (with run_mode='step')",
+    "log_every_n_steps": "log_every",
+    "logging_steps": "log_every",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "dataloader_num_workers": "num_workers",
+    "seed": "data_seed (and TrainState.create(seed=) for the model's randomness)",
+    "default_root_dir": "checkpoint_dir",
+    "output_dir": "checkpoint_dir",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_last",
+    "ckpt_path": "resume=True (with checkpoint_dir)",
+    "resume_from_checkpoint": "resume=True (with checkpoint_dir)",
+    "metric_for_best_model": "best_metric",
+    "logger": "callbacks",
+    "enable_progress_bar": "progress",
+    "accumulate_grad_batches": "TrainState.create(accumulate_steps=)",
+    "gradient_accumulation_steps": "TrainState.create(accumulate_steps=)",
+    "accumulate_steps": "TrainState.create(accumulate_steps=)",
+    "gradient_clip_val": "TrainState.create(clip_grad_norm=)",
+    "max_grad_norm": "TrainState.create(clip_grad_norm=)",
+    "clip_grad_norm": "TrainState.create(clip_grad_norm=)",
+    "precision": "TrainState.create(precision=)",
+    "nonfinite": "stop_on_nonfinite (and TrainState.create(nonfinite=) for non-finite gradients)",
+}
+
+
+def unknown_keyword(name: str, signature: inspect.Signature) -> str:
+    """What to say of a keyword `fit` does not take: the one it has for that, where known.
+
+    Example:
+        >>> def fit(state, train_data, *, max_epochs=None, max_steps=None): ...
+        >>> unknown_keyword("epochs", inspect.signature(fit))
+        "fit takes no keyword 'epochs': did you mean max_epochs?"
+        >>> unknown_keyword("max_step", inspect.signature(fit))
+        "fit takes no keyword 'max_step': did you mean max_steps?"
+    """
+    known = [n for n in signature.parameters if n not in ("state",)]
+    said = f"fit takes no keyword {name!r}"
+    if name in _ELSEWHERE:
+        return f"{said}: did you mean {_ELSEWHERE[name]}?"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"{said}: did you mean {close[0]}?"
+    return f"{said}; its options are the fields of {', '.join(GROUPS)} (functrain.fit's docstring)"
 
 
 def _check_signature(signature: inspect.Signature, hints: dict[str, Any]) -> None:
