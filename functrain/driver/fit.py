@@ -191,6 +191,7 @@ def fit(
     drop_last: bool = False,
     data_seed: int = 0,
     num_workers: int = 0,
+    partial_window: Literal["carry", "over_n", "over_length"] = "carry",
     checkpoint_dir: str | Path | None = None,
     save_every: int | None = None,
     keep_last: int | None = None,
@@ -238,7 +239,7 @@ def fit(
     ``max_steps``, ``max_time``, ``early_stopping``, ``stop_on_nonfinite``), `Evaluation`
     (``run_mode``, ``eval_every``, ``eval_fn``, ``eval_metrics``, ``best_metric``, ``mode``,
     ``best_per_member``, ``test_every_eval``), `Batching` (``batch_size``, ``eval_batch_size``,
-    ``shuffle``, ``drop_last``, ``data_seed``, ``num_workers``), `Checkpointing`
+    ``shuffle``, ``drop_last``, ``data_seed``, ``num_workers``, ``partial_window``), `Checkpointing`
     (``checkpoint_dir``, ``save_every``, ``keep_last``, ``keep_best``, ``async_save``,
     ``resume``, ``config``, ``on_config_change``, ``config_exempt``), `Logging` (``log_every``,
     ``progress``, ``verbosity``, ``log_file``, ``grad_stats``, ``memory``) and `Execution`

@@ -420,6 +420,13 @@ class Batching(_Group):
         data_seed: the seed of the data's order (map-style data, a DataLoader) and of the
             randomness drawn while loading it.
         num_workers: worker processes loading map-style training data.
+        partial_window: under gradient accumulation (``accumulate_steps=N`` at create), what an
+            epoch whose batches are not a multiple of N does with its last, partial window:
+            ``"carry"`` carries it on into the next epoch (the window counts batches, not
+            epochs); ``"over_n"`` updates on it at the epoch's end, the loss still divided by N
+            (Lightning's `Trainer`); ``"over_length"`` updates on it with its loss divided by its
+            own length instead (Hugging Face's `Trainer`; the ``"loss"`` convention only). The
+            next epoch starts a whole window. Both need training data with a ``len()``.
     """
 
     batch_size: int | None = option(None, minimum=1)
@@ -428,6 +435,7 @@ class Batching(_Group):
     drop_last: bool = option(False)
     data_seed: int = option(0, check=_seed)
     num_workers: int = option(0, minimum=0)
+    partial_window: Literal["carry", "over_n", "over_length"] = option("carry")
 
 
 @attrs.frozen
