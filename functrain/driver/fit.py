@@ -250,6 +250,14 @@ def fit(
     stopping without `eval_data`, `keep_last` without `checkpoint_dir`) are refused too, not
     ignored.
 
+    Non-finite values are handled in two places, one setting each: ``TrainState.create(
+    nonfinite=)`` says what every step does with NaN or Inf gradients (``"skip"``: a counted
+    no-op, the default; ``"halt"``: `NonFiniteError`; ``"none"``: apply them), in `fit` and in a
+    loop of your own alike; ``fit(stop_on_nonfinite=)`` says whether the run stops when a loss
+    the driver reads is non-finite (``"eval"``: an evaluation's, the default; ``"train"``: a log
+    interval's mean training loss too; ``"none"``: never), with the checkpoints kept as the last
+    finite state left them.
+
     Args:
         state: the initial `TrainState` (with ``resume=True``, the template to restore into).
         train_data: a map-style dataset (batched here: pass `batch_size`; order depends only on
@@ -305,7 +313,9 @@ def fit(
             `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time.
-        NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
+        NonFiniteError: the state was created with ``TrainState.create(nonfinite="halt")`` (not
+            a `fit` option) and a step's gradients were non-finite, naming the step; the last
+            checkpoint is kept.
 
     Example:
         >>> import torch, functrain as ft

@@ -336,7 +336,9 @@ class Stopping(_Group):
             loss is (read at log intervals only), ``"none"`` never. The run then returns with
             `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the non-finite state in
             the result, and the checkpoints as the last finite state left them (nothing is saved
-            after).
+            after). It watches losses the driver reads; what a step does with non-finite
+            *gradients* (skip the update, or raise `NonFiniteError`) is the state's
+            ``TrainState.create(nonfinite=)``, set once for every step, `fit`'s or your own loop's.
     """
 
     max_epochs: int | None = option(None, minimum=1)
@@ -448,7 +450,10 @@ class Checkpointing(_Group):
         save_every: save a regular checkpoint every this many updates, and at each evaluation
             that improves `best_metric`; None saves at each evaluation and epoch end. The run's
             final state is always saved.
-        keep_last: regular checkpoints to keep (None keeps all).
+        keep_last: regular checkpoints to keep, the newest; None (the default) keeps every
+            one, so a run saving at each evaluation and epoch end keeps one per epoch (and with
+            `save_every`, one per that many updates): set it (``keep_last=2``) to bound the disk
+            a long run takes. The best checkpoints (`keep_best`) are kept apart from these.
         keep_best: best checkpoints to keep.
         async_save: write checkpoints in a background thread.
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any), printing
