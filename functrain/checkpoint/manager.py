@@ -79,7 +79,8 @@ class CheckpointManager:
     Args:
         directory: where checkpoints live (a writer creates it if missing).
         keep_last: number of regular checkpoints to keep (oldest removed once a new one is
-            committed); None keeps all.
+            committed); None (the default) keeps every one: a checkpoint a save, so the disk
+            they take grows with the run. Set it to bound them.
         keep_best: number of best checkpoints to keep (0 disables them).
         best_metric: name of the metric in ``save(..., metrics=)`` that decides "best".
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.

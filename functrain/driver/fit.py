@@ -191,6 +191,7 @@ def fit(
     drop_last: bool = False,
     data_seed: int = 0,
     num_workers: int = 0,
+    partial_window: Literal["carry", "over_n", "over_length"] = "carry",
     checkpoint_dir: str | Path | None = None,
     save_every: int | None = None,
     keep_last: int | None = None,
@@ -238,7 +239,7 @@ def fit(
     ``max_steps``, ``max_time``, ``early_stopping``, ``stop_on_nonfinite``), `Evaluation`
     (``run_mode``, ``eval_every``, ``eval_fn``, ``eval_metrics``, ``best_metric``, ``mode``,
     ``best_per_member``, ``test_every_eval``), `Batching` (``batch_size``, ``eval_batch_size``,
-    ``shuffle``, ``drop_last``, ``data_seed``, ``num_workers``), `Checkpointing`
+    ``shuffle``, ``drop_last``, ``data_seed``, ``num_workers``, ``partial_window``), `Checkpointing`
     (``checkpoint_dir``, ``save_every``, ``keep_last``, ``keep_best``, ``async_save``,
     ``resume``, ``config``, ``on_config_change``, ``config_exempt``), `Logging` (``log_every``,
     ``progress``, ``verbosity``, ``log_file``, ``grad_stats``, ``memory``) and `Execution`
@@ -248,6 +249,14 @@ def fit(
     the other groups' keywords mix freely. Options that act on something not given (early
     stopping without `eval_data`, `keep_last` without `checkpoint_dir`) are refused too, not
     ignored.
+
+    Non-finite values are handled in two places, one setting each: ``TrainState.create(
+    nonfinite=)`` says what every step does with NaN or Inf gradients (``"skip"``: a counted
+    no-op, the default; ``"halt"``: `NonFiniteError`; ``"none"``: apply them), in `fit` and in a
+    loop of your own alike; ``fit(stop_on_nonfinite=)`` says whether the run stops when a loss
+    the driver reads is non-finite (``"eval"``: an evaluation's, the default; ``"train"``: a log
+    interval's mean training loss too; ``"none"``: never), with the checkpoints kept as the last
+    finite state left them.
 
     Args:
         state: the initial `TrainState` (with ``resume=True``, the template to restore into).
@@ -304,7 +313,9 @@ def fit(
             `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time.
-        NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
+        NonFiniteError: the state was created with ``TrainState.create(nonfinite="halt")`` (not
+            a `fit` option) and a step's gradients were non-finite, naming the step; the last
+            checkpoint is kept.
 
     Example:
         >>> import torch, functrain as ft

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import torch
 
 from functrain.checkpoint.manager import CheckpointManager
@@ -123,6 +124,8 @@ class Loop:
         self.run_ctx = Run(state, self.ledger.history, config, options)
         self.stop_reason: str | None = state.driver.get("stop_reason")
         self.interrupt_asked = False  # Ctrl-C came during an update: stop after it
+        # the length of the partial window under way with partial_window="over_length", else None
+        self._short_window: int | None = None
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
         max_time = self.stopping.max_time
@@ -247,8 +250,19 @@ class Loop:
         )
         stopping = self.stopping
         ctx.total_steps = stopping.max_steps
+        closes = self.options.batching.partial_window != "carry"
+        if closes and ctx.batches_per_epoch is None:
+            raise ConfigError(
+                f"partial_window={self.options.batching.partial_window!r} closes the window at an "
+                f"epoch's last batch, but the training data ({type(self.train).__name__}) has no "
+                "len() to tell which batch is last: give data with a len(), or leave "
+                "partial_window out"
+            )
         if ctx.total_steps is None and ctx.batches_per_epoch and stopping.max_epochs is not None:
-            ctx.total_steps = ctx.batches_per_epoch * stopping.max_epochs // self.k
+            per_epoch = ctx.batches_per_epoch
+            # a closed partial window is an update of its own
+            updates = -(-per_epoch // self.k) if closes else per_epoch / self.k
+            ctx.total_steps = int(updates * stopping.max_epochs)
         ctx.batches = self.epoch * (ctx.batches_per_epoch or 0) + self.pos
         self.fire("on_train_begin")
         while self.stop_reason is None:
@@ -310,6 +324,7 @@ class Loop:
                 self.state = self.state.replace(epoch_step=self.state.epoch_step + 1)
                 continue
             self.fire("on_batch_begin")
+            self._close_partial_window()
             self._step(batch, n)
             if self.stop_reason is not None:
                 return False
@@ -319,11 +334,50 @@ class Loop:
             )  # else a run bounded by max_steps alone would loop for ever
         return True
 
+    def _close_partial_window(self) -> None:
+        """At the first batch of an epoch's last, partial window: make it end with the epoch.
+
+        With ``partial_window="over_n"`` or ``"over_length"``, where the batches left in the epoch
+        are fewer than a window (`TrainState.closing_window`).
+        """
+        how = self.options.batching.partial_window
+        total = self.run_ctx.batches_per_epoch
+        if how == "carry" or self.micro != 0 or total is None:
+            return
+        left = total - self.pos
+        if 0 < left < self.k:
+            self.state = self.state.closing_window(left)
+            self.micro = self.k - left
+            if how == "over_length":
+                self._short_window = left
+
+    def _stepped(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, Any]:
+        """The step; in a closed partial window under ``partial_window="over_length"``, taken as
+        a window of its own length (the loss divided by it, as Hugging Face's `Trainer` does)."""
+        short = self._short_window
+        if short is None:
+            return self.step_fn(state, batch, donate=donate)
+        n = state.options.accumulate_steps
+        at = self.micro - (n - short)  # the batch's place in the short window
+        shortened = state.replace(
+            options=attrs.evolve(state.options, accumulate_steps=short),
+            micro_step=torch.full_like(state.micro_step, at),
+        )
+        del state  # the loop's reference: `shortened` is the one the step may take
+        new, metrics = self.step_fn(shortened, batch, donate=donate)
+        if at + 1 == short:
+            self._short_window = None
+        # the window as N counts it again: the step's counter ran modulo the short window's length
+        back = torch.full_like(new.micro_step, (self.micro + 1) % n)
+        return new.replace(
+            options=attrs.evolve(new.options, accumulate_steps=n), micro_step=back
+        ), metrics
+
     def _step(self, batch: Any, n: int) -> None:
         try:
             donate = self._owns_state()  # asked first: an argument being passed is a reference too
             self.stepped = True
-            self.state, metrics = self.step_fn(self.state, batch, donate=donate)
+            self.state, metrics = self._stepped(self.state, batch, donate)
         except NonFiniteError as e:
             raise NonFiniteError(
                 f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}"

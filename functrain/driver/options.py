@@ -15,6 +15,7 @@ names are the ones checkpoints and configs record, so a checkpoint written befor
 resumes with them.
 """
 
+import difflib
 import functools
 import inspect
 import math
@@ -335,7 +336,9 @@ class Stopping(_Group):
             loss is (read at log intervals only), ``"none"`` never. The run then returns with
             `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the non-finite state in
             the result, and the checkpoints as the last finite state left them (nothing is saved
-            after).
+            after). It watches losses the driver reads; what a step does with non-finite
+            *gradients* (skip the update, or raise `NonFiniteError`) is the state's
+            ``TrainState.create(nonfinite=)``, set once for every step, `fit`'s or your own loop's.
     """
 
     max_epochs: int | None = option(None, minimum=1)
@@ -419,6 +422,13 @@ class Batching(_Group):
         data_seed: the seed of the data's order (map-style data, a DataLoader) and of the
             randomness drawn while loading it.
         num_workers: worker processes loading map-style training data.
+        partial_window: under gradient accumulation (``accumulate_steps=N`` at create), what an
+            epoch whose batches are not a multiple of N does with its last, partial window:
+            ``"carry"`` carries it on into the next epoch (the window counts batches, not
+            epochs); ``"over_n"`` updates on it at the epoch's end, the loss still divided by N
+            (Lightning's `Trainer`); ``"over_length"`` updates on it with its loss divided by its
+            own length instead (Hugging Face's `Trainer`; the ``"loss"`` convention only). The
+            next epoch starts a whole window. Both need training data with a ``len()``.
     """
 
     batch_size: int | None = option(None, minimum=1)
@@ -427,6 +437,7 @@ class Batching(_Group):
     drop_last: bool = option(False)
     data_seed: int = option(0, check=_seed)
     num_workers: int = option(0, minimum=0)
+    partial_window: Literal["carry", "over_n", "over_length"] = option("carry")
 
 
 @attrs.frozen
@@ -439,7 +450,10 @@ class Checkpointing(_Group):
         save_every: save a regular checkpoint every this many updates, and at each evaluation
             that improves `best_metric`; None saves at each evaluation and epoch end. The run's
             final state is always saved.
-        keep_last: regular checkpoints to keep (None keeps all).
+        keep_last: regular checkpoints to keep, the newest; None (the default) keeps every
+            one, so a run saving at each evaluation and epoch end keeps one per epoch (and with
+            `save_every`, one per that many updates): set it (``keep_last=2``) to bound the disk
+            a long run takes. The best checkpoints (`keep_best`) are kept apart from these.
         keep_best: best checkpoints to keep.
         async_save: write checkpoints in a background thread.
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any), printing
@@ -635,7 +649,19 @@ def grouped_options(
 
         @functools.wraps(fit)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            bound = signature.bind(*args, **kwargs)
+            unknown = [k for k in kwargs if k not in signature.parameters]
+            config_check([unknown_keyword(k, signature) for k in unknown], "fit")
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as e:  # a missing input, or an option given by position
+                config_check(
+                    [
+                        f"fit takes (state, train_data, *, options...): {e}; pass every option "
+                        "as a keyword"
+                    ],
+                    "fit",
+                )
+                raise
             given = {k: v for k, v in bound.arguments.items() if k not in _INPUTS}
             bound.apply_defaults()
             inputs = {k: v for k, v in bound.arguments.items() if k in _INPUTS}
@@ -648,6 +674,70 @@ def grouped_options(
         return call
 
     return wrap
+
+
+# what fit calls the settings other trainers name otherwise (Lightning's `Trainer`, Hugging Face's
+# `TrainingArguments`, Keras' `fit`), and the ones `TrainState.create` takes
+_ELSEWHERE = {
+    "epochs": "max_epochs",
+    "num_train_epochs": "max_epochs",
+    "min_epochs": "max_epochs",
+    "num_epochs": "max_epochs",
+    "steps": "max_steps",
+    "max_time_s": "max_time",
+    "val_data": "eval_data",
+    "val_dataloaders": "eval_data",
+    "eval_dataset": "eval_data",
+    "validation_data": "eval_data",
+    "train_dataloaders": "train_data",
+    "train_dataset": "train_data",
+    "check_val_every_n_epoch": "eval_every",
+    "val_check_interval": "eval_every (with run_mode='step')",
+    "eval_steps": "eval_every (with run_mode='step')",
+    "log_every_n_steps": "log_every",
+    "logging_steps": "log_every",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "dataloader_num_workers": "num_workers",
+    "seed": "data_seed (and TrainState.create(seed=) for the model's randomness)",
+    "default_root_dir": "checkpoint_dir",
+    "output_dir": "checkpoint_dir",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_last",
+    "ckpt_path": "resume=True (with checkpoint_dir)",
+    "resume_from_checkpoint": "resume=True (with checkpoint_dir)",
+    "metric_for_best_model": "best_metric",
+    "logger": "callbacks",
+    "enable_progress_bar": "progress",
+    "accumulate_grad_batches": "TrainState.create(accumulate_steps=)",
+    "gradient_accumulation_steps": "TrainState.create(accumulate_steps=)",
+    "accumulate_steps": "TrainState.create(accumulate_steps=)",
+    "gradient_clip_val": "TrainState.create(clip_grad_norm=)",
+    "max_grad_norm": "TrainState.create(clip_grad_norm=)",
+    "clip_grad_norm": "TrainState.create(clip_grad_norm=)",
+    "precision": "TrainState.create(precision=)",
+    "nonfinite": "stop_on_nonfinite (and TrainState.create(nonfinite=) for non-finite gradients)",
+}
+
+
+def unknown_keyword(name: str, signature: inspect.Signature) -> str:
+    """What to say of a keyword `fit` does not take: the one it has for that, where known.
+
+    Example:
+        >>> def fit(state, train_data, *, max_epochs=None, max_steps=None): ...
+        >>> unknown_keyword("epochs", inspect.signature(fit))
+        "fit takes no keyword 'epochs': did you mean max_epochs?"
+        >>> unknown_keyword("max_step", inspect.signature(fit))
+        "fit takes no keyword 'max_step': did you mean max_steps?"
+    """
+    known = [n for n in signature.parameters if n not in ("state",)]
+    said = f"fit takes no keyword {name!r}"
+    if name in _ELSEWHERE:
+        return f"{said}: did you mean {_ELSEWHERE[name]}?"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"{said}: did you mean {close[0]}?"
+    return f"{said}; its options are the fields of {', '.join(GROUPS)} (functrain.fit's docstring)"
 
 
 def _check_signature(signature: inspect.Signature, hints: dict[str, Any]) -> None:

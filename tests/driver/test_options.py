@@ -250,3 +250,23 @@ def test_fits_body_reads_its_options_from_the_groups_only() -> None:
     named = {n.id for stmt in function.body[1:] for n in ast.walk(stmt) if isinstance(n, ast.Name)}
     assert sorted(named & set(OPTION_NAMES)) == []
     assert {"stopping", "evaluation", "batching", "checkpointing", "logging"} <= named
+
+
+def test_a_keyword_fit_does_not_take_is_a_config_error_naming_the_one_it_has() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^invalid arguments to fit:\n  - fit takes no keyword 'epochs': did you mean "
+        r"max_epochs\?\n  - fit takes no keyword 'gradient_clip_val': did you mean "
+        r"TrainState\.create\(clip_grad_norm=\)\?\n  - fit takes no keyword 'max_step': did you "
+        r"mean max_steps\?$",
+    ):
+        ft.fit(make_state(), dataset(), epochs=1, gradient_clip_val=1.0, max_step=3)
+
+
+def test_fit_without_its_training_data_is_a_config_error_saying_what_it_takes() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"fit takes \(state, train_data, \*, options\.\.\.\): missing a required argument: "
+        r"'train_data'",
+    ):
+        ft.fit(make_state())  # type: ignore[call-arg]
