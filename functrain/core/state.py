@@ -648,8 +648,27 @@ class TrainState:
         return self.replace(micro_step=at, opt_state=window)
 
     def with_tree(self, tree: dict[str, Any]) -> TrainState:
-        """This state with its tree fields replaced by `tree` (as produced by `tree()`)."""
-        return attrs.evolve(self, **tree)
+        """This state with its tree fields replaced by `tree` (as produced by `tree()`).
+
+        Its parameters and buffers are checked against the module where the state is next used
+        (a step, `functrain.predict`), as `replace`'s are: another model's tree is a
+        `StateMismatchError` naming the first tensor that does not fit.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> small = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+            >>> deep = torch.nn.Sequential(torch.nn.Linear(2, 1))
+            >>> other = ft.TrainState.create(deep, ft.sgd(0.1), loss_fn)
+            >>> ft.predict(small.with_tree(other.tree()), torch.ones(1, 2))
+            Traceback (most recent call last):
+            ...
+            functrain.errors.StateMismatchError: predict got a TrainState whose tensors do not fit its module: params["0.weight"] is not a parameter of the module. ...
+        """  # noqa: E501
+        new = attrs.evolve(self, **tree)
+        if not tree.keys().isdisjoint(_MODULE_TENSORS):
+            object.__setattr__(new, "_unchecked", True)
+        return new
 
     def __repr__(self) -> str:
         if self._donated_to is not None:

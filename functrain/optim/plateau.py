@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import Transform
+from functrain.optim.base import NO_EXTRAS, Extras, ExtrasUpdate, Transform
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
 from functrain.optim.porting import replaces
@@ -53,9 +53,16 @@ def reduce_on_plateau(
     Like ReduceLROnPlateau.
 
     Put it last in a chain, after the optimizer: ``chain(adamw(1e-3), reduce_on_plateau(0.5, 2))``.
-    The step only multiplies by the current scale; `fit` observes the evaluation metric after each
-    evaluation (`observe_plateau`), outside any step. Improvement is relative, as torch's default
-    ``threshold_mode="rel"``: better than ``best - |best| * threshold`` (min mode).
+    Right after a fused preset (``sgd``, ``adam``, ``adamw``, ``adagrad``: their default) the
+    chain multiplies the learning rate the fused kernel takes by the scale, as
+    ``ReduceLROnPlateau`` lowers the group's rate: bit for bit with ``torch.optim``'s fused
+    optimizer under ``ReduceLROnPlateau`` while the scale's powers of `factor` are exact in
+    float64 (a power of two, or one reduction; torch multiplies the rate by `factor` at each
+    reduction, functrain the scale, then the rate by it). After the other optimizers the update
+    is multiplied by the scale. The step only multiplies by the current scale; `fit` observes the
+    evaluation metric after each evaluation (`observe_plateau`), outside any step. Improvement
+    is relative, as torch's default ``threshold_mode="rel"``: better than
+    ``best - |best| * threshold`` (min mode).
 
     Args:
         factor: multiply the scale by this on a plateau; in (0, 1).
@@ -103,7 +110,11 @@ def reduce_on_plateau(
         )
 
     def update_fn(
-        updates: Any, state: ReduceOnPlateauState, params: Tree | None = None
+        updates: Any,
+        state: ReduceOnPlateauState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, ReduceOnPlateauState]:
         scale = state.scale
         if isinstance(updates, ParamStep):
@@ -124,7 +135,12 @@ def reduce_on_plateau(
         )
         return tree_unflatten(list(torch._foreach_mul(u, scale.to(u[0].dtype))), spec), state
 
-    return Transform(init_fn, update_fn)
+    # only a scale: a chain folds it into the rate of a fused kernel before it
+    return Transform(init_fn, ExtrasUpdate(update_fn, scales_by=_scale_of))
+
+
+def _scale_of(state: ReduceOnPlateauState) -> torch.Tensor:
+    return state.scale
 
 
 def observe_plateau(state: Any, value: float) -> Any:
