@@ -566,6 +566,7 @@ def write_tree(
     library_version: str = "",
     before_commit: Callable[[], None] | None = None,
     check_file: Callable[[str, str], None] | None = None,
+    make_parent: bool = True,
 ) -> Path:
     """Write `tree` as a checkpoint directory at `directory`, atomically.
 
@@ -583,6 +584,8 @@ def write_tree(
         check_file: called with each tensor file's name and digest once it is written (an async
             save compares them with the `file_digests` it took earlier); what it raises aborts
             the save (nothing is committed).
+        make_parent: create `directory`'s parent if missing; a `CheckpointManager` writes only
+            into the directory it locked, so it passes False.
 
     Returns:
         The checkpoint's path.
@@ -605,7 +608,8 @@ def write_tree(
     extras = json_extras(fingerprint, metadata)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if make_parent:
+            target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}

@@ -411,6 +411,12 @@ class CheckpointManager:
                 f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed "
                 "(its writer lock was released)"
             )
+        self._check_directory()
+
+    def _check_directory(self) -> None:
+        """Raise unless the directory is still the one locked (rank 0, the lock's holder)."""
+        if self._writer is not None:
+            self._writer.check()
 
     def _commit(
         self,
@@ -421,13 +427,20 @@ class CheckpointManager:
         before_commit: Callable[[], None] | None = None,
         check_file: Callable[[str, str], None] | None = None,
     ) -> Path:
+        def checked() -> None:
+            self._check_directory()  # moved or replaced while the files were written
+            if before_commit is not None:
+                before_commit()
+
         with self._commit_lock:
+            self._check_directory()
             written: dict[str, Any] = {
                 "fingerprint": fp,
                 "metadata": meta,
                 "library_version": version.__version__,
-                "before_commit": before_commit,
+                "before_commit": checked,
                 "check_file": check_file,
+                "make_parent": False,  # only into the directory locked, never one made anew
             }
             path = (  # sharded: every rank its shards; rank 0 the manifest, then the books
                 write_sharded(self.directory / name, tree, group=self._group, **written)
@@ -484,6 +497,7 @@ class CheckpointManager:
         """After `path` committed: point `latest` at it, keep a best, rotate; name what failed."""
         pointed = self._pointed()
         steps: list[tuple[str, Callable[[], None]]] = [
+            ("", self._check_directory),  # moved or replaced since the commit
             (
                 f"the latest pointer still names {pointed}",
                 lambda: point_latest(self.directory, path.name),
@@ -495,7 +509,7 @@ class CheckpointManager:
             try:
                 step()
             except Exception as e:
-                undone = "; ".join(consequence for consequence, _ in steps[i:])
+                undone = "; ".join(consequence for consequence, _ in steps[i:] if consequence)
                 error = CheckpointError(
                     f"checkpoint {path.name} is saved, but the bookkeeping after it failed "
                     f"({type(e).__name__}: {e}): {undone}. Nothing committed was lost; "
