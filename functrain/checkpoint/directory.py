@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from functrain.checkpoint.commit import TMP_PREFIX, commit
-from functrain.checkpoint.files import fsync_dir, remove_later
+from functrain.checkpoint.files import DENIED, fsync_dir, permission_error, remove_later
 from functrain.checkpoint.format import MANIFEST
 from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
@@ -77,6 +77,8 @@ def listed(directory: Path, pattern: re.Pattern[str], *, committed: bool = True)
 
     Raises:
         CheckpointError: the directory cannot be listed.
+        CheckpointPermissionError: this process may not list it, or look into a checkpoint there
+            (naming its path and mode): not "no checkpoint".
     """
     try:
         entries = list(directory.iterdir())
@@ -93,6 +95,8 @@ def listed(directory: Path, pattern: re.Pattern[str], *, committed: bool = True)
     except FileNotFoundError:
         return []
     except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(directory, e) from None
         raise CheckpointError(
             f"cannot list the checkpoint directory {str(directory)!r}: {e}"
         ) from None
@@ -141,10 +145,17 @@ def displaced_copy(directory: Path, name: str) -> Path | None:
 
 
 def is_committed(path: Path) -> bool:
-    """Whether `path` holds a manifest (a regular file): a save committed it."""
+    """Whether `path` holds a manifest (a regular file): a save committed it.
+
+    Raises:
+        CheckpointPermissionError: this process may not look into `path` (another user's
+            checkpoint, say), so whether it holds one is unknown; never taken for "no".
+    """
     try:
         return stat.S_ISREG((path / MANIFEST).lstat().st_mode)
-    except OSError:
+    except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(path / MANIFEST, e) from None
         return False
 
 
@@ -157,12 +168,15 @@ def read_pointer(directory: Path) -> str | None:
 
     Raises:
         CheckpointCorruptError: the pointer exists but does not hold a checkpoint's name.
+        CheckpointPermissionError: this process may not read it.
     """
     try:
         fd = os.open(directory / LATEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(directory / LATEST, e) from None
         raise CheckpointCorruptError(f"{LATEST}: cannot be opened as a file ({e})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

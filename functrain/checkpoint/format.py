@@ -63,6 +63,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -75,11 +76,13 @@ import torch
 
 from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise, not_written
 from functrain.checkpoint.files import (
+    DENIED,
     available_memory,
     digest_of,
     fsync_dir,
     hasher,
     open_regular,
+    permission_error,
     read_exactly,
     wait_for_removals,
     write_file,
@@ -97,7 +100,12 @@ from functrain.checkpoint.tensorfile import (
     span_of,
     unique_keys,
 )
-from functrain.errors import CheckpointCorruptError, CheckpointError, CheckpointMemoryError
+from functrain.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMemoryError,
+    CheckpointPermissionError,
+)
 from functrain.layout import sparse_coo
 from functrain.tree import Tree, leaves_by_path
 from functrain.tree import escape_key as _escape
@@ -657,10 +665,17 @@ def read_manifest(
         CheckpointError: no checkpoint at `directory`, or one of a newer format version.
         CheckpointCorruptError: the manifest is too large, malformed, does not match its own digest,
             or not the `digest` asked for.
+        CheckpointPermissionError: this process may not read it (naming the path and mode).
     """
     root = Path(directory)
     path = root / MANIFEST
-    if not root.is_dir() or not os.path.lexists(path):
+    try:
+        found = stat.S_ISDIR(os.stat(root).st_mode) and bool(os.lstat(path))
+    except OSError as e:
+        if e.errno in DENIED:  # not "no checkpoint": one this process may not read
+            raise permission_error(path, e) from None
+        found = False
+    if not found:
         raise CheckpointError(
             f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}"
         )
@@ -919,10 +934,11 @@ def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
     Raises:
         CheckpointMemoryError: its tensors do not fit in the memory available now, so it cannot
             be verified (which says nothing about whether it would).
+        CheckpointPermissionError: this process may not read it (which says nothing either).
     """
     try:
         verify(directory)
-    except CheckpointMemoryError:
+    except (CheckpointMemoryError, CheckpointPermissionError):
         raise
     except (CheckpointError, OSError):
         return False

@@ -53,6 +53,7 @@ from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMemoryError,
+    CheckpointPermissionError,
     ConfigError,
     StateMismatchError,
 )
@@ -353,7 +354,11 @@ class CheckpointManager:
             CheckpointError: this save failed (nothing was committed), or it committed but the
                 bookkeeping after it failed (the message says what was and was not done, and the
                 error's ``saved_as`` is the committed path), or (with `async_save`) the previous
-                save did; or the manager is a reader or closed.
+                save did; or the manager is a reader or closed; or its directory was removed,
+                moved or its lock file replaced since the manager opened it (nothing is written:
+                `functrain.checkpoint.lock`).
+            CheckpointPermissionError: a checkpoint of this name is there that this process may
+                not read (another user's): it is never replaced.
         """
         self._require_writer("save")
         if not isinstance(state, TrainState):
@@ -434,6 +439,10 @@ class CheckpointManager:
 
         with self._commit_lock:
             self._check_directory()
+            if self._rank == 0:
+                # a checkpoint of this name this process may not read (another user's) is never
+                # replaced: it raises CheckpointPermissionError
+                is_committed(self.directory / name)
             written: dict[str, Any] = {
                 "fingerprint": fp,
                 "metadata": meta,
@@ -607,6 +616,9 @@ class CheckpointManager:
                 resumed from it would write over the newer ones): free memory (or raise the
                 limit), or remove the checkpoint if the message says it declares data its files
                 do not hold.
+            CheckpointPermissionError: this process may not read a checkpoint there (another
+                user's, naming its path and mode): not a reason to fall back to an older one, nor
+                to return None for a run to start afresh over it.
         """
         if not isinstance(like, TrainState):
             # refused here: inside the loop below it would skip every checkpoint as broken
@@ -625,8 +637,10 @@ class CheckpointManager:
             try:
                 restored, self.restored = self._load_from(path, like)
                 return restored
-            except (StateMismatchError, CheckpointMemoryError):
-                raise  # not the checkpoint's fault: an older one would fare no better
+            except (StateMismatchError, CheckpointMemoryError, CheckpointPermissionError):
+                # not the checkpoint's fault; an older one would fare no better, or be resumed
+                # over one this process cannot see (another user's run)
+                raise
             except Exception as e:
                 warnings.warn(
                     f"skipping checkpoint {path.name}: {type(e).__name__}: {e}",
@@ -860,6 +874,9 @@ def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
             f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; "
             "nothing committed was removed"
         ) from None
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 
