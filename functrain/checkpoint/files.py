@@ -345,8 +345,10 @@ def remove_later(path: Path) -> None:
     )
     with _removals_lock:
         _removals[:] = [t for t in _removals if t.is_alive()]
+        # started before another thread can see it: one waiting (a reader's restore_latest
+        # beside a writer's save) cannot join a thread not yet started, nor drop it as dead
+        thread.start()
         _removals.append(thread)
-    thread.start()
 
 
 def wait_for_removals() -> None:

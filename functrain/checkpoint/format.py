@@ -105,6 +105,7 @@ from functrain.errors import (
     CheckpointError,
     CheckpointMemoryError,
     CheckpointPermissionError,
+    CheckpointVanishedError,
 )
 from functrain.layout import sparse_coo
 from functrain.tree import Tree, leaves_by_path
@@ -976,14 +977,31 @@ def read_tree(
         CheckpointError: no checkpoint there, or a newer format.
         CheckpointCorruptError: a file is missing, truncated, altered or malformed (named in the
             message).
+        CheckpointVanishedError: the checkpoint was removed or replaced while it was read (a
+            writer rotated it away, or saved the same step again): not damage.
     """
     root = Path(directory)
-    manifest = read_manifest(root, digest=digest)
-    algorithm = _ALGORITHM[manifest["format_version"]]
-    wanted = _checked_rows(manifest, rows(manifest) if rows is not None else {})
-    tensors = read_all(
-        lambda name: _safe_file(root, name), manifest, algorithm, wanted, _check_memory
-    )
+    identity = _identity(root)
+    try:
+        manifest = read_manifest(root, digest=digest)
+        algorithm = _ALGORITHM[manifest["format_version"]]
+        wanted = _checked_rows(manifest, rows(manifest) if rows is not None else {})
+        tensors = read_all(
+            lambda name: _safe_file(root, name), manifest, algorithm, wanted, _check_memory
+        )
+    except (CheckpointMemoryError, CheckpointPermissionError):
+        raise
+    except CheckpointError as e:
+        # a file missing or not the manifest's: damage, unless the directory itself went
+        change = _vanished(root, identity)
+        if change is None:
+            raise
+        raise CheckpointVanishedError(
+            f"checkpoint {str(root)!r} was {change} while it was read (a writer rotated it "
+            "away, or saved the same step again): not damage; read the newest checkpoint again "
+            "(CheckpointManager.latest(), or restore_latest(), which does so itself). The read "
+            f"failed with: {e}"
+        ) from e
     if map_location is not None:
         move = map_location if callable(map_location) else (lambda t: t.to(map_location))
         tensors = {k: move(v) for k, v in tensors.items()}
@@ -995,6 +1013,25 @@ def read_tree(
             f"{MANIFEST}: tensors {unused[:10]} are stored but not in the structure"
         )
     return tree, manifest
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of directory `path` now, or None where there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _vanished(path: Path, identity: tuple[int, int] | None) -> str | None:
+    """How directory `path`, of `identity` when a read began, went since; None if it did not."""
+    if identity is None:
+        return None  # there was nothing there to go
+    now = _identity(path)
+    if now is None:
+        return "removed"
+    return "replaced" if now != identity else None
 
 
 def compare_to_template(

@@ -32,6 +32,7 @@ from functrain.checkpoint.bests import BestPolicy, Record, member_metric, member
 from functrain.checkpoint.directory import (
     BEST,
     REGULAR,
+    RELISTS,
     checkpoint_name,
     is_committed,
     link_copy,
@@ -54,6 +55,7 @@ from functrain.errors import (
     CheckpointError,
     CheckpointMemoryError,
     CheckpointPermissionError,
+    CheckpointVanishedError,
     ConfigError,
     StateMismatchError,
 )
@@ -601,7 +603,10 @@ class CheckpointManager:
 
         Any problem with a checkpoint (missing or corrupt files, a crafted manifest, an error of
         any kind while reading it) skips it with a warning naming it and the error, and the next
-        older one is tried.
+        older one is tried. One that a writer rotated away (or replaced) while it was tried is
+        not a problem: the directory is listed again and its successor loaded, so a reader beside
+        a live writer never finds nothing where a checkpoint existed
+        (`functrain.checkpoint.commit`).
 
         Returns:
             The restored state, or None when the directory holds no checkpoint that loads.
@@ -616,6 +621,8 @@ class CheckpointManager:
                 resumed from it would write over the newer ones): free memory (or raise the
                 limit), or remove the checkpoint if the message says it declares data its files
                 do not hold.
+            CheckpointVanishedError: the checkpoints listed were rotated away before one could be
+                read, `RELISTS` times in a row (a writer saving faster than this process reads).
             CheckpointPermissionError: this process may not read a checkpoint there (another
                 user's, naming its path and mode): not a reason to fall back to an older one, nor
                 to return None for a run to start afresh over it.
@@ -628,26 +635,48 @@ class CheckpointManager:
                 "checkpoint's raw tree, use functrain.load(manager.latest())"
             )
         self.wait()
+        skipped: set[Path] = set()  # broken ones, each warned about once
+        for _ in range(RELISTS):
+            found, gone = self._restore_newest(like, skipped)
+            if not gone:
+                return found
+        raise CheckpointVanishedError(
+            f"every checkpoint of {str(self.directory)!r} restore_latest listed was removed before "
+            f"it could be read, {RELISTS} times in a row: a writer rotates them faster than this "
+            "process reads one; read with fewer saves between (a larger save_every or keep_last)"
+        )
+
+    def _restore_newest(self, like: TrainState, skipped: set[Path]) -> tuple[Any, bool]:
+        """The newest checkpoint that loads, and whether a checkpoint went while it was tried.
+
+        One that went (a writer rotated it away, or replaced it) ends the attempt: the directory,
+        listed again, holds its successor.
+        """
         # committed or not: a newest checkpoint that lost its manifest is reported, not passed over
         candidates = listed(self.directory, REGULAR, committed=False)
         latest = self.latest()
         if latest is not None and latest not in candidates:
             candidates.append(latest)
         for path in reversed(candidates):
+            if path in skipped:
+                continue
             try:
                 restored, self.restored = self._load_from(path, like)
-                return restored
+                return restored, False
             except (StateMismatchError, CheckpointMemoryError, CheckpointPermissionError):
                 # not the checkpoint's fault; an older one would fare no better, or be resumed
                 # over one this process cannot see (another user's run)
                 raise
             except Exception as e:
+                if isinstance(e, CheckpointVanishedError) or not os.path.lexists(path):
+                    return None, True
+                skipped.add(path)
                 warnings.warn(
                     f"skipping checkpoint {path.name}: {type(e).__name__}: {e}",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
-        return None
+        return None, False
 
     def restore_best(self, like: TrainState, member: int | None = None) -> TrainState | None:
         """Load the best checkpoint by `best_metric`, or member `member`'s best state.

@@ -6,6 +6,8 @@ import errno
 import os
 import re
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from torch import nn
 
 import functrain as ft
 from functrain.checkpoint import commit, directory, manager
+from functrain.checkpoint import format as format_module
 from functrain.checkpoint.format import read_manifest
 from functrain.testing import assert_states_equal
 from tests.models import loss_fn
@@ -251,3 +254,72 @@ def test_a_writer_never_replaces_a_checkpoint_of_the_same_name_it_may_not_read(
     writer.close()
     os.chmod(unreadable, 0o755)
     assert read_manifest(unreadable)["metadata"]["step"] == 1  # the same checkpoint, untouched
+
+
+# ---------------------------------------------------------------- readers beside a rotating writer
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_readers_beside_a_writer_rotating_keep_last_1_always_find_a_checkpoint(
+    tmp_path: Path, state: ft.TrainState, async_save: bool
+) -> None:
+    stop, saves = threading.Event(), []
+
+    def write() -> None:
+        with ft.CheckpointManager(tmp_path, keep_last=1, async_save=async_save) as writer:
+            step = 0
+            while not stop.is_set() or step < 50:
+                step += 1
+                saves.append(writer.save(state.replace(step=torch.tensor(step))))
+
+    first = ft.CheckpointManager(tmp_path, keep_last=1)
+    first.save(state)
+    first.close()
+    writer = threading.Thread(target=write)
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    outcomes: dict[str, int] = {}
+    newest = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer.start()
+        try:
+            for _ in range(300):
+                restored = reader.restore_latest(like=state)
+                assert restored is not None, "restore_latest found nothing"
+                assert int(restored.step) >= newest  # never backwards
+                newest = int(restored.step)
+                latest = reader.latest()
+                assert latest is not None, "latest() found nothing"
+                try:
+                    ft.load(latest)
+                    outcome = "loaded"
+                except ft.CheckpointVanishedError:
+                    outcome = "vanished"
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        finally:
+            stop.set()
+            writer.join()
+    assert [str(w.message) for w in caught] == []
+    assert len(saves) >= 50 and outcomes.get("loaded", 0) > 0
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_checkpoint_that_goes_while_it_is_read_is_reported_vanished_not_corrupt(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    path = ft.save(state, tmp_path / "ckpt")
+    other = ft.save(state.replace(step=torch.tensor(1)), tmp_path / "other")
+    real_read_all = format_module.read_all
+
+    def go_then_read(*args: Any) -> Any:
+        path.rename(tmp_path / ".tmp-del-ckpt")  # as a writer's rotation does
+        if how == "replaced":
+            other.rename(path)
+        return real_read_all(*args)
+
+    monkeypatch.setattr(format_module, "read_all", go_then_read)
+    with pytest.raises(
+        ft.CheckpointVanishedError,
+        match=re.escape(f"checkpoint {str(path)!r} was {how} while it was read (a writer rotated"),
+    ):
+        ft.load(path, like=state)
