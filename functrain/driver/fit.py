@@ -59,7 +59,7 @@ from functrain.driver.options import (
     Stopping,
     grouped_options,
 )
-from functrain.driver.preemption import STOP_REASONS, Preempted
+from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning, config_changes
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import CheckpointError, ConfigError
@@ -583,7 +583,8 @@ def _callbacks(extra: Sequence[Any], logging: Logging, main: bool) -> list[Any]:
 def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitResult:
     test, preempted = None, loop.signals.preempted_by is not None
     # stopped by hand or by a signal: at once
-    if tests is not None and loop.stop_reason not in STOP_REASONS.values() and not preempted:
+    stopped = loop.interrupted or preempted or loop.stop_reason == "interrupted"
+    if tests is not None and not stopped:
         final = loop.state
         if manager is not None and (best := manager.best()) is not None:
             final = load(best, like=loop.state)

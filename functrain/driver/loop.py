@@ -123,6 +123,7 @@ class Loop:
         self.stop_reason: str | None = state.driver.get("stop_reason")
         self.signals = StopSignals(enabled=False)  # those `run` takes while it runs
         self.saved: Path | None = None  # the checkpoint the last save wrote (or writes, async)
+        self.interrupted = False  # a signal or a KeyboardInterrupt ended the run
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
         max_time = self.stopping.max_time
@@ -190,7 +191,7 @@ class Loop:
                 error.add_note(note)
             raise error from None
         signum = error.signum if isinstance(error, Preempted) else signal.SIGINT
-        self.stop_reason = STOP_REASONS[signum]
+        self.stop_reason, self.interrupted = STOP_REASONS[signum], True
         if self.ledger.window.count:
             self._log(partial=True)
         self.state = self.state.replace(driver=self._driver_tree())
@@ -204,7 +205,7 @@ class Loop:
         ckpt/ckpt-000000040-000000040; fit(..., resume=True) goes on from it``.
         """
         preempted = self.signals.preempted_by
-        if self.stop_reason not in STOP_REASONS.values() and preempted is None:
+        if not self.interrupted and preempted is None:
             return None
         how = (
             f"{STOP_REASONS[preempted]} ({signal_name(preempted)})"
