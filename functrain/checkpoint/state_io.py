@@ -266,6 +266,9 @@ def load(
         ConfigError: `path` is not a path, `like` is a plain value where the checkpoint holds a
             tree, or `map_location` is not a device (or one this machine lacks).
         CheckpointError: no checkpoint there, or a newer format version.
+        CheckpointVanishedError: the checkpoint was removed or replaced while it was read (a
+            writer's rotation): not damage; read the newest one again.
+        CheckpointPermissionError: this process may not read it (naming the path and mode).
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message;
             loading into a sharded template, raised on every rank, naming the rank that found it).
         StateMismatchError: listing every missing or extra path, shape or dtype mismatch (the

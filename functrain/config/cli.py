@@ -4,14 +4,18 @@ It composes the config with the overrides (Hydra's grammar: ``key=value``, ``+ke
 ``~key``), builds the run, trains it with `fit` (the resolved config saved with every checkpoint)
 and prints how it ended. ``--print-config`` prints the resolved config and trains nothing. Exit
 status: 0 when the run finished, 2 on a `ConfigError` (the message names the key), 1 on a
-`FunctrainError` of another kind, 130 when interrupted (Ctrl-C): then it says how to go on, "run
-the same command to resume" where the run resumes (``fit.resume: true`` with a
-``fit.checkpoint_dir``), else where its last checkpoint is, or that there is none.
+`FunctrainError` of another kind; stopped by a signal while it trains, the update under way ends,
+the state is saved into ``fit.checkpoint_dir``, and the status is 130 for Ctrl-C (SIGINT), 143
+for SIGTERM (a scheduler's stop), 138 for SIGUSR1 (SLURM's warning before the time limit: stop
+to be requeued); then it says how to go on, "run the same command to resume" where the run
+resumes (``fit.resume: true`` with a ``fit.checkpoint_dir``), else where its last checkpoint is,
+or that there is none.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +26,7 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.config.build import build_run
 from functrain.config.compose import hydra_modules, load_config
 from functrain.driver.fit import FitResult
+from functrain.driver.preemption import STOP_REASONS, Preempted, exit_status, signal_name
 from functrain.errors import ConfigError, FunctrainError
 
 __all__ = ["main"]
@@ -74,43 +79,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FunctrainError as e:
         print(f"functrain run: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except Preempted as stop:  # SIGTERM or SIGUSR1: fit saved the state in hand
+        return _stopped(config, stop.signum)
     except KeyboardInterrupt:  # fit closed the run (callbacks, checkpoint manager) on its way out
-        return _stopped(config)
+        return _stopped(config, signal.SIGINT)
     if result.stop_reason == "interrupted":  # fit handed back what it trained: a script stops
-        return _stopped(config)
+        return _stopped(config, signal.SIGINT)
     if distributed.is_main_process():
         print(_summary(result))
     return 0
 
 
-def _stopped(config: Mapping[str, Any] | None) -> int:
-    """Say how an interrupted run goes on; the shell's status for a command ended by SIGINT."""
+def _stopped(config: Mapping[str, Any] | None, signum: int) -> int:
+    """Say how a run a signal stopped goes on; the shell's status for a command `signum` ended."""
     if distributed.is_main_process():
-        print(f"functrain run: {_interrupted(config)}", file=sys.stderr)
-    return 130
+        print(f"functrain run: {_interrupted(config, signum)}", file=sys.stderr)
+    return exit_status(signum)
 
 
-def _interrupted(config: Mapping[str, Any] | None) -> str:
-    """How an interrupted run goes on: the same command where it resumes, else its last checkpoint.
+def _interrupted(config: Mapping[str, Any] | None, signum: int = signal.SIGINT) -> str:
+    """How a stopped run goes on: the same command where it resumes, else its last checkpoint.
 
-    `config` is the resolved config (None: interrupted before it was composed).
+    `config` is the resolved config (None: interrupted before it was composed); `signum` the
+    signal that stopped it (SIGINT for a `KeyboardInterrupt`).
     """
+    how = (
+        "interrupted"
+        if signum == signal.SIGINT
+        else (f"{STOP_REASONS[signum]} ({signal_name(signum)})")
+    )
     if config is None:
-        return "interrupted before the config was composed; nothing was trained"
+        return f"{how} before the config was composed; nothing was trained"
     settings = config.get("fit") or {}
     directory = settings.get("checkpoint_dir") if isinstance(settings, Mapping) else None
     if not directory:
-        return "interrupted; no checkpoint was saved (the config sets no fit.checkpoint_dir)"
+        return f"{how}; no checkpoint was saved (the config sets no fit.checkpoint_dir)"
     latest = (
         CheckpointManager(directory, readonly=True).latest() if Path(directory).is_dir() else None
     )
     if settings.get("resume"):
         where = f"from {latest}" if latest is not None else "no checkpoint yet: from the start"
-        return f"interrupted; run the same command to resume ({where})"
+        return f"{how}; run the same command to resume ({where})"
     if latest is None:
-        return f"interrupted; no checkpoint was saved in {directory}"
+        return f"{how}; no checkpoint was saved in {directory}"
     return (
-        f"interrupted; the last checkpoint is {latest}: add ++fit.resume=true to the same command "
+        f"{how}; the last checkpoint is {latest}: add ++fit.resume=true to the same command "
         "to continue from it"
     )
 

@@ -59,6 +59,7 @@ from functrain.driver.options import (
     Stopping,
     grouped_options,
 )
+from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning, config_changes
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import CheckpointError, ConfigError
@@ -88,9 +89,11 @@ class FitResult:
             (an Optuna pruner stopped the trial through `OptunaPruning`: raise
             ``optuna.TrialPruned`` after `fit`),
             ``"interrupted"`` (Ctrl-C, or a `KeyboardInterrupt` raised in a callback: `state` is
-            the one after the last completed update, and ``fit(result.state, ...)`` with the same
-            arguments goes on as if never interrupted; no test evaluation), or the reason a
-            callback gave ``run.request_stop``.
+            the one after the last completed update, saved with a `checkpoint_dir`, and
+            ``fit(result.state, ...)`` with the same arguments, or ``resume=True``, goes on as if
+            never interrupted; no test evaluation), ``"terminated"`` / ``"requeue"`` (SIGTERM /
+            SIGUSR1: the same, in the result of the `Preempted` that `fit` raises), or the reason
+            a callback gave ``run.request_stop``.
         empty_batches: batches skipped because they held no samples.
         member_bests: with ``fit(..., best_per_member=True)``, each member's best evaluation:
             ``member_bests[k]`` holds its ``step`` and member k's own metrics under their mean's
@@ -316,6 +319,12 @@ def fit(
         NonFiniteError: the state was created with ``TrainState.create(nonfinite="halt")`` (not
             a `fit` option) and a step's gradients were non-finite, naming the step; the last
             checkpoint is kept.
+        Preempted: SIGTERM or SIGUSR1 came while the run trained (in the main thread, without a
+            handler of the user's for it, not under torch.distributed): the update under way
+            ended, the state saved with a `checkpoint_dir`, a line said where the run resumes
+            (unless ``verbosity="silent"``). A `SystemExit`: uncaught, the program exits with
+            status 143 (SIGTERM) or 138 (SIGUSR1) on Linux; caught, its ``result`` is this
+            call's `FitResult` (`functrain.driver.preemption`).
 
     Example:
         >>> import torch, functrain as ft
@@ -397,13 +406,18 @@ def fit(
         loop.run()
     finally:
         if manager is not None:
-            manager.close()
+            manager.close()  # an async save committed (or its failure raised) before the line
+    if main and logging.verbosity != "silent" and (line := loop.stopped_line()) is not None:
+        print(line, flush=True)
     if execution.donate and loop.stepped:
         # the first step wrote into the given state's tensors (or a copy sharing them): refused
         retire(given, _DONATED)
     if state.dist is not None:
         barrier(state.dist.group)  # rank 0's last checkpoint is committed
-    return _result(loop, manager, tests)
+    result = _result(loop, manager, tests)
+    if loop.signals.preempted_by is not None:
+        raise Preempted(loop.signals.preempted_by, result, loop.saved)
+    return result
 
 
 def _manager(options: FitOptions, state: TrainState, main: bool) -> CheckpointManager | None:
@@ -578,8 +592,10 @@ def _callbacks(extra: Sequence[Any], logging: Logging, main: bool) -> list[Any]:
 
 
 def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitResult:
-    test = None
-    if tests is not None and loop.stop_reason != "interrupted":  # stopped by hand: at once
+    test, preempted = None, loop.signals.preempted_by is not None
+    # stopped by hand or by a signal: at once
+    stopped = loop.interrupted or preempted or loop.stop_reason == "interrupted"
+    if tests is not None and not stopped:
         final = loop.state
         if manager is not None and (best := manager.best()) is not None:
             final = load(best, like=loop.state)
