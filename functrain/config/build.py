@@ -47,6 +47,7 @@ from functrain.config.targets import BUILT, path_problem, safe_problem, slot_pro
 from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
 from functrain.driver.fit import FitResult, fit
+from functrain.driver.options import SEED_RANGE
 from functrain.driver.run_config import json_config
 from functrain.errors import ConfigError
 from functrain.optim.base import Transform
@@ -231,8 +232,15 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     else:
         p.extend(f"data.{k}: expected one of train, eval, test" for k in data if k not in _DATA)
     seed = config.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        p.append(f"seed: expected an int (or null: no seeding), got {seed!r}")
+    if seed is not None and (
+        not isinstance(seed, int)
+        or isinstance(seed, bool)
+        or not SEED_RANGE[0] <= seed < SEED_RANGE[1]
+    ):
+        p.append(
+            f"seed: expected an int in [-2**63, 2**64) (torch.manual_seed's range; or null: no "
+            f"seeding), got {_got(seed)}"
+        )
     if not isinstance(config.get("callbacks") or [], list):
         p.append(f"callbacks: expected a list of callbacks, got {_got(config['callbacks'])}")
     p.extend(_keyword_problems(config, "state", "TrainState.create"))
