@@ -32,6 +32,19 @@ from functrain.errors import ConfigError, FunctrainError
 __all__ = ["main"]
 
 
+# what `functrain run --help` says of a config file, after its description
+TRUST = (
+    "A config file is code: each _target_ names a Python class or function, and building the run "
+    "calls it with the arguments beside it (as Hydra's instantiate does), so a config can do "
+    "whatever the Python it names can. Run only configs you trust as you trust code; for one from "
+    "elsewhere, --safe builds only functrain's own public names (but those that read or write "
+    "files at a path of their own), torch.nn, torch.optim and torch's datasets, samplers and "
+    "tensor constructors, and refuses any other _target_ before anything is imported or called "
+    "(add a module with --allow). Even so the run writes where the config says (checkpoint_dir, "
+    "log_file, a logger's path)."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="functrain", description="Train a functrain run described by a config file."
@@ -42,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         help="build and train the run a YAML config describes",
         # the docstring's second paragraph, whole (argparse reflows it)
         description=" ".join(__doc__.split("\n\n")[1].split()),
+        epilog=TRUST,
     )
     run.add_argument("config", type=Path, help="a .yaml file, e.g. configs/demo.yaml")
     run.add_argument(
@@ -49,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    run.add_argument(
+        "--safe",
+        action="store_true",
+        help="for a config from elsewhere: refuse every _target_ outside functrain, torch.nn, "
+        "torch.optim and torch's datasets and tensor constructors",
+    )
+    run.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="with --safe: a module whose classes and functions it allows too (repeatable), e.g. "
+        "torchvision.transforms",
     )
     return parser
 
@@ -64,15 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *rest]
+    if args.allow and not args.safe:
+        parser.error("--allow widens --safe: give --safe too")
+    trust = {"safe": args.safe, "allow": args.allow}
     config = None
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, **trust)
         if args.print_config:
             _, omegaconf = hydra_modules()
             print(omegaconf.OmegaConf.to_yaml(config), end="")
             return 0
         distributed.init_from_env()  # under torchrun: one process per rank
-        result = build_run(config).fit()
+        result = build_run(config, **trust).fit()
     except ConfigError as e:
         print(f"functrain run: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ import functools
 import inspect
 import math
 import numbers
+import os
+import stat
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast, get_args, get_origin
 import attrs
 import torch
 
+from functrain.checkpoint.directory import is_committed
+from functrain.checkpoint.format import MANIFEST
 from functrain.core.state import LossFn
 from functrain.driver.evaluation import EvalMetric
 from functrain.driver.run_config import json_config
@@ -52,13 +56,17 @@ __all__ = [
     "option_problems",
     "needs_problems",
     "early_stopping_of",
+    "SEED_RANGE",
+    "regular_file_problem",
 ]
 
 # the dict form of early stopping, as a step-driven Runner spec writes it
 EARLY_STOPPING_KEYS = ("target", "patience", "mode", "min_delta")
 
 # torch.Generator.manual_seed's range, and what the checkpoint's JSON can hold
-_SEED_RANGE = (-(2**63), 2**64)
+SEED_RANGE = (-(2**63), 2**64)
+# an int option's bound: torch takes counts and sizes as int64
+_INT_LIMIT = 2**63
 
 Check = Callable[[str, Any], list[str]]
 
@@ -149,9 +157,14 @@ def _field_problems(field: Any, value: Any) -> list[str]:
         return [f"{name} must be {_either(choices)}, got {name}={value!r}"]
     minimum = meta.get("minimum")
     if minimum is not None and not (value is None and field.default is None):
+        optional = " or None" if field.default is None else ""
         if not _is_int(value, minimum):
-            optional = " or None" if field.default is None else ""
             return [f"{name} must be an int >= {minimum}{optional}, got {name}={value!r}"]
+        if int(value) >= _INT_LIMIT:
+            return [
+                f"{name} must be an int >= {minimum} and < 2**63 (torch counts in int64)"
+                f"{optional}, got {name}={value!r}"
+            ]
     check = meta.get("check")
     return check(name, value) if check is not None else []
 
@@ -204,7 +217,7 @@ def _short(value: Any) -> str:
 
 def _seed(name: str, value: Any) -> list[str]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if _SEED_RANGE[0] <= int(value) < _SEED_RANGE[1]:
+        if SEED_RANGE[0] <= int(value) < SEED_RANGE[1]:
             return []
     return [f"{name} must be an int in [-2**63, 2**64), got {name}={value!r}"]
 
@@ -242,6 +255,102 @@ def _patterns(name: str, value: Any) -> list[str]:
     ):
         return []
     return [f"{name} must be a list of dotted keys or patterns, got {name}={value!r}"]
+
+
+def _a(value: Any) -> str:
+    """``an int``, ``a list``: the type of `value` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _path_problems(name: str, value: Any, off: str) -> list[str]:
+    """A path option: a str or ``os.PathLike``, not empty, or None (`off` says what None means)."""
+    if value is None:
+        return []
+    text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if isinstance(text, str) and text:
+        return []
+    got = "an empty path" if text == "" else _a(value)
+    return [
+        f"{name} must be a path (a str or pathlib.Path) or None, got {name}={value!r} ({got}): "
+        f"give a path, or None for {off}"
+    ]
+
+
+def _checkpoint_dir(name: str, value: Any) -> list[str]:
+    found = _path_problems(name, value, "no checkpoints")
+    if found or value is None:
+        return found
+    path = Path(value).resolve()
+    holder = next((p for p in (path, *path.parents) if is_committed(p)), None)
+    if holder is None:
+        return []
+    return [
+        f"{name}={str(value)!r} is inside the checkpoint {str(holder)!r} (it holds a "
+        f"{MANIFEST}): a run there would write into another run's saved state; give this run a "
+        f"directory of its own, outside any checkpoint (e.g. {str(holder.parent / 'run-2')!r})"
+    ]
+
+
+def regular_file_problem(name: str, path: Path) -> str | None:
+    """Why `path` cannot be a log file: it exists and is no regular file (None where it can)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # absent (created when the run starts), or unreadable: the open says
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [
+        (stat.S_ISDIR, f"a directory: give a file path in it, e.g. {str(path / 'log.jsonl')!r}"),
+        (stat.S_ISFIFO, "a FIFO (a named pipe): the run would wait for a reader; give a file"),
+        (stat.S_ISCHR, "a character device: give a file"),
+    ]
+    kind = next((text for test, text in kinds if test(mode)), "no regular file: give a file")
+    return (
+        f"{name} must be a regular file (or a path where one is created), got {str(path)!r}, {kind}"
+    )
+
+
+def _log_file(name: str, value: Any) -> list[str]:
+    found = _path_problems(name, value, "no log file")
+    if found or value is None:
+        return found
+    problem = regular_file_problem(name, Path(value))
+    return [] if problem is None else [problem]
+
+
+def _function(name: str, value: Any) -> list[str]:
+    if value is None or callable(value):
+        return []
+    return [
+        f"{name} must be a function {name}(model, batch) -> loss or (loss, metrics), or None, got "
+        f"{name}={_short(value)} ({_a(value)}): pass the function itself (in a config, with "
+        "_partial_: true)"
+    ]
+
+
+def _metrics(name: str, value: Any) -> list[str]:
+    if value is None or (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        return []
+    return [
+        f"{name} must be a dict of names to metric objects ({{'f1': MulticlassF1Score(...)}}) or "
+        f"None, got {name}={_short(value)} ({_a(value)})"
+    ]
+
+
+def _device(name: str, value: Any) -> list[str]:
+    if value is None or isinstance(value, torch.device):
+        return []
+    if isinstance(value, str):
+        try:
+            torch.device(value)
+            return []
+        except RuntimeError:
+            pass
+    return [  # as functrain.devices.device_named words it, which fit reads the device with
+        f"{name} must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got "
+        f"{value!r}; or None (the state's device)"
+    ]
 
 
 def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
@@ -398,9 +507,11 @@ class Evaluation(_Group):
 
     run_mode: Literal["epoch", "step"] = option("epoch")
     eval_every: int = option(1, minimum=1, needs="eval_data")
-    eval_fn: LossFn | None = option(None, needs="evaluation data", plain=False, hidden=True)
+    eval_fn: LossFn | None = option(
+        None, check=_function, needs="evaluation data", plain=False, hidden=True
+    )
     eval_metrics: Mapping[str, EvalMetric] | None = option(
-        None, needs="evaluation data", plain=False, hidden=True
+        None, check=_metrics, needs="evaluation data", plain=False, hidden=True
     )
     best_metric: str = option("val_loss", check=_metric_name, needs="eval_data")
     mode: Literal["min", "max"] = option("min", needs="eval_data")
@@ -446,7 +557,9 @@ class Checkpointing(_Group):
 
     Attributes:
         checkpoint_dir: where checkpoints go; None disables them (and every other option here
-            but `config`, `on_config_change` and `config_exempt` is then refused).
+            but `config`, `on_config_change` and `config_exempt` is then refused). A path (a str
+            or `pathlib.Path`, not empty), and not inside a checkpoint (a directory holding a
+            ``manifest.json``): a run nested in another run's checkpoint is refused.
         save_every: save a regular checkpoint every this many updates, and at each evaluation
             that improves `best_metric`; None saves at each evaluation and epoch end. The run's
             final state is always saved.
@@ -478,7 +591,7 @@ class Checkpointing(_Group):
             ``max_epochs``, ``max_steps``, ``max_time`` and these two options, exempt by design).
     """
 
-    checkpoint_dir: str | Path | None = option(None)
+    checkpoint_dir: str | Path | None = option(None, check=_checkpoint_dir)
     save_every: int | None = option(None, minimum=1, needs="checkpoint_dir")
     keep_last: int | None = option(None, minimum=1, needs="checkpoint_dir")
     keep_best: int = option(1, minimum=0, needs="checkpoint_dir")
@@ -501,7 +614,9 @@ class Logging(_Group):
         verbosity: console lines: ``"silent"``, ``"minimal"`` (epochs, evaluations),
             ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings,
             memory).
-        log_file: append a JSONL line per log interval, evaluation and epoch.
+        log_file: a JSONL line per log interval, evaluation and epoch (`JsonlLogger`: the file
+            is rewritten from the run's history when training begins). A path to a regular file
+            or to one to create: a directory, a device (``/dev/full``) or a FIFO is refused.
         grad_stats: ``"layer"`` or ``"param"``: add per-group gradient norms and update/weight
             ratios to the metrics (``grad_norm/<group>``, ``update_ratio/<group>``; computed on the
             device, read at log intervals; see `TrainState.create`), also under `compile`.
@@ -514,7 +629,7 @@ class Logging(_Group):
     log_every: int = option(50, minimum=1)
     progress: bool = option(True)
     verbosity: Literal["silent", "minimal", "standard", "verbose"] = option("minimal")
-    log_file: str | Path | None = option(None)
+    log_file: str | Path | None = option(None, check=_log_file)
     grad_stats: Literal["layer", "param"] | None = option(None, listed=True)
     memory: Literal["host", "device", "none"] = option("host", listed=True)
 
@@ -530,14 +645,15 @@ class Execution(_Group):
             and a later use raises `DonatedStateError` (keep a copy with ``state.clone()``
             first if you need one). The results are bit for bit those without it. A run that
             takes no step (one resumed after its last) leaves `state` as it was.
-        device: where the batches go (None: the state's device, which it must be: build the
-            state from ``module.to(device)``). Tensors elsewhere are moved there, asynchronously
-            from pinned memory for a CUDA target, so `loss_fn` needs no ``.to(device)``.
+        device: where the batches go, a str (``"cuda:0"``) or `torch.device` (None: the
+            state's device, which it must be: build the state from ``module.to(device)``).
+            Tensors elsewhere are moved there, asynchronously from pinned memory for a CUDA
+            target, so `loss_fn` needs no ``.to(device)``.
     """
 
     compile: bool = option(False)
     donate: bool = option(False)
-    device: str | torch.device | None = option(None)
+    device: str | torch.device | None = option(None, check=_device)
 
 
 # fit's keyword for each group, in the order its signature lists them
