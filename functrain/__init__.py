@@ -53,6 +53,7 @@ from functrain.driver.options import (
     Logging,
     Stopping,
 )
+from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import (
@@ -60,6 +61,8 @@ from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMemoryError,
+    CheckpointPermissionError,
+    CheckpointVanishedError,
     ConfigError,
     DonatedStateError,
     FunctrainError,
@@ -245,6 +248,7 @@ __all__ = [
     "ConfigChangeWarning",
     "EarlyStopping",
     "FitResult",
+    "Preempted",
     "History",
     "fit",
     # fit's options, as groups
@@ -304,6 +308,8 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMemoryError",
+    "CheckpointPermissionError",
+    "CheckpointVanishedError",
     "ConfigError",
     "DonatedStateError",
     "FunctrainError",

@@ -15,6 +15,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointCorruptError",
     "CheckpointMemoryError",
+    "CheckpointPermissionError",
+    "CheckpointVanishedError",
     "DonatedStateError",
     "WeightlessModuleError",
 ]
@@ -74,6 +76,24 @@ class CheckpointMemoryError(CheckpointError, MemoryError):
     (memory, the threads that hash it, file descriptors). `CheckpointManager.restore_latest` (and
     `fit(resume=True)`) raises it rather than passing over the checkpoint for an older one, as it
     does with a broken checkpoint.
+    """
+
+
+class CheckpointPermissionError(CheckpointError):
+    """This process may not read (or write) a checkpoint: its message names the path and mode.
+
+    Not damage and not "no checkpoint": another user's run, or files written under a restrictive
+    umask. `CheckpointManager.restore_latest` (and `fit(resume=True)`) raises it rather than
+    passing over the checkpoint for an older one or starting afresh, and a writer refuses to save
+    into a directory where it cannot see what is there; nothing is moved or removed.
+    """
+
+
+class CheckpointVanishedError(CheckpointError):
+    """A checkpoint was removed or replaced while it was read: a writer rotated it away.
+
+    Not damage: read the newest checkpoint again (`CheckpointManager.latest`, or
+    `CheckpointManager.restore_latest`, which does so itself).
     """
 
 

@@ -3,10 +3,12 @@
 One row per feature of a module that changes how it trains: activation checkpointing, gradient
 hooks, module hooks, tensors held in plain attributes, weight and spectral norm (old-style and
 parametrized), pruning, quantization-aware training, lazy modules, custom autograd Functions, tied,
-frozen and in-place-written weights, buffers written in forward, compiled submodules, RNNs,
-attention. Each row either trains bit for bit like ``torch.optim.AdamW(fused=True)`` with
-``loss.backward()`` (the pure step, which must leave its state unchanged, and the donated step;
-parameters and buffers; dropout drawn from the same generator) or is refused with a functrain
+frozen and in-place-written weights, buffers written in forward in place or rebound (a running
+statistic, the word language model's hidden state carried from batch to batch), compiled
+submodules, RNNs, attention. Each row either trains bit for bit like
+``torch.optim.AdamW(fused=True)`` with ``loss.backward()`` (the pure step, which must leave its
+state unchanged, and the donated step; parameters and buffers; dropout drawn from the same
+generator) or is refused with a functrain
 error, before the first step where anything can see it coming (a forward that writes the state's
 weights is seen at its first step). Sparse embeddings have rows per optimizer, against torch's SGD,
 Adagrad and SparseAdam, gradient accumulation has its row as Lightning does it, and the EMA has a
@@ -268,6 +270,62 @@ class Counting(nn.Module):
         return self.lin(x - self.mean)
 
 
+class RunningMean(nn.Module):
+    """A running statistic recomputed out of place: the buffer rebound in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("running", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.running = 0.9 * self.running + 0.1 * x.mean(0)
+        return self.lin(x - self.running)
+
+
+class WordLanguageModel(nn.Module):
+    """The PyTorch examples' word language model (an LSTM), its hidden state kept as buffers
+    and rebound in forward, detached: truncated backpropagation through time over the batches."""
+
+    def __init__(self, shape: tuple[int, ...] = (2, 6, 8)) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(20, 8)
+        self.rnn = nn.LSTM(8, 8, 2)
+        self.decoder = nn.Linear(8, 20)
+        self.register_buffer("h", torch.zeros(shape))
+        self.register_buffer("c", torch.zeros(shape))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # an empty buffer: the hidden state starts at zeros, as the LSTM makes it without one
+        hidden = (self.h, self.c) if self.h.numel() else None
+        out, (h, c) = self.rnn(self.encoder(ids), hidden)
+        self.h, self.c = h.detach(), c.detach()
+        return self.decoder(out)
+
+
+def bptt_chunks(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk of 5 time steps of 6 token streams and its next tokens (``[time, batch]``)."""
+    ids = torch.randint(0, 20, (6, 6), generator=gen)
+    return ids[:-1], ids[1:]
+
+
+def next_token(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
+
+
+class RebindingParameter(nn.Module):
+    """A forward that rebinds a parameter (torch's optimizer would keep updating the old one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        self.lin.weight = nn.Parameter(self.lin.weight.detach().clamp(-0.3, 0.3))
+        return out
+
+
 def frozen() -> nn.Module:
     model = Head(Block())
     model.body.l1.requires_grad_(False)
@@ -420,6 +478,22 @@ ROWS: dict[str, tuple[Callable[[], nn.Module], Any, Any, str]] = {
     "tied-weights": (Tied, token_ids, classify, BITWISE),
     "buffers-written-in-forward": (lambda: Head(Counting()), vectors, classify, BITWISE),
     "frozen-parameters": (frozen, vectors, classify, BITWISE),
+    "rebound-buffer": (lambda: Head(RunningMean()), vectors, classify, BITWISE),
+    "hidden-state": (WordLanguageModel, bptt_chunks, next_token, BITWISE),
+    "parameter-rebound-in-forward": (
+        lambda: Head(RebindingParameter()),
+        vectors,
+        classify,
+        "rebinds the parameter 'body.lin.weight'",
+    ),
+    # a hidden state created in the first forward: the state's buffer keeps the shape it was
+    # created with (the shape every checkpoint of it has)
+    "hidden-state-created-in-forward": (
+        lambda: WordLanguageModel(shape=(0,)),
+        bptt_chunks,
+        next_token,
+        r"buffer 'h' to a tensor of shape \[2, 6, 8\] .* where the buffer is \[0\]",
+    ),
     # refused at its first step, whose forward wrote a copy: the state given is as it was (the
     # fix, a buffer, trains bit for bit: the row after)
     "frozen-teacher-written-in-forward": (MoCo, vectors, classify, _BEFORE.format("teacher")),

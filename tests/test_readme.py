@@ -24,3 +24,17 @@ def test_readme_examples_run(capsys):
                 pytest.importorskip(extra)
         exec(compile(code, f"README.md[{index}]", "exec"), namespace)
         assert capsys.readouterr().out.strip() != "", f"README.md[{index}] prints nothing"
+
+
+def test_readme_names_every_runtime_dependency_of_the_package():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    pyproject = tomllib.loads((README.parent / "pyproject.toml").read_text())
+    names = [re.split(r"[<>=!~ \[]", d)[0] for d in pyproject["project"]["dependencies"]]
+    said = re.search(
+        r"The package itself requires (\w+)\s+packages: (.*?)\(pip", README.read_text(), re.S
+    )
+    assert said is not None
+    numbers = {"six": 6, "seven": 7, "five": 5}
+    assert numbers.get(said.group(1)) == len(names)
+    assert [n for n in names if f"`{n}" not in said.group(2)] == []

@@ -17,6 +17,16 @@ several reads of the directory (one of some hundreds of entries; a single read a
 exclude each other) may, as POSIX allows a directory read concurrent with a rename to, see the
 checkpoint under neither name while a live writer is between its renames; that reader then sees
 the previous checkpoint as the newest, and its next listing the new one.
+
+The promise holds while a writer rotates (``keep_last``) too: it removes a checkpoint after its
+successor is committed and named by ``latest``, so at every instant one of them is there. A reader
+whose listing holds a checkpoint that is gone when it looks into it lists again (the successor
+came after its listing: `directory.listed`); one whose checkpoint goes while it reads the files
+(renamed aside for deletion, or replaced by a save of the same step) gets
+`CheckpointVanishedError`, never `CheckpointCorruptError` (`format.read_tree` compares the
+directory's identity before and after), and `CheckpointManager.restore_latest` then lists again
+and loads the successor. A reader never mixes two checkpoints' files: each file is verified
+against the manifest it read.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from functrain.checkpoint.commit import TMP_PREFIX, commit
-from functrain.checkpoint.files import fsync_dir, remove_later
+from functrain.checkpoint.files import DENIED, fsync_dir, permission_error, remove_later
 from functrain.checkpoint.format import MANIFEST
 from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
@@ -32,6 +32,7 @@ __all__ = [
     "LATEST",
     "checkpoint_name",
     "listed",
+    "RELISTS",
     "displaced_name",
     "displaced_copy",
     "name_of",
@@ -49,6 +50,9 @@ REGULAR = re.compile(r"^ckpt-(\d{9,19})-(\d{9,25})$")
 BEST = re.compile(r"^best-(\d{9,19})-(\d{9,25})$")
 LATEST = "latest"
 MAX_POINTER_BYTES = 256  # a name is 24 bytes: anything longer is not a pointer we wrote
+# how many times a reader lists again while checkpoints go as it looks (each time, a writer
+# committed a newer one); past that it makes do with the last listing
+RELISTS = 100
 # what `commit._replace` leaves when killed between its two renames (no atomic exchange, e.g. NFS)
 _DISPLACED = re.compile(r"^" + re.escape(TMP_PREFIX) + r"old-(?P<name>[^.].*)-[0-9a-f]{8}$")
 
@@ -72,32 +76,52 @@ def listed(directory: Path, pattern: re.Pattern[str], *, committed: bool = True)
 
     A checkpoint whose name is missing while a displaced copy of it is there (a replace by two
     renames, between them or killed there: `functrain.checkpoint.commit`) is listed at that copy,
-    so a reader never finds nothing where a checkpoint existed. A missing directory lists nothing
-    (a reader may look before the writer made it).
+    so a reader never finds nothing where a checkpoint existed. Nor does it where a writer rotates
+    (``keep_last``): a checkpoint listed that is gone when looked into was removed after its
+    successor was committed, which the listing, taken before, may lack, so the directory is listed
+    again. A missing directory lists nothing (a reader may look before the writer made it).
 
     Raises:
         CheckpointError: the directory cannot be listed.
+        CheckpointPermissionError: this process may not list it, or look into a checkpoint there
+            (naming its path and mode): not "no checkpoint".
     """
     try:
-        entries = list(directory.iterdir())
-        present = {p.name for p in entries}
-        found = {
-            p.name: p
-            for p in entries
-            if pattern.match(p.name) and (is_committed(p) if committed else p.is_dir())
-        }
-        for p in sorted(entries):
-            name = displaced_name(p)
-            if name and pattern.match(name) and name not in present and name not in found:
-                found[name] = p  # the first copy, as `recover` puts back
+        for _ in range(RELISTS):
+            found, vanished = _listing(directory, pattern, committed)
+            if not vanished:
+                break
     except FileNotFoundError:
         return []
     except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(directory, e) from None
         raise CheckpointError(
             f"cannot list the checkpoint directory {str(directory)!r}: {e}"
         ) from None
     # by step, then position: numbers of ten digits or more sort after those of nine
     return [found[name] for name in sorted(found, key=lambda n: _numbers(pattern, n))]
+
+
+def _listing(
+    directory: Path, pattern: re.Pattern[str], committed: bool
+) -> tuple[dict[str, Path], bool]:
+    """One listing of `listed`: the checkpoints by name, and whether one went while looked at."""
+    entries = list(directory.iterdir())
+    present = {p.name for p in entries}
+    found, vanished = {}, False
+    for p in entries:
+        if not pattern.match(p.name):
+            continue
+        if is_committed(p) if committed else p.is_dir():
+            found[p.name] = p
+        elif not os.path.lexists(p):
+            vanished = True
+    for p in sorted(entries):
+        name = displaced_name(p)
+        if name and pattern.match(name) and name not in present and name not in found:
+            found[name] = p  # the first copy, as `recover` puts back
+    return found, vanished
 
 
 def _numbers(pattern: re.Pattern[str], name: str) -> tuple[int, ...]:
@@ -141,10 +165,17 @@ def displaced_copy(directory: Path, name: str) -> Path | None:
 
 
 def is_committed(path: Path) -> bool:
-    """Whether `path` holds a manifest (a regular file): a save committed it."""
+    """Whether `path` holds a manifest (a regular file): a save committed it.
+
+    Raises:
+        CheckpointPermissionError: this process may not look into `path` (another user's
+            checkpoint, say), so whether it holds one is unknown; never taken for "no".
+    """
     try:
         return stat.S_ISREG((path / MANIFEST).lstat().st_mode)
-    except OSError:
+    except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(path / MANIFEST, e) from None
         return False
 
 
@@ -157,12 +188,15 @@ def read_pointer(directory: Path) -> str | None:
 
     Raises:
         CheckpointCorruptError: the pointer exists but does not hold a checkpoint's name.
+        CheckpointPermissionError: this process may not read it.
     """
     try:
         fd = os.open(directory / LATEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(directory / LATEST, e) from None
         raise CheckpointCorruptError(f"{LATEST}: cannot be opened as a file ({e})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

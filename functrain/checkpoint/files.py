@@ -36,7 +36,11 @@ from typing import Any
 import blake3
 import torch
 
-from functrain.errors import CheckpointCorruptError, CheckpointMemoryError
+from functrain.errors import (
+    CheckpointCorruptError,
+    CheckpointMemoryError,
+    CheckpointPermissionError,
+)
 
 _OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more than it saves
 # the bytes staged, hashed and written (or read and hashed) at a time: three such buffers stay in
@@ -44,6 +48,38 @@ _OVERLAP_BYTES = 4 << 20  # below this, hashing in a second thread costs more th
 _PIECE = 2 << 20
 _STAGES = 3
 _POPULATED_BYTES = 2 << 20  # below this, torch's allocator reuses memory it holds
+
+
+DENIED = (errno.EACCES, errno.EPERM)
+"""The errors of an operation this process has no permission for (not damage, not absence)."""
+
+
+def permission_error(path: Path, error: OSError) -> CheckpointPermissionError:
+    """The error of `path`, which this process may not read or search: the path and its mode.
+
+    The mode named is `path`'s, or where that cannot be looked at, that of the nearest directory
+    above it that can (the one whose permissions deny the way in).
+    """
+    shown, st = path, None
+    for candidate in (path, *path.parents):
+        try:
+            shown, st = candidate, os.lstat(candidate)
+            break
+        except OSError:
+            continue
+    mode = (
+        f"{shown} has mode {stat.filemode(st.st_mode)} ({stat.S_IMODE(st.st_mode):04o}) and "
+        f"owner uid {st.st_uid}"
+        if st is not None
+        else "its mode cannot be read"
+    )
+    return CheckpointPermissionError(
+        f"permission denied reading checkpoint path {str(path)!r} ({error.strerror}): {mode}, "
+        f"and this process runs as uid {os.geteuid()}. Not damage, and not a missing "
+        "checkpoint: nothing was loaded, moved or removed. Give this process read access (e.g. "
+        "chmod -R a+rX on the checkpoint, or run as its owner), or use a checkpoint directory "
+        "of its own"
+    )
 
 
 def fsync_dir(path: Path) -> None:
@@ -309,8 +345,10 @@ def remove_later(path: Path) -> None:
     )
     with _removals_lock:
         _removals[:] = [t for t in _removals if t.is_alive()]
+        # started before another thread can see it: one waiting (a reader's restore_latest
+        # beside a writer's save) cannot join a thread not yet started, nor drop it as dead
+        thread.start()
         _removals.append(thread)
-    thread.start()
 
 
 def wait_for_removals() -> None:
@@ -336,6 +374,8 @@ def open_regular(path: Path, name: str) -> tuple[int, int]:
     except FileNotFoundError:
         raise CheckpointCorruptError(f"{name}: missing from the checkpoint") from None
     except OSError as e:
+        if e.errno in DENIED:
+            raise permission_error(path, e) from None
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
             raise CheckpointMemoryError(
                 f"{name}: cannot be opened ({e}): this process is short of file descriptors or "

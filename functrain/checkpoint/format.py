@@ -63,6 +63,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -75,11 +76,13 @@ import torch
 
 from functrain.checkpoint.commit import TMP_PREFIX, commit_or_raise, not_written
 from functrain.checkpoint.files import (
+    DENIED,
     available_memory,
     digest_of,
     fsync_dir,
     hasher,
     open_regular,
+    permission_error,
     read_exactly,
     wait_for_removals,
     write_file,
@@ -97,7 +100,13 @@ from functrain.checkpoint.tensorfile import (
     span_of,
     unique_keys,
 )
-from functrain.errors import CheckpointCorruptError, CheckpointError, CheckpointMemoryError
+from functrain.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMemoryError,
+    CheckpointPermissionError,
+    CheckpointVanishedError,
+)
 from functrain.layout import sparse_coo
 from functrain.tree import Tree, leaves_by_path
 from functrain.tree import escape_key as _escape
@@ -566,6 +575,7 @@ def write_tree(
     library_version: str = "",
     before_commit: Callable[[], None] | None = None,
     check_file: Callable[[str, str], None] | None = None,
+    make_parent: bool = True,
 ) -> Path:
     """Write `tree` as a checkpoint directory at `directory`, atomically.
 
@@ -583,6 +593,8 @@ def write_tree(
         check_file: called with each tensor file's name and digest once it is written (an async
             save compares them with the `file_digests` it took earlier); what it raises aborts
             the save (nothing is committed).
+        make_parent: create `directory`'s parent if missing; a `CheckpointManager` writes only
+            into the directory it locked, so it passes False.
 
     Returns:
         The checkpoint's path.
@@ -605,7 +617,8 @@ def write_tree(
     extras = json_extras(fingerprint, metadata)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if make_parent:
+            target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, Any]] = {}
@@ -653,10 +666,17 @@ def read_manifest(
         CheckpointError: no checkpoint at `directory`, or one of a newer format version.
         CheckpointCorruptError: the manifest is too large, malformed, does not match its own digest,
             or not the `digest` asked for.
+        CheckpointPermissionError: this process may not read it (naming the path and mode).
     """
     root = Path(directory)
     path = root / MANIFEST
-    if not root.is_dir() or not os.path.lexists(path):
+    try:
+        found = stat.S_ISDIR(os.stat(root).st_mode) and bool(os.lstat(path))
+    except OSError as e:
+        if e.errno in DENIED:  # not "no checkpoint": one this process may not read
+            raise permission_error(path, e) from None
+        found = False
+    if not found:
         raise CheckpointError(
             f"no checkpoint at {str(root)!r}: expected a directory with {MANIFEST}"
         )
@@ -915,10 +935,11 @@ def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
     Raises:
         CheckpointMemoryError: its tensors do not fit in the memory available now, so it cannot
             be verified (which says nothing about whether it would).
+        CheckpointPermissionError: this process may not read it (which says nothing either).
     """
     try:
         verify(directory)
-    except CheckpointMemoryError:
+    except (CheckpointMemoryError, CheckpointPermissionError):
         raise
     except (CheckpointError, OSError):
         return False
@@ -956,14 +977,31 @@ def read_tree(
         CheckpointError: no checkpoint there, or a newer format.
         CheckpointCorruptError: a file is missing, truncated, altered or malformed (named in the
             message).
+        CheckpointVanishedError: the checkpoint was removed or replaced while it was read (a
+            writer rotated it away, or saved the same step again): not damage.
     """
     root = Path(directory)
-    manifest = read_manifest(root, digest=digest)
-    algorithm = _ALGORITHM[manifest["format_version"]]
-    wanted = _checked_rows(manifest, rows(manifest) if rows is not None else {})
-    tensors = read_all(
-        lambda name: _safe_file(root, name), manifest, algorithm, wanted, _check_memory
-    )
+    identity = _identity(root)
+    try:
+        manifest = read_manifest(root, digest=digest)
+        algorithm = _ALGORITHM[manifest["format_version"]]
+        wanted = _checked_rows(manifest, rows(manifest) if rows is not None else {})
+        tensors = read_all(
+            lambda name: _safe_file(root, name), manifest, algorithm, wanted, _check_memory
+        )
+    except (CheckpointMemoryError, CheckpointPermissionError):
+        raise
+    except CheckpointError as e:
+        # a file missing or not the manifest's: damage, unless the directory itself went
+        change = _vanished(root, identity)
+        if change is None:
+            raise
+        raise CheckpointVanishedError(
+            f"checkpoint {str(root)!r} was {change} while it was read (a writer rotated it "
+            "away, or saved the same step again): not damage; read the newest checkpoint again "
+            "(CheckpointManager.latest(), or restore_latest(), which does so itself). The read "
+            f"failed with: {e}"
+        ) from e
     if map_location is not None:
         move = map_location if callable(map_location) else (lambda t: t.to(map_location))
         tensors = {k: move(v) for k, v in tensors.items()}
@@ -975,6 +1013,25 @@ def read_tree(
             f"{MANIFEST}: tensors {unused[:10]} are stored but not in the structure"
         )
     return tree, manifest
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of directory `path` now, or None where there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _vanished(path: Path, identity: tuple[int, int] | None) -> str | None:
+    """How directory `path`, of `identity` when a read began, went since; None if it did not."""
+    if identity is None:
+        return None  # there was nothing there to go
+    now = _identity(path)
+    if now is None:
+        return "removed"
+    return "replaced" if now != identity else None
 
 
 def compare_to_template(

@@ -6,6 +6,12 @@ behind. The file records who holds it (pid, host, start time) so that a refused 
 the holder; the record is only ever read to write that message, never to decide anything.
 Advisory: a process that does not ask (a plain `functrain.save` into the directory, a shell)
 is not stopped. On Linux NFS clients ``flock`` is carried by the server's byte-range locks.
+
+A lock belongs to one directory, not to a path: removed (``rm -r``) or moved away (``mv``) and
+made again, the path names another directory, whose lock a second writer may take. So the lock
+records the directory's identity (device and inode) when it is taken, and `WriterLock.check`,
+which the writer calls before it writes, refuses a path that no longer leads to that directory
+and its lock file.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ class WriterLock:
         >>> WriterLock.acquire(d).release()
     """
 
-    def __init__(self, fd: int, path: Path) -> None:
-        self._fd, self.path = fd, path
+    def __init__(self, fd: int, path: Path, identity: tuple[int, int]) -> None:
+        self._fd, self.path, self.identity = fd, path, identity
         _held.add(self)
 
     @classmethod
@@ -58,7 +64,18 @@ class WriterLock:
         """
         path = directory / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            # the lock file opened in the directory whose identity is recorded, not by its path
+            parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(parent)
+                fd = os.open(
+                    LOCK_NAME,
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=parent,
+                )
+            finally:
+                os.close(parent)
         except OSError as e:
             raise CheckpointError(
                 f"cannot open the writer lock {str(path)!r}: {e}; a process that only reads "
@@ -81,12 +98,55 @@ class WriterLock:
                 f"cannot lock {str(path)!r}: {e} (this filesystem may not support locks)"
             ) from None
         _record(fd)
-        return cls(fd, path)
+        return cls(fd, path, (st.st_dev, st.st_ino))
 
     @property
     def held(self) -> bool:
         """Whether this process still holds the lock through this object."""
         return self._fd >= 0
+
+    def check(self) -> None:
+        """Raise unless the lock's path still leads to the directory locked and its lock file.
+
+        Raises:
+            CheckpointError: the directory was removed or moved away (and maybe made again), or
+                its lock file removed or replaced, since the lock was taken: a writer must not
+                write there (a second one may hold the directory now at the path).
+        """
+        change = self._change()
+        if change is not None:
+            directory = self.path.parent
+            raise CheckpointError(
+                f"checkpoint directory {str(directory)!r} is no longer the one this writer "
+                f"locked: {change}. Nothing was written (a writer that went on could mix its "
+                "checkpoints with another's, or write where nobody looks); the checkpoints "
+                "saved before are where the directory went, if it was moved. Open the directory "
+                "again to go on (CheckpointManager, or fit(..., resume=True))"
+            )
+
+    def _change(self) -> str | None:
+        """What changed at the lock's path since the lock was taken, or None."""
+        directory = self.path.parent
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:
+            return "it is gone (removed, or moved away)"
+        except OSError as e:
+            return f"it cannot be looked at ({e})"
+        if (st.st_dev, st.st_ino) != self.identity:
+            return (
+                f"another directory is at its path now (device {st.st_dev}, inode {st.st_ino}; "
+                f"locked: device {self.identity[0]}, inode {self.identity[1]}): it was moved away "
+                "or removed, and made again"
+            )
+        try:
+            lock = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return f"its {LOCK_NAME} was removed"
+        mine = os.fstat(self._fd) if self._fd >= 0 else None
+        if mine is None or (lock.st_dev, lock.st_ino) != (mine.st_dev, mine.st_ino):
+            return f"its {LOCK_NAME} was replaced"
+        return None
 
     def release(self) -> None:
         """Give the lock up (closing the file releases it); a second call does nothing."""

@@ -32,6 +32,7 @@ from functrain.checkpoint.bests import BestPolicy, Record, member_metric, member
 from functrain.checkpoint.directory import (
     BEST,
     REGULAR,
+    RELISTS,
     checkpoint_name,
     is_committed,
     link_copy,
@@ -53,6 +54,8 @@ from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMemoryError,
+    CheckpointPermissionError,
+    CheckpointVanishedError,
     ConfigError,
     StateMismatchError,
 )
@@ -79,7 +82,8 @@ class CheckpointManager:
     Args:
         directory: where checkpoints live (a writer creates it if missing).
         keep_last: number of regular checkpoints to keep (oldest removed once a new one is
-            committed); None keeps all.
+            committed); None (the default) keeps every one: a checkpoint a save, so the disk
+            they take grows with the run. Set it to bound them.
         keep_best: number of best checkpoints to keep (0 disables them).
         best_metric: name of the metric in ``save(..., metrics=)`` that decides "best".
         mode: ``"min"`` or ``"max"``: whether lower or higher `best_metric` is better.
@@ -353,7 +357,11 @@ class CheckpointManager:
             CheckpointError: this save failed (nothing was committed), or it committed but the
                 bookkeeping after it failed (the message says what was and was not done, and the
                 error's ``saved_as`` is the committed path), or (with `async_save`) the previous
-                save did; or the manager is a reader or closed.
+                save did; or the manager is a reader or closed; or its directory was removed,
+                moved or its lock file replaced since the manager opened it (nothing is written:
+                `functrain.checkpoint.lock`).
+            CheckpointPermissionError: a checkpoint of this name is there that this process may
+                not read (another user's): it is never replaced.
         """
         self._require_writer("save")
         if not isinstance(state, TrainState):
@@ -411,6 +419,12 @@ class CheckpointManager:
                 f"cannot {action}: this CheckpointManager of {str(self.directory)!r} is closed "
                 "(its writer lock was released)"
             )
+        self._check_directory()
+
+    def _check_directory(self) -> None:
+        """Raise unless the directory is still the one locked (rank 0, the lock's holder)."""
+        if self._writer is not None:
+            self._writer.check()
 
     def _commit(
         self,
@@ -421,13 +435,24 @@ class CheckpointManager:
         before_commit: Callable[[], None] | None = None,
         check_file: Callable[[str, str], None] | None = None,
     ) -> Path:
+        def checked() -> None:
+            self._check_directory()  # moved or replaced while the files were written
+            if before_commit is not None:
+                before_commit()
+
         with self._commit_lock:
+            self._check_directory()
+            if self._rank == 0:
+                # a checkpoint of this name this process may not read (another user's) is never
+                # replaced: it raises CheckpointPermissionError
+                is_committed(self.directory / name)
             written: dict[str, Any] = {
                 "fingerprint": fp,
                 "metadata": meta,
                 "library_version": version.__version__,
-                "before_commit": before_commit,
+                "before_commit": checked,
                 "check_file": check_file,
+                "make_parent": False,  # only into the directory locked, never one made anew
             }
             path = (  # sharded: every rank its shards; rank 0 the manifest, then the books
                 write_sharded(self.directory / name, tree, group=self._group, **written)
@@ -484,6 +509,7 @@ class CheckpointManager:
         """After `path` committed: point `latest` at it, keep a best, rotate; name what failed."""
         pointed = self._pointed()
         steps: list[tuple[str, Callable[[], None]]] = [
+            ("", self._check_directory),  # moved or replaced since the commit
             (
                 f"the latest pointer still names {pointed}",
                 lambda: point_latest(self.directory, path.name),
@@ -495,7 +521,7 @@ class CheckpointManager:
             try:
                 step()
             except Exception as e:
-                undone = "; ".join(consequence for consequence, _ in steps[i:])
+                undone = "; ".join(consequence for consequence, _ in steps[i:] if consequence)
                 error = CheckpointError(
                     f"checkpoint {path.name} is saved, but the bookkeeping after it failed "
                     f"({type(e).__name__}: {e}): {undone}. Nothing committed was lost; "
@@ -578,7 +604,10 @@ class CheckpointManager:
 
         Any problem with a checkpoint (missing or corrupt files, a crafted manifest, an error of
         any kind while reading it) skips it with a warning naming it and the error, and the next
-        older one is tried.
+        older one is tried. One that a writer rotated away (or replaced) while it was tried is
+        not a problem: the directory is listed again and its successor loaded, so a reader beside
+        a live writer never finds nothing where a checkpoint existed
+        (`functrain.checkpoint.commit`).
 
         Returns:
             The restored state, or None when the directory holds no checkpoint that loads.
@@ -593,6 +622,11 @@ class CheckpointManager:
                 resumed from it would write over the newer ones): free memory (or raise the
                 limit), or remove the checkpoint if the message says it declares data its files
                 do not hold.
+            CheckpointVanishedError: the checkpoints listed were rotated away before one could be
+                read, `RELISTS` times in a row (a writer saving faster than this process reads).
+            CheckpointPermissionError: this process may not read a checkpoint there (another
+                user's, naming its path and mode): not a reason to fall back to an older one, nor
+                to return None for a run to start afresh over it.
         """
         if not isinstance(like, TrainState):
             # refused here: inside the loop below it would skip every checkpoint as broken
@@ -602,24 +636,48 @@ class CheckpointManager:
                 "checkpoint's raw tree, use functrain.load(manager.latest())"
             )
         self.wait()
+        skipped: set[Path] = set()  # broken ones, each warned about once
+        for _ in range(RELISTS):
+            found, gone = self._restore_newest(like, skipped)
+            if not gone:
+                return found
+        raise CheckpointVanishedError(
+            f"every checkpoint of {str(self.directory)!r} restore_latest listed was removed before "
+            f"it could be read, {RELISTS} times in a row: a writer rotates them faster than this "
+            "process reads one; read with fewer saves between (a larger save_every or keep_last)"
+        )
+
+    def _restore_newest(self, like: TrainState, skipped: set[Path]) -> tuple[Any, bool]:
+        """The newest checkpoint that loads, and whether a checkpoint went while it was tried.
+
+        One that went (a writer rotated it away, or replaced it) ends the attempt: the directory,
+        listed again, holds its successor.
+        """
         # committed or not: a newest checkpoint that lost its manifest is reported, not passed over
         candidates = listed(self.directory, REGULAR, committed=False)
         latest = self.latest()
         if latest is not None and latest not in candidates:
             candidates.append(latest)
         for path in reversed(candidates):
+            if path in skipped:
+                continue
             try:
                 restored, self.restored = self._load_from(path, like)
-                return restored
-            except (StateMismatchError, CheckpointMemoryError):
-                raise  # not the checkpoint's fault: an older one would fare no better
+                return restored, False
+            except (StateMismatchError, CheckpointMemoryError, CheckpointPermissionError):
+                # not the checkpoint's fault; an older one would fare no better, or be resumed
+                # over one this process cannot see (another user's run)
+                raise
             except Exception as e:
+                if isinstance(e, CheckpointVanishedError) or not os.path.lexists(path):
+                    return None, True
+                skipped.add(path)
                 warnings.warn(
                     f"skipping checkpoint {path.name}: {type(e).__name__}: {e}",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
-        return None
+        return None, False
 
     def restore_best(self, like: TrainState, member: int | None = None) -> TrainState | None:
         """Load the best checkpoint by `best_metric`, or member `member`'s best state.
@@ -846,6 +904,9 @@ def _lock_and_recover(directory: Path, remove_temporary: bool) -> WriterLock:
             f"cannot recover the leftovers of interrupted saves in {str(directory)!r}: {e}; "
             "nothing committed was removed"
         ) from None
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 

@@ -236,6 +236,7 @@ def write_sharded(
     library_version: str = "",
     before_commit: Callable[[], None] | None = None,
     check_file: Callable[[str, str], None] | None = None,
+    make_parent: bool = True,
 ) -> Path:
     """Write a tree of sharded and replicated tensors as one checkpoint, every rank its own shards.
 
@@ -251,6 +252,7 @@ def write_sharded(
             rank aborts the save on all of them.
         check_file: as for `write_tree`, for this rank's files (an async save compares them with
             the `part_digests` it took earlier); what it raises aborts the save on every rank.
+        make_parent: as for `write_tree` (rank 0 makes it).
 
     Returns:
         The checkpoint's path, on every rank, once rank 0 has committed it.
@@ -268,7 +270,8 @@ def write_sharded(
         structure = writer.node(tree, "", 0)
         extras = json_extras(fingerprint, metadata)
         if rank == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if make_parent:
+                target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
     except Exception as e:

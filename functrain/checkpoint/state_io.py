@@ -54,7 +54,8 @@ from functrain.errors import (
     StateMismatchError,
 )
 from functrain.layout import with_strides_of
-from functrain.optim.naming import as_saved, saved_conventions
+from functrain.optim.base import Transform
+from functrain.optim.naming import FUNCTION_RATES, as_saved, chosen_conventions, saved_conventions
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -130,6 +131,9 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
         "buffers": shapes(state.buffers),
         "transform": state.tx.name,
         "options": _options(state.options),
+        # each convention whose default changed, as chosen: a load tells "lion(reference='lerp')
+        # chosen" from "written before reference= existed", whose names are the same
+        "conventions": list(chosen_conventions(state.tx)),
     }
 
 
@@ -266,6 +270,9 @@ def load(
         ConfigError: `path` is not a path, `like` is a plain value where the checkpoint holds a
             tree, or `map_location` is not a device (or one this machine lacks).
         CheckpointError: no checkpoint there, or a newer format version.
+        CheckpointVanishedError: the checkpoint was removed or replaced while it was read (a
+            writer's rotation): not damage; read the newest one again.
+        CheckpointPermissionError: this process may not read it (naming the path and mode).
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message;
             loading into a sharded template, raised on every rank, naming the rank that found it).
         StateMismatchError: listing every missing or extra path, shape or dtype mismatch (the
@@ -410,11 +417,13 @@ def _load(
         }
     problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
-        like = _as_trained(like, manifest["fingerprint"])
+        like = _as_trained(like, manifest["fingerprint"], path)
         problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
     if problems:
         fix = (
-            _convention_fix(manifest["fingerprint"], like) + _mismatch_fix(tree, like, path)
+            _recorded_fix(manifest["fingerprint"], like)
+            + _convention_fix(manifest["fingerprint"], like)
+            + _mismatch_fix(tree, like, path)
             if isinstance(like, TrainState)
             else ""
         )
@@ -599,7 +608,7 @@ def _to_device(tree: Any, device: torch.device) -> Any:
 _ACCUMULATE = "accumulate.reduce"
 
 
-def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
+def _as_trained(like: TrainState, saved: dict[str, Any], path: Any) -> TrainState:
     """`like`, with the conventions the checkpoint's run was trained with, where they differ.
 
     A checkpoint written before a convention was recorded trained with the old one and goes on so
@@ -612,8 +621,14 @@ def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
     accumulation convention falls back to ``"mean"`` only where the template is at the default
     ``"loss"`` (``TrainState.create`` cannot tell it given from left out): a template asking for
     ``"sum"`` is refused.
+
+    A checkpoint that records its conventions (``"conventions"``, written since) is taken as it
+    names itself: nothing is rewound, and a template that chose otherwise is refused. One that
+    records none and resumes with a factory's old value (``lion(reference="lerp")``) is warned
+    about (`VersionWarning`): it was written before the argument existed, or chose that value
+    before conventions were recorded, and either trained with it.
     """
-    if saved.get("transform") == like.tx.name:
+    if saved.get("transform") == like.tx.name or "conventions" in saved:
         return like
     recorded = saved.get("options")
     falls_back = (
@@ -632,8 +647,31 @@ def _as_trained(like: TrainState, saved: dict[str, Any]) -> TrainState:
             options = like.options
             if _ACCUMULATE in rewound:
                 options = attrs.evolve(options, accumulate_convention="mean")
+            factories = [c for c in rewound if c not in (FUNCTION_RATES, _ACCUMULATE)]
+            _warn_unrecorded(factories, like.tx, tx, path)
             return like.replace(tx=tx, optimizer=optimizer, options=options)
     return like
+
+
+def _warn_unrecorded(rewound: list[str], asked: Transform, resumed: Transform, path: Any) -> None:
+    """Warn that a checkpoint recording no conventions resumes with a factory argument's old
+    value (`resumed`), where the template (`asked`) chose another."""
+    if not rewound:
+        return
+
+    def named(tx: Transform) -> str:
+        return ", ".join(c for c in chosen_conventions(tx) if c.partition("=")[0] in rewound)
+
+    warnings.warn(
+        f"checkpoint {str(path)!r} records no conventions (written before functrain recorded "
+        f"them): it resumes with {named(resumed)}, what its optimizer's name means, where the "
+        f"template asks for {named(asked)}. Every checkpoint written before the argument existed "
+        "trained so; one that chose that value since cannot be told apart. Create the template "
+        "with that value to resume it without this warning, or start from its weights "
+        "(functrain.load_weights) to train with the template's",
+        VersionWarning,
+        stacklevel=4,
+    )
 
 
 def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -653,6 +691,22 @@ def _fingerprint_problems(saved: dict[str, Any], current: dict[str, Any]) -> lis
             f"{current['options']!r}{_options_apart(recorded, current['options'])}"
         )
     return problems
+
+
+def _recorded_fix(saved: dict[str, Any], like: TrainState) -> str:
+    """The conventions a checkpoint recorded that the template chose otherwise, or nothing."""
+    recorded = saved.get("conventions")
+    if not isinstance(recorded, list):
+        return ""
+    ours = set(chosen_conventions(like.tx))
+    theirs = [c for c in recorded if isinstance(c, str) and c not in ours]
+    if not theirs:
+        return ""
+    return (
+        f"\nthe checkpoint's run chose {', '.join(theirs)} (recorded), the template "
+        f"{', '.join(sorted(ours - set(recorded))) or 'otherwise'}: to resume it, create the "
+        "template with the checkpoint's"
+    )
 
 
 def _convention_fix(saved: dict[str, Any], like: TrainState) -> str:

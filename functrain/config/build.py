@@ -18,9 +18,15 @@ stay objects (an attrs `EarlyStopping` is not turned into a ``DictConfig``) and 
 around them are plain dicts and lists. A function is passed uncalled with ``_partial_: true``; a
 class where functrain wants one is its dotted path (``functrain.schedules.from_torch`` takes it).
 
-Before anything is built, every ``_target_`` is imported and its keys are bound to its signature,
-and every section is checked, so a bad config is one `ConfigError` listing each problem by dotted
-key (``optimizer.lr.peak``: what the target takes instead).
+Before anything is built, every ``_target_`` of the sections it builds is imported (a ``_target_``
+under a top-level key of your own is never imported), its keys are bound to its signature and its
+type checked where the layout knows the type of its key (`functrain.config.targets`), and every
+section is checked, so a bad config is one `ConfigError` listing each problem by dotted key
+(``optimizer.lr.peak``: what the target takes instead).
+
+A config file is code: a ``_target_`` may name any importable function, and building the run calls
+it. By default a config is trusted, as Hydra's are; ``safe=True`` (``functrain run --safe``) builds
+only the targets `functrain.config.targets` allows, for a config from elsewhere.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import attrs
@@ -37,9 +43,11 @@ from torch import nn
 
 from functrain.config.compose import dotted, hydra_modules
 from functrain.config.keys import SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
+from functrain.config.targets import BUILT, path_problem, safe_problem, slot_problem
 from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
 from functrain.driver.fit import FitResult, fit
+from functrain.driver.options import SEED_RANGE
 from functrain.driver.run_config import json_config
 from functrain.errors import ConfigError
 from functrain.optim.base import Transform
@@ -47,6 +55,16 @@ from functrain.optim.base import Transform
 __all__ = ["ConfiguredRun", "build_run", "SECTIONS"]
 
 _SPECIAL = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
+
+
+@attrs.frozen
+class _Trust:
+    """Whether the targets are limited to safe mode's (and the modules it adds)."""
+
+    safe: bool
+    allow: tuple[str, ...]
+
+
 _DATA = {"train": "train_data", "eval": "eval_data", "test": "test_data"}
 
 
@@ -82,11 +100,22 @@ class ConfiguredRun:
         return fit(self.state, self.train_data, config=self.config, **kwargs)
 
 
-def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
+def build_run(
+    config: Mapping[str, Any], *, safe: bool = False, allow: Sequence[str] = ()
+) -> ConfiguredRun:
     """Build the run a resolved config describes (see the module docstring for its layout).
+
+    A config is code: building it calls every ``_target_`` of its sections. Build a config from
+    elsewhere with ``safe=True``.
 
     Args:
         config: a resolved config (`load_config`'s result, or a dict of your own).
+        safe: refuse, before anything is imported or called, every ``_target_`` outside what
+            `functrain.config.targets` allows: functrain's public names (but those that read or
+            write files at a path of their own), ``torch.nn``, ``torch.optim``, torch's datasets,
+            samplers and tensor constructors.
+        allow: modules (or dotted names) safe mode allows besides, e.g.
+            ``["torchvision.transforms"]``; only with ``safe=True``.
 
     Returns:
         A `ConfiguredRun`; ``build_run(cfg).fit()`` trains it. Under torchrun, call
@@ -95,8 +124,8 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
     Raises:
         ConfigError: every problem found, each naming its dotted key and what was expected: a
             missing or malformed section, a ``_target_`` that does not import, a key its target
-            does not take, a required one missing, a target that failed, or a built object of
-            the wrong kind.
+            does not take, a required one missing, a target of a type its key does not take, a
+            target safe mode refuses, a target that failed, or a built object of the wrong kind.
 
     Example:
         >>> cfg = {
@@ -119,10 +148,18 @@ def build_run(config: Mapping[str, Any]) -> ConfiguredRun:
         functrain.errors.ConfigError: invalid run config:
           - optimizer.momentun: functrain.sgd takes no argument 'momentun' (did you mean ...
     """
+    if allow and not safe:
+        raise ConfigError(
+            f"allow={list(allow)!r} widens safe mode, which is off: pass safe=True too"
+        )
     plain, problems = json_config(config, "config")
     if plain is None:
         _refuse(problems)
-    problems = [*_layout_problems(plain), *_target_problems(plain, "")]
+    trust = _Trust(safe, tuple(allow))
+    problems = [
+        *_layout_problems(plain),
+        *(p for key in BUILT if key in plain for p in _target_problems(plain[key], key, trust)),
+    ]
     if problems:
         _refuse(problems)
     if plain.get("seed") is not None:
@@ -195,8 +232,15 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
     else:
         p.extend(f"data.{k}: expected one of train, eval, test" for k in data if k not in _DATA)
     seed = config.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        p.append(f"seed: expected an int (or null: no seeding), got {seed!r}")
+    if seed is not None and (
+        not isinstance(seed, int)
+        or isinstance(seed, bool)
+        or not SEED_RANGE[0] <= seed < SEED_RANGE[1]
+    ):
+        p.append(
+            f"seed: expected an int in [-2**63, 2**64) (torch.manual_seed's range; or null: no "
+            f"seeding), got {_got(seed)}"
+        )
     if not isinstance(config.get("callbacks") or [], list):
         p.append(f"callbacks: expected a list of callbacks, got {_got(config['callbacks'])}")
     p.extend(_keyword_problems(config, "state", "TrainState.create"))
@@ -232,27 +276,30 @@ def _keyword_problems(config: dict[str, Any], section: str, taker: str) -> list[
     return p
 
 
-def _target_problems(node: Any, key: str) -> list[str]:
+def _target_problems(node: Any, key: str, trust: _Trust) -> list[str]:
     """Every ``_target_`` under `node` imported and bound to its keys (nested ones too)."""
     problems: list[str] = []
     if isinstance(node, list):
         for i, item in enumerate(node):
-            problems.extend(_target_problems(item, f"{key}.{i}".lstrip(".")))
+            problems.extend(_target_problems(item, f"{key}.{i}", trust))
         return problems
     if not isinstance(node, dict):
         return problems
     if "_target_" in node:
-        problems.extend(_binding_problems(node, key))
+        problems.extend(_binding_problems(node, key, trust))
     for name, value in node.items():
         if name not in _SPECIAL or name == "_args_":
-            problems.extend(_target_problems(value, f"{key}.{name}".lstrip(".")))
+            problems.extend(_target_problems(value, f"{key}.{name}", trust))
     return problems
 
 
-def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
+def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str]:
     path = node["_target_"]
     if not isinstance(path, str):
         return [f"{key}._target_: expected the dotted path of a class or function, got {path!r}"]
+    refused = path_problem(path, trust.allow) if trust.safe else None
+    if refused is not None:
+        return [f"{key}._target_: safe mode refuses it: {refused}"]
     hydra, _ = hydra_modules()
     quiet = logging.getLogger(
         "hydra.utils"
@@ -266,6 +313,12 @@ def _binding_problems(node: dict[str, Any], key: str) -> list[str]:
         ]
     finally:
         quiet.disabled = was
+    refused = safe_problem(path, target, trust.allow) if trust.safe else None
+    if refused is not None:
+        return [f"{key}._target_: safe mode refuses it: {refused}"]
+    mistyped = slot_problem(key, path, target, bool(node.get("_partial_")))
+    if mistyped is not None:
+        return [mistyped]
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):

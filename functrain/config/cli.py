@@ -4,14 +4,18 @@ It composes the config with the overrides (Hydra's grammar: ``key=value``, ``+ke
 ``~key``), builds the run, trains it with `fit` (the resolved config saved with every checkpoint)
 and prints how it ended. ``--print-config`` prints the resolved config and trains nothing. Exit
 status: 0 when the run finished, 2 on a `ConfigError` (the message names the key), 1 on a
-`FunctrainError` of another kind, 130 when interrupted (Ctrl-C): then it says how to go on, "run
-the same command to resume" where the run resumes (``fit.resume: true`` with a
-``fit.checkpoint_dir``), else where its last checkpoint is, or that there is none.
+`FunctrainError` of another kind; stopped by a signal while it trains, the update under way ends,
+the state is saved into ``fit.checkpoint_dir``, and the status is 130 for Ctrl-C (SIGINT), 143
+for SIGTERM (a scheduler's stop), 138 for SIGUSR1 (SLURM's warning before the time limit: stop
+to be requeued); then it says how to go on, "run the same command to resume" where the run
+resumes (``fit.resume: true`` with a ``fit.checkpoint_dir``), else where its last checkpoint is,
+or that there is none.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,9 +26,23 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.config.build import build_run
 from functrain.config.compose import hydra_modules, load_config
 from functrain.driver.fit import FitResult
+from functrain.driver.preemption import STOP_REASONS, Preempted, exit_status, signal_name
 from functrain.errors import ConfigError, FunctrainError
 
 __all__ = ["main"]
+
+
+# what `functrain run --help` says of a config file, after its description
+TRUST = (
+    "A config file is code: each _target_ names a Python class or function, and building the run "
+    "calls it with the arguments beside it (as Hydra's instantiate does), so a config can do "
+    "whatever the Python it names can. Run only configs you trust as you trust code; for one from "
+    "elsewhere, --safe builds only functrain's own public names (but those that read or write "
+    "files at a path of their own), torch.nn, torch.optim and torch's datasets, samplers and "
+    "tensor constructors, and refuses any other _target_ before anything is imported or called "
+    "(add a module with --allow). Even so the run writes where the config says (checkpoint_dir, "
+    "log_file, a logger's path)."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         help="build and train the run a YAML config describes",
         # the docstring's second paragraph, whole (argparse reflows it)
         description=" ".join(__doc__.split("\n\n")[1].split()),
+        epilog=TRUST,
     )
     run.add_argument("config", type=Path, help="a .yaml file, e.g. configs/demo.yaml")
     run.add_argument(
@@ -44,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    run.add_argument(
+        "--safe",
+        action="store_true",
+        help="for a config from elsewhere: refuse every _target_ outside functrain, torch.nn, "
+        "torch.optim and torch's datasets and tensor constructors",
+    )
+    run.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="with --safe: a module whose classes and functions it allows too (repeatable), e.g. "
+        "torchvision.transforms",
     )
     return parser
 
@@ -59,58 +92,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *rest]
+    if args.allow and not args.safe:
+        parser.error("--allow widens --safe: give --safe too")
+    trust = {"safe": args.safe, "allow": args.allow}
     config = None
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, **trust)
         if args.print_config:
             _, omegaconf = hydra_modules()
             print(omegaconf.OmegaConf.to_yaml(config), end="")
             return 0
         distributed.init_from_env()  # under torchrun: one process per rank
-        result = build_run(config).fit()
+        result = build_run(config, **trust).fit()
     except ConfigError as e:
         print(f"functrain run: {e}", file=sys.stderr)
         return 2
     except FunctrainError as e:
         print(f"functrain run: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except Preempted as stop:  # SIGTERM or SIGUSR1: fit saved the state in hand
+        return _stopped(config, stop.signum)
     except KeyboardInterrupt:  # fit closed the run (callbacks, checkpoint manager) on its way out
-        return _stopped(config)
+        return _stopped(config, signal.SIGINT)
     if result.stop_reason == "interrupted":  # fit handed back what it trained: a script stops
-        return _stopped(config)
+        return _stopped(config, signal.SIGINT)
     if distributed.is_main_process():
         print(_summary(result))
     return 0
 
 
-def _stopped(config: Mapping[str, Any] | None) -> int:
-    """Say how an interrupted run goes on; the shell's status for a command ended by SIGINT."""
+def _stopped(config: Mapping[str, Any] | None, signum: int) -> int:
+    """Say how a run a signal stopped goes on; the shell's status for a command `signum` ended."""
     if distributed.is_main_process():
-        print(f"functrain run: {_interrupted(config)}", file=sys.stderr)
-    return 130
+        print(f"functrain run: {_interrupted(config, signum)}", file=sys.stderr)
+    return exit_status(signum)
 
 
-def _interrupted(config: Mapping[str, Any] | None) -> str:
-    """How an interrupted run goes on: the same command where it resumes, else its last checkpoint.
+def _interrupted(config: Mapping[str, Any] | None, signum: int = signal.SIGINT) -> str:
+    """How a stopped run goes on: the same command where it resumes, else its last checkpoint.
 
-    `config` is the resolved config (None: interrupted before it was composed).
+    `config` is the resolved config (None: interrupted before it was composed); `signum` the
+    signal that stopped it (SIGINT for a `KeyboardInterrupt`).
     """
+    how = (
+        "interrupted"
+        if signum == signal.SIGINT
+        else (f"{STOP_REASONS[signum]} ({signal_name(signum)})")
+    )
     if config is None:
-        return "interrupted before the config was composed; nothing was trained"
+        return f"{how} before the config was composed; nothing was trained"
     settings = config.get("fit") or {}
     directory = settings.get("checkpoint_dir") if isinstance(settings, Mapping) else None
     if not directory:
-        return "interrupted; no checkpoint was saved (the config sets no fit.checkpoint_dir)"
+        return f"{how}; no checkpoint was saved (the config sets no fit.checkpoint_dir)"
     latest = (
         CheckpointManager(directory, readonly=True).latest() if Path(directory).is_dir() else None
     )
     if settings.get("resume"):
         where = f"from {latest}" if latest is not None else "no checkpoint yet: from the start"
-        return f"interrupted; run the same command to resume ({where})"
+        return f"{how}; run the same command to resume ({where})"
     if latest is None:
-        return f"interrupted; no checkpoint was saved in {directory}"
+        return f"{how}; no checkpoint was saved in {directory}"
     return (
-        f"interrupted; the last checkpoint is {latest}: add ++fit.resume=true to the same command "
+        f"{how}; the last checkpoint is {latest}: add ++fit.resume=true to the same command "
         "to continue from it"
     )
 

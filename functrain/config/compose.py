@@ -16,11 +16,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from functrain.config.keys import override_typo
+from functrain.config.limits import bounded_yaml, text_problem, yaml_problem
+from functrain.config.targets import path_problem, paths_problems
 from functrain.errors import ConfigError
 
 __all__ = ["load_config", "hydra_modules", "register_resolvers"]
@@ -68,20 +70,37 @@ def register_resolvers() -> None:
         )
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    *,
+    safe: bool = False,
+    allow: Sequence[str] = (),
+) -> dict[str, Any]:
     """Compose the YAML file at `path` with Hydra overrides, resolved into plain dicts and lists.
+
+    Composing reads the file and imports nothing but, where an override names a key the config
+    lacks under a ``_target_``, that target (to name the keys it takes).
 
     Args:
         path: a ``.yaml`` file; its folder is Hydra's config directory (config groups and the
             defaults list are looked up there).
         overrides: Hydra overrides, e.g. ``["fit.max_epochs=1", "+fit.save_every=10",
             "~data.test"]``.
+        safe: for a config from elsewhere: import no target outside the packages safe mode
+            allows, and refuse a config whose ``_target_`` paths it would refuse
+            (`functrain.config.targets.path_problem`); `build_run` with ``safe=True`` checks
+            what they name.
+        allow: modules safe mode allows besides (as `build_run`'s).
 
     Returns:
         The resolved config.
 
     Raises:
-        ConfigError: Hydra is not installed, the file is missing or not YAML, an override does not
+        ConfigError: Hydra is not installed, the file is missing, not UTF-8 or not YAML (it, or a
+            file of its config groups: named with the line), nests deeper than 32 levels or
+            holds aliases that expand it by more than 10,000 values (`functrain.config.limits`),
+            or holds a tag that is not plain YAML (``!!python/object/apply``); an override does not
             parse or names a key that is not there (close to one that is: the message says which;
             else ``+key=`` adds one), or an interpolation does not resolve; each names the key or
             override.
@@ -94,6 +113,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         {'steps': 6, 'fit': {'max_steps': 6, 'log_every': 2}}
     """
     hydra, omegaconf = hydra_modules()
+    import yaml  # Hydra's own dependency
+
     file = Path(path)
     if file.suffix != ".yaml" or not file.is_file():
         raise ConfigError(
@@ -106,13 +127,27 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
             "overrides must be strings in Hydra's grammar (key=value, +key=value, ~key), got "
             f"{bad!r}"
         )
-    with hydra.initialize_config_dir(
-        config_dir=str(file.parent.resolve()), version_base="1.3", job_name="functrain"
+    unreadable = text_problem(file)
+    if unreadable is not None:
+        raise ConfigError(unreadable)
+    with (
+        hydra.initialize_config_dir(
+            config_dir=str(file.parent.resolve()), version_base="1.3", job_name="functrain"
+        ),
+        bounded_yaml(),
     ):
         try:
             composed = hydra.compose(config_name=file.stem, overrides=list(overrides))
+        except UnicodeDecodeError as e:  # a file of a config group or a defaults list
+            raise ConfigError(
+                f"cannot compose {str(file)!r}: a config file it reads (of a config group or a "
+                f"defaults list) is not UTF-8 text ({e}); save it as UTF-8"
+            ) from None
+        except yaml.YAMLError as e:  # PyYAML's, of any file it reads
+            raise ConfigError(yaml_problem(e)) from None
         except (hydra.errors.HydraException, omegaconf.errors.OmegaConfBaseException) as e:
-            typo = _override_typo(e, overrides)
+            importable = (lambda p: path_problem(p, allow) is None) if safe else None
+            typo = _override_typo(e, overrides, importable)
             if typo is not None:
                 raise ConfigError(typo) from None
             cause = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
@@ -127,6 +162,9 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(
             f"config key {dotted(key)}: cannot resolve its value: {_one_line(e)}"
         ) from None
+    refused = paths_problems(resolved, allow) if safe else []
+    if refused:
+        raise ConfigError("invalid run config:\n  - " + "\n  - ".join(refused))
     return resolved
 
 
@@ -140,7 +178,11 @@ def dotted(key: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", key).lstrip(".")
 
 
-def _override_typo(error: BaseException, overrides: Sequence[str]) -> str | None:
+def _override_typo(
+    error: BaseException,
+    overrides: Sequence[str],
+    importable: Callable[[str], bool] | None = None,
+) -> str | None:
     """functrain's message for an override that sets a key the config lacks, else None.
 
     Hydra's error leaves the key and the mapping that lacks it on its cause; the override is the
@@ -162,7 +204,7 @@ def _override_typo(error: BaseException, overrides: Sequence[str]) -> str | None
         (o for o in overrides if o.startswith(key) and o[len(key) : len(key) + 1] in ("=", ".")),
         None,
     )
-    return None if override is None else override_typo(override, key, node)
+    return None if override is None else override_typo(override, key, node, importable)
 
 
 def _one_line(error: BaseException) -> str:

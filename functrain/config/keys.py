@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from functrain.core.state import TrainState
@@ -97,12 +97,18 @@ def did_you_mean(key: str, names: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def override_typo(override: str, key: str, node: Mapping[str, Any]) -> str | None:
+def override_typo(
+    override: str,
+    key: str,
+    node: Mapping[str, Any],
+    importable: Callable[[str], bool] | None = None,
+) -> str | None:
     """The message for `override`, which sets the dotted `key` that the config lacks.
 
     `node` is the mapping that should hold its last part. None where the key may be a real
     addition (Hydra's advice, ``+key=value``, stands): a key its section or target takes, or one
-    close to nothing there.
+    close to nothing there. A ``_target_`` is imported to read the keys it takes only where
+    `importable` allows its path (safe mode's check), if given.
 
     Example:
         >>> print(override_typo("fit.max_epoch=1", "fit.max_epoch", {"max_epochs": 15}))
@@ -112,7 +118,7 @@ def override_typo(override: str, key: str, node: Mapping[str, Any]) -> str | Non
         True
     """
     parent, _, name = key.rpartition(".")
-    taker, takes = _accepted(parent, node)
+    taker, takes = _accepted(parent, node, importable)
     if takes is not None and name in takes:
         return None
     held = [str(k) for k in node if not str(k).startswith("_")]
@@ -137,7 +143,9 @@ def override_typo(override: str, key: str, node: Mapping[str, Any]) -> str | Non
     return problem
 
 
-def _accepted(parent: str, node: Mapping[str, Any]) -> tuple[str, list[str] | None]:
+def _accepted(
+    parent: str, node: Mapping[str, Any], importable: Callable[[str], bool] | None
+) -> tuple[str, list[str] | None]:
     """Who takes the keys of the mapping at dotted `parent`, and which (None: any)."""
     if not parent:
         return "the config", None  # the top level holds free keys, for interpolation
@@ -145,6 +153,6 @@ def _accepted(parent: str, node: Mapping[str, Any]) -> tuple[str, list[str] | No
     if section is not None:
         return {"state": "TrainState.create"}.get(parent, parent), section
     target = node.get("_target_")
-    if not isinstance(target, str):
+    if not isinstance(target, str) or (importable is not None and not importable(target)):
         return parent, None
     return target, target_arguments(target)

@@ -13,9 +13,14 @@ the name of the tensor that goes there, tied weights and shared submodules inclu
 as the forward pass of a small MLP. The slots are assigned directly, exactly as `functional_call`
 does, and restored on leaving the block whatever happens. A plan is dropped when any module
 anywhere registers a submodule, parameter or buffer (torch's global registration hooks), so a
-model whose structure changed after its first step is planned anew. Tensor names that differ from
-the plan's, and the block under ``torch.compile``, take torch's own reparametrization (what
-`functional_call` runs, and what dynamo traces as a context manager).
+model whose structure changed after its first step is planned anew (a buffer the forward rebinds
+inside the block is no change: the slot is put back). Tensor names that differ from the plan's,
+and the block under ``torch.compile``, take torch's own reparametrization (what `functional_call`
+runs, and what dynamo traces as a context manager).
+
+A buffer the forward rebinds (``self.h = h.detach()``, the word language model's hidden state)
+is carried out of the block in the tensor it was given, as an in-place write is: torch's module
+would hold the new value from then on, and so does the step's new state (`carry_rebound`).
 
 `call_with` runs one call of the module on given tensors (`functional_call`'s semantics).
 """
@@ -33,11 +38,13 @@ from torch.nn.modules import module as _module_impl
 from torch.nn.utils import stateless
 
 from functrain.errors import ConfigError, WeightlessModuleError
+from functrain.optim.batching import under_vmap
 
 __all__ = [
     "BoundModel",
     "bound",
     "call_with",
+    "carry_rebound",
     "refuse_unbound_calls",
     "CALL_GUARD",
     "traced_binding_problems",
@@ -46,26 +53,49 @@ __all__ = [
 # (slot container, local name or index, tensor name) per slot; the set of tensor names the plan
 # covers; (attribute dict, name) of each plain attribute holding some slot, restored on leaving
 # (and the alias slots alone, for a traced binding)
+# (and the alias slots alone, for a traced binding); the number of parameter slots, which come
+# first, and of registered slots (parameters then buffers), which a forward may rebind
 _Slots = tuple[tuple[Any, Any, str], ...]
-_Plan = tuple[_Slots, frozenset[str], tuple[tuple[dict, str], ...], _Slots]
+_Plan = tuple[_Slots, frozenset[str], tuple[tuple[dict, str], ...], _Slots, int, int]
 
 _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+
+# registrations of a parameter or buffer so far, anywhere (``self.h = h`` in a forward is one): a
+# binding looks for rebound slots only when this moved during its block, so a forward that
+# rebinds nothing costs no look at its slots; and the eager bindings open now
+_registrations = [0]
+_open = [0]
 
 
 def _forget_plans(*_: Any) -> None:
     _plans.clear()
 
 
+def _parameter_registered(*_: Any) -> None:
+    _registrations[0] += 1
+    _plans.clear()
+
+
+def _buffer_registered(module: nn.Module, name: str, value: Any) -> None:
+    _registrations[0] += 1
+    # a forward rebinding a buffer it holds (``self.h = h.detach()``) keeps the structure: the
+    # binding puts the slot back on leaving, so the plan stays (planning every step would cost as
+    # much as torch's functional_call)
+    if not (_open[0] and value is not None and module._buffers.get(name) is not None):
+        _plans.clear()
+
+
 # any registration anywhere may change some planned module's structure: plan again on next use
 _module_impl.register_module_module_registration_hook(_forget_plans)
-_module_impl.register_module_parameter_registration_hook(_forget_plans)
-_module_impl.register_module_buffer_registration_hook(_forget_plans)
+_module_impl.register_module_parameter_registration_hook(_parameter_registered)
+_module_impl.register_module_buffer_registration_hook(_buffer_registered)
 
 
 def _make_plan(module: nn.Module) -> _Plan:
     owners = dict(module.named_modules(remove_duplicate=False))
     canonical: dict[int, str] = {}  # a tied tensor takes the name under which it first appears
     slots: dict[tuple[int, str], tuple[dict, str, str]] = {}
+    parameters = 0
     for kind, members in (
         ("_parameters", module.named_parameters(remove_duplicate=False)),
         ("_buffers", module.named_buffers(remove_duplicate=False)),
@@ -75,6 +105,8 @@ def _make_plan(module: nn.Module) -> _Plan:
             table = getattr(owners[prefix], kind)
             key = canonical.setdefault(id(tensor), name)
             slots.setdefault((id(table), local), (table, local, key))
+        if kind == "_parameters":
+            parameters = len(slots)
     aliases, attributes = _alias_slots(module, canonical)
     registered = tuple(slots.values())
     return (
@@ -82,6 +114,8 @@ def _make_plan(module: nn.Module) -> _Plan:
         frozenset(key for _, _, key in registered),
         attributes,
         aliases,
+        parameters,
+        len(registered),
     )
 
 
@@ -182,7 +216,8 @@ class _Binding:
     """`bound` eagerly: the planned slots given `tensors` on entry, their own back on exit.
 
     The structure's call guard (`refuse_unbound_calls`) is lifted for the block: the weights are
-    bound, and a root module without forward hooks takes torch's fast call path.
+    bound, and a root module without forward hooks takes torch's fast call path. A buffer the
+    block rebound (``self.h = h.detach()``) is carried into `tensors` on leaving (`carry_rebound`).
     """
 
     __slots__ = (
@@ -194,17 +229,14 @@ class _Binding:
         "_attributes",
         "_kept",
         "_guard",
+        "_parameters",
+        "_registered",
+        "_seen",
     )
 
-    def __init__(
-        self,
-        module: nn.Module,
-        slots: tuple[tuple[Any, Any, str], ...],
-        tensors: dict,
-        attributes: tuple[tuple[dict, str], ...],
-    ) -> None:
-        self._module, self._slots, self._tensors = module, slots, tensors
-        self._attributes = attributes
+    def __init__(self, module: nn.Module, plan: _Plan, tensors: dict) -> None:
+        self._module, self._slots, self._tensors = module, plan[0], tensors
+        self._attributes, self._parameters, self._registered = plan[2], plan[4], plan[5]
 
     def __enter__(self) -> BoundModel:
         slots, tensors = self._slots, self._tensors
@@ -218,9 +250,14 @@ class _Binding:
             (guard, self._module._forward_pre_hooks.pop(guard, None)) if guard is not None else None
         )
         self._model = BoundModel(self._module)
+        self._seen = _registrations[0]
+        _open[0] += 1
         return self._model
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, kind: Any, *exc_info: Any) -> None:
+        _open[0] -= 1
+        # a parameter or buffer registered during the block: perhaps one of ours rebound
+        rebound = self._rebound() if kind is None and _registrations[0] != self._seen else None
         if self._guard is not None and self._guard[1] is not None:
             self._module._forward_pre_hooks[self._guard[0]] = self._guard[1]
         for (table, local, _), original in zip(self._slots, self._saved, strict=True):
@@ -229,6 +266,97 @@ class _Binding:
             for (attrs, name), original in zip(self._attributes, self._kept, strict=True):
                 attrs[name] = original
         self._model._functrain_open[0] = False
+        if rebound:
+            carry_rebound(self._tensors, rebound)
+
+    def _rebound(self) -> list[tuple[str, bool, Any]]:
+        """The registered slots the block rebound: ``(name, is a parameter, what it holds now)``."""
+        tensors, parameters = self._tensors, self._parameters
+        return [
+            (key, i < parameters, table.get(local))
+            for i, (table, local, key) in enumerate(self._slots[: self._registered])
+            if table.get(local) is not tensors[key]
+        ]
+
+
+def carry_rebound(tensors: dict[str, torch.Tensor], rebound: list[tuple[str, bool, Any]]) -> None:
+    """Carry the buffers a forward rebound into `tensors`, as torch's module would keep them.
+
+    ``self.h = h.detach()`` in a forward (a recurrent hidden state kept from batch to batch, a
+    running statistic recomputed out of place) rebinds the buffer: torch's module holds the new
+    tensor from then on. Here the binding's slot is put back on leaving, and the new value is
+    copied into the tensor `tensors` gave the buffer, as an in-place write in the forward lands
+    there (a step gives the forward copies of its buffers, which become the new state's): the
+    same values, bit for bit. A tensor of the same shape, dtype and device is carried; everything
+    else is refused, checked before any value is copied.
+
+    Args:
+        tensors: the tensors the block was given, by name.
+        rebound: ``(name, is a parameter, what the slot held on leaving)`` of each rebound slot.
+
+    Raises:
+        ConfigError: a parameter was rebound (``self.w = nn.Parameter(...)``: torch's optimizer
+            would go on updating the old one, which the forward no longer reads), or a buffer was
+            rebound to None, to a tensor attached to the autograd graph (torch's next backward
+            would run into this batch's freed graph), or to another shape, dtype or device (the
+            state's buffer, and every checkpoint of it, keeps the one it was created with).
+    """
+    if torch.compiler.is_compiling() or under_vmap():
+        raise ConfigError(
+            f"the forward rebinds the buffer {rebound[0][0]!r} (self.{rebound[0][0]} = ...), "
+            "which a compiled step or a stacked state's step cannot carry: its backward runs "
+            "after the forward returned, on the buffer's old value, where the new one would be "
+            "written; train it with functrain.train_step, which carries it as torch's module "
+            "keeps it"
+        )
+    problems = [
+        problem
+        for name, parameter, new in rebound
+        if (problem := _rebinding_problem(name, parameter, new, tensors[name]))
+    ]
+    if problems:
+        raise ConfigError(
+            "the forward rebinds " + "; ".join(problems) + ". A step carries a buffer the forward "
+            "rebinds into the new state (self.h = h.detach(), as torch's module keeps it) when "
+            "the new tensor has the buffer's shape, dtype and device and is detached from the "
+            "graph; nothing was carried"
+        )
+    with torch.no_grad():
+        for name, _, new in rebound:
+            old = tensors[name]
+            if not (torch.compiler.is_compiling() or under_vmap()) and _shares_memory(old, new):
+                new = new.clone()  # e.g. a view of the buffer itself: copied whole first
+            old.copy_(new)
+
+
+def _rebinding_problem(name: str, parameter: bool, new: Any, old: torch.Tensor) -> str | None:
+    """Why rebinding `name` to `new` cannot be carried into `old`'s place, or None."""
+    if parameter:
+        return (
+            f"the parameter {name!r} (to {type(new).__name__}): torch's optimizer would go on "
+            "updating the parameter it was given, which the forward no longer reads; update a "
+            "weight the forward computes as a buffer (register_buffer), or compute it from the "
+            "parameter in forward without assigning it"
+        )
+    if not isinstance(new, torch.Tensor) or isinstance(new, nn.Parameter):
+        return f"the buffer {name!r} to {type(new).__name__}, where a tensor is expected"
+    if new.requires_grad:
+        return (
+            f"the buffer {name!r} to a tensor attached to the autograd graph: torch's next "
+            "backward would run into this batch's freed graph; detach it (self.h = h.detach())"
+        )
+    if (new.shape, new.dtype, new.device) != (old.shape, old.dtype, old.device):
+        return (
+            f"the buffer {name!r} to a tensor of shape {list(new.shape)} {new.dtype} on "
+            f"{new.device}, where the buffer is {list(old.shape)} {old.dtype} on {old.device}; "
+            "create it with the shape and dtype it keeps (register_buffer('h', torch.zeros(...)))"
+            ", or keep a value whose shape changes in the batch or in state.user"
+        )
+    return None
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 @contextlib.contextmanager
@@ -238,6 +366,7 @@ def _reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iter
     # made by an eager binding of it (a compiled step's first call): an attribute, which dynamo
     # reads as a constant of the module
     aliases = getattr(module, _ALIASES, ())
+    given = dict(tensors)
     # dynamo ignores its writes to the module: they are undone on leaving
     with stateless._reparametrize_module(module, tensors, tie_weights=True):
         saved = [table[local] for table, local, _ in aliases]
@@ -249,6 +378,17 @@ def _reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iter
             for (table, local, _), original in zip(aliases, saved):
                 table[local] = original
             model._functrain_open[0] = False
+    # torch's reparametrization wrote what the forward rebound into `tensors`: put the given
+    # tensors back and carry the new values into them, as an eager binding does
+    rebound = [(k, _is_parameter(module, k), t) for k, t in tensors.items() if t is not given[k]]
+    if rebound:
+        tensors.update(given)
+        carry_rebound(tensors, rebound)
+
+
+def _is_parameter(module: nn.Module, name: str) -> bool:
+    prefix, _, local = name.rpartition(".")
+    return local in module.get_submodule(prefix)._parameters
 
 
 def bound(
@@ -258,7 +398,11 @@ def bound(
 
     Yields the `BoundModel` to give the loss function. On leaving the block (also on an exception)
     the module holds its own tensors again and the `BoundModel` refuses any further use. What the
-    forward writes into a buffer in place (BatchNorm's running statistics) lands in `tensors`.
+    forward writes into a buffer in place (BatchNorm's running statistics) lands in `tensors`, and
+    so does the value of a buffer it rebinds (``self.h = h.detach()``), copied into the tensor
+    `tensors` gave it when the block ends without an exception (`carry_rebound`, which refuses a
+    rebound parameter, and a buffer rebound to another shape, dtype or device or to a tensor
+    attached to the graph).
 
     Example:
         >>> lin = torch.nn.Linear(2, 1)
@@ -276,10 +420,9 @@ def bound(
         plan = _plans[module] = _make_plan(module)
         if plan[3]:
             object.__setattr__(module, _ALIASES, plan[3])
-    slots, names, attributes, _ = plan
-    if names != tensors.keys():
+    if plan[1] != tensors.keys():
         return _reparametrized(module, tensors)
-    return _Binding(module, slots, tensors, attributes)
+    return _Binding(module, plan, tensors)
 
 
 def call_with(
@@ -329,7 +472,9 @@ class BoundModel:
       every step of every state made from the module, and a compiled step does not see the change;
       keep per-step values in the batch or in ``state.user``. A method of the module that assigns
       to ``self`` or registers parameters or buffers changes that shared structure for every later
-      step (torch's registration also drops the eager plan, and a compiled step does not see it).
+      step (torch's registration also drops the eager plan, and a compiled step does not see it);
+      a buffer it rebinds (``self.h = h.detach()``) is the exception: the step carries the new
+      value into the new state and leaves the structure as it was (`carry_rebound`).
     - in-place writes to parameters (``model.weight.data.mul_(0)``, ``torch.no_grad()`` updates):
       they would write into the state's tensors, which a step never changes.
     - keeping the model beyond the call: it is bound only while the loss function runs, and

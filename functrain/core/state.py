@@ -593,9 +593,83 @@ class TrainState:
         for name, placeholder in zip(TREE_FIELDS, _placeholders(call), strict=True):
             object.__setattr__(self, name, placeholder)
 
+    def closing_window(self, batches: int = 1) -> TrainState:
+        """This state with its accumulation window ending after `batches` more micro-batches.
+
+        For a window cut short, as Lightning's and Hugging Face's trainers close the partial
+        window at an epoch's end: called before the epoch's last ``r`` micro-batches
+        (``batches=r``, the window empty), the ``r``-th step updates on their gradients, as
+        though the window were ``r`` long, and the next window starts whole. The step divides as
+        it always does (`accumulate_convention`): the ``"loss"`` convention's loss by
+        `accumulate_steps` (N), as Lightning does. Hugging Face's `Trainer` divides the partial
+        window's loss by its length instead: for that, `fit(partial_window="over_length")`, or in
+        a loop of your own ``accumulate_convention="sum"`` with a loss function that divides by
+        the length of the window its batch belongs to (the porting guide shows it). Both counters
+        of the window (``micro_step`` and the accumulation's in ``opt_state``) move to N -
+        `batches`; nothing else changes. Reads the window's position on the host (between steps).
+
+        Args:
+            batches: the micro-batches the window has left, from 1 (the next one ends it) to
+                those it has left anyway.
+
+        Returns:
+            A new state; this one is unchanged.
+
+        Raises:
+            ConfigError: a state without accumulation, or `batches` outside 1 to the micro-batches
+                the window has left.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn,
+            ...     accumulate_steps=4)
+            >>> s, _ = ft.train_step(s, torch.ones(3, 2))  # 1 of the window's 4 micro-batches
+            >>> s = s.closing_window(1)  # the next one ends it
+            >>> s, _ = ft.train_step(s, torch.ones(3, 2))
+            >>> int(s.step), int(s.micro_step)
+            (1, 0)
+        """
+        n = self.options.accumulate_steps
+        micro = int(self.micro_step.reshape(-1)[0]) if n > 1 else 0  # host read, between steps
+        left = n - micro
+        if n == 1 or not (isinstance(batches, int) and 1 <= batches <= left):
+            expected = (
+                f"batches must be an int from 1 to {left} (the window holds {micro} of its "
+                f"accumulate_steps={n} micro-batches), got batches={batches!r}"
+                if n > 1
+                else "closing_window needs a state with accumulate_steps > 1, got "
+                "accumulate_steps=1: every step is an update already"
+            )
+            raise ConfigError(expected)
+        at = torch.full_like(self.micro_step, n - batches)
+        window = self.opt_state._replace(
+            micro_step=torch.full_like(self.opt_state.micro_step, n - batches)
+        )
+        return self.replace(micro_step=at, opt_state=window)
+
     def with_tree(self, tree: dict[str, Any]) -> TrainState:
-        """This state with its tree fields replaced by `tree` (as produced by `tree()`)."""
-        return attrs.evolve(self, **tree)
+        """This state with its tree fields replaced by `tree` (as produced by `tree()`).
+
+        Its parameters and buffers are checked against the module where the state is next used
+        (a step, `functrain.predict`), as `replace`'s are: another model's tree is a
+        `StateMismatchError` naming the first tensor that does not fit.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> small = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+            >>> deep = torch.nn.Sequential(torch.nn.Linear(2, 1))
+            >>> other = ft.TrainState.create(deep, ft.sgd(0.1), loss_fn)
+            >>> ft.predict(small.with_tree(other.tree()), torch.ones(1, 2))
+            Traceback (most recent call last):
+            ...
+            functrain.errors.StateMismatchError: predict got a TrainState whose tensors do not fit its module: params["0.weight"] is not a parameter of the module. ...
+        """  # noqa: E501
+        new = attrs.evolve(self, **tree)
+        if not tree.keys().isdisjoint(_MODULE_TENSORS):
+            object.__setattr__(new, "_unchecked", True)
+        return new
 
     def __repr__(self) -> str:
         if self._donated_to is not None:

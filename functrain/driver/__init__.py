@@ -3,7 +3,8 @@
 Modules: `fit` (the entry point), `options` (its options as six checked groups, `FitOptions`),
 `arguments` (the checks of its arguments against its data and state), `loop` (the plain
 loop), `ledger` (what the loop records, saved in ``state.driver``), `evaluation`, `callbacks`,
-`history`, `data`, `run_config` (the run's config saved with its checkpoints, compared on resume).
+`history`, `data`, `run_config` (the run's config saved with its checkpoints, compared on resume),
+`preemption` (the signals that stop a run with a checkpoint of its state).
 """
 
 from functrain.driver.callbacks import (
@@ -30,6 +31,7 @@ from functrain.driver.options import (
     Logging,
     Stopping,
 )
+from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "JsonlLogger",
     "LRMonitor",
     "Logging",
+    "Preempted",
     "ProgressBar",
     "Profiler",
     "Run",

@@ -66,8 +66,30 @@ def fit_problems(
             options.batching.eval_batch_size,
         ),
         *member_problems(state, data),
+        *_window_problems(state, options.batching.partial_window),
     ]
     return (None if problems else options), problems
+
+
+def _window_problems(state: TrainState, partial_window: str) -> list[str]:
+    """`partial_window` acts on accumulation windows; ``"over_length"`` divides the loss."""
+    if partial_window == "carry":
+        return []
+    if state.options.accumulate_steps == 1:
+        return [
+            f"partial_window={partial_window!r} closes the accumulation window at an epoch's end, "
+            "but the state has accumulate_steps=1 (every batch is an update): pass "
+            "accumulate_steps=N to TrainState.create, or leave partial_window out"
+        ]
+    convention = state.options.accumulate_convention
+    if partial_window == "over_length" and convention != "loss":
+        return [
+            "partial_window='over_length' divides the partial window's loss by its length in "
+            f"place of N, but the state's accumulate_convention={convention!r} does not divide "
+            "the loss: use accumulate_convention='loss' (Hugging Face's Trainer without "
+            "num_items_in_batch), or partial_window='over_n'"
+        ]
+    return []
 
 
 def _input_problems(state: Any, train_data: Any, callbacks: Any) -> list[str]:

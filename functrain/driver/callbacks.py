@@ -22,6 +22,8 @@ with stop reason ``"interrupted"``.
 from __future__ import annotations
 
 import inspect
+import os
+import stat
 import sys
 import time
 import warnings
@@ -31,7 +33,7 @@ from typing import IO, Any, Literal
 
 import orjson
 
-from functrain.driver.options import FitOptions
+from functrain.driver.options import FitOptions, regular_file_problem
 from functrain.errors import ConfigError
 
 __all__ = [
@@ -352,7 +354,9 @@ class JsonlLogger(Callback):
     Each line has ``kind`` (``"train"``, ``"eval"``, ``"epoch"``) and the row's metrics; NaN and Inf
     are written as strings (``"nan"``, ``"inf"``) so they are not lost as ``null``. When training
     begins the file is rewritten from the run's history (empty for a new run, restored for a resumed
-    one), so rows an interrupted process logged after its last checkpoint appear once.
+    one), so rows an interrupted process logged after its last checkpoint appear once. `path` must
+    be a regular file or a path to create one at: a directory, a device or a FIFO is refused with
+    a `ConfigError` (the open never waits for a FIFO's reader).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -362,7 +366,7 @@ class JsonlLogger(Callback):
 
     def on_train_begin(self, run: Run) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")
+        self._file = _log_file(self.path)
         self._seen = {k: 0 for k in run.history.rows}
         self._flush_new(run)
 
@@ -401,6 +405,30 @@ class JsonlLogger(Callback):
 
     def on_exception(self, run: Run) -> None:
         self.on_train_end(run)  # the rows logged before the error are kept
+
+
+def _log_file(path: Path) -> IO[bytes]:
+    """`path` opened to be rewritten, refused unless a regular file (nothing is truncated then).
+
+    Opened without blocking: a FIFO nobody reads would hold the open (and the run) forever, and a
+    device such as ``/dev/full`` fails every write.
+    """
+    problem = regular_file_problem("the log file", path)
+    if problem is not None:
+        raise ConfigError(problem)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:  # ENXIO: a FIFO made since, with no reader
+        raise ConfigError(
+            f"the log file {str(path)!r} cannot be opened to write ({e.strerror}): give a regular "
+            "file"
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"the log file {str(path)!r} became no regular file: give a file")
+    os.set_blocking(fd, True)
+    os.ftruncate(fd, 0)
+    return os.fdopen(fd, "wb")
 
 
 class ConsoleLogger(Callback):

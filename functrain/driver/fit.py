@@ -59,6 +59,7 @@ from functrain.driver.options import (
     Stopping,
     grouped_options,
 )
+from functrain.driver.preemption import Preempted
 from functrain.driver.run_config import ConfigChangeWarning, config_changes
 from functrain.driver.stopping import EarlyStopping
 from functrain.errors import CheckpointError, ConfigError
@@ -88,9 +89,11 @@ class FitResult:
             (an Optuna pruner stopped the trial through `OptunaPruning`: raise
             ``optuna.TrialPruned`` after `fit`),
             ``"interrupted"`` (Ctrl-C, or a `KeyboardInterrupt` raised in a callback: `state` is
-            the one after the last completed update, and ``fit(result.state, ...)`` with the same
-            arguments goes on as if never interrupted; no test evaluation), or the reason a
-            callback gave ``run.request_stop``.
+            the one after the last completed update, saved with a `checkpoint_dir`, and
+            ``fit(result.state, ...)`` with the same arguments, or ``resume=True``, goes on as if
+            never interrupted; no test evaluation), ``"terminated"`` / ``"requeue"`` (SIGTERM /
+            SIGUSR1: the same, in the result of the `Preempted` that `fit` raises), or the reason
+            a callback gave ``run.request_stop``.
         empty_batches: batches skipped because they held no samples.
         member_bests: with ``fit(..., best_per_member=True)``, each member's best evaluation:
             ``member_bests[k]`` holds its ``step`` and member k's own metrics under their mean's
@@ -191,6 +194,7 @@ def fit(
     drop_last: bool = False,
     data_seed: int = 0,
     num_workers: int = 0,
+    partial_window: Literal["carry", "over_n", "over_length"] = "carry",
     checkpoint_dir: str | Path | None = None,
     save_every: int | None = None,
     keep_last: int | None = None,
@@ -238,7 +242,7 @@ def fit(
     ``max_steps``, ``max_time``, ``early_stopping``, ``stop_on_nonfinite``), `Evaluation`
     (``run_mode``, ``eval_every``, ``eval_fn``, ``eval_metrics``, ``best_metric``, ``mode``,
     ``best_per_member``, ``test_every_eval``), `Batching` (``batch_size``, ``eval_batch_size``,
-    ``shuffle``, ``drop_last``, ``data_seed``, ``num_workers``), `Checkpointing`
+    ``shuffle``, ``drop_last``, ``data_seed``, ``num_workers``, ``partial_window``), `Checkpointing`
     (``checkpoint_dir``, ``save_every``, ``keep_last``, ``keep_best``, ``async_save``,
     ``resume``, ``config``, ``on_config_change``, ``config_exempt``), `Logging` (``log_every``,
     ``progress``, ``verbosity``, ``log_file``, ``grad_stats``, ``memory``) and `Execution`
@@ -248,6 +252,14 @@ def fit(
     the other groups' keywords mix freely. Options that act on something not given (early
     stopping without `eval_data`, `keep_last` without `checkpoint_dir`) are refused too, not
     ignored.
+
+    Non-finite values are handled in two places, one setting each: ``TrainState.create(
+    nonfinite=)`` says what every step does with NaN or Inf gradients (``"skip"``: a counted
+    no-op, the default; ``"halt"``: `NonFiniteError`; ``"none"``: apply them), in `fit` and in a
+    loop of your own alike; ``fit(stop_on_nonfinite=)`` says whether the run stops when a loss
+    the driver reads is non-finite (``"eval"``: an evaluation's, the default; ``"train"``: a log
+    interval's mean training loss too; ``"none"``: never), with the checkpoints kept as the last
+    finite state left them.
 
     Args:
         state: the initial `TrainState` (with ``resume=True``, the template to restore into).
@@ -304,7 +316,15 @@ def fit(
             `best_metric` the first evaluation does not produce.
         CheckpointError: another process (or manager) is writing `checkpoint_dir`, naming it: one
             run writes a directory at a time.
-        NonFiniteError: with ``nonfinite="halt"``, naming the step; the last checkpoint is kept.
+        NonFiniteError: the state was created with ``TrainState.create(nonfinite="halt")`` (not
+            a `fit` option) and a step's gradients were non-finite, naming the step; the last
+            checkpoint is kept.
+        Preempted: SIGTERM or SIGUSR1 came while the run trained (in the main thread, without a
+            handler of the user's for it, not under torch.distributed): the update under way
+            ended, the state saved with a `checkpoint_dir`, a line said where the run resumes
+            (unless ``verbosity="silent"``). A `SystemExit`: uncaught, the program exits with
+            status 143 (SIGTERM) or 138 (SIGUSR1) on Linux; caught, its ``result`` is this
+            call's `FitResult` (`functrain.driver.preemption`).
 
     Example:
         >>> import torch, functrain as ft
@@ -386,13 +406,18 @@ def fit(
         loop.run()
     finally:
         if manager is not None:
-            manager.close()
+            manager.close()  # an async save committed (or its failure raised) before the line
+    if main and logging.verbosity != "silent" and (line := loop.stopped_line()) is not None:
+        print(line, flush=True)
     if execution.donate and loop.stepped:
         # the first step wrote into the given state's tensors (or a copy sharing them): refused
         retire(given, _DONATED)
     if state.dist is not None:
         barrier(state.dist.group)  # rank 0's last checkpoint is committed
-    return _result(loop, manager, tests)
+    result = _result(loop, manager, tests)
+    if loop.signals.preempted_by is not None:
+        raise Preempted(loop.signals.preempted_by, result, loop.saved)
+    return result
 
 
 def _manager(options: FitOptions, state: TrainState, main: bool) -> CheckpointManager | None:
@@ -567,8 +592,10 @@ def _callbacks(extra: Sequence[Any], logging: Logging, main: bool) -> list[Any]:
 
 
 def _result(loop: Loop, manager: CheckpointManager | None, tests: Any) -> FitResult:
-    test = None
-    if tests is not None and loop.stop_reason != "interrupted":  # stopped by hand: at once
+    test, preempted = None, loop.signals.preempted_by is not None
+    # stopped by hand or by a signal: at once
+    stopped = loop.interrupted or preempted or loop.stop_reason == "interrupted"
+    if tests is not None and not stopped:
         final = loop.state
         if manager is not None and (best := manager.best()) is not None:
             final = load(best, like=loop.state)

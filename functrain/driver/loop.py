@@ -8,17 +8,16 @@ into ``state.driver`` before every save.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import signal
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from functrain.checkpoint.manager import CheckpointManager
@@ -32,6 +31,7 @@ from functrain.driver.data import IterableSource, MemberSource, samples_per_memb
 from functrain.driver.evaluation import evaluate
 from functrain.driver.ledger import Ledger, memory_columns
 from functrain.driver.options import FitOptions
+from functrain.driver.preemption import STOP_REASONS, Preempted, StopSignals, signal_name
 from functrain.errors import ConfigError, DonatedStateError, NonFiniteError
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.plateau import observe_plateau
@@ -122,7 +122,11 @@ class Loop:
         }
         self.run_ctx = Run(state, self.ledger.history, config, options)
         self.stop_reason: str | None = state.driver.get("stop_reason")
-        self.interrupt_asked = False  # Ctrl-C came during an update: stop after it
+        self.signals = StopSignals(enabled=False)  # those `run` takes while it runs
+        self.saved: Path | None = None  # the checkpoint the last save wrote (or writes, async)
+        self.interrupted = False  # a signal or a KeyboardInterrupt ended the run
+        # the length of the partial window under way with partial_window="over_length", else None
+        self._short_window: int | None = None
         self._saved_at: tuple[int, int, int, dict[str, Any]] | None = None
         self._epoch_t0 = time.perf_counter()
         max_time = self.stopping.max_time
@@ -153,65 +157,72 @@ class Loop:
             self.stop_reason = ctx.stop_reason
 
     def run(self) -> None:
-        """Train epoch after epoch until a limit, early stopping or a callback ends the run.
+        """Train epoch after epoch until a limit, early stopping, a callback or a signal ends it.
 
         A run ended by an exception fires ``on_exception`` instead of ``on_train_end``, so
-        callbacks close what they opened; the exception then propagates as it was. An interrupt
-        (Ctrl-C, or a `KeyboardInterrupt` a callback raises) ends the run too, with
-        ``on_exception``, but hands back what it trained: the state after the last completed
-        update, stop reason ``"interrupted"``. Ctrl-C in the main thread is taken between updates
-        (a second one interrupts at once); raised inside a donated step that had begun writing
-        the state, the interrupt propagates (there is no completed state to hand back).
+        callbacks close what they opened; the exception then propagates as it was. A stop asked
+        by a signal (`functrain.driver.preemption`: Ctrl-C, SIGTERM, SIGUSR1; in the main thread,
+        taken between updates, a second one of a kind acting at once) or a `KeyboardInterrupt`
+        (raised by a callback) ends the run too, with ``on_exception``, and keeps what it
+        trained: the state after the last completed update, saved where the run has a
+        checkpoint directory, stop reason ``"interrupted"`` (``"terminated"`` for SIGTERM,
+        ``"requeue"`` for SIGUSR1: `fit` then raises `Preempted`). Raised inside a donated step
+        that had begun writing the state, the interrupt propagates (there is no completed state
+        to hand back).
         """
-        try:
-            with self._interrupts_between_updates():
-                self._run()
-        except KeyboardInterrupt as error:
-            self._fire_exception(error)
+        # ranks would stop at different updates: under torch.distributed a signal acts at once
+        with StopSignals(enabled=self.state.dist is None) as self.signals:
             try:
-                self.state.check_live("fit")
-            except DonatedStateError:
-                note = (
-                    "fit was interrupted inside a donated step: its state is gone; resume from "
-                    "the last checkpoint (fit(..., checkpoint_dir=..., resume=True))"
-                )
-                if hasattr(error, "add_note"):  # Python >= 3.11
-                    error.add_note(note)
-                raise error from None
-            self.stop_reason = "interrupted"
-            if self.ledger.window.count:
-                self._log(partial=True)
-            self.state = self.state.replace(driver=self._driver_tree())
-        except BaseException as error:
-            self._fire_exception(error)
-            raise
+                self._run()
+            except (KeyboardInterrupt, Preempted) as error:
+                self._fire_exception(error)
+                self._keep_interrupted(error)
+            except BaseException as error:
+                self._fire_exception(error)
+                raise
 
-    @contextlib.contextmanager
-    def _interrupts_between_updates(self) -> Iterator[None]:
-        """Within: Ctrl-C (SIGINT) asks the loop to stop after the update under way.
-
-        Only in the main thread, and only where SIGINT raises `KeyboardInterrupt` as Python's own
-        handler does (a handler of the user's is left alone). The first Ctrl-C puts that handler
-        back, so a second one interrupts at once.
-        """
-        main = threading.current_thread() is threading.main_thread()
-        if (
-            not main
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-            or self.state.dist is not None  # ranks would stop at different updates: at once
-        ):
-            yield
-            return
-
-        def asked(signum: int, frame: Any) -> None:
-            self.interrupt_asked = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        signal.signal(signal.SIGINT, asked)
+    def _keep_interrupted(self, error: KeyboardInterrupt | Preempted) -> None:
+        """After an interrupt: the state in hand kept as the run's, and saved."""
         try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.state.check_live("fit")
+        except DonatedStateError:
+            note = (
+                "fit was interrupted inside a donated step: its state is gone; resume from "
+                "the last checkpoint (fit(..., checkpoint_dir=..., resume=True))"
+            )
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(note)
+            raise error from None
+        signum = error.signum if isinstance(error, Preempted) else signal.SIGINT
+        self.stop_reason, self.interrupted = STOP_REASONS[signum], True
+        if self.ledger.window.count:
+            self._log(partial=True)
+        self.state = self.state.replace(driver=self._driver_tree())
+        if self.state.dist is None:  # a save is collective: the other ranks went on
+            self._save()
+
+    def stopped_line(self) -> str | None:
+        """Where a run a signal (or a `KeyboardInterrupt`) stopped goes on from; None otherwise.
+
+        Example: ``terminated (SIGTERM) at step 40 (epoch 0, batch 40): saved
+        ckpt/ckpt-000000040-000000040; fit(..., resume=True) goes on from it``.
+        """
+        preempted = self.signals.preempted_by
+        if not self.interrupted and preempted is None:
+            return None
+        how = (
+            f"{STOP_REASONS[preempted]} ({signal_name(preempted)})"
+            if preempted is not None
+            else "interrupted"
+        )
+        where = f"step {self.step} (epoch {self.epoch}, batch {self.pos})"
+        if self.manager is None:
+            kept = "nothing was saved (no checkpoint_dir)"
+        elif self.saved is None:
+            kept = "nothing was saved"
+        else:
+            kept = f"saved {self.saved}; fit(..., resume=True) goes on from it"
+        return f"{how} at {where}: {kept}"
 
     def _fire_exception(self, error: BaseException) -> None:
         ctx = self.run_ctx
@@ -247,8 +258,19 @@ class Loop:
         )
         stopping = self.stopping
         ctx.total_steps = stopping.max_steps
+        closes = self.options.batching.partial_window != "carry"
+        if closes and ctx.batches_per_epoch is None:
+            raise ConfigError(
+                f"partial_window={self.options.batching.partial_window!r} closes the window at an "
+                f"epoch's last batch, but the training data ({type(self.train).__name__}) has no "
+                "len() to tell which batch is last: give data with a len(), or leave "
+                "partial_window out"
+            )
         if ctx.total_steps is None and ctx.batches_per_epoch and stopping.max_epochs is not None:
-            ctx.total_steps = ctx.batches_per_epoch * stopping.max_epochs // self.k
+            per_epoch = ctx.batches_per_epoch
+            # a closed partial window is an update of its own
+            updates = -(-per_epoch // self.k) if closes else per_epoch / self.k
+            ctx.total_steps = int(updates * stopping.max_epochs)
         ctx.batches = self.epoch * (ctx.batches_per_epoch or 0) + self.pos
         self.fire("on_train_begin")
         while self.stop_reason is None:
@@ -310,6 +332,7 @@ class Loop:
                 self.state = self.state.replace(epoch_step=self.state.epoch_step + 1)
                 continue
             self.fire("on_batch_begin")
+            self._close_partial_window()
             self._step(batch, n)
             if self.stop_reason is not None:
                 return False
@@ -319,11 +342,50 @@ class Loop:
             )  # else a run bounded by max_steps alone would loop for ever
         return True
 
+    def _close_partial_window(self) -> None:
+        """At the first batch of an epoch's last, partial window: make it end with the epoch.
+
+        With ``partial_window="over_n"`` or ``"over_length"``, where the batches left in the epoch
+        are fewer than a window (`TrainState.closing_window`).
+        """
+        how = self.options.batching.partial_window
+        total = self.run_ctx.batches_per_epoch
+        if how == "carry" or self.micro != 0 or total is None:
+            return
+        left = total - self.pos
+        if 0 < left < self.k:
+            self.state = self.state.closing_window(left)
+            self.micro = self.k - left
+            if how == "over_length":
+                self._short_window = left
+
+    def _stepped(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, Any]:
+        """The step; in a closed partial window under ``partial_window="over_length"``, taken as
+        a window of its own length (the loss divided by it, as Hugging Face's `Trainer` does)."""
+        short = self._short_window
+        if short is None:
+            return self.step_fn(state, batch, donate=donate)
+        n = state.options.accumulate_steps
+        at = self.micro - (n - short)  # the batch's place in the short window
+        shortened = state.replace(
+            options=attrs.evolve(state.options, accumulate_steps=short),
+            micro_step=torch.full_like(state.micro_step, at),
+        )
+        del state  # the loop's reference: `shortened` is the one the step may take
+        new, metrics = self.step_fn(shortened, batch, donate=donate)
+        if at + 1 == short:
+            self._short_window = None
+        # the window as N counts it again: the step's counter ran modulo the short window's length
+        back = torch.full_like(new.micro_step, (self.micro + 1) % n)
+        return new.replace(
+            options=attrs.evolve(new.options, accumulate_steps=n), micro_step=back
+        ), metrics
+
     def _step(self, batch: Any, n: int) -> None:
         try:
             donate = self._owns_state()  # asked first: an argument being passed is a reference too
             self.stepped = True
-            self.state, metrics = self.step_fn(self.state, batch, donate=donate)
+            self.state, metrics = self._stepped(self.state, batch, donate)
         except NonFiniteError as e:
             raise NonFiniteError(
                 f"halted at update {self.step + 1} (epoch {self.epoch}, batch {self.pos}): {e}"
@@ -358,10 +420,13 @@ class Loop:
         self._stop_if_interrupted()
 
     def _stop_if_interrupted(self) -> None:
-        """End the run here if Ctrl-C came during what just finished (an update, an evaluation,
-        a save): `run` hands back the state as it is now."""
-        if self.interrupt_asked:
+        """End the run here if a signal came during what just finished (an update, an
+        evaluation, a save): `run` keeps the state as it is now."""
+        received = self.signals.received
+        if received == signal.SIGINT:
             raise KeyboardInterrupt
+        if received is not None:
+            raise Preempted(received)
 
     def _log(self, partial: bool = False) -> None:
         check_skip_limits(self.state.opt_state)
@@ -544,6 +609,7 @@ class Loop:
             self.state, metrics=metrics
         )  # a sharded state: every rank its shards
         self._saved_at = position
+        self.saved = saved
         if self.main:
             self.run_ctx.saved = saved
             self.fire("on_save")

@@ -15,10 +15,13 @@ names are the ones checkpoints and configs record, so a checkpoint written befor
 resumes with them.
 """
 
+import difflib
 import functools
 import inspect
 import math
 import numbers
+import os
+import stat
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +30,8 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast, get_args, get_origin
 import attrs
 import torch
 
+from functrain.checkpoint.directory import is_committed
+from functrain.checkpoint.format import MANIFEST
 from functrain.core.state import LossFn
 from functrain.driver.evaluation import EvalMetric
 from functrain.driver.run_config import json_config
@@ -51,13 +56,17 @@ __all__ = [
     "option_problems",
     "needs_problems",
     "early_stopping_of",
+    "SEED_RANGE",
+    "regular_file_problem",
 ]
 
 # the dict form of early stopping, as a step-driven Runner spec writes it
 EARLY_STOPPING_KEYS = ("target", "patience", "mode", "min_delta")
 
 # torch.Generator.manual_seed's range, and what the checkpoint's JSON can hold
-_SEED_RANGE = (-(2**63), 2**64)
+SEED_RANGE = (-(2**63), 2**64)
+# an int option's bound: torch takes counts and sizes as int64
+_INT_LIMIT = 2**63
 
 Check = Callable[[str, Any], list[str]]
 
@@ -148,9 +157,14 @@ def _field_problems(field: Any, value: Any) -> list[str]:
         return [f"{name} must be {_either(choices)}, got {name}={value!r}"]
     minimum = meta.get("minimum")
     if minimum is not None and not (value is None and field.default is None):
+        optional = " or None" if field.default is None else ""
         if not _is_int(value, minimum):
-            optional = " or None" if field.default is None else ""
             return [f"{name} must be an int >= {minimum}{optional}, got {name}={value!r}"]
+        if int(value) >= _INT_LIMIT:
+            return [
+                f"{name} must be an int >= {minimum} and < 2**63 (torch counts in int64)"
+                f"{optional}, got {name}={value!r}"
+            ]
     check = meta.get("check")
     return check(name, value) if check is not None else []
 
@@ -203,7 +217,7 @@ def _short(value: Any) -> str:
 
 def _seed(name: str, value: Any) -> list[str]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if _SEED_RANGE[0] <= int(value) < _SEED_RANGE[1]:
+        if SEED_RANGE[0] <= int(value) < SEED_RANGE[1]:
             return []
     return [f"{name} must be an int in [-2**63, 2**64), got {name}={value!r}"]
 
@@ -241,6 +255,102 @@ def _patterns(name: str, value: Any) -> list[str]:
     ):
         return []
     return [f"{name} must be a list of dotted keys or patterns, got {name}={value!r}"]
+
+
+def _a(value: Any) -> str:
+    """``an int``, ``a list``: the type of `value` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _path_problems(name: str, value: Any, off: str) -> list[str]:
+    """A path option: a str or ``os.PathLike``, not empty, or None (`off` says what None means)."""
+    if value is None:
+        return []
+    text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if isinstance(text, str) and text:
+        return []
+    got = "an empty path" if text == "" else _a(value)
+    return [
+        f"{name} must be a path (a str or pathlib.Path) or None, got {name}={value!r} ({got}): "
+        f"give a path, or None for {off}"
+    ]
+
+
+def _checkpoint_dir(name: str, value: Any) -> list[str]:
+    found = _path_problems(name, value, "no checkpoints")
+    if found or value is None:
+        return found
+    path = Path(value).resolve()
+    holder = next((p for p in (path, *path.parents) if is_committed(p)), None)
+    if holder is None:
+        return []
+    return [
+        f"{name}={str(value)!r} is inside the checkpoint {str(holder)!r} (it holds a "
+        f"{MANIFEST}): a run there would write into another run's saved state; give this run a "
+        f"directory of its own, outside any checkpoint (e.g. {str(holder.parent / 'run-2')!r})"
+    ]
+
+
+def regular_file_problem(name: str, path: Path) -> str | None:
+    """Why `path` cannot be a log file: it exists and is no regular file (None where it can)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # absent (created when the run starts), or unreadable: the open says
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [
+        (stat.S_ISDIR, f"a directory: give a file path in it, e.g. {str(path / 'log.jsonl')!r}"),
+        (stat.S_ISFIFO, "a FIFO (a named pipe): the run would wait for a reader; give a file"),
+        (stat.S_ISCHR, "a character device: give a file"),
+    ]
+    kind = next((text for test, text in kinds if test(mode)), "no regular file: give a file")
+    return (
+        f"{name} must be a regular file (or a path where one is created), got {str(path)!r}, {kind}"
+    )
+
+
+def _log_file(name: str, value: Any) -> list[str]:
+    found = _path_problems(name, value, "no log file")
+    if found or value is None:
+        return found
+    problem = regular_file_problem(name, Path(value))
+    return [] if problem is None else [problem]
+
+
+def _function(name: str, value: Any) -> list[str]:
+    if value is None or callable(value):
+        return []
+    return [
+        f"{name} must be a function {name}(model, batch) -> loss or (loss, metrics), or None, got "
+        f"{name}={_short(value)} ({_a(value)}): pass the function itself (in a config, with "
+        "_partial_: true)"
+    ]
+
+
+def _metrics(name: str, value: Any) -> list[str]:
+    if value is None or (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        return []
+    return [
+        f"{name} must be a dict of names to metric objects ({{'f1': MulticlassF1Score(...)}}) or "
+        f"None, got {name}={_short(value)} ({_a(value)})"
+    ]
+
+
+def _device(name: str, value: Any) -> list[str]:
+    if value is None or isinstance(value, torch.device):
+        return []
+    if isinstance(value, str):
+        try:
+            torch.device(value)
+            return []
+        except RuntimeError:
+            pass
+    return [  # as functrain.devices.device_named words it, which fit reads the device with
+        f"{name} must be a device such as 'cpu' or 'cuda:0' (a str or torch.device), got "
+        f"{value!r}; or None (the state's device)"
+    ]
 
 
 def early_stopping_of(value: Any) -> tuple[EarlyStopping | None, list[str]]:
@@ -335,7 +445,9 @@ class Stopping(_Group):
             loss is (read at log intervals only), ``"none"`` never. The run then returns with
             `stop_reason` ``"nonfinite_val_loss"`` or ``"nonfinite_loss"``, the non-finite state in
             the result, and the checkpoints as the last finite state left them (nothing is saved
-            after).
+            after). It watches losses the driver reads; what a step does with non-finite
+            *gradients* (skip the update, or raise `NonFiniteError`) is the state's
+            ``TrainState.create(nonfinite=)``, set once for every step, `fit`'s or your own loop's.
     """
 
     max_epochs: int | None = option(None, minimum=1)
@@ -395,9 +507,11 @@ class Evaluation(_Group):
 
     run_mode: Literal["epoch", "step"] = option("epoch")
     eval_every: int = option(1, minimum=1, needs="eval_data")
-    eval_fn: LossFn | None = option(None, needs="evaluation data", plain=False, hidden=True)
+    eval_fn: LossFn | None = option(
+        None, check=_function, needs="evaluation data", plain=False, hidden=True
+    )
     eval_metrics: Mapping[str, EvalMetric] | None = option(
-        None, needs="evaluation data", plain=False, hidden=True
+        None, check=_metrics, needs="evaluation data", plain=False, hidden=True
     )
     best_metric: str = option("val_loss", check=_metric_name, needs="eval_data")
     mode: Literal["min", "max"] = option("min", needs="eval_data")
@@ -419,6 +533,13 @@ class Batching(_Group):
         data_seed: the seed of the data's order (map-style data, a DataLoader) and of the
             randomness drawn while loading it.
         num_workers: worker processes loading map-style training data.
+        partial_window: under gradient accumulation (``accumulate_steps=N`` at create), what an
+            epoch whose batches are not a multiple of N does with its last, partial window:
+            ``"carry"`` carries it on into the next epoch (the window counts batches, not
+            epochs); ``"over_n"`` updates on it at the epoch's end, the loss still divided by N
+            (Lightning's `Trainer`); ``"over_length"`` updates on it with its loss divided by its
+            own length instead (Hugging Face's `Trainer`; the ``"loss"`` convention only). The
+            next epoch starts a whole window. Both need training data with a ``len()``.
     """
 
     batch_size: int | None = option(None, minimum=1)
@@ -427,6 +548,7 @@ class Batching(_Group):
     drop_last: bool = option(False)
     data_seed: int = option(0, check=_seed)
     num_workers: int = option(0, minimum=0)
+    partial_window: Literal["carry", "over_n", "over_length"] = option("carry")
 
 
 @attrs.frozen
@@ -435,11 +557,16 @@ class Checkpointing(_Group):
 
     Attributes:
         checkpoint_dir: where checkpoints go; None disables them (and every other option here
-            but `config`, `on_config_change` and `config_exempt` is then refused).
+            but `config`, `on_config_change` and `config_exempt` is then refused). A path (a str
+            or `pathlib.Path`, not empty), and not inside a checkpoint (a directory holding a
+            ``manifest.json``): a run nested in another run's checkpoint is refused.
         save_every: save a regular checkpoint every this many updates, and at each evaluation
             that improves `best_metric`; None saves at each evaluation and epoch end. The run's
             final state is always saved.
-        keep_last: regular checkpoints to keep (None keeps all).
+        keep_last: regular checkpoints to keep, the newest; None (the default) keeps every
+            one, so a run saving at each evaluation and epoch end keeps one per epoch (and with
+            `save_every`, one per that many updates): set it (``keep_last=2``) to bound the disk
+            a long run takes. The best checkpoints (`keep_best`) are kept apart from these.
         keep_best: best checkpoints to keep.
         async_save: write checkpoints in a background thread.
         resume: continue from the newest valid checkpoint in `checkpoint_dir` (if any), printing
@@ -464,7 +591,7 @@ class Checkpointing(_Group):
             ``max_epochs``, ``max_steps``, ``max_time`` and these two options, exempt by design).
     """
 
-    checkpoint_dir: str | Path | None = option(None)
+    checkpoint_dir: str | Path | None = option(None, check=_checkpoint_dir)
     save_every: int | None = option(None, minimum=1, needs="checkpoint_dir")
     keep_last: int | None = option(None, minimum=1, needs="checkpoint_dir")
     keep_best: int = option(1, minimum=0, needs="checkpoint_dir")
@@ -487,7 +614,9 @@ class Logging(_Group):
         verbosity: console lines: ``"silent"``, ``"minimal"`` (epochs, evaluations),
             ``"standard"`` (also each log interval), ``"verbose"`` (adds grad norm, timings,
             memory).
-        log_file: append a JSONL line per log interval, evaluation and epoch.
+        log_file: a JSONL line per log interval, evaluation and epoch (`JsonlLogger`: the file
+            is rewritten from the run's history when training begins). A path to a regular file
+            or to one to create: a directory, a device (``/dev/full``) or a FIFO is refused.
         grad_stats: ``"layer"`` or ``"param"``: add per-group gradient norms and update/weight
             ratios to the metrics (``grad_norm/<group>``, ``update_ratio/<group>``; computed on the
             device, read at log intervals; see `TrainState.create`), also under `compile`.
@@ -500,7 +629,7 @@ class Logging(_Group):
     log_every: int = option(50, minimum=1)
     progress: bool = option(True)
     verbosity: Literal["silent", "minimal", "standard", "verbose"] = option("minimal")
-    log_file: str | Path | None = option(None)
+    log_file: str | Path | None = option(None, check=_log_file)
     grad_stats: Literal["layer", "param"] | None = option(None, listed=True)
     memory: Literal["host", "device", "none"] = option("host", listed=True)
 
@@ -516,14 +645,15 @@ class Execution(_Group):
             and a later use raises `DonatedStateError` (keep a copy with ``state.clone()``
             first if you need one). The results are bit for bit those without it. A run that
             takes no step (one resumed after its last) leaves `state` as it was.
-        device: where the batches go (None: the state's device, which it must be: build the
-            state from ``module.to(device)``). Tensors elsewhere are moved there, asynchronously
-            from pinned memory for a CUDA target, so `loss_fn` needs no ``.to(device)``.
+        device: where the batches go, a str (``"cuda:0"``) or `torch.device` (None: the
+            state's device, which it must be: build the state from ``module.to(device)``).
+            Tensors elsewhere are moved there, asynchronously from pinned memory for a CUDA
+            target, so `loss_fn` needs no ``.to(device)``.
     """
 
     compile: bool = option(False)
     donate: bool = option(False)
-    device: str | torch.device | None = option(None)
+    device: str | torch.device | None = option(None, check=_device)
 
 
 # fit's keyword for each group, in the order its signature lists them
@@ -635,7 +765,19 @@ def grouped_options(
 
         @functools.wraps(fit)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            bound = signature.bind(*args, **kwargs)
+            unknown = [k for k in kwargs if k not in signature.parameters]
+            config_check([unknown_keyword(k, signature) for k in unknown], "fit")
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as e:  # a missing input, or an option given by position
+                config_check(
+                    [
+                        f"fit takes (state, train_data, *, options...): {e}; pass every option "
+                        "as a keyword"
+                    ],
+                    "fit",
+                )
+                raise
             given = {k: v for k, v in bound.arguments.items() if k not in _INPUTS}
             bound.apply_defaults()
             inputs = {k: v for k, v in bound.arguments.items() if k in _INPUTS}
@@ -648,6 +790,70 @@ def grouped_options(
         return call
 
     return wrap
+
+
+# what fit calls the settings other trainers name otherwise (Lightning's `Trainer`, Hugging Face's
+# `TrainingArguments`, Keras' `fit`), and the ones `TrainState.create` takes
+_ELSEWHERE = {
+    "epochs": "max_epochs",
+    "num_train_epochs": "max_epochs",
+    "min_epochs": "max_epochs",
+    "num_epochs": "max_epochs",
+    "steps": "max_steps",
+    "max_time_s": "max_time",
+    "val_data": "eval_data",
+    "val_dataloaders": "eval_data",
+    "eval_dataset": "eval_data",
+    "validation_data": "eval_data",
+    "train_dataloaders": "train_data",
+    "train_dataset": "train_data",
+    "check_val_every_n_epoch": "eval_every",
+    "val_check_interval": "eval_every (with run_mode='step')",
+    "eval_steps": "eval_every (with run_mode='step')",
+    "log_every_n_steps": "log_every",
+    "logging_steps": "log_every",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "dataloader_num_workers": "num_workers",
+    "seed": "data_seed (and TrainState.create(seed=) for the model's randomness)",
+    "default_root_dir": "checkpoint_dir",
+    "output_dir": "checkpoint_dir",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_last",
+    "ckpt_path": "resume=True (with checkpoint_dir)",
+    "resume_from_checkpoint": "resume=True (with checkpoint_dir)",
+    "metric_for_best_model": "best_metric",
+    "logger": "callbacks",
+    "enable_progress_bar": "progress",
+    "accumulate_grad_batches": "TrainState.create(accumulate_steps=)",
+    "gradient_accumulation_steps": "TrainState.create(accumulate_steps=)",
+    "accumulate_steps": "TrainState.create(accumulate_steps=)",
+    "gradient_clip_val": "TrainState.create(clip_grad_norm=)",
+    "max_grad_norm": "TrainState.create(clip_grad_norm=)",
+    "clip_grad_norm": "TrainState.create(clip_grad_norm=)",
+    "precision": "TrainState.create(precision=)",
+    "nonfinite": "stop_on_nonfinite (and TrainState.create(nonfinite=) for non-finite gradients)",
+}
+
+
+def unknown_keyword(name: str, signature: inspect.Signature) -> str:
+    """What to say of a keyword `fit` does not take: the one it has for that, where known.
+
+    Example:
+        >>> def fit(state, train_data, *, max_epochs=None, max_steps=None): ...
+        >>> unknown_keyword("epochs", inspect.signature(fit))
+        "fit takes no keyword 'epochs': did you mean max_epochs?"
+        >>> unknown_keyword("max_step", inspect.signature(fit))
+        "fit takes no keyword 'max_step': did you mean max_steps?"
+    """
+    known = [n for n in signature.parameters if n not in ("state",)]
+    said = f"fit takes no keyword {name!r}"
+    if name in _ELSEWHERE:
+        return f"{said}: did you mean {_ELSEWHERE[name]}?"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"{said}: did you mean {close[0]}?"
+    return f"{said}; its options are the fields of {', '.join(GROUPS)} (functrain.fit's docstring)"
 
 
 def _check_signature(signature: inspect.Signature, hints: dict[str, Any]) -> None:

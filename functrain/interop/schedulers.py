@@ -755,13 +755,16 @@ def _classes(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 def _scheduler_class(cls: Any) -> Any:
     """The class a path names, else `cls` as given.
 
-    A path is ``torch.optim.lr_scheduler.StepLR`` or ``StepLR``.
+    A path is ``torch.optim.lr_scheduler.StepLR`` or ``StepLR``. Only a module of torch's is
+    imported: every class supported is one, and a config's path imports nothing else.
     """
     if not isinstance(cls, str):
         return cls
     module, _, name = cls.rpartition(".")
     if module in ("", "torch.optim.lr_scheduler"):
         return getattr(lr_scheduler, name, None) or getattr(swa_utils, name, cls)
+    if not module.startswith("torch."):
+        return cls  # refused below with the supported classes listed
     try:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):

@@ -140,6 +140,13 @@ class Extras(NamedTuple):
     reporting: bool = False
     """The caller reads the update's `Report` (`update_reporting` asks for it; a step does): a
     reporting update measures what it reports only then (`accumulate` its gradient's norm)."""
+    rate_scales: tuple[torch.Tensor, ...] = ()
+    """The factors the transforms after this update scale its updates by, first to last (a
+    `reduce_on_plateau` after a fused optimizer in a `chain`): given only to an update that
+    declares `ExtrasUpdate.folds_scales`, which multiplies the learning rate its kernel takes by
+    them, as ``ReduceLROnPlateau`` lowers the group's rate, and whose updates the chain then hands
+    on without scaling them again (new parameters scaled as a difference, ``p + (p' - p) * s``,
+    would not be the kernel's ``p'`` at the lowered rate)."""
 
     def may_write(self) -> bool:
         """Whether the update may write into the state and parameters it was given.
@@ -326,6 +333,12 @@ class ExtrasUpdate:
     - `reports`: `fn` returns ``(updates, state, report)`` (`ReportingUpdateFn`), its `Report`
       (perhaps `NO_REPORT`), measured where ``extras.reporting`` asks for it.
       `update_reporting` gives it back; calling the update and `update_with` leave it out.
+    - `scales_by`: the update only multiplies the updates by this function of its state (a 0-d
+      tensor) and returns its state as given (`reduce_on_plateau`): a `chain` may fold the factor
+      into the learning rate of an update before it that declares `folds_scales`, and then does
+      not call this one.
+    - `folds_scales`: `fn` multiplies its learning rate by ``extras.rate_scales``
+      (`Extras.rate_scales`), so that its updates need no scaling after it (the fused kernels).
 
     Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
     call `fn` themselves (one Python call fewer).
@@ -356,6 +369,8 @@ class ExtrasUpdate:
         sparse_twin: Callable[[], Any] | str | None = None,
         device_form: Callable[[torch.device], Any] | None = None,
         reports: bool = False,
+        scales_by: Callable[[Any], torch.Tensor] | None = None,
+        folds_scales: bool = False,
     ) -> None:
         if not callable(fn):
             raise ConfigError(
@@ -369,6 +384,8 @@ class ExtrasUpdate:
         self.sparse_twin = sparse_twin
         self.device_form = device_form
         self.reports = reports
+        self.scales_by = scales_by
+        self.folds_scales = folds_scales
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _DECLARED and name in self.__dict__:
@@ -397,7 +414,17 @@ class ExtrasUpdate:
 
 
 # what an `ExtrasUpdate` declares, set once where it is built
-_DECLARED = ("fn", "members", "plan", "sparse", "sparse_twin", "device_form", "reports")
+_DECLARED = (
+    "fn",
+    "members",
+    "plan",
+    "sparse",
+    "sparse_twin",
+    "device_form",
+    "reports",
+    "scales_by",
+    "folds_scales",
+)
 
 
 def _reporting_call(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from functrain.errors import ConfigError
@@ -63,6 +66,10 @@ def chain(*transforms: Transform) -> Transform:
     def init_fn(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
+    folds = _folds(transforms)
+    # the transform a scale given to the chain itself goes to (`ExtrasUpdate.folds_scales`)
+    last = _last_folding(transforms, folds)
+
     gated = bool(transforms) and all(getattr(t, "gated", False) for t in transforms)
 
     def update_fn(
@@ -73,12 +80,22 @@ def chain(*transforms: Transform) -> Transform:
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Updates, tuple, Report]:
-        new_states = []
+        new_states: list = []
         report = NO_REPORT
-        for t, s in zip(transforms, state, strict=True):
+        outer, plain = extras.rate_scales, extras._replace(rate_scales=())
+        for i, (t, s) in enumerate(zip(transforms, state, strict=True)):
+            if len(new_states) > i:  # a scale folded into the rate before it: its state as given
+                continue
+            given_extras = plain
+            if folds[i] or (i == last and outer):
+                # the scales after a fused kernel lower the rate it takes instead of scaling its
+                # new parameters as a difference (which does not give the kernel's bits)
+                scales = tuple(_scale_of(transforms[j])(state[j]) for j in folds[i])
+                given_extras = plain._replace(rate_scales=scales + (outer if i == last else ()))
             # each transform gets the step's extras if it takes them
-            updates, s, given = update_reporting(t, updates, s, params, extras, keep)
+            updates, s, given = update_reporting(t, updates, s, params, given_extras, keep)
             new_states.append(s)
+            new_states.extend(state[j] for j in folds[i])
             if given.grad_norm is not None:  # the last one reported
                 report = given
         return updates, tuple(new_states), report
@@ -91,15 +108,60 @@ def chain(*transforms: Transform) -> Transform:
         for t, s in zip(transforms, state, strict=True):
             planner = planner_of(t)
             found.append(planner(params, s) if planner is not None else None)
-        *preludes, last = found
-        if not all(isinstance(p, Prelude) for p in preludes) or last is None:
+        *preludes, final = found
+        if not all(isinstance(p, Prelude) for p in preludes) or final is None:
             return None
-        if isinstance(last, Prelude):
+        if isinstance(final, Prelude):
             return None
-        return chained(preludes, last)
+        return chained(preludes, final)
 
     # on a stacked state's tensors when every transform is (`ExtrasUpdate.members`); the report
     # of the last transform that reports (an `accumulate` in the chain) passed on
     aware = bool(transforms) and all(runs_on_members(t) for t in transforms)
-    update = ExtrasUpdate(update_fn, members=aware, reports=True, plan=plan)
+    update = ExtrasUpdate(
+        update_fn, members=aware, reports=True, folds_scales=last is not None, plan=plan
+    )
     return Transform(init_fn, update, gated=gated)
+
+
+def _update_of(tx: Transform) -> ExtrasUpdate | None:
+    update = getattr(tx, "update", None)
+    return update if isinstance(update, ExtrasUpdate) else None
+
+
+def _scale_of(tx: Transform) -> Callable[[Any], torch.Tensor]:
+    update = _update_of(tx)
+    if update is None or update.scales_by is None:
+        raise TypeError(f"{tx.name} declares no scale")  # `_folds` chose only those that do
+    return update.scales_by
+
+
+def _folds(transforms: tuple[Transform, ...]) -> list[tuple[int, ...]]:
+    """Per transform: the transforms right after it whose scales it folds into its rate.
+
+    Those that only scale (`ExtrasUpdate.scales_by`) after one that folds scales
+    (`ExtrasUpdate.folds_scales`); none for every other transform.
+    """
+    folds: list[tuple[int, ...]] = []
+    for i, t in enumerate(transforms):
+        update, after = _update_of(t), []
+        if update is not None and update.folds_scales:
+            for j in range(i + 1, len(transforms)):
+                scaling = _update_of(transforms[j])
+                if scaling is None or scaling.scales_by is None:
+                    break
+                after.append(j)
+        folds.append(tuple(after))
+    return folds
+
+
+def _last_folding(transforms: tuple[Transform, ...], folds: list[tuple[int, ...]]) -> int | None:
+    """The transform that folds a scale given to the chain: the last one, or the last before
+    only scales it folds; None where the chain cannot fold one."""
+    for i in reversed(range(len(transforms))):
+        update = _update_of(transforms[i])
+        if update is not None and update.folds_scales:
+            return i if i + len(folds[i]) == len(transforms) - 1 else None
+        if update is None or update.scales_by is None:
+            return None
+    return None

@@ -26,6 +26,7 @@ __all__ = [
     "describe_value",
     "as_saved",
     "saved_conventions",
+    "chosen_conventions",
     "FUNCTION_RATES",
 ]
 
@@ -240,6 +241,40 @@ def _walk(value: Any, found: set[str]) -> None:
     elif isinstance(value, dict):
         for item in value.values():
             _walk(item, found)
+
+
+def chosen_conventions(transform: Transform) -> tuple[str, ...]:
+    """The value of each `resumed` argument `transform` holds, as ``"factory.argument=value"``.
+
+    What a checkpoint records (its fingerprint's ``"conventions"``), so that a load tells a run
+    that chose a convention's old value (``lion(reference="lerp")``, named as before the argument
+    existed) from one written before the argument did.
+
+    Example:
+        >>> import functrain as ft
+        >>> chosen_conventions(ft.chain(ft.lion(1e-3, reference="lerp"), ft.lion(1e-3)))
+        ("lion.reference='authors'", "lion.reference='lerp'")
+    """
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Transform):
+            call = recorded_call(value)
+            if call is None:
+                return
+            for key in getattr(call.factory, _RESUMED, {}):
+                found.add(f"{call.factory.__name__}.{key}={call.arguments[key]!r}")
+            for argument in call.arguments.values():
+                walk(argument)
+        elif isinstance(value, tuple | list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(transform)
+    return tuple(sorted(found))
 
 
 def as_saved(transform: Transform, rewound: Collection[str] | None = None) -> Transform | None:

@@ -12,7 +12,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import Transform
+from functrain.optim.base import NO_EXTRAS, Extras, ExtrasUpdate, Transform
+from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
 from functrain.optim.porting import replaces
 from functrain.optim.updates import ParamStep, Ratio, as_tensors, flat_updates
@@ -52,9 +53,16 @@ def reduce_on_plateau(
     Like ReduceLROnPlateau.
 
     Put it last in a chain, after the optimizer: ``chain(adamw(1e-3), reduce_on_plateau(0.5, 2))``.
-    The step only multiplies by the current scale; `fit` observes the evaluation metric after each
-    evaluation (`observe_plateau`), outside any step. Improvement is relative, as torch's default
-    ``threshold_mode="rel"``: better than ``best - |best| * threshold`` (min mode).
+    Right after a fused preset (``sgd``, ``adam``, ``adamw``, ``adagrad``: their default) the
+    chain multiplies the learning rate the fused kernel takes by the scale, as
+    ``ReduceLROnPlateau`` lowers the group's rate: bit for bit with ``torch.optim``'s fused
+    optimizer under ``ReduceLROnPlateau`` while the scale's powers of `factor` are exact in
+    float64 (a power of two, or one reduction; torch multiplies the rate by `factor` at each
+    reduction, functrain the scale, then the rate by it). After the other optimizers the update
+    is multiplied by the scale. The step only multiplies by the current scale; `fit` observes the
+    evaluation metric after each evaluation (`observe_plateau`), outside any step. Improvement
+    is relative, as torch's default ``threshold_mode="rel"``: better than
+    ``best - |best| * threshold`` (min mode).
 
     Args:
         factor: multiply the scale by this on a plateau; in (0, 1).
@@ -102,7 +110,11 @@ def reduce_on_plateau(
         )
 
     def update_fn(
-        updates: Any, state: ReduceOnPlateauState, params: Tree | None = None
+        updates: Any,
+        state: ReduceOnPlateauState,
+        params: Tree | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, ReduceOnPlateauState]:
         scale = state.scale
         if isinstance(updates, ParamStep):
@@ -123,15 +135,32 @@ def reduce_on_plateau(
         )
         return tree_unflatten(list(torch._foreach_mul(u, scale.to(u[0].dtype))), spec), state
 
-    return Transform(init_fn, update_fn)
+    # only a scale: a chain folds it into the rate of a fused kernel before it
+    return Transform(init_fn, ExtrasUpdate(update_fn, scales_by=_scale_of))
 
 
-def observe_plateau(state: Tree, value: float) -> Tree:
+def _scale_of(state: ReduceOnPlateauState) -> torch.Tensor:
+    return state.scale
+
+
+def observe_plateau(state: Any, value: float) -> Any:
     """Feed one evaluation's metric to every `reduce_on_plateau` state inside `state`.
 
-    A pure function.
+    A pure function. Runs on the host, between steps; `state` is unchanged.
 
-    Runs on the host, between steps. Returns a new tree; `state` is unchanged.
+    Args:
+        state: a `TrainState` (anything with an ``opt_state`` and ``replace``), or an optimizer
+            state (a tree holding `ReduceOnPlateauState` nodes, as ``tx.init`` made it).
+        value: the monitored metric of one evaluation.
+
+    Returns:
+        A new state of the same kind: for a `TrainState`, the state with its optimizer state
+        observed (what `fit` does after each evaluation); for a tree, the tree. A tree holding no
+        plateau state comes back as it was.
+
+    Raises:
+        ConfigError: a `TrainState` whose optimizer holds no `reduce_on_plateau`: there is no
+            learning rate to reduce, and returning it unchanged would hide that.
 
     Example:
         >>> s = reduce_on_plateau(factor=0.5, patience=1).init({"w": torch.zeros(1)})
@@ -139,15 +168,42 @@ def observe_plateau(state: Tree, value: float) -> Tree:
         ...     s = observe_plateau(s, value)
         >>> float(s.scale)
         0.5
+
+        On a `TrainState`, as torch's ``scheduler.step(val_loss)`` after each evaluation:
+
+        >>> import functrain as ft
+        >>> tx = ft.chain(ft.sgd(20.0, fused=False), reduce_on_plateau(0.25, patience=0))
+        >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), tx, lambda m, b: m(b).sum())
+        >>> state = observe_plateau(observe_plateau(state, 1.0), 2.0)  # worse once
+        >>> float(ft.transform_metrics(state.opt_state)["lr_scale"])
+        0.25
     """
+    opt_state = getattr(state, "opt_state", None)
+    if opt_state is not None and callable(getattr(state, "replace", None)):
+        if not any(isinstance(node, ReduceOnPlateauState) for node in walk_states(opt_state)):
+            config_check(
+                [
+                    f"state must hold a reduce_on_plateau in its optimizer, got "
+                    f"optimizer={getattr(state.optimizer, 'name', state.optimizer)!s}: chain "
+                    "one after the optimizer, ft.chain(ft.adamw(lr), "
+                    "ft.reduce_on_plateau(factor, patience)), or pass a schedule as lr"
+                ],
+                "observe_plateau",
+            )
+        return state.replace(opt_state=_observed(opt_state, value))
+    return _observed(state, value)
+
+
+def _observed(state: Tree, value: float) -> Tree:
+    """`state`, a tree, with each `ReduceOnPlateauState` in it observing `value`."""
     if isinstance(state, ReduceOnPlateauState):
         return _observe(state, value)
     if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*(observe_plateau(v, value) for v in state))
+        return type(state)(*(_observed(v, value) for v in state))
     if isinstance(state, (tuple, list)):
-        return type(state)(observe_plateau(v, value) for v in state)
+        return type(state)(_observed(v, value) for v in state)
     if isinstance(state, dict):
-        return {k: observe_plateau(v, value) for k, v in state.items()}
+        return {k: _observed(v, value) for k, v in state.items()}
     return state
 
 

@@ -782,7 +782,10 @@ def lion(
     timm's single-tensor path interpolates with ``lerp`` (the last bits, ~1e-9 after 4 steps),
     optax adds the decay to the sign before the rate (``p - lr * (sign + wd * p)``, 4e-4 apart after
     4 steps with decay). ``reference="lerp"`` is functrain 0.1's arithmetic (both of those), which
-    checkpoints written before this argument existed resume with (their name lacks it).
+    checkpoints written before this argument existed resume with (their name lacks it; a
+    `VersionWarning` where the template asks for ``"authors"``). A checkpoint records the
+    reference it chose (fingerprint ``"conventions"``): one that chose ``"lerp"`` is refused by an
+    ``"authors"`` template.
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule (typically 3-10x

@@ -218,7 +218,9 @@ def _plain_name(fn: Any) -> str:
     return str(getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__))
 
 
-# the steps a plain function's digest covers: the first 1,024 and powers of two to 65,536
+# the steps a plain function's digest covers: the first 1,024 and powers of two to 65,536; a
+# function differing only elsewhere has the same digest (docs/guides/transforms.md says so): kept,
+# since every checkpoint's name holds this digest
 FINGERPRINT_STEPS = (*range(1024), *(2**k for k in range(11, 17)))
 
 

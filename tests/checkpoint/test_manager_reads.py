@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import tempfile
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ from torch import nn
 
 import functrain as ft
 from functrain.checkpoint import commit, directory, manager
+from functrain.checkpoint import format as format_module
 from functrain.checkpoint.format import read_manifest
 from functrain.testing import assert_states_equal
 from tests.models import loss_fn
@@ -144,3 +149,180 @@ def test_the_latest_pointer_of_the_largest_counters_is_read_back(
     assert reader.latest() == path and reader.all()[-1] == path
     restored = reader.restore_latest(like=state)
     assert restored is not None and int(restored.epoch) == 2**62
+
+
+# ---------------------------------------------------------------- unreadable checkpoints
+
+
+def reads_whatever_the_mode() -> bool:
+    """Whether this process reads a file of mode 0000: root does (CAP_DAC_OVERRIDE)."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe"
+        probe.touch(mode=0)
+        try:
+            probe.open().close()
+        except PermissionError:
+            return False
+        return True
+
+
+needs_permissions = pytest.mark.skipif(
+    reads_whatever_the_mode(),
+    reason="this process reads every file whatever its mode (root): run the suite as a user",
+)
+
+
+def denied(path: Path, shown: Path, mode: str) -> str:
+    """The start of the `CheckpointPermissionError` of `path`, `shown` having `mode`."""
+    uid = os.geteuid()
+    return re.escape(
+        f"permission denied reading checkpoint path {str(path)!r} (Permission denied): {shown} "
+        f"has mode {mode} and owner uid {uid}, and this process runs as uid {uid}. Not damage"
+    )
+
+
+@pytest.fixture
+def unreadable(tmp_path: Path, state: ft.TrainState) -> Any:
+    """A directory of two checkpoints, the newest of which nobody may look into (mode 0000)."""
+    with ft.CheckpointManager(tmp_path) as writer:
+        writer.save(state)
+        newest = writer.save(state.replace(step=torch.tensor(1)))
+    os.chmod(newest, 0)
+    try:
+        yield newest
+    finally:
+        os.chmod(newest, 0o755)
+
+
+@needs_permissions
+def test_a_checkpoint_this_process_may_not_read_is_a_permission_error_not_no_checkpoint(
+    tmp_path: Path, state: ft.TrainState, unreadable: Path
+) -> None:
+    message = denied(unreadable / "manifest.json", unreadable, r"d--------- (0000)")
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    for read in (reader.latest, reader.all, lambda: reader.restore_latest(like=state)):
+        with pytest.raises(ft.CheckpointPermissionError, match=message):
+            read()
+    with pytest.raises(ft.CheckpointPermissionError, match=message):
+        ft.load(unreadable, like=state)
+
+
+@needs_permissions
+def test_a_tensor_file_this_process_may_not_read_names_its_mode(
+    tmp_path: Path, state: ft.TrainState
+) -> None:
+    path = ft.save(state, tmp_path / "ckpt")
+    (tensors,) = path.glob("tensors*")
+    os.chmod(tensors, 0o200)
+    try:
+        with pytest.raises(
+            ft.CheckpointPermissionError, match=denied(tensors, tensors, r"--w------- (0200)")
+        ):
+            ft.load(path, like=state)
+    finally:
+        os.chmod(tensors, 0o644)
+
+
+@needs_permissions
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
+def test_fit_over_checkpoints_it_may_not_read_neither_starts_afresh_nor_moves_them(
+    tmp_path: Path, unreadable: Path, resume: bool
+) -> None:
+    from tests.driver.runs import dataset, linear_state, quiet_fit
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ft.CheckpointPermissionError, match=re.escape(str(unreadable))):
+        quiet_fit(
+            linear_state(),
+            dataset(),
+            checkpoint_dir=tmp_path,
+            keep_last=1,
+            resume=resume,
+            max_steps=2,
+            save_every=1,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@needs_permissions
+def test_a_writer_never_replaces_a_checkpoint_of_the_same_name_it_may_not_read(
+    tmp_path: Path, state: ft.TrainState, unreadable: Path
+) -> None:
+    writer = ft.CheckpointManager(tmp_path)
+    with pytest.raises(ft.CheckpointPermissionError, match=re.escape(str(unreadable))):
+        writer.save(state.replace(step=torch.tensor(1)))
+    writer.close()
+    os.chmod(unreadable, 0o755)
+    assert read_manifest(unreadable)["metadata"]["step"] == 1  # the same checkpoint, untouched
+
+
+# ---------------------------------------------------------------- readers beside a rotating writer
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_readers_beside_a_writer_rotating_keep_last_1_always_find_a_checkpoint(
+    tmp_path: Path, state: ft.TrainState, async_save: bool
+) -> None:
+    stop, saves = threading.Event(), []
+
+    def write() -> None:
+        with ft.CheckpointManager(tmp_path, keep_last=1, async_save=async_save) as writer:
+            step = 0
+            while not stop.is_set() or step < 50:
+                step += 1
+                saves.append(writer.save(state.replace(step=torch.tensor(step))))
+
+    first = ft.CheckpointManager(tmp_path, keep_last=1)
+    first.save(state)
+    first.close()
+    writer = threading.Thread(target=write)
+    reader = ft.CheckpointManager(tmp_path, readonly=True)
+    outcomes: dict[str, int] = {}
+    newest = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer.start()
+        try:
+            for _ in range(300):
+                restored = reader.restore_latest(like=state)
+                assert restored is not None, "restore_latest found nothing"
+                assert int(restored.step) >= newest  # never backwards
+                newest = int(restored.step)
+                latest = reader.latest()
+                assert latest is not None, "latest() found nothing"
+                try:
+                    ft.load(latest)
+                    outcome = "loaded"
+                except ft.CheckpointVanishedError:
+                    outcome = "vanished"  # while it was read
+                except ft.CheckpointError as e:  # before it was read: the path holds nothing
+                    assert type(e) is ft.CheckpointError and str(e).startswith("no checkpoint at")
+                    outcome = "gone"
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        finally:
+            stop.set()
+            writer.join()
+    assert [str(w.message) for w in caught] == []
+    assert len(saves) >= 50 and outcomes.get("loaded", 0) > 0
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_checkpoint_that_goes_while_it_is_read_is_reported_vanished_not_corrupt(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    path = ft.save(state, tmp_path / "ckpt")
+    other = ft.save(state.replace(step=torch.tensor(1)), tmp_path / "other")
+    real_read_all = format_module.read_all
+
+    def go_then_read(*args: Any) -> Any:
+        path.rename(tmp_path / ".tmp-del-ckpt")  # as a writer's rotation does
+        if how == "replaced":
+            other.rename(path)
+        return real_read_all(*args)
+
+    monkeypatch.setattr(format_module, "read_all", go_then_read)
+    with pytest.raises(
+        ft.CheckpointVanishedError,
+        match=re.escape(f"checkpoint {str(path)!r} was {how} while it was read (a writer rotated"),
+    ):
+        ft.load(path, like=state)

@@ -1366,17 +1366,18 @@ def test_manifest_swapped_for_a_fifo_after_the_check_is_refused_without_blocking
     reference: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with damaged(reference) as d:
-        real_lexists = os.path.lexists
+        real_lstat = os.lstat
 
-        def swap_then_check(path: Any) -> bool:
+        def swap_then_check(path: Any, **kwargs: Any) -> os.stat_result:
+            found = real_lstat(path, **kwargs)
             if (
                 Path(path) == d / MANIFEST
             ):  # between the check and the open, as another process could
                 (d / MANIFEST).unlink()
                 os.mkfifo(d / MANIFEST)
-            return real_lexists(path)
+            return found
 
-        monkeypatch.setattr(os.path, "lexists", swap_then_check)
+        monkeypatch.setattr(os, "lstat", swap_then_check)
         with (
             time_limit(5.0),
             pytest.raises(CheckpointCorruptError, match="manifest.json: is not a regular file"),

@@ -410,3 +410,96 @@ def test_a_closed_model_refuses_its_weights_and_deep_copies_and_pickles_with_the
     shallow = copy.copy(model)
     with pytest.raises(ft.ConfigError, match="after loss_fn returned"):
         shallow(torch.ones(1, 3))  # the same view: closed as the model it copies
+
+
+class Running(nn.Module):
+    """A running statistic recomputed out of place: ``self.running`` rebound in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("running", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.running = 0.9 * self.running + 0.1 * x.mean(0)
+        return self.lin(x - self.running)
+
+
+def test_a_buffer_rebound_in_forward_lands_in_the_given_tensor_as_functional_call_keeps_it():
+    torch.manual_seed(0)
+    module, x = Running(), torch.randn(4, 3)
+    before = _snapshot(module)
+    tensors = _fresh(module)
+    reference = {k: v.clone() for k, v in tensors.items()}
+    given = tensors["running"]
+    out = call_with(module, tensors, (x,), {})
+    expected = torch.func.functional_call(module, reference, (x,))
+    assert torch.equal(out, expected)
+    assert tensors["running"] is given  # the value carried into the tensor given, not rebound
+    assert torch.equal(given, reference["running"])
+    assert not torch.equal(given, torch.zeros(3))
+    _assert_untouched(module, before)
+
+
+class Rebinding(nn.Module):
+    """A forward that rebinds what a step cannot carry: `how` says what."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("h", torch.zeros(2, 3))
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.lin(x) + self.h)
+        if self.how == "parameter":
+            self.lin.weight = nn.Parameter(self.lin.weight.detach() * 0.5)
+        elif self.how == "attached":
+            self.h = y
+        elif self.how == "shape":
+            self.h = y[:1].detach()
+        elif self.how == "dtype":
+            self.h = y.detach().double()
+        else:
+            self.h = None
+        return y.sum()
+
+
+@pytest.mark.parametrize(
+    "how, words",
+    [
+        ("parameter", r"rebinds the parameter 'lin\.weight' \(to Parameter\): torch's optimizer"),
+        ("attached", r"buffer 'h' to a tensor attached to the autograd graph.*h\.detach\(\)"),
+        ("shape", r"buffer 'h' to a tensor of shape \[1, 3\] torch.float32 on cpu, where the "),
+        ("dtype", r"buffer 'h' to a tensor of shape \[2, 3\] torch.float64 on cpu, where the "),
+        ("none", r"the buffer 'h' to NoneType, where a tensor is expected"),
+    ],
+)
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_rebinding_a_step_cannot_carry_is_refused_with_the_state_as_it_was(
+    how: str, words: str, donate: bool
+) -> None:
+    torch.manual_seed(0)
+    state = ft.TrainState.create(Rebinding(how), ft.adamw(0.1), lambda m, x: m(x))
+    before = state.clone()
+    with pytest.raises(ft.ConfigError, match=words):
+        ft.train_step(state, torch.randn(2, 3), donate=donate)
+    assert ft.diff_states(before, state) == []
+    # the structure is as it was: the same state trains a forward that rebinds nothing
+    assert dict(state.module.named_buffers()).keys() == {"h"}
+    assert set(dict(state.module.named_parameters())) == {"lin.weight", "lin.bias"}
+
+
+def test_a_compiled_step_and_a_stacked_state_refuse_a_rebound_buffer_naming_train_step():
+    def states() -> list[ft.TrainState]:
+        return [
+            ft.TrainState.create(Running(), ft.adamw(0.1), lambda m, x: m(x).sum(), seed=s)
+            for s in range(2)
+        ]
+
+    words = r"rebinds the buffer 'running' .* train it with functrain\.train_step"
+    state, x = states()[0], torch.randn(4, 3)
+    with pytest.raises(ft.ConfigError, match=words):
+        ft.compile_step(backend="aot_eager")(state, x)
+    with pytest.raises(ft.ConfigError, match=words):
+        ft.train_step(ft.stack(states()), x)

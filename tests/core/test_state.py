@@ -491,3 +491,21 @@ def test_a_stacked_state_answers_its_member_count_and_an_ordinary_one_zero() -> 
     assert (states[0].members, stacked.members, ft.num_members(stacked)) == (0, 2, 2)
     assert ft.num_members(states[0]) is None
     assert repr(stacked).startswith("TrainState(members=2, step=")
+
+
+def test_another_models_tree_through_with_tree_is_a_state_mismatch_naming_the_first_tensor():
+    loss_fn = lambda m, b: m(b).sum()  # noqa: E731
+    state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn)
+    deep = torch.nn.Sequential(torch.nn.Linear(2, 1))
+    other = ft.TrainState.create(deep, ft.sgd(0.1), loss_fn)
+    mixed = state.with_tree(other.tree())
+    words = r'got a TrainState whose tensors do not fit its module: params\["0\.weight"\] is not a'
+    with pytest.raises(ft.StateMismatchError, match="predict " + words):
+        ft.predict(mixed, torch.ones(1, 2))
+    with pytest.raises(ft.StateMismatchError, match="train_step " + words):
+        ft.train_step(mixed, torch.ones(1, 2))
+    # its own tree fits
+    assert torch.equal(
+        ft.predict(state.with_tree(state.tree()), torch.ones(1, 2)),
+        ft.predict(state, torch.ones(1, 2)),
+    )

@@ -618,3 +618,52 @@ def test_a_resealed_regroup_record_of_another_epoch_is_refused_before_a_step(
     ):
         run(tmp_path, dealt(1, reads), 9, resume=True)
     assert reads.read == []
+
+
+class Drawn(torch.utils.data.IterableDataset):
+    """`X`'s rows, each with a draw of the worker's torch generator (an augmentation)."""
+
+    def __iter__(self) -> Any:
+        return iter([(X[i] + torch.rand(()),) for i in range(20)])
+
+
+def test_a_mid_epoch_resume_with_persistent_workers_names_them_as_the_cause_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    def loader(persistent: bool) -> DataLoader:
+        return DataLoader(Drawn(), batch_size=4, num_workers=1, persistent_workers=persistent)
+
+    for persistent in (True, False):
+        directory = tmp_path / str(persistent)
+        straight = ft.fit(state(), loader(persistent), max_epochs=2, **QUIET).state
+        ft.fit(
+            state(),
+            loader(persistent),
+            max_steps=7,
+            save_every=1,
+            checkpoint_dir=directory,
+            **QUIET,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed = ft.fit(
+                state(),
+                loader(persistent),
+                max_epochs=2,
+                save_every=1,
+                checkpoint_dir=directory,
+                resume=True,
+                **QUIET,
+            ).state
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if persistent:  # epoch 1's workers ran on from epoch 0 in the uninterrupted run
+            assert len(said) == 1, said
+            assert re.match(
+                r"resuming epoch 1 after 2 batches on a DataLoader with persistent_workers=True: "
+                r"its workers were seeded once, .* pass persistent_workers=False to resume exactly",
+                said[0],
+            )
+            assert not torch.equal(resumed.params["weight"], straight.params["weight"])
+        else:  # workers started each epoch, from its seed: the replay finds the same batches
+            assert said == [], said
+            assert torch.equal(resumed.params["weight"], straight.params["weight"])

@@ -250,3 +250,130 @@ def test_fits_body_reads_its_options_from_the_groups_only() -> None:
     named = {n.id for stmt in function.body[1:] for n in ast.walk(stmt) if isinstance(n, ast.Name)}
     assert sorted(named & set(OPTION_NAMES)) == []
     assert {"stopping", "evaluation", "batching", "checkpointing", "logging"} <= named
+
+
+def test_a_keyword_fit_does_not_take_is_a_config_error_naming_the_one_it_has() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^invalid arguments to fit:\n  - fit takes no keyword 'epochs': did you mean "
+        r"max_epochs\?\n  - fit takes no keyword 'gradient_clip_val': did you mean "
+        r"TrainState\.create\(clip_grad_norm=\)\?\n  - fit takes no keyword 'max_step': did you "
+        r"mean max_steps\?$",
+    ):
+        ft.fit(make_state(), dataset(), epochs=1, gradient_clip_val=1.0, max_step=3)
+
+
+def test_fit_without_its_training_data_is_a_config_error_saying_what_it_takes() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"fit takes \(state, train_data, \*, options\.\.\.\): missing a required argument: "
+        r"'train_data'",
+    ):
+        ft.fit(make_state())  # type: ignore[call-arg]
+
+
+def test_path_options_take_a_path_or_none_and_name_the_option() -> None:
+    with pytest.raises(ConfigError) as info:
+        ft.Checkpointing(checkpoint_dir="", keep_last=2, resume=True)
+    assert str(info.value).splitlines()[1:] == [
+        "  - checkpoint_dir must be a path (a str or pathlib.Path) or None, got checkpoint_dir='' "
+        "(an empty path): give a path, or None for no checkpoints"
+    ]
+    for value, got in ((5, "an int"), (["a"], "a list")):
+        with pytest.raises(
+            ConfigError,
+            match=rf"log_file must be a path \(a str or pathlib.Path\) or None, got "
+            rf"log_file={value!r} \({got}\): give a path, or None for no log file".replace(
+                "[", r"\["
+            ),
+        ):
+            ft.Logging(log_file=value)
+        with pytest.raises(ConfigError, match=rf"checkpoint_dir=.* \({got}\)"):
+            ft.Checkpointing(checkpoint_dir=value)
+
+
+@pytest.mark.parametrize(
+    ("where", "kind"),
+    [
+        ("directory", r"a directory: give a file path in it, e\.g\. '.*log\.jsonl'"),
+        ("/dev/full", "a character device: give a file"),
+        ("fifo", r"a FIFO \(a named pipe\): the run would wait for a reader; give a file"),
+    ],
+    ids=["directory", "dev_full", "fifo"],
+)
+def test_a_log_file_that_is_no_regular_file_is_refused_before_the_run(
+    tmp_path: Path, where: str, kind: str
+) -> None:
+    import os
+
+    path = {"directory": tmp_path, "fifo": tmp_path / "fifo"}.get(where, Path(where))
+    if where == "fifo":
+        os.mkfifo(path)
+    if not path.exists():
+        pytest.skip(f"{path} is not on this system")
+    with pytest.raises(ConfigError, match=rf"log_file must be a regular file .*, got '.*', {kind}"):
+        ft.fit(
+            make_state(), dataset(), batch_size=BATCH, max_steps=1, log_file=path, progress=False
+        )
+
+
+def test_the_jsonl_logger_refuses_a_fifo_made_after_the_check_without_waiting(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    logger = ft.JsonlLogger(tmp_path / "log.jsonl")
+    os.mkfifo(tmp_path / "log.jsonl")  # nobody reads it: a blocking open would never return
+    with pytest.raises(ConfigError, match=r"the log file must be a regular file .*a FIFO"):
+        logger.on_train_begin(None)  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_dir_inside_a_committed_checkpoint_is_refused(tmp_path: Path) -> None:
+    checkpoint = ft.save(make_state(), tmp_path / "run" / "ckpt-000000001-000000001")
+    for inside in (checkpoint, checkpoint / "nested" / "deeper"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"checkpoint_dir='{inside}' is inside the checkpoint '{checkpoint}' \(it holds "
+            rf"a manifest.json\): .*give this run a directory of its own, outside any checkpoint",
+        ):
+            ft.Checkpointing(checkpoint_dir=inside)
+    assert ft.Checkpointing(checkpoint_dir=tmp_path / "run" / "other").checkpoint_dir
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"eval_fn": 5},
+            r"eval_fn must be a function eval_fn\(model, batch\) -> loss or \(loss, metrics\), or "
+            r"None, got eval_fn=5 \(an int\)",
+        ),
+        (
+            {"eval_metrics": ["f1"]},
+            r"eval_metrics must be a dict of names to metric objects .* got "
+            r"eval_metrics=\['f1'\] \(a list\)",
+        ),
+    ],
+)
+def test_evaluation_options_are_checked_by_type_when_built(options: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ft.Evaluation(**options)
+
+
+@pytest.mark.parametrize("device", [5, "gpu7", ["cpu"]])
+def test_the_device_is_checked_when_the_group_is_built(device: Any) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"device must be a device such as 'cpu' or 'cuda:0' \(a str or torch.device\), got ",
+    ):
+        ft.Execution(device=device)
+
+
+def test_int_options_stay_within_torchs_int64() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"batch_size must be an int >= 1 and < 2\*\*63 \(torch counts in int64\) or None, "
+        r"got batch_size=100000000000000000000$",
+    ):
+        ft.Batching(batch_size=10**20)
+    assert ft.Batching(batch_size=2**63 - 1).batch_size == 2**63 - 1

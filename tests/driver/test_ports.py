@@ -209,3 +209,92 @@ def test_a_killed_lightning_port_resumes_to_the_uninterrupted_run_bit_for_bit(
     assert resumed.history.metrics_only() == straight.history.metrics_only()
     assert (resumed.best, resumed.stop_reason) == (straight.best, straight.stop_reason)
     assert_trees_equal(straight.state.tree(), resumed.state.tree(), ignore=["driver/history"])
+
+
+# ------------------------------------------------------------------ BERT under the Trainer
+
+
+class _Samples(torch.utils.data.Dataset):
+    """A map-style dataset of the samples given (a list would be taken for batches)."""
+
+    def __init__(self, samples: list[dict[str, torch.Tensor]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.samples[i]
+
+
+def test_bert_under_the_trainer_is_the_sum_convention_with_its_loss_unchanged(
+    tmp_path: Path,
+) -> None:
+    """BERT's ``forward`` takes ``**kwargs``: the Trainer passes ``num_items_in_batch`` and does not
+    divide the loss by the window, but BERT's loss is each micro-batch's mean whatever the count.
+    So the Trainer sums micro-batch means: ``accumulate_convention="sum"``, the loss as it is."""
+    transformers = pytest.importorskip("transformers")
+    if "train_sampling_strategy" not in {f.name for f in fields(transformers.TrainingArguments)}:
+        pytest.skip("the Trainer's sequential order needs train_sampling_strategy")
+
+    def bert() -> Any:
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        return transformers.BertForMaskedLM(config)
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (16, 8), generator=gen)
+    labels = torch.where(torch.rand(16, 8, generator=gen) < 0.3, ids, -100)
+    rows = _Samples([{"input_ids": ids[i], "labels": labels[i]} for i in range(16)])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        train_sampling_strategy="sequential",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    model = bert()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    assert trainer.model_accepts_loss_kwargs  # so it passes num_items_in_batch, and BERT ignores it
+    trainer.train()
+
+    def port(convention: str) -> ft.TrainState:
+        tx = ft.adamw(1e-2, weight_decay=0.0, fused=False)
+        state = ft.TrainState.create(
+            bert(),
+            tx,
+            lambda m, b: m(**b).loss,
+            accumulate_steps=4,
+            accumulate_convention=convention,
+        )
+        quiet: dict[str, Any] = {"progress": False, "verbosity": "silent"}
+        return ft.fit(state, rows, batch_size=2, shuffle=False, max_epochs=1, **quiet).state
+
+    summed, divided = port("sum"), port("loss")
+    weights = dict(model.named_parameters())
+    assert all(torch.equal(summed.params[k], weights[k].detach()) for k in summed.params)
+    # the default convention divides the loss by the window, which this Trainer does not
+    assert not torch.equal(
+        divided.params["cls.predictions.transform.dense.weight"],
+        weights["cls.predictions.transform.dense.weight"].detach(),
+    )

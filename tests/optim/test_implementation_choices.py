@@ -174,3 +174,36 @@ def test_choices_torch_does_not_take_are_not_taken(factory: Callable[..., Any]) 
     # torch's SGD and Adagrad take no capturable, Adafactor neither capturable nor differentiable
     with pytest.raises(TypeError):
         factory(capturable=False)
+
+
+# torch.optim's classes as a port writes them, with no implementation named: on the CPU the
+# single-tensor loop (foreach on CUDA); the porting guide's first row maps them to fused=False
+DEFAULTS: dict[
+    str, tuple[Callable[[], ft.Transform], Callable[[list[torch.Tensor]], optim.Optimizer]]
+] = {
+    "adamw": (lambda: ft.adamw(1e-2, fused=False), lambda p: optim.AdamW(p, 1e-2)),
+    "adam": (lambda: ft.adam(1e-2, fused=False), lambda p: optim.Adam(p, 1e-2)),
+    "sgd_momentum": (
+        lambda: ft.sgd(0.05, momentum=0.9, fused=False),
+        lambda p: optim.SGD(p, 0.05, momentum=0.9),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFAULTS))
+def test_fused_false_is_torchs_default_implementation_on_the_cpu(name: str) -> None:
+    make_tx, make_opt = DEFAULTS[name]
+    tx = make_tx()
+    ours = params()
+    state = tx.init(ours)
+    theirs = params()
+    opt = make_opt(list(theirs.values()))
+    assert not opt.defaults.get("fused") and opt.defaults["foreach"] is None
+    for g in GRADS[:50]:
+        updates, state = tx.update(g, state, ours)
+        ours = ft.apply_updates(ours, updates)
+        for key, p in theirs.items():
+            p.grad = g[key].clone()
+        opt.step()
+    for key, p in theirs.items():
+        assert torch.equal(ours[key], p), key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,12 @@ def continued(state, batches):
 def test_a_lion_checkpoint_written_before_the_reference_resumes_as_it_was_written():
     golden = writer(Path(__file__).parent / "golden" / "make_lion.py")
     saved = golden.HERE / "saved"
-    state = ft.load(saved, like=golden.run())
+    with pytest.warns(
+        ft.VersionWarning,
+        match=r"records no conventions .* it resumes with lion.reference='lerp', what its "
+        r"optimizer's name means, where the template asks for lion.reference='authors'",
+    ):
+        state = ft.load(saved, like=golden.run())
     assert "reference" not in state.tx.name
     state = continued(state, golden.batches()[3:])
     # the same tensors continued here with functrain 0.1's arithmetic asked for are that run;
@@ -117,4 +123,35 @@ def test_a_lion_checkpoint_written_before_the_reference_resumes_as_it_was_writte
     today = continued(tensors_in(saved, golden.run()), golden.batches()[3:])
     assert "reference='authors'" in today.tx.name
     assert not torch.equal(today.params["weight"], state.params["weight"])
-    assert_exact_leaves_equal(ft.load(golden.HERE / "continued", like=golden.run()), state)
+    with pytest.warns(ft.VersionWarning, match="records no conventions"):
+        later = ft.load(golden.HERE / "continued", like=golden.run())
+    assert_exact_leaves_equal(later, state)
+
+
+def test_a_lion_checkpoint_that_chose_lerp_is_refused_by_an_authors_template(tmp_path):
+    def state(**kw):
+        return ft.TrainState.create(
+            make_tanh_mlp(), ft.lion(1e-3, weight_decay=0.1, **kw), cross_entropy_loss_fn
+        )
+
+    ft.save(state(reference="lerp"), tmp_path / "lerp")
+    with pytest.raises(
+        ft.StateMismatchError,
+        match=r"the checkpoint's run chose lion.reference='lerp' \(recorded\), the template "
+        r"lion.reference='authors': to resume it, create the template with the checkpoint's",
+    ):
+        ft.load(tmp_path / "lerp", like=state())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # recorded: told apart, no warning
+        resumed = ft.load(tmp_path / "lerp", like=state(reference="lerp"))
+    assert "reference" not in resumed.tx.name
+
+
+def test_a_lion_checkpoint_written_before_the_reference_loads_into_a_lerp_template_quietly():
+    golden = writer(Path(__file__).parent / "golden" / "make_lion.py")
+    asked = ft.TrainState.create(
+        torch.nn.Linear(4, 3), ft.lion(1e-2, weight_decay=0.5, reference="lerp"), golden.loss_fn
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ft.load(golden.HERE / "saved", like=asked)

@@ -145,23 +145,19 @@ class IterableSource:
             self.resumed = False  # the first pass after a resume is the one that resumes
         # a replay checked against the checkpoint's digest warns only if it differs (below)
         checked = record and start and self.checks(epoch, start)
-        if (start and not checked) or persistent:
-            kind = type(self.source).__name__
-            message = (
-                f"resuming mid-epoch on a {kind}: replaying and skipping {start} consumed "
-                f"batches; {hint}"
-                if start
-                else f"resuming at the start of epoch {epoch} on a {kind} with persistent_workers="
-                "True: its workers were seeded once, when they started, so a resumed run's new "
-                "workers draw otherwise; pass persistent_workers=False to resume exactly"
-            )
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        kind = type(self.source).__name__
+        if persistent and not checked:
+            # what the workers draw differs, whatever the replay finds: said up front, by its cause
+            warnings.warn(_persistent_workers(kind, epoch, start), RuntimeWarning, stacklevel=4)
+        elif start and not checked:
+            message = f"resuming mid-epoch on a {kind}: replaying and skipping {start} consumed "
+            warnings.warn(f"{message}batches; {hint}", RuntimeWarning, stacklevel=4)
         counted = self.begin_pass(epoch, record)
         for position, batch in enumerate(self._pass(epoch, seeded)):
             if record:
                 counted.note(batch_fingerprint(batch))
                 if position + 1 == start:
-                    self._check_replay(counted, start)
+                    self._check_replay(counted, start, persistent)
             if position >= start:
                 yield batch
 
@@ -191,14 +187,17 @@ class IterableSource:
                 return
             yield batch
 
-    def _check_replay(self, counted: Consumed, start: int) -> None:
-        """Warn if the `start` batches replayed differ from those the checkpointed run consumed."""
+    def _check_replay(self, counted: Consumed, start: int, persistent: bool = False) -> None:
+        """Warn if the `start` batches replayed differ from those the checkpointed run consumed:
+        by their cause, the workers' random state, where they persist (`persistent`)."""
         if self.replay_differs(counted, start):
-            warnings.warn(
-                _replay_changed(type(self.source).__name__, start, counted.epoch),
-                RuntimeWarning,
-                stacklevel=5,
+            kind = type(self.source).__name__
+            message = (
+                _persistent_workers(kind, counted.epoch, start)
+                if persistent
+                else _replay_changed(kind, start, counted.epoch)
             )
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
         self.restored = None
 
     def replay_differs(self, counted: Consumed, start: int) -> bool:
@@ -286,6 +285,16 @@ _REPLAY_HINT = (
     "fit kept one); if they are drawn from a generator fit does not seed, the epoch goes on in "
     "another order"
 )
+
+
+def _persistent_workers(kind: str, epoch: int | None, start: int) -> str:
+    where = f"epoch {epoch} after {start} batches" if start else f"at the start of epoch {epoch}"
+    return (
+        f"resuming {where} on a {kind} with persistent_workers=True: its workers were seeded "
+        "once, when they started, and their random state runs on from epoch to epoch, so a "
+        "resumed run's new workers draw otherwise (random augmentation, an IterableDataset's "
+        "shuffling); pass persistent_workers=False to resume exactly (workers seeded each epoch)"
+    )
 
 
 def _replay_changed(kind: str, start: int, epoch: int | None) -> str:

@@ -251,11 +251,17 @@ def _begin(
         rate_t = as_float64(rate, count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, last_lr
+    if extras.rate_scales:
+        # a chain's reduce_on_plateau after the kernel: its scale lowers the rate the kernel
+        # takes, in float64 as ReduceLROnPlateau multiplies the group's rate
+        rate = rate_t
+        for scale in extras.rate_scales:
+            rate = rate * scale
     return _Step(
         g,
         tree_leaves(params),
         spec,
-        _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate,
+        _kernel_lr(rate) if isinstance(rate, torch.Tensor) else rate,
         rate_t,
         count + 1 if keep is None else count + keep,  # a bool adds as 0 or 1
         None if keep is None else _found_inf(keep),
@@ -365,7 +371,7 @@ def fused_adam(
             count, tuple(buffers[0]), tuple(buffers[1]), tuple(buffers[2]), rate
         ),
     )
-    update = ExtrasUpdate(update_fn, members=True, plan=plan)
+    update = ExtrasUpdate(update_fn, members=True, plan=plan, folds_scales=True)
     return Transform(init_fn, update, gated=True)
 
 
@@ -443,7 +449,7 @@ def fused_sgd(
         lambda state: (state.momentum,),
         lambda count, buffers, rate: FusedSgdState(count, tuple(buffers[0]), rate),
     )
-    update = ExtrasUpdate(update_fn, members=True, plan=plan)
+    update = ExtrasUpdate(update_fn, members=True, plan=plan, folds_scales=True)
     return Transform(init_fn, update, gated=True)
 
 
@@ -521,7 +527,7 @@ def fused_adagrad(
         lambda state: (state.sum_of_squares,),
         lambda count, buffers, rate: FusedAdagradState(count, tuple(buffers[0]), rate),
     )
-    update = ExtrasUpdate(update_fn, members=True, plan=plan)
+    update = ExtrasUpdate(update_fn, members=True, plan=plan, folds_scales=True)
     return Transform(init_fn, update, gated=True)
 
 

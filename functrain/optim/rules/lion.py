@@ -36,7 +36,8 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, *, reference: str = "author
     interpolations by ``torch.lerp`` (timm's single-tensor path; the last bits differ from the
     authors', ~1e-9 after a few steps), plain updates (a decay after it is added to the sign before
     the rate, optax's form ``p - lr * (sign + wd * p)``); checkpoints written before this argument
-    existed resume with it.
+    existed resume with it (with a `VersionWarning` into an ``"authors"`` template). A checkpoint
+    records the reference it chose, and a template that chose the other refuses it.
 
     Args:
         b1: interpolation rate for the update direction, in [0, 1).

@@ -1,0 +1,153 @@
+"""What a config file may hold: UTF-8 text, plain YAML values, bounded nesting and aliases.
+
+A YAML file is small and its cost is not: aliases share a node (``b: [*a, *a, *a]``), and OmegaConf
+copies every shared node where it is used, so a few hundred bytes of anchors nine levels deep
+ask for a billion values ("billion laughs"); PyYAML composes nested lists by recursion, so a file
+of 50,000 ``[`` runs out of Python's stack. `bounded_yaml` makes every YAML file that
+`functrain.load_config` reads (the config, and the config groups and defaults Hydra reads beside
+it) refuse both before anything is built from them, with a `ConfigError` naming the file and line:
+
+- nesting deeper than `MAX_DEPTH` mappings and lists (a run's config nests about ten);
+- aliases that add more than `MAX_ALIAS_VALUES` values to those written (reusing a block a few
+  times adds hundreds), or that refer to a node holding themselves (a cycle).
+
+`yaml_problem` words PyYAML's own errors the same way: a syntax error, and a tag that is not plain
+YAML (``!!python/object/apply:os.system``; OmegaConf's loader is PyYAML's safe loader, which
+constructs none of them, and says so here). `text_problem` checks that a file is UTF-8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from functrain.errors import ConfigError
+
+__all__ = ["MAX_DEPTH", "MAX_ALIAS_VALUES", "bounded_yaml", "text_problem", "yaml_problem"]
+
+MAX_DEPTH = 32
+MAX_ALIAS_VALUES = 10_000
+
+_SWAP = threading.Lock()
+
+
+def _where(mark: Any) -> str:
+    """``config file '<name>', line N``, from a PyYAML mark."""
+    return f"config file {str(mark.name)!r}, line {mark.line + 1}"
+
+
+def _bounded(base: type) -> type:
+    """A subclass of the YAML loader `base` that refuses deep nesting and expanding aliases."""
+
+    class BoundedLoader(base):
+        _depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self._depth >= MAX_DEPTH:
+                raise ConfigError(
+                    f"{_where(self.peek_event().start_mark)}: mappings and lists nest deeper than "
+                    f"{MAX_DEPTH} levels here; a run's config needs a few: flatten it (a deeper "
+                    "file would exhaust Python's stack)"
+                )
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def compose_document(self) -> Any:
+            node = super().compose_document()
+            _check_aliases(node)
+            return node
+
+    return BoundedLoader
+
+
+def _check_aliases(root: Any) -> None:
+    """Refuse a composed document whose aliases expand it by more than `MAX_ALIAS_VALUES`."""
+    sizes: dict[int, int] = {}  # each node's size with its aliases expanded, by identity
+    open_: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise ConfigError(
+                f"{_where(node.start_mark)}: an alias here refers to a node that holds it (a "
+                "cycle); a config's values are a tree: copy the values instead"
+            )
+        open_.add(key)
+        children = node.value if isinstance(node.value, list) else []
+        total = 1
+        for child in children:
+            for part in child if isinstance(child, tuple) else (child,):
+                total += size(part)
+        open_.discard(key)
+        sizes[key] = total
+        if total - len(sizes) > MAX_ALIAS_VALUES:
+            raise ConfigError(
+                f"{_where(node.start_mark)}: its aliases expand this node to {total:,} values "
+                f"where {len(sizes):,} are written, more than the {MAX_ALIAS_VALUES:,} that "
+                'aliases may add (a "billion laughs" file asks for billions): write the values '
+                "out, or reuse a block with Hydra's defaults list"
+            )
+        return total
+
+    if root is not None:
+        size(root)
+
+
+@contextlib.contextmanager
+def bounded_yaml() -> Iterator[None]:
+    """Within it, every YAML file OmegaConf loads (Hydra loads through it) is bounded.
+
+    OmegaConf's ``OmegaConf.load`` looks its loader up when it is called
+    (``omegaconf._utils.get_yaml_loader``); the loader is swapped for the bounded one here and put
+    back after, under a lock (one load at a time).
+    """
+    from omegaconf import _utils
+
+    with _SWAP:
+        original = _utils.get_yaml_loader
+        _utils.get_yaml_loader = lambda: _bounded(original())
+        try:
+            yield
+        finally:
+            _utils.get_yaml_loader = original
+
+
+def yaml_problem(error: Exception) -> str:
+    """PyYAML's `error` (a ``yaml.YAMLError``) as a config problem naming the file and line."""
+    import yaml
+
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = _where(mark) if mark is not None else "config file"
+    problem = str(getattr(error, "problem", None) or error)
+    if (
+        isinstance(error, yaml.constructor.ConstructorError)
+        and "constructor for the tag" in problem
+    ):
+        tag = problem.rpartition("tag ")[2].strip("'").replace("tag:yaml.org,2002:", "!!")
+        return (
+            f"{where}: the tag {tag} is not plain YAML; a config holds mappings, lists, strings, "
+            "numbers, booleans and null, and builds objects from a _target_"
+        )
+    return f"{where}: not valid YAML: {' '.join(problem.split())}"
+
+
+def text_problem(path: Path) -> str | None:
+    """Why the file at `path` is not UTF-8 text (the line of its first bad byte), or None."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return (
+            f"config file {str(path)!r}, line {line}: not UTF-8 text (byte "
+            f"0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        )
+    return None

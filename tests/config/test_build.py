@@ -1,0 +1,58 @@
+"""Values a config gives that functrain cannot use: each a ConfigError naming its config key,
+collected together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("hydra")
+
+import functrain as ft  # noqa: E402
+from tests.config.test_targets import run_config  # noqa: E402
+
+
+def problems(config: dict[str, Any]) -> list[str]:
+    with pytest.raises(ft.ConfigError) as info:
+        ft.build_run(config)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid run config:"
+    return [line.removeprefix("  - ") for line in lines[1:]]
+
+
+def test_a_seed_beyond_torchs_range_names_the_key() -> None:
+    assert problems(run_config(seed=10**25)) == [
+        "seed: expected an int in [-2**63, 2**64) (torch.manual_seed's range; or null: no "
+        "seeding), got int 10000000000000000000000000"
+    ]
+
+
+def test_fit_values_are_refused_together_by_their_keys(tmp_path: Path) -> None:
+    checkpoint = ft.save(ft.build_run(run_config()).state, tmp_path / "ckpt-000000000-000000000")
+    fit = {
+        **run_config()["fit"],
+        "batch_size": 10**20,
+        "checkpoint_dir": str(checkpoint / "nested"),
+        "log_file": 5,
+        "eval_fn": 5,
+        "device": "gpu7",
+    }
+    found = problems(run_config(fit=fit))
+    assert [p.split(":")[0] for p in found] == [
+        "fit.eval_fn",
+        "fit.batch_size",
+        "fit.checkpoint_dir",
+        "fit.log_file",
+        "fit.device",
+        "fit.eval_fn",
+    ]
+    assert found[2].startswith(
+        f"fit.checkpoint_dir: checkpoint_dir='{checkpoint}/nested' is inside"
+    )
+    empty = problems(run_config(fit={**run_config()["fit"], "checkpoint_dir": "", "keep_last": 2}))
+    assert empty == [
+        "fit.checkpoint_dir: checkpoint_dir must be a path (a str or pathlib.Path) or None, got "
+        "checkpoint_dir='' (an empty path): give a path, or None for no checkpoints"
+    ]

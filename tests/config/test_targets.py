@@ -1,0 +1,261 @@
+"""A config file is code: targets imported only where the run builds them, their types checked
+before any call, and safe mode's allow-list for a config from elsewhere."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("hydra")
+
+import functrain as ft  # noqa: E402
+from functrain.config.cli import main  # noqa: E402
+
+
+def run_config(**sections: Any) -> dict[str, Any]:
+    """A small run's config (only functrain's and torch's targets), `sections` replacing some."""
+
+    def tensors(*shape: int) -> dict[str, Any]:
+        return {"_target_": "torch.randn", "_args_": list(shape)}
+
+    return {
+        "seed": 0,
+        "model": {"_target_": "torch.nn.Linear", "in_features": 3, "out_features": 2},
+        "loss": {"_target_": "functrain.demo.loss_fn", "_partial_": True},
+        "optimizer": {"_target_": "functrain.sgd", "lr": 0.1},
+        "data": {
+            "train": {
+                "_target_": "torch.utils.data.TensorDataset",
+                "_args_": [
+                    tensors(8, 3),
+                    {"_target_": "torch.randint", "_args_": [0, 2, [8]]},
+                ],
+            }
+        },
+        "fit": {"batch_size": 4, "max_steps": 1, "progress": False, "verbosity": "silent"},
+        **sections,
+    }
+
+
+def shell_attack(folder: Path) -> dict[str, Any]:
+    """A pickle that runs a shell command, written by Path.write_text and run by numpy.load."""
+    payload = pickle.dumps(
+        _Touch(str(folder / "pwned")), protocol=0
+    ).decode()  # protocol 0 is text: write_text can write it
+    path = str(folder / "data.pkl")
+    return run_config(
+        state={
+            "seed": {
+                "_target_": "pathlib.Path.write_text",
+                "_args_": [{"_target_": "pathlib.Path", "_args_": [path]}, payload],
+            }
+        },
+        data={
+            **run_config()["data"],
+            "eval": {"_target_": "numpy.load", "file": path, "allow_pickle": True},
+        },
+    )
+
+
+class _Touch:
+    """Unpickled, runs ``touch path`` through os.system."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+def open_attack(victim: Path) -> dict[str, Any]:
+    return run_config(model={"_target_": "builtins.open", "_args_": [str(victim), "w"]})
+
+
+def test_safe_mode_refuses_the_shell_command_attack_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(ft.ConfigError) as info:
+        ft.build_run(shell_attack(tmp_path), safe=True)
+    assert str(info.value).splitlines()[1:] == [
+        "  - state.seed._target_: safe mode refuses it: pathlib.Path.write_text is outside the "
+        "packages safe mode allows (functrain, torch; add one with allow)",
+        "  - state.seed._args_.0._target_: safe mode refuses it: pathlib.Path is outside the "
+        "packages safe mode allows (functrain, torch; add one with allow)",
+        "  - data.eval._target_: safe mode refuses it: numpy.load is outside the packages safe "
+        "mode allows (functrain, torch; add one with allow)",
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing run
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_open_with_mode_w_as_the_model_is_refused_before_it_empties_the_file(
+    tmp_path: Path, safe: bool
+) -> None:
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    message = (
+        r"builtins.open is outside the packages safe mode allows"
+        if safe
+        else r"model: expected an nn.Module, got builtins.open, a builtin function whose result's "
+        r"type cannot be known before it is called \(nothing was called\)"
+    )
+    with pytest.raises(ft.ConfigError, match=message):
+        ft.build_run(open_attack(victim), safe=safe)
+    assert victim.read_text() == "precious"
+
+
+def test_the_command_refuses_the_attacks_with_safe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    for name, config in {"open": open_attack(victim), "shell": shell_attack(tmp_path)}.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["run", str(path), "--safe"]) == 2
+        assert "safe mode refuses it" in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "data.pkl").exists()
+
+
+@pytest.fixture
+def noisy_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A module whose import writes a mark file: importing it shows."""
+    mark = tmp_path / "imported"
+    (tmp_path / "noisy_target.py").write_text(
+        f"import pathlib\npathlib.Path({str(mark)!r}).touch()\n\ndef build():\n    return 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "noisy_target", raising=False)
+    return mark
+
+
+def test_a_target_under_a_key_the_run_does_not_build_is_never_imported(noisy_module: Path) -> None:
+    run = ft.build_run(run_config(unused={"_target_": "noisy_target.build"}))
+    assert int(run.fit().state.step) == 1
+    assert not noisy_module.exists()
+
+
+def test_safe_loading_imports_no_target_outside_its_packages(
+    tmp_path: Path, noisy_module: Path
+) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {_target_: noisy_target.build, width: 2}\n")
+    with pytest.raises(ft.ConfigError, match="model has no key 'widht' \\(did you mean 'width'"):
+        ft.load_config(path, ["model.widht=3"], safe=True)  # a typo's lookup imports nothing
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"model._target_: safe mode refuses it: noisy_target.build is outside the packages",
+    ):
+        ft.load_config(path, safe=True)
+    assert not noisy_module.exists()
+    with pytest.raises(ft.ConfigError):
+        ft.load_config(path, ["model.widht=3"])  # trusted: the lookup imports the target
+    assert noisy_module.exists()
+
+
+REFUSED = {
+    "through_an_allowed_module": (
+        "torch.nn.functional.torch.load",
+        "torch.nn.functional.torch.load is defined in torch.serialization, outside what safe mode "
+        "allows",
+    ),
+    "functrain_internal": (
+        "functrain.checkpoint.files.remove_later",
+        "functrain.checkpoint.files.remove_later is defined in functrain.checkpoint.files, "
+        "outside what safe mode allows",
+    ),
+    "functrain_writes_files": (
+        "functrain.save",
+        "functrain.save reads or writes files at a path of its own, or runs a run",
+    ),
+    "functrain_builds_a_config": (
+        "functrain.build_run",
+        "functrain.build_run reads or writes files at a path of its own, or runs a run",
+    ),
+    "special_name": (
+        "torch.nn.Module.__subclasses__",
+        "torch.nn.Module.__subclasses__ names '__subclasses__': safe mode builds no private or "
+        "special name",
+    ),
+}
+
+
+@pytest.mark.parametrize(("path", "message"), REFUSED.values(), ids=REFUSED)
+def test_safe_mode_refuses_what_its_allow_list_does_not_hold(path: str, message: str) -> None:
+    config = run_config(callbacks=[{"_target_": path}])
+    with pytest.raises(ft.ConfigError, match="callbacks.0._target_: safe mode refuses it: "):
+        ft.build_run(config, safe=True)
+    with pytest.raises(ft.ConfigError) as info:
+        ft.build_run(config, safe=True)
+    assert message in str(info.value)
+
+
+def test_safe_mode_builds_the_demo_and_a_module_added_with_allow() -> None:
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    pytest.importorskip("sklearn")
+    config = ft.load_config(
+        demo,
+        ["~callbacks", "~fit.checkpoint_dir", "~fit.log_file", "~fit.resume", "~fit.keep_last"],
+        safe=True,
+    )
+    assert type(ft.build_run(config, safe=True).state.module).__name__ == "DigitsCNN"
+    ours = run_config(loss={"_target_": "tests.models.loss_fn", "_partial_": True})
+    with pytest.raises(ft.ConfigError, match="tests.models.loss_fn is outside the packages"):
+        ft.build_run(ours, safe=True)
+    assert ft.build_run(ours, safe=True, allow=["tests.models"]).state is not None
+    with pytest.raises(ft.ConfigError, match=r"allow=\['tests.models'\] widens safe mode"):
+        ft.build_run(ours, allow=["tests.models"])
+
+
+def make_linear() -> torch.nn.Module:
+    return torch.nn.Linear(3, 2)
+
+
+def make_path() -> str:
+    return "nowhere"
+
+
+def test_a_target_of_a_known_key_is_checked_by_its_type_or_return_annotation() -> None:
+    here = "tests.config.test_targets"
+    trusted = run_config(model={"_target_": f"{here}.make_linear"})  # unannotated: called
+    assert isinstance(ft.build_run(trusted).state.module, torch.nn.Linear)
+    wrong = run_config(
+        model={"_target_": f"{here}.make_path"},
+        optimizer={"_target_": "torch.nn.Identity"},
+        fit={
+            **run_config()["fit"],
+            "checkpoint_dir": {"_target_": "builtins.open", "_args_": ["x"]},
+        },
+    )
+    with pytest.raises(ft.ConfigError) as info:
+        ft.build_run(wrong)
+    assert str(info.value).splitlines()[1:] == [
+        f"  - model: expected an nn.Module, got {here}.make_path, a function that returns str "
+        "(nothing was called): name a class of that type, or a function annotated to return one",
+        "  - optimizer: expected a functrain optimizer (a Transform, e.g. functrain.adamw), got "
+        "torch.nn.Identity, a class of another type (nothing was called): name a class of that "
+        "type, or a function annotated to return one",
+        "  - fit.checkpoint_dir: expected str or pathlib.Path or None, got builtins.open, a "
+        "builtin function whose result's type cannot be known before it is called (nothing was "
+        "called): name a class of that type, or a function annotated to return one",
+    ]
+    assert not Path("x").exists()
+
+
+def test_run_help_says_a_config_file_is_trusted_code(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "A config file is code:" in text and "Run only configs you trust as you trust code" in text
+    )
+    assert "--safe" in text and "--allow MODULE" in text

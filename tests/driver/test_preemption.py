@@ -1,0 +1,168 @@
+"""The signals that stop `fit` between updates: the state in hand saved, `Preempted`, handlers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import functrain as ft
+from functrain.driver.preemption import StopSignals
+from tests.driver.runs import dataset, linear_state, quiet_fit
+
+OPTIONS = {"max_epochs": 4, "log_every": 2}  # 3 updates an epoch
+
+
+@pytest.fixture
+def default_handlers() -> Iterator[None]:
+    """Python's own handlers for the three signals, as a fresh process has them; put back after."""
+    defaults: dict[int, Any] = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+        signal.SIGUSR1: signal.SIG_DFL,
+    }
+    previous = {signum: signal.signal(signum, handler) for signum, handler in defaults.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class SignalAt(ft.Callback):
+    """Sends this process `signum` in ``on_batch_begin`` of update `step` (a real signal)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+        self.exceptions: list[str] = []
+
+    def on_batch_begin(self, run: ft.Run) -> None:
+        if run.step + 1 == self.step:
+            signal.raise_signal(self.signum)
+
+    def on_exception(self, run: ft.Run) -> None:
+        self.exceptions.append(type(run.exception).__name__)
+
+
+def whole_run() -> ft.FitResult:
+    return quiet_fit(linear_state(ft.adamw(0.05)), dataset(), **OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("signum", "reason", "status"),
+    [(signal.SIGTERM, "terminated", 143), (signal.SIGUSR1, "requeue", 138)],
+    ids=["SIGTERM", "SIGUSR1"],
+)
+@pytest.mark.usefixtures("default_handlers")
+def test_a_preempted_fit_saves_its_last_update_raises_preempted_and_resumes_exactly(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    signum: int,
+    reason: str,
+    status: int,
+) -> None:
+    options = {**OPTIONS, "save_every": 5, "checkpoint_dir": tmp_path}
+    stop = SignalAt(7, signum)
+    with pytest.raises(ft.Preempted) as info:
+        quiet_fit(
+            linear_state(ft.adamw(0.05)),
+            dataset(),
+            callbacks=[stop],
+            verbosity="minimal",
+            **options,
+        )
+    saved = tmp_path / "ckpt-000000007-002000001"  # update 7: epoch 2, batch 1
+    preempted = info.value
+    assert (preempted.code, preempted.signum, preempted.checkpoint) == (status, signum, saved)
+    assert isinstance(preempted, SystemExit) and not isinstance(preempted, Exception)
+    assert preempted.result.stop_reason == reason and int(preempted.result.state.step) == 7
+    assert preempted.result.checkpoints["latest"] == saved
+    assert stop.exceptions == ["Preempted"]
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().out.endswith(
+        f"{reason} ({name}) at step 7 (epoch 2, batch 1): saved {saved}; fit(..., resume=True) "
+        "goes on from it\n"
+    )
+    assert signal.getsignal(signum) == signal.SIG_DFL  # put back
+    resumed = quiet_fit(linear_state(ft.adamw(0.05)), dataset(), resume=True, **options)
+    assert ft.diff_states(whole_run().state, resumed.state, ignore=("driver/history",)) == []
+
+
+@pytest.mark.usefixtures("default_handlers")
+def test_ctrl_c_saves_the_update_it_stopped_after_and_hands_it_back(tmp_path: Path) -> None:
+    options = {**OPTIONS, "save_every": 5, "checkpoint_dir": tmp_path}
+    result = quiet_fit(
+        linear_state(ft.adamw(0.05)), dataset(), callbacks=[SignalAt(7, signal.SIGINT)], **options
+    )
+    assert result.stop_reason == "interrupted" and int(result.state.step) == 7
+    assert result.checkpoints["latest"] == tmp_path / "ckpt-000000007-002000001"
+    assert (
+        ft.diff_states(result.state, ft.load(result.checkpoints["latest"], like=result.state)) == []
+    )
+
+
+@pytest.mark.usefixtures("default_handlers")
+def test_a_preempted_fit_without_a_checkpoint_dir_says_nothing_was_saved(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ft.Preempted, match=r"fit stopped by SIGTERM: nothing was saved") as info:
+        quiet_fit(
+            linear_state(),
+            dataset(),
+            callbacks=[SignalAt(2, signal.SIGTERM)],
+            verbosity="minimal",
+            **OPTIONS,
+        )
+    assert info.value.checkpoint is None and int(info.value.result.state.step) == 2
+    assert capsys.readouterr().out.endswith(
+        "terminated (SIGTERM) at step 2 (epoch 0, batch 2): nothing was saved (no checkpoint_dir)\n"
+    )
+
+
+@pytest.mark.usefixtures("default_handlers")
+def test_a_handler_of_the_users_is_left_alone() -> None:
+    seen = []
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    result = quiet_fit(
+        linear_state(), dataset(), callbacks=[SignalAt(2, signal.SIGTERM)], **OPTIONS
+    )
+    assert result.stop_reason == "max_epochs" and seen == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+@pytest.mark.usefixtures("default_handlers")
+def test_fit_outside_the_main_thread_installs_no_handler() -> None:
+    during = []
+
+    @ft.on("train_begin")
+    def look(run: ft.Run) -> None:
+        during.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(
+        target=lambda: quiet_fit(linear_state(), dataset(), callbacks=[look], max_steps=1)
+    )
+    thread.start()
+    thread.join()
+    assert during == [signal.SIG_DFL]
+
+
+@pytest.mark.usefixtures("default_handlers")
+def test_stop_signals_record_the_first_and_put_each_handler_back_when_it_comes() -> None:
+    with StopSignals() as signals:
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGINT)
+        # a second one of a kind would act at once: its own handler is back
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+    assert (signals.received, signals.preempted_by) == (signal.SIGUSR1, signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
