@@ -570,8 +570,6 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         run_inner = inner_plan(params, state.inner) if gated and inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
-        # the flag is read on the host where that waits for nothing (a runner runs eagerly)
-        host = all(p.device.type == "cpu" for p in params.values())
 
         def run(
             grads: list[torch.Tensor],
@@ -583,7 +581,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         ) -> Ran:
             assert norm is not None  # (the step's, or a window's: `Runner`)
             finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
-            if keep is None and host and bool(finite):  # a CPU tensor's value: no wait
+            if keep is None and flag_value(finite):  # a CPU tensor's value: no wait
                 # finite, known on the host: the update as it is
                 return _finite_run(run_inner, grads, params, state, norm, write, finite)
             ran = run_inner(
