@@ -92,7 +92,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.core.stacked_step",
             "functrain.core.capture",
             "functrain.core.guards",
-            "functrain.core.plan",
+            "functrain.core.program",
         ],
         ["functrain.core.stacked"],
         ["functrain.core.body", "functrain.core.donation"],

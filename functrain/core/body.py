@@ -54,7 +54,10 @@ from functrain.optim.wrappers import find_loss_scale
 from functrain.tree import member_view
 
 __all__ = [
+    "OWN_TX_METRICS",
     "SWEEP_ALONE",
+    "backward",
+    "completed",
     "LossOf",
     "Parts",
     "apply",
@@ -75,7 +78,7 @@ LossOf = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 # metrics of the built-in transforms that the step reports itself, or not at all (counters); any
 # other metric a transform's state exposes (a custom transform's `metrics()`) joins the step's
-_OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
+OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
 
 
 def _functional() -> bool:
@@ -122,53 +125,98 @@ def gradients(
         if hooks:
             grads = dict(zip(grads, run_gradient_hooks(list(grads.values()), hooks)))
         return grads, loss, aux
-    leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
+    names = list(state.params)
+    leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
+    sparse = frozenset(sparse_parameters(state.module))
     if loss_of is call_loss and not _gathers(state):
-        # the backward while the module still holds the leaves: checkpointed blocks run again in it
-        loss, aux, grads = call_loss(
-            state,
-            {**leaves, **state.frozen, **buffers},
-            batch,
-            watch={**state.params, **state.frozen},
-            then=lambda loss, aux: (
-                loss.detach(),
-                {k: v.detach() for k, v in aux.items()},
-                _gradients_from(state, loss, scale, [*leaves.values()]),
-            ),
-        )
-    else:
-        scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(leaves, buffers)
-        if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
-            check_scalar_metrics(aux)
-        try:
-            grads = gradients_of(scaled, list(leaves.values()), state.module)
-        except (RuntimeError, RunAgain) as error:
-            refused = checkpoint_refusal(error, "sharded")
-            if refused is not None:
-                raise refused from error
-            raise
+        divisor = loss_divisor(state.options)
+        grads, loss, aux = backward(state, batch, leaves, buffers, scale, hooks, sparse, divisor)
+        return dict(zip(names, grads, strict=True)), loss, aux
+    scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(
+        dict(zip(names, leaves)), buffers
+    )
+    if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
+        check_scalar_metrics(aux)
+    try:
+        found = gradients_of(scaled, leaves, state.module)
+    except (RuntimeError, RunAgain) as error:
+        refused = checkpoint_refusal(error, "sharded")
+        if refused is not None:
+            raise refused from error
+        raise
+    grads = completed(found, leaves, names, hooks, sparse)
+    return dict(zip(names, grads, strict=True)), loss, aux
+
+
+def backward(
+    state: StepState,
+    batch: Any,
+    leaves: list[torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    hooks: tuple[tuple[int, Any], ...],
+    sparse: frozenset[str],
+    divisor: int | None,
+    plain: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """The eager gradient step: the loss function on `leaves`, then ``torch.autograd.grad``.
+
+    The one gradient function of every eager step (the step program's, `functrain.core.program`,
+    and the body's): the loss function runs with the module bound to `leaves` (the parameters as
+    fresh leaves, in the state's order), the frozen weights and `buffers` (copies the forward may
+    write), and the backward runs while the module still holds them (checkpointed blocks run
+    again in it). Decided by the caller: `hooks` and `sparse`, the parameters' gradient hooks and
+    the names of those with sparse gradients (`functrain.core.structure`); `divisor`, what the
+    loss is divided by (`functrain.core.options.loss_divisor`); `plain`, whether the parameters
+    are plain tensors (`functrain.core.loss.gradients_of`).
+
+    Returns:
+        The gradients (`completed`), the loss and the loss function's metrics, detached.
+
+    Raises:
+        LossError: the loss does not depend on any trainable parameter.
+    """
+    names = list(state.params)
+    loss, aux, grads = call_loss(
+        state,
+        {**dict(zip(names, leaves)), **state.frozen, **buffers},
+        batch,
+        watch={**state.params, **state.frozen} if state.frozen else state.params,
+        then=lambda loss, aux: (
+            loss.detach(),
+            {k: v.detach() for k, v in aux.items()} if aux else aux,
+            _gradients_from(state, loss, scale, leaves, divisor, plain),
+        ),
+    )
+    return completed(grads, leaves, names, hooks, sparse), loss, aux
+
+
+def completed(
+    grads: list[torch.Tensor | None],
+    leaves: list[torch.Tensor],
+    names: list[str],
+    hooks: tuple[tuple[int, Any], ...],
+    sparse: frozenset[str],
+) -> list[torch.Tensor]:
+    """The gradients after the parameters' own hooks, one for every leaf.
+
+    A parameter the loss did not use gets a zero gradient (torch.optim's with
+    ``zero_grad(set_to_none=False)``); a sparse one none at all (`no_rows`), which its updates
+    skip as torch.optim skips a parameter without a gradient.
+
+    Raises:
+        LossError: no leaf has a gradient.
+    """
+    if not any(g is None for g in grads):  # (`None in grads` would compare tensors)
+        return run_gradient_hooks(grads, hooks) if hooks else grads  # type: ignore[return-value]
     # requiring grad is not enough: a module the loss closes over has parameters of its own
     if all(g is None for g in grads):
         raise LossError(NO_GRADIENT)
     grads = run_gradient_hooks(grads, hooks)
-    if any(g is None for g in grads):
-        # a parameter the loss did not use: a zero gradient (torch.optim's with
-        # zero_grad(set_to_none=False)); a sparse one none at all, which its updates skip as
-        # torch.optim skips a parameter without a gradient
-        sparse = set(sparse_parameters(state.module))
-        grads = [
-            g
-            if g is not None
-            else no_rows(leaves[k])
-            if k in sparse
-            else torch.zeros_like(leaves[k])
-            for k, g in zip(leaves, grads, strict=True)
-        ]
-    return (
-        dict(zip(leaves, grads, strict=True)),
-        loss,
-        aux,
-    )
+    return [
+        g if g is not None else no_rows(leaf) if name in sparse else torch.zeros_like(leaf)
+        for name, g, leaf in zip(names, grads, leaves, strict=True)
+    ]
 
 
 def check_gradients(state: StepState, batch: Any) -> None:
@@ -250,25 +298,33 @@ def differentiated(
 
 
 def _gradients_from(
-    state: StepState, loss: torch.Tensor, scale: torch.Tensor | None, leaves: list[torch.Tensor]
+    state: StepState,
+    loss: torch.Tensor,
+    scale: torch.Tensor | None,
+    leaves: list[torch.Tensor],
+    divisor: int | None,
+    plain: bool = False,
 ) -> list[torch.Tensor | None]:
     """The eager backward of `differentiated`, without its division by the window as an op.
 
-    Under the "loss" convention autograd would hand `loss` the gradient ``scale / N`` (``1 / N``
-    without a scale: the division's backward, of its output's ``scale`` or 1): the backward starts
-    from that instead, made in one op, rather than a division in the forward and its node in the
-    backward (about 10 us a step on a 20-48-5 MLP here), with the same bits.
+    Under the "loss" convention (`divisor`: `loss_divisor`) autograd would hand `loss` the
+    gradient ``scale / N`` (``1 / N`` without a scale: the division's backward, of its output's
+    ``scale`` or 1): the backward starts from that instead, made in one op, rather than a division
+    in the forward and its node in the backward (about 10 us a step on a 20-48-5 MLP here), with
+    the same bits. `plain`: the leaves are plain tensors (`functrain.core.loss.gradients_of`).
     """
-    divisor = loss_divisor(state.options)
     if divisor is None:
-        return gradients_of(differentiated(state, loss, scale), leaves, state.module)
+        seed = None if scale is None else scale.to(loss.dtype)
+        if seed is not None:
+            loss = loss * seed
+        return gradients_of(loss, leaves, state.module, plain=plain)
     # a fresh tensor: the gradients may be views of it (a sum's backward expands it)
     start = (
         torch.div(scale.to(loss.dtype), divisor)
         if scale is not None
         else torch.full((), _reciprocal(loss.dtype, divisor), dtype=loss.dtype, device=loss.device)
     )
-    return gradients_of(loss, leaves, state.module, start)
+    return gradients_of(loss, leaves, state.module, start, plain=plain)
 
 
 # ``1 / N`` as torch's division computes it in a dtype, by (dtype, N): a float the dtype holds
@@ -624,7 +680,7 @@ def _metrics(
         "grad_norm": grad_norm,
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
         "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
-        **{k: v.float() for k, v in tx_metrics.items() if k not in _OWN_TX_METRICS},
+        **{k: v.float() for k, v in tx_metrics.items() if k not in OWN_TX_METRICS},
         **aux,
     }
 

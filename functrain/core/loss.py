@@ -323,6 +323,10 @@ _REENTRANT = (
 _BY_BACKWARD = "_functrain_by_backward"
 
 
+# the autograd engine's entry that ``torch.autograd.grad`` calls (None where torch has none)
+_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
 class RunAgain(Exception):  # noqa: N818 - a signal to the step, never seen by a user
     """The step found its module needs ``loss.backward()``: run the step again from the start.
 
@@ -337,6 +341,8 @@ def gradients_of(
     leaves: list[torch.Tensor],
     module: torch.nn.Module,
     seed: torch.Tensor | None = None,
+    *,
+    plain: bool = False,
 ) -> list[torch.Tensor | None]:
     """The gradients of `loss` for `leaves` (the step's own, bound in `module`'s forward).
 
@@ -344,12 +350,23 @@ def gradients_of(
     `seed` (a fresh 0-d tensor of the loss's dtype; None: one). A module whose forward runs
     reentrant activation checkpointing (``use_reentrant=True``, which torch runs only under a
     plain ``loss.backward()``) gets them by `_accumulated`: the first time, this raises `RunAgain`.
+    `plain`: the leaves are plain tensors (no subclass, as the caller decided once), so the engine
+    is called as ``torch.autograd.grad`` calls it, without its checks of its arguments.
     """
     if not loss.requires_grad:
         return [None] * len(leaves)
     if getattr(module, _BY_BACKWARD, False):
         return _accumulated(loss, leaves, seed)
     try:
+        if plain and _RUN_BACKWARD is not None and type(loss) is torch.Tensor:
+            # ``torch.autograd.grad``'s own call of the engine, without its checks of its
+            # arguments (one scalar loss, plain leaves: the caller's): one pass of the same engine
+            seed = torch.ones_like(loss) if seed is None else seed
+            return list(
+                _RUN_BACKWARD(
+                    (loss,), (seed,), False, False, tuple(leaves), True, accumulate_grad=False
+                )
+            )
         return list(torch.autograd.grad(loss, leaves, seed, allow_unused=True))
     except RuntimeError as e:
         if not any(words in str(e) for words in _REENTRANT):

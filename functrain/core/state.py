@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -126,11 +127,11 @@ class TrainState:
     # set by `replace` when it changes the module's tensors: checked against the module by the
     # next step or `predict` that takes this state (`check_live`), then cleared
     _unchecked: bool = attrs.field(default=False, init=False, eq=False, metadata={"check": True})
-    plan: Any = attrs.field(default=None, init=False, eq=False, metadata={"plan": True})
-    """The eager step's plan for this state (`functrain.core.plan.StepPlan`), or None.
+    program: Any = attrs.field(default=None, init=False, eq=False, metadata={"program": True})
+    """The eager step's program for this state (`functrain.core.program.StepProgram`), or None.
 
-    Set on the states a step returns where its configuration can be planned; not saved, not
-    compared, and dropped by `replace` (a state changed by hand is planned again)."""
+    Set on the states a step returns; not saved, not compared, and dropped by `replace` (the next
+    step of a state changed by hand decides its program again)."""
 
     @classmethod
     def create(
@@ -378,18 +379,18 @@ class TrainState:
             object.__setattr__(new, "_unchecked", True)
         return new
 
-    def stepped(self, plan: Any, changes: dict[str, Any]) -> TrainState:
-        """The state a step returns: this one with `changes`, trusted as they are, and `plan`.
+    def stepped(self, program: Any, changes: dict[str, Any]) -> TrainState:
+        """The state a step returns: this one with `changes`, trusted as they are, and `program`.
 
         For steps only: every field but `driver` takes its value unchecked (built without attrs'
-        generic evolve, once a step), and `plan` is the step's plan of the new state (or None).
+        generic evolve, once a step), and `program` is the new state's step program (or None).
         """
         new = object.__new__(TrainState)
-        for name in _INIT_FIELDS:
-            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        for name, value in zip(_INIT_FIELDS, _init_values(self), strict=True):
+            object.__setattr__(new, name, changes[name] if name in changes else value)
         object.__setattr__(new, "_donated_to", None)
         object.__setattr__(new, "_unchecked", False)
-        object.__setattr__(new, "plan", plan)
+        object.__setattr__(new, "program", program)
         return new
 
     @property
@@ -697,12 +698,14 @@ TREE_FIELDS = tuple(
     for f in attrs.fields(TrainState)
     if not f.metadata.get("static")
     and not f.metadata.get("donation")
-    and not f.metadata.get("plan")
+    and not f.metadata.get("program")
     and not f.metadata.get("check")
 )
 STATIC_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.metadata.get("static"))
 # the fields `replace` sets, and those it sets without attrs' validators (all but `driver`'s)
 _INIT_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.init)
+# a state's fields in `_INIT_FIELDS`' order, read in one call (a step builds a state from them)
+_init_values = operator.attrgetter(*_INIT_FIELDS)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
 _COUNTER_SET = frozenset(COUNTERS)
 _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})

@@ -8,9 +8,10 @@ draws from the state's own generator state, which the step swaps in and out arou
 computation (`functrain.core.scope`), so the same state and batch give bit-identical results and
 the caller's global RNG is left as it was.
 
-Between entering and leaving its scope a step runs the step body (`functrain.core.body`),
-donated or not (`functrain.core.donation`); a stacked state's step goes to
-`functrain.core.stacked`.
+An eager step runs its configuration's program (`functrain.core.program`), decided once and carried
+by the states it returns; a stacked state's step goes to `functrain.core.stacked`, and a traced
+one (``torch.compile(train_step)``) runs the step body (`functrain.core.body`) in its scope,
+donated or not (`functrain.core.donation`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from functrain.core.binding import bound
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import retire, step_in_scope
 from functrain.core.loss import RunAgain
-from functrain.core.plan import DONATED, plan_for
+from functrain.core.program import DONATED, program_for
 from functrain.core.scope import enter, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import LossFn, TrainState
@@ -102,21 +103,21 @@ def train_step(
             f"got {type(state).__name__}; build one with TrainState.create(...)"
         )
     state.check_live("train_step")
-    plan = state.plan
-    try:
-        if plan is not None and not torch.compiler.is_compiling():
-            return plan.run(
-                state, batch, donate
-            )  # the configuration's planned step (`core/plan.py`)
+    if torch.compiler.is_compiling():
         return _train_step(state, batch, donate)
+    program = state.program or program_for(state)
+    if program is None:
+        return _train_step(state, batch, donate)
+    try:
+        return program.run(state, batch, donate)  # the configuration's program (`core/program.py`)
     except RunAgain:  # its module runs reentrant checkpointing, found before anything was written
-        return _train_step(state, batch, donate) if plan is None else plan.run(state, batch, donate)
+        return program.run(state, batch, donate)
 
 
 def _train_step(
     state: TrainState, batch: Any, donate: bool
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """`train_step` of a state without a plan: the step body, stacked or not, then its plan."""
+    """`train_step` of a state that runs no program: stacked, sharded, or traced."""
     if state.members:
         result = stacked_train_step(state, batch, donate=donate)
         if donate:
@@ -128,14 +129,10 @@ def _train_step(
     given = state
     if torch.compiler.is_compiling():
         state = _with_storage(state)
-    new_state, metrics = step_in_scope(
-        state, batch, train_body, donate=donate, call=DONATED, given=given
-    )
-    if not torch.compiler.is_compiling():
-        plan = plan_for(new_state)
-        if plan is not None:
-            new_state = new_state.stepped(plan, {})
-    return new_state, metrics
+    try:
+        return step_in_scope(state, batch, train_body, donate=donate, call=DONATED, given=given)
+    except RunAgain:
+        return step_in_scope(state, batch, train_body, donate=donate, call=DONATED, given=given)
 
 
 def eval_step(

@@ -17,10 +17,12 @@ from functrain.optim.base import (
     Report,
     Transform,
     is_transform,
+    planner_of,
     runs_on_members,
     update_reporting,
 )
 from functrain.optim.naming import named
+from functrain.optim.planned import Prelude, Runner, chained
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.updates import Updates
 
@@ -98,10 +100,27 @@ def chain(*transforms: Transform) -> Transform:
                 report = given
         return updates, tuple(new_states), report
 
+    def plan(params: dict[str, torch.Tensor], state: tuple) -> Runner | None:
+        # every transform but the last hands updates on (a `Prelude`), the last runs the update
+        if not transforms:
+            return None
+        found = []
+        for t, s in zip(transforms, state, strict=True):
+            planner = planner_of(t)
+            found.append(planner(params, s) if planner is not None else None)
+        *preludes, final = found
+        if not all(isinstance(p, Prelude) for p in preludes) or final is None:
+            return None
+        if isinstance(final, Prelude):
+            return None
+        return chained(preludes, final)
+
     # on a stacked state's tensors when every transform is (`ExtrasUpdate.members`); the report
     # of the last transform that reports (an `accumulate` in the chain) passed on
     aware = bool(transforms) and all(runs_on_members(t) for t in transforms)
-    update = ExtrasUpdate(update_fn, members=aware, reports=True, folds_scales=last is not None)
+    update = ExtrasUpdate(
+        update_fn, members=aware, reports=True, folds_scales=last is not None, plan=plan
+    )
     return Transform(init_fn, update, gated=gated)
 
 

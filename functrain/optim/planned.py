@@ -1,24 +1,24 @@
 """The planned update: `Planner` and `Runner`, what the eager step calls in place of ``update``.
 
 An update that can be decided once for a state's tensors declares its `Planner`
-(`functrain.optim.base.ExtrasUpdate.plan`); the planned eager step (`functrain.core.plan`) asks
-it once, and calls the `Runner` it returns on every step after. The protocols are the step's
-interface, but their implementations are the optimizers' (`functrain.optim.rules.fused`'s kernel
-calls, `functrain.optim.wrappers.skip_nonfinite` around them), which build the `Ran` they return:
-they live at the foot of `functrain.optim`, where both the step above and the optimizers can
-import them, and apart from the transform contract (`functrain.optim.base`), which does not need
-them.
+(`functrain.optim.base.ExtrasUpdate.plan`); the step program (`functrain.core.program`) asks it
+once per configuration, and calls the `Runner` it returns on every step after. The protocols are
+the step's interface, but their implementations are the transforms' (`functrain.optim.rules.fused`'s
+kernel calls; `clip_by_global_norm`'s `Prelude`; `chain`, `skip_nonfinite`, `accumulate` and
+`partition` around their inner transforms' runners), which build the `Ran` they return: they live
+at the foot of `functrain.optim`, where both the step above and the transforms can import them,
+and apart from the transform contract (`functrain.optim.base`), which does not need them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from functrain.tree import Tree
 
-__all__ = ["Ran", "Runner", "Planner"]
+__all__ = ["Ran", "Runner", "Planner", "Passing", "Prelude", "chained"]
 
 
 class Ran(NamedTuple):
@@ -27,7 +27,10 @@ class Ran(NamedTuple):
     The step reports ``lr`` (the rate of the last update applied, 0-d) and ``skipped`` (0-d bool:
     this update was skipped as non-finite) among its metrics; ``flag`` is ``skipped`` as the
     float32 the metric is, where the update computed it already (a fused kernel's ``found_inf``).
-    None where the update has no such value (never skips, has no rate).
+    None where the update has no such value (never skips, has no rate). ``norm``: the step's
+    ``grad_norm`` where the update measures it itself (`functrain.accumulate`: its window's), None
+    where the step's own norm of the gradients stands. ``ended``: whether the accumulation window
+    ended with this micro-batch, where `functrain.accumulate` knows it on the host (else None).
     """
 
     params: list[torch.Tensor]
@@ -35,6 +38,8 @@ class Ran(NamedTuple):
     lr: torch.Tensor | None
     skipped: torch.Tensor | None
     flag: torch.Tensor | None
+    norm: torch.Tensor | None = None
+    ended: bool | None = None
 
 
 class Runner(Protocol):
@@ -42,10 +47,12 @@ class Runner(Protocol):
 
     ``run(grads, params, state, norm, write, keep=None) -> Ran``: the gradients (laid out as the
     parameters, in the parameters' order), the parameters as a list, the transform's state, the
-    gradients' global norm (the step's ``grad_norm``, float32), whether it may write into the
-    parameters and state it is given (a donated step), and a gate from a wrapper (as ``keep=`` of
-    a gated update). Bit for bit what ``update`` and `functrain.optim.updates.apply_updates` give
-    for the same inputs, with none of the decisions ``update`` makes on every call.
+    gradients' global norm (the step's ``grad_norm``, float32; None for an update that measures its
+    own, `Ran.norm`: the step then does not measure it), whether it may write into the
+    parameters, state and gradients it is given (a donated step whose gradients are its own), and
+    a gate from a wrapper (as ``keep=`` of a gated update). Bit for bit what ``update`` and
+    `functrain.optim.updates.apply_updates` give for the same inputs, with none of the decisions
+    ``update`` makes on every call.
     """
 
     def __call__(
@@ -53,14 +60,61 @@ class Runner(Protocol):
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         state: Tree,
-        norm: torch.Tensor,
+        norm: torch.Tensor | None,
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran: ...
 
 
+class Passing(Protocol):
+    """A planned transform that hands updates on to the next one in a chain (clipping).
+
+    ``run(grads, state, norm, write, keep=None) -> (updates, state)``: as `Runner`'s arguments,
+    less the parameters; `write` lets it write into the gradients it is given (the step's own).
+    """
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], Tree]: ...
+
+
+class Prelude(NamedTuple):
+    """What a `Planner` returns for a transform that hands updates on: its `Passing` run."""
+
+    run: Passing
+
+
+def chained(preludes: list[Any], last: Runner) -> Runner:
+    """The `Runner` of ``chain(*transforms)``: each prelude's updates handed to the next, then to
+    the last transform's runner, the states gathered in a tuple as `functrain.chain` keeps them.
+    """
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        states = []
+        assert norm is not None or not preludes  # (clipping reads the step's norm)
+        for prelude, inner in zip(preludes, state):
+            grads, inner = prelude.run(grads, inner, norm, write, keep)
+            states.append(inner)
+        ran = last(grads, params, state[-1], norm, write, keep)
+        return ran._replace(state=(*states, ran.state))
+
+    return run
+
+
 class Planner(Protocol):
-    """``plan(params, state) -> Runner | None``: the update decided for these tensors, if it can be.
+    """``plan(params, state) -> Runner | Prelude | None``: the update decided for these tensors.
 
     Called by the eager step with a state's parameters (a flat dict) and this transform's state;
     None where the update cannot be planned for them (a fresh state's moments held without
@@ -68,4 +122,4 @@ class Planner(Protocol):
     stays valid for the states it returns: the same shapes, dtypes, devices and layouts.
     """
 
-    def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | None: ...
+    def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | Prelude | None: ...

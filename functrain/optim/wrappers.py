@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from functrain.errors import ConfigError, NonFiniteError, config_check
+from functrain.layout import obeys_layout
 from functrain.optim.base import (
     NO_EXTRAS,
     NO_REPORT,
@@ -35,9 +36,9 @@ from functrain.optim.base import (
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
-from functrain.optim.metrics import walk_states
+from functrain.optim.metrics import metric_reader, walk_states
 from functrain.optim.naming import named
-from functrain.optim.planned import Ran, Runner
+from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.sparse import (
     sparse_twin,
@@ -46,7 +47,7 @@ from functrain.optim.rules.sparse import (
     with_sparse_twin,
 )
 from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
-from functrain.optim.zeros import counter, light_copy, writable, zeros_like
+from functrain.optim.zeros import counter, is_shared, light_copy, writable, zeros_like
 from functrain.tree import (
     LOCAL_NORMS,
     Norms,
@@ -359,6 +360,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         updates: Any,
         state: PartitionState,
         params: Tree | None = None,
+        keep: torch.Tensor | None = None,
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, PartitionState, Report]:
@@ -372,7 +374,7 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
             sub_params = split(p, names, found, label) if p is not None else None
             out, inner_state, reported = update_reporting(
-                inner, split(u, names, found, label), inner_state, sub_params, given
+                inner, split(u, names, found, label), inner_state, sub_params, given, keep
             )
             results.append((label, out, sub_params))
             states.append(inner_state)
@@ -406,7 +408,25 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         new_updates = NewParams(leaves, spec) if final else tree_unflatten(leaves, spec)
         return new_updates, PartitionState(tuple(states)), report
 
-    grouped = Transform(init_fn, ExtrasUpdate(update_fn, reports=True))
+    def plan(params: dict[str, torch.Tensor], state: PartitionState) -> Runner | None:
+        # each group's runner on its indices, where every group's update is planned
+        found, names = _labels_of(labels, params, known), list(params)
+        leaves = list(params.values())
+        groups = []
+        for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
+            planner = planner_of(inner)
+            index = [i for i, lab in enumerate(found) if lab == label]
+            group = split(leaves, names, found, label)
+            runner = planner(group, inner_state) if planner is not None and group else None
+            if runner is None or isinstance(runner, Prelude):
+                return None
+            groups.append((index, runner))
+        return _grouped_runner(groups, len(leaves))
+
+    # gated where every group is (a gate then reaches each group's update, as `chain` passes it)
+    gated = bool(transforms) and all(getattr(t, "gated", False) for t in transforms.values())
+    update = ExtrasUpdate(update_fn, reports=True, plan=plan)
+    grouped = Transform(init_fn, update, gated=gated)
     # a group for sparse gradients (`functrain.sparse_adam`): the embeddings' rows go there
     if any(map(takes_sparse, transforms.values())):
         return takes_sparse_too(grouped)
@@ -424,6 +444,38 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             ),
         )
     return grouped
+
+
+def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
+    """The `Runner` of a `partition` whose groups are all planned: each group's on its indices.
+
+    It reports the first group's rate and skip flag, as the step reads a partition's metrics, and
+    the norm of the last group that measures its own, as `partition` reports it.
+    """
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: PartitionState,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        new: list[Any] = [None] * n
+        states, first, measured = [], None, None
+        for (index, runner), inner in zip(groups, state.inner, strict=True):
+            ran = runner(
+                [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
+            )
+            for i, x in zip(index, ran.params, strict=True):
+                new[i] = x
+            states.append(ran.state)
+            first = ran if first is None else first
+            measured = ran.norm if ran.norm is not None else measured  # the last group's report
+        assert first is not None  # (a partition has a group)
+        return first._replace(params=new, state=PartitionState(tuple(states)), norm=measured)
+
+    return run
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -514,23 +566,24 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one
         inner_plan = planner_of(inner)
-        run_inner = (
-            inner_plan(params, state.inner)
-            if getattr(inner, "gated", False) and inner_plan
-            else None
-        )
-        if run_inner is None:
+        gated = getattr(inner, "gated", False)
+        run_inner = inner_plan(params, state.inner) if gated and inner_plan else None
+        if run_inner is None or isinstance(run_inner, Prelude):
             return None
 
         def run(
             grads: list[torch.Tensor],
             params: list[torch.Tensor],
             state: SkipNonfiniteState,
-            norm: torch.Tensor,
+            norm: torch.Tensor | None,
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> Ran:
+            assert norm is not None  # (the step's, or a window's: `Runner`)
             finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
+            if keep is None and flag_value(finite):  # a CPU tensor's value: no wait
+                # finite, known on the host: the update as it is
+                return _finite_run(run_inner, grads, params, state, norm, write, finite)
             ran = run_inner(
                 grads, params, state.inner, norm, write, finite if keep is None else finite & keep
             )
@@ -551,9 +604,8 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
                 ran.state, counts[0], counts[1], counts[2], state.max_consecutive
             )
             _check_limit_now(new_state, cap)
-            return Ran(
-                ran.params, new_state, ran.lr, new_state.skipped, ran.flag if keep is None else None
-            )
+            flag = ran.flag if keep is None else None
+            return ran._replace(state=new_state, skipped=new_state.skipped, flag=flag)
 
         return run
 
@@ -561,6 +613,31 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
     update = ExtrasUpdate(update_fn, members=aware, plan=plan, reports=True)
     return Transform(init_fn, update, gated=True)
+
+
+def _finite_run(
+    run_inner: Runner,
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    state: SkipNonfiniteState,
+    norm: torch.Tensor,
+    write: bool,
+    finite: torch.Tensor,
+) -> Ran:
+    """`skip_nonfinite`'s runner on an update known on the host to be finite: the inner update
+    ungated and the counts of a finite step (the total as it was, no run), in fewer ops.
+
+    It reports no skip flag (None: the update was applied), as an update that never skips.
+    """
+    ran = run_inner(grads, params, state.inner, norm, write, None)
+    new_state = SkipNonfiniteState(
+        ran.state,
+        ~finite,
+        state.total_skipped,
+        torch.zeros_like(state.consecutive),
+        state.max_consecutive,
+    )
+    return ran._replace(state=new_state, skipped=None, flag=None)
 
 
 def _host_readable(t: torch.Tensor) -> bool:
@@ -738,9 +815,85 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         )
         return new_updates, new_state, NO_REPORT if norm is None else Report(norm)
 
+    def plan(params: dict[str, torch.Tensor], state: AccumulateState) -> Runner | None:
+        # the inner update planned, on sums with storage of their own in their parameters' layout
+        inner_plan = planner_of(inner)
+        run_inner = inner_plan(params, state.inner) if inner_plan else None
+        p = list(params.values())
+        if (
+            run_inner is None
+            or isinstance(run_inner, Prelude)
+            or any(x.is_sparse for x in p)
+            or not all(
+                not is_shared(s) and obeys_layout(s, x)
+                for s, x in zip(state.grad_sum, p, strict=True)
+            )
+        ):
+            return None
+        rate, skip = metric_reader(state.inner, "lr"), metric_reader(state.inner, "skipped")
+        return _window_runner(run_inner, every, mean, rate, skip)
+
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    return Transform(init_fn, ExtrasUpdate(update_fn, members=aware, reports=True))
+    update = ExtrasUpdate(update_fn, members=aware, reports=True, plan=plan)
+    return Transform(init_fn, update)
+
+
+def _window_runner(
+    run_inner: Runner, every: int, mean: bool, lr_of: Any, skipped_of: Any
+) -> Runner:
+    """The `Runner` of `accumulate` around a planned inner update: `accumulate`'s ``update_fn``
+    with the inner runner in place of its update, op for op.
+
+    `lr_of` and `skipped_of` read the inner state's rate and skip flag (`metric_reader`), which a
+    micro-step between window ends reports as they are.
+    """
+    start = 0.0 if mean else -0.0
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: AccumulateState,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        same = all(x.dtype == s.dtype for x, s in zip(grads, state.grad_sum, strict=True))
+        addends = grads if same else [x.to(s.dtype) for x, s in zip(grads, state.grad_sum)]
+        if write:  # a donated step: the sums accumulate in their own storage
+            sums = list(state.grad_sum)
+            torch._foreach_add_(sums, addends)
+        else:
+            sums = list(torch._foreach_add(state.grad_sum, addends))
+        last = state.micro_step == every - 1
+        ends = flag_value(last)  # None where it cannot be read without a sync
+        between = global_norm(sums) if every > 1 and ends is not True else None
+        if between is not None and mean:
+            between = between / every
+        if ends is False:  # the window goes on: the inner update would be a no-op
+            unmoved, inner_state = _unmoved(params, state.inner, write)
+            lr = lr_of(inner_state) if lr_of is not None else None
+            # no update, no skip: known on the host
+            new_state = AccumulateState(inner_state, state.micro_step + 1, tuple(sums))
+            return Ran(list(unmoved.values), new_state, lr, None, None, between, False)
+        # the runner below reads the sums before they restart: they need no copy of their own
+        handed = sums if same and not mean else _handed(sums, grads, every, mean, write)
+        measured = global_norm(handed)
+        ran = run_inner(handed, params, state.inner, measured, write, None if ends else last)
+        if ran.norm is not None:  # an inner accumulate's
+            measured = ran.norm
+        sums = _restarted(sums, last, ends, write, start)
+        if ends:
+            new_state = AccumulateState(ran.state, torch.zeros_like(state.micro_step), tuple(sums))
+            return ran._replace(state=new_state, norm=measured, ended=True)
+        window_norm = measured if between is None else torch.where(last, measured, between)
+        if ran.skipped is not None:
+            ran = ran._replace(skipped=ran.skipped & last, flag=None)
+        micro = torch.where(last, torch.zeros_like(state.micro_step), state.micro_step + 1)
+        new_state = AccumulateState(ran.state, micro, tuple(sums))
+        return ran._replace(state=new_state, norm=window_norm)
+
+    return run
 
 
 # what `accumulate` hands its inner transform of a window's gradients

@@ -172,7 +172,7 @@ def test_checkpointing_trains_as_the_torch_loop_bit_for_bit(
         if before is not None:
             assert ft.diff_states(before, given) == []  # the pure step wrote nothing
         if i == 0:
-            assert state.plan is not None  # later steps run the planned step
+            assert state.program.runner is not None  # later steps run the planned update
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG untouched
     assert_params_equal(state, ref)
 

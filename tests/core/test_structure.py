@@ -260,7 +260,7 @@ def test_a_forward_that_writes_a_weight_in_a_later_step_is_refused_there_too() -
     data = batches()
     for batch in data[:2]:
         state, _ = ft.train_step(state, batch)
-    assert state.plan is not None
+    assert state.program.runner is not None
     with pytest.raises(ConfigError, match="wrote the state's tensor 'out.weight'"):
         ft.train_step(state, data[2])
 

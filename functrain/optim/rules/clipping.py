@@ -16,6 +16,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
+from functrain.optim.planned import Prelude
 from functrain.optim.updates import flat_updates
 from functrain.tree import (
     Tree,
@@ -99,7 +100,28 @@ def clip_by_global_norm(max_norm: float) -> Transform:
             return tree_unflatten(g, spec), ClipByGlobalNormState(kept)
         return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
-    return Transform(init_fn, ExtrasUpdate(update_fn, members=True), gated=True)
+    def plan(params: dict[str, torch.Tensor], state: ClipByGlobalNormState) -> Prelude | None:
+        # `update_fn` on the step's own norm, for parameters of one dtype
+        if len({p.dtype for p in params.values()}) != 1:
+            return None
+
+        def run(
+            grads: list[torch.Tensor],
+            state: ClipByGlobalNormState,
+            norm: torch.Tensor,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> tuple[list[torch.Tensor], ClipByGlobalNormState]:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
+            if write:
+                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+                return grads, ClipByGlobalNormState(kept)
+            return _by_dtype_mul(grads, coef), ClipByGlobalNormState(kept)
+
+        return Prelude(run)
+
+    return Transform(init_fn, ExtrasUpdate(update_fn, members=True, plan=plan), gated=True)
 
 
 @named

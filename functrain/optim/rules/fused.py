@@ -976,7 +976,7 @@ def _planner(
             grads: list[torch.Tensor],
             params: list[torch.Tensor],
             state: Any,
-            norm: torch.Tensor,
+            norm: torch.Tensor | None,
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> Ran:

@@ -1,5 +1,6 @@
-"""The planned eager step (`functrain.core.plan`): bit for bit the body's step, planned only where
-it may be, dropped where the state changed by hand, and as loud on misuse as the body."""
+"""The step program (`functrain.core.program`): bit for bit the body's step (what a compiled or
+stacked step runs), the optimizer's planned update only where it may run, the program dropped
+where the state changed by hand, and as loud on misuse as the body."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 import functrain as ft
-from functrain.core.plan import StepPlan
+from functrain.core.body import train_body
+from functrain.core.donation import step_in_scope
+from functrain.core.program import StepProgram
 from tests.comparisons import assert_trees_equal
 from tests.models import cross_entropy_loss_fn, cross_entropy_with_accuracy, make_mlp
 
@@ -63,6 +66,11 @@ OPTIMIZERS: dict[str, Callable[[], Any]] = {
     "sgd_momentum": lambda: ft.sgd(0.1, momentum=0.9, fused=True),
     "adagrad": lambda: ft.adagrad(0.1, fused=True),
     "adamw_masked": lambda: ft.adamw(1e-2, mask=lambda name, p: p.ndim > 1),
+    "partition": lambda: ft.partition(
+        lambda name, p: "weights" if p.ndim > 1 else "biases",
+        weights=ft.adamw(ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10)),
+        biases=ft.sgd(ft.schedules.cosine_decay(2e-2, 10), momentum=0.9, weight_decay=0.0),
+    ),
 }
 
 
@@ -76,15 +84,35 @@ def train(
     loss_fn: Callable[..., Any] = cross_entropy_loss_fn,
     **options: Any,
 ) -> tuple[ft.TrainState, list[dict[str, torch.Tensor]]]:
-    """Steps over `data`; without `planned`, each step gets a state whose plan was dropped."""
+    """Steps over `data`: `functrain.train_step` (its program), or without `planned` the body."""
     state = ft.TrainState.create(make(), optimizer(), loss_fn, seed=0, **options)
     metrics = []
     for batch in data:
-        if not planned:
-            state = state.replace()  # drops the plan: the body runs
-        state, m = ft.train_step(state, batch, donate=donate)
+        if planned:
+            state, m = ft.train_step(state, batch, donate=donate)
+        else:
+            state, m = body_step(state, batch, donate)
         metrics.append(m)
     return state, metrics
+
+
+def body_step(
+    state: ft.TrainState, batch: Any, donate: bool = False
+) -> tuple[ft.TrainState, dict[str, torch.Tensor]]:
+    """The step body in the state's scope: what a traced step runs, eagerly."""
+    call = "functrain.train_step(..., donate=True)"
+    return step_in_scope(state, batch, train_body, donate=donate, call=call)
+
+
+def planned(state: ft.TrainState) -> bool:
+    """Whether `state`'s program runs the optimizer's planned update."""
+    return stage(state) == "planned"
+
+
+def stage(state: ft.TrainState) -> str:
+    """The update stage `state`'s program runs."""
+    assert isinstance(state.program, StepProgram)
+    return state.program.stage
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
@@ -93,22 +121,46 @@ def test_planned_steps_equal_the_body_bit_for_bit(name: str, donate: bool) -> No
     data = batches(6, nan_at=3)
     got, got_m = train(make_bn_net, OPTIMIZERS[name], data, planned=True, donate=donate)
     want, want_m = train(make_bn_net, OPTIMIZERS[name], data, planned=False, donate=donate)
-    assert isinstance(got.plan, StepPlan)
+    assert planned(got)
     assert int(got.skipped) == 1  # the NaN batch was skipped on both paths
     assert_trees_equal(want.tree(), got.tree(), "state")
     for step, (w, g) in enumerate(zip(want_m, got_m, strict=True)):
         assert_trees_equal(w, g, f"metrics of step {step}")
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"nonfinite": "none"}, {"precision": "bf16"}, {"nonfinite": "halt"}],
-    ids=["nonfinite_none", "bf16", "nonfinite_halt"],
-)
-def test_planned_options_equal_the_body(options: dict[str, Any]) -> None:
-    data = batches(4)
-    got, got_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=True, **options)
-    want, want_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=False, **options)
+PLANNED_OPTIONS = {
+    "nonfinite_none": {"nonfinite": "none"},
+    "bf16": {"precision": "bf16"},
+    "nonfinite_halt": {"nonfinite": "halt"},
+    "clip": {"clip_grad_norm": 0.5},
+    "clip_nonfinite_none": {"clip_grad_norm": 0.5, "nonfinite": "none"},
+    "ema": {"ema_decay": 0.9},
+    "ema_warmup": {"ema_decay": 0.9, "ema_warmup": True},
+    "ema_torch": {"ema_decay": 0.9, "ema_convention": "torch", "ema_buffers": True},
+    "ema_timm": {"ema_decay": 0.9, "ema_convention": "timm", "ema_update_after_step": 2},
+    "swa": {"swa_start": 2},
+    "ema_clip_nonfinite_none": {"ema_decay": 0.9, "clip_grad_norm": 0.5, "nonfinite": "none"},
+    "accumulate": {"accumulate_steps": 2},
+    "accumulate_mean": {"accumulate_steps": 3, "accumulate_convention": "mean"},
+    "accumulate_sum_ema_clip": {
+        "accumulate_steps": 2,
+        "accumulate_convention": "sum",
+        "ema_decay": 0.9,
+        "clip_grad_norm": 0.5,
+    },
+    "accumulate_nonfinite_none": {"accumulate_steps": 4, "nonfinite": "none"},
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(PLANNED_OPTIONS))
+def test_planned_options_equal_the_body(name: str, donate: bool) -> None:
+    options = PLANNED_OPTIONS[name]
+    data = batches(9, nan_at=None if options.get("nonfinite") else 3)
+    run = dict(donate=donate, **options)
+    got, got_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=True, **run)
+    want, want_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=False, **run)
+    assert planned(got)
     assert_trees_equal(want.tree(), got.tree(), "state")
     assert_trees_equal(want_m, got_m, "metrics")
 
@@ -121,7 +173,7 @@ def test_tied_weights_and_loss_metrics_are_planned_alike() -> None:
     want, want_m = train(
         Tied, OPTIMIZERS["adamw"], data, planned=False, loss_fn=cross_entropy_with_accuracy
     )
-    assert got.plan is not None and list(got.params) == ["emb.weight"]
+    assert planned(got) and list(got.params) == ["emb.weight"]
     assert_trees_equal(want.tree(), got.tree(), "state")
     assert_trees_equal(want_m, got_m, "metrics")
     assert not got_m[-1]["acc"].requires_grad and not got_m[-1]["loss"].requires_grad
@@ -138,48 +190,83 @@ def test_planned_step_matches_torch_fused_adamw() -> None:
         opt.zero_grad()
         cross_entropy_loss_fn(reference, batch).backward()
         opt.step()
-    assert state.plan is not None
+    assert planned(state)
     assert_trees_equal(dict(reference.named_parameters()), state.params, "params")
 
 
-def test_the_first_step_of_a_fresh_state_runs_the_body_and_plans_the_next() -> None:
+def test_the_first_step_of_a_fresh_state_runs_the_general_update_and_plans_the_next() -> None:
     state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn)
-    assert state.plan is None  # a fresh state's moments have no storage yet
+    assert state.program is None  # decided at the first step
     state, _ = ft.train_step(state, batches(1)[0])
-    assert isinstance(state.plan, StepPlan)
-    plan = state.plan
+    assert planned(state)  # a fresh state's moments had no storage: its next state's have
+    program = state.program
     state, _ = ft.train_step(state, batches(1)[0])
-    assert state.plan is plan  # carried by the states it returns
+    assert state.program is program  # carried by the states it returns
+
+
+TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
+    "foreach": (lambda: ft.adamw(1e-2, fused=False), {}),
+    "a_group_unplanned": (
+        lambda: ft.partition(
+            lambda name, p: "m" if p.ndim > 1 else "v", m=ft.rmsprop(1e-2), v=ft.adamw(1e-2)
+        ),
+        {},
+    ),
+    "rmsprop": (lambda: ft.rmsprop(1e-2, momentum=0.9), {}),
+    "nadam": (lambda: ft.nadam(1e-2), {}),
+    "radam": (lambda: ft.radam(1e-2), {}),
+    "adamax": (lambda: ft.adamax(1e-2), {}),
+    "lion": (lambda: ft.lion(1e-3), {}),
+    "rmsprop_accumulate_ema": (
+        lambda: ft.rmsprop(1e-2),
+        {"accumulate_steps": 3, "ema_decay": 0.9, "clip_grad_norm": 0.5},
+    ),
+    "nadam_accumulate_mean": (
+        lambda: ft.nadam(1e-2),
+        {"accumulate_steps": 2, "accumulate_convention": "mean"},
+    ),
+    "radam_nonfinite_none": (lambda: ft.radam(1e-2), {"nonfinite": "none"}),
+    # skipping a micro-batch around a window of one's own: the window's sums are selected
+    "accumulate_of_ones_own": (lambda: ft.accumulate(ft.adamw(1e-2), every=2), {}),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS_OWN_UPDATE))
+def test_a_transform_without_a_planner_runs_its_own_update_as_the_body(
+    name: str, donate: bool
+) -> None:
+    optimizer, options = TRANSFORMS_OWN_UPDATE[name]
+    data = batches(8, nan_at=None if options.get("nonfinite") else 3)
+    got, got_m = train(make_bn_net, optimizer, data, planned=True, donate=donate, **options)
+    want, want_m = train(make_bn_net, optimizer, data, planned=False, donate=donate, **options)
+    assert stage(got) == "updated"
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    for step, (w, g) in enumerate(zip(want_m, got_m, strict=True)):
+        assert_trees_equal(w, g, f"metrics of step {step}")
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "options"),
-    [
-        (lambda: ft.adamw(1e-2, fused=False), {}),
-        (lambda: ft.adamw(1e-2), {"clip_grad_norm": 1.0}),
-        (lambda: ft.adamw(1e-2), {"accumulate_steps": 2}),
-        (lambda: ft.adamw(1e-2), {"ema_decay": 0.9}),
-        (lambda: ft.adamw(1e-2), {"precision": "fp16"}),
-        (lambda: ft.adamw(1e-2), {"grad_stats": "layer"}),
-    ],
-    ids=["foreach", "clipping", "accumulation", "ema", "fp16", "grad_stats"],
+    "options",
+    [{"precision": "fp16"}, {"grad_stats": "layer"}],
+    ids=["fp16", "grad_stats"],
 )
-def test_configurations_without_a_planner_run_the_body(
-    optimizer: Callable[[], Any], options: dict[str, Any]
-) -> None:
-    state = ft.TrainState.create(make_mlp(), optimizer(), cross_entropy_loss_fn, **options)
-    for batch in batches(3):
-        state, _ = ft.train_step(state, batch)
-    assert state.plan is None
+def test_fp16_and_gradient_statistics_run_the_bodys_update(options: dict[str, Any]) -> None:
+    data = batches(4)
+    got, got_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=True, **options)
+    want, want_m = train(make_bn_net, OPTIMIZERS["adamw"], data, planned=False, **options)
+    assert stage(got) == "general"
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
 
 
-def test_replace_drops_the_plan_and_the_next_step_plans_again() -> None:
+def test_replace_drops_the_program_and_the_next_step_decides_again() -> None:
     state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), cross_entropy_loss_fn)
     state, _ = ft.train_step(state, batches(1)[0])
     moved = state.replace(params={k: v.clone() for k, v in state.params.items()})
-    assert state.plan is not None and moved.plan is None
+    assert planned(state) and moved.program is None
     moved, _ = ft.train_step(moved, batches(1)[0])
-    assert moved.plan is not None
+    assert planned(moved) and moved.program is not state.program
 
 
 def test_a_channels_last_weight_is_not_planned_and_trains_as_the_body() -> None:
@@ -191,7 +278,7 @@ def test_a_channels_last_weight_is_not_planned_and_trains_as_the_body() -> None:
     for _ in range(3):
         batch = (torch.randn(4, 2, 5, 5, generator=g), torch.randint(0, 3, (4,), generator=g))
         state, _ = ft.train_step(state, batch)
-    assert state.plan is None  # the kernel walks memory: the body lays such a weight out
+    assert not planned(state)  # the kernel walks memory: the general update lays it out
     assert state.params["0.weight"].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -205,11 +292,11 @@ def test_a_planned_step_never_writes_the_state_it_is_given() -> None:
 
 def test_a_donated_planned_state_is_refused_afterwards() -> None:
     state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True)
-    assert state.plan is not None
+    assert planned(state)
     new, _ = ft.train_step(state, batches(1)[0], donate=True)
     with pytest.raises(ft.DonatedStateError, match="donated to functrain.train_step"):
         ft.train_step(state, batches(1)[0])
-    assert new.plan is not None
+    assert planned(new)
 
 
 def test_planned_bad_batch_raises_batch_error_and_keeps_the_state() -> None:
@@ -231,7 +318,7 @@ def test_planned_loss_on_no_parameter_is_refused() -> None:
     state = ft.TrainState.create(make_mlp(), ft.adamw(1e-2), loss_turning_constant)
     for batch in batches(2):
         state, _ = ft.train_step(state, batch)
-    assert state.plan is not None
+    assert planned(state)
     with pytest.raises(ft.LossError, match="does not depend on any trainable parameter"):
         ft.train_step(state, batches(1)[0])
 
@@ -242,7 +329,7 @@ def test_too_many_skips_raise_and_retire_a_donated_planned_state() -> None:
     )
     for batch in batches(2):
         state, _ = ft.train_step(state, batch)
-    assert state.plan is not None
+    assert planned(state)
     bad = batches(1, nan_at=0)[0]
     with pytest.raises(ft.NonFiniteError, match="max_consecutive=0"):
         ft.train_step(state, bad)
@@ -263,3 +350,19 @@ def test_a_planned_step_leaves_the_callers_rng_and_module_mode() -> None:
     assert torch.equal(torch.rand(3), expected)
     assert not state.module.training
     assert not torch.equal(new.rng, state.rng)  # dropout drew from the state's own stream
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_step_that_raises_in_its_update_leaves_the_callers_rng_and_module_mode(
+    donate: bool,
+) -> None:
+    state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True, nonfinite="halt")
+    assert planned(state)
+    state.module.eval()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with pytest.raises(ft.NonFiniteError):
+        ft.train_step(state, batches(1, nan_at=0)[0], donate=donate)
+    assert torch.equal(torch.rand(3), expected)
+    assert not state.module.training

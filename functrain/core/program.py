@@ -1,0 +1,447 @@
+"""The step program: a configuration's eager step, decided once and run top to bottom.
+
+`functrain.train_step` asks what a state's configuration is (stacked or not, sharded or not,
+which wrappers, which optimizer, which layouts, which hooks) once, in `program_for`; the answer is
+a `StepProgram`, carried by the states its steps return (`TrainState.program`; `replace` drops it,
+and the next step decides again). A step then runs its stages in `StepProgram.run`, each a named
+method below:
+
+    _enter (the state's RNG and train mode) -> _backward (`functrain.core.body.backward`: the
+    loss function on the state's tensors, the gradients) -> the update -> the new state and its
+    metrics (`_finished`)
+
+The update is decided once, as one of three (`StepProgram.stage`):
+
+- **planned**: the transform declares a `functrain.optim.planned.Planner` and it plans the
+  state's tensors: `_with_runner` lays the gradients out and takes their global norm, then runs
+  the transform's `Runner` (for the fused presets one kernel call, gated by the norm's finiteness,
+  inside `skip_nonfinite`, `accumulate`, `partition` and a clipping `chain`), the EMA, the
+  counters and metrics: the per-step path does arithmetic, not decisions;
+- **updated**: any other transform, run by `_with_runner` through its own update (`_updating`:
+  ``update_reporting`` and `apply_updates` with what the body decides on every call decided
+  once);
+- **general**: fp16 loss scaling, gradient statistics, a process group, sparse gradients or a
+  transform with metrics of its own: `_with_body`, the step body's update
+  (`functrain.core.body.apply`) with the donated step's permission decided once.
+
+All three give the bits of the body, which the compiled and stacked front doors run (the tests
+compare them). What is decided per step: the skip flag (read on the host for CPU tensors), the
+window's end, schedule values, counters, the RNG swap, the binding, and the checks cheap enough
+to keep (the write check, the layout check, the donation check, an async save's hold).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functrain.core.body import (
+    OWN_TX_METRICS,
+    apply,
+    backward,
+    finite_buffers,
+    in_param_strides,
+    loss_scale,
+)
+from functrain.core.donation import HELD, wait_until_unheld
+from functrain.core.loss import samples_in
+from functrain.core.options import loss_divisor
+from functrain.core.scope import Scope, device_generator, enter, swap_in, swap_out
+from functrain.core.stacked_step import PerMember, refuse_per_member
+from functrain.core.state import TrainState
+from functrain.core.structure import grad_hooks, sparse_parameters
+from functrain.layout import in_layouts_of
+from functrain.optim.base import NO_EXTRAS, Extras, planner_of, update_reporting, update_with
+from functrain.optim.metrics import metric_reader, transform_metrics
+from functrain.optim.planned import Prelude, Ran, Runner
+from functrain.optim.sweep import holds_sweep
+from functrain.optim.updates import apply_updates
+from functrain.tree import LOCAL_NORMS, global_norm, tree_leaves
+
+__all__ = ["DONATED", "StepProgram", "program_for"]
+
+DONATED = "functrain.train_step(..., donate=True)"
+
+
+class StepProgram:
+    """What a configuration's eager step decided once (`program_for`); `run` is the step."""
+
+    __slots__ = (
+        "runner",
+        "stage",
+        "fresh",
+        "strides",
+        "hooks",
+        "sparse",
+        "generator",
+        "ranked",
+        "writes",
+        "guard_buffers",
+        "fp32",
+        "lr_seen",
+        "in_place",
+        "divisor",
+        "plain",
+        "window",
+    )
+
+    def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
+        params = list(state.params.values())
+        options = state.options
+        self.runner = runner
+        # which update runs: "planned" (the transform's `Planner`), "updated" (its own update,
+        # `_updating`), "general" (the body's, `functrain.core.body.apply`)
+        self.stage = stage
+        # the optimizer state's storage does not exist yet (a fresh state's zeros): the state the
+        # first step returns is decided again, once
+        self.fresh = fresh
+        # the layout torch.optim's `.grad` would have: a gradient in another is laid out first
+        self.strides = [p.stride() for p in params]
+        self.hooks = grad_hooks(state.module, list(state.params))  # the parameters' own hooks
+        self.sparse = frozenset(sparse_parameters(state.module))
+        self.generator = device_generator(params[0].device)
+        # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
+        self.ranked = state.dist is not None
+        # gradient statistics need the old weights: such a donated step writes fresh tensors
+        self.writes = state.grad_stats is None
+        self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
+        self.fp32 = all(p.dtype == torch.float32 for p in params)
+        # the last rate reported and its float32 (a constant rate is one tensor: one op saved)
+        self.lr_seen: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
+        self.divisor = loss_divisor(options)  # the loss divided by the window ("loss")
+        self.plain = all(type(p) is torch.Tensor for p in params)
+        self.window = options.accumulate_steps
+
+    def run(
+        self, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """`functrain.train_step` on `state`, whose configuration this program is."""
+        if isinstance(batch, PerMember):
+            refuse_per_member(batch)
+        if donate and HELD:  # an async save still reads this state's tensors
+            wait_until_unheld(state)
+        scope = self._enter(state)
+        if self.runner is None:
+            return self._with_body(state, batch, donate, scope)
+        return self._with_runner(state, batch, donate, scope)
+
+    def _enter(self, state: TrainState) -> Scope:
+        """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
+        if self.ranked:
+            return enter(state, True)
+        return swap_in(state.module, self.generator, state.rng, True)
+
+    def _backward(
+        self, state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: Any
+    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """The gradients (for fresh leaves of the parameters), the loss and its metrics."""
+        leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
+        return backward(
+            state, batch, leaves, buffers, scale, self.hooks, self.sparse, self.divisor, self.plain
+        )
+
+    def _with_body(
+        self, state: TrainState, batch: Any, donate: bool, scope: Scope
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The step with the body's update (`functrain.core.body.apply`)."""
+        written: list[bool] = []
+        try:
+            # the forward writes running statistics into the buffers: copies, never the state's
+            buffers = {k: b.clone() for k, b in state.buffers.items()}
+            scale = loss_scale(state)
+            grads, loss, aux = self._backward(state, batch, buffers, scale)
+            extras = Extras(in_place=donate and self.writes, written=written)
+            new, metrics = apply(
+                state, batch, dict(zip(state.params, grads)), buffers, loss, aux, scale, extras
+            )
+            new["rng"] = swap_out(scope)
+        except BaseException as error:
+            swap_out(scope)  # the caller's RNG and module mode, as they were
+            if donate and written:  # the update may have written some of the state's tensors
+                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+            raise
+        stepped = state.stepped(self, new)
+        if self.fresh:  # the optimizer's state has its storage now: decided again, once
+            object.__setattr__(stepped, "program", program_for(stepped))
+        if donate:
+            state.retire(DONATED)
+        return stepped, metrics
+
+    def _with_runner(
+        self, state: TrainState, batch: Any, donate: bool, scope: Scope
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The step with the update's `functrain.optim.planned.Runner` (planned or `_updating`)."""
+        runner = self.runner
+        assert runner is not None  # (`run` chose this stage for it)
+        updated = False
+        try:
+            params = list(state.params.values())
+            buffers = {k: b.clone() for k, b in state.buffers.items()}
+            grads, loss, aux = self._backward(state, batch, buffers, None)
+            if [g.stride() for g in grads] != self.strides:
+                grads = in_layouts_of(grads, params)
+            # with accumulation the window's norm is reported: its runner measures it
+            norm = self._norm(grads) if self.window == 1 else None
+            try:
+                ran = self._update(runner, grads, params, state.opt_state, norm, donate)
+                updated = True
+                if ran.norm is not None:
+                    norm = ran.norm
+            except BaseException as error:
+                if donate:  # the update may have written some of the state's tensors
+                    state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+                raise
+        finally:
+            rng = swap_out(scope)  # the caller's RNG and module mode, as they were
+        try:
+            return self._finished(state, batch, donate, rng, ran, buffers, loss, norm, aux)
+        except BaseException as error:  # (an interrupt): the update wrote the given state
+            if donate and updated:
+                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+            raise
+
+    def _finished(
+        self,
+        state: TrainState,
+        batch: Any,
+        donate: bool,
+        rng: torch.Tensor,
+        ran: Ran,
+        buffers: dict[str, torch.Tensor],
+        loss: torch.Tensor,
+        norm: torch.Tensor | None,
+        aux: dict[str, torch.Tensor],
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The new state and the metrics, once the runner ran (`rng`: the step's generator)."""
+        skipped = ran.skipped
+        params = dict(zip(state.params, ran.params))
+        if buffers:
+            buffers = self._finite(buffers, state.buffers)
+        changes = self._counters(state, ran, samples_in(batch))
+        applied = None if skipped is None else ~skipped
+        completed = changes.pop("completed", None)
+        if completed is not None:  # the EMA moves where a window ended and was applied
+            applied = completed if applied is None else completed & applied
+        new = state.stepped(
+            self,
+            {
+                **changes,
+                "params": params,
+                "buffers": buffers,
+                "opt_state": ran.state,
+                "ema_state": self._averaged(state, params, buffers, applied, donate),
+                "skipped": state.skipped + skipped if skipped is not None else state.skipped,
+                "rng": rng,
+            },
+        )
+        if self.fresh:  # the optimizer's state has its storage now: decided again, once
+            object.__setattr__(new, "program", program_for(new))
+        if donate:
+            state.retire(DONATED)
+        assert norm is not None  # the step's, or its window's (`Ran.norm`)
+        return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux)
+
+    def _update(
+        self,
+        runner: Runner,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        opt_state: Any,
+        norm: torch.Tensor | None,
+        donate: bool,
+    ) -> Ran:
+        """The transform's update: its runner, allowed to write where the step was donated."""
+        # a gradient a hook handed in may be kept by it: never written
+        return runner(grads, params, opt_state, norm, donate and not self.hooks)
+
+    def _counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
+        """The counters after the batch; with accumulation, ``completed``: whether a window ended
+        (the body's `_counters`, op for op)."""
+        if self.window == 1:
+            # one foreach op for the three counters every batch advances, not one op each
+            counters = torch._foreach_add(
+                [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
+            )
+            return {"step": counters[0], "epoch_step": counters[1], "samples_seen": counters[2]}
+        micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
+        if ran.ended is not None:  # known on the host: no select
+            # (a new counter either way: a donated state's is tagged, `TrainState.retire`)
+            step = state.step + 1 if ran.ended else state.step.clone()
+            return {
+                "step": step,
+                "micro_step": micro,
+                "epoch_step": state.epoch_step + 1,
+                "samples_seen": state.samples_seen + samples,
+                **({} if ran.ended or state.ema_state is None else {"completed": micro == 0}),
+            }
+        completed = micro == 0
+        return {
+            "step": state.step + completed.long(),
+            "micro_step": micro,
+            "epoch_step": state.epoch_step + 1,
+            "samples_seen": state.samples_seen + samples,
+            "completed": completed,
+        }
+
+    def _averaged(
+        self,
+        state: TrainState,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        applied: torch.Tensor | None,
+        donate: bool,
+    ) -> Any:
+        """The EMA (or equal average) after the update, moved only where it was `applied`."""
+        averager = state.averager
+        if state.ema_state is None or averager is None:
+            return state.ema_state
+        averaged = (params, buffers) if state.options.ema_buffers else params
+        extras = self.in_place if donate else NO_EXTRAS
+        return update_with(averager, averaged, state.ema_state, None, extras, applied)[1]
+
+    def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The gradients' global norm: `functrain.tree.global_norm`, the body's, by the same ops."""
+        found = torch._foreach_norm(grads)
+        return torch.linalg.vector_norm(
+            torch.stack(found if self.fp32 else [n.float() for n in found])
+        )
+
+    def _finite(
+        self, buffers: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The new buffers, each floating one kept as it was where the batch made it non-finite."""
+        return finite_buffers(buffers, old) if self.guard_buffers else buffers
+
+    def _metrics(
+        self,
+        loss: torch.Tensor,
+        norm: torch.Tensor,
+        lr: torch.Tensor | None,
+        skipped: torch.Tensor | None,
+        flag: torch.Tensor | None,
+        aux: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The body's metrics, in its order: loss, norm, rate, skip flag, the loss function's."""
+        seen, seen_f = self.lr_seen
+        if lr is not seen or seen_f is None:
+            seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
+            self.lr_seen = (lr, seen_f)
+        if flag is None:
+            flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
+        return {
+            "loss": loss if loss.dtype == torch.float32 else loss.float(),
+            "grad_norm": norm,
+            "lr": seen_f,
+            "skipped": flag,
+            **aux,
+        }
+
+
+def program_for(state: TrainState) -> StepProgram | None:
+    """The program of `state`'s eager step, or None where the step is not one program yet.
+
+    None for a stacked state (`functrain.core.stacked`), a sharded one, an optimizer holding a
+    sweep outside a stacked state (refused by the step), and a state without trainable tensors.
+    """
+    tx = state.tx
+    dist = state.dist
+    if (
+        state.members
+        or (dist is not None and dist.sharding is not None)
+        or not state.params
+        or holds_sweep(tx)
+    ):
+        return None
+    runner, stage, fresh = _runner(state)
+    return StepProgram(state, runner, stage, fresh)
+
+
+def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
+    """The update's `Runner` for `state`'s tensors, and whether to decide again once.
+
+    For a configuration that is eager and unstacked with no process group, no gradient
+    statistics, no fp16 loss scale and no sparse gradients: the transform's planned update where
+    it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
+    ``adagrad``, and `skip_nonfinite`, `accumulate`, `partition` and a `chain` after
+    `clip_by_global_norm` around planned ones), else its own update (`_updating`). None: the
+    body's update (`_with_body`).
+    """
+    options = state.options
+    planner = planner_of(state.tx)
+    if (
+        state.dist is not None
+        or state.grad_stats is not None
+        or options.precision == "fp16"
+        or sparse_parameters(state.module)
+        or not all(
+            type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
+        )
+    ):
+        return None, "general", False
+    runner = planner(state.params, state.opt_state) if planner is not None else None
+    if runner is not None and not isinstance(runner, Prelude):
+        return runner, "planned", False
+    # a fresh state's moments have no storage yet: the state its first step returns has
+    fresh = planner is not None and any(
+        isinstance(x, torch.Tensor) and 0 in x.stride() for x in tree_leaves(state.opt_state)
+    )
+    runner = _updating(state)
+    return runner, "general" if runner is None else "updated", fresh
+
+
+def _updating(state: TrainState) -> Runner | None:
+    """The transform's own update as a `Runner`, for a transform that plans none.
+
+    What the body's update does (`functrain.core.body.apply`), with what it decides on every
+    call decided here: the update through ``update_reporting`` with the step's norm shared, the
+    new parameters by `apply_updates` in their parameters' strides, the rate and skip flag read
+    where the state holds them (`functrain.optim.metrics.metric_reader`). None where the
+    transform's state exposes metrics of its own (a custom transform's, which the body reports).
+    """
+    tx, names, opt_state = state.tx, list(state.params), state.opt_state
+    if set(transform_metrics(opt_state)) - OWN_TX_METRICS:
+        return None
+    lr_of, skipped_of = metric_reader(opt_state, "lr"), metric_reader(opt_state, "skipped")
+    window = state.options.accumulate_steps
+    # one layout only: contiguous with no size-1 dimension (whose strides may take any value)
+    contiguous = all(p.is_contiguous() and 1 not in p.shape for p in state.params.values())
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Any,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        given = dict(zip(names, params))
+        # the step's own gradients (no hook's: `write` says so) may be scaled where they are
+        reported: dict[str, torch.Tensor] = {}
+        extras = Extras(
+            in_place=write,
+            norms=LOCAL_NORMS if norm is None else LOCAL_NORMS.sharing(grads, norm),
+            reported=reported,
+            owns_updates=write,
+            reporting=True,
+        )
+        updates, new_state, report = update_reporting(
+            tx, dict(zip(names, grads)), state, given, extras, keep
+        )
+        new = apply_updates(given, updates, in_place=write)
+        if not contiguous:  # else a new value has its parameter's strides already
+            new = in_param_strides(new, given)
+        measured = report.grad_norm
+        if measured is None:
+            # a transform of the user's own that writes the superseded `Extras.reported`
+            measured = reported.get("grad_norm")
+        if measured is None and norm is None:
+            measured = global_norm(grads)
+        skipped = skipped_of(new_state) if skipped_of is not None else None
+        if skipped is not None and window > 1:  # the flag of the window that ends here
+            skipped = skipped & (new_state.micro_step == 0)
+        lr = lr_of(new_state) if lr_of is not None else None
+        return Ran(list(new.values()), new_state, lr, skipped, None, measured)
+
+    return run
