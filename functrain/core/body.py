@@ -45,7 +45,13 @@ from functrain.distributed import sharding as sharding_
 from functrain.distributed.data_parallel import DistConfig, average_step
 from functrain.errors import ConfigError, LossError
 from functrain.layout import in_layouts_of, with_strides_of
-from functrain.optim.base import NO_EXTRAS, Extras, update_reporting, update_with
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    group_rates,
+    update_reporting,
+    update_with,
+)
 from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import transform_metrics
 from functrain.optim.rules.sparse import no_rows
@@ -531,7 +537,7 @@ def _update(
         else None,
         **_counters(state, micro, completed, skipped, batch),
     }
-    metrics = _metrics(loss, grad_norm, skipped, tx_metrics, aux)
+    metrics = _metrics(loss, grad_norm, skipped, tx_metrics, aux, _rates(state.tx, opt_state))
     by = state.grad_stats
     if by is not None:
         metrics.update(grad_statistics(by, grads, state.params, params, scale, extras.norms.across))
@@ -667,18 +673,28 @@ def _counters(
     }
 
 
+def _rates(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
+    """Each parameter group's learning rate by metric name (`functrain.optim.base.group_rates`),
+    float32 as ``lr``; none where the transform has no groups."""
+    found = group_rates(tx)
+    return {} if found is None else {k: v.float() for k, v in found(opt_state).items()}
+
+
 def _metrics(
     loss: torch.Tensor,
     grad_norm: torch.Tensor,
     skipped: torch.Tensor | None,
     tx_metrics: dict[str, torch.Tensor],
     aux: dict[str, torch.Tensor],
+    rates: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """The step's metrics, 0-d tensors: loss, norm, rate, skip flag, the transforms' and loss's."""
+    """The step's metrics, 0-d tensors: loss, norm, rate (each group's too), skip flag, the
+    transforms' and the loss function's."""
     return {
         "loss": loss if loss.dtype == torch.float32 else loss.float(),
         "grad_norm": grad_norm,
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
+        **rates,
         "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
         **{k: v.float() for k, v in tx_metrics.items() if k not in OWN_TX_METRICS},
         **aux,

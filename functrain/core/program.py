@@ -52,7 +52,14 @@ from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState
 from functrain.core.structure import grad_hooks, sparse_parameters
 from functrain.layout import in_layouts_of
-from functrain.optim.base import NO_EXTRAS, Extras, planner_of, update_reporting, update_with
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    group_rates,
+    planner_of,
+    update_reporting,
+    update_with,
+)
 from functrain.optim.metrics import metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.sweep import holds_sweep
@@ -84,6 +91,7 @@ class StepProgram:
         "divisor",
         "plain",
         "window",
+        "rates",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
@@ -113,6 +121,7 @@ class StepProgram:
         self.divisor = loss_divisor(options)  # the loss divided by the window ("loss")
         self.plain = all(type(p) is torch.Tensor for p in params)
         self.window = options.accumulate_steps
+        self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
 
     def run(
         self, state: TrainState, batch: Any, donate: bool
@@ -241,7 +250,7 @@ class StepProgram:
         if donate:
             state.retire(DONATED)
         assert norm is not None  # the step's, or its window's (`Ran.norm`)
-        return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux)
+        return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux, ran.state)
 
     def _update(
         self,
@@ -322,8 +331,10 @@ class StepProgram:
         skipped: torch.Tensor | None,
         flag: torch.Tensor | None,
         aux: dict[str, torch.Tensor],
+        opt: Any,
     ) -> dict[str, torch.Tensor]:
-        """The body's metrics, in its order: loss, norm, rate, skip flag, the loss function's."""
+        """The body's metrics, in its order: loss, norm, rate, each group's rate, skip flag, the
+        loss function's (`opt`: the new optimizer state, which holds the groups' rates)."""
         seen, seen_f = self.lr_seen
         if lr is not seen or seen_f is None:
             seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
@@ -334,6 +345,7 @@ class StepProgram:
             "loss": loss if loss.dtype == torch.float32 else loss.float(),
             "grad_norm": norm,
             "lr": seen_f,
+            **({} if self.rates is None else {k: v.float() for k, v in self.rates(opt).items()}),
             "skipped": flag,
             **aux,
         }

@@ -77,7 +77,8 @@ def train_step(
         gradients so far summed (divided by the window's length under
         ``accumulate_convention="mean"``); at its last batch the norm of the gradient its update
         applies: the window's sum, or its mean under ``"mean"``), ``lr`` (of the
-        last update applied), ``skipped`` (1.0 when the update was skipped as non-finite), the
+        last update applied; with `functrain.partition` each group's as ``lr/<group>``, and
+        ``lr`` the first group's), ``skipped`` (1.0 when the update was skipped as non-finite), the
         loss function's own metrics, with fp16 ``loss_scale``, the metrics of custom transforms
         (their state's ``metrics()``), and with ``grad_stats`` ``grad_norm/<group>`` and
         ``update_ratio/<group>`` (`TrainState.create`).

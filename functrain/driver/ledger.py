@@ -66,7 +66,7 @@ _REGROUPABLE = frozenset({"batch_size", "batches", "ranks"})
 # the update used, the loss scale, the update ratios (the optimizer's own metrics are added by
 # name); the per-group gradient norms (``grad_norm/<group>``) are each micro-batch's
 _UPDATE_METRICS = frozenset({"lr", "grad_norm", "loss_scale"})
-_UPDATE_GROUPS = ("update_ratio/",)
+_UPDATE_GROUPS = ("update_ratio/", "lr/")
 _MEMBER = re.compile(r"\[\d+\]$")  # a stacked state's member column: ``name[k]``
 
 

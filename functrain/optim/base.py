@@ -73,6 +73,7 @@ __all__ = [
     "update_reporting",
     "with_extras",
     "runs_on_members",
+    "group_rates",
     "planner_of",
     "flag_value",
     "writes_in_place",
@@ -339,6 +340,8 @@ class ExtrasUpdate:
       not call this one.
     - `folds_scales`: `fn` multiplies its learning rate by ``extras.rate_scales``
       (`Extras.rate_scales`), so that its updates need no scaling after it (the fused kernels).
+    - `rates`: the learning rates of its parameter groups, by metric name (``lr/<group>``), read
+      from its state: `partition`'s, and a wrapper's of the transforms inside it (`group_rates`).
 
     Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
     call `fn` themselves (one Python call fewer).
@@ -371,6 +374,7 @@ class ExtrasUpdate:
         reports: bool = False,
         scales_by: Callable[[Any], torch.Tensor] | None = None,
         folds_scales: bool = False,
+        rates: Callable[[Any], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigError(
@@ -386,6 +390,7 @@ class ExtrasUpdate:
         self.reports = reports
         self.scales_by = scales_by
         self.folds_scales = folds_scales
+        self.rates = rates
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _DECLARED and name in self.__dict__:
@@ -424,6 +429,7 @@ _DECLARED = (
     "reports",
     "scales_by",
     "folds_scales",
+    "rates",
 )
 
 
@@ -476,6 +482,23 @@ def runs_on_members(tx: object) -> bool:
     """
     update = getattr(tx, "update", None)
     return isinstance(update, ExtrasUpdate) and update.members
+
+
+def group_rates(tx: object) -> Callable[[Any], dict[str, torch.Tensor]] | None:
+    """What reads the learning rate of each parameter group of `tx` from its state, by metric
+    name (``lr/<group>``: `ExtrasUpdate.rates`), or None where `tx` has no groups.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.partition(lambda name, p: name, w=ft.sgd(0.1), b=ft.sgd(0.2))
+        >>> params = {"w": torch.zeros(1), "b": torch.zeros(1)}
+        >>> {k: float(v) for k, v in group_rates(tx)(tx.init(params)).items()}
+        {'lr/w': 0.1, 'lr/b': 0.2}
+        >>> group_rates(ft.sgd(0.1)) is None
+        True
+    """
+    update = getattr(tx, "update", None)
+    return update.rates if isinstance(update, ExtrasUpdate) else None
 
 
 def planner_of(tx: object) -> Planner | None:

@@ -16,6 +16,7 @@ from functrain.optim.base import (
     Params,
     Report,
     Transform,
+    group_rates,
     is_transform,
     planner_of,
     runs_on_members,
@@ -118,8 +119,19 @@ def chain(*transforms: Transform) -> Transform:
     # on a stacked state's tensors when every transform is (`ExtrasUpdate.members`); the report
     # of the last transform that reports (an `accumulate` in the chain) passed on
     aware = bool(transforms) and all(runs_on_members(t) for t in transforms)
+    # the groups' learning rates of the transforms that have groups (`group_rates`)
+    grouped = [(i, f) for i, f in enumerate(map(group_rates, transforms)) if f is not None]
+
+    def rates(state: tuple) -> dict[str, torch.Tensor]:
+        return {k: v for i, found in grouped for k, v in found(state[i]).items()}
+
     update = ExtrasUpdate(
-        update_fn, members=aware, reports=True, folds_scales=last is not None, plan=plan
+        update_fn,
+        members=aware,
+        reports=True,
+        folds_scales=last is not None,
+        plan=plan,
+        rates=rates if grouped else None,
     )
     return Transform(init_fn, update, gated=gated)
 

@@ -28,6 +28,7 @@ from functrain.optim.base import (
     Report,
     Transform,
     flag_value,
+    group_rates,
     is_transform,
     planner_of,
     runs_on_members,
@@ -246,7 +247,8 @@ def masked(inner: Transform, mask: Mask) -> Transform:
         out = [next(done) if f else x for x, f in zip(u, flags, strict=True)]
         return tree_unflatten(out, spec), MaskedState(inner_state), report
 
-    return Transform(init_fn, ExtrasUpdate(update_fn, reports=True))
+    update = ExtrasUpdate(update_fn, reports=True, rates=_inner_rates(inner))
+    return Transform(init_fn, update)
 
 
 class PartitionState(NamedTuple):
@@ -423,9 +425,26 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             groups.append((index, runner))
         return _grouped_runner(groups, len(leaves))
 
+    # each group's learning rate read where its state keeps it (found at the first read)
+    readers: dict[str, Any] = {}
+
+    def rates(state: PartitionState) -> dict[str, torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+        for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
+            nested = group_rates(inner)
+            if nested is not None:  # a partition inside: its groups under this group's name
+                found.update({f"lr/{label}/{k[3:]}": v for k, v in nested(inner_state).items()})
+                continue
+            if label not in readers:
+                readers[label] = metric_reader(inner_state, "lr")
+            reader = readers[label]
+            if reader is not None:
+                found[f"lr/{label}"] = reader(inner_state)
+        return found
+
     # gated where every group is (a gate then reaches each group's update, as `chain` passes it)
     gated = bool(transforms) and all(getattr(t, "gated", False) for t in transforms.values())
-    update = ExtrasUpdate(update_fn, reports=True, plan=plan)
+    update = ExtrasUpdate(update_fn, reports=True, plan=plan, rates=rates)
     grouped = Transform(init_fn, update, gated=gated)
     # a group for sparse gradients (`functrain.sparse_adam`): the embeddings' rows go there
     if any(map(takes_sparse, transforms.values())):
@@ -444,6 +463,13 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             ),
         )
     return grouped
+
+
+def _inner_rates(inner: Transform) -> Any:
+    """A wrapper's `ExtrasUpdate.rates`: its inner transform's groups' (kept as ``state.inner``),
+    or None where that has none."""
+    found = group_rates(inner)
+    return None if found is None else lambda state: found(state.inner)
 
 
 def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
@@ -611,7 +637,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     # on a stacked state's tensors when its inner transform is: the flags are then [K]
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    update = ExtrasUpdate(update_fn, members=aware, plan=plan, reports=True)
+    update = ExtrasUpdate(
+        update_fn, members=aware, plan=plan, reports=True, rates=_inner_rates(inner)
+    )
     return Transform(init_fn, update, gated=True)
 
 
@@ -835,7 +863,9 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
 
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
-    update = ExtrasUpdate(update_fn, members=aware, reports=True, plan=plan)
+    update = ExtrasUpdate(
+        update_fn, members=aware, reports=True, plan=plan, rates=_inner_rates(inner)
+    )
     return Transform(init_fn, update)
 
 
@@ -1127,7 +1157,8 @@ def dynamic_loss_scale(
         )
         return new_updates, new_state, report
 
-    return Transform(init_fn, ExtrasUpdate(update_fn, reports=True))
+    update = ExtrasUpdate(update_fn, reports=True, rates=_inner_rates(inner))
+    return Transform(init_fn, update)
 
 
 def find_loss_scale(state: Tree) -> torch.Tensor | None:

@@ -913,3 +913,34 @@ def test_a_states_module_given_to_create_names_export_module() -> None:
     state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
     with pytest.raises(ft.ConfigError, match=r"state.module.*state.export_module\(\)"):
         ft.TrainState.create(state.module, ft.sgd(0.1), lambda m, b: m(b).sum())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"accumulate_steps": 2}, {"clip_grad_norm": 1.0}],
+    ids=["plain", "window", "clip"],
+)
+def test_each_parameter_group_reports_its_learning_rate_as_torchs_param_groups_hold_it(
+    options: dict[str, Any],
+) -> None:
+    """``lr/<group>``: each `partition` group's rate, the one its last update applied (a torch
+    loop's ``param_groups[k]["lr"]`` before the scheduler's step); ``lr`` stays the first's."""
+    model = make_mlp()
+    schedules = {
+        "weights": ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=8),
+        "biases": ft.schedules.cosine_decay(3e-2, 8),
+    }
+    tx = ft.partition(
+        lambda name, p: "weights" if p.ndim > 1 else "biases",
+        weights=ft.adamw(schedules["weights"]),
+        biases=ft.sgd(schedules["biases"], momentum=0.9),
+    )
+    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn, **options)
+    window = options.get("accumulate_steps", 1)
+    for i, batch in enumerate(batches(model, 6)):
+        state, metrics = ft.train_step(state, batch, donate=i % 2 == 1)
+        updates = (i + 1) // window  # the rate of the last update applied
+        for group, schedule in schedules.items():
+            rate = torch.as_tensor(schedule(torch.tensor(max(updates - 1, 0))), dtype=torch.float64)
+            assert torch.equal(metrics[f"lr/{group}"], rate.float()), (i, group)
+        assert torch.equal(metrics["lr"], metrics["lr/weights"])
