@@ -275,14 +275,16 @@ class StepProgram:
             )
             return {"step": counters[0], "epoch_step": counters[1], "samples_seen": counters[2]}
         micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
-        if ran.ended is not None:  # known on the host: no select
-            # (a new counter either way: a donated state's is tagged, `TrainState.retire`)
-            step = state.step + 1 if ran.ended else state.step.clone()
+        if ran.ended is not None:  # known on the host: no select, one foreach op
+            # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
+            counters = torch._foreach_add(
+                [state.step, state.epoch_step, state.samples_seen], [int(ran.ended), 1, samples]
+            )
             return {
-                "step": step,
+                "step": counters[0],
                 "micro_step": micro,
-                "epoch_step": state.epoch_step + 1,
-                "samples_seen": state.samples_seen + samples,
+                "epoch_step": counters[1],
+                "samples_seen": counters[2],
                 **({} if ran.ended or state.ema_state is None else {"completed": micro == 0}),
             }
         completed = micro == 0

@@ -53,16 +53,16 @@ def reduce_on_plateau(
     Like ReduceLROnPlateau.
 
     Put it last in a chain, after the optimizer: ``chain(adamw(1e-3), reduce_on_plateau(0.5, 2))``.
-    Right after a fused preset (``sgd``, ``adam``, ``adamw``, ``adagrad``: their default) the
-    chain multiplies the learning rate the fused kernel takes by the scale, as
+    Right after a fused preset (``sgd``, ``adam``, ``adamw``, ``adagrad``: their default), and
+    after ``nadam``, the chain multiplies the learning rate the kernel takes by the scale, as
     ``ReduceLROnPlateau`` lowers the group's rate: bit for bit with ``torch.optim``'s fused
-    optimizer under ``ReduceLROnPlateau`` while the scale's powers of `factor` are exact in
-    float64 (a power of two, or one reduction; torch multiplies the rate by `factor` at each
-    reduction, functrain the scale, then the rate by it). After the other optimizers the update
-    is multiplied by the scale. The step only multiplies by the current scale; `fit` observes the
-    evaluation metric after each evaluation (`observe_plateau`), outside any step. Improvement
-    is relative, as torch's default ``threshold_mode="rel"``: better than
-    ``best - |best| * threshold`` (min mode).
+    optimizer (NAdam's single-tensor loop) under ``ReduceLROnPlateau`` while the scale's powers
+    of `factor` are exact in float64 (a power of two, or one reduction; torch multiplies the rate
+    by `factor` at each reduction, functrain the scale, then the rate by it). After the other
+    optimizers the update is multiplied by the scale. The step only multiplies by the current
+    scale; `fit` observes the evaluation metric after each evaluation (`observe_plateau`),
+    outside any step. Improvement is relative, as torch's default ``threshold_mode="rel"``:
+    better than ``best - |best| * threshold`` (min mode).
 
     Args:
         factor: multiply the scale by this on a plateau; in (0, 1).

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import functrain as ft
 from tests.comparisons import assert_trees_equal
 
-# name: (the torch optimizer on the parameters, the functrain preset), each fused
+# name: (the torch optimizer on the parameters, the functrain preset): the fused ones, and NAdam
 OPTIMIZERS: dict[str, tuple[Callable[[Any], torch.optim.Optimizer], Callable[[], ft.Transform]]] = {
     "adamw": (
         lambda p: torch.optim.AdamW(p, 0.03, weight_decay=0.1, fused=True),
@@ -26,6 +26,15 @@ OPTIMIZERS: dict[str, tuple[Callable[[Any], torch.optim.Optimizer], Callable[[],
         lambda: ft.sgd(0.3, momentum=0.9),
     ),
     "adagrad": (lambda p: torch.optim.Adagrad(p, 0.1, fused=True), lambda: ft.adagrad(0.1)),
+    # NAdam computes the new parameters itself (no fused kernel): the same folding of the rate
+    "nadam": (
+        lambda p: torch.optim.NAdam(p, 0.03, weight_decay=0.1, foreach=False),
+        lambda: ft.nadam(0.03, weight_decay=0.1),
+    ),
+    "nadamw": (
+        lambda p: torch.optim.NAdam(p, 0.03, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda: ft.nadam(0.03, weight_decay=0.1, decoupled_weight_decay=True),
+    ),
 }
 FACTOR = 0.5
 

@@ -20,6 +20,7 @@ from functrain.errors import config_check
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
+    ExtrasUpdate,
     LearningRate,
     Mask,
     Transform,
@@ -378,6 +379,11 @@ def nadam_step(
         g, spec = flat_updates(updates, params)
         p = tree_leaves(params)
         lr = rate_at(learning_rate, state.count)
+        rate = lr
+        for scale in extras.rate_scales:
+            # a chain's reduce_on_plateau after it: the rate lowered in float64, as
+            # ReduceLROnPlateau multiplies the group's rate
+            rate = rate * scale
         count = state.count + 1
         step = f64(count)
         bc2 = (1 - power(b2, step)).to(torch.float32)
@@ -385,10 +391,10 @@ def nadam_step(
         mu_next = b1 * (1.0 - 0.5 * power(0.96, (step + 1) * momentum_decay))
         mu_product = state.mu_product * mu_t.to(torch.float32)
         product = mu_product.double()
-        grad_step = (-lr * (1.0 - mu_t)) / (1.0 - product)
-        momentum_step = (-lr * mu_next) / (1.0 - product * mu_next)
+        grad_step = (-rate * (1.0 - mu_t)) / (1.0 - product)
+        momentum_step = (-rate * mu_next) / (1.0 - product * mu_next)
         in_place = writes_in_place(extras)  # a donated step: torch's in-place loop on the storage
-        decay = 1 - lr * weight_decay if weight_decay else None
+        decay = 1 - rate * weight_decay if weight_decay else None
         flags = resolve_mask(mask, params)
         new = decayed_(p, decay, flags) if in_place else decayed(p, decay, flags)
         steps = per_leaf(
@@ -414,4 +420,5 @@ def nadam_step(
             addcdiv_(out, mu[-1], den, steps[1])
         return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
 
-    return Transform(init_fn, with_extras(update_fn))
+    # a reduce_on_plateau after it lowers the rate it takes (`ExtrasUpdate.folds_scales`)
+    return Transform(init_fn, ExtrasUpdate(update_fn, folds_scales=True))
