@@ -123,6 +123,14 @@ class StepProgram:
         self.window = options.accumulate_steps
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
 
+    def __copy__(self) -> StepProgram:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StepProgram:
+        # a copied state's program is its own: what it holds is configuration and torch's device
+        # generator, which a copy would replace by a generator nothing draws from
+        return self
+
     def run(
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:

@@ -4,6 +4,7 @@ where the state changed by hand, and as loud on misuse as the body."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -366,3 +367,16 @@ def test_a_step_that_raises_in_its_update_leaves_the_callers_rng_and_module_mode
         ft.train_step(state, batches(1, nan_at=0)[0], donate=donate)
     assert torch.equal(torch.rand(3), expected)
     assert not state.module.training
+
+
+def test_a_deep_copy_of_a_stepped_state_steps_as_the_state_on_the_device_generator() -> None:
+    """The program a copy carries swaps the copy's RNG into torch's own generator (a copied
+    generator would leave dropout drawing from the caller's stream)."""
+    state, _ = train(make_bn_net, OPTIMIZERS["adamw"], batches(2), planned=True)
+    copied = copy.deepcopy(state)
+    torch.manual_seed(5)
+    caller = torch.get_rng_state()
+    got, _ = ft.train_step(copied, batches(1)[0])
+    assert torch.equal(torch.get_rng_state(), caller)
+    want, _ = ft.train_step(state, batches(1)[0])
+    assert_trees_equal(want.tree(), got.tree(), "state")
