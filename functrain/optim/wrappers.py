@@ -37,7 +37,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
-from functrain.optim.metrics import metric_reader, walk_states
+from functrain.optim.metrics import metric_reader, transform_metrics, walk_states
 from functrain.optim.naming import named
 from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.porting import torch_object_hint
@@ -411,7 +411,11 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         return new_updates, PartitionState(tuple(states)), report
 
     def plan(params: dict[str, torch.Tensor], state: PartitionState) -> Runner | None:
-        # each group's runner on its indices, where every group's update is planned
+        # each group's runner on its indices, where every group's update is planned and its
+        # state exposes no metric but its rate: a group's own guard, clipping or window measure
+        # the group's gradients and report flags the step reads in the body's order (unplanned)
+        if any(set(transform_metrics(s)) - {"lr"} for s in state.inner):
+            return None
         found, names = _labels_of(labels, params, known), list(params)
         leaves = list(params.values())
         groups = []
@@ -475,8 +479,9 @@ def _inner_rates(inner: Transform) -> Any:
 def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
     """The `Runner` of a `partition` whose groups are all planned: each group's on its indices.
 
-    It reports the first group's rate and skip flag, as the step reads a partition's metrics, and
-    the norm of the last group that measures its own, as `partition` reports it.
+    Its groups' states expose no metric but their rates (the plan checks): it reports the first
+    group's rate, as the step reads a partition's, and its skip flag where the step gates it
+    (none of a group's own).
     """
 
     def run(
@@ -488,7 +493,7 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
         keep: torch.Tensor | None = None,
     ) -> Ran:
         new: list[Any] = [None] * n
-        states, first, measured = [], None, None
+        states, first = [], None
         for (index, runner), inner in zip(groups, state.inner, strict=True):
             ran = runner(
                 [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
@@ -497,9 +502,8 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
                 new[i] = x
             states.append(ran.state)
             first = ran if first is None else first
-            measured = ran.norm if ran.norm is not None else measured  # the last group's report
         assert first is not None  # (a partition has a group)
-        return first._replace(params=new, state=PartitionState(tuple(states)), norm=measured)
+        return first._replace(params=new, state=PartitionState(tuple(states)))
 
     return run
 
@@ -907,7 +911,9 @@ def _window_runner(
             new_state = AccumulateState(inner_state, state.micro_step + 1, tuple(sums))
             return Ran(list(unmoved.values), new_state, lr, None, None, between, False)
         # the runner below reads the sums before they restart: they need no copy of their own
-        handed = sums if same and not mean else _handed(sums, grads, every, mean, write)
+        # where it runs ungated (a gated one may write them where the window goes on: clipping)
+        whole = same and not mean and (ends or not write)
+        handed = sums if whole else _handed(sums, grads, every, mean, write)
         measured = global_norm(handed)
         ran = run_inner(handed, params, state.inner, measured, write, None if ends else last)
         if ran.norm is not None:  # an inner accumulate's

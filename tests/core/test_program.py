@@ -229,6 +229,23 @@ TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "radam_nonfinite_none": (lambda: ft.radam(1e-2), {"nonfinite": "none"}),
     # skipping a micro-batch around a window of one's own: the window's sums are selected
     "accumulate_of_ones_own": (lambda: ft.accumulate(ft.adamw(1e-2), every=2), {}),
+    # a group's own guard and clipping measure the group's gradients: the body's order of flags
+    "a_group_guarded": (
+        lambda: ft.partition(
+            lambda name, p: "a" if name.startswith("0.") else "b",
+            a=ft.adamw(1e-2),
+            b=ft.skip_nonfinite(ft.adamw(1e-2)),
+        ),
+        {"nonfinite": "none", "ema_decay": 0.9},
+    ),
+    "a_group_clipped": (
+        lambda: ft.partition(
+            lambda name, p: "a" if name.startswith("0.") else "b",
+            a=ft.chain(ft.clip_by_global_norm(0.01), ft.sgd(0.1)),
+            b=ft.adamw(1e-2),
+        ),
+        {},
+    ),
 }
 
 
@@ -238,7 +255,7 @@ def test_a_transform_without_a_planner_runs_its_own_update_as_the_body(
     name: str, donate: bool
 ) -> None:
     optimizer, options = TRANSFORMS_OWN_UPDATE[name]
-    data = batches(8, nan_at=None if options.get("nonfinite") else 3)
+    data = batches(8, nan_at=3)
     got, got_m = train(make_bn_net, optimizer, data, planned=True, donate=donate, **options)
     want, want_m = train(make_bn_net, optimizer, data, planned=False, donate=donate, **options)
     assert stage(got) == "updated"
@@ -380,3 +397,24 @@ def test_a_deep_copy_of_a_stepped_state_steps_as_the_state_on_the_device_generat
     assert torch.equal(torch.get_rng_state(), caller)
     want, _ = ft.train_step(state, batches(1)[0])
     assert_trees_equal(want.tree(), got.tree(), "state")
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_window_whose_end_is_not_read_on_the_host_keeps_its_sums_from_clipping(
+    donate: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an accelerator the window's end is a device flag: the gated inner update (clipping
+    first) gets a copy of the sums, which it may scale while the window goes on."""
+    from functrain.optim import wrappers
+
+    monkeypatch.setattr(wrappers, "flag_value", lambda flag: None)  # what a device step reads
+    options = {"accumulate_steps": 3, "clip_grad_norm": 0.01}
+    data = batches(7)
+    got, got_m = train(make_bn_net, OPTIMIZERS["sgd_momentum"], data, planned=True, **options)
+    got_d, _ = train(
+        make_bn_net, OPTIMIZERS["sgd_momentum"], data, planned=True, donate=donate, **options
+    )
+    want, want_m = train(make_bn_net, OPTIMIZERS["sgd_momentum"], data, planned=False, **options)
+    assert planned(got_d)
+    assert_trees_equal(want.tree(), got_d.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
