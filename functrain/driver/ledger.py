@@ -77,8 +77,9 @@ def is_update_metric(name: str, transform_metrics: Collection[str] = ()) -> bool
     report the last update's rate and a partial window's norm, which no update used.
 
     Example:
-        >>> [is_update_metric(n) for n in ("lr", "update_ratio/0", "lr[1]", "loss", "grad_norm/0")]
-        [True, True, True, False, False]
+        >>> names = ("lr", "lr/head", "update_ratio/0", "lr[1]", "loss", "grad_norm/0")
+        >>> [is_update_metric(n) for n in names]
+        [True, True, True, True, False, False]
     """
     base = _MEMBER.sub("", name)
     return base in _UPDATE_METRICS or base in transform_metrics or base.startswith(_UPDATE_GROUPS)

@@ -107,3 +107,20 @@ def test_a_run_resumed_inside_an_accumulation_window_logs_what_the_straight_run_
     assert resumed.history.metrics_only() == straight.history.metrics_only()
     means = [sum(float(RATE(u)) for u in range(first, first + 3)) / 3 for first in (0, 3)]
     assert [r["lr"] for r in resumed.history.rows["train"][:2]] == pytest.approx(means)
+
+
+def test_each_groups_rate_is_logged_as_the_updates_applied_it() -> None:
+    """``lr/<group>`` under accumulation: each row holds the rates of the updates it covers (the
+    weight's group warms up, the bias's stays), as ``lr`` does."""
+    tx = ft.partition(
+        lambda name, p: "weight" if p.ndim > 1 else "bias",
+        weight=ft.adamw(RATE),
+        bias=ft.sgd(0.05),
+    )
+    state = linear_state(tx, accumulate_steps=K)
+    result = quiet_fit(state, dataset(n=80), batch_size=5, shuffle=False, max_epochs=1, log_every=1)
+    rows = result.history.rows["train"]
+    assert [r["lr/weight"] for r in rows] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4])
+    assert [r["lr/weight"] for r in rows] == [r["lr"] for r in rows]
+    assert [r["lr/bias"] for r in rows] == pytest.approx([0.05] * 4)
+    assert result.history.last("epoch")["lr/weight"] == pytest.approx(3.75e-4)
