@@ -53,7 +53,7 @@ from functrain.optim.base import (
     update_with,
 )
 from functrain.optim.batching import under_vmap
-from functrain.optim.metrics import transform_metrics
+from functrain.optim.metrics import metric_nodes, transform_metrics
 from functrain.optim.rules.sparse import no_rows
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import find_loss_scale
@@ -67,6 +67,7 @@ __all__ = [
     "LossOf",
     "Parts",
     "apply",
+    "averaged",
     "differentiated",
     "eval_body",
     "finite_buffers",
@@ -385,7 +386,7 @@ def apply(
             grads, buffers, scalars = average_step(grads, buffers, {"loss": loss, **aux}, config)
             loss, aux = scalars.pop("loss"), scalars
         new, metrics = _update(state, grads, buffers, loss, aux, scale, batch, extras)
-    new["ema_state"] = _ema(state, new["params"], new["buffers"], new.pop("applied"), extras)
+    new["ema_state"] = averaged(state, new["params"], new["buffers"], new.pop("applied"), extras)
     return new, metrics
 
 
@@ -427,7 +428,7 @@ def _local_view(state: StepState, sharding: str) -> StepState:
     )
 
 
-def _ema(
+def averaged(
     state: StepState,
     params: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],
@@ -441,13 +442,13 @@ def _ema(
     averager = state.averager
     if state.ema_state is None or averager is None:
         return None
-    averaged = (params, buffers) if state.options.ema_buffers else params
+    given = (params, buffers) if state.options.ema_buffers else params
     # the EMA is a gated transform (`functrain.optim.averaging.ema`): its update takes ``keep=``
     if state.dist is None or state.dist.sharding is None:
-        return update_with(averager, averaged, state.ema_state, None, extras, applied)[1]
+        return update_with(averager, given, state.ema_state, None, extras, applied)[1]
     local = sharding_.local_tree
     _, ema_state = update_with(
-        averager, local(averaged), local(state.ema_state), None, extras, applied
+        averager, local(given), local(state.ema_state), None, extras, applied
     )
     return sharding_.like_tree(ema_state, state.ema_state)
 
@@ -565,25 +566,8 @@ def _tx_metrics(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
             return found
     if len(_METRIC_NODES) >= 64:
         _METRIC_NODES.clear()
-    _METRIC_NODES[id(tx)] = (tx, tuple(_metric_paths(opt_state, ())))
+    _METRIC_NODES[id(tx)] = (tx, tuple((path, type(n)) for path, n in metric_nodes(opt_state)))
     return transform_metrics(opt_state)
-
-
-def _metric_paths(node: Any, path: tuple[Any, ...]) -> Any:
-    """``(path, class)`` of each node that exposes metrics, in `walk_states`' order."""
-    if isinstance(node, torch.Tensor):
-        return
-    if isinstance(node, tuple) and callable(getattr(node, "metrics", None)):
-        yield path, type(node)
-    children = (
-        node.items()
-        if isinstance(node, dict)
-        else enumerate(node)
-        if isinstance(node, (tuple, list))
-        else ()
-    )
-    for key, child in children:
-        yield from _metric_paths(child, (*path, key))
 
 
 def _metrics_at(

@@ -39,6 +39,7 @@ import torch
 from functrain.core.body import (
     OWN_TX_METRICS,
     apply,
+    averaged,
     backward,
     finite_buffers,
     in_param_strides,
@@ -58,7 +59,6 @@ from functrain.optim.base import (
     group_rates,
     planner_of,
     update_reporting,
-    update_with,
 )
 from functrain.optim.metrics import metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner
@@ -312,13 +312,10 @@ class StepProgram:
         applied: torch.Tensor | None,
         donate: bool,
     ) -> Any:
-        """The EMA (or equal average) after the update, moved only where it was `applied`."""
-        averager = state.averager
-        if state.ema_state is None or averager is None:
-            return state.ema_state
-        averaged = (params, buffers) if state.options.ema_buffers else params
+        """The EMA (or equal average) after the update, moved only where it was `applied`: the
+        body's (`functrain.core.body.averaged`), with the donated step's permission."""
         extras = self.in_place if donate else NO_EXTRAS
-        return update_with(averager, averaged, state.ema_state, None, extras, applied)[1]
+        return averaged(state, params, buffers, applied, extras)
 
     def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The gradients' global norm: `functrain.tree.global_norm`, the body's, by the same ops."""

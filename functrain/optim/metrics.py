@@ -14,7 +14,7 @@ from functrain.tree import (
     Tree,
 )
 
-__all__ = ["metric_reader", "transform_metrics", "walk_states"]
+__all__ = ["metric_nodes", "metric_reader", "transform_metrics", "walk_states"]
 
 
 def transform_metrics(state: Tree) -> dict[str, torch.Tensor]:
@@ -63,35 +63,23 @@ def walk_states(state: Tree) -> Iterator[Any]:
         )
 
 
-def metric_reader(state: Tree, name: str) -> Callable[[Tree], torch.Tensor] | None:
-    """What reads the metric `name` of states shaped as `state`: `transform_metrics`' value.
-
-    The node that exposes it is found once (the first in `walk_states`' order, as
-    `transform_metrics` picks it); the reader follows the same path in a state of the same
-    structure. None where no node of `state` exposes `name`.
+def metric_nodes(state: Tree) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """``(path, node)`` of each node of `state` that exposes metrics, in `walk_states`' order
+    (the order `transform_metrics` reads them in); a path is the keys that lead to the node.
 
     Example:
         >>> import functrain as ft
         >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(0.1))
-        >>> state = tx.init({"w": torch.zeros(2)})
-        >>> metric_reader(state, "lr")(state)
-        tensor(0.1000, dtype=torch.float64)
+        >>> [path for path, _ in metric_nodes(tx.init({"w": torch.zeros(2)}))]
+        [(0,), (1,)]
     """
-    for path, node in _with_paths(state):
-        metrics = getattr(node, "metrics", None)
-        if callable(metrics) and isinstance(node, tuple) and name in metrics():
-            return lambda given: _at(given, path).metrics()[name]
-    return None
-
-
-def _with_paths(state: Tree) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """`walk_states`' nodes, in its order, each with its path of keys from `state`."""
     stack: list[tuple[tuple[Any, ...], Any]] = [((), state)]
     while stack:
         path, node = stack.pop()
         if isinstance(node, torch.Tensor):
             continue
-        yield path, node
+        if isinstance(node, tuple) and callable(getattr(node, "metrics", None)):
+            yield path, node
         children = (
             list(node.items())
             if isinstance(node, dict)
@@ -106,6 +94,26 @@ def _with_paths(state: Tree) -> Iterator[tuple[tuple[Any, ...], Any]]:
                 if not isinstance(child, torch.Tensor)
             )
         )
+
+
+def metric_reader(state: Tree, name: str) -> Callable[[Tree], torch.Tensor] | None:
+    """What reads the metric `name` of states shaped as `state`: `transform_metrics`' value.
+
+    The node that exposes it is found once (the first of `metric_nodes`, as
+    `transform_metrics` picks it); the reader follows the same path in a state of the same
+    structure. None where no node of `state` exposes `name`.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(0.1))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> metric_reader(state, "lr")(state)
+        tensor(0.1000, dtype=torch.float64)
+    """
+    for path, node in metric_nodes(state):
+        if name in node.metrics():
+            return lambda given: _at(given, path).metrics()[name]
+    return None
 
 
 def _at(state: Tree, path: tuple[Any, ...]) -> Any:
