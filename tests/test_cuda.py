@@ -246,15 +246,19 @@ def test_train_step_leaves_its_cuda_input_state_untouched() -> None:
     "optimizer", [ft.adamw(1e-2), ft.adamw(1e-2, fused=True)], ids=["adamw", "adamw_fused"]
 )
 def test_compile_step_on_cuda_follows_eager_steps(optimizer: ft.Transform) -> None:
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)).to(CUDA)
+    """In float64: inductor's kernels sum in another order than eager's, and in float32 Adam's
+    division by the root of the second moment turns that rounding, on an element whose gradient
+    is near zero, into a visible share of a step (2e-3 relative, seen on an H100)."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)).to(CUDA, torch.float64)
     state = ft.TrainState.create(model, optimizer, _loss, seed=0)
     step = ft.compile_step()
     eager, compiled = state, state
-    for batch in _batches(5):
+    for x, y in _batches(5):
+        batch = (x.double(), y)
         eager, m_eager = ft.train_step(eager, batch)
         compiled, m_compiled = step(compiled, batch)
-    torch.testing.assert_close(compiled.params, eager.params, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(m_compiled["loss"], m_eager["loss"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled.params, eager.params, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(m_compiled["loss"], m_eager["loss"], rtol=1e-8, atol=1e-10)
     assert int(compiled.step) == 5
 
 

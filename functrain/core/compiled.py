@@ -95,6 +95,7 @@ _DONATED = "a compiled step (compile_step) with donate=True"
 _CAPTURED = "a captured step (compile_step(capture=True)) with donate=True"
 # torch.compile's modes that run CUDA graph trees (torch._inductor.list_mode_options)
 _TREE_MODES = ("reduce-overhead", "max-autotune")
+_TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 def _frames() -> tuple[int, int]:
@@ -285,6 +286,7 @@ class CompiledStep:
         self._captures = Captures(recorder) if recorder is not None else None
         self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode)
         self._options = options
+        self._inductor = backend == "inductor"
         # per configuration: the objects its key holds by id (kept alive), and what was compiled
         self._cores: dict[tuple, tuple[tuple, Watched]] = {}
 
@@ -528,6 +530,11 @@ class CompiledStep:
         own = _own_code(body, prefix)
         given = (state.module, state.loss_fn)
         options = {**self._options, "guard_filter_fn": functools.partial(guard_filter, given)}
+        if self._inductor and state.device.type == "cuda":
+            # inductor takes the 0-d philox seed and offset that CUDA's efficient attention
+            # returns on the CPU for CUDA buffers, and hands their memory to a later 0-d output
+            # of a CUDA kernel (the step's counters): "CUDA driver error: invalid argument"
+            options.setdefault("allow_buffer_reuse", False)
         return Watched(self._compile(own, options=options), own)
 
     def _cached(self, state: TrainState, variant: Any) -> tuple[tuple, Watched | None]:
@@ -692,6 +699,39 @@ def _quiet_inductor_imports() -> None:
         import torch.utils.mkldnn  # noqa: F401
 
 
+def _inductor_options(mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The inductor configuration of a compiled step: `mode`'s options (torch.compile takes a mode
+    or options, not both), then the step's defaults, then the caller's `options`.
+
+    The defaults: ``deterministic`` (inductor picks its reduction kernels' block sizes by a fixed
+    rule, not by timing them on the device, so a step compiled again, as a resumed run in a fresh
+    process compiles it, computes the same bits), unless the mode or the options ask for tuning
+    by time (``max_autotune``, ``coordinate_descent_tuning``); and on torch before 2.13
+    ``loop_ordering_after_fusion`` off (its CUDA scheduler fails an assertion on fused nodes,
+    ``reorder_loops_by_dep_pair``, on steps with EMA or loss scaling).
+    """
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+
+    known = torch._inductor.list_mode_options()
+    if mode is not None and mode not in known:
+        usable = ", ".join(repr(name) for name in known if name not in _TREE_MODES)
+        raise ConfigError(
+            f"compile_step(mode={mode!r}) is not a mode torch.compile knows; expected one of "
+            f"{usable}, or None"
+        )
+    chosen = dict(known[mode]) if mode else {}
+    defaults: dict[str, Any] = {}
+    tuned = {**chosen, **options}
+    if hasattr(inductor_config, "deterministic") and not (
+        tuned.get("max_autotune") or tuned.get("coordinate_descent_tuning")
+    ):
+        defaults["deterministic"] = True
+    if hasattr(inductor_config, "loop_ordering_after_fusion") and _TORCH_RELEASE < (2, 13):
+        defaults["loop_ordering_after_fusion"] = False
+    return {**chosen, **defaults, **options}
+
+
 def compile_step(
     *,
     backend: str = "inductor",
@@ -756,8 +796,15 @@ def compile_step(
 
     Args:
         backend: the torch.compile backend.
-        mode: the torch.compile mode (e.g. ``"max-autotune-no-cudagraphs"``).
-        options: backend options for torch.compile.
+        mode: the torch.compile mode (e.g. ``"max-autotune-no-cudagraphs"``); with inductor, its
+            options are taken in with `options` (torch.compile itself takes one or the other).
+        options: backend options for torch.compile. With inductor, they override the step's
+            defaults: ``deterministic=True`` (kernels chosen by a fixed rule, not by timing them
+            on the device, so the step compiled again in another process, a resumed run's,
+            computes the same bits; not set when the mode or `options` ask for tuning, which
+            chooses by time); before torch 2.13, ``loop_ordering_after_fusion=False``; and for a
+            state on CUDA ``allow_buffer_reuse=False`` (inductor would reuse the CPU tensors
+            that CUDA's efficient attention returns as memory for the step's own results).
         capture: record each step as a CUDA graph and replay it (see above).
 
     Returns:
@@ -809,6 +856,7 @@ def compile_step(
         raise ConfigError(f"compile_step(capture=...) takes True or False, got {capture!r}")
     if backend == "inductor":
         _quiet_inductor_imports()
+        options, mode = _inductor_options(mode, options), None
     if capture and not torch.cuda.is_available():
         raise ConfigError(
             "compile_step(capture=True) records the step as a CUDA graph, and torch finds no CUDA "

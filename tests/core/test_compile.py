@@ -346,6 +346,39 @@ def test_compile_step_rejects_bad_arguments() -> None:
         ft.compile_step(options={"guard_filter_fn": lambda entries: [True] * len(entries)})
     with pytest.raises(ft.ConfigError, match="TrainState"):
         ft.compile_step(backend="eager")({"params": {}}, None)
+    with pytest.raises(ft.ConfigError, match=r"mode='fast'\) is not a mode torch.compile knows"):
+        ft.compile_step(mode="fast")
+
+
+def test_inductor_runs_deterministic_unless_the_caller_tunes_by_time() -> None:
+    """Inductor's reduction kernels are chosen by a fixed rule, so a step compiled again (a
+    resumed run's, in a fresh process) computes the same bits; a mode that tunes by time keeps
+    its options, and the caller's options override the step's defaults."""
+    from functrain.core.compiled import _TORCH_RELEASE, _inductor_options
+
+    plain = _inductor_options(None, {})
+    assert plain["deterministic"] is True
+    assert ("loop_ordering_after_fusion" in plain) == (_TORCH_RELEASE < (2, 13))
+    tuned = _inductor_options("max-autotune-no-cudagraphs", {})
+    assert tuned["max_autotune"] and "deterministic" not in tuned
+    assert "deterministic" not in _inductor_options(None, {"coordinate_descent_tuning": True})
+    assert _inductor_options(None, {"deterministic": False})["deterministic"] is False
+
+
+@needs_cxx
+def test_compile_step_takes_a_mode_and_trains_as_without_one() -> None:
+    """torch.compile takes a mode or options, and the step always passes options (its guard
+    filter): a mode's options are merged into them."""
+    results = []
+    for mode in (None, "max-autotune-no-cudagraphs"):
+        torch._dynamo.reset()
+        state = make_mlp_state(ft.sgd(0.1))
+        step = ft.compile_step(mode=mode)
+        for batch in classification_batches((8, 6), 2):
+            state, _ = step(state, batch)
+        results.append(state)
+    torch.testing.assert_close(results[0].params, results[1].params, rtol=1e-5, atol=1e-6)
+    assert int(results[1].step) == 2
 
 
 @needs_cxx
