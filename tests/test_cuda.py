@@ -262,6 +262,30 @@ def test_compile_step_on_cuda_follows_eager_steps(optimizer: ft.Transform) -> No
     assert int(compiled.step) == 5
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compile_step_on_cuda_trains_through_efficient_attention() -> None:
+    """Efficient attention returns its philox seed and offset as 0-d CPU tensors; inductor (torch
+    2.11) took them for CUDA buffers and reused their memory for the guard's 0-d counters, and the
+    kernel's launch failed ("CUDA driver error: invalid argument"): the step turns reuse off."""
+    torch.manual_seed(0)
+    # no dropout (the seed and offset come back all the same): eager's masks are not inductor's
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(CUDA)
+    state = ft.TrainState.create(model, ft.adamw(1e-3), lambda m, b: m(b).pow(2).mean(), seed=0)
+    x = torch.randn(8, 16, 32, generator=torch.Generator().manual_seed(1)).to(CUDA)
+    step = ft.compile_step()
+    compiled, m_compiled = step(state, x)
+    eager, m_eager = ft.train_step(state, x)
+    torch.testing.assert_close(m_compiled["loss"], m_eager["loss"], rtol=1e-4, atol=1e-6)
+    for _ in range(2):
+        compiled, _ = step(compiled, x, donate=True)
+    assert int(compiled.step) == 3 and int(compiled.opt_state.skipped) == 0
+    assert not torch.equal(
+        compiled.params["layers.0.linear1.weight"], state.params["layers.0.linear1.weight"]
+    )
+
+
 def test_fit_on_cuda_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     data = torch.utils.data.TensorDataset(
         torch.randn(96, 8).to(CUDA), torch.randint(0, 2, (96,)).to(CUDA)
