@@ -134,6 +134,24 @@ def test_preset_matches_torch_optim_foreach_on_cuda_bitwise(name: str) -> None:
         )
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_nadam_on_cuda_matches_torchs_single_tensor_nadam_bitwise(decoupled: bool) -> None:
+    """torch's single-tensor NAdam reads its step sizes back to the host at each step; `nadam`
+    computes them on the device, rounding as torch's CUDA kernels do with a host number: a
+    division by one is a product with its reciprocal, ``addcdiv`` is ``a + value * (num / den)``."""
+    tx = ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    got = _run_functrain(tx)
+    expected = _run_torch(
+        lambda p: torch.optim.NAdam(
+            p.values(), 1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled, foreach=False
+        )
+    )
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), (
+            f"{k} differs by {(got[k] - expected[k]).abs().max().item():.3e}"
+        )
+
+
 def _as_torch_runs_on_cuda(make_opt: Any) -> Any:
     """`make_opt`'s optimizer as torch runs it on CUDA: an ``Adagrad(fused=True)`` remade as
     torch's default there (its foreach Adagrad) where torch.optim has no fused Adagrad for CUDA

@@ -60,6 +60,7 @@ CPU_READS = frozenset(
         "functrain.optim.rules.arithmetic.add_scaled_",  # the same, one tensor at a time
         "functrain.optim.rules.arithmetic.addcdiv_",  # a step size as the kernel's value
         "functrain.optim.rules.arithmetic.per_leaf",  # a step size per leaf as torch's float
+        "functrain.optim.rules.arithmetic.host_number",  # NAdam's step in torch's Python floats
         "functrain.optim.rules.asgd._is_one",  # ASGD's average a plain copy, as torch checks
         "functrain.optim.rules.asgd._add_scaled_all_",  # the kernel's alpha, a CPU scalar
         "functrain.optim.rules.fused._one_count",  # stacked members: one kernel call or several
@@ -202,6 +203,7 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         assert averaging._host_count(count.long()) is None
         assert asgd._is_one(count) is None
         assert all(isinstance(x, torch.Tensor) for x in arithmetic.per_leaf(vector))
+        assert arithmetic.host_number(count) is None
         asgd._add_scaled_all_(out, out, count)
         arithmetic.add_scaled_(out[0], out[0], count)
         arithmetic.addcdiv_(out[0], out[0], out[0], count)

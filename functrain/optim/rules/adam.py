@@ -30,7 +30,16 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_positive, check_unit, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
-from functrain.optim.rules.arithmetic import addcdiv_, decayed, decayed_, f64, per_leaf, power
+from functrain.optim.rules.arithmetic import (
+    addcdiv_,
+    decayed,
+    decayed_,
+    divided,
+    f64,
+    host_number,
+    per_leaf,
+    power,
+)
 from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
 from functrain.optim.updates import NewParams, Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter, writable, zeros
@@ -385,21 +394,25 @@ def nadam_step(
             # ReduceLROnPlateau multiplies the group's rate
             rate = rate * scale
         count = state.count + 1
-        step = f64(count)
-        bc2 = (1 - power(b2, step)).to(torch.float32)
-        mu_t = b1 * (1.0 - 0.5 * power(0.96, step * momentum_decay))
-        mu_next = b1 * (1.0 - 0.5 * power(0.96, (step + 1) * momentum_decay))
-        mu_product = state.mu_product * mu_t.to(torch.float32)
-        product = mu_product.double()
-        grad_step = (-rate * (1.0 - mu_t)) / (1.0 - product)
-        momentum_step = (-rate * mu_next) / (1.0 - product * mu_next)
+        bc2: float | torch.Tensor
+        steps: Sequence[float | torch.Tensor]
+        host = _host_sizes(count, rate, state.mu_product, b1, b2, momentum_decay)
+        if host is not None:  # torch.optim's own Python floats
+            bc2, mu_product, steps = host
+        else:  # the same arithmetic in float64 tensors, read back nowhere
+            step = f64(count)
+            bc2 = 1 - power(b2, step)
+            mu_t = b1 * (1.0 - 0.5 * power(0.96, step * momentum_decay))
+            mu_next = b1 * (1.0 - 0.5 * power(0.96, (step + 1) * momentum_decay))
+            mu_product = state.mu_product * mu_t.to(torch.float32)
+            product = mu_product.double()
+            grad_step = (-rate * (1.0 - mu_t)) / (1.0 - product)
+            momentum_step = (-rate * mu_next) / (1.0 - product * mu_next)
+            steps = per_leaf(torch.stack([grad_step, momentum_step]))
         in_place = writes_in_place(extras)  # a donated step: torch's in-place loop on the storage
         decay = 1 - rate * weight_decay if weight_decay else None
         flags = resolve_mask(mask, params)
         new = decayed_(p, decay, flags) if in_place else decayed(p, decay, flags)
-        steps = per_leaf(
-            torch.stack([grad_step, momentum_step])
-        )  # Python floats on the CPU (one load), as torch's
         mu, nu = [], []
         moments = (
             (own_storage(state.mu, g), own_storage(state.nu, g))
@@ -414,7 +427,7 @@ def nadam_step(
                 mu.append(torch.lerp(m, grad, 1 - b1))
                 nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
             den = (
-                torch.div(nu[-1], bc2.to(v.dtype)).sqrt_().add_(eps)
+                divided(nu[-1], bc2).sqrt_().add_(eps)
             )  # freed before the next tensor's, as torch's
             addcdiv_(out, grad, den, steps[0])
             addcdiv_(out, mu[-1], den, steps[1])
@@ -422,3 +435,29 @@ def nadam_step(
 
     # a reduce_on_plateau after it lowers the rate it takes (`ExtrasUpdate.folds_scales`)
     return Transform(init_fn, ExtrasUpdate(update_fn, folds_scales=True))
+
+
+def _host_sizes(
+    count: torch.Tensor,
+    rate: float | torch.Tensor,
+    mu_product: torch.Tensor,
+    b1: float,
+    b2: float,
+    momentum_decay: float,
+) -> tuple[float, torch.Tensor, list[float]] | None:
+    """NAdam's scalars as torch.optim's single-tensor loop computes them, in Python floats: the
+    second moment's bias correction, the new momentum product (a float32 tensor, as torch keeps
+    it) and the two step sizes. None where the count cannot be read without waiting
+    (`host_number`): off the CPU, traced, under vmap."""
+    n = host_number(count)
+    r = host_number(rate) if isinstance(rate, torch.Tensor) else rate
+    if n is None or r is None:
+        return None
+    step = float(n)
+    mu = b1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    new_product = mu_product * mu
+    product = host_number(new_product)
+    assert product is not None  # (a CPU tensor, as the count is)
+    sizes = [(-r * (1.0 - mu)) / (1.0 - product), (-r * mu_next) / (1.0 - product * mu_next)]
+    return 1 - b2**step, new_product, sizes

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from functrain.optim.batching import under_vmap
+
 __all__ = [
     "f64",
     "power",
@@ -19,6 +21,8 @@ __all__ = [
     "addcdiv_",
     "decayed",
     "per_leaf",
+    "host_number",
+    "divided",
 ]
 
 
@@ -55,7 +59,21 @@ def addcdiv_(
     if host_scalars(value):
         torch._foreach_addcdiv_([out], [num], [den], value.to(torch.float64).reshape(1))
         return
-    out.add_(num * value.to(num.dtype) / den)
+    if out.device.type == "cuda":
+        # CUDA's kernel: a + value * (num / den), the multiply-add fused
+        out.addcmul_(torch.div(num, den), value.to(out.dtype))
+        return
+    out.add_(num * value.to(num.dtype) / den)  # the CPU kernel's order: (value * num) / den
+
+
+def divided(t: torch.Tensor, scalar: float | torch.Tensor) -> torch.Tensor:
+    """``t / scalar`` as torch divides by a Python number: on CUDA by the reciprocal's product
+    (its kernel's ``a * (1 / b)``, with ``1 / b`` in `t`'s dtype), elsewhere by division."""
+    if not isinstance(scalar, torch.Tensor):
+        return torch.div(t, scalar)
+    if t.device.type == "cuda":
+        return torch.mul(t, torch.reciprocal(scalar.to(t.dtype)))
+    return torch.div(t, scalar.to(t.dtype))
 
 
 def decayed(
@@ -90,3 +108,15 @@ def per_leaf(values: torch.Tensor) -> Sequence[float | torch.Tensor]:
     Reading the CPU vector is one load; elsewhere there is no sync.
     """
     return values.tolist() if host_scalars(values) else list(values.unbind())
+
+
+def host_number(t: torch.Tensor) -> float | int | None:
+    """A 0-d tensor's value on the host where reading it waits for nothing, else None.
+
+    That is a CPU tensor in an eager step (as `functrain.optim.base.flag_value` reads a flag): a
+    rule then computes its step sizes in Python floats, torch.optim's own arithmetic, instead of
+    a dozen 0-d tensor ops; elsewhere it keeps the tensor form, which reads nothing back.
+    """
+    if t.ndim or not host_scalars(t) or under_vmap():
+        return None
+    return t.item()  # a CPU tensor: its value is computed already, not a sync
