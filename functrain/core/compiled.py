@@ -533,7 +533,9 @@ class CompiledStep:
         if self._inductor and state.device.type == "cuda":
             # inductor takes the 0-d philox seed and offset that CUDA's efficient attention
             # returns on the CPU for CUDA buffers, and hands their memory to a later 0-d output
-            # of a CUDA kernel (the step's counters): "CUDA driver error: invalid argument"
+            # of a CUDA kernel (the step's counters): "CUDA driver error: invalid argument".
+            # Freed buffers still go back to torch's caching allocator; allow_buffer_reuse=True
+            # in the options restores inductor's reuse
             options.setdefault("allow_buffer_reuse", False)
         return Watched(self._compile(own, options=options), own)
 
@@ -699,6 +701,24 @@ def _quiet_inductor_imports() -> None:
         import torch.utils.mkldnn  # noqa: F401
 
 
+# inductor's options that choose kernels by timing them on the device
+_TUNING = (
+    "max_autotune",
+    "max_autotune_gemm",
+    "max_autotune_pointwise",
+    "coordinate_descent_tuning",
+    "benchmark_fusion",
+    "triton.multi_kernel",
+)
+
+
+def _configured(config: Any, dotted: str) -> Any:
+    """Inductor's own setting of the option `dotted` (``"triton.multi_kernel"``), False if none."""
+    for part in dotted.split("."):
+        config = getattr(config, part, False)
+    return config
+
+
 def _inductor_options(mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
     """The inductor configuration of a compiled step: `mode`'s options (torch.compile takes a mode
     or options, not both), then the step's defaults, then the caller's `options`.
@@ -706,9 +726,10 @@ def _inductor_options(mode: str | None, options: dict[str, Any]) -> dict[str, An
     The defaults: ``deterministic`` (inductor picks its reduction kernels' block sizes by a fixed
     rule, not by timing them on the device, so a step compiled again, as a resumed run in a fresh
     process compiles it, computes the same bits), unless the mode or the options ask for tuning
-    by time (``max_autotune``, ``coordinate_descent_tuning``); and on torch before 2.13
-    ``loop_ordering_after_fusion`` off (its CUDA scheduler fails an assertion on fused nodes,
-    ``reorder_loops_by_dep_pair``, on steps with EMA or loss scaling).
+    by time (`_TUNING`, set there or in inductor's own configuration: inductor refuses to time
+    kernels in its deterministic mode); and on torch before 2.13 ``loop_ordering_after_fusion``
+    off (2.11's CUDA scheduler fails an assertion on fused nodes, ``reorder_loops_by_dep_pair``,
+    on steps with EMA or loss scaling; 2.13's has no such assertion).
     """
     import torch._inductor
     import torch._inductor.config as inductor_config
@@ -723,8 +744,8 @@ def _inductor_options(mode: str | None, options: dict[str, Any]) -> dict[str, An
     chosen = dict(known[mode]) if mode else {}
     defaults: dict[str, Any] = {}
     tuned = {**chosen, **options}
-    if hasattr(inductor_config, "deterministic") and not (
-        tuned.get("max_autotune") or tuned.get("coordinate_descent_tuning")
+    if hasattr(inductor_config, "deterministic") and not any(
+        tuned.get(name, _configured(inductor_config, name)) for name in _TUNING
     ):
         defaults["deterministic"] = True
     if hasattr(inductor_config, "loop_ordering_after_fusion") and _TORCH_RELEASE < (2, 13):
@@ -818,12 +839,12 @@ def compile_step(
     Raises:
         BatchError, LossError: as `train_step` raises them (when the step is called).
         ConfigError: `options` sets its own ``guard_filter_fn``; a mode or option that runs CUDA
-            graph trees; `capture` not a bool, or True without a CUDA device; calling the step
-            with something other than a `TrainState`, or with an unstacked state whose optimizer
-            holds a sweep; a step compiled ``torch._dynamo.config.recompile_limit`` times that
-            would be compiled again (nothing ran: a donated state stays usable); a captured step
-            given a state off CUDA, a stacked or distributed state, or a step that cannot be
-            recorded.
+            graph trees; a mode torch.compile does not know, or a mode with another backend;
+            `capture` not a bool, or True without a CUDA device; calling the step with something
+            other than a `TrainState`, or with an unstacked state whose optimizer holds a sweep; a
+            step compiled ``torch._dynamo.config.recompile_limit`` times that would be compiled
+            again (nothing ran: a donated state stays usable); a captured step given a state off
+            CUDA, a stacked or distributed state, or a step that cannot be recorded.
 
     Warns:
         RecompileWarning: the step was compiled again because a value it reads changed.
@@ -857,6 +878,12 @@ def compile_step(
     if backend == "inductor":
         _quiet_inductor_imports()
         options, mode = _inductor_options(mode, options), None
+    elif mode is not None:
+        raise ConfigError(
+            f"compile_step(mode={mode!r}) with backend={backend!r}: a mode is inductor's "
+            "configuration, and torch.compile takes a mode or options, while the step passes "
+            "options of its own; leave mode out, or use backend='inductor'"
+        )
     if capture and not torch.cuda.is_available():
         raise ConfigError(
             "compile_step(capture=True) records the step as a CUDA graph, and torch finds no CUDA "

@@ -348,6 +348,8 @@ def test_compile_step_rejects_bad_arguments() -> None:
         ft.compile_step(backend="eager")({"params": {}}, None)
     with pytest.raises(ft.ConfigError, match=r"mode='fast'\) is not a mode torch.compile knows"):
         ft.compile_step(mode="fast")
+    with pytest.raises(ft.ConfigError, match="a mode is inductor's configuration"):
+        ft.compile_step(backend="eager", mode="default")
 
 
 def test_inductor_runs_deterministic_unless_the_caller_tunes_by_time() -> None:
@@ -362,6 +364,10 @@ def test_inductor_runs_deterministic_unless_the_caller_tunes_by_time() -> None:
     tuned = _inductor_options("max-autotune-no-cudagraphs", {})
     assert tuned["max_autotune"] and "deterministic" not in tuned
     assert "deterministic" not in _inductor_options(None, {"coordinate_descent_tuning": True})
+    assert "deterministic" not in _inductor_options(None, {"benchmark_fusion": True})
+    assert "deterministic" not in _inductor_options(None, {"triton.multi_kernel": 1})
+    with torch._inductor.config.patch(max_autotune_gemm=True):  # inductor's own, not the options
+        assert "deterministic" not in _inductor_options(None, {})
     assert _inductor_options(None, {"deterministic": False})["deterministic"] is False
 
 

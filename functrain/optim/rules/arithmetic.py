@@ -52,7 +52,9 @@ def add_scaled_(out: torch.Tensor, direction: torch.Tensor, alpha: float | torch
 def addcdiv_(
     out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: float | torch.Tensor
 ) -> None:
-    """``out += (value * num) / den``, as torch's ``addcdiv_(num, den, value=...)`` rounds it."""
+    """``out += value * num / den``, as torch's ``addcdiv_(num, den, value=...)`` rounds it: its
+    CPU kernel as ``(value * num) / den``, its CUDA kernel as ``value * (num / den)`` fused into
+    the addition, in float32 for half-precision tensors."""
     if not isinstance(value, torch.Tensor):
         out.addcdiv_(num, den, value=value)
         return
@@ -60,20 +62,29 @@ def addcdiv_(
         torch._foreach_addcdiv_([out], [num], [den], value.to(torch.float64).reshape(1))
         return
     if out.device.type == "cuda":
-        # CUDA's kernel: a + value * (num / den), the multiply-add fused
-        out.addcmul_(torch.div(num, den), value.to(out.dtype))
+        # CUDA's kernel: a + value * (num / den), the multiply-add fused, in float32 (its opmath)
+        if out.dtype in _HALF:
+            out.copy_(torch.addcmul(out.float(), num.float() / den.float(), value.float()))
+        else:
+            out.addcmul_(torch.div(num, den), value.to(out.dtype))
         return
     out.add_(num * value.to(num.dtype) / den)  # the CPU kernel's order: (value * num) / den
 
 
 def divided(t: torch.Tensor, scalar: float | torch.Tensor) -> torch.Tensor:
     """``t / scalar`` as torch divides by a Python number: on CUDA by the reciprocal's product
-    (its kernel's ``a * (1 / b)``, with ``1 / b`` in `t`'s dtype), elsewhere by division."""
+    (its kernel's ``a * (1 / b)``, in float32 for half-precision tensors, else in `t`'s dtype),
+    elsewhere by division."""
     if not isinstance(scalar, torch.Tensor):
         return torch.div(t, scalar)
     if t.device.type == "cuda":
+        if t.dtype in _HALF:
+            return torch.mul(t.float(), torch.reciprocal(scalar.float())).to(t.dtype)
         return torch.mul(t, torch.reciprocal(scalar.to(t.dtype)))
     return torch.div(t, scalar.to(t.dtype))
+
+
+_HALF = (torch.float16, torch.bfloat16)  # computed in float32 by torch's CUDA kernels
 
 
 def decayed(
