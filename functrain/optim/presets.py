@@ -49,7 +49,7 @@ from functrain.optim.rules.fused import (
 from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
 from functrain.optim.rules.lion import scale_by_lion
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
-from functrain.optim.rules.rms import scale_by_rms
+from functrain.optim.rules.rms import rms_planner, scale_by_rms
 from functrain.optim.rules.rprop import scale_by_rprop
 from functrain.optim.rules.sparse import (
     sparse_adagrad,
@@ -580,13 +580,17 @@ def rmsprop(
     """
     check_choices("rmsprop", foreach=foreach, capturable=capturable, differentiable=differentiable)
     _check_renamed("rmsprop", lr, momentum)
-    return chain(
+    tx = chain(
         *_ascent(maximize),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_rms(alpha, eps, centered=centered),
         _maybe(momentum, trace(momentum)),
         scale_by_learning_rate(lr),
     )
+    if maximize or weight_decay or centered or momentum:
+        return tx
+    # the plain chain: its update decided once for the step's tensors (`rms_planner`)
+    return tx._replace(update=tx.update.but(plan=rms_planner(alpha, eps, lr)))
 
 
 @replaces("adagrad")

@@ -327,10 +327,12 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
             # the same kernel as the in-place addcdiv_, out of place: no pass to copy the parameters
             # first
             num, den, step_size = step.quotient  # type: ignore[misc]
-            scalars = step_size.to(torch.float64).repeat(len(plain))
             out = list(
                 torch._foreach_addcdiv(
-                    src, [num[i] for i in plain], [den[i] for i in plain], scalars
+                    src,
+                    [num[i] for i in plain],
+                    [den[i] for i in plain],
+                    _quotient_scalars(step_size, len(plain)),
                 )
             )
         else:
@@ -479,13 +481,23 @@ def _add_step_(
         torch._foreach_addcmul_(out, [a[i] for i in idx], [b[i] for i in idx])
     elif direction is None:
         num, den, step_size = step.quotient  # type: ignore[misc]
-        scalars = step_size.to(torch.float64).repeat(len(idx))  # one CPU float64 scalar per tensor
+        scalars = _quotient_scalars(step_size, len(idx))
         torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
     elif _fma_alpha(step.alpha, out):
         for o, i in zip(out, idx, strict=True):
             o.addcmul_(direction[i], step.alpha.to(o.dtype))
     else:
         _added(out, [direction[i] for i in idx], step.alpha, in_place=True)
+
+
+def _quotient_scalars(step_size: torch.Tensor, n: int) -> float | torch.Tensor:
+    """The step size of a fused ``addcdiv`` as its kernel takes it: a Python float where the 0-d
+    CPU tensor can be read in an eager step (a load, no sync; the same double the kernel reads
+    from a tensor of scalars, without the ~10 us of making one), else one CPU float64 scalar per
+    tensor."""
+    if step_size.device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap():
+        return step_size.item()
+    return step_size.to(torch.float64).repeat(n)
 
 
 def _added(

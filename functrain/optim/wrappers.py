@@ -594,12 +594,16 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         return new_updates, new_state, report
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
-        # the inner transform gated by the step's norm, as `update_fn` gates a gated one
+        # the inner transform gated by the step's norm, as `update_fn` gates a gated one; an
+        # ungated one on the CPU, where the flag is read on the host (`_host_gated`)
         inner_plan = planner_of(inner)
         gated = getattr(inner, "gated", False)
-        run_inner = inner_plan(params, state.inner) if gated and inner_plan else None
+        on_cpu = all(p.device.type == "cpu" for p in params.values())
+        run_inner = inner_plan(params, state.inner) if inner_plan and (gated or on_cpu) else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
+        if not gated:
+            return _host_gated(run_inner, cap)
 
         def run(
             grads: list[torch.Tensor],
@@ -670,6 +674,64 @@ def _finite_run(
         state.max_consecutive,
     )
     return ran._replace(state=new_state, skipped=None, flag=None)
+
+
+def _host_gated(run_inner: Runner, cap: int) -> Runner:
+    """`skip_nonfinite`'s runner around an ungated inner runner (planned on the CPU): the flag (the
+    step's norm finite, and the window's end under `accumulate`) read on the host, and the update
+    run or not, as `_update_where` does where the flag is known (the same bits, without a
+    select); where it is not (`flag_value` None), the update run and its results selected."""
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: SkipNonfiniteState,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        assert norm is not None  # (the step's, or a window's: `Runner`)
+        finite = torch.isfinite(norm)
+        gate = finite if keep is None else finite & keep
+        go = flag_value(gate)
+        if go and keep is None:
+            return _finite_run(run_inner, grads, params, state, norm, write, finite)
+        if go:
+            ran = run_inner(grads, params, state.inner, norm, write, None)
+            inner, new_params, lr = ran.state, ran.params, ran.lr
+        elif go is None:  # the branch-free form: run on the state kept as it is, then select
+            ran = run_inner(grads, params, state.inner, norm, False, None)
+            inner = tree_select(gate, ran.state, state.inner)
+            new_params = [torch.where(gate, n, p) for n, p in zip(ran.params, params, strict=True)]
+            lr = _previous_rate(inner)
+        else:  # nothing applied: the state as it was; a pure step's results of its own
+            inner = state.inner if write else tree_map(torch.clone, state.inner)
+            new_params = params if write else [p.clone() for p in params]
+            lr = _previous_rate(inner)
+        skipped = ~finite
+        counts: tuple[torch.Tensor, ...] = (
+            skipped,
+            state.total_skipped + skipped,
+            torch.where(finite, 0, state.consecutive + 1),
+        )
+        if keep is not None:  # between window ends the counts stay put
+            old = (state.skipped, state.total_skipped, state.consecutive)
+            ends = flag_value(keep)
+            if ends is None:
+                counts = tuple(torch.where(keep, n, o) for n, o in zip(counts, old, strict=True))
+            elif not ends:
+                counts = old
+        new_state = SkipNonfiniteState(inner, *counts, state.max_consecutive)
+        _check_limit_now(new_state, cap)
+        return Ran(new_params, new_state, lr, new_state.skipped, None)
+
+    return run
+
+
+def _previous_rate(state: Tree) -> torch.Tensor | None:
+    """The rate an unapplied update leaves reported: the one its state holds (the last applied)."""
+    read = metric_reader(state, "lr")
+    return read(state) if read is not None else None
 
 
 def _host_readable(t: torch.Tensor) -> bool:

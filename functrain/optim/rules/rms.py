@@ -10,13 +10,17 @@ from functrain.errors import config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
-from functrain.optim.updates import Ratio, flat_updates
+from functrain.optim.planned import Planner, Ran, Runner
+from functrain.optim.rates import as_float64, value_at
+from functrain.optim.rules.learning_rate import ScaleByLearningRateState
+from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
 from functrain.optim.zeros import writable, zeros
 from functrain.tree import (
     Tree,
+    tree_flatten,
 )
 
-__all__ = ["ScaleByRmsState", "scale_by_rms"]
+__all__ = ["ScaleByRmsState", "scale_by_rms", "rms_planner"]
 
 
 class ScaleByRmsState(NamedTuple):
@@ -84,3 +88,62 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
         return Ratio(g, avg, None, spec), ScaleByRmsState(tuple(nu), tuple(mu))
 
     return Transform(init_fn, with_extras(update_fn))
+
+
+def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
+    """The `Planner` of RMSprop's plain chain (``identity, scale_by_rms(alpha, eps),
+    identity, scale_by_learning_rate(learning_rate)``: no momentum, not centered, no weight decay,
+    descending), whose runner makes the chain's ops in its order: the running mean (in its own
+    storage where it may write), its root plus ``eps``, then one ``addcdiv`` of the step size, as
+    `functrain.optim.updates.apply_updates` adds a `Ratio` over a rate. None for a rate given as a
+    tensor (its dtype's arithmetic is `scale_by_learning_rate`'s)."""
+
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
+        if isinstance(learning_rate, torch.Tensor) or not params:
+            return None
+        # one layout only, as the step hands the gradients (contiguous, no size-1 dimension)
+        if not all(p.is_contiguous() and 1 not in p.shape for p in params.values()):
+            return None
+        names, spec = list(params), tree_flatten(dict(params))[1]
+        device = next(iter(params.values())).device
+        constant = None if callable(learning_rate) else float(learning_rate)
+        if constant is not None:  # made once, never written (as `scale_by_learning_rate` does)
+            fixed = (as_float64(constant, device), as_float64(-constant, device))
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            assert keep is None  # (an ungated update: `skip_nonfinite` gates it on the host)
+            before, rms, between, rate = state
+            if write:
+                nu = [writable(n, x) for n, x in zip(rms.nu, grads, strict=True)]
+                torch._foreach_mul_(nu, alpha)
+            else:
+                nu = list(torch._foreach_mul(rms.nu, alpha))
+            torch._foreach_addcmul_(nu, grads, grads, value=1 - alpha)
+            avg = torch._foreach_sqrt(nu)
+            torch._foreach_add_(avg, eps)
+            if constant is None:
+                lr = as_float64(value_at(learning_rate, rate.count), rate.count.device)
+                signed = lr * -1.0
+            else:
+                lr, signed = fixed
+            step = ParamStep(None, spec, None, quotient=(grads, avg, signed))
+            given = dict(zip(names, params))
+            new = apply_updates(given, step, in_place=write)
+            new_state = (
+                before,
+                ScaleByRmsState(tuple(nu), ()),
+                between,
+                ScaleByLearningRateState(rate.count + 1, lr),
+            )
+            return Ran(list(new.values()), new_state, lr, None, None)
+
+        return run
+
+    return plan
