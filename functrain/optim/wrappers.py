@@ -721,7 +721,9 @@ def _host_gated(run_inner: Runner, cap: int) -> Runner:
                 counts = tuple(torch.where(keep, n, o) for n, o in zip(counts, old, strict=True))
             elif not ends:
                 counts = old
-        new_state = SkipNonfiniteState(inner, *counts, state.max_consecutive)
+        new_state = SkipNonfiniteState(
+            inner, counts[0], counts[1], counts[2], state.max_consecutive
+        )
         _check_limit_now(new_state, cap)
         return Ran(new_params, new_state, lr, new_state.skipped, None)
 
