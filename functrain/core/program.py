@@ -383,9 +383,9 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     For a configuration that is eager and unstacked with no process group, no gradient
     statistics, no fp16 loss scale and no sparse gradients: the transform's planned update where
     it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
-    ``adagrad``, and `skip_nonfinite`, `accumulate`, `partition` and a `chain` after
-    `clip_by_global_norm` around planned ones), else its own update (`_updating`). None: the
-    body's update (`_with_body`).
+    ``adagrad``, RMSprop's plain chain, and `skip_nonfinite`, `accumulate`, `partition` and a
+    `chain` after `clip_by_global_norm` around planned ones), else its own update (`_updating`).
+    None: the body's update (`_with_body`).
     """
     options = state.options
     planner = planner_of(state.tx)
