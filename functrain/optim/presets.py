@@ -37,7 +37,13 @@ from functrain.optim.porting import replaces
 from functrain.optim.rules.adadelta import scale_by_adadelta
 from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
-from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
+from functrain.optim.rules.adam import (
+    adamax_planner,
+    nadam_step,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_radam,
+)
 from functrain.optim.rules.asgd import asgd_step
 from functrain.optim.rules.fused import (
     fused_adagrad,
@@ -943,12 +949,16 @@ def adamax(
     """
     check_choices("adamax", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, (b1, b2) = _checked("adamax", lr, betas)
-    return chain(
+    tx = chain(
         _maybe(maximize, scale(-1.0)),
         _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
         scale_by_adamax(b1, b2, eps),
         scale_by_learning_rate(rate),
     )
+    if maximize or weight_decay:
+        return tx
+    # the plain chain: its update decided once for the step's tensors on the CPU
+    return tx._replace(update=tx.update.but(plan=adamax_planner(b1, b2, eps, rate)))
 
 
 @named(resolve=without_choices)

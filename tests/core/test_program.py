@@ -216,7 +216,7 @@ TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "rmsprop": (lambda: ft.rmsprop(1e-2, momentum=0.9), {}),
     "nadam": (lambda: ft.nadam(1e-2), {}),
     "radam": (lambda: ft.radam(1e-2), {}),
-    "adamax": (lambda: ft.adamax(1e-2), {}),
+    "adamax_decay": (lambda: ft.adamax(1e-2, weight_decay=0.1), {}),
     "lion": (lambda: ft.lion(1e-3), {}),
     "nadam_accumulate_mean": (
         lambda: ft.nadam(1e-2),
@@ -258,7 +258,8 @@ def test_a_transform_without_a_planner_runs_its_own_update_as_the_body(
         assert_trees_equal(w, g, f"metrics of step {step}")
 
 
-# RMSprop's plain chain plans its update (`rms_planner`); `skip_nonfinite` around an ungated
+# RMSprop's and Adamax's plain chains plan their updates (`rms_planner`, `adamax_planner`);
+# `skip_nonfinite` around an ungated
 # planned update (it, or a window of one's own) reads its flag on the host (the CPU): the NaN
 # batch, a window's micro-batches, a schedule
 RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
@@ -278,6 +279,12 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     ),
     "rmsprop_nonfinite_none": (lambda: ft.rmsprop(1e-2), {"nonfinite": "none"}),
     "rmsprop_max_consecutive": (lambda: ft.rmsprop(1e-2), {"max_consecutive_nonfinite": 3}),
+    "adamax": (lambda: ft.adamax(1e-2), {}),
+    "adamax_schedule": (
+        lambda: ft.adamax(ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10)),
+        {"accumulate_steps": 2, "ema_decay": 0.9},
+    ),
+    "adamax_nonfinite_none": (lambda: ft.adamax(1e-2), {"nonfinite": "none"}),
     # skipping a micro-batch around a window of one's own: the window's sums are left as they were
     "accumulate_of_ones_own": (lambda: ft.accumulate(ft.adamw(1e-2), every=2), {}),
     "a_group_rmsprop": (

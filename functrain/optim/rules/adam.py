@@ -30,6 +30,8 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_positive, check_unit, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
+from functrain.optim.planned import Planner, Ran, Runner
+from functrain.optim.rates import as_float64, value_at
 from functrain.optim.rules.arithmetic import (
     addcdiv_,
     decayed,
@@ -40,7 +42,12 @@ from functrain.optim.rules.arithmetic import (
     per_leaf,
     power,
 )
-from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
+from functrain.optim.rules.learning_rate import (
+    ScaleByLearningRateState,
+    check_rate,
+    learning_rate_state,
+    rate_at,
+)
 from functrain.optim.updates import NewParams, Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter, writable, zeros
 from functrain.tree import (
@@ -53,6 +60,8 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAdamaxState",
     "ScaleByRadamState",
+    "adamax_moments",
+    "adamax_planner",
     "nadam_step",
     "scale_by_adam",
     "scale_by_adamax",
@@ -280,31 +289,100 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
     ) -> tuple[Ratio, ScaleByAdamaxState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
-        mu, nu_inf = [], []
-        if writes_in_place(
-            extras
-        ):  # a donated step: torch's in-place loop on the state's own storage
-            moments = zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g, strict=True)
-            for m, n, grad in moments:
-                magnitude = torch.abs(grad).add_(eps)
-                nu_inf.append(torch.maximum(n.mul_(b2), magnitude, out=n))
-                mu.append(m.lerp_(grad, 1 - b1))
-            bc1 = 1 - power(b1, f64(count))
-            return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
-        for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
-            new_mu = torch.empty_like(grad)
-            magnitude = torch.abs(grad, out=new_mu).add_(
-                eps
-            )  # the new moment's buffer holds torch's temporary first
-            nu = torch.mul(n, b2)
-            nu_inf.append(
-                torch.maximum(nu, magnitude, out=nu)
-            )  # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
-            mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
+        mu, nu_inf = adamax_moments(state, g, writes_in_place(extras), b1, b2, eps)
         bc1 = 1 - power(b1, f64(count))
         return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
 
     return Transform(init_fn, with_extras(update_fn))
+
+
+def adamax_moments(
+    state: ScaleByAdamaxState,
+    g: Sequence[torch.Tensor],
+    in_place: bool,
+    b1: float,
+    b2: float,
+    eps: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Adamax's new first moments and infinity norms, tensor by tensor as torch's loop: in the
+    state's own storage with `in_place` (a donated step), else in fresh tensors."""
+    mu, nu_inf = [], []
+    if in_place:  # torch's in-place loop on the state's own storage
+        moments = zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g, strict=True)
+        for m, n, grad in moments:
+            magnitude = torch.abs(grad).add_(eps)
+            nu_inf.append(torch.maximum(n.mul_(b2), magnitude, out=n))
+            mu.append(m.lerp_(grad, 1 - b1))
+        return mu, nu_inf
+    for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
+        new_mu = torch.empty_like(grad)
+        # the new moment's buffer holds torch's temporary first
+        magnitude = torch.abs(grad, out=new_mu).add_(eps)
+        nu = torch.mul(n, b2)
+        # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
+        nu_inf.append(torch.maximum(nu, magnitude, out=nu))
+        mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
+    return mu, nu_inf
+
+
+def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Planner:
+    """The `Planner` of Adamax's plain chain (``identity, identity, scale_by_adamax,
+    scale_by_learning_rate``: no weight decay, descending) on the CPU: the moments as
+    `scale_by_adamax` makes them (`adamax_moments`), its bias correction and the step size in
+    torch.optim's Python floats (the count read on the host, `host_number`), then one foreach
+    ``addcdiv``, as `functrain.optim.updates.apply_updates` adds the `Ratio`. None off the CPU,
+    for a rate given as a tensor, for parameters of several dtypes or layouts other than
+    contiguous."""
+
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
+        tensors = list(params.values())
+        if (
+            isinstance(learning_rate, torch.Tensor)
+            or not tensors
+            or any(p.device.type != "cpu" for p in tensors)
+            or len({p.dtype for p in tensors}) > 1
+            or not all(p.is_contiguous() and 1 not in p.shape for p in tensors)
+        ):
+            return None
+        constant = None if callable(learning_rate) else float(learning_rate)
+        fixed = as_float64(constant, tensors[0].device) if constant is not None else None
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            assert keep is None  # (an ungated update: `skip_nonfinite` gates it on the host)
+            ascent, decay, adamax, rate = state
+            count = adamax.count + 1
+            mu, nu_inf = adamax_moments(adamax, grads, write, b1, b2, eps)
+            n = host_number(count)
+            if fixed is not None:
+                lr_t, lr = fixed, constant
+            else:
+                lr_t = as_float64(value_at(learning_rate, rate.count), rate.count.device)
+                lr = host_number(lr_t)
+            assert n is not None and lr is not None  # (CPU tensors of an eager step)
+            step_size = (lr * -1.0) / (1 - b1 ** float(n))
+            if write:
+                torch._foreach_addcdiv_(params, mu, nu_inf, step_size)
+                new = params
+            else:
+                new = list(torch._foreach_addcdiv(params, mu, nu_inf, step_size))
+            new_state = (
+                ascent,
+                decay,
+                ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf)),
+                ScaleByLearningRateState(rate.count + 1, lr_t),
+            )
+            return Ran(new, new_state, lr_t, None, None)
+
+        return run
+
+    return plan
 
 
 # -- NAdam
