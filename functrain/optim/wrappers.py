@@ -679,8 +679,8 @@ def _finite_run(
 def _host_gated(run_inner: Runner, cap: int) -> Runner:
     """`skip_nonfinite`'s runner around an ungated inner runner (planned on the CPU): the flag (the
     step's norm finite, and the window's end under `accumulate`) read on the host, and the update
-    run or not, as `_update_where` does where the flag is known (the same bits, without a
-    select); where it is not (`flag_value` None), the update run and its results selected."""
+    run as it is where it is known to apply (the same bits as `_update_where`, without a select),
+    else run on the state kept as it is and its results selected."""
 
     def run(
         grads: list[torch.Tensor],
@@ -699,14 +699,11 @@ def _host_gated(run_inner: Runner, cap: int) -> Runner:
         if go:
             ran = run_inner(grads, params, state.inner, norm, write, None)
             inner, new_params, lr = ran.state, ran.params, ran.lr
-        elif go is None:  # the branch-free form: run on the state kept as it is, then select
+        else:  # (rare: a skipped step) run on the state kept as it is, then select, as
+            # `_update_where`: what an inner update measures itself (a window's norm) stays
             ran = run_inner(grads, params, state.inner, norm, False, None)
             inner = tree_select(gate, ran.state, state.inner)
             new_params = [torch.where(gate, n, p) for n, p in zip(ran.params, params, strict=True)]
-            lr = _previous_rate(inner)
-        else:  # nothing applied: the state as it was; a pure step's results of its own
-            inner = state.inner if write else tree_map(torch.clone, state.inner)
-            new_params = params if write else [p.clone() for p in params]
             lr = _previous_rate(inner)
         skipped = ~finite
         counts: tuple[torch.Tensor, ...] = (
@@ -725,13 +722,13 @@ def _host_gated(run_inner: Runner, cap: int) -> Runner:
             inner, counts[0], counts[1], counts[2], state.max_consecutive
         )
         _check_limit_now(new_state, cap)
-        return Ran(new_params, new_state, lr, new_state.skipped, None)
+        return Ran(new_params, new_state, lr, new_state.skipped, None, ran.norm)
 
     return run
 
 
 def _previous_rate(state: Tree) -> torch.Tensor | None:
-    """The rate an unapplied update leaves reported: the one its state holds (the last applied)."""
+    """The rate an update leaves reported: the one its (selected) state holds."""
     read = metric_reader(state, "lr")
     return read(state) if read is not None else None
 

@@ -309,6 +309,26 @@ def test_updates_gated_on_the_host_are_planned_as_their_own_update(name: str, do
         assert_trees_equal(w, g, f"metrics of step {step}")
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("optimizer", [ft.rmsprop, ft.adamax], ids=["rmsprop", "adamax"])
+def test_an_ungated_planned_update_takes_a_window_end_the_host_cannot_read(
+    monkeypatch: pytest.MonkeyPatch, optimizer: Callable[[float], Any], donate: bool
+) -> None:
+    """As on an accelerator (no flag read): the window's end reaches the update as a gate, which
+    it applies by running and selecting."""
+    from functrain.optim import averaging, wrappers
+
+    for module in (wrappers, averaging):
+        monkeypatch.setattr(module, "flag_value", lambda flag: None)
+    data = batches(7)
+    run = dict(donate=donate, accumulate_steps=3, nonfinite="none", ema_decay=0.9)
+    got, got_m = train(make_bn_net, lambda: optimizer(1e-2), data, planned=True, **run)
+    want, want_m = train(make_bn_net, lambda: optimizer(1e-2), data, planned=False, **run)
+    assert stage(got) == "planned"
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
+
+
 @pytest.mark.parametrize(
     "options",
     [{"precision": "fp16"}, {"grad_stats": "layer"}],

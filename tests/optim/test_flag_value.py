@@ -75,6 +75,14 @@ CASES = {
     "nadam-decoupled": (lambda: ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=True), {}),
     "adamax": (lambda: ft.adamax(1e-2, weight_decay=0.1), {"ema_decay": 0.9}),
     "radam-accumulate": (lambda: ft.radam(1e-2), {"accumulate_steps": 2}),
+    # planned updates without a gate of their own, under a window whose end is not read
+    "adamax-accumulate-ema": (lambda: ft.adamax(1e-2), {"accumulate_steps": 3, "ema_decay": 0.9}),
+    "rmsprop-group-accumulate": (
+        lambda: ft.partition(
+            lambda name, p: "m" if p.ndim > 1 else "v", m=ft.rmsprop(1e-2), v=ft.adamw(1e-2)
+        ),
+        {"accumulate_steps": 2},
+    ),
     "partition": (partition_adamw, {"ema_decay": 0.9}),
     # the user's own accumulation of a non-final rule: its Ratio handed on as tensors, whether
     # the flag is read or not

@@ -53,6 +53,7 @@ from functrain.optim.zeros import counter, writable, zeros
 from functrain.tree import (
     Tree,
     tree_leaves,
+    tree_select,
 )
 
 __all__ = [
@@ -355,7 +356,11 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> Ran:
-            assert keep is None  # (an ungated update: `skip_nonfinite` gates it on the host)
+            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
+                ran = run(grads, params, state, norm, False)
+                kept = tree_select(keep, ran.state, state)
+                chosen = [torch.where(keep, n, p) for n, p in zip(ran.params, params, strict=True)]
+                return Ran(chosen, kept, kept[-1].lr, None, None)
             ascent, decay, adamax, rate = state
             count = adamax.count + 1
             mu, nu_inf = adamax_moments(adamax, grads, write, b1, b2, eps)

@@ -18,6 +18,7 @@ from functrain.optim.zeros import writable, zeros
 from functrain.tree import (
     Tree,
     tree_flatten,
+    tree_select,
 )
 
 __all__ = ["ScaleByRmsState", "scale_by_rms", "rms_planner"]
@@ -118,7 +119,11 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> Ran:
-            assert keep is None  # (an ungated update: `skip_nonfinite` gates it on the host)
+            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
+                ran = run(grads, params, state, norm, False)
+                kept = tree_select(keep, ran.state, state)
+                chosen = [torch.where(keep, n, p) for n, p in zip(ran.params, params, strict=True)]
+                return Ran(chosen, kept, kept[-1].lr, None, None)
             before, rms, between, rate = state
             if write:
                 nu = [writable(n, x) for n, x in zip(rms.nu, grads, strict=True)]
