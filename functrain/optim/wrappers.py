@@ -953,6 +953,12 @@ def _window_runner(
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
+        if keep is not None:  # an outer window's end, unread: run, then select (`_update_where`)
+            ran = run(grads, params, state, norm, False)
+            kept = tree_select(keep, ran.state, state)
+            chosen = [torch.where(keep, n, p) for n, p in zip(ran.params, params, strict=True)]
+            lr = lr_of(kept.inner) if lr_of is not None else None
+            return Ran(chosen, kept, lr, None, None, ran.norm)
         same = all(x.dtype == s.dtype for x, s in zip(grads, state.grad_sum, strict=True))
         addends = grads if same else [x.to(s.dtype) for x, s in zip(grads, state.grad_sum)]
         if write:  # a donated step: the sums accumulate in their own storage

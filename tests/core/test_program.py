@@ -310,7 +310,11 @@ def test_updates_gated_on_the_host_are_planned_as_their_own_update(name: str, do
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
-@pytest.mark.parametrize("optimizer", [ft.rmsprop, ft.adamax], ids=["rmsprop", "adamax"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [ft.rmsprop, ft.adamax, lambda lr: ft.accumulate(ft.adamw(lr), every=2)],
+    ids=["rmsprop", "adamax", "a_window_of_ones_own"],
+)
 def test_an_ungated_planned_update_takes_a_window_end_the_host_cannot_read(
     monkeypatch: pytest.MonkeyPatch, optimizer: Callable[[float], Any], donate: bool
 ) -> None:
