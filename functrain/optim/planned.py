@@ -16,9 +16,9 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from functrain.tree import Tree
+from functrain.tree import Tree, tree_select
 
-__all__ = ["Ran", "Runner", "Planner", "Passing", "Prelude", "chained"]
+__all__ = ["Ran", "Runner", "Planner", "Passing", "Prelude", "chained", "selected"]
 
 
 class Ran(NamedTuple):
@@ -111,6 +111,19 @@ def chained(preludes: list[Any], last: Runner) -> Runner:
         return ran._replace(state=(*states, ran.state))
 
     return run
+
+
+def selected(
+    ran: Ran, keep: torch.Tensor, params: list[torch.Tensor], state: Tree, lr_of: Any
+) -> Ran:
+    """How a runner without a gate of its own takes one it cannot read on the host (an
+    accelerator's): `ran`, its update run on `params` and `state` kept as they are, where `keep`
+    holds, and `params` and `state` elsewhere, as ``torch.where`` selects them (the update's own
+    `_update_where`, `functrain.optim.wrappers`); the rate `lr_of` reads in the state selected,
+    the norm the update measured kept."""
+    kept = tree_select(keep, ran.state, state)
+    chosen = [torch.where(keep, new, old) for new, old in zip(ran.params, params, strict=True)]
+    return Ran(chosen, kept, lr_of(kept), None, None, ran.norm)
 
 
 class Planner(Protocol):

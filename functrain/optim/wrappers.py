@@ -39,7 +39,7 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import metric_reader, transform_metrics, walk_states
 from functrain.optim.naming import named
-from functrain.optim.planned import Prelude, Ran, Runner
+from functrain.optim.planned import Prelude, Ran, Runner, selected
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.sparse import (
     sparse_twin,
@@ -701,10 +701,14 @@ def _host_gated(run_inner: Runner, cap: int) -> Runner:
             inner, new_params, lr = ran.state, ran.params, ran.lr
         else:  # (rare: a skipped step) run on the state kept as it is, then select, as
             # `_update_where`: what an inner update measures itself (a window's norm) stays
-            ran = run_inner(grads, params, state.inner, norm, False, None)
-            inner = tree_select(gate, ran.state, state.inner)
-            new_params = [torch.where(gate, n, p) for n, p in zip(ran.params, params, strict=True)]
-            lr = _previous_rate(inner)
+            ran = selected(
+                run_inner(grads, params, state.inner, norm, False, None),
+                gate,
+                params,
+                state.inner,
+                _previous_rate,
+            )
+            inner, new_params, lr = ran.state, ran.params, ran.lr
         skipped = ~finite
         counts: tuple[torch.Tensor, ...] = (
             skipped,
@@ -955,10 +959,9 @@ def _window_runner(
     ) -> Ran:
         if keep is not None:  # an outer window's end, unread: run, then select (`_update_where`)
             ran = run(grads, params, state, norm, False)
-            kept = tree_select(keep, ran.state, state)
-            chosen = [torch.where(keep, n, p) for n, p in zip(ran.params, params, strict=True)]
-            lr = lr_of(kept.inner) if lr_of is not None else None
-            return Ran(chosen, kept, lr, None, None, ran.norm)
+            return selected(
+                ran, keep, params, state, lambda kept: lr_of(kept.inner) if lr_of else None
+            )
         same = all(x.dtype == s.dtype for x, s in zip(grads, state.grad_sum, strict=True))
         addends = grads if same else [x.to(s.dtype) for x, s in zip(grads, state.grad_sum)]
         if write:  # a donated step: the sums accumulate in their own storage

@@ -249,19 +249,25 @@ def test_a_transform_without_a_planner_runs_its_own_update_as_the_body(
     name: str, donate: bool
 ) -> None:
     optimizer, options = TRANSFORMS_OWN_UPDATE[name]
-    data = batches(8, nan_at=3)
+    assert stage_equal_to_the_body(optimizer, options, batches(8, nan_at=3), donate) == "updated"
+
+
+def stage_equal_to_the_body(
+    optimizer: Callable[[], Any], options: dict[str, Any], data: list[Any], donate: bool
+) -> str:
+    """The stage the program chose for `optimizer`, once its steps gave the body's bits: the
+    state after `data` and the metrics of every step."""
     got, got_m = train(make_bn_net, optimizer, data, planned=True, donate=donate, **options)
     want, want_m = train(make_bn_net, optimizer, data, planned=False, donate=donate, **options)
-    assert stage(got) == "updated"
     assert_trees_equal(want.tree(), got.tree(), "state")
     for step, (w, g) in enumerate(zip(want_m, got_m, strict=True)):
         assert_trees_equal(w, g, f"metrics of step {step}")
+    return stage(got)
 
 
 # RMSprop's and Adamax's plain chains plan their updates (`rms_planner`, `adamax_planner`);
-# `skip_nonfinite` around an ungated
-# planned update (it, or a window of one's own) reads its flag on the host (the CPU): the NaN
-# batch, a window's micro-batches, a schedule
+# `skip_nonfinite` around an ungated planned update (it, or a window of one's own) reads its flag
+# on the host (the CPU): the NaN batch, a window's micro-batches, a schedule
 RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "rmsprop": (lambda: ft.rmsprop(1e-2), {}),
     "rmsprop_schedule": (
@@ -301,12 +307,7 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
 def test_updates_gated_on_the_host_are_planned_as_their_own_update(name: str, donate: bool) -> None:
     optimizer, options = RMS_PLANNED[name]
     data = batches(8, nan_at=None if options.get("nonfinite") else 3)
-    got, got_m = train(make_bn_net, optimizer, data, planned=True, donate=donate, **options)
-    want, want_m = train(make_bn_net, optimizer, data, planned=False, donate=donate, **options)
-    assert stage(got) == "planned"
-    assert_trees_equal(want.tree(), got.tree(), "state")
-    for step, (w, g) in enumerate(zip(want_m, got_m, strict=True)):
-        assert_trees_equal(w, g, f"metrics of step {step}")
+    assert stage_equal_to_the_body(optimizer, options, data, donate) == "planned"
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])

@@ -30,7 +30,7 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_positive, check_unit, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
-from functrain.optim.planned import Planner, Ran, Runner
+from functrain.optim.planned import Planner, Ran, Runner, selected
 from functrain.optim.rates import as_float64, value_at
 from functrain.optim.rules.arithmetic import (
     addcdiv_,
@@ -53,7 +53,6 @@ from functrain.optim.zeros import counter, writable, zeros
 from functrain.tree import (
     Tree,
     tree_leaves,
-    tree_select,
 )
 
 __all__ = [
@@ -358,9 +357,7 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
         ) -> Ran:
             if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
                 ran = run(grads, params, state, norm, False)
-                kept = tree_select(keep, ran.state, state)
-                chosen = [torch.where(keep, n, p) for n, p in zip(ran.params, params, strict=True)]
-                return Ran(chosen, kept, kept[-1].lr, None, None)
+                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
             ascent, decay, adamax, rate = state
             count = adamax.count + 1
             mu, nu_inf = adamax_moments(adamax, grads, write, b1, b2, eps)

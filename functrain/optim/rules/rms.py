@@ -10,7 +10,7 @@ from functrain.errors import config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
-from functrain.optim.planned import Planner, Ran, Runner
+from functrain.optim.planned import Planner, Ran, Runner, selected
 from functrain.optim.rates import as_float64, value_at
 from functrain.optim.rules.learning_rate import ScaleByLearningRateState
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
@@ -18,7 +18,6 @@ from functrain.optim.zeros import writable, zeros
 from functrain.tree import (
     Tree,
     tree_flatten,
-    tree_select,
 )
 
 __all__ = ["ScaleByRmsState", "scale_by_rms", "rms_planner"]
@@ -121,9 +120,7 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
         ) -> Ran:
             if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
                 ran = run(grads, params, state, norm, False)
-                kept = tree_select(keep, ran.state, state)
-                chosen = [torch.where(keep, n, p) for n, p in zip(ran.params, params, strict=True)]
-                return Ran(chosen, kept, kept[-1].lr, None, None)
+                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
             before, rms, between, rate = state
             if write:
                 nu = [writable(n, x) for n, x in zip(rms.nu, grads, strict=True)]
