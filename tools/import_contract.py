@@ -96,6 +96,7 @@ INNER: dict[str, list[list[str]]] = {
         ],
         ["functrain.core.stacked"],
         ["functrain.core.body", "functrain.core.donation"],
+        ["functrain.core.gradient"],
         [
             "functrain.core.scope",
             "functrain.core.view",

@@ -9,41 +9,30 @@ and `apply` hands them to the optimizer, the EMA and `apply_updates`, with the g
 computed (shared, so clipping and the non-finite check do not measure again) and a sharded step's
 sum over ranks.
 
-`train_body` is two parts: `gradients` (the forward under the loss function, the backward) and
-`apply` (the collectives, the optimizer update, the counters, the EMA, the metrics). Gradients
-come from `torch.autograd.grad` in eager mode (less overhead than `torch.func.grad` on small
-models: `benchmarks/README.md`) and from `torch.func.grad` under `torch.compile`, which traces it
-into one graph, or under vmap; both run the loss function with the module bound to the state's
-tensors (`functrain.core.binding.bound`). A compiled step of a sharded state runs the two parts
-eagerly around its compiled loss function (`gradients` takes the function that calls the loss
-as an argument).
+`train_body` is two parts: `functrain.core.gradient.gradients` (the forward under the loss
+function, the backward: the gradient step every front door takes) and `apply` (the collectives,
+the optimizer update, the counters, the EMA, the metrics).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from functrain.core.gradient import dist_config, functional, gathers, gradients
 from functrain.core.loss import (
-    NO_GRADIENT,
     RunAgain,
     call_loss,
-    check_scalar_metrics,
-    checkpoint_refusal,
-    gradients_of,
-    run_gradient_hooks,
     samples_in,
 )
-from functrain.core.options import loss_divisor
 from functrain.core.statistics import grad_statistics
-from functrain.core.structure import grad_hooks, sparse_parameters
+from functrain.core.structure import grad_hooks
 from functrain.core.view import StepState
 from functrain.distributed import sharding as sharding_
-from functrain.distributed.data_parallel import DistConfig, average_step
-from functrain.errors import ConfigError, LossError
+from functrain.distributed.data_parallel import average_step
+from functrain.errors import ConfigError
 from functrain.layout import in_layouts_of, with_strides_of
 from functrain.optim.base import (
     NO_EXTRAS,
@@ -54,7 +43,6 @@ from functrain.optim.base import (
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import metric_nodes, transform_metrics
-from functrain.optim.rules.sparse import no_rows
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import find_loss_scale
 from functrain.tree import member_view
@@ -62,16 +50,11 @@ from functrain.tree import member_view
 __all__ = [
     "OWN_TX_METRICS",
     "SWEEP_ALONE",
-    "backward",
-    "completed",
-    "LossOf",
     "Parts",
     "apply",
     "averaged",
-    "differentiated",
     "eval_body",
     "finite_buffers",
-    "gradients",
     "in_param_layouts",
     "in_param_strides",
     "loss_scale",
@@ -80,150 +63,10 @@ __all__ = [
 
 # the new state's parts (its fields by name) and the metrics
 Parts = tuple[dict[str, Any], dict[str, torch.Tensor]]
-# runs the loss function: ``(state, tensors by name, batch) -> (loss, metrics)``, as `call_loss`
-LossOf = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 # metrics of the built-in transforms that the step reports itself, or not at all (counters); any
 # other metric a transform's state exposes (a custom transform's `metrics()`) joins the step's
 OWN_TX_METRICS = frozenset({"lr", "skipped", "total_skipped", "micro_step", "grad_norm"})
-
-
-def _functional() -> bool:
-    """Whether the step runs traced (torch.compile) or under a torch.func transform (vmap).
-
-    Either way gradients come from `torch.func.grad`: `torch.autograd.grad` cannot run inside
-    torch.func transforms, and dynamo traces the functional form into one graph.
-    """
-    return torch.compiler.is_compiling() or under_vmap()
-
-
-def _gathers(state: StepState) -> bool:
-    """Whether the parameters are sharded (``"full"``): gathered where the forward uses them."""
-    return state.dist is not None and state.dist.sharding == "full"
-
-
-def gradients(
-    state: StepState,
-    batch: Any,
-    buffers: dict[str, torch.Tensor],
-    scale: torch.Tensor | None,
-    loss_of: LossOf = call_loss,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """This rank's gradients, loss and metrics: the forward under the loss function, the backward.
-
-    Args:
-        state: the state whose parameters are differentiated.
-        batch: the batch, as the loss function takes it.
-        buffers: copies of the state's buffers, which the forward may write into.
-        scale: the dynamic loss scale (fp16) the loss is multiplied by before the backward.
-        loss_of: runs the loss function as `call_loss` does (a compiled sharded step passes its
-            compiled one, which takes plain tensors: the parameters are gathered before it).
-
-    Raises:
-        LossError: the loss does not depend on any trainable parameter (eagerly).
-    """
-    hooks = grad_hooks(state.module, list(state.params))
-    if _functional():
-        objective = _objective(state, batch, scale, loss_of)
-        # buffers are an argument, not a capture: BatchNorm writes its statistics into them
-        grads, (loss, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
-        if not torch.compiler.is_compiling():  # a compiled step checks what it returns
-            check_scalar_metrics(aux)
-        if hooks:
-            grads = dict(zip(grads, run_gradient_hooks(list(grads.values()), hooks)))
-        return grads, loss, aux
-    names = list(state.params)
-    leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-    sparse = frozenset(sparse_parameters(state.module))
-    if loss_of is call_loss and not _gathers(state):
-        divisor = loss_divisor(state.options)
-        grads, loss, aux = backward(state, batch, leaves, buffers, scale, hooks, sparse, divisor)
-        return dict(zip(names, grads, strict=True)), loss, aux
-    scaled, (loss, aux) = _objective(state, batch, scale, loss_of)(
-        dict(zip(names, leaves)), buffers
-    )
-    if loss_of is not call_loss:  # a compiled loss function (sharded states) did not check
-        check_scalar_metrics(aux)
-    try:
-        found = gradients_of(scaled, leaves, state.module)
-    except (RuntimeError, RunAgain) as error:
-        refused = checkpoint_refusal(error, "sharded")
-        if refused is not None:
-            raise refused from error
-        raise
-    grads = completed(found, leaves, names, hooks, sparse)
-    return dict(zip(names, grads, strict=True)), loss, aux
-
-
-def backward(
-    state: StepState,
-    batch: Any,
-    leaves: list[torch.Tensor],
-    buffers: dict[str, torch.Tensor],
-    scale: torch.Tensor | None,
-    hooks: tuple[tuple[int, Any], ...],
-    sparse: frozenset[str],
-    divisor: int | None,
-    plain: bool = False,
-) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """The eager gradient step: the loss function on `leaves`, then ``torch.autograd.grad``.
-
-    The one gradient function of every eager step (the step program's, `functrain.core.program`,
-    and the body's): the loss function runs with the module bound to `leaves` (the parameters as
-    fresh leaves, in the state's order), the frozen weights and `buffers` (copies the forward may
-    write), and the backward runs while the module still holds them (checkpointed blocks run
-    again in it). Decided by the caller: `hooks` and `sparse`, the parameters' gradient hooks and
-    the names of those with sparse gradients (`functrain.core.structure`); `divisor`, what the
-    loss is divided by (`functrain.core.options.loss_divisor`); `plain`, whether the parameters
-    are plain tensors (`functrain.core.loss.gradients_of`).
-
-    Returns:
-        The gradients (`completed`), the loss and the loss function's metrics, detached.
-
-    Raises:
-        LossError: the loss does not depend on any trainable parameter.
-    """
-    names = list(state.params)
-    loss, aux, grads = call_loss(
-        state,
-        {**dict(zip(names, leaves)), **state.frozen, **buffers},
-        batch,
-        watch={**state.params, **state.frozen} if state.frozen else state.params,
-        then=lambda loss, aux: (
-            loss.detach(),
-            {k: v.detach() for k, v in aux.items()} if aux else aux,
-            _gradients_from(state, loss, scale, leaves, divisor, plain),
-        ),
-    )
-    return completed(grads, leaves, names, hooks, sparse), loss, aux
-
-
-def completed(
-    grads: list[torch.Tensor | None],
-    leaves: list[torch.Tensor],
-    names: list[str],
-    hooks: tuple[tuple[int, Any], ...],
-    sparse: frozenset[str],
-) -> list[torch.Tensor]:
-    """The gradients after the parameters' own hooks, one for every leaf.
-
-    A parameter the loss did not use gets a zero gradient (torch.optim's with
-    ``zero_grad(set_to_none=False)``); a sparse one none at all (`no_rows`), which its updates
-    skip as torch.optim skips a parameter without a gradient.
-
-    Raises:
-        LossError: no leaf has a gradient.
-    """
-    if not any(g is None for g in grads):  # (`None in grads` would compare tensors)
-        return run_gradient_hooks(grads, hooks) if hooks else grads  # type: ignore[return-value]
-    # requiring grad is not enough: a module the loss closes over has parameters of its own
-    if all(g is None for g in grads):
-        raise LossError(NO_GRADIENT)
-    grads = run_gradient_hooks(grads, hooks)
-    return [
-        g if g is not None else no_rows(leaf) if name in sparse else torch.zeros_like(leaf)
-        for name, g, leaf in zip(names, grads, leaves, strict=True)
-    ]
 
 
 def check_gradients(state: StepState, batch: Any) -> None:
@@ -245,41 +88,6 @@ def check_gradients(state: StepState, batch: Any) -> None:
         gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
 
 
-def _objective(
-    state: StepState, batch: Any, scale: torch.Tensor | None, loss_of: LossOf
-) -> Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
-    """The function differentiated: ``(params, buffers) -> (scaled loss, (loss, metrics))``."""
-    gather = _gathers(state)
-
-    def objective(
-        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        if gather and loss_of is not call_loss:
-            # a compiled loss takes plain tensors: every parameter gathered before it, kept
-            # until the backward
-            params = {k: sharding_.for_compute(p) for k, p in params.items()}
-        # "full" sharding: each operation all-gathers the parameters it uses; their gradients
-        # come back reduce-scattered
-        with (
-            sharding_.gathering_on_use(params, _dist(state).reshard_after_forward)
-            if gather
-            else contextlib.nullcontext()
-        ):
-            loss, aux = loss_of(state, {**params, **state.frozen, **buffers}, batch)
-        scaled = differentiated(state, loss, scale)
-        return scaled, (loss.detach(), {k: v.detach() for k, v in aux.items()})
-
-    return objective
-
-
-def _dist(state: StepState) -> DistConfig:
-    """The process group of a state that has one (the caller checked)."""
-    config = state.dist
-    if config is None:
-        raise TypeError("a step of a state without a process group asked for its group")
-    return config
-
-
 def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Parts:
     """The step itself, on tensors only (what torch.compile traces): `gradients`, then `apply`.
 
@@ -290,62 +98,6 @@ def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Part
     scale = loss_scale(state)
     grads, loss, aux = gradients(state, batch, buffers, scale)
     return apply(state, batch, grads, buffers, loss, aux, scale, extras)
-
-
-def differentiated(
-    state: StepState, loss: torch.Tensor, scale: torch.Tensor | None
-) -> torch.Tensor:
-    """What the backward differentiates: the loss (or a stacked state's ``[K]`` losses) divided by
-    the accumulation window under the "loss" convention (`loss_divisor`), then times the fp16 loss
-    scale: ``scaler.scale(loss / N)`` of torch's AMP recipe, in its order of operations."""
-    divisor = loss_divisor(state.options)
-    if divisor is not None:
-        loss = loss / divisor
-    return loss * scale.to(loss.dtype) if scale is not None else loss
-
-
-def _gradients_from(
-    state: StepState,
-    loss: torch.Tensor,
-    scale: torch.Tensor | None,
-    leaves: list[torch.Tensor],
-    divisor: int | None,
-    plain: bool = False,
-) -> list[torch.Tensor | None]:
-    """The eager backward of `differentiated`, without its division by the window as an op.
-
-    Under the "loss" convention (`divisor`: `loss_divisor`) autograd would hand `loss` the
-    gradient ``scale / N`` (``1 / N`` without a scale: the division's backward, of its output's
-    ``scale`` or 1): the backward starts from that instead, made in one op, rather than a division
-    in the forward and its node in the backward (about 10 us a step on a 20-48-5 MLP here), with
-    the same bits. `plain`: the leaves are plain tensors (`functrain.core.loss.gradients_of`).
-    """
-    if divisor is None:
-        seed = None if scale is None else scale.to(loss.dtype)
-        if seed is not None:
-            loss = loss * seed
-        return gradients_of(loss, leaves, state.module, plain=plain)
-    # a fresh tensor: the gradients may be views of it (a sum's backward expands it)
-    start = (
-        torch.div(scale.to(loss.dtype), divisor)
-        if scale is not None
-        else torch.full((), _reciprocal(loss.dtype, divisor), dtype=loss.dtype, device=loss.device)
-    )
-    return gradients_of(loss, leaves, state.module, start, plain=plain)
-
-
-# ``1 / N`` as torch's division computes it in a dtype, by (dtype, N): a float the dtype holds
-# exactly, so that `torch.full` makes it in one op (the division is two, a step); computed once,
-# on the CPU (the read waits for no device)
-_RECIPROCALS: dict[tuple[torch.dtype, int], float] = {}
-
-
-def _reciprocal(dtype: torch.dtype, n: int) -> float:
-    key = (dtype, n)
-    value = _RECIPROCALS.get(key)
-    if value is None:
-        value = _RECIPROCALS[key] = float(torch.ones((), dtype=dtype).div_(n))
-    return value
 
 
 def loss_scale(state: StepState) -> torch.Tensor | None:
@@ -403,7 +155,7 @@ def _shared_gradients(
     This rank's slices of the mean gradients (plain tensors), and the 0-d gradients, floating
     buffers and metrics averaged over ranks.
     """
-    config = _dist(state)
+    config = dist_config(state)
     grads, whole = sharding_.split_gradients(grads, sharding, config.mesh)
     whole, buffers, scalars = average_step(whole, buffers, {"loss": loss, **aux}, config)
     grads = {k: grads[k] if k in grads else whole[k] for k in state.params}
@@ -412,7 +164,7 @@ def _shared_gradients(
 
 def _placed(state: StepState, sharding: str, new: dict[str, Any], extras: Extras) -> dict[str, Any]:
     """A sharded step's new local slices placed as `state` holds them (sharded, or whole)."""
-    mesh = _dist(state).mesh
+    mesh = dist_config(state).mesh
     new["params"] = sharding_.placed_params(
         new["params"], state.params, sharding, mesh, extras.may_write()
     )
@@ -423,7 +175,7 @@ def _placed(state: StepState, sharding: str, new: dict[str, Any], extras: Extras
 def _local_view(state: StepState, sharding: str) -> StepState:
     """`state` with the parameters and optimizer state this rank updates, as plain tensors."""
     return state.replace(
-        params=sharding_.local_params(state.params, sharding, _dist(state).mesh),
+        params=sharding_.local_params(state.params, sharding, dist_config(state).mesh),
         opt_state=sharding_.local_tree(state.opt_state),
     )
 
@@ -475,7 +227,7 @@ def _update(
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
     norms = (
         extras.norms.sharing(grad_list, grad_norm)
-        if grad_norm is not None and not _functional()
+        if grad_norm is not None and not functional()
         else extras.norms
     )
     # a donated step's gradients are its own unless a hook handed one in (it may keep it); the
@@ -557,7 +309,7 @@ def _tx_metrics(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
     tensors included, is made once per transform; each node's class is checked on the way, and a
     state of another structure is walked again. Traced bodies walk it every time.
     """
-    if _functional():
+    if functional():
         return transform_metrics(opt_state)
     entry = _METRIC_NODES.get(id(tx))
     if entry is not None and entry[0] is tx:
@@ -635,7 +387,7 @@ def _counters(
     """The counters after the batch (`completed`: None when every batch completes an update)."""
     world = state.dist.world_size if state.dist is not None else 1
     samples = samples_in(batch) * world
-    if completed is None and not _functional():
+    if completed is None and not functional():
         # one foreach op for the three counters every batch advances, not one op each
         step, epoch_step, samples_seen = torch._foreach_add(
             [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
@@ -735,7 +487,7 @@ def eval_body(
     buffers = {k: b.clone() for k, b in given.items()}
     with (
         torch.no_grad(),
-        sharding_.gathering_on_use(weights) if _gathers(state) else contextlib.nullcontext(),
+        sharding_.gathering_on_use(weights) if gathers(state) else contextlib.nullcontext(),
     ):
         loss, aux = call_loss(
             state,

@@ -53,7 +53,6 @@ from functrain.core.body import (
     Parts,
     apply,
     check_gradients,
-    gradients,
     loss_scale,
     train_body,
 )
@@ -67,6 +66,7 @@ from functrain.core.capture import (
 )
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import step_in_scope, wait_until_unheld
+from functrain.core.gradient import gradients
 from functrain.core.guards import Spent, Watched, guard_filter, refuse_if_spent
 from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import Scope, enter, leave, leave_with
@@ -644,7 +644,11 @@ def _sharded_body(
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = loss_scale(state)
     grads, loss, aux = gradients(
-        state, batch, buffers, scale, loss_of=lambda _, tensors, b: forward(tensors, b)
+        state,
+        batch,
+        buffers,
+        scale,
+        lambda params, buffers: forward({**params, **state.frozen, **buffers}, batch),
     )
     return apply(state, batch, grads, buffers, loss, aux, scale, extras)
 

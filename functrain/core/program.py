@@ -6,8 +6,8 @@ a `StepProgram`, carried by the states its steps return (`TrainState.program`; `
 and the next step decides again). A step then runs its stages in `StepProgram.run`, each a named
 method below:
 
-    _enter (the state's RNG and train mode) -> _backward (`functrain.core.body.backward`: the
-    loss function on the state's tensors, the gradients) -> the update -> the new state and its
+    _enter (the state's RNG and train mode) -> _backward (`functrain.core.gradient.backward`:
+    the loss function on the state's tensors, the gradients) -> the update -> the new state and its
     metrics (`_finished`)
 
 The update is decided once, as one of three (`StepProgram.stage`):
@@ -40,18 +40,17 @@ from functrain.core.body import (
     OWN_TX_METRICS,
     apply,
     averaged,
-    backward,
     finite_buffers,
     in_param_strides,
     loss_scale,
 )
 from functrain.core.donation import HELD, wait_until_unheld
+from functrain.core.gradient import backward, decided
 from functrain.core.loss import samples_in
-from functrain.core.options import loss_divisor
 from functrain.core.scope import Scope, device_generator, enter, swap_in, swap_out
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState
-from functrain.core.structure import grad_hooks, sparse_parameters
+from functrain.core.structure import sparse_parameters
 from functrain.layout import in_layouts_of
 from functrain.optim.base import (
     NO_EXTRAS,
@@ -79,8 +78,8 @@ class StepProgram:
         "stage",
         "fresh",
         "strides",
+        "known",
         "hooks",
-        "sparse",
         "generator",
         "ranked",
         "writes",
@@ -88,8 +87,6 @@ class StepProgram:
         "fp32",
         "lr_seen",
         "in_place",
-        "divisor",
-        "plain",
         "window",
         "rates",
     )
@@ -106,8 +103,9 @@ class StepProgram:
         self.fresh = fresh
         # the layout torch.optim's `.grad` would have: a gradient in another is laid out first
         self.strides = [p.stride() for p in params]
-        self.hooks = grad_hooks(state.module, list(state.params))  # the parameters' own hooks
-        self.sparse = frozenset(sparse_parameters(state.module))
+        # the gradient step's hooks, sparse parameters, divisor, and whether the weights are plain
+        self.known = decided(state, plain=all(type(p) is torch.Tensor for p in params))
+        self.hooks = self.known.hooks  # the parameters' own hooks
         self.generator = device_generator(params[0].device)
         # a process group's ranks draw from streams of their own (`functrain.core.scope.enter`)
         self.ranked = state.dist is not None
@@ -118,8 +116,6 @@ class StepProgram:
         # the last rate reported and its float32 (a constant rate is one tensor: one op saved)
         self.lr_seen: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
-        self.divisor = loss_divisor(options)  # the loss divided by the window ("loss")
-        self.plain = all(type(p) is torch.Tensor for p in params)
         self.window = options.accumulate_steps
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
 
@@ -155,9 +151,7 @@ class StepProgram:
     ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """The gradients (for fresh leaves of the parameters), the loss and its metrics."""
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-        return backward(
-            state, batch, leaves, buffers, scale, self.hooks, self.sparse, self.divisor, self.plain
-        )
+        return backward(state, batch, leaves, buffers, scale, self.known)
 
     def _with_body(
         self, state: TrainState, batch: Any, donate: bool, scope: Scope

@@ -40,14 +40,15 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from functrain.core.body import Parts, apply, differentiated, eval_body, loss_scale
+from functrain.core.body import Parts, apply, eval_body, loss_scale
 from functrain.core.donation import donated
-from functrain.core.loss import NO_GRADIENT, call_loss, check_scalar_metrics, checkpoint_refusal
+from functrain.core.gradient import gradients
+from functrain.core.loss import call_loss
 from functrain.core.scope import device_generator
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of
-from functrain.errors import BatchError, ConfigError, FunctrainError, LossError
+from functrain.errors import BatchError, ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras, runs_on_members
 from functrain.optim.batching import STACKED
 from functrain.optim.sweep import enter_member, leave_member
@@ -459,80 +460,22 @@ def _gradients(
     buffers: dict[str, torch.Tensor],
     scale: torch.Tensor | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """Every member's gradients, ``[K]`` losses and metrics; the forward writes into `buffers`.
-
-    The backward is of the members' losses summed: member k's loss depends on member k's slices
-    only, so each member's gradient is its own (the sum passes it on multiplied by an exact 1).
+    """Every member's gradients, ``[K]`` losses and metrics (`functrain.core.gradient.gradients`
+    of the members' forward, `_forward`); the forward writes into `buffers`.
 
     Raises:
         LossError: the loss does not depend on any trainable parameter.
     """
-
     ordered = in_module_order(state)
 
-    def objective(
+    def forward(
         params: Any, buffers: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if ordered:
             params = module_order(params)
-        losses, aux = _forward(state, params, buffers, batch, per_member, apart)
-        return differentiated(state, losses, scale).sum(), (
-            losses.detach(),
-            {k: v.detach() for k, v in aux.items()},
-        )
+        return _forward(state, params, buffers, batch, per_member, apart)
 
-    if torch.compiler.is_compiling():
-        # buffers are an argument, not a capture: BatchNorm writes its statistics into them
-        grads, (losses, aux) = torch.func.grad(objective, has_aux=True)(state.params, buffers)
-        return grads, losses, aux
-    if apart:
-        # each member's slices leaves of their own: one backward gives each member's gradients,
-        # stacked once, where slices of the stacked leaves would each add a full-size zero tensor
-        own = [
-            {k: p[m].detach().requires_grad_(True) for k, p in state.params.items()}
-            for m in range(state.members)
-        ]
-        total, (losses, aux) = objective(own, buffers)
-        found = _backward(total, [p for member in own for p in member.values()])
-        n = len(state.params)
-        grads = {
-            k: torch.stack(
-                [
-                    g if g is not None else torch.zeros_like(state.params[k][m])
-                    for m, g in enumerate(found[i::n])
-                ]
-            )
-            for i, k in enumerate(state.params)
-        }
-    else:
-        leaves = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
-        total, (losses, aux) = objective(leaves, buffers)
-        found = _backward(total, list(leaves.values()))
-        grads = {
-            k: g if g is not None else torch.zeros_like(leaves[k])
-            for k, g in zip(leaves, found, strict=True)
-        }
-    check_scalar_metrics(aux, members=losses.shape[0])
-    return grads, losses, aux
-
-
-def _backward(total: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The gradients of `total` (the summed losses) with respect to `leaves`.
-
-    Raises:
-        LossError: the loss does not depend on any of them.
-        ConfigError: the module uses activation checkpointing.
-    """
-    try:
-        found = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else ()
-    except RuntimeError as e:
-        refused = checkpoint_refusal(e, "stacked")
-        if refused is not None:
-            raise refused from e
-        raise
-    if all(g is None for g in found):
-        raise LossError(NO_GRADIENT)
-    return list(found)
+    return gradients(state, batch, buffers, scale, forward, apart)
 
 
 def _forward(
