@@ -14,8 +14,9 @@ The update is decided once, as one of three (`StepProgram.stage`):
 
 - **planned**: the transform declares a `functrain.optim.planned.Planner` and it plans the
   state's tensors: `_with_runner` lays the gradients out and takes their global norm, then runs
-  the transform's `Runner` (for the fused presets one kernel call, gated by the norm's finiteness,
-  inside `skip_nonfinite`, `accumulate`, `partition` and a clipping `chain`), the EMA, the
+  the transform's `Runner` (for the fused presets one kernel call, gated by the norm's finiteness;
+  the plain chains of RMSprop and, on the CPU, Adamax, RAdam and NAdam; inside `skip_nonfinite`,
+  `accumulate`, `partition` and a clipping `chain`), the EMA, the
   counters and metrics: the per-step path does arithmetic, not decisions;
 - **updated**: any other transform, run by `_with_runner` through its own update (`_updating`:
   ``update_reporting`` and `apply_updates` with what the body decides on every call decided
@@ -377,7 +378,8 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     For a configuration that is eager and unstacked with no process group, no gradient
     statistics, no fp16 loss scale and no sparse gradients: the transform's planned update where
     it has one (`functrain.optim.base.planner_of`: the fused ``adamw``/``adam``/``sgd``/
-    ``adagrad``, RMSprop's plain chain, and `skip_nonfinite`, `accumulate`, `partition` and a
+    ``adagrad``, RMSprop's plain chain, on the CPU Adamax's, RAdam's and NAdam's, and
+    `skip_nonfinite`, `accumulate`, `partition` and a
     `chain` after `clip_by_global_norm` around planned ones), else its own update (`_updating`).
     None: the body's update (`_with_body`).
     """

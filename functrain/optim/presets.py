@@ -39,7 +39,9 @@ from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import (
     adamax_planner,
+    nadam_planner,
     nadam_step,
+    radam_planner,
     scale_by_adam,
     scale_by_adamax,
     scale_by_radam,
@@ -523,7 +525,7 @@ def radam(
     )
     _check_renamed("radam", lr)
     decay = _maybe(weight_decay, add_decayed_weights(weight_decay, mask))
-    return chain(
+    tx = chain(
         *_ascent(maximize),
         *(
             (scale_by_radam(b1, b2, eps), decay)
@@ -532,6 +534,10 @@ def radam(
         ),
         scale_by_learning_rate(lr),
     )
+    if maximize or weight_decay:
+        return tx
+    # the plain chain: its update decided once for the step's tensors on the CPU
+    return tx._replace(update=tx.update.but(plan=radam_planner(b1, b2, eps, lr)))
 
 
 @replaces("rmsprop")
@@ -887,7 +893,7 @@ def nadam(
     )
     rate, (b1, b2) = _checked("nadam", lr, betas)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
-    return chain(
+    tx = chain(
         _maybe(maximize, scale(-1.0)),
         _maybe(coupled, add_decayed_weights(coupled, mask)),
         nadam_step(
@@ -900,6 +906,10 @@ def nadam(
             mask=mask,
         ),
     )
+    if maximize or weight_decay:
+        return tx
+    # the plain chain: its update decided once for the step's tensors on the CPU
+    return tx._replace(update=tx.update.but(plan=nadam_planner(rate, b1, b2, eps, momentum_decay)))
 
 
 @named(resolve=without_choices)

@@ -209,20 +209,15 @@ TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "foreach": (lambda: ft.adamw(1e-2, fused=False), {}),
     "a_group_unplanned": (
         lambda: ft.partition(
-            lambda name, p: "m" if p.ndim > 1 else "v", m=ft.nadam(1e-2), v=ft.adamw(1e-2)
+            lambda name, p: "m" if p.ndim > 1 else "v", m=ft.lion(1e-3), v=ft.adamw(1e-2)
         ),
         {},
     ),
     "rmsprop": (lambda: ft.rmsprop(1e-2, momentum=0.9), {}),
-    "nadam": (lambda: ft.nadam(1e-2), {}),
-    "radam": (lambda: ft.radam(1e-2), {}),
+    "nadam_decay": (lambda: ft.nadam(1e-2, weight_decay=0.1), {}),
+    "radam_decay": (lambda: ft.radam(1e-2, weight_decay=0.1), {}),
     "adamax_decay": (lambda: ft.adamax(1e-2, weight_decay=0.1), {}),
     "lion": (lambda: ft.lion(1e-3), {}),
-    "nadam_accumulate_mean": (
-        lambda: ft.nadam(1e-2),
-        {"accumulate_steps": 2, "accumulate_convention": "mean"},
-    ),
-    "radam_nonfinite_none": (lambda: ft.radam(1e-2), {"nonfinite": "none"}),
     # a group's own guard and clipping measure the group's gradients: the body's order of flags
     "a_group_guarded": (
         lambda: ft.partition(
@@ -265,7 +260,8 @@ def stage_equal_to_the_body(
     return stage(got)
 
 
-# RMSprop's and Adamax's plain chains plan their updates (`rms_planner`, `adamax_planner`);
+# RMSprop's, Adamax's, RAdam's and NAdam's plain chains plan their updates (`rms_planner`,
+# `adamax_planner`, `radam_planner`, `nadam_planner`);
 # `skip_nonfinite` around an ungated planned update (it, or a window of one's own) reads its flag
 # on the host (the CPU): the NaN batch, a window's micro-batches, a schedule
 RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
@@ -291,6 +287,29 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         {"accumulate_steps": 2, "ema_decay": 0.9},
     ),
     "adamax_nonfinite_none": (lambda: ft.adamax(1e-2), {"nonfinite": "none"}),
+    # RAdam's rectification starts at its sixth step
+    "radam": (lambda: ft.radam(1e-2), {}),
+    "radam_decoupled_schedule": (
+        lambda: ft.radam(
+            ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10),
+            decoupled_weight_decay=True,
+        ),
+        {"accumulate_steps": 2, "ema_decay": 0.9},
+    ),
+    "radam_nonfinite_none": (lambda: ft.radam(1e-2), {"nonfinite": "none"}),
+    "nadam": (lambda: ft.nadam(1e-2), {}),
+    "nadam_accumulate_mean": (
+        lambda: ft.nadam(1e-2),
+        {"accumulate_steps": 2, "accumulate_convention": "mean"},
+    ),
+    "nadam_decoupled_schedule_ema": (
+        lambda: ft.nadam(
+            ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10),
+            decoupled_weight_decay=True,
+            momentum_decay=0.01,
+        ),
+        {"ema_decay": 0.9, "clip_grad_norm": 0.5},
+    ),
     # skipping a micro-batch around a window of one's own: the window's sums are left as they were
     "accumulate_of_ones_own": (lambda: ft.accumulate(ft.adamw(1e-2), every=2), {}),
     "a_group_rmsprop": (
@@ -313,8 +332,8 @@ def test_updates_gated_on_the_host_are_planned_as_their_own_update(name: str, do
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize(
     "optimizer",
-    [ft.rmsprop, ft.adamax, lambda lr: ft.accumulate(ft.adamw(lr), every=2)],
-    ids=["rmsprop", "adamax", "a_window_of_ones_own"],
+    [ft.rmsprop, ft.adamax, ft.radam, ft.nadam, lambda lr: ft.accumulate(ft.adamw(lr), every=2)],
+    ids=["rmsprop", "adamax", "radam", "nadam", "a_window_of_ones_own"],
 )
 def test_an_ungated_planned_update_takes_a_window_end_the_host_cannot_read(
     monkeypatch: pytest.MonkeyPatch, optimizer: Callable[[float], Any], donate: bool

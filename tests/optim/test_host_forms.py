@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import functrain as ft
+from functrain.optim.base import planner_of
 from functrain.optim.rules import adam
 
 S = ft.schedules
@@ -55,3 +56,46 @@ def test_nadams_host_and_tensor_forms_give_the_same_bits(
     for k in host:
         assert torch.equal(host[k], tensor[k]), f"{name}: {k}"
     ft.assert_states_equal(host_state, tensor_state)
+
+
+PLANNED: dict[str, Callable[[], ft.Transform]] = {
+    "radam": lambda: ft.radam(2e-3),
+    "radam-decoupled-schedule": lambda: ft.radam(
+        S.warmup_cosine(1e-2, warmup_steps=50, decay_steps=1500), decoupled_weight_decay=True
+    ),
+    "radam-betas": lambda: ft.radam(1e-3, b1=0.8, b2=0.99, eps=1e-6),
+    "adamax": lambda: ft.adamax(2e-3),
+    "nadam": lambda: ft.nadam(2e-3),
+    "nadam-schedule-momentum-decay": lambda: ft.nadam(
+        S.warmup_cosine(1e-2, warmup_steps=50, decay_steps=1500), momentum_decay=0.01
+    ),
+}
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["fresh", "in-place"])
+@pytest.mark.parametrize("name", list(PLANNED))
+def test_a_planned_host_form_gives_its_updates_bits(name: str, write: bool) -> None:
+    """The runner a plain chain plans (`radam_planner`, `adamax_planner`, `nadam_planner`: the
+    step sizes in torch.optim's Python floats) against the chain's update and `apply_updates`
+    (float64 tensors), 2,000 steps from the same gradients: RAdam's early unrectified steps
+    included."""
+    tx = PLANNED[name]()
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(7, 5, generator=gen), "b": torch.randn(5, generator=gen)}
+    plan = planner_of(tx)
+    assert plan is not None
+    want, want_state = params, tx.init(params)
+    got = [p.clone() for p in params.values()]
+    got_state = tx.init(params)
+    runner = plan(params, got_state)
+    assert runner is not None
+    for _ in range(2000):
+        grads = {k: torch.randn(p.shape, generator=gen) for k, p in params.items()}
+        updates, want_state = tx.update(grads, want_state, want)
+        want = ft.apply_updates(want, updates)
+        # (with `write`: into its own parameters and moments, as a donated step's)
+        ran = runner([g.clone() for g in grads.values()], got, got_state, None, write)
+        got, got_state = ran.params, ran.state
+    for (k, w), g in zip(want.items(), got, strict=True):
+        assert torch.equal(w, g), f"{name}: {k}"
+    ft.assert_states_equal(want_state, got_state)

@@ -62,6 +62,10 @@ __all__ = [
     "ScaleByRadamState",
     "adamax_moments",
     "adamax_planner",
+    "radam_moments",
+    "radam_planner",
+    "nadam_moves",
+    "nadam_planner",
     "nadam_step",
     "scale_by_adam",
     "scale_by_adamax",
@@ -208,14 +212,7 @@ def scale_by_radam(
     ) -> tuple[RectifiedRatio, ScaleByRadamState]:
         g, spec = flat_updates(updates, params)
         count = state.count + 1
-        if writes_in_place(extras):  # a donated step: the moments move in their own storage
-            mu, nu = own_storage(state.mu, g), own_storage(state.nu, g)
-            torch._foreach_lerp_(mu, g, 1 - b1)
-            torch._foreach_mul_(nu, b2)
-        else:
-            mu = list(torch._foreach_lerp(state.mu, g, 1 - b1))
-            nu = list(torch._foreach_mul(state.nu, b2))
-        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+        mu, nu = radam_moments(state, g, writes_in_place(extras), b1, b2)
         # torch.optim's Python scalars, op for op in float64 (x ** 0.5 is C's pow, not sqrt)
         step = f64(count)
         b2_t = power(b2, step)
@@ -234,6 +231,110 @@ def scale_by_radam(
         return ratio, ScaleByRadamState(count, tuple(mu), tuple(nu))
 
     return Transform(init_fn, with_extras(update_fn))
+
+
+def radam_moments(
+    state: ScaleByRadamState, g: list[torch.Tensor], in_place: bool, b1: float, b2: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """RAdam's new moments, as torch's foreach RAdam moves them: in the state's own storage with
+    `in_place` (a donated step), else in fresh tensors."""
+    if in_place:
+        mu, nu = own_storage(state.mu, g), own_storage(state.nu, g)
+        torch._foreach_lerp_(mu, g, 1 - b1)
+        torch._foreach_mul_(nu, b2)
+    else:
+        mu = list(torch._foreach_lerp(state.mu, g, 1 - b1))
+        nu = list(torch._foreach_mul(state.nu, b2))
+    torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+    return mu, nu
+
+
+def radam_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Planner:
+    """The `Planner` of RAdam's plain chain (`scale_by_radam` and `scale_by_learning_rate`, with
+    no weight decay and descending) on the CPU: the moments as `scale_by_radam` moves them
+    (`radam_moments`), the rectification and the two step sizes in torch.optim's Python floats
+    (the count read on the host, `host_number`: its foreach RAdam's own arithmetic), then its
+    buffer ``1 / ((sqrt(nu) + eps) / s2) + s1`` and one foreach ``addcmul``, as
+    `functrain.optim.updates.apply_updates` applies the `RectifiedRatio`. None off the CPU, for a
+    rate given as a tensor, for parameters of several dtypes or layouts other than contiguous."""
+    rho_inf = 2 / (1 - b2) - 1
+    rho_inf_factor = (rho_inf - 4) * (rho_inf - 2)
+
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
+        if not _host_plain(params, learning_rate):
+            return None
+        tensors = list(params.values())
+        constant = None if callable(learning_rate) else float(learning_rate)
+        fixed = as_float64(constant, tensors[0].device) if constant is not None else None
+        at = [i for i, s in enumerate(state) if isinstance(s, ScaleByRadamState)]
+        if len(at) != 1 or not isinstance(state[-1], ScaleByLearningRateState):
+            return None
+        where = at[0]
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
+                ran = run(grads, params, state, norm, False)
+                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
+            radam, rate = state[where], state[-1]
+            count = radam.count + 1
+            mu, nu = radam_moments(radam, grads, write, b1, b2)
+            n = host_number(count)
+            if fixed is not None:
+                lr_t, lr = fixed, constant
+            else:
+                lr_t = as_float64(value_at(learning_rate, rate.count), rate.count.device)
+                lr = host_number(lr_t)
+            assert n is not None and lr is not None  # (CPU tensors of an eager step)
+            step = float(n)
+            # torch.optim's foreach RAdam, op for op in Python floats
+            rho_t = rho_inf - 2 * step * (b2**step) / (1 - b2**step)
+            rect = (
+                ((rho_t - 4) * (rho_t - 2) * rho_inf / (rho_inf_factor * rho_t)) ** 0.5
+                if rho_t > 5.0
+                else 0.0
+            )
+            unrect = 0.0 if rect > 0 else 1.0
+            bc1 = 1 - b1**step
+            s1 = (lr * unrect / bc1) * -1
+            s2 = ((1 - b2**step) ** 0.5) * (lr * rect / bc1) * -1
+            buffer = torch._foreach_sqrt(nu)
+            torch._foreach_add_(buffer, eps)
+            torch._foreach_div_(buffer, s2)
+            torch._foreach_reciprocal_(buffer)
+            torch._foreach_add_(buffer, s1)
+            if write:
+                torch._foreach_addcmul_(params, mu, buffer)
+                new = params
+            else:
+                new = list(torch._foreach_addcmul(params, mu, buffer))
+            new_state = list(state)
+            new_state[where] = ScaleByRadamState(count, tuple(mu), tuple(nu))
+            new_state[-1] = ScaleByLearningRateState(rate.count + 1, lr_t)
+            return Ran(new, tuple(new_state), lr_t, None, None)
+
+        return run
+
+    return plan
+
+
+def _host_plain(params: dict[str, torch.Tensor], learning_rate: Any) -> bool:
+    """Whether a host-form planner (`adamax_planner`, `radam_planner`) plans `params`: CPU
+    tensors of one dtype, contiguous, and a rate that is not a tensor."""
+    tensors = list(params.values())
+    return not (
+        isinstance(learning_rate, torch.Tensor)
+        or not tensors
+        or any(p.device.type != "cpu" for p in tensors)
+        or len({p.dtype for p in tensors}) > 1
+        or not all(p.is_contiguous() and 1 not in p.shape for p in tensors)
+    )
 
 
 # -- Adamax
@@ -335,15 +436,9 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
     contiguous."""
 
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
-        tensors = list(params.values())
-        if (
-            isinstance(learning_rate, torch.Tensor)
-            or not tensors
-            or any(p.device.type != "cpu" for p in tensors)
-            or len({p.dtype for p in tensors}) > 1
-            or not all(p.is_contiguous() and 1 not in p.shape for p in tensors)
-        ):
+        if not _host_plain(params, learning_rate):
             return None
+        tensors = list(params.values())
         constant = None if callable(learning_rate) else float(learning_rate)
         fixed = as_float64(constant, tensors[0].device) if constant is not None else None
 
@@ -493,28 +588,86 @@ def nadam_step(
         decay = 1 - rate * weight_decay if weight_decay else None
         flags = resolve_mask(mask, params)
         new = decayed_(p, decay, flags) if in_place else decayed(p, decay, flags)
-        mu, nu = [], []
-        moments = (
-            (own_storage(state.mu, g), own_storage(state.nu, g))
-            if in_place
-            else (state.mu, state.nu)
-        )
-        for m, v, grad, out in zip(*moments, g, new, strict=True):  # tensor by tensor, as torch
-            if in_place:
-                mu.append(m.lerp_(grad, 1 - b1))
-                nu.append(v.mul_(b2).addcmul_(grad, grad, value=1 - b2))
-            else:
-                mu.append(torch.lerp(m, grad, 1 - b1))
-                nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
-            den = (
-                divided(nu[-1], bc2).sqrt_().add_(eps)
-            )  # freed before the next tensor's, as torch's
-            addcdiv_(out, grad, den, steps[0])
-            addcdiv_(out, mu[-1], den, steps[1])
+        mu, nu = nadam_moves(state, g, new, in_place, bc2, steps, b1, b2, eps)
         return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
 
     # a reduce_on_plateau after it lowers the rate it takes (`ExtrasUpdate.folds_scales`)
     return Transform(init_fn, ExtrasUpdate(update_fn, folds_scales=True))
+
+
+def nadam_moves(
+    state: NadamStepState,
+    g: Sequence[torch.Tensor],
+    new: Sequence[torch.Tensor],
+    in_place: bool,
+    bc2: float | torch.Tensor,
+    steps: Sequence[float | torch.Tensor],
+    b1: float,
+    b2: float,
+    eps: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """NAdam's moments and its two ``addcdiv`` into `new` (the parameters to move, written in
+    place), tensor by tensor as torch's single-tensor loop: the moments in the state's own
+    storage with `in_place` (a donated step), else fresh. Returns the new moments."""
+    mu, nu = [], []
+    moments = (
+        (own_storage(state.mu, g), own_storage(state.nu, g)) if in_place else (state.mu, state.nu)
+    )
+    for m, v, grad, out in zip(*moments, g, new, strict=True):  # tensor by tensor, as torch
+        if in_place:
+            mu.append(m.lerp_(grad, 1 - b1))
+            nu.append(v.mul_(b2).addcmul_(grad, grad, value=1 - b2))
+        else:
+            mu.append(torch.lerp(m, grad, 1 - b1))
+            nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
+        den = divided(nu[-1], bc2).sqrt_().add_(eps)  # freed before the next tensor's, as torch's
+        addcdiv_(out, grad, den, steps[0])
+        addcdiv_(out, mu[-1], den, steps[1])
+    return mu, nu
+
+
+def nadam_planner(
+    learning_rate: Any, b1: float, b2: float, eps: float, momentum_decay: float
+) -> Planner:
+    """The `Planner` of NAdam's plain chain (`nadam_step` with no weight decay, descending) on
+    the CPU: its scalars in torch.optim's Python floats (`_host_sizes`), then its loop
+    (`nadam_moves`) on the step's lists, without the chain's and the update's layers. None off
+    the CPU, for a rate given as a tensor, for parameters of several dtypes or layouts other than
+    contiguous."""
+
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
+        if not _host_plain(params, learning_rate) or not isinstance(state[-1], NadamStepState):
+            return None
+        device = next(iter(params.values())).device
+        constant = None if callable(learning_rate) else float(learning_rate)
+        fixed = as_float64(constant, device) if constant is not None else None
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
+                ran = run(grads, params, state, norm, False)
+                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
+            nadam = state[-1]
+            count = nadam.count + 1
+            lr = fixed if fixed is not None else rate_at(learning_rate, nadam.count)
+            rate = constant if constant is not None else lr
+            host = _host_sizes(count, rate, nadam.mu_product, b1, b2, momentum_decay)
+            assert host is not None  # (CPU tensors of an eager step)
+            bc2, mu_product, steps = host
+            new = params if write else [p.clone() for p in params]
+            mu, nu = nadam_moves(nadam, grads, new, write, bc2, steps, b1, b2, eps)
+            moved = NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
+            return Ran(new, (*state[:-1], moved), lr, None, None)
+
+        return run
+
+    return plan
 
 
 def _host_sizes(
