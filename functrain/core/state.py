@@ -37,9 +37,18 @@ from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
-from functrain.tree import Tree
+from functrain.tree import Tree, leaves_by_path, tree_leaves
 
-__all__ = ["TrainState", "StepOptions", "LossFn", "Precision", "NonFinitePolicy", "unaliased"]
+__all__ = [
+    "NOT_DIFFERENTIABLE",
+    "TrainState",
+    "StepOptions",
+    "LossFn",
+    "Precision",
+    "NonFinitePolicy",
+    "refuse_graph_tensors",
+    "unaliased",
+]
 
 LossFn = Callable[..., Any]
 
@@ -365,6 +374,7 @@ class TrainState:
             >>> s.replace(epoch=4, epoch_step=0).epoch  # a counter given as an int becomes a tensor
             tensor(4)
         """
+        refuse_graph_tensors(changes, "TrainState.replace")
         for name in changes.keys() & _COUNTER_SET:
             value = changes[name]
             if isinstance(value, int) and not isinstance(value, bool):
@@ -666,6 +676,7 @@ class TrainState:
             ...
             functrain.errors.StateMismatchError: predict got a TrainState whose tensors do not fit its module: params["0.weight"] is not a parameter of the module. ...
         """  # noqa: E501
+        refuse_graph_tensors(tree, "TrainState.with_tree")
         new = attrs.evolve(self, **tree)
         if not tree.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)
@@ -712,6 +723,39 @@ _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})
 
 
 _DONATED_TAG = "_functrain_donated_to"
+
+# the fields a step differentiates, updates or averages: tensors on an autograd graph refused there
+_STEPPED = frozenset({"params", "frozen", "buffers", "opt_state", "ema_state"})
+
+NOT_DIFFERENTIABLE = (
+    "functrain's steps are not differentiable: a step takes its gradients from detached copies "
+    "of the state's tensors, so a gradient through it would silently be first-order (first-order "
+    "MAML's, not the exact meta-gradient) or never reach a tensor at all"
+)
+
+
+def refuse_graph_tensors(fields: dict[str, Any], call: str) -> None:
+    """Refuse tensors that require grad in the fields a step reads (`call` names the caller).
+
+    Raises:
+        ConfigError: naming the first such tensors and how to pass them.
+    """
+    found: list[str] = []
+    for name in sorted(fields.keys() & _STEPPED):
+        value = fields[name]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(value)):
+            found += [
+                f"{name}[{path!r}]" if path else name
+                for path, t in leaves_by_path(value).items()
+                if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(
+            f"{call} got tensors that require grad: {shown}. {NOT_DIFFERENTIABLE}. Pass them "
+            "detached (tensor.detach(); a state's own tensors never require grad); to "
+            "differentiate through training, write the inner update with torch.func yourself"
+        )
 
 
 class _Donated:

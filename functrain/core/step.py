@@ -28,9 +28,10 @@ from functrain.core.loss import RunAgain
 from functrain.core.program import DONATED, program_for
 from functrain.core.scope import enter, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
-from functrain.core.state import LossFn, TrainState
+from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState
 from functrain.distributed import sharding as sharding_
 from functrain.errors import ConfigError
+from functrain.optim.batching import differentiating, under_vmap
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 
@@ -106,6 +107,28 @@ def train_step(
     state.check_live("train_step")
     if torch.compiler.is_compiling():
         return _train_step(state, batch, donate)
+    if under_vmap():  # a torch.func transform: vmap runs the body, any other is refused
+        if differentiating():
+            raise ConfigError(
+                "train_step ran under torch.func.grad (or vjp, jvp, jacrev): "
+                f"{NOT_DIFFERENTIABLE}. "
+                "Differentiate your own inner update instead (torch.func.grad of the loss, then "
+                "the update written with torch ops), or take first-order gradients explicitly; "
+                "torch.func.vmap over train_step (per-example or per-member updates) works"
+            )
+        try:
+            return _train_step(state, batch, donate)
+        except RuntimeError as error:
+            if "vmap" not in str(error):
+                raise
+            raise ConfigError(
+                "train_step under torch.func.vmap failed: "
+                f"{str(error).splitlines()[0][:300]}. Under vmap every op of the loss function "
+                "and the update runs on batched tensors: the fused presets' updates do (sgd, "
+                "adam, adamw, adagrad), updates that write an unbatched state in place (rmsprop, "
+                "nadam, lion, fused=False) do not; to train several models at once, stack their "
+                "states (functrain.stack)"
+            ) from error
     program = state.program or program_for(state)
     if program is None:
         return _train_step(state, batch, donate)

@@ -121,6 +121,18 @@ class _Stacked:
 STACKED = _Stacked()
 
 
+def differentiating() -> bool:
+    """Whether a torch.func transform other than vmap is active around the caller (``grad``,
+    ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``functionalize``), at any level: eagerly only (while
+    torch.compile traces, the functorch stack cannot be asked: False)."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(
+        level.key() != torch._C._functorch.TransformType.Vmap for level in stack
+    )
+
+
 def under_vmap() -> bool:
     """Whether the caller runs inside a torch.func transform.
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from functrain.errors import config_check
 from functrain.optim.base import Transform
 from functrain.optim.rates import RATE_ARGUMENTS, as_tensor_steps, function_name, is_plain_function
 
@@ -110,6 +111,7 @@ def named(
 
     @functools.wraps(factory)
     def wrapper(*args: Any, **kwargs: Any) -> Transform:
+        _refuse_graph_arguments(factory.__name__, signature, args, kwargs)
         transform = factory(*args, **kwargs)
         name = describe_call(factory, signature, args, kwargs, added, resolve)
         bound = signature.bind(*args, **kwargs)
@@ -127,6 +129,42 @@ def named(
 
 # the attribute of a named factory that keeps its `resumed` conventions' old values
 _RESUMED = "_functrain_resumed"
+
+
+def _refuse_graph_arguments(
+    where: str, signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]
+) -> None:
+    """Refuse a hyperparameter given as a tensor that requires grad (a learning rate, betas, a
+    weight decay): a transform reads its value once, so no gradient would ever reach it.
+
+    Raises:
+        ConfigError: naming the arguments and the fix.
+    """
+    given = [*args, *kwargs.values()]
+    if not any(_requires_grad(v) for v in given):
+        return
+    bound = signature.bind(*args, **kwargs)
+    names = [name for name, value in bound.arguments.items() if _requires_grad(value)]
+    config_check(
+        [
+            f"{name} is a tensor that requires grad: its value is read once, as a number, so no "
+            "gradient would reach it (functrain's steps are not differentiable); pass its value, "
+            f"{name}.item()"
+            for name in names
+        ],
+        where,
+    )
+
+
+def _requires_grad(value: Any) -> bool:
+    """Whether `value`, or a tensor in a tuple, list or dict it is, requires grad."""
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        return any(_requires_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(_requires_grad(v) for v in value.values())
+    return False
 
 
 def describe_call(
