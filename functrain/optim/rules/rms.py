@@ -12,6 +12,7 @@ from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.planned import Planner, Ran, Runner, selected
 from functrain.optim.rates import as_float64, value_at
+from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.rules.learning_rate import ScaleByLearningRateState
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
 from functrain.optim.zeros import writable, zeros
@@ -107,6 +108,9 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
         names, spec = list(params), tree_flatten(dict(params))[1]
         device = next(iter(params.values())).device
         constant = None if callable(learning_rate) else float(learning_rate)
+        # an eager step on the CPU reads the step size where it lies (a load, no sync), and adds
+        # the quotient by one foreach `addcdiv`, as `apply_updates` does, without its layers
+        host = device.type == "cpu" and not torch.compiler.is_compiling()
         if constant is not None:  # made once, never written (as `scale_by_learning_rate` does)
             fixed = (as_float64(constant, device), as_float64(-constant, device))
 
@@ -132,19 +136,29 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             torch._foreach_add_(avg, eps)
             if constant is None:
                 lr = as_float64(value_at(learning_rate, rate.count), rate.count.device)
-                signed = lr * -1.0
             else:
-                lr, signed = fixed
-            step = ParamStep(None, spec, None, quotient=(grads, avg, signed))
-            given = dict(zip(names, params))
-            new = apply_updates(given, step, in_place=write)
+                lr = fixed[0]
+            if host:  # the step size as the kernel reads it, a Python float: one foreach call
+                read = host_number(lr) if constant is None else constant
+                assert read is not None  # (a CPU tensor of an eager step)
+                size = read * -1.0
+                if write:
+                    torch._foreach_addcdiv_(params, grads, avg, size)
+                    moved = params
+                else:
+                    moved = list(torch._foreach_addcdiv(params, grads, avg, size))
+            else:
+                signed = lr * -1.0 if constant is None else fixed[1]
+                step = ParamStep(None, spec, None, quotient=(grads, avg, signed))
+                new = apply_updates(dict(zip(names, params)), step, in_place=write)
+                moved = list(new.values())
             new_state = (
                 before,
                 ScaleByRmsState(tuple(nu), ()),
                 between,
                 ScaleByLearningRateState(rate.count + 1, lr),
             )
-            return Ran(list(new.values()), new_state, lr, None, None)
+            return Ran(moved, new_state, lr, None, None)
 
         return run
 
