@@ -41,6 +41,7 @@ from functrain.optim.metrics import metric_reader, transform_metrics, walk_state
 from functrain.optim.naming import named
 from functrain.optim.planned import Prelude, Ran, Runner, selected
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.rules.sparse import (
     sparse_twin,
     takes_sparse,
@@ -964,13 +965,18 @@ def _window_runner(
             )
         same = all(x.dtype == s.dtype for x, s in zip(grads, state.grad_sum, strict=True))
         addends = grads if same else [x.to(s.dtype) for x, s in zip(grads, state.grad_sum)]
+        # the micro-step where reading it waits for nothing (a CPU tensor), else None
+        at = host_number(state.micro_step)
         if write:  # a donated step: the sums accumulate in their own storage
             sums = list(state.grad_sum)
             torch._foreach_add_(sums, addends)
         else:
             sums = list(torch._foreach_add(state.grad_sum, addends))
-        last = state.micro_step == every - 1
-        ends = flag_value(last)  # None where it cannot be read without a sync
+        if at is None:
+            last = state.micro_step == every - 1
+            ends = flag_value(last)  # None where it cannot be read without a sync
+        else:  # known on the host: no tensor to compare (`last` is read only where it is not)
+            last, ends = None, at == every - 1
         between = global_norm(sums) if every > 1 and ends is not True else None
         if between is not None and mean:
             between = between / every
@@ -988,10 +994,12 @@ def _window_runner(
         ran = run_inner(handed, params, state.inner, measured, write, None if ends else last)
         if ran.norm is not None:  # an inner accumulate's
             measured = ran.norm
-        sums = _restarted(sums, last, ends, write, start)
         if ends:
+            sums = _restart(sums, write, start)
             new_state = AccumulateState(ran.state, torch.zeros_like(state.micro_step), tuple(sums))
             return ran._replace(state=new_state, norm=measured, ended=True)
+        assert last is not None  # (the end unknown on the host: `at` unread)
+        sums = _restarted(sums, last, ends, write, start)
         window_norm = measured if between is None else torch.where(last, measured, between)
         if ran.skipped is not None:
             ran = ran._replace(skipped=ran.skipped & last, flag=None)
@@ -1033,18 +1041,22 @@ def _restarted(
     """The sums after a micro-step that may end the window (`ends`: True, or None where unknown on
     the host): back to `start` where it ended, else as they are."""
     if ends:  # the window's end known on the host
-        if not in_place:
-            return [torch.full_like(s, start) for s in sums]
-        torch._foreach_zero_(sums)
-        if math.copysign(1.0, start) < 0:
-            torch._foreach_neg_(sums)  # -0.0
-        return sums
+        return _restart(sums, in_place, start)
     if in_place:
         for s in sums:
             # exactly `where(last, start, s)`, without a second buffer
             s.masked_fill_(member_view(last, s), start)
         return sums
     return [torch.where(member_view(last, s), torch.full_like(s, start), s) for s in sums]
+
+
+def _restart(sums: list[torch.Tensor], in_place: bool, start: float) -> list[torch.Tensor]:
+    """The sums back to `start` at a window's end (in their own storage with `in_place`)."""
+    if not in_place:
+        return [torch.full_like(s, start) for s in sums]
+    for s in sums:  # one pass each (a zero, then its negation for -0.0, takes two)
+        s.fill_(start)
+    return sums
 
 
 def _unmoved(params: Tree, inner_state: Tree, in_place: bool) -> tuple[NewParams, Tree]:
