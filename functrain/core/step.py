@@ -118,9 +118,7 @@ def train_step(
             )
         try:
             return _train_step(state, batch, donate)
-        except RuntimeError as error:
-            if "vmap" not in str(error):
-                raise
+        except RuntimeError as error:  # (the loss function's own errors come as BatchError)
             raise ConfigError(
                 "train_step under torch.func.vmap failed: "
                 f"{str(error).splitlines()[0][:300]}. Under vmap every op of the loss function "

@@ -147,9 +147,18 @@ def _refuse_graph_arguments(
     names = [name for name, value in bound.arguments.items() if _requires_grad(value)]
     config_check(
         [
-            f"{name} is a tensor that requires grad: its value is read once, as a number, so no "
-            "gradient would reach it (functrain's steps are not differentiable); pass its value, "
-            f"{name}.item()"
+            (
+                f"{name} is a tensor that requires grad"
+                if isinstance(bound.arguments[name], torch.Tensor)
+                else f"{name} holds a tensor that requires grad"
+            )
+            + ": its value is read once, as a number, so no gradient would reach it "
+            "(functrain's steps are not differentiable); pass "
+            + (
+                f"its value, {name}.item()"
+                if isinstance(bound.arguments[name], torch.Tensor)
+                else "the values (t.item() of each tensor t in it)"
+            )
             for name in names
         ],
         where,

@@ -45,6 +45,8 @@ __all__ = [
     "takes_tensor_steps",
     "is_plain_function",
     "value_at",
+    "with_host_form",
+    "host_form",
     "host_value",
     "function_name",
     "FINGERPRINT_STEPS",
@@ -81,11 +83,48 @@ def is_plain_function(value: Any) -> bool:
 def value_at(schedule: Callable[..., Any], count: torch.Tensor) -> Any:
     """A schedule's value at the 0-d step counter `count`.
 
-    functrain's schedules get the tensor; a plain function gets the int (`host_value`).
+    functrain's schedules get the tensor; a plain function gets the int (`host_value`). A schedule
+    with a host form (`with_host_form`) computes its value in Python floats where the counter can
+    be read without waiting (a CPU tensor in an eager step): the same bits as its float64 tensor
+    ops, without a dozen 0-d tensor ops a step.
     """
     if takes_tensor_steps(schedule):
+        host = getattr(schedule, _HOST_FORM, None)
+        if host is not None and _readable(count):
+            return _on_host(host, count)
         return schedule(count)
     return host_value(schedule, count)
+
+
+# the attribute of a schedule holding its host form (`with_host_form`)
+_HOST_FORM = "_functrain_host_form"
+
+
+def with_host_form(schedule: F, host: Callable[[float], float]) -> F:
+    """Give a schedule of the step tensor its host form: ``host(step) -> value`` of the step as a
+    Python float, the same bits as the schedule's float64 tensor ops (`value_at` uses it)."""
+    setattr(schedule, _HOST_FORM, host)
+    return schedule
+
+
+def host_form(schedule: Any) -> Callable[[float], float] | None:
+    """A schedule's host form (`with_host_form`), or None."""
+    return getattr(schedule, _HOST_FORM, None)
+
+
+def _on_host(host: Callable[[float], float], count: torch.Tensor) -> torch.Tensor:
+    """A host form's value at a CPU counter read where it lies (no wait: an eager CPU step)."""
+    return torch.full((), host(float(count.item())), dtype=torch.float64)
+
+
+def _readable(count: torch.Tensor) -> bool:
+    """Whether the 0-d counter can be read without waiting: a CPU tensor in an eager step."""
+    return (
+        count.ndim == 0
+        and count.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not under_vmap()
+    )
 
 
 def as_float64(value: Any, device: torch.device) -> torch.Tensor:

@@ -613,6 +613,27 @@ def _by_dtype_add_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> Non
         t.add_(scalar.to(t.dtype))
 
 
+def _rectified_on_host(
+    den: list[torch.Tensor], s1: torch.Tensor, s2: torch.Tensor
+) -> list[torch.Tensor] | None:
+    """RAdam's buffer ``1 / (den / s2) + s1`` with its two step sizes as torch's foreach RAdam
+    passes them, Python floats (its kernels compute with them in their opmath, where a step size
+    cast to a half-precision tensor's dtype first rounds otherwise), where the 0-d CPU scalars can
+    be read without waiting (an eager CPU step); None elsewhere."""
+    if (
+        not den
+        or den[0].device.type != "cpu"
+        or s2.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or under_vmap()
+    ):
+        return None
+    out = list(torch._foreach_div(den, s2.item()))
+    torch._foreach_reciprocal_(out)
+    torch._foreach_add_(out, s1.item())
+    return out
+
+
 class RectifiedRatio(Ratio):
     """RAdam's lazy updates: ``num * (1 / (den / s2) + s1)``.
 
@@ -679,6 +700,9 @@ class RectifiedRatio(Ratio):
         # rectified: s1 is -0.0; not yet: s2 is -0.0, the quotient -inf, its reciprocal -0.0, and s1
         # remains
         den = list(self.den)
+        on_host = None if given_tensor else _rectified_on_host(den, s1, s2)
+        if on_host is not None:
+            return on_host
         if given_tensor and den and _divides_by_reciprocal(den[0].device):
             # torch's kernels on an accelerator divide by a CPU step size as a product with its
             # reciprocal (by Python floats, its foreach kernels divide)

@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import functrain as ft
 from functrain.optim import averaging, presets, updates, wrappers
 from functrain.optim.base import flag_value
+from functrain.optim.rates import value_at
 from functrain.optim.rules import arithmetic, asgd, fused
 from tests.models import cross_entropy_loss_fn, make_mlp
 
@@ -54,10 +55,12 @@ UNDISPATCHED_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__ar
 CPU_READS = frozenset(
     {
         "functrain.optim.base.flag_value",  # a skip flag or window end: the branch it selects
+        "functrain.optim.rates._on_host",  # a schedule's host form: its value in Python floats
         "functrain.optim.wrappers._check_limit_now",  # max_consecutive_nonfinite, raised at once
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
         "functrain.optim.updates._quotient_scalars",  # a fused addcdiv's step size, the same
+        "functrain.optim.updates._rectified_on_host",  # RAdam's step sizes as torch's floats
         "functrain.optim.rules.arithmetic.add_scaled_",  # the same, one tensor at a time
         "functrain.optim.rules.arithmetic.addcdiv_",  # a step size as the kernel's value
         "functrain.optim.rules.arithmetic.per_leaf",  # a step size per leaf as torch's float
@@ -205,12 +208,15 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         assert asgd._is_one(count) is None
         assert all(isinstance(x, torch.Tensor) for x in arithmetic.per_leaf(vector))
         assert arithmetic.host_number(count) is None
+        rate = value_at(S.warmup_cosine(1e-3, warmup_steps=2, decay_steps=9), count.long())
+        assert rate.device == meta  # the tensor form: the counter is not read
         asgd._add_scaled_all_(out, out, count)
         arithmetic.add_scaled_(out[0], out[0], count)
         arithmetic.addcdiv_(out[0], out[0], out[0], count)
         updates._added(out, out, count, in_place=True)
         updates._added(out, out, count, in_place=False)
         assert isinstance(updates._quotient_scalars(count, 2), torch.Tensor)
+        assert updates._rectified_on_host(out, count, count) is None
         zero = torch.zeros((), dtype=torch.int64, device=meta)
         wrappers._check_limit_now(wrappers.SkipNonfiniteState((), flag, zero, zero, zero), 0)
         members = torch.zeros(2, dtype=torch.int64, device=meta)

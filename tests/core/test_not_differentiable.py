@@ -48,7 +48,7 @@ HYPERPARAMETERS: dict[str, tuple[Callable[[torch.Tensor], Any], str, bool]] = {
 @pytest.mark.parametrize("name", list(HYPERPARAMETERS))
 def test_a_hyperparameter_that_requires_grad_is_refused(name: str) -> None:
     build, argument, taken = HYPERPARAMETERS[name]
-    with pytest.raises(ft.ConfigError, match=f"{argument} is a tensor that requires grad"):
+    with pytest.raises(ft.ConfigError, match=f"{argument} (is|holds) a tensor that requires grad"):
         build(torch.tensor(0.5, requires_grad=True))
     if taken:
         build(torch.tensor(0.5))  # its value, as torch.optim reads a tensor's
@@ -127,10 +127,12 @@ def test_per_example_updates_under_vmap_are_each_examples_own_step(name: str) ->
     for i in range(x.shape[0]):
         want, _ = ft.train_step(state, (x[i : i + 1], y[i : i + 1]))
         for k, w in want.params.items():
-            torch.testing.assert_close(got[k][i], w, rtol=1e-6, atol=1e-7)
+            assert torch.equal(got[k][i], w), (name, i, k)
 
 
-@pytest.mark.parametrize("optimizer", [ft.rmsprop, ft.lion])
+# (vmap warns where it runs an op without a batching rule of its own, before the update fails)
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("optimizer", [ft.rmsprop, ft.lion, ft.adamax, ft.adafactor])
 def test_an_update_vmap_cannot_run_is_refused_with_the_way_that_works(
     optimizer: Callable[[float], ft.Transform],
 ) -> None:

@@ -289,7 +289,8 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "adamax_nonfinite_none": (lambda: ft.adamax(1e-2), {"nonfinite": "none"}),
     # RAdam's rectification starts at its sixth step
     "radam": (lambda: ft.radam(1e-2), {}),
-    "radam_decoupled_schedule": (
+    # decoupled with no decay: the chain's state holds RAdam's first, the runner finds it there
+    "radam_decoupled_order_schedule": (
         lambda: ft.radam(
             ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10),
             decoupled_weight_decay=True,
@@ -327,6 +328,36 @@ def test_updates_gated_on_the_host_are_planned_as_their_own_update(name: str, do
     optimizer, options = RMS_PLANNED[name]
     data = batches(8, nan_at=None if options.get("nonfinite") else 3)
     assert stage_equal_to_the_body(optimizer, options, data, donate) == "planned"
+
+
+class _TwoDtypes(nn.Module):
+    """A float32 weight and a bfloat16 scale: parameters of two dtypes (a step size rounded to
+    bfloat16 once and one rounded in the kernel's float32 differ)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.weight.T) * self.scale.float()
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("optimizer", [ft.rmsprop, ft.radam, ft.nadam, ft.adamax])
+def test_a_planned_update_of_parameters_of_two_dtypes_gives_the_bodys_bits(
+    optimizer: Callable[[float], Any], donate: bool
+) -> None:
+    def loss_fn(model: Any, batch: Any) -> torch.Tensor:
+        return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 8), torch.randn(4, 3)) for _ in range(6)]
+    run = dict(donate=donate, loss_fn=loss_fn)
+    got, got_m = train(_TwoDtypes, lambda: optimizer(1e-2), data, planned=True, **run)
+    want, want_m = train(_TwoDtypes, lambda: optimizer(1e-2), data, planned=False, **run)
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])

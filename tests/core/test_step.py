@@ -16,6 +16,7 @@ from torch import nn
 
 import functrain as ft
 from functrain.optim.base import flag_value
+from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.wrappers import SkipNonfiniteState
 from tests.comparisons import assert_trees_equal
 from tests.models import cross_entropy_loss_fn, cross_entropy_with_accuracy, make_cnn, make_mlp
@@ -697,26 +698,31 @@ class HostRead(AssertionError):
 
 
 def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every read of a tensor's value on the host raise, but the flags `flag_value` reads.
+    """Make every read of a tensor's value on the host raise, but the flags `flag_value` reads and
+    the counters `host_number` reads.
 
     On the CPU an eager step reads its skip flags and window ends through
-    `functrain.optim.base.flag_value`, which waits for nothing there (and reads nothing on an
-    accelerator or when traced: `tests/test_cuda.py` runs a step under torch's sync detection).
+    `functrain.optim.base.flag_value`, and a micro-step through
+    `functrain.optim.rules.arithmetic.host_number`, which wait for nothing there (and read nothing
+    on an accelerator or when traced: `tests/test_cuda.py` runs a step under torch's sync
+    detection).
     """
-    real_bool = torch.Tensor.__bool__
+    real_bool, real_item = torch.Tensor.__bool__, torch.Tensor.item
     for name in HOST_READS:
 
         def boom(*args: Any, _name: str = name, **kwargs: Any) -> Any:
             caller = sys._getframe(1).f_code
             flag = args[0] if args else None
+            on_cpu = isinstance(flag, torch.Tensor) and flag.device.type == "cpu"
             if (
                 _name == "__bool__"
                 and caller is flag_value.__code__
-                and isinstance(flag, torch.Tensor)
+                and on_cpu
                 and flag.dtype == torch.bool
-                and flag.device.type == "cpu"
             ):
                 return real_bool(flag)
+            if _name == "item" and caller is host_number.__code__ and on_cpu and flag.ndim == 0:
+                return real_item(flag)
             raise HostRead(f"Tensor.{_name} called inside a step")
 
         monkeypatch.setattr(torch.Tensor, name, boom)

@@ -614,3 +614,70 @@ def test_half_precision_nadam_with_weight_decay_gives_torchs_bits_nans_included(
         assert torch.equal(params["w"].view(torch.int16), weight.data.view(torch.int16))
     if dtype == torch.float16 and not decoupled:
         assert weight.data.isnan().any()  # (the case the test is about)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01], ids=["plain", "decay"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_radam_gives_torchs_foreach_bits(
+    dtype: torch.dtype, weight_decay: float
+) -> None:
+    """RAdam follows torch's foreach implementation: its step sizes are Python floats there, which
+    its kernels compute with in float32, and its in-place foreach product by a number rounds a
+    float16 tensor otherwise than the out-of-place one: both kept, 100 steps bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(33, 64, generator=gen).to(dtype)
+    weight = torch.nn.Parameter(start.clone())
+    opt = torch.optim.RAdam([weight], lr=1e-2, weight_decay=weight_decay, foreach=True)
+    tx = ft.radam(1e-2, weight_decay=weight_decay)
+    params = {"w": start.clone()}
+    state = tx.init(params)
+    for step in range(100):
+        grad = torch.randn(start.shape, generator=gen).to(dtype)
+        weight.grad = grad.clone()
+        opt.step()
+        updates, state = tx.update({"w": grad}, state, params)
+        params = ft.apply_updates(params, updates)
+        assert torch.equal(params["w"].view(torch.int16), weight.data.view(torch.int16)), step
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
+@pytest.mark.parametrize(
+    "name, ours, theirs",
+    [
+        ("adam", lambda: ft.adam(1e-2, fused=False), lambda p: optim.Adam(p, 1e-2, foreach=False)),
+        (
+            "adamw",
+            lambda: ft.adamw(1e-2, fused=False),
+            lambda p: optim.AdamW(p, 1e-2, foreach=False),
+        ),
+        (
+            "amsgrad",
+            lambda: ft.adam(1e-2, fused=False, amsgrad=True),
+            lambda p: optim.Adam(p, 1e-2, foreach=False, amsgrad=True),
+        ),
+    ],
+    ids=["adam", "adamw", "amsgrad"],
+)
+def test_the_adam_chain_gives_torchs_single_tensor_bits_in_every_dtype(
+    name: str, ours: Callable, theirs: Callable, dtype: torch.dtype
+) -> None:
+    """`adam(fused=False)`'s denominator divides by torch.optim's ``bias_correction2 ** 0.5`` as a
+    Python number (C's pow, not sqrt: float64 tells them apart; a number, not a scalar rounded to
+    a half-precision dtype first: float16 and bfloat16 do), 300 steps bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(33, 64, generator=gen).to(dtype)
+    weight = torch.nn.Parameter(start.clone())
+    opt = theirs([weight])
+    tx = ours()
+    params = {"w": start.clone()}
+    state = tx.init(params)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[start.element_size()]
+    for step in range(300):
+        grad = torch.randn(start.shape, generator=gen).to(dtype)
+        weight.grad = grad.clone()
+        opt.step()
+        updates, state = tx.update({"w": grad}, state, params)
+        params = ft.apply_updates(params, updates)
+        assert torch.equal(params["w"].view(bits), weight.data.view(bits)), (name, step)

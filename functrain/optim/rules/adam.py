@@ -79,7 +79,16 @@ def _pow_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
-    """In place, on tensors the caller owns: `tensors /= scalar` (cast to each dtype)."""
+    """In place, on tensors the caller owns: `tensors /= scalar` (cast to each dtype).
+
+    By a Python number where the 0-d scalar can be read without waiting (`host_number`: an eager
+    CPU step), as torch.optim divides: its kernels compute with the number in their opmath, where
+    a scalar cast to a half-precision dtype first rounds otherwise.
+    """
+    number = host_number(scalar)
+    if number is not None:
+        torch._foreach_div_(list(tensors), number)
+        return
     if len({t.dtype for t in tensors}) == 1:
         torch._foreach_div_(list(tensors), scalar.to(tensors[0].dtype))
         return
@@ -149,7 +158,7 @@ def scale_by_adam(
         nu_max = torch._foreach_maximum(state.nu_max, nu) if amsgrad else ()
         step = f64(count)
         bc1 = 1 - power(b1, step)
-        bc2_sqrt = torch.sqrt(1 - power(b2, step))
+        bc2_sqrt = _pow_half(1 - power(b2, step))  # torch.optim's `bias_correction2 ** 0.5`
         den = torch._foreach_sqrt(nu_max if amsgrad else nu)
         _by_dtype_div_(den, bc2_sqrt)
         torch._foreach_add_(den, eps)
@@ -244,7 +253,13 @@ def radam_moments(
         torch._foreach_mul_(nu, b2)
     else:
         mu = list(torch._foreach_lerp(state.mu, g, 1 - b1))
-        nu = list(torch._foreach_mul(state.nu, b2))
+        if any(n.dtype == torch.float16 for n in state.nu):
+            # torch's in-place foreach product by a number rounds a float16 tensor otherwise than
+            # its out-of-place one (on the CPU); foreach RAdam's is in place: so on a copy here
+            nu = [n.clone() for n in state.nu]
+            torch._foreach_mul_(nu, b2)
+        else:
+            nu = list(torch._foreach_mul(state.nu, b2))
     torch._foreach_addcmul_(nu, g, g, value=1 - b2)
     return mu, nu
 
@@ -325,13 +340,13 @@ def radam_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plann
 
 
 def _host_plain(params: dict[str, torch.Tensor], learning_rate: Any) -> bool:
-    """Whether a host-form planner (`adamax_planner`, `radam_planner`) plans `params`: CPU
-    tensors of one dtype, contiguous, and a rate that is not a tensor."""
+    """Whether a host-form planner (`adamax_planner`, `radam_planner`, `nadam_planner`) plans
+    `params`: real CPU tensors of one dtype, contiguous, and a rate that is not a tensor."""
     tensors = list(params.values())
     return not (
         isinstance(learning_rate, torch.Tensor)
         or not tensors
-        or any(p.device.type != "cpu" for p in tensors)
+        or any(p.device.type != "cpu" or p.is_complex() for p in tensors)
         or len({p.dtype for p in tensors}) > 1
         or not all(p.is_contiguous() and 1 not in p.shape for p in tensors)
     )

@@ -110,7 +110,13 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
         constant = None if callable(learning_rate) else float(learning_rate)
         # an eager step on the CPU reads the step size where it lies (a load, no sync), and adds
         # the quotient by one foreach `addcdiv`, as `apply_updates` does, without its layers
-        host = device.type == "cpu" and not torch.compiler.is_compiling()
+        # (one dtype, as `apply_updates` adds one foreach quotient; complex tensors keep its way)
+        host = (
+            device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and len({p.dtype for p in params.values()}) == 1
+            and not any(p.is_complex() for p in params.values())
+        )
         if constant is not None:  # made once, never written (as `scale_by_learning_rate` does)
             fixed = (as_float64(constant, device), as_float64(-constant, device))
 

@@ -32,7 +32,14 @@ from functrain.errors import config_check
 from functrain.optim.base import Schedule
 from functrain.optim.naming import describe_call
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.rates import as_float64, as_tensor_steps, function_name, mark_tensor_steps
+from functrain.optim.rates import (
+    as_float64,
+    as_tensor_steps,
+    function_name,
+    host_form,
+    mark_tensor_steps,
+    with_host_form,
+)
 
 __all__ = [
     "Schedule",
@@ -79,8 +86,12 @@ def described(factory: Callable[..., Schedule]) -> Callable[..., Schedule]:
     return wrapper
 
 
-def lift(value_fn: ValueFn) -> Schedule:
-    """Make a schedule of `value_fn`, a function of the step as a 0-d float64 tensor."""
+def lift(value_fn: ValueFn, host: Callable[[float], float] | None = None) -> Schedule:
+    """Make a schedule of `value_fn`, a function of the step as a 0-d float64 tensor.
+
+    `host`: the same function of the step as a Python float, in Python floats, op for op (the
+    same bits): what an eager step on the CPU computes (`functrain.optim.rates.value_at`).
+    """
 
     def schedule(step: int | torch.Tensor) -> float | torch.Tensor:
         if isinstance(step, torch.Tensor):
@@ -88,7 +99,14 @@ def lift(value_fn: ValueFn) -> Schedule:
         # an int step is host-side bookkeeping (logging, plots); compiled steps pass tensors
         return value_fn(torch.tensor(operator.index(step), dtype=torch.float64)).item()
 
+    if host is not None:
+        with_host_form(schedule, host)
     return cast(Schedule, mark_tensor_steps(schedule))
+
+
+def _cos(x: float) -> float:
+    """``cos(x)`` as torch's CPU kernel rounds it for one float64 element (the tensor form's)."""
+    return torch.cos(torch.full((), x, dtype=torch.float64)).item()
 
 
 def _as_f64(value: Any, like: torch.Tensor) -> torch.Tensor:
@@ -162,7 +180,8 @@ def constant(value: float) -> Schedule:
     check_number(problems, "value", value)
     config_check(problems, "constant")
     value = float(value)
-    return lift(lambda t: torch.full_like(t, value))
+    held = float(value)
+    return lift(lambda t: torch.full_like(t, value), lambda t: held)
 
 
 @described
@@ -209,7 +228,11 @@ def linear(
             torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps
         )
 
-    return lift(value_fn)
+    def host(t: float) -> float:
+        return init + delta * (min(max(t - transition_begin, 0.0), length) / transition_steps)
+
+    length = float(transition_steps)
+    return lift(value_fn, host)
 
 
 @described
@@ -256,7 +279,14 @@ def cosine_decay(
         c = 0.5 * (1 + torch.cos(math.pi * torch.clamp(t, 0, decay_steps) / decay_steps))
         return init * ((1 - alpha) * c**exponent + alpha)
 
-    return lift(value_fn)
+    def host(t: float) -> float:
+        # the cosine by torch's kernel (its rounding is not C's `cos`, which math.cos calls); a
+        # tensor's power by 1.0 is the tensor (another exponent keeps the tensor form)
+        c = 0.5 * (1 + _cos(math.pi * min(max(t, 0.0), length) / decay_steps))
+        return init * ((1 - alpha) * c + alpha)
+
+    length = float(decay_steps)
+    return lift(value_fn, host if exponent == 1.0 else None)
 
 
 @described
@@ -693,6 +723,15 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         i = bisect_right(boundaries, step)
         return float(schedules[i](step - starts[i]))
 
+    hosts = [host_form(member) for member in schedules]
+    if all(h is not None for h in hosts):
+
+        def host(t: float) -> float:
+            # the piece the tensor form selects last: the one whose start `t` has reached
+            i = bisect_right(boundaries, t)
+            return hosts[i](t - starts[i])  # type: ignore[misc]
+
+        with_host_form(schedule, host)
     return cast(Schedule, schedule)
 
 
@@ -740,6 +779,9 @@ def per_epoch(schedule: Schedule, steps_per_epoch: int) -> Schedule:
             return _as_f64(schedule(torch.div(step, steps_per_epoch, rounding_mode="floor")), step)
         return float(schedule(operator.index(step) // steps_per_epoch))
 
+    inner = host_form(schedule)
+    if inner is not None:
+        with_host_form(epochs, lambda t: inner(float(int(t) // steps_per_epoch)))
     return cast(Schedule, epochs)
 
 
