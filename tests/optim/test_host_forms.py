@@ -130,6 +130,20 @@ SCHEDULES: dict[str, Callable[[], object]] = {
         [S.constant(0.1), S.linear(0.1, 0.01, 50), S.cosine_decay(0.01, 77)], [13, 300]
     ),
     "per-epoch": lambda: S.per_epoch(S.cosine_decay(0.1, decay_steps=90), steps_per_epoch=37),
+    "exponential": lambda: S.exponential_decay(0.1, 0.97, transition_steps=13),
+    "exponential-staircase-floor": lambda: S.exponential_decay(
+        0.1, 0.5, transition_steps=100, staircase=True, end_value=1e-3, transition_begin=40
+    ),
+    "exponential-growing-ceiling": lambda: S.exponential_decay(
+        1e-4, 1.01, transition_steps=3, end_value=0.5
+    ),
+    "multistep": lambda: S.multistep(0.1, {300: 0.5, 1000: 0.1, 2500: 0.3}),
+    "polynomial": lambda: S.polynomial(0.1, 1e-4, power=2, transition_steps=3000),
+    "polynomial-root": lambda: S.polynomial(0.1, 0.0, power=0.5, transition_steps=2222),
+    "polynomial-odd": lambda: S.polynomial(0.1, 0.0, power=1.7, transition_steps=1500),
+    "one-cycle": lambda: S.one_cycle(3000, 0.1),
+    "one-cycle-linear": lambda: S.one_cycle(2500, 0.1, pct_start=0.25, anneal="linear"),
+    "tabulate": lambda: S.tabulate(lambda k: 0.1 / (1 + k) ** 0.5, steps=3000),
 }
 
 
@@ -153,4 +167,5 @@ def test_a_schedule_without_a_host_form_keeps_its_tensor_form() -> None:
 
     # a power of the cosine other than 1 rounds as torch's pow does: no host form of it
     assert host_form(S.cosine_decay(0.1, decay_steps=10, exponent=2.0)) is None
-    assert host_form(S.join([S.constant(0.1), S.exponential_decay(0.1, 0.5)], [5])) is None
+    assert host_form(S.join([S.constant(0.1), S.cosine_decay(0.1, 5, exponent=3.0)], [5])) is None
+    assert host_form(S.tensor_steps(lambda t: 0.1 * 0.5 ** t.double())) is None

@@ -109,6 +109,15 @@ def _cos(x: float) -> float:
     return torch.cos(torch.full((), x, dtype=torch.float64)).item()
 
 
+def _pow(base: float, exponent: float, tensor_base: bool) -> float:
+    """``base ** exponent`` as torch's CPU kernel computes it for one float64 element: of a tensor
+    by a number (`tensor_base`, with torch's special exponents: 2 as a square, 0.5 as a root), or
+    of a number by a tensor."""
+    if tensor_base:
+        return torch.pow(torch.full((), base, dtype=torch.float64), exponent).item()
+    return torch.pow(base, torch.full((), exponent, dtype=torch.float64)).item()
+
+
 def _as_f64(value: Any, like: torch.Tensor) -> torch.Tensor:
     return as_float64(value, like.device)
 
@@ -357,7 +366,18 @@ def exponential_decay(
             return value
         return torch.clamp(value, min=end_value) if rate < 1 else torch.clamp(value, max=end_value)
 
-    return lift(value_fn)
+    def host(t: float) -> float:
+        elapsed = t - transition_begin
+        if elapsed <= 0:
+            value = init
+        else:  # (an integral float over an int: the floor division is exact either way)
+            p = elapsed // transition_steps if staircase else elapsed / transition_steps
+            value = init * _pow(rate, p, tensor_base=False)
+        if end_value is None or rate == 1:
+            return value
+        return max(value, float(end_value)) if rate < 1 else min(value, float(end_value))
+
+    return lift(value_fn, host)
 
 
 @described
@@ -409,7 +429,10 @@ def multistep(init_value: float, boundaries_and_scales: Mapping[int, float]) -> 
             value = torch.where(t >= boundary, piece, value)
         return value
 
-    return lift(value_fn)
+    def host(t: float) -> float:
+        return values[bisect_right(boundaries, t)]
+
+    return lift(value_fn, host)
 
 
 @described
@@ -461,7 +484,12 @@ def polynomial(
         remaining = 1 - torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps
         return span * remaining**power + end
 
-    return lift(value_fn)
+    def host(t: float) -> float:
+        remaining = 1 - min(max(t - transition_begin, 0.0), length) / transition_steps
+        return span * _pow(remaining, power, tensor_base=True) + end
+
+    length = float(transition_steps)
+    return lift(value_fn, host)
 
 
 @described
@@ -544,7 +572,7 @@ def _phased(phases: Sequence[_Phase], anneal: str, last_step: float) -> Schedule
 
     If there is none, the last phase anneals.
     """
-    return lift(phased_value(phases, anneal, last_step))
+    return lift(phased_value(phases, anneal, last_step), phased_host(phases, anneal, last_step))
 
 
 def phased_value(phases: Sequence[_Phase], anneal: str, last_step: float) -> ValueFn:
@@ -564,6 +592,28 @@ def phased_value(phases: Sequence[_Phase], anneal: str, last_step: float) -> Val
         return value
 
     return value_fn
+
+
+def phased_host(
+    phases: Sequence[_Phase], anneal: str, last_step: float
+) -> Callable[[float], float] | None:
+    """`phased_value`'s host form: the phase it selects, annealed in Python floats op for op (the
+    cosine by torch's kernel). None with a phase of no length (its 0 / 0 is the tensor form's)."""
+    if empty_phases(phases):
+        return None
+    starts = [0.0, *(end for end, _, _ in phases[:-1])]
+
+    def host(t: float) -> float:
+        t = min(max(t, 0.0), float(last_step))
+        # the first phase whose last step `t` has not passed; else the last one
+        i = next((i for i, (end, _, _) in enumerate(phases[:-1]) if t <= end), len(phases) - 1)
+        end, low, high = phases[i]
+        pct = (t - starts[i]) / (end - starts[i])
+        if anneal == "cos":
+            return high + (low - high) / 2.0 * (_cos(math.pi * pct) + 1)
+        return (high - low) * pct + low
+
+    return host
 
 
 def empty_phases(phases: Sequence[_Phase]) -> list[int]:
@@ -857,6 +907,7 @@ def tabulate(fn: Callable[[int], float], steps: int) -> Schedule:
         return values[min(operator.index(step), steps - 1)]
 
     schedule.name = f"tabulate({function_name(fn)}, steps={steps})"  # type: ignore[attr-defined]
+    with_host_form(schedule, lambda t: values[min(max(int(t), 0), steps - 1)])
     return cast(Schedule, mark_tensor_steps(schedule))
 
 
