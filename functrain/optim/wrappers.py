@@ -615,10 +615,10 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             keep: torch.Tensor | None = None,
         ) -> Ran:
             assert norm is not None  # (the step's, or a window's: `Runner`)
-            finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
-            if keep is None and flag_value(finite):  # a CPU tensor's value: no wait
+            if keep is None and _finite_on_host(norm):  # a CPU tensor's value: no wait
                 # finite, known on the host: the update as it is
-                return _finite_run(run_inner, grads, params, state, norm, write, finite)
+                return _finite_run(run_inner, grads, params, state, norm, write)
+            finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
             ran = run_inner(
                 grads, params, state.inner, norm, write, finite if keep is None else finite & keep
             )
@@ -659,22 +659,32 @@ def _finite_run(
     state: SkipNonfiniteState,
     norm: torch.Tensor,
     write: bool,
-    finite: torch.Tensor,
 ) -> Ran:
     """`skip_nonfinite`'s runner on an update known on the host to be finite: the inner update
-    ungated and the counts of a finite step (the total as it was, no run), in fewer ops.
+    ungated and the counts of a finite step (the total as it was, no run), in fewer ops: a flag
+    and a run of skips already False and 0 are kept as they are (tensors no step writes), else
+    made so.
 
     It reports no skip flag (None: the update was applied), as an update that never skips.
     """
     ran = run_inner(grads, params, state.inner, norm, write, None)
     new_state = SkipNonfiniteState(
         ran.state,
-        ~finite,
+        state.skipped if host_number(state.skipped) is False else torch.zeros_like(state.skipped),
         state.total_skipped,
-        torch.zeros_like(state.consecutive),
+        state.consecutive
+        if host_number(state.consecutive) == 0
+        else torch.zeros_like(state.consecutive),
         state.max_consecutive,
     )
     return ran._replace(state=new_state, skipped=None, flag=None)
+
+
+def _finite_on_host(norm: torch.Tensor) -> bool:
+    """Whether the 0-d norm is finite, read on the host where that waits for nothing (a CPU
+    tensor in an eager step; elsewhere False: the caller keeps its tensor form)."""
+    value = host_number(norm)
+    return value is not None and math.isfinite(value)
 
 
 def _host_gated(run_inner: Runner, cap: int) -> Runner:
@@ -692,11 +702,13 @@ def _host_gated(run_inner: Runner, cap: int) -> Runner:
         keep: torch.Tensor | None = None,
     ) -> Ran:
         assert norm is not None  # (the step's, or a window's: `Runner`)
+        if keep is None and _finite_on_host(norm):  # the usual step: no flag tensor to make
+            return _finite_run(run_inner, grads, params, state, norm, write)
         finite = torch.isfinite(norm)
         gate = finite if keep is None else finite & keep
         go = flag_value(gate)
         if go and keep is None:
-            return _finite_run(run_inner, grads, params, state, norm, write, finite)
+            return _finite_run(run_inner, grads, params, state, norm, write)
         if go:
             ran = run_inner(grads, params, state.inner, norm, write, None)
             inner, new_params, lr = ran.state, ran.params, ran.lr
