@@ -1,6 +1,6 @@
 """No silent first-order gradient through a step: functrain's steps take their gradients from
 detached copies of the state's tensors, so a gradient through `train_step` would be first-order
-MAML's (or wrong in sign, for Adam) without a word. Everything that would differentiate through
+MAML's, not the exact meta-gradient, without a word. Everything that would differentiate through
 a step is refused, with what to do instead; what works under ``torch.func`` keeps working
 (``vmap`` over examples of the fused presets)."""
 
