@@ -31,7 +31,7 @@ from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, st
 from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState
 from functrain.distributed import sharding as sharding_
 from functrain.errors import ConfigError
-from functrain.optim.batching import differentiating, under_vmap
+from functrain.optim.batching import differentiating
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 
@@ -107,7 +107,9 @@ def train_step(
     state.check_live("train_step")
     if torch.compiler.is_compiling():
         return _train_step(state, batch, donate)
-    if under_vmap():  # a torch.func transform: vmap runs the body, any other is refused
+    # a torch.func transform (`under_vmap`, asked directly: not compiling): vmap runs the body,
+    # any other is refused
+    if torch._C._functorch.maybe_current_level() is not None:
         if differentiating():
             raise ConfigError(
                 "train_step ran under torch.func.grad (or vjp, jvp, jacrev): "

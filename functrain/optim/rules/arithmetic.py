@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from functrain.optim.batching import under_vmap
-
 __all__ = [
     "f64",
     "power",
@@ -128,6 +126,12 @@ def host_number(t: torch.Tensor) -> float | int | None:
     rule then computes its step sizes in Python floats, torch.optim's own arithmetic, instead of
     a dozen 0-d tensor ops; elsewhere it keeps the tensor form, which reads nothing back.
     """
-    if t.ndim or not host_scalars(t) or under_vmap():
+    # (`host_scalars` and `under_vmap` asked in one expression: this runs several times a step)
+    if (
+        t.ndim
+        or t.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.maybe_current_level() is not None
+    ):
         return None
     return t.item()  # a CPU tensor: its value is computed already, not a sync
