@@ -12,13 +12,23 @@ and apart from the transform contract (`functrain.optim.base`), which does not n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from functrain.tree import Tree, tree_select
 
-__all__ = ["Ran", "Runner", "Planner", "Passing", "Prelude", "chained", "selected"]
+__all__ = [
+    "Ran",
+    "Runner",
+    "Planner",
+    "Passing",
+    "Prelude",
+    "chained",
+    "gated_by_selection",
+    "selected",
+]
 
 
 class Ran(NamedTuple):
@@ -124,6 +134,29 @@ def selected(
     kept = tree_select(keep, ran.state, state)
     chosen = [torch.where(keep, new, old) for new, old in zip(ran.params, params, strict=True)]
     return Ran(chosen, kept, lr_of(kept), None, None, ran.norm)
+
+
+def gated_by_selection(
+    run: Callable[[list[torch.Tensor], list[torch.Tensor], Tree, torch.Tensor | None, bool], Ran],
+    lr_of: Any,
+) -> Runner:
+    """The `Runner` of an update without a gate of its own (`run`: a runner less its `keep`): a
+    wrapper's gate taken by running on the state kept as it is, then `selected`."""
+
+    def runner(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        if keep is None:
+            return run(grads, params, state, norm, write)
+        # a wrapper's gate, unread (an accelerator's): run, then select
+        return selected(run(grads, params, state, norm, False), keep, params, state, lr_of)
+
+    return runner
 
 
 class Planner(Protocol):

@@ -30,8 +30,7 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_positive, check_unit, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
-from functrain.optim.planned import Planner, Ran, Runner, selected
-from functrain.optim.rates import as_float64, value_at
+from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
 from functrain.optim.rules.arithmetic import (
     addcdiv_,
     decayed,
@@ -46,6 +45,7 @@ from functrain.optim.rules.learning_rate import (
     ScaleByLearningRateState,
     check_rate,
     learning_rate_state,
+    planned_rate,
     rate_at,
 )
 from functrain.optim.updates import NewParams, Ratio, RectifiedRatio, flat_updates
@@ -278,9 +278,7 @@ def radam_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plann
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
         if not _host_plain(params, learning_rate):
             return None
-        tensors = list(params.values())
-        constant = None if callable(learning_rate) else float(learning_rate)
-        fixed = as_float64(constant, tensors[0].device) if constant is not None else None
+        rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
         at = [i for i, s in enumerate(state) if isinstance(s, ScaleByRadamState)]
         if len(at) != 1 or not isinstance(state[-1], ScaleByLearningRateState):
             return None
@@ -292,20 +290,12 @@ def radam_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plann
             state: Any,
             norm: torch.Tensor | None,
             write: bool,
-            keep: torch.Tensor | None = None,
         ) -> Ran:
-            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
-                ran = run(grads, params, state, norm, False)
-                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
             radam, rate = state[where], state[-1]
             count = radam.count + 1
             mu, nu = radam_moments(radam, grads, write, b1, b2)
             n = host_number(count)
-            if fixed is not None:
-                lr_t, lr = fixed, constant
-            else:
-                lr_t = as_float64(value_at(learning_rate, rate.count), rate.count.device)
-                lr = host_number(lr_t)
+            lr_t, lr = rate_of(rate.count)
             assert n is not None and lr is not None  # (CPU tensors of an eager step)
             step = float(n)
             # torch.optim's foreach RAdam, op for op in Python floats
@@ -334,9 +324,14 @@ def radam_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plann
             new_state[-1] = ScaleByLearningRateState(rate.count + 1, lr_t)
             return Ran(new, tuple(new_state), lr_t, None, None)
 
-        return run
+        return gated_by_selection(run, _last_rate)
 
     return plan
+
+
+def _last_rate(state: Any) -> torch.Tensor:
+    """The rate a plain chain's state holds last (its final step's), for `gated_by_selection`."""
+    return state[-1].lr
 
 
 def _host_plain(params: dict[str, torch.Tensor], learning_rate: Any) -> bool:
@@ -453,9 +448,7 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
         if not _host_plain(params, learning_rate):
             return None
-        tensors = list(params.values())
-        constant = None if callable(learning_rate) else float(learning_rate)
-        fixed = as_float64(constant, tensors[0].device) if constant is not None else None
+        rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
 
         def run(
             grads: list[torch.Tensor],
@@ -463,20 +456,12 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
             state: Any,
             norm: torch.Tensor | None,
             write: bool,
-            keep: torch.Tensor | None = None,
         ) -> Ran:
-            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
-                ran = run(grads, params, state, norm, False)
-                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
             ascent, decay, adamax, rate = state
             count = adamax.count + 1
             mu, nu_inf = adamax_moments(adamax, grads, write, b1, b2, eps)
             n = host_number(count)
-            if fixed is not None:
-                lr_t, lr = fixed, constant
-            else:
-                lr_t = as_float64(value_at(learning_rate, rate.count), rate.count.device)
-                lr = host_number(lr_t)
+            lr_t, lr = rate_of(rate.count)
             assert n is not None and lr is not None  # (CPU tensors of an eager step)
             step_size = (lr * -1.0) / (1 - b1 ** float(n))
             if write:
@@ -492,7 +477,7 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
             )
             return Ran(new, new_state, lr_t, None, None)
 
-        return run
+        return gated_by_selection(run, _last_rate)
 
     return plan
 
@@ -653,9 +638,7 @@ def nadam_planner(
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
         if not _host_plain(params, learning_rate) or not isinstance(state[-1], NadamStepState):
             return None
-        device = next(iter(params.values())).device
-        constant = None if callable(learning_rate) else float(learning_rate)
-        fixed = as_float64(constant, device) if constant is not None else None
+        rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
 
         def run(
             grads: list[torch.Tensor],
@@ -663,16 +646,15 @@ def nadam_planner(
             state: Any,
             norm: torch.Tensor | None,
             write: bool,
-            keep: torch.Tensor | None = None,
         ) -> Ran:
-            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
-                ran = run(grads, params, state, norm, False)
-                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
             nadam = state[-1]
             count = nadam.count + 1
-            lr = fixed if fixed is not None else rate_at(learning_rate, nadam.count)
-            rate = constant if constant is not None else lr
-            host = _host_sizes(count, rate, nadam.mu_product, b1, b2, momentum_decay)
+            lr, rate = rate_of(nadam.count)
+            host = (
+                None
+                if rate is None
+                else _host_sizes(count, rate, nadam.mu_product, b1, b2, momentum_decay)
+            )
             assert host is not None  # (CPU tensors of an eager step)
             bc2, mu_product, steps = host
             new = params if write else [p.clone() for p in params]
@@ -680,7 +662,7 @@ def nadam_planner(
             moved = NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
             return Ran(new, (*state[:-1], moved), lr, None, None)
 
-        return run
+        return gated_by_selection(run, _last_rate)
 
     return plan
 

@@ -10,10 +10,9 @@ from functrain.errors import config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
-from functrain.optim.planned import Planner, Ran, Runner, selected
-from functrain.optim.rates import as_float64, value_at
-from functrain.optim.rules.arithmetic import host_number
-from functrain.optim.rules.learning_rate import ScaleByLearningRateState
+from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
+from functrain.optim.rates import as_float64
+from functrain.optim.rules.learning_rate import ScaleByLearningRateState, planned_rate
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
 from functrain.optim.zeros import writable, zeros
 from functrain.tree import (
@@ -107,7 +106,7 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             return None
         names, spec = list(params), tree_flatten(dict(params))[1]
         device = next(iter(params.values())).device
-        constant = None if callable(learning_rate) else float(learning_rate)
+        rate_of = planned_rate(learning_rate, device)
         # an eager step on the CPU reads the step size where it lies (a load, no sync), and adds
         # the quotient by one foreach `addcdiv`, as `apply_updates` does, without its layers
         # (one dtype, as `apply_updates` adds one foreach quotient; complex tensors keep its way)
@@ -117,8 +116,8 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             and len({p.dtype for p in params.values()}) == 1
             and not any(p.is_complex() for p in params.values())
         )
-        if constant is not None:  # made once, never written (as `scale_by_learning_rate` does)
-            fixed = (as_float64(constant, device), as_float64(-constant, device))
+        # a constant rate's step size made once, never written (as `scale_by_learning_rate` does)
+        negated = None if callable(learning_rate) else as_float64(-float(learning_rate), device)
 
         def run(
             grads: list[torch.Tensor],
@@ -126,11 +125,7 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             state: Any,
             norm: torch.Tensor | None,
             write: bool,
-            keep: torch.Tensor | None = None,
         ) -> Ran:
-            if keep is not None:  # a wrapper's gate (unread: an accelerator's): run, then select
-                ran = run(grads, params, state, norm, False)
-                return selected(ran, keep, params, state, lambda kept: kept[-1].lr)
             before, rms, between, rate = state
             if write:
                 nu = [writable(n, x) for n, x in zip(rms.nu, grads, strict=True)]
@@ -140,21 +135,17 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             torch._foreach_addcmul_(nu, grads, grads, value=1 - alpha)
             avg = torch._foreach_sqrt(nu)
             torch._foreach_add_(avg, eps)
-            if constant is None:
-                lr = as_float64(value_at(learning_rate, rate.count), rate.count.device)
-            else:
-                lr = fixed[0]
+            lr, number = rate_of(rate.count)
             if host:  # the step size as the kernel reads it, a Python float: one foreach call
-                read = host_number(lr) if constant is None else constant
-                assert read is not None  # (a CPU tensor of an eager step)
-                size = read * -1.0
+                assert number is not None  # (a CPU tensor of an eager step)
+                size = number * -1.0
                 if write:
                     torch._foreach_addcdiv_(params, grads, avg, size)
                     moved = params
                 else:
                     moved = list(torch._foreach_addcdiv(params, grads, avg, size))
             else:
-                signed = lr * -1.0 if constant is None else fixed[1]
+                signed = negated if negated is not None else lr * -1.0
                 step = ParamStep(None, spec, None, quotient=(grads, avg, signed))
                 new = apply_updates(dict(zip(names, params)), step, in_place=write)
                 moved = list(new.values())
@@ -166,6 +157,6 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             )
             return Ran(moved, new_state, lr, None, None)
 
-        return run
+        return gated_by_selection(run, lambda kept: kept[-1].lr)
 
     return plan
