@@ -127,24 +127,46 @@ def gradients(
         LossError: the loss does not depend on any trainable parameter (eagerly).
         ConfigError: a stacked or fully sharded state whose module runs activation checkpointing.
     """
-    members = state.members
     if functional():
-        # buffers are an argument, not a capture: BatchNorm writes its statistics into them
-        grads, (loss, aux) = torch.func.grad(
-            _objective(state, batch, scale, forward), has_aux=True
-        )(state.params, buffers)
-        if not torch.compiler.is_compiling():  # a compiled step checks what it returns
-            check_scalar_metrics(aux, members=members)
-        hooks = grad_hooks(state.module, list(state.params))
-        if hooks:
-            grads = dict(zip(grads, run_gradient_hooks(list(grads.values()), hooks)))
-        return grads, loss, aux
-    names = list(state.params)
-    known = decided(state)
+        return _traced(state, batch, buffers, scale, forward)
     if forward is None and not gathers(state):
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-        grads, loss, aux = backward(state, batch, leaves, buffers, scale, known)
-        return dict(zip(names, grads, strict=True)), loss, aux
+        grads, loss, aux = backward(state, batch, leaves, buffers, scale, decided(state))
+        return dict(zip(state.params, grads, strict=True)), loss, aux
+    return _by_autograd(state, batch, buffers, scale, forward, apart)
+
+
+def _traced(
+    state: StepState,
+    batch: Any,
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    forward: Forward | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """`gradients` traced or under vmap: ``torch.func.grad`` of the objective."""
+    # buffers are an argument, not a capture: BatchNorm writes its statistics into them
+    grads, (loss, aux) = torch.func.grad(_objective(state, batch, scale, forward), has_aux=True)(
+        state.params, buffers
+    )
+    if not torch.compiler.is_compiling():  # a compiled step checks what it returns
+        check_scalar_metrics(aux, members=state.members)
+    hooks = grad_hooks(state.module, list(state.params))
+    if hooks:
+        grads = dict(zip(grads, run_gradient_hooks(list(grads.values()), hooks)))
+    return grads, loss, aux
+
+
+def _by_autograd(
+    state: StepState,
+    batch: Any,
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    forward: Forward | None,
+    apart: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """`gradients` eagerly, of `forward` or of a fully sharded state: the objective on fresh
+    leaves (each member's own where the members run `apart`), then the autograd engine."""
+    names, members, known = list(state.params), state.members, decided(state)
     if apart:
         own = [
             {k: p[m].detach().requires_grad_(True) for k, p in state.params.items()}
