@@ -174,6 +174,10 @@ class Norms(NamedTuple):
     members: int = 0
     """A stacked state's member count K when an update runs on its stacked tensors (each with a
     leading member dimension): every norm is then one per member, a ``[K]`` tensor. 0 otherwise."""
+    differentiable: bool = False
+    """The step is differentiated (a differentiable state): one norm per tensor, as a compiled step
+    takes them (torch's `_foreach_norm` has no forward-mode derivative); on the CPU the same
+    bits."""
 
     def sharing(self, tensors: Sequence[torch.Tensor], norm: torch.Tensor) -> Norms:
         """These norms, with `norm` given for exactly `tensors`, unmodified.
@@ -208,7 +212,7 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     """
     if not tensors:
         return torch.zeros(())
-    if torch.compiler.is_compiling() and not norms.members:
+    if (torch.compiler.is_compiling() or norms.differentiable) and not norms.members:
         # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
         # the foreach op would run as an opaque call each time it appears. (A sharded step's
         # update always runs eagerly, compiled steps' included.)

@@ -65,6 +65,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.optim.averaging",
             "functrain.optim.swa",
             "functrain.optim.schedules",
+            "functrain.optim.differentiable",
         ],
         ["functrain.optim.rules"],
         [

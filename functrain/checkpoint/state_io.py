@@ -147,6 +147,7 @@ _ADDED_OPTIONS = {
     "ema_warmup_power": 2 / 3,
     "ema_warmup_gamma": 1.0,
     "ema_min_decay": 0.0,
+    "differentiable": False,
 }
 
 

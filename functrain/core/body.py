@@ -45,7 +45,7 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.metrics import metric_nodes, transform_metrics
 from functrain.optim.updates import apply_updates
 from functrain.optim.wrappers import find_loss_scale
-from functrain.tree import member_view
+from functrain.tree import Norms, member_view
 
 __all__ = [
     "OWN_TX_METRICS",
@@ -97,7 +97,15 @@ def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Part
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = loss_scale(state)
     grads, loss, aux = gradients(state, batch, buffers, scale)
+    if state.options.differentiable:
+        # the updates keep their graphs; the metrics are values, not part of them
+        new, metrics = apply(state, batch, grads, buffers, loss, aux, scale, DIFFERENTIATED)
+        return new, {k: v.detach() for k, v in metrics.items()}
     return apply(state, batch, grads, buffers, loss, aux, scale, extras)
+
+
+# what a differentiable state's step gives its updates (`Extras.differentiable`)
+DIFFERENTIATED = Extras(norms=Norms(differentiable=True), differentiable=True)
 
 
 def loss_scale(state: StepState) -> torch.Tensor | None:
@@ -479,14 +487,15 @@ def eval_body(
     state: StepState, batch: Any, use_ema: bool, eval_fn: Any = None
 ) -> dict[str, torch.Tensor]:
     """The loss function (or `eval_fn`) without gradients, on the weights or their EMA (with the
-    EMA's buffers where it averages them)."""
+    EMA's buffers where it averages them); a differentiable state's with its graph."""
     weights = state.ema_params if use_ema else state.params
     if weights is None:
         raise ConfigError("use_ema=True needs a state created with ema_decay=...; it has no EMA")
     given = (state.ema_buffers if use_ema else None) or state.buffers
     buffers = {k: b.clone() for k, b in given.items()}
     with (
-        torch.no_grad(),
+        # a differentiable state's evaluation keeps its graph: the outer loss of meta-learning
+        contextlib.nullcontext() if state.options.differentiable else torch.no_grad(),
         sharding_.gathering_on_use(weights) if gathers(state) else contextlib.nullcontext(),
     ):
         loss, aux = call_loss(
@@ -496,6 +505,8 @@ def eval_body(
             eval_fn,
             watch={**weights, **state.frozen},
         )
+    if state.options.differentiable:
+        return {"loss": loss, **aux}  # its dtype: a float64 meta-gradient stays float64
     return {"loss": loss.float(), **aux}
 
 

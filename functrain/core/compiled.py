@@ -299,6 +299,11 @@ class CompiledStep:
                 f"got {type(state).__name__}"
             )
         state.check_live("a compiled step")
+        if state.options.differentiable:
+            raise ConfigError(
+                "a differentiable state's step is not compiled: call functrain.train_step on it "
+                "eagerly (a graph through unrolled steps is built anew at every call)"
+            )
         members = state.members  # read before a donation
         if not members:
             refuse_per_member(batch)

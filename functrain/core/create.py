@@ -36,6 +36,7 @@ from functrain.distributed.sharding import (
 from functrain.errors import ConfigError, listed
 from functrain.optim.averaging import ema
 from functrain.optim.base import Transform, is_transform
+from functrain.optim.differentiable import differentiable_form
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.fused import on_device
 from functrain.optim.rules.sparse import sparse_twin, takes_sparse
@@ -111,19 +112,25 @@ def initial_fields(
     # the state keeps the optimizer given; its transform runs the sparse form where it has one,
     # and on the parameters' device the form torch.optim runs there (the default adagrad's
     # foreach chain where torch has no fused Adagrad)
-    tx = build_transform(
-        on_device(
-            _for_sparse(
-                optimizer,
-                [name for name in sparse_parameters(module) if name in params],  # a frozen one: no
-                options,
-                grad_stats,
-                dist_config,
+    if options.differentiable:
+        if dist_config is not None:
+            raise ConfigError(_DIFFERENTIABLE_ALONE)
+        # torch.optim's single-tensor loop written out of place (`functrain.optim.differentiable`)
+        tx = build_transform(differentiable_form(optimizer), options)
+    else:
+        tx = build_transform(
+            on_device(
+                _for_sparse(
+                    optimizer,
+                    [name for name in sparse_parameters(module) if name in params],  # frozen: no
+                    options,
+                    grad_stats,
+                    dist_config,
+                ),
+                device,
             ),
-            device,
-        ),
-        options,
-    )
+            options,
+        )
     averager = averager_of(options)
     if dist_config is not None:
         # the meta tensors too: those that hold values are broadcast one by one, and every rank
@@ -255,6 +262,8 @@ def _checked(
             f"grad_stats must be 'layer', 'param' or None, got grad_stats={grad_stats!r}"
         )
     problems += _sharding_problems(sharding, optimizer, reshard_after_forward)
+    if options.differentiable in (True, "first_order") and is_transform(optimizer):
+        problems += _differentiable_problems(optimizer, sharding)
     structural = module_problems(module) if isinstance(module, nn.Module) else []
     if structural:  # (a lazy module's parameters cannot even be copied)
         raise ConfigError(
@@ -389,6 +398,24 @@ def _split_parameters(
         keep = p.requires_grad and (trainable is None or trainable(name, p))
         (params if keep else frozen)[name] = p.detach().clone()
     return params, frozen
+
+
+# why a differentiable state trains alone
+_DIFFERENTIABLE_ALONE = (
+    "differentiable=True does not combine with a process group (distributed or sharding): the "
+    "collectives of a data-parallel step are not differentiated; create the state with "
+    "distributed=False"
+)
+
+
+def _differentiable_problems(optimizer: Transform, sharding: Any) -> list[str]:
+    """What keeps `optimizer` from a differentiable state (`TrainState.create`)."""
+    problems = [_DIFFERENTIABLE_ALONE] if sharding is not None else []
+    try:
+        differentiable_form(optimizer)
+    except ConfigError as error:
+        problems.append(str(error))
+    return problems
 
 
 def _validate(module: Any, optimizer: Any, loss_fn: Any) -> list[str]:

@@ -127,7 +127,9 @@ def gradients(
         LossError: the loss does not depend on any trainable parameter (eagerly).
         ConfigError: a stacked or fully sharded state whose module runs activation checkpointing.
     """
-    if functional():
+    if functional() or state.options.differentiable:
+        # a differentiable state's gradients keep their graph: `torch.func.grad` composes with
+        # the autograd and torch.func transforms around the step
         return _traced(state, batch, buffers, scale, forward)
     if forward is None and not gathers(state):
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
@@ -153,6 +155,9 @@ def _traced(
     hooks = grad_hooks(state.module, list(state.params))
     if hooks:
         grads = dict(zip(grads, run_gradient_hooks(list(grads.values()), hooks)))
+    if state.options.differentiable == "first_order":
+        # differentiated through the updates only: the gradients are constants there
+        grads = {k: g.detach() for k, g in grads.items()}
     return grads, loss, aux
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "NonFinitePolicy",
     "GradStats",
     "AccumulateConvention",
+    "Differentiable",
     "build_transform",
     "ema_buffers_default",
     "loss_divisor",
@@ -36,6 +37,10 @@ GradStats = Literal["layer", "param"]
 # the loss by N before the backward and sums the gradients; "mean" sums the gradients and divides
 # the sum by N; "sum" sums the gradients of the loss as given
 AccumulateConvention = Literal["loss", "mean", "sum"]
+# how a state's steps are differentiated (`TrainState.create`): not at all (False), exactly (True:
+# through the updates and the gradients, second order included), or "first_order" (through the
+# updates only: the gradients are constants, first-order MAML's)
+Differentiable = bool | Literal["first_order"]
 
 
 @attrs.frozen
@@ -59,6 +64,9 @@ class StepOptions:
     ema_warmup_gamma: float = 1.0
     ema_min_decay: float = 0.0
     accumulate_convention: AccumulateConvention = "loss"
+    # steps that autograd and torch.func differentiate (`functrain.optim.differentiable`): True
+    # (exactly) or "first_order" (through the updates, the gradients taken as constants)
+    differentiable: Differentiable = False
 
     def problems(self) -> list[str]:
         """Every invalid option, each with the value given (empty when all are valid).
@@ -115,7 +123,26 @@ class StepOptions:
             problems.append(
                 f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}"
             )
-        return problems + self._ema_problems()
+        return problems + self._ema_problems() + self._differentiable_problems()
+
+    def _differentiable_problems(self) -> list[str]:
+        """What a differentiable state's step cannot do: scale its loss (fp16)."""
+        if (
+            self.differentiable not in (True, False, "first_order")
+            or isinstance(self.differentiable, int)
+            and not isinstance(self.differentiable, bool)
+        ):
+            return [
+                "differentiable must be True, False or 'first_order', got "
+                f"differentiable={self.differentiable!r}"
+            ]
+        if self.differentiable and self.precision == "fp16":
+            return [
+                "precision='fp16' does not combine with differentiable=True: the dynamic loss "
+                "scale skips and rescales steps by what it reads back, which no gradient "
+                "follows; train in float32 or float64 (or precision='bf16')"
+            ]
+        return []
 
     def _ema_problems(self) -> list[str]:
         """The EMA's convention and settings: each valid, of its convention, with an EMA to set."""

@@ -357,7 +357,8 @@ def program_for(state: TrainState) -> StepProgram | None:
     """The program of `state`'s eager step, or None where the step is not one program yet.
 
     None for a stacked state (`functrain.core.stacked`), a sharded one, an optimizer holding a
-    sweep outside a stacked state (refused by the step), and a state without trainable tensors.
+    sweep outside a stacked state (refused by the step), a state without trainable tensors, and a
+    differentiable one (its step is the body's, on tensors that keep their graphs).
     """
     tx = state.tx
     dist = state.dist
@@ -366,6 +367,7 @@ def program_for(state: TrainState) -> StepProgram | None:
         or (dist is not None and dist.sharding is not None)
         or not state.params
         or holds_sweep(tx)
+        or state.options.differentiable
     ):
         return None
     runner, stage, fresh = _runner(state)

@@ -22,6 +22,7 @@ from torch import nn
 from functrain.core.create import COUNTERS, Trainable, initial_fields
 from functrain.core.options import (
     AccumulateConvention,
+    Differentiable,
     GradStats,
     NonFinitePolicy,
     Precision,
@@ -35,6 +36,7 @@ from functrain.distributed.sharding import Sharding, gathered
 from functrain.errors import ConfigError, DonatedStateError, StateMismatchError
 from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform
+from functrain.optim.differentiable import hyperparameters_of, with_hyperparameters
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
 from functrain.tree import Tree, leaves_by_path, tree_leaves
@@ -171,6 +173,7 @@ class TrainState:
         reshard_after_forward: bool = True,
         init: InitFn | None = None,
         grad_stats: GradStats | None = None,
+        differentiable: Differentiable = False,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
 
@@ -295,6 +298,21 @@ class TrainState:
                 reads them at log intervals (sharded: norms of the whole tensors, one all-reduce
                 more per step).
                 Not computed by `compile_step`. Not part of checkpoints.
+            differentiable: steps that autograd and ``torch.func`` differentiate (meta-learning,
+                hypergradients): a step's new weights, moments and EMA are functions of the
+                state's floating tensors and of its hyperparameters, which the state holds as
+                0-d float64 tensors (`hyperparameters`, `with_hyperparameters`: the learning
+                rate, the weight decay and, where the optimizer has one, the momentum); the
+                gradients are taken with their own graph, so a gradient through the steps is
+                exact, not first-order. The optimizer trains in its differentiable form
+                (`functrain.optim.differentiable`: torch.optim's single-tensor loop, bit for
+                bit, out of place) and must be one of ``sgd``, ``adam``, ``adamw``,
+                ``rmsprop``, ``adagrad``. Not with ``precision="fp16"``, a process group,
+                `compile_step` or ``donate=True``. ``"first_order"``: differentiable through
+                the updates only, the gradients taken as constants (first-order MAML; a
+                hypergradient through the learning rate is then first-order hypergradient
+                descent's). To truncate the graph every k steps, `detach` the state. See the guide
+                "Differentiating through training".
 
         Returns:
             The initial `TrainState`, counters at zero.
@@ -352,6 +370,7 @@ class TrainState:
                 ema_warmup_gamma,
                 ema_min_decay,
                 accumulate_convention,
+                differentiable=differentiable,
             ),
             trainable=trainable,
             distributed=distributed,
@@ -374,7 +393,8 @@ class TrainState:
             >>> s.replace(epoch=4, epoch_step=0).epoch  # a counter given as an int becomes a tensor
             tensor(4)
         """
-        refuse_graph_tensors(changes, "TrainState.replace")
+        if not self.options.differentiable:
+            refuse_graph_tensors(changes, "TrainState.replace")
         for name in changes.keys() & _COUNTER_SET:
             value = changes[name]
             if isinstance(value, int) and not isinstance(value, bool):
@@ -484,6 +504,64 @@ class TrainState:
         """
         self.check_live("saving or reading the state's tree")
         return {name: getattr(self, name) for name in TREE_FIELDS}
+
+    @property
+    def hyperparameters(self) -> dict[str, torch.Tensor]:
+        """The hyperparameters a differentiable state holds, by name: 0-d float64 tensors.
+
+        The learning rate (``"lr"``, unless a schedule gives it), the weight decay and, where the
+        optimizer has one, the momentum; empty for a state created without
+        ``differentiable=True``. Replace them with `with_hyperparameters`.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn,
+            ...                          differentiable=True)
+            >>> s.hyperparameters["lr"]
+            tensor(0.1000, dtype=torch.float64)
+        """
+        return hyperparameters_of(self.opt_state)
+
+    def with_hyperparameters(self, **values: Any) -> TrainState:
+        """This differentiable state with some hyperparameters replaced: numbers, or 0-d floating
+        tensors (which may require grad: a gradient through the following steps reaches them).
+
+        Raises:
+            ConfigError: the state holds no such hyperparameter (not differentiable, or a name it
+                does not hold), or a value that is not a finite number or a 0-d floating tensor.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn,
+            ...                          differentiable=True)
+            >>> lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+            >>> new, _ = ft.train_step(s.with_hyperparameters(lr=lr), torch.ones(4, 2))
+            >>> new.params["bias"].sum().backward(); lr.grad
+            tensor(-4., dtype=torch.float64)
+        """
+        return self.replace(opt_state=with_hyperparameters(self.opt_state, values))
+
+    def detach(self) -> TrainState:
+        """This state with every tensor detached from the graph that made it (the same values).
+
+        A differentiable state's steps build a graph through every step since its tensors were
+        leaves; detaching every k steps truncates the backpropagation there (truncated
+        backpropagation through the unrolled steps), and before a save or a log keeps nothing of
+        the graph alive.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> loss_fn = lambda m, b: m(b).sum()
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), loss_fn,
+            ...                          differentiable=True)
+            >>> lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+            >>> new, _ = ft.train_step(s.with_hyperparameters(lr=lr), torch.ones(4, 2))
+            >>> new.params["bias"].requires_grad, new.detach().params["bias"].requires_grad
+            (True, False)
+        """
+        return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, self)
 
     def clone(self) -> TrainState:
         """This state with every tensor copied: a copy that a donated step cannot touch.
@@ -676,7 +754,8 @@ class TrainState:
             ...
             functrain.errors.StateMismatchError: predict got a TrainState whose tensors do not fit its module: params["0.weight"] is not a parameter of the module. ...
         """  # noqa: E501
-        refuse_graph_tensors(tree, "TrainState.with_tree")
+        if not self.options.differentiable:
+            refuse_graph_tensors(tree, "TrainState.with_tree")
         new = attrs.evolve(self, **tree)
         if not tree.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)
@@ -728,7 +807,7 @@ _DONATED_TAG = "_functrain_donated_to"
 _STEPPED = frozenset({"params", "frozen", "buffers", "opt_state", "ema_state"})
 
 NOT_DIFFERENTIABLE = (
-    "functrain's steps are not differentiable: a step takes its gradients from detached copies "
+    "this state's steps are not differentiable: a step takes its gradients from detached copies "
     "of the state's tensors, so a gradient through it would silently be first-order (first-order "
     "MAML's, not the exact meta-gradient) or never reach a tensor at all"
 )
@@ -753,8 +832,9 @@ def refuse_graph_tensors(fields: dict[str, Any], call: str) -> None:
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise ConfigError(
             f"{call} got tensors that require grad: {shown}. {NOT_DIFFERENTIABLE}. Pass them "
-            "detached (tensor.detach(); a state's own tensors never require grad); to "
-            "differentiate through training, write the inner update with torch.func yourself"
+            "detached (tensor.detach(); an ordinary state's own tensors never require grad), or "
+            "create the state with TrainState.create(..., differentiable=True) to differentiate "
+            "through its steps"
         )
 
 

@@ -105,6 +105,8 @@ def train_step(
             f"got {type(state).__name__}; build one with TrainState.create(...)"
         )
     state.check_live("train_step")
+    if state.options.differentiable:
+        return _differentiable_step(state, batch, donate)
     if torch.compiler.is_compiling():
         return _train_step(state, batch, donate)
     # a torch.func transform (`under_vmap`, asked directly: not compiling): vmap runs the body,
@@ -113,9 +115,8 @@ def train_step(
         if differentiating():
             raise ConfigError(
                 "train_step ran under torch.func.grad (or vjp, jvp, jacrev): "
-                f"{NOT_DIFFERENTIABLE}. "
-                "Differentiate your own inner update instead (torch.func.grad of the loss, then "
-                "the update written with torch ops), or take first-order gradients explicitly; "
+                f"{NOT_DIFFERENTIABLE}. Create the state with TrainState.create(..., "
+                "differentiable=True) to differentiate through its steps; "
                 "torch.func.vmap over train_step (per-example or per-member updates) works"
             )
         try:
@@ -136,6 +137,36 @@ def train_step(
         return program.run(state, batch, donate)  # the configuration's program (`core/program.py`)
     except RunAgain:  # its module runs reentrant checkpointing, found before anything was written
         return program.run(state, batch, donate)
+
+
+def _differentiable_step(
+    state: TrainState, batch: Any, donate: bool
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """`train_step` of a differentiable state: the body on tensors that keep their graphs.
+
+    Its gradients are taken with ``torch.func.grad`` (`functrain.core.gradient`), which composes
+    with autograd and the ``torch.func`` transforms around the step; its optimizer is its
+    differentiable form (`functrain.optim.differentiable`), out of place.
+    """
+    if donate:
+        raise ConfigError(
+            "train_step(donate=True) writes the new state into the given one's tensors, and a "
+            "differentiable state's tensors are the inputs of the graph through its steps: step "
+            "it without donate"
+        )
+    if state.members:
+        raise ConfigError(
+            "a differentiable state is stepped alone: stack its steps with "
+            "torch.func.vmap(functrain.train_step) over a state of stacked tensors, or step the "
+            "members one by one"
+        )
+    if torch.compiler.is_compiling():
+        raise ConfigError(
+            "a differentiable state's step is not compiled: call functrain.train_step eagerly "
+            "(torch.compile of an unrolled inner loop traces every step anew)"
+        )
+    refuse_per_member(batch)
+    return step_in_scope(state, batch, train_body, donate=False, call=DONATED)
 
 
 def _train_step(
@@ -164,7 +195,9 @@ def eval_step(
 ) -> dict[str, torch.Tensor]:
     """Evaluate the loss function on a batch in eval mode (dropout off, BatchNorm on running stats).
 
-    Runs without gradients and changes nothing: not the state, not the caller's RNG.
+    Runs without gradients and changes nothing: not the state, not the caller's RNG. A
+    differentiable state's evaluation runs with gradients: its loss (in the loss function's dtype)
+    is a function of the state's tensors, the outer loss of meta-learning.
 
     Args:
         state: the `TrainState` to evaluate.
@@ -220,7 +253,8 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
     What a notebook asks of a state: its model's output on some input, as the module the state was
     made from would give it after ``model.eval()`` under ``torch.no_grad()`` (``state.module`` is
     only the structure, without weights; ``state.export_module()`` builds a module that holds them,
-    to keep). Changes nothing: not the state, its buffers, nor the caller's RNG.
+    to keep). Changes nothing: not the state, its buffers, nor the caller's RNG. A differentiable
+    state's output keeps its graph (a function of the state's tensors).
 
     Args:
         state: a `TrainState` (not stacked: run ``functrain.unstack`` members one by one).
@@ -265,7 +299,7 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
         buffers = {k: b.clone() for k, b in given.items()}  # its forward's to write
         gathered = state.dist is not None and state.dist.sharding == "full"
         with (
-            torch.no_grad(),
+            contextlib.nullcontext() if state.options.differentiable else torch.no_grad(),
             sharding_.gathering_on_use(weights) if gathered else contextlib.nullcontext(),
             bound(state.module, {**weights, **state.frozen, **buffers}) as model,
         ):

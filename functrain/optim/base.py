@@ -148,6 +148,10 @@ class Extras(NamedTuple):
     them, as ``ReduceLROnPlateau`` lowers the group's rate, and whose updates the chain then hands
     on without scaling them again (new parameters scaled as a difference, ``p + (p' - p) * s``,
     would not be the kernel's ``p'`` at the lowered rate)."""
+    differentiable: bool = False
+    """The step is differentiated (a state created with ``differentiable=True``): an update runs
+    ops that autograd and ``torch.func`` differentiate (out of place, none of the foreach ops
+    whose derivatives torch lacks), with the same bits."""
 
     def may_write(self) -> bool:
         """Whether the update may write into the state and parameters it was given.

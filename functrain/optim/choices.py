@@ -13,8 +13,10 @@ torch's name and default and either picks the path that gives torch's bits for i
   from the one functrain follows: that value is refused. ``None`` is functrain's default.
 * ``capturable=True``: torch's mode for CUDA graphs, where counts and step sizes stay on the device.
   functrain's steps never read them back to the host anyway; the flag has nothing to switch on.
-* ``differentiable=True``: torch's autograd through the optimizer step. functrain's updates run
-  outside the step's autograd graph; there is no differentiable mode to select.
+* ``differentiable=True``: torch's autograd through the optimizer step. In functrain that is the
+  state's choice, not the optimizer's: ``TrainState.create(..., differentiable=True)`` trains any
+  of ``sgd``, ``adam``, ``adamw``, ``rmsprop``, ``adagrad`` in its differentiable form
+  (`functrain.optim.differentiable`); the preset's flag is refused with that fix.
 
 Neither value changes the numbers, so none of them is part of a transform's name
 (`without_choices`): ``adamw(foreach=True)`` is named, and checkpoints, as ``adamw(fused=False)``.
@@ -38,8 +40,10 @@ _WHY = {
         "host, so a step runs under torch.compile or a CUDA graph as it is; leave capturable out"
     ),
     "differentiable": (
-        "functrain's updates run outside the step's autograd graph and offer no mode that "
-        "differentiates through them; leave differentiable out"
+        "in functrain a state's steps are differentiable or not, whatever its optimizer: create "
+        "the state with TrainState.create(model, optimizer, loss_fn, differentiable=True) (its "
+        "optimizer then trains in torch's single-tensor form, out of place), and leave "
+        "differentiable out here"
     ),
 }
 

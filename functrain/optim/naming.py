@@ -152,13 +152,14 @@ def _refuse_graph_arguments(
                 if isinstance(bound.arguments[name], torch.Tensor)
                 else f"{name} holds a tensor that requires grad"
             )
-            + ": its value is read once, as a number, so no gradient would reach it "
-            "(functrain's steps are not differentiable); pass "
+            + ": its value is read once, as a number, so no gradient would reach it; pass "
             + (
                 f"its value, {name}.item()"
                 if isinstance(bound.arguments[name], torch.Tensor)
                 else "the values (t.item() of each tensor t in it)"
             )
+            + " (for a hypergradient, create the state with differentiable=True and give the "
+            "tensor to state.with_hyperparameters)"
             for name in names
         ],
         where,

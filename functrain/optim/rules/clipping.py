@@ -98,6 +98,10 @@ def clip_by_global_norm(max_norm: float) -> Transform:
             # a donated step's own gradients, scaled where they are (as clip_grad_norm_ does)
             torch._foreach_mul_(g, coef.to(g[0].dtype))
             return tree_unflatten(g, spec), ClipByGlobalNormState(kept)
+        if extras.differentiable and not coef.ndim:
+            # one op per tensor: torch's foreach product by a tensor has no derivative
+            clipped = [t * coef.to(t.dtype) for t in g]
+            return tree_unflatten(clipped, spec), ClipByGlobalNormState(kept)
         return tree_unflatten(_by_dtype_mul(g, coef), spec), ClipByGlobalNormState(kept)
 
     def plan(params: dict[str, torch.Tensor], state: ClipByGlobalNormState) -> Prelude | None:

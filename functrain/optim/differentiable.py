@@ -1,0 +1,576 @@
+"""Updates that autograd and ``torch.func`` differentiate: the optimizers of a differentiable state.
+
+A state created with ``TrainState.create(..., differentiable=True)`` trains with the
+*differentiable form* of its optimizer (`differentiable_form`): the same arithmetic as torch.optim's
+single-tensor loop, op for op and bit for bit, written out of place so that the new parameters and
+moments are functions of the old ones, of the gradients (which the step then takes with their own
+graph: meta-gradients are exact, not first-order) and of the hyperparameters the state holds as
+tensors (`DifferentiableState.hyperparams`: the learning rate, the weight decay and, where the
+optimizer has one, the momentum), which may require grad (hypergradients).
+
+Three ops of torch's loop take a Python number where a differentiable hyperparameter goes: the
+scaled sum ``add(alpha=)``, the scaled quotient ``addcdiv(value=)`` and the square root whose
+derivative at 0 is infinite. Each is an autograd function here (`add_scaled`, `addcdiv_scaled`,
+`safe_sqrt`) whose forward runs torch's own kernel with the number (so the bits are the ordinary
+step's: ``add(alpha=)`` rounds once where ``a + alpha * b`` rounds twice) and whose backward and
+forward-mode derivative also flow to the tensor. `safe_sqrt`'s derivative is 0 where its input is
+0: on a ReLU net a dead unit's second moment is 0 and its first moment too, and the exact derivative
+of the update there is 0, where ``sqrt``'s own would give 0 times infinity, NaN.
+
+The step reads the count and the hyperparameters' values to the host once per step, as torch's
+single-tensor loop reads its step count (``_get_value``). Under ``torch.func.vmap`` over a
+hyperparameter (one learning rate per member) its value cannot be read: the ops then compose torch
+ops on the tensor (the same value up to the last rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.errors import ConfigError
+from functrain.optim.base import Transform
+from functrain.optim.naming import recorded_call
+from functrain.optim.rates import value_at
+from functrain.optim.updates import NewParams
+from functrain.tree import Tree, tree_flatten, tree_leaves
+
+__all__ = [
+    "DIFFERENTIABLE_PRESETS",
+    "DifferentiableState",
+    "Scalar",
+    "add_scaled",
+    "addcdiv_scaled",
+    "differentiable_form",
+    "hyperparameters_of",
+    "safe_sqrt",
+    "with_hyperparameters",
+]
+
+
+class Scalar(NamedTuple):
+    """A hyperparameter as a differentiable update uses it.
+
+    `value`: the number torch's kernels take (None where it cannot be read: batched under vmap);
+    `tensor`: the tensor gradients flow to, None for a constant (a number the preset was given).
+    """
+
+    value: float | None
+    tensor: torch.Tensor | None = None
+
+    def map(self, f: Callable[[Any], Any]) -> Scalar:
+        """The same arithmetic on the number and on the tensor (IEEE operations on doubles: the
+        float64 tensor holds the number's bits)."""
+        return Scalar(
+            None if self.value is None else f(self.value),
+            None if self.tensor is None else f(self.tensor),
+        )
+
+
+def combined(f: Callable[[Any, Any], Any], a: Scalar, b: Scalar) -> Scalar:
+    """``f(a, b)`` on the numbers and, where either has one, on the tensors."""
+    value = None if a.value is None or b.value is None else f(a.value, b.value)
+    if a.tensor is None and b.tensor is None:
+        return Scalar(value)
+    left = a.tensor if a.tensor is not None else a.value
+    right = b.tensor if b.tensor is not None else b.value
+    return Scalar(value, f(left, right))
+
+
+def _negated(x: Any) -> Any:
+    return -x
+
+
+def _derivative_sum(g: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The derivative to a 0-d scalar of an elementwise ``scalar * factor``: ``sum(g * factor)``
+    in the scalar's dtype."""
+    return (g * factor).sum().to(like.dtype)
+
+
+class _AddScaled(torch.autograd.Function):
+    """``a + alpha * b`` by ``torch.add(a, b, alpha=)`` (one rounding), differentiable in alpha."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, value: Any) -> Any:
+        if value is None:
+            return a + alpha * b
+        return torch.add(a, b, alpha=value)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        _, b, alpha, _ = inputs
+        ctx.save_for_backward(b, alpha)
+        ctx.save_for_forward(b, alpha)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        b, alpha = ctx.saved_tensors
+        return g, g * alpha, _derivative_sum(g, b, alpha), None
+
+    @staticmethod
+    def jvp(ctx: Any, ta: Any, tb: Any, talpha: Any, _: Any) -> Any:
+        b, alpha = ctx.saved_tensors
+        out = torch.zeros_like(b) if ta is None else ta
+        if tb is not None:
+            out = out + alpha * tb
+        if talpha is not None:
+            out = out + talpha * b
+        return out
+
+
+class _AddcdivScaled(torch.autograd.Function):
+    """``a + value * t1 / t2`` by ``torch.addcdiv(value=)``, differentiable in the value."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, scale: torch.Tensor, value: Any
+    ) -> Any:
+        if value is None:
+            return a + scale * t1 / t2
+        return torch.addcdiv(a, t1, t2, value=value)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        _, t1, t2, scale, _ = inputs
+        ctx.save_for_backward(t1, t2, scale)
+        ctx.save_for_forward(t1, t2, scale)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        t1, t2, scale = ctx.saved_tensors
+        quotient = t1 / t2
+        g_t1 = g * scale / t2
+        return g, g_t1, -g_t1 * quotient, _derivative_sum(g, quotient, scale), None
+
+    @staticmethod
+    def jvp(ctx: Any, ta: Any, tt1: Any, tt2: Any, tscale: Any, _: Any) -> Any:
+        t1, t2, scale = ctx.saved_tensors
+        quotient = t1 / t2
+        out = torch.zeros_like(quotient) if ta is None else ta
+        if tt1 is not None:
+            out = out + scale * tt1 / t2
+        if tt2 is not None:
+            out = out - scale * quotient * tt2 / t2
+        if tscale is not None:
+            out = out + tscale * quotient
+        return out
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``torch.sqrt``, whose derivative is 0 where its input is 0 (not infinity)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> Any:
+        return torch.sqrt(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        (root,) = ctx.saved_tensors
+        return _over_twice(g, root)
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> Any:
+        (root,) = ctx.saved_tensors
+        return _over_twice(t, root)
+
+
+def _over_twice(g: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """``g / (2 * root)``, 0 where `root` is 0."""
+    zero = root == 0
+    return torch.where(zero, torch.zeros_like(g), g / torch.where(zero, 1, 2 * root))
+
+
+def add_scaled(a: torch.Tensor, b: torch.Tensor, alpha: Scalar) -> torch.Tensor:
+    """``torch.add(a, b, alpha=)`` out of place, differentiable in `a`, `b` and `alpha`."""
+    if alpha.tensor is None:
+        return torch.add(a, b, alpha=alpha.value)
+    return _AddScaled.apply(a, b, alpha.tensor, alpha.value)
+
+
+def addcdiv_scaled(
+    a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: Scalar
+) -> torch.Tensor:
+    """``torch.addcdiv(a, t1, t2, value=)`` out of place, differentiable in all four."""
+    if value.tensor is None:
+        return torch.addcdiv(a, t1, t2, value=value.value)  # type: ignore[arg-type]
+    return _AddcdivScaled.apply(a, t1, t2, value.tensor, value.value)
+
+
+def scaled(a: torch.Tensor, factor: Scalar) -> torch.Tensor:
+    """``a.mul(factor)``: by a tensor, the same bits (torch casts a 0-d CPU scalar to `a`'s dtype
+    before it multiplies, as it casts a number)."""
+    if factor.tensor is None:
+        return a.mul(factor.value)  # type: ignore[arg-type]
+    return a * factor.tensor
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``torch.sqrt(x)`` whose derivative is 0 where `x` is 0 (`_SafeSqrt`)."""
+    return _SafeSqrt.apply(x)
+
+
+class DifferentiableState(NamedTuple):
+    """A differentiable form's state: the count of updates, the moments, the hyperparameters.
+
+    `slots`: each moment by its name (``"mu"``, ``"nu"``, ``"momentum"``, ...), one tensor per
+    parameter in the parameters' order; `hyperparameters`: the hyperparameters a step may
+    differentiate, as 0-d float64 tensors (`hyperparameters_of`, `with_hyperparameters`).
+    """
+
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    slots: dict[str, tuple[torch.Tensor, ...]]
+    hyperparameters: dict[str, torch.Tensor]
+    lr: torch.Tensor  # 0-d float64: the learning rate of the last update (the step's metric)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr.detach()}
+
+
+# a rule's step of one parameter: (parameter, gradient, its moments by name, the update's number
+# counted from 1, the hyperparameters) -> (new parameter, its new moments by name)
+RuleStep = Callable[
+    [torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int, dict[str, Scalar]],
+    tuple[torch.Tensor, dict[str, torch.Tensor]],
+]
+
+
+class Rule(NamedTuple):
+    """A differentiable optimizer: its moments, their first values, its step of one parameter."""
+
+    slots: tuple[str, ...]
+    initial: dict[str, float]  # a moment's first value where it is not zero
+    held: tuple[str, ...]  # the hyperparameters the state holds as tensors
+    step: RuleStep
+
+
+def _active(h: Scalar) -> bool:
+    """Whether an optional term (weight decay) runs: torch runs it where it is not 0; one a
+    gradient may flow to always runs."""
+    return h.tensor is not None and h.tensor.requires_grad or h.value != 0 or h.value is None
+
+
+def _decayed(g: torch.Tensor, p: torch.Tensor, h: dict[str, Scalar]) -> torch.Tensor:
+    """The gradient with L2 weight decay added, as torch's ``grad.add(param, alpha=wd)``."""
+    return add_scaled(g, p, h["weight_decay"]) if _active(h["weight_decay"]) else g
+
+
+def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_sgd``. The first momentum buffer is the gradient itself (torch
+    detaches its copy: here it keeps its graph, so the derivative through it is exact)."""
+
+    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        g = _decayed(g, p, h)
+        moments = {}
+        if momentum:
+            if t == 1:
+                buf = g
+            else:
+                buf = add_scaled(scaled(m["momentum"], h["momentum"]), g, Scalar(1 - dampening))
+            g = add_scaled(g, buf, h["momentum"]) if nesterov else buf
+            moments["momentum"] = buf
+        return add_scaled(p, g, h["lr"].map(_negated)), moments
+
+    held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
+    return Rule(("momentum",) if momentum else (), {}, held, step)
+
+
+def adam_rule(
+    b1: float, b2: float, eps: float, decoupled: bool, amsgrad: bool, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_adam`` (``AdamW`` with `decoupled`)."""
+
+    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        if _active(h["weight_decay"]):
+            if decoupled:
+                p = scaled(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
+            else:
+                g = add_scaled(g, p, h["weight_decay"])
+        mu = torch.lerp(m["mu"], g, 1 - b1)
+        nu = torch.addcmul(m["nu"].mul(b2), g, g, value=1 - b2)
+        correction1 = 1 - b1**t
+        correction2_sqrt = (1 - b2**t) ** 0.5
+        moments = {"mu": mu, "nu": nu}
+        if amsgrad:
+            moments["nu_max"] = torch.maximum(m["nu_max"], nu)
+            nu = moments["nu_max"]
+        denom = torch.add(safe_sqrt(nu) / correction2_sqrt, eps)
+        size = h["lr"].map(lambda lr: -(lr / correction1))
+        return addcdiv_scaled(p, mu, denom, size), moments
+
+    return Rule(
+        ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu"), {}, ("lr", "weight_decay"), step
+    )
+
+
+def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_rmsprop``."""
+
+    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        g = _decayed(g, p, h)
+        square = torch.addcmul(m["square_avg"].mul(alpha), g, g, value=1 - alpha)
+        moments = {"square_avg": square}
+        if centered:
+            mean = moments["grad_avg"] = torch.lerp(m["grad_avg"], g, 1 - alpha)
+            avg = safe_sqrt(torch.addcmul(square, mean, mean, value=-1))
+        else:
+            avg = safe_sqrt(square)
+        avg = torch.add(avg, eps)
+        if momentum:
+            buf = moments["momentum"] = torch.addcdiv(scaled(m["momentum"], h["momentum"]), g, avg)
+            return add_scaled(p, buf, h["lr"].map(_negated)), moments
+        return addcdiv_scaled(p, g, avg, h["lr"].map(_negated)), moments
+
+    slots = (
+        ("square_avg",) + (("grad_avg",) if centered else ()) + (("momentum",) if momentum else ())
+    )
+    held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
+    return Rule(slots, {}, held, step)
+
+
+def adagrad_rule(
+    eps: float, lr_decay: float, initial_accumulator_value: float, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_adagrad`` (dense gradients)."""
+
+    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        g = _decayed(g, p, h)
+        total = torch.addcmul(m["sum"], g, g, value=1)
+        std = torch.add(safe_sqrt(total), eps)
+        rate = h["lr"].map(lambda lr: -(lr / (1 + (t - 1) * lr_decay)))
+        return addcdiv_scaled(p, g, std, rate), {"sum": total}
+
+    return Rule(("sum",), {"sum": initial_accumulator_value}, ("lr", "weight_decay"), step)
+
+
+def _sgd(a: dict[str, Any]) -> Rule:
+    return sgd_rule(a["momentum"], a["dampening"], a["nesterov"], a["maximize"])
+
+
+def _adam(a: dict[str, Any], decoupled: bool) -> Rule:
+    return adam_rule(a["b1"], a["b2"], a["eps"], decoupled, a["amsgrad"], a["maximize"])
+
+
+def _rmsprop(a: dict[str, Any]) -> Rule:
+    return rmsprop_rule(a["alpha"], a["eps"], a["momentum"], a["centered"], a["maximize"])
+
+
+def _adagrad(a: dict[str, Any]) -> Rule:
+    return adagrad_rule(a["eps"], a["lr_decay"], a["initial_accumulator_value"], a["maximize"])
+
+
+# the presets with a differentiable form, by name: the rule made from the preset's arguments
+_RULES: dict[str, Callable[[dict[str, Any]], Rule]] = {
+    "sgd": _sgd,
+    "adam": lambda a: _adam(a, a["decoupled_weight_decay"]),
+    "adamw": lambda a: _adam(a, True),
+    "rmsprop": _rmsprop,
+    "adagrad": _adagrad,
+}
+DIFFERENTIABLE_PRESETS = tuple(_RULES)
+"""The presets whose optimizers a differentiable state trains (torch's single-tensor loops)."""
+
+
+def differentiable_form(optimizer: Transform) -> Transform:
+    """The differentiable form of a preset's optimizer: the same update, differentiable.
+
+    Its state (`DifferentiableState`) holds the moments and the hyperparameters as tensors; its
+    update emits the new parameters (`NewParams`), each a function of the parameters, gradients,
+    moments and hyperparameters. A schedule as the learning rate is evaluated at the count as the
+    ordinary step evaluates it, and not held (it is not a tensor a gradient could reach).
+
+    Raises:
+        ConfigError: `optimizer` is not one of `DIFFERENTIABLE_PRESETS`, or it holds an argument
+            the differentiable form has no meaning for (a weight-decay mask).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = differentiable_form(ft.sgd(0.5))
+        >>> p = {"w": torch.ones(2, requires_grad=True)}
+        >>> new = ft.apply_updates(p, tx.update({"w": p["w"] * 2}, tx.init(p), p)[0])
+        >>> new["w"].sum().backward(); p["w"].grad
+        tensor([0., 0.])
+    """
+    call = recorded_call(optimizer)
+    name = getattr(call.factory, "__name__", "") if call is not None else ""
+    if call is None or name not in _RULES:
+        raise ConfigError(
+            "a differentiable state trains with the differentiable form of a preset's optimizer, "
+            f"and {getattr(optimizer, 'name', type(optimizer).__name__)} has none; give one of "
+            f"functrain.{', functrain.'.join(DIFFERENTIABLE_PRESETS)}"
+        )
+    arguments = call.arguments
+    if arguments.get("mask") is not None:
+        raise ConfigError(
+            f"{optimizer.name}: a differentiable state decays every parameter (the weight-decay "
+            "mask selects parameters by their names, which the differentiable form does not "
+            "see); leave mask out, or put the weights to decay in a state of their own"
+        )
+    rule = _RULES[name](arguments)
+    rate = arguments["lr"]
+    schedule = rate if callable(rate) else None
+    if schedule is None:
+        rate = float(rate.detach().reshape(()).item()) if isinstance(rate, torch.Tensor) else rate
+    # held in the rule's order (the rate first), a scheduled rate not at all
+    constants = {
+        k: float(rate if k == "lr" else arguments[k])
+        for k in rule.held
+        if k != "lr" or schedule is None
+    }
+
+    def init_fn(params: Tree) -> DifferentiableState:
+        leaves = tree_leaves(params)
+        device = leaves[0].device if leaves else torch.device("cpu")
+        _refuse_sparse(leaves)
+        slots = {
+            k: tuple(torch.full_like(p, rule.initial.get(k, 0.0)) for p in leaves)
+            for k in rule.slots
+        }
+        held = {
+            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in constants.items()
+        }
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        first = float(value_at(schedule, count)) if schedule is not None else constants["lr"]
+        rate = torch.tensor(first, dtype=torch.float64, device=device)
+        return DifferentiableState(count, slots, held, rate)
+
+    def update_fn(
+        updates: Any, state: DifferentiableState, params: Tree | None = None
+    ) -> tuple[NewParams, DifferentiableState]:
+        if params is None:
+            raise ConfigError(f"{optimizer.name}'s differentiable form needs params=")
+        p, spec = tree_flatten(params)
+        g = tree_leaves(updates)
+        t = _read_count(state.count) + 1
+        h = {k: _scalar(v) for k, v in state.hyperparameters.items()}
+        if schedule is not None:
+            h["lr"] = Scalar(float(value_at(schedule, state.count)))
+        rate = h["lr"]
+        new_p: list[torch.Tensor] = []
+        new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
+        for i, (param, grad) in enumerate(zip(p, g, strict=True)):
+            moments = {k: v[i] for k, v in state.slots.items()}
+            param, moments = rule.step(param, grad.to(param.dtype), moments, t, h)
+            new_p.append(param)
+            for k in rule.slots:
+                new_slots[k].append(moments[k])
+        count = state.count + 1
+        slots = {k: tuple(v) for k, v in new_slots.items()}
+        last = (
+            rate.tensor
+            if rate.tensor is not None
+            else torch.tensor(rate.value, dtype=torch.float64, device=state.count.device)
+        )
+        new_state = DifferentiableState(count, slots, state.hyperparameters, last)
+        return NewParams(new_p, spec), new_state
+
+    return Transform(init_fn, update_fn, f"differentiable({optimizer.name})")
+
+
+def _read_count(count: torch.Tensor) -> int:
+    """The count of updates on the host, as torch's single-tensor loop reads its step."""
+    try:
+        return int(count.detach().item())
+    except RuntimeError as error:
+        raise ConfigError(
+            "a differentiable step reads its count of updates (torch.optim's single-tensor loops "
+            "read theirs), and here it is batched under torch.func.vmap; vmap over states whose "
+            "counts are equal (unbatched), or step the members one by one"
+        ) from error
+
+
+def _scalar(tensor: torch.Tensor) -> Scalar:
+    """A held hyperparameter: its number (None where vmap batches it), and the tensor."""
+    try:
+        value: float | None = float(tensor.detach().item())
+    except RuntimeError:
+        value = None
+    return Scalar(value, tensor)
+
+
+def _refuse_sparse(leaves: Sequence[torch.Tensor]) -> None:
+    if any(p.is_sparse for p in leaves):
+        raise ConfigError(
+            "a differentiable state takes dense gradients only: make the embedding dense "
+            "(sparse=False)"
+        )
+
+
+def hyperparameters_of(opt_state: Any) -> dict[str, torch.Tensor]:
+    """The hyperparameters a differentiable state's optimizer holds, by name (empty if none)."""
+    found = _find(opt_state)
+    return {} if found is None else dict(found.hyperparameters)
+
+
+def with_hyperparameters(opt_state: Any, values: dict[str, Any]) -> Any:
+    """`opt_state` with the differentiable form's hyperparameters replaced by `values`.
+
+    Raises:
+        ConfigError: no differentiable form in `opt_state`, a name it does not hold, or a value
+            that is not a number or a 0-d floating tensor.
+    """
+    found = _find(opt_state)
+    if found is None:
+        raise ConfigError(
+            "this state's optimizer holds no hyperparameters as tensors; create the state with "
+            "TrainState.create(..., differentiable=True)"
+        )
+    unknown = sorted(set(values) - set(found.hyperparameters))
+    if unknown:
+        raise ConfigError(
+            f"the optimizer holds the hyperparameters {sorted(found.hyperparameters)}, got "
+            f"{unknown}"
+        )
+    new = dict(found.hyperparameters)
+    for k, v in values.items():
+        old = found.hyperparameters[k]
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1 or not v.is_floating_point():
+                raise ConfigError(
+                    f"hyperparameter {k} must be a number or a 0-d floating tensor, got a "
+                    f"{v.dtype} tensor of shape {tuple(v.shape)}"
+                )
+            new[k] = v.reshape(()).to(device=old.device)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            new[k] = torch.tensor(float(v), dtype=torch.float64, device=old.device)
+        else:
+            raise ConfigError(f"hyperparameter {k} must be a finite number or a tensor, got {v!r}")
+    return _replace(opt_state, found._replace(hyperparameters=new))
+
+
+def _find(node: Any) -> DifferentiableState | None:
+    """The differentiable form's state inside a (wrapped) optimizer state."""
+    if isinstance(node, DifferentiableState):
+        return node
+    if isinstance(node, tuple):
+        for child in node:
+            found = _find(child)
+            if found is not None:
+                return found
+    return None
+
+
+def _replace(node: Any, new: DifferentiableState) -> Any:
+    if isinstance(node, DifferentiableState):
+        return new
+    if isinstance(node, tuple) and any(_find(c) is not None for c in node):
+        children = [_replace(c, new) for c in node]
+        return type(node)(*children) if hasattr(node, "_fields") else tuple(children)
+    return node

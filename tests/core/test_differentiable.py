@@ -1,0 +1,399 @@
+"""Differentiable states: steps that autograd and ``torch.func`` differentiate exactly.
+
+The forward is the ordinary step's, bit for bit (torch's single-tensor loop); the gradients through
+the steps to the initial weights and the hyperparameters agree with central finite differences in
+float64; autograd and ``torch.func`` agree; the first-order mode and truncation equal the
+unrolls written by hand; a differentiable state saves, loads and continues as any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.optim import differentiable as differentiable_
+from functrain.optim.naming import recorded_call
+
+
+def _squared_error(model: Any, batch: Any) -> torch.Tensor:
+    # written out: torch's mse_loss has no forward-mode derivative of its backward (jvp of a grad)
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+def _net(activation: type[torch.nn.Module] = torch.nn.Tanh, dtype: Any = torch.float64) -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 6), activation(), torch.nn.Linear(6, 2)).to(dtype)
+
+
+def _batches(dtype: Any = torch.float64, n: int = 12) -> tuple[Any, Any]:
+    gen = torch.Generator().manual_seed(1)
+    support = torch.randn(n, 3, generator=gen).to(dtype), torch.randn(n, 2, generator=gen).to(dtype)
+    query = torch.randn(n, 3, generator=gen).to(dtype), torch.randn(n, 2, generator=gen).to(dtype)
+    return support, query
+
+
+# the configurations compared with the ordinary step, each preset's options exercised
+FORMS = {
+    "sgd": ft.sgd(0.1),
+    "sgd momentum": ft.sgd(0.05, momentum=0.9, weight_decay=0.01),
+    "sgd nesterov": ft.sgd(0.05, momentum=0.9, nesterov=True),
+    "sgd dampening": ft.sgd(0.05, momentum=0.8, dampening=0.3, maximize=True),
+    "adam": ft.adam(0.01),
+    "adam decay amsgrad": ft.adam(0.01, weight_decay=0.05, amsgrad=True),
+    "adamw": ft.adamw(0.01, weight_decay=0.1),
+    "rmsprop": ft.rmsprop(0.01),
+    "rmsprop centered momentum": ft.rmsprop(0.01, momentum=0.9, centered=True, weight_decay=0.01),
+    "adagrad": ft.adagrad(0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
+}
+
+
+def _ordinary(tx: ft.Transform) -> ft.Transform:
+    """The preset's foreach / single-tensor form (its ``fused=False``), which the differentiable
+    form follows."""
+    call = recorded_call(tx)
+    assert call is not None
+    return call.again(fused=False) if "fused" in call.arguments else tx
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_the_differentiable_forward_is_the_ordinary_step_bit_for_bit(name: str) -> None:
+    model, (batch, _) = _net(dtype=torch.float32), _batches(torch.float32)
+    tx = FORMS[name]
+    ours = ft.TrainState.create(model, tx, _squared_error, differentiable=True)
+    theirs = ft.TrainState.create(model, _ordinary(tx), _squared_error)
+    for _ in range(20):
+        ours, got = ft.train_step(ours, batch)
+        theirs, expected = ft.train_step(theirs, batch)
+        for k in ("loss", "grad_norm", "lr", "skipped"):
+            assert torch.equal(got[k], expected[k]), k
+    for k in theirs.params:
+        assert torch.equal(ours.params[k], theirs.params[k]), k
+
+
+def _unrolled(
+    tx: ft.Transform,
+    weights: dict[str, torch.Tensor],
+    steps: int = 3,
+    mode: Any = True,
+    activation: type[torch.nn.Module] = torch.nn.Tanh,
+    **hyperparameters: Any,
+) -> torch.Tensor:
+    """The query loss after `steps` inner steps from `weights` (MAML's outer loss)."""
+    support, query = _batches()
+    # (the module built outside: torch.func refuses the `.to` of a module inside a transform)
+    state = ft.TrainState.create(_NETS[activation], tx, _squared_error, differentiable=mode)
+    state = state.replace(params=weights).with_hyperparameters(**hyperparameters)
+    for _ in range(steps):
+        state, _ = ft.train_step(state, support)
+    return ft.eval_step(state, query)["loss"]
+
+
+_NETS = {activation: _net(activation) for activation in (torch.nn.Tanh, torch.nn.ReLU)}
+
+
+def _initial() -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in _net().named_parameters()}
+
+
+def _direction() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return {
+        k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in _initial().items()
+    }
+
+
+META = {
+    "sgd momentum": ft.sgd(0.1, momentum=0.9),
+    "adam": ft.adam(0.05),
+    "adamw": ft.adamw(0.05, weight_decay=0.1),
+}
+
+
+def _relative(got: float, expected: float) -> float:
+    return abs(got - expected) / abs(expected)
+
+
+@pytest.mark.parametrize("name", list(META))
+def test_meta_gradients_agree_with_finite_differences_and_torch_func(name: str) -> None:
+    tx, w0, v, h = META[name], _initial(), _direction(), 1e-6
+    rate = float(recorded_call(tx).arguments["lr"])  # type: ignore[union-attr]
+    weights = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+    lr = torch.tensor(rate, dtype=torch.float64, requires_grad=True)
+    *by_weight, by_rate = torch.autograd.grad(
+        _unrolled(tx, weights, lr=lr), [*weights.values(), lr]
+    )
+    along = sum(float((g * v[k]).sum()) for g, k in zip(by_weight, weights, strict=True))
+
+    def at(shift: float = 0.0, rate_shift: float = 0.0) -> float:
+        moved = {k: p + shift * v[k] for k, p in w0.items()}
+        return float(_unrolled(tx, moved, lr=torch.tensor(rate + rate_shift, dtype=torch.float64)))
+
+    assert _relative(along, (at(h) - at(-h)) / (2 * h)) < 1e-7
+    assert _relative(float(by_rate), (at(0, h) - at(0, -h)) / (2 * h)) < 1e-7
+    by_func = torch.func.grad(lambda w, r: _unrolled(tx, w, lr=r), argnums=(0, 1))(
+        w0, torch.tensor(rate, dtype=torch.float64)
+    )
+    for got, k in zip(by_weight, w0, strict=True):
+        torch.testing.assert_close(by_func[0][k], got, rtol=0, atol=1e-10)
+    torch.testing.assert_close(by_func[1], by_rate, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("tx", "name", "value"),
+    [
+        (ft.sgd(0.1, momentum=0.9, weight_decay=0.01), "momentum", 0.9),
+        (ft.sgd(0.1, momentum=0.9, weight_decay=0.01), "weight_decay", 0.01),
+        (ft.adamw(0.05, weight_decay=0.1), "weight_decay", 0.1),
+        (ft.rmsprop(0.01, momentum=0.5), "momentum", 0.5),
+        (ft.adagrad(0.1), "lr", 0.1),
+    ],
+)
+def test_hypergradients_of_held_hyperparameters_agree_with_finite_differences(
+    tx: ft.Transform, name: str, value: float
+) -> None:
+    h = 1e-6
+    held = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad(_unrolled(tx, _initial(), **{name: held}), [held])
+
+    def at(x: float) -> float:
+        return float(_unrolled(tx, _initial(), **{name: torch.tensor(x, dtype=torch.float64)}))
+
+    assert _relative(float(got), (at(value + h) - at(value - h)) / (2 * h)) < 1e-6
+
+
+def test_a_weight_decay_from_zero_still_has_its_hypergradient() -> None:
+    # torch skips the decay at 0; a decay a gradient flows to runs (its derivative is not 0)
+    decay = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad(_unrolled(ft.adam(0.05), _initial(), weight_decay=decay), [decay])
+    assert float(got) != 0.0
+
+
+def test_adam_meta_gradients_are_finite_on_a_relu_net_with_dead_units(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w0 = _initial()
+    w0["0.bias"][:3] = -100.0  # three units never fire: their moments stay 0
+    weights = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+    grads = torch.autograd.grad(
+        _unrolled(ft.adam(0.05), weights, activation=torch.nn.ReLU), list(weights.values())
+    )
+    assert all(bool(g.isfinite().all()) for g in grads)
+    # sqrt's own derivative at 0 makes them NaN: what the safe one is there for
+    monkeypatch.setattr(differentiable_, "safe_sqrt", torch.sqrt)
+    weights = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+    grads = torch.autograd.grad(
+        _unrolled(ft.adam(0.05), weights, activation=torch.nn.ReLU), list(weights.values())
+    )
+    assert not all(bool(g.isfinite().all()) for g in grads)
+
+
+# (torch's first jvp imports decompositions that warn of torch.jit.script)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_through_the_steps_equals_the_reverse_mode() -> None:
+    tx, w0, v = ft.adam(0.05), _initial(), _direction()
+    weights = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+    grads = torch.autograd.grad(_unrolled(tx, weights), list(weights.values()))
+    reverse = sum(float((g * v[k]).sum()) for g, k in zip(grads, w0, strict=True))
+    _, forward = torch.func.jvp(lambda w: _unrolled(tx, w), (w0,), (v,))
+    assert _relative(float(forward), reverse) < 1e-10
+
+
+def test_the_first_order_mode_equals_first_order_maml_by_hand() -> None:
+    support, query = _batches()
+    rate, w0 = 0.1, _initial()
+    weights = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+    got = torch.autograd.grad(
+        _unrolled(ft.sgd(rate), weights, mode="first_order"), list(weights.values())
+    )
+    model = _net()
+    fast = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+
+    def on(weights: dict[str, torch.Tensor]) -> Any:
+        return lambda x: torch.func.functional_call(model, weights, (x,))
+
+    adapted = fast
+    for _ in range(3):
+        inner = torch.autograd.grad(_squared_error(on(adapted), support), list(adapted.values()))
+        adapted = {k: torch.add(p, g, alpha=-rate) for (k, p), g in zip(adapted.items(), inner)}
+    outer = _squared_error(on(adapted), query)
+    expected = torch.autograd.grad(outer, list(fast.values()))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    exact = torch.autograd.grad(_unrolled(ft.sgd(rate), weights), list(weights.values()))
+    assert not all(torch.allclose(a, b) for a, b in zip(got, exact, strict=True))
+
+
+def test_detaching_every_k_steps_equals_a_truncated_unroll_by_hand() -> None:
+    support, query = _batches()
+    rate, k, w0 = 0.1, 2, _initial()
+    lr = torch.tensor(rate, dtype=torch.float64, requires_grad=True)
+    state = ft.TrainState.create(_net(), ft.sgd(rate), _squared_error, differentiable=True)
+    state = state.replace(params=w0)
+    for i in range(5):
+        if i % k == 0:
+            state = state.detach().with_hyperparameters(lr=lr)
+        state, _ = ft.train_step(state, support)
+    (got,) = torch.autograd.grad(ft.eval_step(state, query)["loss"], [lr])
+    model, by_hand = _net(), torch.tensor(rate, dtype=torch.float64, requires_grad=True)
+    weights = dict(w0)
+    for i in range(5):
+        if i % k == 0:
+            weights = {n: p.detach() for n, p in weights.items()}
+        leaves = {n: p if p.requires_grad else p.requires_grad_(True) for n, p in weights.items()}
+        call = lambda x, w=leaves: torch.func.functional_call(model, w, (x,))  # noqa: E731
+        grads = torch.autograd.grad(
+            _squared_error(call, support), list(leaves.values()), create_graph=True
+        )
+        weights = {n: p - by_hand * g for (n, p), g in zip(leaves.items(), grads, strict=True)}
+    outer = _squared_error(lambda x: torch.func.functional_call(model, weights, (x,)), query)
+    (expected,) = torch.autograd.grad(outer, [by_hand])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_per_example_steps_under_vmap_are_each_examples_own() -> None:
+    model, (batch, _) = _net(), _batches()
+    state = ft.TrainState.create(model, ft.adam(0.05), _squared_error, differentiable=True)
+
+    def one(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return ft.train_step(state, (x[None], y[None]))[0].params
+
+    got = torch.func.vmap(one)(*batch)
+    for i in range(3):
+        expected = one(batch[0][i], batch[1][i])
+        for k in expected:
+            torch.testing.assert_close(got[k][i], expected[k], rtol=0, atol=1e-15)
+
+
+def test_a_differentiable_state_saves_loads_and_continues_bit_for_bit(tmp_path: Any) -> None:
+    model, (batch, _) = _net(), _batches()
+    state = ft.TrainState.create(model, ft.adamw(0.05), _squared_error, differentiable=True)
+    lr = torch.tensor(0.02, dtype=torch.float64, requires_grad=True)
+    state = state.with_hyperparameters(lr=lr)
+    for _ in range(3):
+        state, _ = ft.train_step(state, batch)
+    ft.save(state, tmp_path / "ckpt")  # its values: the graph is not saved
+    template = ft.TrainState.create(model, ft.adamw(0.05), _squared_error, differentiable=True)
+    resumed = ft.load(tmp_path / "ckpt", like=template)
+    assert float(resumed.hyperparameters["lr"]) == 0.02
+    straight = state
+    for _ in range(3):
+        straight, _ = ft.train_step(straight, batch)
+        resumed, _ = ft.train_step(resumed, batch)
+    for k in straight.params:
+        assert torch.equal(straight.params[k].detach(), resumed.params[k]), k
+
+
+def test_the_state_holds_each_optimizers_hyperparameters_as_float64_tensors() -> None:
+    state = ft.TrainState.create(
+        _net(), ft.sgd(0.1, momentum=0.9), _squared_error, differentiable=True
+    )
+    assert {k: float(v) for k, v in state.hyperparameters.items()} == {
+        "lr": 0.1,
+        "weight_decay": 0.0,
+        "momentum": 0.9,
+    }
+    assert all(v.dtype == torch.float64 for v in state.hyperparameters.values())
+    scheduled = ft.TrainState.create(
+        _net(), ft.adam(ft.schedules.linear(0.1, 0.0, 10)), _squared_error, differentiable=True
+    )
+    assert set(scheduled.hyperparameters) == {"weight_decay"}  # a schedule is not held
+    assert ft.TrainState.create(_net(), ft.adam(0.1), _squared_error).hyperparameters == {}
+
+
+def test_a_scheduled_rate_trains_as_the_ordinary_step() -> None:
+    model, (batch, _) = _net(dtype=torch.float32), _batches(torch.float32)
+    tx = ft.sgd(ft.schedules.warmup_cosine(0.1, 3, 10))
+    ours = ft.TrainState.create(model, tx, _squared_error, differentiable=True)
+    theirs = ft.TrainState.create(model, _ordinary(tx), _squared_error)
+    for _ in range(6):
+        ours, got = ft.train_step(ours, batch)
+        theirs, expected = ft.train_step(theirs, batch)
+        assert torch.equal(got["lr"], expected["lr"])
+    assert all(torch.equal(ours.params[k], theirs.params[k]) for k in theirs.params)
+
+
+REFUSED = {
+    "an optimizer without a differentiable form": (
+        lambda: ft.TrainState.create(_net(), ft.lion(1e-3), _squared_error, differentiable=True),
+        "has none; give one of functrain.sgd",
+    ),
+    "a weight-decay mask": (
+        lambda: ft.TrainState.create(
+            _net(),
+            ft.adamw(1e-3, mask=lambda n, p: p.ndim > 1),
+            _squared_error,
+            differentiable=True,
+        ),
+        "leave mask out",
+    ),
+    "fp16": (
+        lambda: ft.TrainState.create(
+            _net(), ft.sgd(0.1), _squared_error, differentiable=True, precision="fp16"
+        ),
+        "precision='fp16' does not combine with differentiable=True",
+    ),
+    "a mode that is not one": (
+        lambda: ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error, differentiable="yes"),
+        "differentiable must be True, False or 'first_order'",
+    ),
+    "the preset's own flag": (lambda: ft.adam(differentiable=True), "differentiable=True"),
+    "a hyperparameter of an ordinary state": (
+        lambda: ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error).with_hyperparameters(
+            lr=0.2
+        ),
+        "holds no hyperparameters as tensors",
+    ),
+    "a hyperparameter the optimizer does not hold": (
+        lambda: ft.TrainState.create(
+            _net(), ft.adam(0.1), _squared_error, differentiable=True
+        ).with_hyperparameters(momentum=0.9),
+        r"holds the hyperparameters \['lr', 'weight_decay'\], got \['momentum'\]",
+    ),
+    "a hyperparameter that is not a scalar": (
+        lambda: ft.TrainState.create(
+            _net(), ft.adam(0.1), _squared_error, differentiable=True
+        ).with_hyperparameters(lr=torch.ones(2)),
+        "must be a number or a 0-d floating tensor",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_a_differentiable_state_cannot_do_is_refused_with_the_fix(case: str) -> None:
+    build, message = REFUSED[case]
+    with pytest.raises(ft.ConfigError, match=message):
+        build()
+
+
+def test_a_donated_or_compiled_differentiable_step_is_refused() -> None:
+    (batch, _) = _batches()
+    state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error, differentiable=True)
+    with pytest.raises(ft.ConfigError, match="step it without donate"):
+        ft.train_step(state, batch, donate=True)
+    ft.train_step(state, batch)  # not retired: the refusal came first
+    with pytest.raises(ft.ConfigError, match="is not compiled"):
+        ft.compile_step(backend="eager")(state, batch)
+
+
+def test_an_ordinary_state_still_refuses_a_transform_around_its_step() -> None:
+    (batch, _) = _batches()
+    state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error)
+
+    def after_a_step(rate: torch.Tensor) -> torch.Tensor:
+        return ft.train_step(state, (batch[0] * rate, batch[1]))[0].params["0.bias"].sum()
+
+    with pytest.raises(ft.ConfigError, match="differentiable=True"):
+        torch.func.grad(after_a_step)(torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_evaluation_and_prediction_of_a_differentiable_state_keep_their_graph() -> None:
+    model, (_, query) = _net(), _batches()
+    state = ft.TrainState.create(model, ft.sgd(0.1), _squared_error, differentiable=True)
+    weights = {k: p.detach().clone().requires_grad_(True) for k, p in state.params.items()}
+    state = state.replace(params=weights)
+    assert ft.eval_step(state, query)["loss"].requires_grad
+    assert ft.predict(state, query[0]).requires_grad
+    assert ft.eval_step(state, query)["loss"].dtype == torch.float64
