@@ -23,6 +23,7 @@ from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, 
 from functrain.core.stacked_step import PerMember
 from functrain.core.state import TrainState
 from functrain.core.step import eval_step, predict, train_step
+from functrain.core.unroll import implicit_gradient, unroll
 from functrain.driver.callbacks import (
     Callback,
     ConsoleLogger,
@@ -158,6 +159,9 @@ __all__ = [
     "eval_step",
     "predict",
     "train_step",
+    # differentiating through training
+    "implicit_gradient",
+    "unroll",
     # ensembles: stacked states and sweeps
     "IdenticalMembersWarning",
     "PerMember",

@@ -212,16 +212,16 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     """
     if not tensors:
         return torch.zeros(())
-    if (torch.compiler.is_compiling() or norms.differentiable) and not norms.members:
+    if torch.compiler.is_compiling() and not norms.members:
         # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
         # the foreach op would run as an opaque call each time it appears. (A sharded step's
         # update always runs eagerly, compiled steps' included.)
-        return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(t).float() for t in tensors])
-        )
+        return _per_tensor_norm(tensors)
     shared = norms.shared
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
+    if norms.differentiable and not norms.members:
+        return _per_tensor_norm(tensors)
     if norms.members:
         return _member_norms(tensors)
     if norms.across is not None:
@@ -239,6 +239,14 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
     return torch.linalg.vector_norm(
         torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])
+    )
+
+
+def _per_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`global_norm` by one norm per tensor (on the CPU the bits of ``_foreach_norm``, which runs
+    the same norm per tensor there)."""
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t).float() for t in tensors])
     )
 
 

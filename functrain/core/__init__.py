@@ -1,6 +1,7 @@
 """The state and the pure steps.
 
-Modules, top down: the front doors `step` (`train_step`, `eval_step`) and `compiled`
+Modules, top down: `unroll` (differentiating through many steps: `unroll`, `implicit_gradient`),
+over the front doors `step` (`train_step`, `eval_step`) and `compiled`
 (`compile_step`), over `stacked_step` (the step of a stacked state: its forward under vmap, its
 update on the stacked tensors) and `capture` (the step recorded as a CUDA graph,
 `compile_step(capture=True)`), over `stacked` (stacked states: `stack`, `unstack`), over `body`
@@ -17,6 +18,7 @@ from functrain.core.options import StepOptions
 from functrain.core.stacked import num_members, stack, unstack
 from functrain.core.state import TrainState
 from functrain.core.step import eval_step, train_step
+from functrain.core.unroll import implicit_gradient, unroll
 
 __all__ = [
     "BoundModel",
@@ -25,8 +27,10 @@ __all__ = [
     "TrainState",
     "compile_step",
     "eval_step",
+    "implicit_gradient",
     "num_members",
     "stack",
     "train_step",
+    "unroll",
     "unstack",
 ]

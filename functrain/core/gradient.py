@@ -127,9 +127,11 @@ def gradients(
         LossError: the loss does not depend on any trainable parameter (eagerly).
         ConfigError: a stacked or fully sharded state whose module runs activation checkpointing.
     """
+    if state.options.differentiable and not functional():
+        return _with_graph(state, batch, buffers, scale)
     if functional() or state.options.differentiable:
-        # a differentiable state's gradients keep their graph: `torch.func.grad` composes with
-        # the autograd and torch.func transforms around the step
+        # under a torch.func transform a differentiable state's gradients keep their graph
+        # through `torch.func.grad`, which composes with the transforms around the step
         return _traced(state, batch, buffers, scale, forward)
     if forward is None and not gathers(state):
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
@@ -159,6 +161,38 @@ def _traced(
         # differentiated through the updates only: the gradients are constants there
         grads = {k: g.detach() for k, g in grads.items()}
     return grads, loss, aux
+
+
+def _with_graph(
+    state: StepState,
+    batch: Any,
+    buffers: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """`gradients` of a differentiable state under autograd: functions of its parameters.
+
+    The loss function runs on the parameters themselves (fresh leaves only for those no graph
+    reaches), and ``torch.autograd.grad`` keeps the backward's graph (``create_graph``) where one
+    does, except in the ``"first_order"`` mode: a gradient through the step is then exact, second
+    order included. Autograd rather than ``torch.func.grad``, which refuses saved-tensor hooks:
+    activation checkpointing of the steps (`functrain.checkpointed`) and measuring what they save
+    use them.
+    """
+    names = list(state.params)
+    tracked = any(p.requires_grad for p in state.params.values())
+    leaves = [
+        p if p.requires_grad else p.detach().requires_grad_(True) for p in state.params.values()
+    ]
+    total, (loss, aux) = _objective(state, batch, scale, None)(dict(zip(names, leaves)), buffers)
+    check_scalar_metrics(aux)
+    exact = tracked and state.options.differentiable is True
+    found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
+    known = decided(state)
+    return (
+        dict(zip(names, completed(list(found), leaves, names, known.hooks, known.sparse))),
+        loss,
+        aux,
+    )
 
 
 def _by_autograd(

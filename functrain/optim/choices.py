@@ -41,9 +41,9 @@ _WHY = {
     ),
     "differentiable": (
         "in functrain a state's steps are differentiable or not, whatever its optimizer: create "
-        "the state with TrainState.create(model, optimizer, loss_fn, differentiable=True) (its "
-        "optimizer then trains in torch's single-tensor form, out of place), and leave "
-        "differentiable out here"
+        "the state with TrainState.create(model, optimizer, loss_fn, differentiable=True) (sgd, "
+        "adam, adamw, rmsprop and adagrad train there in torch's single-tensor form, out of "
+        "place), and leave differentiable out here"
     ),
 }
 

@@ -13,9 +13,10 @@ scaled sum ``add(alpha=)``, the scaled quotient ``addcdiv(value=)`` and the squa
 derivative at 0 is infinite. Each is an autograd function here (`add_scaled`, `addcdiv_scaled`,
 `safe_sqrt`) whose forward runs torch's own kernel with the number (so the bits are the ordinary
 step's: ``add(alpha=)`` rounds once where ``a + alpha * b`` rounds twice) and whose backward and
-forward-mode derivative also flow to the tensor. `safe_sqrt`'s derivative is 0 where its input is
-0: on a ReLU net a dead unit's second moment is 0 and its first moment too, and the exact derivative
-of the update there is 0, where ``sqrt``'s own would give 0 times infinity, NaN.
+forward-mode derivative also flow to the tensor. `safe_sqrt`'s derivative of a 0 gradient is 0
+where its input is 0: on a ReLU net a dead unit's second moment is 0 and its first moment too, and
+the exact derivative of the update there is 0, where ``sqrt``'s own gives 0 times infinity, NaN
+(which then spreads to every weight's meta-gradient).
 
 The step reads the count and the hyperparameters' values to the host once per step, as torch's
 single-tensor loop reads its step count (``_get_value``). Under ``torch.func.vmap`` over a
@@ -110,7 +111,13 @@ class _AddScaled(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         b, alpha = ctx.saved_tensors
-        return g, g * alpha, _derivative_sum(g, b, alpha), None
+        need = ctx.needs_input_grad
+        return (
+            g,
+            g * alpha if need[1] else None,
+            _derivative_sum(g, b, alpha) if need[2] else None,
+            None,
+        )
 
     @staticmethod
     def jvp(ctx: Any, ta: Any, tb: Any, talpha: Any, _: Any) -> Any:
@@ -145,9 +152,16 @@ class _AddcdivScaled(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         t1, t2, scale = ctx.saved_tensors
-        quotient = t1 / t2
-        g_t1 = g * scale / t2
-        return g, g_t1, -g_t1 * quotient, _derivative_sum(g, quotient, scale), None
+        need = ctx.needs_input_grad
+        quotient = t1 / t2 if need[2] or need[3] else None
+        g_t1 = g * scale / t2 if need[1] or need[2] else None
+        return (
+            g,
+            g_t1 if need[1] else None,
+            -g_t1 * quotient if need[2] else None,  # type: ignore[operator]
+            _derivative_sum(g, quotient, scale) if need[3] else None,  # type: ignore[arg-type]
+            None,
+        )
 
     @staticmethod
     def jvp(ctx: Any, ta: Any, tt1: Any, tt2: Any, tscale: Any, _: Any) -> Any:
@@ -189,16 +203,53 @@ class _SafeSqrt(torch.autograd.Function):
 
 
 def _over_twice(g: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """``g / (2 * root)``, 0 where `root` is 0."""
-    zero = root == 0
-    return torch.where(zero, torch.zeros_like(g), g / torch.where(zero, 1, 2 * root))
+    """``g / (2 * root)``, where `root` is 0 ``g`` over the dtype's least normal number: 0 for a
+    0 gradient (a dead unit's), where sqrt's own derivative gives 0 times infinity, NaN. (A square
+    root of a number above 0 is far above that least number: only 0 is moved.)"""
+    return g / (2 * root).clamp_min_(torch.finfo(root.dtype).tiny)
+
+
+def _bound_in_forward(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """`function` for autograd outside ``torch.func``: its context set in its forward.
+
+    The same forward, backward and forward-mode derivative. torch binds the arguments of a
+    function that defines ``setup_context`` by ``inspect.signature`` at every call (tens of
+    microseconds), which ``torch.func`` needs and plain autograd does not.
+    """
+    source: Any = function
+
+    def forward(ctx: Any, *args: Any) -> Any:
+        out = source.forward(*args)
+        source.setup_context(ctx, args, out)
+        return out
+
+    return type(
+        f"{function.__name__}Bound",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(source.backward),
+            "jvp": staticmethod(source.jvp),
+        },
+    )
+
+
+_BOUND = {f: _bound_in_forward(f) for f in (_AddScaled, _AddcdivScaled, _SafeSqrt)}
+
+
+def _apply(function: Any, *args: Any) -> Any:
+    """``function.apply(*args)``: under ``torch.func`` transforms as defined, else its form with
+    the context set in its forward (`_bound_in_forward`)."""
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return _BOUND[function].apply(*args)
 
 
 def add_scaled(a: torch.Tensor, b: torch.Tensor, alpha: Scalar) -> torch.Tensor:
     """``torch.add(a, b, alpha=)`` out of place, differentiable in `a`, `b` and `alpha`."""
     if alpha.tensor is None:
         return torch.add(a, b, alpha=alpha.value)
-    return _AddScaled.apply(a, b, alpha.tensor, alpha.value)
+    return _apply(_AddScaled, a, b, alpha.tensor, alpha.value)
 
 
 def addcdiv_scaled(
@@ -207,7 +258,7 @@ def addcdiv_scaled(
     """``torch.addcdiv(a, t1, t2, value=)`` out of place, differentiable in all four."""
     if value.tensor is None:
         return torch.addcdiv(a, t1, t2, value=value.value)  # type: ignore[arg-type]
-    return _AddcdivScaled.apply(a, t1, t2, value.tensor, value.value)
+    return _apply(_AddcdivScaled, a, t1, t2, value.tensor, value.value)
 
 
 def scaled(a: torch.Tensor, factor: Scalar) -> torch.Tensor:
@@ -219,8 +270,8 @@ def scaled(a: torch.Tensor, factor: Scalar) -> torch.Tensor:
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``torch.sqrt(x)`` whose derivative is 0 where `x` is 0 (`_SafeSqrt`)."""
-    return _SafeSqrt.apply(x)
+    """``torch.sqrt(x)`` whose derivative, where `x` is 0, takes a 0 gradient to 0 (`_SafeSqrt`)."""
+    return _apply(_SafeSqrt, x)
 
 
 class DifferentiableState(NamedTuple):
@@ -497,12 +548,19 @@ def _read_count(count: torch.Tensor) -> int:
 
 
 def _scalar(tensor: torch.Tensor) -> Scalar:
-    """A held hyperparameter: its number (None where vmap batches it), and the tensor."""
+    """A held hyperparameter: its number (None where vmap batches it), and the tensor where a
+    derivative may reach it (it requires grad, or a ``torch.func`` transform tracks it); else a
+    constant, which torch's own ops take as a number."""
     try:
         value: float | None = float(tensor.detach().item())
     except RuntimeError:
         value = None
-    return Scalar(value, tensor)
+    tracked = (
+        value is None
+        or tensor.requires_grad
+        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+    )
+    return Scalar(value, tensor if tracked else None)
 
 
 def _refuse_sparse(leaves: Sequence[torch.Tensor]) -> None:

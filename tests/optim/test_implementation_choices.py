@@ -157,7 +157,8 @@ def test_foreach_is_named_as_the_configuration_it_selects() -> None:
         ),
         (
             lambda: ft.rprop(differentiable=True),
-            r"differentiable=True: functrain's updates run outside the step's autograd graph",
+            r"differentiable=True: in functrain a state's steps are differentiable or not.*"
+            r"TrainState.create\(model, optimizer, loss_fn, differentiable=True\)",
         ),
         (lambda: ft.sgd(differentiable=True, foreach=True), r"invalid arguments to sgd"),
     ],
