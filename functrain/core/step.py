@@ -156,9 +156,9 @@ def _differentiable_step(
         )
     if state.members:
         raise ConfigError(
-            "a differentiable state is stepped alone: stack its steps with "
-            "torch.func.vmap(functrain.train_step) over a state of stacked tensors, or step the "
-            "members one by one"
+            "a differentiable state is not stacked: step its members one by one, or run one "
+            "state's steps under torch.func.vmap over the tasks' batches or over its "
+            'hyperparameters\' values (see the guide "Differentiating through training")'
         )
     if torch.compiler.is_compiling():
         raise ConfigError(

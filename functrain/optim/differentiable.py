@@ -19,9 +19,10 @@ the exact derivative of the update there is 0, where ``sqrt``'s own gives 0 time
 (which then spreads to every weight's meta-gradient).
 
 The step reads the count and the hyperparameters' values to the host once per step, as torch's
-single-tensor loop reads its step count (``_get_value``). Under ``torch.func.vmap`` over a
-hyperparameter (one learning rate per member) its value cannot be read: the ops then compose torch
-ops on the tensor (the same value up to the last rounding).
+single-tensor loop reads its step count (``_get_value``). Under ``torch.func.vmap`` over tasks or
+hyperparameter values, a value vmap batches (one learning rate per member; the counts once
+members skip apart) cannot be read: the ops then compose torch ops on the tensors, the same value
+up to the last rounding.
 """
 
 from __future__ import annotations
@@ -291,12 +292,32 @@ class DifferentiableState(NamedTuple):
         return {"lr": self.lr.detach()}
 
 
-# a rule's step of one parameter: (parameter, gradient, its moments by name, the update's number
-# counted from 1, the hyperparameters) -> (new parameter, its new moments by name)
+# the update's number, counted from 1: an int read on the host, or (batched under vmap, each
+# member's own) a float64 tensor
+Count = int | torch.Tensor
+
+# a rule's step of one parameter: (parameter, gradient, its moments by name, the update's number,
+# the hyperparameters) -> (new parameter, its new moments by name)
 RuleStep = Callable[
-    [torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int, dict[str, Scalar]],
+    [torch.Tensor, torch.Tensor, dict[str, torch.Tensor], Count, dict[str, Scalar]],
     tuple[torch.Tensor, dict[str, torch.Tensor]],
 ]
+
+
+def _at_count(h: Scalar, f: Callable[[Any], Any], t: Count) -> Scalar:
+    """``f`` of a hyperparameter where ``f`` involves the count `t`: the same arithmetic as
+    `Scalar.map` for a host count; for a tensor one, a tensor alone (its number unknown)."""
+    if isinstance(t, int):
+        return h.map(f)
+    given = h.tensor if h.tensor is not None else torch.tensor(h.value, dtype=torch.float64)
+    return Scalar(None, f(given))
+
+
+def _first(t: Count, first: Any, later: Callable[[], Any]) -> Any:
+    """`first` at the first update, else ``later()`` (for a tensor count, selected per member)."""
+    if isinstance(t, int):
+        return first if t == 1 else later()
+    return torch.where(t == 1, first, later())
 
 
 class Rule(NamedTuple):
@@ -323,15 +344,16 @@ def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) 
     """torch's ``_single_tensor_sgd``. The first momentum buffer is the gradient itself (torch
     detaches its copy: here it keeps its graph, so the derivative through it is exact)."""
 
-    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         moments = {}
         if momentum:
-            if t == 1:
-                buf = g
-            else:
-                buf = add_scaled(scaled(m["momentum"], h["momentum"]), g, Scalar(1 - dampening))
+            buf = _first(
+                t,
+                g,
+                lambda: add_scaled(scaled(m["momentum"], h["momentum"]), g, Scalar(1 - dampening)),
+            )
             g = add_scaled(g, buf, h["momentum"]) if nesterov else buf
             moments["momentum"] = buf
         return add_scaled(p, g, h["lr"].map(_negated)), moments
@@ -345,7 +367,7 @@ def adam_rule(
 ) -> Rule:
     """torch's ``_single_tensor_adam`` (``AdamW`` with `decoupled`)."""
 
-    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         if _active(h["weight_decay"]):
             if decoupled:
@@ -361,7 +383,7 @@ def adam_rule(
             moments["nu_max"] = torch.maximum(m["nu_max"], nu)
             nu = moments["nu_max"]
         denom = torch.add(safe_sqrt(nu) / correction2_sqrt, eps)
-        size = h["lr"].map(lambda lr: -(lr / correction1))
+        size = _at_count(h["lr"], lambda lr: -(lr / correction1), t)
         return addcdiv_scaled(p, mu, denom, size), moments
 
     return Rule(
@@ -372,7 +394,7 @@ def adam_rule(
 def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maximize: bool) -> Rule:
     """torch's ``_single_tensor_rmsprop``."""
 
-    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         square = torch.addcmul(m["square_avg"].mul(alpha), g, g, value=1 - alpha)
@@ -400,12 +422,12 @@ def adagrad_rule(
 ) -> Rule:
     """torch's ``_single_tensor_adagrad`` (dense gradients)."""
 
-    def step(p: Any, g: Any, m: Any, t: int, h: dict[str, Scalar]) -> Any:
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         total = torch.addcmul(m["sum"], g, g, value=1)
         std = torch.add(safe_sqrt(total), eps)
-        rate = h["lr"].map(lambda lr: -(lr / (1 + (t - 1) * lr_decay)))
+        rate = _at_count(h["lr"], lambda lr: -(lr / (1 + (t - 1) * lr_decay)), t)
         return addcdiv_scaled(p, g, std, rate), {"sum": total}
 
     return Rule(("sum",), {"sum": initial_accumulator_value}, ("lr", "weight_decay"), step)
@@ -509,7 +531,7 @@ def differentiable_form(optimizer: Transform) -> Transform:
             raise ConfigError(f"{optimizer.name}'s differentiable form needs params=")
         p, spec = tree_flatten(params)
         g = tree_leaves(updates)
-        t = _read_count(state.count) + 1
+        t = _count(state.count)
         h = {k: _scalar(v) for k, v in state.hyperparameters.items()}
         if schedule is not None:
             h["lr"] = Scalar(float(value_at(schedule, state.count)))
@@ -535,16 +557,13 @@ def differentiable_form(optimizer: Transform) -> Transform:
     return Transform(init_fn, update_fn, f"differentiable({optimizer.name})")
 
 
-def _read_count(count: torch.Tensor) -> int:
-    """The count of updates on the host, as torch's single-tensor loop reads its step."""
+def _count(count: torch.Tensor) -> Count:
+    """The number of this update, counted from 1: read on the host as torch's single-tensor loop
+    reads its step; a float64 tensor where vmap batches the count (members skipped apart)."""
     try:
-        return int(count.detach().item())
-    except RuntimeError as error:
-        raise ConfigError(
-            "a differentiable step reads its count of updates (torch.optim's single-tensor loops "
-            "read theirs), and here it is batched under torch.func.vmap; vmap over states whose "
-            "counts are equal (unbatched), or step the members one by one"
-        ) from error
+        return int(count.detach().item()) + 1
+    except RuntimeError:
+        return (count + 1).to(torch.float64)
 
 
 def _scalar(tensor: torch.Tensor) -> Scalar:

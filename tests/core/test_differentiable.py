@@ -253,9 +253,10 @@ def test_detaching_every_k_steps_equals_a_truncated_unroll_by_hand() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
-def test_per_example_steps_under_vmap_are_each_examples_own() -> None:
+@pytest.mark.parametrize("name", ["sgd momentum", "adam", "rmsprop centered momentum", "adagrad"])
+def test_per_example_steps_under_vmap_are_each_examples_own(name: str) -> None:
     model, (batch, _) = _net(), _batches()
-    state = ft.TrainState.create(model, ft.adam(0.05), _squared_error, differentiable=True)
+    state = ft.TrainState.create(model, FORMS[name], _squared_error, differentiable=True)
 
     def one(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return ft.train_step(state, (x[None], y[None]))[0].params
@@ -265,6 +266,51 @@ def test_per_example_steps_under_vmap_are_each_examples_own() -> None:
         expected = one(batch[0][i], batch[1][i])
         for k in expected:
             torch.testing.assert_close(got[k][i], expected[k], rtol=0, atol=1e-15)
+
+
+def test_maml_over_a_batch_of_tasks_under_vmap_equals_the_tasks_one_by_one() -> None:
+    # after the first step the guard's select batches the counts: each task's own from there
+    gen = torch.Generator().manual_seed(2)
+    tasks = [torch.randn(4, 12, d, generator=gen, dtype=torch.float64) for d in (3, 2, 3, 2)]
+    weights = {k: p.clone().requires_grad_(True) for k, p in _initial().items()}
+    state = ft.TrainState.create(
+        _NETS[torch.nn.Tanh], ft.adam(0.05), _squared_error, differentiable=True
+    )
+
+    def task_loss(w: Any, support: Any, query: Any) -> torch.Tensor:
+        inner = state.replace(params=w)
+        for _ in range(3):
+            inner, _ = ft.train_step(inner, support)
+        return ft.eval_step(inner, query)["loss"]
+
+    batched = torch.func.vmap(task_loss, in_dims=(None, 0, 0))(
+        weights, (tasks[0], tasks[1]), (tasks[2], tasks[3])
+    )
+    got = torch.autograd.grad(batched.sum(), list(weights.values()))
+    one_by_one = sum(
+        task_loss(weights, (tasks[0][i], tasks[1][i]), (tasks[2][i], tasks[3][i])) for i in range(4)
+    )
+    expected = torch.autograd.grad(one_by_one, list(weights.values()))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_hypergradients_of_several_learning_rates_under_vmap() -> None:
+    rates = torch.tensor([0.01, 0.05, 0.1], dtype=torch.float64)
+    support, query = _batches()
+    state = ft.TrainState.create(
+        _NETS[torch.nn.Tanh], ft.adam(0.05), _squared_error, differentiable=True
+    )  # (created outside: vmap refuses the random draws of a state's creation)
+
+    def after(lr: torch.Tensor) -> torch.Tensor:
+        inner = state.with_hyperparameters(lr=lr)
+        for _ in range(3):
+            inner, _ = ft.train_step(inner, support)
+        return ft.eval_step(inner, query)["loss"]
+
+    got = torch.func.vmap(torch.func.grad(after))(rates)
+    expected = torch.stack([torch.func.grad(after)(r) for r in rates])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
 def test_a_differentiable_state_saves_loads_and_continues_bit_for_bit(tmp_path: Any) -> None:
