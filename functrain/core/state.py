@@ -305,9 +305,10 @@ class TrainState:
                 rate, the weight decay and, where the optimizer has one, the momentum); the
                 gradients are taken with their own graph, so a gradient through the steps is
                 exact, not first-order. The optimizer trains in its differentiable form
-                (`functrain.optim.differentiable`: torch.optim's single-tensor loop, bit for
-                bit, out of place) and must be one of ``sgd``, ``adam``, ``adamw``,
-                ``rmsprop``, ``adagrad``. Not with ``precision="fp16"``, a process group,
+                (`functrain.optim.differentiable`: the ordinary step's arithmetic, bit for bit,
+                out of place) and must be one of ``sgd``, ``adam``, ``adamw``,
+                ``rmsprop``, ``adagrad``, ``adamax``, ``adadelta``, ``nadam``, ``radam``,
+                ``rprop``. Not with ``precision="fp16"``, a process group,
                 `compile_step` or ``donate=True``. ``"first_order"``: differentiable through
                 the updates only, the gradients taken as constants (first-order MAML; a
                 hypergradient through the learning rate is then first-order hypergradient

@@ -1,11 +1,12 @@
 """Updates that autograd and ``torch.func`` differentiate: the optimizers of a differentiable state.
 
 A state created with ``TrainState.create(..., differentiable=True)`` trains with the
-*differentiable form* of its optimizer (`differentiable_form`): the same arithmetic as torch.optim's
-single-tensor loop, op for op and bit for bit, written out of place so that the new parameters and
-moments are functions of the old ones, of the gradients (which the step then takes with their own
-graph: meta-gradients are exact, not first-order) and of the hyperparameters the state holds as
-tensors (`DifferentiableState.hyperparams`: the learning rate, the weight decay and, where the
+*differentiable form* of its optimizer (`differentiable_form`): the arithmetic of the ordinary
+preset (torch.optim's single-tensor loop; RAdam's foreach one, which functrain's `radam` follows),
+op for op and bit for bit, written out of place so that the new parameters and moments are
+functions of the old ones, of the gradients (which the step then takes with their own graph:
+meta-gradients are exact, not first-order) and of the hyperparameters the state holds as tensors
+(`DifferentiableState.hyperparameters`: the learning rate, the weight decay and, where the
 optimizer has one, the momentum), which may require grad (hypergradients).
 
 Three ops of torch's loop take a Python number where a differentiable hyperparameter goes: the
@@ -327,6 +328,7 @@ class Rule(NamedTuple):
     initial: dict[str, float]  # a moment's first value where it is not zero
     held: tuple[str, ...]  # the hyperparameters the state holds as tensors
     step: RuleStep
+    scalars: tuple[str, ...] = ()  # moments held as float32 0-d tensors (NAdam's product)
 
 
 def _active(h: Scalar) -> bool:
@@ -433,6 +435,162 @@ def adagrad_rule(
     return Rule(("sum",), {"sum": initial_accumulator_value}, ("lr", "weight_decay"), step)
 
 
+def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_adamax`` (its foreach form has the same bits)."""
+
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        g = _decayed(g, p, h)
+        mu = torch.lerp(m["mu"], g, 1 - b1)
+        norm = torch.maximum(m["nu"].mul(b2), torch.add(g.abs(), eps))
+        size = _at_count(h["lr"], lambda lr: -(lr / (1 - b1**t)), t)
+        return addcdiv_scaled(p, mu, norm, size), {"mu": mu, "nu": norm}
+
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step)
+
+
+def adadelta_rule(rho: float, eps: float, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_adadelta`` (its foreach form has the same bits)."""
+
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        g = _decayed(g, p, h)
+        square = torch.addcmul(m["square_avg"].mul(rho), g, g, value=1 - rho)
+        std = torch.sqrt(torch.add(square, eps))  # (never 0: no safe square root needed)
+        delta = torch.sqrt(torch.add(m["acc_delta"], eps)).div(std).mul(g)
+        accumulated = torch.addcmul(m["acc_delta"].mul(rho), delta, delta, value=1 - rho)
+        moments = {"square_avg": square, "acc_delta": accumulated}
+        return add_scaled(p, delta, h["lr"].map(_negated)), moments
+
+    return Rule(("square_avg", "acc_delta"), {}, ("lr", "weight_decay"), step)
+
+
+def rprop_rule(
+    lr: float, etaminus: float, etaplus: float, low: float, high: float, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_rprop`` (its foreach form has the same bits): the step sizes start
+    at `lr` and move by the sign of each element's gradient against its previous one."""
+
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        sign = g.mul(m["prev"]).sign()
+        # torch writes etaplus, etaminus and 1 into the signs in turn (the tensor's dtype)
+        factor = torch.where(
+            sign > 0, etaplus, torch.where(sign < 0, etaminus, torch.where(sign == 0, 1.0, sign))
+        )
+        size = m["step_size"].mul(factor).clamp(low, high)
+        g = torch.where(factor == etaminus, 0.0, g)
+        return torch.addcmul(p, g.sign(), size, value=-1), {"prev": g, "step_size": size}
+
+    return Rule(("prev", "step_size"), {"step_size": lr}, (), step)
+
+
+def _decayed_weights(
+    p: torch.Tensor, g: torch.Tensor, h: dict[str, Scalar], decoupled: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parameter and gradient after weight decay: decoupled (``p * (1 - lr * wd)``) or L2."""
+    if not _active(h["weight_decay"]):
+        return p, g
+    if decoupled:
+        return scaled(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"])), g
+    return p, add_scaled(g, p, h["weight_decay"])
+
+
+def nadam_rule(
+    b1: float, b2: float, eps: float, momentum_decay: float, decoupled: bool, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_nadam``: its momentum product a float32 0-d tensor, as torch keeps
+    it, read on the host for the two step sizes."""
+
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        p, g = _decayed_weights(p, g, h, decoupled)
+        mu_t = b1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
+        mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay)))
+        product = m["mu_product"] * (mu_t if isinstance(t, int) else mu_t.to(torch.float32))
+        if isinstance(t, int):
+            known = float(product)  # torch's `_get_value(mu_product)`
+            first = h["lr"].map(lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - known))
+            second = h["lr"].map(lambda lr: (-lr * mu_next) / (1.0 - known * mu_next))
+        else:
+            wide = product.double()
+            first = _at_count(h["lr"], lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - wide), t)
+            second = _at_count(h["lr"], lambda lr: (-lr * mu_next) / (1.0 - wide * mu_next), t)
+        mu = torch.lerp(m["mu"], g, 1 - b1)
+        nu = torch.addcmul(m["nu"].mul(b2), g, g, value=1 - b2)
+        denom = torch.add(safe_sqrt(nu.div(1 - b2**t)), eps)
+        p = addcdiv_scaled(addcdiv_scaled(p, g, denom, first), mu, denom, second)
+        return p, {"mu": mu, "nu": nu, "mu_product": product}
+
+    return Rule(
+        ("mu", "nu", "mu_product"),
+        {"mu_product": 1.0},
+        ("lr", "weight_decay"),
+        step,
+        scalars=("mu_product",),
+    )
+
+
+def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool) -> Rule:
+    """torch's foreach RAdam, which functrain's `radam` follows (its single-tensor loop rounds
+    otherwise): the rectification in Python floats; ``p + mu * (1 / ((sqrt(nu) + eps) / s2) + s1)``
+    while rectified, else ``p + mu * s1`` (torch's buffer is then ``-0.0 + s1``: the same bits,
+    without a division by zero in the derivative)."""
+    rho_inf = 2 / (1 - b2) - 1
+
+    def rectification(t: Any) -> Any:
+        rho_t = rho_inf - 2 * t * (b2**t) / (1 - b2**t)
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ) ** 0.5
+        if isinstance(t, int):
+            return rect if rho_t > 5 else 0
+        return torch.where(rho_t > 5, rect, 0.0)
+
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        p, g = _decayed_weights(p, g, h, decoupled)
+        mu = torch.lerp(m["mu"], g, 1 - b1)
+        nu = torch.addcmul(m["nu"].mul(b2), g, g, value=1 - b2)
+        rect = rectification(t)
+        unrectified = (rect <= 0) * 1.0  # torch's `0 if rect > 0 else 1.0`
+        correction = 1 - b1**t
+        plain = _at_count(h["lr"], lambda lr: (lr * unrectified / correction) * -1, t)
+        scale = _at_count(
+            h["lr"], lambda lr: ((1 - b2**t) ** 0.5) * (lr * rect / correction) * -1, t
+        )
+        moments = {"mu": mu, "nu": nu}
+        if isinstance(t, int) and rect == 0:
+            return torch.addcmul(p, mu, _filled(plain, nu)), moments
+        buffer = torch.reciprocal(_divided(torch.add(safe_sqrt(nu), eps), scale, rect))
+        if plain.tensor is not None:
+            buffer = buffer + plain.tensor
+        else:
+            buffer = torch.add(buffer, plain.value)  # type: ignore[arg-type]
+        if not isinstance(t, int):
+            buffer = torch.where(rect > 0, buffer, _filled(plain, nu))
+        return torch.addcmul(p, mu, buffer), moments
+
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step)
+
+
+def _filled(h: Scalar, like: torch.Tensor) -> torch.Tensor:
+    """A tensor like `like` holding the hyperparameter (its derivative reaching the tensor)."""
+    if h.tensor is None:
+        return torch.full_like(like, h.value)  # type: ignore[arg-type]
+    return h.tensor.to(like.dtype).expand_as(like)
+
+
+def _divided(x: torch.Tensor, by: Scalar, rect: Any) -> torch.Tensor:
+    """``x / by``; for a count vmap batches, by 1 where unrectified (``by`` is 0 there: the
+    buffer is replaced, and no 0 divides in the derivative)."""
+    if by.tensor is None:
+        return x / by.value  # type: ignore[operator]
+    if isinstance(rect, torch.Tensor):
+        return x / torch.where(rect > 0, by.tensor, 1.0)
+    return x / by.tensor
+
+
 def _sgd(a: dict[str, Any]) -> Rule:
     return sgd_rule(a["momentum"], a["dampening"], a["nesterov"], a["maximize"])
 
@@ -456,9 +614,25 @@ _RULES: dict[str, Callable[[dict[str, Any]], Rule]] = {
     "adamw": lambda a: _adam(a, True),
     "rmsprop": _rmsprop,
     "adagrad": _adagrad,
+    "adamax": lambda a: adamax_rule(a["betas"][0], a["betas"][1], a["eps"], a["maximize"]),
+    "adadelta": lambda a: adadelta_rule(a["rho"], a["eps"], a["maximize"]),
+    "nadam": lambda a: nadam_rule(
+        a["betas"][0],
+        a["betas"][1],
+        a["eps"],
+        a["momentum_decay"],
+        a["decoupled_weight_decay"],
+        a["maximize"],
+    ),
+    "rprop": lambda a: rprop_rule(
+        a["lr"], a["etas"][0], a["etas"][1], a["step_sizes"][0], a["step_sizes"][1], a["maximize"]
+    ),
+    "radam": lambda a: radam_rule(
+        a["b1"], a["b2"], a["eps"], a["decoupled_weight_decay"], a["maximize"]
+    ),
 }
 DIFFERENTIABLE_PRESETS = tuple(_RULES)
-"""The presets whose optimizers a differentiable state trains (torch's single-tensor loops)."""
+"""The presets whose optimizers a differentiable state trains."""
 
 
 def differentiable_form(optimizer: Transform) -> Transform:
@@ -496,11 +670,15 @@ def differentiable_form(optimizer: Transform) -> Transform:
             "mask selects parameters by their names, which the differentiable form does not "
             "see); leave mask out, or put the weights to decay in a state of their own"
         )
-    rule = _RULES[name](arguments)
     rate = arguments["lr"]
     schedule = rate if callable(rate) else None
     if schedule is None:
         rate = float(rate.detach().reshape(()).item()) if isinstance(rate, torch.Tensor) else rate
+    # the rate of the first step (rprop's initial step size)
+    start = float(value_at(schedule, torch.zeros((), dtype=torch.int64))) if schedule else rate
+    rule = _RULES[name]({**arguments, "lr": start})
+    if "lr" not in rule.held:  # (rprop: the rate is its step sizes' first value, in its moments)
+        schedule = None
     # held in the rule's order (the rate first), a scheduled rate not at all
     constants = {
         k: float(rate if k == "lr" else arguments[k])
@@ -513,14 +691,25 @@ def differentiable_form(optimizer: Transform) -> Transform:
         device = leaves[0].device if leaves else torch.device("cpu")
         _refuse_sparse(leaves)
         slots = {
-            k: tuple(torch.full_like(p, rule.initial.get(k, 0.0)) for p in leaves)
+            k: tuple(
+                torch.full((), rule.initial.get(k, 0.0), dtype=torch.float32, device=p.device)
+                if k in rule.scalars
+                else torch.full_like(p, rule.initial.get(k, 0.0))
+                for p in leaves
+            )
             for k in rule.slots
         }
         held = {
             k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in constants.items()
         }
         count = torch.zeros((), dtype=torch.int64, device=device)
-        first = float(value_at(schedule, count)) if schedule is not None else constants["lr"]
+        first = (
+            float(value_at(schedule, count))
+            if schedule is not None
+            else start
+            if "lr" in rule.held
+            else math.nan
+        )
         rate = torch.tensor(first, dtype=torch.float64, device=device)
         return DifferentiableState(count, slots, held, rate)
 
@@ -535,7 +724,7 @@ def differentiable_form(optimizer: Transform) -> Transform:
         h = {k: _scalar(v) for k, v in state.hyperparameters.items()}
         if schedule is not None:
             h["lr"] = Scalar(float(value_at(schedule, state.count)))
-        rate = h["lr"]
+        rate = h.get("lr", Scalar(math.nan))  # (rprop reports no rate, as its ordinary form)
         new_p: list[torch.Tensor] = []
         new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
         for i, (param, grad) in enumerate(zip(p, g, strict=True)):
