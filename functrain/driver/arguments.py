@@ -67,8 +67,22 @@ def fit_problems(
         ),
         *member_problems(state, data),
         *_window_problems(state, options.batching.partial_window),
+        *_donation_problems(state, options.execution.donate, options.execution.compile),
     ]
     return (None if problems else options), problems
+
+
+def _donation_problems(state: Any, donate: bool, compiled: bool) -> list[str]:
+    """A differentiable state is never donated nor compiled: its tensors are its graph's inputs."""
+    if not isinstance(state, TrainState) or not state.options.differentiable:
+        return []
+    return [
+        f"{name}=True: a differentiable state's step is neither donated nor compiled (its "
+        "tensors are the inputs of the graph through its steps); leave it out, or train an "
+        "ordinary state (created without differentiable=True)"
+        for name, flag in (("donate", donate), ("compile", compiled))
+        if flag
+    ]
 
 
 def _window_problems(state: TrainState, partial_window: str) -> list[str]:

@@ -291,6 +291,8 @@ class Loop:
         before the first step), unless ``fit(donate=True)``; nor one a callback kept from
         ``run.state``: those stay valid, and that step runs pure.
         """
+        if self.state.options.differentiable:
+            return False  # its tensors are the inputs of its graph: never written into
         if not self.stepped:
             return self._donate_start
         # self.state, and the run as hooks last saw it

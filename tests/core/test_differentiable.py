@@ -438,6 +438,22 @@ def test_a_donated_or_compiled_differentiable_step_is_refused() -> None:
         ft.compile_step(backend="eager")(state, batch)
 
 
+def test_fit_trains_a_differentiable_state_without_donating_it() -> None:
+    (batch, _) = _batches(torch.float32)
+    data = torch.utils.data.TensorDataset(*batch)
+    tx = ft.adam(0.05)
+    state = ft.TrainState.create(_net(dtype=torch.float32), tx, _squared_error, differentiable=True)
+    result = ft.fit(state, data, batch_size=4, max_epochs=2, progress=False)
+    ordinary = ft.TrainState.create(_net(dtype=torch.float32), _ordinary(tx), _squared_error)
+    expected = ft.fit(ordinary, data, batch_size=4, max_epochs=2, progress=False)
+    for k in expected.state.params:
+        assert torch.equal(result.state.params[k], expected.state.params[k])
+    ft.train_step(state, batch)  # the given state was not donated
+    for flag in ("donate", "compile"):
+        with pytest.raises(ft.ConfigError, match=f"{flag}=True: a differentiable state's step"):
+            ft.fit(state, data, batch_size=4, max_epochs=1, progress=False, **{flag: True})
+
+
 def test_an_ordinary_state_still_refuses_a_transform_around_its_step() -> None:
     (batch, _) = _batches()
     state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error)
