@@ -45,6 +45,7 @@ from functrain.distributed.data_parallel import DistConfig
 from functrain.errors import LossError
 from functrain.optim.batching import under_vmap
 from functrain.optim.rules.sparse import no_rows
+from functrain.tree import tree_leaves
 
 __all__ = [
     "Decided",
@@ -127,12 +128,12 @@ def gradients(
         LossError: the loss does not depend on any trainable parameter (eagerly).
         ConfigError: a stacked or fully sharded state whose module runs activation checkpointing.
     """
-    if state.options.differentiable and not functional():
-        return _with_graph(state, batch, buffers, scale)
-    if functional() or state.options.differentiable:
-        # under a torch.func transform a differentiable state's gradients keep their graph
-        # through `torch.func.grad`, which composes with the transforms around the step
+    if functional():
+        # (under a torch.func transform a differentiable state's gradients keep their graph
+        # through `torch.func.grad`, which composes with the transforms around the step)
         return _traced(state, batch, buffers, scale, forward)
+    if state.options.differentiable:
+        return _with_graph(state, batch, buffers, scale)
     if forward is None and not gathers(state):
         leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
         grads, loss, aux = backward(state, batch, leaves, buffers, scale, decided(state))
@@ -169,29 +170,43 @@ def _with_graph(
     buffers: dict[str, torch.Tensor],
     scale: torch.Tensor | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """`gradients` of a differentiable state under autograd: functions of its parameters.
+    """`gradients` of a differentiable state under autograd: functions of what made them.
 
     The loss function runs on the parameters themselves (fresh leaves only for those no graph
-    reaches), and ``torch.autograd.grad`` keeps the backward's graph (``create_graph``) where one
-    does, except in the ``"first_order"`` mode: a gradient through the step is then exact, second
-    order included. Autograd rather than ``torch.func.grad``, which refuses saved-tensor hooks:
-    activation checkpointing of the steps (`functrain.checkpointed`) and measuring what they save
-    use them.
+    reaches), and ``torch.autograd.grad`` keeps the backward's graph (``create_graph``) where a
+    graph reaches the step (a parameter, frozen weight, buffer or tensor of the batch requires
+    grad; a tensor the loss function closes over is not seen: pass it in the batch): the
+    gradients are then functions of them, and a gradient through the step is exact, second order
+    included. In the ``"first_order"`` mode the backward keeps no graph: the gradients are
+    constants. Autograd
+    rather than ``torch.func.grad``, which refuses saved-tensor hooks: activation checkpointing of
+    the steps (`functrain.unroll`) and measuring what they save use them. Under ``torch.no_grad``
+    the step still takes its gradients, and keeps no graph.
     """
     names = list(state.params)
-    tracked = any(p.requires_grad for p in state.params.values())
-    leaves = [
-        p if p.requires_grad else p.detach().requires_grad_(True) for p in state.params.values()
-    ]
-    total, (loss, aux) = _objective(state, batch, scale, None)(dict(zip(names, leaves)), buffers)
-    check_scalar_metrics(aux)
-    exact = tracked and state.options.differentiable is True
-    found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
+    exact = (
+        torch.is_grad_enabled()
+        and state.options.differentiable is True
+        and _reached(state.params, state.frozen, state.buffers, batch)
+    )
+    with torch.enable_grad():
+        leaves = [
+            p if p.requires_grad else p.detach().requires_grad_(True) for p in state.params.values()
+        ]
+        total, (loss, aux) = _objective(state, batch, scale, None)(
+            dict(zip(names, leaves)), buffers
+        )
+        check_scalar_metrics(aux)
+        found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
     known = decided(state)
-    return (
-        dict(zip(names, completed(list(found), leaves, names, known.hooks, known.sparse))),
-        loss,
-        aux,
+    grads = completed(list(found), leaves, names, known.hooks, known.sparse)
+    return dict(zip(names, grads)), loss, aux
+
+
+def _reached(*trees: Any) -> bool:
+    """Whether a tensor of `trees` requires grad (a graph reaches the step through it)."""
+    return any(
+        isinstance(t, torch.Tensor) and t.requires_grad for tree in trees for t in tree_leaves(tree)
     )
 
 

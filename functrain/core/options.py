@@ -126,7 +126,8 @@ class StepOptions:
         return problems + self._ema_problems() + self._differentiable_problems()
 
     def _differentiable_problems(self) -> list[str]:
-        """What a differentiable state's step cannot do: scale its loss (fp16)."""
+        """`differentiable` a valid mode, and not with what its step cannot do: scale its loss
+        (fp16)."""
         if (
             self.differentiable not in (True, False, "first_order")
             or isinstance(self.differentiable, int)

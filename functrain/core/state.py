@@ -562,7 +562,12 @@ class TrainState:
             >>> new.params["bias"].requires_grad, new.detach().params["bias"].requires_grad
             (True, False)
         """
-        return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, self)
+        self.check_live("detach")
+        # only the tensors a graph reaches: the others stay the very tensors (a later donation
+        # of the detached state retires this one too, as it shares them)
+        return pytree.tree_map(
+            lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x, self
+        )
 
     def clone(self) -> TrainState:
         """This state with every tensor copied: a copy that a donated step cannot touch.

@@ -20,6 +20,7 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from functrain.core.binding import bound
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
@@ -144,15 +145,23 @@ def _differentiable_step(
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` of a differentiable state: the body on tensors that keep their graphs.
 
-    Its gradients are taken with ``torch.func.grad`` (`functrain.core.gradient`), which composes
-    with autograd and the ``torch.func`` transforms around the step; its optimizer is its
-    differentiable form (`functrain.optim.differentiable`), out of place.
+    Its gradients keep their own graph (`functrain.core.gradient`: ``torch.autograd.grad`` with
+    ``create_graph`` under autograd, ``torch.func.grad`` inside ``torch.func`` transforms); its
+    optimizer is its differentiable form (`functrain.optim.differentiable`), out of place.
     """
     if donate:
         raise ConfigError(
             "train_step(donate=True) writes the new state into the given one's tensors, and a "
             "differentiable state's tensors are the inputs of the graph through its steps: step "
             "it without donate"
+        )
+    # (torch.func.jvp runs dual levels too, and a torch.func transform's own: the step is exact)
+    if fwAD._current_level >= 0 and torch._C._functorch.maybe_current_level() is None:
+        raise ConfigError(
+            "a differentiable state's step runs its backward inside the step, and torch's "
+            "forward-mode dual tensors (torch.autograd.forward_ad) lose their tangents there: "
+            "take forward-mode derivatives through the steps with torch.func.jvp, which runs "
+            "them exactly"
         )
     if state.members:
         raise ConfigError(

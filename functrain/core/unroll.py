@@ -159,7 +159,7 @@ def implicit_gradient(
         ``dL/dh``, a tree like `hyperparameters`.
 
     Raises:
-        ConfigError: an unknown `solver`, `iterations` below 1.
+        ConfigError: an unknown `solver`, `iterations` below 1, `outer` not a tree like `weights`.
 
     Example:
         >>> import torch, functrain as ft
@@ -176,9 +176,16 @@ def implicit_gradient(
         raise ConfigError(f"solver must be 'cg' or 'neumann', got solver={solver!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ConfigError(f"iterations must be an int >= 1, got iterations={iterations!r}")
-    vjp = torch.func.vjp(step, weights, hyperparameters)[1]
+    spec = tree_flatten(weights)[1]
+    shapes = [tuple(t.shape) for t in tree_leaves(weights)]
     g = [t.detach() for t in tree_leaves(outer)]
-    spec = tree_flatten(outer)[1]
+    if tree_flatten(outer)[1] != spec or [tuple(t.shape) for t in g] != shapes:
+        raise ConfigError(
+            "implicit_gradient's outer must be dL/dw*, a tree like the weights: expected "
+            f"{spec} with shapes {shapes}, got {tree_flatten(outer)[1]} with shapes "
+            f"{[tuple(t.shape) for t in g]}"
+        )
+    vjp = torch.func.vjp(step, weights, hyperparameters)[1]
 
     def by_weights(u: list[torch.Tensor]) -> list[torch.Tensor]:
         """``u J_w``."""

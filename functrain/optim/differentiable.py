@@ -33,11 +33,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from functrain.errors import ConfigError
 from functrain.optim.base import Transform
 from functrain.optim.naming import recorded_call
-from functrain.optim.rates import value_at
+from functrain.optim.rates import takes_tensor_steps, value_at
 from functrain.optim.updates import NewParams
 from functrain.tree import Tree, tree_flatten, tree_leaves
 
@@ -331,10 +332,20 @@ class Rule(NamedTuple):
     scalars: tuple[str, ...] = ()  # moments held as float32 0-d tensors (NAdam's product)
 
 
+def tracked(t: torch.Tensor) -> bool:
+    """Whether a derivative may reach `t`: it requires grad, a ``torch.func`` transform wraps it,
+    or it is a dual tensor of ``torch.autograd.forward_ad``."""
+    return (
+        t.requires_grad
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or fwAD.unpack_dual(t).tangent is not None
+    )
+
+
 def _active(h: Scalar) -> bool:
     """Whether an optional term (weight decay) runs: torch runs it where it is not 0; one a
-    gradient may flow to always runs."""
-    return h.tensor is not None and h.tensor.requires_grad or h.value != 0 or h.value is None
+    derivative may reach always runs (its derivative at 0 is not 0)."""
+    return h.value != 0 or h.value is None or h.tensor is not None and tracked(h.tensor)
 
 
 def _decayed(g: torch.Tensor, p: torch.Tensor, h: dict[str, Scalar]) -> torch.Tensor:
@@ -670,10 +681,16 @@ def differentiable_form(optimizer: Transform) -> Transform:
             "mask selects parameters by their names, which the differentiable form does not "
             "see); leave mask out, or put the weights to decay in a state of their own"
         )
+    given = [k for k, v in arguments.items() if isinstance(v, torch.Tensor)]
+    if given:
+        raise ConfigError(
+            f"{optimizer.name}: a differentiable state holds its hyperparameters as tensors "
+            f"itself, and {', '.join(given)} {'was' if len(given) == 1 else 'were'} given to the "
+            "preset as a tensor (the ordinary step computes with it in its dtype); give the "
+            "preset a number, then the tensor to state.with_hyperparameters(...)"
+        )
     rate = arguments["lr"]
     schedule = rate if callable(rate) else None
-    if schedule is None:
-        rate = float(rate.detach().reshape(()).item()) if isinstance(rate, torch.Tensor) else rate
     # the rate of the first step (rprop's initial step size)
     start = float(value_at(schedule, torch.zeros((), dtype=torch.int64))) if schedule else rate
     rule = _RULES[name]({**arguments, "lr": start})
@@ -723,7 +740,7 @@ def differentiable_form(optimizer: Transform) -> Transform:
         t = _count(state.count)
         h = {k: _scalar(v) for k, v in state.hyperparameters.items()}
         if schedule is not None:
-            h["lr"] = Scalar(float(value_at(schedule, state.count)))
+            h["lr"] = _scheduled(schedule, state.count, t)
         rate = h.get("lr", Scalar(math.nan))  # (rprop reports no rate, as its ordinary form)
         new_p: list[torch.Tensor] = []
         new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
@@ -743,7 +760,24 @@ def differentiable_form(optimizer: Transform) -> Transform:
         new_state = DifferentiableState(count, slots, state.hyperparameters, last)
         return NewParams(new_p, spec), new_state
 
-    return Transform(init_fn, update_fn, f"differentiable({optimizer.name})")
+    # named as the arithmetic it follows: the preset's fused=False, where it has that option
+    follows = call.again(fused=False).name if "fused" in arguments else optimizer.name
+    return Transform(init_fn, update_fn, f"differentiable({follows})")
+
+
+def _scheduled(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
+    """A scheduled learning rate at `count`: its number, as the ordinary step reads it; where vmap
+    batches the count, each member's, as a float64 tensor (functrain's schedules take the step
+    tensor)."""
+    if isinstance(t, int):
+        return Scalar(float(value_at(schedule, count)))
+    if not takes_tensor_steps(schedule):
+        raise ConfigError(
+            "a learning rate given as a plain function of the step is read at each member's own "
+            "count, and here vmap batches the counts (the members skipped apart): give a "
+            "schedule of functrain.schedules, which takes the step tensor"
+        )
+    return Scalar(None, schedule(count).to(torch.float64))
 
 
 def _count(count: torch.Tensor) -> Count:
@@ -763,12 +797,7 @@ def _scalar(tensor: torch.Tensor) -> Scalar:
         value: float | None = float(tensor.detach().item())
     except RuntimeError:
         value = None
-    tracked = (
-        value is None
-        or tensor.requires_grad
-        or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-    )
-    return Scalar(value, tensor if tracked else None)
+    return Scalar(value, tensor if value is None or tracked(tensor) else None)
 
 
 def _refuse_sparse(leaves: Sequence[torch.Tensor]) -> None:
@@ -806,19 +835,44 @@ def with_hyperparameters(opt_state: Any, values: dict[str, Any]) -> Any:
         )
     new = dict(found.hyperparameters)
     for k, v in values.items():
-        old = found.hyperparameters[k]
-        if isinstance(v, torch.Tensor):
-            if v.numel() != 1 or not v.is_floating_point():
-                raise ConfigError(
-                    f"hyperparameter {k} must be a number or a 0-d floating tensor, got a "
-                    f"{v.dtype} tensor of shape {tuple(v.shape)}"
-                )
-            new[k] = v.reshape(()).to(device=old.device)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            new[k] = torch.tensor(float(v), dtype=torch.float64, device=old.device)
-        else:
-            raise ConfigError(f"hyperparameter {k} must be a finite number or a tensor, got {v!r}")
+        new[k] = _held(k, v, found.hyperparameters[k].device)
     return _replace(opt_state, found._replace(hyperparameters=new))
+
+
+def _held(name: str, value: Any, device: torch.device) -> torch.Tensor:
+    """`value` as a held hyperparameter: a 0-d float64 tensor on `device` (a tensor's graph
+    kept), its value a finite number >= 0 where it can be read (not where vmap batches it).
+
+    Raises:
+        ConfigError: not a number or a one-element floating tensor, or a value out of range.
+    """
+    number: float | None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point() or value.is_meta:
+            raise ConfigError(
+                f"hyperparameter {name} must be a number or a one-element floating tensor holding "
+                f"a value, got a {value.dtype} tensor of shape {tuple(value.shape)}"
+                + (" on the meta device" if value.is_meta else "")
+            )
+        try:
+            number = float(value.detach().reshape(()).item())
+        except RuntimeError:  # batched under vmap: each member's value unknown here
+            number = None
+        held = value.reshape(()).to(device=device, dtype=torch.float64)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        held = torch.tensor(number, dtype=torch.float64, device=device)
+    else:
+        raise ConfigError(
+            f"hyperparameter {name} must be a number or a one-element floating tensor, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if number is not None and not (math.isfinite(number) and number >= 0):
+        raise ConfigError(f"hyperparameter {name} must be a finite number >= 0, got {number!r}")
+    return held
 
 
 def _find(node: Any) -> DifferentiableState | None:

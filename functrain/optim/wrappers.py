@@ -149,13 +149,21 @@ def _update_where(
     CPU tensor in an eager step) the update runs as it is, with `extras`' permission, and neither
     a gate nor a select is needed: the same bits.
     """
-    if flag_value(keep):  # known on the host to hold: the update as it is, in place if allowed
+    known = flag_value(keep)
+    if known:  # known on the host to hold: the update as it is, in place if allowed
         new_updates, new_state, report = update_reporting(inner, updates, state, params, extras)
         if isinstance(new_updates, (ParamStep, NewParams)):
             return new_updates, new_state, report
         # updates for a later transform: as tensors, as the gated form hands them on
         u, spec = flat_updates(new_updates, params)
         return tree_unflatten(u, spec), new_state, report
+    if known is False and extras.differentiable and params is not None:
+        # a differentiable step known to skip keeps the parameters and state themselves: a
+        # select would multiply its 0 by the derivatives of an update of non-finite gradients
+        # (NaN), and every gradient through the steps would be NaN. (Its forms emit the new
+        # parameters: `functrain.optim.differentiable`.)
+        p, spec = tree_flatten(params)
+        return NewParams(p, spec), state, NO_REPORT
     if getattr(inner, "gated", False):
         new_updates, new_state, report = update_reporting(
             inner, updates, state, params, extras, keep

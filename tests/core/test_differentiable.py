@@ -371,7 +371,137 @@ def test_a_scheduled_rate_trains_as_the_ordinary_step() -> None:
     assert all(torch.equal(ours.params[k], theirs.params[k]) for k in theirs.params)
 
 
+def test_a_skipped_step_leaves_the_gradients_through_the_others_finite() -> None:
+    support, query = _batches()
+    poisoned = (support[0].clone(), support[1].clone())
+    poisoned[0][0, 0] = float("nan")
+    weights = {k: p.clone().requires_grad_(True) for k, p in _initial().items()}
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    state = ft.TrainState.create(
+        _NETS[torch.nn.Tanh], ft.adam(0.05), _squared_error, differentiable=True
+    )
+    start = state.replace(params=weights).with_hyperparameters(lr=lr)
+    inputs = [*weights.values(), lr]
+
+    def through(batches: list[Any]) -> tuple[torch.Tensor, ...]:
+        final, _ = ft.unroll(start, batches)
+        return torch.autograd.grad(ft.eval_step(final, query)["loss"], inputs)
+
+    skipped = through([support, poisoned, support])
+    for a, b in zip(skipped, through([support, support]), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradients_reach_frozen_weights_and_the_batch_as_torch_func_does() -> None:
+    support, query = _batches()
+    body = {k: p.clone() for k, p in _initial().items() if k.startswith("0.")}
+    state = ft.TrainState.create(
+        _NETS[torch.nn.Tanh],
+        ft.sgd(0.1),
+        _squared_error,
+        differentiable=True,
+        trainable=lambda name, p: name.startswith("2."),
+    )
+
+    def outer(frozen: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        inner = state.replace(frozen=frozen)
+        for _ in range(3):
+            inner, _ = ft.train_step(inner, (inputs, support[1]))
+        return ft.eval_step(inner, query)["loss"]
+
+    leaves = {k: p.clone().requires_grad_(True) for k, p in body.items()}
+    x = support[0].clone().requires_grad_(True)
+    got = torch.autograd.grad(outer(leaves, x), [*leaves.values(), x])
+    by_func = torch.func.grad(outer, argnums=(0, 1))(body, support[0])
+    expected = [*by_func[0].values(), by_func[1]]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_reaches_a_weight_decay_from_zero() -> None:
+    w0 = _initial()  # (made outside: torch.func refuses the `.to` of a module inside)
+
+    def loss_at(decay: torch.Tensor) -> torch.Tensor:
+        return _unrolled(ft.adam(0.05), w0, weight_decay=decay)
+
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    _, forward = torch.func.jvp(loss_at, (zero,), (torch.ones((), dtype=torch.float64),))
+    leaf = zero.clone().requires_grad_(True)
+    (reverse,) = torch.autograd.grad(loss_at(leaf), [leaf])
+    assert float(reverse) != 0.0
+    torch.testing.assert_close(forward, reverse, rtol=1e-10, atol=0)
+    # torch's own dual tensors lose their tangents in the step's backward: refused, with jvp
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(zero, torch.ones((), dtype=torch.float64))
+        with pytest.raises(ft.ConfigError, match="with torch.func.jvp"):
+            loss_at(dual)
+
+
+def test_a_step_under_no_grad_trains_and_keeps_no_graph() -> None:
+    (batch, _) = _batches()
+    state = ft.TrainState.create(_net(), ft.adam(0.05), _squared_error, differentiable=True)
+    with torch.no_grad():
+        quiet, _ = ft.train_step(state, batch)
+    loud, _ = ft.train_step(state, batch)
+    for k in loud.params:
+        assert torch.equal(quiet.params[k], loud.params[k].detach())
+        assert not quiet.params[k].requires_grad
+
+
+def test_a_schedule_runs_under_vmap_over_tasks() -> None:
+    gen = torch.Generator().manual_seed(4)
+    xs, ys = (
+        torch.randn(3, 8, 3, generator=gen, dtype=torch.float64),
+        torch.randn(3, 8, 2, generator=gen, dtype=torch.float64),
+    )
+    tx = ft.adam(ft.schedules.warmup_cosine(0.05, 2, 10))
+    state = ft.TrainState.create(_NETS[torch.nn.Tanh], tx, _squared_error, differentiable=True)
+
+    def task(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        inner = state
+        for _ in range(3):
+            inner, _ = ft.train_step(inner, (x, y))
+        return inner.params
+
+    got = torch.func.vmap(task)(xs, ys)
+    for i in range(3):
+        for k, p in task(xs[i], ys[i]).items():
+            torch.testing.assert_close(got[k][i], p, rtol=1e-12, atol=1e-15)
+
+
+def test_detaching_a_state_keeps_what_a_donation_retires() -> None:
+    (batch, _) = _batches()
+    ordinary = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error)
+    ft.train_step(ordinary.detach(), batch, donate=True)
+    with pytest.raises(ft.DonatedStateError):
+        ft.train_step(ordinary, batch)
+
+
+def test_held_hyperparameters_are_float64_and_in_range() -> None:
+    state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error, differentiable=True)
+    lr = torch.tensor([0.5], dtype=torch.float32, requires_grad=True)
+    held = state.with_hyperparameters(lr=lr).hyperparameters["lr"]
+    assert held.dtype == torch.float64 and held.shape == () and held.requires_grad
+    for value in (torch.tensor(float("nan")), -0.1, 2**1100):
+        with pytest.raises(ft.ConfigError, match="hyperparameter lr must be a finite number >= 0"):
+            state.with_hyperparameters(lr=value)
+    with pytest.raises(ft.ConfigError, match="on the meta device"):
+        state.with_hyperparameters(lr=torch.empty((), device="meta"))
+
+
+def test_implicit_gradient_refuses_an_outer_gradient_of_another_shape() -> None:
+    with pytest.raises(ft.ConfigError, match="a tree like the weights"):
+        ft.implicit_gradient(lambda w, h: w * h, torch.ones(2), torch.ones(()), torch.ones(3))
+
+
 REFUSED = {
+    "a rate given to the preset as a tensor": (
+        lambda: ft.TrainState.create(
+            _net(), ft.adamw(torch.tensor(0.05)), _squared_error, differentiable=True
+        ),
+        "lr was given to the preset as a tensor",
+    ),
     "an optimizer without a differentiable form": (
         lambda: ft.TrainState.create(_net(), ft.lion(1e-3), _squared_error, differentiable=True),
         "has none; give one of functrain.sgd",
@@ -416,7 +546,7 @@ REFUSED = {
         lambda: ft.TrainState.create(
             _net(), ft.adam(0.1), _squared_error, differentiable=True
         ).with_hyperparameters(lr=torch.ones(2)),
-        "must be a number or a 0-d floating tensor",
+        "must be a number or a one-element floating tensor",
     ),
 }
 
