@@ -672,3 +672,22 @@ def test_the_adam_chain_gives_torchs_single_tensor_bits_in_every_dtype(
     Python number (C's pow, not sqrt: float64 tells them apart; a number, not a scalar rounded to
     a half-precision dtype first: float16 and bfloat16 do), 300 steps bit for bit."""
     _bit_for_bit_with_torch(ours(), theirs, dtype, 300)
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
+def test_rmsprop_with_momentum_gives_torchs_single_tensor_bits_in_every_dtype(
+    dtype: torch.dtype, centered: bool
+) -> None:
+    """RMSprop's momentum buffer takes the gradient's quotient in one ``addcdiv``, as torch's
+    ``buf.mul_(momentum).addcdiv_(grad, avg)``: in a half dtype a quotient rounded apart first
+    differs from the first step on; 100 steps bit for bit with torch's single-tensor loop (its
+    default on the CPU)."""
+    _bit_for_bit_with_torch(
+        ft.rmsprop(1e-2, momentum=0.9, centered=centered),
+        lambda p: optim.RMSprop(p, lr=1e-2, momentum=0.9, centered=centered, foreach=False),
+        dtype,
+        100,
+    )

@@ -10,7 +10,7 @@ from functrain.errors import config_check
 from functrain.optim.base import Transform
 from functrain.optim.checks import check_unit
 from functrain.optim.naming import named
-from functrain.optim.updates import flat_updates
+from functrain.optim.updates import Ratio, flat_updates
 from functrain.optim.zeros import counter, zeros
 from functrain.tree import (
     Tree,
@@ -66,9 +66,14 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
     def update_fn(
         updates: Any, state: TraceState, params: Tree | None = None
     ) -> tuple[Tree, TraceState]:
+        buf = torch._foreach_mul(state.trace, decay)
+        if _plain_quotient(updates) and not dampening and not nesterov:
+            # RMSprop's momentum, as torch's ``buf.mul_(momentum).addcdiv_(grad, avg)``: one
+            # rounding of ``buf + grad / avg`` (in a half dtype the quotient rounded apart is not)
+            torch._foreach_addcdiv_(buf, list(updates.num), list(updates.den))
+            return tree_unflatten(buf, updates.spec), TraceState(state.count + 1, buf)
         g, spec = flat_updates(updates, params)
         # buffer * decay + g: exactly g on the first step when the buffer starts at zero
-        buf = torch._foreach_mul(state.trace, decay)
         torch._foreach_add_(buf, g, alpha=1 - dampening)
         if dampening:
             first = state.count == 0
@@ -77,3 +82,15 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
         return tree_unflatten(out, spec), TraceState(state.count + 1, buf)
 
     return Transform(init_fn, update_fn)
+
+
+def _plain_quotient(updates: Any) -> bool:
+    """Whether `updates` are a bare quotient ``num / den`` (`scale_by_rms`'s): no divisor, decay or
+    scaled numerator, every tensor of one dtype with its numerator."""
+    return (
+        isinstance(updates, Ratio)
+        and updates.divisor is None
+        and updates.weight_decay is None
+        and not updates.scaled_numerator
+        and all(n.dtype == d.dtype for n, d in zip(updates.num, updates.den, strict=True))
+    )
