@@ -496,6 +496,54 @@ def rprop_rule(
     return Rule(("prev", "step_size"), {"step_size": lr}, (), step)
 
 
+def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_asgd``, as functrain's `asgd` computes it: the step size ``eta``
+    and the averaging rate ``mu`` kept as float32 0-d tensors, the average of the parameters
+    ``ax``; the next ``eta`` a function of the learning rate (its hypergradient flows through
+    ``eta`` into the following steps)."""
+
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        g = _decayed(g, p, h)
+        eta = _scalar(m["eta"])
+        # functrain's asgd rounds the decay 1 - lambd * eta to float32 before it multiplies
+        decay = eta.map(lambda e: 1 - lambd * e)
+        decay = Scalar(
+            None if decay.value is None else float(torch.tensor(decay.value).float()),
+            None if decay.tensor is None else decay.tensor.double().float(),
+        )
+        p = add_scaled(scaled(p, decay), g, eta.map(_negated))
+        mu = m["mu"]
+        average = _first(_is_one(mu), p, lambda: m["ax"] + (p - m["ax"]) * mu)
+        rate = (
+            h["lr"].tensor
+            if h["lr"].tensor is not None
+            else torch.tensor(h["lr"].value, dtype=torch.float64, device=p.device)
+        )
+        count = torch.as_tensor(t, dtype=torch.float64, device=p.device)
+        base = 1 + lambd * rate * count
+        new_eta = (rate / torch.pow(base, torch.full_like(base, alpha))).to(torch.float32)
+        new_mu = (1 / torch.clamp(count - t0, min=1)).to(torch.float32)
+        return p, {"eta": new_eta, "mu": new_mu, "ax": average}
+
+    return Rule(
+        ("eta", "mu", "ax"),
+        {"eta": lr, "mu": 1.0},
+        ("lr", "weight_decay"),
+        step,
+        scalars=("eta", "mu"),
+    )
+
+
+def _is_one(mu: torch.Tensor) -> Count:
+    """1 where the averaging rate is 1 (the average is the parameters), as an int on the host
+    (`_first` then picks without a select), else a tensor: torch's ``mu.item() != 1``."""
+    try:
+        return 1 if float(mu.detach().item()) == 1 else 2
+    except RuntimeError:  # batched under vmap
+        return torch.where(mu == 1, 1, 2)
+
+
 def _decayed_weights(
     p: torch.Tensor, g: torch.Tensor, h: dict[str, Scalar], decoupled: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,6 +683,7 @@ _RULES: dict[str, Callable[[dict[str, Any]], Rule]] = {
         a["decoupled_weight_decay"],
         a["maximize"],
     ),
+    "asgd": lambda a: asgd_rule(a["lr"], a["lambd"], a["alpha"], a["t0"], a["maximize"]),
     "rprop": lambda a: rprop_rule(
         a["lr"], a["etas"][0], a["etas"][1], a["step_sizes"][0], a["step_sizes"][1], a["maximize"]
     ),

@@ -55,6 +55,7 @@ FORMS = {
     "radam decoupled": ft.radam(0.01, weight_decay=0.1, decoupled_weight_decay=True),
     "rprop": ft.rprop(0.01, etas=(0.4, 1.3), step_sizes=(1e-4, 0.05)),
     "rprop scheduled": ft.rprop(ft.schedules.linear(0.01, 0.0, 10)),
+    "asgd": ft.asgd(0.01, lambd=0.1, t0=3, weight_decay=0.01),  # (averaging from its fourth step)
 }
 
 
@@ -506,8 +507,10 @@ REFUSED = {
         lambda: ft.TrainState.create(_net(), ft.lion(1e-3), _squared_error, differentiable=True),
         "has none; give one of functrain.sgd",
     ),
-    "asgd": (
-        lambda: ft.TrainState.create(_net(), ft.asgd(1e-3), _squared_error, differentiable=True),
+    "adafactor": (
+        lambda: ft.TrainState.create(
+            _net(), ft.adafactor(1e-3), _squared_error, differentiable=True
+        ),
         "has none; give one of functrain.sgd",
     ),
     "a weight-decay mask": (
