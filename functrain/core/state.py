@@ -308,7 +308,7 @@ class TrainState:
                 (`functrain.optim.differentiable`: the ordinary step's arithmetic, bit for bit,
                 out of place) and must be one of ``sgd``, ``adam``, ``adamw``,
                 ``rmsprop``, ``adagrad``, ``adamax``, ``adadelta``, ``nadam``, ``radam``,
-                ``rprop``, ``asgd``. Not with ``precision="fp16"``, a process group,
+                ``rprop``, ``asgd``, ``adafactor``. Not with ``precision="fp16"``, a process group,
                 `compile_step` or ``donate=True``. ``"first_order"``: differentiable through
                 the updates only, the gradients taken as constants (first-order MAML; a
                 hypergradient through the learning rate is then first-order hypergradient

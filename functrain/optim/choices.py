@@ -16,7 +16,7 @@ torch's name and default and either picks the path that gives torch's bits for i
 * ``differentiable=True``: torch's autograd through the optimizer step. In functrain that is the
   state's choice, not the optimizer's: ``TrainState.create(..., differentiable=True)`` trains any
   of ``sgd``, ``adam``, ``adamw``, ``rmsprop``, ``adagrad``, ``adamax``, ``adadelta``, ``nadam``,
-  ``radam``, ``rprop`` and ``asgd`` in its differentiable form
+  ``radam``, ``rprop``, ``asgd`` and ``adafactor`` in its differentiable form
   (`functrain.optim.differentiable`); the preset's flag is refused with that fix.
 
 Neither value changes the numbers, so none of them is part of a transform's name
@@ -43,8 +43,9 @@ _WHY = {
     "differentiable": (
         "in functrain a state's steps are differentiable or not, whatever its optimizer: create "
         "the state with TrainState.create(model, optimizer, loss_fn, differentiable=True) (sgd, "
-        "adam, adamw, rmsprop, adagrad, adamax, adadelta, nadam, radam, rprop and asgd train "
-        "there in torch's own arithmetic, out of place), and leave differentiable out here"
+        "adam, adamw, rmsprop, adagrad, adamax, adadelta, nadam, radam, rprop, asgd and "
+        "adafactor train there in torch's own arithmetic, out of place), and leave "
+        "differentiable out here"
     ),
 }
 

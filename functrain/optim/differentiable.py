@@ -330,6 +330,8 @@ class Rule(NamedTuple):
     held: tuple[str, ...]  # the hyperparameters the state holds as tensors
     step: RuleStep
     scalars: tuple[str, ...] = ()  # moments held as float32 0-d tensors (NAdam's product)
+    # a moment's first value where it is not the parameter's shape: (name, parameter) -> tensor
+    shapes: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
 
 def tracked(t: torch.Tensor) -> bool:
@@ -535,6 +537,71 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
     )
 
 
+def adafactor_rule(
+    beta2_decay: float, eps1: float | None, eps2: float, d: float, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_adafactor``, as functrain's `adafactor` computes it: a matrix's
+    second moment as a row and a column factor (of its last two dimensions), a vector's whole; the
+    step relative to the parameter's RMS and clipped to RMS `d`, its size a function of the
+    parameter and the update (their norms), which the derivative follows. Its moments are
+    ``"row"`` and ``"col"`` (a vector's variance in ``"row"``, ``"col"`` empty)."""
+
+    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = -g if maximize else g
+        count = torch.as_tensor(t, dtype=torch.float64, device=p.device)
+        weight = torch.pow(count, torch.full_like(count, beta2_decay)).to(g.dtype)
+        lr = h["lr"].tensor if h["lr"].tensor is not None else h["lr"].value
+        rho = torch.minimum(
+            torch.as_tensor(lr, dtype=torch.float64, device=p.device),
+            1 / torch.pow(count, torch.full_like(count, 0.5)),
+        )
+        floor = torch.finfo(p.dtype).eps if eps1 is None else eps1
+        if g.dim() > 1:
+            row = torch.lerp(
+                m["row"], torch.norm(g, dim=-1, keepdim=True).square() / g.size(-1), weight
+            )
+            col = torch.lerp(
+                m["col"], torch.norm(g, dim=-2, keepdim=True).square() / g.size(-2), weight
+            )
+            estimate = (row @ col).div(row.mean(dim=-2, keepdim=True).clamp(min=floor))
+        else:
+            row = torch.lerp(m["row"], g * g, weight)
+            col, estimate = m["col"], row
+        direction = estimate.clamp(min=floor * floor).rsqrt().mul(g)
+        size = p.numel() ** 0.5
+        rate = torch.clamp(torch.linalg.vector_norm(p).double() / size, min=eps2) * rho
+        clip = torch.clamp(torch.linalg.vector_norm(direction).double() / (size * d), min=1.0)
+        if _active(h["weight_decay"]):
+            decay = combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"])
+            p = p * (
+                decay.tensor
+                if decay.tensor is not None
+                else torch.tensor(decay.value, dtype=torch.float64)
+            ).to(torch.float32)
+        alpha = -rate / clip
+        step_size = Scalar(_number(alpha), alpha)
+        return add_scaled(p, direction, step_size), {"row": row, "col": col}
+
+    return Rule(("row", "col"), {}, ("lr", "weight_decay"), step, shapes=_adafactor_shapes)
+
+
+def _adafactor_shapes(k: str, p: torch.Tensor) -> torch.Tensor:
+    """Adafactor's first moments of `p`: a matrix's row ``[..., n, 1]`` and column ``[..., 1,
+    m]`` factors, a vector's variance (its column factor empty)."""
+    if p.dim() > 1:
+        shape = (*p.shape[:-1], 1) if k == "row" else (*p.shape[:-2], 1, p.shape[-1])
+        return p.new_zeros(shape)
+    return torch.zeros_like(p) if k == "row" else p.new_zeros(0)
+
+
+def _number(t: torch.Tensor) -> float | None:
+    """A 0-d tensor's value on the host, None where vmap batches it."""
+    try:
+        return float(t.detach().item())
+    except RuntimeError:
+        return None
+
+
 def _is_one(mu: torch.Tensor) -> Count:
     """1 where the averaging rate is 1 (the average is the parameters), as an int on the host
     (`_first` then picks without a select), else a tensor: torch's ``mu.item() != 1``."""
@@ -683,6 +750,9 @@ _RULES: dict[str, Callable[[dict[str, Any]], Rule]] = {
         a["decoupled_weight_decay"],
         a["maximize"],
     ),
+    "adafactor": lambda a: adafactor_rule(
+        a["beta2_decay"], a["eps"][0], a["eps"][1], a["d"], a["maximize"]
+    ),
     "asgd": lambda a: asgd_rule(a["lr"], a["lambd"], a["alpha"], a["t0"], a["maximize"]),
     "rprop": lambda a: rprop_rule(
         a["lr"], a["etas"][0], a["etas"][1], a["step_sizes"][0], a["step_sizes"][1], a["maximize"]
@@ -760,6 +830,8 @@ def differentiable_form(optimizer: Transform) -> Transform:
             k: tuple(
                 torch.full((), rule.initial.get(k, 0.0), dtype=torch.float32, device=p.device)
                 if k in rule.scalars
+                else rule.shapes(k, p)
+                if rule.shapes is not None
                 else torch.full_like(p, rule.initial.get(k, 0.0))
                 for p in leaves
             )

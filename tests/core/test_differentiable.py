@@ -56,6 +56,8 @@ FORMS = {
     "rprop": ft.rprop(0.01, etas=(0.4, 1.3), step_sizes=(1e-4, 0.05)),
     "rprop scheduled": ft.rprop(ft.schedules.linear(0.01, 0.0, 10)),
     "asgd": ft.asgd(0.01, lambd=0.1, t0=3, weight_decay=0.01),  # (averaging from its fourth step)
+    "adafactor": ft.adafactor(0.01, weight_decay=0.1),
+    "adafactor eps": ft.adafactor(0.01, eps=(1e-20, 1e-3), d=2.0, beta2_decay=-0.5, maximize=True),
 }
 
 
@@ -120,6 +122,7 @@ META = {
     "adamw": ft.adamw(0.05, weight_decay=0.1),
     "nadam": ft.nadam(0.05, weight_decay=0.1),
     "adadelta": ft.adadelta(1.0),
+    "adafactor": ft.adafactor(0.05),
 }
 
 
@@ -507,10 +510,8 @@ REFUSED = {
         lambda: ft.TrainState.create(_net(), ft.lion(1e-3), _squared_error, differentiable=True),
         "has none; give one of functrain.sgd",
     ),
-    "adafactor": (
-        lambda: ft.TrainState.create(
-            _net(), ft.adafactor(1e-3), _squared_error, differentiable=True
-        ),
+    "muon": (
+        lambda: ft.TrainState.create(_net(), ft.muon(1e-3), _squared_error, differentiable=True),
         "has none; give one of functrain.sgd",
     ),
     "a weight-decay mask": (
