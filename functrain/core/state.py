@@ -36,7 +36,7 @@ from functrain.distributed.sharding import Sharding, gathered
 from functrain.errors import ConfigError, DonatedStateError, StateMismatchError
 from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform
-from functrain.optim.differentiable import hyperparameters_of, with_hyperparameters
+from functrain.optim.differentiable import hyperparameters_of, tracked, with_hyperparameters
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
 from functrain.tree import Tree, leaves_by_path, tree_leaves
@@ -563,10 +563,11 @@ class TrainState:
             (True, False)
         """
         self.check_live("detach")
-        # only the tensors a graph reaches: the others stay the very tensors (a later donation
-        # of the detached state retires this one too, as it shares them)
+        # only the tensors a derivative reaches (autograd's, or a torch.func transform's): the
+        # others stay the very tensors (a later donation of the detached state retires this one
+        # too, as it shares them)
         return pytree.tree_map(
-            lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x, self
+            lambda x: x.detach() if isinstance(x, torch.Tensor) and tracked(x) else x, self
         )
 
     def clone(self) -> TrainState:

@@ -39,6 +39,7 @@ from functrain.errors import ConfigError
 from functrain.optim.base import Transform
 from functrain.optim.naming import recorded_call
 from functrain.optim.rates import takes_tensor_steps, value_at
+from functrain.optim.rules.arithmetic import opmath
 from functrain.optim.updates import NewParams
 from functrain.tree import Tree, tree_flatten, tree_leaves
 
@@ -51,6 +52,7 @@ __all__ = [
     "differentiable_form",
     "hyperparameters_of",
     "safe_sqrt",
+    "tracked",
     "with_hyperparameters",
 ]
 
@@ -265,11 +267,12 @@ def addcdiv_scaled(
 
 
 def scaled(a: torch.Tensor, factor: Scalar) -> torch.Tensor:
-    """``a.mul(factor)``: by a tensor, the same bits (torch casts a 0-d CPU scalar to `a`'s dtype
-    before it multiplies, as it casts a number)."""
+    """``a.mul(factor)``: by a tensor, the same bits (torch's kernel reads a 0-d CPU scalar in
+    `a`'s opmath, as it reads a number; the result in `a`'s dtype, which a 0-d `a` would not
+    keep)."""
     if factor.tensor is None:
         return a.mul(factor.value)  # type: ignore[arg-type]
-    return a * factor.tensor
+    return (a * factor.tensor.to(opmath(a.dtype))).to(a.dtype)
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -507,14 +510,11 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
     def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
-        eta = _scalar(m["eta"])
-        # functrain's asgd rounds the decay 1 - lambd * eta to float32 before it multiplies
-        decay = eta.map(lambda e: 1 - lambd * e)
-        decay = Scalar(
-            None if decay.value is None else float(torch.tensor(decay.value).float()),
-            None if decay.tensor is None else decay.tensor.double().float(),
-        )
-        p = add_scaled(scaled(p, decay), g, eta.map(_negated))
+        # the first step's eta is the rate (torch sets it from the group's lr at the first
+        # step), a float32 0-d tensor as the state keeps it
+        rate32 = _filled(h["lr"], m["eta"])
+        eta = _scalar(_first(t, rate32, lambda: m["eta"]))
+        p = add_scaled(scaled(p, eta.map(lambda e: 1 - lambd * e)), g, eta.map(_negated))
         mu = m["mu"]
         average = _first(_is_one(mu), p, lambda: m["ax"] + (p - m["ax"]) * mu)
         rate = (
@@ -572,12 +572,7 @@ def adafactor_rule(
         rate = torch.clamp(torch.linalg.vector_norm(p).double() / size, min=eps2) * rho
         clip = torch.clamp(torch.linalg.vector_norm(direction).double() / (size * d), min=1.0)
         if _active(h["weight_decay"]):
-            decay = combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"])
-            p = p * (
-                decay.tensor
-                if decay.tensor is not None
-                else torch.tensor(decay.value, dtype=torch.float64)
-            ).to(torch.float32)
+            p = scaled(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
         alpha = -rate / clip
         step_size = Scalar(_number(alpha), alpha)
         return add_scaled(p, direction, step_size), {"row": row, "col": col}

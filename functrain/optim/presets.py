@@ -559,7 +559,9 @@ def rmsprop(
     """RMSprop (Hinton, 2012), optionally centered and with momentum.
 
     Matches ``torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered, maximize=)``
-    with ``foreach=True`` bit for bit.
+    with ``foreach=True`` bit for bit (torch's two implementations agree in float32 and float64;
+    with momentum in float16 and bfloat16 they do not, and this follows ``foreach=False``, torch's
+    default on the CPU).
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.

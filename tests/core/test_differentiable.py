@@ -482,6 +482,61 @@ def test_detaching_a_state_keeps_what_a_donation_retires() -> None:
         ft.train_step(ordinary, batch)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_detaching_cuts_forward_mode_derivatives_too() -> None:
+    (batch, _) = _batches()
+    state = ft.TrainState.create(
+        _NETS[torch.nn.Tanh], ft.sgd(0.1), _squared_error, differentiable=True
+    )
+
+    def after(lr: torch.Tensor) -> torch.Tensor:
+        stepped, _ = ft.train_step(state.with_hyperparameters(lr=lr), batch)
+        stepped, _ = ft.train_step(stepped.detach(), batch)
+        return ft.eval_step(stepped, batch)["loss"]
+
+    one = torch.ones((), dtype=torch.float64)
+    _, tangent = torch.func.jvp(after, (0.1 * one,), (one,))
+    assert float(tangent) == 0.0
+
+
+def test_asgd_takes_its_first_step_size_from_the_held_rate() -> None:
+    (batch, _) = _batches(torch.float32)
+    model = _net(dtype=torch.float32)
+    held = ft.TrainState.create(model, ft.asgd(0.01), _squared_error, differentiable=True)
+    held = held.with_hyperparameters(lr=0.05)
+    given = ft.TrainState.create(model, ft.asgd(0.05), _squared_error)
+    for _ in range(5):
+        held, _ = ft.train_step(held, batch)
+        given, _ = ft.train_step(given, batch)
+    assert all(torch.equal(held.params[k], given.params[k]) for k in given.params)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "nadam decoupled", "asgd"])
+def test_a_0_d_half_precision_weight_keeps_its_dtype(name: str) -> None:
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.bfloat16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    loss = lambda m, b: (m(b) ** 2).float().mean()  # noqa: E731
+    batch = torch.ones(4, dtype=torch.bfloat16)
+    tx = {
+        "adafactor": ft.adafactor(0.01, weight_decay=0.1),
+        "nadam decoupled": FORMS["nadam decoupled"],
+        "asgd": FORMS["asgd"],
+    }[name]
+    ours = ft.TrainState.create(Scaled(), tx, loss, differentiable=True)
+    theirs = ft.TrainState.create(Scaled(), tx, loss)
+    for _ in range(3):
+        ours, _ = ft.train_step(ours, batch)
+        theirs, _ = ft.train_step(theirs, batch)
+    assert ours.params["scale"].dtype == torch.bfloat16
+    assert torch.equal(ours.params["scale"], theirs.params["scale"])
+
+
 def test_held_hyperparameters_are_float64_and_in_range() -> None:
     state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error, differentiable=True)
     lr = torch.tensor([0.5], dtype=torch.float32, requires_grad=True)

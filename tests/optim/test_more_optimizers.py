@@ -691,3 +691,45 @@ def test_rmsprop_with_momentum_gives_torchs_single_tensor_bits_in_every_dtype(
         dtype,
         100,
     )
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (
+            lambda: ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+            lambda p: optim.NAdam(p, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        ),
+        (
+            lambda: ft.adafactor(1e-2, weight_decay=0.1),
+            lambda p: optim.Adafactor(p, lr=1e-2, weight_decay=0.1, foreach=False),
+        ),
+        (
+            lambda: ft.asgd(1e-2, lambd=0.1, t0=5),
+            lambda p: optim.ASGD(p, lr=1e-2, lambd=0.1, t0=5, foreach=False),
+        ),
+    ],
+    ids=["nadam", "adafactor", "asgd"],
+)
+def test_a_decay_of_the_weights_is_read_in_float64_for_float64_weights(
+    ours: Callable, theirs: Callable
+) -> None:
+    """``p.mul_(1 - lr * wd)`` reads its number in the tensor's opmath: float64 for float64
+    weights (it was rounded to float32 first), 50 steps bit for bit."""
+    _bit_for_bit_with_torch(ours(), theirs, torch.float64, 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_decayed_0_d_half_precision_weight_keeps_its_dtype(dtype: torch.dtype) -> None:
+    """A 0-d weight times a float32 0-d factor would become float32 (0-d tensors promote among
+    themselves), and the next step's lerp would refuse it."""
+    for tx in (
+        ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        ft.adafactor(1e-2, weight_decay=0.1),
+    ):
+        params = {"scale": torch.ones((), dtype=dtype)}
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update({"scale": torch.full((), 0.5, dtype=dtype)}, state, params)
+            params = ft.apply_updates(params, updates)
+        assert params["scale"].dtype == dtype

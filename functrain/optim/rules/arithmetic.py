@@ -94,10 +94,18 @@ def decayed(
     """
     if decay is None:
         return [p.clone() for p in params]
+    # the factor as torch's kernel reads a number, in the tensor's opmath (a 0-d half tensor
+    # keeps its dtype: a float32 0-d tensor would promote it)
     return [
-        p * decay.to(torch.float32) if flags is None or flags[i] else p.clone()
+        (p * decay.to(opmath(p.dtype))).to(p.dtype) if flags is None or flags[i] else p.clone()
         for i, p in enumerate(params)
     ]
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's kernels compute a tensor of `dtype` with a number in: float64 for
+    float64, float32 for float32 and the half dtypes."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def decayed_(
@@ -107,7 +115,7 @@ def decayed_(
     if decay is not None:
         for i, p in enumerate(params):
             if flags is None or flags[i]:
-                p.mul_(decay.to(torch.float32))
+                p.mul_(decay.to(opmath(p.dtype)))
     return list(params)
 
 
