@@ -402,7 +402,10 @@ def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
         return (
             False  # under vmap (a stacked state) the step size is per member: no host-side scalars
         )
-    return step.quotient[2].device.type == "cpu" and len({t.dtype for t in p}) == 1
+    # (several dtypes: the step size then goes in as one Python float, which torch's kernel reads
+    # in each tensor's opmath, as torch.optim's addcdiv_(value=) does; a quotient taken apart
+    # would round in a half dtype first)
+    return step.quotient[2].device.type == "cpu"
 
 
 def _fused_product(step: ParamStep) -> bool:

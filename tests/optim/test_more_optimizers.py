@@ -733,3 +733,48 @@ def test_a_decayed_0_d_half_precision_weight_keeps_its_dtype(dtype: torch.dtype)
             updates, state = tx.update({"scale": torch.full((), 0.5, dtype=dtype)}, state, params)
             params = ft.apply_updates(params, updates)
         assert params["scale"].dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float64, torch.float32),
+    ],
+    ids=["f32+bf16", "f32+f16", "f64+f32"],
+)
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (
+            lambda: ft.adamax(0.01, weight_decay=0.1),
+            lambda p: optim.Adamax(p, lr=0.01, weight_decay=0.1, foreach=False),
+        ),
+        (lambda: ft.adam(0.01, fused=False), lambda p: optim.Adam(p, lr=0.01, foreach=False)),
+        (lambda: ft.adamw(0.01, fused=False), lambda p: optim.AdamW(p, lr=0.01, foreach=False)),
+        (lambda: ft.rmsprop(0.01), lambda p: optim.RMSprop(p, lr=0.01, foreach=False)),
+        (lambda: ft.adagrad(0.1, fused=False), lambda p: optim.Adagrad(p, lr=0.1, foreach=False)),
+    ],
+    ids=["adamax", "adam", "adamw", "rmsprop", "adagrad"],
+)
+def test_a_quotient_step_gives_torchs_bits_in_a_model_of_several_dtypes(
+    ours: Callable, theirs: Callable, dtypes: tuple[torch.dtype, ...]
+) -> None:
+    """The step ``p + value * num / den`` of weights of several dtypes goes through one
+    ``addcdiv`` with the step size as a number, as torch.optim's ``addcdiv_(value=)``: taken
+    apart, the quotient rounded in a half dtype first (differing from the first steps)."""
+    gen = torch.Generator().manual_seed(0)
+    start = {f"w{i}": torch.randn(4, 3, generator=gen).to(d) for i, d in enumerate(dtypes)}
+    weights = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    opt, tx = theirs(list(weights.values())), ours()
+    params, state = dict(start), tx.init(start)
+    for step in range(30):
+        grads = {k: torch.randn(4, 3, generator=gen).to(v.dtype) for k, v in start.items()}
+        for k, w in weights.items():
+            w.grad = grads[k].clone()
+        opt.step()
+        updates, state = tx.update(grads, state, params)
+        params = ft.apply_updates(params, updates)
+        for k, w in weights.items():
+            assert torch.equal(params[k], w.data), (step, k)
