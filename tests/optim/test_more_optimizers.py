@@ -778,3 +778,46 @@ def test_a_quotient_step_gives_torchs_bits_in_a_model_of_several_dtypes(
         params = ft.apply_updates(params, updates)
         for k, w in weights.items():
             assert torch.equal(params[k], w.data), (step, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (
+            lambda: ft.sgd(0.01, momentum=0.9, fused=False),
+            lambda p: optim.SGD(p, lr=0.01, momentum=0.9, foreach=False),
+        ),
+        (
+            lambda: ft.sgd(0.01, momentum=0.9, dampening=0.1),
+            lambda p: optim.SGD(p, lr=0.01, momentum=0.9, dampening=0.1, foreach=False),
+        ),
+        (
+            lambda: ft.rmsprop(0.01, momentum=0.9, centered=True),
+            lambda p: optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True, foreach=False),
+        ),
+    ],
+    ids=["sgd", "sgd-dampening", "rmsprop"],
+)
+def test_a_momentum_buffer_is_laid_out_as_its_channels_last_weight(
+    ours: Callable, theirs: Callable, dtype: torch.dtype
+) -> None:
+    """The momentum buffer takes the weight's layout, as torch's does: a fresh state's buffer is a
+    stride-0 zero whose product comes out contiguous, and a half-precision kernel over tensors of
+    two layouts takes torch's element-by-element path, which rounds otherwise (it differed from
+    the first steps); 20 steps bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 2, 3, 3, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    weight = torch.nn.Parameter(start.clone())
+    opt, tx = theirs([weight]), ours()
+    params = {"w": start.clone()}
+    state = tx.init(params)
+    for step in range(20):
+        grad = (
+            torch.randn(3, 2, 3, 3, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+        )
+        weight.grad = grad.clone()
+        opt.step()
+        updates, state = tx.update({"w": grad}, state, params)
+        params = ft.apply_updates(params, updates)
+        assert torch.equal(params["w"], weight.data), step

@@ -11,7 +11,7 @@ from functrain.optim.base import Transform
 from functrain.optim.checks import check_unit
 from functrain.optim.naming import named
 from functrain.optim.updates import Ratio, flat_updates
-from functrain.optim.zeros import counter, zeros
+from functrain.optim.zeros import counter, writable, zeros
 from functrain.tree import (
     Tree,
     tree_unflatten,
@@ -66,22 +66,31 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
     def update_fn(
         updates: Any, state: TraceState, params: Tree | None = None
     ) -> tuple[Tree, TraceState]:
-        buf = torch._foreach_mul(state.trace, decay)
+        # the buffer laid out as the updates, as torch's (a fresh state's zeros are a stride-0
+        # view, whose product comes out contiguous): a half-precision kernel over tensors of
+        # mixed layouts takes torch's element-by-element path, which rounds otherwise
         if _plain_quotient(updates) and not dampening and not nesterov:
             # RMSprop's momentum, as torch's ``buf.mul_(momentum).addcdiv_(grad, avg)``: one
             # rounding of ``buf + grad / avg`` (in a half dtype the quotient rounded apart is not)
+            buf = _laid_out(torch._foreach_mul(state.trace, decay), updates.num)
             torch._foreach_addcdiv_(buf, list(updates.num), list(updates.den))
-            return tree_unflatten(buf, updates.spec), TraceState(state.count + 1, buf)
+            return tree_unflatten(buf, updates.spec), TraceState(state.count + 1, tuple(buf))
         g, spec = flat_updates(updates, params)
         # buffer * decay + g: exactly g on the first step when the buffer starts at zero
+        buf = _laid_out(torch._foreach_mul(state.trace, decay), g)
         torch._foreach_add_(buf, g, alpha=1 - dampening)
         if dampening:
             first = state.count == 0
-            buf = tuple(torch.where(first, x, b) for x, b in zip(g, buf, strict=True))
+            buf = [torch.where(first, x, b) for x, b in zip(g, buf, strict=True)]
         out = torch._foreach_add(g, buf, alpha=decay) if nesterov else buf
-        return tree_unflatten(out, spec), TraceState(state.count + 1, buf)
+        return tree_unflatten(out, spec), TraceState(state.count + 1, tuple(buf))
 
     return Transform(init_fn, update_fn)
+
+
+def _laid_out(buf: Any, like: Any) -> list[torch.Tensor]:
+    """`buf`, each tensor with the strides of its `like` (a copy only where they differ)."""
+    return [writable(b, x) for b, x in zip(buf, like, strict=True)]
 
 
 def _plain_quotient(updates: Any) -> bool:
