@@ -590,7 +590,8 @@ def _adafactor_shapes(k: str, p: torch.Tensor) -> torch.Tensor:
 
 
 def _number(t: torch.Tensor) -> float | None:
-    """A 0-d tensor's value on the host, None where vmap batches it."""
+    """A 0-d tensor's value on the host (the one read of a differentiable step's numbers), None
+    where vmap batches it."""
     try:
         return float(t.detach().item())
     except RuntimeError:
@@ -600,10 +601,10 @@ def _number(t: torch.Tensor) -> float | None:
 def _is_one(mu: torch.Tensor) -> Count:
     """1 where the averaging rate is 1 (the average is the parameters), as an int on the host
     (`_first` then picks without a select), else a tensor: torch's ``mu.item() != 1``."""
-    try:
-        return 1 if float(mu.detach().item()) == 1 else 2
-    except RuntimeError:  # batched under vmap
+    value = _number(mu)
+    if value is None:  # batched under vmap
         return torch.where(mu == 1, 1, 2)
+    return 1 if value == 1 else 2
 
 
 def _decayed_weights(
@@ -899,20 +900,15 @@ def _scheduled(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
 def _count(count: torch.Tensor) -> Count:
     """The number of this update, counted from 1: read on the host as torch's single-tensor loop
     reads its step; a float64 tensor where vmap batches the count (members skipped apart)."""
-    try:
-        return int(count.detach().item()) + 1
-    except RuntimeError:
-        return (count + 1).to(torch.float64)
+    value = _number(count)
+    return (count + 1).to(torch.float64) if value is None else int(value) + 1
 
 
 def _scalar(tensor: torch.Tensor) -> Scalar:
     """A held hyperparameter: its number (None where vmap batches it), and the tensor where a
     derivative may reach it (it requires grad, or a ``torch.func`` transform tracks it); else a
     constant, which torch's own ops take as a number."""
-    try:
-        value: float | None = float(tensor.detach().item())
-    except RuntimeError:
-        value = None
+    value = _number(tensor)
     return Scalar(value, tensor if value is None or tracked(tensor) else None)
 
 
@@ -970,10 +966,7 @@ def _held(name: str, value: Any, device: torch.device) -> torch.Tensor:
                 f"a value, got a {value.dtype} tensor of shape {tuple(value.shape)}"
                 + (" on the meta device" if value.is_meta else "")
             )
-        try:
-            number = float(value.detach().reshape(()).item())
-        except RuntimeError:  # batched under vmap: each member's value unknown here
-            number = None
+        number = _number(value.reshape(()))  # (None where vmap batches it)
         held = value.reshape(()).to(device=device, dtype=torch.float64)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         try:

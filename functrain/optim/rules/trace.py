@@ -11,7 +11,7 @@ from functrain.optim.base import Transform
 from functrain.optim.checks import check_unit
 from functrain.optim.naming import named
 from functrain.optim.updates import Ratio, flat_updates
-from functrain.optim.zeros import counter, writable, zeros
+from functrain.optim.zeros import counter, laid_out_like, zeros
 from functrain.tree import (
     Tree,
     tree_unflatten,
@@ -89,8 +89,12 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
 
 
 def _laid_out(buf: Any, like: Any) -> list[torch.Tensor]:
-    """`buf`, each tensor with the strides of its `like` (a copy only where they differ)."""
-    return [writable(b, x) for b, x in zip(buf, like, strict=True)]
+    """`buf` (fresh products), each tensor with the strides of its `like`: a copy only where they
+    differ (the first step's, of a fresh state's stride-0 zeros)."""
+    return [
+        b if b.stride() == x.stride() else laid_out_like(b, x)
+        for b, x in zip(buf, like, strict=True)
+    ]
 
 
 def _plain_quotient(updates: Any) -> bool:
