@@ -23,11 +23,13 @@ relative to the largest element. Time: the median over interleaved repetitions (
 autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``), the weights
 included.
 
-Workload: MLP 784-256-256-10 with ReLU, batch 64, float32, CPU.
+Workload: MLP 784-256-256-10 with ReLU (``--hidden`` sets its width), batch 64, float32, on the
+CPU or ``--device cuda`` (each timed block then ends with ``torch.cuda.synchronize()``).
 
 Usage:
     python benchmarks/meta_step.py --threads 1 --clock cpu
     python benchmarks/meta_step.py --reps 30 --steps 5
+    python benchmarks/meta_step.py --device cuda --hidden 4096
 """
 
 from __future__ import annotations
@@ -45,16 +47,19 @@ import torch.nn.functional as F
 
 import functrain as ft
 
+DEVICE = torch.device("cpu")
+HIDDEN = 256
+
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(784, 256),
+        torch.nn.Linear(784, HIDDEN),
         torch.nn.ReLU(),
-        torch.nn.Linear(256, 256),
+        torch.nn.Linear(HIDDEN, HIDDEN),
         torch.nn.ReLU(),
-        torch.nn.Linear(256, 10),
-    )
+        torch.nn.Linear(HIDDEN, 10),
+    ).to(DEVICE)
 
 
 def _loss(model: Any, batch: Any) -> torch.Tensor:
@@ -65,7 +70,7 @@ def _batches() -> tuple[Any, Any]:
     gen = torch.Generator().manual_seed(1)
     inner = torch.randn(64, 784, generator=gen), torch.randint(0, 10, (64,), generator=gen)
     outer = torch.randn(64, 784, generator=gen), torch.randint(0, 10, (64,), generator=gen)
-    return inner, outer
+    return tuple(t.to(DEVICE) for t in inner), tuple(t.to(DEVICE) for t in outer)
 
 
 LR = 1e-3
@@ -171,7 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="inner steps (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--device", default="cpu", help="where the model and batches live")
+    parser.add_argument("--hidden", type=int, default=256, help="the MLP's width (default 256)")
     args = parser.parse_args(argv)
+    global DEVICE, HIDDEN
+    DEVICE, HIDDEN = torch.device(args.device), args.hidden
+    if DEVICE.type == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu says nothing of the GPU's time: use the wall clock")
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -203,16 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     order = list(rows)
     for rep in range(args.reps + 2):
         for name in order if rep % 2 == 0 else reversed(order):
+            sync()
             start = clock()
             meta, weights = rows[name]()
             torch.autograd.grad(meta, weights)
+            sync()
             if rep >= 2:  # two untimed warm-up rounds
                 times[name].append(clock() - start)
         print(f"rep {rep + 1}/{args.reps + 2}", file=sys.stderr)
     base = statistics.median(times["functrain"])
     print(
-        f"meta-step: {args.steps} inner Adam steps, MLP 784-256-256-10, batch 64, "
-        f"{torch.get_num_threads()} threads, {args.clock} clock, median of {args.reps}"
+        f"meta-step: {args.steps} inner Adam steps, MLP 784-{HIDDEN}-{HIDDEN}-10, batch 64, "
+        f"{DEVICE}, {torch.get_num_threads()} threads, {args.clock} clock, median of {args.reps}"
     )
     total = sum(g.numel() for g in reference)
     print(

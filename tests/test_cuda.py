@@ -8,6 +8,7 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import warnings
 from collections.abc import Iterator
@@ -138,7 +139,9 @@ def test_preset_matches_torch_optim_foreach_on_cuda_bitwise(name: str) -> None:
 def test_nadam_on_cuda_matches_torchs_single_tensor_nadam_bitwise(decoupled: bool) -> None:
     """torch's single-tensor NAdam reads its step sizes back to the host at each step; `nadam`
     computes them on the device, rounding as torch's CUDA kernels do with a host number: a
-    division by one is a product with its reciprocal, ``addcdiv`` is ``a + value * (num / den)``."""
+    division by one is a product with its reciprocal taken in double precision (a float32
+    division or reciprocal was 2.4e-7 off after 200 steps), ``addcdiv`` is
+    ``a + value * (num / den)``."""
     tx = ft.nadam(1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled)
     got = _run_functrain(tx)
     expected = _run_torch(
@@ -784,3 +787,186 @@ def test_a_captured_step_on_cuda_refuses_a_cpu_batch_and_a_cpu_state() -> None:
     with pytest.raises(ft.ConfigError, match=r"state on cpu"):
         step(on_cpu, (x.cpu(), y.cpu()))
     ft.assert_states_equal(state, ft.TrainState.create(_model(), ft.sgd(0.1), _loss))
+
+
+DIFFERENTIABLE = _sibling("core/test_differentiable")
+
+
+optim = torch.optim
+# torch's loop each differentiable form follows, as torch's own ``differentiable=True`` runs it:
+# the single-tensor loop (foreach=False; RAdam's foreach, which functrain's radam follows). On
+# CUDA torch's foreach kernels round otherwise in the last bits (Adam, AdamW, Adagrad, NAdam).
+SINGLE_TENSOR: dict[str, Any] = {
+    "sgd": lambda p: optim.SGD(p, 0.1, foreach=False),
+    "sgd momentum": lambda p: optim.SGD(p, 0.05, momentum=0.9, weight_decay=0.01, foreach=False),
+    "sgd nesterov": lambda p: optim.SGD(p, 0.05, momentum=0.9, nesterov=True, foreach=False),
+    "sgd dampening": lambda p: optim.SGD(
+        p, 0.05, momentum=0.8, dampening=0.3, maximize=True, foreach=False
+    ),
+    "adam": lambda p: optim.Adam(p, 0.01, foreach=False),
+    "adam decay amsgrad": lambda p: optim.Adam(
+        p, 0.01, weight_decay=0.05, amsgrad=True, foreach=False
+    ),
+    "adamw": lambda p: optim.AdamW(p, 0.01, weight_decay=0.1, foreach=False),
+    "rmsprop": lambda p: optim.RMSprop(p, 0.01, foreach=False),
+    "rmsprop centered momentum": lambda p: optim.RMSprop(
+        p, 0.01, momentum=0.9, centered=True, weight_decay=0.01, foreach=False
+    ),
+    "adagrad": lambda p: optim.Adagrad(
+        p, 0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01, foreach=False
+    ),
+    "adamax": lambda p: optim.Adamax(p, 0.01, weight_decay=0.01, maximize=True, foreach=False),
+    "adadelta": lambda p: optim.Adadelta(p, 0.5, weight_decay=0.01, foreach=False),
+    "nadam": lambda p: optim.NAdam(p, 0.01, weight_decay=0.01, foreach=False),
+    "nadam decoupled": lambda p: optim.NAdam(
+        p, 0.01, weight_decay=0.1, decoupled_weight_decay=True, foreach=False
+    ),
+    "radam": lambda p: optim.RAdam(p, 0.01, weight_decay=0.01, foreach=True),
+    "radam decoupled": lambda p: optim.RAdam(
+        p, 0.01, weight_decay=0.1, decoupled_weight_decay=True, foreach=True
+    ),
+    "rprop": lambda p: optim.Rprop(
+        p, 0.01, etas=(0.4, 1.3), step_sizes=(1e-4, 0.05), foreach=False
+    ),
+    "asgd": lambda p: optim.ASGD(p, 0.01, lambd=0.1, t0=3, weight_decay=0.01, foreach=False),
+    "adafactor": lambda p: optim.Adafactor(p, 0.01, weight_decay=0.1, foreach=False),
+    "adafactor eps": lambda p: optim.Adafactor(
+        p, 0.01, eps=(1e-20, 1e-3), d=2.0, beta2_decay=-0.5, maximize=True, foreach=False
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SINGLE_TENSOR))
+def test_a_differentiable_state_on_cuda_trains_as_torchs_single_tensor_loop_bitwise(
+    name: str,
+) -> None:
+    model = DIFFERENTIABLE._net(dtype=torch.float32).to(CUDA)
+    batch = tuple(t.to(CUDA) for t in DIFFERENTIABLE._batches(torch.float32)[0])
+    state = ft.TrainState.create(
+        model, DIFFERENTIABLE.FORMS[name], DIFFERENTIABLE._squared_error, differentiable=True
+    )
+    theirs = copy.deepcopy(model)
+    opt = SINGLE_TENSOR[name](theirs.parameters())
+    for i in range(20):
+        state, metrics = ft.train_step(state, batch)
+        opt.zero_grad()
+        loss = DIFFERENTIABLE._squared_error(theirs, batch)
+        loss.backward()
+        opt.step()
+        assert torch.equal(metrics["loss"], loss.detach()), i
+    for k, p in theirs.named_parameters():
+        assert torch.equal(state.params[k], p.detach()), (
+            f"{k} differs by {(state.params[k] - p).abs().max().item():.3e}"
+        )
+
+
+def test_a_differentiable_step_on_cuda_waits_only_for_its_skip_flag() -> None:
+    # its count and hyperparameters are held on the host, as torch.optim holds its steps; the skip
+    # flag is read (a skipped step keeps the weights themselves)
+    model = DIFFERENTIABLE._net(dtype=torch.float32).to(CUDA)
+    batch = tuple(t.to(CUDA) for t in DIFFERENTIABLE._batches(torch.float32)[0])
+    for tx in (ft.adam(0.01, weight_decay=0.1), ft.sgd(0.1, momentum=0.9), ft.nadam(0.01)):
+        state = ft.TrainState.create(model, tx, DIFFERENTIABLE._squared_error, differentiable=True)
+        lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
+        state = state.with_hyperparameters(lr=lr)
+        state, _ = ft.train_step(state, batch)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _set_sync_debug_mode("warn")
+            try:
+                state, _ = ft.train_step(state, batch)
+            finally:
+                _set_sync_debug_mode(0)
+        waits = [w for w in seen if "synchronizing" in str(w.message)]
+        assert len(waits) == 1, (tx, [str(w.message) for w in waits])
+        (by_rate,) = torch.autograd.grad(ft.eval_step(state, batch)["loss"], [lr])
+        assert by_rate.device.type == "cpu" and torch.isfinite(by_rate)
+
+
+def test_a_skipped_step_on_cuda_leaves_the_gradients_through_the_others_finite() -> None:
+    support, query = (tuple(t.to(CUDA) for t in b) for b in DIFFERENTIABLE._batches())
+    poisoned = (support[0].clone(), support[1].clone())
+    poisoned[0][0, 0] = float("nan")
+    weights = {k: p.to(CUDA).requires_grad_(True) for k, p in DIFFERENTIABLE._initial().items()}
+    lr = torch.tensor(0.05, dtype=torch.float64, device=CUDA, requires_grad=True)
+    state = ft.TrainState.create(
+        DIFFERENTIABLE._net().to(CUDA),
+        ft.adam(0.05),
+        DIFFERENTIABLE._squared_error,
+        differentiable=True,
+    )
+    start = state.replace(params=weights).with_hyperparameters(lr=lr)
+    inputs = [*weights.values(), lr]
+
+    def through(batches: list[Any]) -> tuple[torch.Tensor, ...]:
+        final, _ = ft.unroll(start, batches)
+        return torch.autograd.grad(ft.eval_step(final, query)["loss"], inputs)
+
+    skipped = through([support, poisoned, support])
+    for a, b in zip(skipped, through([support, support]), strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(DIFFERENTIABLE.META))
+def test_meta_gradients_on_cuda_equal_the_cpus_and_torch_funcs(name: str) -> None:
+    # float64: the CUDA meta-gradient is the CPU's to the last digits, autograd's is torch.func's
+    tx = DIFFERENTIABLE.META[name]
+    support, query = (tuple(t.to(CUDA) for t in b) for b in DIFFERENTIABLE._batches())
+    model = DIFFERENTIABLE._net().to(CUDA)
+    state = ft.TrainState.create(model, tx, DIFFERENTIABLE._squared_error, differentiable=True)
+
+    def outer(weights: dict[str, torch.Tensor], lr: torch.Tensor) -> torch.Tensor:
+        inner = state.replace(params=weights).with_hyperparameters(lr=lr)
+        for _ in range(3):
+            inner, _ = ft.train_step(inner, support)
+        return ft.eval_step(inner, query)["loss"]
+
+    w0 = {k: p.to(CUDA) for k, p in DIFFERENTIABLE._initial().items()}
+    rate = float(state.hyperparameters["lr"])
+    weights = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
+    lr = torch.tensor(rate, dtype=torch.float64, device=CUDA, requires_grad=True)
+    got = torch.autograd.grad(outer(weights, lr), [*weights.values(), lr])
+    by_func = torch.func.grad(outer, argnums=(0, 1))(w0, lr.detach())
+    for a, b in zip(got, [*by_func[0].values(), by_func[1]], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    on_cpu = ft.TrainState.create(
+        DIFFERENTIABLE._net(), tx, DIFFERENTIABLE._squared_error, differentiable=True
+    )
+    cpu_support, cpu_query = DIFFERENTIABLE._batches()
+    cpu_weights = {k: p.clone().requires_grad_(True) for k, p in DIFFERENTIABLE._initial().items()}
+    cpu_lr = torch.tensor(rate, dtype=torch.float64, requires_grad=True)
+    inner = on_cpu.replace(params=cpu_weights).with_hyperparameters(lr=cpu_lr)
+    for _ in range(3):
+        inner, _ = ft.train_step(inner, cpu_support)
+    expected = torch.autograd.grad(
+        ft.eval_step(inner, cpu_query)["loss"], [*cpu_weights.values(), cpu_lr]
+    )
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
+def test_an_unroll_on_cuda_checkpointed_gives_the_same_bits_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)).to(CUDA)
+    state = ft.TrainState.create(model, ft.adam(0.05), _mse, differentiable=True)
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)) for _ in range(6)
+    ]
+    batches = [(x.to(CUDA), y.to(CUDA)) for x, y in batches]
+    results = []
+    for every in (None, 1, 2):
+        weights = {k: p.detach().clone().requires_grad_(True) for k, p in state.params.items()}
+        start = state.replace(params=weights)
+        end, _ = ft.unroll(start, batches, checkpoint_every=every)
+        loss = ft.eval_step(end, batches[0])["loss"]
+        results.append((loss.detach(), torch.autograd.grad(loss, list(weights.values()))))
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        for a, b in zip(grads, results[0][1], strict=True):
+            assert torch.equal(a, b)
+
+
+def _mse(model: Any, batch: Any) -> torch.Tensor:
+    return ((model(batch[0]) - batch[1]) ** 2).mean()

@@ -43,6 +43,11 @@ from functrain.optim.rules.arithmetic import opmath
 from functrain.optim.updates import NewParams
 from functrain.tree import Tree, tree_flatten, tree_leaves
 
+# where the count, the hyperparameters and NAdam's momentum product are held: on the host, as
+# torch.optim holds its steps (not capturable), so that a step reads its numbers without waiting
+# for an accelerator
+HOST = torch.device("cpu")
+
 __all__ = [
     "DIFFERENTIABLE_PRESETS",
     "DifferentiableState",
@@ -92,8 +97,8 @@ def _negated(x: Any) -> Any:
 
 def _derivative_sum(g: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The derivative to a 0-d scalar of an elementwise ``scalar * factor``: ``sum(g * factor)``
-    in the scalar's dtype."""
-    return (g * factor).sum().to(like.dtype)
+    in the scalar's dtype, on its device (a hyperparameter held on the host)."""
+    return (g * factor).sum().to(device=like.device, dtype=like.dtype)
 
 
 class _AddScaled(torch.autograd.Function):
@@ -333,6 +338,8 @@ class Rule(NamedTuple):
     held: tuple[str, ...]  # the hyperparameters the state holds as tensors
     step: RuleStep
     scalars: tuple[str, ...] = ()  # moments held as float32 0-d tensors (NAdam's product)
+    # of those, the ones held on the host, as torch.optim holds them (NAdam's product)
+    host: tuple[str, ...] = ()
     # a moment's first value where it is not the parameter's shape: (name, parameter) -> tensor
     shapes: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
@@ -650,6 +657,7 @@ def nadam_rule(
         ("lr", "weight_decay"),
         step,
         scalars=("mu_product",),
+        host=("mu_product",),
     )
 
 
@@ -700,6 +708,8 @@ def _filled(h: Scalar, like: torch.Tensor) -> torch.Tensor:
     """A tensor like `like` holding the hyperparameter (its derivative reaching the tensor)."""
     if h.tensor is None:
         return torch.full_like(like, h.value)  # type: ignore[arg-type]
+    if h.tensor.device != like.device:  # a hyperparameter held on the host: a kernel reads it
+        return torch.ones_like(like) * h.tensor.to(like.dtype)
     return h.tensor.to(like.dtype).expand_as(like)
 
 
@@ -820,11 +830,16 @@ def differentiable_form(optimizer: Transform) -> Transform:
 
     def init_fn(params: Tree) -> DifferentiableState:
         leaves = tree_leaves(params)
-        device = leaves[0].device if leaves else torch.device("cpu")
+        device = HOST  # the count and the hyperparameters, as torch.optim holds its steps
         _refuse_sparse(leaves)
         slots = {
             k: tuple(
-                torch.full((), rule.initial.get(k, 0.0), dtype=torch.float32, device=p.device)
+                torch.full(
+                    (),
+                    rule.initial.get(k, 0.0),
+                    dtype=torch.float32,
+                    device=HOST if k in rule.host else p.device,
+                )
                 if k in rule.scalars
                 else rule.shapes(k, p)
                 if rule.shapes is not None
@@ -854,8 +869,9 @@ def differentiable_form(optimizer: Transform) -> Transform:
             raise ConfigError(f"{optimizer.name}'s differentiable form needs params=")
         p, spec = tree_flatten(params)
         g = tree_leaves(updates)
-        t = _count(state.count)
-        h = {k: _scalar(v) for k, v in state.hyperparameters.items()}
+        device = p[0].device if p else HOST
+        t = _count(state.count, device)
+        h = {k: _scalar(v, device) for k, v in state.hyperparameters.items()}
         if schedule is not None:
             h["lr"] = _scheduled(schedule, state.count, t)
         rate = h.get("lr", Scalar(math.nan))  # (rprop reports no rate, as its ordinary form)
@@ -897,19 +913,26 @@ def _scheduled(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
     return Scalar(None, schedule(count).to(torch.float64))
 
 
-def _count(count: torch.Tensor) -> Count:
+def _count(count: torch.Tensor, device: torch.device) -> Count:
     """The number of this update, counted from 1: read on the host as torch's single-tensor loop
-    reads its step; a float64 tensor where vmap batches the count (members skipped apart)."""
+    reads its step (held there, the read waits for nothing); a float64 tensor on the parameters'
+    `device` where vmap batches the count (members skipped apart)."""
     value = _number(count)
-    return (count + 1).to(torch.float64) if value is None else int(value) + 1
+    if value is None:
+        return (count + 1).to(device=device, dtype=torch.float64)
+    return int(value) + 1
 
 
-def _scalar(tensor: torch.Tensor) -> Scalar:
+def _scalar(tensor: torch.Tensor, device: torch.device | None = None) -> Scalar:
     """A held hyperparameter: its number (None where vmap batches it), and the tensor where a
     derivative may reach it (it requires grad, or a ``torch.func`` transform tracks it); else a
-    constant, which torch's own ops take as a number."""
+    constant, which torch's own ops take as a number. A 0-d tensor on the host takes part in the
+    kernels of any device as a number does (its derivative comes back to it); a batched one goes
+    to the parameters' `device`."""
     value = _number(tensor)
-    return Scalar(value, tensor if value is None or tracked(tensor) else None)
+    if value is None:
+        return Scalar(None, tensor if device is None else tensor.to(device))
+    return Scalar(value, tensor if tracked(tensor) else None)
 
 
 def _refuse_sparse(leaves: Sequence[torch.Tensor]) -> None:
@@ -967,7 +990,10 @@ def _held(name: str, value: Any, device: torch.device) -> torch.Tensor:
                 + (" on the meta device" if value.is_meta else "")
             )
         number = _number(value.reshape(()))  # (None where vmap batches it)
-        held = value.reshape(()).to(device=device, dtype=torch.float64)
+        # (a batched value stays where it is: its members' numbers are never read)
+        held = value.reshape(()).to(
+            device=device if number is not None else value.device, dtype=torch.float64
+        )
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             number = float(value)

@@ -150,6 +150,8 @@ def _update_where(
     a gate nor a select is needed: the same bits.
     """
     known = flag_value(keep)
+    if known is None and extras.differentiable:
+        known = _read_on_host(keep)
     if known:  # known on the host to hold: the update as it is, in place if allowed
         new_updates, new_state, report = update_reporting(inner, updates, state, params, extras)
         if isinstance(new_updates, (ParamStep, NewParams)):
@@ -181,6 +183,16 @@ def _update_where(
     # the previous state and parameters are selected below: keep them
     new_updates, new_state, report = update_reporting(inner, updates, state, params, extras.kept())
     return _gate(new_updates, keep, params), tree_select(keep, new_state, state), report
+
+
+def _read_on_host(keep: torch.Tensor) -> bool | None:
+    """A differentiable step's flag, read even where that waits for an accelerator: its skipped
+    step must keep the parameters and state themselves (a select's derivative would be NaN), and
+    the step reads its numbers on the host anyway, as torch.optim's single-tensor loops do. None
+    where vmap batches it (each member's own) or a stacked state's members differ."""
+    if keep.ndim or under_vmap() or torch.compiler.is_compiling():
+        return None
+    return bool(keep)
 
 
 def _selected(mask: Mask, params: Tree) -> tuple[bool, ...]:

@@ -70,15 +70,17 @@ def addcdiv_(
 
 
 def divided(t: torch.Tensor, scalar: float | torch.Tensor) -> torch.Tensor:
-    """``t / scalar`` as torch divides by a Python number: on CUDA by the reciprocal's product
-    (its kernel's ``a * (1 / b)``, in float32 for half-precision tensors, else in `t`'s dtype),
-    elsewhere by division."""
+    """``t / scalar`` as torch divides by a Python number: on CUDA a product with the number's
+    reciprocal, taken in double precision and rounded to `t`'s opmath (float32 for
+    half-precision tensors, computed there and rounded back: measured bitwise on an H100, where a
+    division in float32, or a float32 reciprocal, differed), elsewhere one division."""
     if not isinstance(scalar, torch.Tensor):
         return torch.div(t, scalar)
     if t.device.type == "cuda":
+        inverse = torch.reciprocal(scalar.to(torch.float64)).to(opmath(t.dtype))
         if t.dtype in _HALF:
-            return torch.mul(t.float(), torch.reciprocal(scalar.float())).to(t.dtype)
-        return torch.mul(t, torch.reciprocal(scalar.to(t.dtype)))
+            return torch.mul(t.float(), inverse).to(t.dtype)
+        return torch.mul(t, inverse)
     return torch.div(t, scalar.to(t.dtype))
 
 
