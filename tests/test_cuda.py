@@ -1028,3 +1028,42 @@ def test_an_unroll_on_cuda_checkpointed_gives_the_same_bits_and_gradients() -> N
 
 def _mse(model: Any, batch: Any) -> torch.Tensor:
     return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+def test_fit_trains_a_differentiable_state_on_cuda() -> None:
+    # its metrics (the rate among them) on the parameters' device, logged as the ordinary state's
+    batch, _ = DIFFERENTIABLE._batches(torch.float32)
+    data = torch.utils.data.TensorDataset(*batch)
+    model = DIFFERENTIABLE._net(dtype=torch.float32).to(CUDA)
+    state = ft.TrainState.create(
+        model, ft.sgd(0.05, momentum=0.9), DIFFERENTIABLE._squared_error, differentiable=True
+    )
+    result = ft.fit(state, data, batch_size=4, max_epochs=2, progress=False)
+    ordinary = ft.TrainState.create(
+        model, ft.sgd(0.05, momentum=0.9, fused=False), DIFFERENTIABLE._squared_error
+    )
+    expected = ft.fit(ordinary, data, batch_size=4, max_epochs=2, progress=False)
+    for k in expected.state.params:
+        assert torch.equal(result.state.params[k], expected.state.params[k]), k
+
+
+def test_hypergradients_of_several_learning_rates_under_vmap_on_cuda() -> None:
+    # the rates given on the CPU, the model on CUDA: a batched value goes to the parameters' device
+    rates = torch.tensor([0.01, 0.05, 0.1], dtype=torch.float64)
+    support, query = (tuple(t.to(CUDA) for t in b) for b in DIFFERENTIABLE._batches())
+    state = ft.TrainState.create(
+        DIFFERENTIABLE._net().to(CUDA),
+        ft.adam(0.05),
+        DIFFERENTIABLE._squared_error,
+        differentiable=True,
+    )
+
+    def after(lr: torch.Tensor) -> torch.Tensor:
+        inner = state.with_hyperparameters(lr=lr)
+        for _ in range(3):
+            inner, _ = ft.train_step(inner, support)
+        return ft.eval_step(inner, query)["loss"]
+
+    got = torch.func.vmap(torch.func.grad(after))(rates)
+    expected = torch.stack([torch.func.grad(after)(r) for r in rates])
+    torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=1e-12, atol=0)

@@ -508,8 +508,9 @@ class TrainState:
 
     @property
     def hyperparameters(self) -> dict[str, torch.Tensor]:
-        """The hyperparameters a differentiable state holds, by name: 0-d float64 tensors on the
-        CPU (where torch.optim holds its step counts: a step reads them without waiting for a GPU).
+        """The hyperparameters a differentiable state holds, by name: 0-d float64 tensors, held on
+        the CPU where torch.optim holds its step counts (a step reads them without waiting for a
+        GPU; a value batched by vmap lies on the parameters' device).
 
         The learning rate (``"lr"``, unless a schedule gives it), the weight decay and, where the
         optimizer has one, the momentum; empty for a state created without

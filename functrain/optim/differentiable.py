@@ -19,11 +19,12 @@ where its input is 0: on a ReLU net a dead unit's second moment is 0 and its fir
 the exact derivative of the update there is 0, where ``sqrt``'s own gives 0 times infinity, NaN
 (which then spreads to every weight's meta-gradient).
 
-The step reads the count and the hyperparameters' values to the host once per step, as torch's
-single-tensor loop reads its step count (``_get_value``). Under ``torch.func.vmap`` over tasks or
-hyperparameter values, a value vmap batches (one learning rate per member; the counts once
-members skip apart) cannot be read: the ops then compose torch ops on the tensors, the same value
-up to the last rounding.
+The step reads the count and the hyperparameters' values on the host once per step, as torch's
+single-tensor loop reads its step count (``_get_value``); the state holds them there (`HOST`), as
+torch.optim holds its steps, so that on a GPU the reads wait for nothing. Under
+``torch.func.vmap`` over tasks or hyperparameter values, a value vmap batches (one learning rate
+per member; the counts once members skip apart) cannot be read: the ops then compose torch ops on
+the tensors (on the parameters' device), the same value up to the last rounding.
 """
 
 from __future__ import annotations
@@ -527,7 +528,7 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
         rate = (
             h["lr"].tensor
             if h["lr"].tensor is not None
-            else torch.tensor(h["lr"].value, dtype=torch.float64, device=p.device)
+            else torch.full((), h["lr"].value, dtype=torch.float64, device=p.device)
         )
         count = torch.as_tensor(t, dtype=torch.float64, device=p.device)
         base = 1 + lambd * rate * count
@@ -859,7 +860,10 @@ def differentiable_form(optimizer: Transform) -> Transform:
             if "lr" in rule.held
             else math.nan
         )
-        rate = torch.tensor(first, dtype=torch.float64, device=device)
+        # the last rate, a metric: on the parameters' device, as the step's other metrics
+        rate = torch.full(
+            (), first, dtype=torch.float64, device=leaves[0].device if leaves else HOST
+        )
         return DifferentiableState(count, slots, held, rate)
 
     def update_fn(
@@ -885,10 +889,11 @@ def differentiable_form(optimizer: Transform) -> Transform:
                 new_slots[k].append(moments[k])
         count = state.count + 1
         slots = {k: tuple(v) for k, v in new_slots.items()}
+        # the metric on the parameters' device, filled there (a copy from the host would wait)
         last = (
-            rate.tensor
-            if rate.tensor is not None
-            else torch.tensor(rate.value, dtype=torch.float64, device=state.count.device)
+            rate.tensor.detach()
+            if rate.value is None and rate.tensor is not None
+            else torch.full((), rate.value, dtype=torch.float64, device=device)  # type: ignore[arg-type]
         )
         new_state = DifferentiableState(count, slots, state.hyperparameters, last)
         return NewParams(new_p, spec), new_state
@@ -970,13 +975,14 @@ def with_hyperparameters(opt_state: Any, values: dict[str, Any]) -> Any:
         )
     new = dict(found.hyperparameters)
     for k, v in values.items():
-        new[k] = _held(k, v, found.hyperparameters[k].device)
+        new[k] = _held(k, v, found.hyperparameters[k].device, found.lr.device)
     return _replace(opt_state, found._replace(hyperparameters=new))
 
 
-def _held(name: str, value: Any, device: torch.device) -> torch.Tensor:
+def _held(name: str, value: Any, device: torch.device, batched_on: torch.device) -> torch.Tensor:
     """`value` as a held hyperparameter: a 0-d float64 tensor on `device` (a tensor's graph
-    kept), its value a finite number >= 0 where it can be read (not where vmap batches it).
+    kept), its value a finite number >= 0 where it can be read; where vmap batches it (its
+    members' numbers never read), on `batched_on`, the parameters' device.
 
     Raises:
         ConfigError: not a number or a one-element floating tensor, or a value out of range.
@@ -990,9 +996,8 @@ def _held(name: str, value: Any, device: torch.device) -> torch.Tensor:
                 + (" on the meta device" if value.is_meta else "")
             )
         number = _number(value.reshape(()))  # (None where vmap batches it)
-        # (a batched value stays where it is: its members' numbers are never read)
         held = value.reshape(()).to(
-            device=device if number is not None else value.device, dtype=torch.float64
+            device=device if number is not None else batched_on, dtype=torch.float64
         )
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         try:

@@ -146,8 +146,9 @@ def _update_where(
     A gated transform does this itself (torch's fused kernels skip on a flag); for any other the
     update runs and `torch.where` picks the previous state and parameters (so it runs without the
     in-place permission of `extras`). Where `keep` is known on the host to hold (`flag_value`: a
-    CPU tensor in an eager step) the update runs as it is, with `extras`' permission, and neither
-    a gate nor a select is needed: the same bits.
+    CPU tensor in an eager step; in a differentiable step, read wherever one value can be,
+    `_read_on_host`) the update runs as it is, with `extras`' permission, and neither a gate nor a
+    select is needed: the same bits.
     """
     known = flag_value(keep)
     if known is None and extras.differentiable:
@@ -186,13 +187,17 @@ def _update_where(
 
 
 def _read_on_host(keep: torch.Tensor) -> bool | None:
-    """A differentiable step's flag, read even where that waits for an accelerator: its skipped
-    step must keep the parameters and state themselves (a select's derivative would be NaN), and
-    the step reads its numbers on the host anyway, as torch.optim's single-tensor loops do. None
-    where vmap batches it (each member's own) or a stacked state's members differ."""
-    if keep.ndim or under_vmap() or torch.compiler.is_compiling():
+    """A differentiable step's flag, read even where that waits for an accelerator, and under
+    ``torch.func.grad`` / ``vjp`` / ``jvp``: its skipped step must keep the parameters and state
+    themselves (a select's derivative would be NaN), and the step reads its numbers on the host
+    anyway, as torch.optim's single-tensor loops do. None where vmap batches it (each member's
+    own) or a stacked state's members differ."""
+    if keep.ndim or torch.compiler.is_compiling():
         return None
-    return bool(keep)
+    try:
+        return bool(keep)
+    except RuntimeError:  # batched under vmap: no one value
+        return None
 
 
 def _selected(mask: Mask, params: Tree) -> tuple[bool, ...]:

@@ -396,6 +396,27 @@ def test_a_skipped_step_leaves_the_gradients_through_the_others_finite() -> None
         assert torch.equal(a, b)
 
 
+def test_a_skipped_step_under_torch_func_grad_keeps_the_hypergradient_finite() -> None:
+    # under torch.func.grad the flag has one value: read, the skipped step keeps the weights
+    support, query = _batches()
+    poisoned = (support[0].clone(), support[1].clone())
+    poisoned[0][0, 0] = float("nan")
+    state = ft.TrainState.create(
+        _NETS[torch.nn.Tanh], ft.adam(0.05), _squared_error, differentiable=True
+    )
+
+    def after(lr: torch.Tensor, batches: list[Any]) -> torch.Tensor:
+        final, _ = ft.unroll(state.with_hyperparameters(lr=lr), batches)
+        return ft.eval_step(final, query)["loss"]
+
+    rate = torch.tensor(0.05, dtype=torch.float64)
+    got = torch.func.grad(after)(rate, [support, poisoned, support])
+    held = rate.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(after(held, [support, support]), [held])
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+
+
 def test_gradients_reach_frozen_weights_and_the_batch_as_torch_func_does() -> None:
     support, query = _batches()
     body = {k: p.clone() for k, p in _initial().items() if k.startswith("0.")}
