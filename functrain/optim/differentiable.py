@@ -528,7 +528,7 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
         rate = (
             h["lr"].tensor
             if h["lr"].tensor is not None
-            else torch.full((), h["lr"].value, dtype=torch.float64, device=p.device)
+            else torch.full((), h["lr"].value, dtype=torch.float64, device=p.device)  # type: ignore[arg-type]
         )
         count = torch.as_tensor(t, dtype=torch.float64, device=p.device)
         base = 1 + lambd * rate * count
