@@ -48,7 +48,14 @@ from functrain.core.body import (
 from functrain.core.donation import HELD, wait_until_unheld
 from functrain.core.gradient import backward, decided
 from functrain.core.loss import samples_in
-from functrain.core.scope import Scope, device_generator, enter, swap_in, swap_out
+from functrain.core.scope import (
+    Scope,
+    device_generator,
+    enter,
+    plain_modules,
+    swap_in,
+    swap_out,
+)
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState
 from functrain.core.structure import sparse_parameters
@@ -90,6 +97,7 @@ class StepProgram:
         "in_place",
         "window",
         "rates",
+        "modules",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
@@ -119,6 +127,8 @@ class StepProgram:
         self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
         self.window = options.accumulate_steps
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
+        # the module's mode switched by its flags where nn.Module's own `train` would set them
+        self.modules = plain_modules(state.module)
 
     def __copy__(self) -> StepProgram:
         return self
@@ -145,7 +155,7 @@ class StepProgram:
         """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
         if self.ranked:
             return enter(state, True)
-        return swap_in(state.module, self.generator, state.rng, True)
+        return swap_in(state.module, self.generator, state.rng, True, self.modules)
 
     def _backward(
         self, state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: Any

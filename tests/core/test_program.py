@@ -538,3 +538,39 @@ def test_a_window_whose_end_is_not_read_on_the_host_keeps_its_sums_from_clipping
     assert planned(got_d)
     assert_trees_equal(want.tree(), got_d.tree(), "state")
     assert_trees_equal(want_m, got_m, "metrics")
+
+
+def test_a_module_kept_in_eval_mode_trains_as_one_in_train_mode_and_stays_in_eval_mode() -> None:
+    # the program switches the flags of nn.Module's own modes directly (`plain_modules`)
+    at_rest_eval, at_rest_train = make_bn_net().eval(), make_bn_net()
+    states = [
+        ft.TrainState.create(m, ft.adamw(1e-2), cross_entropy_loss_fn, seed=3)
+        for m in (at_rest_eval, at_rest_train)
+    ]
+    for batch in batches(4):
+        states = [ft.train_step(s, batch, donate=True)[0] for s in states]
+    assert states[0].program is not None and states[0].program.modules is not None
+    assert_trees_equal(states[0].tree(), states[1].tree())
+    assert not any(m.training for m in at_rest_eval.modules())
+    assert all(m.training for m in at_rest_train.modules())
+
+
+class _FrozenNorm(nn.Sequential):
+    """A module whose ``train`` keeps its batch norm in eval mode (fine-tuning's frozen BN)."""
+
+    def train(self, mode: bool = True) -> _FrozenNorm:
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def test_a_module_that_overrides_train_is_switched_by_its_own_train() -> None:
+    torch.manual_seed(0)
+    model = _FrozenNorm(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn)
+    new, _ = ft.train_step(state, batches(1)[0])
+    new, _ = ft.train_step(new, batches(2)[1])
+    assert new.program is not None and new.program.modules is None
+    # its override ran: the running statistics were not updated
+    assert torch.equal(new.buffers["1.running_mean"], torch.zeros(16))
+    assert not any(m.training for m in model.modules())
