@@ -98,6 +98,7 @@ class StepProgram:
         "window",
         "rates",
         "modules",
+        "averages",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
@@ -129,6 +130,7 @@ class StepProgram:
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
         # the module's mode switched by its flags where nn.Module's own `train` would set them
         self.modules = plain_modules(state.module)
+        self.averages = state.ema_state is not None and state.averager is not None  # an EMA
 
     def __copy__(self) -> StepProgram:
         return self
@@ -253,7 +255,9 @@ class StepProgram:
                 "params": params,
                 "buffers": buffers,
                 "opt_state": ran.state,
-                "ema_state": self._averaged(state, params, buffers, applied, donate),
+                "ema_state": self._averaged(state, params, buffers, applied, donate)
+                if self.averages
+                else None,
                 "skipped": state.skipped + skipped if skipped is not None else state.skipped,
                 "rng": rng,
             },

@@ -57,6 +57,7 @@ CPU_READS = frozenset(
         "functrain.optim.base.flag_value",  # a skip flag or window end: the branch it selects
         "functrain.optim.rates._on_host",  # a schedule's host form: its value in Python floats
         "functrain.optim.wrappers._check_limit_now",  # max_consecutive_nonfinite, raised at once
+        "functrain.optim.wrappers._on_cpu",  # a runner's norm, skip flag and run of skips
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
         "functrain.optim.updates._quotient_scalars",  # a fused addcdiv's step size, the same
@@ -219,6 +220,7 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         assert updates._rectified_on_host(out, count, count) is None
         zero = torch.zeros((), dtype=torch.int64, device=meta)
         wrappers._check_limit_now(wrappers.SkipNonfiniteState((), flag, zero, zero, zero), 0)
+        assert wrappers._on_cpu(count) is None and wrappers._on_cpu(flag) is None
         members = torch.zeros(2, dtype=torch.int64, device=meta)
         assert fused._one_count(members) is False
         assert fused._flags_that_skip(members.bool()) is not None

@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import functrain as ft
+from functrain.optim import wrappers
 from functrain.optim.base import flag_value
 from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.wrappers import SkipNonfiniteState
@@ -699,7 +700,7 @@ class HostRead(AssertionError):
 
 def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every read of a tensor's value on the host raise, but the flags `flag_value` reads and
-    the counters `host_number` reads.
+    the counters `host_number` (and a planned runner's `_on_cpu`) reads.
 
     On the CPU an eager step reads its skip flags and window ends through
     `functrain.optim.base.flag_value`, and a micro-step through
@@ -721,7 +722,12 @@ def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
                 and flag.dtype == torch.bool
             ):
                 return real_bool(flag)
-            if _name == "item" and caller is host_number.__code__ and on_cpu and flag.ndim == 0:
+            if (
+                _name == "item"
+                and caller in (host_number.__code__, wrappers._on_cpu.__code__)
+                and on_cpu
+                and flag.ndim == 0
+            ):
                 return real_item(flag)
             raise HostRead(f"Tensor.{_name} called inside a step")
 
