@@ -115,11 +115,11 @@ class MetricWindow:
         """Add one step's metrics (0-d tensors); returns them stacked, for other windows to add.
 
         A batch that applied no update (inside an accumulation window) adds 0 to the metrics of
-        updates.
+        updates. The sums are float64 (`add_vector` adds the stacked values to them there).
         """
         values = list(metrics.values())
         dtypes = {v.dtype for v in values}
-        vec = torch.stack(values if len(dtypes) == 1 else [v.float() for v in values]).double()
+        vec = torch.stack(values if len(dtypes) == 1 else [v.float() for v in values])
         if not applied:
             vec = torch.where(self._batch_mask(list(metrics), vec.device), vec, 0.0)
         self.add_vector(vec, list(metrics), applied)
@@ -136,7 +136,7 @@ class MetricWindow:
 
     def add_vector(self, vec: torch.Tensor, keys: list[str], applied: bool = True) -> None:
         if not self.count:
-            self.keys, self.sums, self.updates = keys, vec, 0
+            self.keys, self.sums, self.updates = keys, vec.double(), 0
         elif keys != self.keys:
             raise ConfigError(
                 f"loss_fn must return the same metrics at every step: got {keys}, before "
@@ -144,7 +144,7 @@ class MetricWindow:
             )
         else:
             assert self.sums is not None  # a count above 0 comes with its sums
-            self.sums = self.sums + vec
+            self.sums = self.sums + vec  # in float64 (the sums' dtype), as vec.double() adds
         self.count += 1
         self.updates += applied
 

@@ -320,11 +320,16 @@ def batch_fingerprint(batch: Any) -> bytes:
         >>> batch_fingerprint((x, 3)) == batch_fingerprint((x.flip(0), 3))
         False
     """
-    parts = [_leaf_fingerprint(leaf) for leaf in pytree.tree_leaves(batch)]
-    return b"|".join(parts)
+    if type(batch) in (tuple, list) and all(type(x) is torch.Tensor for x in batch):
+        leaves = batch  # (the usual batch: its leaves as pytree lists them, without the walk)
+    else:
+        leaves = pytree.tree_leaves(batch)
+    return b"|".join([_leaf_fingerprint(leaf) for leaf in leaves])
 
 
 def _leaf_fingerprint(leaf: Any) -> bytes:
+    if type(leaf) is torch.Tensor:  # the usual leaf first, the same bytes as below
+        return _tensor_fingerprint(leaf)
     if isinstance(leaf, (str, bytes, int, float, bool, type(None))):
         return repr(leaf).encode()[:256]
     if isinstance(leaf, Mapping):  # a dict-like batch pytree does not open (a BatchEncoding)
@@ -337,19 +342,45 @@ def _leaf_fingerprint(leaf: Any) -> bytes:
     if not isinstance(leaf, torch.Tensor):
         shape = getattr(leaf, "shape", None)
         return f"{type(leaf).__name__}{shape}".encode()
-    head = f"{list(leaf.shape)}{leaf.dtype}".encode()
+    return _tensor_fingerprint(leaf)
+
+
+def _tensor_fingerprint(leaf: torch.Tensor) -> bytes:
+    """A tensor's shape and dtype, and up to 16 of its elements (`batch_fingerprint`)."""
+    key = (leaf.shape, leaf.dtype)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _HEADS.setdefault(key, f"{list(leaf.shape)}{leaf.dtype}".encode())
     if leaf.device.type != "cpu" or leaf.layout != torch.strided or leaf.is_quantized:
         return head
     kind = _SAME_SIZE.get(leaf.element_size())
     if leaf.numel() == 0 or kind is None:
         return head
     try:  # the elements' bytes through numpy, which reads them where they lie: no copy
-        array = leaf.detach().resolve_conj().resolve_neg().view(kind).numpy()
+        plain = leaf.detach() if leaf.requires_grad else leaf
+        if leaf.dtype.is_complex:  # (only a complex tensor has a conjugate bit)
+            plain = plain.resolve_conj()
+        array = plain.resolve_neg().view(kind).numpy()
     except (RuntimeError, TypeError):  # a tensor numpy cannot read (a subclass): its shape tells
         return head
     n = array.size
-    positions = [i * (n - 1) // 15 for i in range(16)] if n > 16 else slice(None)
+    if n <= 16:
+        return head + array.tobytes(order="C")  # every element, in logical order
+    positions = _POSITIONS.get(n)
+    if positions is None:
+        import numpy as np  # (imported already: `.numpy()` above; not functrain's dependency)
+
+        positions = np.array([i * (n - 1) // 15 for i in range(16)], dtype=np.intp)
+        if len(_POSITIONS) < 1024:  # (sizes seen: a few per run)
+            _POSITIONS[n] = positions
+    if array.flags.c_contiguous:  # its flat view: no copy
+        return head + array.reshape(-1)[positions].tobytes()
     return head + array.flat[positions].tobytes()
+
+
+# what a leaf's shape and dtype print as, and which of `n` elements are read: made once each
+_HEADS: dict[tuple[torch.Size, torch.dtype], bytes] = {}
+_POSITIONS: dict[int, Any] = {}
 
 
 # an integer dtype of each element size: any tensor's bytes viewed as numpy can hold them
