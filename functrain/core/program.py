@@ -157,7 +157,10 @@ class StepProgram:
         """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
         if self.ranked:
             return enter(state, True)
-        return swap_in(state.module, self.generator, state.rng, True, self.modules)
+        modules = self.modules
+        if modules is not None and modules[0] is not state.module:
+            modules = None  # a copied state's own module (its program is shared): its `train`
+        return swap_in(state.module, self.generator, state.rng, True, modules)
 
     def _backward(
         self, state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: Any

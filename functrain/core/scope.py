@@ -82,6 +82,7 @@ def plain_modules(module: nn.Module) -> tuple[nn.Module, ...] | None:
             kind.train is not nn.Module.train
             or kind.__setattr__ is not nn.Module.__setattr__
             or "training" not in m.__dict__
+            or "train" in m.__dict__  # an override set on the instance
         ):
             return None
     return found

@@ -121,7 +121,8 @@ class MetricWindow:
         dtypes = {v.dtype for v in values}
         vec = torch.stack(values if len(dtypes) == 1 else [v.float() for v in values])
         if not applied:
-            vec = torch.where(self._batch_mask(list(metrics), vec.device), vec, 0.0)
+            # (an integer 0: integer metrics stay exact, added to the float64 sums)
+            vec = torch.where(self._batch_mask(list(metrics), vec.device), vec, 0)
         self.add_vector(vec, list(metrics), applied)
         self.samples += samples
         return vec

@@ -574,3 +574,16 @@ def test_a_module_that_overrides_train_is_switched_by_its_own_train() -> None:
     # its override ran: the running statistics were not updated
     assert torch.equal(new.buffers["1.running_mean"], torch.zeros(16))
     assert not any(m.training for m in model.modules())
+
+
+def test_a_deep_copy_of_a_state_at_rest_in_eval_mode_switches_its_own_module() -> None:
+    # the copy carries the original's program: its flags are switched by its own module's train
+    state = ft.TrainState.create(make_bn_net().eval(), ft.adamw(1e-2), cross_entropy_loss_fn)
+    state, _ = ft.train_step(state, batches(1)[0])
+    copied = copy.deepcopy(state)
+    assert copied.module is not state.module
+    got, _ = ft.train_step(copied, batches(2)[1])
+    expected, _ = ft.train_step(state.replace(), batches(2)[1])
+    assert_trees_equal(got.tree(), expected.tree())
+    assert not any(m.training for m in state.module.modules())
+    assert not any(m.training for m in copied.module.modules())

@@ -350,14 +350,16 @@ def _tensor_fingerprint(leaf: torch.Tensor) -> bytes:
     key = (leaf.shape, leaf.dtype)
     head = _HEADS.get(key)
     if head is None:
-        head = _HEADS.setdefault(key, f"{list(leaf.shape)}{leaf.dtype}".encode())
+        head = f"{list(leaf.shape)}{leaf.dtype}".encode()
+        if len(_HEADS) < 1024:  # (shapes seen: a few per run, more with padded sequences)
+            _HEADS[key] = head
     if leaf.device.type != "cpu" or leaf.layout != torch.strided or leaf.is_quantized:
         return head
     kind = _SAME_SIZE.get(leaf.element_size())
     if leaf.numel() == 0 or kind is None:
         return head
     try:  # the elements' bytes through numpy, which reads them where they lie: no copy
-        plain = leaf.detach() if leaf.requires_grad else leaf
+        plain = leaf.detach() if leaf.requires_grad or type(leaf) is not torch.Tensor else leaf
         if leaf.dtype.is_complex:  # (only a complex tensor has a conjugate bit)
             plain = plain.resolve_conj()
         array = plain.resolve_neg().view(kind).numpy()
