@@ -27,6 +27,7 @@ __all__ = [
     "Norms",
     "LOCAL_NORMS",
     "global_norm",
+    "plain_norm",
     "member_view",
     "tree_select",
     "sibling_groups",
@@ -226,16 +227,27 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
         return _member_norms(tensors)
     if norms.across is not None:
         return _norm_across(tensors, norms.across)
-    found: Sequence[torch.Tensor]
     try:
-        found = torch._foreach_norm(list(tensors))
+        return plain_norm(list(tensors))
     except (NotImplementedError, RuntimeError):
         if not any(t.is_sparse for t in tensors):
             raise
-        # a sparse gradient (`nn.Embedding(sparse=True)`): the norm of its rows summed
-        found = [
-            torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t) for t in tensors
-        ]
+    # a sparse gradient (`nn.Embedding(sparse=True)`): the norm of its rows summed
+    found = [
+        torch.linalg.vector_norm(t.coalesce()._values() if t.is_sparse else t) for t in tensors
+    ]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in found]))
+
+
+def plain_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`global_norm` of dense tensors in an eager step on one rank: ``_foreach_norm``, then the
+    norm of the stacked norms in float32 (as ``torch.nn.utils.clip_grad_norm_`` takes it).
+
+    Example:
+        >>> plain_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    found = torch._foreach_norm(tensors)
     # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
     return torch.linalg.vector_norm(
         torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])

@@ -23,6 +23,8 @@ place:
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -300,7 +302,8 @@ def completed(
     Raises:
         LossError: no leaf has a gradient.
     """
-    if not any(g is None for g in grads):  # (`None in grads` would compare tensors)
+    # every leaf has one (`None in grads` would compare tensors; map: no frame per gradient)
+    if all(map(operator.is_not, grads, itertools.repeat(None))):
         return run_gradient_hooks(grads, hooks) if hooks else grads  # type: ignore[return-value]
     # requiring grad is not enough: a module the loss closes over has parameters of its own
     if all(g is None for g in grads):

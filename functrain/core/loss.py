@@ -11,6 +11,8 @@ body and its planned form, the compiled body and a stacked state's body under vm
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -275,12 +277,19 @@ def _storage(t: torch.Tensor) -> int:
 def _marks(watch: Mapping[str, torch.Tensor], storage: bool) -> list[tuple[int, int]]:
     """What a write changes of each tensor: its version counter (in place) and, with `storage`,
     where its data is (``.data =``)."""
+    tensors = watch.values()
+    # (read by map: no Python frame per tensor, as this runs twice a step)
+    versions = map(_VERSION, tensors)
     if storage:
         try:
-            return [(t._version, t.data_ptr()) for t in watch.values()]
+            return list(zip(versions, map(_DATA_PTR, tensors)))
         except RuntimeError:  # no storage of their own (tensors batched under vmap)
-            pass
-    return [(t._version, 0) for t in watch.values()]
+            versions = map(_VERSION, tensors)
+    return list(zip(versions, itertools.repeat(0)))
+
+
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _tracing() -> bool:

@@ -77,6 +77,8 @@ __all__ = ["DONATED", "StepProgram", "program_for"]
 
 DONATED = "functrain.train_step(..., donate=True)"
 
+_DETACH, _LEAF, _STRIDE = torch.Tensor.detach, torch.Tensor.requires_grad_, torch.Tensor.stride
+
 
 class StepProgram:
     """What a configuration's eager step decided once (`program_for`); `run` is the step."""
@@ -99,6 +101,7 @@ class StepProgram:
         "rates",
         "modules",
         "averages",
+        "zero",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
@@ -131,6 +134,7 @@ class StepProgram:
         # the module's mode switched by its flags where nn.Module's own `train` would set them
         self.modules = plain_modules(state.module)
         self.averages = state.ema_state is not None and state.averager is not None  # an EMA
+        self.zero: torch.Tensor | None = None  # the skip flag of an applied step (`_unskipped`)
 
     def __copy__(self) -> StepProgram:
         return self
@@ -166,8 +170,15 @@ class StepProgram:
         self, state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: Any
     ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """The gradients (for fresh leaves of the parameters), the loss and its metrics."""
-        leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-        return backward(state, batch, leaves, buffers, scale, self.known)
+        # (by map: no Python frame per tensor; `requires_grad_` returns its tensor)
+        return backward(
+            state,
+            batch,
+            list(map(_LEAF, map(_DETACH, state.params.values()))),
+            buffers,
+            scale,
+            self.known,
+        )
 
     def _with_body(
         self, state: TrainState, batch: Any, donate: bool, scope: Scope
@@ -207,7 +218,7 @@ class StepProgram:
             params = list(state.params.values())
             buffers = {k: b.clone() for k, b in state.buffers.items()}
             grads, loss, aux = self._backward(state, batch, buffers, None)
-            if [g.stride() for g in grads] != self.strides:
+            if list(map(_STRIDE, grads)) != self.strides:
                 grads = in_layouts_of(grads, params)
             # with accumulation the window's norm is reported: its runner measures it
             norm = self._norm(grads) if self.window == 1 else None
@@ -359,7 +370,7 @@ class StepProgram:
             seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
             self.lr_seen = (lr, seen_f)
         if flag is None:
-            flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
+            flag = skipped.float() if skipped is not None else self._unskipped(loss.device)
         return {
             "loss": loss if loss.dtype == torch.float32 else loss.float(),
             "grad_norm": norm,
@@ -368,6 +379,14 @@ class StepProgram:
             "skipped": flag,
             **aux,
         }
+
+    def _unskipped(self, device: torch.device) -> torch.Tensor:
+        """The skip flag of a step that applied its update: a float32 zero on `device`, one
+        tensor for every such step while nothing writes it (a write makes a fresh one)."""
+        zero = self.zero
+        if zero is None or zero._version or zero.device != device:
+            zero = self.zero = torch.zeros((), device=device)
+        return zero
 
 
 def program_for(state: TrainState) -> StepProgram | None:

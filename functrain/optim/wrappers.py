@@ -56,6 +56,7 @@ from functrain.tree import (
     Tree,
     global_norm,
     member_view,
+    plain_norm,
     tree_flatten,
     tree_leaves,
     tree_map,
@@ -693,16 +694,34 @@ def _finite_run(
     It reports no skip flag (None: the update was applied), as an update that never skips.
     """
     ran = run_inner(grads, params, state.inner, norm, write, None)
+    skipped, consecutive = state.skipped, state.consecutive
+    if not _still_clean(skipped, consecutive):
+        if _on_cpu(skipped) is not False:
+            skipped = torch.zeros_like(skipped)
+        if _on_cpu(consecutive) != 0:
+            consecutive = torch.zeros_like(consecutive)
+        _CLEAN[:] = skipped, skipped._version, consecutive, consecutive._version
     new_state = SkipNonfiniteState(
-        ran.state,
-        state.skipped if _on_cpu(state.skipped) is False else torch.zeros_like(state.skipped),
-        state.total_skipped,
-        state.consecutive
-        if _on_cpu(state.consecutive) == 0
-        else torch.zeros_like(state.consecutive),
-        state.max_consecutive,
+        ran.state, skipped, state.total_skipped, consecutive, state.max_consecutive
     )
     return Ran(ran.params, new_state, ran.lr, None, None, ran.norm, ran.ended)
+
+
+# the last skip flag and run of skips `_finite_run` found False and 0, with their versions: a
+# finite step hands them on as they are, so the next one knows them (unwritten) without a read
+_CLEAN: list[Any] = [None, -1, None, -1]
+
+
+def _still_clean(skipped: torch.Tensor, consecutive: torch.Tensor) -> bool:
+    """Whether `skipped` and `consecutive` are the tensors `_finite_run` last found False and 0,
+    not written since."""
+    clean = _CLEAN
+    return (
+        skipped is clean[0]
+        and consecutive is clean[2]
+        and skipped._version == clean[1]
+        and consecutive._version == clean[3]
+    )
 
 
 def _finite_on_host(norm: torch.Tensor) -> bool:
@@ -974,7 +993,9 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         ):
             return None
         rate, skip = metric_reader(state.inner, "lr"), metric_reader(state.inner, "skipped")
-        return _window_runner(run_inner, every, mean, rate, skip)
+        # the gradients (in their parameters' dtypes) are summed as they are, or cast first
+        same = all(x.dtype == s.dtype for x, s in zip(p, state.grad_sum, strict=True))
+        return _window_runner(run_inner, every, mean, rate, skip, same)
 
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
@@ -985,13 +1006,14 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
 
 
 def _window_runner(
-    run_inner: Runner, every: int, mean: bool, lr_of: Any, skipped_of: Any
+    run_inner: Runner, every: int, mean: bool, lr_of: Any, skipped_of: Any, same: bool
 ) -> Runner:
     """The `Runner` of `accumulate` around a planned inner update: `accumulate`'s ``update_fn``
     with the inner runner in place of its update, op for op.
 
     `lr_of` and `skipped_of` read the inner state's rate and skip flag (`metric_reader`), which a
-    micro-step between window ends reports as they are.
+    micro-step between window ends reports as they are; `same`: whether the gradients have their
+    sums' dtypes (else each is cast to its sum's).
     """
     start = 0.0 if mean else -0.0
 
@@ -1008,7 +1030,6 @@ def _window_runner(
             return selected(
                 ran, keep, params, state, lambda kept: lr_of(kept.inner) if lr_of else None
             )
-        same = all(x.dtype == s.dtype for x, s in zip(grads, state.grad_sum, strict=True))
         addends = grads if same else [x.to(s.dtype) for x, s in zip(grads, state.grad_sum)]
         # the micro-step where reading it waits for nothing (a CPU tensor), else None
         at = host_number(state.micro_step)
@@ -1022,20 +1043,24 @@ def _window_runner(
             ends = flag_value(last)  # None where it cannot be read without a sync
         else:  # known on the host: no tensor to compare (`last` is read only where it is not)
             last, ends = None, at == every - 1
-        between = global_norm(sums) if every > 1 and ends is not True else None
+        between = plain_norm(sums) if every > 1 and ends is not True else None
         if between is not None and mean:
             between = between / every
         if ends is False:  # the window goes on: the inner update would be a no-op
-            unmoved, inner_state = _unmoved(params, state.inner, write)
+            if write:  # the parameters and the inner state as they are (`_unmoved`)
+                unmoved, inner_state = list(params), state.inner
+            else:
+                moved, inner_state = _unmoved(params, state.inner, write)
+                unmoved = list(moved.values)
             lr = lr_of(inner_state) if lr_of is not None else None
             # no update, no skip: known on the host
             new_state = AccumulateState(inner_state, state.micro_step + 1, tuple(sums))
-            return Ran(list(unmoved.values), new_state, lr, None, None, between, False)
+            return Ran(unmoved, new_state, lr, None, None, between, False)
         # the runner below reads the sums before they restart: they need no copy of their own
         # where it runs ungated (a gated one may write them where the window goes on: clipping)
         whole = same and not mean and (ends or not write)
         handed = sums if whole else _handed(sums, grads, every, mean, write)
-        measured = global_norm(handed)
+        measured = plain_norm(handed)
         ran = run_inner(handed, params, state.inner, measured, write, None if ends else last)
         if ran.norm is not None:  # an inner accumulate's
             measured = ran.norm

@@ -587,3 +587,35 @@ def test_a_deep_copy_of_a_state_at_rest_in_eval_mode_switches_its_own_module() -
     assert_trees_equal(got.tree(), expected.tree())
     assert not any(m.training for m in state.module.modules())
     assert not any(m.training for m in copied.module.modules())
+
+
+def test_an_applied_steps_skip_flag_written_by_the_caller_is_not_the_next_steps() -> None:
+    # applied steps share one zero flag while nothing writes it: a caller's write in place
+    # leaves the next step's flag a zero of its own
+    state, _ = train(make_mlp, OPTIMIZERS["adamw"], batches(2), planned=True)
+    assert planned(state)
+    state, first = ft.train_step(state, batches(1)[0], donate=True)
+    first["skipped"].add_(1.0)
+    state, second = ft.train_step(state, batches(1)[0], donate=True)
+    assert second["skipped"].item() == 0.0 and first["skipped"].item() == 1.0
+    state, third = ft.train_step(state, batches(1)[0], donate=True)
+    assert third["skipped"].item() == 0.0
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_skip_flag_written_in_place_after_a_finite_step_is_reset_by_the_next(
+    donate: bool,
+) -> None:
+    # a finite step hands on the skip flag and run of skips it found False and 0 unread when
+    # they are the same tensors, unwritten: written in place, they are read and reset
+    reference, _ = train(make_mlp, OPTIMIZERS["adamw"], batches(4), planned=True, donate=donate)
+    state, _ = train(make_mlp, OPTIMIZERS["adamw"], batches(3), planned=True, donate=donate)
+    assert planned(state)
+    guard = state.opt_state
+    with torch.no_grad():
+        guard.skipped.fill_(True)
+        guard.consecutive.fill_(2)
+    state, metrics = ft.train_step(state, batches(4)[3], donate=donate)
+    assert not state.opt_state.skipped.item() and state.opt_state.consecutive.item() == 0
+    assert metrics["skipped"].item() == 0.0
+    assert_trees_equal(reference.params, state.params, "params")
