@@ -392,7 +392,7 @@ def _is_parameter(module: nn.Module, name: str) -> bool:
 
 
 def bound(
-    module: nn.Module, tensors: dict[str, torch.Tensor]
+    module: nn.Module, tensors: dict[str, torch.Tensor], eager: bool = False
 ) -> contextlib.AbstractContextManager[BoundModel]:
     """`module` holding `tensors` as its parameters and buffers (by name) inside the block.
 
@@ -402,7 +402,7 @@ def bound(
     so does the value of a buffer it rebinds (``self.h = h.detach()``), copied into the tensor
     `tensors` gave it when the block ends without an exception (`carry_rebound`, which refuses a
     rebound parameter, and a buffer rebound to another shape, dtype or device or to a tensor
-    attached to the graph).
+    attached to the graph). `eager`: the caller knows it is not compiling (not asked again).
 
     Example:
         >>> lin = torch.nn.Linear(2, 1)
@@ -413,7 +413,7 @@ def bound(
         >>> out.item(), weight is tensors["weight"], lin.weight is tensors["weight"]
         (2.0, True, False)
     """
-    if torch.compiler.is_compiling():
+    if not eager and torch.compiler.is_compiling():
         return _reparametrized(module, tensors)
     plan = _plans.get(module)
     if plan is None:

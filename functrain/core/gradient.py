@@ -257,6 +257,7 @@ def backward(
     buffers: dict[str, torch.Tensor],
     scale: torch.Tensor | None,
     known: Decided,
+    eager: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """`gradients` of an ordinary state's eager step: the loss function on `leaves`, its backward.
 
@@ -264,6 +265,7 @@ def backward(
     loss function runs with the module bound to `leaves` (the parameters as fresh leaves, in the
     state's order), the frozen weights and `buffers` (copies the forward may write), and the
     backward runs while the module still holds them (checkpointed blocks run again in it).
+    `eager`: the caller knows the step is neither compiled nor traced (`call_loss`'s).
 
     Returns:
         The gradients (`completed`), the loss and the loss function's metrics, detached.
@@ -277,6 +279,7 @@ def backward(
         {**dict(zip(names, leaves)), **state.frozen, **buffers},
         batch,
         watch={**state.params, **state.frozen} if state.frozen else state.params,
+        eager=eager,
         then=lambda loss, aux: (
             loss.detach(),
             {k: v.detach() for k, v in aux.items()} if aux else aux,

@@ -10,7 +10,6 @@ body and its planned form, the compiled body and a stacked state's body under vm
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import operator
 import os
@@ -146,6 +145,7 @@ def call_loss(
     *,
     then: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any] | None = None,
     watch: Mapping[str, torch.Tensor] | None = None,
+    eager: bool = False,
 ) -> Any:
     """``state.loss_fn`` (or `eval_fn`) on a `BoundModel` of `tensors` (autocast for bf16/fp16).
 
@@ -158,7 +158,8 @@ def call_loss(
     `_WriteGuard`, so that a forward writing them (a MoCo or BYOL teacher updated in forward, in
     place or through ``.data =``) is refused before the state given is written; once a forward
     wrote none, later calls run bare and check after the forward, as every call of any other
-    structure does.
+    structure does. `eager`: the caller knows the call is neither compiled nor traced (the step
+    program's), which is then not asked.
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
@@ -172,7 +173,7 @@ def call_loss(
     # a sharded state's weights are gathered and rebound on use, a compiled step's have no storage
     # to ask: only their version counters say whether the forward wrote them
     sharded = state.dist is not None and state.dist.sharding is not None
-    storage = not sharded and not torch.compiler.is_compiling()
+    storage = not sharded and (eager or not torch.compiler.is_compiling())
     versions = _marks(watch, storage) if watch else None
     # a frozen teacher (MoCo, BYOL) is what forwards write: the guard runs for a state with frozen
     # weights (its dispatch mode imports torch._dynamo, a second's import a plain model is
@@ -185,17 +186,16 @@ def call_loss(
         and not getattr(state.module, _WATCHED, False)
         and not _tracing()
     )
-    # kept apart from the context entered: dynamo (torch 2.11) cannot take isinstance() of a
-    # nullcontext, and a graph break here would leave torch.func.grad's frame to run eagerly
+    # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
+    # isinstance() of one, and a graph break here would leave torch.func.grad's frame eager)
     guard = _WriteGuard(watch, name) if first and watch else None
-    with bound(state.module, tensors) as model:
+    with bound(state.module, tensors, eager) as model:
         try:
-            with contextlib.nullcontext() if guard is None else guard:
-                if dtype is None:
-                    out = fn(model, batch)
-                else:
-                    with torch.autocast(state.device.type, dtype=dtype):
-                        out = fn(model, batch)
+            if guard is None:
+                out = _forward(fn, model, batch, dtype, state)
+            else:
+                with guard:
+                    out = _forward(fn, model, batch, dtype, state)
         except (FunctrainError, torch.cuda.OutOfMemoryError):
             raise  # out of memory is no fault of the batch's structure: as torch raises it
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
@@ -212,6 +212,14 @@ def call_loss(
                 _raise_written(watch, versions, name, storage)
         loss, aux = split_loss(out, name)
         return (loss, aux) if then is None else then(loss, aux)
+
+
+def _forward(fn: Any, model: Any, batch: Any, dtype: torch.dtype | None, state: StepState) -> Any:
+    """``fn(model, batch)``, under autocast to `dtype` where it is one."""
+    if dtype is None:
+        return fn(model, batch)
+    with torch.autocast(state.device.type, dtype=dtype):
+        return fn(model, batch)
 
 
 # the attribute that marks a structure whose forward wrote none of the state's tensors on its first

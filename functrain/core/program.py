@@ -63,6 +63,7 @@ from functrain.layout import in_layouts_of
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
+    averaging_of,
     group_rates,
     planner_of,
     update_reporting,
@@ -101,6 +102,7 @@ class StepProgram:
         "rates",
         "modules",
         "averages",
+        "averaging",
         "zero",
     )
 
@@ -134,6 +136,8 @@ class StepProgram:
         # the module's mode switched by its flags where nn.Module's own `train` would set them
         self.modules = plain_modules(state.module)
         self.averages = state.ema_state is not None and state.averager is not None  # an EMA
+        # its update where every average moves (an EMA of the parameters alone), else None
+        self.averaging = averaging_of(state.averager) if self.averages else None
         self.zero: torch.Tensor | None = None  # the skip flag of an applied step (`_unskipped`)
 
     def __copy__(self) -> StepProgram:
@@ -178,6 +182,7 @@ class StepProgram:
             buffers,
             scale,
             self.known,
+            eager=True,
         )
 
     def _with_body(
@@ -216,7 +221,8 @@ class StepProgram:
         updated = False
         try:
             params = list(state.params.values())
-            buffers = {k: b.clone() for k, b in state.buffers.items()}
+            # the forward writes running statistics into the buffers: copies, never the state's
+            buffers = {k: b.clone() for k, b in state.buffers.items()} if state.buffers else {}
             grads, loss, aux = self._backward(state, batch, buffers, None)
             if list(map(_STRIDE, grads)) != self.strides:
                 grads = in_layouts_of(grads, params)
@@ -269,7 +275,7 @@ class StepProgram:
                 "params": params,
                 "buffers": buffers,
                 "opt_state": ran.state,
-                "ema_state": self._averaged(state, params, buffers, applied, donate)
+                "ema_state": self._averaged(state, ran.params, params, buffers, applied, donate)
                 if self.averages
                 else None,
                 "skipped": state.skipped + skipped if skipped is not None else state.skipped,
@@ -281,7 +287,8 @@ class StepProgram:
         if donate:
             state.retire(DONATED)
         assert norm is not None  # the step's, or its window's (`Ran.norm`)
-        return new, self._metrics(loss.detach(), norm, ran.lr, skipped, ran.flag, aux, ran.state)
+        # (the loss is detached already: `functrain.core.gradient.backward`)
+        return new, self._metrics(loss, norm, ran.lr, skipped, ran.flag, aux, ran.state)
 
     def _update(
         self,
@@ -330,13 +337,18 @@ class StepProgram:
     def _averaged(
         self,
         state: TrainState,
+        new: list[torch.Tensor],
         params: dict[str, torch.Tensor],
         buffers: dict[str, torch.Tensor],
         applied: torch.Tensor | None,
         donate: bool,
     ) -> Any:
         """The EMA (or equal average) after the update, moved only where it was `applied`: the
-        body's (`functrain.core.body.averaged`), with the donated step's permission."""
+        body's (`functrain.core.body.averaged`), with the donated step's permission; where the
+        update applied (`applied` None), the average's own update of the `new` parameters
+        (`functrain.optim.base.averaging_of`), without its general call."""
+        if applied is None and self.averaging is not None:
+            return self.averaging(new, state.ema_state, donate)
         extras = self.in_place if donate else NO_EXTRAS
         return averaged(state, params, buffers, applied, extras)
 

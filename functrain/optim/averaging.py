@@ -225,7 +225,14 @@ def ema(
         new = EmaState(count, tuple(average[:n]), tuple(average[n:]))
         return (tree_unflatten(average[:n], spec), tree_unflatten(average[n:], buffer_spec)), new
 
-    return Transform(init_fn, ExtrasUpdate(update_fn, members=True), gated=True)
+    def averaging(given: list[torch.Tensor], state: EmaState, write: bool) -> EmaState:
+        # `update_fn` of the parameters alone with no `keep` (every average moves), on a list
+        if write:
+            return EmaState(state.count + 1, tuple(moved_(list(state.average), given, state.count)))
+        return EmaState(state.count + 1, tuple(moved(list(state.average), given, state.count)))
+
+    update = ExtrasUpdate(update_fn, members=True, averaging=None if buffers else averaging)
+    return Transform(init_fn, update, gated=True)
 
 
 def ema_problems(

@@ -346,6 +346,10 @@ class ExtrasUpdate:
       (`Extras.rate_scales`), so that its updates need no scaling after it (the fused kernels).
     - `rates`: the learning rates of its parameter groups, by metric name (``lr/<group>``), read
       from its state: `partition`'s, and a wrapper's of the transforms inside it (`group_rates`).
+    - `averaging`: an average's update (`functrain.optim.averaging.ema`'s) where every average
+      moves, on the new values as a list, in an eager step: ``(values, state, write) -> state``,
+      written into the state's averages with `write`; `fn`'s bits with no ``keep=``. The step
+      program calls it where the step's update applied (`averaging_of`).
 
     Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
     call `fn` themselves (one Python call fewer).
@@ -379,6 +383,7 @@ class ExtrasUpdate:
         scales_by: Callable[[Any], torch.Tensor] | None = None,
         folds_scales: bool = False,
         rates: Callable[[Any], dict[str, torch.Tensor]] | None = None,
+        averaging: Callable[[list[torch.Tensor], Any, bool], Any] | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigError(
@@ -395,6 +400,7 @@ class ExtrasUpdate:
         self.scales_by = scales_by
         self.folds_scales = folds_scales
         self.rates = rates
+        self.averaging = averaging
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _DECLARED and name in self.__dict__:
@@ -434,6 +440,7 @@ _DECLARED = (
     "scales_by",
     "folds_scales",
     "rates",
+    "averaging",
 )
 
 
@@ -516,6 +523,20 @@ def planner_of(tx: object) -> Planner | None:
     """
     update = getattr(tx, "update", None)
     return update.plan if isinstance(update, ExtrasUpdate) else None
+
+
+def averaging_of(tx: object) -> Callable[[list[torch.Tensor], Any, bool], Any] | None:
+    """The update of an average where every average moves (`ExtrasUpdate.averaging`), or None.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.ema(0.5)
+        >>> s = tx.init({"w": torch.zeros(1)})
+        >>> averaging_of(tx)([torch.ones(1)], s, False).average
+        (tensor([0.5000]),)
+    """
+    update = getattr(tx, "update", None)
+    return update.averaging if isinstance(update, ExtrasUpdate) else None
 
 
 def gated_update(tx: Transform) -> GatedUpdateFn:

@@ -103,6 +103,7 @@ def chained(preludes: list[Any], last: Runner) -> Runner:
     """The `Runner` of ``chain(*transforms)``: each prelude's updates handed to the next, then to
     the last transform's runner, the states gathered in a tuple as `functrain.chain` keeps them.
     """
+    count = len(preludes)
 
     def run(
         grads: list[torch.Tensor],
@@ -112,13 +113,14 @@ def chained(preludes: list[Any], last: Runner) -> Runner:
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        states = []
+        states: list[Any] = [None] * count
         assert norm is not None or not preludes  # (clipping reads the step's norm)
-        for prelude, inner in zip(preludes, state):
-            grads, inner = prelude.run(grads, inner, norm, write, keep)
-            states.append(inner)
+        for i, (prelude, inner) in enumerate(zip(preludes, state)):
+            grads, states[i] = prelude.run(grads, inner, norm, write, keep)
         ran = last(grads, params, state[-1], norm, write, keep)
-        return ran._replace(state=(*states, ran.state))
+        return Ran(
+            ran.params, (*states, ran.state), ran.lr, ran.skipped, ran.flag, ran.norm, ran.ended
+        )
 
     return run
 

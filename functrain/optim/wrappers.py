@@ -49,7 +49,7 @@ from functrain.optim.rules.sparse import (
     with_sparse_twin,
 )
 from functrain.optim.updates import NewParams, ParamStep, apply_updates, as_tensors, flat_updates
-from functrain.optim.zeros import counter, is_shared, light_copy, writable, zeros_like
+from functrain.optim.zeros import counter, is_shared, light_copy, writable, writables, zeros_like
 from functrain.tree import (
     LOCAL_NORMS,
     Norms,
@@ -530,7 +530,7 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
             states.append(ran.state)
             first = ran if first is None else first
         assert first is not None  # (a partition has a group)
-        return first._replace(params=new, state=PartitionState(tuple(states)))
+        return Ran(new, PartitionState(tuple(states)), first.lr, first.skipped, first.flag)
 
     return run
 
@@ -935,7 +935,7 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         in_place = extras.may_write()
         addends = [x.to(s.dtype) for x, s in zip(u, state.grad_sum, strict=True)]
         sums = (
-            [writable(s, x) for s, x in zip(state.grad_sum, addends, strict=True)]
+            writables(state.grad_sum, addends)
             if in_place
             else list(torch._foreach_add(state.grad_sum, addends))
         )
@@ -1067,7 +1067,7 @@ def _window_runner(
         if ends:
             sums = _restart(sums, write, start)
             new_state = AccumulateState(ran.state, torch.zeros_like(state.micro_step), tuple(sums))
-            return ran._replace(state=new_state, norm=measured, ended=True)
+            return Ran(ran.params, new_state, ran.lr, ran.skipped, ran.flag, measured, True)
         assert last is not None  # (the end unknown on the host: `at` unread)
         sums = _restarted(sums, last, ends, write, start)
         window_norm = measured if between is None else torch.where(last, measured, between)

@@ -17,6 +17,10 @@ order, so the two must share one layout (`functrain.layout`).
 
 from __future__ import annotations
 
+import itertools
+import operator
+from collections.abc import Sequence
+
 import torch
 
 from functrain.layout import obeys_layout
@@ -28,6 +32,7 @@ __all__ = [
     "constant_like",
     "is_shared",
     "writable",
+    "writables",
     "owned_copy",
     "laid_out_like",
     "light_copy",
@@ -89,6 +94,28 @@ def writable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         (True, True)
     """
     return laid_out_like(t, like) if is_shared(t) or not obeys_layout(t, like) else t
+
+
+def writables(tensors: Sequence[torch.Tensor], likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`writable` of each tensor and its like, with one check where all are laid out as their likes
+    with no stride 0 (a state a step wrote before: each is then its own, unchanged).
+
+    Example:
+        >>> w = [torch.ones(2, 3), torch.ones(3)]
+        >>> m = [torch.zeros(2, 3), zeros_like(w[1])]  # the second without storage of its own
+        >>> [a is b for a, b in zip(writables(m, w), m)]
+        [True, False]
+    """
+    strides = list(map(_STRIDE, tensors))
+    # (by map: no Python frame per tensor) equal strides obey the layout; no 0: none is shared
+    if strides == list(map(_STRIDE, likes)) and not any(
+        map(operator.contains, strides, itertools.repeat(0))
+    ):
+        return list(tensors)
+    return [writable(t, like) for t, like in zip(tensors, likes, strict=True)]
+
+
+_STRIDE = torch.Tensor.stride
 
 
 def owned_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,7 @@ PLANNED_OPTIONS = {
     "ema": {"ema_decay": 0.9},
     "ema_warmup": {"ema_decay": 0.9, "ema_warmup": True},
     "ema_torch": {"ema_decay": 0.9, "ema_convention": "torch", "ema_buffers": True},
+    "ema_torch_params": {"ema_decay": 0.9, "ema_convention": "torch"},
     "ema_timm": {"ema_decay": 0.9, "ema_convention": "timm", "ema_update_after_step": 2},
     "swa": {"swa_start": 2},
     "ema_clip_nonfinite_none": {"ema_decay": 0.9, "clip_grad_norm": 0.5, "nonfinite": "none"},

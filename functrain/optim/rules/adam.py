@@ -49,7 +49,7 @@ from functrain.optim.rules.learning_rate import (
     rate_at,
 )
 from functrain.optim.updates import NewParams, Ratio, RectifiedRatio, flat_updates
-from functrain.optim.zeros import counter, writable, zeros
+from functrain.optim.zeros import counter, writables, zeros
 from functrain.tree import (
     Tree,
     tree_leaves,
@@ -99,7 +99,7 @@ def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> Non
 def own_storage(state: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """A donated step's moments to write into: the state's own, or copies of those without
     storage of their own (a fresh state's zeros) laid out as the gradients."""
-    return [writable(s, x) for s, x in zip(state, like, strict=True)]
+    return writables(state, like)
 
 
 class ScaleByAdamState(NamedTuple):

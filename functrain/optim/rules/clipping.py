@@ -108,6 +108,8 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         # `update_fn` on the step's own norm, for parameters of one dtype
         if len({p.dtype for p in params.values()}) != 1:
             return None
+        # the coefficient (float32, as the norm) cast to the gradients' dtype where it is another
+        cast = next(iter(params.values())).dtype != torch.float32
 
         def run(
             grads: list[torch.Tensor],
@@ -116,10 +118,12 @@ def clip_by_global_norm(max_norm: float) -> Transform:
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> tuple[list[torch.Tensor], ClipByGlobalNormState]:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            # ``max_norm / (norm + 1e-6)`` as torch computes it (`Tensor.__rdiv__`: the
+            # reciprocal times the number), without its Python wrapper
+            coef = torch.clamp((norm + 1e-6).reciprocal().mul_(max_norm), max=1.0)
             kept = norm if keep is None else torch.where(keep, norm, state.grad_norm)
             if write:
-                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+                torch._foreach_mul_(grads, coef.to(grads[0].dtype) if cast else coef)
                 return grads, ClipByGlobalNormState(kept)
             return _by_dtype_mul(grads, coef), ClipByGlobalNormState(kept)
 

@@ -971,6 +971,9 @@ def _planner(
         ]
         zero, one = _FLAGS_ON.get(p[0].device) or _flags_on(p[0].device)
         device = p[0].device
+        scheduled = callable(lr)
+        # each group's tensor count: the kernel takes one step tensor per parameter
+        sizes = [len(p) if idx is None else len(idx) for idx, _ in groups]
 
         def run(
             grads: list[torch.Tensor],
@@ -983,23 +986,23 @@ def _planner(
             count, given = state.count, buffers_of(state)
             flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
             new_count = count + 1 if keep is None else count + keep
-            if callable(lr):  # as `_begin`: a schedule's tensor goes to the kernel as a tensor
+            if scheduled:  # as `_begin`: a schedule's tensor goes to the kernel as a tensor
                 rate = value_at(lr, count)
                 rate_t = as_float64(rate, device)
                 rate = _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate
             else:
                 rate, rate_t = lr, state.lr
             if write:
-                new_p, new_b = params, [list(xs) for xs in given]
+                new_p, new_b = params, list(map(list, given))
             else:
                 new_p = [x.clone() for x in params]
                 new_b = [[x.clone() for x in xs] for xs in given]
             counts = [new_count.to(torch.float32)] if kernel.steps else []
-            for idx, options in groups:
+            for (idx, options), size in zip(groups, sizes):
                 lists = (new_p, grads, *new_b)
                 if idx is not None:
                     lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
-                steps = [counts * len(lists[0])] if counts else []
+                steps = [counts * size] if counts else []
                 kernel.in_place(*lists, *steps, lr=rate, grad_scale=None, found_inf=flag, **options)
             last = (
                 rate_t

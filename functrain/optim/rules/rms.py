@@ -14,7 +14,7 @@ from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
 from functrain.optim.rates import as_float64
 from functrain.optim.rules.learning_rate import ScaleByLearningRateState, planned_rate
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
-from functrain.optim.zeros import writable, zeros
+from functrain.optim.zeros import writables, zeros
 from functrain.tree import (
     Tree,
     tree_flatten,
@@ -69,10 +69,10 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
         g, spec = flat_updates(updates, params)
         mu: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()
         if writes_in_place(extras):  # a donated step: the averages move in their own storage
-            nu = [writable(n, x) for n, x in zip(state.nu, g, strict=True)]
+            nu = writables(state.nu, g)
             torch._foreach_mul_(nu, alpha)
             if centered:
-                mu = [writable(m, x) for m, x in zip(state.mu, g, strict=True)]
+                mu = writables(state.mu, g)
                 torch._foreach_lerp_(mu, g, 1 - alpha)
         else:
             nu = list(torch._foreach_mul(state.nu, alpha))
@@ -128,7 +128,7 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
         ) -> Ran:
             before, rms, between, rate = state
             if write:
-                nu = [writable(n, x) for n, x in zip(rms.nu, grads, strict=True)]
+                nu = writables(rms.nu, grads)
                 torch._foreach_mul_(nu, alpha)
             else:
                 nu = list(torch._foreach_mul(rms.nu, alpha))
