@@ -971,7 +971,7 @@ def _planner(
         ]
         zero, one = _FLAGS_ON.get(p[0].device) or _flags_on(p[0].device)
         device = p[0].device
-        scheduled = callable(lr)
+        schedule = lr if callable(lr) else None
         # each group's tensor count: the kernel takes one step tensor per parameter
         sizes = [len(p) if idx is None else len(idx) for idx, _ in groups]
 
@@ -986,8 +986,8 @@ def _planner(
             count, given = state.count, buffers_of(state)
             flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
             new_count = count + 1 if keep is None else count + keep
-            if scheduled:  # as `_begin`: a schedule's tensor goes to the kernel as a tensor
-                rate = value_at(lr, count)
+            if schedule is not None:  # as `_begin`: a schedule's tensor goes to the kernel
+                rate = value_at(schedule, count)
                 rate_t = as_float64(rate, device)
                 rate = _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate
             else:
