@@ -73,6 +73,9 @@ and ``small``, the optimizers on every workload (``--optimizer-workloads``); the
 ratios over the targets (`MATRIX_TARGETS`: on mlp512 donated bare <= 1.03, accumulation <= 1.10,
 every other row <= 1.05, pure <= 1.35; on the smaller MLPs donated <= 1.00 for the
 configurations and <= 1.05 for the optimizers, pure <= 1.10) and any row not bit for bit.
+With ``--calls`` the matrix counts instead of timing: the Python calls (`cProfile`, every call it
+records, the forward and the loss included) a donated step of each row makes per (micro-)step,
+its hand-written loop's, and the functrain files the step enters, against the target of 150.
 
 Method: every implementation starts from the same initial weights (its own copy) and steps on the
 same batch. After untimed warm-up steps (which also compile), ``--reps`` timed rounds run every
@@ -124,6 +127,7 @@ Usage:
     python benchmarks/step_overhead.py --matrix --quick --threads 1 --clock cpu
     python benchmarks/step_overhead.py --matrix --workloads mlp512 --configs ema --optimizers ''
     python benchmarks/step_overhead.py --matrix --device cuda --no-memory   # the rows on a GPU
+    python benchmarks/step_overhead.py --matrix --calls --threads 1   # Python calls of every row
     python benchmarks/step_overhead.py --device cuda --workloads small,mlp512,transformer
 
 ``--profile`` prints, for the eager steps (donated, and the default), the host time per phase of a
@@ -1210,6 +1214,57 @@ def run_matrix(
     return missed
 
 
+# the most Python calls a donated step of a matrix row may make (cProfile, the forward and loss
+# included)
+CALLS_TARGET = 150
+
+
+def count_matrix_calls(
+    workloads: list[str],
+    configs: list[str],
+    optimizers: list[str],
+    optimizer_workloads: list[str],
+    steps: int = 40,
+) -> list[str]:
+    """Print the Python calls of each matrix row's donated step and of its hand-written loop
+    (`cProfile`: every call it records, Python functions and builtins, per (micro-)step, after
+    warm-up steps), the functrain files the step enters; return the rows over `CALLS_TARGET`."""
+    import cProfile
+    import pstats
+
+    over = []
+    for w in workloads:
+        module, batch = build(w, CPU)
+        names = configs + (optimizers if w in optimizer_workloads else [])
+        print(f"\nPython calls per (micro-)step, {w} ({steps} steps, cProfile)\n")
+        print("| row | donated step | functrain's | hand-written loop | functrain files entered |")
+        print("|---|---|---|---|---|")
+        for name in names:
+            row = ROWS[name]
+            counted = []
+            for runner in (
+                RowStep(copy.deepcopy(module), batch, row, donate=True),
+                HandLoop(copy.deepcopy(module), batch, row),
+            ):
+                for _ in range(WARMUP[w]):
+                    runner.step()
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(steps):
+                    runner.step()
+                prof.disable()
+                stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+                own = {key: n for key, n in stats.items() if "/functrain/" in key[0]}
+                files = sorted({key[0].split("/functrain/")[-1] for key in own})
+                calls = sum(n[1] for n in stats.values()) / steps
+                counted.append((calls, sum(n[1] for n in own.values()) / steps, files))
+            (calls, mine, files), (hand, _, _) = counted
+            print(f"| {name} | {calls:.0f} | {mine:.0f} | {hand:.0f} | {', '.join(files)} |")
+            if calls > CALLS_TARGET + 0.5:
+                over.append(f"{w}/{name}: {calls:.0f} calls > {CALLS_TARGET}")
+    return over
+
+
 def print_matrix(
     workload: str, results: list[dict], reps: int, block: int, device: torch.device = CPU
 ) -> list[str]:
@@ -1303,6 +1358,12 @@ def main() -> None:
         + ",".join(IMPLS)
         + " (default all; hand, the reference, always runs)",
     )
+    ap.add_argument(
+        "--calls",
+        action="store_true",
+        help=f"with --matrix: instead of timing, the Python calls of each row's donated step and "
+        f"of its hand-written loop (cProfile), against the target of {CALLS_TARGET}",
+    )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument(
@@ -1383,6 +1444,11 @@ def main() -> None:
         f"{_loadavg()}"
     )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
+    if args.matrix and args.calls:
+        over = count_matrix_calls(workloads, configs, optimizers, optimizer_workloads)
+        if over:
+            print("\nRows over the target:\n  " + "\n  ".join(over))
+        return
     if args.matrix:
         missed = run_matrix(
             workloads, configs, optimizers, optimizer_workloads, reps, args.quick, timed, device

@@ -334,6 +334,14 @@ def _last_rate(state: Any) -> torch.Tensor:
     return state[-1].lr
 
 
+def same_by_foreach(params: dict[str, torch.Tensor]) -> bool:
+    """Whether the foreach kernels' product, interpolation and ``addcmul`` of `params` (CPU
+    tensors of one dtype, as `_host_plain` plans) give the single tensors' bits: float32 and
+    float64 (on the CPU each runs the single tensor's kernel; float16's product rounds
+    otherwise)."""
+    return next(iter(params.values())).dtype in (torch.float32, torch.float64)
+
+
 def _host_plain(params: dict[str, torch.Tensor], learning_rate: Any) -> bool:
     """Whether a host-form planner (`adamax_planner`, `radam_planner`, `nadam_planner`) plans
     `params`: real CPU tensors of one dtype, contiguous, and a rate that is not a tensor."""
@@ -414,11 +422,22 @@ def adamax_moments(
     b1: float,
     b2: float,
     eps: float,
+    foreach: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Adamax's new first moments and infinity norms, tensor by tensor as torch's loop: in the
-    state's own storage with `in_place` (a donated step), else in fresh tensors."""
+    state's own storage with `in_place` (a donated step), else in fresh tensors. `foreach`: the
+    tensors' foreach kernels give the single tensors' bits (`same_by_foreach`)."""
     mu, nu_inf = [], []
-    if in_place:  # torch's in-place loop on the state's own storage
+    if in_place and foreach:  # torch's in-place loop on the state's own storage
+        mu, nu_inf, grads = own_storage(state.mu, g), own_storage(state.nu_inf, g), list(g)
+        # the products and interpolations by foreach calls (on the CPU each the single tensors'
+        # kernel, element by element: the same bits); a magnitude at a time, as torch's loop
+        torch._foreach_mul_(nu_inf, b2)
+        for n, grad in zip(nu_inf, grads, strict=True):
+            torch.maximum(n, torch.abs(grad).add_(eps), out=n)
+        torch._foreach_lerp_(mu, grads, 1 - b1)
+        return mu, nu_inf
+    if in_place:  # elsewhere tensor by tensor (a device's foreach kernels are others)
         moments = zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g, strict=True)
         for m, n, grad in moments:
             magnitude = torch.abs(grad).add_(eps)
@@ -449,6 +468,7 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
         if not _host_plain(params, learning_rate):
             return None
         rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
+        foreach = same_by_foreach(params)
 
         def run(
             grads: list[torch.Tensor],
@@ -459,7 +479,7 @@ def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Plan
         ) -> Ran:
             ascent, decay, adamax, rate = state
             count = adamax.count + 1
-            mu, nu_inf = adamax_moments(adamax, grads, write, b1, b2, eps)
+            mu, nu_inf = adamax_moments(adamax, grads, write, b1, b2, eps, foreach)
             n = host_number(count)
             lr_t, lr = rate_of(rate.count)
             assert n is not None and lr is not None  # (CPU tensors of an eager step)
@@ -605,10 +625,24 @@ def nadam_moves(
     b1: float,
     b2: float,
     eps: float,
+    foreach: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """NAdam's moments and its two ``addcdiv`` into `new` (the parameters to move, written in
     place), tensor by tensor as torch's single-tensor loop: the moments in the state's own
-    storage with `in_place` (a donated step), else fresh. Returns the new moments."""
+    storage with `in_place` (a donated step), else fresh. Returns the new moments. `foreach`:
+    the tensors' foreach kernels give the single tensors' bits (`same_by_foreach`)."""
+    if in_place and foreach:
+        mu, nu, grads = own_storage(state.mu, g), own_storage(state.nu, g), list(g)
+        # the moments by foreach calls (on the CPU each the single tensors' kernel, element by
+        # element: the same bits); a denominator at a time, freed before the next, as torch's
+        torch._foreach_lerp_(mu, grads, 1 - b1)
+        torch._foreach_mul_(nu, b2)
+        torch._foreach_addcmul_(nu, grads, grads, value=1 - b2)
+        for m, v, grad, out in zip(mu, nu, grads, new, strict=True):
+            den = divided(v, bc2).sqrt_().add_(eps)
+            addcdiv_(out, grad, den, steps[0])
+            addcdiv_(out, m, den, steps[1])
+        return mu, nu
     mu, nu = [], []
     moments = (
         (own_storage(state.mu, g), own_storage(state.nu, g)) if in_place else (state.mu, state.nu)
@@ -639,6 +673,7 @@ def nadam_planner(
         if not _host_plain(params, learning_rate) or not isinstance(state[-1], NadamStepState):
             return None
         rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
+        foreach = same_by_foreach(params)
 
         def run(
             grads: list[torch.Tensor],
@@ -658,7 +693,7 @@ def nadam_planner(
             assert host is not None  # (CPU tensors of an eager step)
             bc2, mu_product, steps = host
             new = params if write else [p.clone() for p in params]
-            mu, nu = nadam_moves(nadam, grads, new, write, bc2, steps, b1, b2, eps)
+            mu, nu = nadam_moves(nadam, grads, new, write, bc2, steps, b1, b2, eps, foreach)
             moved = NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
             return Ran(new, (*state[:-1], moved), lr, None, None)
 
