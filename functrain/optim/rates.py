@@ -47,6 +47,7 @@ __all__ = [
     "value_at",
     "with_host_form",
     "host_form",
+    "host_rate",
     "host_value",
     "function_name",
     "FINGERPRINT_STEPS",
@@ -110,6 +111,33 @@ def with_host_form(schedule: F, host: Callable[[float], float]) -> F:
 def host_form(schedule: Any) -> Callable[[float], float] | None:
     """A schedule's host form (`with_host_form`), or None."""
     return getattr(schedule, _HOST_FORM, None)
+
+
+def host_rate(
+    schedule: Any, device: torch.device
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, float]] | None:
+    """`value_at` of a schedule with a host form (`with_host_form`) at a planned update's CPU
+    counter, decided once: ``at(count) -> (value as value_at gives it, its Python float)``. None
+    where the schedule has none or the update's tensors are not the CPU's.
+
+    A planned update runs in an eager step alone (never traced, never under vmap), where the
+    counter can always be read without waiting: `value_at`'s tests of that are not asked again.
+
+    Example:
+        >>> import functrain as ft
+        >>> at = host_rate(ft.schedules.cosine_decay(1.0, 10), torch.device("cpu"))
+        >>> at(torch.tensor(5))
+        (tensor(0.5000, dtype=torch.float64), 0.5)
+    """
+    host = getattr(schedule, _HOST_FORM, None) if takes_tensor_steps(schedule) else None
+    if host is None or device.type != "cpu":
+        return None
+
+    def at(count: torch.Tensor) -> tuple[torch.Tensor, float]:
+        value = host(float(count.item()))
+        return torch.full((), value, dtype=torch.float64), value
+
+    return at
 
 
 def _on_host(host: Callable[[float], float], count: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
 from functrain.optim.planned import Ran, Runner
-from functrain.optim.rates import as_float64, value_at
+from functrain.optim.rates import as_float64, host_rate, value_at
 from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import constant_like, counter, laid_out_like, owned_copy, writable, zeros
@@ -972,6 +972,8 @@ def _planner(
         zero, one = _FLAGS_ON.get(p[0].device) or _flags_on(p[0].device)
         device = p[0].device
         schedule = lr if callable(lr) else None
+        # a schedule's host form on the CPU: its value in Python floats, `value_at`'s bits
+        on_host = host_rate(schedule, device) if schedule is not None else None
         # each group's tensor count: the kernel takes one step tensor per parameter
         sizes = [len(p) if idx is None else len(idx) for idx, _ in groups]
 
@@ -986,7 +988,10 @@ def _planner(
             count, given = state.count, buffers_of(state)
             flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
             new_count = count + 1 if keep is None else count + keep
-            if schedule is not None:  # as `_begin`: a schedule's tensor goes to the kernel
+            rate: Any
+            if on_host is not None:  # (a CPU tensor: the kernel reads it as a double)
+                rate = rate_t = on_host(count)[0]
+            elif schedule is not None:  # as `_begin`: a schedule's tensor goes to the kernel
                 rate = value_at(schedule, count)
                 rate_t = as_float64(rate, device)
                 rate = _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate

@@ -25,7 +25,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
-from functrain.optim.rates import as_float64, value_at
+from functrain.optim.rates import as_float64, host_rate, value_at
 from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.updates import Decoupled, ParamStep, Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter
@@ -250,6 +250,9 @@ def planned_rate(
     Python number where that waits for nothing (`host_number`: a CPU tensor in an eager step;
     else None)."""
     if callable(learning_rate):
+        on_host = host_rate(learning_rate, device)
+        if on_host is not None:  # a host form on the CPU: the value and its number at once
+            return on_host
 
         def at(count: torch.Tensor) -> tuple[torch.Tensor, float | None]:
             value = as_float64(value_at(learning_rate, count), count.device)
