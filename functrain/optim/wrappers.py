@@ -700,22 +700,23 @@ def _finite_run(
             skipped = torch.zeros_like(skipped)
         if _on_cpu(consecutive) != 0:
             consecutive = torch.zeros_like(consecutive)
-        _CLEAN[:] = skipped, skipped._version, consecutive, consecutive._version
+        _CLEAN[0] = (skipped, skipped._version, consecutive, consecutive._version)
     new_state = SkipNonfiniteState(
         ran.state, skipped, state.total_skipped, consecutive, state.max_consecutive
     )
     return Ran(ran.params, new_state, ran.lr, None, None, ran.norm, ran.ended)
 
 
-# the last skip flag and run of skips `_finite_run` found False and 0, with their versions: a
-# finite step hands them on as they are, so the next one knows them (unwritten) without a read
-_CLEAN: list[Any] = [None, -1, None, -1]
+# the last skip flag and run of skips `_finite_run` found False and 0, with their versions (one
+# tuple, replaced whole: a reader sees one set): a finite step hands them on as they are, so the
+# next one knows them (unwritten) without a read
+_CLEAN: list[tuple[Any, int, Any, int]] = [(None, -1, None, -1)]
 
 
 def _still_clean(skipped: torch.Tensor, consecutive: torch.Tensor) -> bool:
     """Whether `skipped` and `consecutive` are the tensors `_finite_run` last found False and 0,
     not written since."""
-    clean = _CLEAN
+    clean = _CLEAN[0]
     return (
         skipped is clean[0]
         and consecutive is clean[2]
