@@ -382,7 +382,9 @@ class StepProgram:
             seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
             self.lr_seen = (lr, seen_f)
         if flag is None:
-            flag = skipped.float() if skipped is not None else self._unskipped(loss.device)
+            flag = skipped.float() if skipped is not None else self.zero
+            if flag is None or flag._version or flag.device != loss.device:
+                flag = self._unskipped(loss.device)
         return {
             "loss": loss if loss.dtype == torch.float32 else loss.float(),
             "grad_norm": norm,
@@ -393,11 +395,10 @@ class StepProgram:
         }
 
     def _unskipped(self, device: torch.device) -> torch.Tensor:
-        """The skip flag of a step that applied its update: a float32 zero on `device`, one
-        tensor for every such step while nothing writes it (a write makes a fresh one)."""
-        zero = self.zero
-        if zero is None or zero._version or zero.device != device:
-            zero = self.zero = torch.zeros((), device=device)
+        """A fresh skip flag of a step that applied its update, a float32 zero on `device`:
+        `_metrics` hands it to every such step while nothing writes it (a write, or another
+        device, makes a fresh one)."""
+        zero = self.zero = torch.zeros((), device=device)
         return zero
 
 
