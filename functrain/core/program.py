@@ -103,7 +103,6 @@ class StepProgram:
         "modules",
         "averages",
         "averaging",
-        "zero",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
@@ -138,7 +137,6 @@ class StepProgram:
         self.averages = state.ema_state is not None and state.averager is not None  # an EMA
         # its update where every average moves (an EMA of the parameters alone), else None
         self.averaging = averaging_of(state.averager) if self.averages else None
-        self.zero: torch.Tensor | None = None  # the skip flag of an applied step (`_unskipped`)
 
     def __copy__(self) -> StepProgram:
         return self
@@ -382,9 +380,7 @@ class StepProgram:
             seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
             self.lr_seen = (lr, seen_f)
         if flag is None:
-            flag = skipped.float() if skipped is not None else self.zero
-            if flag is None or flag._version or flag.device != loss.device:
-                flag = self._unskipped(loss.device)
+            flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
         return {
             "loss": loss if loss.dtype == torch.float32 else loss.float(),
             "grad_norm": norm,
@@ -393,13 +389,6 @@ class StepProgram:
             "skipped": flag,
             **aux,
         }
-
-    def _unskipped(self, device: torch.device) -> torch.Tensor:
-        """A fresh skip flag of a step that applied its update, a float32 zero on `device`:
-        `_metrics` hands it to every such step while nothing writes it (a write, or another
-        device, makes a fresh one)."""
-        zero = self.zero = torch.zeros((), device=device)
-        return zero
 
 
 def program_for(state: TrainState) -> StepProgram | None:

@@ -135,14 +135,14 @@ def host_rate(
 
     def at(count: torch.Tensor) -> tuple[torch.Tensor, float]:
         value = host(float(count.item()))
-        return torch.full((), value, dtype=torch.float64), value
+        return torch.full((), value, dtype=torch.float64, device=count.device), value
 
     return at
 
 
 def _on_host(host: Callable[[float], float], count: torch.Tensor) -> torch.Tensor:
     """A host form's value at a CPU counter read where it lies (no wait: an eager CPU step)."""
-    return torch.full((), host(float(count.item())), dtype=torch.float64)
+    return torch.full((), host(float(count.item())), dtype=torch.float64, device=count.device)
 
 
 def _readable(count: torch.Tensor) -> bool:

@@ -695,28 +695,14 @@ def _finite_run(
     """
     ran = run_inner(grads, params, state.inner, norm, write, None)
     skipped, consecutive = state.skipped, state.consecutive
-    clean = _CLEAN[0]  # the tensors last found so, unwritten since: no read
-    if not (
-        skipped is clean[0]
-        and consecutive is clean[2]
-        and skipped._version == clean[1]
-        and consecutive._version == clean[3]
-    ):
-        if _on_cpu(skipped) is not False:
-            skipped = torch.zeros_like(skipped)
-        if _on_cpu(consecutive) != 0:
-            consecutive = torch.zeros_like(consecutive)
-        _CLEAN[0] = (skipped, skipped._version, consecutive, consecutive._version)
+    if _on_cpu(skipped) is not False:
+        skipped = torch.zeros_like(skipped)
+    if _on_cpu(consecutive) != 0:
+        consecutive = torch.zeros_like(consecutive)
     new_state = SkipNonfiniteState(
         ran.state, skipped, state.total_skipped, consecutive, state.max_consecutive
     )
     return Ran(ran.params, new_state, ran.lr, None, None, ran.norm, ran.ended)
-
-
-# the last skip flag and run of skips `_finite_run` found False and 0, with their versions (one
-# tuple, replaced whole: a reader sees one set): a finite step hands them on as they are, so the
-# next one knows them (the same tensors, unwritten) without a read
-_CLEAN: list[tuple[Any, int, Any, int]] = [(None, -1, None, -1)]
 
 
 def _finite_on_host(norm: torch.Tensor) -> bool:

@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import functrain as ft
-from functrain.optim import averaging, presets, updates, wrappers
+from functrain.optim import averaging, presets, rates, updates, wrappers
 from functrain.optim.base import flag_value
 from functrain.optim.rates import value_at
 from functrain.optim.rules import arithmetic, asgd, fused
@@ -56,6 +56,7 @@ CPU_READS = frozenset(
     {
         "functrain.optim.base.flag_value",  # a skip flag or window end: the branch it selects
         "functrain.optim.rates._on_host",  # a schedule's host form: its value in Python floats
+        "functrain.optim.rates.host_rate.at",  # the same in a planned update (made for the CPU)
         "functrain.optim.wrappers._check_limit_now",  # max_consecutive_nonfinite, raised at once
         "functrain.optim.wrappers._on_cpu",  # a runner's norm, skip flag and run of skips
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
@@ -211,6 +212,7 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         assert arithmetic.host_number(count) is None
         rate = value_at(S.warmup_cosine(1e-3, warmup_steps=2, decay_steps=9), count.long())
         assert rate.device == meta  # the tensor form: the counter is not read
+        assert rates.host_rate(S.warmup_cosine(1e-3, warmup_steps=2, decay_steps=9), meta) is None
         asgd._add_scaled_all_(out, out, count)
         arithmetic.add_scaled_(out[0], out[0], count)
         arithmetic.addcdiv_(out[0], out[0], out[0], count)

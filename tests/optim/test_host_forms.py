@@ -13,6 +13,7 @@ import torch
 
 import functrain as ft
 from functrain.optim.base import planner_of
+from functrain.optim.rates import host_rate
 from functrain.optim.rules import adam
 
 S = ft.schedules
@@ -169,3 +170,14 @@ def test_a_schedule_without_a_host_form_keeps_its_tensor_form() -> None:
     assert host_form(S.cosine_decay(0.1, decay_steps=10, exponent=2.0)) is None
     assert host_form(S.join([S.constant(0.1), S.cosine_decay(0.1, 5, exponent=3.0)], [5])) is None
     assert host_form(S.tensor_steps(lambda t: 0.1 * 0.5 ** t.double())) is None
+
+
+def test_a_planned_host_rate_lies_on_its_counters_device_whatever_the_default_device() -> None:
+    # a planned update's rate is made where its counter lies, not on torch's default device
+    at = host_rate(ft.schedules.linear(1.0, 0.0, 10), torch.device("cpu"))
+    assert at is not None
+    count = torch.tensor(5)
+    with torch.device("meta"):
+        value, number = at(count)
+    assert value.device.type == "cpu" and value.dtype == torch.float64
+    assert value.item() == number == 0.5
