@@ -662,30 +662,36 @@ def count_calls(workload: str, steps: int = 20, device: torch.device = CPU) -> N
     functions and builtins), those whose code is in a file of the functrain package, and the
     distinct functrain files they are in. The hand-written fused loop is counted the same way.
     """
-    import cProfile
-    import pstats
-
     module, batch = build(workload, device)
     print(f"\nPython calls per step, {workload} ({steps} steps, cProfile)\n")
     print("| implementation | calls | functrain's | functrain files |")
     print("|---|---|---|---|")
     for impl in ("eager_donate", "hand_fused"):
         runner = make(impl, copy.deepcopy(module), batch)
-        for _ in range(WARMUP[workload]):
-            runner.step()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(steps):
-            runner.step()
-        prof.disable()
-        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-        own = {key: row for key, row in stats.items() if "/functrain/" in key[0]}
-        files = sorted({key[0].split("/functrain/")[-1] for key in own})
-        calls = sum(row[1] for row in stats.values()) / steps
-        mine = sum(row[1] for row in own.values()) / steps
+        calls, mine, files = _calls(runner, WARMUP[workload], steps)
         print(f"| {LABELS[impl]} | {calls:.0f} | {mine:.0f} | {len(files)} |")
         if files:
             print(f"\nfunctrain files entered: {', '.join(files)}")
+
+
+def _calls(runner: Any, warmup: int, steps: int) -> tuple[float, float, list[str]]:
+    """`runner`'s calls per step over `steps` steps after `warmup` (every call cProfile records),
+    those in a file of the functrain package, and those files."""
+    import cProfile
+    import pstats
+
+    for _ in range(warmup):
+        runner.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        runner.step()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    own = {key: row for key, row in stats.items() if "/functrain/" in key[0]}
+    files = sorted({key[0].split("/functrain/")[-1] for key in own})
+    calls = sum(row[1] for row in stats.values()) / steps
+    return calls, sum(row[1] for row in own.values()) / steps, files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1229,9 +1235,6 @@ def count_matrix_calls(
     """Print the Python calls of each matrix row's donated step and of its hand-written loop
     (`cProfile`: every call it records, Python functions and builtins, per (micro-)step, after
     warm-up steps), the functrain files the step enters; return the rows over `CALLS_TARGET`."""
-    import cProfile
-    import pstats
-
     over = []
     for w in workloads:
         module, batch = build(w, CPU)
@@ -1241,24 +1244,9 @@ def count_matrix_calls(
         print("|---|---|---|---|---|")
         for name in names:
             row = ROWS[name]
-            counted = []
-            for runner in (
-                RowStep(copy.deepcopy(module), batch, row, donate=True),
-                HandLoop(copy.deepcopy(module), batch, row),
-            ):
-                for _ in range(WARMUP[w]):
-                    runner.step()
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(steps):
-                    runner.step()
-                prof.disable()
-                stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-                own = {key: n for key, n in stats.items() if "/functrain/" in key[0]}
-                files = sorted({key[0].split("/functrain/")[-1] for key in own})
-                calls = sum(n[1] for n in stats.values()) / steps
-                counted.append((calls, sum(n[1] for n in own.values()) / steps, files))
-            (calls, mine, files), (hand, _, _) = counted
+            step = RowStep(copy.deepcopy(module), batch, row, donate=True)
+            calls, mine, files = _calls(step, WARMUP[w], steps)
+            hand = _calls(HandLoop(copy.deepcopy(module), batch, row), WARMUP[w], steps)[0]
             print(f"| {name} | {calls:.0f} | {mine:.0f} | {hand:.0f} | {', '.join(files)} |")
             if calls > CALLS_TARGET + 0.5:
                 over.append(f"{w}/{name}: {calls:.0f} calls > {CALLS_TARGET}")

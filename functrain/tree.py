@@ -239,19 +239,20 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     return torch.linalg.vector_norm(torch.stack([n.float() for n in found]))
 
 
-def plain_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def plain_norm(tensors: list[torch.Tensor], float32: bool = False) -> torch.Tensor:
     """`global_norm` of dense tensors in an eager step on one rank: ``_foreach_norm``, then the
     norm of the stacked norms in float32 (as ``torch.nn.utils.clip_grad_norm_`` takes it).
+    `float32`: the caller knows every tensor is float32 (their norms are stacked unasked).
 
     Example:
         >>> plain_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
-    found = torch._foreach_norm(tensors)
-    # `.float()` of a float32 tensor is a dispatch that returns it: skipped, one per leaf and step
-    return torch.linalg.vector_norm(
-        torch.stack([n if n.dtype == torch.float32 else n.float() for n in found])
-    )
+    found: tuple[torch.Tensor, ...] | list[torch.Tensor] = torch._foreach_norm(tensors)
+    if not float32:
+        # `.float()` of a float32 tensor is a dispatch that returns it: skipped where it is one
+        found = [n if n.dtype == torch.float32 else n.float() for n in found]
+    return torch.linalg.vector_norm(torch.stack(found))
 
 
 def _per_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -72,7 +72,7 @@ from functrain.optim.metrics import metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
-from functrain.tree import LOCAL_NORMS, global_norm, tree_leaves
+from functrain.tree import LOCAL_NORMS, global_norm, plain_norm, tree_leaves
 
 __all__ = ["DONATED", "StepProgram", "program_for"]
 
@@ -352,10 +352,7 @@ class StepProgram:
 
     def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The gradients' global norm: `functrain.tree.global_norm`, the body's, by the same ops."""
-        found = torch._foreach_norm(grads)
-        return torch.linalg.vector_norm(
-            torch.stack(found if self.fp32 else [n.float() for n in found])
-        )
+        return plain_norm(grads, self.fp32)
 
     def _finite(
         self, buffers: dict[str, torch.Tensor], old: dict[str, torch.Tensor]

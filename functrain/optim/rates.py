@@ -132,17 +132,19 @@ def host_rate(
     host = getattr(schedule, _HOST_FORM, None) if takes_tensor_steps(schedule) else None
     if host is None or device.type != "cpu":
         return None
-
-    def at(count: torch.Tensor) -> tuple[torch.Tensor, float]:
-        value = host(float(count.item()))
-        return torch.full((), value, dtype=torch.float64, device=count.device), value
-
-    return at
+    return functools.partial(_host_pair, host)
 
 
 def _on_host(host: Callable[[float], float], count: torch.Tensor) -> torch.Tensor:
     """A host form's value at a CPU counter read where it lies (no wait: an eager CPU step)."""
-    return torch.full((), host(float(count.item())), dtype=torch.float64, device=count.device)
+    return _host_pair(host, count)[0]
+
+
+def _host_pair(host: Callable[[float], float], count: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A host form's value at a CPU counter: as a float64 tensor on the counter's device, and as
+    the Python float it is."""
+    value = host(float(count.item()))
+    return torch.full((), value, dtype=torch.float64, device=count.device), value
 
 
 def _readable(count: torch.Tensor) -> bool:

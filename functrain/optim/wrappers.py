@@ -530,7 +530,15 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
             states.append(ran.state)
             first = ran if first is None else first
         assert first is not None  # (a partition has a group)
-        return Ran(new, PartitionState(tuple(states)), first.lr, first.skipped, first.flag)
+        return Ran(
+            new,
+            PartitionState(tuple(states)),
+            first.lr,
+            first.skipped,
+            first.flag,
+            first.norm,
+            first.ended,
+        )
 
     return run
 

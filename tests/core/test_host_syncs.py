@@ -55,8 +55,8 @@ UNDISPATCHED_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__ar
 CPU_READS = frozenset(
     {
         "functrain.optim.base.flag_value",  # a skip flag or window end: the branch it selects
-        "functrain.optim.rates._on_host",  # a schedule's host form: its value in Python floats
-        "functrain.optim.rates.host_rate.at",  # the same in a planned update (made for the CPU)
+        # a schedule's host form: its value in Python floats (`host_rate`'s made for the CPU only)
+        "functrain.optim.rates._host_pair",
         "functrain.optim.wrappers._check_limit_now",  # max_consecutive_nonfinite, raised at once
         "functrain.optim.wrappers._on_cpu",  # a runner's norm, skip flag and run of skips
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
