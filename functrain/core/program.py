@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from functrain.core import stacked_step
 from functrain.core.body import (
     OWN_TX_METRICS,
     apply,
@@ -56,15 +57,26 @@ from functrain.core.scope import (
     swap_in,
     swap_out,
 )
-from functrain.core.stacked_step import PerMember, refuse_per_member
+from functrain.core.stacked_step import (
+    PerMember,
+    StackedScope,
+    again_in_module_order,
+    member_batch,
+    member_gradients,
+    member_zero,
+    members_apart,
+    refuse_per_member,
+    stacked_train_step,
+)
 from functrain.core.state import TrainState
-from functrain.core.structure import sparse_parameters
+from functrain.core.structure import grad_hooks, sparse_parameters
 from functrain.layout import in_layouts_of
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
     averaging_of,
     group_rates,
+    members_planner_of,
     planner_of,
     update_reporting,
 )
@@ -72,9 +84,9 @@ from functrain.optim.metrics import metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
-from functrain.tree import LOCAL_NORMS, global_norm, plain_norm, tree_leaves
+from functrain.tree import LOCAL_NORMS, Norms, global_norm, plain_norm, tree_leaves
 
-__all__ = ["DONATED", "StepProgram", "program_for"]
+__all__ = ["DONATED", "MembersProgram", "StepProgram", "program_for"]
 
 DONATED = "functrain.train_step(..., donate=True)"
 
@@ -388,18 +400,19 @@ class StepProgram:
         }
 
 
-def program_for(state: TrainState) -> StepProgram | None:
+def program_for(state: TrainState) -> StepProgram | MembersProgram | None:
     """The program of `state`'s eager step, or None where the step is not one program yet.
 
-    None for a stacked state (`functrain.core.stacked`), a sharded one, an optimizer holding a
+    A stacked state's is a `MembersProgram`. None for a sharded state, an optimizer holding a
     sweep outside a stacked state (refused by the step), a state without trainable tensors, and a
     differentiable one (its step is the body's, on tensors that keep their graphs).
     """
     tx = state.tx
     dist = state.dist
+    if state.members:
+        return MembersProgram(state)
     if (
-        state.members
-        or (dist is not None and dist.sharding is not None)
+        (dist is not None and dist.sharding is not None)
         or not state.params
         or holds_sweep(tx)
         or state.options.differentiable
@@ -497,3 +510,172 @@ def _updating(state: TrainState) -> Runner | None:
         return Ran(list(new.values()), new_state, lr, skipped, None, measured)
 
     return run
+
+
+class MembersProgram:
+    """A stacked state's eager step (`functrain.core.stacked_step`), decided once (`program_for`).
+
+    `run` is the step: the members' random streams and train mode (`StackedScope`), their
+    forward under vmap (or one after another, `members_apart`, decided once) and the backward
+    (`member_gradients`), then the update. Where the transform plans its update on the members'
+    tensors (`functrain.optim.base.members_planner_of`: `skip_nonfinite` around the fused
+    ``adamw``/``adam``/``sgd``/``adagrad``, the default) and the state keeps no gradient
+    statistics, no process group, no fp16 loss scale, no accumulation window and no sweep,
+    `_planned` runs it: each member's norm, its `Runner` (the flags, one kernel call where no
+    member skips), the EMA, counters and metrics, with the body's decisions made once; bit for
+    bit the body's (`functrain.core.body.apply`). Any other configuration runs
+    `stacked_train_step`.
+    """
+
+    __slots__ = ("runner", "apart", "members", "strides", "norms", "hooks", "guard_buffers")
+
+    def __init__(self, state: TrainState) -> None:
+        self.members = state.members
+        self.runner = _members_runner(state)
+        # the members' forwards one after another (a CPU module with convolutions): its modules
+        self.apart = members_apart(state)
+        # the layout the gradients must have (as `.grad` would hold them): else laid out first
+        self.strides = [p.stride() for p in state.params.values()]
+        self.norms = Norms(members=self.members)  # each member's norm, ``[K]``
+        # a gradient a hook handed in may be kept by it: never written
+        self.hooks = bool(grad_hooks(state.module, list(state.params)))
+        options = state.options
+        self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
+
+    def __copy__(self) -> MembersProgram:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MembersProgram:
+        return self  # configuration only: a copied state's program is the same
+
+    def run(
+        self, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """`functrain.train_step` on the stacked `state`, whose configuration this program is."""
+        if self.runner is None:
+            new, metrics = stacked_train_step(state, batch, donate=donate)
+            if donate:
+                state.retire(DONATED)
+            object.__setattr__(new, "program", self)
+            return new, metrics
+        if donate and HELD:  # an async save still reads this state's tensors
+            wait_until_unheld(state)
+        # a loss function that views a transposed weight runs again, in the module's order
+        return again_in_module_order(state, lambda: self._planned(state, batch, donate))
+
+    def _planned(
+        self, state: TrainState, batch: Any, donate: bool
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The step with the update's members `Runner`: `stacked_body` and `apply`, op for op."""
+        runner = self.runner
+        assert runner is not None  # (`run` chose this stage for it)
+        members = self.members
+        batch, per_member = member_batch(batch, members)
+        scope = StackedScope(state, training=True, advance=True)
+        updated = False
+        try:
+            # the forward writes running statistics into the buffers: copies, never the state's
+            buffers = {k: b.clone() for k, b in state.buffers.items()} if state.buffers else {}
+            found, losses, aux = member_gradients(
+                state, batch, per_member, self.apart, buffers, None
+            )
+            params = list(state.params.values())
+            grads = list(found.values())
+            if list(map(_STRIDE, grads)) != self.strides:
+                grads = in_layouts_of(grads, params)
+            norm = global_norm(grads, self.norms)  # each member's
+            try:
+                ran = runner(grads, params, state.opt_state, norm, donate and not self.hooks, None)
+                updated = True
+            except BaseException as error:
+                if donate:  # the update may have written some of the state's tensors
+                    state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+                raise
+        finally:
+            scope.close()  # the caller's RNG and module mode, as they were
+        try:
+            counted = member_zero(batch) if per_member else batch
+            new, metrics = self._finished(state, counted, donate, ran, buffers, losses, norm, aux)
+        except BaseException as error:  # (an interrupt): the update wrote the given state
+            if donate and updated:
+                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+            raise
+        stepped = state.stepped(self, {**new, "rng": scope.next_rng})
+        if donate:
+            state.retire(DONATED)
+        return stepped, metrics
+
+    def _finished(
+        self,
+        state: TrainState,
+        batch: Any,
+        donate: bool,
+        ran: Ran,
+        buffers: dict[str, torch.Tensor],
+        losses: torch.Tensor,
+        norm: torch.Tensor,
+        aux: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The new state's parts and the metrics once the runner ran: the body's `_update` after
+        the optimizer, and the EMA (`functrain.core.body.averaged`), for the members."""
+        params = dict(zip(state.params, ran.params))
+        if list(map(_STRIDE, ran.params)) != self.strides:
+            params = in_param_strides(params, state.params)
+        if buffers and self.guard_buffers:  # each member's kept where its batch made it NaN
+            buffers = finite_buffers(buffers, state.buffers, self.members)
+        skipped = ran.skipped
+        counters = torch._foreach_add(
+            [state.step, state.epoch_step, state.samples_seen], [1, 1, samples_in(batch)]
+        )
+        ema_state = None
+        if state.ema_state is not None:
+            extras = Extras(in_place=donate, norms=self.norms)
+            applied = ~skipped if skipped is not None else None
+            ema_state = averaged(state, params, buffers, applied, extras)
+        new = {
+            "params": params,
+            "buffers": buffers,
+            "opt_state": ran.state,
+            "step": counters[0],
+            "micro_step": state.micro_step,
+            "epoch_step": counters[1],
+            "samples_seen": counters[2],
+            "skipped": state.skipped + skipped if skipped is not None else state.skipped,
+            "ema_state": ema_state,
+        }
+        lr = ran.lr
+        metrics = {
+            "loss": losses if losses.dtype == torch.float32 else losses.float(),
+            "grad_norm": norm,
+            "lr": lr.float() if lr is not None else torch.full((), float("nan")),
+            "skipped": skipped.float()
+            if skipped is not None
+            else torch.zeros((), device=losses.device),
+            **aux,
+        }
+        return new, metrics
+
+
+def _members_runner(state: TrainState) -> Runner | None:
+    """The update's members `Runner` for a stacked `state`, or None: `stacked_train_step`.
+
+    Planned where the update runs on the stacked tensors (`stacked_step.updates_stacked`: no
+    gradient statistics, a member-aware EMA) and its transform declares a members planner that plans
+    them, without a process group, an fp16 loss scale, an accumulation window, a sweep (its
+    member's value is entered around the body) or buffers and frozen tensors of a subclass.
+    """
+    options = state.options
+    planner = members_planner_of(state.tx)
+    if (
+        planner is None
+        or not stacked_step.updates_stacked(state)  # (looked up here: tests replace it)
+        or state.dist is not None
+        or options.precision == "fp16"
+        or options.accumulate_steps > 1
+        or holds_sweep(state.tx)
+        or not all(
+            type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
+        )
+    ):
+        return None
+    return planner(state.params, state.opt_state, state.members)

@@ -56,6 +56,10 @@ from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = [
     "PerMember",
+    "StackedScope",
+    "again_in_module_order",
+    "member_gradients",
+    "member_zero",
     "in_module_order",
     "learned_module_order",
     "member_batch",
@@ -237,7 +241,7 @@ def _step_seed(draws: list[int]) -> int:
     return int.from_bytes(digest, "little") % 2**63
 
 
-class _StackedScope:
+class StackedScope:
     """The generator and module mode around a stacked step (`enter`/`leave` of one state)."""
 
     def __init__(self, state: TrainState, training: bool, advance: bool) -> None:
@@ -273,7 +277,7 @@ def stacked_train_step(
     """
     if compiled is not None:  # `compile_step` retries with a graph traced anew
         return _stacked_train_step(state, batch, compiled, donate)
-    return _again_in_module_order(state, lambda: _stacked_train_step(state, batch, None, donate))
+    return again_in_module_order(state, lambda: _stacked_train_step(state, batch, None, donate))
 
 
 def _stacked_train_step(
@@ -284,7 +288,7 @@ def _stacked_train_step(
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     members = state.rng.shape[0]
     batch, per_member = member_batch(batch, members)
-    scope = _StackedScope(state, training=True, advance=True)
+    scope = StackedScope(state, training=True, advance=True)
     try:
         if compiled is not None:
             new, metrics = compiled(_tensors(parts_of(state), members, state.device), batch)
@@ -382,7 +386,7 @@ def learned_module_order(error: BaseException, state: StepState) -> bool:
     return False
 
 
-def _again_in_module_order(state: StepState, run: Callable[[], _T]) -> _T:
+def again_in_module_order(state: StepState, run: Callable[[], _T]) -> _T:
     """`run()`, run once more if it failed viewing a transposed weight (`learned_module_order`)."""
     try:
         return run()
@@ -407,13 +411,15 @@ def check_stacked_gradients(state: TrainState, batch: Any) -> None:
         members = state.rng.shape[0]
         given, per_member = member_batch(batch, members)
         buffers = {k: b.clone() for k, b in state.buffers.items()}
-        scope = _StackedScope(state, training=True, advance=False)
+        scope = StackedScope(state, training=True, advance=False)
         try:
-            _gradients(state, given, per_member, members_apart(state), buffers, loss_scale(state))
+            member_gradients(
+                state, given, per_member, members_apart(state), buffers, loss_scale(state)
+            )
         finally:
             scope.close()
 
-    _again_in_module_order(state, run)
+    again_in_module_order(state, run)
 
 
 def module_order(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -438,21 +444,21 @@ def stacked_body(
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = loss_scale(state)
     apart = members_apart(state)  # a walk over the modules: once a step
-    grads, losses, aux = _gradients(state, batch, per_member, apart, buffers, scale)
-    counted = _member_zero(batch) if per_member else batch
+    grads, losses, aux = member_gradients(state, batch, per_member, apart, buffers, scale)
+    counted = member_zero(batch) if per_member else batch
     if updates_stacked(state):
         stacked = extras._replace(norms=extras.norms._replace(members=members))
         return apply(state, counted, grads, buffers, losses, aux, scale, stacked)
     return _vmapped_apply(state, (grads, buffers, losses, aux, counted), members)
 
 
-def _member_zero(batch: Any) -> Any:
+def member_zero(batch: Any) -> Any:
     """A stand-in for one member's batch, for its sample count: member 0's first tensor."""
     first = next(x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor))
     return (first[0],)
 
 
-def _gradients(
+def member_gradients(
     state: StepState,
     batch: Any,
     per_member: bool,
@@ -543,7 +549,7 @@ def stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str,
     A loss function that views a transposed weight runs again with the weights in the module's
     order (as `stacked_train_step`).
     """
-    return _again_in_module_order(state, lambda: _stacked_eval_step(state, batch, use_ema))
+    return again_in_module_order(state, lambda: _stacked_eval_step(state, batch, use_ema))
 
 
 def _stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -556,7 +562,7 @@ def _stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str
     parts = parts_of(state)
     batch, per_member = member_batch(batch, state.rng.shape[0])
     fn, out = member_function(statics_of(state), parts, body)
-    scope = _StackedScope(state, training=False, advance=False)
+    scope = StackedScope(state, training=False, advance=False)
     try:
         leaves = vmapped(fn, per_member)(_tensors(parts, state.rng.shape[0], state.device), batch)
     finally:

@@ -139,7 +139,8 @@ class TrainState:
     # next step or `predict` that takes this state (`check_live`), then cleared
     _unchecked: bool = attrs.field(default=False, init=False, eq=False, metadata={"check": True})
     program: Any = attrs.field(default=None, init=False, eq=False, metadata={"program": True})
-    """The eager step's program for this state (`functrain.core.program.StepProgram`), or None.
+    """The eager step's program for this state (`functrain.core.program.StepProgram`, a stacked
+    state's `MembersProgram`), or None.
 
     Set on the states a step returns; not saved, not compared, and dropped by `replace` (the next
     step of a state changed by hand decides its program again)."""

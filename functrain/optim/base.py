@@ -42,7 +42,7 @@ import torch
 
 from functrain.errors import ConfigError
 from functrain.optim.batching import under_vmap
-from functrain.optim.planned import Planner
+from functrain.optim.planned import MembersPlanner, Planner
 from functrain.optim.updates import Scalar, Updates
 from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm
 
@@ -75,6 +75,7 @@ __all__ = [
     "runs_on_members",
     "group_rates",
     "planner_of",
+    "members_planner_of",
     "flag_value",
     "writes_in_place",
 ]
@@ -328,6 +329,9 @@ class ExtrasUpdate:
       that member's slices alone (no value mixes members). A stacked step then calls it once for
       all members, outside ``torch.func.vmap`` (`runs_on_members`).
     - `plan`: its `Planner`, the update decided once for a state's tensors (`planner_of`).
+    - `plan_members`: its `functrain.optim.planned.MembersPlanner`, the update decided once for a
+      stacked state's tensors (`members_planner_of`): the runner takes ``[K]`` norms and gates
+      and gives each member what `fn` gives it with ``extras.members = K``.
     - `sparse`: it updates sparse gradients itself (`functrain.optim.rules.sparse`).
     - `sparse_twin`: how its configuration trains sparse gradients: a builder of the transform
       that does, or the reason none does (`functrain.optim.rules.sparse.sparse_twin`).
@@ -376,6 +380,7 @@ class ExtrasUpdate:
         *,
         members: bool = False,
         plan: Planner | None = None,
+        plan_members: MembersPlanner | None = None,
         sparse: bool = False,
         sparse_twin: Callable[[], Any] | str | None = None,
         device_form: Callable[[torch.device], Any] | None = None,
@@ -393,6 +398,7 @@ class ExtrasUpdate:
         self.fn = fn
         self.members = members
         self.plan = plan
+        self.plan_members = plan_members
         self.sparse = sparse
         self.sparse_twin = sparse_twin
         self.device_form = device_form
@@ -433,6 +439,7 @@ _DECLARED = (
     "fn",
     "members",
     "plan",
+    "plan_members",
     "sparse",
     "sparse_twin",
     "device_form",
@@ -523,6 +530,17 @@ def planner_of(tx: object) -> Planner | None:
     """
     update = getattr(tx, "update", None)
     return update.plan if isinstance(update, ExtrasUpdate) else None
+
+
+def members_planner_of(tx: object) -> MembersPlanner | None:
+    """The `MembersPlanner` `tx`'s update declares (`ExtrasUpdate.plan_members`), or None: a
+    stacked state's update runs as is.
+
+    Example:
+        >>> members_planner_of(Transform(lambda p: EmptyState(), lambda u, s, p=None: (u, s)))
+    """
+    update = getattr(tx, "update", None)
+    return update.plan_members if isinstance(update, ExtrasUpdate) else None
 
 
 def averaging_of(tx: object) -> Callable[[list[torch.Tensor], Any, bool], Any] | None:

@@ -23,6 +23,7 @@ __all__ = [
     "Ran",
     "Runner",
     "Planner",
+    "MembersPlanner",
     "Passing",
     "Prelude",
     "chained",
@@ -171,3 +172,21 @@ class Planner(Protocol):
     """
 
     def __call__(self, params: dict[str, torch.Tensor], state: Tree) -> Runner | Prelude | None: ...
+
+
+class MembersPlanner(Protocol):
+    """``plan(params, state, members) -> Runner | None``: the update decided once for a stacked
+    state's tensors (`functrain.optim.base.ExtrasUpdate.plan_members`).
+
+    Called by the stacked state's step (`functrain.core.program.MembersProgram`) with its
+    parameters (a flat dict of tensors with a leading member dimension), this transform's state
+    (its counters ``[K]``) and the member count K. The `Runner` it returns takes the members'
+    ``[K]`` gradient norms and a ``[K]`` gate, and gives what the update (an update that runs on
+    members, `functrain.optim.base.ExtrasUpdate.members`) gives with ``extras.members = K``: for
+    each member its own update, bit for bit; ``Ran.skipped`` and ``Ran.lr`` are ``[K]``. None
+    where it cannot be planned for them: the step then runs ``update``.
+    """
+
+    def __call__(
+        self, params: dict[str, torch.Tensor], state: Tree, members: int
+    ) -> Runner | None: ...

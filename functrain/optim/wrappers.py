@@ -30,6 +30,7 @@ from functrain.optim.base import (
     flag_value,
     group_rates,
     is_transform,
+    members_planner_of,
     planner_of,
     runs_on_members,
     update_reporting,
@@ -678,12 +679,65 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
         return run
 
+    def plan_members(
+        params: dict[str, torch.Tensor], state: SkipNonfiniteState, members: int
+    ) -> Runner | None:
+        # a gated inner transform planned on the members' tensors: the [K] flags as `update_fn`
+        # makes them, the inner runner ungated where every member's update is known to apply
+        inner_plan = members_planner_of(inner)
+        if inner_plan is None or not getattr(inner, "gated", False):
+            return None
+        run_inner = inner_plan(params, state.inner, members)
+        return None if run_inner is None else _members_gated(run_inner, cap)
+
     # on a stacked state's tensors when its inner transform is: the flags are then [K]
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
     update = ExtrasUpdate(
-        update_fn, members=aware, plan=plan, reports=True, rates=_inner_rates(inner)
+        update_fn,
+        members=aware,
+        plan=plan,
+        plan_members=plan_members,
+        reports=True,
+        rates=_inner_rates(inner),
     )
     return Transform(init_fn, update, gated=True)
+
+
+def _members_gated(run_inner: Runner, cap: int) -> Runner:
+    """`skip_nonfinite`'s runner on a stacked state's tensors, around a gated inner runner: each
+    member's flag from its own norm (``[K]``), the inner update run ungated where every member's
+    applies (known on the host: `flag_value`), else gated by the flags; the counts as `update_fn`
+    makes them, op for op."""
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: SkipNonfiniteState,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        assert norm is not None  # (the members' norms: `Runner`)
+        finite = norm < math.inf  # `all_finite` of each member's norm
+        gate = finite if keep is None else finite & keep
+        # as `_update_where`: known to hold for every member, the update as it is
+        ran = run_inner(grads, params, state.inner, norm, write, None if flag_value(gate) else gate)
+        skipped = ~finite
+        counts: tuple[torch.Tensor, ...] = (
+            skipped,
+            state.total_skipped + skipped,
+            torch.where(finite, 0, state.consecutive + 1),
+        )
+        if keep is not None:  # between window ends the counts stay put
+            old = (state.skipped, state.total_skipped, state.consecutive)
+            counts = tuple(torch.where(keep, n, o) for n, o in zip(counts, old, strict=True))
+        new_state = SkipNonfiniteState(
+            ran.state, counts[0], counts[1], counts[2], state.max_consecutive
+        )
+        _check_limit_now(new_state, cap)
+        return Ran(ran.params, new_state, ran.lr, new_state.skipped, None, ran.norm)
+
+    return run
 
 
 def _finite_run(

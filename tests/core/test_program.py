@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import functrain as ft
+from functrain.core import stacked_step
 from functrain.core.body import train_body
 from functrain.core.donation import step_in_scope
-from functrain.core.program import StepProgram
+from functrain.core.program import MembersProgram, StepProgram
 from tests.comparisons import assert_trees_equal
 from tests.models import cross_entropy_loss_fn, cross_entropy_with_accuracy, make_mlp
 
@@ -619,3 +621,178 @@ def test_a_skip_flag_written_in_place_after_a_finite_step_is_reset_by_the_next(
     assert not state.opt_state.skipped.item() and state.opt_state.consecutive.item() == 0
     assert metrics["skipped"].item() == 0.0
     assert_trees_equal(reference.params, state.params, "params")
+
+
+# ---------------------------------------------------------------------------------------------
+# a stacked state's program (`MembersProgram`)
+
+MEMBERS = 3
+
+
+def member_batches(n: int, *, nan_at: dict[int, int] | None = None) -> list[Any]:
+    """Each member's own batch (`functrain.PerMember`); at step i of `nan_at`, member
+    ``nan_at[i]``'s holds a NaN (that member alone skips)."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for i in range(n):
+        x = torch.randn(MEMBERS, 8, 6, generator=g)
+        if nan_at and i in nan_at:
+            x[nan_at[i], 0, 0] = float("nan")
+        out.append(ft.PerMember((x, torch.randint(0, 3, (MEMBERS, 8), generator=g))))
+    return out
+
+
+def stacked(
+    optimizer: Callable[[], Any], make: Callable[[], nn.Module] = make_bn_net, **options: Any
+) -> ft.TrainState:
+    states = []
+    for k in range(MEMBERS):
+        module = make()
+        torch.manual_seed(k)  # each member its own weights (`make` may seed)
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.reset_parameters()
+        states.append(
+            ft.TrainState.create(module, optimizer(), cross_entropy_loss_fn, seed=k, **options)
+        )
+    return ft.stack(states)
+
+
+def members_train(
+    state: ft.TrainState, data: list[Any], *, program: bool, donate: bool
+) -> tuple[ft.TrainState, list[dict[str, torch.Tensor]]]:
+    """Steps over `data`: `functrain.train_step` (its program), or without `program` the stacked
+    step it replaces (`functrain.core.stacked_step.stacked_train_step`)."""
+    metrics = []
+    for batch in data:
+        if program:
+            state, m = ft.train_step(state, batch, donate=donate)
+        else:
+            state, m = stacked_step.stacked_train_step(state, batch, donate=donate)
+        metrics.append(m)
+    return state, metrics
+
+
+def assert_same_run(
+    got: tuple[ft.TrainState, list[dict[str, torch.Tensor]]],
+    want: tuple[ft.TrainState, list[dict[str, torch.Tensor]]],
+) -> None:
+    """Two stacked runs bit for bit: every tensor of the state (in the same layout) and metric."""
+    assert_trees_equal(want[0].tree(), got[0].tree(), "state")
+    layouts = [(t.shape, t.stride()) for t in tree_leaves(got[0].tree()) if torch.is_tensor(t)]
+    assert layouts == [
+        (t.shape, t.stride()) for t in tree_leaves(want[0].tree()) if torch.is_tensor(t)
+    ]
+    assert_trees_equal(want[1], got[1], "metrics")
+
+
+MEMBER_OPTIMIZERS: dict[str, Callable[[], Any]] = {
+    "adamw": lambda: ft.adamw(1e-2),
+    "adam_schedule": lambda: ft.adam(ft.schedules.cosine_decay(1e-2, 10), weight_decay=0.1),
+    "sgd_momentum": lambda: ft.sgd(0.1, momentum=0.9),
+    "adagrad": lambda: ft.adagrad(0.1),
+    "adamw_amsgrad": lambda: ft.adamw(1e-2, amsgrad=True, mask=lambda name, p: p.ndim > 1),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(MEMBER_OPTIMIZERS))
+def test_a_stacked_states_planned_step_equals_the_stacked_body(name: str, donate: bool) -> None:
+    # member 1 skips twice, member 2 once: the members' counts part, and a shared NaN batch
+    # (every member skips) between; batch norm, dropout and a frozen bias ride along
+    data = member_batches(8, nan_at={2: 1, 3: 1, 5: 2})
+    data[6] = ft.PerMember((data[6].batch[0] * float("nan"), data[6].batch[1]))
+    got = members_train(stacked(MEMBER_OPTIMIZERS[name]), data, program=True, donate=donate)
+    want = members_train(stacked(MEMBER_OPTIMIZERS[name]), data, program=False, donate=donate)
+    program = got[0].program
+    assert isinstance(program, MembersProgram) and program.runner is not None
+    assert got[0].skipped.tolist() == [1, 3, 2]
+    assert_same_run(got, want)
+
+
+MEMBER_OPTIONS: dict[str, dict[str, Any]] = {
+    "nonfinite_none": {"nonfinite": "none"},
+    "ema": {"ema_decay": 0.9},
+    "ema_torch_buffers": {"ema_decay": 0.9, "ema_convention": "torch", "ema_buffers": True},
+    "max_consecutive": {"max_consecutive_nonfinite": 3},
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", sorted(MEMBER_OPTIONS))
+def test_a_stacked_states_planned_options_equal_the_stacked_body(name: str, donate: bool) -> None:
+    options = MEMBER_OPTIONS[name]
+    data = member_batches(6, nan_at=None if options.get("nonfinite") else {2: 0, 4: 2})
+    got = members_train(
+        stacked(MEMBER_OPTIMIZERS["adamw"], **options), data, program=True, donate=donate
+    )
+    want = members_train(
+        stacked(MEMBER_OPTIMIZERS["adamw"], **options), data, program=False, donate=donate
+    )
+    assert got[0].program.runner is not None
+    assert_same_run(got, want)
+
+
+class _Convolutional(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)
+        )
+
+
+def test_a_stacked_convolutional_state_runs_its_members_apart_in_its_program() -> None:
+    data = member_batches(4, nan_at={1: 2})
+    got = members_train(
+        stacked(MEMBER_OPTIMIZERS["adamw"], _Convolutional), data, program=True, donate=True
+    )
+    want = members_train(
+        stacked(MEMBER_OPTIMIZERS["adamw"], _Convolutional), data, program=False, donate=True
+    )
+    assert got[0].program.apart and got[0].program.runner is not None
+    assert_same_run(got, want)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        ("adamw", {"clip_grad_norm": 0.5}),
+        ("adamw", {"accumulate_steps": 2}),
+        ("rmsprop", {}),
+        ("sweep", {}),
+    ],
+    ids=["clip", "accumulate", "rmsprop", "sweep"],
+)
+def test_a_stacked_state_its_program_does_not_plan_runs_the_stacked_body(
+    optimizer: str, options: dict[str, Any]
+) -> None:
+    make = {
+        "adamw": MEMBER_OPTIMIZERS["adamw"],
+        "rmsprop": lambda: ft.rmsprop(1e-2),
+        "sweep": lambda: ft.adamw(ft.sweep([1e-2, 3e-3, 1e-3])),
+    }[optimizer]
+    data = member_batches(4, nan_at={1: 2})
+    got = members_train(stacked(make, **options), data, program=True, donate=True)
+    want = members_train(stacked(make, **options), data, program=False, donate=True)
+    program = got[0].program
+    assert isinstance(program, MembersProgram) and program.runner is None  # carried on
+    assert_same_run(got, want)
+
+
+def test_a_donated_stacked_state_is_retired_and_its_program_carried() -> None:
+    state = stacked(MEMBER_OPTIMIZERS["adamw"])
+    new, _ = ft.train_step(state, member_batches(1)[0], donate=True)
+    address = new.params["0.weight"].data_ptr()
+    newer, _ = ft.train_step(new, member_batches(2)[1], donate=True)
+    assert newer.params["0.weight"].data_ptr() == address  # written where it lay
+    assert newer.program is new.program
+    with pytest.raises(ft.DonatedStateError):
+        ft.train_step(new, member_batches(1)[0])
+
+
+def test_a_stacked_runs_consecutive_skips_stop_it_as_the_body_stops_it() -> None:
+    data = member_batches(4, nan_at={0: 1, 1: 1, 2: 1})
+    for program in (True, False):
+        state = stacked(MEMBER_OPTIMIZERS["adamw"], max_consecutive_nonfinite=2)
+        state, _ = members_train(state, data[:2], program=program, donate=False)
+        with pytest.raises(ft.NonFiniteError):
+            members_train(state, data[2:3], program=program, donate=False)

@@ -63,6 +63,7 @@ from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import constant_like, counter, laid_out_like, owned_copy, writable, zeros
 from functrain.tree import (
+    Norms,
     Tree,
     tree_leaves,
 )
@@ -360,7 +361,7 @@ def fused_adam(
             step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep)
         )
 
-    plan = _planner(
+    plans = _plans(
         kernel,
         lr,
         {"beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize},
@@ -371,7 +372,7 @@ def fused_adam(
             count, tuple(buffers[0]), tuple(buffers[1]), tuple(buffers[2]), rate
         ),
     )
-    update = ExtrasUpdate(update_fn, members=True, plan=plan, folds_scales=True)
+    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
     return Transform(init_fn, update, gated=True)
 
 
@@ -434,7 +435,7 @@ def fused_sgd(
             step.count, tuple(buffers), _last_lr(step, state.lr, keep)
         )
 
-    plan = _planner(
+    plans = _plans(
         _SGD,
         lr,
         {
@@ -449,7 +450,7 @@ def fused_sgd(
         lambda state: (state.momentum,),
         lambda count, buffers, rate: FusedSgdState(count, tuple(buffers[0]), rate),
     )
-    update = ExtrasUpdate(update_fn, members=True, plan=plan, folds_scales=True)
+    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
     return Transform(init_fn, update, gated=True)
 
 
@@ -518,7 +519,7 @@ def fused_adagrad(
             step.count, tuple(sums), _last_lr(step, state.lr, keep)
         )
 
-    plan = _planner(
+    plans = _plans(
         _ADAGRAD,
         lr,
         {"lr_decay": lr_decay, "eps": eps, "maximize": maximize},
@@ -527,7 +528,7 @@ def fused_adagrad(
         lambda state: (state.sum_of_squares,),
         lambda count, buffers, rate: FusedAdagradState(count, tuple(buffers[0]), rate),
     )
-    update = ExtrasUpdate(update_fn, members=True, plan=plan, folds_scales=True)
+    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
     return Transform(init_fn, update, gated=True)
 
 
@@ -542,15 +543,22 @@ class _Kernel(NamedTuple):
     hyper: tuple[str, ...]  # keyword arguments besides lr, weight_decay, grad_scale and found_inf
     steps: bool  # takes the step counts (state_steps)
 
-    def run(self, tensors: Sequence[list[torch.Tensor]], steps: list[list], **options: Any) -> None:
+    def run(
+        self,
+        tensors: Sequence[list[torch.Tensor]],
+        steps: list[list],
+        flat: list[bool] | None = None,
+        **options: Any,
+    ) -> None:
         """The kernel in place on `tensors` (parameters, gradients, buffers; each index alike).
 
         An index whose parameter is dense but not contiguous (channels_last, a stacked weight
         transposed in memory, a member's slice of it) goes to the kernel as 1-D views in memory
         order: the kernels pair elements in memory order, and copy a tensor that is not
-        contiguous before walking it, at every call.
+        contiguous before walking it, at every call. `flat`: which indices those are, where the
+        caller decided it once (`_flat_indices`).
         """
-        self.in_place(*_in_memory_order(tensors), *steps, **options)
+        self.in_place(*_in_memory_order(tensors, flat), *steps, **options)
 
 
 _ADAM_HYPER = ("beta1", "beta2", "eps", "amsgrad", "maximize")
@@ -567,14 +575,16 @@ _KERNELS = {k.name: k for k in (_ADAM, _ADAMW, _SGD, _ADAGRAD)}
 _FLAGS = frozenset({"amsgrad", "maximize", "nesterov", "is_first_step"})
 
 
-def _in_memory_order(tensors: Sequence[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+def _in_memory_order(
+    tensors: Sequence[list[torch.Tensor]], flat: list[bool] | None = None
+) -> list[list[torch.Tensor]]:
     """`tensors` with each index whose parameter is not contiguous as views in memory order.
 
     The other tensors of such an index are laid out as its parameter (`functrain.layout`): their
-    views pair the same elements.
+    views pair the same elements. `flat`: `_flat_indices` of the parameters, where known.
     """
-    params = tensors[0]
-    flat = [not p.is_contiguous() and is_dense(p) for p in params]
+    if flat is None:
+        flat = _flat_indices(tensors[0])
     if not any(flat):
         return list(tensors)
     return [
@@ -583,6 +593,11 @@ def _in_memory_order(tensors: Sequence[list[torch.Tensor]]) -> list[list[torch.T
         else xs
         for xs in tensors
     ]
+
+
+def _flat_indices(params: Sequence[torch.Tensor]) -> list[bool]:
+    """Which of `params` go to a kernel as views in memory order: dense, not contiguous."""
+    return [not p.is_contiguous() and is_dense(p) for p in params]
 
 
 def _read_once(lr: Any) -> Any:
@@ -732,6 +747,7 @@ def _member_kernels(
     buffers: list[list],
     steps: list[list],
     options: dict[str, Any],
+    decided: _Members | None = None,
 ) -> tuple[list, list[list]]:
     """`_run_kernel` on a stacked state's tensors: the kernel on each member's slices.
 
@@ -751,11 +767,29 @@ def _member_kernels(
     count = steps[0][0] if steps else None
     if torch.compiler.is_compiling():
         return _traced_stacked(kernel, extras, params, grads, buffers, count, options)
-    params = [_walkable(p) for p in params]
-    grads = in_layouts_of(grads, params)
+    if decided is None:  # (a planned runner's parameters are dense, its gradients laid out)
+        params = [_walkable(p) for p in params]
+        grads = in_layouts_of(grads, params)
     new_p, new_b = _targets(extras, params, buffers)
-    _on_members(kernel, (new_p, grads, *new_b), count, options, extras.members)
+    _on_members(kernel, (new_p, grads, *new_b), count, options, extras.members, decided)
     return new_p, new_b
+
+
+class _Members(NamedTuple):
+    """How `_on_members` walks a stacked state's tensors, decided once for their layouts (a
+    planned runner's): which are taken whole (`_walked_alike`), and which indices of the lists
+    that call takes (the whole tensors, then the others' slices) go in memory order."""
+
+    whole: list[bool]
+    flat: list[bool]
+
+
+def _members_layout(params: list[torch.Tensor]) -> _Members:
+    """`_Members` of stacked `params` (dense: a planned runner's)."""
+    whole = [_walked_alike(p) for p in params]
+    taken = [p for p, w in zip(params, whole) if w]
+    taken += [s for p, w in zip(params, whole) if not w for s in p.unbind(0)]
+    return _Members(whole, _flat_indices(taken))
 
 
 def _on_members(
@@ -764,6 +798,7 @@ def _on_members(
     count: torch.Tensor | None,
     options: dict[str, Any],
     members: int,
+    decided: _Members | None = None,
 ) -> None:
     """The kernel in place on each member's slices of stacked `tensors` (all laid out alike).
 
@@ -783,7 +818,7 @@ def _on_members(
     uniform = not (isinstance(lr, torch.Tensor) and lr.ndim) and len(decay) == 1
     if uniform and flags is None and _one_count(count):
         # each member's blocks walked as in its own tensor: the stacked tensor itself, else slices
-        whole = [_walked_alike(p) for p in tensors[0]]
+        whole = decided.whole if decided is not None else [_walked_alike(p) for p in tensors[0]]
         lists = [
             [x for x, w in zip(xs, whole, strict=True) if w]
             + [s for x, w in zip(xs, whole, strict=True) if not w for s in x.unbind(0)]
@@ -793,7 +828,8 @@ def _on_members(
         ]
         one = [[count[0]] * len(lists[0])] if count is not None else []
         # every member's arguments (`_per_member`) are these: one rate, no flag, one decay
-        kernel.run(lists, one, **{**options, "weight_decay": decay[0]})
+        flat = decided.flat if decided is not None else None
+        kernel.run(lists, one, flat, **{**options, "weight_decay": decay[0]})
         return
     per = _per_member(options, members, count)
     slices = [[x.unbind(0) for x in xs] for xs in tensors]
@@ -1015,6 +1051,104 @@ def _planner(
                 else torch.where(keep, rate_t, state.lr)
             )
             return Ran(new_p, rebuild(new_count, new_b, last), last, None, flag)
+
+        return run
+
+    return plan
+
+
+def _plans(
+    kernel: _Kernel,
+    lr: LearningRate,
+    hyper: dict[str, Any],
+    weight_decay: float | Sweep,
+    mask: Mask,
+    buffers_of: Any,
+    rebuild: Any,
+) -> dict[str, Any]:
+    """A fused transform's planners, for `functrain.optim.base.ExtrasUpdate`: ``plan``, of a
+    state's tensors (`_planner`), and ``plan_members``, of a stacked state's
+    (`_members_planner`)."""
+    given = (kernel, lr, hyper, weight_decay, mask, buffers_of, rebuild)
+    return {"plan": _planner(*given), "plan_members": _members_planner(*given)}
+
+
+def _members_planner(
+    kernel: _Kernel,
+    lr: LearningRate,
+    hyper: dict[str, Any],
+    weight_decay: float | Sweep,
+    mask: Mask,
+    buffers_of: Any,
+    rebuild: Any,
+) -> Any:
+    """The `functrain.optim.planned.MembersPlanner` of a fused transform: `update` on a stacked
+    state's tensors with what it decides on every call decided once.
+
+    It plans where `update` makes one call on the lists as they are (`_one_group`: one device,
+    one dtype, decayed alike) for plain tensors; the runner computes the rate, the new counts and
+    the gate's ``found_inf`` as `_begin` does and runs `_member_kernels` as `_by_groups` calls it,
+    which decides on each call, as `update` does, how the members' slices go to the kernel (one
+    call where they share their count and none skips): the same bits. A fresh state's moments
+    without storage get theirs there (`_targets`).
+    """
+
+    def plan(params: dict[str, torch.Tensor], state: Any, members: int) -> Runner | None:
+        p = list(params.values())
+        if not p or not all(type(x) is torch.Tensor and is_dense(x) for x in p):
+            return None
+        decays = _decays(mask, params, p)
+        if not _one_group(p, decays):
+            return None
+        layout = _members_layout(p)  # how one call walks them: the same for every state after
+        decay = _decay_values(weight_decay) if decays[0] else [0.0]
+        dtype = p[0].dtype
+        norms = Norms(members=members)
+        # what the kernels are told: write into the given tensors (a donated step) or copies
+        allowed, kept = Extras(in_place=True, norms=norms), Extras(norms=norms)
+        schedule = lr if callable(lr) else None
+
+        def run(
+            grads: list[torch.Tensor],
+            params: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+            keep: torch.Tensor | None = None,
+        ) -> Ran:
+            count = state.count
+            rate: Any
+            if schedule is not None:  # `_begin`'s rate: the schedule's tensor to the kernel
+                rate = value_at(schedule, count)
+                rate_t = as_float64(rate, count.device)
+                rate = _kernel_lr(rate) if isinstance(rate, torch.Tensor) else rate
+            else:
+                rate, rate_t = lr, state.lr
+            new_count = count + 1 if keep is None else count + keep
+            found_inf = None if keep is None else _found_inf(keep)
+            steps = [[new_count.to(torch.float32)] * len(params)] if kernel.steps else []
+            new_p, new_b = _member_kernels(
+                kernel,
+                allowed if write else kept,
+                params,
+                [x if x.dtype == dtype else x.to(dtype) for x in grads],
+                [list(b) for b in buffers_of(state)],
+                steps,
+                {
+                    "lr": rate,
+                    **hyper,
+                    "grad_scale": None,
+                    "found_inf": found_inf,
+                    "weight_decay": decay,
+                },
+                layout,
+            )
+            last = (
+                rate_t
+                if keep is None or rate_t is state.lr
+                else torch.where(keep, rate_t, state.lr)
+            )
+            return Ran(new_p, rebuild(new_count, new_b, last), last, None, found_inf)
 
         return run
 
