@@ -506,9 +506,15 @@ def _forward(
         return call_loss(state, {**params, **frozen, **buffers}, batch)
 
     if not isinstance(params, list) and not apart:
+        # one flat list of tensors, not three dicts: vmap walks its inputs' trees at every call
+        names = [*params, *state.frozen, *buffers]
+
+        def members(tensors: list[torch.Tensor], batch: Any) -> Any:
+            return call_loss(state, dict(zip(names, tensors, strict=True)), batch)
+
         return torch.func.vmap(
-            member, in_dims=(0, 0, 0, 0 if per_member else None), randomness="different"
-        )(params, state.frozen, buffers, batch)
+            members, in_dims=(0, 0 if per_member else None), randomness="different"
+        )([*params.values(), *state.frozen.values(), *buffers.values()], batch)
     results = [
         member(
             params[m] if isinstance(params, list) else {k: p[m] for k, p in params.items()},
