@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     log(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} on "
         f"{os.cpu_count()} CPUs, {args.clock} clock"
+        + ("" if args.no_compile else f", inductor's CPU kernels: {step_overhead.inductor_isa()}")
     )
     if load > (os.cpu_count() or 1):
         log(

@@ -523,6 +523,15 @@ def time_workload(
     }
 
 
+def inductor_isa() -> str:
+    """The vector instructions inductor's CPU kernels use here (its dry-compile probe's choice):
+    where the probe fails, every compiled kernel runs scalar, several times slower."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    return str(isa) if isa else "none found (scalar loops: the compiled rows are not comparable)"
+
+
 def _loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -1426,10 +1435,11 @@ def main() -> None:
     mem_warmup = min(args.memory_warmup, 2) if args.quick else args.memory_warmup
 
     on = f"{torch.cuda.get_device_name(device)} ({device}), " if device.type == "cuda" else ""
+    compiles = device.type == "cpu" and any(i in COMPILED for i in impls) and not args.matrix
     print(
         f"torch {torch.__version__}, {on}{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
         f"reps={reps}; clock={args.clock}; workloads={','.join(workloads)}; load average at start "
-        f"{_loadavg()}"
+        f"{_loadavg()}" + (f"; inductor's CPU kernels: {inductor_isa()}" if compiles else "")
     )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
     if args.matrix and args.calls:

@@ -235,7 +235,7 @@ def _update(
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
     norms = (
         extras.norms.sharing(grad_list, grad_norm)
-        if grad_norm is not None and not functional()
+        if grad_norm is not None and not under_vmap()
         else extras.norms
     )
     # a donated step's gradients are its own unless a hook handed one in (it may keep it); the
