@@ -29,6 +29,10 @@ All three give the bits of the body, which the compiled and stacked front doors 
 compare them). What is decided per step: the skip flag (read on the host for CPU tensors), the
 window's end, schedule values, counters, the RNG swap, the binding, and the checks cheap enough
 to keep (the write check, the layout check, the donation check, an async save's hold).
+
+A stacked state's program is a `MembersProgram`: its members' forward under vmap (or one after
+another) and backward, then the update on the stacked tensors, planned for the default optimizers
+(`functrain.optim.planned.MembersPlanner`), else `functrain.core.stacked_step`'s.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from functrain.core.stacked_step import (
     stacked_train_step,
 )
 from functrain.core.state import TrainState
-from functrain.core.structure import grad_hooks, sparse_parameters
+from functrain.core.structure import sparse_parameters
 from functrain.layout import in_layouts_of
 from functrain.optim.base import (
     NO_EXTRAS,
@@ -93,7 +97,20 @@ DONATED = "functrain.train_step(..., donate=True)"
 _DETACH, _LEAF, _STRIDE = torch.Tensor.detach, torch.Tensor.requires_grad_, torch.Tensor.stride
 
 
-class StepProgram:
+class _Decided:
+    """What a program holds is configuration: a copied state's program is the same object (a
+    copy would replace torch's device generator it holds by one nothing draws from)."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> _Decided:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Decided:
+        return self
+
+
+class StepProgram(_Decided):
     """What a configuration's eager step decided once (`program_for`); `run` is the step."""
 
     __slots__ = (
@@ -149,14 +166,6 @@ class StepProgram:
         self.averages = state.ema_state is not None and state.averager is not None  # an EMA
         # its update where every average moves (an EMA of the parameters alone), else None
         self.averaging = averaging_of(state.averager) if self.averages else None
-
-    def __copy__(self) -> StepProgram:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> StepProgram:
-        # a copied state's program is its own: what it holds is configuration and torch's device
-        # generator, which a copy would replace by a generator nothing draws from
-        return self
 
     def run(
         self, state: TrainState, batch: Any, donate: bool
@@ -317,11 +326,7 @@ class StepProgram:
         """The counters after the batch; with accumulation, ``completed``: whether a window ended
         (the body's `_counters`, op for op)."""
         if self.window == 1:
-            # one foreach op for the three counters every batch advances, not one op each
-            counters = torch._foreach_add(
-                [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
-            )
-            return {"step": counters[0], "epoch_step": counters[1], "samples_seen": counters[2]}
+            return _advanced(state, samples)
         micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
         if ran.ended is not None:  # known on the host: no select, one foreach op
             # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
@@ -388,16 +393,39 @@ class StepProgram:
         if lr is not seen or seen_f is None:
             seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
             self.lr_seen = (lr, seen_f)
-        if flag is None:
-            flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
-        return {
-            "loss": loss if loss.dtype == torch.float32 else loss.float(),
-            "grad_norm": norm,
-            "lr": seen_f,
-            **({} if self.rates is None else {k: v.float() for k, v in self.rates(opt).items()}),
-            "skipped": flag,
-            **aux,
-        }
+        rates = {} if self.rates is None else {k: v.float() for k, v in self.rates(opt).items()}
+        return _step_metrics(loss, norm, seen_f, rates, flag, skipped, aux)
+
+
+def _advanced(state: TrainState, samples: int) -> dict[str, torch.Tensor]:
+    """The counters every batch advances: one foreach op for the three, not one op each."""
+    step, epoch_step, samples_seen = torch._foreach_add(
+        [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
+    )
+    return {"step": step, "epoch_step": epoch_step, "samples_seen": samples_seen}
+
+
+def _step_metrics(
+    loss: torch.Tensor,
+    norm: torch.Tensor,
+    lr: torch.Tensor,
+    rates: dict[str, torch.Tensor],
+    flag: torch.Tensor | None,
+    skipped: torch.Tensor | None,
+    aux: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The body's metrics, in its order: loss, norm, rate (float32), each group's rate, the skip
+    flag (`flag` where the update made its float32, else from `skipped`), the loss function's."""
+    if flag is None:
+        flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
+    return {
+        "loss": loss if loss.dtype == torch.float32 else loss.float(),
+        "grad_norm": norm,
+        "lr": lr,
+        **rates,
+        "skipped": flag,
+        **aux,
+    }
 
 
 def program_for(state: TrainState) -> StepProgram | MembersProgram | None:
@@ -433,17 +461,8 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     `chain` after `clip_by_global_norm` around planned ones), else its own update (`_updating`).
     None: the body's update (`_with_body`).
     """
-    options = state.options
     planner = planner_of(state.tx)
-    if (
-        state.dist is not None
-        or state.grad_stats is not None
-        or options.precision == "fp16"
-        or sparse_parameters(state.module)
-        or not all(
-            type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
-        )
-    ):
+    if _in_general(state) or state.grad_stats is not None or sparse_parameters(state.module):
         return None, "general", False
     runner = planner(state.params, state.opt_state) if planner is not None else None
     if runner is not None and not isinstance(runner, Prelude):
@@ -512,22 +531,21 @@ def _updating(state: TrainState) -> Runner | None:
     return run
 
 
-class MembersProgram:
+class MembersProgram(_Decided):
     """A stacked state's eager step (`functrain.core.stacked_step`), decided once (`program_for`).
 
     `run` is the step: the members' random streams and train mode (`StackedScope`), their
     forward under vmap (or one after another, `members_apart`, decided once) and the backward
     (`member_gradients`), then the update. Where the transform plans its update on the members'
     tensors (`functrain.optim.base.members_planner_of`: `skip_nonfinite` around the fused
-    ``adamw``/``adam``/``sgd``/``adagrad``, the default) and the state keeps no gradient
-    statistics, no process group, no fp16 loss scale, no accumulation window and no sweep,
+    ``adamw``/``adam``/``sgd``/``adagrad``, the default; `_members_runner` says when),
     `_planned` runs it: each member's norm, its `Runner` (the flags, one kernel call where no
     member skips), the EMA, counters and metrics, with the body's decisions made once; bit for
     bit the body's (`functrain.core.body.apply`). Any other configuration runs
     `stacked_train_step`.
     """
 
-    __slots__ = ("runner", "apart", "members", "strides", "norms", "hooks", "guard_buffers")
+    __slots__ = ("runner", "apart", "members", "strides", "norms", "guard_buffers")
 
     def __init__(self, state: TrainState) -> None:
         self.members = state.members
@@ -537,16 +555,8 @@ class MembersProgram:
         # the layout the gradients must have (as `.grad` would hold them): else laid out first
         self.strides = [p.stride() for p in state.params.values()]
         self.norms = Norms(members=self.members)  # each member's norm, ``[K]``
-        # a gradient a hook handed in may be kept by it: never written
-        self.hooks = bool(grad_hooks(state.module, list(state.params)))
         options = state.options
         self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
-
-    def __copy__(self) -> MembersProgram:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> MembersProgram:
-        return self  # configuration only: a copied state's program is the same
 
     def run(
         self, state: TrainState, batch: Any, donate: bool
@@ -585,7 +595,8 @@ class MembersProgram:
                 grads = in_layouts_of(grads, params)
             norm = global_norm(grads, self.norms)  # each member's
             try:
-                ran = runner(grads, params, state.opt_state, norm, donate and not self.hooks, None)
+                # (`functrain.stack` refuses gradient hooks: the gradients are the step's own)
+                ran = runner(grads, params, state.opt_state, norm, donate, None)
                 updated = True
             except BaseException as error:
                 if donate:  # the update may have written some of the state's tensors
@@ -624,9 +635,6 @@ class MembersProgram:
         if buffers and self.guard_buffers:  # each member's kept where its batch made it NaN
             buffers = finite_buffers(buffers, state.buffers, self.members)
         skipped = ran.skipped
-        counters = torch._foreach_add(
-            [state.step, state.epoch_step, state.samples_seen], [1, 1, samples_in(batch)]
-        )
         ema_state = None
         if state.ema_state is not None:
             extras = Extras(in_place=donate, norms=self.norms)
@@ -636,46 +644,40 @@ class MembersProgram:
             "params": params,
             "buffers": buffers,
             "opt_state": ran.state,
-            "step": counters[0],
+            **_advanced(state, samples_in(batch)),
             "micro_step": state.micro_step,
-            "epoch_step": counters[1],
-            "samples_seen": counters[2],
             "skipped": state.skipped + skipped if skipped is not None else state.skipped,
             "ema_state": ema_state,
         }
-        lr = ran.lr
-        metrics = {
-            "loss": losses if losses.dtype == torch.float32 else losses.float(),
-            "grad_norm": norm,
-            "lr": lr.float() if lr is not None else torch.full((), float("nan")),
-            "skipped": skipped.float()
-            if skipped is not None
-            else torch.zeros((), device=losses.device),
-            **aux,
-        }
-        return new, metrics
+        lr = ran.lr.float() if ran.lr is not None else torch.full((), float("nan"))
+        return new, _step_metrics(losses, norm, lr, {}, None, skipped, aux)
 
 
 def _members_runner(state: TrainState) -> Runner | None:
     """The update's members `Runner` for a stacked `state`, or None: `stacked_train_step`.
 
     Planned where the update runs on the stacked tensors (`stacked_step.updates_stacked`: no
-    gradient statistics, a member-aware EMA) and its transform declares a members planner that plans
-    them, without a process group, an fp16 loss scale, an accumulation window, a sweep (its
-    member's value is entered around the body) or buffers and frozen tensors of a subclass.
+    gradient statistics, a member-aware EMA), its transform's members planner plans them, and
+    neither `_in_general` nor an accumulation window holds.
     """
-    options = state.options
     planner = members_planner_of(state.tx)
     if (
         planner is None
-        or not stacked_step.updates_stacked(state)  # (looked up here: tests replace it)
-        or state.dist is not None
-        or options.precision == "fp16"
-        or options.accumulate_steps > 1
-        or holds_sweep(state.tx)
-        or not all(
-            type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
-        )
+        or not stacked_step.updates_stacked(state)
+        or _in_general(state)
+        or state.options.accumulate_steps > 1
     ):
         return None
     return planner(state.params, state.opt_state, state.members)
+
+
+def _in_general(state: TrainState) -> bool:
+    """Whether `state`'s update runs the body's whatever its transform: a process group's
+    collectives, an fp16 loss scale, buffers or frozen tensors of a tensor subclass."""
+    return (
+        state.dist is not None
+        or state.options.precision == "fp16"
+        or not all(
+            type(t) is torch.Tensor for t in (*state.frozen.values(), *state.buffers.values())
+        )
+    )

@@ -12,11 +12,15 @@ A stacked step runs in three parts, each at the cost of one batched computation 
    the sum of the members' losses: member k's loss depends on member k's slices only, so its
    gradient with respect to the stacked tensors is every member's own gradient.
 3. **The update** runs on the stacked tensors themselves when the optimizer is member-aware
-   (`functrain.optim.base.ExtrasUpdate.members`: the fused Adam/AdamW/SGD/Adagrad kernels and
-   `skip_nonfinite`, so the default optimizers) and the state has no EMA: one call for all
-   members, each member's norm, skip flag, step count and swept rate kept its own
+   (`functrain.optim.base.ExtrasUpdate.members`: the fused Adam/AdamW/SGD/Adagrad kernels,
+   `skip_nonfinite`, clipping, accumulation, so the default optimizers) and so is the EMA: one
+   call for all members, each member's norm, skip flag, step count and swept rate kept its own
    (`functrain.optim.base.Extras.members`), and a donated step writes into the given tensors.
    Any other transform runs under vmap again, one member's slices per call.
+
+An eager step runs as the state's `functrain.core.program.MembersProgram`, which decides once what
+this module decides at each call and, for the default optimizers, runs their update planned
+(`functrain.optim.planned.MembersPlanner`); `compile_step` traces `stacked_body`.
 
 Each member's numbers compared with the member trained alone, without dropout: the gradients are
 equal to float rounding (batched products round differently: the tests check 1e-5 relative), and
@@ -373,17 +377,19 @@ def learned_module_order(error: BaseException, state: StepState) -> bool:
     Then `in_module_order` holds for `state`'s configuration from now on, and the step is run
     again. False for any other error, and once the configuration already reads its weights so.
     """
-    if in_module_order(state) or not any(_transposed(p) for p in state.params.values()):
-        return False
     seen: BaseException | None = error
-    while seen is not None:
-        if any(words in str(seen) for words in _VIEW_REFUSED):
-            if len(_MODULE_ORDER) >= 64:
-                _MODULE_ORDER.clear()
-            _MODULE_ORDER[(id(state.module), id(state.loss_fn))] = (state.module, state.loss_fn)
-            return True
+    while seen is not None and not any(words in str(seen) for words in _VIEW_REFUSED):
         seen = seen.__cause__ or seen.__context__
-    return False
+    # (torch's refusal first: any other error, one raised after a donated state was retired
+    # included, is the caller's to see as it is)
+    if seen is None or in_module_order(state):
+        return False
+    if not any(_transposed(p) for p in state.params.values()):
+        return False
+    if len(_MODULE_ORDER) >= 64:
+        _MODULE_ORDER.clear()
+    _MODULE_ORDER[(id(state.module), id(state.loss_fn))] = (state.module, state.loss_fn)
+    return True
 
 
 def again_in_module_order(state: StepState, run: Callable[[], _T]) -> _T:

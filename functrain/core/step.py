@@ -8,10 +8,11 @@ draws from the state's own generator state, which the step swaps in and out arou
 computation (`functrain.core.scope`), so the same state and batch give bit-identical results and
 the caller's global RNG is left as it was.
 
-An eager step runs its configuration's program (`functrain.core.program`), decided once and carried
-by the states it returns; a stacked state's step goes to `functrain.core.stacked`, and a traced
-one (``torch.compile(train_step)``) runs the step body (`functrain.core.body`) in its scope,
-donated or not (`functrain.core.donation`).
+An eager step runs its configuration's program (`functrain.core.program`: a stacked state's is a
+`MembersProgram`), decided once and carried by the states it returns; a traced one
+(``torch.compile(train_step)``) or one under ``torch.func.vmap`` runs the step body
+(`functrain.core.body`, a stacked state's `functrain.core.stacked_step`) in its scope, donated or
+not (`functrain.core.donation`).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def _differentiable_step(
 def _train_step(
     state: TrainState, batch: Any, donate: bool
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """`train_step` of a state that runs no program: stacked, sharded, or traced."""
+    """`train_step` of a state that runs no program: traced, under vmap, or sharded."""
     if state.members:
         result = stacked_train_step(state, batch, donate=donate)
         if donate:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
 from functrain.errors import config_check
 from functrain.optim.base import Mask
 from functrain.tree import (
@@ -12,7 +17,10 @@ from functrain.tree import (
 
 __all__ = [
     "resolve_mask",
+    "resolved_once",
 ]
+
+_R = TypeVar("_R")
 
 
 def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
@@ -33,3 +41,34 @@ def resolve_mask(mask: Mask, params: Tree) -> tuple[bool, ...] | None:
             [f"mask must have one bool per parameter ({len(leaves)}), got {len(flags)}"], "mask"
         )
     return tuple(bool(f) for f in flags)
+
+
+def resolved_once(
+    resolve: Callable[[dict[str, torch.Tensor]], _R], params: dict[str, Any]
+) -> _R | None:
+    """`resolve(params)` where a planned update may decide it once for the states it runs on, else
+    None (the update then resolves it at every call, as ``update`` does).
+
+    A mask or a partition's labels given as a function of ``(name, param)`` is called by
+    ``update`` at every call; a planned update (`functrain.optim.planned`) resolves it once, for a
+    configuration: what it decides must follow from the parameters' names, shapes and dtypes
+    alone. It is resolved again on meta-device stand-ins of the parameters, which hold no values:
+    a function that reads values raises there or answers otherwise, and gets None.
+
+    Example:
+        >>> params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+        >>> resolved_once(lambda ps: resolve_mask(lambda n, p: p.ndim > 1, ps), params)
+        (True, False)
+        >>> print(resolved_once(lambda ps: resolve_mask(lambda n, p: p.sum() > 1, ps), params))
+        None
+    """
+    found = resolve(params)
+    stand_ins = {
+        k: torch.empty_like(p, device="meta") if isinstance(p, torch.Tensor) else p
+        for k, p in params.items()
+    }
+    try:
+        again = resolve(stand_ins)
+    except Exception:  # (a function of the values: a meta tensor has none to give)
+        return None
+    return found if again == found else None

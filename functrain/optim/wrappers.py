@@ -37,7 +37,7 @@ from functrain.optim.base import (
     writes_in_place,
 )
 from functrain.optim.batching import under_vmap
-from functrain.optim.masks import resolve_mask
+from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.metrics import metric_reader, transform_metrics, walk_states
 from functrain.optim.naming import named
 from functrain.optim.planned import Prelude, Ran, Runner, selected
@@ -444,7 +444,11 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
         # the group's gradients and report flags the step reads in the body's order (unplanned)
         if any(set(transform_metrics(s)) - {"lr"} for s in state.inner):
             return None
-        found, names = _labels_of(labels, params, known), list(params)
+        # decided once: labels of the parameters' names and shapes (`resolved_once`)
+        found = resolved_once(lambda given: _labels_of(labels, given, known), params)
+        if found is None:
+            return None
+        names = list(params)
         leaves = list(params.values())
         groups = []
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
@@ -610,22 +614,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         new_updates, inner_state, report = _update_where(
             inner, finite if keep is None else finite & keep, updates, state.inner, params, extras
         )
-        skipped = ~finite
-        # a bool adds as 0 or 1; a Python 0 takes the tensor's dtype: fewer small ops per step
-        counts = (
-            skipped,
-            state.total_skipped + skipped,
-            torch.where(finite, 0, state.consecutive + 1),
-        )
-        if keep is not None:
-            # gated (under `accumulate`): between window ends the counts stay put too
-            now, total, consecutive = counts
-            counts = (
-                torch.where(keep, now, state.skipped),
-                torch.where(keep, total, state.total_skipped),
-                torch.where(keep, consecutive, state.consecutive),
-            )
-        new_state = SkipNonfiniteState(inner_state, *counts, state.max_consecutive)
+        new_state = _counted(finite, state, keep, inner_state)
         _check_limit_now(new_state, cap)
         return new_updates, new_state, report
 
@@ -703,6 +692,29 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
     return Transform(init_fn, update, gated=True)
 
 
+def _counted(
+    finite: torch.Tensor, state: SkipNonfiniteState, keep: torch.Tensor | None, inner: Tree
+) -> SkipNonfiniteState:
+    """`skip_nonfinite`'s state after an update whose gradients were `finite` (0-d, or a stacked
+    state's ``[K]``): `inner`, the flag, the total and the run of skips; gated by `keep` (under
+    `accumulate`: between window ends the counts stay put)."""
+    skipped = ~finite
+    # a bool adds as 0 or 1; a Python 0 takes the tensor's dtype: fewer small ops per step
+    counts = (
+        skipped,
+        state.total_skipped + skipped,
+        torch.where(finite, 0, state.consecutive + 1),
+    )
+    if keep is not None:
+        now, total, consecutive = counts
+        counts = (
+            torch.where(keep, now, state.skipped),
+            torch.where(keep, total, state.total_skipped),
+            torch.where(keep, consecutive, state.consecutive),
+        )
+    return SkipNonfiniteState(inner, *counts, state.max_consecutive)
+
+
 def _members_gated(run_inner: Runner, cap: int) -> Runner:
     """`skip_nonfinite`'s runner on a stacked state's tensors, around a gated inner runner: each
     member's flag from its own norm (``[K]``), the inner update run ungated where every member's
@@ -722,18 +734,7 @@ def _members_gated(run_inner: Runner, cap: int) -> Runner:
         gate = finite if keep is None else finite & keep
         # as `_update_where`: known to hold for every member, the update as it is
         ran = run_inner(grads, params, state.inner, norm, write, None if flag_value(gate) else gate)
-        skipped = ~finite
-        counts: tuple[torch.Tensor, ...] = (
-            skipped,
-            state.total_skipped + skipped,
-            torch.where(finite, 0, state.consecutive + 1),
-        )
-        if keep is not None:  # between window ends the counts stay put
-            old = (state.skipped, state.total_skipped, state.consecutive)
-            counts = tuple(torch.where(keep, n, o) for n, o in zip(counts, old, strict=True))
-        new_state = SkipNonfiniteState(
-            ran.state, counts[0], counts[1], counts[2], state.max_consecutive
-        )
+        new_state = _counted(finite, state, keep, ran.state)
         _check_limit_now(new_state, cap)
         return Ran(ran.params, new_state, ran.lr, new_state.skipped, None, ran.norm)
 

@@ -692,6 +692,9 @@ MEMBER_OPTIMIZERS: dict[str, Callable[[], Any]] = {
     "sgd_momentum": lambda: ft.sgd(0.1, momentum=0.9),
     "adagrad": lambda: ft.adagrad(0.1),
     "adamw_amsgrad": lambda: ft.adamw(1e-2, amsgrad=True, mask=lambda name, p: p.ndim > 1),
+    "sweeps": lambda: ft.adamw(
+        ft.sweep([1e-2, 3e-3, 1e-3]), weight_decay=ft.sweep([0.0, 0.1, 0.2])
+    ),
 }
 
 
@@ -758,9 +761,9 @@ def test_a_stacked_convolutional_state_runs_its_members_apart_in_its_program() -
         ("adamw", {"clip_grad_norm": 0.5}),
         ("adamw", {"accumulate_steps": 2}),
         ("rmsprop", {}),
-        ("sweep", {}),
+        ("value_mask", {}),
     ],
-    ids=["clip", "accumulate", "rmsprop", "sweep"],
+    ids=["clip", "accumulate", "rmsprop", "value_mask"],
 )
 def test_a_stacked_state_its_program_does_not_plan_runs_the_stacked_body(
     optimizer: str, options: dict[str, Any]
@@ -768,7 +771,7 @@ def test_a_stacked_state_its_program_does_not_plan_runs_the_stacked_body(
     make = {
         "adamw": MEMBER_OPTIMIZERS["adamw"],
         "rmsprop": lambda: ft.rmsprop(1e-2),
-        "sweep": lambda: ft.adamw(ft.sweep([1e-2, 3e-3, 1e-3])),
+        "value_mask": lambda: ft.adamw(1e-1, weight_decay=0.5, mask=_by_value),
     }[optimizer]
     data = member_batches(4, nan_at={1: 2})
     got = members_train(stacked(make, **options), data, program=True, donate=True)
@@ -796,3 +799,37 @@ def test_a_stacked_runs_consecutive_skips_stop_it_as_the_body_stops_it() -> None
         state, _ = members_train(state, data[:2], program=program, donate=False)
         with pytest.raises(ft.NonFiniteError):
             members_train(state, data[2:3], program=program, donate=False)
+
+
+def _by_value(name: str, p: torch.Tensor) -> bool:
+    """A weight-decay mask that reads the weights' values (an update resolves it at every call)."""
+    return bool(p.abs().mean() > 0.1)
+
+
+def test_a_mask_that_reads_the_weights_values_is_resolved_at_every_step() -> None:
+    # a planned update decides its mask once: a mask of values (not of names and shapes) is not
+    # planned, and the step resolves it at every call, as the body does
+    def make() -> Any:
+        return ft.adamw(1e-1, weight_decay=0.5, mask=_by_value)
+
+    data = batches(8)
+    got, got_m = train(make_mlp, make, data, planned=True, donate=True)
+    want, want_m = train(make_mlp, make, data, planned=False, donate=True)
+    assert stage(got) == "updated"
+    assert_trees_equal(want.tree(), got.tree(), "state")
+    assert_trees_equal(want_m, got_m, "metrics")
+    # a mask of names and shapes is planned
+    shaped, _ = train(
+        make_mlp, lambda: ft.adamw(1e-1, mask=lambda n, p: p.ndim > 1), data[:2], planned=True
+    )
+    assert planned(shaped)
+
+
+@pytest.mark.parametrize("options", [{"nonfinite": "halt"}, {"max_consecutive_nonfinite": 0}])
+def test_a_donated_stacked_step_that_halts_raises_its_own_error(options: dict[str, Any]) -> None:
+    # the error the update raised, not the retired state's (a donated state is retired by it)
+    state = stacked(MEMBER_OPTIMIZERS["adamw"], **options)
+    with pytest.raises(ft.NonFiniteError):
+        ft.train_step(state, member_batches(1, nan_at={0: 1})[0], donate=True)
+    with pytest.raises(ft.DonatedStateError):
+        ft.train_step(state, member_batches(1)[0])

@@ -56,7 +56,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_positive
-from functrain.optim.masks import resolve_mask
+from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner
 from functrain.optim.rates import as_float64, host_rate, value_at
 from functrain.optim.sweep import Sweep
@@ -248,8 +248,7 @@ def _begin(
     g, spec = flat_updates(updates, params)
     rate: torch.Tensor | float
     if callable(lr):
-        rate = value_at(lr, count)
-        rate_t = as_float64(rate, count.device)
+        rate, rate_t = _scheduled(lr, count, count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, last_lr
     if extras.rate_scales:
@@ -258,11 +257,12 @@ def _begin(
         rate = rate_t
         for scale in extras.rate_scales:
             rate = rate * scale
+        rate = _kernel_lr(rate)
     return _Step(
         g,
         tree_leaves(params),
         spec,
-        _kernel_lr(rate) if isinstance(rate, torch.Tensor) else rate,
+        rate,
         rate_t,
         count + 1 if keep is None else count + keep,  # a bool adds as 0 or 1
         None if keep is None else _found_inf(keep),
@@ -290,12 +290,22 @@ def _flags_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return flags
 
 
-def _last_lr(step: _Step, previous: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    return (
-        step.rate_t
-        if keep is None or step.rate_t is previous
-        else torch.where(keep, step.rate_t, previous)
-    )
+def _scheduled(
+    schedule: Any, count: torch.Tensor, device: torch.device
+) -> tuple[Any, torch.Tensor]:
+    """A schedule's rate at `count`: as the kernel takes it (a number, or a tensor), and as the
+    state keeps it (0-d float64 on `device`)."""
+    value = value_at(schedule, count)
+    rate_t = as_float64(value, device)
+    return (_kernel_lr(rate_t) if isinstance(value, torch.Tensor) else value), rate_t
+
+
+def _last_lr(
+    rate_t: torch.Tensor, previous: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """The rate the state keeps: this update's, or where `keep` says it was skipped, the one it
+    kept before."""
+    return rate_t if keep is None or rate_t is previous else torch.where(keep, rate_t, previous)
 
 
 def fused_adam(
@@ -358,7 +368,7 @@ def fused_adam(
             kernel, step, moments, _decays(mask, params, step.p), weight_decay, hyper, steps=True
         )
         return NewParams(new_p, step.spec), FusedAdamState(
-            step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step, state.lr, keep)
+            step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step.rate_t, state.lr, keep)
         )
 
     plans = _plans(
@@ -432,7 +442,7 @@ def fused_sgd(
             _SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper
         )
         return NewParams(new_p, step.spec), FusedSgdState(
-            step.count, tuple(buffers), _last_lr(step, state.lr, keep)
+            step.count, tuple(buffers), _last_lr(step.rate_t, state.lr, keep)
         )
 
     plans = _plans(
@@ -516,7 +526,7 @@ def fused_adagrad(
             steps=True,
         )
         return NewParams(new_p, step.spec), FusedAdagradState(
-            step.count, tuple(sums), _last_lr(step, state.lr, keep)
+            step.count, tuple(sums), _last_lr(step.rate_t, state.lr, keep)
         )
 
     plans = _plans(
@@ -993,7 +1003,10 @@ def _planner(
             or any(len(xs) not in (0, len(p)) for xs in buffers)
         ):
             return None
-        decays = _decays(mask, params, p)
+        # decided once: a mask of the parameters' names and shapes (`resolved_once`)
+        decays = resolved_once(lambda given: _decays(mask, given, list(given.values())), params)
+        if decays is None:
+            return None
         # `_by_groups`' calls: one on the whole lists, or one per (dtype, decayed or not)
         by_key: dict[tuple[torch.dtype, bool], list[int]] = defaultdict(list)
         for i, x in enumerate(p):
@@ -1028,9 +1041,7 @@ def _planner(
             if on_host is not None:  # (a CPU tensor: the kernel reads it as a double)
                 rate = rate_t = on_host(count)[0]
             elif schedule is not None:  # as `_begin`: a schedule's tensor goes to the kernel
-                rate = value_at(schedule, count)
-                rate_t = as_float64(rate, device)
-                rate = _kernel_lr(rate_t) if isinstance(rate, torch.Tensor) else rate
+                rate, rate_t = _scheduled(schedule, count, device)
             else:
                 rate, rate_t = lr, state.lr
             if write:
@@ -1045,11 +1056,7 @@ def _planner(
                     lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
                 steps = [counts * size] if counts else []
                 kernel.in_place(*lists, *steps, lr=rate, grad_scale=None, found_inf=flag, **options)
-            last = (
-                rate_t
-                if keep is None or rate_t is state.lr
-                else torch.where(keep, rate_t, state.lr)
-            )
+            last = _last_lr(rate_t, state.lr, keep)
             return Ran(new_p, rebuild(new_count, new_b, last), last, None, flag)
 
         return run
@@ -1097,8 +1104,9 @@ def _members_planner(
         p = list(params.values())
         if not p or not all(type(x) is torch.Tensor and is_dense(x) for x in p):
             return None
-        decays = _decays(mask, params, p)
-        if not _one_group(p, decays):
+        # decided once: a mask of the parameters' names and shapes (`resolved_once`)
+        decays = resolved_once(lambda given: _decays(mask, given, list(given.values())), params)
+        if decays is None or not _one_group(p, decays):
             return None
         layout = _members_layout(p)  # how one call walks them: the same for every state after
         decay = _decay_values(weight_decay) if decays[0] else [0.0]
@@ -1119,9 +1127,7 @@ def _members_planner(
             count = state.count
             rate: Any
             if schedule is not None:  # `_begin`'s rate: the schedule's tensor to the kernel
-                rate = value_at(schedule, count)
-                rate_t = as_float64(rate, count.device)
-                rate = _kernel_lr(rate) if isinstance(rate, torch.Tensor) else rate
+                rate, rate_t = _scheduled(schedule, count, count.device)
             else:
                 rate, rate_t = lr, state.lr
             new_count = count + 1 if keep is None else count + keep
@@ -1143,11 +1149,7 @@ def _members_planner(
                 },
                 layout,
             )
-            last = (
-                rate_t
-                if keep is None or rate_t is state.lr
-                else torch.where(keep, rate_t, state.lr)
-            )
+            last = _last_lr(rate_t, state.lr, keep)
             return Ran(new_p, rebuild(new_count, new_b, last), last, None, found_inf)
 
         return run
