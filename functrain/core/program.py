@@ -282,7 +282,10 @@ class StepProgram(_Decided):
         params = dict(zip(state.params, ran.params))
         if buffers:
             buffers = self._finite(buffers, state.buffers)
-        changes = self._counters(state, ran, samples_in(batch))
+        samples = samples_in(batch)
+        changes = (
+            _advanced(state, samples) if self.window == 1 else self._counters(state, ran, samples)
+        )
         applied = None if skipped is None else ~skipped
         completed = changes.pop("completed", None)
         if completed is not None:  # the EMA moves where a window ended and was applied
@@ -307,7 +310,16 @@ class StepProgram(_Decided):
             state.retire(DONATED)
         assert norm is not None  # the step's, or its window's (`Ran.norm`)
         # (the loss is detached already: `functrain.core.gradient.backward`)
-        return new, self._metrics(loss, norm, ran.lr, skipped, ran.flag, aux, ran.state)
+        # the rate as a float32 metric: a constant rate's made once (one op a step saved)
+        lr, (seen, seen_f) = ran.lr, self.lr_seen
+        if lr is not seen or seen_f is None:
+            seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
+            self.lr_seen = (lr, seen_f)
+        # each parameter group's rate, read where the new optimizer state holds it
+        rates = (
+            {} if self.rates is None else {k: v.float() for k, v in self.rates(ran.state).items()}
+        )
+        return new, _step_metrics(loss, norm, seen_f, rates, ran.flag, skipped, aux)
 
     def _update(
         self,
@@ -323,10 +335,8 @@ class StepProgram(_Decided):
         return runner(grads, params, opt_state, norm, donate and not self.hooks)
 
     def _counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
-        """The counters after the batch; with accumulation, ``completed``: whether a window ended
-        (the body's `_counters`, op for op)."""
-        if self.window == 1:
-            return _advanced(state, samples)
+        """The counters after a micro-batch of an accumulation window (without one: `_advanced`),
+        and ``completed``: whether the window ended (the body's `_counters`, op for op)."""
         micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
         if ran.ended is not None:  # known on the host: no select, one foreach op
             # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
@@ -376,25 +386,6 @@ class StepProgram(_Decided):
     ) -> dict[str, torch.Tensor]:
         """The new buffers, each floating one kept as it was where the batch made it non-finite."""
         return finite_buffers(buffers, old) if self.guard_buffers else buffers
-
-    def _metrics(
-        self,
-        loss: torch.Tensor,
-        norm: torch.Tensor,
-        lr: torch.Tensor | None,
-        skipped: torch.Tensor | None,
-        flag: torch.Tensor | None,
-        aux: dict[str, torch.Tensor],
-        opt: Any,
-    ) -> dict[str, torch.Tensor]:
-        """The body's metrics, in its order: loss, norm, rate, each group's rate, skip flag, the
-        loss function's (`opt`: the new optimizer state, which holds the groups' rates)."""
-        seen, seen_f = self.lr_seen
-        if lr is not seen or seen_f is None:
-            seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
-            self.lr_seen = (lr, seen_f)
-        rates = {} if self.rates is None else {k: v.float() for k, v in self.rates(opt).items()}
-        return _step_metrics(loss, norm, seen_f, rates, flag, skipped, aux)
 
 
 def _advanced(state: TrainState, samples: int) -> dict[str, torch.Tensor]:

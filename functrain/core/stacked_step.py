@@ -56,7 +56,7 @@ from functrain.errors import BatchError, ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras, runs_on_members
 from functrain.optim.batching import STACKED
 from functrain.optim.sweep import enter_member, leave_member
-from functrain.tree import tree_flatten, tree_unflatten
+from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = [
     "PerMember",
@@ -175,8 +175,9 @@ def tensor_leaves(result: Any, out: dict[str, Any]) -> list[torch.Tensor]:
 
 def _tensors(parts: tuple, members: int, device: torch.device) -> list[torch.Tensor]:
     """The tensor leaves of `parts`, then the members' indices (what `member_function`'s takes)."""
+    # (the leaves alone: no spec built at every call)
     return [
-        *(x for x in tree_flatten(parts)[0] if isinstance(x, torch.Tensor)),
+        *(x for x in tree_leaves(parts) if isinstance(x, torch.Tensor)),
         torch.arange(members, device=device),
     ]
 
