@@ -797,8 +797,10 @@ class _Members(NamedTuple):
 def _members_layout(params: list[torch.Tensor]) -> _Members:
     """`_Members` of stacked `params` (dense: a planned runner's)."""
     whole = [_walked_alike(p) for p in params]
-    taken = [p for p, w in zip(params, whole) if w]
-    taken += [s for p, w in zip(params, whole) if not w for s in p.unbind(0)]
+    # the slices' layouts, of meta stand-ins (a traced step's graph gets no slices from this)
+    meta = [torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="meta") for p in params]
+    taken = [m for m, w in zip(meta, whole) if w]
+    taken += [s for m, w in zip(meta, whole) if not w for s in m.unbind(0)]
     return _Members(whole, _flat_indices(taken))
 
 
@@ -871,12 +873,12 @@ def _walked_alike(p: torch.Tensor) -> bool:
     of a whole number of vectors, one call over the stacked tensor puts no member element in a
     tail it would not be in alone, and every member's update is the one it gets alone, bit for bit.
     """
-    member = p[0]
+    member = p.numel() // p.shape[0]  # (no slice taken: a traced step's graph holds none)
     return (
         p.is_cpu
-        and p.stride(0) == member.numel()
+        and p.stride(0) == member
         and is_dense(p)
-        and member.numel() * p.element_size() % _VECTOR_BYTES == 0
+        and member * p.element_size() % _VECTOR_BYTES == 0
     )
 
 
@@ -955,10 +957,13 @@ def _traced_stacked(
         for xs in buffers
     ]
     lr = options["lr"]
+    # decided here, once per trace: the op gets its tensors in these strides (its tag), so how
+    # its call walks them is decided with them
+    layout = _members_layout(params)
     torch.ops.functrain.fused_update_members_(
         kernel.name,
         params,
-        grads,
+        in_layouts_of(grads, params),
         [x for xs in buffers for x in xs],
         [len(xs) for xs in buffers],
         count,
@@ -967,6 +972,8 @@ def _traced_stacked(
         options["found_inf"],
         list(options["weight_decay"]),
         [float(options[name]) for name in kernel.hyper],
+        layout.whole,
+        layout.flat,
     )
     return list(params), [list(xs) for xs in buffers]
 
@@ -1371,30 +1378,33 @@ def _fused_members_op(
     found_inf: torch.Tensor | None,
     weight_decay: list[float],
     hyper: list[float],
+    whole: list[bool],
+    flat: list[bool],
 ) -> None:
     """A stacked state's update (`_on_members`) written into `params` and `buffers`.
 
     The tensors are the stacked ones (the members' dimension first); `step`, `found_inf` and a
     swept `lr` are ``[K]``, `weight_decay` one value per member or one for all. One op for all
     members, in place: a donated compiled step hands it the graph's inputs (inductor then writes
-    into them where they lie), a pure one fresh copies. The kernel pairs elements in memory order:
-    a buffer in another layout than its parameter is updated through a copy in its parameter's.
+    into them where they lie), a pure one fresh copies. `_traced_stacked` lays the gradients and
+    buffers out as their parameters and decides how the call walks them (`whole`, `flat`:
+    `_Members`) when it traces the op, which receives its tensors in the traced strides (its
+    tag): nothing about them is asked again here.
     """
     spec = _KERNELS[kernel]
-    walkable, laid = _laid_for_writing(params, buffers)
     options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
     _on_members(
         spec,
-        (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
+        (params, grads, *_split(buffers, counts)),
         step,
         {**options, "weight_decay": tuple(weight_decay)},
         params[0].shape[0],
+        _Members(whole, flat),
     )
-    _copy_back(params + buffers, walkable + laid)
 
 
 def _writes_nothing_new(
-    kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper
+    kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper, *_
 ):
     return None
 
@@ -1408,11 +1418,16 @@ _IN_PLACE_ARGS = (
     "float[] hyper) -> ()"
 )
 _LIBRARY = torch.library.Library("functrain", "FRAGMENT")
-for _name, _impl in (
-    ("fused_update_", _fused_update_in_place_op),
-    ("fused_update_members_", _fused_members_op),
+for _name, _impl, _args in (
+    ("fused_update_", _fused_update_in_place_op, _IN_PLACE_ARGS),
+    # and how the call walks the members' slices (`_Members`), decided where it was traced
+    (
+        "fused_update_members_",
+        _fused_members_op,
+        _IN_PLACE_ARGS.replace(") -> ()", ", bool[] whole, bool[] flat) -> ()"),
+    ),
 ):
-    _LIBRARY.define(_name + _IN_PLACE_ARGS, tags=(_EXACT_STRIDES,))
+    _LIBRARY.define(_name + _args, tags=(_EXACT_STRIDES,))
     _LIBRARY.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"functrain::{_name}", _writes_nothing_new, lib=_LIBRARY)
 
