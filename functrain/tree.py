@@ -190,10 +190,6 @@ class Norms(NamedTuple):
             (tensor(5.), tensor(5.))
         """
         items = tuple(tensors)
-        if torch.compiler.is_compiling():
-            # a traced step writes no tensor in place (its graph is functional): the tensors
-            # themselves say it, and their versions do not trace
-            return self._replace(shared=(items, (), norm))
         return self._replace(shared=(items, tuple(t._version for t in items), norm))
 
 
@@ -217,6 +213,11 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     """
     if not tensors:
         return torch.zeros(())
+    if torch.compiler.is_compiling() and not norms.members:
+        # per-tensor norms lower into the graph's own kernels (and a repeat is folded away);
+        # the foreach op would run as an opaque call each time it appears. (A sharded step's
+        # update always runs eagerly, compiled steps' included.)
+        return _per_tensor_norm(tensors)
     shared = norms.shared
     if shared is not None and _same_tensors(shared[0], shared[1], tensors):
         return shared[2]
@@ -345,9 +346,4 @@ def _same_tensors(
 ) -> bool:
     if len(items) != len(tensors):
         return False
-    if not versions:  # shared in a traced step (`Norms.sharing`): the same tensors suffice
-        for a, b in zip(items, tensors):  # (a loop: torch.compile traces it whole)
-            if a is not b:
-                return False
-        return True
     return all(a is b and a._version == v for a, b, v in zip(items, tensors, versions))

@@ -233,9 +233,11 @@ def _update(
     # which it measures itself: the micro-batch's would be measured for nothing
     grad_norm = None if state.options.accumulate_steps > 1 else extras.global_norm(grad_list)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
+    # (eagerly: traced, a tensor's version counter does not trace, and without it a transform's
+    # write in place would go unseen; each use measures, and the graph folds a repeat away)
     norms = (
         extras.norms.sharing(grad_list, grad_norm)
-        if grad_norm is not None and not under_vmap()
+        if grad_norm is not None and not functional()
         else extras.norms
     )
     # a donated step's gradients are its own unless a hook handed one in (it may keep it); the

@@ -63,11 +63,11 @@ def resolved_once(
         None
     """
     found = resolve(params)
-    stand_ins = {
-        k: torch.empty_like(p, device="meta") if isinstance(p, torch.Tensor) else p
-        for k, p in params.items()
-    }
     try:
+        stand_ins = {
+            k: torch.empty_like(p, device="meta") if isinstance(p, torch.Tensor) else p
+            for k, p in params.items()
+        }
         again = resolve(stand_ins)
     except Exception:  # (a function of the values: a meta tensor has none to give)
         return None

@@ -591,3 +591,33 @@ def test_a_donated_compiled_step_updates_the_given_tensors_where_they_lie() -> N
     assert "aten::clone" not in calls and calls.get("aten::copy_", 0) <= 2
     pure, _ = step(pure, batches[1])
     ft.testing.assert_states_equal(donated, pure)
+
+
+def _scaled_in_place(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    for g in updates.values():
+        g.mul_(100.0)  # a transform of the user's that writes into the gradients it is given
+    return updates, state
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_compiled_step_measures_gradients_a_transform_wrote_in_place_again(backend: str) -> None:
+    # the step's norm is not reused after a write in place (traced, no version counter says it)
+    tx = ft.chain(
+        ft.Transform(lambda p: ft.EmptyState(), _scaled_in_place),
+        ft.clip_by_global_norm(1.0),
+        ft.sgd(0.1),
+    )
+    torch.manual_seed(0)
+    state = ft.TrainState.create(
+        nn.Linear(4, 2), tx, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])
+    )
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
+    eager, _ = ft.train_step(state, batch)
+    compiled, _ = ft.compile_step(backend=backend)(state, batch)
+    assert float(eager.opt_state.inner[1].grad_norm) > 10.0  # the scaled gradients' norm
+    torch.testing.assert_close(
+        compiled.opt_state.inner[1].grad_norm, eager.opt_state.inner[1].grad_norm
+    )
+    for name, p in eager.params.items():
+        torch.testing.assert_close(compiled.params[name], p)

@@ -624,3 +624,27 @@ def test_two_configurations_whose_compiled_steps_break_apart_keep_their_own_grap
         compiled, _ = run(stacked, data, ft.compile_step(backend="eager"))
         eager, _ = run(stacked, data)
         ft.testing.assert_states_equal(compiled.params, eager.params)
+
+
+def test_the_stacked_update_op_lays_out_tensors_it_gets_in_other_strides():
+    # the op is told how to walk the traced strides; given others (a backend that does not
+    # honour its tag), it lays them out as their parameters first: the same update
+    from functrain.optim.rules import fused
+
+    members = 2
+    p = torch.randn(members, 5, 3)
+    grad = torch.randn(members, 5, 3)
+
+    def updated(g: torch.Tensor) -> torch.Tensor:
+        q = p.clone()
+        layout = fused._members_layout([q])
+        torch.ops.functrain.fused_update_members_(
+            "adamw", [q], [g], [torch.zeros_like(q), torch.zeros_like(q)], [1, 1, 0],
+            torch.ones(members), None, 0.1, None, [0.0], [0.9, 0.999, 1e-8, 0.0, 0.0],
+            layout.whole, layout.flat,
+        )  # fmt: skip
+        return q
+
+    transposed = grad.transpose(1, 2).contiguous().transpose(1, 2)  # the same values
+    assert transposed.stride() != grad.stride()
+    assert torch.equal(updated(grad), updated(transposed))

@@ -797,7 +797,8 @@ class _Members(NamedTuple):
 def _members_layout(params: list[torch.Tensor]) -> _Members:
     """`_Members` of stacked `params` (dense: a planned runner's)."""
     whole = [_walked_alike(p) for p in params]
-    # the slices' layouts, of meta stand-ins (a traced step's graph gets no slices from this)
+    # the slices' layouts, of meta stand-ins (traced, nothing of the step's tensors is sliced; the
+    # stand-ins' nodes compute nothing the graph uses)
     meta = [torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="meta") for p in params]
     taken = [m for m, w in zip(meta, whole) if w]
     taken += [s for m, w in zip(meta, whole) if not w for s in m.unbind(0)]
@@ -1389,17 +1390,35 @@ def _fused_members_op(
     into them where they lie), a pure one fresh copies. `_traced_stacked` lays the gradients and
     buffers out as their parameters and decides how the call walks them (`whole`, `flat`:
     `_Members`) when it traces the op, which receives its tensors in the traced strides (its
-    tag): nothing about them is asked again here.
+    tag): one comparison of strides checks it here (else they are laid out again, as the
+    single state's op does).
     """
     spec = _KERNELS[kernel]
     options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
+    strides = list(map(torch.Tensor.stride, params))
+    decided: _Members | None = _Members(whole, flat)
+    if list(map(torch.Tensor.stride, grads)) != strides or list(
+        map(torch.Tensor.stride, buffers)
+    ) != strides * (len(buffers) // len(params)):
+        # not the traced strides (a backend that does not honour the tag): laid out as their
+        # parameters here, and the call's walk decided again
+        walkable, laid = _laid_for_writing(params, buffers)
+        _on_members(
+            spec,
+            (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
+            step,
+            {**options, "weight_decay": tuple(weight_decay)},
+            params[0].shape[0],
+        )
+        _copy_back(params + buffers, walkable + laid)
+        return
     _on_members(
         spec,
         (params, grads, *_split(buffers, counts)),
         step,
         {**options, "weight_decay": tuple(weight_decay)},
         params[0].shape[0],
-        _Members(whole, flat),
+        decided,
     )
 
 
