@@ -1396,30 +1396,28 @@ def _fused_members_op(
     spec = _KERNELS[kernel]
     options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
     strides = list(map(torch.Tensor.stride, params))
-    decided: _Members | None = _Members(whole, flat)
-    if list(map(torch.Tensor.stride, grads)) != strides or list(
+    traced = list(map(torch.Tensor.stride, grads)) == strides and list(
         map(torch.Tensor.stride, buffers)
-    ) != strides * (len(buffers) // len(params)):
+    ) == strides * (len(buffers) // len(params))
+    tensors = (params, grads, *_split(buffers, counts))
+    decided: _Members | None = _Members(whole, flat)
+    copies: list[torch.Tensor] = []  # what the kernel writes in place of the given tensors
+    if not traced:
         # not the traced strides (a backend that does not honour the tag): laid out as their
         # parameters here, and the call's walk decided again
         walkable, laid = _laid_for_writing(params, buffers)
-        _on_members(
-            spec,
-            (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
-            step,
-            {**options, "weight_decay": tuple(weight_decay)},
-            params[0].shape[0],
-        )
-        _copy_back(params + buffers, walkable + laid)
-        return
+        tensors = (walkable, in_layouts_of(grads, walkable), *_split(laid, counts))
+        decided, copies = None, walkable + laid
     _on_members(
         spec,
-        (params, grads, *_split(buffers, counts)),
+        tensors,
         step,
         {**options, "weight_decay": tuple(weight_decay)},
         params[0].shape[0],
         decided,
     )
+    if copies:
+        _copy_back(params + buffers, copies)
 
 
 def _writes_nothing_new(
