@@ -375,7 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument(
+        "--inductor-cache",
+        action="store_true",
+        help="compile through inductor's own cache; by default an empty one for the run",
+    )
     args = parser.parse_args(argv)
+    if not args.no_compile and not args.inductor_cache:
+        step_overhead.fresh_inductor_cache()
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time

@@ -144,13 +144,16 @@ Progress goes to stderr; the tables to stdout. The transformer is the slowest wo
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -530,6 +533,17 @@ def inductor_isa() -> str:
 
     isa = cpu_vec_isa.pick_vec_isa()
     return str(isa) if isa else "none found (scalar loops: the compiled rows are not comparable)"
+
+
+def fresh_inductor_cache() -> str:
+    """Point inductor at an empty cache directory for this run (removed at exit), so that its
+    compiled rows measure the kernels it compiles now: a cache written earlier hands back each
+    graph as compiled then (its FX graph cache keys do not include the vector instructions its
+    probe chose), e.g. scalar kernels from a time the probe failed, several times slower."""
+    path = tempfile.mkdtemp(prefix="functrain-bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # (read where inductor first writes)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def _loadavg() -> str:
@@ -1402,8 +1416,16 @@ def main() -> None:
     ap.add_argument(
         "--memory-worker", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS
     )
+    ap.add_argument(
+        "--inductor-cache",
+        action="store_true",
+        help="compile through inductor's own cache (faster start); by default an empty one for "
+        "the run, so that no kernel compiled by another build is measured",
+    )
     args = ap.parse_args()
     device = _device(ap, args.device, args.clock)
+    if not args.inductor_cache and not args.memory_worker:
+        fresh_inductor_cache()  # (the memory workers inherit it)
 
     if args.memory_worker:
         memory_worker(*args.memory_worker, args.memory_warmup, args.memory_steps, device)
