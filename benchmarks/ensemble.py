@@ -26,7 +26,10 @@ For each workload and member count K, one round trains every one of K members on
   ``torch._fused_adamw_`` over the stacked tensors and their moments;
 * ``torch.func traced floor``: that gradient function captured once by ``make_fx`` (the vmap's
   batching rules resolved at capture, the graph's aten ops called each step), then the same update:
-  what tracing the vmapped forward and backward once per configuration would leave.
+  what tracing the vmapped forward and backward once per configuration would leave;
+* ``torch.func compiled floor`` (unless ``--no-compile``): the floor's gradient function under
+  ``torch.compile`` (inductor), then the same update (torch's fused kernel does not trace): about
+  the least a compiled stacked step does, against which ``stacked compiled`` is read.
 
 Every implementation starts from the same K sets of initial weights (member k's weights are drawn
 after ``torch.manual_seed(k)``), steps on the same batch (every member sees all of it) and uses
@@ -233,9 +236,16 @@ class FunctrainStacked:
 class TorchFuncFloor:
     """The stacked members' step in torch.func alone: per-member gradients by vmap, one fused
     AdamW kernel over the stacked tensors. `traced`: the gradient function captured once by
-    ``make_fx``."""
+    ``make_fx``; `compiled`: the gradient function under ``torch.compile``."""
 
-    def __init__(self, module: nn.Module, states: list[ft.TrainState], batch: Batch, traced: bool):
+    def __init__(
+        self,
+        module: nn.Module,
+        states: list[ft.TrainState],
+        batch: Batch,
+        traced: bool,
+        compiled: bool = False,
+    ):
         from torch.func import functional_call, grad, vmap
 
         self.names = list(states[0].params)
@@ -257,6 +267,8 @@ class TorchFuncFloor:
             from torch.fx.experimental.proxy_tensor import make_fx
 
             gradients = make_fx(gradients)(self.params, *batch)
+        if compiled:  # (torch's fused kernel itself does not trace: it stays eager)
+            gradients = torch.compile(gradients, dynamic=False)
         self.gradients = gradients
 
     def round(self) -> None:
@@ -297,6 +309,9 @@ def implementations(workload: str, k: int, compiled: bool) -> dict[str, Any]:
         runs["functrain stacked compiled"] = FunctrainStacked(states, batch, ft.compile_step())
     runs["torch.func floor"] = TorchFuncFloor(module, states, batch, traced=False)
     runs["torch.func traced floor"] = TorchFuncFloor(module, states, batch, traced=True)
+    if compiled:
+        floor = TorchFuncFloor(module, states, batch, traced=False, compiled=True)
+        runs["torch.func compiled floor"] = floor
     return runs
 
 
@@ -347,7 +362,10 @@ def report(workload: str, k: int, ms: dict[str, float]) -> None:
     ratios = [f"stacked / hand batched {stacked / batched:.2f}"]
     if "functrain stacked compiled" in ms:
         compiled = ms["functrain stacked compiled"]
+        floor = ms["torch.func compiled floor"]
         ratios.append(f"stacked compiled / hand batched {compiled / batched:.2f}")
+        ratios.append(f"stacked compiled / compiled floor {compiled / floor:.2f}")
+        ratios.append(f"compiled floor / hand batched {floor / batched:.2f}")
     ratios += [
         # the eager stacked step against the least an eager one does (target <= 1.10)
         f"stacked / torch.func floor {stacked / ms['torch.func floor']:.2f}",

@@ -174,10 +174,17 @@ def tensor_leaves(result: Any, out: dict[str, Any]) -> list[torch.Tensor]:
 
 
 def _tensors(parts: tuple, members: int, device: torch.device) -> list[torch.Tensor]:
-    """The tensor leaves of `parts`, then the members' indices (what `member_function`'s takes)."""
-    # (the leaves alone: no spec built at every call)
+    """The tensor leaves of `parts` (`parts_of`), then the members' indices (what
+    `member_function`'s takes)."""
+    # (the leaves alone, no spec built at every call; the dicts of tensors and the counters in
+    # the order a flattening of `parts` gives them, without its walk)
+    params, frozen, buffers, opt_state, ema_state, counters = parts
     return [
-        *(x for x in tree_leaves(parts) if isinstance(x, torch.Tensor)),
+        *params.values(),
+        *frozen.values(),
+        *buffers.values(),
+        *(x for x in tree_leaves((opt_state, ema_state)) if isinstance(x, torch.Tensor)),
+        *counters,
         torch.arange(members, device=device),
     ]
 
@@ -227,16 +234,28 @@ def member_batch(batch: Any, members: int) -> tuple[Any, bool]:
     return batch.batch, True
 
 
-def _draw(generator: torch.Generator, rng: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """One value from a member's stream and the stream after it (on the host; no sync on CPU)."""
-    generator.set_state(rng.contiguous() if rng.storage_offset() == 0 else rng.clone())
-    if generator.device.type == "cpu":
-        value = int(torch.randint(0, 2**62, (1,), generator=generator))
-    else:
-        # a device draw would need a host read: the Philox seed and offset say where the stream is
-        value = (generator.initial_seed() * 0x9E3779B97F4A7C15 + generator.get_offset()) % 2**62
-        generator.set_offset(generator.get_offset() + 4)
-    return value, generator.get_state()
+def _draws(
+    generator: torch.Generator, rng: torch.Tensor, advance: bool
+) -> tuple[list[int], torch.Tensor | None]:
+    """One value from each member's stream (`rng`'s rows), and the streams after them, stacked
+    (None unless `advance`): on the host, no sync on a CPU."""
+    values: list[int] = []
+    after: list[torch.Tensor] = []
+    # (a CPU draw written into one tensor: `torch.randint(0, 2**62, (1,))`'s value and stream)
+    drawn = torch.empty((), dtype=torch.int64) if generator.device.type == "cpu" else None
+    for row in rng.unbind(0):
+        # (`set_state` reads a state from its storage's start: a later row is copied out first)
+        generator.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
+        if drawn is not None:
+            values.append(int(drawn.random_(0, 2**62, generator=generator)))
+        else:
+            # a device draw would need a host read: the Philox seed and offset say where it is
+            offset = generator.get_offset()
+            values.append((generator.initial_seed() * 0x9E3779B97F4A7C15 + offset) % 2**62)
+            generator.set_offset(offset + 4)
+        if advance:
+            after.append(generator.get_state())
+    return values, torch.stack(after) if advance else None
 
 
 def _step_seed(draws: list[int]) -> int:
@@ -253,11 +272,9 @@ class StackedScope:
         self.module, self.was_training = state.module, state.module.training
         self.generator = device_generator(state.device)
         self.saved = self.generator.get_state()
-        draws, rngs = zip(
-            *(_draw(self.generator, r) for r in state.rng.clone().unbind(0)), strict=True
-        )
-        self.next_rng = torch.stack(rngs) if advance else state.rng
-        self.generator.manual_seed(_step_seed(list(draws)))
+        draws, after = _draws(self.generator, state.rng, advance)
+        self.next_rng = after if after is not None else state.rng
+        self.generator.manual_seed(_step_seed(draws))
         if self.module.training != training:
             self.module.train(training)
 

@@ -72,7 +72,7 @@ CPU_READS = frozenset(
         "functrain.optim.rules.fused._one_count",  # stacked members: one kernel call or several
         "functrain.optim.rules.fused._flags_that_skip",  # the same, by the members' skip flags
         "functrain.optim.rules.fused._members_skipping",  # which members the kernel leaves out
-        "functrain.core.stacked_step._draw",  # a CPU generator's draw (elsewhere its offset)
+        "functrain.core.stacked_step._draws",  # CPU generators' draws (elsewhere their offsets)
         # and one that reads a CPU tensor of its own whatever the device: 1 / N in a dtype, once
         "functrain.core.gradient._reciprocal",
     }

@@ -894,7 +894,8 @@ def _one_count(count: torch.Tensor | None) -> bool:
     """Whether the members share one step count (read where it lies: on a CPU; None: no count)."""
     if count is None:
         return True
-    return count.is_cpu and bool((count == count[0]).all())
+    # (one read of the K counts, not a comparison, a reduction and a read)
+    return count.is_cpu and len(set(count.tolist())) == 1
 
 
 def _flags_that_skip(found_inf: torch.Tensor | None) -> torch.Tensor | None:
@@ -904,7 +905,7 @@ def _flags_that_skip(found_inf: torch.Tensor | None) -> torch.Tensor | None:
     """
     if found_inf is None or found_inf.device.type != "cpu" or torch.compiler.is_compiling():
         return found_inf
-    return found_inf if bool(found_inf.any()) else None
+    return found_inf if any(found_inf.tolist()) else None
 
 
 def _per_member(
