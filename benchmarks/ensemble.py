@@ -48,8 +48,10 @@ the compiled step), in ABBA order (A, B, C, D then D, C, B, A, ...) so that drif
 A sample times a block of rounds (several for the MLPs, so that the timer's resolution does not
 matter); the tables show the median per round in milliseconds, its ratio to ``hand batched`` and
 the speed-up ``hand sequential / implementation``, and a line of the ratios the targets are read
-from: ``stacked / hand batched``, ``stacked compiled / hand batched``, ``stacked / torch.func
-floor``, ``hand sequential / stacked`` and ``functrain sequential / stacked``.
+from: ``stacked / hand batched``, ``stacked compiled / hand batched``, ``stacked compiled /
+compiled floor``, ``compiled floor / hand batched``, ``stacked / torch.func floor``, ``hand
+sequential / stacked`` and ``functrain sequential / stacked``. The compiled implementations compile
+into an empty inductor cache made for the run (``--inductor-cache``: inductor's own).
 
 Usage:
     python benchmarks/ensemble.py              # small, mlp, cnn at their default K, compiled too

@@ -137,8 +137,11 @@ state bookkeeping (the rest: the RNG and mode scope, counters, the new state, do
 exclusive of the others, with the hand-written loops' whole steps beside them. Each timed call
 costs the timer about a microsecond: read the shares, not the sum, against the plain tables.
 
-Progress goes to stderr; the tables to stdout. The transformer is the slowest workload to compile
-(its time with a cold cache: `benchmarks/README.md`).
+The compiled rows compile into an empty inductor cache made for the run (``--inductor-cache``
+uses inductor's own): inductor's cache does not key a CPU graph by the vector instructions it
+compiled for, so a cache written by another build can hand back slower kernels than it compiles
+now. Progress goes to stderr; the tables to stdout. The transformer is the slowest workload to
+compile (its times: `benchmarks/README.md`).
 """
 
 from __future__ import annotations
