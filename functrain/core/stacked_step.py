@@ -51,12 +51,12 @@ from functrain.core.loss import call_loss
 from functrain.core.scope import device_generator
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
-from functrain.core.view import StateView, StepState, parts_of, statics_of
+from functrain.core.view import StateView, StepState, parts_of, statics_of, tensors_of_parts
 from functrain.errors import BatchError, ConfigError, FunctrainError
 from functrain.optim.base import NO_EXTRAS, Extras, runs_on_members
 from functrain.optim.batching import STACKED
 from functrain.optim.sweep import enter_member, leave_member
-from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
+from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = [
     "PerMember",
@@ -176,17 +176,7 @@ def tensor_leaves(result: Any, out: dict[str, Any]) -> list[torch.Tensor]:
 def _tensors(parts: tuple, members: int, device: torch.device) -> list[torch.Tensor]:
     """The tensor leaves of `parts` (`parts_of`), then the members' indices (what
     `member_function`'s takes)."""
-    # (the leaves alone, no spec built at every call; the dicts of tensors and the counters in
-    # the order a flattening of `parts` gives them, without its walk)
-    params, frozen, buffers, opt_state, ema_state, counters = parts
-    return [
-        *params.values(),
-        *frozen.values(),
-        *buffers.values(),
-        *(x for x in tree_leaves((opt_state, ema_state)) if isinstance(x, torch.Tensor)),
-        *counters,
-        torch.arange(members, device=device),
-    ]
+    return [*tensors_of_parts(parts), torch.arange(members, device=device)]
 
 
 def vmapped(fn: Callable[..., Any], per_member: bool = False) -> Callable[..., Any]:

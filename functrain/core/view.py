@@ -17,8 +17,9 @@ from functrain.core.create import STEP_COUNTERS
 from functrain.core.options import StepOptions
 from functrain.distributed.data_parallel import DistConfig
 from functrain.optim.base import Transform
+from functrain.tree import tree_leaves
 
-__all__ = ["StepState", "StateView", "statics_of", "parts_of"]
+__all__ = ["StepState", "StateView", "statics_of", "parts_of", "tensors_of_parts"]
 
 # the static fields the step body reads (with the device)
 _STATIC_READ = ("module", "loss_fn", "tx", "options", "dist", "averager", "grad_stats")
@@ -140,3 +141,19 @@ def parts_of(state: StepState) -> tuple:
     """The tree parts a `StateView` is made of, after its statics: tensors, EMA and counters."""
     counters = tuple(getattr(state, name) for name in STEP_COUNTERS)
     return (state.params, state.frozen, state.buffers, state.opt_state, state.ema_state, counters)
+
+
+def tensors_of_parts(parts: tuple) -> list[torch.Tensor]:
+    """The tensor leaves of `parts_of`'s parts, in the order a flattening of them gives.
+
+    The dicts of tensors and the counters are read as they are; only the optimizer state and the
+    EMA are walked (no tree spec is built: a step calls this at every call).
+    """
+    params, frozen, buffers, opt_state, ema_state, counters = parts
+    return [
+        *params.values(),
+        *frozen.values(),
+        *buffers.values(),
+        *(x for x in tree_leaves((opt_state, ema_state)) if isinstance(x, torch.Tensor)),
+        *counters,
+    ]
