@@ -1,7 +1,8 @@
 """A resolved config built into a run: model, loss, optimizer, data, callbacks, `fit` arguments.
 
 The layout (every section but ``model``, ``loss``, ``optimizer`` and ``data.train`` optional; other
-top-level keys are free, for interpolation: ``lr``, ``epochs``)::
+top-level keys hold values for the sections to interpolate, ``lr``, ``epochs``, and a ``_target_``
+only where a section interpolates it)::
 
     seed: 0                    # torch.manual_seed(seed) before anything is built
     model:     {_target_: ...}                    # an nn.Module
@@ -18,15 +19,19 @@ stay objects (an attrs `EarlyStopping` is not turned into a ``DictConfig``) and 
 around them are plain dicts and lists. A function is passed uncalled with ``_partial_: true``; a
 class where functrain wants one is its dotted path (``functrain.schedules.from_torch`` takes it).
 
-Before anything is built, every ``_target_`` of the sections it builds is imported (a ``_target_``
-under a top-level key of your own is never imported), its keys are bound to its signature and its
-type checked where the layout knows the type of its key (`functrain.config.targets`), and every
-section is checked, so a bad config is one `ConfigError` listing each problem by dotted key
-(``optimizer.lr.peak``: what the target takes instead).
+Before anything is built, every ``_target_`` of the sections it builds is imported, its keys are
+bound to its signature and its type checked where the layout knows the type of its key
+(`functrain.config.targets`), and every section is checked, so a bad config is one `ConfigError`
+listing each problem by dotted key (``optimizer.lr.peak``: what the target takes instead). A
+``_target_`` under a top-level key that is no section (``optimiser:``) is one of them: nothing
+would build it, and it is never imported.
 
-A config file is code: a ``_target_`` may name any importable function, and building the run calls
-it. By default a config is trusted, as Hydra's are; ``safe=True`` (``functrain run --safe``) builds
-only the targets `functrain.config.targets` allows, for a config from elsewhere.
+A config file is code: a ``_target_`` names an importable function, and building the run calls
+it. By default a config is trusted, as Hydra's are, but no config may name what runs code or
+processes, writes files or loads pickles (``os``, ``subprocess``, ``pathlib``, ``builtins.open``,
+``numpy.load``, ...: `functrain.config.targets.REFUSED`), nor call a method of an object it built;
+``safe=True`` (``functrain run --safe``) builds only the targets `functrain.config.targets`
+allows, for a config from elsewhere.
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ from torch import nn
 
 from functrain.config.compose import dotted, hydra_modules
 from functrain.config.keys import SECTIONS, SET_ELSEWHERE, did_you_mean, section_arguments
-from functrain.config.targets import BUILT, path_problem, safe_problem, slot_problem
+from functrain.config.targets import (
+    BUILT,
+    path_problem,
+    refused_path_problem,
+    refused_target_problem,
+    safe_problem,
+    slot_problem,
+)
 from functrain.core.state import TrainState
 from functrain.driver.arguments import fit_problems
 from functrain.driver.fit import FitResult, fit
@@ -105,8 +117,10 @@ def build_run(
 ) -> ConfiguredRun:
     """Build the run a resolved config describes (see the module docstring for its layout).
 
-    A config is code: building it calls every ``_target_`` of its sections. Build a config from
-    elsewhere with ``safe=True``.
+    A config is code: building it calls every ``_target_`` of its sections, so build only
+    configs you trust, and one from elsewhere with ``safe=True``. Trusted or not, a target that
+    runs code or processes, writes files or loads pickles is refused
+    (`functrain.config.targets.REFUSED`): a net for the known ways, not a sandbox.
 
     Args:
         config: a resolved config (`load_config`'s result, or a dict of your own).
@@ -123,9 +137,11 @@ def build_run(
 
     Raises:
         ConfigError: every problem found, each naming its dotted key and what was expected: a
-            missing or malformed section, a ``_target_`` that does not import, a key its target
-            does not take, a required one missing, a target of a type its key does not take, a
-            target safe mode refuses, a target that failed, or a built object of the wrong kind.
+            missing or malformed section, a ``_target_`` under a top-level key that is no
+            section, a ``_target_`` that does not import, a key its target does not take, a
+            required one missing, a target of a type its key does not take, a target no config
+            may name, a target safe mode refuses, a target that failed, or a built object of the
+            wrong kind.
 
     Example:
         >>> cfg = {
@@ -245,6 +261,45 @@ def _layout_problems(config: dict[str, Any]) -> list[str]:
         p.append(f"callbacks: expected a list of callbacks, got {_got(config['callbacks'])}")
     p.extend(_keyword_problems(config, "state", "TrainState.create"))
     p.extend(_keyword_problems(config, "fit", "fit"))
+    p.extend(_unbuilt_problems(config))
+    return p
+
+
+def _targets(node: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every mapping with a ``_target_`` under `node` (nested ones too), with its dotted key."""
+    if isinstance(node, list):
+        return [t for i, item in enumerate(node) for t in _targets(item, f"{key}.{i}")]
+    if not isinstance(node, dict):
+        return []
+    found = [(key, node)] if "_target_" in node else []
+    for name, value in node.items():
+        if name not in _SPECIAL or name == "_args_":
+            found.extend(_targets(value, f"{key}.{name}"))
+    return found
+
+
+def _unbuilt_problems(config: dict[str, Any]) -> list[str]:
+    """A ``_target_`` under a top-level key that is no section: nothing would build it.
+
+    One that a section interpolates (``lr: ${schedule}``) is built there, as its copy.
+    """
+    built = [node for key in BUILT if key in config for _, node in _targets(config[key], key)]
+    p = []
+    for key, value in config.items():
+        if key in SECTIONS:
+            continue
+        unbuilt = [(at, node) for at, node in _targets(value, key) if node not in built]
+        if unbuilt:
+            at, node = unbuilt[0]
+            where = "" if at == key else f" at {at}"
+            # closer than for an argument: a key of your own is as likely as a typo
+            guess = did_you_mean(key, list(SECTIONS), cutoff=0.7)
+            p.append(
+                f"{key}: a run has no section {key!r}{guess}, and "
+                f"nothing builds the _target_ {node['_target_']!r}{where}; the sections are "
+                f"{', '.join(SECTIONS)}, and a top-level key of your own holds values that they "
+                "interpolate"
+            )
     return p
 
 
@@ -278,19 +333,7 @@ def _keyword_problems(config: dict[str, Any], section: str, taker: str) -> list[
 
 def _target_problems(node: Any, key: str, trust: _Trust) -> list[str]:
     """Every ``_target_`` under `node` imported and bound to its keys (nested ones too)."""
-    problems: list[str] = []
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            problems.extend(_target_problems(item, f"{key}.{i}", trust))
-        return problems
-    if not isinstance(node, dict):
-        return problems
-    if "_target_" in node:
-        problems.extend(_binding_problems(node, key, trust))
-    for name, value in node.items():
-        if name not in _SPECIAL or name == "_args_":
-            problems.extend(_target_problems(value, f"{key}.{name}", trust))
-    return problems
+    return [p for at, target in _targets(node, key) for p in _binding_problems(target, at, trust)]
 
 
 def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str]:
@@ -300,6 +343,9 @@ def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str
     refused = path_problem(path, trust.allow) if trust.safe else None
     if refused is not None:
         return [f"{key}._target_: safe mode refuses it: {refused}"]
+    refused = refused_path_problem(path)
+    if refused is not None:
+        return [f"{key}._target_: {refused}"]
     hydra, _ = hydra_modules()
     quiet = logging.getLogger(
         "hydra.utils"
@@ -316,6 +362,9 @@ def _binding_problems(node: dict[str, Any], key: str, trust: _Trust) -> list[str
     refused = safe_problem(path, target, trust.allow) if trust.safe else None
     if refused is not None:
         return [f"{key}._target_: safe mode refuses it: {refused}"]
+    refused = refused_target_problem(path, target)
+    if refused is not None:
+        return [f"{key}._target_: {refused}"]
     mistyped = slot_problem(key, path, target, bool(node.get("_partial_")))
     if mistyped is not None:
         return [mistyped]

@@ -36,7 +36,10 @@ __all__ = ["main"]
 TRUST = (
     "A config file is code: each _target_ names a Python class or function, and building the run "
     "calls it with the arguments beside it (as Hydra's instantiate does), so a config can do "
-    "whatever the Python it names can. Run only configs you trust as you trust code; for one from "
+    "whatever the Python it names can. Run only configs you trust as you trust code. Trusted or "
+    "not, a _target_ that runs code or processes, writes files or loads pickles (os, subprocess, "
+    "pathlib, builtins.open, numpy.load, torch.load, ...) is refused, as is a method of an object "
+    "the config built: a net for the known ways, not a sandbox. For a config from "
     "elsewhere, --safe builds only functrain's own public names (but those that read or write "
     "files at a path of their own), torch.nn, torch.optim and torch's datasets, samplers and "
     "tensor constructors, and refuses any other _target_ before anything is imported or called "

@@ -86,14 +86,16 @@ def target_arguments(path: str) -> list[str] | None:
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def did_you_mean(key: str, names: list[str]) -> str:
+def did_you_mean(key: str, names: list[str], cutoff: float = 0.5) -> str:
     """`` (did you mean 'name'?)`` with the closest of `names` to `key`, or nothing.
+
+    `cutoff` is how close (difflib's ratio, 0 to 1) the name must be.
 
     Example:
         >>> did_you_mean("max_epoch", ["max_epochs", "max_steps"])
         " (did you mean 'max_epochs'?)"
     """
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -1,18 +1,25 @@
-"""What a config's ``_target_`` may name: the allow-list of safe mode, and the type its key expects.
+"""What a config's ``_target_`` may name: what no config may, safe mode's allow-list, and the type
+its key expects.
 
 A config file is code. `build_run` imports each ``_target_`` of the sections it builds and calls
 it with the arguments beside it, as Hydra's ``instantiate`` does: a config can run whatever the
-Python it names can (``subprocess.run``, ``pathlib.Path.write_text``, ``builtins.open`` with mode
-``w``). So by default a config is trusted as the code it names is, and two checks run before
-anything is called:
+Python it names can. Three checks run before anything is called:
 
+- **What no config may name, trusted or not** (`refused_path_problem` on the dotted path before
+  importing, `refused_target_problem` on the object it names after, wherever the path reached it
+  from): a target in a module whose work is running code or processes, writing files or loading
+  pickles (`REFUSED`: ``os``, ``subprocess``, ``pathlib``, ``pickle``, ``importlib``, ...), one of
+  those callables of a module otherwise free (``builtins.open``, ``builtins.eval``, ``torch.load``,
+  ``numpy.load``, ``numpy.save``, ...), a special name (``object.__subclasses__``), or a method
+  named through its class (``numpy.ndarray.tofile``: a config builds objects, it does not call
+  their methods). This is a net for the known ways, not a sandbox: the code a target runs (a
+  function of your own, a library's dataset that unpickles its cache) is not checked.
 - **The type a key expects** (`slot_problem`): where functrain's layout knows the type of a key
   (``model`` an ``nn.Module``, ``optimizer`` a `Transform`, ``fit.checkpoint_dir`` a path, a
   ``state`` or ``fit`` key its parameter's annotation), a class that is not of it is refused, as
   is a function whose return annotation says another type, or a builtin function (whose result's
-  type cannot be known before it runs: ``builtins.open`` as the model). A Python function that
-  annotates no return type is called, and its result checked after: annotate it to have it
-  checked before.
+  type cannot be known before it runs). A Python function that annotates no return type is
+  called, and its result checked after: annotate it to have it checked before.
 - **Safe mode** (``build_run(..., safe=True)``, ``functrain run --safe``), for a config from
   elsewhere: every ``_target_`` must be one that safe mode allows (`SAFE_MODULES`, `SAFE_NAMES`,
   functrain's public names but `REFUSED_FUNCTRAIN`; and the modules a caller adds with
@@ -21,8 +28,8 @@ anything is called:
   defined in a module of the list, so ``torch.nn.functional.torch.load``, which names
   ``torch.load``, is refused).
 
-What safe mode does not change: the run still writes where its config says
-(``fit.checkpoint_dir``, ``fit.log_file``, a logger callback's path), as a run must.
+What neither changes: the run still writes where its config says (``fit.checkpoint_dir``,
+``fit.log_file``, a logger callback's path), as a run must.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from functrain.driver.options import GROUPS
 from functrain.optim.base import Transform
 
 __all__ = [
+    "REFUSED",
     "SAFE_MODULES",
     "SAFE_NAMES",
     "SAFE_FUNCTRAIN",
@@ -50,6 +58,8 @@ __all__ = [
     "BUILT",
     "path_problem",
     "paths_problems",
+    "refused_path_problem",
+    "refused_target_problem",
     "safe_problem",
     "slot_problem",
 ]
@@ -107,6 +117,220 @@ REFUSED_FUNCTRAIN = (
 
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+# -- what no config may name, trusted or not ----------------------------------------------------
+
+_CODE = "runs code or processes, or reaches any object"
+_FILES = "writes, moves or deletes files"
+_PICKLES = "loads pickles or other Python objects (loading one runs code)"
+# modules (all they hold) and callables (by their dotted names, where the rest of their module is
+# free) whose work is what a config file must not do by itself: a target is refused where its path
+# is one of these or under one, and where the object it names is (its module, or its own name:
+# torch.nn.functional.torch.load is torch.serialization's load)
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "builtins.breakpoint",
+            "builtins.compile",
+            "builtins.delattr",
+            "builtins.eval",
+            "builtins.exec",
+            "builtins.getattr",
+            "builtins.globals",
+            "builtins.help",  # its pager is a process
+            "builtins.locals",
+            "builtins.setattr",
+            "builtins.vars",
+            "bdb",
+            "code",
+            "codeop",
+            "cProfile",  # its run takes a string of code, as timeit, trace and doctest do
+            "ctypes",
+            "_ctypes",
+            "doctest",
+            "gc",
+            "hydra",  # instantiates a config of its own, unchecked
+            "importlib",
+            "inspect",
+            "multiprocessing",
+            "nt",
+            "numpy.ctypeslib",
+            "omegaconf",
+            "operator.attrgetter",  # reach attributes by a name the path does not show
+            "operator.methodcaller",
+            "os",
+            "pdb",
+            "posix",
+            "profile",
+            "pty",
+            "pydoc",
+            "runpy",
+            "signal",
+            "subprocess",
+            "_posixsubprocess",
+            "sys",
+            "timeit",
+            "torch._classes._Classes.load_library",
+            "torch._ops._Ops.load_library",
+            "torch.classes.load_library",
+            "torch.ops.load_library",
+            "torch.utils.cpp_extension",
+            "trace",
+            "types",  # builds functions from code objects
+            "webbrowser",
+        ),
+        _CODE,
+    ),
+    **dict.fromkeys(
+        (
+            "builtins.open",
+            "bz2",
+            "codecs.open",
+            "dbm",
+            "fileinput",
+            "gzip",
+            "io",
+            "_io",
+            "logging",  # its handlers write files, and logging.config runs code
+            "lzma",
+            "mmap",
+            "numpy.memmap",
+            "numpy.save",
+            "numpy.savetxt",
+            "numpy.savez",
+            "numpy.savez_compressed",
+            "pandas.to_pickle",
+            "pathlib",
+            "shelve",
+            "shutil",
+            "sqlite3",
+            "tarfile",
+            "tempfile",
+            "torch.export.save",
+            "torch.from_file",
+            "torch.jit.save",
+            "torch.save",
+            "urllib.request",
+            "zipfile",
+        ),
+        _FILES,
+    ),
+    **dict.fromkeys(
+        (
+            "cloudpickle",
+            "copyreg",
+            "dill",
+            "joblib",
+            "marshal",
+            "numpy.lib._npyio_impl",
+            "numpy.lib.npyio",
+            "numpy.lib.format",
+            "numpy.load",
+            "pandas.io.pickle",
+            "pandas.read_pickle",
+            "pickle",
+            "_pickle",
+            "torch.distributed.checkpoint",
+            "torch.export.load",
+            "torch.hub",
+            "torch.jit._serialization",
+            "torch.jit.load",
+            "torch.load",
+            "torch.package",
+            "torch.serialization",
+            "yaml",  # a Python tag builds any object, as a pickle does
+        ),
+        _PICKLES,
+    ),
+}
+_FIX = "a config file calls what it names: do this in a function of your own, and name that"
+
+
+def _refused_entry(name: str) -> str | None:
+    return next((entry for entry in REFUSED if _under(name, entry)), None)
+
+
+def _refusal(path: str, found: str, entry: str) -> str:
+    """The message for `path`, refused as `found` (the path, or what it names) is `entry`'s."""
+    if found != entry:
+        head = f"{path} is in {entry}, which"
+    else:
+        head = path if found == path else f"{path} is {found}, which"
+    return f"refused, trusted or not: {head} {REFUSED[entry]}; {_FIX}"
+
+
+def refused_path_problem(path: str) -> str | None:
+    """Why no config may name the dotted `path`, checked before importing anything, or None.
+
+    Refused: a path in `REFUSED`, or one that names a special attribute after its module
+    (``builtins.__import__``, ``torch.nn.Module.__subclasses__``: the interpreter's internals,
+    through which any object is reached). `refused_target_problem` checks what it names.
+
+    Example:
+        >>> refused_path_problem("torch.nn.Linear") is None
+        True
+        >>> print(refused_path_problem("numpy.load"))  # doctest: +NORMALIZE_WHITESPACE
+        refused, trusted or not: numpy.load loads pickles or other Python objects (loading one
+        runs code); a config file calls what it names: do this in a function of your own, and
+        name that
+    """
+    special = [p for p in path.split(".")[1:] if p.startswith("__") and p.endswith("__")]
+    if special:
+        return (
+            f"refused, trusted or not: {path} names the special attribute {special[0]!r}, "
+            f"through which any object is reached; {_FIX}"
+        )
+    entry = _refused_entry(path)
+    return None if entry is None else _refusal(path, path, entry)
+
+
+def refused_target_problem(path: str, target: Any) -> str | None:
+    """Why no config may name the object `target` that the dotted `path` names, or None.
+
+    Refused: an object whose module or own dotted name is in `REFUSED`, wherever `path` reached
+    it from, and a method named through its class (``numpy.ndarray.tofile``,
+    ``pandas.DataFrame.to_pickle``): a config builds objects with classes, functions and
+    classmethods, and calls no method of one it built, which is how data objects write and
+    serialize themselves.
+    """
+    module = getattr(target, "__module__", None)
+    if isinstance(module, str):
+        own = {
+            f"{module}.{name}"
+            for name in (getattr(target, "__qualname__", None), getattr(target, "__name__", None))
+            if isinstance(name, str)
+        }
+        for found in (*sorted(own), module):
+            entry = _refused_entry(found)
+            if entry is not None:
+                return _refusal(path, found, entry)
+    owner = _method_owner(path, target)
+    if owner is None:
+        return None
+    return (
+        f"refused, trusted or not: {path} is a method of {owner}: a config builds objects with "
+        "classes and functions, and calls no method of one it built (the way an object writes "
+        f"or serializes itself); {_FIX}"
+    )
+
+
+def _method_owner(path: str, target: Any) -> str | None:
+    """The class `path` names `target` through, where `target` is a method of its instances."""
+    if not inspect.isroutine(target) or getattr(target, "__self__", None) is not None:
+        return None  # bound: a classmethod, or a method of an object the module holds
+    owner_path, _, name = path.rpartition(".")
+    import hydra.utils  # imported by build_run before any target is checked
+
+    try:
+        owner = hydra.utils.get_object(owner_path)
+    except Exception:  # noqa: BLE001 - no owner that imports, no method of one
+        return None
+    if not inspect.isclass(owner) or isinstance(
+        inspect.getattr_static(owner, name, None), staticmethod
+    ):
+        return None
+    return owner_path
 
 
 def path_problem(path: str, allow: Sequence[str] = ()) -> str | None:

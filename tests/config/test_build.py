@@ -56,3 +56,41 @@ def test_fit_values_are_refused_together_by_their_keys(tmp_path: Path) -> None:
         "fit.checkpoint_dir: checkpoint_dir must be a path (a str or pathlib.Path) or None, got "
         "checkpoint_dir='' (an empty path): give a path, or None for no checkpoints"
     ]
+
+
+def test_a_target_under_a_misspelt_section_is_reported_with_the_section_meant() -> None:
+    config = run_config(optimiser={"_target_": "functrain.adamw", "lr": 0.1})
+    del config["optimizer"]
+    assert problems(config) == [
+        "optimizer: expected a mapping with a _target_ (the functrain optimizer), got nothing",
+        "optimiser: a run has no section 'optimiser' (did you mean 'optimizer'?), and nothing "
+        "builds the _target_ 'functrain.adamw'; the sections are seed, model, loss, optimizer, "
+        "state, data, callbacks, fit, and a top-level key of your own holds values that they "
+        "interpolate",
+    ]
+
+
+def test_a_target_under_a_key_of_your_own_is_reported_with_the_other_problems() -> None:
+    schedule = {"_target_": "functrain.schedules.cosine_decay", "init_value": 0.1, "decay_steps": 4}
+    config = run_config(lr=0.1, extras={"schedules": [schedule]}, seed="zero")
+    assert problems(config) == [
+        "seed: expected an int in [-2**63, 2**64) (torch.manual_seed's range; or null: no "
+        "seeding), got str 'zero'",
+        "extras: a run has no section 'extras', and nothing builds the _target_ "
+        "'functrain.schedules.cosine_decay' at extras.schedules.0; the sections are seed, model, "
+        "loss, optimizer, state, data, callbacks, fit, and a top-level key of your own holds "
+        "values that they interpolate",
+    ]
+
+
+def test_a_target_of_your_own_that_a_section_interpolates_is_built_there(tmp_path: Path) -> None:
+    import yaml
+
+    schedule = {"_target_": "functrain.schedules.cosine_decay", "init_value": 0.1, "decay_steps": 4}
+    config = run_config(
+        schedule=schedule, optimizer={"_target_": "functrain.sgd", "lr": "${schedule}"}
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = ft.build_run(ft.load_config(path))
+    assert int(run.fit().state.step) == 1

@@ -1,5 +1,6 @@
-"""A config file is code: targets imported only where the run builds them, their types checked
-before any call, and safe mode's allow-list for a config from elsewhere."""
+"""A config file is code: targets imported only where the run builds them, what no config may
+name, their types checked before any call, and safe mode's allow-list for a config from
+elsewhere."""
 
 from __future__ import annotations
 
@@ -92,6 +93,110 @@ def test_safe_mode_refuses_the_shell_command_attack_before_anything_runs(tmp_pat
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing run
 
 
+def test_a_trusted_config_is_refused_the_shell_command_attack_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ft.ConfigError) as info:
+        ft.build_run(shell_attack(tmp_path))
+    fix = "a config file calls what it names: do this in a function of your own, and name that"
+    assert str(info.value).splitlines()[1:] == [
+        "  - state.seed._target_: refused, trusted or not: pathlib.Path.write_text is in pathlib, "
+        f"which writes, moves or deletes files; {fix}",
+        "  - state.seed._args_.0._target_: refused, trusted or not: pathlib.Path is in pathlib, "
+        f"which writes, moves or deletes files; {fix}",
+        "  - data.eval._target_: refused, trusted or not: numpy.load loads pickles or other Python "
+        f"objects (loading one runs code); {fix}",
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing run
+
+
+_CODE = "runs code or processes, or reaches any object"
+_FILES = "writes, moves or deletes files"
+_PICKLES = "loads pickles or other Python objects (loading one runs code)"
+REFUSED_TRUSTED = {
+    "os_system": ("os.system", f"os.system is in os, which {_CODE}"),
+    "subprocess": ("subprocess.run", f"subprocess.run is in subprocess, which {_CODE}"),
+    "eval": ("builtins.eval", f"builtins.eval {_CODE}"),
+    "exec": ("builtins.exec", f"builtins.exec {_CODE}"),
+    "getattr": ("builtins.getattr", f"builtins.getattr {_CODE}"),
+    "import": (
+        "importlib.import_module",
+        f"importlib.import_module is in importlib, which {_CODE}",
+    ),
+    "shutil": ("shutil.rmtree", f"shutil.rmtree is in shutil, which {_FILES}"),
+    "unlink": ("pathlib.Path.unlink", f"pathlib.Path.unlink is in pathlib, which {_FILES}"),
+    "numpy_save": ("numpy.save", f"numpy.save {_FILES}"),
+    "pickle": ("pickle.loads", f"pickle.loads is in pickle, which {_PICKLES}"),
+    "joblib": ("joblib.load", f"joblib.load is in joblib, which {_PICKLES}"),
+    "torch_load": ("torch.load", f"torch.load {_PICKLES}"),
+    "torch_load_through_an_allowed_module": (
+        "torch.nn.functional.torch.load",
+        f"torch.nn.functional.torch.load is in torch.serialization, which {_PICKLES}",
+    ),
+    "numpy_load_by_its_home": (
+        "numpy.lib.npyio.load",
+        f"numpy.lib.npyio.load is in numpy.lib.npyio, which {_PICKLES}",
+    ),
+    "numpy_load_through_another_name": (
+        "numpy.lib._npyio_impl.load",
+        f"numpy.lib._npyio_impl.load is in numpy.lib._npyio_impl, which {_PICKLES}",
+    ),
+    "yaml": ("yaml.unsafe_load", f"yaml.unsafe_load is in yaml, which {_PICKLES}"),
+    "special_name": (
+        "builtins.object.__subclasses__",
+        "builtins.object.__subclasses__ names the special attribute '__subclasses__', through "
+        "which any object is reached",
+    ),
+    "a_method_of_a_built_object": (
+        "numpy.ndarray.tofile",
+        "numpy.ndarray.tofile is a method of numpy.ndarray: a config builds objects with classes "
+        "and functions, and calls no method of one it built (the way an object writes or "
+        "serializes itself)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("path", "message"), REFUSED_TRUSTED.values(), ids=REFUSED_TRUSTED)
+def test_a_trusted_config_may_not_name_what_runs_code_writes_files_or_unpickles(
+    path: str, message: str
+) -> None:
+    config = run_config(callbacks=[{"_target_": path}])
+    with pytest.raises(ft.ConfigError) as info:
+        ft.build_run(config)
+    assert str(info.value).splitlines()[1:] == [
+        f"  - callbacks.0._target_: refused, trusted or not: {message}; a config file calls what "
+        "it names: do this in a function of your own, and name that"
+    ]
+
+
+class Holder:
+    @staticmethod
+    def make() -> int:
+        return 1
+
+
+ALLOWED_TRUSTED = {
+    "a_class": "torch.nn.Linear",
+    "a_function": "functrain.adamw",
+    "a_reader_beside_numpy_load": "numpy.loadtxt",
+    "a_classmethod": "functrain.TrainState.create",
+    "a_builtin_classmethod": "builtins.dict.fromkeys",
+    "a_staticmethod": "tests.config.test_targets.Holder.make",
+    "a_builtin_staticmethod": "builtins.str.maketrans",
+    "a_method_of_an_object_its_module_holds": "random.seed",
+}
+
+
+@pytest.mark.parametrize("path", ALLOWED_TRUSTED.values(), ids=ALLOWED_TRUSTED)
+def test_what_a_trusted_config_may_name_beside_the_refused(path: str) -> None:
+    import hydra.utils
+
+    from functrain.config.targets import refused_path_problem, refused_target_problem
+
+    assert refused_path_problem(path) is None
+    assert refused_target_problem(path, hydra.utils.get_object(path)) is None
+
+
 @pytest.mark.parametrize("safe", [False, True])
 def test_open_with_mode_w_as_the_model_is_refused_before_it_empties_the_file(
     tmp_path: Path, safe: bool
@@ -101,8 +206,8 @@ def test_open_with_mode_w_as_the_model_is_refused_before_it_empties_the_file(
     message = (
         r"builtins.open is outside the packages safe mode allows"
         if safe
-        else r"model: expected an nn.Module, got builtins.open, a builtin function whose result's "
-        r"type cannot be known before it is called \(nothing was called\)"
+        else r"model._target_: refused, trusted or not: builtins.open writes, moves or deletes "
+        r"files"
     )
     with pytest.raises(ft.ConfigError, match=message):
         ft.build_run(open_attack(victim), safe=safe)
@@ -125,6 +230,20 @@ def test_the_command_refuses_the_attacks_with_safe(
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "data.pkl").exists()
 
 
+def test_the_command_refuses_the_shell_command_attack_without_safe_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    path = tmp_path / "shell.yaml"
+    path.write_text(yaml.safe_dump(shell_attack(tmp_path)))
+    assert main(["run", str(path)]) == 2
+    assert "state.seed._target_: refused, trusted or not: pathlib.Path.write_text" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shell.yaml"]  # nothing else written
+
+
 @pytest.fixture
 def noisy_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A module whose import writes a mark file: importing it shows."""
@@ -137,9 +256,13 @@ def noisy_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return mark
 
 
-def test_a_target_under_a_key_the_run_does_not_build_is_never_imported(noisy_module: Path) -> None:
-    run = ft.build_run(run_config(unused={"_target_": "noisy_target.build"}))
-    assert int(run.fit().state.step) == 1
+def test_a_target_under_a_key_the_run_does_not_build_is_refused_and_never_imported(
+    noisy_module: Path,
+) -> None:
+    with pytest.raises(
+        ft.ConfigError, match=r"unused: a run has no section 'unused', and nothing builds"
+    ):
+        ft.build_run(run_config(unused={"_target_": "noisy_target.build"}))
     assert not noisy_module.exists()
 
 
@@ -232,7 +355,7 @@ def test_a_target_of_a_known_key_is_checked_by_its_type_or_return_annotation() -
         optimizer={"_target_": "torch.nn.Identity"},
         fit={
             **run_config()["fit"],
-            "checkpoint_dir": {"_target_": "builtins.open", "_args_": ["x"]},
+            "checkpoint_dir": {"_target_": "builtins.len", "_args_": ["x"]},
         },
     )
     with pytest.raises(ft.ConfigError) as info:
@@ -243,11 +366,10 @@ def test_a_target_of_a_known_key_is_checked_by_its_type_or_return_annotation() -
         "  - optimizer: expected a functrain optimizer (a Transform, e.g. functrain.adamw), got "
         "torch.nn.Identity, a class of another type (nothing was called): name a class of that "
         "type, or a function annotated to return one",
-        "  - fit.checkpoint_dir: expected str or pathlib.Path or None, got builtins.open, a "
+        "  - fit.checkpoint_dir: expected str or pathlib.Path or None, got builtins.len, a "
         "builtin function whose result's type cannot be known before it is called (nothing was "
         "called): name a class of that type, or a function annotated to return one",
     ]
-    assert not Path("x").exists()
 
 
 def test_run_help_says_a_config_file_is_trusted_code(capsys: pytest.CaptureFixture[str]) -> None:
