@@ -20,8 +20,15 @@ from functrain.tree import (
     Tree,
 )
 
+# the largest learning rate: a float32 parameter's step cannot take a larger one (torch refuses it
+# as a kernel's scale, "value cannot be converted to type float without overflow", or the update
+# overflows to inf)
+MAX_RATE = torch.finfo(torch.float32).max
+
 __all__ = [
+    "MAX_RATE",
     "is_real",
+    "tensor_problem",
     "check_unit",
     "check_positive",
     "check_learning_rate",
@@ -44,14 +51,46 @@ def check_unit(problems: list[str], name: str, value: float, closed_low: bool = 
 def check_positive(problems: list[str], name: str, value: Any, allow_zero: bool = False) -> None:
     # an infinite eps, decay or norm bound turns every update into 0 or NaN: never what was meant
     need = ">= 0" if allow_zero else "> 0"
-    if not (is_real(value) and math.isfinite(value)):
+    if not (is_real(value) and _finite(value)):
         problems.append(f"{name} must be a finite number {need}, got {name}={value!r}")
     elif not (value >= 0.0 if allow_zero else value > 0.0):
         problems.append(f"{name} must be {need}, got {name}={value!r}")
 
 
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
+
+
+def tensor_problem(name: str, value: torch.Tensor) -> str | None:
+    """Why a tensor given for a number cannot be read as one; None where it can.
+
+    It must hold one floating-point value (of any shape, as torch.optim's tensor rates), dense
+    (a sparse tensor has no single element to read) and with data (not on the meta device).
+    """
+    if value.layout != torch.strided:
+        return (
+            f"{name} as a tensor must be dense, got a tensor of layout {value.layout}; give a "
+            f"number or a dense tensor ({name}.to_dense())"
+        )
+    if value.is_meta:
+        return (
+            f"{name} as a tensor must hold a value, got a tensor of shape {tuple(value.shape)} on "
+            "the meta device, which holds none"
+        )
+    if value.numel() != 1 or not value.is_floating_point():
+        return (
+            f"{name} as a tensor must hold one floating-point value, got shape "
+            f"{tuple(value.shape)} and dtype {value.dtype}"
+        )
+    return None
+
+
 def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
-    """A learning rate: a finite number >= 0 (or a tensor holding one), or a schedule.
+    """A learning rate: a finite number >= 0 and at most `MAX_RATE` (or a tensor holding one), or
+    a schedule.
 
     A schedule's value at step 0 is such a number.
 
@@ -66,7 +105,7 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
         _check_rate_tensor(problems, name, value)
         return
     if not callable(value):
-        check_positive(problems, name, value, allow_zero=True)
+        _check_rate_number(problems, name, value)
         return
     try:
         first = value_at(value, torch.zeros((), dtype=torch.int64))
@@ -78,17 +117,30 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
             f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at "
             "step 0"
         )
+    elif first > MAX_RATE:
+        problems.append(
+            f"{name} must be at most {MAX_RATE!r} (the largest float32) at every step, but the "
+            f"schedule gives {first!r} at step 0"
+        )
 
 
 def _check_rate_tensor(problems: list[str], name: str, value: torch.Tensor) -> None:
     # torch.optim takes a 1-element tensor lr; its value is read here, once, at construction
-    if value.numel() != 1 or not value.is_floating_point():
-        problems.append(
-            f"{name} as a tensor must hold one floating-point value, got shape "
-            f"{tuple(value.shape)} and dtype {value.dtype}"
-        )
+    problem = tensor_problem(name, value)
+    if problem is not None:
+        problems.append(problem)
     else:
-        check_positive(problems, name, float(value), allow_zero=True)
+        _check_rate_number(problems, name, float(value))
+
+
+def _check_rate_number(problems: list[str], name: str, value: Any) -> None:
+    before = len(problems)
+    check_positive(problems, name, value, allow_zero=True)
+    if len(problems) == before and value > MAX_RATE:
+        problems.append(
+            f"{name} must be at most {MAX_RATE!r}, the largest float32 (a float32 parameter's "
+            f"step cannot take a larger rate), got {name}={value!r}"
+        )
 
 
 def need_params(params: Tree | None, where: str) -> None:

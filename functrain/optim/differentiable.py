@@ -36,8 +36,15 @@ from typing import Any, NamedTuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from functrain.errors import ConfigError
+from functrain.errors import ConfigError, config_check
 from functrain.optim.base import Transform
+from functrain.optim.checks import (
+    check_learning_rate,
+    check_positive,
+    check_unit,
+    is_real,
+    tensor_problem,
+)
 from functrain.optim.naming import recorded_call
 from functrain.optim.rates import takes_tensor_steps, value_at
 from functrain.optim.rules.arithmetic import opmath
@@ -957,9 +964,13 @@ def hyperparameters_of(opt_state: Any) -> dict[str, torch.Tensor]:
 def with_hyperparameters(opt_state: Any, values: dict[str, Any]) -> Any:
     """`opt_state` with the differentiable form's hyperparameters replaced by `values`.
 
+    Each value passes the checks the presets make of the argument of its name (`_CHECKS`): a
+    tensor's value is read once, here, where it can be (not where vmap batches it).
+
     Raises:
-        ConfigError: no differentiable form in `opt_state`, a name it does not hold, or a value
-            that is not a number or a 0-d floating tensor.
+        ConfigError: no differentiable form in `opt_state`, a name it does not hold, a value that
+            is not a number or a one-element dense floating tensor, or a value out of the
+            preset's range (every such problem at once).
     """
     found = _find(opt_state)
     if found is None:
@@ -974,44 +985,60 @@ def with_hyperparameters(opt_state: Any, values: dict[str, Any]) -> Any:
             f"{unknown}"
         )
     new = dict(found.hyperparameters)
+    problems: list[str] = []
     for k, v in values.items():
-        new[k] = _held(k, v, found.hyperparameters[k].device, found.lr.device)
+        held = _held(problems, k, v, found.hyperparameters[k].device, found.lr.device)
+        if held is not None:
+            new[k] = held
+    config_check(problems, "with_hyperparameters")
     return _replace(opt_state, found._replace(hyperparameters=new))
 
 
-def _held(name: str, value: Any, device: torch.device, batched_on: torch.device) -> torch.Tensor:
-    """`value` as a held hyperparameter: a 0-d float64 tensor on `device` (a tensor's graph
-    kept), its value a finite number >= 0 where it can be read; where vmap batches it (its
-    members' numbers never read), on `batched_on`, the parameters' device.
+def _check_decay(problems: list[str], name: str, value: Any) -> None:
+    check_positive(problems, name, value, allow_zero=True)
 
-    Raises:
-        ConfigError: not a number or a one-element floating tensor, or a value out of range.
+
+# the presets' checks of the arguments a differentiable form holds (`Rule.held`), by name
+_CHECKS: dict[str, Callable[[list[str], str, Any], None]] = {
+    "lr": check_learning_rate,
+    "weight_decay": _check_decay,
+    "momentum": check_unit,
+}
+
+
+def _held(
+    problems: list[str], name: str, value: Any, device: torch.device, batched_on: torch.device
+) -> torch.Tensor | None:
+    """`value` as a held hyperparameter: a 0-d float64 tensor on `device` (a tensor's graph
+    kept), its value checked as the presets check `name` where it can be read; where vmap batches
+    it (its members' numbers never read), on `batched_on`, the parameters' device. None, and the
+    problem appended to `problems`, where it is not a number or a tensor holding one.
     """
     number: float | None
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point() or value.is_meta:
-            raise ConfigError(
-                f"hyperparameter {name} must be a number or a one-element floating tensor holding "
-                f"a value, got a {value.dtype} tensor of shape {tuple(value.shape)}"
-                + (" on the meta device" if value.is_meta else "")
-            )
-        number = _number(value.reshape(()))  # (None where vmap batches it)
+        problem = tensor_problem(name, value)
+        if problem is not None:
+            problems.append(problem)
+            return None
+        # read on a detached copy, outside the step (None where vmap batches it)
+        number = _number(value.reshape(()))
         held = value.reshape(()).to(
             device=device if number is not None else batched_on, dtype=torch.float64
         )
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif is_real(value):
         try:
             number = float(value)
-        except OverflowError:
+        except OverflowError:  # an int beyond a double's range
             number = math.inf
         held = torch.tensor(number, dtype=torch.float64, device=device)
     else:
-        raise ConfigError(
-            f"hyperparameter {name} must be a number or a one-element floating tensor, got "
+        problems.append(
+            f"{name} must be a number or a one-element floating tensor, got "
             f"{type(value).__name__} {value!r}"
         )
-    if number is not None and not (math.isfinite(number) and number >= 0):
-        raise ConfigError(f"hyperparameter {name} must be a finite number >= 0, got {number!r}")
+        return None
+    if number is not None:
+        _CHECKS[name](problems, name, number)
     return held
 
 

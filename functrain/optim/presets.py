@@ -29,7 +29,12 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Mask, Schedule, Transform, identity
-from functrain.optim.checks import check_learning_rate, check_positive, check_unit
+from functrain.optim.checks import (
+    check_learning_rate,
+    check_positive,
+    check_unit,
+    tensor_problem,
+)
 from functrain.optim.choices import FOREACH_ONLY, SINGLE_ONLY, check_choices, without_choices
 from functrain.optim.combine import chain
 from functrain.optim.naming import named
@@ -100,10 +105,10 @@ def _ascent(maximize: bool) -> tuple[Transform, ...]:
 
 def _value(beta: float) -> float:
     # torch's Adam also takes 1-element tensor betas (beyond the annotation), and its kernels read
-    # their value; other tensors pass on, to be refused by the checks
+    # their value; other tensors (sparse, meta, integer) pass on, to be refused by the checks
     return (
         float(beta)
-        if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point()
+        if isinstance(beta, torch.Tensor) and tensor_problem("beta", beta) is None
         else beta
     )
 
@@ -149,15 +154,11 @@ def _rate(lr: LearningRate, problems: list[str]) -> float | Schedule:
 
     To change a rate during training, pass a schedule: a tensor written later is not seen.
     """
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            problems.append(
-                f"a tensor lr must hold one floating-point value, got shape {tuple(lr.shape)} and "
-                f"dtype {lr.dtype}"
-            )
-            return 0.0
-        lr = float(lr)  # host read at construction, never in a step
+    before = len(problems)
     check_learning_rate(problems, "lr", lr)
+    if isinstance(lr, torch.Tensor):
+        # host read at construction, never in a step
+        return float(lr) if len(problems) == before else 0.0
     return lr
 
 

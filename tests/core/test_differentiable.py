@@ -568,11 +568,103 @@ def test_held_hyperparameters_are_float64_and_in_range() -> None:
     lr = torch.tensor([0.5], dtype=torch.float32, requires_grad=True)
     held = state.with_hyperparameters(lr=lr).hyperparameters["lr"]
     assert held.dtype == torch.float64 and held.shape == () and held.requires_grad
-    for value in (torch.tensor(float("nan")), -0.1, 2**1100):
-        with pytest.raises(ft.ConfigError, match="hyperparameter lr must be a finite number >= 0"):
+    for value, got in ((torch.tensor(float("nan")), "nan"), (2**1100, "inf")):
+        with pytest.raises(ft.ConfigError, match=f"lr must be a finite number >= 0, got lr={got}"):
             state.with_hyperparameters(lr=value)
+    with pytest.raises(ft.ConfigError, match=r"lr must be >= 0, got lr=-0.1"):
+        state.with_hyperparameters(lr=-0.1)
     with pytest.raises(ft.ConfigError, match="on the meta device"):
         state.with_hyperparameters(lr=torch.empty((), device="meta"))
+
+
+# a value out of its preset's range, and the preset's own refusal of it
+OUT_OF_RANGE = {
+    "sgd's momentum": (
+        ft.sgd(0.1, momentum=0.9),
+        {"momentum": 5.0},
+        lambda: ft.sgd(0.1, momentum=5.0),
+        r"momentum must lie in \[0, 1\), got momentum=5.0",
+    ),
+    "sgd's momentum as a tensor that requires grad": (
+        ft.sgd(0.1, momentum=0.9),
+        {"momentum": torch.tensor(1.0, dtype=torch.float64, requires_grad=True)},
+        lambda: ft.sgd(0.1, momentum=1.0),
+        r"momentum must lie in \[0, 1\), got momentum=1.0",
+    ),
+    "rmsprop's momentum": (
+        ft.rmsprop(0.01, momentum=0.5),
+        {"momentum": -0.5},
+        lambda: ft.rmsprop(0.01, momentum=-0.5),
+        r"momentum must lie in \[0, 1\), got momentum=-0.5",
+    ),
+    "adamw's weight decay": (
+        ft.adamw(0.01),
+        {"weight_decay": torch.tensor([-0.1], dtype=torch.float64)},
+        lambda: ft.adamw(0.01, weight_decay=-0.1),
+        r"weight_decay must be >= 0, got weight_decay=-0.1",
+    ),
+    "a rate beyond float32": (
+        ft.adam(0.01),
+        {"lr": 1e39},
+        lambda: ft.adam(1e39),
+        r"lr must be at most 3.4028234663852886e\+38, the largest float32 .*, got lr=1e\+39",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+def test_with_hyperparameters_refuses_what_the_preset_refuses(case: str) -> None:
+    tx, values, preset, message = OUT_OF_RANGE[case]
+    with pytest.raises(ft.ConfigError, match=message):
+        preset()
+    state = ft.TrainState.create(_net(), tx, _squared_error, differentiable=True)
+    with pytest.raises(
+        ft.ConfigError, match=f"invalid arguments to with_hyperparameters:\n  - {message}"
+    ):
+        state.with_hyperparameters(**values)
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_with_hyperparameters_takes_back_the_values_each_form_holds(name: str) -> None:
+    # every hyperparameter a form holds has its preset's check, which the preset's value passes
+    state = ft.TrainState.create(_net(), FORMS[name], _squared_error, differentiable=True)
+    held = state.hyperparameters
+    again = state.with_hyperparameters(**{k: v.item() for k, v in held.items()}).hyperparameters
+    assert again.keys() == held.keys()
+    assert all(torch.equal(again[k], held[k]) for k in held)
+
+
+def test_with_hyperparameters_lists_every_value_out_of_range_at_once() -> None:
+    state = ft.TrainState.create(
+        _net(), ft.sgd(0.1, momentum=0.9), _squared_error, differentiable=True
+    )
+    with pytest.raises(ft.ConfigError) as error:
+        state.with_hyperparameters(lr=-1.0, weight_decay=float("inf"), momentum=1.5)
+    assert str(error.value) == (
+        "invalid arguments to with_hyperparameters:\n"
+        "  - lr must be >= 0, got lr=-1.0\n"
+        "  - weight_decay must be a finite number >= 0, got weight_decay=inf\n"
+        "  - momentum must lie in [0, 1), got momentum=1.5"
+    )
+
+
+def test_with_hyperparameters_takes_a_momentum_in_range_with_its_graph() -> None:
+    state = ft.TrainState.create(
+        _net(), ft.sgd(0.1, momentum=0.9), _squared_error, differentiable=True
+    )
+    momentum = torch.tensor([0.5], dtype=torch.float32, requires_grad=True)
+    held = state.with_hyperparameters(momentum=momentum).hyperparameters["momentum"]
+    assert held.item() == 0.5 and held.shape == () and held.requires_grad
+
+
+def test_with_hyperparameters_refuses_a_sparse_tensor() -> None:
+    state = ft.TrainState.create(_net(), ft.sgd(0.1), _squared_error, differentiable=True)
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"lr as a tensor must be dense, got a tensor of layout torch.sparse_coo; give a "
+        r"number or a dense tensor \(lr.to_dense\(\)\)",
+    ):
+        state.with_hyperparameters(lr=torch.tensor([0.1], dtype=torch.float64).to_sparse())
 
 
 def test_implicit_gradient_refuses_an_outer_gradient_of_another_shape() -> None:
@@ -631,7 +723,13 @@ REFUSED = {
         lambda: ft.TrainState.create(
             _net(), ft.adam(0.1), _squared_error, differentiable=True
         ).with_hyperparameters(lr=torch.ones(2)),
-        "must be a number or a one-element floating tensor",
+        r"lr as a tensor must hold one floating-point value, got shape \(2,\)",
+    ),
+    "a hyperparameter that is not a number": (
+        lambda: ft.TrainState.create(
+            _net(), ft.adam(0.1), _squared_error, differentiable=True
+        ).with_hyperparameters(lr="0.1"),
+        "lr must be a number or a one-element floating tensor, got str '0.1'",
     ),
 }
 

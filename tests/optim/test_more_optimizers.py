@@ -448,7 +448,7 @@ def test_rprop_reads_a_schedule_only_at_step_0() -> None:
         (lambda: ft.adamax(lr=-1.0), r"lr must be >= 0, got lr=-1.0"),
         (
             lambda: ft.nadam(lr=torch.tensor([0.1, 0.2])),
-            r"a tensor lr must hold one floating-point value, got shape \(2,\)",
+            r"lr as a tensor must hold one floating-point value, got shape \(2,\)",
         ),
         (lambda: ft.adadelta(rho=1.5), r"rho must lie in \[0, 1\], got rho=1.5"),
         (lambda: ft.asgd(lambd=-1.0), r"lambd must be >= 0, got lambd=-1.0"),
@@ -539,6 +539,15 @@ PRESETS = [ft.nadam, ft.adamax, ft.adadelta, ft.asgd, ft.rprop, ft.adafactor, ft
         (
             lambda step: step * float("nan"),
             r"lr must be >= 0 and finite at every step, but the schedule gives nan at step 0",
+        ),
+        (1e39, r"lr must be at most 3.4028234663852886e\+38, the largest float32 .*got lr=1e\+39"),
+        (
+            torch.tensor([0.1]).to_sparse(),
+            r"lr as a tensor must be dense, got a tensor of layout torch.sparse_coo",
+        ),
+        (
+            torch.empty((), device="meta"),
+            r"lr as a tensor must hold a value, got a tensor of shape \(\) on the meta device",
         ),
     ],
 )

@@ -803,6 +803,14 @@ PRESETS = [ft.sgd, ft.adam, ft.adamw, ft.radam, ft.rmsprop, ft.adagrad, ft.lion]
         (-0.1, r"lr must be >= 0, got lr=-0.1"),
         ("0.1", r"lr must be a finite number >= 0, got lr='0.1'"),
         (True, r"lr must be a finite number >= 0, got lr=True"),
+        pytest.param(
+            2**1100, r"lr must be a finite number >= 0, got lr=13582985290493858", id="2**1100"
+        ),
+        (
+            1e39,
+            r"lr must be at most 3.4028234663852886e\+38, the largest float32 \(a float32 "
+            r"parameter's step cannot take a larger rate\), got lr=1e\+39",
+        ),
     ],
 )
 def test_every_preset_rejects_a_learning_rate_that_is_not_a_finite_number(
@@ -819,6 +827,23 @@ def test_every_preset_rejects_a_schedule_that_is_not_finite_at_step_0(factory: C
         match=r"lr must be >= 0 and finite at every step, but the schedule gives nan at step 0",
     ):
         factory(lambda step: step * float("nan"))
+
+
+@pytest.mark.parametrize("factory", PRESETS, ids=lambda f: f.__name__)
+def test_every_preset_rejects_a_schedule_beyond_float32_at_step_0(factory: Callable) -> None:
+    with pytest.raises(
+        ft.ConfigError,
+        match=r"lr must be at most 3.4028234663852886e\+38 \(the largest float32\) at every step, "
+        r"but the schedule gives 1e\+39 at step 0",
+    ):
+        factory(lambda step: 1e39)
+
+
+@pytest.mark.parametrize("factory", PRESETS, ids=lambda f: f.__name__)
+def test_every_preset_takes_the_largest_float32_as_a_rate(factory: Callable) -> None:
+    assert factory(torch.finfo(torch.float32).max).name.startswith(
+        f"{factory.__name__}(lr=3.4028234663852886e+38,"
+    )
 
 
 def test_a_schedule_that_cannot_run_on_a_cpu_counter_is_left_to_the_first_step() -> None:
@@ -1017,12 +1042,46 @@ def test_sgd_defaults_to_torchs_learning_rate() -> None:
         ),
         (torch.tensor(-0.5), r"lr must be >= 0, got lr=-0.5"),
         (torch.tensor(float("nan")), r"lr must be a finite number >= 0, got lr=nan"),
+        (
+            torch.tensor(1e39, dtype=torch.float64),
+            r"lr must be at most 3.4028234663852886e\+38, the largest float32 .*, got lr=1e\+39",
+        ),
+        (
+            torch.tensor([0.1]).to_sparse(),
+            r"lr as a tensor must be dense, got a tensor of layout torch.sparse_coo; give a number "
+            r"or a dense tensor \(lr.to_dense\(\)\)",
+        ),
+        (
+            torch.empty((1,), device="meta"),
+            r"lr as a tensor must hold a value, got a tensor of shape \(1,\) on the meta device",
+        ),
+        (
+            torch.tensor(0.1 + 0j),
+            r"lr as a tensor must hold one floating-point value, got shape \(\) and dtype "
+            r"torch.complex64",
+        ),
     ],
 )
 def test_a_tensor_lr_holds_one_finite_nonnegative_float(lr: torch.Tensor, message: str) -> None:
     for factory in PRESETS:
         with pytest.raises(ft.ConfigError, match=message):
             factory(lr)
+
+
+def test_a_one_element_tensor_lr_of_any_shape_is_its_value() -> None:
+    params = {"w": torch.ones(1)}
+    for factory in PRESETS:
+        tx = factory(torch.tensor([[0.5]]))
+        assert tx.name == factory(torch.tensor(0.5)).name
+        u, _ = tx.update({"w": torch.ones(1)}, tx.init(params), params)
+        plain = factory(0.5)
+        v, _ = plain.update({"w": torch.ones(1)}, plain.init(params), params)
+        assert torch.equal(ft.apply_updates(params, u)["w"], ft.apply_updates(params, v)["w"])
+
+
+def test_a_tensor_beta_that_holds_no_readable_value_is_refused() -> None:
+    with pytest.raises(ft.ConfigError, match=r"b1 must lie in \[0, 1\), got b1=tensor\(\.\.\."):
+        ft.adam(b1=torch.empty((), device="meta"))
 
 
 def test_a_tensor_lr_names_its_exact_value_and_dtype() -> None:
