@@ -14,7 +14,7 @@ from typing import IO, Any, Protocol
 
 import torch
 
-from functrain.core.binding import BoundModel, bound
+from functrain.core.binding import STEP_LOCK, BoundModel, bound
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
 from functrain.driver.callbacks import Callback, Run, on
@@ -265,19 +265,25 @@ def generate(
     tensors = {**weights, **state.frozen, **{k: b.clone() for k, b in buffers.items()}}
     forward = forward or _logits_of
     generator = torch.Generator(device=state.device).manual_seed(seed)
-    was_training = state.module.training
-    state.module.eval()
-    try:
-        with torch.no_grad(), bound(state.module, tensors) as model:
-            for _ in range(max_new_tokens):
-                window = ids if context_size is None else ids[:, -context_size:]
-                logits = forward(model, window)[:, -1, :]
-                token = sample_logits(
-                    logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-                )
-                ids = torch.cat([ids, token.unsqueeze(-1)], dim=-1)
-    finally:
-        state.module.train(was_training)
+    # the structure is shared with other threads' steps: its mode switched under their lock too
+    with STEP_LOCK:
+        was_training = state.module.training
+        state.module.eval()
+        try:
+            with torch.no_grad(), bound(state.module, tensors) as model:
+                for _ in range(max_new_tokens):
+                    window = ids if context_size is None else ids[:, -context_size:]
+                    logits = forward(model, window)[:, -1, :]
+                    token = sample_logits(
+                        logits,
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        generator=generator,
+                    )
+                    ids = torch.cat([ids, token.unsqueeze(-1)], dim=-1)
+        finally:
+            state.module.train(was_training)
     return ids.squeeze(0) if squeeze else ids
 
 

@@ -23,11 +23,16 @@ is carried out of the block in the tensor it was given, as an in-place write is:
 would hold the new value from then on, and so does the step's new state (`carry_rebound`).
 
 `call_with` runs one call of the module on given tensors (`functional_call`'s semantics).
+
+Threads: the structure is one object, shared by every state made from a module, so a binding holds
+`STEP_LOCK` for its block, and so does every step from its RNG swap to its restore
+(`functrain.core.scope`): a second thread's binding or step waits for the first to end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -41,14 +46,35 @@ from functrain.errors import ConfigError, WeightlessModuleError
 from functrain.optim.batching import under_vmap
 
 __all__ = [
+    "STEP_LOCK",
     "BoundModel",
     "bound",
     "call_with",
     "carry_rebound",
     "refuse_unbound_calls",
     "CALL_GUARD",
+    "take_step_lock",
     "traced_binding_problems",
+    "unbind",
 ]
+
+STEP_LOCK = threading.RLock()
+"""What a step or a binding holds for its whole call: the shared structures and the process's
+generators. Re-entrant: a loss function may call `functrain.predict` or another step."""
+
+
+def take_step_lock() -> bool:
+    """`STEP_LOCK` taken, where a try without waiting found it held; whether it was taken.
+
+    Not inside a backward (a step that activation checkpointing runs again there,
+    ``functrain.unroll(checkpoint_every=...)``): the backward may run on an autograd worker thread
+    while the thread that holds the lock waits for it, and waiting would never end. Such a step
+    runs within the waiting thread's hold.
+    """
+    if torch._C._current_graph_task_id() >= 0:
+        return False
+    return STEP_LOCK.acquire()
+
 
 # (slot container, local name or index, tensor name) per slot; the set of tensor names the plan
 # covers; (attribute dict, name) of each plain attribute holding some slot, restored on leaving
@@ -232,40 +258,60 @@ class _Binding:
         "_parameters",
         "_registered",
         "_seen",
+        "_locked",
+        "_bound",
     )
 
     def __init__(self, module: nn.Module, plan: _Plan, tensors: dict) -> None:
         self._module, self._slots, self._tensors = module, plan[0], tensors
         self._attributes, self._parameters, self._registered = plan[2], plan[4], plan[5]
+        self._bound = False
 
     def __enter__(self) -> BoundModel:
         slots, tensors = self._slots, self._tensors
-        # an attribute holding an alias: its object put back too (a forward may replace it)
-        self._kept = [attrs[name] for attrs, name in self._attributes] if self._attributes else ()
-        self._saved = [table[local] for table, local, _ in slots]
+        self._model = BoundModel(self._module)
+        self._locked = STEP_LOCK.acquire(False) or take_step_lock()
+        try:  # the slots read under the lock: another thread's binding has left them
+            # an attribute holding an alias: its object put back too (a forward may replace it)
+            self._kept = (
+                [attrs[name] for attrs, name in self._attributes] if self._attributes else ()
+            )
+            self._saved = [table[local] for table, local, _ in slots]
+        except BaseException:  # (an interrupt): nothing bound yet
+            if self._locked:
+                STEP_LOCK.release()
+            raise
+        # from here to the block, no Python function runs: an interrupt finds it bound or not
         for table, local, key in slots:
             table[local] = tensors[key]
         guard = self._module.__dict__.get(CALL_GUARD)
         self._guard = (
             (guard, self._module._forward_pre_hooks.pop(guard, None)) if guard is not None else None
         )
-        self._model = BoundModel(self._module)
         self._seen = _registrations[0]
         _open[0] += 1
+        self._bound = True
         return self._model
 
     def __exit__(self, kind: Any, *exc_info: Any) -> None:
-        _open[0] -= 1
-        # a parameter or buffer registered during the block: perhaps one of ours rebound
-        rebound = self._rebound() if kind is None and _registrations[0] != self._seen else None
-        if self._guard is not None and self._guard[1] is not None:
-            self._module._forward_pre_hooks[self._guard[0]] = self._guard[1]
-        for (table, local, _), original in zip(self._slots, self._saved, strict=True):
-            table[local] = original
-        if self._attributes:
-            for (attrs, name), original in zip(self._attributes, self._kept, strict=True):
-                attrs[name] = original
-        self._model._functrain_open[0] = False
+        if not self._bound:  # left already (`unbind` after an interrupted exit)
+            return
+        try:
+            # a parameter or buffer registered during the block: perhaps one of ours rebound
+            rebound = self._rebound() if kind is None and _registrations[0] != self._seen else None
+        finally:  # the slots put back without a Python call: an interrupt cannot stop it halfway
+            self._bound = False
+            _open[0] -= 1
+            if self._guard is not None and self._guard[1] is not None:
+                self._module._forward_pre_hooks[self._guard[0]] = self._guard[1]
+            for (table, local, _), original in zip(self._slots, self._saved, strict=True):
+                table[local] = original
+            if self._attributes:
+                for (attrs, name), original in zip(self._attributes, self._kept, strict=True):
+                    attrs[name] = original
+            self._model._functrain_open[0] = False
+            if self._locked:
+                STEP_LOCK.release()
         if rebound:
             carry_rebound(self._tensors, rebound)
 
@@ -277,6 +323,16 @@ class _Binding:
             for i, (table, local, key) in enumerate(self._slots[: self._registered])
             if table.get(local) is not tensors[key]
         ]
+
+
+def unbind(binding: contextlib.AbstractContextManager[BoundModel]) -> None:
+    """Leave an eager `binding` whose exit an interrupt stopped at its entry; else nothing.
+
+    What a block's caller runs when the block raised: the structure is then left unbound
+    whatever the point an interrupt reached.
+    """
+    if isinstance(binding, _Binding):
+        binding.__exit__(BaseException, None, None)
 
 
 def carry_rebound(tensors: dict[str, torch.Tensor], rebound: list[tuple[str, bool, Any]]) -> None:
@@ -440,8 +496,13 @@ def call_with(
         >>> out.item(), lin.weight.shape
         (2.0, torch.Size([1, 2]))
     """
-    with bound(module, tensors) as model:
-        return model(*args, **kwargs)
+    binding = bound(module, tensors)
+    try:
+        with binding as model:
+            return model(*args, **kwargs)
+    except BaseException:
+        unbind(binding)
+        raise
 
 
 class BoundModel:

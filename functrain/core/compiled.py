@@ -323,8 +323,6 @@ class CompiledStep:
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         core, fresh = self._core_for(state, donate)
-        if donate:
-            wait_until_unheld(state)  # an async save still reading these tensors
         counters = (
             state.step,
             state.micro_step,
@@ -342,6 +340,8 @@ class CompiledStep:
         attempt = _Attempt()
         hooks = _hooks_enabled()
         try:
+            if donate:  # a save still reading these tensors (looked for in the scope's lock)
+                wait_until_unheld(state)
             # zeros a fresh state holds without storage get it here: one graph for every call's
             # layout
             opt_state = stored(state.opt_state)
@@ -358,15 +358,13 @@ class CompiledStep:
         except BaseException as error:
             _enable_hooks_again(hooks)
             found = _diagnosis(error, attempt, scope, lambda: check_gradients(state, batch))
+            _retire_if_ran(state, attempt if donate else None, error)  # before the lock goes
             leave(scope)
-            _retire_if_ran(state, attempt if donate else None, error)
             if found is not None:
                 raise found from error
             raise
-        new_state = leave_with(scope, state, new)
-        if donate:
-            state.retire(_DONATED)
-        return new_state, metrics
+        # a donated state retired in the scope: a save, which takes its lock, never reads it
+        return leave_with(scope, state, new, state if donate else None, _DONATED), metrics
 
     def _stacked(
         self, state: TrainState, batch: Any, donate: bool

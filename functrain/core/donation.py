@@ -25,13 +25,23 @@ from typing import Any
 
 import torch
 
+from functrain.core.binding import STEP_LOCK
 from functrain.core.scope import enter, leave, leave_with, outside_graph
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import is_sharded
 from functrain.optim.base import Extras
 from functrain.tree import tree_leaves
 
-__all__ = ["HELD", "donated", "hold", "is_held", "retire", "step_in_scope", "wait_until_unheld"]
+__all__ = [
+    "HELD",
+    "donated",
+    "hold",
+    "hold_live",
+    "is_held",
+    "retire",
+    "step_in_scope",
+    "wait_until_unheld",
+]
 
 _held: Counter[int] = Counter()
 _released = threading.Condition()
@@ -85,6 +95,22 @@ def hold(tensors: Iterable[torch.Tensor]) -> Callable[[], None]:
             _released.notify_all()
 
     return release
+
+
+def hold_live(state: TrainState, call: str) -> Callable[[], None]:
+    """`hold` of `state`'s tensors, once no donated step writes them; the function that ends it.
+
+    A donated step holds `STEP_LOCK` from before it looks for holds until it has retired the
+    state it was given: taken here, the state is either retired (refused) or held, and a donated
+    step of it then waits until the hold ends (`wait_until_unheld`). What a synchronous save
+    takes before it reads a state's tensors.
+
+    Raises:
+        DonatedStateError: `state` was donated to a step (`call` names the reader).
+    """
+    with STEP_LOCK:
+        state.check_live(call)
+        return hold(x for x in tree_leaves(state.tree()) if isinstance(x, torch.Tensor))
 
 
 def is_held(tensors: Iterable[torch.Tensor]) -> bool:
@@ -148,8 +174,10 @@ def step_in_scope(
     With `donate`, `body` may write into `state`'s tensors (`donated`), unless the state keeps
     gradient statistics (their update/weight ratios need the old weights: the step writes fresh
     buffers); then `given` (the state the caller was handed, `state` by default) is retired to
-    `call`. The scope is left whether `body` returns or raises.
+    `call` before the scope is left. The scope is left whether `body` returns or raises.
     """
+    retiring = (state if given is None else given) if donate else None
+    ran = False
     scope = enter(state, True)
     try:
         new, metrics = (
@@ -157,10 +185,10 @@ def step_in_scope(
             if donate and state.grad_stats is None
             else body(state, batch)
         )
-    except BaseException:
-        leave(scope)
+        ran = True
+        return leave_with(scope, state, new, retiring, call), metrics
+    except BaseException as error:
+        if ran and retiring is not None:  # (an interrupt after the body wrote the given state)
+            retire(retiring, f"{call}, which then raised {type(error).__name__}")
+        leave(scope)  # again where an interrupt stopped it at its entry; else nothing
         raise
-    new_state = leave_with(scope, state, new)
-    if donate:
-        retire(state if given is None else given, call)
-    return new_state, metrics

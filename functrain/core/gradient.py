@@ -114,7 +114,9 @@ def gradients(
     Args:
         state: the state whose parameters are differentiated (a stacked one: every member's).
         batch: the batch, as the loss function takes it.
-        buffers: copies of the state's buffers, which the forward may write into.
+        buffers: copies of the state's buffers, which the forward may write into; one it wrote
+            from the graph is replaced by its detached value, unless the step keeps its graph (a
+            differentiable state's, `_with_graph`).
         scale: the dynamic loss scale (fp16) the loss is multiplied by before the backward.
         forward: the step's forward, where it is not the loss function on the module bound to the
             parameters: a stacked state's members' (the ``[K]`` losses), a compiled sharded
@@ -200,6 +202,8 @@ def _with_graph(
         )
         check_scalar_metrics(aux)
         found = torch.autograd.grad(total, leaves, create_graph=exact, allow_unused=True)
+    if not exact:  # the step keeps no graph: neither do the buffers it wrote
+        _detach_written(buffers)
     known = decided(state)
     grads = completed(list(found), leaves, names, known.hooks, known.sparse)
     return dict(zip(names, grads)), loss, aux
@@ -243,6 +247,7 @@ def _by_autograd(
         if refused is not None:
             raise refused from error
         raise
+    _detach_written(buffers)
     grads = completed(found, leaves, names * (len(own) if apart else 1), known.hooks, known.sparse)
     if apart:
         n = len(names)
@@ -264,7 +269,8 @@ def backward(
     The step program (`functrain.core.program`) calls it with what it decided once (`known`); the
     loss function runs with the module bound to `leaves` (the parameters as fresh leaves, in the
     state's order), the frozen weights and `buffers` (copies the forward may write), and the
-    backward runs while the module still holds them (checkpointed blocks run again in it).
+    backward runs while the module still holds them (checkpointed blocks run again in it). A buffer
+    the forward wrote from the graph is replaced in `buffers` by its detached value.
     `eager`: the caller knows the step is neither compiled nor traced (`call_loss`'s).
 
     Returns:
@@ -286,7 +292,23 @@ def backward(
             _gradients_from(state, loss, scale, leaves, known.divisor, known.plain),
         ),
     )
+    for name in buffers:  # (no call a step where no buffer is on the graph: the usual case)
+        if buffers[name].requires_grad:
+            _detach_written(buffers)
+            break
     return completed(grads, leaves, names, known.hooks, known.sparse), loss, aux
+
+
+def _detach_written(buffers: dict[str, torch.Tensor]) -> None:
+    """Each of `buffers` the forward wrote from the graph replaced by its detached self (its bits).
+
+    ``self.running.mul_(0.9).add_(0.1 * x.mean(0))`` outside ``torch.no_grad`` puts a buffer on
+    the step's graph: a state holding it would hold every step's graph since, through the copies
+    the next steps write into. A differentiable state whose step keeps its graph keeps them.
+    """
+    for name, b in buffers.items():
+        if b.requires_grad:
+            buffers[name] = b.detach()
 
 
 def completed(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from functrain.core.binding import bound
+from functrain.core.binding import bound, unbind
 from functrain.core.failures import loss_failure
 from functrain.core.view import StepState
 from functrain.errors import ConfigError, FunctrainError, LossError
@@ -189,29 +189,37 @@ def call_loss(
     # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
     # isinstance() of one, and a graph break here would leave torch.func.grad's frame eager)
     guard = _WriteGuard(watch, name) if first and watch else None
-    with bound(state.module, tensors, eager) as model:
-        try:
-            if guard is None:
-                out = _forward(fn, model, batch, dtype, state)
-            else:
-                with guard:
+    binding = bound(state.module, tensors, eager)
+    try:
+        with binding as model:
+            try:
+                if guard is None:
                     out = _forward(fn, model, batch, dtype, state)
-        except (FunctrainError, torch.cuda.OutOfMemoryError):
-            raise  # out of memory is no fault of the batch's structure: as torch raises it
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
-            if under_vmap():  # reentrant checkpointing's autograd.Function refuses to be vmapped
-                refused = checkpoint_refusal(e, "stacked")
-                if refused is not None:
-                    raise refused from e
-            raise loss_failure(e, batch, state.module, tensors, name) from e
-        if guard is not None:
-            guard.restore()  # raises if the forward rebound one (``.data =``), the state restored
-            object.__setattr__(state.module, _WATCHED, True)
-        if versions is not None and watch is not None:
-            if _marks(watch, storage) != versions:  # a write in place, or ``.data =``
-                _raise_written(watch, versions, name, storage)
-        loss, aux = split_loss(out, name)
-        return (loss, aux) if then is None else then(loss, aux)
+                else:
+                    with guard:
+                        out = _forward(fn, model, batch, dtype, state)
+            except (FunctrainError, torch.cuda.OutOfMemoryError):
+                raise  # out of memory is no fault of the batch's structure: as torch raises it
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+                if (
+                    under_vmap()
+                ):  # reentrant checkpointing's autograd.Function refuses to be vmapped
+                    refused = checkpoint_refusal(e, "stacked")
+                    if refused is not None:
+                        raise refused from e
+                raise loss_failure(e, batch, state.module, tensors, name) from e
+            if guard is not None:
+                # raises if the forward rebound one (``.data =``), the state restored
+                guard.restore()
+                object.__setattr__(state.module, _WATCHED, True)
+            if versions is not None and watch is not None:
+                if _marks(watch, storage) != versions:  # a write in place, or ``.data =``
+                    _raise_written(watch, versions, name, storage)
+            loss, aux = split_loss(out, name)
+            return (loss, aux) if then is None else then(loss, aux)
+    except BaseException:
+        unbind(binding)  # an interrupt at its exit's entry: the structure left unbound all the same
+        raise
 
 
 def _forward(fn: Any, model: Any, batch: Any, dtype: torch.dtype | None, state: StepState) -> Any:

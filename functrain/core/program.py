@@ -58,8 +58,8 @@ from functrain.core.scope import (
     device_generator,
     enter,
     plain_modules,
+    restore,
     swap_in,
-    swap_out,
 )
 from functrain.core.stacked_step import (
     PerMember,
@@ -173,12 +173,20 @@ class StepProgram(_Decided):
         """`functrain.train_step` on `state`, whose configuration this program is."""
         if isinstance(batch, PerMember):
             refuse_per_member(batch)
-        if donate and HELD:  # an async save still reads this state's tensors
-            wait_until_unheld(state)
         scope = self._enter(state)
-        if self.runner is None:
-            return self._with_body(state, batch, donate, scope)
-        return self._with_runner(state, batch, donate, scope)
+        try:
+            # a save still reads this state's tensors (looked for in the scope, whose lock a save
+            # takes to hold them: `functrain.core.donation.hold_live`)
+            if donate and HELD:
+                wait_until_unheld(state)
+            if self.runner is None:
+                return self._with_body(state, batch, donate, scope)
+            return self._with_runner(state, batch, donate, scope)
+        except BaseException:
+            restore(
+                scope
+            )  # the caller's RNG and module mode, where the stage did not (an interrupt)
+            raise
 
     def _enter(self, state: TrainState) -> Scope:
         """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
@@ -207,7 +215,10 @@ class StepProgram(_Decided):
     def _with_body(
         self, state: TrainState, batch: Any, donate: bool, scope: Scope
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """The step with the body's update (`functrain.core.body.apply`)."""
+        """The step with the body's update (`functrain.core.body.apply`).
+
+        The new state is made and a donated one retired in the scope (`run` leaves it on a raise).
+        """
         written: list[bool] = []
         try:
             # the forward writes running statistics into the buffers: copies, never the state's
@@ -218,17 +229,20 @@ class StepProgram(_Decided):
             new, metrics = apply(
                 state, batch, dict(zip(state.params, grads)), buffers, loss, aux, scale, extras
             )
-            new["rng"] = swap_out(scope)
+            # the step's stream (a rank's: the shared one after it), the new state's
+            new["rng"] = (
+                scope.next_rng if scope.next_rng is not None else self.generator.get_state()
+            )
+            stepped = state.stepped(self, new)
+            if self.fresh:  # the optimizer's state has its storage now: decided again, once
+                object.__setattr__(stepped, "program", program_for(stepped))
+            if donate:
+                state.retire(DONATED)
+            restore(scope)  # the caller's RNG and module mode, as they were
         except BaseException as error:
-            swap_out(scope)  # the caller's RNG and module mode, as they were
             if donate and written:  # the update may have written some of the state's tensors
                 state.retire(f"{DONATED}, which then raised {type(error).__name__}")
             raise
-        stepped = state.stepped(self, new)
-        if self.fresh:  # the optimizer's state has its storage now: decided again, once
-            object.__setattr__(stepped, "program", program_for(stepped))
-        if donate:
-            state.retire(DONATED)
         return stepped, metrics
 
     def _with_runner(
@@ -237,7 +251,7 @@ class StepProgram(_Decided):
         """The step with the update's `functrain.optim.planned.Runner` (planned or `_updating`)."""
         runner = self.runner
         assert runner is not None  # (`run` chose this stage for it)
-        updated = False
+        writing = False
         try:
             params = list(state.params.values())
             # the forward writes running statistics into the buffers: copies, never the state's
@@ -247,23 +261,20 @@ class StepProgram(_Decided):
                 grads = in_layouts_of(grads, params)
             # with accumulation the window's norm is reported: its runner measures it
             norm = self._norm(grads) if self.window == 1 else None
-            try:
-                ran = self._update(runner, grads, params, state.opt_state, norm, donate)
-                updated = True
-                if ran.norm is not None:
-                    norm = ran.norm
-            except BaseException as error:
-                if donate:  # the update may have written some of the state's tensors
-                    state.retire(f"{DONATED}, which then raised {type(error).__name__}")
-                raise
-        finally:
-            rng = swap_out(scope)  # the caller's RNG and module mode, as they were
-        try:
-            return self._finished(state, batch, donate, rng, ran, buffers, loss, norm, aux)
-        except BaseException as error:  # (an interrupt): the update wrote the given state
-            if donate and updated:
+            writing = donate  # from here the update may write the given state's tensors
+            ran = self._update(runner, grads, params, state.opt_state, norm, donate)
+            if ran.norm is not None:
+                norm = ran.norm
+            # the step's stream, the new state's (`_enter` gave no rank stream: no process group)
+            rng = self.generator.get_state()
+            # made and the donated state retired in the scope (`run` leaves it on a raise)
+            result = self._finished(state, batch, donate, rng, ran, buffers, loss, norm, aux)
+            restore(scope)  # the caller's RNG and module mode, as they were
+        except BaseException as error:
+            if writing:  # the update may have written some of the state's tensors
                 state.retire(f"{DONATED}, which then raised {type(error).__name__}")
             raise
+        return result
 
     def _finished(
         self,
@@ -554,13 +565,10 @@ class MembersProgram(_Decided):
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """`functrain.train_step` on the stacked `state`, whose configuration this program is."""
         if self.runner is None:
+            # (a donated state retired there, in its scope)
             new, metrics = stacked_train_step(state, batch, donate=donate)
-            if donate:
-                state.retire(DONATED)
             object.__setattr__(new, "program", self)
             return new, metrics
-        if donate and HELD:  # an async save still reads this state's tensors
-            wait_until_unheld(state)
         # a loss function that views a transposed weight runs again, in the module's order
         return again_in_module_order(state, lambda: self._planned(state, batch, donate))
 
@@ -573,8 +581,10 @@ class MembersProgram(_Decided):
         members = self.members
         batch, per_member = member_batch(batch, members)
         scope = StackedScope(state, training=True, advance=True)
-        updated = False
+        writing = False
         try:
+            if donate and HELD:  # a save still reads this state's tensors (see `StepProgram.run`)
+                wait_until_unheld(state)
             # the forward writes running statistics into the buffers: copies, never the state's
             buffers = {k: b.clone() for k, b in state.buffers.items()} if state.buffers else {}
             found, losses, aux = member_gradients(
@@ -585,26 +595,20 @@ class MembersProgram(_Decided):
             if list(map(_STRIDE, grads)) != self.strides:
                 grads = in_layouts_of(grads, params)
             norm = global_norm(grads, self.norms)  # each member's
-            try:
-                # (`functrain.stack` refuses gradient hooks: the gradients are the step's own)
-                ran = runner(grads, params, state.opt_state, norm, donate, None)
-                updated = True
-            except BaseException as error:
-                if donate:  # the update may have written some of the state's tensors
-                    state.retire(f"{DONATED}, which then raised {type(error).__name__}")
-                raise
-        finally:
-            scope.close()  # the caller's RNG and module mode, as they were
-        try:
+            writing = donate  # from here the update may write the given state's tensors
+            # (`functrain.stack` refuses gradient hooks: the gradients are the step's own)
+            ran = runner(grads, params, state.opt_state, norm, donate, None)
             counted = member_zero(batch) if per_member else batch
             new, metrics = self._finished(state, counted, donate, ran, buffers, losses, norm, aux)
-        except BaseException as error:  # (an interrupt): the update wrote the given state
-            if donate and updated:
+            stepped = state.stepped(self, {**new, "rng": scope.next_rng})
+            if donate:
+                state.retire(DONATED)
+            scope.close()  # the caller's RNG and module mode, as they were
+        except BaseException as error:
+            if writing:  # the update may have written some of the state's tensors
                 state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+            scope.close()  # again where an interrupt stopped it at its entry; else nothing
             raise
-        stepped = state.stepped(self, {**new, "rng": scope.next_rng})
-        if donate:
-            state.retire(DONATED)
         return stepped, metrics
 
     def _finished(

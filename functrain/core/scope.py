@@ -5,6 +5,12 @@ eval) mode on entry (`enter`), and puts both back on the way out (`leave`), retu
 generator state that becomes the new state's ``rng``. Generator state cannot be traced, so both
 run outside any compiled graph (`outside_graph`): under ``torch.compile`` they are the graph's
 boundaries and the step body is one graph between them.
+
+Threads: the generator is the process's, so a step holds `STEP_LOCK` from the swap to the restore
+(and the structure it binds with it): steps in several threads run one at a time, each as it runs
+alone. Interrupts: a KeyboardInterrupt may land at any function's entry; `swap_in` undoes what it
+did before it raises, and `swap_out` does nothing the second time, so a step's handler runs it
+again after an interrupt that stopped the first at its entry.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from functrain.core.binding import STEP_LOCK, take_step_lock
 from functrain.core.state import TrainState
+from functrain.core.structure import fixed
 
 __all__ = [
     "Scope",
@@ -27,6 +35,7 @@ __all__ = [
     "leave_with",
     "outside_graph",
     "rank_stream",
+    "restore",
     "swap_in",
     "swap_out",
 ]
@@ -42,9 +51,19 @@ def device_generator(device: torch.device) -> torch.Generator:
 
 
 class Scope:
-    """What `enter` changed: the module and its mode, the generator and the caller's state of it."""
+    """What `enter` changed: the module and its mode, the generator and the caller's state of it,
+    and whether it holds `STEP_LOCK` (`locked`) and has not been left yet (`open`)."""
 
-    __slots__ = ("module", "was_training", "generator", "saved_rng", "next_rng", "modules")
+    __slots__ = (
+        "module",
+        "was_training",
+        "generator",
+        "saved_rng",
+        "next_rng",
+        "modules",
+        "locked",
+        "open",
+    )
 
     def __init__(
         self,
@@ -53,6 +72,7 @@ class Scope:
         generator: torch.Generator,
         saved_rng: torch.Tensor,
         modules: tuple[nn.Module, ...] | None = None,
+        locked: bool = False,
     ) -> None:
         self.module = module
         self.was_training = was_training
@@ -62,19 +82,26 @@ class Scope:
         # the module's submodules where each takes its mode as nn.Module's own `train` sets it
         # (`plain_modules`): their flags are set directly
         self.modules = modules
+        self.locked = locked
+        self.open = True
 
 
 def plain_modules(module: nn.Module) -> tuple[nn.Module, ...] | None:
     """`module` and its submodules, where every one takes its mode as ``nn.Module.train`` sets it
     (no override of ``train`` or ``__setattr__``, a ``training`` flag of its own): then setting
     their flags is ``module.train(mode)``, without its recursion through Python generators (80
-    Python calls a switch for a 4-module MLP). None where one does otherwise: ``module.train``.
+    Python calls a switch for a 4-module MLP). None where one does otherwise, or where `module`
+    is not a state's structure, whose submodules are never replaced (`functrain.core.structure.
+    fixed`: a module kept as it is may have new ones by the next step): ``module.train``.
 
     Example:
-        >>> mods = plain_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-        >>> len(mods), plain_modules(nn.Sequential(nn.BatchNorm1d(2))) is not None
-        (3, True)
+        >>> from functrain.core.structure import weightless
+        >>> mods = plain_modules(weightless(nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
+        >>> len(mods), plain_modules(nn.Sequential(nn.BatchNorm1d(2)))
+        (3, None)
     """
+    if not fixed(module):
+        return None
     found = tuple(module.modules())
     for m in found:
         kind = type(m)
@@ -123,12 +150,23 @@ def swap_in(
 ) -> Scope:
     """Swap `generator` to `rng` and `module` to `training` mode, eagerly; return what to undo.
 
-    `modules`: `plain_modules` of `module` where the caller decided them once, else None.
+    `modules`: `plain_modules` of `module` where the caller decided them once, else None. Takes
+    `STEP_LOCK` first (the caller's generator state is read under it); raising (an interrupt),
+    it leaves everything as it was.
     """
-    scope = Scope(module, module.training, generator, generator.get_state(), modules)
-    if module.training != training:
-        _set_mode(scope, module, training)
-    generator.set_state(rng)
+    locked = STEP_LOCK.acquire(False) or take_step_lock()
+    scope = None
+    try:
+        scope = Scope(module, module.training, generator, generator.get_state(), modules, locked)
+        if module.training != training:
+            _set_mode(scope, module, training)
+        generator.set_state(rng)
+    except BaseException:
+        if scope is not None:
+            restore(scope)
+        elif locked:
+            STEP_LOCK.release()
+        raise
     return scope
 
 
@@ -137,19 +175,29 @@ def enter(state: TrainState, training: bool) -> Scope:
     """Swap the device generator to `state.rng` and the module to `training` mode."""
     gen = device_generator(state.device)
     scope = swap_in(state.module, gen, state.rng, training)
-    if state.dist is not None and training:
-        # each rank draws its dropout masks from its own stream; the state carries the shared one
-        if gen.device.type == "cpu":
-            # one draw from the shared stream seeds this rank's stream for the step
-            draw = int(
-                torch.randint(0, 2**62, (1,), generator=gen)
-            )  # CPU generator: no device sync
-            scope.next_rng = gen.get_state()
-            gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (state.dist.rank + 1)) % 2**63)
-        else:
-            scope.next_rng, seed = rank_stream(state.rng, state.dist.rank)
-            gen.manual_seed(seed)
+    if state.dist is None or not training:
+        return scope
+    try:
+        _rank_stream_in(scope, state, gen)
+    except BaseException:
+        restore(scope)
+        raise
     return scope
+
+
+def _rank_stream_in(scope: Scope, state: TrainState, gen: torch.Generator) -> None:
+    """The generator seeded with this rank's stream for the step (`enter` of a process group's
+    state); the shared stream after the step in ``scope.next_rng``."""
+    rank = state.dist.rank if state.dist is not None else 0
+    # each rank draws its dropout masks from its own stream; the state carries the shared one
+    if gen.device.type == "cpu":
+        # one draw from the shared stream seeds this rank's stream for the step
+        draw = int(torch.randint(0, 2**62, (1,), generator=gen))  # CPU generator: no device sync
+        scope.next_rng = gen.get_state()
+        gen.manual_seed((draw + 0x9E3779B97F4A7C15 * (rank + 1)) % 2**63)
+    else:
+        scope.next_rng, seed = rank_stream(state.rng, rank)
+        gen.manual_seed(seed)
 
 
 def rank_stream(rng: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
@@ -172,12 +220,27 @@ def rank_stream(rng: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
 
 
 def swap_out(scope: Scope) -> torch.Tensor:
-    """Restore the caller's RNG and module mode, eagerly; return the step's generator state."""
+    """Restore the caller's RNG and module mode and release `STEP_LOCK`, eagerly; return the
+    step's generator state. Once: a second call restores nothing (its return is then no step's)."""
     after = scope.next_rng if scope.next_rng is not None else scope.generator.get_state()
+    restore(scope)
+    return after
+
+
+def restore(scope: Scope) -> None:
+    """The caller's RNG and module mode back, `STEP_LOCK` released; nothing where done already.
+
+    A step runs it on its way out, and again in its handler when something raised: then an
+    interrupt that stopped the first call at its entry is made up for.
+    """
+    if not scope.open:
+        return
     scope.generator.set_state(scope.saved_rng)
     if scope.module.training != scope.was_training:
         _set_mode(scope, scope.module, scope.was_training)
-    return after
+    scope.open = False
+    if scope.locked:
+        STEP_LOCK.release()
 
 
 leave = outside_graph(swap_out)
@@ -185,6 +248,21 @@ leave = outside_graph(swap_out)
 
 
 @outside_graph
-def leave_with(scope: Scope, state: TrainState, new: dict[str, Any]) -> TrainState:
-    """`leave`, then the new state: one graph boundary after the step body instead of two."""
-    return state.stepped(None, {"rng": leave(scope), **new})  # the step's own tensors: trusted
+def leave_with(
+    scope: Scope,
+    state: TrainState,
+    new: dict[str, Any],
+    retiring: TrainState | None = None,
+    call: str = "",
+) -> TrainState:
+    """The new state, then `leave`: one graph boundary after the step body instead of two.
+
+    `retiring`: a donated state, retired (to `call`) before the scope is left, so that a save,
+    which takes `STEP_LOCK` to hold a state's tensors, never finds it written and still live.
+    """
+    after = scope.next_rng if scope.next_rng is not None else scope.generator.get_state()
+    new_state = state.stepped(None, {"rng": after, **new})  # the step's own tensors: trusted
+    if retiring is not None:
+        retiring.retire(call)
+    restore(scope)
+    return new_state

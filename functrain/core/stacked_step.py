@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
+from functrain.core.binding import STEP_LOCK, take_step_lock
 from functrain.core.body import Parts, apply, eval_body, loss_scale
 from functrain.core.donation import donated
 from functrain.core.gradient import gradients
@@ -106,6 +107,8 @@ class PerMember(NamedTuple):
 
 
 _T = TypeVar("_T")
+# what a donated step's given state is retired to (`functrain.core.program.DONATED`)
+_DONATED = "functrain.train_step(..., donate=True)"
 _SLOT = object()  # where a tensor goes when a tree is rebuilt from its tensor leaves
 
 
@@ -256,22 +259,40 @@ def _step_seed(draws: list[int]) -> int:
 
 
 class StackedScope:
-    """The generator and module mode around a stacked step (`enter`/`leave` of one state)."""
+    """The generator and module mode around a stacked step (`enter`/`leave` of one state), with
+    `STEP_LOCK` held from the swap to `close` (see `functrain.core.scope`)."""
 
     def __init__(self, state: TrainState, training: bool, advance: bool) -> None:
-        self.module, self.was_training = state.module, state.module.training
+        self.module = state.module
         self.generator = device_generator(state.device)
-        self.saved = self.generator.get_state()
-        draws, after = _draws(self.generator, state.rng, advance)
-        self.next_rng = after if after is not None else state.rng
-        self.generator.manual_seed(_step_seed(draws))
-        if self.module.training != training:
-            self.module.train(training)
+        self.open = False
+        self.locked = STEP_LOCK.acquire(False) or take_step_lock()
+        try:  # the caller's generator state and mode read under the lock
+            self.was_training = self.module.training
+            self.saved = self.generator.get_state()
+            self.open = True
+            draws, after = _draws(self.generator, state.rng, advance)
+            self.next_rng = after if after is not None else state.rng
+            self.generator.manual_seed(_step_seed(draws))
+            if self.module.training != training:
+                self.module.train(training)
+        except BaseException:  # (an interrupt): nothing left changed
+            if self.open:
+                self.close()
+            elif self.locked:
+                STEP_LOCK.release()
+            raise
 
     def close(self) -> None:
+        """The caller's generator state and mode back, the lock released; once (then nothing)."""
+        if not self.open:
+            return
         self.generator.set_state(self.saved)
         if self.module.training != self.was_training:
             self.module.train(self.was_training)
+        self.open = False
+        if self.locked:
+            STEP_LOCK.release()
 
 
 def stacked_train_step(
@@ -283,7 +304,8 @@ def stacked_train_step(
     """`train_step` for a stacked state (see the module's docstring for how it runs).
 
     `compiled`, when given, is a compiled `step_function` (`compile_step` passes it). `donate`:
-    the update may write into `state`'s tensors (the caller retires it). Called by `train_step`
+    the update may write into `state`'s tensors, and `state` is retired before the step's scope
+    is left. Called by `train_step`
     and `compile_step`. A loss function that views a transposed weight (`learned_module_order`)
     has its step run again, from the start, with the weights in the module's order.
     """
@@ -300,6 +322,7 @@ def _stacked_train_step(
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     members = state.rng.shape[0]
     batch, per_member = member_batch(batch, members)
+    ran = False
     scope = StackedScope(state, training=True, advance=True)
     try:
         if compiled is not None:
@@ -310,9 +333,17 @@ def _stacked_train_step(
             )
         else:
             new, metrics = stacked_body(state, batch, per_member)
-    finally:
+        ran = True
+        stepped = state.stepped(None, {"rng": scope.next_rng, **new})
+        if donate:  # retired in the scope, whose lock a save takes (`core.donation.hold_live`)
+            state.retire(_DONATED)
         scope.close()
-    return state.stepped(None, {"rng": scope.next_rng, **new}), metrics
+    except BaseException as error:
+        if ran and donate:  # (an interrupt after the update wrote the given state)
+            state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
+        scope.close()  # again where an interrupt stopped it at its entry; else nothing
+        raise
+    return stepped, metrics
 
 
 def step_function(
@@ -430,8 +461,10 @@ def check_stacked_gradients(state: TrainState, batch: Any) -> None:
             member_gradients(
                 state, given, per_member, members_apart(state), buffers, loss_scale(state)
             )
-        finally:
             scope.close()
+        except BaseException:
+            scope.close()  # again where an interrupt stopped it at its entry; else nothing
+            raise
 
     again_in_module_order(state, run)
 
@@ -585,6 +618,8 @@ def _stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str
     scope = StackedScope(state, training=False, advance=False)
     try:
         leaves = vmapped(fn, per_member)(_tensors(parts, state.rng.shape[0], state.device), batch)
-    finally:
         scope.close()
+    except BaseException:
+        scope.close()  # again where an interrupt stopped it at its entry; else nothing
+        raise
     return out["rebuild"](leaves)

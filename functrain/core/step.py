@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from functrain.core.binding import bound
+from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
-from functrain.core.donation import retire, step_in_scope
+from functrain.core.donation import step_in_scope
 from functrain.core.loss import RunAgain
 from functrain.core.program import DONATED, program_for
 from functrain.core.scope import enter, leave, outside_graph
@@ -184,10 +184,7 @@ def _train_step(
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` of a state that runs no program: traced, under vmap, or sharded."""
     if state.members:
-        result = stacked_train_step(state, batch, donate=donate)
-        if donate:
-            retire(state, DONATED)
-        return result
+        return stacked_train_step(state, batch, donate=donate)  # (retires a donated state)
     if holds_sweep(state.tx):
         raise ConfigError(SWEEP_ALONE)
     refuse_per_member(batch)
@@ -252,8 +249,10 @@ def eval_step(
     scope = enter(state, False)
     try:
         metrics = eval_body(state, batch, use_ema, eval_fn)
-    finally:
         leave(scope)
+    except BaseException:
+        leave(scope)  # again where an interrupt stopped it at its entry; else nothing
+        raise
     return metrics
 
 
@@ -303,16 +302,24 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
         raise ConfigError(
             "predict(use_ema=True) needs a state created with ema_decay=...; this state has no EMA"
         )
+    binding = None
     scope = enter(state, False)
     try:
         given = (state.ema_buffers if use_ema else None) or state.buffers
         buffers = {k: b.clone() for k, b in given.items()}  # its forward's to write
         gathered = state.dist is not None and state.dist.sharding == "full"
+        binding = bound(state.module, {**weights, **state.frozen, **buffers})
         with (
             contextlib.nullcontext() if state.options.differentiable else torch.no_grad(),
             sharding_.gathering_on_use(weights) if gathered else contextlib.nullcontext(),
-            bound(state.module, {**weights, **state.frozen, **buffers}) as model,
+            binding as model,
         ):
-            return model(*args, **kwargs)
-    finally:
+            out = model(*args, **kwargs)
         leave(scope)
+    except BaseException:
+        # again where an interrupt stopped them at their entry; else nothing
+        if binding is not None:
+            unbind(binding)
+        leave(scope)
+        raise
+    return out

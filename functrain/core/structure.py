@@ -7,6 +7,11 @@ meta device (structure, no weights), bound to the state's tensors for each call
 sees it, as torch runs them (`grad_hooks`). `module_problems` refuses, before the first step, what a
 step cannot run as torch does: a lazy module not yet run, and hooks that run only when ``.grad`` is
 accumulated (``register_post_accumulate_grad_hook``).
+
+A copy is what its states run and what their step programs decided on: a static field shared by
+every state made from it, as the optimizer is. Its submodules are never replaced
+(``state.module.head = ...`` is refused, naming the fix): the change would reach every state made
+from the module, and their programs, which decided once which submodules they switch to train mode.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_impl
 from torch.nn.parameter import is_lazy
 
 from functrain.core.binding import CALL_GUARD, refuse_unbound_calls
+from functrain.errors import ConfigError
 
 __all__ = [
     "CALL_GUARD",
     "WEIGHTLESS",
+    "fixed",
     "grad_hooks",
     "module_problems",
     "sparse_parameters",
@@ -34,32 +42,113 @@ __all__ = [
 
 
 # one structure per module object, so states created again from it (a resume) share compiled
-# graphs; made again when the module's submodules, parameters or buffers changed since
+# graphs; made again when the module changed since (`_layout`)
 _structures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
 # the attribute that marks a module as a weightless structure (its own copy)
 WEIGHTLESS = "_functrain_weightless"
+# the structures' modules, root and submodules, whose submodules are not replaced, by id (a module
+# need not be hashable)
+_parts: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+# the tables of an nn.Module's instance dict that `_layout` reads by name, not as attributes
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+# attribute values compared by value; any other value by identity, a container by its contents
+_BY_VALUE = frozenset(
+    {bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout}
+)
 
 
 def _layout(module: nn.Module) -> tuple:
-    modules = tuple((name, id(m)) for name, m in module.named_modules(remove_duplicate=False))
-    tensors = tuple(
-        (name, id(t), t.shape, t.dtype, tuple(_hooks_of(t)))
-        for name, t in (
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False),
-        )
+    """What a copy of `module` captures, compared at each `weightless` call (create's, not a
+    step's): each module's identity, class and instance attributes (its mode, its forward,
+    backward and state-dict hooks, its other attributes: numbers and strings by value, tensors
+    by identity and version, lists, tuples, dicts and sets by their contents, any other object by
+    identity), each parameter's and buffer's identity, shape, dtype, ``requires_grad`` and
+    gradient hooks."""
+    tensors = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    own = {id(t) for _, t in tensors}
+    modules = tuple(
+        (name, _Same(m), type(m), _attributes(m, own))
+        for name, m in module.named_modules(remove_duplicate=False)
     )
-    return modules + tensors
+    return modules + tuple(
+        (name, _Same(t), t.shape, t.dtype, t.requires_grad, _token(_hooks_of(t), own, 0))
+        for name, t in tensors
+    )
+
+
+def _attributes(module: nn.Module, own: set[int]) -> tuple:
+    return tuple(
+        (key, _token(value, own, 0)) for key, value in vars(module).items() if key not in _TABLES
+    )
+
+
+def _token(value: Any, own: set[int], depth: int) -> Any:
+    """`value` as `_layout` compares it (`own`: the module's tensors, whose values it drops)."""
+    kind = type(value)
+    if kind in _BY_VALUE:
+        return (kind, value)
+    if isinstance(value, torch.Tensor):
+        if id(value) in own:
+            return _Same(value)
+        return _Same(value), _version(value)  # a plain tensor attribute: its values are copied
+    if depth < 4 and (kind is list or isinstance(value, tuple)):
+        return kind, tuple(_token(v, own, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, dict):
+        return kind, tuple(
+            (_token(k, own, depth + 1), _token(v, own, depth + 1)) for k, v in value.items()
+        )
+    if kind in (set, frozenset) and all(type(v) in _BY_VALUE for v in value):
+        return kind, frozenset(value)
+    return _Same(value)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version: never changed in place
+        return -1
+
+
+class _Same:
+    """A value `_layout` compares by identity: held weakly where it can be (a hook that is a bound
+    method holds its module, which the cache must not keep alive), so an object freed since never
+    equals a new one at its address."""
+
+    __slots__ = ("_ref", "_held")
+
+    def __init__(self, value: Any) -> None:
+        try:
+            self._ref: weakref.ref[Any] | None = weakref.ref(value)
+            self._held = None
+        except TypeError:  # (no weak references to it: held)
+            self._ref, self._held = None, value
+
+    def value(self) -> Any:
+        return self._ref() if self._ref is not None else self._held
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same):
+            return NotImplemented
+        mine = self.value()
+        return mine is not None and mine is other.value()
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def weightless(module: nn.Module) -> nn.Module:
     """A copy of `module` with its parameters and buffers on the meta device: structure, no weights.
 
     The step runs it on the state's tensors; the user's module is left alone, and nothing keeps
-    its weights alive. The copy is made once per module object (and a copy is its own); a module
-    that cannot be deep-copied is kept as it is.
+    its weights alive. The copy is made once per module object (and a copy is its own), and made
+    again when the module changed since (`_layout`): a hook registered or removed, a parameter's
+    ``requires_grad``, a mode, a submodule or an attribute set anew (an object changed in place,
+    say a field of a config object, is the same object: it is not seen). A module that cannot be
+    deep-copied is kept as it is.
     """
     if getattr(module, WEIGHTLESS, False):
         return module
@@ -90,7 +179,36 @@ def _copy_structure(module: nn.Module) -> nn.Module:
         object.__setattr__(structure, CALL_GUARD, guard)
     object.__setattr__(structure, _GRAD_HOOKS, _grad_hooks_of(structure))
     object.__setattr__(structure, _SPARSE, _sparse_of(structure))
+    _parts.update((id(part), part) for part in structure.modules())
     return structure
+
+
+def fixed(module: nn.Module) -> bool:
+    """Whether `module` is a structure `weightless` made, whose submodules are never replaced (a
+    module kept as it is, or a deep copy of a structure, may have them replaced by its owner).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> fixed(lin), fixed(weightless(lin))
+        (False, True)
+    """
+    return _parts.get(id(module)) is module
+
+
+def _refuse_replacing(module: nn.Module, name: str, value: Any) -> None:
+    """torch's hook on every submodule registration: a structure's submodules stay as copied."""
+    if fixed(module):
+        raise ConfigError(
+            f"cannot set the submodule {name!r} of a TrainState's module to "
+            f"{type(value).__name__}: the state's module is the structure every state made from "
+            "the same module runs (and their steps decided which submodules they switch to train "
+            "mode), not a copy of its own. Build the model with the new submodule and a state "
+            "from it: model = state.export_module(), replace the submodule there, then "
+            "TrainState.create(model, ...)"
+        )
+
+
+_module_impl.register_module_module_registration_hook(_refuse_replacing)
 
 
 def _hooks_of(t: torch.Tensor) -> Mapping[Any, Any]:

@@ -1,0 +1,175 @@
+"""A KeyboardInterrupt at any function's entry inside a step leaves the process as it was.
+
+Each test counts the calls of functrain's own functions in one step, then runs the step again once
+for every one of them with a KeyboardInterrupt raised at its entry (by a profile function), and
+checks what the interrupted step leaves: the caller's RNG, the module structure unbound (its
+tensors on the meta device), its train/eval mode, the structures free for another thread's step,
+and a donated state either intact or retired, never written and still usable.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functrain as ft
+from functrain.errors import DonatedStateError
+
+_PACKAGE = os.path.dirname(ft.__file__) + os.sep
+
+# an interrupt landing in a callback that Python runs for the garbage collector is ignored by it
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+class _Interrupt:
+    """A profile function: KeyboardInterrupt at the entry of functrain's `at`-th call (0: none)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        # (not into a generator: one closed by the garbage collector swallows the exception)
+        if (
+            event == "call"
+            and frame.f_code.co_filename.startswith(_PACKAGE)
+            and not frame.f_code.co_flags & inspect.CO_GENERATOR
+        ):
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt
+
+
+def _interrupted(at: int, step: Callable[[], Any]) -> tuple[int, bool]:
+    """``(calls seen, whether the step raised KeyboardInterrupt)`` of `step` interrupted at `at`."""
+    profile = _Interrupt(at)
+    sys.setprofile(profile)
+    try:
+        step()
+    except KeyboardInterrupt:
+        return profile.calls, True
+    finally:
+        sys.setprofile(None)
+    return profile.calls, False
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 1))
+
+
+def _loss(m: Any, b: Any) -> torch.Tensor:
+    return F.mse_loss(m(b[0]), b[1])
+
+
+_BATCH = (torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), torch.zeros(6, 1))
+
+
+def _other_thread_steps(state: ft.TrainState) -> bool:
+    """Whether another thread can run a step now (nothing left holding the structures)."""
+    done = threading.Event()
+
+    def run() -> None:
+        ft.eval_step(state, _BATCH)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(timeout=10)
+
+
+def _same(a: ft.TrainState, b: ft.TrainState) -> bool:
+    return ft.diff_states(a, b) == []
+
+
+def _check_every_entry(
+    make: Callable[[], ft.TrainState],
+    step: Callable[[ft.TrainState], Any],
+    donate: bool = False,
+) -> None:
+    """`step` on a state from `make`, interrupted at each of functrain's calls in turn."""
+    reference = make()
+    total, raised = _interrupted(0, lambda: step(reference))
+    assert not raised and total > 20
+    structure = reference.module
+    training = structure.training
+    interrupted = 0
+    for at in range(1, total + 1):
+        state = make()
+        before = state.clone()
+        rng = torch.default_generator.get_state()
+        calls, raised = _interrupted(at, lambda state=state: step(state))
+        where = f"interrupted at call {at} of {total}"
+        if not raised:  # it landed in a weakref callback of the garbage collector's, which
+            continue  # Python runs and ignores the exceptions of (each step's count varies so)
+        interrupted += 1
+        assert torch.equal(torch.default_generator.get_state(), rng), where
+        assert structure.training == training, where
+        assert all(t.device.type == "meta" for t in structure.state_dict().values()), where
+        if donate:
+            try:
+                state.check_live("a test")
+            except DonatedStateError:
+                continue  # retired: fine
+        assert _same(state, before), where  # intact, and usable
+        assert _other_thread_steps(state), where
+    assert interrupted > total // 2
+
+
+def _stepped(**options: Any) -> Callable[[], ft.TrainState]:
+    """A state after one step (its program decided), made anew at each call."""
+    state = ft.TrainState.create(_model(), ft.adamw(1e-2), _loss, **options)
+    state, _ = ft.train_step(state, _BATCH)
+    return state.clone
+
+
+def test_train_step_interrupted_anywhere_leaves_the_caller_as_it_was() -> None:
+    _check_every_entry(_stepped(), lambda s: ft.train_step(s, _BATCH))
+
+
+def test_donated_train_step_interrupted_anywhere_leaves_the_state_intact_or_retired() -> None:
+    _check_every_entry(_stepped(), lambda s: ft.train_step(s, _BATCH, donate=True), donate=True)
+
+
+def test_train_step_with_accumulation_interrupted_anywhere() -> None:
+    make = _stepped(accumulate_steps=2)
+    _check_every_entry(make, lambda s: ft.train_step(s, _BATCH, donate=True), donate=True)
+
+
+def test_train_step_of_the_body_interrupted_anywhere() -> None:
+    # gradient statistics: the body's update (`functrain.core.body.apply`)
+    make = _stepped(grad_stats="layer")
+    _check_every_entry(make, lambda s: ft.train_step(s, _BATCH, donate=True), donate=True)
+
+
+def test_eval_step_interrupted_anywhere_leaves_the_mode_as_it_was() -> None:
+    _check_every_entry(_stepped(), lambda s: ft.eval_step(s, _BATCH))
+
+
+def test_predict_interrupted_anywhere() -> None:
+    _check_every_entry(_stepped(), lambda s: ft.predict(s, _BATCH[0]))
+
+
+def _stack() -> Callable[[], ft.TrainState]:
+    states = []
+    for k in range(2):
+        model = _model(k)
+        states.append(ft.TrainState.create(model, ft.adamw(1e-2), _loss, seed=k))
+    stacked, _ = ft.train_step(ft.stack(states), _BATCH)
+    return stacked.clone
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_stacked_step_interrupted_anywhere(donate: bool) -> None:
+    _check_every_entry(_stack(), lambda s: ft.train_step(s, _BATCH, donate=donate), donate)
+
+
+def test_stacked_eval_step_interrupted_anywhere() -> None:
+    _check_every_entry(_stack(), lambda s: ft.eval_step(s, _BATCH))
