@@ -36,6 +36,7 @@ __all__ = [
     "displaced_name",
     "displaced_copy",
     "name_of",
+    "superseded",
     "is_committed",
     "read_pointer",
     "point_latest",
@@ -162,6 +163,32 @@ def displaced_copy(directory: Path, name: str) -> Path | None:
     return next(
         (p for p in listed(directory, re.compile(f"^{re.escape(name)}$")) if p.name != name), None
     )
+
+
+def superseded(path: Path) -> Path | None:
+    """The checkpoint that took over from `path`, a checkpoint that is not there: the newest of its
+    kind in its directory, where that sorts at or after `path`'s name; else None.
+
+    A writer rotating (``keep_last``, or the best ones it keeps) removes a checkpoint only after
+    committing a newer one, and replaces one only with a save of the same step: so a reader that
+    chose `path` (`CheckpointManager.latest`) and finds it gone before it read a byte knows it
+    went so, not that it never was. A missing name with nothing newer beside it is just missing.
+
+    Example:
+        >>> superseded(Path("/nonexistent/ckpt-000000007-000000007")) is None
+        True
+    """
+    name = name_of(path)
+    pattern = next((p for p in (REGULAR, BEST) if p.match(name)), None)
+    if pattern is None or os.path.lexists(path):
+        return None
+    try:
+        found = listed(path.parent, pattern)
+    except CheckpointError:
+        return None
+    if found and _numbers(pattern, name_of(found[-1])) >= _numbers(pattern, name):
+        return found[-1]
+    return None
 
 
 def is_committed(path: Path) -> bool:

@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 
 from functrain import version
 from functrain.checkpoint.counters import counter_problems
+from functrain.checkpoint.directory import superseded
 from functrain.checkpoint.files import starved
 from functrain.checkpoint.format import (
     MANIFEST,
@@ -43,6 +44,7 @@ from functrain.checkpoint.sharded import (
     read_for,
     write_sharded,
 )
+from functrain.core.donation import hold_live
 from functrain.core.state import TrainState, unaliased
 from functrain.core.structure import sparse_parameters
 from functrain.devices import device_named
@@ -50,12 +52,20 @@ from functrain.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMemoryError,
+    CheckpointVanishedError,
     ConfigError,
     StateMismatchError,
 )
 from functrain.layout import with_strides_of
 from functrain.optim.base import Transform
-from functrain.optim.naming import FUNCTION_RATES, as_saved, chosen_conventions, saved_conventions
+from functrain.optim.naming import (
+    FUNCTION_RATES,
+    as_saved,
+    chosen_conventions,
+    function_rates,
+    saved_conventions,
+)
+from functrain.optim.rates import MAX_STARTS, RESUMED_STEPS, function_name, resumed_digest
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -115,12 +125,34 @@ def _warn_versions(manifest: dict[str, Any], path: Any) -> None:
 def fingerprint(state: TrainState) -> dict[str, Any]:
     """A JSON-able description of a state's static parts, recorded in its checkpoints.
 
+    Where a plain function is a learning rate, also ``"rates"``: the digest of each such function's
+    values where a run resumed from this state reads them (`rates.resumed_digest`), with the counts
+    they start from (``"from"``), which a load reads the template's functions at again.
+
     Example:
         >>> import functrain as ft
         >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: m(b).sum())
         >>> fingerprint(s)["params"]
         {'weight': [[1, 2], 'float32'], 'bias': [[1], 'float32']}
+        >>> s = ft.TrainState.create(
+        ...     torch.nn.Linear(2, 1), ft.sgd(lambda step: 0.1), lambda m, b: m(b).sum()
+        ... )
+        >>> fingerprint(s)["rates"]["from"], len(fingerprint(s)["rates"]["values"])
+        ([0], 1)
     """
+    recorded = _static_fingerprint(state)
+    functions = function_rates(state.tx)
+    if functions:
+        starts = _rate_starts(state)
+        recorded["rates"] = {
+            "from": starts,
+            "values": [resumed_digest(fn, starts) for fn in functions],
+        }
+    return recorded
+
+
+def _static_fingerprint(state: TrainState) -> dict[str, Any]:
+    """`fingerprint` but the ``"rates"``: what depends on the state's configuration alone."""
 
     def shapes(tensors: dict[str, torch.Tensor]) -> dict[str, list[Any]]:
         return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()}
@@ -135,6 +167,63 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
         # chosen" from "written before reference= existed", whose names are the same
         "conventions": list(chosen_conventions(state.tx)),
     }
+
+
+def _rate_starts(state: TrainState) -> list[int]:
+    """The counts a run resumed from `state` reads its learning rates from: every ``count`` in its
+    transform states (each schedule's own among them; a stacked state's, member by member), or its
+    `step` where none can be read. At most `MAX_STARTS`, spread from the least to the greatest."""
+    counts: set[int] = set()
+    for path, leaf in leaves_by_path(state.opt_state).items():
+        if (
+            path.rpartition("/")[2] == "count"
+            and isinstance(leaf, torch.Tensor)
+            and not (leaf.is_floating_point() or leaf.is_complex() or leaf.is_meta)
+            and not is_sharded(leaf)
+        ):
+            counts.update(int(v) for v in leaf.reshape(-1).tolist() if v >= 0)
+    if not counts and not state.step.is_meta:
+        counts.update(int(v) for v in state.step.reshape(-1).tolist() if v >= 0)
+    ordered = sorted(counts) or [0]
+    if len(ordered) > MAX_STARTS:
+        last = len(ordered) - 1
+        ordered = sorted({ordered[i * last // (MAX_STARTS - 1)] for i in range(MAX_STARTS)})
+    return ordered
+
+
+def _rate_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
+    """The plain-function learning rates of `like` whose values differ from the checkpoint's where
+    a run resumed from it reads them (its ``"rates"``, read at its own counts); none where the
+    checkpoint records no such digests (written before they were recorded)."""
+    record = saved.get("rates")
+    if record is None:
+        return []
+    functions = function_rates(like.tx)
+    starts, digests = (
+        record.get(k) if isinstance(record, dict) else None for k in ("from", "values")
+    )
+    if not (
+        isinstance(starts, list)
+        and 0 < len(starts) <= MAX_STARTS
+        and all(type(s) is int and 0 <= s < 2**63 for s in starts)
+        and isinstance(digests, list)
+        and all(isinstance(d, str) for d in digests)
+    ):
+        return [f"the checkpoint's record of its learning rates is malformed: {str(record)[:200]}"]
+    if len(digests) != len(functions):
+        return [
+            f"the checkpoint's optimizer has {len(digests)} plain functions as learning rates, "
+            f"the template's {len(functions)}"
+        ]
+    last = starts[-1] + RESUMED_STEPS - 1
+    return [
+        f"learning rate {function_name(fn)} differs from the checkpoint's where a run resumed "
+        f"from it reads it: at some of steps {starts[0]:,} to {last:,} (each read) or beyond "
+        "(sampled to 2**40), though its name, which records steps 0 to 1,023 and the powers of "
+        "two to 65,536, is the checkpoint's; to resume, give the function it trained with"
+        for fn, digest in zip(functions, digests, strict=True)
+        if resumed_digest(fn, starts) != digest
+    ]
 
 
 # step options added since checkpoints first recorded them, left out while at these values (a
@@ -217,11 +306,24 @@ def save(
         True
     """
     _check_path(path, "save")
-    tree, fp = (
-        (state.tree(), fingerprint(state)) if isinstance(state, TrainState) else (state, None)
-    )
-    if isinstance(state, TrainState):
+    if not isinstance(state, TrainState):
+        return _save_tree(state, None, path, metadata)
+    # held while read: a donated step of it (in another thread) waits, or has retired it
+    release = hold_live(state, "functrain.save")
+    try:
         check_savable(state)
+        return _save_tree(state.tree(), fingerprint(state), path, metadata)
+    finally:
+        release()
+
+
+def _save_tree(
+    tree: Any,
+    fp: dict[str, Any] | None,
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any] | None,
+) -> Path:
+    """`save` of a tree: the checkpoint written at `path`, as every rank's shards if sharded."""
     if not has_dtensors(tree):
         _check_target(Path(path))
     else:  # collective: every rank refuses, or none
@@ -272,7 +374,8 @@ def load(
             tree, or `map_location` is not a device (or one this machine lacks).
         CheckpointError: no checkpoint there, or a newer format version.
         CheckpointVanishedError: the checkpoint was removed or replaced while it was read (a
-            writer's rotation): not damage; read the newest one again.
+            writer's rotation), or removed before, a newer one having taken its place in a
+            managed directory (`directory.superseded`): not damage; read the newest one again.
         CheckpointPermissionError: this process may not read it (naming the path and mode).
         CheckpointCorruptError: a file is missing, truncated or altered (named in the message;
             loading into a sharded template, raised on every rank, naming the rank that found it).
@@ -383,13 +486,25 @@ def _load(
     *,
     sharded: bool,
 ) -> Any:
-    if sharded:
-        template_leaves = leaves_by_path(like.tree() if isinstance(like, TrainState) else like)
-        tree, manifest = read_for(path, template_leaves, map_location=map_location, digest=digest)
-    else:
-        tree, manifest = read_tree(path, map_location=map_location, digest=digest)
-        if isinstance(like, TrainState):
-            like = _resized_buffers(like, tree)
+    try:
+        if sharded:
+            template_leaves = leaves_by_path(like.tree() if isinstance(like, TrainState) else like)
+            tree, manifest = read_for(
+                path, template_leaves, map_location=map_location, digest=digest
+            )
+        else:
+            tree, manifest = read_tree(path, map_location=map_location, digest=digest)
+    except CheckpointError as e:
+        successor = superseded(Path(path)) if type(e) is CheckpointError else None
+        if successor is None:
+            raise
+        raise CheckpointVanishedError(
+            f"checkpoint {str(path)!r} was removed before it was read (a writer rotated it away "
+            f"after committing {successor.name}): not damage; read the newest checkpoint again "
+            "(CheckpointManager.latest(), or restore_latest(), which does so itself)"
+        ) from e
+    if not sharded and isinstance(like, TrainState):
+        like = _resized_buffers(like, tree)
     _warn_versions(manifest, path)
     if like is None:
         return tree, manifest
@@ -419,7 +534,9 @@ def _load(
     problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
         like = _as_trained(like, manifest["fingerprint"], path)
-        problems += _fingerprint_problems(manifest["fingerprint"], fingerprint(like))
+        problems += _fingerprint_problems(manifest["fingerprint"], _static_fingerprint(like))
+        if manifest["fingerprint"].get("transform") == like.tx.name:  # named alike: read further
+            problems += _rate_problems(manifest["fingerprint"], like)
     if problems:
         fix = (
             _recorded_fix(manifest["fingerprint"], like)
@@ -598,7 +715,7 @@ def check_savable(state: TrainState) -> None:
 
 
 # tree fields of a state that are not checked against the template's
-_GROWN = ("driver", "user")
+_GROWN = ("driver", "user", "parked")
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:
@@ -650,7 +767,7 @@ def _as_trained(like: TrainState, saved: dict[str, Any], path: Any) -> TrainStat
                 options = attrs.evolve(options, accumulate_convention="mean")
             factories = [c for c in rewound if c not in (FUNCTION_RATES, _ACCUMULATE)]
             _warn_unrecorded(factories, like.tx, tx, path)
-            return like.replace(tx=tx, optimizer=optimizer, options=options)
+            return like.with_statics(tx=tx, optimizer=optimizer, options=options)
     return like
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "as_saved",
     "saved_conventions",
     "chosen_conventions",
+    "function_rates",
     "FUNCTION_RATES",
 ]
 
@@ -289,6 +290,38 @@ def _walk(value: Any, found: set[str]) -> None:
     elif isinstance(value, dict):
         for item in value.values():
             _walk(item, found)
+
+
+def function_rates(transform: Transform) -> tuple[Callable[[int], Any], ...]:
+    """Each plain function given as a learning rate in `transform`'s recorded calls, in order.
+
+    The calls are walked as they were made, depth first, arguments in their signature's order:
+    two transforms of the same name give their functions in the same order.
+
+    Example:
+        >>> import functrain as ft
+        >>> warm = lambda step: min(1.0, (step + 1) / 100)
+        >>> function_rates(ft.accumulate(ft.chain(ft.sgd(warm), ft.adam(0.1)), 2)) == (warm,)
+        True
+    """
+    found: list[Callable[[int], Any]] = []
+
+    def walk(value: Any, key: str) -> None:
+        if key in RATE_ARGUMENTS and is_plain_function(value):
+            found.append(value)
+        elif isinstance(value, Transform):  # a NamedTuple: before tuples
+            call = recorded_call(value)
+            for name, argument in call.arguments.items() if call is not None else ():
+                walk(argument, name)
+        elif isinstance(value, tuple | list):
+            for item in value:
+                walk(item, "")
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item, "")
+
+    walk(transform, "")
+    return tuple(found)
 
 
 def chosen_conventions(transform: Transform) -> tuple[str, ...]:

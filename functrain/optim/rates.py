@@ -16,21 +16,24 @@ Two kinds of function reach an optimizer's learning rate:
   (`functrain.schedules.tabulate` computes the values ahead, exact everywhere, in one graph).
 
 A checkpoint names a plain function by its name, the convention (``int steps``) and a digest of
-its values (`function_name`), so a checkpoint saved with one lambda is refused under another. A
-checkpoint written before this convention names the function alone (``lr=<lambda>``); it trained
-the function on the 0-d int64 tensor, and `functrain.optim.naming.as_saved`
-rebuilds a transform so to
-resume it as it was written.
+its values at fixed early steps (`function_name`), so a checkpoint saved with one lambda is refused
+under another; it records besides a digest of the values a run resumed from it reads
+(`resumed_digest`, from the counts it was saved at), which a load computes again at those counts
+for the template's function. A checkpoint written before this convention names the function
+alone (``lr=<lambda>``); it trained the function on the 0-d int64 tensor, and
+`functrain.optim.naming.as_saved` rebuilds a transform so to resume it as it was written.
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import hashlib
+import math
 import operator
 import struct
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -51,6 +54,9 @@ __all__ = [
     "host_value",
     "function_name",
     "FINGERPRINT_STEPS",
+    "FAR_STEPS",
+    "resumed_steps",
+    "resumed_digest",
     "as_tensor_steps",
     "as_float64",
 ]
@@ -287,9 +293,9 @@ def _plain_name(fn: Any) -> str:
     return str(getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__))
 
 
-# the steps a plain function's digest covers: the first 1,024 and powers of two to 65,536; a
-# function differing only elsewhere has the same digest (docs/guides/transforms.md says so): kept,
-# since every checkpoint's name holds this digest
+# the steps a plain function's name digest covers: the first 1,024 and powers of two to 65,536; a
+# function differing only elsewhere has the same name (checkpoints tell it apart by
+# `resumed_digest`): kept, since every checkpoint's name holds this digest
 FINGERPRINT_STEPS = (*range(1024), *(2**k for k in range(11, 17)))
 
 
@@ -303,6 +309,92 @@ def values_digest(fn: Callable[..., Any], call: Callable[[Any, int], float]) -> 
             h.update(f"raised at {step}".encode())
             break
         h.update(struct.pack("<d", value))
+    return h.hexdigest()
+
+
+# a checkpoint's digest of a plain function (`resumed_digest`) covers every step of the
+# `RESUMED_STEPS` from each count it was saved at, every `AHEAD_STRIDE`-th step of the `AHEAD_STEPS`
+# after those, and `FAR_STEPS`: what a run resumed from it reads of the function, densely where it
+# goes on and sampled to 2**40. Fixed: every checkpoint that records such a digest holds them.
+RESUMED_STEPS = 4096
+AHEAD_STEPS, AHEAD_STRIDE = 2**16, 32
+# the counts a digest starts from at most (a stacked state's members may stand at as many)
+MAX_STARTS = 16
+# the far steps: 2**k - 1, 2**k, 2**k + 1 and 3 * 2**(k - 1) for k in 12..40, and 1,024 steps
+# spread evenly over the exponents from 12 to 40 with pseudo-random mantissas (splitmix64 of
+# their index: the same on every platform and Python, unlike `random`)
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(index: int) -> int:
+    z = (index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _far_steps() -> tuple[int, ...]:
+    steps = {s for k in range(12, 41) for s in (2**k - 1, 2**k, 2**k + 1, 3 * 2 ** (k - 1))}
+    for i in range(1024):
+        exponent = 12 + i % 28  # each of 2**12 .. 2**39 as often, then one step in [2**e, 2**(e+1))
+        steps.add(2**exponent + _splitmix64(i + 1) % 2**exponent)
+    return tuple(sorted(s for s in steps if s <= 2**40))
+
+
+FAR_STEPS = _far_steps()
+
+
+def resumed_steps(starts: Iterable[int]) -> list[int]:
+    """The steps `resumed_digest` reads a function at, for a checkpoint saved at counts `starts`.
+
+    Example:
+        >>> steps = resumed_steps([10_000])
+        >>> set(range(10_000, 14_096)) <= set(steps), 14_096 + 32 in steps, steps[-1] == 2**40
+        (True, True, True)
+        >>> len(steps)
+        7260
+    """
+    return list(_resumed_steps(tuple(starts)))
+
+
+@functools.lru_cache(maxsize=8)  # a save and the loads of its checkpoint ask for the same starts
+def _resumed_steps(starts: tuple[int, ...]) -> tuple[int, ...]:
+    steps = set(FAR_STEPS)
+    for start in starts:
+        ahead = start + RESUMED_STEPS
+        steps.update(range(start, ahead))
+        steps.update(range(ahead, ahead + AHEAD_STEPS, AHEAD_STRIDE))
+    return tuple(sorted(steps))
+
+
+def resumed_digest(fn: Callable[[int], Any], starts: Iterable[int]) -> str:
+    """A digest of a plain function's values where a run resumed at counts `starts` reads them.
+
+    At `resumed_steps` (some 7,300 calls for one start, a few milliseconds for a plain Python
+    function), each value taken as `host_value` takes it (``float(fn(step))``); a step the
+    function raises at is recorded as such. A checkpoint records it with its `starts`, and a load
+    reads the template's function at those same steps.
+
+    Example:
+        >>> def restarted(step):  # a warm restart at step 100,000
+        ...     return 0.1 if step < 100_000 else 0.2
+        >>> resumed_digest(lambda step: 0.1, [0]) == resumed_digest(restarted, [0])
+        False
+    """
+    steps = _resumed_steps(tuple(starts))
+    raised: list[int] = []
+    try:  # one comprehension: a third faster than a loop that catches at each step
+        values = array.array("d", [float(fn(step)) for step in steps])
+    except Exception:  # noqa: BLE001 - a function defined on some steps only (a list's index)
+        values = array.array("d")
+        for step in steps:
+            try:
+                values.append(float(fn(step)))
+            except Exception:  # noqa: BLE001
+                values.append(math.nan)
+                raised.append(step)
+    h = hashlib.blake2b(values.tobytes(), digest_size=8)
+    h.update(repr(raised).encode())
     return h.hexdigest()
 
 

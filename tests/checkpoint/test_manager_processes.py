@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -301,3 +302,48 @@ def test_a_reader_polling_a_live_run_costs_it_nothing_and_a_second_writer_is_ref
     )
     for path in polled.checkpoints["all"] + [polled.checkpoints["best"]]:
         ft.checkpoint.format.verify(path)
+
+
+ROTATING_WRITER = """
+import sys
+from pathlib import Path
+
+directory, stop = Path(sys.argv[1]), Path(sys.argv[2])
+state = initial_state()
+with ft.CheckpointManager(directory, keep_last=1) as writer:
+    writer.save(state)
+    print("saved", flush=True)
+    step = 0
+    while not stop.exists():
+        step += 1
+        writer.save(state.replace(step=torch.tensor(step)))
+print(step, flush=True)
+"""
+
+
+def test_a_reader_beside_a_writer_rotating_in_another_process_always_finds_one_it_can_load(
+    tmp_path: Path,
+) -> None:
+    # each poll chooses the latest and loads it: whole, or vanished (rotated away before or while
+    # it was read), never nothing found, never missing, never corrupt
+    directory, stop = tmp_path / "run", tmp_path / "stop"
+    writer = start(ROTATING_WRITER, str(directory), str(stop))
+    first_line(writer, "saved")
+    reader = ft.CheckpointManager(directory, readonly=True)
+    outcomes: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            latest = reader.latest()
+            assert latest is not None, "latest() found nothing"
+            try:
+                ft.load(latest)
+                outcome = "loaded"
+            except ft.CheckpointVanishedError:
+                outcome = "vanished"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    finally:
+        stop.touch()
+        out, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err[-3000:]
+    assert int(out.split()[-1]) >= 20 and outcomes["loaded"] >= 100, (out, outcomes)

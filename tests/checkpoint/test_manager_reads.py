@@ -294,10 +294,7 @@ def test_readers_beside_a_writer_rotating_keep_last_1_always_find_a_checkpoint(
                     ft.load(latest)
                     outcome = "loaded"
                 except ft.CheckpointVanishedError:
-                    outcome = "vanished"  # while it was read
-                except ft.CheckpointError as e:  # before it was read: the path holds nothing
-                    assert type(e) is ft.CheckpointError and str(e).startswith("no checkpoint at")
-                    outcome = "gone"
+                    outcome = "vanished"  # while it was read, or before
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
         finally:
             stop.set()
@@ -326,3 +323,61 @@ def test_a_checkpoint_that_goes_while_it_is_read_is_reported_vanished_not_corrup
         match=re.escape(f"checkpoint {str(path)!r} was {how} while it was read (a writer rotated"),
     ):
         ft.load(path, like=state)
+
+
+def test_a_checkpoint_rotated_away_before_it_is_read_is_vanished_not_missing(
+    tmp_path: Path, state: ft.TrainState
+) -> None:
+    with ft.CheckpointManager(tmp_path, keep_last=1) as writer:
+        writer.save(state.replace(step=torch.tensor(1)))
+        chosen = ft.CheckpointManager(tmp_path, readonly=True).latest()
+        assert chosen is not None and chosen.name == "ckpt-000000001-000000000"
+        writer.save(state.replace(step=torch.tensor(2)))  # rotates `chosen` away
+        writer.wait()
+    assert not chosen.exists()
+    said = re.escape(
+        f"checkpoint {str(chosen)!r} was removed before it was read (a writer rotated it away "
+        "after committing ckpt-000000002-000000000): not damage"
+    )
+    with pytest.raises(ft.CheckpointVanishedError, match=said):
+        ft.load(chosen)
+    with pytest.raises(ft.CheckpointVanishedError, match=said):
+        ft.load(chosen, like=state)
+    restored = ft.CheckpointManager(tmp_path, readonly=True).restore_latest(like=state)
+    assert restored is not None and int(restored.step) == 2
+
+
+def test_a_rotation_between_a_readers_choice_and_its_read_is_vanished(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the writer's next save, with its rotation, injected where the read of the chosen one begins
+    writer = ft.CheckpointManager(tmp_path, keep_last=1)
+    chosen = writer.save(state.replace(step=torch.tensor(1)))
+    real_identity = format_module._identity
+
+    def rotate_then_look(path: Path) -> Any:
+        if path == chosen and chosen.exists():
+            writer.save(state.replace(step=torch.tensor(2)))
+            writer.wait()
+        return real_identity(path)
+
+    latest = ft.CheckpointManager(tmp_path, readonly=True).latest()
+    assert latest == chosen
+    monkeypatch.setattr(format_module, "_identity", rotate_then_look)
+    with pytest.raises(ft.CheckpointVanishedError, match="removed before it was read"):
+        ft.load(latest)
+    writer.close()
+    assert [p.name for p in ft.CheckpointManager(tmp_path, readonly=True).all()] == [
+        "ckpt-000000002-000000000"
+    ]
+
+
+def test_a_checkpoint_that_never_was_is_missing_not_vanished(
+    tmp_path: Path, state: ft.TrainState
+) -> None:
+    with ft.CheckpointManager(tmp_path, keep_last=1) as writer:
+        writer.save(state.replace(step=torch.tensor(5)))
+    for name in ("ckpt-000000009-000000000", "best-000000001-000000000", "other"):
+        with pytest.raises(ft.CheckpointError, match="^no checkpoint at") as caught:
+            ft.load(tmp_path / name)
+        assert type(caught.value) is ft.CheckpointError

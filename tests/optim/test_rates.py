@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 import functrain as ft
+from functrain.checkpoint.format import write_tree
 from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim.rates import function_name, resumed_digest, resumed_steps
 from tests.comparisons import assert_trees_equal
 from tests.earlier import assert_exact_leaves_equal, tensors_in, writer
 from tests.models import cross_entropy_loss_fn, make_tanh_mlp, tanh_mlp_batches
@@ -252,3 +256,95 @@ def test_importing_functrain_imports_no_dynamo_for_the_host_rate_operator():
     code = "import sys, functrain; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------- what a checkpoint records of a plain function
+
+
+def inverse_sqrt(step):
+    return 1e-3 / math.sqrt(step + 1)
+
+
+def halved_at(start, stop):
+    """`inverse_sqrt`, but halved at steps ``start .. stop - 1``: another rate only there."""
+    return lambda s: inverse_sqrt(s) * (0.5 if start <= s < stop else 1.0)
+
+
+def sgd_state(lr):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(lr), lambda m, b: m(b).sum())
+
+
+def at_count(state, count):
+    """`state` as it stands after `count` updates (its step and its rate's counter)."""
+    inner = state.opt_state.inner._replace(count=torch.tensor(count))
+    return state.replace(step=torch.tensor(count), opt_state=state.opt_state._replace(inner=inner))
+
+
+@pytest.mark.parametrize(
+    ("start", "stop"),
+    [(1100, 2000), (70_000, 10**6), (2**39, 2**40 + 1)],
+    ids=["steps-1100-1999", "past-65536", "near-2**40"],
+)
+def test_a_function_differing_only_where_the_name_does_not_look_is_refused(tmp_path, start, stop):
+    saved = sgd_state(lambda s: inverse_sqrt(s))
+    rate = halved_at(start, stop)
+    other = sgd_state(rate)
+    assert other.tx.name == saved.tx.name  # the name's digest cannot tell them apart
+    ft.save(saved, tmp_path / "ckpt")
+    with pytest.raises(
+        StateMismatchError,
+        match=re.escape(
+            f"learning rate {function_name(rate)} differs from the checkpoint's where a run "
+            "resumed from it reads it: at some of steps 0 to 4,095 (each read) or beyond"
+        ),
+    ):
+        ft.load(tmp_path / "ckpt", like=other)
+
+
+def test_the_values_a_checkpoint_records_start_at_its_own_count(tmp_path):
+    # saved after 3,000 updates: steps 1,100 to 1,999 are behind it, which no resumed run reads;
+    # the load reads the template's function where the checkpoint's was read, not at the
+    # template's own count (0)
+    saved = at_count(sgd_state(lambda s: inverse_sqrt(s)), 3000)
+    ft.save(saved, tmp_path / "ckpt")
+    assert ft.load(tmp_path / "ckpt")[1]["fingerprint"]["rates"]["from"] == [3000]
+    restored = ft.load(tmp_path / "ckpt", like=sgd_state(halved_at(1100, 2000)))
+    assert int(restored.opt_state.inner.count) == 3000
+    with pytest.raises(StateMismatchError, match="at some of steps 3,000 to 7,095 .each read"):
+        ft.load(tmp_path / "ckpt", like=sgd_state(halved_at(7000, 7001)))
+
+
+def test_a_checkpoint_reads_a_plain_function_once_at_each_step_it_records():
+    steps = []
+
+    def rate(step):
+        steps.append(step)
+        return inverse_sqrt(step)
+
+    state = at_count(sgd_state(rate), 500)
+    steps.clear()
+    record = ft.fingerprint(state)["rates"]
+    assert record["from"] == [500]
+    assert steps == resumed_steps([500]) and len(steps) == 7270
+    assert set(range(500, 4596)) <= set(steps) and max(steps) == 2**40
+    assert record["values"] == [resumed_digest(rate, [500])]
+
+
+def test_a_function_raising_at_some_steps_is_recorded_and_told_apart():
+    table = [1e-3] * 5000
+    assert resumed_digest(lambda s: table[s], [0]) == resumed_digest(lambda s: table[s], [0])
+    assert resumed_digest(lambda s: table[s], [0]) != resumed_digest(
+        lambda s: table[min(s, 4999)], [0]
+    )
+
+
+def test_a_checkpoint_that_records_no_values_loads_as_its_name_says(tmp_path):
+    # written before checkpoints recorded a plain function's values where runs resume: its name
+    # alone is compared, as it was
+    saved = sgd_state(lambda s: inverse_sqrt(s))
+    fingerprint = {k: v for k, v in ft.fingerprint(saved).items() if k != "rates"}
+    write_tree(tmp_path / "ckpt", saved.tree(), fingerprint=fingerprint, metadata={})
+    restored = ft.load(tmp_path / "ckpt", like=sgd_state(halved_at(1100, 2000)))
+    assert_trees_equal(restored.params, saved.params)
