@@ -23,7 +23,7 @@ from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, 
 from functrain.core.stacked_step import PerMember
 from functrain.core.state import TrainState
 from functrain.core.step import eval_step, predict, train_step
-from functrain.core.unroll import implicit_gradient, unroll
+from functrain.core.unroll import ImplicitSolve, implicit_gradient, unroll
 from functrain.driver.callbacks import (
     Callback,
     ConsoleLogger,
@@ -65,8 +65,10 @@ from functrain.errors import (
     CheckpointPermissionError,
     CheckpointVanishedError,
     ConfigError,
+    ConvergenceError,
     DonatedStateError,
     FunctrainError,
+    ImmutableStateError,
     LossError,
     NonFiniteError,
     StateMismatchError,
@@ -135,6 +137,7 @@ from functrain.optim.wrappers import (
     skip_nonfinite,
 )
 from functrain.testing import LeafDiff, assert_states_equal, check_resumption, diff_states
+from functrain.tree import ReadOnlyDict
 from functrain.version import __version__ as __version__
 
 
@@ -155,11 +158,13 @@ __all__ = [
     "RecompileWarning",
     "StepOptions",
     "TrainState",
+    "ReadOnlyDict",
     "compile_step",
     "eval_step",
     "predict",
     "train_step",
     # differentiating through training
+    "ImplicitSolve",
     "implicit_gradient",
     "unroll",
     # ensembles: stacked states and sweeps
@@ -315,7 +320,9 @@ __all__ = [
     "CheckpointPermissionError",
     "CheckpointVanishedError",
     "ConfigError",
+    "ConvergenceError",
     "DonatedStateError",
+    "ImmutableStateError",
     "FunctrainError",
     "LossError",
     "NonFiniteError",

@@ -5,6 +5,8 @@ Messages follow one shape: what was expected, what was got, and how to fix it.
 
 from __future__ import annotations
 
+from attrs.exceptions import FrozenInstanceError
+
 __all__ = [
     "FunctrainError",
     "ConfigError",
@@ -12,12 +14,14 @@ __all__ = [
     "BatchError",
     "LossError",
     "NonFiniteError",
+    "ConvergenceError",
     "CheckpointError",
     "CheckpointCorruptError",
     "CheckpointMemoryError",
     "CheckpointPermissionError",
     "CheckpointVanishedError",
     "DonatedStateError",
+    "ImmutableStateError",
     "WeightlessModuleError",
 ]
 
@@ -53,6 +57,15 @@ class LossError(FunctrainError, TypeError):
 
 class NonFiniteError(FunctrainError, FloatingPointError):
     """Non-finite gradients were seen more often than the configured cap allows."""
+
+
+class ConvergenceError(FunctrainError, ArithmeticError):
+    """An iterative solve did not converge: its residual grew, became non-finite, or stayed above
+    the tolerance when the iterations ran out.
+
+    Raised by `functrain.implicit_gradient` rather than returning a hypergradient that is not
+    one. The message names the solver, the residual and the iterations it took, and the fix.
+    """
 
 
 class CheckpointError(FunctrainError):
@@ -102,6 +115,18 @@ class DonatedStateError(FunctrainError):
 
     The message names the call that donated it and how to keep a copy (``state.clone()`` before
     the call, or the call without ``donate=True``).
+    """
+
+
+class ImmutableStateError(FunctrainError, TypeError, FrozenInstanceError):
+    """A `TrainState`, or a mapping it holds, was assigned to in place.
+
+    A `TypeError`, as Python's read-only mappings raise, and attrs' `FrozenInstanceError` (an
+    `AttributeError`), as a frozen class's fields raise.
+
+    A state is a value: its fields, and its mappings (``params``, ``frozen``, ``buffers``,
+    ``driver``, ``user``), are shared by every state made from it and refuse changes. The
+    message names the change and the ``state.replace(...)`` that makes it.
     """
 
 

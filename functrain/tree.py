@@ -12,9 +12,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils._pytree as pytree
 
-from functrain.errors import StateMismatchError
+from functrain.errors import ImmutableStateError, StateMismatchError
 
 __all__ = [
+    "ReadOnlyDict",
     "tree_map",
     "tree_leaves",
     "tree_flatten",
@@ -35,6 +36,79 @@ __all__ = [
 
 Tree = Any
 
+
+class ReadOnlyDict(dict):
+    """A dict that refuses every change: the mappings a `TrainState` holds.
+
+    A state's ``params``, ``frozen``, ``buffers``, ``driver`` and ``user`` are shared by every
+    state made from it (``replace`` keeps the fields it is not given), so an assignment into one
+    would change them all, behind the checks ``replace`` makes. Reading is a dict's: ``{**m}``,
+    ``dict(m)``, ``m | {...}`` and ``m.copy()`` give plain dicts to change and hand to
+    ``state.replace``. Flattened as a dict (the same leaves, keys and paths), unflattened as
+    itself.
+
+    Example:
+        >>> m = ReadOnlyDict(w=torch.zeros(1))
+        >>> m["w"] = torch.ones(1)
+        Traceback (most recent call last):
+        ...
+        functrain.errors.ImmutableStateError: a TrainState's mappings are read-only ...
+        >>> type(m | {"w": torch.ones(1)}).__name__
+        'dict'
+    """
+
+    # set by a donation on the parameters' mapping of the donated state (every state sharing the
+    # mapping is donated with it); a class default, read without a call
+    donated_to: str | None = None
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise ImmutableStateError(
+            "a TrainState's mappings are read-only (params, frozen, buffers, driver, user): every "
+            "state made from this one by replace shares them, and a step decides what it runs "
+            "from them once. Make the changed state with replace instead, e.g. "
+            "state.replace(params={**state.params, name: tensor}) or "
+            "state.replace(user={**state.user, key: value}); a plain dict to change is "
+            "dict(mapping) or {**mapping}"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def copy(self) -> dict:
+        """A plain dict of the same items, to change."""
+        return dict(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy, deepcopy and pickle rebuild it whole, never by item assignment
+        return (ReadOnlyDict, (dict(self),))
+
+
+def read_only(mapping: Any) -> Any:
+    """`mapping` as a `ReadOnlyDict` (itself where it is one); anything but a dict as it is."""
+    if type(mapping) is ReadOnlyDict or not isinstance(mapping, dict):
+        return mapping
+    return ReadOnlyDict(mapping)
+
+
+def _flatten_read_only(d: ReadOnlyDict) -> tuple[list[Any], list[Any]]:
+    return list(d.values()), list(d)
+
+
+def _unflatten_read_only(values: Any, keys: Any) -> ReadOnlyDict:
+    return ReadOnlyDict(zip(keys, values, strict=True))
+
+
+def _flatten_read_only_with_keys(d: ReadOnlyDict) -> tuple[list[tuple[Any, Any]], list[Any]]:
+    return [(pytree.MappingKey(k), v) for k, v in d.items()], list(d)
+
+
+pytree.register_pytree_node(
+    ReadOnlyDict,
+    _flatten_read_only,
+    _unflatten_read_only,
+    serialized_type_name="functrain.ReadOnlyDict",
+    flatten_with_keys_fn=_flatten_read_only_with_keys,
+)
+
 tree_map = pytree.tree_map
 tree_structure = pytree.tree_structure
 
@@ -48,7 +122,7 @@ _MAX_DICT_SPECS = 256
 def _is_tensor_dict(tree: Any) -> bool:
     # compiled code takes torch's own path: dynamo traces it without guarding on these caches
     return (
-        type(tree) is dict
+        (type(tree) is dict or type(tree) is ReadOnlyDict)
         and not torch.compiler.is_compiling()
         and all(isinstance(v, torch.Tensor) for v in tree.values())
     )
@@ -145,11 +219,17 @@ def _key(entry: Any) -> Any:
 
 
 def check_same_structure(expected: Tree, got: Tree, what: str) -> None:
-    """Raise `StateMismatchError` naming the missing and extra leaves if the trees differ."""
-    spec_e, spec_g = tree_structure(expected), tree_structure(got)
+    """Raise `StateMismatchError` naming the missing and extra leaves if the trees differ.
+
+    A `ReadOnlyDict` is a dict here: a state's parameters and the updates made for them match.
+    """
+    spec_e, spec_g = tree_flatten(expected)[1], tree_flatten(got)[1]
     if spec_e == spec_g:
         return
-    paths_e, paths_g = set(tree_paths(expected)), set(tree_paths(got))
+    listed_e, listed_g = tree_paths(expected), tree_paths(got)
+    if listed_e == listed_g and spec_e.num_leaves == spec_g.num_leaves:
+        return  # the same leaves under the same keys: a `ReadOnlyDict` where the other has a dict
+    paths_e, paths_g = set(listed_e), set(listed_g)
     missing, extra = sorted(paths_e - paths_g), sorted(paths_g - paths_e)
     detail = (
         f"missing {missing}, extra {extra}"

@@ -106,7 +106,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.core.loss",
         ],
         ["functrain.core.state"],
-        ["functrain.core.create"],
+        ["functrain.core.create", "functrain.core.replacement"],
         [
             "functrain.core.options",
             "functrain.core.binding",

@@ -48,6 +48,7 @@ __all__ = [
     "STEP_COUNTERS",
     "Trainable",
     "averager_of",
+    "transform_for",
     "initial_fields",
     "initial_rng",
 ]
@@ -109,28 +110,9 @@ def initial_fields(
     meta = has_meta_tensors(module)
     device = torch.get_default_device() if meta else next(iter(params.values())).device
     dist_config = current_config(distributed, sharding, device.type, reshard_after_forward)
-    # the state keeps the optimizer given; its transform runs the sparse form where it has one,
-    # and on the parameters' device the form torch.optim runs there (the default adagrad's
-    # foreach chain where torch has no fused Adagrad)
-    if options.differentiable:
-        if dist_config is not None:
-            raise ConfigError(_DIFFERENTIABLE_ALONE)
-        # torch.optim's single-tensor loop written out of place (`functrain.optim.differentiable`)
-        tx = build_transform(differentiable_form(optimizer), options)
-    else:
-        tx = build_transform(
-            on_device(
-                _for_sparse(
-                    optimizer,
-                    [name for name in sparse_parameters(module) if name in params],  # frozen: no
-                    options,
-                    grad_stats,
-                    dist_config,
-                ),
-                device,
-            ),
-            options,
-        )
+    if options.differentiable and dist_config is not None:
+        raise ConfigError(_DIFFERENTIABLE_ALONE)
+    tx = transform_for(module, optimizer, options, params, grad_stats, dist_config, device)
     averager = averager_of(options)
     if dist_config is not None:
         # the meta tensors too: those that hold values are broadcast one by one, and every rank
@@ -165,6 +147,7 @@ def initial_fields(
         "rng": initial_rng(seed, device),
         "driver": {},
         "user": {},
+        "parked": {},
         "module": weightless(module),
         "loss_fn": loss_fn,
         "optimizer": optimizer,
@@ -174,6 +157,32 @@ def initial_fields(
         "averager": averager,
         "grad_stats": grad_stats,
     }
+
+
+def transform_for(
+    module: nn.Module,
+    optimizer: Transform,
+    options: StepOptions,
+    params: dict[str, torch.Tensor],
+    grad_stats: GradStats | None,
+    dist_config: DistConfig | None,
+    device: torch.device,
+) -> Transform:
+    """The transform a state of `module` trains `params` with: `optimizer` wrapped as `options` ask.
+
+    The state keeps the optimizer given; its transform runs the sparse form where it has one, and
+    on the parameters' device the form torch.optim runs there (the default adagrad's foreach
+    chain where torch has no fused Adagrad); a differentiable state's, torch.optim's single-tensor
+    loop written out of place (`functrain.optim.differentiable`). `TrainState.create` and
+    `TrainState.replace` (a new optimizer or options) build it here.
+    """
+    if options.differentiable:
+        return build_transform(differentiable_form(optimizer), options)
+    sparse = [name for name in sparse_parameters(module) if name in params]  # frozen: no rows
+    return build_transform(
+        on_device(_for_sparse(optimizer, sparse, options, grad_stats, dist_config), device),
+        options,
+    )
 
 
 def _for_sparse(

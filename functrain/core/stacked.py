@@ -174,7 +174,7 @@ def stack(states: Sequence[TrainState]) -> TrainState:
         for col in columns
     ]
     out = first.with_tree({**tree_unflatten(stacked, spec), "driver": first.driver})
-    return out if optimizer is first.optimizer else out.replace(optimizer=optimizer, tx=tx)
+    return out if optimizer is first.optimizer else out.with_statics(optimizer=optimizer, tx=tx)
 
 
 def unstack(state: TrainState) -> list[TrainState]:

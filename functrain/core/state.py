@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from functrain.core.create import COUNTERS, Trainable, initial_fields
+from functrain.core.create import COUNTERS, Trainable, averager_of, initial_fields, transform_for
 from functrain.core.options import (
     AccumulateConvention,
     Differentiable,
@@ -29,17 +29,31 @@ from functrain.core.options import (
     StepOptions,
     ema_buffers_default,
 )
+from functrain.core.replacement import (
+    carried,
+    count_free,
+    ordered_like,
+    refuse_derived,
+    resplit,
+    shared_storage,
+)
 from functrain.core.structure import CALL_GUARD, WEIGHTLESS
 from functrain.distributed.data_parallel import DistConfig
 from functrain.distributed.materialize import InitFn
 from functrain.distributed.sharding import Sharding, gathered
-from functrain.errors import ConfigError, DonatedStateError, StateMismatchError
+from functrain.errors import (
+    CheckpointError,
+    ConfigError,
+    DonatedStateError,
+    ImmutableStateError,
+    StateMismatchError,
+)
 from functrain.optim.averaging import EmaConvention, EmaState
-from functrain.optim.base import Transform
+from functrain.optim.base import Transform, is_transform
 from functrain.optim.differentiable import hyperparameters_of, tracked, with_hyperparameters
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
-from functrain.tree import Tree, leaves_by_path, tree_leaves
+from functrain.tree import ReadOnlyDict, Tree, leaves_by_path, read_only, tree_leaves
 
 __all__ = [
     "NOT_DIFFERENTIABLE",
@@ -90,7 +104,10 @@ class TrainState:
     that dropout and other random ops inside the model draw from), `driver` (a dict the driver
     uses for best metrics and early stopping), and `user`: your own state, a dict of any tree of
     tensors and JSON values (``state.replace(user={...})``, or ``run.user = {...}`` in a `fit`
-    callback), saved and restored with the rest; the step never reads or changes it.
+    callback), saved and restored with the rest; the step never reads or changes it; `parked`:
+    the optimizer state and EMA of weights `replace` moved from `params` to `frozen`, by name,
+    until they train again. The mappings are `ReadOnlyDict`s: a state is changed only by
+    `replace`, which honours or refuses each field (see its docstring).
 
     Static fields (not saved): `module`, `loss_fn`, `optimizer` (as given), `tx` (the optimizer
     wrapped with clipping, accumulation, non-finite skipping and loss scaling per `options`),
@@ -109,9 +126,9 @@ class TrainState:
         precision=fp32)
     """
 
-    params: dict[str, torch.Tensor]
-    frozen: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor] = attrs.field(converter=read_only)
+    frozen: dict[str, torch.Tensor] = attrs.field(converter=read_only)
+    buffers: dict[str, torch.Tensor] = attrs.field(converter=read_only)
     opt_state: Tree
     ema_state: EmaState | SwaState | None
     step: torch.Tensor
@@ -121,8 +138,11 @@ class TrainState:
     samples_seen: torch.Tensor
     skipped: torch.Tensor
     rng: torch.Tensor
-    driver: dict[str, Any] = attrs.field(validator=_known_driver_keys)
-    user: dict[str, Any]
+    driver: dict[str, Any] = attrs.field(converter=read_only, validator=_known_driver_keys)
+    user: dict[str, Any] = attrs.field(converter=read_only)
+    # the optimizer state and EMA of the weights `replace` moved from params to frozen, by name:
+    # taken back, untouched, when they train again (`functrain.core.replacement.resplit`)
+    parked: dict[str, Any] = attrs.field(converter=read_only)
     module: nn.Module = _static()
     loss_fn: LossFn = _static()
     optimizer: Transform = _static()
@@ -131,6 +151,9 @@ class TrainState:
     dist: DistConfig | None = _static(default=None)
     averager: Transform | None = _static(default=None)
     grad_stats: GradStats | None = _static(default=None)
+    # the optimizer and options `tx` and `averager` were built from (`create`, `replace`): a state
+    # made with other options by hand (attrs.evolve) is refused, not trained with stale ones
+    _basis: tuple[Transform, StepOptions] | None = _static(default=None, alias="_basis", repr=False)
     # set once, by `retire`, when a step took this state with donate=True (neither tree nor static)
     _donated_to: str | None = attrs.field(
         default=None, init=False, eq=False, metadata={"donation": True}
@@ -144,6 +167,18 @@ class TrainState:
 
     Set on the states a step returns; not saved, not compared, and dropped by `replace` (the next
     step of a state changed by hand decides its program again)."""
+
+    def __attrs_post_init__(self) -> None:
+        # a state built through attrs (attrs.evolve, a tree map): what `replace` would refuse
+        basis = self._basis
+        if basis is not None and (basis[0] is not self.optimizer or basis[1] != self.options):
+            raise ConfigError(
+                "a TrainState's optimizer or options were changed without building its transform "
+                "again (attrs.evolve?): its steps would train with the old ones. Use "
+                "state.replace(optimizer=...) or state.replace(options=...), which builds it"
+            )
+        if not self.options.differentiable:
+            refuse_graph_tensors({name: getattr(self, name) for name in _STEPPED}, "TrainState")
 
     @classmethod
     def create(
@@ -182,8 +217,12 @@ class TrainState:
         and it keeps the module's structure as a weightless copy on the meta device (the module
         itself is never modified, nor kept). After ``del model`` only the state's copy of the
         weights stays alive; `export_module` builds a module holding them again. The structure is
-        copied once per module object: attributes changed on the module afterwards (say, a dropout
-        probability) do not reach states created from it; build a new module instead.
+        copied at create and shared by the states created again from an unchanged module: changes
+        to the module afterwards (a hook, a frozen parameter, a mode, a dropout probability) do not
+        reach the states made before; a state created from it again runs it as it is then (an
+        object changed in place, say a field of a config object, is not seen: assign a new one).
+        A state's `module` is shared by the states made from it: replacing a submodule there
+        raises `ConfigError`.
 
         Args:
             module: the model. Parameters with ``requires_grad=False``, and those `trainable`
@@ -381,10 +420,25 @@ class TrainState:
             init=init,
             grad_stats=grad_stats,
         )
-        return unaliased(cls(**fields))
+        basis = (optimizer, fields["options"])
+        return unaliased(cls(**fields, _basis=basis))  # type: ignore[call-arg]
 
     def replace(self, **changes: Any) -> TrainState:
-        """A copy of this state with some fields replaced.
+        """A copy of this state with some fields replaced, each honoured or refused.
+
+        The optimizer state and the EMA hold one slot per trainable parameter: parameters given
+        in another order are matched to them by name. A new `optimizer` or `options` builds the
+        transform and the averager again, as `create` does, and carries the optimizer state and
+        the EMA over where their layout fits (the moments and counts kept, the settings a state
+        holds, such as its learning rate, the new ones'). The fields built from others (`tx`,
+        `averager`, `dist`) are refused, and so are tensors that share storage under two names.
+        The next step decides what it runs afresh.
+
+        Raises:
+            ConfigError: a derived field, tensors that share storage, invalid options, tensors that
+                require grad in an ordinary state's stepped fields.
+            StateMismatchError: an optimizer or options whose state does not fit this one's.
+            DonatedStateError: this state was donated to a step.
 
         Example:
             >>> import torch, functrain as ft
@@ -394,7 +448,11 @@ class TrainState:
             3
             >>> s.replace(epoch=4, epoch_step=0).epoch  # a counter given as an int becomes a tensor
             tensor(4)
+            >>> s.replace(optimizer=ft.sgd(0.5)).optimizer.name.split(",")[0]
+            'sgd(lr=0.5'
         """
+        self.check_live("TrainState.replace")
+        refuse_derived(changes)
         if not self.options.differentiable:
             refuse_graph_tensors(changes, "TrainState.replace")
         for name in changes.keys() & _COUNTER_SET:
@@ -404,22 +462,211 @@ class TrainState:
                 changes[name] = torch.full_like(getattr(self, name), value)
         if not changes.keys() <= _TRUSTED:
             # the driver's keys are checked, an unknown field named, as attrs does
-            new = attrs.evolve(self, **changes)
+            new = attrs.evolve(self, **self._matched(changes))
         else:
-            new = self.stepped(None, changes)
+            new = self.stepped(None, self._matched(changes))
         if not changes.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)
         return new
+
+    def _matched(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """`changes` with the parameters matched to their slots by name and the transform built
+        again for a new optimizer or options (`replace`'s work)."""
+        params = changes.get("params")
+        if isinstance(params, dict):
+            changes["params"] = params = ordered_like(params, self.params, "params")
+            frozen = changes.get("frozen", self.frozen)
+            split = params.keys() | (frozen.keys() if isinstance(frozen, dict) else set())
+            # parameters moved between params and frozen (another model's are checked at use)
+            moved = split == self.params.keys() | self.frozen.keys()
+            if moved and params.keys() != self.params.keys() and "opt_state" not in changes:
+                changes.update(self._resplit(changes, params))
+        if not changes.keys().isdisjoint(_MODULE_TENSORS):
+            shared = shared_storage(
+                {f: dict(changes.get(f, getattr(self, f))) for f in ("params", "frozen", "buffers")}
+            )
+            if shared is not None:
+                raise ConfigError(
+                    f"TrainState.replace got one storage under two names: {shared}. A donated "
+                    "step would write it twice and a pure one once; give each its own tensor "
+                    "(tensor.clone()), or tie the weights in the module (one parameter) and "
+                    "create the state from it"
+                )
+        if not changes.keys().isdisjoint(("optimizer", "options")):
+            changes.update(self._rebuilt(changes))
+        return changes
+
+    def _resplit(self, changes: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer state and the EMA for trainable weights moved to or from `frozen`, each
+        weight's own slots matched by name, those of the frozen ones parked (`replace`'s work)."""
+        names = list(self.params)
+        back = [name for name in params if name not in self.params]
+        problems = []
+        if self.members or self.dist is not None or self.options.differentiable:
+            problems.append(
+                "a stacked, sharded or differentiable state's trainable weights are chosen when "
+                "it is created"
+            )
+        n = self.options.accumulate_steps
+        if n > 1 and int(self.micro_step.reshape(-1)[0]):
+            problems.append(
+                f"the accumulation window holds {int(self.micro_step.reshape(-1)[0])} of its "
+                f"{n} micro-batches: move weights where a window ends (state.micro_step == 0)"
+            )
+        if self.ema_state is not None and self.options.ema_convention != "functrain":
+            problems.append(
+                f'an EMA in the "{self.options.ema_convention}" convention averages frozen weights '
+                "too, which a state's average of its trainable weights cannot follow: move "
+                'weights with ema_convention="functrain" (a frozen weight\'s average waits '
+                "with it)"
+            )
+        name = getattr(self.optimizer, "name", "") or ""
+        counted = [w for w in back if int(self.step.reshape(-1)[0]) != self._parked_at(w)]
+        if counted and not count_free(name):
+            problems.append(
+                f"{counted[:3]} would train again at update {int(self.step.reshape(-1)[0])}, "
+                "where torch.optim counts each weight's own updates (its step) and this "
+                "optimizer's arithmetic reads one count for all (Adam's bias corrections, "
+                "schedules of its own): their update would differ from torch's. Freezing is "
+                "exact; to train them again, make a state for the new split "
+                "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
+                "reads no count (sgd, rmsprop, adagrad, adadelta, rprop)"
+            )
+        if problems:
+            raise StateMismatchError(
+                "TrainState.replace cannot move weights between params and frozen here:\n  - "
+                + "\n  - ".join(problems)
+            )
+        was = {k: dict(v) for k, v in self.parked.items()}
+        opt_state, parked = resplit(self.opt_state, names, params, was, self.tx.init, "opt_state")
+        moved: dict[str, Any] = {"opt_state": opt_state}
+        if self.ema_state is not None and self.averager is not None and "ema_state" not in changes:
+            ema, averages = resplit(
+                self.ema_state, names, params, was, self._averaged_init(), "ema_state"
+            )
+            moved["ema_state"] = ema
+            parked = {k: {**parked.get(k, {}), **averages.get(k, {})} for k in parked | averages}
+        step = self.step.reshape(-1)[0]
+        for gone in (w for w in names if w not in params):
+            parked[gone] = {**parked[gone], "step": step.clone()}
+        moved["parked"] = {k: ReadOnlyDict(v) for k, v in parked.items()}
+        return moved
+
+    def _parked_at(self, name: str) -> int:
+        """The update at which weight `name` was moved to frozen (0: never trained)."""
+        at = self.parked.get(name, {}).get("step")
+        return int(at) if at is not None else 0
+
+    def _averaged_init(self) -> Any:
+        """The averager's init over parameters alone (its buffers, if it keeps them, as now)."""
+        averager, buffers = self.averager, dict(self.buffers)
+        assert averager is not None
+        if not self.options.ema_buffers:
+            return averager.init
+        return lambda params: averager.init((params, buffers))
+
+    def _rebuilt(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """The transform, averager, optimizer state and EMA for `changes`' optimizer or options."""
+        optimizer = changes.get("optimizer", self.optimizer)
+        options = changes.get("options", self.options)
+        problems = (
+            options.problems()
+            if isinstance(options, StepOptions)
+            else [f"options must be a StepOptions, got {type(options).__name__}"]
+        )
+        if not is_transform(optimizer):
+            problems.append(f"optimizer must be a transform, got {type(optimizer).__name__}")
+        elif isinstance(options, StepOptions) and options.differentiable != (
+            self.options.differentiable
+        ):
+            problems.append(
+                f"differentiable is chosen when the state is created, got "
+                f"differentiable={options.differentiable!r} for a state created with "
+                f"{self.options.differentiable!r}: TrainState.create(..., differentiable=...)"
+            )
+        if self.dist is not None and self.dist.sharding is not None:
+            problems.append(
+                "a sharded state's optimizer and options are chosen when it is created: "
+                "TrainState.create(..., sharding=...) with them"
+            )
+        if problems:
+            raise ConfigError(
+                "invalid changes to TrainState.replace:\n  - " + "\n  - ".join(problems)
+            )
+        params = dict(changes.get("params", self.params))
+        grad_stats = changes.get("grad_stats", self.grad_stats)
+        n = self.options.accumulate_steps
+        if options.accumulate_steps != n and n > 1 and int(self.micro_step.reshape(-1)[0]):
+            raise ConfigError(
+                f"TrainState.replace got accumulate_steps={options.accumulate_steps} in the "
+                f"middle of a window ({int(self.micro_step.reshape(-1)[0])} of its {n} "
+                "micro-batches taken): change it where a window ends (state.micro_step == 0), "
+                "or close this one first (state.closing_window)"
+            )
+
+        def built(optimizer: Transform, options: StepOptions) -> Transform:
+            return transform_for(
+                self.module, optimizer, options, params, grad_stats, self.dist, self.device
+            )
+
+        tx = built(optimizer, options)
+        averager = averager_of(options)
+        rebuilt: dict[str, Any] = {"tx": tx, "averager": averager, "_basis": (optimizer, options)}
+        if "opt_state" not in changes:
+            # the optimizers' own states, found inside the options' wrappers
+            cores = tuple(
+                built(o, StepOptions(nonfinite="none", differentiable=d)).init(params)
+                for o, d in (
+                    (self.optimizer, self.options.differentiable),
+                    (optimizer, options.differentiable),
+                )
+            )
+            rebuilt["opt_state"] = carried(
+                self.opt_state, self.tx.init(params), tx.init(params), cores, "opt_state"
+            )
+        if "ema_state" not in changes:
+            buffers = dict(changes.get("buffers", self.buffers))
+
+            def fresh(averager: Transform | None, options: StepOptions) -> Any:
+                if averager is None:
+                    return None
+                return averager.init(params if not options.ema_buffers else (params, buffers))
+
+            old, new = fresh(self.averager, self.options), fresh(averager, options)
+            # an average switched on starts from the weights now; one switched off is dropped
+            rebuilt["ema_state"] = (
+                new
+                if old is None or new is None
+                else carried(self.ema_state, old, new, (old, new), "ema_state")
+            )
+        return rebuilt
+
+    def with_statics(self, **statics: Any) -> TrainState:
+        """This state with static fields set as given, trusted as they are, for functrain's own
+        layers (a checkpoint's conventions, the driver's short window): `replace` checks them."""
+        if "optimizer" in statics or "options" in statics:
+            statics["_basis"] = (
+                statics.get("optimizer", self.optimizer),
+                statics.get("options", self.options),
+            )
+        return self.stepped(None, statics)
 
     def stepped(self, program: Any, changes: dict[str, Any]) -> TrainState:
         """The state a step returns: this one with `changes`, trusted as they are, and `program`.
 
         For steps only: every field but `driver` takes its value unchecked (built without attrs'
         generic evolve, once a step), and `program` is the new state's step program (or None).
+        Its mappings are `ReadOnlyDict`s, none this state's (a donation marks the donated
+        state's parameters, and every state sharing them is donated with it).
         """
         new = object.__new__(TrainState)
         for name, value in zip(_INIT_FIELDS, _init_values(self), strict=True):
-            object.__setattr__(new, name, changes[name] if name in changes else value)
+            if name in changes:
+                given = changes[name]
+                # a mapping given again is a new one: a donation marks the donated state's own
+                fresh = type(given) is dict or (given is value and type(given) is ReadOnlyDict)
+                value = ReadOnlyDict(given) if fresh else given
+            object.__setattr__(new, name, value)
         object.__setattr__(new, "_donated_to", None)
         object.__setattr__(new, "_unchecked", False)
         object.__setattr__(new, "program", program)
@@ -593,8 +840,9 @@ class TrainState:
     def check_live(self, call: str) -> None:
         """Raise `DonatedStateError` if a step took this state with ``donate=True``.
 
-        Also when this state shares its step counter with a donated one (say, it was made from it by
-        `replace`): the donated step may have written into the tensors they share.
+        Also when this state shares its step counter or its parameters' mapping with a donated one
+        (say, it was made from it by `replace`): the donated step may have written into the
+        tensors they share.
 
         Args:
             call: what was attempted, for the message.
@@ -616,7 +864,9 @@ class TrainState:
                     "to start from another state's weights, use functrain.load_weights"
                 )
             object.__setattr__(self, "_unchecked", False)
-        donated_to = self._donated_to or getattr(self.step, _DONATED_TAG, None)
+        donated_to = (
+            self._donated_to or getattr(self.step, _DONATED_TAG, None) or self.params.donated_to  # type: ignore[attr-defined]
+        )
         if donated_to is not None:
             raise DonatedStateError(
                 f"{call} got a TrainState that was donated to {donated_to}: "
@@ -681,12 +931,14 @@ class TrainState:
         """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
 
         Steps call it on the state they were given with ``donate=True``. Its tree fields are
-        replaced by a placeholder that raises when read, and its step counter is tagged so that
-        states sharing it (made by `replace`) are refused as well.
+        replaced by a placeholder that raises when read, and its step counter and its parameters'
+        mapping are tagged so that states sharing either (made by `replace`) are refused as well.
         """
         if self._donated_to is not None:
             return
         setattr(self.step, _DONATED_TAG, call)
+        if type(self.params) is ReadOnlyDict:  # shared by the states `replace` made from this one
+            self.params.donated_to = call
         object.__setattr__(self, "_donated_to", call)
         for name, placeholder in zip(TREE_FIELDS, _placeholders(call), strict=True):
             object.__setattr__(self, name, placeholder)
@@ -910,6 +1162,52 @@ def _unflatten_state(values: Iterable[Any], context: Any) -> TrainState:
 def _flatten_state_with_keys(state: TrainState) -> tuple[list[tuple[Any, Any]], tuple]:
     values, context = _flatten_state(state)
     return [(pytree.GetAttrKey(f), v) for f, v in zip(TREE_FIELDS, values, strict=True)], context
+
+
+def _refuse_assignment(state: TrainState, name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor) and value is getattr(state, name, None):
+        done = (
+            f" The tensor state.{name} was changed in place already (an augmented assignment such "
+            "as state.epoch += 1 writes it before assigning), and with it every state that "
+            "shares it: make a copy before changing it, never the state's own tensor."
+        )
+    else:
+        done = ""
+    raise ImmutableStateError(
+        f"a TrainState is immutable: cannot assign state.{name}.{done} Make the changed state "
+        f"with state = state.replace({name}=...) (a counter as an int: "
+        f"state.replace({name}=int(state.{name}) + 1))"
+    )
+
+
+def _refuse_pickle(state: TrainState, protocol: Any = None) -> Any:
+    raise CheckpointError(
+        "a TrainState is not pickled (pickle.dumps, torch.save, copy by pickle): it holds its "
+        "loss function, transforms and module structure, which are code, and a pickle would run "
+        "code when loaded. Save it with functrain.save(path, state) and load it with "
+        "functrain.load(path, like=state_built_the_same_way); to hand its tensors to another "
+        "process, send state.tree(), a tree of tensors and plain values"
+    )
+
+
+def _copy_state(state: TrainState) -> TrainState:
+    return state  # a value: a copy is itself
+
+
+def _deepcopy_state(state: TrainState, memo: dict) -> TrainState:
+    # every field copied (the module's structure too), as a deep copy of a frozen class does
+    state.check_live("copy.deepcopy")
+    new = object.__new__(TrainState)
+    for field in attrs.fields(TrainState):
+        value = None if field.name == "program" else getattr(state, field.name)
+        object.__setattr__(new, field.name, copy.deepcopy(value, memo))
+    return new
+
+
+TrainState.__setattr__ = _refuse_assignment  # type: ignore[method-assign,assignment]
+TrainState.__reduce_ex__ = _refuse_pickle  # type: ignore[method-assign,assignment]
+TrainState.__copy__ = _copy_state  # type: ignore[attr-defined]
+TrainState.__deepcopy__ = _deepcopy_state  # type: ignore[attr-defined]
 
 
 pytree.register_pytree_node(

@@ -369,18 +369,18 @@ class Loop:
             return self.step_fn(state, batch, donate=donate)
         n = state.options.accumulate_steps
         at = self.micro - (n - short)  # the batch's place in the short window
-        shortened = state.replace(
-            options=attrs.evolve(state.options, accumulate_steps=short),
-            micro_step=torch.full_like(state.micro_step, at),
-        )
+        # the transform as it is (its window of N): the step counts the short window by the options
+        shortened = state.with_statics(
+            options=attrs.evolve(state.options, accumulate_steps=short)
+        ).replace(micro_step=torch.full_like(state.micro_step, at))
         del state  # the loop's reference: `shortened` is the one the step may take
         new, metrics = self.step_fn(shortened, batch, donate=donate)
         if at + 1 == short:
             self._short_window = None
         # the window as N counts it again: the step's counter ran modulo the short window's length
         back = torch.full_like(new.micro_step, (self.micro + 1) % n)
-        return new.replace(
-            options=attrs.evolve(new.options, accumulate_steps=n), micro_step=back
+        return new.with_statics(options=attrs.evolve(new.options, accumulate_steps=n)).replace(
+            micro_step=back
         ), metrics
 
     def _step(self, batch: Any, n: int) -> None:

@@ -284,7 +284,8 @@ def test_a_user_key_slipped_into_driver_is_refused_by_save_before_writing(
     tmp_path: Path, saved: tuple[ft.TrainState, Path]
 ) -> None:
     state = saved[0].replace(driver={})
-    state.driver["task"] = "digits"  # past the check on construction: the dict is the user's
+    # past the check on construction and the mapping's refusal: dict's own assignment
+    dict.__setitem__(state.driver, "task", "digits")
     with pytest.raises(ConfigError, match=r"driver: unknown keys \['task'\]"):
         ft.save(state, tmp_path / "c")
     assert not (tmp_path / "c").exists()

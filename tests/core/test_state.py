@@ -113,6 +113,7 @@ def test_state_is_a_pytree_of_its_saved_fields() -> None:
         "rng",
         "driver",
         "user",
+        "parked",
     }
 
 

@@ -1,0 +1,315 @@
+"""What `TrainState.replace` makes of the fields it is given: each honoured or refused.
+
+A state's fields depend on one another: the transform (`tx`) and the averager are built from the
+optimizer and the options, the optimizer state and the EMA hold one slot per trainable parameter,
+in the parameters' order. `replace` takes a change to one of them as the user means it:
+
+- the optimizer or the options: the transform and the averager built again from them (as
+  `TrainState.create` builds them), the optimizer state and the EMA kept where they fit the new
+  ones (their values carried, their settings, such as the learning rate a state holds, the new
+  ones'), refused where they do not (another optimizer's moments);
+- the parameters: matched to the optimizer state and the EMA by name, not by position: given in
+  another order, they are put back in the state's; the derived fields (`tx`, `averager`) and the
+  process group are refused, with the field that sets them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from functrain.errors import ConfigError, StateMismatchError
+from functrain.tree import leaves_by_path
+
+__all__ = [
+    "DERIVED",
+    "refuse_derived",
+    "ordered_like",
+    "carried",
+    "shared_storage",
+    "COUNT_FREE",
+    "count_free",
+    "slots_of",
+    "resplit",
+]
+
+# static fields built from others: replaced through the fields they are built from
+DERIVED = {
+    "tx": "the optimizer and the options (state.replace(optimizer=...) or options=...)",
+    "averager": "the options' EMA settings (state.replace(options=...))",
+    "dist": "the process group when the state is created (TrainState.create(..., distributed=))",
+}
+
+
+def refuse_derived(changes: dict[str, Any]) -> None:
+    """Raise `ConfigError` for a change to a field `replace` builds from others (`DERIVED`)."""
+    derived = sorted(changes.keys() & DERIVED.keys())
+    if derived:
+        name = derived[0]
+        raise ConfigError(
+            f"TrainState.replace got {name}=..., which the state builds from {DERIVED[name]}: "
+            f"replace that instead (a {name} given by hand could disagree with the state's "
+            "optimizer state and options, and a step would not say so)"
+        )
+
+
+def ordered_like(
+    given: dict[str, torch.Tensor], order: dict[str, Any], field: str
+) -> dict[str, torch.Tensor]:
+    """`given` in `order`'s key order where it holds the same names in another order, else as is.
+
+    The optimizer state and the EMA hold one slot per parameter in the state's order; parameters
+    given in another order are matched to their slots by name.
+
+    Example:
+        >>> ordered_like({"b": 1, "a": 2}, {"a": 0, "b": 0}, "params")
+        {'a': 2, 'b': 1}
+    """
+    if list(given) == list(order) or given.keys() != order.keys():
+        return given
+    return {name: given[name] for name in order}
+
+
+def carried(old: Any, old_fresh: Any, new_fresh: Any, cores: tuple[Any, Any], what: str) -> Any:
+    """A state made by one transform (`old`) carried over to another, whose fresh state is given.
+
+    `cores` are the fresh states of the two optimizers alone, without the options' wrappers
+    (clipping, skipping, accumulation, loss scaling): their leaves are found in the wrapped states
+    wherever the wrappers put them, and must agree in layout (the same optimizer, or one whose
+    state has the same leaves). Each leaf of the new state is then its counterpart in `old` where
+    the two fresh states agree on it: the run's progress (moments, counts, sums, skips); else the
+    new fresh state's: the settings a state holds (a learning rate, a cap on skips) and the state
+    of a wrapper that is new.
+
+    Raises:
+        StateMismatchError: the optimizers' states differ in layout, naming the first difference.
+
+    Example:
+        >>> import torch
+        >>> old = {"m": torch.tensor([0.5]), "lr": torch.tensor(0.1)}
+        >>> a = {"m": torch.tensor([0.0]), "lr": torch.tensor(0.1)}
+        >>> b = {"m": torch.tensor([0.0]), "lr": torch.tensor(0.2)}
+        >>> carried(old, a, b, ({"m": a["m"]}, {"m": b["m"]}), "opt_state")
+        {'m': tensor([0.5000]), 'lr': tensor(0.2000)}
+    """
+    old_core, new_core = leaves_by_path(cores[0]), leaves_by_path(cores[1])
+    problem = _structure_problem(old_core, new_core)
+    at_old = _prefix_of(leaves_by_path(old_fresh), old_core)
+    at_new = _prefix_of(leaves_by_path(new_fresh), new_core)
+    if problem is None and (at_old is None or at_new is None):
+        problem = "the optimizer's state was not found in it"
+    if problem is not None:
+        raise StateMismatchError(
+            f"TrainState.replace: the new optimizer needs another {what} than this state holds "
+            f"({problem}). A state's {what} carries over to an optimizer with the same state "
+            "(another learning rate, weight decay or momentum, clipping, skipping, accumulation); "
+            "for another optimizer make a new state, new = TrainState.create("
+            "state.export_module(), optimizer, loss_fn, ...), and carry what you keep, e.g. "
+            "new.replace(step=state.step, rng=state.rng)"
+        )
+    assert at_old is not None and at_new is not None
+    olds, old_fresh_leaves = leaves_by_path(old), leaves_by_path(old_fresh)
+    new_leaves = iter(leaves_by_path(new_fresh).items())
+
+    def pick(_: Any) -> Any:
+        path, fresh = next(new_leaves)
+        there = at_old + path[len(at_new) :] if path.startswith(at_new) else path
+        kept, was = olds.get(there, _NONE), old_fresh_leaves.get(there, _NONE)
+        # progress where the two fresh states agree, the new settings where they differ
+        return kept if _alike(kept, fresh) and _same(was, fresh) else fresh
+
+    return pytree.tree_map(pick, new_fresh)
+
+
+_NONE = object()
+
+
+def _prefix_of(leaves: dict[str, Any], core: dict[str, Any]) -> str | None:
+    """The path under which `core`'s leaves stand in `leaves` (``""``: at the root), or None."""
+    if not core:
+        return ""
+    first = next(iter(core))
+    for path in leaves:
+        if path == first or path.endswith("/" + first):
+            prefix = path[: len(path) - len(first)]
+            if all(_alike(leaves.get(prefix + p, _NONE), t) for p, t in core.items()):
+                return prefix
+    return None
+
+
+def _alike(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype
+    return a is not _NONE and type(a) is type(b)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return _alike(a, b) and (a.is_meta or b.is_meta or bool(torch.equal(a, b)))
+    return type(a) is type(b) and a == b
+
+
+def _structure_problem(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    if old.keys() != new.keys():
+        missing, extra = sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys())
+        return f"it needs {missing[:3]} and has no use for {extra[:3]}"
+    for path, leaf in new.items():
+        was = old[path]
+        if not _alike(was, leaf):
+            shown = f"{tuple(leaf.shape)} {leaf.dtype}" if isinstance(leaf, torch.Tensor) else leaf
+            held = f"{tuple(was.shape)} {was.dtype}" if isinstance(was, torch.Tensor) else was
+            return f"{path!r} is {shown} where the state holds {held}"
+    return None
+
+
+def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """The first two of the given tensors that share storage, named, or None.
+
+    One tensor under two names (or two views of one storage) would be written twice by a donated
+    step and once by a pure one: their results would differ. Tied weights are one parameter.
+
+    Example:
+        >>> w = torch.zeros(2, 2)
+        >>> shared_storage({"params": {"a": w, "b": w[0]}})
+        'params["a"] and params["b"]'
+    """
+    seen: dict[tuple[str, int], str] = {}
+    if torch.compiler.is_compiling():
+        return None  # (a traced step's own views)
+    for field, tensors in fields.items():
+        for name, t in tensors.items():
+            if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+                continue  # a DTensor's slices, a sparse tensor: storage of their own kinds
+            if t.numel() == 0 or t.is_meta or t.layout != torch.strided:
+                continue
+            try:
+                key = (str(t.device), t.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):  # a torch.func transform's wrapper
+                continue
+            where = f'{field}["{name}"]'
+            if key in seen:
+                return f"{seen[key]} and {where}"
+            seen[key] = where
+    return None
+
+
+# the optimizers whose update of a weight reads no count of updates (torch.optim's per-weight
+# `step` enters none of their arithmetic): a weight frozen and trained again continues exactly
+COUNT_FREE = ("sgd(", "rmsprop(", "adagrad(", "adadelta(", "rprop(")
+_COUNTED = "adagrad("  # count-free only without its rate decay
+
+
+def count_free(optimizer_name: str) -> bool:
+    """Whether the optimizer named so updates each weight without reading a count of updates.
+
+    Example:
+        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("adamw(lr=0.001)")
+        (True, False)
+    """
+    if not optimizer_name.startswith(COUNT_FREE):
+        return False
+    return not optimizer_name.startswith(_COUNTED) or "lr_decay=0.0," in optimizer_name
+
+
+def slots_of(init: Any, params: dict[str, torch.Tensor]) -> list[str] | None:
+    """The paths of the sequences holding one slot per parameter in ``init(params)``'s leaves.
+
+    Found as the sequences that lose their last entry when the last parameter is left out; None
+    where a leaf that goes is in no such sequence of one entry per parameter (a state laid out by
+    group: `partition`, `masked`).
+
+    Example:
+        >>> import functrain as ft
+        >>> p = {"a": torch.zeros(2), "b": torch.zeros(3)}
+        >>> slots_of(ft.sgd(0.1, momentum=0.9).init, p)
+        ['momentum']
+    """
+    names = list(params)
+    if not names:
+        return []
+    full = leaves_by_path(init(params))
+    try:
+        less = leaves_by_path(init({k: params[k] for k in names[:-1]}))
+    except Exception:  # a transform that needs each of its parameters
+        return None
+    last, found = str(len(names) - 1), set()
+    for path in full.keys() - less.keys():
+        parts = path.split("/")
+        starts = [i for i, part in enumerate(parts) if part == last]
+        for i in reversed(starts):
+            prefix, rest = "/".join(parts[:i]), "/".join(parts[i + 1 :])
+            if all(_join(prefix, str(k), rest) in full for k in range(len(names))):
+                found.add(prefix)
+                break
+        else:
+            return None
+    return sorted(found)
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p != "")
+
+
+def resplit(
+    old: Any,
+    old_names: list[str],
+    new_params: dict[str, torch.Tensor],
+    parked: dict[str, dict[str, torch.Tensor]],
+    init: Any,
+    what: str,
+) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
+    """`old` (made for `old_names`) for `new_params`, each weight's slots matched by name.
+
+    A weight that stays keeps its slots; one that leaves has them parked (returned in the second
+    value, under its name); one that comes back takes its parked slots, untouched since; a weight
+    trained for the first time takes fresh ones. The leaves of no one weight (counts, rates, skip
+    counters) are `old`'s.
+
+    Raises:
+        StateMismatchError: a state not laid out one slot per weight (`slots_of`).
+    """
+    new_names = list(new_params)
+    containers = slots_of(init, new_params)
+    if containers is None:
+        raise StateMismatchError(
+            f"TrainState.replace cannot move weights between params and frozen: this state's "
+            f"{what} is not laid out one slot per weight (a partition or a mask keeps its groups' "
+            "own); make a state for the new split with TrainState.create(state.export_module(), "
+            "...)"
+        )
+    fresh = leaves_by_path(init(new_params))
+    olds = leaves_by_path(old)
+    at_old = {name: i for i, name in enumerate(old_names)}
+    kept = {name: dict(slots) for name, slots in parked.items() if name not in new_params}
+
+    def slot(path: str) -> tuple[str, int, str] | None:
+        for container in containers:
+            head = container + "/" if container else ""
+            if path.startswith(head):
+                index, _, rest = path[len(head) :].partition("/")
+                if index.isdigit():
+                    return container, int(index), rest
+        return None
+
+    for path, leaf in olds.items():  # the leaving weights' slots, parked by name
+        found = slot(path)
+        if found is not None and found[1] < len(old_names):
+            name = old_names[found[1]]
+            if name not in new_params:
+                kept.setdefault(name, {})[f"{what}|{found[0]}|{found[2]}"] = leaf
+    new_leaves = iter(fresh.items())
+
+    def pick(_: Any) -> Any:
+        path, leaf = next(new_leaves)
+        found = slot(path)
+        if found is None:
+            return olds.get(path, leaf)
+        container, index, rest = found
+        name = new_names[index]
+        if name in at_old:
+            return olds[_join(container, str(at_old[name]), rest)]
+        return parked.get(name, {}).get(f"{what}|{container}|{rest}", leaf)
+
+    return pytree.tree_map(pick, init(new_params)), kept

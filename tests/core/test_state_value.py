@@ -1,0 +1,368 @@
+"""A `TrainState` is a value: its mappings refuse assignment, every field `replace` is given is
+honoured or refused, a donation reaches every state sharing its tensors, and a state is never
+pickled."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import attrs
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from tests.models import cross_entropy_loss_fn, make_mlp
+
+
+def batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(size, 6, generator=gen), torch.randint(0, 3, (size,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def trained(optimizer: ft.Transform, steps: int = 2, **options: object) -> ft.TrainState:
+    state = ft.TrainState.create(make_mlp(), optimizer, cross_entropy_loss_fn, **options)
+    for batch in batches(steps):
+        state, _ = ft.train_step(state, batch)
+    return state
+
+
+def torch_run(lrs: list[float], clip_from: int | None = None) -> nn.Module:
+    """The torch loop: AdamW, its rate changed in `param_groups` between steps, clipping added."""
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=lrs[0], fused=True)
+    for i, (x, y) in enumerate(batches(len(lrs))):
+        for group in opt.param_groups:
+            group["lr"] = lrs[i]
+        opt.zero_grad(set_to_none=True)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        if clip_from is not None and i >= clip_from:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05, foreach=True)
+        opt.step()
+    return model
+
+
+# ---------------------------------------------------------------- read-only mappings
+
+
+@pytest.mark.parametrize("field", ["params", "frozen", "buffers", "driver", "user"])
+def test_a_states_mappings_refuse_assignment_and_leave_the_states_sharing_them_alone(
+    field: str,
+) -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    kept = state.replace(step=100)
+    mapping = getattr(state, field)
+    before = dict(mapping)
+    with pytest.raises(ft.ImmutableStateError, match=r"state\.replace\(params=\{\*\*state"):
+        mapping["0.weight"] = torch.zeros(16, 6)
+    for change in (
+        lambda m: m.update({"x": 1}),
+        lambda m: m.pop("0.weight", None),
+        lambda m: m.setdefault("x", 1),
+        lambda m: m.clear(),
+        lambda m: m.__delitem__("0.weight"),
+    ):
+        with pytest.raises(TypeError):
+            change(mapping)
+    assert dict(getattr(kept, field)) == before
+    assert type(mapping | {"x": 1}) is dict and type(mapping.copy()) is dict
+
+
+def test_an_augmented_assignment_to_a_counter_raises_the_states_own_error() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    with pytest.raises(ft.ImmutableStateError, match=r"replace\(epoch=int\(state\.epoch\) \+ 1\)"):
+        state.epoch += 1  # type: ignore[misc]
+    with pytest.raises(AttributeError):  # attrs' FrozenInstanceError, as before
+        state.params = {}  # type: ignore[misc]
+
+
+def test_a_state_is_not_pickled_and_says_how_to_save_it() -> None:
+    state = trained(ft.adamw(1e-3), steps=1)
+    with pytest.raises(ft.CheckpointError, match=r"functrain\.save\(path, state\)"):
+        pickle.dumps(state)
+    with pytest.raises(ft.CheckpointError, match="functrain.save"):
+        torch.save(state, io.BytesIO())
+    pickle.loads(pickle.dumps(state.tree()))  # its tree is plain values
+
+
+def test_a_deep_copy_of_a_state_copies_every_field_and_a_copy_is_itself() -> None:
+    state = trained(ft.adamw(1e-3), steps=1)
+    deep = copy.deepcopy(state)
+    assert copy.copy(state) is state
+    assert deep.params["0.weight"] is not state.params["0.weight"]
+    assert deep.module is not state.module and type(deep.params) is ft.ReadOnlyDict
+    a, _ = ft.train_step(state, batches(1)[0])
+    b, _ = ft.train_step(deep, batches(1)[0])
+    assert torch.equal(a.params["0.weight"], b.params["0.weight"])
+
+
+# ---------------------------------------------------------------- replace: every field honoured
+
+
+def test_a_new_optimizer_rate_through_replace_trains_as_torch_changing_param_groups() -> None:
+    state = trained(ft.adamw(1e-3), steps=2)
+    state = state.replace(optimizer=ft.adamw(0.5))
+    for batch in batches(4)[2:]:
+        state, metrics = ft.train_step(state, batch)
+    assert float(metrics["lr"]) == 0.5
+    model = torch_run([1e-3, 1e-3, 0.5, 0.5])
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_clipping_switched_on_through_replace_trains_as_torch_clipping_from_then() -> None:
+    state = trained(ft.adamw(1e-3), steps=2)
+    state = state.replace(options=attrs.evolve(state.options, clip_grad_norm=0.05))
+    assert "clip_by_global_norm(max_norm=0.05)" in state.tx.name
+    for batch in batches(4)[2:]:
+        state, _ = ft.train_step(state, batch)
+    model = torch_run([1e-3] * 4, clip_from=2)
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_nonfinite_none_through_replace_applies_a_nan_batch() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    x, y = batches(1)[0]
+    bad = (torch.full_like(x, float("nan")), y)
+    skipped, _ = ft.train_step(state, bad)
+    assert torch.equal(skipped.params["0.weight"], state.params["0.weight"])
+    applied, _ = ft.train_step(
+        state.replace(options=attrs.evolve(state.options, nonfinite="none")), bad
+    )
+    assert torch.isnan(applied.params["0.weight"]).all()
+
+
+def test_accumulation_is_changed_where_a_window_ends_and_refused_inside_one() -> None:
+    state = trained(ft.sgd(0.1), steps=1, accumulate_steps=2)
+    with pytest.raises(ft.ConfigError, match=r"middle of a window \(1 of its 2"):
+        state.replace(options=attrs.evolve(state.options, accumulate_steps=4))
+    state, _ = ft.train_step(state, batches(2)[1])
+    longer = state.replace(options=attrs.evolve(state.options, accumulate_steps=4))
+    assert longer.tx.name.endswith("every=4, reduce='sum')")
+
+
+def test_parameters_given_in_another_order_train_as_in_the_states_order() -> None:
+    state = trained(ft.adamw(1e-3), steps=1, ema_decay=0.9)
+    reordered = state.replace(params=dict(reversed(list(state.params.items()))))
+    assert list(reordered.params) == list(state.params)
+    a, b = state, reordered
+    for batch in batches(3):
+        a, _ = ft.train_step(a, batch)
+        b, _ = ft.train_step(b, batch)
+    for name in state.params:
+        assert torch.equal(a.params[name], b.params[name])
+        assert torch.equal(a.ema_params[name], b.ema_params[name])
+
+
+FIRST_LAYER = ("0.weight", "0.bias")
+
+
+def frozen_first_layer(state: ft.TrainState) -> ft.TrainState:
+    params = dict(state.params)
+    moved = {name: params.pop(name) for name in FIRST_LAYER}
+    return state.replace(params=params, frozen={**state.frozen, **moved})
+
+
+def unfrozen_first_layer(state: ft.TrainState) -> ft.TrainState:
+    frozen = dict(state.frozen)
+    back = {name: frozen.pop(name) for name in FIRST_LAYER}
+    return state.replace(params={**back, **state.params}, frozen=frozen)
+
+
+def gradually_unfrozen(
+    optimizer: ft.Transform, freeze: int, unfreeze: int, n: int = 8, **options: object
+) -> ft.TrainState:
+    state = ft.TrainState.create(make_mlp(), optimizer, cross_entropy_loss_fn, **options)
+    for i, batch in enumerate(batches(n)):
+        if i == freeze:
+            state = frozen_first_layer(state)
+        if i == unfreeze:
+            state = unfrozen_first_layer(state)
+        state, _ = ft.train_step(state, batch)
+    return state
+
+
+def torch_toggled(
+    make: object, freeze: int, unfreeze: int, n: int = 8, window: int = 1
+) -> nn.Module:
+    """torch's loop, the first layer's requires_grad switched off and on again."""
+    model = make_mlp()
+    opt = make(model.parameters())  # type: ignore[operator]
+    for i, (x, y) in enumerate(batches(n)):
+        if i in (freeze, unfreeze):
+            for p in model[0].parameters():
+                p.requires_grad_(i == unfreeze)
+        (cross_entropy_loss_fn(model, (x, y)) / window).backward()
+        if (i + 1) % window == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return model
+
+
+COUNT_FREE = {
+    "sgd": (
+        lambda: ft.sgd(0.1, momentum=0.9, weight_decay=0.01),
+        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, weight_decay=0.01, fused=True),
+    ),
+    "rmsprop": (
+        lambda: ft.rmsprop(0.01, momentum=0.5),
+        lambda p: torch.optim.RMSprop(p, 0.01, momentum=0.5),
+    ),
+    "adagrad": (lambda: ft.adagrad(0.1), lambda p: torch.optim.Adagrad(p, 0.1, fused=True)),
+    "adadelta": (lambda: ft.adadelta(1.0), lambda p: torch.optim.Adadelta(p, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COUNT_FREE))
+def test_a_layer_frozen_and_trained_again_through_replace_gives_torchs_bits(name: str) -> None:
+    ours, theirs = COUNT_FREE[name]
+    state = gradually_unfrozen(ours(), freeze=2, unfreeze=5)
+    model = torch_toggled(theirs, freeze=2, unfreeze=5)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+    assert not state.parked and list(state.params) == [k for k, _ in model.named_parameters()]
+
+
+def test_a_frozen_layer_keeps_its_moments_untouched_in_the_state() -> None:
+    state = trained(ft.sgd(0.1, momentum=0.9), steps=2)
+    momentum = state.opt_state.inner.momentum[0].clone()
+    state = frozen_first_layer(state)
+    for batch in batches(3):
+        state, _ = ft.train_step(state, batch)
+    parked = state.parked["0.weight"]
+    assert torch.equal(parked["opt_state|inner/momentum|"], momentum)
+    assert int(parked["step"]) == 2 and list(state.params) == ["2.weight", "2.bias"]
+
+
+def test_gradual_unfreezing_under_accumulation_gives_torchs_bits() -> None:
+    ours, theirs = COUNT_FREE["sgd"]
+    state = gradually_unfrozen(ours(), freeze=2, unfreeze=6, accumulate_steps=2)
+    model = torch_toggled(theirs, freeze=2, unfreeze=6, window=2)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
+def test_weights_are_moved_only_where_an_accumulation_window_ends() -> None:
+    state = trained(ft.sgd(0.1), steps=1, accumulate_steps=2)
+    with pytest.raises(ft.StateMismatchError, match=r"holds 1 of its 2 micro-batches"):
+        frozen_first_layer(state)
+
+
+def test_a_frozen_layers_ema_waits_with_it_and_resumes() -> None:
+    state = gradually_unfrozen(ft.sgd(0.1, momentum=0.9), 2, 5, n=5, ema_decay=0.9)
+    average = state.ema_params["2.weight"].clone()
+    first = state.parked["0.weight"]["ema_state|average|"].clone()
+    state = unfrozen_first_layer(state)
+    assert torch.equal(state.ema_params["0.weight"], first)
+    assert torch.equal(state.ema_params["2.weight"], average)
+    state, _ = ft.train_step(state, batches(1)[0])
+    assert not torch.equal(state.ema_params["0.weight"], first)
+
+
+def test_a_checkpoint_of_a_state_with_a_frozen_layer_resumes_bit_for_bit(tmp_path) -> None:
+    straight = gradually_unfrozen(ft.sgd(0.1, momentum=0.9), 2, 5)
+    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn)
+    for i, batch in enumerate(batches(8)):
+        if i == 2:
+            state = frozen_first_layer(state)
+        if i == 4:
+            ft.save(state, tmp_path / "c")
+            like = frozen_first_layer(
+                ft.TrainState.create(make_mlp(), ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn)
+            )
+            state = ft.load(tmp_path / "c", like=like)
+        if i == 5:
+            state = unfrozen_first_layer(state)
+        state, _ = ft.train_step(state, batch)
+    for key in straight.params:
+        assert torch.equal(state.params[key], straight.params[key]), key
+
+
+def test_training_a_layer_again_where_the_optimizer_counts_updates_is_refused() -> None:
+    with pytest.raises(ft.StateMismatchError, match=r"would train again at update 5.*its step"):
+        gradually_unfrozen(ft.adamw(1e-3), freeze=2, unfreeze=5)
+    frozen_only = gradually_unfrozen(ft.adamw(1e-3), freeze=2, unfreeze=100)
+    model = torch_toggled(lambda p: torch.optim.AdamW(p, 1e-3, fused=True), freeze=2, unfreeze=100)
+    for key, p in model.named_parameters():  # freezing alone: torch's bits
+        assert torch.equal(frozen_only.params.get(key, frozen_only.frozen.get(key)), p), key
+
+
+def test_moving_weights_with_a_torch_convention_ema_is_refused() -> None:
+    state = trained(ft.sgd(0.1), steps=1, ema_decay=0.9, ema_convention="torch")
+    with pytest.raises(ft.StateMismatchError, match="averages frozen weights too"):
+        frozen_first_layer(state)
+
+
+def test_another_optimizers_state_is_refused_with_the_way_that_works() -> None:
+    state = trained(ft.adamw(1e-3), steps=1)
+    with pytest.raises(ft.StateMismatchError, match=r"TrainState\.create\(state\.export_module"):
+        state.replace(optimizer=ft.sgd(0.1, momentum=0.9))
+
+
+@pytest.mark.parametrize("field", ["tx", "averager", "dist"])
+def test_the_fields_a_state_builds_from_others_are_refused(field: str) -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    with pytest.raises(ft.ConfigError, match=f"got {field}=.*replace that instead"):
+        state.replace(**{field: getattr(state, field)})
+
+
+def test_differentiable_is_refused_through_replace() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    with pytest.raises(ft.ConfigError, match="differentiable is chosen when the state is created"):
+        state.replace(options=attrs.evolve(state.options, differentiable=True))
+
+
+def test_options_changed_with_attrs_evolve_are_refused() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    with pytest.raises(ft.ConfigError, match=r"state\.replace\(options=\.\.\.\)"):
+        attrs.evolve(state, options=attrs.evolve(state.options, clip_grad_norm=1.0))
+    with pytest.raises(ft.ConfigError, match=r"state\.replace\(optimizer=\.\.\.\)"):
+        attrs.evolve(state, optimizer=ft.sgd(0.5))
+
+
+def test_graph_tensors_given_through_attrs_evolve_are_refused() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    params = {k: v.clone().requires_grad_() for k, v in state.params.items()}
+    with pytest.raises(ft.ConfigError, match="tensors that require grad"):
+        attrs.evolve(state, params=params)
+
+
+def test_one_storage_under_two_names_is_refused() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    w = state.params["0.weight"]
+    with pytest.raises(ft.ConfigError, match=r'params\["0\.weight"\] and frozen\["x"\]'):
+        state.replace(frozen={"x": w[0]})
+    with pytest.raises(ft.ConfigError, match="one storage under two names"):
+        state.replace(params={**state.params, "2.weight": w[:3]})
+
+
+# ---------------------------------------------------------------- donation
+
+
+def test_a_state_replace_made_is_donated_with_the_state_it_came_from() -> None:
+    state = trained(ft.adamw(1e-3), steps=1)
+    kept = state.replace(step=100)
+    ft.train_step(state, batches(1)[0], donate=True)
+    with pytest.raises(ft.DonatedStateError, match="donated to functrain.train_step"):
+        ft.train_step(kept, batches(1)[0])
+
+
+def test_replace_on_a_donated_state_raises_donated_state_error() -> None:
+    state = trained(ft.adamw(1e-3), steps=1)
+    ft.train_step(state, batches(1)[0], donate=True)
+    with pytest.raises(ft.DonatedStateError, match="TrainState.replace got a TrainState"):
+        state.replace(epoch=1, epoch_step=0)
+
+
+def test_a_step_of_an_undonated_copy_leaves_its_source_usable() -> None:
+    state = trained(ft.adamw(1e-3), steps=1)
+    copy_ = state.clone()
+    new, _ = ft.train_step(copy_, batches(1)[0], donate=True)
+    ft.train_step(state, batches(1)[0])  # not donated: usable
+    ft.train_step(new, batches(1)[0], donate=True)
