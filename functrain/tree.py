@@ -6,7 +6,8 @@ themselves) whose leaves are tensors. Everything here is pure: it reads trees an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "escape_key",
     "tree_structure",
     "check_same_structure",
+    "same_structure",
     "Norms",
     "LOCAL_NORMS",
     "global_norm",
@@ -44,8 +46,11 @@ class ReadOnlyDict(dict):
     state made from it (``replace`` keeps the fields it is not given), so an assignment into one
     would change them all, behind the checks ``replace`` makes. Reading is a dict's: ``{**m}``,
     ``dict(m)``, ``m | {...}`` and ``m.copy()`` give plain dicts to change and hand to
-    ``state.replace``. Flattened as a dict (the same leaves, keys and paths), unflattened as
-    itself.
+    ``state.replace``. Flattened as a dict (the same leaves, keys and paths) but a node type of
+    its own: to map a state's mapping together with a plain dict in one
+    ``torch.utils._pytree.tree_map``, pass ``dict(state.params)``; a tree map's result is a
+    plain dict; a copy and a pickle's load (``torch.load`` with ``weights_only=True`` too) are
+    read-only.
 
     Example:
         >>> m = ReadOnlyDict(w=torch.zeros(1))
@@ -67,8 +72,9 @@ class ReadOnlyDict(dict):
             "state made from this one by replace shares them, and a step decides what it runs "
             "from them once. Make the changed state with replace instead, e.g. "
             "state.replace(params={**state.params, name: tensor}) or "
-            "state.replace(user={**state.user, key: value}); a plain dict to change is "
-            "dict(mapping) or {**mapping}"
+            "state.replace(user={**state.user, key: value}) (in a fit callback, "
+            "run.user = {**run.user, key: value}); a plain dict to change is dict(mapping) or "
+            "{**mapping}"
         )
 
     __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
@@ -77,14 +83,27 @@ class ReadOnlyDict(dict):
         """A plain dict of the same items, to change."""
         return dict(self)
 
+    @classmethod
+    def fromkeys(cls, keys: Any, value: Any = None) -> ReadOnlyDict:
+        return cls(dict.fromkeys(keys, value))
+
+    def __copy__(self) -> ReadOnlyDict:
+        return ReadOnlyDict(self)
+
+    def __deepcopy__(self, memo: dict) -> ReadOnlyDict:
+        return ReadOnlyDict(
+            {copy.deepcopy(k, memo): copy.deepcopy(v, memo) for k, v in self.items()}
+        )
+
     def __reduce__(self) -> tuple[Any, ...]:
-        # copy, deepcopy and pickle rebuild it whole, never by item assignment
+        # rebuilt whole, never by item assignment (torch.load's weights_only unpickler allows it:
+        # registered below)
         return (ReadOnlyDict, (dict(self),))
 
 
 def read_only(mapping: Any) -> Any:
-    """`mapping` as a `ReadOnlyDict` (itself where it is one); anything but a dict as it is."""
-    if type(mapping) is ReadOnlyDict or not isinstance(mapping, dict):
+    """`mapping` as a `ReadOnlyDict` (itself where it is one); anything but a mapping as it is."""
+    if type(mapping) is ReadOnlyDict or not isinstance(mapping, Mapping):
         return mapping
     return ReadOnlyDict(mapping)
 
@@ -93,13 +112,18 @@ def _flatten_read_only(d: ReadOnlyDict) -> tuple[list[Any], list[Any]]:
     return list(d.values()), list(d)
 
 
-def _unflatten_read_only(values: Any, keys: Any) -> ReadOnlyDict:
-    return ReadOnlyDict(zip(keys, values, strict=True))
+def _unflatten_read_only(values: Any, keys: Any) -> dict:
+    # a tree map's result is the caller's: a plain dict (a state's fields are made read-only
+    # again where a state is built from it)
+    return dict(zip(keys, values, strict=True))
 
 
 def _flatten_read_only_with_keys(d: ReadOnlyDict) -> tuple[list[tuple[Any, Any]], list[Any]]:
     return [(pytree.MappingKey(k), v) for k, v in d.items()], list(d)
 
+
+# `torch.save(state.params, f)` loads back under torch.load's default weights_only=True
+torch.serialization.add_safe_globals([ReadOnlyDict])
 
 pytree.register_pytree_node(
     ReadOnlyDict,
@@ -218,18 +242,31 @@ def _key(entry: Any) -> Any:
     return entry
 
 
+def same_structure(a: pytree.TreeSpec, b: pytree.TreeSpec) -> bool:
+    """Whether two tree structures are one, a `ReadOnlyDict` read as the dict it reads as.
+
+    Example:
+        >>> same_structure(tree_structure(ReadOnlyDict(w=1)), tree_structure({"w": 2}))
+        True
+    """
+    return a == b or _as_dicts(a) == _as_dicts(b)
+
+
+def _as_dicts(spec: pytree.TreeSpec) -> tuple:
+    kind = dict if spec.type is ReadOnlyDict else spec.type
+    context = list(spec._context) if spec.type is ReadOnlyDict else spec._context
+    return (kind, context, tuple(_as_dicts(child) for child in spec.children()))
+
+
 def check_same_structure(expected: Tree, got: Tree, what: str) -> None:
     """Raise `StateMismatchError` naming the missing and extra leaves if the trees differ.
 
     A `ReadOnlyDict` is a dict here: a state's parameters and the updates made for them match.
     """
     spec_e, spec_g = tree_flatten(expected)[1], tree_flatten(got)[1]
-    if spec_e == spec_g:
+    if same_structure(spec_e, spec_g):
         return
-    listed_e, listed_g = tree_paths(expected), tree_paths(got)
-    if listed_e == listed_g and spec_e.num_leaves == spec_g.num_leaves:
-        return  # the same leaves under the same keys: a `ReadOnlyDict` where the other has a dict
-    paths_e, paths_g = set(listed_e), set(listed_g)
+    paths_e, paths_g = set(tree_paths(expected)), set(tree_paths(got))
     missing, extra = sorted(paths_e - paths_g), sorted(paths_g - paths_e)
     detail = (
         f"missing {missing}, extra {extra}"

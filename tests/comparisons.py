@@ -12,14 +12,7 @@ from typing import Any
 import torch.utils._pytree as pytree
 
 from functrain.testing import assert_states_equal
-from functrain.tree import ReadOnlyDict
-
-
-def _shape_of(spec: pytree.TreeSpec) -> tuple:
-    """A tree's structure with a state's read-only mappings as the dicts they read as."""
-    kind = dict if spec.type is ReadOnlyDict else spec.type
-    context = list(spec._context) if spec.type is ReadOnlyDict else spec._context
-    return (kind, context, tuple(_shape_of(c) for c in spec.children()))
+from functrain.tree import same_structure
 
 
 def assert_trees_equal(
@@ -38,7 +31,7 @@ def assert_trees_equal(
     path prefixes in `ignore` are left out of the comparison of values, not of structure.
     """
     want, have = pytree.tree_structure(expected), pytree.tree_structure(got)
-    assert _shape_of(want) == _shape_of(have), f"{what}: structure {want} != {have}"
+    assert same_structure(want, have), f"{what}: structure {want} != {have}"
     assert may_be_empty or want.num_leaves > 0, f"{what}: no leaves to compare"
     try:
         assert_states_equal(expected, got, ignore=ignore)

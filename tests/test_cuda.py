@@ -556,7 +556,7 @@ def test_ranks_draw_their_own_dropout_streams_on_cuda_and_carry_one_shared_strea
     caller = torch.cuda.get_rng_state()
     draws, after = {}, {}
     for rank in (0, 1, 0):
-        scope = enter(state.replace(dist=DistConfig(2, rank)), True)
+        scope = enter(state.with_statics(dist=DistConfig(2, rank)), True)
         draws.setdefault(rank, []).append(torch.rand(1000, device=CUDA))
         after.setdefault(rank, []).append(leave(scope))
     assert not torch.equal(draws[0][0], draws[1][0])  # each rank its own masks

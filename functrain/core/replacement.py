@@ -102,9 +102,9 @@ def carried(old: Any, old_fresh: Any, new_fresh: Any, cores: tuple[Any, Any], wh
         problem = "the optimizer's state was not found in it"
     if problem is not None:
         raise StateMismatchError(
-            f"TrainState.replace: the new optimizer needs another {what} than this state holds "
-            f"({problem}). A state's {what} carries over to an optimizer with the same state "
-            "(another learning rate, weight decay or momentum, clipping, skipping, accumulation); "
+            f"TrainState.replace: the new settings need another {what} than this state holds "
+            f"({problem}). A state's {what} carries over to settings that keep its layout (another "
+            "learning rate, weight decay, clipping, skipping, accumulation, EMA decay); "
             "for another optimizer make a new state, new = TrainState.create("
             "state.export_module(), optimizer, loss_fn, ...), and carry what you keep, e.g. "
             "new.replace(step=state.step, rng=state.rng)"
@@ -117,8 +117,12 @@ def carried(old: Any, old_fresh: Any, new_fresh: Any, cores: tuple[Any, Any], wh
         path, fresh = next(new_leaves)
         there = at_old + path[len(at_new) :] if path.startswith(at_new) else path
         kept, was = olds.get(there, _NONE), old_fresh_leaves.get(there, _NONE)
-        # progress where the two fresh states agree, the new settings where they differ
-        return kept if _alike(kept, fresh) and _same(was, fresh) else fresh
+        if not _alike(kept, fresh):
+            return fresh  # a wrapper's state the old transform had not
+        # the run's progress: a leaf the steps moved from where it started (moments, sums, an
+        # adaptive step size or rate that started from a hyperparameter), or one both fresh states
+        # agree on; a setting the state holds unmoved (a constant rate, a cap), the new one's
+        return kept if _same(was, fresh) or not _same(kept, was) else fresh
 
     return pytree.tree_map(pick, new_fresh)
 

@@ -134,13 +134,18 @@ def member_function(
         view = view_of(member[:-1])  # the last tensor is the member's index, for sweeps
         # sweeps read the member's index (`functrain.optim.sweep`), and
         # `functrain.optim.batching.under_vmap` the flag while dynamo traces the body
-        previous, was_stacked = enter_member(member[-1]), STACKED.active
+        was_stacked = STACKED.active
+        previous = enter_member(member[-1])
         STACKED.active = True
         try:
             return tensor_leaves(body(view, batch, NO_EXTRAS), out)
         finally:
             STACKED.active = was_stacked
-            leave_member(previous)
+            try:
+                leave_member(previous)
+            except BaseException:  # (an interrupt at its entry): left all the same
+                leave_member(previous)
+                raise
 
     return fn, out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -153,7 +153,10 @@ class TrainState:
     grad_stats: GradStats | None = _static(default=None)
     # the optimizer and options `tx` and `averager` were built from (`create`, `replace`): a state
     # made with other options by hand (attrs.evolve) is refused, not trained with stale ones
-    _basis: tuple[Transform, StepOptions] | None = _static(default=None, alias="_basis", repr=False)
+    # and the trainable weights' names, in the order of the optimizer state's slots
+    _basis: tuple[Transform, StepOptions, tuple[str, ...]] | None = _static(
+        default=None, alias="_basis", repr=False
+    )
     # set once, by `retire`, when a step took this state with donate=True (neither tree nor static)
     _donated_to: str | None = attrs.field(
         default=None, init=False, eq=False, metadata={"donation": True}
@@ -177,8 +180,24 @@ class TrainState:
                 "again (attrs.evolve?): its steps would train with the old ones. Use "
                 "state.replace(optimizer=...) or state.replace(options=...), which builds it"
             )
+        if basis is not None and tuple(self.params) != basis[2] and self._resplit_by_hand(basis):
+            raise ConfigError(
+                "a TrainState's trainable weights were reordered or moved to or from frozen "
+                "without their optimizer state (attrs.evolve?): each would train with another "
+                "one's moments. Use state.replace(params=..., frozen=...), which matches them by "
+                "name"
+            )
         if not self.options.differentiable:
             refuse_graph_tensors({name: getattr(self, name) for name in _STEPPED}, "TrainState")
+
+    def _resplit_by_hand(self, basis: tuple[Any, Any, tuple[str, ...]]) -> bool:
+        """Whether this state's trainable weights are its module's, in another order or split
+        than the optimizer state's slots were made for (another model's are checked at use)."""
+        names = set(self.params)
+        if names == set(basis[2]):
+            return True
+        known = {name for name, _ in self.module.named_parameters()}
+        return names | set(self.frozen) == known
 
     @classmethod
     def create(
@@ -420,7 +439,7 @@ class TrainState:
             init=init,
             grad_stats=grad_stats,
         )
-        basis = (optimizer, fields["options"])
+        basis = (optimizer, fields["options"], tuple(fields["params"]))
         return unaliased(cls(**fields, _basis=basis))  # type: ignore[call-arg]
 
     def replace(self, **changes: Any) -> TrainState:
@@ -494,6 +513,12 @@ class TrainState:
                 )
         if not changes.keys().isdisjoint(("optimizer", "options")):
             changes.update(self._rebuilt(changes))
+        if not changes.keys().isdisjoint(("optimizer", "options", "params")):
+            changes["_basis"] = (
+                changes.get("optimizer", self.optimizer),
+                changes.get("options", self.options),
+                tuple(changes.get("params", self.params)),
+            )
         return changes
 
     def _resplit(self, changes: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -502,6 +527,16 @@ class TrainState:
         names = list(self.params)
         back = [name for name in params if name not in self.params]
         problems = []
+        if not params:
+            problems.append(
+                "no weight left to train: a state trains at least one (keep the ones you train in "
+                "params)"
+            )
+        if not changes.keys().isdisjoint(("optimizer", "options")):
+            problems.append(
+                "an optimizer or options given with them: move the weights in one replace and "
+                "change the optimizer or options in another"
+            )
         if self.members or self.dist is not None or self.options.differentiable:
             problems.append(
                 "a stacked, sharded or differentiable state's trainable weights are chosen when "
@@ -548,7 +583,7 @@ class TrainState:
             parked = {k: {**parked.get(k, {}), **averages.get(k, {})} for k in parked | averages}
         step = self.step.reshape(-1)[0]
         for gone in (w for w in names if w not in params):
-            parked[gone] = {**parked[gone], "step": step.clone()}
+            parked[gone] = {**parked.get(gone, {}), "step": step.clone()}
         moved["parked"] = {k: ReadOnlyDict(v) for k, v in parked.items()}
         return moved
 
@@ -611,7 +646,7 @@ class TrainState:
 
         tx = built(optimizer, options)
         averager = averager_of(options)
-        rebuilt: dict[str, Any] = {"tx": tx, "averager": averager, "_basis": (optimizer, options)}
+        rebuilt: dict[str, Any] = {"tx": tx, "averager": averager}
         if "opt_state" not in changes:
             # the optimizers' own states, found inside the options' wrappers
             cores = tuple(
@@ -648,6 +683,7 @@ class TrainState:
             statics["_basis"] = (
                 statics.get("optimizer", self.optimizer),
                 statics.get("options", self.options),
+                tuple(self.params),
             )
         return self.stepped(None, statics)
 
@@ -664,8 +700,8 @@ class TrainState:
             if name in changes:
                 given = changes[name]
                 # a mapping given again is a new one: a donation marks the donated state's own
-                fresh = type(given) is dict or (given is value and type(given) is ReadOnlyDict)
-                value = ReadOnlyDict(given) if fresh else given
+                fresh = name in _MAPPINGS and (type(given) is not ReadOnlyDict or given is value)
+                value = ReadOnlyDict(given) if fresh and isinstance(given, Mapping) else given
             object.__setattr__(new, name, value)
         object.__setattr__(new, "_donated_to", None)
         object.__setattr__(new, "_unchecked", False)
@@ -1061,6 +1097,8 @@ _init_values = operator.attrgetter(*_INIT_FIELDS)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
 _COUNTER_SET = frozenset(COUNTERS)
 _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})
+# the fields that hold mappings: `ReadOnlyDict`s in every state
+_MAPPINGS = frozenset({"params", "frozen", "buffers", "driver", "user", "parked"})
 
 
 _DONATED_TAG = "_functrain_donated_to"

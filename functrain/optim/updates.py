@@ -32,6 +32,7 @@ from functrain.optim.batching import under_vmap
 from functrain.tree import (
     Tree,
     check_same_structure,
+    same_structure,
     tree_flatten,
     tree_leaves,
     tree_unflatten,
@@ -569,7 +570,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
 
 
 def _check_spec(expected: Any, got: Any) -> None:
-    if expected != got:
+    if not same_structure(expected, got):
         raise StateMismatchError(
             f"updates do not have the structure of the parameters: expected {expected}, got {got}"
         )

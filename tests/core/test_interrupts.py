@@ -25,6 +25,7 @@ import functrain as ft
 from functrain.errors import DonatedStateError
 
 _PACKAGE = os.path.dirname(ft.__file__) + os.sep
+_SWEEP = ft.sweep([0.25, 0.5])
 
 # an interrupt landing in a callback that Python runs for the garbage collector is ignored by it
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -113,6 +114,8 @@ def _check_every_entry(
         assert torch.equal(torch.default_generator.get_state(), rng), where
         assert structure.training == training, where
         assert all(t.device.type == "meta" for t in structure.state_dict().values()), where
+        # no member index left entered: a sweep outside a stacked step is member 0's value
+        assert float(_SWEEP(torch.tensor(0))) == 0.25, where
         if donate:
             try:
                 state.check_live("a test")

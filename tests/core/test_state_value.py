@@ -293,6 +293,14 @@ def test_training_a_layer_again_where_the_optimizer_counts_updates_is_refused() 
         assert torch.equal(frozen_only.params.get(key, frozen_only.frozen.get(key)), p), key
 
 
+def test_moving_weights_and_changing_the_optimizer_at_once_is_refused() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    params = dict(state.params)
+    moved = {name: params.pop(name) for name in FIRST_LAYER}
+    with pytest.raises(ft.StateMismatchError, match="in one replace and change the optimizer"):
+        state.replace(params=params, frozen=moved, optimizer=ft.sgd(0.2))
+
+
 def test_moving_weights_with_a_torch_convention_ema_is_refused() -> None:
     state = trained(ft.sgd(0.1), steps=1, ema_decay=0.9, ema_convention="torch")
     with pytest.raises(ft.StateMismatchError, match="averages frozen weights too"):
@@ -366,3 +374,97 @@ def test_a_step_of_an_undonated_copy_leaves_its_source_usable() -> None:
     new, _ = ft.train_step(copy_, batches(1)[0], donate=True)
     ft.train_step(state, batches(1)[0])  # not donated: usable
     ft.train_step(new, batches(1)[0], donate=True)
+
+
+# ---------------------------------------------------------------- what review found
+
+
+def torch_lr_changed(make: object, lrs: list[float]) -> nn.Module:
+    model = make_mlp()
+    opt = make(model.parameters())  # type: ignore[operator]
+    for i, (x, y) in enumerate(batches(len(lrs))):
+        for group in opt.param_groups:
+            group["lr"] = lrs[i]
+        opt.zero_grad(set_to_none=True)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (lambda lr: ft.rprop(lr), lambda p: torch.optim.Rprop(p, 0.01)),
+        (lambda lr: ft.asgd(lr), lambda p: torch.optim.ASGD(p, 0.01)),
+    ],
+    ids=["rprop", "asgd"],
+)
+def test_progress_that_started_from_the_rate_is_kept_when_the_rate_changes(
+    ours: object, theirs: object
+) -> None:
+    state = trained(ours(0.01), steps=2)  # type: ignore[operator]
+    state = state.replace(optimizer=ours(0.05))  # type: ignore[operator]
+    for batch in batches(4)[2:]:
+        state, _ = ft.train_step(state, batch)
+    model = torch_lr_changed(theirs, [0.01, 0.01, 0.05, 0.05])
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_a_rate_changed_before_the_first_step_starts_the_state_from_it() -> None:
+    state = ft.TrainState.create(make_mlp(), ft.rprop(0.01), cross_entropy_loss_fn)
+    state = state.replace(optimizer=ft.rprop(0.05))
+    for batch in batches(2):
+        state, _ = ft.train_step(state, batch)
+    model = torch_lr_changed(lambda p: torch.optim.Rprop(p, 0.05), [0.05, 0.05])
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p), name
+
+
+def test_freezing_with_an_optimizer_of_no_per_weight_state_works() -> None:
+    state = gradually_unfrozen(ft.sgd(0.1), freeze=1, unfreeze=3, n=5)
+    model = torch_toggled(lambda p: torch.optim.SGD(p, 0.1, fused=True), 1, 3, n=5)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
+def test_freezing_every_weight_is_refused() -> None:
+    state = trained(ft.sgd(0.1, momentum=0.9), steps=1)
+    with pytest.raises(ft.StateMismatchError, match="no weight left to train"):
+        state.replace(params={}, frozen={**state.frozen, **state.params})
+
+
+def test_any_mapping_given_to_replace_becomes_read_only() -> None:
+    from collections import OrderedDict
+    from types import MappingProxyType
+
+    state = trained(ft.sgd(0.1), steps=1)
+    ordered = state.replace(params=OrderedDict(state.params), user=MappingProxyType({"k": 1}))
+    assert type(ordered.params) is ft.ReadOnlyDict and type(ordered.user) is ft.ReadOnlyDict
+    new, _ = ft.train_step(ordered, batches(1)[0])
+    ft.train_step(new, batches(1)[0], donate=True)
+
+
+def test_a_tree_map_of_a_states_mapping_is_a_plain_dict_and_a_pickle_loads_weights_only() -> None:
+    import torch.utils._pytree as pytree
+
+    state = trained(ft.sgd(0.1), steps=1)
+    doubled = pytree.tree_map(lambda t: t * 2, state.params)
+    assert type(doubled) is dict
+    doubled["x"] = torch.zeros(1)  # the caller's own
+    buffer = io.BytesIO()
+    torch.save(state.params, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert torch.equal(loaded["0.weight"], state.params["0.weight"])
+    assert type(copy.copy(state.params)) is ft.ReadOnlyDict
+
+
+def test_weights_reordered_or_moved_through_attrs_evolve_are_refused() -> None:
+    state = trained(ft.sgd(0.1, momentum=0.9), steps=1)
+    with pytest.raises(ft.ConfigError, match="reordered or moved"):
+        attrs.evolve(state, params=dict(reversed(list(state.params.items()))))
+    params = dict(state.params)
+    moved = {name: params.pop(name) for name in FIRST_LAYER}
+    with pytest.raises(ft.ConfigError, match=r"state\.replace\(params=\.\.\., frozen=\.\.\.\)"):
+        attrs.evolve(state, params=params, frozen={**state.frozen, **moved})

@@ -281,7 +281,7 @@ def test_ranks_other_than_0_start_and_log_nothing(tmp_path: Path) -> None:
     state, _ = setup()
     logger = ft.WandbLogger(mode="offline", dir=str(tmp_path), settings=SILENT)
     rank1 = SimpleNamespace(
-        state=state.replace(dist=DistConfig(world_size=2, rank=1)),
+        state=state.with_statics(dist=DistConfig(world_size=2, rank=1)),
         config={"run_mode": "epoch"},
         history=ft.History(),
         logs={"loss": 1.0},
