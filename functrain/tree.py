@@ -48,9 +48,9 @@ class ReadOnlyDict(dict):
     ``dict(m)``, ``m | {...}`` and ``m.copy()`` give plain dicts to change and hand to
     ``state.replace``. Flattened as a dict (the same leaves, keys and paths) but a node type of
     its own: to map a state's mapping together with a plain dict in one
-    ``torch.utils._pytree.tree_map``, pass ``dict(state.params)``; a tree map's result is a
-    plain dict; a copy and a pickle's load (``torch.load`` with ``weights_only=True`` too) are
-    read-only.
+    ``torch.utils._pytree.tree_map``, pass ``dict(state.params)``. A tree map's result, a copy
+    and a pickle's load (``torch.load`` with ``weights_only=True`` too) are read-only as well:
+    ``dict(...)`` of them to change.
 
     Example:
         >>> m = ReadOnlyDict(w=torch.zeros(1))
@@ -112,10 +112,10 @@ def _flatten_read_only(d: ReadOnlyDict) -> tuple[list[Any], list[Any]]:
     return list(d.values()), list(d)
 
 
-def _unflatten_read_only(values: Any, keys: Any) -> dict:
-    # a tree map's result is the caller's: a plain dict (a state's fields are made read-only
-    # again where a state is built from it)
-    return dict(zip(keys, values, strict=True))
+def _unflatten_read_only(values: Any, keys: Any) -> ReadOnlyDict:
+    # the structure it was flattened from (torch.func and vmap rebuild their outputs so, and
+    # compare them with the structures they were given)
+    return ReadOnlyDict(zip(keys, values, strict=True))
 
 
 def _flatten_read_only_with_keys(d: ReadOnlyDict) -> tuple[list[tuple[Any, Any]], list[Any]]:

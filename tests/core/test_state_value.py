@@ -445,13 +445,17 @@ def test_any_mapping_given_to_replace_becomes_read_only() -> None:
     ft.train_step(new, batches(1)[0], donate=True)
 
 
-def test_a_tree_map_of_a_states_mapping_is_a_plain_dict_and_a_pickle_loads_weights_only() -> None:
+def test_a_tree_map_of_a_states_mapping_keeps_its_structure_and_a_pickle_loads_weights_only() -> (
+    None
+):
     import torch.utils._pytree as pytree
 
     state = trained(ft.sgd(0.1), steps=1)
     doubled = pytree.tree_map(lambda t: t * 2, state.params)
-    assert type(doubled) is dict
-    doubled["x"] = torch.zeros(1)  # the caller's own
+    assert pytree.tree_structure(doubled) == pytree.tree_structure(state.params)
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+    stepped = pytree.tree_map(lambda p, g: p - g, dict(state.params), grads)  # the workaround
+    assert type(stepped) is dict
     buffer = io.BytesIO()
     torch.save(state.params, buffer)
     buffer.seek(0)
