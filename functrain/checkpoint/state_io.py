@@ -144,9 +144,11 @@ def fingerprint(state: TrainState) -> dict[str, Any]:
     functions = function_rates(state.tx)
     if functions:
         starts = _rate_starts(state)
+        digests = [resumed_digest(fn, starts) for fn in functions]
         recorded["rates"] = {
             "from": starts,
-            "values": [resumed_digest(fn, starts) for fn in functions],
+            "values": [digest for digest, _ in digests],
+            "steps": [covered for _, covered in digests],
         }
     return recorded
 
@@ -199,15 +201,20 @@ def _rate_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
     if record is None:
         return []
     functions = function_rates(like.tx)
-    starts, digests = (
-        record.get(k) if isinstance(record, dict) else None for k in ("from", "values")
+    starts, digests, covered = (
+        record.get(k) if isinstance(record, dict) else None for k in ("from", "values", "steps")
     )
+    if covered is None and isinstance(digests, list):
+        covered = [None] * len(digests)  # (every step read: recorded before the time limit)
     if not (
         isinstance(starts, list)
         and 0 < len(starts) <= MAX_STARTS
         and all(type(s) is int and 0 <= s < 2**63 for s in starts)
         and isinstance(digests, list)
         and all(isinstance(d, str) for d in digests)
+        and isinstance(covered, list)
+        and len(covered) == len(digests)
+        and all(c is None or (type(c) is int and c > 0) for c in covered)
     ):
         return [f"the checkpoint's record of its learning rates is malformed: {str(record)[:200]}"]
     if len(digests) != len(functions):
@@ -221,8 +228,8 @@ def _rate_problems(saved: Mapping[str, Any], like: TrainState) -> list[str]:
         f"from it reads it: at some of steps {starts[0]:,} to {last:,} (each read) or beyond "
         "(sampled to 2**40), though its name, which records steps 0 to 1,023 and the powers of "
         "two to 65,536, is the checkpoint's; to resume, give the function it trained with"
-        for fn, digest in zip(functions, digests, strict=True)
-        if resumed_digest(fn, starts) != digest
+        for fn, digest, steps in zip(functions, digests, covered, strict=True)
+        if resumed_digest(fn, starts, steps)[0] != digest
     ]
 
 

@@ -247,7 +247,28 @@ REFUSED: dict[str, str] = {
 _FIX = "a config file calls what it names: do this in a function of your own, and name that"
 
 
+# within the refused modules, what builds a value and does nothing else: a path (its methods are
+# still refused: a config calls no method of what it built)
+_ALLOWED = frozenset(
+    {
+        "pathlib.Path",
+        "pathlib.PurePath",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PureWindowsPath",
+    }
+)
+_ALLOWED_UNDER = ("os.path", "posixpath", "ntpath", "genericpath")
+
+
+def _allowed(name: str) -> bool:
+    return name in _ALLOWED or any(_under(name, m) for m in _ALLOWED_UNDER)
+
+
 def _refused_entry(name: str) -> str | None:
+    if _allowed(name):
+        return None
     return next((entry for entry in REFUSED if _under(name, entry)), None)
 
 
@@ -301,6 +322,8 @@ def refused_target_problem(path: str, target: Any) -> str | None:
             for name in (getattr(target, "__qualname__", None), getattr(target, "__name__", None))
             if isinstance(name, str)
         }
+        if any(_allowed(name) for name in own):
+            return None  # (a path's class, os.path's functions)
         for found in (*sorted(own), module):
             entry = _refused_entry(found)
             if entry is not None:

@@ -49,6 +49,7 @@ __all__ = [
     "STEP_LOCK",
     "BoundModel",
     "bound",
+    "bound_now",
     "call_with",
     "carry_rebound",
     "refuse_unbound_calls",
@@ -91,6 +92,11 @@ _plans: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary(
 # rebinds nothing costs no look at its slots; and the eager bindings open now
 _registrations = [0]
 _open = [0]
+
+
+def bound_now() -> bool:
+    """Whether a structure is bound to a state's tensors now (a step's forward is running)."""
+    return _open[0] > 0
 
 
 def _forget_plans(*_: Any) -> None:

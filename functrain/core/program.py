@@ -88,7 +88,14 @@ from functrain.optim.metrics import metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
-from functrain.tree import LOCAL_NORMS, Norms, global_norm, plain_norm, tree_leaves
+from functrain.tree import (
+    LOCAL_NORMS,
+    Norms,
+    ReadOnlyDict,
+    global_norm,
+    plain_norm,
+    tree_leaves,
+)
 
 __all__ = ["DONATED", "MembersProgram", "StepProgram", "program_for"]
 
@@ -290,9 +297,9 @@ class StepProgram(_Decided):
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """The new state and the metrics, once the runner ran (`rng`: the step's generator)."""
         skipped = ran.skipped
-        params = dict(zip(state.params, ran.params))
-        if buffers:
-            buffers = self._finite(buffers, state.buffers)
+        params = ReadOnlyDict(zip(state.params, ran.params))
+        # (read-only where they are made: the new state takes them as they are)
+        buffers = ReadOnlyDict(self._finite(buffers, state.buffers)) if buffers else state.buffers
         samples = samples_in(batch)
         changes = (
             _advanced(state, samples) if self.window == 1 else self._counters(state, ran, samples)

@@ -19,6 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from functrain.core.binding import STEP_LOCK
 from functrain.core.create import COUNTERS, Trainable, averager_of, initial_fields, transform_for
 from functrain.core.options import (
     AccumulateConvention,
@@ -697,12 +698,16 @@ class TrainState:
         """
         new = object.__new__(TrainState)
         for name, value in zip(_INIT_FIELDS, _init_values(self), strict=True):
+            object.__setattr__(new, name, changes[name] if name in changes else value)
+        for name in _MAPPING_NAMES:  # (a step's own mappings are read-only where it makes them)
             if name in changes:
                 given = changes[name]
-                # a mapping given again is a new one: a donation marks the donated state's own
-                fresh = name in _MAPPINGS and (type(given) is not ReadOnlyDict or given is value)
-                value = ReadOnlyDict(given) if fresh and isinstance(given, Mapping) else given
-            object.__setattr__(new, name, value)
+                if type(given) is not ReadOnlyDict:
+                    if isinstance(given, Mapping):
+                        object.__setattr__(new, name, ReadOnlyDict(given))
+                elif given is self.params and name == "params":
+                    # a new mapping: a donation marks the donated state's own
+                    object.__setattr__(new, name, ReadOnlyDict(given))
         object.__setattr__(new, "_donated_to", None)
         object.__setattr__(new, "_unchecked", False)
         object.__setattr__(new, "program", program)
@@ -770,13 +775,17 @@ class TrainState:
             return None
         buffers = (self.ema_buffers if use_ema else None) or self.buffers
         values = {**weights, **self.frozen, **buffers}
-        # the structure's (meta) tensors map to copies of the state's: tied weights stay tied
+        # the structure's (meta) tensors map to copies of the state's: tied weights stay tied;
+        # read while no other thread's step has it bound to that state's tensors
         memo: dict[int, Any] = {}
-        for name, p in self.module.named_parameters():
-            memo[id(p)] = nn.Parameter(values[name].detach().clone(), requires_grad=p.requires_grad)
-        for name, b in self.module.named_buffers():
-            memo[id(b)] = values[name].detach().clone()
-        module = copy.deepcopy(self.module, memo)
+        with STEP_LOCK:
+            for name, p in self.module.named_parameters():
+                memo[id(p)] = nn.Parameter(
+                    values[name].detach().clone(), requires_grad=p.requires_grad
+                )
+            for name, b in self.module.named_buffers():
+                memo[id(b)] = values[name].detach().clone()
+            module = copy.deepcopy(self.module, memo)
         module.__dict__.pop(WEIGHTLESS, None)  # it holds weights: a state made from it copies them
         module._forward_pre_hooks.pop(module.__dict__.pop(CALL_GUARD, None), None)  # runs as is
         return module.eval()
@@ -1098,7 +1107,7 @@ _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
 _COUNTER_SET = frozenset(COUNTERS)
 _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})
 # the fields that hold mappings: `ReadOnlyDict`s in every state
-_MAPPINGS = frozenset({"params", "frozen", "buffers", "driver", "user", "parked"})
+_MAPPING_NAMES = ("params", "buffers", "frozen", "driver", "user", "parked")
 
 
 _DONATED_TAG = "_functrain_donated_to"
@@ -1236,9 +1245,10 @@ def _deepcopy_state(state: TrainState, memo: dict) -> TrainState:
     # every field copied (the module's structure too), as a deep copy of a frozen class does
     state.check_live("copy.deepcopy")
     new = object.__new__(TrainState)
-    for field in attrs.fields(TrainState):
-        value = None if field.name == "program" else getattr(state, field.name)
-        object.__setattr__(new, field.name, copy.deepcopy(value, memo))
+    with STEP_LOCK:  # the structure read while no other thread's step has it bound
+        for field in attrs.fields(TrainState):
+            value = None if field.name == "program" else getattr(state, field.name)
+            object.__setattr__(new, field.name, copy.deepcopy(value, memo))
     return new
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules import module as _module_impl
 from torch.nn.parameter import is_lazy
 
-from functrain.core.binding import CALL_GUARD, refuse_unbound_calls
+from functrain.core.binding import CALL_GUARD, bound_now, refuse_unbound_calls
 from functrain.errors import ConfigError
 
 __all__ = [
@@ -59,13 +59,17 @@ _BY_VALUE = frozenset(
 )
 
 
+# containers longer than this are compared by identity and length, not walked
+_WALKED = 1000
+
+
 def _layout(module: nn.Module) -> tuple:
     """What a copy of `module` captures, compared at each `weightless` call (create's, not a
     step's): each module's identity, class and instance attributes (its mode, its forward,
     backward and state-dict hooks, its other attributes: numbers and strings by value, tensors
-    by identity and version, lists, tuples, dicts and sets by their contents, any other object by
-    identity), each parameter's and buffer's identity, shape, dtype, ``requires_grad`` and
-    gradient hooks."""
+    by identity and version, lists, tuples, dicts and sets by their contents (longer ones by
+    identity and length), any other object by identity), each parameter's and buffer's identity,
+    shape, dtype, ``requires_grad`` and gradient hooks."""
     tensors = [
         *module.named_parameters(remove_duplicate=False),
         *module.named_buffers(remove_duplicate=False),
@@ -96,6 +100,8 @@ def _token(value: Any, own: set[int], depth: int) -> Any:
         if id(value) in own:
             return _Same(value)
         return _Same(value), _version(value)  # a plain tensor attribute: its values are copied
+    if isinstance(value, list | tuple | dict) and len(value) > _WALKED:
+        return _Same(value), len(value)  # (a vocabulary's table: not walked at every create)
     if depth < 4 and (kind is list or isinstance(value, tuple)):
         return kind, tuple(_token(v, own, depth + 1) for v in value)
     if depth < 4 and isinstance(value, dict):
@@ -196,8 +202,10 @@ def fixed(module: nn.Module) -> bool:
 
 
 def _refuse_replacing(module: nn.Module, name: str, value: Any) -> None:
-    """torch's hook on every submodule registration: a structure's submodules stay as copied."""
-    if fixed(module):
+    """torch's hook on every submodule registration: a structure's submodules stay as copied,
+    except where its own forward sets one while a step runs it (``self.act = nn.ReLU()``), as the
+    model's code does in any loop."""
+    if fixed(module) and not bound_now():
         raise ConfigError(
             f"cannot set the submodule {name!r} of a TrainState's module to "
             f"{type(value).__name__}: the state's module is the structure every state made from "

@@ -32,6 +32,7 @@ import hashlib
 import math
 import operator
 import struct
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -55,6 +56,7 @@ __all__ = [
     "function_name",
     "FINGERPRINT_STEPS",
     "FAR_STEPS",
+    "DIGEST_SECONDS",
     "resumed_steps",
     "resumed_digest",
     "as_tensor_steps",
@@ -367,35 +369,45 @@ def _resumed_steps(starts: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(steps))
 
 
-def resumed_digest(fn: Callable[[int], Any], starts: Iterable[int]) -> str:
-    """A digest of a plain function's values where a run resumed at counts `starts` reads them.
+def resumed_digest(
+    fn: Callable[[int], Any], starts: Iterable[int], covered: int | None = None
+) -> tuple[str, int]:
+    """A digest of a plain function's values where a run resumed at counts `starts` reads them,
+    and how many of `resumed_steps` it covers.
 
-    At `resumed_steps` (some 7,300 calls for one start, a few milliseconds for a plain Python
-    function), each value taken as `host_value` takes it (``float(fn(step))``); a step the
-    function raises at is recorded as such. A checkpoint records it with its `starts`, and a load
-    reads the template's function at those same steps.
+    The steps are read in increasing order, each value taken as `host_value` takes it
+    (``float(fn(step))``; a step the function raises at is recorded as such), until all are read
+    or `DIGEST_SECONDS` have gone (a function whose cost grows with the step, read at steps to
+    2**40): a checkpoint records the digest with its `starts` and the steps covered, and a load
+    reads the template's function at those same steps (`covered`), whatever time that takes.
 
     Example:
         >>> def restarted(step):  # a warm restart at step 100,000
         ...     return 0.1 if step < 100_000 else 0.2
-        >>> resumed_digest(lambda step: 0.1, [0]) == resumed_digest(restarted, [0])
+        >>> resumed_digest(lambda step: 0.1, [0])[0] == resumed_digest(restarted, [0])[0]
         False
     """
     steps = _resumed_steps(tuple(starts))
-    raised: list[int] = []
-    try:  # one comprehension: a third faster than a loop that catches at each step
-        values = array.array("d", [float(fn(step)) for step in steps])
-    except Exception:  # noqa: BLE001 - a function defined on some steps only (a list's index)
-        values = array.array("d")
-        for step in steps:
-            try:
-                values.append(float(fn(step)))
-            except Exception:  # noqa: BLE001
-                values.append(math.nan)
-                raised.append(step)
+    if covered is not None:
+        steps = steps[:covered]
+    deadline = time.perf_counter() + DIGEST_SECONDS if covered is None else math.inf
+    values, raised = array.array("d"), []
+    for step in steps:
+        try:
+            values.append(float(fn(step)))
+        except Exception:  # noqa: BLE001 - a function defined on some steps only (a list's index)
+            values.append(math.nan)
+            raised.append(step)
+        if len(values) % 64 == 0 and time.perf_counter() > deadline:
+            break
     h = hashlib.blake2b(values.tobytes(), digest_size=8)
     h.update(repr(raised).encode())
-    return h.hexdigest()
+    return h.hexdigest(), len(values)
+
+
+# the time a save gives each plain-function rate's digest: the steps read in that time are the
+# ones a load reads (at least the first 64)
+DIGEST_SECONDS = 0.05
 
 
 def _as_int(fn: Callable[[int], Any], step: int) -> float:

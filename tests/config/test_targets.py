@@ -102,12 +102,30 @@ def test_a_trusted_config_is_refused_the_shell_command_attack_before_anything_ru
     assert str(info.value).splitlines()[1:] == [
         "  - state.seed._target_: refused, trusted or not: pathlib.Path.write_text is in pathlib, "
         f"which writes, moves or deletes files; {fix}",
-        "  - state.seed._args_.0._target_: refused, trusted or not: pathlib.Path is in pathlib, "
-        f"which writes, moves or deletes files; {fix}",
         "  - data.eval._target_: refused, trusted or not: numpy.load loads pickles or other Python "
         f"objects (loading one runs code); {fix}",
     ]
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing run
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "built"),
+    [
+        ("pathlib.Path", ["runs", "a"], Path("runs/a")),
+        ("os.path.join", ["runs", "a"], "runs/a"),
+    ],
+)
+def test_a_path_is_built_where_its_module_is_refused(
+    target: str, args: list, built: object
+) -> None:
+    import pydoc
+
+    from functrain.config.targets import refused_path_problem, refused_target_problem
+
+    assert refused_path_problem(target) is None
+    assert refused_target_problem(target, pydoc.locate(target)) is None
+    assert pydoc.locate(target)(*args) == built  # type: ignore[misc]
+    assert refused_path_problem("pathlib.Path.write_text") is not None
 
 
 _CODE = "runs code or processes, or reaches any object"

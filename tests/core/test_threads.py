@@ -203,3 +203,62 @@ def test_sync_save_while_a_donated_step_writes_the_state_saves_the_state_or_refu
     assert not isinstance(saved, BaseException), saved
     loaded = ft.load(tmp_path / "ckpt", like=before)
     assert ft.diff_states(loaded, before) == []
+
+
+def test_export_module_while_another_thread_steps_a_state_of_the_model_holds_its_own_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import copy
+
+    from functrain.core import state as state_module
+
+    model = _mlp(0)
+    stepping = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b).sum())
+    exported = ft.TrainState.create(model, ft.sgd(0.1), lambda m, b: m(b).sum())
+    exported = exported.replace(params={k: v + 1 for k, v in exported.params.items()})
+    inside, stepped = threading.Event(), threading.Event()
+    result: list[Any] = []
+    deepcopy = copy.deepcopy
+
+    def late_deepcopy(obj: Any, memo: Any = None) -> Any:
+        # the exporting thread copies the structure only once the step has ended: one that read
+        # the structure's slots during the step copies other tensors than it read
+        if threading.current_thread() is thread:
+            stepped.wait(5)
+        return deepcopy(obj, memo)
+
+    monkeypatch.setattr(state_module.copy, "deepcopy", late_deepcopy)
+
+    def loss(m: Any, batch: torch.Tensor) -> torch.Tensor:
+        inside.set()  # the structure is bound to this state's weights now
+        stepped.wait(0.3)
+        return m(batch).sum()
+
+    def export() -> None:
+        inside.wait(5)
+        result.append(exported.export_module())
+
+    thread = threading.Thread(target=export)
+    thread.start()
+    ft.train_step(stepping.replace(loss_fn=loss), torch.ones(2, 3))
+    stepped.set()
+    thread.join(5)
+    for name, p in result[0].named_parameters():
+        assert torch.equal(p, exported.params[name]), name
+
+
+def test_a_forward_that_sets_a_submodule_trains() -> None:
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = nn.Linear(3, 1), None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.act = nn.ReLU()  # a child set by the model's own forward, as it runs
+            return self.act(self.lin(x))
+
+    state = ft.TrainState.create(Lazy(), ft.sgd(0.1), lambda m, b: m(b).sum())
+    state, metrics = ft.train_step(state, torch.ones(4, 3))
+    assert ft.predict(state, torch.ones(2, 3)).shape == (2, 1)
+    with pytest.raises(ft.ConfigError, match="cannot set the submodule 'act'"):
+        state.module.act = nn.Tanh()  # outside a step: the shared structure stays as copied

@@ -4,6 +4,7 @@ that diverge, break down or run out of iterations refused, never returned)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import pytest
@@ -301,3 +302,18 @@ def test_a_step_may_return_the_state_params_for_weights_given_as_a_dict() -> Non
 
     got = ft.implicit_gradient(params_step, {"weight": w}, wd, {"weight": ridge.outer(w)})
     assert torch.equal(got, ft.implicit_gradient(ridge.step, w, wd, ridge.outer(w)))
+
+
+def test_a_truncated_conjugate_gradient_solve_is_returned_not_called_diverged() -> None:
+    # a symmetric step that contracts slowly: CG's residual is not monotone on the way
+    d = torch.logspace(-4, math.log10(0.9), 50, dtype=torch.float64)
+    step = lambda w, h: w - d * w + h  # noqa: E731 - the fixed point is h / d
+    h = torch.tensor(1.0, dtype=torch.float64)
+    w = h / d
+    outer = torch.ones(50, dtype=torch.float64)
+    found, info = ft.implicit_gradient(step, w, h, outer, iterations=5, return_info=True)
+    assert not info.converged and info.iterations == 5 and torch.isfinite(found)
+    with pytest.raises(ft.ConvergenceError, match="did not converge"):
+        ft.implicit_gradient(step, w, h, outer, iterations=5)
+    exact = ft.implicit_gradient(step, w, h, outer, iterations=200)
+    assert torch.allclose(exact, (1 / d).sum(), rtol=1e-9)

@@ -329,14 +329,30 @@ def test_a_checkpoint_reads_a_plain_function_once_at_each_step_it_records():
     assert record["from"] == [500]
     assert steps == resumed_steps([500]) and len(steps) == 7270
     assert set(range(500, 4596)) <= set(steps) and max(steps) == 2**40
-    assert record["values"] == [resumed_digest(rate, [500])]
+    assert [record["values"][0], record["steps"][0]] == list(resumed_digest(rate, [500]))
+
+
+def test_a_rate_whose_cost_grows_with_the_step_is_digested_within_a_time_limit(tmp_path):
+    def rate(step):  # a warm-up written as a loop: its cost grows with the step
+        value = 0.0
+        for _ in range(min(step, 10**9)):
+            value += 1e-12
+        return 1e-3 + value
+
+    state = at_count(sgd_state(rate), 500)
+    record = ft.fingerprint(state)["rates"]
+    assert 64 <= record["steps"][0] < len(resumed_steps([500]))  # the steps read in the time
+    ft.save(state, tmp_path / "c")
+    loaded = ft.load(tmp_path / "c", like=state)  # the same steps read again: it loads
+    assert int(loaded.step) == int(state.step)
 
 
 def test_a_function_raising_at_some_steps_is_recorded_and_told_apart():
     table = [1e-3] * 5000
     assert resumed_digest(lambda s: table[s], [0]) == resumed_digest(lambda s: table[s], [0])
-    assert resumed_digest(lambda s: table[s], [0]) != resumed_digest(
-        lambda s: table[min(s, 4999)], [0]
+    assert (
+        resumed_digest(lambda s: table[s], [0])[0]
+        != resumed_digest(lambda s: table[min(s, 4999)], [0])[0]
     )
 
 
