@@ -548,6 +548,7 @@ def _load(
         fix = (
             _recorded_fix(manifest["fingerprint"], like)
             + _convention_fix(manifest["fingerprint"], like)
+            + _parked_fix(grown.get("parked"), like)
             + _mismatch_fix(tree, like, path)
             if isinstance(like, TrainState)
             else ""
@@ -776,6 +777,19 @@ def _as_trained(like: TrainState, saved: dict[str, Any], path: Any) -> TrainStat
             _warn_unrecorded(factories, like.tx, tx, path)
             return like.with_statics(tx=tx, optimizer=optimizer, options=options)
     return like
+
+
+def _parked_fix(parked: Any, like: TrainState) -> str:
+    """What to say where the checkpoint holds weights moved to frozen that the template trains."""
+    names = sorted(parked) if isinstance(parked, dict) else []
+    moved = [name for name in names if name in like.params]
+    if not moved:
+        return ""
+    return (
+        f"\nthe checkpoint's state had moved {moved[:5]} from params to frozen "
+        "(TrainState.replace): move them in the template the same way, "
+        "like=template.replace(params=..., frozen=...), and load into it"
+    )
 
 
 def _warn_unrecorded(rewound: list[str], asked: Transform, resumed: Transform, path: Any) -> None:

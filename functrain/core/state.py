@@ -1106,6 +1106,7 @@ _init_values = operator.attrgetter(*_INIT_FIELDS)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
 _COUNTER_SET = frozenset(COUNTERS)
 _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})
+_FIELD_NAMES = frozenset(f.name for f in attrs.fields(TrainState))
 # the fields that hold mappings: `ReadOnlyDict`s in every state
 _MAPPING_NAMES = ("params", "buffers", "frozen", "driver", "user", "parked")
 
@@ -1212,6 +1213,12 @@ def _flatten_state_with_keys(state: TrainState) -> tuple[list[tuple[Any, Any]], 
 
 
 def _refuse_assignment(state: TrainState, name: str, value: Any) -> None:
+    if name not in _FIELD_NAMES:
+        raise ImmutableStateError(
+            f"a TrainState is immutable and has no field {name!r}: keep values of your own in "
+            f"state.user, state = state.replace(user={{**state.user, {name!r}: value}}), which "
+            "checkpoints save and restore with the rest"
+        )
     if isinstance(value, torch.Tensor) and value is getattr(state, name, None):
         done = (
             f" The tensor state.{name} was changed in place already (an augmented assignment such "

@@ -81,6 +81,12 @@ def test_an_augmented_assignment_to_a_counter_raises_the_states_own_error() -> N
         state.params = {}  # type: ignore[misc]
 
 
+def test_an_attribute_of_ones_own_on_a_state_points_to_user() -> None:
+    state = trained(ft.sgd(0.1), steps=1)
+    with pytest.raises(ft.ImmutableStateError, match=r"no field 'best'.*state\.user"):
+        state.best = 0.5  # type: ignore[attr-defined]
+
+
 def test_a_state_is_not_pickled_and_says_how_to_save_it() -> None:
     state = trained(ft.adamw(1e-3), steps=1)
     with pytest.raises(ft.CheckpointError, match=r"functrain\.save\(path, state\)"):
@@ -282,6 +288,16 @@ def test_a_checkpoint_of_a_state_with_a_frozen_layer_resumes_bit_for_bit(tmp_pat
         state, _ = ft.train_step(state, batch)
     for key in straight.params:
         assert torch.equal(state.params[key], straight.params[key]), key
+
+
+def test_a_checkpoint_with_a_frozen_layer_loaded_into_an_unmoved_template_says_so(
+    tmp_path,
+) -> None:
+    state = frozen_first_layer(trained(ft.sgd(0.1, momentum=0.9), steps=1))
+    ft.save(state, tmp_path / "c")
+    like = ft.TrainState.create(make_mlp(), ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn)
+    with pytest.raises(ft.StateMismatchError, match=r"moved \['0\.bias', '0\.weight'\] from"):
+        ft.load(tmp_path / "c", like=like)
 
 
 def test_training_a_layer_again_where_the_optimizer_counts_updates_is_refused() -> None:
