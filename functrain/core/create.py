@@ -48,6 +48,7 @@ __all__ = [
     "STEP_COUNTERS",
     "Trainable",
     "averager_of",
+    "averaging_init",
     "transform_for",
     "initial_fields",
     "initial_rng",
@@ -373,11 +374,18 @@ def _initial_states(
     opt_state = sharded_init(tx.init, params, mesh) if sharding is not None else tx.init(params)
     if averager is None:
         return opt_state, None
-
-    def init(params: dict[str, torch.Tensor]) -> Any:
-        return averager.init(params if buffers is None else (params, buffers))
-
+    init = averaging_init(averager, buffers)
     return opt_state, sharded_init(init, params, mesh) if sharding == "full" else init(params)
+
+
+def averaging_init(
+    averager: Transform, buffers: dict[str, torch.Tensor] | None
+) -> Callable[[dict[str, torch.Tensor]], Any]:
+    """The averager's init as a function of the parameters alone: with `buffers` (an EMA that
+    averages them too) it starts from them as well (`create`, and `replace` making it again)."""
+    if buffers is None:
+        return averager.init
+    return lambda params: averager.init((params, buffers))
 
 
 def averager_of(options: StepOptions) -> Transform | None:

@@ -55,16 +55,14 @@ def refuse_derived(changes: dict[str, Any]) -> None:
         )
 
 
-def ordered_like(
-    given: dict[str, torch.Tensor], order: dict[str, Any], field: str
-) -> dict[str, torch.Tensor]:
+def ordered_like(given: dict[str, torch.Tensor], order: dict[str, Any]) -> dict[str, torch.Tensor]:
     """`given` in `order`'s key order where it holds the same names in another order, else as is.
 
     The optimizer state and the EMA hold one slot per parameter in the state's order; parameters
     given in another order are matched to their slots by name.
 
     Example:
-        >>> ordered_like({"b": 1, "a": 2}, {"a": 0, "b": 0}, "params")
+        >>> ordered_like({"b": 1, "a": 2}, {"a": 0, "b": 0})
         {'a': 2, 'b': 1}
     """
     if list(given) == list(order) or given.keys() != order.keys():

@@ -20,7 +20,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from functrain.core.binding import STEP_LOCK
-from functrain.core.create import COUNTERS, Trainable, averager_of, initial_fields, transform_for
+from functrain.core.create import (
+    COUNTERS,
+    Trainable,
+    averager_of,
+    averaging_init,
+    initial_fields,
+    transform_for,
+)
 from functrain.core.options import (
     AccumulateConvention,
     Differentiable,
@@ -494,7 +501,7 @@ class TrainState:
         again for a new optimizer or options (`replace`'s work)."""
         params = changes.get("params")
         if isinstance(params, dict):
-            changes["params"] = params = ordered_like(params, self.params, "params")
+            changes["params"] = params = ordered_like(params, self.params)
             frozen = changes.get("frozen", self.frozen)
             split = params.keys() | (frozen.keys() if isinstance(frozen, dict) else set())
             # parameters moved between params and frozen (another model's are checked at use)
@@ -543,11 +550,11 @@ class TrainState:
                 "a stacked, sharded or differentiable state's trainable weights are chosen when "
                 "it is created"
             )
-        n = self.options.accumulate_steps
-        if n > 1 and int(self.micro_step.reshape(-1)[0]):
+        taken = self._taken()
+        if taken:
             problems.append(
-                f"the accumulation window holds {int(self.micro_step.reshape(-1)[0])} of its "
-                f"{n} micro-batches: move weights where a window ends (state.micro_step == 0)"
+                f"the accumulation window holds {taken} of its {self.options.accumulate_steps} "
+                "micro-batches: move weights where a window ends (state.micro_step == 0)"
             )
         if self.ema_state is not None and self.options.ema_convention != "functrain":
             problems.append(
@@ -557,10 +564,11 @@ class TrainState:
                 "with it)"
             )
         name = getattr(self.optimizer, "name", "") or ""
-        counted = [w for w in back if int(self.step.reshape(-1)[0]) != self._parked_at(w)]
+        updates = int(self.step.reshape(-1)[0])
+        counted = [w for w in back if updates != self._parked_at(w)]
         if counted and not count_free(name):
             problems.append(
-                f"{counted[:3]} would train again at update {int(self.step.reshape(-1)[0])}, "
+                f"{counted[:3]} would train again at update {updates}, "
                 "where torch.optim counts each weight's own updates (its step) and this "
                 "optimizer's arithmetic reads one count for all (Adam's bias corrections, "
                 "schedules of its own): their update would differ from torch's. Freezing is "
@@ -577,8 +585,14 @@ class TrainState:
         opt_state, parked = resplit(self.opt_state, names, params, was, self.tx.init, "opt_state")
         moved: dict[str, Any] = {"opt_state": opt_state}
         if self.ema_state is not None and self.averager is not None and "ema_state" not in changes:
+            buffers = dict(self.buffers) if self.options.ema_buffers else None
             ema, averages = resplit(
-                self.ema_state, names, params, was, self._averaged_init(), "ema_state"
+                self.ema_state,
+                names,
+                params,
+                was,
+                averaging_init(self.averager, buffers),
+                "ema_state",
             )
             moved["ema_state"] = ema
             parked = {k: {**parked.get(k, {}), **averages.get(k, {})} for k in parked | averages}
@@ -593,13 +607,11 @@ class TrainState:
         at = self.parked.get(name, {}).get("step")
         return int(at) if at is not None else 0
 
-    def _averaged_init(self) -> Any:
-        """The averager's init over parameters alone (its buffers, if it keeps them, as now)."""
-        averager, buffers = self.averager, dict(self.buffers)
-        assert averager is not None
-        if not self.options.ema_buffers:
-            return averager.init
-        return lambda params: averager.init((params, buffers))
+    def _taken(self) -> int:
+        """The micro-batches the accumulation window holds (0 without accumulation): a host read,
+        between steps."""
+        n = self.options.accumulate_steps
+        return int(self.micro_step.reshape(-1)[0]) if n > 1 else 0
 
     def _rebuilt(self, changes: dict[str, Any]) -> dict[str, Any]:
         """The transform, averager, optimizer state and EMA for `changes`' optimizer or options."""
@@ -631,11 +643,11 @@ class TrainState:
             )
         params = dict(changes.get("params", self.params))
         grad_stats = changes.get("grad_stats", self.grad_stats)
-        n = self.options.accumulate_steps
-        if options.accumulate_steps != n and n > 1 and int(self.micro_step.reshape(-1)[0]):
+        n, taken = self.options.accumulate_steps, self._taken()
+        if options.accumulate_steps != n and taken:
             raise ConfigError(
                 f"TrainState.replace got accumulate_steps={options.accumulate_steps} in the "
-                f"middle of a window ({int(self.micro_step.reshape(-1)[0])} of its {n} "
+                f"middle of a window ({taken} of its {n} "
                 "micro-batches taken): change it where a window ends (state.micro_step == 0), "
                 "or close this one first (state.closing_window)"
             )
@@ -666,7 +678,7 @@ class TrainState:
             def fresh(averager: Transform | None, options: StepOptions) -> Any:
                 if averager is None:
                     return None
-                return averager.init(params if not options.ema_buffers else (params, buffers))
+                return averaging_init(averager, buffers if options.ema_buffers else None)(params)
 
             old, new = fresh(self.averager, self.options), fresh(averager, options)
             # an average switched on starts from the weights now; one switched off is dropped
@@ -1026,7 +1038,7 @@ class TrainState:
             (1, 0)
         """
         n = self.options.accumulate_steps
-        micro = int(self.micro_step.reshape(-1)[0]) if n > 1 else 0  # host read, between steps
+        micro = self._taken()
         left = n - micro
         if n == 1 or not (isinstance(batches, int) and 1 <= batches <= left):
             expected = (
