@@ -95,6 +95,7 @@ INNER: dict[str, list[list[str]]] = {
             "functrain.core.capture",
             "functrain.core.guards",
             "functrain.core.program",
+            "functrain.core.straight",
         ],
         ["functrain.core.stacked"],
         ["functrain.core.body", "functrain.core.donation"],

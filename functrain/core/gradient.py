@@ -60,6 +60,7 @@ __all__ = [
     "functional",
     "gathers",
     "gradients",
+    "reciprocal",
 ]
 
 # the forward of a step: ``(parameters as it takes them, buffers it may write) -> (loss, metrics)``,
@@ -426,7 +427,7 @@ def _gradients_from(
     start = (
         torch.div(scale.to(loss.dtype), divisor)
         if scale is not None
-        else torch.full((), _reciprocal(loss.dtype, divisor), dtype=loss.dtype, device=loss.device)
+        else torch.full((), reciprocal(loss.dtype, divisor), dtype=loss.dtype, device=loss.device)
     )
     return gradients_of(loss, leaves, state.module, start, plain=plain)
 
@@ -437,7 +438,7 @@ def _gradients_from(
 _RECIPROCALS: dict[tuple[torch.dtype, int], float] = {}
 
 
-def _reciprocal(dtype: torch.dtype, n: int) -> float:
+def reciprocal(dtype: torch.dtype, n: int) -> float:
     key = (dtype, n)
     value = _RECIPROCALS.get(key)
     if value is None:

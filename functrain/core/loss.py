@@ -27,18 +27,23 @@ from functrain.optim.batching import under_vmap
 from functrain.tree import tree_leaves
 
 __all__ = [
+    "AUTOCAST",
+    "BY_BACKWARD",
     "NO_GRADIENT",
+    "WATCHED",
     "RunAgain",
     "call_loss",
     "check_scalar_metrics",
     "checkpoint_refusal",
+    "engine_failed",
     "gradients_of",
+    "raise_written",
     "run_gradient_hooks",
     "samples_in",
     "split_loss",
 ]
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # why a loss without gradients is refused
 NO_GRADIENT = (
@@ -169,7 +174,7 @@ def call_loss(
     """
     name = "loss_fn" if eval_fn is None else "eval_fn"
     fn = state.loss_fn if eval_fn is None else eval_fn
-    dtype = _AUTOCAST.get(state.options.precision)
+    dtype = AUTOCAST.get(state.options.precision)
     # a sharded state's weights are gathered and rebound on use, a compiled step's have no storage
     # to ask: only their version counters say whether the forward wrote them
     sharded = state.dist is not None and state.dist.sharding is not None
@@ -183,7 +188,7 @@ def call_loss(
         bool(watch)
         and bool(state.frozen)
         and not sharded
-        and not getattr(state.module, _WATCHED, False)
+        and not getattr(state.module, WATCHED, False)
         and not _tracing()
     )
     # entered only where there is one (no null context: dynamo on torch 2.11 cannot take
@@ -211,10 +216,10 @@ def call_loss(
             if guard is not None:
                 # raises if the forward rebound one (``.data =``), the state restored
                 guard.restore()
-                object.__setattr__(state.module, _WATCHED, True)
+                object.__setattr__(state.module, WATCHED, True)
             if versions is not None and watch is not None:
                 if _marks(watch, storage) != versions:  # a write in place, or ``.data =``
-                    _raise_written(watch, versions, name, storage)
+                    raise_written(watch, versions, name, storage)
             loss, aux = split_loss(out, name)
             return (loss, aux) if then is None else then(loss, aux)
     except BaseException:
@@ -232,7 +237,7 @@ def _forward(fn: Any, model: Any, batch: Any, dtype: torch.dtype | None, state: 
 
 # the attribute that marks a structure whose forward wrote none of the state's tensors on its first
 # call (`_WriteGuard`): later calls check after the forward only
-_WATCHED = "_functrain_watched"
+WATCHED = "_functrain_watched"
 
 _WRITTEN_FIRST = (
     "{name} writes the state's tensor {key!r} in forward (a frozen teacher updated there, as MoCo "
@@ -313,7 +318,7 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or under_vmap()
 
 
-def _raise_written(
+def raise_written(
     watch: Mapping[str, torch.Tensor],
     versions: list[tuple[int, int]],
     name: str,
@@ -345,7 +350,7 @@ _REENTRANT = (
 # the attribute that marks a structure (`functrain.core.structure.weightless`) whose forward runs
 # reentrant activation checkpointing: its gradients come from ``loss.backward()`` (`_accumulated`);
 # an attribute, read as the structure's other per-module facts are, without a weak reference a call
-_BY_BACKWARD = "_functrain_by_backward"
+BY_BACKWARD = "_functrain_by_backward"
 
 
 # the autograd engine's entry that ``torch.autograd.grad`` calls (None where torch has none)
@@ -380,7 +385,7 @@ def gradients_of(
     """
     if not loss.requires_grad:
         return [None] * len(leaves)
-    if getattr(module, _BY_BACKWARD, False):
+    if getattr(module, BY_BACKWARD, False):
         return _accumulated(loss, leaves, seed)
     try:
         if plain and _RUN_BACKWARD is not None and type(loss) is torch.Tensor:
@@ -394,10 +399,17 @@ def gradients_of(
             )
         return list(torch.autograd.grad(loss, leaves, seed, allow_unused=True))
     except RuntimeError as e:
-        if not any(words in str(e) for words in _REENTRANT):
-            raise
-        object.__setattr__(module, _BY_BACKWARD, True)
-        raise RunAgain from e
+        engine_failed(e, module)
+        raise
+
+
+def engine_failed(error: RuntimeError, module: torch.nn.Module) -> None:
+    """What the engine's `error` means: `RunAgain` where it is torch's refusal of reentrant
+    activation checkpointing under ``torch.autograd.grad`` (`module` remembered as needing
+    ``loss.backward()``); else nothing, and the caller raises `error` as it is."""
+    if any(words in str(error) for words in _REENTRANT):
+        object.__setattr__(module, BY_BACKWARD, True)
+        raise RunAgain from error
 
 
 def _accumulated(

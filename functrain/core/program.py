@@ -73,6 +73,7 @@ from functrain.core.stacked_step import (
     stacked_train_step,
 )
 from functrain.core.state import TrainState
+from functrain.core.straight import straight_step
 from functrain.core.structure import sparse_parameters
 from functrain.layout import in_layouts_of
 from functrain.optim.base import (
@@ -139,6 +140,7 @@ class StepProgram(_Decided):
         "modules",
         "averages",
         "averaging",
+        "straight",
     )
 
     def __init__(self, state: TrainState, runner: Runner | None, stage: str, fresh: bool) -> None:
@@ -173,6 +175,9 @@ class StepProgram(_Decided):
         self.averages = state.ema_state is not None and state.averager is not None  # an EMA
         # its update where every average moves (an EMA of the parameters alone), else None
         self.averaging = averaging_of(state.averager) if self.averages else None
+        # the configuration's step as one function (`functrain.core.straight`), where it is
+        # written for it: what `functrain.train_step` runs, `run` its stages otherwise
+        self.straight = straight_step(self, state) if stage == "planned" else None
 
     def run(
         self, state: TrainState, batch: Any, donate: bool
@@ -302,7 +307,9 @@ class StepProgram(_Decided):
         buffers = ReadOnlyDict(self._finite(buffers, state.buffers)) if buffers else state.buffers
         samples = samples_in(batch)
         changes = (
-            _advanced(state, samples) if self.window == 1 else self._counters(state, ran, samples)
+            _advanced(state, samples)
+            if self.window == 1
+            else self.window_counters(state, ran, samples)
         )
         applied = None if skipped is None else ~skipped
         completed = changes.pop("completed", None)
@@ -315,7 +322,7 @@ class StepProgram(_Decided):
                 "params": params,
                 "buffers": buffers,
                 "opt_state": ran.state,
-                "ema_state": self._averaged(state, ran.params, params, buffers, applied, donate)
+                "ema_state": self.average(state, ran.params, params, buffers, applied, donate)
                 if self.averages
                 else None,
                 "skipped": state.skipped + skipped if skipped is not None else state.skipped,
@@ -352,7 +359,7 @@ class StepProgram(_Decided):
         # a gradient a hook handed in may be kept by it: never written
         return runner(grads, params, opt_state, norm, donate and not self.hooks)
 
-    def _counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
+    def window_counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
         """The counters after a micro-batch of an accumulation window (without one: `_advanced`),
         and ``completed``: whether the window ended (the body's `_counters`, op for op)."""
         micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
@@ -377,7 +384,7 @@ class StepProgram(_Decided):
             "completed": completed,
         }
 
-    def _averaged(
+    def average(
         self,
         state: TrainState,
         new: list[torch.Tensor],
@@ -554,7 +561,7 @@ class MembersProgram(_Decided):
     `stacked_train_step`.
     """
 
-    __slots__ = ("runner", "apart", "members", "strides", "norms", "guard_buffers")
+    __slots__ = ("runner", "apart", "members", "strides", "norms", "guard_buffers", "straight")
 
     def __init__(self, state: TrainState) -> None:
         self.members = state.members
@@ -566,6 +573,7 @@ class MembersProgram(_Decided):
         self.norms = Norms(members=self.members)  # each member's norm, ``[K]``
         options = state.options
         self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
+        self.straight = None  # (a stacked state's step runs its stages)
 
     def run(
         self, state: TrainState, batch: Any, donate: bool

@@ -135,7 +135,10 @@ def train_step(
     program = state.program or program_for(state)
     if program is None:
         return _train_step(state, batch, donate)
+    straight = program.straight  # the configuration's step as one function, where written
     try:
+        if straight is not None:
+            return straight.donated(state, batch) if donate else straight.pure(state, batch)
         return program.run(state, batch, donate)  # the configuration's program (`core/program.py`)
     except RunAgain:  # its module runs reentrant checkpointing, found before anything was written
         return program.run(state, batch, donate)

@@ -74,7 +74,7 @@ CPU_READS = frozenset(
         "functrain.optim.rules.fused._members_skipping",  # which members the kernel leaves out
         "functrain.core.stacked_step._draws",  # CPU generators' draws (elsewhere their offsets)
         # and one that reads a CPU tensor of its own whatever the device: 1 / N in a dtype, once
-        "functrain.core.gradient._reciprocal",
+        "functrain.core.gradient.reciprocal",
     }
 )
 # a plain-function learning rate: the step as a Python int, as its contract (LambdaLR's) says

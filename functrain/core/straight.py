@@ -1,0 +1,476 @@
+"""The straight-line step: one function per configuration, written once and run top to bottom.
+
+`functrain.core.program` decides what a state's configuration is (`StepProgram`); where the update
+is planned (`functrain.optim.planned.Runner`) and the configuration is one this module writes
+(`written_for` says which), `straight_step` writes the source of the configuration's eager step,
+donated or pure, with every option it does not use absent from the text, and compiles it once.
+Its constants (the module's structure, its modules, the generator, the runner, the names, the
+strides, the rules of the window) are bound as the function's globals, so the per-call path makes
+no decision the configuration already made:
+
+    the caller's RNG and mode out, the state's in (`functrain.core.scope.swap_in`) -> the
+    parameters as fresh leaves bound in the structure (`functrain.core.binding.bound`) -> the
+    loss function -> the write check (version counters) -> the autograd engine on the leaves ->
+    the gradients in the parameters' layout -> the norm -> the update (the `Runner`) -> the new
+    state and its metrics -> the caller's RNG and mode back
+
+The text is registered with `linecache` under the name ``<functrain step: ...>``, so a traceback
+through a step shows its lines; `StraightStep.source` holds it. The bits are the program's
+(`StepProgram.run`): the tests run both and compare every tensor and metric.
+
+Rare paths leave the straight line by a call: a loss function's failure (`loss_failure`), a
+non-scalar loss (`split_loss`), a parameter the loss did not use (`completed`), gradients in
+another layout (`in_layouts_of`), a written parameter (`_raise_written`), the window's counters
+(`StepProgram.window_counters`), the EMA (`StepProgram.average`), and a module that needs
+``loss.backward()`` (`functrain.core.loss.gradients_of`, which raises `RunAgain` once).
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+
+from functrain.core.binding import bound, unbind
+from functrain.core.body import finite_buffers
+from functrain.core.donation import HELD, wait_until_unheld
+from functrain.core.failures import loss_failure
+from functrain.core.gradient import completed, reciprocal
+from functrain.core.loss import (
+    AUTOCAST,
+    BY_BACKWARD,
+    WATCHED,
+    engine_failed,
+    gradients_of,
+    raise_written,
+    samples_in,
+    split_loss,
+)
+from functrain.core.scope import restore, swap_in
+from functrain.core.stacked_step import PerMember, refuse_per_member
+from functrain.core.state import TrainState
+from functrain.errors import FunctrainError
+from functrain.layout import in_layouts_of
+from functrain.tree import ReadOnlyDict, plain_norm
+
+__all__ = ["StraightStep", "straight_step"]
+
+# the engine torch.autograd.grad calls (None where torch has none: no straight step then)
+_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+# the slots of a new state, set by their descriptors (one C call a field)
+_FIELDS = tuple(field.name for field in attrs.fields(TrainState))
+_SETTERS = {name: TrainState.__dict__[name].__set__ for name in _FIELDS}
+
+
+class StraightStep:
+    """A configuration's eager step as one function per donation (`straight_step`).
+
+    `pure` and `donated` are ``(state, batch) -> (state, metrics)``; `source` their text.
+    """
+
+    __slots__ = ("pure", "donated", "source")
+
+    def __init__(self, pure: Callable[..., Any], donated: Callable[..., Any], source: str) -> None:
+        self.pure, self.donated, self.source = pure, donated, source
+
+
+def straight_step(program: Any, state: TrainState) -> StraightStep | None:
+    """The straight-line step of `state`'s configuration, whose program is `program`, or None
+    where the configuration is not one this module writes (`_written_for`)."""
+    if not _written_for(program, state):
+        return None
+    functions = []
+    sources = []
+    for donate in (False, True):
+        source, constants = _source(program, state, donate)
+        name = f"<functrain step: {_describe(state)}, {'donated' if donate else 'pure'}>"
+        # the text where a traceback looks for it (`linecache`), kept while the step lives
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        namespace = dict(constants)
+        exec(compile(source, name, "exec"), namespace)  # noqa: S102 - our own text
+        functions.append(namespace["step"])
+        sources.append(source)
+    return StraightStep(functions[0], functions[1], "\n".join(sources))
+
+
+def _written_for(program: Any, state: TrainState) -> bool:
+    """Whether the straight line covers `state`'s configuration: a planned update, no process
+    group, no gradient hooks, no sparse parameters, plain tensors, no fp16 loss scale, and
+    torch's engine entry."""
+    known = program.known
+    return (
+        program.stage == "planned"
+        and program.runner is not None
+        and not program.ranked
+        and not known.hooks
+        and not known.sparse
+        and known.plain
+        and program.writes
+        and _RUN_BACKWARD is not None
+        and state.options.precision in ("fp32", "bf16")
+        and not state.members
+    )
+
+
+def _describe(state: TrainState) -> str:
+    options = state.options
+    parts = [getattr(state.optimizer, "name", "optimizer").split("(")[0]]
+    if options.accumulate_steps > 1:
+        parts.append(f"accumulate {options.accumulate_steps}")
+    if options.clip_grad_norm is not None:
+        parts.append("clip")
+    if state.ema_state is not None:
+        parts.append("ema")
+    return ", ".join(parts)
+
+
+def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[str, Any]]:
+    """The text of `state`'s step (donated or pure) and the constants it reads."""
+    options = state.options
+    window = options.accumulate_steps
+    frozen, buffers = bool(state.frozen), bool(state.buffers)
+    dtype = AUTOCAST.get(options.precision)
+    text = [_ENTRY.format(donate=donate)]
+    if frozen:  # the first forward of a structure with frozen weights runs under the write guard
+        text.append(_FIRST_FORWARD.format(donate=donate))
+    text.append(_ENTER)
+    if donate:  # a save still reads this state's tensors (`functrain.core.donation.hold_live`)
+        text.append(_HELD)
+    text.append(_LEAVES)
+    text.append(_WATCH_FROZEN if frozen else _WATCH)
+    if buffers:  # the forward writes running statistics into the buffers: copies, never the state's
+        text.append(_BUFFER_COPIES)
+    text.append(_FORWARD.format(call=_AUTOCAST_CALL if dtype is not None else _CALL))
+    # the backward starts from 1, or from 1/N under the "loss" convention (`_gradients_from`)
+    text.append(_SEED_WINDOW if program.known.divisor is not None else _SEED)
+    text.append(_BACKWARD)
+    if buffers:
+        text.append(_DETACH_WRITTEN)
+    text.append(_GRADIENTS)
+    # with accumulation the window's norm is reported: its runner measures it
+    text.append(_NORM if window == 1 else _NO_NORM)
+    writing = "        writing = True  # from here the update may write the state's tensors\n"
+    text.append(_UPDATE.format(donate=donate, writing=writing if donate else ""))
+    text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
+    text.append(_COUNTERS if window == 1 else _WINDOW_COUNTERS)
+    text.append(_AVERAGED.format(donate=donate) if program.averages else _NO_AVERAGE)
+    text.append(_KEPT)
+    if donate:
+        text.append(_RETIRE)
+    text.append(_LEAVE_DONATED if donate else _LEAVE)
+    text.append(_METRICS)
+    if program.rates is not None:
+        text.append(_RATES)
+    text.append(_RETURN)
+    constants: dict[str, Any] = {
+        **_CONSTANTS,
+        "PROGRAM": program,
+        "MODULE": state.module,
+        # (None: a structure whose submodules its owner may replace, its mode set by `train`)
+        "MODULES": program.modules
+        if program.modules and program.modules[0] is state.module
+        else None,
+        "GEN": program.generator,
+        "RUNNER": program.runner,
+        "NAMES": list(state.params),
+        "STRIDES": program.strides,
+        "FP32": program.fp32,
+        "DIVISOR": program.known.divisor,
+        "AUTOCAST_TO": dtype,
+        "DEVICE_TYPE": next(iter(state.params.values())).device.type,
+        "GUARD_BUFFERS": program.guard_buffers,
+        "RATES": program.rates,
+    }
+    return "".join(text), constants
+
+
+# what every step's text reads, whatever its configuration
+_CONSTANTS: dict[str, Any] = {
+    "torch": torch,
+    "Tensor": torch.Tensor,
+    "PerMember": PerMember,
+    "ReadOnlyDict": ReadOnlyDict,
+    "TrainState": TrainState,
+    "FunctrainError": FunctrainError,
+    "OOM": torch.cuda.OutOfMemoryError,
+    "LOSS_ERRORS": (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError),
+    "HELD": HELD,
+    "refuse_per_member": refuse_per_member,
+    "swap_in": swap_in,
+    "restore": restore,
+    "wait_until_unheld": wait_until_unheld,
+    "bound": bound,
+    "unbind": unbind,
+    "loss_failure": loss_failure,
+    "split_loss": split_loss,
+    "raise_written": raise_written,
+    "gradients_of": gradients_of,
+    "engine_failed": engine_failed,
+    "completed": completed,
+    "reciprocal": reciprocal,
+    "in_layouts_of": in_layouts_of,
+    "plain_norm": plain_norm,
+    "finite_buffers": finite_buffers,
+    "samples_in": samples_in,
+    "RUN_BACKWARD": _RUN_BACKWARD,
+    "VERSION": operator.attrgetter("_version"),
+    "DATA_PTR": torch.Tensor.data_ptr,
+    "DETACH": torch.Tensor.detach,
+    "LEAF": torch.Tensor.requires_grad_,
+    "STRIDE": torch.Tensor.stride,
+    "IS_NOT": operator.is_not,
+    "REPEAT": itertools.repeat,
+    "NO_NAMES": frozenset(),
+    "BY_BACKWARD": BY_BACKWARD,
+    "WATCHED": WATCHED,
+    "DONATED": "functrain.train_step(..., donate=True)",
+    "NAN": float("nan"),
+    **{f"SET_{name}": setter for name, setter in _SETTERS.items()},
+}
+
+# the text, block by block, in the order a step runs (`_source` leaves out what a configuration
+# does not use); each block at the indentation it runs at
+_ENTRY = """\
+def step(state, batch):
+    if isinstance(batch, PerMember):
+        refuse_per_member(batch)
+    if state.module is not MODULE:  # a copied state's own structure: the program's stages
+        return PROGRAM.run(state, batch, {donate})
+"""
+_FIRST_FORWARD = """\
+    if not MODULE.__dict__.get(WATCHED):
+        return PROGRAM.run(state, batch, {donate})
+"""
+_ENTER = """\
+    scope = swap_in(MODULE, GEN, state.rng, True, MODULES)
+    writing = False
+    try:
+"""
+_HELD = """\
+        if HELD:
+            wait_until_unheld(state)
+"""
+_LEAVES = """\
+        given = state.params
+        params = list(given.values())
+        leaves = list(map(LEAF, map(DETACH, params)))
+        tensors = dict(zip(NAMES, leaves))
+"""
+_WATCH = """\
+        watch = given
+        watched = params
+"""
+_WATCH_FROZEN = """\
+        tensors.update(state.frozen)
+        watch = {**given, **state.frozen}
+        watched = list(watch.values())
+"""
+_BUFFER_COPIES = """\
+        buffers = {k: b.clone() for k, b in state.buffers.items()}
+        tensors.update(buffers)
+"""
+_CALL = """\
+                    out = state.loss_fn(model, batch)
+"""
+_AUTOCAST_CALL = """\
+                    with torch.autocast(DEVICE_TYPE, dtype=AUTOCAST_TO):
+                        out = state.loss_fn(model, batch)
+"""
+_FORWARD = """\
+        marks = list(zip(map(VERSION, watched), map(DATA_PTR, watched)))
+        binding = bound(MODULE, tensors, True)
+        try:
+            with binding as model:
+                try:
+{call}\
+                except (FunctrainError, OOM):
+                    raise
+                except LOSS_ERRORS as error:
+                    raise loss_failure(error, batch, MODULE, tensors, "loss_fn") from error
+                if list(zip(map(VERSION, watched), map(DATA_PTR, watched))) != marks:
+                    raise_written(watch, marks, "loss_fn", True)
+                if type(out) is Tensor and out.ndim == 0 and out.is_floating_point():
+                    loss, aux = out, None
+                else:
+                    loss, aux = split_loss(out)
+"""
+_SEED = """\
+                seed = torch.ones_like(loss)
+"""
+_SEED_WINDOW = """\
+                seed = torch.full(
+                    (), reciprocal(loss.dtype, DIVISOR), dtype=loss.dtype, device=loss.device
+                )
+"""
+_BACKWARD = """\
+                plain = type(loss) is Tensor and loss.requires_grad
+                if plain and not MODULE.__dict__.get(BY_BACKWARD):
+                    try:
+                        grads = list(
+                            RUN_BACKWARD(
+                                (loss,), (seed,), False, False, tuple(leaves), True,
+                                accumulate_grad=False,
+                            )
+                        )
+                    except RuntimeError as error:
+                        engine_failed(error, MODULE)
+                        raise
+                else:
+                    grads = gradients_of(loss, leaves, MODULE, seed, plain=True)
+        except BaseException:
+            unbind(binding)
+            raise
+        loss = loss.detach()
+        if aux:
+            aux = {k: v.detach() for k, v in aux.items()}
+"""
+_DETACH_WRITTEN = """\
+        for name, b in buffers.items():  # one the forward wrote from the graph: detached
+            if b.requires_grad:
+                buffers[name] = b.detach()
+"""
+_GRADIENTS = """\
+        if not all(map(IS_NOT, grads, REPEAT(None))):  # a parameter the loss did not use
+            grads = completed(grads, leaves, NAMES, (), NO_NAMES)
+        if list(map(STRIDE, grads)) != STRIDES:
+            grads = in_layouts_of(grads, params)
+"""
+_NORM = """\
+        norm = plain_norm(grads, FP32)
+"""
+_NO_NORM = """\
+        norm = None
+"""
+_UPDATE = """\
+{writing}\
+        ran = RUNNER(grads, params, state.opt_state, norm, {donate})
+        if ran.norm is not None:
+            norm = ran.norm
+        rng = GEN.get_state()
+        skipped = ran.skipped
+        new = TrainState.__new__(TrainState)
+        SET_params(new, ReadOnlyDict(zip(NAMES, ran.params)))
+        SET_opt_state(new, ran.state)
+"""
+_BUFFERS_OUT = """\
+        if GUARD_BUFFERS:  # each floating buffer kept where the batch made it non-finite
+            buffers = finite_buffers(buffers, state.buffers)
+        SET_buffers(new, ReadOnlyDict(buffers))
+"""
+_BUFFERS_KEPT = """\
+        SET_buffers(new, state.buffers)
+"""
+_SAMPLES = """\
+        first = batch[0] if type(batch) is tuple and batch else None
+        if type(first) is Tensor and first.ndim:
+            samples = first.shape[0]
+        else:
+            samples = samples_in(batch)
+"""
+_COUNTERS = (
+    _SAMPLES
+    + """\
+        step_t, epoch_step_t, seen_t = torch._foreach_add(
+            [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
+        )
+        SET_step(new, step_t)
+        SET_epoch_step(new, epoch_step_t)
+        SET_samples_seen(new, seen_t)
+        SET_micro_step(new, state.micro_step)
+        applied = None if skipped is None else ~skipped
+"""
+)
+_WINDOW_COUNTERS = (
+    _SAMPLES
+    + """\
+        changes = PROGRAM.window_counters(state, ran, samples)
+        SET_step(new, changes["step"])
+        SET_epoch_step(new, changes["epoch_step"])
+        SET_samples_seen(new, changes["samples_seen"])
+        SET_micro_step(new, changes["micro_step"])
+        applied = None if skipped is None else ~skipped
+        completed_now = changes.get("completed")  # the EMA moves where a window ended
+        if completed_now is not None:
+            applied = completed_now if applied is None else completed_now & applied
+"""
+)
+_AVERAGED = """\
+        SET_ema_state(
+            new, PROGRAM.average(state, ran.params, new.params, new.buffers, applied, {donate})
+        )
+"""
+_NO_AVERAGE = """\
+        SET_ema_state(new, None)
+"""
+_KEPT = "".join(
+    f"        SET_{name}(new, state.{name})\n"
+    for name in (
+        "frozen",
+        "epoch",
+        "driver",
+        "user",
+        "parked",
+        "module",
+        "loss_fn",
+        "optimizer",
+        "tx",
+        "options",
+        "dist",
+        "averager",
+        "grad_stats",
+        "_basis",
+    )
+) + (
+    """\
+        SET_skipped(new, state.skipped + skipped if skipped is not None else state.skipped)
+        SET_rng(new, rng)
+        SET__donated_to(new, None)
+        SET__unchecked(new, False)
+        SET_program(new, PROGRAM)
+"""
+)
+_RETIRE = """\
+        state.retire(DONATED)
+"""
+_LEAVE = """\
+        restore(scope)  # the caller's RNG and module mode, as they were
+    except BaseException:
+        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
+        raise
+"""
+_LEAVE_DONATED = """\
+        restore(scope)  # the caller's RNG and module mode, as they were
+    except BaseException as error:
+        if writing:  # the update may have written some of the state's tensors
+            state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
+        raise
+"""
+# the metrics in the body's order: the rate as a float32 made once for a constant rate
+_METRICS = """\
+    lr = ran.lr
+    seen, seen_f = PROGRAM.lr_seen
+    if lr is not seen or seen_f is None:
+        seen_f = lr.float() if lr is not None else torch.full((), NAN)
+        PROGRAM.lr_seen = (lr, seen_f)
+    flag = ran.flag
+    if flag is None:
+        flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
+    if loss.dtype != torch.float32:
+        loss = loss.float()
+    metrics = {"loss": loss, "grad_norm": norm, "lr": seen_f}
+"""
+_RATES = """\
+    metrics.update({k: v.float() for k, v in RATES(ran.state).items()})
+"""
+_RETURN = """\
+    metrics["skipped"] = flag
+    if aux:
+        metrics.update(aux)
+    return new, metrics
+"""

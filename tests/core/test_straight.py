@@ -1,0 +1,152 @@
+"""The straight-line step (`functrain.core.straight`): written once per configuration, run by
+`train_step` where the update is planned, bit for bit the program's stages."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functrain as ft
+from functrain.errors import BatchError
+
+_BATCH = (
+    torch.randn(8, 6, generator=torch.Generator().manual_seed(1)),
+    torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2)),
+)
+
+
+def _model(norm: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(6, 16), nn.Dropout(0.3)]
+    if norm:
+        layers.append(nn.BatchNorm1d(16))
+    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(16, 3))
+
+
+def _loss(m: Any, b: Any) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1])
+
+
+def _with_metrics(m: Any, b: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = m(b[0])
+    return F.cross_entropy(out, b[1]), {"mean": out.mean()}
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "bare": {},
+    "none": {"nonfinite": "none"},
+    "ema": {"ema_decay": 0.9},
+    "accumulate": {"accumulate_steps": 3},
+    "accumulate_ema_clip": {"accumulate_steps": 2, "ema_decay": 0.8, "clip_grad_norm": 0.5},
+    "clip": {"clip_grad_norm": 0.1},
+    "bf16": {"precision": "bf16"},
+}
+
+
+def _state(options: dict[str, Any], norm: bool = False, **kwargs: Any) -> ft.TrainState:
+    tx = kwargs.pop("tx", None) or ft.adamw(1e-2, weight_decay=0.1)
+    loss = kwargs.pop("loss_fn", _loss)
+    return ft.TrainState.create(_model(norm), tx, loss, seed=3, **options, **kwargs)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN where either is (a NaN batch's loss and norm)."""
+    return torch.equal(a, b) or bool(a.isnan().all() and b.isnan().all())
+
+
+def _run(state: ft.TrainState, steps: int, donate: bool, stages: bool) -> tuple[Any, list]:
+    """`steps` steps by `train_step` (the straight line), or by the program's stages."""
+    metrics = []
+    for i in range(steps):
+        batch = _BATCH
+        if i == 3:  # a non-finite batch: skipped (or, without the guard, trained on)
+            batch = (torch.full_like(_BATCH[0], float("nan")), _BATCH[1])
+        program = state.program
+        if stages and program is not None:
+            state, m = program.run(state, batch, donate)
+        else:
+            state, m = ft.train_step(state, batch, donate=donate)
+        metrics.append(m)
+    return state, metrics
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "batchnorm"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_straight_step_is_the_programs_stages_bit_for_bit(
+    name: str, norm: bool, donate: bool
+) -> None:
+    options = CONFIGS[name]
+    if name == "none":
+        steps = 3  # (a NaN batch without the guard poisons the weights: nothing left to compare)
+    else:
+        steps = 7
+    straight, ours = _run(_state(options, norm), steps, donate, stages=False)
+    staged, theirs = _run(_state(options, norm), steps, donate, stages=True)
+    assert straight.program is not None and straight.program.straight is not None
+    assert ft.diff_states(straight, staged) == []
+    for a, b in zip(ours, theirs, strict=True):
+        assert list(a) == list(b)
+        for k in a:
+            assert _same(a[k], b[k]), k
+
+
+def test_groups_with_schedules_and_the_loss_functions_metrics_run_straight() -> None:
+    tx = ft.partition(
+        lambda name, p: "bias" if name.endswith("bias") else "weight",
+        weight=ft.adamw(ft.schedules.warmup_cosine(1e-2, 2, 10), weight_decay=0.1),
+        bias=ft.adamw(1e-3, weight_decay=0.0),
+    )
+    straight, ours = _run(_state({}, tx=tx, loss_fn=_with_metrics), 6, True, stages=False)
+    staged, theirs = _run(_state({}, tx=tx, loss_fn=_with_metrics), 6, True, stages=True)
+    assert straight.program.straight is not None
+    assert ft.diff_states(straight, staged) == []
+    assert [list(m) for m in ours] == [list(m) for m in theirs]
+    assert {"lr/weight", "lr/bias", "mean"} <= set(ours[-1])
+    for a, b in zip(ours, theirs, strict=True):
+        assert all(_same(a[k], b[k]) for k in a)
+
+
+def test_a_configuration_it_does_not_write_runs_the_stages() -> None:
+    state = _state({}, tx=ft.lion(1e-3))  # a transform without a planner: its own update
+    state, _ = ft.train_step(state, _BATCH)
+    state, _ = ft.train_step(state, _BATCH)
+    assert state.program is not None and state.program.straight is None
+
+
+def test_the_steps_text_is_in_a_traceback_and_names_the_configuration() -> None:
+    def failing(m: Any, b: Any) -> torch.Tensor:
+        if b[0].shape[0] == 5:
+            raise RuntimeError("a failure in the loss function")
+        return _loss(m, b)
+
+    state = _state({"ema_decay": 0.9}, loss_fn=failing)
+    state, _ = ft.train_step(state, _BATCH)
+    source = state.program.straight.source
+    assert "def step(state, batch):" in source and "ema_state" in source
+    assert "window_counters" not in source  # what the configuration does not use: not in its text
+    with pytest.raises(BatchError) as caught:
+        ft.train_step(state, (_BATCH[0][:5], _BATCH[1][:5]), donate=True)
+    frames = traceback.extract_tb(caught.value.__cause__.__traceback__)
+    ours = [f for f in frames if f.filename.startswith("<functrain step: adamw, ema, donated")]
+    assert ours and ours[0].line == "out = state.loss_fn(model, batch)"
+    assert frames[-1].name == "failing"
+    # the donated state was not written: it is usable
+    ft.train_step(state, _BATCH)
+
+
+def test_a_copied_states_own_structure_gets_its_own_step() -> None:
+    import copy
+
+    state, _ = ft.train_step(_state({}), _BATCH)
+    twin = copy.deepcopy(state)
+    assert twin.module is not state.module
+    a, _ = ft.train_step(state, _BATCH)
+    b, _ = ft.train_step(twin, _BATCH)
+    assert ft.diff_states(a, b) == []
+    assert b.program.straight is not None and b.program is not a.program
