@@ -22,7 +22,7 @@ from functrain.core.options import StepOptions
 from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, unstack
 from functrain.core.stacked_step import PerMember
 from functrain.core.state import TrainState
-from functrain.core.step import eval_step, predict, train_step
+from functrain.core.step import eval_step, predict, train_loss, train_step
 from functrain.core.unroll import ImplicitSolve, implicit_gradient, unroll
 from functrain.driver.callbacks import (
     Callback,
@@ -162,6 +162,7 @@ __all__ = [
     "compile_step",
     "eval_step",
     "predict",
+    "train_loss",
     "train_step",
     # differentiating through training
     "ImplicitSolve",

@@ -45,6 +45,7 @@ from functrain.checkpoint.sharded import (
     write_sharded,
 )
 from functrain.core.donation import hold_live
+from functrain.core.options import LossScale
 from functrain.core.state import TrainState, unaliased
 from functrain.core.structure import sparse_parameters
 from functrain.devices import device_named
@@ -243,7 +244,12 @@ _ADDED_OPTIONS = {
     "ema_warmup_power": 2 / 3,
     "ema_warmup_gamma": 1.0,
     "ema_min_decay": 0.0,
+    "ema_update_every": 1,
+    "ema_steps_per_epoch": None,
+    "ema_reset_steps": 0,
     "differentiable": False,
+    # GradScaler's defaults (the transform's name records fp16's scale too)
+    "loss_scale": attrs.asdict(LossScale()),
 }
 
 

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from functrain.core.options import GradStats, StepOptions, build_transform
+from functrain.core.options import (
+    GradStats,
+    StepOptions,
+    build_transform,
+    own_loss_scale,
+    scaler_problems,
+)
 from functrain.core.structure import WEIGHTLESS, module_problems, sparse_parameters, weightless
 from functrain.distributed.data_parallel import (
     DistConfig,
@@ -175,8 +181,10 @@ def transform_for(
     on the parameters' device the form torch.optim runs there (the default adagrad's foreach
     chain where torch has no fused Adagrad); a differentiable state's, torch.optim's single-tensor
     loop written out of place (`functrain.optim.differentiable`). `TrainState.create` and
-    `TrainState.replace` (a new optimizer or options) build it here.
+    `TrainState.replace` (a new optimizer or options) build it here. Under precision="fp16" an
+    optimizer given as ``dynamic_loss_scale(inner, ...)`` is the step's scaler (`own_loss_scale`).
     """
+    optimizer, options = own_loss_scale(optimizer, options)
     if options.differentiable:
         return build_transform(differentiable_form(optimizer), options)
     sparse = [name for name in sparse_parameters(module) if name in params]  # frozen: no rows
@@ -266,6 +274,7 @@ def _checked(
         _validate(module, optimizer, loss_fn)
         + _check_seed_and_trainable(seed, trainable)
         + options.problems()
+        + scaler_problems(optimizer, options)
     )
     if grad_stats not in (None, "layer", "param"):
         problems.append(
@@ -403,6 +412,9 @@ def averager_of(options: StepOptions) -> Transform | None:
         warmup_power=options.ema_warmup_power,
         warmup_gamma=options.ema_warmup_gamma,
         min_decay=options.ema_min_decay,
+        update_every=options.ema_update_every,
+        steps_per_epoch=options.ema_steps_per_epoch,
+        reset_steps=options.ema_reset_steps,
     )
 
 

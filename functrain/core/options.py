@@ -7,18 +7,32 @@ dynamic loss scaling for fp16), and accumulation, in the one order that keeps th
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import numbers
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
 import attrs
 
+from functrain.errors import ConfigError
 from functrain.optim.averaging import EmaConvention, ema_problems
-from functrain.optim.base import Transform
+from functrain.optim.base import Transform, is_transform
 from functrain.optim.combine import chain
+from functrain.optim.naming import recorded_call
 from functrain.optim.rules.clipping import clip_by_global_norm
-from functrain.optim.wrappers import accumulate, dynamic_loss_scale, skip_nonfinite
+from functrain.optim.wrappers import (
+    accumulate,
+    dynamic_loss_scale,
+    loss_scale_problems,
+    skip_nonfinite,
+)
 
 __all__ = [
     "StepOptions",
+    "LossScale",
+    "as_loss_scale",
+    "own_loss_scale",
+    "scaler_problems",
     "Precision",
     "NonFinitePolicy",
     "GradStats",
@@ -44,6 +58,46 @@ Differentiable = bool | Literal["first_order"]
 
 
 @attrs.frozen
+class LossScale:
+    """How precision="fp16" scales the loss: `torch.amp.GradScaler`'s arguments, its defaults.
+
+    `TrainState.create` takes them as ``loss_scale=dict(init_scale=..., growth_factor=...,
+    backoff_factor=..., growth_interval=...)``, any of them (the others keep these defaults).
+    """
+
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+
+
+def as_loss_scale(value: Mapping[str, float] | LossScale | None) -> Any:
+    """`loss_scale=` as `StepOptions` keeps it: a `LossScale` (None: GradScaler's defaults).
+
+    A mapping of its fields becomes one, numbers as floats and the interval an int (so that
+    ``init_scale=1024`` and ``1024.0`` name one run); anything else is kept as given, for
+    `StepOptions.problems` to show.
+
+    Example:
+        >>> as_loss_scale({"init_scale": 1024, "growth_interval": 100})
+        LossScale(init_scale=1024.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=100)
+    """
+    if value is None:
+        return LossScale()
+    if not isinstance(value, Mapping) or not set(value) <= set(attrs.fields_dict(LossScale)):
+        return value
+
+    def plain(key: str, x: Any) -> Any:
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            return x
+        if key == "growth_interval":
+            return int(x) if isinstance(x, numbers.Integral) else x
+        return float(x)
+
+    return LossScale(**{key: plain(key, x) for key, x in value.items()})
+
+
+@attrs.frozen
 class StepOptions:
     """The static options of a state (they shape the step; they are not saved as tensors)."""
 
@@ -63,10 +117,17 @@ class StepOptions:
     ema_warmup_power: float = 2 / 3
     ema_warmup_gamma: float = 1.0
     ema_min_decay: float = 0.0
+    # torchvision's reference EMA: its moves every `ema_update_every` updates of an epoch of
+    # `ema_steps_per_epoch`, copies through `ema_reset_steps` (`functrain.ema`'s settings)
+    ema_update_every: int = 1
+    ema_steps_per_epoch: int | None = None
+    ema_reset_steps: int = 0
     accumulate_convention: AccumulateConvention = "loss"
     # steps that autograd and torch.func differentiate (`functrain.optim.differentiable`): True
     # (exactly) or "first_order" (through the updates, the gradients taken as constants)
     differentiable: Differentiable = False
+    # how precision="fp16" scales the loss (GradScaler's arguments); GradScaler's defaults
+    loss_scale: LossScale = attrs.field(factory=LossScale, converter=as_loss_scale)
 
     def problems(self) -> list[str]:
         """Every invalid option, each with the value given (empty when all are valid).
@@ -123,7 +184,33 @@ class StepOptions:
             problems.append(
                 f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}"
             )
-        return problems + self._ema_problems() + self._differentiable_problems()
+        return (
+            problems
+            + self._ema_problems()
+            + self._differentiable_problems()
+            + self._loss_scale_problems()
+        )
+
+    def _loss_scale_problems(self) -> list[str]:
+        """`loss_scale` GradScaler's arguments, each in range, for a state that scales its loss."""
+        scale = self.loss_scale
+        keys = list(attrs.fields_dict(LossScale))
+        if not isinstance(scale, LossScale):
+            unknown = [k for k in scale if k not in keys] if isinstance(scale, Mapping) else []
+            hint = "".join(f"; {k!r} is none of them" + _close(str(k), keys) for k in unknown[:3])
+            return [
+                f"loss_scale must be a dict of torch.amp.GradScaler's {', '.join(keys)} (any of "
+                f"them), or None for its defaults, got loss_scale={scale!r}{hint}"
+            ]
+        if scale == LossScale():
+            return []
+        if self.precision != "fp16":
+            return [
+                f"loss_scale sets how precision='fp16' scales the loss, and "
+                f"precision={self.precision!r} scales none: give precision='fp16' too, or drop "
+                "loss_scale"
+            ]
+        return [f"loss_scale: {p}" for p in loss_scale_problems(*attrs.astuple(scale))]
 
     def _differentiable_problems(self) -> list[str]:
         """`differentiable` a valid mode, and not with what its step cannot do: scale its loss
@@ -154,6 +241,9 @@ class StepOptions:
             "ema_warmup_power": (self.ema_warmup_power, 2 / 3),
             "ema_warmup_gamma": (self.ema_warmup_gamma, 1.0),
             "ema_min_decay": (self.ema_min_decay, 0.0),
+            "ema_update_every": (self.ema_update_every, 1),
+            "ema_steps_per_epoch": (self.ema_steps_per_epoch, None),
+            "ema_reset_steps": (self.ema_reset_steps, 0),
         }
         if self.ema_decay is None:
             given = [k for k, (value, default) in settings.items() if value != default]
@@ -170,25 +260,155 @@ class StepOptions:
                     else ""
                 )
             ]
-        return ema_problems(
-            # ema_decay's own check is above: here it bounds min_decay, where it is valid
-            self.ema_decay if 0.0 <= self.ema_decay < 1.0 else 0.5,
-            self.ema_warmup,
-            self.ema_convention,
-            self.ema_buffers,
-            self.ema_update_after_step,
-            self.ema_warmup_power,
-            self.ema_warmup_gamma,
-            self.ema_min_decay,
-            prefix="ema_",
+        return (
+            ema_problems(
+                # ema_decay's own check is above: here it bounds min_decay, where it is valid
+                self.ema_decay if 0.0 <= self.ema_decay < 1.0 else 0.5,
+                self.ema_warmup,
+                self.ema_convention,
+                self.ema_buffers,
+                self.ema_update_after_step,
+                self.ema_warmup_power,
+                self.ema_warmup_gamma,
+                self.ema_min_decay,
+                self.ema_update_every,
+                self.ema_steps_per_epoch,
+                self.ema_reset_steps,
+                prefix="ema_",
+            )
+            + self._buffers_problems()
         )
+
+    def _buffers_problems(self) -> list[str]:
+        """torchvision's reference EMA averages the buffers: a state of it that would not."""
+        if self.ema_convention != "torchvision" or self.ema_buffers is not False:
+            return []
+        return [
+            "ema_buffers=False: torchvision's reference EMA averages the buffers (its "
+            "AveragedModel has use_buffers=True); leave ema_buffers out, or give "
+            "ema_convention='torch' for an AveragedModel with use_buffers=False"
+        ]
 
 
 def ema_buffers_default(convention: str) -> bool:
     """Whether a convention averages the buffers unless told: timm's ``ModelEmaV3`` does
-    (``exclude_buffers=False``); torch's `AveragedModel` does not (``use_buffers=False``), nor
-    functrain's own EMA."""
-    return convention == "timm"
+    (``exclude_buffers=False``), and torchvision's reference (``use_buffers=True``); torch's
+    `AveragedModel` does not (``use_buffers=False``), nor functrain's own EMA."""
+    return convention in ("timm", "torchvision")
+
+
+def _close(key: str, keys: list[str]) -> str:
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _shortened(name: str, most: int = 200) -> str:
+    return name if len(name) <= most else name[:most] + "..."
+
+
+def _own_scaler(optimizer: Any) -> tuple[Transform, LossScale] | None:
+    """The inner optimizer and the settings of `optimizer` where it is
+    ``dynamic_loss_scale(inner, ...)``, else None."""
+    call = recorded_call(optimizer)
+    if call is None or call.factory is not dynamic_loss_scale:
+        return None
+    settings = {k: v for k, v in call.arguments.items() if k != "inner"}
+    return call.arguments["inner"], as_loss_scale(settings)
+
+
+def _scalers_in(optimizer: Any) -> Iterator[Transform]:
+    """The `dynamic_loss_scale`s among the transforms `optimizer` was built of, itself included
+    (those a named factory recorded: a transform built by hand hides what it holds)."""
+    call = recorded_call(optimizer) if is_transform(optimizer) else None
+    if call is None:
+        return
+    if call.factory is dynamic_loss_scale:
+        yield optimizer
+    for value in call.arguments.values():
+        for held in _transforms_in(value):
+            yield from _scalers_in(held)
+
+
+def _transforms_in(value: Any) -> Iterator[Any]:
+    """The transforms an argument holds: itself, or those of a tuple, list or dict."""
+    if is_transform(value):
+        yield value
+    elif isinstance(value, tuple | list):
+        for x in value:
+            yield from _transforms_in(x)
+    elif isinstance(value, dict):
+        for x in value.values():
+            yield from _transforms_in(x)
+
+
+def scaler_problems(optimizer: Any, options: StepOptions) -> list[str]:
+    """What keeps precision="fp16" from taking the optimizer's own loss scaler as the step's.
+
+    Its own ``dynamic_loss_scale(inner, ...)``, outermost, is the step's (`own_loss_scale`); one
+    held inside would divide the gradients by a second scale, or see them scaled (clipping before
+    it, an accumulation around it), and settings given both there and as ``loss_scale=`` could
+    disagree.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.dynamic_loss_scale(ft.sgd(0.1)))
+        >>> print(scaler_problems(tx, StepOptions(precision="fp16"))[0][:75])
+        the optimizer holds a dynamic_loss_scale inside (chain(clip_by_global_norm(
+    """
+    if options.precision != "fp16" or not is_transform(optimizer):
+        return []
+    own = _own_scaler(optimizer)
+    problems = []
+    if next(_scalers_in(optimizer if own is None else own[0]), None) is not None:
+        problems.append(
+            "the optimizer holds a dynamic_loss_scale inside "
+            f"({_shortened(optimizer.name)}): under precision='fp16' the step scales the loss "
+            "once, and its one scaler unscales the gradients before anything else sees them "
+            "(clipping, accumulation, another scaler); "
+            "give it outermost, TrainState.create(dynamic_loss_scale(optimizer, ...), ..., "
+            "precision='fp16'), with clip_grad_norm= and accumulate_steps= for the clipping and "
+            "accumulation around it, or drop it and give its arguments as "
+            "loss_scale=dict(init_scale=..., growth_factor=..., backoff_factor=..., "
+            "growth_interval=...)"
+        )
+    if own is not None and options.loss_scale not in (LossScale(), own[1]):
+        theirs, ours = (
+            ", ".join(f"{k}={v!r}" for k, v in attrs.asdict(s).items())
+            for s in (own[1], options.loss_scale)
+        )
+        problems.append(
+            f"the optimizer's dynamic_loss_scale(..., {theirs}) and loss_scale=dict({ours}) "
+            "both set the loss scale, and differ: give the settings once, in the one or the other"
+        )
+    return problems
+
+
+def own_loss_scale(optimizer: Transform, options: StepOptions) -> tuple[Transform, StepOptions]:
+    """The optimizer and options to build the step's transform of, fp16's scaler taken as given.
+
+    Under precision="fp16" an optimizer given as ``dynamic_loss_scale(inner, ...)`` is `inner`
+    with its settings as the step's `loss_scale`: the step's one scaler is then the user's, and
+    the gradients are unscaled (`GradScaler.unscale_`) before clipping, as torch's AMP recipe
+    does. Elsewhere both are as given.
+
+    Raises:
+        ConfigError: what `scaler_problems` finds.
+
+    Example:
+        >>> import functrain as ft
+        >>> tx = ft.dynamic_loss_scale(ft.sgd(0.1), growth_interval=100)
+        >>> inner, options = own_loss_scale(tx, StepOptions(precision="fp16"))
+        >>> inner.name[:12], options.loss_scale.growth_interval
+        ('sgd(lr=0.1, ', 100)
+    """
+    problems = scaler_problems(optimizer, options)
+    if problems:
+        raise ConfigError("invalid optimizer for precision='fp16':\n  - " + "\n  - ".join(problems))
+    own = _own_scaler(optimizer) if options.precision == "fp16" else None
+    if own is None:
+        return optimizer, options
+    inner, settings = own
+    return inner, attrs.evolve(options, loss_scale=settings)
 
 
 def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
@@ -212,7 +432,7 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
         tx = chain(clip_by_global_norm(options.clip_grad_norm), tx)
     if options.precision == "fp16":
         # overflows are part of loss scaling: the scaler skips them; only a cap on runs raises
-        tx = dynamic_loss_scale(tx)
+        tx = dynamic_loss_scale(tx, **attrs.asdict(options.loss_scale))
         if options.max_consecutive_nonfinite is not None:
             tx = skip_nonfinite(tx, max_consecutive=options.max_consecutive_nonfinite)
     elif options.nonfinite in ("skip", "halt"):

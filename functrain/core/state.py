@@ -216,6 +216,7 @@ class TrainState:
         *,
         seed: int = 0,
         precision: Precision = "fp32",
+        loss_scale: Mapping[str, float] | None = None,
         accumulate_steps: int = 1,
         accumulate_convention: AccumulateConvention = "loss",
         clip_grad_norm: float | None = None,
@@ -230,6 +231,9 @@ class TrainState:
         ema_warmup_power: float = 2 / 3,
         ema_warmup_gamma: float = 1.0,
         ema_min_decay: float = 0.0,
+        ema_update_every: int = 1,
+        ema_steps_per_epoch: int | None = None,
+        ema_reset_steps: int = 0,
         trainable: Trainable | None = None,
         distributed: bool | None = None,
         sharding: Sharding | None = None,
@@ -261,7 +265,17 @@ class TrainState:
                 ``model.training_step(batch, 0)`` its submodules and methods.
             seed: seeds the state's RNG (dropout masks and other random ops in the model).
             precision: ``"fp32"``; ``"bf16"`` runs the forward under bfloat16 autocast;
-                ``"fp16"`` under float16 autocast with dynamic loss scaling.
+                ``"fp16"`` under float16 autocast with dynamic loss scaling, as
+                ``torch.amp.GradScaler`` scales it (see `loss_scale`).
+            loss_scale: with ``"fp16"``, GradScaler's arguments, any of ``init_scale``,
+                ``growth_factor``, ``backoff_factor`` and ``growth_interval``, e.g.
+                ``loss_scale=dict(init_scale=2.0**10, growth_interval=100)`` for
+                ``GradScaler(init_scale=2.0**10, growth_interval=100)``; None (or a key left
+                out): GradScaler's defaults. An optimizer given as
+                ``functrain.dynamic_loss_scale(optimizer, ...)`` sets them instead: it is the
+                step's scaler, not wrapped in another (the gradients are unscaled before
+                clipping, as the recipe's ``unscale_``); one held deeper inside the optimizer is
+                refused. Recorded in checkpoints (the optimizer's name).
             accumulate_steps: micro-batches per optimizer update (see `accumulate_convention`).
             accumulate_convention: how `accumulate_steps` = N micro-batches make one update.
                 ``"loss"``: the loss is divided by N before the backward and the gradients are
@@ -300,19 +314,31 @@ class TrainState:
             ema_convention: how the EMA starts and warms up, bit for bit with the loop it names:
                 ``"functrain"`` (from the initial weights, every update averaged), ``"torch"``
                 (`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(ema_decay)``:
-                its first update copies the weights) or ``"timm"`` (``ModelEmaV3`` updated with
+                its first update copies the weights), ``"timm"`` (``ModelEmaV3`` updated with
                 ``step=`` the updates taken: the updates up to `ema_update_after_step` copy;
-                `ema_warmup` is its ``use_warmup``). The guide "Your own loop" lists the
-                differences.
-            ema_buffers: average the buffers too (BatchNorm statistics: floating ones lerped as the
-                weights, integer ones copied, or with ``"torch"`` as torch computes them);
-                ``use_ema=True`` evaluations, `predict` and `export_module` then run on the
-                averaged buffers, else on the live ones. None: the convention's own default
-                (``"timm"``: True, as ``exclude_buffers=False``; ``"torch"``: False, as
-                ``use_buffers=False``; ``"functrain"``: False).
+                `ema_warmup` is its ``use_warmup``) or ``"torchvision"`` (its classification
+                reference's ``--model-ema``: an `AveragedModel` averaging ``decay * avg + (1 -
+                decay) * p`` and the buffers, updated as `ema_update_every`,
+                `ema_steps_per_epoch` and `ema_reset_steps` say). The guide "Your own loop"
+                lists the differences.
+            ema_buffers: average the buffers too (BatchNorm statistics: floating ones averaged as
+                the weights, integer ones copied, or with ``"torch"`` and ``"torchvision"`` as
+                torch computes them); ``use_ema=True`` evaluations, `predict` and
+                `export_module` then run on the averaged buffers, else on the live ones. None:
+                the convention's own default (``"timm"``: True, as ``exclude_buffers=False``;
+                ``"torchvision"``: True, as its ``use_buffers=True``, and False is refused;
+                ``"torch"``: False, as ``use_buffers=False``; ``"functrain"``: False).
             ema_update_after_step / ema_warmup_power / ema_warmup_gamma / ema_min_decay:
                 ``"timm"``'s ``update_after_step``, ``warmup_power``, ``warmup_gamma`` and
                 ``min_decay``, with its defaults.
+            ema_update_every: ``"torchvision"``'s ``--model-ema-steps``: the EMA moves at the
+                updates whose index in their epoch (from 0) is a multiple of it.
+            ema_steps_per_epoch: ``"torchvision"`` with `ema_update_every` above 1: the updates
+                of an epoch (its loader's ``len``), where the reference's batch index starts
+                again; None counts the index from the first update on.
+            ema_reset_steps: ``"torchvision"``: the EMA's moves within the first
+                `ema_reset_steps` updates copy the weights, and so does its first move after
+                them; the reference's ``--lr-warmup-epochs W`` is ``W * steps per epoch``.
             trainable: predicate ``(name, param) -> bool`` choosing the trained parameters.
             distributed: average gradients across the ranks of the active `torch.distributed`
                 process group (None: whenever one with more than one rank is initialized). Rank 0's
@@ -437,8 +463,12 @@ class TrainState:
                 ema_warmup_power,
                 ema_warmup_gamma,
                 ema_min_decay,
-                accumulate_convention,
+                ema_update_every=ema_update_every,
+                ema_steps_per_epoch=ema_steps_per_epoch,
+                ema_reset_steps=ema_reset_steps,
+                accumulate_convention=accumulate_convention,
                 differentiable=differentiable,
+                loss_scale=loss_scale,
             ),
             trainable=trainable,
             distributed=distributed,

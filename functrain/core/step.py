@@ -6,7 +6,8 @@ tensor is, the step reads its skip flag and accumulation window's end to leave o
 a no-op: `functrain.optim.base.flag_value`; the bits are the same.) Randomness inside the model
 draws from the state's own generator state, which the step swaps in and out around the
 computation (`functrain.core.scope`), so the same state and batch give bit-identical results and
-the caller's global RNG is left as it was.
+the caller's global RNG is left as it was. `predict` and `train_loss` (a state's forward, and its
+loss in train mode, without a step) run in that scope too.
 
 An eager step runs its configuration's program (`functrain.core.program`: a stacked state's is a
 `MembersProgram`), decided once and carried by the states it returns; a traced one
@@ -37,7 +38,7 @@ from functrain.optim.batching import differentiating
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 
-__all__ = ["train_step", "eval_step", "predict"]
+__all__ = ["train_step", "eval_step", "predict", "train_loss"]
 
 
 @outside_graph
@@ -326,3 +327,63 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
         leave(scope)
         raise
     return out
+
+
+def train_loss(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
+    """The loss function on a batch in train mode (BatchNorm on batch statistics, dropout on).
+
+    The loss a step from `state` would take on `batch`, without the step: the query loss of
+    MAML-style meta-learning as learn2learn, higher and functorch's examples take it, where
+    `eval_step` (eval mode: BatchNorm on its running statistics, dropout off) is the loss of an
+    evaluation. Changes nothing: not the state (the running statistics the forward updates are
+    discarded), not the caller's RNG. Dropout draws from the state's own generator state, the
+    stream ``train_step(state, batch)`` draws its forward's masks from: a train loss and that step
+    see the same masks. A differentiable state's loss (in the loss function's dtype) keeps its
+    graph to the state's tensors; an ordinary state's is computed without gradients (float32, as
+    `eval_step` gives it).
+
+    Args:
+        state: a `TrainState` (not stacked: run ``functrain.unstack`` members one by one).
+        batch: whatever `state.loss_fn` accepts.
+
+    Returns:
+        A dict of 0-d tensors: ``loss`` and the loss function's own metrics, as `eval_step`'s.
+
+    Raises:
+        ConfigError: a stacked state, or a first argument that is not a `TrainState`.
+        BatchError: the loss function could not use the batch.
+        DonatedStateError: `state` was donated to a step.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        >>> loss_fn = lambda m, b: m(b).pow(2).mean()
+        >>> state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn, differentiable=True)
+        >>> weights = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
+        >>> x = torch.randn(8, 2)
+        >>> loss = ft.train_loss(state.replace(params=weights), x)["loss"]  # batch statistics
+        >>> round(float(loss.detach()), 3), loss.requires_grad  # the outputs normalized
+        (1.0, True)
+    """
+    if not isinstance(state, TrainState):
+        raise ConfigError(
+            f"train_loss expects a functrain.TrainState, got {type(state).__name__}; build one "
+            "with TrainState.create(...)"
+        )
+    state.check_live("train_loss")
+    if state.members:
+        raise ConfigError(
+            "train_loss takes one model's loss, and this state holds stacked members: take "
+            "them one by one, [ft.train_loss(s, batch) for s in functrain.unstack(state)]"
+        )
+    refuse_per_member(batch)
+    # the evaluation's body is the loss on copies of the buffers, in the mode the scope sets
+    scope = enter(state, True)
+    try:
+        metrics = eval_body(state, batch, False)
+        leave(scope)
+    except BaseException:
+        leave(scope)  # again where an interrupt stopped it at its entry; else nothing
+        raise
+    return metrics

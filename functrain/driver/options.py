@@ -832,6 +832,11 @@ _ELSEWHERE = {
     "max_grad_norm": "TrainState.create(clip_grad_norm=)",
     "clip_grad_norm": "TrainState.create(clip_grad_norm=)",
     "precision": "TrainState.create(precision=)",
+    "loss_scale": "TrainState.create(loss_scale=)",
+    **{
+        name: f"TrainState.create(precision='fp16', loss_scale=dict({name}=...))"
+        for name in ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
+    },
     "nonfinite": "stop_on_nonfinite (and TrainState.create(nonfinite=) for non-finite gradients)",
 }
 

@@ -42,11 +42,13 @@ from torch import nn
 from torch.optim import lr_scheduler, swa_utils
 
 from functrain.core.state import TrainState
-from functrain.errors import ConfigError, config_check
+from functrain.errors import ConfigError, config_check, listed
 from functrain.interop.schedulers import ConversionWarning, from_torch
 from functrain.interop.torch_classes import KEYS, TORCH_CLASSES, implementation, torch_class
 from functrain.optim.base import Transform
+from functrain.optim.masks import resolve_mask
 from functrain.optim.metrics import walk_states
+from functrain.optim.naming import Call, recorded_call
 from functrain.optim.porting import (
     cycled_momentum,
     cycled_setting,
@@ -55,11 +57,13 @@ from functrain.optim.porting import (
     momentum_cycle_note,
     own_settings,
 )
+from functrain.optim.presets import is_matrix, muon
 from functrain.optim.rules.fused import FusedSgdState
 from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.rules.trace import TraceState
 from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
 from functrain.optim.wrappers import PartitionState, partition
+from functrain.tree import tree_leaves, tree_paths
 
 __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
 
@@ -769,8 +773,8 @@ def _map_groups(opt_state: Any, n: int, fn: Callable[[int, Any], Any]) -> Any:
     out = walk(opt_state, None)
     if n > 1 and not any(isinstance(node, PartitionState) for node in _nodes(opt_state)):
         raise ConfigError(
-            f"the torch optimizer has {n} parameter groups, the state's optimizer one: convert "
-            "that optimizer with from_torch_optimizer"
+            f"the torch optimizer has {n} parameter groups, the state's optimizer one: build the "
+            "torch optimizer with one group, as the state's optimizer is"
         )
     return out
 
@@ -894,21 +898,29 @@ def to_torch_state_dict(
     It is meant to be loaded and continued in torch.
 
     `optimizer` is the torch optimizer that matches the state's transform (or a list of them, as
-    ``[Muon, AdamW]`` for ``ft.muon(others=ft.adamw(...))``): the same class and hyperparameters,
-    one parameter group per `partition` group (one group for a plain preset), built over
-    `module`'s parameters (e.g. ``state.export_module()``). Its own state is not read or
-    changed: ``optimizer.load_state_dict(to_torch_state_dict(state, optimizer, module))`` then
-    continues the run bit for bit (`optimizer`'s implementation must be one the transform
-    reproduces: ``fused=True`` for functrain's fused SGD, Adam and Adagrad, the defaults; the module
-    docstring has the rest; another one is a `ConfigError`). The group settings (lr, ...) are
-    `optimizer`'s: to continue a schedule with a torch scheduler, bring the scheduler (and so the
-    groups' lr) to the state's count before exporting.
+    ``[Muon, AdamW]`` for ``ft.muon(others=ft.adamw(...))``): the same class, built over
+    `module`'s parameters (e.g. ``state.export_module()``), with the groups the transform means.
+    A plain preset is one torch group with its hyperparameters; a preset with a weight-decay
+    ``mask`` is two, as torch users build them (timm's ``param_groups_weight_decay``): the
+    parameters the mask decays with the preset's ``weight_decay``, the ones it spares with
+    ``weight_decay=0.0``; a `partition` (or `muon` with ``others``) is each of its groups so. The
+    torch groups are matched to the state by the parameters they hold, in any order. Each group's
+    settings are checked against the preset that built the state (``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ``momentum``, ...: every setting `from_torch_optimizer` reads; a schedule's
+    ``lr`` at the state's count, to bring a torch scheduler to the count before exporting), so
+    the groups continue the run as functrain would. Its own state is not read or changed:
+    ``optimizer.load_state_dict(to_torch_state_dict(state, optimizer, module))`` then continues
+    the run bit for bit (`optimizer`'s implementation must be one the transform reproduces:
+    ``fused=True`` for functrain's fused SGD, Adam and Adagrad, the defaults; the module docstring
+    has the rest). A transform that is not a preset of a torch class, a `partition` of them or
+    `muon` (a chain built by hand) keeps no settings to check: its groups are matched in order,
+    one per `partition` group.
 
     Args:
         state: a `TrainState` whose optimizer is a preset of a torch class (or a `partition` of
             them).
         optimizer: the matching `torch.optim` optimizer over `module`'s parameters, or a list of
-            them (one or more groups each, in the order of the partition's groups).
+            them (one or more groups each).
         module: the module holding `optimizer`'s parameters, named as in ``state.params``.
 
     Returns:
@@ -916,8 +928,12 @@ def to_torch_state_dict(
         (tensors are copies); for a list of optimizers, a list of them.
 
     Raises:
-        ConfigError: the optimizer's class, groups or implementation do not match the state's
-            transform, or a parameter is not in the state.
+        ConfigError: every way the torch groups would not continue the state, at once: the
+            optimizer's class or implementation does not match the state's transform; a group
+            holds a parameter the state does not train, parameters of two of its groups, or
+            parameters its mask decays beside ones it spares; a parameter the state trains is in
+            no group; a group's ``lr``, ``weight_decay`` or other setting differs from the
+            state's. Each names the group, both values and the fix.
 
     Example:
         >>> import torch, functrain as ft
@@ -929,35 +945,61 @@ def to_torch_state_dict(
         >>> opt.load_state_dict(ft.to_torch_state_dict(state, opt, model))
         >>> opt.state[model.weight]["step"]
         tensor(1.)
+
+        With a mask, the two groups it means (here the bias spared):
+
+        >>> decays = lambda name, p: p.ndim > 1
+        >>> tx = ft.adamw(1e-2, weight_decay=0.05, mask=decays)
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 1), tx, loss_fn)
+        >>> state, _ = ft.train_step(state, torch.ones(2, 3))
+        >>> model = state.export_module().train()
+        >>> named = list(model.named_parameters())
+        >>> opt = torch.optim.AdamW(
+        ...     [
+        ...         {"params": [p for n, p in named if decays(n, p)], "weight_decay": 0.05},
+        ...         {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+        ...     ],
+        ...     lr=1e-2,
+        ...     fused=True,
+        ... )
+        >>> opt.load_state_dict(ft.to_torch_state_dict(state, opt, model))
     """
     where = "to_torch_state_dict"
     optimizers = _optimizers(optimizer, module, where)
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
-    found: list[dict[type, Any]] = [{} for _ in slots]
+    labels = [_place("", len(optimizers), i, k) for i, _, k in slots]
+    groups = [_read_group(o, k, module, _place(where, len(optimizers), i, k)) for i, o, k in slots]
+    expected = _expected_groups(state)
+    if expected is None:  # matched in order, each torch group as the state's group it stands for
+        expected = [_Expected(None, tuple(_order(g, state.params)), None, None, "") for g in groups]
+        owners: list[int | None] = list(range(len(groups)))
+        problems = _untrained(groups, labels, state)
+    else:
+        owners, problems = _owners(groups, labels, expected, state)
+    found: list[dict[type, Any]] = [{} for _ in expected]
 
     def record(k: int, node: Any) -> Any:
         if type(node) in KEYS:
             found[k].setdefault(type(node), node)
         return node
 
-    _map_groups(state.opt_state, len(slots), record)
+    _map_groups(state.opt_state, len(expected), record)
+    for (_, o, k), g, label, j in zip(slots, groups, labels, owners, strict=True):
+        if j is None:
+            continue
+        own = [f"{label}: {p}" for p in _group_problems(o, o.param_groups[k], found[j])]
+        count = _group_count(found[j], state)
+        problems += own or _setting_problems(
+            o, o.param_groups[k], g.names, label, expected[j], count
+        )
+    config_check(problems, where)
     dicts = [{"state": {}, "param_groups": o.state_dict()["param_groups"]} for o in optimizers]
     params = dict(module.named_parameters())
-    for (i, o, k), nodes in zip(slots, found, strict=True):
-        place = _place(where, len(optimizers), i, k)
-        group = _read_group(o, k, module, place)
-        missing = [name for name in group.names if name not in state.params]
-        if missing:
-            config_check(
-                [
-                    f"{place.split(', ')[-1]} holds {', '.join(missing)}, which the state does not "
-                    "train"
-                ],
-                where,
-            )
-        held = set(group.names)
-        order = [name for name in state.params if name in held]
-        values = _group_values(o, o.param_groups[k], nodes, place)
+    for (i, o, k), g, j in zip(slots, groups, owners, strict=True):
+        if j is None:
+            continue
+        values = _group_values(o, found[j])
+        position = {name: n for n, name in enumerate(expected[j].names)}
         indices = dict(
             zip(
                 (id(p) for p in o.param_groups[k]["params"]),
@@ -965,10 +1007,12 @@ def to_torch_state_dict(
                 strict=True,
             )
         )
-        for j, name in enumerate(order):
+        for name in g.names:
             entry = {
                 key: copy
-                for key, copy in (_entry(key, value, j) for key, value in values.items())
+                for key, copy in (
+                    _entry(key, value, position[name]) for key, value in values.items()
+                )
                 if copy is not None
             }
             if entry:
@@ -987,12 +1031,13 @@ def _entry(key: str, value: Any, j: int) -> tuple[str, torch.Tensor | None]:
     return key, own.detach().clone()
 
 
-def _group_values(
-    optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any], where: str
-) -> dict[str, Any]:
-    """torch's per-parameter state of one group.
+def _group_problems(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], nodes: dict[type, Any]
+) -> list[str]:
+    """What keeps one torch group from holding the state of a group of the state's optimizer.
 
-    A tuple over its parameters, or one tensor for all.
+    Its class (the state classes it fills), momentum, ``amsgrad``, ``centered``, and its
+    implementation.
     """
     kind = torch_class(optimizer)
     assert kind is not None  # _optimizers checked
@@ -1025,7 +1070,16 @@ def _group_values(
         node = next((n for c, n in nodes.items() if c in kind.needs and field in n._fields), None)
         if flag in group and node is not None and bool(group[flag]) != bool(getattr(node, field)):
             problems.append(f"{flag}={group[flag]!r} in torch, but not in the state's optimizer")
-    config_check(problems + _implementation_problems(optimizer, group), where)
+    return problems + _implementation_problems(optimizer, group)
+
+
+def _group_values(optimizer: torch.optim.Optimizer, nodes: dict[type, Any]) -> dict[str, Any]:
+    """torch's per-parameter state of one group of the state's optimizer (`_group_problems` none).
+
+    A tuple over its parameters (in the state's order), or one tensor for all.
+    """
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
     counted = [node for node in nodes.values() if "count" in node._fields]
     count = int(counted[0].count) if counted else 0
     if (
@@ -1055,3 +1109,273 @@ def _group_values(
                 b if bool(m) else None for b, m in zip(node.momentum, node.made, strict=True)
             )
     return values
+
+
+# the torch key a preset's argument comes from, where their names differ (for messages)
+_TORCH_KEYS = {"b1": "betas[0]", "b2": "betas[1]"}
+_PRESETS = frozenset(kind.preset for kind in TORCH_CLASSES.values())
+
+
+class _Expected(NamedTuple):
+    """One group of the state's optimizer, as the torch groups that continue it must hold it."""
+
+    label: str | None  # its `partition` group (None: the state's optimizer is one group)
+    names: tuple[str, ...]  # its parameters, in the order the state holds them
+    call: Call | None  # the preset call that built it (None: no preset of a torch class)
+    decayed: frozenset[str] | None  # the parameters its weight-decay mask decays (None: no mask)
+    name: str  # the transform's name, for messages
+
+
+def _expected_groups(state: TrainState) -> list[_Expected] | None:
+    """The groups of the state's optimizer, each with its parameters and preset.
+
+    One per group of a `partition` (or of `muon` with ``others``), else one. None where the
+    optimizer's recorded call does not say its groups (a partition inside a transform built by
+    hand): the torch groups are then taken in order.
+    """
+    params = dict(state.params)
+    call = recorded_call(state.optimizer)
+    if call is not None and call.factory is partition:
+        labels, parts = call.arguments["labels"], dict(call.arguments["transforms"])
+    elif call is not None and call.factory is muon and call.arguments["others"] is not None:
+        labels, parts = is_matrix, {"muon": state.optimizer, "others": call.arguments["others"]}
+    elif any(isinstance(node, PartitionState) for node in _nodes(state.opt_state)):
+        return None
+    else:
+        return [_expected_group(None, state.optimizer, params)]
+    found = _labels_by_name(labels, params)
+    if found is None:
+        return None
+    return [
+        _expected_group(label, inner, {n: p for n, p in params.items() if found[n] == label})
+        for label, inner in parts.items()
+    ]
+
+
+def _labels_by_name(labels: Any, params: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """A `partition`'s group of each parameter, as its ``init`` found them (None: no fit)."""
+    names = tree_paths(params)
+    if callable(labels):
+        return {n: labels(n, p) for n, p in zip(names, tree_leaves(params), strict=True)}
+    found = tree_leaves(labels)
+    return dict(zip(names, found, strict=True)) if len(found) == len(names) else None
+
+
+def _expected_group(
+    label: str | None, transform: Transform, params: dict[str, torch.Tensor]
+) -> _Expected:
+    """One group of the state's optimizer: its preset's call and what its mask decays."""
+    call = recorded_call(transform)
+    if call is None or call.factory not in _PRESETS:
+        return _Expected(label, tuple(params), None, None, transform.name)
+    flags = resolve_mask(call.arguments.get("mask"), params)
+    decayed = (
+        None
+        if flags is None
+        else frozenset(n for n, f in zip(tree_paths(params), flags, strict=True) if f)
+    )
+    return _Expected(label, tuple(params), call, decayed, transform.name)
+
+
+def _untrained(groups: Sequence[_Group], labels: Sequence[str], state: TrainState) -> list[str]:
+    """A torch group holding a parameter the state does not train."""
+    problems = []
+    for g, label in zip(groups, labels, strict=True):
+        missing = [name for name in g.names if name not in state.params]
+        if missing:
+            problems.append(f"{label} holds {', '.join(missing)}, which the state does not train")
+    return problems
+
+
+def _owners(
+    groups: Sequence[_Group],
+    labels: Sequence[str],
+    expected: Sequence[_Expected],
+    state: TrainState,
+) -> tuple[list[int | None], list[str]]:
+    """The group of the state's optimizer each torch group continues, by the parameters it holds.
+
+    And what does not fit: a torch group over two of them, a parameter the state trains that no
+    torch group holds.
+    """
+    owner_of = {name: j for j, e in enumerate(expected) for name in e.names}
+    problems = _untrained(groups, labels, state)
+    owners: list[int | None] = []
+    for g, label in zip(groups, labels, strict=True):
+        held = sorted({owner_of[n] for n in g.names if n in owner_of})
+        if len(held) > 1:
+            parts = " and ".join(repr(expected[j].label) for j in held)
+            problems.append(
+                f"{label} holds parameters of the state's partition groups {parts}: give each of "
+                "them its own torch group"
+            )
+        owners.append(held[0] if len(held) == 1 else None)
+    covered = {n for g in groups for n in g.names}
+    for e in expected:
+        missing = [n for n in e.names if n not in covered]
+        if missing:
+            problems.append(
+                f"the state trains {listed(missing)}, which no torch group holds: add them to the "
+                f"torch optimizer{_decay_hint(e, missing)}"
+            )
+    return owners, problems
+
+
+def _decay_hint(expected: _Expected, names: Sequence[str]) -> str:
+    """The weight decay of the torch group `names` of `expected` belong in, where it matters."""
+    decay = expected.call.arguments.get("weight_decay") if expected.call is not None else None
+    if expected.decayed is None or not decay:
+        return ""
+    decayed = [n for n in names if n in expected.decayed]
+    spared = [n for n in names if n not in expected.decayed]
+    if decayed and spared:
+        return (
+            f" (those the mask decays, {listed(decayed)}, in a group with weight_decay={decay!r}, "
+            "the others in a group with weight_decay=0.0)"
+        )
+    return f" (in a group with weight_decay={decay if decayed else 0.0!r})"
+
+
+def _group_count(nodes: dict[type, Any], state: TrainState) -> int:
+    """The updates a group of the state's optimizer took (the state's step where it keeps none)."""
+    counted = [node for node in nodes.values() if "count" in node._fields]
+    return int(counted[0].count) if counted else int(state.step)
+
+
+def _setting_problems(
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    names: Sequence[str],
+    label: str,
+    expected: _Expected,
+    count: int,
+) -> list[str]:
+    """Where a torch group's settings differ from those of the preset it continues.
+
+    Its class, ``lr`` (a schedule's at `count`), ``weight_decay`` (0.0 for the parameters a
+    mask spares), ``maximize`` and every setting the preset takes from torch.
+    """
+    call = expected.call
+    if call is None:
+        return []
+    kind = torch_class(optimizer)
+    assert kind is not None  # _optimizers checked
+    whose = (
+        "the state's optimizer"
+        if expected.label is None
+        else f"the state's partition group {expected.label!r}"
+    )
+    if call.factory is not kind.preset:
+        right = next(
+            f"torch.optim.{c.__name__}"
+            for c, k in TORCH_CLASSES.items()
+            if k.preset is call.factory
+        )
+        return [
+            f"{label}: {whose} is {expected.name}, which {right} continues, not "
+            f"torch.optim.{type(optimizer).__name__}: build a {right}"
+        ]
+    shown = f"{label} ({listed(list(names))})"
+    given = kind.settings(dict(group))
+    if "maximize" in call.arguments:
+        given["maximize"] = bool(group.get("maximize", False))
+    problems = _rate_problems(shown, float(group["lr"]), call.arguments["lr"], whose, count)
+    for key, got in given.items():
+        if key == "weight_decay":
+            problems += _decay_problems(shown, label, names, got, expected, whose)
+            continue
+        got, want = _plain(got), _plain(call.arguments[key])
+        if got != want:
+            torch_key = _TORCH_KEYS.get(key, key)
+            source = "" if torch_key == key else f" ({torch_key})"
+            problems.append(
+                f"{shown} has {key}={got!r}{source}; {whose} has {key}={want!r}: set the group's "
+                f"{torch_key} to {want!r}"
+            )
+    return problems
+
+
+def _plain(value: Any) -> Any:
+    """A setting as plain Python values: a tensor's (a 1-element one's number), a tuple's each."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else tuple(value.tolist())
+    if isinstance(value, tuple | list):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _rate_problems(shown: str, got: float, lr: Any, whose: str, count: int) -> list[str]:
+    """A torch group's lr that is not the one the state's next update takes."""
+    if callable(lr):
+        want = float(lr(count))
+        # torch's scheduler may compute the value another way (its chained form): the check is
+        # for a scheduler at another step, not for the last bits
+        if math.isclose(got, want, rel_tol=1e-6):
+            return []
+        return [
+            f"{shown} has lr={got!r}; {whose} runs lr={want!r} (its schedule at step {count}: "
+            f"bring the torch scheduler to step {count})"
+        ]
+    want = float(_plain(lr))
+    if got == want:
+        return []
+    return [f"{shown} has lr={got!r}; {whose} runs lr={want!r}: set the group's lr to {want!r}"]
+
+
+def _decay_problems(
+    shown: str,
+    label: str,
+    names: Sequence[str],
+    got: Any,
+    expected: _Expected,
+    whose: str,
+) -> list[str]:
+    """A torch group whose weight decay is not the one its parameters take in the state.
+
+    With a mask: the preset's for the parameters it decays, 0.0 for those it spares, so a group
+    holding both is refused with the groups that work.
+    """
+    assert expected.call is not None  # _setting_problems checked
+    decay = expected.call.arguments["weight_decay"]
+    got = _plain(got)
+    if expected.decayed is not None and decay:
+        decayed = [n for n in names if n in expected.decayed]
+        spared = [n for n in names if n not in expected.decayed]
+        if decayed and spared:
+            return [
+                f"{label} holds parameters {whose} decays ({listed(decayed)}) and parameters its "
+                f"mask spares ({listed(spared)}) in one group (weight_decay={got!r}); torch decays "
+                "the parameters of a group alike: build the torch optimizer with the groups the "
+                f"mask means: {_mask_groups(expected, decay)}"
+            ]
+        want = decay if decayed else 0.0
+        why = (
+            f"{whose} decays these parameters with weight_decay={decay!r}"
+            if decayed
+            else f"{whose}'s mask spares these parameters"
+        )
+    else:
+        want, why = decay, f"{whose} has weight_decay={decay!r}"
+    if got == _plain(want):
+        return []
+    return [f"{shown} has weight_decay={got!r}; {why}: set the group's weight_decay to {want!r}"]
+
+
+def _mask_groups(expected: _Expected, decay: float) -> str:
+    """The torch param groups a masked preset means, as code over the exported module."""
+    assert expected.call is not None and expected.decayed is not None  # _decay_problems checked
+    mask = expected.call.arguments["mask"]
+    decays, spares = "mask(n, p)", "not mask(n, p)"
+    given = f"mask: the state's mask={getattr(mask, '__name__', mask)}"
+    if not callable(mask):  # a tree of flags: the names it decays
+        decays, spares = "n in decayed", "n not in decayed"
+        given = f"decayed = {set(n for n in expected.names if n in expected.decayed)!r}"
+    if expected.label is not None:
+        decays, spares = f"n in group and {decays}", f"n in group and {spares}"
+        given += f", group = the names of {expected.label!r}"
+    named = "module.named_parameters()"
+    return (
+        f"[{{'params': [p for n, p in {named} if {decays}], 'weight_decay': {decay!r}}}, "
+        f"{{'params': [p for n, p in {named} if {spares}], 'weight_decay': 0.0}}] "
+        f"({given}; the other settings as the state's)"
+    )

@@ -1,6 +1,6 @@
 """Exponential moving average of parameters (and buffers), as a transform over parameter trees.
 
-Three conventions, each bit for bit with the loop it is named after (`ema`'s ``convention``):
+Four conventions, each bit for bit with the loop it is named after (`ema`'s ``convention``):
 
 - ``"functrain"`` (the default): the average starts as the initial parameters and every update
   moves it (``warmup``: functrain's ramp ``min(decay, (1 + t) / (10 + t))``).
@@ -12,6 +12,11 @@ Three conventions, each bit for bit with the loop it is named after (`ema`'s ``c
   updates up to ``update_after_step`` copy (a lerp of weight 1), ``warmup`` is timm's
   ``1 - (1 + s / warmup_gamma) ** -warmup_power`` held within ``[min_decay, decay]``; ``buffers``:
   floating buffers lerped, integer ones copied (its default, ``exclude_buffers=False``).
+- ``"torchvision"``: torchvision's classification reference (``--model-ema``), an `AveragedModel`
+  with ``avg_fn`` ``decay * avg + (1 - decay) * p`` (two roundings, not a lerp; integer buffers
+  truncated) updated at every ``update_every``-th update of an epoch of ``steps_per_epoch``: its
+  first update copies, and so do those within the first ``reset_steps`` updates and the first
+  after them (its ``n_averaged.fill_(0)`` during ``--lr-warmup-epochs``).
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from functrain.tree import Tree, member_view, tree_flatten, tree_leaves, tree_un
 
 __all__ = ["ema", "EmaState", "EmaConvention", "EMA_CONVENTIONS"]
 
-EmaConvention = Literal["functrain", "torch", "timm"]
-EMA_CONVENTIONS = ("functrain", "torch", "timm")
+EmaConvention = Literal["functrain", "torch", "timm", "torchvision"]
+EMA_CONVENTIONS = ("functrain", "torch", "timm", "torchvision")
 
 
 class EmaState(NamedTuple):
@@ -60,6 +65,9 @@ _Move = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], list[to
         "warmup_power",
         "warmup_gamma",
         "min_decay",
+        "update_every",
+        "steps_per_epoch",
+        "reset_steps",
     )
 )
 def ema(
@@ -72,6 +80,9 @@ def ema(
     warmup_power: float = 2 / 3,
     warmup_gamma: float = 1.0,
     min_decay: float = 0.0,
+    update_every: int = 1,
+    steps_per_epoch: int | None = None,
+    reset_steps: int = 0,
 ) -> Transform:
     """Exponential moving average of the parameters: ``avg = decay * avg + (1 - decay) * params``.
 
@@ -89,21 +100,31 @@ def ema(
         decay: in [0, 1); 0.999 averages over roughly the last 1,000 steps.
         warmup: ``"functrain"``: use ``min(decay, (1 + t) / (10 + t))`` at update ``t`` (counted
             from 0), so early averages are not dominated by the random initialisation;
-            ``"timm"``: timm's ``use_warmup=True``. Not with ``"torch"``.
-        convention: ``"functrain"``, ``"torch"`` (`AveragedModel`) or ``"timm"`` (``ModelEmaV3``).
+            ``"timm"``: timm's ``use_warmup=True``. Not with ``"torch"`` or ``"torchvision"``.
+        convention: ``"functrain"``, ``"torch"`` (`AveragedModel`), ``"timm"`` (``ModelEmaV3``)
+            or ``"torchvision"`` (its classification reference's ``ExponentialMovingAverage``).
         buffers: average the buffers too: `init` and `update` then take ``(params, buffers)`` and
             `update` returns ``(average, averaged buffers)``. Floating buffers are lerped as the
-            parameters; integer ones (``num_batches_tracked``) copied, or, with ``"torch"``,
-            computed as torch does.
+            parameters; integer ones (``num_batches_tracked``) copied, or, with ``"torch"``
+            and ``"torchvision"``, computed as torch does.
         update_after_step: ``"timm"``: the updates ``t <= update_after_step`` (from 0) copy.
         warmup_power / warmup_gamma / min_decay: ``"timm"``'s warm-up (its defaults).
+        update_every: ``"torchvision"``'s ``--model-ema-steps``: the average moves at the updates
+            whose index in their epoch (from 0) is a multiple of `update_every`; the others leave
+            it as it is (they still count).
+        steps_per_epoch: ``"torchvision"`` with `update_every` above 1: the updates of an epoch (its
+            loader's ``len``), where the reference's batch index starts again; None, one epoch
+            that never ends.
+        reset_steps: ``"torchvision"``: the average's moves within the first `reset_steps`
+            updates copy the weights, and so does its first move after them: the reference's
+            ``--lr-warmup-epochs`` W is ``W * steps_per_epoch`` (0: only its first move copies).
 
     Returns:
         A `Transform`.
 
     Raises:
         ConfigError: `decay` outside [0, 1), an unknown `convention`, or a setting another
-            convention's.
+            convention's (or one its convention reads nothing of).
 
     Example:
         >>> tx = ema(0.5)
@@ -120,6 +141,15 @@ def ema(
         ...     avg, s = tx.update({"w": torch.tensor([value])}, s)
         >>> avg["w"]
         tensor([2.])
+
+        torchvision's reference moves it at every ``update_every``-th update:
+
+        >>> tx = ema(0.5, convention="torchvision", update_every=2)
+        >>> s = tx.init({"w": torch.zeros(1)})
+        >>> for value in (1.0, 3.0, 5.0):
+        ...     avg, s = tx.update({"w": torch.tensor([value])}, s)
+        >>> avg["w"]
+        tensor([3.])
     """
     config_check(
         ema_problems(
@@ -131,6 +161,9 @@ def ema(
             warmup_power,
             warmup_gamma,
             min_decay,
+            update_every,
+            steps_per_epoch,
+            reset_steps,
         ),
         "ema",
     )
@@ -177,6 +210,9 @@ def ema(
 
     if convention == "torch":
         moved, moved_ = _torch_moves(decay)
+    elif convention == "torchvision":
+        schedule = _Moves(update_every, steps_per_epoch, reset_steps)
+        moved, moved_ = _torchvision_moves(decay, schedule)
     elif convention == "timm":
         timm = _TimmDecay(decay, warmup, update_after_step, warmup_power, warmup_gamma, min_decay)
         moved, moved_ = timm.moves()
@@ -244,6 +280,9 @@ def ema_problems(
     warmup_power: Any,
     warmup_gamma: Any,
     min_decay: Any,
+    update_every: Any = 1,
+    steps_per_epoch: Any = None,
+    reset_steps: Any = 0,
     prefix: str = "",
 ) -> list[str]:
     """Every invalid `ema` setting, each with the value given (`prefix`: ``"ema_"`` for create's).
@@ -257,7 +296,7 @@ def ema_problems(
         problems.append(f"{prefix}decay must lie in [0, 1), got {prefix}decay={decay!r}")
     if convention not in EMA_CONVENTIONS:
         problems.append(
-            f"{prefix}convention must be 'functrain', 'torch' or 'timm', got "
+            f"{prefix}convention must be 'functrain', 'torch', 'timm' or 'torchvision', got "
             f"{prefix}convention={convention!r}"
         )
     if convention == "torch" and warmup:
@@ -265,6 +304,15 @@ def ema_problems(
             f"{prefix}warmup=True: torch's AveragedModel has no warm-up; give "
             f"{prefix}convention='functrain' or 'timm'"
         )
+    if convention == "torchvision" and warmup:
+        problems.append(
+            f"{prefix}warmup=True: torchvision's reference EMA has no warm-up ramp (its copies "
+            f"during --lr-warmup-epochs are {prefix}reset_steps=); leave {prefix}warmup out, or "
+            f"give {prefix}convention='functrain' or 'timm'"
+        )
+    problems += _torchvision_problems(
+        convention, update_every, steps_per_epoch, reset_steps, prefix
+    )
     timm_only = {
         "update_after_step": (update_after_step, 0),
         "warmup_power": (warmup_power, 2 / 3),
@@ -318,6 +366,52 @@ def ema_problems(
     if not isinstance(buffers, bool):
         problems.append(f"{prefix}buffers must be a bool, got {prefix}buffers={buffers!r}")
     return problems
+
+
+def _torchvision_problems(
+    convention: Any, update_every: Any, steps_per_epoch: Any, reset_steps: Any, prefix: str
+) -> list[str]:
+    """torchvision's settings: each valid, given only to its convention, and read by it."""
+    problems = []
+    given = [
+        prefix + k
+        for k, value, default in (
+            ("update_every", update_every, 1),
+            ("steps_per_epoch", steps_per_epoch, None),
+            ("reset_steps", reset_steps, 0),
+        )
+        if value != default
+    ]
+    if given and convention != "torchvision":
+        problems.append(
+            f"{', '.join(given)}: torchvision's reference EMA settings, which the {convention!r} "
+            f"convention has not; give {prefix}convention='torchvision' or leave them out"
+        )
+    if not _count(update_every) or update_every < 1:
+        problems.append(
+            f"{prefix}update_every must be an int >= 1, got {prefix}update_every={update_every!r}"
+        )
+    if steps_per_epoch is not None and (not _count(steps_per_epoch) or steps_per_epoch < 1):
+        problems.append(
+            f"{prefix}steps_per_epoch must be an int >= 1 or None, got "
+            f"{prefix}steps_per_epoch={steps_per_epoch!r}"
+        )
+    elif steps_per_epoch is not None and update_every == 1 and convention == "torchvision":
+        problems.append(
+            f"{prefix}steps_per_epoch={steps_per_epoch!r} with {prefix}update_every=1: every "
+            "update moves the average, so the epoch's length places nothing; give "
+            f"{prefix}update_every=k (--model-ema-steps k) or leave {prefix}steps_per_epoch out"
+        )
+    if not _count(reset_steps) or reset_steps < 0:
+        problems.append(
+            f"{prefix}reset_steps must be an int >= 0, got {prefix}reset_steps={reset_steps!r}"
+        )
+    return problems
+
+
+def _count(value: Any) -> bool:
+    """Whether `value` is a Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _real(value: Any) -> bool:
@@ -395,17 +489,23 @@ def _copying_integers_(lerp_: Callable[..., Any]) -> _Move:
     return _by_kind_(lerp_, lambda average, value: value)
 
 
+def _integer_average(decay: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """How `AveragedModel` averages an integer tensor (a buffer, with ``use_buffers=True``):
+    ``avg * decay + x * (1 - decay)`` in the default dtype, truncated by its ``copy_``."""
+
+    def integer(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (a * decay + x * (1 - decay)).to(a.dtype)
+
+    return integer
+
+
 def _torch_moves(decay: float) -> tuple[_Move, _Move]:
     """`AveragedModel`'s update with ``get_ema_multi_avg_fn(decay)``: out of place, in place.
 
     Its first update (``n_averaged == 0``) copies every tensor; later ones lerp the floating ones
-    by ``1 - decay`` (``_foreach_lerp_``, on every device) and give an integer one (a buffer, with
-    ``use_buffers=True``) ``p_ema * decay + p_model * (1 - decay)`` in the default dtype, truncated
-    by ``copy_``. Where the count is not on the host, the copy is a ``torch.where`` on it.
+    by ``1 - decay`` (``_foreach_lerp_``, on every device) and average an integer one as
+    `_integer_average` says.
     """
-
-    def integer(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return (a * decay + x * (1 - decay)).to(a.dtype)
 
     def lerp(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> list[torch.Tensor]:
         return list(torch._foreach_lerp(avg, x, 1 - decay))
@@ -413,28 +513,102 @@ def _torch_moves(decay: float) -> tuple[_Move, _Move]:
     def lerp_(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> None:
         torch._foreach_lerp_(avg, x, 1 - decay)
 
-    later, later_ = _by_kind(lerp, integer), _by_kind_(lerp_, integer)
+    integer = _integer_average(decay)
+    return _copying_first(_by_kind(lerp, integer), _by_kind_(lerp_, integer), _Moves())
+
+
+def _torchvision_moves(decay: float, schedule: _Moves) -> tuple[_Move, _Move]:
+    """torchvision's reference update: `AveragedModel` with ``avg_fn(avg, p, n) = decay * avg +
+    (1 - decay) * p`` at the updates `schedule` moves it (out of place, in place).
+
+    Each floating tensor rounds twice where a lerp rounds once: the two products, each in the
+    tensor's dtype, then their sum; an integer one as `_integer_average` says.
+    """
+
+    def blend(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> list[torch.Tensor]:
+        return list(
+            torch._foreach_add(torch._foreach_mul(avg, decay), torch._foreach_mul(x, 1 - decay))
+        )
+
+    def blend_(avg: list[torch.Tensor], x: list[torch.Tensor], count: Any) -> None:
+        torch._foreach_mul_(avg, decay)
+        torch._foreach_add_(avg, torch._foreach_mul(x, 1 - decay))
+
+    integer = _integer_average(decay)
+    return _copying_first(_by_kind(blend, integer), _by_kind_(blend_, integer), schedule)
+
+
+class _Moves:
+    """Which updates an `AveragedModel` takes and which of them copy, as torchvision's reference
+    updates it (``update_every``, ``steps_per_epoch``, ``reset_steps``: `ema`'s); torch's
+    convention is the default, every update taken and the first copying.
+
+    The update ``t`` (from 0) moves the average where its index in its epoch (``t %
+    steps_per_epoch``) is a multiple of ``update_every``. A move copies while the reference's
+    ``n_averaged`` is 0: at the first move, at those within the first ``reset_steps`` updates
+    (it is set back to 0 after each) and at the first move after them; later moves average.
+    """
+
+    def __init__(self, every: int = 1, steps_per_epoch: int | None = None, reset: int = 0):
+        self.every, self.epoch = every, steps_per_epoch
+        self.last_copy = self._first_move_from(reset)
+
+    def _first_move_from(self, t: int) -> int:
+        """The first update at or after `t` that moves the average."""
+        if self.epoch is None:
+            return -(-t // self.every) * self.every
+        start, index = divmod(t, self.epoch)
+        index = -(-index // self.every) * self.every  # the next multiple of it in the epoch
+        return start * self.epoch + min(index, self.epoch)
+
+    def at(self, t: int) -> tuple[bool, bool]:
+        """Whether update `t` moves the average, and whether that move copies."""
+        index = t if self.epoch is None else t % self.epoch
+        return index % self.every == 0, t <= self.last_copy
+
+    def masks(self, count: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`at` of the counts in tensor ops (None: every update moves)."""
+        copies = count <= self.last_copy
+        if self.every == 1:
+            return None, copies
+        index = count if self.epoch is None else torch.remainder(count, self.epoch)
+        return torch.remainder(index, self.every) == 0, copies
+
+
+def _copying_first(later: _Move, later_: _Move, schedule: _Moves) -> tuple[_Move, _Move]:
+    """`AveragedModel`'s update, out of place and in place: at the updates `schedule` moves it, a
+    copy of the values where it copies, else `later` (`later_` in place); the others leave it.
+
+    Where the count is not on the host, the copy and the move are each a ``torch.where`` on it.
+    """
 
     def moved(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
         n = _host_count(count)
-        if n == 0:
-            return [t.detach().clone() for t in x]
         if n is not None:
-            return later(avg, x, count)
-        first = count == 0
-        return [
-            torch.where(member_view(first, a), v.detach(), m)
+            moves, copies = schedule.at(n)
+            if not moves:
+                return [a.clone() for a in avg]
+            return [t.detach().clone() for t in x] if copies else later(avg, x, count)
+        moving, copying = schedule.masks(count)
+        new = [
+            torch.where(member_view(copying, a), v.detach(), m)
             for a, v, m in zip(avg, x, later(avg, x, count), strict=True)
         ]
+        if moving is None:
+            return new
+        return [torch.where(member_view(moving, a), m, a) for a, m in zip(avg, new, strict=True)]
 
     def moved_(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
         n = _host_count(count)
-        if n == 0:
-            torch._foreach_copy_(avg, x)
-            return avg
         if n is None:
             for a, new in zip(avg, moved(avg, x, count), strict=True):
                 a.copy_(new)
+            return avg
+        moves, copies = schedule.at(n)
+        if not moves:
+            return avg
+        if copies:
+            torch._foreach_copy_(avg, x)
             return avg
         return later_(avg, x, count)
 

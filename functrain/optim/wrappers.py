@@ -12,6 +12,7 @@ step (`functrain.optim.base.Report`: an inner `accumulate`'s ``grad_norm``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -75,6 +76,7 @@ __all__ = [
     "all_finite",
     "check_skip_limits",
     "find_loss_scale",
+    "loss_scale_problems",
     "MaskedState",
     "PartitionState",
     "SkipNonfiniteState",
@@ -1288,14 +1290,17 @@ def dynamic_loss_scale(
     The train step multiplies the loss by the current scale (see `find_loss_scale`); this wrapper
     divides the incoming gradients by it, skips the step (no-op, counted) when they are not finite
     and then multiplies the scale by `backoff_factor`, and multiplies it by `growth_factor` after
-    `growth_interval` finite steps in a row.
+    `growth_interval` finite steps in a row (a growth past float32's range is dropped), each
+    product rounded to float32 once, as GradScaler's update rounds it. Under
+    ``TrainState.create(..., precision="fp16")`` an optimizer given as
+    ``dynamic_loss_scale(optimizer, ...)`` is the step's own scaler (see its ``loss_scale``).
 
     Args:
         inner: the optimizer to run on the unscaled gradients.
-        init_scale: the starting scale; > 0.
-        growth_factor: > 1.
+        init_scale: the starting scale; finite, > 0.
+        growth_factor: finite, > 1.
         backoff_factor: in (0, 1).
-        growth_interval: finite steps between growths; >= 1.
+        growth_interval: finite steps between growths; an int >= 1.
 
     Returns:
         A `Transform`; its state exposes ``loss_scale``, ``skipped`` and ``total_skipped``.
@@ -1312,18 +1317,10 @@ def dynamic_loss_scale(
         (tensor([-2.]), tensor(4.))
     """
     _require_transform(inner, "dynamic_loss_scale")
-    problems: list[str] = []
-    if not init_scale > 0:
-        problems.append(f"init_scale must be > 0, got init_scale={init_scale!r}")
-    if not growth_factor > 1:
-        problems.append(f"growth_factor must be > 1, got growth_factor={growth_factor!r}")
-    if not 0 < backoff_factor < 1:
-        problems.append(f"backoff_factor must lie in (0, 1), got backoff_factor={backoff_factor!r}")
-    if not isinstance(growth_interval, int) or growth_interval < 1:
-        problems.append(
-            f"growth_interval must be an int >= 1, got growth_interval={growth_interval!r}"
-        )
-    config_check(problems, "dynamic_loss_scale")
+    config_check(
+        loss_scale_problems(init_scale, growth_factor, backoff_factor, growth_interval),
+        "dynamic_loss_scale",
+    )
 
     def init_fn(params: Tree) -> DynamicLossScaleState:
         zero = counter(params)
@@ -1348,11 +1345,12 @@ def dynamic_loss_scale(
             finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker)
         )
         grow = tracker >= growth_interval
-        scale = torch.where(
-            finite,
-            torch.where(grow, state.scale * growth_factor, state.scale),
-            state.scale * backoff_factor,
-        )
+        # as torch's _amp_update_scale_: the float32 scale times the float64 factor, rounded
+        # once; a growth that overflows float32 is dropped (the count starts again all the same)
+        s = state.scale.double()
+        grown = torch.where(grow, s * growth_factor, s)
+        moved = torch.where(finite, grown, s * backoff_factor).float()
+        scale = torch.where(moved.isinf(), state.scale, moved)
         tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
         new_state = DynamicLossScaleState(
             inner_state, scale, tracker, ~finite, state.total_skipped + (~finite).long()
@@ -1361,6 +1359,40 @@ def dynamic_loss_scale(
 
     update = ExtrasUpdate(update_fn, reports=True, rates=_inner_rates(inner))
     return Transform(init_fn, update)
+
+
+def loss_scale_problems(
+    init_scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any
+) -> list[str]:
+    """What is out of range among `dynamic_loss_scale`'s settings, each with the value given.
+
+    Example:
+        >>> loss_scale_problems(2.0**16, 2.0, 1.5, 0)
+        ['backoff_factor must lie in (0, 1), got backoff_factor=1.5', \
+'growth_interval must be an int >= 1, got growth_interval=0']
+    """
+
+    def real(x: Any) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    problems = []
+    if not (real(init_scale) and 0 < init_scale < math.inf):
+        problems.append(f"init_scale must be a finite number > 0, got init_scale={init_scale!r}")
+    if not (real(growth_factor) and 1 < growth_factor < math.inf):
+        problems.append(
+            f"growth_factor must be a finite number > 1, got growth_factor={growth_factor!r}"
+        )
+    if not (real(backoff_factor) and 0 < backoff_factor < 1):
+        problems.append(f"backoff_factor must lie in (0, 1), got backoff_factor={backoff_factor!r}")
+    if not (
+        isinstance(growth_interval, numbers.Integral)
+        and not isinstance(growth_interval, bool)
+        and int(growth_interval) >= 1
+    ):
+        problems.append(
+            f"growth_interval must be an int >= 1, got growth_interval={growth_interval!r}"
+        )
+    return problems
 
 
 def find_loss_scale(state: Tree) -> torch.Tensor | None:

@@ -160,6 +160,10 @@ def test_predict_interrupted_anywhere() -> None:
     _check_every_entry(_stepped(), lambda s: ft.predict(s, _BATCH[0]))
 
 
+def test_train_loss_interrupted_anywhere_leaves_the_mode_as_it_was() -> None:
+    _check_every_entry(_stepped(), lambda s: ft.train_loss(s, _BATCH))
+
+
 def _stack() -> Callable[[], ft.TrainState]:
     states = []
     for k in range(2):

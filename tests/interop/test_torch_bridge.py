@@ -505,10 +505,24 @@ def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
     ):
         optimizer = torch.optim.Adam(model.parameters())
         ft.to_torch_state_dict(state, optimizer, model)
+    # two torch groups for the state's one: each group's settings must be the state's
+    same = two_groups(model, torch.optim.SGD, {}, {}, lr=0.1, momentum=0.9)
+    one = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    split, whole = (
+        ft.to_torch_state_dict(state, same, model),
+        ft.to_torch_state_dict(state, one, model),
+    )
+    by_group = ["0.weight", "2.weight", "0.bias", "2.bias"]  # torch's indices: group by group
+    assert_trees_equal(
+        {n: split["state"][by_group.index(n)]["momentum_buffer"] for n in state.params},
+        {n: whole["state"][i]["momentum_buffer"] for i, n in enumerate(state.params)},
+    )
     with pytest.raises(
-        ConfigError, match=r"the torch optimizer has 2 parameter groups, the state's optimizer one"
+        ConfigError,
+        match=r"param_groups\[1\] \(0\.bias, 2\.bias\) has lr=0\.05; the state's optimizer runs "
+        r"lr=0\.1: set the group's lr to 0\.1",
     ):
-        optimizer = two_groups(model, torch.optim.SGD, {}, {}, lr=0.1, momentum=0.9)
+        optimizer = two_groups(model, torch.optim.SGD, {}, {"lr": 0.05}, lr=0.1, momentum=0.9)
         ft.to_torch_state_dict(state, optimizer, model)
 
 
