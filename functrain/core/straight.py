@@ -30,13 +30,14 @@ from __future__ import annotations
 import itertools
 import linecache
 import operator
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
 
-from functrain.core.binding import bound, unbind
+from functrain.core.binding import STEP_LOCK, bound, take_step_lock, unbind
 from functrain.core.body import finite_buffers
 from functrain.core.donation import HELD, wait_until_unheld
 from functrain.core.failures import loss_failure
@@ -51,11 +52,13 @@ from functrain.core.loss import (
     samples_in,
     split_loss,
 )
-from functrain.core.scope import restore, swap_in
 from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
+from functrain.optim.planned import Ran
+from functrain.optim.rules.fused import FusedRunner
+from functrain.optim.wrappers import GuardedRunner, SkipNonfiniteState, host_guard
 from functrain.tree import ReadOnlyDict, plain_norm
 
 __all__ = ["StraightStep", "straight_step"]
@@ -138,7 +141,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     text = [_ENTRY.format(donate=donate)]
     if frozen:  # the first forward of a structure with frozen weights runs under the write guard
         text.append(_FIRST_FORWARD.format(donate=donate))
-    text.append(_ENTER)
+    modules = program.modules if program.modules and program.modules[0] is state.module else None
+    text.append(_ENTER.format(train=(_MODE_FLAGS if modules else _MODE_CALL).format(mode="True")))
     if donate:  # a save still reads this state's tensors (`functrain.core.donation.hold_live`)
         text.append(_HELD)
     text.append(_LEAVES)
@@ -153,16 +157,24 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_DETACH_WRITTEN)
     text.append(_GRADIENTS)
     # with accumulation the window's norm is reported: its runner measures it
-    text.append(_NORM if window == 1 else _NO_NORM)
+    text.append((_NORM_FP32 if program.fp32 else _NORM) if window == 1 else _NO_NORM)
     writing = "        writing = True  # from here the update may write the state's tensors\n"
-    text.append(_UPDATE.format(donate=donate, writing=writing if donate else ""))
+    update, update_constants = _update(program, window, donate)
+    text.append(_UPDATE.format(donate=donate, writing=writing if donate else "", update=update))
     text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
     text.append(_COUNTERS if window == 1 else _WINDOW_COUNTERS)
     text.append(_AVERAGED.format(donate=donate) if program.averages else _NO_AVERAGE)
     text.append(_KEPT)
     if donate:
         text.append(_RETIRE)
-    text.append(_LEAVE_DONATED if donate else _LEAVE)
+    restore_mode = _MODE_FLAGS if modules else _MODE_CALL
+    text.append(
+        _LEAVE.format(
+            restore_mode=restore_mode.format(mode="was_training"),
+            restore_mode_deeper=textwrap.indent(restore_mode.format(mode="was_training"), "    "),
+            retire=_RETIRE_RAISED if donate else "",
+        )
+    )
     text.append(_METRICS)
     if program.rates is not None:
         text.append(_RATES)
@@ -184,9 +196,77 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "AUTOCAST_TO": dtype,
         "DEVICE_TYPE": next(iter(state.params.values())).device.type,
         "GUARD_BUFFERS": program.guard_buffers,
+        "DEVICE": next(iter(state.params.values())).device,
         "RATES": program.rates,
+        **update_constants,
     }
     return "".join(text), constants
+
+
+def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any]]:
+    """The update's text: the runner's call, or where the runner is a fused kernel's (alone or
+    inside `skip_nonfinite`'s guard, on the CPU, outside an accumulation window) its plan
+    written out (`functrain.optim.rules.fused.FusedRunner`, `functrain.optim.wrappers.
+    GuardedRunner`): the guard's flag read on the host, the kernel called per group, the
+    counts of a finite step; the runner where the flag says the update is skipped."""
+    call = f"ran = RUNNER(grads, params, state.opt_state, norm, {donate})"
+    runner = program.runner
+    guarded = type(runner) is GuardedRunner
+    fused = runner.inner if guarded else runner
+    if type(fused) is not FusedRunner or fused.device.type != "cpu" or window != 1:
+        return f"        {call}\n", {}
+    lines = [
+        "opt = state.opt_state",
+        "kept = HOST_GUARD(norm, opt)",
+        "if kept is not None:",
+        "    inner = opt.inner",
+    ]
+    if not guarded:
+        lines = ["inner = state.opt_state"]
+    body = ["new_count = inner.count + 1", "rate, rate_t = KERNEL_RATES(inner)"]
+    if donate:
+        body += ["new_p = params", "moments = list(map(list, BUFFERS_OF(inner)))"]
+    else:
+        body += [
+            "new_p = [x.clone() for x in params]",
+            "moments = [[x.clone() for x in xs] for xs in BUFFERS_OF(inner)]",
+        ]
+    if fused.steps:
+        body.append("counts = [new_count.to(torch.float32)]")
+    constants: dict[str, Any] = {
+        "HOST_GUARD": host_guard,
+        "GUARDED": SkipNonfiniteState,
+        "KERNEL": fused.kernel,
+        "KERNEL_RATES": fused.rates,
+        "BUFFERS_OF": fused.buffers_of,
+        "REBUILD": fused.rebuild,
+        "RAN": Ran,
+    }
+    for k, ((idx, options), size) in enumerate(zip(fused.groups, fused.sizes, strict=True)):
+        constants[f"OPTIONS{k}"] = options
+        steps = f"counts * {size}, " if fused.steps else ""
+        if idx is None:
+            lists = "new_p, grads, *moments"
+        else:
+            constants[f"INDEX{k}"] = idx
+            body.append(
+                f"lists = [[xs[i] for i in INDEX{k}] if xs else xs "
+                "for xs in (new_p, grads, *moments)]"
+            )
+            lists = "*lists"
+        body.append(
+            f"KERNEL({lists}, {steps}lr=rate, grad_scale=None, found_inf=None, **OPTIONS{k})"
+        )
+    body.append("new_inner = REBUILD(new_count, moments, rate_t)")
+    if guarded:
+        body.append(
+            "ran = RAN(new_p, GUARDED(new_inner, kept[0], opt.total_skipped, kept[1], "
+            "opt.max_consecutive), rate_t, None, None)"
+        )
+        lines += ["    " + line for line in body] + ["else:", "    " + call]
+    else:
+        lines += body + ["ran = RAN(new_p, new_inner, rate_t, None, None)"]
+    return "".join(f"        {line}\n" for line in lines), constants
 
 
 # what every step's text reads, whatever its configuration
@@ -201,8 +281,12 @@ _CONSTANTS: dict[str, Any] = {
     "LOSS_ERRORS": (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError),
     "HELD": HELD,
     "refuse_per_member": refuse_per_member,
-    "swap_in": swap_in,
-    "restore": restore,
+    "ACQUIRE": STEP_LOCK.acquire,
+    "RELEASE": STEP_LOCK.release,
+    "take_step_lock": take_step_lock,
+    "VECTOR_NORM": torch.linalg.vector_norm,
+    "STACK": torch.stack,
+    "FOREACH_NORM": torch._foreach_norm,
     "wait_until_unheld": wait_until_unheld,
     "bound": bound,
     "unbind": unbind,
@@ -246,10 +330,18 @@ _FIRST_FORWARD = """\
     if not MODULE.__dict__.get(WATCHED):
         return PROGRAM.run(state, batch, {donate})
 """
+# the state's RNG and train mode in, the caller's saved (`functrain.core.scope.swap_in`, whose
+# lock every step and binding holds); out again on leaving, whatever happens
 _ENTER = """\
-    scope = swap_in(MODULE, GEN, state.rng, True, MODULES)
     writing = False
+    saved_rng = None
+    locked = ACQUIRE(False) or take_step_lock()
     try:
+        was_training = MODULE.training
+        saved_rng = GEN.get_state()
+        if not was_training:
+{train}\
+        GEN.set_state(state.rng)
 """
 _HELD = """\
         if HELD:
@@ -343,12 +435,25 @@ _GRADIENTS = """\
 _NORM = """\
         norm = plain_norm(grads, FP32)
 """
+# `plain_norm` of float32 gradients, its ops
+_NORM_FP32 = """\
+        norm = VECTOR_NORM(STACK(FOREACH_NORM(grads)))
+"""
+# the module's mode: the flags of its plain modules (`functrain.core.scope.plain_modules`), or
+# its own `train`
+_MODE_FLAGS = """\
+            for m in MODULES:
+                m.__dict__["training"] = {mode}
+"""
+_MODE_CALL = """\
+            MODULE.train({mode})
+"""
 _NO_NORM = """\
         norm = None
 """
 _UPDATE = """\
 {writing}\
-        ran = RUNNER(grads, params, state.opt_state, norm, {donate})
+{update}\
         if ran.norm is not None:
             norm = ran.norm
         rng = GEN.get_state()
@@ -438,19 +543,24 @@ _RETIRE = """\
         state.retire(DONATED)
 """
 _LEAVE = """\
-        restore(scope)  # the caller's RNG and module mode, as they were
-    except BaseException:
-        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
+        GEN.set_state(saved_rng)  # the caller's RNG and module mode, as they were
+        saved_rng = None
+        if MODULE.training != was_training:
+{restore_mode}\
+    except BaseException as error:{retire}
+        if saved_rng is not None:  # (entered, not left)
+            GEN.set_state(saved_rng)
+            if MODULE.training != was_training:
+{restore_mode_deeper}\
+        if locked:
+            RELEASE()
         raise
+    if locked:
+        RELEASE()
 """
-_LEAVE_DONATED = """\
-        restore(scope)  # the caller's RNG and module mode, as they were
-    except BaseException as error:
+_RETIRE_RAISED = """
         if writing:  # the update may have written some of the state's tensors
-            state.retire(f"{DONATED}, which then raised {type(error).__name__}")
-        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
-        raise
-"""
+            state.retire(f"{DONATED}, which then raised {type(error).__name__}")"""
 # the metrics in the body's order: the rate as a float32 made once for a constant rate
 _METRICS = """\
     lr = ran.lr
@@ -460,7 +570,7 @@ _METRICS = """\
         PROGRAM.lr_seen = (lr, seen_f)
     flag = ran.flag
     if flag is None:
-        flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
+        flag = skipped.float() if skipped is not None else torch.zeros((), device=DEVICE)
     if loss.dtype != torch.float32:
         loss = loss.float()
     metrics = {"loss": loss, "grad_norm": norm, "lr": seen_f}

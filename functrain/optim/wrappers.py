@@ -82,6 +82,8 @@ __all__ = [
     "SkipNonfiniteState",
     "AccumulateState",
     "DynamicLossScaleState",
+    "GuardedRunner",
+    "host_guard",
 ]
 
 
@@ -631,44 +633,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
             return None
         if not gated:
             return _host_gated(run_inner, cap)
-
-        def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: SkipNonfiniteState,
-            norm: torch.Tensor | None,
-            write: bool,
-            keep: torch.Tensor | None = None,
-        ) -> Ran:
-            assert norm is not None  # (the step's, or a window's: `Runner`)
-            if keep is None and _finite_on_host(norm):  # a CPU tensor's value: no wait
-                # finite, known on the host: the update as it is
-                return _finite_run(run_inner, grads, params, state, norm, write)
-            finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
-            ran = run_inner(
-                grads, params, state.inner, norm, write, finite if keep is None else finite & keep
-            )
-            skipped = ~finite
-            counts: tuple[torch.Tensor, ...] = (
-                skipped,
-                state.total_skipped + skipped,
-                (state.consecutive + 1) * skipped,  # `update_fn`'s values, in fewer ops
-            )
-            if keep is not None:
-                counts = tuple(
-                    torch.where(keep, new, old)
-                    for new, old in zip(
-                        counts, (state.skipped, state.total_skipped, state.consecutive)
-                    )
-                )
-            new_state = SkipNonfiniteState(
-                ran.state, counts[0], counts[1], counts[2], state.max_consecutive
-            )
-            _check_limit_now(new_state, cap)
-            flag = ran.flag if keep is None else None
-            return ran._replace(state=new_state, skipped=new_state.skipped, flag=flag)
-
-        return run
+        return GuardedRunner(run_inner, cap)
 
     def plan_members(
         params: dict[str, torch.Tensor], state: SkipNonfiniteState, members: int
@@ -692,6 +657,59 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         rates=_inner_rates(inner),
     )
     return Transform(init_fn, update, gated=True)
+
+
+class GuardedRunner:
+    """`skip_nonfinite`'s planned update around a gated inner runner (`inner`), the step's norm
+    its flag: where the norm is finite and known on the host (a CPU tensor: no wait), the inner
+    update as it is and the counts of a finite step (`_finite_counts`); else the inner update gated
+    by the flag and its counts, as `update_fn` makes them.
+
+    The straight-line step (`functrain.core.straight`) writes the host path from `inner`'s plan
+    where it can, and calls this runner for the rest."""
+
+    __slots__ = ("inner", "cap")
+
+    def __init__(self, inner: Runner, cap: int) -> None:
+        self.inner, self.cap = inner, cap
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: SkipNonfiniteState,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        assert norm is not None  # (the step's, or a window's: `Runner`)
+        run_inner = self.inner
+        if keep is None and _finite_on_host(norm):  # a CPU tensor's value: no wait
+            # finite, known on the host: the update as it is
+            return _finite_run(run_inner, grads, params, state, norm, write)
+        finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
+        ran = run_inner(
+            grads, params, state.inner, norm, write, finite if keep is None else finite & keep
+        )
+        skipped = ~finite
+        counts: tuple[torch.Tensor, ...] = (
+            skipped,
+            state.total_skipped + skipped,
+            (state.consecutive + 1) * skipped,  # `update_fn`'s values, in fewer ops
+        )
+        if keep is not None:
+            counts = tuple(
+                torch.where(keep, new, old)
+                for new, old in zip(
+                    counts, (state.skipped, state.total_skipped, state.consecutive), strict=True
+                )
+            )
+        new_state = SkipNonfiniteState(
+            ran.state, counts[0], counts[1], counts[2], state.max_consecutive
+        )
+        _check_limit_now(new_state, self.cap)
+        flag = ran.flag if keep is None else None
+        return ran._replace(state=new_state, skipped=new_state.skipped, flag=flag)
 
 
 def _counted(
@@ -759,15 +777,39 @@ def _finite_run(
     It reports no skip flag (None: the update was applied), as an update that never skips.
     """
     ran = run_inner(grads, params, state.inner, norm, write, None)
+    new_state = _finite_counts(state, ran.state)
+    return Ran(ran.params, new_state, ran.lr, None, None, ran.norm, ran.ended)
+
+
+def host_guard(
+    norm: torch.Tensor, state: SkipNonfiniteState
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`skip_nonfinite`'s guard read on the host, for a CPU state's step (its values are there:
+    no wait): None where the step's `norm` is not finite (the update is skipped), else the flag
+    and run of skips of a finite step (`_finite_counts`'), in one call (the straight-line step's,
+    `functrain.core.straight`)."""
+    if not math.isfinite(norm.item()):
+        return None
+    skipped, consecutive = state.skipped, state.consecutive
+    if skipped.item():
+        skipped = torch.zeros_like(skipped)
+    if consecutive.item():
+        consecutive = torch.zeros_like(consecutive)
+    return skipped, consecutive
+
+
+def _finite_counts(state: SkipNonfiniteState, inner: Tree) -> SkipNonfiniteState:
+    """`skip_nonfinite`'s state after an update known on the host to be finite (a CPU state):
+    `inner`, and the counts of a finite step in fewer ops: a flag and a run of skips already
+    False and 0 kept as they are (tensors no step writes), else made so."""
     skipped, consecutive = state.skipped, state.consecutive
     if _on_cpu(skipped) is not False:
         skipped = torch.zeros_like(skipped)
     if _on_cpu(consecutive) != 0:
         consecutive = torch.zeros_like(consecutive)
-    new_state = SkipNonfiniteState(
-        ran.state, skipped, state.total_skipped, consecutive, state.max_consecutive
+    return SkipNonfiniteState(
+        inner, skipped, state.total_skipped, consecutive, state.max_consecutive
     )
-    return Ran(ran.params, new_state, ran.lr, None, None, ran.norm, ran.ended)
 
 
 def _finite_on_host(norm: torch.Tensor) -> bool:

@@ -59,6 +59,7 @@ CPU_READS = frozenset(
         "functrain.optim.rates._host_pair",
         "functrain.optim.wrappers._check_limit_now",  # max_consecutive_nonfinite, raised at once
         "functrain.optim.wrappers._on_cpu",  # a runner's norm, skip flag and run of skips
+        "functrain.optim.wrappers.host_guard",  # the same, the straight-line step's, at once
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
         "functrain.optim.updates._quotient_scalars",  # a fused addcdiv's step size, the same

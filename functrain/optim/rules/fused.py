@@ -71,6 +71,7 @@ from functrain.tree import (
 __all__ = [
     "FusedAdagradState",
     "FusedAdamState",
+    "FusedRunner",
     "FusedSgdState",
     "fused_adagrad",
     "fused_adagrad_runs_on",
@@ -1027,50 +1028,98 @@ def _planner(
             )
             for (_, decay), idx in by_key.items()
         ]
-        zero, one = _FLAGS_ON.get(p[0].device) or _flags_on(p[0].device)
         device = p[0].device
         schedule = lr if callable(lr) else None
         # a schedule's host form on the CPU: its value in Python floats, `value_at`'s bits
         on_host = host_rate(schedule, device) if schedule is not None else None
-        # each group's tensor count: the kernel takes one step tensor per parameter
-        sizes = [len(p) if idx is None else len(idx) for idx, _ in groups]
-
-        def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: Any,
-            norm: torch.Tensor | None,
-            write: bool,
-            keep: torch.Tensor | None = None,
-        ) -> Ran:
-            count, given = state.count, buffers_of(state)
-            flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
-            new_count = count + 1 if keep is None else count + keep
-            rate: Any
-            if on_host is not None:  # (a CPU tensor: the kernel reads it as a double)
-                rate = rate_t = on_host(count)[0]
-            elif schedule is not None:  # as `_begin`: a schedule's tensor goes to the kernel
-                rate, rate_t = _scheduled(schedule, count, device)
-            else:
-                rate, rate_t = lr, state.lr
-            if write:
-                new_p, new_b = params, list(map(list, given))
-            else:
-                new_p = [x.clone() for x in params]
-                new_b = [[x.clone() for x in xs] for xs in given]
-            counts = [new_count.to(torch.float32)] if kernel.steps else []
-            for (idx, options), size in zip(groups, sizes):
-                lists = (new_p, grads, *new_b)
-                if idx is not None:
-                    lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
-                steps = [counts * size] if counts else []
-                kernel.in_place(*lists, *steps, lr=rate, grad_scale=None, found_inf=flag, **options)
-            last = _last_lr(rate_t, state.lr, keep)
-            return Ran(new_p, rebuild(new_count, new_b, last), last, None, flag)
-
-        return run
+        return FusedRunner(
+            kernel, groups, len(p), lr, schedule, on_host, device, buffers_of, rebuild
+        )
 
     return plan
+
+
+class FusedRunner:
+    """A fused transform's planned update (`_planner`): one kernel call per group, decided once.
+
+    The fields are the plan, which the straight-line step (`functrain.core.straight`) writes
+    its update from where it runs on the host: `kernel` (torch's in-place op), `groups` (each
+    ``(indices or None, its keyword arguments)``), `steps` (the kernel takes step counts),
+    `rate` (a constant rate; else `schedule`, read as `on_host` where it has a host form),
+    `buffers_of` (the state's buffer tuples) and `rebuild` ``(count, buffers, rate) -> state``.
+    """
+
+    __slots__ = (
+        "kernel",
+        "groups",
+        "sizes",
+        "steps",
+        "rate",
+        "schedule",
+        "on_host",
+        "device",
+        "buffers_of",
+        "rebuild",
+        "flags",
+    )
+
+    def __init__(
+        self,
+        kernel: _Kernel,
+        groups: list[tuple[list[int] | None, dict[str, Any]]],
+        n: int,
+        rate: Any,
+        schedule: Any,
+        on_host: Any,
+        device: torch.device,
+        buffers_of: Any,
+        rebuild: Any,
+    ) -> None:
+        self.kernel, self.groups, self.steps = kernel.in_place, groups, kernel.steps
+        # each group's tensor count: the kernel takes one step tensor per parameter
+        self.sizes = [n if idx is None else len(idx) for idx, _ in groups]
+        self.rate, self.schedule, self.on_host, self.device = rate, schedule, on_host, device
+        self.buffers_of, self.rebuild = buffers_of, rebuild
+        self.flags = _FLAGS_ON.get(device) or _flags_on(device)
+
+    def rates(self, state: Any) -> tuple[Any, torch.Tensor]:
+        """The rate of the update after `state`'s count: as the kernel takes it, and as the state
+        keeps it."""
+        if self.on_host is not None:  # (a CPU tensor: the kernel reads it as a double)
+            rate = self.on_host(state.count)[0]
+            return rate, rate
+        if self.schedule is not None:  # as `_begin`: a schedule's tensor goes to the kernel
+            return _scheduled(self.schedule, state.count, self.device)
+        return self.rate, state.lr
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Any,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        zero, one = self.flags
+        count, given = state.count, self.buffers_of(state)
+        flag = None if keep is None else torch.where(keep, zero, one)  # found_inf
+        new_count = count + 1 if keep is None else count + keep
+        rate, rate_t = self.rates(state)
+        if write:
+            new_p, new_b = params, list(map(list, given))
+        else:
+            new_p = [x.clone() for x in params]
+            new_b = [[x.clone() for x in xs] for xs in given]
+        counts = [new_count.to(torch.float32)] if self.steps else []
+        for (idx, options), size in zip(self.groups, self.sizes, strict=True):
+            lists = (new_p, grads, *new_b)
+            if idx is not None:
+                lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
+            steps = [counts * size] if counts else []
+            self.kernel(*lists, *steps, lr=rate, grad_scale=None, found_inf=flag, **options)
+        last = _last_lr(rate_t, state.lr, keep)
+        return Ran(new_p, self.rebuild(new_count, new_b, last), last, None, flag)
 
 
 def _plans(
