@@ -42,8 +42,9 @@ Workloads (float32, CPU, cross-entropy over 10 classes, both AdamW weight decays
 The matrix (``--matrix``, instead of the table above): one row per configuration (``--configs``)
 and per optimizer (``--optimizers``), each as ``functrain.train_step`` on a state created with that
 option, donated (``donate=True``) and pure, against its own hand-written torch loop, which does the
-same thing bit for bit and is named in the row. The configurations run fused AdamW (lr 1e-3, weight
-decay 1e-2; ``functrain.adamw``'s default kernel) against ``torch.optim.AdamW(fused=True)``:
+same thing bit for bit and is listed under the table, and against the row's pure floor (below).
+The configurations run fused AdamW (lr 1e-3, weight decay 1e-2; ``functrain.adamw``'s default
+kernel) against ``torch.optim.AdamW(fused=True)``:
 
 * ``bare``: default options (the non-finite guard on); ``bare-none``: ``nonfinite="none"``;
 * ``ema``: ``ema_decay=0.999``; the loop lerps an average that starts as a copy of the initial
@@ -64,15 +65,31 @@ decay 1e-2; ``functrain.adamw``'s default kernel) against ``torch.optim.AdamW(fu
 The optimizers run with the default options against the torch implementation each preset matches
 bit for bit (``tests/optim/test_implementation_choices.py``): ``rmsprop``, ``nadam`` and
 ``adamax`` against torch's CPU default, the single-tensor loop (``foreach=False``); ``radam``
-against ``RAdam(foreach=True)``. All three implementations of a row start from the same weights,
-run the same number of steps, interleaved in ABBA rounds of a block of (micro-)steps each; the
-table gives the median ms per (micro-)step and the ratios to the row's loop. Then the parameters
-of both functrain steps (and the EMA's average) are compared with the loop's (``torch.equal``): a
-row says ``bitwise`` or the largest difference. The configurations run on ``mlp512``, ``mlp256``
-and ``small``, the optimizers on every workload (``--optimizer-workloads``); the run ends with the
-ratios over the targets (`MATRIX_TARGETS`: on mlp512 donated bare <= 1.03, accumulation <= 1.10,
-every other row <= 1.05, pure <= 1.35; on the smaller MLPs donated <= 1.00 for the
-configurations and <= 1.05 for the optimizers, pure <= 1.10) and any row not bit for bit.
+against ``RAdam(foreach=True)``.
+
+The pure floor (`PureFloor`) is the least a pure step must do beyond the hand-written loop: that
+loop, in which before each ``opt.step()`` every parameter's data and every tensor of its optimizer
+state (``exp_avg``, ``exp_avg_sq``, momentum buffers, ...; not a 0-d ``step`` counter) is replaced
+by a fresh copy (``p.data = p.detach().clone()``, ``opt.state[p][k] = v.clone()``), and the
+in-place update then runs on the copies; with an EMA the average is copied too before its
+``_foreach_lerp_``. It writes the weights and the moments into fresh memory, as a pure step must,
+and costs nothing else. Under accumulation it copies at the window's end only (where the update
+runs); the bf16 row runs it under autocast like its loop.
+
+All four implementations of a row (the loop, the donated step, the pure step, the pure floor)
+start from the same weights, run the same number of steps, interleaved in ABBA rounds of a block
+of (micro-)steps each. The table has one row per configuration or optimizer, with the columns
+``hand ms``, ``donated ms (ratio)``, ``pure ms (ratio)``, ``pure floor ms (ratio)`` (each the
+median ms per (micro-)step, the ratio to the row's loop), ``pure / floor`` (the pure step's median
+over the floor's) and ``bits``: the parameters (and the EMA's average) of both functrain steps and
+of the floor are compared with the loop's (``torch.equal``), and the row says ``bitwise`` or the
+largest difference of each that differs (the floor runs the loop's arithmetic: it must say
+``bitwise``). The configurations run on ``mlp512``, ``mlp256`` and ``small``, the optimizers on
+every workload (``--optimizer-workloads``); the run ends with the ratios over the targets
+(`MATRIX_TARGETS`: on mlp512 donated bare <= 1.03, accumulation <= 1.10, every other row <= 1.05,
+pure <= 1.35, and pure <= 1.05 times the pure floor; on the smaller MLPs donated <= 1.00 for the
+configurations and <= 1.05 for the optimizers, pure <= 1.10, no target over the floor) and any
+row not bit for bit.
 With ``--calls`` the matrix counts instead of timing: the Python calls (`cProfile`, every call it
 records, the forward and the loss included) a donated step of each row makes per (micro-)step,
 its hand-written loop's, and the functrain files the step enters, against the target of 150.
@@ -1095,18 +1112,23 @@ OPTIMIZER_ROWS = {
     ),
 }
 ROWS = {**CONFIG_ROWS, **OPTIMIZER_ROWS}
-# (workload, row) -> the highest donated and pure ratios a step may take; None: no target
-MATRIX_TARGETS: dict[tuple[str, str], tuple[float, float | None]] = {
-    **{("mlp512", name): (1.05, 1.35) for name in ROWS},
-    ("mlp512", "bare"): (1.03, 1.35),
-    ("mlp512", "accumulate"): (1.10, 1.35),
-    **{(w, name): (1.00, 1.10) for w in ("mlp256", "small") for name in CONFIG_ROWS},
-    **{(w, name): (1.05, 1.10) for w in ("mlp256", "small") for name in OPTIMIZER_ROWS},
+# (workload, row) -> the highest ratios a step may take: donated and pure to the hand-written
+# loop, pure to the pure floor; None: no target
+MATRIX_TARGETS: dict[tuple[str, str], tuple[float, float | None, float | None]] = {
+    **{("mlp512", name): (1.05, 1.35, 1.05) for name in ROWS},
+    ("mlp512", "bare"): (1.03, 1.35, 1.05),
+    ("mlp512", "accumulate"): (1.10, 1.35, 1.05),
+    **{(w, name): (1.00, 1.10, None) for w in ("mlp256", "small") for name in CONFIG_ROWS},
+    **{(w, name): (1.05, 1.10, None) for w in ("mlp256", "small") for name in OPTIMIZER_ROWS},
 }
 
 
 class HandLoop:
     """The hand-written torch loop of a row; `step` is one micro-step (one batch)."""
+
+    # whether `renew` runs before each update (`PureFloor`); a flag, so that the hand-written loop
+    # makes the Python calls a user's loop makes, not one more
+    fresh = False
 
     def __init__(self, module: nn.Module, batch: Any, row: Row) -> None:
         self.model, self.batch = module, batch
@@ -1133,12 +1155,17 @@ class HandLoop:
             return
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.weights, self.clip)
+        if self.fresh:
+            self.renew()
         self.opt.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.opt.zero_grad(set_to_none=True)
         if self.average is not None:
             torch._foreach_lerp_(self.average, self.weights, 1 - self.decay)
+
+    def renew(self) -> None:
+        """Nothing: the hand-written loop updates in place (`PureFloor` copies first)."""
 
     def params(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.model.named_parameters()}
@@ -1147,6 +1174,30 @@ class HandLoop:
         if self.average is None:
             return None
         return dict(zip((k for k, _ in self.model.named_parameters()), self.average, strict=True))
+
+
+class PureFloor(HandLoop):
+    """The hand-written loop, writing its update into fresh memory: the least a pure step does more.
+
+    Before each update (``opt.step()``) every parameter's data and every tensor of its optimizer
+    state (but a 0-d ``step`` counter) is replaced by a fresh copy, and the in-place update runs
+    on the copies; the EMA's average is copied too, before its lerp. What a pure step must write
+    anew (the weights, the moments, the average), and nothing else it does: the same arithmetic
+    as the hand-written loop, so the same bits.
+    """
+
+    fresh = True
+
+    def renew(self) -> None:
+        """Replace the weights, their optimizer state and the average by fresh copies."""
+        for p in self.weights:
+            p.data = p.detach().clone()
+            state = self.opt.state[p]
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and not (k == "step" and v.ndim == 0):
+                    state[k] = v.clone()
+        if self.average is not None:  # (the update leaves it alone until its lerp)
+            self.average = [a.clone() for a in self.average]
 
 
 class RowStep(Functrain):
@@ -1161,7 +1212,8 @@ class RowStep(Functrain):
         return self.state.ema_params
 
 
-MATRIX_IMPLS = ("hand", "donated", "pure")
+MATRIX_IMPLS = ("hand", "donated", "pure", "floor")  # floor: `PureFloor`
+BITS_LABELS = {"donated": "donated", "pure": "pure", "floor": "pure floor"}
 
 
 def time_row(
@@ -1173,7 +1225,8 @@ def time_row(
     clock: Callable[[], int],
     device: torch.device = CPU,
 ) -> dict[str, Any]:
-    """Median ms per (micro-)step of a row's three implementations, interleaved; and their bits.
+    """Median ms per (micro-)step of a row's hand-written loop, its donated and pure steps and its
+    pure floor, interleaved; and their bits against the hand-written loop's.
 
     `block` and `warmup` are multiples of the accumulation window, so every sample holds the same
     work.
@@ -1184,6 +1237,7 @@ def time_row(
         "hand": HandLoop(copy.deepcopy(module), batch, row),
         "donated": RowStep(copy.deepcopy(module), batch, row, donate=True),
         "pure": RowStep(copy.deepcopy(module), batch, row, donate=False),
+        "floor": PureFloor(copy.deepcopy(module), batch, row),
     }
     for r in runners.values():
         for _ in range(warmup):
@@ -1202,12 +1256,12 @@ def time_row(
         "row": name,
         "median_ms": {impl: statistics.median(s) for impl, s in samples.items()},
         "spread": {impl: _iqr(s) for impl, s in samples.items()},
-        "bits": {impl: _bits(hand, runners[impl]) for impl in ("donated", "pure")},
+        "bits": {impl: _bits(hand, runners[impl]) for impl in MATRIX_IMPLS[1:]},
         "steps": warmup + reps * block,
     }
 
 
-def _bits(hand: HandLoop, ours: RowStep) -> str:
+def _bits(hand: HandLoop, ours: RowStep | HandLoop) -> str:
     """'bitwise', or the largest difference from the hand-written loop (parameters, EMA)."""
     pairs = [(hand.params(), ours.params())]
     if hand.averages() is not None:
@@ -1240,7 +1294,7 @@ def run_matrix(
         warmup = ACCUMULATE if quick else WARMUP[w]
         results = []
         for name in names:
-            log(f"matrix: {w}, {name} ({reps} rounds x 3 x {block} steps)")
+            log(f"matrix: {w}, {name} ({reps} rounds x {len(MATRIX_IMPLS)} x {block} steps)")
             results.append(time_row(w, name, reps, block, warmup, clock, device))
         missed += print_matrix(w, results, reps, block, device)
     return missed
@@ -1282,32 +1336,44 @@ def count_matrix_calls(
 def print_matrix(
     workload: str, results: list[dict], reps: int, block: int, device: torch.device = CPU
 ) -> list[str]:
+    """Print a workload's matrix, one row per configuration or optimizer, and the hand-written
+    loops it names; return the targets missed (the CPU's only) and the rows not bit for bit."""
     print(
         f"\n{workload}: median ms per step (per micro-step for accumulate) of {reps} interleaved "
-        f"samples of {block} steps; ratio to the row's own hand-written loop\n"
+        f"samples of {block} steps; ratio to the row's own hand-written loop; pure floor: that "
+        "loop with the weights and the optimizer state (and the EMA) copied to fresh memory "
+        "before each update\n"
     )
-    print("| row | hand-written loop | hand ms | donated ms (ratio) | pure ms (ratio) | bits |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| row | hand ms | donated ms (ratio) | pure ms (ratio) | pure floor ms (ratio) "
+        "| pure / floor | bits |"
+    )
+    print("|---|---|---|---|---|---|---|")
     missed = []
     for r in results:
-        ms = r["median_ms"]
-        ratio = {impl: ms[impl] / ms["hand"] for impl in ("donated", "pure")}
-        bits = r["bits"]
-        same = bits["donated"] == bits["pure"]
-        bits_cell = bits["donated"] if same else f"donated {bits['donated']}, pure {bits['pure']}"
-        hand = ROWS[r["row"]].hand.format(device=device.type)
+        name, ms, bits = r["row"], r["median_ms"], r["bits"]
+        ratio = {impl: ms[impl] / ms["hand"] for impl in ("donated", "pure", "floor")}
+        over_floor = ms["pure"] / ms["floor"]
+        cells = [f"{_ms(ms[impl])} ({ratio[impl]:.2f})" for impl in ("donated", "pure", "floor")]
+        if len(set(bits.values())) == 1:
+            bits_cell = bits["donated"]
+        else:
+            bits_cell = ", ".join(f"{BITS_LABELS[impl]} {b}" for impl, b in bits.items())
         print(
-            f"| {r['row']} | {hand} | {_ms(ms['hand'])} | "
-            f"{_ms(ms['donated'])} ({ratio['donated']:.2f}) | {_ms(ms['pure'])} "
-            f"({ratio['pure']:.2f}) | {bits_cell} |"
+            f"| {name} | {_ms(ms['hand'])} | {' | '.join(cells)} | {over_floor:.2f} | {bits_cell} |"
         )
-        target = MATRIX_TARGETS.get((workload, r["row"])) if device.type == "cpu" else None
+        target = MATRIX_TARGETS.get((workload, name)) if device.type == "cpu" else None
         if target is not None:
-            for impl, bound in zip(("donated", "pure"), target, strict=True):
-                if bound is not None and ratio[impl] > bound:
-                    missed.append(f"{workload}/{r['row']}/{impl} {ratio[impl]:.2f} > {bound:.2f}")
-        if bits["donated"] != "bitwise" or bits["pure"] != "bitwise":
-            missed.append(f"{workload}/{r['row']}: not bitwise")
+            got = (ratio["donated"], ratio["pure"], over_floor)
+            for what, x, bound in zip(("donated", "pure", "pure/floor"), got, target, strict=True):
+                if bound is not None and x > bound:
+                    missed.append(f"{workload}/{name}/{what} {x:.2f} > {bound:.2f}")
+        differing = [impl for impl, b in bits.items() if b != "bitwise"]
+        if differing:
+            missed.append(f"{workload}/{name}: not bitwise ({', '.join(differing)})")
+    print("Hand-written loops:")
+    for r in results:
+        print(f"  {r['row']}: {ROWS[r['row']].hand.format(device=device.type)}")
     print("Interquartile range of the samples, ms:")
     for r in results:
         parts = [f"{impl} {_ms(lo)}-{_ms(hi)}" for impl, (lo, hi) in r["spread"].items()]
@@ -1341,7 +1407,9 @@ def main() -> None:
         action="store_true",
         help="instead of the implementations table: each configuration and optimizer (--configs, "
         "--optimizers) as functrain.train_step, donated and pure, against its own hand-written "
-        "loop, with a check of the bits",
+        "loop and its pure floor (that loop copying the weights and the optimizer state to fresh "
+        "memory before each update; column 'pure floor ms (ratio)', and 'pure / floor'), with a "
+        "check of the bits",
     )
     ap.add_argument(
         "--configs",

@@ -263,6 +263,7 @@ def _options(options: Any) -> dict[str, Any]:
     for key, default in _ADDED_OPTIONS.items():
         if recorded.get(key, default) == default:
             recorded.pop(key, None)
+    recorded.pop("grad_norm", None)  # a metric asked for, not the run's: resumed either way
     return recorded
 
 

@@ -231,7 +231,12 @@ def _update(
     grad_list = list(grads.values())
     # with accumulation (outermost: `core/options.py`) the norm reported is its mean gradient's,
     # which it measures itself: the micro-batch's would be measured for nothing
-    grad_norm = None if state.options.accumulate_steps > 1 else extras.global_norm(grad_list)
+    # reported where asked for or clipping measures it (`StepOptions.reports_grad_norm`): else the
+    # checks inside measure what they need, and the metric is left out
+    reports = state.options.reports_grad_norm
+    grad_norm = (
+        extras.global_norm(grad_list) if reports and state.options.accumulate_steps == 1 else None
+    )
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
     # (eagerly: traced, a tensor's version counter does not trace, and without it a transform's
     # write in place would go unseen; each use measures, and the graph folds a repeat away)
@@ -271,13 +276,15 @@ def _update(
             "forward, F.embedding(..., sparse=True), is not seen before the first step: use the "
             "module), or make the embedding dense (sparse=False)"
         ) from error
-    if report.grad_norm is not None:
+    if not reports:
+        grad_norm = None
+    elif report.grad_norm is not None:
         grad_norm = report.grad_norm
     elif "grad_norm" in reported:  # written by a transform of the user's (`Extras.reported`)
         grad_norm = reported["grad_norm"]
     elif grad_norm is None:  # a transform of the user's own that reported none
         grad_norm = extras.global_norm(grad_list)
-    if scale is not None:
+    if scale is not None and grad_norm is not None:
         grad_norm = grad_norm / scale
     params = in_param_strides(
         apply_updates(state.params, updates, in_place=extras.may_write()), state.params
@@ -428,17 +435,17 @@ def _rates(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
 
 def _metrics(
     loss: torch.Tensor,
-    grad_norm: torch.Tensor,
+    grad_norm: torch.Tensor | None,
     skipped: torch.Tensor | None,
     tx_metrics: dict[str, torch.Tensor],
     aux: dict[str, torch.Tensor],
     rates: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """The step's metrics, 0-d tensors: loss, norm, rate (each group's too), skip flag, the
-    transforms' and the loss function's."""
+    """The step's metrics, 0-d tensors: loss, norm (where reported), rate (each group's too), skip
+    flag, the transforms' and the loss function's."""
     return {
         "loss": loss if loss.dtype == torch.float32 else loss.float(),
-        "grad_norm": grad_norm,
+        **({} if grad_norm is None else {"grad_norm": grad_norm}),
         "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
         **rates,
         "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),

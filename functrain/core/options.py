@@ -128,6 +128,19 @@ class StepOptions:
     differentiable: Differentiable = False
     # how precision="fp16" scales the loss (GradScaler's arguments); GradScaler's defaults
     loss_scale: LossScale = attrs.field(factory=LossScale, converter=as_loss_scale)
+    # the gradients' global norm among every step's metrics (``grad_norm``), where clipping does
+    # not measure it anyway (`reports_grad_norm`); a metric, not the run's: not in checkpoints
+    grad_norm: bool = False
+
+    @property
+    def reports_grad_norm(self) -> bool:
+        """Whether a step reports ``grad_norm``: asked for (`grad_norm`), or measured by clipping.
+
+        Example:
+            >>> StepOptions().reports_grad_norm, StepOptions(clip_grad_norm=1.0).reports_grad_norm
+            (False, True)
+        """
+        return self.grad_norm is True or self.clip_grad_norm is not None
 
     def problems(self) -> list[str]:
         """Every invalid option, each with the value given (empty when all are valid).
@@ -180,6 +193,8 @@ class StepOptions:
                 "ema_decay and swa_start both ask for the state's one average: keep one (an EMA, "
                 "or the equal average of stochastic weight averaging)"
             )
+        if not isinstance(self.grad_norm, bool):
+            problems.append(f"grad_norm must be True or False, got grad_norm={self.grad_norm!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             problems.append(
                 f"ema_decay must lie in [0, 1) or be None, got ema_decay={self.ema_decay!r}"
@@ -440,7 +455,9 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
         tx = skip_nonfinite(tx, max_consecutive=cap)
     if options.accumulate_steps > 1:
         reduce = "mean" if options.accumulate_convention == "mean" else "sum"
-        tx = accumulate(tx, options.accumulate_steps, reduce=reduce)
+        tx = accumulate(
+            tx, options.accumulate_steps, reduce=reduce, report_norm=options.reports_grad_norm
+        )
     return tx
 
 

@@ -87,6 +87,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.metrics import metric_reader, transform_metrics
 from functrain.optim.planned import Prelude, Ran, Runner
+from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
 from functrain.tree import (
@@ -140,6 +141,8 @@ class StepProgram(_Decided):
         "modules",
         "averages",
         "averaging",
+        "reports",
+        "measures",
         "straight",
     )
 
@@ -175,6 +178,14 @@ class StepProgram(_Decided):
         self.averages = state.ema_state is not None and state.averager is not None  # an EMA
         # its update where every average moves (an EMA of the parameters alone), else None
         self.averaging = averaging_of(state.averager) if self.averages else None
+        # the step reports the gradients' norm (asked for, or clipping's), and measures it for its
+        # update: a fused kernel alone takes none (the guard, clipping and other runners do)
+        self.reports = options.reports_grad_norm
+        self.measures = self.reports or (
+            options.nonfinite != "none"
+            or options.clip_grad_norm is not None
+            or type(runner) is not FusedRunner
+        )
         # the configuration's step as one function (`functrain.core.straight`), where it is
         # written for it: what `functrain.train_step` runs, `run` its stages otherwise
         self.straight = straight_step(self, state) if stage == "planned" else None
@@ -272,7 +283,7 @@ class StepProgram(_Decided):
             if list(map(_STRIDE, grads)) != self.strides:
                 grads = in_layouts_of(grads, params)
             # with accumulation the window's norm is reported: its runner measures it
-            norm = self._norm(grads) if self.window == 1 else None
+            norm = self._norm(grads) if self.window == 1 and self.measures else None
             writing = donate  # from here the update may write the given state's tensors
             ran = self._update(runner, grads, params, state.opt_state, norm, donate)
             if ran.norm is not None:
@@ -333,7 +344,6 @@ class StepProgram(_Decided):
             object.__setattr__(new, "program", program_for(new))
         if donate:
             state.retire(DONATED)
-        assert norm is not None  # the step's, or its window's (`Ran.norm`)
         # (the loss is detached already: `functrain.core.gradient.backward`)
         # the rate as a float32 metric: a constant rate's made once (one op a step saved)
         lr, (seen, seen_f) = ran.lr, self.lr_seen
@@ -344,7 +354,8 @@ class StepProgram(_Decided):
         rates = (
             {} if self.rates is None else {k: v.float() for k, v in self.rates(ran.state).items()}
         )
-        return new, _step_metrics(loss, norm, seen_f, rates, ran.flag, skipped, aux)
+        reported = norm if self.reports else None
+        return new, _step_metrics(loss, reported, seen_f, rates, ran.flag, skipped, aux)
 
     def _update(
         self,
@@ -423,20 +434,21 @@ def _advanced(state: TrainState, samples: int) -> dict[str, torch.Tensor]:
 
 def _step_metrics(
     loss: torch.Tensor,
-    norm: torch.Tensor,
+    norm: torch.Tensor | None,
     lr: torch.Tensor,
     rates: dict[str, torch.Tensor],
     flag: torch.Tensor | None,
     skipped: torch.Tensor | None,
     aux: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """The body's metrics, in its order: loss, norm, rate (float32), each group's rate, the skip
-    flag (`flag` where the update made its float32, else from `skipped`), the loss function's."""
+    """The body's metrics, in its order: loss, norm (where reported), rate (float32), each group's
+    rate, the skip flag (`flag` where the update made its float32, else from `skipped`), the loss
+    function's."""
     if flag is None:
         flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
     return {
         "loss": loss if loss.dtype == torch.float32 else loss.float(),
-        "grad_norm": norm,
+        **({} if norm is None else {"grad_norm": norm}),
         "lr": lr,
         **rates,
         "skipped": flag,
@@ -505,6 +517,7 @@ def _updating(state: TrainState) -> Runner | None:
         return None
     lr_of, skipped_of = metric_reader(opt_state, "lr"), metric_reader(opt_state, "skipped")
     window = state.options.accumulate_steps
+    reports = state.options.reports_grad_norm
     # one layout only: contiguous with no size-1 dimension (whose strides may take any value)
     contiguous = all(p.is_contiguous() and 1 not in p.shape for p in state.params.values())
 
@@ -536,7 +549,7 @@ def _updating(state: TrainState) -> Runner | None:
         if measured is None:
             # a transform of the user's own that writes the superseded `Extras.reported`
             measured = reported.get("grad_norm")
-        if measured is None and norm is None:
+        if measured is None and norm is None and reports:
             measured = global_norm(grads)
         skipped = skipped_of(new_state) if skipped_of is not None else None
         if skipped is not None and window > 1:  # the flag of the window that ends here
@@ -660,7 +673,8 @@ class MembersProgram(_Decided):
             "ema_state": ema_state,
         }
         lr = ran.lr.float() if ran.lr is not None else torch.full((), float("nan"))
-        return new, _step_metrics(losses, norm, lr, {}, None, skipped, aux)
+        reported = norm if state.options.reports_grad_norm else None
+        return new, _step_metrics(losses, reported, lr, {}, None, skipped, aux)
 
 
 def _members_runner(state: TrainState) -> Runner | None:

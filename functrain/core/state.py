@@ -241,6 +241,7 @@ class TrainState:
         init: InitFn | None = None,
         grad_stats: GradStats | None = None,
         differentiable: Differentiable = False,
+        grad_norm: bool = False,
     ) -> TrainState:
         """Build the initial state of a run from a module, an optimizer and a loss function.
 
@@ -299,7 +300,15 @@ class TrainState:
                 loss function that normalises by a count of its own (Hugging Face's
                 ``num_items_in_batch``, the window's token count). The step's ``loss`` metric is
                 the loss as the loss function returns it under each. See the porting guide.
-            clip_grad_norm: clip the (accumulated) gradient to this global L2 norm.
+            clip_grad_norm: clip the (accumulated) gradient to this global L2 norm. A step then
+                reports the norm before clipping among its metrics (``grad_norm``).
+            grad_norm: report the gradients' global L2 norm among every step's metrics
+                (``grad_norm``; with accumulation, between window ends the norm of the window's
+                gradients so far). Off by default: a step measures what its configuration needs,
+                and the norm costs a pass over the gradients that a step without clipping needs
+                for nothing (the non-finite guard reads the gradients without it). Clipping
+                measures it anyway, and reports it. A metric only: not saved, and a run resumes
+                with it on or off.
             nonfinite: ``"skip"`` makes a step with NaN/Inf gradients a counted no-op; ``"halt"``
                 also raises `NonFiniteError` (at once on CPU, else at the driver's next log);
                 ``"none"`` applies whatever the gradients give.
@@ -469,6 +478,7 @@ class TrainState:
                 accumulate_convention=accumulate_convention,
                 differentiable=differentiable,
                 loss_scale=loss_scale,
+                grad_norm=grad_norm,
             ),
             trainable=trainable,
             distributed=distributed,

@@ -76,16 +76,18 @@ def train_step(
         donate: let the step reuse `state`'s storage (see above).
 
     Returns:
-        ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``grad_norm`` (before
-        clipping; with ``accumulate_steps``, between window ends the norm of the window's
-        gradients so far summed (divided by the window's length under
-        ``accumulate_convention="mean"``); at its last batch the norm of the gradient its update
-        applies: the window's sum, or its mean under ``"mean"``), ``lr`` (of the
+        ``(new_state, metrics)``, metrics a dict of 0-d tensors: ``loss``, ``lr`` (of the
         last update applied; with `functrain.partition` each group's as ``lr/<group>``, and
         ``lr`` the first group's), ``skipped`` (1.0 when the update was skipped as non-finite), the
         loss function's own metrics, with fp16 ``loss_scale``, the metrics of custom transforms
         (their state's ``metrics()``), and with ``grad_stats`` ``grad_norm/<group>`` and
-        ``update_ratio/<group>`` (`TrainState.create`).
+        ``update_ratio/<group>`` (`TrainState.create`). ``grad_norm``, the gradients' global L2
+        norm before clipping, is among them only where the state asks for it
+        (``grad_norm=True``) or clips (``clip_grad_norm``, which measures it anyway); with
+        ``accumulate_steps``, between window ends it is the norm of the window's gradients so far
+        summed (divided by the window's length under ``accumulate_convention="mean"``), at its
+        last batch the norm of the gradient its update applies: the window's sum, or its mean
+        under ``"mean"``.
 
     Raises:
         BatchError: the loss function could not use the batch (the message shows its structure).
@@ -100,7 +102,10 @@ def train_step(
         >>> batch = (torch.ones(4, 2), torch.zeros(4, 1))
         >>> new_state, metrics = ft.train_step(state, batch)
         >>> int(new_state.step), sorted(metrics)
-        (1, ['grad_norm', 'loss', 'lr', 'skipped'])
+        (1, ['loss', 'lr', 'skipped'])
+        >>> state = ft.TrainState.create(model, ft.sgd(0.1), loss_fn, grad_norm=True)
+        >>> sorted(ft.train_step(state, batch)[1])
+        ['grad_norm', 'loss', 'lr', 'skipped']
     """
     if not isinstance(state, TrainState):
         raise ConfigError(

@@ -157,13 +157,17 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_DETACH_WRITTEN)
     text.append(_GRADIENTS)
     # with accumulation the window's norm is reported: its runner measures it
-    text.append((_NORM_FP32 if program.fp32 else _NORM) if window == 1 else _NO_NORM)
+    measured = window == 1 and program.measures
+    text.append((_NORM_FP32 if program.fp32 else _NORM) if measured else _NO_NORM)
     writing = "        writing = True  # from here the update may write the state's tensors\n"
     update, update_constants = _update(program, window, donate)
     text.append(_UPDATE.format(donate=donate, writing=writing if donate else "", update=update))
     text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
     text.append(_COUNTERS if window == 1 else _WINDOW_COUNTERS)
-    text.append(_AVERAGED.format(donate=donate) if program.averages else _NO_AVERAGE)
+    if not program.averages:
+        text.append(_NO_AVERAGE)
+    else:
+        text.append((_AVERAGED if program.averaging is None else _AVERAGING).format(donate=donate))
     text.append(_KEPT)
     if donate:
         text.append(_RETIRE)
@@ -175,7 +179,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
             retire=_RETIRE_RAISED if donate else "",
         )
     )
-    text.append(_METRICS)
+    text.append(_METRICS.format(norm='"grad_norm": norm, ' if program.reports else ""))
     if program.rates is not None:
         text.append(_RATES)
     text.append(_RETURN)
@@ -198,6 +202,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "GUARD_BUFFERS": program.guard_buffers,
         "DEVICE": next(iter(state.params.values())).device,
         "RATES": program.rates,
+        "AVERAGING": program.averaging,
         **update_constants,
     }
     return "".join(text), constants
@@ -509,6 +514,16 @@ _AVERAGED = """\
             new, PROGRAM.average(state, ran.params, new.params, new.buffers, applied, {donate})
         )
 """
+# where every average moves (an EMA of the parameters alone), its own list update where the update
+# applied (`StepProgram.average`'s first case), the program's otherwise
+_AVERAGING = """\
+        if applied is None:
+            SET_ema_state(new, AVERAGING(ran.params, state.ema_state, {donate}))
+        else:
+            SET_ema_state(
+                new, PROGRAM.average(state, ran.params, new.params, new.buffers, applied, {donate})
+            )
+"""
 _NO_AVERAGE = """\
         SET_ema_state(new, None)
 """
@@ -573,7 +588,7 @@ _METRICS = """\
         flag = skipped.float() if skipped is not None else torch.zeros((), device=DEVICE)
     if loss.dtype != torch.float32:
         loss = loss.float()
-    metrics = {"loss": loss, "grad_norm": norm, "lr": seen_f}
+    metrics = {{"loss": loss, {norm}"lr": seen_f}}
 """
 _RATES = """\
     metrics.update({k: v.float() for k, v in RATES(ran.state).items()})

@@ -112,7 +112,8 @@ class MetricWindow:
     def add(
         self, metrics: dict[str, torch.Tensor], samples: int, applied: bool = True
     ) -> torch.Tensor:
-        """Add one step's metrics (0-d tensors); returns them stacked, for other windows to add.
+        """Add one step's metrics (0-d tensors); returns them stacked as the window took them (its
+        `keys`), for other windows to add.
 
         A batch that applied no update (inside an accumulation window) adds 0 to the metrics of
         updates. The sums are float64 (`add_vector` adds the stacked values to them there).
@@ -123,7 +124,7 @@ class MetricWindow:
         if not applied:
             # (an integer 0: integer metrics stay exact, added to the float64 sums)
             vec = torch.where(self._batch_mask(list(metrics), vec.device), vec, 0)
-        self.add_vector(vec, list(metrics), applied)
+        vec = self.add_vector(vec, list(metrics), applied)
         self.samples += samples
         return vec
 
@@ -135,7 +136,10 @@ class MetricWindow:
             self._masks[key] = torch.tensor(flags, device=device)
         return self._masks[key]
 
-    def add_vector(self, vec: torch.Tensor, keys: list[str], applied: bool = True) -> None:
+    def add_vector(self, vec: torch.Tensor, keys: list[str], applied: bool = True) -> torch.Tensor:
+        """Add a step's stacked metrics (named `keys`); returns them as the window took them."""
+        if self.count and keys != self.keys:
+            vec, keys = self._step_norm_apart(vec, keys)
         if not self.count:
             self.keys, self.sums, self.updates = keys, vec.double(), 0
         elif keys != self.keys:
@@ -148,6 +152,26 @@ class MetricWindow:
             self.sums = self.sums + vec  # in float64 (the sums' dtype), as vec.double() adds
         self.count += 1
         self.updates += applied
+        return vec
+
+    def _step_norm_apart(
+        self, vec: torch.Tensor, keys: list[str]
+    ) -> tuple[torch.Tensor, list[str]]:
+        """A window whose steps differ in the step's own ``grad_norm`` alone (a run resumed with
+        `TrainState.create(grad_norm=...)` changed, or from a checkpoint of a version that always
+        reported it): the window goes on without it, which the next window has where the steps
+        report it. Any other difference is left to `add_vector` to refuse."""
+        norm = "grad_norm"
+        if [k for k in self.keys if k != norm] != [k for k in keys if k != norm]:
+            return vec, keys
+        if norm in self.keys:  # the window's sums lose the column
+            assert self.sums is not None  # a count above 0 comes with its sums
+            kept = [i for i, k in enumerate(self.keys) if k != norm]
+            self.sums, self.keys = self.sums[kept], [k for k in self.keys if k != norm]
+        if norm in keys:  # this step's norm is left out of the window
+            kept = [i for i, k in enumerate(keys) if k != norm]
+            vec, keys = vec[kept], [k for k in keys if k != norm]
+        return vec, keys
 
     def totals(self) -> dict[str, float]:
         assert self.sums is not None, "totals of an empty window"

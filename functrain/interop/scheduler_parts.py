@@ -9,7 +9,9 @@ step. Chained (`ChainedScheduler`), the lr at a step is the value of the member 
 outright, times the factors every other member applied since; so each class is described here by a
 `Part`:
 
-* ``value(t)``: the lr after ``t`` steps when it drives the optimizer alone;
+* ``value(t)``: the lr after ``t`` steps when it drives the optimizer alone (for a class that
+  multiplies the lr it finds, torch's recursion itself, computed ahead in Python floats as torch
+  computes it: `recursion`);
 * ``sets(t)``: the last step ``<= t`` at which it sets the lr outright (-1: not yet), or ``None``;
 * ``factor(a, t)``: the product of its factors over steps ``a + 1 .. t`` (a window in which it sets
   nothing), or ``None`` for a class that sets the lr at every step.
@@ -93,6 +95,53 @@ def relative(value: ValueFn, factor: Window, mode: Mode, restarts: ValueFn | Non
     return Part(value, lambda t: torch.clamp(restarts(t), min=0), factor, adds)
 
 
+# the most values a recursion's table holds (8 bytes each): past it, the closed form goes on
+EXACT_STEPS = 2**20
+# the steps a CosineAnnealingLR's table covers at the least, its rising halves included (each one
+# restarts torch's recursion, with cosines of its own steps: no shorter table repeats)
+COSINE_STEPS = 2**16
+
+
+def recursion(values: Callable[[], list[float]], beyond: ValueFn | None = None) -> ValueFn:
+    """A function of a float64 index tensor: ``values()[i]``, then `beyond` past the table.
+
+    torch's schedulers that multiply the lr they find round at every step, so their last bits
+    depend on the whole history, which no closed form reproduces: the values are torch's
+    recursion, run once in Python floats when the part is built (a table filled at the first read
+    would change what a compiled graph read, and compile it again) and kept in a float64 table,
+    copied to a device once, at its first read there. Past the table the last value is held
+    (`beyond` None: the recursion has stopped changing it) or `beyond` gives it.
+    """
+    table = torch.tensor(values(), dtype=torch.float64)
+    held = {table.device: table}
+    last = table.numel() - 1
+
+    def read(i: torch.Tensor) -> torch.Tensor:
+        if i.device not in held:
+            held[i.device] = table.to(i.device)
+        table_there = held[i.device]
+        out = torch.take(table_there, torch.clamp(i, 0, last).to(torch.int64))
+        return out if beyond is None else torch.where(i > last, beyond(i), out)
+
+    return read
+
+
+def _powers(first: float, gamma: float) -> tuple[list[float], bool]:
+    """``first``, then each value times `gamma`, as torch rounds ``lr * gamma`` step by step.
+
+    Until the product stops changing (0, inf, a fixed point among the subnormals, ``gamma == 1``)
+    or `EXACT_STEPS` values; whether it stopped.
+    """
+    values, lr = [first], first
+    for _ in range(EXACT_STEPS - 1):
+        following = lr * gamma  # gamma >= 0 is finite: no NaN
+        if following == lr:
+            return values, True
+        values.append(following)
+        lr = following
+    return values, False
+
+
 def _counted(a: torch.Tensor, t: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
     """How many of `steps` (repeats counted) lie in ``(a, t]``."""
     count = torch.zeros_like(t)
@@ -106,8 +155,15 @@ def _counted(a: torch.Tensor, t: torch.Tensor, steps: Sequence[int]) -> torch.Te
 
 
 def step_lr(s: Setting, step_size: int, gamma: float) -> Part:
+    # every mode starts from the base (its step 0 multiplies by nothing; entered: ``gamma ** 0``)
+    pieces, stops = _powers(s.base, gamma)
+    last = len(pieces) - 1
+    decayed = recursion(
+        lambda: pieces, None if stops else lambda k: pieces[-1] * torch.pow(gamma, k - last)
+    )
+
     def value(t: torch.Tensor) -> torch.Tensor:
-        return s.base * torch.pow(gamma, torch.div(t, step_size, rounding_mode="floor"))
+        return decayed(torch.div(t, step_size, rounding_mode="floor"))
 
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = torch.clamp(a, min=0)
@@ -144,7 +200,13 @@ def exponential_lr(s: Setting, gamma: float) -> Part:
     def factor(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.pow(gamma, t - torch.clamp(a, min=first))
 
-    return relative(lambda t: s.base * torch.pow(gamma, t - first), factor, s.mode)
+    # stepped, its step 0 multiplies the base once; entered, it is ``base * gamma ** 0``
+    values, stops = _powers(s.base * gamma if first else s.base, gamma)
+    last = len(values) - 1
+    value = recursion(
+        lambda: values, None if stops else lambda t: values[-1] * torch.pow(gamma, t - last)
+    )
+    return relative(value, factor, s.mode)
 
 
 def linear_lr(s: Setting, start_factor: float, end_factor: float, total_iters: int) -> Part:
@@ -159,7 +221,17 @@ def linear_lr(s: Setting, start_factor: float, end_factor: float, total_iters: i
             a >= total_iters, 1.0, ratio
         )  # past total_iters the factors are 1 (level may be 0)
 
-    return relative(lambda t: s.base * level(t), factor, s.mode)
+    def values() -> list[float]:  # LinearLR.get_lr op for op; in every mode step 0 is the same
+        out = [s.base * start_factor]
+        for t in range(1, min(total_iters, EXACT_STEPS - 1) + 1):
+            rise = (end_factor - start_factor) / (
+                total_iters * start_factor + (t - 1) * (end_factor - start_factor)
+            )
+            out.append(out[-1] * (1.0 + rise))
+        return out
+
+    beyond = None if total_iters < EXACT_STEPS else lambda t: s.base * level(t)
+    return relative(recursion(values, beyond), factor, s.mode)
 
 
 def constant_lr(s: Setting, factor: float, total_iters: int) -> Part:
@@ -187,7 +259,21 @@ def polynomial_lr(s: Setting, total_iters: int, power: float) -> Part:
         ratio = level(t) / level(torch.clamp(a, min=first))
         return torch.where(a >= total_iters, 1.0, ratio)
 
-    return relative(lambda t: s.base * factor(torch.full_like(t, -1.0), t), factor, s.mode)
+    def decay(t: int) -> float:  # PolynomialLR.get_lr's factor, op for op
+        return ((1.0 - t / total_iters) / (1.0 - (t - 1) / total_iters)) ** power
+
+    def values() -> list[float]:
+        # its initial step keeps the base, as does the closed form at 0; stepped, step 0 decays
+        out = [s.base * decay(0) if s.mode == "stepped" else s.base]
+        for t in range(1, min(total_iters, EXACT_STEPS - 1) + 1):
+            out.append(out[-1] * decay(t))
+        return out
+
+    def closed(t: torch.Tensor) -> torch.Tensor:
+        return s.base * factor(torch.full_like(t, -1.0), t)
+
+    beyond = None if total_iters < EXACT_STEPS else closed
+    return relative(recursion(values, beyond), factor, s.mode)
 
 
 def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
@@ -195,7 +281,7 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
 
     Otherwise each step is affine in the lr.
     """
-    value = cosine_annealing(s.base, T_max, eta_min, s.mode)
+    value = cosine_recursion(s.base, T_max, eta_min, s.mode)
     if eta_min != 0:  # neither sets the lr nor multiplies it: affine in it at every step
         return Part(
             value, (lambda t: torch.zeros_like(t)) if s.mode == "entered" else None, affine=True
@@ -215,6 +301,33 @@ def cosine_annealing_lr(s: Setting, T_max: int, eta_min: float) -> Part:
         return level(t) / level(torch.clamp(a, min=first))
 
     return relative(value, factor, s.mode, restarts)
+
+
+def cosine_recursion(base_lr: float, T_max: int, eta_min: float, mode: Mode) -> ValueFn:
+    """torch's `CosineAnnealingLR` step by step, as its `get_lr` rounds it (`recursion`).
+
+    Its table covers the steps up to ``max(T_max, COSINE_STEPS)`` (at most `EXACT_STEPS`); past
+    it, the closed form (`cosine_annealing`).
+    """
+
+    def step(lr: float, t: int) -> float:  # CosineAnnealingLR.get_lr op for op
+        if (t - 1 - T_max) % (2 * T_max) == 0:
+            return lr + (base_lr - eta_min) * (1 - math.cos(math.pi / T_max)) / 2
+        return (1 + math.cos(math.pi * t / T_max)) / (1 + math.cos(math.pi * (t - 1) / T_max)) * (
+            lr - eta_min
+        ) + eta_min
+
+    def values() -> list[float]:
+        if mode == "entered":  # the closed form at 0
+            first = eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * 0 / T_max)) / 2
+        else:  # its initial step keeps the lr; a plain step into epoch 0 takes torch's step
+            first = step(base_lr, 0) if mode == "stepped" else base_lr
+        out = [first]
+        for t in range(1, min(max(T_max, COSINE_STEPS), EXACT_STEPS - 1) + 1):
+            out.append(step(out[-1], t))
+        return out
+
+    return recursion(values, cosine_annealing(base_lr, T_max, eta_min, mode))
 
 
 def cosine_annealing(base_lr: float, T_max: int, eta_min: float, mode: Mode) -> ValueFn:

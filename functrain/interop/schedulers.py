@@ -583,9 +583,10 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
 
     Every class but `ReduceLROnPlateau` (see `reduce_on_plateau`). **Within 1e-12 relative of
     torch's lr at every one of the first 1,000 steps** (``tests/optim/test_schedules.py`` checks
-    each class over its arguments, measured in float64 on CPU); bit for bit where this says so:
+    each class over its arguments, measured in float64 on CPU); bit for bit where this says so
+    (``tests/interop/test_schedulers.py`` compares each with ``==`` at steps 0 to 200):
 
-    * `MultiStepLR`, `LambdaLR`, `MultiplicativeLR`, `CyclicLR`, `OneCycleLR` with
+    * `MultiStepLR`, `ConstantLR`, `LambdaLR`, `MultiplicativeLR`, `CyclicLR`, `OneCycleLR` with
       ``anneal_strategy="linear"``: bit for bit (`LambdaLR`: when its lambda's tensor ops round as
       its Python ones do; ``+ - * / ** //`` do).
     * `OneCycleLR` (cos), `CosineAnnealingWarmRestarts`: torch's formula op for op, but
@@ -594,13 +595,21 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
       relative bits of ``1 + cos``; absolute error ~1e-16 lr). `OneCycleLR` ignores `lr` (it starts
       from ``max_lr / div_factor``); past ``total_steps``, where torch raises, the last value is
       held.
-    * `StepLR`, `ExponentialLR`, `LinearLR`, `ConstantLR`, `PolynomialLR`: torch multiplies the lr
-      by a factor every step, so its last bits depend on the whole history; the closed form is
-      within 5e-14 relative (one rounding a step, accumulated).
-    * `CosineAnnealingLR`: torch's recursion telescopes to the cosine (within 2e-14 up to
-      ``T_max``); past ``T_max`` it rises again (period ``2 * T_max``), restarting its recursion one
-      step after each trough, which is reproduced; with ``eta_min > 0`` the rising halves carry
-      torch's rounding of ``lr - eta_min`` (within 2e-12 relative, the one case above 1e-12).
+    * `StepLR`, `ExponentialLR`, `LinearLR`, `PolynomialLR`, `CosineAnnealingLR`: torch multiplies
+      the lr it finds by a factor every step (`CosineAnnealingLR`: ``lr - eta_min``), so its last
+      bits depend on the whole history, which no closed form reproduces (one ulp off at some
+      steps). Their values are torch's recursion itself, bit for bit, run once in Python floats
+      (when the schedule is built) and kept in a float64 table (8 bytes a step) that the
+      schedule reads by index, on the host and on a device alike: `StepLR` and `ExponentialLR`
+      until the product stops changing (0, or a fixed point), `LinearLR` and `PolynomialLR` up to
+      ``total_iters`` (the lr holds after), `CosineAnnealingLR` up to ``max(T_max, 65536)``
+      steps, its rising halves included (past ``T_max`` torch rises again, period
+      ``2 * T_max``, restarting its recursion one step after each trough, with cosines of its own
+      steps: no shorter table repeats). A table holds at most 2**20 values (8 MiB); past its end
+      (a ``gamma`` within ~7e-4 of 1, a ``total_iters`` above 2**20, a cosine past its table) the
+      closed form goes on from there: within 5e-14 relative (one rounding a step, accumulated),
+      the cosine within 2e-12 (with ``eta_min > 0`` its rising halves carry torch's rounding of
+      ``lr - eta_min``).
     * `MultiplicativeLR`: the lr is ``lr * lr_lambda(1) * ... * lr_lambda(t)``, which no formula
       gives for any lambda: the lambda is called once per step on the host, with ints as torch calls
       it, up to ``total_steps`` (an extra argument, required), and the products (as torch rounds
@@ -613,7 +622,15 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
       from ``base_lr``; built after another scheduler, its first value is torch's: the
       ``initial_lr`` the others started from). A ``scale_fn`` is called as `LambdaLR`'s lambda is.
     * `SequentialLR` and `ChainedScheduler`, nested: ``schedulers=[(cls, kwargs), ...]`` (and
-      ``milestones=[...]``), each member as precise as alone. The members are taken to be built in
+      ``milestones=[...]``). In a `SequentialLR` each member is as precise as alone (bit for bit
+      for the classes above: each restarts at its milestone), but for a `MultiplicativeLR` entered
+      at a milestone (the lr it finds times the product of its factors: one rounding a step
+      apart, accumulated; 1.5e-15 relative over 300 steps). A
+      `ChainedScheduler` is the product of its members' factors since the last member set the lr
+      (within 1e-12 relative): torch multiplies the lr by each member's factor in turn, every
+      step, so its bits are a fold of every member over every step, which neither a member's
+      table nor a product of them gives, and a table of the chain itself would be unbounded (its
+      members' recursions never stop together). The members are taken to be built in
       list order, depth first, as torch builds them (that order decides the lr they start from).
       `SequentialLR` restarts each member at its milestone from its closed form (a
       `MultiplicativeLR` continues from the lr it finds); in a `ChainedScheduler` the lr is the

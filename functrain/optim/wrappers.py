@@ -189,21 +189,63 @@ def _update_where(
         )
     # the previous state and parameters are selected below: keep them
     new_updates, new_state, report = update_reporting(inner, updates, state, params, extras.kept())
-    return _gate(new_updates, keep, params), tree_select(keep, new_state, state), report
+    kept = (
+        _changed_where(keep, new_state, state)
+        if extras.differentiable
+        else tree_select(keep, new_state, state)
+    )
+    return _gate(new_updates, keep, params), kept, report
+
+
+def _changed_where(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
+    """`tree_select` of a differentiable state's leaves (dense tensors), each leaf the update left
+    as it was (the very tensor: the held rate and weight decay) kept as it is.
+
+    A differentiable step selects only where vmap batches `keep` and its members differ (tasks
+    of which some skip). A select there would batch the hyperparameters too, and the
+    differentiable form, unable to read a batched one as a number, would compute with it as a
+    tensor: ``a + lr * b``, rounded twice where torch's ``add(alpha=lr)`` rounds once. (A
+    differentiable state is never donated: its states may share tensors.)
+    """
+    leaves, spec = tree_flatten(new)
+    return tree_unflatten(
+        [
+            n if n is o else torch.where(keep, n, o)
+            for n, o in zip(leaves, tree_leaves(old), strict=True)
+        ],
+        spec,
+    )
 
 
 def _read_on_host(keep: torch.Tensor) -> bool | None:
     """A differentiable step's flag, read even where that waits for an accelerator, and under
     ``torch.func.grad`` / ``vjp`` / ``jvp``: its skipped step must keep the parameters and state
     themselves (a select's derivative would be NaN), and the step reads its numbers on the host
-    anyway, as torch.optim's single-tensor loops do. None where vmap batches it (each member's
-    own) or a stacked state's members differ."""
+    anyway, as torch.optim's single-tensor loops do.
+
+    Where vmap batches it (tasks, hyperparameter values) the members' flags are read together:
+    the one value all of them hold, None where they differ (or a stacked state's ``[K]`` flag).
+    Each member then runs its own step (no select batches the count and hyperparameters that no
+    member changed: the differentiable form reads them as numbers, and rounds as the ordinary
+    step does).
+    """
     if keep.ndim or torch.compiler.is_compiling():
         return None
     try:
         return bool(keep)
-    except RuntimeError:  # batched under vmap: no one value
-        return None
+    except RuntimeError:  # batched under vmap: each member's own
+        return _members_agree(keep)
+
+
+def _members_agree(flag: torch.Tensor) -> bool | None:
+    """The value every member of a flag that vmap batches holds, read on the host from the
+    tensor beneath ``torch.func``'s wrappers (every level's members); None where they differ."""
+    values = flag
+    while torch._C._functorch.is_functorch_wrapped_tensor(values):
+        values = torch._C._functorch.get_unwrapped(values)
+    if bool(values.all()):
+        return True
+    return False if not bool(values.any()) else None
 
 
 def _selected(mask: Mask, params: Tree) -> tuple[bool, ...]:
@@ -934,8 +976,16 @@ class AccumulateState(NamedTuple):
         return {"micro_step": self.micro_step}
 
 
-@named(added={"reduce": "mean"}, resumed=("reduce",))
-def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Transform:
+def _unreported(arguments: dict[str, Any]) -> dict[str, Any]:
+    """`accumulate`'s arguments as its name records them: `report_norm`, a metric that changes
+    no number, left out."""
+    return {key: value for key, value in arguments.items() if key != "report_norm"}
+
+
+@named(added={"reduce": "mean"}, resumed=("reduce",), resolve=_unreported)
+def accumulate(
+    inner: Transform, every: int, *, reduce: Reduce = "mean", report_norm: bool = True
+) -> Transform:
     """Sum incoming updates over `every` calls and apply `inner` to them on the last one.
 
     ``reduce="mean"`` (the default) hands `inner` the window's sum divided by `every`: for a mean
@@ -958,6 +1008,9 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         inner: the transform to run every `every`-th call (usually the optimizer).
         every: number of micro-steps per update; >= 1.
         reduce: ``"mean"`` or ``"sum"``: what `inner` gets of the window's gradients.
+        report_norm: measure the norm it reports between window ends (the step's ``grad_norm``
+            metric, `TrainState.create(grad_norm=True)`); False leaves it unmeasured there (at a
+            window's end the checks inside take it). Not part of its name: it changes no number.
 
     Returns:
         A `Transform`; between updates the parameters do not move and the inner state is unchanged.
@@ -1036,7 +1089,7 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         # the checks inside share
         between = (
             extras.global_norm(sums)
-            if every > 1 and extras.reporting and ends is not True
+            if every > 1 and report_norm and extras.reporting and ends is not True
             else None
         )
         if between is not None and mean:
@@ -1083,7 +1136,7 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
         rate, skip = metric_reader(state.inner, "lr"), metric_reader(state.inner, "skipped")
         # the gradients (in their parameters' dtypes) are summed as they are, or cast first
         same = all(x.dtype == s.dtype for x, s in zip(p, state.grad_sum, strict=True))
-        return _window_runner(run_inner, every, mean, rate, skip, same)
+        return _window_runner(run_inner, every, mean, rate, skip, same, report_norm)
 
     # on a stacked state's tensors when its inner transform is, gated (the window ends are `[K]`)
     aware = runs_on_members(inner) and getattr(inner, "gated", False)
@@ -1094,14 +1147,21 @@ def accumulate(inner: Transform, every: int, *, reduce: Reduce = "mean") -> Tran
 
 
 def _window_runner(
-    run_inner: Runner, every: int, mean: bool, lr_of: Any, skipped_of: Any, same: bool
+    run_inner: Runner,
+    every: int,
+    mean: bool,
+    lr_of: Any,
+    skipped_of: Any,
+    same: bool,
+    report_norm: bool = True,
 ) -> Runner:
     """The `Runner` of `accumulate` around a planned inner update: `accumulate`'s ``update_fn``
     with the inner runner in place of its update, op for op.
 
     `lr_of` and `skipped_of` read the inner state's rate and skip flag (`metric_reader`), which a
     micro-step between window ends reports as they are; `same`: whether the gradients have their
-    sums' dtypes (else each is cast to its sum's).
+    sums' dtypes (else each is cast to its sum's); `report_norm`: whether a micro-step between
+    window ends measures the norm of the sums so far, which it reports.
     """
     start = 0.0 if mean else -0.0
 
@@ -1131,7 +1191,7 @@ def _window_runner(
             ends = flag_value(last)  # None where it cannot be read without a sync
         else:  # known on the host: no tensor to compare (`last` is read only where it is not)
             last, ends = None, at == every - 1
-        between = plain_norm(sums) if every > 1 and ends is not True else None
+        between = plain_norm(sums) if report_norm and every > 1 and ends is not True else None
         if between is not None and mean:
             between = between / every
         if ends is False:  # the window goes on: the inner update would be a no-op

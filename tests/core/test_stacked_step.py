@@ -47,7 +47,7 @@ def test_the_default_optimizers_update_the_stacked_tensors_directly():
 def test_the_update_on_stacked_tensors_equals_the_update_member_by_member(optimizer, monkeypatch):
     """Given the same gradients, the direct update and the vmapped one agree bit for bit."""
     data = batches(6)
-    stacked = ft.stack([make_state(seed, optimizer) for seed in range(3)])
+    stacked = ft.stack([make_state(seed, optimizer, grad_norm=True) for seed in range(3)])
     direct, direct_metrics = run(stacked, data)
     monkeypatch.setattr(stacked_step, "updates_stacked", lambda state: False)
     vmapped, vmapped_metrics = run(stacked, data)
@@ -336,7 +336,7 @@ def test_a_stacked_step_calls_the_kernel_once_whether_members_skip_or_their_coun
 
 
 def test_each_members_gradient_norm_is_the_norm_it_has_trained_alone():
-    states = [make_state(seed, ft.adamw(1e-2)) for seed in range(3)]
+    states = [make_state(seed, ft.adamw(1e-2), grad_norm=True) for seed in range(3)]
     data = batches(3)
     stacked, metrics = run(ft.stack(states), data)
     assert stacked_step.updates_stacked(stacked)  # the norms per member of the stacked tensors
@@ -549,7 +549,10 @@ def test_each_members_average_moves_by_its_own_count_and_skip(warmup, donate, mo
 @pytest.mark.parametrize("donate", [False, True])
 def test_accumulation_runs_on_the_stacked_tensors_each_member_its_own_window(donate, monkeypatch):
     """Two micro-batches a window, one member's poisoned: that member skips its window alone."""
-    states = [make_state(s, ft.adamw(1e-2), accumulate_steps=2, ema_decay=0.9) for s in range(3)]
+    states = [
+        make_state(s, ft.adamw(1e-2), accumulate_steps=2, ema_decay=0.9, grad_norm=True)
+        for s in range(3)
+    ]
     x, y = batches(1)[0]
     poisoned = ft.PerMember((torch.stack([x, x.clone().fill_(float("nan")), -x]), y.expand(3, -1)))
     clean = ft.PerMember((torch.stack([x, 2 * x, -x]), y.expand(3, -1)))

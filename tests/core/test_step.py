@@ -7,6 +7,7 @@ import copy
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,7 +129,7 @@ def test_fifty_steps_equal_the_torch_loop_bit_for_bit(arch: str, opt: str) -> No
 def test_metrics_equal_the_reference_values() -> None:
     model = make_mlp()
     reference = copy.deepcopy(model)
-    state = ft.TrainState.create(model, ft.sgd(0.05), cross_entropy_with_accuracy)
+    state = ft.TrainState.create(model, ft.sgd(0.05), cross_entropy_with_accuracy, grad_norm=True)
     batch = batches(model, 1)[0]
     _, metrics = ft.train_step(state, batch)
     loss, aux = cross_entropy_with_accuracy(reference, batch)
@@ -142,6 +143,41 @@ def test_metrics_equal_the_reference_values() -> None:
     assert torch.allclose(metrics["grad_norm"], norm, rtol=1e-6, atol=0)
     assert metrics["lr"].dtype == torch.float32 and torch.equal(metrics["lr"], torch.tensor(0.05))
     assert torch.equal(metrics["skipped"], torch.tensor(0.0))
+
+
+def test_grad_norm_is_reported_where_asked_for_or_measured_by_clipping(tmp_path: Path) -> None:
+    """``grad_norm`` is not among a default step's metrics; ``grad_norm=True`` adds the gradients'
+    global L2 norm (every micro-step's, the window's sums so far), clipping the norm it measured.
+    It is a metric, not part of the run: a checkpoint resumes into a state created without it."""
+    model = make_mlp()
+    batch = batches(model, 1)[0]
+    reference = copy.deepcopy(model)
+    cross_entropy_loss_fn(reference, batch).backward()
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in reference.parameters()])
+    )
+
+    def create(**options: Any) -> ft.TrainState:
+        return ft.TrainState.create(model, ft.sgd(0.05), cross_entropy_loss_fn, **options)
+
+    assert "grad_norm" not in ft.train_step(create(), batch)[1]
+    assert torch.equal(ft.train_step(create(grad_norm=True), batch)[1]["grad_norm"], norm)
+    assert torch.equal(ft.train_step(create(clip_grad_norm=1e-3), batch)[1]["grad_norm"], norm)
+    window, plain = create(accumulate_steps=3, grad_norm=True), create(accumulate_steps=3)
+    for micro in (1, 2, 3):  # the loss divided by 3: the window's sum grows by a third a step
+        window, metrics = ft.train_step(window, batch)
+        plain, plain_metrics = ft.train_step(plain, batch)
+        torch.testing.assert_close(metrics["grad_norm"], norm * micro / 3, rtol=1e-6, atol=0)
+        assert "grad_norm" not in plain_metrics
+    assert int(window.step) == 1
+    trained, _ = ft.train_step(create(grad_norm=True), batch)
+    resumed = ft.load(ft.save(trained, tmp_path / "ckpt"), like=create())
+    ft.assert_states_equal(trained, resumed)
+    assert resumed.options.grad_norm is False  # the template's choice
+    resumed, metrics = ft.train_step(resumed, batch)
+    trained, _ = ft.train_step(trained, batch)
+    ft.assert_states_equal(trained, resumed)
+    assert "grad_norm" not in metrics
 
 
 # ---------------------------------------------------------------- purity and determinism
@@ -444,7 +480,7 @@ def test_nonfinite_step_is_skipped_as_a_counted_no_op(opt: str) -> None:
         "adamw": ft.adamw(1e-2),
         "adamw_fused": ft.adamw(1e-2, fused=True),
     }[opt]
-    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn)
+    state = ft.TrainState.create(model, tx, cross_entropy_loss_fn, grad_norm=True)
     good, bad = batches(model, 2)
     state, _ = ft.train_step(state, good)
     skipped, metrics = ft.train_step(state, nan_batch(model))
@@ -561,7 +597,7 @@ def _reporting_sgd(norm: float) -> ft.Transform:
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"nonfinite": "none"}, {"clip_grad_norm": 100.0}],
+    [{"grad_norm": True}, {"nonfinite": "none", "grad_norm": True}, {"clip_grad_norm": 100.0}],
     ids=["skip-nonfinite", "alone", "clipped"],
 )
 def test_a_transforms_returned_report_is_the_steps_grad_norm(
@@ -605,7 +641,7 @@ def _passing_on(inner: ft.Transform) -> ft.Transform:
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"nonfinite": "none"}, {"clip_grad_norm": 100.0}],
+    [{"grad_norm": True}, {"nonfinite": "none", "grad_norm": True}, {"clip_grad_norm": 100.0}],
     ids=["skip-nonfinite", "alone", "clipped"],
 )
 def test_transforms_written_to_the_reported_dict_still_report_through_it(
@@ -672,7 +708,8 @@ def test_fp16_reports_the_loss_scale_and_halves_it_on_overflow() -> None:
     model = make_mlp()
     state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, precision="fp16")
     state, metrics = ft.train_step(state, batches(model, 1)[0])
-    assert set(metrics) == {"loss", "grad_norm", "lr", "skipped", "loss_scale"}
+    assert set(metrics) == {"loss", "lr", "skipped", "loss_scale"}
+    assert "grad_norm" not in metrics  # reported only with grad_norm=True or clipping
     assert torch.equal(metrics["loss_scale"], torch.tensor(65536.0))
     assert torch.equal(metrics["skipped"], torch.tensor(0.0))
     x, y = batches(model, 1, seed=3)[0]
@@ -756,17 +793,20 @@ def run_without_host_reads(
     "options",
     [
         {"nonfinite": "none"},
+        {"nonfinite": "none", "grad_norm": True},
         {"nonfinite": "none", "accumulate_steps": 2, "clip_grad_norm": 1.0, "ema_decay": 0.9},
         {"precision": "fp16"},
         {"precision": "bf16", "nonfinite": "none"},
     ],
-    ids=["plain", "accumulate-clip-ema", "fp16", "bf16"],
+    ids=["plain", "grad-norm", "accumulate-clip-ema", "fp16", "bf16"],
 )
 def test_steps_read_nothing_back_to_the_host(
     monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
 ) -> None:
     metrics = run_without_host_reads(monkeypatch, **options)
-    assert set(metrics) >= {"loss", "grad_norm", "lr", "skipped", "acc", "eval_loss", "eval_acc"}
+    assert set(metrics) >= {"loss", "lr", "skipped", "acc", "eval_loss", "eval_acc"}
+    # the norm only where it is asked for or clipping measures it
+    assert ("grad_norm" in metrics) == ("grad_norm" in options or "clip_grad_norm" in options)
     assert float(metrics["loss"]) > 0  # the patch is undone
 
 

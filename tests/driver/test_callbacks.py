@@ -221,7 +221,8 @@ def test_callbacks_see_host_logs_only_at_log_intervals() -> None:
         if logs is not None:
             assert logs["step"] == step
             metrics = {k: v for k, v in logs.items() if k not in ("step", "epoch")}
-            assert {"loss", "mae", "grad_norm", "lr", "skipped", "step_time_ms"} <= set(metrics)
+            assert {"loss", "mae", "lr", "skipped", "step_time_ms"} <= set(metrics)
+            assert "grad_norm" not in metrics  # reported only with grad_norm=True or clipping
             assert all(type(v) is float for v in metrics.values())
 
 
@@ -281,13 +282,13 @@ def test_jsonl_log_has_a_line_per_log_interval_evaluation_and_epoch(tmp_path: Pa
         "loss",
         "mae",
         "undefined",
-        "grad_norm",
         "lr",
         "skipped",
         "samples_per_s",
         "step_time_ms",
         "memory_mib",
     }
+    assert not any("grad_norm" in line for line in lines)  # not asked for, not clipped
     assert all(line["undefined"] == "nan" for line in train)
     evals = [line for line in lines if line["kind"] == "eval"]
     assert set(evals[0]) == {
@@ -309,7 +310,6 @@ def test_jsonl_log_has_a_line_per_log_interval_evaluation_and_epoch(tmp_path: Pa
         "loss",
         "mae",
         "undefined",
-        "grad_norm",
         "lr",
         "skipped",
         "epoch_time_s",
@@ -324,7 +324,8 @@ def test_console_logger_levels(
     capsys: pytest.CaptureFixture[str], verbosity: str, steps: bool, verbose_keys: bool
 ) -> None:
     data = sum_dataset()
-    quiet_fit(make_state(), data, eval_data=data, max_epochs=2, log_every=3, verbosity=verbosity)
+    state = make_state(grad_norm=True)
+    quiet_fit(state, data, eval_data=data, max_epochs=2, log_every=3, verbosity=verbosity)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("epoch")] == [
         "epoch 0 done",

@@ -356,7 +356,7 @@ def test_epoch_rows_carry_the_epochs_mean_of_every_training_metric() -> None:
         loss = loss_fn(model, batch)
         return loss, {"twice": 2 * loss}
 
-    state = ft.TrainState.create(make_module(), ft.sgd(0.05), with_metric)
+    state = ft.TrainState.create(make_module(), ft.sgd(0.05), with_metric, grad_norm=True)
     result = quiet_fit(state, dataset(), max_epochs=2, log_every=1)
     train, epochs = result.history.rows["train"], result.history.rows["epoch"]
     for e, row in enumerate(epochs):

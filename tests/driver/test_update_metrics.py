@@ -124,3 +124,27 @@ def test_each_groups_rate_is_logged_as_the_updates_applied_it() -> None:
     assert [r["lr/weight"] for r in rows] == [r["lr"] for r in rows]
     assert [r["lr/bias"] for r in rows] == pytest.approx([0.05] * 4)
     assert result.history.last("epoch")["lr/weight"] == pytest.approx(3.75e-4)
+
+
+@pytest.mark.parametrize(("before", "after"), [(True, False), (False, True)])
+def test_a_run_resumes_mid_window_with_the_gradient_norm_metric_switched(
+    tmp_path: Path, before: bool, after: bool
+) -> None:
+    # a checkpoint inside a log window (log_every=4, saved after step 6): the window the resumed
+    # run goes on with had its steps' grad_norm (or not), the resumed steps report the other way
+    data = dataset(n=80)
+    common = dict(batch_size=5, shuffle=False, log_every=4, checkpoint_dir=tmp_path)
+    quiet_fit(linear_state(grad_norm=before), data, max_steps=6, save_every=6, **common)
+    resumed = quiet_fit(linear_state(grad_norm=after), data, max_steps=12, resume=True, **common)
+    whole = quiet_fit(
+        linear_state(grad_norm=after),
+        data,
+        max_steps=12,
+        **common | {"checkpoint_dir": tmp_path / "whole"},
+    )
+    assert int(resumed.state.step) == 12
+    assert ft.diff_states(resumed.state.replace(driver=whole.state.driver), whole.state) == []
+    rows = {row["step"]: row for row in resumed.history.rows["train"]}
+    assert ("grad_norm" in rows[4]) == before  # the first run's window
+    assert "grad_norm" not in rows[8]  # the window across the resume: without it
+    assert ("grad_norm" in rows[12]) == after  # the next one: as asked

@@ -121,8 +121,8 @@ def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach() for k, p in module.named_parameters()}
 
 
-def create(name: str, bag: bool) -> ft.TrainState:
-    return ft.TrainState.create(model(bag), OPTIMIZERS[name][0](), loss_fn)
+def create(name: str, bag: bool, **options: Any) -> ft.TrainState:
+    return ft.TrainState.create(model(bag), OPTIMIZERS[name][0](), loss_fn, **options)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -130,7 +130,7 @@ def create(name: str, bag: bool) -> ft.TrainState:
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_sparse_gradients_train_as_under_torch_optim(name: str, donate: bool, bag: bool) -> None:
-    state = create(name, bag)
+    state = create(name, bag, grad_norm=True)
     for batch in batches():
         before = None if donate else state.clone()
         given = state

@@ -461,7 +461,7 @@ def sharded_extras(out: Path, rank: int, world: int) -> None:
             )
         )
         stats = ft.TrainState.create(
-            Features(), ft.adamw(1e-2), loss_fn, sharding=mode, grad_stats="layer"
+            Features(), ft.adamw(1e-2), loss_fn, sharding=mode, grad_stats="layer", grad_norm=True
         )
         stats, m = ft.train_step(stats, shard(batches(1)[0], rank, world))
         results[f"grad_stats/{mode}"] = {k: v for k, v in m.items() if "/" in k or k == "grad_norm"}
