@@ -13,9 +13,9 @@ method below:
 The update is decided once, as one of three (`StepProgram.stage`):
 
 - **planned**: the transform declares a `functrain.optim.planned.Planner` and it plans the
-  state's tensors: `_with_runner` lays the gradients out and takes their global norm, then runs
-  the transform's `Runner` (for the fused presets one kernel call, gated by the norm's finiteness;
-  the plain chains of RMSprop and, on the CPU, Adamax, RAdam and NAdam; inside `skip_nonfinite`,
+  state's tensors: `_with_runner` lays the gradients out and takes their global norm where the
+  step reports it or its update needs it, then runs the transform's `Runner` (for the fused
+  presets one kernel call, gated by the gradients' elements being finite; the plain chains of RMSprop and, on the CPU, Adamax, RAdam and NAdam; inside `skip_nonfinite`,
   `accumulate`, `partition` and a clipping `chain`), the EMA, the
   counters and metrics: the per-step path does arithmetic, not decisions;
 - **updated**: any other transform, run by `_with_runner` through its own update (`_updating`:
@@ -90,6 +90,7 @@ from functrain.optim.planned import Prelude, Ran, Runner
 from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
+from functrain.optim.wrappers import GuardedRunner
 from functrain.tree import (
     LOCAL_NORMS,
     Norms,
@@ -179,12 +180,12 @@ class StepProgram(_Decided):
         # its update where every average moves (an EMA of the parameters alone), else None
         self.averaging = averaging_of(state.averager) if self.averages else None
         # the step reports the gradients' norm (asked for, or clipping's), and measures it for its
-        # update: a fused kernel alone takes none (the guard, clipping and other runners do)
+        # update: a fused kernel takes none, alone or in the guard (which checks the elements
+        # themselves); clipping and the other runners do
         self.reports = options.reports_grad_norm
-        self.measures = self.reports or (
-            options.nonfinite != "none"
-            or options.clip_grad_norm is not None
-            or type(runner) is not FusedRunner
+        fused = runner.inner if type(runner) is GuardedRunner else runner
+        self.measures = (
+            self.reports or options.clip_grad_norm is not None or type(fused) is not FusedRunner
         )
         # the configuration's step as one function (`functrain.core.straight`), where it is
         # written for it: what `functrain.train_step` runs, `run` its stages otherwise

@@ -222,7 +222,7 @@ def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any
         return f"        {call}\n", {}
     lines = [
         "opt = state.opt_state",
-        "kept = HOST_GUARD(norm, opt)",
+        "kept = HOST_GUARD(opt, grads, norm)",
         "if kept is not None:",
         "    inner = opt.inner",
     ]

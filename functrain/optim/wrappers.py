@@ -100,19 +100,40 @@ def _require_transform(inner: object, where: str) -> None:
 def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch.Tensor:
     """A 0-d bool tensor: True when no element of `tensors` is NaN or infinite (no host sync).
 
-    Tests the global L2 norm (the one `global_norm` computes with `norms`: in a step the step's
-    ``grad_norm`` metric, shared, and in a sharded step summed over ranks), so tensors whose norm
-    overflows float32 (above ~1.8e19 in all) also count as non-finite, as they do for
-    ``torch.nn.utils.clip_grad_norm_(error_if_nonfinite=True)``.
+    Element by element, as torch's GradScaler finds an infinity (``found_inf``): the global norm
+    of the tensors times zero, which is 0 where every element is finite and NaN where one is not
+    (an infinity times zero), measured as `global_norm` measures with `norms` (summed over ranks in
+    a sharded step, one per member of a stacked state: ``[K]``). Tensors whose norm overflows
+    float32 (above ~1.8e19 in all) count as finite: their elements are.
 
     Example:
         >>> all_finite([torch.tensor([1.0, 2.0]), torch.tensor([float("nan")])])
         tensor(False)
+        >>> all_finite([torch.full((4,), 3e38)])  # its norm overflows; every element is finite
+        tensor(True)
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    # a norm is >= 0 or NaN: below infinity is finite, in one op where isfinite takes four
-    return global_norm(tensors, norms) < math.inf
+    plain = not (torch.compiler.is_compiling() or under_vmap()) and all(
+        type(t) is torch.Tensor and not t.is_sparse for t in tensors
+    )
+    zeroed = torch._foreach_mul(tensors, 0.0) if plain else [t * 0.0 for t in tensors]
+    return global_norm(zeroed, norms._replace(shared=None)) == 0
+
+
+def _finite_now(grads: list[torch.Tensor], norm: torch.Tensor | None) -> bool | None:
+    """Whether every element of the step's gradients is finite, read on the host where that waits
+    for nothing (CPU tensors; None elsewhere): from their norm where it is given and finite (then
+    every element is), else element by element (`all_finite`)."""
+    if norm is not None:
+        value = _on_cpu(norm)
+        if value is None:
+            return None
+        if math.isfinite(value):
+            return True
+    elif not grads or grads[0].device.type != "cpu":
+        return None
+    return bool(_on_cpu(all_finite(grads)))
 
 
 def _gate(updates: Any, keep: torch.Tensor, params: Tree | None) -> Any:
@@ -724,12 +745,11 @@ class GuardedRunner:
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        assert norm is not None  # (the step's, or a window's: `Runner`)
         run_inner = self.inner
-        if keep is None and _finite_on_host(norm):  # a CPU tensor's value: no wait
+        if keep is None and _finite_now(grads, norm):  # CPU tensors' values: no wait
             # finite, known on the host: the update as it is
             return _finite_run(run_inner, grads, params, state, norm, write)
-        finite = torch.isfinite(norm)  # `all_finite` of the step's norm (>= 0 or NaN)
+        finite = all_finite(grads)  # element by element, as `update_fn`'s
         ran = run_inner(
             grads, params, state.inner, norm, write, finite if keep is None else finite & keep
         )
@@ -792,7 +812,9 @@ def _members_gated(run_inner: Runner, cap: int) -> Runner:
         keep: torch.Tensor | None = None,
     ) -> Ran:
         assert norm is not None  # (the members' norms: `Runner`)
-        finite = norm < math.inf  # `all_finite` of each member's norm
+        finite = norm < math.inf  # each member's norm finite: then so is every element
+        if flag_value(finite.all()) is not True:  # (read where it waits for nothing)
+            finite = all_finite(grads, Norms(members=norm.shape[0]))  # element by element
         gate = finite if keep is None else finite & keep
         # as `_update_where`: known to hold for every member, the update as it is
         ran = run_inner(grads, params, state.inner, norm, write, None if flag_value(gate) else gate)
@@ -808,7 +830,7 @@ def _finite_run(
     grads: list[torch.Tensor],
     params: list[torch.Tensor],
     state: SkipNonfiniteState,
-    norm: torch.Tensor,
+    norm: torch.Tensor | None,
     write: bool,
 ) -> Ran:
     """`skip_nonfinite`'s runner on an update known on the host to be finite: the inner update
@@ -823,15 +845,24 @@ def _finite_run(
     return Ran(ran.params, new_state, ran.lr, None, None, ran.norm, ran.ended)
 
 
+# the found-inf check's inverse scale: one, which leaves every gradient as it is
+_ONE = torch.ones((), dtype=torch.float32)
+
+
 def host_guard(
-    norm: torch.Tensor, state: SkipNonfiniteState
+    state: SkipNonfiniteState, grads: list[torch.Tensor], norm: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`skip_nonfinite`'s guard read on the host, for a CPU state's step (its values are there:
-    no wait): None where the step's `norm` is not finite (the update is skipped), else the flag
-    and run of skips of a finite step (`_finite_counts`'), in one call (the straight-line step's,
-    `functrain.core.straight`)."""
-    if not math.isfinite(norm.item()):
-        return None
+    no wait), in one call (the straight-line step's, `functrain.core.straight`): None where an
+    element of the step's own gradients `grads` is not finite (the update is skipped), else the
+    flag and run of skips of a finite step (`_finite_counts`'). A finite `norm` (where the step
+    measured one) says so at once; else torch's found-inf check (GradScaler's, multiplying by one
+    in place, which leaves every value as it is: the gradients must be the step's own)."""
+    if norm is None or not math.isfinite(norm.item()):
+        found = torch.zeros((), dtype=torch.float32)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
+        if found.item():
+            return None
     skipped, consecutive = state.skipped, state.consecutive
     if skipped.item():
         skipped = torch.zeros_like(skipped)
@@ -854,13 +885,6 @@ def _finite_counts(state: SkipNonfiniteState, inner: Tree) -> SkipNonfiniteState
     )
 
 
-def _finite_on_host(norm: torch.Tensor) -> bool:
-    """Whether the 0-d norm is finite, read on the host where that waits for nothing (a CPU
-    tensor; elsewhere False: the caller keeps its tensor form)."""
-    value = _on_cpu(norm)
-    return value is not None and math.isfinite(value)
-
-
 def _on_cpu(t: torch.Tensor) -> bool | int | float | None:
     """A runner's 0-d tensor read on the host where it is a CPU tensor (its value is there: no
     wait), else None. A runner runs in the eager step alone (`functrain.core.program`: never
@@ -870,9 +894,9 @@ def _on_cpu(t: torch.Tensor) -> bool | int | float | None:
 
 
 def _host_gated(run_inner: Runner, cap: int) -> Runner:
-    """`skip_nonfinite`'s runner around an ungated inner runner (planned on the CPU): the flag (the
-    step's norm finite, and the window's end under `accumulate`) read on the host, and the update
-    run as it is where it is known to apply (the same bits as `_update_where`, without a select),
+    """`skip_nonfinite`'s runner around an ungated inner runner (planned on the CPU): the flag
+    (the gradients' elements finite, and the window's end under `accumulate`) read on the host,
+    and the update run as it is where it is known to apply (the same bits as `_update_where`, without a select),
     else run on the state kept as it is and its results selected."""
 
     def run(
@@ -883,10 +907,9 @@ def _host_gated(run_inner: Runner, cap: int) -> Runner:
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        assert norm is not None  # (the step's, or a window's: `Runner`)
-        if keep is None and _finite_on_host(norm):  # the usual step: no flag tensor to make
+        if keep is None and _finite_now(grads, norm):  # the usual step: no flag tensor to make
             return _finite_run(run_inner, grads, params, state, norm, write)
-        finite = torch.isfinite(norm)
+        finite = all_finite(grads)  # element by element, as `update_fn`'s
         gate = finite if keep is None else finite & keep
         go = flag_value(gate)
         if go and keep is None:

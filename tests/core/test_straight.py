@@ -150,3 +150,46 @@ def test_a_copied_states_own_structure_gets_its_own_step() -> None:
     b, _ = ft.train_step(twin, _BATCH)
     assert ft.diff_states(a, b) == []
     assert b.program.straight is not None and b.program is not a.program
+
+
+def _huge(m: Any, b: Any) -> torch.Tensor:
+    # gradients of about 1e19 an element: each finite, their norm past float32's largest
+    return m(b[0]).sum() * 1e19
+
+
+@pytest.mark.parametrize("path", ["straight", "stages", "body"])
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["plain", "clipped"])
+def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
+    path: str, clip: float | None
+) -> None:
+    # the guard checks the elements (torch's found-inf check, GradScaler's): a norm that
+    # overflows float32 is no reason to skip, and torch.optim applies such an update
+    torch.manual_seed(0)
+    model = nn.Linear(6, 16)
+    reference = nn.Linear(6, 16)
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    options: dict[str, Any] = {"clip_grad_norm": clip}
+    if path == "body":
+        options["grad_stats"] = "layer"  # the body's update (`StepProgram._with_body`)
+    state = ft.TrainState.create(model, ft.adamw(1e-2, weight_decay=0.1), _huge, **options)
+    for _ in range(3):
+        _huge(reference, _BATCH).backward()
+        grads = [p.grad for p in reference.parameters()]
+        assert all(bool(torch.isfinite(g).all()) for g in grads)
+        assert not torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        program = state.program
+        if path == "stages" and program is not None:
+            state, metrics = program.run(state, _BATCH, True)
+        else:
+            state, metrics = ft.train_step(state, _BATCH, donate=True)
+        assert float(metrics["skipped"]) == 0.0
+    if path == "straight":
+        assert state.program.straight is not None
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+    assert int(state.skipped) == 0
