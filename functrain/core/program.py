@@ -15,9 +15,10 @@ The update is decided once, as one of three (`StepProgram.stage`):
 - **planned**: the transform declares a `functrain.optim.planned.Planner` and it plans the
   state's tensors: `_with_runner` lays the gradients out and takes their global norm where the
   step reports it or its update needs it, then runs the transform's `Runner` (for the fused
-  presets one kernel call, gated by the gradients' elements being finite; the plain chains of RMSprop and, on the CPU, Adamax, RAdam and NAdam; inside `skip_nonfinite`,
-  `accumulate`, `partition` and a clipping `chain`), the EMA, the
-  counters and metrics: the per-step path does arithmetic, not decisions;
+  presets one kernel call, gated by the gradients' elements being finite; the plain chains of
+  RMSprop and, on the CPU, Adamax, RAdam and NAdam; inside `skip_nonfinite`, `accumulate`,
+  `partition` and a clipping `chain`), the EMA, the counters and metrics: the per-step path
+  does arithmetic, not decisions;
 - **updated**: any other transform, run by `_with_runner` through its own update (`_updating`:
   ``update_reporting`` and `apply_updates` with what the body decides on every call decided
   once);

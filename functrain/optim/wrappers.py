@@ -896,8 +896,8 @@ def _on_cpu(t: torch.Tensor) -> bool | int | float | None:
 def _host_gated(run_inner: Runner, cap: int) -> Runner:
     """`skip_nonfinite`'s runner around an ungated inner runner (planned on the CPU): the flag
     (the gradients' elements finite, and the window's end under `accumulate`) read on the host,
-    and the update run as it is where it is known to apply (the same bits as `_update_where`, without a select),
-    else run on the state kept as it is and its results selected."""
+    and the update run as it is where it is known to apply (the same bits as `_update_where`,
+    without a select), else run on the state kept as it is and its results selected."""
 
     def run(
         grads: list[torch.Tensor],
