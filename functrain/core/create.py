@@ -180,7 +180,8 @@ def transform_for(
     The state keeps the optimizer given; its transform runs the sparse form where it has one, and
     on the parameters' device the form torch.optim runs there (the default adagrad's foreach
     chain where torch has no fused Adagrad); a differentiable state's, torch.optim's single-tensor
-    loop written out of place (`functrain.optim.differentiable`). `TrainState.create` and
+    loop written out of place, or a transform of the user's own as written
+    (`functrain.optim.differentiable`). `TrainState.create` and
     `TrainState.replace` (a new optimizer or options) build it here. Under precision="fp16" an
     optimizer given as ``dynamic_loss_scale(inner, ...)`` is the step's scaler (`own_loss_scale`).
     """

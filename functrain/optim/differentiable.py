@@ -25,10 +25,17 @@ torch.optim holds its steps, so that on a GPU the reads wait for nothing. Under
 ``torch.func.vmap`` over tasks or hyperparameter values, a value vmap batches (one learning rate
 per member; the counts once members skip apart) cannot be read: the ops then compose torch ops on
 the tensors (on the parameters' device), the same value up to the last rounding.
+
+A transform of the user's own (``Transform(init, update)``, built by no functrain factory: a rule
+ported from learn2learn, higher or TorchOpt, Meta-SGD's learned per-element rates) has no
+differentiable form to follow: it trains as written, and is differentiated as written
+(`own_rule`). Its update must then compute out of place; one that writes a tensor it was given is
+refused with that fix.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -37,7 +44,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from functrain.errors import ConfigError, config_check
-from functrain.optim.base import Transform
+from functrain.optim.base import ExtrasUpdate, Transform
 from functrain.optim.checks import (
     check_learning_rate,
     check_positive,
@@ -64,6 +71,8 @@ __all__ = [
     "addcdiv_scaled",
     "differentiable_form",
     "hyperparameters_of",
+    "is_own_rule",
+    "own_rule",
     "safe_sqrt",
     "tracked",
     "with_hyperparameters",
@@ -787,9 +796,13 @@ def differentiable_form(optimizer: Transform) -> Transform:
     moments and hyperparameters. A schedule as the learning rate is evaluated at the count as the
     ordinary step evaluates it, and not held (it is not a tensor a gradient could reach).
 
+    A transform of the user's own (`is_own_rule`) is its own differentiable form: it is returned
+    as written, its update checked for writes in place (`own_rule`).
+
     Raises:
-        ConfigError: `optimizer` is not one of `DIFFERENTIABLE_PRESETS`, or it holds an argument
-            the differentiable form has no meaning for (a weight-decay mask).
+        ConfigError: `optimizer` is built by functrain and is not one of `DIFFERENTIABLE_PRESETS`
+            (another preset, or a wrapper such as ``chain``), or it holds an argument the
+            differentiable form has no meaning for (a weight-decay mask).
 
     Example:
         >>> import torch, functrain as ft
@@ -799,13 +812,16 @@ def differentiable_form(optimizer: Transform) -> Transform:
         >>> new["w"].sum().backward(); p["w"].grad
         tensor([0., 0.])
     """
+    if is_own_rule(optimizer):
+        return own_rule(optimizer)
     call = recorded_call(optimizer)
     name = getattr(call.factory, "__name__", "") if call is not None else ""
     if call is None or name not in _RULES:
         raise ConfigError(
             "a differentiable state trains with the differentiable form of a preset's optimizer, "
             f"and {getattr(optimizer, 'name', type(optimizer).__name__)} has none; give one of "
-            f"functrain.{', functrain.'.join(DIFFERENTIABLE_PRESETS)}"
+            f"functrain.{', functrain.'.join(DIFFERENTIABLE_PRESETS)}, or a rule of your own "
+            "(functrain.Transform(init, update), differentiated as written)"
         )
     arguments = call.arguments
     if arguments.get("mask") is not None:
@@ -910,6 +926,71 @@ def differentiable_form(optimizer: Transform) -> Transform:
     return Transform(init_fn, update_fn, f"differentiable({follows})")
 
 
+def is_own_rule(optimizer: Transform) -> bool:
+    """Whether `optimizer` is a transform of the user's own: built by no functrain factory (no
+    recorded call, as a preset or wrapper has) and its update defined outside functrain (not a
+    preset renamed, nor functrain's ``identity``)."""
+    if recorded_call(optimizer) is not None:
+        return False
+    update = getattr(optimizer, "update", None)
+    fn = update.fn if isinstance(update, ExtrasUpdate) else update
+    module = getattr(fn, "__module__", None) or ""
+    return module != "functrain" and not module.startswith("functrain.")
+
+
+# the messages of torch's refusals of a write in place where a derivative is taken
+_IN_PLACE = ("in-place operation", "inplace operation")
+
+
+def own_rule(optimizer: Transform) -> Transform:
+    """A transform of the user's own as a differentiable state trains it: its update as written.
+
+    Autograd and ``torch.func`` differentiate the update's own ops, so they must be out of place:
+    an update that writes a tensor it was given (a gradient, a parameter, a tensor of its state,
+    such as Meta-SGD's learned rates) would change what the derivative reads. Such a write is
+    refused, whether torch refuses it (a leaf that requires grad, a tensor a ``torch.func``
+    transform captured) or lets it through (its version counter moved).
+
+    Raises:
+        ConfigError: (from the update) it wrote one of its inputs in place; the fix is to write
+            it out of place.
+    """
+    update = optimizer.update
+    fn = update.fn if isinstance(update, ExtrasUpdate) else update
+    name = getattr(optimizer, "name", "transform")
+
+    def checked(updates: Any, state: Any, params: Any = None, **kwargs: Any) -> Any:
+        given = [t for t in tree_leaves((updates, state, params)) if isinstance(t, torch.Tensor)]
+        versions = [t._version for t in given]
+        try:
+            out = fn(updates, state, params, **kwargs)
+        except RuntimeError as error:
+            if not any(words in str(error) for words in _IN_PLACE):
+                raise
+            raise ConfigError(_written_in_place(name, f"torch refused it: {error}")) from error
+        if any(t._version != v for t, v in zip(given, versions, strict=True)):
+            raise ConfigError(_written_in_place(name, "a tensor it was given changed"))
+        return out
+
+    if isinstance(update, ExtrasUpdate):
+        declared = inspect.signature(ExtrasUpdate).parameters
+        wrapped: Any = ExtrasUpdate(
+            checked, **{k: getattr(update, k) for k in declared if k != "fn"}
+        )
+    else:
+        wrapped = checked
+    return optimizer._replace(update=wrapped)
+
+
+def _written_in_place(name: str, how: str) -> str:
+    return (
+        f"{name}: a differentiable state differentiates its own rule's update as written, and "
+        f"the update wrote in place ({how}); write it out of place: return new tensors "
+        "(p + (-lr * g), not g.mul_(-lr) or p.sub_(lr * g)) and leave the gradients, parameters "
+        "and state it is given as they are"
+    )
+
+
 def _scheduled(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
     """A scheduled learning rate at `count`: its number, as the ordinary step reads it; where vmap
     batches the count, each member's, as a float64 tensor (functrain's schedules take the step
@@ -976,7 +1057,8 @@ def with_hyperparameters(opt_state: Any, values: dict[str, Any]) -> Any:
     if found is None:
         raise ConfigError(
             "this state's optimizer holds no hyperparameters as tensors; create the state with "
-            "TrainState.create(..., differentiable=True)"
+            "TrainState.create(..., differentiable=True) and a preset (a transform of your own "
+            "holds its own, in its state)"
         )
     unknown = sorted(set(values) - set(found.hyperparameters))
     if unknown:
