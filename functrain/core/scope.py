@@ -63,6 +63,7 @@ class Scope:
         "modules",
         "locked",
         "open",
+        "switched",
     )
 
     def __init__(
@@ -84,6 +85,7 @@ class Scope:
         self.modules = modules
         self.locked = locked
         self.open = True
+        self.switched = False  # the module's mode switched on entering (`swap_in`)
 
 
 def plain_modules(module: nn.Module) -> tuple[nn.Module, ...] | None:
@@ -159,6 +161,7 @@ def swap_in(
     try:
         scope = Scope(module, module.training, generator, generator.get_state(), modules, locked)
         if module.training != training:
+            scope.switched = True
             _set_mode(scope, module, training)
         generator.set_state(rng)
     except BaseException:
@@ -236,7 +239,9 @@ def restore(scope: Scope) -> None:
     if not scope.open:
         return
     scope.generator.set_state(scope.saved_rng)
-    if scope.module.training != scope.was_training:
+    # (a mode the scope switched: every flag set back, also where an interrupt stopped a first
+    # restore after the module's own flag)
+    if scope.switched or scope.module.training != scope.was_training:
         _set_mode(scope, scope.module, scope.was_training)
     scope.open = False
     if scope.locked:

@@ -559,13 +559,13 @@ _RETIRE = """\
 """
 _LEAVE = """\
         GEN.set_state(saved_rng)  # the caller's RNG and module mode, as they were
-        saved_rng = None
         if MODULE.training != was_training:
 {restore_mode}\
+        saved_rng = None  # (left: an interrupt before this line has the handler leave again)
     except BaseException as error:{retire}
-        if saved_rng is not None:  # (entered, not left)
+        if saved_rng is not None:  # (entered, not left: the whole mode again, whatever was left)
             GEN.set_state(saved_rng)
-            if MODULE.training != was_training:
+            if not was_training or MODULE.training != was_training:
 {restore_mode_deeper}\
         if locked:
             RELEASE()

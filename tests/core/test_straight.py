@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import traceback
 from typing import Any
 
@@ -193,3 +194,60 @@ def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
     for name, p in reference.named_parameters():
         assert torch.equal(state.params[name], p.detach()), name
     assert int(state.skipped) == 0
+
+
+@pytest.mark.parametrize("path", ["straight", "stages"])
+def test_an_interrupt_inside_the_modes_restore_leaves_every_module_as_it_was(path: str) -> None:
+    # a KeyboardInterrupt at a loop's back edge (where Python runs a signal's handler): the
+    # second module's flag of the restore; the handler sets every flag back, not the first alone
+    import linecache
+    import sys
+
+    import functrain.core.scope as scope_module
+    from functrain.core.binding import STEP_LOCK
+
+    state = _state({}, norm=True)
+    state, _ = ft.train_step(state, _BATCH)
+    state.module.eval()
+    if path == "straight":
+        code, text, nth = state.program.straight.pure.__code__, "was_training", 2
+    else:  # the entry's loop sets 5 flags, the restore's 2nd is the 7th
+        code, text, nth = scope_module._set_mode.__code__, "training", 7
+    line = f'm.__dict__["training"] = {text}'
+    seen = [0]
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if (
+            event == "line"
+            and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip() == line
+        ):
+            seen[0] += 1
+            if seen[0] == nth:
+                raise KeyboardInterrupt
+        return local
+
+    rng = torch.default_generator.get_state()
+    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if path == "straight":
+                ft.train_step(state, _BATCH)
+            else:
+                state.program.run(state, _BATCH, False)
+    finally:
+        sys.settrace(None)
+    assert seen[0] == nth
+    assert [m.training for m in state.module.modules()] == [False] * 6
+    assert torch.equal(torch.default_generator.get_state(), rng)
+    free: list[bool] = []  # (another thread's: the lock is re-entrant in this one)
+    thread = threading.Thread(target=lambda: free.append(_released(STEP_LOCK)))
+    thread.start()
+    thread.join()
+    assert free == [True]
+
+
+def _released(lock: Any) -> bool:
+    taken = lock.acquire(timeout=5)
+    if taken:
+        lock.release()
+    return taken
