@@ -271,6 +271,7 @@ class StackedScope:
         self.module = state.module
         self.generator = device_generator(state.device)
         self.open = False
+        self.switched = False  # the mode switched on entering: set back whole on closing
         self.locked = STEP_LOCK.acquire(False) or take_step_lock()
         try:  # the caller's generator state and mode read under the lock
             self.was_training = self.module.training
@@ -280,6 +281,7 @@ class StackedScope:
             self.next_rng = after if after is not None else state.rng
             self.generator.manual_seed(_step_seed(draws))
             if self.module.training != training:
+                self.switched = True
                 self.module.train(training)
         except BaseException:  # (an interrupt): nothing left changed
             if self.open:
@@ -293,7 +295,8 @@ class StackedScope:
         if not self.open:
             return
         self.generator.set_state(self.saved)
-        if self.module.training != self.was_training:
+        # (every submodule's flag, also where an interrupt stopped a first close inside `train`)
+        if self.switched or self.module.training != self.was_training:
             self.module.train(self.was_training)
         self.open = False
         if self.locked:

@@ -651,3 +651,34 @@ def test_the_stacked_update_op_lays_out_tensors_it_gets_in_other_strides():
     transposed = grad.transpose(1, 2).contiguous().transpose(1, 2)  # the same values
     assert transposed.stride() != grad.stride()
     assert torch.equal(updated(grad), updated(transposed))
+
+
+def test_an_interrupt_inside_a_stacked_steps_mode_restore_leaves_every_module_as_it_was() -> None:
+    # a KeyboardInterrupt inside `nn.Module.train` as the step sets the mode back (its second
+    # module): closing again in the handler sets every flag back, not the first module's alone
+    import sys
+
+    stacked = ft.stack([make_state(seed, ft.adamw(1e-2)) for seed in range(2)])
+    stacked, _ = ft.train_step(stacked, batches(1)[0])
+    stacked.module.eval()
+    modules = list(stacked.module.modules())
+    code, calls = nn.Module.train.__code__, [0]
+    at = len(modules) + 2  # the entry's calls, then the restore's second
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "call" and frame.f_code is code:
+            calls[0] += 1
+            if calls[0] == at:
+                raise KeyboardInterrupt
+        return None
+
+    rng = torch.default_generator.get_state()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ft.train_step(stacked, batches(1)[0])
+    finally:
+        sys.settrace(None)
+    assert calls[0] >= at
+    assert [m.training for m in stacked.module.modules()] == [False] * len(modules)
+    assert torch.equal(torch.default_generator.get_state(), rng)
