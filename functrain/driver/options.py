@@ -831,6 +831,10 @@ _ELSEWHERE = {
     "gradient_clip_val": "TrainState.create(clip_grad_norm=)",
     "max_grad_norm": "TrainState.create(clip_grad_norm=)",
     "clip_grad_norm": "TrainState.create(clip_grad_norm=)",
+    **{
+        name: "TrainState.create(grad_norm=True) (a metric: fit logs what the step reports)"
+        for name in ("grad_norm", "log_grad_norm")
+    },
     "precision": "TrainState.create(precision=)",
     "loss_scale": "TrainState.create(loss_scale=)",
     **{

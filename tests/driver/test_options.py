@@ -377,3 +377,12 @@ def test_int_options_stay_within_torchs_int64() -> None:
     ):
         ft.Batching(batch_size=10**20)
     assert ft.Batching(batch_size=2**63 - 1).batch_size == 2**63 - 1
+
+
+def test_the_gradient_norm_asked_of_fit_points_to_the_states_option() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"fit takes no keyword 'grad_norm': did you mean "
+        r"TrainState\.create\(grad_norm=True\)",
+    ):
+        ft.fit(make_state(), dataset(), grad_norm=True)
