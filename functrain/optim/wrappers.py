@@ -104,7 +104,9 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
     of the tensors times zero, which is 0 where every element is finite and NaN where one is not
     (an infinity times zero), measured as `global_norm` measures with `norms` (summed over ranks in
     a sharded step, one per member of a stacked state: ``[K]``). Tensors whose norm overflows
-    float32 (above ~1.8e19 in all) count as finite: their elements are.
+    float32 (above ~1.8e19 in all) count as finite: their elements are. Outside a member split,
+    each tensor's largest magnitude (its inf-norm, NaN where an element is: one read, no copy of
+    the tensors) stands in for the tensor: the same flag, with no tensor-sized temporaries.
 
     Example:
         >>> all_finite([torch.tensor([1.0, 2.0]), torch.tensor([float("nan")])])
@@ -117,6 +119,11 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
     plain = not (torch.compiler.is_compiling() or under_vmap()) and all(
         type(t) is torch.Tensor and not t.is_sparse for t in tensors
     )
+    if plain and not (norms.members or norms.differentiable):
+        sized = [t for t in tensors if t.numel()]  # (an empty tensor has no inf-norm)
+        if not sized:
+            return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+        tensors = list(torch._foreach_norm(sized, math.inf))
     zeroed = torch._foreach_mul(tensors, 0.0) if plain else [t * 0.0 for t in tensors]
     return global_norm(zeroed, norms._replace(shared=None)) == 0
 

@@ -82,6 +82,44 @@ def test_skip_nonfinite_finite_step_after_a_skip_equals_the_unwrapped_step() -> 
     assert int(state.consecutive) == 0
 
 
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([[1.0, 2.0], [3.0]], True),
+        ([[1.0, NAN], [3.0]], False),
+        ([[1.0, 2.0], [-INF]], False),
+        ([[3e38, 3e38], [3e38]], True),  # the norm overflows; every element is finite
+        ([[], [2.0]], True),  # an empty tensor
+        ([[], [NAN]], False),
+    ],
+)
+def test_all_finite_checks_the_elements_and_makes_no_tensor_sized_temporary(
+    values: list[list[float]], expected: bool
+) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tensors = [torch.tensor(v).repeat(1000) for v in values]
+    sizes: list[int] = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    sizes.append(t.numel())
+            return out
+
+    with Sizes():
+        got = wrappers.all_finite(tensors)
+    assert bool(got) is expected
+    assert max(sizes) <= len(tensors), sizes  # one value per tensor at most: no copy of one
+    # the members' form (one flag per member of a stacked state) agrees
+    if all(len(v) for v in values):
+        stacked = [torch.stack([t, t]) for t in tensors]
+        per_member = wrappers.all_finite(stacked, ft.tree.Norms(members=2))
+        assert per_member.tolist() == [expected, expected]
+
+
 def test_skip_nonfinite_raises_after_max_consecutive_skips() -> None:
     tx = ft.skip_nonfinite(ft.sgd(lr=0.1), max_consecutive=2)
     params = make_params()
