@@ -102,7 +102,7 @@ def test_all_finite_checks_the_elements_and_makes_no_tensor_sized_temporary(
     sizes: list[int] = []
 
     class Sizes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in out if isinstance(out, (list, tuple)) else [out]:
                 if isinstance(t, torch.Tensor):
