@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from functrain.errors import ConfigError, config_check
 from functrain.optim.base import ExtrasUpdate, Transform
@@ -53,15 +52,27 @@ from functrain.optim.checks import (
     tensor_problem,
 )
 from functrain.optim.naming import recorded_call
-from functrain.optim.rates import takes_tensor_steps, value_at
-from functrain.optim.rules.arithmetic import opmath
-from functrain.optim.updates import NewParams
-from functrain.tree import Tree, tree_flatten, tree_leaves
-
-# where the count, the hyperparameters and NAdam's momentum product are held: on the host, as
-# torch.optim holds its steps (not capturable), so that a step reads its numbers without waiting
-# for an accelerator
-HOST = torch.device("cpu")
+from functrain.optim.rates import value_at
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    Ops,
+    Rule,
+    Scalar,
+    add_scaled,
+    addcdiv_scaled,
+    at_count,
+    at_first,
+    combined,
+    held_scalar,
+    host_value,
+    negated,
+    rule_transform,
+    safe_sqrt,
+    scaled,
+    tracked,
+)
+from functrain.tree import tree_leaves
 
 __all__ = [
     "DIFFERENTIABLE_PRESETS",
@@ -79,229 +90,6 @@ __all__ = [
 ]
 
 
-class Scalar(NamedTuple):
-    """A hyperparameter as a differentiable update uses it.
-
-    `value`: the number torch's kernels take (None where it cannot be read: batched under vmap);
-    `tensor`: the tensor gradients flow to, None for a constant (a number the preset was given).
-    """
-
-    value: float | None
-    tensor: torch.Tensor | None = None
-
-    def map(self, f: Callable[[Any], Any]) -> Scalar:
-        """The same arithmetic on the number and on the tensor (IEEE operations on doubles: the
-        float64 tensor holds the number's bits)."""
-        return Scalar(
-            None if self.value is None else f(self.value),
-            None if self.tensor is None else f(self.tensor),
-        )
-
-
-def combined(f: Callable[[Any, Any], Any], a: Scalar, b: Scalar) -> Scalar:
-    """``f(a, b)`` on the numbers and, where either has one, on the tensors."""
-    value = None if a.value is None or b.value is None else f(a.value, b.value)
-    if a.tensor is None and b.tensor is None:
-        return Scalar(value)
-    left = a.tensor if a.tensor is not None else a.value
-    right = b.tensor if b.tensor is not None else b.value
-    return Scalar(value, f(left, right))
-
-
-def _negated(x: Any) -> Any:
-    return -x
-
-
-def _derivative_sum(g: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The derivative to a 0-d scalar of an elementwise ``scalar * factor``: ``sum(g * factor)``
-    in the scalar's dtype, on its device (a hyperparameter held on the host)."""
-    return (g * factor).sum().to(device=like.device, dtype=like.dtype)
-
-
-class _AddScaled(torch.autograd.Function):
-    """``a + alpha * b`` by ``torch.add(a, b, alpha=)`` (one rounding), differentiable in alpha."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, value: Any) -> Any:
-        if value is None:
-            return a + alpha * b
-        return torch.add(a, b, alpha=value)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        _, b, alpha, _ = inputs
-        ctx.save_for_backward(b, alpha)
-        ctx.save_for_forward(b, alpha)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        b, alpha = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        return (
-            g,
-            g * alpha if need[1] else None,
-            _derivative_sum(g, b, alpha) if need[2] else None,
-            None,
-        )
-
-    @staticmethod
-    def jvp(ctx: Any, ta: Any, tb: Any, talpha: Any, _: Any) -> Any:
-        b, alpha = ctx.saved_tensors
-        out = torch.zeros_like(b) if ta is None else ta
-        if tb is not None:
-            out = out + alpha * tb
-        if talpha is not None:
-            out = out + talpha * b
-        return out
-
-
-class _AddcdivScaled(torch.autograd.Function):
-    """``a + value * t1 / t2`` by ``torch.addcdiv(value=)``, differentiable in the value."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(
-        a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, scale: torch.Tensor, value: Any
-    ) -> Any:
-        if value is None:
-            return a + scale * t1 / t2
-        return torch.addcdiv(a, t1, t2, value=value)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        _, t1, t2, scale, _ = inputs
-        ctx.save_for_backward(t1, t2, scale)
-        ctx.save_for_forward(t1, t2, scale)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        t1, t2, scale = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        quotient = t1 / t2 if need[2] or need[3] else None
-        g_t1 = g * scale / t2 if need[1] or need[2] else None
-        return (
-            g,
-            g_t1 if need[1] else None,
-            -g_t1 * quotient if need[2] else None,  # type: ignore[operator]
-            _derivative_sum(g, quotient, scale) if need[3] else None,  # type: ignore[arg-type]
-            None,
-        )
-
-    @staticmethod
-    def jvp(ctx: Any, ta: Any, tt1: Any, tt2: Any, tscale: Any, _: Any) -> Any:
-        t1, t2, scale = ctx.saved_tensors
-        quotient = t1 / t2
-        out = torch.zeros_like(quotient) if ta is None else ta
-        if tt1 is not None:
-            out = out + scale * tt1 / t2
-        if tt2 is not None:
-            out = out - scale * quotient * tt2 / t2
-        if tscale is not None:
-            out = out + tscale * quotient
-        return out
-
-
-class _SafeSqrt(torch.autograd.Function):
-    """``torch.sqrt``, whose derivative is 0 where its input is 0 (not infinity)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> Any:
-        return torch.sqrt(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        (root,) = ctx.saved_tensors
-        return _over_twice(g, root)
-
-    @staticmethod
-    def jvp(ctx: Any, t: torch.Tensor) -> Any:
-        (root,) = ctx.saved_tensors
-        return _over_twice(t, root)
-
-
-def _over_twice(g: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """``g / (2 * root)``, where `root` is 0 ``g`` over the dtype's least normal number: 0 for a
-    0 gradient (a dead unit's), where sqrt's own derivative gives 0 times infinity, NaN. (A square
-    root of a number above 0 is far above that least number: only 0 is moved.)"""
-    return g / (2 * root).clamp_min_(torch.finfo(root.dtype).tiny)
-
-
-def _bound_in_forward(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    """`function` for autograd outside ``torch.func``: its context set in its forward.
-
-    The same forward, backward and forward-mode derivative. torch binds the arguments of a
-    function that defines ``setup_context`` by ``inspect.signature`` at every call (tens of
-    microseconds), which ``torch.func`` needs and plain autograd does not.
-    """
-    source: Any = function
-
-    def forward(ctx: Any, *args: Any) -> Any:
-        out = source.forward(*args)
-        source.setup_context(ctx, args, out)
-        return out
-
-    return type(
-        f"{function.__name__}Bound",
-        (torch.autograd.Function,),
-        {
-            "forward": staticmethod(forward),
-            "backward": staticmethod(source.backward),
-            "jvp": staticmethod(source.jvp),
-        },
-    )
-
-
-_BOUND = {f: _bound_in_forward(f) for f in (_AddScaled, _AddcdivScaled, _SafeSqrt)}
-
-
-def _apply(function: Any, *args: Any) -> Any:
-    """``function.apply(*args)``: under ``torch.func`` transforms as defined, else its form with
-    the context set in its forward (`_bound_in_forward`)."""
-    if torch._C._are_functorch_transforms_active():
-        return function.apply(*args)
-    return _BOUND[function].apply(*args)
-
-
-def add_scaled(a: torch.Tensor, b: torch.Tensor, alpha: Scalar) -> torch.Tensor:
-    """``torch.add(a, b, alpha=)`` out of place, differentiable in `a`, `b` and `alpha`."""
-    if alpha.tensor is None:
-        return torch.add(a, b, alpha=alpha.value)
-    return _apply(_AddScaled, a, b, alpha.tensor, alpha.value)
-
-
-def addcdiv_scaled(
-    a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: Scalar
-) -> torch.Tensor:
-    """``torch.addcdiv(a, t1, t2, value=)`` out of place, differentiable in all four."""
-    if value.tensor is None:
-        return torch.addcdiv(a, t1, t2, value=value.value)  # type: ignore[arg-type]
-    return _apply(_AddcdivScaled, a, t1, t2, value.tensor, value.value)
-
-
-def scaled(a: torch.Tensor, factor: Scalar) -> torch.Tensor:
-    """``a.mul(factor)``: by a tensor, the same bits (torch's kernel reads a 0-d CPU scalar in
-    `a`'s opmath, as it reads a number; the result in `a`'s dtype, which a 0-d `a` would not
-    keep)."""
-    if factor.tensor is None:
-        return a.mul(factor.value)  # type: ignore[arg-type]
-    return (a * factor.tensor.to(opmath(a.dtype))).to(a.dtype)
-
-
-def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``torch.sqrt(x)`` whose derivative, where `x` is 0, takes a 0 gradient to 0 (`_SafeSqrt`)."""
-    return _apply(_SafeSqrt, x)
-
-
 class DifferentiableState(NamedTuple):
     """A differentiable form's state: the count of updates, the moments, the hyperparameters.
 
@@ -314,61 +102,10 @@ class DifferentiableState(NamedTuple):
     slots: dict[str, tuple[torch.Tensor, ...]]
     hyperparameters: dict[str, torch.Tensor]
     lr: torch.Tensor  # 0-d float64: the learning rate of the last update (the step's metric)
+    group: dict[str, torch.Tensor] = {}  # noqa: RUF012  # the optimizer's own numbers (`Rule.group`)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"lr": self.lr.detach()}
-
-
-# the update's number, counted from 1: an int read on the host, or (batched under vmap, each
-# member's own) a float64 tensor
-Count = int | torch.Tensor
-
-# a rule's step of one parameter: (parameter, gradient, its moments by name, the update's number,
-# the hyperparameters) -> (new parameter, its new moments by name)
-RuleStep = Callable[
-    [torch.Tensor, torch.Tensor, dict[str, torch.Tensor], Count, dict[str, Scalar]],
-    tuple[torch.Tensor, dict[str, torch.Tensor]],
-]
-
-
-def _at_count(h: Scalar, f: Callable[[Any], Any], t: Count) -> Scalar:
-    """``f`` of a hyperparameter where ``f`` involves the count `t`: the same arithmetic as
-    `Scalar.map` for a host count; for a tensor one, a tensor alone (its number unknown)."""
-    if isinstance(t, int):
-        return h.map(f)
-    given = h.tensor if h.tensor is not None else torch.tensor(h.value, dtype=torch.float64)
-    return Scalar(None, f(given))
-
-
-def _first(t: Count, first: Any, later: Callable[[], Any]) -> Any:
-    """`first` at the first update, else ``later()`` (for a tensor count, selected per member)."""
-    if isinstance(t, int):
-        return first if t == 1 else later()
-    return torch.where(t == 1, first, later())
-
-
-class Rule(NamedTuple):
-    """A differentiable optimizer: its moments, their first values, its step of one parameter."""
-
-    slots: tuple[str, ...]
-    initial: dict[str, float]  # a moment's first value where it is not zero
-    held: tuple[str, ...]  # the hyperparameters the state holds as tensors
-    step: RuleStep
-    scalars: tuple[str, ...] = ()  # moments held as float32 0-d tensors (NAdam's product)
-    # of those, the ones held on the host, as torch.optim holds them (NAdam's product)
-    host: tuple[str, ...] = ()
-    # a moment's first value where it is not the parameter's shape: (name, parameter) -> tensor
-    shapes: Callable[[str, torch.Tensor], torch.Tensor] | None = None
-
-
-def tracked(t: torch.Tensor) -> bool:
-    """Whether a derivative may reach `t`: it requires grad, a ``torch.func`` transform wraps it,
-    or it is a dual tensor of ``torch.autograd.forward_ad``."""
-    return (
-        t.requires_grad
-        or torch._C._functorch.is_functorch_wrapped_tensor(t)
-        or fwAD.unpack_dual(t).tangent is not None
-    )
 
 
 def _active(h: Scalar) -> bool:
@@ -386,19 +123,19 @@ def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) 
     """torch's ``_single_tensor_sgd``. The first momentum buffer is the gradient itself (torch
     detaches its copy: here it keeps its graph, so the derivative through it is exact)."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         moments = {}
         if momentum:
-            buf = _first(
+            buf = at_first(
                 t,
                 g,
                 lambda: add_scaled(scaled(m["momentum"], h["momentum"]), g, Scalar(1 - dampening)),
             )
             g = add_scaled(g, buf, h["momentum"]) if nesterov else buf
             moments["momentum"] = buf
-        return add_scaled(p, g, h["lr"].map(_negated)), moments
+        return add_scaled(p, g, h["lr"].map(negated)), moments
 
     held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
     return Rule(("momentum",) if momentum else (), {}, held, step)
@@ -409,24 +146,24 @@ def adam_rule(
 ) -> Rule:
     """torch's ``_single_tensor_adam`` (``AdamW`` with `decoupled`)."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
-        g = -g if maximize else g
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = ops.out.neg(g) if maximize else g
         if _active(h["weight_decay"]):
             if decoupled:
-                p = scaled(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
+                p = ops.mul(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
             else:
-                g = add_scaled(g, p, h["weight_decay"])
-        mu = torch.lerp(m["mu"], g, 1 - b1)
-        nu = torch.addcmul(m["nu"].mul(b2), g, g, value=1 - b2)
+                g = ops.out.add(g, p, h["weight_decay"])
+        mu = ops.lerp(m["mu"], g, 1 - b1)
+        nu = ops.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
         correction1 = 1 - b1**t
         correction2_sqrt = (1 - b2**t) ** 0.5
         moments = {"mu": mu, "nu": nu}
         if amsgrad:
-            moments["nu_max"] = torch.maximum(m["nu_max"], nu)
+            moments["nu_max"] = ops.maximum(m["nu_max"], nu)
             nu = moments["nu_max"]
-        denom = torch.add(safe_sqrt(nu) / correction2_sqrt, eps)
-        size = _at_count(h["lr"], lambda lr: -(lr / correction1), t)
-        return addcdiv_scaled(p, mu, denom, size), moments
+        denom = ops.add(ops.div(ops.out.sqrt(nu), correction2_sqrt), eps)
+        size = at_count(h["lr"], lambda lr: -(lr / correction1), t)
+        return ops.addcdiv(p, mu, denom, size), moments
 
     return Rule(
         ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu"), {}, ("lr", "weight_decay"), step
@@ -436,7 +173,7 @@ def adam_rule(
 def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maximize: bool) -> Rule:
     """torch's ``_single_tensor_rmsprop``."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         square = torch.addcmul(m["square_avg"].mul(alpha), g, g, value=1 - alpha)
@@ -449,8 +186,8 @@ def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maxi
         avg = torch.add(avg, eps)
         if momentum:
             buf = moments["momentum"] = torch.addcdiv(scaled(m["momentum"], h["momentum"]), g, avg)
-            return add_scaled(p, buf, h["lr"].map(_negated)), moments
-        return addcdiv_scaled(p, g, avg, h["lr"].map(_negated)), moments
+            return add_scaled(p, buf, h["lr"].map(negated)), moments
+        return addcdiv_scaled(p, g, avg, h["lr"].map(negated)), moments
 
     slots = (
         ("square_avg",) + (("grad_avg",) if centered else ()) + (("momentum",) if momentum else ())
@@ -464,12 +201,12 @@ def adagrad_rule(
 ) -> Rule:
     """torch's ``_single_tensor_adagrad`` (dense gradients)."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         total = torch.addcmul(m["sum"], g, g, value=1)
         std = torch.add(safe_sqrt(total), eps)
-        rate = _at_count(h["lr"], lambda lr: -(lr / (1 + (t - 1) * lr_decay)), t)
+        rate = at_count(h["lr"], lambda lr: -(lr / (1 + (t - 1) * lr_decay)), t)
         return addcdiv_scaled(p, g, std, rate), {"sum": total}
 
     return Rule(("sum",), {"sum": initial_accumulator_value}, ("lr", "weight_decay"), step)
@@ -478,12 +215,12 @@ def adagrad_rule(
 def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
     """torch's ``_single_tensor_adamax`` (its foreach form has the same bits)."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         mu = torch.lerp(m["mu"], g, 1 - b1)
         norm = torch.maximum(m["nu"].mul(b2), torch.add(g.abs(), eps))
-        size = _at_count(h["lr"], lambda lr: -(lr / (1 - b1**t)), t)
+        size = at_count(h["lr"], lambda lr: -(lr / (1 - b1**t)), t)
         return addcdiv_scaled(p, mu, norm, size), {"mu": mu, "nu": norm}
 
     return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step)
@@ -492,7 +229,7 @@ def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
 def adadelta_rule(rho: float, eps: float, maximize: bool) -> Rule:
     """torch's ``_single_tensor_adadelta`` (its foreach form has the same bits)."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         square = torch.addcmul(m["square_avg"].mul(rho), g, g, value=1 - rho)
@@ -500,7 +237,7 @@ def adadelta_rule(rho: float, eps: float, maximize: bool) -> Rule:
         delta = torch.sqrt(torch.add(m["acc_delta"], eps)).div(std).mul(g)
         accumulated = torch.addcmul(m["acc_delta"].mul(rho), delta, delta, value=1 - rho)
         moments = {"square_avg": square, "acc_delta": accumulated}
-        return add_scaled(p, delta, h["lr"].map(_negated)), moments
+        return add_scaled(p, delta, h["lr"].map(negated)), moments
 
     return Rule(("square_avg", "acc_delta"), {}, ("lr", "weight_decay"), step)
 
@@ -511,7 +248,7 @@ def rprop_rule(
     """torch's ``_single_tensor_rprop`` (its foreach form has the same bits): the step sizes start
     at `lr` and move by the sign of each element's gradient against its previous one."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         sign = g.mul(m["prev"]).sign()
         # torch writes etaplus, etaminus and 1 into the signs in turn (the tensor's dtype)
@@ -531,16 +268,16 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
     ``ax``; the next ``eta`` a function of the learning rate (its hypergradient flows through
     ``eta`` into the following steps)."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         g = _decayed(g, p, h)
         # the first step's eta is the rate (torch sets it from the group's lr at the first
         # step), a float32 0-d tensor as the state keeps it
         rate32 = _filled(h["lr"], m["eta"])
-        eta = _scalar(_first(t, rate32, lambda: m["eta"]))
-        p = add_scaled(scaled(p, eta.map(lambda e: 1 - lambd * e)), g, eta.map(_negated))
+        eta = held_scalar(at_first(t, rate32, lambda: m["eta"]))
+        p = add_scaled(scaled(p, eta.map(lambda e: 1 - lambd * e)), g, eta.map(negated))
         mu = m["mu"]
-        average = _first(_is_one(mu), p, lambda: m["ax"] + (p - m["ax"]) * mu)
+        average = at_first(_is_one(mu), p, lambda: m["ax"] + (p - m["ax"]) * mu)
         rate = (
             h["lr"].tensor
             if h["lr"].tensor is not None
@@ -570,7 +307,7 @@ def adafactor_rule(
     parameter and the update (their norms), which the derivative follows. Its moments are
     ``"row"`` and ``"col"`` (a vector's variance in ``"row"``, ``"col"`` empty)."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         count = torch.as_tensor(t, dtype=torch.float64, device=p.device)
         weight = torch.pow(count, torch.full_like(count, beta2_decay)).to(g.dtype)
@@ -598,7 +335,7 @@ def adafactor_rule(
         if _active(h["weight_decay"]):
             p = scaled(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
         alpha = -rate / clip
-        step_size = Scalar(_number(alpha), alpha)
+        step_size = Scalar(host_value(alpha), alpha)
         return add_scaled(p, direction, step_size), {"row": row, "col": col}
 
     return Rule(("row", "col"), {}, ("lr", "weight_decay"), step, shapes=_adafactor_shapes)
@@ -613,19 +350,10 @@ def _adafactor_shapes(k: str, p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p) if k == "row" else p.new_zeros(0)
 
 
-def _number(t: torch.Tensor) -> float | None:
-    """A 0-d tensor's value on the host (the one read of a differentiable step's numbers), None
-    where vmap batches it."""
-    try:
-        return float(t.detach().item())
-    except RuntimeError:
-        return None
-
-
 def _is_one(mu: torch.Tensor) -> Count:
     """1 where the averaging rate is 1 (the average is the parameters), as an int on the host
-    (`_first` then picks without a select), else a tensor: torch's ``mu.item() != 1``."""
-    value = _number(mu)
+    (`at_first` then picks without a select), else a tensor: torch's ``mu.item() != 1``."""
+    value = host_value(mu)
     if value is None:  # batched under vmap
         return torch.where(mu == 1, 1, 2)
     return 1 if value == 1 else 2
@@ -648,7 +376,7 @@ def nadam_rule(
     """torch's ``_single_tensor_nadam``: its momentum product a float32 0-d tensor, as torch keeps
     it, read on the host for the two step sizes."""
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         p, g = _decayed_weights(p, g, h, decoupled)
         mu_t = b1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
@@ -660,8 +388,8 @@ def nadam_rule(
             second = h["lr"].map(lambda lr: (-lr * mu_next) / (1.0 - known * mu_next))
         else:
             wide = product.double()
-            first = _at_count(h["lr"], lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - wide), t)
-            second = _at_count(h["lr"], lambda lr: (-lr * mu_next) / (1.0 - wide * mu_next), t)
+            first = at_count(h["lr"], lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - wide), t)
+            second = at_count(h["lr"], lambda lr: (-lr * mu_next) / (1.0 - wide * mu_next), t)
         mu = torch.lerp(m["mu"], g, 1 - b1)
         nu = torch.addcmul(m["nu"].mul(b2), g, g, value=1 - b2)
         denom = torch.add(safe_sqrt(nu.div(1 - b2**t)), eps)
@@ -694,7 +422,7 @@ def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool
             return rect if rho_t > 5 else 0
         return torch.where(rho_t > 5, rect, 0.0)
 
-    def step(p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = -g if maximize else g
         p, g = _decayed_weights(p, g, h, decoupled)
         mu = torch.lerp(m["mu"], g, 1 - b1)
@@ -702,8 +430,8 @@ def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool
         rect = rectification(t)
         unrectified = (rect <= 0) * 1.0  # torch's `0 if rect > 0 else 1.0`
         correction = 1 - b1**t
-        plain = _at_count(h["lr"], lambda lr: (lr * unrectified / correction) * -1, t)
-        scale = _at_count(
+        plain = at_count(h["lr"], lambda lr: (lr * unrectified / correction) * -1, t)
+        scale = at_count(
             h["lr"], lambda lr: ((1 - b2**t) ** 0.5) * (lr * rect / correction) * -1, t
         )
         moments = {"mu": mu, "nu": nu}
@@ -816,7 +544,8 @@ def differentiable_form(optimizer: Transform) -> Transform:
         return own_rule(optimizer)
     call = recorded_call(optimizer)
     name = getattr(call.factory, "__name__", "") if call is not None else ""
-    if call is None or name not in _RULES:
+    rules = {**_RULES, **FORMULAS}
+    if call is None or name not in rules:
         raise ConfigError(
             "a differentiable state trains with the differentiable form of a preset's optimizer, "
             f"and {getattr(optimizer, 'name', type(optimizer).__name__)} has none; give one of "
@@ -842,7 +571,7 @@ def differentiable_form(optimizer: Transform) -> Transform:
     schedule = rate if callable(rate) else None
     # the rate of the first step (rprop's initial step size)
     start = float(value_at(schedule, torch.zeros((), dtype=torch.int64))) if schedule else rate
-    rule = _RULES[name]({**arguments, "lr": start})
+    rule = rules[name]({**arguments, "lr": start})
     if "lr" not in rule.held:  # (rprop: the rate is its step sizes' first value, in its moments)
         schedule = None
     # held in the rule's order (the rate first), a scheduled rate not at all
@@ -852,78 +581,16 @@ def differentiable_form(optimizer: Transform) -> Transform:
         if k != "lr" or schedule is None
     }
 
-    def init_fn(params: Tree) -> DifferentiableState:
-        leaves = tree_leaves(params)
-        device = HOST  # the count and the hyperparameters, as torch.optim holds its steps
-        _refuse_sparse(leaves)
-        slots = {
-            k: tuple(
-                torch.full(
-                    (),
-                    rule.initial.get(k, 0.0),
-                    dtype=torch.float32,
-                    device=HOST if k in rule.host else p.device,
-                )
-                if k in rule.scalars
-                else rule.shapes(k, p)
-                if rule.shapes is not None
-                else torch.full_like(p, rule.initial.get(k, 0.0))
-                for p in leaves
-            )
-            for k in rule.slots
-        }
-        held = {
-            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in constants.items()
-        }
-        count = torch.zeros((), dtype=torch.int64, device=device)
-        first = (
-            float(value_at(schedule, count))
-            if schedule is not None
-            else start
-            if "lr" in rule.held
-            else math.nan
-        )
-        # the last rate, a metric: on the parameters' device, as the step's other metrics
-        rate = torch.full(
-            (), first, dtype=torch.float64, device=leaves[0].device if leaves else HOST
-        )
-        return DifferentiableState(count, slots, held, rate)
-
-    def update_fn(
-        updates: Any, state: DifferentiableState, params: Tree | None = None
-    ) -> tuple[NewParams, DifferentiableState]:
-        if params is None:
-            raise ConfigError(f"{optimizer.name}'s differentiable form needs params=")
-        p, spec = tree_flatten(params)
-        g = tree_leaves(updates)
-        device = p[0].device if p else HOST
-        t = _count(state.count, device)
-        h = {k: _scalar(v, device) for k, v in state.hyperparameters.items()}
-        if schedule is not None:
-            h["lr"] = _scheduled(schedule, state.count, t)
-        rate = h.get("lr", Scalar(math.nan))  # (rprop reports no rate, as its ordinary form)
-        new_p: list[torch.Tensor] = []
-        new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
-        for i, (param, grad) in enumerate(zip(p, g, strict=True)):
-            moments = {k: v[i] for k, v in state.slots.items()}
-            param, moments = rule.step(param, grad.to(param.dtype), moments, t, h)
-            new_p.append(param)
-            for k in rule.slots:
-                new_slots[k].append(moments[k])
-        count = state.count + 1
-        slots = {k: tuple(v) for k, v in new_slots.items()}
-        # the metric on the parameters' device, filled there (a copy from the host would wait)
-        last = (
-            rate.tensor.detach()
-            if rate.value is None and rate.tensor is not None
-            else torch.full((), rate.value, dtype=torch.float64, device=device)  # type: ignore[arg-type]
-        )
-        new_state = DifferentiableState(count, slots, state.hyperparameters, last)
-        return NewParams(new_p, spec), new_state
-
     # named as the arithmetic it follows: the preset's fused=False, where it has that option
     follows = call.again(fused=False).name if "fused" in arguments else optimizer.name
-    return Transform(init_fn, update_fn, f"differentiable({follows})")
+    return rule_transform(
+        rule,
+        f"differentiable({follows})",
+        constants,
+        schedule,
+        differentiable=True,
+        state_type=DifferentiableState,
+    )
 
 
 def is_own_rule(optimizer: Transform) -> bool:
@@ -989,51 +656,6 @@ def _written_in_place(name: str, how: str) -> str:
         "(p + (-lr * g), not g.mul_(-lr) or p.sub_(lr * g)) and leave the gradients, parameters "
         "and state it is given as they are"
     )
-
-
-def _scheduled(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
-    """A scheduled learning rate at `count`: its number, as the ordinary step reads it; where vmap
-    batches the count, each member's, as a float64 tensor (functrain's schedules take the step
-    tensor)."""
-    if isinstance(t, int):
-        return Scalar(float(value_at(schedule, count)))
-    if not takes_tensor_steps(schedule):
-        raise ConfigError(
-            "a learning rate given as a plain function of the step is read at each member's own "
-            "count, and here vmap batches the counts (the members skipped apart): give a "
-            "schedule of functrain.schedules, which takes the step tensor"
-        )
-    return Scalar(None, schedule(count).to(torch.float64))
-
-
-def _count(count: torch.Tensor, device: torch.device) -> Count:
-    """The number of this update, counted from 1: read on the host as torch's single-tensor loop
-    reads its step (held there, the read waits for nothing); a float64 tensor on the parameters'
-    `device` where vmap batches the count (members skipped apart)."""
-    value = _number(count)
-    if value is None:
-        return (count + 1).to(device=device, dtype=torch.float64)
-    return int(value) + 1
-
-
-def _scalar(tensor: torch.Tensor, device: torch.device | None = None) -> Scalar:
-    """A held hyperparameter: its number (None where vmap batches it), and the tensor where a
-    derivative may reach it (it requires grad, or a ``torch.func`` transform tracks it); else a
-    constant, which torch's own ops take as a number. A 0-d tensor on the host takes part in the
-    kernels of any device as a number does (its derivative comes back to it); a batched one goes
-    to the parameters' `device`."""
-    value = _number(tensor)
-    if value is None:
-        return Scalar(None, tensor if device is None else tensor.to(device))
-    return Scalar(value, tensor if tracked(tensor) else None)
-
-
-def _refuse_sparse(leaves: Sequence[torch.Tensor]) -> None:
-    if any(p.is_sparse for p in leaves):
-        raise ConfigError(
-            "a differentiable state takes dense gradients only: make the embedding dense "
-            "(sparse=False)"
-        )
 
 
 def hyperparameters_of(opt_state: Any) -> dict[str, torch.Tensor]:
@@ -1103,7 +725,7 @@ def _held(
             problems.append(problem)
             return None
         # read on a detached copy, outside the step (None where vmap batches it)
-        number = _number(value.reshape(()))
+        number = host_value(value.reshape(()))
         held = value.reshape(()).to(
             device=device if number is not None else batched_on, dtype=torch.float64
         )

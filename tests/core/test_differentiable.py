@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.optim import differentiable as differentiable_
 from functrain.optim.naming import recorded_call
+from functrain.optim.rules import formula
 
 
 def _squared_error(model: Any, batch: Any) -> torch.Tensor:
@@ -196,7 +196,7 @@ def test_adam_meta_gradients_are_finite_on_a_relu_net_with_dead_units(
     )
     assert all(bool(g.isfinite().all()) for g in grads)
     # sqrt's own derivative at 0 makes them NaN: what the safe one is there for
-    monkeypatch.setattr(differentiable_, "safe_sqrt", torch.sqrt)
+    monkeypatch.setattr(formula, "safe_sqrt", torch.sqrt)  # (the ops of every formula)
     weights = {k: p.clone().requires_grad_(True) for k, p in w0.items()}
     grads = torch.autograd.grad(
         _unrolled(ft.adam(0.05), weights, activation=torch.nn.ReLU), list(weights.values())

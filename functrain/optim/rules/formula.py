@@ -1,0 +1,678 @@
+"""An optimizer's formula, written once: the ops it runs chosen by the mode it runs in.
+
+A rule (`Rule`) holds an optimizer's step of one parameter, ``step(ops, p, g, moments, t, h)``:
+the parameter, its gradient, its moments by name, the update's number `t` (counted from 1: an int
+read on the host, as torch's single-tensor loops read their step, or a float64 tensor where vmap
+batches the count), and the hyperparameters `h` by name (each a `Scalar`). It returns the new
+parameter and the new moments. It computes through `ops` (an `Ops`), which picks how each op runs:
+
+- `IN_PLACE`: each op writes its first argument and returns it (a donated eager step: the
+  parameter, the moments, and the temporaries the formula made with ``ops.out``; never the
+  gradient), as torch.optim's single-tensor loops write;
+- `OUT_OF_PLACE`: each op returns a new tensor (a pure step, a compiled or stacked one);
+- `DIFFERENTIABLE`: out of place, with the ops whose derivatives reach tensor hyperparameters
+  (`add_scaled`, `addcdiv_scaled`, `scaled`) and the square root whose derivative at 0 is 0
+  (`safe_sqrt`): a differentiable state's.
+
+The three modes run the same kernels with the same numbers: the same bits. `rule_transform` makes
+the optimizer's transform from a rule; `functrain.optim.differentiable.differentiable_form` makes
+its differentiable form from the same rule.
+
+A hyperparameter torch's kernels take as a number (``add(alpha=)``, ``addcdiv(value=)``) is a
+`Scalar`: its number, and the tensor a derivative may reach (a differentiable state's held
+hyperparameter). ``add(alpha=)`` rounds once where ``a + alpha * b`` rounds twice: where the number
+cannot be read (vmap batches it), the ops compose torch ops on the tensors, the same value up to
+the last rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from functrain.errors import ConfigError
+from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
+from functrain.optim.rates import takes_tensor_steps, value_at
+from functrain.optim.rules.arithmetic import opmath
+from functrain.optim.updates import NewParams
+from functrain.optim.zeros import writables
+from functrain.tree import Tree, tree_flatten, tree_leaves
+
+__all__ = [
+    "DIFFERENTIABLE",
+    "FORMULAS",
+    "HOST",
+    "IN_PLACE",
+    "OUT_OF_PLACE",
+    "Count",
+    "Ops",
+    "Rule",
+    "RuleState",
+    "Scalar",
+    "add_scaled",
+    "addcdiv_scaled",
+    "at_count",
+    "at_first",
+    "combined",
+    "held_scalar",
+    "host_value",
+    "negated",
+    "refuse_sparse",
+    "rule_transform",
+    "safe_sqrt",
+    "scaled",
+    "scheduled_rate",
+    "tracked",
+    "update_number",
+]
+
+# where the count, the hyperparameters and NAdam's momentum product are held: on the host, as
+# torch.optim holds its steps (not capturable), so that a step reads its numbers without waiting
+# for an accelerator
+HOST = torch.device("cpu")
+
+
+class Scalar(NamedTuple):
+    """A hyperparameter as a differentiable update uses it.
+
+    `value`: the number torch's kernels take (None where it cannot be read: batched under vmap);
+    `tensor`: the tensor gradients flow to, None for a constant (a number the preset was given).
+    """
+
+    value: float | None
+    tensor: torch.Tensor | None = None
+
+    def map(self, f: Callable[[Any], Any]) -> Scalar:
+        """The same arithmetic on the number and on the tensor (IEEE operations on doubles: the
+        float64 tensor holds the number's bits)."""
+        return Scalar(
+            None if self.value is None else f(self.value),
+            None if self.tensor is None else f(self.tensor),
+        )
+
+
+def combined(f: Callable[[Any, Any], Any], a: Scalar, b: Scalar) -> Scalar:
+    """``f(a, b)`` on the numbers and, where either has one, on the tensors."""
+    value = None if a.value is None or b.value is None else f(a.value, b.value)
+    if a.tensor is None and b.tensor is None:
+        return Scalar(value)
+    left = a.tensor if a.tensor is not None else a.value
+    right = b.tensor if b.tensor is not None else b.value
+    return Scalar(value, f(left, right))
+
+
+def negated(x: Any) -> Any:
+    return -x
+
+
+def _derivative_sum(g: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The derivative to a 0-d scalar of an elementwise ``scalar * factor``: ``sum(g * factor)``
+    in the scalar's dtype, on its device (a hyperparameter held on the host)."""
+    return (g * factor).sum().to(device=like.device, dtype=like.dtype)
+
+
+class _AddScaled(torch.autograd.Function):
+    """``a + alpha * b`` by ``torch.add(a, b, alpha=)`` (one rounding), differentiable in alpha."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, value: Any) -> Any:
+        if value is None:
+            return a + alpha * b
+        return torch.add(a, b, alpha=value)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        _, b, alpha, _ = inputs
+        ctx.save_for_backward(b, alpha)
+        ctx.save_for_forward(b, alpha)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        b, alpha = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return (
+            g,
+            g * alpha if need[1] else None,
+            _derivative_sum(g, b, alpha) if need[2] else None,
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx: Any, ta: Any, tb: Any, talpha: Any, _: Any) -> Any:
+        b, alpha = ctx.saved_tensors
+        out = torch.zeros_like(b) if ta is None else ta
+        if tb is not None:
+            out = out + alpha * tb
+        if talpha is not None:
+            out = out + talpha * b
+        return out
+
+
+class _AddcdivScaled(torch.autograd.Function):
+    """``a + value * t1 / t2`` by ``torch.addcdiv(value=)``, differentiable in the value."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, scale: torch.Tensor, value: Any
+    ) -> Any:
+        if value is None:
+            return a + scale * t1 / t2
+        return torch.addcdiv(a, t1, t2, value=value)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        _, t1, t2, scale, _ = inputs
+        ctx.save_for_backward(t1, t2, scale)
+        ctx.save_for_forward(t1, t2, scale)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        t1, t2, scale = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        quotient = t1 / t2 if need[2] or need[3] else None
+        g_t1 = g * scale / t2 if need[1] or need[2] else None
+        return (
+            g,
+            g_t1 if need[1] else None,
+            -g_t1 * quotient if need[2] else None,  # type: ignore[operator]
+            _derivative_sum(g, quotient, scale) if need[3] else None,  # type: ignore[arg-type]
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx: Any, ta: Any, tt1: Any, tt2: Any, tscale: Any, _: Any) -> Any:
+        t1, t2, scale = ctx.saved_tensors
+        quotient = t1 / t2
+        out = torch.zeros_like(quotient) if ta is None else ta
+        if tt1 is not None:
+            out = out + scale * tt1 / t2
+        if tt2 is not None:
+            out = out - scale * quotient * tt2 / t2
+        if tscale is not None:
+            out = out + tscale * quotient
+        return out
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``torch.sqrt``, whose derivative is 0 where its input is 0 (not infinity)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> Any:
+        return torch.sqrt(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        (root,) = ctx.saved_tensors
+        return _over_twice(g, root)
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> Any:
+        (root,) = ctx.saved_tensors
+        return _over_twice(t, root)
+
+
+def _over_twice(g: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """``g / (2 * root)``, where `root` is 0 ``g`` over the dtype's least normal number: 0 for a
+    0 gradient (a dead unit's), where sqrt's own derivative gives 0 times infinity, NaN. (A square
+    root of a number above 0 is far above that least number: only 0 is moved.)"""
+    return g / (2 * root).clamp_min_(torch.finfo(root.dtype).tiny)
+
+
+def _bound_in_forward(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """`function` for autograd outside ``torch.func``: its context set in its forward.
+
+    The same forward, backward and forward-mode derivative. torch binds the arguments of a
+    function that defines ``setup_context`` by ``inspect.signature`` at every call (tens of
+    microseconds), which ``torch.func`` needs and plain autograd does not.
+    """
+    source: Any = function
+
+    def forward(ctx: Any, *args: Any) -> Any:
+        out = source.forward(*args)
+        source.setup_context(ctx, args, out)
+        return out
+
+    return type(
+        f"{function.__name__}Bound",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(source.backward),
+            "jvp": staticmethod(source.jvp),
+        },
+    )
+
+
+_BOUND = {f: _bound_in_forward(f) for f in (_AddScaled, _AddcdivScaled, _SafeSqrt)}
+
+
+def _apply(function: Any, *args: Any) -> Any:
+    """``function.apply(*args)``: under ``torch.func`` transforms as defined, else its form with
+    the context set in its forward (`_bound_in_forward`)."""
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return _BOUND[function].apply(*args)
+
+
+def add_scaled(a: torch.Tensor, b: torch.Tensor | float, alpha: Scalar) -> torch.Tensor:
+    """``torch.add(a, b, alpha=)`` out of place, differentiable in `a`, `b` and `alpha`."""
+    if alpha.tensor is None:
+        return torch.add(a, b, alpha=alpha.value)
+    return _apply(_AddScaled, a, b, alpha.tensor, alpha.value)
+
+
+def addcdiv_scaled(
+    a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: Scalar
+) -> torch.Tensor:
+    """``torch.addcdiv(a, t1, t2, value=)`` out of place, differentiable in all four."""
+    if value.tensor is None:
+        return torch.addcdiv(a, t1, t2, value=value.value)  # type: ignore[arg-type]
+    return _apply(_AddcdivScaled, a, t1, t2, value.tensor, value.value)
+
+
+def scaled(a: torch.Tensor, factor: Scalar) -> torch.Tensor:
+    """``a.mul(factor)``: by a tensor, the same bits (torch's kernel reads a 0-d CPU scalar in
+    `a`'s opmath, as it reads a number; the result in `a`'s dtype, which a 0-d `a` would not
+    keep)."""
+    if factor.tensor is None:
+        return a.mul(factor.value)  # type: ignore[arg-type]
+    return (a * factor.tensor.to(opmath(a.dtype))).to(a.dtype)
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``torch.sqrt(x)`` whose derivative, where `x` is 0, takes a 0 gradient to 0 (`_SafeSqrt`)."""
+    return _apply(_SafeSqrt, x)
+
+
+# the update's number, counted from 1: an int read on the host, or (batched under vmap, each
+# member's own) a float64 tensor
+Count = int | torch.Tensor
+
+# a rule's step of one parameter: (ops, parameter, gradient, its moments by name, the update's
+# number, the hyperparameters) -> (new parameter, its new moments by name)
+RuleStep = Callable[
+    ["Ops", torch.Tensor, torch.Tensor, dict[str, torch.Tensor], Count, dict[str, Scalar]],
+    tuple[torch.Tensor, dict[str, torch.Tensor]],
+]
+
+# a rule's numbers of one step, before its parameters: (the update's number, the hyperparameters,
+# the group's numbers) -> (the hyperparameters the step takes, the group's new numbers)
+Prepare = Callable[
+    [Count, dict[str, Scalar], dict[str, float]], tuple[dict[str, Scalar], dict[str, float]]
+]
+
+
+def at_count(h: Scalar, f: Callable[[Any], Any], t: Count) -> Scalar:
+    """``f`` of a hyperparameter where ``f`` involves the count `t`: the same arithmetic as
+    `Scalar.map` for a host count; for a tensor one, a tensor alone (its number unknown)."""
+    if isinstance(t, int):
+        return h.map(f)
+    given = h.tensor if h.tensor is not None else torch.tensor(h.value, dtype=torch.float64)
+    return Scalar(None, f(given))
+
+
+def at_first(t: Count, first: Any, later: Callable[[], Any]) -> Any:
+    """`first` at the first update, else ``later()`` (for a tensor count, selected per member)."""
+    if isinstance(t, int):
+        return first if t == 1 else later()
+    return torch.where(t == 1, first, later())
+
+
+class Rule(NamedTuple):
+    """An optimizer's formula: its moments, their first values, its step of one parameter.
+
+    Written once (`RuleStep`), it runs in place, out of place and differentiated (`Ops`).
+    """
+
+    slots: tuple[str, ...]
+    initial: dict[str, float]  # a moment's first value where it is not zero
+    held: tuple[str, ...]  # the hyperparameters the state holds as tensors
+    step: RuleStep
+    scalars: tuple[str, ...] = ()  # moments held as float32 0-d tensors (NAdam's product)
+    # of those, the ones held on the host, as torch.optim holds them (NAdam's product)
+    host: tuple[str, ...] = ()
+    # a moment's first value where it is not the parameter's shape: (name, parameter) -> tensor
+    shapes: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    # moments whose first value is a copy of the parameter (schedule-free's ``z``)
+    copies: tuple[str, ...] = ()
+    # numbers of the whole optimizer, not of a parameter (a param group's, in torch.optim:
+    # schedule-free's weight sum), their first values; held as float64 0-d tensors on the host
+    group: dict[str, float] = {}
+    # the step's numbers from the group's, once a step before the parameters (`Prepare`)
+    prepare: Prepare | None = None
+
+
+def tracked(t: torch.Tensor) -> bool:
+    """Whether a derivative may reach `t`: it requires grad, a ``torch.func`` transform wraps it,
+    or it is a dual tensor of ``torch.autograd.forward_ad``."""
+    return (
+        t.requires_grad
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or fwAD.unpack_dual(t).tangent is not None
+    )
+
+
+def host_value(t: torch.Tensor) -> float | None:
+    """A 0-d tensor's value on the host (the one read of a differentiable step's numbers), None
+    where vmap batches it."""
+    try:
+        return float(t.detach().item())
+    except RuntimeError:
+        return None
+
+
+def scheduled_rate(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
+    """A scheduled learning rate at `count`: its number, as the ordinary step reads it; where vmap
+    batches the count, each member's, as a float64 tensor (functrain's schedules take the step
+    tensor)."""
+    if isinstance(t, int):
+        return Scalar(float(value_at(schedule, count)))
+    if not takes_tensor_steps(schedule):
+        raise ConfigError(
+            "a learning rate given as a plain function of the step is read at each member's own "
+            "count, and here vmap batches the counts (the members skipped apart): give a "
+            "schedule of functrain.schedules, which takes the step tensor"
+        )
+    return Scalar(None, schedule(count).to(torch.float64))
+
+
+def update_number(count: torch.Tensor, device: torch.device) -> Count:
+    """The number of this update, counted from 1: read on the host as torch's single-tensor loop
+    reads its step (held there, the read waits for nothing); a float64 tensor on the parameters'
+    `device` where vmap batches the count (members skipped apart)."""
+    value = host_value(count)
+    if value is None:
+        return (count + 1).to(device=device, dtype=torch.float64)
+    return int(value) + 1
+
+
+def held_scalar(tensor: torch.Tensor, device: torch.device | None = None) -> Scalar:
+    """A held hyperparameter: its number (None where vmap batches it), and the tensor where a
+    derivative may reach it (it requires grad, or a ``torch.func`` transform tracks it); else a
+    constant, which torch's own ops take as a number. A 0-d tensor on the host takes part in the
+    kernels of any device as a number does (its derivative comes back to it); a batched one goes
+    to the parameters' `device`."""
+    value = host_value(tensor)
+    if value is None:
+        return Scalar(None, tensor if device is None else tensor.to(device))
+    return Scalar(value, tensor if tracked(tensor) else None)
+
+
+def refuse_sparse(leaves: Sequence[torch.Tensor]) -> None:
+    if any(p.is_sparse for p in leaves):
+        raise ConfigError(
+            "a differentiable state takes dense gradients only: make the embedding dense "
+            "(sparse=False)"
+        )
+
+
+class Ops:
+    """The ops of a formula (`Rule.step`), run in one of three modes (the module's docstring).
+
+    Scalars (`alpha`, `value`, `factor`, `weight`) are numbers or `Scalar`; a tensor operand is
+    a tensor. In place, each op writes its first argument and returns it; else it returns a new
+    tensor. ``ops.out`` is the same mode out of place: a formula makes its temporaries with it
+    (then writes them with ``ops``). Every mode runs torch's kernels with the same numbers.
+
+    Example:
+        >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 4.0])
+        >>> OUT_OF_PLACE.lerp(a, b, 0.5), a
+        (tensor([2.5000, 3.0000]), tensor([1., 2.]))
+        >>> IN_PLACE.add(a, b, alpha=Scalar(-0.5)) is a, a
+        (True, tensor([-1.,  0.]))
+    """
+
+    __slots__ = ("in_place", "differentiable", "out")
+
+    def __init__(self, in_place: bool, differentiable: bool) -> None:
+        self.in_place, self.differentiable = in_place, differentiable
+        self.out: Ops = self if not in_place else Ops(False, differentiable)
+
+    def __repr__(self) -> str:
+        return (
+            "IN_PLACE"
+            if self.in_place
+            else "DIFFERENTIABLE"
+            if self.differentiable
+            else ("OUT_OF_PLACE")
+        )
+
+    def add(
+        self, a: torch.Tensor, b: torch.Tensor | float, alpha: Scalar | float = 1.0
+    ) -> torch.Tensor:
+        """``a + alpha * b`` in one rounding (torch's ``add(alpha=)``)."""
+        h = _as_scalar(alpha)
+        if self.in_place and h.tensor is None:
+            return a.add_(b, alpha=h.value)
+        return add_scaled(a, b, h)
+
+    def sub(self, a: torch.Tensor, b: torch.Tensor, alpha: Scalar | float = 1.0) -> torch.Tensor:
+        """``a - alpha * b`` in one rounding (torch's ``sub(alpha=)``: the same bits)."""
+        return self.add(a, b, _as_scalar(alpha).map(negated))
+
+    def mul(self, a: torch.Tensor, factor: Scalar | float | torch.Tensor) -> torch.Tensor:
+        """``a * factor`` (a number in `a`'s opmath, as torch's kernels take it, or a tensor)."""
+        if isinstance(factor, torch.Tensor):
+            return a.mul_(factor) if self.in_place else torch.mul(a, factor)
+        h = _as_scalar(factor)
+        if self.in_place and h.tensor is None:
+            return a.mul_(h.value)  # type: ignore[arg-type]
+        return scaled(a, h)
+
+    def div(self, a: torch.Tensor, by: Scalar | float | torch.Tensor) -> torch.Tensor:
+        """``a / by`` (a number in `a`'s opmath, or a tensor)."""
+        if isinstance(by, torch.Tensor):
+            return a.div_(by) if self.in_place else torch.div(a, by)
+        h = _as_scalar(by)
+        if h.tensor is None:
+            return a.div_(h.value) if self.in_place else torch.div(a, h.value)  # type: ignore[arg-type]
+        return a / h.tensor.to(opmath(a.dtype))
+
+    def lerp(
+        self, a: torch.Tensor, b: torch.Tensor, weight: Scalar | float | torch.Tensor
+    ) -> torch.Tensor:
+        """``a + weight * (b - a)``, torch's ``lerp``."""
+        w: Any = weight
+        if isinstance(weight, Scalar):
+            w = weight.value if weight.tensor is None else weight.tensor.to(a.dtype)
+        return a.lerp_(b, w) if self.in_place else torch.lerp(a, b, w)
+
+    def addcmul(
+        self, a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: float = 1.0
+    ) -> torch.Tensor:
+        """``a + value * t1 * t2`` (torch's ``addcmul``)."""
+        if self.in_place:
+            return a.addcmul_(t1, t2, value=value)
+        return torch.addcmul(a, t1, t2, value=value)
+
+    def addcdiv(
+        self, a: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: Scalar | float = 1.0
+    ) -> torch.Tensor:
+        """``a + value * t1 / t2`` in torch's ``addcdiv`` rounding."""
+        h = _as_scalar(value)
+        if self.in_place and h.tensor is None:
+            return a.addcdiv_(t1, t2, value=h.value)  # type: ignore[arg-type]
+        return addcdiv_scaled(a, t1, t2, h)
+
+    def sqrt(self, a: torch.Tensor) -> torch.Tensor:
+        """``sqrt(a)``; differentiated, its derivative at 0 is 0 (`safe_sqrt`)."""
+        if self.in_place:
+            return a.sqrt_()
+        return safe_sqrt(a) if self.differentiable else torch.sqrt(a)
+
+    def neg(self, a: torch.Tensor) -> torch.Tensor:
+        return a.neg_() if self.in_place else torch.neg(a)
+
+    def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(a, b, out=a) if self.in_place else torch.maximum(a, b)
+
+    def clamp(
+        self, a: torch.Tensor, min: float | None = None, max: float | None = None
+    ) -> torch.Tensor:
+        return a.clamp_(min, max) if self.in_place else torch.clamp(a, min, max)
+
+    def copy(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`b`'s values where `a` was: written into `a` in place, else `b` itself."""
+        return a.copy_(b) if self.in_place else b
+
+
+IN_PLACE = Ops(in_place=True, differentiable=False)
+"""Each op writes its first argument: a donated eager step."""
+OUT_OF_PLACE = Ops(in_place=False, differentiable=False)
+"""Each op returns a new tensor: a pure, compiled or stacked step."""
+DIFFERENTIABLE = Ops(in_place=False, differentiable=True)
+"""Out of place, differentiable in the tensor hyperparameters, `safe_sqrt`: a differentiable
+state's step."""
+
+
+def _as_scalar(x: Scalar | float) -> Scalar:
+    return x if isinstance(x, Scalar) else Scalar(float(x))
+
+
+class RuleState(NamedTuple):
+    """The state of an optimizer made from a formula (`rule_transform`).
+
+    `count`: the updates so far (int64, on the host, as torch.optim holds its steps); `slots`:
+    each moment by its name, one tensor per parameter in the parameters' order; `hyperparameters`:
+    the numbers the formula takes (0-d float64 on the host); `lr`: the last update's learning
+    rate (the step's metric); `group`: the optimizer's own numbers (`Rule.group`).
+    """
+
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    slots: dict[str, tuple[torch.Tensor, ...]]
+    hyperparameters: dict[str, torch.Tensor]
+    lr: torch.Tensor
+    group: dict[str, torch.Tensor]
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"lr": self.lr.detach()}
+
+
+# the formulas of the presets made from one (`rule_transform`), by the preset's name: the rule
+# made from the preset's arguments (the differentiable form finds them here)
+FORMULAS: dict[str, Callable[[dict[str, Any]], Rule]] = {}
+
+
+def rule_transform(
+    rule: Rule,
+    name: str,
+    constants: dict[str, float],
+    schedule: Any = None,
+    *,
+    differentiable: bool = False,
+    state_type: Callable[..., Any] = RuleState,
+) -> Transform:
+    """The optimizer `rule` describes, as a transform: its update runs the formula on each
+    parameter in place in a donated eager step (`IN_PLACE`), else out of place (`OUT_OF_PLACE`),
+    or differentiated (`DIFFERENTIABLE`, with `differentiable`: a differentiable state's form).
+
+    `constants`: the values of the hyperparameters the state holds (`Rule.held`; the learning
+    rate left out where `schedule` gives it: read at the count, as the other steps read it);
+    the update emits the new parameters (`NewParams`).
+    """
+
+    def init_fn(params: Tree) -> Any:
+        leaves = tree_leaves(params)
+        refuse_sparse(leaves)
+        slots = {
+            k: tuple(
+                torch.full(
+                    (),
+                    rule.initial.get(k, 0.0),
+                    dtype=torch.float32,
+                    device=HOST if k in rule.host else p.device,
+                )
+                if k in rule.scalars
+                else p.detach().clone(memory_format=torch.preserve_format)
+                if k in rule.copies
+                else rule.shapes(k, p)
+                if rule.shapes is not None
+                else torch.full_like(p, rule.initial.get(k, 0.0))
+                for p in leaves
+            )
+            for k in rule.slots
+        }
+        held = {k: torch.tensor(v, dtype=torch.float64, device=HOST) for k, v in constants.items()}
+        count = torch.zeros((), dtype=torch.int64, device=HOST)
+        first = (
+            float(value_at(schedule, count))
+            if schedule is not None
+            else constants.get("lr", math.nan)
+        )
+        # the last rate, a metric: on the parameters' device, as the step's other metrics
+        rate = torch.full(
+            (), first, dtype=torch.float64, device=leaves[0].device if leaves else HOST
+        )
+        group = {
+            k: torch.tensor(v, dtype=torch.float64, device=HOST) for k, v in rule.group.items()
+        }
+        return state_type(count, slots, held, rate, group)
+
+    def update_fn(
+        updates: Any, state: Any, params: Tree | None = None, *, extras: Extras = NO_EXTRAS
+    ) -> tuple[NewParams, Any]:
+        if params is None:
+            raise ConfigError(f"{name} needs params= (it computes the new parameters)")
+        p, spec = tree_flatten(params)
+        g = tree_leaves(updates)
+        device = p[0].device if p else HOST
+        t = update_number(state.count, device)
+        h = {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
+        if schedule is not None:
+            h["lr"] = scheduled_rate(schedule, state.count, t)
+        new_group = group = state.group
+        if rule.prepare is not None:
+            numbers = {k: float(v) for k, v in group.items()}
+            h, numbers = rule.prepare(t, h, numbers)
+            new_group = {
+                k: torch.tensor(v, dtype=torch.float64, device=HOST) for k, v in numbers.items()
+            }
+        rate = h.get("lr", Scalar(math.nan))
+        ops = (
+            DIFFERENTIABLE
+            if differentiable
+            else IN_PLACE
+            if writes_in_place(extras)
+            else OUT_OF_PLACE
+        )
+        slots_in = state.slots
+        if ops is IN_PLACE:  # moments with storage of their own (a fresh state's may share)
+            slots_in = {
+                k: tuple(v) if k in rule.scalars else tuple(writables(v, p))
+                for k, v in state.slots.items()
+            }
+        new_p: list[torch.Tensor] = []
+        new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
+        for i, (param, grad) in enumerate(zip(p, g, strict=True)):
+            moments = {k: v[i] for k, v in slots_in.items()}
+            param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, h)
+            new_p.append(param)
+            for k in rule.slots:
+                new_slots[k].append(moments[k])
+        count = state.count + 1
+        slots = {k: tuple(v) for k, v in new_slots.items()}
+        # the metric on the parameters' device, filled there (a copy from the host would wait)
+        last = (
+            rate.tensor.detach()
+            if rate.value is None and rate.tensor is not None
+            else torch.full((), rate.value, dtype=torch.float64, device=device)  # type: ignore[arg-type]
+        )
+        new_state = type(state)(count, slots, state.hyperparameters, last, new_group)
+        return NewParams(new_p, spec), new_state
+
+    return Transform(init_fn, update_fn if differentiable else with_extras(update_fn), name)

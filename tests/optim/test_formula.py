@@ -1,0 +1,142 @@
+"""An optimizer's formula written once (`functrain.optim.rules.formula`): its three modes (in
+place, out of place, differentiated) give torch.optim's single-tensor bits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.optim.base import Extras
+from functrain.optim.differentiable import adam_rule
+from functrain.optim.rules.formula import (
+    DIFFERENTIABLE,
+    IN_PLACE,
+    OUT_OF_PLACE,
+    Ops,
+    Rule,
+    rule_transform,
+)
+
+STEPS = 12
+
+
+def _params() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(7, 5, generator=gen),
+        "t": torch.randn(5, 7, generator=gen).t(),  # a transposed leaf
+        "b": torch.randn(5, generator=gen),
+    }
+
+
+def _grads(step: int, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return {k: torch.randn(p.shape, generator=gen) for k, p in params.items()}
+
+
+def _run_rule(rule: Rule, constants: dict[str, float], mode: str) -> dict[str, torch.Tensor]:
+    tx = rule_transform(rule, "rule", constants, differentiable=mode == "differentiable")
+    params = {k: v.clone() for k, v in _params().items()}
+    state = tx.init(params)
+    for step in range(STEPS):
+        grads = _grads(step, params)
+        if mode == "in place":
+            updates, state = tx.update(grads, state, params, extras=Extras(in_place=True))
+        else:
+            updates, state = tx.update(grads, state, params)
+        params = ft.apply_updates(params, updates)
+    return params
+
+
+def _run_torch(make: Any) -> dict[str, torch.Tensor]:
+    params = {k: v.clone().requires_grad_() for k, v in _params().items()}
+    opt = make(list(params.values()))
+    for step in range(STEPS):
+        for p, g in zip(params.values(), _grads(step, params).values(), strict=True):
+            p.grad = g
+        opt.step()
+    return {k: v.detach() for k, v in params.items()}
+
+
+ADAM_CASES = {
+    "adam": (
+        dict(decoupled=False, amsgrad=False, maximize=False),
+        lambda p: torch.optim.Adam(p, 0.01, weight_decay=0.1, foreach=False),
+    ),
+    "adamw amsgrad": (
+        dict(decoupled=True, amsgrad=True, maximize=False),
+        lambda p: torch.optim.AdamW(p, 0.01, weight_decay=0.1, amsgrad=True, foreach=False),
+    ),
+    "adamw maximize": (
+        dict(decoupled=True, amsgrad=False, maximize=True),
+        lambda p: torch.optim.AdamW(p, 0.01, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["in place", "out of place", "differentiable"])
+@pytest.mark.parametrize("case", sorted(ADAM_CASES))
+def test_adams_formula_gives_torchs_single_tensor_bits_in_every_mode(case: str, mode: str) -> None:
+    flags, make = ADAM_CASES[case]
+    rule = adam_rule(0.9, 0.999, 1e-8, **flags)
+    got = _run_rule(rule, {"lr": 0.01, "weight_decay": 0.1}, mode)
+    expected = _run_torch(make)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), (case, mode, k)
+
+
+def test_in_place_writes_the_state_and_parameters_it_was_given_and_out_of_place_none() -> None:
+    rule = adam_rule(0.9, 0.999, 1e-8, decoupled=True, amsgrad=False, maximize=False)
+    tx = rule_transform(rule, "rule", {"lr": 0.01, "weight_decay": 0.1})
+    params = _params()
+    state = tx.init(params)
+    updates, state = tx.update(_grads(0, params), state, params)  # moments of its own now
+    before = {k: v.clone() for k, v in params.items()}
+    mu = [m.clone() for m in state.slots["mu"]]
+    pure, _ = tx.update(_grads(1, params), state, params)
+    assert all(torch.equal(params[k], before[k]) for k in params)
+    assert all(torch.equal(a, b) for a, b in zip(state.slots["mu"], mu, strict=True))
+    written, new = tx.update(_grads(1, params), state, params, extras=Extras(in_place=True))
+    assert all(n is p for n, p in zip(written.values, params.values(), strict=True))
+    assert all(a is b for a, b in zip(new.slots["mu"], state.slots["mu"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(written.values, pure.values, strict=True))
+
+
+def test_each_op_writes_its_first_argument_in_place_only() -> None:
+    ops: list[Ops] = [IN_PLACE, OUT_OF_PLACE, DIFFERENTIABLE]
+    for mode in ops:
+        a, b = torch.tensor([4.0, 9.0]), torch.tensor([1.0, 2.0])
+        results = [
+            mode.add(a.clone(), b, 0.5),
+            mode.sub(a.clone(), b, 2.0),
+            mode.mul(a.clone(), 3.0),
+            mode.div(a.clone(), b),
+            mode.lerp(a.clone(), b, 0.25),
+            mode.addcmul(a.clone(), b, b, 2.0),
+            mode.addcdiv(a.clone(), b, b, 2.0),
+            mode.sqrt(a.clone()),
+            mode.neg(a.clone()),
+            mode.maximum(a.clone(), torch.tensor([5.0, 5.0])),
+            mode.clamp(a.clone(), max=5.0),
+        ]
+        expected = [
+            torch.add(a, b, alpha=0.5),
+            torch.sub(a, b, alpha=2.0),
+            a * 3.0,
+            a / b,
+            torch.lerp(a, b, 0.25),
+            torch.addcmul(a, b, b, value=2.0),
+            torch.addcdiv(a, b, b, value=2.0),
+            a.sqrt(),
+            -a,
+            torch.tensor([5.0, 9.0]),
+            torch.tensor([4.0, 5.0]),
+        ]
+        for got, want in zip(results, expected, strict=True):
+            assert torch.equal(got, want), (mode, got, want)
+        x = a.clone()
+        assert (mode.add(x, b) is x) is mode.in_place
+        assert mode.out.in_place is False and mode.out.differentiable is mode.differentiable
