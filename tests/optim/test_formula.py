@@ -119,6 +119,7 @@ def test_each_op_writes_its_first_argument_in_place_only() -> None:
             mode.addcdiv(a.clone(), b, b, 2.0),
             mode.sqrt(a.clone()),
             mode.neg(a.clone()),
+            mode.reciprocal(a.clone()),
             mode.maximum(a.clone(), torch.tensor([5.0, 5.0])),
             mode.clamp(a.clone(), max=5.0),
         ]
@@ -132,6 +133,7 @@ def test_each_op_writes_its_first_argument_in_place_only() -> None:
             torch.addcdiv(a, b, b, value=2.0),
             a.sqrt(),
             -a,
+            1 / a,
             torch.tensor([5.0, 9.0]),
             torch.tensor([4.0, 5.0]),
         ]

@@ -264,7 +264,7 @@ _BOUND = {f: _bound_in_forward(f) for f in (_AddScaled, _AddcdivScaled, _SafeSqr
 def _apply(function: Any, *args: Any) -> Any:
     """``function.apply(*args)``: under ``torch.func`` transforms as defined, else its form with
     the context set in its forward (`_bound_in_forward`)."""
-    if torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
     return _BOUND[function].apply(*args)
 
@@ -311,9 +311,11 @@ RuleStep = Callable[
 ]
 
 # a rule's numbers of one step, before its parameters: (the update's number, the hyperparameters,
-# the group's numbers) -> (the hyperparameters the step takes, the group's new numbers)
+# the group's numbers) -> (the hyperparameters the step takes, the group's new numbers). The
+# group's numbers are Python floats in an eager step; traced, or batched by vmap, they are float64
+# tensors (and the update's number a tensor too): a prepare computes with either
 Prepare = Callable[
-    [Count, dict[str, Scalar], dict[str, float]], tuple[dict[str, Scalar], dict[str, float]]
+    [Count, dict[str, Scalar], dict[str, Any]], tuple[dict[str, Scalar], dict[str, Any]]
 ]
 
 
@@ -360,6 +362,8 @@ class Rule(NamedTuple):
 def tracked(t: torch.Tensor) -> bool:
     """Whether a derivative may reach `t`: it requires grad, a ``torch.func`` transform wraps it,
     or it is a dual tensor of ``torch.autograd.forward_ad``."""
+    if torch.compiler.is_compiling():  # (a compiled step is not differentiated)
+        return t.requires_grad
     return (
         t.requires_grad
         or torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -368,8 +372,11 @@ def tracked(t: torch.Tensor) -> bool:
 
 
 def host_value(t: torch.Tensor) -> float | None:
-    """A 0-d tensor's value on the host (the one read of a differentiable step's numbers), None
-    where vmap batches it."""
+    """A 0-d tensor's value on the host (the one read of a step's numbers), None where vmap
+    batches it or ``torch.compile`` traces the step (the graph computes with the tensor: a read
+    would specialize it to each value)."""
+    if torch.compiler.is_compiling():
+        return None
     try:
         return float(t.detach().item())
     except RuntimeError:
@@ -384,9 +391,9 @@ def scheduled_rate(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
         return Scalar(float(value_at(schedule, count)))
     if not takes_tensor_steps(schedule):
         raise ConfigError(
-            "a learning rate given as a plain function of the step is read at each member's own "
-            "count, and here vmap batches the counts (the members skipped apart): give a "
-            "schedule of functrain.schedules, which takes the step tensor"
+            "a learning rate given as a plain function of the step is read at the count, and "
+            "here the count is a tensor (a compiled step, or members vmap batches that skipped "
+            "apart): give a schedule of functrain.schedules, which takes the step tensor"
         )
     return Scalar(None, schedule(count).to(torch.float64))
 
@@ -397,8 +404,15 @@ def update_number(count: torch.Tensor, device: torch.device) -> Count:
     `device` where vmap batches the count (members skipped apart)."""
     value = host_value(count)
     if value is None:
-        return (count + 1).to(device=device, dtype=torch.float64)
+        return (count + 1).to(device=_batched_on(count, device), dtype=torch.float64)
     return int(value) + 1
+
+
+def _batched_on(t: torch.Tensor, device: torch.device) -> torch.device:
+    """Where a number read as a tensor computes: a traced step's on its own device (a 0-d tensor
+    on the host takes part in any device's kernels, as a number does), a batched one on the
+    parameters' `device`."""
+    return t.device if torch.compiler.is_compiling() else device
 
 
 def held_scalar(tensor: torch.Tensor, device: torch.device | None = None) -> Scalar:
@@ -409,7 +423,7 @@ def held_scalar(tensor: torch.Tensor, device: torch.device | None = None) -> Sca
     to the parameters' `device`."""
     value = host_value(tensor)
     if value is None:
-        return Scalar(None, tensor if device is None else tensor.to(device))
+        return Scalar(None, tensor if device is None else tensor.to(_batched_on(tensor, device)))
     return Scalar(value, tensor if tracked(tensor) else None)
 
 
@@ -457,8 +471,10 @@ class Ops:
     ) -> torch.Tensor:
         """``a + alpha * b`` in one rounding (torch's ``add(alpha=)``)."""
         h = _as_scalar(alpha)
-        if self.in_place and h.tensor is None:
-            return a.add_(b, alpha=h.value)
+        if h.tensor is None:
+            return a.add_(b, alpha=h.value) if self.in_place else torch.add(a, b, alpha=h.value)
+        if not self.differentiable:  # a number read as a tensor (traced, or batched by vmap)
+            return a + h.tensor * b
         return add_scaled(a, b, h)
 
     def sub(self, a: torch.Tensor, b: torch.Tensor, alpha: Scalar | float = 1.0) -> torch.Tensor:
@@ -505,8 +521,12 @@ class Ops:
     ) -> torch.Tensor:
         """``a + value * t1 / t2`` in torch's ``addcdiv`` rounding."""
         h = _as_scalar(value)
-        if self.in_place and h.tensor is None:
-            return a.addcdiv_(t1, t2, value=h.value)  # type: ignore[arg-type]
+        if h.tensor is None:
+            if self.in_place:
+                return a.addcdiv_(t1, t2, value=h.value)  # type: ignore[arg-type]
+            return torch.addcdiv(a, t1, t2, value=h.value)  # type: ignore[arg-type]
+        if not self.differentiable:  # a number read as a tensor (traced, or batched by vmap)
+            return a + h.tensor * t1 / t2
         return addcdiv_scaled(a, t1, t2, h)
 
     def sqrt(self, a: torch.Tensor) -> torch.Tensor:
@@ -517,6 +537,10 @@ class Ops:
 
     def neg(self, a: torch.Tensor) -> torch.Tensor:
         return a.neg_() if self.in_place else torch.neg(a)
+
+    def reciprocal(self, a: torch.Tensor) -> torch.Tensor:
+        """``1 / a`` (torch's ``reciprocal``)."""
+        return a.reciprocal_() if self.in_place else torch.reciprocal(a)
 
     def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.maximum(a, b, out=a) if self.in_place else torch.maximum(a, b)
@@ -538,6 +562,16 @@ OUT_OF_PLACE = Ops(in_place=False, differentiable=False)
 DIFFERENTIABLE = Ops(in_place=False, differentiable=True)
 """Out of place, differentiable in the tensor hyperparameters, `safe_sqrt`: a differentiable
 state's step."""
+
+
+def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The optimizer's own numbers as `Rule.prepare` takes them: Python floats read on the host
+    (held there: the reads wait for nothing), or, where one cannot be read (traced, or batched by
+    vmap), every one as its float64 tensor."""
+    values = {k: host_value(v) for k, v in group.items()}
+    if all(v is not None for v in values.values()):
+        return values
+    return {k: v.to(_batched_on(v, device)) for k, v in group.items()}
 
 
 def _as_scalar(x: Scalar | float) -> Scalar:
@@ -637,10 +671,12 @@ def rule_transform(
             h["lr"] = scheduled_rate(schedule, state.count, t)
         new_group = group = state.group
         if rule.prepare is not None:
-            numbers = {k: float(v) for k, v in group.items()}
-            h, numbers = rule.prepare(t, h, numbers)
+            h, numbers = rule.prepare(t, h, _group_numbers(group, device))
             new_group = {
-                k: torch.tensor(v, dtype=torch.float64, device=HOST) for k, v in numbers.items()
+                k: v.to(torch.float64)
+                if isinstance(v, torch.Tensor)
+                else torch.tensor(v, dtype=torch.float64, device=HOST)
+                for k, v in numbers.items()
             }
         rate = h.get("lr", Scalar(math.nan))
         ops = (
