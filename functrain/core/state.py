@@ -59,6 +59,7 @@ from functrain.errors import (
 from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.differentiable import hyperparameters_of, tracked, with_hyperparameters
+from functrain.optim.rules.formula import evaluation_params
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
 from functrain.tree import ReadOnlyDict, Tree, leaves_by_path, read_only, tree_leaves
@@ -793,7 +794,8 @@ class TrainState:
 
         Use it for inference, `torch.save(module.state_dict())` or ONNX export; the state is not
         tied to it. A sharded state's weights are gathered whole into plain tensors (a collective:
-        every rank must call it).
+        every rank must call it). A schedule-free optimizer's weights are exported at its average,
+        as `functrain.eval_step` evaluates them.
 
         Args:
             use_ema: the EMA of the weights instead of the weights (and the EMA's average of the
@@ -815,6 +817,8 @@ class TrainState:
         """
         self.check_live("export_module")
         weights = self.ema_params if use_ema else self.params
+        evaluated = None if use_ema else evaluation_params(self.opt_state, self.params)
+        weights = weights if evaluated is None else evaluated
         if weights is None:
             raise ConfigError(
                 "export_module(use_ema=True) needs a state created with ema_decay=...; "

@@ -35,6 +35,7 @@ from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState
 from functrain.distributed import sharding as sharding_
 from functrain.errors import ConfigError
 from functrain.optim.batching import differentiating
+from functrain.optim.rules.formula import evaluation_params
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 
@@ -213,7 +214,9 @@ def eval_step(
 
     Runs without gradients and changes nothing: not the state, not the caller's RNG. A
     differentiable state's evaluation runs with gradients: its loss (in the loss function's dtype)
-    is a function of the state's tensors, the outer loss of meta-learning.
+    is a function of the state's tensors, the outer loss of meta-learning. A schedule-free
+    optimizer's weights are evaluated at its average, where its package's ``optimizer.eval()``
+    puts them (`functrain.optim.rules.formula.evaluation_params`).
 
     Args:
         state: the `TrainState` to evaluate.
@@ -251,6 +254,9 @@ def eval_step(
             f"eval_fn must be a function eval_fn(model, batch) -> loss or (loss, metrics), got "
             f"{type(eval_fn).__name__}"
         )
+    evaluated = None if use_ema else evaluation_params(state.opt_state, state.params)
+    if evaluated is not None:  # a schedule-free optimizer's model is its average
+        state = state.replace(params=evaluated)
     if state.members:
         stacked = state if eval_fn is None else state.replace(loss_fn=eval_fn)
         return stacked_eval_step(stacked, batch, use_ema)
@@ -272,7 +278,8 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
     made from would give it after ``model.eval()`` under ``torch.no_grad()`` (``state.module`` is
     only the structure, without weights; ``state.export_module()`` builds a module that holds them,
     to keep). Changes nothing: not the state, its buffers, nor the caller's RNG. A differentiable
-    state's output keeps its graph (a function of the state's tensors).
+    state's output keeps its graph (a function of the state's tensors). A schedule-free
+    optimizer's weights run at its average, as `eval_step` evaluates them.
 
     Args:
         state: a `TrainState` (not stacked: run ``functrain.unstack`` members one by one).
@@ -307,6 +314,8 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
             "[ft.predict(s, x) for s in functrain.unstack(state)]"
         )
     weights = state.ema_params if use_ema else state.params
+    evaluated = None if use_ema else evaluation_params(state.opt_state, state.params)
+    weights = weights if evaluated is None else evaluated
     if weights is None:
         raise ConfigError(
             "predict(use_ema=True) needs a state created with ema_decay=...; this state has no EMA"

@@ -53,13 +53,16 @@ from functrain.optim.rules.adadelta import scale_by_adadelta
 from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
+from functrain.optim.rules.adan import adan
 from functrain.optim.rules.asgd import asgd_step
 from functrain.optim.rules.clipping import clip_by_global_norm, clip_by_value
+from functrain.optim.rules.lamb import lamb
 from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
 from functrain.optim.rules.lion import scale_by_lion
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
 from functrain.optim.rules.rms import scale_by_rms
 from functrain.optim.rules.rprop import scale_by_rprop
+from functrain.optim.rules.schedule_free import adamw_schedule_free
 from functrain.optim.rules.trace import trace
 from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.swa import SwaState, swa
@@ -132,6 +135,9 @@ __all__ = [
     "adadelta",
     "adafactor",
     "adamax",
+    "adamw_schedule_free",
+    "adan",
+    "lamb",
     "asgd",
     "muon",
     "nadam",

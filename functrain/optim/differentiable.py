@@ -59,6 +59,7 @@ from functrain.optim.rules.formula import (
     Ops,
     Rule,
     Scalar,
+    active,
     add_scaled,
     addcdiv_scaled,
     at_count,
@@ -108,15 +109,9 @@ class DifferentiableState(NamedTuple):
         return {"lr": self.lr.detach()}
 
 
-def _active(h: Scalar) -> bool:
-    """Whether an optional term (weight decay) runs: torch runs it where it is not 0; one a
-    derivative may reach always runs (its derivative at 0 is not 0)."""
-    return h.value != 0 or h.value is None or h.tensor is not None and tracked(h.tensor)
-
-
 def _decayed(g: torch.Tensor, p: torch.Tensor, h: dict[str, Scalar]) -> torch.Tensor:
     """The gradient with L2 weight decay added, as torch's ``grad.add(param, alpha=wd)``."""
-    return add_scaled(g, p, h["weight_decay"]) if _active(h["weight_decay"]) else g
+    return add_scaled(g, p, h["weight_decay"]) if active(h["weight_decay"]) else g
 
 
 def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) -> Rule:
@@ -148,7 +143,7 @@ def adam_rule(
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = ops.out.neg(g) if maximize else g
-        if _active(h["weight_decay"]):
+        if active(h["weight_decay"]):
             if decoupled:
                 p = ops.mul(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
             else:
@@ -332,7 +327,7 @@ def adafactor_rule(
         size = p.numel() ** 0.5
         rate = torch.clamp(torch.linalg.vector_norm(p).double() / size, min=eps2) * rho
         clip = torch.clamp(torch.linalg.vector_norm(direction).double() / (size * d), min=1.0)
-        if _active(h["weight_decay"]):
+        if active(h["weight_decay"]):
             p = scaled(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
         alpha = -rate / clip
         step_size = Scalar(host_value(alpha), alpha)
@@ -363,7 +358,7 @@ def _decayed_weights(
     p: torch.Tensor, g: torch.Tensor, h: dict[str, Scalar], decoupled: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The parameter and gradient after weight decay: decoupled (``p * (1 - lr * wd)``) or L2."""
-    if not _active(h["weight_decay"]):
+    if not active(h["weight_decay"]):
         return p, g
     if decoupled:
         return scaled(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"])), g

@@ -142,3 +142,25 @@ def test_each_op_writes_its_first_argument_in_place_only() -> None:
         x = a.clone()
         assert (mode.add(x, b) is x) is mode.in_place
         assert mode.out.in_place is False and mode.out.differentiable is mode.differentiable
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_complex_parameter_steps_on_its_real_view_as_torch_steps_it(in_place: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, dtype=torch.complex64, generator=gen)
+    grads = [torch.randn(3, 4, dtype=torch.complex64, generator=gen) for _ in range(STEPS)]
+    theirs = start.clone().requires_grad_()
+    opt = torch.optim.AdamW([theirs], 0.01, weight_decay=0.1, foreach=False)
+    for g in grads:
+        theirs.grad = g
+        opt.step()
+    rule = adam_rule(0.9, 0.999, 1e-8, decoupled=True, amsgrad=False, maximize=False)
+    tx = rule_transform(rule, "rule", {"lr": 0.01, "weight_decay": 0.1})
+    params = {"w": start.clone()}
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update({"w": g}, state, params, extras=Extras(in_place=in_place))
+        params = ft.apply_updates(params, updates)
+    # (a complex square in place of |g|**2 moves the weights elsewhere)
+    assert torch.equal(params["w"], theirs.detach())
+    assert state.slots["nu"][0].dtype == torch.complex64

@@ -44,6 +44,7 @@ from functrain.tree import Tree, tree_flatten, tree_leaves
 
 __all__ = [
     "DIFFERENTIABLE",
+    "EVALUATION_POINTS",
     "FORMULAS",
     "HOST",
     "IN_PLACE",
@@ -53,11 +54,13 @@ __all__ = [
     "Rule",
     "RuleState",
     "Scalar",
+    "active",
     "add_scaled",
     "addcdiv_scaled",
     "at_count",
     "at_first",
     "combined",
+    "evaluation_params",
     "held_scalar",
     "host_value",
     "negated",
@@ -357,6 +360,9 @@ class Rule(NamedTuple):
     group: dict[str, float] = {}
     # the step's numbers from the group's, once a step before the parameters (`Prepare`)
     prepare: Prepare | None = None
+    # why the formula refuses complex parameters, where it does (its reference steps them on
+    # another path); else they step on their real views, as torch.optim steps them
+    refuses_complex: str = ""
 
 
 def tracked(t: torch.Tensor) -> bool:
@@ -369,6 +375,12 @@ def tracked(t: torch.Tensor) -> bool:
         or torch._C._functorch.is_functorch_wrapped_tensor(t)
         or fwAD.unpack_dual(t).tangent is not None
     )
+
+
+def active(h: Scalar) -> bool:
+    """Whether an optional term (weight decay) runs: torch runs it where it is not 0; one a
+    derivative may reach always runs (its derivative at 0 is not 0)."""
+    return h.value != 0 or h.value is None or h.tensor is not None and tracked(h.tensor)
 
 
 def host_value(t: torch.Tensor) -> float | None:
@@ -564,6 +576,39 @@ DIFFERENTIABLE = Ops(in_place=False, differentiable=True)
 state's step."""
 
 
+def _on_real_views(
+    rule: Rule,
+    ops: Ops,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    moments: dict[str, torch.Tensor],
+    t: Count,
+    h: dict[str, Scalar],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A complex parameter's step as torch.optim takes it (``torch.view_as_real`` of the
+    parameter, its gradient and its moments): each element's real and imaginary parts as two real
+    numbers, so that a squared gradient is ``re**2 + im**2``, never a complex square. In place the
+    views write the complex tensors themselves."""
+
+    def real(x: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(x) if x.is_complex() else x
+
+    new, new_moments = rule.step(
+        ops,
+        real(param),
+        real(grad.to(param.dtype)),
+        {k: real(v) for k, v in moments.items()},
+        t,
+        h,
+    )
+    like = {k: v.is_complex() for k, v in moments.items()}
+
+    def back(x: torch.Tensor, complex_: bool) -> torch.Tensor:
+        return torch.view_as_complex(x.contiguous()) if complex_ else x
+
+    return back(new, True), {k: back(v, like.get(k, True)) for k, v in new_moments.items()}
+
+
 def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
     """The optimizer's own numbers as `Rule.prepare` takes them: Python floats read on the host
     (held there: the reads wait for nothing), or, where one cannot be read (traced, or batched by
@@ -601,6 +646,30 @@ class RuleState(NamedTuple):
 # made from the preset's arguments (the differentiable form finds them here)
 FORMULAS: dict[str, Callable[[dict[str, Any]], Rule]] = {}
 
+# the optimizers whose model is evaluated elsewhere than at the parameters they train (a
+# schedule-free optimizer's average): each ``(opt_state, params) -> point or None``, None where
+# `opt_state` holds no state of its own
+EVALUATION_POINTS: list[Callable[[Any, Tree], Tree | None]] = []
+
+
+def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
+    """The parameters a model trained with `opt_state`'s optimizer is evaluated at, where its
+    optimizer says they are not the ones it trains (`EVALUATION_POINTS`: a schedule-free
+    optimizer's average), else None. `functrain.eval_step`, `functrain.predict` and
+    ``TrainState.export_module`` use them; the train step never does.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> p = {"w": torch.ones(1)}
+        >>> evaluation_params(ft.sgd(0.1).init(p), p) is None
+        True
+    """
+    for point in EVALUATION_POINTS:
+        found = point(opt_state, params)
+        if found is not None:
+            return found
+    return None
+
 
 def rule_transform(
     rule: Rule,
@@ -623,6 +692,8 @@ def rule_transform(
     def init_fn(params: Tree) -> Any:
         leaves = tree_leaves(params)
         refuse_sparse(leaves)
+        if rule.refuses_complex and any(p.is_complex() for p in leaves):
+            raise ConfigError(f"{name}: {rule.refuses_complex}")
         slots = {
             k: tuple(
                 torch.full(
@@ -696,7 +767,10 @@ def rule_transform(
         new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
         for i, (param, grad) in enumerate(zip(p, g, strict=True)):
             moments = {k: v[i] for k, v in slots_in.items()}
-            param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, h)
+            if param.is_complex():  # as torch.optim steps one: on its real view
+                param, moments = _on_real_views(rule, ops, param, grad, moments, t, h)
+            else:
+                param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, h)
             new_p.append(param)
             for k in rule.slots:
                 new_slots[k].append(moments[k])

@@ -1,0 +1,290 @@
+"""Schedule-Free AdamW (Defazio et al., 2024), as the ``schedulefree`` package computes it.
+
+The optimizer keeps two sequences besides Adam's second moment: ``z``, the base sequence its
+gradient steps move, and ``x``, the running average of ``z`` (each step weighted by
+``k ** r * lr_max ** weight_lr_power``). The parameter is neither: it is
+``y = lerp(z, x, beta1)``, the point the gradient is taken at, and ``x`` is never stored (the
+step moves ``y`` as ``x`` would move it). ``x`` is the point to evaluate:
+``x = lerp(y, z, 1 - 1 / beta1)``.
+
+The package's users call ``optimizer.eval()`` before evaluating (it writes ``x`` into the
+parameters) and ``optimizer.train()`` after (it writes ``y`` back: a round trip that rounds, so
+``y`` moves by the last bits each time). functrain never moves ``y``: `evaluation_params` computes
+``x`` out of place with the package's op, and `functrain.eval_step`, `functrain.predict` and
+``TrainState.export_module`` evaluate there. A run that evaluates in between trains as one that
+does not, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functrain.errors import ConfigError, config_check
+from functrain.optim.base import LearningRate, Transform
+from functrain.optim.checks import check_learning_rate, check_positive, check_unit
+from functrain.optim.naming import named
+from functrain.optim.rules.formula import (
+    EVALUATION_POINTS,
+    FORMULAS,
+    Count,
+    Ops,
+    Rule,
+    Scalar,
+    at_first,
+    rule_transform,
+)
+from functrain.tree import Tree, tree_flatten, tree_unflatten
+
+__all__ = ["adamw_schedule_free", "evaluation_params", "schedule_free_adamw_rule"]
+
+# the param group's numbers (`Rule.group`): the updates so far, the largest scheduled rate, the
+# sum of the averaging weights; the group holds beta1 beside them (it places the evaluation point)
+GROUP = {"k": 0.0, "lr_max": -1.0, "weight_sum": 0.0}
+
+
+def schedule_free_adamw_rule(
+    b1: float, b2: float, eps: float, warmup_steps: int, r: float, weight_lr_power: float
+) -> Rule:
+    """``AdamWScheduleFree.step`` of one parameter: its foreach and single-tensor paths, op for op.
+
+    The parameter is ``y``; the moments ``z`` (the parameter's copy, taken again at the first
+    update as the package takes it then) and ``exp_avg_sq``. The group's numbers (``k``,
+    ``lr_max``, ``weight_sum``) advance once a step in Python floats, as the package computes
+    them (`Rule.prepare`; float64 tensors where the step is traced or vmap batches them: the
+    same value up to the last rounding), giving the step the warmed-up rate ``lr``, the
+    averaging weight ``ckp1`` and ``y``'s step size.
+    """
+
+    def prepare(
+        t: Count, h: dict[str, Scalar], group: dict[str, Any]
+    ) -> tuple[dict[str, Scalar], dict[str, Any]]:
+        if isinstance(group["k"], torch.Tensor) or h["lr"].value is None:
+            return prepared_tensors(h, group)  # traced, or batched by vmap
+        k = int(group["k"])
+        warmup = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+        rate = h["lr"].map(lambda lr: lr * warmup)
+        lr_max = max(rate.value, group["lr_max"])
+        weight = ((k + 1) ** r) * (lr_max**weight_lr_power)
+        weight_sum = group["weight_sum"] + weight
+        try:
+            ckp1 = weight / weight_sum
+        except ZeroDivisionError:  # every weight 0 so far (a rate of 0)
+            ckp1 = 0.0
+        numbers = {
+            **h,
+            "lr": rate,
+            "ckp1": Scalar(ckp1),
+            "y_rate": rate.map(lambda lr: lr * (b1 * (1 - ckp1) - 1)),
+            "bias_correction2": Scalar(1 - b2 ** (k + 1)),
+        }
+        return numbers, {**group, "k": k + 1, "lr_max": lr_max, "weight_sum": weight_sum}
+
+    def prepared_tensors(
+        h: dict[str, Scalar], given: dict[str, Any]
+    ) -> tuple[dict[str, Scalar], dict[str, Any]]:
+        """`prepare`'s arithmetic on float64 tensors (its numbers unknown on the host)."""
+        group = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in given.items()}
+        k = group["k"]
+        warmup = torch.where(k < warmup_steps, (k + 1) / max(warmup_steps, 1), 1.0)
+        lr = h["lr"].tensor
+        rate = (torch.as_tensor(h["lr"].value, dtype=torch.float64) if lr is None else lr) * warmup
+        lr_max = torch.maximum(rate, group["lr_max"])
+        weight = torch.pow(k + 1, r) * torch.pow(lr_max, weight_lr_power)
+        weight_sum = group["weight_sum"] + weight
+        ckp1 = torch.where(weight_sum == 0, 0.0, weight / weight_sum)
+        numbers = {
+            **h,
+            "lr": Scalar(None, rate),
+            "ckp1": Scalar(None, ckp1),
+            "y_rate": Scalar(None, rate * (b1 * (1 - ckp1) - 1)),
+            "bias_correction2": Scalar(None, 1 - torch.pow(b2, k + 1)),
+        }
+        return numbers, {**group, "k": k + 1, "lr_max": lr_max, "weight_sum": weight_sum}
+
+    def step(
+        ops: Ops, p: Any, g: Any, m: dict[str, Any], t: Count, h: dict[str, Scalar]
+    ) -> tuple[Any, dict[str, Any]]:
+        # the package copies the parameter into z at its first update
+        if isinstance(t, int):
+            z = ops.copy(m["z"], p) if t == 1 else m["z"]
+        else:
+            z = at_first(t, p, lambda: m["z"])
+        v = ops.addcmul(ops.mul(m["exp_avg_sq"], b2), g, g, value=1 - b2)
+        denom = ops.add(ops.sqrt(ops.out.div(v, h["bias_correction2"])), eps)
+        normalized = ops.out.div(g, denom)  # (the package divides the gradient in place)
+        decay = h["weight_decay"]
+        if decay.value != 0 or decay.tensor is not None:  # (at y, before y moves)
+            normalized = ops.add(normalized, p, decay)
+        y = ops.add(ops.lerp(p, z, h["ckp1"]), normalized, h["y_rate"])
+        return y, {"z": ops.sub(z, normalized, h["lr"]), "exp_avg_sq": v}
+
+    return Rule(
+        ("z", "exp_avg_sq"),
+        {},
+        ("lr", "weight_decay"),
+        step,
+        copies=("z",),
+        group={**GROUP, "beta1": b1},
+        prepare=prepare,
+        refuses_complex="the schedulefree package steps a complex parameter in complex "
+        "arithmetic (its second moment the complex square g * g, not |g| ** 2, as torch.optim "
+        "takes it); train the real and imaginary parts as real parameters (torch.view_as_real)",
+    )
+
+
+@named
+def adamw_schedule_free(
+    lr: LearningRate = 0.0025,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+) -> Transform:
+    """Schedule-Free AdamW (Defazio et al., 2024): AdamW without a decaying schedule.
+
+    Matches ``schedulefree.AdamWScheduleFree`` (foreach and single-tensor, which give the same
+    bits) bit for bit in float32 and float64, with weight decay, warmup and a learning-rate
+    schedule. Its state holds the param group's numbers (the update count ``k``, ``lr_max``,
+    ``weight_sum``): a checkpoint resumes exactly. The package's ``train()`` / ``eval()`` calls
+    have no counterpart: the parameters stay the training point ``y``, and `functrain.eval_step`,
+    `functrain.predict` and ``TrainState.export_module`` evaluate at ``x`` (`evaluation_params`).
+
+    Args:
+        lr: learning rate, a float or a schedule (the package's ``lr`` as a torch LR scheduler
+            writes it into the param group; the warmup multiplies it).
+        betas: ``(b1, b2)``: the interpolation between the average and the base sequence (in
+            (0, 1): ``x`` is found from ``y`` by dividing by it), and the second moment's decay.
+        eps: added to the second moment's square root.
+        weight_decay: L2 coefficient, added to the normalized gradient at ``y``.
+        warmup_steps: the rate rises linearly over this many first updates.
+        r: the averaging weights grow as ``k ** r``.
+        weight_lr_power: the averaging weights are ``lr_max ** weight_lr_power``.
+
+    Returns:
+        A `Transform` emitting the new parameters.
+
+    Raises:
+        ConfigError: a hyperparameter is out of range, or `lr` is a tensor (the package's tensor
+            rate computes its weights in tensors, other bits: give ``float(lr)``).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = adamw_schedule_free(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> new, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+        >>> ft.apply_updates(p, new)["w"]
+        tensor([0.9000])
+    """
+    problems: list[str] = []
+    if isinstance(lr, torch.Tensor):
+        problems.append(
+            f"lr must be a float or a schedule, got a tensor {lr!r} (the package's tensor rate "
+            "computes the averaging weights in tensor arithmetic, other bits); give float(lr)"
+        )
+    else:
+        check_learning_rate(problems, "lr", lr)
+    if not (isinstance(betas, tuple | list) and len(betas) == 2):
+        problems.append(f"betas must be a pair (b1, b2), got betas={betas!r}")
+        b1, b2 = 0.9, 0.999
+    else:
+        b1, b2 = betas
+        check_unit(problems, "betas[0]", b1, closed_low=False)
+        check_unit(problems, "betas[1]", b2)
+    check_positive(problems, "eps", eps, allow_zero=True)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    if not (isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool)) or (
+        warmup_steps < 0
+    ):
+        problems.append(
+            f"warmup_steps must be an int >= 0 (updates of linear warmup), got "
+            f"warmup_steps={warmup_steps!r}"
+        )
+    check_positive(problems, "r", r, allow_zero=True)
+    check_positive(problems, "weight_lr_power", weight_lr_power, allow_zero=True)
+    config_check(problems, "adamw_schedule_free")
+    rule = schedule_free_adamw_rule(b1, b2, eps, warmup_steps, r, weight_lr_power)
+    schedule = lr if callable(lr) else None
+    constants = {"weight_decay": float(weight_decay)}
+    if schedule is None:
+        constants = {"lr": float(lr), **constants}  # type: ignore[arg-type]
+    return rule_transform(rule, "adamw_schedule_free", constants, schedule)
+
+
+FORMULAS["adamw_schedule_free"] = lambda a: schedule_free_adamw_rule(
+    a["betas"][0], a["betas"][1], a["eps"], a["warmup_steps"], a["r"], a["weight_lr_power"]
+)
+
+
+def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
+    """The point a schedule-free optimizer's model is evaluated at: the average ``x``.
+
+    ``torch.lerp(y, z, 1 - 1 / beta1)`` of each parameter ``y`` and its ``z``, out of place: the
+    bits ``AdamWScheduleFree.eval()`` writes into the parameters. Before the first update, the
+    parameters themselves (the package has no ``z`` yet and leaves them).
+
+    Args:
+        opt_state: an optimizer state, the schedule-free one's own or one holding it (a chain's,
+            ``skip_nonfinite``'s: any tuple).
+        params: the parameters `opt_state` was updated with (``y``).
+
+    Returns:
+        The evaluation point, a tree like `params`; None where `opt_state` holds no
+        schedule-free state.
+
+    Raises:
+        ConfigError: the schedule-free state holds moments of other parameters than `params`
+            (it was given part of them, by ``masked`` or ``partition``).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = adamw_schedule_free(lr=0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> state = tx.init(p)
+        >>> for g in (1.0, -1.0):
+        ...     new, state = tx.update({"w": torch.tensor([g])}, state, p)
+        ...     p = ft.apply_updates(p, new)
+        >>> p["w"], evaluation_params(state, p)["w"]
+        (tensor([0.9550]), tensor([0.9500]))
+        >>> evaluation_params(ft.sgd(0.1).init(p), p) is None
+        True
+    """
+    found = _schedule_free_state(opt_state)
+    if found is None:
+        return None
+    # (held on the host: reads that wait for nothing; a stacked state's members share beta1, as
+    # functrain.stack requires)
+    if not found.group["k"].any():
+        return params
+    ys, spec = tree_flatten(params)
+    zs = found.slots["z"]
+    if len(ys) != len(zs) or any(y.shape != z.shape for y, z in zip(ys, zs, strict=False)):
+        raise ConfigError(
+            "adamw_schedule_free's evaluation point needs the moments of every parameter, and "
+            f"its state holds {len(zs)} for {len(ys)} parameters (of shapes "
+            f"{[tuple(z.shape) for z in zs]} for {[tuple(y.shape) for y in ys]}); give "
+            "adamw_schedule_free all the parameters (not through masked or partition)"
+        )
+    weight = 1 - 1 / float(found.group["beta1"].reshape(-1)[0])
+    return tree_unflatten([torch.lerp(y, z, weight) for y, z in zip(ys, zs, strict=True)], spec)
+
+
+def _schedule_free_state(node: Any) -> Any:
+    """The schedule-free state inside a (wrapped) optimizer state: the one whose group holds the
+    schedule-free numbers and whose moments include ``z``."""
+    group = getattr(node, "group", None)
+    if isinstance(group, dict) and group.keys() == {*GROUP, "beta1"} and "z" in node.slots:
+        return node
+    if isinstance(node, tuple | list):
+        for child in node:
+            found = _schedule_free_state(child)
+            if found is not None:
+                return found
+    return None
+
+
+EVALUATION_POINTS.append(evaluation_params)
