@@ -276,15 +276,19 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
 def _schedule_free_state(node: Any) -> Any:
     """The schedule-free state inside a (wrapped) optimizer state: the one whose group holds the
     schedule-free numbers and whose moments include ``z``."""
-    group = getattr(node, "group", None)
-    if isinstance(group, dict) and group.keys() == {*GROUP, "beta1"} and "z" in node.slots:
-        return node
-    if isinstance(node, tuple | list):
+    group = getattr(node, "group", None)  # (a formula's state, or its differentiable form's)
+    if isinstance(group, dict):
+        return node if group.keys() == _NUMBERS and "z" in node.slots else None
+    if isinstance(node, tuple | list):  # (a tensor, the usual leaf, is neither)
         for child in node:
-            found = _schedule_free_state(child)
-            if found is not None:
-                return found
+            if type(child) is not torch.Tensor:
+                found = _schedule_free_state(child)
+                if found is not None:
+                    return found
     return None
+
+
+_NUMBERS = {*GROUP, "beta1"}
 
 
 EVALUATION_POINTS.append(evaluation_params)
