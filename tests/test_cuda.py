@@ -1047,3 +1047,87 @@ def test_hypergradients_of_several_learning_rates_under_vmap_on_cuda() -> None:
     got = torch.func.vmap(torch.func.grad(after))(rates)
     expected = torch.stack([torch.func.grad(after)(r) for r in rates])
     torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------ the optimizers made from one formula, on CUDA
+
+
+def _reference(package: str) -> Any:
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"needs the {package} package")
+    return importlib.import_module(package)
+
+
+FORMULA_PRESETS: dict[str, tuple[Any, str, Any]] = {
+    "adan": (
+        lambda: ft.adan(0.01, weight_decay=0.02),
+        "pytorch_optimizer",
+        lambda m, p: m.Adan(p, 0.01, weight_decay=0.02),
+    ),
+    "lamb": (
+        lambda: ft.lamb(0.01, weight_decay=0.01),
+        "pytorch_optimizer",
+        lambda m, p: m.Lamb(p, 0.01, weight_decay=0.01),
+    ),
+    "adamw_schedule_free": (
+        lambda: ft.adamw_schedule_free(0.01, weight_decay=0.01, warmup_steps=3),
+        "schedulefree",
+        lambda m, p: m.AdamWScheduleFree(p, 0.01, weight_decay=0.01, warmup_steps=3),
+    ),
+}
+
+
+def _formula_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(CUDA)
+
+
+def _formula_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(8, 16, generator=gen).to(CUDA), torch.randn(8, 4, generator=gen).to(CUDA)
+
+
+def _formula_loss(model: Any, batch: Any) -> torch.Tensor:
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+@pytest.mark.parametrize("name", sorted(FORMULA_PRESETS))
+def test_a_formula_preset_on_cuda_steps_pure_and_donated_alike_and_waits_for_nothing(
+    name: str,
+) -> None:
+    make, _, _ = FORMULA_PRESETS[name]
+    pure = ft.TrainState.create(_formula_model(), make(), _formula_loss)
+    donated = ft.TrainState.create(_formula_model(), make(), _formula_loss)
+    pure, _ = ft.train_step(pure, _formula_batch(0))
+    donated, _ = ft.train_step(donated, _formula_batch(0), donate=True)
+    batches = [_formula_batch(step) for step in range(1, 6)]
+    with _device_waits_refused():  # a read of a device value would raise
+        for batch in batches:
+            pure, _ = ft.train_step(pure, batch)
+            donated, _ = ft.train_step(donated, batch, donate=True)
+    for k in pure.params:
+        assert torch.equal(pure.params[k], donated.params[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(FORMULA_PRESETS))
+def test_a_formula_preset_on_cuda_trains_as_its_reference_package(name: str) -> None:
+    make, package, make_reference = FORMULA_PRESETS[name]
+    module = _reference(package)
+    model = _formula_model()
+    theirs = copy.deepcopy(model)
+    opt = make_reference(module, list(theirs.parameters()))
+    if hasattr(opt, "train"):  # schedulefree's optimizers step in train mode only
+        opt.train()
+    state = ft.TrainState.create(model, make(), _formula_loss)
+    for step in range(50):
+        batch = _formula_batch(step)
+        state, _ = ft.train_step(state, batch, donate=True)
+        opt.zero_grad()
+        _formula_loss(theirs, batch).backward()
+        opt.step()
+    differences = {
+        k: float((state.params[k] - p.detach()).abs().max())
+        for k, p in theirs.named_parameters()
+        if not torch.equal(state.params[k], p.detach())
+    }
+    assert differences == {}, differences

@@ -10,15 +10,25 @@ import torch
 
 import functrain as ft
 from functrain.optim.base import Extras
-from functrain.optim.differentiable import adam_rule
+from functrain.optim.differentiable import DIFFERENTIABLE_PRESETS
+from functrain.optim.naming import recorded_call
+from functrain.optim.rules.adadelta import adadelta_rule
+from functrain.optim.rules.adafactor import adafactor_rule
+from functrain.optim.rules.adagrad import adagrad_rule
+from functrain.optim.rules.adam import adam_rule, adamax_rule, nadam_rule, radam_rule
+from functrain.optim.rules.asgd import asgd_rule
 from functrain.optim.rules.formula import (
     DIFFERENTIABLE,
+    FORMULAS,
     IN_PLACE,
     OUT_OF_PLACE,
     Ops,
     Rule,
     rule_transform,
 )
+from functrain.optim.rules.rms import rmsprop_rule
+from functrain.optim.rules.rprop import rprop_rule
+from functrain.optim.rules.trace import sgd_rule
 
 STEPS = 12
 
@@ -48,6 +58,8 @@ def _run_rule(rule: Rule, constants: dict[str, float], mode: str) -> dict[str, t
         else:
             updates, state = tx.update(grads, state, params)
         params = ft.apply_updates(params, updates)
+        # (no mode writes the gradients it is given)
+        assert all(torch.equal(g, _grads(step, params)[k]) for k, g in grads.items())
     return params
 
 
@@ -88,6 +100,121 @@ def test_adams_formula_gives_torchs_single_tensor_bits_in_every_mode(case: str, 
         assert torch.equal(got[k], expected[k]), (case, mode, k)
 
 
+WD = {"lr": 0.01, "weight_decay": 0.1}
+MOMENTUM = {"lr": 0.01, "weight_decay": 0.1, "momentum": 0.9}
+optim = torch.optim
+# each formula moved from the differentiable forms, with its options: (rule, its held
+# hyperparameters, torch.optim's optimizer: its single-tensor loop, RAdam's foreach one)
+CASES: dict[str, tuple[Rule, dict[str, float], Any]] = {
+    "sgd": (
+        sgd_rule(0.0, 0.0, nesterov=False, maximize=True),
+        WD,
+        lambda p: optim.SGD(p, 0.01, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+    "sgd momentum dampening": (
+        sgd_rule(0.9, 0.3, nesterov=False, maximize=False),
+        MOMENTUM,
+        lambda p: optim.SGD(p, 0.01, 0.9, 0.3, weight_decay=0.1, foreach=False),
+    ),
+    "sgd nesterov": (
+        sgd_rule(0.9, 0.0, nesterov=True, maximize=False),
+        MOMENTUM,
+        lambda p: optim.SGD(p, 0.01, 0.9, weight_decay=0.1, nesterov=True, foreach=False),
+    ),
+    "rmsprop": (
+        rmsprop_rule(0.99, 1e-8, 0.0, centered=False, maximize=True),
+        WD,
+        lambda p: optim.RMSprop(p, 0.01, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+    "rmsprop centered momentum": (
+        rmsprop_rule(0.99, 1e-8, 0.9, centered=True, maximize=False),
+        MOMENTUM,
+        lambda p: optim.RMSprop(
+            p, 0.01, weight_decay=0.1, momentum=0.9, centered=True, foreach=False
+        ),
+    ),
+    "adagrad": (
+        adagrad_rule(1e-10, 0.01, 0.1, maximize=True),
+        WD,
+        lambda p: optim.Adagrad(
+            p,
+            0.01,
+            lr_decay=0.01,
+            weight_decay=0.1,
+            initial_accumulator_value=0.1,
+            maximize=True,
+            foreach=False,
+        ),
+    ),
+    "adamax": (
+        adamax_rule(0.9, 0.999, 1e-8, maximize=True),
+        WD,
+        lambda p: optim.Adamax(p, 0.01, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+    "adadelta": (
+        adadelta_rule(0.9, 1e-6, maximize=True),
+        {"lr": 1.0, "weight_decay": 0.1},
+        lambda p: optim.Adadelta(p, 1.0, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+    "nadam": (
+        nadam_rule(0.9, 0.999, 1e-8, 0.004, decoupled=False, maximize=True),
+        WD,
+        lambda p: optim.NAdam(p, 0.01, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+    "nadam decoupled": (
+        nadam_rule(0.9, 0.999, 1e-8, 0.004, decoupled=True, maximize=False),
+        WD,
+        lambda p: optim.NAdam(
+            p, 0.01, weight_decay=0.1, decoupled_weight_decay=True, foreach=False
+        ),
+    ),
+    # (rectified from the 6th step: both of its updates)
+    "radam": (
+        radam_rule(0.9, 0.999, 1e-8, decoupled=False, maximize=True),
+        WD,
+        lambda p: optim.RAdam(p, 0.01, weight_decay=0.1, maximize=True, foreach=True),
+    ),
+    "radam decoupled": (
+        radam_rule(0.9, 0.999, 1e-8, decoupled=True, maximize=False),
+        WD,
+        lambda p: optim.RAdam(p, 0.01, weight_decay=0.1, decoupled_weight_decay=True, foreach=True),
+    ),
+    "rprop": (
+        rprop_rule(0.01, 0.5, 1.2, 1e-6, 50.0, maximize=True),
+        {},
+        lambda p: optim.Rprop(p, 0.01, maximize=True, foreach=False),
+    ),
+    # (t0=5: the average is the parameters for 5 steps, then a running mean)
+    "asgd": (
+        asgd_rule(0.01, 1e-4, 0.75, 5.0, maximize=True),
+        WD,
+        lambda p: optim.ASGD(p, 0.01, t0=5.0, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+    "adafactor": (
+        adafactor_rule(-0.8, None, 1e-3, 1.0, maximize=True),
+        WD,
+        lambda p: optim.Adafactor(p, 0.01, weight_decay=0.1, maximize=True, foreach=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["in place", "out of place", "differentiable"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_optimizers_formula_gives_torchs_bits_in_every_mode(case: str, mode: str) -> None:
+    rule, constants, make = CASES[case]
+    got = _run_rule(rule, constants, mode)
+    expected = _run_torch(make)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), (case, mode, k)
+
+
+@pytest.mark.parametrize("name", DIFFERENTIABLE_PRESETS)
+def test_each_differentiable_preset_finds_its_formula_from_its_arguments(name: str) -> None:
+    call = recorded_call(getattr(ft, name)(0.01))
+    assert call is not None
+    assert isinstance(FORMULAS[name](call.arguments), Rule)
+
+
 def test_in_place_writes_the_state_and_parameters_it_was_given_and_out_of_place_none() -> None:
     rule = adam_rule(0.9, 0.999, 1e-8, decoupled=True, amsgrad=False, maximize=False)
     tx = rule_transform(rule, "rule", {"lr": 0.01, "weight_decay": 0.1})
@@ -122,6 +249,10 @@ def test_each_op_writes_its_first_argument_in_place_only() -> None:
             mode.reciprocal(a.clone()),
             mode.maximum(a.clone(), torch.tensor([5.0, 5.0])),
             mode.clamp(a.clone(), max=5.0),
+            mode.rsqrt(a.clone()),
+            mode.abs(mode.out.neg(a)),
+            mode.sign(mode.out.sub(b, a)),
+            mode.masked_fill(a.clone(), a > 5.0, 1.0),
         ]
         expected = [
             torch.add(a, b, alpha=0.5),
@@ -136,6 +267,10 @@ def test_each_op_writes_its_first_argument_in_place_only() -> None:
             1 / a,
             torch.tensor([5.0, 9.0]),
             torch.tensor([4.0, 5.0]),
+            torch.tensor([0.5, 1 / 3]),
+            a,
+            torch.tensor([-1.0, -1.0]),
+            torch.tensor([4.0, 1.0]),
         ]
         for got, want in zip(results, expected, strict=True):
             assert torch.equal(got, want), (mode, got, want)

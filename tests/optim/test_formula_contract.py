@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.optim.differentiable import adam_rule
 from functrain.optim.naming import named
+from functrain.optim.rules.adam import adam_rule
 from functrain.optim.rules.formula import FORMULAS, Rule, rule_transform
 
 Factory = Callable[..., ft.Transform]

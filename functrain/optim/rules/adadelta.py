@@ -1,4 +1,5 @@
-"""Adadelta's scaling rule: `scale_by_adadelta`, tensor by tensor as torch's single-tensor loop."""
+"""Adadelta's scaling rule: `scale_by_adadelta`, tensor by tensor as torch's single-tensor loop;
+its formula, `adadelta_rule`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from functrain.errors import config_check
 from functrain.optim.base import Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
+from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar, l2_decayed, negated
 from functrain.optim.updates import flat_updates
 from functrain.optim.zeros import counter, zeros
 from functrain.tree import (
@@ -17,7 +19,7 @@ from functrain.tree import (
     tree_unflatten,
 )
 
-__all__ = ["ScaleByAdadeltaState", "scale_by_adadelta"]
+__all__ = ["ScaleByAdadeltaState", "adadelta_rule", "scale_by_adadelta"]
 
 
 class ScaleByAdadeltaState(NamedTuple):
@@ -79,3 +81,21 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
         return tree_unflatten(deltas, spec), new_state
 
     return Transform(init_fn, update_fn)
+
+
+def adadelta_rule(rho: float, eps: float, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_adadelta`` as a formula (its foreach form has the same bits)."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
+        square = ops.addcmul(ops.mul(m["square_avg"], rho), g, g, value=1 - rho)
+        std = ops.sqrt(ops.out.add(square, eps))
+        delta = ops.mul(ops.div(ops.sqrt(ops.out.add(m["acc_delta"], eps)), std), g)
+        accumulated = ops.addcmul(ops.mul(m["acc_delta"], rho), delta, delta, value=1 - rho)
+        moments = {"square_avg": square, "acc_delta": accumulated}
+        return ops.add(p, delta, h["lr"].map(negated)), moments
+
+    return Rule(("square_avg", "acc_delta"), {}, ("lr", "weight_decay"), step)
+
+
+FORMULAS["adadelta"] = lambda a: adadelta_rule(a["rho"], a["eps"], a["maximize"])

@@ -1,4 +1,5 @@
-"""Adafactor: `adafactor_step`, a final step whose step size is read from the parameters."""
+"""Adafactor: `adafactor_step`, a final step whose step size is read from the parameters; its
+formula, `adafactor_rule`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ from functrain.optim.checks import check_positive, need_params
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
 from functrain.optim.rules.arithmetic import add_scaled_, decayed, f64, per_leaf
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    Ops,
+    Rule,
+    Scalar,
+    active,
+    combined,
+    host_value,
+)
 from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.tree import (
@@ -20,7 +31,7 @@ from functrain.tree import (
     tree_leaves,
 )
 
-__all__ = ["AdafactorStepState", "adafactor_step"]
+__all__ = ["AdafactorStepState", "adafactor_rule", "adafactor_step"]
 
 
 class AdafactorStepState(NamedTuple):
@@ -194,3 +205,65 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     if len({n.dtype for n in norms}) == 1:
         return torch.stack(norms).double()
     return torch.stack([n.double() for n in norms])
+
+
+def adafactor_rule(
+    beta2_decay: float, eps1: float | None, eps2: float, d: float, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_adafactor`` as a formula, as functrain's `adafactor` computes it:
+    a matrix's second moment as a row and a column factor (of its last two dimensions), a vector's
+    whole; the step relative to the parameter's RMS and clipped to RMS `d`, its size a function of
+    the parameter and the update (their norms), which the derivative follows. Its moments are
+    ``"row"`` and ``"col"`` (a vector's variance in ``"row"``, ``"col"`` empty)."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = ops.out.neg(g) if maximize else g
+        count = torch.as_tensor(t, dtype=torch.float64, device=p.device)
+        weight = torch.pow(count, torch.full_like(count, beta2_decay)).to(g.dtype)
+        lr = h["lr"].tensor if h["lr"].tensor is not None else h["lr"].value
+        rho = torch.minimum(
+            torch.as_tensor(lr, dtype=torch.float64, device=p.device),
+            1 / torch.pow(count, torch.full_like(count, 0.5)),
+        )
+        floor = torch.finfo(p.dtype).eps if eps1 is None else eps1
+        if g.dim() > 1:
+            row = ops.lerp(m["row"], _mean_square(ops, g, -1), weight)
+            col = ops.lerp(m["col"], _mean_square(ops, g, -2), weight)
+            mean = ops.clamp(row.mean(dim=-2, keepdim=True), min=floor)
+            estimate = ops.clamp(ops.div(row @ col, mean), min=floor * floor)
+        else:
+            row = ops.lerp(m["row"], ops.out.mul(g, g), weight)
+            col = m["col"]
+            estimate = ops.out.clamp(row, min=floor * floor)  # (torch clamps a copy)
+        direction = ops.mul(ops.rsqrt(estimate), g)
+        size = p.numel() ** 0.5
+        rate = torch.clamp(torch.linalg.vector_norm(p).double() / size, min=eps2) * rho
+        clip = torch.clamp(torch.linalg.vector_norm(direction).double() / (size * d), min=1.0)
+        if active(h["weight_decay"]):
+            p = ops.mul(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
+        alpha = -rate / clip
+        value = host_value(alpha)  # (torch reads the norms on the host)
+        step_size = Scalar(value, alpha if ops.differentiable or value is None else None)
+        return ops.add(p, direction, step_size), {"row": row, "col": col}
+
+    return Rule(("row", "col"), {}, ("lr", "weight_decay"), step, shapes=_adafactor_shapes)
+
+
+def _mean_square(ops: Ops, g: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean of ``g * g`` along `dim`, kept: torch's ``norm(g, dim).square_().div_(size)``."""
+    norm = torch.norm(g, dim=dim, keepdim=True)
+    return ops.div(ops.mul(norm, norm), g.size(dim))
+
+
+def _adafactor_shapes(k: str, p: torch.Tensor) -> torch.Tensor:
+    """Adafactor's first moments of `p`: a matrix's row ``[..., n, 1]`` and column ``[..., 1,
+    m]`` factors, a vector's variance (its column factor empty)."""
+    if p.dim() > 1:
+        shape = (*p.shape[:-1], 1) if k == "row" else (*p.shape[:-2], 1, p.shape[-1])
+        return p.new_zeros(shape)
+    return torch.zeros_like(p) if k == "row" else p.new_zeros(0)
+
+
+FORMULAS["adafactor"] = lambda a: adafactor_rule(
+    a["beta2_decay"], a["eps"][0], a["eps"][1], a["d"], a["maximize"]
+)

@@ -1,4 +1,4 @@
-"""Adagrad's scaling rule: `scale_by_adagrad`.
+"""Adagrad's scaling rule: `scale_by_adagrad`; its formula, `adagrad_rule`.
 
 (torch's fused Adagrad kernel: `functrain.optim.rules.fused`.)
 """
@@ -14,6 +14,7 @@ from functrain.optim.base import Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
 from functrain.optim.rules.arithmetic import f64
+from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar, at_count, l2_decayed
 from functrain.optim.updates import Ratio, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
@@ -21,7 +22,7 @@ from functrain.tree import (
     tree_leaves,
 )
 
-__all__ = ["ScaleByAdagradState", "scale_by_adagrad"]
+__all__ = ["ScaleByAdagradState", "adagrad_rule", "scale_by_adagrad"]
 
 
 class ScaleByAdagradState(NamedTuple):
@@ -77,3 +78,23 @@ def scale_by_adagrad(
         return Ratio(g, den, divisor, spec, scaled_numerator=True), ScaleByAdagradState(count, sums)
 
     return Transform(init_fn, update_fn)
+
+
+def adagrad_rule(
+    eps: float, lr_decay: float, initial_accumulator_value: float, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_adagrad`` (dense gradients) as a formula."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
+        total = ops.addcmul(m["sum"], g, g, value=1)
+        std = ops.add(ops.out.sqrt(total), eps)
+        rate = at_count(h["lr"], lambda lr: -(lr / (1 + (t - 1) * lr_decay)), t)
+        return ops.addcdiv(p, g, std, rate), {"sum": total}
+
+    return Rule(("sum",), {"sum": initial_accumulator_value}, ("lr", "weight_decay"), step)
+
+
+FORMULAS["adagrad"] = lambda a: adagrad_rule(
+    a["eps"], a["lr_decay"], a["initial_accumulator_value"], a["maximize"]
+)

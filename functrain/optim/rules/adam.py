@@ -1,4 +1,5 @@
-"""Adam and its family: `scale_by_adam`, `scale_by_radam`, `scale_by_adamax`, `nadam_step`.
+"""Adam and its family: `scale_by_adam`, `scale_by_radam`, `scale_by_adamax`, `nadam_step`, and
+their formulas: `adam_rule`, `adamax_rule`, `nadam_rule`, `radam_rule`.
 
 `scale_by_adam` covers Adam and AdamW. (torch's fused Adam kernel: `functrain.optim.rules.fused`.)
 
@@ -41,6 +42,18 @@ from functrain.optim.rules.arithmetic import (
     per_leaf,
     power,
 )
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    Ops,
+    Rule,
+    Scalar,
+    active,
+    at_count,
+    combined,
+    filled,
+    l2_decayed,
+)
 from functrain.optim.rules.learning_rate import (
     ScaleByLearningRateState,
     check_rate,
@@ -60,13 +73,17 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAdamaxState",
     "ScaleByRadamState",
+    "adam_rule",
     "adamax_moments",
     "adamax_planner",
+    "adamax_rule",
+    "nadam_moves",
     "radam_moments",
     "radam_planner",
-    "nadam_moves",
     "nadam_planner",
+    "nadam_rule",
     "nadam_step",
+    "radam_rule",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_radam",
@@ -726,3 +743,157 @@ def _host_sizes(
     assert product is not None  # (a CPU tensor, as the count is)
     sizes = [(-r * (1.0 - mu)) / (1.0 - product), (-r * mu_next) / (1.0 - product * mu_next)]
     return 1 - b2**step, new_product, sizes
+
+
+def adam_rule(
+    b1: float, b2: float, eps: float, decoupled: bool, amsgrad: bool, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_adam`` as a formula (``AdamW`` with `decoupled`)."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        p, g = _decayed_weights(ops, p, ops.out.neg(g) if maximize else g, h, decoupled)
+        mu = ops.lerp(m["mu"], g, 1 - b1)
+        nu = ops.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
+        correction1 = 1 - b1**t
+        correction2_sqrt = (1 - b2**t) ** 0.5
+        moments = {"mu": mu, "nu": nu}
+        if amsgrad:
+            moments["nu_max"] = ops.maximum(m["nu_max"], nu)
+            nu = moments["nu_max"]
+        denom = ops.add(ops.div(ops.out.sqrt(nu), correction2_sqrt), eps)
+        size = at_count(h["lr"], lambda lr: -(lr / correction1), t)
+        return ops.addcdiv(p, mu, denom, size), moments
+
+    return Rule(
+        ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu"), {}, ("lr", "weight_decay"), step
+    )
+
+
+def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_adamax`` as a formula (its foreach form has the same bits)."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
+        mu = ops.lerp(m["mu"], g, 1 - b1)
+        norm = ops.maximum(ops.mul(m["nu"], b2), ops.add(ops.out.abs(g), eps))
+        size = at_count(h["lr"], lambda lr: -(lr / (1 - b1**t)), t)
+        return ops.addcdiv(p, mu, norm, size), {"mu": mu, "nu": norm}
+
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step)
+
+
+def nadam_rule(
+    b1: float, b2: float, eps: float, momentum_decay: float, decoupled: bool, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_nadam`` as a formula: its momentum product a float32 0-d tensor,
+    as torch keeps it, read on the host for the two step sizes."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        p, g = _decayed_weights(ops, p, ops.out.neg(g) if maximize else g, h, decoupled)
+        mu_t = b1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
+        mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay)))
+        product = m["mu_product"] * (mu_t if isinstance(t, int) else mu_t.to(torch.float32))
+        if isinstance(t, int):
+            known = float(product)  # torch's `_get_value(mu_product)`
+            first = h["lr"].map(lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - known))
+            second = h["lr"].map(lambda lr: (-lr * mu_next) / (1.0 - known * mu_next))
+        else:
+            wide = product.double()
+            first = at_count(h["lr"], lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - wide), t)
+            second = at_count(h["lr"], lambda lr: (-lr * mu_next) / (1.0 - wide * mu_next), t)
+        mu = ops.lerp(m["mu"], g, 1 - b1)
+        nu = ops.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
+        denom = ops.add(ops.sqrt(ops.out.div(nu, 1 - b2**t)), eps)
+        p = ops.addcdiv(ops.addcdiv(p, g, denom, first), mu, denom, second)
+        return p, {"mu": mu, "nu": nu, "mu_product": product}
+
+    return Rule(
+        ("mu", "nu", "mu_product"),
+        {"mu_product": 1.0},
+        ("lr", "weight_decay"),
+        step,
+        scalars=("mu_product",),
+        host=("mu_product",),
+    )
+
+
+def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool) -> Rule:
+    """torch's foreach RAdam as a formula, which functrain's `radam` follows (its single-tensor
+    loop rounds otherwise): the rectification in Python floats; ``p + mu * (1 / ((sqrt(nu) + eps)
+    / s2) + s1)`` while rectified, else ``p + mu * s1`` (torch's buffer is then ``-0.0 + s1``: the
+    same bits, without a division by zero in the derivative)."""
+    rho_inf = 2 / (1 - b2) - 1
+
+    def rectification(t: Any) -> Any:
+        rho_t = rho_inf - 2 * t * (b2**t) / (1 - b2**t)
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ) ** 0.5
+        if isinstance(t, int):
+            return rect if rho_t > 5 else 0
+        return torch.where(rho_t > 5, rect, 0.0)
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        p, g = _decayed_weights(ops, p, ops.out.neg(g) if maximize else g, h, decoupled)
+        mu = ops.lerp(m["mu"], g, 1 - b1)
+        nu = ops.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
+        rect = rectification(t)
+        unrectified = (rect <= 0) * 1.0  # torch's `0 if rect > 0 else 1.0`
+        correction = 1 - b1**t
+        plain = at_count(h["lr"], lambda lr: (lr * unrectified / correction) * -1, t)
+        scale = at_count(
+            h["lr"], lambda lr: ((1 - b2**t) ** 0.5) * (lr * rect / correction) * -1, t
+        )
+        moments = {"mu": mu, "nu": nu}
+        if isinstance(t, int) and rect == 0:
+            return ops.addcmul(p, mu, filled(plain, nu)), moments
+        buffer = _divided(ops, ops.add(ops.out.sqrt(nu), eps), scale, rect)
+        shift = plain.tensor if plain.tensor is not None else plain.value
+        buffer = ops.add(ops.reciprocal(buffer), shift)  # type: ignore[arg-type]
+        if not isinstance(t, int):
+            buffer = torch.where(rect > 0, buffer, filled(plain, nu))
+        return ops.addcmul(p, mu, buffer), moments
+
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step)
+
+
+def _decayed_weights(
+    ops: Ops, p: torch.Tensor, g: torch.Tensor, h: dict[str, Scalar], decoupled: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parameter and gradient after weight decay: decoupled (``p * (1 - lr * wd)``, written
+    in place) or L2 (a new gradient)."""
+    if not active(h["weight_decay"]):
+        return p, g
+    if decoupled:
+        return ops.mul(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"])), g
+    return p, ops.out.add(g, p, h["weight_decay"])
+
+
+def _divided(ops: Ops, x: torch.Tensor, by: Scalar, rect: Any) -> torch.Tensor:
+    """``x / by``; for a count vmap batches, by 1 where unrectified (``by`` is 0 there: the
+    buffer is replaced, and no 0 divides in the derivative)."""
+    if by.tensor is None:
+        return ops.div(x, by.value)  # type: ignore[arg-type]
+    if isinstance(rect, torch.Tensor):
+        return ops.div(x, torch.where(rect > 0, by.tensor, 1.0))
+    return ops.div(x, by.tensor)
+
+
+def _adam(a: dict[str, Any], decoupled: bool) -> Rule:
+    return adam_rule(a["b1"], a["b2"], a["eps"], decoupled, a["amsgrad"], a["maximize"])
+
+
+FORMULAS["adam"] = lambda a: _adam(a, a["decoupled_weight_decay"])
+FORMULAS["adamw"] = lambda a: _adam(a, True)
+FORMULAS["adamax"] = lambda a: adamax_rule(a["betas"][0], a["betas"][1], a["eps"], a["maximize"])
+FORMULAS["nadam"] = lambda a: nadam_rule(
+    a["betas"][0],
+    a["betas"][1],
+    a["eps"],
+    a["momentum_decay"],
+    a["decoupled_weight_decay"],
+    a["maximize"],
+)
+FORMULAS["radam"] = lambda a: radam_rule(
+    a["b1"], a["b2"], a["eps"], a["decoupled_weight_decay"], a["maximize"]
+)

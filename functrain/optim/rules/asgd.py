@@ -1,4 +1,5 @@
-"""ASGD (averaged SGD): `asgd_step`, a final step whose rate is kept in its state."""
+"""ASGD (averaged SGD): `asgd_step`, a final step whose rate is kept in its state; its formula,
+`asgd_rule`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform, wit
 from functrain.optim.checks import check_positive, need_params
 from functrain.optim.naming import named
 from functrain.optim.rules.arithmetic import add_scaled_, decayed, f64, host_scalars
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    Ops,
+    Rule,
+    Scalar,
+    at_first,
+    at_first_into,
+    filled,
+    held_scalar,
+    host_value,
+    l2_decayed,
+    negated,
+)
 from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import zeros
@@ -21,7 +36,7 @@ from functrain.tree import (
     tree_leaves,
 )
 
-__all__ = ["AsgdStepState", "asgd_step"]
+__all__ = ["AsgdStepState", "asgd_rule", "asgd_step"]
 
 
 class AsgdStepState(NamedTuple):
@@ -140,3 +155,57 @@ def _add_scaled_all_(
         return
     for out, direction in zip(outs, directions, strict=True):
         add_scaled_(out, direction, alpha)
+
+
+def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_asgd`` as a formula, as functrain's `asgd` computes it: the step
+    size ``eta`` and the averaging rate ``mu`` kept as float32 0-d tensors, the average of the
+    parameters ``ax``; the next ``eta`` a function of the learning rate (its hypergradient flows
+    through ``eta`` into the following steps)."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
+        # the first step's eta is the rate (torch sets it from the group's lr at the first
+        # step), a float32 0-d tensor as the state keeps it
+        eta = held_scalar(at_first(t, filled(h["lr"], m["eta"]), lambda: m["eta"]))
+        p = ops.add(ops.mul(p, eta.map(lambda e: 1 - lambd * e)), g, eta.map(negated))
+        mu = m["mu"]
+        # the average is a copy of the parameters while mu is 1 (torch's ``ax.copy_(param)``)
+        average = at_first_into(
+            ops,
+            m["ax"],
+            _one_as_first(mu),
+            p,
+            lambda: ops.add(m["ax"], ops.mul(ops.out.sub(p, m["ax"]), mu)),
+        )
+        rate = (
+            h["lr"].tensor
+            if h["lr"].tensor is not None
+            else torch.full((), h["lr"].value, dtype=torch.float64, device=p.device)  # type: ignore[arg-type]
+        )
+        count = torch.as_tensor(t, dtype=torch.float64, device=p.device)
+        base = 1 + lambd * rate * count
+        new_eta = (rate / torch.pow(base, torch.full_like(base, alpha))).to(torch.float32)
+        new_mu = (1 / torch.clamp(count - t0, min=1)).to(torch.float32)
+        return p, {"eta": new_eta, "mu": new_mu, "ax": average}
+
+    return Rule(
+        ("eta", "mu", "ax"),
+        {"eta": lr, "mu": 1.0},
+        ("lr", "weight_decay"),
+        step,
+        scalars=("eta", "mu"),
+    )
+
+
+def _one_as_first(mu: torch.Tensor) -> Count:
+    """The averaging rate as `at_first_into` takes a count: 1 where it is 1 (the average is a copy
+    of the parameters), else 2; an int read on the host (then picked without a select), or a
+    tensor where vmap batches it: torch's ``mu.item() != 1``."""
+    value = host_value(mu)
+    if value is None:  # batched under vmap
+        return torch.where(mu == 1, 1, 2)
+    return 1 if value == 1 else 2
+
+
+FORMULAS["asgd"] = lambda a: asgd_rule(a["lr"], a["lambd"], a["alpha"], a["t0"], a["maximize"])

@@ -39,7 +39,7 @@ from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writ
 from functrain.optim.rates import takes_tensor_steps, value_at
 from functrain.optim.rules.arithmetic import opmath
 from functrain.optim.updates import NewParams
-from functrain.optim.zeros import writables
+from functrain.optim.zeros import writable, writables
 from functrain.tree import Tree, tree_flatten, tree_leaves
 
 __all__ = [
@@ -59,10 +59,13 @@ __all__ = [
     "addcdiv_scaled",
     "at_count",
     "at_first",
+    "at_first_into",
     "combined",
     "evaluation_params",
+    "filled",
     "held_scalar",
     "host_value",
+    "l2_decayed",
     "negated",
     "refuse_sparse",
     "rule_transform",
@@ -338,6 +341,17 @@ def at_first(t: Count, first: Any, later: Callable[[], Any]) -> Any:
     return torch.where(t == 1, first, later())
 
 
+def at_first_into(
+    ops: Ops, moment: torch.Tensor, t: Count, first: torch.Tensor, later: Callable[[], Any]
+) -> Any:
+    """A moment whose first value is `first` (a copy, as torch's ``clone()``/``copy_``): written
+    into `moment` in place, `first` itself out of place; else ``later()`` (for a tensor count,
+    selected per member)."""
+    if isinstance(t, int):
+        return ops.copy(moment, first) if t == 1 else later()
+    return torch.where(t == 1, first, later())
+
+
 class Rule(NamedTuple):
     """An optimizer's formula: its moments, their first values, its step of one parameter.
 
@@ -381,6 +395,21 @@ def active(h: Scalar) -> bool:
     """Whether an optional term (weight decay) runs: torch runs it where it is not 0; one a
     derivative may reach always runs (its derivative at 0 is not 0)."""
     return h.value != 0 or h.value is None or h.tensor is not None and tracked(h.tensor)
+
+
+def l2_decayed(ops: Ops, g: torch.Tensor, p: torch.Tensor, h: dict[str, Scalar]) -> torch.Tensor:
+    """The gradient with L2 weight decay added, torch's ``grad.add(param, alpha=weight_decay)``:
+    a new tensor (the gradient is never written), or the gradient where there is no decay."""
+    return ops.out.add(g, p, h["weight_decay"]) if active(h["weight_decay"]) else g
+
+
+def filled(h: Scalar, like: torch.Tensor) -> torch.Tensor:
+    """A tensor like `like` holding the hyperparameter (its derivative reaching the tensor)."""
+    if h.tensor is None:
+        return torch.full_like(like, h.value)  # type: ignore[arg-type]
+    if h.tensor.device != like.device:  # a hyperparameter held on the host: a kernel reads it
+        return torch.ones_like(like) * h.tensor.to(like.dtype)
+    return h.tensor.to(like.dtype).expand_as(like)
 
 
 def host_value(t: torch.Tensor) -> float | None:
@@ -554,6 +583,20 @@ class Ops:
         """``1 / a`` (torch's ``reciprocal``)."""
         return a.reciprocal_() if self.in_place else torch.reciprocal(a)
 
+    def rsqrt(self, a: torch.Tensor) -> torch.Tensor:
+        """``1 / sqrt(a)`` in one rounding (torch's ``rsqrt``: not ``reciprocal(sqrt(a))``)."""
+        return a.rsqrt_() if self.in_place else torch.rsqrt(a)
+
+    def abs(self, a: torch.Tensor) -> torch.Tensor:
+        return a.abs_() if self.in_place else torch.abs(a)
+
+    def sign(self, a: torch.Tensor) -> torch.Tensor:
+        return a.sign_() if self.in_place else torch.sign(a)
+
+    def masked_fill(self, a: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+        """`a` with `value` where `mask` holds (torch's ``a[mask] = value``)."""
+        return a.masked_fill_(mask, value) if self.in_place else torch.masked_fill(a, mask, value)
+
     def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.maximum(a, b, out=a) if self.in_place else torch.maximum(a, b)
 
@@ -609,6 +652,18 @@ def _on_real_views(
     return back(new, True), {k: back(v, like.get(k, True)) for k, v in new_moments.items()}
 
 
+def _writable_moments(
+    rule: Rule, moments: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """One moment of each parameter, each with storage of its own for an in-place step, laid out
+    as its parameter; a moment of another shape (`Rule.shapes`: Adafactor's factors) as it is."""
+    if rule.shapes is None:
+        return tuple(writables(moments, params))
+    return tuple(
+        writable(m, p) if m.shape == p.shape else m for m, p in zip(moments, params, strict=True)
+    )
+
+
 def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
     """The optimizer's own numbers as `Rule.prepare` takes them: Python floats read on the host
     (held there: the reads wait for nothing), or, where one cannot be read (traced, or batched by
@@ -642,8 +697,9 @@ class RuleState(NamedTuple):
         return {"lr": self.lr.detach()}
 
 
-# the formulas of the presets made from one (`rule_transform`), by the preset's name: the rule
-# made from the preset's arguments (the differentiable form finds them here)
+# each preset's formula by the preset's name: the rule made from the preset's arguments, registered
+# by the formula's file (the differentiable form finds it here; a preset made from its formula,
+# `rule_transform`, runs it in its ordinary steps too)
 FORMULAS: dict[str, Callable[[dict[str, Any]], Rule]] = {}
 
 # the optimizers whose model is evaluated elsewhere than at the parameters they train (a
@@ -760,7 +816,7 @@ def rule_transform(
         slots_in = state.slots
         if ops is IN_PLACE:  # moments with storage of their own (a fresh state's may share)
             slots_in = {
-                k: tuple(v) if k in rule.scalars else tuple(writables(v, p))
+                k: tuple(v) if k in rule.scalars else _writable_moments(rule, v, p)
                 for k, v in state.slots.items()
             }
         new_p: list[torch.Tensor] = []

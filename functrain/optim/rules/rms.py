@@ -1,4 +1,4 @@
-"""RMSprop's scaling rule: `scale_by_rms`."""
+"""RMSprop's scaling rule: `scale_by_rms`; its formula, `rmsprop_rule`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
 from functrain.optim.rates import as_float64
+from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar, l2_decayed, negated
 from functrain.optim.rules.learning_rate import ScaleByLearningRateState, planned_rate
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
 from functrain.optim.zeros import writables, zeros
@@ -20,7 +21,7 @@ from functrain.tree import (
     tree_flatten,
 )
 
-__all__ = ["ScaleByRmsState", "scale_by_rms", "rms_planner"]
+__all__ = ["ScaleByRmsState", "rms_planner", "rmsprop_rule", "scale_by_rms"]
 
 
 class ScaleByRmsState(NamedTuple):
@@ -160,3 +161,35 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
         return gated_by_selection(run, lambda kept: kept[-1].lr)
 
     return plan
+
+
+def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_rmsprop`` as a formula."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
+        square = ops.addcmul(ops.mul(m["square_avg"], alpha), g, g, value=1 - alpha)
+        moments = {"square_avg": square}
+        if centered:
+            mean = moments["grad_avg"] = ops.lerp(m["grad_avg"], g, 1 - alpha)
+            avg = ops.sqrt(ops.out.addcmul(square, mean, mean, value=-1))
+        else:
+            avg = ops.out.sqrt(square)
+        avg = ops.add(avg, eps)
+        rate = h["lr"].map(negated)
+        if momentum:
+            buf = ops.addcdiv(ops.mul(m["momentum"], h["momentum"]), g, avg)
+            moments["momentum"] = buf
+            return ops.add(p, buf, rate), moments
+        return ops.addcdiv(p, g, avg, rate), moments
+
+    slots = (
+        ("square_avg",) + (("grad_avg",) if centered else ()) + (("momentum",) if momentum else ())
+    )
+    held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
+    return Rule(slots, {}, held, step)
+
+
+FORMULAS["rmsprop"] = lambda a: rmsprop_rule(
+    a["alpha"], a["eps"], a["momentum"], a["centered"], a["maximize"]
+)

@@ -9,6 +9,7 @@ import torch
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Transform
 from functrain.optim.naming import named
+from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar
 from functrain.optim.rules.learning_rate import check_rate, rate_at
 from functrain.optim.updates import flat_updates
 from functrain.optim.zeros import counter, zeros
@@ -18,7 +19,7 @@ from functrain.tree import (
     tree_unflatten,
 )
 
-__all__ = ["ScaleByRpropState", "scale_by_rprop"]
+__all__ = ["ScaleByRpropState", "rprop_rule", "scale_by_rprop"]
 
 
 class ScaleByRpropState(NamedTuple):
@@ -110,3 +111,30 @@ def scale_by_rprop(
         )
 
     return Transform(init_fn, update_fn)
+
+
+def rprop_rule(
+    lr: float, etaminus: float, etaplus: float, low: float, high: float, maximize: bool
+) -> Rule:
+    """torch's ``_single_tensor_rprop`` as a formula (its foreach form has the same bits): the
+    step sizes start at `lr` and move by the sign of each element's gradient against its previous
+    one."""
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = ops.out.neg(g) if maximize else g
+        sign = ops.sign(ops.out.mul(g, m["prev"]))
+        # torch's order: etaplus where > 0, etaminus where < 0, 1 where 0 (a NaN sign stays NaN)
+        factor = ops.masked_fill(sign, sign > 0, etaplus)
+        factor = ops.masked_fill(factor, factor < 0, etaminus)
+        factor = ops.masked_fill(factor, factor == 0, 1.0)
+        size = ops.clamp(ops.mul(m["step_size"], factor), low, high)
+        kept = ops.out.masked_fill(g, factor == etaminus, 0.0)
+        p = ops.addcmul(p, ops.out.sign(kept), size, value=-1)
+        return p, {"prev": ops.copy(m["prev"], kept), "step_size": size}
+
+    return Rule(("prev", "step_size"), {"step_size": lr}, (), step)
+
+
+FORMULAS["rprop"] = lambda a: rprop_rule(
+    a["lr"], a["etas"][0], a["etas"][1], a["step_sizes"][0], a["step_sizes"][1], a["maximize"]
+)

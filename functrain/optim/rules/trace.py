@@ -1,4 +1,5 @@
-"""Momentum: `trace`, SGD's running trace of past updates (heavy-ball or Nesterov)."""
+"""Momentum: `trace`, SGD's running trace of past updates (heavy-ball or Nesterov); SGD's formula,
+`sgd_rule`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ from functrain.errors import config_check
 from functrain.optim.base import Transform
 from functrain.optim.checks import check_unit
 from functrain.optim.naming import named
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    Ops,
+    Rule,
+    Scalar,
+    at_first_into,
+    l2_decayed,
+    negated,
+)
 from functrain.optim.updates import Ratio, flat_updates
 from functrain.optim.zeros import counter, laid_out_like, zeros
 from functrain.tree import (
@@ -17,7 +28,7 @@ from functrain.tree import (
     tree_unflatten,
 )
 
-__all__ = ["TraceState", "trace"]
+__all__ = ["TraceState", "sgd_rule", "trace"]
 
 
 class TraceState(NamedTuple):
@@ -107,3 +118,39 @@ def _plain_quotient(updates: Any) -> bool:
         and not updates.scaled_numerator
         and all(n.dtype == d.dtype for n, d in zip(updates.num, updates.den, strict=True))
     )
+
+
+def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) -> Rule:
+    """torch's ``_single_tensor_sgd`` as a formula. The first momentum buffer is a copy of the
+    gradient (torch detaches its copy; out of place it is the gradient itself, its graph kept, so
+    that the derivative through it is exact).
+
+    Example:
+        >>> import torch
+        >>> from functrain.optim.rules.formula import IN_PLACE, Scalar
+        >>> p, m = torch.ones(2), {"momentum": torch.zeros(2)}
+        >>> h = {"lr": Scalar(0.5), "weight_decay": Scalar(0.0), "momentum": Scalar(0.9)}
+        >>> sgd_rule(0.9, 0.0, False, False).step(IN_PLACE, p, torch.ones(2), m, 1, h)
+        (tensor([0.5000, 0.5000]), {'momentum': tensor([1., 1.])})
+    """
+
+    def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
+        g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
+        moments = {}
+        if momentum:
+            buf = at_first_into(
+                ops,
+                m["momentum"],
+                t,
+                g,
+                lambda: ops.add(ops.mul(m["momentum"], h["momentum"]), g, 1 - dampening),
+            )
+            g = ops.out.add(g, buf, h["momentum"]) if nesterov else buf
+            moments["momentum"] = buf
+        return ops.add(p, g, h["lr"].map(negated)), moments
+
+    held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
+    return Rule(("momentum",) if momentum else (), {}, held, step)
+
+
+FORMULAS["sgd"] = lambda a: sgd_rule(a["momentum"], a["dampening"], a["nesterov"], a["maximize"])
