@@ -299,3 +299,107 @@ def test_a_complex_parameter_steps_on_its_real_view_as_torch_steps_it(in_place: 
     # (a complex square in place of |g|**2 moves the weights elsewhere)
     assert torch.equal(params["w"], theirs.detach())
     assert state.slots["nu"][0].dtype == torch.complex64
+
+
+FOREACH_ADAM = {
+    "adam": (
+        dict(decoupled=False, amsgrad=False, maximize=False),
+        lambda p: torch.optim.Adam(p, 0.01, weight_decay=0.1, foreach=True),
+    ),
+    "adamw amsgrad maximize": (
+        dict(decoupled=True, amsgrad=True, maximize=True),
+        lambda p: torch.optim.AdamW(
+            p, 0.01, weight_decay=0.1, amsgrad=True, maximize=True, foreach=True
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("case", sorted(FOREACH_ADAM))
+def test_a_formula_runs_once_over_the_lists_as_torchs_foreach_loop(
+    case: str, in_place: bool
+) -> None:
+    flags, make = FOREACH_ADAM[case]
+    rule = adam_rule(0.9, 0.999, 1e-8, **flags)
+    tx = rule_transform(rule, "rule", {"lr": 0.01, "weight_decay": 0.1}, foreach=True)
+    params = {k: v.clone() for k, v in _params().items()}
+    state = tx.init(params)
+    calls: list[str] = []
+    with _Counted(calls):
+        for step in range(STEPS):
+            updates, state = tx.update(
+                _grads(step, params), state, params, extras=Extras(in_place=in_place)
+            )
+            params = ft.apply_updates(params, updates)
+    expected = _run_torch(make)
+    for k in expected:
+        assert torch.equal(params[k], expected[k]), (case, k)
+    # one foreach kernel per op: no op of the formula ran tensor by tensor
+    assert calls and all(name.startswith("_foreach_") for name in calls), sorted(set(calls))
+
+
+class _Counted(torch.overrides.TorchFunctionMode):
+    """Records the names of the torch functions the formula calls on its tensors."""
+
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = getattr(func, "__name__", "")
+        if name in {"lerp", "lerp_", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "sqrt"} or (
+            name.startswith("_foreach_")
+        ):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_foreach_is_refused_for_a_formula_with_logic_per_parameter() -> None:
+    from functrain.optim.rules.lamb import lamb_rule
+
+    with pytest.raises(ft.ConfigError, match="parameter by parameter.*leave foreach out"):
+        rule_transform(lamb_rule(0.9, 0.999, 1e-6), "lamb", {"lr": 0.1}, foreach=True)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_each_list_op_gives_the_single_tensor_ops_bits(in_place: bool) -> None:
+    from functrain.optim.rules.formula import FOREACH_IN_PLACE, FOREACH_OUT_OF_PLACE
+
+    ops = FOREACH_IN_PLACE if in_place else FOREACH_OUT_OF_PLACE
+    gen = torch.Generator().manual_seed(3)
+    a = [torch.rand(3, generator=gen) + 0.5, torch.rand(2, 2, generator=gen) + 0.5]
+    b = [torch.rand(3, generator=gen) + 0.5, torch.rand(2, 2, generator=gen) + 0.5]
+    mask = [x > 0.9 for x in a]
+    cases: list[tuple[str, tuple[Any, ...]]] = [
+        ("add", (b, 0.5)),
+        ("add", (1e-3,)),
+        ("sub", (b, 2.0)),
+        ("mul", (0.3,)),
+        ("mul", (b,)),
+        ("div", (1.7,)),
+        ("div", (b,)),
+        ("lerp", (b, 0.25)),
+        ("addcmul", (b, b, 0.5)),
+        ("addcdiv", (b, b, -0.5)),
+        ("sqrt", ()),
+        ("neg", ()),
+        ("reciprocal", ()),
+        ("rsqrt", ()),
+        ("abs", ()),
+        ("sign", ()),
+        ("maximum", (b,)),
+        ("clamp", (0.6, 1.2)),
+        ("copy", (b,)),
+        ("masked_fill", (mask, 0.0)),
+    ]
+    for name, args in cases:
+        given = [x.clone() for x in a]
+        got = getattr(ops, name)(given, *args)
+        for i, x in enumerate(a):
+            row = [arg[i] if isinstance(arg, list) else arg for arg in args]
+            want = getattr(OUT_OF_PLACE, name)(x.clone(), *row)
+            assert torch.equal(got[i], want), (name, i)
+        assert (got is given) is in_place, name
+        if not in_place:
+            assert all(torch.equal(x, y) for x, y in zip(given, a, strict=True)), name

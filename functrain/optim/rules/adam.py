@@ -765,7 +765,11 @@ def adam_rule(
         return ops.addcdiv(p, mu, denom, size), moments
 
     return Rule(
-        ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu"), {}, ("lr", "weight_decay"), step
+        ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu"),
+        {},
+        ("lr", "weight_decay"),
+        step,
+        foreach=True,
     )
 
 

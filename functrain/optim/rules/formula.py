@@ -45,9 +45,12 @@ from functrain.tree import Tree, tree_flatten, tree_leaves
 __all__ = [
     "DIFFERENTIABLE",
     "EVALUATION_POINTS",
+    "FOREACH_IN_PLACE",
+    "FOREACH_OUT_OF_PLACE",
     "FORMULAS",
     "HOST",
     "IN_PLACE",
+    "ListOps",
     "OUT_OF_PLACE",
     "Count",
     "Ops",
@@ -377,6 +380,9 @@ class Rule(NamedTuple):
     # why the formula refuses complex parameters, where it does (its reference steps them on
     # another path); else they step on their real views, as torch.optim steps them
     refuses_complex: str = ""
+    # the step holds no Python logic per parameter: it runs once over lists (`ListOps`), one
+    # foreach kernel per op, where the transform is asked to (`rule_transform`'s `foreach`)
+    foreach: bool = False
 
 
 def tracked(t: torch.Tensor) -> bool:
@@ -619,6 +625,129 @@ DIFFERENTIABLE = Ops(in_place=False, differentiable=True)
 state's step."""
 
 
+class ListOps(Ops):
+    """`Ops` over lists of tensors, one foreach kernel per op (torch's ``_foreach_*``): a formula
+    written for one parameter, run once over all of them as torch.optim's foreach loops run.
+
+    Each op takes lists where `Ops` takes tensors (a scalar operand as `Ops` takes it, or a list
+    of tensors, one per tensor). A formula runs so when it holds no Python logic per parameter
+    (`Rule.foreach`). On the CPU torch's foreach ops run the single-tensor kernels: the same
+    bits as `IN_PLACE` and `OUT_OF_PLACE`; on CUDA its foreach kernels, torch.optim's foreach
+    paths. An op torch has no foreach form of runs tensor by tensor (``masked_fill``).
+
+    Example:
+        >>> a, b = [torch.tensor([1.0]), torch.tensor([2.0])], [torch.tensor([3.0])] * 2
+        >>> FOREACH_IN_PLACE.lerp(a, b, 0.5) is a, a
+        (True, [tensor([2.]), tensor([2.5000])])
+    """
+
+    __slots__ = ("one",)
+
+    def __init__(self, in_place: bool) -> None:
+        self.in_place, self.differentiable = in_place, False
+        self.one = IN_PLACE if in_place else OUT_OF_PLACE  # (an op with no foreach form)
+        self.out = self if not in_place else ListOps(False)
+
+    def __repr__(self) -> str:
+        return "FOREACH_IN_PLACE" if self.in_place else "FOREACH_OUT_OF_PLACE"
+
+    def _run(self, name: str, a: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        if self.in_place:
+            getattr(torch, f"_foreach_{name}_")(a, *args, **kwargs)
+            return a
+        return list(getattr(torch, f"_foreach_{name}")(a, *args, **kwargs))
+
+    def _each(self, name: str, a: list[torch.Tensor], *lists: Any, **kwargs: Any) -> Any:
+        op = getattr(self.one, name)
+        rows = zip(a, *(x if isinstance(x, list) else [x] * len(a) for x in lists), strict=True)
+        out = [op(*row, **kwargs) for row in rows]
+        if self.in_place and all(x is y for x, y in zip(out, a, strict=True)):
+            return a  # (each written where it was: the list given, as a foreach op returns it)
+        return out
+
+    def add(self, a: Any, b: Any, alpha: Scalar | float = 1.0) -> Any:
+        h = _as_scalar(alpha)
+        if h.tensor is not None or not isinstance(b, list) and h.value != 1.0:
+            return self._each("add", a, b, alpha=h)  # (a traced number, a scaled constant)
+        if isinstance(b, list):
+            return self._run("add", a, b, alpha=h.value)
+        return self._run("add", a, b)
+
+    def mul(self, a: Any, factor: Any) -> Any:
+        if isinstance(factor, Scalar):
+            if factor.tensor is not None:
+                return self._each("mul", a, factor)
+            factor = factor.value
+        return self._run("mul", a, factor)
+
+    def div(self, a: Any, by: Any) -> Any:
+        if isinstance(by, Scalar):
+            if by.tensor is not None:
+                return self._each("div", a, by)
+            by = by.value
+        return self._run("div", a, by)
+
+    def lerp(self, a: Any, b: Any, weight: Any) -> Any:
+        if isinstance(weight, Scalar):
+            if weight.tensor is not None:
+                return self._each("lerp", a, b, weight)
+            weight = weight.value
+        return self._run("lerp", a, b, weight)
+
+    def addcmul(self, a: Any, t1: Any, t2: Any, value: float = 1.0) -> Any:
+        return self._run("addcmul", a, t1, t2, value=value)
+
+    def addcdiv(self, a: Any, t1: Any, t2: Any, value: Scalar | float = 1.0) -> Any:
+        h = _as_scalar(value)
+        if h.tensor is not None:
+            return self._each("addcdiv", a, t1, t2, h)
+        return self._run("addcdiv", a, t1, t2, value=h.value)
+
+    def sqrt(self, a: Any) -> Any:
+        return self._run("sqrt", a)
+
+    def neg(self, a: Any) -> Any:
+        return self._run("neg", a)
+
+    def reciprocal(self, a: Any) -> Any:
+        return self._run("reciprocal", a)
+
+    def rsqrt(self, a: Any) -> Any:
+        return self._run("rsqrt", a)
+
+    def abs(self, a: Any) -> Any:
+        return self._run("abs", a)
+
+    def sign(self, a: Any) -> Any:
+        return self._run("sign", a)
+
+    def masked_fill(self, a: Any, mask: Any, value: float) -> Any:
+        return self._each("masked_fill", a, mask, value)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return self._run("maximum", a, b)
+
+    def clamp(self, a: Any, min: float | None = None, max: float | None = None) -> Any:
+        out = a
+        if min is not None:
+            out = self._run("clamp_min", out, min)
+        if max is not None:  # (on `out`: in place `a` itself, else a fresh list)
+            out = self._run("clamp_max", out, max)
+        return out
+
+    def copy(self, a: Any, b: Any) -> Any:
+        if self.in_place:
+            torch._foreach_copy_(a, b)
+            return a
+        return list(b)
+
+
+FOREACH_IN_PLACE = ListOps(in_place=True)
+"""`IN_PLACE` over lists: one foreach kernel per op, each writing its first list."""
+FOREACH_OUT_OF_PLACE = ListOps(in_place=False)
+"""`OUT_OF_PLACE` over lists: one foreach kernel per op, each returning a new list."""
+
+
 def _on_real_views(
     rule: Rule,
     ops: Ops,
@@ -661,6 +790,25 @@ def _writable_moments(
         return tuple(writables(moments, params))
     return tuple(
         writable(m, p) if m.shape == p.shape else m for m, p in zip(moments, params, strict=True)
+    )
+
+
+def _last_rate(rate: Scalar, device: torch.device) -> torch.Tensor:
+    """The rate of the update, the step's metric, on the parameters' device: filled there (a
+    copy from the host would wait), or the tensor where its number is unknown (traced)."""
+    if rate.value is None and rate.tensor is not None:
+        return rate.tensor.detach()
+    return torch.full((), rate.value, dtype=torch.float64, device=device)  # type: ignore[arg-type]
+
+
+def _one_kind(params: Sequence[torch.Tensor]) -> bool:
+    """Whether `params` go to one foreach kernel: one device, one dtype, none complex, plain
+    tensors, eager (foreach ops under vmap run tensor by tensor anyway)."""
+    return (
+        bool(params)
+        and len({(x.device, x.dtype) for x in params}) == 1
+        and not params[0].is_complex()
+        and all(type(x) is torch.Tensor for x in params)
     )
 
 
@@ -734,16 +882,27 @@ def rule_transform(
     schedule: Any = None,
     *,
     differentiable: bool = False,
+    foreach: bool = False,
     state_type: Callable[..., Any] = RuleState,
 ) -> Transform:
     """The optimizer `rule` describes, as a transform: its update runs the formula on each
     parameter in place in a donated eager step (`IN_PLACE`), else out of place (`OUT_OF_PLACE`),
     or differentiated (`DIFFERENTIABLE`, with `differentiable`: a differentiable state's form).
+    With `foreach` (a `Rule.foreach` formula), once over the lists of the parameters, one foreach
+    kernel per op (`FOREACH_IN_PLACE`, `FOREACH_OUT_OF_PLACE`), where they share a device and a
+    dtype and none is complex (else parameter by parameter, as without).
 
     `constants`: the values of the hyperparameters the state holds (`Rule.held`; the learning
     rate left out where `schedule` gives it: read at the count, as the other steps read it);
     the update emits the new parameters (`NewParams`).
     """
+
+    if foreach and not rule.foreach:
+        raise ConfigError(
+            f"{name}: its formula runs parameter by parameter (Rule.foreach is False); leave "
+            "foreach out"
+        )
+    lists = foreach and not differentiable
 
     def init_fn(params: Tree) -> Any:
         leaves = tree_leaves(params)
@@ -819,6 +978,21 @@ def rule_transform(
                 k: tuple(v) if k in rule.scalars else _writable_moments(rule, v, p)
                 for k, v in state.slots.items()
             }
+        if lists and _one_kind(p):
+            listed = FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE
+            grads = [x.to(y.dtype) for x, y in zip(g, p, strict=True)]
+            step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
+            moved, moments = step(
+                listed, list(p), grads, {k: list(v) for k, v in slots_in.items()}, t, h
+            )
+            new_state = type(state)(
+                state.count + 1,
+                {k: tuple(moments[k]) for k in rule.slots},
+                state.hyperparameters,
+                _last_rate(rate, device),
+                new_group,
+            )
+            return NewParams(list(moved), spec), new_state
         new_p: list[torch.Tensor] = []
         new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
         for i, (param, grad) in enumerate(zip(p, g, strict=True)):
@@ -830,15 +1004,10 @@ def rule_transform(
             new_p.append(param)
             for k in rule.slots:
                 new_slots[k].append(moments[k])
-        count = state.count + 1
         slots = {k: tuple(v) for k, v in new_slots.items()}
-        # the metric on the parameters' device, filled there (a copy from the host would wait)
-        last = (
-            rate.tensor.detach()
-            if rate.value is None and rate.tensor is not None
-            else torch.full((), rate.value, dtype=torch.float64, device=device)  # type: ignore[arg-type]
+        new_state = type(state)(
+            state.count + 1, slots, state.hyperparameters, _last_rate(rate, device), new_group
         )
-        new_state = type(state)(count, slots, state.hyperparameters, last, new_group)
         return NewParams(new_p, spec), new_state
 
     return Transform(init_fn, update_fn if differentiable else with_extras(update_fn), name)
