@@ -403,3 +403,26 @@ def test_each_list_op_gives_the_single_tensor_ops_bits(in_place: bool) -> None:
         assert (got is given) is in_place, name
         if not in_place:
             assert all(torch.equal(x, y) for x, y in zip(given, a, strict=True)), name
+
+
+def test_the_guide_lists_every_formula_where_it_is() -> None:
+    """docs/guides/adding-an-optimizer.md names each preset's formula with its file and line."""
+    import re
+    from pathlib import Path
+
+    from functrain.optim.rules.formula import FORMULAS
+
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs/guides/adding-an-optimizer.md").read_text()
+    listed = re.findall(r"`(\w+_rule)`, `(functrain/optim/rules/\w+\.py):(\d+)`", page)
+    assert len(listed) >= 14
+    for name, path, line in listed:
+        lines = (root / path).read_text().split("\n")
+        assert lines[int(line) - 1].startswith(f"def {name}("), (name, path, line)
+    # every formula a preset trains with is in the table (its factory's module names it)
+    names = {name for name, _, _ in listed}
+    for preset, make in FORMULAS.items():
+        if preset.startswith("formula_"):  # (a test's own)
+            continue
+        source = Path(make.__code__.co_filename).read_text()
+        assert any(f"def {name}(" in source for name in names), preset
