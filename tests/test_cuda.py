@@ -1109,23 +1109,7 @@ def test_a_formula_preset_on_cuda_steps_pure_and_donated_alike_and_waits_for_not
         assert torch.equal(pure.params[k], donated.params[k]), k
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="pytorch_optimizer's Lamb runs torch's CUDA foreach kernels, which round "
-                "otherwise than the per-tensor kernels of functrain's formula: 4e-9 to 9e-8 apart "
-                "after 50 float32 steps (H200, torch 2.11); on the CPU bit for bit",
-            ),
-        )
-        if name == "lamb"
-        else name
-        for name in sorted(FORMULA_PRESETS)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(FORMULA_PRESETS))
 def test_a_formula_preset_on_cuda_trains_as_its_reference_package(name: str) -> None:
     make, package, make_reference = FORMULA_PRESETS[name]
     module = _reference(package)
