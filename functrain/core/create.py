@@ -44,6 +44,7 @@ from functrain.optim.averaging import ema
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.differentiable import differentiable_form
 from functrain.optim.porting import torch_object_hint
+from functrain.optim.rules.formula import evaluation_params
 from functrain.optim.rules.fused import on_device
 from functrain.optim.rules.sparse import sparse_twin, takes_sparse
 from functrain.optim.swa import swa
@@ -382,6 +383,8 @@ def _initial_states(
     sharding = config.sharding if config is not None else None
     mesh = config.mesh if config is not None else None
     opt_state = sharded_init(tx.init, params, mesh) if sharding is not None else tx.init(params)
+    if sharding is None:  # an optimizer's evaluation point it cannot place: refused now
+        evaluation_params(opt_state, params)
     if averager is None:
         return opt_state, None
     init = averaging_init(averager, buffers)

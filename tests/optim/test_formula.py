@@ -425,3 +425,98 @@ def test_the_guide_lists_every_formula_where_it_is() -> None:
             continue
         source = Path(make.__code__.co_filename).read_text()
         assert any(f"def {name}(" in source for name in names), preset
+
+
+def _bf16_cases() -> dict[str, tuple[Any, Any]]:
+    import pytorch_optimizer
+    import schedulefree
+
+    return {
+        "lamb": (
+            lambda: ft.lamb(0.01, weight_decay=0.01),
+            lambda p: pytorch_optimizer.Lamb(p, 0.01, weight_decay=0.01),
+        ),
+        "adan": (
+            lambda: ft.adan(0.01, weight_decay=0.02),
+            lambda p: pytorch_optimizer.Adan(p, 0.01, weight_decay=0.02),
+        ),
+        "adamw_schedule_free": (
+            lambda: ft.adamw_schedule_free(0.01, weight_decay=0.01),
+            lambda p: schedulefree.AdamWScheduleFree(p, 0.01, weight_decay=0.01),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["lamb", "adan", "adamw_schedule_free"])
+def test_a_bfloat16_model_trains_as_the_packages_default_path_pure_and_donated(name: str) -> None:
+    # torch's in-place foreach product by a number rounds bfloat16 otherwise than its
+    # out-of-place one: the packages' foreach loops take the in-place one, and so do both steps
+    make, reference = _bf16_cases()[name]
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).bfloat16()
+
+    def loss(m: Any, b: Any) -> torch.Tensor:
+        return ((m(b[0]) - b[1]) ** 2).float().mean()
+
+    pure = ft.TrainState.create(model(), make(), loss)
+    donated = ft.TrainState.create(model(), make(), loss)
+    theirs = model()
+    opt = reference(list(theirs.parameters()))
+    if hasattr(opt, "train"):  # (schedulefree steps in train mode only)
+        opt.train()
+    for i in range(8):
+        gen = torch.Generator().manual_seed(i)
+        batch = (torch.randn(16, 4, generator=gen).bfloat16(), torch.randn(16, 3, generator=gen))
+        batch = (batch[0], batch[1].bfloat16())
+        pure, _ = ft.train_step(pure, batch)
+        donated, _ = ft.train_step(donated, batch, donate=True)
+        opt.zero_grad()
+        loss(theirs, batch).backward()
+        opt.step()
+    for k, p in theirs.named_parameters():
+        assert torch.equal(pure.params[k], p.detach()), k
+        assert torch.equal(donated.params[k], p.detach()), k
+
+
+def test_a_pure_update_hands_on_no_moment_that_is_a_gradient_or_a_parameter() -> None:
+    # out of place, SGD's first momentum is the gradient and ASGD's first average the parameters:
+    # a donated update after them wrote the caller's gradient, or collapsed the average
+    from functrain.optim.rules.asgd import asgd_rule
+    from functrain.optim.rules.trace import sgd_rule
+
+    tx = rule_transform(
+        sgd_rule(0.9, 0.0, False, False), "m", {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.9}
+    )
+    params = {"w": torch.ones(3)}
+    grads = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    updates, state = tx.update(grads, tx.init(params), params)
+    params = ft.apply_updates(params, updates)
+    tx.update({"w": torch.tensor([0.5, -1.0, 2.0])}, state, params, extras=Extras(in_place=True))
+    assert torch.equal(grads["w"], torch.tensor([1.0, 2.0, 3.0]))
+
+    tx = rule_transform(
+        asgd_rule(0.1, 1e-4, 0.75, 1.0, False), "a", {"lr": 0.1, "weight_decay": 0.0}
+    )
+    steps = ([1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [-2.0, 1.0, 0.5], [3.0, -1.0, 1.0])
+
+    def average(last_in_place: bool) -> torch.Tensor:
+        params = {"w": torch.ones(3)}
+        state = tx.init(params)
+        for i, g in enumerate(steps):
+            extras = Extras(in_place=last_in_place and i == len(steps) - 1)
+            updates, state = tx.update({"w": torch.tensor(g)}, state, params, extras=extras)
+            params = ft.apply_updates(params, updates)
+        return state.slots["ax"][0]
+
+    assert torch.equal(average(True), average(False))
+
+
+@pytest.mark.parametrize("name", ["adan", "lamb", "adamw_schedule_free"])
+def test_a_tensor_rate_is_refused_where_the_package_computes_with_it(name: str) -> None:
+    # the packages compute their step sizes from a tensor rate in tensor arithmetic: other bits
+    with pytest.raises(ft.ConfigError, match=r"got a tensor.*give float\(lr\)"):
+        getattr(ft, name)(torch.tensor(0.01))

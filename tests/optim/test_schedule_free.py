@@ -393,3 +393,74 @@ def test_complex_parameters_are_refused_with_the_fix() -> None:
     # the package squares a complex gradient (g * g) where torch.optim takes |g| ** 2
     with pytest.raises(ft.ConfigError, match=r"adamw_schedule_free.*complex.*view_as_real"):
         adamw_schedule_free(0.01).init({"w": torch.ones(2, dtype=torch.complex64)})
+
+
+def test_generate_runs_the_model_at_the_evaluation_point_as_predict_does() -> None:
+    def loss(m: Any, b: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    torch.manual_seed(10)
+    state = ft.TrainState.create(torch.nn.Embedding(8, 8), adamw_schedule_free(0.5), loss)
+    gen = torch.Generator().manual_seed(10)
+    for i in range(6):
+        x = torch.randint(0, 8, (16,), generator=gen)
+        state, _ = ft.train_step(state, (x, (x + 1 + i % 3) % 8))
+    prompts = torch.arange(8).unsqueeze(1)
+    generated = ft.generate(state, prompts, 1, temperature=0)[:, -1]
+    assert torch.equal(generated, ft.predict(state, torch.arange(8)).argmax(-1))
+    at_y = ft.predict(state.replace(opt_state=ft.adamw(0.1).init(state.params)), torch.arange(8))
+    assert not torch.equal(generated, at_y.argmax(-1))  # (the points differ here)
+
+
+def test_a_schedule_free_group_of_a_partition_is_refused_when_the_state_is_created() -> None:
+    # its evaluation point needs every parameter's moments: refused at create, not at the first
+    # evaluation after an epoch of training
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    tx = ft.partition(
+        lambda name, p: "sf" if name.endswith("weight") else "plain",
+        sf=adamw_schedule_free(0.01),
+        plain=ft.adamw(0.01),
+    )
+    with pytest.raises(ft.ConfigError, match="not through masked or partition"):
+        ft.TrainState.create(model, tx, lambda m, b: m(b).sum())
+
+
+@pytest.mark.parametrize("new_rate", [0.03, 0.005])
+def test_a_rate_changed_mid_run_has_its_meta_gradient_through_the_averaging_weights(
+    new_rate: float,
+) -> None:
+    # raised above its running maximum, the rate moves the averaging weight (ckp1) too: the
+    # weights' arithmetic then carries the derivative, with the plain step's bits
+    def loss(m: Any, b: Any) -> torch.Tensor:
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(i)
+        return (
+            torch.randn(16, 4, generator=gen, dtype=torch.float64),
+            torch.randn(16, 3, generator=gen, dtype=torch.float64),
+        )
+
+    def outer(lr: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).double()
+        tx = adamw_schedule_free(0.01, warmup_steps=3)
+        state = ft.TrainState.create(model, tx, loss, differentiable=True)
+        for i in range(2):
+            state, _ = ft.train_step(state, batch(i))
+        state = state.with_hyperparameters(lr=lr)
+        for i in range(2, 6):
+            state, _ = ft.train_step(state, batch(i))
+        return sum((v**2).sum() for v in state.params.values())  # type: ignore[return-value]
+
+    lr = torch.tensor(new_rate, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad(outer(lr), [lr])
+    h = 1e-6
+    up = outer(torch.tensor(new_rate + h, dtype=torch.float64))
+    down = outer(torch.tensor(new_rate - h, dtype=torch.float64))
+    assert abs(float(got) - float((up - down) / (2 * h))) <= 1e-7
+    plain = outer(torch.tensor(new_rate, dtype=torch.float64))
+    assert torch.equal(outer(lr).detach(), plain)  # the same forward bits

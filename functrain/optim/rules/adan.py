@@ -14,7 +14,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Transform
-from functrain.optim.checks import check_learning_rate, check_positive, check_unit
+from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     FORMULAS,
@@ -25,6 +25,7 @@ from functrain.optim.rules.formula import (
     active,
     at_count,
     at_first,
+    check_package_rate,
     combined,
     rule_transform,
 )
@@ -79,7 +80,7 @@ def adan_rule(
         }
 
     slots = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
-    return Rule(slots, {}, ("lr", "weight_decay"), step)
+    return Rule(slots, {}, ("lr", "weight_decay"), step, foreach=True)
 
 
 @named
@@ -99,7 +100,8 @@ def adan(
     bit for bit, for a schedule too (its per-parameter and its foreach paths give the same bits).
 
     Args:
-        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
+        lr: learning rate: a float or a schedule (a tensor is refused: the reference computes
+            its step sizes from one in tensor arithmetic, other bits).
         betas: ``(b1, b2, b3)``: the decay rates of the gradient's average, of the gradient
             differences' average, and of the squared Nesterov gradient's average; each in [0, 1)
             (the reference also takes ``b3 = 1``, whose bias correction divides by 0).
@@ -131,7 +133,7 @@ def adan(
         tensor([0.9000])
     """
     problems: list[str] = []
-    check_learning_rate(problems, "lr", lr)
+    check_package_rate(problems, lr, "pytorch_optimizer")
     if isinstance(betas, (tuple, list)) and len(betas) == 3:
         for i, beta in enumerate(betas):
             check_unit(problems, f"betas[{i}]", beta)
@@ -150,10 +152,11 @@ def adan(
     b1, b2, b3 = betas
     rule = adan_rule(b1, b2, b3, eps, weight_decouple, maximize)
     if callable(lr):
-        return rule_transform(rule, "adan", {"weight_decay": float(weight_decay)}, lr)
-    # a 1-element tensor rate: read once, here, at construction
+        return rule_transform(rule, "adan", {"weight_decay": float(weight_decay)}, lr, foreach=True)
     constants = {"lr": float(lr), "weight_decay": float(weight_decay)}
-    return rule_transform(rule, "adan", constants)
+    # over the parameters' lists, one foreach kernel per op: the reference's default path (its
+    # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
+    return rule_transform(rule, "adan", constants, foreach=True)
 
 
 def _from_arguments(arguments: dict[str, Any]) -> Rule:

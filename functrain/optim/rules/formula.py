@@ -36,6 +36,7 @@ import torch.autograd.forward_ad as fwAD
 
 from functrain.errors import ConfigError
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
+from functrain.optim.checks import check_learning_rate
 from functrain.optim.rates import takes_tensor_steps, value_at
 from functrain.optim.rules.arithmetic import opmath
 from functrain.optim.updates import NewParams
@@ -62,6 +63,7 @@ __all__ = [
     "addcdiv_scaled",
     "at_count",
     "at_first",
+    "check_package_rate",
     "at_first_into",
     "combined",
     "evaluation_params",
@@ -321,8 +323,9 @@ RuleStep = Callable[
 
 # a rule's numbers of one step, before its parameters: (the update's number, the hyperparameters,
 # the group's numbers) -> (the hyperparameters the step takes, the group's new numbers). The
-# group's numbers are Python floats in an eager step; traced, or batched by vmap, they are float64
-# tensors (and the update's number a tensor too): a prepare computes with either
+# group's numbers are Python floats in an eager step; traced, batched by vmap, or reached by a
+# derivative, they are float64 tensors (and, traced or batched, the update's number a tensor
+# too): a prepare computes with either
 Prepare = Callable[
     [Count, dict[str, Scalar], dict[str, Any]], tuple[dict[str, Scalar], dict[str, Any]]
 ]
@@ -338,9 +341,12 @@ def at_count(h: Scalar, f: Callable[[Any], Any], t: Count) -> Scalar:
 
 
 def at_first(t: Count, first: Any, later: Callable[[], Any]) -> Any:
-    """`first` at the first update, else ``later()`` (for a tensor count, selected per member)."""
+    """`first` at the first update, else ``later()`` (for a tensor count, selected per member;
+    lists of tensors, a formula's over lists, element by element)."""
     if isinstance(t, int):
         return first if t == 1 else later()
+    if isinstance(first, list):
+        return [torch.where(t == 1, x, y) for x, y in zip(first, later(), strict=True)]
     return torch.where(t == 1, first, later())
 
 
@@ -678,6 +684,13 @@ class ListOps(Ops):
             if factor.tensor is not None:
                 return self._each("mul", a, factor)
             factor = factor.value
+        if not self.in_place and not isinstance(factor, list) and _half(a):
+            # torch's in-place foreach product by a number rounds a bfloat16 or float16 tensor
+            # otherwise than its out-of-place one (which rounds as `mul` does): the foreach
+            # loops of torch.optim take the in-place one, so out of place too, on copies
+            out = [x.clone() for x in a]
+            torch._foreach_mul_(out, factor)
+            return out
         return self._run("mul", a, factor)
 
     def div(self, a: Any, by: Any) -> Any:
@@ -793,6 +806,36 @@ def _writable_moments(
     )
 
 
+def _own(
+    moments: Sequence[torch.Tensor], given: tuple[torch.Tensor, ...], ops: Ops
+) -> tuple[torch.Tensor, ...]:
+    """The new moments, none of them a tensor the update was given or returns (a gradient, a
+    parameter: out of place, ``ops.copy`` and a first moment that is the gradient hand the tensor
+    itself on), copied where one is: a later step that writes its moments in place must not write
+    the caller's gradient or a state's parameters."""
+    if ops.in_place:
+        return tuple(moments)
+    ids = {id(x) for x in given}
+    return tuple(m.clone() if id(m) in ids else m for m in moments)
+
+
+def check_package_rate(problems: list[str], lr: Any, package: str) -> None:
+    """`lr` as a preset ported from a package takes it: a float or a schedule. A tensor is
+    refused: the package computes its step sizes from a tensor rate in tensor arithmetic, whose
+    roundings a number's do not give."""
+    if isinstance(lr, torch.Tensor):
+        problems.append(
+            f"lr must be a float or a schedule, got a tensor {lr!r} ({package} computes its step "
+            "sizes from a tensor rate in tensor arithmetic, other bits); give float(lr)"
+        )
+    else:
+        check_learning_rate(problems, "lr", lr)
+
+
+def _half(tensors: Sequence[torch.Tensor]) -> bool:
+    return any(x.dtype in (torch.bfloat16, torch.float16) for x in tensors)
+
+
 def _last_rate(rate: Scalar, device: torch.device) -> torch.Tensor:
     """The rate of the update, the step's metric, on the parameters' device: filled there (a
     copy from the host would wait), or the tensor where its number is unknown (traced)."""
@@ -817,8 +860,10 @@ def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict
     (held there: the reads wait for nothing), or, where one cannot be read (traced, or batched by
     vmap), every one as its float64 tensor."""
     values = {k: host_value(v) for k, v in group.items()}
-    if all(v is not None for v in values.values()):
+    if all(v is not None for v in values.values()) and not any(map(tracked, group.values())):
         return values
+    # (a number a derivative reaches, a differentiated learning rate's running maximum: its
+    # tensor, whose graph the step goes on)
     return {k: v.to(_batched_on(v, device)) for k, v in group.items()}
 
 
@@ -859,8 +904,8 @@ EVALUATION_POINTS: list[Callable[[Any, Tree], Tree | None]] = []
 def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
     """The parameters a model trained with `opt_state`'s optimizer is evaluated at, where its
     optimizer says they are not the ones it trains (`EVALUATION_POINTS`: a schedule-free
-    optimizer's average), else None. `functrain.eval_step`, `functrain.predict` and
-    ``TrainState.export_module`` use them; the train step never does.
+    optimizer's average), else None. `functrain.eval_step`, `functrain.predict`,
+    `functrain.generate` and ``TrainState.export_module`` use them; the train step never does.
 
     Example:
         >>> import torch, functrain as ft
@@ -985,9 +1030,10 @@ def rule_transform(
             moved, moments = step(
                 listed, list(p), grads, {k: list(v) for k, v in slots_in.items()}, t, h
             )
+            given = (*p, *g, *moved)
             new_state = type(state)(
                 state.count + 1,
-                {k: tuple(moments[k]) for k in rule.slots},
+                {k: _own(moments[k], given, listed) for k in rule.slots},
                 state.hyperparameters,
                 _last_rate(rate, device),
                 new_group,
@@ -1004,7 +1050,7 @@ def rule_transform(
             new_p.append(param)
             for k in rule.slots:
                 new_slots[k].append(moments[k])
-        slots = {k: tuple(v) for k, v in new_slots.items()}
+        slots = {k: _own(v, (*p, *g, *new_p), ops) for k, v in new_slots.items()}
         new_state = type(state)(
             state.count + 1, slots, state.hyperparameters, _last_rate(rate, device), new_group
         )

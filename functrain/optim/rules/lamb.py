@@ -30,7 +30,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Transform
-from functrain.optim.checks import check_learning_rate, check_positive, check_unit, is_real
+from functrain.optim.checks import check_positive, check_unit, is_real
 from functrain.optim.choices import without_choices
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
@@ -41,6 +41,7 @@ from functrain.optim.rules.formula import (
     Scalar,
     active,
     at_count,
+    check_package_rate,
     combined,
     rule_transform,
 )
@@ -183,7 +184,8 @@ def lamb(
     differentiably (the same bits).
 
     Args:
-        lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
+        lr: learning rate: a float or a schedule (a tensor is refused: the reference computes
+            its step sizes from one in tensor arithmetic, other bits).
         betas: ``(b1, b2)``, the first- and second-moment decays, each in [0, 1).
         weight_decay: the decay coefficient (>= 0).
         weight_decouple: decay the parameters, ``p * (1 - weight_decay * lr)``; ``False`` adds
@@ -224,7 +226,7 @@ def lamb(
         tensor([2.6464, 3.6464])
     """
     problems: list[str] = []
-    check_learning_rate(problems, "lr", lr)
+    check_package_rate(problems, lr, "pytorch_optimizer")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         problems.append(f"betas must be a pair (b1, b2), got betas={betas!r}")
     else:
@@ -244,7 +246,7 @@ def lamb(
             "or leave it out"
         )
     config_check(problems, "lamb")
-    rate = float(lr) if isinstance(lr, torch.Tensor) else lr
+    rate = lr
     schedule = rate if callable(rate) else None
     rule = lamb_rule(
         betas[0],

@@ -23,7 +23,7 @@ import torch
 
 from functrain.errors import ConfigError, config_check
 from functrain.optim.base import LearningRate, Transform
-from functrain.optim.checks import check_learning_rate, check_positive, check_unit
+from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     EVALUATION_POINTS,
@@ -33,6 +33,8 @@ from functrain.optim.rules.formula import (
     Rule,
     Scalar,
     at_first,
+    check_package_rate,
+    host_value,
     rule_transform,
 )
 from functrain.tree import Tree, tree_flatten, tree_unflatten
@@ -61,7 +63,11 @@ def schedule_free_adamw_rule(
         t: Count, h: dict[str, Scalar], group: dict[str, Any]
     ) -> tuple[dict[str, Scalar], dict[str, Any]]:
         if isinstance(group["k"], torch.Tensor) or h["lr"].value is None:
-            return prepared_tensors(h, group)  # traced, or batched by vmap
+            return prepared_tensors(h, group)  # traced, or batched by vmap, or differentiated
+        if h["lr"].tensor is not None:  # a derivative reaches the rate: through the weights too
+            return prepared_tensors(
+                h, {k: torch.tensor(v, dtype=torch.float64) for k, v in group.items()}
+            )
         k = int(group["k"])
         warmup = (k + 1) / warmup_steps if k < warmup_steps else 1.0
         rate = h["lr"].map(lambda lr: lr * warmup)
@@ -96,10 +102,10 @@ def schedule_free_adamw_rule(
         ckp1 = torch.where(weight_sum == 0, 0.0, weight / weight_sum)
         numbers = {
             **h,
-            "lr": Scalar(None, rate),
-            "ckp1": Scalar(None, ckp1),
-            "y_rate": Scalar(None, rate * (b1 * (1 - ckp1) - 1)),
-            "bias_correction2": Scalar(None, 1 - torch.pow(b2, k + 1)),
+            "lr": _read(rate),
+            "ckp1": _read(ckp1),
+            "y_rate": _read(rate * (b1 * (1 - ckp1) - 1)),
+            "bias_correction2": _read(1 - torch.pow(b2, k + 1)),
         }
         return numbers, {**group, "k": k + 1, "lr_max": lr_max, "weight_sum": weight_sum}
 
@@ -128,6 +134,7 @@ def schedule_free_adamw_rule(
         copies=("z",),
         group={**GROUP, "beta1": b1},
         prepare=prepare,
+        foreach=True,
         refuses_complex="the schedulefree package steps a complex parameter in complex "
         "arithmetic (its second moment the complex square g * g, not |g| ** 2, as torch.optim "
         "takes it); train the real and imaginary parts as real parameters (torch.view_as_real)",
@@ -181,13 +188,7 @@ def adamw_schedule_free(
         tensor([0.9000])
     """
     problems: list[str] = []
-    if isinstance(lr, torch.Tensor):
-        problems.append(
-            f"lr must be a float or a schedule, got a tensor {lr!r} (the package's tensor rate "
-            "computes the averaging weights in tensor arithmetic, other bits); give float(lr)"
-        )
-    else:
-        check_learning_rate(problems, "lr", lr)
+    check_package_rate(problems, lr, "schedulefree")
     if not (isinstance(betas, tuple | list) and len(betas) == 2):
         problems.append(f"betas must be a pair (b1, b2), got betas={betas!r}")
         b1, b2 = 0.9, 0.999
@@ -212,7 +213,9 @@ def adamw_schedule_free(
     constants = {"weight_decay": float(weight_decay)}
     if schedule is None:
         constants = {"lr": float(lr), **constants}  # type: ignore[arg-type]
-    return rule_transform(rule, "adamw_schedule_free", constants, schedule)
+    # over the parameters' lists, one foreach kernel per op: the package's default path (its
+    # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
+    return rule_transform(rule, "adamw_schedule_free", constants, schedule, foreach=True)
 
 
 FORMULAS["adamw_schedule_free"] = lambda a: schedule_free_adamw_rule(
@@ -256,10 +259,6 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
     found = _schedule_free_state(opt_state)
     if found is None:
         return None
-    # (held on the host: reads that wait for nothing; a stacked state's members share beta1, as
-    # functrain.stack requires)
-    if not found.group["k"].any():
-        return params
     ys, spec = tree_flatten(params)
     zs = found.slots["z"]
     if len(ys) != len(zs) or any(y.shape != z.shape for y, z in zip(ys, zs, strict=False)):
@@ -269,8 +268,19 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
             f"{[tuple(z.shape) for z in zs]} for {[tuple(y.shape) for y in ys]}); give "
             "adamw_schedule_free all the parameters (not through masked or partition)"
         )
+    # (held on the host: reads that wait for nothing; a stacked state's members share beta1, as
+    # functrain.stack requires)
+    if not found.group["k"].any():
+        return params
     weight = 1 - 1 / float(found.group["beta1"].reshape(-1)[0])
     return tree_unflatten([torch.lerp(y, z, weight) for y, z in zip(ys, zs, strict=True)], spec)
+
+
+def _read(t: torch.Tensor) -> Scalar:
+    """A step's number computed as a float64 tensor: the number torch's kernels take, where it
+    can be read (an eager step whose rate a derivative reaches: IEEE operations on doubles, the
+    float path's bits), and the tensor a derivative follows."""
+    return Scalar(host_value(t), t)
 
 
 def _schedule_free_state(node: Any) -> Any:
