@@ -12,6 +12,7 @@ from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
 from functrain.optim.rates import as_float64
+from functrain.optim.rules.arithmetic import scaled_
 from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar, l2_decayed, negated
 from functrain.optim.rules.learning_rate import ScaleByLearningRateState, planned_rate
 from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
@@ -71,7 +72,7 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
         mu: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()
         if writes_in_place(extras):  # a donated step: the averages move in their own storage
             nu = writables(state.nu, g)
-            torch._foreach_mul_(nu, alpha)
+            scaled_(nu, alpha)  # (torch's single-tensor rounding)
             if centered:
                 mu = writables(state.mu, g)
                 torch._foreach_lerp_(mu, g, 1 - alpha)
@@ -130,7 +131,7 @@ def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
             before, rms, between, rate = state
             if write:
                 nu = writables(rms.nu, grads)
-                torch._foreach_mul_(nu, alpha)
+                scaled_(nu, alpha)  # (torch's single-tensor rounding)
             else:
                 nu = list(torch._foreach_mul(rms.nu, alpha))
             torch._foreach_addcmul_(nu, grads, grads, value=1 - alpha)
