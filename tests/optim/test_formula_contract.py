@@ -19,7 +19,7 @@ import torch
 import functrain as ft
 from functrain.optim.naming import named
 from functrain.optim.rules.adam import adam_rule
-from functrain.optim.rules.formula import FORMULAS, Rule, rule_transform
+from functrain.optim.rules.formula import FORMULAS, Rule, held_rate, rule_transform
 
 Factory = Callable[..., ft.Transform]
 
@@ -31,10 +31,7 @@ def _adam_formula(arguments: dict[str, Any]) -> Rule:
 @named
 def formula_adamw(lr: Any = 0.01, weight_decay: float = 0.1) -> ft.Transform:
     """AdamW made from its formula (the preset runs torch's fused kernel instead)."""
-    schedule = lr if callable(lr) else None
-    constants = (
-        {"weight_decay": weight_decay} if schedule else {"lr": lr, "weight_decay": weight_decay}
-    )
+    constants, schedule = held_rate(lr, {"weight_decay": weight_decay})
     return rule_transform(_adam_formula({}), "formula_adamw", constants, schedule)
 
 

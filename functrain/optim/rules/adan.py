@@ -27,6 +27,7 @@ from functrain.optim.rules.formula import (
     at_first,
     check_package_rate,
     combined,
+    held_rate,
     rule_transform,
 )
 
@@ -151,12 +152,10 @@ def adan(
     config_check(problems, "adan")
     b1, b2, b3 = betas
     rule = adan_rule(b1, b2, b3, eps, weight_decouple, maximize)
-    if callable(lr):
-        return rule_transform(rule, "adan", {"weight_decay": float(weight_decay)}, lr, foreach=True)
-    constants = {"lr": float(lr), "weight_decay": float(weight_decay)}
+    constants, schedule = held_rate(lr, {"weight_decay": float(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the reference's default path (its
     # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
-    return rule_transform(rule, "adan", constants, foreach=True)
+    return rule_transform(rule, "adan", constants, schedule, foreach=True)
 
 
 def _from_arguments(arguments: dict[str, Any]) -> Rule:

@@ -68,6 +68,7 @@ __all__ = [
     "combined",
     "evaluation_params",
     "filled",
+    "held_rate",
     "held_scalar",
     "host_value",
     "l2_decayed",
@@ -918,6 +919,20 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
         if found is not None:
             return found
     return None
+
+
+def held_rate(lr: Any, constants: dict[str, float]) -> tuple[dict[str, float], Any]:
+    """A preset's learning rate `lr` as `rule_transform` takes it, with the other held
+    hyperparameters `constants`: a number held first as ``"lr"``, or a schedule (then returned
+    second, read at the count, and not held).
+
+    Example:
+        >>> held_rate(0.1, {"weight_decay": 0.0})
+        ({'lr': 0.1, 'weight_decay': 0.0}, None)
+    """
+    if callable(lr):
+        return dict(constants), lr
+    return {"lr": float(lr), **constants}, None
 
 
 def rule_transform(

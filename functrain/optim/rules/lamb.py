@@ -43,6 +43,7 @@ from functrain.optim.rules.formula import (
     at_count,
     check_package_rate,
     combined,
+    held_rate,
     rule_transform,
 )
 
@@ -246,8 +247,6 @@ def lamb(
             "or leave it out"
         )
     config_check(problems, "lamb")
-    rate = lr
-    schedule = rate if callable(rate) else None
     rule = lamb_rule(
         betas[0],
         betas[1],
@@ -260,9 +259,7 @@ def lamb(
         adam_debias=adam_debias,
         maximize=maximize,
     )
-    constants = {"weight_decay": float(weight_decay)}
-    if schedule is None:
-        constants = {"lr": float(rate), **constants}  # type: ignore[arg-type]
+    constants, schedule = held_rate(lr, {"weight_decay": float(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the reference's default path, whose
     # CUDA kernels round otherwise than the single-tensor ones (on the CPU the same bits)
     return rule_transform(rule, "lamb", constants, schedule, foreach=True)

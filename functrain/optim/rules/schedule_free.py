@@ -32,8 +32,10 @@ from functrain.optim.rules.formula import (
     Ops,
     Rule,
     Scalar,
+    active,
     at_first,
     check_package_rate,
+    held_rate,
     host_value,
     rule_transform,
 )
@@ -62,12 +64,9 @@ def schedule_free_adamw_rule(
     def prepare(
         t: Count, h: dict[str, Scalar], group: dict[str, Any]
     ) -> tuple[dict[str, Scalar], dict[str, Any]]:
-        if isinstance(group["k"], torch.Tensor) or h["lr"].value is None:
-            return prepared_tensors(h, group)  # traced, or batched by vmap, or differentiated
-        if h["lr"].tensor is not None:  # a derivative reaches the rate: through the weights too
-            return prepared_tensors(
-                h, {k: torch.tensor(v, dtype=torch.float64) for k, v in group.items()}
-            )
+        if isinstance(group["k"], torch.Tensor) or h["lr"].tensor is not None:
+            # traced, batched by vmap, or a rate a derivative reaches (through the weights too)
+            return prepared_tensors(h, group)
         k = int(group["k"])
         warmup = (k + 1) / warmup_steps if k < warmup_steps else 1.0
         rate = h["lr"].map(lambda lr: lr * warmup)
@@ -121,7 +120,7 @@ def schedule_free_adamw_rule(
         denom = ops.add(ops.sqrt(ops.out.div(v, h["bias_correction2"])), eps)
         normalized = ops.out.div(g, denom)  # (the package divides the gradient in place)
         decay = h["weight_decay"]
-        if decay.value != 0 or decay.tensor is not None:  # (at y, before y moves)
+        if active(decay):  # (at y, before y moves)
             normalized = ops.add(normalized, p, decay)
         y = ops.add(ops.lerp(p, z, h["ckp1"]), normalized, h["y_rate"])
         return y, {"z": ops.sub(z, normalized, h["lr"]), "exp_avg_sq": v}
@@ -209,10 +208,7 @@ def adamw_schedule_free(
     check_positive(problems, "weight_lr_power", weight_lr_power, allow_zero=True)
     config_check(problems, "adamw_schedule_free")
     rule = schedule_free_adamw_rule(b1, b2, eps, warmup_steps, r, weight_lr_power)
-    schedule = lr if callable(lr) else None
-    constants = {"weight_decay": float(weight_decay)}
-    if schedule is None:
-        constants = {"lr": float(lr), **constants}  # type: ignore[arg-type]
+    constants, schedule = held_rate(lr, {"weight_decay": float(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the package's default path (its
     # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
     return rule_transform(rule, "adamw_schedule_free", constants, schedule, foreach=True)
