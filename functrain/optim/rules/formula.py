@@ -1038,34 +1038,28 @@ def rule_transform(
                 k: tuple(v) if k in rule.scalars else _writable_moments(rule, v, p)
                 for k, v in state.slots.items()
             }
-        if lists and _one_kind(p):
-            listed = FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE
+        new_p: list[torch.Tensor]
+        if lists and _one_kind(p):  # once over the lists, one foreach kernel per op
+            ops = FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE
             grads = [x.to(y.dtype) for x, y in zip(g, p, strict=True)]
             step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
             moved, moments = step(
-                listed, list(p), grads, {k: list(v) for k, v in slots_in.items()}, t, h
+                ops, list(p), grads, {k: list(v) for k, v in slots_in.items()}, t, h
             )
-            given = (*p, *g, *moved)
-            new_state = type(state)(
-                state.count + 1,
-                {k: _own(moments[k], given, listed) for k in rule.slots},
-                state.hyperparameters,
-                _last_rate(rate, device),
-                new_group,
-            )
-            return NewParams(list(moved), spec), new_state
-        new_p: list[torch.Tensor] = []
-        new_slots: dict[str, list[torch.Tensor]] = {k: [] for k in rule.slots}
-        for i, (param, grad) in enumerate(zip(p, g, strict=True)):
-            moments = {k: v[i] for k, v in slots_in.items()}
-            if param.is_complex():  # as torch.optim steps one: on its real view
-                param, moments = _on_real_views(rule, ops, param, grad, moments, t, h)
-            else:
-                param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, h)
-            new_p.append(param)
-            for k in rule.slots:
-                new_slots[k].append(moments[k])
-        slots = {k: _own(v, (*p, *g, *new_p), ops) for k, v in new_slots.items()}
+            new_p, new_slots = list(moved), {k: moments[k] for k in rule.slots}
+        else:
+            new_p, new_slots = [], {k: [] for k in rule.slots}
+            for i, (param, grad) in enumerate(zip(p, g, strict=True)):
+                moments = {k: v[i] for k, v in slots_in.items()}
+                if param.is_complex():  # as torch.optim steps one: on its real view
+                    param, moments = _on_real_views(rule, ops, param, grad, moments, t, h)
+                else:
+                    param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, h)
+                new_p.append(param)
+                for k in rule.slots:
+                    new_slots[k].append(moments[k])
+        given = (*p, *g, *new_p)
+        slots = {k: _own(v, given, ops) for k, v in new_slots.items()}
         new_state = type(state)(
             state.count + 1, slots, state.hyperparameters, _last_rate(rate, device), new_group
         )
