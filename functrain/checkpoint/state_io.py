@@ -67,6 +67,7 @@ from functrain.optim.naming import (
     saved_conventions,
 )
 from functrain.optim.rates import MAX_STARTS, RESUMED_STEPS, function_name, resumed_digest
+from functrain.optim.rules.formula import RuleState
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -492,6 +493,52 @@ def _resized_buffers(like: TrainState, tree: Any) -> TrainState:
     return like.replace(buffers={**like.buffers, **changed}) if changed else like
 
 
+def _in_formula_layouts(saved: Any, template: Any) -> Any:
+    """The saved optimizer state `saved` with each state its formula now holds
+    (`functrain.optim.rules.formula.RuleState`: count, moments by name, numbers) that a
+    checkpoint written before holds in its old layout, a chain's states (`RuleState.before`:
+    the old fields' names of the moments), in the new one: its moments and count as saved, its
+    held numbers the template's (the preset's own arguments, which the fingerprint checks). Any
+    other part as saved."""
+    if isinstance(template, RuleState):
+        if isinstance(saved, tuple) and getattr(type(template), "before", None):
+            return _formula_layout(saved, template) or saved
+        return saved
+    if isinstance(template, tuple) and hasattr(template, "_fields") and isinstance(saved, dict):
+        fields = dict(zip(template._fields, template, strict=True))
+        return {k: _in_formula_layouts(v, fields.get(k)) for k, v in saved.items()}
+    if isinstance(template, (tuple, list)) and isinstance(saved, (tuple, list)):
+        if len(template) != len(saved):
+            return saved
+        return type(saved)(_in_formula_layouts(v, t) for v, t in zip(saved, template))
+    if isinstance(template, dict) and isinstance(saved, dict):
+        return {k: _in_formula_layouts(v, template.get(k)) for k, v in saved.items()}
+    return saved
+
+
+def _formula_layout(chain: tuple[Any, ...], template: RuleState) -> dict[str, Any] | None:
+    """A chain's states (`_in_formula_layouts`) as the formula's state, or None where they are
+    not the ones its preset built before."""
+    names: dict[str, str] = getattr(type(template), "before", {})
+    slots: dict[str, Any] = {}
+    count = rate = None
+    for element in chain:
+        if not isinstance(element, dict):
+            return None
+        slots.update({names[k]: v for k, v in element.items() if k in names and v != ()})
+        if "lr" in element and "count" in element:
+            count, rate = element["count"], element["lr"]
+    if count is None or set(slots) != set(template.slots):
+        return None
+    return {
+        "count": count,
+        "slots": slots,
+        "hyperparameters": dict(template.hyperparameters),
+        "lr": rate,
+        "group": dict(template.group),
+    }
+
+
 def _load(
     path: str | os.PathLike[str],
     like: Any,
@@ -545,6 +592,8 @@ def _load(
             else {}
             for k in _GROWN
         }
+    if isinstance(like, TrainState) and isinstance(tree, dict) and "opt_state" in tree:
+        tree["opt_state"] = _in_formula_layouts(tree["opt_state"], template["opt_state"])
     problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
         like = _as_trained(like, manifest["fingerprint"], path)

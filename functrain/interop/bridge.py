@@ -58,7 +58,9 @@ from functrain.optim.porting import (
     own_settings,
 )
 from functrain.optim.presets import is_matrix, muon
+from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.fused import FusedSgdState
+from functrain.optim.rules.rms import RmspropState
 from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.rules.trace import TraceState
 from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
@@ -850,16 +852,25 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
     _refuse_partial_buffers(group)
     values: dict[str, Any] = {}
     for field, key in KEYS[type(node)].items():
-        current = getattr(node, field)
+        current = _field(node, field)
         if isinstance(current, torch.Tensor):
             values[field] = _torch_scalar(group, names, key, current)
         elif current:
             values[field] = _torch_tensors(group, names, key, current)
+    if isinstance(node, RuleState):  # (its moments by name)
+        values = {"slots": {**node.slots, **values}}
     if "count" in node._fields:
         values["count"] = torch.full_like(node.count, group.count)
     if getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`): all alike
         values["steps"] = tuple(torch.full_like(t, group.count) for t in node.steps)
     return node._replace(**values)
+
+
+def _field(node: Any, field: str) -> Any:
+    """A state's field of `KEYS`: a formula's moment by its name (none: empty), else the field."""
+    if isinstance(node, RuleState):
+        return node.slots.get(field, ())
+    return getattr(node, field)
 
 
 def _sparse_sgd_filled(node: SparseSgdState, group: _Group, names: Sequence[str]) -> Any:
@@ -1061,14 +1072,15 @@ def _group_problems(
         has_buffer = TraceState in nodes or any(
             bool(getattr(nodes.get(cls), "momentum", ())) for cls in (FusedSgdState, SparseSgdState)
         )
+        has_buffer = has_buffer or "momentum" in getattr(nodes.get(RmspropState), "slots", {})
         if momentum != has_buffer:
             problems.append(
                 f"momentum={group['momentum']!r} in torch, but the state's optimizer has "
                 f"{'a' if has_buffer else 'no'} momentum buffer"
             )
-    for flag, field in (("amsgrad", "nu_max"), ("centered", "mu")):
-        node = next((n for c, n in nodes.items() if c in kind.needs and field in n._fields), None)
-        if flag in group and node is not None and bool(group[flag]) != bool(getattr(node, field)):
+    for flag, field in (("amsgrad", "nu_max"), ("centered", "grad_avg")):
+        node = next((n for c, n in nodes.items() if c in kind.needs and field in KEYS[c]), None)
+        if flag in group and node is not None and bool(group[flag]) != bool(_field(node, field)):
             problems.append(f"{flag}={group[flag]!r} in torch, but not in the state's optimizer")
     return problems + _implementation_problems(optimizer, group)
 
@@ -1097,7 +1109,7 @@ def _group_values(optimizer: torch.optim.Optimizer, nodes: dict[type, Any]) -> d
             )
     for node in nodes.values():
         for field, key in KEYS[type(node)].items():
-            value = getattr(node, field)
+            value = _field(node, field)
             if key == "moments":  # Adafactor's factors: torch's keys by the parameter's kind
                 values["row_var"] = tuple(m[0] if len(m) == 2 else None for m in value)
                 values["col_var"] = tuple(m[1] if len(m) == 2 else None for m in value)

@@ -49,7 +49,7 @@ from functrain.optim.rules.asgd import AsgdStepState
 from functrain.optim.rules.fused import FusedAdagradState, FusedAdamState, FusedSgdState
 from functrain.optim.rules.learning_rate import LearningRateState, ScaleByLearningRateState
 from functrain.optim.rules.muon import ScaleByMuonState
-from functrain.optim.rules.rms import ScaleByRmsState
+from functrain.optim.rules.rms import RmspropState
 from functrain.optim.rules.rprop import ScaleByRpropState
 from functrain.optim.rules.sparse import SparseAdagradState, SparseAdamState, SparseSgdState
 from functrain.optim.rules.trace import TraceState
@@ -59,12 +59,17 @@ __all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation
 # where torch keeps what each functrain state holds: {state class: {field: torch's per-parameter
 # key}};
 # a tuple field holds one tensor per parameter, a 0-d field one value torch repeats per parameter;
+# of a formula's state (`functrain.optim.rules.formula.RuleState`) the fields are its moments;
 # Adafactor's ``moments`` are torch's ``row_var``/``col_var`` (matrices) or ``variance`` (the rest)
 KEYS: dict[type, dict[str, str]] = {
     FusedAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
     ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
     ScaleByRadamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
-    ScaleByRmsState: {"nu": "square_avg", "mu": "grad_avg"},
+    RmspropState: {
+        "square_avg": "square_avg",
+        "grad_avg": "grad_avg",
+        "momentum": "momentum_buffer",
+    },
     ScaleByAdagradState: {"sum_of_squares": "sum"},
     FusedAdagradState: {"sum_of_squares": "sum"},
     SparseAdagradState: {"sum_of_squares": "sum"},
@@ -147,7 +152,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         exact=_FUSED,
     ),
     torch.optim.RMSprop: TorchClass(
-        rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (ScaleByRmsState,)
+        rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (RmspropState,)
     ),
     torch.optim.Adagrad: TorchClass(
         adagrad,

@@ -52,6 +52,7 @@ from functrain.optim.rules.adam import (
     scale_by_radam,
 )
 from functrain.optim.rules.asgd import asgd_step
+from functrain.optim.rules.formula import held_rate, rule_transform
 from functrain.optim.rules.fused import (
     fused_adagrad,
     fused_adagrad_runs_on,
@@ -62,7 +63,7 @@ from functrain.optim.rules.fused import (
 from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
 from functrain.optim.rules.lion import scale_by_lion
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
-from functrain.optim.rules.rms import rms_planner, scale_by_rms
+from functrain.optim.rules.rms import RmspropState, rmsprop_rule
 from functrain.optim.rules.rprop import scale_by_rprop
 from functrain.optim.rules.sparse import (
     sparse_adagrad,
@@ -595,17 +596,20 @@ def rmsprop(
     """
     check_choices("rmsprop", foreach=foreach, capturable=capturable, differentiable=differentiable)
     _check_renamed("rmsprop", lr, momentum)
-    tx = chain(
-        *_ascent(maximize),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_rms(alpha, eps, centered=centered),
-        _maybe(momentum, trace(momentum)),
-        scale_by_learning_rate(lr),
+    problems: list[str] = []
+    check_unit(problems, "alpha", alpha)
+    check_positive(problems, "eps", eps)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    rate = _rate(lr, problems)
+    config_check(problems, "rmsprop")
+    rule = rmsprop_rule(alpha, eps, momentum, centered, maximize)
+    held = {"weight_decay": float(weight_decay)}
+    if momentum:
+        held["momentum"] = float(momentum)
+    constants, schedule = held_rate(rate, held)
+    return rule_transform(
+        rule, "rmsprop", constants, schedule, lists=True, mask=mask, state_type=RmspropState
     )
-    if maximize or weight_decay or centered or momentum:
-        return tx
-    # the plain chain: its update decided once for the step's tensors (`rms_planner`)
-    return tx._replace(update=tx.update.but(plan=rms_planner(alpha, eps, lr)))
 
 
 @replaces("adagrad")

@@ -216,7 +216,6 @@ TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         ),
         {},
     ),
-    "rmsprop": (lambda: ft.rmsprop(1e-2, momentum=0.9), {}),
     "nadam_decay": (lambda: ft.nadam(1e-2, weight_decay=0.1), {}),
     "radam_decay": (lambda: ft.radam(1e-2, weight_decay=0.1), {}),
     "adamax_decay": (lambda: ft.adamax(1e-2, weight_decay=0.1), {}),
@@ -263,8 +262,9 @@ def stage_equal_to_the_body(
     return stage(got)
 
 
-# RMSprop's, Adamax's, RAdam's and NAdam's plain chains plan their updates (`rms_planner`,
-# `adamax_planner`, `radam_planner`, `nadam_planner`);
+# RMSprop plans its update, every option (its formula over the step's lists: `rule_transform`);
+# Adamax's, RAdam's and NAdam's plain chains plan theirs (`adamax_planner`, `radam_planner`,
+# `nadam_planner`);
 # `skip_nonfinite` around an ungated planned update (it, or a window of one's own) reads its flag
 # on the host (the CPU): the NaN batch, a window's micro-batches, a schedule
 RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
@@ -283,6 +283,17 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         {"accumulate_steps": 2, "accumulate_convention": "sum"},
     ),
     "rmsprop_nonfinite_none": (lambda: ft.rmsprop(1e-2), {"nonfinite": "none"}),
+    "rmsprop_every_option": (
+        lambda: ft.rmsprop(
+            1e-2,
+            momentum=0.9,
+            centered=True,
+            weight_decay=0.1,
+            mask=lambda name, p: p.ndim > 1,
+            maximize=True,
+        ),
+        {"ema_decay": 0.9},
+    ),
     "rmsprop_max_consecutive": (lambda: ft.rmsprop(1e-2), {"max_consecutive_nonfinite": 3}),
     "adamax": (lambda: ft.adamax(1e-2), {}),
     "adamax_schedule": (

@@ -357,7 +357,7 @@ class _Counted(torch.overrides.TorchFunctionMode):
 
 def test_foreach_is_refused_for_a_formula_with_logic_per_parameter() -> None:
     rule = adam_rule(0.9, 0.999, 1e-8, decoupled=True, amsgrad=False, maximize=False)
-    with pytest.raises(ft.ConfigError, match="parameter by parameter.*leave foreach out"):
+    with pytest.raises(ft.ConfigError, match="parameter by parameter.*leave foreach and lists out"):
         rule_transform(rule._replace(foreach=False), "rule", {"lr": 0.1}, foreach=True)
 
 

@@ -713,7 +713,8 @@ BAD_CONFIGS = [
     ),
     bad("radam", lambda: ft.radam(lr=-1.0), "lr=-1.0"),
     bad("radam", lambda: ft.radam(eps=0.0), "eps=0.0", via="scale_by_radam"),
-    bad("rmsprop", lambda: ft.rmsprop(alpha=1.0), "alpha=1.0", via="scale_by_rms"),
+    bad("rmsprop", lambda: ft.rmsprop(alpha=1.0), "alpha=1.0"),
+    bad("rmsprop", lambda: ft.rmsprop(weight_decay=-0.1), "weight_decay=-0.1"),
     bad("rmsprop", lambda: ft.rmsprop(momentum=1.5), "momentum=1.5"),
     bad("adagrad", lambda: ft.adagrad(lr=-0.1), "lr=-0.1"),
     bad(

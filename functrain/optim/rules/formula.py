@@ -27,7 +27,9 @@ the last rounding.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -37,10 +39,12 @@ import torch.autograd.forward_ad as fwAD
 from functrain.errors import ConfigError
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
 from functrain.optim.checks import check_learning_rate
-from functrain.optim.rates import takes_tensor_steps, value_at
+from functrain.optim.masks import resolve_mask, resolved_once
+from functrain.optim.planned import Ran, Runner, gated_by_selection
+from functrain.optim.rates import host_rate, takes_tensor_steps, value_at
 from functrain.optim.rules.arithmetic import opmath
 from functrain.optim.updates import NewParams
-from functrain.optim.zeros import writable, writables
+from functrain.optim.zeros import constant_like, is_shared, laid_out_like, writable, writables
 from functrain.tree import Tree, tree_flatten, tree_leaves
 
 __all__ = [
@@ -52,6 +56,8 @@ __all__ = [
     "HOST",
     "IN_PLACE",
     "ListOps",
+    "SINGLE_LISTS_IN_PLACE",
+    "SINGLE_LISTS_OUT_OF_PLACE",
     "OUT_OF_PLACE",
     "Count",
     "Ops",
@@ -426,10 +432,11 @@ def filled(h: Scalar, like: torch.Tensor) -> torch.Tensor:
 
 
 def host_value(t: torch.Tensor) -> float | None:
-    """A 0-d tensor's value on the host (the one read of a step's numbers), None where vmap
-    batches it or ``torch.compile`` traces the step (the graph computes with the tensor: a read
+    """A 0-d CPU tensor's value on the host (the one read of a step's numbers), None where vmap
+    batches it, it lies on an accelerator (a read would wait for it) or ``torch.compile`` traces
+    the step (the graph computes with the tensor: a read
     would specialize it to each value)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or t.device.type != "cpu":  # (an accelerator's would wait)
         return None
     try:
         return float(t.detach().item())
@@ -441,8 +448,9 @@ def scheduled_rate(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
     """A scheduled learning rate at `count`: its number, as the ordinary step reads it; where vmap
     batches the count, each member's, as a float64 tensor (functrain's schedules take the step
     tensor)."""
-    if isinstance(t, int):
-        return Scalar(float(value_at(schedule, count)))
+    if isinstance(t, int):  # (a host count: its schedule's number, read where it lies)
+        at = host_rate(schedule, count.device)
+        return Scalar(at(count)[1] if at is not None else host_value(value_at(schedule, count)))
     if not takes_tensor_steps(schedule):
         raise ConfigError(
             "a learning rate given as a plain function of the step is read at the count, and "
@@ -648,15 +656,16 @@ class ListOps(Ops):
         (True, [tensor([2.]), tensor([2.5000])])
     """
 
-    __slots__ = ("one",)
+    __slots__ = ("one", "single")
 
-    def __init__(self, in_place: bool) -> None:
-        self.in_place, self.differentiable = in_place, False
+    def __init__(self, in_place: bool, single: bool = False) -> None:
+        self.in_place, self.differentiable, self.single = in_place, False, single
         self.one = IN_PLACE if in_place else OUT_OF_PLACE  # (an op with no foreach form)
-        self.out = self if not in_place else ListOps(False)
+        self.out = self if not in_place else ListOps(False, single)
 
     def __repr__(self) -> str:
-        return "FOREACH_IN_PLACE" if self.in_place else "FOREACH_OUT_OF_PLACE"
+        mode = "IN_PLACE" if self.in_place else "OUT_OF_PLACE"
+        return f"SINGLE_LISTS_{mode}" if self.single else f"FOREACH_{mode}"
 
     def _run(self, name: str, a: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if self.in_place:
@@ -685,13 +694,17 @@ class ListOps(Ops):
             if factor.tensor is not None:
                 return self._each("mul", a, factor)
             factor = factor.value
-        if not self.in_place and not isinstance(factor, list) and _half(a):
+        if not isinstance(factor, list) and _half(a):
             # torch's in-place foreach product by a number rounds a bfloat16 or float16 tensor
-            # otherwise than its out-of-place one (which rounds as `mul` does): the foreach
-            # loops of torch.optim take the in-place one, so out of place too, on copies
-            out = [x.clone() for x in a]
-            torch._foreach_mul_(out, factor)
-            return out
+            # otherwise than its out-of-place one and the single-tensor `mul_`: torch.optim's
+            # foreach loops take the in-place one, so out of place too, on copies; its
+            # single-tensor loops the other, in place tensor by tensor
+            if self.single and self.in_place:
+                return self._each("mul", a, factor)
+            if not self.single and not self.in_place:
+                out = [x.clone() for x in a]
+                torch._foreach_mul_(out, factor)
+                return out
         return self._run("mul", a, factor)
 
     def div(self, a: Any, by: Any) -> Any:
@@ -760,6 +773,13 @@ FOREACH_IN_PLACE = ListOps(in_place=True)
 """`IN_PLACE` over lists: one foreach kernel per op, each writing its first list."""
 FOREACH_OUT_OF_PLACE = ListOps(in_place=False)
 """`OUT_OF_PLACE` over lists: one foreach kernel per op, each returning a new list."""
+SINGLE_LISTS_IN_PLACE = ListOps(in_place=True, single=True)
+"""`FOREACH_IN_PLACE` rounded as torch.optim's single-tensor loops round (`IN_PLACE`'s bits): on
+the CPU, where torch's foreach ops run its single-tensor kernels but one (a product by a
+number in bfloat16 or float16)."""
+SINGLE_LISTS_OUT_OF_PLACE = ListOps(in_place=False, single=True)
+"""`FOREACH_OUT_OF_PLACE` rounded as torch.optim's single-tensor loops round (`OUT_OF_PLACE`'s
+bits), on the CPU."""
 
 
 def _on_real_views(
@@ -805,6 +825,22 @@ def _writable_moments(
     return tuple(
         writable(m, p) if m.shape == p.shape else m for m, p in zip(moments, params, strict=True)
     )
+
+
+def _stored_moments(
+    rule: Rule, moments: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+) -> Sequence[torch.Tensor]:
+    """`moments`, those without storage of their own (a fresh state's zeros) copied laid out as
+    their parameters (one check where none is)."""
+    if not any(map(operator.contains, map(_STRIDE, moments), itertools.repeat(0))):
+        return moments
+    return tuple(
+        laid_out_like(m, q) if is_shared(m) and m.shape == q.shape else m
+        for m, q in zip(moments, params, strict=True)
+    )
+
+
+_STRIDE = torch.Tensor.stride
 
 
 def _own(
@@ -868,6 +904,23 @@ def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict
     return {k: v.to(_batched_on(v, device)) for k, v in group.items()}
 
 
+def _decay_groups(
+    flags: tuple[bool, ...] | None, n: int, h: dict[str, Scalar]
+) -> list[tuple[list[int], dict[str, Scalar]]]:
+    """The `n` parameters' indices in the groups one run of a formula takes, each with its
+    hyperparameters: all of them with `h`, or, under a weight-decay mask's `flags`, the decayed
+    ones with `h` and the spared ones with a weight decay of 0 (torch.optim's param group of
+    their own)."""
+    if flags is None or all(flags):
+        return [(list(range(n)), h)]
+    spared = {**h, "weight_decay": Scalar(0.0)}
+    groups = [
+        ([i for i in range(n) if flags[i]], h),
+        ([i for i in range(n) if not flags[i]], spared),
+    ]
+    return [(subset, hs) for subset, hs in groups if subset]
+
+
 def _as_scalar(x: Scalar | float) -> Scalar:
     return x if isinstance(x, Scalar) else Scalar(float(x))
 
@@ -879,6 +932,11 @@ class RuleState(NamedTuple):
     each moment by its name, one tensor per parameter in the parameters' order; `hyperparameters`:
     the numbers the formula takes (0-d float64 on the host); `lr`: the last update's learning
     rate (the step's metric); `group`: the optimizer's own numbers (`Rule.group`).
+
+    A preset's state is a subclass named for it (`functrain.interop` tells torch's classes
+    apart by it). Where the preset's optimizer ran as a chain of states before, its class's
+    ``before`` holds each moment's field there by its name here, so that a checkpoint written
+    then loads (`functrain.checkpoint.state_io`).
     """
 
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
@@ -943,6 +1001,8 @@ def rule_transform(
     *,
     differentiable: bool = False,
     foreach: bool = False,
+    lists: bool = False,
+    mask: Any = None,
     state_type: Callable[..., Any] = RuleState,
 ) -> Transform:
     """The optimizer `rule` describes, as a transform: its update runs the formula on each
@@ -950,19 +1010,26 @@ def rule_transform(
     or differentiated (`DIFFERENTIABLE`, with `differentiable`: a differentiable state's form).
     With `foreach` (a `Rule.foreach` formula), once over the lists of the parameters, one foreach
     kernel per op (`FOREACH_IN_PLACE`, `FOREACH_OUT_OF_PLACE`), where they share a device and a
-    dtype and none is complex (else parameter by parameter, as without).
+    dtype and none is complex (else parameter by parameter, as without): torch.optim's foreach
+    loops. Without it, torch.optim's single-tensor loops: with `lists` (a `Rule.foreach`
+    formula) on the CPU once over the lists all the same (`SINGLE_LISTS_IN_PLACE`,
+    `SINGLE_LISTS_OUT_OF_PLACE`: one call per op, the single-tensor loop's bits), else parameter
+    by parameter.
 
     `constants`: the values of the hyperparameters the state holds (`Rule.held`; the learning
     rate left out where `schedule` gives it: read at the count, as the other steps read it);
-    the update emits the new parameters (`NewParams`).
+    the update emits the new parameters (`NewParams`). `mask` (a preset's ``mask=``: a predicate
+    ``(name, param) -> bool`` or a tree of bools) says which parameters decay: the others step
+    with a weight decay of 0, as a torch.optim param group of their own with
+    ``weight_decay=0``.
     """
 
-    if foreach and not rule.foreach:
+    if (foreach or lists) and not rule.foreach:
         raise ConfigError(
             f"{name}: its formula runs parameter by parameter (Rule.foreach is False); leave "
-            "foreach out"
+            "foreach and lists out"
         )
-    lists = foreach and not differentiable
+    in_lists = (foreach or lists) and not differentiable
 
     def init_fn(params: Tree) -> Any:
         leaves = tree_leaves(params)
@@ -982,7 +1049,7 @@ def rule_transform(
                 if k in rule.copies
                 else rule.shapes(k, p)
                 if rule.shapes is not None
-                else torch.full_like(p, rule.initial.get(k, 0.0))
+                else constant_like(p, rule.initial.get(k, 0.0))
                 for p in leaves
             )
             for k in rule.slots
@@ -1003,14 +1070,17 @@ def rule_transform(
         }
         return state_type(count, slots, held, rate, group)
 
-    def update_fn(
-        updates: Any, state: Any, params: Tree | None = None, *, extras: Extras = NO_EXTRAS
-    ) -> tuple[NewParams, Any]:
-        if params is None:
-            raise ConfigError(f"{name} needs params= (it computes the new parameters)")
-        p, spec = tree_flatten(params)
-        g = tree_leaves(updates)
-        device = p[0].device if p else HOST
+    def run(
+        p: list[torch.Tensor],
+        g: list[torch.Tensor],
+        state: Any,
+        in_place: bool,
+        flags: tuple[bool, ...] | None,
+    ) -> tuple[list[torch.Tensor], Any]:
+        """The formula's step of the parameters `p` (in place where `in_place`), its new state."""
+        if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
+            return [], state
+        device = p[0].device
         t = update_number(state.count, device)
         h = {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
         if schedule is not None:
@@ -1025,44 +1095,84 @@ def rule_transform(
                 for k, v in numbers.items()
             }
         rate = h.get("lr", Scalar(math.nan))
-        ops = (
-            DIFFERENTIABLE
-            if differentiable
-            else IN_PLACE
-            if writes_in_place(extras)
-            else OUT_OF_PLACE
-        )
-        slots_in = state.slots
-        if ops is IN_PLACE:  # moments with storage of their own (a fresh state's may share)
-            slots_in = {
-                k: tuple(v) if k in rule.scalars else _writable_moments(rule, v, p)
-                for k, v in state.slots.items()
-            }
-        new_p: list[torch.Tensor]
-        if lists and _one_kind(p):  # once over the lists, one foreach kernel per op
-            ops = FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE
-            grads = [x.to(y.dtype) for x, y in zip(g, p, strict=True)]
-            step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
-            moved, moments = step(
-                ops, list(p), grads, {k: list(v) for k, v in slots_in.items()}, t, h
-            )
-            new_p, new_slots = list(moved), {k: moments[k] for k in rule.slots}
-        else:
-            new_p, new_slots = [], {k: [] for k in rule.slots}
-            for i, (param, grad) in enumerate(zip(p, g, strict=True)):
+        ops = DIFFERENTIABLE if differentiable else IN_PLACE if in_place else OUT_OF_PLACE
+        # moments with storage of their own, laid out as their parameters (a fresh state's
+        # zeros have one element): in place to write them, else to compute as torch.optim's
+        # moments, which start as zeros like their parameter
+        moments_of = _writable_moments if ops is IN_PLACE else _stored_moments
+        slots_in = {
+            k: v if k in rule.scalars else moments_of(rule, v, p) for k, v in state.slots.items()
+        }
+        new_p: list[torch.Tensor] = [None] * len(p)  # type: ignore[list-item]
+        new_slots: dict[str, list[Any]] = {k: [None] * len(p) for k in rule.slots}
+        for subset, hs in _decay_groups(flags, len(p), h):
+            ps = [p[i] for i in subset]
+            if in_lists and _one_kind(ps) and (foreach or ps[0].device.type == "cpu"):
+                # once over the lists, one foreach kernel per op
+                list_ops = (
+                    (FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE)
+                    if foreach
+                    else SINGLE_LISTS_IN_PLACE
+                    if ops is IN_PLACE
+                    else SINGLE_LISTS_OUT_OF_PLACE
+                )
+                grads = [g[i].to(p[i].dtype) for i in subset]
+                step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
+                held = {k: [v[i] for i in subset] for k, v in slots_in.items()}
+                moved, moments = step(list_ops, ps, grads, held, t, hs)
+                for j, i in enumerate(subset):
+                    new_p[i] = moved[j]
+                    for k in rule.slots:
+                        new_slots[k][i] = moments[k][j]
+                continue
+            for i in subset:
+                param, grad = p[i], g[i]
                 moments = {k: v[i] for k, v in slots_in.items()}
                 if param.is_complex():  # as torch.optim steps one: on its real view
-                    param, moments = _on_real_views(rule, ops, param, grad, moments, t, h)
+                    param, moments = _on_real_views(rule, ops, param, grad, moments, t, hs)
                 else:
-                    param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, h)
-                new_p.append(param)
+                    param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, hs)
+                new_p[i] = param
                 for k in rule.slots:
-                    new_slots[k].append(moments[k])
+                    new_slots[k][i] = moments[k]
         given = (*p, *g, *new_p)
         slots = {k: _own(v, given, ops) for k, v in new_slots.items()}
         new_state = type(state)(
             state.count + 1, slots, state.hyperparameters, _last_rate(rate, device), new_group
         )
+        return new_p, new_state
+
+    def update_fn(
+        updates: Any, state: Any, params: Tree | None = None, *, extras: Extras = NO_EXTRAS
+    ) -> tuple[NewParams, Any]:
+        if params is None:
+            raise ConfigError(f"{name} needs params= (it computes the new parameters)")
+        p, spec = tree_flatten(params)
+        in_place = not differentiable and writes_in_place(extras)
+        new_p, new_state = run(p, tree_leaves(updates), state, in_place, resolve_mask(mask, params))
         return NewParams(new_p, spec), new_state
 
-    return Transform(init_fn, update_fn if differentiable else with_extras(update_fn), name)
+    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
+        """The update decided once for these parameters: the formula run on the step's lists,
+        the mask resolved once (where it follows from the names and shapes alone)."""
+        if not params:
+            return None
+        flags = resolved_once(lambda ps: resolve_mask(mask, ps), params)
+        if mask is not None and flags is None:
+            return None
+
+        def runner(
+            grads: list[torch.Tensor],
+            ps: list[torch.Tensor],
+            state: Any,
+            norm: torch.Tensor | None,
+            write: bool,
+        ) -> Ran:
+            new_p, new_state = run(ps, grads, state, write, flags)
+            return Ran(new_p, new_state, new_state.lr, None, None)
+
+        return gated_by_selection(runner, lambda kept: kept.lr)
+
+    if differentiable:
+        return Transform(init_fn, update_fn, name)
+    return Transform(init_fn, with_extras(update_fn).but(plan=plan), name)

@@ -1,4 +1,5 @@
-"""RMSprop's scaling rule: `scale_by_rms`; its formula, `rmsprop_rule`."""
+"""RMSprop: its formula, `rmsprop_rule` (`functrain.rmsprop` trains by it alone), its state, and the
+scaling rule `scale_by_rms`."""
 
 from __future__ import annotations
 
@@ -10,19 +11,24 @@ from functrain.errors import config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
-from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
-from functrain.optim.rates import as_float64
 from functrain.optim.rules.arithmetic import scaled_
-from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar, l2_decayed, negated
-from functrain.optim.rules.learning_rate import ScaleByLearningRateState, planned_rate
-from functrain.optim.updates import ParamStep, Ratio, apply_updates, flat_updates
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    Ops,
+    Rule,
+    RuleState,
+    Scalar,
+    l2_decayed,
+    negated,
+)
+from functrain.optim.updates import Ratio, flat_updates
 from functrain.optim.zeros import writables, zeros
 from functrain.tree import (
     Tree,
-    tree_flatten,
 )
 
-__all__ = ["ScaleByRmsState", "rms_planner", "rmsprop_rule", "scale_by_rms"]
+__all__ = ["RmspropState", "ScaleByRmsState", "rmsprop_rule", "scale_by_rms"]
 
 
 class ScaleByRmsState(NamedTuple):
@@ -92,76 +98,13 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
     return Transform(init_fn, with_extras(update_fn))
 
 
-def rms_planner(alpha: float, eps: float, learning_rate: Any) -> Planner:
-    """The `Planner` of RMSprop's plain chain (``identity, scale_by_rms(alpha, eps),
-    identity, scale_by_learning_rate(learning_rate)``: no momentum, not centered, no weight decay,
-    descending), whose runner makes the chain's ops in its order: the running mean (in its own
-    storage where it may write), its root plus ``eps``, then one ``addcdiv`` of the step size, as
-    `functrain.optim.updates.apply_updates` adds a `Ratio` over a rate. None for a rate given as a
-    tensor (its dtype's arithmetic is `scale_by_learning_rate`'s)."""
+class RmspropState(RuleState):
+    """`functrain.rmsprop`'s state (`RuleState`): the moments ``"square_avg"``, and
+    ``"grad_avg"`` where centered, ``"momentum"`` (torch's ``momentum_buffer``) with momentum."""
 
-    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
-        if isinstance(learning_rate, torch.Tensor) or not params:
-            return None
-        # one layout only, as the step hands the gradients (contiguous, no size-1 dimension)
-        if not all(p.is_contiguous() and 1 not in p.shape for p in params.values()):
-            return None
-        names, spec = list(params), tree_flatten(dict(params))[1]
-        device = next(iter(params.values())).device
-        rate_of = planned_rate(learning_rate, device)
-        # an eager step on the CPU reads the step size where it lies (a load, no sync), and adds
-        # the quotient by one foreach `addcdiv`, as `apply_updates` does, without its layers
-        # (one dtype, as `apply_updates` adds one foreach quotient; complex tensors keep its way)
-        host = (
-            device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and len({p.dtype for p in params.values()}) == 1
-            and not any(p.is_complex() for p in params.values())
-        )
-        # a constant rate's step size made once, never written (as `scale_by_learning_rate` does)
-        negated = None if callable(learning_rate) else as_float64(-float(learning_rate), device)
-
-        def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: Any,
-            norm: torch.Tensor | None,
-            write: bool,
-        ) -> Ran:
-            before, rms, between, rate = state
-            if write:
-                nu = writables(rms.nu, grads)
-                scaled_(nu, alpha)  # (torch's single-tensor rounding)
-            else:
-                nu = list(torch._foreach_mul(rms.nu, alpha))
-            torch._foreach_addcmul_(nu, grads, grads, value=1 - alpha)
-            avg = torch._foreach_sqrt(nu)
-            torch._foreach_add_(avg, eps)
-            lr, number = rate_of(rate.count)
-            if host:  # the step size as the kernel reads it, a Python float: one foreach call
-                assert number is not None  # (a CPU tensor of an eager step)
-                size = number * -1.0
-                if write:
-                    torch._foreach_addcdiv_(params, grads, avg, size)
-                    moved = params
-                else:
-                    moved = list(torch._foreach_addcdiv(params, grads, avg, size))
-            else:
-                signed = negated if negated is not None else lr * -1.0
-                step = ParamStep(None, spec, None, quotient=(grads, avg, signed))
-                new = apply_updates(dict(zip(names, params)), step, in_place=write)
-                moved = list(new.values())
-            new_state = (
-                before,
-                ScaleByRmsState(tuple(nu), ()),
-                between,
-                ScaleByLearningRateState(rate.count + 1, lr),
-            )
-            return Ran(moved, new_state, lr, None, None)
-
-        return gated_by_selection(run, lambda kept: kept[-1].lr)
-
-    return plan
+    __slots__ = ()
+    # (its moments in the chain it trained through before: scale_by_rms's and trace's fields)
+    before = {"nu": "square_avg", "mu": "grad_avg", "trace": "momentum"}
 
 
 def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maximize: bool) -> Rule:
@@ -188,7 +131,7 @@ def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maxi
         ("square_avg",) + (("grad_avg",) if centered else ()) + (("momentum",) if momentum else ())
     )
     held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
-    return Rule(slots, {}, held, step)
+    return Rule(slots, {}, held, step, foreach=True)
 
 
 FORMULAS["rmsprop"] = lambda a: rmsprop_rule(

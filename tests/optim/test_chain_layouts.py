@@ -1,0 +1,88 @@
+"""Checkpoints written while a preset trained through a chain of states load into its formula's
+state (`functrain.optim.rules.formula.RuleState`) and train on as torch.optim does.
+
+The fixtures (``golden/chain_layouts``, written by ``golden/make_chain_layouts.py`` with the
+functrain of that time) hold 3 steps of each preset, a NaN batch among them. A loaded state holds
+the saved moments and count, bit for bit, and its next steps are torch.optim's from those moments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.optim.rules.formula import RuleState
+from functrain.tree import leaves_by_path
+from tests.earlier import writer
+
+GOLDEN = writer(Path(__file__).parent / "golden" / "make_chain_layouts.py")
+
+# each case today: its torch class, the torch group settings, torch's key of each moment
+TORCH: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-2}, {"square_avg": "square_avg"}),
+    "rmsprop_every_option": (
+        torch.optim.RMSprop,
+        {"lr": 1e-2, "momentum": 0.9, "centered": True, "maximize": True},
+        {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum": "momentum_buffer"},
+    ),
+}
+
+
+def _formula_state(state: ft.TrainState) -> RuleState:
+    node = state.opt_state.inner
+    assert isinstance(node, RuleState)
+    return node
+
+
+def _torch_continues(case: str, loaded: ft.TrainState) -> dict[str, torch.Tensor]:
+    """torch.optim's parameters after the fixture's last 3 batches, from `loaded`'s weights and
+    moments (a weight-decay mask as two param groups)."""
+    cls, settings, keys = TORCH[case]
+    model = loaded.export_module()
+    named = dict(model.named_parameters())
+    decay = GOLDEN.CASES[case]().name
+    groups = [{"params": list(named.values())}]
+    if "weight_decay=0.1" in decay:
+        masked = "mask=is_matrix" in decay
+        groups = [
+            {"params": [p for p in named.values() if p.ndim > 1], "weight_decay": 0.1},
+            {"params": [p for p in named.values() if p.ndim <= 1 or not masked]},
+        ]
+        groups = [g for g in groups if g["params"]]
+        groups[-1].setdefault("weight_decay", 0.1 if not masked else 0.0)
+    opt = cls(groups, foreach=False, **settings)
+    node = _formula_state(loaded)
+    for i, p in enumerate(named.values()):
+        opt.state[p] = {"step": torch.tensor(float(node.count))}
+        for slot, key in keys.items():
+            opt.state[p][key] = node.slots[slot][i].clone()
+    for x, y in GOLDEN.batches()[3:]:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in named.items()}
+
+
+@pytest.mark.parametrize("case", list(TORCH))
+def test_a_chain_checkpoint_loads_its_moments_and_trains_on_as_torch(case: str) -> None:
+    path = Path(GOLDEN.HERE) / case / "saved"
+    loaded = ft.load(path, like=GOLDEN.run(case))
+    raw = leaves_by_path(ft.load(path, like=None)[0]["opt_state"])
+    node = _formula_state(loaded)
+    # the saved moments under their new names, the count, bit for bit
+    old = {v: k for k, v in type(node).before.items()}  # type: ignore[attr-defined]
+    for slot, tensors in node.slots.items():
+        found = [v for k, v in raw.items() if k.split("/")[-2:-1] == [old[slot]]]
+        assert len(found) == len(tensors)
+        assert all(torch.equal(a, b) for a, b in zip(tensors, found, strict=True)), slot
+    assert int(node.count) == 2  # (3 steps, one skipped)
+    state = loaded
+    for batch in GOLDEN.batches()[3:]:
+        state, _ = ft.train_step(state, batch)
+    want = _torch_continues(case, loaded)
+    for k, v in want.items():
+        assert torch.equal(state.params[k], v), k
