@@ -356,7 +356,8 @@ class ExtrasUpdate:
       program calls it where the step's update applied (`averaging_of`).
 
     Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
-    call `fn` themselves (one Python call fewer).
+    call `fn` themselves (one Python call fewer). Neither calling it nor `update_reporting` calls
+    `fn` on updates of no parameters (`_of_no_parameters`).
 
     Example:
         >>> update = ExtrasUpdate(lambda u, s, p=None, extras=NO_EXTRAS: (u, s), members=True)
@@ -416,11 +417,15 @@ class ExtrasUpdate:
             )
         object.__setattr__(self, name, value)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Updates, Tree]:
+    def __call__(
+        self, updates: Updates, state: Tree, *args: Any, **kwargs: Any
+    ) -> tuple[Updates, Tree]:
+        if _of_no_parameters(updates):  # torch.optim's empty param group: nothing to do
+            return updates, state
         if not self.reports:
-            return self.fn(*args, **kwargs)
+            return self.fn(updates, state, *args, **kwargs)
         extras = kwargs.pop("extras", NO_EXTRAS)
-        updates, state, _ = _reporting_call(self.fn, extras, *args, **kwargs)
+        updates, state, _ = _reporting_call(self.fn, extras, updates, state, *args, **kwargs)
         return updates, state
 
     def but(self, **changes: Any) -> ExtrasUpdate:
@@ -469,6 +474,16 @@ def _reporting_call(
     if extras.reported is not None and report.grad_norm is not None:
         extras.reported["grad_norm"] = report.grad_norm
     return updates, state, report
+
+
+def _of_no_parameters(updates: Any) -> bool:
+    """Whether `updates` are of no parameters: an empty dict, list or tuple (a `partition` group
+    that holds none, each of its weights frozen, or ``tx.update({}, tx.init({}), {})``).
+
+    torch.optim steps nothing in an empty param group: such updates are not run, and come back
+    as they are with the state as given (it counts nothing, its moments stay as they started).
+    """
+    return type(updates) in (dict, list, tuple) and not updates
 
 
 def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> ExtrasUpdate:
@@ -612,7 +627,7 @@ def update_reporting(
     it (`Extras.reporting`, as a step's do). What a step calls its transform with, and a wrapper
     its inner transforms when it passes their reports on (`chain`, `masked`, `partition`,
     `skip_nonfinite`, `dynamic_loss_scale` and `accumulate` do: the last report with a value,
-    field by field).
+    field by field). Updates of no parameters are not run (`_of_no_parameters`).
 
     Example:
         >>> import functrain as ft
@@ -629,6 +644,8 @@ def update_reporting(
         >>> update_reporting(sgd, {"w": torch.ones(2)}, sgd.init(p), p)[2]
         Report(grad_norm=None)
     """
+    if _of_no_parameters(updates):  # torch.optim's empty param group: nothing to do
+        return updates, state, NO_REPORT
     update: Any = tx.update
     gate = {} if keep is None else {"keep": keep}
     if isinstance(update, ExtrasUpdate):

@@ -332,8 +332,6 @@ def masked(inner: Transform, mask: Mask) -> Transform:
     ) -> tuple[Tree, MaskedState, Report]:
         u, spec = flat_updates(updates, params)
         flags = _selected(mask, params if params is not None else tree_unflatten(u, spec))
-        if not any(flags):  # nothing selected; torch._foreach_* would reject the empty lists
-            return tree_unflatten(u, spec), state, NO_REPORT
         sub_params = pick(params, flags) if params is not None else None
         sub_updates, inner_state, report = update_reporting(
             inner, [x for x, f in zip(u, flags, strict=True) if f], state.inner, sub_params, extras
@@ -524,16 +522,21 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             return None
         names = list(params)
         leaves = list(params.values())
-        groups = []
+        groups: list[tuple[list[int], Runner | None]] = []
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
             planner = planner_of(inner)
             index = [i for i, lab in enumerate(found) if lab == label]
+            if not index:  # a group of no parameters runs nothing (`update_reporting`)
+                groups.append((index, None))
+                continue
             group = split(leaves, names, found, label)
-            runner = planner(group, inner_state) if planner is not None and group else None
+            runner = planner(group, inner_state) if planner is not None else None
             if runner is None or isinstance(runner, Prelude):
                 return None
             groups.append((index, runner))
-        return _grouped_runner(groups, len(leaves))
+        # a first group of no parameters still gives the step's rate, from its state (unmoved)
+        lead = None if groups[0][0] else metric_reader(state.inner[0], "lr")
+        return _grouped_runner(groups, len(leaves), lead)
 
     # each group's learning rate read where its state keeps it (found at the first read)
     readers: dict[str, Any] = {}
@@ -582,12 +585,17 @@ def _inner_rates(inner: Transform) -> Any:
     return None if found is None else lambda state: found(state.inner)
 
 
-def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
+def _grouped_runner(
+    groups: list[tuple[list[int], Runner | None]],
+    n: int,
+    lead: Callable[[Tree], torch.Tensor] | None = None,
+) -> Runner:
     """The `Runner` of a `partition` whose groups are all planned: each group's on its indices.
 
-    Its groups' states expose no metric but their rates (the plan checks): it reports the first
-    group's rate, as the step reads a partition's, and its skip flag where the step gates it
-    (none of a group's own).
+    A group of no parameters has no runner: its state is kept as it is. The groups' states
+    expose no metric but their rates (the plan checks): it reports the first group's rate, as
+    the step reads a partition's (`lead` reads it where that group has no parameters), and the
+    first running group's skip flag where the step gates it (none of a group's own).
     """
 
     def run(
@@ -601,6 +609,9 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
         new: list[Any] = [None] * n
         states, first = [], None
         for (index, runner), inner in zip(groups, state.inner, strict=True):
+            if runner is None:
+                states.append(inner)
+                continue
             ran = runner(
                 [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
             )
@@ -608,11 +619,11 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
                 new[i] = x
             states.append(ran.state)
             first = ran if first is None else first
-        assert first is not None  # (a partition has a group)
+        assert first is not None  # (a step has parameters: some group holds them)
         return Ran(
             new,
             PartitionState(tuple(states)),
-            first.lr,
+            first.lr if lead is None else lead(state.inner[0]),
             first.skipped,
             first.flag,
             first.norm,
