@@ -1030,6 +1030,7 @@ def rule_transform(
             "foreach and lists out"
         )
     in_lists = (foreach or lists) and not differentiable
+    constant_rate = schedule is None and rule.prepare is None and not differentiable
 
     def init_fn(params: Tree) -> Any:
         leaves = tree_leaves(params)
@@ -1076,13 +1077,21 @@ def rule_transform(
         state: Any,
         in_place: bool,
         flags: tuple[bool, ...] | None,
+        planned: bool | None = None,
     ) -> tuple[list[torch.Tensor], Any]:
-        """The formula's step of the parameters `p` (in place where `in_place`), its new state."""
+        """The formula's step of the parameters `p` (in place where `in_place`), its new state;
+        `planned`: an eager step's planned runner's (whose numbers, held on the host and never
+        differentiated, are read as they are), whether its parameters are of one kind
+        (`_one_kind`, decided once); None: an update's."""
         if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
             return [], state
         device = p[0].device
-        t = update_number(state.count, device)
-        h = {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
+        if planned is not None:  # (CPU tensors: `host_value` reads them)
+            t: Count = int(host_value(state.count)) + 1  # type: ignore[arg-type]
+            h = {k: Scalar(host_value(v)) for k, v in state.hyperparameters.items()}
+        else:
+            t = update_number(state.count, device)
+            h = {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
         if schedule is not None:
             h["lr"] = scheduled_rate(schedule, state.count, t)
         new_group = group = state.group
@@ -1105,9 +1114,11 @@ def rule_transform(
         }
         new_p: list[torch.Tensor] = [None] * len(p)  # type: ignore[list-item]
         new_slots: dict[str, list[Any]] = {k: [None] * len(p) for k in rule.slots}
-        for subset, hs in _decay_groups(flags, len(p), h):
-            ps = [p[i] for i in subset]
-            if in_lists and _one_kind(ps) and (foreach or ps[0].device.type == "cpu"):
+        groups = _decay_groups(flags, len(p), h)
+        for subset, hs in groups:
+            ps = p if len(groups) == 1 else [p[i] for i in subset]
+            one_kind = _one_kind(ps) if planned is None else planned
+            if in_lists and one_kind and (foreach or ps[0].device.type == "cpu"):
                 # once over the lists, one foreach kernel per op
                 list_ops = (
                     (FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE)
@@ -1116,8 +1127,17 @@ def rule_transform(
                     if ops is IN_PLACE
                     else SINGLE_LISTS_OUT_OF_PLACE
                 )
-                grads = [g[i].to(p[i].dtype) for i in subset]
+                # (a planned runner's gradients are its parameters' dtypes already)
+                grads = (
+                    (g if len(groups) == 1 else [g[i] for i in subset])
+                    if planned is not None
+                    else [g[i].to(p[i].dtype) for i in subset]
+                )
                 step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
+                if len(groups) == 1:  # (all of them: the lists as they are)
+                    held = {k: list(v) for k, v in slots_in.items()}
+                    new_p, new_slots = step(list_ops, list(ps), list(grads), held, t, hs)
+                    break
                 held = {k: [v[i] for i in subset] for k, v in slots_in.items()}
                 moved, moments = step(list_ops, ps, grads, held, t, hs)
                 for j, i in enumerate(subset):
@@ -1136,10 +1156,10 @@ def rule_transform(
                 for k in rule.slots:
                     new_slots[k][i] = moments[k]
         given = (*p, *g, *new_p)
-        slots = {k: _own(v, given, ops) for k, v in new_slots.items()}
-        new_state = type(state)(
-            state.count + 1, slots, state.hyperparameters, _last_rate(rate, device), new_group
-        )
+        slots = {k: _own(new_slots[k], given, ops) for k in rule.slots}
+        # (a constant rate's metric: the state's own tensor, made once and never written)
+        last = state.lr if constant_rate else _last_rate(rate, device)
+        new_state = type(state)(state.count + 1, slots, state.hyperparameters, last, new_group)
         return new_p, new_state
 
     def update_fn(
@@ -1160,6 +1180,7 @@ def rule_transform(
         flags = resolved_once(lambda ps: resolve_mask(mask, ps), params)
         if mask is not None and flags is None:
             return None
+        one_kind = _one_kind(list(params.values()))
 
         def runner(
             grads: list[torch.Tensor],
@@ -1168,7 +1189,7 @@ def rule_transform(
             norm: torch.Tensor | None,
             write: bool,
         ) -> Ran:
-            new_p, new_state = run(ps, grads, state, write, flags)
+            new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind)
             return Ran(new_p, new_state, new_state.lr, None, None)
 
         return gated_by_selection(runner, lambda kept: kept.lr)
