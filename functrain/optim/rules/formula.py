@@ -76,6 +76,7 @@ __all__ = [
     "filled",
     "held_rate",
     "held_scalar",
+    "host_numbers",
     "host_value",
     "l2_decayed",
     "negated",
@@ -470,6 +471,20 @@ def update_number(count: torch.Tensor, device: torch.device) -> Count:
     return int(value) + 1
 
 
+def host_numbers(
+    count: torch.Tensor, held: dict[str, torch.Tensor]
+) -> tuple[int, dict[str, Scalar]] | None:
+    """A planned update's number and held hyperparameters, read on the host where they lie (an
+    eager step's CPU tensors: the reads wait for nothing; never differentiated); None where one
+    lies elsewhere (a state moved whole to an accelerator: `update_number` reads it)."""
+    numbers = {}
+    for k, v in held.items():
+        if not v.is_cpu:
+            return None
+        numbers[k] = Scalar(v.item())
+    return (int(count.item()) + 1, numbers) if count.is_cpu else None
+
+
 def _batched_on(t: torch.Tensor, device: torch.device) -> torch.device:
     """Where a number read as a tensor computes: a traced step's on its own device (a 0-d tensor
     on the host takes part in any device's kernels, as a number does), a batched one on the
@@ -669,9 +684,9 @@ class ListOps(Ops):
 
     def _run(self, name: str, a: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if self.in_place:
-            getattr(torch, f"_foreach_{name}_")(a, *args, **kwargs)
+            _FOREACH[name + "_"](a, *args, **kwargs)
             return a
-        return list(getattr(torch, f"_foreach_{name}")(a, *args, **kwargs))
+        return list(_FOREACH[name](a, *args, **kwargs))
 
     def _each(self, name: str, a: list[torch.Tensor], *lists: Any, **kwargs: Any) -> Any:
         op = getattr(self.one, name)
@@ -768,6 +783,13 @@ class ListOps(Ops):
             return a
         return list(b)
 
+
+# torch's foreach ops by name (found once: a lookup by a formatted name costs each op a microsecond)
+_FOREACH = {
+    name[len("_foreach_") :]: getattr(torch, name)
+    for name in dir(torch)
+    if name.startswith("_foreach_")
+}
 
 FOREACH_IN_PLACE = ListOps(in_place=True)
 """`IN_PLACE` over lists: one foreach kernel per op, each writing its first list."""
@@ -1086,24 +1108,24 @@ def rule_transform(
         if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
             return [], state
         device = p[0].device
-        if planned is not None:  # (CPU tensors: `host_value` reads them)
-            t: Count = int(host_value(state.count)) + 1  # type: ignore[arg-type]
-            h = {k: Scalar(host_value(v)) for k, v in state.hyperparameters.items()}
+        read = None if planned is None else host_numbers(state.count, state.hyperparameters)
+        t: Count
+        if read is not None:
+            t, h = read
         else:
             t = update_number(state.count, device)
             h = {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
         if schedule is not None:
             h["lr"] = scheduled_rate(schedule, state.count, t)
-        new_group = group = state.group
+        new_group = state.group
         if rule.prepare is not None:
-            h, numbers = rule.prepare(t, h, _group_numbers(group, device))
+            h, numbers = rule.prepare(t, h, _group_numbers(state.group, device))
             new_group = {
                 k: v.to(torch.float64)
                 if isinstance(v, torch.Tensor)
                 else torch.tensor(v, dtype=torch.float64, device=HOST)
                 for k, v in numbers.items()
             }
-        rate = h.get("lr", Scalar(math.nan))
         ops = DIFFERENTIABLE if differentiable else IN_PLACE if in_place else OUT_OF_PLACE
         # moments with storage of their own, laid out as their parameters (a fresh state's
         # zeros have one element): in place to write them, else to compute as torch.optim's
@@ -1112,55 +1134,67 @@ def rule_transform(
         slots_in = {
             k: v if k in rule.scalars else moments_of(rule, v, p) for k, v in state.slots.items()
         }
-        new_p: list[torch.Tensor] = [None] * len(p)  # type: ignore[list-item]
-        new_slots: dict[str, list[Any]] = {k: [None] * len(p) for k in rule.slots}
         groups = _decay_groups(flags, len(p), h)
+        one_kind = _one_kind(p) if planned is None else planned
+        if len(groups) == 1 and in_lists and one_kind and (foreach or device.type == "cpu"):
+            # once over the lists, one foreach kernel per op (a planned runner's gradients are
+            # its parameters' dtypes already)
+            grads = g if planned is not None else [x.to(y.dtype) for x, y in zip(g, p)]
+            moments = {k: list(v) for k, v in slots_in.items()}
+            step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
+            new_p, new_slots = step(_list_ops(ops), list(p), list(grads), moments, t, h)
+        else:
+            new_p, new_slots = _in_groups(p, g, slots_in, t, ops, groups, one_kind)
+        slots = {k: _own(new_slots[k], (*p, *g, *new_p), ops) for k in rule.slots}
+        # (a constant rate's metric: the state's own tensor, made once and never written)
+        rate = state.lr if constant_rate else _last_rate(h.get("lr", Scalar(math.nan)), device)
+        new_state = type(state)(state.count + 1, slots, state.hyperparameters, rate, new_group)
+        return new_p, new_state
+
+    def _list_ops(ops: Ops) -> ListOps:
+        if foreach:
+            return FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE
+        return SINGLE_LISTS_IN_PLACE if ops is IN_PLACE else SINGLE_LISTS_OUT_OF_PLACE
+
+    def _in_groups(
+        p: list[torch.Tensor],
+        g: list[torch.Tensor],
+        slots_in: dict[str, Any],
+        t: Count,
+        ops: Ops,
+        groups: list[tuple[list[int], dict[str, Scalar]]],
+        one_kind: bool,
+    ) -> tuple[list[torch.Tensor], dict[str, list[Any]]]:
+        """The formula's step of each weight-decay group (`_decay_groups`), over its lists where
+        it can, else parameter by parameter (a complex parameter on its real view)."""
+        new_p: list[Any] = [None] * len(p)
+        new_slots: dict[str, list[Any]] = {k: [None] * len(p) for k in rule.slots}
         for subset, hs in groups:
-            ps = p if len(groups) == 1 else [p[i] for i in subset]
-            one_kind = _one_kind(ps) if planned is None else planned
+            ps = [p[i] for i in subset]
             if in_lists and one_kind and (foreach or ps[0].device.type == "cpu"):
-                # once over the lists, one foreach kernel per op
-                list_ops = (
-                    (FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE)
-                    if foreach
-                    else SINGLE_LISTS_IN_PLACE
-                    if ops is IN_PLACE
-                    else SINGLE_LISTS_OUT_OF_PLACE
-                )
-                # (a planned runner's gradients are its parameters' dtypes already)
-                grads = (
-                    (g if len(groups) == 1 else [g[i] for i in subset])
-                    if planned is not None
-                    else [g[i].to(p[i].dtype) for i in subset]
-                )
-                step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
-                if len(groups) == 1:  # (all of them: the lists as they are)
-                    held = {k: list(v) for k, v in slots_in.items()}
-                    new_p, new_slots = step(list_ops, list(ps), list(grads), held, t, hs)
-                    break
+                grads = [g[i].to(p[i].dtype) for i in subset]
                 held = {k: [v[i] for i in subset] for k, v in slots_in.items()}
-                moved, moments = step(list_ops, ps, grads, held, t, hs)
-                for j, i in enumerate(subset):
-                    new_p[i] = moved[j]
-                    for k in rule.slots:
-                        new_slots[k][i] = moments[k][j]
-                continue
-            for i in subset:
-                param, grad = p[i], g[i]
-                moments = {k: v[i] for k, v in slots_in.items()}
-                if param.is_complex():  # as torch.optim steps one: on its real view
-                    param, moments = _on_real_views(rule, ops, param, grad, moments, t, hs)
-                else:
-                    param, moments = rule.step(ops, param, grad.to(param.dtype), moments, t, hs)
+                step: Any = rule.step
+                moved, moments = step(_list_ops(ops), ps, grads, held, t, hs)
+                pairs = [
+                    (i, moved[j], {k: moments[k][j] for k in rule.slots})
+                    for j, i in enumerate(subset)
+                ]
+            else:
+                pairs = []
+                for i in subset:
+                    param, grad = p[i], g[i]
+                    held_i = {k: v[i] for k, v in slots_in.items()}
+                    if param.is_complex():  # as torch.optim steps one: on its real view
+                        param, held_i = _on_real_views(rule, ops, param, grad, held_i, t, hs)
+                    else:
+                        param, held_i = rule.step(ops, param, grad.to(param.dtype), held_i, t, hs)
+                    pairs.append((i, param, held_i))
+            for i, param, moments_i in pairs:
                 new_p[i] = param
                 for k in rule.slots:
-                    new_slots[k][i] = moments[k]
-        given = (*p, *g, *new_p)
-        slots = {k: _own(new_slots[k], given, ops) for k in rule.slots}
-        # (a constant rate's metric: the state's own tensor, made once and never written)
-        last = state.lr if constant_rate else _last_rate(rate, device)
-        new_state = type(state)(state.count + 1, slots, state.hyperparameters, last, new_group)
-        return new_p, new_state
+                    new_slots[k][i] = moments_i[k]
+        return new_p, new_slots
 
     def update_fn(
         updates: Any, state: Any, params: Tree | None = None, *, extras: Extras = NO_EXTRAS
