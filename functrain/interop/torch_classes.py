@@ -40,8 +40,8 @@ from functrain.optim.rules.adadelta import ScaleByAdadeltaState
 from functrain.optim.rules.adafactor import AdafactorStepState
 from functrain.optim.rules.adagrad import ScaleByAdagradState
 from functrain.optim.rules.adam import (
+    AdamaxState,
     NadamStepState,
-    ScaleByAdamaxState,
     ScaleByAdamState,
     ScaleByRadamState,
 )
@@ -78,7 +78,7 @@ KEYS: dict[type, dict[str, str]] = {
     TraceState: {"trace": "momentum_buffer"},
     FusedSgdState: {"momentum": "momentum_buffer"},
     NadamStepState: {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},
-    ScaleByAdamaxState: {"mu": "exp_avg", "nu_inf": "exp_inf"},
+    AdamaxState: {"mu": "exp_avg", "nu": "exp_inf"},
     ScaleByAdadeltaState: {"square_avg": "square_avg", "acc_delta": "acc_delta"},
     AsgdStepState: {"eta": "eta", "mu": "mu", "ax": "ax"},
     ScaleByRpropState: {"prev": "prev", "step_size": "step_size"},
@@ -184,7 +184,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
     torch.optim.Adamax: TorchClass(
         adamax,
         lambda g: dict(betas=_pair("betas")(g), eps=g["eps"], weight_decay=g["weight_decay"]),
-        (ScaleByAdamaxState,),
+        (AdamaxState,),
     ),
     torch.optim.Adadelta: TorchClass(
         adadelta, _pick("rho", "eps", "weight_decay"), (ScaleByAdadeltaState,)

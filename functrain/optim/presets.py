@@ -43,12 +43,12 @@ from functrain.optim.rules.adadelta import scale_by_adadelta
 from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import (
-    adamax_planner,
+    AdamaxState,
+    adamax_rule,
     nadam_planner,
     nadam_step,
     radam_planner,
     scale_by_adam,
-    scale_by_adamax,
     scale_by_radam,
 )
 from functrain.optim.rules.asgd import asgd_step
@@ -966,16 +966,22 @@ def adamax(
     """
     check_choices("adamax", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, (b1, b2) = _checked("adamax", lr, betas)
-    tx = chain(
-        _maybe(maximize, scale(-1.0)),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_adamax(b1, b2, eps),
-        scale_by_learning_rate(rate),
+    problems: list[str] = []
+    check_unit(problems, "betas[0]", b1)
+    check_unit(problems, "betas[1]", b2)
+    check_positive(problems, "eps", eps, allow_zero=True)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "adamax")
+    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    return rule_transform(
+        adamax_rule(b1, b2, eps, maximize),
+        "adamax",
+        constants,
+        schedule,
+        lists=True,
+        mask=mask,
+        state_type=AdamaxState,
     )
-    if maximize or weight_decay:
-        return tx
-    # the plain chain: its update decided once for the step's tensors on the CPU
-    return tx._replace(update=tx.update.but(plan=adamax_planner(b1, b2, eps, rate)))
 
 
 @named(resolve=without_choices)

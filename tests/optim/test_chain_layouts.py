@@ -29,6 +29,7 @@ TORCH: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
         {"lr": 1e-2, "momentum": 0.9, "centered": True, "maximize": True},
         {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum": "momentum_buffer"},
     ),
+    "adamax": (torch.optim.Adamax, {"lr": 1e-2}, {"mu": "exp_avg", "nu": "exp_inf"}),
 }
 
 
@@ -45,15 +46,14 @@ def _torch_continues(case: str, loaded: ft.TrainState) -> dict[str, torch.Tensor
     model = loaded.export_module()
     named = dict(model.named_parameters())
     decay = GOLDEN.CASES[case]().name
-    groups = [{"params": list(named.values())}]
+    groups: list[dict[str, Any]] = [{"params": list(named.values())}]
     if "weight_decay=0.1" in decay:
-        masked = "mask=is_matrix" in decay
+        groups[0]["weight_decay"] = 0.1
+    if "mask=is_matrix" in decay:  # the spared weights: a group of their own, without decay
         groups = [
             {"params": [p for p in named.values() if p.ndim > 1], "weight_decay": 0.1},
-            {"params": [p for p in named.values() if p.ndim <= 1 or not masked]},
+            {"params": [p for p in named.values() if p.ndim <= 1], "weight_decay": 0.0},
         ]
-        groups = [g for g in groups if g["params"]]
-        groups[-1].setdefault("weight_decay", 0.1 if not masked else 0.0)
     opt = cls(groups, foreach=False, **settings)
     node = _formula_state(loaded)
     for i, p in enumerate(named.values()):

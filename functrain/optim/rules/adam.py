@@ -47,6 +47,7 @@ from functrain.optim.rules.formula import (
     Count,
     Ops,
     Rule,
+    RuleState,
     Scalar,
     active,
     at_count,
@@ -71,11 +72,11 @@ from functrain.tree import (
 __all__ = [
     "NadamStepState",
     "ScaleByAdamState",
+    "AdamaxState",
     "ScaleByAdamaxState",
     "ScaleByRadamState",
     "adam_rule",
     "adamax_moments",
-    "adamax_planner",
     "adamax_rule",
     "nadam_moves",
     "radam_moments",
@@ -439,21 +440,10 @@ def adamax_moments(
     b1: float,
     b2: float,
     eps: float,
-    foreach: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Adamax's new first moments and infinity norms, tensor by tensor as torch's loop: in the
-    state's own storage with `in_place` (a donated step), else in fresh tensors. `foreach`: the
-    tensors' foreach kernels give the single tensors' bits (`same_by_foreach`)."""
+    state's own storage with `in_place` (a donated step), else in fresh tensors."""
     mu, nu_inf = [], []
-    if in_place and foreach:  # torch's in-place loop on the state's own storage
-        mu, nu_inf, grads = own_storage(state.mu, g), own_storage(state.nu_inf, g), list(g)
-        # the products and interpolations by foreach calls (on the CPU each the single tensors'
-        # kernel, element by element: the same bits); a magnitude at a time, as torch's loop
-        torch._foreach_mul_(nu_inf, b2)
-        for n, grad in zip(nu_inf, grads, strict=True):
-            torch.maximum(n, torch.abs(grad).add_(eps), out=n)
-        torch._foreach_lerp_(mu, grads, 1 - b1)
-        return mu, nu_inf
     if in_place:  # elsewhere tensor by tensor (a device's foreach kernels are others)
         moments = zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g, strict=True)
         for m, n, grad in moments:
@@ -470,53 +460,6 @@ def adamax_moments(
         nu_inf.append(torch.maximum(nu, magnitude, out=nu))
         mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
     return mu, nu_inf
-
-
-def adamax_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Planner:
-    """The `Planner` of Adamax's plain chain (``identity, identity, scale_by_adamax,
-    scale_by_learning_rate``: no weight decay, descending) on the CPU: the moments as
-    `scale_by_adamax` makes them (`adamax_moments`), its bias correction and the step size in
-    torch.optim's Python floats (the count read on the host, `host_number`), then one foreach
-    ``addcdiv``, as `functrain.optim.updates.apply_updates` adds the `Ratio`. None off the CPU,
-    for a rate given as a tensor, for parameters of several dtypes or layouts other than
-    contiguous."""
-
-    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
-        if not _host_plain(params, learning_rate):
-            return None
-        rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
-        foreach = same_by_foreach(params)
-
-        def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: Any,
-            norm: torch.Tensor | None,
-            write: bool,
-        ) -> Ran:
-            ascent, decay, adamax, rate = state
-            count = adamax.count + 1
-            mu, nu_inf = adamax_moments(adamax, grads, write, b1, b2, eps, foreach)
-            n = host_number(count)
-            lr_t, lr = rate_of(rate.count)
-            assert n is not None and lr is not None  # (CPU tensors of an eager step)
-            step_size = (lr * -1.0) / (1 - b1 ** float(n))
-            if write:
-                torch._foreach_addcdiv_(params, mu, nu_inf, step_size)
-                new = params
-            else:
-                new = list(torch._foreach_addcdiv(params, mu, nu_inf, step_size))
-            new_state = (
-                ascent,
-                decay,
-                ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf)),
-                ScaleByLearningRateState(rate.count + 1, lr_t),
-            )
-            return Ran(new, new_state, lr_t, None, None)
-
-        return gated_by_selection(run, _last_rate)
-
-    return plan
 
 
 # -- NAdam
@@ -783,7 +726,16 @@ def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
         size = at_count(h["lr"], lambda lr: -(lr / (1 - b1**t)), t)
         return ops.addcdiv(p, mu, norm, size), {"mu": mu, "nu": norm}
 
-    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step)
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step, foreach=True)
+
+
+class AdamaxState(RuleState):
+    """`functrain.adamax`'s state (`RuleState`): the moments ``"mu"`` (torch's ``exp_avg``) and
+    ``"nu"`` (``exp_inf``)."""
+
+    __slots__ = ()
+    # (its moments in the chain it trained through before: scale_by_adamax's fields)
+    before = {"mu": "mu", "nu_inf": "nu"}
 
 
 def nadam_rule(

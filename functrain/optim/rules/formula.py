@@ -767,6 +767,8 @@ class ListOps(Ops):
         return self._each("masked_fill", a, mask, value)
 
     def maximum(self, a: Any, b: Any) -> Any:
+        if self.single:  # (torch's foreach maximum runs clamp_min, the loops `maximum`)
+            return self._each("maximum", a, b)
         return self._run("maximum", a, b)
 
     def clamp(self, a: Any, min: float | None = None, max: float | None = None) -> Any:
