@@ -722,7 +722,8 @@ def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
         mu = ops.lerp(m["mu"], g, 1 - b1)
-        norm = ops.maximum(ops.mul(m["nu"], b2), ops.add(ops.out.abs(g), eps))
+        # (the product a pure step's temporary, or the moment itself, written where it is)
+        norm = ops.own.maximum(ops.mul(m["nu"], b2), ops.own.add(ops.out.abs(g), eps))
         size = at_count(h["lr"], lambda lr: -(lr / (1 - b1**t)), t)
         return ops.addcdiv(p, mu, norm, size), {"mu": mu, "nu": norm}
 

@@ -48,6 +48,7 @@ from functrain.optim.zeros import constant_like, is_shared, laid_out_like, writa
 from functrain.tree import Tree, tree_flatten, tree_leaves
 
 __all__ = [
+    "BATCHED",
     "DIFFERENTIABLE",
     "EVALUATION_POINTS",
     "FOREACH_IN_PLACE",
@@ -517,8 +518,9 @@ class Ops:
 
     Scalars (`alpha`, `value`, `factor`, `weight`) are numbers or `Scalar`; a tensor operand is
     a tensor. In place, each op writes its first argument and returns it; else it returns a new
-    tensor. ``ops.out`` is the same mode out of place: a formula makes its temporaries with it
-    (then writes them with ``ops``). Every mode runs torch's kernels with the same numbers.
+    tensor. ``ops.out`` is the same mode out of place: a formula makes its temporaries with it,
+    and writes them with ``ops.own`` (in place, but where it is differentiated: a pure step then
+    makes no fresh tensor for each op). Every mode runs torch's kernels with the same numbers.
 
     Example:
         >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 4.0])
@@ -528,11 +530,15 @@ class Ops:
         (True, tensor([-1.,  0.]))
     """
 
-    __slots__ = ("in_place", "differentiable", "out")
+    __slots__ = ("in_place", "differentiable", "out", "own")
 
     def __init__(self, in_place: bool, differentiable: bool) -> None:
         self.in_place, self.differentiable = in_place, differentiable
-        self.out: Ops = self if not in_place else Ops(False, differentiable)
+        # the same mode out of place, and in place on a temporary the formula made (but where
+        # a derivative goes through it: no fresh tensor for each op of a pure step); the
+        # modes below are wired to each other (`_paired`)
+        self.out: Ops = self
+        self.own: Ops = self
 
     def __repr__(self) -> str:
         return (
@@ -651,13 +657,26 @@ IN_PLACE = Ops(in_place=True, differentiable=False)
 OUT_OF_PLACE = Ops(in_place=False, differentiable=False)
 """Each op returns a new tensor: a pure, compiled or stacked step."""
 DIFFERENTIABLE = Ops(in_place=False, differentiable=True)
+
+
+BATCHED = Ops(in_place=False, differentiable=False)
+"""`OUT_OF_PLACE` whose temporaries are not written either: under vmap, where an unbatched
+temporary cannot take a batched operand in place."""
+
+
+def _paired(in_place: Ops, out_of_place: Ops) -> None:
+    """Each of a mode's two forms its other's ``out`` and ``own``."""
+    in_place.out, out_of_place.own = out_of_place, in_place
+
+
 """Out of place, differentiable in the tensor hyperparameters, `safe_sqrt`: a differentiable
 state's step."""
 
 
 class ListOps(Ops):
-    """`Ops` over lists of tensors, one foreach kernel per op (torch's ``_foreach_*``): a formula
-    written for one parameter, run once over all of them as torch.optim's foreach loops run.
+    """`Ops` over lists of tensors of one dtype, one foreach kernel per op (torch's
+    ``_foreach_*``): a formula written for one parameter, run once over all of them as
+    torch.optim's foreach loops run.
 
     Each op takes lists where `Ops` takes tensors (a scalar operand as `Ops` takes it, or a list
     of tensors, one per tensor). A formula runs so when it holds no Python logic per parameter
@@ -676,7 +695,7 @@ class ListOps(Ops):
     def __init__(self, in_place: bool, single: bool = False) -> None:
         self.in_place, self.differentiable, self.single = in_place, False, single
         self.one = IN_PLACE if in_place else OUT_OF_PLACE  # (an op with no foreach form)
-        self.out = self if not in_place else ListOps(False, single)
+        self.out, self.own = self, self
 
     def __repr__(self) -> str:
         mode = "IN_PLACE" if self.in_place else "OUT_OF_PLACE"
@@ -697,6 +716,8 @@ class ListOps(Ops):
         return out
 
     def add(self, a: Any, b: Any, alpha: Scalar | float = 1.0) -> Any:
+        if type(alpha) is float and alpha == 1.0 and not isinstance(b, list):
+            return self._run("add", a, b)  # (a number added: one call)
         h = _as_scalar(alpha)
         if h.tensor is not None or not isinstance(b, list) and h.value != 1.0:
             return self._each("add", a, b, alpha=h)  # (a traced number, a scaled constant)
@@ -804,6 +825,9 @@ number in bfloat16 or float16)."""
 SINGLE_LISTS_OUT_OF_PLACE = ListOps(in_place=False, single=True)
 """`FOREACH_OUT_OF_PLACE` rounded as torch.optim's single-tensor loops round (`OUT_OF_PLACE`'s
 bits), on the CPU."""
+_paired(IN_PLACE, OUT_OF_PLACE)
+_paired(FOREACH_IN_PLACE, FOREACH_OUT_OF_PLACE)
+_paired(SINGLE_LISTS_IN_PLACE, SINGLE_LISTS_OUT_OF_PLACE)
 
 
 def _on_real_views(
@@ -893,8 +917,13 @@ def check_package_rate(problems: list[str], lr: Any, package: str) -> None:
         check_learning_rate(problems, "lr", lr)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _half(tensors: Sequence[torch.Tensor]) -> bool:
-    return any(x.dtype in (torch.bfloat16, torch.float16) for x in tensors)
+    """Whether the lists' tensors are bfloat16 or float16 (`rule_transform` runs a formula over
+    lists of one dtype: the first says it)."""
+    return bool(tensors) and tensors[0].dtype in _HALF
 
 
 def _last_rate(rate: Scalar, device: torch.device) -> torch.Tensor:
@@ -1129,6 +1158,8 @@ def rule_transform(
                 for k, v in numbers.items()
             }
         ops = DIFFERENTIABLE if differentiable else IN_PLACE if in_place else OUT_OF_PLACE
+        if ops is OUT_OF_PLACE and torch._C._functorch.maybe_current_level() is not None:
+            ops = BATCHED  # (vmap: an unbatched temporary cannot take a batched operand in place)
         # moments with storage of their own, laid out as their parameters (a fresh state's
         # zeros have one element): in place to write them, else to compute as torch.optim's
         # moments, which start as zeros like their parameter
@@ -1138,7 +1169,8 @@ def rule_transform(
         }
         groups = _decay_groups(flags, len(p), h)
         one_kind = _one_kind(p) if planned is None else planned
-        if len(groups) == 1 and in_lists and one_kind and (foreach or device.type == "cpu"):
+        lists_here = in_lists and ops is not BATCHED and (foreach or device.type == "cpu")
+        if len(groups) == 1 and lists_here and one_kind:
             # once over the lists, one foreach kernel per op (a planned runner's gradients are
             # its parameters' dtypes already)
             grads = g if planned is not None else [x.to(y.dtype) for x, y in zip(g, p)]
@@ -1146,7 +1178,7 @@ def rule_transform(
             step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
             new_p, new_slots = step(_list_ops(ops), list(p), list(grads), moments, t, h)
         else:
-            new_p, new_slots = _in_groups(p, g, slots_in, t, ops, groups, one_kind)
+            new_p, new_slots = _in_groups(p, g, slots_in, t, ops, groups, lists_here and one_kind)
         slots = {k: _own(new_slots[k], (*p, *g, *new_p), ops) for k in rule.slots}
         # (a constant rate's metric: the state's own tensor, made once and never written)
         rate = state.lr if constant_rate else _last_rate(h.get("lr", Scalar(math.nan)), device)
@@ -1165,7 +1197,7 @@ def rule_transform(
         t: Count,
         ops: Ops,
         groups: list[tuple[list[int], dict[str, Scalar]]],
-        one_kind: bool,
+        lists: bool,
     ) -> tuple[list[torch.Tensor], dict[str, list[Any]]]:
         """The formula's step of each weight-decay group (`_decay_groups`), over its lists where
         it can, else parameter by parameter (a complex parameter on its real view)."""
@@ -1173,7 +1205,7 @@ def rule_transform(
         new_slots: dict[str, list[Any]] = {k: [None] * len(p) for k in rule.slots}
         for subset, hs in groups:
             ps = [p[i] for i in subset]
-            if in_lists and one_kind and (foreach or ps[0].device.type == "cpu"):
+            if lists:
                 grads = [g[i].to(p[i].dtype) for i in subset]
                 held = {k: [v[i] for i in subset] for k, v in slots_in.items()}
                 step: Any = rule.step
@@ -1217,6 +1249,19 @@ def rule_transform(
         if mask is not None and flags is None:
             return None
         one_kind = _one_kind(list(params.values()))
+        device = next(iter(params.values())).device
+        # the common case decided here: every parameter in one run of the formula over its
+        # lists, its numbers its own (no prepare), a constant rate or a schedule
+        whole = (
+            in_lists
+            and one_kind
+            and (foreach or device.type == "cpu")
+            and (flags is None or all(flags))
+            and rule.prepare is None
+            and not rule.scalars
+            and rule.shapes is None
+        )
+        ops_of = {True: _list_ops(IN_PLACE), False: _list_ops(OUT_OF_PLACE)}
 
         def runner(
             grads: list[torch.Tensor],
@@ -1225,8 +1270,25 @@ def rule_transform(
             norm: torch.Tensor | None,
             write: bool,
         ) -> Ran:
-            new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind)
-            return Ran(new_p, new_state, new_state.lr, None, None)
+            read = host_numbers(state.count, state.hyperparameters) if whole else None
+            if read is None:
+                new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind)
+                return Ran(new_p, new_state, new_state.lr, None, None)
+            t, h = read
+            if schedule is not None:
+                h["lr"] = scheduled_rate(schedule, state.count, t)
+            # (in place, moments with storage of their own: a fresh state's zeros have none)
+            held = {
+                k: writables(v, ps) if write else list(_stored_moments(rule, v, ps))
+                for k, v in state.slots.items()
+            }
+            step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
+            new_p, moments = step(ops_of[write], list(ps), grads, held, t, h)
+            given = () if write else (*ps, *grads, *new_p)
+            slots = {k: _own(moments[k], given, IN_PLACE if write else OUT_OF_PLACE) for k in held}
+            rate = state.lr if constant_rate else _last_rate(h["lr"], device)
+            new = type(state)(state.count + 1, slots, state.hyperparameters, rate, state.group)
+            return Ran(new_p, new, rate, None, None)
 
         return gated_by_selection(runner, lambda kept: kept.lr)
 

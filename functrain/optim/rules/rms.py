@@ -112,17 +112,18 @@ def rmsprop_rule(alpha: float, eps: float, momentum: float, centered: bool, maxi
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
-        square = ops.addcmul(ops.mul(m["square_avg"], alpha), g, g, value=1 - alpha)
+        # (a product: the moment written where it is, or a pure step's temporary)
+        square = ops.own.addcmul(ops.mul(m["square_avg"], alpha), g, g, value=1 - alpha)
         moments = {"square_avg": square}
         if centered:
             mean = moments["grad_avg"] = ops.lerp(m["grad_avg"], g, 1 - alpha)
-            avg = ops.sqrt(ops.out.addcmul(square, mean, mean, value=-1))
+            avg = ops.own.sqrt(ops.out.addcmul(square, mean, mean, value=-1))
         else:
             avg = ops.out.sqrt(square)
-        avg = ops.add(avg, eps)
+        avg = ops.own.add(avg, eps)
         rate = h["lr"].map(negated)
         if momentum:
-            buf = ops.addcdiv(ops.mul(m["momentum"], h["momentum"]), g, avg)
+            buf = ops.own.addcdiv(ops.mul(m["momentum"], h["momentum"]), g, avg)
             moments["momentum"] = buf
             return ops.add(p, buf, rate), moments
         return ops.addcdiv(p, g, avg, rate), moments
