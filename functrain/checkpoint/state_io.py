@@ -501,9 +501,15 @@ def _in_formula_layouts(saved: Any, template: Any) -> Any:
     held numbers the template's (the preset's own arguments, which the fingerprint checks). Any
     other part as saved."""
     if isinstance(template, RuleState):
-        if isinstance(saved, tuple) and getattr(type(template), "before", None):
-            return _formula_layout(saved, template) or saved
-        return saved
+        if (
+            not getattr(type(template), "before", None)
+            or isinstance(saved, dict)
+            and "slots" in saved
+        ):
+            return saved
+        if isinstance(saved, dict):  # (one state of its own before, a chain's element: nadam_step)
+            saved = (saved,)
+        return _formula_layout(saved, template) or saved if isinstance(saved, tuple) else saved
     if isinstance(template, tuple) and hasattr(template, "_fields") and isinstance(saved, dict):
         fields = dict(zip(template._fields, template, strict=True))
         return {k: _in_formula_layouts(v, fields.get(k)) for k, v in saved.items()}
@@ -528,6 +534,13 @@ def _formula_layout(chain: tuple[Any, ...], template: RuleState) -> dict[str, An
         slots.update({names[k]: v for k, v in element.items() if k in names and v != ()})
         if "lr" in element and "count" in element:
             count, rate = element["count"], element["lr"]
+    # a number kept once for all parameters before and by each now (NAdam's momentum product)
+    slots = {
+        k: tuple(v.clone() for _ in template.slots[k])
+        if isinstance(v, torch.Tensor) and k in template.slots
+        else v
+        for k, v in slots.items()
+    }
     if count is None or set(slots) != set(template.slots):
         return None
     return {

@@ -41,7 +41,7 @@ from functrain.optim.rules.adafactor import AdafactorStepState
 from functrain.optim.rules.adagrad import ScaleByAdagradState
 from functrain.optim.rules.adam import (
     AdamaxState,
-    NadamStepState,
+    NadamState,
     ScaleByAdamState,
     ScaleByRadamState,
 )
@@ -77,7 +77,7 @@ KEYS: dict[type, dict[str, str]] = {
     SparseSgdState: {"momentum": "momentum_buffer"},
     TraceState: {"trace": "momentum_buffer"},
     FusedSgdState: {"momentum": "momentum_buffer"},
-    NadamStepState: {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},
+    NadamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},
     AdamaxState: {"mu": "exp_avg", "nu": "exp_inf"},
     ScaleByAdadeltaState: {"square_avg": "square_avg", "acc_delta": "acc_delta"},
     AsgdStepState: {"eta": "eta", "mu": "mu", "ax": "ax"},
@@ -178,7 +178,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
             betas=_pair("betas")(g),
             **_pick("eps", "weight_decay", "momentum_decay", "decoupled_weight_decay")(g),
         ),
-        (NadamStepState,),
+        (NadamState,),
         exact=frozenset({"single"}),
     ),
     torch.optim.Adamax: TorchClass(

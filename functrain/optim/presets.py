@@ -44,9 +44,9 @@ from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import (
     AdamaxState,
+    NadamState,
     adamax_rule,
-    nadam_planner,
-    nadam_step,
+    nadam_rule,
     radam_planner,
     scale_by_adam,
     scale_by_radam,
@@ -899,24 +899,23 @@ def nadam(
         exact=SINGLE_ONLY,
     )
     rate, (b1, b2) = _checked("nadam", lr, betas)
-    coupled = weight_decay if not decoupled_weight_decay else 0.0
-    tx = chain(
-        _maybe(maximize, scale(-1.0)),
-        _maybe(coupled, add_decayed_weights(coupled, mask)),
-        nadam_step(
-            rate,
-            b1,
-            b2,
-            eps,
-            momentum_decay=momentum_decay,
-            weight_decay=weight_decay if decoupled_weight_decay else 0.0,
-            mask=mask,
-        ),
+    problems: list[str] = []
+    check_unit(problems, "betas[0]", b1)
+    check_unit(problems, "betas[1]", b2)
+    check_positive(problems, "eps", eps, allow_zero=True)
+    check_positive(problems, "momentum_decay", momentum_decay, allow_zero=True)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "nadam")
+    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    return rule_transform(
+        nadam_rule(b1, b2, eps, momentum_decay, decoupled_weight_decay, maximize),
+        "nadam",
+        constants,
+        schedule,
+        lists=True,
+        mask=mask,
+        state_type=NadamState,
     )
-    if maximize or weight_decay:
-        return tx
-    # the plain chain: its update decided once for the step's tensors on the CPU
-    return tx._replace(update=tx.update.but(plan=nadam_planner(rate, b1, b2, eps, momentum_decay)))
 
 
 @named(resolve=without_choices)

@@ -216,7 +216,6 @@ TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         ),
         {},
     ),
-    "nadam_decay": (lambda: ft.nadam(1e-2, weight_decay=0.1), {}),
     "radam_decay": (lambda: ft.radam(1e-2, weight_decay=0.1), {}),
     "lion": (lambda: ft.lion(1e-3), {}),
     # a group's own guard and clipping measure the group's gradients: the body's order of flags
@@ -261,9 +260,8 @@ def stage_equal_to_the_body(
     return stage(got)
 
 
-# RMSprop and Adamax plan their updates, every option (their formulas over the step's lists:
-# `rule_transform`); RAdam's and NAdam's plain chains plan theirs (`radam_planner`,
-# `nadam_planner`);
+# RMSprop, Adamax and NAdam plan their updates, every option (their formulas over the step's
+# lists: `rule_transform`); RAdam's plain chain plans its own (`radam_planner`);
 # `skip_nonfinite` around an ungated planned update (it, or a window of one's own) reads its flag
 # on the host (the CPU): the NaN batch, a window's micro-batches, a schedule
 RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
@@ -300,6 +298,10 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         {"accumulate_steps": 2, "ema_decay": 0.9},
     ),
     "adamax_nonfinite_none": (lambda: ft.adamax(1e-2), {"nonfinite": "none"}),
+    "nadam_decay_masked": (
+        lambda: ft.nadam(1e-2, weight_decay=0.1, mask=lambda name, p: p.ndim > 1),
+        {"ema_decay": 0.9},
+    ),
     "adamax_decay_masked_ascent": (
         lambda: ft.adamax(1e-2, weight_decay=0.1, mask=lambda name, p: p.ndim > 1, maximize=True),
         {},

@@ -14,7 +14,7 @@ import torch
 import functrain as ft
 from functrain.optim.base import planner_of
 from functrain.optim.rates import host_rate
-from functrain.optim.rules import adam
+from functrain.optim.rules import formula
 
 S = ft.schedules
 
@@ -42,18 +42,19 @@ CASES: dict[str, Callable[[], ft.Transform]] = {
 def test_nadams_host_and_tensor_forms_give_the_same_bits(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    host_sizes, taken = adam._host_sizes, []
-
-    def watched(*args: object) -> object:
-        out = host_sizes(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(adam, "_host_sizes", watched)
+    """NAdam's formula with its count read on the host (an eager CPU step: its step sizes in
+    torch.optim's Python floats) and as a float64 tensor (a traced or vmapped step's, an
+    accelerator's), 2,000 steps: the same bits."""
     host, host_state = _run(CASES[name](), 2000)
-    assert taken and all(taken)  # the eager CPU run took the host form at every step
-    monkeypatch.setattr(adam, "_host_sizes", lambda *args: None)
+    read, taken = formula.update_number, []
+
+    def as_tensor(count: torch.Tensor, device: torch.device) -> object:
+        taken.append(True)
+        return torch.as_tensor(read(count, device), dtype=torch.float64)
+
+    monkeypatch.setattr(formula, "update_number", as_tensor)
     tensor, tensor_state = _run(CASES[name](), 2000)
+    assert len(taken) == 2000  # (every step took the tensor form)
     for k in host:
         assert torch.equal(host[k], tensor[k]), f"{name}: {k}"
     ft.assert_states_equal(host_state, tensor_state)

@@ -18,7 +18,7 @@ import torch
 import functrain as ft
 from functrain.optim.rules.adadelta import ScaleByAdadeltaState
 from functrain.optim.rules.adafactor import AdafactorStepState
-from functrain.optim.rules.adam import AdamaxState, NadamStepState
+from functrain.optim.rules.adam import AdamaxState, NadamState
 from functrain.optim.rules.asgd import AsgdStepState
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.muon import ScaleByMuonState
@@ -86,9 +86,9 @@ def scalar(
 
 
 NADAM = [
-    (NadamStepState, "mu", per_param("exp_avg")),
-    (NadamStepState, "nu", per_param("exp_avg_sq")),
-    (NadamStepState, "mu_product", scalar("mu_product")),
+    (NadamState, "mu", per_param("exp_avg")),
+    (NadamState, "nu", per_param("exp_avg_sq")),
+    (NadamState, "mu_product", per_param("mu_product")),
 ]
 ADAMAX = [
     (AdamaxState, "mu", per_param("exp_avg")),

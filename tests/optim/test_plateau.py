@@ -35,6 +35,15 @@ OPTIMIZERS: dict[str, tuple[Callable[[Any], torch.optim.Optimizer], Callable[[],
         lambda p: torch.optim.NAdam(p, 0.03, weight_decay=0.1, decoupled_weight_decay=True),
         lambda: ft.nadam(0.03, weight_decay=0.1, decoupled_weight_decay=True),
     ),
+    # and each optimizer its formula trains (`rule_transform`: the rate lowered before the step)
+    "rmsprop": (
+        lambda p: torch.optim.RMSprop(p, 0.01, momentum=0.9, centered=True, foreach=False),
+        lambda: ft.rmsprop(0.01, momentum=0.9, centered=True),
+    ),
+    "adamax": (
+        lambda p: torch.optim.Adamax(p, 0.03, weight_decay=0.1, foreach=False),
+        lambda: ft.adamax(0.03, weight_decay=0.1),
+    ),
 }
 FACTOR = 0.5
 

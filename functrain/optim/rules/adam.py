@@ -3,11 +3,9 @@ their formulas: `adam_rule`, `adamax_rule`, `nadam_rule`, `radam_rule`.
 
 `scale_by_adam` covers Adam and AdamW. (torch's fused Adam kernel: `functrain.optim.rules.fused`.)
 
-Adamax and NAdam run tensor by tensor, as torch's single-tensor loops do, and keep the temporaries
-torch allocates per parameter in memory the update owns: a new state tensor's own buffer before its
-value is written (Adamax), or one freed before the next tensor's (NAdam). An update that allocates
-every temporary of every tensor at once makes the allocator hand fresh pages back and forth (page
-faults each step); the roundings are torch's either way.
+Adamax and NAdam train by their formulas alone (`functrain.optim.rules.formula.rule_transform`:
+`AdamaxState`, `NadamState`); `scale_by_adamax` is Adamax's formula as a direction, `nadam_step`
+NAdam's formula with decoupled decay.
 """
 
 from __future__ import annotations
@@ -21,25 +19,18 @@ from functrain.errors import config_check
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
-    ExtrasUpdate,
     LearningRate,
     Mask,
     Transform,
     with_extras,
     writes_in_place,
 )
-from functrain.optim.checks import check_positive, check_unit, need_params
-from functrain.optim.masks import resolve_mask
+from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
 from functrain.optim.rules.arithmetic import (
-    addcdiv_,
-    decayed,
-    decayed_,
-    divided,
     f64,
     host_number,
-    per_leaf,
     power,
 )
 from functrain.optim.rules.formula import (
@@ -54,33 +45,32 @@ from functrain.optim.rules.formula import (
     at_count,
     combined,
     filled,
+    held_rate,
+    host_value,
     l2_decayed,
     rule_direction,
+    rule_transform,
     update_number,
 )
 from functrain.optim.rules.learning_rate import (
     ScaleByLearningRateState,
     check_rate,
-    learning_rate_state,
     planned_rate,
-    rate_at,
 )
-from functrain.optim.updates import NewParams, Ratio, RectifiedRatio, flat_updates
+from functrain.optim.updates import Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter, writables, zeros
-from functrain.tree import Tree, tree_leaves, tree_unflatten
+from functrain.tree import Tree, tree_unflatten
 
 __all__ = [
-    "NadamStepState",
+    "NadamState",
     "ScaleByAdamState",
     "AdamaxState",
     "ScaleByAdamaxState",
     "ScaleByRadamState",
     "adam_rule",
     "adamax_rule",
-    "nadam_moves",
     "radam_moments",
     "radam_planner",
-    "nadam_planner",
     "nadam_rule",
     "nadam_step",
     "radam_rule",
@@ -351,16 +341,8 @@ def _last_rate(state: Any) -> torch.Tensor:
     return state[-1].lr
 
 
-def same_by_foreach(params: dict[str, torch.Tensor]) -> bool:
-    """Whether the foreach kernels' product, interpolation and ``addcmul`` of `params` (CPU
-    tensors of one dtype, as `_host_plain` plans) give the single tensors' bits: float32 and
-    float64 (on the CPU each runs the single tensor's kernel; float16's product rounds
-    otherwise)."""
-    return next(iter(params.values())).dtype in (torch.float32, torch.float64)
-
-
 def _host_plain(params: dict[str, torch.Tensor], learning_rate: Any) -> bool:
-    """Whether a host-form planner (`adamax_planner`, `radam_planner`, `nadam_planner`) plans
+    """Whether RAdam's host-form planner (`radam_planner`) plans
     `params`: real CPU tensors of one dtype, contiguous, and a rate that is not a tensor."""
     tensors = list(params.values())
     return not (
@@ -441,17 +423,6 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
 # -- NAdam
 
 
-class NadamStepState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    lr: torch.Tensor
-    mu_product: torch.Tensor  # float32 0-d, as torch keeps it
-    mu: tuple[torch.Tensor, ...]
-    nu: tuple[torch.Tensor, ...]
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"lr": self.lr}
-
-
 @named
 def nadam_step(
     learning_rate: LearningRate = 2e-3,
@@ -503,165 +474,16 @@ def nadam_step(
     check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, "nadam_step")
 
-    def init_fn(params: Tree) -> NadamStepState:
-        count, lr = learning_rate_state(learning_rate, params)
-        one = torch.ones((), dtype=torch.float32, device=count.device)
-        return NadamStepState(count, lr, one, zeros(params), zeros(params))
-
-    def update_fn(
-        updates: Any,
-        state: NadamStepState,
-        params: Tree | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[NewParams, NadamStepState]:
-        need_params(params, "nadam_step")
-        g, spec = flat_updates(updates, params)
-        p = tree_leaves(params)
-        lr = rate_at(learning_rate, state.count)
-        rate = lr
-        for scale in extras.rate_scales:
-            # a chain's reduce_on_plateau after it: the rate lowered in float64, as
-            # ReduceLROnPlateau multiplies the group's rate
-            rate = rate * scale
-        count = state.count + 1
-        bc2: float | torch.Tensor
-        steps: Sequence[float | torch.Tensor]
-        host = _host_sizes(count, rate, state.mu_product, b1, b2, momentum_decay)
-        if host is not None:  # torch.optim's own Python floats
-            bc2, mu_product, steps = host
-        else:  # the same arithmetic in float64 tensors, read back nowhere
-            step = f64(count)
-            bc2 = 1 - power(b2, step)
-            mu_t = b1 * (1.0 - 0.5 * power(0.96, step * momentum_decay))
-            mu_next = b1 * (1.0 - 0.5 * power(0.96, (step + 1) * momentum_decay))
-            mu_product = state.mu_product * mu_t.to(torch.float32)
-            product = mu_product.double()
-            grad_step = (-rate * (1.0 - mu_t)) / (1.0 - product)
-            momentum_step = (-rate * mu_next) / (1.0 - product * mu_next)
-            steps = per_leaf(torch.stack([grad_step, momentum_step]))
-        in_place = writes_in_place(extras)  # a donated step: torch's in-place loop on the storage
-        decay = 1 - rate * weight_decay if weight_decay else None
-        flags = resolve_mask(mask, params)
-        new = decayed_(p, decay, flags) if in_place else decayed(p, decay, flags)
-        mu, nu = nadam_moves(state, g, new, in_place, bc2, steps, b1, b2, eps)
-        return NewParams(new, spec), NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
-
-    # a reduce_on_plateau after it lowers the rate it takes (`ExtrasUpdate.folds_scales`)
-    return Transform(init_fn, ExtrasUpdate(update_fn, folds_scales=True))
-
-
-def nadam_moves(
-    state: NadamStepState,
-    g: Sequence[torch.Tensor],
-    new: Sequence[torch.Tensor],
-    in_place: bool,
-    bc2: float | torch.Tensor,
-    steps: Sequence[float | torch.Tensor],
-    b1: float,
-    b2: float,
-    eps: float,
-    foreach: bool = False,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """NAdam's moments and its two ``addcdiv`` into `new` (the parameters to move, written in
-    place), tensor by tensor as torch's single-tensor loop: the moments in the state's own
-    storage with `in_place` (a donated step), else fresh. Returns the new moments. `foreach`:
-    the tensors' foreach kernels give the single tensors' bits (`same_by_foreach`)."""
-    if in_place and foreach:
-        mu, nu, grads = own_storage(state.mu, g), own_storage(state.nu, g), list(g)
-        # the moments by foreach calls (on the CPU each the single tensors' kernel, element by
-        # element: the same bits); a denominator at a time, freed before the next, as torch's
-        torch._foreach_lerp_(mu, grads, 1 - b1)
-        torch._foreach_mul_(nu, b2)
-        torch._foreach_addcmul_(nu, grads, grads, value=1 - b2)
-        for m, v, grad, out in zip(mu, nu, grads, new, strict=True):
-            den = divided(v, bc2).sqrt_().add_(eps)
-            addcdiv_(out, grad, den, steps[0])
-            addcdiv_(out, m, den, steps[1])
-        return mu, nu
-    mu, nu = [], []
-    moments = (
-        (own_storage(state.mu, g), own_storage(state.nu, g)) if in_place else (state.mu, state.nu)
+    constants, schedule = held_rate(learning_rate, {"weight_decay": float(weight_decay)})
+    return rule_transform(
+        nadam_rule(b1, b2, eps, momentum_decay, True, False),
+        "nadam_step",
+        constants,
+        schedule,
+        lists=True,
+        mask=mask,
+        state_type=NadamState,
     )
-    for m, v, grad, out in zip(*moments, g, new, strict=True):  # tensor by tensor, as torch
-        if in_place:
-            mu.append(m.lerp_(grad, 1 - b1))
-            nu.append(v.mul_(b2).addcmul_(grad, grad, value=1 - b2))
-        else:
-            mu.append(torch.lerp(m, grad, 1 - b1))
-            nu.append(torch.mul(v, b2).addcmul_(grad, grad, value=1 - b2))
-        den = divided(nu[-1], bc2).sqrt_().add_(eps)  # freed before the next tensor's, as torch's
-        addcdiv_(out, grad, den, steps[0])
-        addcdiv_(out, mu[-1], den, steps[1])
-    return mu, nu
-
-
-def nadam_planner(
-    learning_rate: Any, b1: float, b2: float, eps: float, momentum_decay: float
-) -> Planner:
-    """The `Planner` of NAdam's plain chain (`nadam_step` with no weight decay, descending) on
-    the CPU: its scalars in torch.optim's Python floats (`_host_sizes`), then its loop
-    (`nadam_moves`) on the step's lists, without the chain's and the update's layers. None off
-    the CPU, for a rate given as a tensor, for parameters of several dtypes or layouts other than
-    contiguous."""
-
-    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
-        if not _host_plain(params, learning_rate) or not isinstance(state[-1], NadamStepState):
-            return None
-        rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
-        foreach = same_by_foreach(params)
-
-        def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: Any,
-            norm: torch.Tensor | None,
-            write: bool,
-        ) -> Ran:
-            nadam = state[-1]
-            count = nadam.count + 1
-            lr, rate = rate_of(nadam.count)
-            host = (
-                None
-                if rate is None
-                else _host_sizes(count, rate, nadam.mu_product, b1, b2, momentum_decay)
-            )
-            assert host is not None  # (CPU tensors of an eager step)
-            bc2, mu_product, steps = host
-            new = params if write else [p.clone() for p in params]
-            mu, nu = nadam_moves(nadam, grads, new, write, bc2, steps, b1, b2, eps, foreach)
-            moved = NadamStepState(count, lr, mu_product, tuple(mu), tuple(nu))
-            return Ran(new, (*state[:-1], moved), lr, None, None)
-
-        return gated_by_selection(run, _last_rate)
-
-    return plan
-
-
-def _host_sizes(
-    count: torch.Tensor,
-    rate: float | torch.Tensor,
-    mu_product: torch.Tensor,
-    b1: float,
-    b2: float,
-    momentum_decay: float,
-) -> tuple[float, torch.Tensor, list[float]] | None:
-    """NAdam's scalars as torch.optim's single-tensor loop computes them, in Python floats: the
-    second moment's bias correction, the new momentum product (a float32 tensor, as torch keeps
-    it) and the two step sizes. None where the count cannot be read without waiting
-    (`host_number`): off the CPU, traced, under vmap."""
-    n = host_number(count)
-    r = host_number(rate) if isinstance(rate, torch.Tensor) else rate
-    if n is None or r is None:
-        return None
-    step = float(n)
-    mu = b1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
-    mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
-    new_product = mu_product * mu
-    product = host_number(new_product)
-    assert product is not None  # (a CPU tensor, as the count is)
-    sizes = [(-r * (1.0 - mu)) / (1.0 - product), (-r * mu_next) / (1.0 - product * mu_next)]
-    return 1 - b2**step, new_product, sizes
 
 
 def adam_rule(
@@ -718,25 +540,31 @@ class AdamaxState(RuleState):
 def nadam_rule(
     b1: float, b2: float, eps: float, momentum_decay: float, decoupled: bool, maximize: bool
 ) -> Rule:
-    """torch's ``_single_tensor_nadam`` as a formula: its momentum product a float32 0-d tensor,
-    as torch keeps it, read on the host for the two step sizes."""
+    """torch's ``_single_tensor_nadam`` as a formula: each parameter's momentum product a float32
+    0-d tensor on the host, as torch keeps it, read there for the two step sizes (over lists, the
+    first's: the parameters' products move together, one count for all)."""
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         p, g = _decayed_weights(ops, p, ops.out.neg(g) if maximize else g, h, decoupled)
         mu_t = b1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
         mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay)))
-        product = m["mu_product"] * (mu_t if isinstance(t, int) else mu_t.to(torch.float32))
-        if isinstance(t, int):
-            known = float(product)  # torch's `_get_value(mu_product)`
+        factor = mu_t if isinstance(t, int) else mu_t.to(torch.float32)
+        products = m["mu_product"]
+        listed = isinstance(products, list)
+        product: Any = [x * factor for x in products] if listed else products * factor
+        known_product: torch.Tensor = product[0] if listed else product
+        known = host_value(known_product) if isinstance(t, int) else None
+        if known is not None:  # torch's `_get_value(mu_product)`
             first = h["lr"].map(lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - known))
             second = h["lr"].map(lambda lr: (-lr * mu_next) / (1.0 - known * mu_next))
         else:
-            wide = product.double()
+            wide = known_product.double()
             first = at_count(h["lr"], lambda lr: (-lr * (1.0 - mu_t)) / (1.0 - wide), t)
             second = at_count(h["lr"], lambda lr: (-lr * mu_next) / (1.0 - wide * mu_next), t)
         mu = ops.lerp(m["mu"], g, 1 - b1)
-        nu = ops.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
-        denom = ops.add(ops.sqrt(ops.out.div(nu, 1 - b2**t)), eps)
+        # (a product, a quotient: the moment written where it is, or a pure step's temporaries)
+        nu = ops.own.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
+        denom = ops.own.add(ops.own.sqrt(ops.out.div(nu, 1 - b2**t)), eps)
         p = ops.addcdiv(ops.addcdiv(p, g, denom, first), mu, denom, second)
         return p, {"mu": mu, "nu": nu, "mu_product": product}
 
@@ -747,7 +575,17 @@ def nadam_rule(
         step,
         scalars=("mu_product",),
         host=("mu_product",),
+        foreach=True,
     )
+
+
+class NadamState(RuleState):
+    """`functrain.nadam`'s and `functrain.nadam_step`'s state (`RuleState`): the moments ``"mu"``
+    (torch's ``exp_avg``), ``"nu"`` (``exp_avg_sq``) and each parameter's ``"mu_product"``."""
+
+    __slots__ = ()
+    # (its moments in the state it trained with before: nadam_step's fields, one product for all)
+    before = {"mu": "mu", "nu": "nu", "mu_product": "mu_product"}
 
 
 def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool) -> Rule:

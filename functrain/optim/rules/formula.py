@@ -37,7 +37,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from functrain.errors import ConfigError
-from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
+from functrain.optim.base import (
+    NO_EXTRAS,
+    Extras,
+    ExtrasUpdate,
+    Transform,
+    writes_in_place,
+)
 from functrain.optim.checks import check_learning_rate
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner, gated_by_selection
@@ -1164,6 +1170,7 @@ def rule_transform(
         state: Any,
         in_place: bool,
         flags: tuple[bool, ...] | None,
+        scales: tuple[torch.Tensor, ...] = (),
         planned: bool | None = None,
     ) -> tuple[list[torch.Tensor], Any]:
         """The formula's step of the parameters `p` (in place where `in_place`), its new state;
@@ -1182,6 +1189,9 @@ def rule_transform(
             h = {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
         if schedule is not None:
             h["lr"] = scheduled_rate(schedule, state.count, t)
+        for scale in scales:  # a chain's reduce_on_plateau after it: the rate lowered in float64,
+            # as ReduceLROnPlateau multiplies the group's rate (`ExtrasUpdate.folds_scales`)
+            h["lr"] = combined(lambda lr, by: lr * by, h["lr"], held_scalar(scale, device))
         new_group = state.group
         if rule.prepare is not None:
             h, numbers = rule.prepare(t, h, _group_numbers(state.group, device))
@@ -1271,7 +1281,8 @@ def rule_transform(
             raise ConfigError(f"{name} needs params= (it computes the new parameters)")
         p, spec = tree_flatten(params)
         in_place = not differentiable and writes_in_place(extras)
-        new_p, new_state = run(p, tree_leaves(updates), state, in_place, resolve_mask(mask, params))
+        flags = resolve_mask(mask, params)
+        new_p, new_state = run(p, tree_leaves(updates), state, in_place, flags, extras.rate_scales)
         return NewParams(new_p, spec), new_state
 
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
@@ -1328,4 +1339,5 @@ def rule_transform(
 
     if differentiable:
         return Transform(init_fn, update_fn, name)
-    return Transform(init_fn, with_extras(update_fn).but(plan=plan), name)
+    # (a reduce_on_plateau after it lowers the rate it takes: `ExtrasUpdate.folds_scales`)
+    return Transform(init_fn, ExtrasUpdate(update_fn, plan=plan, folds_scales=True), name)
