@@ -2,8 +2,8 @@
 
 On the CPU torch's in-place foreach product by a number rounds bfloat16 otherwise than its
 single-tensor ``mul_`` and its out-of-place foreach product: each preset takes the rounding of the
-torch implementation it follows (`functrain.optim.rules.formula.ListOps`: its single-tensor lists,
-`SINGLE_LISTS_IN_PLACE`, or its foreach ones)."""
+torch implementation it follows (`functrain.optim.rules.arithmetic.scaled_`).
+"""
 
 from __future__ import annotations
 

@@ -35,7 +35,6 @@ from functrain.optim.rules.arithmetic import (
 )
 from functrain.optim.rules.formula import (
     FORMULAS,
-    HOST,
     Count,
     Ops,
     Rule,
@@ -48,9 +47,7 @@ from functrain.optim.rules.formula import (
     held_rate,
     host_value,
     l2_decayed,
-    rule_direction,
     rule_transform,
-    update_number,
 )
 from functrain.optim.rules.learning_rate import (
     ScaleByLearningRateState,
@@ -59,7 +56,7 @@ from functrain.optim.rules.learning_rate import (
 )
 from functrain.optim.updates import Ratio, RectifiedRatio, flat_updates
 from functrain.optim.zeros import counter, writables, zeros
-from functrain.tree import Tree, tree_unflatten
+from functrain.tree import Tree
 
 __all__ = [
     "NadamState",
@@ -68,6 +65,7 @@ __all__ = [
     "ScaleByAdamaxState",
     "ScaleByRadamState",
     "adam_rule",
+    "adamax_moments",
     "adamax_rule",
     "radam_moments",
     "radam_planner",
@@ -375,8 +373,8 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
         eps: added to the gradient's magnitude before the maximum; >= 0.
 
     Returns:
-        A `Transform` whose updates are ``mu / nu_inf / (1 - b1**t)``: Adamax's formula
-        (`adamax_rule`) as a direction (the learning rate comes from `scale_by_learning_rate`).
+        A `Transform` whose updates are a lazy `Ratio` (the learning rate comes from
+        `scale_by_learning_rate`, divided by ``1 - b1**t`` as torch does).
 
     Raises:
         ConfigError: a hyperparameter is out of range.
@@ -398,26 +396,49 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
     def init_fn(params: Tree) -> ScaleByAdamaxState:
         return ScaleByAdamaxState(counter(params), zeros(params), zeros(params))
 
-    # (the formula descending, with no decay: its direction, `rule_direction`)
-    rule = adamax_rule(b1, b2, eps, False)
-
     def update_fn(
         updates: Any,
         state: ScaleByAdamaxState,
         params: Tree | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Tree, ScaleByAdamaxState]:
+    ) -> tuple[Ratio, ScaleByAdamaxState]:
         g, spec = flat_updates(updates, params)
-        t = update_number(state.count, g[0].device if g else HOST)
-        moments = {"mu": state.mu, "nu": state.nu_inf}
-        out, new = rule_direction(rule, g, moments, t, writes_in_place(extras))
         count = state.count + 1
-        return tree_unflatten(out, spec), ScaleByAdamaxState(
-            count, tuple(new["mu"]), tuple(new["nu"])
-        )
+        mu, nu_inf = adamax_moments(state, g, writes_in_place(extras), b1, b2, eps)
+        bc1 = 1 - power(b1, f64(count))
+        return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
 
     return Transform(init_fn, with_extras(update_fn))
+
+
+def adamax_moments(
+    state: ScaleByAdamaxState,
+    g: Sequence[torch.Tensor],
+    in_place: bool,
+    b1: float,
+    b2: float,
+    eps: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Adamax's new first moments and infinity norms, tensor by tensor as torch's loop: in the
+    state's own storage with `in_place` (a donated step), else in fresh tensors."""
+    mu, nu_inf = [], []
+    if in_place:  # elsewhere tensor by tensor (a device's foreach kernels are others)
+        moments = zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g, strict=True)
+        for m, n, grad in moments:
+            magnitude = torch.abs(grad).add_(eps)
+            nu_inf.append(torch.maximum(n.mul_(b2), magnitude, out=n))
+            mu.append(m.lerp_(grad, 1 - b1))
+        return mu, nu_inf
+    for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
+        new_mu = torch.empty_like(grad)
+        # the new moment's buffer holds torch's temporary first
+        magnitude = torch.abs(grad, out=new_mu).add_(eps)
+        nu = torch.mul(n, b2)
+        # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
+        nu_inf.append(torch.maximum(nu, magnitude, out=nu))
+        mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
+    return mu, nu_inf
 
 
 # -- NAdam

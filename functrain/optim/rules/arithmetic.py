@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "scaled_",
     "f64",
     "power",
     "host_scalars",
@@ -36,6 +37,20 @@ def power(base: float, exponent: torch.Tensor) -> torch.Tensor:
 def host_scalars(t: torch.Tensor) -> bool:
     # torch's kernels read a CPU scalar as they read a Python number; a traced graph cannot
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def scaled_(tensors: list[torch.Tensor], factor: float) -> None:
+    """In place, each tensor times the number `factor`, rounded as torch's single-tensor
+    ``mul_`` rounds (and its out-of-place foreach product): on the CPU torch's in-place foreach
+    product by a number rounds a bfloat16 or float16 tensor otherwise, so there tensor by tensor.
+    """
+    if tensors[0].device.type == "cpu" and any(
+        t.dtype in (torch.bfloat16, torch.float16) for t in tensors
+    ):
+        for t in tensors:
+            t.mul_(factor)
+        return
+    torch._foreach_mul_(tensors, factor)
 
 
 def add_scaled_(out: torch.Tensor, direction: torch.Tensor, alpha: float | torch.Tensor) -> None:

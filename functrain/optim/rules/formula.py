@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -88,7 +88,6 @@ __all__ = [
     "l2_decayed",
     "negated",
     "refuse_sparse",
-    "rule_direction",
     "rule_transform",
     "safe_sqrt",
     "scaled",
@@ -909,39 +908,6 @@ def _own(
         return tuple(moments)
     ids = {id(x) for x in given}
     return tuple(m.clone() if id(m) in ids else m for m in moments)
-
-
-def rule_direction(
-    rule: Rule,
-    g: Sequence[torch.Tensor],
-    moments: Mapping[str, Sequence[torch.Tensor]],
-    t: Count,
-    in_place: bool,
-) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """A formula as a scaling rule (a chain's step before its learning rate): the update it adds
-    to a parameter at a learning rate of -1 with no weight decay, taken from zeros, and its new
-    moments (written where they are with `in_place`, each in storage of its own); over the lists
-    on the CPU, as the single-tensor loop rounds."""
-    h = {"lr": Scalar(-1.0), "weight_decay": Scalar(0.0)}
-    ops = IN_PLACE if in_place else OUT_OF_PLACE
-    if not in_place and torch._C._functorch.maybe_current_level() is not None:
-        ops = BATCHED  # (vmap: an unbatched temporary cannot take a batched operand in place)
-    moments_of = _writable_moments if in_place else _stored_moments
-    held = {k: list(moments_of(rule, v, g)) for k, v in moments.items()}
-    origin = [torch.zeros_like(x) for x in g]
-    if rule.foreach and ops is not BATCHED and _one_kind(g) and g[0].device.type == "cpu":
-        step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
-        lists = SINGLE_LISTS_IN_PLACE if in_place else SINGLE_LISTS_OUT_OF_PLACE
-        moved, new = step(lists, origin, list(g), held, t, h)
-        return list(moved), {k: list(new[k]) for k in held}
-    out: list[torch.Tensor] = []
-    found: dict[str, list[torch.Tensor]] = {k: [] for k in held}
-    for i, (o, x) in enumerate(zip(origin, g, strict=True)):
-        d, m = rule.step(ops, o, x, {k: v[i] for k, v in held.items()}, t, h)
-        out.append(d)
-        for k in found:
-            found[k].append(m[k])
-    return out, found
 
 
 def check_package_rate(problems: list[str], lr: Any, package: str) -> None:

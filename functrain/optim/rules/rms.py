@@ -11,6 +11,7 @@ from functrain.errors import config_check
 from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
+from functrain.optim.rules.arithmetic import scaled_
 from functrain.optim.rules.formula import (
     FORMULAS,
     Count,
@@ -20,11 +21,12 @@ from functrain.optim.rules.formula import (
     Scalar,
     l2_decayed,
     negated,
-    rule_direction,
 )
-from functrain.optim.updates import flat_updates
-from functrain.optim.zeros import zeros
-from functrain.tree import Tree, tree_unflatten
+from functrain.optim.updates import Ratio, flat_updates
+from functrain.optim.zeros import writables, zeros
+from functrain.tree import (
+    Tree,
+)
 
 __all__ = ["RmspropState", "ScaleByRmsState", "rmsprop_rule", "scale_by_rms"]
 
@@ -44,8 +46,7 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
         centered: subtract the square of the running mean of the updates (the variance estimate).
 
     Returns:
-        A `Transform` whose updates are ``g / (sqrt(nu) + eps)``: RMSprop's formula
-        (`rmsprop_rule`) as a direction.
+        A `Transform` whose updates are a lazy `Ratio`.
 
     Raises:
         ConfigError: a hyperparameter is out of range.
@@ -66,21 +67,33 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
     def init_fn(params: Tree) -> ScaleByRmsState:
         return ScaleByRmsState(zeros(params), zeros(params) if centered else ())
 
-    # (the formula without momentum, descending: its direction, `rule_direction`)
-    rule = rmsprop_rule(alpha, eps, 0.0, centered, False)
-
     def update_fn(
         updates: Any,
         state: ScaleByRmsState,
         params: Tree | None = None,
         *,
         extras: Extras = NO_EXTRAS,
-    ) -> tuple[Tree, ScaleByRmsState]:
+    ) -> tuple[Ratio, ScaleByRmsState]:
         g, spec = flat_updates(updates, params)
-        moments = {"square_avg": state.nu, **({"grad_avg": state.mu} if centered else {})}
-        out, new = rule_direction(rule, g, moments, 1, writes_in_place(extras))
-        mu = tuple(new["grad_avg"]) if centered else ()
-        return tree_unflatten(out, spec), ScaleByRmsState(tuple(new["square_avg"]), mu)
+        mu: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()
+        if writes_in_place(extras):  # a donated step: the averages move in their own storage
+            nu = writables(state.nu, g)
+            scaled_(nu, alpha)  # (torch's single-tensor rounding)
+            if centered:
+                mu = writables(state.mu, g)
+                torch._foreach_lerp_(mu, g, 1 - alpha)
+        else:
+            nu = list(torch._foreach_mul(state.nu, alpha))
+            if centered:
+                mu = torch._foreach_lerp(state.mu, g, 1 - alpha)
+        torch._foreach_addcmul_(nu, g, g, value=1 - alpha)
+        if centered:
+            avg = torch._foreach_addcmul(nu, mu, mu, value=-1)
+            torch._foreach_sqrt_(avg)
+        else:
+            avg = torch._foreach_sqrt(nu)
+        torch._foreach_add_(avg, eps)
+        return Ratio(g, avg, None, spec), ScaleByRmsState(tuple(nu), tuple(mu))
 
     return Transform(init_fn, with_extras(update_fn))
 
