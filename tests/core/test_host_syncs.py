@@ -69,7 +69,6 @@ CPU_READS = frozenset(
         "functrain.optim.rules.arithmetic.per_leaf",  # a step size per leaf as torch's float
         "functrain.optim.rules.arithmetic.host_number",  # NAdam's step in torch's Python floats
         "functrain.optim.rules.formula.host_value",  # a formula's count and numbers, held there
-        "functrain.optim.rules.formula.host_numbers",  # the same, a planned runner's
         "functrain.optim.rules.asgd._is_one",  # ASGD's average a plain copy, as torch checks
         "functrain.optim.rules.asgd._add_scaled_all_",  # the kernel's alpha, a CPU scalar
         "functrain.optim.rules.fused._one_count",  # stacked members: one kernel call or several
@@ -212,7 +211,6 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         assert averaging._host_count(count.long()) is None
         assert asgd._is_one(count) is None
         assert formula.host_value(count) is None
-        assert formula.host_numbers(count.long(), {"lr": count}) is None
         assert all(isinstance(x, torch.Tensor) for x in arithmetic.per_leaf(vector))
         assert arithmetic.host_number(count) is None
         rate = value_at(S.warmup_cosine(1e-3, warmup_steps=2, decay_steps=9), count.long())

@@ -83,7 +83,6 @@ __all__ = [
     "filled",
     "held_rate",
     "held_scalar",
-    "host_numbers",
     "host_value",
     "l2_decayed",
     "negated",
@@ -476,20 +475,6 @@ def update_number(count: torch.Tensor, device: torch.device) -> Count:
     if value is None:
         return (count + 1).to(device=_batched_on(count, device), dtype=torch.float64)
     return int(value) + 1
-
-
-def host_numbers(
-    count: torch.Tensor, held: dict[str, torch.Tensor]
-) -> tuple[int, dict[str, Scalar]] | None:
-    """A planned update's number and held hyperparameters, read on the host where they lie (an
-    eager step's CPU tensors: the reads wait for nothing; never differentiated); None where one
-    lies elsewhere (a state moved whole to an accelerator: `update_number` reads it)."""
-    numbers = {}
-    for k, v in held.items():
-        if not v.is_cpu:
-            return None
-        numbers[k] = Scalar(v.item())
-    return (int(count.item()) + 1, numbers) if count.is_cpu else None
 
 
 def _batched_on(t: torch.Tensor, device: torch.device) -> torch.device:
@@ -1089,6 +1074,7 @@ def rule_transform(
             "foreach and lists out"
         )
     in_lists = (foreach or lists) and not differentiable
+    fixed = {k: Scalar(float(v)) for k, v in constants.items()}  # (`run`'s numbers)
     constant_rate = schedule is None and rule.prepare is None and not differentiable
 
     def init_fn(params: Tree) -> Any:
@@ -1146,13 +1132,15 @@ def rule_transform(
         if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
             return [], state
         device = p[0].device
-        read = None if planned is None else host_numbers(state.count, state.hyperparameters)
-        t: Count
-        if read is not None:
-            t, h = read
-        else:
-            t = update_number(state.count, device)
-            h = {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
+        t = update_number(state.count, device)
+        # the preset's own numbers (its state holds them, unchanged: numbers, also where vmap
+        # batches a stacked state's, so that each op takes them as torch's kernels take a
+        # number); a differentiable state's may require grad: read from its state
+        h = (
+            {k: held_scalar(v, device) for k, v in state.hyperparameters.items()}
+            if differentiable
+            else dict(fixed)
+        )
         if schedule is not None:
             h["lr"] = scheduled_rate(schedule, state.count, t)
         for scale in scales:  # a chain's reduce_on_plateau after it: the rate lowered in float64,
@@ -1181,6 +1169,7 @@ def rule_transform(
         one_kind = _one_kind(p) if planned is None else planned
         lists_here = in_lists and ops is not BATCHED and (foreach or device.type == "cpu")
         if len(groups) == 1 and lists_here and one_kind:
+            h = groups[0][1]  # (every parameter spared by a mask: no decay)
             # once over the lists, one foreach kernel per op (a planned runner's gradients are
             # its parameters' dtypes already)
             grads = g if planned is not None else [x.to(y.dtype) for x, y in zip(g, p)]
@@ -1281,11 +1270,10 @@ def rule_transform(
             norm: torch.Tensor | None,
             write: bool,
         ) -> Ran:
-            read = host_numbers(state.count, state.hyperparameters) if whole else None
-            if read is None:
+            if not whole:
                 new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind)
                 return Ran(new_p, new_state, new_state.lr, None, None)
-            t, h = read
+            t, h = update_number(state.count, device), dict(fixed)
             if schedule is not None:
                 h["lr"] = scheduled_rate(schedule, state.count, t)
             # (in place, moments with storage of their own: a fresh state's zeros have none)

@@ -1,0 +1,81 @@
+"""The torch.optim presets a formula trains (`rmsprop`, `adamax`, `nadam`: `rule_transform`) on
+cases their formulas' shared machinery decides: a weight-decay mask that spares every parameter,
+and a stacked state's members, each bit for bit with torch.optim."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+
+# each preset with its torch class (torch's CPU default: the single-tensor loop)
+PRESETS: dict[str, tuple[Callable[..., ft.Transform], Any]] = {
+    "rmsprop": (ft.rmsprop, torch.optim.RMSprop),
+    "adamax": (ft.adamax, torch.optim.Adamax),
+    "nadam": (ft.nadam, torch.optim.NAdam),
+}
+
+
+@pytest.mark.parametrize("mask", ["predicate", "tree"])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_mask_that_spares_every_parameter_decays_none(name: str, mask: str) -> None:
+    preset, torch_class = PRESETS[name]
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    spared: Any = (lambda n, p: False) if mask == "predicate" else {"w": False, "b": False}
+    tx = preset(1e-2, weight_decay=0.1, mask=spared)
+    theirs = [nn.Parameter(v.clone()) for v in params.values()]
+    opt = torch_class(theirs, lr=1e-2, weight_decay=0.0, foreach=False)
+    state = tx.init(params)
+    for _ in range(3):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        params = ft.apply_updates(params, updates)
+        for t, g in zip(theirs, grads.values(), strict=True):
+            t.grad = g.clone()
+        opt.step()
+    for (k, ours), t in zip(params.items(), theirs, strict=True):
+        assert torch.equal(ours, t.detach()), k
+
+
+class _Weights(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 33, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return (self.w * c).sum()  # (its gradient is `c`, exactly: stacked and alone alike)
+
+
+def _loss(model: Any, c: torch.Tensor) -> torch.Tensor:
+    return model(c)
+
+
+@pytest.mark.parametrize(
+    "options", [{"momentum": 0.9}, {"weight_decay": 0.1}, {}], ids=["momentum", "decay", "plain"]
+)
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_stacked_states_members_step_as_torch_steps_each(
+    name: str, options: dict[str, float]
+) -> None:
+    preset, torch_class = PRESETS[name]
+    if "momentum" in options and name != "rmsprop":
+        pytest.skip("only RMSprop has momentum")
+    make = lambda: preset(1e-2, **options)  # noqa: E731
+    stacked = ft.stack([ft.TrainState.create(_Weights(s), make(), _loss, seed=s) for s in (0, 1)])
+    theirs = [nn.Parameter(_Weights(s).w.detach().clone()) for s in (0, 1)]
+    opts = [torch_class([t], lr=1e-2, foreach=False, **options) for t in theirs]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        c = torch.randn(64, 33, generator=gen)
+        stacked, _ = ft.train_step(stacked, c)
+        for t, opt in zip(theirs, opts, strict=True):
+            t.grad = c.clone()
+            opt.step()
+    for i, t in enumerate(theirs):
+        assert torch.equal(stacked.params["w"][i], t.detach()), i
