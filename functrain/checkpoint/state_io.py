@@ -507,9 +507,9 @@ def _in_formula_layouts(saved: Any, template: Any) -> Any:
             and "slots" in saved
         ):
             return saved
-        if isinstance(saved, dict):  # (one state of its own before, a chain's element: nadam_step)
-            saved = (saved,)
-        return _formula_layout(saved, template) or saved if isinstance(saved, tuple) else saved
+        # a chain's states, or one state of its own before (nadam_step alone)
+        chain = (saved,) if isinstance(saved, dict) else saved
+        return (_formula_layout(chain, template) if isinstance(chain, tuple) else None) or saved
     if isinstance(template, tuple) and hasattr(template, "_fields") and isinstance(saved, dict):
         fields = dict(zip(template._fields, template, strict=True))
         return {k: _in_formula_layouts(v, fields.get(k)) for k, v in saved.items()}

@@ -59,8 +59,6 @@ from functrain.optim.porting import (
 )
 from functrain.optim.presets import is_matrix, muon
 from functrain.optim.rules.formula import RuleState
-from functrain.optim.rules.fused import FusedSgdState
-from functrain.optim.rules.rms import RmspropState
 from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.rules.trace import TraceState
 from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
@@ -1069,10 +1067,13 @@ def _group_problems(
         )
     if type(optimizer) in (torch.optim.SGD, torch.optim.RMSprop):
         momentum = group.get("momentum", 0) != 0
+        # (a state that holds torch's momentum buffers: SGD's trace, its fused kernel's or
+        # sparse step's momentum, RMSprop's formula's)
         has_buffer = TraceState in nodes or any(
-            bool(getattr(nodes.get(cls), "momentum", ())) for cls in (FusedSgdState, SparseSgdState)
+            key == "momentum_buffer" and bool(_field(node, field))
+            for cls, node in nodes.items()
+            for field, key in KEYS[cls].items()
         )
-        has_buffer = has_buffer or "momentum" in getattr(nodes.get(RmspropState), "slots", {})
         if momentum != has_buffer:
             problems.append(
                 f"momentum={group['momentum']!r} in torch, but the state's optimizer has "

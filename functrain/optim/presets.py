@@ -44,9 +44,8 @@ from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import (
     AdamaxState,
-    NadamState,
     adamax_rule,
-    nadam_rule,
+    nadam_transform,
     radam_planner,
     scale_by_adam,
     scale_by_radam,
@@ -899,22 +898,18 @@ def nadam(
         exact=SINGLE_ONLY,
     )
     rate, (b1, b2) = _checked("nadam", lr, betas)
-    problems: list[str] = []
-    check_unit(problems, "betas[0]", b1)
-    check_unit(problems, "betas[1]", b2)
-    check_positive(problems, "eps", eps, allow_zero=True)
-    check_positive(problems, "momentum_decay", momentum_decay, allow_zero=True)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
-    config_check(problems, "nadam")
-    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
-    return rule_transform(
-        nadam_rule(b1, b2, eps, momentum_decay, decoupled_weight_decay, maximize),
+    return nadam_transform(
         "nadam",
-        constants,
-        schedule,
-        lists=True,
+        [],
+        rate,
+        b1,
+        b2,
+        eps,
+        momentum_decay,
+        weight_decay,
         mask=mask,
-        state_type=NadamState,
+        decoupled=decoupled_weight_decay,
+        maximize=maximize,
     )
 
 
@@ -966,8 +961,6 @@ def adamax(
     check_choices("adamax", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, (b1, b2) = _checked("adamax", lr, betas)
     problems: list[str] = []
-    check_unit(problems, "betas[0]", b1)
-    check_unit(problems, "betas[1]", b2)
     check_positive(problems, "eps", eps, allow_zero=True)
     check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, "adamax")

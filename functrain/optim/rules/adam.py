@@ -71,6 +71,7 @@ __all__ = [
     "radam_planner",
     "nadam_rule",
     "nadam_step",
+    "nadam_transform",
     "radam_rule",
     "scale_by_adam",
     "scale_by_adamax",
@@ -490,15 +491,36 @@ def nadam_step(
     check_rate(problems, learning_rate)
     check_unit(problems, "b1", b1)
     check_unit(problems, "b2", b2)
+    return nadam_transform(
+        "nadam_step", problems, learning_rate, b1, b2, eps, momentum_decay, weight_decay, mask=mask
+    )
+
+
+def nadam_transform(
+    name: str,
+    problems: list[str],
+    learning_rate: LearningRate,
+    b1: float,
+    b2: float,
+    eps: float,
+    momentum_decay: float,
+    weight_decay: float,
+    *,
+    mask: Mask,
+    decoupled: bool = True,
+    maximize: bool = False,
+) -> Transform:
+    """NAdam by its formula alone (`nadam_rule` over lists, as torch's single-tensor loop rounds),
+    `functrain.nadam`'s and `nadam_step`'s (`name`), with the `problems` found in their own
+    arguments and those of the rest, raised together."""
     check_positive(problems, "eps", eps, allow_zero=True)
     check_positive(problems, "momentum_decay", momentum_decay, allow_zero=True)
     check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
-    config_check(problems, "nadam_step")
-
+    config_check(problems, name)
     constants, schedule = held_rate(learning_rate, {"weight_decay": float(weight_decay)})
     return rule_transform(
-        nadam_rule(b1, b2, eps, momentum_decay, True, False),
-        "nadam_step",
+        nadam_rule(b1, b2, eps, momentum_decay, decoupled, maximize),
+        name,
         constants,
         schedule,
         lists=True,

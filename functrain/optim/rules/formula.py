@@ -648,8 +648,8 @@ IN_PLACE = Ops(in_place=True, differentiable=False)
 OUT_OF_PLACE = Ops(in_place=False, differentiable=False)
 """Each op returns a new tensor: a pure, compiled or stacked step."""
 DIFFERENTIABLE = Ops(in_place=False, differentiable=True)
-
-
+"""Out of place, differentiable in the tensor hyperparameters, `safe_sqrt`: a differentiable
+state's step."""
 BATCHED = Ops(in_place=False, differentiable=False)
 """`OUT_OF_PLACE` whose temporaries are not written either: under vmap, where an unbatched
 temporary cannot take a batched operand in place."""
@@ -658,10 +658,6 @@ temporary cannot take a batched operand in place."""
 def _paired(in_place: Ops, out_of_place: Ops) -> None:
     """Each of a mode's two forms its other's ``out`` and ``own``."""
     in_place.out, out_of_place.own = out_of_place, in_place
-
-
-"""Out of place, differentiable in the tensor hyperparameters, `safe_sqrt`: a differentiable
-state's step."""
 
 
 class ListOps(Ops):
@@ -1125,10 +1121,9 @@ def rule_transform(
         scales: tuple[torch.Tensor, ...] = (),
         planned: bool | None = None,
     ) -> tuple[list[torch.Tensor], Any]:
-        """The formula's step of the parameters `p` (in place where `in_place`), its new state;
-        `planned`: an eager step's planned runner's (whose numbers, held on the host and never
-        differentiated, are read as they are), whether its parameters are of one kind
-        (`_one_kind`, decided once); None: an update's."""
+        """The formula's step of the parameters `p` (in place where `in_place`), its new state.
+        `planned`: for an eager step's planned runner (its gradients in its parameters' dtypes),
+        whether the parameters are of one kind (`_one_kind`, decided once); None: an update's."""
         if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
             return [], state
         device = p[0].device
@@ -1162,23 +1157,27 @@ def rule_transform(
         # zeros have one element): in place to write them, else to compute as torch.optim's
         # moments, which start as zeros like their parameter
         moments_of = _writable_moments if ops is IN_PLACE else _stored_moments
-        slots_in = {
-            k: v if k in rule.scalars else moments_of(rule, v, p) for k, v in state.slots.items()
-        }
-        groups = _decay_groups(flags, len(p), h)
         one_kind = _one_kind(p) if planned is None else planned
         lists_here = in_lists and ops is not BATCHED and (foreach or device.type == "cpu")
-        if len(groups) == 1 and lists_here and one_kind:
-            h = groups[0][1]  # (every parameter spared by a mask: no decay)
-            # once over the lists, one foreach kernel per op (a planned runner's gradients are
-            # its parameters' dtypes already)
+        if lists_here and one_kind and (flags is None or all(flags)):
+            # every parameter at once over the lists, one foreach kernel per op (a planned
+            # runner's gradients are its parameters' dtypes already)
             grads = g if planned is not None else [x.to(y.dtype) for x, y in zip(g, p)]
-            moments = {k: list(v) for k, v in slots_in.items()}
+            moments = {
+                k: list(v) if k in rule.scalars else list(moments_of(rule, v, p))
+                for k, v in state.slots.items()
+            }
             step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
             new_p, new_slots = step(_list_ops(ops), list(p), list(grads), moments, t, h)
         else:
+            slots_in = {
+                k: v if k in rule.scalars else moments_of(rule, v, p)
+                for k, v in state.slots.items()
+            }
+            groups = _decay_groups(flags, len(p), h)
             new_p, new_slots = _in_groups(p, g, slots_in, t, ops, groups, lists_here and one_kind)
-        slots = {k: _own(new_slots[k], (*p, *g, *new_p), ops) for k in rule.slots}
+        given = () if ops is IN_PLACE else (*p, *g, *new_p)
+        slots = {k: _own(new_slots[k], given, ops) for k in rule.slots}
         # (a constant rate's metric: the state's own tensor, made once and never written)
         rate = state.lr if constant_rate else _last_rate(h.get("lr", Scalar(math.nan)), device)
         new_state = type(state)(state.count + 1, slots, state.hyperparameters, rate, new_group)
@@ -1248,20 +1247,7 @@ def rule_transform(
         flags = resolved_once(lambda ps: resolve_mask(mask, ps), params)
         if mask is not None and flags is None:
             return None
-        one_kind = _one_kind(list(params.values()))
-        device = next(iter(params.values())).device
-        # the common case decided here: every parameter in one run of the formula over its
-        # lists, its numbers its own (no prepare), a constant rate or a schedule
-        whole = (
-            in_lists
-            and one_kind
-            and (foreach or device.type == "cpu")
-            and (flags is None or all(flags))
-            and rule.prepare is None
-            and not rule.scalars
-            and rule.shapes is None
-        )
-        ops_of = {True: _list_ops(IN_PLACE), False: _list_ops(OUT_OF_PLACE)}
+        one_kind = _one_kind(list(params.values()))  # (decided once for these tensors)
 
         def runner(
             grads: list[torch.Tensor],
@@ -1270,24 +1256,8 @@ def rule_transform(
             norm: torch.Tensor | None,
             write: bool,
         ) -> Ran:
-            if not whole:
-                new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind)
-                return Ran(new_p, new_state, new_state.lr, None, None)
-            t, h = update_number(state.count, device), dict(fixed)
-            if schedule is not None:
-                h["lr"] = scheduled_rate(schedule, state.count, t)
-            # (in place, moments with storage of their own: a fresh state's zeros have none)
-            held = {
-                k: writables(v, ps) if write else list(_stored_moments(rule, v, ps))
-                for k, v in state.slots.items()
-            }
-            step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
-            new_p, moments = step(ops_of[write], list(ps), grads, held, t, h)
-            given = () if write else (*ps, *grads, *new_p)
-            slots = {k: _own(moments[k], given, IN_PLACE if write else OUT_OF_PLACE) for k in held}
-            rate = state.lr if constant_rate else _last_rate(h["lr"], device)
-            new = type(state)(state.count + 1, slots, state.hyperparameters, rate, state.group)
-            return Ran(new_p, new, rate, None, None)
+            new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind)
+            return Ran(new_p, new_state, new_state.lr, None, None)
 
         return gated_by_selection(runner, lambda kept: kept.lr)
 
