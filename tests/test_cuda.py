@@ -197,6 +197,42 @@ def test_nadam_on_cuda_matches_torchs_single_tensor_nadam_bitwise(decoupled: boo
         )
 
 
+TORCH_FORMULAS = {
+    "rmsprop": (ft.rmsprop, torch.optim.RMSprop, {"momentum": 0.9, "weight_decay": 0.1}),
+    "adamax": (ft.adamax, torch.optim.Adamax, {"weight_decay": 0.1}),
+    "nadam": (ft.nadam, torch.optim.NAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("name", sorted(TORCH_FORMULAS))
+def test_a_formula_preset_trains_on_cuda_as_torchs_single_tensor_loop(
+    name: str, donate: bool
+) -> None:
+    """`train_step` (its non-finite guard keeps the count on the device, where a skipped step's
+    select leaves it) against torch's single-tensor loop, which skips the NaN batch: the step
+    sizes computed on the device round as torch's kernels round its host numbers."""
+    ours, theirs_class, options = TORCH_FORMULAS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2)).to(CUDA)
+    theirs = copy.deepcopy(model)
+    state = ft.TrainState.create(model, ours(1e-2, **options), _loss)
+    assert state.opt_state.inner.count.device.type == "cuda"
+    opt = theirs_class(theirs.parameters(), 1e-2, foreach=False, **options)
+    batches = _batches(30)
+    batches[7][0][0, 0] = float("nan")  # a skipped step: the count stays where it was
+    for batch in batches:
+        state, _ = ft.train_step(state, batch, donate=donate)
+        opt.zero_grad()
+        loss = _loss(theirs, batch)
+        if torch.isfinite(loss):
+            loss.backward()
+            opt.step()
+    assert int(state.opt_state.inner.count) == 29
+    for (k, got), expected in zip(state.params.items(), theirs.parameters(), strict=True):
+        assert torch.equal(got, expected), f"{name}: {k} {(got - expected).abs().max():.3e}"
+
+
 def _as_torch_runs_on_cuda(make_opt: Any) -> Any:
     """`make_opt`'s optimizer as torch runs it on CUDA: an ``Adagrad(fused=True)`` remade as
     torch's default there (its foreach Adagrad) where torch.optim has no fused Adagrad for CUDA

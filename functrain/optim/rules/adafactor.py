@@ -22,7 +22,7 @@ from functrain.optim.rules.formula import (
     Scalar,
     active,
     combined,
-    host_value,
+    read_value,
 )
 from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
 from functrain.optim.updates import NewParams, flat_updates
@@ -242,7 +242,7 @@ def adafactor_rule(
         if active(h["weight_decay"]):
             p = ops.mul(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"]))
         alpha = -rate / clip
-        value = host_value(alpha)  # (torch reads the norms on the host)
+        value = read_value(alpha)  # (torch reads the norms on the host)
         step_size = Scalar(value, alpha if ops.differentiable or value is None else None)
         return ops.add(p, direction, step_size), {"row": row, "col": col}
 

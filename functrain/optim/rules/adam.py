@@ -47,6 +47,7 @@ from functrain.optim.rules.formula import (
     held_rate,
     host_value,
     l2_decayed,
+    number,
     rule_transform,
 )
 from functrain.optim.rules.learning_rate import (
@@ -544,7 +545,7 @@ def adam_rule(
         if amsgrad:
             moments["nu_max"] = ops.maximum(m["nu_max"], nu)
             nu = moments["nu_max"]
-        denom = ops.add(ops.div(ops.out.sqrt(nu), correction2_sqrt), eps)
+        denom = ops.add(ops.div(ops.out.sqrt(nu), number(correction2_sqrt)), eps)
         size = at_count(h["lr"], lambda lr: -(lr / correction1), t)
         return ops.addcdiv(p, mu, denom, size), moments
 
@@ -607,7 +608,7 @@ def nadam_rule(
         mu = ops.lerp(m["mu"], g, 1 - b1)
         # (a product, a quotient: the moment written where it is, or a pure step's temporaries)
         nu = ops.own.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
-        denom = ops.own.add(ops.own.sqrt(ops.out.div(nu, 1 - b2**t)), eps)
+        denom = ops.own.add(ops.own.sqrt(ops.out.div(nu, number(1 - b2**t))), eps)
         p = ops.addcdiv(ops.addcdiv(p, g, denom, first), mu, denom, second)
         return p, {"mu": mu, "nu": nu, "mu_product": product}
 

@@ -28,6 +28,7 @@ from functrain.optim.rules.formula import (
     check_package_rate,
     combined,
     held_rate,
+    number,
     rule_transform,
 )
 
@@ -60,7 +61,7 @@ def adan_rule(
         nesterov = ops.add(ops.mul(diff, b2), g)
         nu = ops.addcmul(ops.mul(m["exp_avg_sq"], b3), nesterov, nesterov, value=1.0 - b3)
         root3 = math.sqrt(1.0 - b3**t) if isinstance(t, int) else torch.sqrt(1.0 - b3**t)
-        denom = ops.add(ops.div(ops.out.sqrt(nu), root3), eps)
+        denom = ops.add(ops.div(ops.out.sqrt(nu), number(root3)), eps)
         decays = active(h["weight_decay"])
         if decays and weight_decouple:
             p = ops.mul(p, combined(lambda lr, wd: 1.0 - lr * wd, h["lr"], h["weight_decay"]))

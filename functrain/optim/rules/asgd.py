@@ -24,9 +24,9 @@ from functrain.optim.rules.formula import (
     at_first_into,
     filled,
     held_scalar,
-    host_value,
     l2_decayed,
     negated,
+    read_value,
 )
 from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
 from functrain.optim.updates import NewParams, flat_updates
@@ -167,7 +167,9 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
         g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
         # the first step's eta is the rate (torch sets it from the group's lr at the first
         # step), a float32 0-d tensor as the state keeps it
-        eta = held_scalar(at_first(t, filled(h["lr"], m["eta"]), lambda: m["eta"]))
+        eta = held_scalar(  # (read wherever it lies, as torch's ``_get_value(eta)``)
+            at_first(t, filled(h["lr"], m["eta"]), lambda: m["eta"]), read=read_value
+        )
         p = ops.add(ops.mul(p, eta.map(lambda e: 1 - lambd * e)), g, eta.map(negated))
         mu = m["mu"]
         # the average is a copy of the parameters while mu is 1 (torch's ``ax.copy_(param)``)
@@ -202,7 +204,7 @@ def _one_as_first(mu: torch.Tensor) -> Count:
     """The averaging rate as `at_first_into` takes a count: 1 where it is 1 (the average is a copy
     of the parameters), else 2; an int read on the host (then picked without a select), or a
     tensor where vmap batches it: torch's ``mu.item() != 1``."""
-    value = host_value(mu)
+    value = read_value(mu)
     if value is None:  # batched under vmap
         return torch.where(mu == 1, 1, 2)
     return 1 if value == 1 else 2

@@ -48,7 +48,7 @@ from functrain.optim.checks import check_learning_rate
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner, gated_by_selection
 from functrain.optim.rates import host_rate, takes_tensor_steps, value_at
-from functrain.optim.rules.arithmetic import opmath
+from functrain.optim.rules.arithmetic import divided, opmath
 from functrain.optim.updates import NewParams
 from functrain.optim.zeros import constant_like, is_shared, laid_out_like, writable, writables
 from functrain.tree import Tree, tree_flatten, tree_leaves
@@ -440,15 +440,28 @@ def filled(h: Scalar, like: torch.Tensor) -> torch.Tensor:
 
 def host_value(t: torch.Tensor) -> float | None:
     """A 0-d CPU tensor's value on the host (the one read of a step's numbers), None where vmap
-    batches it, it lies on an accelerator (a read would wait for it) or ``torch.compile`` traces
-    the step (the graph computes with the tensor: a read
-    would specialize it to each value)."""
-    if torch.compiler.is_compiling() or t.device.type != "cpu":  # (an accelerator's would wait)
+    batches it, it lies on an accelerator (a read would wait for it: there a step computes with
+    the tensor) or ``torch.compile`` traces the step (`read_value`)."""
+    return None if t.device.type != "cpu" else read_value(t)
+
+
+def read_value(t: torch.Tensor) -> float | None:
+    """A 0-d tensor's value on the host wherever it lies: the reads torch.optim's own steps make
+    (``tensor.item()``, on an accelerator a wait). None where vmap batches it or
+    ``torch.compile`` traces the step (the graph computes with the tensor: a read would
+    specialize it to each value)."""
+    if torch.compiler.is_compiling():
         return None
     try:
         return float(t.detach().item())
     except RuntimeError:
         return None
+
+
+def number(x: float | torch.Tensor) -> Scalar:
+    """A number a formula computes from the count, as ops take it: a float, or the float64
+    tensor it is where the count is one (vmap, a traced step, an accelerator's count)."""
+    return Scalar(None, x) if isinstance(x, torch.Tensor) else Scalar(float(x))
 
 
 def scheduled_rate(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
@@ -484,13 +497,18 @@ def _batched_on(t: torch.Tensor, device: torch.device) -> torch.device:
     return t.device if torch.compiler.is_compiling() else device
 
 
-def held_scalar(tensor: torch.Tensor, device: torch.device | None = None) -> Scalar:
+def held_scalar(
+    tensor: torch.Tensor,
+    device: torch.device | None = None,
+    read: Callable[[torch.Tensor], float | None] = host_value,
+) -> Scalar:
     """A held hyperparameter: its number (None where vmap batches it), and the tensor where a
     derivative may reach it (it requires grad, or a ``torch.func`` transform tracks it); else a
     constant, which torch's own ops take as a number. A 0-d tensor on the host takes part in the
     kernels of any device as a number does (its derivative comes back to it); a batched one goes
-    to the parameters' `device`."""
-    value = host_value(tensor)
+    to the parameters' `device`. `read`: how its number is read (`read_value`: also on an
+    accelerator, where torch.optim reads it too)."""
+    value = read(tensor)
     if value is None:
         return Scalar(None, tensor if device is None else tensor.to(_batched_on(tensor, device)))
     return Scalar(value, tensor if tracked(tensor) else None)
@@ -547,7 +565,10 @@ class Ops:
         h = _as_scalar(alpha)
         if h.tensor is None:
             return a.add_(b, alpha=h.value) if self.in_place else torch.add(a, b, alpha=h.value)
-        if not self.differentiable:  # a number read as a tensor (traced, or batched by vmap)
+        if not self.differentiable:  # a number read as a tensor (traced, batched, on CUDA)
+            if a.device.type == "cuda" and isinstance(b, torch.Tensor):
+                # (CUDA's kernel: one fused multiply-add, in its opmath)
+                return _on_cuda(torch.addcmul, a, b, h.tensor)
             return a + h.tensor * b
         return add_scaled(a, b, h)
 
@@ -571,6 +592,8 @@ class Ops:
         h = _as_scalar(by)
         if h.tensor is None:
             return a.div_(h.value) if self.in_place else torch.div(a, h.value)  # type: ignore[arg-type]
+        if a.device.type == "cuda" and not self.differentiable:
+            return divided(a, h.tensor)  # (as CUDA divides by a number: by its reciprocal)
         return a / h.tensor.to(opmath(a.dtype))
 
     def lerp(
@@ -599,8 +622,11 @@ class Ops:
             if self.in_place:
                 return a.addcdiv_(t1, t2, value=h.value)  # type: ignore[arg-type]
             return torch.addcdiv(a, t1, t2, value=h.value)  # type: ignore[arg-type]
-        if not self.differentiable:  # a number read as a tensor (traced, or batched by vmap)
-            return a + h.tensor * t1 / t2
+        if not self.differentiable:  # a number read as a tensor (traced, batched, on CUDA)
+            if a.device.type == "cuda":  # CUDA's kernel: a + value * (t1 / t2), fused
+                wide = opmath(a.dtype)  # (the quotient in the opmath, as the kernel's)
+                return _on_cuda(torch.addcmul, a, torch.div(t1.to(wide), t2.to(wide)), h.tensor)
+            return a + h.tensor * t1 / t2  # (the CPU kernel's order: (value * t1) / t2)
         return addcdiv_scaled(a, t1, t2, h)
 
     def sqrt(self, a: torch.Tensor) -> torch.Tensor:
@@ -641,6 +667,16 @@ class Ops:
     def copy(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """`b`'s values where `a` was: written into `a` in place, else `b` itself."""
         return a.copy_(b) if self.in_place else b
+
+
+def _on_cuda(op: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """`op` of CUDA tensors computed as torch's CUDA kernels compute a number's op, in their
+    opmath (float32 for a half-precision first tensor: each operand widened, the result rounded
+    back once), a 0-d float64 operand (a number read as a tensor) taken in that opmath too."""
+    dtype = args[0].dtype
+    wide = opmath(dtype)
+    out = op(*(x.to(wide) if x.dtype != wide else x for x in args))
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 IN_PLACE = Ops(in_place=True, differentiable=False)
@@ -1078,13 +1114,17 @@ def rule_transform(
         refuse_sparse(leaves)
         if rule.refuses_complex and any(p.is_complex() for p in leaves):
             raise ConfigError(f"{name}: {rule.refuses_complex}")
+        # where the count (and the numbers that follow it) lives: on the host for a
+        # differentiable state (its skip flag read there, as torch.optim keeps its steps), else
+        # with the parameters, where a skipped step's select keeps it (on an accelerator no read)
+        home = HOST if differentiable or not leaves else leaves[0].device
         slots = {
             k: tuple(
                 torch.full(
                     (),
                     rule.initial.get(k, 0.0),
                     dtype=torch.float32,
-                    device=HOST if k in rule.host else p.device,
+                    device=home if k in rule.host else p.device,
                 )
                 if k in rule.scalars
                 else p.detach().clone(memory_format=torch.preserve_format)
@@ -1096,8 +1136,8 @@ def rule_transform(
             )
             for k in rule.slots
         }
-        held = {k: torch.tensor(v, dtype=torch.float64, device=HOST) for k, v in constants.items()}
-        count = torch.zeros((), dtype=torch.int64, device=HOST)
+        held = {k: torch.tensor(v, dtype=torch.float64, device=home) for k, v in constants.items()}
+        count = torch.zeros((), dtype=torch.int64, device=home)
         first = (
             float(value_at(schedule, count))
             if schedule is not None
@@ -1108,7 +1148,7 @@ def rule_transform(
             (), first, dtype=torch.float64, device=leaves[0].device if leaves else HOST
         )
         group = {
-            k: torch.tensor(v, dtype=torch.float64, device=HOST) for k, v in rule.group.items()
+            k: torch.tensor(v, dtype=torch.float64, device=home) for k, v in rule.group.items()
         }
         return state_type(count, slots, held, rate, group)
 
@@ -1147,7 +1187,7 @@ def rule_transform(
             new_group = {
                 k: v.to(torch.float64)
                 if isinstance(v, torch.Tensor)
-                else torch.tensor(v, dtype=torch.float64, device=HOST)
+                else torch.tensor(v, dtype=torch.float64, device=state.count.device)
                 for k, v in numbers.items()
             }
         ops = DIFFERENTIABLE if differentiable else IN_PLACE if in_place else OUT_OF_PLACE
