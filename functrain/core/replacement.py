@@ -28,9 +28,11 @@ __all__ = [
     "refuse_derived",
     "ordered_like",
     "carried",
+    "parked_carried",
     "shared_storage",
     "COUNT_FREE",
     "count_free",
+    "dampened",
     "slots_of",
     "resplit",
 ]
@@ -128,6 +130,43 @@ def carried(old: Any, old_fresh: Any, new_fresh: Any, cores: tuple[Any, Any], wh
 _NONE = object()
 
 
+def parked_carried(
+    parked: dict[str, dict[str, Any]],
+    what: str,
+    old_fresh: Any,
+    new_fresh: Any,
+    cores: tuple[Any, Any],
+) -> dict[str, dict[str, Any]]:
+    """The parked slots of `what` (`resplit`'s keys ``what|container|rest``) carried as `carried`
+    carries the state: a slot of the optimizer's own state moved to where the new settings'
+    wrappers put that state; any other kept as it was.
+
+    Example:
+        >>> import torch
+        >>> m = torch.zeros(2)
+        >>> parked = {"w": {"opt_state|momentum|": m, "step": torch.tensor(3)}}
+        >>> moved = parked_carried(parked, "opt_state", {"momentum": (m,)},
+        ...                        {"inner": {"momentum": (m,)}}, ({"momentum": (m,)},) * 2)
+        >>> sorted(moved["w"])
+        ['opt_state|inner/momentum|', 'step']
+    """
+    at_old = _prefix_of(leaves_by_path(old_fresh), leaves_by_path(cores[0]))
+    at_new = _prefix_of(leaves_by_path(new_fresh), leaves_by_path(cores[1]))
+    if at_old is None or at_new is None or at_old == at_new:
+        return parked
+    moved: dict[str, dict[str, Any]] = {}
+    for name, slots in parked.items():
+        moved[name] = {}
+        for key, leaf in slots.items():
+            head, _, tail = key.partition("|")
+            container, _, rest = tail.partition("|")
+            if head == what and (container + "/").startswith(at_old):
+                container = (at_new + (container + "/")[len(at_old) :]).rstrip("/")
+                key = f"{what}|{container}|{rest}"
+            moved[name][key] = leaf
+    return moved
+
+
 def _prefix_of(leaves: dict[str, Any], core: dict[str, Any]) -> str | None:
     """The path under which `core`'s leaves stand in `leaves` (``""``: at the root), or None."""
     if not core:
@@ -213,6 +252,19 @@ def count_free(optimizer_name: str) -> bool:
     if not optimizer_name.startswith(COUNT_FREE):
         return False
     return not optimizer_name.startswith(_COUNTED) or "lr_decay=0.0," in optimizer_name
+
+
+def dampened(optimizer_name: str) -> bool:
+    """Whether the optimizer named so is SGD with momentum and a dampening, whose first update of
+    a weight (torch's ``momentum_buffer is None``) differs from its later ones.
+
+    Example:
+        >>> dampened("sgd(lr=0.1, momentum=0.9, nesterov=False, dampening=0.5, weight_decay=0.0)")
+        True
+    """
+    if not optimizer_name.startswith("sgd("):
+        return False
+    return "momentum=0.0," not in optimizer_name and "dampening=0.0," not in optimizer_name
 
 
 def slots_of(init: Any, params: dict[str, torch.Tensor]) -> list[str] | None:

@@ -40,7 +40,9 @@ from functrain.core.options import (
 from functrain.core.replacement import (
     carried,
     count_free,
+    dampened,
     ordered_like,
+    parked_carried,
     refuse_derived,
     resplit,
     shared_storage,
@@ -617,6 +619,14 @@ class TrainState:
                 "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
                 "reads no count (sgd, rmsprop, adagrad, adadelta, rprop)"
             )
+        first = [w for w in back if self._parked_at(w) == 0]
+        if updates and first and dampened(name):
+            problems.append(
+                f"{first[:3]} would train for the first time at update {updates}, where "
+                "torch.optim's SGD takes a weight's first gradient as its momentum, undampened, "
+                "and this state's SGD takes its first update by one count for all (it would "
+                "dampen it): train them from the start, or use dampening=0"
+            )
         if problems:
             raise StateMismatchError(
                 "TrainState.replace cannot move weights between params and frozen here:\n  - "
@@ -701,6 +711,7 @@ class TrainState:
         tx = built(optimizer, options)
         averager = averager_of(options)
         rebuilt: dict[str, Any] = {"tx": tx, "averager": averager}
+        parked: dict[str, Any] = self.parked
         if "opt_state" not in changes:
             # the optimizers' own states, found inside the options' wrappers
             cores = tuple(
@@ -710,9 +721,11 @@ class TrainState:
                     (optimizer, options.differentiable),
                 )
             )
-            rebuilt["opt_state"] = carried(
-                self.opt_state, self.tx.init(params), tx.init(params), cores, "opt_state"
-            )
+            old_fresh, new_fresh = self.tx.init(params), tx.init(params)
+            rebuilt["opt_state"] = carried(self.opt_state, old_fresh, new_fresh, cores, "opt_state")
+            # (a frozen weight's parked slots follow its optimizer's state where the new
+            # settings' wrappers put it, to be found when it trains again)
+            parked = parked_carried(parked, "opt_state", old_fresh, new_fresh, cores)
         if "ema_state" not in changes:
             buffers = dict(changes.get("buffers", self.buffers))
 
@@ -728,6 +741,10 @@ class TrainState:
                 if old is None or new is None
                 else carried(self.ema_state, old, new, (old, new), "ema_state")
             )
+            if old is not None and new is not None:
+                parked = parked_carried(parked, "ema_state", old, new, (old, new))
+        if parked is not self.parked:
+            rebuilt["parked"] = {k: ReadOnlyDict(v) for k, v in parked.items()}
         return rebuilt
 
     def with_statics(self, **statics: Any) -> TrainState:

@@ -254,6 +254,35 @@ def test_gradual_unfreezing_under_accumulation_gives_torchs_bits() -> None:
         assert torch.equal(state.params[key], p), key
 
 
+@pytest.mark.parametrize("change", ["clipping added", "clipping removed"])
+def test_a_layer_parked_across_new_options_trains_again_with_its_moments(change: str) -> None:
+    """The options' wrappers move the optimizer's state (``inner/momentum`` <->
+    ``inner/1/momentum``): a parked layer's momentum follows it, as torch keeps it."""
+    clip = (None, 10.0) if change == "clipping added" else (10.0, None)
+    ours, _ = COUNT_FREE["sgd"]
+    state = ft.TrainState.create(make_mlp(), ours(), cross_entropy_loss_fn, clip_grad_norm=clip[0])
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=0.01, fused=True)
+    for i, batch in enumerate(batches(8)):
+        if i == 2:
+            state = frozen_first_layer(state)
+        if i == 3:
+            state = state.replace(options=attrs.evolve(state.options, clip_grad_norm=clip[1]))
+        if i == 5:
+            state = unfrozen_first_layer(state)
+        state, _ = ft.train_step(state, batch)
+        if i in (2, 5):
+            for p in model[0].parameters():
+                p.requires_grad_(i == 5)
+        cross_entropy_loss_fn(model, batch).backward()
+        if clip[i >= 3] is not None:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 10.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
 def test_weights_are_moved_only_where_an_accumulation_window_ends() -> None:
     state = trained(ft.sgd(0.1), steps=1, accumulate_steps=2)
     with pytest.raises(ft.StateMismatchError, match=r"holds 1 of its 2 micro-batches"):
@@ -307,6 +336,30 @@ def test_training_a_layer_again_where_the_optimizer_counts_updates_is_refused() 
     model = torch_toggled(lambda p: torch.optim.AdamW(p, 1e-3, fused=True), freeze=2, unfreeze=100)
     for key, p in model.named_parameters():  # freezing alone: torch's bits
         assert torch.equal(frozen_only.params.get(key, frozen_only.frozen.get(key)), p), key
+
+
+def test_a_weight_first_trained_mid_run_by_dampened_sgd_is_refused() -> None:
+    """torch's SGD takes a weight's first gradient as its momentum, undampened; functrain's
+    decides the first update by one count for all: refused, where it would differ."""
+    dampened = lambda: ft.sgd(0.1, momentum=0.9, dampening=0.5)  # noqa: E731
+    with pytest.raises(ft.StateMismatchError, match=r"for the first time at update 3.*dampening"):
+        gradually_unfrozen(dampened(), freeze=0, unfreeze=3)
+    # a weight trained before it sat out keeps its momentum: torch's bits
+    state = gradually_unfrozen(dampened(), freeze=2, unfreeze=5)
+    model = torch_toggled(
+        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, dampening=0.5, foreach=True),
+        freeze=2,
+        unfreeze=5,
+    )
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+    # with no dampening the first update is the gradient either way
+    state = gradually_unfrozen(ft.sgd(0.1, momentum=0.9, fused=False), freeze=0, unfreeze=3)
+    model = torch_toggled(
+        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, foreach=True), freeze=0, unfreeze=3
+    )
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
 
 
 def test_moving_weights_and_changing_the_optimizer_at_once_is_refused() -> None:
