@@ -19,7 +19,6 @@ from functrain.core.state import TrainState
 from functrain.distributed.sharding import gathered
 from functrain.driver.callbacks import Callback, Run, on
 from functrain.errors import ConfigError, config_check
-from functrain.optim.rules.formula import evaluation_params
 
 __all__ = ["Forward", "SampleText", "generate", "sample_logits", "top_k_filter", "top_p_filter"]
 
@@ -256,16 +255,14 @@ def generate(
     ids = _as_ids(prompt_ids, state.device)
     squeeze = ids.ndim == 1
     ids = ids.unsqueeze(0) if squeeze else ids
-    weights = state.ema_params if use_ema else state.params
+    weights, frozen = state.evaluated(use_ema)  # (schedule-free's average)
     assert weights is not None  # use_ema without an EMA was refused above
-    evaluated = None if use_ema else evaluation_params(state.opt_state, state.params)
-    weights = weights if evaluated is None else evaluated  # (schedule-free's average)
     # a sharded state's weights gathered whole once (every rank must call), not at every token
     weights = {k: gathered(w) for k, w in weights.items()}
     # a copy of the buffers: eval mode should not write them, but a module may, and the state must
     # not change
     buffers = (state.ema_buffers if use_ema else None) or state.buffers  # the EMA's, if it keeps
-    tensors = {**weights, **state.frozen, **{k: b.clone() for k, b in buffers.items()}}
+    tensors = {**weights, **frozen, **{k: b.clone() for k, b in buffers.items()}}
     forward = forward or _logits_of
     generator = torch.Generator(device=state.device).manual_seed(seed)
     # the structure is shared with other threads' steps: its mode switched under their lock too

@@ -61,7 +61,7 @@ from functrain.errors import (
 from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.differentiable import hyperparameters_of, tracked, with_hyperparameters
-from functrain.optim.rules.formula import evaluation_params
+from functrain.optim.rules.formula import evaluation_frozen, evaluation_params
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
 from functrain.tree import ReadOnlyDict, Tree, leaves_by_path, read_only, tree_leaves
@@ -806,6 +806,28 @@ class TrainState:
         """Number of trainable parameter elements."""
         return sum(p.numel() for p in self.params.values())
 
+    def evaluated(self, use_ema: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The weights and frozen weights the model is evaluated at: the EMA's with `use_ema`
+        (None without one), else where the optimizer says (a schedule-free optimizer's average,
+        of a frozen weight that trained too: `functrain.optim.rules.formula.evaluation_params`),
+        else the state's own. `eval_step`, `predict`, `generate` and `export_module` use them.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(torch.nn.Linear(2, 1), ft.sgd(0.1), lambda m, b: 0)
+            >>> weights, frozen = s.evaluated()
+            >>> weights is s.params, frozen is s.frozen
+            (True, True)
+        """
+        if use_ema:
+            return self.ema_params, self.frozen
+        evaluated = evaluation_params(self.opt_state, self.params)
+        frozen = evaluation_frozen(self.opt_state, dict(self.frozen), dict(self.parked))
+        return (
+            self.params if evaluated is None else evaluated,
+            self.frozen if frozen is None else frozen,
+        )
+
     def export_module(self, *, use_ema: bool = False, rank0_only: bool = False) -> nn.Module | None:
         """A fresh copy of the module holding this state's weights (or their EMA), in eval mode.
 
@@ -833,9 +855,7 @@ class TrainState:
             True
         """
         self.check_live("export_module")
-        weights = self.ema_params if use_ema else self.params
-        evaluated = None if use_ema else evaluation_params(self.opt_state, self.params)
-        weights = weights if evaluated is None else evaluated
+        weights, frozen = self.evaluated(use_ema)
         if weights is None:
             raise ConfigError(
                 "export_module(use_ema=True) needs a state created with ema_decay=...; "
@@ -847,7 +867,7 @@ class TrainState:
         if not keep:
             return None
         buffers = (self.ema_buffers if use_ema else None) or self.buffers
-        values = {**weights, **self.frozen, **buffers}
+        values = {**weights, **frozen, **buffers}
         # the structure's (meta) tensors map to copies of the state's: tied weights stay tied;
         # read while no other thread's step has it bound to that state's tensors
         memo: dict[int, Any] = {}

@@ -35,7 +35,6 @@ from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState
 from functrain.distributed import sharding as sharding_
 from functrain.errors import ConfigError
 from functrain.optim.batching import differentiating
-from functrain.optim.rules.formula import evaluation_params
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 
@@ -254,9 +253,10 @@ def eval_step(
             f"eval_fn must be a function eval_fn(model, batch) -> loss or (loss, metrics), got "
             f"{type(eval_fn).__name__}"
         )
-    evaluated = None if use_ema else evaluation_params(state.opt_state, state.params)
-    if evaluated is not None:  # a schedule-free optimizer's model is its average
-        state = state.replace(params=evaluated)
+    if not use_ema:  # a schedule-free optimizer's model is its average
+        weights, frozen = state.evaluated()
+        if weights is not state.params or frozen is not state.frozen:
+            state = state.replace(params=weights, frozen=frozen)
     if state.members:
         stacked = state if eval_fn is None else state.replace(loss_fn=eval_fn)
         return stacked_eval_step(stacked, batch, use_ema)
@@ -313,9 +313,7 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
             "predict runs one model, and this state holds stacked members: run them one by one, "
             "[ft.predict(s, x) for s in functrain.unstack(state)]"
         )
-    weights = state.ema_params if use_ema else state.params
-    evaluated = None if use_ema else evaluation_params(state.opt_state, state.params)
-    weights = weights if evaluated is None else evaluated
+    weights, frozen = state.evaluated(use_ema)
     if weights is None:
         raise ConfigError(
             "predict(use_ema=True) needs a state created with ema_decay=...; this state has no EMA"
@@ -326,7 +324,7 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
         given = (state.ema_buffers if use_ema else None) or state.buffers
         buffers = {k: b.clone() for k, b in given.items()}  # its forward's to write
         gathered = state.dist is not None and state.dist.sharding == "full"
-        binding = bound(state.module, {**weights, **state.frozen, **buffers})
+        binding = bound(state.module, {**weights, **frozen, **buffers})
         with (
             contextlib.nullcontext() if state.options.differentiable else torch.no_grad(),
             sharding_.gathering_on_use(weights) if gathered else contextlib.nullcontext(),

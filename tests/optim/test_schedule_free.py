@@ -238,6 +238,37 @@ def test_eval_step_evaluates_where_the_packages_eval_puts_the_weights() -> None:
         assert not torch.equal(state.params[k], p.detach()), k
 
 
+def test_a_layer_frozen_mid_run_is_evaluated_at_its_own_average_as_the_packages_eval() -> None:
+    """torch's loop with ``lin``'s requires_grad off from step 10: the package skips it, its
+    ``z`` waits, and ``eval()`` still moves it to its average; functrain parks its ``z`` with it
+    (`TrainState.parked`) and evaluates it there."""
+    model = _net()
+    opt = schedulefree.AdamWScheduleFree(
+        model.parameters(), lr=0.01, weight_decay=0.1, warmup_steps=10
+    )
+    opt.train()
+    state = ft.TrainState.create(_net(), _preset(), _loss)
+    for step in range(20):
+        if step == 10:
+            model.lin.requires_grad_(False)
+            params = dict(state.params)
+            frozen = {k: params.pop(k) for k in ("lin.weight", "lin.bias")}
+            state = state.replace(params=params, frozen=frozen)
+        opt.zero_grad()
+        _loss(model, _batch(step)).backward()
+        opt.step()
+        state, _ = ft.train_step(state, _batch(step))
+    opt.eval()
+    with torch.no_grad():
+        expected, expected_out = _loss(model, _batch(-1)), model(_batch(-1)[0])
+    assert torch.equal(ft.eval_step(state, _batch(-1))["loss"], expected)
+    assert torch.equal(ft.predict(state, _batch(-1)[0]), expected_out)
+    exported = state.export_module()
+    for k, p in model.named_parameters():
+        assert torch.equal(exported.get_parameter(k), p.detach()), k
+    assert torch.equal(state.frozen["lin.bias"], frozen["lin.bias"])  # (the state's stays y)
+
+
 def test_a_stacked_state_evaluates_each_member_at_its_average() -> None:
     members = [ft.TrainState.create(_net(), _preset(), _loss) for _ in range(2)]
     members[1] = members[1].replace(params={k: p + 0.5 for k, p in members[1].params.items()})

@@ -57,6 +57,8 @@ __all__ = [
     "BATCHED",
     "DIFFERENTIABLE",
     "EVALUATION_POINTS",
+    "FROZEN_EVALUATION_POINTS",
+    "evaluation_frozen",
     "FOREACH_IN_PLACE",
     "FOREACH_OUT_OF_PLACE",
     "FORMULAS",
@@ -1050,6 +1052,23 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
     """
     for point in EVALUATION_POINTS:
         found = point(opt_state, params)
+        if found is not None:
+            return found
+    return None
+
+
+# (the same for frozen weights whose optimizer state waits in a state's `parked`)
+FROZEN_EVALUATION_POINTS: list[Callable[[Any, dict[str, Any], dict[str, Any]], Any]] = []
+
+
+def evaluation_frozen(
+    opt_state: Any, frozen: dict[str, torch.Tensor], parked: dict[str, dict[str, Any]]
+) -> dict[str, torch.Tensor] | None:
+    """The frozen weights a model trained with `opt_state`'s optimizer is evaluated at, where
+    its optimizer says a weight that trained and now waits (its slots in `parked`, by name) is
+    not evaluated where it stands (a schedule-free weight: at its average), else None."""
+    for point in FROZEN_EVALUATION_POINTS:
+        found = point(opt_state, frozen, parked)
         if found is not None:
             return found
     return None

@@ -28,6 +28,7 @@ from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     EVALUATION_POINTS,
     FORMULAS,
+    FROZEN_EVALUATION_POINTS,
     Count,
     Ops,
     Rule,
@@ -41,7 +42,12 @@ from functrain.optim.rules.formula import (
 )
 from functrain.tree import Tree, tree_flatten, tree_unflatten
 
-__all__ = ["adamw_schedule_free", "evaluation_params", "schedule_free_adamw_rule"]
+__all__ = [
+    "adamw_schedule_free",
+    "evaluation_params",
+    "frozen_evaluation_params",
+    "schedule_free_adamw_rule",
+]
 
 # the param group's numbers (`Rule.group`): the updates so far, the largest scheduled rate, the
 # sum of the averaging weights; the group holds beta1 beside them (it places the evaluation point)
@@ -272,6 +278,34 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
     return tree_unflatten([torch.lerp(y, z, weight) for y, z in zip(ys, zs, strict=True)], spec)
 
 
+def frozen_evaluation_params(
+    opt_state: Any, frozen: dict[str, torch.Tensor], parked: dict[str, dict[str, Any]]
+) -> dict[str, torch.Tensor] | None:
+    """The frozen weights a schedule-free model is evaluated at: a weight that trained and waits
+    (its ``z`` parked with it) at its own average, as the package's ``eval()`` moves every
+    weight that has a ``z``; the others where they stand. None where none is schedule-free's.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = adamw_schedule_free(lr=0.1).init({"w": torch.ones(1)})
+        >>> parked = {"v": {"opt_state|slots/z|": torch.zeros(1)}}
+        >>> state = state._replace(group={**state.group, "k": torch.tensor(1.0)})
+        >>> frozen_evaluation_params(state, {"v": torch.ones(1)}, parked)
+        {'v': tensor([-9.])}
+    """
+    found = _schedule_free_state(opt_state)
+    if found is None or not parked or not found.group["k"].any():
+        return None
+    weight = 1 - 1 / float(found.group["beta1"].reshape(-1)[0])
+    out, moved = dict(frozen), False
+    for name, y in frozen.items():
+        for key, z in parked.get(name, {}).items():
+            what, _, container = key.partition("|")
+            if what == "opt_state" and container.split("|")[0].endswith("slots/z"):
+                out[name], moved = torch.lerp(y, z, weight), True
+    return out if moved else None
+
+
 def _read(t: torch.Tensor) -> Scalar:
     """A step's number computed as a float64 tensor: the number torch's kernels take, where it
     can be read (an eager step whose rate a derivative reaches: IEEE operations on doubles, the
@@ -298,3 +332,4 @@ _NUMBERS = {*GROUP, "beta1"}
 
 
 EVALUATION_POINTS.append(evaluation_params)
+FROZEN_EVALUATION_POINTS.append(frozen_evaluation_params)
