@@ -233,6 +233,37 @@ def test_a_formula_preset_trains_on_cuda_as_torchs_single_tensor_loop(
         assert torch.equal(got, expected), f"{name}: {k} {(got - expected).abs().max():.3e}"
 
 
+@pytest.mark.parametrize("name", ["adamax", "nadam"])
+def test_a_layer_frozen_and_trained_again_on_cuda_continues_its_own_count(name: str) -> None:
+    """Each weight's own count (torch's ``step``) on CUDA: the first layer sits out updates 3-5
+    (torch: requires_grad off) and continues from its count, bit for bit, pure and donated."""
+    ours, theirs_class, options = TORCH_FORMULAS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2)).to(CUDA)
+    theirs = copy.deepcopy(model)
+    state = ft.TrainState.create(model, ours(1e-2, **options), _loss)
+    opt = theirs_class(theirs.parameters(), 1e-2, foreach=False, **options)
+    first = ("0.weight", "0.bias")
+    for i, batch in enumerate(_batches(10)):
+        if i == 3:
+            params = dict(state.params)
+            moved = {k: params.pop(k) for k in first}
+            state = state.replace(params=params, frozen={**state.frozen, **moved})
+        if i == 6:
+            frozen = dict(state.frozen)
+            back = {k: frozen.pop(k) for k in first}
+            state = state.replace(params={**back, **state.params}, frozen=frozen)
+        if i in (3, 6):
+            for p in theirs[0].parameters():
+                p.requires_grad_(i == 6)
+        state, _ = ft.train_step(state, batch, donate=i % 2 == 0)
+        opt.zero_grad(set_to_none=True)
+        _loss(theirs, batch).backward()
+        opt.step()
+    for (k, got), expected in zip(state.params.items(), theirs.parameters(), strict=True):
+        assert torch.equal(got, expected), f"{name}: {k} {(got - expected).abs().max():.3e}"
+
+
 def _as_torch_runs_on_cuda(make_opt: Any) -> Any:
     """`make_opt`'s optimizer as torch runs it on CUDA: an ``Adagrad(fused=True)`` remade as
     torch's default there (its foreach Adagrad) where torch.optim has no fused Adagrad for CUDA

@@ -501,11 +501,9 @@ def _in_formula_layouts(saved: Any, template: Any) -> Any:
     held numbers the template's (the preset's own arguments, which the fingerprint checks). Any
     other part as saved."""
     if isinstance(template, RuleState):
-        if (
-            not getattr(type(template), "before", None)
-            or isinstance(saved, dict)
-            and "slots" in saved
-        ):
+        if isinstance(saved, dict) and "slots" in saved:
+            return _with_own_steps(saved, template)
+        if not getattr(type(template), "before", None):
             return saved
         # a chain's states, or one state of its own before (nadam_step alone)
         chain = (saved,) if isinstance(saved, dict) else saved
@@ -541,15 +539,36 @@ def _formula_layout(chain: tuple[Any, ...], template: RuleState) -> dict[str, An
         else v
         for k, v in slots.items()
     }
-    if count is None or set(slots) != set(template.slots):
+    if count is None or set(slots) | {"step"} != set(template.slots) | {"step"}:
         return None
-    return {
-        "count": count,
-        "slots": slots,
-        "hyperparameters": dict(template.hyperparameters),
-        "lr": rate,
-        "group": dict(template.group),
-    }
+    return _with_own_steps(
+        {
+            "count": count,
+            "slots": slots,
+            "hyperparameters": dict(template.hyperparameters),
+            "lr": rate,
+            "group": dict(template.group),
+        },
+        template,
+    )
+
+
+def _with_own_steps(saved: dict[str, Any], template: RuleState) -> dict[str, Any]:
+    """A formula's saved state with each parameter's own count (`Rule.own_steps`) where the
+    checkpoint holds one count for all (written before each parameter kept its own): the saved
+    count, as every parameter took every update."""
+    slots, group, count = saved.get("slots"), saved.get("group"), saved.get("count")
+    if (
+        not template.steps
+        or not isinstance(slots, dict)
+        or "step" in slots
+        or not isinstance(group, dict)
+        or not isinstance(count, torch.Tensor)
+    ):
+        return saved
+    steps = tuple(count.to(torch.float32).clone() for _ in template.steps)
+    at = count.to(torch.float64).clone()
+    return {**saved, "slots": {**slots, "step": steps}, "group": {**group, "steps_at": at}}
 
 
 def _load(

@@ -237,13 +237,15 @@ def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:
 
 
 # the optimizers whose update of a weight reads no count of updates (torch.optim's per-weight
-# `step` enters none of their arithmetic): a weight frozen and trained again continues exactly
-COUNT_FREE = ("sgd(", "rmsprop(", "adagrad(", "adadelta(", "rprop(")
+# `step` enters none of their arithmetic), or reads the weight's own (its state keeps one per
+# weight, `Rule.own_steps`): a weight frozen and trained again continues exactly
+COUNT_FREE = ("sgd(", "rmsprop(", "adagrad(", "adadelta(", "rprop(", "adamax(", "nadam(")
 _COUNTED = "adagrad("  # count-free only without its rate decay
 
 
 def count_free(optimizer_name: str) -> bool:
-    """Whether the optimizer named so updates each weight without reading a count of updates.
+    """Whether the optimizer named so updates each weight without reading a count of updates
+    for all (none, or the weight's own).
 
     Example:
         >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("adamw(lr=0.001)")

@@ -61,7 +61,7 @@ from functrain.errors import (
 from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.differentiable import hyperparameters_of, tracked, with_hyperparameters
-from functrain.optim.rules.formula import evaluation_frozen, evaluation_params
+from functrain.optim.rules.formula import evaluation_frozen, evaluation_params, settled_steps
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
 from functrain.tree import ReadOnlyDict, Tree, leaves_by_path, read_only, tree_leaves
@@ -617,7 +617,8 @@ class TrainState:
                 "schedules of its own): their update would differ from torch's. Freezing is "
                 "exact; to train them again, make a state for the new split "
                 "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
-                "reads no count (sgd, rmsprop, adagrad, adadelta, rprop)"
+                "reads no count (sgd, rmsprop, adagrad, adadelta, rprop) or each weight's own "
+                "(adamax, nadam)"
             )
         first = [w for w in back if self._parked_at(w) == 0]
         if updates and first and dampened(name):
@@ -633,7 +634,9 @@ class TrainState:
                 + "\n  - ".join(problems)
             )
         was = {k: dict(v) for k, v in self.parked.items()}
-        opt_state, parked = resplit(self.opt_state, names, params, was, self.tx.init, "opt_state")
+        # (each weight's own count brought up to now first: a frozen weight takes it with it)
+        settled = settled_steps(self.opt_state)
+        opt_state, parked = resplit(settled, names, params, was, self.tx.init, "opt_state")
         moved: dict[str, Any] = {"opt_state": opt_state}
         if self.ema_state is not None and self.averager is not None and "ema_state" not in changes:
             buffers = dict(self.buffers) if self.options.ema_buffers else None

@@ -855,12 +855,16 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
             values[field] = _torch_scalar(group, names, key, current)
         elif current:
             values[field] = _torch_tensors(group, names, key, current)
-    if isinstance(node, RuleState):  # (its moments by name)
+    if isinstance(node, RuleState):  # (its moments by name, each parameter's count: all alike)
         values = {"slots": {**node.slots, **values}}
+        if node.steps:  # (`RuleState.steps`: as they are at the count)
+            values["slots"]["step"] = tuple(torch.full_like(t, group.count) for t in node.steps)
+            at = node.group["steps_at"]
+            values["group"] = {**node.group, "steps_at": torch.full_like(at, group.count)}
+    elif getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`)
+        values["steps"] = tuple(torch.full_like(t, group.count) for t in node.steps)
     if "count" in node._fields:
         values["count"] = torch.full_like(node.count, group.count)
-    if getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`): all alike
-        values["steps"] = tuple(torch.full_like(t, group.count) for t in node.steps)
     return node._replace(**values)
 
 

@@ -222,6 +222,15 @@ COUNT_FREE = {
     ),
     "adagrad": (lambda: ft.adagrad(0.1), lambda p: torch.optim.Adagrad(p, 0.1, fused=True)),
     "adadelta": (lambda: ft.adadelta(1.0), lambda p: torch.optim.Adadelta(p, 1.0)),
+    # (each weight's own count of updates, as torch's step)
+    "adamax": (
+        lambda: ft.adamax(0.01, weight_decay=0.01),
+        lambda p: torch.optim.Adamax(p, 0.01, weight_decay=0.01),
+    ),
+    "nadam": (
+        lambda: ft.nadam(0.01, weight_decay=0.01, decoupled_weight_decay=True),
+        lambda p: torch.optim.NAdam(p, 0.01, weight_decay=0.01, decoupled_weight_decay=True),
+    ),
 }
 
 
@@ -235,6 +244,27 @@ def test_a_layer_frozen_and_trained_again_through_replace_gives_torchs_bits(name
     assert not state.parked and list(state.params) == [k for k, _ in model.named_parameters()]
 
 
+def test_each_weights_own_count_goes_to_torch_as_its_step_and_torch_continues() -> None:
+    """After the first layer sat out three updates, torch's state takes each weight's own step
+    (`to_torch_state_dict`) and its NAdam continues the run bit for bit."""
+    ours, theirs = COUNT_FREE["nadam"]
+    state = gradually_unfrozen(ours(), freeze=1, unfreeze=4, n=6)
+    assert [float(s) for s in state.opt_state.inner.steps] == [3.0, 3.0, 6.0, 6.0]
+    back = state.export_module().train()
+    optimizer = theirs(back.parameters())
+    optimizer.load_state_dict(ft.to_torch_state_dict(state, optimizer, back))
+    assert [float(optimizer.state[p]["step"]) for p in back.parameters()] == [3, 3, 6, 6]
+    for batch in batches(8)[6:]:
+        optimizer.zero_grad()
+        cross_entropy_loss_fn(back, batch).backward()
+        optimizer.step()
+        state, _ = ft.train_step(state, batch)
+    model = torch_toggled(theirs, freeze=1, unfreeze=4)
+    for key, p in model.named_parameters():
+        assert torch.equal(back.get_parameter(key), p), key
+        assert torch.equal(state.params[key], p), key
+
+
 def test_a_frozen_layer_keeps_its_moments_untouched_in_the_state() -> None:
     state = trained(ft.sgd(0.1, momentum=0.9), steps=2)
     momentum = state.opt_state.inner.momentum[0].clone()
@@ -246,8 +276,9 @@ def test_a_frozen_layer_keeps_its_moments_untouched_in_the_state() -> None:
     assert int(parked["step"]) == 2 and list(state.params) == ["2.weight", "2.bias"]
 
 
-def test_gradual_unfreezing_under_accumulation_gives_torchs_bits() -> None:
-    ours, theirs = COUNT_FREE["sgd"]
+@pytest.mark.parametrize("name", ["sgd", "nadam"])
+def test_gradual_unfreezing_under_accumulation_gives_torchs_bits(name: str) -> None:
+    ours, theirs = COUNT_FREE[name]
     state = gradually_unfrozen(ours(), freeze=2, unfreeze=6, accumulate_steps=2)
     model = torch_toggled(theirs, freeze=2, unfreeze=6, window=2)
     for key, p in model.named_parameters():
@@ -300,16 +331,20 @@ def test_a_frozen_layers_ema_waits_with_it_and_resumes() -> None:
     assert not torch.equal(state.ema_params["0.weight"], first)
 
 
-def test_a_checkpoint_of_a_state_with_a_frozen_layer_resumes_bit_for_bit(tmp_path) -> None:
-    straight = gradually_unfrozen(ft.sgd(0.1, momentum=0.9), 2, 5)
-    state = ft.TrainState.create(make_mlp(), ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn)
+@pytest.mark.parametrize("name", ["sgd", "nadam"])
+def test_a_checkpoint_of_a_state_with_a_frozen_layer_resumes_bit_for_bit(
+    tmp_path, name: str
+) -> None:
+    ours = COUNT_FREE[name][0]
+    straight = gradually_unfrozen(ours(), 2, 5)
+    state = ft.TrainState.create(make_mlp(), ours(), cross_entropy_loss_fn)
     for i, batch in enumerate(batches(8)):
         if i == 2:
             state = frozen_first_layer(state)
         if i == 4:
             ft.save(state, tmp_path / "c")
             like = frozen_first_layer(
-                ft.TrainState.create(make_mlp(), ft.sgd(0.1, momentum=0.9), cross_entropy_loss_fn)
+                ft.TrainState.create(make_mlp(), ours(), cross_entropy_loss_fn)
             )
             state = ft.load(tmp_path / "c", like=like)
         if i == 5:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import functrain as ft
+from functrain.optim.rules.formula import settled_steps
 
 # each preset with its torch class (torch's CPU default: the single-tensor loop)
 PRESETS: dict[str, tuple[Callable[..., ft.Transform], Any]] = {
@@ -79,3 +80,54 @@ def test_a_stacked_states_members_step_as_torch_steps_each(
             opt.step()
     for i, t in enumerate(theirs):
         assert torch.equal(stacked.params["w"][i], t.detach()), i
+
+
+OWN_STEPS = {
+    "adamax": (
+        lambda: ft.adamax(0.1, weight_decay=0.1),
+        lambda p: torch.optim.Adamax(p, 0.1, weight_decay=0.1),
+    ),
+    "nadam": (
+        lambda: ft.nadam(0.1, weight_decay=0.1),
+        lambda p: torch.optim.NAdam(p, 0.1, weight_decay=0.1, foreach=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_STEPS))
+def test_an_update_takes_each_weights_own_count_as_torch_takes_its_step(name: str) -> None:
+    """A weight that sat out three updates (torch: no gradient) continues from its own count:
+    the update read alone (`tx.update`, no step's plan), on its weights' own counts, 3 and 0."""
+    ours, theirs = OWN_STEPS[name]
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 2, generator=gen), torch.randn(4, generator=gen)
+    grads = [{"a": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)}]
+    grads += [
+        {k: torch.randn(v.shape, generator=gen) for k, v in grads[0].items()} for _ in range(5)
+    ]
+    mine = {"a": a.clone().requires_grad_(), "b": b.clone().requires_grad_()}
+    opt = theirs(list(mine.values()))
+    for i, gr in enumerate(grads):
+        for k, p in mine.items():
+            p.grad = gr[k].clone() if k == "a" or i >= 3 else None
+        opt.step()
+    tx = ours()
+    p, s = {"a": a.clone()}, tx.init({"a": a})
+    for gr in grads[:3]:  # "a" alone
+        u, s = tx.update({"a": gr["a"]}, s, p)
+        p = ft.apply_updates(p, u)
+    p = {"a": p["a"], "b": b.clone()}
+    both = tx.init(p)  # "b" joins with its fresh slots and count ("a"'s brought up to now)
+    s = settled_steps(s)
+    s = both._replace(
+        count=s.count,
+        slots={k: (s.slots[k][0], v[1]) for k, v in both.slots.items()},
+        group=s.group,
+    )
+    assert [float(x) for x in s.steps] == [3.0, 0.0]
+    for gr in grads[3:]:
+        u, s = tx.update(gr, s, p)
+        p = ft.apply_updates(p, u)
+    assert [float(x) for x in s.steps] == [6.0, 3.0]
+    for k, v in mine.items():
+        assert torch.equal(p[k], v.detach()), k

@@ -555,6 +555,7 @@ def adam_rule(
         ("lr", "weight_decay"),
         step,
         foreach=True,
+        own_steps=True,
     )
 
 
@@ -569,7 +570,7 @@ def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
         size = at_count(h["lr"], lambda lr: -(lr / (1 - b1**t)), t)
         return ops.addcdiv(p, mu, norm, size), {"mu": mu, "nu": norm}
 
-    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step, foreach=True)
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step, foreach=True, own_steps=True)
 
 
 class AdamaxState(RuleState):
@@ -620,6 +621,7 @@ def nadam_rule(
         scalars=("mu_product",),
         host=("mu_product",),
         foreach=True,
+        own_steps=True,
     )
 
 
@@ -669,7 +671,7 @@ def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool
             buffer = torch.where(rect > 0, buffer, filled(plain, nu))
         return ops.addcmul(p, mu, buffer), moments
 
-    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step)
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step, own_steps=True)
 
 
 def _decayed_weights(

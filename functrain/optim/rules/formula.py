@@ -59,6 +59,7 @@ __all__ = [
     "EVALUATION_POINTS",
     "FROZEN_EVALUATION_POINTS",
     "evaluation_frozen",
+    "settled_steps",
     "FOREACH_IN_PLACE",
     "FOREACH_OUT_OF_PLACE",
     "FORMULAS",
@@ -405,6 +406,11 @@ class Rule(NamedTuple):
     # the step holds no Python logic per parameter: it runs once over lists (`ListOps`), one
     # foreach kernel per op, where the transform is asked to (`rule_transform`'s `foreach`)
     foreach: bool = False
+    # each parameter counts its own updates (its ``"step"``, as torch.optim's ``state[p]["step"]``)
+    # and the formula's count is its own: a weight that sat out updates (frozen) continues from
+    # its count, as in torch (`RuleState.steps`); without, one count for all (the package keeps
+    # one per group)
+    own_steps: bool = False
 
 
 def tracked(t: torch.Tensor) -> bool:
@@ -444,7 +450,12 @@ def host_value(t: torch.Tensor) -> float | None:
     """A 0-d CPU tensor's value on the host (the one read of a step's numbers), None where vmap
     batches it, it lies on an accelerator (a read would wait for it: there a step computes with
     the tensor) or ``torch.compile`` traces the step (`read_value`)."""
-    return None if t.device.type != "cpu" else read_value(t)
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    try:
+        return float(t.detach().item())
+    except RuntimeError:
+        return None
 
 
 def read_value(t: torch.Tensor) -> float | None:
@@ -982,6 +993,77 @@ def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict
     return {k: v.to(_batched_on(v, device)) for k, v in group.items()}
 
 
+def _own_counts(state: Any, t: Count, device: torch.device) -> list[Count]:
+    """Each parameter's number of this update, its own (`Rule.own_steps`): `t` less the updates
+    it sat out (`_behind`, read on the host where the state lies there), else (an accelerator's
+    state, a traced or batched one) a float64 tensor each."""
+    behind = _behind(state, host_value)
+    if behind is not None:
+        return [t - b if b else t for b in behind] if isinstance(behind, tuple) else [t - behind]
+    at = state.group["steps_at"]
+    return [
+        (t + (s - at)).to(device=_batched_on(s, device), dtype=torch.float64)
+        for s in state.slots["step"]
+    ]
+
+
+def _behind(
+    state: Any, read: Callable[[torch.Tensor], float | None]
+) -> int | tuple[int, ...] | None:
+    """The updates each parameter of a formula's `state` sat out (`RuleState.steps`: the count
+    its steps were brought to, less its step then), read by `read`: one number where they sat
+    out as many (none, unless weights were frozen); None where one cannot be read."""
+    values = [read(x) for x in (state.group["steps_at"], *state.slots["step"])]
+    if any(v is None for v in values):
+        return None
+    at, *steps = (int(v) for v in values)  # type: ignore[arg-type]
+    behind = tuple(at - s for s in steps)
+    return behind[0] if len(set(behind)) == 1 else behind
+
+
+def _counted_groups(
+    groups: list[tuple[list[int], dict[str, Scalar]]], counts: list[Count] | None, t: Count
+) -> list[tuple[list[int], dict[str, Scalar], Count]]:
+    """Each group's parameters split by their count (`_own_counts`: those of one number
+    together), each part with its count; with `counts` None, each group whole with `t`."""
+    if counts is None:
+        return [(subset, hs, t) for subset, hs in groups]
+    parts: list[tuple[list[int], dict[str, Scalar], Count]] = []
+    for subset, hs in groups:
+        by: dict[Any, list[int]] = {}
+        for i in subset:
+            c = counts[i]
+            by.setdefault(c if isinstance(c, int) else id(c), []).append(i)
+        parts += [(part, hs, counts[part[0]]) for part in by.values()]
+    return parts
+
+
+def settled_steps(tree: Any) -> Any:
+    """`tree` (an optimizer state) with each formula state's per-parameter steps brought up to
+    its count (`RuleState.settled`): what a weight takes with it when it is frozen
+    (``TrainState.replace`` parks them), each then its own count, which no later update moves.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.nadam(0.1)
+        >>> p = {"w": torch.ones(1)}
+        >>> s = tx.init(p)
+        >>> for _ in range(2):
+        ...     u, s = tx.update({"w": torch.ones(1)}, s, p)
+        >>> s.slots["step"], settled_steps(s).slots["step"]
+        ((tensor(0.),), (tensor(2.),))
+    """
+    if isinstance(tree, RuleState):
+        return tree.settled()
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(settled_steps(x) for x in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(settled_steps(x) for x in tree)
+    if isinstance(tree, dict):
+        return {k: settled_steps(v) for k, v in tree.items()}
+    return tree
+
+
 def _decay_groups(
     flags: tuple[bool, ...] | None, n: int, h: dict[str, Scalar]
 ) -> list[tuple[list[int], dict[str, Scalar]]]:
@@ -1006,8 +1088,9 @@ def _as_scalar(x: Scalar | float) -> Scalar:
 class RuleState(NamedTuple):
     """The state of an optimizer made from a formula (`rule_transform`).
 
-    `count`: the updates so far (int64, on the host, as torch.optim holds its steps); `slots`:
-    each moment by its name, one tensor per parameter in the parameters' order; `hyperparameters`:
+    `count`: the updates so far (int64, with the parameters; a schedule reads it); `slots`:
+    each moment by its name, one tensor per parameter in the parameters' order (and each
+    parameter's own count, ``"step"``, where `Rule.own_steps`); `hyperparameters`:
     the numbers the formula takes (0-d float64 on the host); `lr`: the last update's learning
     rate (the step's metric); `group`: the optimizer's own numbers (`Rule.group`).
 
@@ -1025,6 +1108,29 @@ class RuleState(NamedTuple):
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"lr": self.lr.detach()}
+
+    @property
+    def steps(self) -> tuple[torch.Tensor, ...]:
+        """Each parameter's own count of updates now, as torch.optim's ``state[p]["step"]``
+        (float32 0-d tensors; `Rule.own_steps`), empty where the formula counts once for all.
+
+        The slot ``"step"`` holds each one as it was when the count was ``group["steps_at"]``
+        (`settled`): every parameter the state holds has taken each update since, so that no
+        update writes them; a frozen weight takes its own with it (`settled_steps`).
+        """
+        if "step" not in self.slots:
+            return ()
+        since = self.count - self.group["steps_at"]
+        return tuple((s + since).to(s.dtype) for s in self.slots["step"])
+
+    def settled(self) -> RuleState:
+        """This state with its parameters' steps brought up to its count (`steps`)."""
+        if "step" not in self.slots:
+            return self
+        at = self.count.to(self.group["steps_at"].dtype)
+        return self._replace(
+            slots={**self.slots, "step": self.steps}, group={**self.group, "steps_at": at}
+        )
 
 
 # each preset's formula by the preset's name: the rule made from the preset's arguments, registered
@@ -1125,6 +1231,9 @@ def rule_transform(
             "foreach and lists out"
         )
     in_lists = (foreach or lists) and not differentiable
+    own = rule.own_steps and not differentiable  # (a differentiable state moves every weight)
+    if own and rule.prepare is not None:
+        raise ConfigError(f"{name}: a formula with a step of its own per parameter has no prepare")
     fixed = {k: Scalar(float(v)) for k, v in constants.items()}  # (`run`'s numbers)
     constant_rate = schedule is None and rule.prepare is None and not differentiable
 
@@ -1155,6 +1264,8 @@ def rule_transform(
             )
             for k in rule.slots
         }
+        if own:  # (each parameter's count, a float32 0-d tensor, as torch.optim's step)
+            slots["step"] = tuple(torch.zeros((), dtype=torch.float32, device=home) for _ in leaves)
         held = {k: torch.tensor(v, dtype=torch.float64, device=home) for k, v in constants.items()}
         count = torch.zeros((), dtype=torch.int64, device=home)
         first = (
@@ -1167,7 +1278,8 @@ def rule_transform(
             (), first, dtype=torch.float64, device=leaves[0].device if leaves else HOST
         )
         group = {
-            k: torch.tensor(v, dtype=torch.float64, device=home) for k, v in rule.group.items()
+            k: torch.tensor(v, dtype=torch.float64, device=home)
+            for k, v in ({**rule.group, "steps_at": 0.0} if own else rule.group).items()
         }
         return state_type(count, slots, held, rate, group)
 
@@ -1179,14 +1291,31 @@ def rule_transform(
         flags: tuple[bool, ...] | None,
         scales: tuple[torch.Tensor, ...] = (),
         planned: bool | None = None,
+        behind: int | tuple[int, ...] | None = None,
     ) -> tuple[list[torch.Tensor], Any]:
         """The formula's step of the parameters `p` (in place where `in_place`), its new state.
         `planned`: for an eager step's planned runner (its gradients in its parameters' dtypes),
-        whether the parameters are of one kind (`_one_kind`, decided once); None: an update's."""
+        whether the parameters are of one kind (`_one_kind`, decided once); None: an update's.
+        `behind`: the updates each parameter sat out (`_behind`, decided once; one number where
+        they sat out as many), where `Rule.own_steps`; None: read from the state."""
         if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
             return [], state
         device = p[0].device
         t = update_number(state.count, device)
+        # the formula's count: each parameter's own, where it keeps one (alike but where
+        # weights sat out updates: one count, `t`'s, for the lists)
+        counts: list[Count] | None = None
+        t_own = t
+        if isinstance(behind, int):  # (every weight sat out as many: one count, decided once)
+            t_own = t - behind if behind else t
+        elif isinstance(behind, tuple):
+            counts = [t - b if b else t for b in behind]
+        elif own:
+            each = _own_counts(state, t, device)
+            if len({c if isinstance(c, int) else id(c) for c in each}) == 1:
+                t_own = each[0]
+            else:
+                counts = each
         # the preset's own numbers (its state holds them, unchanged: numbers, also where vmap
         # batches a stacked state's, so that each op takes them as torch's kernels take a
         # number); a differentiable state's may require grad: read from its state
@@ -1218,25 +1347,29 @@ def rule_transform(
         moments_of = _writable_moments if ops is IN_PLACE else _stored_moments
         one_kind = _one_kind(p) if planned is None else planned
         lists_here = in_lists and ops is not BATCHED and (foreach or device.type == "cpu")
-        if lists_here and one_kind and (flags is None or all(flags)):
+        if lists_here and one_kind and (flags is None or all(flags)) and counts is None:
             # every parameter at once over the lists, one foreach kernel per op (a planned
             # runner's gradients are its parameters' dtypes already)
             grads = g if planned is not None else [x.to(y.dtype) for x, y in zip(g, p)]
             moments = {
-                k: list(v) if k in rule.scalars else list(moments_of(rule, v, p))
-                for k, v in state.slots.items()
+                k: list(state.slots[k])
+                if k in rule.scalars
+                else list(moments_of(rule, state.slots[k], p))
+                for k in rule.slots
             }
             step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
-            new_p, new_slots = step(_list_ops(ops), list(p), list(grads), moments, t, h)
+            new_p, new_slots = step(_list_ops(ops), list(p), list(grads), moments, t_own, h)
         else:
             slots_in = {
-                k: v if k in rule.scalars else moments_of(rule, v, p)
-                for k, v in state.slots.items()
+                k: state.slots[k] if k in rule.scalars else moments_of(rule, state.slots[k], p)
+                for k in rule.slots
             }
-            groups = _decay_groups(flags, len(p), h)
-            new_p, new_slots = _in_groups(p, g, slots_in, t, ops, groups, lists_here and one_kind)
+            groups = _counted_groups(_decay_groups(flags, len(p), h), counts, t_own)
+            new_p, new_slots = _in_groups(p, g, slots_in, ops, groups, lists_here and one_kind)
         given = () if ops is IN_PLACE else (*p, *g, *new_p)
         slots = {k: _own(new_slots[k], given, ops) for k in rule.slots}
+        if own:  # (as they were: each parameter took this update, `RuleState.steps`)
+            slots["step"] = state.slots["step"]
         # (a constant rate's metric: the state's own tensor, made once and never written)
         rate = state.lr if constant_rate else _last_rate(h.get("lr", Scalar(math.nan)), device)
         new_state = type(state)(state.count + 1, slots, state.hyperparameters, rate, new_group)
@@ -1251,16 +1384,16 @@ def rule_transform(
         p: list[torch.Tensor],
         g: list[torch.Tensor],
         slots_in: dict[str, Any],
-        t: Count,
         ops: Ops,
-        groups: list[tuple[list[int], dict[str, Scalar]]],
+        groups: list[tuple[list[int], dict[str, Scalar], Count]],
         lists: bool,
     ) -> tuple[list[torch.Tensor], dict[str, list[Any]]]:
-        """The formula's step of each weight-decay group (`_decay_groups`), over its lists where
-        it can, else parameter by parameter (a complex parameter on its real view)."""
+        """The formula's step of each group (a weight-decay group, `_decay_groups`, of the
+        parameters with one count, `_counted_groups`), over its lists where it can, else
+        parameter by parameter (a complex parameter on its real view)."""
         new_p: list[Any] = [None] * len(p)
         new_slots: dict[str, list[Any]] = {k: [None] * len(p) for k in rule.slots}
-        for subset, hs in groups:
+        for subset, hs, t in groups:
             ps = [p[i] for i in subset]
             if lists:
                 grads = [g[i].to(p[i].dtype) for i in subset]
@@ -1307,6 +1440,10 @@ def rule_transform(
         if mask is not None and flags is None:
             return None
         one_kind = _one_kind(list(params.values()))  # (decided once for these tensors)
+        # the updates each weight sat out (frozen), read once: they change only where weights
+        # move, which plans the step again
+        read = host_value if state.count.device.type == "cpu" else read_value  # (not in a step)
+        behind = _behind(state, read) if own else None
 
         def runner(
             grads: list[torch.Tensor],
@@ -1315,7 +1452,7 @@ def rule_transform(
             norm: torch.Tensor | None,
             write: bool,
         ) -> Ran:
-            new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind)
+            new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind, behind=behind)
             return Ran(new_p, new_state, new_state.lr, None, None)
 
         return gated_by_selection(runner, lambda kept: kept.lr)
