@@ -666,8 +666,12 @@ def _counts(
     """
     counts = []
     for k, g in enumerate(groups):
-        if torch_class(optimizer).counted:  # type: ignore[union-attr]
+        kind = torch_class(optimizer)
+        if kind.counted:  # type: ignore[union-attr]
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
+            if kind.own_steps and None not in seen:  # type: ignore[union-attr]
+                # each parameter's own step (`_filled`); the group counts the updates it took
+                seen = {max(seen)}  # type: ignore[type-var]
             if len(seen) > 1:
                 shown = sorted(str(s) for s in seen)
                 config_check(
@@ -857,8 +861,12 @@ def _filled(node: Any, group: _Group, params: dict[str, torch.Tensor]) -> Any:
             values[field] = _torch_tensors(group, names, key, current)
     if isinstance(node, RuleState):  # (its moments by name, each parameter's count: all alike)
         values = {"slots": {**node.slots, **values}}
-        if node.steps:  # (`RuleState.steps`: as they are at the count)
-            values["slots"]["step"] = tuple(torch.full_like(t, group.count) for t in node.steps)
+        if node.steps:  # (`RuleState.steps`: each parameter's own, as they are at the count)
+            by_name = dict(zip(group.names, group.state, strict=True))
+            values["slots"]["step"] = tuple(
+                torch.full_like(t, float(by_name[name].get("step", group.count)))
+                for name, t in zip(names, node.steps, strict=True)
+            )
             at = node.group["steps_at"]
             values["group"] = {**node.group, "steps_at": torch.full_like(at, group.count)}
     elif getattr(node, "steps", None):  # each parameter's own (`optim/rules/sparse.py`)

@@ -101,6 +101,9 @@ class TorchClass(NamedTuple):
         exact: the torch implementations the preset continues bit for bit.
         built: torch makes the per-parameter state at construction (Adagrad), not at the first step.
         int_step: torch keeps the ``step`` as a Python int (SparseAdam), not a tensor.
+        own_steps: the preset's state keeps each parameter's own step, as torch does
+            (`functrain.optim.rules.formula.Rule.own_steps`): a group whose parameters took
+            different numbers of steps (some sat out) continues.
     """
 
     preset: Callable[..., Transform]
@@ -110,6 +113,7 @@ class TorchClass(NamedTuple):
     exact: frozenset[str] = frozenset({"foreach", "single"})
     built: bool = False
     int_step: bool = False
+    own_steps: bool = False
 
 
 def _betas(group: dict[str, Any]) -> dict[str, float]:
@@ -180,11 +184,13 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         ),
         (NadamState,),
         exact=frozenset({"single"}),
+        own_steps=True,
     ),
     torch.optim.Adamax: TorchClass(
         adamax,
         lambda g: dict(betas=_pair("betas")(g), eps=g["eps"], weight_decay=g["weight_decay"]),
         (AdamaxState,),
+        own_steps=True,
     ),
     torch.optim.Adadelta: TorchClass(
         adadelta, _pick("rho", "eps", "weight_decay"), (ScaleByAdadeltaState,)

@@ -265,6 +265,29 @@ def test_each_weights_own_count_goes_to_torch_as_its_step_and_torch_continues() 
         assert torch.equal(state.params[key], p), key
 
 
+@pytest.mark.parametrize("name", ["adamax", "nadam"])
+def test_a_torch_run_whose_weights_took_their_own_steps_continues_in_functrain(name: str) -> None:
+    """torch's first layer sat out three steps (requires_grad off): its per-parameter steps
+    differ, and functrain continues each from its own (`from_torch_optimizer`)."""
+    ours, theirs = COUNT_FREE[name]
+    again = make_mlp()  # the same run, its optimizer kept this time
+    optimizer = theirs(again.parameters())
+    for i, (x, y) in enumerate(batches(6)):
+        if i in (1, 4):
+            for p in again[0].parameters():
+                p.requires_grad_(i == 4)
+        cross_entropy_loss_fn(again, (x, y)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert [int(optimizer.state[p]["step"]) for p in again.parameters()] == [3, 3, 6, 6]
+    state = ft.from_torch_optimizer(optimizer, again).create_state(again, cross_entropy_loss_fn)
+    for batch in batches(8)[6:]:
+        state, _ = ft.train_step(state, batch)
+    expected = torch_toggled(theirs, freeze=1, unfreeze=4, n=8)
+    for key, p in expected.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
 def test_a_frozen_layer_keeps_its_moments_untouched_in_the_state() -> None:
     state = trained(ft.sgd(0.1, momentum=0.9), steps=2)
     momentum = state.opt_state.inner.momentum[0].clone()
