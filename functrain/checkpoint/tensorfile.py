@@ -116,17 +116,6 @@ def safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
     return [memoryview(struct.pack("<Q", len(text)) + text), *(v for v in views if len(v))]
 
 
-def _parse_safetensors(name: str, data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Validate a whole safetensors file (a uint8 tensor); the tensors are views of `data`."""
-    # numpy's stubs declare no buffer protocol for this Python; an ndarray has one
-    buf = memoryview(data.numpy())  # type: ignore[arg-type]
-    if len(buf) < 8:
-        raise CheckpointCorruptError(f"{name}: {len(buf)} bytes, too short for a safetensors file")
-    n = header_length(name, bytes(buf[:8]), len(buf), MAX_HEADER_BYTES)
-    entries = parse_header(name, bytes(buf[8 : 8 + n]), len(buf) - 8 - n)
-    return tensors_of(entries, data[8 + n :])
-
-
 def header_length(name: str, prefix: bytes, file_bytes: int, limit: int) -> int:
     """The header length the file's first 8 bytes declare, checked against the file and `limit`."""
     (n,) = struct.unpack("<Q", prefix)

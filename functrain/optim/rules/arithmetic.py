@@ -125,17 +125,6 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def decayed_(
-    params: Sequence[torch.Tensor], decay: torch.Tensor | None, flags: tuple[bool, ...] | None
-) -> list[torch.Tensor]:
-    """`decayed` written into `params` (a donated step): torch's own ``p.mul_(1 - lr * wd)``."""
-    if decay is not None:
-        for i, p in enumerate(params):
-            if flags is None or flags[i]:
-                p.mul_(decay.to(opmath(p.dtype)))
-    return list(params)
-
-
 def per_leaf(values: torch.Tensor) -> Sequence[float | torch.Tensor]:
     """One scalar per leaf: Python floats from a CPU vector, 0-d tensors elsewhere.
 
