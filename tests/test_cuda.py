@@ -264,6 +264,23 @@ def test_a_layer_frozen_and_trained_again_on_cuda_continues_its_own_count(name: 
         assert torch.equal(got, expected), f"{name}: {k} {(got - expected).abs().max():.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_number_read_as_a_cuda_tensor_rounds_as_a_host_number(dtype: torch.dtype) -> None:
+    """`Ops` given a number as a CUDA tensor (an accelerator's count, a schedule-free weight)
+    round as CUDA's kernels round the Python number torch.optim passes: in the opmath, once."""
+    from functrain.optim.rules.formula import OUT_OF_PLACE, Scalar
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(799, generator=gen).to(dtype).to(CUDA) for _ in range(3))
+    c = c.abs() + 0.5
+    for value in (0.3, 0.7, 1.3e-3, -0.1234567):
+        held = Scalar(None, torch.tensor(value, dtype=torch.float64, device=CUDA))
+        assert torch.equal(OUT_OF_PLACE.lerp(a, b, held), torch.lerp(a, b, value))
+        assert torch.equal(OUT_OF_PLACE.add(a, b, held), torch.add(a, b, alpha=value))
+        assert torch.equal(OUT_OF_PLACE.div(a, held), torch.div(a, value))
+        assert torch.equal(OUT_OF_PLACE.addcdiv(a, b, c, held), torch.addcdiv(a, b, c, value=value))
+
+
 def _as_torch_runs_on_cuda(make_opt: Any) -> Any:
     """`make_opt`'s optimizer as torch runs it on CUDA: an ``Adagrad(fused=True)`` remade as
     torch's default there (its foreach Adagrad) where torch.optim has no fused Adagrad for CUDA

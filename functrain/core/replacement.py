@@ -304,6 +304,38 @@ def slots_of(init: Any, params: dict[str, torch.Tensor]) -> list[str] | None:
     return sorted(found)
 
 
+def _refuse_partly_parked(
+    fresh: dict[str, Any],
+    slot: Any,
+    names: list[str],
+    trained: dict[str, int],
+    parked: dict[str, dict[str, torch.Tensor]],
+    what: str,
+) -> None:
+    """A weight coming back whose parked slots lack some its optimizer keeps now (parked by an
+    older functrain, before its optimizer kept each weight's own count): refused, where the
+    missing ones would start afresh beside the trained ones."""
+    missing: dict[str, list[str]] = {}
+    for path in fresh:
+        found = slot(path)
+        if found is None or names[found[1]] in trained:
+            continue
+        name = names[found[1]]
+        kept = [k for k in parked.get(name, {}) if k.startswith(what + "|")]
+        key = f"{what}|{found[0]}|{found[2]}"
+        if kept and key not in parked[name]:
+            missing.setdefault(name, []).append(found[0])
+    if missing:
+        name, containers = next(iter(missing.items()))
+        raise StateMismatchError(
+            f"TrainState.replace: {sorted(missing)[:3]} come back without part of their "
+            f"{what} ({name}: {containers[:3]}), which the optimizer keeps for each weight now "
+            "and did not when they were parked (a checkpoint written before): training them "
+            "would start that part afresh beside the trained rest. Train them again in a new "
+            "state, TrainState.create(state.export_module(), ...)"
+        )
+
+
 def _join(*parts: str) -> str:
     return "/".join(p for p in parts if p != "")
 
@@ -349,6 +381,7 @@ def resplit(
                     return container, int(index), rest
         return None
 
+    _refuse_partly_parked(fresh, slot, new_names, at_old, parked, what)
     for path, leaf in olds.items():  # the leaving weights' slots, parked by name
         found = slot(path)
         if found is not None and found[1] < len(old_names):

@@ -652,6 +652,20 @@ def _read_group(optimizer: torch.optim.Optimizer, k: int, module: nn.Module, whe
     held = [
         p for p in group["params"] if p.requires_grad
     ]  # torch never steps a frozen one: nor does functrain
+    waiting = [
+        by_id[id(p)] for p in group["params"] if not p.requires_grad and optimizer.state.get(p)
+    ]
+    if waiting:  # (its moments and step would be dropped: trained again, it would start afresh)
+        config_check(
+            [
+                f"param_groups[{k}]: {waiting[:3]} are frozen (requires_grad=False) and hold "
+                "torch's optimizer state, which a state made now would drop (trained again, "
+                "they would start afresh, where torch continues them): convert with them "
+                "trainable, then freeze them with TrainState.replace(params=..., frozen=...), "
+                "which keeps their state"
+            ],
+            where,
+        )
     names = tuple(by_id[id(p)] for p in held)
     state = tuple(dict(optimizer.state.get(p, {})) for p in held)
     return _Group(names, state, 0, float(group["lr"]))

@@ -288,6 +288,34 @@ def test_a_torch_run_whose_weights_took_their_own_steps_continues_in_functrain(n
         assert torch.equal(state.params[key], p), key
 
 
+def test_a_layer_parked_before_its_optimizer_kept_its_count_is_refused_back() -> None:
+    """A checkpoint written before NAdam kept each weight's step parks the layer without it: it
+    would come back with a fresh count beside trained moments. Refused, with the way that works."""
+    state = frozen_first_layer(trained(COUNT_FREE["nadam"][0](), steps=2))
+    older = {
+        name: {k: v for k, v in slots.items() if "slots/step" not in k}
+        for name, slots in state.parked.items()
+    }
+    state = state.replace(parked=older)
+    with pytest.raises(ft.StateMismatchError, match=r"without part of their opt_state.*create"):
+        unfrozen_first_layer(state)
+
+
+@pytest.mark.parametrize("name", ["adamax", "sgd"])
+def test_a_torch_optimizer_whose_frozen_weights_hold_state_is_refused(name: str) -> None:
+    """torch keeps a frozen weight's moments and step; a state made from it would drop them."""
+    _, theirs = COUNT_FREE[name]
+    model = make_mlp()
+    optimizer = theirs(model.parameters())
+    for batch in batches(2):
+        cross_entropy_loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model[0].requires_grad_(False)
+    with pytest.raises(ft.ConfigError, match=r"frozen \(requires_grad=False\) and hold"):
+        ft.from_torch_optimizer(optimizer, model)
+
+
 def test_a_frozen_layer_keeps_its_moments_untouched_in_the_state() -> None:
     state = trained(ft.sgd(0.1, momentum=0.9), steps=2)
     momentum = state.opt_state.inner.momentum[0].clone()

@@ -615,6 +615,9 @@ class Ops:
         """``a + weight * (b - a)``, torch's ``lerp``."""
         w: Any = weight
         if isinstance(weight, Scalar):
+            if weight.tensor is not None and a.device.type == "cuda" and not self.differentiable:
+                # (CUDA's kernel takes a number in its opmath: not rounded to a half dtype)
+                return _on_cuda(torch.lerp, a, b, weight.tensor)
             w = weight.value if weight.tensor is None else weight.tensor.to(a.dtype)
         return a.lerp_(b, w) if self.in_place else torch.lerp(a, b, w)
 
