@@ -291,7 +291,7 @@ def frozen_evaluation_params(
         >>> parked = {"v": {"opt_state|slots/z|": torch.zeros(1)}}
         >>> state = state._replace(group={**state.group, "k": torch.tensor(1.0)})
         >>> frozen_evaluation_params(state, {"v": torch.ones(1)}, parked)
-        {'v': tensor([-9.])}
+        {'v': tensor([1.1111])}
     """
     found = _schedule_free_state(opt_state)
     if found is None or not parked or not found.group["k"].any():
