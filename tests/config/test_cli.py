@@ -156,9 +156,14 @@ class Pace:
         self.path, self.delay = Path(path), delay
 
     def on_batch_end(self, run: object) -> None:
+        import os
         import time
 
-        self.path.write_text(str(run.step))  # type: ignore[attr-defined]
+        # (whole or not at all: the test reads it while the run goes on, and a file written in
+        # place is empty between its truncation and its write)
+        written = self.path.with_suffix(".tmp")
+        written.write_text(str(run.step))  # type: ignore[attr-defined]
+        os.replace(written, self.path)
         time.sleep(self.delay)
 
 
