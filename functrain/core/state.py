@@ -744,8 +744,6 @@ class TrainState:
                 if old is None or new is None
                 else carried(self.ema_state, old, new, (old, new), "ema_state")
             )
-            if old is not None and new is not None:
-                parked = parked_carried(parked, "ema_state", old, new, (old, new))
         if parked is not self.parked:
             rebuilt["parked"] = {k: ReadOnlyDict(v) for k, v in parked.items()}
         return rebuilt

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.utils._pytree as pytree
 
 from functrain.errors import ConfigError
 from functrain.optim.base import (
@@ -997,12 +998,9 @@ def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict
 
 
 def _own_counts(state: Any, t: Count, device: torch.device) -> list[Count]:
-    """Each parameter's number of this update, its own (`Rule.own_steps`): `t` less the updates
-    it sat out (`_behind`, read on the host where the state lies there), else (an accelerator's
-    state, a traced or batched one) a float64 tensor each."""
-    behind = _behind(state, host_value)
-    if behind is not None:
-        return [t - b if b else t for b in behind] if isinstance(behind, tuple) else [t - behind]
+    """Each parameter's number of this update, its own (`Rule.own_steps`), where the updates
+    each sat out cannot be read (`_behind`: an accelerator's state, a traced or batched one): a
+    float64 tensor each."""
     at = state.group["steps_at"]
     return [
         (t + (s - at)).to(device=_batched_on(s, device), dtype=torch.float64)
@@ -1056,15 +1054,8 @@ def settled_steps(tree: Any) -> Any:
         >>> s.slots["step"], settled_steps(s).slots["step"]
         ((tensor(0.),), (tensor(2.),))
     """
-    if isinstance(tree, RuleState):
-        return tree.settled()
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(settled_steps(x) for x in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(settled_steps(x) for x in tree)
-    if isinstance(tree, dict):
-        return {k: settled_steps(v) for k, v in tree.items()}
-    return tree
+    formula = lambda x: isinstance(x, RuleState)  # noqa: E731
+    return pytree.tree_map(lambda x: x.settled() if formula(x) else x, tree, is_leaf=formula)
 
 
 def _decay_groups(
@@ -1309,16 +1300,14 @@ def rule_transform(
         # weights sat out updates: one count, `t`'s, for the lists)
         counts: list[Count] | None = None
         t_own = t
-        if isinstance(behind, int):  # (every weight sat out as many: one count, decided once)
+        if own and behind is None:  # (an update outside a planned step: read where it can be)
+            behind = _behind(state, host_value)
+        if isinstance(behind, int):  # (every weight sat out as many: one count)
             t_own = t - behind if behind else t
         elif isinstance(behind, tuple):
             counts = [t - b if b else t for b in behind]
         elif own:
-            each = _own_counts(state, t, device)
-            if len({c if isinstance(c, int) else id(c) for c in each}) == 1:
-                t_own = each[0]
-            else:
-                counts = each
+            counts = _own_counts(state, t, device)
         # the preset's own numbers (its state holds them, unchanged: numbers, also where vmap
         # batches a stacked state's, so that each op takes them as torch's kernels take a
         # number); a differentiable state's may require grad: read from its state

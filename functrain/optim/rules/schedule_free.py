@@ -270,12 +270,17 @@ def evaluation_params(opt_state: Any, params: Tree) -> Tree | None:
             f"{[tuple(z.shape) for z in zs]} for {[tuple(y.shape) for y in ys]}); give "
             "adamw_schedule_free all the parameters (not through masked or partition)"
         )
-    # (held on the host: reads that wait for nothing; a stacked state's members share beta1, as
-    # functrain.stack requires)
     if not found.group["k"].any():
         return params
-    weight = 1 - 1 / float(found.group["beta1"].reshape(-1)[0])
+    weight = _average_weight(found)
     return tree_unflatten([torch.lerp(y, z, weight) for y, z in zip(ys, zs, strict=True)], spec)
+
+
+def _average_weight(found: Any) -> float:
+    """How far the evaluation point lies from ``y`` toward ``z``: ``1 - 1 / beta1``, held on
+    the host (a read that waits for nothing; a stacked state's members share beta1, as
+    functrain.stack requires)."""
+    return 1 - 1 / float(found.group["beta1"].reshape(-1)[0])
 
 
 def frozen_evaluation_params(
@@ -296,7 +301,7 @@ def frozen_evaluation_params(
     found = _schedule_free_state(opt_state)
     if found is None or not parked or not found.group["k"].any():
         return None
-    weight = 1 - 1 / float(found.group["beta1"].reshape(-1)[0])
+    weight = _average_weight(found)
     out, moved = dict(frozen), False
     for name, y in frozen.items():
         for key, z in parked.get(name, {}).items():
