@@ -65,7 +65,8 @@ kernel) against ``torch.optim.AdamW(fused=True)``:
 The optimizers run with the default options against the torch implementation each preset matches
 bit for bit (``tests/optim/test_implementation_choices.py``): ``rmsprop``, ``nadam`` and
 ``adamax`` against torch's CPU default, the single-tensor loop (``foreach=False``); ``radam``
-against ``RAdam(foreach=True)``.
+against ``RAdam(foreach=True)``; ``adamw-unfused`` (``adamw(fused=False)``) against
+``AdamW(foreach=False)``, torch's CPU default where fused is not asked for.
 
 The pure floor (`PureFloor`) is the least a pure step must do beyond the hand-written loop: that
 loop, in which before each ``opt.step()`` every parameter's data and every tensor of its optimizer
@@ -1109,6 +1110,12 @@ OPTIMIZER_ROWS = {
         torch_optimizer(torch.optim.RAdam, foreach=True),
         {},
         "RAdam(foreach=True)",
+    ),
+    "adamw-unfused": Row(
+        lambda: functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=False),
+        torch_optimizer(torch.optim.AdamW, weight_decay=WEIGHT_DECAY, foreach=False),
+        {},
+        "AdamW(foreach=False), torch's CPU default without fused",
     ),
 }
 ROWS = {**CONFIG_ROWS, **OPTIMIZER_ROWS}

@@ -139,9 +139,9 @@ def _single_tensor_case(name: str) -> Any:
     """An EXACT_CASES row as ``foreach=False`` (the preset's and torch's): the CUDA difference
     between them marked where it was measured (H100, torch 2.11: 1-4 ulp after 200 steps, as
     torch's own foreach and single-tensor Adam differ there); CUDA-bitwise where the preset's
-    single-tensor form takes torch's host-number roundings, as `nadam` does."""
+    single-tensor form takes torch's host-number roundings, as `nadam` and `adam` do."""
     marks = ()
-    if name.startswith(("adam", "adagrad")):
+    if name.startswith("adagrad"):
         marks = pytest.mark.xfail(
             strict=True,
             reason="on CUDA the preset's foreach=False computes torch's foreach bits, not its "

@@ -241,6 +241,8 @@ def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:
 # weight, `Rule.own_steps`): a weight frozen and trained again continues exactly
 COUNT_FREE = ("sgd(", "rmsprop(", "adagrad(", "adadelta(", "rprop(", "adamax(", "nadam(")
 _COUNTED = "adagrad("  # count-free only without its rate decay
+# (their formula's own counts with fused=False; torch's fused kernel's state holds one for all)
+_OWN_UNFUSED = ("adam(", "adamw(")
 
 
 def count_free(optimizer_name: str) -> bool:
@@ -248,9 +250,11 @@ def count_free(optimizer_name: str) -> bool:
     for all (none, or the weight's own).
 
     Example:
-        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("adamw(lr=0.001)")
+        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("adamw(lr=0.001, fused=True)")
         (True, False)
     """
+    if optimizer_name.startswith(_OWN_UNFUSED):
+        return "fused=True" not in optimizer_name
     if not optimizer_name.startswith(COUNT_FREE):
         return False
     return not optimizer_name.startswith(_COUNTED) or "lr_decay=0.0," in optimizer_name

@@ -42,6 +42,7 @@ from functrain.optim.base import Transform, is_transform
 from functrain.optim.batching import register
 from functrain.optim.naming import Call, describe_value, recorded_call
 from functrain.optim.presets import adam, adamw
+from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.fused import on_device
 from functrain.optim.sweep import holds_sweep, sweep, sweeps_in
 from functrain.tree import sibling_groups, tree_flatten, tree_unflatten
@@ -167,6 +168,9 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     first = states[0]
     transposed = _laid_out_with(first, transposed_weights(first.module, first.device))
     trees = [{k: v for k, v in s.tree().items() if k != "driver"} for s in states]
+    if tx is not first.tx:  # (the members' optimizer states as the sweep's holds them)
+        template = tx.init(first.params)
+        trees = [{**t, "opt_state": _carried(t["opt_state"], template)} for t in trees]
     leaves, spec = tree_flatten(trees[0])
     columns = list(zip(*(tree_flatten(t)[0] for t in trees), strict=True))
     stacked = [
@@ -483,7 +487,8 @@ def _tree_differences(states: list[TrainState], optimizer: Transform, tx: Transf
     if (
         not out
         and tx is not first.tx
-        and _shapes(tx.init(first.params)) != _shapes(first.opt_state)
+        and _shapes(template := tx.init(first.params))
+        != _shapes(_carried(first.opt_state, template))
     ):
         out.append(
             f"the optimizer state of {optimizer.name}, the sweep of the members' optimizers, "
@@ -491,6 +496,25 @@ def _tree_differences(states: list[TrainState], optimizer: Transform, tx: Transf
             "their states over: create every member with that sweep and stack them"
         )
     return out
+
+
+def _carried(opt_state: Any, template: Any) -> Any:
+    """A member's optimizer state in the layout of the sweep's state `template`: a formula's
+    state (`RuleState`) holds a constant learning rate among its numbers and a swept one (a
+    schedule of the member) not; the rest as it is."""
+    if isinstance(template, RuleState) and isinstance(opt_state, RuleState):
+        held = opt_state.hyperparameters
+        return opt_state._replace(
+            hyperparameters={k: held[k] for k in template.hyperparameters if k in held}
+        )
+    if isinstance(template, tuple) and isinstance(opt_state, tuple):
+        if len(template) != len(opt_state):
+            return opt_state
+        carried = [_carried(s, t) for s, t in zip(opt_state, template, strict=True)]
+        return type(opt_state)(*carried) if hasattr(opt_state, "_fields") else tuple(carried)
+    if isinstance(template, dict) and isinstance(opt_state, dict):
+        return {k: _carried(v, template.get(k)) for k, v in opt_state.items()}
+    return opt_state
 
 
 def _shapes(tree: Any) -> tuple:

@@ -683,7 +683,8 @@ def _counts(
         kind = torch_class(optimizer)
         if kind.counted:  # type: ignore[union-attr]
             seen = {int(s["step"]) if "step" in s else None for s in g.state}
-            if kind.own_steps and None not in seen:  # type: ignore[union-attr]
+            own = implementation(optimizer.param_groups[k]) in kind.own_steps  # type: ignore[union-attr]
+            if own and None not in seen:
                 # each parameter's own step (`_filled`); the group counts the updates it took
                 seen = {max(seen)}  # type: ignore[type-var]
             if len(seen) > 1:
@@ -755,9 +756,10 @@ def _transform(
     problems = _implementation_problems(optimizer, group)
     config_check(problems, where)
     if "fused" in inspect.signature(kind.preset).parameters:
-        kwargs["fused"] = (
-            implementation(group) == "fused"
-        )  # fused=False for the others: the foreach chain, whose bits the single-tensor loop shares
+        used = implementation(group)
+        kwargs["fused"] = used == "fused"
+        if used != "fused":  # (torch's foreach kernels or its loop, whose bits differ on CUDA)
+            kwargs["foreach"] = used == "foreach"
     if group.get("maximize"):
         kwargs["maximize"] = True
     return kind.preset(**kwargs)

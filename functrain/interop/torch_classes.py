@@ -39,12 +39,7 @@ from functrain.optim.presets import (
 from functrain.optim.rules.adadelta import ScaleByAdadeltaState
 from functrain.optim.rules.adafactor import AdafactorStepState
 from functrain.optim.rules.adagrad import ScaleByAdagradState
-from functrain.optim.rules.adam import (
-    AdamaxState,
-    NadamState,
-    ScaleByAdamState,
-    ScaleByRadamState,
-)
+from functrain.optim.rules.adam import AdamaxState, AdamState, NadamState, ScaleByRadamState
 from functrain.optim.rules.asgd import AsgdStepState
 from functrain.optim.rules.fused import FusedAdagradState, FusedAdamState, FusedSgdState
 from functrain.optim.rules.learning_rate import LearningRateState, ScaleByLearningRateState
@@ -63,7 +58,7 @@ __all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation
 # Adafactor's ``moments`` are torch's ``row_var``/``col_var`` (matrices) or ``variance`` (the rest)
 KEYS: dict[type, dict[str, str]] = {
     FusedAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
-    ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    AdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
     ScaleByRadamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
     RmspropState: {
         "square_avg": "square_avg",
@@ -101,7 +96,8 @@ class TorchClass(NamedTuple):
         exact: the torch implementations the preset continues bit for bit.
         built: torch makes the per-parameter state at construction (Adagrad), not at the first step.
         int_step: torch keeps the ``step`` as a Python int (SparseAdam), not a tensor.
-        own_steps: the preset's state keeps each parameter's own step, as torch does
+        own_steps: the torch implementations (``"fused"``, ``"foreach"``, ``"single"``) whose
+            functrain preset keeps each parameter's own step, as torch does
             (`functrain.optim.rules.formula.Rule.own_steps`): a group whose parameters took
             different numbers of steps (some sat out) continues.
     """
@@ -113,7 +109,7 @@ class TorchClass(NamedTuple):
     exact: frozenset[str] = frozenset({"foreach", "single"})
     built: bool = False
     int_step: bool = False
-    own_steps: bool = False
+    own_steps: frozenset[str] = frozenset()
 
 
 def _betas(group: dict[str, Any]) -> dict[str, float]:
@@ -139,6 +135,7 @@ def _pair(name: str) -> Callable[[Any], tuple[float, float]]:
 
 
 _FUSED = frozenset({"fused", "foreach", "single"})
+_UNFUSED = frozenset({"foreach", "single"})
 
 TORCH_CLASSES: dict[type, TorchClass] = {
     torch.optim.SGD: TorchClass(
@@ -148,12 +145,15 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         counted=False,
         exact=_FUSED,
     ),
-    torch.optim.AdamW: TorchClass(adamw, _adam, (FusedAdamState, ScaleByAdamState), exact=_FUSED),
+    torch.optim.AdamW: TorchClass(
+        adamw, _adam, (FusedAdamState, AdamState), exact=_FUSED, own_steps=_UNFUSED
+    ),
     torch.optim.Adam: TorchClass(
         adam,
         lambda g: dict(**_adam(g), decoupled_weight_decay=bool(g.get("decoupled_weight_decay"))),
-        (FusedAdamState, ScaleByAdamState),
+        (FusedAdamState, AdamState),
         exact=_FUSED,
+        own_steps=_UNFUSED,
     ),
     torch.optim.RMSprop: TorchClass(
         rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (RmspropState,)
@@ -184,13 +184,13 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         ),
         (NadamState,),
         exact=frozenset({"single"}),
-        own_steps=True,
+        own_steps=_FUSED,
     ),
     torch.optim.Adamax: TorchClass(
         adamax,
         lambda g: dict(betas=_pair("betas")(g), eps=g["eps"], weight_decay=g["weight_decay"]),
         (AdamaxState,),
-        own_steps=True,
+        own_steps=_FUSED,
     ),
     torch.optim.Adadelta: TorchClass(
         adadelta, _pick("rho", "eps", "weight_decay"), (ScaleByAdadeltaState,)

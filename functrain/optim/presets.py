@@ -44,10 +44,11 @@ from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import (
     AdamaxState,
+    AdamState,
+    adam_rule,
     adamax_rule,
     nadam_transform,
     radam_planner,
-    scale_by_adam,
     scale_by_radam,
 )
 from functrain.optim.rules.asgd import asgd_step
@@ -134,7 +135,7 @@ def _check_renamed(
 
 
 def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: float) -> None:
-    # the checks scale_by_adam and add_decayed_weights make on the foreach path
+    # Adam's checks, under the names the user typed (both paths: the kernel and the formula)
     problems: list[str] = []
     check_unit(problems, "b1", b1)
     check_unit(problems, "b2", b2)
@@ -296,14 +297,17 @@ def adam(
         mask: which parameters get weight decay.
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see
-            `functrain.optim.rules.fused`). ``False``: the foreach chain of primitives, exact to
-            ``foreach=True`` in torch (the two differ in the last bits, as torch's do). ``None``
-            (torch's default) chooses the kernel.
+            `functrain.optim.rules.fused`). ``False``: Adam's formula (`adam_rule`) as torch's
+            non-fused Adam runs it, each weight counting its own updates as torch's ``step``
+            (a weight frozen and trained again continues from its own). ``None`` (torch's
+            default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals
             ``AdamW``).
-        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
-            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+        foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
+            its foreach kernels' bits, ``False`` its single-tensor loop's; unset with
+            ``fused=False``, torch's own choice (foreach on CUDA, the loop on the CPU, where the
+            two give the same bits in float32).
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
             back to the host anyway, see `functrain.optim.choices`).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -335,6 +339,7 @@ def adam(
         mask=mask,
         fused=False if foreach is not None else fused,
         maximize=maximize,
+        foreach=foreach,
     )
 
 
@@ -371,12 +376,15 @@ def adamw(
         mask: which parameters decay, e.g. ``lambda name, p: p.ndim > 1`` to spare biases and norms.
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see
-            `functrain.optim.rules.fused`). ``False``: the foreach chain of primitives, exact to
-            ``foreach=True`` in torch (the two differ in the last bits, as torch's do). ``None``
-            (torch's default) chooses the kernel.
+            `functrain.optim.rules.fused`). ``False``: Adam's formula (`adam_rule`) as torch's
+            non-fused AdamW runs it, each weight counting its own updates as torch's ``step``
+            (a weight frozen and trained again continues from its own). ``None`` (torch's
+            default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
-        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
-            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+        foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
+            its foreach kernels' bits, ``False`` its single-tensor loop's; unset with
+            ``fused=False``, torch's own choice (foreach on CUDA, the loop on the CPU, where the
+            two give the same bits in float32).
         capturable: torch's CUDA-graph mode; ``True`` is a `ConfigError` (the steps read nothing
             back to the host anyway, see `functrain.optim.choices`).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
@@ -412,6 +420,7 @@ def adamw(
         mask=mask,
         fused=False if foreach is not None else fused,
         maximize=maximize,
+        foreach=foreach,
     )
 
 
@@ -428,16 +437,19 @@ def _adam(
     mask: Mask,
     fused: bool | None,
     maximize: bool,
+    foreach: bool | None,
 ) -> Transform:
-    """`adam` and `adamw` (`name`, for the errors): the fused kernel, or the chain of primitives.
+    """`adam` and `adamw` (`name`, for the errors): the fused kernel, or Adam's formula
+    (`functrain.optim.rules.adam.adam_rule`) as torch's foreach and single-tensor loops run it.
 
-    `fused` is already ``False`` where torch's ``foreach`` was given: torch's foreach and
-    single-tensor bits are the chain's.
+    `fused` is ``False`` where torch's ``foreach`` was given, which is then `foreach`: ``True``
+    torch's foreach kernels, ``False`` its single-tensor loop, None its own choice (the foreach
+    kernels off the CPU, the loop on it; on the CPU the two give the same bits in float32).
     """
     _check_renamed(name, lr)
     b1, b2 = _value(b1), _value(b2)
+    _check_adam(name, b1, b2, eps, weight_decay)
     if fused or fused is None:  # None: torch's "choose for me"; the fused kernel is the choice
-        _check_adam(name, b1, b2, eps, weight_decay)
         return fused_adam(
             lr,
             b1,
@@ -449,19 +461,24 @@ def _adam(
             mask=mask,
             maximize=maximize,
         )
-    if decoupled:
-        # the decay after the scaling rule: scale_by_learning_rate applies it as p * (1 - lr * wd)
-        return chain(
-            *_ascent(maximize),
-            scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-            _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-            scale_by_learning_rate(lr),
+    problems: list[str] = []
+    if isinstance(weight_decay, Sweep):
+        problems.append(
+            f"a weight-decay sweep ({weight_decay.name}) runs only through the fused kernels: "
+            f"use {name} with fused=True (the default); fused=False takes one weight decay"
         )
-    return chain(
-        *_ascent(maximize),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-        scale_by_learning_rate(lr),
+    rate = _rate(lr, problems)
+    config_check(problems, name)
+    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    return rule_transform(
+        adam_rule(b1, b2, eps, decoupled, amsgrad, maximize),
+        name,
+        constants,
+        schedule,
+        foreach=foreach,
+        lists=True,
+        mask=mask,
+        state_type=AdamState,
     )
 
 

@@ -209,7 +209,6 @@ def test_the_first_step_of_a_fresh_state_runs_the_general_update_and_plans_the_n
 
 
 TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
-    "foreach": (lambda: ft.adamw(1e-2, fused=False), {}),
     "a_group_unplanned": (
         lambda: ft.partition(
             lambda name, p: "m" if p.ndim > 1 else "v", m=ft.lion(1e-3), v=ft.adamw(1e-2)
@@ -260,8 +259,9 @@ def stage_equal_to_the_body(
     return stage(got)
 
 
-# RMSprop, Adamax and NAdam plan their updates, every option (their formulas over the step's
-# lists: `rule_transform`); RAdam's plain chain plans its own (`radam_planner`);
+# RMSprop, Adamax, NAdam and Adam/AdamW with fused=False plan their updates, every option (their
+# formulas over the step's lists: `rule_transform`); RAdam's plain chain plans its own
+# (`radam_planner`);
 # `skip_nonfinite` around an ungated planned update (it, or a window of one's own) reads its flag
 # on the host (the CPU): the NaN batch, a window's micro-batches, a schedule
 RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
@@ -292,6 +292,18 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         {"ema_decay": 0.9},
     ),
     "rmsprop_max_consecutive": (lambda: ft.rmsprop(1e-2), {"max_consecutive_nonfinite": 3}),
+    "adamw_unfused": (lambda: ft.adamw(1e-2, fused=False), {}),
+    "adam_unfused_every_option": (
+        lambda: ft.adam(
+            1e-2,
+            weight_decay=0.1,
+            amsgrad=True,
+            mask=lambda name, p: p.ndim > 1,
+            maximize=True,
+            foreach=True,
+        ),
+        {"accumulate_steps": 2, "ema_decay": 0.9},
+    ),
     "adamax": (lambda: ft.adamax(1e-2), {}),
     "adamax_schedule": (
         lambda: ft.adamax(ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10)),

@@ -34,10 +34,11 @@ def train(state: ft.TrainState, steps: int = 3) -> ft.TrainState:
     [
         lambda lr: ft.adamw(lr),
         lambda lr: ft.adam(lr, fused=False, weight_decay=0.1),
+        lambda lr: ft.rmsprop(lr, momentum=0.5),
         lambda lr: ft.sgd(lr, momentum=0.9, foreach=True),
         lambda lr: ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(lr, momentum=0.9)),
     ],
-    ids=["adamw", "adam_foreach", "sgd_foreach", "chain"],
+    ids=["adamw", "adam_foreach", "rmsprop", "sgd_foreach", "chain"],
 )
 def test_members_differing_in_lr_train_as_members_given_the_sweep(optimizer):
     auto = ft.stack([make_state(k, optimizer(lr)) for k, lr in enumerate(LRS)])

@@ -231,6 +231,14 @@ COUNT_FREE = {
         lambda: ft.nadam(0.01, weight_decay=0.01, decoupled_weight_decay=True),
         lambda p: torch.optim.NAdam(p, 0.01, weight_decay=0.01, decoupled_weight_decay=True),
     ),
+    "adamw foreach": (
+        lambda: ft.adamw(0.01, fused=False),
+        lambda p: torch.optim.AdamW(p, 0.01, foreach=True),
+    ),
+    "adam amsgrad single": (
+        lambda: ft.adam(0.01, weight_decay=0.01, amsgrad=True, foreach=False),
+        lambda p: torch.optim.Adam(p, 0.01, weight_decay=0.01, amsgrad=True, foreach=False),
+    ),
 }
 
 
@@ -265,7 +273,7 @@ def test_each_weights_own_count_goes_to_torch_as_its_step_and_torch_continues() 
         assert torch.equal(state.params[key], p), key
 
 
-@pytest.mark.parametrize("name", ["adamax", "nadam"])
+@pytest.mark.parametrize("name", ["adamax", "nadam", "adamw foreach"])
 def test_a_torch_run_whose_weights_took_their_own_steps_continues_in_functrain(name: str) -> None:
     """torch's first layer sat out three steps (requires_grad off): its per-parameter steps
     differ, and functrain continues each from its own (`from_torch_optimizer`)."""
@@ -327,7 +335,7 @@ def test_a_frozen_layer_keeps_its_moments_untouched_in_the_state() -> None:
     assert int(parked["step"]) == 2 and list(state.params) == ["2.weight", "2.bias"]
 
 
-@pytest.mark.parametrize("name", ["sgd", "nadam"])
+@pytest.mark.parametrize("name", ["sgd", "nadam", "adamw foreach"])
 def test_gradual_unfreezing_under_accumulation_gives_torchs_bits(name: str) -> None:
     ours, theirs = COUNT_FREE[name]
     state = gradually_unfrozen(ours(), freeze=2, unfreeze=6, accumulate_steps=2)
@@ -382,7 +390,7 @@ def test_a_frozen_layers_ema_waits_with_it_and_resumes() -> None:
     assert not torch.equal(state.ema_params["0.weight"], first)
 
 
-@pytest.mark.parametrize("name", ["sgd", "nadam"])
+@pytest.mark.parametrize("name", ["sgd", "nadam", "adam amsgrad single"])
 def test_a_checkpoint_of_a_state_with_a_frozen_layer_resumes_bit_for_bit(
     tmp_path, name: str
 ) -> None:

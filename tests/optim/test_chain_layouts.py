@@ -8,6 +8,7 @@ the saved moments and count, bit for bit, and its next steps are torch.optim's f
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ TORCH: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
         {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum": "momentum_buffer"},
     ),
     "adamax": (torch.optim.Adamax, {"lr": 1e-2}, {"mu": "exp_avg", "nu": "exp_inf"}),
+    "adam_foreach": (
+        torch.optim.Adam,
+        {"lr": 1e-2, "amsgrad": True},
+        {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    ),
+    "adamw_foreach": (torch.optim.AdamW, {"lr": 1e-2}, {"mu": "exp_avg", "nu": "exp_avg_sq"}),
     "nadam": (
         torch.optim.NAdam,
         {"lr": 1e-2, "decoupled_weight_decay": True},
@@ -50,13 +57,12 @@ def _torch_continues(case: str, loaded: ft.TrainState) -> dict[str, torch.Tensor
     cls, settings, keys = TORCH[case]
     model = loaded.export_module()
     named = dict(model.named_parameters())
-    decay = GOLDEN.CASES[case]().name
-    groups: list[dict[str, Any]] = [{"params": list(named.values())}]
-    if "weight_decay=0.1" in decay:
-        groups[0]["weight_decay"] = 0.1
-    if "mask=is_matrix" in decay:  # the spared weights: a group of their own, without decay
+    name = GOLDEN.CASES[case]().name
+    decay = float(re.search(r"weight_decay=([-+.e\d]+)", name).group(1))  # type: ignore[union-attr]
+    groups: list[dict[str, Any]] = [{"params": list(named.values()), "weight_decay": decay}]
+    if "mask=is_matrix" in name:  # the spared weights: a group of their own, without decay
         groups = [
-            {"params": [p for p in named.values() if p.ndim > 1], "weight_decay": 0.1},
+            {"params": [p for p in named.values() if p.ndim > 1], "weight_decay": decay},
             {"params": [p for p in named.values() if p.ndim <= 1], "weight_decay": 0.0},
         ]
     opt = cls(groups, foreach=False, **settings)

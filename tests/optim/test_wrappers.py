@@ -278,8 +278,10 @@ def test_accumulate_k_micro_batches_equals_one_full_batch_step(k: int) -> None:
         for name in params:
             assert not torch.equal(p_acc[name], before[name])
             torch.testing.assert_close(p_acc[name], p_full[name], rtol=0, atol=1e-6)
-    torch.testing.assert_close(list(s_acc.inner[0].mu), list(s_full[0].mu), rtol=1e-5, atol=1e-7)
-    assert int(s_acc.inner[0].count) == 3
+    torch.testing.assert_close(
+        list(s_acc.inner.slots["mu"]), list(s_full.slots["mu"]), rtol=1e-5, atol=1e-7
+    )
+    assert int(s_acc.inner.count) == 3
 
 
 def test_accumulate_sgd_applies_the_mean_of_the_micro_updates() -> None:
@@ -703,14 +705,9 @@ BAD_CONFIGS = [
         "sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0), "weight_decay=-1.0"
     ),  # the fused default checks it itself
     bad("adam", lambda: ft.adam(lr=-1e-3), "lr=-0.001"),
-    bad("adam", lambda: ft.adam(b1=1.0, fused=False), "b1=1.0", via="scale_by_adam"),
-    bad("adamw", lambda: ft.adamw(b2=1.0, fused=False), "b2=1.0", via="scale_by_adam"),
-    bad(
-        "adamw",
-        lambda: ft.adamw(weight_decay=-0.01, fused=False),
-        "weight_decay=-0.01",
-        via="add_decayed_weights",
-    ),
+    bad("adam", lambda: ft.adam(b1=1.0, fused=False), "b1=1.0"),
+    bad("adamw", lambda: ft.adamw(b2=1.0, fused=False), "b2=1.0"),
+    bad("adamw", lambda: ft.adamw(weight_decay=-0.01, fused=False), "weight_decay=-0.01"),
     bad("radam", lambda: ft.radam(lr=-1.0), "lr=-1.0"),
     bad("radam", lambda: ft.radam(eps=0.0), "eps=0.0", via="scale_by_radam"),
     bad("rmsprop", lambda: ft.rmsprop(alpha=1.0), "alpha=1.0"),

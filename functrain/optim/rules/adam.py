@@ -60,6 +60,7 @@ from functrain.optim.zeros import counter, writables, zeros
 from functrain.tree import Tree
 
 __all__ = [
+    "AdamState",
     "NadamState",
     "ScaleByAdamState",
     "AdamaxState",
@@ -571,6 +572,16 @@ def adamax_rule(b1: float, b2: float, eps: float, maximize: bool) -> Rule:
         return ops.addcdiv(p, mu, norm, size), {"mu": mu, "nu": norm}
 
     return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step, foreach=True, own_steps=True)
+
+
+class AdamState(RuleState):
+    """`functrain.adam`'s and `functrain.adamw`'s state with ``fused=False`` (`RuleState`): the
+    moments ``"mu"`` (torch's ``exp_avg``), ``"nu"`` (``exp_avg_sq``) and, with amsgrad,
+    ``"nu_max"`` (``max_exp_avg_sq``)."""
+
+    __slots__ = ()
+    # (its moments in the chain it trained through before: scale_by_adam's fields)
+    before = {"mu": "mu", "nu": "nu", "nu_max": "nu_max"}
 
 
 class AdamaxState(RuleState):

@@ -48,7 +48,7 @@ from functrain.optim.base import (
 from functrain.optim.checks import check_learning_rate
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner, gated_by_selection
-from functrain.optim.rates import host_rate, takes_tensor_steps, value_at
+from functrain.optim.rates import host_rate, value_at
 from functrain.optim.rules.arithmetic import divided, opmath
 from functrain.optim.updates import NewParams
 from functrain.optim.zeros import constant_like, is_shared, laid_out_like, writable, writables
@@ -479,19 +479,14 @@ def number(x: float | torch.Tensor) -> Scalar:
 
 
 def scheduled_rate(schedule: Any, count: torch.Tensor, t: Count) -> Scalar:
-    """A scheduled learning rate at `count`: its number, as the ordinary step reads it; where vmap
-    batches the count, each member's, as a float64 tensor (functrain's schedules take the step
-    tensor)."""
+    """A scheduled learning rate at `count`: its number, as the ordinary step reads it; where the
+    count is a tensor (vmap batches it, a traced step, an accelerator's), the float64 tensor
+    `value_at` gives (a plain function of the step: its one host read, refused where there is no
+    Python int to give it, as LambdaLR's lambda would be)."""
     if isinstance(t, int):  # (a host count: its schedule's number, read where it lies)
         at = host_rate(schedule, count.device)
         return Scalar(at(count)[1] if at is not None else host_value(value_at(schedule, count)))
-    if not takes_tensor_steps(schedule):
-        raise ConfigError(
-            "a learning rate given as a plain function of the step is read at the count, and "
-            "here the count is a tensor (a compiled step, or members vmap batches that skipped "
-            "apart): give a schedule of functrain.schedules, which takes the step tensor"
-        )
-    return Scalar(None, schedule(count).to(torch.float64))
+    return Scalar(None, torch.as_tensor(value_at(schedule, count)).to(torch.float64))
 
 
 def update_number(count: torch.Tensor, device: torch.device) -> Count:
@@ -786,6 +781,10 @@ class ListOps(Ops):
     def div(self, a: Any, by: Any) -> Any:
         if isinstance(by, Scalar):
             if by.tensor is not None:
+                if not self.single and a and a[0].device.type == "cuda":
+                    # (torch's CUDA foreach kernels divide by a number as it is, where its
+                    # single-tensor kernel multiplies by the reciprocal)
+                    return self._run("div", a, by.tensor.to(a[0].dtype))
                 return self._each("div", a, by)
             by = by.value
         return self._run("div", a, by)
@@ -1195,7 +1194,7 @@ def rule_transform(
     schedule: Any = None,
     *,
     differentiable: bool = False,
-    foreach: bool = False,
+    foreach: bool | None = False,
     lists: bool = False,
     mask: Any = None,
     state_type: Callable[..., Any] = RuleState,
@@ -1209,7 +1208,8 @@ def rule_transform(
     loops. Without it, torch.optim's single-tensor loops: with `lists` (a `Rule.foreach`
     formula) on the CPU once over the lists all the same (`SINGLE_LISTS_IN_PLACE`,
     `SINGLE_LISTS_OUT_OF_PLACE`: one call per op, the single-tensor loop's bits), else parameter
-    by parameter.
+    by parameter. ``foreach=None`` (with `lists`) is torch.optim's own choice where its
+    ``foreach`` is not given: the foreach loops off the CPU, the single-tensor loop's on it.
 
     `constants`: the values of the hyperparameters the state holds (`Rule.held`; the learning
     rate left out where `schedule` gives it: read at the count, as the other steps read it);
@@ -1225,6 +1225,10 @@ def rule_transform(
             "foreach and lists out"
         )
     in_lists = (foreach or lists) and not differentiable
+
+    def foreach_on(device: torch.device) -> bool:  # (torch's foreach kernels, not its loop's)
+        return bool(foreach) or (foreach is None and device.type != "cpu")
+
     own = rule.own_steps and not differentiable  # (a differentiable state moves every weight)
     if own and rule.prepare is not None:
         raise ConfigError(f"{name}: a formula with a step of its own per parameter has no prepare")
@@ -1338,7 +1342,9 @@ def rule_transform(
         # moments, which start as zeros like their parameter
         moments_of = _writable_moments if ops is IN_PLACE else _stored_moments
         one_kind = _one_kind(p) if planned is None else planned
-        lists_here = in_lists and ops is not BATCHED and (foreach or device.type == "cpu")
+        lists_here = (
+            in_lists and ops is not BATCHED and (foreach_on(device) or device.type == "cpu")
+        )
         if lists_here and one_kind and (flags is None or all(flags)) and counts is None:
             # every parameter at once over the lists, one foreach kernel per op (a planned
             # runner's gradients are its parameters' dtypes already)
@@ -1350,7 +1356,8 @@ def rule_transform(
                 for k in rule.slots
             }
             step: Any = rule.step  # (on lists: the formula holds no logic per parameter)
-            new_p, new_slots = step(_list_ops(ops), list(p), list(grads), moments, t_own, h)
+            lops = _list_ops(ops, device)
+            new_p, new_slots = step(lops, list(p), list(grads), moments, t_own, h)
         else:
             slots_in = {
                 k: state.slots[k] if k in rule.scalars else moments_of(rule, state.slots[k], p)
@@ -1367,8 +1374,8 @@ def rule_transform(
         new_state = type(state)(state.count + 1, slots, state.hyperparameters, rate, new_group)
         return new_p, new_state
 
-    def _list_ops(ops: Ops) -> ListOps:
-        if foreach:
+    def _list_ops(ops: Ops, device: torch.device) -> ListOps:
+        if foreach_on(device):
             return FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE
         return SINGLE_LISTS_IN_PLACE if ops is IN_PLACE else SINGLE_LISTS_OUT_OF_PLACE
 
@@ -1391,7 +1398,7 @@ def rule_transform(
                 grads = [g[i].to(p[i].dtype) for i in subset]
                 held = {k: [v[i] for i in subset] for k, v in slots_in.items()}
                 step: Any = rule.step
-                moved, moments = step(_list_ops(ops), ps, grads, held, t, hs)
+                moved, moments = step(_list_ops(ops, ps[0].device), ps, grads, held, t, hs)
                 pairs = [
                     (i, moved[j], {k: moments[k][j] for k in rule.slots})
                     for j, i in enumerate(subset)
