@@ -470,8 +470,10 @@ def _adam(
     rate = _rate(lr, problems)
     config_check(problems, name)
     constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    # (torch's loops keep a tensor rate a tensor: their step sizes in its dtype)
+    rate_dtype = lr.dtype if isinstance(lr, torch.Tensor) else None
     return rule_transform(
-        adam_rule(b1, b2, eps, decoupled, amsgrad, maximize),
+        adam_rule(b1, b2, eps, decoupled, amsgrad, maximize, rate_dtype),
         name,
         constants,
         schedule,

@@ -10,7 +10,7 @@ NAdam's formula with decoupled decay.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -69,6 +69,7 @@ __all__ = [
     "adam_rule",
     "adamax_moments",
     "adamax_rule",
+    "in_rate_dtype",
     "radam_moments",
     "radam_planner",
     "nadam_rule",
@@ -532,12 +533,22 @@ def nadam_transform(
 
 
 def adam_rule(
-    b1: float, b2: float, eps: float, decoupled: bool, amsgrad: bool, maximize: bool
+    b1: float,
+    b2: float,
+    eps: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    rate_dtype: torch.dtype | None = None,
 ) -> Rule:
-    """torch's ``_single_tensor_adam`` as a formula (``AdamW`` with `decoupled`)."""
+    """torch's ``_single_tensor_adam`` as a formula (``AdamW`` with `decoupled`). `rate_dtype`:
+    the dtype of a learning rate given as a tensor, whose step size and decay torch computes in
+    it (`in_rate_dtype`)."""
+    step_size = in_rate_dtype(lambda lr, correction: -(lr / correction), rate_dtype)
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
-        p, g = _decayed_weights(ops, p, ops.out.neg(g) if maximize else g, h, decoupled)
+        g = ops.out.neg(g) if maximize else g
+        p, g = _decayed_weights(ops, p, g, h, decoupled, rate_dtype)
         mu = ops.lerp(m["mu"], g, 1 - b1)
         nu = ops.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
         correction1 = 1 - b1**t
@@ -547,7 +558,7 @@ def adam_rule(
             moments["nu_max"] = ops.maximum(m["nu_max"], nu)
             nu = moments["nu_max"]
         denom = ops.add(ops.div(ops.out.sqrt(nu), number(correction2_sqrt)), eps)
-        size = at_count(h["lr"], lambda lr: -(lr / correction1), t)
+        size = at_count(h["lr"], lambda lr: step_size(lr, correction1), t)
         return ops.addcdiv(p, mu, denom, size), moments
 
     return Rule(
@@ -685,15 +696,45 @@ def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool
 
 
 def _decayed_weights(
-    ops: Ops, p: torch.Tensor, g: torch.Tensor, h: dict[str, Scalar], decoupled: bool
+    ops: Ops,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    h: dict[str, Scalar],
+    decoupled: bool,
+    rate_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The parameter and gradient after weight decay: decoupled (``p * (1 - lr * wd)``, written
-    in place) or L2 (a new gradient)."""
+    in place; in `rate_dtype`, `in_rate_dtype`) or L2 (a new gradient)."""
     if not active(h["weight_decay"]):
         return p, g
     if decoupled:
-        return ops.mul(p, combined(lambda lr, wd: 1 - lr * wd, h["lr"], h["weight_decay"])), g
+        kept = in_rate_dtype(lambda lr, wd: 1 - lr * wd, rate_dtype)
+        return ops.mul(p, combined(kept, h["lr"], h["weight_decay"])), g
     return p, ops.out.add(g, p, h["weight_decay"])
+
+
+def in_rate_dtype(f: Callable[..., Any], dtype: torch.dtype | None) -> Callable[..., Any]:
+    """``f(lr, *numbers)`` as torch.optim computes it where the learning rate was given as a
+    tensor of `dtype` (its loops keep the 0-d tensor, so that their scalar arithmetic on it runs
+    in its dtype: ``lr / bias_correction1`` in float32), as a number again; `f` itself where the
+    rate was a number (`dtype` None).
+
+    Example:
+        >>> third = in_rate_dtype(lambda lr, c: lr / c, torch.float32)
+        >>> third(0.1, 3.0) == float(torch.tensor(0.1) / 3.0) != 0.1 / 3.0
+        True
+    """
+    if dtype is None:
+        return f
+
+    def in_dtype(lr: Any, *numbers: Any) -> Any:
+        if isinstance(lr, torch.Tensor) or any(isinstance(x, torch.Tensor) for x in numbers):
+            # (a number known only as a tensor: the same ops on tensors of that dtype)
+            given = [torch.as_tensor(x).to(dtype) for x in (lr, *numbers)]
+            return f(*given).to(torch.float64)
+        return float(f(torch.tensor(lr, dtype=dtype), *numbers))
+
+    return in_dtype
 
 
 def _divided(ops: Ops, x: torch.Tensor, by: Scalar, rect: Any) -> torch.Tensor:
