@@ -239,7 +239,7 @@ def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:
 # the optimizers whose update of a weight reads no count of updates (torch.optim's per-weight
 # `step` enters none of their arithmetic), or reads the weight's own (its state keeps one per
 # weight, `Rule.own_steps`): a weight frozen and trained again continues exactly
-COUNT_FREE = ("sgd(", "rmsprop(", "adagrad(", "adadelta(", "rprop(", "adamax(", "nadam(")
+COUNT_FREE = ("sgd(", "rmsprop(", "adagrad(", "adadelta(", "rprop(", "adamax(", "nadam(", "radam(")
 _COUNTED = "adagrad("  # count-free only without its rate decay
 # (their formula's own counts with fused=False; torch's fused kernel's state holds one for all)
 _OWN_UNFUSED = ("adam(", "adamw(")

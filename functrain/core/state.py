@@ -618,7 +618,7 @@ class TrainState:
                 "exact; to train them again, make a state for the new split "
                 "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
                 "reads no count (sgd, rmsprop, adagrad, adadelta, rprop) or each weight's own "
-                "(adamax, nadam, adam and adamw with fused=False)"
+                "(adamax, nadam, radam, adam and adamw with fused=False)"
             )
         first = [w for w in back if self._parked_at(w) == 0]
         if updates and first and dampened(name):

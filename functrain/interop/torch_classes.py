@@ -39,7 +39,7 @@ from functrain.optim.presets import (
 from functrain.optim.rules.adadelta import ScaleByAdadeltaState
 from functrain.optim.rules.adafactor import AdafactorStepState
 from functrain.optim.rules.adagrad import ScaleByAdagradState
-from functrain.optim.rules.adam import AdamaxState, AdamState, NadamState, ScaleByRadamState
+from functrain.optim.rules.adam import AdamaxState, AdamState, NadamState, RadamState
 from functrain.optim.rules.asgd import AsgdStepState
 from functrain.optim.rules.fused import FusedAdagradState, FusedAdamState, FusedSgdState
 from functrain.optim.rules.learning_rate import LearningRateState, ScaleByLearningRateState
@@ -59,7 +59,7 @@ __all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation
 KEYS: dict[type, dict[str, str]] = {
     FusedAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
     AdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
-    ScaleByRadamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
+    RadamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
     RmspropState: {
         "square_avg": "square_avg",
         "grad_avg": "grad_avg",
@@ -173,8 +173,9 @@ TORCH_CLASSES: dict[type, TorchClass] = {
             weight_decay=g["weight_decay"],
             decoupled_weight_decay=g["decoupled_weight_decay"],
         ),
-        (ScaleByRadamState,),
+        (RadamState,),
         exact=frozenset({"foreach"}),
+        own_steps=frozenset({"foreach"}),
     ),
     torch.optim.NAdam: TorchClass(
         nadam,

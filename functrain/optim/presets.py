@@ -45,11 +45,11 @@ from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import (
     AdamaxState,
     AdamState,
+    RadamState,
     adam_rule,
     adamax_rule,
     nadam_transform,
-    radam_planner,
-    scale_by_radam,
+    radam_rule,
 )
 from functrain.optim.rules.asgd import asgd_step
 from functrain.optim.rules.formula import held_rate, rule_transform
@@ -543,21 +543,24 @@ def radam(
         differentiable=differentiable,
         exact=FOREACH_ONLY,
     )
-    _check_renamed("radam", lr)
-    decay = _maybe(weight_decay, add_decayed_weights(weight_decay, mask))
-    tx = chain(
-        *_ascent(maximize),
-        *(
-            (scale_by_radam(b1, b2, eps), decay)
-            if decoupled_weight_decay
-            else (decay, scale_by_radam(b1, b2, eps))
-        ),
-        scale_by_learning_rate(lr),
+    problems: list[str] = []
+    rate = _rate(lr, problems)
+    check_unit(problems, "b1", b1)
+    check_unit(problems, "b2", b2)
+    check_positive(problems, "eps", eps)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "radam")
+    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    rate_dtype = lr.dtype if isinstance(lr, torch.Tensor) else None  # (`in_rate_dtype`)
+    return rule_transform(
+        radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
+        "radam",
+        constants,
+        schedule,
+        foreach=True,
+        mask=mask,
+        state_type=RadamState,
     )
-    if maximize or weight_decay:
-        return tx
-    # the plain chain: its update decided once for the step's tensors on the CPU
-    return tx._replace(update=tx.update.but(plan=radam_planner(b1, b2, eps, lr)))
 
 
 @replaces("rmsprop")

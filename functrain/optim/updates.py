@@ -47,6 +47,7 @@ __all__ = [
     "Decoupled",
     "NewParams",
     "as_tensors",
+    "divides_by_reciprocal",
     "flat_updates",
     "apply_updates",
 ]
@@ -597,7 +598,7 @@ def _by_dtype_times_reciprocal(
     return [t * scalar.to(t.dtype).reciprocal() for t in tensors]
 
 
-def _divides_by_reciprocal(device: torch.device) -> bool:
+def divides_by_reciprocal(device: torch.device) -> bool:
     """Whether torch divides a tensor on `device` by a CPU scalar as a product with its reciprocal.
 
     Its CUDA and XPU kernels do (an optimization of theirs that may lose a bit); the CPU's divide.
@@ -707,7 +708,7 @@ class RectifiedRatio(Ratio):
         on_host = None if given_tensor else _rectified_on_host(den, s1, s2)
         if on_host is not None:
             return on_host
-        if given_tensor and den and _divides_by_reciprocal(den[0].device):
+        if given_tensor and den and divides_by_reciprocal(den[0].device):
             # torch's kernels on an accelerator divide by a CPU step size as a product with its
             # reciprocal (by Python floats, its foreach kernels divide)
             out = _by_dtype_times_reciprocal(den, s2)

@@ -215,7 +215,6 @@ TRANSFORMS_OWN_UPDATE: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
         ),
         {},
     ),
-    "radam_decay": (lambda: ft.radam(1e-2, weight_decay=0.1), {}),
     "lion": (lambda: ft.lion(1e-3), {}),
     # a group's own guard and clipping measure the group's gradients: the body's order of flags
     "a_group_guarded": (
@@ -259,9 +258,8 @@ def stage_equal_to_the_body(
     return stage(got)
 
 
-# RMSprop, Adamax, NAdam and Adam/AdamW with fused=False plan their updates, every option (their
-# formulas over the step's lists: `rule_transform`); RAdam's plain chain plans its own
-# (`radam_planner`);
+# RMSprop, Adamax, NAdam, RAdam and Adam/AdamW with fused=False plan their updates, every option
+# (their formulas over the step's lists: `rule_transform`);
 # `skip_nonfinite` around an ungated planned update (it, or a window of one's own) reads its flag
 # on the host (the CPU): the NaN batch, a window's micro-batches, a schedule
 RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
@@ -293,6 +291,17 @@ RMS_PLANNED: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     ),
     "rmsprop_max_consecutive": (lambda: ft.rmsprop(1e-2), {"max_consecutive_nonfinite": 3}),
     "adamw_unfused": (lambda: ft.adamw(1e-2, fused=False), {}),
+    "radam_decay": (lambda: ft.radam(1e-2, weight_decay=0.1), {}),
+    "radam_decoupled_mask_schedule": (
+        lambda: ft.radam(
+            ft.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10),
+            weight_decay=0.1,
+            decoupled_weight_decay=True,
+            mask=lambda name, p: p.ndim > 1,
+            maximize=True,
+        ),
+        {"accumulate_steps": 2},
+    ),
     "adam_unfused_every_option": (
         lambda: ft.adam(
             1e-2,

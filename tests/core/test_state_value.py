@@ -231,6 +231,12 @@ COUNT_FREE = {
         lambda: ft.nadam(0.01, weight_decay=0.01, decoupled_weight_decay=True),
         lambda p: torch.optim.NAdam(p, 0.01, weight_decay=0.01, decoupled_weight_decay=True),
     ),
+    "radam": (
+        lambda: ft.radam(0.01, weight_decay=0.01, decoupled_weight_decay=True),
+        lambda p: torch.optim.RAdam(
+            p, 0.01, weight_decay=0.01, decoupled_weight_decay=True, foreach=True
+        ),
+    ),
     "adamw foreach": (
         lambda: ft.adamw(0.01, fused=False),
         lambda p: torch.optim.AdamW(p, 0.01, foreach=True),
@@ -273,7 +279,7 @@ def test_each_weights_own_count_goes_to_torch_as_its_step_and_torch_continues() 
         assert torch.equal(state.params[key], p), key
 
 
-@pytest.mark.parametrize("name", ["adamax", "nadam", "adamw foreach"])
+@pytest.mark.parametrize("name", ["adamax", "nadam", "radam", "adamw foreach"])
 def test_a_torch_run_whose_weights_took_their_own_steps_continues_in_functrain(name: str) -> None:
     """torch's first layer sat out three steps (requires_grad off): its per-parameter steps
     differ, and functrain continues each from its own (`from_torch_optimizer`)."""

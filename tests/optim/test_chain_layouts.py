@@ -37,6 +37,11 @@ TORCH: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
         {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
     ),
     "adamw_foreach": (torch.optim.AdamW, {"lr": 1e-2}, {"mu": "exp_avg", "nu": "exp_avg_sq"}),
+    "radam": (
+        torch.optim.RAdam,
+        {"lr": 1e-2, "foreach": True},  # (the foreach arithmetic, which radam follows)
+        {"mu": "exp_avg", "nu": "exp_avg_sq"},
+    ),
     "nadam": (
         torch.optim.NAdam,
         {"lr": 1e-2, "decoupled_weight_decay": True},
@@ -65,7 +70,7 @@ def _torch_continues(case: str, loaded: ft.TrainState) -> dict[str, torch.Tensor
             {"params": [p for p in named.values() if p.ndim > 1], "weight_decay": decay},
             {"params": [p for p in named.values() if p.ndim <= 1], "weight_decay": 0.0},
         ]
-    opt = cls(groups, foreach=False, **settings)
+    opt = cls(groups, **{"foreach": False, **settings})
     node = _formula_state(loaded)
     for i, p in enumerate(named.values()):
         opt.state[p] = {"step": torch.tensor(float(node.count))}

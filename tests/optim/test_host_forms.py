@@ -80,8 +80,8 @@ PLANNED: dict[str, Callable[[], ft.Transform]] = {
 def test_a_planned_host_form_gives_its_updates_bits(
     name: str, write: bool, dtype: torch.dtype
 ) -> None:
-    """The runner a plain chain plans (`radam_planner`, `nadam_planner`, a formula's: the
-    step sizes in torch.optim's Python floats) against the chain's update and `apply_updates`
+    """The runner a formula plans (`rule_transform`'s: the step sizes in torch.optim's Python
+    floats) against its update and `apply_updates`
     (float64 tensors), 2,000 steps from the same gradients: RAdam's early unrectified steps
     included."""
     tx = PLANNED[name]()

@@ -709,7 +709,7 @@ BAD_CONFIGS = [
     bad("adamw", lambda: ft.adamw(b2=1.0, fused=False), "b2=1.0"),
     bad("adamw", lambda: ft.adamw(weight_decay=-0.01, fused=False), "weight_decay=-0.01"),
     bad("radam", lambda: ft.radam(lr=-1.0), "lr=-1.0"),
-    bad("radam", lambda: ft.radam(eps=0.0), "eps=0.0", via="scale_by_radam"),
+    bad("radam", lambda: ft.radam(eps=0.0), "eps=0.0"),
     bad("rmsprop", lambda: ft.rmsprop(alpha=1.0), "alpha=1.0"),
     bad("rmsprop", lambda: ft.rmsprop(weight_decay=-0.1), "weight_decay=-0.1"),
     bad("rmsprop", lambda: ft.rmsprop(momentum=1.5), "momentum=1.5"),

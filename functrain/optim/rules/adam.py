@@ -27,7 +27,6 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
-from functrain.optim.planned import Planner, Ran, Runner, gated_by_selection
 from functrain.optim.rules.arithmetic import (
     f64,
     host_number,
@@ -50,18 +49,15 @@ from functrain.optim.rules.formula import (
     number,
     rule_transform,
 )
-from functrain.optim.rules.learning_rate import (
-    ScaleByLearningRateState,
-    check_rate,
-    planned_rate,
-)
-from functrain.optim.updates import Ratio, RectifiedRatio, flat_updates
+from functrain.optim.rules.learning_rate import check_rate
+from functrain.optim.updates import Ratio, RectifiedRatio, divides_by_reciprocal, flat_updates
 from functrain.optim.zeros import counter, writables, zeros
 from functrain.tree import Tree
 
 __all__ = [
     "AdamState",
     "NadamState",
+    "RadamState",
     "ScaleByAdamState",
     "AdamaxState",
     "ScaleByAdamaxState",
@@ -71,7 +67,6 @@ __all__ = [
     "adamax_rule",
     "in_rate_dtype",
     "radam_moments",
-    "radam_planner",
     "nadam_rule",
     "nadam_step",
     "nadam_transform",
@@ -271,89 +266,6 @@ def radam_moments(
             nu = list(torch._foreach_mul(state.nu, b2))
     torch._foreach_addcmul_(nu, g, g, value=1 - b2)
     return mu, nu
-
-
-def radam_planner(b1: float, b2: float, eps: float, learning_rate: Any) -> Planner:
-    """The `Planner` of RAdam's plain chain (`scale_by_radam` and `scale_by_learning_rate`, with
-    no weight decay and descending) on the CPU: the moments as `scale_by_radam` moves them
-    (`radam_moments`), the rectification and the two step sizes in torch.optim's Python floats
-    (the count read on the host, `host_number`: its foreach RAdam's own arithmetic), then its
-    buffer ``1 / ((sqrt(nu) + eps) / s2) + s1`` and one foreach ``addcmul``, as
-    `functrain.optim.updates.apply_updates` applies the `RectifiedRatio`. None off the CPU, for a
-    rate given as a tensor, for parameters of several dtypes or layouts other than contiguous."""
-    rho_inf = 2 / (1 - b2) - 1
-    rho_inf_factor = (rho_inf - 4) * (rho_inf - 2)
-
-    def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
-        if not _host_plain(params, learning_rate):
-            return None
-        rate_of = planned_rate(learning_rate, next(iter(params.values())).device)
-        at = [i for i, s in enumerate(state) if isinstance(s, ScaleByRadamState)]
-        if len(at) != 1 or not isinstance(state[-1], ScaleByLearningRateState):
-            return None
-        where = at[0]
-
-        def run(
-            grads: list[torch.Tensor],
-            params: list[torch.Tensor],
-            state: Any,
-            norm: torch.Tensor | None,
-            write: bool,
-        ) -> Ran:
-            radam, rate = state[where], state[-1]
-            count = radam.count + 1
-            mu, nu = radam_moments(radam, grads, write, b1, b2)
-            n = host_number(count)
-            lr_t, lr = rate_of(rate.count)
-            assert n is not None and lr is not None  # (CPU tensors of an eager step)
-            step = float(n)
-            # torch.optim's foreach RAdam, op for op in Python floats
-            rho_t = rho_inf - 2 * step * (b2**step) / (1 - b2**step)
-            rect = (
-                ((rho_t - 4) * (rho_t - 2) * rho_inf / (rho_inf_factor * rho_t)) ** 0.5
-                if rho_t > 5.0
-                else 0.0
-            )
-            unrect = 0.0 if rect > 0 else 1.0
-            bc1 = 1 - b1**step
-            s1 = (lr * unrect / bc1) * -1
-            s2 = ((1 - b2**step) ** 0.5) * (lr * rect / bc1) * -1
-            buffer = torch._foreach_sqrt(nu)
-            torch._foreach_add_(buffer, eps)
-            torch._foreach_div_(buffer, s2)
-            torch._foreach_reciprocal_(buffer)
-            torch._foreach_add_(buffer, s1)
-            if write:
-                torch._foreach_addcmul_(params, mu, buffer)
-                new = params
-            else:
-                new = list(torch._foreach_addcmul(params, mu, buffer))
-            new_state = list(state)
-            new_state[where] = ScaleByRadamState(count, tuple(mu), tuple(nu))
-            new_state[-1] = ScaleByLearningRateState(rate.count + 1, lr_t)
-            return Ran(new, tuple(new_state), lr_t, None, None)
-
-        return gated_by_selection(run, _last_rate)
-
-    return plan
-
-
-def _last_rate(state: Any) -> torch.Tensor:
-    """The rate a plain chain's state holds last (its final step's), for `gated_by_selection`."""
-    return state[-1].lr
-
-
-def _host_plain(params: dict[str, torch.Tensor], learning_rate: Any) -> bool:
-    """Whether RAdam's host-form planner (`radam_planner`) plans
-    `params`: real CPU tensors of one dtype, contiguous, and a rate that is not a tensor."""
-    tensors = list(params.values())
-    return not (
-        isinstance(learning_rate, torch.Tensor)
-        or not tensors
-        or any(p.device.type != "cpu" or p.is_complex() for p in tensors)
-        or len({p.dtype for p in tensors}) > 1
-        or not all(p.is_contiguous() and 1 not in p.shape for p in tensors)
-    )
 
 
 # -- Adamax
@@ -655,12 +567,23 @@ class NadamState(RuleState):
     before = {"mu": "mu", "nu": "nu", "mu_product": "mu_product"}
 
 
-def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool) -> Rule:
+def radam_rule(
+    b1: float,
+    b2: float,
+    eps: float,
+    decoupled: bool,
+    maximize: bool,
+    rate_dtype: torch.dtype | None = None,
+) -> Rule:
     """torch's foreach RAdam as a formula, which functrain's `radam` follows (its single-tensor
     loop rounds otherwise): the rectification in Python floats; ``p + mu * (1 / ((sqrt(nu) + eps)
-    / s2) + s1)`` while rectified, else ``p + mu * s1`` (torch's buffer is then ``-0.0 + s1``: the
-    same bits, without a division by zero in the derivative)."""
+    / s2) + s1)``, unrectified too (then ``s2`` is ``-0.0`` and the buffer ``-0.0 + s1`` in the
+    kernels' opmath, as torch's); differentiated, unrectified ``p + mu * s1`` (no division by
+    zero in the derivative). `rate_dtype`: a tensor rate's dtype (`in_rate_dtype`)."""
     rho_inf = 2 / (1 - b2) - 1
+    reciprocal = in_rate_dtype(lambda s: 1 / s, rate_dtype)
+    first = in_rate_dtype(lambda lr, unrect, bc: (lr * unrect / bc) * -1, rate_dtype)
+    second = in_rate_dtype(lambda lr, rect, bc, root: root * (lr * rect / bc) * -1, rate_dtype)
 
     def rectification(t: Any) -> Any:
         rho_t = rho_inf - 2 * t * (b2**t) / (1 - b2**t)
@@ -672,27 +595,44 @@ def radam_rule(b1: float, b2: float, eps: float, decoupled: bool, maximize: bool
         return torch.where(rho_t > 5, rect, 0.0)
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
-        p, g = _decayed_weights(ops, p, ops.out.neg(g) if maximize else g, h, decoupled)
+        g = ops.out.neg(g) if maximize else g
+        p, g = _decayed_weights(ops, p, g, h, decoupled, rate_dtype)
         mu = ops.lerp(m["mu"], g, 1 - b1)
         nu = ops.addcmul(ops.mul(m["nu"], b2), g, g, value=1 - b2)
         rect = rectification(t)
         unrectified = (rect <= 0) * 1.0  # torch's `0 if rect > 0 else 1.0`
         correction = 1 - b1**t
-        plain = at_count(h["lr"], lambda lr: (lr * unrectified / correction) * -1, t)
-        scale = at_count(
-            h["lr"], lambda lr: ((1 - b2**t) ** 0.5) * (lr * rect / correction) * -1, t
-        )
+        plain = at_count(h["lr"], lambda lr: first(lr, unrectified, correction), t)
+        scale = at_count(h["lr"], lambda lr: second(lr, rect, correction, (1 - b2**t) ** 0.5), t)
         moments = {"mu": mu, "nu": nu}
-        if isinstance(t, int) and rect == 0:
+        if isinstance(t, int) and rect == 0 and ops.differentiable:
             return ops.addcmul(p, mu, filled(plain, nu)), moments
-        buffer = _divided(ops, ops.add(ops.out.sqrt(nu), eps), scale, rect)
+        den = ops.add(ops.out.sqrt(nu), eps)
+        if rate_dtype is not None and divides_by_reciprocal(_device(p)):
+            # torch holds a tensor rate's step sizes as CPU tensors, which its kernels on an
+            # accelerator divide by as a product with their reciprocal (in the rate's dtype)
+            buffer = ops.mul(den, scale.map(reciprocal))
+        else:
+            buffer = _divided(ops, den, scale, rect)
         shift = plain.tensor if plain.tensor is not None else plain.value
         buffer = ops.add(ops.reciprocal(buffer), shift)  # type: ignore[arg-type]
-        if not isinstance(t, int):
-            buffer = torch.where(rect > 0, buffer, filled(plain, nu))
+        if not isinstance(t, int):  # (a count vmap batches, or one on a device)
+            if isinstance(nu, list):
+                buffer = [torch.where(rect > 0, b, filled(plain, n)) for b, n in zip(buffer, nu)]
+            else:
+                buffer = torch.where(rect > 0, buffer, filled(plain, nu))
         return ops.addcmul(p, mu, buffer), moments
 
-    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step, own_steps=True)
+    return Rule(("mu", "nu"), {}, ("lr", "weight_decay"), step, foreach=True, own_steps=True)
+
+
+class RadamState(RuleState):
+    """`functrain.radam`'s state (`RuleState`): the moments ``"mu"`` (torch's ``exp_avg``) and
+    ``"nu"`` (``exp_avg_sq``)."""
+
+    __slots__ = ()
+    # (its moments in the chain it trained through before: scale_by_radam's fields)
+    before = {"mu": "mu", "nu": "nu"}
 
 
 def _decayed_weights(
@@ -735,6 +675,11 @@ def in_rate_dtype(f: Callable[..., Any], dtype: torch.dtype | None) -> Callable[
         return float(f(torch.tensor(lr, dtype=dtype), *numbers))
 
     return in_dtype
+
+
+def _device(p: Any) -> torch.device:
+    """The device of a parameter, or of a list of them."""
+    return (p[0] if isinstance(p, list) else p).device
 
 
 def _divided(ops: Ops, x: torch.Tensor, by: Scalar, rect: Any) -> torch.Tensor:
