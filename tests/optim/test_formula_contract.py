@@ -46,6 +46,9 @@ def _presets() -> dict[str, Callable[[Any], ft.Transform]]:
     """Each formula preset with weight decay, as a function of its learning rate."""
     presets: dict[str, Callable[[Any], ft.Transform]] = {
         "formula_adamw": lambda lr: formula_adamw(lr, weight_decay=0.1),
+        # the torch.optim presets whose ordinary steps run their formulas (rule_transform)
+        "adamw_unfused": lambda lr: ft.adamw(lr, weight_decay=0.1, fused=False),
+        "radam": lambda lr: ft.radam(lr, weight_decay=0.1, decoupled_weight_decay=True),
     }
     for module, name, extra in (
         ("adan", "adan", {"weight_decay": 0.02}),

@@ -1,4 +1,5 @@
-"""The torch.optim presets a formula trains (`rmsprop`, `adamax`, `nadam`: `rule_transform`) on
+"""The torch.optim presets a formula trains (`rmsprop`, `adamax`, `nadam`, `radam`, `adam` and
+`adamw` with ``fused=False``: `rule_transform`) on
 cases their formulas' shared machinery decides: a weight-decay mask that spares every parameter,
 and a stacked state's members, each bit for bit with torch.optim."""
 
@@ -14,11 +15,14 @@ from torch import nn
 import functrain as ft
 from functrain.optim.rules.formula import settled_steps
 
-# each preset with its torch class (torch's CPU default: the single-tensor loop)
+# each preset with its torch class (torch's CPU default, the single-tensor loop; RAdam's foreach
+# arithmetic, which its preset follows)
 PRESETS: dict[str, tuple[Callable[..., ft.Transform], Any]] = {
     "rmsprop": (ft.rmsprop, torch.optim.RMSprop),
     "adamax": (ft.adamax, torch.optim.Adamax),
     "nadam": (ft.nadam, torch.optim.NAdam),
+    "adam": (lambda *a, **k: ft.adam(*a, fused=False, **k), torch.optim.Adam),
+    "radam": (ft.radam, lambda *a, **k: torch.optim.RAdam(*a, **{**k, "foreach": True})),
 }
 
 
@@ -90,6 +94,14 @@ OWN_STEPS = {
     "nadam": (
         lambda: ft.nadam(0.1, weight_decay=0.1),
         lambda p: torch.optim.NAdam(p, 0.1, weight_decay=0.1, foreach=False),
+    ),
+    "adamw": (
+        lambda: ft.adamw(0.1, weight_decay=0.1, fused=False),
+        lambda p: torch.optim.AdamW(p, 0.1, weight_decay=0.1, foreach=False),
+    ),
+    "radam": (
+        lambda: ft.radam(0.1, weight_decay=0.1),
+        lambda p: torch.optim.RAdam(p, 0.1, weight_decay=0.1, foreach=True),
     ),
 }
 

@@ -752,6 +752,9 @@ class ListOps(Ops):
 
     def add(self, a: Any, b: Any, alpha: Scalar | float = 1.0) -> Any:
         if type(alpha) is float and alpha == 1.0 and not isinstance(b, list):
+            if isinstance(b, torch.Tensor):  # (a number held as a tensor: with alpha, torch's
+                # tensor overload; without, it reads the tensor as a Python number, a host read)
+                return self._run("add", a, b, alpha=1)
             return self._run("add", a, b)  # (a number added: one call)
         h = _as_scalar(alpha)
         if h.tensor is not None or not isinstance(b, list) and h.value != 1.0:
