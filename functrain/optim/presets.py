@@ -163,6 +163,20 @@ def _rate(lr: LearningRate, problems: list[str]) -> float | Schedule:
     return lr
 
 
+def _rate_dtype(lr: LearningRate, problems: list[str]) -> torch.dtype | None:
+    """The dtype torch.optim's loops compute a tensor rate's step sizes in (they keep the 0-d
+    tensor; `functrain.optim.rules.adam.in_rate_dtype`): None for a number or a schedule."""
+    if not isinstance(lr, torch.Tensor) or lr.dtype == torch.float64:
+        return None
+    if lr.dtype != torch.float32:
+        problems.append(
+            f"lr given as a {str(lr.dtype).removeprefix('torch.')} tensor: torch.optim computes "
+            "its step sizes in that dtype, which functrain follows for float32 and float64 "
+            "rates; give lr as a float32 tensor or a number"
+        )
+    return lr.dtype
+
+
 def _check_betas(problems: list[str], betas: Any) -> tuple[float, float]:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         problems.append(f"betas must be a pair (b1, b2), got betas={betas!r}")
@@ -468,10 +482,9 @@ def _adam(
             f"use {name} with fused=True (the default); fused=False takes one weight decay"
         )
     rate = _rate(lr, problems)
+    rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, name)
     constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
-    # (torch's loops keep a tensor rate a tensor: their step sizes in its dtype)
-    rate_dtype = lr.dtype if isinstance(lr, torch.Tensor) else None
     return rule_transform(
         adam_rule(b1, b2, eps, decoupled, amsgrad, maximize, rate_dtype),
         name,
@@ -549,9 +562,9 @@ def radam(
     check_unit(problems, "b2", b2)
     check_positive(problems, "eps", eps)
     check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, "radam")
     constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
-    rate_dtype = lr.dtype if isinstance(lr, torch.Tensor) else None  # (`in_rate_dtype`)
     return rule_transform(
         radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
         "radam",

@@ -481,6 +481,12 @@ def test_a_tensor_rate_steps_in_its_dtype_as_torchs_single_tensor_loop(ours, the
     assert any(not torch.equal(a, b) for a, b in zip(params.values(), as_number.values()))
 
 
+@pytest.mark.parametrize("preset", [lambda lr: ft.adamw(lr, fused=False), ft.radam])
+def test_a_tensor_rate_of_a_half_dtype_is_refused_with_the_fix(preset) -> None:
+    with pytest.raises(ft.ConfigError, match=r"lr given as a bfloat16 tensor.*float32 tensor"):
+        preset(torch.tensor(1e-3, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["adam_l2", "adamw"])
 def test_unfused_adam_steps_a_complex_parameter_on_its_real_view_as_torch(

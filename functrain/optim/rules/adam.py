@@ -10,6 +10,9 @@ NAdam's formula with decoupled decay.
 
 from __future__ import annotations
 
+import math
+import operator
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -65,6 +68,7 @@ __all__ = [
     "adam_rule",
     "adamax_moments",
     "adamax_rule",
+    "Float32",
     "in_rate_dtype",
     "radam_moments",
     "nadam_rule",
@@ -657,24 +661,95 @@ def in_rate_dtype(f: Callable[..., Any], dtype: torch.dtype | None) -> Callable[
     """``f(lr, *numbers)`` as torch.optim computes it where the learning rate was given as a
     tensor of `dtype` (its loops keep the 0-d tensor, so that their scalar arithmetic on it runs
     in its dtype: ``lr / bias_correction1`` in float32), as a number again; `f` itself where the
-    rate was a number (`dtype` None).
+    rate was a number or a float64 tensor (`dtype` None or float64).
+
+    On the host each op of `f` is rounded to float32 (`Float32`: no tensor made from host data);
+    where a number is known as a tensor only (a count on a device, traced or batched), the same
+    ops run on tensors of `dtype`.
 
     Example:
         >>> third = in_rate_dtype(lambda lr, c: lr / c, torch.float32)
         >>> third(0.1, 3.0) == float(torch.tensor(0.1) / 3.0) != 0.1 / 3.0
         True
     """
-    if dtype is None:
+    if dtype is None or dtype == torch.float64:
         return f
 
     def in_dtype(lr: Any, *numbers: Any) -> Any:
-        if isinstance(lr, torch.Tensor) or any(isinstance(x, torch.Tensor) for x in numbers):
-            # (a number known only as a tensor: the same ops on tensors of that dtype)
-            given = [torch.as_tensor(x).to(dtype) for x in (lr, *numbers)]
-            return f(*given).to(torch.float64)
-        return float(f(torch.tensor(lr, dtype=dtype), *numbers))
+        given = (lr, *numbers)
+        tensors = [x for x in given if isinstance(x, torch.Tensor)]
+        if not tensors:
+            return float(f(Float32(lr), *numbers))
+        device = tensors[0].device
+        lr = (
+            lr.to(dtype)
+            if isinstance(lr, torch.Tensor)
+            else torch.full((), lr, dtype=dtype, device=device)
+        )
+        rest = [x.to(dtype) if isinstance(x, torch.Tensor) else x for x in numbers]
+        return f(lr, *rest).to(torch.float64)
 
     return in_dtype
+
+
+def _to_float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class Float32(float):
+    """A float32 number as a 0-d float32 tensor computes with Python numbers: each operand
+    rounded to float32 and each result of ``+ - * /`` rounded to float32 (correctly rounded: a
+    double holds the exact result of one op on two float32 numbers to the last bit float32
+    keeps), the result a `Float32` again.
+
+    Example:
+        >>> x = Float32(0.1) / 3.0
+        >>> float(x) == float(torch.tensor(0.1) / 3.0), type(x).__name__
+        (True, 'Float32')
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: float) -> Float32:
+        return super().__new__(cls, _to_float32(float(value)))
+
+    def _with(self, other: Any, op: Callable[[float, float], float], swap: bool) -> Any:
+        if not isinstance(other, (int, float)):
+            return NotImplemented
+        a, b = float(self), _to_float32(float(other))
+        if swap:
+            a, b = b, a
+        if op is operator.truediv and b == 0.0:  # (IEEE's quotient, where Python raises)
+            sign = math.copysign(1.0, b)
+            return Float32(math.nan if a == 0.0 or a != a else math.copysign(math.inf, a) * sign)
+        return Float32(op(a, b))
+
+    def __add__(self, other: Any) -> Any:
+        return self._with(other, operator.add, False)
+
+    def __radd__(self, other: Any) -> Any:
+        return self._with(other, operator.add, True)
+
+    def __sub__(self, other: Any) -> Any:
+        return self._with(other, operator.sub, False)
+
+    def __rsub__(self, other: Any) -> Any:
+        return self._with(other, operator.sub, True)
+
+    def __mul__(self, other: Any) -> Any:
+        return self._with(other, operator.mul, False)
+
+    def __rmul__(self, other: Any) -> Any:
+        return self._with(other, operator.mul, True)
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._with(other, operator.truediv, False)
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return self._with(other, operator.truediv, True)
+
+    def __neg__(self) -> Float32:
+        return Float32(-float(self))
 
 
 def _device(p: Any) -> torch.device:
