@@ -724,32 +724,26 @@ class Float32(float):
             return Float32(math.nan if a == 0.0 or a != a else math.copysign(math.inf, a) * sign)
         return Float32(op(a, b))
 
-    def __add__(self, other: Any) -> Any:
-        return self._with(other, operator.add, False)
-
-    def __radd__(self, other: Any) -> Any:
-        return self._with(other, operator.add, True)
-
-    def __sub__(self, other: Any) -> Any:
-        return self._with(other, operator.sub, False)
-
-    def __rsub__(self, other: Any) -> Any:
-        return self._with(other, operator.sub, True)
-
-    def __mul__(self, other: Any) -> Any:
-        return self._with(other, operator.mul, False)
-
-    def __rmul__(self, other: Any) -> Any:
-        return self._with(other, operator.mul, True)
-
-    def __truediv__(self, other: Any) -> Any:
-        return self._with(other, operator.truediv, False)
-
-    def __rtruediv__(self, other: Any) -> Any:
-        return self._with(other, operator.truediv, True)
-
     def __neg__(self) -> Float32:
         return Float32(-float(self))
+
+
+def _float32_op(op: Callable[[float, float], float], swap: bool) -> Callable[..., Any]:
+    def method(self: Float32, other: Any) -> Any:
+        return self._with(other, op, swap)
+
+    return method
+
+
+for _name, _op in (
+    ("add", operator.add),
+    ("sub", operator.sub),
+    ("mul", operator.mul),
+    ("truediv", operator.truediv),
+):
+    setattr(Float32, f"__{_name}__", _float32_op(_op, False))
+    setattr(Float32, f"__r{_name}__", _float32_op(_op, True))
+del _name, _op
 
 
 def _device(p: Any) -> torch.device:
