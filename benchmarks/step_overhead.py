@@ -65,7 +65,7 @@ kernel) against ``torch.optim.AdamW(fused=True)``:
 The optimizers run with the default options against the torch implementation each preset matches
 bit for bit (``tests/optim/test_implementation_choices.py``): ``rmsprop``, ``nadam`` and
 ``adamax`` against torch's CPU default, the single-tensor loop (``foreach=False``); ``radam``
-against ``RAdam(foreach=True)``; ``adamw-unfused`` (``adamw(fused=False)``) against
+against ``RAdam(foreach=True)``; ``adamw-unfused`` (``adamw(foreach=False)``) against
 ``AdamW(foreach=False)``, torch's CPU default where fused is not asked for.
 
 The pure floor (`PureFloor`) is the least a pure step must do beyond the hand-written loop: that
@@ -1112,7 +1112,9 @@ OPTIMIZER_ROWS = {
         "RAdam(foreach=True)",
     ),
     "adamw-unfused": Row(
-        lambda: functrain.adamw(LR, weight_decay=WEIGHT_DECAY, fused=False),
+        # (foreach=False on both sides: torch's loop on every device; fused=False alone is
+        # torch's own choice, the foreach kernels on CUDA)
+        lambda: functrain.adamw(LR, weight_decay=WEIGHT_DECAY, foreach=False),
         torch_optimizer(torch.optim.AdamW, weight_decay=WEIGHT_DECAY, foreach=False),
         {},
         "AdamW(foreach=False), torch's CPU default without fused",

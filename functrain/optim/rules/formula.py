@@ -784,7 +784,7 @@ class ListOps(Ops):
     def div(self, a: Any, by: Any) -> Any:
         if isinstance(by, Scalar):
             if by.tensor is not None:
-                if not self.single and a and a[0].device.type == "cuda":
+                if not self.single and len(a) > 0 and a[0].device.type == "cuda":
                     # (torch's CUDA foreach kernels divide by a number as it is, where its
                     # single-tensor kernel multiplies by the reciprocal)
                     return self._run("div", a, by.tensor.to(a[0].dtype))
@@ -965,7 +965,7 @@ _HALF = (torch.bfloat16, torch.float16)
 def _half(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the lists' tensors are bfloat16 or float16 (`rule_transform` runs a formula over
     lists of one dtype: the first says it)."""
-    return bool(tensors) and tensors[0].dtype in _HALF
+    return len(tensors) > 0 and tensors[0].dtype in _HALF
 
 
 def _last_rate(rate: Scalar, device: torch.device) -> torch.Tensor:
@@ -980,7 +980,7 @@ def _one_kind(params: Sequence[torch.Tensor]) -> bool:
     """Whether `params` go to one foreach kernel: one device, one dtype, none complex, plain
     tensors, eager (foreach ops under vmap run tensor by tensor anyway)."""
     return (
-        bool(params)
+        len(params) > 0  # (`len`, not `bool`: torch 2.11's dynamo cannot trace bool() of a list)
         and len({(x.device, x.dtype) for x in params}) == 1
         and not params[0].is_complex()
         and all(type(x) is torch.Tensor for x in params)
@@ -1036,7 +1036,9 @@ def _counted_groups(
         by: dict[Any, list[int]] = {}
         for i in subset:
             c = counts[i]
-            by.setdefault(c if isinstance(c, int) else id(c), []).append(i)
+            # (a count known as a tensor only is each parameter's own: a part of its own, keyed
+            # by its index; no `id`, which torch 2.11's dynamo cannot trace on a made tensor)
+            by.setdefault(c if isinstance(c, int) else ("own", i), []).append(i)
         parts += [(part, hs, counts[part[0]]) for part in by.values()]
     return parts
 
