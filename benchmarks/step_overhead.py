@@ -1119,6 +1119,19 @@ OPTIMIZER_ROWS = {
         {},
         "AdamW(foreach=False), torch's CPU default without fused",
     ),
+    "sgd-dampening": Row(
+        # (a dampening runs SGD's formula: torch's fused kernel cannot take it per weight)
+        lambda: functrain.sgd(LR, momentum=0.9, dampening=0.1, foreach=False),
+        torch_optimizer(torch.optim.SGD, momentum=0.9, dampening=0.1, foreach=False),
+        {},
+        "SGD(momentum=0.9, dampening=0.1, foreach=False)",
+    ),
+    "adagrad-unfused": Row(
+        lambda: functrain.adagrad(LR, foreach=False),
+        torch_optimizer(torch.optim.Adagrad, foreach=False),
+        {},
+        "Adagrad(foreach=False), torch's CPU default without fused",
+    ),
 }
 ROWS = {**CONFIG_ROWS, **OPTIMIZER_ROWS}
 # (workload, row) -> the highest ratios a step may take: donated and pure to the hand-written

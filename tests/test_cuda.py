@@ -135,31 +135,19 @@ def test_preset_matches_torch_optim_foreach_on_cuda_bitwise(name: str) -> None:
         )
 
 
-def _single_tensor_case(name: str) -> Any:
-    """An EXACT_CASES row as ``foreach=False`` (the preset's and torch's): the CUDA difference
-    between them marked where it was measured (H100, torch 2.11: 1-4 ulp after 200 steps, as
-    torch's own foreach and single-tensor Adam differ there); CUDA-bitwise where the preset's
-    single-tensor form takes torch's host-number roundings, as `nadam` and `adam` do."""
-    marks = ()
-    if name.startswith("adagrad"):
-        marks = pytest.mark.xfail(
-            strict=True,
-            reason="on CUDA the preset's foreach=False computes torch's foreach bits, not its "
-            "single-tensor loop's (step sizes from host numbers)",
-        )
-    return pytest.param(name, marks=marks)
-
-
 @pytest.mark.parametrize(
     "name",
     [
-        _single_tensor_case(name)
+        name
         for name, (tx, _, _) in sorted(CASES.EXACT_CASES.items())
         if "foreach" in ft.optim.naming.recorded_call(tx).arguments
         and ft.optim.naming.recorded_call(tx).factory is not ft.radam  # (foreach only)
     ],
 )
 def test_a_foreach_false_preset_on_cuda_matches_torchs_single_tensor_loop(name: str) -> None:
+    """An EXACT_CASES row as ``foreach=False`` (the preset's and torch's): the formula's
+    single-tensor form takes torch's host-number roundings (Adagrad's ``-clr * (g / std)``, where
+    its foreach form scales the numerator first)."""
     tx, make_opt, _ = CASES.EXACT_CASES[name]
     call = ft.optim.naming.recorded_call(tx)
     got = _run_functrain(call.again(foreach=False))

@@ -530,8 +530,9 @@ def _formula_layout(chain: tuple[Any, ...], template: RuleState) -> dict[str, An
         if not isinstance(element, dict):
             return None
         slots.update({names[k]: v for k, v in element.items() if k in names and v != ()})
-        if "lr" in element and "count" in element:
-            count, rate = element["count"], element["lr"]
+        if "count" in element and (count is None or "lr" in element):
+            # (the last rate from the element that kept it, where one did: Rprop's none)
+            count, rate = element["count"], element.get("lr", template.lr)
     # a number kept once for all parameters before and by each now (NAdam's momentum product)
     slots = {
         k: tuple(v.clone() for _ in template.slots[k])

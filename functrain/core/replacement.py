@@ -32,7 +32,6 @@ __all__ = [
     "shared_storage",
     "COUNT_FREE",
     "count_free",
-    "dampened",
     "slots_of",
     "resplit",
 ]
@@ -239,10 +238,19 @@ def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:
 # the optimizers whose update of a weight reads no count of updates (torch.optim's per-weight
 # `step` enters none of their arithmetic), or reads the weight's own (its state keeps one per
 # weight, `Rule.own_steps`): a weight frozen and trained again continues exactly
-COUNT_FREE = ("sgd(", "rmsprop(", "adagrad(", "adadelta(", "rprop(", "adamax(", "nadam(", "radam(")
-_COUNTED = "adagrad("  # count-free only without its rate decay
-# (their formula's own counts with fused=False; torch's fused kernel's state holds one for all)
-_OWN_UNFUSED = ("adam(", "adamw(")
+COUNT_FREE = (
+    "sgd(",
+    "rmsprop(",
+    "adadelta(",
+    "rprop(",
+    "adamax(",
+    "nadam(",
+    "radam(",
+    "asgd(",
+)
+# (their formula's own counts with fused=False; torch's fused kernels' state holds one for all,
+# which Adagrad's reads only for its rate decay)
+_OWN_UNFUSED = ("adam(", "adamw(", "adagrad(")
 
 
 def count_free(optimizer_name: str) -> bool:
@@ -254,23 +262,11 @@ def count_free(optimizer_name: str) -> bool:
         (True, False)
     """
     if optimizer_name.startswith(_OWN_UNFUSED):
-        return "fused=True" not in optimizer_name
-    if not optimizer_name.startswith(COUNT_FREE):
-        return False
-    return not optimizer_name.startswith(_COUNTED) or "lr_decay=0.0," in optimizer_name
-
-
-def dampened(optimizer_name: str) -> bool:
-    """Whether the optimizer named so is SGD with momentum and a dampening, whose first update of
-    a weight (torch's ``momentum_buffer is None``) differs from its later ones.
-
-    Example:
-        >>> dampened("sgd(lr=0.1, momentum=0.9, nesterov=False, dampening=0.5, weight_decay=0.0)")
-        True
-    """
-    if not optimizer_name.startswith("sgd("):
-        return False
-    return "momentum=0.0," not in optimizer_name and "dampening=0.0," not in optimizer_name
+        fused = "fused=True" in optimizer_name
+        return (
+            not fused or optimizer_name.startswith("adagrad(") and "lr_decay=0.0," in optimizer_name
+        )
+    return optimizer_name.startswith(COUNT_FREE)
 
 
 def slots_of(init: Any, params: dict[str, torch.Tensor]) -> list[str] | None:

@@ -40,7 +40,6 @@ from functrain.core.options import (
 from functrain.core.replacement import (
     carried,
     count_free,
-    dampened,
     ordered_like,
     parked_carried,
     refuse_derived,
@@ -617,16 +616,8 @@ class TrainState:
                 "schedules of its own): their update would differ from torch's. Freezing is "
                 "exact; to train them again, make a state for the new split "
                 "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
-                "reads no count (sgd, rmsprop, adagrad, adadelta, rprop) or each weight's own "
-                "(adamax, nadam, radam, adam and adamw with fused=False)"
-            )
-        first = [w for w in back if self._parked_at(w) == 0]
-        if updates and first and dampened(name):
-            problems.append(
-                f"{first[:3]} would train for the first time at update {updates}, where "
-                "torch.optim's SGD takes a weight's first gradient as its momentum, undampened, "
-                "and this state's SGD takes its first update by one count for all (it would "
-                "dampen it): train them from the start, or use dampening=0"
+                "reads no count (sgd, rmsprop, adadelta, rprop) or each weight's own (adamax, "
+                "nadam, radam, asgd; adam, adamw and adagrad with fused=False)"
             )
         if problems:
             raise StateMismatchError(

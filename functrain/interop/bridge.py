@@ -60,7 +60,6 @@ from functrain.optim.porting import (
 from functrain.optim.presets import is_matrix, muon
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.sparse import SparseSgdState
-from functrain.optim.rules.trace import TraceState
 from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
 from functrain.optim.wrappers import PartitionState, partition
 from functrain.tree import tree_leaves, tree_paths
@@ -1097,7 +1096,7 @@ def _group_problems(
         momentum = group.get("momentum", 0) != 0
         # (a state that holds torch's momentum buffers: SGD's trace, its fused kernel's or
         # sparse step's momentum, RMSprop's formula's)
-        has_buffer = TraceState in nodes or any(
+        has_buffer = any(
             key == "momentum_buffer" and bool(_field(node, field))
             for cls, node in nodes.items()
             for field, key in KEYS[cls].items()

@@ -36,18 +36,18 @@ from functrain.optim.presets import (
     sgd,
     sparse_adam,
 )
-from functrain.optim.rules.adadelta import ScaleByAdadeltaState
+from functrain.optim.rules.adadelta import AdadeltaState
 from functrain.optim.rules.adafactor import AdafactorStepState
-from functrain.optim.rules.adagrad import ScaleByAdagradState
+from functrain.optim.rules.adagrad import AdagradState
 from functrain.optim.rules.adam import AdamaxState, AdamState, NadamState, RadamState
-from functrain.optim.rules.asgd import AsgdStepState
+from functrain.optim.rules.asgd import AsgdState
 from functrain.optim.rules.fused import FusedAdagradState, FusedAdamState, FusedSgdState
 from functrain.optim.rules.learning_rate import LearningRateState, ScaleByLearningRateState
 from functrain.optim.rules.muon import ScaleByMuonState
 from functrain.optim.rules.rms import RmspropState
-from functrain.optim.rules.rprop import ScaleByRpropState
+from functrain.optim.rules.rprop import RpropState
 from functrain.optim.rules.sparse import SparseAdagradState, SparseAdamState, SparseSgdState
-from functrain.optim.rules.trace import TraceState
+from functrain.optim.rules.trace import SgdState
 
 __all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation"]
 
@@ -65,18 +65,18 @@ KEYS: dict[type, dict[str, str]] = {
         "grad_avg": "grad_avg",
         "momentum": "momentum_buffer",
     },
-    ScaleByAdagradState: {"sum_of_squares": "sum"},
+    AdagradState: {"sum": "sum"},
     FusedAdagradState: {"sum_of_squares": "sum"},
     SparseAdagradState: {"sum_of_squares": "sum"},
     SparseAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
     SparseSgdState: {"momentum": "momentum_buffer"},
-    TraceState: {"trace": "momentum_buffer"},
+    SgdState: {"momentum": "momentum_buffer"},
     FusedSgdState: {"momentum": "momentum_buffer"},
     NadamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},
     AdamaxState: {"mu": "exp_avg", "nu": "exp_inf"},
-    ScaleByAdadeltaState: {"square_avg": "square_avg", "acc_delta": "acc_delta"},
-    AsgdStepState: {"eta": "eta", "mu": "mu", "ax": "ax"},
-    ScaleByRpropState: {"prev": "prev", "step_size": "step_size"},
+    AdadeltaState: {"square_avg": "square_avg", "acc_delta": "acc_delta"},
+    AsgdState: {"eta": "eta", "mu": "mu", "ax": "ax"},
+    RpropState: {"prev": "prev", "step_size": "step_size"},
     AdafactorStepState: {"moments": "moments"},
     ScaleByMuonState: {"momentum_buffer": "momentum_buffer"},
     ScaleByLearningRateState: {},
@@ -161,9 +161,10 @@ TORCH_CLASSES: dict[type, TorchClass] = {
     torch.optim.Adagrad: TorchClass(
         adagrad,
         _pick("eps", "lr_decay", "initial_accumulator_value", "weight_decay"),
-        (FusedAdagradState, ScaleByAdagradState, SparseAdagradState),
+        (FusedAdagradState, AdagradState, SparseAdagradState),
         exact=_FUSED,
         built=True,
+        own_steps=_UNFUSED,
     ),
     torch.optim.RAdam: TorchClass(
         radam,
@@ -194,18 +195,19 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         own_steps=_FUSED,
     ),
     torch.optim.Adadelta: TorchClass(
-        adadelta, _pick("rho", "eps", "weight_decay"), (ScaleByAdadeltaState,)
+        adadelta, _pick("rho", "eps", "weight_decay"), (AdadeltaState,)
     ),
     torch.optim.ASGD: TorchClass(
         asgd,
         _pick("lambd", "alpha", "t0", "weight_decay"),
-        (AsgdStepState,),
+        (AsgdState,),
         exact=frozenset({"single"}),
+        own_steps=frozenset({"single"}),
     ),
     torch.optim.Rprop: TorchClass(
         rprop,
         lambda g: dict(etas=_pair("etas")(g), step_sizes=_pair("step_sizes")(g)),
-        (ScaleByRpropState,),
+        (RpropState,),
     ),
     torch.optim.Adafactor: TorchClass(
         adafactor,

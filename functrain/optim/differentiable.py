@@ -175,8 +175,6 @@ def differentiable_form(optimizer: Transform) -> Transform:
     # the rate of the first step (rprop's initial step size)
     start = float(value_at(schedule, torch.zeros((), dtype=torch.int64))) if schedule else rate
     rule = FORMULAS[name]({**arguments, "lr": start})
-    if "lr" not in rule.held:  # (rprop: the rate is its step sizes' first value, in its moments)
-        schedule = None
     # held in the rule's order (the rate first), a scheduled rate not at all
     constants = {
         k: float(rate if k == "lr" else arguments[k])

@@ -8,10 +8,11 @@ Each takes the arguments of the torch.optim class of its name (the same names an
 * `sgd`, `adam`, `adamw`, `adagrad`: with a constant learning rate or a schedule (whose values are
   the floats torch's scheduler writes into the group), torch's fused kernel by default,
   reproducing ``torch.optim.SGD/Adam/AdamW/Adagrad(fused=True)`` bit for bit; with
-  ``fused=False`` they, like `radam` and `rmsprop`, reproduce the matching class's foreach
-  implementation (``foreach=True``, float32) bit for bit. `lion` has no torch class.
+  ``fused=False`` their formula, as the matching class runs without it (its ``foreach`` choice
+  followed), bit for bit. `radam` follows RAdam's foreach implementation, `rmsprop` either of
+  RMSprop's. `lion` has no torch class.
   torch.optim runs a fused Adagrad on the CPU, and on CUDA from torch 2.12 only: elsewhere
-  `TrainState.create` trains the default `adagrad` as its foreach chain, torch's default there.
+  `TrainState.create` trains the default `adagrad` with its foreach kernels, torch's default there.
 * `nadam`, `adamax`, `adadelta`, `asgd`, `rprop`, `adafactor`, `muon`: with a constant learning
   rate or a schedule, torch's single-tensor implementation (torch's default on the CPU) bit for bit
   in float32;
@@ -39,9 +40,10 @@ from functrain.optim.choices import FOREACH_ONLY, SINGLE_ONLY, check_choices, wi
 from functrain.optim.combine import chain
 from functrain.optim.naming import named
 from functrain.optim.porting import replaces
-from functrain.optim.rules.adadelta import scale_by_adadelta
+from functrain.optim.rates import first_rate
+from functrain.optim.rules.adadelta import AdadeltaState, adadelta_rule, check_adadelta
 from functrain.optim.rules.adafactor import adafactor_step
-from functrain.optim.rules.adagrad import scale_by_adagrad
+from functrain.optim.rules.adagrad import AdagradState, adagrad_rule, check_adagrad
 from functrain.optim.rules.adam import (
     AdamaxState,
     AdamState,
@@ -51,7 +53,7 @@ from functrain.optim.rules.adam import (
     nadam_transform,
     radam_rule,
 )
-from functrain.optim.rules.asgd import asgd_step
+from functrain.optim.rules.asgd import AsgdState, asgd_rule, check_asgd
 from functrain.optim.rules.formula import held_rate, rule_transform
 from functrain.optim.rules.fused import (
     fused_adagrad,
@@ -64,14 +66,14 @@ from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
 from functrain.optim.rules.lion import scale_by_lion
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
 from functrain.optim.rules.rms import RmspropState, rmsprop_rule
-from functrain.optim.rules.rprop import scale_by_rprop
+from functrain.optim.rules.rprop import RpropState, check_rprop, rprop_rule
 from functrain.optim.rules.sparse import (
     sparse_adagrad,
     sparse_adam_update,
     sparse_sgd,
     with_sparse_twin,
 )
-from functrain.optim.rules.trace import trace
+from functrain.optim.rules.trace import SgdState, sgd_rule
 from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.sweep import Sweep
 from functrain.optim.wrappers import partition
@@ -217,7 +219,7 @@ def sgd(
 
     Matches ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov, maximize=)`` bit for
     bit, torch's defaults included (``lr=1e-3``): its fused implementation (``fused=True``) by
-    default, its foreach one with ``fused=False`` or a nonzero `dampening`.
+    default, its non-fused ones with ``fused=False`` or a nonzero `dampening`.
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
@@ -230,10 +232,14 @@ def sgd(
         fused: update through torch's fused SGD kernel (one pass over parameters, gradients and
             momentum buffers, in place in a donated step; see
             `functrain.optim.rules.fused.fused_sgd`). It runs without dampening only: torch's kernel
-            takes the first step from a host-side flag. ``False``: the foreach chain of primitives,
-            exact to ``foreach=True`` in torch. ``None`` (torch's default) chooses the kernel.
-        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
-            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+            takes the first step from a host-side flag. ``False``: SGD's formula (`sgd_rule`) as
+            torch's non-fused SGD runs it, each weight's momentum starting at its own first
+            update (with a dampening, a weight first trained mid-run takes its gradient
+            undampened, as torch). ``None`` (torch's default) chooses the kernel.
+        foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
+            its foreach kernels' bits, ``False`` its single-tensor loop's (the two differ in a
+            half dtype only); unset with ``fused=False``, torch's own choice (foreach on CUDA,
+            the loop on the CPU).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
@@ -251,18 +257,29 @@ def sgd(
         tensor([0.9000])
     """
     check_choices("sgd", foreach=foreach, differentiable=differentiable)
-    fused = (
-        False if foreach is not None else fused
-    )  # torch's foreach and single-tensor bits: the chain
+    fused = False if foreach is not None else fused  # (torch's foreach or single-tensor loop)
     _check_renamed("sgd", lr, momentum, nesterov, dampening)
     if (fused or fused is None) and not dampening:
         tx = fused_sgd(lr, momentum, weight_decay, nesterov=nesterov, mask=mask, maximize=maximize)
     else:
-        tx = chain(
-            *_ascent(maximize),
-            _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-            _maybe(momentum, trace(momentum, nesterov=nesterov, dampening=dampening)),
-            scale_by_learning_rate(lr),
+        problems: list[str] = []
+        check_unit(problems, "dampening", dampening)
+        check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+        rate = _rate(lr, problems)
+        config_check(problems, "sgd")
+        held = {"weight_decay": float(weight_decay)}
+        if momentum:
+            held["momentum"] = float(momentum)
+        constants, schedule = held_rate(rate, held)
+        tx = rule_transform(
+            sgd_rule(momentum, dampening, nesterov, maximize),
+            "sgd",
+            constants,
+            schedule,
+            foreach=foreach,
+            lists=True,
+            mask=mask,
+            state_type=SgdState,
         )
     if weight_decay:
         return with_sparse_twin(tx, _SPARSE_DECAY.format("sgd"))
@@ -664,11 +681,11 @@ def adagrad(
     """Adagrad (Duchi et al., 2011).
 
     Matches ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps,
-    maximize=)`` bit for bit: its fused implementation (``fused=True``) by default, its foreach one
-    with ``fused=False``. torch.optim runs its fused Adagrad on the CPU, and on CUDA from torch 2.12
-    only; on a device where it has none, `TrainState.create` trains the default with the foreach
-    chain instead, torch's own default there (the state's ``tx`` is then named without
-    ``fused=True``).
+    maximize=)`` bit for bit: its fused implementation (``fused=True``) by default, its non-fused
+    ones with ``fused=False``. torch.optim runs its fused Adagrad on the CPU, and on CUDA from
+    torch 2.12 only; on a device where it has none, `TrainState.create` trains the default with
+    the foreach kernels instead, torch's own default there (the state's ``tx`` is then named
+    without ``fused=True``).
 
     Args:
         lr: learning rate: a float, a 1-element tensor (its value) or a schedule.
@@ -681,10 +698,14 @@ def adagrad(
         fused: update through torch's fused Adagrad kernel (one pass over parameters, gradients
             and sums, in place in a donated step; see `functrain.optim.rules.fused`) where
             torch.optim runs it (`functrain.optim.rules.fused.fused_adagrad_runs_on`), and the
-            foreach chain elsewhere. ``False``: the foreach chain of primitives, exact to
-            ``foreach=True`` in torch. ``None`` (torch's default) chooses the kernel.
-        foreach: torch's implementation choice; ``True`` or ``False`` select the foreach chain
-            (``fused=False``), which gives the bits of both of torch's non-fused implementations.
+            foreach kernels elsewhere. ``False``: Adagrad's formula (`adagrad_rule`) as torch's
+            non-fused Adagrad runs it, each weight's rate decayed by its own count (a weight
+            frozen and trained again continues from it). ``None`` (torch's default) chooses the
+            kernel.
+        foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
+            its foreach kernels' bits, ``False`` its single-tensor loop's (they round the step
+            apart: ``(g * -clr) / std`` against ``-clr * (g / std)``); unset with
+            ``fused=False``, torch's own choice (foreach on CUDA, the loop on the CPU).
         differentiable: torch's autograd through the step; ``True`` is a `ConfigError`.
 
     Returns:
@@ -704,10 +725,14 @@ def adagrad(
         tensor([0.9000])
     """
     check_choices("adagrad", foreach=foreach, differentiable=differentiable)
-    fused = (
-        False if foreach is not None else fused
-    )  # torch's foreach and single-tensor bits: the chain
+    fused = False if foreach is not None else fused  # (torch's foreach or single-tensor loop)
     _check_renamed("adagrad", lr)
+    problems: list[str] = []
+    check_adagrad(problems, eps, initial_accumulator_value, lr_decay)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    rate = _rate(lr, problems)
+    rate_dtype = None if fused or fused is None else _rate_dtype(lr, problems)
+    config_check(problems, "adagrad")
     if fused or fused is None:
         tx = with_device_form(
             fused_adagrad(
@@ -736,13 +761,16 @@ def adagrad(
             ),
         )
     else:
-        tx = chain(
-            *_ascent(maximize),
-            _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-            scale_by_adagrad(
-                eps, initial_accumulator_value=initial_accumulator_value, lr_decay=lr_decay
-            ),
-            scale_by_learning_rate(lr),
+        constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+        tx = rule_transform(
+            adagrad_rule(eps, lr_decay, initial_accumulator_value, maximize, rate_dtype),
+            "adagrad",
+            constants,
+            schedule,
+            foreach=foreach,
+            lists=True,
+            mask=mask,
+            state_type=AdagradState,
         )
     if weight_decay:
         return with_sparse_twin(tx, _SPARSE_DECAY.format("adagrad"))
@@ -1058,11 +1086,20 @@ def adadelta(
     """
     check_choices("adadelta", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, _ = _checked("adadelta", lr)
-    return chain(
-        _maybe(maximize, scale(-1.0)),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        scale_by_adadelta(rho, eps),
-        scale_by_learning_rate(rate),
+    problems: list[str] = []
+    check_adadelta(problems, rho, eps)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "adadelta")
+    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    return rule_transform(
+        adadelta_rule(rho, eps, maximize),
+        "adadelta",
+        constants,
+        schedule,
+        foreach=foreach,
+        lists=True,
+        mask=mask,
+        state_type=AdadeltaState,
     )
 
 
@@ -1122,10 +1159,18 @@ def asgd(
         exact=SINGLE_ONLY,
     )
     rate, _ = _checked("asgd", lr)
-    return chain(
-        _maybe(maximize, scale(-1.0)),
-        _maybe(weight_decay, add_decayed_weights(weight_decay, mask)),
-        asgd_step(rate, lambd, alpha, t0),
+    problems: list[str] = []
+    check_asgd(problems, lambd, alpha, t0)
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "asgd")
+    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    return rule_transform(
+        asgd_rule(first_rate(rate), lambd, alpha, t0, maximize),
+        "asgd",
+        constants,
+        schedule,
+        mask=mask,
+        state_type=AsgdState,
     )
 
 
@@ -1172,7 +1217,16 @@ def rprop(
     """
     check_choices("rprop", foreach=foreach, capturable=capturable, differentiable=differentiable)
     rate, _ = _checked("rprop", lr)
-    return chain(_maybe(maximize, scale(-1.0)), scale_by_rprop(rate, etas, step_sizes))
+    problems: list[str] = []
+    check_rprop(problems, etas, step_sizes)
+    config_check(problems, "rprop")
+    (etaminus, etaplus), (low, high) = etas, step_sizes
+    # (the rate is the step sizes' first value only: read once, at update 0)
+    # the rate is the step sizes' first value; the state holds it on (its metric) as torch's
+    # group holds its lr, which the steps read never
+    constants, schedule = held_rate(rate, {})
+    rule = rprop_rule(first_rate(rate), etaminus, etaplus, low, high, maximize)
+    return rule_transform(rule, "rprop", constants, schedule, state_type=RpropState)
 
 
 @named(resolve=without_choices)

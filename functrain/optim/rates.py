@@ -49,6 +49,7 @@ __all__ = [
     "takes_tensor_steps",
     "is_plain_function",
     "value_at",
+    "first_rate",
     "with_host_form",
     "host_form",
     "host_rate",
@@ -87,6 +88,20 @@ def is_plain_function(value: Any) -> bool:
         and not isinstance(value, torch.Tensor | Transform | type)
         and not takes_tensor_steps(value)
     )
+
+
+def first_rate(rate: float | torch.Tensor | Callable[..., Any]) -> float:
+    """The rate of the first update: a schedule's value at update 0, or the number itself (a
+    1-element tensor's value, read once here), for an optimizer that reads its rate once or
+    starts a number of its state from it (Rprop's step sizes, ASGD's eta).
+
+    Example:
+        >>> first_rate(lambda step: 0.1 / (step + 1)), first_rate(0.5)
+        (0.1, 0.5)
+    """
+    if callable(rate):
+        return float(value_at(rate, torch.zeros((), dtype=torch.int64)))
+    return float(rate)
 
 
 def value_at(schedule: Callable[..., Any], count: torch.Tensor) -> Any:

@@ -7,7 +7,7 @@ and no float32 tensor ``u`` makes ``p + u`` equal those in every element):
 
 * `Ratio`: ``num / den`` divided by a scalar, with optional decoupled weight decay, as emitted by
   `scale_by_adam` and friends; `scale_by_learning_rate` folds the learning rate in exactly as
-  torch does (`RectifiedRatio`: RAdam's form of it);
+  torch does;
 * `ParamStep`: ``new = p * decay + alpha * direction`` kept only where ``keep`` holds, emitted by
   `scale_by_learning_rate` and applied by `apply_updates`;
 * `Decoupled`: a sign rule's direction with decoupled weight decay (`scale_by_lion`), applied by
@@ -42,7 +42,6 @@ __all__ = [
     "Updates",
     "Scalar",
     "Ratio",
-    "RectifiedRatio",
     "ParamStep",
     "Decoupled",
     "NewParams",
@@ -139,8 +138,7 @@ class ParamStep:
     only where `decay_mask` holds (all leaves when None).
     Instead of a `direction`, a step may hold a `quotient` ``(num, den, step_size)`` meaning
     ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch
-    does; or a `product` ``(a, b)`` meaning ``direction = a * b``, applied with one ``addcmul`` (one
-    rounding for the product and the sum, as torch.optim's RAdam applies its step).
+    does.
     """
 
     __slots__ = (
@@ -152,7 +150,6 @@ class ParamStep:
         "decay_mask",
         "keep",
         "scaled_numerator",
-        "product",
     )
 
     def __init__(
@@ -165,11 +162,9 @@ class ParamStep:
         keep: torch.Tensor | None = None,
         quotient: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
         scaled_numerator: bool = False,
-        product: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     ) -> None:
         self._direction = direction
         self.quotient = quotient
-        self.product = product
         self.scaled_numerator = scaled_numerator  # see Ratio
         self.spec = spec
         self.alpha = alpha
@@ -181,8 +176,6 @@ class ParamStep:
     def direction(self) -> Sequence[torch.Tensor]:
         if self._direction is not None:
             return self._direction
-        if self.product is not None:
-            return list(torch._foreach_mul(list(self.product[0]), list(self.product[1])))
         num, den, step_size = self.quotient  # type: ignore[misc]
         out = [n * step_size.to(n.dtype) for n in num]
         torch._foreach_div_(out, list(den))
@@ -199,7 +192,6 @@ class ParamStep:
             "keep": self.keep,
             "quotient": self.quotient,
             "scaled_numerator": self.scaled_numerator,
-            "product": self.product,
         }
         fields.update(changes)
         return ParamStep(**fields)
@@ -309,7 +301,7 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
     # the whole direction, materialized once (None: added by one fused addcdiv instead)
-    direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
+    direction = None if _fused_quotient(step, p) else _directions(step, p)
     new: list[torch.Tensor] = list(p)
     if decayed and step.decay is not None:
         # torch.optim's order: p * (1 - lr * wd) first, then the update, in place on that fresh
@@ -322,10 +314,7 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
             new[i] = t
     if plain:
         src = [p[i] for i in plain]
-        if direction is None and _fused_product(step):
-            a, b = step.product  # type: ignore[misc]
-            out = list(torch._foreach_addcmul(src, [a[i] for i in plain], [b[i] for i in plain]))
-        elif direction is None:
+        if direction is None:
             # the same kernel as the in-place addcdiv_, out of place: no pass to copy the parameters
             # first
             num, den, step_size = step.quotient  # type: ignore[misc]
@@ -362,7 +351,7 @@ def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     mask = step.decay_mask or (True,) * len(p)
     decayed = [p[i] for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
-    direction = None if _fused_quotient(step, p) or _fused_product(step) else _directions(step, p)
+    direction = None if _fused_quotient(step, p) else _directions(step, p)
     if decayed and step.decay is not None:
         torch._foreach_mul_(decayed, _in_dtype(step.decay, decayed[0]))
         _add_step_(decayed, [i for i, m in enumerate(mask) if m], step, direction)
@@ -408,14 +397,6 @@ def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
     # in each tensor's opmath, as torch.optim's addcdiv_(value=) does; a quotient taken apart
     # would round in a half dtype first)
     return step.quotient[2].device.type == "cpu"
-
-
-def _fused_product(step: ParamStep) -> bool:
-    """Whether the step is a product added by one addcmul.
-
-    A direction set later takes its place.
-    """
-    return step.product is not None and step._direction is None and step.alpha is None
 
 
 def _in_dtype(factor: Scalar, like: torch.Tensor) -> Scalar:
@@ -481,10 +462,7 @@ def _add_step_(
     out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None
 ) -> None:
     """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
-    if direction is None and _fused_product(step):
-        a, b = step.product  # type: ignore[misc]
-        torch._foreach_addcmul_(out, [a[i] for i in idx], [b[i] for i in idx])
-    elif direction is None:
+    if direction is None:
         num, den, step_size = step.quotient  # type: ignore[misc]
         scalars = _quotient_scalars(step_size, len(idx))
         torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
@@ -577,27 +555,6 @@ def _check_spec(expected: Any, got: Any) -> None:
         )
 
 
-def _by_dtype_div(tensors: list[torch.Tensor], scalar: torch.Tensor) -> list[torch.Tensor]:
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:
-        return list(torch._foreach_div(tensors, scalar.to(tensors[0].dtype)))
-    return [t / scalar.to(t.dtype) for t in tensors]
-
-
-def _by_dtype_times_reciprocal(
-    tensors: list[torch.Tensor], scalar: torch.Tensor
-) -> list[torch.Tensor]:
-    """`tensors * (1 / scalar)`, the reciprocal taken in each tensor's dtype.
-
-    How torch's CUDA and XPU kernels divide a tensor by a CPU scalar (``a * (1 / b)``, the
-    reciprocal rounded once): the quotient of `_by_dtype_div` may differ in the last bit.
-    """
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:
-        return list(torch._foreach_mul(tensors, scalar.to(tensors[0].dtype).reciprocal()))
-    return [t * scalar.to(t.dtype).reciprocal() for t in tensors]
-
-
 def divides_by_reciprocal(device: torch.device) -> bool:
     """Whether torch divides a tensor on `device` by a CPU scalar as a product with its reciprocal.
 
@@ -605,118 +562,6 @@ def divides_by_reciprocal(device: torch.device) -> bool:
     Any other accelerator is taken to be as CUDA.
     """
     return device.type != "cpu"
-
-
-def _by_dtype_add_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
-    """In place, on tensors the caller owns: `tensors += scalar` (cast to each dtype)."""
-    if len({t.dtype for t in tensors}) == 1:
-        # with `alpha` the tensor overload: without, torch takes a 0-d tensor as a Python number,
-        # read back to the host (a sync on an accelerator); times 1, the same bits
-        torch._foreach_add_(list(tensors), scalar.to(tensors[0].dtype), alpha=1)
-        return
-    for t in tensors:
-        t.add_(scalar.to(t.dtype))
-
-
-def _rectified_on_host(
-    den: list[torch.Tensor], s1: torch.Tensor, s2: torch.Tensor
-) -> list[torch.Tensor] | None:
-    """RAdam's buffer ``1 / (den / s2) + s1`` with its two step sizes as torch's foreach RAdam
-    passes them, Python floats (its kernels compute with them in their opmath, where a step size
-    cast to a half-precision tensor's dtype first rounds otherwise), where the 0-d CPU scalars can
-    be read without waiting (an eager CPU step); None elsewhere."""
-    if (
-        not den
-        or den[0].device.type != "cpu"
-        or s2.device.type != "cpu"
-        or torch.compiler.is_compiling()
-        or under_vmap()
-    ):
-        return None
-    out = list(torch._foreach_div(den, s2.item()))
-    torch._foreach_reciprocal_(out)
-    torch._foreach_add_(out, s1.item())
-    return out
-
-
-class RectifiedRatio(Ratio):
-    """RAdam's lazy updates: ``num * (1 / (den / s2) + s1)``.
-
-    ``s2`` and ``s1`` come from the learning rate.
-
-    ``s2 = sqrt_bc2 * (lr * rect / bc1) * -1`` and ``s1 = (lr * unrect / bc1) * -1``, scalars
-    computed as torch.optim's foreach RAdam computes them (in the learning rate's own dtype when it
-    is a tensor); `scale_by_learning_rate` applies the result with torch's ``addcmul``. Materialized
-    without a learning rate (`as_tensors`), the update is the same with ``lr = 1`` and no sign.
-    """
-
-    __slots__ = ("sqrt_bc2", "rect", "unrect")
-    divisor: torch.Tensor  # bc1, always a tensor here
-
-    def __init__(
-        self,
-        num: Any,
-        den: Any,
-        bc1: torch.Tensor,
-        sqrt_bc2: torch.Tensor,
-        rect: torch.Tensor,
-        unrect: torch.Tensor,
-        spec: Any,
-        *decay: Any,
-    ) -> None:
-        super().__init__(num, den, bc1, spec, *decay)
-        self.sqrt_bc2 = sqrt_bc2
-        self.rect = rect  # 0 until the variance is tractable
-        self.unrect = unrect  # 1 until then, 0 after
-
-    def with_decay(
-        self, weight_decay: float, decay_mask: tuple[bool, ...] | None, params: Any
-    ) -> RectifiedRatio:
-        return RectifiedRatio(
-            self.num,
-            self.den,
-            self.divisor,
-            self.sqrt_bc2,
-            self.rect,
-            self.unrect,
-            self.spec,
-            weight_decay,
-            decay_mask,
-            params,
-        )
-
-    def additive(self, params: Tree | None) -> list[torch.Tensor]:
-        return self._decayed(
-            list(torch._foreach_mul(self.buffer(1.0, 1.0), list(self.num))), params
-        )
-
-    def buffer(
-        self, lr: float | torch.Tensor, sign: float, *, given_tensor: bool = False
-    ) -> list[torch.Tensor]:
-        """``1 / (den / s2) + s1`` for this learning rate, per leaf.
-
-        A tensor learning rate keeps its dtype. `given_tensor`: the user gave the learning rate as
-        a tensor, of which torch makes its step sizes as CPU tensors (a float or a scheduler's
-        value gives Python floats).
-        """
-        bc1 = self.divisor if not isinstance(lr, torch.Tensor) else self.divisor.to(lr.dtype)
-        s1 = (lr * self.unrect.to(bc1.dtype) / bc1) * sign
-        s2 = self.sqrt_bc2.to(bc1.dtype) * (lr * self.rect.to(bc1.dtype) / bc1) * sign
-        # rectified: s1 is -0.0; not yet: s2 is -0.0, the quotient -inf, its reciprocal -0.0, and s1
-        # remains
-        den = list(self.den)
-        on_host = None if given_tensor else _rectified_on_host(den, s1, s2)
-        if on_host is not None:
-            return on_host
-        if given_tensor and den and divides_by_reciprocal(den[0].device):
-            # torch's kernels on an accelerator divide by a CPU step size as a product with its
-            # reciprocal (by Python floats, its foreach kernels divide)
-            out = _by_dtype_times_reciprocal(den, s2)
-        else:
-            out = _by_dtype_div(den, s2)
-        torch._foreach_reciprocal_(out)
-        _by_dtype_add_(out, s1)
-        return out
 
 
 Updates = Tree | Ratio | ParamStep | NewParams

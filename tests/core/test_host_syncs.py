@@ -40,7 +40,7 @@ import functrain as ft
 from functrain.optim import averaging, presets, rates, updates, wrappers
 from functrain.optim.base import flag_value
 from functrain.optim.rates import value_at
-from functrain.optim.rules import arithmetic, asgd, formula, fused
+from functrain.optim.rules import arithmetic, formula, fused
 from tests.models import cross_entropy_loss_fn, make_mlp
 
 S = ft.schedules
@@ -63,14 +63,11 @@ CPU_READS = frozenset(
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
         "functrain.optim.updates._quotient_scalars",  # a fused addcdiv's step size, the same
-        "functrain.optim.updates._rectified_on_host",  # RAdam's step sizes as torch's floats
         "functrain.optim.rules.arithmetic.add_scaled_",  # the same, one tensor at a time
         "functrain.optim.rules.arithmetic.addcdiv_",  # a step size as the kernel's value
         "functrain.optim.rules.arithmetic.per_leaf",  # a step size per leaf as torch's float
         "functrain.optim.rules.arithmetic.host_number",  # NAdam's step in torch's Python floats
         "functrain.optim.rules.formula.host_value",  # a formula's count and numbers, held there
-        "functrain.optim.rules.asgd._is_one",  # ASGD's average a plain copy, as torch checks
-        "functrain.optim.rules.asgd._add_scaled_all_",  # the kernel's alpha, a CPU scalar
         "functrain.optim.rules.fused._one_count",  # stacked members: one kernel call or several
         "functrain.optim.rules.fused._flags_that_skip",  # the same, by the members' skip flags
         "functrain.optim.rules.fused._members_skipping",  # which members the kernel leaves out
@@ -209,20 +206,17 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
     with HostTraffic(frozenset()) as traffic:
         assert flag_value(flag) is None
         assert averaging._host_count(count.long()) is None
-        assert asgd._is_one(count) is None
         assert formula.host_value(count) is None
         assert all(isinstance(x, torch.Tensor) for x in arithmetic.per_leaf(vector))
         assert arithmetic.host_number(count) is None
         rate = value_at(S.warmup_cosine(1e-3, warmup_steps=2, decay_steps=9), count.long())
         assert rate.device == meta  # the tensor form: the counter is not read
         assert rates.host_rate(S.warmup_cosine(1e-3, warmup_steps=2, decay_steps=9), meta) is None
-        asgd._add_scaled_all_(out, out, count)
         arithmetic.add_scaled_(out[0], out[0], count)
         arithmetic.addcdiv_(out[0], out[0], out[0], count)
         updates._added(out, out, count, in_place=True)
         updates._added(out, out, count, in_place=False)
         assert isinstance(updates._quotient_scalars(count, 2), torch.Tensor)
-        assert updates._rectified_on_host(out, count, count) is None
         zero = torch.zeros((), dtype=torch.int64, device=meta)
         wrappers._check_limit_now(wrappers.SkipNonfiniteState((), flag, zero, zero, zero), 0)
         assert wrappers._on_cpu(count) is None and wrappers._on_cpu(flag) is None

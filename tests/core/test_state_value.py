@@ -245,6 +245,19 @@ COUNT_FREE = {
         lambda: ft.adam(0.01, weight_decay=0.01, amsgrad=True, foreach=False),
         lambda p: torch.optim.Adam(p, 0.01, weight_decay=0.01, amsgrad=True, foreach=False),
     ),
+    "adagrad lr_decay": (
+        lambda: ft.adagrad(0.1, lr_decay=0.05, weight_decay=0.01, fused=False),
+        lambda p: torch.optim.Adagrad(p, 0.1, lr_decay=0.05, weight_decay=0.01),
+    ),
+    "sgd nesterov single": (
+        lambda: ft.sgd(0.1, momentum=0.9, nesterov=True, foreach=False),
+        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, nesterov=True, foreach=False),
+    ),
+    "rprop": (lambda: ft.rprop(0.01), lambda p: torch.optim.Rprop(p, 0.01)),
+    "asgd": (
+        lambda: ft.asgd(0.05, lambd=0.01, t0=1, weight_decay=0.01),
+        lambda p: torch.optim.ASGD(p, 0.05, lambd=0.01, t0=1, weight_decay=0.01),
+    ),
 }
 
 
@@ -279,7 +292,9 @@ def test_each_weights_own_count_goes_to_torch_as_its_step_and_torch_continues() 
         assert torch.equal(state.params[key], p), key
 
 
-@pytest.mark.parametrize("name", ["adamax", "nadam", "radam", "adamw foreach"])
+@pytest.mark.parametrize(
+    "name", ["adamax", "nadam", "radam", "adamw foreach", "adagrad lr_decay", "asgd"]
+)
 def test_a_torch_run_whose_weights_took_their_own_steps_continues_in_functrain(name: str) -> None:
     """torch's first layer sat out three steps (requires_grad off): its per-parameter steps
     differ, and functrain continues each from its own (`from_torch_optimizer`)."""
@@ -438,25 +453,20 @@ def test_training_a_layer_again_where_the_optimizer_counts_updates_is_refused() 
         assert torch.equal(frozen_only.params.get(key, frozen_only.frozen.get(key)), p), key
 
 
-def test_a_weight_first_trained_mid_run_by_dampened_sgd_is_refused() -> None:
-    """torch's SGD takes a weight's first gradient as its momentum, undampened; functrain's
-    decides the first update by one count for all: refused, where it would differ."""
-    dampened = lambda: ft.sgd(0.1, momentum=0.9, dampening=0.5)  # noqa: E731
-    with pytest.raises(ft.StateMismatchError, match=r"for the first time at update 3.*dampening"):
-        gradually_unfrozen(dampened(), freeze=0, unfreeze=3)
-    # a weight trained before it sat out keeps its momentum: torch's bits
-    state = gradually_unfrozen(dampened(), freeze=2, unfreeze=5)
+@pytest.mark.parametrize(("freeze", "unfreeze"), [(0, 3), (2, 5)])
+@pytest.mark.parametrize("dampening", [0.5, 0.0])
+def test_sgd_momentum_starts_at_each_weights_own_first_update(
+    freeze: int, unfreeze: int, dampening: float
+) -> None:
+    """torch's SGD takes a weight's first gradient as its momentum, undampened, at that weight's
+    first update (its ``momentum_buffer`` is None): a weight first trained mid-run (frozen from
+    the start) and one trained before it sat out continue as torch's."""
+    sgd = lambda: ft.sgd(0.1, momentum=0.9, dampening=dampening, fused=False)  # noqa: E731
+    state = gradually_unfrozen(sgd(), freeze=freeze, unfreeze=unfreeze)
     model = torch_toggled(
-        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, dampening=0.5, foreach=True),
-        freeze=2,
-        unfreeze=5,
-    )
-    for key, p in model.named_parameters():
-        assert torch.equal(state.params[key], p), key
-    # with no dampening the first update is the gradient either way
-    state = gradually_unfrozen(ft.sgd(0.1, momentum=0.9, fused=False), freeze=0, unfreeze=3)
-    model = torch_toggled(
-        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, foreach=True), freeze=0, unfreeze=3
+        lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, dampening=dampening, foreach=True),
+        freeze=freeze,
+        unfreeze=unfreeze,
     )
     for key, p in model.named_parameters():
         assert torch.equal(state.params[key], p), key

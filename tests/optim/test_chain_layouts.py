@@ -42,6 +42,27 @@ TORCH: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
         {"lr": 1e-2, "foreach": True},  # (the foreach arithmetic, which radam follows)
         {"mu": "exp_avg", "nu": "exp_avg_sq"},
     ),
+    "sgd_dampening": (
+        torch.optim.SGD,
+        {"lr": 1e-2, "momentum": 0.9, "dampening": 0.1},
+        {"momentum": "momentum_buffer"},
+    ),
+    "adagrad_foreach": (
+        torch.optim.Adagrad,
+        {"lr": 1e-2, "lr_decay": 0.01},
+        {"sum": "sum"},
+    ),
+    "adadelta": (
+        torch.optim.Adadelta,
+        {"lr": 1.0},
+        {"square_avg": "square_avg", "acc_delta": "acc_delta"},
+    ),
+    "rprop": (torch.optim.Rprop, {"lr": 1e-2}, {"prev": "prev", "step_size": "step_size"}),
+    "asgd": (
+        torch.optim.ASGD,
+        {"lr": 1e-2, "t0": 2},
+        {"eta": "eta", "mu": "mu", "ax": "ax"},
+    ),
     "nadam": (
         torch.optim.NAdam,
         {"lr": 1e-2, "decoupled_weight_decay": True},
@@ -63,11 +84,12 @@ def _torch_continues(case: str, loaded: ft.TrainState) -> dict[str, torch.Tensor
     model = loaded.export_module()
     named = dict(model.named_parameters())
     name = GOLDEN.CASES[case]().name
-    decay = float(re.search(r"weight_decay=([-+.e\d]+)", name).group(1))  # type: ignore[union-attr]
-    groups: list[dict[str, Any]] = [{"params": list(named.values()), "weight_decay": decay}]
+    found = re.search(r"weight_decay=([-+.e\d]+)", name)
+    decay = {"weight_decay": float(found.group(1))} if found else {}  # (Rprop takes none)
+    groups: list[dict[str, Any]] = [{"params": list(named.values()), **decay}]
     if "mask=is_matrix" in name:  # the spared weights: a group of their own, without decay
         groups = [
-            {"params": [p for p in named.values() if p.ndim > 1], "weight_decay": decay},
+            {"params": [p for p in named.values() if p.ndim > 1], **decay},
             {"params": [p for p in named.values() if p.ndim <= 1], "weight_decay": 0.0},
         ]
     opt = cls(groups, **{"foreach": False, **settings})

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.optim.rules.adadelta import ScaleByAdadeltaState
+from functrain.optim.rules.adadelta import AdadeltaState
 from functrain.optim.rules.adafactor import AdafactorStepState
 from functrain.optim.rules.adam import AdamaxState, NadamState
-from functrain.optim.rules.asgd import AsgdStepState
+from functrain.optim.rules.asgd import AsgdState
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.muon import ScaleByMuonState
-from functrain.optim.rules.rprop import ScaleByRpropState
+from functrain.optim.rules.rprop import RpropState
 from tests.comparisons import assert_trees_equal
 from tests.models import loss_fn
 from tests.optim.test_optimizers import find, is_weight, split_groups
@@ -78,13 +78,6 @@ def per_param(key: str) -> Callable[[torch.optim.Optimizer, dict], list[torch.Te
     return lambda opt, params: [opt.state[p][key] for p in params.values()]
 
 
-def scalar(
-    key: str, dtype: torch.dtype = torch.float32
-) -> Callable[[torch.optim.Optimizer, dict], list[torch.Tensor]]:
-    # torch keeps one per parameter, all equal; functrain keeps one
-    return lambda opt, params: [next(iter(opt.state.values()))[key].to(dtype)]
-
-
 NADAM = [
     (NadamState, "mu", per_param("exp_avg")),
     (NadamState, "nu", per_param("exp_avg_sq")),
@@ -95,17 +88,17 @@ ADAMAX = [
     (AdamaxState, "nu", per_param("exp_inf")),
 ]
 ADADELTA = [
-    (ScaleByAdadeltaState, "square_avg", per_param("square_avg")),
-    (ScaleByAdadeltaState, "acc_delta", per_param("acc_delta")),
+    (AdadeltaState, "square_avg", per_param("square_avg")),
+    (AdadeltaState, "acc_delta", per_param("acc_delta")),
 ]
 ASGD = [
-    (AsgdStepState, "ax", per_param("ax")),
-    (AsgdStepState, "eta", scalar("eta")),
-    (AsgdStepState, "mu", scalar("mu")),
+    (AsgdState, "ax", per_param("ax")),
+    (AsgdState, "eta", per_param("eta")),
+    (AsgdState, "mu", per_param("mu")),
 ]
 RPROP = [
-    (ScaleByRpropState, "prev", per_param("prev")),
-    (ScaleByRpropState, "step_size", per_param("step_size")),
+    (RpropState, "prev", per_param("prev")),
+    (RpropState, "step_size", per_param("step_size")),
 ]
 MUON = [(ScaleByMuonState, "momentum_buffer", per_param("momentum_buffer"))]
 
@@ -426,7 +419,7 @@ def test_asgd_averages_the_parameters_from_t0_on() -> None:
     for step in range(6):
         updates, state = tx.update({"w": torch.tensor([1.0])}, state, params)
         params = ft.apply_updates(params, updates)
-        ax = find(state, AsgdStepState).ax[0]
+        ax = find(state, AsgdState).slots["ax"][0]
         assert torch.equal(ax, params["w"]) == (step + 1 <= 5), step
 
 

@@ -694,13 +694,8 @@ BAD_CONFIGS = [
     bad("sgd", lambda: ft.sgd(lr=0.1, momentum=1.0), "momentum=1.0"),
     bad("sgd", lambda: ft.sgd(lr=0.1, momentum=-0.5), "momentum=-0.5"),
     bad("sgd", lambda: ft.sgd(lr=0.1, nesterov=True), "nesterov", "momentum=0.0"),
-    bad("sgd", lambda: ft.sgd(lr=0.1, momentum=0.9, dampening=1.0), "dampening=1.0", via="trace"),
-    bad(
-        "sgd",
-        lambda: ft.sgd(lr=0.1, weight_decay=-1.0, fused=False),
-        "weight_decay=-1.0",
-        via="add_decayed_weights",
-    ),
+    bad("sgd", lambda: ft.sgd(lr=0.1, momentum=0.9, dampening=1.0), "dampening=1.0"),
+    bad("sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0, fused=False), "weight_decay=-1.0"),
     bad(
         "sgd", lambda: ft.sgd(lr=0.1, weight_decay=-1.0), "weight_decay=-1.0"
     ),  # the fused default checks it itself
@@ -714,12 +709,7 @@ BAD_CONFIGS = [
     bad("rmsprop", lambda: ft.rmsprop(weight_decay=-0.1), "weight_decay=-0.1"),
     bad("rmsprop", lambda: ft.rmsprop(momentum=1.5), "momentum=1.5"),
     bad("adagrad", lambda: ft.adagrad(lr=-0.1), "lr=-0.1"),
-    bad(
-        "adagrad",
-        lambda: ft.adagrad(lr_decay=-0.1, fused=False),
-        "lr_decay=-0.1",
-        via="scale_by_adagrad",
-    ),
+    bad("adagrad", lambda: ft.adagrad(lr_decay=-0.1, fused=False), "lr_decay=-0.1"),
     bad(
         "adagrad",
         lambda: ft.adagrad(lr_decay=-0.1, eps=0.0, weight_decay=-1.0),

@@ -1,38 +1,55 @@
-"""Adadelta's scaling rule: `scale_by_adadelta`, tensor by tensor as torch's single-tensor loop;
-its formula, `adadelta_rule`."""
+"""Adadelta's formula, `adadelta_rule`, and its direction, `scale_by_adadelta`."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import torch
+from typing import Any
 
 from functrain.errors import config_check
 from functrain.optim.base import Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
-from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar, l2_decayed, negated
-from functrain.optim.updates import flat_updates
-from functrain.optim.zeros import counter, zeros
-from functrain.tree import (
-    Tree,
-    tree_unflatten,
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    DirectionState,
+    Ops,
+    Rule,
+    RuleState,
+    Scalar,
+    l2_decayed,
+    negated,
+    rule_direction,
 )
 
-__all__ = ["ScaleByAdadeltaState", "adadelta_rule", "scale_by_adadelta"]
+__all__ = [
+    "AdadeltaState",
+    "ScaleByAdadeltaState",
+    "adadelta_rule",
+    "check_adadelta",
+    "scale_by_adadelta",
+]
 
 
-class ScaleByAdadeltaState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    square_avg: tuple[torch.Tensor, ...]
-    acc_delta: tuple[torch.Tensor, ...]
+class ScaleByAdadeltaState(DirectionState):
+    """`scale_by_adadelta`'s state: `adadelta_rule`'s moments (`DirectionState`)."""
+
+    __slots__ = ()
+    # (its fields before it was its formula's direction)
+    before = {"square_avg": "square_avg", "acc_delta": "acc_delta"}
+
+
+def check_adadelta(problems: list[str], rho: float, eps: float) -> None:
+    """Adadelta's own hyperparameters checked, each problem added to `problems`."""
+    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and 0.0 <= rho <= 1.0):
+        problems.append(f"rho must lie in [0, 1], got rho={rho!r}")
+    check_positive(problems, "eps", eps, allow_zero=True)
 
 
 @named
 def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
     """Rescale updates by the ratio of running RMS of past steps and of gradients.
 
-    This is Adadelta (Zeiler, 2012).
+    This is Adadelta (Zeiler, 2012): `adadelta_rule`'s direction (`rule_direction`).
 
     Args:
         rho: decay rate of both running averages, in [0, 1].
@@ -46,45 +63,31 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
         ConfigError: a hyperparameter is out of range.
 
     Example:
+        >>> import torch
         >>> tx = scale_by_adadelta(rho=0.0, eps=1.0)
         >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init({"w": torch.zeros(1)}))
         >>> u["w"]  # sqrt(0 + 1) / sqrt(9 + 1) * 3
         tensor([0.9487])
     """
     problems: list[str] = []
-    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and 0.0 <= rho <= 1.0):
-        problems.append(f"rho must lie in [0, 1], got rho={rho!r}")
-    check_positive(problems, "eps", eps, allow_zero=True)
+    check_adadelta(problems, rho, eps)
     config_check(problems, "scale_by_adadelta")
+    rule = adadelta_rule(rho, eps, maximize=False)
+    return rule_direction(rule, "scale_by_adadelta", {}, ScaleByAdadeltaState)
 
-    def init_fn(params: Tree) -> ScaleByAdadeltaState:
-        return ScaleByAdadeltaState(counter(params), zeros(params), zeros(params))
 
-    def update_fn(
-        updates: Any, state: ScaleByAdadeltaState, params: Tree | None = None
-    ) -> tuple[Tree, ScaleByAdadeltaState]:
-        g, spec = flat_updates(updates, params)
-        square_avg, acc_delta, deltas = [], [], []
-        for sq, acc, grad in zip(
-            state.square_avg, state.acc_delta, g, strict=True
-        ):  # tensor by tensor, as torch
-            sq = torch.mul(sq, rho).addcmul_(grad, grad, value=1 - rho)
-            new_acc = torch.empty_like(grad)
-            std = torch.add(
-                sq, eps, out=new_acc
-            ).sqrt_()  # the new average's buffer holds torch's temporary first
-            delta = torch.add(acc, eps).sqrt_().div_(std).mul_(grad)
-            acc_delta.append(torch.mul(acc, rho, out=new_acc).addcmul_(delta, delta, value=1 - rho))
-            square_avg.append(sq)
-            deltas.append(delta)
-        new_state = ScaleByAdadeltaState(state.count + 1, tuple(square_avg), tuple(acc_delta))
-        return tree_unflatten(deltas, spec), new_state
+class AdadeltaState(RuleState):
+    """`functrain.adadelta`'s state (`RuleState`): the moments ``"square_avg"`` and
+    ``"acc_delta"``, as torch names them."""
 
-    return Transform(init_fn, update_fn)
+    __slots__ = ()
+    # (its moments in the chain it trained through before: scale_by_adadelta's fields)
+    before = {"square_avg": "square_avg", "acc_delta": "acc_delta"}
 
 
 def adadelta_rule(rho: float, eps: float, maximize: bool) -> Rule:
-    """torch's ``_single_tensor_adadelta`` as a formula (its foreach form has the same bits)."""
+    """torch's ``_single_tensor_adadelta`` as a formula (its foreach form has the same bits in
+    float32; over torch's foreach kernels, the foreach form's)."""
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
@@ -95,7 +98,7 @@ def adadelta_rule(rho: float, eps: float, maximize: bool) -> Rule:
         moments = {"square_avg": square, "acc_delta": accumulated}
         return ops.add(p, delta, h["lr"].map(negated)), moments
 
-    return Rule(("square_avg", "acc_delta"), {}, ("lr", "weight_decay"), step)
+    return Rule(("square_avg", "acc_delta"), {}, ("lr", "weight_decay"), step, foreach=True)
 
 
 FORMULAS["adadelta"] = lambda a: adadelta_rule(a["rho"], a["eps"], a["maximize"])

@@ -3,9 +3,10 @@ their formulas: `adam_rule`, `adamax_rule`, `nadam_rule`, `radam_rule`.
 
 `scale_by_adam` covers Adam and AdamW. (torch's fused Adam kernel: `functrain.optim.rules.fused`.)
 
-Adamax and NAdam train by their formulas alone (`functrain.optim.rules.formula.rule_transform`:
-`AdamaxState`, `NadamState`); `scale_by_adamax` is Adamax's formula as a direction, `nadam_step`
-NAdam's formula with decoupled decay.
+Adam (``fused=False``), Adamax, NAdam and RAdam train by their formulas alone
+(`functrain.optim.rules.formula.rule_transform`: `AdamState`, `AdamaxState`, `NadamState`,
+`RadamState`); `scale_by_adamax` and `scale_by_radam` are their formulas' directions
+(`rule_direction`), `nadam_step` NAdam's formula with decoupled decay.
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import (
-    NO_EXTRAS,
-    Extras,
     LearningRate,
     Mask,
     Transform,
-    with_extras,
-    writes_in_place,
 )
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
@@ -38,6 +35,7 @@ from functrain.optim.rules.arithmetic import (
 from functrain.optim.rules.formula import (
     FORMULAS,
     Count,
+    DirectionState,
     Ops,
     Rule,
     RuleState,
@@ -50,11 +48,12 @@ from functrain.optim.rules.formula import (
     host_value,
     l2_decayed,
     number,
+    rule_direction,
     rule_transform,
 )
 from functrain.optim.rules.learning_rate import check_rate
-from functrain.optim.updates import Ratio, RectifiedRatio, divides_by_reciprocal, flat_updates
-from functrain.optim.zeros import counter, writables, zeros
+from functrain.optim.updates import Ratio, divides_by_reciprocal, flat_updates
+from functrain.optim.zeros import counter, zeros
 from functrain.tree import Tree
 
 __all__ = [
@@ -66,11 +65,9 @@ __all__ = [
     "ScaleByAdamaxState",
     "ScaleByRadamState",
     "adam_rule",
-    "adamax_moments",
     "adamax_rule",
     "Float32",
     "in_rate_dtype",
-    "radam_moments",
     "nadam_rule",
     "nadam_step",
     "nadam_transform",
@@ -102,12 +99,6 @@ def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> Non
         return
     for t in tensors:
         t.div_(scalar.to(t.dtype))
-
-
-def own_storage(state: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A donated step's moments to write into: the state's own, or copies of those without
-    storage of their own (a fresh state's zeros) laid out as the gradients."""
-    return writables(state, like)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -175,17 +166,21 @@ def scale_by_adam(
     return Transform(init_fn, update_fn)
 
 
-class ScaleByRadamState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    mu: tuple[torch.Tensor, ...]
-    nu: tuple[torch.Tensor, ...]
+class ScaleByRadamState(DirectionState):
+    """`scale_by_radam`'s state: `radam_rule`'s moments and each weight's own count
+    (`DirectionState`)."""
+
+    __slots__ = ()
+    # (its fields before it was its formula's direction)
+    before = {"mu": "mu", "nu": "nu"}
 
 
 @named
 def scale_by_radam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5.0
 ) -> Transform:
-    """Rescale updates by rectified Adam (Liu et al., 2020).
+    """Rescale updates by rectified Adam (Liu et al., 2020): `radam_rule`'s direction
+    (`rule_direction`).
 
     Plain momentum until the variance is tractable.
 
@@ -196,96 +191,42 @@ def scale_by_radam(
         threshold: the rectification applies once the SMA length exceeds this (torch uses 5).
 
     Returns:
-        A `Transform` whose updates are a lazy `RectifiedRatio` (fold in a learning rate with
-        `scale_by_learning_rate`: the two reproduce torch.optim's foreach RAdam bit for bit).
+        A `Transform` emitting plain tensor updates.
 
     Raises:
         ConfigError: a hyperparameter is out of range.
 
     Example:
-        >>> import functrain as ft
         >>> tx = scale_by_radam()
         >>> u, _ = tx.update({"w": torch.tensor([2.0])}, tx.init({"w": torch.zeros(1)}))
-        >>> ft.as_tensors(u)  # the first steps are bias-corrected momentum
-        [tensor([2.])]
+        >>> u["w"]  # the first steps are bias-corrected momentum
+        tensor([2.])
     """
     problems: list[str] = []
     check_unit(problems, "b1", b1)
     check_unit(problems, "b2", b2)
     check_positive(problems, "eps", eps)
     config_check(problems, "scale_by_radam")
-    rho_inf = 2 / (1 - b2) - 1
-    rho_inf_factor = (rho_inf - 4) * (rho_inf - 2)
-
-    def init_fn(params: Tree) -> ScaleByRadamState:
-        return ScaleByRadamState(counter(params), zeros(params), zeros(params))
-
-    def update_fn(
-        updates: Any,
-        state: ScaleByRadamState,
-        params: Tree | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[RectifiedRatio, ScaleByRadamState]:
-        g, spec = flat_updates(updates, params)
-        count = state.count + 1
-        mu, nu = radam_moments(state, g, writes_in_place(extras), b1, b2)
-        # torch.optim's Python scalars, op for op in float64 (x ** 0.5 is C's pow, not sqrt)
-        step = f64(count)
-        b2_t = power(b2, step)
-        rho_t = rho_inf - 2 * step * b2_t / (1 - b2_t)
-        rect = torch.where(
-            rho_t > threshold,
-            _pow_half((rho_t - 4) * (rho_t - 2) * rho_inf / (rho_inf_factor * rho_t)),
-            torch.zeros_like(rho_t),
-        )
-        unrect = torch.where(rect > 0, torch.zeros_like(rect), torch.ones_like(rect))
-        den = torch._foreach_sqrt(nu)
-        torch._foreach_add_(den, eps)
-        ratio = RectifiedRatio(
-            mu, den, 1 - power(b1, step), _pow_half(1 - b2_t), rect, unrect, spec
-        )
-        return ratio, ScaleByRadamState(count, tuple(mu), tuple(nu))
-
-    return Transform(init_fn, with_extras(update_fn))
-
-
-def radam_moments(
-    state: ScaleByRadamState, g: list[torch.Tensor], in_place: bool, b1: float, b2: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """RAdam's new moments, as torch's foreach RAdam moves them: in the state's own storage with
-    `in_place` (a donated step), else in fresh tensors."""
-    if in_place:
-        mu, nu = own_storage(state.mu, g), own_storage(state.nu, g)
-        torch._foreach_lerp_(mu, g, 1 - b1)
-        torch._foreach_mul_(nu, b2)
-    else:
-        mu = list(torch._foreach_lerp(state.mu, g, 1 - b1))
-        if any(n.dtype == torch.float16 for n in state.nu):
-            # torch's in-place foreach product by a number rounds a float16 tensor otherwise than
-            # its out-of-place one (on the CPU); foreach RAdam's is in place: so on a copy here
-            nu = [n.clone() for n in state.nu]
-            torch._foreach_mul_(nu, b2)
-        else:
-            nu = list(torch._foreach_mul(state.nu, b2))
-    torch._foreach_addcmul_(nu, g, g, value=1 - b2)
-    return mu, nu
+    rule = radam_rule(b1, b2, eps, decoupled=False, maximize=False, threshold=threshold)
+    return rule_direction(rule, "scale_by_radam", {}, ScaleByRadamState)
 
 
 # -- Adamax
 
 
-class ScaleByAdamaxState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    mu: tuple[torch.Tensor, ...]
-    nu_inf: tuple[torch.Tensor, ...]
+class ScaleByAdamaxState(DirectionState):
+    """`scale_by_adamax`'s state: `adamax_rule`'s moments and each weight's own count
+    (`DirectionState`)."""
+
+    __slots__ = ()
+    # (its fields before it was its formula's direction)
+    before = {"mu": "mu", "nu_inf": "nu"}
 
 
 @named
 def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
-    """Rescale updates by Adamax's first moment over an exponentially weighted infinity norm.
-
-    Adamax is from Kingma & Ba, 2015.
+    """Rescale updates by Adamax's first moment over an exponentially weighted infinity norm,
+    bias-corrected (Kingma & Ba, 2015): `adamax_rule`'s direction (`rule_direction`).
 
     Args:
         b1: decay rate of the first moment, in [0, 1).
@@ -293,8 +234,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
         eps: added to the gradient's magnitude before the maximum; >= 0.
 
     Returns:
-        A `Transform` whose updates are a lazy `Ratio` (the learning rate comes from
-        `scale_by_learning_rate`, divided by ``1 - b1**t`` as torch does).
+        A `Transform` emitting plain tensor updates.
 
     Raises:
         ConfigError: a hyperparameter is out of range.
@@ -312,53 +252,8 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tr
     check_unit(problems, "b2", b2)
     check_positive(problems, "eps", eps, allow_zero=True)
     config_check(problems, "scale_by_adamax")
-
-    def init_fn(params: Tree) -> ScaleByAdamaxState:
-        return ScaleByAdamaxState(counter(params), zeros(params), zeros(params))
-
-    def update_fn(
-        updates: Any,
-        state: ScaleByAdamaxState,
-        params: Tree | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[Ratio, ScaleByAdamaxState]:
-        g, spec = flat_updates(updates, params)
-        count = state.count + 1
-        mu, nu_inf = adamax_moments(state, g, writes_in_place(extras), b1, b2, eps)
-        bc1 = 1 - power(b1, f64(count))
-        return Ratio(mu, nu_inf, bc1, spec), ScaleByAdamaxState(count, tuple(mu), tuple(nu_inf))
-
-    return Transform(init_fn, with_extras(update_fn))
-
-
-def adamax_moments(
-    state: ScaleByAdamaxState,
-    g: Sequence[torch.Tensor],
-    in_place: bool,
-    b1: float,
-    b2: float,
-    eps: float,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Adamax's new first moments and infinity norms, tensor by tensor as torch's loop: in the
-    state's own storage with `in_place` (a donated step), else in fresh tensors."""
-    mu, nu_inf = [], []
-    if in_place:  # elsewhere tensor by tensor (a device's foreach kernels are others)
-        moments = zip(own_storage(state.mu, g), own_storage(state.nu_inf, g), g, strict=True)
-        for m, n, grad in moments:
-            magnitude = torch.abs(grad).add_(eps)
-            nu_inf.append(torch.maximum(n.mul_(b2), magnitude, out=n))
-            mu.append(m.lerp_(grad, 1 - b1))
-        return mu, nu_inf
-    for m, n, grad in zip(state.mu, state.nu_inf, g, strict=True):  # tensor by tensor, as torch
-        new_mu = torch.empty_like(grad)
-        # the new moment's buffer holds torch's temporary first
-        magnitude = torch.abs(grad, out=new_mu).add_(eps)
-        nu = torch.mul(n, b2)
-        # _foreach_maximum_ runs clamp_min_, twice as slow on the CPU
-        nu_inf.append(torch.maximum(nu, magnitude, out=nu))
-        mu.append(torch.lerp(m, grad, 1 - b1, out=new_mu))
-    return mu, nu_inf
+    rule = adamax_rule(b1, b2, eps, maximize=False)
+    return rule_direction(rule, "scale_by_adamax", {}, ScaleByAdamaxState)
 
 
 # -- NAdam
@@ -578,6 +473,7 @@ def radam_rule(
     decoupled: bool,
     maximize: bool,
     rate_dtype: torch.dtype | None = None,
+    threshold: float = 5.0,
 ) -> Rule:
     """torch's foreach RAdam as a formula, which functrain's `radam` follows (its single-tensor
     loop rounds otherwise): the rectification in Python floats; ``p + mu * (1 / ((sqrt(nu) + eps)
@@ -595,8 +491,8 @@ def radam_rule(
             (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         ) ** 0.5
         if isinstance(t, int):
-            return rect if rho_t > 5 else 0
-        return torch.where(rho_t > 5, rect, 0.0)
+            return rect if rho_t > threshold else 0
+        return torch.where(rho_t > threshold, rect, 0.0)
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         g = ops.out.neg(g) if maximize else g

@@ -1,63 +1,58 @@
-"""ASGD (averaged SGD): `asgd_step`, a final step whose rate is kept in its state; its formula,
-`asgd_rule`."""
+"""ASGD (averaged SGD): its formula, `asgd_rule`, and `asgd_step`, the formula without weight
+decay, a final step whose rate is kept in its state."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform, with_extras
-from functrain.optim.checks import check_positive, need_params
+from functrain.optim.base import LearningRate, Transform
+from functrain.optim.checks import check_positive
 from functrain.optim.naming import named
-from functrain.optim.rules.arithmetic import add_scaled_, decayed, f64, host_scalars
+from functrain.optim.rates import first_rate
 from functrain.optim.rules.formula import (
     FORMULAS,
     Count,
     Ops,
     Rule,
+    RuleState,
     Scalar,
     at_first,
     at_first_into,
     filled,
+    held_rate,
     held_scalar,
+    host_value,
     l2_decayed,
     negated,
     read_value,
+    rule_transform,
 )
-from functrain.optim.rules.learning_rate import check_rate, learning_rate_state, rate_at
-from functrain.optim.updates import NewParams, flat_updates
-from functrain.optim.zeros import zeros
-from functrain.tree import (
-    Tree,
-    tree_leaves,
-)
+from functrain.optim.rules.learning_rate import check_rate
 
-__all__ = ["AsgdStepState", "asgd_rule", "asgd_step"]
+__all__ = ["AsgdState", "AsgdStepState", "asgd_rule", "asgd_step", "check_asgd"]
 
 
-class AsgdStepState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    lr: torch.Tensor
-    eta: torch.Tensor  # float32 0-d: the step size of the next step
-    mu: torch.Tensor  # float32 0-d: the averaging rate of the next step
-    ax: tuple[torch.Tensor, ...]  # the averaged parameters
+class AsgdStepState(RuleState):
+    """`asgd_step`'s state: `asgd_rule`'s (`RuleState`)."""
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"lr": self.lr}
+    __slots__ = ()
+    # (its fields before it was its formula's transform: one eta and mu for all)
+    before = {"eta": "eta", "mu": "mu", "ax": "ax"}
 
 
-def _is_one(t: torch.Tensor) -> bool | None:
-    """Whether a CPU 0-d tensor is 1; None where that would sync.
-
-    Checked by a load, as torch's own ``mu.item() != 1``.
-    """
-    return (
-        bool(t == 1) if host_scalars(t) else None
-    )  # host read of a CPU scalar, never a device sync
+def check_asgd(problems: list[str], lambd: float, alpha: float, t0: float) -> None:
+    """ASGD's own hyperparameters checked, each problem added to `problems`."""
+    check_positive(problems, "lambd", lambd, allow_zero=True)
+    for name, value in (("alpha", alpha), ("t0", t0)):
+        if not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            problems.append(f"{name} must be a finite number, got {name}={value!r}")
 
 
 @named
@@ -71,7 +66,8 @@ def asgd_step(
     The step size ``eta`` decays as ``lr / (1 + lambd * lr * t) ** alpha`` and each step first
     shrinks the parameters by ``1 - lambd * eta``; after step `t0` the state's ``ax`` averages the
     parameters. The state keeps ``eta`` and ``mu`` in float32, as torch does. Weight decay goes
-    before it as `add_decayed_weights`.
+    before it as `add_decayed_weights`. It is `asgd_rule` (`rule_transform`), as `functrain.asgd`
+    without weight decay.
 
     Args:
         learning_rate: a float >= 0 or a schedule (read when ``eta`` is recomputed, as torch reads
@@ -91,70 +87,27 @@ def asgd_step(
         >>> tx = asgd_step(0.1, lambd=0.0)
         >>> p = {"w": torch.ones(1)}
         >>> u, s = tx.update({"w": torch.ones(1)}, tx.init(p), p)
-        >>> ft.apply_updates(p, u)["w"], s.ax[0]
+        >>> ft.apply_updates(p, u)["w"], s.slots["ax"][0]
         (tensor([0.9000]), tensor([0.9000]))
     """
     problems: list[str] = []
     check_rate(problems, learning_rate)
-    check_positive(problems, "lambd", lambd, allow_zero=True)
-    for name, value in (("alpha", alpha), ("t0", t0)):
-        if not (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ):
-            problems.append(f"{name} must be a finite number, got {name}={value!r}")
+    check_asgd(problems, lambd, alpha, t0)
     config_check(problems, "asgd_step")
-
-    def init_fn(params: Tree) -> AsgdStepState:
-        count, lr = learning_rate_state(learning_rate, params)
-        one = torch.ones((), dtype=torch.float32, device=count.device)
-        return AsgdStepState(count, lr, lr.to(torch.float32), one, zeros(params))
-
-    def update_fn(
-        updates: Any,
-        state: AsgdStepState,
-        params: Tree | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[NewParams, AsgdStepState]:
-        need_params(params, "asgd_step")
-        g, spec = flat_updates(updates, params)
-        p = tree_leaves(params)
-        lr = rate_at(learning_rate, state.count)
-        count = state.count + 1
-        eta = state.eta.double()
-        new = decayed(p, 1 - lambd * eta, None)
-        _add_scaled_all_(new, g, -eta)
-        plain_copy = _is_one(state.mu)
-        if plain_copy:
-            ax = [x.clone() for x in new]
-        else:
-            ax = [a.add(x.sub(a).mul_(state.mu)) for a, x in zip(state.ax, new, strict=True)]
-            if plain_copy is None:
-                ax = [torch.where(state.mu == 1, x, a) for a, x in zip(ax, new, strict=True)]
-        step = f64(count)
-        base = 1 + lambd * lr * step
-        new_eta = (lr / torch.pow(base, torch.full_like(base, alpha))).to(torch.float32)
-        new_mu = (1 / torch.clamp(step - t0, min=1)).to(torch.float32)
-        return NewParams(new, spec), AsgdStepState(count, lr, new_eta, new_mu, tuple(ax))
-
-    return Transform(init_fn, with_extras(update_fn))
+    constants, schedule = held_rate(learning_rate, {"weight_decay": 0.0})
+    rule = asgd_rule(first_rate(learning_rate), lambd, alpha, t0, maximize=False)
+    return rule_transform(rule, "asgd_step", constants, schedule, state_type=AsgdStepState)
 
 
-def _add_scaled_all_(
-    outs: list[torch.Tensor], directions: Sequence[torch.Tensor], alpha: torch.Tensor
-) -> None:
-    """Each ``out += alpha * direction`` in one rounding, `alpha` a 0-d tensor.
+class AsgdState(RuleState):
+    """`functrain.asgd`'s state (`RuleState`): each weight's step size ``"eta"`` and averaging
+    rate ``"mu"`` (float32 0-d, as torch keeps them), the average ``"ax"`` and each weight's own
+    count, which both follow."""
 
-    As torch's ``add_(alpha=)``.
-    """
-    if not outs:
-        return
-    if host_scalars(alpha) and len({o.dtype for o in outs}) == 1:
-        # the kernel reads the CPU scalar; torch's stubs take a number for alpha only
-        torch._foreach_add_(outs, list(directions), alpha=alpha)  # type: ignore[call-overload]
-        return
-    for out, direction in zip(outs, directions, strict=True):
-        add_scaled_(out, direction, alpha)
+    __slots__ = ()
+    # (its moments in the step it trained through before: asgd_step's fields, one eta and mu
+    # for all)
+    before = {"eta": "eta", "mu": "mu", "ax": "ax"}
 
 
 def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) -> Rule:
@@ -167,19 +120,28 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
         g = l2_decayed(ops, ops.out.neg(g) if maximize else g, p, h)
         # the first step's eta is the rate (torch sets it from the group's lr at the first
         # step), a float32 0-d tensor as the state keeps it
-        eta = held_scalar(  # (read wherever it lies, as torch's ``_get_value(eta)``)
-            at_first(t, filled(h["lr"], m["eta"]), lambda: m["eta"]), read=read_value
-        )
+        # (differentiated, read wherever it lies, as torch's ``_get_value(eta)``; else on the
+        # host only: on an accelerator the step computes with the tensor and waits for nothing)
+        read = read_value if ops.differentiable else host_value
+        eta = held_scalar(at_first(t, filled(h["lr"], m["eta"]), lambda: m["eta"]), read=read)
         p = ops.add(ops.mul(p, eta.map(lambda e: 1 - lambd * e)), g, eta.map(negated))
         mu = m["mu"]
         # the average is a copy of the parameters while mu is 1 (torch's ``ax.copy_(param)``)
         average = at_first_into(
             ops,
             m["ax"],
-            _one_as_first(mu),
+            _one_as_first(mu, read),
             p,
             lambda: ops.add(m["ax"], ops.mul(ops.out.sub(p, m["ax"]), mu)),
         )
+        if isinstance(t, int) and h["lr"].tensor is None:  # (torch's Python floats)
+            lr = h["lr"].value
+            new_eta = lr / ((1 + lambd * lr * t) ** alpha)  # type: ignore[operator]
+            numbers = {
+                "eta": torch.full((), new_eta, dtype=torch.float32, device=mu.device),
+                "mu": torch.full((), 1 / max(1, t - t0), dtype=torch.float32, device=mu.device),
+            }
+            return p, {**numbers, "ax": average}
         rate = (
             h["lr"].tensor
             if h["lr"].tensor is not None
@@ -197,15 +159,17 @@ def asgd_rule(lr: float, lambd: float, alpha: float, t0: float, maximize: bool) 
         ("lr", "weight_decay"),
         step,
         scalars=("eta", "mu"),
+        own_steps=True,
     )
 
 
-def _one_as_first(mu: torch.Tensor) -> Count:
+def _one_as_first(mu: torch.Tensor, read: Callable[[torch.Tensor], float | None]) -> Count:
     """The averaging rate as `at_first_into` takes a count: 1 where it is 1 (the average is a copy
-    of the parameters), else 2; an int read on the host (then picked without a select), or a
-    tensor where vmap batches it: torch's ``mu.item() != 1``."""
-    value = read_value(mu)
-    if value is None:  # batched under vmap
+    of the parameters), else 2; an int `read` on the host (then picked without a select), or a
+    tensor where it is not (vmap batches it, or it waits on an accelerator): torch's
+    ``mu.item() != 1``."""
+    value = read(mu)
+    if value is None:  # batched under vmap, or not read
         return torch.where(mu == 1, 1, 2)
     return 1 if value == 1 else 2
 

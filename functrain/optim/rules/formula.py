@@ -38,6 +38,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.utils._pytree as pytree
 
 from functrain.errors import ConfigError
+from functrain.layout import with_strides_of
 from functrain.optim.base import (
     NO_EXTRAS,
     Extras,
@@ -50,9 +51,9 @@ from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner, gated_by_selection
 from functrain.optim.rates import host_rate, value_at
 from functrain.optim.rules.arithmetic import divided, opmath
-from functrain.optim.updates import NewParams
+from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import constant_like, is_shared, laid_out_like, writable, writables
-from functrain.tree import Tree, tree_flatten, tree_leaves
+from functrain.tree import Tree, tree_flatten, tree_leaves, tree_unflatten
 
 __all__ = [
     "BATCHED",
@@ -71,6 +72,7 @@ __all__ = [
     "SINGLE_LISTS_OUT_OF_PLACE",
     "OUT_OF_PLACE",
     "Count",
+    "DirectionState",
     "Ops",
     "Rule",
     "RuleState",
@@ -85,12 +87,14 @@ __all__ = [
     "combined",
     "evaluation_params",
     "filled",
+    "foreach_kernels",
     "held_rate",
     "held_scalar",
     "host_value",
     "l2_decayed",
     "negated",
     "refuse_sparse",
+    "rule_direction",
     "rule_transform",
     "safe_sqrt",
     "scaled",
@@ -376,7 +380,7 @@ def at_first_into(
     selected per member)."""
     if isinstance(t, int):
         return ops.copy(moment, first) if t == 1 else later()
-    return torch.where(t == 1, first, later())
+    return at_first(t, first, later)
 
 
 class Rule(NamedTuple):
@@ -872,6 +876,13 @@ _paired(FOREACH_IN_PLACE, FOREACH_OUT_OF_PLACE)
 _paired(SINGLE_LISTS_IN_PLACE, SINGLE_LISTS_OUT_OF_PLACE)
 
 
+def foreach_kernels(ops: Ops) -> bool:
+    """Whether `ops` run torch's foreach kernels (torch.optim's foreach loops), where a formula
+    whose foreach loop computes otherwise than its single-tensor loop takes the foreach one's
+    sequence (Adagrad's scaled numerator)."""
+    return isinstance(ops, ListOps) and not ops.single
+
+
 def _on_real_views(
     rule: Rule,
     ops: Ops,
@@ -1192,6 +1203,57 @@ def held_rate(lr: Any, constants: dict[str, float]) -> tuple[dict[str, float], A
     return {"lr": float(lr), **constants}, None
 
 
+class DirectionState(RuleState):
+    """The state of a formula's direction (`rule_direction`): its formula's (`RuleState`), with
+    no rate of its own to report (the learning rate after it reports its own)."""
+
+    __slots__ = ()
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def rule_direction(
+    rule: Rule,
+    name: str,
+    constants: dict[str, float],
+    state_type: Callable[..., Any] = DirectionState,
+) -> Transform:
+    """The direction `rule` steps along, as a transform emitting plain updates: a building block
+    to chain before a learning rate (`scale_by_learning_rate`), as optax's ``scale_by_*``.
+
+    It is the formula's step from the origin at a rate of -1 (``0 + 1 * d`` is ``d`` itself:
+    a step ``p - lr * d`` becomes ``d``), with no weight decay (add it before or after, with
+    `add_decayed_weights`), and the formula's state, `constants` the other hyperparameters it
+    holds. A formula whose step takes no rate (Rprop's) gives its update itself.
+
+    Example:
+        >>> import torch
+        >>> from functrain.optim.rules.adadelta import adadelta_rule
+        >>> tx = rule_direction(adadelta_rule(0.0, 1.0, False), "adadelta_direction", {})
+        >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init({"w": torch.zeros(1)}))
+        >>> u["w"]
+        tensor([0.9487])
+    """
+    held = {"lr": -1.0, "weight_decay": 0.0, **constants}
+    inner = rule_transform(
+        rule,
+        name,
+        {k: v for k, v in held.items() if k in rule.held},
+        foreach=rule.foreach,
+        state_type=state_type,
+    )
+
+    def update_fn(updates: Any, state: Any, params: Tree | None = None) -> tuple[Any, Any]:
+        g, spec = flat_updates(updates, params)
+        origin = tree_unflatten([torch.zeros_like(x) for x in g], spec)
+        moved, state = inner.update(tree_unflatten(g, spec), state, origin)
+        assert isinstance(moved, NewParams)  # (rule_transform's update emits them)
+        return tree_unflatten(list(moved.values), spec), state
+
+    return Transform(inner.init, update_fn, name)
+
+
 def rule_transform(
     rule: Rule,
     name: str,
@@ -1372,6 +1434,11 @@ def rule_transform(
             new_p, new_slots = _in_groups(p, g, slots_in, ops, groups, lists_here and one_kind)
         given = () if ops is IN_PLACE else (*p, *g, *new_p)
         slots = {k: _own(new_slots[k], given, ops) for k in rule.slots}
+        if ops is OUT_OF_PLACE:  # (a size-1 dimension's stride as the parameter's, as torch's
+            # in-place update keeps it: a depthwise weight's memory format follows from it)
+            new_p = [
+                x if x.stride() == q.stride() else with_strides_of(x, q) for x, q in zip(new_p, p)
+            ]
         if own:  # (as they were: each parameter took this update, `RuleState.steps`)
             slots["step"] = state.slots["step"]
         # (a constant rate's metric: the state's own tensor, made once and never written)

@@ -479,18 +479,8 @@ def fused_adagrad(
 
     The same as ``torch.optim.Adagrad(fused=True)``.
 
-    The preset checks the learning rate; the other hyperparameters are checked here, under their
-    names.
+    The preset checks the hyperparameters.
     """
-    problems: list[str] = []
-    check_positive(problems, "eps", eps)
-    check_positive(
-        problems, "initial_accumulator_value", initial_accumulator_value, allow_zero=True
-    )
-    check_positive(problems, "lr_decay", lr_decay, allow_zero=True)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
-    config_check(problems, "adagrad")
-
     lr = _read_once(lr)
 
     def init_fn(params: Tree) -> FusedAdagradState:

@@ -27,7 +27,7 @@ from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
 from functrain.optim.rates import as_float64, host_rate, value_at
 from functrain.optim.rules.arithmetic import host_number
-from functrain.optim.updates import Decoupled, ParamStep, Ratio, RectifiedRatio, flat_updates
+from functrain.optim.updates import Decoupled, ParamStep, Ratio, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
     Tree,
@@ -138,8 +138,6 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         lr = current(state.count)
         lr_t, signed_lr = rate_tensors(lr, state.count.device)
         new_state = ScaleByLearningRateState(state.count + 1, lr_t)
-        if isinstance(updates, RectifiedRatio):
-            return _rectified_step(updates, lr, rate_dtype, sign), new_state
         if isinstance(updates, Ratio):
             if updates.divisor is None:
                 step_size = signed_lr
@@ -175,27 +173,6 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         return ParamStep(u, spec, alpha), new_state
 
     return Transform(init_fn, with_extras(update_fn))
-
-
-def _rectified_step(
-    updates: RectifiedRatio, lr: float | torch.Tensor, rate_dtype: torch.dtype | None, sign: float
-) -> ParamStep:
-    """RAdam's step: ``p * (1 - lr * wd) + num * buffer``.
-
-    As torch's ``addcmul``: the same two roundings.
-    """
-    if rate_dtype is not None and not isinstance(lr, torch.Tensor):
-        # a rate given as a tensor: torch's scalar arithmetic runs on it, in its dtype
-        lr = torch.full((), lr, dtype=rate_dtype, device=updates.divisor.device)
-    decay = 1 - lr * updates.weight_decay if updates.weight_decay else None
-    return ParamStep(
-        None,
-        updates.spec,
-        None,
-        decay,
-        updates.decay_mask,
-        product=(updates.num, updates.buffer(lr, sign, given_tensor=rate_dtype is not None)),
-    )
 
 
 @named

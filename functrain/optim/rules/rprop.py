@@ -1,31 +1,48 @@
-"""Rprop's scaling rule: `scale_by_rprop`, which needs no learning rate after the first step."""
+"""Rprop's formula, `rprop_rule`, and its update, `scale_by_rprop`, which needs no learning rate
+after the first step."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import torch
+from typing import Any
 
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Transform
 from functrain.optim.naming import named
-from functrain.optim.rules.formula import FORMULAS, Count, Ops, Rule, Scalar
-from functrain.optim.rules.learning_rate import check_rate, rate_at
-from functrain.optim.updates import flat_updates
-from functrain.optim.zeros import counter, zeros
-from functrain.tree import (
-    Tree,
-    tree_leaves,
-    tree_unflatten,
+from functrain.optim.rates import first_rate
+from functrain.optim.rules.formula import (
+    FORMULAS,
+    Count,
+    DirectionState,
+    Ops,
+    Rule,
+    RuleState,
+    Scalar,
+    rule_direction,
 )
+from functrain.optim.rules.learning_rate import check_rate
 
-__all__ = ["ScaleByRpropState", "rprop_rule", "scale_by_rprop"]
+__all__ = ["RpropState", "ScaleByRpropState", "check_rprop", "rprop_rule", "scale_by_rprop"]
 
 
-class ScaleByRpropState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    prev: tuple[torch.Tensor, ...]
-    step_size: tuple[torch.Tensor, ...]
+class ScaleByRpropState(DirectionState):
+    """`scale_by_rprop`'s state: `rprop_rule`'s moments (`DirectionState`)."""
+
+    __slots__ = ()
+    # (its fields before it was its formula's direction)
+    before = {"prev": "prev", "step_size": "step_size"}
+
+
+def check_rprop(
+    problems: list[str], etas: tuple[float, float], step_sizes: tuple[float, float]
+) -> None:
+    """Rprop's own hyperparameters checked, each problem added to `problems`."""
+    etaminus, etaplus = etas
+    if not 0.0 < etaminus < 1.0 < etaplus:
+        problems.append(f"etas must satisfy 0 < etaminus < 1 < etaplus, got etas={etas!r}")
+    if not step_sizes[0] <= step_sizes[1]:
+        problems.append(
+            f"step_sizes must be (min, max) with min <= max, got step_sizes={step_sizes!r}"
+        )
 
 
 @named
@@ -39,7 +56,8 @@ def scale_by_rprop(
     Each step size is grown or shrunk by sign agreement.
 
     The updates are the final ones, ``-sign(g) * step_size``: no learning rate follows. As in torch,
-    `learning_rate` is only the initial step size (a schedule is read once, at step 0).
+    `learning_rate` is only the initial step size (a schedule is read once, at step 0). It is
+    `rprop_rule`'s step from the origin (`rule_direction`).
 
     Args:
         learning_rate: the initial step size of every element; >= 0.
@@ -54,7 +72,7 @@ def scale_by_rprop(
         ConfigError: a hyperparameter is out of range.
 
     Example:
-        >>> import functrain as ft
+        >>> import torch, functrain as ft
         >>> tx = scale_by_rprop(0.5)
         >>> p = {"w": torch.zeros(2)}
         >>> u, s = tx.update({"w": torch.tensor([2.0, -3.0])}, tx.init(p))
@@ -62,55 +80,24 @@ def scale_by_rprop(
         >>> # the first step grew by 1.2; the second changed sign: no step
         >>> ft.apply_updates(p, u)["w"]
         tensor([-0.6000,  0.0000])
-        >>> s.step_size[0]  # and its size was halved
+        >>> s.slots["step_size"][0]  # and its size was halved
         tensor([0.6000, 0.2500])
     """
     problems: list[str] = []
     check_rate(problems, learning_rate)
-    etaminus, etaplus = etas
-    if not 0.0 < etaminus < 1.0 < etaplus:
-        problems.append(f"etas must satisfy 0 < etaminus < 1 < etaplus, got etas={etas!r}")
-    if not step_sizes[0] <= step_sizes[1]:
-        problems.append(
-            f"step_sizes must be (min, max) with min <= max, got step_sizes={step_sizes!r}"
-        )
+    check_rprop(problems, etas, step_sizes)
     config_check(problems, "scale_by_rprop")
-    low, high = step_sizes
+    rule = rprop_rule(first_rate(learning_rate), *etas, *step_sizes, maximize=False)
+    return rule_direction(rule, "scale_by_rprop", {}, ScaleByRpropState)
 
-    def init_fn(params: Tree) -> ScaleByRpropState:
-        count = counter(params)
-        first = rate_at(learning_rate, count)
-        sizes = tuple(torch.zeros_like(p).add_(first.to(p.dtype)) for p in tree_leaves(params))
-        return ScaleByRpropState(count, zeros(params), sizes)
 
-    def update_fn(
-        updates: Any, state: ScaleByRpropState, params: Tree | None = None
-    ) -> tuple[Tree, ScaleByRpropState]:
-        g, spec = flat_updates(updates, params)
-        signs = torch._foreach_mul(g, state.prev)
-        torch._foreach_sign_(signs)
-        sizes, directions, kept = [], [], []
-        for sign, grad, size in zip(signs, g, state.step_size, strict=True):
-            flipped = sign < 0
-            # torch's order: etaplus where > 0, etaminus where < 0, 1 where 0 (a NaN sign stays NaN)
-            factor = (
-                sign.masked_fill(sign > 0, etaplus)
-                .masked_fill_(flipped, etaminus)
-                .masked_fill_(sign == 0, 1.0)
-            )
-            sizes.append(torch.mul(size, factor).clamp(low, high))  # vmap batches clamp, not clamp_
-            grad = grad.masked_fill(flipped, 0.0)
-            kept.append(grad)
-            directions.append(torch.sign(grad))
-        # torch's addcmul_(sign, step_size, value=-1): the product is exact, so adding it rounds
-        # once
-        out = torch._foreach_mul(directions, sizes)
-        torch._foreach_neg_(out)
-        return tree_unflatten(list(out), spec), ScaleByRpropState(
-            state.count + 1, tuple(kept), tuple(sizes)
-        )
+class RpropState(RuleState):
+    """`functrain.rprop`'s state (`RuleState`): the moments ``"prev"`` (the last gradient kept)
+    and ``"step_size"``, as torch names them."""
 
-    return Transform(init_fn, update_fn)
+    __slots__ = ()
+    # (its moments in the chain it trained through before: scale_by_rprop's fields)
+    before = {"prev": "prev", "step_size": "step_size"}
 
 
 def rprop_rule(
@@ -132,7 +119,8 @@ def rprop_rule(
         p = ops.addcmul(p, ops.out.sign(kept), size, value=-1)
         return p, {"prev": ops.copy(m["prev"], kept), "step_size": size}
 
-    return Rule(("prev", "step_size"), {"step_size": lr}, (), step)
+    # (the rate held as torch's group holds it, its metric: the step reads it never, as torch's)
+    return Rule(("prev", "step_size"), {"step_size": lr}, ("lr",), step)
 
 
 FORMULAS["rprop"] = lambda a: rprop_rule(

@@ -16,6 +16,7 @@ from functrain.optim.rules.formula import (
     Count,
     Ops,
     Rule,
+    RuleState,
     Scalar,
     at_first_into,
     l2_decayed,
@@ -28,7 +29,7 @@ from functrain.tree import (
     tree_unflatten,
 )
 
-__all__ = ["TraceState", "sgd_rule", "trace"]
+__all__ = ["SgdState", "TraceState", "sgd_rule", "trace"]
 
 
 class TraceState(NamedTuple):
@@ -120,10 +121,22 @@ def _plain_quotient(updates: Any) -> bool:
     )
 
 
+class SgdState(RuleState):
+    """`functrain.sgd`'s state without its fused kernel (`RuleState`): the moment
+    ``"momentum"`` (torch's ``momentum_buffer``) with momentum, and with a dampening each
+    weight's own count (torch takes a weight's first gradient as its buffer, undampened)."""
+
+    __slots__ = ()
+    # (its moment in the chain it trained through before: trace's field)
+    before = {"trace": "momentum"}
+
+
 def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) -> Rule:
-    """torch's ``_single_tensor_sgd`` as a formula. The first momentum buffer is a copy of the
-    gradient (torch detaches its copy; out of place it is the gradient itself, its graph kept, so
-    that the derivative through it is exact).
+    """torch's ``_single_tensor_sgd`` as a formula (its foreach form has the same bits). The
+    first momentum buffer is a copy of the gradient (torch detaches its copy; out of place it is
+    the gradient itself, its graph kept, so that the derivative through it is exact): with a
+    dampening, at each weight's own first update (`Rule.own_steps`), where torch's buffer is
+    None; without, the buffer's zeros times `momentum` plus the gradient are the gradient.
 
     Example:
         >>> import torch
@@ -150,7 +163,8 @@ def sgd_rule(momentum: float, dampening: float, nesterov: bool, maximize: bool) 
         return ops.add(p, g, h["lr"].map(negated)), moments
 
     held = ("lr", "weight_decay", "momentum") if momentum else ("lr", "weight_decay")
-    return Rule(("momentum",) if momentum else (), {}, held, step)
+    slots = ("momentum",) if momentum else ()
+    return Rule(slots, {}, held, step, foreach=True, own_steps=bool(momentum and dampening))
 
 
 FORMULAS["sgd"] = lambda a: sgd_rule(a["momentum"], a["dampening"], a["nesterov"], a["maximize"])
