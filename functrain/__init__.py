@@ -128,7 +128,7 @@ from functrain.optim.rules.trace import trace
 from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.swa import SwaState, swa
 from functrain.optim.sweep import Sweep, sweep
-from functrain.optim.updates import ParamStep, Ratio, apply_updates, as_tensors
+from functrain.optim.updates import ParamStep, apply_updates, as_tensors
 from functrain.optim.wrappers import (
     accumulate,
     all_finite,
@@ -143,14 +143,24 @@ from functrain.testing import LeafDiff, assert_states_equal, check_resumption, d
 from functrain.tree import ReadOnlyDict
 from functrain.version import __version__ as __version__
 
+# public names withdrawn, each with what took its place
+_WITHDRAWN = {
+    "Ratio": "the building blocks (scale_by_adam, scale_by_rms, ...) emit plain tensors now, each "
+    "its formula's direction; the presets (functrain.adam, functrain.rmsprop, ...) give "
+    "torch.optim's last rounding",
+}
+
 
 def __getattr__(name: str) -> object:
-    """``ft.WandbLogger`` and ``ft.OptunaPruning``, whose modules load on first use."""
+    """``ft.WandbLogger`` and ``ft.OptunaPruning``, whose modules load on first use; a withdrawn
+    name says what took its place."""
     from importlib import import_module
 
     integrations = import_module("functrain.integrations")
     if name in integrations.MODULES:
         return getattr(integrations, name)
+    if name in _WITHDRAWN:
+        raise AttributeError(f"functrain.{name} was withdrawn: {_WITHDRAWN[name]}")
     raise AttributeError(f"module 'functrain' has no attribute {name!r}")
 
 
@@ -185,7 +195,6 @@ __all__ = [
     "NO_EXTRAS",
     "NO_REPORT",
     "ParamStep",
-    "Ratio",
     "Report",
     "Transform",
     "apply_updates",

@@ -37,7 +37,15 @@ def test_all_lists_every_public_name_once_and_each_imports() -> None:
 
 
 def test_no_public_name_of_before_the_layout_is_lost() -> None:
-    assert sorted(set(PUBLIC_BEFORE_LAYOUT) - set(ft.__all__)) == []
+    assert sorted(set(PUBLIC_BEFORE_LAYOUT) - set(ft.__all__) - set(ft._WITHDRAWN)) == []
+
+
+def test_a_withdrawn_name_says_what_took_its_place() -> None:
+    assert set(ft._WITHDRAWN) <= set(PUBLIC_BEFORE_LAYOUT)
+    for name, why in ft._WITHDRAWN.items():
+        with pytest.raises(AttributeError, match=f"functrain.{name} was withdrawn: "):
+            getattr(ft, name)
+        assert why
 
 
 def test_public_classes_and_functions_are_listed_in_all() -> None:

@@ -540,8 +540,12 @@ def _formula_layout(chain: tuple[Any, ...], template: RuleState) -> dict[str, An
         else v
         for k, v in slots.items()
     }
-    if count is None or set(slots) | {"step"} != set(template.slots) | {"step"}:
+    if set(slots) | {"step"} != set(template.slots) | {"step"}:
         return None
+    if count is None:  # (a state that counted nothing: scale_by_rms's, whose formula reads none)
+        if template.steps:
+            return None
+        count, rate = template.count, template.lr
     return _with_own_steps(
         {
             "count": count,

@@ -67,7 +67,7 @@ from functrain.optim.rules.trace import trace
 from functrain.optim.rules.weight_decay import add_decayed_weights
 from functrain.optim.swa import SwaState, swa
 from functrain.optim.sweep import Sweep, sweep
-from functrain.optim.updates import ParamStep, Ratio, apply_updates, as_tensors
+from functrain.optim.updates import ParamStep, apply_updates, as_tensors
 from functrain.optim.wrappers import (
     accumulate,
     all_finite,
@@ -92,7 +92,6 @@ __all__ = [
     "update_reporting",
     "with_extras",
     "ParamStep",
-    "Ratio",
     "Sweep",
     "Transform",
     "accumulate",

@@ -29,7 +29,7 @@ What an update reports to the step is a value it returns: an update declared
 ``(updates, state)`` of any transform.
 
 Updates are a tree of tensors shaped like the parameters, or one of the lazy forms of
-`functrain.optim.updates` (`Ratio`, `ParamStep`, `NewParams`) that keep torch.optim's last
+`functrain.optim.updates` (`ParamStep`, `Decoupled`, `NewParams`) that keep torch.optim's last
 rounding exact; `functrain.optim.updates.apply_updates` returns the new parameters.
 """
 

@@ -16,7 +16,7 @@ from functrain.optim.base import NO_EXTRAS, Extras, ExtrasUpdate, Transform
 from functrain.optim.metrics import walk_states
 from functrain.optim.naming import named
 from functrain.optim.porting import replaces
-from functrain.optim.updates import ParamStep, Ratio, as_tensors, flat_updates
+from functrain.optim.updates import ParamStep, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
     Tree,
@@ -121,18 +121,11 @@ def reduce_on_plateau(
             decay = 1 - (1 - updates.decay) * scale if updates.decay is not None else None
             if updates.alpha is not None:
                 return updates.replace(alpha=updates.alpha * scale, decay=decay), state
-            if updates.quotient is not None:
-                num, den, step_size = updates.quotient
-                return updates.replace(quotient=(num, den, step_size * scale), decay=decay), state
             direction = torch._foreach_mul(
                 list(updates.direction), scale.to(updates.direction[0].dtype)
             )
             return updates.replace(direction=direction, decay=decay), state
-        u, spec = (
-            flat_updates(updates, params)
-            if not isinstance(updates, Ratio)
-            else (as_tensors(updates, params), updates.spec)
-        )
+        u, spec = flat_updates(updates, params)
         return tree_unflatten(list(torch._foreach_mul(u, scale.to(u[0].dtype))), spec), state
 
     # only a scale: a chain folds it into the rate of a fused kernel before it

@@ -1,13 +1,11 @@
 """Updates: the lazy forms a transform may emit, and how they reach the parameters.
 
 Updates are usually a tree of tensors shaped like the parameters, added to them. Lazy forms exist
-so that the last rounding matches `torch.optim` exactly (its final op reads the parameters:
-``p.mul_(1 - lr * wd)`` then ``p.addcdiv_(m, d, value=-lr / bc)``, or ``p.add_(d, alpha=-lr)``,
-and no float32 tensor ``u`` makes ``p + u`` equal those in every element):
+so that the last rounding matches torch's exactly (its final op reads the parameters:
+``p.mul_(1 - lr * wd)`` then ``p.add_(d, alpha=-lr)``, and no float32 tensor ``u`` makes
+``p + u`` equal those in every element; a formula's transform computes the new parameters
+itself, `NewParams`):
 
-* `Ratio`: ``num / den`` divided by a scalar, with optional decoupled weight decay, as emitted by
-  `scale_by_adam` and friends; `scale_by_learning_rate` folds the learning rate in exactly as
-  torch does;
 * `ParamStep`: ``new = p * decay + alpha * direction`` kept only where ``keep`` holds, emitted by
   `scale_by_learning_rate` and applied by `apply_updates`;
 * `Decoupled`: a sign rule's direction with decoupled weight decay (`scale_by_lion`), applied by
@@ -41,7 +39,6 @@ from functrain.tree import (
 __all__ = [
     "Updates",
     "Scalar",
-    "Ratio",
     "ParamStep",
     "Decoupled",
     "NewParams",
@@ -54,81 +51,6 @@ Scalar = float | torch.Tensor
 """A scalar factor of a lazy update: a Python number or a 0-d tensor."""
 
 
-class Ratio:
-    """Lazy updates ``(num / divisor) / den`` (+ ``weight_decay * p`` where ``decay_mask`` holds).
-
-    `scale_by_learning_rate` turns it into ``p * (1 - lr * wd) + ((-lr / divisor) * num) / den``,
-    torch.optim's exact sequence of roundings for Adam, AdamW, RMSprop and Adagrad. (A plain class,
-    not attrs, so that torch.compile traces its construction.)
-    """
-
-    __slots__ = (
-        "num",
-        "den",
-        "divisor",
-        "spec",
-        "weight_decay",
-        "decay_mask",
-        "params",
-        "scaled_numerator",
-    )
-
-    def __init__(
-        self,
-        num: Sequence[torch.Tensor],
-        den: Sequence[torch.Tensor],
-        divisor: torch.Tensor | None,
-        spec: Any,
-        weight_decay: float | None = None,
-        decay_mask: tuple[bool, ...] | None = None,
-        params: Sequence[torch.Tensor] | None = None,
-        *,
-        scaled_numerator: bool = False,
-    ) -> None:
-        self.num = num
-        self.den = den
-        self.divisor = divisor  # a float64 0-d tensor, or None for 1
-        self.spec = spec
-        self.weight_decay = weight_decay
-        self.decay_mask = decay_mask
-        self.params = params
-        # torch scales the numerator by the step size before dividing (Adagrad), rather than
-        # passing the step size to addcdiv (Adam, RMSprop): the same rounding on CPU, not on CUDA
-        self.scaled_numerator = scaled_numerator
-
-    def with_decay(
-        self,
-        weight_decay: float,
-        decay_mask: tuple[bool, ...] | None,
-        params: Sequence[torch.Tensor],
-    ) -> Ratio:
-        """This ratio with decoupled weight decay (`add_decayed_weights` after the scaling rule)."""
-        return Ratio(
-            self.num,
-            self.den,
-            self.divisor,
-            self.spec,
-            weight_decay,
-            decay_mask,
-            params,
-            scaled_numerator=self.scaled_numerator,
-        )
-
-    def additive(self, params: Tree | None) -> list[torch.Tensor]:
-        """The updates as plain tensors, one per leaf (see `as_tensors`)."""
-        num = list(self.num)
-        if self.divisor is not None:
-            num = list(torch._foreach_div(num, self.divisor.to(num[0].dtype)))
-        return self._decayed(list(torch._foreach_div(num, list(self.den))), params)
-
-    def _decayed(self, out: list[torch.Tensor], params: Tree | None) -> list[torch.Tensor]:
-        if not self.weight_decay:
-            return out
-        p = self.params if self.params is not None else tree_leaves(params)
-        mask = self.decay_mask or (True,) * len(out)
-        return [o + self.weight_decay * x if m else o for o, x, m in zip(out, p, mask, strict=True)]
-
-
 class ParamStep:
     """Lazy updates applied as ``where(keep, p * decay + alpha * direction, p)``.
 
@@ -136,36 +58,27 @@ class ParamStep:
     rate, read by the kernel as a number), uses torch's fused ``add(alpha=)``; off the CPU a tensor
     goes through one ``addcmul``; compiled or under vmap, a tensor multiplies first. `decay` applies
     only where `decay_mask` holds (all leaves when None).
-    Instead of a `direction`, a step may hold a `quotient` ``(num, den, step_size)`` meaning
-    ``direction = (step_size * num) / den``: applied with one ``addcdiv`` pass on CPU, as torch
-    does.
     """
 
     __slots__ = (
         "_direction",
-        "quotient",
         "spec",
         "alpha",
         "decay",
         "decay_mask",
         "keep",
-        "scaled_numerator",
     )
 
     def __init__(
         self,
-        direction: Sequence[torch.Tensor] | None,
+        direction: Sequence[torch.Tensor],
         spec: Any,
         alpha: Scalar | None = None,
         decay: Scalar | None = None,
         decay_mask: tuple[bool, ...] | None = None,
         keep: torch.Tensor | None = None,
-        quotient: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
-        scaled_numerator: bool = False,
     ) -> None:
         self._direction = direction
-        self.quotient = quotient
-        self.scaled_numerator = scaled_numerator  # see Ratio
         self.spec = spec
         self.alpha = alpha
         self.decay = decay
@@ -174,12 +87,7 @@ class ParamStep:
 
     @property
     def direction(self) -> Sequence[torch.Tensor]:
-        if self._direction is not None:
-            return self._direction
-        num, den, step_size = self.quotient  # type: ignore[misc]
-        out = [n * step_size.to(n.dtype) for n in num]
-        torch._foreach_div_(out, list(den))
-        return out
+        return self._direction
 
     def replace(self, **changes: Any) -> ParamStep:
         """A copy with some fields changed (``direction``, ``alpha``, ``decay``, ``keep``, ...)."""
@@ -190,8 +98,6 @@ class ParamStep:
             "decay": self.decay,
             "decay_mask": self.decay_mask,
             "keep": self.keep,
-            "quotient": self.quotient,
-            "scaled_numerator": self.scaled_numerator,
         }
         fields.update(changes)
         return ParamStep(**fields)
@@ -256,7 +162,7 @@ class NewParams:
 
 def flat_updates(updates: Updates, params: Tree | None) -> tuple[list[torch.Tensor], Any]:
     """Flatten updates of any form into a list of tensors and the tree spec."""
-    if isinstance(updates, (Ratio, ParamStep, NewParams, Decoupled)):
+    if isinstance(updates, (ParamStep, NewParams, Decoupled)):
         return as_tensors(updates, params), updates.spec
     leaves, spec = tree_flatten(updates)
     return leaves, spec
@@ -273,7 +179,7 @@ def as_tensors(updates: Updates, params: Tree | None = None) -> list[torch.Tenso
         >>> ft.as_tensors(u, p)
         [tensor([-0.5000, -0.5000])]
     """
-    if isinstance(updates, Ratio | Decoupled):
+    if isinstance(updates, Decoupled):
         return updates.additive(params)
     if isinstance(updates, NewParams):
         if params is None:
@@ -296,12 +202,10 @@ def as_tensors(updates: Updates, params: Tree | None = None) -> list[torch.Tenso
 
 
 def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
-    step = _as_fma_step(step, p)
     mask = step.decay_mask or (True,) * len(p)
     decayed = [i for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
-    # the whole direction, materialized once (None: added by one fused addcdiv instead)
-    direction = None if _fused_quotient(step, p) else _directions(step, p)
+    direction = _directions(step, p)  # (the whole direction, materialized once)
     new: list[torch.Tensor] = list(p)
     if decayed and step.decay is not None:
         # torch.optim's order: p * (1 - lr * wd) first, then the update, in place on that fresh
@@ -314,27 +218,13 @@ def _apply_step(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
             new[i] = t
     if plain:
         src = [p[i] for i in plain]
-        if direction is None:
-            # the same kernel as the in-place addcdiv_, out of place: no pass to copy the parameters
-            # first
-            num, den, step_size = step.quotient  # type: ignore[misc]
-            out = list(
-                torch._foreach_addcdiv(
-                    src,
-                    [num[i] for i in plain],
-                    [den[i] for i in plain],
-                    _quotient_scalars(step_size, len(plain)),
-                )
-            )
+        dirs = [direction[i] for i in plain]
+        if _fma_alpha(step.alpha, p):
+            out = [
+                torch.addcmul(x, d, step.alpha.to(d.dtype)) for x, d in zip(src, dirs, strict=True)
+            ]
         else:
-            dirs = [direction[i] for i in plain]
-            if _fma_alpha(step.alpha, p):
-                out = [
-                    torch.addcmul(x, d, step.alpha.to(d.dtype))
-                    for x, d in zip(src, dirs, strict=True)
-                ]
-            else:
-                out = _added(src, dirs, step.alpha, in_place=False)
+            out = _added(src, dirs, step.alpha, in_place=False)
         for i, t in zip(plain, out, strict=True):
             new[i] = t
     if step.keep is not None:
@@ -347,56 +237,16 @@ def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
 
     With torch.optim's own in-place ops, the same roundings.
     """
-    step = _as_fma_step(step, p)
     mask = step.decay_mask or (True,) * len(p)
     decayed = [p[i] for i, m in enumerate(mask) if m] if step.decay is not None else []
     plain = [i for i in range(len(p)) if step.decay is None or not mask[i]]
-    direction = None if _fused_quotient(step, p) else _directions(step, p)
+    direction = _directions(step, p)
     if decayed and step.decay is not None:
         torch._foreach_mul_(decayed, _in_dtype(step.decay, decayed[0]))
         _add_step_(decayed, [i for i, m in enumerate(mask) if m], step, direction)
     if plain:
         _add_step_([p[i] for i in plain], plain, step, direction)
     return p
-
-
-def _as_fma_step(step: ParamStep, p: list[torch.Tensor]) -> ParamStep:
-    """Off the CPU, a quotient step as torch applies it there.
-
-    ``p + step_size * (num / den)``, one rounding for the add.
-
-    The step size is a device tensor (reading it back would be a host sync), so it cannot go through
-    ``addcdiv(value=)``; ``num / den`` then `addcmul` with the 0-d step size is the same fused
-    multiply-add (see `_fma_alpha`).
-    """
-    if (
-        step.quotient is None
-        or step.scaled_numerator
-        or step.alpha is not None
-        or not _off_cpu_eager(p)
-    ):
-        return step
-    num, den, step_size = step.quotient
-    return step.replace(
-        direction=list(torch._foreach_div(list(num), list(den))), alpha=step_size, quotient=None
-    )
-
-
-def _fused_quotient(step: ParamStep, p: list[torch.Tensor]) -> bool:
-    """Whether the quotient can go through one foreach addcdiv.
-
-    It takes its scalars from a CPU tensor.
-    """
-    if step.quotient is None or step.alpha is not None or torch.compiler.is_compiling():
-        return False  # compiled graphs fuse the three ops themselves
-    if under_vmap():
-        return (
-            False  # under vmap (a stacked state) the step size is per member: no host-side scalars
-        )
-    # (several dtypes: the step size then goes in as one Python float, which torch's kernel reads
-    # in each tensor's opmath, as torch.optim's addcdiv_(value=) does; a quotient taken apart
-    # would round in a half dtype first)
-    return step.quotient[2].device.type == "cpu"
 
 
 def _in_dtype(factor: Scalar, like: torch.Tensor) -> Scalar:
@@ -459,28 +309,14 @@ def _off_cpu_eager(p: list[torch.Tensor]) -> bool:
 
 
 def _add_step_(
-    out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor] | None
+    out: list[torch.Tensor], idx: list[int], step: ParamStep, direction: list[torch.Tensor]
 ) -> None:
     """Add the step's leaves `idx` to `out` (fresh buffers this call owns), in place."""
-    if direction is None:
-        num, den, step_size = step.quotient  # type: ignore[misc]
-        scalars = _quotient_scalars(step_size, len(idx))
-        torch._foreach_addcdiv_(out, [num[i] for i in idx], [den[i] for i in idx], scalars)
-    elif _fma_alpha(step.alpha, out):
+    if _fma_alpha(step.alpha, out):
         for o, i in zip(out, idx, strict=True):
             o.addcmul_(direction[i], step.alpha.to(o.dtype))
     else:
         _added(out, [direction[i] for i in idx], step.alpha, in_place=True)
-
-
-def _quotient_scalars(step_size: torch.Tensor, n: int) -> float | torch.Tensor:
-    """The step size of a fused ``addcdiv`` as its kernel takes it: a Python float where the 0-d
-    CPU tensor can be read in an eager step (a load, no sync; the same double the kernel reads
-    from a tensor of scalars, without the ~10 us of making one), else one CPU float64 scalar per
-    tensor."""
-    if step_size.device.type == "cpu" and not torch.compiler.is_compiling() and not under_vmap():
-        return step_size.item()
-    return step_size.to(torch.float64).repeat(n)
 
 
 def _added(
@@ -515,7 +351,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
     Args:
         params: the parameter tree.
         updates: a tree of tensors shaped like `params` (added, cast to each parameter's dtype), or
-            a lazy `Ratio` / `Decoupled` / `ParamStep` / `NewParams` from a transform.
+            a lazy `Decoupled` / `ParamStep` / `NewParams` from a transform.
         in_place: whether a `ParamStep` may be written into `params` (eagerly only).
 
     Returns:
@@ -537,7 +373,7 @@ def apply_updates(params: Tree, updates: Updates, *, in_place: bool = False) -> 
         if updates.keep is None and in_place and not torch.compiler.is_compiling():
             return tree_unflatten(_apply_step_(p, updates), spec)
         return tree_unflatten(_apply_step(p, updates), spec)
-    if isinstance(updates, Ratio | Decoupled):
+    if isinstance(updates, Decoupled):
         _check_spec(spec, updates.spec)
         u = as_tensors(updates, params)
     else:
@@ -564,5 +400,5 @@ def divides_by_reciprocal(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-Updates = Tree | Ratio | ParamStep | NewParams
+Updates = Tree | ParamStep | Decoupled | NewParams
 """What ``update`` passes on: a tree of tensors shaped like the parameters, or a lazy form."""

@@ -297,8 +297,8 @@ def masked(inner: Transform, mask: Mask) -> Transform:
     The others' updates pass through unchanged.
 
     Args:
-        inner: a transform that comes before the learning rate (its updates must be tensors or a
-            `Ratio`, not a final `ParamStep`).
+        inner: a transform that comes before the learning rate (its updates must be tensors,
+            not a final `ParamStep`).
         mask: a predicate ``(name, param) -> bool`` on parameter paths, or a tree of bools.
 
     Returns:
@@ -1283,8 +1283,8 @@ def _handed(
 ) -> list[torch.Tensor]:
     """What `accumulate` hands its inner transform: the mean (or sum) in the gradients' dtype.
 
-    In memory of its own: a lazy update of the inner transform (a `Ratio`'s numerator) reads it
-    after the sums are restarted, which a donated step does where they are.
+    In memory of its own: the inner transform may hold on to what it is handed (a lazy update
+    reads it later), and a donated step restarts the sums where they are.
     """
     if mean:
         return [s.div(every).to(x.dtype) for s, x in zip(sums, u, strict=True)] if every > 1 else u

@@ -62,7 +62,6 @@ CPU_READS = frozenset(
         "functrain.optim.wrappers.host_guard",  # the same, the straight-line step's, at once
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
-        "functrain.optim.updates._quotient_scalars",  # a fused addcdiv's step size, the same
         "functrain.optim.rules.arithmetic.add_scaled_",  # the same, one tensor at a time
         "functrain.optim.rules.arithmetic.addcdiv_",  # a step size as the kernel's value
         "functrain.optim.rules.arithmetic.per_leaf",  # a step size per leaf as torch's float
@@ -216,7 +215,6 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         arithmetic.addcdiv_(out[0], out[0], out[0], count)
         updates._added(out, out, count, in_place=True)
         updates._added(out, out, count, in_place=False)
-        assert isinstance(updates._quotient_scalars(count, 2), torch.Tensor)
         zero = torch.zeros((), dtype=torch.int64, device=meta)
         wrappers._check_limit_now(wrappers.SkipNonfiniteState((), flag, zero, zero, zero), 0)
         assert wrappers._on_cpu(count) is None and wrappers._on_cpu(flag) is None

@@ -84,8 +84,8 @@ CASES = {
         {"accumulate_steps": 2},
     ),
     "partition": (partition_adamw, {"ema_decay": 0.9}),
-    # the user's own accumulation of a non-final rule: its Ratio handed on as tensors, whether
-    # the flag is read or not
+    # the user's own accumulation of a non-final rule: its direction handed on, whether the
+    # flag is read or not
     "chain-accumulate-adam": (
         lambda: ft.chain(ft.accumulate(ft.scale_by_adam(), 3), ft.scale_by_learning_rate(1e-2)),
         {},

@@ -570,8 +570,7 @@ def test_radam_on_an_accelerator_divides_as_torchs_kernels_do_there(
 
 
 def test_adamw_with_constant_schedule_matches_torch_optim_bitwise() -> None:
-    # a schedule takes the tensor learning-rate path of scale_by_learning_rate; after a Ratio it
-    # still folds into torch's addcdiv sequence exactly
+    # a schedule's rate read at the count by the formula: torch's addcdiv sequence exactly
     tx = ft.adamw(
         lr=ft.schedules.tensor_steps(lambda step: torch.full_like(step, 1e-2, dtype=torch.float64)),
         weight_decay=0.1,

@@ -205,8 +205,8 @@ def make_case(tree_name: str, dtype: torch.dtype | None) -> tuple[Any, list[Any]
 
 
 def outputs(updates: Any, params: Any) -> list[torch.Tensor]:
-    """What an update means: the new parameter leaves (works for tensor, Ratio and ParamStep
-    updates)."""
+    """What an update means: the new parameter leaves (works for tensor, ParamStep, Decoupled
+    and NewParams updates)."""
     return tree_leaves(ft.apply_updates(params, updates))
 
 

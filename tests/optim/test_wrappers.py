@@ -371,8 +371,8 @@ def test_accumulate_reports_the_norm_of_the_mean_it_hands_on_and_shares_it_with_
 def test_a_donated_accumulation_whose_inner_hands_on_its_mean_gives_the_pure_steps_bits(
     make: Callable[[], ft.Transform], options: dict[str, Any]
 ) -> None:
-    # the inner update refers to the mean it was given (RMSprop's Ratio holds it as its
-    # numerator): the window's sums must not be zeroed under it
+    # the inner update may hold on to the mean it was given: the window's sums must not be
+    # zeroed under it
     def train(donate: bool) -> torch.Tensor:
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
@@ -468,7 +468,7 @@ def test_masked_with_a_tree_of_bools_runs_the_inner_state_on_the_selection() -> 
         ref_u, ref_state = inner.update([grads["b"]], ref_state, [params["b"]])
         assert torch.equal(u["w"], grads["w"])
         assert torch.equal(u["b"], ft.as_tensors(ref_u)[0])
-    assert [t.shape for t in state.inner.mu] == [torch.Size([4])]
+    assert [t.shape for t in state.inner.slots["mu"]] == [torch.Size([4])]
     assert_trees_equal(state.inner, ref_state, may_be_empty=True)
 
 

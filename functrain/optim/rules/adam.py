@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 import operator
 import struct
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,11 +27,6 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
-from functrain.optim.rules.arithmetic import (
-    f64,
-    host_number,
-    power,
-)
 from functrain.optim.rules.formula import (
     FORMULAS,
     Count,
@@ -52,9 +47,7 @@ from functrain.optim.rules.formula import (
     rule_transform,
 )
 from functrain.optim.rules.learning_rate import check_rate
-from functrain.optim.updates import Ratio, divides_by_reciprocal, flat_updates
-from functrain.optim.zeros import counter, zeros
-from functrain.tree import Tree
+from functrain.optim.updates import divides_by_reciprocal
 
 __all__ = [
     "AdamState",
@@ -78,41 +71,21 @@ __all__ = [
 ]
 
 
-def _pow_half(x: torch.Tensor) -> torch.Tensor:
-    # Python's `x ** 0.5` (C pow), which differs from sqrt in the last bit for about 1 value in 1000
-    return torch.pow(x, torch.full_like(x, 0.5))
+class ScaleByAdamState(DirectionState):
+    """`scale_by_adam`'s state: `adam_rule`'s moments and each weight's own count
+    (`DirectionState`)."""
 
-
-def _by_dtype_div_(tensors: Sequence[torch.Tensor], scalar: torch.Tensor) -> None:
-    """In place, on tensors the caller owns: `tensors /= scalar` (cast to each dtype).
-
-    By a Python number where the 0-d scalar can be read without waiting (`host_number`: an eager
-    CPU step), as torch.optim divides: its kernels compute with the number in their opmath, where
-    a scalar cast to a half-precision dtype first rounds otherwise.
-    """
-    number = host_number(scalar)
-    if number is not None:
-        torch._foreach_div_(list(tensors), number)
-        return
-    if len({t.dtype for t in tensors}) == 1:
-        torch._foreach_div_(list(tensors), scalar.to(tensors[0].dtype))
-        return
-    for t in tensors:
-        t.div_(scalar.to(t.dtype))
-
-
-class ScaleByAdamState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    mu: tuple[torch.Tensor, ...]
-    nu: tuple[torch.Tensor, ...]
-    nu_max: tuple[torch.Tensor, ...]  # empty without amsgrad
+    __slots__ = ()
+    # (its fields before it was its formula's direction)
+    before = {"mu": "mu", "nu": "nu", "nu_max": "nu_max"}
 
 
 @named
 def scale_by_adam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False
 ) -> Transform:
-    """Rescale updates by Adam's bias-corrected moment estimates (Kingma & Ba, 2015).
+    """Rescale updates by Adam's bias-corrected moment estimates (Kingma & Ba, 2015): `adam_rule`'s
+    direction (`rule_direction`).
 
     Args:
         b1: decay rate of the first moment, in [0, 1).
@@ -121,7 +94,7 @@ def scale_by_adam(
         amsgrad: use the running maximum of the second moment (Reddi et al., 2018).
 
     Returns:
-        A `Transform` whose updates are a lazy `Ratio` (fold in a learning rate with
+        A `Transform` emitting plain tensor updates (a learning rate after it:
         `scale_by_learning_rate`).
 
     Raises:
@@ -140,30 +113,8 @@ def scale_by_adam(
     check_unit(problems, "b2", b2)
     check_positive(problems, "eps", eps)
     config_check(problems, "scale_by_adam")
-
-    def init_fn(params: Tree) -> ScaleByAdamState:
-        return ScaleByAdamState(
-            counter(params), zeros(params), zeros(params), zeros(params) if amsgrad else ()
-        )
-
-    def update_fn(
-        updates: Any, state: ScaleByAdamState, params: Tree | None = None
-    ) -> tuple[Ratio, ScaleByAdamState]:
-        g, spec = flat_updates(updates, params)
-        count = state.count + 1
-        mu = torch._foreach_lerp(state.mu, g, 1 - b1)
-        nu = torch._foreach_mul(state.nu, b2)
-        torch._foreach_addcmul_(nu, g, g, value=1 - b2)  # in place on a buffer this call owns
-        nu_max = torch._foreach_maximum(state.nu_max, nu) if amsgrad else ()
-        step = f64(count)
-        bc1 = 1 - power(b1, step)
-        bc2_sqrt = _pow_half(1 - power(b2, step))  # torch.optim's `bias_correction2 ** 0.5`
-        den = torch._foreach_sqrt(nu_max if amsgrad else nu)
-        _by_dtype_div_(den, bc2_sqrt)
-        torch._foreach_add_(den, eps)
-        return Ratio(mu, den, bc1, spec), ScaleByAdamState(count, mu, nu, nu_max)
-
-    return Transform(init_fn, update_fn)
+    rule = adam_rule(b1, b2, eps, decoupled=False, amsgrad=amsgrad, maximize=False)
+    return rule_direction(rule, "scale_by_adam", {}, ScaleByAdamState)
 
 
 class ScaleByRadamState(DirectionState):

@@ -27,7 +27,7 @@ from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
 from functrain.optim.rates import as_float64, host_rate, value_at
 from functrain.optim.rules.arithmetic import host_number
-from functrain.optim.updates import Decoupled, ParamStep, Ratio, flat_updates
+from functrain.optim.updates import Decoupled, ParamStep, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
     Tree,
@@ -61,7 +61,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     The learning rate is a constant or a schedule of the step.
 
     The outgoing updates are a lazy `ParamStep`, applied by `apply_updates` with torch.optim's own
-    final op (``add(alpha=-lr)``, or ``addcdiv`` after a `Ratio`), so float32 results match torch
+    final op (``add(alpha=-lr)``), so float32 results match torch
     bit for bit for a constant learning rate, and for a schedule whose values are the floats torch's
     scheduler writes into the group: on the CPU the schedule's 0-d float64 value is the scalar of
     the very kernel torch.optim gives its float (a load, no sync); on other devices it stays there,
@@ -95,12 +95,8 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
     check_learning_rate(problems, "learning_rate", learning_rate)
     config_check(problems, "scale_by_learning_rate")
     sign = -1.0 if flip_sign else 1.0
-    # a tensor rate is taken by its value now (a schedule is how a rate changes); torch.optim
-    # divides
-    # it by a step's divisor in the tensor's own dtype (Adagrad's lr_decay), so that is kept
-    rate_dtype = None
+    # a tensor rate is taken by its value now (a schedule is how a rate changes)
     if isinstance(learning_rate, torch.Tensor):
-        rate_dtype = learning_rate.dtype
         learning_rate = float(learning_rate)
 
     def current(count: torch.Tensor) -> torch.Tensor | float:
@@ -138,30 +134,6 @@ def scale_by_learning_rate(learning_rate: float | Schedule, *, flip_sign: bool =
         lr = current(state.count)
         lr_t, signed_lr = rate_tensors(lr, state.count.device)
         new_state = ScaleByLearningRateState(state.count + 1, lr_t)
-        if isinstance(updates, Ratio):
-            if updates.divisor is None:
-                step_size = signed_lr
-            elif rate_dtype is not None:
-                step_size = torch.div(signed_lr.to(rate_dtype), updates.divisor.to(rate_dtype)).to(
-                    torch.float64
-                )
-            else:
-                # torch.optim: (lr / bias_correction) * -1 in float64; the sign flip is exact either
-                # side
-                step_size = torch.div(signed_lr, updates.divisor)
-            quotient = (updates.num, updates.den, step_size)
-            decay = None
-            if updates.weight_decay:
-                decay = 1 - lr * updates.weight_decay
-            return ParamStep(
-                None,
-                updates.spec,
-                None,
-                decay,
-                updates.decay_mask,
-                quotient=quotient,
-                scaled_numerator=updates.scaled_numerator,
-            ), new_state
         alpha = lr_t * sign if isinstance(lr, torch.Tensor) else lr * sign
         if isinstance(updates, Decoupled):
             # Lion's published order: p * (1 - lr * wd), then p - lr * direction

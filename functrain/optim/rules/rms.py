@@ -1,44 +1,42 @@
-"""RMSprop: its formula, `rmsprop_rule` (`functrain.rmsprop` trains by it alone), its state, and the
-scaling rule `scale_by_rms`."""
+"""RMSprop: its formula, `rmsprop_rule` (`functrain.rmsprop` trains by it alone), its state, and
+its direction, `scale_by_rms`."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import torch
+from typing import Any
 
 from functrain.errors import config_check
-from functrain.optim.base import NO_EXTRAS, Extras, Transform, with_extras, writes_in_place
+from functrain.optim.base import Transform
 from functrain.optim.checks import check_positive, check_unit
 from functrain.optim.naming import named
-from functrain.optim.rules.arithmetic import scaled_
 from functrain.optim.rules.formula import (
     FORMULAS,
     Count,
+    DirectionState,
     Ops,
     Rule,
     RuleState,
     Scalar,
     l2_decayed,
     negated,
-)
-from functrain.optim.updates import Ratio, flat_updates
-from functrain.optim.zeros import writables, zeros
-from functrain.tree import (
-    Tree,
+    rule_direction,
 )
 
 __all__ = ["RmspropState", "ScaleByRmsState", "rmsprop_rule", "scale_by_rms"]
 
 
-class ScaleByRmsState(NamedTuple):
-    nu: tuple[torch.Tensor, ...]
-    mu: tuple[torch.Tensor, ...]  # empty unless centered
+class ScaleByRmsState(DirectionState):
+    """`scale_by_rms`'s state: `rmsprop_rule`'s averages (`DirectionState`)."""
+
+    __slots__ = ()
+    # (its fields before it was its formula's direction)
+    before = {"nu": "square_avg", "mu": "grad_avg"}
 
 
 @named
 def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = False) -> Transform:
-    """Divide updates by the root of a running mean of their squares (RMSprop, Hinton 2012).
+    """Divide updates by the root of a running mean of their squares (RMSprop, Hinton 2012):
+    `rmsprop_rule`'s direction (`rule_direction`).
 
     Args:
         alpha: smoothing constant of the running mean, in [0, 1).
@@ -46,13 +44,13 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
         centered: subtract the square of the running mean of the updates (the variance estimate).
 
     Returns:
-        A `Transform` whose updates are a lazy `Ratio`.
+        A `Transform` emitting plain tensor updates.
 
     Raises:
         ConfigError: a hyperparameter is out of range.
 
     Example:
-        >>> import functrain as ft
+        >>> import torch, functrain as ft
         >>> tx = ft.chain(scale_by_rms(alpha=0.0, eps=1e-12), ft.scale_by_learning_rate(1.0))
         >>> p = {"w": torch.zeros(1)}
         >>> u, _ = tx.update({"w": torch.tensor([4.0])}, tx.init(p), p)
@@ -63,39 +61,8 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
     check_unit(problems, "alpha", alpha)
     check_positive(problems, "eps", eps)
     config_check(problems, "scale_by_rms")
-
-    def init_fn(params: Tree) -> ScaleByRmsState:
-        return ScaleByRmsState(zeros(params), zeros(params) if centered else ())
-
-    def update_fn(
-        updates: Any,
-        state: ScaleByRmsState,
-        params: Tree | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[Ratio, ScaleByRmsState]:
-        g, spec = flat_updates(updates, params)
-        mu: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()
-        if writes_in_place(extras):  # a donated step: the averages move in their own storage
-            nu = writables(state.nu, g)
-            scaled_(nu, alpha)  # (torch's single-tensor rounding)
-            if centered:
-                mu = writables(state.mu, g)
-                torch._foreach_lerp_(mu, g, 1 - alpha)
-        else:
-            nu = list(torch._foreach_mul(state.nu, alpha))
-            if centered:
-                mu = torch._foreach_lerp(state.mu, g, 1 - alpha)
-        torch._foreach_addcmul_(nu, g, g, value=1 - alpha)
-        if centered:
-            avg = torch._foreach_addcmul(nu, mu, mu, value=-1)
-            torch._foreach_sqrt_(avg)
-        else:
-            avg = torch._foreach_sqrt(nu)
-        torch._foreach_add_(avg, eps)
-        return Ratio(g, avg, None, spec), ScaleByRmsState(tuple(nu), tuple(mu))
-
-    return Transform(init_fn, with_extras(update_fn))
+    rule = rmsprop_rule(alpha, eps, momentum=0.0, centered=centered, maximize=False)
+    return rule_direction(rule, "scale_by_rms", {}, ScaleByRmsState)
 
 
 class RmspropState(RuleState):

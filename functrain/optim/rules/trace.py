@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import torch
+from typing import Any
 
 from functrain.errors import config_check
 from functrain.optim.base import Transform
@@ -14,6 +12,7 @@ from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     FORMULAS,
     Count,
+    DirectionState,
     Ops,
     Rule,
     RuleState,
@@ -21,27 +20,27 @@ from functrain.optim.rules.formula import (
     at_first_into,
     l2_decayed,
     negated,
-)
-from functrain.optim.updates import Ratio, flat_updates
-from functrain.optim.zeros import counter, laid_out_like, zeros
-from functrain.tree import (
-    Tree,
-    tree_unflatten,
+    rule_direction,
 )
 
 __all__ = ["SgdState", "TraceState", "sgd_rule", "trace"]
 
 
-class TraceState(NamedTuple):
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    trace: tuple[torch.Tensor, ...]
+class TraceState(DirectionState):
+    """`trace`'s state: `sgd_rule`'s momentum, and with a dampening each weight's own count
+    (`DirectionState`)."""
+
+    __slots__ = ()
+    # (its field before it was its formula's direction)
+    before = {"trace": "momentum"}
 
 
 @named
 def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Transform:
     """Momentum: keep a decaying sum of past updates (torch.optim.SGD's momentum buffer).
 
-    The first step's buffer is the update itself (no dampening), as in torch.
+    The first step's buffer is the update itself (no dampening), as in torch: `sgd_rule`'s
+    direction (`rule_direction`), with a dampening at each weight's own first update.
 
     Args:
         decay: momentum factor, in [0, 1).
@@ -55,6 +54,7 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
         ConfigError: a hyperparameter is out of range, or nesterov with dampening.
 
     Example:
+        >>> import torch
         >>> tx = trace(0.5)
         >>> s = tx.init({"w": torch.zeros(1)})
         >>> u, s = tx.update({"w": torch.ones(1)}, s)
@@ -71,54 +71,8 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Tr
             f"dampening={dampening!r}"
         )
     config_check(problems, "trace")
-
-    def init_fn(params: Tree) -> TraceState:
-        return TraceState(counter(params), zeros(params))
-
-    def update_fn(
-        updates: Any, state: TraceState, params: Tree | None = None
-    ) -> tuple[Tree, TraceState]:
-        # the buffer laid out as the updates, as torch's (a fresh state's zeros are a stride-0
-        # view, whose product comes out contiguous): a half-precision kernel over tensors of
-        # mixed layouts takes torch's element-by-element path, which rounds otherwise
-        if _plain_quotient(updates) and not dampening and not nesterov:
-            # RMSprop's momentum, as torch's ``buf.mul_(momentum).addcdiv_(grad, avg)``: one
-            # rounding of ``buf + grad / avg`` (in a half dtype the quotient rounded apart is not)
-            buf = _laid_out(torch._foreach_mul(state.trace, decay), updates.num)
-            torch._foreach_addcdiv_(buf, list(updates.num), list(updates.den))
-            return tree_unflatten(buf, updates.spec), TraceState(state.count + 1, tuple(buf))
-        g, spec = flat_updates(updates, params)
-        # buffer * decay + g: exactly g on the first step when the buffer starts at zero
-        buf = _laid_out(torch._foreach_mul(state.trace, decay), g)
-        torch._foreach_add_(buf, g, alpha=1 - dampening)
-        if dampening:
-            first = state.count == 0
-            buf = [torch.where(first, x, b) for x, b in zip(g, buf, strict=True)]
-        out = torch._foreach_add(g, buf, alpha=decay) if nesterov else buf
-        return tree_unflatten(out, spec), TraceState(state.count + 1, tuple(buf))
-
-    return Transform(init_fn, update_fn)
-
-
-def _laid_out(buf: Any, like: Any) -> list[torch.Tensor]:
-    """`buf` (fresh products), each tensor with the strides of its `like`: a copy only where they
-    differ (the first step's, of a fresh state's stride-0 zeros)."""
-    return [
-        b if b.stride() == x.stride() else laid_out_like(b, x)
-        for b, x in zip(buf, like, strict=True)
-    ]
-
-
-def _plain_quotient(updates: Any) -> bool:
-    """Whether `updates` are a bare quotient ``num / den`` (`scale_by_rms`'s): no divisor, decay or
-    scaled numerator, every tensor of one dtype with its numerator."""
-    return (
-        isinstance(updates, Ratio)
-        and updates.divisor is None
-        and updates.weight_decay is None
-        and not updates.scaled_numerator
-        and all(n.dtype == d.dtype for n, d in zip(updates.num, updates.den, strict=True))
-    )
+    rule = sgd_rule(decay, dampening, nesterov, maximize=False)
+    return rule_direction(rule, "trace", {"momentum": float(decay)}, TraceState)
 
 
 class SgdState(RuleState):

@@ -11,7 +11,7 @@ from functrain.optim.base import EmptyState, Mask, Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
-from functrain.optim.updates import Decoupled, Ratio, flat_updates
+from functrain.optim.updates import Decoupled, flat_updates
 from functrain.tree import (
     Tree,
     tree_leaves,
@@ -67,7 +67,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
                 "update",
             )
         flags = resolve_mask(mask, params)
-        if isinstance(updates, Ratio | Decoupled) and updates.weight_decay is None:
+        if isinstance(updates, Decoupled) and updates.weight_decay is None:
             return updates.with_decay(weight_decay, flags, tree_leaves(params)), state
         u, spec = flat_updates(updates, params)
         p = tree_leaves(params)
