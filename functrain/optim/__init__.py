@@ -11,7 +11,7 @@ one module per family: `rules.adam`, `rules.rms`, `rules.adagrad`, `rules.lion`,
 `rules.learning_rate`, `rules.weight_decay`, `rules.clipping`, `rules.arithmetic` and torch's
 fused kernels in `rules.fused`); `wrappers` (masked, partition, skip non-finite, accumulate, loss
 scaling), `averaging` (EMA), `plateau` (reduce-on-plateau), `schedules` (``step -> value``); and
-`presets` (sgd, adam, adamw, ..., muon: short chains of rules).
+`presets` (sgd, adam, adamw, ..., muon: formulas, fused kernels, short chains of rules).
 """
 
 from functrain.optim import schedules

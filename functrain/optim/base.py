@@ -43,14 +43,13 @@ import torch
 from functrain.errors import ConfigError
 from functrain.optim.batching import under_vmap
 from functrain.optim.planned import MembersPlanner, Planner
-from functrain.optim.updates import Scalar, Updates
+from functrain.optim.updates import Updates
 from functrain.tree import LOCAL_NORMS, Norms, Tree, global_norm
 
 __all__ = [
     "Params",
     "Updates",
     "Tree",
-    "Scalar",
     "Schedule",
     "LearningRate",
     "Mask",

@@ -1,4 +1,5 @@
-"""Optimizer presets: each one a short chain of the scaling rules in `functrain.optim.rules`.
+"""Optimizer presets: each one its family's formula (`functrain.optim.rules.formula`), torch's
+fused kernel, or a short chain of the scaling rules in `functrain.optim.rules`.
 
 Each takes the arguments of the torch.optim class of its name (the same names and defaults;
 ``betas`` as `b1`, `b2`); torch's implementation choices (``foreach``, ``capturable``,
@@ -98,12 +99,6 @@ __all__ = [
 
 def _maybe(condition: object, transform: Transform) -> Transform:
     return transform if condition else identity()
-
-
-def _ascent(maximize: bool) -> tuple[Transform, ...]:
-    # torch.optim's maximize negates the gradients before anything else; the chain gains the step
-    # only when asked, so the default chain's state (and old checkpoints of it) keeps its structure
-    return (scale(-1.0),) if maximize else ()
 
 
 def _value(beta: float) -> float:
@@ -714,7 +709,7 @@ def adagrad(
     Raises:
         ConfigError: a hyperparameter is out of range, named as in this call; at ``init``, the
             fused kernel given parameters on a device where torch.optim has none (outside
-            `TrainState.create`, which chooses the chain there).
+            `TrainState.create`, which chooses the formula there).
 
     Example:
         >>> import torch, functrain as ft

@@ -38,7 +38,7 @@ from functrain.tree import (
 
 __all__ = [
     "Updates",
-    "Scalar",
+    "Factor",
     "ParamStep",
     "Decoupled",
     "NewParams",
@@ -47,7 +47,7 @@ __all__ = [
     "flat_updates",
     "apply_updates",
 ]
-Scalar = float | torch.Tensor
+Factor = float | torch.Tensor
 """A scalar factor of a lazy update: a Python number or a 0-d tensor."""
 
 
@@ -73,8 +73,8 @@ class ParamStep:
         self,
         direction: Sequence[torch.Tensor],
         spec: Any,
-        alpha: Scalar | None = None,
-        decay: Scalar | None = None,
+        alpha: Factor | None = None,
+        decay: Factor | None = None,
         decay_mask: tuple[bool, ...] | None = None,
         keep: torch.Tensor | None = None,
     ) -> None:
@@ -249,12 +249,12 @@ def _apply_step_(p: list[torch.Tensor], step: ParamStep) -> list[torch.Tensor]:
     return p
 
 
-def _in_dtype(factor: Scalar, like: torch.Tensor) -> Scalar:
+def _in_dtype(factor: Factor, like: torch.Tensor) -> Factor:
     """A tensor `factor` cast to the dtype of `like`; a Python number as it is."""
     return factor.to(like.dtype) if isinstance(factor, torch.Tensor) else factor
 
 
-def _kernel_alpha(alpha: Scalar | None) -> bool:
+def _kernel_alpha(alpha: Factor | None) -> bool:
     """Whether `alpha` goes into torch's ``add(alpha=)`` as torch.optim passes its rate.
 
     A Python number; or a 0-d CPU tensor (a schedule's rate) outside compiled graphs and vmap, which
@@ -289,7 +289,7 @@ def _directions(step: ParamStep, p: list[torch.Tensor]) -> list[torch.Tensor]:
     return dirs
 
 
-def _fma_alpha(alpha: Scalar | None, p: list[torch.Tensor]) -> TypeGuard[torch.Tensor]:
+def _fma_alpha(alpha: Factor | None, p: list[torch.Tensor]) -> TypeGuard[torch.Tensor]:
     """Whether a tensor `alpha` is applied in one op rather than multiplied in first.
 
     In one op: ``p + alpha * d`` (`addcmul`).
@@ -320,7 +320,7 @@ def _add_step_(
 
 
 def _added(
-    out: list[torch.Tensor], dirs: list[torch.Tensor], alpha: Scalar | None, *, in_place: bool
+    out: list[torch.Tensor], dirs: list[torch.Tensor], alpha: Factor | None, *, in_place: bool
 ) -> list[torch.Tensor]:
     """``out + alpha * dirs`` by torch's ``_foreach_add`` (into `out` itself with `in_place`).
 

@@ -39,7 +39,7 @@ first update writes them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -191,8 +191,9 @@ def on_device(tx: Transform, device: torch.device) -> Transform:
     """`tx` as it trains on `device`: its declared form there, or `tx` itself.
 
     `TrainState.create` calls it once, with the parameters' device: the default `adagrad` (its
-    fused kernel) becomes its foreach chain where torch.optim has no fused Adagrad
-    (`fused_adagrad_runs_on`), named as that chain (``adagrad(...)`` without ``fused=True``).
+    fused kernel) becomes its formula on torch's foreach kernels where torch.optim has no fused
+    Adagrad (`fused_adagrad_runs_on`), named as that form (``adagrad(...)`` without
+    ``fused=True``).
 
     Args:
         tx: the optimizer.
@@ -309,6 +310,56 @@ def _last_lr(
     return rate_t if keep is None or rate_t is previous else torch.where(keep, rate_t, previous)
 
 
+def _fused(
+    kernel: _Kernel,
+    what: str,
+    lr: LearningRate,
+    hyper: dict[str, Any],
+    weight_decay: float | Sweep,
+    mask: Mask,
+    buffers: Callable[[list[torch.Tensor]], tuple[tuple[torch.Tensor, ...], ...]],
+    state_type: Callable[..., Any],
+    check: Callable[[Tree], None],
+) -> Transform:
+    """A fused kernel's transform: `hyper` its own arguments (less the rate, the gradient scale
+    and the skip flag), `buffers` its per-parameter buffers at ``init`` (one tuple each),
+    `state_type` its state (the count, those buffers, the last rate), `check` what ``init``
+    checks of the parameters (`what`: torch's class, for messages)."""
+    lr = _read_once(lr)
+
+    def init_fn(params: Tree) -> Any:
+        check(params)
+        count = counter(params)
+        return state_type(count, *buffers(tree_leaves(params)), _first_lr(lr, count))
+
+    def buffers_of(state: Any) -> tuple[tuple[torch.Tensor, ...], ...]:
+        return tuple(state[1:-1])  # (the fields between the count and the rate)
+
+    def rebuilt(count: torch.Tensor, new: Sequence[list], rate: torch.Tensor) -> Any:
+        return state_type(count, *(tuple(b) for b in new), rate)
+
+    def update_fn(
+        updates: Any,
+        state: Any,
+        params: Tree | None = None,
+        keep: torch.Tensor | None = None,
+        *,
+        extras: Extras = NO_EXTRAS,
+    ) -> tuple[NewParams, Any]:
+        step = _begin(updates, state.count, params, keep, lr, what, state.lr, extras)
+        given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
+        decays = _decays(mask, params, step.p)
+        new_p, new = _by_groups(
+            kernel, step, buffers_of(state), decays, weight_decay, given, steps=kernel.steps
+        )
+        rate = _last_lr(step.rate_t, state.lr, keep)
+        return NewParams(new_p, step.spec), rebuilt(step.count, new, rate)
+
+    plans = _plans(kernel, lr, hyper, weight_decay, mask, buffers_of, rebuilt)
+    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
+    return Transform(init_fn, update, gated=True)
+
+
 def fused_adam(
     lr: LearningRate,
     b1: float,
@@ -331,60 +382,22 @@ def fused_adam(
     kernel's own flag, as torch.optim passes it. `weight_decay` may be a `functrain.sweep` (one
     value per member of a stacked state).
     """
-    kernel = _ADAMW if decoupled else _ADAM
-    lr = _read_once(lr)
+    hyper = {"beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize}
 
-    def init_fn(params: Tree) -> FusedAdamState:
-        _check_floating(params, "Adam")
-        count = counter(params)
-        return FusedAdamState(
-            count,
-            zeros(params),
-            zeros(params),
-            zeros(params) if amsgrad else (),
-            _first_lr(lr, count),
-        )
+    def moments(p: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        return zeros(p), zeros(p), zeros(p) if amsgrad else ()
 
-    def update_fn(
-        updates: Any,
-        state: FusedAdamState,
-        params: Tree | None = None,
-        keep: torch.Tensor | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[NewParams, FusedAdamState]:
-        step = _begin(updates, state.count, params, keep, lr, "Adam", state.lr, extras)
-        hyper = {
-            "lr": step.rate,
-            "beta1": b1,
-            "beta2": b2,
-            "eps": eps,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-            "grad_scale": None,
-            "found_inf": step.found_inf,
-        }
-        moments = (state.mu, state.nu, state.nu_max)
-        new_p, (mu, nu, nu_max) = _by_groups(
-            kernel, step, moments, _decays(mask, params, step.p), weight_decay, hyper, steps=True
-        )
-        return NewParams(new_p, step.spec), FusedAdamState(
-            step.count, tuple(mu), tuple(nu), tuple(nu_max), _last_lr(step.rate_t, state.lr, keep)
-        )
-
-    plans = _plans(
-        kernel,
+    return _fused(
+        _ADAMW if decoupled else _ADAM,
+        "Adam",
         lr,
-        {"beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize},
+        hyper,
         weight_decay,
         mask,
-        lambda state: (state.mu, state.nu, state.nu_max),
-        lambda count, buffers, rate: FusedAdamState(
-            count, tuple(buffers[0]), tuple(buffers[1]), tuple(buffers[2]), rate
-        ),
+        moments,
+        FusedAdamState,
+        lambda params: _check_floating(params, "Adam"),
     )
-    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
-    return Transform(init_fn, update, gated=True)
 
 
 def fused_sgd(
@@ -404,65 +417,28 @@ def fused_sgd(
     cannot set without reading its count back to the host. The momentum buffers start at -0.0
     instead, the one zero that adds nothing: the kernel's later-step formula ``buffer * momentum +
     gradient`` then gives exactly the gradient, sign of zero included. With dampening the first
-    step would differ (``(1 - dampening) * gradient``): the preset runs the foreach chain then.
+    step would differ (``(1 - dampening) * gradient``): the preset runs SGD's formula then.
     The preset checks the learning rate and momentum; the weight decay is checked here, under its
     name.
     """
     problems: list[str] = []
     check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
     config_check(problems, "sgd")
+    hyper = {
+        "momentum": momentum,
+        "dampening": 0.0,
+        "nesterov": nesterov,
+        "maximize": maximize,
+        "is_first_step": False,
+    }
 
-    lr = _read_once(lr)
+    def buffers(p: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        return (tuple(constant_like(x, -0.0) for x in p) if momentum else (),)
 
-    def init_fn(params: Tree) -> FusedSgdState:
+    def check(params: Tree) -> None:
         _check_floating(params, "SGD")
-        count = counter(params)
-        buffers = tuple(constant_like(p, -0.0) for p in tree_leaves(params)) if momentum else ()
-        return FusedSgdState(count, buffers, _first_lr(lr, count))
 
-    def update_fn(
-        updates: Any,
-        state: FusedSgdState,
-        params: Tree | None = None,
-        keep: torch.Tensor | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[NewParams, FusedSgdState]:
-        step = _begin(updates, state.count, params, keep, lr, "SGD", state.lr, extras)
-        hyper = {
-            "lr": step.rate,
-            "momentum": momentum,
-            "dampening": 0.0,
-            "nesterov": nesterov,
-            "maximize": maximize,
-            "is_first_step": False,
-            "grad_scale": None,
-            "found_inf": step.found_inf,
-        }
-        new_p, (buffers,) = _by_groups(
-            _SGD, step, (state.momentum,), _decays(mask, params, step.p), weight_decay, hyper
-        )
-        return NewParams(new_p, step.spec), FusedSgdState(
-            step.count, tuple(buffers), _last_lr(step.rate_t, state.lr, keep)
-        )
-
-    plans = _plans(
-        _SGD,
-        lr,
-        {
-            "momentum": momentum,
-            "dampening": 0.0,
-            "nesterov": nesterov,
-            "maximize": maximize,
-            "is_first_step": False,
-        },
-        weight_decay,
-        mask,
-        lambda state: (state.momentum,),
-        lambda count, buffers, rate: FusedSgdState(count, tuple(buffers[0]), rate),
-    )
-    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
-    return Transform(init_fn, update, gated=True)
+    return _fused(_SGD, "SGD", lr, hyper, weight_decay, mask, buffers, FusedSgdState, check)
 
 
 def fused_adagrad(
@@ -481,56 +457,18 @@ def fused_adagrad(
 
     The preset checks the hyperparameters.
     """
-    lr = _read_once(lr)
+    hyper = {"lr_decay": lr_decay, "eps": eps, "maximize": maximize}
 
-    def init_fn(params: Tree) -> FusedAdagradState:
+    def sums(p: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        return (tuple(constant_like(x, initial_accumulator_value) for x in p),)
+
+    def check(params: Tree) -> None:
         _check_floating(params, "Adagrad")
         _check_device(params)
-        count = counter(params)
-        sums = tuple(constant_like(p, initial_accumulator_value) for p in tree_leaves(params))
-        return FusedAdagradState(count, sums, _first_lr(lr, count))
 
-    def update_fn(
-        updates: Any,
-        state: FusedAdagradState,
-        params: Tree | None = None,
-        keep: torch.Tensor | None = None,
-        *,
-        extras: Extras = NO_EXTRAS,
-    ) -> tuple[NewParams, FusedAdagradState]:
-        step = _begin(updates, state.count, params, keep, lr, "Adagrad", state.lr, extras)
-        hyper = {
-            "lr": step.rate,
-            "lr_decay": lr_decay,
-            "eps": eps,
-            "maximize": maximize,
-            "grad_scale": None,
-            "found_inf": step.found_inf,
-        }
-        new_p, (sums,) = _by_groups(
-            _ADAGRAD,
-            step,
-            (state.sum_of_squares,),
-            _decays(mask, params, step.p),
-            weight_decay,
-            hyper,
-            steps=True,
-        )
-        return NewParams(new_p, step.spec), FusedAdagradState(
-            step.count, tuple(sums), _last_lr(step.rate_t, state.lr, keep)
-        )
-
-    plans = _plans(
-        _ADAGRAD,
-        lr,
-        {"lr_decay": lr_decay, "eps": eps, "maximize": maximize},
-        weight_decay,
-        mask,
-        lambda state: (state.sum_of_squares,),
-        lambda count, buffers, rate: FusedAdagradState(count, tuple(buffers[0]), rate),
+    return _fused(
+        _ADAGRAD, "Adagrad", lr, hyper, weight_decay, mask, sums, FusedAdagradState, check
     )
-    update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
-    return Transform(init_fn, update, gated=True)
 
 
 class _Kernel(NamedTuple):

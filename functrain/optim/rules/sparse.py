@@ -35,7 +35,7 @@ import torch
 
 from functrain.errors import ConfigError, config_check
 from functrain.layout import sparse_coo
-from functrain.optim.base import NO_EXTRAS, Extras, ExtrasUpdate, Transform
+from functrain.optim.base import NO_EXTRAS, Extras, ExtrasUpdate, LearningRate, Transform
 from functrain.optim.checks import check_positive
 from functrain.optim.rates import value_at
 from functrain.optim.updates import NewParams, flat_updates
@@ -56,8 +56,6 @@ __all__ = [
     "no_rows",
     "with_sparse_twin",
 ]
-
-LearningRate = Any  # a float or a schedule ``count -> value``
 
 
 class SparseSgdState(NamedTuple):

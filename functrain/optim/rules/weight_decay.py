@@ -52,7 +52,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
         problems.append(
             f"a weight-decay sweep ({name}) runs only through the fused kernels: use "
             "adam or adamw "
-            "with fused=True (the default); the foreach chain takes one weight decay"
+            "with fused=True (the default); their formulas take one weight decay"
         )
     else:
         check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
