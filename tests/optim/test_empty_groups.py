@@ -63,12 +63,33 @@ TORCH_CASES: dict[
         lambda: ft.adagrad(0.1, fused=False),
         lambda groups: torch.optim.Adagrad(groups, lr=0.1, foreach=True),
     ),
+    "sgd-dampening": (
+        lambda: ft.sgd(0.05, momentum=0.9, dampening=0.1),
+        lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, dampening=0.1),
+    ),
+    "adagrad-lr-decay-single": (
+        lambda: ft.adagrad(0.1, lr_decay=0.01, foreach=False),
+        lambda groups: torch.optim.Adagrad(groups, lr=0.1, lr_decay=0.01, foreach=False),
+    ),
+    "adadelta": (
+        lambda: ft.adadelta(1.0),
+        lambda groups: torch.optim.Adadelta(groups, lr=1.0, foreach=False),
+    ),
+    "rprop": (lambda: ft.rprop(1e-2), lambda groups: torch.optim.Rprop(groups, lr=1e-2)),
+    "asgd": (
+        lambda: ft.asgd(1e-2, t0=2),
+        lambda groups: torch.optim.ASGD(groups, lr=1e-2, t0=2, foreach=False),
+    ),
 }
-# optimizers torch.optim lacks: compared with the partition without the empty group
+# optimizers torch.optim lacks, and chains of building blocks: compared with the partition
+# without the empty group
 OWN_CASES: dict[str, Callable[[], ft.Transform]] = {
     "lion": lambda: ft.lion(1e-3),
     "lamb": lambda: ft.lamb(1e-3),
     "adan": lambda: ft.adan(1e-3),
+    "trace-chain": lambda: ft.chain(ft.trace(0.9), ft.scale_by_learning_rate(0.05)),
+    "scale_by_adam-chain": lambda: ft.chain(ft.scale_by_adam(), ft.scale_by_learning_rate(1e-3)),
+    "scale_by_rprop": lambda: ft.scale_by_rprop(1e-2),
 }
 
 

@@ -1246,6 +1246,8 @@ def rule_direction(
 
     def update_fn(updates: Any, state: Any, params: Tree | None = None) -> tuple[Any, Any]:
         g, spec = flat_updates(updates, params)
+        if not g:  # (no parameter: nothing moves, nothing is counted, as torch's empty group)
+            return tree_unflatten([], spec), state
         origin = tree_unflatten([torch.zeros_like(x) for x in g], spec)
         moved, state = inner.update(tree_unflatten(g, spec), state, origin)
         assert isinstance(moved, NewParams)  # (rule_transform's update emits them)
