@@ -36,6 +36,8 @@ def build_optimizer(name: str) -> ft.Transform:
         return ft.adamw(0.05, weight_decay=0.1, fused=True)
     if name == "sgd_momentum":
         return ft.sgd(0.05, momentum=0.9)
+    if name == "sgd_dampening":  # (its formula: each weight's own count of updates)
+        return ft.sgd(0.05, momentum=0.9, dampening=0.1)
     if name == "adam_schedule":
         from functrain.optim.schedules import warmup_cosine
 

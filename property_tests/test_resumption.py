@@ -46,7 +46,7 @@ Spec = dict[str, Any]
 Save = Callable[[ft.TrainState, Path], Any]
 Resume = Callable[[Spec, Path, Path], tuple[Any, list[dict[str, torch.Tensor]]]]
 
-OPTIMIZERS = ["adamw", "adamw_fused", "sgd_momentum"] + (
+OPTIMIZERS = ["adamw", "adamw_fused", "sgd_momentum", "sgd_dampening"] + (
     ["adam_schedule"] if importlib.util.find_spec("functrain.optim.schedules") else []
 )
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

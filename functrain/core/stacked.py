@@ -274,7 +274,7 @@ def transposed_weights(module: nn.Module, device: torch.device) -> frozenset[str
 
 # presets whose updates use ops torch.func.vmap cannot batch (`.item()`, out= ops, tensors
 # without storage): a stacked step of them would fail at its first call
-_UNBATCHABLE = ("adadelta", "asgd", "adafactor")
+_UNBATCHABLE = ("asgd", "adafactor")
 
 
 def _refuse_unbatchable(optimizer: Transform) -> None:
@@ -290,7 +290,7 @@ def _refuse_unbatchable(optimizer: Transform) -> None:
             f"{', '.join(found)} cannot train a stacked state: its update uses ops that "
             "torch.func.vmap cannot batch (.item(), out= ops); train these members one by one "
             "(functrain.train_step on each state), or stack members of adamw, adam, sgd, "
-            "adagrad, rmsprop, adamax, nadam, radam, lion or rprop"
+            "adagrad, rmsprop, adadelta, adamax, nadam, radam, lion or rprop"
         )
 
 

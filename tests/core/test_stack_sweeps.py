@@ -167,7 +167,7 @@ def test_a_named_transform_records_the_call_that_built_it():
     assert recorded_call(tx._replace(name="renamed")) is None
 
 
-@pytest.mark.parametrize("preset", ["adadelta", "asgd", "adafactor"])
+@pytest.mark.parametrize("preset", ["asgd", "adafactor"])
 def test_a_preset_whose_update_vmap_cannot_batch_is_refused_at_stack(preset):
     states = [make_state(seed, getattr(ft, preset)(1e-2)) for seed in range(2)]
     with pytest.raises(ft.ConfigError, match=rf"^{preset} cannot train a stacked state: .* one by"):
