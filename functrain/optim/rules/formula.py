@@ -953,6 +953,8 @@ def _own(
     the caller's gradient or a state's parameters."""
     if ops.in_place:
         return tuple(moments)
+    if torch.compiler.is_compiling():  # (torch 2.11's dynamo traces no id() of a made tensor)
+        return tuple(m.clone() if any(m is x for x in given) else m for m in moments)
     ids = {id(x) for x in given}
     return tuple(m.clone() if id(m) in ids else m for m in moments)
 
