@@ -54,7 +54,7 @@ from functrain.optim.checks import (
     tensor_problem,
 )
 from functrain.optim.naming import recorded_call
-from functrain.optim.rates import value_at
+from functrain.optim.rates import first_rate
 from functrain.optim.rules.formula import (
     FORMULAS,
     Scalar,
@@ -173,7 +173,7 @@ def differentiable_form(optimizer: Transform) -> Transform:
     rate = arguments["lr"]
     schedule = rate if callable(rate) else None
     # the rate of the first step (rprop's initial step size)
-    start = float(value_at(schedule, torch.zeros((), dtype=torch.int64))) if schedule else rate
+    start = first_rate(rate)
     rule = FORMULAS[name]({**arguments, "lr": start})
     # held in the rule's order (the rate first), a scheduled rate not at all
     constants = {
