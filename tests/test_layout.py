@@ -179,7 +179,7 @@ def test_channels_last_weights_keep_their_layout_through_steps_and_a_checkpoint(
         ft.TrainState.create(loaded.export_module(), ft.adamw(1e-3), cross_entropy_loss_fn),
     ):
         assert {n: p.stride() for n, p in held.params.items()} == strides
-    assert [m.stride() for m in loaded.opt_state.inner.mu] == [
+    assert [m.stride() for m in loaded.opt_state.inner.slots["mu"]] == [
         state.params[n].stride() for n in state.params
     ]
 

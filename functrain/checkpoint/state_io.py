@@ -520,6 +520,44 @@ def _in_formula_layouts(saved: Any, template: Any) -> Any:
     return saved
 
 
+def _parked_in_formula_layouts(parked: Any, opt_state: Any) -> Any:
+    """A checkpoint's parked slots (`TrainState.parked`, keys ``opt_state|container|rest``)
+    written where a formula's state kept its moments as fields, of its own or of a chain's
+    states (`RuleState.before`), keyed where the template keeps them now (its ``slots``): a
+    frozen weight finds its moments when it trains again."""
+    renamed: list[tuple[re.Pattern[str], str]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, RuleState):
+            for old, new in getattr(type(node), "before", {}).items():
+                pattern = re.compile(re.escape(path) + r"(?:\d+/)?" + re.escape(old))
+                renamed.append((pattern, f"{path}slots/{new}"))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}{k}/")
+        elif isinstance(node, (tuple, list)):
+            names = node._fields if hasattr(node, "_fields") else range(len(node))
+            for k, v in zip(names, node, strict=True):
+                walk(v, f"{path}{k}/")
+
+    walk(opt_state, "")
+    if not renamed or not isinstance(parked, dict):
+        return parked
+
+    def key(k: str) -> str:
+        head, _, tail = k.partition("|")
+        container, _, rest = tail.partition("|")
+        for pattern, new in renamed if head == "opt_state" else ():
+            if pattern.fullmatch(container):
+                return f"{head}|{new}|{rest}"
+        return k
+
+    return {
+        name: {key(k): v for k, v in slots.items()} if isinstance(slots, dict) else slots
+        for name, slots in parked.items()
+    }
+
+
 def _formula_layout(chain: tuple[Any, ...], template: RuleState) -> dict[str, Any] | None:
     """A chain's states (`_in_formula_layouts`) as the formula's state, or None where they are
     not the ones its preset built before."""
@@ -629,8 +667,11 @@ def _load(
             else {}
             for k in _GROWN
         }
-    if isinstance(like, TrainState) and isinstance(tree, dict) and "opt_state" in tree:
-        tree["opt_state"] = _in_formula_layouts(tree["opt_state"], template["opt_state"])
+    if isinstance(tree, dict) and isinstance(template, dict) and "opt_state" in tree:
+        # (a state's tree, or a template's `TrainState.tree()`)
+        tree["opt_state"] = _in_formula_layouts(tree["opt_state"], template.get("opt_state"))
+        if grown.get("parked"):
+            grown["parked"] = _parked_in_formula_layouts(grown["parked"], template["opt_state"])
     problems = compare_to_template(tree, template, _sparse_ok(like))
     if isinstance(like, TrainState):
         like = _as_trained(like, manifest["fingerprint"], path)

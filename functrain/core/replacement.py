@@ -237,20 +237,20 @@ def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:
 
 # the optimizers whose update of a weight reads no count of updates (torch.optim's per-weight
 # `step` enters none of their arithmetic), or reads the weight's own (its state keeps one per
-# weight, `Rule.own_steps`): a weight frozen and trained again continues exactly
+# weight, as torch.optim's step): a weight frozen and trained again continues exactly
 COUNT_FREE = (
     "sgd(",
     "rmsprop(",
     "adadelta(",
     "rprop(",
+    "adam(",
+    "adamw(",
+    "adagrad(",
     "adamax(",
     "nadam(",
     "radam(",
     "asgd(",
 )
-# (their formula's own counts with fused=False; torch's fused kernels' state holds one for all,
-# which Adagrad's reads only for its rate decay)
-_OWN_UNFUSED = ("adam(", "adamw(", "adagrad(")
 
 
 def count_free(optimizer_name: str) -> bool:
@@ -258,14 +258,9 @@ def count_free(optimizer_name: str) -> bool:
     for all (none, or the weight's own).
 
     Example:
-        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("adamw(lr=0.001, fused=True)")
+        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("lamb(lr=0.001)")
         (True, False)
     """
-    if optimizer_name.startswith(_OWN_UNFUSED):
-        fused = "fused=True" in optimizer_name
-        return (
-            not fused or optimizer_name.startswith("adagrad(") and "lr_decay=0.0," in optimizer_name
-        )
     return optimizer_name.startswith(COUNT_FREE)
 
 

@@ -611,13 +611,14 @@ class TrainState:
         if counted and not count_free(name):
             problems.append(
                 f"{counted[:3]} would train again at update {updates}, "
-                "where torch.optim counts each weight's own updates (its step) and this "
-                "optimizer's arithmetic reads one count for all (Adam's bias corrections, "
-                "schedules of its own): their update would differ from torch's. Freezing is "
-                "exact; to train them again, make a state for the new split "
+                f"and {name.partition('(')[0] or 'this optimizer'}'s arithmetic reads one count "
+                "of updates for all weights (bias corrections, schedules of its own), where "
+                "torch.optim counts each weight's own step (theirs stood still while frozen): "
+                "their update would differ from torch's. Freezing is exact; to train "
+                "them again, make a state for the new split "
                 "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
-                "reads no count (sgd, rmsprop, adadelta, rprop) or each weight's own (adamax, "
-                "nadam, radam, asgd; adam, adamw and adagrad with fused=False)"
+                "reads no count or each weight's own: every torch.optim preset (sgd, adam, "
+                "adamw, adagrad, rmsprop, adadelta, rprop, adamax, nadam, radam, asgd)"
             )
         if problems:
             raise StateMismatchError(

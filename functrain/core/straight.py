@@ -218,7 +218,12 @@ def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any
     runner = program.runner
     guarded = type(runner) is GuardedRunner
     fused = runner.inner if guarded else runner
-    if type(fused) is not FusedRunner or fused.device.type != "cpu" or window != 1:
+    if (
+        type(fused) is not FusedRunner
+        or fused.device.type != "cpu"
+        or window != 1
+        or fused.behind != 0  # (weights that sat out updates: each its own step, the runner's)
+    ):
         return f"        {call}\n", {}
     lines = [
         "opt = state.opt_state",
@@ -247,8 +252,9 @@ def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any
         "REBUILD": fused.rebuild,
         "RAN": Ran,
     }
-    for k, ((idx, options), size) in enumerate(zip(fused.groups, fused.sizes, strict=True)):
+    for k, (idx, options) in enumerate(fused.groups):
         constants[f"OPTIONS{k}"] = options
+        size = len(program.strides) if idx is None else len(idx)
         steps = f"counts * {size}, " if fused.steps else ""
         if idx is None:
             lists = "new_p, grads, *moments"
@@ -262,7 +268,7 @@ def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any
         body.append(
             f"KERNEL({lists}, {steps}lr=rate, grad_scale=None, found_inf=None, **OPTIONS{k})"
         )
-    body.append("new_inner = REBUILD(new_count, moments, rate_t)")
+    body.append("new_inner = REBUILD(inner, new_count, moments, rate_t)")
     if guarded:
         body.append(
             "ran = RAN(new_p, GUARDED(new_inner, kept[0], opt.total_skipped, kept[1], "

@@ -66,7 +66,7 @@ KEYS: dict[type, dict[str, str]] = {
         "momentum": "momentum_buffer",
     },
     AdagradState: {"sum": "sum"},
-    FusedAdagradState: {"sum_of_squares": "sum"},
+    FusedAdagradState: {"sum": "sum"},
     SparseAdagradState: {"sum_of_squares": "sum"},
     SparseAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq"},
     SparseSgdState: {"momentum": "momentum_buffer"},
@@ -135,7 +135,6 @@ def _pair(name: str) -> Callable[[Any], tuple[float, float]]:
 
 
 _FUSED = frozenset({"fused", "foreach", "single"})
-_UNFUSED = frozenset({"foreach", "single"})
 
 TORCH_CLASSES: dict[type, TorchClass] = {
     torch.optim.SGD: TorchClass(
@@ -146,14 +145,14 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         exact=_FUSED,
     ),
     torch.optim.AdamW: TorchClass(
-        adamw, _adam, (FusedAdamState, AdamState), exact=_FUSED, own_steps=_UNFUSED
+        adamw, _adam, (FusedAdamState, AdamState), exact=_FUSED, own_steps=_FUSED
     ),
     torch.optim.Adam: TorchClass(
         adam,
         lambda g: dict(**_adam(g), decoupled_weight_decay=bool(g.get("decoupled_weight_decay"))),
         (FusedAdamState, AdamState),
         exact=_FUSED,
-        own_steps=_UNFUSED,
+        own_steps=_FUSED,
     ),
     torch.optim.RMSprop: TorchClass(
         rmsprop, _pick("alpha", "eps", "momentum", "centered", "weight_decay"), (RmspropState,)
@@ -164,7 +163,7 @@ TORCH_CLASSES: dict[type, TorchClass] = {
         (FusedAdagradState, AdagradState, SparseAdagradState),
         exact=_FUSED,
         built=True,
-        own_steps=_UNFUSED,
+        own_steps=_FUSED,
     ),
     torch.optim.RAdam: TorchClass(
         radam,

@@ -324,9 +324,9 @@ def adam(
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see
             `functrain.optim.rules.fused`). ``False``: Adam's formula (`adam_rule`) as torch's
-            non-fused Adam runs it, each weight counting its own updates as torch's ``step``
-            (a weight frozen and trained again continues from its own). ``None`` (torch's
-            default) chooses the kernel.
+            non-fused Adam runs it. Either way each weight counts its own updates as torch's
+            ``step`` (a weight frozen and trained again continues from its own). ``None``
+            (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters as `adamw` does (``Adam`` then equals
             ``AdamW``).
@@ -403,9 +403,9 @@ def adamw(
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
             and moments instead of eight, in place in a donated step; see
             `functrain.optim.rules.fused`). ``False``: Adam's formula (`adam_rule`) as torch's
-            non-fused AdamW runs it, each weight counting its own updates as torch's ``step``
-            (a weight frozen and trained again continues from its own). ``None`` (torch's
-            default) chooses the kernel.
+            non-fused AdamW runs it. Either way each weight counts its own updates as torch's
+            ``step`` (a weight frozen and trained again continues from its own). ``None``
+            (torch's default) chooses the kernel.
         maximize: ascend the objective (the gradients are negated first).
         foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
             its foreach kernels' bits, ``False`` its single-tensor loop's; unset with
@@ -694,9 +694,9 @@ def adagrad(
             and sums, in place in a donated step; see `functrain.optim.rules.fused`) where
             torch.optim runs it (`functrain.optim.rules.fused.fused_adagrad_runs_on`), and the
             foreach kernels elsewhere. ``False``: Adagrad's formula (`adagrad_rule`) as torch's
-            non-fused Adagrad runs it, each weight's rate decayed by its own count (a weight
-            frozen and trained again continues from it). ``None`` (torch's default) chooses the
-            kernel.
+            non-fused Adagrad runs it. Either way each weight's rate decays by its own count (a
+            weight frozen and trained again continues from it). ``None`` (torch's default)
+            chooses the kernel.
         foreach: torch's implementation choice, given with ``fused=False`` implied: ``True``
             its foreach kernels' bits, ``False`` its single-tensor loop's (they round the step
             apart: ``(g * -clr) / std`` against ``-clr * (g / std)``); unset with

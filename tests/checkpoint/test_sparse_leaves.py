@@ -171,13 +171,17 @@ def test_a_sparse_tensor_where_the_state_holds_a_dense_one_is_refused(
     else:
         inner = tree["opt_state"].inner
         k = list(state.params).index("head.weight") if sparse_model else 0  # a dense parameter's
-        momentum = list(inner.momentum)
+        # (a sparse model trains with the sparse SGD, whose state has a field per moment; the
+        # fused SGD's keeps them by name)
+        held = inner._asdict() if sparse_model else inner.slots
+        momentum = list(held["momentum"])
         momentum[k] = torch.zeros(momentum[k].shape).to_sparse()
-        tree["opt_state"] = tree["opt_state"]._replace(
-            inner=inner._replace(momentum=tuple(momentum))
-        )
+        changed = {**held, "momentum": tuple(momentum)}
+        inner = inner._replace(**changed) if sparse_model else inner._replace(slots=changed)
+        tree["opt_state"] = tree["opt_state"]._replace(inner=inner)
     path = write_tree(tmp_path / "ckpt", tree, fingerprint=fingerprint(state))
-    leaf = "params/head.weight" if where == "params" else f"opt_state/inner/momentum/{k}"
+    at = "momentum" if sparse_model else "slots/momentum"
+    leaf = "params/head.weight" if where == "params" else f"opt_state/inner/{at}/{k}"
     with pytest.raises(
         StateMismatchError, match=f"{leaf}: expected a dense tensor, got a sparse one"
     ):

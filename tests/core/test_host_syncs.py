@@ -67,7 +67,8 @@ CPU_READS = frozenset(
         "functrain.optim.rules.arithmetic.per_leaf",  # a step size per leaf as torch's float
         "functrain.optim.rules.arithmetic.host_number",  # NAdam's step in torch's Python floats
         "functrain.optim.rules.formula.host_value",  # a formula's count and numbers, held there
-        "functrain.optim.rules.fused._one_count",  # stacked members: one kernel call or several
+        "functrain.optim.rules.fused._one_step",  # stacked members: one kernel call or several
+        "functrain.optim.rules.fused._members_alike",  # the same, planned once
         "functrain.optim.rules.fused._flags_that_skip",  # the same, by the members' skip flags
         "functrain.optim.rules.fused._members_skipping",  # which members the kernel leaves out
         "functrain.core.stacked_step._draws",  # CPU generators' draws (elsewhere their offsets)
@@ -219,7 +220,7 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         wrappers._check_limit_now(wrappers.SkipNonfiniteState((), flag, zero, zero, zero), 0)
         assert wrappers._on_cpu(count) is None and wrappers._on_cpu(flag) is None
         members = torch.zeros(2, dtype=torch.int64, device=meta)
-        assert fused._one_count(members) is False
+        assert fused._one_step([members]) is False and fused._members_alike(members) is None
         assert fused._flags_that_skip(members.bool()) is not None
         assert fused._members_skipping(members.bool(), 2) is None
     assert traffic.seen == []

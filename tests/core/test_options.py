@@ -168,7 +168,7 @@ def test_a_windows_sum_starts_from_its_first_gradient_so_sgd_momentum_keeps_a_ne
     model = Penalised()
     opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, fused=True)
     torch_loop(model, opt, data, 2, loss_fn=penalised_loss)
-    momentum = dict(zip(state.params, state.opt_state.inner.inner.momentum, strict=True))
+    momentum = dict(zip(state.params, state.opt_state.inner.inner.slots["momentum"], strict=True))
     expected = {k: opt.state[p]["momentum_buffer"] for k, p in model.named_parameters()}
     negative_zero = torch.full((4,), -0.0).view(torch.int32)
     assert torch.equal(expected["extra"].view(torch.int32), negative_zero)

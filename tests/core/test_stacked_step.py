@@ -176,7 +176,7 @@ def test_linear_weights_stack_in_the_layout_of_their_batched_gradient_so_no_step
     assert weight.shape == (3, D_HIDDEN, D_IN) and weight.mT.is_contiguous()
     assert stacked.params["0.bias"].is_contiguous()
     moments = stacked.opt_state.inner
-    assert moments.mu[0].stride() == moments.nu[0].stride() == weight.stride()
+    assert moments.slots["mu"][0].stride() == moments.slots["nu"][0].stride() == weight.stride()
     data = batches(3)
     for batch in data[:2]:  # the first step too: the moments are stacked in the weight's layout
         with CopiesOf(weight.numel()) as copies:
@@ -186,8 +186,8 @@ def test_linear_weights_stack_in_the_layout_of_their_batched_gradient_so_no_step
     for member in ft.unstack(stacked):  # each member's matrices back in the module's order
         assert member.params["0.weight"].is_contiguous()
         assert member.params["0.weight"].shape == (D_HIDDEN, D_IN)
-        assert member.opt_state.inner.mu[0].is_contiguous()
-        assert member.opt_state.inner.nu[0].is_contiguous()
+        assert member.opt_state.inner.slots["mu"][0].is_contiguous()
+        assert member.opt_state.inner.slots["nu"][0].is_contiguous()
 
 
 def test_the_moments_and_average_of_a_transposed_weight_are_stacked_in_its_layout():
@@ -195,7 +195,7 @@ def test_the_moments_and_average_of_a_transposed_weight_are_stacked_in_its_layou
     stacked = ft.stack([make_state(seed, ft.adamw(1e-2), ema_decay=0.9) for seed in range(2)])
     weight = stacked.params["0.weight"]
     names = list(stacked.params)
-    for companions in (stacked.opt_state.inner.mu, stacked.ema_state.average):
+    for companions in (stacked.opt_state.inner.slots["mu"], stacked.ema_state.average):
         for name, x in zip(names, companions, strict=True):
             assert x.stride() == stacked.params[name].stride(), name
     assert weight.mT.is_contiguous()
@@ -379,7 +379,7 @@ def test_a_donated_compiled_stacked_step_writes_into_the_given_tensors_without_c
     given = stacked.clone()
     given, _ = step(given, data[0], donate=True)
     address = given.params["0.weight"].data_ptr()
-    moment = given.opt_state.inner.mu[0].data_ptr()
+    moment = given.opt_state.inner.slots["mu"][0].data_ptr()
     found: list[ft.TrainState] = []
     shape = list(given.params["0.weight"].shape)
     with torch.profiler.profile(record_shapes=True, acc_events=True) as prof:
@@ -388,7 +388,7 @@ def test_a_donated_compiled_stacked_step_writes_into_the_given_tensors_without_c
     assert not [e.name for e in prof.events() if e.name in copies and shape in e.input_shapes]
     donated, _ = step(found[0], data[2], donate=True)
     assert donated.params["0.weight"].data_ptr() == address
-    assert donated.opt_state.inner.mu[0].data_ptr() == moment
+    assert donated.opt_state.inner.slots["mu"][0].data_ptr() == moment
     with pytest.raises(ft.DonatedStateError):
         step(given, data[0])
     ft.testing.assert_states_equal(donated, pure)
@@ -470,7 +470,9 @@ def test_a_member_block_of_whole_vectors_is_updated_within_the_stacked_tensor_bi
         alone, _ = run(member(seed), data)
         for name in ("weight", "bias"):
             assert torch.equal(got.params[name], alone.params[name]), name
-        for got_mu, own in zip(got.opt_state.inner.mu, alone.opt_state.inner.mu, strict=True):
+        for got_mu, own in zip(
+            got.opt_state.inner.slots["mu"], alone.opt_state.inner.slots["mu"], strict=True
+        ):
             assert torch.equal(got_mu, own)
 
 
@@ -643,7 +645,7 @@ def test_the_stacked_update_op_lays_out_tensors_it_gets_in_other_strides():
         layout = fused._members_layout([q])
         torch.ops.functrain.fused_update_members_(
             "adamw", [q], [g], [torch.zeros_like(q), torch.zeros_like(q)], [1, 1, 0],
-            torch.ones(members), None, 0.1, None, [0.0], [0.9, 0.999, 1e-8, 0.0, 0.0],
+            [torch.ones(members)], None, 0.1, None, [0.0], [0.9, 0.999, 1e-8, 0.0, 0.0],
             layout.whole, layout.flat,
         )  # fmt: skip
         return q

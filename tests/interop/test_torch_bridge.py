@@ -478,10 +478,11 @@ def test_a_setting_is_converted_where_the_preset_takes_it_else_refused(
 
 
 def test_a_group_whose_parameters_took_different_steps_is_refused() -> None:
-    """(where functrain's preset counts once for all: the fused kernel's state; its foreach and
-    single-tensor forms continue each parameter from its own step, tests/core/test_state_value)"""
+    """(where functrain's preset counts once for the group: RMSprop's; the presets whose
+    arithmetic reads a count continue each parameter from its own step,
+    tests/core/test_state_value)"""
     model = make_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=0.1)
     torch_steps(model, optimizer, DATA[:2])
     model[2].bias.grad = None
     model[0].weight.grad = torch.ones_like(model[0].weight)

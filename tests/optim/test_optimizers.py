@@ -634,7 +634,7 @@ def test_lion_step_is_sign_of_interpolation_plus_decoupled_decay() -> None:
 
 FUSED_STATE = [(FusedAdamState, "mu", "exp_avg"), (FusedAdamState, "nu", "exp_avg_sq")]
 FUSED_MOMENTUM = [(FusedSgdState, "momentum", "momentum_buffer")]
-FUSED_SUMS = [(FusedAdagradState, "sum_of_squares", "sum")]
+FUSED_SUMS = [(FusedAdagradState, "sum", "sum")]
 
 FUSED_CASES = {
     "adamw": (
@@ -791,7 +791,8 @@ def test_fused_sgd_starts_its_buffers_at_negative_zero_so_the_first_step_is_torc
     opt.step()
     assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
     assert torch.equal(
-        state.momentum[0].view(torch.int32), opt.state[theirs]["momentum_buffer"].view(torch.int32)
+        state.slots["momentum"][0].view(torch.int32),
+        opt.state[theirs]["momentum_buffer"].view(torch.int32),
     )
 
 

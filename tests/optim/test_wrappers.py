@@ -313,7 +313,7 @@ def test_accumulate_with_reduce_sum_hands_on_the_sum_started_from_the_windows_fi
         params = ft.apply_updates(params, u)
         sums.append(state.grad_sum[0].clone())
     expected = torch.tensor([-0.0, 6.0, 0.1 + 0.2 + 0.3])  # torch's ``.grad`` after 3 adds
-    momentum = state.inner.momentum[0]
+    momentum = state.inner.slots["momentum"][0]
     assert torch.equal(momentum.view(torch.int32), (expected * 1.5).view(torch.int32))
     # the sums between window ends, and restarted at -0.0 at each end
     assert torch.equal(sums[0].view(torch.int32), torch.tensor([-0.0, 1.0, 0.1]).view(torch.int32))

@@ -62,6 +62,7 @@ __all__ = [
     "FROZEN_EVALUATION_POINTS",
     "evaluation_frozen",
     "settled_steps",
+    "updates_sat_out",
     "FOREACH_IN_PLACE",
     "FOREACH_OUT_OF_PLACE",
     "FORMULAS",
@@ -1014,8 +1015,8 @@ def _group_numbers(group: dict[str, torch.Tensor], device: torch.device) -> dict
 
 def _own_counts(state: Any, t: Count, device: torch.device) -> list[Count]:
     """Each parameter's number of this update, its own (`Rule.own_steps`), where the updates
-    each sat out cannot be read (`_behind`: an accelerator's state, a traced or batched one): a
-    float64 tensor each."""
+    each sat out cannot be read (`updates_sat_out`: an accelerator's state, a traced or batched
+    one): a float64 tensor each."""
     at = state.group["steps_at"]
     return [
         (t + (s - at)).to(device=_batched_on(s, device), dtype=torch.float64)
@@ -1023,7 +1024,7 @@ def _own_counts(state: Any, t: Count, device: torch.device) -> list[Count]:
     ]
 
 
-def _behind(
+def updates_sat_out(
     state: Any, read: Callable[[torch.Tensor], float | None]
 ) -> int | tuple[int, ...] | None:
     """The updates each parameter of a formula's `state` sat out (`RuleState.steps`: the count
@@ -1365,8 +1366,8 @@ def rule_transform(
         """The formula's step of the parameters `p` (in place where `in_place`), its new state.
         `planned`: for an eager step's planned runner (its gradients in its parameters' dtypes),
         whether the parameters are of one kind (`_one_kind`, decided once); None: an update's.
-        `behind`: the updates each parameter sat out (`_behind`, decided once; one number where
-        they sat out as many), where `Rule.own_steps`; None: read from the state."""
+        `behind`: the updates each parameter sat out (`updates_sat_out`, decided once; one number
+        where they sat out as many), where `Rule.own_steps`; None: read from the state."""
         if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
             return [], state
         device = p[0].device
@@ -1376,7 +1377,7 @@ def rule_transform(
         counts: list[Count] | None = None
         t_own = t
         if own and behind is None:  # (an update outside a planned step: read where it can be)
-            behind = _behind(state, host_value)
+            behind = updates_sat_out(state, host_value)
         if isinstance(behind, int):  # (every weight sat out as many: one count)
             t_own = t - behind if behind else t
         elif isinstance(behind, tuple):
@@ -1517,7 +1518,7 @@ def rule_transform(
         # the updates each weight sat out (frozen), read once: they change only where weights
         # move, which plans the step again
         read = host_value if state.count.device.type == "cpu" else read_value  # (not in a step)
-        behind = _behind(state, read) if own else None
+        behind = updates_sat_out(state, read) if own else None
 
         def runner(
             grads: list[torch.Tensor],

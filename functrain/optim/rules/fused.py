@@ -39,7 +39,7 @@ first update writes them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -59,9 +59,17 @@ from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner
 from functrain.optim.rates import as_float64, host_rate, value_at
+from functrain.optim.rules.formula import RuleState, host_value, read_value, updates_sat_out
 from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
-from functrain.optim.zeros import constant_like, counter, laid_out_like, owned_copy, writable, zeros
+from functrain.optim.zeros import (
+    constant_like,
+    counter,
+    laid_out_like,
+    owned_copy,
+    writable,
+    zeros_like,
+)
 from functrain.tree import (
     Norms,
     Tree,
@@ -82,36 +90,30 @@ __all__ = [
 ]
 
 
-class FusedAdamState(NamedTuple):
-    # 0-d int64: updates applied
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    mu: tuple[torch.Tensor, ...]
-    nu: tuple[torch.Tensor, ...]
-    nu_max: tuple[torch.Tensor, ...]  # empty without amsgrad
-    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+class FusedAdamState(RuleState):
+    """`functrain.adam`'s and `functrain.adamw`'s state with their fused kernels (`RuleState`):
+    the moments ``"mu"`` (torch's ``exp_avg``), ``"nu"`` (``exp_avg_sq``) and, with amsgrad,
+    ``"nu_max"`` (``max_exp_avg_sq``), and each weight's own count (torch's ``step``)."""
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"lr": self.lr}
+    __slots__ = ()
+    # (its fields before it kept them by name: a checkpoint written then loads)
+    before = {"mu": "mu", "nu": "nu", "nu_max": "nu_max"}
 
 
-class FusedSgdState(NamedTuple):
-    # 0-d int64: updates applied
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    momentum: tuple[torch.Tensor, ...]  # empty without momentum
-    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+class FusedSgdState(RuleState):
+    """`functrain.sgd`'s state with its fused kernel (`RuleState`): with momentum, the moment
+    ``"momentum"`` (torch's ``momentum_buffer``). SGD reads no count."""
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"lr": self.lr}
+    __slots__ = ()
+    before = {"momentum": "momentum"}
 
 
-class FusedAdagradState(NamedTuple):
-    # 0-d int64: updates applied
-    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
-    sum_of_squares: tuple[torch.Tensor, ...]
-    lr: torch.Tensor  # 0-d float64: the learning rate of the last update
+class FusedAdagradState(RuleState):
+    """`functrain.adagrad`'s state with its fused kernel (`RuleState`): the moment ``"sum"``
+    (torch's ``sum``) and each weight's own count, which its rate decay reads."""
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"lr": self.lr}
+    __slots__ = ()
+    before = {"sum_of_squares": "sum"}
 
 
 def _check_floating(params: Tree, what: str) -> None:
@@ -220,7 +222,7 @@ def _first_lr(lr: LearningRate, count: torch.Tensor) -> torch.Tensor:
 class _Step(NamedTuple):
     """What every fused update starts from.
 
-    Flat gradients and parameters, the rate, the new count.
+    Flat gradients and parameters, the rate, the new count and each parameter's step.
     """
 
     g: list
@@ -229,30 +231,32 @@ class _Step(NamedTuple):
     rate: Any  # what the kernel takes: a float, or a tensor for a schedule
     rate_t: torch.Tensor  # 0-d float64, for the state
     count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count
+    steps: list[torch.Tensor]  # each parameter's step as the kernel reads it (`_kernel_steps`)
     found_inf: torch.Tensor | None
     extras: Extras  # the step's: whether the kernels may write into the given tensors
 
 
 def _begin(
     updates: Any,
-    count: torch.Tensor,
+    state: Any,
     params: Tree | None,
     keep: torch.Tensor | None,
     lr: LearningRate,
     what: str,
-    last_lr: torch.Tensor,
     extras: Extras,
+    steps: bool,
 ) -> _Step:
     if params is None:
         raise ConfigError(
             f"the fused {what} kernels update the parameters themselves; pass params= to update"
         )
     g, spec = flat_updates(updates, params)
+    count = state.count
     rate: torch.Tensor | float
     if callable(lr):
         rate, rate_t = _scheduled(lr, count, count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
-        rate, rate_t = lr, last_lr
+        rate, rate_t = lr, state.lr
     if extras.rate_scales:
         # a chain's reduce_on_plateau after the kernel: its scale lowers the rate the kernel
         # takes, in float64 as ReduceLROnPlateau multiplies the group's rate
@@ -260,16 +264,41 @@ def _begin(
         for scale in extras.rate_scales:
             rate = rate * scale
         rate = _kernel_lr(rate)
+    new_count = count + 1 if keep is None else count + keep  # a bool adds as 0 or 1
     return _Step(
         g,
         tree_leaves(params),
         spec,
         rate,
         rate_t,
-        count + 1 if keep is None else count + keep,  # a bool adds as 0 or 1
+        new_count,
+        _kernel_steps(state, new_count) if steps else [],
         None if keep is None else _found_inf(keep),
         extras,
     )
+
+
+def _kernel_steps(
+    state: Any, count: torch.Tensor, behind: int | tuple[int, ...] | None = None
+) -> list[torch.Tensor]:
+    """Each parameter's step as the kernels read it, torch.optim's ``state[p]["step"]`` after
+    its increment (float32): the new `count` less the updates the parameter sat out (frozen).
+
+    `behind`: those updates (`functrain.optim.rules.formula.RuleState.steps`), decided once by a
+    planned runner: parameters that sat out as many share one tensor (the usual step makes
+    one); None: computed from the state's tensors, one foreach op, nothing read on the host.
+    """
+    n = len(state.slots["step"])
+    if isinstance(behind, int):
+        return [(count - behind if behind else count).to(torch.float32)] * n
+    if isinstance(behind, tuple):
+        made: dict[int, torch.Tensor] = {}
+        for b in behind:
+            if b not in made:
+                made[b] = (count - b).to(torch.float32)
+        return [made[b] for b in behind]
+    since = (count - state.group["steps_at"]).to(torch.float32)
+    return list(torch._foreach_add(list(state.slots["step"]), [since] * n))
 
 
 def _found_inf(keep: torch.Tensor) -> torch.Tensor:
@@ -317,26 +346,42 @@ def _fused(
     hyper: dict[str, Any],
     weight_decay: float | Sweep,
     mask: Mask,
-    buffers: Callable[[list[torch.Tensor]], tuple[tuple[torch.Tensor, ...], ...]],
+    moments: Mapping[str, Callable[..., torch.Tensor] | None],
     state_type: Callable[..., Any],
     check: Callable[[Tree], None],
 ) -> Transform:
     """A fused kernel's transform: `hyper` its own arguments (less the rate, the gradient scale
-    and the skip flag), `buffers` its per-parameter buffers at ``init`` (one tuple each),
-    `state_type` its state (the count, those buffers, the last rate), `check` what ``init``
-    checks of the parameters (`what`: torch's class, for messages)."""
+    and the skip flag), `moments` its per-parameter buffers in the kernel's order, each by its
+    slot's name with how ``init`` makes one (None: the option that keeps it is off, the kernel
+    takes an empty list), `state_type` its state (`RuleState`: those moments, and where the
+    kernel reads steps each parameter's own), `check` what ``init`` checks of the parameters
+    (`what`: torch's class, for messages)."""
     lr = _read_once(lr)
+    names = tuple(moments)
 
     def init_fn(params: Tree) -> Any:
         check(params)
+        leaves = tree_leaves(params)
         count = counter(params)
-        return state_type(count, *buffers(tree_leaves(params)), _first_lr(lr, count))
+        slots = {k: tuple(map(make, leaves)) for k, make in moments.items() if make is not None}
+        group = {}
+        if kernel.steps:  # each parameter's own count (`RuleState.steps`), torch.optim's step
+            slots["step"] = tuple(
+                torch.zeros((), dtype=torch.float32, device=count.device) for _ in leaves
+            )
+            group["steps_at"] = torch.zeros((), dtype=torch.float64, device=count.device)
+        return state_type(count, slots, {}, _first_lr(lr, count), group)
 
     def buffers_of(state: Any) -> tuple[tuple[torch.Tensor, ...], ...]:
-        return tuple(state[1:-1])  # (the fields between the count and the rate)
+        return tuple(state.slots.get(k, ()) for k in names)
 
-    def rebuilt(count: torch.Tensor, new: Sequence[list], rate: torch.Tensor) -> Any:
-        return state_type(count, *(tuple(b) for b in new), rate)
+    def rebuilt(state: Any, count: torch.Tensor, new: Sequence[list], rate: torch.Tensor) -> Any:
+        # (each parameter's step as it was: every one took this update, `RuleState.steps`)
+        slots = dict(state.slots)
+        for k, b in zip(names, new, strict=True):
+            if k in slots:
+                slots[k] = tuple(b)
+        return type(state)(count, slots, state.hyperparameters, rate, state.group)
 
     def update_fn(
         updates: Any,
@@ -346,14 +391,14 @@ def _fused(
         *,
         extras: Extras = NO_EXTRAS,
     ) -> tuple[NewParams, Any]:
-        step = _begin(updates, state.count, params, keep, lr, what, state.lr, extras)
+        step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
         given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
         decays = _decays(mask, params, step.p)
-        new_p, new = _by_groups(
-            kernel, step, buffers_of(state), decays, weight_decay, given, steps=kernel.steps
-        )
+        if not step.p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
+            return NewParams([], step.spec), state
+        new_p, new = _by_groups(kernel, step, buffers_of(state), decays, weight_decay, given)
         rate = _last_lr(step.rate_t, state.lr, keep)
-        return NewParams(new_p, step.spec), rebuilt(step.count, new, rate)
+        return NewParams(new_p, step.spec), rebuilt(state, step.count, new, rate)
 
     plans = _plans(kernel, lr, hyper, weight_decay, mask, buffers_of, rebuilt)
     update = ExtrasUpdate(update_fn, members=True, folds_scales=True, **plans)
@@ -384,9 +429,7 @@ def fused_adam(
     """
     hyper = {"beta1": b1, "beta2": b2, "eps": eps, "amsgrad": amsgrad, "maximize": maximize}
 
-    def moments(p: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
-        return zeros(p), zeros(p), zeros(p) if amsgrad else ()
-
+    moments = {"mu": zeros_like, "nu": zeros_like, "nu_max": zeros_like if amsgrad else None}
     return _fused(
         _ADAMW if decoupled else _ADAM,
         "Adam",
@@ -432,8 +475,7 @@ def fused_sgd(
         "is_first_step": False,
     }
 
-    def buffers(p: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
-        return (tuple(constant_like(x, -0.0) for x in p) if momentum else (),)
+    buffers = {"momentum": (lambda x: constant_like(x, -0.0)) if momentum else None}
 
     def check(params: Tree) -> None:
         _check_floating(params, "SGD")
@@ -459,8 +501,7 @@ def fused_adagrad(
     """
     hyper = {"lr_decay": lr_decay, "eps": eps, "maximize": maximize}
 
-    def sums(p: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
-        return (tuple(constant_like(x, initial_accumulator_value) for x in p),)
+    sums = {"sum": lambda x: constant_like(x, initial_accumulator_value)}
 
     def check(params: Tree) -> None:
         _check_floating(params, "Adagrad")
@@ -485,7 +526,7 @@ class _Kernel(NamedTuple):
     def run(
         self,
         tensors: Sequence[list[torch.Tensor]],
-        steps: list[list],
+        steps: list[torch.Tensor],
         flat: list[bool] | None = None,
         **options: Any,
     ) -> None:
@@ -495,9 +536,10 @@ class _Kernel(NamedTuple):
         transposed in memory, a member's slice of it) goes to the kernel as 1-D views in memory
         order: the kernels pair elements in memory order, and copy a tensor that is not
         contiguous before walking it, at every call. `flat`: which indices those are, where the
-        caller decided it once (`_flat_indices`).
+        caller decided it once (`_flat_indices`). `steps`: each parameter's step, where the
+        kernel reads one (`_kernel_steps`).
         """
-        self.in_place(*_in_memory_order(tensors, flat), *steps, **options)
+        self.in_place(*_in_memory_order(tensors, flat), *([steps] if self.steps else []), **options)
 
 
 _ADAM_HYPER = ("beta1", "beta2", "eps", "amsgrad", "maximize")
@@ -568,18 +610,12 @@ def _by_groups(
     decays: tuple[bool, ...],
     weight_decay: float | Sweep,
     hyper: dict[str, Any],
-    *,
-    steps: bool = False,
 ) -> tuple[list, tuple[list, ...]]:
     """One kernel call per (device, dtype, decays or not) group of leaves.
 
     The new parameters and buffers come back in leaf order.
-
-    `steps`: the kernel reads the new step count (float32, as torch.optim keeps it) for its bias
-    corrections or learning-rate decay.
     """
-    p, g = step.p, step.g
-    count = step.count.to(torch.float32) if steps else None
+    p, g, steps = step.p, step.g, step.steps
     if _one_group(p, decays):  # the usual case: one call on the lists as they are
         dtype = p[0].dtype
         out_p, out_b = _run_kernel(
@@ -588,7 +624,7 @@ def _by_groups(
             p,
             [x if x.dtype == dtype else x.to(dtype) for x in g],
             [list(b) for b in buffers],
-            [[count] * len(p)] if steps else [],  # read only
+            steps,  # read only
             weight_decay=_decay_values(weight_decay) if decays[0] else [0.0],
             **hyper,
         )
@@ -606,7 +642,7 @@ def _by_groups(
             [
                 [b[i] for i in idx] if b else [] for b in buffers
             ],  # an empty buffer list stays empty (no amsgrad, no momentum)
-            [[count] * len(idx)] if steps else [],  # read only
+            [steps[i] for i in idx] if steps else [],  # read only
             weight_decay=_decay_values(weight_decay) if decay else [0.0],
             **hyper,
         )
@@ -632,7 +668,7 @@ def _run_kernel(
     params: list,
     grads: list,
     buffers: list[list],
-    steps: list[list],
+    steps: list[torch.Tensor],
     **options: Any,
 ) -> tuple[list, list[list]]:
     """New (params, buffers) from one fused kernel call; the given tensors are not written.
@@ -684,7 +720,7 @@ def _member_kernels(
     params: list,
     grads: list,
     buffers: list[list],
-    steps: list[list],
+    steps: list[torch.Tensor],
     options: dict[str, Any],
     decided: _Members | None = None,
 ) -> tuple[list, list[list]]:
@@ -703,14 +739,13 @@ def _member_kernels(
     may differ in the last bit. The copies (or, donated, the given tensors) are the stacked
     tensors: the slices are views, written in place.
     """
-    count = steps[0][0] if steps else None
     if torch.compiler.is_compiling():
-        return _traced_stacked(kernel, extras, params, grads, buffers, count, options)
+        return _traced_stacked(kernel, extras, params, grads, buffers, steps, options)
     if decided is None:  # (a planned runner's parameters are dense, its gradients laid out)
         params = [_walkable(p) for p in params]
         grads = in_layouts_of(grads, params)
     new_p, new_b = _targets(extras, params, buffers)
-    _on_members(kernel, (new_p, grads, *new_b), count, options, extras.members, decided)
+    _on_members(kernel, (new_p, grads, *new_b), steps, options, extras.members, decided)
     return new_p, new_b
 
 
@@ -737,19 +772,19 @@ def _members_layout(params: list[torch.Tensor]) -> _Members:
 def _on_members(
     kernel: _Kernel,
     tensors: tuple[list, ...],
-    count: torch.Tensor | None,
+    steps: list[torch.Tensor],
     options: dict[str, Any],
     members: int,
     decided: _Members | None = None,
 ) -> None:
     """The kernel in place on each member's slices of stacked `tensors` (all laid out alike).
 
-    `tensors`: the parameters, gradients and buffers; `count` the members' ``[K]`` step counts
-    (None for a kernel without); `options` the kernel's arguments, with ``[K]`` rates and skip
+    `tensors`: the parameters, gradients and buffers; `steps` each parameter's ``[K]`` steps
+    (empty for a kernel without); `options` the kernel's arguments, with ``[K]`` rates and skip
     flags and one weight decay per member (or one for all).
 
     One call where the members share their rate and weight decay: on the stacked tensors where
-    they share their count too and none skips, else on the slices of the members that take the
+    they share their steps too and none skips, else on the slices of the members that take the
     step (the kernel updates each tensor of its lists apart, so a slice's update is the member's
     alone, bit for bit). A call per member where the rates or decays differ, or where the skip
     flags lie on a GPU (reading them would wait for the device).
@@ -758,7 +793,7 @@ def _on_members(
     lr, decay, flags = options["lr"], options["weight_decay"], options["found_inf"]
     # the members share their rate and weight decay (no sweep): one call can take them all
     uniform = not (isinstance(lr, torch.Tensor) and lr.ndim) and len(decay) == 1
-    if uniform and flags is None and _one_count(count):
+    if uniform and flags is None and _one_step(steps):
         # each member's blocks walked as in its own tensor: the stacked tensor itself, else slices
         whole = decided.whole if decided is not None else [_walked_alike(p) for p in tensors[0]]
         lists = [
@@ -768,26 +803,27 @@ def _on_members(
             else xs
             for xs in tensors
         ]
-        one = [[count[0]] * len(lists[0])] if count is not None else []
+        one = [steps[0][0]] * len(lists[0]) if steps else []
         # every member's arguments (`_per_member`) are these: one rate, no flag, one decay
         flat = decided.flat if decided is not None else None
         kernel.run(lists, one, flat, **{**options, "weight_decay": decay[0]})
         return
-    per = _per_member(options, members, count)
+    per = _per_member(options, members)
+    by_member = [s.unbind(0) for s in steps]  # [parameter][member]
     slices = [[x.unbind(0) for x in xs] for xs in tensors]
     skipped = _members_skipping(flags, members) if uniform else None
     if skipped is not None:
-        # one call for every member that takes the step, each slice with its member's own count
-        # (counts part when a member skipped once); a member that skips is left out of the call
+        # one call for every member that takes the step, each slice with its member's own steps;
+        # a member that skips is left out of the call
         active = [m for m in range(members) if not skipped[m]]
         if active:
             lists = [[s[m] for s in xs for m in active] for xs in slices]
-            steps = [[per[m][0] for _ in slices[0] for m in active]] if count is not None else []
-            kernel.run(lists, steps, **{**per[active[0]][1], "found_inf": None})
+            taken = [s[m] for s in by_member for m in active]
+            kernel.run(lists, taken, **{**per[active[0]], "found_inf": None})
         return
-    for k, (step, kwargs) in enumerate(per):  # a call per member, with its rate, decay and flag
+    for k, kwargs in enumerate(per):  # a call per member, with its rate, decay and flag
         lists = [[s[k] for s in xs] for xs in slices]
-        kernel.run(lists, [[step] * len(slices[0])] if count is not None else [], **kwargs)
+        kernel.run(lists, [s[k] for s in by_member], **kwargs)
 
 
 # the widest vector a CPU kernel walks a tensor with (AVX-512): a member's block of a multiple of
@@ -819,12 +855,17 @@ def _members_skipping(flags: torch.Tensor | None, members: int) -> list[bool] | 
     return flags.tolist() if flags.is_cpu else None
 
 
-def _one_count(count: torch.Tensor | None) -> bool:
-    """Whether the members share one step count (read where it lies: on a CPU; None: no count)."""
-    if count is None:
+def _one_step(steps: list[torch.Tensor]) -> bool:
+    """Whether every member's every parameter takes one step (read where they lie: on a CPU;
+    none: a kernel without steps)."""
+    if not steps:
         return True
-    # (one read of the K counts, not a comparison, a reduction and a read)
-    return count.is_cpu and len(set(count.tolist())) == 1
+    first = steps[0]
+    if not first.is_cpu:
+        return False
+    if all(s is first for s in steps):  # (the usual: `_kernel_steps`' one tensor; one read)
+        return len(set(first.tolist())) == 1
+    return len(set(torch.stack(steps).flatten().tolist())) == 1
 
 
 def _flags_that_skip(found_inf: torch.Tensor | None) -> torch.Tensor | None:
@@ -837,27 +878,21 @@ def _flags_that_skip(found_inf: torch.Tensor | None) -> torch.Tensor | None:
     return found_inf if any(found_inf.tolist()) else None
 
 
-def _per_member(
-    options: dict[str, Any], members: int, count: torch.Tensor | None
-) -> list[tuple[torch.Tensor | None, dict[str, Any]]]:
-    """Each member's ``(step count, kernel arguments)``, from a stacked update's ``[K]`` values.
+def _per_member(options: dict[str, Any], members: int) -> list[dict[str, Any]]:
+    """Each member's kernel arguments, from a stacked update's ``[K]`` values.
 
     Values shared by all members are the same objects in every member's arguments.
     """
     lr, found_inf, decay = options["lr"], options["found_inf"], options["weight_decay"]
-    counts = count.unbind(0) if count is not None else (None,) * members
     lrs = lr.unbind(0) if isinstance(lr, torch.Tensor) and lr.ndim else (lr,) * members
     flags = found_inf.unbind(0) if found_inf is not None else (None,) * members
     return [
-        (
-            counts[k],
-            {
-                **options,
-                "lr": lrs[k],
-                "found_inf": flags[k],
-                "weight_decay": decay[k if len(decay) > 1 else 0],
-            },
-        )
+        {
+            **options,
+            "lr": lrs[k],
+            "found_inf": flags[k],
+            "weight_decay": decay[k if len(decay) > 1 else 0],
+        }
         for k in range(members)
     ]
 
@@ -868,7 +903,7 @@ def _traced_stacked(
     params: list,
     grads: list,
     buffers: list[list],
-    count: torch.Tensor | None,
+    steps: list[torch.Tensor],
     options: dict[str, Any],
 ) -> tuple[list, list[list]]:
     """`_member_kernels` while torch.compile traces: one in-place op over the stacked tensors.
@@ -897,7 +932,7 @@ def _traced_stacked(
         in_layouts_of(grads, params),
         [x for xs in buffers for x in xs],
         [len(xs) for xs in buffers],
-        count,
+        steps,
         lr if isinstance(lr, torch.Tensor) else None,
         0.0 if isinstance(lr, torch.Tensor) else float(lr),
         options["found_inf"],
@@ -925,8 +960,9 @@ def _planner(
     step returned; a fresh state's zeros have none), with one weight decay (not a sweep). The
     runner passes the kernel what `update` passes it, in the same order: the same bits.
 
-    `buffers_of(state)`: the state's buffer tuples; ``rebuild(count, buffers, rate)``: the new
-    state.
+    `buffers_of(state)`: the state's buffer tuples; ``rebuild(state, count, buffers, rate)``:
+    the new state. The updates each parameter sat out (frozen) are read once: they change only
+    where weights move, which plans the step again.
     """
 
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:
@@ -960,8 +996,11 @@ def _planner(
         schedule = lr if callable(lr) else None
         # a schedule's host form on the CPU: its value in Python floats, `value_at`'s bits
         on_host = host_rate(schedule, device) if schedule is not None else None
+        # (the updates each parameter sat out: read once, not in a step)
+        read = host_value if device.type == "cpu" else read_value
+        behind = updates_sat_out(state, read) if kernel.steps else 0
         return FusedRunner(
-            kernel, groups, len(p), lr, schedule, on_host, device, buffers_of, rebuild
+            kernel, groups, behind, lr, schedule, on_host, device, buffers_of, rebuild
         )
 
     return plan
@@ -973,15 +1012,17 @@ class FusedRunner:
     The fields are the plan, which the straight-line step (`functrain.core.straight`) writes
     its update from where it runs on the host: `kernel` (torch's in-place op), `groups` (each
     ``(indices or None, its keyword arguments)``), `steps` (the kernel takes step counts),
+    `behind` (the updates each parameter sat out, `_kernel_steps`: 0 where none did),
     `rate` (a constant rate; else `schedule`, read as `on_host` where it has a host form),
-    `buffers_of` (the state's buffer tuples) and `rebuild` ``(count, buffers, rate) -> state``.
+    `buffers_of` (the state's buffer tuples) and `rebuild` ``(state, count, buffers, rate) ->
+    state``.
     """
 
     __slots__ = (
         "kernel",
         "groups",
-        "sizes",
         "steps",
+        "behind",
         "rate",
         "schedule",
         "on_host",
@@ -995,7 +1036,7 @@ class FusedRunner:
         self,
         kernel: _Kernel,
         groups: list[tuple[list[int] | None, dict[str, Any]]],
-        n: int,
+        behind: int | tuple[int, ...] | None,
         rate: Any,
         schedule: Any,
         on_host: Any,
@@ -1004,8 +1045,7 @@ class FusedRunner:
         rebuild: Any,
     ) -> None:
         self.kernel, self.groups, self.steps = kernel.in_place, groups, kernel.steps
-        # each group's tensor count: the kernel takes one step tensor per parameter
-        self.sizes = [n if idx is None else len(idx) for idx, _ in groups]
+        self.behind = behind
         self.rate, self.schedule, self.on_host, self.device = rate, schedule, on_host, device
         self.buffers_of, self.rebuild = buffers_of, rebuild
         self.flags = _FLAGS_ON.get(device) or _flags_on(device)
@@ -1039,15 +1079,14 @@ class FusedRunner:
         else:
             new_p = [x.clone() for x in params]
             new_b = [[x.clone() for x in xs] for xs in given]
-        counts = [new_count.to(torch.float32)] if self.steps else []
-        for (idx, options), size in zip(self.groups, self.sizes, strict=True):
-            lists = (new_p, grads, *new_b)
+        steps = _kernel_steps(state, new_count, self.behind) if self.steps else []
+        for idx, options in self.groups:
+            lists = (new_p, grads, *new_b, *([steps] if steps else []))
             if idx is not None:
                 lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
-            steps = [counts * size] if counts else []
-            self.kernel(*lists, *steps, lr=rate, grad_scale=None, found_inf=flag, **options)
+            self.kernel(*lists, lr=rate, grad_scale=None, found_inf=flag, **options)
         last = _last_lr(rate_t, state.lr, keep)
-        return Ran(new_p, self.rebuild(new_count, new_b, last), last, None, flag)
+        return Ran(new_p, self.rebuild(state, new_count, new_b, last), last, None, flag)
 
 
 def _plans(
@@ -1101,6 +1140,8 @@ def _members_planner(
         # what the kernels are told: write into the given tensors (a donated step) or copies
         allowed, kept = Extras(in_place=True, norms=norms), Extras(norms=norms)
         schedule = lr if callable(lr) else None
+        # (the updates each parameter sat out, where every member sat out as many)
+        behind = updates_sat_out(state, _members_alike) if kernel.steps else 0
 
         def run(
             grads: list[torch.Tensor],
@@ -1118,7 +1159,7 @@ def _members_planner(
                 rate, rate_t = lr, state.lr
             new_count = count + 1 if keep is None else count + keep
             found_inf = None if keep is None else _found_inf(keep)
-            steps = [[new_count.to(torch.float32)] * len(params)] if kernel.steps else []
+            steps = _kernel_steps(state, new_count, behind) if kernel.steps else []
             new_p, new_b = _member_kernels(
                 kernel,
                 allowed if write else kept,
@@ -1136,11 +1177,20 @@ def _members_planner(
                 layout,
             )
             last = _last_lr(rate_t, state.lr, keep)
-            return Ran(new_p, rebuild(new_count, new_b, last), last, None, found_inf)
+            return Ran(new_p, rebuild(state, new_count, new_b, last), last, None, found_inf)
 
         return run
 
     return plan
+
+
+def _members_alike(t: torch.Tensor) -> float | None:
+    """The value of a stacked state's ``[K]`` `t` where every member holds the same (read on the
+    CPU, once, when a step is planned), else None (off the CPU: not read)."""
+    if not t.is_cpu:
+        return None
+    values = set(t.detach().reshape(-1).tolist())
+    return values.pop() if len(values) == 1 else None
 
 
 def _writable_as_is(x: torch.Tensor, p: torch.Tensor) -> bool:
@@ -1163,7 +1213,7 @@ def _through_op(
     params: list,
     grads: list,
     buffers: list[list],
-    steps: list[list],
+    steps: list[torch.Tensor],
     options: dict[str, Any],
 ) -> tuple[list, list[list]]:
     """`_run_kernel` through the custom op.
@@ -1177,7 +1227,7 @@ def _through_op(
         grads,
         [x for xs in buffers for x in xs],
         [len(xs) for xs in buffers],
-        steps[0][0] if steps else None,
+        steps,
         lr if isinstance(lr, torch.Tensor) else None,
         0.0 if isinstance(lr, torch.Tensor) else float(lr),
         options["found_inf"],
@@ -1192,7 +1242,7 @@ def _through_op_in_place(
     params: list,
     grads: list,
     buffers: list[list],
-    steps: list[list],
+    steps: list[torch.Tensor],
     options: dict[str, Any],
 ) -> tuple[list, list[list]]:
     """`_through_op` of a donated compiled step: the op writes into the given tensors.
@@ -1208,7 +1258,7 @@ def _through_op_in_place(
         grads,
         [x for xs in buffers for x in xs],
         [len(xs) for xs in buffers],
-        steps[0][0] if steps else None,
+        steps,
         lr if isinstance(lr, torch.Tensor) else None,
         0.0 if isinstance(lr, torch.Tensor) else float(lr),
         options["found_inf"],
@@ -1257,7 +1307,7 @@ def _fused_update_op(
     grads: list[torch.Tensor],
     buffers: list[torch.Tensor],
     counts: list[int],
-    step: torch.Tensor | None,
+    steps: list[torch.Tensor],
     lr: torch.Tensor | None,
     lr_value: float,
     found_inf: torch.Tensor | None,
@@ -1267,7 +1317,8 @@ def _fused_update_op(
     """One state's fused update (of kernel `kernel`) on fresh copies laid out as the parameters.
 
     `buffers` holds the kernel's buffer lists one after the other (`counts` their lengths: each the
-    number of parameters, or 0 for one the kernel leaves empty); the rate is the tensor `lr`, or
+    number of parameters, or 0 for one the kernel leaves empty); `steps` each parameter's step
+    (none for a kernel without); the rate is the tensor `lr`, or
     `lr_value` without one; `weight_decay` one value, or one per member for the batched form
     (`functrain.sweep`).
     """
@@ -1277,7 +1328,6 @@ def _fused_update_op(
     new_p = [p.clone() for p in params]
     # laid out as the fake kernel says, whatever the buffers' own layouts
     new_b = [laid_out_like(x, params[j % n]) for j, x in enumerate(buffers)]
-    steps = [[step] * n] if spec.steps else []
     spec.run(
         (new_p, in_layouts_of(grads, params), *_split(new_b, counts)),
         steps,
@@ -1287,7 +1337,7 @@ def _fused_update_op(
 
 
 @_fused_update_op.register_fake
-def _(kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper):
+def _(kernel, params, grads, buffers, counts, steps, lr, lr_value, found_inf, weight_decay, hyper):
     n = len(params)
     params = [_walkable(p) for p in params]
     return [torch.empty_like(p) for p in params], [
@@ -1322,7 +1372,7 @@ def _fused_update_in_place_op(
     grads: list[torch.Tensor],
     buffers: list[torch.Tensor],
     counts: list[int],
-    step: torch.Tensor | None,
+    steps: list[torch.Tensor],
     lr: torch.Tensor | None,
     lr_value: float,
     found_inf: torch.Tensor | None,
@@ -1336,7 +1386,6 @@ def _fused_update_in_place_op(
     """
     spec = _KERNELS[kernel]
     walkable, laid = _laid_for_writing(params, buffers)
-    steps = [[step] * len(params)] if spec.steps else []
     spec.run(
         (walkable, in_layouts_of(grads, walkable), *_split(laid, counts)),
         steps,
@@ -1351,7 +1400,7 @@ def _fused_members_op(
     grads: list[torch.Tensor],
     buffers: list[torch.Tensor],
     counts: list[int],
-    step: torch.Tensor | None,
+    steps: list[torch.Tensor],
     lr: torch.Tensor | None,
     lr_value: float,
     found_inf: torch.Tensor | None,
@@ -1362,14 +1411,14 @@ def _fused_members_op(
 ) -> None:
     """A stacked state's update (`_on_members`) written into `params` and `buffers`.
 
-    The tensors are the stacked ones (the members' dimension first); `step`, `found_inf` and a
-    swept `lr` are ``[K]``, `weight_decay` one value per member or one for all. One op for all
-    members, in place: a donated compiled step hands it the graph's inputs (inductor then writes
-    into them where they lie), a pure one fresh copies. `_traced_stacked` lays the gradients and
-    buffers out as their parameters and decides how the call walks them (`whole`, `flat`:
-    `_Members`) when it traces the op, which receives its tensors in the traced strides (its
-    tag): one comparison of strides checks it here (else they are laid out again, as the
-    single state's op does).
+    The tensors are the stacked ones (the members' dimension first); each of `steps`,
+    `found_inf` and a swept `lr` are ``[K]``, `weight_decay` one value per member or one for
+    all. One op for all members, in place: a donated compiled step hands it the graph's inputs
+    (inductor then writes into them where they lie), a pure one fresh copies. `_traced_stacked`
+    lays the gradients and buffers out as their parameters and decides how the call walks them
+    (`whole`, `flat`: `_Members`) when it traces the op, which receives its tensors in the
+    traced strides (its tag): one comparison of strides checks it here (else they are laid out
+    again, as the single state's op does).
     """
     spec = _KERNELS[kernel]
     options = _kernel_kwargs(spec, lr_value if lr is None else lr, 0.0, hyper, found_inf)
@@ -1389,7 +1438,7 @@ def _fused_members_op(
     _on_members(
         spec,
         tensors,
-        step,
+        steps,
         {**options, "weight_decay": tuple(weight_decay)},
         params[0].shape[0],
         decided,
@@ -1399,7 +1448,7 @@ def _fused_members_op(
 
 
 def _writes_nothing_new(
-    kernel, params, grads, buffers, counts, step, lr, lr_value, found_inf, weight_decay, hyper, *_
+    kernel, params, grads, buffers, counts, steps, lr, lr_value, found_inf, weight_decay, hyper, *_
 ):
     return None
 
@@ -1409,7 +1458,7 @@ def _writes_nothing_new(
 # torch.library.custom_op adds to every call: about 70 us of a K = 8 MLP 20-48-5 update)
 _IN_PLACE_ARGS = (
     "(str kernel, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] buffers, int[] counts, "
-    "Tensor? step, Tensor? lr, float lr_value, Tensor? found_inf, float[] weight_decay, "
+    "Tensor[] steps, Tensor? lr, float lr_value, Tensor? found_inf, float[] weight_decay, "
     "float[] hyper) -> ()"
 )
 _LIBRARY = torch.library.Library("functrain", "FRAGMENT")
@@ -1444,7 +1493,7 @@ def _(
     grads,
     buffers,
     counts,
-    step,
+    steps,
     lr,
     lr_value,
     found_inf,
@@ -1452,16 +1501,16 @@ def _(
     hyper,
 ):
     members = info.batch_size
-    _, d_p, d_g, d_b, _, d_step, d_lr, _, d_inf = in_dims[:9]
+    _, d_p, d_g, d_b, _, d_steps, d_lr, _, d_inf = in_dims[:9]
     stacked = (
         list(zip(params, _dims(d_p, len(params)))),
         list(zip(buffers, _dims(d_b, len(buffers)))),
     )
-    g_dims = _dims(d_g, len(grads))
+    g_dims, step_dims = _dims(d_g, len(grads)), _dims(d_steps, len(steps))
     calls = [
         (
             [_member(g, d, k) for g, d in zip(grads, g_dims)],
-            _member(step, d_step, k),
+            [_member(s, d, k) for s, d in zip(steps, step_dims)],
             _member(lr, d_lr, k) if lr is not None else lr_value,
             _member(found_inf, d_inf, k),
             [weight_decay[k if len(weight_decay) > 1 else 0]],
@@ -1510,9 +1559,8 @@ def _eager_members(
     new_b = [
         _member_major(x, d, members, new_p[j % len(new_p)]) for j, (x, d) in enumerate(buffers)
     ]
-    for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
+    for k, (grads, steps, lr, found_inf, weight_decay) in enumerate(calls):
         p = [x[k] for x in new_p]
-        steps = [[step] * len(p)] if kernel.steps else []
         kernel.run(
             (p, in_layouts_of(grads, p), *_split([x[k] for x in new_b], counts)),
             steps,
@@ -1530,13 +1578,13 @@ def _traced_members(
     """
     params, buffers = stacked
     results = []
-    for k, (grads, step, lr, found_inf, weight_decay) in enumerate(calls):
+    for k, (grads, steps, lr, found_inf, weight_decay) in enumerate(calls):
         p = [_member(x, d, k) for x, d in params]
         b = [_member(x, d, k) if d is not None else x for x, d in buffers]
         rate = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, lr)
         results.append(
             torch.ops.functrain.fused_update(
-                kernel, p, grads, b, counts, step, *rate, found_inf, weight_decay, hyper
+                kernel, p, grads, b, counts, steps, *rate, found_inf, weight_decay, hyper
             )
         )
     return tuple(
