@@ -251,31 +251,37 @@ def _begin(
             f"the fused {what} kernels update the parameters themselves; pass params= to update"
         )
     g, spec = flat_updates(updates, params)
+    numbers = _numbers(state, keep, lr, steps, None, extras.rate_scales)
+    return _Step(g, tree_leaves(params), spec, *numbers, extras)
+
+
+def _numbers(
+    state: Any,
+    keep: torch.Tensor | None,
+    lr: LearningRate,
+    steps: bool,
+    behind: int | tuple[int, ...] | None,
+    scales: tuple[torch.Tensor, ...] = (),
+) -> tuple[Any, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """An update's numbers: its rate (as the kernel takes it, and as the state keeps it), the
+    new count, each parameter's step where the kernel reads `steps` (`_kernel_steps`), the skip
+    flag the kernel takes (``found_inf``, from `keep`). `scales`: a chain's reduce_on_plateau
+    after the kernel, which lowers the rate the kernel takes, in float64 as
+    ``ReduceLROnPlateau`` multiplies the group's rate."""
     count = state.count
     rate: torch.Tensor | float
     if callable(lr):
         rate, rate_t = _scheduled(lr, count, count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, state.lr
-    if extras.rate_scales:
-        # a chain's reduce_on_plateau after the kernel: its scale lowers the rate the kernel
-        # takes, in float64 as ReduceLROnPlateau multiplies the group's rate
+    if scales:
         rate = rate_t
-        for scale in extras.rate_scales:
+        for scale in scales:
             rate = rate * scale
         rate = _kernel_lr(rate)
     new_count = count + 1 if keep is None else count + keep  # a bool adds as 0 or 1
-    return _Step(
-        g,
-        tree_leaves(params),
-        spec,
-        rate,
-        rate_t,
-        new_count,
-        _kernel_steps(state, new_count) if steps else [],
-        None if keep is None else _found_inf(keep),
-        extras,
-    )
+    taken = _kernel_steps(state, new_count, behind) if steps else []
+    return rate, rate_t, new_count, taken, None if keep is None else _found_inf(keep)
 
 
 def _kernel_steps(
@@ -289,6 +295,8 @@ def _kernel_steps(
     one); None: computed from the state's tensors, one foreach op, nothing read on the host.
     """
     n = len(state.slots["step"])
+    if not n:
+        return []
     if isinstance(behind, int):
         return [(count - behind if behind else count).to(torch.float32)] * n
     if isinstance(behind, tuple):
@@ -684,9 +692,9 @@ def _run_kernel(
     if extras.members and not under_vmap():
         return _member_kernels(kernel, extras, params, grads, buffers, steps, options)
     if under_vmap() or torch.compiler.is_compiling():
-        if extras.in_place and not under_vmap():  # donated, compiled
-            return _through_op_in_place(kernel, params, grads, buffers, steps, options)
-        return _through_op(kernel, params, grads, buffers, steps, options)
+        # (donated, compiled: into the given tensors)
+        in_place = extras.in_place and not under_vmap()
+        return _through_op(kernel, params, grads, buffers, steps, options, in_place)
     options = {
         **options,
         "weight_decay": options["weight_decay"][0],
@@ -723,6 +731,7 @@ def _member_kernels(
     steps: list[torch.Tensor],
     options: dict[str, Any],
     decided: _Members | None = None,
+    traced: bool = False,
 ) -> tuple[list, list[list]]:
     """`_run_kernel` on a stacked state's tensors: the kernel on each member's slices.
 
@@ -739,7 +748,7 @@ def _member_kernels(
     may differ in the last bit. The copies (or, donated, the given tensors) are the stacked
     tensors: the slices are views, written in place.
     """
-    if torch.compiler.is_compiling():
+    if traced or torch.compiler.is_compiling():
         return _traced_stacked(kernel, extras, params, grads, buffers, steps, options)
     if decided is None:  # (a planned runner's parameters are dense, its gradients laid out)
         params = [_walkable(p) for p in params]
@@ -1139,7 +1148,6 @@ def _members_planner(
         norms = Norms(members=members)
         # what the kernels are told: write into the given tensors (a donated step) or copies
         allowed, kept = Extras(in_place=True, norms=norms), Extras(norms=norms)
-        schedule = lr if callable(lr) else None
         # (the updates each parameter sat out, where every member sat out as many)
         behind = updates_sat_out(state, _members_alike) if kernel.steps else 0
 
@@ -1151,15 +1159,9 @@ def _members_planner(
             write: bool,
             keep: torch.Tensor | None = None,
         ) -> Ran:
-            count = state.count
-            rate: Any
-            if schedule is not None:  # `_begin`'s rate: the schedule's tensor to the kernel
-                rate, rate_t = _scheduled(schedule, count, count.device)
-            else:
-                rate, rate_t = lr, state.lr
-            new_count = count + 1 if keep is None else count + keep
-            found_inf = None if keep is None else _found_inf(keep)
-            steps = _kernel_steps(state, new_count, behind) if kernel.steps else []
+            rate, rate_t, new_count, steps, found_inf = _numbers(
+                state, keep, lr, kernel.steps, behind
+            )
             new_p, new_b = _member_kernels(
                 kernel,
                 allowed if write else kept,
@@ -1215,18 +1217,24 @@ def _through_op(
     buffers: list[list],
     steps: list[torch.Tensor],
     options: dict[str, Any],
+    in_place: bool = False,
 ) -> tuple[list, list[list]]:
-    """`_run_kernel` through the custom op.
+    """`_run_kernel` through the custom op: buffers flattened (with their lists' lengths), the
+    rate a tensor or a float.
 
-    Buffers flattened (with their lists' lengths), the rate a tensor or a float.
+    `in_place` (a donated compiled step's): the op writes into the given tensors, the graph's
+    inputs, which the step gives up: inductor writes into them where they lie, where the
+    functional op would write fresh copies that the step then copies back (two more passes over
+    the parameters and moments, a third of a 784-128-10 MLP's compiled step).
     """
-    lr = options["lr"]
-    out_p, out_b = torch.ops.functrain.fused_update(
+    lr, counts = options["lr"], [len(xs) for xs in buffers]
+    op = torch.ops.functrain.fused_update_ if in_place else torch.ops.functrain.fused_update
+    out = op(
         kernel.name,
         params,
         grads,
         [x for xs in buffers for x in xs],
-        [len(xs) for xs in buffers],
+        counts,
         steps,
         lr if isinstance(lr, torch.Tensor) else None,
         0.0 if isinstance(lr, torch.Tensor) else float(lr),
@@ -1234,38 +1242,9 @@ def _through_op(
         list(options["weight_decay"]),
         [float(options[name]) for name in kernel.hyper],
     )
-    return list(out_p), _split(list(out_b), [len(xs) for xs in buffers])
-
-
-def _through_op_in_place(
-    kernel: _Kernel,
-    params: list,
-    grads: list,
-    buffers: list[list],
-    steps: list[torch.Tensor],
-    options: dict[str, Any],
-) -> tuple[list, list[list]]:
-    """`_through_op` of a donated compiled step: the op writes into the given tensors.
-
-    They are the graph's inputs, which the step gives up: inductor writes into them where they
-    lie, where the functional op would write fresh copies that the step then copies back (two
-    more passes over the parameters and moments, a third of a 784-128-10 MLP's compiled step).
-    """
-    lr = options["lr"]
-    torch.ops.functrain.fused_update_(
-        kernel.name,
-        params,
-        grads,
-        [x for xs in buffers for x in xs],
-        [len(xs) for xs in buffers],
-        steps,
-        lr if isinstance(lr, torch.Tensor) else None,
-        0.0 if isinstance(lr, torch.Tensor) else float(lr),
-        options["found_inf"],
-        list(options["weight_decay"]),
-        [float(options[name]) for name in kernel.hyper],
-    )
-    return list(params), [list(xs) for xs in buffers]
+    if in_place:
+        return list(params), [list(xs) for xs in buffers]
+    return list(out[0]), _split(list(out[1]), counts)
 
 
 def _split(flat: list, counts: list[int]) -> list[list]:
@@ -1316,23 +1295,18 @@ def _fused_update_op(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One state's fused update (of kernel `kernel`) on fresh copies laid out as the parameters.
 
-    `buffers` holds the kernel's buffer lists one after the other (`counts` their lengths: each the
-    number of parameters, or 0 for one the kernel leaves empty); `steps` each parameter's step
-    (none for a kernel without); the rate is the tensor `lr`, or
-    `lr_value` without one; `weight_decay` one value, or one per member for the batched form
-    (`functrain.sweep`).
+    `buffers` holds the kernel's buffer lists one after the other (`counts` their lengths: each
+    the number of parameters, or 0 for one the kernel leaves empty); `steps` each parameter's
+    step (none for a kernel without); the rate is the tensor `lr`, or `lr_value` without one;
+    `weight_decay` one value, or one per member for the batched form (`functrain.sweep`).
     """
-    spec = _KERNELS[kernel]
     n = len(params)
     params = [_walkable(p) for p in params]
     new_p = [p.clone() for p in params]
     # laid out as the fake kernel says, whatever the buffers' own layouts
     new_b = [laid_out_like(x, params[j % n]) for j, x in enumerate(buffers)]
-    spec.run(
-        (new_p, in_layouts_of(grads, params), *_split(new_b, counts)),
-        steps,
-        **_kernel_kwargs(spec, lr_value if lr is None else lr, weight_decay[0], hyper, found_inf),
-    )
+    given = (counts, steps, lr, lr_value, found_inf, weight_decay, hyper)
+    _fused_update_in_place_op(kernel, new_p, grads, new_b, *given)
     return new_p, new_b
 
 
@@ -1480,8 +1454,11 @@ def _dims(dims: Any, n: int) -> list:
     return list(dims) if isinstance(dims, (list, tuple)) else [dims] * n
 
 
-def _member(x: torch.Tensor | None, dim: int | None, k: int) -> torch.Tensor | None:
-    return x if x is None or dim is None else x.select(dim, k)
+def _members_first(x: torch.Tensor | None, d: int | None, members: int) -> torch.Tensor | None:
+    """Batched `x` (its members along `d`; None: shared by all) with the members first."""
+    if x is None:
+        return None
+    return x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
 
 
 @_fused_update_op.register_vmap
@@ -1500,29 +1477,34 @@ def _(
     weight_decay,
     hyper,
 ):
-    members = info.batch_size
+    """Under vmap (a stacked state whose update runs member by member): the update of the
+    stacked tensors, each member's slice its own block in memory (`_member_major`), as a
+    member-aware update makes it (`_member_kernels`: each member with its own steps, rate, skip
+    flag and weight decay)."""
+    members, n = info.batch_size, len(params)
     _, d_p, d_g, d_b, _, d_steps, d_lr, _, d_inf = in_dims[:9]
-    stacked = (
-        list(zip(params, _dims(d_p, len(params)))),
-        list(zip(buffers, _dims(d_b, len(buffers)))),
-    )
-    g_dims, step_dims = _dims(d_g, len(grads)), _dims(d_steps, len(steps))
-    calls = [
-        (
-            [_member(g, d, k) for g, d in zip(grads, g_dims)],
-            [_member(s, d, k) for s, d in zip(steps, step_dims)],
-            _member(lr, d_lr, k) if lr is not None else lr_value,
-            _member(found_inf, d_inf, k),
-            [weight_decay[k if len(weight_decay) > 1 else 0]],
-        )
-        for k in range(members)
+    new_p = [_member_major(x, d, members) for x, d in zip(params, _dims(d_p, n))]
+    new_b = [
+        _member_major(x, d, members, new_p[j % n])
+        for j, (x, d) in enumerate(zip(buffers, _dims(d_b, len(buffers))))
     ]
-    out_dims = ([0] * len(params), [0] * len(buffers))
-    if any(
-        type(x) is not torch.Tensor for x in params
-    ):  # traced by torch.compile: fake or functional tensors
-        return _traced_members(kernel, stacked, calls, counts, hyper), out_dims
-    return _eager_members(_KERNELS[kernel], stacked, calls, counts, hyper, members), out_dims
+    spec = _KERNELS[kernel]
+    options = {
+        **_kernel_kwargs(spec, lr_value, 0.0, hyper, _members_first(found_inf, d_inf, members)),
+        "lr": lr_value if lr is None else _kernel_lr(_members_first(lr, d_lr, members)),
+        "weight_decay": tuple(weight_decay),
+    }
+    out_p, out_b = _member_kernels(
+        spec,
+        Extras(in_place=True, norms=Norms(members=members)),  # (into the copies made here)
+        new_p,
+        [_members_first(g, d, members) for g, d in zip(grads, _dims(d_g, len(grads)))],
+        _split(new_b, counts),
+        [_members_first(x, d, members) for x, d in zip(steps, _dims(d_steps, len(steps)))],
+        options,
+        traced=any(type(x) is not torch.Tensor for x in params),  # (fake or functional tensors)
+    )
+    return (out_p, [x for xs in out_b for x in xs]), ([0] * n, [0] * len(buffers))
 
 
 def _member_major(
@@ -1540,54 +1522,3 @@ def _member_major(
     return torch.empty_strided(
         whole.shape, (member.numel(), *member.stride()), dtype=x.dtype, device=x.device
     ).copy_(whole)
-
-
-def _eager_members(
-    kernel: _Kernel,
-    stacked: tuple,
-    calls: list,
-    counts: list[int],
-    hyper: list[float],
-    members: int,
-) -> tuple:
-    """The stacked inputs copied once, then the kernel on each member's slice in place.
-
-    Copied member first, buffers laid out as their parameters.
-    """
-    params, buffers = stacked
-    new_p = [_member_major(x, d, members) for x, d in params]
-    new_b = [
-        _member_major(x, d, members, new_p[j % len(new_p)]) for j, (x, d) in enumerate(buffers)
-    ]
-    for k, (grads, steps, lr, found_inf, weight_decay) in enumerate(calls):
-        p = [x[k] for x in new_p]
-        kernel.run(
-            (p, in_layouts_of(grads, p), *_split([x[k] for x in new_b], counts)),
-            steps,
-            **_kernel_kwargs(kernel, lr, weight_decay[0], hyper, found_inf),
-        )
-    return new_p, new_b
-
-
-def _traced_members(
-    kernel: str, stacked: tuple, calls: list, counts: list[int], hyper: list[float]
-) -> tuple:
-    """The op on each member's slices, stacked.
-
-    Traced: its fake kernel, and at run time its layouts checked.
-    """
-    params, buffers = stacked
-    results = []
-    for k, (grads, steps, lr, found_inf, weight_decay) in enumerate(calls):
-        p = [_member(x, d, k) for x, d in params]
-        b = [_member(x, d, k) if d is not None else x for x, d in buffers]
-        rate = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, lr)
-        results.append(
-            torch.ops.functrain.fused_update(
-                kernel, p, grads, b, counts, steps, *rate, found_inf, weight_decay, hyper
-            )
-        )
-    return tuple(
-        [torch.stack([r[i][j] for r in results]) for j in range(len(xs))]
-        for i, xs in enumerate(stacked)
-    )
