@@ -1454,10 +1454,8 @@ def _dims(dims: Any, n: int) -> list:
     return list(dims) if isinstance(dims, (list, tuple)) else [dims] * n
 
 
-def _members_first(x: torch.Tensor | None, d: int | None, members: int) -> torch.Tensor | None:
+def _members_first(x: torch.Tensor, d: int | None, members: int) -> torch.Tensor:
     """Batched `x` (its members along `d`; None: shared by all) with the members first."""
-    if x is None:
-        return None
     return x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
 
 
@@ -1490,7 +1488,13 @@ def _(
     ]
     spec = _KERNELS[kernel]
     options = {
-        **_kernel_kwargs(spec, lr_value, 0.0, hyper, _members_first(found_inf, d_inf, members)),
+        **_kernel_kwargs(
+            spec,
+            lr_value,
+            0.0,
+            hyper,
+            None if found_inf is None else _members_first(found_inf, d_inf, members),
+        ),
         "lr": lr_value if lr is None else _kernel_lr(_members_first(lr, d_lr, members)),
         "weight_decay": tuple(weight_decay),
     }
