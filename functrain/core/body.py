@@ -248,9 +248,7 @@ def _update(
     # a donated step's gradients are its own unless a hook handed one in (it may keep it); the
     # transform's report asked for: accumulation reports the norm of its mean gradient
     owned = extras.in_place and not grad_hooks(state.module, list(state.params))
-    # (`reported`: what a transform written to the superseded contract writes its norm into)
-    reported: dict[str, torch.Tensor] = {}
-    given = extras._replace(norms=norms, reporting=True, reported=reported, owns_updates=owned)
+    given = extras._replace(norms=norms, reporting=True, owns_updates=owned)
     if extras.written is not None and extras.may_write():
         # the permission handed on: from here a raise leaves the given state written (`donated`)
         extras.written.append(True)
@@ -280,8 +278,6 @@ def _update(
         grad_norm = None
     elif report.grad_norm is not None:
         grad_norm = report.grad_norm
-    elif "grad_norm" in reported:  # written by a transform of the user's (`Extras.reported`)
-        grad_norm = reported["grad_norm"]
     elif grad_norm is None:  # a transform of the user's own that reported none
         grad_norm = extras.global_norm(grad_list)
     if scale is not None and grad_norm is not None:

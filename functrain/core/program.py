@@ -533,11 +533,9 @@ def _updating(state: TrainState) -> Runner | None:
     ) -> Ran:
         given = dict(zip(names, params))
         # the step's own gradients (no hook's: `write` says so) may be scaled where they are
-        reported: dict[str, torch.Tensor] = {}
         extras = Extras(
             in_place=write,
             norms=LOCAL_NORMS if norm is None else LOCAL_NORMS.sharing(grads, norm),
-            reported=reported,
             owns_updates=write,
             reporting=True,
         )
@@ -548,9 +546,6 @@ def _updating(state: TrainState) -> Runner | None:
         if not contiguous:  # else a new value has its parameter's strides already
             new = in_param_strides(new, given)
         measured = report.grad_norm
-        if measured is None:
-            # a transform of the user's own that writes the superseded `Extras.reported`
-            measured = reported.get("grad_norm")
         if measured is None and norm is None and reports:
             measured = global_norm(grads)
         skipped = skipped_of(new_state) if skipped_of is not None else None

@@ -125,14 +125,6 @@ class Extras(NamedTuple):
     norms: Norms = LOCAL_NORMS
     """How `global_norm` measures: the step's gradient norm shared, a sharded step's sum over
     ranks."""
-    reported: dict[str, torch.Tensor] | None = None
-    """Superseded by the `Report` an update returns (`update_reporting`); kept for callers that
-    hand a dict in: calling a reporting update (`ExtrasUpdate.reports`) with one, directly or by
-    `update_with` or `update_reporting`, asks for its report (`reporting`) and writes its fields
-    into the dict (``grad_norm``). No functrain update writes into it; a step hands one down, so
-    that a transform of the user's written to this superseded form (one that writes
-    ``reported["grad_norm"]``, or hands the step's extras to an `accumulate` with `update_with`)
-    still reports its norm where no update returns one."""
     owns_updates: bool = False
     """The updates given are the step's own (its gradients as autograd made them, no hook's
     tensor among them, or a wrapper's fresh mean): with the in-place permission an update may
@@ -423,8 +415,7 @@ class ExtrasUpdate:
             return updates, state
         if not self.reports:
             return self.fn(updates, state, *args, **kwargs)
-        extras = kwargs.pop("extras", NO_EXTRAS)
-        updates, state, _ = _reporting_call(self.fn, extras, updates, state, *args, **kwargs)
+        updates, state, _ = self.fn(updates, state, *args, **kwargs)
         return updates, state
 
     def but(self, **changes: Any) -> ExtrasUpdate:
@@ -453,26 +444,6 @@ _DECLARED = (
     "rates",
     "averaging",
 )
-
-
-def _reporting_call(
-    fn: Callable[..., Any], extras: Extras, *args: Any, **kwargs: Any
-) -> tuple[Updates, Tree, Report]:
-    """A reporting update's `fn` called with `extras`: ``(updates, state, report)``.
-
-    Where the caller handed a dict in (`Extras.reported`), the update is asked for its report
-    (`Extras.reporting`), whose fields that hold a value are written into the dict. The update and
-    those it calls see the dict too: a transform written to the superseded contract, which writes
-    ``extras.reported["grad_norm"]`` itself, still reports through it where no reporting update
-    below it returns a value.
-    """
-    if extras.reported is None:
-        return fn(*args, extras=extras, **kwargs)
-    asking = extras if extras.reporting else extras._replace(reporting=True)
-    updates, state, report = fn(*args, extras=asking, **kwargs)
-    if extras.reported is not None and report.grad_norm is not None:
-        extras.reported["grad_norm"] = report.grad_norm
-    return updates, state, report
 
 
 def _of_no_parameters(updates: Any) -> bool:
@@ -603,9 +574,7 @@ def update_with(
     if isinstance(update, ExtrasUpdate):
         if not update.reports:
             return update.fn(updates, state, params, extras=extras, **gate)
-        new_updates, new_state, _ = _reporting_call(
-            update.fn, extras, updates, state, params, **gate
-        )
+        new_updates, new_state, _ = update.fn(updates, state, params, extras=extras, **gate)
         return new_updates, new_state
     if getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
         return update(updates, state, params, extras=extras, **gate)
@@ -649,7 +618,7 @@ def update_reporting(
     gate = {} if keep is None else {"keep": keep}
     if isinstance(update, ExtrasUpdate):
         if update.reports:
-            return _reporting_call(update.fn, extras, updates, state, params, **gate)
+            return update.fn(updates, state, params, extras=extras, **gate)
         new_updates, new_state = update.fn(updates, state, params, extras=extras, **gate)
     elif getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
         new_updates, new_state = update(updates, state, params, extras=extras, **gate)

@@ -616,56 +616,6 @@ def test_a_transforms_returned_report_is_the_steps_grad_norm(
     assert_trees_equal(state.params, plain.params, "params")
 
 
-def _writing_sgd(norm: float) -> ft.Transform:
-    """sgd(0.1) written to the superseded contract: it writes `norm` into ``extras.reported``."""
-    sgd = ft.sgd(0.1)
-
-    def update(updates: Any, state: Any, params: Any = None, *, extras: Any = ft.NO_EXTRAS) -> Any:
-        if extras.reported is not None:
-            extras.reported["grad_norm"] = torch.tensor(norm)
-        return ft.update_with(sgd, updates, state, params, extras)
-
-    return ft.Transform(sgd.init, ft.optim.with_extras(update))
-
-
-def _passing_on(inner: ft.Transform) -> ft.Transform:
-    """A wrapper of the user's that hands its extras to `inner` with `update_with`, as the
-    transform guide showed before reports were returned values."""
-
-    def update(updates: Any, state: Any, params: Any = None, *, extras: Any = ft.NO_EXTRAS) -> Any:
-        return ft.update_with(inner, updates, state, params, extras)
-
-    return ft.Transform(inner.init, ft.optim.with_extras(update))
-
-
-@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
-@pytest.mark.parametrize(
-    "options",
-    [{"grad_norm": True}, {"nonfinite": "none", "grad_norm": True}, {"clip_grad_norm": 100.0}],
-    ids=["skip-nonfinite", "alone", "clipped"],
-)
-def test_transforms_written_to_the_reported_dict_still_report_through_it(
-    options: dict[str, Any], donate: bool
-) -> None:
-    """`Extras.reported` is superseded, not dropped: a transform that writes the norm into it, and
-    a wrapper that hands the step's extras on to an `accumulate`, keep the norm they reported."""
-    model = make_mlp()
-    writer = ft.TrainState.create(model, _writing_sgd(7.0), cross_entropy_loss_fn, **options)
-    window = ft.accumulate(ft.sgd(0.1), every=2)
-    wrapped = ft.TrainState.create(model, _passing_on(window), cross_entropy_loss_fn, **options)
-    bare = ft.TrainState.create(
-        model, ft.accumulate(ft.sgd(0.1), every=2), cross_entropy_loss_fn, **options
-    )
-    for batch in batches(model, 4):
-        writer, metrics = ft.train_step(writer, batch, donate=donate)
-        assert torch.equal(metrics["grad_norm"], torch.tensor(7.0))
-        wrapped, got = ft.train_step(wrapped, batch, donate=donate)
-        bare, expected = ft.train_step(bare, batch)
-        # the window's norm, as `accumulate` reports it unwrapped, not the micro-batch's
-        assert torch.equal(got["grad_norm"], expected["grad_norm"])
-    assert_trees_equal(wrapped.params, bare.params, "params")
-
-
 def test_ema_params_are_the_lerp_average_of_the_trajectory() -> None:
     model = make_mlp()
     state = ft.TrainState.create(model, ft.adamw(1e-2), cross_entropy_loss_fn, ema_decay=0.9)

@@ -574,23 +574,6 @@ def test_a_reporting_update_returns_its_report_and_gives_two_values_everywhere_e
         declared.reports = False
 
 
-def test_a_dict_handed_in_as_reported_still_receives_the_report() -> None:
-    """`Extras.reported`, superseded by the returned report: a caller's dict is filled from it,
-    however the update is called, and the update itself sees the request only."""
-    tx, g = _reporting(3.0), {"w": torch.ones(2)}
-    calls = [
-        lambda extras: tx.update(g, ft.EmptyState(), extras=extras),
-        lambda extras: ft.update_with(tx, g, ft.EmptyState(), extras=extras),
-        lambda extras: ft.update_reporting(tx, g, ft.EmptyState(), extras=extras),
-    ]
-    for call in calls:
-        reported: dict[str, torch.Tensor] = {}
-        call(ft.Extras(reported=reported))
-        assert list(reported) == ["grad_norm"] and torch.equal(
-            reported["grad_norm"], torch.tensor(3.0)
-        )
-
-
 _WRAPPERS: dict[str, Callable[[ft.Transform], ft.Transform]] = {
     "chain": lambda inner: ft.chain(ft.identity(), inner, ft.scale(1.0)),
     "masked": lambda inner: ft.masked(inner, lambda name, p: True),

@@ -308,7 +308,7 @@ def test_accumulate_with_reduce_sum_hands_on_the_sum_started_from_the_windows_fi
     sums = []
     # a first update of -0.0 stays -0.0 (a sum started from +0.0 would make it +0.0)
     for g in ([-0.0, 1.0, 0.1], [-0.0, 2.0, 0.2], [-0.0, 3.0, 0.3]) * 2:
-        extras = ft.Extras(in_place=donate, reported={})
+        extras = ft.Extras(in_place=donate)
         u, state = tx.update({"w": torch.tensor(g)}, state, params, extras=extras)
         params = ft.apply_updates(params, u)
         sums.append(state.grad_sum[0].clone())
@@ -344,9 +344,9 @@ def test_accumulate_reports_the_norm_of_the_mean_it_hands_on_and_shares_it_with_
     # two windows: the first call of a transform runs its inner update (still a no-op) to learn
     # what it emits; from then on a window's first micro-step only adds
     for g in ([3.0, 0.0], [3.0, 8.0]) * 2:
-        extras = ft.Extras(reported={})
-        _, state = tx.update({"w": torch.tensor(g)}, state, params, extras=extras)
-        norms.append(extras.reported["grad_norm"])
+        extras = ft.Extras(reporting=True)
+        _, state, report = ft.update_reporting(tx, {"w": torch.tensor(g)}, state, params, extras)
+        norms.append(report.grad_norm)
     # |(3, 0)| / 2, then |(6, 8) / 2|
     assert torch.stack(norms).tolist() == [1.5, 5.0, 1.5, 5.0]
     assert float(ft.transform_metrics(state)["grad_norm"]) == 5.0
