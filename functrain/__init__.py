@@ -111,7 +111,6 @@ from functrain.optim.presets import (
     sparse_adam,
 )
 from functrain.optim.rules.adadelta import scale_by_adadelta
-from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
 from functrain.optim.rules.adan import adan
@@ -145,6 +144,8 @@ from functrain.version import __version__ as __version__
 
 # public names withdrawn, each with what took its place
 _WITHDRAWN = {
+    "adafactor_step": "functrain.adafactor trains by its formula alone (adafactor_rule, "
+    "functrain.optim.rules.adafactor), in every mode; use functrain.adafactor",
     "Ratio": "the building blocks (scale_by_adam, scale_by_rms, ...) emit plain tensors now, each "
     "its formula's direction; the presets (functrain.adam, functrain.rmsprop, ...) give "
     "torch.optim's last rounding",
@@ -225,7 +226,6 @@ __all__ = [
     "sgd",
     "sparse_adam",
     # update rules
-    "adafactor_step",
     "add_decayed_weights",
     "asgd_step",
     "clip_by_global_norm",

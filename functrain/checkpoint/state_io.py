@@ -561,13 +561,24 @@ def _parked_in_formula_layouts(parked: Any, opt_state: Any) -> Any:
 def _formula_layout(chain: tuple[Any, ...], template: RuleState) -> dict[str, Any] | None:
     """A chain's states (`_in_formula_layouts`) as the formula's state, or None where they are
     not the ones its preset built before."""
-    names: dict[str, str] = getattr(type(template), "before", {})
+    names: dict[str, Any] = getattr(type(template), "before", {})
     slots: dict[str, Any] = {}
     count = rate = None
     for element in chain:
         if not isinstance(element, dict):
             return None
-        slots.update({names[k]: v for k, v in element.items() if k in names and v != ()})
+        for k, v in element.items():
+            if k not in names or v == ():
+                continue
+            if isinstance(names[k], tuple):  # each weight's moments as a tuple (Adafactor's
+                # factors: a vector's one), each by its name now (the template's where absent)
+                for j, slot in enumerate(names[k]):
+                    mine = template.slots[slot]
+                    if len(v) != len(mine):
+                        return None
+                    slots[slot] = tuple(m[j] if j < len(m) else t for m, t in zip(v, mine))
+            else:
+                slots[names[k]] = v
         if "count" in element and (count is None or "lr" in element):
             # (the last rate from the element that kept it, where one did: Rprop's none)
             count, rate = element["count"], element.get("lr", template.lr)

@@ -31,6 +31,7 @@ __all__ = [
     "parked_carried",
     "shared_storage",
     "COUNT_FREE",
+    "FIRST_FOR_ALL",
     "count_free",
     "slots_of",
     "resplit",
@@ -250,7 +251,18 @@ COUNT_FREE = (
     "nadam(",
     "radam(",
     "asgd(",
+    # counted once for all, as their packages count a param group (pytorch_optimizer's
+    # group["step"], schedulefree's group["k"]): a weight back from frozen takes the group's
+    "lamb(",
+    "adan(",
+    "adamw_schedule_free(",
 )
+
+
+# of those, the optimizers whose first update of a weight is the state's first (Adan makes its
+# previous gradient then), where their packages make it at the weight's own first gradient: a
+# weight that never trained in the state cannot join them mid-run
+FIRST_FOR_ALL = ("adan(",)
 
 
 def count_free(optimizer_name: str) -> bool:
@@ -258,7 +270,7 @@ def count_free(optimizer_name: str) -> bool:
     for all (none, or the weight's own).
 
     Example:
-        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("lamb(lr=0.001)")
+        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("chain(scale_by_adam(), ...)")
         (True, False)
     """
     return optimizer_name.startswith(COUNT_FREE)

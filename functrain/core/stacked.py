@@ -272,8 +272,9 @@ def transposed_weights(module: nn.Module, device: torch.device) -> frozenset[str
     )
 
 
-# presets whose updates use ops torch.func.vmap cannot batch (`.item()`, out= ops, tensors
-# without storage): a stacked step of them would fail at its first call
+# presets whose updates torch.func.vmap cannot batch with torch's bits: their numbers are
+# torch's Python floats (ASGD's eta and mu, Adafactor's step sizes), whose batched tensor form
+# rounds otherwise
 _UNBATCHABLE = ("asgd", "adafactor")
 
 
@@ -287,8 +288,9 @@ def _refuse_unbatchable(optimizer: Transform) -> None:
     found = sorted({m.group(1) for m in re.finditer(pattern, getattr(optimizer, "name", ""))})
     if found:
         raise ConfigError(
-            f"{', '.join(found)} cannot train a stacked state: its update uses ops that "
-            "torch.func.vmap cannot batch (.item(), out= ops); train these members one by one "
+            f"{', '.join(found)} cannot train a stacked state: its update computes numbers in "
+            "torch's Python floats, which torch.func.vmap cannot batch with the same bits "
+            "(its batched form rounds otherwise); train these members one by one "
             "(functrain.train_step on each state), or stack members of adamw, adam, sgd, "
             "adagrad, rmsprop, adadelta, adamax, nadam, radam, lion or rprop"
         )

@@ -820,27 +820,24 @@ def _torch_value(name: str, key: str, value: Any, target: torch.Tensor) -> torch
 def _torch_tensors(
     group: _Group, names: Sequence[str], key: str, like: Sequence[Any]
 ) -> tuple[Any, ...]:
-    """torch's `key` of each parameter, shaped and typed as the state's.
-
-    Adafactor's factors come as pairs.
-    """
+    """torch's `key` of each parameter, shaped and typed as the state's (Adafactor's factors
+    are a matrix's, `_factored`: a vector's whole ``variance`` for its row, none for its column,
+    where the state keeps an empty one)."""
     by_name = dict(zip(group.names, group.state, strict=True))
-    if key == "moments":  # Adafactor: (row_var, col_var) for a matrix, (variance,) for the rest
-
-        def keys(target: Any) -> tuple[str, ...]:
-            return ("row_var", "col_var") if len(target) == 2 else ("variance",)
-
-        return tuple(
-            tuple(
-                _torch_value(name, k, by_name[name].get(k), t)
-                for k, t in zip(keys(target), target, strict=True)
-            )
-            for name, target in zip(names, like, strict=True)
-        )
     return tuple(
-        _torch_value(name, key, by_name[name].get(key), target)
+        target
+        if key == "col_var" and not _factored(target)
+        else _torch_value(name, k, by_name[name].get(k), target)
         for name, target in zip(names, like, strict=True)
+        for k in ["variance" if key == "row_var" and not _factored(target) else key]
     )
+
+
+def _factored(moment: torch.Tensor) -> bool:
+    """Whether an Adafactor moment is a matrix's factor (torch's ``row_var``, ``col_var``): of
+    2 dimensions or more, where a vector's (and a scalar's) are its whole ``variance`` and an
+    empty column."""
+    return moment.dim() > 1
 
 
 def _torch_scalar(
@@ -1138,10 +1135,10 @@ def _group_values(optimizer: torch.optim.Optimizer, nodes: dict[type, Any]) -> d
     for node in nodes.values():
         for field, key in KEYS[type(node)].items():
             value = _field(node, field)
-            if key == "moments":  # Adafactor's factors: torch's keys by the parameter's kind
-                values["row_var"] = tuple(m[0] if len(m) == 2 else None for m in value)
-                values["col_var"] = tuple(m[1] if len(m) == 2 else None for m in value)
-                values["variance"] = tuple(m[0] if len(m) == 1 else None for m in value)
+            if key in ("row_var", "col_var"):  # Adafactor's: torch's keys by the kind
+                values[key] = tuple(m if _factored(m) else None for m in value)
+                if key == "row_var":
+                    values["variance"] = tuple(None if _factored(m) else m for m in value)
             elif isinstance(value, torch.Tensor) or value:
                 values[key] = value
         if getattr(node, "made", None):  # sparse SGD: torch has no buffer where none is made yet

@@ -37,7 +37,7 @@ from functrain.optim.presets import (
     sparse_adam,
 )
 from functrain.optim.rules.adadelta import AdadeltaState
-from functrain.optim.rules.adafactor import AdafactorStepState
+from functrain.optim.rules.adafactor import AdafactorState
 from functrain.optim.rules.adagrad import AdagradState
 from functrain.optim.rules.adam import AdamaxState, AdamState, NadamState, RadamState
 from functrain.optim.rules.asgd import AsgdState
@@ -55,7 +55,8 @@ __all__ = ["TorchClass", "TORCH_CLASSES", "KEYS", "torch_class", "implementation
 # key}};
 # a tuple field holds one tensor per parameter, a 0-d field one value torch repeats per parameter;
 # of a formula's state (`functrain.optim.rules.formula.RuleState`) the fields are its moments;
-# Adafactor's ``moments`` are torch's ``row_var``/``col_var`` (matrices) or ``variance`` (the rest)
+# Adafactor's ``row`` and ``col`` are torch's ``row_var`` and ``col_var`` of a matrix, its ``row``
+# a vector's ``variance`` (its ``col`` empty: torch keeps none)
 KEYS: dict[type, dict[str, str]] = {
     FusedAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
     AdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
@@ -77,7 +78,7 @@ KEYS: dict[type, dict[str, str]] = {
     AdadeltaState: {"square_avg": "square_avg", "acc_delta": "acc_delta"},
     AsgdState: {"eta": "eta", "mu": "mu", "ax": "ax"},
     RpropState: {"prev": "prev", "step_size": "step_size"},
-    AdafactorStepState: {"moments": "moments"},
+    AdafactorState: {"row": "row_var", "col": "col_var"},
     ScaleByMuonState: {"momentum_buffer": "momentum_buffer"},
     ScaleByLearningRateState: {},
     LearningRateState: {},
@@ -216,8 +217,9 @@ TORCH_CLASSES: dict[type, TorchClass] = {
             d=g["d"],
             weight_decay=g["weight_decay"],
         ),
-        (AdafactorStepState,),
+        (AdafactorState,),
         exact=frozenset({"single"}),
+        own_steps=frozenset({"single"}),
     ),
     torch.optim.SparseAdam: TorchClass(
         sparse_adam,

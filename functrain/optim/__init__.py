@@ -50,7 +50,6 @@ from functrain.optim.presets import (
     sparse_adam,
 )
 from functrain.optim.rules.adadelta import scale_by_adadelta
-from functrain.optim.rules.adafactor import adafactor_step
 from functrain.optim.rules.adagrad import scale_by_adagrad
 from functrain.optim.rules.adam import nadam_step, scale_by_adam, scale_by_adamax, scale_by_radam
 from functrain.optim.rules.adan import adan
@@ -142,7 +141,6 @@ __all__ = [
     "nadam",
     "rprop",
     "partition",
-    "adafactor_step",
     "asgd_step",
     "nadam_step",
     "scale_by_adadelta",

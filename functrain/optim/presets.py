@@ -25,6 +25,7 @@ and `muon` takes ``others``, the optimizer for the parameters that are not matri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from functrain.optim.naming import named
 from functrain.optim.porting import replaces
 from functrain.optim.rates import first_rate
 from functrain.optim.rules.adadelta import AdadeltaState, adadelta_rule, check_adadelta
-from functrain.optim.rules.adafactor import adafactor_step
+from functrain.optim.rules.adafactor import AdafactorState, adafactor_rule
 from functrain.optim.rules.adagrad import AdagradState, adagrad_rule, check_adagrad
 from functrain.optim.rules.adam import (
     AdamaxState,
@@ -63,7 +64,7 @@ from functrain.optim.rules.fused import (
     fused_sgd,
     with_device_form,
 )
-from functrain.optim.rules.learning_rate import scale, scale_by_learning_rate
+from functrain.optim.rules.learning_rate import scale_by_learning_rate
 from functrain.optim.rules.lion import scale_by_lion
 from functrain.optim.rules.muon import scale_by_adjusted_learning_rate, scale_by_muon
 from functrain.optim.rules.rms import RmspropState, rmsprop_rule
@@ -1240,9 +1241,11 @@ def adafactor(
 
     Factored second moments, relative steps.
 
-    Matches torch's single-tensor implementation (its default on the CPU) bit for bit in float32.
-    Without host reads: the step size, which torch reads back from each parameter's norm, stays a
-    tensor.
+    Matches torch's single-tensor implementation (its default on the CPU) bit for bit in float32,
+    each weight counting its own steps (a weight frozen and trained again continues from its
+    own). Its formula, `adafactor_rule`, computes the step size in torch's Python floats where
+    an eager step reads its numbers on the CPU, and elsewhere (an accelerator, a compiled or
+    stacked step) on float64 tensors, reading nothing back.
 
     Args:
         lr: learning rate, a float, a 1-element tensor or a schedule (the relative step is
@@ -1275,9 +1278,27 @@ def adafactor(
     """
     check_choices("adafactor", foreach=foreach, exact=SINGLE_ONLY)
     rate, _ = _checked("adafactor", lr)
-    return chain(
-        _maybe(maximize, scale(-1.0)),
-        adafactor_step(rate, beta2_decay, eps, d, weight_decay=weight_decay, mask=mask),
+    problems: list[str] = []
+    if not (isinstance(beta2_decay, (int, float)) and beta2_decay <= 0):
+        problems.append(f"beta2_decay must be <= 0, got beta2_decay={beta2_decay!r}")
+    if not (isinstance(eps, Sequence) and len(eps) == 2):
+        problems.append(f"eps must be a pair (eps1 or None, eps2), got eps={eps!r}")
+    else:
+        if eps[0] is not None:
+            check_positive(problems, "eps[0]", eps[0], allow_zero=True)
+        check_positive(problems, "eps[1]", eps[1], allow_zero=True)
+    if not (isinstance(d, (int, float)) and d >= 1.0):
+        problems.append(f"d must be >= 1, got d={d!r}")
+    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    config_check(problems, "adafactor")
+    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    return rule_transform(
+        adafactor_rule(float(beta2_decay), eps[0], float(eps[1]), float(d), maximize),
+        "adafactor",
+        constants,
+        schedule,
+        mask=mask,
+        state_type=AdafactorState,
     )
 
 

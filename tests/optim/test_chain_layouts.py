@@ -68,7 +68,30 @@ TORCH: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
         {"lr": 1e-2, "decoupled_weight_decay": True},
         {"mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"},
     ),
+    # the fused kernels' states, which kept their moments as fields and one count for all
+    "adamw_fused": (
+        torch.optim.AdamW,
+        {"lr": 1e-2, "fused": True},
+        {"mu": "exp_avg", "nu": "exp_avg_sq"},
+    ),
+    "adam_fused_amsgrad": (
+        torch.optim.Adam,
+        {"lr": 1e-2, "amsgrad": True, "fused": True},
+        {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    ),
+    "sgd_fused": (
+        torch.optim.SGD,
+        {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "fused": True},
+        {"momentum": "momentum_buffer"},
+    ),
+    "adagrad_fused": (
+        torch.optim.Adagrad,
+        {"lr": 1e-2, "lr_decay": 0.01, "fused": True},
+        {"sum": "sum"},
+    ),
 }
+# Adafactor's cases: each weight's factors were a pair (a vector's its variance alone)
+ADAFACTOR = {"adafactor": {"weight_decay": 0.1}, "adafactor_maximize": {"maximize": True}}
 
 
 def _formula_state(state: ft.TrainState) -> RuleState:
@@ -129,3 +152,31 @@ def test_a_chain_checkpoint_loads_its_moments_and_trains_on_as_torch(case: str) 
     want = _torch_continues(case, loaded)
     for k, v in want.items():
         assert torch.equal(state.params[k], v), k
+
+
+@pytest.mark.parametrize("case", list(ADAFACTOR))
+def test_an_adafactor_checkpoint_of_factor_pairs_loads_and_trains_on_as_torch(case: str) -> None:
+    """Adafactor trained through `adafactor_step`, whose state held each weight's factors as a
+    pair: they load as its formula's ``row`` and ``col`` (a vector's column empty), and torch's
+    Adafactor given them (`to_torch_state_dict`) continues as the loaded state does."""
+    path = Path(GOLDEN.HERE) / case / "saved"
+    loaded = ft.load(path, like=GOLDEN.run(case))
+    chain = ft.load(path, like=None)[0]["opt_state"]["inner"]
+    pairs = next(e["moments"] for e in chain if isinstance(e, dict) and "moments" in e)
+    node = _formula_state(loaded)
+    for i, factors in enumerate(pairs):
+        assert torch.equal(node.slots["row"][i], factors[0])
+        col = node.slots["col"][i]
+        assert torch.equal(col, factors[1]) if len(factors) == 2 else col.numel() == 0
+    assert int(node.count) == 2 and [float(s) for s in node.steps] == [2.0] * len(pairs)
+    model = loaded.export_module()
+    opt = torch.optim.Adafactor(model.parameters(), 1e-2, foreach=False, **ADAFACTOR[case])
+    opt.load_state_dict(ft.to_torch_state_dict(loaded, opt, model))
+    state = loaded
+    for x, y in GOLDEN.batches()[3:]:
+        state, _ = ft.train_step(state, (x, y))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    for k, p in model.named_parameters():
+        assert torch.equal(state.params[k], p.detach()), k

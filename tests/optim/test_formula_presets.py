@@ -36,6 +36,10 @@ PRESETS: dict[str, tuple[Callable[..., ft.Transform], Any]] = {
         lambda *a, **k: ft.asgd(*a, t0=1, **k),
         lambda *a, **k: torch.optim.ASGD(*a, t0=1, **k),
     ),
+    "adafactor": (
+        ft.adafactor,
+        lambda *a, **k: torch.optim.Adafactor(*a, **{"foreach": False, **k}),
+    ),
 }
 
 
@@ -78,7 +82,7 @@ def _loss(model: Any, c: torch.Tensor) -> torch.Tensor:
     "options", [{"momentum": 0.9}, {"weight_decay": 0.1}, {}], ids=["momentum", "decay", "plain"]
 )
 # (ASGD reads its eta and mu as torch's Python floats, which vmap cannot: refused at stack)
-@pytest.mark.parametrize("name", [name for name in PRESETS if name != "asgd"])
+@pytest.mark.parametrize("name", [name for name in PRESETS if name not in ("asgd", "adafactor")])
 def test_a_stacked_states_members_step_as_torch_steps_each(
     name: str, options: dict[str, float]
 ) -> None:

@@ -17,7 +17,7 @@ import torch
 
 import functrain as ft
 from functrain.optim.rules.adadelta import AdadeltaState
-from functrain.optim.rules.adafactor import AdafactorStepState
+from functrain.optim.rules.adafactor import AdafactorState
 from functrain.optim.rules.adam import AdamaxState, NadamState
 from functrain.optim.rules.asgd import AsgdState
 from functrain.optim.rules.formula import RuleState
@@ -103,15 +103,17 @@ RPROP = [
 MUON = [(ScaleByMuonState, "momentum_buffer", per_param("momentum_buffer"))]
 
 
-def adafactor_moments(opt: torch.optim.Optimizer, params: dict) -> list[torch.Tensor]:
-    out = []
-    for p in params.values():
-        state = opt.state[p]
-        out.extend([state["row_var"], state["col_var"]] if p.ndim > 1 else [state["variance"]])
-    return out
+def adafactor_rows(opt: torch.optim.Optimizer, params: dict) -> list[torch.Tensor]:
+    """torch's row factors, a vector's whole variance in their place."""
+    return [opt.state[p]["row_var" if p.ndim > 1 else "variance"] for p in params.values()]
 
 
-ADAFACTOR = [(AdafactorStepState, "moments", adafactor_moments)]
+def adafactor_cols(opt: torch.optim.Optimizer, params: dict) -> list[torch.Tensor]:
+    """torch's column factors; a vector has none (the state's column is empty)."""
+    return [opt.state[p]["col_var"] if p.ndim > 1 else torch.zeros(0) for p in params.values()]
+
+
+ADAFACTOR = [(AdafactorState, "row", adafactor_rows), (AdafactorState, "col", adafactor_cols)]
 
 optim = torch.optim
 # name: (functrain transform, torch optimizer from a dict of params, state comparisons, shapes,

@@ -11,8 +11,8 @@ Two kinds of rule:
   after the first step (`rprop`);
 * final steps, which take the learning rate themselves because torch's last ops mix it with
   per-step or per-tensor scalars in ways one `ParamStep` cannot say (`adam.nadam_step`: two
-  ``addcdiv``; `asgd.asgd_step`: a rate kept in the state; `adafactor.adafactor_step`: a step size
-  read from the parameters; `muon.scale_by_adjusted_learning_rate`: a rate per matrix shape). They
+  ``addcdiv``; `asgd.asgd_step`: a rate kept in the state; `muon.scale_by_adjusted_learning_rate`:
+  a rate per matrix shape). They
   emit `NewParams`, computed with torch's own final ops; their state exposes the metric ``lr``.
 
 Shared pieces: `learning_rate`, `weight_decay`, `clipping`, `arithmetic` (scalars rounded as

@@ -2,7 +2,9 @@
 before each came to train through its formula alone (`functrain.optim.rules.formula`).
 
 Run with the functrain of that time on the path (``PYTHONPATH=<checkout> python
-tests/optim/golden/make_chain_layouts.py``, written by 6cad0de): for each case it writes
+tests/optim/golden/make_chain_layouts.py [case ...]``; the cases of `CASES` written by 6cad0de,
+those of `LATER` by bb16c72: the fused kernels' states and Adafactor's before they kept their
+moments by name, each weight its own step): for each case it writes
 ``chain_layouts/<case>/saved`` (3 steps, a NaN batch among them) and ``.../continued`` (the same run
 3 steps further), which ``tests/optim/test_chain_layouts.py`` resumes with today's functrain.
 """
@@ -36,6 +38,15 @@ CASES = {
     "rprop": lambda: ft.rprop(1e-2),
     "asgd": lambda: ft.asgd(1e-2, t0=2),
 }
+LATER = {
+    "adamw_fused": lambda: ft.adamw(1e-2, mask=is_matrix),
+    "adam_fused_amsgrad": lambda: ft.adam(1e-2, weight_decay=0.1, amsgrad=True),
+    "sgd_fused": lambda: ft.sgd(1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "adagrad_fused": lambda: ft.adagrad(1e-2, lr_decay=0.01, weight_decay=0.1),
+    "adafactor": lambda: ft.adafactor(1e-2, weight_decay=0.1),
+    "adafactor_maximize": lambda: ft.adafactor(1e-2, maximize=True),
+}
+CASES.update(LATER)
 
 
 def loss_fn(m, batch):
@@ -57,7 +68,9 @@ def batches():
 
 
 if __name__ == "__main__":
-    for case in CASES:
+    import sys
+
+    for case in sys.argv[1:] or CASES:
         state = run(case)
         for batch in batches()[:3]:
             state, _ = ft.train_step(state, batch)
