@@ -824,13 +824,17 @@ def _torch_tensors(
     are a matrix's, `_factored`: a vector's whole ``variance`` for its row, none for its column,
     where the state keeps an empty one)."""
     by_name = dict(zip(group.names, group.state, strict=True))
-    return tuple(
-        target
-        if key == "col_var" and not _factored(target)
-        else _torch_value(name, k, by_name[name].get(k), target)
-        for name, target in zip(names, like, strict=True)
-        for k in ["variance" if key == "row_var" and not _factored(target) else key]
-    )
+    out = []
+    for name, target in zip(names, like, strict=True):
+        if key in ("row_var", "col_var") and not _factored(target):  # a vector's moment
+            if key == "col_var":  # (none in torch: the state's empty column)
+                out.append(target)
+                continue
+            key_here = "variance"
+        else:
+            key_here = key
+        out.append(_torch_value(name, key_here, by_name[name].get(key_here), target))
+    return tuple(out)
 
 
 def _factored(moment: torch.Tensor) -> bool:
