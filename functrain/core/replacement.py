@@ -251,6 +251,7 @@ COUNT_FREE = (
     "nadam(",
     "radam(",
     "asgd(",
+    "lion(",
     # counted once for all, as their packages count a param group (pytorch_optimizer's
     # group["step"], schedulefree's group["k"]): a weight back from frozen takes the group's
     "lamb(",

@@ -721,6 +721,7 @@ PACKAGES = {
         lambda: ft.adan(1e-2, weight_decay=0.01),
         lambda p: __import__("pytorch_optimizer").Adan(p, lr=1e-2, weight_decay=0.01),
     ),
+    "lion": (lambda: ft.lion(1e-3, weight_decay=0.1), lambda p: _AuthorsLion(list(p))),
     "schedule-free": (
         lambda: ft.adamw_schedule_free(1e-2, weight_decay=0.01, warmup_steps=3),
         lambda p: __import__("schedulefree").AdamWScheduleFree(
@@ -728,6 +729,23 @@ PACKAGES = {
         ),
     ),
 }
+
+
+class _AuthorsLion:
+    """The authors' Lion (tests/optim/test_lion.py) as an optimizer: it reads no count."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params, self.state = params, {}
+
+    def step(self) -> None:
+        from tests.optim.test_lion import authors_lion_step
+
+        with torch.no_grad():
+            authors_lion_step(self.params, self.state, 1e-3, 0.9, 0.99, 0.1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 @pytest.mark.parametrize(("freeze", "unfreeze"), [(2, 5), (0, 3)])
