@@ -705,16 +705,14 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one; an
-        # ungated one on the CPU, where the flag is read on the host (`_host_gated`)
+        # ungated one on the CPU, where the flag is read on the host (`GuardedRunner`)
         inner_plan = planner_of(inner)
         gated = getattr(inner, "gated", False)
         on_cpu = all(p.device.type == "cpu" for p in params.values())
         run_inner = inner_plan(params, state.inner) if inner_plan and (gated or on_cpu) else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
-        if not gated:
-            return _host_gated(run_inner, cap)
-        return GuardedRunner(run_inner, cap)
+        return GuardedRunner(run_inner, cap, gated)
 
     def plan_members(
         params: dict[str, torch.Tensor], state: SkipNonfiniteState, members: int
@@ -741,18 +739,21 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
 
 class GuardedRunner:
-    """`skip_nonfinite`'s planned update around a gated inner runner (`inner`), the step's norm
-    its flag: where the norm is finite and known on the host (a CPU tensor: no wait), the inner
-    update as it is and the counts of a finite step (`_finite_counts`); else the inner update gated
-    by the flag and its counts, as `update_fn` makes them.
+    """`skip_nonfinite`'s planned update around an inner runner (`inner`), the step's norm its
+    flag: where the norm is finite and known on the host (a CPU tensor: no wait), the inner update
+    as it is and the counts of a finite step (`_finite_run`); else the flag made element by element
+    and the counts as `update_fn` makes them (`_counted`), and the inner update gated by it: a
+    `gated` runner takes the flag itself, another (planned on the CPU) reads it on the host and
+    runs as it is where the update applies, else on the state kept as it is, its results selected
+    (the same bits as `_update_where`).
 
     The straight-line step (`functrain.core.straight`) writes the host path from `inner`'s plan
     where it can, and calls this runner for the rest."""
 
-    __slots__ = ("inner", "cap")
+    __slots__ = ("inner", "cap", "gated")
 
-    def __init__(self, inner: Runner, cap: int) -> None:
-        self.inner, self.cap = inner, cap
+    def __init__(self, inner: Runner, cap: int, gated: bool) -> None:
+        self.inner, self.cap, self.gated = inner, cap, gated
 
     def __call__(
         self,
@@ -768,27 +769,20 @@ class GuardedRunner:
             # finite, known on the host: the update as it is
             return _finite_run(run_inner, grads, params, state, norm, write)
         finite = all_finite(grads)  # element by element, as `update_fn`'s
-        ran = run_inner(
-            grads, params, state.inner, norm, write, finite if keep is None else finite & keep
-        )
-        skipped = ~finite
-        counts: tuple[torch.Tensor, ...] = (
-            skipped,
-            state.total_skipped + skipped,
-            (state.consecutive + 1) * skipped,  # `update_fn`'s values, in fewer ops
-        )
-        if keep is not None:
-            counts = tuple(
-                torch.where(keep, new, old)
-                for new, old in zip(
-                    counts, (state.skipped, state.total_skipped, state.consecutive), strict=True
-                )
-            )
-        new_state = SkipNonfiniteState(
-            ran.state, counts[0], counts[1], counts[2], state.max_consecutive
-        )
+        gate = finite if keep is None else finite & keep
+        if self.gated:
+            ran = run_inner(grads, params, state.inner, norm, write, gate)
+        elif flag_value(gate):  # (read on the host: a CPU state's)
+            if keep is None:
+                return _finite_run(run_inner, grads, params, state, norm, write)
+            ran = run_inner(grads, params, state.inner, norm, write, None)
+        else:  # (rare: a skipped step) run on the state kept as it is, then select, as
+            # `_update_where`: what an inner update measures itself (a window's norm) stays
+            ran = run_inner(grads, params, state.inner, norm, False, None)
+            ran = selected(ran, gate, params, state.inner, _previous_rate)
+        new_state = _counted(finite, state, keep, ran.state)
         _check_limit_now(new_state, self.cap)
-        flag = ran.flag if keep is None else None
+        flag = ran.flag if self.gated and keep is None else None
         return ran._replace(state=new_state, skipped=new_state.skipped, flag=flag)
 
 
@@ -909,62 +903,6 @@ def _on_cpu(t: torch.Tensor) -> bool | int | float | None:
     traced, never under vmap), so `host_number`'s other checks are not needed (one call, not
     five)."""
     return t.item() if t.device.type == "cpu" else None
-
-
-def _host_gated(run_inner: Runner, cap: int) -> Runner:
-    """`skip_nonfinite`'s runner around an ungated inner runner (planned on the CPU): the flag
-    (the gradients' elements finite, and the window's end under `accumulate`) read on the host,
-    and the update run as it is where it is known to apply (the same bits as `_update_where`,
-    without a select), else run on the state kept as it is and its results selected."""
-
-    def run(
-        grads: list[torch.Tensor],
-        params: list[torch.Tensor],
-        state: SkipNonfiniteState,
-        norm: torch.Tensor | None,
-        write: bool,
-        keep: torch.Tensor | None = None,
-    ) -> Ran:
-        if keep is None and _finite_now(grads, norm):  # the usual step: no flag tensor to make
-            return _finite_run(run_inner, grads, params, state, norm, write)
-        finite = all_finite(grads)  # element by element, as `update_fn`'s
-        gate = finite if keep is None else finite & keep
-        go = flag_value(gate)
-        if go and keep is None:
-            return _finite_run(run_inner, grads, params, state, norm, write)
-        if go:
-            ran = run_inner(grads, params, state.inner, norm, write, None)
-            inner, new_params, lr = ran.state, ran.params, ran.lr
-        else:  # (rare: a skipped step) run on the state kept as it is, then select, as
-            # `_update_where`: what an inner update measures itself (a window's norm) stays
-            ran = selected(
-                run_inner(grads, params, state.inner, norm, False, None),
-                gate,
-                params,
-                state.inner,
-                _previous_rate,
-            )
-            inner, new_params, lr = ran.state, ran.params, ran.lr
-        skipped = ~finite
-        counts: tuple[torch.Tensor, ...] = (
-            skipped,
-            state.total_skipped + skipped,
-            torch.where(finite, 0, state.consecutive + 1),
-        )
-        if keep is not None:  # between window ends the counts stay put
-            old = (state.skipped, state.total_skipped, state.consecutive)
-            ends = flag_value(keep)
-            if ends is None:
-                counts = tuple(torch.where(keep, n, o) for n, o in zip(counts, old, strict=True))
-            elif not ends:
-                counts = old
-        new_state = SkipNonfiniteState(
-            inner, counts[0], counts[1], counts[2], state.max_consecutive
-        )
-        _check_limit_now(new_state, cap)
-        return Ran(new_params, new_state, lr, new_state.skipped, None, ran.norm)
-
-    return run
 
 
 def _previous_rate(state: Tree) -> torch.Tensor | None:
