@@ -33,7 +33,8 @@ __all__ = [
     "COUNT_FREE",
     "FIRST_FOR_ALL",
     "count_free",
-    "slots_of",
+    "optimizers_in",
+    "slot_owners",
     "resplit",
 ]
 
@@ -273,50 +274,124 @@ def count_free(optimizer_name: str) -> bool:
     Example:
         >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("chain(scale_by_adam(), ...)")
         (True, False)
+        >>> count_free("partition(labels=<lambda>, a=adamw(lr=0.001), b=sgd(lr=0.1))")
+        True
     """
-    return optimizer_name.startswith(COUNT_FREE)
+    found = optimizers_in(optimizer_name)
+    return bool(found) and all(name.startswith(COUNT_FREE) for name in found)
 
 
-def slots_of(init: Any, params: dict[str, torch.Tensor]) -> list[str] | None:
-    """The paths of the sequences holding one slot per parameter in ``init(params)``'s leaves.
+def optimizers_in(optimizer_name: str) -> list[str]:
+    """The optimizers a transform named so runs: a partition's groups' (each of them, `labels=`
+    names none), else itself.
 
-    Found as the sequences that lose their last entry when the last parameter is left out; None
-    where a leaf that goes is in no such sequence of one entry per parameter (a state laid out by
-    group: `partition`, `masked`).
+    Example:
+        >>> optimizers_in("partition(labels=<lambda>, a=adamw(lr=0.001), b=sgd(lr=0.1))")
+        ['adamw(lr=0.001)', 'sgd(lr=0.1)']
+    """
+    if not (optimizer_name.startswith("partition(") and optimizer_name.endswith(")")):
+        return [optimizer_name]
+    groups = [
+        value
+        for key, _, value in (part.partition("=") for part in _arguments(optimizer_name[10:-1]))
+        if key != "labels"
+    ]
+    return [name for group in groups for name in optimizers_in(group)]
+
+
+def _arguments(inside: str) -> list[str]:
+    """The top-level arguments of a call's text, ``a=f(x, y), b=[1, 2]`` -> two."""
+    parts, depth, start, quote = [], 0, 0, ""
+    for i, c in enumerate(inside):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(inside[start:i].strip())
+            start = i + 1
+    return [*parts, inside[start:].strip()]
+
+
+def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]] | None:
+    """The sequences holding one slot per parameter in ``init(params)``'s leaves, each by its
+    path with the names of the parameters whose slots it holds, in order: all of them (a state
+    laid out one slot per parameter), or a group's (`partition`'s, `masked`'s).
+
+    Found as the sequences that lose their last entry when a parameter is left out: the last one
+    at once (one more ``init``), else, for a state laid out by group, each parameter in turn (on
+    the meta device: no memory). None where a leaf that goes is in no such sequence.
 
     Example:
         >>> import functrain as ft
         >>> p = {"a": torch.zeros(2), "b": torch.zeros(3)}
-        >>> slots_of(ft.sgd(0.1, momentum=0.9).init, p)
-        ['momentum']
+        >>> slot_owners(ft.sgd(0.1, momentum=0.9).init, p)
+        {'slots/momentum': ['a', 'b']}
     """
     names = list(params)
     if not names:
-        return []
+        return {}
     full = leaves_by_path(init(params))
+    owners = _shrinking(full, init, params, names[-1])
+    if owners is None:
+        return None
+    if all(n == len(names) for n in owners.values()):
+        return {container: list(names) for container in owners}
+    # laid out by group: which sequences each parameter's leaving shortens (probed on the meta
+    # device where the transform's init takes it, else on the parameters)
+    metas = {k: torch.empty_like(v, device="meta") for k, v in params.items()}
+    for probe in (metas, params):
+        try:
+            full = leaves_by_path(init(probe))
+        except Exception:  # (an init that reads its parameters' values)
+            continue
+        members: dict[str, list[str]] = {}
+        for name in names:
+            shrunk = _shrinking(full, init, probe, name)
+            if shrunk is None:
+                break
+            for container in shrunk:
+                members.setdefault(container, []).append(name)
+        else:
+            return members
+    return None
+
+
+def _shrinking(
+    full: dict[str, Any], init: Any, params: dict[str, torch.Tensor], name: str
+) -> dict[str, int] | None:
+    """The sequences of ``init(params)``'s leaves (`full`) that lose their last entry when
+    parameter `name` is left out, each by its path with its length; None where a leaf that goes
+    is in no such sequence."""
     try:
-        less = leaves_by_path(init({k: params[k] for k in names[:-1]}))
+        less = leaves_by_path(init({k: v for k, v in params.items() if k != name}))
     except Exception:  # a transform that needs each of its parameters
         return None
-    last, found = str(len(names) - 1), set()
+    found: dict[str, int] = {}
     for path in full.keys() - less.keys():
         parts = path.split("/")
-        starts = [i for i, part in enumerate(parts) if part == last]
-        for i in reversed(starts):
-            prefix, rest = "/".join(parts[:i]), "/".join(parts[i + 1 :])
-            if all(_join(prefix, str(k), rest) in full for k in range(len(names))):
-                found.add(prefix)
+        for i in reversed(range(len(parts))):  # (the innermost index: a sequence's entry)
+            if not parts[i].isdigit():
+                continue
+            prefix, rest, n = "/".join(parts[:i]), "/".join(parts[i + 1 :]), int(parts[i]) + 1
+            if _join(prefix, str(n), rest) not in full and all(
+                _join(prefix, str(k), rest) in full for k in range(n)
+            ):
+                found[prefix] = n
                 break
         else:
             return None
-    return sorted(found)
+    return found
 
 
 def _refuse_partly_parked(
     fresh: dict[str, Any],
     slot: Any,
-    names: list[str],
-    trained: dict[str, int],
+    trained: Any,
     parked: dict[str, dict[str, torch.Tensor]],
     what: str,
 ) -> None:
@@ -326,9 +401,9 @@ def _refuse_partly_parked(
     missing: dict[str, list[str]] = {}
     for path in fresh:
         found = slot(path)
-        if found is None or names[found[1]] in trained:
+        if found is None or found[1] in trained:
             continue
-        name = names[found[1]]
+        name = found[1]
         kept = [k for k in parked.get(name, {}) if k.startswith(what + "|")]
         key = f"{what}|{found[0]}|{found[2]}"
         if kept and key not in parked[name]:
@@ -350,63 +425,60 @@ def _join(*parts: str) -> str:
 
 def resplit(
     old: Any,
-    old_names: list[str],
+    old_params: dict[str, torch.Tensor],
     new_params: dict[str, torch.Tensor],
     parked: dict[str, dict[str, torch.Tensor]],
     init: Any,
     what: str,
 ) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
-    """`old` (made for `old_names`) for `new_params`, each weight's slots matched by name.
+    """`old` (made for `old_params`) for `new_params`, each weight's slots matched by name.
 
     A weight that stays keeps its slots; one that leaves has them parked (returned in the second
     value, under its name); one that comes back takes its parked slots, untouched since; a weight
     trained for the first time takes fresh ones. The leaves of no one weight (counts, rates, skip
-    counters) are `old`'s.
+    counters; a group's, in a partition) are `old`'s.
 
     Raises:
-        StateMismatchError: a state not laid out one slot per weight (`slots_of`).
+        StateMismatchError: a state not laid out one slot per weight (`slot_owners`).
     """
-    new_names = list(new_params)
-    containers = slots_of(init, new_params)
-    if containers is None:
+    owners, had = slot_owners(init, new_params), slot_owners(init, old_params)
+    if owners is None or had is None:
         raise StateMismatchError(
             f"TrainState.replace cannot move weights between params and frozen: this state's "
-            f"{what} is not laid out one slot per weight (a partition or a mask keeps its groups' "
-            "own); make a state for the new split with TrainState.create(state.export_module(), "
-            "...)"
+            f"{what} is not laid out one slot per weight; make a state for the new split with "
+            "TrainState.create(state.export_module(), ...)"
         )
     fresh = leaves_by_path(init(new_params))
     olds = leaves_by_path(old)
-    at_old = {name: i for i, name in enumerate(old_names)}
+    at_old = {c: {name: i for i, name in enumerate(names)} for c, names in had.items()}
     kept = {name: dict(slots) for name, slots in parked.items() if name not in new_params}
 
-    def slot(path: str) -> tuple[str, int, str] | None:
-        for container in containers:
+    def slot(path: str, layout: dict[str, list[str]]) -> tuple[str, str, str] | None:
+        """The container, weight and rest of `path` in `layout` (`slot_owners`), or None."""
+        for container, names in layout.items():
             head = container + "/" if container else ""
             if path.startswith(head):
                 index, _, rest = path[len(head) :].partition("/")
-                if index.isdigit():
-                    return container, int(index), rest
+                if index.isdigit() and int(index) < len(names):
+                    return container, names[int(index)], rest
         return None
 
-    _refuse_partly_parked(fresh, slot, new_names, at_old, parked, what)
+    _refuse_partly_parked(fresh, lambda p: slot(p, owners), old_params, parked, what)
     for path, leaf in olds.items():  # the leaving weights' slots, parked by name
-        found = slot(path)
-        if found is not None and found[1] < len(old_names):
-            name = old_names[found[1]]
-            if name not in new_params:
-                kept.setdefault(name, {})[f"{what}|{found[0]}|{found[2]}"] = leaf
+        found = slot(path, had)
+        if found is not None and found[1] not in new_params:
+            kept.setdefault(found[1], {})[f"{what}|{found[0]}|{found[2]}"] = leaf
     new_leaves = iter(fresh.items())
 
     def pick(_: Any) -> Any:
         path, leaf = next(new_leaves)
-        found = slot(path)
+        found = slot(path, owners)
         if found is None:
             return olds.get(path, leaf)
-        container, index, rest = found
-        name = new_names[index]
-        if name in at_old:
-            return olds[_join(container, str(at_old[name]), rest)]
+        container, name, rest = found
+        index = at_old.get(container, {}).get(name)
+        if index is not None:
+            return olds[_join(container, str(index), rest)]
         return parked.get(name, {}).get(f"{what}|{container}|{rest}", leaf)
 
     return pytree.tree_map(pick, init(new_params)), kept

@@ -41,6 +41,7 @@ from functrain.core.replacement import (
     FIRST_FOR_ALL,
     carried,
     count_free,
+    optimizers_in,
     ordered_like,
     parked_carried,
     refuse_derived,
@@ -622,7 +623,7 @@ class TrainState:
                 "adamw, adagrad, rmsprop, adadelta, rprop, adamax, nadam, radam, asgd)"
             )
         fresh = [w for w in counted if not self._parked_at(w)]
-        if fresh and name.startswith(FIRST_FOR_ALL):
+        if fresh and any(o.startswith(FIRST_FOR_ALL) for o in optimizers_in(name)):
             problems.append(
                 f"{fresh[:3]} never trained in this state and would take their first update at "
                 f"update {updates}, where {name.partition('(')[0]} makes a weight's first "
@@ -638,13 +639,15 @@ class TrainState:
         was = {k: dict(v) for k, v in self.parked.items()}
         # (each weight's own count brought up to now first: a frozen weight takes it with it)
         settled = settled_steps(self.opt_state)
-        opt_state, parked = resplit(settled, names, params, was, self.tx.init, "opt_state")
+        opt_state, parked = resplit(
+            settled, dict(self.params), params, was, self.tx.init, "opt_state"
+        )
         moved: dict[str, Any] = {"opt_state": opt_state}
         if self.ema_state is not None and self.averager is not None and "ema_state" not in changes:
             buffers = dict(self.buffers) if self.options.ema_buffers else None
             ema, averages = resplit(
                 self.ema_state,
-                names,
+                dict(self.params),
                 params,
                 was,
                 averaging_init(self.averager, buffers),

@@ -772,3 +772,39 @@ def test_a_layer_frozen_and_trained_again_gives_the_packages_bits(
         opt.zero_grad(set_to_none=True)
     for key, p in model.named_parameters():
         assert torch.equal(state.params[key], p), key
+
+
+@pytest.mark.parametrize("name", ["adamw", "nadam", "sgd"])
+def test_per_layer_groups_with_a_layer_frozen_and_trained_again_give_torchs_bits(
+    name: str,
+) -> None:
+    """ULMFiT's recipe whole: a learning rate per layer group (discriminative fine-tuning:
+    torch's param groups, a partition here) and the lowest group frozen, then trained again.
+    While frozen, its group holds no weight."""
+    rates = {"low": 1e-3, "high": 1e-2}
+    make = {
+        "adamw": (lambda lr: ft.adamw(lr), lambda g: torch.optim.AdamW(g, fused=True)),
+        "nadam": (lambda lr: ft.nadam(lr), torch.optim.NAdam),
+        "sgd": (
+            lambda lr: ft.sgd(lr, momentum=0.9),
+            lambda g: torch.optim.SGD(g, momentum=0.9, fused=True),
+        ),
+    }[name]
+    labels = lambda weight, p: "low" if weight.startswith("0.") else "high"  # noqa: E731
+    ours = ft.partition(labels, **{group: make[0](lr) for group, lr in rates.items()})
+    state = gradually_unfrozen(ours, freeze=2, unfreeze=5)
+    model = make_mlp()
+    groups = [
+        {"params": list(model[0].parameters()), "lr": rates["low"]},
+        {"params": list(model[2].parameters()), "lr": rates["high"]},
+    ]
+    opt = make[1](groups)
+    for i, (x, y) in enumerate(batches(8)):
+        if i in (2, 5):
+            for p in model[0].parameters():
+                p.requires_grad_(i == 5)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
