@@ -623,10 +623,11 @@ class TrainState:
                 "adamw, adagrad, rmsprop, adadelta, rprop, adamax, nadam, radam, asgd)"
             )
         fresh = [w for w in counted if not self._parked_at(w)]
-        if fresh and any(o.startswith(FIRST_FOR_ALL) for o in optimizers_in(name)):
+        first = [o.partition("(")[0] for o in optimizers_in(name) if o.startswith(FIRST_FOR_ALL)]
+        if fresh and first:
             problems.append(
                 f"{fresh[:3]} never trained in this state and would take their first update at "
-                f"update {updates}, where {name.partition('(')[0]} makes a weight's first "
+                f"update {updates}, where {first[0]} makes a weight's first "
                 "moments at the state's first update and its package at the weight's own first "
                 "gradient: train them from the start (frozen later, they continue exactly), or "
                 "make a state for the new split (TrainState.create(state.export_module(), ...))"
