@@ -808,3 +808,11 @@ def test_per_layer_groups_with_a_layer_frozen_and_trained_again_give_torchs_bits
         opt.zero_grad(set_to_none=True)
     for key, p in model.named_parameters():
         assert torch.equal(state.params[key], p), key
+
+
+def test_a_partition_with_adan_refuses_a_weight_that_never_trained_naming_adan() -> None:
+    labels = lambda weight, p: "low" if weight.startswith("0.") else "high"  # noqa: E731
+    ours = ft.partition(labels, low=ft.adan(1e-2), high=ft.adamw(1e-2))
+    with pytest.raises(ft.StateMismatchError, match=r"never trained in this state.*where adan"):
+        gradually_unfrozen(ours, freeze=0, unfreeze=3)
+    gradually_unfrozen(ours, freeze=2, unfreeze=5)  # trained before it was frozen: it continues
