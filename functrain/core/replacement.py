@@ -21,6 +21,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from functrain.errors import ConfigError, StateMismatchError
+from functrain.optim.naming import recorded_call
+from functrain.optim.wrappers import partition
 from functrain.tree import leaves_by_path
 
 __all__ = [
@@ -267,54 +269,36 @@ COUNT_FREE = (
 FIRST_FOR_ALL = ("adan(",)
 
 
-def count_free(optimizer_name: str) -> bool:
-    """Whether the optimizer named so updates each weight without reading a count of updates
-    for all (none, or the weight's own).
+def count_free(optimizer: Any) -> bool:
+    """Whether `optimizer` updates each weight without reading a count of updates for all (none,
+    or the weight's own; a partition's groups each so).
 
     Example:
-        >>> count_free("sgd(lr=0.1, momentum=0.9)"), count_free("chain(scale_by_adam(), ...)")
+        >>> import functrain as ft
+        >>> count_free(ft.sgd(0.1, momentum=0.9)), count_free(ft.chain(ft.scale_by_adam()))
         (True, False)
-        >>> count_free("partition(labels=<lambda>, a=adamw(lr=0.001), b=sgd(lr=0.1))")
+        >>> count_free(ft.partition(lambda n, p: "a", a=ft.adamw(1e-3), b=ft.lion(1e-4)))
         True
     """
-    found = optimizers_in(optimizer_name)
-    return bool(found) and all(name.startswith(COUNT_FREE) for name in found)
+    return all(name.startswith(COUNT_FREE) for name in optimizers_in(optimizer))
 
 
-def optimizers_in(optimizer_name: str) -> list[str]:
-    """The optimizers a transform named so runs: a partition's groups' (each of them, `labels=`
-    names none), else itself.
+def optimizers_in(optimizer: Any) -> list[str]:
+    """The names of the optimizers `optimizer` runs: a partition's groups' (each of them, from
+    the call that built it, `functrain.optim.naming.recorded_call`), else its own.
 
     Example:
-        >>> optimizers_in("partition(labels=<lambda>, a=adamw(lr=0.001), b=sgd(lr=0.1))")
-        ['adamw(lr=0.001)', 'sgd(lr=0.1)']
+        >>> import functrain as ft
+        >>> tx = ft.partition(lambda n, p: "a", a=ft.adamw(1e-3), b=ft.sgd(0.1))
+        >>> [name.partition("(")[0] for name in optimizers_in(tx)]
+        ['adamw', 'sgd']
     """
-    if not (optimizer_name.startswith("partition(") and optimizer_name.endswith(")")):
-        return [optimizer_name]
-    groups = [
-        value
-        for key, _, value in (part.partition("=") for part in _arguments(optimizer_name[10:-1]))
-        if key != "labels"
-    ]
-    return [name for group in groups for name in optimizers_in(group)]
-
-
-def _arguments(inside: str) -> list[str]:
-    """The top-level arguments of a call's text, ``a=f(x, y), b=[1, 2]`` -> two."""
-    parts, depth, start, quote = [], 0, 0, ""
-    for i, c in enumerate(inside):
-        if quote:
-            quote = "" if c == quote else quote
-        elif c in "'\"":
-            quote = c
-        elif c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif c == "," and depth == 0:
-            parts.append(inside[start:i].strip())
-            start = i + 1
-    return [*parts, inside[start:].strip()]
+    call = recorded_call(optimizer)
+    if call is not None and call.factory is partition:
+        return [
+            name for group in call.arguments["transforms"].values() for name in optimizers_in(group)
+        ]
+    return [getattr(optimizer, "name", None) or ""]
 
 
 def slot_owners(init: Any, params: dict[str, torch.Tensor]) -> dict[str, list[str]] | None:

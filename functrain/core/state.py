@@ -610,7 +610,7 @@ class TrainState:
         name = getattr(self.optimizer, "name", "") or ""
         updates = int(self.step.reshape(-1)[0])
         counted = [w for w in back if updates != self._parked_at(w)]
-        if counted and not count_free(name):
+        if counted and not count_free(self.optimizer):
             problems.append(
                 f"{counted[:3]} would train again at update {updates}, "
                 f"and {name.partition('(')[0] or 'this optimizer'}'s arithmetic reads one count "
@@ -623,7 +623,11 @@ class TrainState:
                 "adamw, adagrad, rmsprop, adadelta, rprop, adamax, nadam, radam, asgd)"
             )
         fresh = [w for w in counted if not self._parked_at(w)]
-        first = [o.partition("(")[0] for o in optimizers_in(name) if o.startswith(FIRST_FOR_ALL)]
+        first = [
+            o.partition("(")[0]
+            for o in optimizers_in(self.optimizer)
+            if o.startswith(FIRST_FOR_ALL)
+        ]
         if fresh and first:
             problems.append(
                 f"{fresh[:3]} never trained in this state and would take their first update at "

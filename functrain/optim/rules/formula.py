@@ -62,6 +62,7 @@ __all__ = [
     "FROZEN_EVALUATION_POINTS",
     "evaluation_frozen",
     "settled_steps",
+    "fresh_steps",
     "updates_sat_out",
     "FOREACH_IN_PLACE",
     "FOREACH_OUT_OF_PLACE",
@@ -1057,6 +1058,13 @@ def _counted_groups(
     return parts
 
 
+def fresh_steps(n: int, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A fresh state's own counts of `n` parameters (`RuleState.steps`): each parameter's step,
+    a float32 0-d zero as torch.optim's, and the count they were taken at (``steps_at``)."""
+    steps = tuple(torch.zeros((), dtype=torch.float32, device=device) for _ in range(n))
+    return steps, torch.zeros((), dtype=torch.float64, device=device)
+
+
 def settled_steps(tree: Any) -> Any:
     """`tree` (an optimizer state) with each formula state's per-parameter steps brought up to
     its count (`RuleState.settled`): what a weight takes with it when it is frozen
@@ -1334,8 +1342,6 @@ def rule_transform(
             )
             for k in rule.slots
         }
-        if own:  # (each parameter's count, a float32 0-d tensor, as torch.optim's step)
-            slots["step"] = tuple(torch.zeros((), dtype=torch.float32, device=home) for _ in leaves)
         held = {k: torch.tensor(v, dtype=torch.float64, device=home) for k, v in constants.items()}
         count = torch.zeros((), dtype=torch.int64, device=home)
         first = (
@@ -1348,9 +1354,10 @@ def rule_transform(
             (), first, dtype=torch.float64, device=leaves[0].device if leaves else HOST
         )
         group = {
-            k: torch.tensor(v, dtype=torch.float64, device=home)
-            for k, v in ({**rule.group, "steps_at": 0.0} if own else rule.group).items()
+            k: torch.tensor(v, dtype=torch.float64, device=home) for k, v in rule.group.items()
         }
+        if own:
+            slots["step"], group["steps_at"] = fresh_steps(len(leaves), home)
         return state_type(count, slots, held, rate, group)
 
     def run(

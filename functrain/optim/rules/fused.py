@@ -59,7 +59,13 @@ from functrain.optim.checks import check_positive
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner
 from functrain.optim.rates import as_float64, host_rate, value_at
-from functrain.optim.rules.formula import RuleState, host_value, read_value, updates_sat_out
+from functrain.optim.rules.formula import (
+    RuleState,
+    fresh_steps,
+    host_value,
+    read_value,
+    updates_sat_out,
+)
 from functrain.optim.sweep import Sweep
 from functrain.optim.updates import NewParams, flat_updates
 from functrain.optim.zeros import (
@@ -374,10 +380,7 @@ def _fused(
         slots = {k: tuple(map(make, leaves)) for k, make in moments.items() if make is not None}
         group = {}
         if kernel.steps:  # each parameter's own count (`RuleState.steps`), torch.optim's step
-            slots["step"] = tuple(
-                torch.zeros((), dtype=torch.float32, device=count.device) for _ in leaves
-            )
-            group["steps_at"] = torch.zeros((), dtype=torch.float64, device=count.device)
+            slots["step"], group["steps_at"] = fresh_steps(len(leaves), count.device)
         return state_type(count, slots, {}, _first_lr(lr, count), group)
 
     def buffers_of(state: Any) -> tuple[tuple[torch.Tensor, ...], ...]:
@@ -400,10 +403,10 @@ def _fused(
         extras: Extras = NO_EXTRAS,
     ) -> tuple[NewParams, Any]:
         step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
-        given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
-        decays = _decays(mask, params, step.p)
         if not step.p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
             return NewParams([], step.spec), state
+        given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
+        decays = _decays(mask, params, step.p)
         new_p, new = _by_groups(kernel, step, buffers_of(state), decays, weight_decay, given)
         rate = _last_lr(step.rate_t, state.lr, keep)
         return NewParams(new_p, step.spec), rebuilt(state, step.count, new, rate)
@@ -1519,7 +1522,7 @@ def _member_major(
     The kernel walks it straight through. Laid out as the member is (or as the member-major `like`,
     where given).
     """
-    whole = x.movedim(d, 0) if d is not None else x.expand(members, *x.shape)
+    whole = _members_first(x, d, members)
     if like is not None:
         return laid_out_like(whole, like)
     member = torch.empty_like(_walkable(whole[0]))
