@@ -33,7 +33,6 @@ __all__ = [
     "parked_carried",
     "shared_storage",
     "COUNT_FREE",
-    "FIRST_FOR_ALL",
     "count_free",
     "optimizers_in",
     "slot_owners",
@@ -261,12 +260,6 @@ COUNT_FREE = (
     "adan(",
     "adamw_schedule_free(",
 )
-
-
-# of those, the optimizers whose first update of a weight is the state's first (Adan makes its
-# previous gradient then), where their packages make it at the weight's own first gradient: a
-# weight that never trained in the state cannot join them mid-run
-FIRST_FOR_ALL = ("adan(",)
 
 
 def count_free(optimizer: Any) -> bool:

@@ -38,10 +38,8 @@ from functrain.core.options import (
     ema_buffers_default,
 )
 from functrain.core.replacement import (
-    FIRST_FOR_ALL,
     carried,
     count_free,
-    optimizers_in,
     ordered_like,
     parked_carried,
     refuse_derived,
@@ -621,20 +619,6 @@ class TrainState:
                 "(TrainState.create(state.export_module(), ...)), or use an optimizer that "
                 "reads no count or each weight's own: every torch.optim preset (sgd, adam, "
                 "adamw, adagrad, rmsprop, adadelta, rprop, adamax, nadam, radam, asgd)"
-            )
-        fresh = [w for w in counted if not self._parked_at(w)]
-        first = [
-            o.partition("(")[0]
-            for o in optimizers_in(self.optimizer)
-            if o.startswith(FIRST_FOR_ALL)
-        ]
-        if fresh and first:
-            problems.append(
-                f"{fresh[:3]} never trained in this state and would take their first update at "
-                f"update {updates}, where {first[0]} makes a weight's first "
-                "moments at the state's first update and its package at the weight's own first "
-                "gradient: train them from the start (frozen later, they continue exactly), or "
-                "make a state for the new split (TrainState.create(state.export_module(), ...))"
             )
         if problems:
             raise StateMismatchError(

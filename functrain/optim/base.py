@@ -347,8 +347,9 @@ class ExtrasUpdate:
       program calls it where the step's update applied (`averaging_of`).
 
     Calling it calls `fn` and gives ``(updates, state)``; `update_with` and `update_reporting`
-    call `fn` themselves (one Python call fewer). Neither calling it nor `update_reporting` calls
-    `fn` on updates of no parameters (`_of_no_parameters`).
+    call `fn` themselves (one Python call fewer). Updates of no parameters (a `partition` group
+    that holds none) are run too: they move nothing, and count the update as torch's schedulers
+    and the packages' group counters step an empty param group.
 
     Example:
         >>> update = ExtrasUpdate(lambda u, s, p=None, extras=NO_EXTRAS: (u, s), members=True)
@@ -411,8 +412,6 @@ class ExtrasUpdate:
     def __call__(
         self, updates: Updates, state: Tree, *args: Any, **kwargs: Any
     ) -> tuple[Updates, Tree]:
-        if _of_no_parameters(updates):  # torch.optim's empty param group: nothing to do
-            return updates, state
         if not self.reports:
             return self.fn(updates, state, *args, **kwargs)
         updates, state, _ = self.fn(updates, state, *args, **kwargs)
@@ -444,16 +443,6 @@ _DECLARED = (
     "rates",
     "averaging",
 )
-
-
-def _of_no_parameters(updates: Any) -> bool:
-    """Whether `updates` are of no parameters: an empty dict, list or tuple (a `partition` group
-    that holds none, each of its weights frozen, or ``tx.update({}, tx.init({}), {})``).
-
-    torch.optim steps nothing in an empty param group: such updates are not run, and come back
-    as they are with the state as given (it counts nothing, its moments stay as they started).
-    """
-    return type(updates) in (dict, list, tuple) and not updates
 
 
 def with_extras(update: Callable[..., tuple[Updates, Tree]]) -> ExtrasUpdate:
@@ -595,7 +584,7 @@ def update_reporting(
     it (`Extras.reporting`, as a step's do). What a step calls its transform with, and a wrapper
     its inner transforms when it passes their reports on (`chain`, `masked`, `partition`,
     `skip_nonfinite`, `dynamic_loss_scale` and `accumulate` do: the last report with a value,
-    field by field). Updates of no parameters are not run (`_of_no_parameters`).
+    field by field).
 
     Example:
         >>> import functrain as ft
@@ -612,8 +601,6 @@ def update_reporting(
         >>> update_reporting(sgd, {"w": torch.ones(2)}, sgd.init(p), p)[2]
         Report(grad_norm=None)
     """
-    if _of_no_parameters(updates):  # torch.optim's empty param group: nothing to do
-        return updates, state, NO_REPORT
     update: Any = tx.update
     gate = {} if keep is None else {"keep": keep}
     if isinstance(update, ExtrasUpdate):

@@ -35,6 +35,7 @@ from functrain.optim.base import (
     planner_of,
     runs_on_members,
     update_reporting,
+    update_with,
     writes_in_place,
 )
 from functrain.optim.batching import under_vmap
@@ -522,21 +523,19 @@ def partition(labels: Labels, /, **transforms: Transform) -> Transform:
             return None
         names = list(params)
         leaves = list(params.values())
-        groups: list[tuple[list[int], Runner | None]] = []
+        groups: list[tuple[list[int], Runner]] = []
         for (label, inner), inner_state in zip(transforms.items(), state.inner, strict=True):
             planner = planner_of(inner)
             index = [i for i, lab in enumerate(found) if lab == label]
-            if not index:  # a group of no parameters runs nothing (`update_reporting`)
-                groups.append((index, None))
+            if not index:  # a group of no parameters: its update of none, which counts
+                groups.append((index, _of_no_parameters(inner)))
                 continue
             group = split(leaves, names, found, label)
             runner = planner(group, inner_state) if planner is not None else None
             if runner is None or isinstance(runner, Prelude):
                 return None
             groups.append((index, runner))
-        # a first group of no parameters still gives the step's rate, from its state (unmoved)
-        lead = None if groups[0][0] else metric_reader(state.inner[0], "lr")
-        return _grouped_runner(groups, len(leaves), lead)
+        return _grouped_runner(groups, len(leaves))
 
     # each group's learning rate read where its state keeps it (found at the first read)
     readers: dict[str, Any] = {}
@@ -585,17 +584,12 @@ def _inner_rates(inner: Transform) -> Any:
     return None if found is None else lambda state: found(state.inner)
 
 
-def _grouped_runner(
-    groups: list[tuple[list[int], Runner | None]],
-    n: int,
-    lead: Callable[[Tree], torch.Tensor] | None = None,
-) -> Runner:
+def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
     """The `Runner` of a `partition` whose groups are all planned: each group's on its indices.
 
-    A group of no parameters has no runner: its state is kept as it is. The groups' states
-    expose no metric but their rates (the plan checks): it reports the first group's rate, as
-    the step reads a partition's (`lead` reads it where that group has no parameters), and the
-    first running group's skip flag where the step gates it (none of a group's own).
+    The groups' states expose no metric but their rates (the plan checks): it reports the first
+    group's rate, as the step reads a partition's, and the first group with parameters' skip
+    flag where the step gates it (none of a group's own).
     """
 
     def run(
@@ -607,28 +601,50 @@ def _grouped_runner(
         keep: torch.Tensor | None = None,
     ) -> Ran:
         new: list[Any] = [None] * n
-        states, first = [], None
+        states, rans = [], []
         for (index, runner), inner in zip(groups, state.inner, strict=True):
-            if runner is None:
-                states.append(inner)
-                continue
             ran = runner(
                 [grads[i] for i in index], [params[i] for i in index], inner, norm, write, keep
             )
             for i, x in zip(index, ran.params, strict=True):
                 new[i] = x
             states.append(ran.state)
-            first = ran if first is None else first
-        assert first is not None  # (a step has parameters: some group holds them)
+            rans.append((index, ran))
+        # (a step has parameters: some group holds them)
+        first = next(ran for index, ran in rans if index)
+        lr = rans[0][1].lr
         return Ran(
             new,
             PartitionState(tuple(states)),
-            first.lr if lead is None else lead(state.inner[0]),
+            lr,
             first.skipped,
             first.flag,
             first.norm,
             first.ended,
         )
+
+    return run
+
+
+def _of_no_parameters(inner: Transform) -> Runner:
+    """The `Runner` of a `partition` group that holds no parameter: its update of none, which
+    moves nothing and counts the update (torch's schedulers and the packages' group counters
+    step an empty group too), gated as its update is."""
+    gated = getattr(inner, "gated", False)
+
+    def run(
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        state: Tree,
+        norm: torch.Tensor | None,
+        write: bool,
+        keep: torch.Tensor | None = None,
+    ) -> Ran:
+        _, new = update_with(inner, {}, state, {}, keep=keep if gated else None)
+        if keep is not None and not gated:
+            new = tree_select(keep, new, state)
+        read = metric_reader(new, "lr")
+        return Ran([], new, read(new) if read is not None else None, None, None)
 
     return run
 

@@ -754,11 +754,6 @@ def test_a_layer_frozen_and_trained_again_gives_the_packages_bits(
     name: str, freeze: int, unfreeze: int
 ) -> None:
     ours, theirs = PACKAGES[name]
-    if name == "adan" and freeze == 0:  # (the package makes a weight's first moments at its
-        # own first gradient, functrain's Adan at the state's first update)
-        with pytest.raises(ft.StateMismatchError, match=r"never trained in this state.*adan"):
-            gradually_unfrozen(ours(), freeze=freeze, unfreeze=unfreeze)
-        return
     state = gradually_unfrozen(ours(), freeze=freeze, unfreeze=unfreeze)
     model = make_mlp()
     opt = theirs(model.parameters())
@@ -810,9 +805,73 @@ def test_per_layer_groups_with_a_layer_frozen_and_trained_again_give_torchs_bits
         assert torch.equal(state.params[key], p), key
 
 
-def test_a_partition_with_adan_refuses_a_weight_that_never_trained_naming_adan() -> None:
+# (schedule-free evaluates its model at an average of every parameter: a partition's group of it
+# is refused, `evaluation_params`)
+@pytest.mark.parametrize(("freeze", "unfreeze"), [(2, 5), (0, 3)])
+@pytest.mark.parametrize("name", sorted(set(PACKAGES) - {"schedule-free"}))
+def test_a_group_of_a_package_optimizer_frozen_whole_gives_the_packages_bits(
+    name: str, freeze: int, unfreeze: int
+) -> None:
+    """A layer in a group of its own (a partition beside AdamW), frozen whole and trained again,
+    or held frozen from the start: the package steps its group's count while no weight of it
+    has a gradient (Adan's and LAMB's bias corrections, schedule-free's average read it), and
+    makes a weight's first moments at the weight's own first gradient (Adan's previous one)."""
+    ours, theirs = PACKAGES[name]
     labels = lambda weight, p: "low" if weight.startswith("0.") else "high"  # noqa: E731
-    ours = ft.partition(labels, low=ft.adan(1e-2), high=ft.adamw(1e-2))
-    with pytest.raises(ft.StateMismatchError, match=r"never trained in this state.*where adan"):
-        gradually_unfrozen(ours, freeze=0, unfreeze=3)
-    gradually_unfrozen(ours, freeze=2, unfreeze=5)  # trained before it was frozen: it continues
+    tx = ft.partition(labels, low=ours(), high=ft.adamw(1e-2))
+    state = gradually_unfrozen(tx, freeze=freeze, unfreeze=unfreeze)
+    model = make_mlp()
+    low = theirs(model[0].parameters())
+    getattr(low, "train", lambda: None)()  # (schedule-free's training point)
+    high = torch.optim.AdamW(model[2].parameters(), lr=1e-2, fused=True)
+    for i, (x, y) in enumerate(batches(8)):
+        if i in (freeze, unfreeze):
+            for p in model[0].parameters():
+                p.requires_grad_(i == unfreeze)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        for opt in (low, high):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key
+
+
+@pytest.mark.parametrize("name", ["adamw", "nadam", "sgd"])
+def test_a_scheduled_group_frozen_whole_follows_torchs_scheduler(name: str) -> None:
+    """ULMFiT's recipe with its schedule: a rate per layer group, each on a schedule, the lowest
+    group frozen whole for three steps. torch's scheduler sets every group's rate at each step,
+    a group with no gradient too: the group's schedule goes on while it is frozen."""
+    make = {
+        "adamw": (ft.adamw, lambda g: torch.optim.AdamW(g, fused=True)),
+        "nadam": (ft.nadam, torch.optim.NAdam),
+        "sgd": (
+            lambda lr: ft.sgd(lr, momentum=0.9),
+            lambda g: torch.optim.SGD(g, momentum=0.9, fused=True),
+        ),
+    }[name]
+    rates = {"low": 1e-3, "high": 1e-2}
+    labels = lambda weight, p: "low" if weight.startswith("0.") else "high"  # noqa: E731
+    decayed = {
+        k: ft.schedules.exponential_decay(v, 0.5, transition_steps=1) for k, v in rates.items()
+    }
+    state = gradually_unfrozen(
+        ft.partition(labels, **{k: make[0](v) for k, v in decayed.items()}), freeze=2, unfreeze=5
+    )
+    model = make_mlp()
+    opt = make[1](
+        [
+            {"params": list(model[0].parameters()), "lr": rates["low"]},
+            {"params": list(model[2].parameters()), "lr": rates["high"]},
+        ]
+    )
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    for i, (x, y) in enumerate(batches(8)):
+        if i in (2, 5):
+            for p in model[0].parameters():
+                p.requires_grad_(i == 5)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        opt.step()
+        scheduler.step()
+        opt.zero_grad(set_to_none=True)
+    for key, p in model.named_parameters():
+        assert torch.equal(state.params[key], p), key

@@ -29,6 +29,7 @@ from functrain.optim.rules.formula import (
     combined,
     held_rate,
     number,
+    own_count,
     rule_transform,
 )
 
@@ -43,18 +44,19 @@ def adan_rule(
     The moments: ``exp_avg`` (of the gradient), ``exp_avg_diff`` (of the gradient's difference
     from the last), ``exp_avg_sq`` (of the squared Nesterov gradient ``g + b2 * diff``), and
     ``previous_grad``, which holds the last gradient negated (the reference's first one is the
-    first gradient negated, before `maximize`: the first difference is 0, or ``-2 g`` when
-    maximizing). The weight decay, held with the rate: ``p * (1 - lr * wd)`` before the step with
+    weight's own first gradient negated, before `maximize`: the first difference is 0, or ``-2 g``
+    when maximizing; `Rule.own_first`, the bias corrections at the optimizer's count). The
+    weight decay, held with the rate: ``p * (1 - lr * wd)`` before the step with
     `weight_decouple`, else ``p / (1 + lr * wd)`` after it.
     """
 
     def step(ops: Ops, p: Any, g: Any, m: Any, t: Count, h: dict[str, Scalar]) -> Any:
         raw, g = g, ops.out.neg(g) if maximize else g
-        previous = m["previous_grad"]
-        if not isinstance(t, int) or t == 1:
+        previous, own = m["previous_grad"], own_count(h)
+        if not isinstance(own, int) or own == 1:
             # the first: the first gradient negated (the reference's ``grad.clone().mul_(-1)``),
-            # made only at a first update
-            previous = at_first(t, ops.out.mul(raw, -1.0), lambda: m["previous_grad"])
+            # made only at the weight's own first update (`Rule.own_first`)
+            previous = at_first(own, ops.out.mul(raw, -1.0), lambda: m["previous_grad"])
         diff = ops.add(previous, g)
         mu = ops.lerp(m["exp_avg"], g, 1.0 - b1)
         mu_diff = ops.lerp(m["exp_avg_diff"], diff, 1.0 - b2)
@@ -82,7 +84,7 @@ def adan_rule(
         }
 
     slots = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
-    return Rule(slots, {}, ("lr", "weight_decay"), step, foreach=True)
+    return Rule(slots, {}, ("lr", "weight_decay"), step, foreach=True, own_first=True)
 
 
 @named

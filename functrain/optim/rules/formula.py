@@ -84,6 +84,7 @@ __all__ = [
     "addcdiv_scaled",
     "at_count",
     "at_first",
+    "own_count",
     "check_package_rate",
     "at_first_into",
     "combined",
@@ -418,6 +419,10 @@ class Rule(NamedTuple):
     # its count, as in torch (`RuleState.steps`); without, one count for all (the package keeps
     # one per group)
     own_steps: bool = False
+    # each parameter counts its own updates as with `own_steps`, but only its first update is
+    # its own (the step's ``h["own_step"]``: Adan makes its previous gradient at a weight's own
+    # first gradient, as its package does); the formula's count stays the optimizer's
+    own_first: bool = False
 
 
 def tracked(t: torch.Tensor) -> bool:
@@ -1058,6 +1063,18 @@ def _counted_groups(
     return parts
 
 
+def _count_scalar(c: Count) -> Scalar:
+    """An update's number as a hyperparameter (`Rule.own_first`'s ``h["own_step"]``)."""
+    return Scalar(float(c)) if isinstance(c, int) else Scalar(None, c)
+
+
+def own_count(h: dict[str, Scalar]) -> Count:
+    """The parameter's own number of this update (`Rule.own_first`): an int where known on the
+    host, else its tensor."""
+    own = h["own_step"]
+    return int(own.value) if own.value is not None else own.tensor  # type: ignore[return-value]
+
+
 def fresh_steps(n: int, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """A fresh state's own counts of `n` parameters (`RuleState.steps`): each parameter's step,
     a float32 0-d zero as torch.optim's, and the count they were taken at (``steps_at``)."""
@@ -1257,8 +1274,6 @@ def rule_direction(
 
     def update_fn(updates: Any, state: Any, params: Tree | None = None) -> tuple[Any, Any]:
         g, spec = flat_updates(updates, params)
-        if not g:  # (no parameter: nothing moves, nothing is counted, as torch's empty group)
-            return tree_unflatten([], spec), state
         origin = tree_unflatten([torch.zeros_like(x) for x in g], spec)
         moved, state = inner.update(tree_unflatten(g, spec), state, origin)
         assert isinstance(moved, NewParams)  # (rule_transform's update emits them)
@@ -1309,7 +1324,8 @@ def rule_transform(
     def foreach_on(device: torch.device) -> bool:  # (torch's foreach kernels, not its loop's)
         return bool(foreach) or (foreach is None and device.type != "cpu")
 
-    own = rule.own_steps and not differentiable  # (a differentiable state moves every weight)
+    # (a differentiable state moves every weight)
+    own = (rule.own_steps or rule.own_first) and not differentiable
     if own and rule.prepare is not None:
         raise ConfigError(f"{name}: a formula with a step of its own per parameter has no prepare")
     fixed = {k: Scalar(float(v)) for k, v in constants.items()}  # (`run`'s numbers)
@@ -1375,9 +1391,7 @@ def rule_transform(
         whether the parameters are of one kind (`_one_kind`, decided once); None: an update's.
         `behind`: the updates each parameter sat out (`updates_sat_out`, decided once; one number
         where they sat out as many), where `Rule.own_steps`; None: read from the state."""
-        if not p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
-            return [], state
-        device = p[0].device
+        device = p[0].device if p else state.count.device
         t = update_number(state.count, device)
         # the formula's count: each parameter's own, where it keeps one (alike but where
         # weights sat out updates: one count, `t`'s, for the lists)
@@ -1413,6 +1427,12 @@ def rule_transform(
                 else torch.tensor(v, dtype=torch.float64, device=state.count.device)
                 for k, v in numbers.items()
             }
+        if not p:  # no parameter (an empty param group): nothing moves, yet the update counts,
+            # as torch's schedulers and the packages' group counters step such a group
+            rate = state.lr if constant_rate else _last_rate(h.get("lr", Scalar(math.nan)), device)
+            return [], type(state)(
+                state.count + 1, state.slots, state.hyperparameters, rate, new_group
+            )
         ops = DIFFERENTIABLE if differentiable else IN_PLACE if in_place else OUT_OF_PLACE
         if ops is OUT_OF_PLACE and torch._C._functorch.maybe_current_level() is not None:
             ops = BATCHED  # (vmap: an unbatched temporary cannot take a batched operand in place)
@@ -1424,6 +1444,8 @@ def rule_transform(
         lists_here = (
             in_lists and ops is not BATCHED and (foreach_on(device) or device.type == "cpu")
         )
+        if rule.own_first:  # the formula's count is the optimizer's, the first each weight's
+            h["own_step"], t_own = _count_scalar(t_own), t
         if lists_here and one_kind and (flags is None or all(flags)) and counts is None:
             # every parameter at once over the lists, one foreach kernel per op (a planned
             # runner's gradients are its parameters' dtypes already)
@@ -1443,6 +1465,8 @@ def rule_transform(
                 for k in rule.slots
             }
             groups = _counted_groups(_decay_groups(flags, len(p), h), counts, t_own)
+            if rule.own_first:
+                groups = [(i, {**hs, "own_step": _count_scalar(c)}, t) for i, hs, c in groups]
             new_p, new_slots = _in_groups(p, g, slots_in, ops, groups, lists_here and one_kind)
         given = () if ops is IN_PLACE else (*p, *g, *new_p)
         slots = {k: _own(new_slots[k], given, ops) for k in rule.slots}

@@ -403,8 +403,6 @@ def _fused(
         extras: Extras = NO_EXTRAS,
     ) -> tuple[NewParams, Any]:
         step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
-        if not step.p:  # no parameter: nothing moves, nothing is counted (torch's empty group)
-            return NewParams([], step.spec), state
         given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
         decays = _decays(mask, params, step.p)
         new_p, new = _by_groups(kernel, step, buffers_of(state), decays, weight_decay, given)

@@ -71,6 +71,8 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, *, reference: str = "author
         updates: Any, state: ScaleByLionState, params: Tree | None = None
     ) -> tuple[Decoupled, ScaleByLionState]:
         g, spec = flat_updates(updates, params)
+        if not g:  # (torch's foreach ops take no empty list)
+            return Decoupled([], spec), state
         mixed = torch._foreach_add(torch._foreach_mul(state.mu, b1), torch._foreach_mul(g, 1 - b1))
         mu = torch._foreach_mul(state.mu, b2)
         torch._foreach_add_(mu, g, alpha=1 - b2)
@@ -80,6 +82,8 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, *, reference: str = "author
         updates: Any, state: ScaleByLionState, params: Tree | None = None
     ) -> tuple[Tree, ScaleByLionState]:
         g, spec = flat_updates(updates, params)
+        if not g:
+            return tree_unflatten([], spec), state
         direction = torch._foreach_sign(torch._foreach_lerp(state.mu, g, 1 - b1))
         return tree_unflatten(direction, spec), ScaleByLionState(
             tuple(torch._foreach_lerp(state.mu, g, 1 - b2))
