@@ -6,37 +6,7 @@ The public path of the schedules (`functrain.optim.schedules`) and of `from_torc
 """
 
 from functrain.interop.schedulers import from_torch
-from functrain.optim.schedules import (
-    Schedule,
-    constant,
-    cosine_decay,
-    exponential_decay,
-    join,
-    linear,
-    multistep,
-    one_cycle,
-    per_epoch,
-    polynomial,
-    swalr,
-    tabulate,
-    tensor_steps,
-    warmup_cosine,
-)
+from functrain.optim import schedules as _catalogue
+from functrain.optim.schedules import *  # noqa: F403  (the names `__all__` lists)
 
-__all__ = [
-    "Schedule",
-    "constant",
-    "linear",
-    "cosine_decay",
-    "exponential_decay",
-    "multistep",
-    "polynomial",
-    "warmup_cosine",
-    "one_cycle",
-    "join",
-    "per_epoch",
-    "tensor_steps",
-    "tabulate",
-    "swalr",
-    "from_torch",
-]
+__all__ = [*_catalogue.__all__, "from_torch"]

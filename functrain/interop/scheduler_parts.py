@@ -38,7 +38,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.rates import as_float64
-from functrain.optim.schedules.catalogue import (
+from functrain.optim.schedules import (
     ValueFn,
     check_interval,
     check_number,

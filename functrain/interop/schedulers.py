@@ -29,7 +29,7 @@ from functrain.interop import scheduler_parts as P
 from functrain.interop.scheduler_parts import Part, Setting
 from functrain.optim.porting import momentum_cycle_note, schedule_call
 from functrain.optim.rates import as_float64
-from functrain.optim.schedules.catalogue import (
+from functrain.optim.schedules import (
     Schedule,
     check_interval,
     check_number,

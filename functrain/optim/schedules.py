@@ -1,5 +1,8 @@
 """Schedules: pure functions ``step -> value`` for learning rates and other hyperparameters.
 
+Public as ``functrain.schedules``, with `from_torch` (every `torch.optim.lr_scheduler` class as one
+of them), which lives with the rest of the torch interop in `functrain.interop.schedulers`.
+
 A schedule holds no state, so there is nothing to forget in a checkpoint: the value at a step is a
 function of the step alone. Called with a Python int it returns a Python float; called with a 0-d
 integer tensor (as `scale_by_learning_rate` does with its step counter) it returns a 0-d float64
