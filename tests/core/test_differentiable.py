@@ -786,3 +786,37 @@ def test_evaluation_and_prediction_of_a_differentiable_state_keep_their_graph() 
     assert ft.eval_step(state, query)["loss"].requires_grad
     assert ft.predict(state, query[0]).requires_grad
     assert ft.eval_step(state, query)["loss"].dtype == torch.float64
+
+
+def test_a_meta_gradient_through_clipping_is_the_hand_written_loops() -> None:
+    """Clipping by the global norm is part of the update its meta-gradient goes through (the
+    norm's own derivative included), while the step's grad_norm metric is a value: three SGD
+    steps clipped to 0.05, against the loop written with autograd (clip_grad_norm_'s formula)."""
+    model = _net()
+    (x, y), query = _batches()
+    base = ft.TrainState.create(
+        model, ft.sgd(0.1), _squared_error, differentiable=True, clip_grad_norm=0.05
+    )
+    start = {k: p.detach().clone().requires_grad_(True) for k, p in base.params.items()}
+    state = base.replace(params=start)
+    for _ in range(3):
+        state, metrics = ft.train_step(state, (x, y))
+    assert metrics["grad_norm"].grad_fn is None and float(metrics["grad_norm"]) > 0.05
+    ours = torch.autograd.grad(ft.eval_step(state, query)["loss"], list(start.values()))
+
+    names = list(start)
+    weights = [p.detach().clone().requires_grad_(True) for p in start.values()]
+
+    def loss_at(params: list[torch.Tensor], batch: Any) -> torch.Tensor:
+        call = lambda a: torch.func.functional_call(model, dict(zip(names, params)), (a,))  # noqa: E731
+        return _squared_error(call, batch)
+
+    params = list(weights)
+    for _ in range(3):
+        grads = torch.autograd.grad(loss_at(params, (x, y)), params, create_graph=True)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = torch.clamp(0.05 / (norm + 1e-6), max=1.0)
+        params = [p - 0.1 * (g * coef) for p, g in zip(params, grads, strict=True)]
+    theirs = torch.autograd.grad(loss_at(params, query), weights)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)

@@ -112,12 +112,30 @@ def test_all_finite_checks_the_elements_and_makes_no_tensor_sized_temporary(
     with Sizes():
         got = wrappers.all_finite(tensors)
     assert bool(got) is expected
-    assert max(sizes) <= len(tensors), sizes  # one value per tensor at most: no copy of one
+    # two values per tensor at most (its extremes): no copy of one
+    assert max(sizes) <= 2 * len(tensors), sizes
     # the members' form (one flag per member of a stacked state) agrees
     if all(len(v) for v in values):
         stacked = [torch.stack([t, t]) for t in tensors]
         per_member = wrappers.all_finite(stacked, ft.tree.Norms(members=2))
         assert per_member.tolist() == [expected, expected]
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_all_finite_of_gradients_with_a_graph_saves_nothing_for_a_backward(
+    differentiable: bool,
+) -> None:
+    """A differentiated step's gradients carry their graph; the flag has no derivative, so its
+    check builds none (it saved the gradients times zero for a backward that never came: one
+    weight-sized tensor per inner step of a meta-step)."""
+    leaf = torch.randn(1000, requires_grad=True)
+    grads = [leaf * 2.0, leaf.sum().reshape(1) * 3.0]
+    saved: list[torch.Tensor] = []
+    norms = ft.tree.Norms(differentiable=differentiable)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        flag = wrappers.all_finite(grads, norms)
+    assert bool(flag) and flag.grad_fn is None
+    assert saved == []
 
 
 def test_skip_nonfinite_raises_after_max_consecutive_skips() -> None:
