@@ -123,6 +123,7 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
     # tangent (no tensor saved for a backward that never comes)
     if norms.differentiable or any(t.requires_grad for t in tensors):
         tensors = [t.detach() for t in tensors]
+        norms = norms._replace(differentiable=False)
     plain = not (
         torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
     ) and all(type(t) is torch.Tensor and not t.is_sparse for t in tensors)
