@@ -50,7 +50,9 @@ class ReadOnlyDict(dict):
     its own: to map a state's mapping together with a plain dict in one
     ``torch.utils._pytree.tree_map``, pass ``dict(state.params)``. A tree map's result, a copy
     and a pickle's load (``torch.load`` with ``weights_only=True`` too) are read-only as well:
-    ``dict(...)`` of them to change.
+    ``dict(...)`` of them to change. An assignment of the value a key holds already changes
+    nothing and is let through (``torch.func.functional_call(model, state.params, x)`` writes the
+    module's tensors back into the dict it was given).
 
     Example:
         >>> m = ReadOnlyDict(w=torch.zeros(1))
@@ -77,7 +79,25 @@ class ReadOnlyDict(dict):
             "{**mapping}"
         )
 
-    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+    __delitem__ = clear = pop = popitem = setdefault = _refuse
+
+    def _holds(self, items: Any) -> bool:
+        """Whether each of `items` is in the mapping already: its key there, with this very
+        value (an assignment that changes nothing, as ``torch.func.functional_call`` writes the
+        module's tensors back into the dict it was given)."""
+        return all(k in self and dict.__getitem__(self, k) is v for k, v in items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not self._holds([(key, value)]):
+            self._refuse()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        if not self._holds(dict(*args, **kwargs).items()):
+            self._refuse()
+
+    def __ior__(self, other: Any) -> Any:  # type: ignore[misc]  # (refuses what dict takes)
+        self.update(other)
+        return self
 
     def copy(self) -> dict:
         """A plain dict of the same items, to change."""

@@ -14,9 +14,9 @@ no decision the configuration already made:
     the gradients in the parameters' layout -> the norm -> the update (the `Runner`) -> the new
     state and its metrics -> the caller's RNG and mode back
 
-The text is registered with `linecache` under the name ``<functrain step: ...>``, so a traceback
-through a step shows its lines; `StraightStep.source` holds it. The bits are the program's
-(`StepProgram.run`): the tests run both and compare every tensor and metric.
+The text is registered with `linecache` under a name of its own, ``<functrain step N: ...>``, so
+a traceback through a step shows its lines; `StraightStep.source` holds it. The bits are the
+program's (`StepProgram.run`): the tests run both and compare every tensor and metric.
 
 Rare paths leave the straight line by a call: a loss function's failure (`loss_failure`), a
 non-scalar loss (`split_loss`), a parameter the loss did not use (`completed`), gradients in
@@ -68,6 +68,8 @@ _RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
 # the slots of a new state, set by their descriptors (one C call a field)
 _FIELDS = tuple(field.name for field in attrs.fields(TrainState))
 _SETTERS = {name: TrainState.__dict__[name].__set__ for name in _FIELDS}
+# the generated steps' numbers, in their `linecache` names
+_NUMBERS = itertools.count(1)
 
 
 class StraightStep:
@@ -91,7 +93,11 @@ def straight_step(program: Any, state: TrainState) -> StraightStep | None:
     sources = []
     for donate in (False, True):
         source, constants = _source(program, state, donate)
-        name = f"<functrain step: {_describe(state)}, {'donated' if donate else 'pure'}>"
+        # (numbered: each step's text its own, where two configurations describe alike)
+        name = (
+            f"<functrain step {next(_NUMBERS)}: {_describe(state)}, "
+            f"{'donated' if donate else 'pure'}>"
+        )
         # the text where a traceback looks for it (`linecache`), kept while the step lives
         linecache.cache[name] = (len(source), None, source.splitlines(True), name)
         namespace = dict(constants)
@@ -122,7 +128,8 @@ def _written_for(program: Any, state: TrainState) -> bool:
 
 def _describe(state: TrainState) -> str:
     options = state.options
-    parts = [getattr(state.optimizer, "name", "optimizer").split("(")[0]]
+    name = getattr(state.optimizer, "name", None)
+    parts = [name.split("(")[0] if isinstance(name, str) and name else "optimizer"]
     if options.accumulate_steps > 1:
         parts.append(f"accumulate {options.accumulate_steps}")
     if options.clip_grad_norm is not None:

@@ -73,6 +73,23 @@ def test_a_states_mappings_refuse_assignment_and_leave_the_states_sharing_them_a
     assert type(mapping | {"x": 1}) is dict and type(mapping.copy()) is dict
 
 
+def test_torchs_functional_call_on_a_states_mappings_works_and_changes_nothing() -> None:
+    """torch.func.functional_call writes the module's tensors back into the dict it was given
+    when the call ends: the very tensors it holds, a change of nothing, let through."""
+    state = trained(ft.sgd(0.1), steps=1)
+    before = dict(state.params)
+    module = state.export_module()
+    x = torch.randn(4, 6)
+    out = torch.func.functional_call(module, state.params, (x,))
+    assert torch.equal(out, module(x))
+    assert all(state.params[k] is v for k, v in before.items()) and len(state.params) == len(before)
+    state.params.update({"0.weight": before["0.weight"]})  # the same tensor: no change
+    with pytest.raises(ft.ImmutableStateError):
+        state.params.update({"0.weight": before["0.weight"].clone()})
+    with pytest.raises(ft.ImmutableStateError):
+        state.params |= {"0.weight": before["0.weight"].clone()}
+
+
 def test_an_augmented_assignment_to_a_counter_raises_the_states_own_error() -> None:
     state = trained(ft.sgd(0.1), steps=1)
     with pytest.raises(ft.ImmutableStateError, match=r"replace\(epoch=int\(state\.epoch\) \+ 1\)"):

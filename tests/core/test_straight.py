@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import traceback
 from typing import Any
@@ -134,11 +135,37 @@ def test_the_steps_text_is_in_a_traceback_and_names_the_configuration() -> None:
     with pytest.raises(BatchError) as caught:
         ft.train_step(state, (_BATCH[0][:5], _BATCH[1][:5]), donate=True)
     frames = traceback.extract_tb(caught.value.__cause__.__traceback__)
-    ours = [f for f in frames if f.filename.startswith("<functrain step: adamw, ema, donated")]
+    ours = [f for f in frames if re.match(r"<functrain step \d+: adamw, ema, donated", f.filename)]
     assert ours and ours[0].line == "out = state.loss_fn(model, batch)"
     assert frames[-1].name == "failing"
     # the donated state was not written: it is usable
     ft.train_step(state, _BATCH)
+
+
+def test_each_generated_step_has_a_name_of_its_own_in_tracebacks() -> None:
+    """Two configurations that describe alike (AdamW, one without the non-finite guard): each
+    step's text is found under its own name, so a traceback through one shows its lines."""
+    import linecache
+
+    a, _ = ft.train_step(_state({}), _BATCH)
+    b, _ = ft.train_step(_state({"nonfinite": "none"}), _BATCH)
+    steps = [(s, f) for s in (a.program.straight, b.program.straight) for f in (s.pure, s.donated)]
+    assert len({f.__code__.co_filename for _, f in steps}) == 4
+    assert a.program.straight.source != b.program.straight.source
+    for straight, function in steps:
+        text = "".join(linecache.getlines(function.__code__.co_filename))
+        assert text and text in straight.source
+
+
+@pytest.mark.parametrize("name", [123, None], ids=["a number", "none"])
+def test_a_transform_whose_name_is_not_a_string_trains(name: Any) -> None:
+    tx = ft.adamw(1e-2, weight_decay=0.1)  # (`_state`'s)
+    state = _state({}, tx=ft.Transform(tx.init, tx.update, name))
+    expected = _state({})
+    for donate in (False, True, False):
+        state, _ = ft.train_step(state, _BATCH, donate=donate)
+        expected, _ = ft.train_step(expected, _BATCH, donate=donate)
+    assert ft.diff_states(state.replace(optimizer=expected.optimizer), expected) == []
 
 
 def test_a_copied_states_own_structure_gets_its_own_step() -> None:

@@ -414,6 +414,9 @@ def test_meta_gradients_agree_with_central_finite_differences() -> None:
         ({"warmup_steps": -1}, r"warmup_steps must be an int >= 0 .*got warmup_steps=-1"),
         ({"warmup_steps": 2.5}, r"warmup_steps must be an int >= 0 .*got warmup_steps=2.5"),
         ({"r": -0.5}, r"r must be >= 0, got r=-0.5"),
+        # (k + 1) ** r overflows a float: the package raises OverflowError mid-run
+        ({"r": 2000}, r"r must keep the averaging weight \(k \+ 1\) \*\* r finite.*r=2000"),
+        ({"r": 1e308}, r"finite for 1e\+09 updates \(r < 34.25\), got r=1e\+308"),
         ({"weight_lr_power": float("inf")}, r"weight_lr_power must be a finite number >= 0"),
     ],
 )

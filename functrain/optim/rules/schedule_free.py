@@ -17,6 +17,8 @@ does not, bit for bit.
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import torch
@@ -146,6 +148,10 @@ def schedule_free_adamw_rule(
     )
 
 
+# the updates a run may take whose averaging weight `adamw_schedule_free` keeps finite
+_HORIZON = 10**9
+
+
 @named
 def adamw_schedule_free(
     lr: LearningRate = 0.0025,
@@ -211,6 +217,13 @@ def adamw_schedule_free(
             f"warmup_steps={warmup_steps!r}"
         )
     check_positive(problems, "r", r, allow_zero=True)
+    if isinstance(r, (int, float)) and r * math.log(_HORIZON + 1) >= math.log(sys.float_info.max):
+        # the package computes (k + 1) ** r in Python floats and raises OverflowError mid-run
+        largest = math.log(sys.float_info.max) / math.log(_HORIZON + 1)
+        problems.append(
+            f"r must keep the averaging weight (k + 1) ** r finite for {_HORIZON:.0e} updates "
+            f"(r < {largest:.2f}), got r={r!r}"
+        )
     check_positive(problems, "weight_lr_power", weight_lr_power, allow_zero=True)
     config_check(problems, "adamw_schedule_free")
     rule = schedule_free_adamw_rule(b1, b2, eps, warmup_steps, r, weight_lr_power)
