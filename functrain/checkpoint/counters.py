@@ -16,6 +16,11 @@ configuration and names each path and value:
   ``growth_tracker``, ``bad_evals``, ``cooldown_left`` >= 0, ``max_consecutive`` (-1: no limit)
   the template's; the accumulation the options wrap outermost (``opt_state/micro_step``, see
   `functrain.core.options.build_transform`) at the state's own `micro_step`;
+* a formula's state (`functrain.optim.rules.formula.RuleState`) holds its preset's own
+  hyperparameters (a differentiable state's, which its user may set, finite ones), finite numbers
+  of its own (schedule-free's beta1 the preset's, its update count ``k`` and the count each
+  weight's was brought to, ``steps_at``, whole numbers within ``0..count``), and each weight's
+  own count a whole number within ``0..steps_at``;
 * `rng` is a state that a generator of the state's device accepts.
 
 A stacked state's (`functrain.stack`) counters are checked member by member.
@@ -31,6 +36,8 @@ import torch
 from functrain.core.create import COUNTERS
 from functrain.core.state import TrainState
 from functrain.distributed.sharding import is_sharded
+from functrain.optim.differentiable import DifferentiableState
+from functrain.optim.rules.formula import RuleState
 from functrain.tree import leaves_by_path
 
 __all__ = ["TRANSFORM_COUNTERS", "counter_problems"]
@@ -75,6 +82,7 @@ def counter_problems(tree: Mapping[str, Any], like: TrainState) -> list[str]:
     step = step if step is not None and bool((step >= 0).all()) else None  # reported above
     for field in ("opt_state", "ema_state"):
         problems += _transform_problems(tree.get(field), getattr(like, field), field, step)
+    problems += _formula_problems(tree.get("opt_state"), like.opt_state)
     if like.options.accumulate_steps > 1:
         problems += _window_problems(tree)
     return problems + _rng_problems(tree.get("rng"), like)
@@ -156,6 +164,97 @@ def _transform_problems(
                 f"{_shown(value)}"
             )
     return problems
+
+
+def _formula_states(node: Any, path: str = "") -> list[tuple[str, RuleState | DifferentiableState]]:
+    """The formula states (`RuleState`, a differentiable state's `DifferentiableState`) in a
+    template's optimizer state, with their paths."""
+    if isinstance(node, (RuleState, DifferentiableState)):
+        return [(path, node)]
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        items: Any = zip(node._fields, node, strict=True)
+    elif isinstance(node, (tuple, list)):
+        items = enumerate(node)
+    elif isinstance(node, Mapping):
+        items = node.items()
+    else:
+        return []
+    return [found for k, v in items for found in _formula_states(v, f"{path}{k}/")]
+
+
+def _formula_problems(states: Any, template: Any) -> list[str]:
+    """The numbers a formula's state holds besides its moments (`RuleState`): the preset's own
+    hyperparameters, the template's (a differentiable state's, which its user may change, any
+    finite value); the optimizer's own numbers (`Rule.group`) finite, its counts (schedule-free's
+    ``k``, the updates each weight's count was brought to, ``steps_at``) whole numbers within
+    ``0..count``, and beta1, which places schedule-free's evaluation point, the template's; each
+    weight's own count (``slots/step``) a whole number within ``0..steps_at``."""
+    saved = leaves_by_path(states)
+    problems = []
+    for path, formula in _formula_states(template):
+        differentiable = isinstance(formula, DifferentiableState)
+        count = _integers(saved.get(f"{path}count"))
+        for name, expected in formula.hyperparameters.items():
+            where = f"{path}hyperparameters/{name}"
+            value = _numbers(saved.get(where))
+            if value is None:
+                continue
+            if differentiable and not bool(torch.isfinite(value).all()):
+                problems.append(f"opt_state/{where}: expected a finite number, got {_shown(value)}")
+            elif not differentiable and not torch.equal(value, own := _host(expected)):
+                problems.append(
+                    f"opt_state/{where}: expected the optimizer's own {_shown(own)}, got "
+                    f"{_shown(value)}"
+                )
+        at = None
+        for name, expected in formula.group.items():
+            where = f"{path}group/{name}"
+            value = _numbers(saved.get(where))
+            if value is None:
+                continue
+            if not bool(torch.isfinite(value).all()):
+                problems.append(f"opt_state/{where}: expected a finite number, got {_shown(value)}")
+            elif name in _GROUP_CONFIGURED and not torch.equal(value, own := _host(expected)):
+                problems.append(
+                    f"opt_state/{where}: expected the optimizer's own {_shown(own)}, got "
+                    f"{_shown(value)}"
+                )
+            elif name in _GROUP_COUNTS:
+                problems += _count_problems(f"opt_state/{where}", value, count, "count")
+                at = value if name == "steps_at" else at
+        for i, _ in enumerate(formula.slots.get("step", ())):
+            where = f"{path}slots/step/{i}"
+            value = _numbers(saved.get(where))
+            if value is not None:
+                problems += _count_problems(f"opt_state/{where}", value, at, "group/steps_at")
+    return problems
+
+
+# a formula's own numbers (`Rule.group`) that count updates, and those that mirror its arguments
+_GROUP_COUNTS = ("k", "steps_at")
+_GROUP_CONFIGURED = ("beta1",)
+
+
+def _numbers(value: Any) -> torch.Tensor | None:
+    """A floating `value` read to the host as float64, or None where it is none."""
+    if not isinstance(value, torch.Tensor) or is_sharded(value) or not value.is_floating_point():
+        return None
+    return value.detach().to("cpu", torch.float64)
+
+
+def _host(value: torch.Tensor) -> torch.Tensor:
+    return value.detach().to("cpu", torch.float64)
+
+
+def _count_problems(
+    where: str, value: torch.Tensor, bound: torch.Tensor | None, bound_name: str
+) -> list[str]:
+    """A count held as a float: a whole number within ``0..bound``."""
+    if bool((value < 0).any()) or not bool((value == value.round()).all()):
+        return [f"{where}: expected a whole number >= 0, got {_shown(value)}"]
+    if bound is not None and _above(value, bound.to(torch.float64)):
+        return [f"{where}: expected at most {bound_name} ({_shown(bound)}), got {_shown(value)}"]
+    return []
 
 
 def _window_problems(tree: Mapping[str, Any]) -> list[str]:

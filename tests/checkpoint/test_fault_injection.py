@@ -41,7 +41,8 @@ TRIALS = 500 if os.environ.get("FUNCTRAIN_LONG_TESTS") == "1" else 50
 MAX_KILL_DELAY_S = 0.3
 
 # Shared by this test and the saving processes: every float tensor of the state saved as step i
-# holds i, so a checkpoint that mixed files of two saves could not pass `check_consistent`.
+# holds i, so a checkpoint that mixed files of two saves could not pass `check_consistent` (but
+# the 0-d ones: counts held as floats, bounded by the integer counts a load checks them against).
 STATE_CODE = textwrap.dedent(
     """
     import torch
@@ -57,13 +58,13 @@ STATE_CODE = textwrap.dedent(
 
     def state_at(base, i):
         def fill(x):
-            return torch.full_like(x, float(i)) if x.is_floating_point() else x
+            return torch.full_like(x, float(i)) if x.is_floating_point() and x.ndim else x
         return base.with_tree(tree_map(fill, base.tree())).replace(step=torch.tensor(i))
 
     def check_consistent(state):
         i = int(state.step)
         for leaf in tree_leaves(state.tree()):
-            if leaf.is_floating_point():
+            if leaf.is_floating_point() and leaf.ndim:
                 assert bool((leaf == i).all()), f"a checkpoint of step {i} holds other values"
         return i
     """

@@ -306,3 +306,94 @@ def test_the_driver_registers_its_checks_and_keys_on_import() -> None:
     assert state_io._driver_checks == [tree_problems]
     assert state_io._state_checks == [position_problems]
     assert {"history", "source", "data"} <= core_state._DRIVER_KEYS
+
+
+def _formula_state(optimizer: ft.Transform, **options: Any) -> ft.TrainState:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state = ft.TrainState.create(nn.Linear(3, 2), optimizer, loss_fn, **options)
+    for i in range(3):
+        gen = torch.Generator().manual_seed(i)
+        state, _ = ft.train_step(state, (torch.randn(4, 3, generator=gen), torch.randn(4, 2)))
+    return state
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "changes", "expected"),
+    [
+        # 1 - 1 / beta1 places the evaluation point: 0 divided by zero in predict
+        (
+            "schedule-free",
+            {"opt_state/inner/group/beta1": torch.tensor(0.0, dtype=torch.float64)},
+            r"opt_state/inner/group/beta1: expected the optimizer's own 0.9, got 0.0",
+        ),
+        (
+            "schedule-free",
+            {"opt_state/inner/group/k": torch.tensor(-3.0, dtype=torch.float64)},
+            r"opt_state/inner/group/k: expected a whole number >= 0, got -3.0",
+        ),
+        (
+            "schedule-free",
+            {"opt_state/inner/group/k": torch.tensor(7.0, dtype=torch.float64)},
+            r"opt_state/inner/group/k: expected at most count \(3\), got 7.0",
+        ),
+        (
+            "schedule-free",
+            {"opt_state/inner/group/weight_sum": torch.tensor(float("nan"), dtype=torch.float64)},
+            r"opt_state/inner/group/weight_sum: expected a finite number, got nan",
+        ),
+        (
+            "nadam",
+            {"opt_state/inner/slots/step/1": torch.tensor(2.5)},
+            r"opt_state/inner/slots/step/1: expected a whole number >= 0, got 2.5",
+        ),
+        (
+            "nadam",
+            {"opt_state/inner/slots/step/0": torch.tensor(9.0)},
+            r"opt_state/inner/slots/step/0: expected at most group/steps_at \(0.0\), got 9.0",
+        ),
+        (
+            "nadam",
+            {"opt_state/inner/hyperparameters/lr": torch.tensor(5.0, dtype=torch.float64)},
+            r"opt_state/inner/hyperparameters/lr: expected the optimizer's own 0.1, got 5.0",
+        ),
+    ],
+    ids=[
+        "beta1-zero",
+        "k-negative",
+        "k-above-count",
+        "weight-sum-nan",
+        "step-fraction",
+        "step-above",
+        "lr-changed",
+    ],
+)
+def test_a_formulas_own_numbers_a_run_cannot_resume_from_are_corrupt(
+    tmp_path: Path, optimizer: str, changes: dict[str, Any], expected: str
+) -> None:
+    make = {"schedule-free": lambda: ft.adamw_schedule_free(0.1), "nadam": lambda: ft.nadam(0.1)}
+    state = _formula_state(make[optimizer]())
+    path = ft.save(state, tmp_path / "c")
+    assert ft.diff_states(ft.load(path, like=state), state) == []  # as saved: it loads
+    with pytest.raises(CheckpointCorruptError, match=f"(?s)cannot resume from:.*{expected}"):
+        ft.load(crafted(path, changes), like=state)
+
+
+def test_a_differentiable_states_hyperparameters_load_as_its_user_set_them(
+    tmp_path: Path,
+) -> None:
+    state = _formula_state(ft.adam(0.1), differentiable=True)
+    changed = ft.save(state.with_hyperparameters(lr=0.05), tmp_path / "c")
+    assert float(ft.load(changed, like=state).hyperparameters["lr"]) == 0.05
+    with pytest.raises(CheckpointCorruptError, match=r"hyperparameters/lr: expected a finite"):
+        ft.load(
+            crafted(
+                changed,
+                {
+                    "opt_state/inner/hyperparameters/lr": torch.tensor(
+                        float("inf"), dtype=torch.float64
+                    )
+                },
+            ),
+            like=state,
+        )
