@@ -32,6 +32,7 @@ Threads: the structure is one object, shared by every state made from a module, 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -62,6 +63,17 @@ __all__ = [
 STEP_LOCK = threading.RLock()
 """What a step or a binding holds for its whole call: the shared structures and the process's
 generators. Re-entrant: a loss function may call `functrain.predict` or another step."""
+
+
+def _free_in_child() -> None:
+    """`STEP_LOCK` free in a forked child: the child runs the forking thread alone, so a hold of
+    another thread's (a thread serving `predict` while the main thread forks a worker) would
+    never end there, and the child's first step would wait for it forever."""
+    STEP_LOCK._at_fork_reinit()  # type: ignore[attr-defined]  # (threading's own, for its locks)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_free_in_child)
 
 
 def take_step_lock() -> bool:

@@ -10,7 +10,10 @@ step must wait for it; the results are then compared, bit for bit, with the same
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -262,3 +265,45 @@ def test_a_forward_that_sets_a_submodule_trains() -> None:
     assert ft.predict(state, torch.ones(2, 3)).shape == (2, 1)
     with pytest.raises(ft.ConfigError, match="cannot set the submodule 'act'"):
         state.module.act = nn.Tanh()  # outside a step: the shared structure stays as copied
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_holds_the_step_lock_leaves_the_child_free_to_step() -> None:
+    """A thread inside a step (here holding its lock, as one does) while another forks: the
+    child runs the forking thread alone, and its first step must not wait for the hold of a
+    thread it does not have."""
+    from functrain.core.binding import STEP_LOCK
+
+    state = ft.TrainState.create(
+        nn.Linear(3, 1), ft.sgd(0.1), lambda m, b: F.mse_loss(m(b[0]), b[1])
+    )
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with STEP_LOCK:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: one step, then out without running the parent's teardown
+            code = 1
+            try:
+                ft.train_step(state, _BATCH)
+                code = 0
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        holder.join()
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's step waited for a lock its parent's other thread held")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
