@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from collections.abc import Callable
 
 import attrs
 import pytest
@@ -225,6 +226,20 @@ def torch_toggled(
         if (i + 1) % window == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
+    return model
+
+
+def toggled_loop(
+    model: nn.Module, step: Callable[[], None], freeze: int, unfreeze: int, n: int = 8
+) -> nn.Module:
+    """torch's loop on `model`, the first layer's requires_grad switched off at `freeze` and on
+    at `unfreeze`; `step` steps the optimizers (and schedulers) and zeroes the gradients."""
+    for i, (x, y) in enumerate(batches(n)):
+        if i in (freeze, unfreeze):
+            for p in model[0].parameters():
+                p.requires_grad_(i == unfreeze)
+        cross_entropy_loss_fn(model, (x, y)).backward()
+        step()
     return model
 
 
@@ -839,16 +854,14 @@ def test_a_group_of_a_package_optimizer_frozen_whole_gives_the_packages_bits(
     state = gradually_unfrozen(tx, freeze=freeze, unfreeze=unfreeze)
     model = make_mlp()
     low = theirs(model[0].parameters())
-    getattr(low, "train", lambda: None)()  # (schedule-free's training point)
     high = torch.optim.AdamW(model[2].parameters(), lr=1e-2, fused=True)
-    for i, (x, y) in enumerate(batches(8)):
-        if i in (freeze, unfreeze):
-            for p in model[0].parameters():
-                p.requires_grad_(i == unfreeze)
-        cross_entropy_loss_fn(model, (x, y)).backward()
+
+    def step() -> None:
         for opt in (low, high):
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    toggled_loop(model, step, freeze, unfreeze)
     for key, p in model.named_parameters():
         assert torch.equal(state.params[key], p), key
 
@@ -882,13 +895,12 @@ def test_a_scheduled_group_frozen_whole_follows_torchs_scheduler(name: str) -> N
         ]
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
-    for i, (x, y) in enumerate(batches(8)):
-        if i in (2, 5):
-            for p in model[0].parameters():
-                p.requires_grad_(i == 5)
-        cross_entropy_loss_fn(model, (x, y)).backward()
+
+    def step() -> None:
         opt.step()
         scheduler.step()
         opt.zero_grad(set_to_none=True)
+
+    toggled_loop(model, step, freeze=2, unfreeze=5)
     for key, p in model.named_parameters():
         assert torch.equal(state.params[key], p), key
