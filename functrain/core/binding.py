@@ -55,6 +55,8 @@ __all__ = [
     "carry_rebound",
     "refuse_unbound_calls",
     "CALL_GUARD",
+    "lock_depth",
+    "release_taken",
     "take_step_lock",
     "traced_binding_problems",
     "unbind",
@@ -74,6 +76,19 @@ def _free_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_free_in_child)
+
+
+def lock_depth() -> int:
+    """How many times this thread holds `STEP_LOCK` now: a step's entry notes it before taking
+    the lock inside its ``try``, and its handler releases the lock where it rose (an interrupt
+    right after the lock was taken, before the entry knew it took it)."""
+    return STEP_LOCK._recursion_count()  # type: ignore[attr-defined]
+
+
+def release_taken(depth: int) -> None:
+    """`STEP_LOCK` released where this thread holds it more than `depth` times (`lock_depth`)."""
+    if STEP_LOCK._recursion_count() > depth:  # type: ignore[attr-defined]
+        STEP_LOCK.release()
 
 
 def take_step_lock() -> bool:
@@ -288,16 +303,16 @@ class _Binding:
     def __enter__(self) -> BoundModel:
         slots, tensors = self._slots, self._tensors
         self._model = BoundModel(self._module)
-        self._locked = STEP_LOCK.acquire(False) or take_step_lock()
+        depth = lock_depth()
         try:  # the slots read under the lock: another thread's binding has left them
+            self._locked = STEP_LOCK.acquire(False) or take_step_lock()
             # an attribute holding an alias: its object put back too (a forward may replace it)
             self._kept = (
                 [attrs[name] for attrs, name in self._attributes] if self._attributes else ()
             )
             self._saved = [table[local] for table, local, _ in slots]
         except BaseException:  # (an interrupt): nothing bound yet
-            if self._locked:
-                STEP_LOCK.release()
+            release_taken(depth)
             raise
         # from here to the block, no Python function runs: an interrupt finds it bound or not
         for table, local, key in slots:

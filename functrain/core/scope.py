@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from functrain.core.binding import STEP_LOCK, take_step_lock
+from functrain.core.binding import STEP_LOCK, lock_depth, release_taken, take_step_lock
 from functrain.core.state import TrainState
 from functrain.core.structure import fixed
 
@@ -156,9 +156,10 @@ def swap_in(
     `STEP_LOCK` first (the caller's generator state is read under it); raising (an interrupt),
     it leaves everything as it was.
     """
-    locked = STEP_LOCK.acquire(False) or take_step_lock()
+    depth = lock_depth()
     scope = None
     try:
+        locked = STEP_LOCK.acquire(False) or take_step_lock()
         scope = Scope(module, module.training, generator, generator.get_state(), modules, locked)
         if module.training != training:
             scope.switched = True
@@ -167,8 +168,8 @@ def swap_in(
     except BaseException:
         if scope is not None:
             restore(scope)
-        elif locked:
-            STEP_LOCK.release()
+        else:  # (an interrupt as the lock was taken: before the scope knew it)
+            release_taken(depth)
         raise
     return scope
 

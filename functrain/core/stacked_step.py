@@ -44,7 +44,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from functrain.core.binding import STEP_LOCK, take_step_lock
+from functrain.core.binding import STEP_LOCK, lock_depth, release_taken, take_step_lock
 from functrain.core.body import Parts, apply, eval_body, loss_scale
 from functrain.core.donation import donated
 from functrain.core.gradient import gradients
@@ -272,8 +272,10 @@ class StackedScope:
         self.generator = device_generator(state.device)
         self.open = False
         self.switched = False  # the mode switched on entering: set back whole on closing
-        self.locked = STEP_LOCK.acquire(False) or take_step_lock()
+        self.locked = False
+        depth = lock_depth()
         try:  # the caller's generator state and mode read under the lock
+            self.locked = STEP_LOCK.acquire(False) or take_step_lock()
             self.was_training = self.module.training
             self.saved = self.generator.get_state()
             self.open = True
@@ -286,8 +288,8 @@ class StackedScope:
         except BaseException:  # (an interrupt): nothing left changed
             if self.open:
                 self.close()
-            elif self.locked:
-                STEP_LOCK.release()
+            else:  # (also as the lock was taken: before `locked` said so)
+                release_taken(depth)
             raise
 
     def close(self) -> None:

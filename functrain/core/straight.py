@@ -37,7 +37,13 @@ from typing import Any
 import attrs
 import torch
 
-from functrain.core.binding import STEP_LOCK, bound, take_step_lock, unbind
+from functrain.core.binding import (
+    STEP_LOCK,
+    bound,
+    release_taken,
+    take_step_lock,
+    unbind,
+)
 from functrain.core.body import finite_buffers
 from functrain.core.donation import HELD, wait_until_unheld
 from functrain.core.failures import loss_failure
@@ -302,6 +308,8 @@ _CONSTANTS: dict[str, Any] = {
     "ACQUIRE": STEP_LOCK.acquire,
     "RELEASE": STEP_LOCK.release,
     "take_step_lock": take_step_lock,
+    "LOCK_DEPTH": STEP_LOCK._recursion_count,  # type: ignore[attr-defined]  # (`lock_depth`)
+    "RELEASE_TAKEN": release_taken,
     "VECTOR_NORM": torch.linalg.vector_norm,
     "STACK": torch.stack,
     "FOREACH_NORM": torch._foreach_norm,
@@ -353,8 +361,10 @@ _FIRST_FORWARD = """\
 _ENTER = """\
     writing = False
     saved_rng = None
-    locked = ACQUIRE(False) or take_step_lock()
+    locked = False
+    depth = LOCK_DEPTH()
     try:
+        locked = ACQUIRE(False) or take_step_lock()
         was_training = MODULE.training
         saved_rng = GEN.get_state()
         if not was_training:
@@ -580,8 +590,7 @@ _LEAVE = """\
             GEN.set_state(saved_rng)
             if not was_training or MODULE.training != was_training:
 {restore_mode_deeper}\
-        if locked:
-            RELEASE()
+        RELEASE_TAKEN(depth)  # (also where an interrupt came as the lock was taken)
         raise
     if locked:
         RELEASE()

@@ -180,3 +180,80 @@ def test_stacked_step_interrupted_anywhere(donate: bool) -> None:
 
 def test_stacked_eval_step_interrupted_anywhere() -> None:
     _check_every_entry(_stack(), lambda s: ft.eval_step(s, _BATCH))
+
+
+class _AfterAcquire:
+    """A profile function: KeyboardInterrupt as `STEP_LOCK.acquire` returns, at its `at`-th
+    return (0: none), where a signal's handler runs after a taken lock and before any statement
+    of the caller's."""
+
+    def __init__(self, at: int) -> None:
+        from functrain.core.binding import STEP_LOCK
+
+        self.at, self.returns, self.lock = at, 0, STEP_LOCK
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and getattr(arg, "__self__", None) is self.lock:
+            if getattr(arg, "__name__", "") == "acquire":
+                self.returns += 1
+                if self.returns == self.at:
+                    raise KeyboardInterrupt
+
+
+def _lock_is_free() -> bool:
+    """Whether another thread can take `STEP_LOCK` now (it is re-entrant in this one)."""
+    from functrain.core.binding import STEP_LOCK
+
+    free: list[bool] = []
+
+    def take() -> None:
+        taken = STEP_LOCK.acquire(timeout=5)
+        if taken:
+            STEP_LOCK.release()
+        free.append(taken)
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    thread.join()
+    return free == [True]
+
+
+@pytest.mark.parametrize(
+    "kind", ["straight", "straight-donated", "stages", "predict", "stacked", "stacked-donated"]
+)
+def test_an_interrupt_as_the_step_lock_is_taken_leaves_it_free(kind: str) -> None:
+    """A KeyboardInterrupt right after `STEP_LOCK.acquire` returns, before the statement that
+    would release it on leaving: the lock is free again for every other thread."""
+    # (gradient statistics: the program's stages, `functrain.core.scope.swap_in`)
+    options = {"grad_stats": "layer"} if kind == "stages" else {}
+    make = _stack() if kind.startswith("stacked") else _stepped(**options)
+    donate = kind.endswith("donated")
+    run: Callable[[ft.TrainState], Any] = {"predict": lambda s: ft.predict(s, _BATCH[0])}.get(
+        kind, lambda s: ft.train_step(s, _BATCH, donate=donate)
+    )
+    counter = _AfterAcquire(0)
+    sys.setprofile(counter)
+    try:
+        run(make())
+    finally:
+        sys.setprofile(None)
+    assert counter.returns >= 1
+    for at in range(1, counter.returns + 1):
+        state = make()
+        before = state.clone()
+        rng = torch.default_generator.get_state()
+        sys.setprofile(_AfterAcquire(at))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(state)
+        finally:
+            sys.setprofile(None)
+        assert _lock_is_free(), f"interrupted at acquire {at}"
+        assert torch.equal(torch.default_generator.get_state(), rng)
+        if donate:
+            try:
+                state.check_live("a test")
+            except DonatedStateError:
+                continue  # retired: fine
+        assert _same(state, before)
+        assert _other_thread_steps(state)
