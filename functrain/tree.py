@@ -215,14 +215,15 @@ def escape_key(key: str) -> str:
     return key.replace("%", "%25").replace("/", "%2F") if key else "%"
 
 
-def leaves_by_path(tree: Tree) -> dict[str, Any]:
-    """The leaves of `tree` keyed by their path (the keys a checkpoint stores them under).
+def leaves_by_path(tree: Tree, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+    """The leaves of `tree` keyed by their path (the keys a checkpoint stores them under);
+    `is_leaf`: the nodes taken whole, as leaves.
 
     Example:
         >>> list(leaves_by_path({"w": torch.zeros(2), "b": (torch.zeros(1),)}))
         ['w', 'b/0']
     """
-    flat, _ = pytree.tree_flatten_with_path(tree)
+    flat, _ = pytree.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return {"/".join(escape_key(str(_key(k))) for k in path): leaf for path, leaf in flat}
 
 

@@ -166,22 +166,6 @@ def _transform_problems(
     return problems
 
 
-def _formula_states(node: Any, path: str = "") -> list[tuple[str, RuleState | DifferentiableState]]:
-    """The formula states (`RuleState`, a differentiable state's `DifferentiableState`) in a
-    template's optimizer state, with their paths."""
-    if isinstance(node, (RuleState, DifferentiableState)):
-        return [(path, node)]
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-        items: Any = zip(node._fields, node, strict=True)
-    elif isinstance(node, (tuple, list)):
-        items = enumerate(node)
-    elif isinstance(node, Mapping):
-        items = node.items()
-    else:
-        return []
-    return [found for k, v in items for found in _formula_states(v, f"{path}{k}/")]
-
-
 def _formula_problems(states: Any, template: Any) -> list[str]:
     """The numbers a formula's state holds besides its moments (`RuleState`): the preset's own
     hyperparameters, the template's (a differentiable state's, which its user may change, any
@@ -191,7 +175,11 @@ def _formula_problems(states: Any, template: Any) -> list[str]:
     weight's own count (``slots/step``) a whole number within ``0..steps_at``."""
     saved = leaves_by_path(states)
     problems = []
-    for path, formula in _formula_states(template):
+    formulas = leaves_by_path(template, is_leaf=lambda x: isinstance(x, _FORMULA_STATES))
+    for at_path, formula in formulas.items():
+        if not isinstance(formula, _FORMULA_STATES):
+            continue
+        path = f"{at_path}/" if at_path else ""
         differentiable = isinstance(formula, DifferentiableState)
         count = _integers(saved.get(f"{path}count"))
         for name, expected in formula.hyperparameters.items():
@@ -230,6 +218,8 @@ def _formula_problems(states: Any, template: Any) -> list[str]:
     return problems
 
 
+# a formula's state, and a differentiable state's form of it
+_FORMULA_STATES = (RuleState, DifferentiableState)
 # a formula's own numbers (`Rule.group`) that count updates, and those that mirror its arguments
 _GROUP_COUNTS = ("k", "steps_at")
 _GROUP_CONFIGURED = ("beta1",)
@@ -239,7 +229,7 @@ def _numbers(value: Any) -> torch.Tensor | None:
     """A floating `value` read to the host as float64, or None where it is none."""
     if not isinstance(value, torch.Tensor) or is_sharded(value) or not value.is_floating_point():
         return None
-    return value.detach().to("cpu", torch.float64)
+    return _host(value)
 
 
 def _host(value: torch.Tensor) -> torch.Tensor:

@@ -234,17 +234,11 @@ def _update(
     # reported where asked for or clipping measures it (`StepOptions.reports_grad_norm`): else the
     # checks inside measure what they need, and the metric is left out
     reports = state.options.reports_grad_norm
-    measured = reports and state.options.accumulate_steps == 1
-    # (differentiated: the metric measured without a graph, which clipping's norm keeps)
-    grad_norm = (
-        (
-            extras.global_norm([g.detach() for g in grad_list])
-            if extras.differentiable
-            else extras.global_norm(grad_list)
-        )
-        if measured
-        else None
-    )
+    grad_norm = None
+    if reports and state.options.accumulate_steps == 1:
+        # (differentiated: the metric measured without a graph, which clipping's norm keeps)
+        seen = [g.detach() for g in grad_list] if extras.differentiable else grad_list
+        grad_norm = extras.global_norm(seen)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
     # (eagerly: traced, a tensor's version counter does not trace, and without it a transform's
     # write in place would go unseen; each use measures, and the graph folds a repeat away)

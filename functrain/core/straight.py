@@ -361,7 +361,6 @@ _FIRST_FORWARD = """\
 _ENTER = """\
     writing = False
     saved_rng = None
-    locked = False
     depth = LOCK_DEPTH()
     try:
         locked = ACQUIRE(False) or take_step_lock()
