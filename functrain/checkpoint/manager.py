@@ -47,6 +47,7 @@ from functrain.checkpoint.lock import WriterLock
 from functrain.checkpoint.sharded import agree, part_digests, write_sharded
 from functrain.checkpoint.snapshot import Snapshot
 from functrain.checkpoint.state_io import check_savable, fingerprint, load
+from functrain.core.donation import hold_live
 from functrain.core.stacked import host_count, num_members, unstack
 from functrain.core.state import TrainState
 from functrain.distributed.data_parallel import all_gather_json
@@ -362,6 +363,8 @@ class CheckpointManager:
                 `functrain.checkpoint.lock`).
             CheckpointPermissionError: a checkpoint of this name is there that this process may
                 not read (another user's): it is never replaced.
+            DonatedStateError: a step took `state` with ``donate=True`` (one running in another
+                thread is waited for); nothing is written.
         """
         self._require_writer("save")
         if not isinstance(state, TrainState):
@@ -379,24 +382,29 @@ class CheckpointManager:
         problems = _metadata_problems(metadata, "CheckpointManager.save: metadata")
         if problems:
             raise ConfigError(problems[0])
-        check_savable(state)
         self.wait()
-        name = checkpoint_name("ckpt", state)
-        meta = {
-            **self.metadata,
-            **(metadata or {}),
-            "metrics": host_metrics,
-            "step": host_count(state.step),
-            "epoch": host_count(state.epoch),
-        }
-        tree, fp = state.tree(), fingerprint(state)
-        if self._pool is None:
-            return self._commit(name, tree, fp, meta)
-        # the state's own tensors, held until written (see functrain.checkpoint.snapshot): no copy
-        group = self._group
-        snapshot = Snapshot(
-            tree, (lambda t: part_digests(t, group)) if self.sharded else file_digests
-        )
+        # held while read: a donated step of it (in another thread) waits, or has retired it
+        release = hold_live(state, "CheckpointManager.save")
+        try:
+            check_savable(state)
+            name = checkpoint_name("ckpt", state)
+            meta = {
+                **self.metadata,
+                **(metadata or {}),
+                "metrics": host_metrics,
+                "step": host_count(state.step),
+                "epoch": host_count(state.epoch),
+            }
+            tree, fp = state.tree(), fingerprint(state)
+            if self._pool is None:
+                return self._commit(name, tree, fp, meta)
+            # the state's own tensors, held until written (functrain.checkpoint.snapshot): no copy
+            group = self._group
+            snapshot = Snapshot(
+                tree, (lambda t: part_digests(t, group)) if self.sharded else file_digests
+            )
+        finally:
+            release()
         try:
             self._pending = self._pool.submit(
                 self._commit_in_background, name, snapshot, fp, meta, state

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import functrain as ft
-from functrain.checkpoint import state_io
+from functrain.checkpoint import format, manager, state_io
 from functrain.errors import DonatedStateError
 
 # how long a paused step waits for another thread's to reach it: where the steps serialize, the
@@ -177,21 +177,37 @@ def test_predict_in_one_thread_while_another_trains_gives_the_state_s_outputs() 
     assert torch.equal(served, expected)
 
 
-def test_sync_save_while_a_donated_step_writes_the_state_saves_the_state_or_refuses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _save_with(saver: str, path: Path) -> Callable[[ft.TrainState], Any]:
+    """`functrain.save`, or a `CheckpointManager`'s save (waited for where it is async)."""
+    if saver == "functrain.save":
+        return lambda state: ft.save(state, path)
+
+    def manager_save(state: ft.TrainState) -> Any:
+        with ft.CheckpointManager(path, async_save=saver == "async manager") as manager:
+            saved = manager.save(state)
+            manager.wait()
+            return saved
+
+    return manager_save
+
+
+@pytest.mark.parametrize("saver", ["functrain.save", "manager", "async manager"])
+def test_a_save_while_a_donated_step_writes_the_state_saves_the_state_or_refuses(
+    saver: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = ft.TrainState.create(_mlp(0), ft.adamw(0.1), lambda m, b: F.mse_loss(m(b[0]), b[1]))
     state, _ = ft.train_step(state, _BATCH)
     before = state.clone()
     reading, stepped = threading.Event(), threading.Event()
-    write_tree = state_io.write_tree
+    write_tree = format.write_tree
 
     def slow_write(*args: Any, **kwargs: Any) -> Any:
         reading.set()  # the save has begun: the donated step runs now, if it may
         stepped.wait(_PAUSE)
         return write_tree(*args, **kwargs)
 
-    monkeypatch.setattr(state_io, "write_tree", slow_write)
+    for module in (state_io, manager):
+        monkeypatch.setattr(module, "write_tree", slow_write)
 
     def step() -> Any:
         reading.wait(_PAUSE)
@@ -199,13 +215,51 @@ def test_sync_save_while_a_donated_step_writes_the_state_saves_the_state_or_refu
         stepped.set()
         return result
 
-    saved, result = _run(lambda: ft.save(state, tmp_path / "ckpt"), step)
+    saved, result = _run(lambda: _save_with(saver, tmp_path / "ckpts")(state), step)
     assert not isinstance(result, BaseException), result
     if isinstance(saved, DonatedStateError):
         return  # refused: the step had taken the state
     assert not isinstance(saved, BaseException), saved
-    loaded = ft.load(tmp_path / "ckpt", like=before)
+    loaded = ft.load(saved, like=before)
     assert ft.diff_states(loaded, before) == []
+
+
+@pytest.mark.parametrize("saver", ["functrain.save", "manager", "async manager"])
+def test_a_save_begun_inside_a_donated_step_waits_for_it_and_refuses(
+    saver: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_step, writing, stepped = threading.Event(), threading.Event(), threading.Event()
+
+    def loss_fn(m: Any, b: Any) -> torch.Tensor:
+        if in_step.is_set():  # the donated step, past its wait for readers: the save may begin
+            writing.wait(_PAUSE)
+        return F.mse_loss(m(b[0]), b[1])
+
+    write_tree = format.write_tree
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        writing.set()  # the save is writing the tensors: the step writes them too, if it may
+        stepped.wait(_PAUSE)
+        return write_tree(*args, **kwargs)
+
+    for module in (state_io, manager):
+        monkeypatch.setattr(module, "write_tree", slow_write)
+    state = ft.TrainState.create(_mlp(0), ft.adamw(0.1), loss_fn)
+    state, _ = ft.train_step(state, _BATCH)
+    in_step.set()
+
+    def step() -> Any:
+        result = ft.train_step(state, _BATCH, donate=True)
+        stepped.set()
+        return result
+
+    def save() -> Any:
+        time.sleep(_PAUSE / 5)  # the step waits in its loss function by now
+        return _save_with(saver, tmp_path / "ckpts")(state)
+
+    result, saved = _run(step, save)
+    assert not isinstance(result, BaseException), result
+    assert isinstance(saved, DonatedStateError), saved
 
 
 def test_export_module_while_another_thread_steps_a_state_of_the_model_holds_its_own_weights(
