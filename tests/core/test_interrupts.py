@@ -182,22 +182,51 @@ def test_stacked_eval_step_interrupted_anywhere() -> None:
     _check_every_entry(_stack(), lambda s: ft.eval_step(s, _BATCH))
 
 
-class _AfterAcquire:
-    """A profile function: KeyboardInterrupt as `STEP_LOCK.acquire` returns, at its `at`-th
-    return (0: none), where a signal's handler runs after a taken lock and before any statement
-    of the caller's."""
+# the instructions after each acquire of STEP_LOCK, in the function that took it, at which an
+# interrupt is delivered: past the few that lead into the statement that releases it on leaving
+_WINDOW = 12
 
-    def __init__(self, at: int) -> None:
+
+class _AfterAcquire:
+    """KeyboardInterrupt in the function that took `STEP_LOCK`, after its `at`-th acquire (0:
+    none) returned: as the call returns (`instruction` 0, a profile function's ``c_return``), or
+    before its `instruction`-th instruction after it (a trace function's ``opcode`` event). Python
+    runs a signal's handler, which raises the interrupt, between instructions."""
+
+    def __init__(self, at: int, instruction: int = 0) -> None:
         from functrain.core.binding import STEP_LOCK
 
-        self.at, self.returns, self.lock = at, 0, STEP_LOCK
+        self.at, self.instruction, self.lock = at, instruction, STEP_LOCK
+        self.returns, self.frame, self.ran = 0, None, 0
 
-    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+    def __enter__(self) -> _AfterAcquire:
+        sys.settrace(lambda frame, event, arg: None)  # (a frame's own trace function runs)
+        sys.setprofile(self.profile)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(None)
+        sys.settrace(None)
+
+    def profile(self, frame: Any, event: str, arg: Any) -> None:
         if event == "c_return" and getattr(arg, "__self__", None) is self.lock:
             if getattr(arg, "__name__", "") == "acquire":
                 self.returns += 1
-                if self.returns == self.at:
+                if self.returns != self.at:
+                    return
+                if self.instruction == 0:
                     raise KeyboardInterrupt
+                self.frame = frame  # the function that called acquire: each instruction it runs
+                frame.f_trace_opcodes, frame.f_trace_lines = True, False
+                frame.f_trace = self.trace
+
+    def trace(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode" and frame is self.frame:
+            self.ran += 1
+            if self.ran == self.instruction:
+                self.frame = None
+                raise KeyboardInterrupt
+        return self.trace
 
 
 def _lock_is_free() -> bool:
@@ -222,8 +251,9 @@ def _lock_is_free() -> bool:
     "kind", ["straight", "straight-donated", "stages", "predict", "stacked", "stacked-donated"]
 )
 def test_an_interrupt_as_the_step_lock_is_taken_leaves_it_free(kind: str) -> None:
-    """A KeyboardInterrupt right after `STEP_LOCK.acquire` returns, before the statement that
-    would release it on leaving: the lock is free again for every other thread."""
+    """A KeyboardInterrupt as `STEP_LOCK.acquire` returns, and at each instruction after it in the
+    function that took it (into the statement that would release it on leaving, and past): the
+    lock is free again for every other thread, the state as it was or retired."""
     # (gradient statistics: the program's stages, `functrain.core.scope.swap_in`)
     options = {"grad_stats": "layer"} if kind == "stages" else {}
     make = _stack() if kind.startswith("stacked") else _stepped(**options)
@@ -231,29 +261,29 @@ def test_an_interrupt_as_the_step_lock_is_taken_leaves_it_free(kind: str) -> Non
     run: Callable[[ft.TrainState], Any] = {"predict": lambda s: ft.predict(s, _BATCH[0])}.get(
         kind, lambda s: ft.train_step(s, _BATCH, donate=donate)
     )
-    counter = _AfterAcquire(0)
-    sys.setprofile(counter)
-    try:
+    with _AfterAcquire(0) as counter:
         run(make())
-    finally:
-        sys.setprofile(None)
     assert counter.returns >= 1
     for at in range(1, counter.returns + 1):
-        state = make()
-        before = state.clone()
-        rng = torch.default_generator.get_state()
-        sys.setprofile(_AfterAcquire(at))
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                run(state)
-        finally:
-            sys.setprofile(None)
-        assert _lock_is_free(), f"interrupted at acquire {at}"
-        assert torch.equal(torch.default_generator.get_state(), rng)
-        if donate:
-            try:
-                state.check_live("a test")
-            except DonatedStateError:
-                continue  # retired: fine
-        assert _same(state, before)
-        assert _other_thread_steps(state)
+        for instruction in range(_WINDOW + 1):
+            where = f"interrupted at acquire {at}, instruction {instruction}"
+            state = make()
+            before = state.clone()
+            rng = torch.default_generator.get_state()
+            with _AfterAcquire(at, instruction) as interrupt:
+                try:
+                    run(state)
+                except KeyboardInterrupt:
+                    pass
+                else:
+                    assert interrupt.ran < instruction, where  # (not delivered: it returned)
+                    break
+            assert _lock_is_free(), where
+            assert torch.equal(torch.default_generator.get_state(), rng), where
+            if donate:
+                try:
+                    state.check_live("a test")
+                except DonatedStateError:
+                    continue  # retired: fine
+            assert _same(state, before), where
+            assert _other_thread_steps(state), where
