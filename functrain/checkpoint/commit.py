@@ -6,7 +6,8 @@ two renames elsewhere (NFS, other kernels). The parent directory is fsynced befo
 as done; the displaced checkpoint is deleted in the background.
 
 Between the two renames the target's name is missing: the old checkpoint is whole under
-``.tmp-old-<name>-<8 hex digits>`` until the new one is in place, and is deleted only after. So
+``.tmp-old-<name>-<8 hex digits>`` until the new one is in place, and is renamed aside, then
+deleted, only after (a read of the copy then finds its directory gone, not its files going). So
 readers take that copy for the checkpoint while its name is missing (`directory.listed`, and the
 manager's `latest` and `restore_latest`, which loads the name instead once the copy has gone), and
 the next writer puts it back if the save was killed between the renames (`directory.recover`): a
@@ -23,8 +24,9 @@ successor is committed and named by ``latest``, so at every instant one of them 
 whose listing holds a checkpoint that is gone when it looks into it lists again (the successor
 came after its listing: `directory.listed`); one whose checkpoint goes while it reads the files
 (renamed aside for deletion, or replaced by a save of the same step) gets
-`CheckpointVanishedError`, never `CheckpointCorruptError` (`format.read_tree` compares the
-directory's identity before and after), and `CheckpointManager.restore_latest` then lists again
+`CheckpointVanishedError`, never `CheckpointCorruptError` (`format.read_tree` holds the directory
+open while it reads, so no directory made meanwhile takes its inode number, and compares it with
+the one at the name after), and `CheckpointManager.restore_latest` then lists again
 and loads the successor. A reader never mixes two checkpoints' files: each file is verified
 against the manifest it read.
 """
@@ -69,8 +71,26 @@ def commit(tmp: Path, target: Path) -> None:
         else:
             shutil.rmtree(_replace(displaced, target), ignore_errors=True)
         raise
-    if displaced is not None:
-        remove_later(displaced)  # the new checkpoint is durable: the old one goes in the background
+    if displaced is not None:  # the new checkpoint is durable: the old one goes in the background
+        remove_later(_aside(displaced))
+
+
+def _aside(displaced: Path) -> Path:
+    """`displaced`, renamed first to a name no reader takes where it is a ``.tmp-old-`` copy.
+
+    Readers take such a copy for the checkpoint while its name is missing (the module
+    docstring): deleted where it lies, a read of it would find its files going one by one in a
+    directory still there (damage, to the read); renamed, the directory itself went, which a read
+    reports as vanished, and the checkpoint is read at its name.
+    """
+    if not displaced.name.startswith(f"{TMP_PREFIX}old-"):
+        return displaced
+    doomed = displaced.with_name(f"{TMP_PREFIX}del-{displaced.name[len(TMP_PREFIX) :]}")
+    try:
+        os.rename(displaced, doomed)
+    except OSError:
+        return displaced
+    return doomed
 
 
 def commit_or_raise(tmp: Path, target: Path) -> None:

@@ -981,7 +981,7 @@ def read_tree(
             writer rotated it away, or saved the same step again): not damage.
     """
     root = Path(directory)
-    identity = _identity(root)
+    held = _held_open(root)
     try:
         manifest = read_manifest(root, digest=digest)
         algorithm = _ALGORITHM[manifest["format_version"]]
@@ -993,7 +993,7 @@ def read_tree(
         raise
     except CheckpointError as e:
         # a file missing or not the manifest's: damage, unless the directory itself went
-        change = _vanished(root, identity)
+        change = _vanished(root, held)
         if change is None:
             raise
         raise CheckpointVanishedError(
@@ -1002,6 +1002,9 @@ def read_tree(
             "(CheckpointManager.latest(), or restore_latest(), which does so itself). The read "
             f"failed with: {e}"
         ) from e
+    finally:
+        if held is not None:
+            os.close(held)
     if map_location is not None:
         move = map_location if callable(map_location) else (lambda t: t.to(map_location))
         tensors = {k: move(v) for k, v in tensors.items()}
@@ -1015,23 +1018,31 @@ def read_tree(
     return tree, manifest
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """The device and inode of directory `path` now, or None where there is none."""
-    try:
-        st = os.stat(path)
+def _held_open(path: Path) -> int | None:
+    """A descriptor of directory `path` (the caller closes it), or None where there is none.
+
+    Held while the checkpoint is read: a directory removed meanwhile keeps its inode number until
+    closed, so one saved under its name after it (the same step saved again, to which the
+    filesystem may give the freed number) is never taken for it (`_vanished`).
+    """
+    try:  # (O_PATH where there is one: no read permission needed to hold it)
+        return os.open(path, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino)
 
 
-def _vanished(path: Path, identity: tuple[int, int] | None) -> str | None:
-    """How directory `path`, of `identity` when a read began, went since; None if it did not."""
-    if identity is None:
+def _vanished(path: Path, held: int | None) -> str | None:
+    """How directory `path`, `held` open since a read began, went; None if it did not."""
+    if held is None:
         return None  # there was nothing there to go
-    now = _identity(path)
-    if now is None:
+    st = os.fstat(held)
+    try:
+        now = os.stat(path)
+    except OSError:
         return "removed"
-    return "replaced" if now != identity else None
+    if st.st_nlink == 0:  # (removed, whatever has its name now)
+        return "removed"
+    return "replaced" if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) else None
 
 
 def compare_to_template(

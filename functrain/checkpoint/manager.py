@@ -316,17 +316,24 @@ class CheckpointManager:
     def _best_records(self) -> list[Record]:
         """Each best checkpoint with the metrics its manifest records, oldest first.
 
-        One that cannot be read (removed meanwhile, damaged or crafted) is left out: it ranks
-        nowhere, and no ranking removes it.
+        One that cannot be read (damaged or crafted) is left out: it ranks nowhere, and no
+        ranking removes it. One that went as it was read (the writer kept a better one and removed
+        it) sends the directory to be listed again, as `directory.listed` does: the better one is
+        there, committed before it went.
         """
-        records: list[Record] = []
-        for path in self.bests():
-            try:
-                metrics = read_manifest(path)["metadata"].get("metrics", {})
-            except Exception:
-                continue
-            if isinstance(metrics, dict):
-                records.append((path, metrics))
+        for _ in range(RELISTS):
+            records: list[Record] = []
+            gone = False
+            for path in self.bests():
+                try:
+                    metrics = read_manifest(path)["metadata"].get("metrics", {})
+                except Exception:
+                    gone = gone or not os.path.lexists(path)
+                    continue
+                if isinstance(metrics, dict):
+                    records.append((path, metrics))
+            if not gone:
+                break
         return records
 
     # -- saving (the writer only) -----------------------------------------------------------------

@@ -325,6 +325,103 @@ def test_a_checkpoint_that_goes_while_it_is_read_is_reported_vanished_not_corrup
         ft.load(path, like=state)
 
 
+def _other_values(state: ft.TrainState, k: int) -> ft.TrainState:
+    """`state` at the same step with other weights: a save of it replaces the checkpoint."""
+    return state.replace(params={n: p + k for n, p in state.params.items()})
+
+
+def test_a_step_saved_again_twice_while_it_is_read_is_vanished_whatever_inode_it_gets(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ext4 gives a removed directory's inode number to the next directory made: the second save
+    again of the step may hold the number the read began with, and its files are not the
+    manifest's. The read holds its directory open, and reports it vanished, not corrupt."""
+    writer = ft.CheckpointManager(tmp_path, keep_last=1)
+    chosen = writer.save(state)
+    first = os.stat(chosen)  # the directory the read begins with
+    real_read_all, real_stat = format_module.read_all, os.stat
+
+    def saved_twice_then_read(*args: Any) -> Any:
+        for k in (1, 2):
+            writer.save(_other_values(state, k))
+            writer.wait()
+
+        def stat(path: Any, *rest: Any, **kwargs: Any) -> os.stat_result:
+            # the freed number handed back to the checkpoint now at the name
+            return first if Path(path) == chosen else real_stat(path, *rest, **kwargs)
+
+        monkeypatch.setattr(os, "stat", stat)
+        return real_read_all(*args)
+
+    monkeypatch.setattr(format_module, "read_all", saved_twice_then_read)
+    with pytest.raises(ft.CheckpointVanishedError, match="was removed while it was read"):
+        ft.load(chosen, like=state)
+    monkeypatch.undo()
+    writer.close()
+    loaded = ft.load(chosen, like=state)  # the newest, whole
+    assert ft.diff_states(loaded, _other_values(state, 2)) == []
+
+
+def test_a_displaced_copy_a_reader_chose_goes_aside_before_its_files_are_deleted(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a replace is two renames (NFS), a reader between them takes the old checkpoint's
+    ``.tmp-old-`` copy; deleted where it lay, its read found the files going from a directory
+    still there (damage). Renamed aside first, the read reports it vanished."""
+
+    def no_exchange(new: Path, target: Path) -> None:
+        raise OSError(errno.ENOSYS, "no atomic exchange here")
+
+    monkeypatch.setattr(commit, "_exchange", no_exchange)
+    writer = ft.CheckpointManager(tmp_path, keep_last=1)
+    writer.save(state)
+    chosen: list[Path | None] = []
+    real_rename = os.rename
+
+    def rename(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        real_rename(source, target, *args, **kwargs)
+        if Path(target).name.startswith(".tmp-old-") and not chosen:  # between the renames
+            chosen.append(ft.CheckpointManager(tmp_path, readonly=True).latest())
+
+    def half_deleted(path: Path) -> None:  # the reader reads as the deletion is under way
+        for f in path.iterdir():
+            f.unlink()
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(commit, "remove_later", half_deleted)
+    writer.save(_other_values(state, 1))  # the same step: a replace
+    writer.close()
+    monkeypatch.undo()
+    assert chosen and chosen[0] is not None and chosen[0].name.startswith(".tmp-old-")
+    with pytest.raises(ft.CheckpointVanishedError):
+        ft.load(chosen[0], like=state)
+
+
+def test_a_best_replaced_by_a_better_one_as_it_is_read_is_found_at_the_better_one(
+    tmp_path: Path, state: ft.TrainState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = ft.CheckpointManager(tmp_path, keep_last=1, keep_best=1, best_metric="loss")
+    writer.save(state.replace(step=torch.tensor(1)), metrics={"loss": 1.0})
+    reader = ft.CheckpointManager(tmp_path, readonly=True, best_metric="loss")
+    real_read_manifest = manager.read_manifest
+    step = [1]
+
+    def better_saved_then_read(path: Any, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(manager, "read_manifest", real_read_manifest)
+        step[0] += 1  # a better one: the old best goes
+        writer.save(state.replace(step=torch.tensor(step[0])), metrics={"loss": 1 / step[0]})
+        writer.wait()
+        return real_read_manifest(path, *args, **kwargs)
+
+    monkeypatch.setattr(manager, "read_manifest", better_saved_then_read)
+    found = reader.best()
+    assert found is not None and found.name == "best-000000002-000000000"
+    monkeypatch.setattr(manager, "read_manifest", better_saved_then_read)
+    restored = reader.restore_best(state)
+    assert restored is not None and int(restored.step) == 3
+    writer.close()
+
+
 def test_a_checkpoint_rotated_away_before_it_is_read_is_vanished_not_missing(
     tmp_path: Path, state: ft.TrainState
 ) -> None:
@@ -353,17 +450,17 @@ def test_a_rotation_between_a_readers_choice_and_its_read_is_vanished(
     # the writer's next save, with its rotation, injected where the read of the chosen one begins
     writer = ft.CheckpointManager(tmp_path, keep_last=1)
     chosen = writer.save(state.replace(step=torch.tensor(1)))
-    real_identity = format_module._identity
+    real_held_open = format_module._held_open
 
     def rotate_then_look(path: Path) -> Any:
         if path == chosen and chosen.exists():
             writer.save(state.replace(step=torch.tensor(2)))
             writer.wait()
-        return real_identity(path)
+        return real_held_open(path)
 
     latest = ft.CheckpointManager(tmp_path, readonly=True).latest()
     assert latest == chosen
-    monkeypatch.setattr(format_module, "_identity", rotate_then_look)
+    monkeypatch.setattr(format_module, "_held_open", rotate_then_look)
     with pytest.raises(ft.CheckpointVanishedError, match="removed before it was read"):
         ft.load(latest)
     writer.close()
