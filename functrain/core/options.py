@@ -357,12 +357,14 @@ def _transforms_in(value: Any) -> Iterator[Any]:
 
 
 def scaler_problems(optimizer: Any, options: StepOptions) -> list[str]:
-    """What keeps precision="fp16" from taking the optimizer's own loss scaler as the step's.
+    """What keeps precision="fp16" from taking the optimizer's own loss scaler as the step's, and
+    what keeps another precision from taking a scaler at all.
 
     Its own ``dynamic_loss_scale(inner, ...)``, outermost, is the step's (`own_loss_scale`); one
     held inside would divide the gradients by a second scale, or see them scaled (clipping before
     it, an accumulation around it), and settings given both there and as ``loss_scale=`` could
-    disagree.
+    disagree. Under fp32 or bf16 no step scales its loss: a scaler would divide the gradients by
+    a scale nothing multiplied them by.
 
     Example:
         >>> import functrain as ft
@@ -370,8 +372,18 @@ def scaler_problems(optimizer: Any, options: StepOptions) -> list[str]:
         >>> print(scaler_problems(tx, StepOptions(precision="fp16"))[0][:75])
         the optimizer holds a dynamic_loss_scale inside (chain(clip_by_global_norm(
     """
-    if options.precision != "fp16" or not is_transform(optimizer):
+    if not is_transform(optimizer):
         return []
+    if options.precision != "fp16":
+        if next(_scalers_in(optimizer), None) is None:
+            return []
+        return [
+            f"the optimizer holds a dynamic_loss_scale ({_shortened(optimizer.name)}), which "
+            "divides the gradients by the scale the step multiplies the loss by under "
+            f"precision='fp16'; precision={options.precision!r} scales no loss, so every update "
+            "would be that many times too small: give precision='fp16' (then it is the step's "
+            "scaler), or drop dynamic_loss_scale (fp32 and bf16 need no loss scaling)"
+        ]
     own = _own_scaler(optimizer)
     problems = []
     if next(_scalers_in(optimizer if own is None else own[0]), None) is not None:
@@ -418,7 +430,10 @@ def own_loss_scale(optimizer: Transform, options: StepOptions) -> tuple[Transfor
     """
     problems = scaler_problems(optimizer, options)
     if problems:
-        raise ConfigError("invalid optimizer for precision='fp16':\n  - " + "\n  - ".join(problems))
+        raise ConfigError(
+            f"invalid optimizer for precision={options.precision!r}:\n  - "
+            + "\n  - ".join(problems)
+        )
     own = _own_scaler(optimizer) if options.precision == "fp16" else None
     if own is None:
         return optimizer, options

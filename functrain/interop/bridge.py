@@ -61,7 +61,13 @@ from functrain.optim.presets import is_matrix, muon
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
-from functrain.optim.wrappers import PartitionState, partition
+from functrain.optim.wrappers import (
+    PartitionState,
+    accumulate,
+    dynamic_loss_scale,
+    partition,
+    skip_nonfinite,
+)
 from functrain.tree import tree_leaves, tree_paths
 
 __all__ = ["ConvertedOptimizer", "from_torch_optimizer", "to_torch_state_dict"]
@@ -1175,15 +1181,16 @@ def _expected_groups(state: TrainState) -> list[_Expected] | None:
     hand): the torch groups are then taken in order.
     """
     params = dict(state.params)
-    call = recorded_call(state.optimizer)
+    optimizer = _unwrapped(state.optimizer)
+    call = recorded_call(optimizer)
     if call is not None and call.factory is partition:
         labels, parts = call.arguments["labels"], dict(call.arguments["transforms"])
     elif call is not None and call.factory is muon and call.arguments["others"] is not None:
-        labels, parts = is_matrix, {"muon": state.optimizer, "others": call.arguments["others"]}
+        labels, parts = is_matrix, {"muon": optimizer, "others": call.arguments["others"]}
     elif any(isinstance(node, PartitionState) for node in _nodes(state.opt_state)):
         return None
     else:
-        return [_expected_group(None, state.optimizer, params)]
+        return [_expected_group(None, optimizer, params)]
     found = _labels_by_name(labels, params)
     if found is None:
         return None
@@ -1191,6 +1198,20 @@ def _expected_groups(state: TrainState) -> list[_Expected] | None:
         _expected_group(label, inner, {n: p for n, p in params.items() if found[n] == label})
         for label, inner in parts.items()
     ]
+
+
+# functrain's wrappers that keep their inner optimizer's groups and settings (what torch's loop
+# does around its optimizer: GradScaler, a skip of non-finite steps, accumulation)
+_AROUND = (accumulate, dynamic_loss_scale, skip_nonfinite)
+
+
+def _unwrapped(transform: Transform) -> Transform:
+    """`transform` without the wrappers `_AROUND` it: the optimizer whose settings are checked."""
+    call = recorded_call(transform)
+    while call is not None and call.factory in _AROUND:
+        transform = call.arguments["inner"]
+        call = recorded_call(transform)
+    return transform
 
 
 def _labels_by_name(labels: Any, params: dict[str, torch.Tensor]) -> dict[str, Any] | None:
@@ -1206,6 +1227,7 @@ def _expected_group(
     label: str | None, transform: Transform, params: dict[str, torch.Tensor]
 ) -> _Expected:
     """One group of the state's optimizer: its preset's call and what its mask decays."""
+    transform = _unwrapped(transform)
     call = recorded_call(transform)
     if call is None or call.factory not in _PRESETS:
         return _Expected(label, tuple(params), None, None, transform.name)

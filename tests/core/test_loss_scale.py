@@ -231,6 +231,32 @@ def test_loss_scale_without_fp16_is_refused() -> None:
         create(precision="bf16", loss_scale={"init_scale": 1024.0})
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: ft.dynamic_loss_scale(ft.sgd(0.1)),
+        lambda: ft.partition(lambda path, p: "a", a=ft.dynamic_loss_scale(ft.sgd(0.1))),
+    ],
+    ids=["outermost", "partitioned"],
+)
+def test_a_scaler_without_fp16_is_refused_not_run_on_an_unscaled_loss(
+    optimizer: Any, precision: str
+) -> None:
+    """It would divide every gradient by its scale (65536 by default): refused with the fix, as
+    ``loss_scale=`` without fp16 is."""
+    with pytest.raises(
+        ft.ConfigError,
+        match=rf"the optimizer holds a dynamic_loss_scale \(.*\), which divides the gradients by "
+        rf"the scale .* precision='{precision}' scales no loss, .* give precision='fp16' .* or "
+        r"drop dynamic_loss_scale",
+    ):
+        create(optimizer(), precision=precision)
+    state = create(ft.sgd(0.1), precision=precision)
+    with pytest.raises(ft.ConfigError, match="holds a dynamic_loss_scale"):
+        state.replace(optimizer=optimizer())
+
+
 @pytest.mark.parametrize(
     "optimizer",
     [

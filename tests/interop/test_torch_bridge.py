@@ -530,6 +530,40 @@ def test_export_to_a_mismatched_torch_optimizer_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("wrap", "precision"),
+    [
+        (lambda tx: ft.skip_nonfinite(tx), "fp32"),
+        (lambda tx: ft.accumulate(tx, 1), "fp32"),
+        (lambda tx: ft.accumulate(ft.skip_nonfinite(tx), 1), "fp32"),
+        (lambda tx: ft.partition(lambda name, p: "all", all=ft.skip_nonfinite(tx)), "fp32"),
+        (lambda tx: ft.dynamic_loss_scale(tx), "fp16"),
+    ],
+    ids=["skip", "accumulate", "two wrappers", "in a partition group", "loss scale"],
+)
+def test_a_wrapped_preset_is_checked_as_the_preset_and_continues_in_torch(
+    wrap: Callable[[ft.Transform], ft.Transform], precision: str
+) -> None:
+    """The wrappers a torch loop writes around its optimizer (GradScaler, a skip of non-finite
+    steps, accumulation) hide no setting of the preset inside from the check."""
+    state = ft.TrainState.create(
+        make_model(), wrap(ft.sgd(0.05, momentum=0.9)), loss_fn, precision=precision
+    )
+    state = functrain_steps(state, DATA[:STEPS])
+    back = state.export_module().train()
+    with pytest.raises(ConfigError, match=r"has lr=0\.5; the state's .* runs lr=0\.05"):
+        ft.to_torch_state_dict(state, torch.optim.SGD(back.parameters(), 0.5, momentum=0.9), back)
+
+    def make(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, fused=True)
+
+    optimizer = make(back)
+    optimizer.load_state_dict(ft.to_torch_state_dict(state, optimizer, back))
+    if precision == "fp32":  # (fp16's run is torch's AMP recipe: tests/core/test_loss_scale.py)
+        torch_steps(back, optimizer, DATA[STEPS:])
+        assert_trees_equal(dict(back.named_parameters()), reference(make))
+
+
+@pytest.mark.parametrize(
     ("tx", "make"),
     [
         (
