@@ -455,7 +455,8 @@ class CompiledStep:
         except BaseException:
             leave(scope)
             raise
-        new_state = leave_with(scope, state, new)
+        # (the captured tensors are the new state's: a replay writes them, whatever it is given)
+        new_state = leave_with(scope, state, new, own_counters=False)
         if donate:
             state.retire(_CAPTURED)
         if home is not None:

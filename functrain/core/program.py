@@ -258,7 +258,7 @@ class StepProgram(_Decided):
             new["rng"] = (
                 scope.next_rng if scope.next_rng is not None else self.generator.get_state()
             )
-            stepped = state.stepped(self, new)
+            stepped = state.stepped(self, new, own_counters=not donate)
             if self.fresh:  # the optimizer's state has its storage now: decided again, once
                 object.__setattr__(stepped, "program", program_for(stepped))
             if donate:
@@ -341,6 +341,7 @@ class StepProgram(_Decided):
                 "skipped": state.skipped + skipped if skipped is not None else state.skipped,
                 "rng": rng,
             },
+            own_counters=not donate,
         )
         if self.fresh:  # the optimizer's state has its storage now: decided again, once
             object.__setattr__(new, "program", program_for(new))
@@ -625,7 +626,7 @@ class MembersProgram(_Decided):
             ran = runner(grads, params, state.opt_state, norm, donate, None)
             counted = member_zero(batch) if per_member else batch
             new, metrics = self._finished(state, counted, donate, ran, buffers, losses, norm, aux)
-            stepped = state.stepped(self, {**new, "rng": scope.next_rng})
+            stepped = state.stepped(self, {**new, "rng": scope.next_rng}, own_counters=not donate)
             if donate:
                 state.retire(DONATED)
             scope.close()  # the caller's RNG and module mode, as they were

@@ -260,14 +260,19 @@ def leave_with(
     new: dict[str, Any],
     retiring: TrainState | None = None,
     call: str = "",
+    *,
+    own_counters: bool | None = None,
 ) -> TrainState:
     """The new state, then `leave`: one graph boundary after the step body instead of two.
 
     `retiring`: a donated state, retired (to `call`) before the scope is left, so that a save,
     which takes `STEP_LOCK` to hold a state's tensors, never finds it written and still live.
+    `own_counters`: whether `state` lives on (`TrainState.stepped`); by default, unless retiring.
     """
     after = scope.next_rng if scope.next_rng is not None else scope.generator.get_state()
-    new_state = state.stepped(None, {"rng": after, **new})  # the step's own tensors: trusted
+    own = retiring is None if own_counters is None else own_counters
+    # the step's own tensors: trusted
+    new_state = state.stepped(None, {"rng": after, **new}, own_counters=own)
     if retiring is not None:
         retiring.retire(call)
     restore(scope)

@@ -344,7 +344,7 @@ def _stacked_train_step(
         else:
             new, metrics = stacked_body(state, batch, per_member)
         ran = True
-        stepped = state.stepped(None, {"rng": scope.next_rng, **new})
+        stepped = state.stepped(None, {"rng": scope.next_rng, **new}, own_counters=not donate)
         if donate:  # retired in the scope, whose lock a save takes (`core.donation.hold_live`)
             state.retire(_DONATED)
         scope.close()

@@ -330,8 +330,10 @@ class TrainState:
                 `ema_warmup` is its ``use_warmup``) or ``"torchvision"`` (its classification
                 reference's ``--model-ema``: an `AveragedModel` averaging ``decay * avg + (1 -
                 decay) * p`` and the buffers, updated as `ema_update_every`,
-                `ema_steps_per_epoch` and `ema_reset_steps` say). The guide "Your own loop"
-                lists the differences.
+                `ema_steps_per_epoch` and `ema_reset_steps` say) or ``"diffusers"`` (its
+                ``EMAModel(...).step(parameters)`` after each update, the parameters alone:
+                `ema_warmup` is its ``use_ema_warmup``). The guide "Your own loop" lists the
+                differences.
             ema_buffers: average the buffers too (BatchNorm statistics: floating ones averaged as
                 the weights, integer ones copied, or with ``"torch"`` and ``"torchvision"`` as
                 torch computes them); ``use_ema=True`` evaluations, `predict` and
@@ -341,7 +343,8 @@ class TrainState:
                 ``"torch"``: False, as ``use_buffers=False``; ``"functrain"``: False).
             ema_update_after_step / ema_warmup_power / ema_warmup_gamma / ema_min_decay:
                 ``"timm"``'s ``update_after_step``, ``warmup_power``, ``warmup_gamma`` and
-                ``min_decay``, with its defaults.
+                ``min_decay``, with its defaults; ``"diffusers"``' ``update_after_step``,
+                ``power``, ``inv_gamma`` and ``min_decay``, with its defaults.
             ema_update_every: ``"torchvision"``'s ``--model-ema-steps``: the EMA moves at the
                 updates whose index in their epoch (from 0) is a multiple of it.
             ema_steps_per_epoch: ``"torchvision"`` with `ema_update_every` above 1: the updates
@@ -524,11 +527,15 @@ class TrainState:
         refuse_derived(changes)
         if not self.options.differentiable:
             refuse_graph_tensors(changes, "TrainState.replace")
-        for name in changes.keys() & _COUNTER_SET:
-            value = changes[name]
+        for name in COUNTERS:  # each state's own: a write into one changes no other state
+            value = changes.get(name, getattr(self, name))
             if isinstance(value, int) and not isinstance(value, bool):
                 # the counter's dtype and device, and one value per member of a stacked state
                 changes[name] = torch.full_like(getattr(self, name), value)
+            elif isinstance(value, torch.Tensor):
+                changes[name] = own = value.clone()
+                if name == "step" and value is self.step:  # a donation of either is seen by both
+                    _same_lineage(own, value)
         if not changes.keys() <= _TRUSTED:
             # the driver's keys are checked, an unknown field named, as attrs does
             new = attrs.evolve(self, **self._matched(changes))
@@ -753,14 +760,23 @@ class TrainState:
             )
         return self.stepped(None, statics)
 
-    def stepped(self, program: Any, changes: dict[str, Any]) -> TrainState:
+    def stepped(
+        self, program: Any, changes: dict[str, Any], *, own_counters: bool = False
+    ) -> TrainState:
         """The state a step returns: this one with `changes`, trusted as they are, and `program`.
 
         For steps only: every field but `driver` takes its value unchecked (built without attrs'
         generic evolve, once a step), and `program` is the new state's step program (or None).
         Its mappings are `ReadOnlyDict`s, none this state's (a donation marks the donated
-        state's parameters, and every state sharing them is donated with it).
+        state's parameters, and every state sharing them is donated with it). `own_counters`
+        (a pure step's: this state lives on): the counters it would share with this one are
+        copies, so that a write into one (a refused ``state.epoch += 1``) changes no other.
         """
+        if own_counters:
+            for name in COUNTERS:
+                old = getattr(self, name)
+                if changes.get(name, old) is old:
+                    changes = {**changes, name: old.clone()}
         new = object.__new__(TrainState)
         for name, value in zip(_INIT_FIELDS, _init_values(self), strict=True):
             object.__setattr__(new, name, changes[name] if name in changes else value)
@@ -973,9 +989,9 @@ class TrainState:
     def check_live(self, call: str) -> None:
         """Raise `DonatedStateError` if a step took this state with ``donate=True``.
 
-        Also when this state shares its step counter or its parameters' mapping with a donated one
-        (say, it was made from it by `replace`): the donated step may have written into the
-        tensors they share.
+        Also when this state and a donated one were made from one another by `replace` without
+        a new step counter (their counters' common lineage), or share their parameters' mapping:
+        the donated step may have written into the tensors they share.
 
         Args:
             call: what was attempted, for the message.
@@ -997,9 +1013,10 @@ class TrainState:
                     "to start from another state's weights, use functrain.load_weights"
                 )
             object.__setattr__(self, "_unchecked", False)
-        donated_to = (
-            self._donated_to or getattr(self.step, _DONATED_TAG, None) or self.params.donated_to  # type: ignore[attr-defined]
-        )
+        donated_to = self._donated_to
+        if donated_to is None:  # (a donated state's own fields raise when read)
+            lineage = getattr(self.step, _LINEAGE, None)
+            donated_to = (lineage and lineage[0]) or self.params.donated_to  # type: ignore[attr-defined]
         if donated_to is not None:
             raise DonatedStateError(
                 f"{call} got a TrainState that was donated to {donated_to}: "
@@ -1064,12 +1081,17 @@ class TrainState:
         """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
 
         Steps call it on the state they were given with ``donate=True``. Its tree fields are
-        replaced by a placeholder that raises when read, and its step counter and its parameters'
-        mapping are tagged so that states sharing either (made by `replace`) are refused as well.
+        replaced by a placeholder that raises when read, and its step counter's lineage and its
+        parameters' mapping are tagged so that the states sharing either (made by `replace`) are
+        refused as well.
         """
         if self._donated_to is not None:
             return
-        setattr(self.step, _DONATED_TAG, call)
+        lineage = getattr(self.step, _LINEAGE, None)
+        if lineage is None:  # (states sharing the tensor itself: a tree map of this one)
+            setattr(self.step, _LINEAGE, [call])
+        else:
+            lineage[0] = call
         if type(self.params) is ReadOnlyDict:  # shared by the states `replace` made from this one
             self.params.donated_to = call
         object.__setattr__(self, "_donated_to", call)
@@ -1192,14 +1214,25 @@ _INIT_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.init)
 # a state's fields in `_INIT_FIELDS`' order, read in one call (a step builds a state from them)
 _init_values = operator.attrgetter(*_INIT_FIELDS)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
-_COUNTER_SET = frozenset(COUNTERS)
 _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})
 _FIELD_NAMES = frozenset(f.name for f in attrs.fields(TrainState))
 # the fields that hold mappings: `ReadOnlyDict`s in every state
 _MAPPING_NAMES = ("params", "buffers", "frozen", "driver", "user", "parked")
 
 
-_DONATED_TAG = "_functrain_donated_to"
+# the step counters of the states `replace` made from one another hold one list, [None] or the
+# call a donated one was given to: they share the tensors a donated step writes into
+_LINEAGE = "_functrain_lineage"
+
+
+def _same_lineage(copy: torch.Tensor, step: torch.Tensor) -> None:
+    """Give `copy` (of the step counter `step`) `step`'s lineage, made where it had none."""
+    lineage = getattr(step, _LINEAGE, None)
+    if lineage is None:
+        lineage = [None]
+        setattr(step, _LINEAGE, lineage)
+    setattr(copy, _LINEAGE, lineage)
+
 
 # the fields a step differentiates, updates or averages: tensors on an autograd graph refused there
 _STEPPED = frozenset({"params", "frozen", "buffers", "opt_state", "ema_state"})
@@ -1307,11 +1340,18 @@ def _refuse_assignment(state: TrainState, name: str, value: Any) -> None:
             f"state.user, state = state.replace(user={{**state.user, {name!r}: value}}), which "
             "checkpoints save and restore with the rest"
         )
-    if isinstance(value, torch.Tensor) and value is getattr(state, name, None):
+    written = isinstance(value, torch.Tensor) and value is getattr(state, name, None)
+    if written and name in COUNTERS:
         done = (
-            f" The tensor state.{name} was changed in place already (an augmented assignment such "
-            "as state.epoch += 1 writes it before assigning), and with it every state that "
-            "shares it: make a copy before changing it, never the state's own tensor."
+            f" The counter was changed in place already (an augmented assignment such as "
+            f"state.{name} += 1 writes the tensor before it assigns): this state's own, which no "
+            f"other state shares, now holds {_counter_text(value)}."
+        )
+    elif written:
+        done = (
+            f" The tensor state.{name} was changed in place already (an augmented assignment "
+            "writes it before assigning), and with it every state that shares it: make a copy "
+            "before changing it, never the state's own tensor."
         )
     else:
         done = ""

@@ -176,12 +176,16 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     update, update_constants = _update(program, window, donate)
     text.append(_UPDATE.format(donate=donate, writing=writing if donate else "", update=update))
     text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
-    text.append(_COUNTERS if window == 1 else _WINDOW_COUNTERS)
+    own = "" if donate else ".clone()"  # (a donated state's counters go with it)
+    if window == 1:
+        text.append(_COUNTERS if donate else _OWN_COUNTERS)
+    else:
+        text.append(_WINDOW_COUNTERS.format(own=own))
     if not program.averages:
         text.append(_NO_AVERAGE)
     else:
         text.append((_AVERAGED if program.averaging is None else _AVERAGING).format(donate=donate))
-    text.append(_KEPT)
+    text.append(_KEPT.format(own=own))
     if donate:
         text.append(_RETIRE)
     restore_mode = _MODE_FLAGS if modules else _MODE_CALL
@@ -514,6 +518,24 @@ _COUNTERS = (
         SET_epoch_step(new, epoch_step_t)
         SET_samples_seen(new, seen_t)
         SET_micro_step(new, state.micro_step)
+        SET_epoch(new, state.epoch)
+        applied = None if skipped is None else ~skipped
+"""
+)
+# a pure step's: the given state lives on, so the new one's counters are copies, never the given's
+# (a write into one, such as a refused state.epoch += 1, would change the other)
+_OWN_COUNTERS = (
+    _SAMPLES
+    + """\
+        step_t, epoch_step_t, seen_t, epoch_t, micro_t = torch._foreach_add(
+            [state.step, state.epoch_step, state.samples_seen, state.epoch, state.micro_step],
+            [1, 1, samples, 0, 0],
+        )
+        SET_step(new, step_t)
+        SET_epoch_step(new, epoch_step_t)
+        SET_samples_seen(new, seen_t)
+        SET_micro_step(new, micro_t)
+        SET_epoch(new, epoch_t)
         applied = None if skipped is None else ~skipped
 """
 )
@@ -525,6 +547,7 @@ _WINDOW_COUNTERS = (
         SET_epoch_step(new, changes["epoch_step"])
         SET_samples_seen(new, changes["samples_seen"])
         SET_micro_step(new, changes["micro_step"])
+        SET_epoch(new, state.epoch{own})
         applied = None if skipped is None else ~skipped
         completed_now = changes.get("completed")  # the EMA moves where a window ended
         if completed_now is not None:
@@ -553,7 +576,6 @@ _KEPT = "".join(
     f"        SET_{name}(new, state.{name})\n"
     for name in (
         "frozen",
-        "epoch",
         "driver",
         "user",
         "parked",
@@ -569,7 +591,7 @@ _KEPT = "".join(
     )
 ) + (
     """\
-        SET_skipped(new, state.skipped + skipped if skipped is not None else state.skipped)
+        SET_skipped(new, state.skipped + skipped if skipped is not None else state.skipped{own})
         SET_rng(new, rng)
         SET__donated_to(new, None)
         SET__unchecked(new, False)

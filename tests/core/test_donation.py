@@ -218,12 +218,27 @@ def test_the_manager_refuses_a_donated_state(tmp_path: Any) -> None:
     manager.close()
 
 
-def test_a_state_made_from_a_donated_one_by_replace_is_refused_too() -> None:
+@pytest.mark.parametrize("donated", ["the state", "the state made from it"])
+@pytest.mark.parametrize(
+    "made_with", ["a counter", "its parameters' mapping copied", "both, twice"]
+)
+def test_a_state_made_from_a_donated_one_by_replace_is_refused_too(
+    made_with: str, donated: str
+) -> None:
+    """They share the optimizer state the donated step wrote into, whatever else `replace` gave
+    one of them (each state's counters are its own copies: the donation is seen all the same)."""
     state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
-    sibling = state.replace(epoch=torch.ones((), dtype=torch.int64))
-    ft.train_step(state, batches(1)[0], donate=True)
+    state, _ = ft.train_step(state, batches(1)[0])
+    if made_with == "a counter":
+        sibling = state.replace(epoch=torch.ones((), dtype=torch.int64))
+    elif made_with == "its parameters' mapping copied":
+        sibling = state.replace(params=dict(state.params))
+    else:
+        sibling = state.replace(epoch=3).replace(params=dict(state.params), samples_seen=9)
+    giver, other = (state, sibling) if donated == "the state" else (sibling, state)
+    ft.train_step(giver, batches(1)[0], donate=True)
     with pytest.raises(ft.DonatedStateError, match="donated to"):
-        ft.train_step(sibling, batches(1)[0])
+        ft.train_step(other, batches(1)[0])
 
 
 def test_a_donated_state_repr_says_so_and_a_clone_taken_before_stays_usable() -> None:

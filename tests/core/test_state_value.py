@@ -8,6 +8,7 @@ import copy
 import io
 import pickle
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import pytest
@@ -97,6 +98,28 @@ def test_an_augmented_assignment_to_a_counter_raises_the_states_own_error() -> N
         state.epoch += 1  # type: ignore[misc]
     with pytest.raises(AttributeError):  # attrs' FrozenInstanceError, as before
         state.params = {}  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "counter", ["step", "micro_step", "epoch", "epoch_step", "samples_seen", "skipped"]
+)
+@pytest.mark.parametrize("step", ["pure", "compiled", "accumulating"])
+def test_a_refused_augmented_assignment_to_a_counter_changes_no_other_state(
+    counter: str, step: str
+) -> None:
+    """Neither the state a step was given nor one `replace` made: each state's counters are its
+    own (an augmented assignment writes the tensor before it assigns)."""
+    options: dict[str, Any] = {"nonfinite": "none"}  # (no skip count of the step's own)
+    if step == "accumulating":
+        options["accumulate_steps"] = 2
+    given = trained(ft.sgd(0.1), steps=1, **options)
+    kept = given.replace(user={"note": 1})  # a copy kept aside, as fit's best state or a branch
+    run = ft.compile_step() if step == "compiled" else ft.train_step
+    state, _ = run(given, batches(2)[1])
+    before = int(getattr(given, counter))
+    with pytest.raises(ft.ImmutableStateError, match="changed in place"):
+        exec(f"state.{counter} += 1", {}, {"state": state})  # the user's line, as written
+    assert int(getattr(given, counter)) == int(getattr(kept, counter)) == before
 
 
 def test_an_attribute_of_ones_own_on_a_state_points_to_user() -> None:
