@@ -340,7 +340,8 @@ class TrainState:
                 `export_module` then run on the averaged buffers, else on the live ones. None:
                 the convention's own default (``"timm"``: True, as ``exclude_buffers=False``;
                 ``"torchvision"``: True, as its ``use_buffers=True``, and False is refused;
-                ``"torch"``: False, as ``use_buffers=False``; ``"functrain"``: False).
+                ``"torch"``: False, as ``use_buffers=False``; ``"functrain"``: False;
+                ``"diffusers"``: False, and True is refused, as ``EMAModel`` keeps none).
             ema_update_after_step / ema_warmup_power / ema_warmup_gamma / ema_min_decay:
                 ``"timm"``'s ``update_after_step``, ``warmup_power``, ``warmup_gamma`` and
                 ``min_decay``, with its defaults; ``"diffusers"``' ``update_after_step``,

@@ -1,6 +1,6 @@
 """Exponential moving average of parameters (and buffers), as a transform over parameter trees.
 
-Four conventions, each bit for bit with the loop it is named after (`ema`'s ``convention``):
+Five conventions, each bit for bit with the loop it is named after (`ema`'s ``convention``):
 
 - ``"functrain"`` (the default): the average starts as the initial parameters and every update
   moves it (``warmup``: functrain's ramp ``min(decay, (1 + t) / (10 + t))``).
@@ -17,6 +17,12 @@ Four conventions, each bit for bit with the loop it is named after (`ema`'s ``co
   truncated) updated at every ``update_every``-th update of an epoch of ``steps_per_epoch``: its
   first update copies, and so do those within the first ``reset_steps`` updates and the first
   after them (its ``n_averaged.fill_(0)`` during ``--lr-warmup-epochs``).
+- ``"diffusers"``: diffusers' ``EMAModel(parameters, ...).step(parameters)`` after each update (its
+  default ``foreach=False``), the parameters alone: ``s -= (1 - d) * (s - p)`` (three roundings),
+  ``d`` 0 (a move of weight 1) at the updates up to ``update_after_step``, then
+  ``min(decay, (1 + s) / (10 + s))``, or with ``warmup`` ``1 - (1 + s / warmup_gamma) **
+  -warmup_power`` (its ``use_ema_warmup``, ``inv_gamma`` and ``power``), held at ``min_decay`` or
+  above.
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ from functrain.tree import Tree, member_view, tree_flatten, tree_leaves, tree_un
 
 __all__ = ["ema", "EmaState", "EmaConvention", "EMA_CONVENTIONS"]
 
-EmaConvention = Literal["functrain", "torch", "timm", "torchvision"]
-EMA_CONVENTIONS = ("functrain", "torch", "timm", "torchvision")
+EmaConvention = Literal["functrain", "torch", "timm", "torchvision", "diffusers"]
+EMA_CONVENTIONS = ("functrain", "torch", "timm", "torchvision", "diffusers")
 
 
 class EmaState(NamedTuple):
@@ -100,15 +106,19 @@ def ema(
         decay: in [0, 1); 0.999 averages over roughly the last 1,000 steps.
         warmup: ``"functrain"``: use ``min(decay, (1 + t) / (10 + t))`` at update ``t`` (counted
             from 0), so early averages are not dominated by the random initialisation;
-            ``"timm"``: timm's ``use_warmup=True``. Not with ``"torch"`` or ``"torchvision"``.
-        convention: ``"functrain"``, ``"torch"`` (`AveragedModel`), ``"timm"`` (``ModelEmaV3``)
-            or ``"torchvision"`` (its classification reference's ``ExponentialMovingAverage``).
+            ``"timm"``: timm's ``use_warmup=True``; ``"diffusers"``: its ``use_ema_warmup=True``.
+            Not with ``"torch"`` or ``"torchvision"``.
+        convention: ``"functrain"``, ``"torch"`` (`AveragedModel`), ``"timm"`` (``ModelEmaV3``),
+            ``"torchvision"`` (its classification reference's ``ExponentialMovingAverage``) or
+            ``"diffusers"`` (``EMAModel``).
         buffers: average the buffers too: `init` and `update` then take ``(params, buffers)`` and
             `update` returns ``(average, averaged buffers)``. Floating buffers are lerped as the
             parameters; integer ones (``num_batches_tracked``) copied, or, with ``"torch"``
             and ``"torchvision"``, computed as torch does.
-        update_after_step: ``"timm"``: the updates ``t <= update_after_step`` (from 0) copy.
-        warmup_power / warmup_gamma / min_decay: ``"timm"``'s warm-up (its defaults).
+        update_after_step: ``"timm"``, ``"diffusers"``: the updates ``t <= update_after_step``
+            (from 0) copy (diffusers': move by a weight of 1).
+        warmup_power / warmup_gamma / min_decay: ``"timm"``'s warm-up (its defaults);
+            ``"diffusers"``' ``power``, ``inv_gamma`` (read by its warm-up) and ``min_decay``.
         update_every: ``"torchvision"``'s ``--model-ema-steps``: the average moves at the updates
             whose index in their epoch (from 0) is a multiple of `update_every`; the others leave
             it as it is (they still count).
@@ -216,6 +226,11 @@ def ema(
     elif convention == "timm":
         timm = _TimmDecay(decay, warmup, update_after_step, warmup_power, warmup_gamma, min_decay)
         moved, moved_ = timm.moves()
+    elif convention == "diffusers":
+        diffusers = _DiffusersDecay(
+            decay, warmup, update_after_step, warmup_power, warmup_gamma, min_decay
+        )
+        moved, moved_ = diffusers.moves()
     elif buffers:
         moved, moved_ = _copying_integers(lerp), _copying_integers_(lerp_)
     else:
@@ -296,8 +311,8 @@ def ema_problems(
         problems.append(f"{prefix}decay must lie in [0, 1), got {prefix}decay={decay!r}")
     if convention not in EMA_CONVENTIONS:
         problems.append(
-            f"{prefix}convention must be 'functrain', 'torch', 'timm' or 'torchvision', got "
-            f"{prefix}convention={convention!r}"
+            f"{prefix}convention must be 'functrain', 'torch', 'timm', 'torchvision' or "
+            f"'diffusers', got {prefix}convention={convention!r}"
         )
     if convention == "torch" and warmup:
         problems.append(
@@ -320,17 +335,26 @@ def ema_problems(
         "min_decay": (min_decay, 0.0),
     }
     given = [k for k, (value, default) in timm_only.items() if value != default]
-    if given and convention != "timm":
+    if given and convention not in ("timm", "diffusers"):
         problems.append(
-            f"{', '.join(prefix + k for k in given)}: timm's ModelEmaV3 settings, which the "
-            f"{convention!r} convention has not; give {prefix}convention='timm' or leave them out"
+            f"{', '.join(prefix + k for k in given)}: timm's ModelEmaV3 and diffusers' EMAModel "
+            f"settings, which the {convention!r} convention has not; give "
+            f"{prefix}convention='timm' or 'diffusers', or leave them out"
         )
     warmup_only = {
         "warmup_power": (warmup_power, 2 / 3),
         "warmup_gamma": (warmup_gamma, 1.0),
         "min_decay": (min_decay, 0.0),
     }
+    if convention == "diffusers":  # (its min_decay holds without the warm-up too)
+        del warmup_only["min_decay"]
     unused = [k for k, (value, default) in warmup_only.items() if value != default]
+    if unused and convention == "diffusers" and not warmup:
+        problems.append(
+            f"{', '.join(prefix + k for k in unused)}: diffusers' warm-up settings (power, "
+            f"inv_gamma), which only its warm-up reads; give {prefix}warmup=True (its "
+            "use_ema_warmup=True) or leave them out"
+        )
     if unused and convention == "timm" and not warmup:
         problems.append(
             f"{', '.join(prefix + k for k in unused)}: timm's warm-up settings, which only its "
@@ -365,6 +389,11 @@ def ema_problems(
         )
     if not isinstance(buffers, bool):
         problems.append(f"{prefix}buffers must be a bool, got {prefix}buffers={buffers!r}")
+    elif buffers and convention == "diffusers":
+        problems.append(
+            f"{prefix}buffers=True: diffusers' EMAModel averages the parameters alone; leave "
+            f"{prefix}buffers out, or give another {prefix}convention"
+        )
     return problems
 
 
@@ -672,3 +701,49 @@ class _TimmDecay:
                 a.lerp_(v, member_view(weight.to(a.dtype), a))
 
         return _copying_integers(lerp), _copying_integers_(lerp_)
+
+
+class _DiffusersDecay(_TimmDecay):
+    """diffusers' ``EMAModel.get_decay(optimization_step)`` and the update it weights, with
+    ``optimization_step`` the updates taken (from 1): ``s -= (1 - decay) * (s - p)``."""
+
+    def at(self, t: int) -> float:
+        """The decay of update `t` (from 0), in Python floats as diffusers computes it."""
+        s = max(0, t - self.after)  # max(0, optimization_step - update_after_step - 1)
+        if s <= 0:
+            return 0.0
+        if self.warmup:
+            value = 1 - (1 + s / self.gamma) ** -self.power
+        else:
+            value = (1 + s) / (10 + s)
+        return max(min(value, self.decay), self.min_decay)
+
+    def weights(self, count: torch.Tensor) -> torch.Tensor:
+        """``1 - decay`` of the updates `count` (float64, per member): `at` in tensor ops."""
+        s = (count - self.after).clamp(min=0).to(torch.float64)
+        if self.warmup:
+            value = 1 - (1 + s / self.gamma) ** -self.power
+        else:
+            value = (1 + s) / (10 + s)
+        decay = value.clamp(max=self.decay).clamp(min=self.min_decay)
+        return 1 - torch.where(s <= 0, torch.zeros_like(decay), decay)
+
+    def moves(self) -> tuple[_Move, _Move]:
+        def weighted(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
+            """``(s - p) * (1 - decay)``: diffusers' product, its operand order aside."""
+            n = _host_count(count)
+            if n is not None:
+                return torch._foreach_mul(torch._foreach_sub(avg, x), 1 - self.at(n))
+            weight = self.weights(count)
+            return [
+                (a - v) * member_view(weight.to(a.dtype), a) for a, v in zip(avg, x, strict=True)
+            ]
+
+        def moved(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
+            return list(torch._foreach_sub(avg, weighted(avg, x, count)))
+
+        def moved_(avg: list[torch.Tensor], x: list[torch.Tensor], count: torch.Tensor) -> Any:
+            torch._foreach_sub_(avg, weighted(avg, x, count))
+            return avg
+
+        return moved, moved_

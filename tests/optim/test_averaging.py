@@ -1,7 +1,8 @@
 """The EMA's conventions, bit for bit with the loops they are named after.
 
 ``ema_convention="torch"`` against `torch.optim.swa_utils.AveragedModel` with
-``get_ema_multi_avg_fn`` (with and without ``use_buffers``), ``"timm"`` against timm's
+``get_ema_multi_avg_fn`` (with and without ``use_buffers``), ``"diffusers"`` against diffusers'
+``EMAModel`` itself (its settings, with and without its warm-up), ``"timm"`` against timm's
 ``ModelEmaV3`` updated with ``step=`` the updates taken (its algorithm written out below as
 `TimmEmaReference`, and against timm itself where it is importable), functrain's own against
 timm's ``update(model)`` without ``step=`` (the average from the initial weights), on a model with
@@ -110,6 +111,26 @@ class WithoutStep(TimmEmaReference):
         super().update(net)
 
 
+class DiffusersEma:
+    """diffusers' ``EMAModel`` itself (its default ``foreach=False``), stepped after each update;
+    its `module`: the model with the averaged parameters and, as diffusers keeps none, the live
+    buffers."""
+
+    def __init__(self, net: nn.Module, decay: float, **settings: Any) -> None:
+        from diffusers.training_utils import EMAModel
+
+        self.net, self.ema = net, EMAModel(net.parameters(), decay=decay, **settings)
+
+    def update(self, net: nn.Module, step: int | None = None) -> None:
+        self.ema.step(net.parameters())
+
+    @property
+    def module(self) -> nn.Module:
+        averaged = copy.deepcopy(self.net)
+        self.ema.copy_to(averaged.parameters())
+        return averaged
+
+
 # name: (create's EMA options, the reference's averager of a model, whether it takes step=)
 CONVENTIONS: dict[str, tuple[dict[str, Any], Any, bool]] = {
     "functrain": ({}, lambda net: WithoutStep(net, DECAY, exclude_buffers=True), True),
@@ -158,6 +179,37 @@ CONVENTIONS: dict[str, tuple[dict[str, Any], Any, bool]] = {
     "timm-exclude-buffers": (
         {"ema_convention": "timm", "ema_buffers": False},
         lambda net: TimmEmaReference(net, DECAY, exclude_buffers=True),
+        True,
+    ),
+    "diffusers": ({"ema_convention": "diffusers"}, lambda net: DiffusersEma(net, DECAY), True),
+    "diffusers-update-after-step": (
+        {"ema_convention": "diffusers", "ema_update_after_step": 2, "ema_min_decay": 0.5},
+        lambda net: DiffusersEma(net, DECAY, update_after_step=2, min_decay=0.5),
+        True,
+    ),
+    "diffusers-warmup": (
+        {"ema_convention": "diffusers", "ema_warmup": True},
+        lambda net: DiffusersEma(net, 0.99, use_ema_warmup=True),
+        True,
+    ),
+    "diffusers-warmup-settings": (
+        {
+            "ema_convention": "diffusers",
+            "ema_warmup": True,
+            "ema_update_after_step": 1,
+            "ema_warmup_power": 3 / 4,
+            "ema_warmup_gamma": 2.0,
+            "ema_min_decay": 0.3,
+        },
+        lambda net: DiffusersEma(
+            net,
+            0.99,
+            update_after_step=1,
+            use_ema_warmup=True,
+            power=3 / 4,
+            inv_gamma=2.0,
+            min_decay=0.3,
+        ),
         True,
     ),
 }
@@ -425,6 +477,18 @@ def test_a_checkpoint_written_before_the_conventions_resumes_as_it_was_written()
         (
             {"ema_decay": 0.9, "ema_convention": "timm", "ema_warmup": True, "ema_min_decay": 0.95},
             "ema_min_decay=0.95 is above ema_decay=0.9",
+        ),
+        (
+            {"ema_decay": 0.9, "ema_convention": "diffusers", "ema_buffers": True},
+            "ema_buffers=True: diffusers' EMAModel averages the parameters alone",
+        ),
+        (
+            {"ema_decay": 0.9, "ema_convention": "diffusers", "ema_warmup_power": 0.5},
+            r"ema_warmup_power: diffusers' warm-up settings \(power, inv_gamma\).*ema_warmup=True",
+        ),
+        (
+            {"ema_decay": 0.9, "ema_convention": "torch", "ema_min_decay": 0.5},
+            "ema_min_decay: timm's ModelEmaV3 and diffusers' EMAModel settings",
         ),
     ],
 )
