@@ -103,6 +103,11 @@ INDUCTOR_CACHE = keep_in_checkout()
 # the tests use tiny models: one thread avoids contention overhead that dwarfs the work, and the
 # subprocess workers of the resumption properties use one thread too (the same kernels both sides)
 torch.set_num_threads(1)
+# the processes the tests start that run several threads (a notebook's kernel, a process group's
+# ranks) wait for one another asleep, not spinning: beside the other workers of `-n auto`, which
+# keep every core busy, OpenMP's spinning threads ran ten times slower (03_char_lm.ipynb: 314 s
+# in the suite, 38 s alone). The wait policy changes no result, only how idle threads wait
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 settings.register_profile(
     "ci",
