@@ -116,10 +116,12 @@ def test_a_refused_augmented_assignment_to_a_counter_changes_no_other_state(
     kept = given.replace(user={"note": 1})  # a copy kept aside, as fit's best state or a branch
     run = ft.compile_step() if step == "compiled" else ft.train_step
     state, _ = run(given, batches(2)[1])
-    before = int(getattr(given, counter))
+    branch = state.replace(user={"note": 2})  # a copy of the new state, kept as well
+    before, now = int(getattr(given, counter)), int(getattr(state, counter))
     with pytest.raises(ft.ImmutableStateError, match="changed in place"):
         exec(f"state.{counter} += 1", {}, {"state": state})  # the user's line, as written
     assert int(getattr(given, counter)) == int(getattr(kept, counter)) == before
+    assert int(getattr(branch, counter)) == now
 
 
 def test_an_attribute_of_ones_own_on_a_state_points_to_user() -> None:
