@@ -44,7 +44,7 @@ from typing import Any
 from functrain.checkpoint.files import fsync_dir, remove_later
 from functrain.errors import CheckpointError
 
-__all__ = ["TMP_PREFIX", "commit", "commit_or_raise", "not_written"]
+__all__ = ["TMP_PREFIX", "commit", "commit_or_raise", "not_written", "remove"]
 
 TMP_PREFIX = ".tmp-"
 """The prefix of the directories a save or a deletion has not finished with; readers skip them."""
@@ -71,26 +71,30 @@ def commit(tmp: Path, target: Path) -> None:
         else:
             shutil.rmtree(_replace(displaced, target), ignore_errors=True)
         raise
-    if displaced is not None:  # the new checkpoint is durable: the old one goes in the background
-        remove_later(_aside(displaced))
+    if displaced is None:
+        return
+    # the new checkpoint is durable: the old one goes in the background, a ``.tmp-old-`` copy
+    # renamed aside first (a reader that took it for the checkpoint then finds its directory
+    # gone, which it reports as vanished, not its files going one by one)
+    if displaced.name.startswith(f"{TMP_PREFIX}old-"):
+        remove(displaced)
+    else:
+        remove_later(displaced)
 
 
-def _aside(displaced: Path) -> Path:
-    """`displaced`, renamed first to a name no reader takes where it is a ``.tmp-old-`` copy.
+def remove(path: Path) -> None:
+    """Delete a checkpoint so that an interruption leaves nothing that looks like one.
 
-    Readers take such a copy for the checkpoint while its name is missing (the module
-    docstring): deleted where it lies, a read of it would find its files going one by one in a
-    directory still there (damage, to the read); renamed, the directory itself went, which a read
-    reports as vanished, and the checkpoint is read at its name.
+    The rename to a temporary name is atomic; the deletion itself runs in the background
+    (`functrain.checkpoint.files.remove_later`). A process killed during it leaves a `.tmp-`
+    directory that readers ignore and `directory.recover` removes.
     """
-    if not displaced.name.startswith(f"{TMP_PREFIX}old-"):
-        return displaced
-    doomed = displaced.with_name(f"{TMP_PREFIX}del-{displaced.name[len(TMP_PREFIX) :]}")
+    doomed = path.parent / f"{TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex[:8]}"
     try:
-        os.rename(displaced, doomed)
+        os.rename(path, doomed)
     except OSError:
-        return displaced
-    return doomed
+        return
+    remove_later(doomed)
 
 
 def commit_or_raise(tmp: Path, target: Path) -> None:

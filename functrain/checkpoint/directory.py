@@ -19,8 +19,8 @@ import stat
 import uuid
 from pathlib import Path
 
-from functrain.checkpoint.commit import TMP_PREFIX, commit
-from functrain.checkpoint.files import DENIED, fsync_dir, permission_error, remove_later
+from functrain.checkpoint.commit import TMP_PREFIX, commit, remove
+from functrain.checkpoint.files import DENIED, fsync_dir, permission_error
 from functrain.checkpoint.format import MANIFEST
 from functrain.core.stacked import host_count
 from functrain.core.state import TrainState
@@ -277,21 +277,6 @@ def link_copy(source: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit(tmp, target)  # removes `tmp` itself when it fails
-
-
-def remove(path: Path) -> None:
-    """Delete a checkpoint so that an interruption leaves nothing that looks like one.
-
-    The rename to a temporary name is atomic; the deletion itself runs in the background
-    (`functrain.checkpoint.files.remove_later`). A process killed during it leaves a `.tmp-`
-    directory that readers ignore and `recover` removes.
-    """
-    doomed = path.parent / f"{TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(path, doomed)
-    except OSError:
-        return
-    remove_later(doomed)
 
 
 def recover(directory: Path) -> list[str]:
