@@ -240,6 +240,7 @@ def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any
         or fused.device.type != "cpu"
         or window != 1
         or fused.behind != 0  # (weights that sat out updates: each its own step, the runner's)
+        or fused.decay is not None  # (a weight-decay schedule, read at each call: the runner's)
     ):
         return f"        {call}\n", {}
     lines = [

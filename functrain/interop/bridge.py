@@ -58,6 +58,7 @@ from functrain.optim.porting import (
     own_settings,
 )
 from functrain.optim.presets import is_matrix, muon
+from functrain.optim.rates import value_at
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
@@ -185,6 +186,7 @@ def from_torch_optimizer(
     step: int | None = None,
     scheduler: Any = None,
     steps_per_epoch: int | None = None,
+    weight_decay: Any = None,
 ) -> ConvertedOptimizer:
     """The functrain optimizer, and state, that continue a `torch.optim` run bit for bit.
 
@@ -235,6 +237,12 @@ def from_torch_optimizer(
             ``functrain.schedules.per_epoch(schedule, steps_per_epoch)``, and the scheduler's
             count is checked against the epochs the optimizer's steps make. None: stepped once per
             optimizer step (Lightning's ``"interval": "step"``).
+        weight_decay: None: each group's current ``weight_decay``, held constant; a float or a
+            schedule for every group; or one per group (None for a group that keeps its own):
+            a loop that writes ``param_groups[i]["weight_decay"]`` before each step (DINO's
+            cosine weight decay, MAE's) continues with that schedule, called with the count as
+            a scheduled `lr` is (``[wd_schedule, None]`` for DINO's two groups, the second
+            undecayed).
 
     Returns:
         A `ConvertedOptimizer`.
@@ -285,6 +293,7 @@ def from_torch_optimizer(
     slots = [(i, o, k) for i, o in enumerate(optimizers) for k in range(len(o.param_groups))]
     places = [_place(where, len(optimizers), i, k) for i, _, k in slots]
     rates = _rates(lr, len(slots), where)
+    decays = _per_group(weight_decay, len(slots), "weight_decay", where)
     groups, counts = [], []
     for i, o in enumerate(optimizers):
         read = [
@@ -297,8 +306,10 @@ def from_torch_optimizer(
         rates = _schedules(scheduler, optimizers, counts, steps_per_epoch, where)
     groups = [g._replace(count=c) for g, c in zip(groups, counts, strict=True)]
     transforms = [
-        _transform(o, o.param_groups[k], g, rate, place)
-        for (_, o, k), g, rate, place in zip(slots, groups, rates, places, strict=True)
+        _transform(o, o.param_groups[k], g, rate, decay, place)
+        for (_, o, k), g, rate, decay, place in zip(
+            slots, groups, rates, decays, places, strict=True
+        )
     ]
     for warning in _dropped(slots, places, held_lr=lr is None and scheduler is None):
         warnings.warn(warning, ConversionWarning, stacklevel=2)
@@ -634,12 +645,21 @@ def _step_problems(scheduler: Any, counts: Sequence[int], steps_per_epoch: int |
 
 
 def _rates(lr: LearningRates, n: int, where: str) -> list[float | Schedule | None]:
-    if lr is None or callable(lr) or isinstance(lr, int | float):
-        return [lr] * n
-    if isinstance(lr, Sequence) and len(lr) == n:
-        return list(lr)
+    return _per_group(lr, n, "lr", where)
+
+
+def _per_group(value: Any, n: int, name: str, where: str) -> list[Any]:
+    """A setting given for the `n` groups: one for all (None, a number, a schedule), or each
+    its own."""
+    if value is None or callable(value) or isinstance(value, int | float):
+        return [value] * n
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == n:
+        return list(value)
     config_check(
-        [f"lr must be None, a float, a schedule or one per parameter group ({n}), got lr={lr!r}"],
+        [
+            f"{name} must be None, a float, a schedule or one per parameter group ({n}), got "
+            f"{name}={value!r}"
+        ],
         where,
     )
     raise AssertionError  # unreachable: config_check raised
@@ -748,9 +768,14 @@ def _implementation_problems(optimizer: torch.optim.Optimizer, group: dict[str, 
 
 
 def _transform(
-    optimizer: torch.optim.Optimizer, group: dict[str, Any], g: _Group, rate: Any, where: str
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    g: _Group,
+    rate: Any,
+    decay: Any,
+    where: str,
 ) -> Transform:
-    """The preset that matches one parameter group.
+    """The preset that matches one parameter group (`decay`: its weight decay, where given).
 
     Refused where torch's implementation is not the one it continues.
     """
@@ -759,6 +784,14 @@ def _transform(
     kwargs = kind.settings(own_settings(optimizer, group))  # not the momentum a scheduler wrote
     kwargs["lr"] = g.lr if rate is None else rate
     problems = _implementation_problems(optimizer, group)
+    if decay is not None:
+        if "weight_decay" in kwargs:
+            kwargs["weight_decay"] = decay
+        else:
+            problems.append(
+                f"{where}: weight_decay given for a group of torch.optim."
+                f"{type(optimizer).__name__}, which has no weight decay: leave it None there"
+            )
     config_check(problems, where)
     if "fused" in inspect.signature(kind.preset).parameters:
         used = implementation(group)
@@ -1291,12 +1324,13 @@ def _decay_hint(expected: _Expected, names: Sequence[str]) -> str:
         return ""
     decayed = [n for n in names if n in expected.decayed]
     spared = [n for n in names if n not in expected.decayed]
+    number = "its schedule's value" if callable(decay) else repr(decay)
     if decayed and spared:
         return (
-            f" (those the mask decays, {listed(decayed)}, in a group with weight_decay={decay!r}, "
+            f" (those the mask decays, {listed(decayed)}, in a group with weight_decay={number}, "
             "the others in a group with weight_decay=0.0)"
         )
-    return f" (in a group with weight_decay={decay if decayed else 0.0!r})"
+    return f" (in a group with weight_decay={number if decayed else 0.0})"
 
 
 def _group_count(nodes: dict[type, Any], state: TrainState) -> int:
@@ -1345,7 +1379,7 @@ def _setting_problems(
     problems = _rate_problems(shown, float(group["lr"]), call.arguments["lr"], whose, count)
     for key, got in given.items():
         if key == "weight_decay":
-            problems += _decay_problems(shown, label, names, got, expected, whose)
+            problems += _decay_problems(shown, label, names, got, expected, whose, count)
             continue
         got, want = _plain(got), _plain(call.arguments[key])
         if got != want:
@@ -1392,14 +1426,21 @@ def _decay_problems(
     got: Any,
     expected: _Expected,
     whose: str,
+    count: int,
 ) -> list[str]:
     """A torch group whose weight decay is not the one its parameters take in the state.
 
     With a mask: the preset's for the parameters it decays, 0.0 for those it spares, so a group
-    holding both is refused with the groups that work.
+    holding both is refused with the groups that work. A schedule's: its value at `count`, the
+    number the state's next update takes (a torch loop writes it into the group before
+    ``step()``).
     """
     assert expected.call is not None  # _setting_problems checked
     decay = expected.call.arguments["weight_decay"]
+    at = ""
+    if callable(decay):
+        decay = float(value_at(decay, torch.tensor(count)))
+        at = f" (its schedule's at step {count}, the next update's)"
     got = _plain(got)
     if expected.decayed is not None and decay:
         decayed = [n for n in names if n in expected.decayed]
@@ -1419,6 +1460,7 @@ def _decay_problems(
         )
     else:
         want, why = decay, f"{whose} has weight_decay={decay!r}"
+    why += at if want else ""
     if got == _plain(want):
         return []
     return [f"{shown} has weight_decay={got!r}; {why}: set the group's weight_decay to {want!r}"]

@@ -32,6 +32,8 @@ __all__ = [
     "check_unit",
     "check_positive",
     "check_learning_rate",
+    "check_decay",
+    "UNSCHEDULED_DECAY",
     "need_params",
 ]
 
@@ -122,6 +124,34 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
             f"{name} must be at most {MAX_RATE!r} (the largest float32) at every step, but the "
             f"schedule gives {first!r} at step 0"
         )
+
+
+# why a weight decay applied by a chain's own transform (`add_decayed_weights`: lion's; muon's)
+# takes no schedule, and the fix
+UNSCHEDULED_DECAY = (
+    "this decay is a step of a chain, which keeps no count to read a schedule at; give a number, "
+    "or use a preset whose formula reads a weight-decay schedule at its count (sgd, adam, adamw, "
+    "nadam, radam, adamax, rmsprop, adagrad, adadelta, asgd, adafactor, lamb, adan, "
+    "adamw_schedule_free)"
+)
+
+
+def check_decay(problems: list[str], name: str, value: Any, scheduled: str | None = None) -> None:
+    """A weight decay: a finite number >= 0, or a schedule of the step (its value at step 0 such a
+    number), which the presets read at their count as they read a scheduled learning rate.
+
+    `scheduled`: None where a schedule is taken; else why it is not, and the fix (the message's
+    end).
+    """
+    if not callable(value) or isinstance(value, torch.Tensor):
+        check_positive(problems, name, value, allow_zero=True)
+    elif scheduled is not None:
+        problems.append(f"{name} takes a number here, got a schedule {value!r}: {scheduled}")
+    else:
+        before = len(problems)
+        check_learning_rate(problems, name, value)
+        if len(problems) > before and problems[-1].startswith(f"{name} must be at most"):
+            problems.pop()  # (a decay has no largest value of a rate's)
 
 
 def _check_rate_tensor(problems: list[str], name: str, value: torch.Tensor) -> None:

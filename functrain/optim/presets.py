@@ -33,6 +33,7 @@ import torch
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Mask, Schedule, Transform, identity
 from functrain.optim.checks import (
+    check_decay,
     check_learning_rate,
     check_positive,
     check_unit,
@@ -56,7 +57,7 @@ from functrain.optim.rules.adam import (
     radam_rule,
 )
 from functrain.optim.rules.asgd import AsgdState, asgd_rule, check_asgd
-from functrain.optim.rules.formula import held_rate, rule_transform
+from functrain.optim.rules.formula import held_number, held_rate, rule_transform
 from functrain.optim.rules.fused import (
     fused_adagrad,
     fused_adagrad_runs_on,
@@ -142,7 +143,7 @@ def _check_adam(where: str, b1: float, b2: float, eps: float, weight_decay: floa
         for i, value in enumerate(weight_decay.values):
             check_positive(problems, f"weight_decay.values[{i}]", value, allow_zero=True)
     else:
-        check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+        check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, where)
 
 
@@ -223,6 +224,7 @@ def sgd(
         nesterov: Nesterov momentum.
         dampening: dampening of the momentum buffer.
         weight_decay: L2 coefficient added to the gradient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         mask: which parameters get weight decay (see `add_decayed_weights`).
         maximize: ascend the objective (the gradients are negated first).
         fused: update through torch's fused SGD kernel (one pass over parameters, gradients and
@@ -260,10 +262,10 @@ def sgd(
     else:
         problems: list[str] = []
         check_unit(problems, "dampening", dampening)
-        check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+        check_decay(problems, "weight_decay", weight_decay)
         rate = _rate(lr, problems)
         config_check(problems, "sgd")
-        held = {"weight_decay": float(weight_decay)}
+        held = {"weight_decay": held_number(weight_decay)}
         if momentum:
             held["momentum"] = float(momentum)
         constants, schedule = held_rate(rate, held)
@@ -320,6 +322,7 @@ def adam(
         b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: L2 coefficient added to the gradient (see `adamw` for the decoupled kind).
+            A number, or a schedule read at the count as a scheduled `lr` is.
         amsgrad: AMSGrad variant.
         mask: which parameters get weight decay.
         fused: update through torch's fused Adam kernel (one pass over parameters, gradients
@@ -399,6 +402,7 @@ def adamw(
         b2: second-moment decay (``betas[1]``, likewise).
         eps: denominator epsilon.
         weight_decay: decoupled decay coefficient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         amsgrad: AMSGrad variant.
         mask: which parameters decay, e.g. ``lambda name, p: p.ndim > 1`` to spare biases and norms.
         fused: update through torch's fused AdamW kernel (one pass over parameters, gradients
@@ -497,7 +501,7 @@ def _adam(
     rate = _rate(lr, problems)
     rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, name)
-    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     return rule_transform(
         adam_rule(b1, b2, eps, decoupled, amsgrad, maximize, rate_dtype),
         name,
@@ -538,6 +542,7 @@ def radam(
         eps: denominator epsilon.
         weight_decay: L2 coefficient added to the gradient, or with `decoupled_weight_decay` the
             parameters' decay per step, ``p * (1 - lr * weight_decay)`` (RAdamW).
+            A number, or a schedule read at the count as a scheduled `lr` is.
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
         decoupled_weight_decay: decay the parameters rather than add to the gradient.
@@ -574,10 +579,10 @@ def radam(
     check_unit(problems, "b1", b1)
     check_unit(problems, "b2", b2)
     check_positive(problems, "eps", eps)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     rate_dtype = _rate_dtype(lr, problems)
     config_check(problems, "radam")
-    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     return rule_transform(
         radam_rule(b1, b2, eps, decoupled_weight_decay, maximize, rate_dtype),
         "radam",
@@ -619,6 +624,7 @@ def rmsprop(
         momentum: momentum factor; 0 disables it.
         centered: normalize by the estimated variance instead of the raw second moment.
         weight_decay: L2 coefficient added to the gradient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
         foreach: torch's implementation choice; either value gives torch's bits (its foreach and
@@ -646,11 +652,11 @@ def rmsprop(
     problems: list[str] = []
     check_unit(problems, "alpha", alpha)
     check_positive(problems, "eps", eps)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     rate = _rate(lr, problems)
     config_check(problems, "rmsprop")
     rule = rmsprop_rule(alpha, eps, momentum, centered, maximize)
-    held = {"weight_decay": float(weight_decay)}
+    held = {"weight_decay": held_number(weight_decay)}
     if momentum:
         held["momentum"] = float(momentum)
     constants, schedule = held_rate(rate, held)
@@ -689,6 +695,7 @@ def adagrad(
         lr_decay: learning-rate decay per step.
         initial_accumulator_value: starting value of the squared-gradient sum.
         weight_decay: L2 coefficient added to the gradient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         mask: which parameters get weight decay.
         maximize: ascend the objective (the gradients are negated first).
         fused: update through torch's fused Adagrad kernel (one pass over parameters, gradients
@@ -725,7 +732,7 @@ def adagrad(
     _check_renamed("adagrad", lr)
     problems: list[str] = []
     check_adagrad(problems, eps, initial_accumulator_value, lr_decay)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     rate = _rate(lr, problems)
     rate_dtype = None if fused or fused is None else _rate_dtype(lr, problems)
     config_check(problems, "adagrad")
@@ -757,7 +764,7 @@ def adagrad(
             ),
         )
     else:
-        constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+        constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
         tx = rule_transform(
             adagrad_rule(eps, lr_decay, initial_accumulator_value, maximize, rate_dtype),
             "adagrad",
@@ -924,6 +931,7 @@ def nadam(
         betas: ``(b1, b2)``, the moments' decay rates.
         eps: denominator epsilon.
         weight_decay: weight decay coefficient, L2 added to the gradient unless decoupled.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         momentum_decay: the momentum schedule's decay (``psi``).
         decoupled_weight_decay: decay the parameters as AdamW does instead.
         maximize: ascend the objective.
@@ -995,6 +1003,7 @@ def adamax(
         betas: ``(b1, b2)``: the first moment's and the infinity norm's decay rates.
         eps: added to the gradient's magnitude.
         weight_decay: L2 coefficient added to the gradient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
         foreach: torch's implementation choice; either value gives torch's bits (its foreach and
@@ -1021,9 +1030,9 @@ def adamax(
     rate, (b1, b2) = _checked("adamax", lr, betas)
     problems: list[str] = []
     check_positive(problems, "eps", eps, allow_zero=True)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adamax")
-    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     return rule_transform(
         adamax_rule(b1, b2, eps, maximize),
         "adamax",
@@ -1058,6 +1067,7 @@ def adadelta(
         rho: decay rate of the running averages.
         eps: added inside the square roots.
         weight_decay: L2 coefficient added to the gradient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
         foreach: torch's implementation choice; either value gives torch's bits (its foreach and
@@ -1084,9 +1094,9 @@ def adadelta(
     rate, _ = _checked("adadelta", lr)
     problems: list[str] = []
     check_adadelta(problems, rho, eps)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adadelta")
-    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     return rule_transform(
         adadelta_rule(rho, eps, maximize),
         "adadelta",
@@ -1124,6 +1134,7 @@ def asgd(
         alpha: power of the step size's decay.
         t0: the step from which the parameters are averaged.
         weight_decay: L2 coefficient added to the gradient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         maximize: ascend the objective.
         mask: which parameters get weight decay.
         foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
@@ -1157,9 +1168,9 @@ def asgd(
     rate, _ = _checked("asgd", lr)
     problems: list[str] = []
     check_asgd(problems, lambd, alpha, t0)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "asgd")
-    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     return rule_transform(
         asgd_rule(first_rate(rate), lambd, alpha, t0, maximize),
         "asgd",
@@ -1255,6 +1266,7 @@ def adafactor(
             parameter RMS.
         d: clipping threshold of the update's RMS.
         weight_decay: decoupled decay coefficient.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         maximize: ascend the objective.
         mask: which parameters decay.
         foreach: torch's implementation choice; ``False`` (or None), torch's single-tensor loop, is
@@ -1289,9 +1301,9 @@ def adafactor(
         check_positive(problems, "eps[1]", eps[1], allow_zero=True)
     if not (isinstance(d, (int, float)) and d >= 1.0):
         problems.append(f"d must be >= 1, got d={d!r}")
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "adafactor")
-    constants, schedule = held_rate(rate, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(rate, {"weight_decay": held_number(weight_decay)})
     return rule_transform(
         adafactor_rule(float(beta2_decay), eps[0], float(eps[1]), float(d), maximize),
         "adafactor",

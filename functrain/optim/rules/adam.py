@@ -25,7 +25,7 @@ from functrain.optim.base import (
     Mask,
     Transform,
 )
-from functrain.optim.checks import check_positive, check_unit
+from functrain.optim.checks import check_decay, check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     FORMULAS,
@@ -39,6 +39,7 @@ from functrain.optim.rules.formula import (
     at_count,
     combined,
     filled,
+    held_number,
     held_rate,
     host_value,
     l2_decayed,
@@ -236,6 +237,7 @@ def nadam_step(
         eps: added to the root of the second moment; >= 0.
         momentum_decay: the momentum schedule's decay (``psi``); >= 0.
         weight_decay: decoupled decay, ``p * (1 - lr * weight_decay)`` before the step; >= 0.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         mask: which parameters decay.
 
     Returns:
@@ -280,9 +282,9 @@ def nadam_transform(
     arguments and those of the rest, raised together."""
     check_positive(problems, "eps", eps, allow_zero=True)
     check_positive(problems, "momentum_decay", momentum_decay, allow_zero=True)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, name)
-    constants, schedule = held_rate(learning_rate, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(learning_rate, {"weight_decay": held_number(weight_decay)})
     return rule_transform(
         nadam_rule(b1, b2, eps, momentum_decay, decoupled, maximize),
         name,

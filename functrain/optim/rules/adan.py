@@ -14,7 +14,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Transform
-from functrain.optim.checks import check_positive, check_unit
+from functrain.optim.checks import check_decay, check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     FORMULAS,
@@ -27,6 +27,7 @@ from functrain.optim.rules.formula import (
     at_first,
     check_package_rate,
     combined,
+    held_number,
     held_rate,
     number,
     own_count,
@@ -111,6 +112,7 @@ def adan(
             (the reference also takes ``b3 = 1``, whose bias correction divides by 0).
         weight_decay: with `weight_decouple`, the parameters' decay ``p * (1 - lr * wd)`` before
             the step; else the proximal decay ``p / (1 + lr * wd)`` after it.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         weight_decouple: decay the parameters before the step rather than divide after it.
         eps: added to the denominator's square root; > 0 (the reference also takes 0, which
             divides 0 by 0 where a gradient is 0 from the first step).
@@ -143,7 +145,7 @@ def adan(
             check_unit(problems, f"betas[{i}]", beta)
     else:
         problems.append(f"betas must be a triple (b1, b2, b3), got betas={betas!r}")
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     check_positive(problems, "eps", eps)
     if max_grad_norm != 0:
         problems.append(
@@ -155,7 +157,7 @@ def adan(
     config_check(problems, "adan")
     b1, b2, b3 = betas
     rule = adan_rule(b1, b2, b3, eps, weight_decouple, maximize)
-    constants, schedule = held_rate(lr, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(lr, {"weight_decay": held_number(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the reference's default path (its
     # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
     return rule_transform(rule, "adan", constants, schedule, foreach=True)

@@ -91,6 +91,7 @@ __all__ = [
     "evaluation_params",
     "filled",
     "foreach_kernels",
+    "held_number",
     "held_rate",
     "held_scalar",
     "host_value",
@@ -1231,6 +1232,17 @@ def held_rate(lr: Any, constants: dict[str, float]) -> tuple[dict[str, float], A
     return {"lr": float(lr), **constants}, None
 
 
+def held_number(value: Any) -> Any:
+    """A held hyperparameter as `rule_transform` takes it in its constants: a number as a float,
+    a schedule (a weight decay's) as it is, read at the count as a scheduled rate is.
+
+    Example:
+        >>> held_number(0.05), held_number(lambda step: 0.04 + 0.01 * step)(1)
+        (0.05, 0.05)
+    """
+    return value if callable(value) and not isinstance(value, torch.Tensor) else float(value)
+
+
 class DirectionState(RuleState):
     """The state of a formula's direction (`rule_direction`): its formula's (`RuleState`), with
     no rate of its own to report (the learning rate after it reports its own)."""
@@ -1307,7 +1319,9 @@ def rule_transform(
     ``foreach`` is not given: the foreach loops off the CPU, the single-tensor loop's on it.
 
     `constants`: the values of the hyperparameters the state holds (`Rule.held`; the learning
-    rate left out where `schedule` gives it: read at the count, as the other steps read it);
+    rate left out where `schedule` gives it: read at the count, as the other steps read it); a
+    schedule among them (a weight decay's, `held_number`) is not held but read at the count as
+    `schedule` is, as torch users write a group's number before each step;
     the update emits the new parameters (`NewParams`). `mask` (a preset's ``mask=``: a predicate
     ``(name, param) -> bool`` or a tree of bools) says which parameters decay: the others step
     with a weight decay of 0, as a torch.optim param group of their own with
@@ -1328,6 +1342,9 @@ def rule_transform(
     own = (rule.own_steps or rule.own_first) and not differentiable
     if own and rule.prepare is not None:
         raise ConfigError(f"{name}: a formula with a step of its own per parameter has no prepare")
+    # the numbers given as schedules (a weight decay's): read at the count, not held
+    scheduled = {k: v for k, v in constants.items() if callable(v)}
+    constants = {k: v for k, v in constants.items() if k not in scheduled}
     fixed = {k: Scalar(float(v)) for k, v in constants.items()}  # (`run`'s numbers)
     constant_rate = schedule is None and rule.prepare is None and not differentiable
 
@@ -1415,6 +1432,8 @@ def rule_transform(
         )
         if schedule is not None:
             h["lr"] = scheduled_rate(schedule, state.count, t)
+        for k, at in scheduled.items():
+            h[k] = scheduled_rate(at, state.count, t)
         for scale in scales:  # a chain's reduce_on_plateau after it: the rate lowered in float64,
             # as ReduceLROnPlateau multiplies the group's rate (`ExtrasUpdate.folds_scales`)
             h["lr"] = combined(lambda lr, by: lr * by, h["lr"], held_scalar(scale, device))

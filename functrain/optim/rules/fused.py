@@ -55,13 +55,14 @@ from functrain.optim.base import (
     Transform,
 )
 from functrain.optim.batching import under_vmap
-from functrain.optim.checks import check_positive
+from functrain.optim.checks import check_decay
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.planned import Ran, Runner
 from functrain.optim.rates import as_float64, host_rate, value_at
 from functrain.optim.rules.formula import (
     RuleState,
     fresh_steps,
+    held_number,
     host_value,
     read_value,
     updates_sat_out,
@@ -376,6 +377,8 @@ def _fused(
     def init_fn(params: Tree) -> Any:
         check(params)
         leaves = tree_leaves(params)
+        if _scheduled_decay(weight_decay) and any(p.device.type != "cpu" for p in leaves):
+            raise ConfigError(_DECAY_OFF_HOST.format(what=what, device=leaves[0].device))
         count = counter(params)
         slots = {k: tuple(map(make, leaves)) for k, make in moments.items() if make is not None}
         group = {}
@@ -405,7 +408,8 @@ def _fused(
         step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
         given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
         decays = _decays(mask, params, step.p)
-        new_p, new = _by_groups(kernel, step, buffers_of(state), decays, weight_decay, given)
+        decay = _decay_at(weight_decay, state.count, what)
+        new_p, new = _by_groups(kernel, step, buffers_of(state), decays, decay, given)
         rate = _last_lr(step.rate_t, state.lr, keep)
         return NewParams(new_p, step.spec), rebuilt(state, step.count, new, rate)
 
@@ -474,7 +478,7 @@ def fused_sgd(
     name.
     """
     problems: list[str] = []
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     config_check(problems, "sgd")
     hyper = {
         "momentum": momentum,
@@ -588,6 +592,38 @@ def _in_memory_order(
 def _flat_indices(params: Sequence[torch.Tensor]) -> list[bool]:
     """Which of `params` go to a kernel as views in memory order: dense, not contiguous."""
     return [not p.is_contiguous() and is_dense(p) for p in params]
+
+
+# a weight-decay schedule where the kernels run off the CPU: torch's fused kernels take the decay
+# as a number, which the step would read back from the device each update
+_DECAY_OFF_HOST = (
+    "{what}(fused=True) with a weight-decay schedule on {device}: torch's fused kernel takes the "
+    "weight decay as a Python number, which each step would read back from the device (the count "
+    "lives there), a wait per step; pass fused=False (torch's foreach {what}, which takes the "
+    "schedule's value as a tensor), or a constant weight_decay"
+)
+
+
+def _scheduled_decay(weight_decay: Any) -> bool:
+    """Whether `weight_decay` is a schedule (a `functrain.sweep` is one value per member)."""
+    return callable(weight_decay) and not isinstance(weight_decay, Sweep)
+
+
+def _decay_at(weight_decay: Any, count: torch.Tensor, what: str) -> Any:
+    """The weight decay the kernels take at the update after `count`: a schedule's number there
+    (read on the host, where the count lies: the CPU's, eager), else the given one."""
+    if not _scheduled_decay(weight_decay):
+        return weight_decay
+    value = value_at(weight_decay, count)
+    number = host_value(value) if isinstance(value, torch.Tensor) else float(value)
+    if number is None:  # (traced, batched by vmap, or on a device: no number to give)
+        raise ConfigError(
+            f"{what}(fused=True) with a weight-decay schedule runs in eager steps on the CPU "
+            "only (torch's fused kernel takes the decay as a number, read at the count); under "
+            "torch.compile, a stacked state or off the CPU pass fused=False (torch's foreach "
+            f"{what}), or a constant weight_decay"
+        )
+    return number
 
 
 def _read_once(lr: Any) -> Any:
@@ -998,7 +1034,8 @@ def _planner(
         groups = [
             (
                 None if len(by_key) == 1 else idx,
-                {**hyper, "weight_decay": float(weight_decay) if decay else 0.0},
+                # (a schedule stays one, read at each call: `FusedRunner.__call__`)
+                {**hyper, "weight_decay": held_number(weight_decay) if decay else 0.0},
             )
             for (_, decay), idx in by_key.items()
         ]
@@ -1010,7 +1047,16 @@ def _planner(
         read = host_value if device.type == "cpu" else read_value
         behind = updates_sat_out(state, read) if kernel.steps else 0
         return FusedRunner(
-            kernel, groups, behind, lr, schedule, on_host, device, buffers_of, rebuild
+            kernel,
+            groups,
+            behind,
+            lr,
+            schedule,
+            on_host,
+            device,
+            buffers_of,
+            rebuild,
+            weight_decay if _scheduled_decay(weight_decay) else None,
         )
 
     return plan
@@ -1024,8 +1070,9 @@ class FusedRunner:
     ``(indices or None, its keyword arguments)``), `steps` (the kernel takes step counts),
     `behind` (the updates each parameter sat out, `_kernel_steps`: 0 where none did),
     `rate` (a constant rate; else `schedule`, read as `on_host` where it has a host form),
-    `buffers_of` (the state's buffer tuples) and `rebuild` ``(state, count, buffers, rate) ->
-    state``.
+    `buffers_of` (the state's buffer tuples), `rebuild` ``(state, count, buffers, rate) ->
+    state`` and `decay` (a weight-decay schedule, read at each call for the groups that decay;
+    None for a number, in `groups`).
     """
 
     __slots__ = (
@@ -1040,6 +1087,7 @@ class FusedRunner:
         "buffers_of",
         "rebuild",
         "flags",
+        "decay",
     )
 
     def __init__(
@@ -1053,8 +1101,10 @@ class FusedRunner:
         device: torch.device,
         buffers_of: Any,
         rebuild: Any,
+        decay: Any = None,
     ) -> None:
         self.kernel, self.groups, self.steps = kernel.in_place, groups, kernel.steps
+        self.decay = decay
         self.behind = behind
         self.rate, self.schedule, self.on_host, self.device = rate, schedule, on_host, device
         self.buffers_of, self.rebuild = buffers_of, rebuild
@@ -1090,7 +1140,10 @@ class FusedRunner:
             new_p = [x.clone() for x in params]
             new_b = [[x.clone() for x in xs] for xs in given]
         steps = _kernel_steps(state, new_count, self.behind) if self.steps else []
+        decay = None if self.decay is None else _decay_at(self.decay, count, "")
         for idx, options in self.groups:
+            if callable(options["weight_decay"]):  # (a group the mask decays)
+                options = {**options, "weight_decay": decay}
             lists = (new_p, grads, *new_b, *([steps] if steps else []))
             if idx is not None:
                 lists = tuple([xs[i] for i in idx] if xs else xs for xs in lists)
@@ -1141,8 +1194,8 @@ def _members_planner(
             return None
         # decided once: a mask of the parameters' names and shapes (`resolved_once`)
         decays = resolved_once(lambda given: _decays(mask, given, list(given.values())), params)
-        if decays is None or not _one_group(p, decays):
-            return None
+        if decays is None or not _one_group(p, decays) or _scheduled_decay(weight_decay):
+            return None  # (a decay schedule: `update` refuses it for a stacked state)
         layout = _members_layout(p)  # how one call walks them: the same for every state after
         decay = _decay_values(weight_decay) if decays[0] else [0.0]
         dtype = p[0].dtype

@@ -30,7 +30,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import LearningRate, Transform
-from functrain.optim.checks import check_positive, check_unit, is_real
+from functrain.optim.checks import check_decay, check_positive, check_unit, is_real
 from functrain.optim.choices import without_choices
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
@@ -43,6 +43,7 @@ from functrain.optim.rules.formula import (
     at_count,
     check_package_rate,
     combined,
+    held_number,
     held_rate,
     rule_transform,
 )
@@ -189,6 +190,7 @@ def lamb(
             its step sizes from one in tensor arithmetic, other bits).
         betas: ``(b1, b2)``, the first- and second-moment decays, each in [0, 1).
         weight_decay: the decay coefficient (>= 0).
+            A number, or a schedule read at the count as a scheduled `lr` is.
         weight_decouple: decay the parameters, ``p * (1 - weight_decay * lr)``; ``False`` adds
             ``weight_decay * p`` to the direction before the trust ratio (not to the gradient).
         fixed_decay: decoupled decay ``p * (1 - weight_decay)``, not scaled by the rate.
@@ -233,7 +235,7 @@ def lamb(
     else:
         check_unit(problems, "betas[0]", betas[0])
         check_unit(problems, "betas[1]", betas[1])
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     check_positive(problems, "eps", eps, allow_zero=True)
     check_positive(problems, "max_grad_norm", max_grad_norm, allow_zero=True)
     if not (is_real(clamp) and clamp > 0):
@@ -259,7 +261,7 @@ def lamb(
         adam_debias=adam_debias,
         maximize=maximize,
     )
-    constants, schedule = held_rate(lr, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(lr, {"weight_decay": held_number(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the reference's default path, whose
     # CUDA kernels round otherwise than the single-tensor ones (on the CPU the same bits)
     return rule_transform(rule, "lamb", constants, schedule, foreach=True)

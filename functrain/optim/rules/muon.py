@@ -14,7 +14,13 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import NO_EXTRAS, Extras, LearningRate, Transform, with_extras
-from functrain.optim.checks import check_positive, check_unit, need_params
+from functrain.optim.checks import (
+    UNSCHEDULED_DECAY,
+    check_decay,
+    check_positive,
+    check_unit,
+    need_params,
+)
 from functrain.optim.naming import named
 from functrain.optim.rules.arithmetic import add_scaled_, decayed
 from functrain.optim.rules.learning_rate import (
@@ -185,7 +191,7 @@ def scale_by_adjusted_learning_rate(
             "adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got "
             f"adjust_lr_fn={adjust_lr_fn!r}"
         )
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay, UNSCHEDULED_DECAY)
     config_check(problems, "scale_by_adjusted_learning_rate")
 
     def init_fn(params: Tree) -> LearningRateState:

@@ -25,7 +25,7 @@ import torch
 
 from functrain.errors import ConfigError, config_check
 from functrain.optim.base import LearningRate, Transform
-from functrain.optim.checks import check_positive, check_unit
+from functrain.optim.checks import check_decay, check_positive, check_unit
 from functrain.optim.naming import named
 from functrain.optim.rules.formula import (
     EVALUATION_POINTS,
@@ -38,6 +38,7 @@ from functrain.optim.rules.formula import (
     active,
     at_first,
     check_package_rate,
+    held_number,
     held_rate,
     host_value,
     rule_transform,
@@ -179,6 +180,7 @@ def adamw_schedule_free(
             (0, 1): ``x`` is found from ``y`` by dividing by it), and the second moment's decay.
         eps: added to the second moment's square root.
         weight_decay: L2 coefficient, added to the normalized gradient at ``y``.
+            A number, or a schedule read at the count as a scheduled `lr` is.
         warmup_steps: the rate rises linearly over this many first updates.
         r: the averaging weights grow as ``k ** r``.
         weight_lr_power: the averaging weights are ``lr_max ** weight_lr_power``.
@@ -208,7 +210,7 @@ def adamw_schedule_free(
         check_unit(problems, "betas[0]", b1, closed_low=False)
         check_unit(problems, "betas[1]", b2)
     check_positive(problems, "eps", eps, allow_zero=True)
-    check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+    check_decay(problems, "weight_decay", weight_decay)
     if not (isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool)) or (
         warmup_steps < 0
     ):
@@ -227,7 +229,7 @@ def adamw_schedule_free(
     check_positive(problems, "weight_lr_power", weight_lr_power, allow_zero=True)
     config_check(problems, "adamw_schedule_free")
     rule = schedule_free_adamw_rule(b1, b2, eps, warmup_steps, r, weight_lr_power)
-    constants, schedule = held_rate(lr, {"weight_decay": float(weight_decay)})
+    constants, schedule = held_rate(lr, {"weight_decay": held_number(weight_decay)})
     # over the parameters' lists, one foreach kernel per op: the package's default path (its
     # in-place foreach products round bfloat16 and float16 otherwise than its per-tensor loop)
     return rule_transform(rule, "adamw_schedule_free", constants, schedule, foreach=True)

@@ -8,7 +8,7 @@ import torch
 
 from functrain.errors import config_check
 from functrain.optim.base import EmptyState, Mask, Transform
-from functrain.optim.checks import check_positive
+from functrain.optim.checks import UNSCHEDULED_DECAY, check_decay
 from functrain.optim.masks import resolve_mask
 from functrain.optim.naming import named
 from functrain.optim.updates import Decoupled, flat_updates
@@ -55,7 +55,7 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> Transform:
             "with fused=True (the default); their formulas take one weight decay"
         )
     else:
-        check_positive(problems, "weight_decay", weight_decay, allow_zero=True)
+        check_decay(problems, "weight_decay", weight_decay, UNSCHEDULED_DECAY)
     config_check(problems, "add_decayed_weights")
 
     def update_fn(
