@@ -251,6 +251,7 @@ _ADDED_OPTIONS = {
     "differentiable": False,
     # GradScaler's defaults (the transform's name records fp16's scale too)
     "loss_scale": attrs.asdict(LossScale()),
+    "schedule_count": "updates",
 }
 
 

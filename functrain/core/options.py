@@ -21,13 +21,16 @@ from functrain.optim.combine import chain
 from functrain.optim.naming import recorded_call
 from functrain.optim.rules.clipping import clip_by_global_norm
 from functrain.optim.wrappers import (
+    ScheduleCount,
     accumulate,
     dynamic_loss_scale,
     loss_scale_problems,
+    schedule_count_problems,
     skip_nonfinite,
 )
 
 __all__ = [
+    "ScheduleCount",
     "StepOptions",
     "LossScale",
     "as_loss_scale",
@@ -128,6 +131,10 @@ class StepOptions:
     differentiable: Differentiable = False
     # how precision="fp16" scales the loss (GradScaler's arguments); GradScaler's defaults
     loss_scale: LossScale = attrs.field(factory=LossScale, converter=as_loss_scale)
+    # where the optimizer reads its schedules under the step's guard (the loss scale, or the
+    # non-finite skip): at the updates applied, or also at the steps skipped ("steps": torch's
+    # schedulers stepped every iteration)
+    schedule_count: ScheduleCount = "updates"
     # the gradients' global norm among every step's metrics (``grad_norm``), where clipping does
     # not measure it anyway (`reports_grad_norm`); a metric, not the run's: not in checkpoints
     grad_norm: bool = False
@@ -204,6 +211,7 @@ class StepOptions:
             + self._ema_problems()
             + self._differentiable_problems()
             + self._loss_scale_problems()
+            + schedule_count_problems(self.schedule_count)
         )
 
     def _loss_scale_problems(self) -> list[str]:
@@ -321,14 +329,14 @@ def _shortened(name: str, most: int = 200) -> str:
     return name if len(name) <= most else name[:most] + "..."
 
 
-def _own_scaler(optimizer: Any) -> tuple[Transform, LossScale] | None:
-    """The inner optimizer and the settings of `optimizer` where it is
+def _own_scaler(optimizer: Any) -> tuple[Transform, LossScale, ScheduleCount] | None:
+    """The inner optimizer, the settings and the schedules' count of `optimizer` where it is
     ``dynamic_loss_scale(inner, ...)``, else None."""
     call = recorded_call(optimizer)
     if call is None or call.factory is not dynamic_loss_scale:
         return None
-    settings = {k: v for k, v in call.arguments.items() if k != "inner"}
-    return call.arguments["inner"], as_loss_scale(settings)
+    settings = {k: v for k, v in call.arguments.items() if k not in ("inner", "schedule_count")}
+    return call.arguments["inner"], as_loss_scale(settings), call.arguments["schedule_count"]
 
 
 def _scalers_in(optimizer: Any) -> Iterator[Transform]:
@@ -437,8 +445,11 @@ def own_loss_scale(optimizer: Transform, options: StepOptions) -> tuple[Transfor
     own = _own_scaler(optimizer) if options.precision == "fp16" else None
     if own is None:
         return optimizer, options
-    inner, settings = own
-    return inner, attrs.evolve(options, loss_scale=settings)
+    inner, settings, _ = own
+    # the scaler's own count for the schedules, where it asks for steps
+    asked = (own[2], options.schedule_count)
+    counted: ScheduleCount = "steps" if "steps" in asked else "updates"
+    return inner, attrs.evolve(options, loss_scale=settings, schedule_count=counted)
 
 
 def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
@@ -462,12 +473,15 @@ def build_transform(optimizer: Transform, options: StepOptions) -> Transform:
         tx = chain(clip_by_global_norm(options.clip_grad_norm), tx)
     if options.precision == "fp16":
         # overflows are part of loss scaling: the scaler skips them; only a cap on runs raises
-        tx = dynamic_loss_scale(tx, **attrs.asdict(options.loss_scale))
+        counted = options.schedule_count
+        tx = dynamic_loss_scale(tx, **attrs.asdict(options.loss_scale), schedule_count=counted)
         if options.max_consecutive_nonfinite is not None:
-            tx = skip_nonfinite(tx, max_consecutive=options.max_consecutive_nonfinite)
+            tx = skip_nonfinite(
+                tx, max_consecutive=options.max_consecutive_nonfinite, schedule_count=counted
+            )
     elif options.nonfinite in ("skip", "halt"):
         cap = 0 if options.nonfinite == "halt" else options.max_consecutive_nonfinite
-        tx = skip_nonfinite(tx, max_consecutive=cap)
+        tx = skip_nonfinite(tx, max_consecutive=cap, schedule_count=options.schedule_count)
     if options.accumulate_steps > 1:
         reduce = "mean" if options.accumulate_convention == "mean" else "sum"
         tx = accumulate(

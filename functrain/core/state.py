@@ -34,6 +34,7 @@ from functrain.core.options import (
     GradStats,
     NonFinitePolicy,
     Precision,
+    ScheduleCount,
     StepOptions,
     ema_buffers_default,
 )
@@ -224,6 +225,7 @@ class TrainState:
         clip_grad_norm: float | None = None,
         nonfinite: NonFinitePolicy = "skip",
         max_consecutive_nonfinite: int | None = None,
+        schedule_count: ScheduleCount = "updates",
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         swa_start: int | None = None,
@@ -315,6 +317,12 @@ class TrainState:
                 also raises `NonFiniteError` (at once on CPU, else at the driver's next log);
                 ``"none"`` applies whatever the gradients give.
             max_consecutive_nonfinite: with ``"skip"``, raise after this many skips in a row.
+            schedule_count: where the optimizer reads its schedules (its ``lr``, a scheduled
+                ``weight_decay``): ``"updates"``, at the updates it applied; ``"steps"``, at those
+                and the steps the loss scale (``precision="fp16"``) or the non-finite skip passed
+                over, as torch's AMP recipe counts them with a scheduler stepped every iteration
+                (``scaler.step(optimizer); scaler.update(); scheduler.step()``). The optimizer's
+                own counts (Adam's bias corrections) are its updates either way, as torch's.
             ema_decay: keep an exponential moving average of the parameters with this decay.
             ema_warmup: ramp the EMA decay up over the first steps, as `ema_convention` does
                 (see `functrain.ema`).
@@ -485,6 +493,7 @@ class TrainState:
                 differentiable=differentiable,
                 loss_scale=loss_scale,
                 grad_norm=grad_norm,
+                schedule_count=schedule_count,
             ),
             trainable=trainable,
             distributed=distributed,

@@ -63,7 +63,9 @@ from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.sparse import SparseSgdState
 from functrain.optim.schedules import Schedule, constant, join, per_epoch, swalr
 from functrain.optim.wrappers import (
+    DynamicLossScaleState,
     PartitionState,
+    SkipNonfiniteState,
     accumulate,
     dynamic_loss_scale,
     partition,
@@ -1064,7 +1066,7 @@ def to_torch_state_dict(
         if j is None:
             continue
         own = [f"{label}: {p}" for p in _group_problems(o, o.param_groups[k], found[j])]
-        count = _group_count(found[j], state)
+        count = _group_count(found[j], state) + _skipped_steps(state)
         problems += own or _setting_problems(
             o, o.param_groups[k], g.names, label, expected[j], count
         )
@@ -1331,6 +1333,20 @@ def _decay_hint(expected: _Expected, names: Sequence[str]) -> str:
             "the others in a group with weight_decay=0.0)"
         )
     return f" (in a group with weight_decay={number if decayed else 0.0})"
+
+
+def _skipped_steps(state: TrainState) -> int:
+    """The steps skipped by the guards around the optimizer that its schedules count
+    (``schedule_count="steps"``): a torch scheduler stepped every iteration counts them too."""
+    counting: set[type] = set()
+    call = recorded_call(state.tx)
+    while call is not None and call.factory in _AROUND:
+        if call.arguments.get("schedule_count") == "steps":
+            counting.add(
+                SkipNonfiniteState if call.factory is skip_nonfinite else DynamicLossScaleState
+            )
+        call = recorded_call(call.arguments["inner"])
+    return sum(int(n.total_skipped) for n in _nodes(state.opt_state) if type(n) in counting)
 
 
 def _group_count(nodes: dict[type, Any], state: TrainState) -> int:

@@ -144,6 +144,11 @@ class Extras(NamedTuple):
     """The step is differentiated (a state created with ``differentiable=True``): an update runs
     ops that autograd and ``torch.func`` differentiate (out of place, none of the foreach ops
     whose derivatives torch lacks), with the same bits."""
+    schedule_shift: torch.Tensor | None = None
+    """The steps skipped so far by the guards around this update that count them for its
+    schedules (``schedule_count="steps"``: `skip_nonfinite`, `dynamic_loss_scale`): a preset
+    reads its schedules at its count plus these, as torch's schedulers step every iteration while
+    ``GradScaler`` skips the optimizer's step. None: at its count."""
 
     def may_write(self) -> bool:
         """Whether the update may write into the state and parameters it was given.
@@ -170,6 +175,16 @@ class Extras(NamedTuple):
             False
         """
         return self.owns_updates and self.may_write() and not under_vmap()
+
+    def shifted(self, skipped: torch.Tensor) -> Extras:
+        """These extras with `skipped` more steps for the schedules (`schedule_shift`).
+
+        Example:
+            >>> NO_EXTRAS.shifted(torch.tensor(2)).shifted(torch.tensor(1)).schedule_shift
+            tensor(3)
+        """
+        shift = skipped if self.schedule_shift is None else self.schedule_shift + skipped
+        return self._replace(schedule_shift=shift)
 
     def kept(self) -> Extras:
         """These extras without the in-place permission.

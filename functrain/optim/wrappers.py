@@ -45,6 +45,7 @@ from functrain.optim.naming import named
 from functrain.optim.planned import Prelude, Ran, Runner, selected
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.arithmetic import host_number
+from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.sparse import (
     sparse_twin,
     takes_sparse,
@@ -662,6 +663,47 @@ def _of_no_parameters(inner: Transform) -> Runner:
     return run
 
 
+# where an optimizer under a guard reads its schedules: at the updates it applied, or also at the
+# steps the guard skipped (`skip_nonfinite`, `dynamic_loss_scale`)
+ScheduleCount = Literal["updates", "steps"]
+
+
+def schedule_count_problems(schedule_count: Any) -> list[str]:
+    """`schedule_count` out of its two values, as a problem (empty where it is one)."""
+    if schedule_count in ("updates", "steps"):
+        return []
+    return [f"schedule_count must be 'updates' or 'steps', got schedule_count={schedule_count!r}"]
+
+
+def check_schedule_count(inner_state: Tree, where: str) -> None:
+    """Refuse ``schedule_count="steps"`` around an optimizer whose schedules would not follow
+    it: each optimizer state in `inner_state` must be a formula's or a fused kernel's
+    (`functrain.optim.rules.formula.RuleState`: the presets with a torch class, LAMB, Adan,
+    schedule-free), which read their schedules at the count the guard shifts. A chain's own
+    learning-rate step (lion's, muon's, `scale_by_learning_rate`) and a sparse optimizer read
+    theirs at counts of their own."""
+    others = sorted(
+        {type(node).__name__ for node in walk_states(inner_state) if _reads_own_count(node)}
+    )
+    if others:
+        config_check(
+            [
+                f"schedule_count='steps' shifts the schedules of the presets whose formula or "
+                f"fused kernel holds them; this optimizer holds {', '.join(others)}, which reads "
+                "its rate at its own count of updates: use a preset (sgd, adam, adamw, ...) or "
+                "schedule_count='updates'"
+            ],
+            where,
+        )
+
+
+def _reads_own_count(node: Any) -> bool:
+    """Whether an optimizer state reads its rate at a count of its own that no guard shifts: one
+    that keeps a count and a rate, other than a formula's or a fused kernel's."""
+    fields = getattr(node, "_fields", ())
+    return "count" in fields and "lr" in fields and not isinstance(node, RuleState)
+
+
 class SkipNonfiniteState(NamedTuple):
     inner: Tree
     skipped: torch.Tensor  # 0-d bool: this step was skipped
@@ -673,8 +715,13 @@ class SkipNonfiniteState(NamedTuple):
         return {"skipped": self.skipped, "total_skipped": self.total_skipped}
 
 
-@named
-def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> Transform:
+@named(added={"schedule_count": "updates"})
+def skip_nonfinite(
+    inner: Transform,
+    *,
+    max_consecutive: int | None = None,
+    schedule_count: ScheduleCount = "updates",
+) -> Transform:
     """Make a step whose incoming updates hold NaN or Inf a no-op, and count it.
 
     The inner update always runs; `torch.where` keeps the previous inner state and leaves the
@@ -687,6 +734,11 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         max_consecutive: raise `NonFiniteError` after more than this many skipped steps in a row.
             The count is checked at once when it can be read without a device sync (CPU tensors,
             outside torch.compile); otherwise by `check_skip_limits`, which `fit` calls at each log.
+        schedule_count: where the inner optimizer reads its schedules (`lr`, a scheduled
+            `weight_decay`): ``"updates"``, at its count of the updates it applied; ``"steps"``,
+            at that count plus the steps skipped here, as torch's schedulers count a loop that
+            calls ``scheduler.step()`` every iteration, a skipped one too. Its own counts (Adam's
+            bias corrections) are the updates' either way (`check_schedule_count`).
 
     Returns:
         A `Transform`; its state exposes the metrics ``skipped`` and ``total_skipped``.
@@ -703,18 +755,21 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         (tensor([1.]), tensor(1))
     """
     _require_transform(inner, "skip_nonfinite")
+    problems = schedule_count_problems(schedule_count)
     if max_consecutive is not None and max_consecutive < 0:
-        config_check(
-            [f"max_consecutive must be >= 0 or None, got max_consecutive={max_consecutive!r}"],
-            "skip_nonfinite",
+        problems.append(
+            f"max_consecutive must be >= 0 or None, got max_consecutive={max_consecutive!r}"
         )
+    config_check(problems, "skip_nonfinite")
     cap = -1 if max_consecutive is None else max_consecutive
+    steps = schedule_count == "steps"
 
     def init_fn(params: Tree) -> SkipNonfiniteState:
         zero = counter(params)
-        return SkipNonfiniteState(
-            inner.init(params), zero.bool(), zero, zero, torch.full_like(zero, cap)
-        )
+        inner_state = inner.init(params)
+        if steps:
+            check_schedule_count(inner_state, "skip_nonfinite")
+        return SkipNonfiniteState(inner_state, zero.bool(), zero, zero, torch.full_like(zero, cap))
 
     def update_fn(
         updates: Any,
@@ -725,8 +780,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
         extras: Extras = NO_EXTRAS,
     ) -> tuple[Any, SkipNonfiniteState, Report]:
         finite = all_finite(flat_updates(updates, params)[0], extras.norms)
+        given = extras.shifted(state.total_skipped) if steps else extras
         new_updates, inner_state, report = _update_where(
-            inner, finite if keep is None else finite & keep, updates, state.inner, params, extras
+            inner, finite if keep is None else finite & keep, updates, state.inner, params, given
         )
         new_state = _counted(finite, state, keep, inner_state)
         _check_limit_now(new_state, cap)
@@ -734,8 +790,9 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
         # the inner transform gated by the step's norm, as `update_fn` gates a gated one; an
-        # ungated one on the CPU, where the flag is read on the host (`GuardedRunner`)
-        inner_plan = planner_of(inner)
+        # ungated one on the CPU, where the flag is read on the host (`GuardedRunner`); with
+        # schedules counting steps, `update_fn` (which hands the inner update its skips)
+        inner_plan = None if steps else planner_of(inner)
         gated = getattr(inner, "gated", False)
         on_cpu = all(p.device.type == "cpu" for p in params.values())
         run_inner = inner_plan(params, state.inner) if inner_plan and (gated or on_cpu) else None
@@ -748,7 +805,7 @@ def skip_nonfinite(inner: Transform, *, max_consecutive: int | None = None) -> T
     ) -> Runner | None:
         # a gated inner transform planned on the members' tensors: the [K] flags as `update_fn`
         # makes them, the inner runner ungated where every member's update is known to apply
-        inner_plan = members_planner_of(inner)
+        inner_plan = None if steps else members_planner_of(inner)
         if inner_plan is None or not getattr(inner, "gated", False):
             return None
         run_inner = inner_plan(params, state.inner, members)
@@ -1384,7 +1441,7 @@ class DynamicLossScaleState(NamedTuple):
         }
 
 
-@named
+@named(added={"schedule_count": "updates"})
 def dynamic_loss_scale(
     inner: Transform,
     *,
@@ -1392,6 +1449,7 @@ def dynamic_loss_scale(
     growth_factor: float = 2.0,
     backoff_factor: float = 0.5,
     growth_interval: int = 2000,
+    schedule_count: ScheduleCount = "updates",
 ) -> Transform:
     """Dynamic loss scaling for float16 training, as `torch.amp.GradScaler` does it.
 
@@ -1411,6 +1469,10 @@ def dynamic_loss_scale(
         growth_factor: finite, > 1.
         backoff_factor: in (0, 1).
         growth_interval: finite steps between growths; an int >= 1.
+        schedule_count: where the inner optimizer reads its schedules: ``"updates"``, at its
+            count of the updates it applied; ``"steps"``, at that count plus the overflows skipped
+            here, as torch's AMP recipe with a scheduler stepped every iteration
+            (``scaler.step(optimizer); scaler.update(); scheduler.step()``) counts them.
 
     Returns:
         A `Transform`; its state exposes ``loss_scale``, ``skipped`` and ``total_skipped``.
@@ -1428,14 +1490,19 @@ def dynamic_loss_scale(
     """
     _require_transform(inner, "dynamic_loss_scale")
     config_check(
-        loss_scale_problems(init_scale, growth_factor, backoff_factor, growth_interval),
+        loss_scale_problems(init_scale, growth_factor, backoff_factor, growth_interval)
+        + schedule_count_problems(schedule_count),
         "dynamic_loss_scale",
     )
+    steps = schedule_count == "steps"
 
     def init_fn(params: Tree) -> DynamicLossScaleState:
         zero = counter(params)
         scale = torch.full((), init_scale, dtype=torch.float32, device=zero.device)
-        return DynamicLossScaleState(inner.init(params), scale, zero, zero.bool(), zero)
+        inner_state = inner.init(params)
+        if steps:
+            check_schedule_count(inner_state, "dynamic_loss_scale")
+        return DynamicLossScaleState(inner_state, scale, zero, zero.bool(), zero)
 
     def update_fn(
         updates: Any,
@@ -1448,8 +1515,9 @@ def dynamic_loss_scale(
         inv = state.scale.double().reciprocal().float()
         unscaled = [x.float().mul(inv).to(x.dtype) for x in u]
         finite = all_finite(unscaled, extras.norms)
+        given = extras.shifted(state.total_skipped) if steps else extras
         new_updates, inner_state, report = _update_where(
-            inner, finite, tree_unflatten(unscaled, spec), state.inner, params, extras
+            inner, finite, tree_unflatten(unscaled, spec), state.inner, params, given
         )
         tracker = torch.where(
             finite, state.growth_tracker + 1, torch.zeros_like(state.growth_tracker)

@@ -1402,12 +1402,14 @@ def rule_transform(
         scales: tuple[torch.Tensor, ...] = (),
         planned: bool | None = None,
         behind: int | tuple[int, ...] | None = None,
+        shift: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], Any]:
         """The formula's step of the parameters `p` (in place where `in_place`), its new state.
         `planned`: for an eager step's planned runner (its gradients in its parameters' dtypes),
         whether the parameters are of one kind (`_one_kind`, decided once); None: an update's.
         `behind`: the updates each parameter sat out (`updates_sat_out`, decided once; one number
-        where they sat out as many), where `Rule.own_steps`; None: read from the state."""
+        where they sat out as many), where `Rule.own_steps`; None: read from the state. `shift`:
+        the steps skipped around it that its schedules count (`Extras.schedule_shift`)."""
         device = p[0].device if p else state.count.device
         t = update_number(state.count, device)
         # the formula's count: each parameter's own, where it keeps one (alike but where
@@ -1430,10 +1432,12 @@ def rule_transform(
             if differentiable
             else dict(fixed)
         )
+        # the schedules' count: the updates, and the steps skipped around them that they count
+        position = state.count if shift is None else state.count + shift
         if schedule is not None:
-            h["lr"] = scheduled_rate(schedule, state.count, t)
+            h["lr"] = scheduled_rate(schedule, position, t)
         for k, at in scheduled.items():
-            h[k] = scheduled_rate(at, state.count, t)
+            h[k] = scheduled_rate(at, position, t)
         for scale in scales:  # a chain's reduce_on_plateau after it: the rate lowered in float64,
             # as ReduceLROnPlateau multiplies the group's rate (`ExtrasUpdate.folds_scales`)
             h["lr"] = combined(lambda lr, by: lr * by, h["lr"], held_scalar(scale, device))
@@ -1553,7 +1557,15 @@ def rule_transform(
         p, spec = tree_flatten(params)
         in_place = not differentiable and writes_in_place(extras)
         flags = resolve_mask(mask, params)
-        new_p, new_state = run(p, tree_leaves(updates), state, in_place, flags, extras.rate_scales)
+        new_p, new_state = run(
+            p,
+            tree_leaves(updates),
+            state,
+            in_place,
+            flags,
+            extras.rate_scales,
+            shift=extras.schedule_shift,
+        )
         return NewParams(new_p, spec), new_state
 
     def plan(params: dict[str, torch.Tensor], state: Any) -> Runner | None:

@@ -258,7 +258,7 @@ def _begin(
             f"the fused {what} kernels update the parameters themselves; pass params= to update"
         )
     g, spec = flat_updates(updates, params)
-    numbers = _numbers(state, keep, lr, steps, None, extras.rate_scales)
+    numbers = _numbers(state, keep, lr, steps, None, extras.rate_scales, extras.schedule_shift)
     return _Step(g, tree_leaves(params), spec, *numbers, extras)
 
 
@@ -269,16 +269,18 @@ def _numbers(
     steps: bool,
     behind: int | tuple[int, ...] | None,
     scales: tuple[torch.Tensor, ...] = (),
+    shift: torch.Tensor | None = None,
 ) -> tuple[Any, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
     """An update's numbers: its rate (as the kernel takes it, and as the state keeps it), the
     new count, each parameter's step where the kernel reads `steps` (`_kernel_steps`), the skip
     flag the kernel takes (``found_inf``, from `keep`). `scales`: a chain's reduce_on_plateau
     after the kernel, which lowers the rate the kernel takes, in float64 as
-    ``ReduceLROnPlateau`` multiplies the group's rate."""
+    ``ReduceLROnPlateau`` multiplies the group's rate. `shift`: the steps skipped around the
+    update that a schedule counts (`Extras.schedule_shift`)."""
     count = state.count
     rate: torch.Tensor | float
     if callable(lr):
-        rate, rate_t = _scheduled(lr, count, count.device)
+        rate, rate_t = _scheduled(lr, _position(count, shift), count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, state.lr
     if scales:
@@ -334,6 +336,11 @@ def _flags_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         torch.ones((), dtype=torch.float32, device=device),
     )
     return flags
+
+
+def _position(count: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """Where a schedule is read: the count, and the steps skipped around it that it counts."""
+    return count if shift is None else count + shift
 
 
 def _scheduled(
@@ -408,7 +415,7 @@ def _fused(
         step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
         given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
         decays = _decays(mask, params, step.p)
-        decay = _decay_at(weight_decay, state.count, what)
+        decay = _decay_at(weight_decay, _position(state.count, extras.schedule_shift), what)
         new_p, new = _by_groups(kernel, step, buffers_of(state), decays, decay, given)
         rate = _last_lr(step.rate_t, state.lr, keep)
         return NewParams(new_p, step.spec), rebuilt(state, step.count, new, rate)
