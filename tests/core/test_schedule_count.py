@@ -79,8 +79,13 @@ def amp_recipe(optimizer: str, every_iteration: bool, data: list[Any] = DATA) ->
     return {k: p.detach() for k, p in model.named_parameters()}
 
 
-def create(optimizer: str, **options: Any) -> ft.TrainState:
-    tx = OPTIMIZERS[optimizer][0](lambda it: 1e-2 * factor(it))
+def create(optimizer: str | ft.Transform, **options: Any) -> ft.TrainState:
+    """An fp16 state with `SETTINGS`' scale: one of `OPTIMIZERS` of the schedule, or a transform."""
+    tx = (
+        OPTIMIZERS[optimizer][0](lambda it: 1e-2 * factor(it))
+        if isinstance(optimizer, str)
+        else optimizer
+    )
     return ft.TrainState.create(
         make_tanh_mlp(),
         tx,
@@ -148,15 +153,8 @@ def test_a_scheduled_weight_decay_counts_the_steps_too() -> None:
         scaler.update()
         opt.zero_grad(set_to_none=True)
     tx = ft.adamw(lambda it: 1e-2 * factor(it), weight_decay=lambda it: decay[it])
-    state = ft.TrainState.create(
-        make_tanh_mlp(),
-        tx,
-        cross_entropy_loss_fn,
-        precision="fp16",
-        loss_scale=SETTINGS,
-        schedule_count="steps",
-    )
-    assert_trees_equal(dict(model.named_parameters()), trained(state).params)
+    state = trained(create(tx, schedule_count="steps"))
+    assert_trees_equal(dict(model.named_parameters()), state.params)
 
 
 def test_the_nonfinite_skip_counts_its_steps_too() -> None:
@@ -187,14 +185,7 @@ def test_the_nonfinite_skip_counts_its_steps_too() -> None:
 
 def test_a_compiled_step_counts_the_steps() -> None:
     tx = ft.adamw(ft.schedules.exponential_decay(1e-2, 0.95, 1), fused=False, foreach=True)
-    eager = ft.TrainState.create(
-        make_tanh_mlp(),
-        tx,
-        cross_entropy_loss_fn,
-        precision="fp16",
-        loss_scale=SETTINGS,
-        schedule_count="steps",
-    )
+    eager = create(tx, schedule_count="steps")
     compiled, step = eager, ft.compile_step(backend="eager")
     for batch in DATA[:8]:
         eager, _ = ft.train_step(eager, batch)
