@@ -234,3 +234,31 @@ def test_to_torch_state_dict_expects_the_scheduler_at_the_steps() -> None:
     model, opt = exported(8 - skipped)  # the updates alone: another rate
     with pytest.raises(ConfigError, match=r"its schedule at step 8"):
         ft.to_torch_state_dict(state, opt, model)
+
+
+def test_accumulated_windows_count_their_skipped_updates() -> None:
+    # nanoGPT's fp16 loop: scaler.scale(loss / N).backward() per micro-batch; at the window's end
+    # unscale_, step, update, and the scheduler stepped (its iter_num counting every window)
+    n = 2
+    model = make_tanh_mlp()
+    opt = torch.optim.AdamW(model.parameters(), 1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    scaler = torch.amp.GradScaler("cpu", **SETTINGS)
+    skipped = 0
+    for window in range(STEPS // n):
+        for batch in DATA[window * n : (window + 1) * n]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = cross_entropy_loss_fn(model, batch)
+            scaler.scale(loss / n).backward()
+        scaler.unscale_(opt)
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped += scaler.get_scale() < before
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler.step()
+        opt.zero_grad(set_to_none=True)
+    assert skipped >= 3
+    state = trained(create("adamw", schedule_count="steps", accumulate_steps=n))
+    assert_trees_equal(dict(model.named_parameters()), state.params)
