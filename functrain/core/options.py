@@ -445,10 +445,11 @@ def own_loss_scale(optimizer: Transform, options: StepOptions) -> tuple[Transfor
     own = _own_scaler(optimizer) if options.precision == "fp16" else None
     if own is None:
         return optimizer, options
-    inner, settings, _ = own
+    inner, settings, its_count = own
     # the scaler's own count for the schedules, where it asks for steps
-    asked = (own[2], options.schedule_count)
-    counted: ScheduleCount = "steps" if "steps" in asked else "updates"
+    counted: ScheduleCount = (
+        "steps" if "steps" in (its_count, options.schedule_count) else "updates"
+    )
     return inner, attrs.evolve(options, loss_scale=settings, schedule_count=counted)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from functrain.errors import config_check
+from functrain.errors import ConfigError, config_check
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rates import value_at
 from functrain.tree import (
@@ -109,17 +109,32 @@ def check_learning_rate(problems: list[str], name: str, value: Any) -> None:
     if not callable(value):
         _check_rate_number(problems, name, value)
         return
+    _check_schedule(problems, name, value, MAX_RATE)
+
+
+def _check_schedule(problems: list[str], name: str, value: Any, most: float | None) -> None:
+    """A schedule whose value at step 0 is a finite number >= 0 (and at most `most`, where
+    given), called once on a CPU step counter (`check_learning_rate` says why once)."""
     try:
-        first = value_at(value, torch.zeros((), dtype=torch.int64))
-        first = float(first)
-    except Exception:  # noqa: BLE001 - see the docstring: the first step reports it
+        given = value_at(value, torch.zeros((), dtype=torch.int64))
+    except ConfigError as error:  # (what it gave is no number: `value_at` says so)
+        problems.append(f"{name}: {error}")
+        return
+    except Exception:  # noqa: BLE001 - see check_learning_rate: the first step reports it
+        return
+    try:
+        first = float(given)
+    except (TypeError, ValueError, RuntimeError):  # (not a number, nor a one-element tensor)
+        problems.append(
+            f"{name} must be a number at every step, but the schedule gives {given!r} at step 0"
+        )
         return
     if not (math.isfinite(first) and first >= 0):
         problems.append(
             f"{name} must be >= 0 and finite at every step, but the schedule gives {first!r} at "
             "step 0"
         )
-    elif first > MAX_RATE:
+    elif most is not None and first > most:
         problems.append(
             f"{name} must be at most {MAX_RATE!r} (the largest float32) at every step, but the "
             f"schedule gives {first!r} at step 0"
@@ -148,10 +163,7 @@ def check_decay(problems: list[str], name: str, value: Any, scheduled: str | Non
     elif scheduled is not None:
         problems.append(f"{name} takes a number here, got a schedule {value!r}: {scheduled}")
     else:
-        before = len(problems)
-        check_learning_rate(problems, name, value)
-        if len(problems) > before and problems[-1].startswith(f"{name} must be at most"):
-            problems.pop()  # (a decay has no largest value of a rate's)
+        _check_schedule(problems, name, value, None)  # (a decay has no largest value of a rate's)
 
 
 def _check_rate_tensor(problems: list[str], name: str, value: torch.Tensor) -> None:

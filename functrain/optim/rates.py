@@ -215,7 +215,7 @@ def host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
 
     Raises:
         ConfigError: inside a CUDA graph or a stacked (vmapped) step, where the step is no
-            Python int.
+            Python int; `fn` gives what is not a number.
     """
     if not torch.compiler.is_compiling():
         if _REGISTERED.get(id(fn)) is not fn:
@@ -242,7 +242,15 @@ def _key(fn: Callable[[int], Any]) -> int:
 def _host_value(fn: Callable[[int], Any], count: torch.Tensor) -> torch.Tensor:
     if under_vmap() or (count.is_cuda and torch.cuda.is_current_stream_capturing()) or count.ndim:
         raise ConfigError(_NO_HOST_STEP.format(name=_plain_name(fn)))
-    value = float(fn(int(count)))  # the one host read of a plain function's step, as LambdaLR's
+    step = int(count)  # the one host read of a plain function's step, as LambdaLR's
+    given = fn(step)
+    try:
+        value = float(given)
+    except (TypeError, ValueError, RuntimeError):  # (not a number, nor a one-element tensor)
+        raise ConfigError(
+            f"the schedule {_plain_name(fn)} must give a number at every step; it gives "
+            f"{given!r} at step {step}"
+        ) from None
     return as_float64(value, count.device)
 
 

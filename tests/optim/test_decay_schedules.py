@@ -342,3 +342,18 @@ def test_a_decay_schedule_trains_as_the_package_writing_it_into_the_group(
         {n: p.detach() for n, p in exported.items()},
         {n: p.detach() for n, p in torch_model.named_parameters()},
     )
+
+
+@pytest.mark.parametrize("argument", ["lr", "weight_decay"])
+def test_a_schedule_that_gives_no_number_is_refused_naming_it(argument: str) -> None:
+    given = {"lr": 0.01, argument: lambda it: "x"}
+    with pytest.raises(ConfigError, match=rf"{argument}: the schedule .* gives 'x' at step 0"):
+        ft.adamw(**given)
+    # one that gives a number first is refused at the step where it stops
+    given = {"lr": 0.01, argument: lambda it: 0.01 if it == 0 else None}
+    state = ft.TrainState.create(make_model(), ft.adamw(**given, fused=False), loss_fn)
+    state, _ = ft.train_step(state, BATCHES[0])
+    with pytest.raises(
+        ConfigError, match=r"must give a number at every step; it gives None at step 1"
+    ):
+        ft.train_step(state, BATCHES[1])

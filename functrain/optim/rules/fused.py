@@ -1095,6 +1095,7 @@ class FusedRunner:
         "rebuild",
         "flags",
         "decay",
+        "what",
     )
 
     def __init__(
@@ -1111,7 +1112,7 @@ class FusedRunner:
         decay: Any = None,
     ) -> None:
         self.kernel, self.groups, self.steps = kernel.in_place, groups, kernel.steps
-        self.decay = decay
+        self.decay, self.what = decay, kernel.name  # (`what`: the preset, for messages)
         self.behind = behind
         self.rate, self.schedule, self.on_host, self.device = rate, schedule, on_host, device
         self.buffers_of, self.rebuild = buffers_of, rebuild
@@ -1147,9 +1148,9 @@ class FusedRunner:
             new_p = [x.clone() for x in params]
             new_b = [[x.clone() for x in xs] for xs in given]
         steps = _kernel_steps(state, new_count, self.behind) if self.steps else []
-        decay = None if self.decay is None else _decay_at(self.decay, count, "")
+        decay = None if self.decay is None else _decay_at(self.decay, count, self.what)
         for idx, options in self.groups:
-            if callable(options["weight_decay"]):  # (a group the mask decays)
+            if decay is not None and callable(options["weight_decay"]):  # (a group it decays)
                 options = {**options, "weight_decay": decay}
             lists = (new_p, grads, *new_b, *([steps] if steps else []))
             if idx is not None:
