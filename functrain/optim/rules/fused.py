@@ -315,6 +315,11 @@ def _kernel_steps(
                 made[b] = (count - b).to(torch.float32)
         return [made[b] for b in behind]
     since = (count - state.group["steps_at"]).to(torch.float32)
+    if torch.compiler.is_compiling():
+        # one add each: in a step's graph, inductor 2.11 on CUDA fused this foreach add (its
+        # second list one tensor repeated) into kernels that lost an input: one failed to build
+        # ("in_ptr2 is not defined"), another read a wrong step, and Adam's weights went NaN
+        return [s + since for s in state.slots["step"]]
     return list(torch._foreach_add(list(state.slots["step"]), [since] * n))
 
 
