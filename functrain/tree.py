@@ -449,13 +449,18 @@ def member_view(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
     """`new` where the 0-d bool `keep` holds, else `old`, leaf by leaf.
 
-    Non-tensor leaves come from `new`. A sparse leaf (SGD's momentum of sparse gradients, whose
-    rows only grow) is chosen on the host (one read of `keep`), `old` as a copy: the result
-    shares no tensor with `old`, as `torch.where` makes it.
+    Non-tensor leaves come from `new`, and so does a leaf that is the very tensor `old` holds
+    there (an update left it as it was: its held numbers, a constant rate), which no select
+    computes (nor batches, under vmap). A sparse leaf (SGD's momentum of sparse gradients, whose
+    rows only grow) is chosen on the host (one read of `keep`), `old` as a copy: any other leaf
+    of the result shares no tensor with `old`, as `torch.where` makes it.
 
     Example:
         >>> tree_select(torch.tensor(False), {"w": torch.ones(2)}, {"w": torch.zeros(2)})
         {'w': tensor([0., 0.])}
+        >>> held = torch.ones(2)
+        >>> tree_select(torch.tensor(False), {"w": held}, {"w": held})["w"] is held
+        True
     """
     leaves, spec = tree_flatten(new)
     previous = tree_leaves(old)
@@ -466,7 +471,7 @@ def tree_select(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
         )
     return tree_unflatten(
         [
-            _select(keep, n, o) if isinstance(n, torch.Tensor) else n
+            _select(keep, n, o) if isinstance(n, torch.Tensor) and n is not o else n
             for n, o in zip(leaves, previous)
         ],
         spec,

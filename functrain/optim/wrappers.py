@@ -232,32 +232,10 @@ def _update_where(
         )
     # the previous state and parameters are selected below: keep them
     new_updates, new_state, report = update_reporting(inner, updates, state, params, extras.kept())
-    kept = (
-        _changed_where(keep, new_state, state)
-        if extras.differentiable
-        else tree_select(keep, new_state, state)
-    )
+    # (each leaf the update left as it was is kept as it is: under vmap a select would batch a
+    # differentiable state's held rate, which its form then could not read as a number)
+    kept = tree_select(keep, new_state, state)
     return _gate(new_updates, keep, params), kept, report
-
-
-def _changed_where(keep: torch.Tensor, new: Tree, old: Tree) -> Tree:
-    """`tree_select` of a differentiable state's leaves (dense tensors), each leaf the update left
-    as it was (the very tensor: the held rate and weight decay) kept as it is.
-
-    A differentiable step selects only where vmap batches `keep` and its members differ (tasks
-    of which some skip). A select there would batch the hyperparameters too, and the
-    differentiable form, unable to read a batched one as a number, would compute with it as a
-    tensor: ``a + lr * b``, rounded twice where torch's ``add(alpha=lr)`` rounds once. (A
-    differentiable state is never donated: its states may share tensors.)
-    """
-    leaves, spec = tree_flatten(new)
-    return tree_unflatten(
-        [
-            n if n is o else torch.where(keep, n, o)
-            for n, o in zip(leaves, tree_leaves(old), strict=True)
-        ],
-        spec,
-    )
 
 
 def _read_on_host(keep: torch.Tensor) -> bool | None:
@@ -789,16 +767,14 @@ def skip_nonfinite(
         return new_updates, new_state, report
 
     def plan(params: dict[str, torch.Tensor], state: SkipNonfiniteState) -> Runner | None:
-        # the inner transform gated by the step's norm, as `update_fn` gates a gated one; an
-        # ungated one on the CPU, where the flag is read on the host (`GuardedRunner`); with
-        # schedules counting steps, `update_fn` (which hands the inner update its skips)
+        # the inner transform gated by the step's norm, as `update_fn` gates a gated one, an
+        # ungated one selected (`GuardedRunner`); with schedules counting steps, `update_fn`
+        # (which hands the inner update its skips)
         inner_plan = None if steps else planner_of(inner)
-        gated = getattr(inner, "gated", False)
-        on_cpu = all(p.device.type == "cpu" for p in params.values())
-        run_inner = inner_plan(params, state.inner) if inner_plan and (gated or on_cpu) else None
+        run_inner = inner_plan(params, state.inner) if inner_plan else None
         if run_inner is None or isinstance(run_inner, Prelude):
             return None
-        return GuardedRunner(run_inner, cap, gated)
+        return GuardedRunner(run_inner, cap, getattr(inner, "gated", False))
 
     def plan_members(
         params: dict[str, torch.Tensor], state: SkipNonfiniteState, members: int
@@ -829,9 +805,9 @@ class GuardedRunner:
     flag: where the norm is finite and known on the host (a CPU tensor: no wait), the inner update
     as it is and the counts of a finite step (`_finite_run`); else the flag made element by element
     and the counts as `update_fn` makes them (`_counted`), and the inner update gated by it: a
-    `gated` runner takes the flag itself, another (planned on the CPU) reads it on the host and
-    runs as it is where the update applies, else on the state kept as it is, its results selected
-    (the same bits as `_update_where`).
+    `gated` runner takes the flag itself; another runs as it is where the flag, read on the host
+    (a CPU state's), says the update applies, else (a skipped step, or a flag on an accelerator,
+    not read) on the state kept as it is, its results selected (the same bits as `_update_where`).
 
     The straight-line step (`functrain.core.straight`) writes the host path from `inner`'s plan
     where it can, and calls this runner for the rest."""
@@ -862,8 +838,9 @@ class GuardedRunner:
             if keep is None:
                 return _finite_run(run_inner, grads, params, state, norm, write)
             ran = run_inner(grads, params, state.inner, norm, write, None)
-        else:  # (rare: a skipped step) run on the state kept as it is, then select, as
-            # `_update_where`: what an inner update measures itself (a window's norm) stays
+        else:  # (a skipped step, or a flag not read: an accelerator's) run on the state kept as
+            # it is, then select, as `_update_where`: what an inner update measures itself (a
+            # window's norm) stays
             ran = run_inner(grads, params, state.inner, norm, False, None)
             ran = selected(ran, gate, params, state.inner, _previous_rate)
         new_state = _counted(finite, state, keep, ran.state)
