@@ -221,23 +221,15 @@ def test_a_formula_preset_trains_on_cuda_as_torchs_single_tensor_loop(
         assert torch.equal(got, expected), f"{name}: {k} {(got - expected).abs().max():.3e}"
 
 
-# torch's single-tensor loop's presets run their formula weight by weight on an accelerator
-# (`rule_transform`'s `lists_here`: the single-tensor list ops are the CPU's), each weight's
-# numbers its own kernels: 24 pows for 8 weights where 6 serve 2
-_PER_WEIGHT = pytest.mark.xfail(strict=True, reason="single-tensor formula runs per weight on CUDA")
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["radam", pytest.param("adamax", marks=_PER_WEIGHT), pytest.param("nadam", marks=_PER_WEIGHT)],
-)
+@pytest.mark.parametrize("name", ["radam", "adamax", "nadam"])
 def test_a_guarded_formula_step_on_cuda_computes_its_numbers_once_for_all_weights(
     name: str,
 ) -> None:
     """The non-finite guard's step on CUDA runs the formula's planned runner (the flag unread, the
     results selected): the numbers that follow the count (``pow``: the bias corrections, RAdam's
     rectification) are computed once for the lists, however many weights, where the update
-    computed them weight by weight (each weight's own count, unread on the device)."""
+    computed them weight by weight (each weight's own count, unread on the device). Torch's
+    single-tensor loop's presets (adamax, nadam) run the lists tensor by tensor (`EachOps`)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Pows(TorchDispatchMode):

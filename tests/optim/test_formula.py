@@ -520,3 +520,50 @@ def test_a_tensor_rate_is_refused_where_the_package_computes_with_it(name: str) 
     # the packages compute their step sizes from a tensor rate in tensor arithmetic: other bits
     with pytest.raises(ft.ConfigError, match=r"got a tensor.*give float\(lr\)"):
         getattr(ft, name)(torch.tensor(0.01))
+
+
+def _run_lists(
+    rule: Rule, constants: dict[str, float], lists: bool, in_place: bool
+) -> tuple[dict[str, torch.Tensor], Any]:
+    tx = rule_transform(rule, "rule", constants, lists=lists)
+    params = {k: v.clone() for k, v in _params().items()}
+    state = tx.init(params)
+    for step in range(STEPS):
+        extras = Extras(in_place=in_place)
+        updates, state = tx.update(_grads(step, params), state, params, extras=extras)
+        params = ft.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("count", ["a number", "a tensor"])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("case", sorted(k for k, v in CASES.items() if v[0].foreach))
+def test_a_formula_over_lists_tensor_by_tensor_gives_its_per_parameter_bits(
+    case: str, in_place: bool, count: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off the CPU the single-tensor loop's formula runs over the lists tensor by tensor
+    (`EachOps`: torch's foreach ops there are its foreach kernels), its numbers computed once for
+    the lists: the bits of the formula run parameter by parameter, whether the count is a number
+    or (on an accelerator, under a guard that leaves it there) a float64 tensor. Forced here on
+    the CPU, where the lists otherwise take torch's foreach ops (its single-tensor kernels)."""
+    from functrain.optim.rules import formula
+
+    rule, constants, _ = CASES[case]
+    if count == "a tensor":  # (as an accelerator's count is read: a float64 tensor)
+        monkeypatch.setattr(
+            formula,
+            "update_number",
+            lambda c, device: (c + 1).to(device=device, dtype=torch.float64),
+        )
+    expected, expected_state = _run_lists(rule, constants, False, in_place)
+    monkeypatch.setattr(formula, "SINGLE_LISTS_IN_PLACE", formula.EACH_IN_PLACE)
+    monkeypatch.setattr(formula, "SINGLE_LISTS_OUT_OF_PLACE", formula.EACH_OUT_OF_PLACE)
+    calls: list[str] = []
+    with _Counted(calls):
+        got, state = _run_lists(rule, constants, True, in_place)
+    assert not any(name.startswith("_foreach_") for name in calls), sorted(set(calls))
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), (case, k)
+    for slot, values in expected_state.slots.items():
+        for a, b in zip(state.slots[slot], values, strict=True):
+            assert torch.equal(a, b), (case, slot)

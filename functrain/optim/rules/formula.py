@@ -72,6 +72,8 @@ __all__ = [
     "ListOps",
     "SINGLE_LISTS_IN_PLACE",
     "SINGLE_LISTS_OUT_OF_PLACE",
+    "EACH_IN_PLACE",
+    "EACH_OUT_OF_PLACE",
     "OUT_OF_PLACE",
     "Count",
     "DirectionState",
@@ -879,9 +881,49 @@ number in bfloat16 or float16)."""
 SINGLE_LISTS_OUT_OF_PLACE = ListOps(in_place=False, single=True)
 """`FOREACH_OUT_OF_PLACE` rounded as torch.optim's single-tensor loops round (`OUT_OF_PLACE`'s
 bits), on the CPU."""
+
+
+class EachOps(ListOps):
+    """`ListOps` tensor by tensor: each op is `IN_PLACE`'s (or `OUT_OF_PLACE`'s) on each tensor
+    of the lists with the arguments the formula gave, so the single-tensor loop's bits on any
+    device, and the formula's numbers (those that follow the count) computed once for the lists.
+    Off the CPU, where torch's foreach ops run the foreach kernels (`SINGLE_LISTS_IN_PLACE`
+    serves the CPU: its foreach ops run the single-tensor kernels, one call per op).
+
+    Example:
+        >>> a = [torch.tensor([1.0]), torch.tensor([2.0])]
+        >>> EACH_IN_PLACE.add(a, [torch.tensor([3.0])] * 2, alpha=0.5) is a, a
+        (True, [tensor([2.5000]), tensor([3.5000])])
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EACH_IN_PLACE" if self.in_place else "EACH_OUT_OF_PLACE"
+
+
+def _tensor_by_tensor(name: str) -> Callable[..., Any]:
+    def op(self: EachOps, a: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        return self._each(name, a, *args, **kwargs)
+
+    op.__name__ = name
+    return op
+
+
+for _name in (
+    "add sub mul div lerp addcmul addcdiv sqrt neg reciprocal rsqrt abs sign masked_fill "
+    "maximum clamp copy"
+).split():
+    setattr(EachOps, _name, _tensor_by_tensor(_name))
+
+EACH_IN_PLACE = EachOps(in_place=True, single=True)
+"""`SINGLE_LISTS_IN_PLACE` off the CPU: `IN_PLACE` tensor by tensor."""
+EACH_OUT_OF_PLACE = EachOps(in_place=False, single=True)
+"""`SINGLE_LISTS_OUT_OF_PLACE` off the CPU: `OUT_OF_PLACE` tensor by tensor."""
 _paired(IN_PLACE, OUT_OF_PLACE)
 _paired(FOREACH_IN_PLACE, FOREACH_OUT_OF_PLACE)
 _paired(SINGLE_LISTS_IN_PLACE, SINGLE_LISTS_OUT_OF_PLACE)
+_paired(EACH_IN_PLACE, EACH_OUT_OF_PLACE)
 
 
 def foreach_kernels(ops: Ops) -> bool:
@@ -1313,9 +1355,10 @@ def rule_transform(
     kernel per op (`FOREACH_IN_PLACE`, `FOREACH_OUT_OF_PLACE`), where they share a device and a
     dtype and none is complex (else parameter by parameter, as without): torch.optim's foreach
     loops. Without it, torch.optim's single-tensor loops: with `lists` (a `Rule.foreach`
-    formula) on the CPU once over the lists all the same (`SINGLE_LISTS_IN_PLACE`,
-    `SINGLE_LISTS_OUT_OF_PLACE`: one call per op, the single-tensor loop's bits), else parameter
-    by parameter. ``foreach=None`` (with `lists`) is torch.optim's own choice where its
+    formula) once over the lists all the same, on the CPU one call per op
+    (`SINGLE_LISTS_IN_PLACE`, `SINGLE_LISTS_OUT_OF_PLACE`: the single-tensor loop's bits), off
+    it tensor by tensor (`EACH_IN_PLACE`, `EACH_OUT_OF_PLACE`), the numbers that follow the count
+    computed once; else parameter by parameter. ``foreach=None`` (with `lists`) is torch.optim's own choice where its
     ``foreach`` is not given: the foreach loops off the CPU, the single-tensor loop's on it.
 
     `constants`: the values of the hyperparameters the state holds (`Rule.held`; the learning
@@ -1464,9 +1507,7 @@ def rule_transform(
         # moments, which start as zeros like their parameter
         moments_of = _writable_moments if ops is IN_PLACE else _stored_moments
         one_kind = _one_kind(p) if planned is None else planned
-        lists_here = (
-            in_lists and ops is not BATCHED and (foreach_on(device) or device.type == "cpu")
-        )
+        lists_here = in_lists and ops is not BATCHED
         if rule.own_first:  # the formula's count is the optimizer's, the first each weight's
             h["own_step"], t_own = _count_scalar(t_own), t
         if lists_here and one_kind and (flags is None or all(flags)) and counts is None:
@@ -1507,7 +1548,9 @@ def rule_transform(
     def _list_ops(ops: Ops, device: torch.device) -> ListOps:
         if foreach_on(device):
             return FOREACH_IN_PLACE if ops is IN_PLACE else FOREACH_OUT_OF_PLACE
-        return SINGLE_LISTS_IN_PLACE if ops is IN_PLACE else SINGLE_LISTS_OUT_OF_PLACE
+        if device.type == "cpu":
+            return SINGLE_LISTS_IN_PLACE if ops is IN_PLACE else SINGLE_LISTS_OUT_OF_PLACE
+        return EACH_IN_PLACE if ops is IN_PLACE else EACH_OUT_OF_PLACE
 
     def _in_groups(
         p: list[torch.Tensor],
