@@ -1358,8 +1358,9 @@ def rule_transform(
     formula) once over the lists all the same, on the CPU one call per op
     (`SINGLE_LISTS_IN_PLACE`, `SINGLE_LISTS_OUT_OF_PLACE`: the single-tensor loop's bits), off
     it tensor by tensor (`EACH_IN_PLACE`, `EACH_OUT_OF_PLACE`), the numbers that follow the count
-    computed once; else parameter by parameter. ``foreach=None`` (with `lists`) is torch.optim's own choice where its
-    ``foreach`` is not given: the foreach loops off the CPU, the single-tensor loop's on it.
+    computed once; else parameter by parameter. ``foreach=None`` (with `lists`) is torch.optim's
+    own choice where its ``foreach`` is not given: the foreach loops off the CPU, the
+    single-tensor loop's on it.
 
     `constants`: the values of the hyperparameters the state holds (`Rule.held`; the learning
     rate left out where `schedule` gives it: read at the count, as the other steps read it); a
