@@ -567,3 +567,43 @@ def test_a_formula_over_lists_tensor_by_tensor_gives_its_per_parameter_bits(
     for slot, values in expected_state.slots.items():
         for a, b in zip(state.slots[slot], values, strict=True):
             assert torch.equal(a, b), (case, slot)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("preset", ["adamax", "nadam", "rmsprop"])
+def test_a_planned_step_over_lists_tensor_by_tensor_trains_as_the_cpus_lists(
+    preset: str, donate: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`EachOps` in the eager step's planned runner, a NaN batch skipped: the bits of the CPU's
+    own lists (forced here as on an accelerator)."""
+    from functrain.optim.rules import formula
+
+    def run() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        state = ft.TrainState.create(
+            model, getattr(ft, preset)(1e-2), lambda m, b: m(b).square().mean()
+        )
+        gen = torch.Generator().manual_seed(1)
+        for i in range(6):
+            x = torch.randn(4, 6, generator=gen)
+            if i == 2:
+                x[0, 0] = float("nan")
+            state, _ = ft.train_step(state, x, donate=donate)
+        assert int(state.skipped) == 1
+        return dict(state.params)
+
+    expected = run()
+    monkeypatch.setattr(formula, "SINGLE_LISTS_IN_PLACE", formula.EACH_IN_PLACE)
+    monkeypatch.setattr(formula, "SINGLE_LISTS_OUT_OF_PLACE", formula.EACH_OUT_OF_PLACE)
+    each = formula.EachOps._each
+    ran: list[str] = []
+    monkeypatch.setattr(
+        formula.EachOps,
+        "_each",
+        lambda self, name, *a, **k: ran.append(name) or each(self, name, *a, **k),
+    )
+    got = run()
+    assert ran  # (the formula's ops went through `EachOps`)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), (preset, k)
