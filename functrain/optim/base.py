@@ -76,6 +76,7 @@ __all__ = [
     "planner_of",
     "members_planner_of",
     "flag_value",
+    "schedule_position",
     "writes_in_place",
 ]
 
@@ -650,6 +651,12 @@ def identity() -> Transform:
         name="identity()",
         gated=True,
     )
+
+
+def schedule_position(count: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """Where an optimizer reads its schedules: its `count`, and the steps skipped around it that
+    they count (`Extras.schedule_shift`; None: none)."""
+    return count if shift is None else count + shift
 
 
 def flag_value(flag: torch.Tensor) -> bool | None:

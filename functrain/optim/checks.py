@@ -136,7 +136,7 @@ def _check_schedule(problems: list[str], name: str, value: Any, most: float | No
         )
     elif most is not None and first > most:
         problems.append(
-            f"{name} must be at most {MAX_RATE!r} (the largest float32) at every step, but the "
+            f"{name} must be at most {most!r} (the largest float32) at every step, but the "
             f"schedule gives {first!r} at step 0"
         )
 

@@ -44,6 +44,7 @@ from functrain.optim.base import (
     Extras,
     ExtrasUpdate,
     Transform,
+    schedule_position,
     writes_in_place,
 )
 from functrain.optim.checks import check_learning_rate
@@ -1476,8 +1477,7 @@ def rule_transform(
             if differentiable
             else dict(fixed)
         )
-        # the schedules' count: the updates, and the steps skipped around them that they count
-        position = state.count if shift is None else state.count + shift
+        position = schedule_position(state.count, shift)
         if schedule is not None:
             h["lr"] = scheduled_rate(schedule, position, t)
         for k, at in scheduled.items():

@@ -53,6 +53,7 @@ from functrain.optim.base import (
     LearningRate,
     Mask,
     Transform,
+    schedule_position,
 )
 from functrain.optim.batching import under_vmap
 from functrain.optim.checks import check_decay
@@ -280,7 +281,7 @@ def _numbers(
     count = state.count
     rate: torch.Tensor | float
     if callable(lr):
-        rate, rate_t = _scheduled(lr, _position(count, shift), count.device)
+        rate, rate_t = _scheduled(lr, schedule_position(count, shift), count.device)
     else:  # a constant: the state's rate is it already (`_first_lr`), no tensor op per step
         rate, rate_t = lr, state.lr
     if scales:
@@ -341,11 +342,6 @@ def _flags_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         torch.ones((), dtype=torch.float32, device=device),
     )
     return flags
-
-
-def _position(count: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """Where a schedule is read: the count, and the steps skipped around it that it counts."""
-    return count if shift is None else count + shift
 
 
 def _scheduled(
@@ -420,7 +416,7 @@ def _fused(
         step = _begin(updates, state, params, keep, lr, what, extras, kernel.steps)
         given = {"lr": step.rate, **hyper, "grad_scale": None, "found_inf": step.found_inf}
         decays = _decays(mask, params, step.p)
-        decay = _decay_at(weight_decay, _position(state.count, extras.schedule_shift), what)
+        decay = _decay_at(weight_decay, schedule_position(state.count, extras.schedule_shift), what)
         new_p, new = _by_groups(kernel, step, buffers_of(state), decays, decay, given)
         rate = _last_lr(step.rate_t, state.lr, keep)
         return NewParams(new_p, step.spec), rebuilt(state, step.count, new, rate)
