@@ -330,6 +330,20 @@ class Norms(NamedTuple):
         items = tuple(tensors)
         return self._replace(shared=(items, tuple(t._version for t in items), norm))
 
+    def measured(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The norm the step gave for exactly `tensors`, unmodified since (`sharing`), or None.
+
+        Example:
+            >>> g = [torch.tensor([3.0, 4.0])]
+            >>> norms = LOCAL_NORMS.sharing(g, torch.tensor(5.0))
+            >>> norms.measured(g), norms.measured([g[0].clone()])
+            (tensor(5.), None)
+        """
+        shared = self.shared
+        if shared is None or not _same_tensors(shared[0], shared[1], tensors):
+            return None
+        return shared[2]
+
 
 LOCAL_NORMS = Norms()
 """Norms of whole tensors on this rank, none computed already."""
@@ -339,8 +353,9 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
     """The L2 norm of all `tensors` taken together, as a float32 0-d tensor (no host sync).
 
     When `norms` shares a norm of the same tensors, unmodified, that norm is returned instead of
-    computed again; with ``norms.across`` (a sharded step) the squares of non-0-d tensors (slices)
-    are summed over ranks, and 0-d tensors, whole on every rank, count once.
+    computed again (not in a differentiated step: the norm it shares has no graph); with
+    ``norms.across`` (a sharded step) the squares of non-0-d tensors (slices) are summed over
+    ranks, and 0-d tensors, whole on every rank, count once.
 
     Example:
         >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
@@ -356,9 +371,10 @@ def global_norm(tensors: Sequence[torch.Tensor], norms: Norms = LOCAL_NORMS) -> 
         # the foreach op would run as an opaque call each time it appears. (A sharded step's
         # update always runs eagerly, compiled steps' included.)
         return _per_tensor_norm(tensors)
-    shared = norms.shared
-    if shared is not None and _same_tensors(shared[0], shared[1], tensors):
-        return shared[2]
+    # (a differentiated step's shared norm was measured without a graph: not this norm)
+    measured = None if norms.differentiable else norms.measured(tensors)
+    if measured is not None:
+        return measured
     if norms.differentiable and not norms.members:
         return _per_tensor_norm(tensors)
     if norms.members:

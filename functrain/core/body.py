@@ -241,10 +241,11 @@ def _update(
         grad_norm = extras.global_norm(seen)
     # non-finite checks and clipping inside the optimizer reuse this norm instead of computing it
     # (eagerly: traced, a tensor's version counter does not trace, and without it a transform's
-    # write in place would go unseen; each use measures, and the graph folds a repeat away)
+    # write in place would go unseen; each use measures, and the graph folds a repeat away).
+    # Differentiated, only the check does: clipping's norm keeps its graph
     norms = (
         extras.norms.sharing(grad_list, grad_norm)
-        if grad_norm is not None and not functional() and not extras.differentiable
+        if grad_norm is not None and not functional()
         else extras.norms
     )
     # a donated step's gradients are its own unless a hook handed one in (it may keep it); the

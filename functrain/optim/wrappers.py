@@ -110,7 +110,9 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
     each tensor's least and greatest elements (NaN where an element is, infinite where one is:
     one read, no copy of the tensors) stand in for the tensor: the same flag, with no
     tensor-sized temporaries. The flag has no derivative: gradients with a graph (a
-    differentiated step's) are measured without it.
+    differentiated step's) are measured without it, and where that step measured their norm
+    (its ``grad_norm``, `Norms.sharing`) a finite norm, read on the host as the step reads its
+    flag, says at once that every element is finite.
 
     Example:
         >>> all_finite([torch.tensor([1.0, 2.0]), torch.tensor([float("nan")])])
@@ -123,6 +125,8 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
     # a flag has no derivative: a differentiated step's gradients measured without a graph or
     # tangent (no tensor saved for a backward that never comes)
     if norms.differentiable or any(t.requires_grad for t in tensors):
+        if _finite_norm(norms.measured(tensors) if norms.differentiable else None):
+            return torch.ones((), dtype=torch.bool, device=tensors[0].device)
         tensors = [t.detach() for t in tensors]
         norms = norms._replace(differentiable=False)
     plain = not (
@@ -136,6 +140,17 @@ def all_finite(tensors: list[torch.Tensor], norms: Norms = LOCAL_NORMS) -> torch
         tensors = [x for t in sized for x in torch.aminmax(_real(t))]
     zeroed = torch._foreach_mul(tensors, 0.0) if plain else [t * 0.0 for t in tensors]
     return global_norm(zeroed, norms._replace(shared=None)) == 0
+
+
+def _finite_norm(norm: torch.Tensor | None) -> bool:
+    """Whether a differentiated step's measured `norm` is read on the host as finite (under vmap,
+    where it is batched, or traced it is not read)."""
+    if norm is None or norm.ndim or torch.compiler.is_compiling():
+        return False
+    try:
+        return math.isfinite(norm.item())
+    except RuntimeError:  # batched under vmap
+        return False
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

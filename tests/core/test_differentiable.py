@@ -820,3 +820,44 @@ def test_a_meta_gradient_through_clipping_is_the_hand_written_loops() -> None:
     theirs = torch.autograd.grad(loss_at(params, query), weights)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_the_measured_norm_stands_for_the_element_by_element_check_where_finite() -> None:
+    """With the step's norm measured (``grad_norm=True``), a finite norm says every gradient is
+    finite: no element-by-element check runs. A non-finite batch is still skipped, and gradients
+    whose norm overflows float32 (every element finite) still update, as without the norm."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Extremes(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            Extremes.seen += func.overloadpacket is torch.ops.aten.aminmax
+            return func(*args, **(kwargs or {}))
+
+    def step(batch: Any, lr: float = 0.1, **options: Any) -> tuple[Any, Any]:
+        net = _net(dtype=torch.float32)
+        state = ft.TrainState.create(
+            net, ft.sgd(lr), _squared_error, differentiable=True, **options
+        )
+        return state, ft.train_step(state, batch)
+
+    (x, y), _ = _batches(torch.float32)
+    with Extremes():
+        state, (after, metrics) = step((x, y), grad_norm=True)
+    assert Extremes.seen == 0 and not metrics["skipped"]
+    assert not torch.equal(after.params["0.weight"], state.params["0.weight"])
+    with Extremes():
+        _, (_, metrics) = step((x, y))  # no norm measured: the check runs
+    assert Extremes.seen > 0 and not metrics["skipped"]
+    poisoned = (x.clone(), y)
+    poisoned[0][0, 0] = float("nan")
+    state, (after, metrics) = step(poisoned, grad_norm=True)
+    assert metrics["skipped"] and torch.equal(after.params["0.weight"], state.params["0.weight"])
+    huge = (x, y * 1e30)  # gradients near 1e30: finite, their norm's square is not
+    state, (measured, metrics) = step(huge, 1e-31, grad_norm=True)
+    assert torch.isinf(metrics["grad_norm"]) and not metrics["skipped"]
+    _, (plain, _) = step(huge, 1e-31)
+    assert not torch.equal(plain.params["0.weight"], state.params["0.weight"])
+    for name, p in plain.params.items():
+        assert torch.isfinite(p).all() and torch.equal(measured.params[name], p)
