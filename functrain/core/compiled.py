@@ -173,7 +173,7 @@ def _retire_if_ran(state: TrainState, attempt: _Attempt | None, error: BaseExcep
     or of a body refused before it ran (`Spent`) leaves the state usable.
     """
     if attempt is not None and attempt.may_have_run() and not isinstance(error, Spent):
-        state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
+        state.retire(_DONATED, error)
 
 
 def refuse_untraced(state: TrainState) -> None:

@@ -33,6 +33,7 @@ from functrain.optim.base import Extras
 from functrain.tree import tree_leaves
 
 __all__ = [
+    "DONATED",
     "HELD",
     "donated",
     "hold",
@@ -42,6 +43,9 @@ __all__ = [
     "step_in_scope",
     "wait_until_unheld",
 ]
+
+DONATED = "functrain.train_step(..., donate=True)"
+"""What an eager step retires the state it was given with ``donate=True`` to."""
 
 _held: Counter[int] = Counter()
 _released = threading.Condition()
@@ -134,7 +138,7 @@ def donated(
     state: TrainState,
     batch: Any,
     body: Callable[[TrainState, Any, Extras], Any],
-    call: str = "functrain.train_step(..., donate=True)",
+    call: str = DONATED,
 ) -> Any:
     """``body(state, batch, extras)``, allowed to write into `state`'s tensors.
 
@@ -150,14 +154,15 @@ def donated(
         return body(state, batch, Extras(in_place=True, written=written))
     except BaseException as error:
         if written:
-            retire(state, f"{call}, which then raised {type(error).__name__}")
+            retire(state, call, error)
         raise
 
 
 @outside_graph
-def retire(state: TrainState, call: str) -> None:
-    """`TrainState.retire`, outside any compiled graph: `state` was donated to `call`."""
-    state.retire(call)
+def retire(state: TrainState, call: str, raised: BaseException | None = None) -> None:
+    """`TrainState.retire`, outside any compiled graph: `state` was donated to `call` (which
+    then raised `raised`, where given)."""
+    state.retire(call, raised)
 
 
 def step_in_scope(
@@ -189,6 +194,6 @@ def step_in_scope(
         return leave_with(scope, state, new, retiring, call), metrics
     except BaseException as error:
         if ran and retiring is not None:  # (an interrupt after the body wrote the given state)
-            retire(retiring, f"{call}, which then raised {type(error).__name__}")
+            retire(retiring, call, error)
         leave(scope)  # again where an interrupt stopped it at its entry; else nothing
         raise

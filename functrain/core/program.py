@@ -3,33 +3,31 @@
 `functrain.train_step` asks what a state's configuration is (stacked or not, sharded or not,
 which wrappers, which optimizer, which layouts, which hooks) once, in `program_for`; the answer is
 a `StepProgram`, carried by the states its steps return (`TrainState.program`; `replace` drops it,
-and the next step decides again). A step then runs its stages in `StepProgram.run`, each a named
-method below:
-
-    _enter (the state's RNG and train mode) -> _backward (`functrain.core.gradient.backward`:
-    the loss function on the state's tensors, the gradients) -> the update -> the new state and its
-    metrics (`_finished`)
+and the next step decides again).
 
 The update is decided once, as one of three (`StepProgram.stage`):
 
 - **planned**: the transform declares a `functrain.optim.planned.Planner` and it plans the
-  state's tensors: `_with_runner` lays the gradients out and takes their global norm where the
-  step reports it or its update needs it, then runs the transform's `Runner` (for the fused
-  presets one kernel call, gated by the gradients' elements being finite; the plain chains of
-  RMSprop and, on the CPU, Adamax, RAdam and NAdam; inside `skip_nonfinite`, `accumulate`,
-  `partition` and a clipping `chain`), the EMA, the counters and metrics: the per-step path
-  does arithmetic, not decisions;
-- **updated**: any other transform, run by `_with_runner` through its own update (`_updating`:
+  state's tensors: its `Runner` (for the fused presets one kernel call, gated by the gradients'
+  elements being finite; the formula presets' lists; inside `skip_nonfinite`, `accumulate`,
+  `partition` and a clipping `chain`);
+- **updated**: any other transform, through its own update as a `Runner` (`_updating`:
   ``update_reporting`` and `apply_updates` with what the body decides on every call decided
   once);
 - **general**: fp16 loss scaling, gradient statistics, a process group, sparse gradients or a
-  transform with metrics of its own: `_with_body`, the step body's update
-  (`functrain.core.body.apply`) with the donated step's permission decided once.
+  transform with metrics of its own: the step body's update (`functrain.core.body.apply`) with
+  the donated step's permission decided once (`StepProgram.run`).
 
-All three give the bits of the body, which the compiled and stacked front doors run (the tests
-compare them). What is decided per step: the skip flag (read on the host for CPU tensors), the
-window's end, schedule values, counters, the RNG swap, the binding, and the checks cheap enough
-to keep (the write check, the layout check, the donation check, an async save's hold).
+A runner's step is the straight line (`functrain.core.straight`): the configuration's step written
+as one function, which calls back here for the window's counters (`window_counters`), the EMA
+(`average`) and, once, a fresh state's next program (`again`). `StepProgram.run` is the body's
+step: the general configurations', and the straight line's rare turns (a copied state's own
+structure, the first forward of a structure with frozen weights, a module that needs
+``loss.backward()``). Both give the bits of the body, which the compiled and stacked front doors
+run (the tests compare them). What is decided per step: the skip flag (read on the host for CPU
+tensors), the window's end, schedule values, counters, the RNG swap, the binding, and the checks
+cheap enough to keep (the write check, the layout check, the donation check, an async save's
+hold).
 
 A stacked state's program is a `MembersProgram`: its members' forward under vmap (or one after
 another) and backward, then the update on the stacked tensors, planned for the default optimizers
@@ -51,7 +49,7 @@ from functrain.core.body import (
     in_param_strides,
     loss_scale,
 )
-from functrain.core.donation import HELD, wait_until_unheld
+from functrain.core.donation import DONATED, HELD, wait_until_unheld
 from functrain.core.gradient import backward, decided
 from functrain.core.loss import samples_in
 from functrain.core.scope import (
@@ -95,15 +93,11 @@ from functrain.optim.wrappers import GuardedRunner
 from functrain.tree import (
     LOCAL_NORMS,
     Norms,
-    ReadOnlyDict,
     global_norm,
-    plain_norm,
     tree_leaves,
 )
 
-__all__ = ["DONATED", "MembersProgram", "StepProgram", "program_for"]
-
-DONATED = "functrain.train_step(..., donate=True)"
+__all__ = ["MembersProgram", "StepProgram", "program_for"]
 
 _DETACH, _LEAF, _STRIDE = torch.Tensor.detach, torch.Tensor.requires_grad_, torch.Tensor.stride
 
@@ -189,13 +183,20 @@ class StepProgram(_Decided):
             self.reports or options.clip_grad_norm is not None or type(fused) is not FusedRunner
         )
         # the configuration's step as one function (`functrain.core.straight`), where it is
-        # written for it: what `functrain.train_step` runs, `run` its stages otherwise
-        self.straight = straight_step(self, state) if stage == "planned" else None
+        # written for it: what `functrain.train_step` runs; else the body's update (`run`)
+        self.straight = straight_step(self, state) if runner is not None else None
+        if self.straight is None:
+            self.runner, self.stage = None, "general"
 
     def run(
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """`functrain.train_step` on `state`, whose configuration this program is."""
+        """`functrain.train_step` on `state` by the body's update (`_with_body`).
+
+        What a configuration the straight line does not write runs (`straight` None), and the
+        straight line's rare turns: a copied state's own structure, the first forward of a
+        structure with frozen weights, a module that needs ``loss.backward()`` (`RunAgain`).
+        """
         if isinstance(batch, PerMember):
             refuse_per_member(batch)
         scope = self._enter(state)
@@ -204,14 +205,16 @@ class StepProgram(_Decided):
             # takes to hold them: `functrain.core.donation.hold_live`)
             if donate and HELD:
                 wait_until_unheld(state)
-            if self.runner is None:
-                return self._with_body(state, batch, donate, scope)
-            return self._with_runner(state, batch, donate, scope)
+            return self._with_body(state, batch, donate, scope)
         except BaseException:
-            restore(
-                scope
-            )  # the caller's RNG and module mode, where the stage did not (an interrupt)
+            # the caller's RNG and module mode, where the body did not (an interrupt)
+            restore(scope)
             raise
+
+    def again(self, new: TrainState) -> StepProgram | MembersProgram | None:
+        """The program of the state a fresh state's first step returns: decided again, once (its
+        optimizer state has its storage now), or this one."""
+        return program_for(new) if self.fresh else self
 
     def _enter(self, state: TrainState) -> Scope:
         """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
@@ -266,112 +269,9 @@ class StepProgram(_Decided):
             restore(scope)  # the caller's RNG and module mode, as they were
         except BaseException as error:
             if donate and written:  # the update may have written some of the state's tensors
-                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+                state.retire(DONATED, error)
             raise
         return stepped, metrics
-
-    def _with_runner(
-        self, state: TrainState, batch: Any, donate: bool, scope: Scope
-    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """The step with the update's `functrain.optim.planned.Runner` (planned or `_updating`)."""
-        runner = self.runner
-        assert runner is not None  # (`run` chose this stage for it)
-        writing = False
-        try:
-            params = list(state.params.values())
-            # the forward writes running statistics into the buffers: copies, never the state's
-            buffers = {k: b.clone() for k, b in state.buffers.items()} if state.buffers else {}
-            grads, loss, aux = self._backward(state, batch, buffers, None)
-            if list(map(_STRIDE, grads)) != self.strides:
-                grads = in_layouts_of(grads, params)
-            # with accumulation the window's norm is reported: its runner measures it
-            norm = self._norm(grads) if self.window == 1 and self.measures else None
-            writing = donate  # from here the update may write the given state's tensors
-            ran = self._update(runner, grads, params, state.opt_state, norm, donate)
-            if ran.norm is not None:
-                norm = ran.norm
-            # the step's stream, the new state's (`_enter` gave no rank stream: no process group)
-            rng = self.generator.get_state()
-            # made and the donated state retired in the scope (`run` leaves it on a raise)
-            result = self._finished(state, batch, donate, rng, ran, buffers, loss, norm, aux)
-            restore(scope)  # the caller's RNG and module mode, as they were
-        except BaseException as error:
-            if writing:  # the update may have written some of the state's tensors
-                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
-            raise
-        return result
-
-    def _finished(
-        self,
-        state: TrainState,
-        batch: Any,
-        donate: bool,
-        rng: torch.Tensor,
-        ran: Ran,
-        buffers: dict[str, torch.Tensor],
-        loss: torch.Tensor,
-        norm: torch.Tensor | None,
-        aux: dict[str, torch.Tensor],
-    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """The new state and the metrics, once the runner ran (`rng`: the step's generator)."""
-        skipped = ran.skipped
-        params = ReadOnlyDict(zip(state.params, ran.params))
-        # (read-only where they are made: the new state takes them as they are)
-        buffers = ReadOnlyDict(self._finite(buffers, state.buffers)) if buffers else state.buffers
-        samples = samples_in(batch)
-        changes = (
-            _advanced(state, samples)
-            if self.window == 1
-            else self.window_counters(state, ran, samples)
-        )
-        applied = None if skipped is None else ~skipped
-        completed = changes.pop("completed", None)
-        if completed is not None:  # the EMA moves where a window ended and was applied
-            applied = completed if applied is None else completed & applied
-        new = state.stepped(
-            self,
-            {
-                **changes,
-                "params": params,
-                "buffers": buffers,
-                "opt_state": ran.state,
-                "ema_state": self.average(state, ran.params, params, buffers, applied, donate)
-                if self.averages
-                else None,
-                "skipped": state.skipped + skipped if skipped is not None else state.skipped,
-                "rng": rng,
-            },
-            own_counters=not donate,
-        )
-        if self.fresh:  # the optimizer's state has its storage now: decided again, once
-            object.__setattr__(new, "program", program_for(new))
-        if donate:
-            state.retire(DONATED)
-        # (the loss is detached already: `functrain.core.gradient.backward`)
-        # the rate as a float32 metric: a constant rate's made once (one op a step saved)
-        lr, (seen, seen_f) = ran.lr, self.lr_seen
-        if lr is not seen or seen_f is None:
-            seen_f = lr.float() if lr is not None else torch.full((), float("nan"))
-            self.lr_seen = (lr, seen_f)
-        # each parameter group's rate, read where the new optimizer state holds it
-        rates = (
-            {} if self.rates is None else {k: v.float() for k, v in self.rates(ran.state).items()}
-        )
-        reported = norm if self.reports else None
-        return new, _step_metrics(loss, reported, seen_f, rates, ran.flag, skipped, aux)
-
-    def _update(
-        self,
-        runner: Runner,
-        grads: list[torch.Tensor],
-        params: list[torch.Tensor],
-        opt_state: Any,
-        norm: torch.Tensor | None,
-        donate: bool,
-    ) -> Ran:
-        """The transform's update: its runner, allowed to write where the step was donated."""
-        # a gradient a hook handed in may be kept by it: never written
-        return runner(grads, params, opt_state, norm, donate and not self.hooks)
 
     def window_counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
         """The counters after a micro-batch of an accumulation window (without one: `_advanced`),
@@ -415,16 +315,6 @@ class StepProgram(_Decided):
             return self.averaging(new, state.ema_state, donate)
         extras = self.in_place if donate else NO_EXTRAS
         return averaged(state, params, buffers, applied, extras)
-
-    def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """The gradients' global norm: `functrain.tree.global_norm`, the body's, by the same ops."""
-        return plain_norm(grads, self.fp32)
-
-    def _finite(
-        self, buffers: dict[str, torch.Tensor], old: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """The new buffers, each floating one kept as it was where the batch made it non-finite."""
-        return finite_buffers(buffers, old) if self.guard_buffers else buffers
 
 
 def _advanced(state: TrainState, samples: int) -> dict[str, torch.Tensor]:
@@ -632,7 +522,7 @@ class MembersProgram(_Decided):
             scope.close()  # the caller's RNG and module mode, as they were
         except BaseException as error:
             if writing:  # the update may have written some of the state's tensors
-                state.retire(f"{DONATED}, which then raised {type(error).__name__}")
+                state.retire(DONATED, error)
             scope.close()  # again where an interrupt stopped it at its entry; else nothing
             raise
         return stepped, metrics

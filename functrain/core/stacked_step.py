@@ -46,7 +46,7 @@ import torch
 
 from functrain.core.binding import STEP_LOCK, lock_depth, release_taken, take_step_lock
 from functrain.core.body import Parts, apply, eval_body, loss_scale
-from functrain.core.donation import donated
+from functrain.core.donation import DONATED, donated
 from functrain.core.gradient import gradients
 from functrain.core.loss import call_loss
 from functrain.core.scope import device_generator
@@ -107,8 +107,6 @@ class PerMember(NamedTuple):
 
 
 _T = TypeVar("_T")
-# what a donated step's given state is retired to (`functrain.core.program.DONATED`)
-_DONATED = "functrain.train_step(..., donate=True)"
 _SLOT = object()  # where a tensor goes when a tree is rebuilt from its tensor leaves
 
 
@@ -346,11 +344,11 @@ def _stacked_train_step(
         ran = True
         stepped = state.stepped(None, {"rng": scope.next_rng, **new}, own_counters=not donate)
         if donate:  # retired in the scope, whose lock a save takes (`core.donation.hold_live`)
-            state.retire(_DONATED)
+            state.retire(DONATED)
         scope.close()
     except BaseException as error:
         if ran and donate:  # (an interrupt after the update wrote the given state)
-            state.retire(f"{_DONATED}, which then raised {type(error).__name__}")
+            state.retire(DONATED, error)
         scope.close()  # again where an interrupt stopped it at its entry; else nothing
         raise
     return stepped, metrics

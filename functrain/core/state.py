@@ -1087,16 +1087,19 @@ class TrainState:
         """
         return self.step.shape[0] if self.step.ndim else 0
 
-    def retire(self, call: str) -> None:
+    def retire(self, call: str, raised: BaseException | None = None) -> None:
         """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
 
-        Steps call it on the state they were given with ``donate=True``. Its tree fields are
+        Steps call it on the state they were given with ``donate=True``; `raised`: the error
+        the step raised after it may have written this state's tensors. Its tree fields are
         replaced by a placeholder that raises when read, and its step counter's lineage and its
         parameters' mapping are tagged so that the states sharing either (made by `replace`) are
         refused as well.
         """
         if self._donated_to is not None:
             return
+        if raised is not None:
+            call = f"{call}, which then raised {type(raised).__name__}"
         lineage = getattr(self.step, _LINEAGE, None)
         if lineage is None:  # (states sharing the tensor itself: a tree map of this one)
             setattr(self.step, _LINEAGE, [call])

@@ -26,9 +26,9 @@ import torch.autograd.forward_ad as fwAD
 
 from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
-from functrain.core.donation import step_in_scope
+from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.loss import RunAgain
-from functrain.core.program import DONATED, program_for
+from functrain.core.program import program_for
 from functrain.core.scope import enter, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState

@@ -1,8 +1,9 @@
 """The straight-line step: one function per configuration, written once and run top to bottom.
 
-`functrain.core.program` decides what a state's configuration is (`StepProgram`); where the update
-is planned (`functrain.optim.planned.Runner`) and the configuration is one this module writes
-(`written_for` says which), `straight_step` writes the source of the configuration's eager step,
+`functrain.core.program` decides what a state's configuration is (`StepProgram`); where a
+`functrain.optim.planned.Runner` runs the update (the transform's planned one, or its own update,
+`functrain.core.program._updating`) and the configuration is one this module writes
+(`_written_for` says which), `straight_step` writes the source of the configuration's eager step,
 donated or pure, with every option it does not use absent from the text, and compiles it once.
 Its constants (the module's structure, its modules, the generator, the runner, the names, the
 strides, the rules of the window) are bound as the function's globals, so the per-call path makes
@@ -11,12 +12,12 @@ no decision the configuration already made:
     the caller's RNG and mode out, the state's in (`functrain.core.scope.swap_in`) -> the
     parameters as fresh leaves bound in the structure (`functrain.core.binding.bound`) -> the
     loss function -> the write check (version counters) -> the autograd engine on the leaves ->
-    the gradients in the parameters' layout -> the norm -> the update (the `Runner`) -> the new
-    state and its metrics -> the caller's RNG and mode back
+    the parameters' gradient hooks -> the gradients in the parameters' layout -> the norm -> the
+    update (the `Runner`) -> the new state and its metrics -> the caller's RNG and mode back
 
 The text is registered with `linecache` under a name of its own, ``<functrain step N: ...>``, so
 a traceback through a step shows its lines; `StraightStep.source` holds it. The bits are the
-program's (`StepProgram.run`): the tests run both and compare every tensor and metric.
+body's update (`StepProgram.run`): the tests run both and compare every tensor and metric.
 
 Rare paths leave the straight line by a call: a loss function's failure (`loss_failure`), a
 non-scalar loss (`split_loss`), a parameter the loss did not use (`completed`), gradients in
@@ -45,7 +46,7 @@ from functrain.core.binding import (
     unbind,
 )
 from functrain.core.body import finite_buffers
-from functrain.core.donation import HELD, wait_until_unheld
+from functrain.core.donation import DONATED, HELD, wait_until_unheld
 from functrain.core.failures import loss_failure
 from functrain.core.gradient import completed, reciprocal
 from functrain.core.loss import (
@@ -114,15 +115,13 @@ def straight_step(program: Any, state: TrainState) -> StraightStep | None:
 
 
 def _written_for(program: Any, state: TrainState) -> bool:
-    """Whether the straight line covers `state`'s configuration: a planned update, no process
-    group, no gradient hooks, no sparse parameters, plain tensors, no fp16 loss scale, and
-    torch's engine entry."""
+    """Whether the straight line covers `state`'s configuration: an update run by a `Runner`
+    (planned, or the transform's own, `functrain.core.program._updating`), no process group, no
+    sparse parameters, plain tensors, no fp16 loss scale, and torch's engine entry."""
     known = program.known
     return (
-        program.stage == "planned"
-        and program.runner is not None
+        program.runner is not None
         and not program.ranked
-        and not known.hooks
         and not known.sparse
         and known.plain
         and program.writes
@@ -168,7 +167,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     text.append(_BACKWARD)
     if buffers:
         text.append(_DETACH_WRITTEN)
-    text.append(_GRADIENTS)
+    text.append(_GRADIENTS_HOOKED if program.hooks else _GRADIENTS)
     # with accumulation the window's norm is reported: its runner measures it
     measured = window == 1 and program.measures
     text.append((_NORM_FP32 if program.fp32 else _NORM) if measured else _NO_NORM)
@@ -185,7 +184,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_NO_AVERAGE)
     else:
         text.append((_AVERAGED if program.averaging is None else _AVERAGING).format(donate=donate))
-    text.append(_KEPT.format(own=own))
+    # a fresh state's optimizer state has its storage now: its program decided again, once
+    text.append(_KEPT.format(own=own, program="PROGRAM.again(new)" if program.fresh else "PROGRAM"))
     if donate:
         text.append(_RETIRE)
     restore_mode = _MODE_FLAGS if modules else _MODE_CALL
@@ -210,6 +210,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         else None,
         "GEN": program.generator,
         "RUNNER": program.runner,
+        "HOOKS": program.hooks,
         "NAMES": list(state.params),
         "STRIDES": program.strides,
         "FP32": program.fp32,
@@ -231,12 +232,14 @@ def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any
     written out (`functrain.optim.rules.fused.FusedRunner`, `functrain.optim.wrappers.
     GuardedRunner`): the guard's flag read on the host, the kernel called per group, the
     counts of a finite step; the runner where the flag says the update is skipped."""
-    call = f"ran = RUNNER(grads, params, state.opt_state, norm, {donate})"
+    # a gradient a hook handed in may be kept by it: never written
+    call = f"ran = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
     runner = program.runner
     guarded = type(runner) is GuardedRunner
     fused = runner.inner if guarded else runner
     if (
-        type(fused) is not FusedRunner
+        program.hooks
+        or type(fused) is not FusedRunner
         or fused.device.type != "cpu"
         or window != 1
         or fused.behind != 0  # (weights that sat out updates: each its own step, the runner's)
@@ -343,7 +346,7 @@ _CONSTANTS: dict[str, Any] = {
     "NO_NAMES": frozenset(),
     "BY_BACKWARD": BY_BACKWARD,
     "WATCHED": WATCHED,
-    "DONATED": "functrain.train_step(..., donate=True)",
+    "DONATED": DONATED,
     "NAN": float("nan"),
     **{f"SET_{name}": setter for name, setter in _SETTERS.items()},
 }
@@ -354,7 +357,7 @@ _ENTRY = """\
 def step(state, batch):
     if isinstance(batch, PerMember):
         refuse_per_member(batch)
-    if state.module is not MODULE:  # a copied state's own structure: the program's stages
+    if state.module is not MODULE:  # a copied state's own structure: the body's update
         return PROGRAM.run(state, batch, {donate})
 """
 _FIRST_FORWARD = """\
@@ -461,6 +464,12 @@ _DETACH_WRITTEN = """\
 _GRADIENTS = """\
         if not all(map(IS_NOT, grads, REPEAT(None))):  # a parameter the loss did not use
             grads = completed(grads, leaves, NAMES, (), NO_NAMES)
+        if list(map(STRIDE, grads)) != STRIDES:
+            grads = in_layouts_of(grads, params)
+"""
+# with the parameters' own gradient hooks (``Tensor.register_hook``), run as torch runs them
+_GRADIENTS_HOOKED = """\
+        grads = completed(grads, leaves, NAMES, HOOKS, NO_NAMES)
         if list(map(STRIDE, grads)) != STRIDES:
             grads = in_layouts_of(grads, params)
 """
@@ -596,7 +605,7 @@ _KEPT = "".join(
         SET_rng(new, rng)
         SET__donated_to(new, None)
         SET__unchecked(new, False)
-        SET_program(new, PROGRAM)
+        SET_program(new, {program})
 """
 )
 _RETIRE = """\
@@ -619,7 +628,7 @@ _LEAVE = """\
 """
 _RETIRE_RAISED = """
         if writing:  # the update may have written some of the state's tensors
-            state.retire(f"{DONATED}, which then raised {type(error).__name__}")"""
+            state.retire(DONATED, error)"""
 # the metrics in the body's order: the rate as a float32 made once for a constant rate
 _METRICS = """\
     lr = ran.lr

@@ -1,5 +1,6 @@
 """The straight-line step (`functrain.core.straight`): written once per configuration, run by
-`train_step` where the update is planned, bit for bit the program's stages."""
+`train_step` wherever a `Runner` runs the update (planned, or the transform's own), bit for bit
+the body's update, which the program runs for the rest (`StepProgram.run`)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _run(state: ft.TrainState, steps: int, donate: bool, stages: bool) -> tuple[Any, list]:
-    """`steps` steps by `train_step` (the straight line), or by the program's stages."""
+    """`steps` steps by `train_step` (the straight line), or by the program's body update."""
     metrics = []
     for i in range(steps):
         batch = _BATCH
@@ -80,9 +81,7 @@ def _run(state: ft.TrainState, steps: int, donate: bool, stages: bool) -> tuple[
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "batchnorm"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_the_straight_step_is_the_programs_stages_bit_for_bit(
-    name: str, norm: bool, donate: bool
-) -> None:
+def test_the_straight_step_is_the_bodys_bit_for_bit(name: str, norm: bool, donate: bool) -> None:
     options = CONFIGS[name]
     if name == "none":
         steps = 3  # (a NaN batch without the guard poisons the weights: nothing left to compare)
@@ -114,11 +113,30 @@ def test_groups_with_schedules_and_the_loss_functions_metrics_run_straight() -> 
         assert all(_same(a[k], b[k]) for k in a)
 
 
-def test_a_configuration_it_does_not_write_runs_the_stages() -> None:
-    state = _state({}, tx=ft.lion(1e-3))  # a transform without a planner: its own update
+def test_a_transform_without_a_planner_and_gradient_hooks_run_straight() -> None:
+    # lion plans no update: its own, as a runner (`_updating`); a hook's gradient is never written
+    def hooked(tx: Any) -> ft.TrainState:
+        model = _model()
+        model[0].weight.register_hook(lambda g: g * 0.5)
+        return ft.TrainState.create(model, tx, _loss, seed=3)
+
+    for tx in (ft.lion(1e-3), ft.adamw(1e-2)):
+        for donate in (False, True):
+            straight, ours = _run(hooked(tx), 5, donate, stages=False)
+            staged, theirs = _run(hooked(tx), 5, donate, stages=True)
+            plain, _ = _run(_state({}, tx=tx), 5, donate, stages=False)
+            assert straight.program.straight is not None and straight.program.hooks
+            assert ft.diff_states(straight, staged) == []
+            assert ft.diff_states(straight, plain) != []  # (the hook halved the gradients)
+            assert all(_same(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
+
+
+def test_a_configuration_it_does_not_write_runs_the_bodys_update() -> None:
+    state = _state({"grad_stats": "layer"})  # the old weights kept for the statistics
     state, _ = ft.train_step(state, _BATCH)
     state, _ = ft.train_step(state, _BATCH)
     assert state.program is not None and state.program.straight is None
+    assert state.program.stage == "general"
 
 
 def test_the_steps_text_is_in_a_traceback_and_names_the_configuration() -> None:
@@ -185,7 +203,7 @@ def _huge(m: Any, b: Any) -> torch.Tensor:
     return m(b[0]).sum() * 1e19
 
 
-@pytest.mark.parametrize("path", ["straight", "stages", "body"])
+@pytest.mark.parametrize("path", ["straight", "body"])
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["plain", "clipped"])
 def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
     path: str, clip: float | None
@@ -199,7 +217,7 @@ def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
     opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     options: dict[str, Any] = {"clip_grad_norm": clip}
     if path == "body":
-        options["grad_stats"] = "layer"  # the body's update (`StepProgram._with_body`)
+        options["grad_stats"] = "layer"  # the body's update (`StepProgram.run`)
     state = ft.TrainState.create(model, ft.adamw(1e-2, weight_decay=0.1), _huge, **options)
     for _ in range(3):
         _huge(reference, _BATCH).backward()
@@ -210,11 +228,7 @@ def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
             torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
         opt.step()
         opt.zero_grad()
-        program = state.program
-        if path == "stages" and program is not None:
-            state, metrics = program.run(state, _BATCH, True)
-        else:
-            state, metrics = ft.train_step(state, _BATCH, donate=True)
+        state, metrics = ft.train_step(state, _BATCH, donate=True)
         assert float(metrics["skipped"]) == 0.0
     if path == "straight":
         assert state.program.straight is not None
@@ -223,7 +237,7 @@ def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
     assert int(state.skipped) == 0
 
 
-@pytest.mark.parametrize("path", ["straight", "stages"])
+@pytest.mark.parametrize("path", ["straight", "body"])
 def test_an_interrupt_inside_the_modes_restore_leaves_every_module_as_it_was(path: str) -> None:
     # a KeyboardInterrupt at a loop's back edge (where Python runs a signal's handler): the
     # second module's flag of the restore; the handler sets every flag back, not the first alone
