@@ -43,25 +43,19 @@ import torch
 from functrain.core import stacked_step
 from functrain.core.body import (
     OWN_TX_METRICS,
-    apply,
     averaged,
     finite_buffers,
     in_param_strides,
-    loss_scale,
+    train_body,
 )
-from functrain.core.donation import DONATED, HELD, wait_until_unheld
-from functrain.core.gradient import backward, decided
-from functrain.core.loss import samples_in
+from functrain.core.donation import DONATED, HELD, step_in_scope, wait_until_unheld
+from functrain.core.gradient import decided
+from functrain.core.loss import RunAgain, samples_in
 from functrain.core.scope import (
-    Scope,
     device_generator,
-    enter,
     plain_modules,
-    restore,
-    swap_in,
 )
 from functrain.core.stacked_step import (
-    PerMember,
     StackedScope,
     again_in_module_order,
     member_batch,
@@ -99,7 +93,7 @@ from functrain.tree import (
 
 __all__ = ["MembersProgram", "StepProgram", "program_for"]
 
-_DETACH, _LEAF, _STRIDE = torch.Tensor.detach, torch.Tensor.requires_grad_, torch.Tensor.stride
+_STRIDE = torch.Tensor.stride
 
 
 class _Decided:
@@ -197,81 +191,18 @@ class StepProgram(_Decided):
         straight line's rare turns: a copied state's own structure, the first forward of a
         structure with frozen weights, a module that needs ``loss.backward()`` (`RunAgain`).
         """
-        if isinstance(batch, PerMember):
-            refuse_per_member(batch)
-        scope = self._enter(state)
+        refuse_per_member(batch)
         try:
-            # a save still reads this state's tensors (looked for in the scope, whose lock a save
-            # takes to hold them: `functrain.core.donation.hold_live`)
-            if donate and HELD:
-                wait_until_unheld(state)
-            return self._with_body(state, batch, donate, scope)
-        except BaseException:
-            # the caller's RNG and module mode, where the body did not (an interrupt)
-            restore(scope)
-            raise
+            new, metrics = step_in_scope(state, batch, train_body, donate=donate, call=DONATED)
+        except RunAgain:  # its module runs reentrant checkpointing, found before any write
+            new, metrics = step_in_scope(state, batch, train_body, donate=donate, call=DONATED)
+        object.__setattr__(new, "program", self.again(new))
+        return new, metrics
 
     def again(self, new: TrainState) -> StepProgram | MembersProgram | None:
         """The program of the state a fresh state's first step returns: decided again, once (its
         optimizer state has its storage now), or this one."""
         return program_for(new) if self.fresh else self
-
-    def _enter(self, state: TrainState) -> Scope:
-        """The state's RNG and train mode swapped in (a rank's own stream under a process group)."""
-        if self.ranked:
-            return enter(state, True)
-        modules = self.modules
-        if modules is not None and modules[0] is not state.module:
-            modules = None  # a copied state's own module (its program is shared): its `train`
-        return swap_in(state.module, self.generator, state.rng, True, modules)
-
-    def _backward(
-        self, state: TrainState, batch: Any, buffers: dict[str, torch.Tensor], scale: Any
-    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-        """The gradients (for fresh leaves of the parameters), the loss and its metrics."""
-        # (by map: no Python frame per tensor; `requires_grad_` returns its tensor)
-        return backward(
-            state,
-            batch,
-            list(map(_LEAF, map(_DETACH, state.params.values()))),
-            buffers,
-            scale,
-            self.known,
-            eager=True,
-        )
-
-    def _with_body(
-        self, state: TrainState, batch: Any, donate: bool, scope: Scope
-    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """The step with the body's update (`functrain.core.body.apply`).
-
-        The new state is made and a donated one retired in the scope (`run` leaves it on a raise).
-        """
-        written: list[bool] = []
-        try:
-            # the forward writes running statistics into the buffers: copies, never the state's
-            buffers = {k: b.clone() for k, b in state.buffers.items()}
-            scale = loss_scale(state)
-            grads, loss, aux = self._backward(state, batch, buffers, scale)
-            extras = Extras(in_place=donate and self.writes, written=written)
-            new, metrics = apply(
-                state, batch, dict(zip(state.params, grads)), buffers, loss, aux, scale, extras
-            )
-            # the step's stream (a rank's: the shared one after it), the new state's
-            new["rng"] = (
-                scope.next_rng if scope.next_rng is not None else self.generator.get_state()
-            )
-            stepped = state.stepped(self, new, own_counters=not donate)
-            if self.fresh:  # the optimizer's state has its storage now: decided again, once
-                object.__setattr__(stepped, "program", program_for(stepped))
-            if donate:
-                state.retire(DONATED)
-            restore(scope)  # the caller's RNG and module mode, as they were
-        except BaseException as error:
-            if donate and written:  # the update may have written some of the state's tensors
-                state.retire(DONATED, error)
-            raise
-        return stepped, metrics
 
     def window_counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
         """The counters after a micro-batch of an accumulation window (without one: `_advanced`),

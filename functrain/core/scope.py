@@ -60,7 +60,6 @@ class Scope:
         "generator",
         "saved_rng",
         "next_rng",
-        "modules",
         "locked",
         "open",
         "switched",
@@ -72,7 +71,6 @@ class Scope:
         was_training: bool,
         generator: torch.Generator,
         saved_rng: torch.Tensor,
-        modules: tuple[nn.Module, ...] | None = None,
         locked: bool = False,
     ) -> None:
         self.module = module
@@ -80,9 +78,6 @@ class Scope:
         self.generator = generator
         self.saved_rng = saved_rng
         self.next_rng: torch.Tensor | None = None
-        # the module's submodules where each takes its mode as nn.Module's own `train` sets it
-        # (`plain_modules`): their flags are set directly
-        self.modules = modules
         self.locked = locked
         self.open = True
         self.switched = False  # the module's mode switched on entering (`swap_in`)
@@ -117,14 +112,6 @@ def plain_modules(module: nn.Module) -> tuple[nn.Module, ...] | None:
     return found
 
 
-def _set_mode(scope: Scope, module: nn.Module, training: bool) -> None:
-    if scope.modules is None:
-        module.train(training)
-        return
-    for m in scope.modules:
-        m.__dict__["training"] = training
-
-
 def outside_graph(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Keep `fn` out of compiled graphs, at no cost to eager calls.
 
@@ -148,22 +135,20 @@ def swap_in(
     generator: torch.Generator,
     rng: torch.Tensor,
     training: bool,
-    modules: tuple[nn.Module, ...] | None = None,
 ) -> Scope:
     """Swap `generator` to `rng` and `module` to `training` mode, eagerly; return what to undo.
 
-    `modules`: `plain_modules` of `module` where the caller decided them once, else None. Takes
-    `STEP_LOCK` first (the caller's generator state is read under it); raising (an interrupt),
+    Takes `STEP_LOCK` first (the caller's generator state is read under it); raising (an interrupt),
     it leaves everything as it was.
     """
     depth = lock_depth()
     scope = None
     try:
         locked = STEP_LOCK.acquire(False) or take_step_lock()
-        scope = Scope(module, module.training, generator, generator.get_state(), modules, locked)
+        scope = Scope(module, module.training, generator, generator.get_state(), locked)
         if module.training != training:
             scope.switched = True
-            _set_mode(scope, module, training)
+            module.train(training)
         generator.set_state(rng)
     except BaseException:
         if scope is not None:
@@ -243,7 +228,7 @@ def restore(scope: Scope) -> None:
     # (a mode the scope switched: every flag set back, also where an interrupt stopped a first
     # restore after the module's own flag)
     if scope.switched or scope.module.training != scope.was_training:
-        _set_mode(scope, scope.module, scope.was_training)
+        scope.module.train(scope.was_training)
     scope.open = False
     if scope.locked:
         STEP_LOCK.release()

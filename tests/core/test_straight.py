@@ -244,17 +244,16 @@ def test_an_interrupt_inside_the_modes_restore_leaves_every_module_as_it_was(pat
     import linecache
     import sys
 
-    import functrain.core.scope as scope_module
     from functrain.core.binding import STEP_LOCK
 
     state = _state({}, norm=True)
     state, _ = ft.train_step(state, _BATCH)
     state.module.eval()
     if path == "straight":
-        code, text, nth = state.program.straight.pure.__code__, "was_training", 2
-    else:  # the entry's loop sets 5 flags, the restore's 2nd is the 7th
-        code, text, nth = scope_module._set_mode.__code__, "training", 7
-    line = f'm.__dict__["training"] = {text}'
+        code, nth = state.program.straight.pure.__code__, 2
+        line = 'm.__dict__["training"] = was_training'
+    else:  # the body's: nn.Module.train, whose entry sets 6 modules, the restore's 2nd the 8th
+        code, nth, line = torch.nn.Module.train.__code__, 8, "self.training = mode"
     seen = [0]
 
     def local(frame: Any, event: str, arg: Any) -> Any:
