@@ -185,7 +185,8 @@ class StepProgram(_Decided):
     def run(
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """`functrain.train_step` on `state` by the body's update (`_with_body`).
+        """`functrain.train_step` on `state` by the body's step (`functrain.core.body.train_body`,
+        in the state's scope: `functrain.core.donation.step_in_scope`), its program carried.
 
         What a configuration the straight line does not write runs (`straight` None), and the
         straight line's rare turns: a copied state's own structure, the first forward of a
@@ -311,7 +312,7 @@ def _runner(state: TrainState) -> tuple[Runner | None, str, bool]:
     ``adagrad``, RMSprop's plain chain, on the CPU Adamax's, RAdam's and NAdam's, and
     `skip_nonfinite`, `accumulate`, `partition` and a
     `chain` after `clip_by_global_norm` around planned ones), else its own update (`_updating`).
-    None: the body's update (`_with_body`).
+    None: the body's update (`StepProgram.run`).
     """
     planner = planner_of(state.tx)
     if _in_general(state) or state.grad_stats is not None or sparse_parameters(state.module):
