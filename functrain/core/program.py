@@ -48,7 +48,7 @@ from functrain.core.body import (
     in_param_strides,
     train_body,
 )
-from functrain.core.donation import DONATED, HELD, step_in_scope, wait_until_unheld
+from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.gradient import decided
 from functrain.core.loss import RunAgain, samples_in
 from functrain.core.scope import (
@@ -56,9 +56,6 @@ from functrain.core.scope import (
     plain_modules,
 )
 from functrain.core.stacked_step import (
-    StackedScope,
-    again_in_module_order,
-    member_batch,
     member_gradients,
     member_zero,
     members_apart,
@@ -412,52 +409,35 @@ class MembersProgram(_Decided):
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """`functrain.train_step` on the stacked `state`, whose configuration this program is."""
-        if self.runner is None:
-            # (a donated state retired there, in its scope)
-            new, metrics = stacked_train_step(state, batch, donate=donate)
-            object.__setattr__(new, "program", self)
-            return new, metrics
-        # a loss function that views a transposed weight runs again, in the module's order
-        return again_in_module_order(state, lambda: self._planned(state, batch, donate))
+        # (a donated state retired there, in its scope)
+        new, metrics = stacked_train_step(
+            state, batch, donate=donate, body=None if self.runner is None else self._planned
+        )
+        object.__setattr__(new, "program", self)
+        return new, metrics
 
     def _planned(
-        self, state: TrainState, batch: Any, donate: bool
-    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """The step with the update's members `Runner`: `stacked_body` and `apply`, op for op."""
+        self, state: TrainState, batch: Any, per_member: bool, extras: Extras
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The step's parts and metrics with the update's members `Runner`: `stacked_body` and
+        `apply`, op for op (in the members' scope, `stacked_train_step`'s)."""
         runner = self.runner
-        assert runner is not None  # (`run` chose this stage for it)
-        members = self.members
-        batch, per_member = member_batch(batch, members)
-        scope = StackedScope(state, training=True, advance=True)
-        writing = False
-        try:
-            if donate and HELD:  # a save still reads this state's tensors (see `StepProgram.run`)
-                wait_until_unheld(state)
-            # the forward writes running statistics into the buffers: copies, never the state's
-            buffers = {k: b.clone() for k, b in state.buffers.items()} if state.buffers else {}
-            found, losses, aux = member_gradients(
-                state, batch, per_member, self.apart, buffers, None
-            )
-            params = list(state.params.values())
-            grads = list(found.values())
-            if list(map(_STRIDE, grads)) != self.strides:
-                grads = in_layouts_of(grads, params)
-            norm = global_norm(grads, self.norms)  # each member's
-            writing = donate  # from here the update may write the given state's tensors
-            # (`functrain.stack` refuses gradient hooks: the gradients are the step's own)
-            ran = runner(grads, params, state.opt_state, norm, donate, None)
-            counted = member_zero(batch) if per_member else batch
-            new, metrics = self._finished(state, counted, donate, ran, buffers, losses, norm, aux)
-            stepped = state.stepped(self, {**new, "rng": scope.next_rng}, own_counters=not donate)
-            if donate:
-                state.retire(DONATED)
-            scope.close()  # the caller's RNG and module mode, as they were
-        except BaseException as error:
-            if writing:  # the update may have written some of the state's tensors
-                state.retire(DONATED, error)
-            scope.close()  # again where an interrupt stopped it at its entry; else nothing
-            raise
-        return stepped, metrics
+        assert runner is not None  # (`run` chose this body for it)
+        # the forward writes running statistics into the buffers: copies, never the state's
+        buffers = {k: b.clone() for k, b in state.buffers.items()} if state.buffers else {}
+        found, losses, aux = member_gradients(state, batch, per_member, self.apart, buffers, None)
+        params = list(state.params.values())
+        grads = list(found.values())
+        if list(map(_STRIDE, grads)) != self.strides:
+            grads = in_layouts_of(grads, params)
+        norm = global_norm(grads, self.norms)  # each member's
+        write = extras.may_write()
+        if write and extras.written is not None:  # from here it may write the given state
+            extras.written.append(True)
+        # (`functrain.stack` refuses gradient hooks: the gradients are the step's own)
+        ran = runner(grads, params, state.opt_state, norm, write, None)
+        counted = member_zero(batch) if per_member else batch
+        return self._finished(state, counted, write, ran, buffers, losses, norm, aux)
 
     def _finished(
         self,

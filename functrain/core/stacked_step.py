@@ -308,18 +308,24 @@ def stacked_train_step(
     batch: Any,
     compiled: Callable[..., Any] | None = None,
     donate: bool = False,
+    body: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` for a stacked state (see the module's docstring for how it runs).
 
     `compiled`, when given, is a compiled `step_function` (`compile_step` passes it). `donate`:
     the update may write into `state`'s tensors, and `state` is retired before the step's scope
-    is left. Called by `train_step`
-    and `compile_step`. A loss function that views a transposed weight (`learned_module_order`)
-    has its step run again, from the start, with the weights in the module's order.
+    is left. `body`: the step's parts and metrics, ``body(state, batch, per_member, extras)``,
+    where it is not `stacked_body` (a stacked program's planned update,
+    `functrain.core.program.MembersProgram`). Called by `train_step` and `compile_step`. A loss
+    function that views a transposed weight (`learned_module_order`) has its step run again,
+    from the start, with the weights in the module's order.
     """
     if compiled is not None:  # `compile_step` retries with a graph traced anew
-        return _stacked_train_step(state, batch, compiled, donate)
-    return again_in_module_order(state, lambda: _stacked_train_step(state, batch, None, donate))
+        return _stacked_train_step(state, batch, compiled, donate, stacked_body)
+    body = body or stacked_body
+    return again_in_module_order(
+        state, lambda: _stacked_train_step(state, batch, None, donate, body)
+    )
 
 
 def _stacked_train_step(
@@ -327,6 +333,7 @@ def _stacked_train_step(
     batch: Any,
     compiled: Callable[..., Any] | None,
     donate: bool,
+    body: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]],
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     members = state.rng.shape[0]
     batch, per_member = member_batch(batch, members)
@@ -336,11 +343,9 @@ def _stacked_train_step(
         if compiled is not None:
             new, metrics = compiled(_tensors(parts_of(state), members, state.device), batch)
         elif donate and updates_stacked(state):
-            new, metrics = donated(
-                state, batch, lambda s, b, extras: stacked_body(s, b, per_member, extras)
-            )
+            new, metrics = donated(state, batch, lambda s, b, given: body(s, b, per_member, given))
         else:
-            new, metrics = stacked_body(state, batch, per_member)
+            new, metrics = body(state, batch, per_member, NO_EXTRAS)
         ran = True
         stepped = state.stepped(None, {"rng": scope.next_rng, **new}, own_counters=not donate)
         if donate:  # retired in the scope, whose lock a save takes (`core.donation.hold_live`)
