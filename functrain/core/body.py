@@ -53,11 +53,13 @@ __all__ = [
     "Parts",
     "apply",
     "averaged",
+    "counters",
     "eval_body",
     "finite_buffers",
     "in_param_layouts",
     "in_param_strides",
     "loss_scale",
+    "step_metrics",
     "train_body",
 ]
 
@@ -304,9 +306,9 @@ def _update(
         "applied": _and(completed, ~skipped if skipped is not None else None)
         if state.ema_state is not None
         else None,
-        **_counters(state, micro, completed, skipped, batch),
+        **counters(state, micro, completed, skipped, batch),
     }
-    metrics = _metrics(loss, grad_norm, skipped, tx_metrics, aux, _rates(state.tx, opt_state))
+    metrics = step_metrics(loss, grad_norm, skipped, tx_metrics, aux, _rates(state.tx, opt_state))
     by = state.grad_stats
     if by is not None:
         metrics.update(grad_statistics(by, grads, state.params, params, scale, extras.norms.across))
@@ -393,7 +395,7 @@ def _finite(t: torch.Tensor, members: int) -> torch.Tensor:
     return member_view(torch.isfinite(t).reshape(members, -1).all(1), t)
 
 
-def _counters(
+def counters(
     state: StepState,
     micro: torch.Tensor,
     completed: torch.Tensor | None,
@@ -432,7 +434,7 @@ def _rates(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:
     return {} if found is None else {k: v.float() for k, v in found(opt_state).items()}
 
 
-def _metrics(
+def step_metrics(
     loss: torch.Tensor,
     grad_norm: torch.Tensor | None,
     skipped: torch.Tensor | None,

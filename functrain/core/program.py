@@ -44,13 +44,15 @@ from functrain.core import stacked_step
 from functrain.core.body import (
     OWN_TX_METRICS,
     averaged,
+    counters,
     finite_buffers,
     in_param_strides,
+    step_metrics,
     train_body,
 )
 from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.gradient import decided
-from functrain.core.loss import RunAgain, samples_in
+from functrain.core.loss import RunAgain
 from functrain.core.scope import (
     device_generator,
     plain_modules,
@@ -203,19 +205,19 @@ class StepProgram(_Decided):
         return program_for(new) if self.fresh else self
 
     def window_counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
-        """The counters after a micro-batch of an accumulation window (without one: `_advanced`),
-        and ``completed``: whether the window ended (the body's `_counters`, op for op)."""
+        """The counters after a micro-batch of an accumulation window, and ``completed``: whether
+        the window ended (the body's `counters`, op for op)."""
         micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
         if ran.ended is not None:  # known on the host: no select, one foreach op
             # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
-            counters = torch._foreach_add(
+            advanced = torch._foreach_add(
                 [state.step, state.epoch_step, state.samples_seen], [int(ran.ended), 1, samples]
             )
             return {
-                "step": counters[0],
+                "step": advanced[0],
                 "micro_step": micro,
-                "epoch_step": counters[1],
-                "samples_seen": counters[2],
+                "epoch_step": advanced[1],
+                "samples_seen": advanced[2],
                 **({} if ran.ended or state.ema_state is None else {"completed": micro == 0}),
             }
         completed = micro == 0
@@ -244,38 +246,6 @@ class StepProgram(_Decided):
             return self.averaging(new, state.ema_state, donate)
         extras = self.in_place if donate else NO_EXTRAS
         return averaged(state, params, buffers, applied, extras)
-
-
-def _advanced(state: TrainState, samples: int) -> dict[str, torch.Tensor]:
-    """The counters every batch advances: one foreach op for the three, not one op each."""
-    step, epoch_step, samples_seen = torch._foreach_add(
-        [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
-    )
-    return {"step": step, "epoch_step": epoch_step, "samples_seen": samples_seen}
-
-
-def _step_metrics(
-    loss: torch.Tensor,
-    norm: torch.Tensor | None,
-    lr: torch.Tensor,
-    rates: dict[str, torch.Tensor],
-    flag: torch.Tensor | None,
-    skipped: torch.Tensor | None,
-    aux: dict[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """The body's metrics, in its order: loss, norm (where reported), rate (float32), each group's
-    rate, the skip flag (`flag` where the update made its float32, else from `skipped`), the loss
-    function's."""
-    if flag is None:
-        flag = skipped.float() if skipped is not None else torch.zeros((), device=loss.device)
-    return {
-        "loss": loss if loss.dtype == torch.float32 else loss.float(),
-        **({} if norm is None else {"grad_norm": norm}),
-        "lr": lr,
-        **rates,
-        "skipped": flag,
-        **aux,
-    }
 
 
 def program_for(state: TrainState) -> StepProgram | MembersProgram | None:
@@ -436,45 +406,29 @@ class MembersProgram(_Decided):
             extras.written.append(True)
         # (`functrain.stack` refuses gradient hooks: the gradients are the step's own)
         ran = runner(grads, params, state.opt_state, norm, write, None)
-        counted = member_zero(batch) if per_member else batch
-        return self._finished(state, counted, write, ran, buffers, losses, norm, aux)
-
-    def _finished(
-        self,
-        state: TrainState,
-        batch: Any,
-        donate: bool,
-        ran: Ran,
-        buffers: dict[str, torch.Tensor],
-        losses: torch.Tensor,
-        norm: torch.Tensor,
-        aux: dict[str, torch.Tensor],
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The new state's parts and the metrics once the runner ran: the body's `_update` after
-        the optimizer, and the EMA (`functrain.core.body.averaged`), for the members."""
-        params = dict(zip(state.params, ran.params))
+        # then the body's `_update` after the optimizer, and the EMA, for the members
+        new_params = dict(zip(state.params, ran.params))
         if list(map(_STRIDE, ran.params)) != self.strides:
-            params = in_param_strides(params, state.params)
+            new_params = in_param_strides(new_params, state.params)
         if buffers and self.guard_buffers:  # each member's kept where its batch made it NaN
             buffers = finite_buffers(buffers, state.buffers, self.members)
         skipped = ran.skipped
         ema_state = None
         if state.ema_state is not None:
-            extras = Extras(in_place=donate, norms=self.norms)
             applied = ~skipped if skipped is not None else None
-            ema_state = averaged(state, params, buffers, applied, extras)
+            given = Extras(in_place=write, norms=self.norms)
+            ema_state = averaged(state, new_params, buffers, applied, given)
+        counted = member_zero(batch) if per_member else batch
         new = {
-            "params": params,
+            "params": new_params,
             "buffers": buffers,
             "opt_state": ran.state,
-            **_advanced(state, samples_in(batch)),
-            "micro_step": state.micro_step,
-            "skipped": state.skipped + skipped if skipped is not None else state.skipped,
+            **counters(state, state.micro_step, None, skipped, counted),
             "ema_state": ema_state,
         }
-        lr = ran.lr.float() if ran.lr is not None else torch.full((), float("nan"))
+        rate = {} if ran.lr is None else {"lr": ran.lr}
         reported = norm if state.options.reports_grad_norm else None
-        return new, _step_metrics(losses, reported, lr, {}, None, skipped, aux)
+        return new, step_metrics(losses, reported, skipped, rate, aux, {})
 
 
 def _members_runner(state: TrainState) -> Runner | None:
