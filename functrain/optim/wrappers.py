@@ -953,23 +953,25 @@ def host_guard(
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
         if found.item():
             return None
-    skipped, consecutive = state.skipped, state.consecutive
-    if skipped.item():
-        skipped = torch.zeros_like(skipped)
-    if consecutive.item():
-        consecutive = torch.zeros_like(consecutive)
-    return skipped, consecutive
+    return _finite_flags(state)
 
 
-def _finite_counts(state: SkipNonfiniteState, inner: Tree) -> SkipNonfiniteState:
-    """`skip_nonfinite`'s state after an update known on the host to be finite (a CPU state):
-    `inner`, and the counts of a finite step in fewer ops: a flag and a run of skips already
-    False and 0 kept as they are (tensors no step writes), else made so."""
+def _finite_flags(state: SkipNonfiniteState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The skip flag and run of skips after an update known on the host to be finite (a CPU
+    state's), in fewer ops: already False and 0, kept as they are (tensors no step writes), else
+    made so."""
     skipped, consecutive = state.skipped, state.consecutive
     if _on_cpu(skipped) is not False:
         skipped = torch.zeros_like(skipped)
     if _on_cpu(consecutive) != 0:
         consecutive = torch.zeros_like(consecutive)
+    return skipped, consecutive
+
+
+def _finite_counts(state: SkipNonfiniteState, inner: Tree) -> SkipNonfiniteState:
+    """`skip_nonfinite`'s state after an update known on the host to be finite: `inner`, the
+    total as it was, and `_finite_flags`."""
+    skipped, consecutive = _finite_flags(state)
     return SkipNonfiniteState(
         inner, skipped, state.total_skipped, consecutive, state.max_consecutive
     )
