@@ -373,31 +373,18 @@ class CompiledStep:
 
         Once per configuration and member count.
         """
-        owners = (state.module, state.loss_fn, state.optimizer)
-        key = (
-            *map(id, owners),
-            state.options,
-            tuple(state.params),
-            tuple(state.frozen),
-            tuple(state.buffers),
-            "stacked",
-            state.members,
-            isinstance(batch, PerMember),
-            donate,
-            in_module_order(state),
-        )
-        found = self._cores.get(key)
-        if found is None or not all(a is b for a, b in zip(found[0], owners, strict=True)):
-            compiled_fn = step_function(
-                statics_of(state), parts_of(state), isinstance(batch, PerMember), donate
-            )
+        per_member = isinstance(batch, PerMember)
+        variant = ("stacked", state.members, per_member, donate, in_module_order(state))
+        key, found = self._cached(state, variant)
+        if found is None:
+            compiled_fn = step_function(statics_of(state), parts_of(state), per_member, donate)
 
             def body(compiled_tensors: list[torch.Tensor], batch: Any) -> Any:
                 _note_eager_run()
                 # vmap inside the compiled function: dynamo traces it
                 return compiled_fn(compiled_tensors, batch)
 
-            found = self._cores[key] = (owners, self._compiled(body, "stacked_core", state))
+            found = self._kept(key, state, body, "stacked_core")
             try:  # the checks a traced step cannot make, once per configuration
                 _unless_out_of_memory(lambda: check_stacked_gradients(state, batch))
                 refuse_untraced(state)
@@ -409,7 +396,7 @@ class CompiledStep:
         attempt = _Attempt()
         hooks = _hooks_enabled()
         try:
-            result = stacked_train_step(state, batch, compiled=attempt.calling(found[1]))
+            result = stacked_train_step(state, batch, compiled=attempt.calling(found))
         except BaseException as e:  # traced: dynamo words torch's error its own way
             _enable_hooks_again(hooks)
             if not (isinstance(e, Exception) and learned_module_order(e, state)):
@@ -504,9 +491,7 @@ class CompiledStep:
             write_back(new, given)
             return pack_metrics(metrics)
 
-        compiled = self._compiled(body, "captured_core", state)
-        self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)
-        return key, compiled
+        return key, self._kept(key, state, body, "captured_core")
 
     def _forward_for(self, state: TrainState) -> Callable[..., Any]:
         """The loss function on the module, compiled once per configuration of a sharded state."""
@@ -521,12 +506,7 @@ class CompiledStep:
             _note_eager_run()
             return call_loss(compiled_view, compiled_tensors, batch)
 
-        compiled = self._compiled(body, "sharded_loss", state)
-        self._cores[key] = (
-            (state.module, state.loss_fn, state.optimizer),
-            compiled,
-        )  # held, so their ids stay theirs
-        return compiled
+        return self._kept(key, state, body, "sharded_loss")
 
     def _compiled(self, body: Callable[..., Any], prefix: str, state: TrainState) -> Watched:
         """`body` compiled for `state`'s configuration: a code object of its own, the guards on
@@ -564,9 +544,18 @@ class CompiledStep:
         found = self._cores.get(key)
         if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
             return key, found[1]
-        if holds_sweep(state.tx):
+        if holds_sweep(state.tx) and not state.members:  # (a sweep is a stacked state's)
             raise ConfigError(SWEEP_ALONE)
         return key, None
+
+    def _kept(
+        self, key: tuple, state: TrainState, body: Callable[..., Any], prefix: str
+    ) -> Watched:
+        """`body` compiled for `state` (`_compiled`) and kept under `key`, with the objects the key
+        holds by id (held, so that their ids stay theirs)."""
+        compiled = self._compiled(body, prefix, state)
+        self._cores[key] = ((state.module, state.loss_fn, state.optimizer), compiled)
+        return compiled
 
     def _checked_first(
         self, key: tuple, scope: Scope, state: TrainState, check: Callable[[], None]
@@ -630,12 +619,7 @@ class CompiledStep:
                 )
             return new, metrics
 
-        compiled = self._compiled(body, "train_core", state)
-        self._cores[key] = (
-            (state.module, state.loss_fn, state.optimizer),
-            compiled,
-        )  # held, so their ids stay theirs
-        return compiled, key
+        return self._kept(key, state, body, "train_core"), key
 
 
 def _sharded_body(

@@ -135,8 +135,10 @@ def test_a_sweep_inside_a_schedule_or_a_user_transform_gives_each_member_its_val
 
 
 def test_stepping_an_unstacked_state_holding_a_sweep_raises():
-    with pytest.raises(ft.ConfigError, match="holds a sweep"):
-        ft.train_step(make_state(0, ft.adamw(ft.sweep([1e-3, 1e-2]))), batches(1)[0])
+    state = make_state(0, ft.adamw(ft.sweep([1e-3, 1e-2])))
+    for step in (ft.train_step, ft.compile_step(backend="eager")):
+        with pytest.raises(ft.ConfigError, match="holds a sweep"):
+            step(state, batches(1)[0])
 
 
 def test_a_nonfinite_member_skips_only_its_own_update():
