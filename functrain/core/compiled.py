@@ -322,7 +322,7 @@ class CompiledStep:
     def _plain(
         self, state: TrainState, batch: Any, donate: bool
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        core, fresh = self._core_for(state, donate)
+        key, core, first = self._core_for(state, donate)
         counters = (
             state.step,
             state.micro_step,
@@ -331,9 +331,9 @@ class CompiledStep:
             state.skipped,
         )
         scope = enter(state, True)
-        if fresh is not None:
+        if first:
             try:
-                self._checked_first(fresh, scope, state, lambda: check_gradients(state, batch))
+                self._checked_first(key, scope, state, lambda: check_gradients(state, batch))
             except BaseException:
                 leave(scope)
                 raise
@@ -450,49 +450,6 @@ class CompiledStep:
             home.holder = weakref.ref(new_state)
         return new_state, metrics
 
-    def _captured_core_for(self, state: TrainState) -> tuple[tuple, Body]:
-        """The configuration's key and its body for a graph: the new state written into its inputs.
-
-        Every new tensor goes into the tensor it replaces, the counters too, and the metrics
-        leave packed (fresh tensors, `pack_metrics`): nothing the graph returns aliases the state.
-        """
-        key, found = self._cached(state, "captured")
-        if found is not None:
-            return key, found
-        compiled_fields = statics_of(state)
-
-        def body(
-            compiled_params: Any,
-            compiled_frozen: Any,
-            compiled_buffers: Any,
-            compiled_opt_state: Any,
-            compiled_ema_state: Any,
-            compiled_counters: tuple,
-            batch: Any,
-        ) -> Any:
-            _note_eager_run()
-            given = {
-                "params": compiled_params,
-                "buffers": compiled_buffers,
-                "opt_state": compiled_opt_state,
-                "ema_state": compiled_ema_state,
-                **dict(zip(STEP_COUNTERS, compiled_counters, strict=True)),
-            }
-            view = StateView(
-                compiled_fields,
-                compiled_params,
-                compiled_frozen,
-                compiled_buffers,
-                compiled_opt_state,
-                compiled_ema_state,
-                compiled_counters,
-            )
-            new, metrics = train_body(view, batch)
-            write_back(new, given)
-            return pack_metrics(metrics)
-
-        return key, self._kept(key, state, body, "captured_core")
-
     def _forward_for(self, state: TrainState) -> Callable[..., Any]:
         """The loss function on the module, compiled once per configuration of a sharded state."""
         key, found = self._cached(state, "sharded")
@@ -575,16 +532,24 @@ class CompiledStep:
         finally:
             scope.generator.set_state(saved)
 
-    def _core_for(self, state: TrainState, donate: bool) -> tuple[Callable[..., Any], tuple | None]:
-        """The compiled body of `state`'s configuration, and its key when it was compiled now."""
+    def _core_for(
+        self, state: TrainState, donate: bool, captured: bool = False
+    ) -> tuple[tuple, Watched, bool]:
+        """The compiled body of `state`'s configuration, its key, and whether it was compiled now.
+
+        `captured` (`compile_step(capture=True)`'s graph): the new state written into its inputs,
+        every new tensor into the one it replaces, the counters too, and the metrics leaving
+        packed (fresh tensors, `pack_metrics`): nothing the graph returns aliases the state.
+        """
         # as `train_step`: grad_stats' update ratios need the old weights, so a donated step
         # with them writes fresh tensors (copied back into the given ones)
         in_place = donate and state.grad_stats is None
-        key, found = self._cached(state, (donate, in_place))
+        key, found = self._cached(state, "captured" if captured else (donate, in_place))
         if found is not None:
-            return found, None
+            return key, found, False
         compiled_fields, compiled_donate = statics_of(state), donate
         compiled_extras = Extras(in_place=True) if in_place else NO_EXTRAS
+        compiled_captured = captured
 
         def body(
             compiled_params: Any,
@@ -594,7 +559,7 @@ class CompiledStep:
             compiled_ema_state: Any,
             compiled_counters: tuple,
             batch: Any,
-        ) -> Parts:
+        ) -> Any:
             _note_eager_run()
             view = StateView(
                 compiled_fields,
@@ -607,19 +572,26 @@ class CompiledStep:
             )
             # donated: an update may write into the given tensors, the graph's inputs
             new, metrics = train_body(view, batch, compiled_extras)
-            if compiled_donate:
-                new = _written_back(
-                    new,
-                    {
-                        "params": compiled_params,
-                        "buffers": compiled_buffers,
-                        "opt_state": compiled_opt_state,
-                        "ema_state": compiled_ema_state,
-                    },
+            given = {
+                "params": compiled_params,
+                "buffers": compiled_buffers,
+                "opt_state": compiled_opt_state,
+                "ema_state": compiled_ema_state,
+            }
+            if compiled_captured:
+                write_back(
+                    new, {**given, **dict(zip(STEP_COUNTERS, compiled_counters, strict=True))}
                 )
-            return new, metrics
+                return pack_metrics(metrics)
+            return (_written_back(new, given) if compiled_donate else new), metrics
 
-        return self._kept(key, state, body, "train_core"), key
+        prefix = "captured_core" if captured else "train_core"
+        return key, self._kept(key, state, body, prefix), True
+
+    def _captured_core_for(self, state: TrainState) -> tuple[tuple, Body]:
+        """The configuration's key and its body for a graph (`_core_for`'s captured one)."""
+        key, core, _ = self._core_for(state, False, captured=True)
+        return key, core
 
 
 def _sharded_body(
