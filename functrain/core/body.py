@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from functrain.core.gradient import dist_config, functional, gathers, gradients
+from functrain.core.gradient import Forward, dist_config, functional, gathers, gradients
 from functrain.core.loss import (
     RunAgain,
     call_loss,
@@ -90,15 +90,19 @@ def check_gradients(state: StepState, batch: Any) -> None:
         gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
 
 
-def train_body(state: StepState, batch: Any, extras: Extras = NO_EXTRAS) -> Parts:
+def train_body(
+    state: StepState, batch: Any, extras: Extras = NO_EXTRAS, forward: Forward | None = None
+) -> Parts:
     """The step itself, on tensors only (what torch.compile traces): `gradients`, then `apply`.
 
-    `extras`: what the step gives the updates (a donated step's permission), passed on to `apply`.
+    `extras`: what the step gives the updates (a donated step's permission), passed on to `apply`;
+    `forward`: the step's forward where it is not the loss function on the bound module
+    (`functrain.core.gradient.gradients`: a compiled sharded step's compiled loss function).
     """
     # forward writes running statistics into the buffers: give it copies, never the state's own
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     scale = loss_scale(state)
-    grads, loss, aux = gradients(state, batch, buffers, scale)
+    grads, loss, aux = gradients(state, batch, buffers, scale, forward)
     if state.options.differentiable:
         # the updates keep their graphs; the metrics are values, not part of them
         new, metrics = apply(state, batch, grads, buffers, loss, aux, scale, DIFFERENTIATED)

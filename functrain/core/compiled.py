@@ -27,7 +27,7 @@ A sharded state (``sharding="optimizer"`` or ``"full"``) compiles less: only its
 whose backward AOTAutograd compiles with it. `torch.func.grad`, which the whole compiled body
 differentiates with, unwraps DTensor parameters into plain tensors (their gather then fails), and
 `torch.autograd.grad` cannot be traced; so the gradients are taken eagerly through the compiled
-loss, and the collectives and the update run as in the eager step (`_sharded_body`).
+loss, and the collectives and the update run as in the eager step (`train_body` with it).
 
 ``compile_step(capture=True)`` compiles a body that writes the whole new state, counters included,
 into the tensors it is given and returns only the metrics, packed into fresh tensors: what a CUDA
@@ -51,9 +51,7 @@ from functrain.core.binding import traced_binding_problems
 from functrain.core.body import (
     SWEEP_ALONE,
     Parts,
-    apply,
     check_gradients,
-    loss_scale,
     train_body,
 )
 from functrain.core.capture import (
@@ -66,7 +64,6 @@ from functrain.core.capture import (
 )
 from functrain.core.create import STEP_COUNTERS
 from functrain.core.donation import step_in_scope, wait_until_unheld
-from functrain.core.gradient import gradients
 from functrain.core.guards import Spent, Watched, guard_filter, refuse_if_spent
 from functrain.core.loss import call_loss, check_scalar_metrics, checkpoint_refusal
 from functrain.core.scope import Scope, enter, leave, leave_with
@@ -420,7 +417,14 @@ class CompiledStep:
         The gradients are taken eagerly through it with `torch.autograd.grad`; the collectives and
         the update run eagerly.
         """
-        body = functools.partial(_sharded_body, self._forward_for(state))
+        loss = self._forward_for(state)  # (it takes plain tensors: the weights gathered before it)
+
+        def body(state: TrainState, batch: Any, extras: Extras = NO_EXTRAS) -> Parts:
+            def forward(params: dict, buffers: dict) -> tuple[torch.Tensor, dict]:
+                return loss({**params, **state.frozen, **buffers}, batch)
+
+            return train_body(state, batch, extras, forward)
+
         # donated as `train_step(donate=True)` is: the update writes into the state's local slices
         return step_in_scope(state, batch, body, donate=donate, call=_DONATED)
 
@@ -592,25 +596,6 @@ class CompiledStep:
         """The configuration's key and its body for a graph (`_core_for`'s captured one)."""
         key, core, _ = self._core_for(state, False, captured=True)
         return key, core
-
-
-def _sharded_body(
-    forward: Callable[..., Any], state: TrainState, batch: Any, extras: Extras = NO_EXTRAS
-) -> Parts:
-    """`train_body` of a sharded state with its loss function compiled (`forward`).
-
-    `gradients` and `apply` (given `extras`: a donated step's), as the eager step runs them.
-    """
-    buffers = {k: b.clone() for k, b in state.buffers.items()}
-    scale = loss_scale(state)
-    grads, loss, aux = gradients(
-        state,
-        batch,
-        buffers,
-        scale,
-        lambda params, buffers: forward({**params, **state.frozen, **buffers}, batch),
-    )
-    return apply(state, batch, grads, buffers, loss, aux, scale, extras)
 
 
 def _own_code(body: Callable[..., Any], prefix: str) -> types.FunctionType:
