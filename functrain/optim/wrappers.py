@@ -924,15 +924,16 @@ def _finite_run(
     write: bool,
 ) -> Ran:
     """`skip_nonfinite`'s runner on an update known on the host to be finite: the inner update
-    ungated and the counts of a finite step (the total as it was, no run), in fewer ops: a flag
-    and a run of skips already False and 0 are kept as they are (tensors no step writes), else
-    made so.
+    ungated and the counts of a finite step (the total as it was, `_finite_flags`).
 
     It reports no skip flag (None: the update was applied), as an update that never skips.
     """
     ran = run_inner(grads, params, state.inner, norm, write, None)
-    new_state = _finite_counts(state, ran.state)
-    return Ran(ran.params, new_state, ran.lr, None, None, ran.norm, ran.ended)
+    skipped, consecutive = _finite_flags(state)
+    counts = (skipped, state.total_skipped, consecutive, state.max_consecutive)
+    return Ran(
+        ran.params, SkipNonfiniteState(ran.state, *counts), ran.lr, None, None, ran.norm, ran.ended
+    )
 
 
 # the found-inf check's inverse scale: one, which leaves every gradient as it is
@@ -945,7 +946,7 @@ def host_guard(
     """`skip_nonfinite`'s guard read on the host, for a CPU state's step (its values are there:
     no wait), in one call (the straight-line step's, `functrain.core.straight`): None where an
     element of the step's own gradients `grads` is not finite (the update is skipped), else the
-    flag and run of skips of a finite step (`_finite_counts`'). A finite `norm` (where the step
+    flag and run of skips of a finite step (`_finite_flags`). A finite `norm` (where the step
     measured one) says so at once; else torch's found-inf check (GradScaler's, multiplying by one
     in place, which leaves every value as it is: the gradients must be the step's own)."""
     if norm is None or not math.isfinite(norm.item()):
@@ -966,15 +967,6 @@ def _finite_flags(state: SkipNonfiniteState) -> tuple[torch.Tensor, torch.Tensor
     if _on_cpu(consecutive) != 0:
         consecutive = torch.zeros_like(consecutive)
     return skipped, consecutive
-
-
-def _finite_counts(state: SkipNonfiniteState, inner: Tree) -> SkipNonfiniteState:
-    """`skip_nonfinite`'s state after an update known on the host to be finite: `inner`, the
-    total as it was, and `_finite_flags`."""
-    skipped, consecutive = _finite_flags(state)
-    return SkipNonfiniteState(
-        inner, skipped, state.total_skipped, consecutive, state.max_consecutive
-    )
 
 
 def _on_cpu(t: torch.Tensor) -> bool | int | float | None:
