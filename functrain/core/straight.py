@@ -172,7 +172,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     measured = window == 1 and program.measures
     text.append((_NORM_FP32 if program.fp32 else _NORM) if measured else _NO_NORM)
     writing = "        writing = True  # from here the update may write the state's tensors\n"
-    update, update_constants = _update(program, window, donate)
+    on_cpu = next(iter(state.params.values())).device.type == "cpu"
+    update, update_constants = _update(program, window, donate, on_cpu)
     text.append(_UPDATE.format(donate=donate, writing=writing if donate else "", update=update))
     text.append(_BUFFERS_OUT if buffers else _BUFFERS_KEPT)
     own = "" if donate else ".clone()"  # (a donated state's counters go with it)
@@ -226,26 +227,45 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     return "".join(text), constants
 
 
-def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any]]:
-    """The update's text: the runner's call, or where the runner is a fused kernel's (alone or
-    inside `skip_nonfinite`'s guard, on the CPU, outside an accumulation window) its plan
-    written out (`functrain.optim.rules.fused.FusedRunner`, `functrain.optim.wrappers.
-    GuardedRunner`): the guard's flag read on the host, the kernel called per group, the
-    counts of a finite step; the runner where the flag says the update is skipped."""
+def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str, dict[str, Any]]:
+    """The update's text: the runner's call; on the CPU outside an accumulation window, inside
+    `skip_nonfinite`'s guard (`functrain.optim.wrappers.GuardedRunner`), the guard's flag read on
+    the host and the inner runner called where it holds, with the counts of a finite step; and
+    where the runner is a fused kernel's (alone or inside the guard) its plan written out
+    (`functrain.optim.rules.fused.FusedRunner`): the kernel called per group. The runner where
+    the flag says the update is skipped."""
     # a gradient a hook handed in may be kept by it: never written
     call = f"ran = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
     runner = program.runner
     guarded = type(runner) is GuardedRunner
     fused = runner.inner if guarded else runner
+    if program.hooks or not on_cpu or window != 1:
+        return f"        {call}\n", {}
+    constants: dict[str, Any] = {
+        "HOST_GUARD": host_guard,
+        "GUARDED": SkipNonfiniteState,
+        "RAN": Ran,
+    }
     if (
-        program.hooks
-        or type(fused) is not FusedRunner
-        or fused.device.type != "cpu"
-        or window != 1
+        type(fused) is not FusedRunner
         or fused.behind != 0  # (weights that sat out updates: each its own step, the runner's)
         or fused.decay is not None  # (a weight-decay schedule, read at each call: the runner's)
     ):
-        return f"        {call}\n", {}
+        if not guarded:
+            return f"        {call}\n", {}
+        # (the guard's `_finite_run`: the inner update ungated, the counts of a finite step)
+        lines = [
+            "opt = state.opt_state",
+            "kept = HOST_GUARD(opt, grads, norm)",
+            "if kept is not None:",
+            f"    ran = INNER(grads, params, opt.inner, norm, {donate}, None)",
+            "    counts = (kept[0], opt.total_skipped, kept[1], opt.max_consecutive)",
+            "    ran = RAN(ran.params, GUARDED(ran.state, *counts), ran.lr, None, None, ran.norm)",
+            "else:",
+            "    " + call,
+        ]
+        constants["INNER"] = runner.inner
+        return "".join(f"        {line}\n" for line in lines), constants
     lines = [
         "opt = state.opt_state",
         "kept = HOST_GUARD(opt, grads, norm)",
@@ -264,14 +284,11 @@ def _update(program: Any, window: int, donate: bool) -> tuple[str, dict[str, Any
         ]
     if fused.steps:
         body.append("counts = [new_count.to(torch.float32)]")
-    constants: dict[str, Any] = {
-        "HOST_GUARD": host_guard,
-        "GUARDED": SkipNonfiniteState,
+    constants |= {
         "KERNEL": fused.kernel,
         "KERNEL_RATES": fused.rates,
         "BUFFERS_OF": fused.buffers_of,
         "REBUILD": fused.rebuild,
-        "RAN": Ran,
     }
     for k, (idx, options) in enumerate(fused.groups):
         constants[f"OPTIONS{k}"] = options
