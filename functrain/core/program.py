@@ -90,7 +90,7 @@ from functrain.tree import (
     tree_leaves,
 )
 
-__all__ = ["MembersProgram", "StepProgram", "program_for"]
+__all__ = ["MembersProgram", "StepProgram", "body_step", "program_for"]
 
 _STRIDE = torch.Tensor.stride
 
@@ -192,10 +192,7 @@ class StepProgram(_Decided):
         structure with frozen weights, a module that needs ``loss.backward()`` (`RunAgain`).
         """
         refuse_per_member(batch)
-        try:
-            new, metrics = step_in_scope(state, batch, train_body, donate=donate, call=DONATED)
-        except RunAgain:  # its module runs reentrant checkpointing, found before any write
-            new, metrics = step_in_scope(state, batch, train_body, donate=donate, call=DONATED)
+        new, metrics = body_step(state, batch, donate)
         object.__setattr__(new, "program", self.again(new))
         return new, metrics
 
@@ -246,6 +243,18 @@ class StepProgram(_Decided):
             return self.averaging(new, state.ema_state, donate)
         extras = self.in_place if donate else NO_EXTRAS
         return averaged(state, params, buffers, applied, extras)
+
+
+def body_step(
+    state: TrainState, batch: Any, donate: bool, given: TrainState | None = None
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """The body's step (`functrain.core.body.train_body`) in `state`'s scope
+    (`functrain.core.donation.step_in_scope`, `given` retired where donated), once more where
+    its module turned out to run reentrant checkpointing (`RunAgain`, raised before any write)."""
+    try:
+        return step_in_scope(state, batch, train_body, donate=donate, call=DONATED, given=given)
+    except RunAgain:
+        return step_in_scope(state, batch, train_body, donate=donate, call=DONATED, given=given)
 
 
 def program_for(state: TrainState) -> StepProgram | MembersProgram | None:

@@ -28,7 +28,7 @@ from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, train_body
 from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.loss import RunAgain
-from functrain.core.program import program_for
+from functrain.core.program import body_step, program_for
 from functrain.core.scope import enter, leave, outside_graph
 from functrain.core.stacked_step import refuse_per_member, stacked_eval_step, stacked_train_step
 from functrain.core.state import NOT_DIFFERENTIABLE, LossFn, TrainState
@@ -200,10 +200,7 @@ def _train_step(
     given = state
     if torch.compiler.is_compiling():
         state = _with_storage(state)
-    try:
-        return step_in_scope(state, batch, train_body, donate=donate, call=DONATED, given=given)
-    except RunAgain:
-        return step_in_scope(state, batch, train_body, donate=donate, call=DONATED, given=given)
+    return body_step(state, batch, donate, given)
 
 
 def eval_step(

@@ -168,6 +168,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     if buffers:
         text.append(_DETACH_WRITTEN)
     text.append(_GRADIENTS_HOOKED if program.hooks else _GRADIENTS)
+    text.append(_LAYOUTS)
     # with accumulation the window's norm is reported: its runner measures it
     measured = window == 1 and program.measures
     text.append((_NORM_FP32 if program.fp32 else _NORM) if measured else _NO_NORM)
@@ -247,33 +248,46 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         "RAN": Ran,
     }
     if (
-        type(fused) is not FusedRunner
-        or fused.behind != 0  # (weights that sat out updates: each its own step, the runner's)
-        or fused.decay is not None  # (a weight-decay schedule, read at each call: the runner's)
+        type(fused) is FusedRunner
+        and fused.behind == 0  # (weights that sat out updates: each its own step, the runner's)
+        and fused.decay is None  # (a weight-decay schedule, read at each call: the runner's)
     ):
-        if not guarded:
-            return f"        {call}\n", {}
-        # (the guard's `_finite_run`: the inner update ungated, the counts of a finite step)
+        body, result = _kernel_calls(program, fused, donate, constants)
+    elif guarded:  # the guard's `_finite_run`: the inner update ungated
+        constants["INNER"] = runner.inner
+        body = [f"inner_ran = INNER(grads, params, inner, norm, {donate}, None)"]
+        result = ("inner_ran.params", "inner_ran.state", "inner_ran.lr", "inner_ran.norm")
+    else:
+        return f"        {call}\n", {}
+    new_p, new_inner, lr, norm = result
+    if guarded:  # the flag read on the host; a finite step's counts
         lines = [
             "opt = state.opt_state",
             "kept = HOST_GUARD(opt, grads, norm)",
             "if kept is not None:",
-            f"    ran = INNER(grads, params, opt.inner, norm, {donate}, None)",
+            "    inner = opt.inner",
+            *("    " + line for line in body),
             "    counts = (kept[0], opt.total_skipped, kept[1], opt.max_consecutive)",
-            "    ran = RAN(ran.params, GUARDED(ran.state, *counts), ran.lr, None, None, ran.norm)",
+            f"    ran = RAN({new_p}, GUARDED({new_inner}, *counts), {lr}, None, None, {norm})",
             "else:",
             "    " + call,
         ]
-        constants["INNER"] = runner.inner
-        return "".join(f"        {line}\n" for line in lines), constants
-    lines = [
-        "opt = state.opt_state",
-        "kept = HOST_GUARD(opt, grads, norm)",
-        "if kept is not None:",
-        "    inner = opt.inner",
-    ]
-    if not guarded:
-        lines = ["inner = state.opt_state"]
+    else:
+        lines = [
+            "inner = state.opt_state",
+            *body,
+            f"ran = RAN({new_p}, {new_inner}, {lr}, None, None)",
+        ]
+    return "".join(f"        {line}\n" for line in lines), constants
+
+
+def _kernel_calls(
+    program: Any, fused: FusedRunner, donate: bool, constants: dict[str, Any]
+) -> tuple[list[str], tuple[str, str, str, str]]:
+    """A fused runner's plan written out (on `inner`, its state): the kernel called per group.
+
+    Its constants join `constants`; returns the lines and the names of the new parameters, inner
+    state, rate and norm (none: a kernel measures nothing)."""
     body = ["new_count = inner.count + 1", "rate, rate_t = KERNEL_RATES(inner)"]
     if donate:
         body += ["new_p = params", "moments = list(map(list, BUFFERS_OF(inner)))"]
@@ -307,15 +321,7 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
             f"KERNEL({lists}, {steps}lr=rate, grad_scale=None, found_inf=None, **OPTIONS{k})"
         )
     body.append("new_inner = REBUILD(inner, new_count, moments, rate_t)")
-    if guarded:
-        body.append(
-            "ran = RAN(new_p, GUARDED(new_inner, kept[0], opt.total_skipped, kept[1], "
-            "opt.max_consecutive), rate_t, None, None)"
-        )
-        lines += ["    " + line for line in body] + ["else:", "    " + call]
-    else:
-        lines += body + ["ran = RAN(new_p, new_inner, rate_t, None, None)"]
-    return "".join(f"        {line}\n" for line in lines), constants
+    return body, ("new_p", "new_inner", "rate_t", "None")
 
 
 # what every step's text reads, whatever its configuration
@@ -481,12 +487,13 @@ _DETACH_WRITTEN = """\
 _GRADIENTS = """\
         if not all(map(IS_NOT, grads, REPEAT(None))):  # a parameter the loss did not use
             grads = completed(grads, leaves, NAMES, (), NO_NAMES)
-        if list(map(STRIDE, grads)) != STRIDES:
-            grads = in_layouts_of(grads, params)
 """
 # with the parameters' own gradient hooks (``Tensor.register_hook``), run as torch runs them
 _GRADIENTS_HOOKED = """\
         grads = completed(grads, leaves, NAMES, HOOKS, NO_NAMES)
+"""
+# the gradients laid out as `.grad` would hold them
+_LAYOUTS = """\
         if list(map(STRIDE, grads)) != STRIDES:
             grads = in_layouts_of(grads, params)
 """
