@@ -522,6 +522,10 @@ def run_gradient_hooks(
     them: each hook of a parameter, in order, on its whole gradient; a hook returning None keeps
     it; a parameter without a gradient (None: the loss did not use it) runs none, as in torch.
     `hooks`: ``(index in grads, the parameter's hooks)`` (`functrain.core.structure.grad_hooks`).
+
+    Raises:
+        ConfigError: a hook returned something other than a tensor of its gradient's shape and
+            dtype (torch refuses it too).
     """
     if not hooks:
         return grads
@@ -531,8 +535,26 @@ def run_gradient_hooks(
             continue
         for hook in tuple(found.values()):
             changed = hook(grads[i])
-            if changed is not None:
-                grads[i] = changed
+            if changed is None:
+                continue
+            given = grads[i]
+            if (
+                not isinstance(changed, torch.Tensor)
+                or changed.shape != given.shape
+                or changed.dtype != given.dtype
+            ):
+                got = (
+                    f"a tensor of shape {list(changed.shape)}, {changed.dtype}"
+                    if isinstance(changed, torch.Tensor)
+                    else type(changed).__name__
+                )
+                raise ConfigError(
+                    f"the gradient hook {getattr(hook, '__qualname__', hook)!r} returned {got} "
+                    f"for a gradient of shape {list(given.shape)}, {given.dtype}; a hook may "
+                    "change a gradient's values, not its size or dtype (torch refuses it too): "
+                    "return a tensor like the one it was given, or None to keep it"
+                )
+            grads[i] = changed
     return grads
 
 

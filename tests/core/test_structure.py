@@ -310,3 +310,24 @@ def test_create_given_a_state_module_names_export_module() -> None:
     state = ft.TrainState.create(nn.Linear(2, 2), ft.sgd(0.1), lambda m, b: m(b).sum())
     with pytest.raises(ConfigError, match=r"state\.export_module\(\)"):
         ft.TrainState.create(state.module, ft.sgd(0.1), lambda m, b: m(b).sum())
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [lambda g: g[:1], lambda g: g.double(), lambda g: g.tolist()],
+    ids=["shape", "dtype", "not a tensor"],
+)
+def test_a_hook_that_changes_its_gradients_size_or_dtype_is_refused_as_torch_refuses_it(
+    hook: Any,
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].weight.register_hook(hook)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises((RuntimeError, TypeError)):  # torch's own refusal
+        loss_fn(model, (x, y)).backward()
+    for tx in (ft.lion(1e-3), ft.adamw(1e-2)):
+        state = ft.TrainState.create(model, tx, loss_fn)
+        with pytest.raises(ConfigError, match="not its size or dtype"):
+            ft.train_step(state, (x, y), donate=True)
+        state.check_live("the test")  # refused before any write: the given state lives on
