@@ -359,7 +359,7 @@ def _updating(state: TrainState) -> Runner | None:
 class MembersProgram(_Decided):
     """A stacked state's eager step (`functrain.core.stacked_step`), decided once (`program_for`).
 
-    `run` is the step: the members' random streams and train mode (`StackedScope`), their
+    `run` is the step: the members' random streams and train mode (`scope.enter`), their
     forward under vmap (or one after another, `members_apart`, decided once) and the backward
     (`member_gradients`), then the update. Where the transform plans its update on the members'
     tensors (`functrain.optim.base.members_planner_of`: `skip_nonfinite` around the fused

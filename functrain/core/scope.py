@@ -133,10 +133,11 @@ def outside_graph(fn: Callable[..., Any]) -> Callable[..., Any]:
 def swap_in(
     module: nn.Module,
     generator: torch.Generator,
-    rng: torch.Tensor,
+    rng: torch.Tensor | None,
     training: bool,
 ) -> Scope:
-    """Swap `generator` to `rng` and `module` to `training` mode, eagerly; return what to undo.
+    """Swap `generator` to `rng` (None: the caller seeds it) and `module` to `training` mode,
+    eagerly; return what to undo.
 
     Takes `STEP_LOCK` first (the caller's generator state is read under it); raising (an interrupt),
     it leaves everything as it was.
@@ -149,7 +150,8 @@ def swap_in(
         if module.training != training:
             scope.switched = True
             module.train(training)
-        generator.set_state(rng)
+        if rng is not None:
+            generator.set_state(rng)
     except BaseException:
         if scope is not None:
             restore(scope)
@@ -161,17 +163,46 @@ def swap_in(
 
 @outside_graph
 def enter(state: TrainState, training: bool) -> Scope:
-    """Swap the device generator to `state.rng` and the module to `training` mode."""
+    """Swap the device generator to `state.rng` and the module to `training` mode.
+
+    A stacked state's generator is seeded from its members' streams (`_member_streams_in`), a
+    process group's state's in a training step from this rank's (`_rank_stream_in`).
+    """
     gen = device_generator(state.device)
-    scope = swap_in(state.module, gen, state.rng, training)
-    if state.dist is None or not training:
+    members = bool(state.members)
+    scope = swap_in(state.module, gen, None if members else state.rng, training)
+    if not members and (state.dist is None or not training):
         return scope
     try:
-        _rank_stream_in(scope, state, gen)
+        (_member_streams_in if members else _rank_stream_in)(scope, state, gen)
     except BaseException:
         restore(scope)
         raise
     return scope
+
+
+def _member_streams_in(scope: Scope, state: TrainState, gen: torch.Generator) -> None:
+    """The generator seeded from one draw of each member's stream (a stacked state's rows of
+    ``rng``); the members' streams after their draws in ``scope.next_rng``. On the host: no
+    sync on a CPU, and a device's Philox seed and offset say where its draw is."""
+    draws: list[int] = []
+    after: list[torch.Tensor] = []
+    # (a CPU draw written into one tensor: `torch.randint(0, 2**62, (1,))`'s value and stream)
+    drawn = torch.empty((), dtype=torch.int64) if gen.device.type == "cpu" else None
+    for row in state.rng.unbind(0):
+        # (`set_state` reads a state from its storage's start: a later row is copied out first)
+        gen.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
+        if drawn is not None:
+            draws.append(int(drawn.random_(0, 2**62, generator=gen)))
+        else:
+            offset = gen.get_offset()
+            draws.append((gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % 2**62)
+            gen.set_offset(offset + 4)
+        after.append(gen.get_state())
+    scope.next_rng = torch.stack(after)
+    joined = b"".join(d.to_bytes(8, "little") for d in draws)
+    digest = hashlib.blake2b(joined, digest_size=8).digest()
+    gen.manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
 def _rank_stream_in(scope: Scope, state: TrainState, gen: torch.Generator) -> None:

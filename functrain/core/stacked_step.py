@@ -38,18 +38,16 @@ would draw trained alone (as any torch.func step's differ from eager autograd's)
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from functrain.core.binding import STEP_LOCK, lock_depth, release_taken, take_step_lock
 from functrain.core.body import Parts, apply, eval_body, loss_scale
 from functrain.core.donation import DONATED, donated
 from functrain.core.gradient import gradients
 from functrain.core.loss import call_loss
-from functrain.core.scope import device_generator
+from functrain.core.scope import enter, leave_with, restore
 from functrain.core.stacked import runs_apart
 from functrain.core.state import TrainState
 from functrain.core.view import StateView, StepState, parts_of, statics_of, tensors_of_parts
@@ -61,7 +59,6 @@ from functrain.tree import tree_flatten, tree_unflatten
 
 __all__ = [
     "PerMember",
-    "StackedScope",
     "again_in_module_order",
     "member_gradients",
     "member_zero",
@@ -230,79 +227,6 @@ def member_batch(batch: Any, members: int) -> tuple[Any, bool]:
     return batch.batch, True
 
 
-def _draws(
-    generator: torch.Generator, rng: torch.Tensor, advance: bool
-) -> tuple[list[int], torch.Tensor | None]:
-    """One value from each member's stream (`rng`'s rows), and the streams after them, stacked
-    (None unless `advance`): on the host, no sync on a CPU."""
-    values: list[int] = []
-    after: list[torch.Tensor] = []
-    # (a CPU draw written into one tensor: `torch.randint(0, 2**62, (1,))`'s value and stream)
-    drawn = torch.empty((), dtype=torch.int64) if generator.device.type == "cpu" else None
-    for row in rng.unbind(0):
-        # (`set_state` reads a state from its storage's start: a later row is copied out first)
-        generator.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
-        if drawn is not None:
-            values.append(int(drawn.random_(0, 2**62, generator=generator)))
-        else:
-            # a device draw would need a host read: the Philox seed and offset say where it is
-            offset = generator.get_offset()
-            values.append((generator.initial_seed() * 0x9E3779B97F4A7C15 + offset) % 2**62)
-            generator.set_offset(offset + 4)
-        if advance:
-            after.append(generator.get_state())
-    return values, torch.stack(after) if advance else None
-
-
-def _step_seed(draws: list[int]) -> int:
-    digest = hashlib.blake2b(
-        b"".join(d.to_bytes(8, "little") for d in draws), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "little") % 2**63
-
-
-class StackedScope:
-    """The generator and module mode around a stacked step (`enter`/`leave` of one state), with
-    `STEP_LOCK` held from the swap to `close` (see `functrain.core.scope`)."""
-
-    def __init__(self, state: TrainState, training: bool, advance: bool) -> None:
-        self.module = state.module
-        self.generator = device_generator(state.device)
-        self.open = False
-        self.switched = False  # the mode switched on entering: set back whole on closing
-        self.locked = False
-        depth = lock_depth()
-        try:  # the caller's generator state and mode read under the lock
-            self.locked = STEP_LOCK.acquire(False) or take_step_lock()
-            self.was_training = self.module.training
-            self.saved = self.generator.get_state()
-            self.open = True
-            draws, after = _draws(self.generator, state.rng, advance)
-            self.next_rng = after if after is not None else state.rng
-            self.generator.manual_seed(_step_seed(draws))
-            if self.module.training != training:
-                self.switched = True
-                self.module.train(training)
-        except BaseException:  # (an interrupt): nothing left changed
-            if self.open:
-                self.close()
-            else:  # (also as the lock was taken: before `locked` said so)
-                release_taken(depth)
-            raise
-
-    def close(self) -> None:
-        """The caller's generator state and mode back, the lock released; once (then nothing)."""
-        if not self.open:
-            return
-        self.generator.set_state(self.saved)
-        # (every submodule's flag, also where an interrupt stopped a first close inside `train`)
-        if self.switched or self.module.training != self.was_training:
-            self.module.train(self.was_training)
-        self.open = False
-        if self.locked:
-            STEP_LOCK.release()
-
-
 def stacked_train_step(
     state: TrainState,
     batch: Any,
@@ -338,7 +262,7 @@ def _stacked_train_step(
     members = state.rng.shape[0]
     batch, per_member = member_batch(batch, members)
     ran = False
-    scope = StackedScope(state, training=True, advance=True)
+    scope = enter(state, True)
     try:
         if compiled is not None:
             new, metrics = compiled(_tensors(parts_of(state), members, state.device), batch)
@@ -347,16 +271,13 @@ def _stacked_train_step(
         else:
             new, metrics = body(state, batch, per_member, NO_EXTRAS)
         ran = True
-        stepped = state.stepped(None, {"rng": scope.next_rng, **new}, own_counters=not donate)
-        if donate:  # retired in the scope, whose lock a save takes (`core.donation.hold_live`)
-            state.retire(DONATED)
-        scope.close()
+        # a donated state retired in the scope, whose lock a save takes (`hold_live`)
+        return leave_with(scope, state, new, state if donate else None, DONATED), metrics
     except BaseException as error:
         if ran and donate:  # (an interrupt after the update wrote the given state)
             state.retire(DONATED, error)
-        scope.close()  # again where an interrupt stopped it at its entry; else nothing
+        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
         raise
-    return stepped, metrics
 
 
 def step_function(
@@ -469,14 +390,14 @@ def check_stacked_gradients(state: TrainState, batch: Any) -> None:
         members = state.rng.shape[0]
         given, per_member = member_batch(batch, members)
         buffers = {k: b.clone() for k, b in state.buffers.items()}
-        scope = StackedScope(state, training=True, advance=False)
+        scope = enter(state, True)
         try:
             member_gradients(
                 state, given, per_member, members_apart(state), buffers, loss_scale(state)
             )
-            scope.close()
+            restore(scope)
         except BaseException:
-            scope.close()  # again where an interrupt stopped it at its entry; else nothing
+            restore(scope)  # again where an interrupt stopped it at its entry; else nothing
             raise
 
     again_in_module_order(state, run)
@@ -628,11 +549,11 @@ def _stacked_eval_step(state: TrainState, batch: Any, use_ema: bool) -> dict[str
     parts = parts_of(state)
     batch, per_member = member_batch(batch, state.rng.shape[0])
     fn, out = member_function(statics_of(state), parts, body)
-    scope = StackedScope(state, training=False, advance=False)
+    scope = enter(state, False)
     try:
         leaves = vmapped(fn, per_member)(_tensors(parts, state.rng.shape[0], state.device), batch)
-        scope.close()
+        restore(scope)
     except BaseException:
-        scope.close()  # again where an interrupt stopped it at its entry; else nothing
+        restore(scope)  # again where an interrupt stopped it at its entry; else nothing
         raise
     return out["rebuild"](leaves)

@@ -71,7 +71,7 @@ CPU_READS = frozenset(
         "functrain.optim.rules.fused._members_alike",  # the same, planned once
         "functrain.optim.rules.fused._flags_that_skip",  # the same, by the members' skip flags
         "functrain.optim.rules.fused._members_skipping",  # which members the kernel leaves out
-        "functrain.core.stacked_step._draws",  # CPU generators' draws (elsewhere their offsets)
+        "functrain.core.scope._member_streams_in",  # CPU generators' draws (else: offsets)
         # and one that reads a CPU tensor of its own whatever the device: 1 / N in a dtype, once
         "functrain.core.gradient.reciprocal",
     }
