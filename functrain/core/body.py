@@ -53,6 +53,7 @@ __all__ = [
     "Parts",
     "apply",
     "averaged",
+    "batch_samples",
     "counters",
     "eval_body",
     "finite_buffers",
@@ -310,7 +311,7 @@ def _update(
         "applied": _and(completed, ~skipped if skipped is not None else None)
         if state.ema_state is not None
         else None,
-        **counters(state, micro, completed, skipped, batch),
+        **counters(state, micro, completed, skipped, batch_samples(state, batch)),
     }
     metrics = step_metrics(loss, grad_norm, skipped, tx_metrics, aux, _rates(state.tx, opt_state))
     by = state.grad_stats
@@ -402,33 +403,36 @@ def _finite(t: torch.Tensor, members: int) -> torch.Tensor:
 def counters(
     state: StepState,
     micro: torch.Tensor,
-    completed: torch.Tensor | None,
+    completed: torch.Tensor | bool | None,
     skipped: torch.Tensor | None,
-    batch: Any,
+    samples: int,
 ) -> dict[str, torch.Tensor]:
-    """The counters after the batch (`completed`: None when every batch completes an update)."""
-    world = state.dist.world_size if state.dist is not None else 1
-    samples = samples_in(batch) * world
-    if completed is None and not functional():
-        # one foreach op for the three counters every batch advances, not one op each
-        step, epoch_step, samples_seen = torch._foreach_add(
-            [state.step, state.epoch_step, state.samples_seen], [1, 1, samples]
+    """The counters after a batch of `samples` (`completed`: whether it completed an update, a
+    0-d tensor, or known on the host; None when every batch completes one)."""
+    if isinstance(completed, torch.Tensor) or functional():
+        steps = (
+            completed.long() if isinstance(completed, torch.Tensor) else int(completed is not False)
         )
-        return {
-            "step": step,
-            "micro_step": micro,
-            "epoch_step": epoch_step,
-            "samples_seen": samples_seen,
-            "skipped": state.skipped + skipped if skipped is not None else state.skipped,
-        }
+        step = state.step + steps
+        epoch_step, samples_seen = state.epoch_step + 1, state.samples_seen + samples
+    else:  # one foreach op for the three counters, not one op each
+        step, epoch_step, samples_seen = torch._foreach_add(
+            [state.step, state.epoch_step, state.samples_seen],
+            [int(completed is not False), 1, samples],
+        )
     return {
-        "step": state.step + (completed.long() if completed is not None else 1),
+        "step": step,
         "micro_step": micro,
-        "epoch_step": state.epoch_step + 1,
-        "samples_seen": state.samples_seen + samples,
+        "epoch_step": epoch_step,
+        "samples_seen": samples_seen,
         # a bool adds as 0 or 1
         "skipped": state.skipped + skipped if skipped is not None else state.skipped,
     }
+
+
+def batch_samples(state: StepState, batch: Any) -> int:
+    """The samples a step's `batch` counts: its own on each rank of a process group."""
+    return samples_in(batch) * (state.dist.world_size if state.dist is not None else 1)
 
 
 def _rates(tx: Any, opt_state: Any) -> dict[str, torch.Tensor]:

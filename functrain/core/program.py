@@ -19,7 +19,7 @@ The update is decided once, as one of three (`StepProgram.stage`):
   the donated step's permission decided once (`StepProgram.run`).
 
 A runner's step is the straight line (`functrain.core.straight`): the configuration's step written
-as one function, which calls back here for the window's counters (`window_counters`), the EMA
+as one function, which calls back here for the window's counters (`window_counters`, the body's `counters`), the EMA
 (`average`) and, once, a fresh state's next program (`again`). `StepProgram.run` is the body's
 step: the general configurations', and the straight line's rare turns (a copied state's own
 structure, the first forward of a structure with frozen weights, a module that needs
@@ -44,6 +44,7 @@ from functrain.core import stacked_step
 from functrain.core.body import (
     OWN_TX_METRICS,
     averaged,
+    batch_samples,
     counters,
     finite_buffers,
     in_param_strides,
@@ -202,29 +203,16 @@ class StepProgram(_Decided):
         return program_for(new) if self.fresh else self
 
     def window_counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
-        """The counters after a micro-batch of an accumulation window, and ``completed``: whether
-        the window ended (the body's `counters`, op for op)."""
+        """The counters after a micro-batch of an accumulation window (the body's `counters`),
+        and ``completed``, the EMA's gate, where the window's end is not known on the host to be
+        this micro-batch's."""
         micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
-        if ran.ended is not None:  # known on the host: no select, one foreach op
-            # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
-            advanced = torch._foreach_add(
-                [state.step, state.epoch_step, state.samples_seen], [int(ran.ended), 1, samples]
-            )
-            return {
-                "step": advanced[0],
-                "micro_step": micro,
-                "epoch_step": advanced[1],
-                "samples_seen": advanced[2],
-                **({} if ran.ended or state.ema_state is None else {"completed": micro == 0}),
-            }
-        completed = micro == 0
-        return {
-            "step": state.step + completed.long(),
-            "micro_step": micro,
-            "epoch_step": state.epoch_step + 1,
-            "samples_seen": state.samples_seen + samples,
-            "completed": completed,
-        }
+        completed = micro == 0 if ran.ended is None else ran.ended
+        # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
+        changes = counters(state, micro, completed, None, samples)
+        if ran.ended is not True and state.ema_state is not None:
+            changes["completed"] = micro == 0
+        return changes
 
     def average(
         self,
@@ -432,7 +420,7 @@ class MembersProgram(_Decided):
             "params": new_params,
             "buffers": buffers,
             "opt_state": ran.state,
-            **counters(state, state.micro_step, None, skipped, counted),
+            **counters(state, state.micro_step, None, skipped, batch_samples(state, counted)),
             "ema_state": ema_state,
         }
         rate = {} if ran.lr is None else {"lr": ran.lr}
