@@ -57,6 +57,7 @@ __all__ = [
     "counters",
     "eval_body",
     "finite_buffers",
+    "forward_buffers",
     "in_param_layouts",
     "in_param_strides",
     "loss_scale",
@@ -86,9 +87,16 @@ def check_gradients(state: StepState, batch: Any) -> None:
         LossError: as `train_step` raises it.
     """
     try:
-        gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
+        gradients(state, batch, forward_buffers(state), loss_scale(state))
     except RunAgain:  # reentrant activation checkpointing, now known: its backward's way
-        gradients(state, batch, {k: b.clone() for k, b in state.buffers.items()}, loss_scale(state))
+        gradients(state, batch, forward_buffers(state), loss_scale(state))
+
+
+def forward_buffers(state: StepState, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Copies of the buffers a forward runs with (the EMA's where `use_ema` and it keeps its
+    own): the forward writes running statistics into them, never into the state's."""
+    given = (state.ema_buffers if use_ema else None) or state.buffers
+    return {k: b.clone() for k, b in given.items()}
 
 
 def train_body(
@@ -100,8 +108,7 @@ def train_body(
     `forward`: the step's forward where it is not the loss function on the bound module
     (`functrain.core.gradient.gradients`: a compiled sharded step's compiled loss function).
     """
-    # forward writes running statistics into the buffers: give it copies, never the state's own
-    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    buffers = forward_buffers(state)
     scale = loss_scale(state)
     grads, loss, aux = gradients(state, batch, buffers, scale, forward)
     if state.options.differentiable:
@@ -509,8 +516,7 @@ def eval_body(
     weights = state.ema_params if use_ema else state.params
     if weights is None:
         raise ConfigError("use_ema=True needs a state created with ema_decay=...; it has no EMA")
-    given = (state.ema_buffers if use_ema else None) or state.buffers
-    buffers = {k: b.clone() for k, b in given.items()}
+    buffers = forward_buffers(state, use_ema)
     with (
         # a differentiable state's evaluation keeps its graph: the outer loss of meta-learning
         contextlib.nullcontext() if state.options.differentiable else torch.no_grad(),

@@ -19,15 +19,15 @@ The update is decided once, as one of three (`StepProgram.stage`):
   the donated step's permission decided once (`StepProgram.run`).
 
 A runner's step is the straight line (`functrain.core.straight`): the configuration's step written
-as one function, which calls back here for the window's counters (`window_counters`, the body's `counters`), the EMA
-(`average`) and, once, a fresh state's next program (`again`). `StepProgram.run` is the body's
-step: the general configurations', and the straight line's rare turns (a copied state's own
-structure, the first forward of a structure with frozen weights, a module that needs
-``loss.backward()``). Both give the bits of the body, which the compiled and stacked front doors
-run (the tests compare them). What is decided per step: the skip flag (read on the host for CPU
-tensors), the window's end, schedule values, counters, the RNG swap, the binding, and the checks
-cheap enough to keep (the write check, the layout check, the donation check, an async save's
-hold).
+as one function, which calls back here for the window's counters (`window_counters`: the
+body's `counters`), the EMA (`average`) and, once, a fresh state's next program (`again`).
+`StepProgram.run` is the body's step: the general configurations', and the straight line's rare
+turns (a copied state's own structure, the first forward of a structure with frozen weights, a
+module that needs ``loss.backward()``). Both give the bits of the body, which the compiled and
+stacked front doors run (the tests compare them). What is decided per step: the skip flag (read
+on the host for CPU tensors), the window's end, schedule values, counters, the RNG swap, the
+binding, and the checks cheap enough to keep (the write check, the layout check, the donation
+check, an async save's hold).
 
 A stacked state's program is a `MembersProgram`: its members' forward under vmap (or one after
 another) and backward, then the update on the stacked tensors, planned for the default optimizers
@@ -47,6 +47,7 @@ from functrain.core.body import (
     batch_samples,
     counters,
     finite_buffers,
+    forward_buffers,
     in_param_strides,
     step_metrics,
     train_body,
@@ -390,8 +391,7 @@ class MembersProgram(_Decided):
         `apply`, op for op (in the members' scope, `stacked_train_step`'s)."""
         runner = self.runner
         assert runner is not None  # (`run` chose this body for it)
-        # the forward writes running statistics into the buffers: copies, never the state's
-        buffers = {k: b.clone() for k, b in state.buffers.items()} if state.buffers else {}
+        buffers = forward_buffers(state)
         found, losses, aux = member_gradients(state, batch, per_member, self.apart, buffers, None)
         params = list(state.params.values())
         grads = list(found.values())

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from functrain.core.body import Parts, apply, eval_body, loss_scale
+from functrain.core.body import Parts, apply, eval_body, forward_buffers, loss_scale
 from functrain.core.donation import DONATED, donated
 from functrain.core.gradient import gradients
 from functrain.core.loss import call_loss
@@ -389,7 +389,7 @@ def check_stacked_gradients(state: TrainState, batch: Any) -> None:
     def run() -> None:
         members = state.rng.shape[0]
         given, per_member = member_batch(batch, members)
-        buffers = {k: b.clone() for k, b in state.buffers.items()}
+        buffers = forward_buffers(state)
         scope = enter(state, True)
         try:
             member_gradients(
@@ -422,7 +422,7 @@ def stacked_body(
     the members' slices stacked (`per_member`).
     """
     members = state.members
-    buffers = {k: b.clone() for k, b in state.buffers.items()}
+    buffers = forward_buffers(state)
     scale = loss_scale(state)
     apart = members_apart(state)  # a walk over the modules: once a step
     grads, losses, aux = member_gradients(state, batch, per_member, apart, buffers, scale)

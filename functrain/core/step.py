@@ -25,7 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from functrain.core.binding import bound, unbind
-from functrain.core.body import SWEEP_ALONE, eval_body, train_body
+from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_body
 from functrain.core.donation import DONATED, step_in_scope
 from functrain.core.loss import RunAgain
 from functrain.core.program import body_step, program_for
@@ -318,8 +318,7 @@ def predict(state: TrainState, *args: Any, use_ema: bool = False, **kwargs: Any)
     binding = None
     scope = enter(state, False)
     try:
-        given = (state.ema_buffers if use_ema else None) or state.buffers
-        buffers = {k: b.clone() for k, b in given.items()}  # its forward's to write
+        buffers = forward_buffers(state, use_ema)  # its forward's to write
         gathered = state.dist is not None and state.dist.sharding == "full"
         binding = bound(state.module, {**weights, **frozen, **buffers})
         with (
