@@ -112,10 +112,11 @@ class _Attempt:
     anything ran (tracing the loss on a bad batch, an interrupt while compiling).
     """
 
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "hooks")
 
     def __init__(self) -> None:
         self.frames: tuple[int, int] | None = None
+        self.hooks = _hooks_enabled()  # (saved-tensor hooks allowed before the call)
 
     def begin(self) -> None:
         self.frames = _frames()
@@ -160,19 +161,6 @@ def _note_eager_run() -> None:
         _Body.ran_eagerly = True
 
 
-def _retire_if_ran(state: TrainState, attempt: _Attempt | None, error: BaseException) -> None:
-    """Retire a donated `state` whose compiled call raised once its graph may have run.
-
-    The graph writes into the given tensors, and which it had written when it raised cannot be
-    told (inductor's kernels write in place; the version counters move only after the graph), so
-    the state holds neither the old state nor the new one. `attempt`: the call (None: not
-    donated). An error before the call began (a batch refused first), of a compile that failed,
-    or of a body refused before it ran (`Spent`) leaves the state usable.
-    """
-    if attempt is not None and attempt.may_have_run() and not isinstance(error, Spent):
-        state.retire(_DONATED, error)
-
-
 def refuse_untraced(state: TrainState) -> None:
     """Refuse what a compiled step cannot run of `state`: what it cannot bind in the module
     (`traced_binding_problems`), and sparse gradients.
@@ -204,35 +192,51 @@ def _unless_out_of_memory(check: Callable[[], None]) -> None:
         torch.cuda.empty_cache()
 
 
-def _diagnosis(
-    error: BaseException, attempt: _Attempt, scope: Scope | None, check: Callable[[], None]
+def _after_failure(
+    error: BaseException,
+    attempt: _Attempt,
+    retiring: TrainState | None,
+    scope: Scope | None,
+    check: Callable[[], None],
 ) -> FunctrainError | None:
-    """`train_step`'s error for a compile that failed on what the loss function did, if it has one.
+    """What a compiled call that raised `error` leaves: saved-tensor hooks allowed again where
+    they were (`_enable_hooks_again`), a donated state (`retiring`) retired where the graph may
+    have run, `scope` left, and `train_step`'s error for a compile that failed on what the loss
+    function did, if it has one (None: raise `error`).
+
+    The graph writes into a donated state's tensors, and which it had written when it raised
+    cannot be told (inductor's kernels write in place; the version counters move only after the
+    graph), so that state holds neither the old state nor the new one. An error before the call
+    began (a batch refused first), of a compile that failed, or of a body refused before it ran
+    (`Spent`) leaves it usable.
 
     A batch the loss cannot take, first seen after the configuration's first call (a new shape
     is traced anew), fails inside ``torch.func.grad`` while dynamo traces, in dynamo's words.
     `check` (`check_gradients`) runs the step's forward and backward eagerly instead, with the
-    generator of `scope` put back after it. None: `error` is functrain's own, not from a compile
-    that failed, or the eager step finds nothing wrong.
+    generator of `scope` put back after it. No error of its own where `error` is functrain's, not
+    from a compile that failed, or the eager step finds nothing wrong.
     """
-    if not isinstance(error, Exception) or isinstance(error, FunctrainError):
-        return None
-    if not attempt.compile_failed():
-        return None
-    refused = checkpoint_refusal(error, "compiled")
-    if refused is not None:
-        return refused
-    saved = scope.generator.get_state() if scope is not None else None
-    try:
-        check()
-    except FunctrainError as found:
-        return found
-    except Exception:  # noqa: BLE001 - the compile's own error says more
-        return None
-    finally:
-        if scope is not None and saved is not None:
-            scope.generator.set_state(saved)
-    return None
+    _enable_hooks_again(attempt.hooks)
+    found: FunctrainError | None = None
+    own = not isinstance(error, Exception) or isinstance(error, FunctrainError)
+    if not own and attempt.compile_failed():
+        found = checkpoint_refusal(error, "compiled")
+        saved = scope.generator.get_state() if scope is not None else None
+        try:
+            if found is None:
+                check()
+        except FunctrainError as checked:
+            found = checked
+        except Exception:  # noqa: BLE001 - the compile's own error says more
+            pass
+        finally:
+            if scope is not None and saved is not None:
+                scope.generator.set_state(saved)
+    if retiring is not None and attempt.may_have_run() and not isinstance(error, Spent):
+        retiring.retire(_DONATED, error)  # (before the scope's lock goes)
+    if scope is not None:
+        leave(scope)
+    return found
 
 
 def _hooks_enabled() -> bool:
@@ -335,7 +339,6 @@ class CompiledStep:
                 leave(scope)
                 raise
         attempt = _Attempt()
-        hooks = _hooks_enabled()
         try:
             if donate:  # a save still reading these tensors (looked for in the scope's lock)
                 wait_until_unheld(state)
@@ -353,10 +356,8 @@ class CompiledStep:
                 batch,
             )
         except BaseException as error:
-            _enable_hooks_again(hooks)
-            found = _diagnosis(error, attempt, scope, lambda: check_gradients(state, batch))
-            _retire_if_ran(state, attempt if donate else None, error)  # before the lock goes
-            leave(scope)
+            check = functools.partial(check_gradients, state, batch)
+            found = _after_failure(error, attempt, state if donate else None, scope, check)
             if found is not None:
                 raise found from error
             raise
@@ -391,20 +392,17 @@ class CompiledStep:
         if donate:
             wait_until_unheld(state)  # an async save still reading these tensors
         attempt = _Attempt()
-        hooks = _hooks_enabled()
         try:
             result = stacked_train_step(state, batch, compiled=attempt.calling(found))
-        except BaseException as e:  # traced: dynamo words torch's error its own way
-            _enable_hooks_again(hooks)
-            if not (isinstance(e, Exception) and learned_module_order(e, state)):
-                diagnosed = _diagnosis(
-                    e, attempt, None, lambda: check_stacked_gradients(state, batch)
-                )
-                _retire_if_ran(state, attempt if donate else None, e)
-                if diagnosed is not None:
-                    raise diagnosed from e
-                raise
-            return self._stacked(state, batch, donate)  # compiled again, in the module's order
+        except BaseException as error:  # traced: dynamo words torch's error its own way
+            if isinstance(error, Exception) and learned_module_order(error, state):
+                _enable_hooks_again(attempt.hooks)
+                return self._stacked(state, batch, donate)  # compiled again, in module order
+            check = functools.partial(check_stacked_gradients, state, batch)
+            diagnosed = _after_failure(error, attempt, state if donate else None, None, check)
+            if diagnosed is not None:
+                raise diagnosed from error
+            raise
         if donate:
             state.retire(_DONATED)
         return result
