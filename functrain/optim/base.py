@@ -36,7 +36,7 @@ rounding exact; `functrain.optim.updates.apply_updates` returns the new paramete
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, cast, overload
+from typing import Any, NamedTuple, Protocol, overload
 
 import torch
 
@@ -67,7 +67,6 @@ __all__ = [
     "EmptyState",
     "identity",
     "is_transform",
-    "gated_update",
     "update_with",
     "update_reporting",
     "with_extras",
@@ -547,12 +546,6 @@ def averaging_of(tx: object) -> Callable[[list[torch.Tensor], Any, bool], Any] |
     return update.averaging if isinstance(update, ExtrasUpdate) else None
 
 
-def gated_update(tx: Transform) -> GatedUpdateFn:
-    """`tx.update` as the update of a gated transform, which takes ``keep=`` (`Transform.gated`)."""
-    # the `gated` flag is what says the update takes `keep`; the types cannot follow a flag
-    return cast(GatedUpdateFn, tx.update)
-
-
 def update_with(
     tx: Transform,
     updates: Updates,
@@ -571,19 +564,8 @@ def update_with(
         >>> update_with(tx, {"w": torch.ones(1)}, EmptyState(), extras=Extras(in_place=True))[0]
         {'w': tensor([1.])}
     """
-    # `gated` says whether it takes `keep`: the types cannot follow a flag. An annotation, not
-    # typing.cast: dynamo traces cast as a call, whose result has no source, and a tensor in the
-    # update's closures (tabulate's table) then breaks the compiled graph
-    update: Any = tx.update
-    gate = {} if keep is None else {"keep": keep}
-    if isinstance(update, ExtrasUpdate):
-        if not update.reports:
-            return update.fn(updates, state, params, extras=extras, **gate)
-        new_updates, new_state, _ = update.fn(updates, state, params, extras=extras, **gate)
-        return new_updates, new_state
-    if getattr(tx, "takes_extras", False):  # an object of the user's that says so itself
-        return update(updates, state, params, extras=extras, **gate)
-    return update(updates, state, params, **gate)
+    new_updates, new_state, _ = update_reporting(tx, updates, state, params, extras, keep)
+    return new_updates, new_state
 
 
 def update_reporting(
@@ -617,6 +599,9 @@ def update_reporting(
         >>> update_reporting(sgd, {"w": torch.ones(2)}, sgd.init(p), p)[2]
         Report(grad_norm=None)
     """
+    # `gated` says whether it takes `keep`: the types cannot follow a flag. An annotation, not
+    # typing.cast: dynamo traces cast as a call, whose result has no source, and a tensor in the
+    # update's closures (tabulate's table) then breaks the compiled graph
     update: Any = tx.update
     gate = {} if keep is None else {"keep": keep}
     if isinstance(update, ExtrasUpdate):
