@@ -288,7 +288,9 @@ def _kernel_calls(
 
     Its constants join `constants`; returns the lines and the names of the new parameters, inner
     state, rate and norm (none: a kernel measures nothing)."""
-    body = ["new_count = inner.count + 1", "rate, rate_t = KERNEL_RATES(inner)"]
+    # a constant rate as the state keeps it (`FusedRunner.rates`, without its call)
+    rates = "KERNEL_RATE, inner.lr" if fused.schedule is None else "KERNEL_RATES(inner)"
+    body = ["new_count = inner.count + 1", f"rate, rate_t = {rates}"]
     if donate:
         body += ["new_p = params", "moments = list(map(list, BUFFERS_OF(inner)))"]
     else:
@@ -300,6 +302,7 @@ def _kernel_calls(
         body.append("counts = [new_count.to(torch.float32)]")
     constants |= {
         "KERNEL": fused.kernel,
+        "KERNEL_RATE": fused.rate,
         "KERNEL_RATES": fused.rates,
         "BUFFERS_OF": fused.buffers_of,
         "REBUILD": fused.rebuild,

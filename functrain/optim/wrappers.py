@@ -962,9 +962,10 @@ def _finite_flags(state: SkipNonfiniteState) -> tuple[torch.Tensor, torch.Tensor
     state's), in fewer ops: already False and 0, kept as they are (tensors no step writes), else
     made so."""
     skipped, consecutive = state.skipped, state.consecutive
-    if _on_cpu(skipped) is not False:
+    # (read where they lie on the CPU: no wait; `_on_cpu`'s test, without its call)
+    if skipped.device.type != "cpu" or skipped.item():
         skipped = torch.zeros_like(skipped)
-    if _on_cpu(consecutive) != 0:
+    if consecutive.device.type != "cpu" or consecutive.item():
         consecutive = torch.zeros_like(consecutive)
     return skipped, consecutive
 

@@ -60,6 +60,7 @@ CPU_READS = frozenset(
         "functrain.optim.wrappers._check_limit_now",  # max_consecutive_nonfinite, raised at once
         "functrain.optim.wrappers._on_cpu",  # a runner's norm, skip flag and run of skips
         "functrain.optim.wrappers.host_guard",  # the same, the straight-line step's, at once
+        "functrain.optim.wrappers._finite_flags",  # a finite step's flag and run, read on a CPU
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
         "functrain.optim.rules.arithmetic.add_scaled_",  # the same, one tensor at a time

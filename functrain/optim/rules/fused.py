@@ -381,6 +381,7 @@ def _fused(
     (`what`: torch's class, for messages)."""
     lr = _read_once(lr)
     names = tuple(moments)
+    nothing = ((),) * len(names)  # a buffer the kernel takes empty (`moments`' None)
 
     def init_fn(params: Tree) -> Any:
         check(params)
@@ -395,7 +396,8 @@ def _fused(
         return state_type(count, slots, {}, _first_lr(lr, count), group)
 
     def buffers_of(state: Any) -> tuple[tuple[torch.Tensor, ...], ...]:
-        return tuple(state.slots.get(k, ()) for k in names)
+        # (by map: no Python frame per buffer, a step's)
+        return tuple(map(state.slots.get, names, nothing))
 
     def rebuilt(state: Any, count: torch.Tensor, new: Sequence[list], rate: torch.Tensor) -> Any:
         # (each parameter's step as it was: every one took this update, `RuleState.steps`)
