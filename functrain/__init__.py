@@ -16,7 +16,7 @@ from functrain.checkpoint.manager import CheckpointManager
 from functrain.checkpoint.state_io import VersionWarning, fingerprint, load, load_weights, save
 from functrain.config import ConfiguredRun, build_run, load_config
 from functrain.core.binding import BoundModel
-from functrain.core.compiled import CompiledStep, compile_step
+from functrain.core.compiled import CompiledStep, EagerStepWarning, compile_step
 from functrain.core.guards import RecompileWarning
 from functrain.core.options import StepOptions
 from functrain.core.stacked import IdenticalMembersWarning, num_members, stack, unstack
@@ -169,6 +169,7 @@ __all__ = [
     # the state and its steps
     "BoundModel",
     "CompiledStep",
+    "EagerStepWarning",
     "RecompileWarning",
     "StepOptions",
     "TrainState",

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from functrain.core.binding import traced_binding_problems
 from functrain.core.body import (
@@ -77,6 +78,7 @@ from functrain.core.stacked_step import (
     step_function,
 )
 from functrain.core.state import TrainState
+from functrain.core.step import train_step
 from functrain.core.structure import sparse_parameters
 from functrain.core.view import StateView, parts_of, statics_of
 from functrain.errors import ConfigError, FunctrainError
@@ -85,7 +87,7 @@ from functrain.optim.sweep import holds_sweep
 from functrain.optim.zeros import stored
 from functrain.tree import tree_flatten, tree_leaves, tree_unflatten
 
-__all__ = ["compile_step", "CompiledStep"]
+__all__ = ["compile_step", "CompiledStep", "EagerStepWarning"]
 
 _serial = itertools.count()
 _DONATED = "a compiled step (compile_step) with donate=True"
@@ -93,6 +95,17 @@ _CAPTURED = "a captured step (compile_step(capture=True)) with donate=True"
 # torch.compile's modes that run CUDA graph trees (torch._inductor.list_mode_options)
 _TREE_MODES = ("reduce-overhead", "max-autotune")
 _TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+class EagerStepWarning(UserWarning):
+    """`compile_step` runs a state's steps eagerly (`functrain.train_step`): its module holds a
+    module whose step inductor makes slower (`compile_step`'s ``eager_for``)."""
+
+
+def _eager_module(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> str | None:
+    """The name of `module`'s first submodule of one of `kinds` (``""`` for `module` itself),
+    or None where it holds none."""
+    return next((name for name, m in module.named_modules() if isinstance(m, kinds)), None)
 
 
 def _frames() -> tuple[int, int]:
@@ -282,9 +295,13 @@ class CompiledStep:
         mode: str | None,
         options: dict[str, Any],
         recorder: Callable[[torch.device], Recorder] | None = None,
+        eager_for: tuple[type[nn.Module], ...] = (),
     ) -> None:
         # with a recorder, every step is captured (`functrain.core.capture`)
         self._captures = Captures(recorder) if recorder is not None else None
+        # per module object (kept alive): whether its steps run eagerly (`eager_for`)
+        self._eager_for = eager_for
+        self._eager: dict[int, tuple[nn.Module, bool]] = {}
         self._compile = functools.partial(torch.compile, dynamic=False, backend=backend, mode=mode)
         self._options = options
         self._inductor = backend == "inductor"
@@ -306,6 +323,8 @@ class CompiledStep:
                 "eagerly (a graph through unrolled steps is built anew at every call)"
             )
         members = state.members  # read before a donation
+        if self._captures is None and self._runs_eagerly(state.module):
+            return train_step(state, batch, donate=donate)
         if not members:
             refuse_per_member(batch)
         if self._captures is not None:
@@ -319,6 +338,27 @@ class CompiledStep:
         # the shapes the graph returns (no sync): dynamo cannot raise inside torch.func.grad
         check_scalar_metrics(metrics, members=members)
         return new_state, metrics
+
+    def _runs_eagerly(self, module: nn.Module) -> bool:
+        """Whether a state of `module` steps eagerly: it holds a module of `eager_for` (said
+        once per module, `EagerStepWarning`)."""
+        found = self._eager.get(id(module))
+        if found is not None and found[0] is module:
+            return found[1]
+        name = _eager_module(module, self._eager_for) if self._eager_for else None
+        self._eager[id(module)] = (module, name is not None)
+        if name is not None:
+            held = module.get_submodule(name)
+            warnings.warn(
+                f"compile_step runs this state's steps eagerly, as functrain.train_step: its "
+                f"module holds {type(held).__name__} {name or 'itself'!r}, whose compiled step "
+                "is slower than the eager one (inductor traces torch's fused recurrent kernel "
+                "into a graph of its cells, and compiles long); compile_step(eager_for=()) "
+                "compiles it anyway",
+                EagerStepWarning,
+                stacklevel=3,
+            )
+        return name is not None
 
     def _plain(
         self, state: TrainState, batch: Any, donate: bool
@@ -706,6 +746,7 @@ def compile_step(
     mode: str | None = None,
     options: dict[str, Any] | None = None,
     capture: bool = False,
+    eager_for: tuple[type[nn.Module], ...] = (nn.RNNBase,),
 ) -> CompiledStep:
     """A compiled `train_step`: ``step(state, batch) -> (state, metrics)``.
 
@@ -774,6 +815,14 @@ def compile_step(
             state on CUDA ``allow_buffer_reuse=False`` (inductor would reuse the CPU tensors
             that CUDA's efficient attention returns as memory for the step's own results).
         capture: record each step as a CUDA graph and replay it (see above).
+        eager_for: the modules whose steps inductor makes slower than eager ones: a state whose
+            module holds one (or is one) runs its steps as `functrain.train_step` runs them,
+            with the same contract, and says so once (`EagerStepWarning`). By default torch's
+            recurrent modules (``nn.RNNBase``: ``LSTM``, ``GRU``, ``RNN``): their fused kernels
+            traced into a graph of their cells run several times slower and compile long (as
+            ``torch.compile`` of a hand loop, which breaks its graph at them and runs them
+            eagerly, shows). ``()`` compiles every module. Not with `capture`, which records the
+            compiled step.
 
     Returns:
         A `CompiledStep`, called like `train_step` and with its contract (pure, no host sync, the
@@ -787,7 +836,8 @@ def compile_step(
         BatchError, LossError: as `train_step` raises them (when the step is called).
         ConfigError: `options` sets its own ``guard_filter_fn``; a mode or option that runs CUDA
             graph trees; a mode torch.compile does not know, or a mode with another backend;
-            `capture` not a bool, or True without a CUDA device; calling the step with something
+            `capture` not a bool, or True without a CUDA device; `eager_for` not a tuple of
+            module classes; calling the step with something
             other than a `TrainState`, or with an unstacked state whose optimizer holds a sweep; a
             step compiled ``torch._dynamo.config.recompile_limit`` times that would be compiled
             again (nothing ran: a donated state stays usable); a captured step given a state off
@@ -795,6 +845,7 @@ def compile_step(
 
     Warns:
         RecompileWarning: the step was compiled again because a value it reads changed.
+        EagerStepWarning: a state's module holds a module of `eager_for`: its steps run eagerly.
 
     Example:
         >>> import torch, functrain as ft
@@ -822,6 +873,14 @@ def compile_step(
         )
     if not isinstance(capture, bool):
         raise ConfigError(f"compile_step(capture=...) takes True or False, got {capture!r}")
+    if not (
+        isinstance(eager_for, tuple)
+        and all(isinstance(k, type) and issubclass(k, nn.Module) for k in eager_for)
+    ):
+        raise ConfigError(
+            "compile_step(eager_for=...) takes a tuple of torch.nn.Module classes (the default "
+            f"(torch.nn.RNNBase,); () compiles every module), got {eager_for!r}"
+        )
     if backend == "inductor":
         _quiet_inductor_imports()
         options, mode = _inductor_options(mode, options), None
@@ -837,4 +896,4 @@ def compile_step(
             "device here (torch.cuda.is_available() is False); leave capture out to compile the "
             "step without recording it"
         )
-    return CompiledStep(backend, mode, options, CudaGraphs if capture else None)
+    return CompiledStep(backend, mode, options, CudaGraphs if capture else None, eager_for)

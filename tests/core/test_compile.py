@@ -23,6 +23,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import functrain as ft
+from tests.comparisons import assert_trees_equal
 from tests.models import cross_entropy_with_accuracy, make_mlp
 
 with warnings.catch_warnings():
@@ -346,6 +347,75 @@ def test_compile_step_rejects_bad_arguments() -> None:
         ft.compile_step(mode="fast")
     with pytest.raises(ft.ConfigError, match="a mode is inductor's configuration"):
         ft.compile_step(backend="eager", mode="default")
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 5, num_layers=2, batch_first=True)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+def _sequences(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(4, 6, 3, generator=gen), torch.randint(0, 2, (4,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def _classify(m: Any, b: Any) -> torch.Tensor:
+    return F.cross_entropy(m(b[0]), b[1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_a_recurrent_module_steps_eagerly_under_compile_step_and_says_so_once(cell: type) -> None:
+    """torch's fused recurrent kernels traced into a graph of their cells run several times
+    slower than eagerly (`benchmarks/compile_models.py`): compile_step runs such a state's steps
+    as train_step does, bit for bit, donated or not, and warns once; nothing is compiled."""
+    torch.manual_seed(0)
+    model = _Recurrent(cell)
+    state = ft.TrainState.create(model, ft.adamw(0.05), _classify)
+    eager = state.clone()
+    step = ft.compile_step()
+    batches = _sequences(3)
+    with pytest.warns(ft.EagerStepWarning, match=f"holds {cell.__name__} 'rnn'.*eager_for=\\(\\)"):
+        state, metrics = step(state, batches[0])
+    eager, expected = ft.train_step(eager, batches[0])
+    assert_trees_equal(metrics, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.EagerStepWarning)  # said once
+        for batch in batches[1:]:
+            given = state
+            state, metrics = step(state, batch, donate=True)
+            eager, expected = ft.train_step(eager, batch, donate=True)
+            with pytest.raises(ft.DonatedStateError):
+                given.check_live("a test")
+    assert ft.diff_states(state, eager) == []
+    assert_trees_equal(metrics, expected)
+    assert compiled_so_far() == (0, 0)
+
+
+@needs_cxx
+def test_compile_step_compiles_a_recurrent_module_when_asked_and_refuses_a_bad_eager_for() -> None:
+    torch.manual_seed(0)
+    state = ft.TrainState.create(_Recurrent(nn.RNN), ft.sgd(0.05), _classify)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.EagerStepWarning)
+        # (dynamo's own, tracing the recurrent kernel's Python)
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not")
+        state, _ = ft.compile_step(eager_for=())(state, _sequences(1)[0])
+    assert int(state.step) == 1 and compiled_so_far()[0] > 0
+    # any module class: here the MLP's own Linear layers
+    mlp = ft.TrainState.create(make_mlp(), ft.sgd(0.05), cross_entropy_with_accuracy)
+    with pytest.warns(ft.EagerStepWarning, match="holds Linear '0'"):
+        ft.compile_step(eager_for=(nn.Linear,))(mlp, (torch.randn(8, 6), torch.zeros(8).long()))
+    for bad in ([nn.LSTM], (nn.LSTM, "gru"), (int,)):
+        with pytest.raises(ft.ConfigError, match=r"eager_for=...\) takes a tuple of torch.nn"):
+            ft.compile_step(eager_for=bad)
 
 
 def test_inductor_runs_deterministic_unless_the_caller_tunes_by_time() -> None:
