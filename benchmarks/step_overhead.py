@@ -94,6 +94,10 @@ row not bit for bit.
 With ``--calls`` the matrix counts instead of timing: the Python calls (`cProfile`, every call it
 records, the forward and the loss included) a donated step of each row makes per (micro-)step,
 its hand-written loop's, and the functrain files the step enters, against the target of 150.
+With ``--ops``, the aten ops a donated step of each row dispatches per (micro-)step (a
+`TorchDispatchMode` counter: on a GPU each is a kernel launch) and its host reads of a tensor's
+value (``aten._local_scalar_dense``), against its hand-written loop's; the target: no more ops
+than the loop.
 
 Method: every implementation starts from the same initial weights (its own copy) and steps on the
 same batch. After untimed warm-up steps (which also compile), ``--reps`` timed rounds run every
@@ -146,6 +150,7 @@ Usage:
     python benchmarks/step_overhead.py --matrix --workloads mlp512 --configs ema --optimizers ''
     python benchmarks/step_overhead.py --matrix --device cuda --no-memory   # the rows on a GPU
     python benchmarks/step_overhead.py --matrix --calls --threads 1   # Python calls of every row
+    python benchmarks/step_overhead.py --matrix --ops --workloads small  # aten ops of every row
     python benchmarks/step_overhead.py --device cuda --workloads small,mlp512,transformer
 
 ``--profile`` prints, for the eager steps (donated, and the default), the host time per phase of a
@@ -1355,6 +1360,57 @@ def count_matrix_calls(
     return over
 
 
+def _ops(runner: Any, warmup: int, steps: int) -> tuple[float, float]:
+    """The aten ops `runner`'s step dispatches per step over `steps` steps after `warmup` (a
+    `TorchDispatchMode` counter: on a GPU each is a kernel launch), and its host reads of a
+    tensor's value (``aten._local_scalar_dense``: on a GPU each waits for the device)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counted = {"ops": 0, "reads": 0}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            counted["ops"] += 1
+            if func is torch.ops.aten._local_scalar_dense.default:
+                counted["reads"] += 1
+            return func(*args, **(kwargs or {}))
+
+    for _ in range(warmup):
+        runner.step()
+    with Counter():
+        for _ in range(steps):
+            runner.step()
+    return counted["ops"] / steps, counted["reads"] / steps
+
+
+def count_matrix_ops(
+    workloads: list[str],
+    configs: list[str],
+    optimizers: list[str],
+    optimizer_workloads: list[str],
+    steps: int = 8,
+) -> list[str]:
+    """Print the aten ops each matrix row's donated step dispatches per (micro-)step and its host
+    reads, against its hand-written loop's; return the rows that dispatch more ops than their
+    loop."""
+    over = []
+    for w in workloads:
+        module, batch = build(w, CPU)
+        names = configs + (optimizers if w in optimizer_workloads else [])
+        print(f"\naten ops dispatched per (micro-)step, {w} ({steps} steps, TorchDispatchMode)\n")
+        print("| row | donated step | its host reads | hand-written loop | its host reads |")
+        print("|---|---|---|---|---|")
+        for name in names:
+            row = ROWS[name]
+            step = RowStep(copy.deepcopy(module), batch, row, donate=True)
+            ops, reads = _ops(step, WARMUP[w], steps)
+            hand, hand_reads = _ops(HandLoop(copy.deepcopy(module), batch, row), WARMUP[w], steps)
+            print(f"| {name} | {ops:.1f} | {reads:.1f} | {hand:.1f} | {hand_reads:.1f} |")
+            if ops > hand + 0.05:
+                over.append(f"{w}/{name}: {ops:.1f} ops > the hand loop's {hand:.1f}")
+    return over
+
+
 def print_matrix(
     workload: str, results: list[dict], reps: int, block: int, device: torch.device = CPU
 ) -> list[str]:
@@ -1468,6 +1524,12 @@ def main() -> None:
         help=f"with --matrix: instead of timing, the Python calls of each row's donated step and "
         f"of its hand-written loop (cProfile), against the target of {CALLS_TARGET}",
     )
+    ap.add_argument(
+        "--ops",
+        action="store_true",
+        help="with --matrix: instead of timing, the aten ops each row's donated step dispatches "
+        "(on a GPU, its kernel launches) and its host reads, against its hand-written loop's",
+    )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument(
@@ -1557,8 +1619,9 @@ def main() -> None:
         f"{_loadavg()}" + (f"; inductor's CPU kernels: {inductor_isa()}" if compiles else "")
     )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
-    if args.matrix and args.calls:
-        over = count_matrix_calls(workloads, configs, optimizers, optimizer_workloads)
+    if args.matrix and (args.calls or args.ops):
+        count = count_matrix_calls if args.calls else count_matrix_ops
+        over = count(workloads, configs, optimizers, optimizer_workloads)
         if over:
             print("\nRows over the target:\n  " + "\n  ".join(over))
         return
