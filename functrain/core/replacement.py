@@ -15,6 +15,7 @@ in the parameters' order. `replace` takes a change to one of them as the user me
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "carried",
     "parked_carried",
     "shared_storage",
+    "shares_storage",
     "COUNT_FREE",
     "count_free",
     "optimizers_in",
@@ -223,19 +225,40 @@ def shared_storage(fields: dict[str, dict[str, torch.Tensor]]) -> str | None:
         return None  # (a traced step's own views)
     for field, tensors in fields.items():
         for name, t in tensors.items():
-            if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-                continue  # a DTensor's slices, a sparse tensor: storage of their own kinds
-            if t.numel() == 0 or t.is_meta or t.layout != torch.strided:
-                continue
-            try:
-                key = (str(t.device), t.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):  # a torch.func transform's wrapper
+            key = _storage(t)
+            if key is None:
                 continue
             where = f'{field}["{name}"]'
             if key in seen:
                 return f"{seen[key]} and {where}"
             seen[key] = where
     return None
+
+
+def shares_storage(a: Iterable[Any], b: Iterable[Any]) -> bool:
+    """Whether a tensor among `b` shares storage with one among `a` (other leaves passed over).
+
+    Example:
+        >>> w = torch.zeros(2, 2)
+        >>> shares_storage([w, 1], [w[1]]), shares_storage([w], [w.clone()])
+        (True, False)
+    """
+    mine = {_storage(t) for t in a} - {None}
+    return any(_storage(t) in mine for t in b)
+
+
+def _storage(t: Any) -> tuple[str, int] | None:
+    """Where dense tensor `t`'s elements lie (its device and storage), or None for anything
+    else: not a tensor, empty, meta, a DTensor's slices or a sparse tensor (storage of their own
+    kinds), a torch.func transform's wrapper."""
+    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        return None
+    if t.numel() == 0 or t.is_meta or t.layout != torch.strided:
+        return None
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 # the optimizers whose update of a weight reads no count of updates (torch.optim's per-weight

@@ -46,6 +46,7 @@ from functrain.core.replacement import (
     refuse_derived,
     resplit,
     shared_storage,
+    shares_storage,
 )
 from functrain.core.structure import CALL_GUARD, WEIGHTLESS
 from functrain.distributed.data_parallel import DistConfig
@@ -516,6 +517,11 @@ class TrainState:
         `averager`, `dist`) are refused, and so are tensors that share storage under two names.
         The next step decides what it runs afresh.
 
+        The new state shares the tensors it was not given with this one: a donated step on
+        either retires both (`DonatedStateError` at the other's next use), where it may write
+        tensors they share (weights, optimizer state, EMA), whatever counters either was given.
+        Donating a `clone` leaves this state as it is.
+
         Raises:
             ConfigError: a derived field, tensors that share storage, invalid options, tensors that
                 require grad in an ordinary state's stepped fields.
@@ -551,6 +557,10 @@ class TrainState:
             new = attrs.evolve(self, **self._matched(changes))
         else:
             new = self.stepped(None, self._matched(changes))
+        if getattr(new.step, _LINEAGE, None) is None and shares_storage(
+            _written(self), _written(new)
+        ):  # a counter of its own, and tensors a donated step writes shared: one lineage
+            _same_lineage(new.step, self.step)
         if not changes.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)
         return new
@@ -1236,6 +1246,18 @@ _MAPPING_NAMES = ("params", "buffers", "frozen", "driver", "user", "parked")
 # the step counters of the states `replace` made from one another hold one list, [None] or the
 # call a donated one was given to: they share the tensors a donated step writes into
 _LINEAGE = "_functrain_lineage"
+
+
+def _written(state: TrainState) -> list[Any]:
+    """The tensors a donated step may write into: the weights, the optimizer state and the EMA,
+    less those with a stride 0 (a fresh state's zeros held without storage, which a step copies
+    before it writes)."""
+    leaves = [*state.params.values(), *tree_leaves((state.opt_state, state.ema_state))]
+    return [
+        t
+        for t in leaves
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and 0 not in t.stride()
+    ]
 
 
 def _same_lineage(copy: torch.Tensor, step: torch.Tensor) -> None:

@@ -220,7 +220,13 @@ def test_the_manager_refuses_a_donated_state(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("donated", ["the state", "the state made from it"])
 @pytest.mark.parametrize(
-    "made_with", ["a counter", "its parameters' mapping copied", "both, twice"]
+    "made_with",
+    [
+        "a counter",
+        "its parameters' mapping copied",
+        "both, twice",
+        "a step counter and weights of its own",
+    ],
 )
 def test_a_state_made_from_a_donated_one_by_replace_is_refused_too(
     made_with: str, donated: str
@@ -233,12 +239,27 @@ def test_a_state_made_from_a_donated_one_by_replace_is_refused_too(
         sibling = state.replace(epoch=torch.ones((), dtype=torch.int64))
     elif made_with == "its parameters' mapping copied":
         sibling = state.replace(params=dict(state.params))
-    else:
+    elif made_with == "both, twice":
         sibling = state.replace(epoch=3).replace(params=dict(state.params), samples_seen=9)
+    else:  # (it shares the moments alone)
+        copies = {k: v.clone() for k, v in state.params.items()}
+        sibling = state.replace(step=torch.tensor(7), params=copies)
     giver, other = (state, sibling) if donated == "the state" else (sibling, state)
     ft.train_step(giver, batches(1)[0], donate=True)
     with pytest.raises(ft.DonatedStateError, match="donated to"):
         ft.train_step(other, batches(1)[0])
+
+
+def test_a_state_made_by_replace_sharing_no_tensor_a_step_writes_outlives_its_donation() -> None:
+    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
+    state, _ = ft.train_step(state, batches(1)[0])
+    kept = state.clone()
+    fresh = state.clone()
+    sibling = state.replace(
+        step=torch.tensor(7), params=dict(fresh.params), opt_state=fresh.opt_state
+    )
+    ft.train_step(sibling, batches(1)[0], donate=True)
+    assert_states_equal(state, kept)  # live, and as it was
 
 
 def test_a_donated_state_repr_says_so_and_a_clone_taken_before_stays_usable() -> None:
