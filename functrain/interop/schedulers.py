@@ -28,7 +28,7 @@ from functrain.errors import config_check
 from functrain.interop import scheduler_parts as P
 from functrain.interop.scheduler_parts import Part, Setting
 from functrain.optim.porting import momentum_cycle_note, schedule_call
-from functrain.optim.rates import as_float64, with_host_form
+from functrain.optim.rates import as_float64
 from functrain.optim.schedules import (
     Schedule,
     check_interval,
@@ -684,8 +684,7 @@ def from_torch(cls: type | str, /, *, lr: float | None = None, **kwargs: Any) ->
             ``scale_fn``) is called with the int step, or, for a tensor step, with the step as a 0-d
             float64 tensor (so that Python-scalar arithmetic stays float64): it must then use tensor
             ops (``torch.minimum``, ``torch.where``, ``**``), not ``min``, ``if`` or ``math``
-            functions, to run under ``torch.compile``. An eager step on the CPU calls a `LambdaLR`
-            alone with the int step, as torch does (a lambda that indexes a table then works).
+            functions, to run under ``torch.compile``.
 
     Returns:
         A `Schedule`.
@@ -830,9 +829,4 @@ def _lambda_schedule(base_lr: float, lr_lambda: Callable[[Any], Any]) -> Schedul
             return base_lr * as_float64(lr_lambda(step.to(torch.float64)), step.device)
         return float(base_lr * lr_lambda(operator.index(step)))
 
-    # where the count is read without waiting (an eager CPU step): the lambda on the int step,
-    # torch's own ``base_lr * lr_lambda(last_epoch)``, in Python floats
-    def host(t: float) -> float:
-        return float(base_lr * lr_lambda(int(t)))
-
-    return cast(Schedule, with_host_form(schedule, host))
+    return cast(Schedule, schedule)

@@ -159,39 +159,3 @@ def test_an_exponential_decay_holds_where_torch_s_product_stops_changing() -> No
     assert schedule(1072) == 0.0
     assert schedule(10**9) == 0.0
     assert schedule(torch.tensor(10**9)).item() == 0.0
-
-
-def test_a_lambda_on_the_int_step_alone_trains_as_torchs_lambdalr_bit_for_bit() -> None:
-    """torch calls ``lr_lambda(last_epoch)`` with an int: a lambda that indexes a table takes
-    nothing else. An eager step on the CPU computes the rate as torch does (the schedule's host
-    form), donated or not."""
-    import copy
-
-    import functrain as ft
-
-    factors = [1.0, 0.5, 0.3, 0.125, 0.07]
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    ref = copy.deepcopy(model)
-    opt = torch.optim.AdamW(ref.parameters(), lr=0.1, fused=True)
-    scheduler = L.LambdaLR(opt, lambda e: factors[e])
-    rate = S.from_torch(L.LambdaLR, lr=0.1, lr_lambda=lambda e: factors[e])
-
-    def loss_fn(m: Any, b: Any) -> torch.Tensor:
-        return torch.nn.functional.mse_loss(m(b[0]), b[1])
-
-    pure = ft.TrainState.create(model, ft.adamw(rate), loss_fn)
-    donated = pure.clone()
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(len(factors) - 1):
-        batch = (torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen))
-        pure, metrics = ft.train_step(pure, batch)
-        donated, _ = ft.train_step(donated, batch, donate=True)
-        assert metrics["lr"] == torch.tensor(opt.param_groups[0]["lr"], dtype=torch.float32)
-        loss_fn(ref, batch).backward()
-        opt.step()
-        opt.zero_grad()
-        scheduler.step()
-    for name, p in ref.named_parameters():
-        assert torch.equal(pure.params[name], p.detach()), name
-        assert torch.equal(donated.params[name], p.detach()), name
