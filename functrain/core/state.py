@@ -62,7 +62,13 @@ from functrain.errors import (
 from functrain.optim.averaging import EmaConvention, EmaState
 from functrain.optim.base import Transform, is_transform
 from functrain.optim.differentiable import hyperparameters_of, tracked, with_hyperparameters
-from functrain.optim.rules.formula import evaluation_frozen, evaluation_params, settled_steps
+from functrain.optim.metrics import walk_states
+from functrain.optim.rules.formula import (
+    RuleState,
+    evaluation_frozen,
+    evaluation_params,
+    settled_steps,
+)
 from functrain.optim.swa import SwaState
 from functrain.optim.zeros import light_copy
 from functrain.tree import ReadOnlyDict, Tree, leaves_by_path, read_only, tree_leaves
@@ -1248,16 +1254,35 @@ _MAPPING_NAMES = ("params", "buffers", "frozen", "driver", "user", "parked")
 _LINEAGE = "_functrain_lineage"
 
 
-def _written(state: TrainState) -> list[Any]:
-    """The tensors a donated step may write into: the weights, the optimizer state and the EMA,
-    less those with a stride 0 (a fresh state's zeros held without storage, which a step copies
-    before it writes)."""
-    leaves = [*state.params.values(), *tree_leaves((state.opt_state, state.ema_state))]
-    return [
-        t
-        for t in leaves
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided and 0 not in t.stride()
-    ]
+def _written(state: TrainState) -> list[torch.Tensor]:
+    """The tensors a donated step may write where they lie: the weights, and the optimizer
+    state's and the EMA's tensors (moments, averages, a per-weight product such as NAdam's), a
+    DTensor's by its local shard. Left out, as no step writes them in place: tensors with a
+    stride 0 (a fresh state's zeros held without storage, copied before they are written), the
+    counters and flags (integer and bool), the rates and numbers held in float64 0-d tensors
+    (unless a weight is itself a float64 0-d tensor: its moments are then such), and each
+    weight's own count (`RuleState.steps`)."""
+    counts = {
+        id(t)
+        for node in walk_states(state.opt_state)
+        if isinstance(node, RuleState)
+        for t in node.slots.get("step", ())
+    }
+    scalar = any(p.ndim == 0 and p.dtype == torch.float64 for p in state.params.values())
+    found = []
+    for t in [*state.params.values(), *tree_leaves((state.opt_state, state.ema_state))]:
+        if not isinstance(t, torch.Tensor) or id(t) in counts:
+            continue
+        t = getattr(t, "_local_tensor", t)  # (a DTensor's shard)
+        if (
+            t.layout != torch.strided
+            or 0 in t.stride()
+            or not (t.is_floating_point() or t.is_complex())
+            or (t.ndim == 0 and t.dtype == torch.float64 and not scalar)
+        ):
+            continue
+        found.append(t)
+    return found
 
 
 def _same_lineage(copy: torch.Tensor, step: torch.Tensor) -> None:

@@ -226,6 +226,7 @@ def test_the_manager_refuses_a_donated_state(tmp_path: Any) -> None:
         "its parameters' mapping copied",
         "both, twice",
         "a step counter and weights of its own",
+        "a fresh NAdam state's products",
     ],
 )
 def test_a_state_made_from_a_donated_one_by_replace_is_refused_too(
@@ -241,7 +242,11 @@ def test_a_state_made_from_a_donated_one_by_replace_is_refused_too(
         sibling = state.replace(params=dict(state.params))
     elif made_with == "both, twice":
         sibling = state.replace(epoch=3).replace(params=dict(state.params), samples_seen=9)
-    else:  # (it shares the moments alone)
+    elif made_with == "a step counter and weights of its own":  # (it shares the moments alone)
+        copies = {k: v.clone() for k, v in state.params.items()}
+        sibling = state.replace(step=torch.tensor(7), params=copies)
+    else:  # each weight's momentum product: 0-d, written where it lies
+        state = ft.TrainState.create(make_model(), ft.nadam(1e-2), cross_entropy_loss_fn)
         copies = {k: v.clone() for k, v in state.params.items()}
         sibling = state.replace(step=torch.tensor(7), params=copies)
     giver, other = (state, sibling) if donated == "the state" else (sibling, state)
@@ -250,14 +255,37 @@ def test_a_state_made_from_a_donated_one_by_replace_is_refused_too(
         ft.train_step(other, batches(1)[0])
 
 
-def test_a_state_made_by_replace_sharing_no_tensor_a_step_writes_outlives_its_donation() -> None:
-    state = ft.TrainState.create(make_model(), ft.adamw(1e-2, fused=True), cross_entropy_loss_fn)
-    state, _ = ft.train_step(state, batches(1)[0])
+@pytest.mark.parametrize(
+    ("optimizer", "shares"),
+    [
+        (optimizer, shares)
+        for optimizer in ("adamw", "adamw-unfused", "nadam", "sgd-momentum")
+        for shares in ("a fresh state's zeros and counters", "nothing written")
+        # (a fresh NAdam state's products have storage, written in place: refused, below)
+        if (optimizer, shares) != ("nadam", "a fresh state's zeros and counters")
+    ],
+)
+def test_a_state_made_by_replace_sharing_no_tensor_a_step_writes_outlives_its_donation(
+    optimizer: str, shares: str
+) -> None:
+    """A state of its own step counter shares with the original only what no donated step
+    writes where it lies (a fresh state's zeros without storage, counters, rates, each weight's
+    count): donating it leaves the original live and as it was."""
+    tx = {
+        "adamw": ft.adamw(1e-2),
+        "adamw-unfused": ft.adamw(1e-2, fused=False),
+        "nadam": ft.nadam(1e-2),
+        "sgd-momentum": ft.sgd(1e-2, momentum=0.9),
+    }[optimizer]
+    state = ft.TrainState.create(make_model(), tx, cross_entropy_loss_fn)
+    if shares == "nothing written":
+        state, _ = ft.train_step(state, batches(1)[0])
+        fresh = state.clone()
+        changes = {"params": dict(fresh.params), "opt_state": fresh.opt_state}
+    else:
+        changes = {"params": {k: v.clone() for k, v in state.params.items()}}
     kept = state.clone()
-    fresh = state.clone()
-    sibling = state.replace(
-        step=torch.tensor(7), params=dict(fresh.params), opt_state=fresh.opt_state
-    )
+    sibling = state.replace(step=torch.tensor(7), **changes)
     ft.train_step(sibling, batches(1)[0], donate=True)
     assert_states_equal(state, kept)  # live, and as it was
 
