@@ -1332,29 +1332,47 @@ def run_matrix(
 CALLS_TARGET = 150
 
 
-def count_matrix_calls(
+def count_matrix(
     workloads: list[str],
     configs: list[str],
     optimizers: list[str],
     optimizer_workloads: list[str],
-    steps: int = 40,
+    ops: bool = False,
 ) -> list[str]:
-    """Print the Python calls of each matrix row's donated step and of its hand-written loop
-    (`cProfile`: every call it records, Python functions and builtins, per (micro-)step, after
-    warm-up steps), the functrain files the step enters; return the rows over `CALLS_TARGET`."""
+    """Print, per (micro-)step after warm-up steps, what each matrix row's donated step and its
+    hand-written loop make; return the rows over their targets.
+
+    The Python calls (`cProfile`: every call it records, Python functions and builtins), with
+    the step's own and the functrain files it enters, against `CALLS_TARGET`; or with `ops` the
+    aten ops dispatched and the host reads (`_ops`), against the loop's ops.
+    """
+    steps = 8 if ops else 40
     over = []
     for w in workloads:
         module, batch = build(w, CPU)
         names = configs + (optimizers if w in optimizer_workloads else [])
-        print(f"\nPython calls per (micro-)step, {w} ({steps} steps, cProfile)\n")
-        print("| row | donated step | functrain's | hand-written loop | functrain files entered |")
+        if ops:
+            print(f"\naten ops dispatched per (micro-)step, {w} ({steps} steps)\n")
+            print("| row | donated step | its host reads | hand-written loop | its host reads |")
+        else:
+            print(f"\nPython calls per (micro-)step, {w} ({steps} steps, cProfile)\n")
+            print(
+                "| row | donated step | functrain's | hand-written loop | functrain files entered |"
+            )
         print("|---|---|---|---|---|")
         for name in names:
             row = ROWS[name]
             step = RowStep(copy.deepcopy(module), batch, row, donate=True)
-            calls, mine, files = _calls(step, WARMUP[w], steps)
-            hand = _calls(HandLoop(copy.deepcopy(module), batch, row), WARMUP[w], steps)[0]
-            print(f"| {name} | {calls:.0f} | {mine:.0f} | {hand:.0f} | {', '.join(files)} |")
+            loop = HandLoop(copy.deepcopy(module), batch, row)
+            if ops:
+                (mine, reads), (hand, theirs) = (_ops(r, WARMUP[w], steps) for r in (step, loop))
+                print(f"| {name} | {mine:.1f} | {reads:.1f} | {hand:.1f} | {theirs:.1f} |")
+                if mine > hand + 0.05:
+                    over.append(f"{w}/{name}: {mine:.1f} ops > the hand loop's {hand:.1f}")
+                continue
+            calls, own, files = _calls(step, WARMUP[w], steps)
+            hand = _calls(loop, WARMUP[w], steps)[0]
+            print(f"| {name} | {calls:.0f} | {own:.0f} | {hand:.0f} | {', '.join(files)} |")
             if calls > CALLS_TARGET + 0.5:
                 over.append(f"{w}/{name}: {calls:.0f} calls > {CALLS_TARGET}")
     return over
@@ -1381,34 +1399,6 @@ def _ops(runner: Any, warmup: int, steps: int) -> tuple[float, float]:
         for _ in range(steps):
             runner.step()
     return counted["ops"] / steps, counted["reads"] / steps
-
-
-def count_matrix_ops(
-    workloads: list[str],
-    configs: list[str],
-    optimizers: list[str],
-    optimizer_workloads: list[str],
-    steps: int = 8,
-) -> list[str]:
-    """Print the aten ops each matrix row's donated step dispatches per (micro-)step and its host
-    reads, against its hand-written loop's; return the rows that dispatch more ops than their
-    loop."""
-    over = []
-    for w in workloads:
-        module, batch = build(w, CPU)
-        names = configs + (optimizers if w in optimizer_workloads else [])
-        print(f"\naten ops dispatched per (micro-)step, {w} ({steps} steps, TorchDispatchMode)\n")
-        print("| row | donated step | its host reads | hand-written loop | its host reads |")
-        print("|---|---|---|---|---|")
-        for name in names:
-            row = ROWS[name]
-            step = RowStep(copy.deepcopy(module), batch, row, donate=True)
-            ops, reads = _ops(step, WARMUP[w], steps)
-            hand, hand_reads = _ops(HandLoop(copy.deepcopy(module), batch, row), WARMUP[w], steps)
-            print(f"| {name} | {ops:.1f} | {reads:.1f} | {hand:.1f} | {hand_reads:.1f} |")
-            if ops > hand + 0.05:
-                over.append(f"{w}/{name}: {ops:.1f} ops > the hand loop's {hand:.1f}")
-    return over
 
 
 def print_matrix(
@@ -1620,8 +1610,7 @@ def main() -> None:
     )
     print("command: python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
     if args.matrix and (args.calls or args.ops):
-        count = count_matrix_calls if args.calls else count_matrix_ops
-        over = count(workloads, configs, optimizers, optimizer_workloads)
+        over = count_matrix(workloads, configs, optimizers, optimizer_workloads, ops=args.ops)
         if over:
             print("\nRows over the target:\n  " + "\n  ".join(over))
         return
