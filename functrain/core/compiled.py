@@ -316,7 +316,12 @@ class CompiledStep:
                 "a compiled step expects a functrain.TrainState as its first argument, "
                 f"got {type(state).__name__}"
             )
-        state.check_live("a compiled step")
+        if state.check_live("a compiled step") and donate:
+            # it lends tensors a donated step writes to live states (`TrainState.check_live`):
+            # computed as a pure step, and the given state retired alone
+            new_state, metrics = self(state, batch)
+            state.retire(_CAPTURED if self._captures is not None else _DONATED, alone=True)
+            return new_state, metrics
         if state.options.differentiable:
             raise ConfigError(
                 "a differentiable state's step is not compiled: call functrain.train_step on it "

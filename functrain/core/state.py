@@ -76,6 +76,7 @@ from functrain.tree import ReadOnlyDict, Tree, leaves_by_path, read_only, tree_l
 __all__ = [
     "NOT_DIFFERENTIABLE",
     "TrainState",
+    "lend",
     "StepOptions",
     "LossFn",
     "Precision",
@@ -1012,12 +1013,15 @@ class TrainState:
             lambda x: light_copy(x) if isinstance(x, torch.Tensor) else copy.deepcopy(x), self
         )
 
-    def check_live(self, call: str) -> None:
+    def check_live(self, call: str) -> bool:
         """Raise `DonatedStateError` if a step took this state with ``donate=True``.
 
         Also when this state and a donated one were made from one another by `replace` without
         a new step counter (their counters' common lineage), or share their parameters' mapping:
         the donated step may have written into the tensors they share.
+
+        Returns whether the state shares tensors a donated step writes with states a pure step
+        made from it or it from them (`lend`): a donated step then computes as a pure one.
 
         Args:
             call: what was attempted, for the message.
@@ -1039,7 +1043,7 @@ class TrainState:
                     "to start from another state's weights, use functrain.load_weights"
                 )
             object.__setattr__(self, "_unchecked", False)
-        donated_to = self._donated_to
+        donated_to, lineage = self._donated_to, None
         if donated_to is None:  # (a donated state's own fields raise when read)
             lineage = getattr(self.step, _LINEAGE, None)
             donated_to = (lineage and lineage[0]) or self.params.donated_to  # type: ignore[attr-defined]
@@ -1051,6 +1055,7 @@ class TrainState:
                 "copy it first with state.clone(), "
                 "or call the step without donate=True"
             )
+        return lineage is not None and lineage[-1] is _LENT
 
     def _fit_problem(self) -> str | None:
         """The first way this state's tensors do not fit its module, or None where they fit.
@@ -1103,25 +1108,30 @@ class TrainState:
         """
         return self.step.shape[0] if self.step.ndim else 0
 
-    def retire(self, call: str, raised: BaseException | None = None) -> None:
+    def retire(
+        self, call: str, raised: BaseException | None = None, *, alone: bool = False
+    ) -> None:
         """Mark this state as donated to `call`: every later use raises `DonatedStateError`.
 
         Steps call it on the state they were given with ``donate=True``; `raised`: the error
         the step raised after it may have written this state's tensors. Its tree fields are
         replaced by a placeholder that raises when read, and its step counter's lineage and its
         parameters' mapping are tagged so that the states sharing either (made by `replace`) are
-        refused as well.
+        refused as well. `alone`: this state only, whose tensors the step did not write (a
+        donated step of a state that lends its tensors, `lend`, computes as a pure one).
         """
         if self._donated_to is not None:
             return
         if raised is not None:
             call = f"{call}, which then raised {type(raised).__name__}"
         lineage = getattr(self.step, _LINEAGE, None)
-        if lineage is None:  # (states sharing the tensor itself: a tree map of this one)
+        if alone:
+            pass
+        elif lineage is None:  # (states sharing the tensor itself: a tree map of this one)
             setattr(self.step, _LINEAGE, [call])
         else:
             lineage[0] = call
-        if type(self.params) is ReadOnlyDict:  # shared by the states `replace` made from this one
+        if type(self.params) is ReadOnlyDict and not alone:  # shared by `replace`'s states
             self.params.donated_to = call
         object.__setattr__(self, "_donated_to", call)
         for name, placeholder in zip(TREE_FIELDS, _placeholders(call), strict=True):
@@ -1283,6 +1293,26 @@ def _written(state: TrainState) -> list[torch.Tensor]:
             continue
         found.append(t)
     return found
+
+
+# the mark of a lineage whose states share tensors a donated step writes, made by a pure step
+# that left them unmoved (`lend`)
+_LENT = "lent"
+
+
+def lend(given: TrainState, new: TrainState) -> None:
+    """Mark `new`, which a pure step made from `given` holding some of its tensors a donated step
+    writes (the weights and optimizer state of an accumulation window's micro-batch, unmoved),
+    as of `given`'s lineage, lent: a donated step of any of its states computes as a pure one and
+    retires the state it was given alone (`check_live`, `retire`), so that no live state's
+    tensors are written."""
+    lineage = getattr(given.step, _LINEAGE, None)
+    if lineage is None:
+        lineage = [None]
+        setattr(given.step, _LINEAGE, lineage)
+    if lineage[-1] is not _LENT:
+        lineage.append(_LENT)
+    setattr(new.step, _LINEAGE, lineage)
 
 
 def _same_lineage(copy: torch.Tensor, step: torch.Tensor) -> None:

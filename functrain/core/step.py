@@ -70,6 +70,12 @@ def train_step(
     `DonatedStateError` (keep a copy with ``state.clone()`` first if you need one). A state with
     ``grad_stats`` still writes fresh buffers (its update ratios need the old weights).
 
+    Inside an accumulation window a pure step leaves the weights and the optimizer state where
+    they are (only the window's sums move): the state it returns holds those tensors, shared with
+    the state it was given (copy on write). Donating a state that shares them with live states
+    computes a pure step and retires the given state alone: no live state's tensors are written,
+    and the window's last micro-batch gives tensors of their own again.
+
     Args:
         state: the current `TrainState`.
         batch: whatever `state.loss_fn` accepts (tensors, tuples, dicts, ...).
@@ -112,7 +118,12 @@ def train_step(
             "train_step expects a functrain.TrainState as its first argument, "
             f"got {type(state).__name__}; build one with TrainState.create(...)"
         )
-    state.check_live("train_step")
+    if state.check_live("train_step") and donate:
+        # it lends tensors a donated step writes to live states (`lend`): computed as a pure
+        # step, and the given state retired alone
+        new, metrics = train_step(state, batch)
+        state.retire(DONATED, alone=True)
+        return new, metrics
     if state.options.differentiable:
         return _differentiable_step(state, batch, donate)
     if torch.compiler.is_compiling():

@@ -60,7 +60,7 @@ from functrain.core.loss import (
     split_loss,
 )
 from functrain.core.stacked_step import PerMember, refuse_per_member
-from functrain.core.state import TrainState
+from functrain.core.state import TrainState, lend
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
 from functrain.optim.planned import Ran
@@ -182,6 +182,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_COUNTERS if donate else _OWN_COUNTERS)
     else:
         text.append(_WINDOW_COUNTERS.format(own=own))
+        if lends(program, donate):
+            text.append(_LENDS)
     if not program.averages:
         text.append(_NO_AVERAGE)
     else:
@@ -222,10 +224,17 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "GUARD_BUFFERS": program.guard_buffers,
         "DEVICE": next(iter(state.params.values())).device,
         "RATES": program.rates,
+        "LEND": lend,
         "AVERAGING": program.averaging,
         **update_constants,
     }
     return "".join(text), constants
+
+
+def lends(program: Any, donate: bool) -> bool:
+    """Whether a pure step of `program` lends its input what a micro-batch leaves unmoved: its
+    runner is an accumulation window's that takes ``share`` (`functrain.optim.wrappers`)."""
+    return not donate and getattr(program.runner, "shares", False)
 
 
 def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str, dict[str, Any]]:
@@ -238,6 +247,8 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
     # a gradient a hook handed in may be kept by it: never written
     call = f"ran = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
     runner = program.runner
+    if lends(program, donate):  # a window's micro-batch: what it leaves unmoved, lent
+        call = "ran = RUNNER(grads, params, state.opt_state, norm, False, None, True)"
     guarded = type(runner) is GuardedRunner
     fused = runner.inner if guarded else runner
     if program.hooks or not on_cpu or window != 1:
@@ -591,6 +602,12 @@ _WINDOW_COUNTERS = (
             applied = completed_now if applied is None else completed_now & applied
 """
 )
+# a pure step's micro-batch that did not end the window holds the given weights and optimizer
+# state, unmoved: lent (`functrain.core.state.lend`)
+_LENDS = """\
+        if ran.ended is False:
+            LEND(state, new)
+"""
 _AVERAGED = """\
         SET_ema_state(
             new, PROGRAM.average(state, ran.params, new.params, new.buffers, applied, {donate})

@@ -1210,6 +1210,11 @@ def _window_runner(
     """The `Runner` of `accumulate` around a planned inner update: `accumulate`'s ``update_fn``
     with the inner runner in place of its update, op for op.
 
+    With ``share=True`` (a pure step that lends what it leaves unmoved,
+    `functrain.core.state.lend`: the straight line's) a micro-batch that does not end the window
+    returns the parameters and the inner state it was given, not copies (`shares` says it takes
+    the argument).
+
     `lr_of` and `skipped_of` read the inner state's rate and skip flag (`metric_reader`), which a
     micro-step between window ends reports as they are; `same`: whether the gradients have their
     sums' dtypes (else each is cast to its sum's); `report_norm`: whether a micro-step between
@@ -1224,6 +1229,7 @@ def _window_runner(
         norm: torch.Tensor | None,
         write: bool,
         keep: torch.Tensor | None = None,
+        share: bool = False,
     ) -> Ran:
         if keep is not None:  # an outer window's end, unread: run, then select (`_update_where`)
             ran = run(grads, params, state, norm, False)
@@ -1247,7 +1253,7 @@ def _window_runner(
         if between is not None and mean:
             between = between / every
         if ends is False:  # the window goes on: the inner update would be a no-op
-            if write:  # the parameters and the inner state as they are (`_unmoved`)
+            if write or share:  # the parameters and the inner state as they are (`_unmoved`)
                 unmoved, inner_state = list(params), state.inner
             else:
                 moved, inner_state = _unmoved(params, state.inner, write)
@@ -1277,6 +1283,7 @@ def _window_runner(
         new_state = AccumulateState(ran.state, micro, tuple(sums))
         return ran._replace(state=new_state, norm=window_norm)
 
+    run.shares = True  # type: ignore[attr-defined]
     return run
 
 

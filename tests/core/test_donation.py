@@ -3,6 +3,7 @@ dead."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -640,3 +641,65 @@ def test_a_donated_compiled_call_run_as_python_after_a_failed_compile_retires_th
         step(state, wider, donate=True)  # run as Python
     with pytest.raises(ft.DonatedStateError, match="which then raised NonFiniteError"):
         step(state, (x, y))
+
+
+def _window_states(steps: int) -> tuple[list[ft.TrainState], list[Any]]:
+    """A fresh state of a window of 3 micro-batches with an EMA, and the states pure steps make
+    from it in turn."""
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2), cross_entropy_loss_fn, accumulate_steps=3, ema_decay=0.9
+    )
+    given = batches(steps)
+    states = [state]
+    for batch in given:
+        states.append(ft.train_step(states[-1], batch)[0])
+    return states, given
+
+
+def test_a_pure_micro_batch_lends_what_it_leaves_unmoved_and_a_window_end_owns_its_tensors() -> (
+    None
+):
+    """Copy on write: a pure step inside an accumulation window holds the weights and the
+    optimizer state it was given (it did not move them); the step that ends the window writes
+    tensors of its own. The bits are the donated steps'."""
+    states, given = _window_states(4)
+    # (a fresh state's first step gives its moments storage: from the second micro-batch on)
+    second = states[2]
+    assert all(second.params[k] is states[1].params[k] for k in second.params)
+    inner = (second.opt_state.inner, states[1].opt_state.inner)
+    assert all(a is b for a, b in zip(*map(pytree.tree_leaves, inner), strict=True))
+    ended = states[3]  # (the third micro-batch ends the window)
+    assert not any(ended.params[k] is states[2].params[k] for k in ended.params)
+    donated = states[0].clone()
+    for batch in given:
+        donated, _ = ft.train_step(donated, batch, donate=True)
+    assert_states_equal(states[-1], donated)
+
+
+@pytest.mark.parametrize("front_door", ["train_step", "compile_step"])
+def test_a_donated_step_of_a_state_that_lends_its_tensors_writes_none_of_them(
+    front_door: str,
+) -> None:
+    """Donating a state that shares what a pure micro-batch left unmoved with live states (the
+    state it was made from, those made from it, `replace`'s) computes as a pure step: the given
+    state is retired, every other keeps its values and stays usable; the next window end owns
+    its tensors, and the donated steps after it write in place again."""
+    step = ft.compile_step(backend="eager") if front_door == "compile_step" else ft.train_step
+    if front_door == "compile_step":  # (an eager step's state holds its window's count twice)
+        warnings.filterwarnings("ignore", category=ft.RecompileWarning)
+    states, given = _window_states(2)
+    sibling = states[1].replace(epoch=1)
+    kept = [s.clone() for s in (*states, sibling)]
+    pure, _ = step(states[1].clone(), given[1])
+    new, _ = step(states[1], given[1], donate=True)
+    assert_states_equal(new, pure)
+    with pytest.raises(ft.DonatedStateError):
+        states[1].check_live("a test")
+    for live, copy in zip((states[0], states[2], sibling), (kept[0], kept[2], kept[-1])):
+        assert_states_equal(live, copy)  # (and usable: no DonatedStateError)
+    new, _ = step(new, batches(1)[0], donate=True)  # the window's end: tensors of its own
+    given_weights = dict(new.params)
+    after, _ = step(new, batches(1)[0], donate=True)
+    if front_door == "train_step":  # written where they lie (eager), not copied
+        assert all(after.params[k] is given_weights[k] for k in after.params)
+    assert_states_equal(states[0], kept[0])
