@@ -159,10 +159,12 @@ def donated(
 
 
 @outside_graph
-def retire(state: TrainState, call: str, raised: BaseException | None = None) -> None:
+def retire(
+    state: TrainState, call: str, raised: BaseException | None = None, *, alone: bool = False
+) -> None:
     """`TrainState.retire`, outside any compiled graph: `state` was donated to `call` (which
-    then raised `raised`, where given)."""
-    state.retire(call, raised)
+    then raised `raised`, where given; `alone`: its tensors were not written)."""
+    state.retire(call, raised, alone=alone)
 
 
 def step_in_scope(

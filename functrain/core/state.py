@@ -77,6 +77,7 @@ __all__ = [
     "NOT_DIFFERENTIABLE",
     "TrainState",
     "lend",
+    "lends",
     "StepOptions",
     "LossFn",
     "Precision",
@@ -1298,6 +1299,15 @@ def _written(state: TrainState) -> list[torch.Tensor]:
 # the mark of a lineage whose states share tensors a donated step writes, made by a pure step
 # that left them unmoved (`lend`)
 _LENT = "lent"
+
+
+def lends(state: TrainState) -> bool:
+    """Whether `state`, not donated, shares tensors a donated step writes with live states of
+    its lineage (`lend`): a donated step of it writes none of them."""
+    if state._donated_to is not None:
+        return False
+    lineage = getattr(state.step, _LINEAGE, None)
+    return lineage is not None and lineage[-1] is _LENT
 
 
 def lend(given: TrainState, new: TrainState) -> None:

@@ -27,7 +27,7 @@ from functrain.checkpoint.sharded import has_dtensors
 from functrain.checkpoint.state_io import load
 from functrain.core.donation import retire
 from functrain.core.stacked import host_count, num_members
-from functrain.core.state import LossFn, TrainState
+from functrain.core.state import LossFn, TrainState, lends
 from functrain.distributed.data_parallel import barrier
 from functrain.driver.arguments import empty_data_problem, fit_problems
 from functrain.driver.callbacks import (
@@ -410,8 +410,9 @@ def fit(
     if main and logging.verbosity != "silent" and (line := loop.stopped_line()) is not None:
         print(line, flush=True)
     if execution.donate and loop.stepped:
-        # the first step wrote into the given state's tensors (or a copy sharing them): refused
-        retire(given, _DONATED)
+        # the first step wrote into the given state's tensors (or a copy sharing them): refused;
+        # alone where they are lent (`TrainState.lend`): the steps then wrote none of them
+        retire(given, _DONATED, alone=lends(given))
     if state.dist is not None:
         barrier(state.dist.group)  # rank 0's last checkpoint is committed
     result = _result(loop, manager, tests)

@@ -703,3 +703,16 @@ def test_a_donated_step_of_a_state_that_lends_its_tensors_writes_none_of_them(
     if front_door == "train_step":  # written where they lie (eager), not copied
         assert all(after.params[k] is given_weights[k] for k in after.params)
     assert_states_equal(states[0], kept[0])
+
+
+def test_fit_donating_a_state_that_lends_its_tensors_leaves_their_other_states_as_they_were() -> (
+    None
+):
+    states, _ = _window_states(2)
+    kept = [s.clone() for s in states]
+    given = states[2].replace(epoch_step=0)  # (its lineage: lent; a fresh epoch for fit)
+    ft.fit(given, batches(4), max_epochs=1, donate=True, verbosity="silent")
+    with pytest.raises(ft.DonatedStateError):
+        given.check_live("a test")
+    for live, copy in zip(states, kept, strict=True):
+        assert_states_equal(live, copy)
