@@ -274,7 +274,8 @@ class CompiledStep:
 
     ``donate=True`` is `train_step`'s: the caller gives `state` up, the step's results are written
     into its tensors (a graph of its own, whose outputs are copies into its inputs, which inductor
-    writes in place), and `state` raises `DonatedStateError` on any later use. So it does when the
+    writes in place; a transform's 0-d counters and flags are new tensors), and `state` raises
+    `DonatedStateError` on any later use. So it does when the
     call raises once its graph may have run (which tensors it had written cannot be known); an
     error while the step is compiled (a batch the loss cannot take) comes before anything ran, and
     leaves `state` usable.
@@ -665,16 +666,25 @@ def _written_back(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     for name, before in old.items():
         after, spec = tree_flatten(new[name])
         given = tree_leaves(before)
+        kept = []
         for a, b in zip(after, given, strict=True):
+            if not isinstance(b, torch.Tensor) or _counter(b):
+                # a counter or flag (a guard's skip counts): its new value, never written into
+                # the given one, which eager pure steps share between states as no step writes it
+                kept.append(a)
+                continue
             if isinstance(a, torch.Tensor) and a is not b:
                 # a 0-d input is written through a 1-element view: AOTAutograd (torch 2.13)
                 # drops a copy_ into a 0-d float64 CPU input (a schedule's last rate kept stale)
                 (b.unsqueeze(0) if b.ndim == 0 else b).copy_(a)
-        out[name] = tree_unflatten(
-            [b if isinstance(b, torch.Tensor) else a for a, b in zip(after, given, strict=True)],
-            spec,
-        )
+            kept.append(b)
+        out[name] = tree_unflatten(kept, spec)
     return out
+
+
+def _counter(t: torch.Tensor) -> bool:
+    """Whether `t` is a 0-d integer or bool tensor: a counter or flag of a transform's state."""
+    return t.ndim == 0 and not (t.is_floating_point() or t.is_complex())
 
 
 def _quiet_inductor_imports() -> None:

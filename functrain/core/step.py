@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwAD
 
 from functrain.core.binding import bound, unbind
 from functrain.core.body import SWEEP_ALONE, eval_body, forward_buffers, train_body
-from functrain.core.donation import DONATED, step_in_scope
+from functrain.core.donation import DONATED, retire, step_in_scope
 from functrain.core.loss import RunAgain
 from functrain.core.program import body_step, program_for
 from functrain.core.scope import enter, leave, outside_graph
@@ -122,7 +122,7 @@ def train_step(
         # it lends tensors a donated step writes to live states (`lend`): computed as a pure
         # step, and the given state retired alone
         new, metrics = train_step(state, batch)
-        state.retire(DONATED, alone=True)
+        retire(state, DONATED, alone=True)  # (outside a graph: a user's torch.compile)
         return new, metrics
     if state.options.differentiable:
         return _differentiable_step(state, batch, donate)

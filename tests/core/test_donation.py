@@ -716,3 +716,33 @@ def test_fit_donating_a_state_that_lends_its_tensors_leaves_their_other_states_a
         given.check_live("a test")
     for live, copy in zip(states, kept, strict=True):
         assert_states_equal(live, copy)
+
+
+def test_a_compiled_donated_step_writes_no_counter_that_pure_steps_share() -> None:
+    """Eager pure steps keep a guard's skip counters as they are (no step writes them): the
+    states of a window share them. A compiled donated step gives its counters new tensors
+    rather than writing them into the given ones, so a NaN batch counted there leaves every
+    live state's counts as they were."""
+    warnings.filterwarnings("ignore", category=ft.RecompileWarning)
+    state = ft.TrainState.create(
+        make_model(), ft.adamw(1e-2), cross_entropy_loss_fn, accumulate_steps=3
+    )
+    for batch in batches(3):
+        state, _ = ft.train_step(state, batch, donate=True)
+    lent = [state]
+    for batch in batches(3):  # two micro-batches lent, the third ends the window
+        lent.append(ft.train_step(lent[-1], batch)[0])
+    step = ft.compile_step(backend="eager")
+    new = lent.pop()
+    for batch in [*batches(2), batches(1, nan_at=0)[0]]:  # a NaN batch ends this window
+        new, _ = step(new, batch, donate=True)
+    assert int(new.opt_state.inner.total_skipped) == 1
+    assert [int(s.opt_state.inner.total_skipped) for s in lent] == [0, 0, 0]
+
+
+def test_a_donated_step_of_a_lent_state_inside_torch_compile_runs() -> None:
+    states, given = _window_states(2)
+    step = torch.compile(lambda s, b: ft.train_step(s, b, donate=True), backend="eager")
+    new, _ = step(states[2], batches(1)[0])
+    assert int(new.step) == 1
+    assert_states_equal(states[1], states[1].clone())  # (live)
