@@ -73,14 +73,9 @@ def split_loss(out: Any, name: str = "loss_fn") -> tuple[torch.Tensor, dict[str,
     if isinstance(loss, Mapping):
         raise LossError(_mapping_problem(loss, name))
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
-        got = (
-            f"Tensor{list(loss.shape)} {loss.dtype}"
-            if isinstance(loss, torch.Tensor)
-            else type(loss).__name__
-        )
         raise LossError(
             f"{name} must return a scalar floating-point tensor (or (loss, metrics)), "
-            f"got {got}; reduce the loss with .mean() or .sum()"
+            f"got {_described(loss)}; reduce the loss with .mean() or .sum()"
         )
     if not isinstance(aux, Mapping) or not all(isinstance(v, torch.Tensor) for v in aux.values()):
         bad = (
@@ -543,14 +538,9 @@ def run_gradient_hooks(
                 or changed.shape != given.shape
                 or changed.dtype != given.dtype
             ):
-                got = (
-                    f"a tensor of shape {list(changed.shape)}, {changed.dtype}"
-                    if isinstance(changed, torch.Tensor)
-                    else type(changed).__name__
-                )
                 raise ConfigError(
-                    f"the gradient hook {getattr(hook, '__qualname__', hook)!r} returned {got} "
-                    f"for a gradient of shape {list(given.shape)}, {given.dtype}; a hook may "
+                    f"the gradient hook {getattr(hook, '__qualname__', hook)!r} returned "
+                    f"{_described(changed)} for a gradient {_described(given)}; a hook may "
                     "change a gradient's values, not its size or dtype (torch refuses it too): "
                     "return a tensor like the one it was given, or None to keep it"
                 )
@@ -572,3 +562,9 @@ def samples_in(batch: Any) -> int:
         if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
             return int(leaf.shape[0])  # a static shape, not a tensor read
     return 1
+
+
+def _described(x: Any) -> str:
+    """What a loss function or hook handed back, for a message: ``Tensor[8, 3] torch.float32``,
+    or its type's name."""
+    return f"Tensor{list(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
