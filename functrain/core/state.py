@@ -1056,7 +1056,7 @@ class TrainState:
                 "copy it first with state.clone(), "
                 "or call the step without donate=True"
             )
-        return lineage is not None and lineage[-1] is _LENT
+        return lineage is not None and lineage[-1] is _LENT  # (`lends`' test, inline: each step)
 
     def _fit_problem(self) -> str | None:
         """The first way this state's tensors do not fit its module, or None where they fit.
@@ -1125,15 +1125,14 @@ class TrainState:
             return
         if raised is not None:
             call = f"{call}, which then raised {type(raised).__name__}"
-        lineage = getattr(self.step, _LINEAGE, None)
-        if alone:
-            pass
-        elif lineage is None:  # (states sharing the tensor itself: a tree map of this one)
-            setattr(self.step, _LINEAGE, [call])
-        else:
-            lineage[0] = call
-        if type(self.params) is ReadOnlyDict and not alone:  # shared by `replace`'s states
-            self.params.donated_to = call
+        if not alone:
+            lineage = getattr(self.step, _LINEAGE, None)
+            if lineage is None:  # (states sharing the tensor itself: a tree map of this one)
+                setattr(self.step, _LINEAGE, [call])
+            else:
+                lineage[0] = call
+            if type(self.params) is ReadOnlyDict:  # shared by the states `replace` made from it
+                self.params.donated_to = call
         object.__setattr__(self, "_donated_to", call)
         for name, placeholder in zip(TREE_FIELDS, _placeholders(call), strict=True):
             object.__setattr__(self, name, placeholder)
