@@ -416,16 +416,14 @@ def counters(
 ) -> dict[str, torch.Tensor]:
     """The counters after a batch of `samples` (`completed`: whether it completed an update, a
     0-d tensor, or known on the host; None when every batch completes one)."""
-    if isinstance(completed, torch.Tensor) or functional():
-        steps = (
-            completed.long() if isinstance(completed, torch.Tensor) else int(completed is not False)
-        )
+    tensor = isinstance(completed, torch.Tensor)
+    steps: Any = completed.long() if tensor else int(completed is not False)  # type: ignore[union-attr]
+    if tensor or functional():
         step = state.step + steps
         epoch_step, samples_seen = state.epoch_step + 1, state.samples_seen + samples
     else:  # one foreach op for the three counters, not one op each
         step, epoch_step, samples_seen = torch._foreach_add(
-            [state.step, state.epoch_step, state.samples_seen],
-            [int(completed is not False), 1, samples],
+            [state.step, state.epoch_step, state.samples_seen], [steps, 1, samples]
         )
     return {
         "step": step,

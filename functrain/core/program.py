@@ -208,11 +208,16 @@ class StepProgram(_Decided):
         and ``completed``, the EMA's gate, where the window's end is not known on the host to be
         this micro-batch's."""
         micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
-        completed = micro == 0 if ran.ended is None else ran.ended
         # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
+        if ran.ended is not None:  # known on the host
+            changes = counters(state, micro, ran.ended, None, samples)
+            if ran.ended is False and state.ema_state is not None:
+                changes["completed"] = micro == 0
+            return changes
+        completed = micro == 0
         changes = counters(state, micro, completed, None, samples)
-        if ran.ended is not True and state.ema_state is not None:
-            changes["completed"] = micro == 0
+        if state.ema_state is not None:
+            changes["completed"] = completed
         return changes
 
     def average(

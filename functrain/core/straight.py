@@ -182,7 +182,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_COUNTERS if donate else _OWN_COUNTERS)
     else:
         text.append(_WINDOW_COUNTERS.format(own=own))
-        if lends(program, donate):
+        if _lending(program, donate):
             text.append(_LENDS)
     if not program.averages:
         text.append(_NO_AVERAGE)
@@ -231,7 +231,7 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     return "".join(text), constants
 
 
-def lends(program: Any, donate: bool) -> bool:
+def _lending(program: Any, donate: bool) -> bool:
     """Whether a pure step of `program` lends its input what a micro-batch leaves unmoved: its
     runner is an accumulation window's that takes ``share`` (`functrain.optim.wrappers`)."""
     return not donate and getattr(program.runner, "shares", False)
@@ -247,7 +247,7 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
     # a gradient a hook handed in may be kept by it: never written
     call = f"ran = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
     runner = program.runner
-    if lends(program, donate):  # a window's micro-batch: what it leaves unmoved, lent
+    if _lending(program, donate):  # a window's micro-batch: what it leaves unmoved, lent
         call = "ran = RUNNER(grads, params, state.opt_state, norm, False, None, True)"
     guarded = type(runner) is GuardedRunner
     fused = runner.inner if guarded else runner
