@@ -80,11 +80,9 @@ from functrain.optim.base import (
     update_reporting,
 )
 from functrain.optim.metrics import metric_reader, transform_metrics
-from functrain.optim.planned import Prelude, Ran, Runner
-from functrain.optim.rules.fused import FusedRunner
+from functrain.optim.planned import Prelude, Ran, Runner, reads_norm
 from functrain.optim.sweep import holds_sweep
 from functrain.optim.updates import apply_updates
-from functrain.optim.wrappers import GuardedRunner
 from functrain.tree import (
     LOCAL_NORMS,
     Norms,
@@ -169,13 +167,17 @@ class StepProgram(_Decided):
         self.averages = state.ema_state is not None and state.averager is not None  # an EMA
         # its update where every average moves (an EMA of the parameters alone), else None
         self.averaging = averaging_of(state.averager) if self.averages else None
-        # the step reports the gradients' norm (asked for, or clipping's), and measures it for its
-        # update: a fused kernel takes none, alone or in the guard (which checks the elements
-        # themselves); clipping and the other runners do
+        # the step reports the gradients' norm (asked for, or clipping's), and measures it where
+        # its update reads it (`reads_norm`: clipping does, a kernel or a formula does not, nor
+        # the guard, which checks the elements themselves: on the CPU in one op, where the
+        # gradients are the step's own, no hook's, and real)
         self.reports = options.reports_grad_norm
-        fused = runner.inner if type(runner) is GuardedRunner else runner
         self.measures = (
-            self.reports or options.clip_grad_norm is not None or type(fused) is not FusedRunner
+            self.reports
+            or options.clip_grad_norm is not None
+            or reads_norm(runner)
+            or bool(self.hooks)
+            or any(p.is_complex() for p in params)
         )
         # the configuration's step as one function (`functrain.core.straight`), where it is
         # written for it: what `functrain.train_step` runs; else the body's update (`run`)

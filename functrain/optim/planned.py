@@ -28,6 +28,7 @@ __all__ = [
     "Prelude",
     "chained",
     "gated_by_selection",
+    "reads_norm",
     "selected",
 ]
 
@@ -100,6 +101,13 @@ class Prelude(NamedTuple):
     run: Passing
 
 
+def reads_norm(runner: Any) -> bool:
+    """Whether `runner` reads the gradients' norm it is given (a clipping chain's does): where it
+    does not, and nothing reports the norm, the step does not measure it. A runner says it does
+    not by ``reads_norm = False``; one that does not say is taken to read it."""
+    return getattr(runner, "reads_norm", True)
+
+
 def chained(preludes: list[Any], last: Runner) -> Runner:
     """The `Runner` of ``chain(*transforms)``: each prelude's updates handed to the next, then to
     the last transform's runner, the states gathered in a tuple as `functrain.chain` keeps them.
@@ -123,6 +131,7 @@ def chained(preludes: list[Any], last: Runner) -> Runner:
             ran.params, (*states, ran.state), ran.lr, ran.skipped, ran.flag, ran.norm, ran.ended
         )
 
+    run.reads_norm = bool(preludes) or reads_norm(last)  # type: ignore[attr-defined]
     return run
 
 
@@ -159,6 +168,7 @@ def gated_by_selection(
         # a wrapper's gate, unread (an accelerator's): run, then select
         return selected(run(grads, params, state, norm, False), keep, params, state, lr_of)
 
+    runner.reads_norm = reads_norm(run)  # type: ignore[attr-defined]
     return runner
 
 

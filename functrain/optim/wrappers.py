@@ -42,7 +42,7 @@ from functrain.optim.batching import under_vmap
 from functrain.optim.masks import resolve_mask, resolved_once
 from functrain.optim.metrics import metric_reader, transform_metrics, walk_states
 from functrain.optim.naming import named
-from functrain.optim.planned import Prelude, Ran, Runner, selected
+from functrain.optim.planned import Prelude, Ran, Runner, reads_norm, selected
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.rules.formula import RuleState
@@ -630,6 +630,7 @@ def _grouped_runner(groups: list[tuple[list[int], Runner]], n: int) -> Runner:
             first.ended,
         )
 
+    run.reads_norm = any(reads_norm(runner) for _, runner in groups)  # type: ignore[attr-defined]
     return run
 
 
@@ -653,6 +654,7 @@ def _of_no_parameters(inner: Transform) -> Runner:
         read = metric_reader(new, "lr")
         return Ran([], new, read(new) if read is not None else None, None, None)
 
+    run.reads_norm = False  # type: ignore[attr-defined]
     return run
 
 
@@ -827,10 +829,14 @@ class GuardedRunner:
     The straight-line step (`functrain.core.straight`) writes the host path from `inner`'s plan
     where it can, and calls this runner for the rest."""
 
-    __slots__ = ("inner", "cap", "gated")
+    __slots__ = ("inner", "cap", "gated", "reads_norm")
 
     def __init__(self, inner: Runner, cap: int, gated: bool) -> None:
         self.inner, self.cap, self.gated = inner, cap, gated
+        # (the step's norm, where it is given, says at once that a step is finite; where it is
+        # not, the flag is made element by element: the step measures it for the inner runner's
+        # sake only)
+        self.reads_norm = reads_norm(inner)
 
     def __call__(
         self,
@@ -946,15 +952,17 @@ def host_guard(
     """`skip_nonfinite`'s guard read on the host, for a CPU state's step (its values are there:
     no wait), in one call (the straight-line step's, `functrain.core.straight`): None where an
     element of the step's own gradients `grads` is not finite (the update is skipped), else the
-    flag and run of skips of a finite step (`_finite_flags`). A finite `norm` (where the step
-    measured one) says so at once; else torch's found-inf check (GradScaler's, multiplying by one
-    in place, which leaves every value as it is: the gradients must be the step's own)."""
-    if norm is None or not math.isfinite(norm.item()):
+    flag and run of skips of a finite step (`_finite_flags`). Where the step measured their
+    `norm`, a finite one says so at once, else `all_finite`; where it did not, torch's found-inf
+    check (GradScaler's, multiplying by one in place, which leaves every value as it is: the
+    gradients must be the step's own, and real: the step measures complex ones' norm)."""
+    if norm is None:
         found = torch.zeros((), dtype=torch.float32)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
-        if found.item():
-            return None
-    return _finite_flags(state)
+        finite = not found.item()
+    else:
+        finite = math.isfinite(norm.item()) or bool(all_finite(grads))
+    return _finite_flags(state) if finite else None
 
 
 def _finite_flags(state: SkipNonfiniteState) -> tuple[torch.Tensor, torch.Tensor]:

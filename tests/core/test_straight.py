@@ -203,10 +203,11 @@ def _huge(m: Any, b: Any) -> torch.Tensor:
     return m(b[0]).sum() * 1e19
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "formula"])
 @pytest.mark.parametrize("path", ["straight", "body"])
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["plain", "clipped"])
 def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
-    path: str, clip: float | None
+    path: str, clip: float | None, fused: bool
 ) -> None:
     # the guard checks the elements (torch's found-inf check, GradScaler's): a norm that
     # overflows float32 is no reason to skip, and torch.optim applies such an update
@@ -214,11 +215,14 @@ def test_gradients_whose_norm_overflows_are_applied_as_torch_applies_them(
     model = nn.Linear(6, 16)
     reference = nn.Linear(6, 16)
     reference.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(
+        reference.parameters(), lr=1e-2, weight_decay=0.1, fused=fused or None, foreach=False
+    )
     options: dict[str, Any] = {"clip_grad_norm": clip}
     if path == "body":
         options["grad_stats"] = "layer"  # the body's update (`StepProgram.run`)
-    state = ft.TrainState.create(model, ft.adamw(1e-2, weight_decay=0.1), _huge, **options)
+    tx = ft.adamw(1e-2, weight_decay=0.1, fused=fused, foreach=None if fused else False)
+    state = ft.TrainState.create(model, tx, _huge, **options)
     for _ in range(3):
         _huge(reference, _BATCH).backward()
         grads = [p.grad for p in reference.parameters()]
@@ -291,3 +295,64 @@ def _released(lock: Any) -> bool:
     if taken:
         lock.release()
     return taken
+
+
+def _complex_loss(m: Any, x: torch.Tensor) -> torch.Tensor:
+    return (m(x).abs() ** 2).mean()
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_complex_weights_under_the_guard_skip_a_nonfinite_batch_as_torch_would(
+    donate: bool,
+) -> None:
+    # torch's found-inf check takes no complex tensor: the step measures their norm for the guard
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, dtype=torch.complex64)
+    reference = nn.Linear(4, 3, dtype=torch.complex64)
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=False)
+    state = ft.TrainState.create(model, ft.adam(1e-2, fused=False), _complex_loss)
+    x = torch.randn(8, 4, dtype=torch.complex64)
+    for i in range(4):
+        batch = torch.full_like(x, complex(float("nan"), 0.0)) if i == 2 else x * (i + 1)
+        _complex_loss(reference, batch).backward()
+        if all(bool(torch.isfinite(p.grad).all()) for p in reference.parameters()):
+            opt.step()
+        opt.zero_grad()
+        state, metrics = ft.train_step(state, batch, donate=donate)
+        assert float(metrics["skipped"]) == float(i == 2)
+    assert state.program.straight is not None and state.program.measures
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_step_whose_update_reads_no_norm_measures_none(name: str) -> None:
+    # a formula's update and the guard (torch's found-inf check) read no norm: none is measured
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def tx() -> ft.Transform:
+        if name == "adamw":
+            return ft.adamw(1e-2, fused=False)
+        return ft.sgd(1e-2, momentum=0.9, dampening=0.1)
+
+    state = _state({}, tx=tx())
+    state, _ = ft.train_step(state, _BATCH, donate=True)
+    with Names() as names:
+        state, _ = ft.train_step(state, _BATCH, donate=True)
+    assert state.program.straight is not None
+    assert not [n for n in names.seen if "norm" in n], names.seen
+    reported = _state({"grad_norm": True}, tx=tx())
+    reported, _ = ft.train_step(reported, _BATCH, donate=True)
+    with Names() as names:
+        ft.train_step(reported, _BATCH, donate=True)
+    assert [n for n in names.seen if "norm" in n]

@@ -1636,6 +1636,7 @@ def rule_transform(
             new_p, new_state = run(ps, grads, state, write, flags, planned=one_kind, behind=behind)
             return Ran(new_p, new_state, new_state.lr, None, None)
 
+        runner.reads_norm = False  # type: ignore[attr-defined]
         return gated_by_selection(runner, lambda kept: kept.lr)
 
     if differentiable:

@@ -1100,6 +1100,7 @@ class FusedRunner:
         "decay",
         "what",
     )
+    reads_norm = False  # (a kernel measures nothing: `functrain.optim.planned.reads_norm`)
 
     def __init__(
         self,
