@@ -279,7 +279,7 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
             "    inner = opt.inner",
             *("    " + line for line in body),
             "    counts = (kept[0], opt.total_skipped, kept[1], opt.max_consecutive)",
-            f"    ran = RAN({new_p}, GUARDED({new_inner}, *counts), {lr}, None, None, {norm})",
+            f"    ran = RAN({new_p}, GUARDED({new_inner}, *counts), {lr}, None, kept[2], {norm})",
             "else:",
             "    " + call,
         ]
