@@ -1188,7 +1188,9 @@ class RuleState(NamedTuple):
     group: dict[str, torch.Tensor]
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        return {"lr": self.lr.detach()}
+        # (the tensor itself where no graph holds it: a step that reports the same rate again
+        # converts it once, `functrain.core.straight`)
+        return {"lr": self.lr.detach() if self.lr.requires_grad else self.lr}
 
     @property
     def steps(self) -> tuple[torch.Tensor, ...]:
