@@ -688,7 +688,7 @@ _METRICS = """\
     metrics = {{"loss": loss, {norm}"lr": seen_f}}
 """
 _RATES = """\
-    metrics.update({k: v.float() for k, v in RATES(ran.state).items()})
+    metrics.update({k: seen_f if v is lr else v.float() for k, v in RATES(ran.state).items()})
 """
 _RETURN = """\
     metrics["skipped"] = flag
