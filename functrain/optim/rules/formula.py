@@ -1188,9 +1188,16 @@ class RuleState(NamedTuple):
     group: dict[str, torch.Tensor]
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        # (the tensor itself where no graph holds it: a step that reports the same rate again
-        # converts it once, `functrain.core.straight`)
-        return {"lr": self.lr.detach() if self.lr.requires_grad else self.lr}
+        # (the tensor itself where no graph or torch.func transform holds it: a step that
+        # reports the same rate again converts it once, `functrain.core.straight`)
+        lr = self.lr
+        if (
+            lr.requires_grad
+            or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(lr)
+        ):
+            return {"lr": lr.detach()}
+        return {"lr": lr}
 
     @property
     def steps(self) -> tuple[torch.Tensor, ...]:
