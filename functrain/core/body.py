@@ -460,9 +460,13 @@ def step_metrics(
     return {
         "loss": loss if loss.dtype == torch.float32 else loss.float(),
         **({} if grad_norm is None else {"grad_norm": grad_norm}),
-        "lr": tx_metrics["lr"].float() if "lr" in tx_metrics else torch.full((), float("nan")),
+        "lr": tx_metrics["lr"].float()
+        if "lr" in tx_metrics
+        else torch.full((), float("nan"), dtype=torch.float32),
         **rates,
-        "skipped": skipped.float() if skipped is not None else torch.zeros((), device=loss.device),
+        "skipped": skipped.float()
+        if skipped is not None
+        else torch.zeros((), dtype=torch.float32, device=loss.device),
         **{k: v.float() for k, v in tx_metrics.items() if k not in OWN_TX_METRICS},
         **aux,
     }

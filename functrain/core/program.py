@@ -123,7 +123,6 @@ class StepProgram(_Decided):
         "writes",
         "guard_buffers",
         "fp32",
-        "lr_seen",
         "in_place",
         "window",
         "rates",
@@ -157,8 +156,6 @@ class StepProgram(_Decided):
         self.writes = state.grad_stats is None
         self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
         self.fp32 = all(p.dtype == torch.float32 for p in params)
-        # the last rate reported and its float32 (a constant rate is one tensor: one op saved)
-        self.lr_seen: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.in_place = Extras(in_place=True)  # a donated step's permission to the EMA
         self.window = options.accumulate_steps
         self.rates = group_rates(state.tx)  # each parameter group's rate, a metric each
@@ -176,7 +173,7 @@ class StepProgram(_Decided):
             self.reports
             or options.clip_grad_norm is not None
             or reads_norm(runner)
-            or bool(self.hooks)
+            or (bool(self.hooks) and params[0].device.type == "cpu")
             or any(p.is_complex() for p in params)
         )
         # the configuration's step as one function (`functrain.core.straight`), where it is

@@ -385,6 +385,7 @@ _CONSTANTS: dict[str, Any] = {
     "WATCHED": WATCHED,
     "DONATED": DONATED,
     "NAN": float("nan"),
+    "F32": torch.float32,
     **{f"SET_{name}": setter for name, setter in _SETTERS.items()},
 }
 
@@ -673,22 +674,20 @@ _LEAVE = """\
 _RETIRE_RAISED = """
         if writing:  # the update may have written some of the state's tensors
             state.retire(DONATED, error)"""
-# the metrics in the body's order: the rate as a float32 made once for a constant rate
+# the metrics in the body's order, float32 whatever torch's default dtype, each a tensor of this
+# step's own (a caller may reduce them in place, across ranks: no later step reports the result)
 _METRICS = """\
     lr = ran.lr
-    seen, seen_f = PROGRAM.lr_seen
-    if lr is not seen or seen_f is None:
-        seen_f = lr.float() if lr is not None else torch.full((), NAN)
-        PROGRAM.lr_seen = (lr, seen_f)
+    lr = lr.float() if lr is not None else torch.full((), NAN, dtype=F32)
     flag = ran.flag
     if flag is None:
-        flag = skipped.float() if skipped is not None else torch.zeros((), device=DEVICE)
+        flag = skipped.float() if skipped is not None else torch.zeros((), dtype=F32, device=DEVICE)
     if loss.dtype != torch.float32:
         loss = loss.float()
-    metrics = {{"loss": loss, {norm}"lr": seen_f}}
+    metrics = {{"loss": loss, {norm}"lr": lr}}
 """
 _RATES = """\
-    metrics.update({k: seen_f if v is lr else v.float() for k, v in RATES(ran.state).items()})
+    metrics.update({k: v.float() for k, v in RATES(ran.state).items()})
 """
 _RETURN = """\
     metrics["skipped"] = flag

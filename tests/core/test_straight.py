@@ -356,3 +356,49 @@ def test_a_step_whose_update_reads_no_norm_measures_none(name: str) -> None:
     with Names() as names:
         ft.train_step(reported, _BATCH, donate=True)
     assert [n for n in names.seen if "norm" in n]
+
+
+@pytest.mark.parametrize("path", ["straight", "body"])
+@pytest.mark.parametrize("options", [{}, {"accumulate_steps": 2}], ids=["plain", "accumulate"])
+def test_each_steps_metrics_are_its_own_whatever_the_caller_writes_into_earlier_ones(
+    path: str, options: dict[str, Any]
+) -> None:
+    # a loop that reduces its metrics in place (across ranks) changes no later step's, and no
+    # other metric of the same step
+    tx = ft.partition(
+        lambda name, p: "first" if name.startswith("0") else "second",
+        first=ft.adamw(1e-2, fused=False),
+        second=ft.sgd(0.1, fused=False),
+    )
+    extra = {"grad_stats": "layer"} if path == "body" else {}
+    state = _state({**options, **extra}, tx=tx)
+    expected = {"lr": 0.01, "lr/first": 0.01, "lr/second": 0.1}
+    for _ in range(5):
+        state, metrics = ft.train_step(state, _BATCH, donate=True)
+        assert {k: round(float(metrics[k]), 6) for k in expected} == expected
+        assert metrics["lr"] is not metrics["lr/first"]
+        for value in metrics.values():
+            value.mul_(0.5)
+    assert (state.program.straight is not None) == (path == "straight")
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "none"])
+@pytest.mark.parametrize("path", ["straight", "body"])
+def test_the_rate_and_skip_metrics_are_float32_whatever_torchs_default_dtype(
+    path: str, nonfinite: str
+) -> None:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        extra = {"grad_stats": "layer"} if path == "body" else {}
+        state = _state({"nonfinite": nonfinite, **extra}, tx=ft.adamw(1e-2, fused=False))
+        x = _BATCH[0].double()  # (the model's weights: torch's default dtype)
+        guarded = nonfinite == "skip"
+        for i in range(3):
+            nan = i == 1 and guarded  # (unguarded, a NaN batch would end the comparison)
+            batch = (torch.full_like(x, float("nan")) if nan else x, _BATCH[1])
+            state, metrics = ft.train_step(state, batch, donate=True)
+            assert {metrics[k].dtype for k in ("loss", "lr", "skipped")} == {torch.float32}
+            assert float(metrics["skipped"]) == float(nan)
+    finally:
+        torch.set_default_dtype(before)

@@ -1188,16 +1188,7 @@ class RuleState(NamedTuple):
     group: dict[str, torch.Tensor]
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        # (the tensor itself where no graph or torch.func transform holds it: a step that
-        # reports the same rate again converts it once, `functrain.core.straight`)
-        lr = self.lr
-        if (
-            lr.requires_grad
-            or torch.compiler.is_compiling()
-            or torch._C._functorch.is_functorch_wrapped_tensor(lr)
-        ):
-            return {"lr": lr.detach()}
-        return {"lr": lr}
+        return {"lr": self.lr.detach()}
 
     @property
     def steps(self) -> tuple[torch.Tensor, ...]:
