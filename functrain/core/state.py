@@ -1315,13 +1315,10 @@ def lend(given: TrainState, new: TrainState) -> None:
     as of `given`'s lineage, lent: a donated step of any of its states computes as a pure one and
     retires the state it was given alone (`check_live`, `retire`), so that no live state's
     tensors are written."""
-    lineage = getattr(given.step, _LINEAGE, None)
-    if lineage is None:
-        lineage = [None]
-        setattr(given.step, _LINEAGE, lineage)
+    _same_lineage(new.step, given.step)
+    lineage = getattr(given.step, _LINEAGE)
     if lineage[-1] is not _LENT:
         lineage.append(_LENT)
-    setattr(new.step, _LINEAGE, lineage)
 
 
 def _same_lineage(copy: torch.Tensor, step: torch.Tensor) -> None:

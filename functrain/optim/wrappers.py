@@ -953,17 +953,18 @@ def host_guard(
     no wait), in one call (the straight-line step's, `functrain.core.straight`): None where an
     element of the step's own gradients `grads` is not finite (the update is skipped), else the
     flag and run of skips of a finite step (`_finite_flags`), and the step's skip metric where
-    the check made it. Where the step measured their `norm`, a finite one says so at once, else
-    `all_finite`; where it did not, torch's found-inf check (GradScaler's, multiplying by one in
-    place, which leaves every value as it is: the gradients must be the step's own, and real:
-    the step measures complex ones' norm), whose float32 0 is the metric."""
+    the check made it. Where the step measured their `norm`, `_finite_now` (a finite norm says so
+    at once, else `all_finite`); where it did not, torch's found-inf check (GradScaler's,
+    multiplying by one in place, which leaves every value as it is: the gradients must be the
+    step's own, and real: the step measures complex ones' norm), whose float32 0 is the
+    metric."""
     found = None
     if norm is None:
         found = torch.zeros((), dtype=torch.float32)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
         finite = not found.item()
     else:
-        finite = math.isfinite(norm.item()) or flag_value(all_finite(grads)) is True
+        finite = bool(_finite_now(grads, norm))
     return (*_finite_flags(state), found) if finite else None
 
 
