@@ -363,7 +363,16 @@ class MembersProgram(_Decided):
     `stacked_train_step`.
     """
 
-    __slots__ = ("runner", "apart", "members", "strides", "norms", "guard_buffers", "straight")
+    __slots__ = (
+        "runner",
+        "apart",
+        "members",
+        "strides",
+        "norms",
+        "guard_buffers",
+        "measures",
+        "straight",
+    )
 
     def __init__(self, state: TrainState) -> None:
         self.members = state.members
@@ -375,6 +384,12 @@ class MembersProgram(_Decided):
         self.norms = Norms(members=self.members)  # each member's norm, ``[K]``
         options = state.options
         self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
+        # the members' norms measured where reported or read (as `StepProgram.measures`)
+        self.measures = (
+            options.reports_grad_norm
+            or reads_norm(self.runner)
+            or any(p.is_complex() for p in state.params.values())
+        )
         self.straight = None  # (a stacked state's step runs its stages)
 
     def run(
@@ -401,7 +416,7 @@ class MembersProgram(_Decided):
         grads = list(found.values())
         if list(map(_STRIDE, grads)) != self.strides:
             grads = in_layouts_of(grads, params)
-        norm = global_norm(grads, self.norms)  # each member's
+        norm = global_norm(grads, self.norms) if self.measures else None  # each member's
         write = extras.may_write()
         if write and extras.written is not None:  # from here it may write the given state
             extras.written.append(True)

@@ -894,10 +894,12 @@ def _counted(
 
 
 def _members_gated(run_inner: Runner, cap: int) -> Runner:
-    """`skip_nonfinite`'s runner on a stacked state's tensors, around a gated inner runner: each
-    member's flag from its own norm (``[K]``), the inner update run ungated where every member's
-    applies (known on the host: `flag_value`), else gated by the flags; the counts as `update_fn`
-    makes them, op for op."""
+    """`skip_nonfinite`'s runner on a stacked state's tensors, around a gated inner runner.
+
+    Where every member's gradients are known on the host to be finite (`_members_finite_now`),
+    the inner update as it is and the counts of a finite step; else each member's flag (``[K]``)
+    element by element, the inner update run ungated where every member's applies (known on the
+    host: `flag_value`), else gated by the flags; the counts as `update_fn` makes them."""
 
     def run(
         grads: list[torch.Tensor],
@@ -907,10 +909,13 @@ def _members_gated(run_inner: Runner, cap: int) -> Runner:
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        assert norm is not None  # (the members' norms: `Runner`)
-        finite = norm < math.inf  # each member's norm finite: then so is every element
-        if flag_value(finite.all()) is not True:  # (read where it waits for nothing)
-            finite = all_finite(grads, Norms(members=norm.shape[0]))  # element by element
+        if keep is None and _members_finite_now(grads, norm):
+            ran = run_inner(grads, params, state.inner, norm, write, None)
+            skipped, consecutive = map(torch.zeros_like, (state.skipped, state.consecutive))
+            counts = (skipped, state.total_skipped, consecutive, state.max_consecutive)
+            new = SkipNonfiniteState(ran.state, *counts)
+            return Ran(ran.params, new, ran.lr, skipped, None, ran.norm)
+        finite = all_finite(grads, Norms(members=state.skipped.shape[0]))  # element by element
         gate = finite if keep is None else finite & keep
         # as `_update_where`: known to hold for every member, the update as it is
         ran = run_inner(grads, params, state.inner, norm, write, None if flag_value(gate) else gate)
@@ -918,7 +923,22 @@ def _members_gated(run_inner: Runner, cap: int) -> Runner:
         _check_limit_now(new_state, cap)
         return Ran(ran.params, new_state, ran.lr, new_state.skipped, None, ran.norm)
 
+    run.reads_norm = False  # type: ignore[attr-defined]  # (a kernel's: `reads_norm`)
     return run
+
+
+def _members_finite_now(grads: list[torch.Tensor], norm: torch.Tensor | None) -> bool:
+    """Whether every element of a stacked step's own gradients is finite, known on the host (a
+    CPU state's: no wait): from the members' norms where the step measured them (each finite:
+    then so is every element), else by torch's found-inf check (`host_guard`'s). False where it
+    is not known so: the flags are then made member by member."""
+    if norm is not None:
+        return flag_value((norm < math.inf).all()) is True
+    if grads[0].device.type != "cpu" or any(g.is_complex() for g in grads):
+        return False
+    found = torch.zeros((), dtype=torch.float32)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _ONE)
+    return not found.item()
 
 
 def _finite_run(

@@ -61,6 +61,7 @@ CPU_READS = frozenset(
         "functrain.optim.wrappers._on_cpu",  # a runner's norm, skip flag and run of skips
         "functrain.optim.wrappers.host_guard",  # the same, the straight-line step's, at once
         "functrain.optim.wrappers._finite_flags",  # a finite step's flag and run, read on a CPU
+        "functrain.optim.wrappers._members_finite_now",  # a stacked step's, by found-inf
         "functrain.optim.averaging._host_count",  # timm's EMA warm-up in Python floats
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
         "functrain.optim.rules.arithmetic.add_scaled_",  # the same, one tensor at a time
@@ -220,6 +221,7 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
         zero = torch.zeros((), dtype=torch.int64, device=meta)
         wrappers._check_limit_now(wrappers.SkipNonfiniteState((), flag, zero, zero, zero), 0)
         assert wrappers._on_cpu(count) is None and wrappers._on_cpu(flag) is None
+        assert wrappers._members_finite_now(out, None) is False
         members = torch.zeros(2, dtype=torch.int64, device=meta)
         assert fused._one_step([members]) is False and fused._members_alike(members) is None
         assert fused._flags_that_skip(members.bool()) is not None

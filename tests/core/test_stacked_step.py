@@ -335,6 +335,56 @@ def test_a_stacked_step_calls_the_kernel_once_whether_members_skip_or_their_coun
             torch.testing.assert_close(after.params[name][k], p, rtol=1e-5, atol=1e-6)
 
 
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten op dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_a_stacked_guard_measures_no_norm_unless_reported_and_counts_as_each_member_alone(
+    donate: bool,
+):
+    # the guard reads torch's found-inf check where no norm is asked for: no norm is measured, and
+    # a member whose batch is not finite is still skipped alone, its counts as trained alone
+    states = [make_state(seed, ft.adamw(1e-2)) for seed in range(3)]
+    stacked = ft.stack(states)
+    x, y = batches(1)[0]
+    nan = x.clone().fill_(float("nan"))
+    new, _ = ft.train_step(stacked, (x, y))  # (a fresh state's moments get their storage)
+    with OpNames() as names:
+        new, _ = ft.train_step(new, (x, y))
+    assert "_amp_foreach_non_finite_check_and_unscale_" in names.seen
+    assert not [n for n in names.seen if "norm" in n], names.seen
+    poisoned = ft.PerMember((torch.stack([x, nan, x]), y.expand(3, -1)))
+    # a run of skips, broken by a finite step (the guard's fast path), then two more
+    plan = [False, True, False, True, True]
+    for bad in plan:
+        new, metrics = ft.train_step(new, poisoned if bad else (x, y), donate=donate)
+        assert metrics["skipped"].tolist() == [0.0, float(bad), 0.0]
+    for k, state in enumerate(states):
+        for bad in [False, False, *plan]:
+            state, _ = ft.train_step(state, (nan if bad and k == 1 else x, y))
+        for field in ("skipped", "total_skipped", "consecutive"):
+            assert torch.equal(getattr(new.opt_state, field)[k], getattr(state.opt_state, field))
+        assert torch.equal(new.opt_state.inner.count[k], state.opt_state.inner.count)
+        assert torch.equal(new.skipped[k], state.skipped)
+        for name, p in state.params.items():
+            torch.testing.assert_close(new.params[name][k], p, rtol=1e-5, atol=1e-6)
+    assert new.opt_state.consecutive.tolist() == [0, 2, 0]
+    reported = ft.stack([make_state(seed, ft.adamw(1e-2), grad_norm=True) for seed in range(3)])
+    reported, _ = ft.train_step(reported, (x, y))
+    with OpNames() as names:
+        _, metrics = ft.train_step(reported, (x, y))
+    assert [n for n in names.seen if "norm" in n] and metrics["grad_norm"].shape == (3,)
+
+
 def test_each_members_gradient_norm_is_the_norm_it_has_trained_alone():
     states = [make_state(seed, ft.adamw(1e-2), grad_norm=True) for seed in range(3)]
     data = batches(3)

@@ -1247,6 +1247,7 @@ def _members_planner(
             last = _last_lr(rate_t, state.lr, keep)
             return Ran(new_p, rebuild(state, new_count, new_b, last), last, None, found_inf)
 
+        run.reads_norm = False  # type: ignore[attr-defined]  # (`FusedRunner.reads_norm`)
         return run
 
     return plan
