@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +38,8 @@ __all__ = [
     "checkpoint_refusal",
     "engine_failed",
     "gradients_of",
+    "own_gradients",
+    "owned",
     "raise_written",
     "run_gradient_hooks",
     "samples_in",
@@ -387,15 +390,45 @@ def gradients_of(
             # ``torch.autograd.grad``'s own call of the engine, without its checks of its
             # arguments (one scalar loss, plain leaves: the caller's): one pass of the same engine
             seed = torch.ones_like(loss) if seed is None else seed
-            return list(
+            grads = list(
                 _RUN_BACKWARD(
                     (loss,), (seed,), False, False, tuple(leaves), True, accumulate_grad=False
                 )
             )
-        return list(torch.autograd.grad(loss, leaves, seed, allow_unused=True))
+        else:
+            grads = list(torch.autograd.grad(loss, leaves, seed, allow_unused=True))
     except RuntimeError as e:
         engine_failed(e, module)
         raise
+    return grads if all(map(owned, grads)) else own_gradients(grads)
+
+
+def _references(t: torch.Tensor) -> int:
+    return sys.getrefcount(t)
+
+
+# the references to a gradient that only the engine's list holds, as `owned` counts them (its
+# call through `map`, measured once on a tensor of that kind: Python versions count alike)
+_ALONE = next(map(_references, [torch.empty(0)]))
+
+
+def owned(g: torch.Tensor | None) -> bool:
+    """Whether the engine's gradient `g` is the step's own: held by the list the engine's result
+    was put in and nothing else (no other entry of it, no tensor of the user's), as torch's
+    ``AccumulateGrad`` takes a gradient for ``.grad`` only where nothing else holds it. Called
+    through ``map`` over that list (the references it counts are that call's). None (an unused
+    parameter's) is the step's to make."""
+    return g is None or (g._use_count() == 1 and sys.getrefcount(g) <= _ALONE)  # type: ignore[attr-defined]
+
+
+def own_gradients(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """`grads` (the engine's) with each one the step does not own (`owned`) copied, as
+    ``AccumulateGrad`` copies such a gradient into ``.grad``: a step that writes its gradients in
+    place (clipping's scale, the guard's found-inf check) then never writes a tensor a custom
+    backward handed back from elsewhere, nor one tensor twice (the same gradient handed to two
+    weights, as ``a + b`` hands it). The same values, in the same layouts."""
+    mine = list(map(owned, grads))  # (as `gradients_of` counts: one list holds them)
+    return [g if alone or g is None else g.clone() for g, alone in zip(grads, mine, strict=True)]
 
 
 def engine_failed(error: RuntimeError, module: torch.nn.Module) -> None:

@@ -55,6 +55,8 @@ from functrain.core.loss import (
     WATCHED,
     engine_failed,
     gradients_of,
+    own_gradients,
+    owned,
     raise_written,
     samples_in,
     split_loss,
@@ -366,6 +368,8 @@ _CONSTANTS: dict[str, Any] = {
     "raise_written": raise_written,
     "gradients_of": gradients_of,
     "engine_failed": engine_failed,
+    "OWNED": owned,
+    "OWN_GRADIENTS": own_gradients,
     "completed": completed,
     "reciprocal": reciprocal,
     "in_layouts_of": in_layouts_of,
@@ -485,6 +489,8 @@ _BACKWARD = """\
                     except RuntimeError as error:
                         engine_failed(error, MODULE)
                         raise
+                    if not all(map(OWNED, grads)):  # held elsewhere too: copied, as .grad takes it
+                        grads = OWN_GRADIENTS(grads)
                 else:
                     grads = gradients_of(loss, leaves, MODULE, seed, plain=True)
         except BaseException:

@@ -953,3 +953,102 @@ def test_each_parameter_group_reports_its_learning_rate_as_torchs_param_groups_h
             rate = torch.as_tensor(schedule(torch.tensor(max(updates - 1, 0))), dtype=torch.float64)
             assert torch.equal(metrics[f"lr/{group}"], rate.float()), (i, group)
         assert torch.equal(metrics["lr"], metrics["lr/weights"])
+
+
+# ------------------------------------------------------------------------ gradients held elsewhere
+
+
+class _Summed(nn.Module):
+    """Two weights added before use: the backward hands both the same gradient tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+        self.b = nn.Parameter(torch.linspace(0.5, 2.0, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self.a + self.b) ** 2 * x).sum()
+
+
+def _summed_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"grad_stats": "param"}, {"accumulate_steps": 2}],
+    ids=["straight", "body", "window"],
+)
+def test_two_weights_handed_one_gradient_are_clipped_as_torch_clips_them(
+    options: dict[str, Any], donate: bool
+) -> None:
+    # torch.optim's .grad takes a copy of a gradient something else holds: clipping each weight's
+    # gradient in place scales it once, where scaling one tensor twice would square the factor
+    model = _Summed()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
+    state = ft.TrainState.create(
+        model, ft.sgd(0.1, momentum=0.9), _summed_loss, clip_grad_norm=1.0, **options
+    )
+    x = torch.linspace(1.0, 3.0, 6)
+    window = options.get("accumulate_steps", 1)
+    for i in range(3 * window):
+        state, _ = ft.train_step(state, x, donate=donate)
+        (_summed_loss(reference, x) / window).backward()
+        if (i + 1) % window == 0:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+    for name, p in reference.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
+class _Injected(torch.autograd.Function):
+    """A custom backward that hands back a tensor of the user's as the weight's gradient."""
+
+    given = torch.full((3, 4), 10.0)
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor) -> torch.Tensor:
+        return w.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return _Injected.given
+
+
+class _InjectedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (_Injected.apply(self.w) * x).sum()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"clip_grad_norm": 0.1}, {}, {"clip_grad_norm": 0.1, "grad_stats": "param"}],
+    ids=["clip", "guard", "clip-body"],
+)
+def test_a_gradient_a_custom_backward_hands_back_from_elsewhere_is_never_written(
+    options: dict[str, Any],
+) -> None:
+    given = _Injected.given
+    given.fill_(10.0)
+    version = given._version
+    model = _InjectedModel()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, fused=True)
+    state = ft.TrainState.create(model, ft.sgd(0.1), _summed_loss, **options)
+    x = torch.ones(3, 4)
+    for _ in range(3):
+        state, _ = ft.train_step(state, x, donate=True)
+        _summed_loss(reference, x).backward()
+        if "clip_grad_norm" in options:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(given, torch.full((3, 4), 10.0)) and given._version == version
+    assert torch.equal(state.params["w"], reference.w.detach())
