@@ -6,6 +6,7 @@ themselves) whose leaves are tensors. Everything here is pure: it reads trees an
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -200,10 +201,59 @@ def tree_unflatten(leaves: Sequence[Any], spec: pytree.TreeSpec) -> Tree:
 
 
 def tree_leaves(tree: Tree) -> list[Any]:
-    """The leaves of `tree` in flattening order."""
-    if _is_tensor_dict(tree):
-        return list(tree.values())
-    return pytree.tree_leaves(tree)
+    """The leaves of `tree` in flattening order (`torch.utils._pytree.tree_leaves`'s).
+
+    Eagerly the containers torch's flattening walks in order (tuples, lists, named tuples, dicts)
+    are walked here, each type's kind found once (`_kind_of`): the same leaves, in a fraction of
+    the time; any other node is flattened by torch.
+    """
+    if torch.compiler.is_compiling():
+        return pytree.tree_leaves(tree)
+    if len(pytree.SUPPORTED_NODES) != _KINDS_FOR[0]:  # a node type registered since: found anew
+        _KINDS.clear()
+        _KINDS_FOR[0] = len(pytree.SUPPORTED_NODES)
+    out: list[Any] = []
+    _leaves_into(tree, out)
+    return out
+
+
+# how `tree_leaves` walks a value of each type: a leaf, its items in order (tuple, list, named
+# tuple), its values in order (dict and the dicts torch flattens alike), or torch's own flattening
+_LEAF, _ITEMS, _VALUES, _TORCH = 0, 1, 2, 3
+_KINDS: dict[type, int] = {}
+_KINDS_FOR = [-1]  # the number of node types torch knew when `_KINDS` was found
+_ITEM_TYPES = (tuple, list)
+_VALUE_TYPES = (dict, ReadOnlyDict, collections.OrderedDict, collections.defaultdict)
+
+
+def _kind_of(x: Any) -> int:
+    kind_type = type(x)
+    if pytree.tree_is_leaf(x):
+        kind = _LEAF
+    elif kind_type in _ITEM_TYPES or pytree.is_namedtuple_class(kind_type):
+        kind = _ITEMS
+    elif kind_type in _VALUE_TYPES:
+        kind = _VALUES
+    else:
+        kind = _TORCH
+    _KINDS[kind_type] = kind
+    return kind
+
+
+def _leaves_into(x: Any, out: list[Any]) -> None:
+    kind = _KINDS.get(type(x))
+    if kind is None:
+        kind = _kind_of(x)
+    if kind == _LEAF:
+        out.append(x)
+    elif kind == _TORCH:
+        out.extend(pytree.tree_leaves(x))
+    else:
+        for y in x if kind == _ITEMS else x.values():
+            if _KINDS.get(type(y)) == _LEAF:  # (most children are leaves: no call for them)
+                out.append(y)
+            else:
+                _leaves_into(y, out)
 
 
 def escape_key(key: str) -> str:

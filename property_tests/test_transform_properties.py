@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._pytree import tree_map
@@ -186,3 +188,47 @@ def test_apply_updates_with_a_plain_tree_is_leafwise_addition(
     for n, p, u in zip(tree_leaves(new), tree_leaves(params), tree_leaves(updates), strict=True):
         assert n.dtype == p.dtype
         assert torch.equal(n, p + u.to(dtype))
+
+
+# ---------------------------------------------------------------- trees: leaves as torch's
+
+
+class _Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+class _OwnDict(dict):  # a dict subclass torch does not know: a leaf to it
+    pass
+
+
+def _trees() -> st.SearchStrategy[Any]:
+    leaves = st.one_of(
+        st.none(),
+        st.integers(-3, 3),
+        st.text(max_size=2),
+        st.builds(lambda n: torch.arange(n), st.integers(0, 3)),
+        st.builds(lambda: _OwnDict(a=1)),
+        st.builds(lambda n: torch.Size([n, 2]), st.integers(1, 3)),
+    )
+    keys = st.text(max_size=3)
+    return st.recursive(
+        leaves,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.lists(children, max_size=4).map(tuple),
+            st.dictionaries(keys, children, max_size=4),
+            st.dictionaries(keys, children, max_size=4).map(ft.tree.ReadOnlyDict),
+            st.dictionaries(keys, children, max_size=4).map(collections.OrderedDict),
+            st.builds(_Pair, children, children),
+        ),
+        max_leaves=20,
+    )
+
+
+@settings(deadline=None, max_examples=200)
+@given(tree=_trees())
+def test_tree_leaves_are_torchs_leaves_in_torchs_order(tree: Any) -> None:
+    ours, theirs = tree_leaves(tree), pytree.tree_leaves(tree)
+    assert len(ours) == len(theirs)
+    assert all(a is b for a, b in zip(ours, theirs, strict=True))
