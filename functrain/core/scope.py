@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -187,22 +188,50 @@ def _member_streams_in(scope: Scope, state: TrainState, gen: torch.Generator) ->
     sync on a CPU, and a device's Philox seed and offset say where its draw is."""
     draws: list[int] = []
     after: list[torch.Tensor] = []
-    # (a CPU draw written into one tensor: `torch.randint(0, 2**62, (1,))`'s value and stream)
-    drawn = torch.empty((), dtype=torch.int64) if gen.device.type == "cpu" else None
-    for row in state.rng.unbind(0):
-        # (`set_state` reads a state from its storage's start: a later row is copied out first)
-        gen.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
-        if drawn is not None:
-            draws.append(int(drawn.random_(0, 2**62, generator=gen)))
-        else:
+    if gen.device.type == "cpu":
+        # (each member's draw written into one tensor: `torch.randint(0, 2**62, (1,))`'s value
+        # and stream)
+        drawn = torch.empty((), dtype=torch.int64)
+        generators = _member_generators(state.rng)
+        _STREAMS_AT[0] = None  # (moved by the draws: an interrupt among them leaves it unset)
+        for member in generators:
+            draws.append(int(drawn.random_(0, 2**62, generator=member)))
+            after.append(member.get_state())
+        scope.next_rng = torch.stack(after)
+        _STREAMS_AT[:] = [weakref.ref(scope.next_rng), scope.next_rng._version]
+    else:
+        for row in state.rng.unbind(0):
+            # (`set_state` reads a state from its storage's start: a later row is copied out)
+            gen.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
             offset = gen.get_offset()
             draws.append((gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % 2**62)
             gen.set_offset(offset + 4)
-        after.append(gen.get_state())
-    scope.next_rng = torch.stack(after)
+            after.append(gen.get_state())
+        scope.next_rng = torch.stack(after)
     joined = b"".join(d.to_bytes(8, "little") for d in draws)
     digest = hashlib.blake2b(joined, digest_size=8).digest()
     gen.manual_seed(int.from_bytes(digest, "little") % 2**63)
+
+
+# CPU generators of the members' streams, one per member, and the streams (``[K]`` rows, and
+# the tensor's version) the last stacked step left them at: a step given those streams draws
+# from them as they are (the usual: each step's state is the last one's), any other sets them
+_MEMBER_GENERATORS: list[torch.Generator] = []
+_STREAMS_AT: list[Any] = [None, -1]
+
+
+def _member_generators(rng: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per member, each at its row of the members' streams `rng`."""
+    members = rng.shape[0]
+    while len(_MEMBER_GENERATORS) < members:
+        _MEMBER_GENERATORS.append(torch.Generator())
+    generators = _MEMBER_GENERATORS[:members]
+    at, version = _STREAMS_AT
+    if at is None or at() is not rng or rng._version != version:
+        for member, row in zip(generators, rng.unbind(0), strict=True):
+            # (`set_state` reads a state from its storage's start: a later row is copied out)
+            member.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
+    return generators
 
 
 def _rank_stream_in(scope: Scope, state: TrainState, gen: torch.Generator) -> None:

@@ -171,6 +171,33 @@ def test_stacked_dropout_is_deterministic_and_differs_between_members():
     assert len(set(m1["loss"].tolist())) == 3  # each member drew its own masks
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_stacked_streams_are_the_same_whether_steps_follow_each_other_or_interleave(
+    donate: bool,
+):
+    # each step draws from the members' streams its state holds: a run stepped alone (the
+    # streams as the last step left them) and one interleaved with another stacked state's steps
+    # and with a step of an earlier state (the streams set again) draw the same masks
+    def stacked(offset: int) -> ft.TrainState:
+        return ft.stack([make_state(seed + offset, ft.adamw(1e-2), dropout=0.5) for seed in (0, 1)])
+
+    data = batches(4)
+    alone, seen = stacked(0), []
+    for b in data:
+        alone, metrics = ft.train_step(alone, b, donate=donate)
+        seen.append(metrics["loss"])
+    mixed, other = stacked(0), stacked(5)
+    for b, loss in zip(data, seen, strict=True):
+        other, _ = ft.train_step(other, b, donate=donate)
+        if not donate:
+            ft.train_step(mixed, b)  # a branch from this state, thrown away
+        mixed, metrics = ft.train_step(mixed, b, donate=donate)
+        assert torch.equal(metrics["loss"], loss)
+    assert torch.equal(mixed.rng, alone.rng)
+    for name, p in alone.params.items():
+        assert torch.equal(mixed.params[name], p), name
+
+
 def test_eval_step_gives_per_member_metrics_and_changes_nothing():
     states = [make_state(seed, ft.adamw(1e-2)) for seed in range(2)]
     stacked = ft.stack(states)
