@@ -204,14 +204,12 @@ def tree_leaves(tree: Tree) -> list[Any]:
     """The leaves of `tree` in flattening order (`torch.utils._pytree.tree_leaves`'s).
 
     Eagerly the containers torch's flattening walks in order (tuples, lists, named tuples, dicts)
-    are walked here, each type's kind found once (`_kind_of`): the same leaves, in a fraction of
-    the time; any other node is flattened by torch.
+    are walked here: the same leaves, in a fraction of the time; any other node is flattened by
+    torch, and a value of a type not in `_KINDS` is asked of torch each time (a type registered
+    or unregistered since is flattened as torch flattens it now).
     """
     if torch.compiler.is_compiling():
         return pytree.tree_leaves(tree)
-    if len(pytree.SUPPORTED_NODES) != _KINDS_FOR[0]:  # a node type registered since: found anew
-        _KINDS.clear()
-        _KINDS_FOR[0] = len(pytree.SUPPORTED_NODES)
     out: list[Any] = []
     _leaves_into(tree, out)
     return out
@@ -220,24 +218,23 @@ def tree_leaves(tree: Tree) -> list[Any]:
 # how `tree_leaves` walks a value of each type: a leaf, its items in order (tuple, list, named
 # tuple), its values in order (dict and the dicts torch flattens alike), or torch's own flattening
 _LEAF, _ITEMS, _VALUES, _TORCH = 0, 1, 2, 3
-_KINDS: dict[type, int] = {}
-_KINDS_FOR = [-1]  # the number of node types torch knew when `_KINDS` was found
-_ITEM_TYPES = (tuple, list)
-_VALUE_TYPES = (dict, ReadOnlyDict, collections.OrderedDict, collections.defaultdict)
+# the types whose kind no registration changes: the builtins torch holds as leaves or flattens in
+# order, the tensor itself, and (added as met) named tuples, which torch flattens as such whatever
+# is registered
+_KINDS: dict[type, int] = {
+    **dict.fromkeys((torch.Tensor, int, float, bool, complex, str, bytes, type(None)), _LEAF),
+    **dict.fromkeys((tuple, list), _ITEMS),
+    **dict.fromkeys(
+        (dict, ReadOnlyDict, collections.OrderedDict, collections.defaultdict), _VALUES
+    ),
+}
 
 
 def _kind_of(x: Any) -> int:
-    kind_type = type(x)
-    if pytree.tree_is_leaf(x):
-        kind = _LEAF
-    elif kind_type in _ITEM_TYPES or pytree.is_namedtuple_class(kind_type):
-        kind = _ITEMS
-    elif kind_type in _VALUE_TYPES:
-        kind = _VALUES
-    else:
-        kind = _TORCH
-    _KINDS[kind_type] = kind
-    return kind
+    if pytree.is_namedtuple_class(type(x)):
+        _KINDS[type(x)] = _ITEMS
+        return _ITEMS
+    return _LEAF if pytree.tree_is_leaf(x) else _TORCH
 
 
 def _leaves_into(x: Any, out: list[Any]) -> None:

@@ -232,3 +232,21 @@ def test_tree_leaves_are_torchs_leaves_in_torchs_order(tree: Any) -> None:
     ours, theirs = tree_leaves(tree), pytree.tree_leaves(tree)
     assert len(ours) == len(theirs)
     assert all(a is b for a, b in zip(ours, theirs, strict=True))
+
+
+class _Box:
+    def __init__(self, *items: Any) -> None:
+        self.items = items
+
+
+def test_tree_leaves_follow_torchs_registrations_as_they_change() -> None:
+    # a type torch takes as a leaf, then as a node once registered, then as a leaf again
+    box = _Box(torch.zeros(1), (torch.ones(1), None))
+    assert tree_leaves([box, 1]) == [box, 1]
+    pytree.register_pytree_node(_Box, lambda b: (list(b.items), None), lambda v, _: _Box(*v))
+    try:
+        assert tree_leaves([box, 1]) == pytree.tree_leaves([box, 1])
+        assert len(tree_leaves([box, 1])) == 4
+    finally:
+        pytree._deregister_pytree_node(_Box)
+    assert tree_leaves([box, 1]) == [box, 1]

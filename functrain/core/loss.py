@@ -426,7 +426,10 @@ def own_gradients(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]
     ``AccumulateGrad`` copies such a gradient into ``.grad``: a step that writes its gradients in
     place (clipping's scale, the guard's found-inf check) then never writes a tensor a custom
     backward handed back from elsewhere, nor one tensor twice (the same gradient handed to two
-    weights, as ``a + b`` hands it). The same values, in the same layouts."""
+    weights, as ``a + b`` hands it). The same values, in the same layouts. A gradient that is
+    another tensor over the same memory (a view, ``.detach()``, ``torch.from_numpy``) is taken
+    as ``AccumulateGrad`` takes it, as the step's own: a torch.optim loop's clipping writes it
+    too."""
     mine = list(map(owned, grads))  # (as `gradients_of` counts: one list holds them)
     return [g if alone or g is None else g.clone() for g, alone in zip(grads, mine, strict=True)]
 

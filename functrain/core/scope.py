@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -198,7 +197,7 @@ def _member_streams_in(scope: Scope, state: TrainState, gen: torch.Generator) ->
             draws.append(int(drawn.random_(0, 2**62, generator=member)))
             after.append(member.get_state())
         scope.next_rng = torch.stack(after)
-        _STREAMS_AT[:] = [weakref.ref(scope.next_rng), scope.next_rng._version]
+        _STREAMS_AT[0] = torch.stack(after)  # (a copy of its own, which no one else writes)
     else:
         for row in state.rng.unbind(0):
             # (`set_state` reads a state from its storage's start: a later row is copied out)
@@ -213,11 +212,12 @@ def _member_streams_in(scope: Scope, state: TrainState, gen: torch.Generator) ->
     gen.manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
-# CPU generators of the members' streams, one per member, and the streams (``[K]`` rows, and
-# the tensor's version) the last stacked step left them at: a step given those streams draws
-# from them as they are (the usual: each step's state is the last one's), any other sets them
+# CPU generators of the members' streams, one per member, and a copy of the streams (``[K]``
+# rows) the last stacked step left them at, None where they may be elsewhere: a step given those
+# streams (the usual: each step's state is the last one's) draws from the generators as they
+# are, any other sets them first
 _MEMBER_GENERATORS: list[torch.Generator] = []
-_STREAMS_AT: list[Any] = [None, -1]
+_STREAMS_AT: list[torch.Tensor | None] = [None]
 
 
 def _member_generators(rng: torch.Tensor) -> list[torch.Generator]:
@@ -226,8 +226,9 @@ def _member_generators(rng: torch.Tensor) -> list[torch.Generator]:
     while len(_MEMBER_GENERATORS) < members:
         _MEMBER_GENERATORS.append(torch.Generator())
     generators = _MEMBER_GENERATORS[:members]
-    at, version = _STREAMS_AT
-    if at is None or at() is not rng or rng._version != version:
+    at = _STREAMS_AT[0]
+    if at is None or at.shape != rng.shape or not torch.equal(at, rng):
+        _STREAMS_AT[0] = None  # (set below: an interrupt among them leaves it unset)
         for member, row in zip(generators, rng.unbind(0), strict=True):
             # (`set_state` reads a state from its storage's start: a later row is copied out)
             member.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())

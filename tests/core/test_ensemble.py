@@ -198,6 +198,24 @@ def test_stacked_streams_are_the_same_whether_steps_follow_each_other_or_interle
         assert torch.equal(mixed.params[name], p), name
 
 
+def test_stacked_streams_are_the_rows_the_state_holds_however_they_were_written():
+    # the members' streams written into a stepped state's tensor where no version counter sees
+    # it: its next step draws from what the tensor holds, as a state given those rows does
+    def stacked(offset: int) -> ft.TrainState:
+        return ft.stack([make_state(seed + offset, ft.adamw(1e-2), dropout=0.5) for seed in (0, 1)])
+
+    b = batches(1)[0]
+    other, _ = ft.train_step(stacked(5), b)
+    reference = ft.train_step(stacked(0), b)[0]
+    reference = reference.replace(rng=other.rng.clone())
+    expected, expected_metrics = ft.train_step(reference, b)
+    written, _ = ft.train_step(stacked(0), b)  # the generators left at its streams
+    written.rng.data.copy_(other.rng)  # (no version counted)
+    new, metrics = ft.train_step(written, b)
+    assert torch.equal(metrics["loss"], expected_metrics["loss"])
+    assert torch.equal(new.rng, expected.rng)
+
+
 def test_eval_step_gives_per_member_metrics_and_changes_nothing():
     states = [make_state(seed, ft.adamw(1e-2)) for seed in range(2)]
     stacked = ft.stack(states)

@@ -287,3 +287,47 @@ def test_an_interrupt_as_the_step_lock_is_taken_leaves_it_free(kind: str) -> Non
                     continue  # retired: fine
             assert _same(state, before), where
             assert _other_thread_steps(state), where
+
+
+class _AtLine:
+    """A trace function: KeyboardInterrupt at the `at`-th line run in `functions` (0: none)."""
+
+    def __init__(self, at: int, functions: tuple[Any, ...]) -> None:
+        self.at, self.lines, self.codes = at, 0, {f.__code__ for f in functions}
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            return self if frame.f_code in self.codes else None
+        if event == "line":
+            self.lines += 1
+            if self.lines == self.at:
+                raise KeyboardInterrupt
+        return self
+
+
+def test_an_interrupt_at_any_line_of_the_members_draws_leaves_every_stream_right() -> None:
+    # a stacked step interrupted while it sets or draws from the members' generators: the next
+    # step of another stacked state draws from its own streams, as without the interrupt
+    from functrain.core import scope
+
+    functions = (scope._member_generators, scope._member_streams_in)
+    ours, other = _stack(), _stack()
+    expected = ft.train_step(ft.train_step(ours(), _BATCH)[0], _BATCH)[0].rng
+    ft.train_step(ours(), _BATCH)  # the generators at its streams: another state's sets them
+    seen = _AtLine(0, functions)
+    sys.settrace(seen)
+    try:
+        ft.train_step(other(), _BATCH)
+    finally:
+        sys.settrace(None)
+    assert seen.lines > 10
+    for at in range(1, seen.lines + 1):
+        state = ft.train_step(ours(), _BATCH)[0]  # the generators left at its streams
+        sys.settrace(_AtLine(at, functions))
+        try:
+            ft.train_step(other(), _BATCH)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert torch.equal(ft.train_step(state, _BATCH)[0].rng, expected), at
