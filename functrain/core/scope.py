@@ -226,13 +226,22 @@ def _member_generators(rng: torch.Tensor) -> list[torch.Generator]:
     while len(_MEMBER_GENERATORS) < members:
         _MEMBER_GENERATORS.append(torch.Generator())
     generators = _MEMBER_GENERATORS[:members]
-    at = _STREAMS_AT[0]
-    if at is None or at.shape != rng.shape or not torch.equal(at, rng):
+    if not _same_streams(_STREAMS_AT[0], rng):
         _STREAMS_AT[0] = None  # (set below: an interrupt among them leaves it unset)
         for member, row in zip(generators, rng.unbind(0), strict=True):
             # (`set_state` reads a state from its storage's start: a later row is copied out)
             member.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
     return generators
+
+
+def _same_streams(at: torch.Tensor | None, rng: torch.Tensor) -> bool:
+    """Whether the members' streams `rng` hold what `at` holds (compared as 8-byte words where
+    they lie so: a generator's state is a whole number of them)."""
+    if at is None or at.shape != rng.shape or at.dtype != rng.dtype:
+        return False
+    if rng.is_contiguous() and rng.shape[-1] % 8 == 0 and rng.storage_offset() % 8 == 0:
+        return torch.equal(at.view(torch.int64), rng.view(torch.int64))
+    return torch.equal(at, rng)
 
 
 def _rank_stream_in(scope: Scope, state: TrainState, gen: torch.Generator) -> None:
