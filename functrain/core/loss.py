@@ -39,7 +39,7 @@ __all__ = [
     "engine_failed",
     "gradients_of",
     "own_gradients",
-    "owned",
+    "owns_all",
     "raise_written",
     "run_gradient_hooks",
     "samples_in",
@@ -400,29 +400,28 @@ def gradients_of(
     except RuntimeError as e:
         engine_failed(e, module)
         raise
-    return grads if all(map(owned, grads)) else own_gradients(grads)
+    return grads if owns_all(grads) else own_gradients(grads)
 
 
-def _references(t: torch.Tensor) -> int:
-    return sys.getrefcount(t)
+# the references to a gradient that only the engine's list holds, as `owns_all` counts them (a
+# `map` of `sys.getrefcount` over that list, measured once: Python versions count alike)
+_ALONE = max(map(sys.getrefcount, [torch.empty(0)]))
+_USES = torch.Tensor._use_count  # type: ignore[attr-defined]
 
 
-# the references to a gradient that only the engine's list holds, as `owned` counts them (its
-# call through `map`, measured once on a tensor of that kind: Python versions count alike)
-_ALONE = next(map(_references, [torch.empty(0)]))
-
-
-def owned(g: torch.Tensor | None) -> bool:
-    """Whether the engine's gradient `g` is the step's own: held by the list the engine's result
-    was put in and nothing else (no other entry of it, no tensor of the user's), as torch's
-    ``AccumulateGrad`` takes a gradient for ``.grad`` only where nothing else holds it. Called
-    through ``map`` over that list (the references it counts are that call's). None (an unused
-    parameter's) is the step's to make."""
-    return g is None or (g._use_count() == 1 and sys.getrefcount(g) <= _ALONE)  # type: ignore[attr-defined]
+def owns_all(grads: list[torch.Tensor | None]) -> bool:
+    """Whether every gradient of the engine's list `grads` is the step's own: held by that list
+    and nothing else (no other entry of it, no tensor of the user's), as torch's
+    ``AccumulateGrad`` takes a gradient for ``.grad`` only where nothing else holds it. False
+    where one is None (an unused parameter's: `own_gradients` sorts them)."""
+    return (
+        max(map(sys.getrefcount, grads), default=0) <= _ALONE
+        and max(map(_USES, grads), default=1) == 1
+    )
 
 
 def own_gradients(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """`grads` (the engine's) with each one the step does not own (`owned`) copied, as
+    """`grads` (the engine's) with each one the step does not own (`owns_all`) copied, as
     ``AccumulateGrad`` copies such a gradient into ``.grad``: a step that writes its gradients in
     place (clipping's scale, the guard's found-inf check) then never writes a tensor a custom
     backward handed back from elsewhere, nor one tensor twice (the same gradient handed to two
@@ -430,8 +429,11 @@ def own_gradients(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]
     another tensor over the same memory (a view, ``.detach()``, ``torch.from_numpy``) is taken
     as ``AccumulateGrad`` takes it, as the step's own: a torch.optim loop's clipping writes it
     too."""
-    mine = list(map(owned, grads))  # (as `gradients_of` counts: one list holds them)
-    return [g if alone or g is None else g.clone() for g, alone in zip(grads, mine, strict=True)]
+    references = list(map(sys.getrefcount, grads))  # (as `owns_all` counts them)
+    return [
+        g if g is None or (n <= _ALONE and g._use_count() == 1) else g.clone()  # type: ignore[attr-defined]
+        for g, n in zip(grads, references, strict=True)
+    ]
 
 
 def engine_failed(error: RuntimeError, module: torch.nn.Module) -> None:

@@ -56,7 +56,7 @@ from functrain.core.loss import (
     engine_failed,
     gradients_of,
     own_gradients,
-    owned,
+    owns_all,
     raise_written,
     samples_in,
     split_loss,
@@ -368,7 +368,7 @@ _CONSTANTS: dict[str, Any] = {
     "raise_written": raise_written,
     "gradients_of": gradients_of,
     "engine_failed": engine_failed,
-    "OWNED": owned,
+    "OWNS_ALL": owns_all,
     "OWN_GRADIENTS": own_gradients,
     "completed": completed,
     "reciprocal": reciprocal,
@@ -489,7 +489,7 @@ _BACKWARD = """\
                     except RuntimeError as error:
                         engine_failed(error, MODULE)
                         raise
-                    if not all(map(OWNED, grads)):  # held elsewhere too: copied, as .grad takes it
+                    if not OWNS_ALL(grads):  # one held elsewhere too: copied, as .grad takes it
                         grads = OWN_GRADIENTS(grads)
                 else:
                     grads = gradients_of(loss, leaves, MODULE, seed, plain=True)
