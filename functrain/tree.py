@@ -221,17 +221,22 @@ _LEAF, _ITEMS, _VALUES, _TORCH = 0, 1, 2, 3
 # the types whose kind no registration changes: the builtins torch holds as leaves or flattens in
 # order, the tensor itself, and (added as met) named tuples, which torch flattens as such whatever
 # is registered
-_KINDS: dict[type, int] = {
+_BUILTIN_KINDS: dict[type, int] = {
     **dict.fromkeys((torch.Tensor, int, float, bool, complex, str, bytes, type(None)), _LEAF),
     **dict.fromkeys((tuple, list), _ITEMS),
     **dict.fromkeys(
         (dict, ReadOnlyDict, collections.OrderedDict, collections.defaultdict), _VALUES
     ),
 }
+_KINDS = dict(_BUILTIN_KINDS)
+_MAX_KINDS = 256  # (named tuple classes made on the fly are not kept alive past this many)
 
 
 def _kind_of(x: Any) -> int:
     if pytree.is_namedtuple_class(type(x)):
+        if len(_KINDS) >= _MAX_KINDS:
+            _KINDS.clear()
+            _KINDS.update(_BUILTIN_KINDS)
         _KINDS[type(x)] = _ITEMS
         return _ITEMS
     return _LEAF if pytree.tree_is_leaf(x) else _TORCH
