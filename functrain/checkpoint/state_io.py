@@ -46,7 +46,7 @@ from functrain.checkpoint.sharded import (
 )
 from functrain.core.donation import hold_live
 from functrain.core.options import LossScale
-from functrain.core.state import TrainState, replace_owning, unaliased
+from functrain.core.state import TrainState, unaliased
 from functrain.core.structure import sparse_parameters
 from functrain.devices import device_named
 from functrain.errors import (
@@ -1201,8 +1201,7 @@ def load_weights(
     # an EMA of the buffers too (``ema_buffers``) starts from the loaded ones
     averaged = (params, buffers) if into.options.ema_buffers else params
     return unaliased(
-        replace_owning(
-            into,
+        into.replace(
             params=params,
             frozen=take("frozen", "params"),
             buffers=buffers,

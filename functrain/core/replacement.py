@@ -247,19 +247,6 @@ def shares_storage(a: Iterable[Any], b: Iterable[Any]) -> bool:
     return any(_storage(t) in mine for t in b)
 
 
-def outside_storage(a: Iterable[Any], b: Iterable[Any]) -> bool:
-    """Whether a tensor among `b` lies in none of the storages of the tensors among `a` (other
-    leaves passed over).
-
-    Example:
-        >>> w = torch.zeros(2, 2)
-        >>> outside_storage([w], [w[1]]), outside_storage([w], [w[1], w.clone()])
-        (False, True)
-    """
-    mine = {_storage(t) for t in a}
-    return any(key is not None and key not in mine for key in map(_storage, b))
-
-
 def _storage(t: Any) -> tuple[str, int] | None:
     """Where dense tensor `t`'s elements lie (its device and storage), or None for anything
     else: not a tensor, empty, meta, a DTensor's slices or a sparse tensor (storage of their own

@@ -42,7 +42,6 @@ from functrain.core.replacement import (
     carried,
     count_free,
     ordered_like,
-    outside_storage,
     parked_carried,
     refuse_derived,
     resplit,
@@ -78,7 +77,6 @@ __all__ = [
     "NOT_DIFFERENTIABLE",
     "TrainState",
     "lend",
-    "replace_owning",
     "lends",
     "StepOptions",
     "LossFn",
@@ -530,11 +528,7 @@ class TrainState:
         The new state shares the tensors it was not given with this one: a donated step on
         either retires both (`DonatedStateError` at the other's next use), where it may write
         tensors they share (weights, optimizer state, EMA), whatever counters either was given.
-        Donating a `clone` leaves this state as it is. Tensors it is given that a donated step
-        writes may be another live state's (an optimizer state grafted from another run): the
-        next donated step of the new state, or of one sharing tensors with it, computes as a
-        pure one and retires the state it was given alone, so that no other state's tensors are
-        written; the steps after it write in place.
+        Donating a `clone` leaves this state as it is.
 
         Raises:
             ConfigError: a derived field, tensors that share storage, invalid options, tensors that
@@ -553,11 +547,6 @@ class TrainState:
             >>> s.replace(optimizer=ft.sgd(0.5)).optimizer.name.split(",")[0]
             'sgd(lr=0.5'
         """
-        return self._replaced(changes, owned=False)
-
-    def _replaced(self, changes: dict[str, Any], owned: bool) -> TrainState:
-        """`replace`; `owned`: tensors it is given that a donated step writes are the new state's
-        alone (`replace_owning`), else perhaps another's (the new state's lineage lent)."""
         self.check_live("TrainState.replace")
         refuse_derived(changes)
         if not self.options.differentiable:
@@ -580,10 +569,6 @@ class TrainState:
             _written(self), _written(new)
         ):  # a counter of its own, and tensors a donated step writes shared: one lineage
             _same_lineage(new.step, self.step)
-        if not owned and not changes.keys().isdisjoint(_WRITTEN_FIELDS) and _holds_given(self, new):
-            # given tensors a donated step writes, perhaps held by another live state (another
-            # state's optimizer state grafted here): its first donated step computes as a pure one
-            _lend_alone(new)
         if not changes.keys().isdisjoint(_MODULE_TENSORS):
             object.__setattr__(new, "_unchecked", True)
         return new
@@ -1269,8 +1254,6 @@ _INIT_FIELDS = tuple(f.name for f in attrs.fields(TrainState) if f.init)
 _init_values = operator.attrgetter(*_INIT_FIELDS)
 _TRUSTED = frozenset(_INIT_FIELDS) - {"driver"}
 _MODULE_TENSORS = frozenset({"params", "frozen", "buffers"})
-# the fields holding tensors a donated step writes where they lie (`_written`)
-_WRITTEN_FIELDS = frozenset({"params", "opt_state", "ema_state"})
 _FIELD_NAMES = frozenset(f.name for f in attrs.fields(TrainState))
 # the fields that hold mappings: `ReadOnlyDict`s in every state
 _MAPPING_NAMES = ("params", "buffers", "frozen", "driver", "user", "parked")
@@ -1336,30 +1319,6 @@ def lend(given: TrainState, new: TrainState) -> None:
     lineage = getattr(given.step, _LINEAGE)
     if lineage[-1] is not _LENT:
         lineage.append(_LENT)
-
-
-def _holds_given(state: TrainState, new: TrainState) -> bool:
-    """Whether `new`, which `replace` made from `state`, holds tensors a donated step writes that
-    are not `state`'s (by storage): tensors it was given."""
-    return outside_storage(_written(state), _written(new))
-
-
-def _lend_alone(new: TrainState) -> None:
-    """Mark `new`'s lineage lent (`lend`): its donated steps compute as pure ones and retire the
-    state they were given alone, until a step makes tensors of its own."""
-    lineage = getattr(new.step, _LINEAGE, None)
-    if lineage is None:
-        lineage = [None]
-        setattr(new.step, _LINEAGE, lineage)
-    if lineage[-1] is not _LENT:
-        lineage.append(_LENT)
-
-
-def replace_owning(state: TrainState, **changes: Any) -> TrainState:
-    """`TrainState.replace` given tensors made for the new state alone (a loaded checkpoint's):
-    a donated step writes them where they lie (`replace` lends a state given tensors a donated
-    step writes, which another state may hold: its first donated step computes as a pure one)."""
-    return state._replaced(changes, owned=True)
 
 
 def _same_lineage(copy: torch.Tensor, step: torch.Tensor) -> None:
