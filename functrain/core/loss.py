@@ -431,7 +431,7 @@ def own_gradients(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]
     too."""
     references = list(map(sys.getrefcount, grads))  # (as `owns_all` counts them)
     return [
-        g if g is None or (n <= _ALONE and g._use_count() == 1) else g.clone()  # type: ignore[attr-defined]
+        g if g is None or (n <= _ALONE and _USES(g) == 1) else g.clone()
         for g, n in zip(grads, references, strict=True)
     ]
 

@@ -165,17 +165,9 @@ class StepProgram(_Decided):
         # its update where every average moves (an EMA of the parameters alone), else None
         self.averaging = averaging_of(state.averager) if self.averages else None
         # the step reports the gradients' norm (asked for, or clipping's), and measures it where
-        # its update reads it (`reads_norm`: clipping does, a kernel or a formula does not, nor
-        # the guard, which checks the elements themselves: on the CPU in one op, where the
-        # gradients are the step's own, no hook's, and real)
+        # its update reads it (`_measures`)
         self.reports = options.reports_grad_norm
-        self.measures = (
-            self.reports
-            or options.clip_grad_norm is not None
-            or reads_norm(runner)
-            or (bool(self.hooks) and params[0].device.type == "cpu")
-            or any(p.is_complex() for p in params)
-        )
+        self.measures = _measures(state, runner, bool(self.hooks))
         # the configuration's step as one function (`functrain.core.straight`), where it is
         # written for it: what `functrain.train_step` runs; else the body's update (`run`)
         self.straight = straight_step(self, state) if runner is not None else None
@@ -236,6 +228,21 @@ class StepProgram(_Decided):
             return self.averaging(new, state.ema_state, donate)
         extras = self.in_place if donate else NO_EXTRAS
         return averaged(state, params, buffers, applied, extras)
+
+
+def _measures(state: TrainState, runner: Runner | None, hooks: bool) -> bool:
+    """Whether a step measures the gradients' norm: where it reports it (asked for, or
+    clipping's), or its update reads it (`reads_norm`: clipping does, a kernel or a formula does
+    not, nor the guard, which checks the elements themselves, on the CPU in one op where the
+    gradients are the step's own, no hook's, and real)."""
+    params = list(state.params.values())
+    return (
+        state.options.reports_grad_norm
+        or state.options.clip_grad_norm is not None
+        or reads_norm(runner)
+        or (hooks and params[0].device.type == "cpu")
+        or any(p.is_complex() for p in params)
+    )
 
 
 def body_step(
@@ -384,12 +391,8 @@ class MembersProgram(_Decided):
         self.norms = Norms(members=self.members)  # each member's norm, ``[K]``
         options = state.options
         self.guard_buffers = options.nonfinite != "none" or options.precision == "fp16"
-        # the members' norms measured where reported or read (as `StepProgram.measures`)
-        self.measures = (
-            options.reports_grad_norm
-            or reads_norm(self.runner)
-            or any(p.is_complex() for p in state.params.values())
-        )
+        # the members' norms measured where reported or read (`stack` refuses gradient hooks)
+        self.measures = _measures(state, self.runner, False)
         self.straight = None  # (a stacked state's step runs its stages)
 
     def run(

@@ -196,17 +196,16 @@ def _member_streams_in(scope: Scope, state: TrainState, gen: torch.Generator) ->
         for member in generators:
             draws.append(int(drawn.random_(0, 2**62, generator=member)))
             after.append(member.get_state())
-        scope.next_rng = torch.stack(after)
-        _STREAMS_AT[0] = torch.stack(after)  # (a copy of its own, which no one else writes)
     else:
         for row in state.rng.unbind(0):
-            # (`set_state` reads a state from its storage's start: a later row is copied out)
-            gen.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
+            gen.set_state(_row_state(row))
             offset = gen.get_offset()
             draws.append((gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % 2**62)
             gen.set_offset(offset + 4)
             after.append(gen.get_state())
-        scope.next_rng = torch.stack(after)
+    scope.next_rng = torch.stack(after)
+    if gen.device.type == "cpu":
+        _STREAMS_AT[0] = scope.next_rng.clone()  # (a copy of its own, which no one else writes)
     joined = b"".join(d.to_bytes(8, "little") for d in draws)
     digest = hashlib.blake2b(joined, digest_size=8).digest()
     gen.manual_seed(int.from_bytes(digest, "little") % 2**63)
@@ -229,9 +228,14 @@ def _member_generators(rng: torch.Tensor) -> list[torch.Generator]:
     if not _same_streams(_STREAMS_AT[0], rng):
         _STREAMS_AT[0] = None  # (set below: an interrupt among them leaves it unset)
         for member, row in zip(generators, rng.unbind(0), strict=True):
-            # (`set_state` reads a state from its storage's start: a later row is copied out)
-            member.set_state(row.contiguous() if row.storage_offset() == 0 else row.clone())
+            member.set_state(_row_state(row))
     return generators
+
+
+def _row_state(row: torch.Tensor) -> torch.Tensor:
+    """A member's row of the streams as `torch.Generator.set_state` takes it: a state is read
+    from its storage's start, so a later row is copied out."""
+    return row.contiguous() if row.storage_offset() == 0 else row.clone()
 
 
 def _same_streams(at: torch.Tensor | None, rng: torch.Tensor) -> bool:
