@@ -19,8 +19,8 @@ The update is decided once, as one of three (`StepProgram.stage`):
   the donated step's permission decided once (`StepProgram.run`).
 
 A runner's step is the straight line (`functrain.core.straight`): the configuration's step written
-as one function, which calls back here for the window's counters (`window_counters`: the
-body's `counters`), the EMA (`average`) and, once, a fresh state's next program (`again`).
+as one function, which calls back here for the EMA (`average`) and, once, a fresh state's next
+program (`again`).
 `StepProgram.run` is the body's step: the general configurations', and the straight line's rare
 turns (a copied state's own structure, the first forward of a structure with frozen weights, a
 module that needs ``loss.backward()``). Both give the bits of the body, which the compiled and
@@ -193,23 +193,6 @@ class StepProgram(_Decided):
         """The program of the state a fresh state's first step returns: decided again, once (its
         optimizer state has its storage now), or this one."""
         return program_for(new) if self.fresh else self
-
-    def window_counters(self, state: TrainState, ran: Ran, samples: int) -> dict[str, torch.Tensor]:
-        """The counters after a micro-batch of an accumulation window (the body's `counters`),
-        and ``completed``, the EMA's gate, where the window's end is not known on the host to be
-        this micro-batch's."""
-        micro = ran.state.micro_step  # `functrain.accumulate`'s, outermost (`build_transform`)
-        # (a new step counter either way: a donated state's is tagged, `TrainState.retire`)
-        if ran.ended is not None:  # known on the host
-            changes = counters(state, micro, ran.ended, None, samples)
-            if ran.ended is False and state.ema_state is not None:
-                changes["completed"] = micro == 0
-            return changes
-        completed = micro == 0
-        changes = counters(state, micro, completed, None, samples)
-        if state.ema_state is not None:
-            changes["completed"] = completed
-        return changes
 
     def average(
         self,

@@ -21,9 +21,9 @@ body's update (`StepProgram.run`): the tests run both and compare every tensor a
 
 Rare paths leave the straight line by a call: a loss function's failure (`loss_failure`), a
 non-scalar loss (`split_loss`), a parameter the loss did not use (`completed`), gradients in
-another layout (`in_layouts_of`), a written parameter (`_raise_written`), the window's counters
-(`StepProgram.window_counters`), the EMA (`StepProgram.average`), and a module that needs
-``loss.backward()`` (`functrain.core.loss.gradients_of`, which raises `RunAgain` once).
+another layout (`in_layouts_of`), a written parameter (`_raise_written`), the EMA
+(`StepProgram.average`), and a module that needs ``loss.backward()``
+(`functrain.core.loss.gradients_of`, which raises `RunAgain` once).
 """
 
 from __future__ import annotations
@@ -184,6 +184,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         text.append(_COUNTERS if donate else _OWN_COUNTERS)
     else:
         text.append(_WINDOW_COUNTERS.format(own=own))
+        if program.averages:
+            text.append(_WINDOW_ENDED)
         if _lending(program, donate):
             text.append(_LENDS)
     if not program.averages:
@@ -221,6 +223,9 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "STRIDES": program.strides,
         "FP32": program.fp32,
         "DIVISOR": program.known.divisor,
+        "SEED": None
+        if program.known.divisor is None
+        else reciprocal(torch.float32, program.known.divisor),
         "AUTOCAST_TO": dtype,
         "DEVICE_TYPE": next(iter(state.params.values())).device.type,
         "GUARD_BUFFERS": program.guard_buffers,
@@ -471,9 +476,13 @@ _FORWARD = """\
 _SEED = """\
                 seed = torch.ones_like(loss)
 """
+# (``1 / N`` in float32 computed once, where the text is written)
 _SEED_WINDOW = """\
                 seed = torch.full(
-                    (), reciprocal(loss.dtype, DIVISOR), dtype=loss.dtype, device=loss.device
+                    (),
+                    SEED if loss.dtype is F32 else reciprocal(loss.dtype, DIVISOR),
+                    dtype=loss.dtype,
+                    device=loss.device,
                 )
 """
 _BACKWARD = """\
@@ -594,21 +603,34 @@ _OWN_COUNTERS = (
         applied = None if skipped is None else ~skipped
 """
 )
+# the window's counters: one op for the three where its end is known on the host
 _WINDOW_COUNTERS = (
     _SAMPLES
     + """\
-        changes = PROGRAM.window_counters(state, ran, samples)
-        SET_step(new, changes["step"])
-        SET_epoch_step(new, changes["epoch_step"])
-        SET_samples_seen(new, changes["samples_seen"])
-        SET_micro_step(new, changes["micro_step"])
+        ended = ran.ended
+        micro_t = ran.state.micro_step
+        if ended is not None:
+            step_t, epoch_step_t, seen_t = torch._foreach_add(
+                [state.step, state.epoch_step, state.samples_seen], [int(ended), 1, samples]
+            )
+        else:  # the window's end a tensor, not read (an accelerator's)
+            ended = micro_t == 0
+            step_t = state.step + ended.long()
+            epoch_step_t, seen_t = state.epoch_step + 1, state.samples_seen + samples
+        SET_step(new, step_t)
+        SET_epoch_step(new, epoch_step_t)
+        SET_samples_seen(new, seen_t)
+        SET_micro_step(new, micro_t)
         SET_epoch(new, state.epoch{own})
         applied = None if skipped is None else ~skipped
-        completed_now = changes.get("completed")  # the EMA moves where a window ended
-        if completed_now is not None:
-            applied = completed_now if applied is None else completed_now & applied
 """
 )
+# the EMA moves where a window ended
+_WINDOW_ENDED = """\
+        if ended is not True:
+            completed_now = micro_t == 0 if ended is False else ended
+            applied = completed_now if applied is None else completed_now & applied
+"""
 # a pure step's micro-batch that did not end the window holds the given weights and optimizer
 # state, unmoved: lent (`functrain.core.state.lend`)
 _LENDS = """\

@@ -5,6 +5,7 @@ Those metrics are ``grad_norm``, ``lr`` and ``loss_scale``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -112,8 +113,27 @@ def metric_reader(state: Tree, name: str) -> Callable[[Tree], torch.Tensor] | No
     """
     for path, node in metric_nodes(state):
         if name in node.metrics():
+            fields = _field_path(state, path, node, name)
+            if fields is not None:  # named fields all the way: one C call a read
+                return operator.attrgetter(fields)
             return lambda given: _at(given, path).metrics()[name]
     return None
+
+
+def _field_path(state: Tree, path: tuple[Any, ...], node: Any, name: str) -> str | None:
+    """The dotted attribute path of the metric `name` of `node` (at `path` in `state`), where
+    every step is a named tuple's field and the metric is the node's field of its name; else
+    None."""
+    if node.metrics()[name] is not getattr(node, name, None):
+        return None
+    names = []
+    for key in path:
+        fields = getattr(type(state), "_fields", None)
+        if fields is None or not isinstance(key, int):
+            return None
+        names.append(fields[key])
+        state = state[key]
+    return ".".join([*names, name])
 
 
 def _at(state: Tree, path: tuple[Any, ...]) -> Any:

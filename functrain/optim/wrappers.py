@@ -44,7 +44,6 @@ from functrain.optim.metrics import metric_reader, transform_metrics, walk_state
 from functrain.optim.naming import named
 from functrain.optim.planned import Prelude, Ran, Runner, reads_norm, selected
 from functrain.optim.porting import torch_object_hint
-from functrain.optim.rules.arithmetic import host_number
 from functrain.optim.rules.formula import RuleState
 from functrain.optim.rules.sparse import (
     sparse_twin,
@@ -1269,7 +1268,7 @@ def _window_runner(
             )
         addends = grads if same else [x.to(s.dtype) for x, s in zip(grads, state.grad_sum)]
         # the micro-step where reading it waits for nothing (a CPU tensor), else None
-        at = host_number(state.micro_step)
+        at = _on_cpu(state.micro_step)
         if write:  # a donated step: the sums accumulate in their own storage
             sums = list(state.grad_sum)
             torch._foreach_add_(sums, addends)

@@ -149,7 +149,7 @@ def test_the_steps_text_is_in_a_traceback_and_names_the_configuration() -> None:
     state, _ = ft.train_step(state, _BATCH)
     source = state.program.straight.source
     assert "def step(state, batch):" in source and "ema_state" in source
-    assert "window_counters" not in source  # what the configuration does not use: not in its text
+    assert "ran.ended" not in source  # what the configuration does not use: not in its text
     with pytest.raises(BatchError) as caught:
         ft.train_step(state, (_BATCH[0][:5], _BATCH[1][:5]), donate=True)
     frames = traceback.extract_tb(caught.value.__cause__.__traceback__)

@@ -1188,7 +1188,8 @@ class RuleState(NamedTuple):
     group: dict[str, torch.Tensor]
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        return {"lr": self.lr.detach()}
+        # (detached where a differentiable state's rate carries a graph)
+        return {"lr": self.lr.detach() if self.lr.requires_grad else self.lr}
 
     @property
     def steps(self) -> tuple[torch.Tensor, ...]:
