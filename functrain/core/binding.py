@@ -303,7 +303,7 @@ class _Binding:
     def __enter__(self) -> BoundModel:
         slots, tensors = self._slots, self._tensors
         self._model = BoundModel(self._module)
-        depth = lock_depth()
+        depth = STEP_LOCK._recursion_count()  # type: ignore[attr-defined]  # (`lock_depth`)
         try:  # the slots read under the lock: another thread's binding has left them
             self._locked = STEP_LOCK.acquire(False) or take_step_lock()
             # an attribute holding an alias: its object put back too (a forward may replace it)
@@ -627,6 +627,8 @@ class BoundModel:
         return "no module" if module is None else f"a {type(module).__name__}"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._functrain_open[0]:  # (bound: the module, without `_functrain_bound`'s call)
+            return self._functrain_module(*args, **kwargs)  # type: ignore[misc]
         return self._functrain_bound("a call")(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

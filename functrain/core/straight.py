@@ -65,7 +65,7 @@ from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
-from functrain.optim.planned import Ran
+from functrain.optim.planned import Chained
 from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.wrappers import GuardedRunner, SkipNonfiniteState, host_guard
 from functrain.tree import ReadOnlyDict, plain_norm
@@ -238,6 +238,10 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
     return "".join(text), constants
 
 
+# the names a step's update gives its results (the fields of `functrain.optim.planned.Ran`)
+_RAN = "ran_params, ran_state, ran_lr, ran_skipped, ran_flag, ran_norm, ran_ended"
+
+
 def _lending(program: Any, donate: bool) -> bool:
     """Whether a pure step of `program` lends its input what a micro-batch leaves unmoved: its
     runner is an accumulation window's that takes ``share`` (`functrain.optim.wrappers`)."""
@@ -248,22 +252,26 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
     """The update's text: the runner's call; on the CPU outside an accumulation window, inside
     `skip_nonfinite`'s guard (`functrain.optim.wrappers.GuardedRunner`), the guard's flag read on
     the host and the inner runner called where it holds, with the counts of a finite step; and
-    where the runner is a fused kernel's (alone or inside the guard) its plan written out
+    where the runner is a fused kernel's (alone or inside the guard, after a chain's preludes:
+    clipping, `functrain.optim.planned.Chained`) its plan written out
     (`functrain.optim.rules.fused.FusedRunner`): the kernel called per group. The runner where
     the flag says the update is skipped."""
     # a gradient a hook handed in may be kept by it: never written
-    call = f"ran = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
+    call = f"{_RAN} = RUNNER(grads, params, state.opt_state, norm, {donate and not program.hooks})"
     runner = program.runner
     if _lending(program, donate):  # a window's micro-batch: what it leaves unmoved, lent
-        call = "ran = RUNNER(grads, params, state.opt_state, norm, False, None, True)"
+        call = f"{_RAN} = RUNNER(grads, params, state.opt_state, norm, False, None, True)"
     guarded = type(runner) is GuardedRunner
-    fused = runner.inner if guarded else runner
+    inner = runner.inner if guarded else runner
+    # a chain's preludes (clipping) before the kernel: written out with it
+    preludes = inner.preludes if type(inner) is Chained else []
+    fused = inner.last if preludes else inner
     if program.hooks or not on_cpu or window != 1:
         return f"        {call}\n", {}
     constants: dict[str, Any] = {
         "HOST_GUARD": host_guard,
         "GUARDED": SkipNonfiniteState,
-        "RAN": Ran,
+        "NEW": tuple.__new__,  # (a named tuple made without its Python constructor)
     }
     if (
         type(fused) is FusedRunner
@@ -271,10 +279,28 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
         and fused.decay is None  # (a weight-decay schedule, read at each call: the runner's)
     ):
         body, result = _kernel_calls(program, fused, donate, constants)
+        holder = "chain" if preludes else "inner"  # (what the inner state is called in the text)
+        if preludes:  # each hands its updates on, its state kept for the chain's
+            passed = [f"passed{i}" for i in range(len(preludes))]
+            constants |= {f"PRELUDE{i}": prelude for i, prelude in enumerate(preludes)}
+            body = [
+                *(
+                    f"grads, passed{i} = PRELUDE{i}(grads, chain[{i}], norm, {donate}, None)"
+                    for i in range(len(preludes))
+                ),
+                "inner = chain[-1]",
+                *body,
+            ]
+            result = (result[0], f"({', '.join(passed)}, {result[1]})", *result[2:])
     elif guarded:  # the guard's `_finite_run`: the inner update ungated
+        holder = "inner"
         constants["INNER"] = runner.inner
-        body = [f"inner_ran = INNER(grads, params, inner, norm, {donate}, None)"]
-        result = ("inner_ran.params", "inner_ran.state", "inner_ran.lr", "inner_ran.norm")
+        body = [
+            "new_p, new_inner, rate_t, _, _, inner_norm, _ = INNER(",
+            f"    grads, params, inner, norm, {donate}, None",
+            ")",
+        ]
+        result = ("new_p", "new_inner", "rate_t", "inner_norm")
     else:
         return f"        {call}\n", {}
     new_p, new_inner, lr, norm = result
@@ -283,18 +309,21 @@ def _update(program: Any, window: int, donate: bool, on_cpu: bool) -> tuple[str,
             "opt = state.opt_state",
             "kept = HOST_GUARD(opt, grads, norm)",
             "if kept is not None:",
-            "    inner = opt.inner",
+            f"    {holder} = opt.inner",
             *("    " + line for line in body),
             "    counts = (kept[0], opt.total_skipped, kept[1], opt.max_consecutive)",
-            f"    ran = RAN({new_p}, GUARDED({new_inner}, *counts), {lr}, None, kept[2], {norm})",
+            f"    {_RAN} = (",
+            f"        {new_p}, NEW(GUARDED, ({new_inner}, *counts)), {lr}, None, kept[2], {norm},",
+            "        None,",
+            "    )",
             "else:",
             "    " + call,
         ]
     else:
         lines = [
-            "inner = state.opt_state",
+            f"{holder} = state.opt_state",
             *body,
-            f"ran = RAN({new_p}, {new_inner}, {lr}, None, None)",
+            f"{_RAN} = {new_p}, {new_inner}, {lr}, None, None, None, None",
         ]
     return "".join(f"        {line}\n" for line in lines), constants
 
@@ -549,13 +578,13 @@ _NO_NORM = """\
 _UPDATE = """\
 {writing}\
 {update}\
-        if ran.norm is not None:
-            norm = ran.norm
+        if ran_norm is not None:
+            norm = ran_norm
         rng = GEN.get_state()
-        skipped = ran.skipped
+        skipped = ran_skipped
         new = TrainState.__new__(TrainState)
-        SET_params(new, ReadOnlyDict(zip(NAMES, ran.params)))
-        SET_opt_state(new, ran.state)
+        SET_params(new, ReadOnlyDict(zip(NAMES, ran_params)))
+        SET_opt_state(new, ran_state)
 """
 _BUFFERS_OUT = """\
         if GUARD_BUFFERS:  # each floating buffer kept where the batch made it non-finite
@@ -607,8 +636,8 @@ _OWN_COUNTERS = (
 _WINDOW_COUNTERS = (
     _SAMPLES
     + """\
-        ended = ran.ended
-        micro_t = ran.state.micro_step
+        ended = ran_ended
+        micro_t = ran_state.micro_step
         if ended is not None:
             step_t, epoch_step_t, seen_t = torch._foreach_add(
                 [state.step, state.epoch_step, state.samples_seen], [int(ended), 1, samples]
@@ -634,22 +663,22 @@ _WINDOW_ENDED = """\
 # a pure step's micro-batch that did not end the window holds the given weights and optimizer
 # state, unmoved: lent (`functrain.core.state.lend`)
 _LENDS = """\
-        if ran.ended is False:
+        if ran_ended is False:
             LEND(state, new)
 """
 _AVERAGED = """\
         SET_ema_state(
-            new, PROGRAM.average(state, ran.params, new.params, new.buffers, applied, {donate})
+            new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
         )
 """
 # where every average moves (an EMA of the parameters alone), its own list update where the update
 # applied (`StepProgram.average`'s first case), the program's otherwise
 _AVERAGING = """\
         if applied is None:
-            SET_ema_state(new, AVERAGING(ran.params, state.ema_state, {donate}))
+            SET_ema_state(new, AVERAGING(ran_params, state.ema_state, {donate}))
         else:
             SET_ema_state(
-                new, PROGRAM.average(state, ran.params, new.params, new.buffers, applied, {donate})
+                new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
             )
 """
 _NO_AVERAGE = """\
@@ -705,9 +734,9 @@ _RETIRE_RAISED = """
 # the metrics in the body's order, float32 whatever torch's default dtype, each a tensor of this
 # step's own (a caller may reduce them in place, across ranks: no later step reports the result)
 _METRICS = """\
-    lr = ran.lr
+    lr = ran_lr
     lr = lr.float() if lr is not None else torch.full((), NAN, dtype=F32)
-    flag = ran.flag
+    flag = ran_flag
     if flag is None:
         flag = skipped.float() if skipped is not None else torch.zeros((), dtype=F32, device=DEVICE)
     if loss.dtype != torch.float32:
@@ -715,7 +744,7 @@ _METRICS = """\
     metrics = {{"loss": loss, {norm}"lr": lr}}
 """
 _RATES = """\
-    metrics.update({k: v.float() for k, v in RATES(ran.state).items()})
+    metrics.update({k: v.float() for k, v in RATES(ran_state).items()})
 """
 _RETURN = """\
     metrics["skipped"] = flag

@@ -23,7 +23,7 @@ from functrain.optim.base import (
     update_reporting,
 )
 from functrain.optim.naming import named
-from functrain.optim.planned import Prelude, Runner, chained
+from functrain.optim.planned import Chained, Prelude, Runner
 from functrain.optim.porting import torch_object_hint
 from functrain.optim.updates import Updates
 
@@ -114,7 +114,7 @@ def chain(*transforms: Transform) -> Transform:
             return None
         if isinstance(final, Prelude):
             return None
-        return chained(preludes, final)
+        return Chained(preludes, final)
 
     # on a stacked state's tensors when every transform is (`ExtrasUpdate.members`); the report
     # of the last transform that reports (an `accumulate` in the chain) passed on

@@ -26,7 +26,7 @@ __all__ = [
     "MembersPlanner",
     "Passing",
     "Prelude",
-    "chained",
+    "Chained",
     "gated_by_selection",
     "reads_norm",
     "selected",
@@ -108,13 +108,21 @@ def reads_norm(runner: Any) -> bool:
     return getattr(runner, "reads_norm", True)
 
 
-def chained(preludes: list[Any], last: Runner) -> Runner:
-    """The `Runner` of ``chain(*transforms)``: each prelude's updates handed to the next, then to
-    the last transform's runner, the states gathered in a tuple as `functrain.chain` keeps them.
-    """
-    count = len(preludes)
+class Chained:
+    """The `Runner` of ``chain(*transforms)``: each prelude's updates (`preludes`, their `Passing`
+    runs) handed to the next, then to the last transform's runner (`last`), the states gathered
+    in a tuple as `functrain.chain` keeps them. The straight-line step
+    (`functrain.core.straight`) writes a chain before a fused kernel out from these fields."""
 
-    def run(
+    __slots__ = ("preludes", "last", "reads_norm")
+
+    def __init__(self, preludes: list[Any], last: Runner) -> None:
+        self.preludes = [prelude.run for prelude in preludes]
+        self.last = last
+        self.reads_norm = bool(preludes) or reads_norm(last)
+
+    def __call__(
+        self,
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         state: Tree,
@@ -122,17 +130,14 @@ def chained(preludes: list[Any], last: Runner) -> Runner:
         write: bool,
         keep: torch.Tensor | None = None,
     ) -> Ran:
-        states: list[Any] = [None] * count
-        assert norm is not None or not preludes  # (clipping reads the step's norm)
-        for i, (prelude, inner) in enumerate(zip(preludes, state)):
-            grads, states[i] = prelude.run(grads, inner, norm, write, keep)
-        ran = last(grads, params, state[-1], norm, write, keep)
+        states: list[Any] = [None] * len(self.preludes)
+        assert norm is not None or not self.preludes  # (clipping reads the step's norm)
+        for i, (prelude, inner) in enumerate(zip(self.preludes, state)):
+            grads, states[i] = prelude(grads, inner, norm, write, keep)
+        ran = self.last(grads, params, state[-1], norm, write, keep)
         return Ran(
             ran.params, (*states, ran.state), ran.lr, ran.skipped, ran.flag, ran.norm, ran.ended
         )
-
-    run.reads_norm = bool(preludes) or reads_norm(last)  # type: ignore[attr-defined]
-    return run
 
 
 def selected(
