@@ -55,13 +55,11 @@ __all__ = [
     "Mask",
     "InitFn",
     "UpdateFn",
-    "ExtrasUpdateFn",
     "GatedUpdateFn",
     "Extras",
     "NO_EXTRAS",
     "Report",
     "NO_REPORT",
-    "ReportingUpdateFn",
     "ExtrasUpdate",
     "Transform",
     "EmptyState",
@@ -241,29 +239,6 @@ class UpdateFn(Protocol):
     ) -> tuple[Updates, Tree]: ...
 
 
-class ExtrasUpdateFn(Protocol):
-    """The update of a transform that takes extras (`Transform.takes_extras`).
-
-    It also takes ``extras=``, keyword-only, `NO_EXTRAS` by default.
-    """
-
-    def __call__(
-        self, updates: Updates, state: Tree, params: Params | None = None, *, extras: Extras = ...
-    ) -> tuple[Updates, Tree]: ...
-
-
-class ReportingUpdateFn(Protocol):
-    """The update of a reporting transform (`ExtrasUpdate.reports`), as `ExtrasUpdate.fn`.
-
-    It returns its `Report` after the updates and the state; it also takes ``keep=`` where the
-    transform is gated.
-    """
-
-    def __call__(
-        self, updates: Updates, state: Tree, params: Params | None = None, *, extras: Extras = ...
-    ) -> tuple[Updates, Tree, Report]: ...
-
-
 class GatedUpdateFn(Protocol):
     """A gated transform's update (`Transform.gated`): it also takes ``keep=`` (0-d bool)."""
 
@@ -324,7 +299,8 @@ class EmptyState(NamedTuple):
 
 
 class ExtrasUpdate:
-    """An update that takes ``extras=`` (`ExtrasUpdateFn`), with what it declares about itself.
+    """An update that takes ``extras=`` (keyword-only, `NO_EXTRAS` by default), with what it
+    declares about itself.
 
     A transform's capabilities are fields of its update, given where the update is built, so that
     a transform rebuilt with another update (``tx._replace(update=...)``) says what that one does:
@@ -345,7 +321,7 @@ class ExtrasUpdate:
       transform that runs there as torch.optim does, or None where this one does
       (`functrain.optim.rules.fused.on_device`: the fused `adagrad` where torch.optim has no
       fused Adagrad for the device).
-    - `reports`: `fn` returns ``(updates, state, report)`` (`ReportingUpdateFn`), its `Report`
+    - `reports`: `fn` returns ``(updates, state, report)``, its `Report` last
       (perhaps `NO_REPORT`), measured where ``extras.reporting`` asks for it.
       `update_reporting` gives it back; calling the update and `update_with` leave it out.
     - `scales_by`: the update only multiplies the updates by this function of its state (a 0-d

@@ -66,7 +66,6 @@ CPU_READS = frozenset(
         "functrain.optim.updates._added",  # a schedule's rate as the kernel's alpha, as torch's
         "functrain.optim.rules.arithmetic.add_scaled_",  # the same, one tensor at a time
         "functrain.optim.rules.arithmetic.addcdiv_",  # a step size as the kernel's value
-        "functrain.optim.rules.arithmetic.per_leaf",  # a step size per leaf as torch's float
         "functrain.optim.rules.arithmetic.host_number",  # NAdam's step in torch's Python floats
         "functrain.optim.rules.formula.host_value",  # a formula's count and numbers, held there
         "functrain.optim.rules.fused._one_step",  # stacked members: one kernel call or several
@@ -204,12 +203,11 @@ def test_the_cpu_reads_read_nothing_off_the_cpu() -> None:
     # meta tensors stand for an accelerator's: not on the CPU, and any read of one raises
     meta = torch.device("meta")
     flag, count = torch.ones((), dtype=torch.bool, device=meta), torch.ones((), device=meta)
-    vector, out = torch.ones(3, device=meta), [torch.ones(3, device=meta)]
+    out = [torch.ones(3, device=meta)]
     with HostTraffic(frozenset()) as traffic:
         assert flag_value(flag) is None
         assert averaging._host_count(count.long()) is None
         assert formula.host_value(count) is None
-        assert all(isinstance(x, torch.Tensor) for x in arithmetic.per_leaf(vector))
         assert arithmetic.host_number(count) is None
         rate = value_at(S.warmup_cosine(1e-3, warmup_steps=2, decay_steps=9), count.long())
         assert rate.device == meta  # the tensor form: the counter is not read

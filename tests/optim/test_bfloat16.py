@@ -2,7 +2,7 @@
 
 On the CPU torch's in-place foreach product by a number rounds bfloat16 otherwise than its
 single-tensor ``mul_`` and its out-of-place foreach product: each preset takes the rounding of the
-torch implementation it follows (`functrain.optim.rules.arithmetic.scaled_`).
+torch implementation it follows (`functrain.optim.rules.formula.ListOps.mul`).
 """
 
 from __future__ import annotations

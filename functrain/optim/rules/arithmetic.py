@@ -12,14 +12,12 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "scaled_",
     "f64",
     "power",
     "host_scalars",
     "add_scaled_",
     "addcdiv_",
     "decayed",
-    "per_leaf",
     "host_number",
     "divided",
 ]
@@ -37,20 +35,6 @@ def power(base: float, exponent: torch.Tensor) -> torch.Tensor:
 def host_scalars(t: torch.Tensor) -> bool:
     # torch's kernels read a CPU scalar as they read a Python number; a traced graph cannot
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def scaled_(tensors: list[torch.Tensor], factor: float) -> None:
-    """In place, each tensor times the number `factor`, rounded as torch's single-tensor
-    ``mul_`` rounds (and its out-of-place foreach product): on the CPU torch's in-place foreach
-    product by a number rounds a bfloat16 or float16 tensor otherwise, so there tensor by tensor.
-    """
-    if tensors[0].device.type == "cpu" and any(
-        t.dtype in (torch.bfloat16, torch.float16) for t in tensors
-    ):
-        for t in tensors:
-            t.mul_(factor)
-        return
-    torch._foreach_mul_(tensors, factor)
 
 
 def add_scaled_(out: torch.Tensor, direction: torch.Tensor, alpha: float | torch.Tensor) -> None:
@@ -123,14 +107,6 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
     """The dtype torch's kernels compute a tensor of `dtype` with a number in: float64 for
     float64, float32 for float32 and the half dtypes."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def per_leaf(values: torch.Tensor) -> Sequence[float | torch.Tensor]:
-    """One scalar per leaf: Python floats from a CPU vector, 0-d tensors elsewhere.
-
-    Reading the CPU vector is one load; elsewhere there is no sync.
-    """
-    return values.tolist() if host_scalars(values) else list(values.unbind())
 
 
 def host_number(t: torch.Tensor) -> float | int | None:

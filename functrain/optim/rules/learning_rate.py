@@ -8,7 +8,6 @@ themselves.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -25,8 +24,7 @@ from functrain.optim.base import (
 )
 from functrain.optim.checks import check_learning_rate, is_real
 from functrain.optim.naming import named
-from functrain.optim.rates import as_float64, host_rate, value_at
-from functrain.optim.rules.arithmetic import host_number
+from functrain.optim.rates import as_float64, value_at
 from functrain.optim.updates import Decoupled, ParamStep, flat_updates
 from functrain.optim.zeros import counter
 from functrain.tree import (
@@ -40,7 +38,6 @@ __all__ = [
     "scale",
     "scale_by_learning_rate",
     "rate_at",
-    "planned_rate",
     "learning_rate_state",
     "check_rate",
 ]
@@ -189,28 +186,6 @@ def rate_at(learning_rate: LearningRate, count: torch.Tensor) -> torch.Tensor:
     """
     value = value_at(learning_rate, count) if callable(learning_rate) else learning_rate
     return as_float64(value, count.device)
-
-
-def planned_rate(
-    learning_rate: LearningRate, device: torch.device
-) -> Callable[[torch.Tensor], tuple[torch.Tensor, float | None]]:
-    """A planned update's rate at its counter: the float64 tensor its state keeps (a constant's
-    made once, here, and never written, as `scale_by_learning_rate` keeps it) and its value as a
-    Python number where that waits for nothing (`host_number`: a CPU tensor in an eager step;
-    else None)."""
-    if callable(learning_rate):
-        on_host = host_rate(learning_rate, device)
-        if on_host is not None:  # a host form on the CPU: the value and its number at once
-            return on_host
-
-        def at(count: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-            value = as_float64(value_at(learning_rate, count), count.device)
-            return value, host_number(value)
-
-        return at
-    number = float(learning_rate)
-    fixed = as_float64(number, device)
-    return lambda count: (fixed, number)
 
 
 class LearningRateState(NamedTuple):
