@@ -65,6 +65,7 @@ from functrain.core.stacked_step import PerMember, refuse_per_member
 from functrain.core.state import TrainState, lend
 from functrain.errors import FunctrainError
 from functrain.layout import in_layouts_of
+from functrain.optim.averaging import EmaState, ListAverage
 from functrain.optim.planned import Chained
 from functrain.optim.rules.fused import FusedRunner
 from functrain.optim.wrappers import GuardedRunner, SkipNonfiniteState, host_guard
@@ -190,6 +191,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
             text.append(_LENDS)
     if not program.averages:
         text.append(_NO_AVERAGE)
+    elif type(program.averaging) is ListAverage and program.averaging.weight is not None:
+        text.append(_LERPED.format(donate=donate, lerp=_LERP if donate else _LERP_PURE))
     else:
         text.append((_AVERAGED if program.averaging is None else _AVERAGING).format(donate=donate))
     # a fresh state's optimizer state has its storage now: its program decided again, once
@@ -233,6 +236,8 @@ def _source(program: Any, state: TrainState, donate: bool) -> tuple[str, dict[st
         "RATES": program.rates,
         "LEND": lend,
         "AVERAGING": program.averaging,
+        "EMA_WEIGHT": getattr(program.averaging, "weight", None),
+        "EMA_STATE": EmaState,
         **update_constants,
     }
     return "".join(text), constants
@@ -681,6 +686,22 @@ _AVERAGING = """\
                 new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
             )
 """
+# the same where each update lerps by one number (`functrain.optim.averaging.ListAverage`'s
+# weight): its ops written out
+_LERPED = """\
+        if applied is None:
+            ema = state.ema_state
+            {lerp}
+            SET_ema_state(new, EMA_STATE(ema.count + 1, tuple(average)))
+        else:
+            SET_ema_state(
+                new, PROGRAM.average(state, ran_params, new.params, new.buffers, applied, {donate})
+            )
+"""
+_LERP = (
+    "average = list(ema.average)\n            torch._foreach_lerp_(average, ran_params, EMA_WEIGHT)"
+)
+_LERP_PURE = "average = list(torch._foreach_lerp(ema.average, ran_params, EMA_WEIGHT))"
 _NO_AVERAGE = """\
         SET_ema_state(new, None)
 """

@@ -63,6 +63,23 @@ class EmaState(NamedTuple):
 _Move = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
 
 
+class ListAverage:
+    """`ema`'s update of the parameters alone where every average moves (no `keep`), on a list:
+    its `ExtrasUpdate.averaging`, ``(given, state, write) -> state``, in place with `write`.
+    `weight`: each update's ``1 - decay`` where it is that number (a plain average, without
+    warm-up: a ``torch._foreach_lerp`` by it, which the straight-line step writes out), else
+    None."""
+
+    __slots__ = ("moved", "moved_", "weight")
+
+    def __init__(self, moved: _Move, moved_: _Move, weight: float | None) -> None:
+        self.moved, self.moved_, self.weight = moved, moved_, weight
+
+    def __call__(self, given: list[torch.Tensor], state: EmaState, write: bool) -> EmaState:
+        move = self.moved_ if write else self.moved
+        return EmaState(state.count + 1, tuple(move(list(state.average), given, state.count)))
+
+
 @named(
     added=(
         "convention",
@@ -276,13 +293,10 @@ def ema(
         new = EmaState(count, tuple(average[:n]), tuple(average[n:]))
         return (tree_unflatten(average[:n], spec), tree_unflatten(average[n:], buffer_spec)), new
 
-    def averaging(given: list[torch.Tensor], state: EmaState, write: bool) -> EmaState:
-        # `update_fn` of the parameters alone with no `keep` (every average moves), on a list
-        if write:
-            return EmaState(state.count + 1, tuple(moved_(list(state.average), given, state.count)))
-        return EmaState(state.count + 1, tuple(moved(list(state.average), given, state.count)))
-
-    update = ExtrasUpdate(update_fn, members=True, averaging=None if buffers else averaging)
+    # each update's weight where it is one number (a plain average, no warm-up)
+    weight = 1 - decay if moved is lerp and not warmup else None
+    averaging = None if buffers else ListAverage(moved, moved_, weight)
+    update = ExtrasUpdate(update_fn, members=True, averaging=averaging)
     return Transform(init_fn, update, gated=True)
 
 
